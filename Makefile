@@ -1,0 +1,33 @@
+# hpctrain: make setup | demo | test | bench | lint
+SHELL := /bin/bash
+PY := .venv/bin/python
+# Root needs --allow-run-as-root; more ranks than cores need --oversubscribe.
+MPIRUN := mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-root) \
+	-x OMPI_MCA_osc=^ucx -x OMPI_MCA_pml=ob1 -x OMPI_MCA_btl=self,vader,tcp
+PYTEST_MPI := $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
+export OMP_NUM_THREADS := 1
+export HPCTRAIN_MPIRUN := $(MPIRUN)
+
+.PHONY: setup demo test test-unit test-mpi lint bench clean
+
+setup:
+	@scripts/setup.sh
+
+demo: setup
+	@scripts/demo.sh
+
+lint: setup
+	$(PY) -m ruff check .
+
+test-unit: setup
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+# Each MPI size is one mpirun; a hang is ended by pytest-timeout inside and `timeout` outside.
+test-mpi: setup
+	timeout 900 $(MPIRUN) -np 2 $(PYTEST_MPI) tests; s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
+	timeout 900 $(MPIRUN) -np 4 $(PYTEST_MPI) tests; s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
+
+test: lint test-unit test-mpi
+
+clean:
+	rm -rf .venv build *.egg-info runs

@@ -1,0 +1,146 @@
+"""The MPI world: initialisation at a chosen thread level, rank/size helpers, abort on error.
+
+mpi4py initialises MPI when ``mpi4py.MPI`` is first imported, at the thread level in
+``mpi4py.rc.thread_level``. Async runs need ``serialized`` (Open MPI 4's osc/pt2pt refuses
+MULTIPLE) while Horovod needs ``multiple``, so nothing in hpctrain imports ``mpi4py.MPI`` at
+module level: entry points call :func:`init` first, everything else calls :func:`mpi`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from functools import lru_cache
+from types import ModuleType
+
+import mpi4py
+
+from hpctrain.errors import UsageError
+
+THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
+_RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
+_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+
+
+def init(thread_level: str = "multiple") -> ModuleType:
+    """Initialise MPI at ``thread_level`` (once), install abort-on-error; return ``mpi4py.MPI``.
+
+    Raises RuntimeError when MPI was already initialised below the requested level.
+    """
+    if thread_level not in THREAD_LEVELS:
+        raise UsageError(f"unknown MPI thread level {thread_level!r}; choose from {THREAD_LEVELS}")
+    if "mpi4py.MPI" not in sys.modules:
+        mpi4py.rc.thread_level = thread_level
+    from mpi4py import MPI
+
+    wanted = THREAD_LEVELS.index(thread_level)
+    provided = _thread_level_index(MPI, MPI.Query_thread())
+    if provided < wanted and thread_level != "multiple":
+        raise RuntimeError(
+            f"MPI runs at thread level {THREAD_LEVELS[provided]!r}, {thread_level!r} is needed; "
+            "call hpctrain.comm.init() before anything imports mpi4py.MPI"
+        )
+    install_abort_on_error()
+    return MPI
+
+
+def mpi() -> ModuleType:
+    """``mpi4py.MPI``, initialising at the default level if no entry point did."""
+    if "mpi4py.MPI" in sys.modules:
+        from mpi4py import MPI
+
+        return MPI
+    return init()
+
+
+def _thread_level_index(MPI: ModuleType, level: int) -> int:
+    order = [MPI.THREAD_SINGLE, MPI.THREAD_FUNNELED, MPI.THREAD_SERIALIZED, MPI.THREAD_MULTIPLE]
+    return order.index(level)
+
+
+def world():
+    """``MPI.COMM_WORLD``."""
+    return mpi().COMM_WORLD
+
+
+def rank() -> int:
+    return world().Get_rank()
+
+
+def size() -> int:
+    return world().Get_size()
+
+
+@lru_cache(maxsize=1)
+def _node_comm():
+    MPI = mpi()
+    return world().Split_type(MPI.COMM_TYPE_SHARED, key=rank())
+
+
+def local_rank() -> int:
+    """Rank among the processes on this node."""
+    return _node_comm().Get_rank()
+
+
+def local_size() -> int:
+    """Number of processes on this node."""
+    return _node_comm().Get_size()
+
+
+def env_rank() -> int:
+    """This process's rank from the launcher's environment, without initialising MPI (0 if none)."""
+    for var in _RANK_ENV:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def env_size() -> int:
+    """The job's size from the launcher's environment, without initialising MPI (1 if none)."""
+    for var in _SIZE_ENV:
+        if var in os.environ:
+            return int(os.environ[var])
+    return 1
+
+
+def library_info() -> dict:
+    """MPI library name and version, standard version, thread level provided."""
+    MPI = mpi()
+    major, minor = MPI.Get_version()
+    level = THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
+    return {
+        "library": MPI.Get_library_version().strip().splitlines()[0],
+        "standard": f"{major}.{minor}",
+        "thread_level": level,
+        "mpi4py": mpi4py.__version__,
+    }
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line for ``exc``: the message alone for a UsageError, else type and message."""
+    if isinstance(exc, UsageError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _abort_hook(exc_type, exc, tb) -> None:
+    MPI = sys.modules.get("mpi4py.MPI")
+    initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+    r, n = (rank(), size()) if initialised else (env_rank(), env_size())
+    if os.environ.get("HPCTRAIN_DEBUG"):
+        traceback.print_exception(exc_type, exc, tb)
+    status = 2 if isinstance(exc, UsageError) else 1
+    # Before MPI starts, every rank validates the same arguments: rank 0 speaks for all.
+    if initialised or r == 0:
+        where = f" (rank {r} of {n})" if initialised and n > 1 else ""
+        print(f"hpctrain: error{where}: {describe_error(exc)}", file=sys.stderr, flush=True)
+    if initialised and n > 1:
+        # Ends every rank, including those waiting in a collective for this one.
+        MPI.COMM_WORLD.Abort(status)
+    os._exit(status)
+
+
+def install_abort_on_error() -> None:
+    """Make an uncaught exception print one line with the rank and abort the whole MPI job."""
+    sys.excepthook = _abort_hook

@@ -1,0 +1,238 @@
+"""Real data sets from their standard files, and synthetic data for tests.
+
+Fashion-MNIST and MNIST are read from IDX files (``*-ubyte.gz`` or uncompressed), CIFAR-10 from
+its binary version (``data_batch_*.bin``, ``test_batch.bin``); nothing is unpickled and
+nothing is downloaded. A file that is missing, has the wrong magic number, is truncated or
+disagrees with its partner (image and label counts) is rejected with a one-line
+:class:`UsageError`. Search path: ``--data-dir``, then ``$HPCTRAIN_DATA`` (itself or its
+``<name>`` subfolder), then ``/usr/share/datasets/<name>``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpctrain.errors import UsageError
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
+SYSTEM_DIR = Path("/usr/share/datasets")
+_HOW_TO_GET = {
+    "fashion-mnist": "install Debian's dataset-fashion-mnist (make setup does) or pass --data-dir",
+    "mnist": "put the four MNIST *-ubyte.gz files in a folder and pass --data-dir",
+    "cifar10": "unpack CIFAR-10's binary version (cifar-10-binary.tar.gz) and pass --data-dir",
+}
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+_CIFAR_FILES = {"train": [f"data_batch_{i}.bin" for i in range(1, 6)], "test": ["test_batch.bin"]}
+_CIFAR_RECORD = 1 + 3 * 32 * 32
+# Per-channel mean and std of each training set, for normalisation.
+_STATS = {
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+    "mnist": ((0.1307,), (0.3081,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+}
+SYNTHETIC_SHAPE = (1, 16, 16)
+SYNTHETIC_SIZES = {"train": 2048, "test": 512}
+
+
+@dataclass
+class Dataset:
+    """Images (float32, N x C x H x W, normalised), labels (int64), global sample ids."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    ids: torch.Tensor
+    num_classes: int = 10
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, indices) -> Dataset:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        return Dataset(self.name, self.images[idx], self.labels[idx], self.ids[idx], self.num_classes)
+
+
+def load(name: str, split: str = "train", data_dir: str | None = None,
+         start: int = 0, stop: int | None = None) -> Dataset:
+    """Samples ``[start, stop)`` of data set ``name``'s ``split`` ("train" or "test").
+
+    Only the requested range is kept in memory, so ranks holding a shard read just that.
+    """
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    if split not in ("train", "test"):
+        raise UsageError(f"unknown split {split!r}; choose train or test")
+    if name == "synthetic":
+        return _synthetic(split, start, stop)
+    folder = find_dir(name, data_dir)
+    if name == "cifar10":
+        images, labels = _read_cifar(folder, split, start, stop)
+    else:
+        img_base, lbl_base = _IDX_FILES[split]
+        img_path, lbl_path = _idx_path(folder, img_base), _idx_path(folder, lbl_base)
+        n_img, n_lbl = idx_count(img_path), idx_count(lbl_path)
+        if n_img != n_lbl:
+            raise UsageError(f"{img_path} holds {n_img} images but {lbl_path} holds {n_lbl} labels")
+        images = read_idx(img_path, start, stop)[:, None]
+        labels = read_idx(lbl_path, start, stop)
+    if labels.size and labels.max() >= 10:
+        raise UsageError(f"labels in {folder} for {name} {split} exceed 9: not {name}")
+    mean, std = _STATS[name]
+    x = torch.from_numpy(images.astype(np.float32) / 255.0)
+    x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
+    ids = torch.arange(start, start + len(labels))
+    return Dataset(name, x, torch.from_numpy(labels.astype(np.int64)), ids)
+
+
+def size(name: str, split: str = "train", data_dir: str | None = None) -> int:
+    """Number of samples in a split, read from the file headers only."""
+    if name == "synthetic":
+        return SYNTHETIC_SIZES[split]
+    if name not in DATASETS:
+        raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+    folder = find_dir(name, data_dir)
+    if name == "cifar10":
+        return sum(_cifar_records(folder / f) for f in _CIFAR_FILES[split])
+    return idx_count(_idx_path(folder, _IDX_FILES[split][1]))
+
+
+def find_dir(name: str, data_dir: str | None = None) -> Path:
+    """The first folder on the search path that holds ``name``'s files."""
+    tried: list[Path] = []
+    candidates = []
+    if data_dir:
+        candidates += [Path(data_dir), Path(data_dir) / name]
+    if os.environ.get("HPCTRAIN_DATA"):
+        env = Path(os.environ["HPCTRAIN_DATA"])
+        candidates += [env, env / name]
+    candidates.append(SYSTEM_DIR / name)
+    for folder in candidates:
+        for sub in (folder, folder / "cifar-10-batches-bin"):
+            tried.append(sub)
+            if _has_files(name, sub):
+                return sub
+    if data_dir and not Path(data_dir).is_dir():
+        raise UsageError(f"--data-dir {data_dir} does not exist; {_HOW_TO_GET[name]}")
+    shown = ", ".join(str(p) for p in dict.fromkeys(tried))
+    raise UsageError(f"no {name} files found (tried {shown}); {_HOW_TO_GET[name]}")
+
+
+def _has_files(name: str, folder: Path) -> bool:
+    if name == "cifar10":
+        return (folder / "test_batch.bin").is_file()
+    return any((folder / (_IDX_FILES["train"][0] + ext)).is_file() for ext in (".gz", ""))
+
+
+def _idx_path(folder: Path, base: str) -> Path:
+    for ext in (".gz", ""):
+        if (folder / (base + ext)).is_file():
+            return folder / (base + ext)
+    raise UsageError(f"missing {folder / base}.gz")
+
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def _idx_header(f, path: Path) -> tuple[int, ...]:
+    head = f.read(4)
+    if len(head) != 4 or head[0] != 0 or head[1] != 0 or head[2] != 0x08:
+        raise UsageError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
+    ndim = head[3]
+    raw = f.read(4 * ndim)
+    if ndim == 0 or len(raw) != 4 * ndim:
+        raise UsageError(f"{path} has a truncated IDX header")
+    return struct.unpack(f">{ndim}I", raw)
+
+
+def idx_count(path: Path) -> int:
+    """The number of items an IDX file declares (its first dimension)."""
+    try:
+        with _open(path) as f:
+            return _idx_header(f, path)[0]
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
+def read_idx(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
+    """Items ``[start, stop)`` of an IDX file of unsigned bytes, checked against its header.
+
+    Reading the whole file also checks that nothing follows the declared data.
+    """
+    try:
+        with _open(path) as f:
+            dims = _idx_header(f, path)
+            n, item_shape = dims[0], dims[1:]
+            stop = n if stop is None else stop
+            if not 0 <= start <= stop <= n:
+                raise UsageError(f"{path}: range [{start}, {stop}) outside its {n} items")
+            item = int(np.prod(item_shape, dtype=np.int64)) if item_shape else 1
+            f.seek(f.tell() + start * item)
+            want = (stop - start) * item
+            buf = f.read(want)
+            if len(buf) != want:
+                raise UsageError(
+                    f"{path} is truncated: header declares {n} items, data ends before item "
+                    f"{start + len(buf) // item}"
+                )
+            if start == 0 and stop == n and f.read(1):
+                raise UsageError(f"{path} has data after the {n} items its header declares")
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+    return np.frombuffer(buf, dtype=np.uint8).reshape((stop - start, *item_shape))
+
+
+def _cifar_records(path: Path) -> int:
+    if not path.is_file():
+        raise UsageError(f"missing {path}; {_HOW_TO_GET['cifar10']}")
+    nbytes = path.stat().st_size
+    if nbytes % _CIFAR_RECORD:
+        raise UsageError(f"{path} is truncated: {nbytes} bytes is not a whole number of records")
+    return nbytes // _CIFAR_RECORD
+
+
+def _read_cifar(folder: Path, split: str, start: int, stop: int | None):
+    files = [folder / f for f in _CIFAR_FILES[split]]
+    counts = [_cifar_records(p) for p in files]
+    total = sum(counts)
+    stop = total if stop is None else stop
+    if not 0 <= start <= stop <= total:
+        raise UsageError(f"{folder}: range [{start}, {stop}) outside its {total} records")
+    parts, offset = [], 0
+    for path, count in zip(files, counts, strict=True):
+        lo, hi = max(start, offset), min(stop, offset + count)
+        if lo < hi:
+            with open(path, "rb") as f:
+                f.seek((lo - offset) * _CIFAR_RECORD)
+                raw = f.read((hi - lo) * _CIFAR_RECORD)
+            parts.append(np.frombuffer(raw, dtype=np.uint8).reshape(hi - lo, _CIFAR_RECORD))
+        offset += count
+    records = np.concatenate(parts) if parts else np.empty((0, _CIFAR_RECORD), np.uint8)
+    return records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0]
+
+
+def _synthetic(split: str, start: int, stop: int | None) -> Dataset:
+    """Ten smooth class prototypes plus noise: learnable, deterministic, for tests only."""
+    n = SYNTHETIC_SIZES[split]
+    stop = n if stop is None else stop
+    g = torch.Generator().manual_seed(1234)
+    protos = torch.nn.functional.avg_pool2d(torch.randn(10, *SYNTHETIC_SHAPE, generator=g), 3, 1, 1)
+    g.manual_seed(1 if split == "train" else 2)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    images = protos[labels] * 3 + torch.randn(n, *SYNTHETIC_SHAPE, generator=g)
+    return Dataset("synthetic", images[start:stop].contiguous(), labels[start:stop].clone(),
+                   torch.arange(start, stop))

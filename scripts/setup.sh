@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent set-up: Debian packages, .venv, pinned torch, Python deps, hpctrain (editable),
+# Horovod (optional, built once and cached). Safe to run again; skips what is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PKGS="openmpi-bin libopenmpi-dev dataset-fashion-mnist cmake g++ make"
+missing=""
+for p in $APT_PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  echo "setup: installing Debian packages:$missing"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq $missing >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv"
+  "$PY" -m venv .venv
+fi
+VPIP=".venv/bin/python -m pip"
+stamp=.venv/.hpctrain-deps
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  echo "setup: installing Python packages"
+  $VPIP install -q --upgrade pip
+  # torch pinned: the CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
+  $VPIP install -q torch==2.13.0
+  $VPIP install -q "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout tqdm matplotlib ruff \
+    cmake packaging wheel setuptools
+  $VPIP install -q --no-build-isolation -e ".[test,plot]"
+  touch "$stamp"
+fi
+
+scripts/build_horovod.sh || true
+echo "setup: done"
