@@ -63,7 +63,8 @@ class Dataset:
 
     def subset(self, indices) -> Dataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
-        return Dataset(self.name, self.images[idx], self.labels[idx], self.ids[idx], self.num_classes)
+        return Dataset(self.name, self.images[idx], self.labels[idx], self.ids[idx],
+                       self.num_classes)
 
 
 def load(name: str, split: str = "train", data_dir: str | None = None,

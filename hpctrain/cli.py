@@ -1,0 +1,171 @@
+"""``hpctrain train | bench | info``: the command line.
+
+Arguments are parsed and validated before MPI starts, so bad input is one line and a non-zero
+exit on every rank, never a hang. MPI is then initialised at the thread level the algorithm
+needs (see :mod:`hpctrain.comm`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+from hpctrain import comm, data, models, shuffle
+from hpctrain.errors import UsageError
+from hpctrain.metrics import summary_table
+
+# Algorithm name -> module with THREAD_LEVEL, add_arguments, validate, run.
+ALGORITHMS = {
+    "sgd": "hpctrain.sync.train",
+    "ssgd": "hpctrain.sync.train",
+}
+# Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
+BENCHMARKS: dict[str, str] = {}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _milestones(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if any(v <= 0 for v in values) or values != sorted(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: milestones must be increasing epochs > 0")
+    return values
+
+
+def add_training_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every training algorithm shares (DESIGN.md's command-line contract)."""
+    p.add_argument("--algo", required=True, help=f"one of: {', '.join(ALGORITHMS)}")
+    p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(data.DATASETS)}")
+    p.add_argument("--data-dir", default=None, help="folder with the data set's files")
+    p.add_argument("--model", default="lenet", help=f"one of: {', '.join(models.MODELS)}")
+    p.add_argument("--epochs", type=_positive(int), default=5)
+    p.add_argument("--batch-size", type=_positive(int), default=64, help="per worker")
+    p.add_argument("--lr", type=_positive(float), default=0.05)
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-milestones", type=_milestones, default=[],
+                   help="epochs at which the learning rate is multiplied by --lr-gamma, e.g. 3,4")
+    p.add_argument("--lr-gamma", type=_positive(float), default=0.1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-every", type=_positive(float), default=0.25,
+                   help="epochs between snapshots of the model (evaluated after training)")
+    p.add_argument("--out", default=None, help="output directory (default runs/<algo>-<time>)")
+    p.add_argument("--threads", type=_positive(int), default=1, help="torch threads per rank")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hpctrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model with one algorithm",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_training_arguments(train)
+    shuffle.add_arguments(train.add_argument_group("data shuffling"))
+    for module_name in dict.fromkeys(ALGORITHMS.values()):
+        module = importlib.import_module(module_name)
+        module.add_arguments(train.add_argument_group(f"{module_name.split('.')[1]} options"))
+    bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the "
+                           "same run")
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    for name, module_name in BENCHMARKS.items():
+        module = importlib.import_module(module_name)
+        b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(".")[0],
+                                 description=module.DESCRIPTION,
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        module.add_arguments(b)
+    sub.add_parser("info", help="MPI library, torch, Horovod and kernel availability")
+    return parser
+
+
+def validate_training(args: argparse.Namespace) -> ModuleType:
+    """Check the shared options and the algorithm's own; return the algorithm's module."""
+    if args.algo not in ALGORITHMS:
+        raise UsageError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGORITHMS)}")
+    if args.model not in models.MODELS:
+        raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(models.MODELS)}")
+    if args.momentum < 0 or args.weight_decay < 0:
+        raise UsageError("--momentum and --weight-decay must be >= 0")
+    workers = comm.env_size()
+    n = data.size(args.dataset, "train", args.data_dir)
+    if workers > n:
+        raise UsageError(f"{workers} ranks but only {n} training samples in {args.dataset}")
+    shuffle.validate(args)
+    module = importlib.import_module(ALGORITHMS[args.algo])
+    module.validate(args)
+    if args.out and (Path(args.out) / "summary.json").exists():
+        raise UsageError(f"--out {args.out} already holds a finished run; choose another folder")
+    return module
+
+
+def train(args: argparse.Namespace) -> dict:
+    module = validate_training(args)
+    MPI = comm.init(module.THREAD_LEVEL)
+    world = MPI.COMM_WORLD
+    if args.out is None:
+        stamp = world.bcast(time.strftime("%Y%m%d-%H%M%S"), root=0)
+        args.out = str(Path("runs") / f"{args.algo}-{stamp}")
+    summary = module.run(args)
+    if world.Get_rank() == 0:
+        print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
+    return summary
+
+
+def info() -> None:
+    import torch
+
+    MPI = comm.init("multiple")
+    if MPI.COMM_WORLD.Get_rank() != 0:
+        return
+    facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
+             "cuda": torch.cuda.is_available(), **comm.library_info(),
+             "ranks": comm.size(), "local_size": comm.local_size()}
+    try:
+        import horovod
+
+        facts["horovod"] = horovod.__version__
+    except ImportError as e:
+        facts["horovod"] = f"not importable ({e})"
+    print(json.dumps(facts, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    comm.install_abort_on_error()
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(getattr(args, "threads", 1))
+    if args.command == "train":
+        train(args)
+    elif args.command == "bench":
+        module = importlib.import_module(BENCHMARKS[args.benchmark])
+        comm.init(module.THREAD_LEVEL)
+        module.run(args)
+    elif args.command == "info":
+        info()
+
+
+if __name__ == "__main__":
+    main()

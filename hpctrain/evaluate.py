@@ -1,0 +1,70 @@
+"""Test-set evaluation, and snapshots evaluated after training so curves exclude eval time.
+
+During training a run only *takes* snapshots (a copy of the parameters and buffers, with the
+wall time, epochs and updates at that moment); :func:`evaluate_snapshots` scores them once
+training is over, spread over the ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hpctrain.data import Dataset
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> tuple[float, float]:
+    """Accuracy (fraction) and mean cross-entropy of ``model`` on ``dataset``."""
+    was_training = model.training
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(dataset), batch_size):
+        x, y = dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
+        out = model(x)
+        loss += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+    model.train(was_training)
+    n = max(len(dataset), 1)
+    return correct / n, loss / n
+
+
+@dataclass
+class Snapshot:
+    """The model's state at one moment of training, and when that moment was."""
+
+    state: dict[str, torch.Tensor]
+    info: dict = field(default_factory=dict)
+
+
+class Snapshots(list):
+    """Snapshots taken during training, in order."""
+
+    def take(self, model: nn.Module, **info) -> None:
+        """Copy ``model``'s state now, tagged with ``info`` (t, epoch, updates, ...)."""
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.append(Snapshot(state, info))
+
+
+def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Dataset,
+                       comm=None) -> list[dict]:
+    """Score every snapshot on ``test_set``: one curve point per snapshot, in order.
+
+    With ``comm``, every rank must hold the same snapshots; rank r scores every size-th one and
+    all ranks receive all points. ``model`` is used as scratch space and left changed.
+    """
+    rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    mine = {}
+    for i in range(rank, len(snapshots), size):
+        model.load_state_dict(snapshots[i].state)
+        acc, loss = evaluate(model, test_set)
+        mine[i] = {**snapshots[i].info, "test_acc": acc,
+                   "test_loss": loss if math.isfinite(loss) else None}
+    if comm is not None and size > 1:
+        for part in comm.allgather(mine):
+            mine.update(part)
+    return [mine[i] for i in range(len(snapshots))]

@@ -1,0 +1,130 @@
+"""Run outputs (``config.json``, ``metrics.jsonl``, ``summary.json``), progress bar, summaries.
+
+Every file is written whole to a temporary name, flushed, and renamed into place, so a killed
+job never leaves a half-written output behind. Only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+
+def write_atomic(path: str | Path, content: str | bytes) -> None:
+    """Write ``content`` to ``path`` through a flushed temporary file and a rename."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: str | Path, obj) -> None:
+    """Write ``obj`` as indented JSON, atomically."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+
+
+def _jsonable(x):
+    if isinstance(x, (np.integer, np.floating)):
+        return x.item()
+    if isinstance(x, Path):
+        return str(x)
+    raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+class RunLog:
+    """The output directory of one run. Methods are no-ops except on rank 0."""
+
+    def __init__(self, out_dir: str | Path, rank: int = 0):
+        self.dir = Path(out_dir)
+        self.rank = rank
+        self.points: list[dict] = []
+        if rank == 0:
+            self.dir.mkdir(parents=True, exist_ok=True)
+
+    def write_config(self, config: dict) -> None:
+        if self.rank == 0:
+            write_json_atomic(self.dir / "config.json", config)
+
+    def write_points(self, points: Iterable[dict]) -> None:
+        """Record curve points (each with ``t``, ``epoch``, ``updates``, ``test_acc``, ...)."""
+        self.points.extend(points)
+        if self.rank == 0:
+            lines = "".join(json.dumps(p, sort_keys=True, default=_jsonable) + "\n"
+                            for p in self.points)
+            write_atomic(self.dir / "metrics.jsonl", lines)
+
+    def save_model(self, model: torch.nn.Module) -> None:
+        """Write the final model's state dict to ``model.pt`` (load with weights_only=True)."""
+        if self.rank == 0:
+            buf = io.BytesIO()
+            torch.save(model.state_dict(), buf)
+            write_atomic(self.dir / "model.pt", buf.getvalue())
+
+    def write_summary(self, summary: dict) -> None:
+        if self.rank == 0:
+            write_json_atomic(self.dir / "summary.json", summary)
+
+
+def read_points(out_dir: str | Path) -> list[dict]:
+    """The curve points of a finished run."""
+    with open(Path(out_dir) / "metrics.jsonl") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def distribution(values: Sequence[float]) -> dict:
+    """Mean, p50, p90, p99 and max of ``values`` (zeros when empty)."""
+    if len(values) == 0:
+        return {"mean": 0.0, "p50": 0.0, "p90": 0.0, "p99": 0.0, "max": 0.0, "count": 0}
+    v = np.asarray(values, dtype=np.float64)
+    p50, p90, p99 = np.percentile(v, [50, 90, 99])
+    return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
+            "max": float(v.max()), "count": int(v.size)}
+
+
+def progress(total: int, rank: int, desc: str, enabled: bool = True) -> tqdm:
+    """A progress bar shown on rank 0 only (disabled elsewhere, and when not wanted)."""
+    return tqdm(total=total, desc=desc, unit="step", disable=(rank != 0 or not enabled),
+                dynamic_ncols=True, leave=False, mininterval=0.5)
+
+
+def summary_table(summary: dict) -> str:
+    """A short human-readable table of a run's summary."""
+    rows = [
+        ("algorithm", summary.get("algo_label", summary["algo"])),
+        ("workers", summary["workers"]),
+        ("model / data", f"{summary.get('model', '?')} on {summary.get('dataset', '?')}"),
+        ("epochs / updates", f"{summary.get('epochs', '?')} / {summary.get('updates', '?')}"),
+        ("final test accuracy", f"{summary['final_test_acc']:.4f}"),
+        ("best test accuracy", f"{summary['best_test_acc']:.4f}"),
+        ("wall time", f"{summary['wall_s']:.1f} s"),
+        ("samples/s (all ranks)", f"{summary['samples_per_s']:.0f}"),
+    ]
+    if "staleness" in summary:
+        s = summary["staleness"]
+        stale = f"{s['mean']:.2f} / {s['p99']:.0f} / {s['max']:.0f}"
+        rows.append(("staleness mean/p99/max", stale))
+    if summary.get("out"):
+        rows.append(("outputs", summary["out"]))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def finite_or_none(x: float) -> float | None:
+    """``x`` if finite, else None (JSON has no NaN)."""
+    return x if math.isfinite(x) else None

@@ -1,0 +1,125 @@
+"""``--algo sgd`` (one process) and ``--algo ssgd`` (synchronous SGD, Horovod or mpi4py).
+
+A plain PyTorch loop: the only distributed parts are ``DistributedOptimizer`` and the initial
+broadcast, exactly as a Horovod user writes it. The data order is the shuffle package's, so
+``ssgd`` on K ranks with batch b sees, step by step, the same samples as ``sgd`` with batch K*b.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import time
+
+import torch
+from torch.nn import functional as F
+
+import hpctrain.sync as hvd
+from hpctrain import comm, data, faults, models, shuffle
+from hpctrain.errors import UsageError
+from hpctrain.evaluate import Snapshots, evaluate_snapshots
+from hpctrain.metrics import RunLog, progress
+from hpctrain.schedule import set_lr, step_decay
+
+THREAD_LEVEL = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE.
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--sync-backend", choices=("mpi", "horovod"), default="mpi",
+                       help="ssgd: allreduce through hpctrain's mpi4py backend or Horovod")
+    group.add_argument("--fp16-allreduce", action="store_true",
+                       help="ssgd: compress gradients to float16 on the wire")
+
+
+def validate(args: argparse.Namespace) -> None:
+    workers = comm.env_size()
+    if args.algo == "sgd" and workers > 1:
+        raise UsageError(f"--algo sgd runs on one process, not {workers}; use --algo ssgd")
+    if args.algo == "ssgd" and args.sync_backend == "horovod" \
+            and importlib.util.find_spec("horovod") is None:
+        raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train as ``args`` say; write the run's outputs; return its summary (on every rank)."""
+    distributed = args.algo == "ssgd"
+    world = comm.world() if distributed else None
+    if distributed:
+        hvd.init(backend=args.sync_backend)
+    rank, size = (world.Get_rank(), world.Get_size()) if distributed else (0, 1)
+
+    torch.manual_seed(args.seed)
+    train_data = shuffle.make_train_data(args, world)
+    test_set = data.load(args.dataset, "test", args.data_dir)
+    model = models.build(args.model, train_data.input_shape, train_data.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    if distributed:
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        compression = hvd.Compression.fp16 if args.fp16_allreduce else hvd.Compression.none
+        optimizer = hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
+                                             compression=compression)
+
+    log = RunLog(args.out, rank)
+    log.write_config({**vars(args), "workers": size, **comm.library_info()})
+    steps = math.ceil(train_data.samples_per_rank / args.batch_size)
+    total_steps = args.epochs * steps
+    snapshot_every = max(1, round(args.eval_every * steps))
+    snapshots = Snapshots()
+    bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
+
+    if distributed:
+        world.Barrier()
+    start = time.perf_counter()
+    snapshots.take(model, t=0.0, epoch=0.0, updates=0)
+    updates = samples = 0
+    for epoch in range(args.epochs):
+        local = train_data.epoch(epoch)
+        for i in range(steps):
+            set_lr(optimizer, step_decay(args.lr, epoch + i / steps, args.lr_milestones,
+                                         args.lr_gamma))
+            x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
+            y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            faults.inject(rank, updates, model)
+            optimizer.step()
+            updates += 1
+            samples += len(y)
+            bar.update()
+            if updates % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if updates % snapshot_every == 0 or updates == total_steps:
+                snapshots.take(model, t=time.perf_counter() - start, epoch=updates / steps,
+                               updates=updates)
+    wall = time.perf_counter() - start
+    bar.close()
+
+    points = evaluate_snapshots(model, snapshots, test_set, world)
+    log.write_points(points)
+    log.save_model(model)
+    rate = samples / wall
+    total_rate = world.allreduce(rate) if distributed else rate
+    grad_bytes = sum(p.numel() for p in model.parameters()) * (2 if args.fp16_allreduce else 4)
+    summary = {
+        "algo": args.algo,
+        "algo_label": f"ssgd ({args.sync_backend} backend)" if distributed else "sgd",
+        "workers": size,
+        "model": args.model,
+        "dataset": args.dataset,
+        "epochs": args.epochs,
+        "updates": updates,
+        "final_test_acc": points[-1]["test_acc"],
+        "final_test_loss": points[-1]["test_loss"],
+        "best_test_acc": max(p["test_acc"] for p in points),
+        "wall_s": wall,
+        "samples_per_s": total_rate,
+        "allreduce_bytes_per_rank": updates * grad_bytes if distributed else 0,
+        "params": models.num_parameters(model),
+        "out": args.out,
+        **train_data.stats(),
+    }
+    log.write_summary(summary)
+    return summary

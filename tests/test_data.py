@@ -1,0 +1,121 @@
+"""Data sets read from their real files; malformed files are rejected with one line."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from hpctrain import data
+from hpctrain.errors import UsageError
+
+FMNIST = data.SYSTEM_DIR / "fashion-mnist"
+
+
+def write_idx(path, array: np.ndarray, magic_type=0x08, extra=b""):
+    header = bytes([0, 0, magic_type, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes() + extra)
+
+
+@pytest.fixture
+def tiny_idx(tmp_path):
+    """A valid 5-sample IDX data set in the Fashion-MNIST layout."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 5), ("t10k", 3)):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n))
+    return tmp_path
+
+
+def test_fashion_mnist_real_files():
+    train = data.load("fashion-mnist", "train")
+    test = data.load("fashion-mnist", "test")
+    assert train.images.shape == (60000, 1, 28, 28) and len(test) == 10000
+    assert train.images.dtype == torch.float32 and train.labels.dtype == torch.int64
+    assert abs(train.images.mean().item()) < 0.01 and abs(train.images.std().item() - 1) < 0.01
+    assert torch.equal(train.labels.bincount(), torch.full((10,), 6000))
+    assert torch.equal(train.ids, torch.arange(60000))
+    part = data.load("fashion-mnist", "train", start=59990, stop=60000)
+    assert torch.equal(part.images, train.images[59990:]) and torch.equal(part.ids[:1],
+                                                                           torch.tensor([59990]))
+    assert data.size("fashion-mnist", "test") == 10000
+
+
+def test_search_path_order(tiny_idx, monkeypatch):
+    monkeypatch.setenv("HPCTRAIN_DATA", str(tiny_idx))
+    assert len(data.load("fashion-mnist")) == 5  # $HPCTRAIN_DATA before the system folder
+    assert len(data.load("fashion-mnist", data_dir=str(FMNIST))) == 60000  # --data-dir first
+
+
+def test_missing_dir_names_paths(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        data.load("mnist", data_dir=str(tmp_path / "nope"))
+    with pytest.raises(UsageError, match=f"no mnist files found.*{tmp_path}"):
+        data.load("mnist", data_dir=str(tmp_path))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("magic", "bad magic number"),
+    ("truncate", "truncated"),
+    ("trailing", "data after"),
+    ("count", "holds 5 images but .* holds 4 labels"),
+    ("labels", "exceed 9"),
+])
+def test_malformed_idx_rejected(tiny_idx, damage, message):
+    images = tiny_idx / "train-images-idx3-ubyte.gz"
+    labels = tiny_idx / "train-labels-idx1-ubyte.gz"
+    pixels = np.zeros((5, 28, 28))
+    if damage == "magic":
+        write_idx(images, pixels, magic_type=0x0D)
+    elif damage == "truncate":
+        raw = gzip.decompress(images.read_bytes())
+        images.write_bytes(gzip.compress(raw[:-100]))
+    elif damage == "trailing":
+        write_idx(images, pixels, extra=b"\0" * 10)
+    elif damage == "count":
+        write_idx(labels, np.zeros(4))
+    elif damage == "labels":
+        write_idx(labels, np.full(5, 12))
+    with pytest.raises(UsageError, match=message) as err:
+        data.load("fashion-mnist", data_dir=str(tiny_idx))
+    assert "\n" not in str(err.value)
+
+
+def test_not_gzip_is_one_line_error(tiny_idx):
+    (tiny_idx / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip")
+    with pytest.raises(UsageError, match="cannot read"):
+        data.load("fashion-mnist", data_dir=str(tiny_idx))
+
+
+def test_cifar10_binary(tmp_path):
+    rng = np.random.default_rng(1)
+    folder = tmp_path / "cifar-10-batches-bin"
+    folder.mkdir()
+    records = {}
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = rng.integers(0, 256, (4, 3073)).astype(np.uint8)
+        rec[:, 0] %= 10
+        records[name] = rec
+        (folder / name).write_bytes(rec.tobytes())
+    train = data.load("cifar10", "train", data_dir=str(tmp_path))
+    assert train.images.shape == (20, 3, 32, 32)
+    assert train.labels.tolist() == np.concatenate(
+        [records[f"data_batch_{i}.bin"][:, 0] for i in range(1, 6)]).tolist()
+    middle = data.load("cifar10", "train", data_dir=str(tmp_path), start=3, stop=9)
+    assert torch.equal(middle.images, train.images[3:9])
+    (folder / "test_batch.bin").write_bytes(records["test_batch.bin"].tobytes()[:-7])
+    with pytest.raises(UsageError, match="truncated"):
+        data.load("cifar10", "test", data_dir=str(tmp_path))
+
+
+def test_synthetic_is_deterministic_and_learnable_shape():
+    a, b = data.load("synthetic"), data.load("synthetic")
+    assert torch.equal(a.images, b.images) and a.shape == data.SYNTHETIC_SHAPE
+    assert len(data.load("synthetic", "test")) == data.SYNTHETIC_SIZES["test"]
+
+
+def test_unknown_dataset():
+    with pytest.raises(UsageError, match="unknown dataset 'imagenet'"):
+        data.load("imagenet")
