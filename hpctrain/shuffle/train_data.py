@@ -1,0 +1,82 @@
+"""The training set as each rank sees it, epoch by epoch, for every strategy and placement."""
+
+from __future__ import annotations
+
+import argparse
+
+from hpctrain import data
+from hpctrain.shuffle import options
+from hpctrain.shuffle.samplers import (
+    GlobalShuffleSampler,
+    LocalShuffleSampler,
+    PartialShuffleSampler,
+)
+
+
+class TrainData:
+    """One rank's view of the training set: ``epoch(e)`` gives its samples in consumption order.
+
+    Every rank gets ``samples_per_rank = num_samples // ranks`` samples per epoch (the tail is
+    dropped). ``epoch`` is collective when data move: all ranks call it with the same epoch.
+    """
+
+    num_samples: int
+    samples_per_rank: int
+    input_shape: tuple
+    num_classes: int
+
+    def __init__(self) -> None:
+        self._bytes_moved = 0
+        self._exchange_s = 0.0
+
+    def epoch(self, epoch: int) -> data.Dataset:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        """Cumulative bytes this rank sent to other ranks and seconds spent exchanging."""
+        return {"bytes_moved": self._bytes_moved, "exchange_s": self._exchange_s}
+
+
+class ReplicatedTrainData(TrainData):
+    """Every rank holds the whole set; a sampler picks this rank's samples. Nothing moves."""
+
+    def __init__(self, full: data.Dataset, sampler) -> None:
+        super().__init__()
+        self.full, self.sampler = full, sampler
+        self.num_samples = len(full)
+        self.samples_per_rank = len(sampler)
+        self.input_shape, self.num_classes = full.shape, full.num_classes
+
+    def epoch(self, epoch: int) -> data.Dataset:
+        self.sampler.set_epoch(epoch)
+        return self.full.subset(self.sampler.indices())
+
+
+def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: int,
+                 labels=None):
+    """The sampler for ``--shuffle strategy`` (labels given: label-skew partition)."""
+    name, q = options.parse_strategy(strategy)
+    if name == "global":
+        return GlobalShuffleSampler(num_samples, ranks, rank, seed)
+    if name == "local":
+        return LocalShuffleSampler(num_samples, ranks, rank, seed, labels)
+    return PartialShuffleSampler(q, num_samples, ranks, rank, seed, labels)
+
+
+def make_train_data(args: argparse.Namespace, comm=None) -> TrainData:
+    """This rank's training data for ``args`` (dataset, data_dir, seed, the shuffle options).
+
+    ``comm`` is an mpi4py communicator, or None for a single process.
+    """
+    options.validate(args)
+    ranks, rank = (1, 0) if comm is None else (comm.Get_size(), comm.Get_rank())
+    data_dir = getattr(args, "data_dir", None)
+    skew = getattr(args, "partition", "iid") == "label-skew"
+    if getattr(args, "data_placement", "replicated") == "sharded":
+        from hpctrain.shuffle.sharded import ShardedTrainData
+
+        return ShardedTrainData.load(args, comm)
+    full = data.load(args.dataset, "train", data_dir)
+    sampler = make_sampler(args.shuffle, len(full), ranks, rank, args.seed,
+                           full.labels if skew else None)
+    return ReplicatedTrainData(full, sampler)
