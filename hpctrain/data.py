@@ -90,13 +90,102 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
             raise UsageError(f"{img_path} holds {n_img} images but {lbl_path} holds {n_lbl} labels")
         images = read_idx(img_path, start, stop)[:, None]
         labels = read_idx(lbl_path, start, stop)
+    ids = torch.arange(start, start + len(labels))
+    return _make_dataset(name, split, folder, images, labels, ids)
+
+
+def _make_dataset(name: str, split: str, folder: Path, images: np.ndarray, labels: np.ndarray,
+                  ids: torch.Tensor) -> Dataset:
+    """Check the labels, normalise the uint8 images, wrap them as a Dataset."""
     if labels.size and labels.max() >= 10:
         raise UsageError(f"labels in {folder} for {name} {split} exceed 9: not {name}")
     mean, std = _STATS[name]
     x = torch.from_numpy(images.astype(np.float32) / 255.0)
     x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
-    ids = torch.arange(start, start + len(labels))
     return Dataset(name, x, torch.from_numpy(labels.astype(np.int64)), ids)
+
+
+def load_labels(name: str, split: str = "train", data_dir: str | None = None) -> torch.Tensor:
+    """All labels of a split (int64), streamed without keeping any image."""
+    if name == "synthetic":
+        return _synthetic(split, 0, None).labels
+    folder = find_dir(name, data_dir)
+    if name == "cifar10":
+        parts = []
+        for path in (folder / f for f in _CIFAR_FILES[split]):
+            with open(path, "rb") as f:
+                parts.append(_read_rows(f, path, np.arange(_cifar_records(path)),
+                                        _CIFAR_RECORD, keep=slice(0, 1))[:, 0])
+        labels = np.concatenate(parts)
+    else:
+        labels = read_idx(_idx_path(folder, _IDX_FILES[split][1]))
+    if labels.size and labels.max() >= 10:
+        raise UsageError(f"labels in {folder} for {name} {split} exceed 9: not {name}")
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def load_indices(name: str, split: str, indices, data_dir: str | None = None) -> Dataset:
+    """The samples at ``indices`` (any order), in that order, with their ids.
+
+    Streams through the files once and keeps only the wanted samples, so a rank holding an
+    arbitrary shard (e.g. label-skew) never holds the whole set.
+    """
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    wanted, back = np.unique(idx, return_inverse=True)
+    n = size(name, split, data_dir)
+    if wanted.size and (wanted[0] < 0 or wanted[-1] >= n):
+        raise UsageError(f"{name} {split}: sample indices outside [0, {n})")
+    if name == "synthetic":
+        return _synthetic(split, 0, None).subset(idx)
+    folder = find_dir(name, data_dir)
+    if name == "cifar10":
+        parts, offset = [], 0
+        for path in (folder / f for f in _CIFAR_FILES[split]):
+            count = _cifar_records(path)
+            mine = wanted[(wanted >= offset) & (wanted < offset + count)] - offset
+            with open(path, "rb") as f:
+                parts.append(_read_rows(f, path, mine, _CIFAR_RECORD))
+            offset += count
+        records = np.concatenate(parts)
+        images, labels = records[:, 1:].reshape(-1, 3, 32, 32), records[:, 0]
+    else:
+        rows = []
+        for base in _IDX_FILES[split]:
+            path = _idx_path(folder, base)
+            try:
+                with _open(path) as f:
+                    dims = _idx_header(f, path)
+                    item = int(np.prod(dims[1:], dtype=np.int64)) if dims[1:] else 1
+                    rows.append(_read_rows(f, path, wanted, item).reshape(-1, *dims[1:]))
+            except (OSError, EOFError, gzip.BadGzipFile) as e:
+                raise UsageError(f"cannot read {path}: {e}") from None
+        images, labels = rows[0][:, None], rows[1]
+    ds = _make_dataset(name, split, folder, images, labels, torch.from_numpy(wanted))
+    return ds if np.array_equal(wanted, idx) else ds.subset(torch.from_numpy(back))
+
+
+def _read_rows(f, path: Path, wanted: np.ndarray, row: int, keep: slice = slice(None),
+               chunk_bytes: int = 1 << 22) -> np.ndarray:
+    """Rows ``wanted`` (sorted, unique) of ``row`` bytes each from ``f``'s current position on,
+    read in chunks so that only the wanted rows stay in memory; ``keep`` selects their bytes."""
+    width = len(range(row)[keep])
+    out = np.empty((len(wanted), width), np.uint8)
+    per = max(1, chunk_bytes // row)
+    base, done = f.tell(), 0
+    stop = int(wanted[-1]) + 1 if len(wanted) else 0
+    for lo in range(0, stop, per):
+        hi = min(lo + per, stop)
+        upto = int(np.searchsorted(wanted, hi))
+        if upto == done:
+            continue
+        f.seek(base + lo * row)
+        buf = f.read((hi - lo) * row)
+        if len(buf) != (hi - lo) * row:
+            raise UsageError(f"{path} is truncated: data ends before row {lo + len(buf) // row}")
+        rows = np.frombuffer(buf, np.uint8).reshape(hi - lo, row)
+        out[done:upto] = rows[wanted[done:upto] - lo, keep]
+        done = upto
+    return out
 
 
 def size(name: str, split: str = "train", data_dir: str | None = None) -> int:
