@@ -75,7 +75,7 @@ def make_train_data(args: argparse.Namespace, comm=None) -> TrainData:
     if getattr(args, "data_placement", "replicated") == "sharded":
         from hpctrain.shuffle.sharded import ShardedTrainData
 
-        return ShardedTrainData.load(args, comm)
+        return ShardedTrainData(args, comm)
     full = data.load(args.dataset, "train", data_dir)
     sampler = make_sampler(args.shuffle, len(full), ranks, rank, args.seed,
                            full.labels if skew else None)
