@@ -1,0 +1,261 @@
+"""Shuffling without MPI: option checks, the samplers simulated for K ranks in one process,
+reading arbitrary shards from the data files, and one-line errors from whole jobs."""
+
+import argparse
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_job
+
+from hpctrain import data, shuffle
+from hpctrain.errors import UsageError
+from hpctrain.shuffle import order
+from hpctrain.shuffle.train_data import make_sampler
+
+STRATEGIES = ["global", "local", "partial:0", "partial:0.3", "partial:1"]
+
+
+def namespace(**kw) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    shuffle.add_arguments(parser)
+    args = parser.parse_args([])
+    args.dataset, args.data_dir, args.seed = "synthetic", None, 7
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def rank_indices(strategy, n, ranks, epoch, labels=None, seed=7):
+    out = []
+    for r in range(ranks):
+        s = make_sampler(strategy, n, ranks, r, seed, labels)
+        s.set_epoch(epoch)
+        out.append(torch.tensor(list(s)))
+    return out
+
+
+@pytest.mark.parametrize("value, message", [
+    ("partial:1.5", "--shuffle partial:1.5: fraction 1.5 outside [0, 1]"),
+    ("partial:-0.1", "--shuffle partial:-0.1: fraction -0.1 outside [0, 1]"),
+    ("partial:nan", "fraction nan outside [0, 1]"),
+    ("partial:x", "--shuffle partial:x: 'x' is not a number"),
+    ("partial", "unknown --shuffle 'partial'"),
+    ("global:0.5", "unknown --shuffle 'global:0.5'"),
+    ("random", "unknown --shuffle 'random'; choose from global, local, partial:Q"),
+])
+def test_bad_strategy_is_one_line(value, message):
+    with pytest.raises(UsageError) as err:
+        shuffle.validate(namespace(shuffle=value))
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("data_placement", "everywhere"), ("partition", "by-colour"), ("shuffle_chunk_mb", 0.0)])
+def test_bad_placement_partition_chunk(field, value):
+    with pytest.raises(UsageError, match=str(value)):
+        shuffle.validate(namespace(**{field: value}))
+
+
+def test_parse_strategy():
+    assert shuffle.parse_strategy("global") == ("global", 0.0)
+    assert shuffle.parse_strategy("local") == ("local", 0.0)
+    assert shuffle.parse_strategy("partial:0.25") == ("partial", 0.25)
+    assert shuffle.parse_strategy("partial:1") == ("partial", 1.0)
+
+
+def test_bad_strategy_from_a_job_fails_before_mpi(tmp_path):
+    proc = run_job(["train", "--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp",
+                    "--shuffle", "partial:1.5", "--out", str(tmp_path / "run")], np=2, timeout=90)
+    assert proc.returncode != 0
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")]
+    assert len(lines) == 1 and "partial:1.5" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_global_matches_one_process_order():
+    n, seed = 1000, 3
+    for epoch in range(3):
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
+        assert torch.equal(rank_indices("global", n, 1, epoch, seed=seed)[0], perm)
+        parts = rank_indices("global", n, 4, epoch, seed=seed)
+        # The union of the ranks' i-th batches of size b is the one-process batch of size 4b.
+        b = 8
+        for i in range(n // 4 // b):
+            union = torch.cat([p[i * b:(i + 1) * b] for p in parts]).sort().values
+            assert torch.equal(union, perm[i * 4 * b:(i + 1) * 4 * b].sort().values)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("skew", [False, True])
+def test_every_epoch_is_a_partition_of_the_set(strategy, skew):
+    n, ranks = 600, 4
+    labels = torch.arange(n) % 10 if skew else None
+    for epoch in range(3):
+        parts = rank_indices(strategy, n, ranks, epoch, labels)
+        assert [len(p) for p in parts] == [n // ranks] * ranks
+        assert torch.equal(torch.cat(parts).sort().values, torch.arange(n))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_tail_is_dropped_not_padded(strategy):
+    n, ranks = 603, 4
+    parts = rank_indices(strategy, n, ranks, 1)
+    assert [len(p) for p in parts] == [150] * 4
+    assert len(torch.cat(parts).unique()) == 600
+
+
+def test_deterministic_and_epochs_differ():
+    for strategy in STRATEGIES[:4]:
+        a, b = rank_indices(strategy, 500, 2, 1), rank_indices(strategy, 500, 2, 1)
+        assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+        c = rank_indices(strategy, 500, 2, 2)
+        assert not torch.equal(a[0], c[0])
+        d = rank_indices(strategy, 500, 2, 1, seed=8)
+        assert not torch.equal(a[0], d[0])
+
+
+def test_local_keeps_each_rank_on_its_block():
+    labels = torch.arange(400) % 4
+    for epoch in range(3):
+        parts = rank_indices("local", 400, 4, epoch, labels)
+        for r, p in enumerate(parts):
+            assert set(labels[p].tolist()) == {r}  # label-skew: sorted by label, then cut
+        iid = rank_indices("local", 400, 4, epoch)
+        for r, p in enumerate(iid):
+            assert torch.equal(p.sort().values, torch.arange(100 * r, 100 * (r + 1)))
+
+
+def test_partial_zero_equals_local():
+    labels = torch.arange(800) % 10
+    for epoch in range(4):
+        assert all(torch.equal(a, b) for a, b in zip(
+            rank_indices("partial:0", 800, 4, epoch, labels),
+            rank_indices("local", 800, 4, epoch, labels), strict=True))
+
+
+def moved(strategy, n, ranks, epoch):
+    """Per rank: samples held in ``epoch`` that were not held in ``epoch - 1``."""
+    before, after = rank_indices(strategy, n, ranks, epoch - 1), rank_indices(strategy, n, ranks,
+                                                                                epoch)
+    return [len(set(a.tolist()) - set(b.tolist())) for a, b in zip(after, before, strict=True)]
+
+
+@pytest.mark.parametrize("q", [0.1, 0.3, 0.5])
+def test_partial_moves_fraction_q_to_random_other_ranks(q):
+    n, ranks = 2000, 4
+    per = n // ranks
+    assert moved(f"partial:{q}", n, ranks, 2) == [round(q * per)] * ranks
+    # Destinations: uniform over the other ranks (binomial tolerance, 5 sigma).
+    sampler = make_sampler(f"partial:{q}", n, ranks, 0, 7)
+    sampler.set_epoch(0)
+    before = sampler.holdings()
+    sampler.set_epoch(1)
+    after = sampler.holdings()
+    owner = torch.empty(n, dtype=torch.long)
+    for r, held in enumerate(after):
+        owner[held] = r
+    m = round(q * per)
+    for r, held in enumerate(before):
+        counts = torch.bincount(owner[held], minlength=ranks)
+        assert counts[r] == per - m
+        others = [counts[d].item() for d in range(ranks) if d != r]
+        expect, sigma = m / (ranks - 1), (m * (1 / 3) * (2 / 3)) ** 0.5
+        assert all(abs(c - expect) <= 5 * sigma for c in others), others
+
+
+def test_partial_one_is_a_full_redistribution():
+    n, ranks = 1200, 3
+    per = n // ranks
+    assert moved("partial:1", n, ranks, 1) == [per] * ranks
+    assert moved("partial:1", n, ranks, 3) == [per] * ranks
+
+
+def test_partial_routes_are_derangements():
+    routes = order.partial_routes(1, 2, 5, 300)
+    assert torch.equal(routes.sort(dim=1).values, torch.arange(5).expand(300, 5))
+    assert not (routes == torch.arange(5)).any()
+    assert torch.equal(routes, order.partial_routes(1, 2, 5, 300))
+
+
+def test_partial_sampler_replays_any_epoch():
+    s = make_sampler("partial:0.2", 500, 2, 1, 7)
+    seq = []
+    for e in range(4):
+        s.set_epoch(e)
+        seq.append(s.indices())
+    fresh = make_sampler("partial:0.2", 500, 2, 1, 7)
+    for e in (3, 1, 2):
+        fresh.set_epoch(e)
+        assert torch.equal(fresh.indices(), seq[e])
+
+
+def test_samplers_interface():
+    s = shuffle.GlobalShuffleSampler(100, num_replicas=3, rank=2, seed=1)
+    assert len(s) == 33 and len(list(s)) == 33
+    with pytest.raises(UsageError, match="rank 3"):
+        shuffle.LocalShuffleSampler(100, num_replicas=3, rank=3)
+    with pytest.raises(UsageError, match="1.5"):
+        shuffle.PartialShuffleSampler(1.5, 100, num_replicas=2, rank=0)
+
+
+@pytest.mark.parametrize("strategy", ["global", "local", "partial:0.5"])
+@pytest.mark.parametrize("partition", ["iid", "label-skew"])
+def test_single_process_train_data(strategy, partition):
+    outs = {}
+    for placement in ("replicated", "sharded"):
+        td = shuffle.make_train_data(namespace(shuffle=strategy, partition=partition,
+                                               data_placement=placement))
+        assert (td.num_samples, td.samples_per_rank) == (2048, 2048)
+        assert td.input_shape == data.SYNTHETIC_SHAPE and td.num_classes == 10
+        outs[placement] = [td.epoch(e) for e in range(2)]
+        assert td.stats() == {"bytes_moved": 0, "exchange_s": td.stats()["exchange_s"]}
+    full = data.load("synthetic")
+    for rep, sh in zip(outs["replicated"], outs["sharded"], strict=True):
+        assert torch.equal(rep.ids, sh.ids)
+        assert torch.equal(sh.images, full.images[sh.ids])
+        assert torch.equal(sh.labels, full.labels[sh.ids])
+
+
+def write_idx(path, arr, compress):
+    head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    opener = gzip.open if compress else open
+    with opener(path, "wb") as f:
+        f.write(head + arr.tobytes())
+
+
+@pytest.mark.parametrize("compress", [True, False])
+def test_load_indices_idx(tmp_path, compress):
+    rng = np.random.default_rng(0)
+    ext = ".gz" if compress else ""
+    for split in ("train", "t10k"):
+        write_idx(tmp_path / f"{split}-images-idx3-ubyte{ext}",
+                  rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), compress)
+        write_idx(tmp_path / f"{split}-labels-idx1-ubyte{ext}",
+                  rng.integers(0, 10, 300, dtype=np.uint8), compress)
+    full = data.load("mnist", "train", str(tmp_path))
+    assert torch.equal(data.load_labels("mnist", "train", str(tmp_path)), full.labels)
+    idx = [299, 0, 17, 150, 16]
+    part = data.load_indices("mnist", "train", idx, str(tmp_path))
+    assert torch.equal(part.ids, torch.tensor(idx))
+    assert torch.equal(part.images, full.images[idx])
+    assert torch.equal(part.labels, full.labels[idx])
+    with pytest.raises(UsageError, match="outside"):
+        data.load_indices("mnist", "train", [300], str(tmp_path))
+
+
+def test_load_indices_cifar(tmp_path):
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]:
+        rec = rng.integers(0, 256, (40, 1 + 3 * 32 * 32), dtype=np.uint8)
+        rec[:, 0] %= 10
+        (tmp_path / name).write_bytes(rec.tobytes())
+    full = data.load("cifar10", "train", str(tmp_path))
+    assert torch.equal(data.load_labels("cifar10", "train", str(tmp_path)), full.labels)
+    idx = [199, 3, 41, 40, 80, 39]  # across file boundaries, unsorted
+    part = data.load_indices("cifar10", "train", idx, str(tmp_path))
+    assert torch.equal(part.images, full.images[idx])
+    assert torch.equal(part.labels, full.labels[idx])

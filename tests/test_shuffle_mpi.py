@@ -1,0 +1,153 @@
+"""Shuffling under mpirun (-np 2 and 4): samples really move between ranks.
+
+Run: mpirun -np 4 python -m pytest --with-mpi -m mpi tests/test_shuffle_mpi.py
+"""
+
+import argparse
+
+import pytest
+import torch
+
+from hpctrain import data, shuffle
+
+STRATEGIES = ["global", "local", "partial:0", "partial:0.3", "partial:1"]
+
+
+def world():
+    from hpctrain import comm
+
+    return comm.world()
+
+
+def namespace(**kw) -> argparse.Namespace:
+    args = argparse.Namespace(dataset="synthetic", data_dir=None, seed=11, shuffle="global",
+                              data_placement="replicated", partition="iid",
+                              shuffle_chunk_mb=0.1)
+    for key, value in kw.items():
+        setattr(args, key, value)
+    return args
+
+
+def gathered_ids(comm, ds: data.Dataset) -> list[torch.Tensor]:
+    return comm.allgather(ds.ids)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("partition", ["iid", "label-skew"])
+def test_every_epoch_every_placement_is_the_whole_set(strategy, partition):
+    comm = world()
+    full = data.load("synthetic")
+    runs = {}
+    for placement in ("replicated", "sharded"):
+        td = shuffle.make_train_data(namespace(shuffle=strategy, partition=partition,
+                                               data_placement=placement), comm)
+        assert td.samples_per_rank == len(full) // comm.Get_size()
+        epochs = []
+        for e in range(3):
+            ds = td.epoch(e)
+            parts = gathered_ids(comm, ds)
+            assert [len(p) for p in parts] == [td.samples_per_rank] * comm.Get_size()
+            assert torch.equal(torch.cat(parts).sort().values, torch.arange(len(full)))
+            # Images and labels travelled with their ids.
+            assert torch.equal(ds.images, full.images[ds.ids])
+            assert torch.equal(ds.labels, full.labels[ds.ids])
+            epochs.append(ds.ids)
+        runs[placement] = epochs
+    # Same seed: the same order on every rank whether the data are replicated or sharded.
+    for rep, sh in zip(runs["replicated"], runs["sharded"], strict=True):
+        assert torch.equal(rep, sh)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_global_order_is_the_one_process_permutation_dealt_out():
+    comm = world()
+    k, r = comm.Get_size(), comm.Get_rank()
+    td = shuffle.make_train_data(namespace(data_placement="sharded"), comm)
+    for e in range(2):
+        perm = torch.randperm(2048, generator=torch.Generator().manual_seed(11 + e))
+        assert torch.equal(td.epoch(e).ids, perm[r::k][:2048 // k])
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("q", [0.25, 1.0])
+def test_partial_moves_fraction_q_and_counts_bytes(q):
+    comm = world()
+    k = comm.Get_size()
+    td = shuffle.make_train_data(
+        namespace(shuffle=f"partial:{q}", data_placement="sharded", partition="label-skew"), comm)
+    n = td.samples_per_rank
+    m = round(q * n)
+    row_bytes = 4 * 16 * 16 + 16  # float32 image, int64 label, int64 id
+    prev = set(td.epoch(0).ids.tolist())
+    for e in range(1, 3):
+        ids = set(td.epoch(e).ids.tolist())
+        assert len(ids - prev) == m  # what left was replaced by as many from other ranks
+        prev = ids
+    assert td.stats()["bytes_moved"] == 3 * m * row_bytes
+    assert td.stats()["exchange_s"] > 0
+    moved = sum(comm.allgather(td.stats()["bytes_moved"]))
+    assert moved == 3 * k * m * row_bytes
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_local_and_partial_zero_move_nothing():
+    comm = world()
+    runs = []
+    for strategy in ("local", "partial:0"):
+        td = shuffle.make_train_data(namespace(shuffle=strategy, data_placement="sharded",
+                                               partition="label-skew"), comm)
+        runs.append([td.epoch(e).ids for e in range(3)])
+        assert td.stats()["bytes_moved"] == 0
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("strategy", ["global", "partial:0.5"])
+def test_uneven_split_keeps_the_tail_on_three_ranks(strategy):
+    """2048 samples on 3 ranks: 682 per epoch each, the 2 left over dropped from the epoch but
+    kept by the sharded holdings, so the next global epoch can draw them."""
+    sub = world().Split(0 if world().Get_rank() < 3 else 1, world().Get_rank())
+    if world().Get_rank() >= 3:
+        sub.Free()
+        return
+    runs = {}
+    for placement in ("replicated", "sharded"):
+        td = shuffle.make_train_data(namespace(shuffle=strategy, data_placement=placement), sub)
+        runs[placement] = [td.epoch(e).ids for e in range(3)]
+        for ids in runs[placement]:
+            every = torch.cat(sub.allgather(ids))
+            assert len(every) == 3 * 682 and len(every.unique()) == 3 * 682
+        if placement == "sharded" and strategy == "global":
+            held = torch.cat(sub.allgather(td.held.ids)).sort().values
+            assert torch.equal(held, torch.arange(2048))
+    assert all(torch.equal(a, b) for a, b in zip(runs["replicated"], runs["sharded"],
+                                                 strict=True))
+    sub.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(300)
+def test_fashion_mnist_sharded_global_reads_only_its_shard():
+    comm = world()
+    k, r = comm.Get_size(), comm.Get_rank()
+    args = namespace(dataset="fashion-mnist", data_placement="sharded", partition="label-skew",
+                     shuffle_chunk_mb=4.0)
+    td = shuffle.make_train_data(args, comm)
+    n = td.samples_per_rank
+    assert len(td.held) == n  # 60000 divides by 2 and 4: no tail
+    labels = data.load_labels("fashion-mnist")
+    assert labels[td.held.ids].unique().numel() <= -(-10 // k) + 1  # label-skew shard
+    ds = td.epoch(0)
+    perm = torch.randperm(60000, generator=torch.Generator().manual_seed(11))
+    assert torch.equal(ds.ids, perm[r::k][:n])
+    assert torch.equal(ds.labels, labels[ds.ids])
+    sample = torch.arange(0, n, 997)
+    ref = data.load_indices("fashion-mnist", "train", ds.ids[sample])
+    assert torch.equal(ds.images[sample], ref.images)
+    assert td.stats()["bytes_moved"] > 0
