@@ -18,6 +18,7 @@ from types import ModuleType
 from hpctrain import comm, data, models, shuffle
 from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
+from hpctrain.schedule import SCHEDULES
 
 # Algorithm name -> module with THREAD_LEVEL, add_arguments, validate, run.
 ALGORITHMS = {
@@ -66,6 +67,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=_positive(float), default=0.05)
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
+                   help="cosine decay to 0 over the run (default), step decay at "
+                   "--lr-milestones (default when they are given), or constant")
     p.add_argument("--lr-milestones", type=_milestones, default=[],
                    help="epochs at which the learning rate is multiplied by --lr-gamma, e.g. 3,4")
     p.add_argument("--lr-gamma", type=_positive(float), default=0.1)
@@ -106,6 +110,10 @@ def validate_training(args: argparse.Namespace) -> ModuleType:
         raise UsageError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGORITHMS)}")
     if args.model not in models.MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(models.MODELS)}")
+    if args.lr_schedule is None:
+        args.lr_schedule = "step" if args.lr_milestones else "cosine"
+    if args.lr_milestones and args.lr_schedule != "step":
+        raise UsageError(f"--lr-milestones need --lr-schedule step, not {args.lr_schedule}")
     if args.momentum < 0 or args.weight_decay < 0:
         raise UsageError("--momentum and --weight-decay must be >= 0")
     workers = comm.env_size()

@@ -1,15 +1,27 @@
-"""Learning-rate schedule: step decay at epoch milestones."""
+"""Learning-rate schedules, as functions of the (fractional) epoch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
+SCHEDULES = ("cosine", "step", "constant")
 
-def step_decay(base_lr: float, epoch: float, milestones: Sequence[float], gamma: float) -> float:
-    """``base_lr`` times ``gamma`` for every milestone (in epochs, fractional) already passed."""
-    return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+
+def learning_rate(base_lr: float, epoch: float, total_epochs: float, schedule: str = "cosine",
+                  milestones: Sequence[float] = (), gamma: float = 0.1) -> float:
+    """The learning rate at ``epoch``.
+
+    ``cosine`` decays from ``base_lr`` to 0 over ``total_epochs``; ``step`` multiplies by
+    ``gamma`` at every milestone passed; ``constant`` keeps ``base_lr``.
+    """
+    if schedule == "cosine":
+        return base_lr * 0.5 * (1 + math.cos(math.pi * min(epoch / total_epochs, 1.0)))
+    if schedule == "step":
+        return base_lr * gamma ** sum(1 for m in milestones if epoch >= m)
+    return base_lr
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PKGS="openmpi-bin libopenmpi-dev dataset-fashion-mnist cmake g++ make"
+APT_PKGS="openmpi-bin libopenmpi-dev dataset-fashion-mnist cmake g++ make slurm-wlm munge"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

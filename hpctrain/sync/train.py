@@ -20,7 +20,7 @@ from hpctrain import comm, data, faults, models, shuffle
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots, evaluate_snapshots
 from hpctrain.metrics import RunLog, progress
-from hpctrain.schedule import set_lr, step_decay
+from hpctrain.schedule import learning_rate, set_lr
 
 THREAD_LEVEL = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE.
 
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> dict:
     for epoch in range(args.epochs):
         local = train_data.epoch(epoch)
         for i in range(steps):
-            set_lr(optimizer, step_decay(args.lr, epoch + i / steps, args.lr_milestones,
-                                         args.lr_gamma))
+            set_lr(optimizer, learning_rate(args.lr, epoch + i / steps, args.epochs,
+                                            args.lr_schedule, args.lr_milestones, args.lr_gamma))
             x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
             y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
             optimizer.zero_grad()

@@ -1,0 +1,135 @@
+"""Whole jobs through the command line: results, reproducibility, and bad input.
+
+Bad input must give one line naming the bad value, a non-zero exit, and no hang.
+"""
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_job
+
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress"]
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
+
+
+def assert_one_line_error(proc, pattern: str):
+    assert proc.returncode != 0, proc.stdout
+    lines = error_lines(proc)
+    assert lines, proc.stderr
+    assert all(pattern in line for line in lines), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def write_tiny_idx(folder, n: int):
+    for kind, shape in (("images-idx3", (n, 28, 28)), ("labels-idx1", (n,))):
+        for split in ("train", "t10k"):
+            arr = np.zeros(shape, np.uint8)
+            head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+            with gzip.open(folder / f"{split}-{kind}-ubyte.gz", "wb") as f:
+                f.write(head + arr.tobytes())
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--algo", "bogus"], "unknown algorithm 'bogus'"),
+    (["--algo", "sgd", "--model", "vgg"], "unknown model 'vgg'"),
+    (["--algo", "sgd", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/x"],
+     "--data-dir /nonexistent/x does not exist"),
+    (["--algo", "sgd", "--lr", "0"], "--lr: must be > 0, got 0"),
+    (["--algo", "sgd", "--lr", "-1"], "--lr: must be > 0, got -1"),
+    (["--algo", "sgd", "--batch-size", "0"], "--batch-size: must be > 0, got 0"),
+    (["--algo", "sgd", "--lr-milestones", "3,1"], "milestones must be increasing"),
+])
+def test_bad_arguments(args, pattern, tmp_path):
+    proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)
+    assert proc.returncode == 2
+    assert_one_line_error(proc, pattern)
+    assert not (tmp_path / "run").exists()  # nothing is written for a rejected run
+
+
+def test_corrupt_idx_file(tmp_path):
+    write_tiny_idx(tmp_path, 8)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(gzip.compress(b"\0\0\x08\x01garbage"))
+    proc = run_job(["train", "--algo", "sgd", "--data-dir", str(tmp_path), "--out",
+                    str(tmp_path / "run")], np=0, timeout=60)
+    assert_one_line_error(proc, "train-labels-idx1-ubyte.gz")
+
+
+def test_sgd_on_several_ranks_refused(tmp_path):
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(tmp_path)], np=2, timeout=60)
+    assert_one_line_error(proc, "--algo sgd runs on one process, not 2")
+    assert len(error_lines(proc)) == 1  # rank 0 speaks for all before MPI starts
+
+
+def test_more_ranks_than_samples(tmp_path):
+    write_tiny_idx(tmp_path, 3)
+    proc = run_job(["train", "--algo", "ssgd", "--data-dir", str(tmp_path), "--out",
+                    str(tmp_path / "run")], np=4, timeout=60)
+    assert_one_line_error(proc, "4 ranks but only 3 training samples")
+
+
+def test_exception_on_one_rank_ends_job(tmp_path):
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--out", str(tmp_path)], np=2,
+                   timeout=90, env={"HPCTRAIN_INJECT": "raise@1:3"})
+    assert proc.returncode != 0
+    assert "hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 3" in proc.stderr
+
+
+def test_finished_run_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    assert run_job(["train", "--algo", "sgd", *SMALL, "--out", str(out)], np=0).returncode == 0
+    before = (out / "summary.json").read_bytes()
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(out)], np=0, timeout=60)
+    assert_one_line_error(proc, "already holds a finished run")
+    assert (out / "summary.json").read_bytes() == before
+
+
+def test_outputs_follow_the_contract(tmp_path):
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--eval-every", "0.5", "--out",
+                    str(tmp_path)], np=0)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("algo", "workers", "final_test_acc", "best_test_acc", "wall_s", "samples_per_s"):
+        assert key in summary
+    assert summary["workers"] == 1 and 0.5 < summary["final_test_acc"] <= 1
+    points = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [p["epoch"] for p in points] == [0.0, 0.5, 1.0]
+    assert points[0]["t"] == 0.0 and points[-1]["t"] > 0
+    assert all({"t", "epoch", "updates", "test_acc", "test_loss"} <= p.keys() for p in points)
+    assert json.loads((tmp_path / "config.json").read_text())["algo"] == "sgd"
+    assert "final test accuracy" in proc.stdout
+
+
+def final_model(out) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def test_same_seed_same_result(tmp_path):
+    for name in ("a", "b"):
+        args = ["train", "--algo", "sgd", *SMALL, "--seed", "3", "--out", str(tmp_path / name)]
+        assert run_job(args, np=0).returncode == 0
+    a, b = final_model(tmp_path / "a"), final_model(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers):
+    """K workers with batch b take the same steps as one process with batch K*b."""
+    common = [*SMALL, "--momentum", "0.9", "--weight-decay", "1e-4", "--seed", "5"]
+    sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", str(16 * workers),
+                   "--out", str(tmp_path / "sgd")], np=0)
+    ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
+                    "--out", str(tmp_path / "ssgd")], np=workers)
+    assert sgd.returncode == 0 and ssgd.returncode == 0, sgd.stderr + ssgd.stderr
+    a, b = final_model(tmp_path / "sgd"), final_model(tmp_path / "ssgd")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    curve = [json.loads(x)["test_loss"] for x in (tmp_path / "sgd" / "metrics.jsonl").open()]
+    curve_k = [json.loads(x)["test_loss"] for x in (tmp_path / "ssgd" / "metrics.jsonl").open()]
+    assert curve == pytest.approx(curve_k, rel=1e-4)  # step by step, at every snapshot
