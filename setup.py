@@ -1,6 +1,71 @@
-"""hpctrain package. The CPU compensation kernel is built here (kernels/dc_update.cpp)."""
+"""hpctrain package, with the compensation kernels (kernels/dc_update.cpp, kernels/dc_update.cu).
 
-from setuptools import find_packages, setup
+The CPU kernel is a plain C-ABI shared library (OpenMP, no Python or torch headers) built as a
+setuptools Extension and loaded with ctypes by hpctrain/kernels.py. Flags stay portable: no
+-march=native, since the build machine and the compute nodes may differ.
+
+The CUDA kernel is built with nvcc when HPCTRAIN_BUILD_CUDA=1, or, when that variable is unset,
+when nvcc is found and the installed torch has CUDA (HPCTRAIN_BUILD_CUDA=0: never).
+HPCTRAIN_CUDA_ARCH overrides the GPU architectures (nvcc -gencode list, comma-separated sm_XY).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wextra"]
+CUDA_ARCHS = "sm_75,sm_80,sm_90"
+CUDA_LIB = "_dc_update_cuda.so"
+
+
+def _want_cuda() -> bool:
+    choice = os.environ.get("HPCTRAIN_BUILD_CUDA", "")
+    if choice in ("0", "1"):
+        return choice == "1"
+    if not _nvcc():
+        return False
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.version.cuda is not None
+
+
+def _nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and (Path(home) / "bin" / "nvcc").is_file():
+        return str(Path(home) / "bin" / "nvcc")
+    return shutil.which("nvcc")
+
+
+class BuildKernels(build_ext):
+    """build_ext plus the CUDA library, placed next to the CPU extension."""
+
+    def run(self):
+        super().run()
+        if _want_cuda():
+            self._build_cuda()
+
+    def _build_cuda(self):
+        nvcc = _nvcc()
+        if nvcc is None:
+            sys.exit("HPCTRAIN_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
+        package_dir = Path(self.get_ext_fullpath("hpctrain._dc_update")).parent
+        package_dir.mkdir(parents=True, exist_ok=True)
+        archs = os.environ.get("HPCTRAIN_CUDA_ARCH", CUDA_ARCHS).split(",")
+        gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
+        last = archs[-1][3:]
+        gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")  # PTX for newer GPUs
+        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode,
+               "kernels/dc_update.cu", "-o", str(package_dir / CUDA_LIB)]
+        print(" ".join(cmd))
+        subprocess.run(cmd, check=True)
+
 
 setup(
     name="hpctrain",
@@ -16,5 +81,10 @@ setup(
         # Built from source by scripts/build_horovod.sh (0.28.1 needs a C++17 patch for torch>=2.1).
         "horovod": ["horovod==0.28.1"],
     },
+    ext_modules=[
+        Extension("hpctrain._dc_update", sources=["kernels/dc_update.cpp"], language="c++",
+                  extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"]),
+    ],
+    cmdclass={"build_ext": BuildKernels},
     entry_points={"console_scripts": ["hpctrain=hpctrain.cli:main"]},
 )

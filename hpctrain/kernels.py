@@ -1,0 +1,157 @@
+"""The fused DC-ASGD compensation kernels (kernels/dc_update.cpp and .cu) on torch tensors.
+
+``dc_update`` writes the new model ``w + d`` and ``dc_delta`` the step ``d`` itself, where
+
+    g' = g + weight_decay * w_bak
+    d  = -lr * (g' + lam_t * g'^2 * (w - w_bak))
+
+with ``lam_t = lam`` (DC-ASGD-c; ASGD is ``lam = 0``), or, when the running mean square ``ms``
+is given (DC-ASGD-a), ``ms <- ms_decay * ms + (1 - ms_decay) * g'^2`` and
+``lam_t = lam / sqrt(ms + 1e-7)``. One pass reads each input once and writes each output once.
+
+CPU tensors use the OpenMP library built by ``pip install`` (setup.py); CUDA tensors use the
+CUDA library that setup.py builds with nvcc when torch has CUDA. Any output may be the very
+tensor of an input (in place); partially overlapping tensors are rejected, as are non-contiguous,
+non-float32 or differently sized ones.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.machinery
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hpctrain.errors import UsageError
+
+_HERE = Path(__file__).resolve().parent
+_REBUILD = "reinstall hpctrain (pip install -e . or make setup)"
+_P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
+_HYPER = [_I64, _F, _F, _F, _F]
+
+
+@lru_cache(maxsize=1)
+def cpu_library() -> ctypes.CDLL:
+    """The compiled CPU kernel library."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"_dc_update{suffix}"
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))
+            lib.hpctrain_dc_apply.argtypes = [_P] * 5 + _HYPER + [_INT]
+            lib.hpctrain_dc_apply.restype = None
+            lib.hpctrain_dc_delta.argtypes = [_P] * 6 + _HYPER + [_INT]
+            lib.hpctrain_dc_delta.restype = None
+            lib.hpctrain_dc_openmp.restype = _INT
+            return lib
+    raise RuntimeError(f"hpctrain's CPU kernel library is not built in {_HERE}; {_REBUILD}")
+
+
+@lru_cache(maxsize=1)
+def cuda_library() -> ctypes.CDLL:
+    """The compiled CUDA kernel library."""
+    path = _HERE / "_dc_update_cuda.so"
+    if not path.is_file():
+        raise RuntimeError(
+            f"hpctrain's CUDA kernel library was not built ({path} missing); install torch with "
+            f"CUDA and nvcc, then {_REBUILD} (HPCTRAIN_BUILD_CUDA=1 forces the build)")
+    lib = ctypes.CDLL(str(path))
+    lib.hpctrain_dc_apply_cuda.argtypes = [_P] * 5 + _HYPER + [_P]
+    lib.hpctrain_dc_apply_cuda.restype = _INT
+    lib.hpctrain_dc_delta_cuda.argtypes = [_P] * 6 + _HYPER + [_P]
+    lib.hpctrain_dc_delta_cuda.restype = _INT
+    lib.hpctrain_cuda_error_string.argtypes = [_INT]
+    lib.hpctrain_cuda_error_string.restype = ctypes.c_char_p
+    return lib
+
+
+def dc_update(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
+              ms: torch.Tensor | None = None, *, lr: float, lam: float = 0.0,
+              ms_decay: float = 0.95, weight_decay: float = 0.0,
+              out: torch.Tensor | None = None, threads: int = 0) -> torch.Tensor:
+    """``out = w + d`` (``out`` defaults to ``w``: in place); updates ``ms`` if given. Returns out.
+
+    ``threads``: OpenMP threads for CPU tensors (0: OMP_NUM_THREADS).
+    """
+    out = w if out is None else out
+    _check(outputs={"out": out, "ms": ms}, inputs={"w": w, "g": g, "w_bak": w_bak}, n=w.numel(),
+           ms_decay=ms_decay)
+    hyper = (w.numel(), lr, lam, ms_decay, weight_decay)
+    ptrs = (_ptr(out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms))
+    if w.is_cuda:
+        with torch.cuda.device(w.device):
+            lib = cuda_library()
+            _cuda_check(lib, lib.hpctrain_dc_apply_cuda(*ptrs, *hyper, _stream(w)))
+    else:
+        cpu_library().hpctrain_dc_apply(*ptrs, *hyper, threads)
+    return out
+
+
+def dc_delta(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
+             ms: torch.Tensor | None = None, *, lr: float, lam: float = 0.0,
+             ms_decay: float = 0.95, weight_decay: float = 0.0,
+             out: torch.Tensor | None = None, w_out: torch.Tensor | None = None,
+             threads: int = 0) -> torch.Tensor:
+    """The step ``d`` into ``out`` (a new tensor if None), and ``w + d`` into ``w_out`` if given.
+
+    Updates ``ms`` if given. Returns ``out``.
+    """
+    out = torch.empty_like(w) if out is None else out
+    _check(outputs={"out": out, "w_out": w_out, "ms": ms}, inputs={"w": w, "g": g, "w_bak": w_bak},
+           n=w.numel(), ms_decay=ms_decay)
+    hyper = (w.numel(), lr, lam, ms_decay, weight_decay)
+    ptrs = (_ptr(out), _ptr(w_out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms))
+    if w.is_cuda:
+        with torch.cuda.device(w.device):
+            lib = cuda_library()
+            _cuda_check(lib, lib.hpctrain_dc_delta_cuda(*ptrs, *hyper, _stream(w)))
+    else:
+        cpu_library().hpctrain_dc_delta(*ptrs, *hyper, threads)
+    return out
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _stream(t: torch.Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _cuda_check(lib: ctypes.CDLL, err: int) -> None:
+    if err != 0:
+        raise RuntimeError(f"hpctrain CUDA kernel: {lib.hpctrain_cuda_error_string(err).decode()}")
+
+
+def _check(outputs: dict, inputs: dict, n: int, ms_decay: float) -> None:
+    tensors = {k: t for k, t in {**inputs, **outputs}.items() if t is not None}
+    device = inputs["w"].device
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise UsageError(f"dc kernel: {name} must be a torch.Tensor, not {type(t).__name__}")
+        if t.dtype != torch.float32:
+            raise UsageError(f"dc kernel: {name} has dtype {t.dtype}; float32 is needed")
+        if not t.is_contiguous():
+            raise UsageError(f"dc kernel: {name} is not contiguous (call .contiguous())")
+        if t.numel() != n:
+            raise UsageError(f"dc kernel: {name} has {t.numel()} elements, w has {n}")
+        if t.device != device:
+            raise UsageError(f"dc kernel: {name} is on {t.device}, w on {device}")
+        if t.device.type not in ("cpu", "cuda"):
+            raise UsageError(f"dc kernel: {name} is on {t.device}; cpu or cuda is needed")
+    if outputs.get("ms") is not None and not 0.0 <= ms_decay < 1.0:
+        raise UsageError(f"dc kernel: ms_decay {ms_decay} is outside [0, 1)")
+    # Outputs may be the same memory as anything else, never a shifted overlap; no two outputs
+    # may share memory at all.
+    written = [(k, t) for k, t in outputs.items() if t is not None]
+    for i, (name, t) in enumerate(written):
+        for other, u in [*written[i + 1:], *inputs.items()]:
+            same = t.data_ptr() == u.data_ptr()
+            if (same and other in outputs) or (not same and _overlap(t, u)):
+                raise UsageError(f"dc kernel: {name} overlaps {other} in memory")
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + 4 * b.numel() and b0 < a0 + 4 * a.numel() and a.numel() > 0 and b.numel() > 0

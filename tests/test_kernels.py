@@ -1,0 +1,219 @@
+"""The fused compensation kernels against the plain-torch formula, and their guards."""
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from hpctrain import kernels
+from hpctrain.errors import UsageError
+
+ROOT = kernels._HERE.parent
+SIZES = [1, 7, 1000003]
+HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-3}
+
+
+def reference(w, g, w_bak, ms, *, lr, lam, ms_decay, weight_decay):
+    """DESIGN.md's formula in plain torch: (new w, step d, new ms)."""
+    gd = g + weight_decay * w_bak
+    new_ms = None
+    if ms is not None:
+        new_ms = ms_decay * ms + (1 - ms_decay) * gd * gd
+        lam = lam / torch.sqrt(new_ms + 1e-7)
+    d = -lr * (gd + lam * gd * gd * (w - w_bak))
+    return w + d, d, new_ms
+
+
+def inputs(n, seed=0, adaptive=False):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=gen)
+    w_bak = w + 0.1 * torch.randn(n, generator=gen)
+    g = torch.randn(n, generator=gen)
+    ms = torch.rand(n, generator=gen) if adaptive else None
+    return w, g, w_bak, ms
+
+
+def close(a, b):
+    torch.testing.assert_close(a, b, rtol=2e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["dcasgd-c", "dcasgd-a"])
+def test_update_matches_reference(n, adaptive):
+    w, g, w_bak, ms = inputs(n, adaptive=adaptive)
+    want_w, _, want_ms = reference(w, g, w_bak, ms, **HYPER)
+    out = kernels.dc_update(w.clone(), g, w_bak, None if ms is None else ms.clone(), **HYPER)
+    close(out, want_w)
+    if adaptive:
+        ms_k = ms.clone()
+        kernels.dc_update(w.clone(), g, w_bak, ms_k, **HYPER)
+        close(ms_k, want_ms)
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["dcasgd-c", "dcasgd-a"])
+def test_delta_matches_reference_and_update(n, adaptive):
+    w, g, w_bak, ms = inputs(n, seed=1, adaptive=adaptive)
+    want_w, want_d, want_ms = reference(w, g, w_bak, ms, **HYPER)
+    ms_k = None if ms is None else ms.clone()
+    w_new = torch.empty_like(w)
+    d = kernels.dc_delta(w, g, w_bak, ms_k, **HYPER, w_out=w_new)
+    close(d, want_d)
+    close(w_new, want_w)
+    if adaptive:
+        close(ms_k, want_ms)
+    # Both entry points share the math: w + d is bit-for-bit the applied update.
+    ms_u = None if ms is None else ms.clone()
+    assert torch.equal(kernels.dc_update(w.clone(), g, w_bak, ms_u, **HYPER), w_new)
+    assert torch.equal(kernels.dc_delta(w, g, w_bak, None if ms is None else ms.clone(),
+                                        **HYPER), d)
+
+
+def test_asgd_is_plain_sgd_and_no_compensation_when_model_is_current():
+    w, g, w_bak, _ = inputs(1000)
+    asgd = kernels.dc_update(w.clone(), g, w_bak, lr=0.1)
+    close(asgd, w - 0.1 * g)
+    # w == w_bak: the compensation term vanishes exactly, for both variants.
+    plain = kernels.dc_update(w.clone(), g, w, lr=0.1)
+    assert torch.equal(kernels.dc_update(w.clone(), g, w, lr=0.1, lam=5.0), plain)
+    assert torch.equal(kernels.dc_update(w.clone(), g, w, torch.rand(1000), lr=0.1, lam=5.0),
+                       plain)
+
+
+def test_threads_give_identical_results():
+    w, g, w_bak, ms = inputs(300001, adaptive=True)
+    one = kernels.dc_update(w.clone(), g, w_bak, ms.clone(), **HYPER, threads=1)
+    two = kernels.dc_update(w.clone(), g, w_bak, ms.clone(), **HYPER, threads=2)
+    assert torch.equal(one, two)
+
+
+def test_in_place_and_aliased_outputs():
+    n = 1000003
+    w, g, w_bak, ms = inputs(n, seed=2, adaptive=True)
+    want_w, want_d, want_ms = reference(w, g, w_bak, ms, **HYPER)
+    # Default: w itself is updated, through any view of it.
+    w1, ms1 = w.clone(), ms.clone()
+    view = w1.view(1000003, 1)
+    ptr = w1.data_ptr()
+    assert kernels.dc_update(w1, g, w_bak, ms1, **HYPER) is w1
+    assert w1.data_ptr() == ptr
+    close(w1, want_w)
+    close(view.view(-1), want_w)
+    close(ms1, want_ms)
+    # The optimizer's use: the new model written over w_bak, the step written over g.
+    b2, g2 = w_bak.clone(), g.clone()
+    kernels.dc_update(w, g, b2, ms.clone(), **HYPER, out=b2)
+    close(b2, want_w)
+    b3 = w_bak.clone()
+    kernels.dc_delta(w, g2, b3, ms.clone(), **HYPER, out=g2, w_out=b3)
+    close(g2, want_d)
+    close(b3, want_w)
+
+
+def test_slices_of_a_flat_buffer_at_odd_offsets():
+    w, g, w_bak, ms = inputs(1003, seed=3, adaptive=True)
+    flat = torch.zeros(2000)
+    part = flat[3:1006]
+    part.copy_(w)
+    want_w, _, _ = reference(w, g, w_bak, ms, **HYPER)
+    kernels.dc_update(part, g, w_bak, ms.clone(), **HYPER)
+    close(part, want_w)
+    assert flat[:3].eq(0).all() and flat[1006:].eq(0).all()
+
+
+def test_zero_elements():
+    e = torch.empty(0)
+    assert kernels.dc_update(e, e.clone(), e.clone(), lr=0.1).numel() == 0
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("noncontiguous", "w is not contiguous"),
+    ("float64", "g has dtype torch.float64"),
+    ("size", "w_bak has 5 elements, w has 6"),
+    ("ms_size", "ms has 3 elements"),
+    ("overlap", "out overlaps w"),
+    ("outputs_alias", "out overlaps ms"),
+    ("decay", "ms_decay 1.5"),
+    ("type", "g must be a torch.Tensor"),
+])
+def test_bad_tensors_rejected_with_one_line(case, pattern):
+    w, g, w_bak = torch.zeros(6), torch.zeros(6), torch.zeros(6)
+    kwargs = {"lr": 0.1}
+    args = [w, g, w_bak]
+    if case == "noncontiguous":
+        args[0] = torch.zeros(12)[::2]
+    elif case == "float64":
+        args[1] = g.double()
+    elif case == "size":
+        args[2] = torch.zeros(5)
+    elif case == "ms_size":
+        args.append(torch.zeros(3))
+    elif case == "overlap":
+        big = torch.zeros(7)
+        args[0], kwargs["out"] = big[:6], big[1:]
+    elif case == "outputs_alias":
+        ms = torch.zeros(6)
+        args.append(ms)
+        kwargs["out"] = ms
+    elif case == "decay":
+        args.append(torch.zeros(6))
+        kwargs["ms_decay"] = 1.5
+    elif case == "type":
+        args[1] = [0.0] * 6
+    before = w.clone()
+    with pytest.raises(UsageError, match=pattern) as err:
+        kernels.dc_update(*args, **kwargs)
+    assert "\n" not in str(err.value)
+    assert torch.equal(w, before)
+
+
+def test_missing_cuda_library_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    kernels.cuda_library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="CUDA kernel library was not built"):
+            kernels.cuda_library()
+    finally:
+        kernels.cuda_library.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: CUDA compile check "
+                    "skipped")
+def test_cuda_kernel_compiles_and_links(tmp_path):
+    lib = tmp_path / "dc_update_cuda.so"
+    cmd = ["nvcc", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC,-Wall,-Werror",
+           "-gencode=arch=compute_80,code=sm_80", str(ROOT / "kernels" / "dc_update.cu"),
+           "-o", str(lib)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    cuda = ctypes.CDLL(str(lib))
+    for name in ("hpctrain_dc_apply_cuda", "hpctrain_dc_delta_cuda"):
+        fn = getattr(cuda, name)
+        fn.restype = ctypes.c_int
+        # No elements: returns success before touching the device, so it runs without a GPU.
+        nulls = [None] * (5 if "apply" in name else 6)
+        assert fn(*nulls, ctypes.c_int64(0), *[ctypes.c_float(0.1)] * 4, None) == 0
+    cuda.hpctrain_cuda_error_string.restype = ctypes.c_char_p
+    assert cuda.hpctrain_cuda_error_string(0) == b"no error"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("adaptive", [False, True], ids=["dcasgd-c", "dcasgd-a"])
+@pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
+def test_cuda_matches_reference(n, adaptive, offset):
+    w, g, w_bak, ms = inputs(n, seed=4, adaptive=adaptive)
+    want_w, want_d, want_ms = reference(w, g, w_bak, ms, **HYPER)
+    dev = [torch.zeros(n + offset, device="cuda")[offset:].copy_(t) if t is not None else None
+           for t in (w, g, w_bak, ms)]
+    w_new = torch.empty_like(dev[0])
+    d = kernels.dc_delta(*dev, **HYPER, w_out=w_new)
+    close(d.cpu(), want_d)
+    close(w_new.cpu(), want_w)
+    if adaptive:
+        close(dev[3].cpu(), want_ms)
+        dev[3].copy_(ms)
+    kernels.dc_update(*dev, **HYPER)
+    close(dev[0].cpu(), want_w)
