@@ -4,8 +4,8 @@ Fashion-MNIST and MNIST are read from IDX files (``*-ubyte.gz`` or uncompressed)
 its binary version (``data_batch_*.bin``, ``test_batch.bin``); nothing is unpickled and
 nothing is downloaded. A file that is missing, has the wrong magic number, is truncated or
 disagrees with its partner (image and label counts) is rejected with a one-line
-:class:`UsageError`. Search path: ``--data-dir``, then ``$HPCTRAIN_DATA`` (itself or its
-``<name>`` subfolder), then ``/usr/share/datasets/<name>``.
+:class:`UsageError`. Where: ``--data-dir`` (itself or its ``<name>`` subfolder) when given; otherwise
+``$HPCTRAIN_DATA`` (likewise), then ``/usr/share/datasets/<name>``.
 """
 
 from __future__ import annotations
@@ -201,23 +201,23 @@ def size(name: str, split: str = "train", data_dir: str | None = None) -> int:
 
 
 def find_dir(name: str, data_dir: str | None = None) -> Path:
-    """The first folder on the search path that holds ``name``'s files."""
-    tried: list[Path] = []
-    candidates = []
+    """The folder that holds ``name``'s files: ``data_dir`` if given, else the search path."""
     if data_dir:
-        candidates += [Path(data_dir), Path(data_dir) / name]
-    if os.environ.get("HPCTRAIN_DATA"):
-        env = Path(os.environ["HPCTRAIN_DATA"])
-        candidates += [env, env / name]
-    candidates.append(SYSTEM_DIR / name)
+        if not Path(data_dir).is_dir():
+            raise UsageError(f"--data-dir {data_dir} does not exist; {_HOW_TO_GET[name]}")
+        candidates = [Path(data_dir), Path(data_dir) / name]
+    else:
+        candidates = [SYSTEM_DIR / name]
+        if os.environ.get("HPCTRAIN_DATA"):
+            env = Path(os.environ["HPCTRAIN_DATA"])
+            candidates[:0] = [env, env / name]
+    tried: list[Path] = []
     for folder in candidates:
         for sub in (folder, folder / "cifar-10-batches-bin"):
             tried.append(sub)
             if _has_files(name, sub):
                 return sub
-    if data_dir and not Path(data_dir).is_dir():
-        raise UsageError(f"--data-dir {data_dir} does not exist; {_HOW_TO_GET[name]}")
-    shown = ", ".join(str(p) for p in dict.fromkeys(tried))
+    shown = ", ".join(str(p) for p in tried)
     raise UsageError(f"no {name} files found (tried {shown}); {_HOW_TO_GET[name]}")
 
 
