@@ -24,6 +24,8 @@ from hpctrain.schedule import SCHEDULES
 ALGORITHMS = {
     "sgd": "hpctrain.sync.train",
     "ssgd": "hpctrain.sync.train",
+    "ma": "hpctrain.ec.train",
+    "ec": "hpctrain.ec.train",
 }
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
 BENCHMARKS: dict[str, str] = {}

@@ -1,0 +1,77 @@
+"""Model averaging (MA): every ``tau`` local steps, allreduce-average the parameters and buffers.
+
+Floating-point buffers (BatchNorm's running statistics) are averaged with the parameters;
+integer buffers (BatchNorm's step counter) are equal on every rank and left alone. Optimizer
+state (momentum) stays local, as in local SGD.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from hpctrain.ec.stats import AggregationStats, allreduce_bytes
+from hpctrain.errors import UsageError
+
+
+def floating_state(model: nn.Module) -> list[torch.Tensor]:
+    """The model's parameters and floating-point buffers, in a fixed order."""
+    return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+
+
+@torch.no_grad()
+def average_model(model: nn.Module, comm) -> int:
+    """Replace ``model``'s parameters and floating buffers by their mean over ``comm``'s ranks.
+
+    Collective. Returns the bytes this rank sent (ring allreduce).
+    """
+    tensors = floating_state(model)
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).numpy()
+    total = np.empty_like(flat)
+    comm.Allreduce(flat, total)
+    mean = torch.from_numpy(total) / comm.Get_size()
+    offset = 0
+    for t in tensors:
+        t.copy_(mean[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return allreduce_bytes(flat.nbytes, comm.Get_size())
+
+
+@torch.no_grad()
+def broadcast_model(model: nn.Module, comm, root: int = 0) -> None:
+    """Give every rank ``root``'s parameters and buffers (collective)."""
+    for t in model.state_dict(keep_vars=True).values():
+        buf = t.detach().numpy()
+        comm.Bcast(buf, root=root)
+
+
+class ModelAveraging:
+    """Average ``model`` over ``comm`` every ``tau`` calls of :meth:`after_step`.
+
+    Call ``after_step()`` after each ``optimizer.step()`` in your own loop; it returns True
+    when it aggregated. Start every rank from the same model (:func:`broadcast_model`).
+    """
+
+    def __init__(self, model: nn.Module, comm, tau: int):
+        if tau < 1:
+            raise UsageError(f"tau {tau} must be >= 1")
+        self.model, self.comm, self.tau = model, comm, tau
+        self.steps = 0
+        self.stats = AggregationStats()
+
+    def after_step(self) -> bool:
+        """Count one local step; average when ``tau`` steps have passed since the last time."""
+        self.steps += 1
+        if self.steps % self.tau:
+            return False
+        self.aggregate()
+        return True
+
+    def aggregate(self) -> None:
+        """Average the model now (collective)."""
+        start = time.perf_counter()
+        nbytes = average_model(self.model, self.comm)
+        self.stats.record(nbytes, time.perf_counter() - start)

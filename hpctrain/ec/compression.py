@@ -1,0 +1,132 @@
+"""Ensemble-Compression (EC): aggregate model outputs, not parameters, and distil them back.
+
+Every ``tau`` local steps each rank picks ``distill_size`` random samples of its local data
+and relabels them with the ensemble's probabilities (:mod:`hpctrain.ec.ensemble`). During the
+next ``tau`` steps the relabelled samples ride along with the ordinary batches: step ``j`` of
+the round appends relabelled samples ``[j D / tau, (j+1) D / tau)``, so each is seen once per
+round. The batch loss is the mean over all its samples of plain cross-entropy (ordinary
+samples) and of :func:`~hpctrain.ec.distill.distillation_loss` (relabelled samples). The first
+round has no teacher yet and is plain cross-entropy. Model size never changes, and every rank
+keeps its own model.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from hpctrain.data import Dataset
+from hpctrain.ec.distill import distillation_loss
+from hpctrain.ec.ensemble import ensemble_probabilities
+from hpctrain.ec.stats import AggregationStats
+from hpctrain.errors import UsageError
+
+
+def check_options(tau: int, alpha: float, temperature: float, distill_size: int) -> None:
+    """Raise UsageError, naming the value, for EC options out of range."""
+    if tau < 1:
+        raise UsageError(f"--tau {tau} must be >= 1")
+    if not 0.0 <= alpha <= 1.0:
+        raise UsageError(f"--ec-alpha {alpha} outside [0, 1]")
+    if not temperature > 0:
+        raise UsageError(f"--ec-temperature {temperature} must be > 0")
+    if distill_size < 1:
+        raise UsageError(f"--ec-distill-size {distill_size} must be >= 1")
+
+
+def _generator(*key: int) -> torch.Generator:
+    state = np.random.SeedSequence([k % (1 << 64) for k in key]).generate_state(1, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+class EnsembleCompression:
+    """EC for a user's own loop: ``loss = ec.loss(x, y)``, backward, step, ``ec.after_step()``.
+
+    ``local`` is this rank's training data (give or update it with :meth:`set_local_data`
+    before the first aggregation and whenever it changes). ``lookup``, when every rank holds
+    the whole training set with ``ids`` equal to row numbers, lets ranks exchange sample ids
+    instead of inputs.
+    """
+
+    def __init__(self, model: nn.Module, comm, tau: int, alpha: float, temperature: float,
+                 distill_size: int, local: Dataset | None = None,
+                 lookup: Dataset | None = None, seed: int = 0):
+        check_options(tau, alpha, temperature, distill_size)
+        if lookup is not None and not torch.equal(lookup.ids, torch.arange(len(lookup))):
+            raise ValueError("lookup's ids must be its row numbers")
+        self.model, self.comm, self.tau = model, comm, tau
+        self.alpha, self.temperature, self.distill_size = alpha, temperature, distill_size
+        self.lookup, self.seed = lookup, seed
+        self.local: Dataset | None = None
+        if local is not None:
+            self.set_local_data(local)
+        self.steps = 0
+        self.rounds = 0
+        self._round_start = 0
+        self.relabelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.distilled = 0  # relabelled samples trained on so far
+        self.stats = AggregationStats()
+
+    def set_local_data(self, local: Dataset) -> None:
+        """The data this rank draws its next distillation samples from."""
+        if self.distill_size > len(local):
+            raise UsageError(f"--ec-distill-size {self.distill_size} exceeds the {len(local)} "
+                             "local samples")
+        self.local = local
+
+    def distill_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """This step's relabelled samples (inputs, labels, ensemble probabilities), or None."""
+        if self.relabelled is None:
+            return None
+        j = self.steps - self._round_start
+        lo, hi = j * self.distill_size // self.tau, (j + 1) * self.distill_size // self.tau
+        if lo >= hi or lo >= self.distill_size:
+            return None
+        x, y, p = self.relabelled
+        return x[lo:hi], y[lo:hi], p[lo:hi]
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Forward ``x`` with this step's relabelled samples; the mean loss over all of them."""
+        extra = self.distill_batch()
+        if extra is None:
+            return F.cross_entropy(self.model(x), y)
+        xd, yd, pd = extra
+        out = self.model(torch.cat([x, xd]))
+        n = len(x)
+        total = F.cross_entropy(out[:n], y, reduction="sum") + distillation_loss(
+            out[n:], yd, pd, self.alpha, self.temperature, reduction="sum")
+        self.distilled += len(xd)
+        return total / (n + len(xd))
+
+    def after_step(self) -> bool:
+        """Count one local step; relabel with the ensemble after every ``tau`` of them."""
+        self.steps += 1
+        if self.steps % self.tau:
+            return False
+        self.aggregate()
+        return True
+
+    def aggregate(self) -> None:
+        """Pick this round's distillation samples and fetch their ensemble labels (collective)."""
+        if self.local is None:
+            raise RuntimeError("EnsembleCompression needs set_local_data() before aggregating")
+        start = time.perf_counter()
+        gen = _generator(self.seed, self.comm.Get_rank(), self.rounds)
+        chosen = self.local.subset(torch.randperm(len(self.local), generator=gen)
+                                   [:self.distill_size])
+        if self.lookup is not None:
+            out = ensemble_probabilities(self.model, self.comm, self.temperature,
+                                         self.local.num_classes, ids=chosen.ids,
+                                         lookup=self.lookup)
+        else:
+            out = ensemble_probabilities(self.model, self.comm, self.temperature,
+                                         self.local.num_classes, images=chosen.images)
+        self.relabelled = (chosen.images, chosen.labels, out.probs)
+        self.rounds += 1
+        self._round_start = self.steps
+        self.stats.record(out.bytes_sent, time.perf_counter() - start,
+                          exchange=out.exchange_s, inference=out.inference_s)

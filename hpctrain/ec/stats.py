@@ -1,0 +1,46 @@
+"""Accounting of aggregation rounds: bytes each rank sends and seconds each round takes.
+
+Bytes are the payload volume a rank sends under the bandwidth-optimal (ring) algorithms, so
+they do not depend on which algorithm the MPI library picks: an allreduce of ``B`` bytes sends
+``2 (K-1)/K B`` per rank, an allgather sends the rank's own block to ``K-1`` peers, and a
+reduce-scatter sends the rows that belong to the other ranks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from hpctrain.metrics import distribution
+
+
+def allreduce_bytes(nbytes: int, ranks: int) -> int:
+    """Bytes one rank sends in a ring allreduce of ``nbytes``."""
+    return 2 * (ranks - 1) * nbytes // ranks
+
+
+class AggregationStats:
+    """Bytes and seconds of every aggregation round on this rank, with optional time parts."""
+
+    def __init__(self) -> None:
+        self.bytes: list[int] = []
+        self.seconds: list[float] = []
+        self.parts: dict[str, float] = defaultdict(float)
+
+    def record(self, nbytes: int, seconds: float, **parts: float) -> None:
+        self.bytes.append(int(nbytes))
+        self.seconds.append(seconds)
+        for name, value in parts.items():
+            self.parts[name] += value
+
+    def summary(self) -> dict:
+        """Rounds, bytes sent per rank (total and per round), and the seconds per round."""
+        rounds = len(self.bytes)
+        total = sum(self.bytes)
+        return {
+            "rounds": rounds,
+            "bytes_per_rank": total,
+            "bytes_per_round": total / rounds if rounds else 0.0,
+            "seconds_per_round": distribution(self.seconds),
+            "total_s": sum(self.seconds),
+            **{f"{name}_s": value for name, value in sorted(self.parts.items())},
+        }

@@ -1,0 +1,186 @@
+"""``--algo ma`` (model averaging) and ``--algo ec`` (Ensemble-Compression).
+
+Every rank starts from rank 0's model and trains on its own samples (the shuffle package's
+order); every ``tau`` local steps MA averages the parameters, EC relabels samples with the
+ensemble and distils it during the next round. Snapshots of every rank's model are scored
+after training: rank 0's member, the mean member, the ensemble and, for MA, the average.
+``test_acc`` is the run's final model: rank 0's member, or the ensemble with
+``--ec-final ensemble``. MA aggregates once more after the last step if the budget does not
+end on a round, so its final model is the average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import time
+
+import torch
+from torch.nn import functional as F
+
+from hpctrain import comm, data, faults, models, shuffle
+from hpctrain.ec.averaging import ModelAveraging, broadcast_model
+from hpctrain.ec.compression import EnsembleCompression, check_options
+from hpctrain.ec.evaluation import evaluate_members
+from hpctrain.errors import UsageError
+from hpctrain.evaluate import Snapshots
+from hpctrain.metrics import RunLog, progress, write_atomic
+from hpctrain.schedule import learning_rate, set_lr
+
+THREAD_LEVEL = "serialized"  # collectives from the main thread only
+DEFAULT_TAU = 20
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    when = group.add_mutually_exclusive_group()
+    when.add_argument("--tau", type=int, default=None,
+                      help=f"ma/ec: local steps between aggregations (default {DEFAULT_TAU})")
+    when.add_argument("--tau-epochs", type=float, default=None,
+                      help="ma/ec: local epochs between aggregations, instead of --tau")
+    group.add_argument("--ec-alpha", type=float, default=0.5,
+                       help="ec: weight of the distillation term in [0, 1]")
+    group.add_argument("--ec-temperature", type=float, default=2.0,
+                       help="ec: softmax temperature of the ensemble and the student")
+    group.add_argument("--ec-distill-size", type=int, default=512,
+                       help="ec: samples per worker relabelled by the ensemble each round")
+    group.add_argument("--ec-final", choices=("member", "ensemble"), default="member",
+                       help="ec: the reported final model, rank 0's member or the ensemble")
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.tau is not None and args.tau < 1:
+        raise UsageError(f"--tau {args.tau} must be >= 1")
+    if args.tau_epochs is not None and not args.tau_epochs > 0:
+        raise UsageError(f"--tau-epochs {args.tau_epochs} must be > 0")
+    if args.algo == "ec":
+        check_options(args.tau or 1, args.ec_alpha, args.ec_temperature, args.ec_distill_size)
+        ranks = comm.env_size()
+        local = data.size(args.dataset, "train", args.data_dir) // ranks
+        if args.ec_distill_size > local:
+            raise UsageError(f"--ec-distill-size {args.ec_distill_size} exceeds the {local} "
+                             f"training samples each of the {ranks} ranks holds")
+
+
+def local_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """``--tau``, or ``--tau-epochs`` converted to local steps (at least one)."""
+    if args.tau_epochs is not None:
+        return max(1, round(args.tau_epochs * steps_per_epoch))
+    return args.tau if args.tau is not None else DEFAULT_TAU
+
+
+def label(args: argparse.Namespace, tau: int) -> str:
+    if args.algo == "ma":
+        return f"ma (tau={tau})"
+    return (f"ec (tau={tau}, alpha={args.ec_alpha}, T={args.ec_temperature}, "
+            f"distill={args.ec_distill_size}, final={args.ec_final})")
+
+
+def _save_ensemble(log: RunLog, state: dict, world) -> None:
+    members = world.gather(state, root=0)
+    if log.rank == 0:
+        buf = io.BytesIO()
+        torch.save({"members": members}, buf)
+        write_atomic(log.dir / "ensemble.pt", buf.getvalue())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train as ``args`` say; write the run's outputs; return its summary (on every rank)."""
+    world = comm.world()
+    rank, size = world.Get_rank(), world.Get_size()
+    ec = args.algo == "ec"
+
+    torch.manual_seed(args.seed)
+    train_data = shuffle.make_train_data(args, world)
+    test_set = data.load(args.dataset, "test", args.data_dir)
+    model = models.build(args.model, train_data.input_shape, train_data.num_classes)
+    broadcast_model(model, world)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                                weight_decay=args.weight_decay)
+    steps = math.ceil(train_data.samples_per_rank / args.batch_size)
+    tau = local_steps(args, steps)
+    if ec:
+        lookup = train_data.full if isinstance(train_data, shuffle.ReplicatedTrainData) else None
+        agg = EnsembleCompression(model, world, tau, args.ec_alpha, args.ec_temperature,
+                                  args.ec_distill_size, lookup=lookup, seed=args.seed)
+    else:
+        agg = ModelAveraging(model, world, tau)
+
+    log = RunLog(args.out, rank)
+    log.write_config({**vars(args), "workers": size, "tau_steps": tau, **comm.library_info()})
+    total_steps = args.epochs * steps
+    snapshot_every = max(1, round(args.eval_every * steps))
+    snapshots = Snapshots()
+    bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
+
+    world.Barrier()
+    start = time.perf_counter()
+    snapshots.take(model, t=0.0, epoch=0.0, updates=0)
+    updates = samples = 0
+    for epoch in range(args.epochs):
+        local = train_data.epoch(epoch)
+        if ec:
+            agg.set_local_data(local)
+        for i in range(steps):
+            set_lr(optimizer, learning_rate(args.lr, epoch + i / steps, args.epochs,
+                                            args.lr_schedule, args.lr_milestones, args.lr_gamma))
+            x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
+            y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
+            optimizer.zero_grad()
+            loss = agg.loss(x, y) if ec else F.cross_entropy(model(x), y)
+            loss.backward()
+            faults.inject(rank, updates, model)
+            optimizer.step()
+            updates += 1
+            samples += len(y)
+            aggregated = agg.after_step()
+            if updates == total_steps and not ec and not aggregated:
+                agg.aggregate()
+            bar.update()
+            if updates % 50 == 0:
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+            if updates % snapshot_every == 0 or updates == total_steps:
+                snapshots.take(model, t=time.perf_counter() - start, epoch=updates / steps,
+                               updates=updates)
+    wall = time.perf_counter() - start
+    bar.close()
+
+    points = evaluate_members(model, snapshots, test_set, world, averaged=not ec)
+    final = "ensemble" if ec and args.ec_final == "ensemble" else "member"
+    for p in points:
+        p.update(test_acc=p[f"{final}_acc"], test_loss=p[f"{final}_loss"])
+    log.write_points(points)
+    model.load_state_dict(snapshots[-1].state)
+    log.save_model(model)
+    if final == "ensemble":
+        _save_ensemble(log, snapshots[-1].state, world)
+    last = points[-1]
+    summary = {
+        "algo": args.algo,
+        "algo_label": label(args, tau),
+        "workers": size,
+        "model": args.model,
+        "dataset": args.dataset,
+        "epochs": args.epochs,
+        "updates": updates,
+        "tau": tau,
+        "final_model": final,
+        "final_test_acc": last["test_acc"],
+        "final_test_loss": last["test_loss"],
+        "best_test_acc": max(p["test_acc"] for p in points),
+        "final_member_acc": last["member_acc"],
+        "final_mean_member_acc": last["mean_member_acc"],
+        "final_ensemble_acc": last["ensemble_acc"],
+        "wall_s": wall,
+        "samples_per_s": world.allreduce(samples / wall),
+        "aggregation": agg.stats.summary(),
+        "params": models.num_parameters(model),
+        "out": args.out,
+        **train_data.stats(),
+    }
+    if ec:
+        summary["distilled_samples_per_rank"] = agg.distilled
+    else:
+        summary["final_averaged_acc"] = last["averaged_acc"]
+    log.write_summary(summary)
+    return summary

@@ -1,0 +1,136 @@
+"""Ensemble-Compression and model averaging without an MPI world: the loss, the options, and
+whole ``--algo ma|ec`` jobs started through mpirun (their outputs and one-line errors)."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_job
+from torch.nn import functional as F
+
+from hpctrain.ec import distillation_loss
+from hpctrain.ec.compression import check_options
+from hpctrain.errors import UsageError
+
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--batch-size", "32",
+         "--no-progress"]
+
+
+def logits_labels_teacher(n=12, classes=10, temperature=3.0):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(n, classes, generator=g) * 2
+    labels = torch.randint(0, classes, (n,), generator=g)
+    teacher = F.softmax(torch.randn(n, classes, generator=g) / temperature, dim=1)
+    return logits, labels, teacher
+
+
+def test_loss_at_alpha_0_is_cross_entropy():
+    logits, labels, teacher = logits_labels_teacher()
+    loss = distillation_loss(logits, labels, teacher, alpha=0.0, temperature=3.0)
+    torch.testing.assert_close(loss, F.cross_entropy(logits, labels))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0])
+def test_loss_at_alpha_1_is_the_distillation_term(temperature):
+    logits, labels, teacher = logits_labels_teacher(temperature=temperature)
+    student = torch.exp(logits / temperature)
+    student = student / student.sum(1, keepdim=True)
+    direct = temperature ** 2 * (teacher * torch.log(teacher / student)).sum(1).mean()
+    loss = distillation_loss(logits, labels, teacher, alpha=1.0, temperature=temperature)
+    torch.testing.assert_close(loss, direct)
+    assert loss > 0.1  # a term that really depends on the teacher
+
+
+def test_loss_mixes_linearly_and_vanishes_when_student_is_teacher():
+    logits, labels, teacher = logits_labels_teacher()
+    parts = [distillation_loss(logits, labels, teacher, a, 3.0, reduction="none")
+             for a in (0.0, 1.0, 0.3)]
+    torch.testing.assert_close(parts[2], 0.7 * parts[0] + 0.3 * parts[1])
+    own = F.softmax(logits / 3.0, dim=1)
+    assert distillation_loss(logits, labels, own, 1.0, 3.0).abs() < 1e-6
+
+
+@pytest.mark.parametrize("values, message", [
+    ((0, 0.5, 2.0, 10), "--tau 0 must be >= 1"),
+    ((5, 1.5, 2.0, 10), "--ec-alpha 1.5 outside [0, 1]"),
+    ((5, -0.1, 2.0, 10), "--ec-alpha -0.1 outside [0, 1]"),
+    ((5, 0.5, 0.0, 10), "--ec-temperature 0.0 must be > 0"),
+    ((5, 0.5, float("nan"), 10), "--ec-temperature nan must be > 0"),
+    ((5, 0.5, 2.0, 0), "--ec-distill-size 0 must be >= 1"),
+])
+def test_check_options(values, message):
+    with pytest.raises(UsageError) as err:
+        check_options(*values)
+    assert str(err.value) == message
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
+
+
+@pytest.mark.parametrize("args, np, message", [
+    (["--algo", "ma", "--tau", "0"], 2, "--tau 0 must be >= 1"),
+    (["--algo", "ec", "--tau", "-3"], 0, "--tau -3 must be >= 1"),
+    (["--algo", "ec", "--tau-epochs", "0"], 0, "--tau-epochs 0.0 must be > 0"),
+    (["--algo", "ec", "--ec-alpha", "1.2"], 0, "--ec-alpha 1.2 outside [0, 1]"),
+    (["--algo", "ec", "--ec-alpha", "-0.5"], 0, "--ec-alpha -0.5 outside [0, 1]"),
+    (["--algo", "ec", "--ec-temperature", "0"], 0, "--ec-temperature 0.0 must be > 0"),
+    (["--algo", "ec", "--ec-temperature", "-2"], 0, "--ec-temperature -2.0 must be > 0"),
+    (["--algo", "ec", "--ec-distill-size", "1025"], 2,
+     "--ec-distill-size 1025 exceeds the 1024 training samples each of the 2 ranks holds"),
+    (["--algo", "ec", "--ec-final", "best"], 0, "argument --ec-final: invalid choice: 'best'"),
+])
+def test_bad_values_are_one_line_before_mpi(args, np, message, tmp_path):
+    proc = run_job(["train", *SMALL, *args, "--out", str(tmp_path / "run")], np=np, timeout=90)
+    assert proc.returncode != 0
+    lines = error_lines(proc)
+    assert len(lines) == 1, proc.stderr  # rank 0 speaks for all, before MPI starts
+    assert message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def finished(proc, out) -> tuple[dict, list[dict]]:
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    points = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return summary, points
+
+
+def test_ma_job_ends_on_the_average(tmp_path):
+    out = tmp_path / "ma"
+    # 1024 samples per rank, batch 32: 32 steps; tau 10 -> 3 rounds plus the final one.
+    proc = run_job(["train", "--algo", "ma", *SMALL, "--tau", "10", "--out", str(out)],
+                   np=2, timeout=180)
+    summary, points = finished(proc, out)
+    last = points[-1]
+    for key in ("t", "epoch", "updates", "test_acc", "test_loss", "member_acc",
+                "mean_member_acc", "ensemble_acc", "averaged_acc"):
+        assert all(key in p for p in points), key
+    # After the final average every rank holds the same model.
+    assert last["member_acc"] == last["averaged_acc"] == last["mean_member_acc"] \
+        == last["ensemble_acc"] == last["test_acc"] == summary["final_test_acc"]
+    assert summary["final_test_acc"] > 0.5
+    agg = summary["aggregation"]
+    assert agg["rounds"] == 4 and summary["tau"] == 10 and summary["updates"] == 32
+    assert agg["bytes_per_rank"] == 4 * (2 * (2 - 1) * summary["params"] * 4 // 2)
+    assert agg["seconds_per_round"]["count"] == 4
+
+
+def test_ec_job_reports_members_and_ensemble(tmp_path):
+    out = tmp_path / "ec"
+    proc = run_job(["train", "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size",
+                    "40", "--ec-final", "ensemble", "--out", str(out)], np=2, timeout=180)
+    summary, points = finished(proc, out)
+    assert summary["tau"] == 8 and summary["aggregation"]["rounds"] == 4
+    # Ids (8 bytes) to the other rank; 40 rows of 10 probabilities back to it.
+    assert summary["aggregation"]["bytes_per_round"] == 40 * 8 + 40 * 10 * 4
+    assert summary["distilled_samples_per_rank"] == 3 * 40  # the last round has no next round
+    assert all(p["test_acc"] == p["ensemble_acc"] for p in points)  # --ec-final ensemble
+    assert summary["final_member_acc"] == points[-1]["member_acc"]
+    assert "averaged_acc" not in points[-1]
+    members = torch.load(out / "ensemble.pt", weights_only=True)["members"]
+    assert len(members) == 2
+    assert any(not torch.equal(members[0][k], members[1][k]) for k in members[0])
+    rank0 = torch.load(out / "model.pt", weights_only=True)
+    assert all(torch.equal(rank0[k], members[0][k]) for k in rank0)

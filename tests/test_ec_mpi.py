@@ -1,0 +1,196 @@
+"""Ensemble-Compression and model averaging under mpirun (-np 2 and 4).
+
+Run: mpirun -np 4 python -m pytest --with-mpi -m mpi tests/test_ec_mpi.py
+"""
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hpctrain import data, models
+from hpctrain.ec import (
+    EnsembleCompression,
+    ModelAveraging,
+    broadcast_model,
+    ensemble_probabilities,
+    evaluate_members,
+)
+from hpctrain.ec.averaging import floating_state
+from hpctrain.evaluate import Snapshots
+
+SHAPE = data.SYNTHETIC_SHAPE
+
+
+def world():
+    from hpctrain import comm
+
+    return comm.world()
+
+
+def member(seed: int, name: str = "mlp") -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.build(name, SHAPE)
+
+
+def gathered_models(comm, model, name: str = "mlp") -> list[torch.nn.Module]:
+    """Every rank's model, rebuilt in this process from the gathered state dicts."""
+    rebuilt = []
+    for state in comm.allgather(model.state_dict()):
+        m = models.build(name, SHAPE)
+        m.load_state_dict(state)
+        rebuilt.append(m.eval())
+    return rebuilt
+
+
+def flat(model) -> torch.Tensor:
+    return torch.cat([t.detach().reshape(-1) for t in floating_state(model)])
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("by", ["ids", "images"])
+def test_ensemble_probabilities_are_the_mean_of_all_models(by):
+    comm = world()
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    full = data.load("synthetic")
+    model = member(100 + rank)  # a different model on every rank
+    n = 3 * rank  # unequal counts, and rank 0 contributes none
+    ids = torch.randperm(len(full), generator=torch.Generator().manual_seed(rank))[:n]
+    temperature = 2.5
+    if by == "ids":
+        out = ensemble_probabilities(model, comm, temperature, 10, ids=ids, lookup=full)
+    else:
+        out = ensemble_probabilities(model, comm, temperature, 10, images=full.images[ids])
+    with torch.no_grad():
+        expected = torch.stack([F.softmax(m(full.images[ids]) / temperature, dim=1)
+                                for m in gathered_models(comm, model)]).mean(0)
+    assert out.probs.shape == (n, 10)
+    torch.testing.assert_close(out.probs, expected, atol=1e-6, rtol=1e-5)
+    if n:
+        torch.testing.assert_close(out.probs.sum(1), torch.ones(n))
+    total = sum(3 * r for r in range(ranks))
+    item = 8 if by == "ids" else 4 * full.images[0].numel()
+    assert out.bytes_sent == n * item * (ranks - 1) + (total - n) * 10 * 4
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_model_averaging_with_tau_1_is_synchronous_sgd():
+    comm = world()
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    full = data.load("synthetic")
+    b, lr, steps = 16, 0.1, 4
+    model, reference, lonely = member(7, "lenet"), member(7, "lenet"), member(7, "lenet")
+    broadcast_model(model, comm)
+    opts = [torch.optim.SGD(m.parameters(), lr=lr) for m in (model, reference, lonely)]
+    ma = ModelAveraging(model, comm, tau=1)
+    for s in range(steps):
+        batch = torch.randperm(len(full), generator=torch.Generator().manual_seed(s))[:b * ranks]
+        mine = batch[rank * b:(rank + 1) * b]
+        for m, opt, rows in ((model, opts[0], mine), (reference, opts[1], batch),
+                             (lonely, opts[2], mine)):
+            opt.zero_grad()
+            F.cross_entropy(m(full.images[rows]), full.labels[rows]).backward()
+            opt.step()
+        assert ma.after_step()
+    # One process, one step on the union of the ranks' batches == the average of local steps.
+    torch.testing.assert_close(flat(model), flat(reference), atol=2e-6, rtol=1e-5)
+    # The check can fail: a rank's own steps, not averaged, end elsewhere.
+    assert (flat(lonely) - flat(reference)).abs().max() > 1e-3
+    assert ma.stats.summary()["rounds"] == steps
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_model_averaging_every_tau_steps_averages_buffers():
+    comm = world()
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    model = member(rank, "resnet20")  # BatchNorm buffers, different on every rank
+    before = torch.stack(comm.allgather(flat(model))).mean(0)
+    ma = ModelAveraging(model, comm, tau=3)
+    assert [ma.after_step() for _ in range(3)] == [False, False, True]
+    torch.testing.assert_close(flat(model), before)
+    count = [t for n, t in model.state_dict().items() if n.endswith("num_batches_tracked")]
+    assert count and all(t.dtype == torch.int64 for t in count)
+    assert ma.stats.bytes == [2 * (ranks - 1) * flat(model).numel() * 4 // ranks]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_ec_hook_relabels_with_the_ensemble_and_keeps_members_apart():
+    comm = world()
+    rank = comm.Get_rank()
+    full = data.load("synthetic")
+    model = member(3)
+    broadcast_model(model, comm)
+    params = models.num_parameters(model)
+    local = full.subset(torch.arange(rank * 200, (rank + 1) * 200))
+    tau, size = 4, 10
+    ec = EnsembleCompression(model, comm, tau, alpha=0.7, temperature=3.0, distill_size=size,
+                             local=local, lookup=full, seed=5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    previous = None
+    for round_ in range(3):
+        seen = []
+        for i in range(tau):
+            extra = ec.distill_batch()
+            assert (extra is None) == (round_ == 0)
+            if extra is not None:
+                seen.append(extra[0])
+            x, y = local.images[i * 8:(i + 1) * 8], local.labels[i * 8:(i + 1) * 8]
+            opt.zero_grad()
+            ec.loss(x, y).backward()
+            opt.step()
+            if i == tau - 1:
+                teachers = gathered_models(comm, model)  # the models the ensemble is made of
+            ec.after_step()
+        if previous is not None:  # every relabelled sample rode along once in the round
+            assert torch.equal(torch.cat(seen), previous[0])
+        previous = ec.relabelled
+        with torch.no_grad():  # the labels are the ensemble's, at the round's end
+            expected = torch.stack([F.softmax(m(previous[0]) / 3.0, dim=1)
+                                    for m in teachers]).mean(0)
+        torch.testing.assert_close(previous[2], expected, atol=1e-6, rtol=1e-5)
+        assert len(previous[0]) == size
+    assert ec.rounds == 3 and ec.distilled == 2 * size
+    assert models.num_parameters(model) == params  # compression: the model never grows
+    others = comm.allgather(flat(model))
+    assert not torch.equal(others[0], others[1])  # each worker keeps its own model
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(180)
+def test_evaluate_members_matches_one_process():
+    comm = world()
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    test = data.load("synthetic", "test")
+    model = member(20 + rank)
+    snaps = Snapshots()
+    for step in range(2):
+        snaps.take(model, t=float(step + rank), epoch=float(step), updates=step)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    everyone = [gathered_models(comm, _load(model, s.state)) for s in snaps]
+    points = evaluate_members(member(0), snaps, test, comm, averaged=True)
+    assert [p["t"] for p in points] == [0.0, 1.0]  # rank 0's clock
+    for point, members in zip(points, everyone, strict=True):
+        with torch.no_grad():
+            logits = [m(test.images) for m in members]
+            accs = [(z.argmax(1) == test.labels).double().mean().item() for z in logits]
+            ensemble = torch.stack([F.softmax(z, 1) for z in logits]).mean(0)
+            mean_model = models.build("mlp", SHAPE)
+            for t, *ts in zip(floating_state(mean_model), *map(floating_state, members),
+                              strict=True):
+                t.copy_(torch.stack(ts).mean(0))
+            averaged = (mean_model(test.images).argmax(1) == test.labels).double().mean()
+        assert point["member_acc"] == pytest.approx(accs[0])
+        assert point["mean_member_acc"] == pytest.approx(sum(accs) / ranks)
+        assert point["ensemble_acc"] == pytest.approx(
+            (ensemble.argmax(1) == test.labels).double().mean().item())
+        assert point["averaged_acc"] == pytest.approx(averaged.item(), abs=2 / len(test))
+
+
+def _load(model, state):
+    model.load_state_dict(state)
+    return model
