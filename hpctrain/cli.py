@@ -1,4 +1,4 @@
-"""``hpctrain train | bench | info``: the command line.
+"""``hpctrain train | bench | report | info``: the command line.
 
 Arguments are parsed and validated before MPI starts, so bad input is one line and a non-zero
 exit on every rank, never a hang. MPI is then initialised at the thread level the algorithm
@@ -11,11 +11,13 @@ import argparse
 import importlib
 import json
 import sys
+import textwrap
 import time
 from pathlib import Path
 from types import ModuleType
 
 from hpctrain import comm, data, models, shuffle
+from hpctrain.bench import report as bench_report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
 from hpctrain.schedule import SCHEDULES
@@ -28,7 +30,9 @@ ALGORITHMS = {
     "ec": "hpctrain.ec.train",
 }
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
-BENCHMARKS: dict[str, str] = {}
+BENCHMARKS: dict[str, str] = {
+    "compare": "hpctrain.bench.compare",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,15 +97,24 @@ def build_parser() -> argparse.ArgumentParser:
     for module_name in dict.fromkeys(ALGORITHMS.values()):
         module = importlib.import_module(module_name)
         module.add_arguments(train.add_argument_group(f"{module_name.split('.')[1]} options"))
-    bench = sub.add_parser("bench", help="benchmarks, each against a baseline measured in the "
-                           "same run")
+    benchmarks = {name: importlib.import_module(m) for name, m in BENCHMARKS.items()}
+    bench = sub.add_parser(
+        "bench", help="benchmarks, each against a baseline measured in the same run",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="\n\n".join([
+            textwrap.fill("Each benchmark measures one thing against a baseline measured in the "
+                          "same run, prints a table and writes JSON.", 79),
+            *(textwrap.fill(f"{name}: {m.DESCRIPTION}", 79, subsequent_indent="  ")
+              for name, m in benchmarks.items())]))
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
-    for name, module_name in BENCHMARKS.items():
-        module = importlib.import_module(module_name)
+    for name, module in benchmarks.items():
         b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(".")[0],
                                  description=module.DESCRIPTION,
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         module.add_arguments(b)
+    report = sub.add_parser("report", help="re-render a comparison's report.md and plots from "
+                            "its saved outputs, rerunning nothing")
+    bench_report.add_arguments(report)
     sub.add_parser("info", help="MPI library, torch, Horovod and kernel availability")
     return parser
 
@@ -171,8 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     elif args.command == "bench":
         module = importlib.import_module(BENCHMARKS[args.benchmark])
-        comm.init(module.THREAD_LEVEL)
+        if module.THREAD_LEVEL is not None:  # None: a launcher of MPI jobs (compare)
+            comm.init(module.THREAD_LEVEL)
         module.run(args)
+    elif args.command == "report":
+        bench_report.run(args)
     elif args.command == "info":
         info()
 

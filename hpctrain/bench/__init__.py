@@ -1,0 +1,1 @@
+"""Benchmarks (``hpctrain bench ...``) and the comparison report (``hpctrain report``)."""

@@ -1,0 +1,359 @@
+"""``hpctrain bench compare``: the same training under several algorithms, one job each.
+
+Each algorithm runs as its own job through a launcher (``mpirun``, or ``srun`` inside a Slurm
+allocation) with the same training options and seed, hence the same initial model and data
+order where the algorithm allows; ``sgd`` runs on one process. Options that only some
+algorithms take (``--slowdown``, ``--lam``, ...) go only to those, and the report says which
+ignored them. A run that fails, or an algorithm this hpctrain does not have, becomes a row
+saying why; the others still run. ``DIR/<algo>/`` gets each run's outputs plus its
+``stdout.log`` and ``stderr.log``; ``DIR/compare.json`` records what ran and how it ended, and
+:mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpctrain import cli, shuffle
+from hpctrain.bench import report
+from hpctrain.errors import UsageError
+from hpctrain.metrics import write_json_atomic
+
+DESCRIPTION = (
+    "Time to accuracy of whole training runs, each algorithm against the others and against "
+    "sequential sgd on one process. Runs every --algos algorithm as its own MPI job on "
+    "--workers processes with the same data, model, seed and options, then writes report.md "
+    "(final and best test accuracy, wall time, time to each --targets accuracy, samples/s, "
+    "staleness, bytes communicated) and PNG plots of test error against wall time and epochs.")
+THREAD_LEVEL = None  # a launcher of MPI jobs: it never initialises MPI itself
+
+SEQUENTIAL = ("sgd",)  # algorithms that run on one process whatever --workers says
+_OWN = ("--algo", "--out")  # training options compare sets per run
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
+_PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
+
+
+@dataclass(frozen=True)
+class TrainOption:
+    """A training option compare passes on: its flag, and which algorithm module takes it."""
+
+    flag: str
+    dest: str
+    takes_value: bool
+    owner: str | None  # module in cli.ALGORITHMS that defines it; None: every algorithm
+
+
+class _Forwarder:
+    """Stands in for an argument group while a module declares its training options.
+
+    Each option is declared on ``group`` without type or default: values stay the strings the
+    user typed (the train parser checks them, per algorithm) and only given options appear in
+    the parsed arguments.
+    """
+
+    def __init__(self, group, owner: str | None, options: list[TrainOption]):
+        self.group, self.owner, self.options = group, owner, options
+
+    def add_argument(self, *flags: str, **kw):
+        if flags[0] in _OWN:
+            return None
+        default = kw.pop("default", None)
+        text = (kw.get("help") or "").replace("%(default)s", str(default))
+        if default not in (None, False, [], "") and "default" not in text:
+            text = f"{text} (train default: {default})".strip()
+        kw["help"] = text or None
+        kw.pop("type", None)
+        if not all(isinstance(c, str) for c in kw.get("choices") or ()):
+            kw.pop("choices")
+        flag = next((f for f in flags if f.startswith("--")), flags[0])
+        # Own namespace, so that compare's options and the CLI's look-ups never see these.
+        dest = "train_" + (kw.pop("dest", None) or flag.lstrip("-").replace("-", "_"))
+        action = self.group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kw)
+        if action.nargs != 0 and action.metavar is None and not action.choices:
+            action.metavar = dest[len("train_"):].upper()
+        self.options.append(TrainOption(flag, action.dest, action.nargs != 0, self.owner))
+        return action
+
+    def add_mutually_exclusive_group(self, **kw) -> _Forwarder:
+        return _Forwarder(self.group.add_mutually_exclusive_group(**kw), self.owner, self.options)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
+                        help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,dcasgd-a,"
+                             f"ma,ec (this hpctrain has: {', '.join(cli.ALGORITHMS)})")
+    parser.add_argument("--workers", type=int, default=4,
+                        help="processes per run (sgd always runs on one)")
+    parser.add_argument("--targets", default="0.8,0.85",
+                        help="test accuracies whose time to reach the report gives")
+    parser.add_argument("--launcher", default=argparse.SUPPRESS,
+                        help="command starting the processes of a run, with {np} for their "
+                             "number, e.g. 'mpirun -np {np}' or 'srun --mpi=pmix -n {np}'; "
+                             "default: $HPCTRAIN_LAUNCHER, else srun inside a Slurm allocation, "
+                             "else $HPCTRAIN_MPIRUN -np {np}, else mpirun (with "
+                             "--allow-run-as-root and --oversubscribe only where needed)")
+    parser.add_argument("--timeout", type=float, default=0.0,
+                        help="seconds after which a run is stopped and reported failed (0: none)")
+    parser.add_argument("--resume", action="store_true",
+                        help="finish a comparison already in --out: keep its finished runs, "
+                             "run the others")
+    parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                        help="output folder (DIR)")
+    options: list[TrainOption] = []
+    shared = parser.add_argument_group("training options, given to every run")
+    cli.add_training_arguments(_Forwarder(shared, None, options))
+    shuffle.add_arguments(_Forwarder(shared, None, options))
+    for module_name in dict.fromkeys(cli.ALGORITHMS.values()):
+        algos = ", ".join(a for a, m in cli.ALGORITHMS.items() if m == module_name)
+        group = parser.add_argument_group(f"options of {algos} (given only to them)")
+        importlib.import_module(module_name).add_arguments(
+            _Forwarder(group, module_name, options))
+    parser.set_defaults(train_options=options)
+
+
+@dataclass
+class Run:
+    """One algorithm's job: its command (None when the algorithm is not available)."""
+
+    algo: str
+    np: int
+    command: list[str] | None
+    ignored: list[str]  # flags given that this algorithm does not take
+
+
+def given_options(args: argparse.Namespace) -> list[tuple[TrainOption, list[str]]]:
+    """The training options the user gave, each with the words that pass it on."""
+    given = []
+    for opt in args.train_options:
+        if not hasattr(args, opt.dest):
+            continue
+        value = getattr(args, opt.dest)
+        if not opt.takes_value:
+            words = [opt.flag]
+        elif isinstance(value, list):
+            words = [opt.flag, *value]
+        else:
+            words = [opt.flag, value]
+        given.append((opt, words))
+    return given
+
+
+def _cores() -> int:
+    """Physical cores this process may use (Open MPI's default number of slots)."""
+    cpus = os.sched_getaffinity(0)
+    topo = Path("/sys/devices/system/cpu")
+    try:
+        return len({((topo / f"cpu{c}/topology/physical_package_id").read_text(),
+                     (topo / f"cpu{c}/topology/core_id").read_text()) for c in cpus})
+    except OSError:
+        return len(cpus)
+
+
+def default_launcher(np: int) -> str:
+    """The launcher template used when ``--launcher`` is not given."""
+    if os.environ.get("HPCTRAIN_LAUNCHER"):
+        return os.environ["HPCTRAIN_LAUNCHER"]
+    if os.environ.get("SLURM_JOB_ID"):
+        return "srun --mpi=pmix --ntasks={np}"
+    if os.environ.get("HPCTRAIN_MPIRUN"):
+        return os.environ["HPCTRAIN_MPIRUN"] + " -np {np}"
+    flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
+    if np > _cores():
+        flags.append("--oversubscribe")
+    return " ".join(["mpirun", *flags, "-np", "{np}"])
+
+
+def launcher_command(template: str | None, np: int) -> list[str]:
+    """The words that start ``np`` processes, from ``template`` (or the default)."""
+    template = template or default_launcher(np)
+    if "{np}" not in template:
+        raise UsageError(f"--launcher {template!r}: no {{np}} where the process count goes")
+    return shlex.split(template.replace("{np}", str(np)))
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+    """Check compare's options and build every run's command; raise UsageError if bad."""
+    algos = list(dict.fromkeys(a.strip() for a in args.algos.split(",") if a.strip()))
+    bad = [a for a in algos if not _NAME.match(a)]
+    if not algos or bad:
+        raise UsageError(f"--algos {args.algos!r}: want names like sgd,ssgd,dcasgd-a")
+    if args.workers < 1:
+        raise UsageError(f"--workers {args.workers}: must be >= 1")
+    if args.timeout < 0:
+        raise UsageError(f"--timeout {args.timeout}: must be >= 0")
+    report.parse_targets(args.targets)
+    given = given_options(args)
+    train_parser = cli.build_parser()
+    runs = []
+    for algo in algos:
+        module_name = cli.ALGORITHMS.get(algo)
+        if module_name is None:
+            runs.append(Run(algo, 0, None, []))
+            continue
+        np = 1 if algo in SEQUENTIAL else args.workers
+        words = [w for opt, ws in given if opt.owner in (None, module_name) for w in ws]
+        train_args = ["train", "--algo", algo, *words, "--out", str(Path(args.out) / algo)]
+        train_parser.parse_args(train_args)  # a bad value fails here, before anything runs
+        launcher = launcher_command(getattr(args, "launcher", None), np)
+        command = [*launcher, sys.executable, "-m", "hpctrain.cli", *train_args]
+        ignored = [opt.flag for opt, _ in given if opt.owner not in (None, module_name)]
+        runs.append(Run(algo, np, command, ignored))
+    return runs
+
+
+def last_error(lines: list[str], returncode: int) -> str:
+    """The line of a failed run's stderr that best says why it failed."""
+    for pattern in (r"hpctrain: error.*", r"\b[\w.]*(?:Error|Exception|Interrupt)\b:?.*"):
+        for line in reversed(lines):
+            m = re.search(pattern, line)
+            if m:
+                return m.group(0).strip()
+    words = [line.strip() for line in lines if re.search(r"[A-Za-z]{2}", line)]
+    return words[-1] if words else f"exit status {returncode}"
+
+
+class _Display:
+    """Shows a run's progress bar updates on one line under a label, and its other lines."""
+
+    def __init__(self, label: str, stream=sys.stderr):
+        self.label, self.stream = label, stream
+        self.tty = stream.isatty()
+        self.shown = 0.0
+
+    def progress(self, text: str) -> None:
+        if self.tty:
+            self.stream.write(f"\r\x1b[K{self.label} {text}")
+        elif time.monotonic() - self.shown >= _PROGRESS_EVERY_S:
+            self.stream.write(f"{self.label} {text}\n")
+        else:
+            return
+        self.shown = time.monotonic()
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        self.stream.write(("\r\x1b[K" if self.tty else "") + f"{self.label} {text}\n")
+        self.stream.flush()
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    proc.terminate()  # mpirun and srun pass it on to the ranks
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
+    """Run one job, showing its progress; return its record (status, error, returncode...)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    display = _Display(label)
+    display.line(f"{run.np} process{'es' if run.np > 1 else ''}: {shlex.join(run.command)}")
+    lines: deque[str] = deque(maxlen=500)
+    start = time.monotonic()
+    with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "w") as log:
+        proc = subprocess.Popen(run.command, stdout=out, stderr=subprocess.PIPE, env=env)
+        expired = threading.Event()
+        timer = threading.Timer(timeout, lambda: (expired.set(), _stop(proc))) if timeout else None
+        if timer:
+            timer.start()
+        try:
+            pending = b""
+            while chunk := proc.stderr.read1(65536):
+                *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+                for piece in pieces:
+                    text = piece[:-1].decode(errors="replace").rstrip()
+                    if piece.endswith(b"\n"):
+                        lines.append(text)
+                        log.write(text + "\n")
+                        display.line(text)
+                    elif text.strip():
+                        display.progress(text.strip())
+            returncode = proc.wait()
+        finally:
+            if timer:
+                timer.cancel()
+            if proc.poll() is None:
+                _stop(proc)
+    seconds = time.monotonic() - start
+    record = {"np": run.np, "command": shlex.join(run.command), "ignored": run.ignored,
+              "returncode": returncode, "seconds": round(seconds, 1)}
+    if expired.is_set():
+        return {**record, "status": "failed", "error": f"stopped after the {timeout:g} s timeout"}
+    if returncode != 0:
+        return {**record, "status": "failed", "error": last_error(list(lines), returncode)}
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        return {**record, "status": "failed", "error": "exited 0 without writing summary.json"}
+    workers = json.loads(summary_path.read_text())["workers"]
+    if workers != run.np:
+        return {**record, "status": "failed",
+                "error": f"ran as {workers} process(es), not {run.np}: the launcher started "
+                         "separate jobs (inside Slurm try --launcher 'srun --mpi=pmix -n {np}' "
+                         "or 'mpirun -np {np}')"}
+    return {**record, "status": "ok", "error": None}
+
+
+def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
+    out = Path(args.out)
+    train_args = [w for _, ws in given_options(args) for w in ws]
+    path = out / report.RECORD
+    record = {"algos": [r.algo for r in runs], "workers": args.workers,
+              "targets": report.parse_targets(args.targets), "train_args": train_args,
+              "runs": {}}
+    if path.exists():
+        if not args.resume:
+            raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
+                             "it, or choose another folder")
+        old = json.loads(path.read_text())
+        if (old["train_args"], old["workers"]) != (train_args, args.workers):
+            raise UsageError(f"--resume: {out} was run with --workers {old['workers']} and "
+                             f"options {' '.join(old['train_args']) or '(none)'}; give the same")
+        record["runs"] = {a: r for a, r in old["runs"].items()
+                          if r["status"] == "ok" and (out / a / "summary.json").is_file()}
+    else:
+        done = [r.algo for r in runs if (out / r.algo / "summary.json").exists()]
+        if done:
+            raise UsageError(f"--out {out} already holds finished runs ({', '.join(done)}); "
+                             "choose another folder")
+    return record
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run the comparison ``args`` describe; write its record, report and plots; return the
+    record."""
+    runs = plan(args)
+    out = Path(args.out)
+    record = _start_record(args, runs)
+    out.mkdir(parents=True, exist_ok=True)
+    known = ", ".join(cli.ALGORITHMS)
+    for i, r in enumerate(runs, 1):
+        label = f"[{i}/{len(runs)} {r.algo}]"
+        if r.algo in record["runs"]:
+            print(f"{label} finished earlier; kept", file=sys.stderr, flush=True)
+            continue
+        if r.command is None:
+            result = {"status": "not available", "ignored": [],
+                      "error": f"this hpctrain has no algorithm {r.algo!r} (it has: {known})"}
+        else:
+            result = execute(r, out / r.algo, label, args.timeout)
+        print(f"{label} {result['status']}" + (f": {result['error']}" if result["error"] else ""),
+              file=sys.stderr, flush=True)
+        record["runs"][r.algo] = result
+        write_json_atomic(out / report.RECORD, record)
+    rows, targets = report.render(out)
+    print(report.table(rows, targets))
+    print(f"hpctrain bench compare: {out / report.REPORT}")
+    return record

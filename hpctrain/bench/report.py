@@ -1,0 +1,240 @@
+"""``hpctrain report DIR``: ``report.md`` and plots from saved run outputs, rerunning nothing.
+
+DIR is a comparison's folder (``compare.json`` and one ``DIR/<algo>/`` per run, written by
+``hpctrain bench compare``) or any folder whose subfolders, or itself, hold finished runs
+(``summary.json`` and ``metrics.jsonl``). The plots follow the DC-ASGD paper's figures: test
+error (%) against wall time and against epochs, one line per algorithm. The output depends
+only on the saved files, so rendering twice gives the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hpctrain.errors import UsageError
+from hpctrain.metrics import read_points, write_atomic
+
+RECORD = "compare.json"
+REPORT = "report.md"
+# x key of the curve points -> (file name, axis label)
+PLOTS = {"t": ("error_vs_time.png", "wall time (s)"),
+         "epoch": ("error_vs_epochs.png", "epochs (all workers)")}
+DEFAULT_TARGETS = (0.8, 0.85)
+# Fixed colours, so an algorithm looks the same in every report.
+_ORDER = ("sgd", "ssgd", "asgd", "dcasgd-c", "dcasgd-a", "ma", "ec")
+
+
+@dataclass
+class Row:
+    """One run of a report: how it ended and, if it finished, what it wrote."""
+
+    name: str
+    status: str  # "ok", "failed" or "not available"
+    error: str | None = None
+    summary: dict | None = None
+    points: list[dict] = field(default_factory=list)
+    command: str | None = None
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        s = self.summary or {}
+        return f"{s.get('algo_label', self.name)}, M={s.get('workers', '?')}"
+
+
+def parse_targets(text: str) -> list[float]:
+    """``"0.8,0.85"`` -> [0.8, 0.85]; each a test accuracy in (0, 1]."""
+    try:
+        values = [float(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--targets {text!r}: not a comma-separated list of numbers") from None
+    bad = [v for v in values if not 0 < v <= 1]
+    if not values or bad:
+        raise UsageError(f"--targets {text!r}: want accuracies in (0, 1], e.g. 0.8,0.85")
+    return values
+
+
+def _finished(run_dir: Path, name: str, **record) -> Row:
+    if not (run_dir / "summary.json").is_file():
+        return Row(name, "failed", error=record.pop("error", None) or "no summary.json",
+                   **record)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    points = read_points(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    return Row(name, "ok", summary=summary, points=points, **record)
+
+
+def load(folder: str | Path) -> tuple[dict, list[Row]]:
+    """The comparison's record (empty without ``compare.json``) and one row per run."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UsageError(f"report: {folder} is not a folder")
+    if (folder / RECORD).is_file():
+        record = json.loads((folder / RECORD).read_text())
+        rows = []
+        for name in record["algos"]:
+            run = record["runs"].get(name, {"status": "failed", "error": "did not run"})
+            extra = {"command": run.get("command"), "ignored": run.get("ignored", [])}
+            if run["status"] == "ok":
+                rows.append(_finished(folder / name, name, **extra))
+            else:
+                rows.append(Row(name, run["status"], error=run.get("error"), **extra))
+        return record, rows
+    dirs = [folder] if (folder / "summary.json").is_file() else sorted(
+        d for d in folder.iterdir() if (d / "summary.json").is_file())
+    if not dirs:
+        raise UsageError(f"report: {folder} holds no {RECORD} and no finished run "
+                         "(a folder with summary.json)")
+    return {}, [_finished(d, d.name) for d in dirs]
+
+
+def time_to(points: list[dict], target: float) -> dict | None:
+    """The first curve point whose test accuracy reaches ``target`` (None if none does)."""
+    return next((p for p in sorted(points, key=lambda p: p["t"]) if p["test_acc"] >= target),
+                None)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _cells(row: Row, targets: list[float]) -> list[str]:
+    dash = "—"
+    if row.summary is None:
+        reason = row.status if not row.error else f"{row.status}: {row.error}"
+        return [row.name, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
+                reason.replace("|", "\\|")]
+    s = row.summary
+    reach = []
+    for target in targets:
+        p = time_to(row.points, target)
+        reach.append("not reached" if p is None else f"{p['t']:.1f} s ({p['epoch']:.2f} ep)")
+    stale = s.get("staleness")
+    stale = dash if not stale else (f"{stale['mean']:.2f} / {stale['p50']:.0f} / "
+                                    f"{stale['p90']:.0f} / {stale['p99']:.0f} / "
+                                    f"{stale['max']:.0f}")
+    moved = [f"{k} {_bytes(v)}" for k, v in sorted(s.items())
+             if "bytes" in k and isinstance(v, (int, float)) and v]
+    return [row.name, str(s["workers"]), f"{s['final_test_acc']:.4f}",
+            f"{s['best_test_acc']:.4f}", f"{s['wall_s']:.1f}", *reach,
+            f"{s['samples_per_s']:.0f}", stale, "; ".join(moved) or dash, "ok"]
+
+
+def table(rows: list[Row], targets: list[float]) -> str:
+    """The report's table, one row per run, in Markdown."""
+    head = ["algorithm", "workers", "final acc", "best acc", "wall s",
+            *(f"time to {t:g}" for t in targets), "samples/s",
+            "staleness mean / p50 / p90 / p99 / max", "bytes communicated", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_cells(r, targets)) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
+    """The whole ``report.md``."""
+    out = ["# Algorithm comparison", ""]
+    if record:
+        options = " ".join(record.get("train_args", [])) or "(defaults)"
+        out.append(f"Training options, the same for every run: `{options}`; "
+                   f"{record['workers']} workers per run, sgd on one process.")
+    else:
+        out.append("Runs found in this folder.")
+    finished = [r.summary for r in rows if r.summary]
+    if finished:
+        s = finished[0]
+        out.append(f"Model {s.get('model', '?')} on {s.get('dataset', '?')}; "
+                   f"epochs: {s.get('epochs', '?')}.")
+    out += ["", table(rows, targets), "",
+            "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
+            "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
+            "snapshots are taken every `--eval-every` epochs and scored after training, so "
+            "evaluation is not in the clock. Staleness (async runs) counts the global updates "
+            "between a worker's read of the model and its push."]
+    ignored: dict[str, list[str]] = {}
+    for r in rows:
+        for flag in r.ignored:
+            ignored.setdefault(flag, []).append(r.name)
+    for flag, names in ignored.items():
+        out.append(f"\n`{flag}` was not given to {', '.join(names)}: "
+                   f"{'it does' if len(names) == 1 else 'they do'} not take it.")
+    out += ["", "![test error against wall time](error_vs_time.png)",
+            "![test error against epochs](error_vs_epochs.png)"]
+    commands = [r for r in rows if r.command]
+    if commands:
+        out += ["", "## Commands", ""]
+        out += [f"- {r.name}: `{r.command}`" for r in commands]
+    return "\n".join(out) + "\n"
+
+
+def _colour(name: str, index: int) -> str:
+    i = _ORDER.index(name) if name in _ORDER else len(_ORDER) + index
+    return f"C{i % 10}"
+
+
+def plot(rows: list[Row], x: str, path: Path) -> None:
+    """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run, as PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    later = []  # errors after each run's first point: the untrained model would flatten the rest
+    for i, row in enumerate(r for r in rows if r.points):
+        pts = sorted(row.points, key=lambda p: p[x])
+        err = [100.0 * (1.0 - p["test_acc"]) for p in pts]
+        later += err[1:]
+        ax.plot([p[x] for p in pts], err, marker=".", color=_colour(row.name, i),
+                label=row.label)
+    if later:
+        lo, hi = min(later), max(later)
+        pad = max(0.5, 0.05 * (hi - lo))
+        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+    first = next((r.summary for r in rows if r.summary), None)
+    if first:
+        ax.set_title(f"{first.get('model', '?')} on {first.get('dataset', '?')}")
+    ax.set_xlabel(PLOTS[x][1])
+    ax.set_ylabel("test error (%)")
+    ax.grid(True, alpha=0.3)
+    if later:
+        ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", metadata={"Software": None})
+    write_atomic(path, buf.getvalue())
+
+
+def render(folder: str | Path, targets: list[float] | None = None) -> tuple[list[Row], list]:
+    """Write ``report.md`` and both plots into ``folder`` from its saved outputs; return the
+    rows and the targets used (``targets``, else the comparison's, else the defaults)."""
+    folder = Path(folder)
+    record, rows = load(folder)
+    targets = targets or record.get("targets") or list(DEFAULT_TARGETS)
+    for x, (name, _) in PLOTS.items():
+        plot(rows, x, folder / name)
+    write_atomic(folder / REPORT, markdown(record, rows, targets))
+    return rows, targets
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="a comparison's --out folder, or a folder of finished runs")
+    parser.add_argument("--targets", default=None,
+                        help="test accuracies to time, e.g. 0.8,0.85 (default: the comparison's, "
+                             f"else {','.join(map(str, DEFAULT_TARGETS))})")
+
+
+def run(args: argparse.Namespace) -> list[Row]:
+    """Re-render the report in ``args.dir``; print its table and where the files are."""
+    rows, targets = render(args.dir, parse_targets(args.targets) if args.targets else None)
+    folder = Path(args.dir)
+    print(table(rows, targets))
+    print(f"hpctrain report: {folder / REPORT}, "
+          f"{', '.join(str(folder / name) for name, _ in PLOTS.values())}")
+    return rows
