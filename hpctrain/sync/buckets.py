@@ -1,0 +1,204 @@
+"""Fused gradient buckets, reduced while backward is still running.
+
+Each parameter's gradient is packed into its bucket by a hook that fires once autograd has
+accumulated it; a bucket's non-blocking ``Iallreduce`` starts as soon as all its gradients are
+in. Buckets hold parameters in reverse order (backward reaches the last layers first), of one
+wire dtype, up to ``bucket_bytes`` each. They are launched strictly in bucket order on every
+rank, so MPI sees the same sequence of collectives everywhere, even when gradients arrive in
+a different order or not at all (missing ones are sent as zeros at synchronize, as Horovod
+does).
+
+Without compression a parameter's ``.grad`` is re-pointed at its slice of the bucket when it
+is packed, so the reduced values land in ``.grad`` with no copy back (as DDP's
+``gradient_as_bucket_view``); if ``.grad`` already is that slice, packing copies nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hpctrain import comm as mpicomm
+from hpctrain.errors import UsageError
+from hpctrain.sync.collectives import Average, ReduceOp, Sum, reduce_spec, scale_
+
+DEFAULT_BUCKET_BYTES = 25 * 2**20
+
+
+def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:
+    """Group parameter indices into buckets, given each parameter's (numel, wire dtype).
+
+    Reverse order; a new bucket starts at a dtype change or when ``bucket_bytes`` would be
+    exceeded; a parameter larger than ``bucket_bytes`` gets a bucket of its own.
+    """
+    buckets: list[list[int]] = []
+    current: list[int] = []
+    filled, dtype = 0, None
+    for i in reversed(range(len(sizes))):
+        numel, wire = sizes[i]
+        nbytes = numel * wire.itemsize
+        if current and (wire != dtype or filled + nbytes > bucket_bytes):
+            buckets.append(current)
+            current, filled = [], 0
+        current.append(i)
+        filled += nbytes
+        dtype = wire
+    if current:
+        buckets.append(current)
+    return buckets
+
+
+def scale_factors(op: ReduceOp, predivide: float, size: int, cast: bool) -> tuple[float, float]:
+    """Factors applied to a bucket before and after the sum.
+
+    Average is Horovod's split: 1/predivide before, predivide/size after. With the default
+    predivide of 1 and no cast to a narrower type, all of 1/size goes before the sum, into
+    the pack copy: the same value up to rounding, one pass over the gradients fewer.
+    """
+    if op is Sum:
+        return 1.0, 1.0
+    if op is not Average:
+        raise UsageError(f"gradients are reduced with op=Average or op=Sum, got {op.name}")
+    if predivide == 1 and not cast:
+        return 1.0 / size, 1.0
+    return 1.0 / predivide, predivide / size
+
+
+@dataclass
+class _Slot:
+    param: torch.Tensor
+    bucket: int
+    view: torch.Tensor  # the parameter's slice of its bucket, shaped like the parameter
+    passes: int = 0
+    packed: bool = False
+
+
+@dataclass
+class _Bucket:
+    buffer: torch.Tensor
+    slots: list[int]
+    cast: bool  # some gradient changes dtype on the way (compression)
+    pre: float
+    post: float
+    mpi_buffer: Any
+    mpi_op: Any
+    packed: int = 0
+    request: Any = None
+
+
+class BucketedAllreduce:
+    """Allreduce of the gradients of ``params`` over ``comm``, started from backward hooks."""
+
+    def __init__(self, params: list[torch.Tensor], comm: Any, compression: Any, op: ReduceOp,
+                 predivide: float, passes: int, bucket_bytes: int):
+        self._MPI = mpicomm.mpi()
+        self._comm = comm
+        self.passes = passes
+        wire = [compression.wire_dtype(p.dtype) for p in params]
+        sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
+        plan = plan_buckets(sizes, bucket_bytes)
+        self._slots: list[_Slot] = [None] * len(params)  # type: ignore[list-item]
+        self._buckets: list[_Bucket] = []
+        for b, members in enumerate(plan):
+            dtype = wire[members[0]]
+            buffer = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype)
+            offset = 0
+            for i in members:
+                n = params[i].numel()
+                self._slots[i] = _Slot(params[i], b, buffer[offset:offset + n].view_as(params[i]))
+                offset += n
+            cast = any(params[i].dtype != dtype for i in members)
+            pre, post = scale_factors(op, predivide, comm.Get_size(), cast)
+            mpi_buffer, mpi_op = reduce_spec(buffer, Sum)
+            self._buckets.append(_Bucket(buffer, members, cast, pre, post, mpi_buffer, mpi_op))
+        self._next = 0  # the next bucket to launch
+        self.in_flight = False  # a gradient was counted since the last synchronize
+        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+                       for i, p in enumerate(params)]
+
+    @property
+    def bucket_count(self) -> int:
+        return len(self._buckets)
+
+    def _on_grad(self, i: int, param: torch.Tensor) -> None:
+        slot = self._slots[i]
+        if slot.packed:
+            raise UsageError(f"gradients were computed more than backward_passes_per_step="
+                             f"{self.passes} times before step(); increase "
+                             "backward_passes_per_step to accumulate them locally")
+        self.in_flight = True
+        slot.passes += 1
+        if slot.passes >= self.passes:
+            self._pack(i)
+            self._launch_ready()
+        self._progress()
+
+    def _pack(self, i: int) -> None:
+        slot = self._slots[i]
+        bucket = self._buckets[slot.bucket]
+        grad, view = slot.param.grad, slot.view
+        if grad is None:
+            view.zero_()
+        elif grad.is_sparse:
+            raise UsageError("sparse gradients are not supported by the mpi backend")
+        elif grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
+            scale_(view, bucket.pre)
+        elif bucket.pre != 1:
+            torch.mul(grad, bucket.pre, out=view)
+        else:
+            view.copy_(grad)
+        if view.dtype == slot.param.dtype:
+            slot.param.grad = view
+        slot.packed = True
+        bucket.packed += 1
+
+    def _launch_ready(self) -> None:
+        while self._next < len(self._buckets):
+            bucket = self._buckets[self._next]
+            if bucket.packed < len(bucket.slots):
+                return
+            bucket.request = self._comm.Iallreduce(self._MPI.IN_PLACE, bucket.mpi_buffer,
+                                                   bucket.mpi_op)
+            self._next += 1
+
+    def _progress(self) -> None:
+        # Open MPI advances non-blocking collectives only inside MPI calls.
+        if self._next:
+            self._MPI.Request.Testall([b.request for b in self._buckets[:self._next]])
+
+    def synchronize(self) -> None:
+        """Send what backward did not (current or zero gradients), wait, write the results."""
+        for i, slot in enumerate(self._slots):
+            if not slot.packed:
+                self._pack(i)
+        self._launch_ready()
+        self._MPI.Request.Waitall([b.request for b in self._buckets])
+        for bucket in self._buckets:
+            self._unpack(bucket)
+        self._clear()
+
+    def _unpack(self, bucket: _Bucket) -> None:
+        if not bucket.cast:
+            scale_(bucket.buffer, bucket.post)  # every .grad already views the buffer
+            return
+        for i in bucket.slots:
+            slot = self._slots[i]
+            if slot.param.grad is None:
+                slot.param.grad = torch.empty_like(slot.param)
+            torch.mul(slot.view, bucket.post, out=slot.param.grad)
+
+    def reset(self) -> None:
+        """Wait for launched buckets and forget this step's gradients (for load_state_dict)."""
+        self._MPI.Request.Waitall([b.request for b in self._buckets[:self._next]])
+        self._clear()
+
+    def _clear(self) -> None:
+        for slot in self._slots:
+            slot.passes, slot.packed = 0, False
+        for bucket in self._buckets:
+            bucket.packed, bucket.request = 0, None
+        self._next = 0
+        self.in_flight = False

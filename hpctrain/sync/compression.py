@@ -1,0 +1,49 @@
+"""Gradient compression, with the interface of ``horovod.torch.Compression``.
+
+A compressor's ``compress(tensor) -> (tensor, ctx)`` and ``decompress(tensor, ctx)`` are what
+Horovod calls, so these classes also work with the horovod backend. ``wire_dtype`` is what the
+mpi backend's fused buckets need: the dtype a gradient of ``dtype`` travels in.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class NoneCompressor:
+    """No compression (the default)."""
+
+    @staticmethod
+    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return tensor, None
+
+    @staticmethod
+    def decompress(tensor: torch.Tensor, ctx: None) -> torch.Tensor:
+        return tensor
+
+    @staticmethod
+    def wire_dtype(dtype: torch.dtype) -> torch.dtype:
+        return dtype
+
+
+class FP16Compressor:
+    """Floating-point tensors travel as float16 (half the bytes); others unchanged."""
+
+    @staticmethod
+    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.dtype]:
+        return tensor.to(FP16Compressor.wire_dtype(tensor.dtype)), tensor.dtype
+
+    @staticmethod
+    def decompress(tensor: torch.Tensor, ctx: torch.dtype) -> torch.Tensor:
+        return tensor.to(ctx)
+
+    @staticmethod
+    def wire_dtype(dtype: torch.dtype) -> torch.dtype:
+        return torch.float16 if dtype.is_floating_point else dtype
+
+
+class Compression:
+    """``Compression.none`` or ``Compression.fp16``, as in Horovod."""
+
+    none = NoneCompressor
+    fp16 = FP16Compressor

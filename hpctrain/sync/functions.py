@@ -1,0 +1,74 @@
+"""``broadcast_parameters`` and ``broadcast_optimizer_state`` for the mpi backend (Horovod's)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hpctrain.errors import UsageError
+from hpctrain.sync import collectives
+from hpctrain.sync.optimizer import _DistributedOptimizer
+
+
+def broadcast_parameters(params: Any, root_rank: int) -> None:
+    """Overwrite tensors in place with root_rank's: a ``state_dict()`` (a dict), or a list of
+    parameters or of (name, parameter) pairs, e.g. ``list(model.named_parameters())``."""
+    if isinstance(params, dict):
+        tensors = [t for _, t in sorted(params.items())]
+    elif isinstance(params, list):
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+    else:
+        raise UsageError(f"broadcast_parameters: params must be a dict or a list, got "
+                         f"{type(params).__name__}")
+    handles = [collectives.broadcast_async_(t, root_rank) for t in tensors]
+    for handle in handles:
+        collectives.synchronize(handle)
+
+
+def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
+                              model: torch.nn.Module | None = None) -> None:
+    """Make every process's optimizer state and hyper-parameters root_rank's.
+
+    As in Horovod, a fresh optimizer is first stepped once on zero gradients so that its
+    state exists everywhere; ``model`` is accepted for compatibility (no sparse parameters).
+    """
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise UsageError("broadcast_optimizer_state: torch.optim.LBFGS state cannot be broadcast")
+    collectives.world("broadcast_optimizer_state")
+    if not optimizer.state:
+        _initialise_state(optimizer)
+    tensors: list[torch.Tensor] = []
+    scalars: dict[str, Any] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        for key, value in group.items():
+            if key != "params":
+                scalars[f"group.{index}.{key}"] = value
+        for j, p in enumerate(group["params"]):
+            for name, value in sorted(optimizer.state.get(p, {}).items()):
+                if torch.is_tensor(value):
+                    tensors.append(value)
+                else:
+                    scalars[f"state.{index}.{j}.{name}"] = value
+    broadcast_parameters(tensors, root_rank)
+    scalars = collectives.broadcast_object(scalars, root_rank)
+    for key, value in scalars.items():
+        kind, index, rest = key.split(".", 2)
+        group = optimizer.param_groups[int(index)]
+        if kind == "group":
+            group[rest] = value
+        else:
+            j, name = rest.split(".", 1)
+            optimizer.state[group["params"][int(j)]][name] = value
+
+
+def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+    # The wrapped step would allreduce, and not every rank may be here with a fresh state.
+    if isinstance(optimizer, _DistributedOptimizer):
+        super(_DistributedOptimizer, optimizer).step()
+    else:
+        optimizer.step()

@@ -1,0 +1,155 @@
+"""``DistributedOptimizer`` for the mpi backend: Horovod's optimizer wrapper over fused buckets.
+
+As in Horovod, the result is an instance of a class made on the fly as a subclass of the
+user's optimizer class, built on the same parameter groups: ``isinstance``, ``state_dict`` and
+LR schedulers work as before. Gradients are allreduced during backward (see buckets.py);
+``step()`` waits for them first, unless inside ``skip_synchronize()`` after ``synchronize()``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from hpctrain.errors import UsageError
+from hpctrain.sync import collectives
+from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce
+from hpctrain.sync.collectives import Average, Sum
+from hpctrain.sync.compression import Compression
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer,
+                         named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
+                         compression: Any = Compression.none, backward_passes_per_step: int = 1,
+                         op: Any = Average, gradient_predivide_factor: float = 1.0, *,
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> torch.optim.Optimizer:
+    """Wrap ``optimizer`` so that ``step()`` applies gradients allreduced over all processes.
+
+    Horovod's arguments and semantics; ``bucket_bytes`` is the fusion bucket size.
+    """
+    collectives.world("DistributedOptimizer")
+    op = collectives.resolve_op(op)
+    if op not in (Average, Sum):
+        raise UsageError(f"DistributedOptimizer: op must be Average or Sum, got {op.name}")
+    _check_passes(backward_passes_per_step)
+    factor = gradient_predivide_factor
+    if not isinstance(factor, (int, float)) or factor <= 0:
+        raise UsageError(f"gradient_predivide_factor must be > 0, got {factor!r}")
+    if gradient_predivide_factor != 1 and op is not Average:
+        raise UsageError("gradient_predivide_factor needs op=Average")
+    if not all(hasattr(compression, f) for f in ("compress", "decompress", "wire_dtype")):
+        raise UsageError(f"compression must be hpctrain.sync.Compression.none or .fp16, "
+                         f"got {compression!r}")
+    if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+        raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+    names = parameter_names(optimizer, named_parameters)
+    cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
+    return cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
+               gradient_predivide_factor, bucket_bytes)
+
+
+def parameter_names(optimizer: torch.optim.Optimizer,
+                    named_parameters: Iterable[tuple[str, torch.Tensor]] | None
+                    ) -> dict[torch.Tensor, str]:
+    """Name of each of the optimizer's parameters; UsageError for duplicate or missing names."""
+    if named_parameters is None:
+        return {p: f"allreduce.noname.{i}.{j}" for i, group in enumerate(optimizer.param_groups)
+                for j, p in enumerate(group["params"])}
+    named = list(named_parameters)
+    if not all(isinstance(x, tuple) and len(x) == 2 for x in named):
+        raise UsageError("named_parameters must be (name, parameter) pairs, as "
+                         "model.named_parameters() gives")
+    duplicates = sorted(n for n, count in Counter(n for n, _ in named).items() if count > 1)
+    if duplicates:
+        raise UsageError(f"named_parameters has duplicate names: {', '.join(duplicates)}")
+    named_ids = {id(p) for _, p in named}
+    unnamed = [p for g in optimizer.param_groups for p in g["params"] if id(p) not in named_ids]
+    if unnamed:
+        raise UsageError(f"named_parameters leaves {len(unnamed)} of the optimizer's parameters "
+                         "unnamed")
+    return {p: n for n, p in named}
+
+
+def _check_passes(passes: Any) -> None:
+    if not isinstance(passes, int) or passes < 1:
+        raise UsageError(f"backward_passes_per_step must be an integer >= 1, got {passes!r}")
+
+
+class _DistributedOptimizer:
+    """Mixed in before the user's optimizer class; ``super()`` is that class."""
+
+    def __init__(self, params: list[dict], names: dict[torch.Tensor, str], compression: Any,
+                 backward_passes_per_step: int, op: Any, gradient_predivide_factor: float,
+                 bucket_bytes: int):
+        super().__init__(params)
+        self._parameter_names = names
+        self._compression = compression
+        self.op = op
+        self.gradient_predivide_factor = gradient_predivide_factor
+        self.backward_passes_per_step = backward_passes_per_step
+        self._synchronized = False
+        self._should_synchronize = True
+        world = collectives.world("DistributedOptimizer")
+        # As in Horovod, one process needs no communication at all.
+        self._reducer = None
+        if world.comm.Get_size() > 1:
+            grads = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            # Its own communicator: its collectives may start at different moments on different
+            # ranks (from backward, or at synchronize) relative to the user's hvd.* calls.
+            self._reducer = BucketedAllreduce(grads, world.comm.Dup(), compression, op,
+                                              gradient_predivide_factor,
+                                              backward_passes_per_step, bucket_bytes)
+
+    @property
+    def bucket_count(self) -> int:
+        """Number of fused buckets (0 on a single process)."""
+        return self._reducer.bucket_count if self._reducer else 0
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        _check_passes(passes)
+        self.backward_passes_per_step = passes
+        if self._reducer:
+            self._reducer.passes = passes
+
+    def synchronize(self) -> None:
+        """Wait until every gradient is allreduced and written to its ``.grad``."""
+        if self._reducer:
+            self._reducer.synchronize()
+        self._synchronized = True
+
+    @contextmanager
+    def skip_synchronize(self) -> Iterator[None]:
+        """Make ``step()`` skip its synchronize, after an explicit ``synchronize()``."""
+        self._should_synchronize = False
+        try:
+            yield
+        finally:
+            self._should_synchronize = True
+
+    def step(self, closure=None):
+        if self._should_synchronize:
+            if self._synchronized:
+                warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
+                              "after optimizer.synchronize(): gradients are reduced twice",
+                              stacklevel=2)
+            self.synchronize()
+        self._synchronized = False
+        return super().step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self._reducer and self._reducer.in_flight:
+            raise UsageError("optimizer.zero_grad() was called after loss.backward() but before "
+                             "optimizer.step() or optimizer.synchronize()")
+        super().zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self._reducer:
+            self._reducer.reset()
+        self._synchronized = False
+        self._should_synchronize = True
+        super().load_state_dict(state_dict)
