@@ -1,0 +1,169 @@
+"""``hpctrain bench compare`` and ``hpctrain report``: real jobs on synthetic data.
+
+The comparisons start real ``mpirun`` jobs (sgd on one process, ssgd on two) through the
+command line, as a user does; the pure parts (planning, error lines, targets) are checked
+directly.
+"""
+
+import json
+import os
+
+import pytest
+from conftest import run_job
+from matplotlib.image import imread
+
+from hpctrain import cli
+from hpctrain.bench import compare, report
+from hpctrain.errors import UsageError
+
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress"]
+OUTPUTS = ("report.md", "error_vs_time.png", "error_vs_epochs.png")
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(["bench", "compare", *argv])
+
+
+def table_rows(report_md: str) -> dict[str, list[str]]:
+    rows = {}
+    for line in report_md.splitlines():
+        cells = [c.strip() for c in line.strip("|").split(" | ")]
+        if line.startswith("| ") and cells[0] not in ("algorithm",):
+            rows[cells[0]] = cells
+    return rows
+
+
+def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
+    runs = compare.plan(parse("--algos", "sgd,ma,nosuch", "--workers", "3", "--tau", "5",
+                              "--lr", "0.1", "--out", str(tmp_path)))
+    sgd, ma, nosuch = runs
+    assert (sgd.np, ma.np) == (1, 3)
+    assert nosuch.command is None
+    assert "--tau" not in sgd.command and sgd.ignored == ["--tau"]
+    assert ma.command[ma.command.index("--tau") + 1] == "5" and ma.ignored == []
+    for run in (sgd, ma):  # shared options reach everyone, and --out is per algorithm
+        assert run.command[run.command.index("--lr") + 1] == "0.1"
+        assert run.command[-2:] == ["--out", str(tmp_path / run.algo)]
+    assert not tmp_path.joinpath("sgd").exists()  # planning starts nothing
+
+
+@pytest.mark.parametrize("argv, pattern", [
+    (["--algos", "sgd", "--lr", "-1"], "--lr: must be > 0, got -1"),
+    (["--algos", "sgd,../etc"], "--algos 'sgd,../etc'"),
+    (["--algos", "sgd", "--workers", "0"], "--workers 0"),
+    (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
+    (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
+])
+def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
+    with pytest.raises(UsageError, match=pattern.replace("{", r"\{").replace(".", r"\.")):
+        compare.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_default_launcher(monkeypatch):
+    for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "HPCTRAIN_MPIRUN"):
+        monkeypatch.delenv(var, raising=False)
+    plain = compare.launcher_command(None, 1)
+    assert plain[0] == "mpirun" and plain[-2:] == ["-np", "1"]
+    assert ("--allow-run-as-root" in plain) == (os.geteuid() == 0)
+    assert "--oversubscribe" not in plain
+    assert "--oversubscribe" in compare.launcher_command(None, 4 * os.cpu_count())
+    monkeypatch.setenv("SLURM_JOB_ID", "17")
+    assert compare.launcher_command(None, 4) == ["srun", "--mpi=pmix", "--ntasks=4"]
+    monkeypatch.setenv("HPCTRAIN_LAUNCHER", "mpiexec -n {np} --bind-to core")
+    assert compare.launcher_command(None, 2) == ["mpiexec", "-n", "2", "--bind-to", "core"]
+    assert compare.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]
+
+
+def test_last_error_prefers_hpctrain_line_over_mpirun_banner():
+    lines = ["hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 2",
+             "-" * 70, "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD",
+             "with errorcode 1.", "-" * 70]
+    assert compare.last_error(lines, 1) == lines[0]
+    assert compare.last_error(["Traceback (most recent call last):", '  File "x.py"',
+                               "ValueError: bad shape"], 1) == "ValueError: bad shape"
+    signal = ["mpirun noticed that process rank 0 with PID 12 on node vm exited on signal 9",
+              "-" * 70]
+    assert compare.last_error(signal, 137) == signal[0]
+    assert compare.last_error([], 3) == "exit status 3"
+
+
+def test_time_to_target_and_targets():
+    points = [{"t": 0.0, "epoch": 0, "test_acc": 0.1}, {"t": 2.0, "epoch": 1, "test_acc": 0.84},
+              {"t": 1.0, "epoch": 0.5, "test_acc": 0.81}]
+    assert report.time_to(points, 0.8)["t"] == 1.0
+    assert report.time_to(points, 0.84)["epoch"] == 1
+    assert report.time_to(points, 0.9) is None
+    assert report.parse_targets("0.8, 0.85") == [0.8, 0.85]
+    for bad in ("", "x", "0", "1.5"):
+        with pytest.raises(UsageError):
+            report.parse_targets(bad)
+
+
+@pytest.mark.timeout(300)
+def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_job(["bench", "compare", "--algos", "sgd,ssgd,bogus", "--workers", "2",
+                    "--targets", "0.5,0.999999", "--tau", "4", *SMALL, "--out", str(out)],
+                   np=0, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "[1/3 sgd]" in proc.stderr and "[2/3 ssgd] 2 processes" in proc.stderr
+    record = json.loads((out / "compare.json").read_text())
+    assert {a: r["status"] for a, r in record["runs"].items()} == {
+        "sgd": "ok", "ssgd": "ok", "bogus": "not available"}
+    for algo, workers in (("sgd", 1), ("ssgd", 2)):
+        summary = json.loads((out / algo / "summary.json").read_text())
+        assert (summary["algo"], summary["workers"]) == (algo, workers)
+
+    text = (out / "report.md").read_text()
+    rows = table_rows(text)
+    assert set(rows) == {"sgd", "ssgd", "bogus"}
+    for algo, workers in (("sgd", "1"), ("ssgd", "2")):
+        cells = rows[algo]
+        summary = json.loads((out / algo / "summary.json").read_text())
+        assert cells[1] == workers and cells[-1] == "ok"
+        assert cells[2] == f"{summary['final_test_acc']:.4f}"
+        assert cells[5].endswith("ep)") or cells[5] == "not reached"
+        assert cells[6] == "not reached" or summary["best_test_acc"] >= 0.999999
+    assert "allreduce_bytes_per_rank" in rows["ssgd"][9]
+    assert rows["bogus"][-1].startswith("not available: this hpctrain has no algorithm 'bogus'")
+    assert "`--tau` was not given to sgd, ssgd" in text
+    for png in OUTPUTS[1:]:
+        assert imread(out / png).shape[2] in (3, 4)
+
+    saved = {name: (out / name).read_bytes() for name in OUTPUTS}
+    for name in OUTPUTS:
+        (out / name).unlink()
+    again = run_job(["report", str(out)], np=0, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert {name: (out / name).read_bytes() for name in OUTPUTS} == saved
+
+    other = run_job(["report", str(out), "--targets", "0.3"], np=0, timeout=120)
+    assert other.returncode == 0, other.stderr
+    assert "time to 0.3 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_algorithm_is_a_row_and_resume_reruns_only_it(tmp_path):
+    out = tmp_path / "cmp"
+    args = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", *SMALL,
+            "--out", str(out)]
+    # Rank 1 exists only in the 2-process ssgd run: sgd is untouched.
+    proc = run_job(args, np=0, timeout=240, env={"HPCTRAIN_INJECT": "raise@1:2"})
+    assert proc.returncode == 0, proc.stderr
+    rows = table_rows((out / "report.md").read_text())
+    assert rows["sgd"][-1] == "ok"
+    assert rows["ssgd"][-1] == ("failed: hpctrain: error (rank 1 of 2): "
+                                "RuntimeError: injected fault at step 2")
+    assert "injected fault" in (out / "ssgd" / "stderr.log").read_text()
+
+    refused = run_job(args, np=0, timeout=60)
+    assert refused.returncode == 2 and "pass --resume" in refused.stderr
+
+    sgd_summary = (out / "sgd" / "summary.json").read_bytes()
+    resumed = run_job([*args, "--resume"], np=0, timeout=240)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "[1/2 sgd] finished earlier; kept" in resumed.stderr
+    assert (out / "sgd" / "summary.json").read_bytes() == sgd_summary
+    rows = table_rows((out / "report.md").read_text())
+    assert rows["sgd"][-1] == rows["ssgd"][-1] == "ok"
