@@ -53,7 +53,7 @@ def test_every_epoch_every_placement_is_the_whole_set(strategy, partition):
             # Images and labels travelled with their ids.
             assert torch.equal(ds.images, full.images[ds.ids])
             assert torch.equal(ds.labels, full.labels[ds.ids])
-            epochs.append(ds.ids)
+            epochs.append(ds.ids.clone())  # the next epochs reuse the buffers
         runs[placement] = epochs
     # Same seed: the same order on every rank whether the data are replicated or sharded.
     for rep, sh in zip(runs["replicated"], runs["sharded"], strict=True):
@@ -101,7 +101,7 @@ def test_local_and_partial_zero_move_nothing():
     for strategy in ("local", "partial:0"):
         td = shuffle.make_train_data(namespace(shuffle=strategy, data_placement="sharded",
                                                partition="label-skew"), comm)
-        runs.append([td.epoch(e).ids for e in range(3)])
+        runs.append([td.epoch(e).ids.clone() for e in range(3)])
         assert td.stats()["bytes_moved"] == 0
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
@@ -119,7 +119,7 @@ def test_uneven_split_keeps_the_tail_on_three_ranks(strategy):
     runs = {}
     for placement in ("replicated", "sharded"):
         td = shuffle.make_train_data(namespace(shuffle=strategy, data_placement=placement), sub)
-        runs[placement] = [td.epoch(e).ids for e in range(3)]
+        runs[placement] = [td.epoch(e).ids.clone() for e in range(3)]
         for ids in runs[placement]:
             every = torch.cat(sub.allgather(ids))
             assert len(every) == 3 * 682 and len(every.unique()) == 3 * 682

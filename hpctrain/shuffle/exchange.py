@@ -1,11 +1,14 @@
 """Moving samples between ranks with MPI Alltoallv, in rounds of bounded size.
 
-Labels and ids (16 bytes a sample) go in one Alltoallv; images follow in rounds, each rank
-sending at most ``chunk_bytes`` per round. Images are gathered into one send buffer per
-round and received straight into their final place, so the extra memory is one chunk.
+Labels and ids (16 bytes a sample) go in one Alltoallv. Images follow in rounds: each rank
+gathers at most ``chunk_bytes`` of rows into a send buffer, one Alltoallv moves them, and the
+receiver copies each arriving row to its final place. The round buffers are kept between
+exchanges (fresh pages cost more than the copies), so the extra memory is two chunks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,50 +21,73 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def exchange(comm, source: Dataset, rows: torch.Tensor, dest: torch.Tensor,
-             chunk_bytes: int) -> tuple[Dataset, int]:
-    """Send ``source[rows[j]]`` to rank ``dest[j]`` for every j; collective on ``comm``.
+def empty_like(d: Dataset, n: int | None = None) -> Dataset:
+    """An uninitialised Dataset shaped like ``d`` with ``n`` (default ``len(d)``) samples."""
+    n = len(d) if n is None else n
+    return Dataset(d.name, torch.empty((n, *d.shape), dtype=d.images.dtype),
+                   torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long),
+                   d.num_classes)
 
-    Returns the samples this rank receives, ordered by source rank and then by their j on the
-    source, and the number of bytes this rank sent to other ranks.
-    """
-    MPI = hcomm.mpi()
-    ranks, me = comm.Get_size(), comm.Get_rank()
-    by_dest = torch.sort(dest, stable=True).indices
-    send_rows = rows[by_dest]
-    send = torch.bincount(dest, minlength=ranks).numpy().astype(np.int64)
-    counts = np.empty((ranks, ranks), np.int64)  # counts[s, d]: rows rank s sends to rank d
-    comm.Allgather(send, counts)
-    recv = np.ascontiguousarray(counts[:, me])
-    sdispl, rdispl = _displacements(send), _displacements(recv)
-    total = int(recv.sum())
 
-    meta = torch.stack([source.labels[send_rows], source.ids[send_rows]], dim=1).numpy()
-    got = np.empty((total, 2), np.int64)
-    comm.Alltoallv([meta, (2 * send, 2 * sdispl), MPI.INT64_T],
-                   [got, (2 * recv, 2 * rdispl), MPI.INT64_T])
+class Exchanger:
+    """Sends samples to other ranks of ``comm``, keeping its round buffers between calls."""
 
-    shape = source.shape
-    flat = source.images.reshape(len(source), -1)
-    width = flat.shape[1]
-    images = torch.empty((total, width), dtype=torch.float32)
-    per = max(1, chunk_bytes // (4 * width * ranks))  # rows per destination per round
-    rounds = -(-int(counts.max()) // per) if counts.size else 0
-    buf = torch.empty((min(per * ranks, max(1, int(send.sum()))), width), dtype=torch.float32)
-    row_type = MPI.FLOAT.Create_contiguous(width).Commit()
-    try:
-        for t in range(rounds):
-            lo = np.minimum(t * per, send)
-            n_send = np.minimum(send - lo, per)
-            n_recv = np.minimum(np.maximum(recv - t * per, 0), per)
-            pick = torch.cat([send_rows[sdispl[d] + lo[d]:sdispl[d] + lo[d] + n_send[d]]
-                              for d in range(ranks)])
-            torch.index_select(flat, 0, pick, out=buf[:len(pick)])
-            comm.Alltoallv([buf.numpy(), (n_send, _displacements(n_send)), row_type],
-                           [images.numpy(), (n_recv, rdispl + np.minimum(t * per, recv)), row_type])
-    finally:
-        row_type.Free()
-    sent = int(send.sum() - send[me]) * (4 * width + 16)
-    labels, ids = torch.from_numpy(got[:, 0].copy()), torch.from_numpy(got[:, 1].copy())
-    return Dataset(source.name, images.reshape(total, *shape), labels, ids,
-                   source.num_classes), sent
+    def __init__(self, comm, chunk_bytes: int) -> None:
+        self.comm, self.chunk_bytes = comm, chunk_bytes
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def _round_buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        old = self._buffers
+        if old is None or old[0].shape[0] < rows or old[0].shape[1:] != like.shape[1:] \
+                or old[0].dtype != like.dtype:
+            self._buffers = tuple(like.new_empty((rows, *like.shape[1:])) for _ in range(2))
+        return self._buffers
+
+    def move(self, source: Dataset, rows: torch.Tensor, dest: torch.Tensor, out: Dataset,
+             place: Callable[[torch.Tensor], torch.Tensor]) -> int:
+        """Send ``source[rows[j]]`` to rank ``dest[j]`` for every j; collective.
+
+        What arrives is written to ``out`` at rows ``place(ids)``, where ``ids`` are the
+        arriving samples' ids ordered by source rank, then by j on the source. Returns the
+        bytes this rank sent to other ranks.
+        """
+        MPI = hcomm.mpi()
+        ranks, me = self.comm.Get_size(), self.comm.Get_rank()
+        send_rows = rows[torch.sort(dest, stable=True).indices]
+        send = torch.bincount(dest, minlength=ranks).numpy().astype(np.int64)
+        counts = np.empty((ranks, ranks), np.int64)  # counts[s, d]: rows rank s sends rank d
+        self.comm.Allgather(send, counts)
+        recv = np.ascontiguousarray(counts[:, me])
+        sdispl, rdispl = _displacements(send), _displacements(recv)
+
+        meta = torch.stack([source.labels[send_rows], source.ids[send_rows]], dim=1).numpy()
+        got = np.empty((int(recv.sum()), 2), np.int64)
+        self.comm.Alltoallv([meta, (2 * send, 2 * sdispl), MPI.INT64_T],
+                            [got, (2 * recv, 2 * rdispl), MPI.INT64_T])
+        got_t = torch.from_numpy(got)
+        where = place(got_t[:, 1])
+        out.labels[where] = got_t[:, 0]
+        out.ids[where] = got_t[:, 1]
+
+        flat = source.images.reshape(len(source), -1)
+        out_flat = out.images.view(len(out), -1)
+        row_bytes = flat.element_size() * flat.shape[1]
+        per = max(1, self.chunk_bytes // (row_bytes * ranks))  # rows per peer per round
+        rounds = -(-int(counts.max()) // per)
+        sbuf, rbuf = self._round_buffers(min(per * ranks, max(int(counts.sum(1).max()), 1)),
+                                         flat)
+        row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
+        try:
+            for t in range(rounds):
+                lo_s, lo_r = np.minimum(t * per, send), np.minimum(t * per, recv)
+                n_send, n_recv = np.minimum(send - lo_s, per), np.minimum(recv - lo_r, per)
+                pick = torch.cat([send_rows[sdispl[d] + lo_s[d]:][:n_send[d]]
+                                  for d in range(ranks)])
+                torch.index_select(flat, 0, pick, out=sbuf[:len(pick)])
+                self.comm.Alltoallv([sbuf.numpy(), (n_send, _displacements(n_send)), row],
+                                    [rbuf.numpy(), (n_recv, _displacements(n_recv)), row])
+                dst = torch.cat([where[rdispl[s] + lo_r[s]:][:n_recv[s]] for s in range(ranks)])
+                out_flat.index_copy_(0, dst, rbuf[:len(dst)])
+        finally:
+            row.Free()
+        return int(send.sum() - send[me]) * (row_bytes + 16)

@@ -36,6 +36,20 @@ def global_indices(seed: int, epoch: int, n: int, ranks: int, rank: int) -> torc
     return global_permutation(seed, epoch, n)[rank::ranks][: n // ranks]
 
 
+def global_destinations(seed: int, epoch: int, n: int, ranks: int,
+                        ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For samples ``ids``: the rank that holds each in ``epoch`` and its position in the
+    epoch's permutation. Position p goes to rank ``p % ranks``; the tail beyond
+    ``n // ranks * ranks`` (not consumed this epoch) is kept one per rank from rank 0 on.
+    """
+    perm = global_permutation(seed, epoch, n)
+    where = torch.empty_like(perm)
+    where[perm] = torch.arange(n)
+    pos = where[ids]
+    used = n // ranks * ranks
+    return torch.where(pos < used, pos % ranks, pos - used), pos
+
+
 def partition(n: int, ranks: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The order in which the data set is cut into ranks' blocks: file order (iid), or by label
     (stable, so ties keep file order) when ``labels`` are given (label-skew)."""

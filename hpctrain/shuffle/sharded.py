@@ -16,14 +16,9 @@ import torch
 
 from hpctrain import data
 from hpctrain.shuffle import order
-from hpctrain.shuffle.exchange import exchange
+from hpctrain.shuffle.exchange import Exchanger, empty_like
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, parse_strategy
 from hpctrain.shuffle.train_data import TrainData
-
-
-def _cat(a: data.Dataset, b: data.Dataset) -> data.Dataset:
-    return data.Dataset(a.name, torch.cat([a.images, b.images]), torch.cat([a.labels, b.labels]),
-                        torch.cat([a.ids, b.ids]), a.num_classes)
 
 
 def _head(d: data.Dataset, n: int) -> data.Dataset:
@@ -51,6 +46,9 @@ class ShardedTrainData(TrainData):
         self.held = self._initial_shard()
         self.input_shape, self.num_classes = self.held.shape, self.held.num_classes
         self._done = -1  # last epoch whose exchange this holding reflects (partial)
+        # Exchanges write into a second holding, then the two swap: no fresh pages each epoch.
+        self._back: data.Dataset | None = None
+        self._exchanger = None if comm is None else Exchanger(comm, self.chunk_bytes)
 
     def _initial_shard(self) -> data.Dataset:
         mine = order.block(self.partition, self.ranks, self.rank)
@@ -76,34 +74,50 @@ class ShardedTrainData(TrainData):
         self._bytes_moved += step(epoch)
         self._exchange_s += time.perf_counter() - start
 
-    def _exchange(self, rows: torch.Tensor, dest: torch.Tensor) -> tuple[data.Dataset, int]:
-        if self.comm is None:
-            return self.held.subset(rows), 0
-        return exchange(self.comm, self.held, rows, dest, self.chunk_bytes)
+    def _back_holding(self) -> data.Dataset:
+        if self._back is None:
+            self._back = empty_like(self.held)
+        return self._back
 
-    def _global(self, epoch: int) -> int:
-        """Deal this epoch's permutation out: position p goes to rank p % K (the tail beyond
-        ``n * K`` to rank ``p - n * K``), and each rank sorts what it gets by position."""
-        n, ranks = self.samples_per_rank, self.ranks
-        perm = order.global_permutation(self.seed, epoch, self.num_samples)
-        where = torch.empty_like(perm)
-        where[perm] = torch.arange(len(perm))
-        pos = where[self.held.ids]
-        dest = torch.where(pos < n * ranks, pos % ranks, pos - n * ranks)
-        got, sent = self._exchange(torch.arange(len(self.held)), dest)
-        self.held = got.subset(torch.argsort(where[got.ids]))
+    def _exchange(self, rows: torch.Tensor, dest: torch.Tensor, place) -> int:
+        """Move ``held[rows]`` to ranks ``dest`` into the back holding, then swap holdings."""
+        if self._exchanger is None:
+            got = self.held.subset(rows)
+            where = place(got.ids)
+            for field in ("images", "labels", "ids"):
+                getattr(self._back_holding(), field)[where] = getattr(got, field)
+            sent = 0
+        else:
+            sent = self._exchanger.move(self.held, rows, dest, self._back_holding(), place)
+        self.held, self._back = self._back, self.held
         return sent
 
+    def _global(self, epoch: int) -> int:
+        """Deal this epoch's permutation out: the sample at position p goes to rank
+        ``p % K``, row ``p // K`` (the tail beyond ``n * K`` to the extra row ``n``)."""
+        n, ranks = self.samples_per_rank, self.ranks
+
+        def place(ids: torch.Tensor) -> torch.Tensor:
+            _, pos = order.global_destinations(self.seed, epoch, self.num_samples, ranks, ids)
+            return torch.where(pos < n * ranks, pos // ranks, n)
+
+        dest, _ = order.global_destinations(self.seed, epoch, self.num_samples, ranks,
+                                            self.held.ids)
+        return self._exchange(torch.arange(len(self.held)), dest, place)
+
     def _partial(self, epoch: int) -> int:
-        """Send ``round(q n)`` random samples along the epoch's routes; append what arrives."""
+        """Send ``round(q n)`` random samples along the epoch's routes; the kept ones stay in
+        order at the front, the arrivals follow."""
         n = len(self.held)
         m = order.moved_count(self.q, n, self.ranks)
         if m == 0:
             return 0
         routes = order.partial_routes(self.seed, epoch, self.ranks, m)
         sel = order.partial_selection(self.seed, epoch, self.rank, n, m)
-        got, sent = self._exchange(sel, routes[:, self.rank])
         keep = torch.ones(n, dtype=torch.bool)
         keep[sel] = False
-        self.held = _cat(self.held.subset(keep.nonzero().flatten()), got)
-        return sent
+        kept = keep.nonzero().flatten()
+        for field in ("images", "labels", "ids"):
+            torch.index_select(getattr(self.held, field), 0, kept,
+                               out=getattr(self._back_holding(), field)[:n - m])
+        return self._exchange(sel, routes[:, self.rank], lambda ids: torch.arange(n - m, n))

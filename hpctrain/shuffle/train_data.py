@@ -18,6 +18,8 @@ class TrainData:
 
     Every rank gets ``samples_per_rank = num_samples // ranks`` samples per epoch (the tail is
     dropped). ``epoch`` is collective when data move: all ranks call it with the same epoch.
+    Its result may share memory that the next call reuses (sharded placement swaps two
+    buffers instead of allocating), so use it before asking for the next epoch.
     """
 
     num_samples: int
