@@ -1,0 +1,48 @@
+"""Asynchronous training on MPI one-sided windows: ASGD, DC-ASGD-c and DC-ASGD-a.
+
+Use from your own loop, as with Horovod (MPI at thread level ``serialized``)::
+
+    MPI = hpctrain.comm.init("serialized")
+    store = ParameterStore(flat_initial_values, servers=0, consistency="locked")
+    if store.is_worker:
+        opt = DCASGD(model, store, lr=0.05, adaptive=True)
+        for x, y in batches:
+            opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
+    store.finish(); store.close()
+
+Design choices (DESIGN.md's "The async store on RMA windows", with these decisions):
+
+- One window per shard (``Win.Allocate``, ``comm=`` always given), each headed by an int64
+  update count. Per-shard windows give per-shard exclusive locks, so several shards on one
+  host do not serialise each other; the count makes the ``locked`` lock order observable
+  (each push reports the count it found on every shard), which turns "serialisable" into a
+  checkable property: the tests replay the logged gradients shard by shard in count order.
+- Dedicated servers are the *last* N ranks, so rank 0 is always worker 0 (logs, progress
+  bar, ``--slowdown 0:F`` names a worker). Shards are dealt round-robin to the hosts; the
+  default count is at least one shard per worker and equal on every host. Worker k starts at
+  shard ``k*S/W`` and walks round-robin, so workers rarely queue on the same lock.
+- The fused kernel writes the new shard straight into the worker's model (``locked``: it *is*
+  the buffer that is Put back), so after a push the model holds the newest values it read
+  plus its own step, and the next gradient is computed at exactly those values (``w_bak``)
+  without a second read. ``atomic`` does the same with ``w_read + d`` while it accumulates d.
+- Weight decay is ``wd * w_bak``: the regulariser's gradient at the model the loss gradient
+  was computed at, so ``g'`` is one consistent gradient and the compensation applies to it.
+- Staleness: the counter window is incremented (``Fetch_and_op``) once per push, after its
+  last shard; tau = the value fetched minus the counter just after this worker's previous
+  push (or its initial pull): the other workers' pushes completed in between. With workers in
+  lock-step taking turns, tau is exactly M-1 (first round: the worker's turn index).
+- Progress without an MPI progress thread: hosting ranks serve inside :meth:`finish`
+  (``Iprobe`` then a short sleep) until every worker has said it is done; dedicated servers
+  call it at once. With ``servers=0`` across nodes without RDMA a busy worker does not serve
+  its shards: use ``servers=N`` there (on one node the windows are shared memory and need no
+  help). ``atomic`` is element-wise atomic only: a read may mix old and new elements.
+- Stopping by a global budget: the CLI stops every worker once the counter says the run's
+  samples (epochs x training set) are consumed, so fast workers do more of the work and a
+  straggler does not hold the job back; the learning-rate schedule follows the same count.
+"""
+
+from hpctrain.async_.optim import ASGD, DCASGD, flatten_parameters
+from hpctrain.async_.store import CONSISTENCIES, ParameterStore, Push, shard_bounds
+
+__all__ = ["ASGD", "CONSISTENCIES", "DCASGD", "ParameterStore", "Push", "flatten_parameters",
+           "shard_bounds"]

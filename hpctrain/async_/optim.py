@@ -1,0 +1,119 @@
+"""ASGD and DC-ASGD optimizers on a :class:`ParameterStore`, used from the user's own loop.
+
+Like Horovod's optimizer: ``loss.backward(); opt.step()``. ``step`` pushes the (delay-
+compensated) update of this worker's gradient into the store and leaves the model holding the
+newest global values it read there, plus its own step: the model the next gradient is
+computed at (``w_bak``). The model's parameters become views of one flat float32 buffer, so
+the store reads into and writes from the model's memory without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hpctrain.async_.store import ParameterStore, Push
+from hpctrain.errors import UsageError
+
+DEFAULT_LAM = {"constant": 0.04, "adaptive": 2.0}  # DC-ASGD paper: lam0 for -c and -a
+
+
+def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
+    """Copy ``params`` into one new flat buffer and make each parameter a view of it."""
+    for p in params:
+        if p.dtype != torch.float32 or p.device.type != "cpu":
+            raise UsageError(f"async optimizers need float32 CPU parameters, got {p.dtype} "
+                             f"on {p.device}")
+    flat = torch.empty(sum(p.numel() for p in params))
+    offset = 0
+    for p in params:
+        view = flat[offset:offset + p.numel()]
+        view.copy_(p.detach().reshape(-1))
+        p.data = view.view_as(p)
+        offset += p.numel()
+    return flat
+
+
+class ASGD(torch.optim.Optimizer):
+    """Asynchronous SGD: ``w <- w - lr * g`` applied to the store's current ``w``.
+
+    Construction pulls the store's values into ``model``. ``staleness`` lists the measured
+    tau of every push; ``last_push`` describes the latest (:class:`Push`).
+    """
+
+    def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
+                 weight_decay: float = 0.0, *, lam: float = 0.0, adaptive: bool = False,
+                 ms_decay: float = 0.95):
+        if lr <= 0 or weight_decay < 0 or lam < 0:
+            raise UsageError(f"need lr > 0, weight_decay >= 0, lam >= 0; got lr={lr}, "
+                             f"weight_decay={weight_decay}, lam={lam}")
+        if adaptive and not 0.0 <= ms_decay < 1.0:
+            raise UsageError(f"ms_decay {ms_decay} is outside [0, 1)")
+        params = list(dict.fromkeys(model.parameters()))
+        defaults = {"lr": lr, "weight_decay": weight_decay, "lam": lam, "ms_decay": ms_decay}
+        super().__init__(params, defaults)
+        self.store = store
+        self.model = model
+        self._flat = flatten_parameters(params)
+        if self._flat.numel() != store.numel:
+            raise UsageError(f"the model has {self._flat.numel()} parameters, the store "
+                             f"{store.numel}")
+        self._grad = torch.zeros_like(self._flat)
+        self._ms = torch.zeros_like(self._flat) if adaptive else None
+        self.staleness: list[int] = []
+        self.last_push: Push | None = None
+        store.pull(self._flat)
+
+    @property
+    def flat_parameters(self) -> torch.Tensor:
+        """The model's parameters as one vector (the model's own memory)."""
+        return self._flat
+
+    @property
+    def flat_gradient(self) -> torch.Tensor:
+        """The gradient the last ``step`` pushed, as one vector."""
+        return self._grad
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Push this worker's update; the model then holds the newest values it read."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        offset = 0
+        for p in self.param_groups[0]["params"]:
+            part = self._grad[offset:offset + p.numel()]
+            if p.grad is None:
+                part.zero_()
+            else:
+                part.copy_(p.grad.reshape(-1))
+            offset += p.numel()
+        group = self.param_groups[0]
+        self.last_push = self.store.push(self._flat, self._grad, self._ms, lr=group["lr"],
+                                         lam=group["lam"], ms_decay=group["ms_decay"],
+                                         weight_decay=group["weight_decay"])
+        self.staleness.append(self.last_push.tau)
+        return loss
+
+    @torch.no_grad()
+    def pull(self) -> int:
+        """Refresh the model with the store's newest values; return the update count seen."""
+        return self.store.pull(self._flat)
+
+
+class DCASGD(ASGD):
+    """DC-ASGD (Zheng et al., 2017): ``w <- w - lr*(g + lam_t*g*g*(w - w_bak))``.
+
+    ``adaptive=False``: DC-ASGD-c, ``lam_t = lam`` (default 0.04). ``adaptive=True``:
+    DC-ASGD-a, ``ms <- ms_decay*ms + (1-ms_decay)*g*g`` per worker and
+    ``lam_t = lam / sqrt(ms + 1e-7)`` (default lam 2.0). Weight decay joins ``g`` first.
+    """
+
+    def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
+                 lam: float | None = None, *, adaptive: bool = True, ms_decay: float = 0.95,
+                 weight_decay: float = 0.0):
+        if lam is None:
+            lam = DEFAULT_LAM["adaptive" if adaptive else "constant"]
+        super().__init__(model, store, lr, weight_decay, lam=lam, adaptive=adaptive,
+                         ms_decay=ms_decay)

@@ -1,0 +1,294 @@
+"""The parameter store: a flat float32 model sharded over MPI windows, updated one-sidedly.
+
+Shard ``s`` lives in its own window made with ``Win.Allocate(..., comm=comm)`` on host rank
+``hosts[s % len(hosts)]``: an 8-byte update count (int64) followed by the shard's floats. A
+window of its own per shard gives every shard its own exclusive lock. Hosts are all ranks
+(``servers=0``) or the last ``servers`` ranks, which then only host. A one-int64 counter window
+on ``hosts[0]`` numbers global updates (``Fetch_and_op``); staleness comes from it.
+
+``locked``: per shard, exclusive lock, Get count and values, fused update written straight into
+the worker's model, Put both, unlock (serialisable; the counts give the lock order).
+``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read, fused delta,
+``Accumulate(SUM)``; element-wise atomic, no lost update, no order between workers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from hpctrain import comm as hcomm
+from hpctrain import kernels
+from hpctrain.errors import UsageError
+
+CONSISTENCIES = ("locked", "atomic")
+_HEADER = 8  # bytes of the int64 update count in front of each shard
+_ALIGN = 16  # shard boundaries on multiples of 16 floats (64-byte lines)
+_TAG_DONE = 1
+
+
+@dataclass(frozen=True)
+class Push:
+    """What one push did: its global update number, staleness, shard order, shard counts."""
+
+    index: int  # updates completed before this one (the counter's value it fetched)
+    tau: int  # global updates applied between this worker's last read and this push
+    order: tuple[int, ...]  # shards in the order they were pushed
+    versions: tuple[int, ...] | None  # locked: per shard in `order`, updates applied before
+
+
+def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
+    """``shards`` contiguous ``[lo, hi)`` ranges covering ``numel``, 16-float aligned if it can."""
+    align = _ALIGN if numel >= _ALIGN * shards else 1
+    units = -(-numel // align)
+    cuts = [min(numel, (units * i // shards) * align) for i in range(shards + 1)]
+    return [(cuts[i], cuts[i + 1]) for i in range(shards)]
+
+
+def default_shards(workers: int, hosts: int) -> int:
+    """At least one shard per worker (fewer lock convoys), the same number on every host."""
+    return hosts * -(-max(workers, hosts) // hosts)
+
+
+class ParameterStore:
+    """A flat float32 vector sharded over RMA windows; collective over ``comm`` to create.
+
+    ``values``: a 1-D float32 tensor of the model's size on every rank; the store starts from
+    rank ``root``'s values. ``servers``: 0 (every rank hosts shards and works) or N (the last N
+    ranks only host; they call :meth:`finish` right away and poll for progress there).
+    ``shards``: number of shards (default :func:`default_shards`). ``poll_interval``: seconds a
+    hosting rank sleeps between progress polls in :meth:`finish`.
+    """
+
+    def __init__(self, values: torch.Tensor, comm=None, *, servers: int = 0,
+                 shards: int | None = None, consistency: str = "locked", root: int = 0,
+                 poll_interval: float = 2e-4):
+        MPI = hcomm.mpi()
+        comm = MPI.COMM_WORLD if comm is None else comm
+        size, rank = comm.Get_size(), comm.Get_rank()
+        numel = values.numel()
+        if consistency not in CONSISTENCIES:
+            raise UsageError(f"unknown consistency {consistency!r}; choose from "
+                             f"{', '.join(CONSISTENCIES)}")
+        if not 0 <= servers < size:
+            raise UsageError(f"servers={servers} with {size} ranks: need 0 <= servers < ranks "
+                             "(at least one worker)")
+        if values.dtype != torch.float32 or values.dim() != 1 or numel == 0:
+            raise UsageError("the store holds a non-empty 1-D float32 vector, got "
+                             f"{values.dtype} of shape {tuple(values.shape)}")
+        workers = size - servers
+        self.hosts = list(range(workers, size)) if servers else list(range(size))
+        shards = default_shards(workers, len(self.hosts)) if shards is None else shards
+        if not 1 <= shards <= numel:
+            raise UsageError(f"shards={shards}: need 1 <= shards <= {numel} (the model's size)")
+        if not 0 <= root < workers:
+            raise UsageError(f"root={root} is not a worker rank (0..{workers - 1})")
+
+        self.comm, self.rank, self.numel = comm, rank, numel
+        self.consistency, self.poll_interval = consistency, poll_interval
+        self.num_workers, self.is_worker = workers, rank < workers
+        self.is_host = rank in self.hosts
+        self.bounds = shard_bounds(numel, shards)
+        self.owners = [self.hosts[s % len(self.hosts)] for s in range(shards)]
+        self._ctl = comm.Dup()
+        self.worker_comm = comm.Split(0 if self.is_worker else 1, rank)
+        if not self.is_worker:
+            self.worker_comm.Free()
+            self.worker_comm = None
+        self.windows = [
+            MPI.Win.Allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)
+            for (lo, hi), owner in zip(self.bounds, self.owners, strict=True)]
+        self._counter = MPI.Win.Allocate(8 if rank == self.hosts[0] else 0, 8, comm=comm)
+        self._initialize(values, root)
+        # This worker's first shard: workers spread over the shards to avoid lock convoys.
+        first = (rank * shards) // workers if self.is_worker else 0
+        self.order = tuple((first + i) % shards for i in range(shards))
+        self._cur = torch.empty(numel)  # values read from the store
+        self._delta = torch.zeros(numel) if consistency == "atomic" else None
+        self._count = np.zeros(2, np.int64)  # a shard's count as read, and as written back
+        self._one = np.ones(1, np.int64)
+        self._fetched = np.zeros(1, np.int64)
+        self._none = np.zeros(1, np.float32)
+        self._seen = 0  # the counter's value as of this worker's model
+
+    @property
+    def shards(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def last_delta(self) -> torch.Tensor | None:
+        """``atomic``: the delta the last push accumulated (a view reused by the next push)."""
+        return self._delta
+
+    def _initialize(self, values: torch.Tensor, root: int) -> None:
+        MPI = hcomm.mpi()
+        start = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.float32)
+        self.comm.Bcast([start, MPI.FLOAT], root=root)
+        for win, owner, (lo, hi) in zip(self.windows, self.owners, self.bounds, strict=True):
+            if owner == self.rank:
+                win.Lock(self.rank, MPI.LOCK_EXCLUSIVE)
+                mem = np.frombuffer(win, dtype=np.uint8)
+                mem[:_HEADER].view(np.int64)[0] = 0
+                mem[_HEADER:].view(np.float32)[:] = start[lo:hi]
+                win.Unlock(self.rank)
+        counter_host = self.hosts[0]
+        if self.rank == counter_host:
+            self._counter.Lock(counter_host, MPI.LOCK_EXCLUSIVE)
+            np.frombuffer(self._counter, dtype=np.int64)[0] = 0
+            self._counter.Unlock(counter_host)
+        self.comm.Barrier()
+
+    def pull(self, out: torch.Tensor) -> int:
+        """Read the whole model into ``out`` (1-D float32, CPU); return the update count seen."""
+        MPI = hcomm.mpi()
+        self._check_buffer("out", out)
+        seen = self.updates()
+        out_np = out.numpy()
+        for s in self.order:
+            win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+            win.Lock(owner, MPI.LOCK_SHARED)
+            self._read(win, owner, out_np[lo:hi])
+            win.Unlock(owner)
+        self._seen = seen
+        return seen
+
+    def push(self, w_bak: torch.Tensor, g: torch.Tensor, ms: torch.Tensor | None = None, *,
+             lr: float, lam: float = 0.0, ms_decay: float = 0.95,
+             weight_decay: float = 0.0) -> Push:
+        """Apply one DC-ASGD update computed at model ``w_bak`` with gradient ``g``.
+
+        Shard by shard the current global ``w`` is read and ``w + d`` written (``locked``) or
+        ``d`` accumulated (``atomic``), with ``d = -lr*(g' + lam_t*g'^2*(w - w_bak))``
+        (see :mod:`hpctrain.kernels`; ``ms`` given: DC-ASGD-a). ``w_bak`` is left holding the
+        updated values this worker computed (the newest it read plus its own step), and ``ms``
+        its new mean square. Tensors: 1-D float32 CPU, the store's size.
+        """
+        if not self.is_worker:
+            raise RuntimeError(f"rank {self.rank} is a server of this store; only workers push")
+        for name, t in (("w_bak", w_bak), ("g", g), ("ms", ms)):
+            if t is not None:
+                self._check_buffer(name, t)
+        hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay}
+        versions = []
+        for s in self.order:
+            lo, hi = self.bounds[s]
+            part = (w_bak[lo:hi], g[lo:hi], None if ms is None else ms[lo:hi])
+            if self.consistency == "locked":
+                versions.append(self._push_locked(s, *part, hyper))
+            else:
+                self._push_atomic(s, *part, hyper)
+        index = self._fetch_add(1)
+        tau = index - self._seen
+        self._seen = index + 1
+        return Push(index, tau, self.order, tuple(versions) if versions else None)
+
+    def _push_locked(self, s: int, w_bak, g, ms, hyper) -> int:
+        MPI = hcomm.mpi()
+        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        cur = self._cur[lo:hi]
+        win.Lock(owner, MPI.LOCK_EXCLUSIVE)
+        win.Get([self._count[:1], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
+        win.Get([cur.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT))
+        win.Flush(owner)
+        kernels.dc_update(cur, g, w_bak, ms, out=w_bak, **hyper)
+        self._count[1] = self._count[0] + 1
+        win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
+        win.Put([w_bak.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT))
+        win.Unlock(owner)
+        return int(self._count[0])
+
+    def _push_atomic(self, s: int, w_bak, g, ms, hyper) -> None:
+        MPI = hcomm.mpi()
+        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        cur, delta = self._cur[lo:hi], self._delta[lo:hi]
+        win.Lock(owner, MPI.LOCK_SHARED)
+        self._read(win, owner, cur.numpy())
+        win.Flush(owner)
+        kernels.dc_delta(cur, g, w_bak, ms, out=delta, w_out=w_bak, **hyper)
+        win.Accumulate([delta.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT),
+                       op=MPI.SUM)
+        win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
+        win.Unlock(owner)
+
+    def _read(self, win, owner: int, buf: np.ndarray) -> None:
+        """Read a shard's values; atomic mode reads with an accumulate (writers accumulate)."""
+        MPI = hcomm.mpi()
+        target = (_HEADER, len(buf), MPI.FLOAT)
+        if self.consistency == "atomic":
+            win.Get_accumulate([self._none, 0, MPI.FLOAT], [buf, MPI.FLOAT], owner,
+                               target=target, op=MPI.NO_OP)
+        else:
+            win.Get([buf, MPI.FLOAT], owner, target=target)
+
+    def _fetch_add(self, value: int) -> int:
+        MPI = hcomm.mpi()
+        host = self.hosts[0]
+        self._one[0] = value
+        self._counter.Lock(host, MPI.LOCK_SHARED)
+        self._counter.Fetch_and_op([self._one, MPI.INT64_T], [self._fetched, MPI.INT64_T], host,
+                                   0, op=MPI.SUM if value else MPI.NO_OP)
+        self._counter.Unlock(host)
+        self._one[0] = 1
+        return int(self._fetched[0])
+
+    def updates(self) -> int:
+        """The number of global updates so far."""
+        return self._fetch_add(0)
+
+    def shard_updates(self) -> list[int]:
+        """Updates applied to each shard so far."""
+        MPI = hcomm.mpi()
+        counts = []
+        for win, owner in zip(self.windows, self.owners, strict=True):
+            win.Lock(owner, MPI.LOCK_SHARED)
+            win.Get_accumulate([self._none, 0, MPI.INT64_T], [self._count[:1], MPI.INT64_T],
+                               owner, target=(0, 1, MPI.INT64_T), op=MPI.NO_OP)
+            win.Unlock(owner)
+            counts.append(int(self._count[0]))
+        return counts
+
+    def finish(self) -> None:
+        """Collective over ``comm``: workers say they are done; hosts serve until all are.
+
+        A hosting rank polls (``Iprobe``, then a short sleep) so that one-sided operations on
+        its windows progress where no hardware does it for them.
+        """
+        MPI = hcomm.mpi()
+        requests = [self._ctl.Isend([self._none, 0, MPI.FLOAT], host, _TAG_DONE)
+                    for host in (self.hosts if self.is_worker else [])]
+        done = 0
+        while self.is_host and done < self.num_workers:
+            if self._ctl.Iprobe(MPI.ANY_SOURCE, _TAG_DONE):
+                self._ctl.Recv([self._none, 0, MPI.FLOAT], MPI.ANY_SOURCE, _TAG_DONE)
+                done += 1
+            else:
+                time.sleep(self.poll_interval)
+        MPI.Request.Waitall(requests)
+        self.comm.Barrier()
+
+    def close(self) -> None:
+        """Collective over ``comm``: free the windows and communicators."""
+        for win in self.windows:
+            win.Free()
+        self._counter.Free()
+        self._ctl.Free()
+        if self.worker_comm is not None:
+            self.worker_comm.Free()
+        self.windows = []
+
+    def __enter__(self) -> ParameterStore:
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        # After an error, no collective: the other ranks may never reach it (the job aborts).
+        if exc_type is None and self.windows:
+            self.close()
+
+    def _check_buffer(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() \
+                or t.numel() != self.numel:
+            raise UsageError(f"store: {name} must be a contiguous float32 CPU vector of "
+                             f"{self.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")

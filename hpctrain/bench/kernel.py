@@ -1,0 +1,114 @@
+"""The fused compensation kernel: bytes touched per second against a copy and unfused torch.
+
+One DC-ASGD-c update reads g, w, w_bak and writes w: 16 bytes per element; DC-ASGD-a also reads
+and writes ms: 24 bytes. The baselines, measured in the same run and alternating with the
+kernel: a plain memory copy touching the same number of bytes (torch ``copy_`` of 8 or 12
+bytes per element: read plus write), and the same formula as unfused torch expressions. GB/s
+counts bytes touched (GB = 10^9 bytes); for unfused torch it counts the kernel's bytes, so the
+ratio of the two is the speed-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hpctrain import kernels
+
+DESCRIPTION = ("Fused DC-ASGD update kernel: GB/s touched against a memory copy of the same "
+               "bytes and against the unfused torch expression, both measured in the same run.")
+THREAD_LEVEL = "single"  # no MPI
+HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
+BYTES_PER_ELEMENT = {"dcasgd-c": 16, "dcasgd-a": 24}
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--elements", type=int, default=16 * 2**20, help="vector length")
+    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs of each, median kept")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+
+
+def unfused(w, g, w_bak, ms, *, lr, lam, ms_decay, weight_decay):
+    """The formula as a user writes it in torch (one temporary per operation)."""
+    gd = g + weight_decay * w_bak
+    if ms is not None:
+        ms.mul_(ms_decay).add_((1 - ms_decay) * gd * gd)
+        lam = lam / torch.sqrt(ms + 1e-7)
+    w.sub_(lr * (gd + lam * gd * gd * (w - w_bak)))
+
+
+def _timer(device: str):
+    if device == "cuda":
+        def timed(fn) -> float:
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            return time.perf_counter() - start
+    else:
+        def timed(fn) -> float:
+            start = time.perf_counter()
+            fn()
+            return time.perf_counter() - start
+    return timed
+
+
+def measure(n: int, threads: int, repeats: int, device: str) -> list[dict]:
+    """Median GB/s of the kernel, the copy and unfused torch for both variants."""
+    torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(0)
+    w, g, w_bak, ms = (torch.rand(n, generator=gen).to(device) for _ in range(4))
+    timed = _timer(device)
+    rows = []
+    for variant, per_elem in BYTES_PER_ELEMENT.items():
+        m = ms if variant == "dcasgd-a" else None
+        src = torch.rand(n * per_elem // 8, generator=gen).to(device)
+        dst = torch.empty_like(src)
+        runs = {
+            "fused": lambda m=m: kernels.dc_update(w, g, w_bak, m, **HYPER, threads=threads),
+            "copy": lambda src=src, dst=dst: dst.copy_(src),
+            "torch": lambda m=m: unfused(w, g, w_bak, m, **HYPER),
+        }
+        for fn in runs.values():  # warm-up: page faults, thread pools
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in runs}
+        for _ in range(repeats):
+            for name, fn in runs.items():
+                times[name].append(timed(fn))
+        touched = per_elem * n
+        gbs = {k: touched / statistics.median(v) / 1e9 for k, v in times.items()}
+        rows.append({"variant": variant, "threads": threads, "bytes_per_element": per_elem,
+                     "fused_gb_s": gbs["fused"], "copy_gb_s": gbs["copy"],
+                     "torch_gb_s": gbs["torch"], "vs_copy": gbs["fused"] / gbs["copy"],
+                     "vs_torch": gbs["fused"] / gbs["torch"]})
+        del src, dst
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure every thread count; print a table; return the figures."""
+    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device")
+    rows = [r for t in threads for r in measure(args.elements, t, args.repeats, args.device)]
+    print(f"fused DC-ASGD kernel, {args.elements} float32 elements, {args.device}, "
+          f"median of {args.repeats} (GB/s of bytes touched)")
+    print(f"{'variant':9} {'thr':>3} {'fused':>8} {'copy':>8} {'torch':>8} "
+          f"{'vs copy':>8} {'vs torch':>9}")
+    for r in rows:
+        print(f"{r['variant']:9} {r['threads']:>3} {r['fused_gb_s']:8.2f} {r['copy_gb_s']:8.2f} "
+              f"{r['torch_gb_s']:8.2f} {r['vs_copy']:8.2f} {r['vs_torch']:8.1f}x", flush=True)
+    return {"benchmark": "kernel", "elements": args.elements, "device": args.device,
+            "repeats": args.repeats, "openmp": bool(kernels.cpu_library().hpctrain_dc_openmp()),
+            "rows": rows}
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m hpctrain.bench.kernel",
+                                      description=DESCRIPTION)
+    add_arguments(_parser)
+    run(_parser.parse_args())

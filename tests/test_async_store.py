@@ -1,0 +1,231 @@
+"""The RMA parameter store and the ASGD / DC-ASGD optimizers.
+
+Single-process tests use a one-rank store on COMM_SELF; the ``mpi`` tests run under
+``mpirun -np 4 python -m pytest --with-mpi -m mpi`` with every rank a worker. MPI is used at
+whatever thread level the test process started it (shared-memory windows work at any).
+"""
+
+import random
+import time
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from hpctrain import comm, kernels
+from hpctrain.async_ import ASGD, DCASGD, ParameterStore, shard_bounds
+from hpctrain.async_.store import default_shards
+from hpctrain.errors import UsageError
+
+HYPER = {"lr": 0.05, "weight_decay": 1e-3}
+
+
+def small_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
+
+
+def flat_of(model) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def batches(seed: int, steps: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen))
+            for _ in range(steps)]
+
+
+def train(model, opt, data) -> list[torch.Tensor]:
+    """Plain loop; returns the flat gradient of every step."""
+    grads = []
+    for x, y in data:
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        opt.step()
+    return grads
+
+
+def test_shard_bounds_cover_and_align():
+    for numel, shards in [(1, 1), (7, 3), (1000, 4), (100003, 7), (64, 4)]:
+        b = shard_bounds(numel, shards)
+        assert len(b) == shards and b[0][0] == 0 and b[-1][1] == numel
+        assert all(lo < hi for lo, hi in b)
+        assert all(b[i][1] == b[i + 1][0] for i in range(shards - 1))
+        if numel >= 16 * shards:
+            assert all(lo % 16 == 0 for lo, _ in b)
+    assert default_shards(workers=4, hosts=4) == 4
+    assert default_shards(workers=3, hosts=1) == 3
+    assert default_shards(workers=5, hosts=2) == 6
+
+
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency):
+    MPI = comm.mpi()
+    data = batches(1, 25)
+    ref_model = small_model()
+    train(ref_model, torch.optim.SGD(ref_model.parameters(), **HYPER), data)
+    finals = {}
+    for name in ("asgd", "dcasgd-c", "dcasgd-a"):
+        model = small_model()
+        with ParameterStore(flat_of(model), MPI.COMM_SELF, shards=3,
+                            consistency=consistency) as store:
+            if name == "asgd":
+                opt = ASGD(model, store, **HYPER)
+            else:
+                opt = DCASGD(model, store, lam=5.0, adaptive=name == "dcasgd-a", **HYPER)
+            train(model, opt, data)
+            assert opt.staleness == [0] * 25
+            global_model = torch.empty(store.numel)
+            assert store.pull(global_model) == 25
+            assert torch.equal(global_model, flat_of(model))
+            store.finish()
+        finals[name] = flat_of(model)
+    # One worker: w == w_bak at every push, so the compensation term is exactly zero.
+    assert torch.equal(finals["dcasgd-c"], finals["asgd"])
+    assert torch.equal(finals["dcasgd-a"], finals["asgd"])
+    torch.testing.assert_close(finals["asgd"], flat_of(ref_model), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_store_arguments_rejected():
+    MPI = comm.mpi()
+    v = torch.zeros(10)
+    with pytest.raises(UsageError, match="consistency 'eventual'"):
+        ParameterStore(v, MPI.COMM_SELF, consistency="eventual")
+    with pytest.raises(UsageError, match="servers=1 with 1 ranks"):
+        ParameterStore(v, MPI.COMM_SELF, servers=1)
+    with pytest.raises(UsageError, match="shards=11"):
+        ParameterStore(v, MPI.COMM_SELF, shards=11)
+    with pytest.raises(UsageError, match="float64"):
+        ParameterStore(v.double(), MPI.COMM_SELF)
+
+
+def test_optimizer_rejects_a_model_of_another_size():
+    MPI = comm.mpi()
+    with ParameterStore(torch.zeros(10), MPI.COMM_SELF) as store:
+        with pytest.raises(UsageError, match="has 256 parameters, the store 10"):
+            ASGD(small_model(), store, lr=0.1)
+        store.finish()
+
+
+def worker_setup(world, consistency, shards, adaptive):
+    model = small_model()
+    store = ParameterStore(flat_of(model), world, shards=shards, consistency=consistency)
+    initial = flat_of(model)
+    opt = DCASGD(model, store, lam=2.0 if adaptive else 0.04, adaptive=adaptive, **HYPER)
+    world.Barrier()  # every worker has read the initial model before anyone pushes
+    return model, store, opt, initial
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120)
+def test_locked_pushes_replayed_in_lock_order_give_the_identical_model():
+    MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    model, store, opt, initial = worker_setup(world, "locked", shards=3, adaptive=True)
+    rng = random.Random(rank)
+    log = []
+    for step, (x, y) in enumerate(batches(100 + rank, 12)):
+        time.sleep(rng.random() * 0.004)  # vary the interleaving of workers
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+        opt.step()
+        log.append((rank, step, g, opt.last_push.order, opt.last_push.versions))
+    mine = flat_of(model)
+    world.Barrier()
+    final = torch.empty(store.numel)
+    store.pull(final)
+    logs = [e for part in world.allgather(log) for e in part]
+    workers_final = world.allgather(mine)
+    store.finish()
+    store.close()
+
+    pushes = size * 12
+    assert any(t > 0 for t in world.allgather(max(opt.staleness)))  # workers did interleave
+    # Every shard saw every push exactly once, numbered 0..pushes-1 in lock order.
+    for s in range(3):
+        counts = sorted(v[o.index(s)] for _, _, _, o, v in logs)
+        assert counts == list(range(pushes))
+    # Replay in one process, shard by shard in lock order: each worker's w_bak is what its own
+    # previous push on that shard wrote, its ms follows its own pushes.
+    bounds = store.bounds
+    replay = initial.clone()
+    w_bak = {r: initial.clone() for r in range(size)}
+    ms = {r: torch.zeros_like(initial) for r in range(size)}
+    for s, (lo, hi) in enumerate(bounds):
+        events = sorted(logs, key=lambda e, s=s: e[4][e[3].index(s)])
+        for r, _, g, _, _ in events:
+            kernels.dc_update(replay[lo:hi], g[lo:hi], w_bak[r][lo:hi], ms[r][lo:hi], lr=0.05,
+                              lam=2.0, ms_decay=0.95, weight_decay=1e-3)
+            w_bak[r][lo:hi] = replay[lo:hi]
+    assert torch.equal(replay, final)
+    for r in range(size):
+        assert torch.equal(w_bak[r], workers_final[r])
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120)
+def test_atomic_loses_no_update():
+    MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    # Integer steps: the sum is exact whatever the order, so a lost update cannot hide.
+    numel, steps = 5000, 40
+    start = torch.arange(numel, dtype=torch.float32)
+    with ParameterStore(start, world, shards=3, consistency="atomic") as store:
+        w = torch.empty(numel)
+        store.pull(w)
+        world.Barrier()
+        g = torch.full((numel,), float(rank + 1))
+        for _ in range(steps):
+            store.push(w, g, lr=1.0)
+        world.Barrier()
+        final = torch.empty(numel)
+        store.pull(final)
+        total = steps * sum(r + 1 for r in range(world.Get_size()))
+        assert torch.equal(start - final, torch.full((numel,), float(total)))
+        assert store.updates() == steps * world.Get_size()
+        assert store.shard_updates() == [steps * world.Get_size()] * 3
+        store.finish()
+
+    # DC-ASGD-a through the optimizer: final - initial is the sum of every pushed delta.
+    model, store, opt, initial = worker_setup(world, "atomic", shards=4, adaptive=True)
+    pushed = torch.zeros_like(initial, dtype=torch.float64)
+    for x, y in batches(200 + rank, 15):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        pushed += store.last_delta.double()
+    world.Barrier()
+    final = torch.empty(store.numel)
+    store.pull(final)
+    world.Allreduce(MPI.IN_PLACE, pushed.numpy(), op=MPI.SUM)
+    store.finish()
+    store.close()
+    torch.testing.assert_close((final.double() - initial.double()), pushed, rtol=0, atol=1e-5)
+    assert pushed.abs().max() > 1e-3
+
+
+@pytest.mark.mpi(min_size=4)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_staleness_in_lock_step(consistency):
+    MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    rank, size = world.Get_rank(), world.Get_size()
+    model, store, opt, _ = worker_setup(world, consistency, shards=size, adaptive=False)
+    rounds = 5
+    for x, y in batches(300 + rank, rounds):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for turn in range(size):  # workers push one after another, then the next round
+            if turn == rank:
+                opt.step()
+            world.Barrier()
+    # First round: the workers before me pushed since my pull; then every other worker once.
+    assert opt.staleness == [rank] + [size - 1] * (rounds - 1)
+    assert store.updates() == rounds * size
+    store.finish()
+    store.close()
