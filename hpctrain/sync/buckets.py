@@ -120,8 +120,14 @@ class BucketedAllreduce:
                        for i, p in enumerate(params)]
 
     @property
-    def bucket_count(self) -> int:
-        return len(self._buckets)
+    def bucket_sizes(self) -> list[int]:
+        """Bytes of each bucket, in launch order."""
+        return [b.buffer.numel() * b.buffer.element_size() for b in self._buckets]
+
+    @property
+    def started(self) -> int:
+        """Buckets whose allreduce has started since the last synchronize."""
+        return self._next
 
     def _on_grad(self, i: int, param: torch.Tensor) -> None:
         slot = self._slots[i]

@@ -106,9 +106,14 @@ class _DistributedOptimizer:
                                               backward_passes_per_step, bucket_bytes)
 
     @property
-    def bucket_count(self) -> int:
-        """Number of fused buckets (0 on a single process)."""
-        return self._reducer.bucket_count if self._reducer else 0
+    def bucket_sizes(self) -> list[int]:
+        """Bytes of each fused bucket, in launch order (none on a single process)."""
+        return self._reducer.bucket_sizes if self._reducer else []
+
+    @property
+    def buckets_started(self) -> int:
+        """Buckets whose allreduce has started since the last synchronize."""
+        return self._reducer.started if self._reducer else 0
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         _check_passes(passes)

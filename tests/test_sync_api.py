@@ -1,0 +1,509 @@
+"""hpctrain.sync, the Horovod-compatible API, on both backends.
+
+Single-process tests: names, pure helpers, errors raised before MPI starts.
+MPI tests: mpirun -np 2|4 python -m pytest --with-mpi -m mpi tests/test_sync_api.py
+Every rank builds the same model (same seed) and its own data (seeded by rank); the reference
+is computed in one process from all ranks' data. The horovod backend runs in the same
+processes, after mpi4py initialised MPI at thread level multiple; its tests are skipped only
+when horovod.torch cannot be imported.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import hpctrain.sync as sync
+from hpctrain import comm
+from hpctrain.errors import UsageError
+from hpctrain.sync.buckets import plan_buckets, scale_factors
+
+API = ("init shutdown is_initialized rank size local_rank local_size allreduce allreduce_ "
+       "allreduce_async allreduce_async_ synchronize poll allgather allgather_async broadcast "
+       "broadcast_ broadcast_async broadcast_async_ broadcast_object allgather_object "
+       "broadcast_parameters broadcast_optimizer_state DistributedOptimizer Compression Average "
+       "Sum Adasum mpi_built nccl_built gloo_built mpi_threads_supported mpi_enabled barrier")
+
+
+# ---------------------------------------------------------------- single process, no MPI
+
+def test_api_names_exist_like_horovod():
+    missing = [name for name in API.split() if not hasattr(sync, name)]
+    assert not missing
+    assert (int(sync.Average), int(sync.Sum), int(sync.Adasum)) == (0, 1, 2)  # Horovod's values
+    assert sync.Compression.fp16.wire_dtype(torch.float32) == torch.float16
+    assert sync.Compression.fp16.wire_dtype(torch.int64) == torch.int64
+    assert sync.mpi_built() and not sync.nccl_built() and not sync.gloo_built()
+
+
+def test_calls_before_init_and_bad_backend_are_one_line_errors():
+    with pytest.raises(UsageError, match=r"hpctrain\.sync\.rank\(\) called before"):
+        sync.rank()
+    with pytest.raises(UsageError, match="before"):
+        sync.DistributedOptimizer(torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1))
+    with pytest.raises(UsageError, match="unknown sync backend 'nccl'") as e:
+        sync.init(backend="nccl")
+    assert "\n" not in str(e.value)
+    assert not sync.is_initialized()
+
+
+def test_horovod_backend_without_horovod_says_make_setup(monkeypatch):
+    # A None entry in sys.modules is Python's own way to make an import fail.
+    monkeypatch.setitem(sys.modules, "horovod.torch", None)
+    with pytest.raises(UsageError, match="not importable.*make setup") as e:
+        sync.init(backend="horovod")
+    assert "\n" not in str(e.value)
+    assert sync.backend() is None
+
+
+def test_buckets_reverse_order_split_by_size_and_dtype():
+    f32, f16 = torch.float32, torch.float16
+    sizes = [(10, f32), (10, f32), (30, f32), (5, f16), (5, f16)]
+    assert plan_buckets(sizes, bucket_bytes=80) == [[4, 3], [2], [1, 0]]
+    assert plan_buckets(sizes, bucket_bytes=10**6) == [[4, 3], [2, 1, 0]]
+    assert plan_buckets(sizes, bucket_bytes=1) == [[4], [3], [2], [1], [0]]
+    assert plan_buckets([], bucket_bytes=1) == []
+
+
+def test_scale_factors_follow_horovod_average_split():
+    assert scale_factors(sync.Sum, 1.0, 4, cast=False) == (1.0, 1.0)
+    assert scale_factors(sync.Average, 1.0, 4, cast=False) == (0.25, 1.0)
+    assert scale_factors(sync.Average, 1.0, 4, cast=True) == (1.0, 0.25)
+    assert scale_factors(sync.Average, 2.0, 4, cast=False) == (0.5, 0.5)
+
+
+# ---------------------------------------------------------------- helpers for MPI tests
+
+def _horovod_missing() -> str | None:
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception as e:
+        return f"horovod.torch is not importable ({type(e).__name__}: {e}); run make setup"
+    return None
+
+
+@pytest.fixture(params=sync.BACKENDS)
+def hvd(request):
+    """hpctrain.sync started on the backend under test, shut down afterwards."""
+    if request.param == "horovod" and (why := _horovod_missing()):
+        pytest.skip(why)
+    torch.set_num_threads(1)
+    sync.init(backend=request.param)
+    yield sync
+    sync.shutdown()
+
+
+@pytest.fixture
+def mpi_backend():
+    torch.set_num_threads(1)
+    sync.init(backend="mpi")
+    yield sync
+    sync.shutdown()
+
+
+def _model(dtype=torch.float64) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(),
+                         nn.Linear(8, 3)).to(dtype)
+
+
+def _data(k: int, rows: int = 6, dtype=torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + k)
+    return (torch.randn(rows, 5, generator=g, dtype=dtype),
+            torch.randn(rows, 3, generator=g, dtype=dtype))
+
+
+def _loss(model: nn.Module, k: int, dtype=torch.float64) -> torch.Tensor:
+    x, y = _data(k, dtype=dtype)
+    return F.mse_loss(model(x), y)
+
+
+def _full_batch_grads(n: int, dtype=torch.float64) -> list[torch.Tensor]:
+    model = _model(dtype)
+    xs, ys = zip(*(_data(k, dtype=dtype) for k in range(n)), strict=True)
+    F.mse_loss(model(torch.cat(xs)), torch.cat(ys)).backward()
+    return [p.grad for p in model.parameters()]
+
+
+def _assert_close_all(actual, expected, **tol):
+    for a, e in zip(actual, expected, strict=True):
+        torch.testing.assert_close(a, e, **tol)
+
+
+def _wrap(hvd, model, **kwargs):
+    return hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                    named_parameters=model.named_parameters(), **kwargs)
+
+
+mpi = pytest.mark.mpi(min_size=2)
+timeout = pytest.mark.timeout(120)
+
+
+# ---------------------------------------------------------------- world and collectives
+
+@mpi
+@timeout
+def test_world_matches_mpi_and_reports_threads(hvd):
+    world = comm.world()
+    assert (hvd.rank(), hvd.size()) == (world.Get_rank(), world.Get_size())
+    assert hvd.local_size() == hvd.size()  # one node here
+    assert hvd.local_rank() == hvd.rank()
+    assert hvd.mpi_threads_supported()  # pytest-mpi imports mpi4py at MULTIPLE
+    assert hvd.mpi_built() and hvd.mpi_enabled() and hvd.is_initialized()
+
+
+@mpi
+@timeout
+def test_allreduce_average_sum_min_max_and_scaling(hvd):
+    r, n = hvd.rank(), hvd.size()
+    t = torch.arange(4.0, dtype=torch.float64) + r
+    total = torch.arange(4.0, dtype=torch.float64) * n + n * (n - 1) / 2
+    torch.testing.assert_close(hvd.allreduce(t), total / n)
+    torch.testing.assert_close(hvd.allreduce(t, op=hvd.Sum), total)
+    torch.testing.assert_close(hvd.allreduce(t, average=False), total)
+    torch.testing.assert_close(hvd.allreduce(t, op=hvd.Min), torch.arange(4.0).double())
+    torch.testing.assert_close(hvd.allreduce(t, op=hvd.Max), torch.arange(4.0).double() + n - 1)
+    torch.testing.assert_close(hvd.allreduce(t, op=hvd.Sum, prescale_factor=2.0,
+                                             postscale_factor=0.5), total)
+    assert torch.equal(t, torch.arange(4.0, dtype=torch.float64) + r)  # input untouched
+    ints = hvd.allreduce(torch.tensor([10 * r + 1, 7]))  # integer Average truncates
+    assert ints.tolist() == [int((10 * n * (n - 1) / 2 + n) / n), 7]
+
+
+@mpi
+@timeout
+def test_in_place_and_async_allreduce(hvd):
+    r, n = hvd.rank(), hvd.size()
+    t = torch.full((3, 2), float(r))
+    same = hvd.allreduce_(t, op=hvd.Sum)
+    assert same is t or same.data_ptr() == t.data_ptr()
+    assert torch.equal(t, torch.full((3, 2), n * (n - 1) / 2))
+    u = torch.full((5,), float(r + 1))
+    handle = hvd.allreduce_async(u, op=hvd.Sum)
+    in_place = hvd.allreduce_async_(torch.ones(2), op=hvd.Sum)
+    assert isinstance(hvd.poll(handle), bool)
+    assert torch.equal(hvd.synchronize(handle), torch.full((5,), n * (n + 1) / 2))
+    assert torch.equal(hvd.synchronize(in_place), torch.full((2,), float(n)))
+    assert torch.equal(u, torch.full((5,), float(r + 1)))
+
+
+@mpi
+@timeout
+def test_fp16_allreduce_and_compression(hvd):
+    n = hvd.size()
+    t = torch.full((8,), 0.5 + hvd.rank(), dtype=torch.float16)
+    out = hvd.allreduce(t, op=hvd.Sum)
+    assert out.dtype == torch.float16
+    assert torch.equal(out, torch.full((8,), 0.5 * n + n * (n - 1) / 2, dtype=torch.float16))
+    x = torch.full((4,), 1.0 / 3.0)
+    y = hvd.allreduce(x, compression=hvd.Compression.fp16)
+    assert y.dtype == torch.float32
+    torch.testing.assert_close(y, x, rtol=1e-3, atol=0)
+    assert not torch.equal(y, x)  # went through float16
+
+
+@mpi
+@timeout
+def test_allreduce_allgather_broadcast_are_differentiable(hvd):
+    # Weighted sums: Horovod cannot reduce the expanded (non-contiguous) gradient of .sum().
+    x = torch.ones(3, requires_grad=True)
+    (hvd.allreduce(x * 2) * torch.arange(3.0)).sum().backward()
+    torch.testing.assert_close(x.grad, torch.arange(3.0) * 2)
+    z = torch.ones(hvd.rank() + 1, 2, requires_grad=True)
+    out = hvd.allgather(z)
+    (out * torch.ones_like(out)).sum().backward()
+    torch.testing.assert_close(z.grad, torch.ones_like(z))
+    w = torch.ones(2, requires_grad=True)
+    (hvd.broadcast(w, 0) * torch.ones(2)).sum().backward()
+    torch.testing.assert_close(w.grad, torch.full((2,), 1.0 if hvd.rank() == 0 else 0.0))
+
+
+@mpi
+@timeout
+def test_allgather_concatenates_uneven_first_dimensions(hvd):
+    r, n = hvd.rank(), hvd.size()
+    out = hvd.allgather(torch.full((r + 1, 2), r, dtype=torch.int64))
+    assert out.tolist() == [[k, k] for k in range(n) for _ in range(k + 1)]
+    h = hvd.allgather_async(torch.tensor([float(r)]))
+    assert hvd.synchronize(h).tolist() == [float(k) for k in range(n)]
+
+
+@mpi
+@timeout
+def test_broadcast_variants_and_objects(hvd):
+    r, n = hvd.rank(), hvd.size()
+    root = n - 1
+    t = torch.arange(6.0).reshape(2, 3) * (r + 1)
+    expected = torch.arange(6.0).reshape(2, 3) * n
+    out = hvd.broadcast(t, root)
+    assert torch.equal(out, expected) and torch.equal(t, torch.arange(6.0).reshape(2, 3) * (r + 1))
+    assert torch.equal(hvd.broadcast_(t, root), expected) and torch.equal(t, expected)
+    h = hvd.broadcast_async(torch.tensor([r]), 0)
+    assert hvd.synchronize(h).tolist() == [0]
+    assert hvd.broadcast_object({"from": r, "list": [r] * 3}, root_rank=root) == \
+        {"from": root, "list": [root] * 3}
+    assert hvd.allgather_object(("rank", r)) == [("rank", k) for k in range(n)]
+
+
+@mpi
+@timeout
+def test_broadcast_parameters_and_optimizer_state(hvd):
+    r = hvd.rank()
+    torch.manual_seed(r)  # different models and optimizer states on every rank
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model(torch.randn(8, 4))  # running statistics differ too
+    opt = torch.optim.Adam(model.parameters(), lr=0.01 * (r + 1))
+    if r == 0:  # only the root has state: the others get theirs created, then overwritten
+        model(torch.randn(8, 4)).sum().backward()
+        opt.step()
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    mine = {"state": [t for t in model.state_dict().values()],
+            "exp_avg": [opt.state[p]["exp_avg"] for p in model.parameters()],
+            "step": [float(opt.state[p]["step"]) for p in model.parameters()],
+            "lr": opt.param_groups[0]["lr"]}
+    root = hvd.broadcast_object(mine, root_rank=0)
+    assert mine["lr"] == root["lr"] == 0.01
+    assert mine["step"] == root["step"] == [1.0] * 4
+    _assert_close_all(mine["state"] + mine["exp_avg"], root["state"] + root["exp_avg"],
+                      rtol=0, atol=0)
+    params = [nn.Parameter(torch.full((2,), float(r)))]
+    hvd.broadcast_parameters(params, root_rank=hvd.size() - 1)
+    assert params[0].tolist() == [hvd.size() - 1.0] * 2
+
+
+# ---------------------------------------------------------------- DistributedOptimizer
+
+@mpi
+@timeout
+@pytest.mark.parametrize("op", ["Average", "Sum"])
+def test_optimizer_gradients_match_full_batch_reference(hvd, op):
+    r, n = hvd.rank(), hvd.size()
+    model = _model()
+    opt = _wrap(hvd, model, op=getattr(hvd, op))
+    assert isinstance(opt, torch.optim.SGD)
+    _loss(model, r).backward()
+    opt.synchronize()
+    scale = n if op == "Sum" else 1
+    _assert_close_all([p.grad for p in model.parameters()],
+                      [g * scale for g in _full_batch_grads(n)], rtol=1e-12, atol=1e-14)
+    before = [p.detach().clone() for p in model.parameters()]
+    with opt.skip_synchronize():
+        opt.step()
+    _assert_close_all([p.detach() for p in model.parameters()],
+                      [b - 0.1 * g * scale for b, g in zip(before, _full_batch_grads(n),
+                                                           strict=True)], rtol=1e-12, atol=1e-14)
+
+
+@mpi
+@timeout
+def test_optimizer_steps_in_a_loop_like_a_full_batch_optimizer(hvd):
+    r, n = hvd.rank(), hvd.size()
+    model, ref = _model(), _model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=model.named_parameters())
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    xs, ys = zip(*(_data(k) for k in range(n)), strict=True)
+    for _ in range(3):
+        opt.zero_grad()
+        _loss(model, r).backward()
+        opt.step()
+        ref_opt.zero_grad()
+        F.mse_loss(ref(torch.cat(xs)), torch.cat(ys)).backward()
+        ref_opt.step()
+    _assert_close_all(list(model.parameters()), list(ref.parameters()), rtol=1e-12, atol=1e-14)
+
+
+@mpi
+@timeout
+def test_optimizer_fp16_compression_is_close_and_sent_as_half(hvd):
+    r, n = hvd.rank(), hvd.size()
+    model = _model(torch.float32)
+    opt = _wrap(hvd, model, compression=hvd.Compression.fp16)
+    _loss(model, r, torch.float32).backward()
+    opt.synchronize()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g.dtype == torch.float32 for g in grads)
+    _assert_close_all(grads, _full_batch_grads(n, torch.float32), rtol=2e-3, atol=1e-4)
+    if hvd.backend() == "mpi":  # half the bytes of the float32 gradients
+        full = _wrap(hvd, _model(torch.float32))
+        assert sum(opt.bucket_sizes) * 2 == sum(full.bucket_sizes) == \
+            4 * sum(p.numel() for p in model.parameters())
+
+
+@mpi
+@timeout
+def test_backward_passes_per_step_2_equals_one_step_on_double_batch(hvd):
+    r = hvd.rank()
+    model, double = _model(), _model()
+    opt = _wrap(hvd, model, backward_passes_per_step=2)
+    opt_double = _wrap(hvd, double)
+    x, y = _data(r, rows=8)
+    for half in (slice(0, 4), slice(4, 8)):  # the loss of each half weighs 1/2
+        (F.mse_loss(model(x[half]), y[half]) / 2).backward()
+    opt.step()
+    F.mse_loss(double(x), y).backward()
+    opt_double.step()
+    _assert_close_all(list(model.parameters()), list(double.parameters()), rtol=1e-12,
+                      atol=1e-14)
+
+
+@mpi
+@timeout
+def test_parameter_without_grad_on_some_ranks_does_not_deadlock(hvd):
+    r, n = hvd.rank(), hvd.size()
+
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(5, 3).double()
+            self.b = nn.Linear(5, 3).double()  # used by rank 0 only
+            self.unused = nn.Linear(5, 3).double()  # used by nobody
+
+        def forward(self, x, k):
+            return self.a(x) + (self.b(x) if k == 0 else 0)
+
+    model = TwoHeads()
+    opt = _wrap(hvd, model)
+    x, y = _data(r)
+    F.mse_loss(model(x, r), y).backward()
+    opt.synchronize()
+    ref = TwoHeads()
+    for k in range(n):
+        xk, yk = _data(k)
+        F.mse_loss(ref(xk, k), yk).backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters(), strict=True):
+        expected = torch.zeros_like(q) if q.grad is None else q.grad / n
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-14, msg=name)
+
+
+@mpi
+@timeout
+def test_gradient_predivide_factor_gives_the_same_average(hvd):
+    r, n = hvd.rank(), hvd.size()
+    model = _model()
+    opt = _wrap(hvd, model, gradient_predivide_factor=2.0)
+    _loss(model, r).backward()
+    opt.synchronize()
+    _assert_close_all([p.grad for p in model.parameters()], _full_batch_grads(n), rtol=1e-12,
+                      atol=1e-14)
+
+
+@mpi
+@timeout
+def test_synchronize_clip_then_skip_synchronize(hvd):
+    r, n = hvd.rank(), hvd.size()
+    model, ref = _model(), _model()
+    opt = _wrap(hvd, model)
+    _loss(model, r).backward()
+    opt.synchronize()
+    nn.utils.clip_grad_norm_(model.parameters(), 0.01)
+    with opt.skip_synchronize():
+        opt.step()
+    for p, g in zip(ref.parameters(), _full_batch_grads(n), strict=True):
+        p.grad = g
+    nn.utils.clip_grad_norm_(ref.parameters(), 0.01)
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    _assert_close_all(list(model.parameters()), list(ref.parameters()), rtol=1e-12, atol=1e-14)
+
+
+@mpi
+@timeout
+def test_lr_scheduler_and_state_dict_work_on_the_wrapped_optimizer(hvd):
+    model = _model()
+    opt = _wrap(hvd, model)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _loss(model, hvd.rank()).backward()
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+@mpi
+@timeout
+def test_duplicate_parameter_names_are_a_usage_error(hvd):
+    model = _model()
+    named = [("same", p) for p in model.parameters()]
+    with pytest.raises(UsageError, match="duplicate names: same") as e:
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                 named_parameters=named)
+    assert "\n" not in str(e.value)
+
+
+@mpi
+@timeout
+def test_size_one_world_from_comm_self(hvd):
+    backend = hvd.backend()
+    hvd.shutdown()
+    hvd.init(comm.mpi().COMM_SELF, backend=backend)
+    assert (hvd.size(), hvd.rank()) == (1, 0)
+    model = _model()
+    opt = _wrap(hvd, model)
+    _loss(model, 0).backward()
+    opt.step()
+    assert hvd.allreduce(torch.tensor([3.0])).item() == 3.0
+    assert hvd.broadcast_object("x") == "x"
+
+
+# ---------------------------------------------------------------- mpi backend only
+
+@mpi
+@timeout
+def test_many_buckets_give_the_same_gradients_as_one(mpi_backend):
+    hvd, r = mpi_backend, mpi_backend.rank()
+    grads = []
+    for bucket_bytes in (1, 600, 10**6):
+        model = _model()
+        opt = _wrap(hvd, model, bucket_bytes=bucket_bytes)
+        _loss(model, r).backward()
+        opt.synchronize()
+        grads.append(([p.grad.clone() for p in model.parameters()], len(opt.bucket_sizes)))
+    assert [count for _, count in grads] == [6, 3, 1]  # 6 parameters
+    for other, _ in grads[:2]:
+        _assert_close_all(other, grads[2][0], rtol=1e-15, atol=0)
+
+
+@mpi
+@timeout
+def test_buckets_start_while_backward_runs(mpi_backend):
+    model = _model()
+    opt = _wrap(mpi_backend, model, bucket_bytes=1)
+    seen = []
+    x, y = _data(mpi_backend.rank())
+    x.requires_grad_(True)  # its gradient is the very last thing backward computes
+    x.register_hook(lambda g: seen.append(opt.buckets_started))
+    F.mse_loss(model(x), y).backward()
+    assert seen and seen[0] >= 4  # the last two layers' buckets went out during backward
+    opt.synchronize()
+    assert opt.buckets_started == 0
+
+
+@mpi
+@timeout
+def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
+    hvd = mpi_backend
+    model = _model()
+    with pytest.raises(UsageError, match="Adasum is not supported by the mpi backend"):
+        _wrap(hvd, model, op=hvd.Adasum)
+    with pytest.raises(UsageError, match="Adasum"):
+        hvd.allreduce(torch.ones(2), op=hvd.Adasum)
+    with pytest.raises(UsageError, match="root_rank 99"):
+        hvd.broadcast(torch.ones(2), 99)
+    with pytest.raises(UsageError, match="runs the 'mpi' backend already"):
+        hvd.init(backend="horovod")
+    opt = _wrap(hvd, model)
+    _loss(model, hvd.rank()).backward()
+    with pytest.raises(UsageError, match="zero_grad"):
+        opt.zero_grad()
+    with pytest.raises(UsageError, match="more than backward_passes_per_step=1"):
+        _loss(model, hvd.rank()).backward()
+    opt.step()  # the first backward's gradients still go out, on every rank
+    opt.zero_grad()
