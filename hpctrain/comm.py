@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from functools import lru_cache
 from types import ModuleType
@@ -131,10 +132,13 @@ def _abort_hook(exc_type, exc, tb) -> None:
     if os.environ.get("HPCTRAIN_DEBUG"):
         traceback.print_exception(exc_type, exc, tb)
     status = 2 if isinstance(exc, UsageError) else 1
-    # Before MPI starts, every rank validates the same arguments: rank 0 speaks for all.
-    if initialised or r == 0:
-        where = f" (rank {r} of {n})" if initialised and n > 1 else ""
-        print(f"hpctrain: error{where}: {describe_error(exc)}", file=sys.stderr, flush=True)
+    if not initialised and r != 0:
+        # Before MPI starts every rank validates the same arguments and rank 0 speaks for all:
+        # the launcher ends this rank while it waits, unless rank 0 did not fail (a file
+        # missing on this node only), and then this rank must say it.
+        time.sleep(2)
+    where = f" (rank {r} of {n})" if initialised and n > 1 else ""
+    print(f"hpctrain: error{where}: {describe_error(exc)}", file=sys.stderr, flush=True)
     if initialised and n > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)
