@@ -1,0 +1,135 @@
+"""Whole async MPI jobs: dedicated servers over TCP without shared memory, and failing workers.
+
+Each test launches this file as its own ``mpirun`` job (the scenarios are below, under
+``__main__``), so each gets the MPI configuration it needs: ``--mca btl self,tcp --mca osc
+pt2pt`` at thread level ``serialized`` is Open MPI 4's inter-node one-sided path, where a
+window's host must call into MPI for operations on it to progress.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT, mpirun
+
+TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
+            "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
+BUSY_S = 8.0
+
+
+def run_scenario(name: str, np: int, *args: str, mpi_args=(), timeout: float = 120):
+    cmd = [*mpirun(np), *mpi_args, sys.executable, __file__, name, *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+
+
+def result_of(proc) -> dict:
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    assert len(lines) == 1, proc.stdout
+    return json.loads(lines[0][len("RESULT "):])
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(consistency):
+    res = result_of(run_scenario("busy", 4, consistency, mpi_args=TCP_ONLY))
+    assert res["mca"] == {"btl": "self,tcp", "osc": "pt2pt"}
+    assert res["thread_level"] == "serialized"
+    # Worker 0 finished all its pushes while worker 1 was still computing (no MPI calls for
+    # BUSY_S seconds): the servers, not the busy worker, progressed its operations.
+    assert res["pushes_done_at"] < res["busy_until"]
+    assert res["exact"], res
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("servers", ["0", "1"])
+def test_a_worker_that_raises_ends_the_whole_job(servers):
+    start = time.monotonic()
+    proc = run_scenario("raise", 3, servers, timeout=90)
+    assert proc.returncode != 0
+    assert "injected failure in worker 1" in proc.stderr
+    assert "rank 1 of 3" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 90
+
+
+# --- scenarios, run under mpirun -------------------------------------------------------------
+
+def _busy(consistency: str) -> None:
+    """Ranks 2, 3 serve; worker 0 pushes while worker 1 computes without calling MPI."""
+    import torch
+
+    from hpctrain import comm
+    from hpctrain.async_ import ParameterStore
+
+    MPI = comm.init("serialized")
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    numel, pushes = 100_000, 30
+    start = torch.arange(numel, dtype=torch.float32)
+    store = ParameterStore(start, world, servers=2, consistency=consistency)
+    result = {}
+    if store.is_worker:
+        w = torch.empty(numel)
+        store.pull(w)
+        store.worker_comm.Barrier()
+        g = torch.full((numel,), float(rank + 1))
+        if rank == 0:
+            for _ in range(pushes):
+                store.push(w, g, lr=1.0)
+            result["pushes_done_at"] = time.time()
+        else:
+            a = torch.randn(200, 200)
+            until = time.time() + BUSY_S
+            while time.time() < until:
+                a = torch.tanh(a @ a)
+            result["busy_until"] = time.time()
+            store.push(w, g, lr=1.0)
+        store.worker_comm.Barrier()
+        parts = store.worker_comm.gather(result, root=0)
+        if rank == 0:
+            final = torch.empty(numel)
+            store.pull(final)
+            expected = start - (pushes * 1 + 1 * 2)
+            result = {k: v for p in parts for k, v in p.items()}
+            result["exact"] = bool(torch.equal(final, expected))
+            result["mca"] = {k: os.environ.get(f"OMPI_MCA_{k}") for k in ("btl", "osc")}
+            result["thread_level"] = comm.library_info()["thread_level"]
+            print("RESULT " + json.dumps(result), flush=True)
+    store.finish()
+    store.close()
+
+
+def _raise(servers: str) -> None:
+    """Worker 1 raises at its 4th step while the others keep pushing or serving."""
+    import torch
+
+    from hpctrain import comm
+    from hpctrain.async_ import ParameterStore
+
+    MPI = comm.init("serialized")
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    store = ParameterStore(torch.zeros(1000), world, servers=int(servers))
+    if store.is_worker:
+        w, g = torch.zeros(1000), torch.ones(1000)
+        store.pull(w)
+        for step in range(100_000):
+            if rank == 1 and step == 3:
+                raise RuntimeError("injected failure in worker 1")
+            store.push(w, g, lr=1e-3)
+            time.sleep(0.01)
+    store.finish()
+    store.close()
+
+
+if __name__ == "__main__":
+    {"busy": _busy, "raise": _raise}[sys.argv[1]](*sys.argv[2:])
