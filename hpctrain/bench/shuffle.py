@@ -1,0 +1,123 @@
+"""Sharded global reshuffle: exchange throughput per rank against a raw Alltoallv.
+
+Each epoch the sharded global reshuffle moves every sample (image, label, id) to the rank that
+consumes it and puts it in consumption order. The baseline is one ``Alltoallv`` of exactly
+the same number of bytes between the same pairs of ranks, from and into contiguous
+buffers, measured in the same run, alternating with the reshuffle. Throughput is bytes a
+rank sends to other ranks per second (MB = 10^6 bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from hpctrain import comm
+from hpctrain.errors import UsageError
+from hpctrain.metrics import write_json_atomic
+from hpctrain.shuffle import make_train_data, order
+from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
+
+DESCRIPTION = ("Sharded global reshuffle (chunked Alltoallv, gather and reorder included): "
+               "MB/s per rank against a raw Alltoallv of the same bytes in the same run.")
+THREAD_LEVEL = "serialized"
+_META_BYTES = 16  # int64 label and id travel with each image
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--partition", default="iid", choices=("iid", "label-skew"))
+    parser.add_argument("--epochs", type=int, default=10,
+                        help="timed reshuffles (and as many raw runs), after one warm-up")
+    parser.add_argument("--shuffle-chunk-mb", type=float, default=DEFAULT_CHUNK_MB)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+
+
+def _raw_alltoallv(world, counts: np.ndarray, row_bytes: int) -> float:
+    """Seconds for one Alltoallv of ``counts[s, d]`` rows of ``row_bytes`` (contiguous)."""
+    MPI = comm.mpi()
+    me = world.Get_rank()
+    send, recv = counts[me], np.ascontiguousarray(counts[:, me])
+    # Both buffers touched before the clock starts, as the reshuffle's reused buffers are.
+    sbuf = np.ones((max(1, int(send.sum())), row_bytes), np.uint8)
+    rbuf = np.ones((max(1, int(recv.sum())), row_bytes), np.uint8)
+    row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
+    displ = [np.concatenate([[0], np.cumsum(c)[:-1]]) for c in (send, recv)]
+    try:
+        world.Barrier()
+        start = time.perf_counter()
+        world.Alltoallv([sbuf, (send, displ[0]), row], [rbuf, (recv, displ[1]), row])
+        return time.perf_counter() - start
+    finally:
+        row.Free()
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Alternate raw and reshuffle ``args.epochs`` times; return medians and their ratio."""
+    if args.epochs < 1:
+        raise UsageError(f"--epochs {args.epochs} must be >= 1")
+    world = comm.world()
+    ranks, me = world.Get_size(), world.Get_rank()
+    data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
+                                   shuffle="global", data_placement="sharded",
+                                   partition=args.partition,
+                                   shuffle_chunk_mb=args.shuffle_chunk_mb)
+    td = make_train_data(data_args, world)
+    row_bytes = 4 * int(np.prod(td.input_shape)) + _META_BYTES
+    td.epoch(0)  # warm-up: allocates the exchange's buffers
+    shuffle_mbs, raw_mbs, sent_mb = [], [], []
+    for epoch in range(1, args.epochs + 1):
+        dest, _ = order.global_destinations(args.seed, epoch, td.num_samples, ranks, td.held.ids)
+        mine = torch.bincount(dest, minlength=ranks).numpy().astype(np.int64)
+        counts = np.empty((ranks, ranks), np.int64)
+        world.Allgather(mine, counts)
+        sent = int(mine.sum() - mine[me]) * row_bytes
+        raw_s = _raw_alltoallv(world, counts, row_bytes)
+        before = td.stats()
+        world.Barrier()
+        td.epoch(epoch)
+        after = td.stats()
+        if after["bytes_moved"] - before["bytes_moved"] != sent:
+            raise RuntimeError("the reshuffle moved other bytes than the raw baseline")
+        raw_mbs.append(sent / raw_s / 1e6)
+        shuffle_mbs.append(sent / (after["exchange_s"] - before["exchange_s"]) / 1e6)
+        sent_mb.append(sent / 1e6)
+    # Per-rank medians, then the mean over ranks.
+    per_rank = world.allgather((statistics.median(shuffle_mbs), statistics.median(raw_mbs)))
+    shuffle_rate = statistics.fmean(s for s, _ in per_rank)
+    raw_rate = statistics.fmean(r for _, r in per_rank)
+    result = {"benchmark": "shuffle", "ranks": ranks, "dataset": args.dataset,
+              "partition": args.partition, "samples": td.num_samples,
+              "btl": os.environ.get("OMPI_MCA_btl", "default"),
+              "sample_bytes": row_bytes, "chunk_mb": args.shuffle_chunk_mb,
+              "epochs": args.epochs, "mb_sent_per_rank": statistics.fmean(sent_mb),
+              "reshuffle_mb_s_per_rank": shuffle_rate, "raw_alltoallv_mb_s_per_rank": raw_rate,
+              "ratio": shuffle_rate / raw_rate,
+              "per_rank": [{"reshuffle_mb_s": s, "raw_mb_s": r} for s, r in per_rank]}
+    if me == 0:
+        print(f"sharded global reshuffle, {ranks} ranks, {args.dataset} ({td.num_samples} "
+              f"samples, {row_bytes} B each), {result['mb_sent_per_rank']:.1f} MB sent per "
+              f"rank per epoch, median of {args.epochs}:\n"
+              f"  reshuffle {shuffle_rate:9.1f} MB/s per rank\n"
+              f"  raw       {raw_rate:9.1f} MB/s per rank\n"
+              f"  ratio     {result['ratio']:9.2f}  (goal >= 0.8)", flush=True)
+        if args.json:
+            write_json_atomic(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    comm.install_abort_on_error()
+    _parser = argparse.ArgumentParser(prog="python -m hpctrain.bench.shuffle",
+                                      description=DESCRIPTION)
+    add_arguments(_parser)
+    _args = _parser.parse_args()
+    comm.init(THREAD_LEVEL)
+    run(_args)
