@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from hpctrain import comm, data, models, shuffle
+from hpctrain import checkpoint, comm, data, models, shuffle
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
@@ -28,6 +28,9 @@ ALGORITHMS = {
     "ssgd": "hpctrain.sync.train",
     "ma": "hpctrain.ec.train",
     "ec": "hpctrain.ec.train",
+    "asgd": "hpctrain.async_.train",
+    "dcasgd-c": "hpctrain.async_.train",
+    "dcasgd-a": "hpctrain.async_.train",
 }
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
 BENCHMARKS: dict[str, str] = {
@@ -85,6 +88,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default runs/<algo>-<time>)")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch threads per rank")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    checkpoint.add_arguments(p)
+    p.add_argument("--max-bad-steps", type=_positive(int), default=10,
+                   help="stop after this many consecutive steps with NaN/Inf gradients")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with one algorithm",
                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_training_arguments(train)
+    checkpoint.add_run_arguments(train)
     shuffle.add_arguments(train.add_argument_group("data shuffling"))
     for module_name in dict.fromkeys(ALGORITHMS.values()):
         module = importlib.import_module(module_name)
@@ -138,6 +145,7 @@ def validate_training(args: argparse.Namespace) -> ModuleType:
     shuffle.validate(args)
     module = importlib.import_module(ALGORITHMS[args.algo])
     module.validate(args)
+    checkpoint.validate(args, getattr(module, "CHECKPOINTS", False), workers)
     if args.out and (Path(args.out) / "summary.json").exists():
         raise UsageError(f"--out {args.out} already holds a finished run; choose another folder")
     return module

@@ -11,18 +11,21 @@ import argparse
 import importlib.util
 import math
 import time
+from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
 
 import hpctrain.sync as hvd
-from hpctrain import comm, data, faults, models, shuffle
+from hpctrain import checkpoint, comm, data, faults, models, shuffle
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots, evaluate_snapshots
+from hpctrain.guard import GradientGuard
 from hpctrain.metrics import RunLog, progress
 from hpctrain.schedule import learning_rate, set_lr
 
 THREAD_LEVEL = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE.
+CHECKPOINTS = True  # --checkpoint-every / --resume: the same final model as an uninterrupted run
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
@@ -67,25 +70,34 @@ def run(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps
     snapshot_every = max(1, round(args.eval_every * steps))
     snapshots = Snapshots()
+    guard = GradientGuard(model.parameters(), args.max_bad_steps, world)
+    ckpt = checkpoint.Checkpointer(args, world, steps, total_steps,
+                                   shared={"model": model, "optimizer": optimizer},
+                                   per_rank={"guard": guard})
     bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
 
+    snapshots.take(model, t=0.0, epoch=0.0, updates=0)
+    done = ckpt.restore(snapshots)
+    updates, samples = done.get("updates", 0), done.get("samples", 0)
+    bar.update(updates)
     if distributed:
         world.Barrier()
-    start = time.perf_counter()
-    snapshots.take(model, t=0.0, epoch=0.0, updates=0)
-    updates = samples = 0
-    for epoch in range(args.epochs):
+    start = time.perf_counter() - done.get("elapsed", 0.0)
+    for epoch in range(updates // steps, args.epochs):
         local = train_data.epoch(epoch)
-        for i in range(steps):
+        for i in range(updates - epoch * steps, steps):
             set_lr(optimizer, learning_rate(args.lr, epoch + i / steps, args.epochs,
                                             args.lr_schedule, args.lr_milestones, args.lr_gamma))
             x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
             y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
             optimizer.zero_grad()
-            loss = F.cross_entropy(model(x), y)
+            loss = faults.inject(rank, updates, model, F.cross_entropy(model(x), y))
             loss.backward()
-            faults.inject(rank, updates, model)
-            optimizer.step()
+            if distributed:
+                optimizer.synchronize()
+            if guard.check(updates):  # NaN/Inf gradients are skipped on every rank
+                with optimizer.skip_synchronize() if distributed else nullcontext():
+                    optimizer.step()
             updates += 1
             samples += len(y)
             bar.update()
@@ -94,6 +106,8 @@ def run(args: argparse.Namespace) -> dict:
             if updates % snapshot_every == 0 or updates == total_steps:
                 snapshots.take(model, t=time.perf_counter() - start, epoch=updates / steps,
                                updates=updates)
+            ckpt.step(updates, {"samples": samples, "elapsed": time.perf_counter() - start},
+                      snapshots)
     wall = time.perf_counter() - start
     bar.close()
 
@@ -120,6 +134,8 @@ def run(args: argparse.Namespace) -> dict:
         "params": models.num_parameters(model),
         "out": args.out,
         **train_data.stats(),
+        **guard.summary(),
+        **ckpt.summary(),
     }
     log.write_summary(summary)
     return summary

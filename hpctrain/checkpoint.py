@@ -1,0 +1,440 @@
+"""Checkpoints: a run's whole state, written so that a killed job never loses a good one.
+
+A checkpoint file is one line of JSON (the header: format, SHA-256 and length of the payload,
+the algorithm, the number of workers, the update count, the run's arguments) followed by the
+payload, a ``torch.save`` of plain tensors, dicts, lists and numbers that is loaded with
+``weights_only=True`` after its checksum matched, so loading never executes code from the file.
+
+Rank 0 writes ``ckpt-<updates>.pt`` to a temporary file, fsyncs it, renames it into place and
+fsyncs the folder; only then does it delete checkpoints older than the last :data:`KEEP`. A
+writer killed at any moment therefore leaves the previous good checkpoint (and at worst a
+temporary file, removed by the next writer). Resuming takes the newest checkpoint that passes
+its checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and
+skipped. Snapshots of the model (the curve points, evaluated after training) are written once
+each to ``snapshots/`` and listed with their checksums in every later checkpoint, so
+checkpoints stay small however long the run.
+
+The position in the data is the update count: epoch ``updates // steps`` at step
+``updates % steps``, whose order the shuffle package derives from (seed, epoch) alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpctrain import faults
+from hpctrain.errors import UsageError
+from hpctrain.evaluate import Snapshot
+
+FORMAT = "hpctrain-checkpoint/1"
+KEEP = 2
+SUBDIR = "checkpoints"
+_NAME = re.compile(r"^ckpt-(\d+)\.pt$")
+_MAX_HEADER = 1 << 20
+# Options that may differ between a run and its resumption: they do not change the trajectory.
+_MAY_CHANGE = {"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
+               "no_progress", "threads", "data_dir"}
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be used (truncated, checksum mismatch, bad format)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def encode(payload, header: dict) -> bytes:
+    """The bytes of a checkpoint file: ``header`` (plus checksum and length) and ``payload``."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    head = {**header, "format": FORMAT, "sha256": hashlib.sha256(body).hexdigest(),
+            "bytes": len(body)}
+    return json.dumps(head, sort_keys=True).encode() + b"\n" + body
+
+
+def _parse_header(line: bytes, path: Path) -> dict:
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise CorruptCheckpoint(f"{path.name}: unreadable header") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path.name}: not an {FORMAT} file")
+    return header
+
+
+def read_header(path: str | Path) -> dict:
+    """The header of a checkpoint file, without reading or checking the payload."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _parse_header(f.readline(_MAX_HEADER), path)
+
+
+def load(path: str | Path) -> tuple[dict, object]:
+    """``(header, payload)`` of a checkpoint file; CorruptCheckpoint unless its checksum holds."""
+    path = Path(path)
+    blob = path.read_bytes()
+    line, sep, body = blob.partition(b"\n")
+    if not sep:
+        raise CorruptCheckpoint(f"{path.name}: truncated header")
+    header = _parse_header(line, path)
+    if len(body) != header.get("bytes"):
+        raise CorruptCheckpoint(f"{path.name}: {len(body)} payload bytes, header says "
+                                f"{header.get('bytes')} (truncated?)")
+    if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+        raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
+    try:
+        payload = torch.load(io.BytesIO(body), weights_only=True)
+    except Exception as e:  # a payload that hashes right but does not load: wrong writer
+        raise CorruptCheckpoint(f"{path.name}: payload does not load ({e})") from None
+    return header, payload
+
+
+def write_file(path: str | Path, blob: bytes, midway: Callable[[], None] | None = None) -> None:
+    """Write ``blob`` to ``path`` atomically and durably: temporary file, fsync, rename, fsync
+    of the folder. ``midway`` runs when half is written (fault injection)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            half = len(blob) // 2
+            f.write(blob[:half])
+            if midway is not None:
+                midway()
+            f.write(blob[half:])
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------
+# A folder of checkpoints
+
+
+def listing(folder: str | Path) -> list[Path]:
+    """The checkpoint files in ``folder``, newest (most updates) first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), folder / p) for p in os.listdir(folder) if (m := _NAME.match(p))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def save(folder: str | Path, updates: int, payload: dict, header: dict,
+         midway: Callable[[], None] | None = None) -> Path:
+    """Write checkpoint ``ckpt-<updates>.pt`` in ``folder``, then keep only the newest KEEP."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"ckpt-{updates:09d}.pt"
+    write_file(path, encode(payload, {**header, "updates": updates}), midway)
+    for old in listing(folder)[KEEP:]:
+        old.unlink(missing_ok=True)
+    for stale in [*folder.glob(".ckpt-*.tmp"), *folder.glob("snapshots/.*.tmp")]:
+        stale.unlink(missing_ok=True)  # left by a writer that was killed
+    return path
+
+
+def _load_snapshots(folder: Path, refs: list[dict]) -> list[Snapshot]:
+    out = []
+    for ref in refs:
+        path = folder / ref["file"]
+        try:
+            header, state = load(path)
+        except OSError as e:
+            raise CorruptCheckpoint(f"snapshot {ref['file']}: {e.strerror}") from None
+        if header["sha256"] != ref["sha256"]:
+            raise CorruptCheckpoint(f"snapshot {ref['file']} is not the one it lists")
+        out.append(Snapshot(state, ref["info"]))
+    return out
+
+
+def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
+                ) -> tuple[Path, dict, dict, list[Snapshot]] | None:
+    """The newest usable checkpoint in ``folder``: ``(path, header, payload, snapshots)``.
+
+    Each unusable one on the way is reported in one line, renamed ``*.corrupt`` (so that it
+    leaves the rotation) and skipped. None if no checkpoint is usable.
+    """
+    folder = Path(folder)
+    report = report or (lambda line: print(line, file=sys.stderr, flush=True))
+    for path in listing(folder):
+        try:
+            header, payload = load(path)
+            snapshots = _load_snapshots(folder, payload.get("snapshots", []))
+        except CorruptCheckpoint as e:
+            report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); "
+                   "falling back to the previous one")
+            path.rename(path.with_name(path.name + ".corrupt"))
+            continue
+        return path, header, payload, snapshots
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def parse_every(text: str) -> str:
+    """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned normalised)."""
+    value = str(text).strip()
+    number = value[:-1] if value.endswith("e") else value
+    try:
+        amount = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither seconds (600) nor epochs (2e)") from None
+    if not amount > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def add_arguments(p) -> None:
+    """``--checkpoint-every`` (an option every run of a comparison may share)."""
+    p.add_argument("--checkpoint-every", type=parse_every, default=None,
+                   help="write a checkpoint every N seconds, or every N epochs with Ne (e.g. "
+                   "1e); default: no checkpoints")
+
+
+def add_run_arguments(p) -> None:
+    """``--checkpoint-dir`` and ``--resume``: folders of one run."""
+    p.add_argument("--checkpoint-dir", default=None,
+                   help=f"folder for checkpoints (default <out>/{SUBDIR})")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run whose checkpoints are in DIR (a run's --out or its "
+                   "checkpoint folder) from its newest valid checkpoint")
+
+
+def resolve(folder: str | Path) -> Path:
+    """The checkpoint folder meant by ``--resume DIR``: DIR itself or ``DIR/checkpoints``."""
+    folder = Path(folder)
+    return folder if listing(folder) or not listing(folder / SUBDIR) else folder / SUBDIR
+
+
+def _jsonable(args: argparse.Namespace) -> dict:
+    return json.loads(json.dumps(vars(args), default=str))
+
+
+def validate(args: argparse.Namespace, supported: bool, workers: int) -> None:
+    """Check the checkpoint options before MPI starts; for ``--resume``, check that the newest
+    checkpoint's run is this one (same algorithm, workers, options) and default ``--out`` to it.
+    """
+    wanted = args.checkpoint_every is not None or args.resume is not None
+    if wanted and not supported:
+        raise UsageError(f"--algo {args.algo} cannot checkpoint or resume yet")
+    if args.resume is not None:
+        folder = resolve(args.resume)
+        header = _newest_header(folder, args.resume)
+        if header.get("algo") != args.algo or header.get("workers") != workers:
+            raise UsageError(f"--resume {args.resume}: its checkpoint is of --algo "
+                             f"{header.get('algo')} on {header.get('workers')} workers, not "
+                             f"--algo {args.algo} on {workers}")
+        old, new = header.get("args", {}), _jsonable(args)
+        for key in sorted(old.keys() & new.keys() - _MAY_CHANGE):
+            if old[key] != new[key]:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"--resume {args.resume}: the run was started with {flag} "
+                                 f"{old[key]}, not {new[key]}")
+        if args.out is None:
+            args.out = old.get("out")
+        if args.checkpoint_dir is None:
+            args.checkpoint_dir = str(folder)
+        args.resume = str(folder)
+    if args.checkpoint_every is not None and args.out is not None:
+        folder = Path(args.checkpoint_dir or Path(args.out) / SUBDIR)
+        if listing(folder) and (args.resume is None or
+                                folder.resolve() != Path(args.resume).resolve()):
+            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
+                             "resume it with --resume or choose another folder")
+
+
+def _newest_header(folder: Path, given: str) -> dict:
+    for path in listing(folder):
+        try:
+            return read_header(path)
+        except (CorruptCheckpoint, OSError):
+            continue
+    raise UsageError(f"--resume {given}: no checkpoint found there")
+
+
+# ----------------------------------------------------------------------------------------------
+# Random-number state of one rank
+
+
+def rng_state() -> dict:
+    """This process's torch and numpy random-number states, as plain tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# In a training loop
+
+
+class Checkpointer:
+    """Resuming and writing checkpoints from a training loop.
+
+    ``shared`` objects (``state_dict``/``load_state_dict``) are the same on every rank and saved
+    from rank 0; ``per_rank`` objects are gathered from every rank and each gets its own back,
+    as does its random-number state. With ``comm`` (collective), every rank calls
+    :meth:`restore` and :meth:`step` at the same updates. ``steps`` is steps per epoch.
+    """
+
+    def __init__(self, args: argparse.Namespace, comm, steps: int, total_steps: int,
+                 shared: dict, per_rank: dict | None = None):
+        self.comm, self.steps, self.total = comm, steps, total_steps
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.workers = comm.Get_size() if comm is not None else 1
+        self.shared, self.per_rank = shared, per_rank or {}
+        self.resume_dir = args.resume
+        self.header = {"algo": args.algo, "workers": self.workers, "args": _jsonable(args)}
+        every = args.checkpoint_every
+        self.enabled = every is not None
+        self.folder = Path(args.checkpoint_dir or Path(args.out) / SUBDIR)
+        self.by_epochs = self.enabled and every.endswith("e")
+        self.every = float(every[:-1] if self.by_epochs else every) if self.enabled else 0.0
+        self.interval = max(1, round(self.every * steps)) if self.by_epochs else 0
+        self.written = 0      # snapshots already in snapshots/
+        self.refs: list[dict] = []
+        self.count, self.seconds = 0, 0.0
+        self.resumed_from: list[int] = []
+        self.last = time.perf_counter()
+        self._request, self._flag = None, np.zeros(1, np.uint8)
+
+    def restore(self, snapshots: list) -> dict:
+        """With ``--resume``: load the newest valid checkpoint into the registered objects and
+        ``snapshots``; return its counters (``updates``, ``elapsed``, ...), else ``{}``."""
+        if self.resume_dir is None:
+            return {}
+        found = None
+        if self.rank == 0:
+            found = load_newest(self.resume_dir)
+            if found is None:
+                raise UsageError(f"--resume {self.resume_dir}: no usable checkpoint (all "
+                                 "failed their checksums)")
+        if self.comm is not None:
+            found = self.comm.bcast(found if self.rank == 0 else None, root=0)
+        path, header, payload, restored = found
+        for name, obj in self.shared.items():
+            obj.load_state_dict(payload["shared"][name])
+        mine = payload["ranks"][self.rank]
+        for name, obj in self.per_rank.items():
+            obj.load_state_dict(mine[name])
+        set_rng_state(mine["rng"])
+        snapshots[:] = restored
+        self.refs, self.written = list(payload["snapshots"]), len(restored)
+        counters = payload["counters"]
+        self.count = counters.get("checkpoints", 0)
+        self.seconds = counters.get("checkpoint_s", 0.0)
+        self.resumed_from = [*counters.get("resumed_from", []), header["updates"]]
+        if self.rank == 0:
+            print(f"hpctrain: resuming from {path} (update {header['updates']})",
+                  file=sys.stderr, flush=True)
+        self.last = time.perf_counter()
+        return counters
+
+    def step(self, updates: int, counters: dict, snapshots: list) -> bool:
+        """After update ``updates``: write a checkpoint if one is due; True if written.
+        ``counters`` (plain numbers: ``elapsed``, samples, ...) come back from restore."""
+        if not self._due(updates):
+            return False
+        start = time.perf_counter()
+        self._save(updates, counters, snapshots)
+        self.count += 1
+        self.seconds += time.perf_counter() - start
+        self.last = time.perf_counter()
+        return True
+
+    def _due(self, updates: int) -> bool:
+        if not self.enabled:
+            return False
+        if self.by_epochs:
+            return updates % self.interval == 0
+        if self.comm is None or self.workers == 1:
+            return time.perf_counter() - self.last >= self.every
+        # Rank 0's clock decides; its verdict travels in a 1-byte Ibcast overlapped with the
+        # next step, so all ranks checkpoint at the same update without a blocking message.
+        due = False
+        if self._request is not None:
+            self._request.Wait()
+            due = bool(self._flag[0])
+            self._request = None
+        if updates < self.total:  # the verdict for the next update (none after the last)
+            late = time.perf_counter() - self.last >= self.every
+            self._flag[0] = self.rank == 0 and late and not due
+            self._request = self.comm.Ibcast(self._flag, root=0)
+        return due
+
+    def _save(self, updates: int, counters: dict, snapshots: list) -> None:
+        mine = {name: obj.state_dict() for name, obj in self.per_rank.items()}
+        mine["rng"] = rng_state()
+        ranks = self.comm.gather(mine, root=0) if self.comm is not None else [mine]
+        if self.rank != 0:
+            return
+        (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
+        for i in range(self.written, len(snapshots)):
+            name = f"snapshots/{i:06d}.pt"
+            blob = encode(snapshots[i].state, {"info": snapshots[i].info})
+            write_file(self.folder / name, blob)
+            self.refs.append({"file": name, "sha256": _header_of(blob)["sha256"],
+                              "info": snapshots[i].info})
+        self.written = len(snapshots)
+        payload = {
+            "shared": {name: obj.state_dict() for name, obj in self.shared.items()},
+            "ranks": ranks,
+            "snapshots": self.refs,
+            "counters": {**counters, "updates": updates, "checkpoints": self.count + 1,
+                         "checkpoint_s": self.seconds, "resumed_from": self.resumed_from},
+        }
+        header = {**self.header, "epoch": updates / self.steps}
+        save(self.folder, updates, payload, header,
+             midway=lambda: faults.during_checkpoint(self.rank, updates))
+
+    def summary(self) -> dict:
+        """Checkpoints written (over the whole run), seconds spent writing, resume points."""
+        return {"checkpoints": self.count, "checkpoint_s": self.seconds,
+                "resumed_from_updates": self.resumed_from}
+
+
+def _header_of(blob: bytes) -> dict:
+    return json.loads(blob.partition(b"\n")[0])
