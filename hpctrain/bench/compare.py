@@ -40,7 +40,8 @@ DESCRIPTION = (
 THREAD_LEVEL = None  # a launcher of MPI jobs: it never initialises MPI itself
 
 SEQUENTIAL = ("sgd",)  # algorithms that run on one process whatever --workers says
-_OWN = ("--algo", "--out")  # training options compare sets per run
+# Training options that name one run (compare sets them per run), and never pass on as given.
+_PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
 _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
 
@@ -60,14 +61,14 @@ class _Forwarder:
 
     Each option is declared on ``group`` without type or default: values stay the strings the
     user typed (the train parser checks them, per algorithm) and only given options appear in
-    the parsed arguments.
+    the parsed arguments. Options in ``skip`` (compare's own, and per-run ones) are left out.
     """
 
-    def __init__(self, group, owner: str | None, options: list[TrainOption]):
-        self.group, self.owner, self.options = group, owner, options
+    def __init__(self, group, owner: str | None, options: list[TrainOption], skip: set[str]):
+        self.group, self.owner, self.options, self.skip = group, owner, options, skip
 
     def add_argument(self, *flags: str, **kw):
-        if flags[0] in _OWN:
+        if self.skip.intersection(flags):
             return None
         default = kw.pop("default", None)
         text = (kw.get("help") or "").replace("%(default)s", str(default))
@@ -87,39 +88,45 @@ class _Forwarder:
         return action
 
     def add_mutually_exclusive_group(self, **kw) -> _Forwarder:
-        return _Forwarder(self.group.add_mutually_exclusive_group(**kw), self.owner, self.options)
+        return _Forwarder(self.group.add_mutually_exclusive_group(**kw), self.owner, self.options,
+                          self.skip)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
-                        help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,dcasgd-a,"
-                             f"ma,ec (this hpctrain has: {', '.join(cli.ALGORITHMS)})")
-    parser.add_argument("--workers", type=int, default=4,
-                        help="processes per run (sgd always runs on one)")
-    parser.add_argument("--targets", default="0.8,0.85",
-                        help="test accuracies whose time to reach the report gives")
-    parser.add_argument("--launcher", default=argparse.SUPPRESS,
-                        help="command starting the processes of a run, with {np} for their "
-                             "number, e.g. 'mpirun -np {np}' or 'srun --mpi=pmix -n {np}'; "
-                             "default: $HPCTRAIN_LAUNCHER, else srun inside a Slurm allocation, "
-                             "else $HPCTRAIN_MPIRUN -np {np}, else mpirun (with "
-                             "--allow-run-as-root and --oversubscribe only where needed)")
-    parser.add_argument("--timeout", type=float, default=0.0,
-                        help="seconds after which a run is stopped and reported failed (0: none)")
-    parser.add_argument("--resume", action="store_true",
-                        help="finish a comparison already in --out: keep its finished runs, "
-                             "run the others")
-    parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
-                        help="output folder (DIR)")
+    mine = [
+        parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
+                            help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
+                                 "dcasgd-a,ma,ec (this hpctrain has: "
+                                 f"{', '.join(cli.ALGORITHMS)})"),
+        parser.add_argument("--workers", type=int, default=4,
+                            help="processes per run (sgd always runs on one)"),
+        parser.add_argument("--targets", default="0.8,0.85",
+                            help="test accuracies whose time to reach the report gives"),
+        parser.add_argument("--launcher", default=argparse.SUPPRESS,
+                            help="command starting the processes of a run, with {np} for their "
+                                 "number, e.g. 'mpirun -np {np}' or 'srun --mpi=pmix -n {np}'; "
+                                 "default: $HPCTRAIN_LAUNCHER, else srun inside a Slurm "
+                                 "allocation, else $HPCTRAIN_MPIRUN -np {np}, else mpirun (with "
+                                 "--allow-run-as-root and --oversubscribe only where needed)"),
+        parser.add_argument("--timeout", type=float, default=0.0,
+                            help="seconds after which a run is stopped and reported failed "
+                                 "(0: none)"),
+        parser.add_argument("--resume", action="store_true",
+                            help="finish a comparison already in --out: keep its finished runs, "
+                                 "run the others"),
+        parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
+                            help="output folder (DIR)"),
+    ]
+    skip = {*_PER_RUN, *(flag for action in mine for flag in action.option_strings)}
     options: list[TrainOption] = []
     shared = parser.add_argument_group("training options, given to every run")
-    cli.add_training_arguments(_Forwarder(shared, None, options))
-    shuffle.add_arguments(_Forwarder(shared, None, options))
+    cli.add_training_arguments(_Forwarder(shared, None, options, skip))
+    shuffle.add_arguments(_Forwarder(shared, None, options, skip))
     for module_name in dict.fromkeys(cli.ALGORITHMS.values()):
         algos = ", ".join(a for a, m in cli.ALGORITHMS.items() if m == module_name)
         group = parser.add_argument_group(f"options of {algos} (given only to them)")
         importlib.import_module(module_name).add_arguments(
-            _Forwarder(group, module_name, options))
+            _Forwarder(group, module_name, options, skip))
     parser.set_defaults(train_options=options)
 
 

@@ -1,0 +1,268 @@
+"""``slurm/*.sbatch`` on a real single-node Slurm (Debian's slurm-wlm and munge).
+
+The fixture starts munged, slurmctld and slurmd as root in a fresh folder under /tmp with their
+own configuration, key, state, spool and free ports, so nothing clashes with a site's Slurm or
+with another run of this test. Daemons are stopped by their process ids; a folder left by a
+crashed run (its owner process gone) is cleaned up, daemons included, by the next run. The test
+is skipped, with the reason, only where Slurm cannot start here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+PREFIX = "hpctrain-slurm-"
+NODE = "hpctrain-node"
+DAEMONS = ("munged", "slurmctld", "slurmd")
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress"]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _pids_of(folder: Path) -> list[int]:
+    """Processes of ``folder``'s Slurm: daemons (their command line names the folder), job
+    steps and their processes (their environment does, through SLURM_CONF)."""
+    key = str(folder).encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if key in (entry / "cmdline").read_bytes() or key in (entry / "environ").read_bytes():
+                pids.append(int(entry.name))
+        except OSError:  # gone meanwhile, or not ours to read
+            pass
+    return pids
+
+
+def _stop(folder: Path, grace: float = 10.0) -> None:
+    """SIGTERM, then after ``grace`` seconds SIGKILL, every process of ``folder``'s Slurm."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        for pid in _pids_of(folder):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        while _pids_of(folder) and time.monotonic() < deadline:
+            time.sleep(0.2)
+
+
+def _clean_leftovers() -> None:
+    """Stop the Slurm of earlier runs whose owner process died, and remove their folders."""
+    for folder in Path(tempfile.gettempdir()).glob(PREFIX + "*"):
+        try:
+            owner = int((folder / "owner").read_text())
+        except (OSError, ValueError):
+            owner = None
+        if owner is not None and _alive(owner):
+            continue  # another run of this test, still going
+        LocalSlurm(folder).stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+class LocalSlurm:
+    """A one-node Slurm in ``folder``; commands run with its configuration."""
+
+    def __init__(self, folder: Path):
+        self.dir = folder
+        self.daemons: list[subprocess.Popen] = []  # those started here, to reap them
+        self.env = {**os.environ, "SLURM_CONF": str(folder / "slurm.conf")}
+
+    def write_config(self) -> None:
+        d = self.dir
+        for sub in ("munge", "state", "spool", "log"):
+            (d / sub).mkdir(mode=0o700)
+        (d / "munge.key").write_bytes(os.urandom(1024))
+        (d / "munge.key").chmod(0o600)
+        ctld_port, slurmd_port = _free_ports(2)
+        host = socket.gethostname()
+        cpus = max(4, os.cpu_count() or 1)  # config_overrides lets the node claim more
+        (d / "slurm.conf").write_text(f"""\
+ClusterName=hpctrain-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={d}/munge/munge.socket
+StateSaveLocation={d}/state
+SlurmdSpoolDir={d}/spool
+SlurmctldPidFile={d}/slurmctld.pid
+SlurmdPidFile={d}/slurmd.pid
+SlurmctldLogFile={d}/log/slurmctld.log
+SlurmdLogFile={d}/log/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SlurmdParameters=config_overrides
+MpiDefault=none
+ReturnToService=2
+SchedulerType=sched/builtin
+NodeName={NODE} NodeHostname={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+""")
+
+    def _start(self, name: str, *args: str) -> None:
+        with open(self.dir / "log" / f"{name}.out", "wb") as log:
+            proc = subprocess.Popen([name, *args], stdout=log, stderr=subprocess.STDOUT,
+                                    env=self.env, start_new_session=True)
+        self.daemons.append(proc)
+        time.sleep(0.5)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{name} exited at once: {self.log_tail(name)}")
+
+    def start(self, timeout: float = 60.0) -> None:
+        d = self.dir
+        self._start("munged", "--foreground", "--force", f"--socket={d}/munge/munge.socket",
+                    f"--key-file={d}/munge.key", f"--pid-file={d}/munge/munged.pid",
+                    f"--log-file={d}/log/munged.log", f"--seed-file={d}/munge/seed")
+        self._start("slurmctld", "-D", "-c", "-f", str(d / "slurm.conf"))
+        self._start("slurmd", "-D", "-N", NODE, "-f", str(d / "slurm.conf"))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False).stdout.strip()
+            if state in ("idle", "mixed", "allocated"):
+                return
+            if state.startswith(("down", "drain")):
+                self.run("scontrol", "update", f"nodename={NODE}", "state=resume", check=False)
+            time.sleep(1)
+        raise RuntimeError(f"node not ready after {timeout:.0f}s (state {state!r}): "
+                           f"{self.log_tail('slurmctld')} {self.log_tail('slurmd')}")
+
+    def run(self, *cmd: str, check: bool = True, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
+                              timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
+        return proc
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        texts = [p.read_text(errors="replace") for p in (self.dir / "log").glob(f"{name}*")]
+        return " | ".join(" / ".join(t.strip().splitlines()[-lines:]) for t in texts if t)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        """Cancel the jobs, wait for them to end, then stop every process of this Slurm."""
+        try:
+            self.run("scancel", "--full", "--partition=test", check=False, timeout=10)
+            deadline = time.monotonic() + timeout
+            while self.run("squeue", "-h", check=False, timeout=10).stdout.strip() \
+                    and time.monotonic() < deadline:
+                time.sleep(0.5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass  # daemons already gone: their processes are stopped below all the same
+        _stop(self.dir)
+        for proc in self.daemons:
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    missing = [d for d in (*DAEMONS, "sbatch", "sinfo") if shutil.which(d) is None]
+    if missing:
+        pytest.skip(f"Slurm cannot start: {', '.join(missing)} not installed "
+                    "(Debian: apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("Slurm cannot start: slurmd and slurmctld run as root in this test")
+    _clean_leftovers()
+    folder = Path(tempfile.mkdtemp(prefix=PREFIX))
+    (folder / "owner").write_text(str(os.getpid()))
+    cluster = LocalSlurm(folder)
+    try:
+        cluster.write_config()
+        try:
+            cluster.start()
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"Slurm cannot start here: {e}")
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def sbatch(cluster: LocalSlurm, script: str, options: list[str], args: list[str],
+           env: dict, timeout: float = 240) -> tuple[str, Path]:
+    """Submit ``slurm/<script>``, wait for the job to end; return its id and working folder."""
+    work = Path(tempfile.mkdtemp(dir=cluster.dir, prefix="job-"))
+    exports = ",".join(f"{k}={v}" for k, v in env.items())
+    job = cluster.run("sbatch", "--parsable", f"--chdir={work}", f"--output={work}/slurm-%j.out",
+                      f"--export=ALL,{exports}", *options, str(ROOT / "slurm" / script),
+                      *args).stdout.strip().split(";")[0]
+    deadline = time.monotonic() + timeout
+    while True:
+        fields = dict(f.split("=", 1) for f in cluster.run(
+            "scontrol", "-o", "show", "job", job).stdout.split() if "=" in f)
+        if fields["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            break
+        if time.monotonic() > deadline:
+            cluster.run("scancel", job, check=False)
+            pytest.fail(f"job {job} of {script} not done in {timeout}s: {fields['JobState']}")
+        time.sleep(0.5)
+    logs = "\n".join(p.read_text(errors="replace") for p in work.glob("slurm-*.out"))
+    assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), \
+        f"{script}: job {job} {fields['JobState']} {fields['ExitCode']}:\n{logs}"
+    return job, work
+
+
+JOB_ENV = {"HPCTRAIN_PYTHON": sys.executable, "HPCTRAIN_MPIRUN_ARGS": "-x OMPI_MCA_osc=^ucx"}
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("launch", ["mpirun", "srun"])
+def test_train_sbatch_runs_a_two_task_job(slurm, launch):
+    job, work = sbatch(slurm, "train.sbatch",
+                       ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"],
+                       ["--algo", "ssgd", *SMALL], {**JOB_ENV, "HPCTRAIN_LAUNCH": launch})
+    out = work / "runs" / f"train-{job}"  # outputs are named by the job id
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["algo"], summary["workers"]) == ("ssgd", 2)
+    assert 0.0 <= summary["final_test_acc"] <= 1.0 and summary["updates"] > 0
+    log = (work / f"slurm-{job}.out").read_text()
+    assert "OMP_NUM_THREADS=1" in log and f"launcher {launch}" in log
+
+
+@pytest.mark.timeout(400)
+def test_compare_sbatch_runs_every_algorithm_inside_the_allocation(slurm):
+    job, work = sbatch(slurm, "compare.sbatch",
+                       ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"],
+                       ["--algos", "sgd,ssgd", *SMALL], JOB_ENV)
+    out = work / "runs" / f"compare-{job}"
+    record = json.loads((out / "compare.json").read_text())
+    assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
+    assert record["workers"] == 2 and (out / "report.md").is_file()
