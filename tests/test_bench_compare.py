@@ -144,17 +144,18 @@ def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_failing_algorithm_is_a_row_and_resume_reruns_only_it(tmp_path):
+def test_a_failing_algorithm_is_a_row_and_resume_continues_only_it(tmp_path):
     out = tmp_path / "cmp"
+    # ssgd on 2 ranks: 16 steps per epoch, a checkpoint every 4.
     args = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", *SMALL,
-            "--out", str(out)]
+            "--checkpoint-every", "0.25e", "--out", str(out)]
     # Rank 1 exists only in the 2-process ssgd run: sgd is untouched.
-    proc = run_job(args, np=0, timeout=240, env={"HPCTRAIN_INJECT": "raise@1:2"})
+    proc = run_job(args, np=0, timeout=240, env={"HPCTRAIN_INJECT": "raise@1:10"})
     assert proc.returncode == 0, proc.stderr
     rows = table_rows((out / "report.md").read_text())
     assert rows["sgd"][-1] == "ok"
     assert rows["ssgd"][-1] == ("failed: hpctrain: error (rank 1 of 2): "
-                                "RuntimeError: injected fault at step 2")
+                                "RuntimeError: injected fault at step 10")
     assert "injected fault" in (out / "ssgd" / "stderr.log").read_text()
 
     refused = run_job(args, np=0, timeout=60)
@@ -167,3 +168,6 @@ def test_a_failing_algorithm_is_a_row_and_resume_reruns_only_it(tmp_path):
     assert (out / "sgd" / "summary.json").read_bytes() == sgd_summary
     rows = table_rows((out / "report.md").read_text())
     assert rows["sgd"][-1] == rows["ssgd"][-1] == "ok"
+    record = json.loads((out / "compare.json").read_text())
+    assert record["runs"]["ssgd"]["command"].endswith(f"--resume {out / 'ssgd'}")
+    assert json.loads((out / "ssgd" / "summary.json").read_text())["updates"] == 16

@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpctrain import cli, shuffle
+from hpctrain import checkpoint, cli, shuffle
 from hpctrain.bench import report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
@@ -113,7 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "(0: none)"),
         parser.add_argument("--resume", action="store_true",
                             help="finish a comparison already in --out: keep its finished runs, "
-                                 "run the others"),
+                                 "continue those that left checkpoints, run the others"),
         parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
                             help="output folder (DIR)"),
     ]
@@ -218,6 +218,13 @@ def plan(args: argparse.Namespace) -> list[Run]:
         ignored = [opt.flag for opt, _ in given if opt.owner not in (None, module_name)]
         runs.append(Run(algo, np, command, ignored))
     return runs
+
+
+def continued(run: Run, run_dir: Path) -> Run:
+    """``run`` resuming from the checkpoints an earlier attempt left in ``run_dir``, if any."""
+    if run.command is None or not checkpoint.listing(run_dir / checkpoint.SUBDIR):
+        return run
+    return replace(run, command=[*run.command, "--resume", str(run_dir)])
 
 
 def last_error(lines: list[str], returncode: int) -> str:
@@ -355,7 +362,8 @@ def run(args: argparse.Namespace) -> dict:
             result = {"status": "not available", "ignored": [],
                       "error": f"this hpctrain has no algorithm {r.algo!r} (it has: {known})"}
         else:
-            result = execute(r, out / r.algo, label, args.timeout)
+            result = execute(continued(r, out / r.algo) if args.resume else r, out / r.algo,
+                             label, args.timeout)
         print(f"{label} {result['status']}" + (f": {result['error']}" if result["error"] else ""),
               file=sys.stderr, flush=True)
         record["runs"][r.algo] = result
