@@ -1,0 +1,171 @@
+"""Whole jobs interrupted and resumed: the same final model, curve and counts as one that ran
+straight through (same seed), for sgd and ssgd on 2 and 4 ranks."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_job
+
+from hpctrain import checkpoint
+
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "3", "--no-progress",
+         "--seed", "7", "--momentum", "0.9", "--eval-every", "0.5"]
+
+
+def train(out, algo: str, np: int, *extra: str, env: dict | None = None, timeout: float = 180):
+    batch = ["--batch-size", "16"] if algo == "ssgd" else []
+    return run_job(["train", "--algo", algo, *SMALL, *batch, "--out", str(out), *extra],
+                   np=np, env=env, timeout=timeout)
+
+
+def resume(out, algo: str, np: int, *extra: str):
+    proc = train(out, algo, np, "--resume", str(out), *extra)
+    assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def final_model(out) -> dict:
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def curve(out) -> list[dict]:
+    """metrics.jsonl without the wall times."""
+    points = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in p.items() if k != "t"} for p in points]
+
+
+def assert_same_run(a, b):
+    ma, mb = final_model(a), final_model(b)
+    assert ma.keys() == mb.keys()
+    for k in ma:
+        assert torch.equal(ma[k], mb[k]), k  # bit for bit
+    assert curve(a) == curve(b)
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for key in ("updates", "final_test_acc", "final_test_loss", "skipped_steps",
+                "bad_gradients_per_worker"):
+        assert sa[key] == sb[key], key
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Uninterrupted runs without checkpoints, one per (algo, ranks), made on first use."""
+    made = {}
+
+    def get(algo: str, np: int, env: dict | None = None):
+        key = (algo, np, json.dumps(env))
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"{algo}{np}") / "run"
+            proc = train(out, algo, np, env=env)
+            assert proc.returncode == 0, proc.stderr
+            made[key] = out
+        return made[key]
+    return get
+
+
+@pytest.mark.timeout(300)
+def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight):
+    out = tmp_path / "run"
+    proc = train(out, "sgd", 0, "--checkpoint-every", "1e", env={"HPCTRAIN_INJECT": "kill@0:70"})
+    assert proc.returncode != 0
+    assert [p.name for p in checkpoint.listing(out / "checkpoints")] == \
+        ["ckpt-000000064.pt", "ckpt-000000032.pt"]
+    assert not (out / "summary.json").exists()
+    proc = resume(out, "sgd", 0, "--checkpoint-every", "1e")
+    assert "resuming from" in proc.stderr and "update 64" in proc.stderr
+    assert_same_run(out, straight("sgd", 0))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [64] and summary["checkpoints"] == 3
+
+
+@pytest.mark.timeout(300)
+def test_ssgd_2_killed_every_few_seconds_resumed_twice(tmp_path, straight):
+    """Time-based checkpoints (rank 0's clock decides for all), a rank SIGKILLed, resumed;
+    then killed again after resuming and resumed again."""
+    out = tmp_path / "run"
+    every = ["--checkpoint-every", "0.1"]
+    proc = train(out, "ssgd", 2, *every, env={"HPCTRAIN_INJECT": "kill@1:110"})
+    assert proc.returncode != 0
+    assert "rank 1" in proc.stderr and "signal 9" in proc.stderr
+    first = checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"]
+    assert 0 < first <= 110
+    proc = train(out, "ssgd", 2, "--resume", str(out), *every,
+                 env={"HPCTRAIN_INJECT": "kill@0:185"})
+    assert proc.returncode != 0
+    resume(out, "ssgd", 2, *every)
+    assert_same_run(out, straight("ssgd", 2))
+    summary = json.loads((out / "summary.json").read_text())
+    # The second run wrote a checkpoint before its kill unless its 75 steps took < 0.1 s.
+    assert summary["resumed_from_updates"][0] == first
+    assert len(summary["resumed_from_updates"]) in (1, 2)
+
+
+@pytest.mark.timeout(300)
+def test_ssgd_4_raise_after_checkpoint_then_resume(tmp_path, straight):
+    """An exception on one rank (abort path) after the epoch-1 checkpoint; NaN gradients on
+    another rank before it: the skipped step and its count survive the resume."""
+    out = tmp_path / "run"
+    nan = "nan@2:5"
+    proc = train(out, "ssgd", 4, "--checkpoint-every", "1e",
+                 env={"HPCTRAIN_INJECT": f"{nan},raise@3:40"})
+    assert proc.returncode != 0
+    assert "hpctrain: error (rank 3 of 4): RuntimeError: injected fault at step 40" in proc.stderr
+    assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 32
+    resume(out, "ssgd", 4, "--checkpoint-every", "1e")
+    assert_same_run(out, straight("ssgd", 4, env={"HPCTRAIN_INJECT": nan}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 1 and summary["bad_gradients_per_worker"] == [0, 0, 1, 0]
+
+
+@pytest.mark.timeout(300)
+def test_killed_while_writing_a_checkpoint_then_corrupt_newest(tmp_path, straight):
+    """Rank 0 SIGKILLed halfway through writing the epoch-2 checkpoint: the epoch-1 one is
+    intact. After the resumed run's next checkpoint, the newest is damaged on disk: the next
+    resume reports it in one line and falls back to the previous good one."""
+    out = tmp_path / "run"
+    folder = out / "checkpoints"
+    proc = train(out, "ssgd", 2, "--checkpoint-every", "1e",
+                 env={"HPCTRAIN_INJECT": "killckpt@0:128"})
+    assert proc.returncode != 0
+    assert [p.name for p in checkpoint.listing(folder)] == ["ckpt-000000064.pt"]
+    assert list(folder.glob(".ckpt-000000128.pt.*.tmp"))  # the torn write, never renamed
+
+    proc = train(out, "ssgd", 2, "--resume", str(out), "--checkpoint-every", "1e",
+                 env={"HPCTRAIN_INJECT": "kill@1:140"})
+    assert proc.returncode != 0
+    newest = checkpoint.listing(folder)[0]
+    assert newest.name == "ckpt-000000128.pt" and not list(folder.glob("*.tmp"))
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+
+    proc = resume(out, "ssgd", 2, "--checkpoint-every", "1e")
+    reports = [line for line in proc.stderr.splitlines() if "unusable" in line]
+    assert len(reports) == 1 and "ckpt-000000128.pt" in reports[0] and "checksum" in reports[0]
+    assert "update 64" in proc.stderr
+    assert_same_run(out, straight("ssgd", 2))
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
+
+
+@pytest.mark.timeout(120)
+def test_resume_refusals(tmp_path):
+    out = tmp_path / "run"
+    proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "0.5e",
+                 env={"HPCTRAIN_INJECT": "raise@0:20"})
+    assert proc.returncode != 0 and checkpoint.listing(out / "checkpoints")
+    cases = [
+        (["--resume", str(tmp_path / "nothing")], "no checkpoint found there"),
+        (["--resume", str(out), "--lr", "0.1"], "the run was started with --lr 0.05, not 0.1"),
+        ([], "holds another run's checkpoints"),
+        (["--checkpoint-every", "0"], "--checkpoint-every: must be > 0, got 0"),
+        (["--checkpoint-every", "ten"], "neither seconds (600) nor epochs (2e)"),
+        (["--max-bad-steps", "0"], "--max-bad-steps: must be > 0, got 0"),
+    ]
+    for extra, pattern in cases:
+        proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "1e", *extra)
+        assert proc.returncode == 2, (extra, proc.stderr)
+        assert [pattern in line for line in error_lines(proc)] == [True], (extra, proc.stderr)
+    assert not (out / "summary.json").exists()
