@@ -188,7 +188,11 @@ class BucketedAllreduce:
 
     def _unpack(self, bucket: _Bucket) -> None:
         if not bucket.cast:
-            scale_(bucket.buffer, bucket.post)  # every .grad already views the buffer
+            scale_(bucket.buffer, bucket.post)
+            for i in bucket.slots:  # .grad views the buffer unless reassigned since packing
+                slot = self._slots[i]
+                if slot.param.grad is None or slot.param.grad.data_ptr() != slot.view.data_ptr():
+                    slot.param.grad = slot.view
             return
         for i in bucket.slots:
             slot = self._slots[i]
