@@ -1,0 +1,133 @@
+"""Faults: NaN/Inf gradients are never applied; a dead rank ends the job in bounded time."""
+
+import json
+
+import pytest
+import torch
+from conftest import run_job
+
+from hpctrain import faults
+from hpctrain.errors import UsageError
+from hpctrain.guard import GradientGuard, TooManyBadSteps, all_finite
+
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress",
+         "--seed", "3", "--lr", "0.1"]
+
+
+def make_grads(model, value: float | None = None):
+    x = torch.randn(4, 3)
+    loss = model(x).sum()
+    if value is not None:
+        loss = loss * value
+    model.zero_grad()
+    loss.backward()
+
+
+def test_all_finite():
+    assert all_finite([torch.ones(3), torch.zeros(2, 2)]) and all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])
+
+
+def test_guard_skips_counts_and_stops():
+    model = torch.nn.Linear(3, 2)
+    guard = GradientGuard(model.parameters(), max_bad_steps=3)
+    make_grads(model)
+    assert guard.check(0)
+    for update in (1, 2):
+        make_grads(model, float("nan"))
+        assert not guard.check(update)
+    make_grads(model)
+    assert guard.check(3) and guard.consecutive == 0
+    assert guard.summary() == {"skipped_steps": 2, "bad_gradients_per_worker": [2],
+                               "max_bad_steps": 3}
+    for update in (4, 5):
+        make_grads(model, float("inf"))
+        assert not guard.check(update)
+    make_grads(model, float("nan"))
+    with pytest.raises(TooManyBadSteps, match=r"3 consecutive steps \(updates 4-6\)"):
+        guard.check(6)
+
+
+def test_guard_state_round_trip():
+    model = torch.nn.Linear(3, 2)
+    a = GradientGuard(model.parameters(), 5)
+    make_grads(model, float("nan"))
+    a.check(0)
+    b = GradientGuard(model.parameters(), 5)
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict() == {"skipped": 1, "consecutive": 1, "bad_here": 1}
+
+
+def test_inject_poisons_the_loss_or_the_gradients(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    monkeypatch.setenv("HPCTRAIN_INJECT", "nan@0:1,inf@1:2")
+    loss = torch.tensor(2.0)
+    assert faults.inject(0, 0, model, loss) is loss
+    assert faults.inject(0, 1, model, loss).isnan()
+    assert faults.inject(1, 2, model, loss).isinf()
+    make_grads(model)
+    faults.inject(0, 1, model)
+    assert all(p.grad.isnan().all() for p in model.parameters())
+
+
+def test_inject_refuses_bad_plans(monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    for spec, msg in (("melt@0:1", "unknown fault 'melt'"), ("nan@0", "cannot parse")):
+        monkeypatch.setenv("HPCTRAIN_INJECT", spec)
+        with pytest.raises(UsageError, match=msg):
+            faults.inject(0, 0, model)
+
+
+def finite_model(out) -> bool:
+    state = torch.load(out / "model.pt", weights_only=True)
+    return all(torch.isfinite(v).all() for v in state.values())
+
+
+@pytest.mark.timeout(120)
+def test_sgd_drops_nan_and_inf_gradients(tmp_path):
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(tmp_path)], np=0,
+                   env={"HPCTRAIN_INJECT": "nan@0:3,inf@0:4,nan@0:20"})
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_steps"] == 3 and summary["bad_gradients_per_worker"] == [3]
+    assert finite_model(tmp_path) and summary["final_test_acc"] > 0.5
+
+
+@pytest.mark.timeout(180)
+def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path):
+    """Rank 1's gradient is NaN at two steps and rank 2's is Inf at one: those three steps are
+    skipped on every rank (the replicas stay identical and finite), counted per worker."""
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--out",
+                    str(tmp_path)], np=4,
+                   env={"HPCTRAIN_INJECT": "nan@1:2,nan@1:9,inf@2:9,inf@2:17"})
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_steps"] == 3
+    assert summary["bad_gradients_per_worker"] == [0, 2, 2, 0]
+    assert finite_model(tmp_path) and summary["final_test_acc"] > 0.5
+
+
+@pytest.mark.timeout(180)
+def test_too_many_bad_steps_stop_the_job_with_one_line(tmp_path):
+    bad = ",".join(f"nan@1:{s}" for s in range(4, 8))
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--max-bad-steps",
+                    "4", "--out", str(tmp_path)], np=2, env={"HPCTRAIN_INJECT": bad})
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
+    assert lines == ["hpctrain: error (rank 0 of 2): TooManyBadSteps: 4 consecutive steps "
+                     "(updates 4-7) had NaN/Inf gradients (per worker: [0, 4]); stopping "
+                     "(--max-bad-steps 4). Lower --lr or check the data"], proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("victim", [0, 2])
+def test_rank_killed_ends_the_job(tmp_path, victim):
+    """SIGKILL on one rank mid-run: the job exits non-zero (the timeout bounds how soon) and
+    mpirun names the rank that died."""
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--out",
+                    str(tmp_path)], np=3, timeout=90,
+                   env={"HPCTRAIN_INJECT": f"kill@{victim}:10"})
+    assert proc.returncode != 0
+    assert f"process rank {victim} with PID" in proc.stderr and "signal 9" in proc.stderr
