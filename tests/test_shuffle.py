@@ -196,6 +196,10 @@ def test_partial_sampler_replays_any_epoch():
 def test_samplers_interface():
     s = shuffle.GlobalShuffleSampler(100, num_replicas=3, rank=2, seed=1)
     assert len(s) == 33 and len(list(s)) == 33
+    # A dataset works in place of its length, as with DistributedSampler.
+    ds = data.load("synthetic", "test")
+    s = shuffle.LocalShuffleSampler(ds, num_replicas=2, rank=1, labels=ds.labels)
+    assert len(s) == 256 and set(ds.labels[list(s)].tolist()) <= set(range(4, 10))
     with pytest.raises(UsageError, match="rank 3"):
         shuffle.LocalShuffleSampler(100, num_replicas=3, rank=3)
     with pytest.raises(UsageError, match="1.5"):

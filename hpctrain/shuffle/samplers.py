@@ -7,7 +7,7 @@ number of ranks and the rank.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sized
 
 import torch
 
@@ -17,8 +17,12 @@ from hpctrain.shuffle import order
 
 
 class _Sampler:
-    def __init__(self, num_samples: int, num_replicas: int | None = None,
+    """``data`` is the number of samples or anything with a length (a dataset), as for
+    DistributedSampler; ``num_replicas`` and ``rank`` default to the MPI world's."""
+
+    def __init__(self, data: int | Sized, num_replicas: int | None = None,
                  rank: int | None = None, seed: int = 0):
+        num_samples = data if isinstance(data, int) else len(data)
         self.num_replicas = comm.size() if num_replicas is None else num_replicas
         self.rank = comm.rank() if rank is None else rank
         if not 0 <= self.rank < self.num_replicas:
@@ -55,12 +59,12 @@ class LocalShuffleSampler(_Sampler):
     """A fixed block per rank (file order, or sorted by ``labels`` for label-skew), reshuffled
     within the rank each epoch."""
 
-    def __init__(self, num_samples: int, num_replicas: int | None = None,
+    def __init__(self, data: int | Sized, num_replicas: int | None = None,
                  rank: int | None = None, seed: int = 0, labels: torch.Tensor | None = None):
-        super().__init__(num_samples, num_replicas, rank, seed)
-        if labels is not None and len(labels) != num_samples:
-            raise UsageError(f"{len(labels)} labels for {num_samples} samples")
-        self.partition = order.partition(num_samples, self.num_replicas, labels)
+        super().__init__(data, num_replicas, rank, seed)
+        if labels is not None and len(labels) != self.dataset_size:
+            raise UsageError(f"{len(labels)} labels for {self.dataset_size} samples")
+        self.partition = order.partition(self.dataset_size, self.num_replicas, labels)
 
     def holding(self) -> torch.Tensor:
         """The samples this rank holds this epoch, before its local reshuffle."""
@@ -79,11 +83,11 @@ class PartialShuffleSampler(LocalShuffleSampler):
     (cached: moving forward one epoch at a time costs one exchange).
     """
 
-    def __init__(self, q: float, num_samples: int, num_replicas: int | None = None,
+    def __init__(self, q: float, data: int | Sized, num_replicas: int | None = None,
                  rank: int | None = None, seed: int = 0, labels: torch.Tensor | None = None):
         if not 0.0 <= q <= 1.0:
             raise UsageError(f"partial shuffle fraction {q} outside [0, 1]")
-        super().__init__(num_samples, num_replicas, rank, seed, labels)
+        super().__init__(data, num_replicas, rank, seed, labels)
         self.q = q
         self._cached: tuple[int, list[torch.Tensor]] | None = None
 
