@@ -216,28 +216,45 @@ def slurm():
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def sbatch(cluster: LocalSlurm, script: str, options: list[str], args: list[str],
-           env: dict, timeout: float = 240) -> tuple[str, Path]:
-    """Submit ``slurm/<script>``, wait for the job to end; return its id and working folder."""
+def submit(cluster: LocalSlurm, script: str, options: list[str], args: list[str],
+           env: dict) -> tuple[str, Path]:
+    """Submit ``slurm/<script>`` from a fresh folder; return the job id and the folder."""
     work = Path(tempfile.mkdtemp(dir=cluster.dir, prefix="job-"))
     exports = ",".join(f"{k}={v}" for k, v in env.items())
     job = cluster.run("sbatch", "--parsable", f"--chdir={work}", f"--output={work}/slurm-%j.out",
                       f"--export=ALL,{exports}", *options, str(ROOT / "slurm" / script),
                       *args).stdout.strip().split(";")[0]
+    return job, work
+
+
+def wait(cluster: LocalSlurm, job: str, timeout: float = 240) -> dict:
+    """Wait for ``job`` to end; return its ``scontrol show job`` fields."""
     deadline = time.monotonic() + timeout
     while True:
         fields = dict(f.split("=", 1) for f in cluster.run(
             "scontrol", "-o", "show", "job", job).stdout.split() if "=" in f)
-        if fields["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
-            break
+        if fields["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING",
+                                      "REQUEUED"):
+            return fields
         if time.monotonic() > deadline:
             cluster.run("scancel", job, check=False)
-            pytest.fail(f"job {job} of {script} not done in {timeout}s: {fields['JobState']}")
+            pytest.fail(f"job {job} not done in {timeout}s: {fields['JobState']}")
         time.sleep(0.5)
-    logs = "\n".join(p.read_text(errors="replace") for p in work.glob("slurm-*.out"))
+
+
+def sbatch(cluster: LocalSlurm, script: str, options: list[str], args: list[str],
+           env: dict) -> tuple[str, Path]:
+    """Submit ``slurm/<script>``, wait for it, check it completed; return its id and folder."""
+    job, work = submit(cluster, script, options, args, env)
+    fields = wait(cluster, job)
     assert (fields["JobState"], fields["ExitCode"]) == ("COMPLETED", "0:0"), \
-        f"{script}: job {job} {fields['JobState']} {fields['ExitCode']}:\n{logs}"
+        f"{script}: job {job} {fields['JobState']} {fields['ExitCode']}:\n{job_log(work, job)}"
     return job, work
+
+
+def job_log(work: Path, job: str) -> str:
+    path = work / f"slurm-{job}.out"
+    return path.read_text(errors="replace") if path.exists() else "(no log)"
 
 
 JOB_ENV = {"HPCTRAIN_PYTHON": sys.executable, "HPCTRAIN_MPIRUN_ARGS": "-x OMPI_MCA_osc=^ucx"}
@@ -253,7 +270,7 @@ def test_train_sbatch_runs_a_two_task_job(slurm, launch):
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["algo"], summary["workers"]) == ("ssgd", 2)
     assert 0.0 <= summary["final_test_acc"] <= 1.0 and summary["updates"] > 0
-    log = (work / f"slurm-{job}.out").read_text()
+    log = job_log(work, job)
     assert "OMP_NUM_THREADS=1" in log and f"launcher {launch}" in log
 
 
@@ -266,3 +283,33 @@ def test_compare_sbatch_runs_every_algorithm_inside_the_allocation(slurm):
     record = json.loads((out / "compare.json").read_text())
     assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
     assert record["workers"] == 2 and (out / "report.md").is_file()
+
+
+@pytest.mark.timeout(400)
+def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
+    # The first attempt fails at step 10 (after checkpoints at 4 and 8); the requeued one
+    # (SLURM_RESTART_COUNT=1) runs clean and must continue in the same folder.
+    wrapper = slurm.dir / "python-failing-once"
+    wrapper.write_text("#!/bin/bash\n"
+                       'if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then '
+                       "export HPCTRAIN_INJECT=raise@1:10; fi\n"
+                       f'exec {sys.executable} "$@"\n')
+    wrapper.chmod(0o755)
+    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
+    job, work = submit(slurm, "train.sbatch", options,
+                       ["--algo", "ssgd", *SMALL, "--checkpoint-every", "0.25e"],
+                       {**JOB_ENV, "HPCTRAIN_PYTHON": str(wrapper)})
+    first = wait(slurm, job)
+    assert first["JobState"] == "FAILED", job_log(work, job)
+    out = work / "runs" / f"train-{job}"
+    assert not (out / "summary.json").exists() and list((out / "checkpoints").glob("ckpt-*"))
+
+    slurm.run("scontrol", "requeue", job)
+    # Slurm holds a requeued job back for a while (BeginTime); let it start at once.
+    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    again = wait(slurm, job)
+    log = job_log(work, job)
+    assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
+    assert "resuming from the checkpoints" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["workers"], summary["updates"]) == (2, 16)
