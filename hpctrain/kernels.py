@@ -7,7 +7,9 @@
 
 with ``lam_t = lam`` (DC-ASGD-c; ASGD is ``lam = 0``), or, when the running mean square ``ms``
 is given (DC-ASGD-a), ``ms <- ms_decay * ms + (1 - ms_decay) * g'^2`` and
-``lam_t = lam / sqrt(ms + 1e-7)``. One pass reads each input once and writes each output once.
+``lam_t = lam / sqrt(ms + 1e-7)``. When a velocity ``v`` is given the step gets momentum:
+``v <- momentum * v + d; d <- v`` (the DC-ASGD authors' MXNet optimizer does the same). One
+pass reads each input once and writes each output once.
 
 CPU tensors use the OpenMP library built by ``pip install`` (setup.py); CUDA tensors use the
 CUDA library that setup.py builds with nvcc when torch has CUDA. Any output may be the very
@@ -29,7 +31,7 @@ from hpctrain.errors import UsageError
 _HERE = Path(__file__).resolve().parent
 _REBUILD = "reinstall hpctrain (pip install -e . or make setup)"
 _P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
-_HYPER = [_I64, _F, _F, _F, _F]
+_HYPER = [_I64, _F, _F, _F, _F, _F]
 
 
 @lru_cache(maxsize=1)
@@ -39,9 +41,9 @@ def cpu_library() -> ctypes.CDLL:
         path = _HERE / f"_dc_update{suffix}"
         if path.is_file():
             lib = ctypes.CDLL(str(path))
-            lib.hpctrain_dc_apply.argtypes = [_P] * 5 + _HYPER + [_INT]
+            lib.hpctrain_dc_apply.argtypes = [_P] * 6 + _HYPER + [_INT]
             lib.hpctrain_dc_apply.restype = None
-            lib.hpctrain_dc_delta.argtypes = [_P] * 6 + _HYPER + [_INT]
+            lib.hpctrain_dc_delta.argtypes = [_P] * 7 + _HYPER + [_INT]
             lib.hpctrain_dc_delta.restype = None
             lib.hpctrain_dc_openmp.restype = _INT
             return lib
@@ -57,9 +59,9 @@ def cuda_library() -> ctypes.CDLL:
             f"hpctrain's CUDA kernel library was not built ({path} missing); install torch with "
             f"CUDA and nvcc, then {_REBUILD} (HPCTRAIN_BUILD_CUDA=1 forces the build)")
     lib = ctypes.CDLL(str(path))
-    lib.hpctrain_dc_apply_cuda.argtypes = [_P] * 5 + _HYPER + [_P]
+    lib.hpctrain_dc_apply_cuda.argtypes = [_P] * 6 + _HYPER + [_P]
     lib.hpctrain_dc_apply_cuda.restype = _INT
-    lib.hpctrain_dc_delta_cuda.argtypes = [_P] * 6 + _HYPER + [_P]
+    lib.hpctrain_dc_delta_cuda.argtypes = [_P] * 7 + _HYPER + [_P]
     lib.hpctrain_dc_delta_cuda.restype = _INT
     lib.hpctrain_cuda_error_string.argtypes = [_INT]
     lib.hpctrain_cuda_error_string.restype = ctypes.c_char_p
@@ -67,18 +69,19 @@ def cuda_library() -> ctypes.CDLL:
 
 
 def dc_update(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
-              ms: torch.Tensor | None = None, *, lr: float, lam: float = 0.0,
-              ms_decay: float = 0.95, weight_decay: float = 0.0,
-              out: torch.Tensor | None = None, threads: int = 0) -> torch.Tensor:
-    """``out = w + d`` (``out`` defaults to ``w``: in place); updates ``ms`` if given. Returns out.
+              ms: torch.Tensor | None = None, v: torch.Tensor | None = None, *, lr: float,
+              lam: float = 0.0, ms_decay: float = 0.95, weight_decay: float = 0.0,
+              momentum: float = 0.0, out: torch.Tensor | None = None,
+              threads: int = 0) -> torch.Tensor:
+    """``out = w + d`` (``out`` defaults to ``w``: in place); updates ``ms``, ``v`` if given.
 
-    ``threads``: OpenMP threads for CPU tensors (0: OMP_NUM_THREADS).
+    Returns ``out``. ``threads``: OpenMP threads for CPU tensors (0: OMP_NUM_THREADS).
     """
     out = w if out is None else out
-    _check(outputs={"out": out, "ms": ms}, inputs={"w": w, "g": g, "w_bak": w_bak}, n=w.numel(),
-           ms_decay=ms_decay)
-    hyper = (w.numel(), lr, lam, ms_decay, weight_decay)
-    ptrs = (_ptr(out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms))
+    _check(outputs={"out": out, "ms": ms, "v": v}, inputs={"w": w, "g": g, "w_bak": w_bak},
+           n=w.numel(), ms_decay=ms_decay, momentum=momentum)
+    hyper = (w.numel(), lr, lam, ms_decay, weight_decay, momentum)
+    ptrs = (_ptr(out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms), _ptr(v))
     if w.is_cuda:
         with torch.cuda.device(w.device):
             lib = cuda_library()
@@ -89,19 +92,20 @@ def dc_update(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
 
 
 def dc_delta(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
-             ms: torch.Tensor | None = None, *, lr: float, lam: float = 0.0,
-             ms_decay: float = 0.95, weight_decay: float = 0.0,
-             out: torch.Tensor | None = None, w_out: torch.Tensor | None = None,
-             threads: int = 0) -> torch.Tensor:
+             ms: torch.Tensor | None = None, v: torch.Tensor | None = None, *, lr: float,
+             lam: float = 0.0, ms_decay: float = 0.95, weight_decay: float = 0.0,
+             momentum: float = 0.0, out: torch.Tensor | None = None,
+             w_out: torch.Tensor | None = None, threads: int = 0) -> torch.Tensor:
     """The step ``d`` into ``out`` (a new tensor if None), and ``w + d`` into ``w_out`` if given.
 
-    Updates ``ms`` if given. Returns ``out``.
+    Updates ``ms``, ``v`` if given. Returns ``out``.
     """
     out = torch.empty_like(w) if out is None else out
-    _check(outputs={"out": out, "w_out": w_out, "ms": ms}, inputs={"w": w, "g": g, "w_bak": w_bak},
-           n=w.numel(), ms_decay=ms_decay)
-    hyper = (w.numel(), lr, lam, ms_decay, weight_decay)
-    ptrs = (_ptr(out), _ptr(w_out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms))
+    _check(outputs={"out": out, "w_out": w_out, "ms": ms, "v": v},
+           inputs={"w": w, "g": g, "w_bak": w_bak}, n=w.numel(), ms_decay=ms_decay,
+           momentum=momentum)
+    hyper = (w.numel(), lr, lam, ms_decay, weight_decay, momentum)
+    ptrs = (_ptr(out), _ptr(w_out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms), _ptr(v))
     if w.is_cuda:
         with torch.cuda.device(w.device):
             lib = cuda_library()
@@ -124,7 +128,7 @@ def _cuda_check(lib: ctypes.CDLL, err: int) -> None:
         raise RuntimeError(f"hpctrain CUDA kernel: {lib.hpctrain_cuda_error_string(err).decode()}")
 
 
-def _check(outputs: dict, inputs: dict, n: int, ms_decay: float) -> None:
+def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float) -> None:
     tensors = {k: t for k, t in {**inputs, **outputs}.items() if t is not None}
     device = inputs["w"].device
     for name, t in tensors.items():
@@ -142,6 +146,8 @@ def _check(outputs: dict, inputs: dict, n: int, ms_decay: float) -> None:
             raise UsageError(f"dc kernel: {name} is on {t.device}; cpu or cuda is needed")
     if outputs.get("ms") is not None and not 0.0 <= ms_decay < 1.0:
         raise UsageError(f"dc kernel: ms_decay {ms_decay} is outside [0, 1)")
+    if outputs.get("v") is not None and not 0.0 <= momentum < 1.0:
+        raise UsageError(f"dc kernel: momentum {momentum} is outside [0, 1)")
     # Outputs may be the same memory as anything else, never a shifted overlap; no two outputs
     # may share memory at all.
     written = [(k, t) for k, t in outputs.items() if t is not None]

@@ -3,6 +3,7 @@
 //   g'    = g + wd * w_bak
 //   ms    = m * ms + (1 - m) * g'^2,  lam_t = lam / sqrt(ms + 1e-7)   (DC-ASGD-a; -c: lam_t = lam)
 //   d     = -lr * (g' + lam_t * g'^2 * (w - w_bak))         (ASGD: lam = 0)
+//   v     = momentum * v + d,  d = v                         (only with a velocity buffer v)
 //
 // hpctrain_dc_apply_cuda writes w + d; hpctrain_dc_delta_cuda writes d and optionally w + d.
 // Grid-stride loops; when every pointer is 16-byte aligned the body moves float4 vectors and a
@@ -20,11 +21,12 @@ constexpr int kThreads = 256;
 constexpr int kMaxDevices = 64;
 
 struct Hyper {
-  float lr, lam, decay, wd;
+  float lr, lam, decay, wd, momentum;
 };
 
-template <bool Adaptive>
-__device__ __forceinline__ float dc_step(float w, float g, float wb, float* ms, const Hyper& h) {
+template <bool Adaptive, bool Momentum>
+__device__ __forceinline__ float dc_step(float w, float g, float wb, float* ms, float* v,
+                                         const Hyper& h) {
   const float gd = g + h.wd * wb;
   const float gg = gd * gd;
   float lam = h.lam;
@@ -33,60 +35,78 @@ __device__ __forceinline__ float dc_step(float w, float g, float wb, float* ms, 
     *ms = s;
     lam = h.lam / sqrtf(s + 1e-7f);
   }
-  return -h.lr * (gd + lam * gg * (w - wb));
+  float d = -h.lr * (gd + lam * gg * (w - wb));
+  if (Momentum) {
+    d += h.momentum * *v;
+    *v = d;
+  }
+  return d;
 }
 
-// One element: d_out (if Delta) gets d, w_new (if WithW) gets w + d.
-template <bool Adaptive, bool Delta, bool WithW>
-__device__ __forceinline__ void element(float* d_out, float* w_new, const float* w, const float* g,
-                                        const float* wb, float* ms, int64_t i, const Hyper& h) {
-  const float wi = w[i];
-  const float d = dc_step<Adaptive>(wi, g[i], wb[i], Adaptive ? ms + i : nullptr, h);
-  if (Delta) d_out[i] = d;
-  if (WithW) w_new[i] = wi + d;
+// Compile-time choice of variant and outputs.
+template <bool Adaptive_, bool Momentum_, bool Delta_, bool WithW_>
+struct Variant {
+  static constexpr bool Adaptive = Adaptive_, Momentum = Momentum_, Delta = Delta_,
+                        WithW = WithW_;
+};
+
+struct Buffers {
+  float* d_out;
+  float* w_new;
+  const float* w;
+  const float* g;
+  const float* wb;
+  float* ms;
+  float* v;
+};
+
+template <class V>
+__device__ __forceinline__ void element(const Buffers& b, int64_t i, const Hyper& h) {
+  const float wi = b.w[i];
+  const float d = dc_step<V::Adaptive, V::Momentum>(wi, b.g[i], b.wb[i],
+                                                    V::Adaptive ? b.ms + i : nullptr,
+                                                    V::Momentum ? b.v + i : nullptr, h);
+  if (V::Delta) b.d_out[i] = d;
+  if (V::WithW) b.w_new[i] = wi + d;
 }
 
-template <bool Adaptive, bool Delta, bool WithW>
-__device__ __forceinline__ void lanes(float4& d4, float4& wn4, const float4& w4, const float4& g4,
-                                      const float4& b4, float4* m4, const Hyper& h) {
-  float* m = Adaptive ? reinterpret_cast<float*>(m4) : nullptr;
-  const float d0 = dc_step<Adaptive>(w4.x, g4.x, b4.x, Adaptive ? m + 0 : nullptr, h);
-  const float d1 = dc_step<Adaptive>(w4.y, g4.y, b4.y, Adaptive ? m + 1 : nullptr, h);
-  const float d2 = dc_step<Adaptive>(w4.z, g4.z, b4.z, Adaptive ? m + 2 : nullptr, h);
-  const float d3 = dc_step<Adaptive>(w4.w, g4.w, b4.w, Adaptive ? m + 3 : nullptr, h);
-  d4 = make_float4(d0, d1, d2, d3);
-  wn4 = make_float4(w4.x + d0, w4.y + d1, w4.z + d2, w4.w + d3);
+__device__ __forceinline__ float& lane(float4& x, int k) {
+  return k == 0 ? x.x : k == 1 ? x.y : k == 2 ? x.z : x.w;
 }
 
-template <bool Adaptive, bool Delta, bool WithW>
-__global__ void dc_vec4(float* d_out, float* w_new, const float* w, const float* g,
-                        const float* wb, float* ms, int64_t n, Hyper h) {
+template <class V>
+__global__ void dc_vec4(Buffers b, int64_t n, Hyper h) {
   const int64_t n4 = n / 4;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   for (int64_t i = first; i < n4; i += stride) {
-    const float4 w4 = reinterpret_cast<const float4*>(w)[i];
-    const float4 g4 = reinterpret_cast<const float4*>(g)[i];
-    const float4 b4 = reinterpret_cast<const float4*>(wb)[i];
-    float4 m4;
-    if (Adaptive) m4 = reinterpret_cast<const float4*>(ms)[i];
-    float4 d4, wn4;
-    lanes<Adaptive, Delta, WithW>(d4, wn4, w4, g4, b4, &m4, h);
-    if (Adaptive) reinterpret_cast<float4*>(ms)[i] = m4;
-    if (Delta) reinterpret_cast<float4*>(d_out)[i] = d4;
-    if (WithW) reinterpret_cast<float4*>(w_new)[i] = wn4;
+    float4 w4 = reinterpret_cast<const float4*>(b.w)[i];
+    float4 g4 = reinterpret_cast<const float4*>(b.g)[i];
+    float4 b4 = reinterpret_cast<const float4*>(b.wb)[i];
+    float4 m4 = make_float4(0.f, 0.f, 0.f, 0.f), v4 = m4, d4, wn4;
+    if (V::Adaptive) m4 = reinterpret_cast<const float4*>(b.ms)[i];
+    if (V::Momentum) v4 = reinterpret_cast<const float4*>(b.v)[i];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float d = dc_step<V::Adaptive, V::Momentum>(lane(w4, k), lane(g4, k), lane(b4, k),
+                                                        &lane(m4, k), &lane(v4, k), h);
+      lane(d4, k) = d;
+      lane(wn4, k) = lane(w4, k) + d;
+    }
+    if (V::Adaptive) reinterpret_cast<float4*>(b.ms)[i] = m4;
+    if (V::Momentum) reinterpret_cast<float4*>(b.v)[i] = v4;
+    if (V::Delta) reinterpret_cast<float4*>(b.d_out)[i] = d4;
+    if (V::WithW) reinterpret_cast<float4*>(b.w_new)[i] = wn4;
   }
   // Scalar tail: the last n % 4 elements.
-  for (int64_t i = 4 * n4 + first; i < n; i += stride)
-    element<Adaptive, Delta, WithW>(d_out, w_new, w, g, wb, ms, i, h);
+  for (int64_t i = 4 * n4 + first; i < n; i += stride) element<V>(b, i, h);
 }
 
-template <bool Adaptive, bool Delta, bool WithW>
-__global__ void dc_scalar(float* d_out, float* w_new, const float* w, const float* g,
-                          const float* wb, float* ms, int64_t n, Hyper h) {
+template <class V>
+__global__ void dc_scalar(Buffers b, int64_t n, Hyper h) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
-    element<Adaptive, Delta, WithW>(d_out, w_new, w, g, wb, ms, i, h);
+    element<V>(b, i, h);
 }
 
 bool aligned16(const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -107,46 +127,49 @@ cudaError_t grid_for(int64_t work, int* blocks) {
   return cudaSuccess;
 }
 
-template <bool Adaptive, bool Delta, bool WithW>
-cudaError_t launch(float* d_out, float* w_new, const float* w, const float* g, const float* wb,
-                   float* ms, int64_t n, Hyper h, cudaStream_t stream) {
+template <class V>
+cudaError_t launch(const Buffers& b, int64_t n, const Hyper& h, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const bool vec = aligned16(d_out) && aligned16(w_new) && aligned16(w) && aligned16(g) &&
-                   aligned16(wb) && aligned16(ms);
+  const bool vec = aligned16(b.d_out) && aligned16(b.w_new) && aligned16(b.w) &&
+                   aligned16(b.g) && aligned16(b.wb) && aligned16(b.ms) && aligned16(b.v);
   int blocks = 0;
   cudaError_t err = grid_for(vec ? (n + 3) / 4 : n, &blocks);
   if (err != cudaSuccess) return err;
   if (vec)
-    dc_vec4<Adaptive, Delta, WithW><<<blocks, kThreads, 0, stream>>>(d_out, w_new, w, g, wb, ms,
-                                                                     n, h);
+    dc_vec4<V><<<blocks, kThreads, 0, stream>>>(b, n, h);
   else
-    dc_scalar<Adaptive, Delta, WithW><<<blocks, kThreads, 0, stream>>>(d_out, w_new, w, g, wb,
-                                                                       ms, n, h);
+    dc_scalar<V><<<blocks, kThreads, 0, stream>>>(b, n, h);
   return cudaGetLastError();
+}
+
+template <bool Delta, bool WithW>
+cudaError_t dispatch(const Buffers& b, int64_t n, const Hyper& h, cudaStream_t stream) {
+  if (b.ms && b.v) return launch<Variant<true, true, Delta, WithW>>(b, n, h, stream);
+  if (b.ms) return launch<Variant<true, false, Delta, WithW>>(b, n, h, stream);
+  if (b.v) return launch<Variant<false, true, Delta, WithW>>(b, n, h, stream);
+  return launch<Variant<false, false, Delta, WithW>>(b, n, h, stream);
 }
 
 }  // namespace
 
 extern "C" {
 
-// w_new = w + d on device pointers. ms == NULL selects the constant-lambda variant.
+// w_new = w + d on device pointers. ms == NULL: constant lambda; v == NULL: no momentum.
 int hpctrain_dc_apply_cuda(float* w_new, const float* w, const float* g, const float* w_bak,
-                           float* ms, int64_t n, float lr, float lam, float ms_decay,
-                           float weight_decay, cudaStream_t stream) {
-  const Hyper h{lr, lam, ms_decay, weight_decay};
-  if (ms) return launch<true, false, true>(nullptr, w_new, w, g, w_bak, ms, n, h, stream);
-  return launch<false, false, true>(nullptr, w_new, w, g, w_bak, ms, n, h, stream);
+                           float* ms, float* v, int64_t n, float lr, float lam, float ms_decay,
+                           float weight_decay, float momentum, cudaStream_t stream) {
+  const Hyper h{lr, lam, ms_decay, weight_decay, momentum};
+  return dispatch<false, true>(Buffers{nullptr, w_new, w, g, w_bak, ms, v}, n, h, stream);
 }
 
 // d_out = d and, when w_new != NULL, w_new = w + d, on device pointers.
 int hpctrain_dc_delta_cuda(float* d_out, float* w_new, const float* w, const float* g,
-                           const float* w_bak, float* ms, int64_t n, float lr, float lam,
-                           float ms_decay, float weight_decay, cudaStream_t stream) {
-  const Hyper h{lr, lam, ms_decay, weight_decay};
-  if (ms && w_new) return launch<true, true, true>(d_out, w_new, w, g, w_bak, ms, n, h, stream);
-  if (ms) return launch<true, true, false>(d_out, nullptr, w, g, w_bak, ms, n, h, stream);
-  if (w_new) return launch<false, true, true>(d_out, w_new, w, g, w_bak, ms, n, h, stream);
-  return launch<false, true, false>(d_out, nullptr, w, g, w_bak, ms, n, h, stream);
+                           const float* w_bak, float* ms, float* v, int64_t n, float lr,
+                           float lam, float ms_decay, float weight_decay, float momentum,
+                           cudaStream_t stream) {
+  const Hyper h{lr, lam, ms_decay, weight_decay, momentum};
+  const Buffers b{d_out, w_new, w, g, w_bak, ms, v};
+  return w_new ? dispatch<true, true>(b, n, h, stream) : dispatch<true, false>(b, n, h, stream);
 }
 
 // The message for an error code the launchers returned.

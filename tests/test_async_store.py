@@ -20,6 +20,10 @@ from hpctrain.errors import UsageError
 HYPER = {"lr": 0.05, "weight_decay": 1e-3}
 
 
+def self_comm():
+    return comm.mpi().COMM_SELF
+
+
 def small_model(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, 12), torch.nn.Tanh(), torch.nn.Linear(12, 4))
@@ -85,6 +89,18 @@ def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency)
     assert torch.equal(finals["dcasgd-c"], finals["asgd"])
     assert torch.equal(finals["dcasgd-a"], finals["asgd"])
     torch.testing.assert_close(finals["asgd"], flat_of(ref_model), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_one_worker_with_momentum_matches_torch_sgd_with_momentum(consistency):
+    data = batches(2, 25)
+    ref_model = small_model()
+    train(ref_model, torch.optim.SGD(ref_model.parameters(), momentum=0.9, **HYPER), data)
+    model = small_model()
+    with ParameterStore(flat_of(model), self_comm(), shards=2, consistency=consistency) as store:
+        train(model, DCASGD(model, store, momentum=0.9, **HYPER), data)
+        store.finish()
+    torch.testing.assert_close(flat_of(model), flat_of(ref_model), rtol=1e-5, atol=1e-5)
 
 
 def test_bad_store_arguments_rejected():

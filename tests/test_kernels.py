@@ -12,27 +12,36 @@ from hpctrain.errors import UsageError
 
 ROOT = kernels._HERE.parent
 SIZES = [1, 7, 1000003]
-HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-3}
+HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-3, "momentum": 0.9}
+VARIANTS = {"dcasgd-c": (False, False), "dcasgd-a": (True, False),
+            "dcasgd-c+momentum": (False, True), "dcasgd-a+momentum": (True, True)}
 
 
-def reference(w, g, w_bak, ms, *, lr, lam, ms_decay, weight_decay):
-    """DESIGN.md's formula in plain torch: (new w, step d, new ms)."""
+def reference(w, g, w_bak, ms, v=None, *, lr, lam, ms_decay, weight_decay, momentum):
+    """DESIGN.md's formula in plain torch (plus momentum): (new w, step d, new ms, new v)."""
     gd = g + weight_decay * w_bak
     new_ms = None
     if ms is not None:
         new_ms = ms_decay * ms + (1 - ms_decay) * gd * gd
         lam = lam / torch.sqrt(new_ms + 1e-7)
     d = -lr * (gd + lam * gd * gd * (w - w_bak))
-    return w + d, d, new_ms
+    if v is not None:
+        d = momentum * v + d
+    return w + d, d, new_ms, (d if v is not None else None)
 
 
-def inputs(n, seed=0, adaptive=False):
+def inputs(n, seed=0, adaptive=False, momentum=False):
     gen = torch.Generator().manual_seed(seed)
     w = torch.randn(n, generator=gen)
     w_bak = w + 0.1 * torch.randn(n, generator=gen)
     g = torch.randn(n, generator=gen)
     ms = torch.rand(n, generator=gen) if adaptive else None
-    return w, g, w_bak, ms
+    v = 0.1 * torch.randn(n, generator=gen) if momentum else None
+    return w, g, w_bak, ms, v
+
+
+def copy(t):
+    return None if t is None else t.clone()
 
 
 def close(a, b):
@@ -40,39 +49,41 @@ def close(a, b):
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("adaptive", [False, True], ids=["dcasgd-c", "dcasgd-a"])
-def test_update_matches_reference(n, adaptive):
-    w, g, w_bak, ms = inputs(n, adaptive=adaptive)
-    want_w, _, want_ms = reference(w, g, w_bak, ms, **HYPER)
-    out = kernels.dc_update(w.clone(), g, w_bak, None if ms is None else ms.clone(), **HYPER)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_update_matches_reference(n, variant):
+    w, g, w_bak, ms, v = inputs(n, 0, *VARIANTS[variant])
+    want_w, _, want_ms, want_v = reference(w, g, w_bak, ms, v, **HYPER)
+    ms_k, v_k = copy(ms), copy(v)
+    out = kernels.dc_update(w.clone(), g, w_bak, ms_k, v_k, **HYPER)
     close(out, want_w)
-    if adaptive:
-        ms_k = ms.clone()
-        kernels.dc_update(w.clone(), g, w_bak, ms_k, **HYPER)
+    if ms is not None:
         close(ms_k, want_ms)
+    if v is not None:
+        close(v_k, want_v)
 
 
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("adaptive", [False, True], ids=["dcasgd-c", "dcasgd-a"])
-def test_delta_matches_reference_and_update(n, adaptive):
-    w, g, w_bak, ms = inputs(n, seed=1, adaptive=adaptive)
-    want_w, want_d, want_ms = reference(w, g, w_bak, ms, **HYPER)
-    ms_k = None if ms is None else ms.clone()
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_delta_matches_reference_and_update(n, variant):
+    w, g, w_bak, ms, v = inputs(n, 1, *VARIANTS[variant])
+    want_w, want_d, want_ms, want_v = reference(w, g, w_bak, ms, v, **HYPER)
+    ms_k, v_k = copy(ms), copy(v)
     w_new = torch.empty_like(w)
-    d = kernels.dc_delta(w, g, w_bak, ms_k, **HYPER, w_out=w_new)
+    d = kernels.dc_delta(w, g, w_bak, ms_k, v_k, **HYPER, w_out=w_new)
     close(d, want_d)
     close(w_new, want_w)
-    if adaptive:
+    if ms is not None:
         close(ms_k, want_ms)
+    if v is not None:
+        assert torch.equal(v_k, d)
     # Both entry points share the math: w + d is bit-for-bit the applied update.
-    ms_u = None if ms is None else ms.clone()
-    assert torch.equal(kernels.dc_update(w.clone(), g, w_bak, ms_u, **HYPER), w_new)
-    assert torch.equal(kernels.dc_delta(w, g, w_bak, None if ms is None else ms.clone(),
-                                        **HYPER), d)
+    assert torch.equal(kernels.dc_update(w.clone(), g, w_bak, copy(ms), copy(v), **HYPER),
+                       w_new)
+    assert torch.equal(kernels.dc_delta(w, g, w_bak, copy(ms), copy(v), **HYPER), d)
 
 
 def test_asgd_is_plain_sgd_and_no_compensation_when_model_is_current():
-    w, g, w_bak, _ = inputs(1000)
+    w, g, w_bak, _, _ = inputs(1000)
     asgd = kernels.dc_update(w.clone(), g, w_bak, lr=0.1)
     close(asgd, w - 0.1 * g)
     # w == w_bak: the compensation term vanishes exactly, for both variants.
@@ -83,16 +94,16 @@ def test_asgd_is_plain_sgd_and_no_compensation_when_model_is_current():
 
 
 def test_threads_give_identical_results():
-    w, g, w_bak, ms = inputs(300001, adaptive=True)
-    one = kernels.dc_update(w.clone(), g, w_bak, ms.clone(), **HYPER, threads=1)
-    two = kernels.dc_update(w.clone(), g, w_bak, ms.clone(), **HYPER, threads=2)
+    w, g, w_bak, ms, v = inputs(300001, adaptive=True, momentum=True)
+    one = kernels.dc_update(w.clone(), g, w_bak, ms.clone(), v.clone(), **HYPER, threads=1)
+    two = kernels.dc_update(w.clone(), g, w_bak, ms.clone(), v.clone(), **HYPER, threads=2)
     assert torch.equal(one, two)
 
 
 def test_in_place_and_aliased_outputs():
     n = 1000003
-    w, g, w_bak, ms = inputs(n, seed=2, adaptive=True)
-    want_w, want_d, want_ms = reference(w, g, w_bak, ms, **HYPER)
+    w, g, w_bak, ms, _ = inputs(n, seed=2, adaptive=True)
+    want_w, want_d, want_ms, _ = reference(w, g, w_bak, ms, **HYPER)
     # Default: w itself is updated, through any view of it.
     w1, ms1 = w.clone(), ms.clone()
     view = w1.view(1000003, 1)
@@ -113,12 +124,12 @@ def test_in_place_and_aliased_outputs():
 
 
 def test_slices_of_a_flat_buffer_at_odd_offsets():
-    w, g, w_bak, ms = inputs(1003, seed=3, adaptive=True)
+    w, g, w_bak, ms, v = inputs(1003, seed=3, adaptive=True, momentum=True)
     flat = torch.zeros(2000)
     part = flat[3:1006]
     part.copy_(w)
-    want_w, _, _ = reference(w, g, w_bak, ms, **HYPER)
-    kernels.dc_update(part, g, w_bak, ms.clone(), **HYPER)
+    want_w, _, _, _ = reference(w, g, w_bak, ms, v, **HYPER)
+    kernels.dc_update(part, g, w_bak, ms.clone(), v.clone(), **HYPER)
     close(part, want_w)
     assert flat[:3].eq(0).all() and flat[1006:].eq(0).all()
 
@@ -136,6 +147,8 @@ def test_zero_elements():
     ("overlap", "out overlaps w"),
     ("outputs_alias", "out overlaps ms"),
     ("decay", "ms_decay 1.5"),
+    ("momentum", "momentum 1.0 is outside"),
+    ("velocity_alias", "ms overlaps v"),
     ("type", "g must be a torch.Tensor"),
 ])
 def test_bad_tensors_rejected_with_one_line(case, pattern):
@@ -160,6 +173,12 @@ def test_bad_tensors_rejected_with_one_line(case, pattern):
     elif case == "decay":
         args.append(torch.zeros(6))
         kwargs["ms_decay"] = 1.5
+    elif case == "momentum":
+        args += [None, torch.zeros(6)]
+        kwargs["momentum"] = 1.0
+    elif case == "velocity_alias":
+        ms = torch.zeros(6)
+        args += [ms, ms]
     elif case == "type":
         args[1] = [0.0] * 6
     before = w.clone()
@@ -193,27 +212,32 @@ def test_cuda_kernel_compiles_and_links(tmp_path):
         fn = getattr(cuda, name)
         fn.restype = ctypes.c_int
         # No elements: returns success before touching the device, so it runs without a GPU.
-        nulls = [None] * (5 if "apply" in name else 6)
-        assert fn(*nulls, ctypes.c_int64(0), *[ctypes.c_float(0.1)] * 4, None) == 0
+        nulls = [None] * (6 if "apply" in name else 7)
+        assert fn(*nulls, ctypes.c_int64(0), *[ctypes.c_float(0.1)] * 5, None) == 0
     cuda.hpctrain_cuda_error_string.restype = ctypes.c_char_p
     assert cuda.hpctrain_cuda_error_string(0) == b"no error"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 @pytest.mark.parametrize("n", SIZES)
-@pytest.mark.parametrize("adaptive", [False, True], ids=["dcasgd-c", "dcasgd-a"])
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])
-def test_cuda_matches_reference(n, adaptive, offset):
-    w, g, w_bak, ms = inputs(n, seed=4, adaptive=adaptive)
-    want_w, want_d, want_ms = reference(w, g, w_bak, ms, **HYPER)
-    dev = [torch.zeros(n + offset, device="cuda")[offset:].copy_(t) if t is not None else None
-           for t in (w, g, w_bak, ms)]
+def test_cuda_matches_reference(n, variant, offset):
+    host = inputs(n, 4, *VARIANTS[variant])
+    want_w, want_d, want_ms, want_v = reference(*host, **HYPER)
+
+    def device():
+        return [torch.zeros(n + offset, device="cuda")[offset:].copy_(t) if t is not None
+                else None for t in host]
+
+    dev = device()
     w_new = torch.empty_like(dev[0])
     d = kernels.dc_delta(*dev, **HYPER, w_out=w_new)
     close(d.cpu(), want_d)
     close(w_new.cpu(), want_w)
-    if adaptive:
-        close(dev[3].cpu(), want_ms)
-        dev[3].copy_(ms)
+    for got, want in ((dev[3], want_ms), (dev[4], want_v)):
+        if got is not None:
+            close(got.cpu(), want)
+    dev = device()
     kernels.dc_update(*dev, **HYPER)
     close(dev[0].cpu(), want_w)

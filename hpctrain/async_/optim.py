@@ -37,20 +37,25 @@ def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
 class ASGD(torch.optim.Optimizer):
     """Asynchronous SGD: ``w <- w - lr * g`` applied to the store's current ``w``.
 
-    Construction pulls the store's values into ``model``. ``staleness`` lists the measured
-    tau of every push; ``last_push`` describes the latest (:class:`Push`).
+    ``momentum`` > 0 keeps a velocity of this worker's own steps (``v <- momentum*v + d``) and
+    pushes it, as torch's SGD does in each process of a Hogwild run. Construction pulls the
+    store's values into ``model``. ``staleness`` lists the measured tau of every push;
+    ``last_push`` describes the latest (:class:`Push`).
     """
 
     def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
-                 weight_decay: float = 0.0, *, lam: float = 0.0, adaptive: bool = False,
-                 ms_decay: float = 0.95):
+                 momentum: float = 0.0, weight_decay: float = 0.0, *, lam: float = 0.0,
+                 adaptive: bool = False, ms_decay: float = 0.95):
         if lr <= 0 or weight_decay < 0 or lam < 0:
             raise UsageError(f"need lr > 0, weight_decay >= 0, lam >= 0; got lr={lr}, "
                              f"weight_decay={weight_decay}, lam={lam}")
+        if not 0.0 <= momentum < 1.0:
+            raise UsageError(f"momentum {momentum} is outside [0, 1)")
         if adaptive and not 0.0 <= ms_decay < 1.0:
             raise UsageError(f"ms_decay {ms_decay} is outside [0, 1)")
         params = list(dict.fromkeys(model.parameters()))
-        defaults = {"lr": lr, "weight_decay": weight_decay, "lam": lam, "ms_decay": ms_decay}
+        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "lam": lam,
+                    "ms_decay": ms_decay}
         super().__init__(params, defaults)
         self.store = store
         self.model = model
@@ -60,6 +65,7 @@ class ASGD(torch.optim.Optimizer):
                              f"{store.numel}")
         self._grad = torch.zeros_like(self._flat)
         self._ms = torch.zeros_like(self._flat) if adaptive else None
+        self._v = torch.zeros_like(self._flat) if momentum > 0 else None
         self.staleness: list[int] = []
         self.last_push: Push | None = None
         store.pull(self._flat)
@@ -90,9 +96,12 @@ class ASGD(torch.optim.Optimizer):
                 part.copy_(p.grad.reshape(-1))
             offset += p.numel()
         group = self.param_groups[0]
-        self.last_push = self.store.push(self._flat, self._grad, self._ms, lr=group["lr"],
-                                         lam=group["lam"], ms_decay=group["ms_decay"],
-                                         weight_decay=group["weight_decay"])
+        self.last_push = self.store.push(self._flat, self._grad, self._ms, self._v,
+                                         lr=group["lr"], lam=group["lam"],
+                                         ms_decay=group["ms_decay"],
+                                         weight_decay=group["weight_decay"],
+                                         momentum=group["momentum"] if self._v is not None
+                                         else 0.0)
         self.staleness.append(self.last_push.tau)
         return loss
 
@@ -107,13 +116,14 @@ class DCASGD(ASGD):
 
     ``adaptive=False``: DC-ASGD-c, ``lam_t = lam`` (default 0.04). ``adaptive=True``:
     DC-ASGD-a, ``ms <- ms_decay*ms + (1-ms_decay)*g*g`` per worker and
-    ``lam_t = lam / sqrt(ms + 1e-7)`` (default lam 2.0). Weight decay joins ``g`` first.
+    ``lam_t = lam / sqrt(ms + 1e-7)`` (default lam 2.0). Weight decay joins ``g`` first;
+    ``momentum`` applies to the compensated step (as in the authors' MXNet optimizer).
     """
 
     def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
                  lam: float | None = None, *, adaptive: bool = True, ms_decay: float = 0.95,
-                 weight_decay: float = 0.0):
+                 momentum: float = 0.0, weight_decay: float = 0.0):
         if lam is None:
             lam = DEFAULT_LAM["adaptive" if adaptive else "constant"]
-        super().__init__(model, store, lr, weight_decay, lam=lam, adaptive=adaptive,
+        super().__init__(model, store, lr, momentum, weight_decay, lam=lam, adaptive=adaptive,
                          ms_decay=ms_decay)

@@ -155,27 +155,28 @@ class ParameterStore:
         self._seen = seen
         return seen
 
-    def push(self, w_bak: torch.Tensor, g: torch.Tensor, ms: torch.Tensor | None = None, *,
-             lr: float, lam: float = 0.0, ms_decay: float = 0.95,
-             weight_decay: float = 0.0) -> Push:
+    def push(self, w_bak: torch.Tensor, g: torch.Tensor, ms: torch.Tensor | None = None,
+             v: torch.Tensor | None = None, *, lr: float, lam: float = 0.0,
+             ms_decay: float = 0.95, weight_decay: float = 0.0, momentum: float = 0.0) -> Push:
         """Apply one DC-ASGD update computed at model ``w_bak`` with gradient ``g``.
 
         Shard by shard the current global ``w`` is read and ``w + d`` written (``locked``) or
         ``d`` accumulated (``atomic``), with ``d = -lr*(g' + lam_t*g'^2*(w - w_bak))``
-        (see :mod:`hpctrain.kernels`; ``ms`` given: DC-ASGD-a). ``w_bak`` is left holding the
-        updated values this worker computed (the newest it read plus its own step), and ``ms``
-        its new mean square. Tensors: 1-D float32 CPU, the store's size.
+        (see :mod:`hpctrain.kernels`; ``ms`` given: DC-ASGD-a; ``v`` given: momentum). ``w_bak``
+        is left holding the updated values this worker computed (the newest it read plus its
+        own step), ``ms`` and ``v`` their new values. Tensors: 1-D float32 CPU, the store's size.
         """
         if not self.is_worker:
             raise RuntimeError(f"rank {self.rank} is a server of this store; only workers push")
-        for name, t in (("w_bak", w_bak), ("g", g), ("ms", ms)):
+        for name, t in (("w_bak", w_bak), ("g", g), ("ms", ms), ("v", v)):
             if t is not None:
                 self._check_buffer(name, t)
-        hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay}
+        hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay,
+                 "momentum": momentum}
         versions = []
         for s in self.order:
             lo, hi = self.bounds[s]
-            part = (w_bak[lo:hi], g[lo:hi], None if ms is None else ms[lo:hi])
+            part = (w_bak[lo:hi], g[lo:hi], *(None if t is None else t[lo:hi] for t in (ms, v)))
             if self.consistency == "locked":
                 versions.append(self._push_locked(s, *part, hyper))
             else:
@@ -185,7 +186,7 @@ class ParameterStore:
         self._seen = index + 1
         return Push(index, tau, self.order, tuple(versions) if versions else None)
 
-    def _push_locked(self, s: int, w_bak, g, ms, hyper) -> int:
+    def _push_locked(self, s: int, w_bak, g, ms, v, hyper) -> int:
         MPI = hcomm.mpi()
         win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
         cur = self._cur[lo:hi]
@@ -193,21 +194,21 @@ class ParameterStore:
         win.Get([self._count[:1], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
         win.Get([cur.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT))
         win.Flush(owner)
-        kernels.dc_update(cur, g, w_bak, ms, out=w_bak, **hyper)
+        kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
         self._count[1] = self._count[0] + 1
         win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
         win.Put([w_bak.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT))
         win.Unlock(owner)
         return int(self._count[0])
 
-    def _push_atomic(self, s: int, w_bak, g, ms, hyper) -> None:
+    def _push_atomic(self, s: int, w_bak, g, ms, v, hyper) -> None:
         MPI = hcomm.mpi()
         win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
         cur, delta = self._cur[lo:hi], self._delta[lo:hi]
         win.Lock(owner, MPI.LOCK_SHARED)
         self._read(win, owner, cur.numpy())
         win.Flush(owner)
-        kernels.dc_delta(cur, g, w_bak, ms, out=delta, w_out=w_bak, **hyper)
+        kernels.dc_delta(cur, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
         win.Accumulate([delta.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT),
                        op=MPI.SUM)
         win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)

@@ -1,0 +1,154 @@
+"""The RMA parameter store: pushes per second against a two-sided parameter server.
+
+Run under ``mpirun -np W+1``: W workers push DC-ASGD-c updates of a model of ``--params``
+float32 parameters as fast as they can for ``--seconds`` (no gradient computation: the
+figure is the store's own cost). Configurations, measured in the same run with the same
+processes:
+
+- ``rma-<consistency>-spread``: the store with every worker hosting shards (the extra rank
+  idles);
+- ``rma-<consistency>-server``: the last rank is a dedicated server hosting all shards;
+- ``two-sided``: the baseline, a server rank that receives each gradient (``Recv``), applies
+  the same fused update with the worker's ``w_bak`` that it keeps (the DC-ASGD paper's
+  server), and sends the new model back (``Send``); one request at a time.
+
+Each worker starts with a different shard; shards = W. A push moves the model twice
+(read and write back) in every configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from hpctrain import comm, kernels
+from hpctrain.async_ import ParameterStore
+
+DESCRIPTION = ("RMA parameter store: DC-ASGD-c pushes per second (locked and atomic, shards "
+               "spread over the workers or on a dedicated server) against a two-sided "
+               "Send/Recv parameter server measured in the same run; run with mpirun -np W+1.")
+THREAD_LEVEL = "serialized"
+HYPER = {"lr": 1e-3, "lam": 0.04}
+_GRAD, _STOP = 1, 2
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--params", default="1000000,10000000",
+                        help="comma-separated model sizes (float32 parameters)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="timed pushing per case")
+    parser.add_argument("--consistency", default="locked,atomic")
+
+
+def _push_loop(push, seconds: float, world) -> tuple[int, float]:
+    """Push until ``seconds`` have passed; (pushes, elapsed)."""
+    world.Barrier()
+    start = time.perf_counter()
+    n = 0
+    while time.perf_counter() - start < seconds:
+        push()
+        n += 1
+    return n, time.perf_counter() - start
+
+
+def _rma(world, numel: int, consistency: str, servers: int, seconds: float) -> dict:
+    """One RMA case on ``world``; per-rank (pushes, seconds) gathered on rank 0."""
+    workers = world.Get_size() - servers
+    store = ParameterStore(torch.zeros(numel), world, servers=servers, shards=workers,
+                           consistency=consistency)
+    result = (0, 0.0)
+    if store.is_worker:
+        w, g = torch.zeros(numel), torch.full((numel,), 1e-3)
+        store.pull(w)
+        result = _push_loop(lambda: store.push(w, g, **HYPER), seconds, store.worker_comm)
+    store.finish()
+    store.close()
+    return world.gather(result, root=0)
+
+
+def _two_sided(world, numel: int, seconds: float) -> list:
+    """The baseline: the last rank serves gradients with Recv/update/Send."""
+    MPI = comm.mpi()
+    size, rank = world.Get_size(), world.Get_rank()
+    server = size - 1
+    workers = world.Split(0 if rank != server else 1, rank)
+    result = (0, 0.0)
+    if rank == server:
+        w = torch.zeros(numel)
+        w_bak = [w.clone() for _ in range(size - 1)]
+        g = torch.empty(numel)
+        status = MPI.Status()
+        stopped = 0
+        while stopped < size - 1:
+            world.Recv([g.numpy(), MPI.FLOAT], MPI.ANY_SOURCE, MPI.ANY_TAG, status=status)
+            src = status.Get_source()
+            if status.Get_tag() == _STOP:
+                stopped += 1
+                continue
+            kernels.dc_update(w, g, w_bak[src], **HYPER)
+            w_bak[src].copy_(w)
+            world.Send([w.numpy(), MPI.FLOAT], src, _GRAD)
+    else:
+        w, g = torch.zeros(numel), torch.full((numel,), 1e-3)
+
+        def push():
+            world.Send([g.numpy(), MPI.FLOAT], server, _GRAD)
+            world.Recv([w.numpy(), MPI.FLOAT], server, _GRAD)
+
+        result = _push_loop(push, seconds, workers)
+        world.Send([g.numpy(), MPI.FLOAT], server, _STOP)
+    workers.Free()
+    return world.gather(result, root=0)
+
+
+def _rate(parts: list) -> float:
+    """Total pushes per second over the workers (each rate over its own elapsed time)."""
+    return sum(n / s for n, s in parts if n)
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Every size and configuration; print a table on rank 0; return the figures."""
+    world = comm.world()
+    size, rank = world.Get_size(), world.Get_rank()
+    if size < 2:
+        raise RuntimeError("the store benchmark needs mpirun -np W+1 (W >= 1 workers)")
+    spread = world.Split(0 if rank < size - 1 else 1, rank)
+    rows = []
+    for numel in (int(p) for p in args.params.split(",")):
+        cases = {"two-sided": _two_sided(world, numel, args.seconds)}
+        for consistency in args.consistency.split(","):
+            parts = _rma(spread, numel, consistency, 0, args.seconds) if rank < size - 1 else None
+            cases[f"rma-{consistency}-spread"] = parts
+            world.Barrier()
+            cases[f"rma-{consistency}-server"] = _rma(world, numel, consistency, 1, args.seconds)
+        if rank == 0:
+            base = _rate(cases["two-sided"])
+            for name, parts in cases.items():
+                rate = _rate(parts)
+                rows.append({"params": numel, "workers": size - 1, "case": name,
+                             "pushes_per_s": rate, "vs_two_sided": rate / base,
+                             "per_worker": [n / s for n, s in parts if n],
+                             "median_push_ms": 1e3 * statistics.median(
+                                 s / n for n, s in parts if n)})
+    spread.Free()
+    if rank == 0:
+        print(f"parameter store, {size - 1} workers (+1 server rank), DC-ASGD-c pushes, "
+              f"{args.seconds:g} s per case")
+        print(f"{'params':>10} {'case':22} {'pushes/s':>9} {'ms/push':>8} {'vs two-sided':>13}")
+        for r in rows:
+            print(f"{r['params']:>10} {r['case']:22} {r['pushes_per_s']:9.1f} "
+                  f"{r['median_push_ms']:8.2f} {r['vs_two_sided']:12.2f}x", flush=True)
+    return {"benchmark": "store", "ranks": size, "workers": size - 1, "seconds": args.seconds,
+            "mpi": comm.library_info()["library"], "rows": rows if rank == 0 else None}
+
+
+if __name__ == "__main__":
+    comm.install_abort_on_error()
+    _parser = argparse.ArgumentParser(prog="python -m hpctrain.bench.store",
+                                      description=DESCRIPTION)
+    add_arguments(_parser)
+    _args = _parser.parse_args()
+    comm.init(THREAD_LEVEL)
+    run(_args)
