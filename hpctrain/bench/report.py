@@ -105,6 +105,20 @@ def _bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _byte_counts(summary: dict) -> list[tuple[str, float]]:
+    """Non-zero byte counts of a summary, top level and one level down (``aggregation.x``);
+    per-round figures are left out, the totals say the same."""
+    found = []
+    for key, value in sorted(summary.items()):
+        items = sorted(value.items()) if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            name = key if sub is None else f"{key}.{sub}"
+            if "bytes" in name and "per_round" not in name and isinstance(v, (int, float)) \
+                    and not isinstance(v, bool) and v:
+                found.append((name, v))
+    return found
+
+
 def _cells(row: Row, targets: list[float]) -> list[str]:
     dash = "—"
     if row.summary is None:
@@ -120,8 +134,7 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     stale = dash if not stale else (f"{stale['mean']:.2f} / {stale['p50']:.0f} / "
                                     f"{stale['p90']:.0f} / {stale['p99']:.0f} / "
                                     f"{stale['max']:.0f}")
-    moved = [f"{k} {_bytes(v)}" for k, v in sorted(s.items())
-             if "bytes" in k and isinstance(v, (int, float)) and v]
+    moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
     return [row.name, str(s["workers"]), f"{s['final_test_acc']:.4f}",
             f"{s['best_test_acc']:.4f}", f"{s['wall_s']:.1f}", *reach,
             f"{s['samples_per_s']:.0f}", stale, "; ".join(moved) or dash, "ok"]
@@ -142,7 +155,7 @@ def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
     out = ["# Algorithm comparison", ""]
     if record:
         options = " ".join(record.get("train_args", [])) or "(defaults)"
-        out.append(f"Training options, the same for every run: `{options}`; "
+        out.append(f"Training options: `{options}` (each run gets those its algorithm takes); "
                    f"{record['workers']} workers per run, sgd on one process.")
     else:
         out.append("Runs found in this folder.")
