@@ -1,0 +1,64 @@
+"""Straggler injection: make a worker's steps take FACTOR times as long, with seeded jitter.
+
+``--slowdown RANK:FACTOR[,RANK:FACTOR...]`` slows given workers by a fixed factor;
+``--jitter SIGMA`` multiplies every worker's step by a log-normal factor ``exp(SIGMA * z)``,
+``z ~ N(0, 1)``, drawn per step from a generator seeded with (seed, rank). A step that should
+take ``f`` times its measured time ``t`` is padded with a sleep of ``(f - 1) * t`` (no sleep
+when ``f <= 1``: a step cannot be made faster).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+from hpctrain.errors import UsageError
+
+
+def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
+    """``"0:3,2:1.5"`` -> {0: 3.0, 2: 1.5}; ranks must be workers, factors >= 1."""
+    factors: dict[int, float] = {}
+    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+        try:
+            rank_text, factor_text = item.split(":")
+            rank, factor = int(rank_text), float(factor_text)
+        except ValueError:
+            raise UsageError(f"--slowdown {text}: cannot parse {item!r}; want RANK:FACTOR") \
+                from None
+        if not 0 <= rank < workers:
+            raise UsageError(f"--slowdown {text}: rank {rank} is not a worker (0..{workers - 1})")
+        if not (math.isfinite(factor) and factor >= 1.0):
+            raise UsageError(f"--slowdown {text}: factor {factor_text} must be >= 1")
+        if rank in factors:
+            raise UsageError(f"--slowdown {text}: rank {rank} given twice")
+        factors[rank] = factor
+    return factors
+
+
+class Straggler:
+    """Pads each step of one worker to ``factor`` (times a jitter draw) times its length."""
+
+    def __init__(self, factor: float = 1.0, jitter: float = 0.0, seed: int = 0, rank: int = 0):
+        self.factor, self.jitter = factor, jitter
+        self._rng = random.Random(f"straggler:{seed}:{rank}")
+        self.slept = 0.0
+
+    @property
+    def active(self) -> bool:
+        return self.factor != 1.0 or self.jitter > 0.0
+
+    def step_factor(self) -> float:
+        """The slowdown of the next step."""
+        return self.factor * (self._rng.lognormvariate(0.0, self.jitter) if self.jitter else 1.0)
+
+    def pad(self, step_seconds: float) -> float:
+        """Sleep so a step that took ``step_seconds`` takes its factor times as long."""
+        if not self.active:
+            return 0.0
+        extra = (self.step_factor() - 1.0) * step_seconds
+        if extra > 0:
+            time.sleep(extra)
+            self.slept += extra
+            return extra
+        return 0.0

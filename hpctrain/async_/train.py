@@ -1,0 +1,220 @@
+"""``--algo asgd | dcasgd-c | dcasgd-a``: asynchronous training on the RMA parameter store.
+
+Every worker runs a plain PyTorch loop over its own part of the data (replicated placement,
+the shuffle package's order, local epochs at its own pace) and pushes after every batch. The
+run ends when the global update counter says ``--epochs`` worth of samples (all workers) have
+been consumed, so fast workers do more of the work. The learning-rate schedule follows the
+same global count. Rank 0 snapshots its model (the newest global values it read) at every
+``--eval-every`` epochs of global progress; snapshots are scored after training.
+
+``--momentum`` gives each worker a velocity of its own (compensated) steps, which it pushes,
+as each process's torch SGD does in a Hogwild run and as the DC-ASGD authors' MXNet optimizer
+does; ``--momentum 0`` is the paper's algorithm exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import torch
+from torch.nn import functional as F
+
+from hpctrain import comm, data, faults, models, shuffle
+from hpctrain.async_.optim import ASGD, DCASGD, DEFAULT_LAM
+from hpctrain.async_.store import CONSISTENCIES, ParameterStore
+from hpctrain.async_.stragglers import Straggler, parse_slowdown
+from hpctrain.errors import UsageError
+from hpctrain.evaluate import Snapshots, evaluate_snapshots
+from hpctrain.guard import GradientGuard
+from hpctrain.metrics import RunLog, distribution, progress
+from hpctrain.schedule import learning_rate, set_lr
+
+THREAD_LEVEL = "serialized"  # Open MPI 4's inter-node osc/pt2pt refuses MULTIPLE
+ALGOS = ("asgd", "dcasgd-c", "dcasgd-a")
+
+
+def add_arguments(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--lam", type=float, default=None,
+                       help="DC-ASGD's lambda0 (default 0.04 for dcasgd-c, 2.0 for dcasgd-a)")
+    group.add_argument("--ms-decay", type=float, default=0.95,
+                       help="dcasgd-a: decay of the mean square of the gradient")
+    group.add_argument("--servers", type=int, default=0,
+                       help="async: ranks that only host the model (the last N); 0: all ranks "
+                            "host shards and train (one node)")
+    group.add_argument("--consistency", default="locked", choices=CONSISTENCIES,
+                       help="async: locked (exclusive lock per shard, serialisable) or atomic "
+                            "(Accumulate of the delta, element-wise atomic)")
+    group.add_argument("--shards", type=int, default=None,
+                       help="async: number of model shards (default: one per worker at least)")
+    group.add_argument("--slowdown", default=None,
+                       help="async: RANK:FACTOR[,...] makes worker RANK's steps FACTOR times "
+                            "as long")
+    group.add_argument("--jitter", type=float, default=0.0,
+                       help="async: log-normal per-step slowdown exp(SIGMA*z) on every worker, "
+                            "seeded")
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.algo not in ALGOS:
+        raise UsageError(f"{__name__} runs {', '.join(ALGOS)}, not {args.algo!r}")
+    ranks = comm.env_size()
+    if not 0 <= args.servers < ranks:
+        raise UsageError(f"--servers {args.servers} with {ranks} ranks: need 0 <= servers < "
+                         "ranks (at least one worker)")
+    if args.shards is not None and args.shards < 1:
+        raise UsageError(f"--shards {args.shards} must be >= 1")
+    if args.lam is not None and not (math.isfinite(args.lam) and args.lam >= 0):
+        raise UsageError(f"--lam {args.lam} must be >= 0")
+    if args.momentum >= 1.0:
+        raise UsageError(f"--momentum {args.momentum} must be < 1")
+    if not 0.0 <= args.ms_decay < 1.0:
+        raise UsageError(f"--ms-decay {args.ms_decay} is outside [0, 1)")
+    if not (math.isfinite(args.jitter) and args.jitter >= 0):
+        raise UsageError(f"--jitter {args.jitter} must be >= 0")
+    parse_slowdown(args.slowdown, ranks - args.servers)
+    if getattr(args, "data_placement", "replicated") != "replicated":
+        raise UsageError(f"--algo {args.algo} needs --data-placement replicated: sharded "
+                         "placement exchanges data collectively each epoch, which would make "
+                         "the asynchronous workers wait for each other")
+
+
+def lam_of(args: argparse.Namespace) -> float:
+    """The lambda0 this run uses (0 for ASGD)."""
+    if args.algo == "asgd":
+        return 0.0
+    if args.lam is not None:
+        return args.lam
+    return DEFAULT_LAM["adaptive" if args.algo == "dcasgd-a" else "constant"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Train as ``args`` say; write the run's outputs; return its summary (on every rank)."""
+    world = comm.world()
+    torch.manual_seed(args.seed)
+    test_set = data.load(args.dataset, "test", args.data_dir)
+    model = models.build(args.model, test_set.shape, test_set.num_classes)
+    values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    store = ParameterStore(values, world, servers=args.servers, shards=args.shards,
+                           consistency=args.consistency)
+    summary = _work(args, store, model, test_set) if store.is_worker else None
+    store.finish()
+    store.close()
+    return world.bcast(summary, root=0)
+
+
+def _work(args: argparse.Namespace, store: ParameterStore, model, test_set) -> dict:
+    """One worker's training, evaluation and (rank 0) outputs; collective over the workers."""
+    workers = store.worker_comm
+    rank, size = workers.Get_rank(), workers.Get_size()
+    train_data = shuffle.make_train_data(args, workers)
+    lam = lam_of(args)
+    if args.algo == "asgd":
+        opt = ASGD(model, store, lr=args.lr, momentum=args.momentum,
+                   weight_decay=args.weight_decay)
+    else:
+        opt = DCASGD(model, store, lr=args.lr, lam=lam, adaptive=args.algo == "dcasgd-a",
+                     ms_decay=args.ms_decay, momentum=args.momentum,
+                     weight_decay=args.weight_decay)
+    straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
+                          args.seed, rank)
+    guard = GradientGuard(model.parameters(), args.max_bad_steps)
+    log = RunLog(args.out, rank)
+    log.write_config({**vars(args), "workers": size, "servers": args.servers, "lam": lam,
+                      "shards": store.shards, **comm.library_info()})
+
+    steps = math.ceil(train_data.samples_per_rank / args.batch_size)  # one local epoch
+    per_epoch = steps * size  # global updates per epoch of data
+    total = args.epochs * per_epoch
+    snapshot_every = max(1, round(args.eval_every * per_epoch))
+    snapshots = Snapshots()
+    bar = progress(total, rank, args.algo, enabled=not args.no_progress)
+
+    workers.Barrier()
+    start = time.perf_counter()
+    if rank == 0:
+        snapshots.take(model, t=0.0, epoch=0.0, updates=0)
+    seen = pushes = samples = local_epoch = i = 0
+    next_snapshot = snapshot_every
+    local = train_data.epoch(0)
+    while seen < total:
+        if i == steps:
+            local_epoch, i = local_epoch + 1, 0
+            local = train_data.epoch(local_epoch)
+        t0 = time.perf_counter()
+        set_lr(opt, learning_rate(args.lr, seen / per_epoch, args.epochs, args.lr_schedule,
+                                  args.lr_milestones, args.lr_gamma))
+        x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
+        y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
+        opt.zero_grad()
+        loss = faults.inject(rank, pushes, model, F.cross_entropy(model(x), y))
+        loss.backward()
+        if guard.check(pushes):
+            opt.step()
+            seen = opt.last_push.index + 1
+        else:
+            seen = store.updates()
+        pushes += 1
+        samples += len(y)
+        i += 1
+        straggler.pad(time.perf_counter() - t0)
+        bar.update(min(seen, total) - bar.n)
+        if rank == 0 and seen >= next_snapshot:
+            snapshots.take(model, t=time.perf_counter() - start, epoch=seen / per_epoch,
+                           updates=seen)
+            next_snapshot = (seen // snapshot_every + 1) * snapshot_every
+    busy = time.perf_counter() - start
+    workers.Barrier()  # every push is in
+    wall = time.perf_counter() - start
+    bar.close()
+    if rank == 0:
+        final_updates = opt.pull()
+        snapshots.take(model, t=wall, epoch=final_updates / per_epoch, updates=final_updates)
+        log.save_model(model)
+    snapshots = workers.bcast(snapshots, root=0)
+    points = evaluate_snapshots(model, snapshots, test_set, workers)
+    log.write_points(points)
+
+    mine = {"pushes": pushes, "samples": samples, "staleness": opt.staleness, "busy_s": busy,
+            "slept_s": straggler.slept, **guard.summary()}
+    every = workers.gather(mine, root=0)
+    if rank != 0:
+        return None
+    taus = [t for w in every for t in w["staleness"]]
+    total_samples = sum(w["samples"] for w in every)
+    summary = {
+        "algo": args.algo,
+        "algo_label": f"{args.algo} ({args.consistency}, {store.shards} shards, "
+                      f"{args.servers} servers)",
+        "workers": size,
+        "servers": args.servers,
+        "consistency": args.consistency,
+        "shards": store.shards,
+        "lam": lam,
+        "ms_decay": args.ms_decay if args.algo == "dcasgd-a" else None,
+        "model": args.model,
+        "dataset": args.dataset,
+        "epochs": args.epochs,
+        "updates": points[-1]["updates"],
+        "final_test_acc": points[-1]["test_acc"],
+        "final_test_loss": points[-1]["test_loss"],
+        "best_test_acc": max(p["test_acc"] for p in points),
+        "wall_s": wall,
+        "samples_per_s": total_samples / wall,
+        "staleness": distribution(taus),
+        "pushes_per_worker": [w["pushes"] for w in every],
+        "samples_per_worker": [w["samples"] for w in every],
+        "busy_s_per_worker": [w["busy_s"] for w in every],
+        "straggler_sleep_s_per_worker": [w["slept_s"] for w in every],
+        "slowdown": args.slowdown,
+        "jitter": args.jitter,
+        "skipped_steps": sum(w["skipped_steps"] for w in every),
+        "bad_gradients_per_worker": [w["bad_gradients_per_worker"][0] for w in every],
+        "max_bad_steps": args.max_bad_steps,
+        "params": models.num_parameters(model),
+        "out": args.out,
+        **train_data.stats(),
+    }
+    log.write_summary(summary)
+    return summary
