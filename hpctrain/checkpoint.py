@@ -175,8 +175,9 @@ def _load_snapshots(folder: Path, refs: list[dict]) -> list[Snapshot]:
 
 
 def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
-                ) -> tuple[Path, dict, dict, list[Snapshot]] | None:
-    """The newest usable checkpoint in ``folder``: ``(path, header, payload, snapshots)``.
+                ) -> tuple[Path, dict, dict, list[list[Snapshot]]] | None:
+    """The newest usable checkpoint in ``folder``: ``(path, header, payload, snapshots)``,
+    ``snapshots`` holding one list per rank that saved them (just rank 0 when they are shared).
 
     Each unusable one on the way is reported in one line, renamed ``*.corrupt`` (so that it
     leaves the rotation) and skipped. None if no checkpoint is usable.
@@ -186,7 +187,7 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
     for path in listing(folder):
         try:
             header, payload = load(path)
-            snapshots = _load_snapshots(folder, payload.get("snapshots", []))
+            snapshots = [_load_snapshots(folder, refs) for refs in payload.get("snapshots", [])]
         except CorruptCheckpoint as e:
             report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); "
                    "falling back to the previous one")
@@ -316,13 +317,15 @@ class Checkpointer:
 
     ``shared`` objects (``state_dict``/``load_state_dict``) are the same on every rank and saved
     from rank 0; ``per_rank`` objects are gathered from every rank and each gets its own back,
-    as does its random-number state. With ``comm`` (collective), every rank calls
+    as does its random-number state. Snapshots are rank 0's, given to every rank on resume, or
+    with ``per_rank_snapshots`` each rank's own. With ``comm`` (collective), every rank calls
     :meth:`restore` and :meth:`step` at the same updates. ``steps`` is steps per epoch.
     """
 
     def __init__(self, args: argparse.Namespace, comm, steps: int, total_steps: int,
-                 shared: dict, per_rank: dict | None = None):
+                 shared: dict, per_rank: dict | None = None, per_rank_snapshots: bool = False):
         self.comm, self.steps, self.total = comm, steps, total_steps
+        self.snapshots_per_rank = per_rank_snapshots
         self.rank = comm.Get_rank() if comm is not None else 0
         self.workers = comm.Get_size() if comm is not None else 1
         self.shared, self.per_rank = shared, per_rank or {}
@@ -334,8 +337,8 @@ class Checkpointer:
         self.by_epochs = self.enabled and every.endswith("e")
         self.every = float(every[:-1] if self.by_epochs else every) if self.enabled else 0.0
         self.interval = max(1, round(self.every * steps)) if self.by_epochs else 0
-        self.written = 0      # snapshots already in snapshots/
-        self.refs: list[dict] = []
+        self.written = 0      # snapshots (of each rank) already in snapshots/
+        self.refs: list[list[dict]] = []  # their files, per rank that saves them
         self.count, self.seconds = 0, 0.0
         self.resumed_from: list[int] = []
         self.last = time.perf_counter()
@@ -346,24 +349,30 @@ class Checkpointer:
         ``snapshots``; return its counters (``updates``, ``elapsed``, ...), else ``{}``."""
         if self.resume_dir is None:
             return {}
-        found = None
+        common = parts = None
         if self.rank == 0:
             found = load_newest(self.resume_dir)
             if found is None:
                 raise UsageError(f"--resume {self.resume_dir}: no usable checkpoint (all "
                                  "failed their checksums)")
+            path, header, payload, restored = found
+            common = (path, header, payload["shared"], payload["counters"], payload["snapshots"],
+                      None if self.snapshots_per_rank else restored[0])
+            parts = [(payload["ranks"][r], restored[r] if self.snapshots_per_rank else None)
+                     for r in range(self.workers)]
         if self.comm is not None:
-            found = self.comm.bcast(found if self.rank == 0 else None, root=0)
-        path, header, payload, restored = found
+            common = self.comm.bcast(common, root=0)
+            mine, own = self.comm.scatter(parts, root=0)
+        else:
+            mine, own = parts[0]
+        path, header, shared, counters, self.refs, first = common
         for name, obj in self.shared.items():
-            obj.load_state_dict(payload["shared"][name])
-        mine = payload["ranks"][self.rank]
+            obj.load_state_dict(shared[name])
         for name, obj in self.per_rank.items():
             obj.load_state_dict(mine[name])
         set_rng_state(mine["rng"])
-        snapshots[:] = restored
-        self.refs, self.written = list(payload["snapshots"]), len(restored)
-        counters = payload["counters"]
+        snapshots[:] = own if self.snapshots_per_rank else first
+        self.written = len(snapshots)
         self.count = counters.get("checkpoints", 0)
         self.seconds = counters.get("checkpoint_s", 0.0)
         self.resumed_from = [*counters.get("resumed_from", []), header["updates"]]
@@ -408,17 +417,26 @@ class Checkpointer:
     def _save(self, updates: int, counters: dict, snapshots: list) -> None:
         mine = {name: obj.state_dict() for name, obj in self.per_rank.items()}
         mine["rng"] = rng_state()
-        ranks = self.comm.gather(mine, root=0) if self.comm is not None else [mine]
+        new = snapshots[self.written:] if self.snapshots_per_rank or self.rank == 0 else []
+        self.written = len(snapshots)
+        gathered = [(mine, new)]
+        if self.comm is not None:
+            gathered = self.comm.gather((mine, new), root=0)
         if self.rank != 0:
             return
+        ranks = [m for m, _ in gathered]
+        writers = gathered if self.snapshots_per_rank else gathered[:1]
+        if not self.refs:
+            self.refs = [[] for _ in writers]
         (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
-        for i in range(self.written, len(snapshots)):
-            name = f"snapshots/{i:06d}.pt"
-            blob = encode(snapshots[i].state, {"info": snapshots[i].info})
-            write_file(self.folder / name, blob)
-            self.refs.append({"file": name, "sha256": _header_of(blob)["sha256"],
-                              "info": snapshots[i].info})
-        self.written = len(snapshots)
+        for r, (_, fresh) in enumerate(writers):
+            for snap in fresh:
+                rank = f"-r{r}" if self.snapshots_per_rank else ""
+                name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
+                blob = encode(snap.state, {"info": snap.info})
+                write_file(self.folder / name, blob)
+                self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
+                                     "info": snap.info})
         payload = {
             "shared": {name: obj.state_dict() for name, obj in self.shared.items()},
             "ranks": ranks,
@@ -438,3 +456,23 @@ class Checkpointer:
 
 def _header_of(blob: bytes) -> dict:
     return json.loads(blob.partition(b"\n")[0])
+
+
+class Attributes:
+    """Checkpoints the named attributes of ``obj`` (numbers, tensors, lists, dicts, tuples)."""
+
+    def __init__(self, obj, *names: str):
+        self.obj, self.names = obj, names
+
+    def state_dict(self) -> dict:
+        return {n: dict(v) if isinstance(v := getattr(self.obj, n), dict) else v
+                for n in self.names}
+
+    def load_state_dict(self, state: dict) -> None:
+        for n in self.names:
+            current = getattr(self.obj, n)
+            if isinstance(current, dict):  # in place: keeps a defaultdict a defaultdict
+                current.clear()
+                current.update(state[n])
+            else:
+                setattr(self.obj, n, state[n])

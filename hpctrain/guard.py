@@ -1,18 +1,20 @@
 """Never apply a gradient holding NaN or Inf: skip the step, count it, stop after too many.
 
-One process: a step is skipped when any element of its gradient is not finite.
+One process, or local steps of independent workers (model averaging, EC: ``comm`` only gathers
+the counts): a step is skipped when any element of its own gradient is not finite.
 
-Synchronous SGD (``comm`` given): every rank skips the step when any rank's gradient was bad,
-and that verdict costs no message. A NaN or Inf in one rank's contribution makes the same
-elements of the allreduced gradient non-finite on every rank (NaN absorbs any sum, Inf plus a
-finite number is Inf, Inf minus Inf is NaN), and every rank receives the same reduced gradient
-(the replicas would drift apart otherwise), so checking the reduced gradient before the step
-gives the same answer everywhere. The alternative, zeroing the bad contribution and dividing
-by the number of good ones, needs that number before the step: one more allreduce on every
-step to save one batch on the rare bad one, and a step whose effective batch size silently
-changes. Which worker was bad is recorded by a hook on each parameter that sees this rank's own
-gradient during backward, before it is handed to the allreduce; it is read only when a step is
-skipped. Counts per worker are gathered once, for the summary (or for the stop message).
+Synchronous SGD (``comm`` given, ``reduced``): every rank skips the step when any rank's
+gradient was bad, and that verdict costs no message. A NaN or Inf in one rank's contribution
+makes the same elements of the allreduced gradient non-finite on every rank (NaN absorbs any
+sum, Inf plus a finite number is Inf, Inf minus Inf is NaN), and every rank receives the same
+reduced gradient (the replicas would drift apart otherwise), so checking the reduced gradient
+before the step gives the same answer everywhere. The alternative, zeroing the bad contribution
+and dividing by the number of good ones, needs that number before the step: one more allreduce
+on every step to save one batch on the rare bad one, and a step whose effective batch size
+silently changes. Which worker was bad is recorded by a hook on each parameter that sees this
+rank's own gradient during backward, before it is handed to the allreduce; it is read only when
+a step is skipped. Counts per worker are gathered once, for the summary (or for the stop
+message).
 """
 
 from __future__ import annotations
@@ -35,16 +37,19 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
 class GradientGuard:
     """Decides, after the gradient is complete (reduced, for ssgd), whether a step may be taken.
 
-    ``check(update)`` returns False for a step to skip and raises TooManyBadSteps (on rank 0;
-    the other ranks wait for its abort) after ``max_bad_steps`` skipped in a row.
+    ``check(update)`` returns False for a step to skip and raises TooManyBadSteps after
+    ``max_bad_steps`` skipped in a row (with ``reduced``, on rank 0 only: the other ranks wait
+    for its abort, so the job ends with one line).
     """
 
-    def __init__(self, params: Iterable[torch.nn.Parameter], max_bad_steps: int, comm=None):
+    def __init__(self, params: Iterable[torch.nn.Parameter], max_bad_steps: int, comm=None,
+                 reduced: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.max_bad_steps, self.comm = max_bad_steps, comm
+        self.reduced = reduced and comm is not None
         self.skipped = self.consecutive = self.bad_here = 0
         self._local: list[torch.Tensor] = []
-        if comm is not None:
+        if self.reduced:
             for p in self.params:
                 p.register_hook(self._see)
 
@@ -59,30 +64,33 @@ class GradientGuard:
             return True
         self.skipped += 1
         self.consecutive += 1
-        if self.comm is None or not all(bool(f) for f in local):
+        if not self.reduced or not all(bool(f) for f in local):
             self.bad_here += 1
         if self.consecutive >= self.max_bad_steps:
             self._stop(update)
         return False
 
     def _stop(self, update: int) -> None:
-        per_worker = self.per_worker()
-        if self.comm is not None and self.comm.Get_rank() != 0:
+        per_worker = self.per_worker() if self.reduced else None
+        if self.reduced and self.comm.Get_rank() != 0:
             self.comm.Barrier()  # never completes: rank 0 raises and its abort ends the job
         first = update - self.consecutive + 1
+        counts = f" (per worker: {per_worker})" if per_worker is not None else ""
         raise TooManyBadSteps(
             f"{self.consecutive} consecutive steps (updates {first}-{update}) had NaN/Inf "
-            f"gradients (per worker: {per_worker}); stopping (--max-bad-steps "
-            f"{self.max_bad_steps}). Lower --lr or check the data")
+            f"gradients{counts}; stopping (--max-bad-steps {self.max_bad_steps}). Lower --lr "
+            "or check the data")
 
     def per_worker(self) -> list[int]:
         """Bad gradients seen on each worker (collective with ``comm``)."""
         return self.comm.allgather(self.bad_here) if self.comm is not None else [self.bad_here]
 
     def summary(self) -> dict:
-        """For summary.json (collective with ``comm``)."""
-        return {"skipped_steps": self.skipped, "bad_gradients_per_worker": self.per_worker(),
-                "max_bad_steps": self.max_bad_steps}
+        """For summary.json (collective with ``comm``): steps skipped (summed over workers
+        when each skips its own), bad gradients per worker."""
+        per_worker = self.per_worker()
+        return {"skipped_steps": self.skipped if self.reduced else sum(per_worker),
+                "bad_gradients_per_worker": per_worker, "max_bad_steps": self.max_bad_steps}
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive,

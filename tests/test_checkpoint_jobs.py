@@ -1,5 +1,5 @@
 """Whole jobs interrupted and resumed: the same final model, curve and counts as one that ran
-straight through (same seed), for sgd and ssgd on 2 and 4 ranks."""
+straight through (same seed), for sgd, ssgd (2 and 4 ranks), ma and ec."""
 
 import json
 
@@ -14,8 +14,10 @@ SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "3", "--no-prog
 
 
 def train(out, algo: str, np: int, *extra: str, env: dict | None = None, timeout: float = 180):
-    batch = ["--batch-size", "16"] if algo == "ssgd" else []
-    return run_job(["train", "--algo", algo, *SMALL, *batch, "--out", str(out), *extra],
+    own = {"sgd": [], "ssgd": ["--batch-size", "16"],
+           "ma": ["--batch-size", "16", "--tau", "7"],
+           "ec": ["--batch-size", "16", "--tau", "7", "--ec-distill-size", "64"]}[algo]
+    return run_job(["train", "--algo", algo, *SMALL, *own, "--out", str(out), *extra],
                    np=np, env=env, timeout=timeout)
 
 
@@ -144,6 +146,22 @@ def test_killed_while_writing_a_checkpoint_then_corrupt_newest(tmp_path, straigh
     assert len(reports) == 1 and "ckpt-000000128.pt" in reports[0] and "checksum" in reports[0]
     assert "update 64" in proc.stderr
     assert_same_run(out, straight("ssgd", 2))
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("algo", ["ma", "ec"])
+def test_local_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, algo):
+    """Every rank's own model, momentum, round state, NaN counts and snapshots come back."""
+    out = tmp_path / "run"
+    nan = "nan@0:3,nan@1:100"
+    proc = train(out, algo, 2, "--checkpoint-every", "1e",
+                 env={"HPCTRAIN_INJECT": f"{nan},kill@1:150"})
+    assert proc.returncode != 0
+    assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 128
+    resume(out, algo, 2, "--checkpoint-every", "1e")
+    assert_same_run(out, straight(algo, 2, env={"HPCTRAIN_INJECT": nan}))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_steps"] == 2 and summary["bad_gradients_per_worker"] == [1, 1]
 
 
 def error_lines(proc) -> list[str]:

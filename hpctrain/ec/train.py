@@ -19,16 +19,18 @@ import time
 import torch
 from torch.nn import functional as F
 
-from hpctrain import comm, data, faults, models, shuffle
+from hpctrain import checkpoint, comm, data, faults, models, shuffle
 from hpctrain.ec.averaging import ModelAveraging, broadcast_model
 from hpctrain.ec.compression import EnsembleCompression, check_options
 from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
+from hpctrain.guard import GradientGuard
 from hpctrain.metrics import RunLog, progress, write_atomic
 from hpctrain.schedule import learning_rate, set_lr
 
 THREAD_LEVEL = "serialized"  # collectives from the main thread only
+CHECKPOINTS = True  # every rank's model, momentum, round state and snapshots
 DEFAULT_TAU = 20
 
 
@@ -44,6 +46,9 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="ec: softmax temperature of the ensemble and the student")
     group.add_argument("--ec-distill-size", type=int, default=512,
                        help="ec: samples per worker relabelled by the ensemble each round")
+    group.add_argument("--ec-init", choices=("common", "independent"), default="common",
+                       help="ec: start every rank from rank 0's model, or each from its own "
+                            "random one (seed + rank) for a more diverse ensemble")
     group.add_argument("--ec-final", choices=("member", "ensemble"), default="member",
                        help="ec: the reported final model, rank 0's member or the ensemble")
 
@@ -93,8 +98,11 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     train_data = shuffle.make_train_data(args, world)
     test_set = data.load(args.dataset, "test", args.data_dir)
+    if ec and args.ec_init == "independent":
+        torch.manual_seed(args.seed + rank)
     model = models.build(args.model, train_data.input_shape, train_data.num_classes)
-    broadcast_model(model, world)
+    if not (ec and args.ec_init == "independent"):
+        broadcast_model(model, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     steps = math.ceil(train_data.samples_per_rank / args.batch_size)
@@ -111,17 +119,26 @@ def run(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps
     snapshot_every = max(1, round(args.eval_every * steps))
     snapshots = Snapshots()
+    guard = GradientGuard(model.parameters(), args.max_bad_steps, world)
+    rounds = ("steps", "rounds", "_round_start", "relabelled", "distilled") if ec else ("steps",)
+    ckpt = checkpoint.Checkpointer(
+        args, world, steps, total_steps, shared={}, per_rank_snapshots=True,
+        per_rank={"model": model, "optimizer": optimizer, "guard": guard,
+                  "agg": checkpoint.Attributes(agg, *rounds),
+                  "stats": checkpoint.Attributes(agg.stats, "bytes", "seconds", "parts")})
     bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
 
-    world.Barrier()
-    start = time.perf_counter()
     snapshots.take(model, t=0.0, epoch=0.0, updates=0)
-    updates = samples = 0
-    for epoch in range(args.epochs):
+    done = ckpt.restore(snapshots)
+    updates, samples = done.get("updates", 0), done.get("samples", 0)
+    bar.update(updates)
+    world.Barrier()
+    start = time.perf_counter() - done.get("elapsed", 0.0)
+    for epoch in range(updates // steps, args.epochs):
         local = train_data.epoch(epoch)
         if ec:
             agg.set_local_data(local)
-        for i in range(steps):
+        for i in range(updates - epoch * steps, steps):
             set_lr(optimizer, learning_rate(args.lr, epoch + i / steps, args.epochs,
                                             args.lr_schedule, args.lr_milestones, args.lr_gamma))
             x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
@@ -130,7 +147,8 @@ def run(args: argparse.Namespace) -> dict:
             loss = agg.loss(x, y) if ec else F.cross_entropy(model(x), y)
             loss.backward()
             faults.inject(rank, updates, model)
-            optimizer.step()
+            if guard.check(updates):  # a NaN/Inf gradient is skipped on its own worker
+                optimizer.step()
             updates += 1
             samples += len(y)
             aggregated = agg.after_step()
@@ -142,6 +160,8 @@ def run(args: argparse.Namespace) -> dict:
             if updates % snapshot_every == 0 or updates == total_steps:
                 snapshots.take(model, t=time.perf_counter() - start, epoch=updates / steps,
                                updates=updates)
+            ckpt.step(updates, {"samples": samples, "elapsed": time.perf_counter() - start},
+                      snapshots)
     wall = time.perf_counter() - start
     bar.close()
 
@@ -177,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
         "params": models.num_parameters(model),
         "out": args.out,
         **train_data.stats(),
+        **guard.summary(),
+        **ckpt.summary(),
     }
     if ec:
         summary["distilled_samples_per_rank"] = agg.distilled

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps
     snapshot_every = max(1, round(args.eval_every * steps))
     snapshots = Snapshots()
-    guard = GradientGuard(model.parameters(), args.max_bad_steps, world)
+    guard = GradientGuard(model.parameters(), args.max_bad_steps, world, reduced=True)
     ckpt = checkpoint.Checkpointer(args, world, steps, total_steps,
                                    shared={"model": model, "optimizer": optimizer},
                                    per_rank={"guard": guard})
