@@ -3,6 +3,7 @@ reading arbitrary shards from the data files, and one-line errors from whole job
 
 import argparse
 import gzip
+import json
 import struct
 
 import numpy as np
@@ -74,6 +75,25 @@ def test_bad_strategy_from_a_job_fails_before_mpi(tmp_path):
     lines = [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")]
     assert len(lines) == 1 and "partial:1.5" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_training_job_sees_the_same_data_replicated_or_sharded(tmp_path):
+    """ssgd on 2 ranks: global shuffling gives the same run whichever rank holds the data; the
+    sharded run reports the bytes it moved per epoch."""
+    summaries = {}
+    for placement in ("replicated", "sharded"):
+        out = tmp_path / placement
+        proc = run_job(["train", "--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp",
+                        "--epochs", "2", "--seed", "3", "--no-progress", "--partition",
+                        "label-skew", "--data-placement", placement, "--out", str(out)],
+                       np=2, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+        summaries[placement] = json.loads((out / "summary.json").read_text())
+    rep, sh = summaries["replicated"], summaries["sharded"]
+    assert rep["final_test_loss"] == sh["final_test_loss"]
+    assert rep["bytes_moved"] == 0
+    assert [x["epoch"] for x in sh["exchange_per_epoch"]] == [0, 1]
+    assert all(x["bytes_moved"] > 0 for x in sh["exchange_per_epoch"])
 
 
 def test_global_matches_one_process_order():
@@ -216,7 +236,7 @@ def test_single_process_train_data(strategy, partition):
         assert (td.num_samples, td.samples_per_rank) == (2048, 2048)
         assert td.input_shape == data.SYNTHETIC_SHAPE and td.num_classes == 10
         outs[placement] = [td.epoch(e).subset(range(td.samples_per_rank)) for e in range(2)]
-        assert td.stats() == {"bytes_moved": 0, "exchange_s": td.stats()["exchange_s"]}
+        assert td.stats()["bytes_moved"] == 0
     full = data.load("synthetic")
     for rep, sh in zip(outs["replicated"], outs["sharded"], strict=True):
         assert torch.equal(rep.ids, sh.ids)

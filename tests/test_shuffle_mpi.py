@@ -89,6 +89,9 @@ def test_partial_moves_fraction_q_and_counts_bytes(q):
         prev = ids
     assert td.stats()["bytes_moved"] == 3 * m * row_bytes
     assert td.stats()["exchange_s"] > 0
+    per_epoch = td.stats()["exchange_per_epoch"]
+    assert [(x["epoch"], x["bytes_moved"]) for x in per_epoch] == [(e, m * row_bytes)
+                                                                   for e in range(3)]
     moved = sum(comm.allgather(td.stats()["bytes_moved"]))
     assert moved == 3 * k * m * row_bytes
 

@@ -71,8 +71,9 @@ class ShardedTrainData(TrainData):
 
     def _timed(self, step, epoch: int) -> None:
         start = time.perf_counter()
-        self._bytes_moved += step(epoch)
-        self._exchange_s += time.perf_counter() - start
+        sent = step(epoch)
+        self._exchanges.append({"epoch": epoch, "bytes_moved": sent,
+                                "exchange_s": time.perf_counter() - start})
 
     def _back_holding(self) -> data.Dataset:
         if self._back is None:

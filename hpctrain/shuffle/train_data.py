@@ -28,15 +28,17 @@ class TrainData:
     num_classes: int
 
     def __init__(self) -> None:
-        self._bytes_moved = 0
-        self._exchange_s = 0.0
+        self._exchanges: list[dict] = []
 
     def epoch(self, epoch: int) -> data.Dataset:
         raise NotImplementedError
 
     def stats(self) -> dict:
-        """Cumulative bytes this rank sent to other ranks and seconds spent exchanging."""
-        return {"bytes_moved": self._bytes_moved, "exchange_s": self._exchange_s}
+        """This rank's bytes sent to other ranks and seconds spent exchanging: in total, and
+        per exchange (``exchange_per_epoch``: epoch, bytes_moved, exchange_s)."""
+        return {"bytes_moved": sum(x["bytes_moved"] for x in self._exchanges),
+                "exchange_s": sum(x["exchange_s"] for x in self._exchanges),
+                "exchange_per_epoch": list(self._exchanges)}
 
 
 class ReplicatedTrainData(TrainData):
