@@ -116,8 +116,8 @@ class BucketedAllreduce:
             self._buckets.append(_Bucket(buffer, members, cast, pre, post, mpi_buffer, mpi_op))
         self._next = 0  # the next bucket to launch
         self.in_flight = False  # a gradient was counted since the last synchronize
-        self._hooks = [p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
-                       for i, p in enumerate(params)]
+        for i, p in enumerate(params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
 
     @property
     def bucket_sizes(self) -> list[int]:
