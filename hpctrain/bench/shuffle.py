@@ -83,6 +83,8 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--epochs {args.epochs} must be >= 1")
     world = comm.world()
     ranks, me = world.Get_size(), world.Get_rank()
+    if ranks < 2:
+        raise UsageError(f"the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not {ranks}")
     data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
                                    shuffle="global", data_placement="sharded",
                                    partition=args.partition,
