@@ -154,3 +154,20 @@ def test_fashion_mnist_sharded_global_reads_only_its_shard():
     ref = data.load_indices("fashion-mnist", "train", ds.ids[sample])
     assert torch.equal(ds.images[sample], ref.images)
     assert td.stats()["bytes_moved"] > 0
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_benchmark_moves_the_bytes_it_reports():
+    from hpctrain.bench import shuffle as bench
+
+    comm = world()
+    args = argparse.Namespace(dataset="synthetic", data_dir=None, partition="label-skew",
+                              epochs=2, shuffle_chunk_mb=0.05, seed=0, json=None)
+    result = bench.run(args)
+    k = comm.Get_size()
+    # Global reshuffle: about (K-1)/K of a rank's 2048/K samples leave it each epoch.
+    expect = 2048 / k * (k - 1) / k * 1040 / 1e6
+    assert 0.7 * expect < result["mb_sent_per_rank"] < 1.3 * expect
+    assert len(result["per_rank"]) == k
+    assert all(v > 0 for r in result["per_rank"] for v in r.values())
