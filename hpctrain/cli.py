@@ -35,6 +35,7 @@ ALGORITHMS = {
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
 BENCHMARKS: dict[str, str] = {
     "compare": "hpctrain.bench.compare",
+    "shuffle": "hpctrain.bench.shuffle",
 }
 
 

@@ -4,8 +4,8 @@ Fashion-MNIST and MNIST are read from IDX files (``*-ubyte.gz`` or uncompressed)
 its binary version (``data_batch_*.bin``, ``test_batch.bin``); nothing is unpickled and
 nothing is downloaded. A file that is missing, has the wrong magic number, is truncated or
 disagrees with its partner (image and label counts) is rejected with a one-line
-:class:`UsageError`. Where: ``--data-dir`` (itself or its ``<name>`` subfolder) when given; otherwise
-``$HPCTRAIN_DATA`` (likewise), then ``/usr/share/datasets/<name>``.
+:class:`UsageError`. Files are looked for in ``--data-dir`` (or its ``<name>`` subfolder)
+when given; otherwise in ``$HPCTRAIN_DATA`` (likewise), then ``/usr/share/datasets/<name>``.
 """
 
 from __future__ import annotations
