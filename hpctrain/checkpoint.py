@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpctrain import comm as hcomm
 from hpctrain import faults
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshot
@@ -241,7 +242,7 @@ def _jsonable(args: argparse.Namespace) -> dict:
     return json.loads(json.dumps(vars(args), default=str))
 
 
-def validate(args: argparse.Namespace, supported: bool, workers: int) -> None:
+def validate(args: argparse.Namespace, supported: bool, ranks: int) -> None:
     """Check the checkpoint options before MPI starts; for ``--resume``, check that the newest
     checkpoint's run is this one (same algorithm, workers, options) and default ``--out`` to it.
     """
@@ -251,10 +252,10 @@ def validate(args: argparse.Namespace, supported: bool, workers: int) -> None:
     if args.resume is not None:
         folder = resolve(args.resume)
         header = _newest_header(folder, args.resume)
-        if header.get("algo") != args.algo or header.get("workers") != workers:
+        if header.get("algo") != args.algo or header.get("ranks") != ranks:
             raise UsageError(f"--resume {args.resume}: its checkpoint is of --algo "
-                             f"{header.get('algo')} on {header.get('workers')} workers, not "
-                             f"--algo {args.algo} on {workers}")
+                             f"{header.get('algo')} on {header.get('ranks')} ranks, not "
+                             f"--algo {args.algo} on {ranks}")
         old, new = header.get("args", {}), _jsonable(args)
         for key in sorted(old.keys() & new.keys() - _MAY_CHANGE):
             if old[key] != new[key]:
@@ -312,14 +313,26 @@ def set_rng_state(state: dict) -> None:
 # In a training loop
 
 
+def newest(folder: str | Path) -> tuple[Path, dict, dict, list[list[Snapshot]]]:
+    """:func:`load_newest` for ``--resume``: UsageError when nothing in ``folder`` is usable."""
+    found = load_newest(folder)
+    if found is None:
+        raise UsageError(f"--resume {folder}: no usable checkpoint (all failed their checksums)")
+    return found
+
+
 class Checkpointer:
     """Resuming and writing checkpoints from a training loop.
 
     ``shared`` objects (``state_dict``/``load_state_dict``) are the same on every rank and saved
     from rank 0; ``per_rank`` objects are gathered from every rank and each gets its own back,
-    as does its random-number state. Snapshots are rank 0's, given to every rank on resume, or
-    with ``per_rank_snapshots`` each rank's own. With ``comm`` (collective), every rank calls
-    :meth:`restore` and :meth:`step` at the same updates. ``steps`` is steps per epoch.
+    as do its counters and random-number state. Snapshots are rank 0's, given to every rank on
+    resume, or with ``per_rank_snapshots`` each rank's own. With ``comm`` every rank calls
+    :meth:`restore`, and :meth:`save` at the same update, collectively.
+
+    ``--checkpoint-every Ne`` makes one due each time the update count passes a multiple of N
+    epochs (``steps`` updates each); ``N`` seconds, when rank 0's clock says so (lock-step
+    loops only: the verdict is a broadcast per step).
     """
 
     def __init__(self, args: argparse.Namespace, comm, steps: int, total_steps: int,
@@ -330,13 +343,15 @@ class Checkpointer:
         self.workers = comm.Get_size() if comm is not None else 1
         self.shared, self.per_rank = shared, per_rank or {}
         self.resume_dir = args.resume
-        self.header = {"algo": args.algo, "workers": self.workers, "args": _jsonable(args)}
+        self.header = {"algo": args.algo, "ranks": hcomm.env_size(), "workers": self.workers,
+                       "args": _jsonable(args)}
         every = args.checkpoint_every
         self.enabled = every is not None
         self.folder = Path(args.checkpoint_dir or Path(args.out) / SUBDIR)
-        self.by_epochs = self.enabled and every.endswith("e")
-        self.every = float(every[:-1] if self.by_epochs else every) if self.enabled else 0.0
-        self.interval = max(1, round(self.every * steps)) if self.by_epochs else 0
+        self.by_progress = self.enabled and every.endswith("e")
+        self.every = float(every[:-1] if self.by_progress else every) if self.enabled else 0.0
+        self.interval = max(1, round(self.every * steps)) if self.by_progress else 0
+        self.next_due = self.interval
         self.written = 0      # snapshots (of each rank) already in snapshots/
         self.refs: list[list[dict]] = []  # their files, per rank that saves them
         self.count, self.seconds = 0, 0.0
@@ -344,19 +359,16 @@ class Checkpointer:
         self.last = time.perf_counter()
         self._request, self._flag = None, np.zeros(1, np.uint8)
 
-    def restore(self, snapshots: list) -> dict:
-        """With ``--resume``: load the newest valid checkpoint into the registered objects and
-        ``snapshots``; return its counters (``updates``, ``elapsed``, ...), else ``{}``."""
+    def restore(self, snapshots: list, found: tuple | None = None) -> dict:
+        """With ``--resume``: load the newest valid checkpoint (``found``: what rank 0 already
+        loaded with :func:`newest`) into the registered objects and ``snapshots``; return this
+        rank's counters (``updates``, ``elapsed``, ...), else ``{}``."""
         if self.resume_dir is None:
             return {}
         common = parts = None
         if self.rank == 0:
-            found = load_newest(self.resume_dir)
-            if found is None:
-                raise UsageError(f"--resume {self.resume_dir}: no usable checkpoint (all "
-                                 "failed their checksums)")
-            path, header, payload, restored = found
-            common = (path, header, payload["shared"], payload["counters"], payload["snapshots"],
+            path, header, payload, restored = found or newest(self.resume_dir)
+            common = (path, header, payload["shared"], payload["book"], payload["snapshots"],
                       None if self.snapshots_per_rank else restored[0])
             parts = [(payload["ranks"][r], restored[r] if self.snapshots_per_rank else None)
                      for r in range(self.workers)]
@@ -365,7 +377,7 @@ class Checkpointer:
             mine, own = self.comm.scatter(parts, root=0)
         else:
             mine, own = parts[0]
-        path, header, shared, counters, self.refs, first = common
+        path, header, shared, book, self.refs, first = common
         for name, obj in self.shared.items():
             obj.load_state_dict(shared[name])
         for name, obj in self.per_rank.items():
@@ -373,32 +385,29 @@ class Checkpointer:
         set_rng_state(mine["rng"])
         snapshots[:] = own if self.snapshots_per_rank else first
         self.written = len(snapshots)
-        self.count = counters.get("checkpoints", 0)
-        self.seconds = counters.get("checkpoint_s", 0.0)
-        self.resumed_from = [*counters.get("resumed_from", []), header["updates"]]
+        self.count, self.seconds = book["checkpoints"], book["checkpoint_s"]
+        self.resumed_from = [*book["resumed_from"], header["updates"]]
+        self.next_due = (header["updates"] // self.interval + 1) * self.interval \
+            if self.by_progress else 0
         if self.rank == 0:
             print(f"hpctrain: resuming from {path} (update {header['updates']})",
                   file=sys.stderr, flush=True)
         self.last = time.perf_counter()
-        return counters
+        return mine["counters"]
 
     def step(self, updates: int, counters: dict, snapshots: list) -> bool:
-        """After update ``updates``: write a checkpoint if one is due; True if written.
-        ``counters`` (plain numbers: ``elapsed``, samples, ...) come back from restore."""
-        if not self._due(updates):
+        """After update ``updates`` of a lock-step loop: :meth:`save` if :meth:`due`."""
+        if not self.due(updates):
             return False
-        start = time.perf_counter()
-        self._save(updates, counters, snapshots)
-        self.count += 1
-        self.seconds += time.perf_counter() - start
-        self.last = time.perf_counter()
+        self.save(updates, counters, snapshots)
         return True
 
-    def _due(self, updates: int) -> bool:
+    def due(self, updates: int) -> bool:
+        """Whether a checkpoint is due after update ``updates`` (collective in seconds mode)."""
         if not self.enabled:
             return False
-        if self.by_epochs:
-            return updates % self.interval == 0
+        if self.by_progress:
+            return updates >= self.next_due
         if self.comm is None or self.workers == 1:
             return time.perf_counter() - self.last >= self.every
         # Rank 0's clock decides; its verdict travels in a 1-byte Ibcast overlapped with the
@@ -414,23 +423,32 @@ class Checkpointer:
             self._request = self.comm.Ibcast(self._flag, root=0)
         return due
 
-    def _save(self, updates: int, counters: dict, snapshots: list) -> None:
+    def save(self, updates: int, counters: dict, snapshots: list) -> None:
+        """Write the checkpoint of update ``updates`` (collective; rank 0 writes). ``counters``:
+        this rank's plain numbers (``elapsed``, samples, ...), given back by restore."""
+        start = time.perf_counter()
         mine = {name: obj.state_dict() for name, obj in self.per_rank.items()}
         mine["rng"] = rng_state()
+        mine["counters"] = {**counters, "updates": updates}
         new = snapshots[self.written:] if self.snapshots_per_rank or self.rank == 0 else []
         self.written = len(snapshots)
         gathered = [(mine, new)]
         if self.comm is not None:
             gathered = self.comm.gather((mine, new), root=0)
-        if self.rank != 0:
-            return
-        ranks = [m for m, _ in gathered]
-        writers = gathered if self.snapshots_per_rank else gathered[:1]
+        if self.rank == 0:
+            self._write(updates, [m for m, _ in gathered],
+                        [n for _, n in gathered] if self.snapshots_per_rank else [new])
+        self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
+        self.count += 1
+        self.seconds += time.perf_counter() - start
+        self.last = time.perf_counter()
+
+    def _write(self, updates: int, ranks: list[dict], fresh: list[list]) -> None:
         if not self.refs:
-            self.refs = [[] for _ in writers]
+            self.refs = [[] for _ in fresh]
         (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
-        for r, (_, fresh) in enumerate(writers):
-            for snap in fresh:
+        for r, snaps in enumerate(fresh):
+            for snap in snaps:
                 rank = f"-r{r}" if self.snapshots_per_rank else ""
                 name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
                 blob = encode(snap.state, {"info": snap.info})
@@ -441,8 +459,8 @@ class Checkpointer:
             "shared": {name: obj.state_dict() for name, obj in self.shared.items()},
             "ranks": ranks,
             "snapshots": self.refs,
-            "counters": {**counters, "updates": updates, "checkpoints": self.count + 1,
-                         "checkpoint_s": self.seconds, "resumed_from": self.resumed_from},
+            "book": {"checkpoints": self.count + 1, "checkpoint_s": self.seconds,
+                     "resumed_from": self.resumed_from},
         }
         header = {**self.header, "epoch": updates / self.steps}
         save(self.folder, updates, payload, header,

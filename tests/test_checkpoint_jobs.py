@@ -1,5 +1,6 @@
 """Whole jobs interrupted and resumed: the same final model, curve and counts as one that ran
-straight through (same seed), for sgd, ssgd (2 and 4 ranks), ma and ec."""
+straight through (same seed), for sgd, ssgd (2 and 4 ranks), ma and ec; async runs (not
+reproducible by nature) resume where their checkpoint left off and finish."""
 
 import json
 
@@ -164,6 +165,36 @@ def test_local_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, 
     assert summary["skipped_steps"] == 2 and summary["bad_gradients_per_worker"] == [1, 1]
 
 
+@pytest.mark.timeout(300)
+def test_async_worker_killed_then_resumed(tmp_path):
+    """dcasgd-a with a dedicated server: a worker SIGKILLed mid-run ends the job; resuming
+    continues from the last progress checkpoint (global model, update count, each worker's
+    mean squares, momentum, position and staleness record) and finishes the budget."""
+    out = tmp_path / "run"
+    args = ["train", "--algo", "dcasgd-a", "--dataset", "synthetic", "--model", "mlp",
+            "--epochs", "3", "--no-progress", "--batch-size", "32", "--momentum", "0.5",
+            "--servers", "1", "--checkpoint-every", "0.5e", "--out", str(out)]
+    proc = run_job(args, np=3, timeout=120, env={"HPCTRAIN_INJECT": "nan@0:3,kill@1:60"})
+    assert proc.returncode != 0
+    assert "process rank 1 with PID" in proc.stderr and "signal 9" in proc.stderr
+    header = checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])
+    assert 32 <= header["updates"] < 192 and header["ranks"] == 3 and header["workers"] == 2
+    payload = checkpoint.load(checkpoint.listing(out / "checkpoints")[0])[1]
+    assert [r["opt"]["_ms"].numel() > 0 for r in payload["ranks"]] == [True, True]
+    proc = run_job([*args, "--resume", str(out)], np=3, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [header["updates"]]
+    assert summary["updates"] >= 192 and summary["final_test_acc"] > 0.5
+    assert summary["bad_gradients_per_worker"] == [1, 0]  # counted before the kill, kept
+    # Every push of the whole run is in the staleness record, across the restart.
+    assert summary["staleness"]["count"] == sum(summary["pushes_per_worker"]) - 1
+    points = curve(out)
+    assert [p["updates"] for p in points] == sorted(p["updates"] for p in points)
+    assert points[0]["updates"] == 0 and points[-1]["updates"] == summary["updates"]
+    assert all(torch.isfinite(v).all() for v in final_model(out).values())
+
+
 def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
 
@@ -181,6 +212,8 @@ def test_resume_refusals(tmp_path):
         (["--checkpoint-every", "0"], "--checkpoint-every: must be > 0, got 0"),
         (["--checkpoint-every", "ten"], "neither seconds (600) nor epochs (2e)"),
         (["--max-bad-steps", "0"], "--max-bad-steps: must be > 0, got 0"),
+        (["--algo", "asgd", "--checkpoint-every", "60", "--out", str(tmp_path / "a")],
+         "asynchronous runs checkpoint by global progress"),
     ]
     for extra, pattern in cases:
         proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "1e", *extra)

@@ -21,7 +21,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from hpctrain import comm, data, faults, models, shuffle
+from hpctrain import checkpoint, comm, data, faults, models, shuffle
 from hpctrain.async_.optim import ASGD, DCASGD, DEFAULT_LAM
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore
 from hpctrain.async_.stragglers import Straggler, parse_slowdown
@@ -32,6 +32,7 @@ from hpctrain.metrics import RunLog, distribution, progress
 from hpctrain.schedule import learning_rate, set_lr
 
 THREAD_LEVEL = "serialized"  # Open MPI 4's inter-node osc/pt2pt refuses MULTIPLE
+CHECKPOINTS = True  # by global progress (Ne): the workers stop together, the store is quiescent
 ALGOS = ("asgd", "dcasgd-c", "dcasgd-a")
 
 
@@ -74,6 +75,9 @@ def validate(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.jitter) and args.jitter >= 0):
         raise UsageError(f"--jitter {args.jitter} must be >= 0")
     parse_slowdown(args.slowdown, ranks - args.servers)
+    if args.checkpoint_every is not None and not args.checkpoint_every.endswith("e"):
+        raise UsageError(f"--checkpoint-every {args.checkpoint_every}: asynchronous runs "
+                         "checkpoint by global progress; give epochs, e.g. 1e")
     if getattr(args, "data_placement", "replicated") != "replicated":
         raise UsageError(f"--algo {args.algo} needs --data-placement replicated: sharded "
                          "placement exchanges data collectively each epoch, which would make "
@@ -95,16 +99,19 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     test_set = data.load(args.dataset, "test", args.data_dir)
     model = models.build(args.model, test_set.shape, test_set.num_classes)
+    found = checkpoint.newest(args.resume) if args.resume and world.Get_rank() == 0 else None
+    if found is not None:  # the store starts from rank 0's values: the checkpoint's
+        model.load_state_dict(found[2]["shared"]["model"])
     values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     store = ParameterStore(values, world, servers=args.servers, shards=args.shards,
                            consistency=args.consistency)
-    summary = _work(args, store, model, test_set) if store.is_worker else None
+    summary = _work(args, store, model, test_set, found) if store.is_worker else None
     store.finish()
     store.close()
     return world.bcast(summary, root=0)
 
 
-def _work(args: argparse.Namespace, store: ParameterStore, model, test_set) -> dict:
+def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, found) -> dict:
     """One worker's training, evaluation and (rank 0) outputs; collective over the workers."""
     workers = store.worker_comm
     rank, size = workers.Get_rank(), workers.Get_size()
@@ -129,15 +136,23 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set) -> d
     total = args.epochs * per_epoch
     snapshot_every = max(1, round(args.eval_every * per_epoch))
     snapshots = Snapshots()
+    ckpt = checkpoint.Checkpointer(
+        args, workers, per_epoch, total, shared={"model": model},
+        per_rank={"opt": checkpoint.Attributes(opt, "_ms", "_v", "staleness"), "guard": guard,
+                  "straggler": checkpoint.Attributes(straggler, "slept")})
     bar = progress(total, rank, args.algo, enabled=not args.no_progress)
 
-    workers.Barrier()
-    start = time.perf_counter()
     if rank == 0:
         snapshots.take(model, t=0.0, epoch=0.0, updates=0)
-    seen = pushes = samples = local_epoch = i = 0
-    next_snapshot = snapshot_every
-    local = train_data.epoch(0)
+    done = ckpt.restore(snapshots, found)
+    base = seen = done.get("updates", 0)  # the store counts the updates of this process only
+    pushes, samples, local_epoch, i = (done.get(k, 0) for k in ("pushes", "samples",
+                                                                 "local_epoch", "i"))
+    bar.update(seen)
+    workers.Barrier()
+    start = time.perf_counter() - done.get("elapsed", 0.0)
+    next_snapshot = (seen // snapshot_every + 1) * snapshot_every
+    local = train_data.epoch(local_epoch)
     while seen < total:
         if i == steps:
             local_epoch, i = local_epoch + 1, 0
@@ -152,9 +167,9 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set) -> d
         loss.backward()
         if guard.check(pushes):
             opt.step()
-            seen = opt.last_push.index + 1
+            seen = base + opt.last_push.index + 1
         else:
-            seen = store.updates()
+            seen = base + store.updates()
         pushes += 1
         samples += len(y)
         i += 1
@@ -164,12 +179,18 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set) -> d
             snapshots.take(model, t=time.perf_counter() - start, epoch=seen / per_epoch,
                            updates=seen)
             next_snapshot = (seen // snapshot_every + 1) * snapshot_every
+        if ckpt.due(seen):  # every worker gets here: each sees the count pass the same mark
+            workers.Barrier()  # every push is in: the store is quiescent
+            # All continue from the global model, as a run resumed from this checkpoint does.
+            seen = base + opt.pull()
+            ckpt.save(seen, {"pushes": pushes, "samples": samples, "local_epoch": local_epoch,
+                             "i": i, "elapsed": time.perf_counter() - start}, snapshots)
     busy = time.perf_counter() - start
     workers.Barrier()  # every push is in
     wall = time.perf_counter() - start
     bar.close()
     if rank == 0:
-        final_updates = opt.pull()
+        final_updates = base + opt.pull()
         snapshots.take(model, t=wall, epoch=final_updates / per_epoch, updates=final_updates)
         log.save_model(model)
     snapshots = workers.bcast(snapshots, root=0)
@@ -212,6 +233,7 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set) -> d
         "skipped_steps": sum(w["skipped_steps"] for w in every),
         "bad_gradients_per_worker": [w["bad_gradients_per_worker"][0] for w in every],
         "max_bad_steps": args.max_bad_steps,
+        **ckpt.summary(),
         "params": models.num_parameters(model),
         "out": args.out,
         **train_data.stats(),
