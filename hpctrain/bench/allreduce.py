@@ -1,12 +1,14 @@
 """Gradient allreduce per step: the mpi backend and Horovod against a raw mpi4py Allreduce.
 
-For each model size, one iteration times, in turn and after a barrier each: the model's
-backward alone (no distributed optimizer); backward plus ``synchronize()`` with the mpi
-backend's DistributedOptimizer (with the Iallreduce algorithm hpctrain selects, and with
-Open MPI's default); the same with Horovod's; and one in-place ``Allreduce`` of a flat float32
-buffer of the same bytes. A backend's allreduce time is its backward+synchronize minus the
-backward alone of the same iteration: everything distribution adds to a step (hooks, packing,
-communication, averaging, waiting), with the overlap with backward credited to it.
+Each phase interleaves, iteration by iteration and after a barrier each, the model's backward
+alone and backward plus a gradient exchange; a variant's time is its backward+exchange minus
+the same iteration's backward alone: everything distribution adds to a step (hooks, packing,
+communication, averaging, waiting for the slowest rank), with any overlap with backward
+credited to it. Variants: the mpi backend's DistributedOptimizer (Iallreduce algorithm as
+hpctrain selects it; in a phase of its own, Open MPI's default); Horovod's (in a phase of its
+own: its background thread polls MPI and would slow the others); and the baselines, one
+in-place ``Allreduce`` of a flat float32 buffer of the same bytes, alone after a barrier, and
+after the backward (so that it waits for the slowest rank like a step does).
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ DESCRIPTION = ("Gradient allreduce time per training step for 1M- and 10M-parame
                "measured in the same run (median over repeats); goal mpi/raw <= 1.1.")
 THREAD_LEVEL = "multiple"
 GOAL = 1.1
+RAW, RAW_AFTER = "raw Allreduce", "raw Allreduce after backward"
+MPI_BACKEND, MPI_DEFAULT = "mpi backend", "mpi backend, Open MPI default Iallreduce"
+HOROVOD = "horovod"
 _LAYERS = 4
 
 
@@ -45,6 +50,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--repeats", type=int, default=30, help="timed iterations, median kept")
     parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20,
                         help="mpi backend fusion bucket size (MiB)")
+    parser.add_argument("--keep-grads", action="store_true",
+                        help="zero gradients in place (zero_grad(set_to_none=False)) instead of "
+                        "freeing them, so that backward allocates no gradient memory")
     parser.add_argument("--no-horovod", action="store_true", help="leave Horovod out")
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
 
@@ -81,29 +89,33 @@ def _validate(args: argparse.Namespace) -> list[int]:
 
 
 class _Variant:
-    """One way of doing a step's gradient exchange, timed as backward (+ synchronize)."""
+    """Backward, then ``exchange()`` (if any), timed from the barrier before backward."""
 
-    def __init__(self, name: str, params: int, wrap=None, algorithm: str | None = None):
-        self.name, self.algorithm = name, algorithm
+    def __init__(self, name: str, params: int, wrap=None, exchange=None):
+        self.name = name
         self.model = mlp(params)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.0)
+        self.optimizer = None
         if wrap is not None:
-            self.optimizer = wrap(self.optimizer, self.model.named_parameters())
-        self.seconds: list[float] = []
+            self.optimizer = wrap(torch.optim.SGD(self.model.parameters(), lr=0.0),
+                                  self.model.named_parameters())
+            exchange = self.optimizer.synchronize
+        self.exchange = exchange
+        self.seconds: list[float] = []  # backward + exchange
+        self.waits: list[float] = []  # exchange alone
 
-    def step(self, world, x: torch.Tensor, timed: bool) -> None:
-        if self.algorithm:
-            nbc_tuning.set_iallreduce_algorithm(self.algorithm)
-        self.optimizer.zero_grad()
+    def step(self, world, x: torch.Tensor, timed: bool, set_to_none: bool) -> None:
+        self.model.zero_grad(set_to_none=set_to_none)
         loss = self.model(x).square().mean()
         world.Barrier()
         start = time.perf_counter()
         loss.backward()
-        if hasattr(self.optimizer, "synchronize"):
-            self.optimizer.synchronize()
-        elapsed = time.perf_counter() - start
+        backward_done = time.perf_counter()
+        if self.exchange:
+            self.exchange()
+        end = time.perf_counter()
         if timed:
-            self.seconds.append(elapsed)
+            self.seconds.append(end - start)
+            self.waits.append(end - backward_done)
 
 
 def _raw_allreduce(world, buffer: np.ndarray) -> float:
@@ -114,45 +126,52 @@ def _raw_allreduce(world, buffer: np.ndarray) -> float:
     return time.perf_counter() - start
 
 
-def _mpi_variants(params: int, bucket_bytes: int, tuned: str) -> list[_Variant]:
-    def wrap(opt, named):
-        return sync.DistributedOptimizer(opt, named, bucket_bytes=bucket_bytes)
-
-    if tuned not in nbc_tuning.ALGORITHMS:
-        return [_Variant("mpi backend", params, wrap)]
-    # hpctrain chose the Iallreduce algorithm: show Open MPI's own choice too.
-    return [_Variant("mpi backend", params, wrap, tuned),
-            _Variant("mpi backend, Open MPI default Iallreduce", params, wrap, "ignore")]
-
-
-def _horovod_variants(params: int, hvd) -> list[_Variant]:
-    return [_Variant("horovod", params,
-                     lambda opt, named: hvd.DistributedOptimizer(opt, named_parameters=named))]
-
-
-def _phase(world, params: int, args: argparse.Namespace, variants: list[_Variant],
-           phase: str, with_raw: bool) -> dict[str, float]:
+def _phase(world, params: int, args: argparse.Namespace, phase: str,
+           variants: list[_Variant], with_raw: bool = False) -> dict[str, float]:
     """Interleave backward alone, ``variants`` (and the raw Allreduce); this rank's medians."""
     base = _Variant("backward alone", params)
     width = base.model[0].in_features
     x = torch.randn(args.batch_size, width, generator=torch.Generator().manual_seed(world.rank))
     flat = np.ones(sum(p.numel() for p in base.model.parameters()), np.float32)
+    if with_raw:
+        MPI = comm.mpi()
+        variants = [_Variant(RAW_AFTER, params,
+                             exchange=lambda: world.Allreduce(MPI.IN_PLACE, flat)), *variants]
     raw: list[float] = []
     for i in range(args.warmup + args.repeats):
         timed = i >= args.warmup
         for v in [base, *variants]:
-            v.step(world, x, timed)
+            v.step(world, x, timed, set_to_none=not args.keep_grads)
         if with_raw:
             seconds = _raw_allreduce(world, flat)
             if timed:
                 raw.append(seconds)
     medians = {f"backward alone, {phase} phase": statistics.median(base.seconds)}
     if with_raw:
-        medians["raw Allreduce"] = statistics.median(raw)
+        medians[RAW] = statistics.median(raw)
     for v in variants:
         medians[v.name] = statistics.median(t - b for t, b in
                                             zip(v.seconds, base.seconds, strict=True))
+        if v.optimizer is not None:
+            medians[f"{v.name}: synchronize() alone"] = statistics.median(v.waits)
     return medians
+
+
+def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str) -> tuple[dict, int]:
+    """The mpi backend's phases for one size; also its bucket count."""
+    def wrap(opt, named):
+        return sync.DistributedOptimizer(opt, named, bucket_bytes=int(args.bucket_mb * 2**20))
+
+    mpi = _Variant(MPI_BACKEND, params, wrap)
+    medians = _phase(world, params, args, "mpi", [mpi], with_raw=True)
+    if tuned in nbc_tuning.ALGORITHMS:  # hpctrain chose the algorithm: show Open MPI's own
+        nbc_tuning.set_iallreduce_algorithm("ignore")
+        try:
+            medians.update(_phase(world, params, args, "Open MPI default",
+                                  [_Variant(MPI_DEFAULT, params, wrap)]))
+        finally:
+            nbc_tuning.set_iallreduce_algorithm(tuned)
+    return medians, len(mpi.optimizer.bucket_sizes)
 
 
 def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
@@ -160,29 +179,21 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
     ms = {k: 1e3 * statistics.fmean(r[k] for r in per_rank) for k in medians}
     width = _width(params)
     n_params = _LAYERS * (width * width + width)
+    compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, HOROVOD) if k in ms]
     return {"params": n_params, "bytes": 4 * n_params, "width": width, "buckets": buckets,
-            "ms": ms, "ratio_to_raw": {k: ms[k] / ms["raw Allreduce"] for k in ms
-                                       if k != "raw Allreduce" and not k.startswith("backward")}}
+            "ms": ms,
+            "ratio_to_raw": {k: ms[k] / ms[RAW] for k in compared},
+            "ratio_to_raw_after_backward": {k: ms[k] / ms[RAW_AFTER] for k in compared}}
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Measure every model size; rank 0 prints the table (and writes ``args.out``).
-
-    Horovod runs in a second phase: its background thread polls MPI and would slow the others.
-    """
+    """Measure every model size; rank 0 prints the table (and writes ``args.out``)."""
     sizes = _validate(args)
     world = comm.world()
-    bucket_bytes = int(args.bucket_mb * 2**20)
     sync.init(backend="mpi")
     tuned = collectives.world().iallreduce_algorithm
-    medians, buckets = [], []
     try:
-        for p in sizes:
-            variants = _mpi_variants(p, bucket_bytes, tuned)
-            medians.append(_phase(world, p, args, variants, "mpi", with_raw=True))
-            buckets.append(len(variants[0].optimizer.bucket_sizes))
-        if tuned in nbc_tuning.ALGORITHMS:
-            nbc_tuning.set_iallreduce_algorithm(tuned)
+        measured = [_measure_mpi(world, p, args, tuned) for p in sizes]
     finally:
         sync.shutdown()
     horovod_note = "left out (--no-horovod)"
@@ -194,14 +205,16 @@ def run(args: argparse.Namespace) -> dict:
         else:
             horovod_note = "horovod " + sys.modules["horovod"].__version__
             try:
-                for m, p in zip(medians, sizes, strict=True):
-                    m.update(_phase(world, p, args, _horovod_variants(p, hvd), "horovod",
-                                    with_raw=False))
+                for (medians, _), p in zip(measured, sizes, strict=True):
+                    variant = _Variant(HOROVOD, p, lambda opt, named:
+                                       hvd.DistributedOptimizer(opt, named_parameters=named))
+                    medians.update(_phase(world, p, args, "horovod", [variant]))
             finally:
                 hvd.shutdown()
-    rows = [_row(world, p, m, b) for p, m, b in zip(sizes, medians, buckets, strict=True)]
+    rows = [_row(world, p, m, b) for p, (m, b) in zip(sizes, measured, strict=True)]
     result = {"benchmark": "allreduce", "ranks": world.Get_size(), "batch_size": args.batch_size,
               "warmup": args.warmup, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
+              "zero_grad": "in place" if args.keep_grads else "set_to_none",
               "iallreduce_algorithm": tuned, "horovod": horovod_note,
               "mpi_library": comm.library_info()["library"], "goal_mpi_over_raw": GOAL,
               "models": rows}
@@ -213,21 +226,21 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _table(result: dict) -> str:
-    names = list(result["models"][0]["ms"])
+    models = result["models"]
+    rows = [("buckets (mpi backend)", [f"{m['buckets']:d}" for m in models])]
+    rows += [(name, [f"{m['ms'][name]:.2f}" for m in models]) for name in models[0]["ms"]]
+    for key, label in (("ratio_to_raw", "raw"), ("ratio_to_raw_after_backward",
+                                                   "raw after backward")):
+        rows += [(f"{name} / {label}", [f"{m[key][name]:.2f}" for m in models])
+                 for name in models[0][key]]
+    width = max(len(name) for name, _ in rows) + 2
     lines = [f"gradient allreduce per step, {result['ranks']} ranks, batch "
              f"{result['batch_size']}, median of {result['repeats']} (after {result['warmup']} "
-             f"warm-up), ms; mpi backend Iallreduce: {result['iallreduce_algorithm']}; "
-             f"{result['horovod']}"]
-    header = f"{'':44}" + "".join(f"{m['params'] / 1e6:>10.2f}M" for m in result["models"])
-    lines.append(header)
-    lines.append(f"{'  buckets (mpi backend)':44}" +
-                 "".join(f"{m['buckets']:>11d}" for m in result["models"]))
-    for name in names:
-        lines.append(f"  {name:42}" + "".join(f"{m['ms'][name]:>11.2f}"
-                                              for m in result["models"]))
-    for name in result["models"][0]["ratio_to_raw"]:
-        lines.append(f"  {name + ' / raw':42}" +
-                     "".join(f"{m['ratio_to_raw'][name]:>11.2f}" for m in result["models"]))
+             f"warm-up), ms; zero_grad {result['zero_grad']}; mpi backend Iallreduce: "
+             f"{result['iallreduce_algorithm']}; {result['horovod']}",
+             " " * width + "".join(f"{m['params'] / 1e6:>10.2f}M" for m in models)]
+    lines += [f"  {name:{width - 2}}" + "".join(f"{v:>11}" for v in values)
+              for name, values in rows]
     lines.append(f"goal: mpi backend / raw <= {GOAL}")
     return "\n".join(lines)
 
