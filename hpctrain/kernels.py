@@ -1,6 +1,7 @@
 """The fused DC-ASGD compensation kernels (kernels/dc_update.cpp and .cu) on torch tensors.
 
-``dc_update`` writes the new model ``w + d`` and ``dc_delta`` the step ``d`` itself, where
+``dc_update`` writes the new model ``w + d`` (into one or two tensors) and ``dc_delta`` the step
+``d`` itself (and ``w + d`` if wanted), in one pass, where
 
     g' = g + weight_decay * w_bak
     d  = -lr * (g' + lam_t * g'^2 * (w - w_bak))
@@ -41,10 +42,8 @@ def cpu_library() -> ctypes.CDLL:
         path = _HERE / f"_dc_update{suffix}"
         if path.is_file():
             lib = ctypes.CDLL(str(path))
-            lib.hpctrain_dc_apply.argtypes = [_P] * 6 + _HYPER + [_INT]
-            lib.hpctrain_dc_apply.restype = None
-            lib.hpctrain_dc_delta.argtypes = [_P] * 7 + _HYPER + [_INT]
-            lib.hpctrain_dc_delta.restype = None
+            lib.hpctrain_dc_step.argtypes = [_P] * 8 + _HYPER + [_INT]
+            lib.hpctrain_dc_step.restype = None
             lib.hpctrain_dc_openmp.restype = _INT
             return lib
     raise RuntimeError(f"hpctrain's CPU kernel library is not built in {_HERE}; {_REBUILD}")
@@ -59,10 +58,8 @@ def cuda_library() -> ctypes.CDLL:
             f"hpctrain's CUDA kernel library was not built ({path} missing); install torch with "
             f"CUDA and nvcc, then {_REBUILD} (HPCTRAIN_BUILD_CUDA=1 forces the build)")
     lib = ctypes.CDLL(str(path))
-    lib.hpctrain_dc_apply_cuda.argtypes = [_P] * 6 + _HYPER + [_P]
-    lib.hpctrain_dc_apply_cuda.restype = _INT
-    lib.hpctrain_dc_delta_cuda.argtypes = [_P] * 7 + _HYPER + [_P]
-    lib.hpctrain_dc_delta_cuda.restype = _INT
+    lib.hpctrain_dc_step_cuda.argtypes = [_P] * 8 + _HYPER + [_P]
+    lib.hpctrain_dc_step_cuda.restype = _INT
     lib.hpctrain_cuda_error_string.argtypes = [_INT]
     lib.hpctrain_cuda_error_string.restype = ctypes.c_char_p
     return lib
@@ -72,22 +69,15 @@ def dc_update(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
               ms: torch.Tensor | None = None, v: torch.Tensor | None = None, *, lr: float,
               lam: float = 0.0, ms_decay: float = 0.95, weight_decay: float = 0.0,
               momentum: float = 0.0, out: torch.Tensor | None = None,
-              threads: int = 0) -> torch.Tensor:
-    """``out = w + d`` (``out`` defaults to ``w``: in place); updates ``ms``, ``v`` if given.
+              out2: torch.Tensor | None = None, threads: int = 0) -> torch.Tensor:
+    """``out = w + d`` (``out`` defaults to ``w``: in place), and the same into ``out2`` if given.
 
-    Returns ``out``. ``threads``: OpenMP threads for CPU tensors (0: OMP_NUM_THREADS).
+    Updates ``ms``, ``v`` if given. Returns ``out``. ``threads``: OpenMP threads for CPU
+    tensors (0: OMP_NUM_THREADS).
     """
     out = w if out is None else out
-    _check(outputs={"out": out, "ms": ms, "v": v}, inputs={"w": w, "g": g, "w_bak": w_bak},
-           n=w.numel(), ms_decay=ms_decay, momentum=momentum)
-    hyper = (w.numel(), lr, lam, ms_decay, weight_decay, momentum)
-    ptrs = (_ptr(out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms), _ptr(v))
-    if w.is_cuda:
-        with torch.cuda.device(w.device):
-            lib = cuda_library()
-            _cuda_check(lib, lib.hpctrain_dc_apply_cuda(*ptrs, *hyper, _stream(w)))
-    else:
-        cpu_library().hpctrain_dc_apply(*ptrs, *hyper, threads)
+    _step({"out": out, "out2": out2, "ms": ms, "v": v}, None, out, out2,
+          w, g, w_bak, ms, v, (lr, lam, ms_decay, weight_decay, momentum), threads)
     return out
 
 
@@ -101,31 +91,27 @@ def dc_delta(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
     Updates ``ms``, ``v`` if given. Returns ``out``.
     """
     out = torch.empty_like(w) if out is None else out
-    _check(outputs={"out": out, "w_out": w_out, "ms": ms, "v": v},
-           inputs={"w": w, "g": g, "w_bak": w_bak}, n=w.numel(), ms_decay=ms_decay,
-           momentum=momentum)
-    hyper = (w.numel(), lr, lam, ms_decay, weight_decay, momentum)
-    ptrs = (_ptr(out), _ptr(w_out), _ptr(w), _ptr(g), _ptr(w_bak), _ptr(ms), _ptr(v))
-    if w.is_cuda:
-        with torch.cuda.device(w.device):
-            lib = cuda_library()
-            _cuda_check(lib, lib.hpctrain_dc_delta_cuda(*ptrs, *hyper, _stream(w)))
-    else:
-        cpu_library().hpctrain_dc_delta(*ptrs, *hyper, threads)
+    _step({"out": out, "w_out": w_out, "ms": ms, "v": v}, out, w_out, None,
+          w, g, w_bak, ms, v, (lr, lam, ms_decay, weight_decay, momentum), threads)
     return out
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _cuda_check(lib: ctypes.CDLL, err: int) -> None:
-    if err != 0:
-        raise RuntimeError(f"hpctrain CUDA kernel: {lib.hpctrain_cuda_error_string(err).decode()}")
+def _step(outputs: dict, d_out, w_out, w_out2, w, g, w_bak, ms, v, hyper: tuple,
+          threads: int) -> None:
+    _check(outputs, {"w": w, "g": g, "w_bak": w_bak}, w.numel(), ms_decay=hyper[2],
+           momentum=hyper[4])
+    ptrs = [None if t is None else t.data_ptr() for t in (d_out, w_out, w_out2, w, g, w_bak,
+                                                           ms, v)]
+    if w.is_cuda:
+        with torch.cuda.device(w.device):
+            lib = cuda_library()
+            stream = torch.cuda.current_stream(w.device).cuda_stream
+            err = lib.hpctrain_dc_step_cuda(*ptrs, w.numel(), *hyper, stream)
+            if err != 0:
+                message = lib.hpctrain_cuda_error_string(err).decode()
+                raise RuntimeError(f"hpctrain CUDA kernel: {message}")
+    else:
+        cpu_library().hpctrain_dc_step(*ptrs, w.numel(), *hyper, threads)
 
 
 def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float) -> None:

@@ -5,8 +5,8 @@
 //   d     = -lr * (g' + lam_t * g'^2 * (w - w_bak))         (ASGD: lam = 0)
 //   v     = momentum * v + d,  d = v                         (only with a velocity buffer v)
 //
-// Two entry points share that math: hpctrain_dc_apply writes w + d (the `locked` store's new
-// shard), hpctrain_dc_delta writes d and optionally w + d (the `atomic` store accumulates d).
+// One entry point, hpctrain_dc_step, writes any of: d (the `atomic` store accumulates it),
+// w + d (the `locked` store's new shard) and a second copy of w + d (the worker's own model).
 // Every output may be the very same buffer as any input (in-place use): each element is read
 // completely before it is written and no element depends on another, so `omp simd` (which
 // promises no dependence between iterations) is exact; pointers are not `restrict` for that
@@ -29,6 +29,17 @@ struct Hyper {
   float lr, lam, decay, wd, momentum;
 };
 
+struct Buffers {
+  float* d_out;
+  float* w_out;
+  float* w_out2;
+  const float* w;
+  const float* g;
+  const float* wb;
+  float* ms;
+  float* v;
+};
+
 // The step d for one element; updates *ms when Adaptive and *v when Momentum.
 template <bool Adaptive, bool Momentum>
 inline float dc_step(float w, float g, float wb, float* ms, float* v, const Hyper& h) {
@@ -48,31 +59,41 @@ inline float dc_step(float w, float g, float wb, float* ms, float* v, const Hype
   return d;
 }
 
-// One pass: d_out (if Delta) gets d, w_new (if WithW) gets w + d.
-template <bool Adaptive, bool Momentum, bool Delta, bool WithW>
-void fused(float* d_out, float* w_new, const float* w, const float* g, const float* wb, float* ms,
-           float* v, int64_t n, const Hyper h, [[maybe_unused]] int threads) {
+// One pass; flags: variant (Adaptive, Momentum) and which outputs exist (D: d, W/W2: w + d).
+template <bool Adaptive, bool Momentum, bool D, bool W, bool W2>
+void fused(const Buffers b, int64_t n, const Hyper h, [[maybe_unused]] int threads) {
+  float* d_out = b.d_out;
+  float* w_out = b.w_out;
+  float* w_out2 = b.w_out2;
+  const float* w = b.w;
+  const float* g = b.g;
+  const float* wb = b.wb;
+  float* ms = b.ms;
+  float* v = b.v;
 #pragma omp parallel for simd schedule(static) num_threads(threads) if (n >= kParallelMin)
   for (int64_t i = 0; i < n; ++i) {
     const float wi = w[i];
     const float d = dc_step<Adaptive, Momentum>(wi, g[i], wb[i], Adaptive ? ms + i : nullptr,
                                                 Momentum ? v + i : nullptr, h);
-    if (Delta) d_out[i] = d;
-    if (WithW) w_new[i] = wi + d;
+    if (D) d_out[i] = d;
+    if (W) w_out[i] = wi + d;
+    if (W2) w_out2[i] = wi + d;
   }
 }
 
-template <bool Delta, bool WithW>
-void dispatch(float* d_out, float* w_new, const float* w, const float* g, const float* wb,
-              float* ms, float* v, int64_t n, const Hyper& h, int threads) {
-  if (ms && v)
-    fused<true, true, Delta, WithW>(d_out, w_new, w, g, wb, ms, v, n, h, threads);
-  else if (ms)
-    fused<true, false, Delta, WithW>(d_out, w_new, w, g, wb, ms, v, n, h, threads);
-  else if (v)
-    fused<false, true, Delta, WithW>(d_out, w_new, w, g, wb, ms, v, n, h, threads);
-  else
-    fused<false, false, Delta, WithW>(d_out, w_new, w, g, wb, ms, v, n, h, threads);
+// Turns the run-time choices (which pointers are set) into template flags, one at a time.
+template <bool... Flags>
+void dispatch(const Buffers& b, int64_t n, const Hyper& h, int threads) {
+  constexpr size_t k = sizeof...(Flags);
+  if constexpr (k == 5) {
+    fused<Flags...>(b, n, h, threads);
+  } else {
+    const void* const which[] = {b.ms, b.v, b.d_out, b.w_out, b.w_out2};
+    if (which[k])
+      dispatch<Flags..., true>(b, n, h, threads);
+    else
+      dispatch<Flags..., false>(b, n, h, threads);
+  }
 }
 
 int resolve_threads(int threads) {
@@ -88,25 +109,14 @@ int resolve_threads(int threads) {
 
 extern "C" {
 
-// w_new = w + d. ms == NULL: constant lambda (DC-ASGD-c, or ASGD with lam 0); v == NULL: no
+// One fused pass. Outputs, each optional (NULL: not written): d_out = d, w_out = w + d,
+// w_out2 = w + d. ms == NULL: constant lambda (DC-ASGD-c, or ASGD with lam 0); v == NULL: no
 // momentum. threads <= 0: OpenMP's default (OMP_NUM_THREADS).
-void hpctrain_dc_apply(float* w_new, const float* w, const float* g, const float* w_bak,
-                       float* ms, float* v, int64_t n, float lr, float lam, float ms_decay,
-                       float weight_decay, float momentum, int threads) {
-  const Hyper h{lr, lam, ms_decay, weight_decay, momentum};
-  dispatch<false, true>(nullptr, w_new, w, g, w_bak, ms, v, n, h, resolve_threads(threads));
-}
-
-// d_out = d and, when w_new != NULL, w_new = w + d. ms, v as for hpctrain_dc_apply.
-void hpctrain_dc_delta(float* d_out, float* w_new, const float* w, const float* g,
-                       const float* w_bak, float* ms, float* v, int64_t n, float lr, float lam,
-                       float ms_decay, float weight_decay, float momentum, int threads) {
-  const Hyper h{lr, lam, ms_decay, weight_decay, momentum};
-  const int t = resolve_threads(threads);
-  if (w_new)
-    dispatch<true, true>(d_out, w_new, w, g, w_bak, ms, v, n, h, t);
-  else
-    dispatch<true, false>(d_out, w_new, w, g, w_bak, ms, v, n, h, t);
+void hpctrain_dc_step(float* d_out, float* w_out, float* w_out2, const float* w, const float* g,
+                      const float* w_bak, float* ms, float* v, int64_t n, float lr, float lam,
+                      float ms_decay, float weight_decay, float momentum, int threads) {
+  const Buffers b{d_out, w_out, w_out2, w, g, w_bak, ms, v};
+  dispatch<>(b, n, Hyper{lr, lam, ms_decay, weight_decay, momentum}, resolve_threads(threads));
 }
 
 // 1 when built with OpenMP, so callers can report what they measured.

@@ -1,16 +1,16 @@
-// Fused DC-ASGD update on CUDA devices: the same math and entry points as dc_update.cpp.
+// Fused DC-ASGD update on CUDA devices: the same math and outputs as dc_update.cpp.
 //
 //   g'    = g + wd * w_bak
 //   ms    = m * ms + (1 - m) * g'^2,  lam_t = lam / sqrt(ms + 1e-7)   (DC-ASGD-a; -c: lam_t = lam)
 //   d     = -lr * (g' + lam_t * g'^2 * (w - w_bak))         (ASGD: lam = 0)
 //   v     = momentum * v + d,  d = v                         (only with a velocity buffer v)
 //
-// hpctrain_dc_apply_cuda writes w + d; hpctrain_dc_delta_cuda writes d and optionally w + d.
+// hpctrain_dc_step_cuda writes any of d, w + d and a second copy of w + d.
 // Grid-stride loops; when every pointer is 16-byte aligned the body moves float4 vectors and a
 // scalar tail finishes the last n % 4 elements. Outputs may be the same buffers as inputs (each
 // thread reads its elements before writing them), so pointers are not __restrict__.
-// Launchers take device pointers and a stream, return the cudaError_t of the launch, and need
-// no torch headers.
+// The launcher takes device pointers and a stream, returns the cudaError_t of the launch, and
+// needs no torch headers.
 
 #include <cstdint>
 #include <cuda_runtime.h>
@@ -43,16 +43,16 @@ __device__ __forceinline__ float dc_step(float w, float g, float wb, float* ms, 
   return d;
 }
 
-// Compile-time choice of variant and outputs.
-template <bool Adaptive_, bool Momentum_, bool Delta_, bool WithW_>
+// Compile-time choice of variant (Adaptive, Momentum) and outputs (D: d, W/W2: w + d).
+template <bool Adaptive_, bool Momentum_, bool D_, bool W_, bool W2_>
 struct Variant {
-  static constexpr bool Adaptive = Adaptive_, Momentum = Momentum_, Delta = Delta_,
-                        WithW = WithW_;
+  static constexpr bool Adaptive = Adaptive_, Momentum = Momentum_, D = D_, W = W_, W2 = W2_;
 };
 
 struct Buffers {
   float* d_out;
-  float* w_new;
+  float* w_out;
+  float* w_out2;
   const float* w;
   const float* g;
   const float* wb;
@@ -66,8 +66,9 @@ __device__ __forceinline__ void element(const Buffers& b, int64_t i, const Hyper
   const float d = dc_step<V::Adaptive, V::Momentum>(wi, b.g[i], b.wb[i],
                                                     V::Adaptive ? b.ms + i : nullptr,
                                                     V::Momentum ? b.v + i : nullptr, h);
-  if (V::Delta) b.d_out[i] = d;
-  if (V::WithW) b.w_new[i] = wi + d;
+  if (V::D) b.d_out[i] = d;
+  if (V::W) b.w_out[i] = wi + d;
+  if (V::W2) b.w_out2[i] = wi + d;
 }
 
 __device__ __forceinline__ float& lane(float4& x, int k) {
@@ -95,8 +96,9 @@ __global__ void dc_vec4(Buffers b, int64_t n, Hyper h) {
     }
     if (V::Adaptive) reinterpret_cast<float4*>(b.ms)[i] = m4;
     if (V::Momentum) reinterpret_cast<float4*>(b.v)[i] = v4;
-    if (V::Delta) reinterpret_cast<float4*>(b.d_out)[i] = d4;
-    if (V::WithW) reinterpret_cast<float4*>(b.w_new)[i] = wn4;
+    if (V::D) reinterpret_cast<float4*>(b.d_out)[i] = d4;
+    if (V::W) reinterpret_cast<float4*>(b.w_out)[i] = wn4;
+    if (V::W2) reinterpret_cast<float4*>(b.w_out2)[i] = wn4;
   }
   // Scalar tail: the last n % 4 elements.
   for (int64_t i = 4 * n4 + first; i < n; i += stride) element<V>(b, i, h);
@@ -130,8 +132,9 @@ cudaError_t grid_for(int64_t work, int* blocks) {
 template <class V>
 cudaError_t launch(const Buffers& b, int64_t n, const Hyper& h, cudaStream_t stream) {
   if (n <= 0) return cudaSuccess;
-  const bool vec = aligned16(b.d_out) && aligned16(b.w_new) && aligned16(b.w) &&
-                   aligned16(b.g) && aligned16(b.wb) && aligned16(b.ms) && aligned16(b.v);
+  const bool vec = aligned16(b.d_out) && aligned16(b.w_out) && aligned16(b.w_out2) &&
+                   aligned16(b.w) && aligned16(b.g) && aligned16(b.wb) && aligned16(b.ms) &&
+                   aligned16(b.v);
   int blocks = 0;
   cudaError_t err = grid_for(vec ? (n + 3) / 4 : n, &blocks);
   if (err != cudaSuccess) return err;
@@ -142,34 +145,30 @@ cudaError_t launch(const Buffers& b, int64_t n, const Hyper& h, cudaStream_t str
   return cudaGetLastError();
 }
 
-template <bool Delta, bool WithW>
+// Turns the run-time choices (which pointers are set) into template flags, one at a time.
+template <bool... Flags>
 cudaError_t dispatch(const Buffers& b, int64_t n, const Hyper& h, cudaStream_t stream) {
-  if (b.ms && b.v) return launch<Variant<true, true, Delta, WithW>>(b, n, h, stream);
-  if (b.ms) return launch<Variant<true, false, Delta, WithW>>(b, n, h, stream);
-  if (b.v) return launch<Variant<false, true, Delta, WithW>>(b, n, h, stream);
-  return launch<Variant<false, false, Delta, WithW>>(b, n, h, stream);
+  constexpr size_t k = sizeof...(Flags);
+  if constexpr (k == 5) {
+    return launch<Variant<Flags...>>(b, n, h, stream);
+  } else {
+    const void* const which[] = {b.ms, b.v, b.d_out, b.w_out, b.w_out2};
+    return which[k] ? dispatch<Flags..., true>(b, n, h, stream)
+                    : dispatch<Flags..., false>(b, n, h, stream);
+  }
 }
 
 }  // namespace
 
 extern "C" {
 
-// w_new = w + d on device pointers. ms == NULL: constant lambda; v == NULL: no momentum.
-int hpctrain_dc_apply_cuda(float* w_new, const float* w, const float* g, const float* w_bak,
-                           float* ms, float* v, int64_t n, float lr, float lam, float ms_decay,
-                           float weight_decay, float momentum, cudaStream_t stream) {
-  const Hyper h{lr, lam, ms_decay, weight_decay, momentum};
-  return dispatch<false, true>(Buffers{nullptr, w_new, w, g, w_bak, ms, v}, n, h, stream);
-}
-
-// d_out = d and, when w_new != NULL, w_new = w + d, on device pointers.
-int hpctrain_dc_delta_cuda(float* d_out, float* w_new, const float* w, const float* g,
-                           const float* w_bak, float* ms, float* v, int64_t n, float lr,
-                           float lam, float ms_decay, float weight_decay, float momentum,
-                           cudaStream_t stream) {
-  const Hyper h{lr, lam, ms_decay, weight_decay, momentum};
-  const Buffers b{d_out, w_new, w, g, w_bak, ms, v};
-  return w_new ? dispatch<true, true>(b, n, h, stream) : dispatch<true, false>(b, n, h, stream);
+// One fused pass on device pointers; outputs and options as hpctrain_dc_step in dc_update.cpp.
+int hpctrain_dc_step_cuda(float* d_out, float* w_out, float* w_out2, const float* w,
+                          const float* g, const float* w_bak, float* ms, float* v, int64_t n,
+                          float lr, float lam, float ms_decay, float weight_decay, float momentum,
+                          cudaStream_t stream) {
+  const Buffers b{d_out, w_out, w_out2, w, g, w_bak, ms, v};
+  return dispatch<>(b, n, Hyper{lr, lam, ms_decay, weight_decay, momentum}, stream);
 }
 
 // The message for an error code the launchers returned.

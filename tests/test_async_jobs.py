@@ -43,6 +43,7 @@ def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(consistency):
     res = result_of(run_scenario("busy", 4, consistency, mpi_args=TCP_ONLY))
     assert res["mca"] == {"btl": "self,tcp", "osc": "pt2pt"}
     assert res["thread_level"] == "serialized"
+    assert res["shared_windows"] is False  # windows made with Win.Allocate, used by Get/Put
     # Worker 0 finished all its pushes while worker 1 was still computing (no MPI calls for
     # BUSY_S seconds): the servers, not the busy worker, progressed its operations.
     assert res["pushes_done_at"] < res["busy_until"]
@@ -103,6 +104,7 @@ def _busy(consistency: str) -> None:
             result["exact"] = bool(torch.equal(final, expected))
             result["mca"] = {k: os.environ.get(f"OMPI_MCA_{k}") for k in ("btl", "osc")}
             result["thread_level"] = comm.library_info()["thread_level"]
+            result["shared_windows"] = store.shared
             print("RESULT " + json.dumps(result), flush=True)
     store.finish()
     store.close()

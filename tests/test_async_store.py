@@ -63,8 +63,9 @@ def test_shard_bounds_cover_and_align():
     assert default_shards(workers=5, hosts=2) == 6
 
 
+@pytest.mark.parametrize("shared", [None, False], ids=["auto", "get-put"])
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency):
+def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency, shared):
     MPI = comm.mpi()
     data = batches(1, 25)
     ref_model = small_model()
@@ -72,8 +73,9 @@ def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency)
     finals = {}
     for name in ("asgd", "dcasgd-c", "dcasgd-a"):
         model = small_model()
-        with ParameterStore(flat_of(model), MPI.COMM_SELF, shards=3,
-                            consistency=consistency) as store:
+        with ParameterStore(flat_of(model), MPI.COMM_SELF, shards=3, consistency=consistency,
+                            shared_memory=shared) as store:
+            assert store.shared is not False or shared is False
             if name == "asgd":
                 opt = ASGD(model, store, **HYPER)
             else:
@@ -124,9 +126,11 @@ def test_optimizer_rejects_a_model_of_another_size():
         store.finish()
 
 
-def worker_setup(world, consistency, shards, adaptive):
+def worker_setup(world, consistency, shards, adaptive, shared=None):
     model = small_model()
-    store = ParameterStore(flat_of(model), world, shards=shards, consistency=consistency)
+    store = ParameterStore(flat_of(model), world, shards=shards, consistency=consistency,
+                           shared_memory=shared)
+    assert shared is None or store.shared == shared
     initial = flat_of(model)
     opt = DCASGD(model, store, lam=2.0 if adaptive else 0.04, adaptive=adaptive, **HYPER)
     world.Barrier()  # every worker has read the initial model before anyone pushes
@@ -135,11 +139,13 @@ def worker_setup(world, consistency, shards, adaptive):
 
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.timeout(120)
-def test_locked_pushes_replayed_in_lock_order_give_the_identical_model():
+@pytest.mark.parametrize("shared", [None, False], ids=["auto", "get-put"])
+def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(shared):
     MPI = comm.mpi()
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
-    model, store, opt, initial = worker_setup(world, "locked", shards=3, adaptive=True)
+    model, store, opt, initial = worker_setup(world, "locked", shards=3, adaptive=True,
+                                              shared=shared)
     rng = random.Random(rank)
     log = []
     for step, (x, y) in enumerate(batches(100 + rank, 12)):

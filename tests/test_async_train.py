@@ -19,21 +19,23 @@ def outputs(out):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("algo", ["asgd", "dcasgd-c", "dcasgd-a"])
-def test_four_workers_write_the_contracted_outputs(tmp_path, algo):
+@pytest.mark.parametrize("algo, np, consistency", [("dcasgd-a", 4, "locked"),
+                                                   ("asgd", 2, "atomic")])
+def test_workers_write_the_contracted_outputs(tmp_path, algo, np, consistency):
     out = tmp_path / algo
-    proc = run_job(["train", "--algo", algo, *SMALL, "--epochs", "2", "--out", str(out)],
-                   np=4, timeout=200)
+    proc = run_job(["train", "--algo", algo, *SMALL, "--epochs", "2", "--consistency",
+                    consistency, "--out", str(out)], np=np, timeout=200)
     assert proc.returncode == 0, proc.stderr
     summary, config, points = outputs(out)
-    assert summary["algo"] == algo and summary["workers"] == 4
+    assert summary["algo"] == algo and summary["workers"] == np
+    assert summary["consistency"] == consistency
     assert set(summary["staleness"]) >= {"mean", "p50", "p90", "p99", "max"}
     assert summary["staleness"]["count"] == sum(summary["pushes_per_worker"])
-    assert len(summary["pushes_per_worker"]) == 4 and min(summary["pushes_per_worker"]) > 0
+    assert len(summary["pushes_per_worker"]) == np and min(summary["pushes_per_worker"]) > 0
     # The run stops once 2 epochs of samples are consumed (at most one push per worker more).
-    budget = 2 * 4 * -(-(2048 // 4) // 64)
-    assert budget <= summary["updates"] == sum(summary["pushes_per_worker"]) < budget + 4
-    assert summary["lam"] == {"asgd": 0.0, "dcasgd-c": 0.04, "dcasgd-a": 2.0}[algo]
+    budget = 2 * np * -(-(2048 // np) // 64)
+    assert budget <= summary["updates"] == sum(summary["pushes_per_worker"]) < budget + np
+    assert summary["lam"] == {"asgd": 0.0, "dcasgd-a": 2.0}[algo]
     assert summary["final_test_acc"] > 0.8  # synthetic data is easy
     assert config["thread_level"] == "serialized"
     assert all({"t", "epoch", "updates", "test_acc", "test_loss"} <= set(p) for p in points)
@@ -52,7 +54,7 @@ def test_dedicated_server_over_tcp_with_a_straggler(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary, _, _ = outputs(out)
     assert summary["workers"] == 2 and summary["servers"] == 1 and summary["shards"] == 3
-    assert summary["consistency"] == "atomic"
+    assert summary["consistency"] == "atomic" and summary["lam"] == 0.04
     slept = summary["straggler_sleep_s_per_worker"]
     assert slept[0] > 0 and slept[1] > 0  # the slowdown, and jitter on every worker
     assert summary["final_test_acc"] > 0.5

@@ -117,6 +117,11 @@ def test_in_place_and_aliased_outputs():
     b2, g2 = w_bak.clone(), g.clone()
     kernels.dc_update(w, g, b2, ms.clone(), **HYPER, out=b2)
     close(b2, want_w)
+    # The shared-memory store's use: new model into the shard (w, in place) and over w_bak.
+    w4, b4 = w.clone(), w_bak.clone()
+    kernels.dc_update(w4, g, b4, ms.clone(), **HYPER, out2=b4)
+    close(w4, want_w)
+    assert torch.equal(w4, b4)
     b3 = w_bak.clone()
     kernels.dc_delta(w, g2, b3, ms.clone(), **HYPER, out=g2, w_out=b3)
     close(g2, want_d)
@@ -208,12 +213,10 @@ def test_cuda_kernel_compiles_and_links(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     cuda = ctypes.CDLL(str(lib))
-    for name in ("hpctrain_dc_apply_cuda", "hpctrain_dc_delta_cuda"):
-        fn = getattr(cuda, name)
-        fn.restype = ctypes.c_int
-        # No elements: returns success before touching the device, so it runs without a GPU.
-        nulls = [None] * (6 if "apply" in name else 7)
-        assert fn(*nulls, ctypes.c_int64(0), *[ctypes.c_float(0.1)] * 5, None) == 0
+    cuda.hpctrain_dc_step_cuda.restype = ctypes.c_int
+    # No elements: returns success before touching the device, so it runs without a GPU.
+    assert cuda.hpctrain_dc_step_cuda(*[None] * 8, ctypes.c_int64(0),
+                                      *[ctypes.c_float(0.1)] * 5, None) == 0
     cuda.hpctrain_cuda_error_string.restype = ctypes.c_char_p
     assert cuda.hpctrain_cuda_error_string(0) == b"no error"
 

@@ -27,6 +27,12 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   without a second read. ``atomic`` does the same with ``w_read + d`` while it accumulates d.
 - Weight decay is ``wd * w_bak``: the regulariser's gradient at the model the loss gradient
   was computed at, so ``g'`` is one consistent gradient and the compensation applies to it.
+- Optional momentum (not in the paper's algorithm; ``momentum=0`` is exactly the paper): each
+  worker keeps a velocity of its own compensated steps and pushes it, as each process's torch
+  SGD does in a Hogwild run and as the authors' MXNet DCASGD optimizer does. It is fused into
+  the same kernel pass (+8 bytes per element). Note that M workers' velocities all act on the
+  global model, each decaying only at its own worker's pace, and asynchrony adds momentum of
+  its own (Mitliagkas et al., 2016): async runs want far less momentum than sync ones.
 - Staleness: the counter window is incremented (``Fetch_and_op``) once per push, after its
   last shard; tau = the value fetched minus the counter just after this worker's previous
   push (or its initial pull): the other workers' pushes completed in between. With workers in

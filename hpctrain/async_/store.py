@@ -40,6 +40,26 @@ class Push:
     versions: tuple[int, ...] | None  # locked: per shard in `order`, updates applied before
 
 
+def _can_share(comm) -> bool:
+    """Whether all of ``comm`` is on one node and shared-memory windows can be made there."""
+    MPI = hcomm.mpi()
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    ok = node.Get_size() == comm.Get_size()
+    node.Free()
+    if ok:  # the same answer on every rank: all on one node
+        try:
+            MPI.Win.Allocate_shared(8 if comm.Get_rank() == 0 else 0, 1, comm=comm).Free()
+        except MPI.Exception:  # e.g. Open MPI's osc/pt2pt has no shared windows
+            ok = False
+    return comm.allreduce(ok, op=MPI.LAND)
+
+
+def _map(buffer) -> tuple[np.ndarray, torch.Tensor]:
+    """A shard's window memory as (its int64 count, its values as a float32 tensor)."""
+    mem = np.frombuffer(buffer, dtype=np.uint8)
+    return mem[:_HEADER].view(np.int64), torch.from_numpy(mem[_HEADER:].view(np.float32))
+
+
 def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
     """``shards`` contiguous ``[lo, hi)`` ranges covering ``numel``, 16-float aligned if it can."""
     align = _ALIGN if numel >= _ALIGN * shards else 1
@@ -60,12 +80,15 @@ class ParameterStore:
     rank ``root``'s values. ``servers``: 0 (every rank hosts shards and works) or N (the last N
     ranks only host; they call :meth:`finish` right away and poll for progress there).
     ``shards``: number of shards (default :func:`default_shards`). ``poll_interval``: seconds a
-    hosting rank sleeps between progress polls in :meth:`finish`.
+    hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
+    windows with ``Win.Allocate_shared`` so that ``locked`` pushes and pulls work on the shard's
+    memory in place (None: when all ranks share one node and the MPI's one-sided component
+    can; otherwise ``Win.Allocate`` and Get/Put).
     """
 
     def __init__(self, values: torch.Tensor, comm=None, *, servers: int = 0,
                  shards: int | None = None, consistency: str = "locked", root: int = 0,
-                 poll_interval: float = 2e-4):
+                 poll_interval: float = 2e-4, shared_memory: bool | None = None):
         MPI = hcomm.mpi()
         comm = MPI.COMM_WORLD if comm is None else comm
         size, rank = comm.Get_size(), comm.Get_rank()
@@ -98,11 +121,16 @@ class ParameterStore:
         if not self.is_worker:
             self.worker_comm.Free()
             self.worker_comm = None
+        self.shared = _can_share(comm) if shared_memory is None else shared_memory
+        allocate = MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate
         self.windows = [
-            MPI.Win.Allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)
+            allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)
             for (lo, hi), owner in zip(self.bounds, self.owners, strict=True)]
         self._counter = MPI.Win.Allocate(8 if rank == self.hosts[0] else 0, 8, comm=comm)
         self._initialize(values, root)
+        # Shared memory: every shard's count and values, mapped into this process.
+        self._mapped = [_map(win.Shared_query(owner)[0]) if self.shared else None
+                        for win, owner in zip(self.windows, self.owners, strict=True)]
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
         first = (rank * shards) // workers if self.is_worker else 0
         self.order = tuple((first + i) % shards for i in range(shards))
@@ -150,7 +178,11 @@ class ParameterStore:
         for s in self.order:
             win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
             win.Lock(owner, MPI.LOCK_SHARED)
-            self._read(win, owner, out_np[lo:hi])
+            if self.shared and self.consistency == "locked":
+                win.Sync()
+                out[lo:hi].copy_(self._mapped[s][1])
+            else:
+                self._read(win, owner, out_np[lo:hi])
             win.Unlock(owner)
         self._seen = seen
         return seen
@@ -189,6 +221,16 @@ class ParameterStore:
     def _push_locked(self, s: int, w_bak, g, ms, v, hyper) -> int:
         MPI = hcomm.mpi()
         win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        if self.shared:  # one pass over the shard in place, the new values also into w_bak
+            count, shard = self._mapped[s]
+            win.Lock(owner, MPI.LOCK_EXCLUSIVE)
+            win.Sync()
+            before = int(count[0])
+            count[0] = before + 1
+            kernels.dc_update(shard, g, w_bak, ms, v, out2=w_bak, **hyper)
+            win.Sync()
+            win.Unlock(owner)
+            return before
         cur = self._cur[lo:hi]
         win.Lock(owner, MPI.LOCK_EXCLUSIVE)
         win.Get([self._count[:1], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
@@ -272,6 +314,7 @@ class ParameterStore:
 
     def close(self) -> None:
         """Collective over ``comm``: free the windows and communicators."""
+        self._mapped = []  # views of window memory must not outlive it
         for win in self.windows:
             win.Free()
         self._counter.Free()
