@@ -12,8 +12,9 @@ processes:
   the same fused update with the worker's ``w_bak`` that it keeps (the DC-ASGD paper's
   server), and sends the new model back (``Send``); one request at a time.
 
-Each worker starts with a different shard; shards = W. A push moves the model twice
-(read and write back) in every configuration.
+Each worker starts with a different shard; shards = W. On one node the store's windows are
+shared memory, so a ``locked`` push is one kernel pass over the shard in place; ``atomic``
+pushes and every push of the two-sided server move the model twice (read and write back).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def _rma(world, numel: int, consistency: str, servers: int, seconds: float) -> d
         result = _push_loop(lambda: store.push(w, g, **HYPER), seconds, store.worker_comm)
     store.finish()
     store.close()
-    return world.gather(result, root=0)
+    return world.gather((*result, store.shared), root=0)
 
 
 def _two_sided(world, numel: int, seconds: float) -> list:
@@ -100,12 +101,12 @@ def _two_sided(world, numel: int, seconds: float) -> list:
         result = _push_loop(push, seconds, workers)
         world.Send([g.numpy(), MPI.FLOAT], server, _STOP)
     workers.Free()
-    return world.gather(result, root=0)
+    return world.gather((*result, False), root=0)
 
 
 def _rate(parts: list) -> float:
     """Total pushes per second over the workers (each rate over its own elapsed time)."""
-    return sum(n / s for n, s in parts if n)
+    return sum(n / s for n, s, _ in parts if n)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -128,18 +129,21 @@ def run(args: argparse.Namespace) -> dict:
             for name, parts in cases.items():
                 rate = _rate(parts)
                 rows.append({"params": numel, "workers": size - 1, "case": name,
-                             "pushes_per_s": rate, "vs_two_sided": rate / base,
-                             "per_worker": [n / s for n, s in parts if n],
+                             "shared_windows": parts[0][2], "pushes_per_s": rate,
+                             "vs_two_sided": rate / base,
+                             "per_worker": [n / s for n, s, _ in parts if n],
                              "median_push_ms": 1e3 * statistics.median(
-                                 s / n for n, s in parts if n)})
+                                 s / n for n, s, _ in parts if n)})
     spread.Free()
     if rank == 0:
         print(f"parameter store, {size - 1} workers (+1 server rank), DC-ASGD-c pushes, "
               f"{args.seconds:g} s per case")
-        print(f"{'params':>10} {'case':22} {'pushes/s':>9} {'ms/push':>8} {'vs two-sided':>13}")
+        print(f"{'params':>10} {'case':22} {'shared':>6} {'pushes/s':>9} {'ms/push':>8} "
+              f"{'vs two-sided':>13}")
         for r in rows:
-            print(f"{r['params']:>10} {r['case']:22} {r['pushes_per_s']:9.1f} "
-                  f"{r['median_push_ms']:8.2f} {r['vs_two_sided']:12.2f}x", flush=True)
+            print(f"{r['params']:>10} {r['case']:22} {str(r['shared_windows']):>6} "
+                  f"{r['pushes_per_s']:9.1f} {r['median_push_ms']:8.2f} "
+                  f"{r['vs_two_sided']:12.2f}x", flush=True)
     return {"benchmark": "store", "ranks": size, "workers": size - 1, "seconds": args.seconds,
             "mpi": comm.library_info()["library"], "rows": rows if rank == 0 else None}
 
