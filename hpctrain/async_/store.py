@@ -7,7 +7,9 @@ window of its own per shard gives every shard its own exclusive lock. Hosts are 
 on ``hosts[0]`` numbers global updates (``Fetch_and_op``); staleness comes from it.
 
 ``locked``: per shard, exclusive lock, Get count and values, fused update written straight into
-the worker's model, Put both, unlock (serialisable; the counts give the lock order).
+the worker's model, Put both, unlock (serialisable; the counts give the lock order). When all
+ranks share one node the windows are shared memory (``Win.Allocate_shared``) and the fused
+update runs on the shard in place under the lock instead, writing the worker's model too.
 ``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read, fused delta,
 ``Accumulate(SUM)``; element-wise atomic, no lost update, no order between workers.
 """
