@@ -241,9 +241,9 @@ def last_error(lines: list[str], returncode: int) -> str:
 class _Display:
     """Shows a run's progress bar updates on one line under a label, and its other lines."""
 
-    def __init__(self, label: str, stream=sys.stderr):
-        self.label, self.stream = label, stream
-        self.tty = stream.isatty()
+    def __init__(self, label: str, stream=None):
+        self.label, self.stream = label, stream or sys.stderr
+        self.tty = self.stream.isatty()
         self.shown = 0.0
 
     def progress(self, text: str) -> None:

@@ -42,8 +42,7 @@ class Row:
 
     @property
     def label(self) -> str:
-        s = self.summary or {}
-        return f"{s.get('algo_label', self.name)}, M={s.get('workers', '?')}"
+        return f"{self.name}, M={(self.summary or {}).get('workers', '?')}"
 
 
 def parse_targets(text: str) -> list[float]:
@@ -191,6 +190,18 @@ def _colour(name: str, index: int) -> str:
     return f"C{i % 10}"
 
 
+def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
+    """Test error range (%) that shows how the runs converge: from just below the lowest error
+    to 2.5 times the median final error (the untrained start and diverged runs lie above)."""
+    later = [e for c in curves for e in c[1:]]
+    if not later:
+        return None
+    finals = sorted(c[-1] for c in curves)
+    lo, hi = min(later), min(max(later), 2.5 * finals[len(finals) // 2])
+    pad = max(0.5, 0.05 * (hi - lo))
+    return max(0.0, lo - pad), min(100.0, hi + pad)
+
+
 def plot(rows: list[Row], x: str, path: Path) -> None:
     """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run, as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -199,25 +210,25 @@ def plot(rows: list[Row], x: str, path: Path) -> None:
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    later = []  # errors after each run's first point: the untrained model would flatten the rest
-    for i, row in enumerate(r for r in rows if r.points):
+    drawn = [r for r in rows if r.points]
+    curves = []
+    for row in drawn:
         pts = sorted(row.points, key=lambda p: p[x])
-        err = [100.0 * (1.0 - p["test_acc"]) for p in pts]
-        later += err[1:]
-        ax.plot([p[x] for p in pts], err, marker=".", color=_colour(row.name, i),
-                label=row.label)
-    if later:
-        lo, hi = min(later), max(later)
-        pad = max(0.5, 0.05 * (hi - lo))
-        ax.set_ylim(max(0.0, lo - pad), min(100.0, hi + pad))
+        curves.append(([p[x] for p in pts], [100.0 * (1.0 - p["test_acc"]) for p in pts]))
+    shown = _error_range([err for _, err in curves])
+    for i, (row, (xs, err)) in enumerate(zip(drawn, curves, strict=True)):
+        above = shown is not None and min(err) > shown[1]
+        ax.plot(xs, err, marker=".", color=_colour(row.name, i),
+                label=row.label + (f" (above {shown[1]:.0f}%)" if above else ""))
+    if shown:
+        ax.set_ylim(*shown)
+        ax.legend(loc="upper right", fontsize="small")
     first = next((r.summary for r in rows if r.summary), None)
     if first:
         ax.set_title(f"{first.get('model', '?')} on {first.get('dataset', '?')}")
     ax.set_xlabel(PLOTS[x][1])
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
-    if later:
-        ax.legend()
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
