@@ -39,6 +39,18 @@ BENCHMARKS: dict[str, str] = {
 }
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Adds an option's default to its help, unless empty or already said."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (not action.option_strings or "default" in text or default is None
+                or default is False or default == [] or default is argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UsageError(f"{self.prog}: {message}")
@@ -72,18 +84,20 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(data.DATASETS)}")
     p.add_argument("--data-dir", default=None, help="folder with the data set's files")
     p.add_argument("--model", default="lenet", help=f"one of: {', '.join(models.MODELS)}")
-    p.add_argument("--epochs", type=_positive(int), default=5)
+    p.add_argument("--epochs", type=_positive(int), default=5, help="passes over the data")
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per worker")
-    p.add_argument("--lr", type=_positive(float), default=0.05)
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--lr", type=_positive(float), default=0.05, help="base learning rate")
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
                    help="cosine decay to 0 over the run (default), step decay at "
                    "--lr-milestones (default when they are given), or constant")
     p.add_argument("--lr-milestones", type=_milestones, default=[],
                    help="epochs at which the learning rate is multiplied by --lr-gamma, e.g. 3,4")
-    p.add_argument("--lr-gamma", type=_positive(float), default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr-gamma", type=_positive(float), default=0.1,
+                   help="step decay factor")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seeds the model, the data order and injected stragglers")
     p.add_argument("--eval-every", type=_positive(float), default=0.25,
                    help="epochs between snapshots of the model (evaluated after training)")
     p.add_argument("--out", default=None, help="output directory (default runs/<algo>-<time>)")
@@ -98,13 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="hpctrain", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a model with one algorithm",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=_HelpFormatter)
     add_training_arguments(train)
     checkpoint.add_run_arguments(train)
     shuffle.add_arguments(train.add_argument_group("data shuffling"))
     for module_name in dict.fromkeys(ALGORITHMS.values()):
-        module = importlib.import_module(module_name)
-        module.add_arguments(train.add_argument_group(f"{module_name.split('.')[1]} options"))
+        package = module_name.split(".")[1].rstrip("_")
+        importlib.import_module(module_name).add_arguments(
+            train.add_argument_group(f"{package} options"))
     benchmarks = {name: importlib.import_module(m) for name, m in BENCHMARKS.items()}
     bench = sub.add_parser(
         "bench", help="benchmarks, each against a baseline measured in the same run",
@@ -118,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in benchmarks.items():
         b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(".")[0],
                                  description=module.DESCRIPTION,
-                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                 formatter_class=_HelpFormatter)
         module.add_arguments(b)
     report = sub.add_parser("report", help="re-render a comparison's report.md and plots from "
                             "its saved outputs, rerunning nothing")
