@@ -313,3 +313,13 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
     assert "resuming from the checkpoints" in log
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["workers"], summary["updates"]) == (2, 16)
+
+
+@pytest.mark.timeout(400)
+def test_bench_sbatch_keeps_the_table_and_json_by_job_id(slurm):
+    job, work = sbatch(slurm, "bench.sbatch",
+                       ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"],
+                       ["shuffle", "--dataset", "synthetic", "--epochs", "1"], JOB_ENV)
+    out = work / "runs" / f"bench-shuffle-{job}"
+    assert "MB/s" in (out / "stdout.txt").read_text()
+    assert json.loads((out / "shuffle.json").read_text())
