@@ -251,3 +251,28 @@ def test_staleness_in_lock_step(consistency):
     assert store.updates() == rounds * size
     store.finish()
     store.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared", [None, False], ids=["auto", "get-put"])
+def test_dedicated_server_serves_one_worker_like_sequential_sgd(shared):
+    MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    pair = world.Split(0 if world.Get_rank() < 2 else MPI.UNDEFINED, world.Get_rank())
+    if pair == MPI.COMM_NULL:
+        return
+    data = batches(3, 20)
+    model = small_model()
+    with ParameterStore(flat_of(model), pair, servers=1, consistency="locked",
+                        shared_memory=shared) as store:
+        assert store.hosts == [1] and store.is_worker == (pair.Get_rank() == 0)
+        if store.is_worker:
+            opt = DCASGD(model, store, lam=2.0, adaptive=True, **HYPER)
+            train(model, opt, data)
+            assert opt.staleness == [0] * 20
+            ref_model = small_model()
+            train(ref_model, torch.optim.SGD(ref_model.parameters(), **HYPER), data)
+            torch.testing.assert_close(flat_of(model), flat_of(ref_model), rtol=1e-5, atol=1e-6)
+        store.finish()
+    pair.Free()
