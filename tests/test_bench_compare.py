@@ -5,6 +5,7 @@ command line, as a user does; the pure parts (planning, error lines, targets) ar
 directly.
 """
 
+import importlib
 import json
 import os
 
@@ -171,3 +172,26 @@ def test_a_failing_algorithm_is_a_row_and_resume_continues_only_it(tmp_path):
     record = json.loads((out / "compare.json").read_text())
     assert record["runs"]["ssgd"]["command"].endswith(f"--resume {out / 'ssgd'}")
     assert json.loads((out / "ssgd" / "summary.json").read_text())["updates"] == 16
+
+
+def test_bench_help_gives_every_benchmark_description(capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for name, module_name in cli.BENCHMARKS.items():
+        description = " ".join(importlib.import_module(module_name).DESCRIPTION.split())
+        assert f"{name}: {description}" in text
+
+
+def test_plot_range_leaves_out_the_start_and_diverged_runs():
+    converging = [[90.0, 30.0, 15.0, 11.0], [90.0, 40.0, 20.0, 13.0], [90.0, 25.0, 12.0, 10.0]]
+    low, high = report._error_range([*converging, [90.0, 90.0, 90.0, 90.0]])
+    assert 8.0 <= low < 10.0 and 2.5 * 11.0 <= high < 40.0
+    assert report._error_range([[90.0]]) is None
+
+
+def test_bytes_communicated_come_from_totals_at_two_levels():
+    summary = {"allreduce_bytes_per_rank": 4096, "bytes_moved": 0, "workers": 4,
+               "aggregation": {"bytes_per_rank": 2048, "bytes_per_round": 512.0, "rounds": 4}}
+    assert report._byte_counts(summary) == [("aggregation.bytes_per_rank", 2048),
+                                            ("allreduce_bytes_per_rank", 4096)]
