@@ -119,10 +119,8 @@ class ParameterStore:
         self.bounds = shard_bounds(numel, shards)
         self.owners = [self.hosts[s % len(self.hosts)] for s in range(shards)]
         self._ctl = comm.Dup()
-        self.worker_comm = comm.Split(0 if self.is_worker else 1, rank)
-        if not self.is_worker:
-            self.worker_comm.Free()
-            self.worker_comm = None
+        workers_comm = comm.Split(0 if self.is_worker else MPI.UNDEFINED, rank)
+        self.worker_comm = workers_comm if self.is_worker else None
         self.shared = _can_share(comm) if shared_memory is None else shared_memory
         allocate = MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate
         self.windows = [
@@ -136,10 +134,12 @@ class ParameterStore:
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
         first = (rank * shards) // workers if self.is_worker else 0
         self.order = tuple((first + i) % shards for i in range(shards))
-        self._cur = torch.empty(numel)  # values read from the store
+        in_place = self.shared and consistency == "locked"
+        self._cur = None if in_place else torch.empty(numel)  # values read from the store
         self._delta = torch.zeros(numel) if consistency == "atomic" else None
         self._count = np.zeros(2, np.int64)  # a shard's count as read, and as written back
         self._one = np.ones(1, np.int64)
+        self._operand = np.zeros(1, np.int64)  # Fetch_and_op's: 1 to count a push, 0 to read
         self._fetched = np.zeros(1, np.int64)
         self._none = np.zeros(1, np.float32)
         self._seen = 0  # the counter's value as of this worker's model
@@ -155,7 +155,7 @@ class ParameterStore:
 
     def _initialize(self, values: torch.Tensor, root: int) -> None:
         MPI = hcomm.mpi()
-        start = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.float32)
+        start = np.array(values.detach().cpu().numpy(), dtype=np.float32)  # a copy: Bcast fills it
         self.comm.Bcast([start, MPI.FLOAT], root=root)
         for win, owner, (lo, hi) in zip(self.windows, self.owners, self.bounds, strict=True):
             if owner == self.rank:
@@ -271,12 +271,11 @@ class ParameterStore:
     def _fetch_add(self, value: int) -> int:
         MPI = hcomm.mpi()
         host = self.hosts[0]
-        self._one[0] = value
+        self._operand[0] = value
         self._counter.Lock(host, MPI.LOCK_SHARED)
-        self._counter.Fetch_and_op([self._one, MPI.INT64_T], [self._fetched, MPI.INT64_T], host,
-                                   0, op=MPI.SUM if value else MPI.NO_OP)
+        self._counter.Fetch_and_op([self._operand, MPI.INT64_T], [self._fetched, MPI.INT64_T],
+                                   host, 0, op=MPI.SUM if value else MPI.NO_OP)
         self._counter.Unlock(host)
-        self._one[0] = 1
         return int(self._fetched[0])
 
     def updates(self) -> int:
