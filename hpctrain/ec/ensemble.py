@@ -20,7 +20,7 @@ from hpctrain.data import Dataset
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 1000) -> torch.Tensor:
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``model``'s logits on (non-empty) ``images`` in eval mode, in batches; training mode is
     restored."""
     was_training = model.training

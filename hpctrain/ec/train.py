@@ -46,9 +46,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                        help="ec: softmax temperature of the ensemble and the student")
     group.add_argument("--ec-distill-size", type=int, default=512,
                        help="ec: samples per worker relabelled by the ensemble each round")
-    group.add_argument("--ec-init", choices=("common", "independent"), default="common",
-                       help="ec: start every rank from rank 0's model, or each from its own "
-                            "random one (seed + rank) for a more diverse ensemble")
     group.add_argument("--ec-final", choices=("member", "ensemble"), default="member",
                        help="ec: the reported final model, rank 0's member or the ensemble")
 
@@ -98,11 +95,8 @@ def run(args: argparse.Namespace) -> dict:
     torch.manual_seed(args.seed)
     train_data = shuffle.make_train_data(args, world)
     test_set = data.load(args.dataset, "test", args.data_dir)
-    if ec and args.ec_init == "independent":
-        torch.manual_seed(args.seed + rank)
     model = models.build(args.model, train_data.input_shape, train_data.num_classes)
-    if not (ec and args.ec_init == "independent"):
-        broadcast_model(model, world)
+    broadcast_model(model, world)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
                                 weight_decay=args.weight_decay)
     steps = math.ceil(train_data.samples_per_rank / args.batch_size)

@@ -1,0 +1,61 @@
+"""Plot test accuracy against wall time for finished ``ma``/``ec`` runs.
+
+``python -m hpctrain.ec.plot --out docs/ec-vs-ma.png RUN_DIR...``: MA runs show the averaged
+model, EC runs rank 0's member (solid) and the ensemble (dashed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from hpctrain.metrics import read_points
+
+
+def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str]]:
+    """(label, wall seconds, accuracies, line style) for each model of one run."""
+    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    points = read_points(run_dir)
+    t = [p["t"] for p in points]
+    name = f"{summary['algo'].upper()} tau={summary['tau']}"
+    if summary["algo"] == "ma":
+        return [(f"{name} (averaged)", t, [p["averaged_acc"] for p in points], "-")]
+    return [(f"{name} (member)", t, [p["member_acc"] for p in points], "-"),
+            (f"{name} (ensemble)", t, [p["ensemble_acc"] for p in points], "--")]
+
+
+def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
+    """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run in enumerate(run_dirs):
+        for label, t, acc, style in curves(run):
+            ax.plot(t, acc, style, color=f"C{i}", label=label, marker=".", markersize=4)
+    ax.set_xlabel("wall time (s, training only)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(bottom=ymin)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="output folders of ma/ec runs")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--title", default="EC vs MA: test accuracy against wall time")
+    p.add_argument("--ymin", type=float, default=0.6)
+    args = p.parse_args(argv)
+    plot(args.runs, args.out, args.title, args.ymin)
+
+
+if __name__ == "__main__":
+    main()
