@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import sys
 import textwrap
 import time
@@ -21,6 +22,7 @@ from hpctrain.bench import report as bench_report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
 from hpctrain.schedule import SCHEDULES
+from hpctrain.stragglers import parse_slowdown
 
 # Algorithm name -> module with THREAD_LEVEL, add_arguments, validate, run.
 ALGORITHMS = {
@@ -32,9 +34,14 @@ ALGORITHMS = {
     "dcasgd-c": "hpctrain.async_.train",
     "dcasgd-a": "hpctrain.async_.train",
 }
+# Shared option values an algorithm module may override with its own DEFAULTS dict.
+TRAINING_DEFAULTS = {"lr": 0.05, "momentum": 0.9}
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
 BENCHMARKS: dict[str, str] = {
     "compare": "hpctrain.bench.compare",
+    "allreduce": "hpctrain.bench.allreduce",
+    "kernel": "hpctrain.bench.kernel",
+    "store": "hpctrain.bench.store",
     "shuffle": "hpctrain.bench.shuffle",
 }
 
@@ -86,8 +93,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="lenet", help=f"one of: {', '.join(models.MODELS)}")
     p.add_argument("--epochs", type=_positive(int), default=5, help="passes over the data")
     p.add_argument("--batch-size", type=_positive(int), default=64, help="per worker")
-    p.add_argument("--lr", type=_positive(float), default=0.05, help="base learning rate")
-    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--lr", type=_positive(float), default=None,
+                   help="base learning rate (default 0.05; asgd, dcasgd-*: 0.1)")
+    p.add_argument("--momentum", type=float, default=None,
+                   help="SGD momentum (default 0.9; asgd, dcasgd-*: 0, the paper's algorithm)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="L2 penalty")
     p.add_argument("--lr-schedule", choices=SCHEDULES, default=None,
                    help="cosine decay to 0 over the run (default), step decay at "
@@ -103,6 +112,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="output directory (default runs/<algo>-<time>)")
     p.add_argument("--threads", type=_positive(int), default=1, help="torch threads per rank")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--slowdown", default=None, metavar="RANK:FACTOR[,...]",
+                   help="injected straggler: worker RANK's steps take FACTOR times as long")
+    p.add_argument("--jitter", type=float, default=0.0, metavar="SIGMA",
+                   help="injected noise: every step takes exp(SIGMA*z) times as long, seeded")
     checkpoint.add_arguments(p)
     p.add_argument("--max-bad-steps", type=_positive(int), default=10,
                    help="stop after this many consecutive steps with NaN/Inf gradients")
@@ -148,18 +161,24 @@ def validate_training(args: argparse.Namespace) -> ModuleType:
         raise UsageError(f"unknown algorithm {args.algo!r}; choose from {', '.join(ALGORITHMS)}")
     if args.model not in models.MODELS:
         raise UsageError(f"unknown model {args.model!r}; choose from {', '.join(models.MODELS)}")
+    module = importlib.import_module(ALGORITHMS[args.algo])
+    for name, value in {**TRAINING_DEFAULTS, **getattr(module, "DEFAULTS", {})}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     if args.lr_schedule is None:
         args.lr_schedule = "step" if args.lr_milestones else "cosine"
     if args.lr_milestones and args.lr_schedule != "step":
         raise UsageError(f"--lr-milestones need --lr-schedule step, not {args.lr_schedule}")
     if args.momentum < 0 or args.weight_decay < 0:
         raise UsageError("--momentum and --weight-decay must be >= 0")
+    if not (math.isfinite(args.jitter) and args.jitter >= 0):
+        raise UsageError(f"--jitter {args.jitter} must be >= 0")
+    parse_slowdown(args.slowdown, comm.env_size())
     workers = comm.env_size()
     n = data.size(args.dataset, "train", args.data_dir)
     if workers > n:
         raise UsageError(f"{workers} ranks but only {n} training samples in {args.dataset}")
     shuffle.validate(args)
-    module = importlib.import_module(ALGORITHMS[args.algo])
     module.validate(args)
     checkpoint.validate(args, getattr(module, "CHECKPOINTS", False), workers)
     if args.out and (Path(args.out) / "summary.json").exists():

@@ -45,6 +45,8 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--lr", "-1"], "--lr: must be > 0, got -1"),
     (["--algo", "sgd", "--batch-size", "0"], "--batch-size: must be > 0, got 0"),
     (["--algo", "sgd", "--lr-milestones", "3,1"], "milestones must be increasing"),
+    (["--algo", "sgd", "--slowdown", "1:3"], "rank 1 is not a worker"),
+    (["--algo", "sgd", "--jitter", "-0.5"], "--jitter -0.5 must be >= 0"),
 ])
 def test_bad_arguments(args, pattern, tmp_path):
     proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)
@@ -133,3 +135,13 @@ def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers):
     curve = [json.loads(x)["test_loss"] for x in (tmp_path / "sgd" / "metrics.jsonl").open()]
     curve_k = [json.loads(x)["test_loss"] for x in (tmp_path / "ssgd" / "metrics.jsonl").open()]
     assert curve == pytest.approx(curve_k, rel=1e-4)  # step by step, at every snapshot
+
+
+def test_straggler_slows_every_synchronous_worker(tmp_path):
+    """Worker 0 three times slower: it sleeps, and the others wait for it in the allreduce."""
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--slowdown", "0:3", "--out",
+                    str(tmp_path)], np=2)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["straggler_sleep_s"] > 0
+    assert json.loads((tmp_path / "config.json").read_text())["slowdown"] == "0:3"

@@ -24,14 +24,17 @@ from torch.nn import functional as F
 from hpctrain import checkpoint, comm, data, faults, models, shuffle
 from hpctrain.async_.optim import ASGD, DCASGD, DEFAULT_LAM
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore
-from hpctrain.async_.stragglers import Straggler, parse_slowdown
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots, evaluate_snapshots
 from hpctrain.guard import GradientGuard
 from hpctrain.metrics import RunLog, distribution, progress
 from hpctrain.schedule import learning_rate, set_lr
+from hpctrain.stragglers import Straggler, parse_slowdown
 
 THREAD_LEVEL = "serialized"  # Open MPI 4's inter-node osc/pt2pt refuses MULTIPLE
+# Momentum hurts here (each worker's velocity keeps acting on the shared model, and
+# asynchrony adds momentum of its own); the DC-ASGD paper's algorithm has none.
+DEFAULTS = {"lr": 0.1, "momentum": 0.0}
 CHECKPOINTS = True  # by global progress (Ne): the workers stop together, the store is quiescent
 ALGOS = ("asgd", "dcasgd-c", "dcasgd-a")
 
@@ -49,12 +52,6 @@ def add_arguments(group: argparse._ArgumentGroup) -> None:
                             "(Accumulate of the delta, element-wise atomic)")
     group.add_argument("--shards", type=int, default=None,
                        help="async: number of model shards (default: one per worker at least)")
-    group.add_argument("--slowdown", default=None,
-                       help="async: RANK:FACTOR[,...] makes worker RANK's steps FACTOR times "
-                            "as long")
-    group.add_argument("--jitter", type=float, default=0.0,
-                       help="async: log-normal per-step slowdown exp(SIGMA*z) on every worker, "
-                            "seeded")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -72,8 +69,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--momentum {args.momentum} must be < 1")
     if not 0.0 <= args.ms_decay < 1.0:
         raise UsageError(f"--ms-decay {args.ms_decay} is outside [0, 1)")
-    if not (math.isfinite(args.jitter) and args.jitter >= 0):
-        raise UsageError(f"--jitter {args.jitter} must be >= 0")
     parse_slowdown(args.slowdown, ranks - args.servers)
     if args.checkpoint_every is not None and not args.checkpoint_every.endswith("e"):
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: asynchronous runs "

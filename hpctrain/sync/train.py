@@ -23,6 +23,7 @@ from hpctrain.evaluate import Snapshots, evaluate_snapshots
 from hpctrain.guard import GradientGuard
 from hpctrain.metrics import RunLog, progress
 from hpctrain.schedule import learning_rate, set_lr
+from hpctrain.stragglers import Straggler, parse_slowdown
 
 THREAD_LEVEL = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE.
 CHECKPOINTS = True  # --checkpoint-every / --resume: the same final model as an uninterrupted run
@@ -74,6 +75,8 @@ def run(args: argparse.Namespace) -> dict:
     ckpt = checkpoint.Checkpointer(args, world, steps, total_steps,
                                    shared={"model": model, "optimizer": optimizer},
                                    per_rank={"guard": guard})
+    straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
+                          args.seed, rank)
     bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
 
     snapshots.take(model, t=0.0, epoch=0.0, updates=0)
@@ -91,8 +94,10 @@ def run(args: argparse.Namespace) -> dict:
             x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
             y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
             optimizer.zero_grad()
+            computing = time.perf_counter()
             loss = faults.inject(rank, updates, model, F.cross_entropy(model(x), y))
             loss.backward()
+            straggler.pad(time.perf_counter() - computing)  # the others wait in the allreduce
             if distributed:
                 optimizer.synchronize()
             if guard.check(updates):  # NaN/Inf gradients are skipped on every rank
@@ -131,6 +136,7 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": wall,
         "samples_per_s": total_rate,
         "allreduce_bytes_per_rank": updates * grad_bytes if distributed else 0,
+        "straggler_sleep_s": straggler.slept,
         "params": models.num_parameters(model),
         "out": args.out,
         **train_data.stats(),
