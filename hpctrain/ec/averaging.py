@@ -51,8 +51,9 @@ def broadcast_model(model: nn.Module, comm, root: int = 0) -> None:
 class ModelAveraging:
     """Average ``model`` over ``comm`` every ``tau`` calls of :meth:`after_step`.
 
-    Call ``after_step()`` after each ``optimizer.step()`` in your own loop; it returns True
-    when it aggregated. Start every rank from the same model (:func:`broadcast_model`).
+    Call ``after_step()`` after each ``optimizer.step()`` in your own loop (``final=True`` on
+    the last one); it returns True when it aggregated. Start every rank from the same model
+    (:func:`broadcast_model`).
     """
 
     def __init__(self, model: nn.Module, comm, tau: int):
@@ -62,10 +63,11 @@ class ModelAveraging:
         self.steps = 0
         self.stats = AggregationStats()
 
-    def after_step(self) -> bool:
-        """Count one local step; average when ``tau`` steps have passed since the last time."""
+    def after_step(self, final: bool = False) -> bool:
+        """Count one local step; average when ``tau`` steps have passed since the last time,
+        and on the ``final`` step of training so that every rank ends with the average."""
         self.steps += 1
-        if self.steps % self.tau:
+        if self.steps % self.tau and not final:
             return False
         self.aggregate()
         return True

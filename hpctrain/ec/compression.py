@@ -102,10 +102,11 @@ class EnsembleCompression:
         self.distilled += len(xd)
         return total / (n + len(xd))
 
-    def after_step(self) -> bool:
-        """Count one local step; relabel with the ensemble after every ``tau`` of them."""
+    def after_step(self, final: bool = False) -> bool:
+        """Count one local step; relabel with the ensemble after every ``tau`` of them, except
+        on the ``final`` step of training (no round follows to distil it)."""
         self.steps += 1
-        if self.steps % self.tau:
+        if self.steps % self.tau or final:
             return False
         self.aggregate()
         return True

@@ -5,8 +5,8 @@ order); every ``tau`` local steps MA averages the parameters, EC relabels sample
 ensemble and distils it during the next round. Snapshots of every rank's model are scored
 after training: rank 0's member, the mean member, the ensemble and, for MA, the average.
 ``test_acc`` is the run's final model: rank 0's member, or the ensemble with
-``--ec-final ensemble``. MA aggregates once more after the last step if the budget does not
-end on a round, so its final model is the average.
+``--ec-final ensemble``. MA also averages after the last step, so its final model is the average;
+EC skips a round that would fall on the last step, as nothing would distil it.
 """
 
 from __future__ import annotations
@@ -145,9 +145,7 @@ def run(args: argparse.Namespace) -> dict:
                 optimizer.step()
             updates += 1
             samples += len(y)
-            aggregated = agg.after_step()
-            if updates == total_steps and not ec and not aggregated:
-                agg.aggregate()
+            agg.after_step(final=updates == total_steps)
             bar.update()
             if updates % 50 == 0:
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
