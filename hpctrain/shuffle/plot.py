@@ -1,0 +1,108 @@
+"""Plot test accuracy against epochs for finished runs, one line per shuffling strategy.
+
+``python -m hpctrain.shuffle.plot RUN_DIR... --out docs/shuffle-k8.png``: one line per
+strategy (``--shuffle`` in the run's ``config.json``): the mean over its runs (seeds), with
+their minimum-to-maximum range shaded. ``--table`` also prints Markdown tables: one row per
+run (accuracies, data moved), and the mean and spread of the final accuracy per strategy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from hpctrain.errors import UsageError
+from hpctrain.metrics import read_points
+
+
+def curve(run_dir: str | Path) -> tuple[str, list[float], list[float]]:
+    """(strategy, epochs, test accuracies) of one run."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    points = read_points(run_dir)
+    return config["shuffle"], [p["epoch"] for p in points], [p["test_acc"] for p in points]
+
+
+def table_row(run_dir: str | Path) -> str:
+    """One Markdown row: K, strategy, seed, final and best accuracy, and per epoch the MB rank 0
+    sent to other ranks and its seconds spent exchanging."""
+    config = json.loads((Path(run_dir) / "config.json").read_text())
+    s = json.loads((Path(run_dir) / "summary.json").read_text())
+    return (f"| {s['workers']} | {config['shuffle']} | {config['seed']} "
+            f"| {s['final_test_acc']:.4f} | {s['best_test_acc']:.4f} "
+            f"| {s['bytes_moved'] / s['epochs'] / 1e6:.2f} | {s['exchange_s'] / s['epochs']:.3f} |")
+
+
+def table(run_dirs: list[str]) -> str:
+    """A Markdown table of ``run_dirs``, one row each."""
+    head = ("| K | shuffle | seed | final acc | best acc | MB moved / epoch / rank "
+            "| exchange s / epoch |\n|---|---|---|---|---|---|---|")
+    return "\n".join([head, *(table_row(run) for run in run_dirs)])
+
+
+def spread_table(run_dirs: list[str]) -> str:
+    """A Markdown table of the final accuracy per (K, strategy): runs, mean, sd, min, max."""
+    finals: dict[tuple[int, str], list[float]] = {}
+    for run in run_dirs:
+        config = json.loads((Path(run) / "config.json").read_text())
+        s = json.loads((Path(run) / "summary.json").read_text())
+        finals.setdefault((s["workers"], config["shuffle"]), []).append(s["final_test_acc"])
+    rows = ["| K | shuffle | runs | mean final acc | sd | min | max |",
+            "|---|---|---|---|---|---|---|"]
+    for (k, strategy), acc in finals.items():
+        a = np.array(acc)
+        sd = a.std(ddof=1) if len(a) > 1 else 0.0
+        rows.append(f"| {k} | {strategy} | {len(a)} | {a.mean():.4f} | {sd:.4f} "
+                    f"| {a.min():.4f} | {a.max():.4f} |")
+    return "\n".join(rows)
+
+
+def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
+    """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_strategy: dict[str, list[tuple[list[float], list[float]]]] = {}
+    for run in run_dirs:
+        strategy, epochs, acc = curve(run)
+        by_strategy.setdefault(strategy, []).append((epochs, acc))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (strategy, runs) in enumerate(by_strategy.items()):
+        epochs = runs[0][0]
+        if any(e != epochs for e, _ in runs):
+            raise UsageError(f"--shuffle {strategy}: runs were evaluated at different epochs")
+        acc = np.array([a for _, a in runs])
+        label = strategy if len(runs) == 1 else f"{strategy} (mean of {len(runs)} seeds)"
+        ax.plot(epochs, acc.mean(axis=0), color=f"C{i}", label=label, marker=".", markersize=4)
+        if len(runs) > 1:
+            ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=f"C{i}", alpha=0.15)
+    ax.set_xlabel("epochs")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(bottom=ymin)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("runs", nargs="+", help="output folders of training runs")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--title", default="Shuffling strategies: test accuracy against epochs")
+    p.add_argument("--ymin", type=float, default=0.6)
+    p.add_argument("--table", action="store_true", help="also print a Markdown table")
+    args = p.parse_args(argv)
+    plot(args.runs, args.out, args.title, args.ymin)
+    if args.table:
+        print(table(args.runs) + "\n\n" + spread_table(args.runs))
+
+
+if __name__ == "__main__":
+    main()
