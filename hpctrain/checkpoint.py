@@ -1,7 +1,7 @@
 """Checkpoints: a run's whole state, written so that a killed job never loses a good one.
 
 A checkpoint file is one line of JSON (the header: format, SHA-256 and length of the payload,
-the algorithm, the number of workers, the update count, the run's arguments) followed by the
+the algorithm, the numbers of ranks and workers, the update count, the run's arguments), then the
 payload, a ``torch.save`` of plain tensors, dicts, lists and numbers that is loaded with
 ``weights_only=True`` after its checksum matched, so loading never executes code from the file.
 
@@ -15,7 +15,8 @@ each to ``snapshots/`` and listed with their checksums in every later checkpoint
 checkpoints stay small however long the run.
 
 The position in the data is the update count: epoch ``updates // steps`` at step
-``updates % steps``, whose order the shuffle package derives from (seed, epoch) alone.
+``updates % steps``, whose order the shuffle package derives from (seed, epoch) alone (an
+asynchronous worker keeps its own position among its per-rank counters).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def add_arguments(p) -> None:
 def add_run_arguments(p) -> None:
     """``--checkpoint-dir`` and ``--resume``: folders of one run."""
     p.add_argument("--checkpoint-dir", default=None,
-                   help=f"folder for checkpoints (default <out>/{SUBDIR})")
+                   help=f"folder for checkpoints (default <out>/{SUBDIR}, or with --resume the "
+                   "folder resumed from)")
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run whose checkpoints are in DIR (a run's --out or its "
                    "checkpoint folder) from its newest valid checkpoint")
