@@ -117,15 +117,18 @@ def test_ma_job_ends_on_the_average(tmp_path):
     assert agg["seconds_per_round"]["count"] == 4
 
 
-def test_ec_job_reports_members_and_ensemble(tmp_path):
+# Replicated: sample ids (8 bytes) go out; sharded: the 16x16 float32 images themselves.
+@pytest.mark.parametrize("placement, item_bytes", [("replicated", 8), ("sharded", 16 * 16 * 4)])
+def test_ec_job_reports_members_and_ensemble(placement, item_bytes, tmp_path):
     out = tmp_path / "ec"
     proc = run_job(["train", "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size",
-                    "40", "--ec-final", "ensemble", "--out", str(out)], np=2, timeout=180)
+                    "40", "--ec-final", "ensemble", "--data-placement", placement,
+                    "--out", str(out)], np=2, timeout=180)
     summary, points = finished(proc, out)
     # 32 steps, tau 8: rounds after steps 8, 16 and 24; none on the last step.
     assert summary["tau"] == 8 and summary["aggregation"]["rounds"] == 3
-    # Ids (8 bytes) to the other rank; 40 rows of 10 probabilities back to it.
-    assert summary["aggregation"]["bytes_per_round"] == 40 * 8 + 40 * 10 * 4
+    # 40 samples to the other rank; 40 rows of 10 probabilities back to it.
+    assert summary["aggregation"]["bytes_per_round"] == 40 * item_bytes + 40 * 10 * 4
     assert summary["distilled_samples_per_rank"] == 3 * 40
     assert all(p["test_acc"] == p["ensemble_acc"] for p in points)  # --ec-final ensemble
     assert summary["final_member_acc"] == points[-1]["member_acc"]
