@@ -8,7 +8,7 @@ import torch
 from conftest import run_job
 from torch.nn import functional as F
 
-from hpctrain.ec import distillation_loss
+from hpctrain.ec import distillation_loss, plot
 from hpctrain.ec.compression import check_options
 from hpctrain.errors import UsageError
 
@@ -115,6 +115,9 @@ def test_ma_job_ends_on_the_average(tmp_path):
     assert agg["rounds"] == 4 and summary["tau"] == 10 and summary["updates"] == 32
     assert agg["bytes_per_rank"] == 4 * (2 * (2 - 1) * summary["params"] * 4 // 2)
     assert agg["seconds_per_round"]["count"] == 4
+    png = tmp_path / "curve.png"
+    plot.main([str(out), "--out", str(png)])
+    assert png.read_bytes().startswith(b"\x89PNG")
 
 
 # Replicated: sample ids (8 bytes) go out; sharded: the 16x16 float32 images themselves.
