@@ -28,6 +28,7 @@ from hpctrain.evaluate import Snapshots
 from hpctrain.guard import GradientGuard
 from hpctrain.metrics import RunLog, progress, write_atomic
 from hpctrain.schedule import learning_rate, set_lr
+from hpctrain.stragglers import Straggler, parse_slowdown
 
 THREAD_LEVEL = "serialized"  # collectives from the main thread only
 CHECKPOINTS = True  # every rank's model, momentum, round state and snapshots
@@ -120,6 +121,8 @@ def run(args: argparse.Namespace) -> dict:
         per_rank={"model": model, "optimizer": optimizer, "guard": guard,
                   "agg": checkpoint.Attributes(agg, *rounds),
                   "stats": checkpoint.Attributes(agg.stats, "bytes", "seconds", "parts")})
+    straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
+                          args.seed, rank)
     bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
 
     snapshots.take(model, t=0.0, epoch=0.0, updates=0)
@@ -138,8 +141,10 @@ def run(args: argparse.Namespace) -> dict:
             x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
             y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
             optimizer.zero_grad()
+            computing = time.perf_counter()
             loss = agg.loss(x, y) if ec else F.cross_entropy(model(x), y)
             loss.backward()
+            straggler.pad(time.perf_counter() - computing)  # the others wait at aggregation
             faults.inject(rank, updates, model)
             if guard.check(updates):  # a NaN/Inf gradient is skipped on its own worker
                 optimizer.step()
@@ -186,6 +191,7 @@ def run(args: argparse.Namespace) -> dict:
         "wall_s": wall,
         "samples_per_s": world.allreduce(samples / wall),
         "aggregation": agg.stats.summary(),
+        "straggler_sleep_s": straggler.slept,
         "params": models.num_parameters(model),
         "out": args.out,
         **train_data.stats(),
