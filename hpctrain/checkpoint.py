@@ -409,7 +409,9 @@ class Checkpointer:
         if not self.enabled:
             return False
         if self.by_progress:
-            return updates >= self.next_due
+            # A mark past the end could be seen by some async workers (their pushes overshoot
+            # the total) and not others, which leave: only marks within the run count.
+            return self.next_due <= self.total and updates >= self.next_due
         if self.comm is None or self.workers == 1:
             return time.perf_counter() - self.last >= self.every
         # Rank 0's clock decides; its verdict travels in a 1-byte Ibcast overlapped with the
