@@ -134,6 +134,9 @@ def test_rng_state_round_trip(tmp_path):
 
 
 def _writer(folder, first: int) -> None:
+    # A forked child must not enter the OpenMP pool it inherited from a parent whose earlier
+    # tests used several threads: it would hang there (libgomp is not fork-safe).
+    torch.set_num_threads(1)
     i = first
     while True:  # as fast as it can: nearly every moment is inside a write
         write(folder, i, numel=1 << 20)
