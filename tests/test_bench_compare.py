@@ -70,7 +70,8 @@ def test_default_launcher(monkeypatch):
     assert "--oversubscribe" not in plain
     assert "--oversubscribe" in compare.launcher_command(None, 4 * os.cpu_count())
     monkeypatch.setenv("SLURM_JOB_ID", "17")
-    assert compare.launcher_command(None, 4) == ["srun", "--mpi=pmix", "--ntasks=4"]
+    assert compare.launcher_command(None, 4) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1",
+                                                       "--ntasks=4"]
     monkeypatch.setenv("HPCTRAIN_LAUNCHER", "mpiexec -n {np} --bind-to core")
     assert compare.launcher_command(None, 2) == ["mpiexec", "-n", "2", "--bind-to", "core"]
     assert compare.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]

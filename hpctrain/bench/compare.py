@@ -173,7 +173,7 @@ def default_launcher(np: int) -> str:
     if os.environ.get("HPCTRAIN_LAUNCHER"):
         return os.environ["HPCTRAIN_LAUNCHER"]
     if os.environ.get("SLURM_JOB_ID"):
-        return "srun --mpi=pmix --ntasks={np}"
+        return "srun --mpi=pmix --kill-on-bad-exit=1 --ntasks={np}"
     if os.environ.get("HPCTRAIN_MPIRUN"):
         return os.environ["HPCTRAIN_MPIRUN"] + " -np {np}"
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
