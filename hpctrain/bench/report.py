@@ -202,7 +202,7 @@ def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
     return max(0.0, lo - pad), min(100.0, hi + pad)
 
 
-def plot(rows: list[Row], x: str, path: Path) -> None:
+def plot(rows: list[Row], x: str, path: Path, title: str = "") -> None:
     """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run, as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -223,9 +223,7 @@ def plot(rows: list[Row], x: str, path: Path) -> None:
     if shown:
         ax.set_ylim(*shown)
         ax.legend(loc="upper right", fontsize="small")
-    first = next((r.summary for r in rows if r.summary), None)
-    if first:
-        ax.set_title(f"{first.get('model', '?')} on {first.get('dataset', '?')}")
+    ax.set_title(title)
     ax.set_xlabel(PLOTS[x][1])
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
@@ -235,6 +233,17 @@ def plot(rows: list[Row], x: str, path: Path) -> None:
     write_atomic(path, buf.getvalue())
 
 
+def _title(record: dict, rows: list[Row]) -> str:
+    """Model and data set, and the stragglers when the comparison had some."""
+    first = next((r.summary for r in rows if r.summary), {})
+    title = f"{first.get('model', '?')} on {first.get('dataset', '?')}"
+    words = record.get("train_args", [])
+    for flag in ("--slowdown", "--jitter"):
+        if flag in words[:-1]:
+            title += f", {flag} {words[words.index(flag) + 1]}"
+    return title
+
+
 def render(folder: str | Path, targets: list[float] | None = None) -> tuple[list[Row], list]:
     """Write ``report.md`` and both plots into ``folder`` from its saved outputs; return the
     rows and the targets used (``targets``, else the comparison's, else the defaults)."""
@@ -242,7 +251,7 @@ def render(folder: str | Path, targets: list[float] | None = None) -> tuple[list
     record, rows = load(folder)
     targets = targets or record.get("targets") or list(DEFAULT_TARGETS)
     for x, (name, _) in PLOTS.items():
-        plot(rows, x, folder / name)
+        plot(rows, x, folder / name, _title(record, rows))
     write_atomic(folder / REPORT, markdown(record, rows, targets))
     return rows, targets
 
