@@ -227,14 +227,21 @@ def submit(cluster: LocalSlurm, script: str, options: list[str], args: list[str]
     return job, work
 
 
+RUNNING_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED")
+
+
+def job_fields(cluster: LocalSlurm, job: str) -> dict:
+    """``scontrol show job``'s fields for ``job``."""
+    return dict(f.split("=", 1) for f in cluster.run(
+        "scontrol", "-o", "show", "job", job).stdout.split() if "=" in f)
+
+
 def wait(cluster: LocalSlurm, job: str, timeout: float = 240) -> dict:
     """Wait for ``job`` to end; return its ``scontrol show job`` fields."""
     deadline = time.monotonic() + timeout
     while True:
-        fields = dict(f.split("=", 1) for f in cluster.run(
-            "scontrol", "-o", "show", "job", job).stdout.split() if "=" in f)
-        if fields["JobState"] not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING",
-                                      "REQUEUED"):
+        fields = job_fields(cluster, job)
+        if fields["JobState"] not in RUNNING_STATES:
             return fields
         if time.monotonic() > deadline:
             cluster.run("scancel", job, check=False)
@@ -305,10 +312,19 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
     assert not (out / "summary.json").exists() and list((out / "checkpoints").glob("ckpt-*"))
 
     slurm.run("scontrol", "requeue", job)
-    # Slurm holds a requeued job back for a while (BeginTime); let it start at once.
-    slurm.run("scontrol", "update", f"jobid={job}", "starttime=now")
-    again = wait(slurm, job)
-    log = job_log(work, job)
+    # Slurm holds a requeued job back for a while (BeginTime): let it start at once. The state
+    # passes through terminal-looking ones while the requeue settles, so the second attempt is
+    # over only once its own first line is in the log and the job has ended.
+    deadline = time.monotonic() + 240
+    while True:
+        again = job_fields(slurm, job)
+        if again["JobState"] == "PENDING" and again.get("Reason") == "BeginTime":
+            slurm.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
+        log = job_log(work, job)
+        if "(restart 1)" in log and again["JobState"] not in RUNNING_STATES:
+            break
+        assert time.monotonic() < deadline, f"requeued job not done in 240 s: {again}"
+        time.sleep(0.5)
     assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
     assert "resuming from the checkpoints" in log
     summary = json.loads((out / "summary.json").read_text())
