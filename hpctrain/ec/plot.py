@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from hpctrain.metrics import read_points
+from hpctrain.plots import accuracy_figure
 
 
 def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str]]:
@@ -27,24 +28,10 @@ def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str
 
 def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
     """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, run in enumerate(run_dirs):
-        for label, t, acc, style in curves(run):
-            ax.plot(t, acc, style, color=f"C{i}", label=label, marker=".", markersize=4)
-    ax.set_xlabel("wall time (s, training only)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(bottom=ymin)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    with accuracy_figure(out, "wall time (s, training only)", title, ymin) as ax:
+        for i, run in enumerate(run_dirs):
+            for label, t, acc, style in curves(run):
+                ax.plot(t, acc, style, color=f"C{i}", label=label, marker=".", markersize=4)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import numpy as np
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_points
+from hpctrain.plots import accuracy_figure
 
 
 def curve(run_dir: str | Path) -> tuple[str, list[float], list[float]]:
@@ -61,34 +62,22 @@ def spread_table(run_dirs: list[str]) -> str:
 
 def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
     """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by_strategy: dict[str, list[tuple[list[float], list[float]]]] = {}
     for run in run_dirs:
         strategy, epochs, acc = curve(run)
         by_strategy.setdefault(strategy, []).append((epochs, acc))
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for i, (strategy, runs) in enumerate(by_strategy.items()):
-        epochs = runs[0][0]
-        if any(e != epochs for e, _ in runs):
-            raise UsageError(f"--shuffle {strategy}: runs were evaluated at different epochs")
-        acc = np.array([a for _, a in runs])
-        label = strategy if len(runs) == 1 else f"{strategy} (mean of {len(runs)} seeds)"
-        ax.plot(epochs, acc.mean(axis=0), color=f"C{i}", label=label, marker=".", markersize=4)
-        if len(runs) > 1:
-            ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=f"C{i}", alpha=0.15)
-    ax.set_xlabel("epochs")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(bottom=ymin)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    with accuracy_figure(out, "epochs", title, ymin) as ax:
+        for i, (strategy, runs) in enumerate(by_strategy.items()):
+            epochs = runs[0][0]
+            if any(e != epochs for e, _ in runs):
+                raise UsageError(f"--shuffle {strategy}: runs were evaluated at different epochs")
+            acc = np.array([a for _, a in runs])
+            label = strategy if len(runs) == 1 else f"{strategy} (mean of {len(runs)} seeds)"
+            ax.plot(epochs, acc.mean(axis=0), color=f"C{i}", label=label, marker=".",
+                    markersize=4)
+            if len(runs) > 1:
+                ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=f"C{i}",
+                                alpha=0.15)
 
 
 def main(argv: list[str] | None = None) -> None:
