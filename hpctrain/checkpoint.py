@@ -28,7 +28,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +39,7 @@ from hpctrain import comm as hcomm
 from hpctrain import faults
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshot
+from hpctrain.metrics import write_atomic
 
 FORMAT = "hpctrain-checkpoint/1"
 KEEP = 2
@@ -106,35 +106,6 @@ def load(path: str | Path) -> tuple[dict, object]:
     return header, payload
 
 
-def write_file(path: str | Path, blob: bytes, midway: Callable[[], None] | None = None) -> None:
-    """Write ``blob`` to ``path`` atomically and durably: temporary file, fsync, rename, fsync
-    of the folder. ``midway`` runs when half is written (fault injection)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            half = len(blob) // 2
-            f.write(blob[:half])
-            if midway is not None:
-                midway()
-            f.write(blob[half:])
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # ----------------------------------------------------------------------------------------------
 # A folder of checkpoints
 
@@ -154,7 +125,8 @@ def save(folder: str | Path, updates: int, payload: dict, header: dict,
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"ckpt-{updates:09d}.pt"
-    write_file(path, encode(payload, {**header, "updates": updates}), midway)
+    write_atomic(path, encode(payload, {**header, "updates": updates}), durable=True,
+                 midway=midway)
     for old in listing(folder)[KEEP:]:
         old.unlink(missing_ok=True)
     for stale in [*folder.glob(".ckpt-*.tmp"), *folder.glob("snapshots/.*.tmp")]:
@@ -456,7 +428,7 @@ class Checkpointer:
                 rank = f"-r{r}" if self.snapshots_per_rank else ""
                 name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
                 blob = encode(snap.state, {"info": snap.info})
-                write_file(self.folder / name, blob)
+                write_atomic(self.folder / name, blob, durable=True)
                 self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
                                      "info": snap.info})
         payload = {

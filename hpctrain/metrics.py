@@ -11,7 +11,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +19,35 @@ import torch
 from tqdm import tqdm
 
 
-def write_atomic(path: str | Path, content: str | bytes) -> None:
-    """Write ``content`` to ``path`` through a flushed temporary file and a rename."""
+def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
+                 midway: Callable[[], None] | None = None) -> None:
+    """Write ``content`` to ``path`` through a flushed and fsynced temporary file and a rename.
+
+    ``durable``: also fsync the folder, so that the rename itself survives a crash (checkpoints).
+    ``midway`` runs when half is written (fault injection).
+    """
     path = Path(path)
+    data = memoryview(content.encode() if isinstance(content, str) else content)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(content.encode() if isinstance(content, str) else content)
+            half = len(data) // 2
+            f.write(data[:half])
+            if midway is not None:
+                midway()
+            f.write(data[half:])
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    if durable:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def write_json_atomic(path: str | Path, obj) -> None:
