@@ -83,6 +83,7 @@ setup(
     },
     ext_modules=[
         Extension("hpctrain._dc_update", sources=["kernels/dc_update.cpp"], language="c++",
+                  depends=["kernels/dc_update.h"],
                   extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"]),
     ],
     cmdclass={"build_ext": BuildKernels},

@@ -1,9 +1,5 @@
-// Fused DC-ASGD update on the CPU: one pass over g, w, w_bak (ms for -a, v for momentum).
-//
-//   g'    = g + wd * w_bak                                 (weight decay at the model g was computed at)
-//   ms    = m * ms + (1 - m) * g'^2,  lam_t = lam / sqrt(ms + 1e-7)   (DC-ASGD-a; -c: lam_t = lam)
-//   d     = -lr * (g' + lam_t * g'^2 * (w - w_bak))         (ASGD: lam = 0)
-//   v     = momentum * v + d,  d = v                         (only with a velocity buffer v)
+// Fused DC-ASGD update on the CPU: one pass over g, w, w_bak (ms for -a, v for momentum); the
+// per-element math (dc_step) is in dc_update.h, shared with dc_update.cu.
 //
 // One entry point, hpctrain_dc_step, writes any of: d (the `atomic` store accumulates it),
 // w + d (the `locked` store's new shard) and a second copy of w + d (the worker's own model).
@@ -13,8 +9,9 @@
 // reason. Partially overlapping buffers are not allowed (hpctrain.kernels rejects them).
 // Plain C ABI, no Python or torch headers; loaded with ctypes.
 
-#include <cmath>
 #include <cstdint>
+
+#include "dc_update.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -25,39 +22,9 @@ namespace {
 // Below this many elements a parallel region costs more than it saves.
 constexpr int64_t kParallelMin = 1 << 15;
 
-struct Hyper {
-  float lr, lam, decay, wd, momentum;
-};
-
-struct Buffers {
-  float* d_out;
-  float* w_out;
-  float* w_out2;
-  const float* w;
-  const float* g;
-  const float* wb;
-  float* ms;
-  float* v;
-};
-
-// The step d for one element; updates *ms when Adaptive and *v when Momentum.
-template <bool Adaptive, bool Momentum>
-inline float dc_step(float w, float g, float wb, float* ms, float* v, const Hyper& h) {
-  const float gd = g + h.wd * wb;
-  const float gg = gd * gd;
-  float lam = h.lam;
-  if (Adaptive) {
-    const float s = h.decay * *ms + (1.0f - h.decay) * gg;
-    *ms = s;
-    lam = h.lam / std::sqrt(s + 1e-7f);
-  }
-  float d = -h.lr * (gd + lam * gg * (w - wb));
-  if (Momentum) {
-    d += h.momentum * *v;
-    *v = d;
-  }
-  return d;
-}
+using hpctrain_dc::Buffers;
+using hpctrain_dc::dc_step;
+using hpctrain_dc::Hyper;
 
 // One pass; flags: variant (Adaptive, Momentum) and which outputs exist (D: d, W/W2: w + d).
 template <bool Adaptive, bool Momentum, bool D, bool W, bool W2>

@@ -1,9 +1,5 @@
-// Fused DC-ASGD update on CUDA devices: the same math and outputs as dc_update.cpp.
-//
-//   g'    = g + wd * w_bak
-//   ms    = m * ms + (1 - m) * g'^2,  lam_t = lam / sqrt(ms + 1e-7)   (DC-ASGD-a; -c: lam_t = lam)
-//   d     = -lr * (g' + lam_t * g'^2 * (w - w_bak))         (ASGD: lam = 0)
-//   v     = momentum * v + d,  d = v                         (only with a velocity buffer v)
+// Fused DC-ASGD update on CUDA devices: the same math (dc_step in dc_update.h) and outputs as
+// dc_update.cpp.
 //
 // hpctrain_dc_step_cuda writes any of d, w + d and a second copy of w + d.
 // Grid-stride loops; when every pointer is 16-byte aligned the body moves float4 vectors and a
@@ -15,49 +11,21 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "dc_update.h"
+
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxDevices = 64;
 
-struct Hyper {
-  float lr, lam, decay, wd, momentum;
-};
-
-template <bool Adaptive, bool Momentum>
-__device__ __forceinline__ float dc_step(float w, float g, float wb, float* ms, float* v,
-                                         const Hyper& h) {
-  const float gd = g + h.wd * wb;
-  const float gg = gd * gd;
-  float lam = h.lam;
-  if (Adaptive) {
-    const float s = h.decay * *ms + (1.0f - h.decay) * gg;
-    *ms = s;
-    lam = h.lam / sqrtf(s + 1e-7f);
-  }
-  float d = -h.lr * (gd + lam * gg * (w - wb));
-  if (Momentum) {
-    d += h.momentum * *v;
-    *v = d;
-  }
-  return d;
-}
+using hpctrain_dc::Buffers;
+using hpctrain_dc::dc_step;
+using hpctrain_dc::Hyper;
 
 // Compile-time choice of variant (Adaptive, Momentum) and outputs (D: d, W/W2: w + d).
 template <bool Adaptive_, bool Momentum_, bool D_, bool W_, bool W2_>
 struct Variant {
   static constexpr bool Adaptive = Adaptive_, Momentum = Momentum_, D = D_, W = W_, W2 = W2_;
-};
-
-struct Buffers {
-  float* d_out;
-  float* w_out;
-  float* w_out2;
-  const float* w;
-  const float* g;
-  const float* wb;
-  float* ms;
-  float* v;
 };
 
 template <class V>
