@@ -1,9 +1,21 @@
-"""The test-accuracy figure that the ``ec`` and ``shuffle`` plot commands draw their curves on."""
+"""What the ``ec`` and ``shuffle`` plot commands share: their arguments and the test-accuracy figure
+they draw their curves on."""
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+
+def arguments(description: str, runs: str, title: str) -> argparse.ArgumentParser:
+    """The arguments of a plot command: run folders, ``--out``, ``--title`` and ``--ymin``."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("runs", nargs="+", help=runs)
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--title", default=title)
+    p.add_argument("--ymin", type=float, default=0.6)
+    return p
 
 
 @contextmanager

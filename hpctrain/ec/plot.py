@@ -6,12 +6,11 @@ model, EC runs rank 0's member (solid) and the ensemble (dashed).
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from hpctrain.metrics import read_points
-from hpctrain.plots import accuracy_figure
+from hpctrain.plots import accuracy_figure, arguments
 
 
 def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str]]:
@@ -35,12 +34,8 @@ def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="output folders of ma/ec runs")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--title", default="EC vs MA: test accuracy against wall time")
-    p.add_argument("--ymin", type=float, default=0.6)
-    args = p.parse_args(argv)
+    args = arguments(__doc__.splitlines()[0], "output folders of ma/ec runs",
+                     "EC vs MA: test accuracy against wall time").parse_args(argv)
     plot(args.runs, args.out, args.title, args.ymin)
 
 

@@ -8,7 +8,6 @@ run (accuracies, data moved), and the mean and spread of the final accuracy per 
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_points
-from hpctrain.plots import accuracy_figure
+from hpctrain.plots import accuracy_figure, arguments
 
 
 def curve(run_dir: str | Path) -> tuple[str, list[float], list[float]]:
@@ -81,11 +80,8 @@ def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("runs", nargs="+", help="output folders of training runs")
-    p.add_argument("--out", required=True, help="PNG file to write")
-    p.add_argument("--title", default="Shuffling strategies: test accuracy against epochs")
-    p.add_argument("--ymin", type=float, default=0.6)
+    p = arguments(__doc__.splitlines()[0], "output folders of training runs",
+                  "Shuffling strategies: test accuracy against epochs")
     p.add_argument("--table", action="store_true", help="also print a Markdown table")
     args = p.parse_args(argv)
     plot(args.runs, args.out, args.title, args.ymin)
