@@ -24,10 +24,9 @@ from hpctrain.ec.averaging import ModelAveraging, broadcast_model
 from hpctrain.ec.compression import EnsembleCompression, check_options
 from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError
-from hpctrain.evaluate import Snapshots
 from hpctrain.guard import GradientGuard
-from hpctrain.metrics import RunLog, progress, write_atomic
-from hpctrain.schedule import learning_rate, set_lr
+from hpctrain.loop import Bookkeeping, batch, set_step_lr
+from hpctrain.metrics import RunLog, run_summary, write_atomic
 from hpctrain.stragglers import Straggler, parse_slowdown
 
 THREAD_LEVEL = "serialized"  # collectives from the main thread only
@@ -112,8 +111,6 @@ def run(args: argparse.Namespace) -> dict:
     log = RunLog(args.out, rank)
     log.write_config({**vars(args), "workers": size, "tau_steps": tau, **comm.library_info()})
     total_steps = args.epochs * steps
-    snapshot_every = max(1, round(args.eval_every * steps))
-    snapshots = Snapshots()
     guard = GradientGuard(model.parameters(), args.max_bad_steps, world)
     rounds = ("steps", "rounds", "_round_start", "relabelled", "distilled") if ec else ("steps",)
     ckpt = checkpoint.Checkpointer(
@@ -123,23 +120,18 @@ def run(args: argparse.Namespace) -> dict:
                   "stats": checkpoint.Attributes(agg.stats, "bytes", "seconds", "parts")})
     straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
                           args.seed, rank)
-    bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
+    book = Bookkeeping(args, rank, steps, ckpt)
 
-    snapshots.take(model, t=0.0, epoch=0.0, updates=0)
-    done = ckpt.restore(snapshots)
-    updates, samples = done.get("updates", 0), done.get("samples", 0)
-    bar.update(updates)
+    updates, samples = book.restore(model)
     world.Barrier()
-    start = time.perf_counter() - done.get("elapsed", 0.0)
+    book.start_clock()
     for epoch in range(updates // steps, args.epochs):
         local = train_data.epoch(epoch)
         if ec:
             agg.set_local_data(local)
         for i in range(updates - epoch * steps, steps):
-            set_lr(optimizer, learning_rate(args.lr, epoch + i / steps, args.epochs,
-                                            args.lr_schedule, args.lr_milestones, args.lr_gamma))
-            x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
-            y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
+            set_step_lr(optimizer, args, epoch + i / steps)
+            x, y = batch(local, i, args.batch_size)
             optimizer.zero_grad()
             computing = time.perf_counter()
             loss = agg.loss(x, y) if ec else F.cross_entropy(model(x), y)
@@ -151,17 +143,10 @@ def run(args: argparse.Namespace) -> dict:
             updates += 1
             samples += len(y)
             agg.after_step(final=updates == total_steps)
-            bar.update()
-            if updates % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if updates % snapshot_every == 0 or updates == total_steps:
-                snapshots.take(model, t=time.perf_counter() - start, epoch=updates / steps,
-                               updates=updates)
-            ckpt.step(updates, {"samples": samples, "elapsed": time.perf_counter() - start},
-                      snapshots)
-    wall = time.perf_counter() - start
-    bar.close()
+            book.after_update(model, loss, updates, samples)
+    wall = book.stop()
 
+    snapshots = book.snapshots
     points = evaluate_members(model, snapshots, test_set, world, averaged=not ec)
     final = "ensemble" if ec and args.ec_final == "ensemble" else "member"
     for p in points:
@@ -172,32 +157,25 @@ def run(args: argparse.Namespace) -> dict:
     if final == "ensemble":
         _save_ensemble(log, snapshots[-1].state, world)
     last = points[-1]
-    summary = {
-        "algo": args.algo,
-        "algo_label": label(args, tau),
-        "workers": size,
-        "model": args.model,
-        "dataset": args.dataset,
-        "epochs": args.epochs,
-        "updates": updates,
-        "tau": tau,
-        "final_model": final,
-        "final_test_acc": last["test_acc"],
-        "final_test_loss": last["test_loss"],
-        "best_test_acc": max(p["test_acc"] for p in points),
-        "final_member_acc": last["member_acc"],
-        "final_mean_member_acc": last["mean_member_acc"],
-        "final_ensemble_acc": last["ensemble_acc"],
-        "wall_s": wall,
-        "samples_per_s": world.allreduce(samples / wall),
-        "aggregation": agg.stats.summary(),
-        "straggler_sleep_s": straggler.slept,
-        "params": models.num_parameters(model),
-        "out": args.out,
+    summary = run_summary(
+        args, points,
+        algo_label=label(args, tau),
+        workers=size,
+        updates=updates,
+        tau=tau,
+        final_model=final,
+        final_member_acc=last["member_acc"],
+        final_mean_member_acc=last["mean_member_acc"],
+        final_ensemble_acc=last["ensemble_acc"],
+        wall_s=wall,
+        samples_per_s=world.allreduce(samples / wall),
+        aggregation=agg.stats.summary(),
+        straggler_sleep_s=straggler.slept,
+        params=models.num_parameters(model),
         **train_data.stats(),
         **guard.summary(),
         **ckpt.summary(),
-    }
+    )
     if ec:
         summary["distilled_samples_per_rank"] = agg.distilled
     else:

@@ -19,10 +19,10 @@ from torch.nn import functional as F
 import hpctrain.sync as hvd
 from hpctrain import checkpoint, comm, data, faults, models, shuffle
 from hpctrain.errors import UsageError
-from hpctrain.evaluate import Snapshots, evaluate_snapshots
+from hpctrain.evaluate import evaluate_snapshots
 from hpctrain.guard import GradientGuard
-from hpctrain.metrics import RunLog, progress
-from hpctrain.schedule import learning_rate, set_lr
+from hpctrain.loop import Bookkeeping, batch, set_step_lr
+from hpctrain.metrics import RunLog, run_summary
 from hpctrain.stragglers import Straggler, parse_slowdown
 
 THREAD_LEVEL = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE.
@@ -69,30 +69,23 @@ def run(args: argparse.Namespace) -> dict:
     log.write_config({**vars(args), "workers": size, **comm.library_info()})
     steps = math.ceil(train_data.samples_per_rank / args.batch_size)
     total_steps = args.epochs * steps
-    snapshot_every = max(1, round(args.eval_every * steps))
-    snapshots = Snapshots()
     guard = GradientGuard(model.parameters(), args.max_bad_steps, world, reduced=True)
     ckpt = checkpoint.Checkpointer(args, world, steps, total_steps,
                                    shared={"model": model, "optimizer": optimizer},
                                    per_rank={"guard": guard})
     straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
                           args.seed, rank)
-    bar = progress(total_steps, rank, args.algo, enabled=not args.no_progress)
+    book = Bookkeeping(args, rank, steps, ckpt)
 
-    snapshots.take(model, t=0.0, epoch=0.0, updates=0)
-    done = ckpt.restore(snapshots)
-    updates, samples = done.get("updates", 0), done.get("samples", 0)
-    bar.update(updates)
+    updates, samples = book.restore(model)
     if distributed:
         world.Barrier()
-    start = time.perf_counter() - done.get("elapsed", 0.0)
+    book.start_clock()
     for epoch in range(updates // steps, args.epochs):
         local = train_data.epoch(epoch)
         for i in range(updates - epoch * steps, steps):
-            set_lr(optimizer, learning_rate(args.lr, epoch + i / steps, args.epochs,
-                                            args.lr_schedule, args.lr_milestones, args.lr_gamma))
-            x = local.images[i * args.batch_size:(i + 1) * args.batch_size]
-            y = local.labels[i * args.batch_size:(i + 1) * args.batch_size]
+            set_step_lr(optimizer, args, epoch + i / steps)
+            x, y = batch(local, i, args.batch_size)
             optimizer.zero_grad()
             computing = time.perf_counter()
             loss = faults.inject(rank, updates, model, F.cross_entropy(model(x), y))
@@ -105,43 +98,28 @@ def run(args: argparse.Namespace) -> dict:
                     optimizer.step()
             updates += 1
             samples += len(y)
-            bar.update()
-            if updates % 50 == 0:
-                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-            if updates % snapshot_every == 0 or updates == total_steps:
-                snapshots.take(model, t=time.perf_counter() - start, epoch=updates / steps,
-                               updates=updates)
-            ckpt.step(updates, {"samples": samples, "elapsed": time.perf_counter() - start},
-                      snapshots)
-    wall = time.perf_counter() - start
-    bar.close()
+            book.after_update(model, loss, updates, samples)
+    wall = book.stop()
 
-    points = evaluate_snapshots(model, snapshots, test_set, world)
+    points = evaluate_snapshots(model, book.snapshots, test_set, world)
     log.write_points(points)
     log.save_model(model)
     rate = samples / wall
     total_rate = world.allreduce(rate) if distributed else rate
     grad_bytes = sum(p.numel() for p in model.parameters()) * (2 if args.fp16_allreduce else 4)
-    summary = {
-        "algo": args.algo,
-        "algo_label": f"ssgd ({args.sync_backend} backend)" if distributed else "sgd",
-        "workers": size,
-        "model": args.model,
-        "dataset": args.dataset,
-        "epochs": args.epochs,
-        "updates": updates,
-        "final_test_acc": points[-1]["test_acc"],
-        "final_test_loss": points[-1]["test_loss"],
-        "best_test_acc": max(p["test_acc"] for p in points),
-        "wall_s": wall,
-        "samples_per_s": total_rate,
-        "allreduce_bytes_per_rank": updates * grad_bytes if distributed else 0,
-        "straggler_sleep_s": straggler.slept,
-        "params": models.num_parameters(model),
-        "out": args.out,
+    summary = run_summary(
+        args, points,
+        algo_label=f"ssgd ({args.sync_backend} backend)" if distributed else "sgd",
+        workers=size,
+        updates=updates,
+        wall_s=wall,
+        samples_per_s=total_rate,
+        allreduce_bytes_per_rank=updates * grad_bytes if distributed else 0,
+        straggler_sleep_s=straggler.slept,
+        params=models.num_parameters(model),
         **train_data.stats(),
         **guard.summary(),
         **ckpt.summary(),
-    }
+    )
     log.write_summary(summary)
     return summary
