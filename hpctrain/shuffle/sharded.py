@@ -97,14 +97,11 @@ class ShardedTrainData(TrainData):
         """Deal this epoch's permutation out: the sample at position p goes to rank
         ``p % K``, row ``p // K`` (the tail beyond ``n * K`` to the extra row ``n``)."""
         n, ranks = self.samples_per_rank, self.ranks
-
-        def place(ids: torch.Tensor) -> torch.Tensor:
-            _, pos = order.global_destinations(self.seed, epoch, self.num_samples, ranks, ids)
-            return torch.where(pos < n * ranks, pos // ranks, n)
-
-        dest, _ = order.global_destinations(self.seed, epoch, self.num_samples, ranks,
-                                            self.held.ids)
-        return self._exchange(torch.arange(len(self.held)), dest, place)
+        every = torch.arange(self.num_samples)
+        dest, pos = order.global_destinations(self.seed, epoch, self.num_samples, ranks, every)
+        row = torch.where(pos < n * ranks, pos // ranks, n)  # by id: its row on its rank
+        return self._exchange(torch.arange(len(self.held)), dest[self.held.ids],
+                              lambda ids: row[ids])
 
     def _partial(self, epoch: int) -> int:
         """Send ``round(q n)`` random samples along the epoch's routes; the kept ones stay in
