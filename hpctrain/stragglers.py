@@ -62,3 +62,13 @@ class Straggler:
             self.slept += extra
             return extra
         return 0.0
+
+    def state_dict(self) -> dict:
+        """Time slept and the jitter generator's state, so a resumed run draws on."""
+        version, internal, gauss = self._rng.getstate()
+        return {"slept": self.slept, "rng": [version, list(internal), gauss]}
+
+    def load_state_dict(self, state: dict) -> None:
+        version, internal, gauss = state["rng"]
+        self._rng.setstate((version, tuple(internal), gauss))
+        self.slept = state["slept"]

@@ -113,13 +113,13 @@ def run(args: argparse.Namespace) -> dict:
     total_steps = args.epochs * steps
     guard = GradientGuard(model.parameters(), args.max_bad_steps, world)
     rounds = ("steps", "rounds", "_round_start", "relabelled", "distilled") if ec else ("steps",)
+    straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
+                          args.seed, rank)
     ckpt = checkpoint.Checkpointer(
         args, world, steps, total_steps, shared={}, per_rank_snapshots=True,
         per_rank={"model": model, "optimizer": optimizer, "guard": guard,
-                  "agg": checkpoint.Attributes(agg, *rounds),
+                  "straggler": straggler, "agg": checkpoint.Attributes(agg, *rounds),
                   "stats": checkpoint.Attributes(agg.stats, "bytes", "seconds", "parts")})
-    straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
-                          args.seed, rank)
     book = Bookkeeping(args, rank, steps, ckpt)
 
     updates, samples = book.restore(model)

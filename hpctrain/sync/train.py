@@ -70,11 +70,11 @@ def run(args: argparse.Namespace) -> dict:
     steps = math.ceil(train_data.samples_per_rank / args.batch_size)
     total_steps = args.epochs * steps
     guard = GradientGuard(model.parameters(), args.max_bad_steps, world, reduced=True)
-    ckpt = checkpoint.Checkpointer(args, world, steps, total_steps,
-                                   shared={"model": model, "optimizer": optimizer},
-                                   per_rank={"guard": guard})
     straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
                           args.seed, rank)
+    ckpt = checkpoint.Checkpointer(args, world, steps, total_steps,
+                                   shared={"model": model, "optimizer": optimizer},
+                                   per_rank={"guard": guard, "straggler": straggler})
     book = Bookkeeping(args, rank, steps, ckpt)
 
     updates, samples = book.restore(model)

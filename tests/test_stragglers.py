@@ -1,0 +1,23 @@
+"""Straggler injection: seeded jitter that a resumed run continues where it stopped."""
+
+import io
+
+import torch
+
+from hpctrain.stragglers import Straggler
+
+
+def test_resumed_jitter_draws_what_the_uninterrupted_run_draws():
+    whole = Straggler(jitter=0.5, seed=1, rank=2)
+    first = Straggler(jitter=0.5, seed=1, rank=2)
+    draws = [whole.step_factor() for _ in range(10)]
+    assert draws[:4] == [first.step_factor() for _ in range(4)]
+    first.slept = 1.5
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)  # as a checkpoint holds it: plain data only
+    buffer.seek(0)
+    resumed = Straggler(jitter=0.5, seed=1, rank=2)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert [resumed.step_factor() for _ in range(6)] == draws[4:]
+    assert resumed.slept == 1.5
+    assert Straggler(jitter=0.5, seed=1, rank=3).step_factor() != draws[0]
