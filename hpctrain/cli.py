@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from hpctrain import checkpoint, comm, data, models, shuffle
+from hpctrain import checkpoint, comm, data, models, shuffle, watchdog
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
@@ -119,6 +119,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     checkpoint.add_arguments(p)
     p.add_argument("--max-bad-steps", type=_positive(int), default=10,
                    help="stop after this many consecutive steps with NaN/Inf gradients")
+    p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="end the job when a rank makes no progress for this long (0: never)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +175,8 @@ def validate_training(args: argparse.Namespace) -> ModuleType:
         raise UsageError("--momentum and --weight-decay must be >= 0")
     if not (math.isfinite(args.jitter) and args.jitter >= 0):
         raise UsageError(f"--jitter {args.jitter} must be >= 0")
+    if not (math.isfinite(args.stall_timeout) and args.stall_timeout >= 0):
+        raise UsageError(f"--stall-timeout {args.stall_timeout} must be >= 0 (0: never)")
     parse_slowdown(args.slowdown, comm.env_size())
     workers = comm.env_size()
     n = data.size(args.dataset, "train", args.data_dir)
@@ -193,7 +197,11 @@ def train(args: argparse.Namespace) -> dict:
     if args.out is None:
         stamp = world.bcast(time.strftime("%Y%m%d-%H%M%S"), root=0)
         args.out = str(Path("runs") / f"{args.algo}-{stamp}")
-    summary = module.run(args)
+    watchdog.start(args.stall_timeout, world.Get_rank())
+    try:
+        summary = module.run(args)
+    finally:
+        watchdog.stop()
     if world.Get_rank() == 0:
         print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
     return summary

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpctrain import watchdog
 from hpctrain.data import Dataset
 
 
@@ -60,6 +61,7 @@ def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Da
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = {}
     for i in range(rank, len(snapshots), size):
+        watchdog.beat("evaluating snapshot", i)
         model.load_state_dict(snapshots[i].state)
         acc, loss = evaluate(model, test_set)
         mine[i] = {**snapshots[i].info, "test_acc": acc,

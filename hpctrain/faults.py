@@ -1,23 +1,25 @@
 """Fault injection for tests and reliability drills, driven by ``$HPCTRAIN_INJECT``.
 
 ``HPCTRAIN_INJECT="KIND@RANK:STEP[,KIND@RANK:STEP...]"``: at training step STEP (counted from
-0) on rank RANK, ``raise`` raises an exception, ``kill`` sends the process SIGKILL, ``nan`` and
-``inf`` make the gradients NaN or Inf, and ``killckpt`` sends SIGKILL halfway through writing
-the checkpoint of update STEP. Training loops call :func:`inject` between backward and step
-(or, with the loss, before backward); without the variable it costs one dictionary look-up.
+0) on rank RANK, ``raise`` raises an exception, ``kill`` sends the process SIGKILL, ``hang``
+sleeps forever (alive, silent), ``nan`` and ``inf`` make the gradients NaN or Inf, and
+``killckpt`` sends SIGKILL halfway through writing the checkpoint of update STEP. Training
+loops call :func:`inject` between backward and step (or, with the loss, before backward);
+without the variable it costs one dictionary look-up.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 from functools import lru_cache
 
 import torch
 
 from hpctrain.errors import UsageError
 
-KINDS = ("raise", "kill", "nan", "inf", "killckpt")
+KINDS = ("raise", "kill", "hang", "nan", "inf", "killckpt")
 
 
 @lru_cache(maxsize=1)
@@ -54,6 +56,8 @@ def inject(rank: int, step: int, model: torch.nn.Module,
         raise RuntimeError(f"injected fault at step {step}")
     if kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    while kind == "hang":
+        time.sleep(3600)
     if kind in ("nan", "inf"):
         if loss is not None:
             return loss * float(kind)

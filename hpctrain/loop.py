@@ -1,6 +1,7 @@
 """What the lock-step training loops (``sync/train.py``: sgd/ssgd, ``ec/train.py``: ma/ec) do
 alike around their updates: each step's learning rate and batch, and after each update the
-progress bar, the snapshots of the model that become the curve, checkpoints and the clock."""
+progress bar, the snapshots of the model that become the curve, checkpoints, the clock and
+the stall watchdog's beat."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 
 import torch
 
+from hpctrain import watchdog
 from hpctrain.evaluate import Snapshots
 from hpctrain.metrics import progress
 from hpctrain.schedule import learning_rate, set_lr
@@ -59,6 +61,7 @@ class Bookkeeping:
     def after_update(self, model: torch.nn.Module, loss: torch.Tensor, updates: int,
                      samples: int) -> None:
         """Update ``updates`` is done (``samples`` trained on so far, on this rank)."""
+        watchdog.beat("update", updates)
         self.bar.update()
         if updates % 50 == 0:
             self.bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)

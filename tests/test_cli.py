@@ -47,6 +47,7 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--lr-milestones", "3,1"], "milestones must be increasing"),
     (["--algo", "sgd", "--slowdown", "1:3"], "rank 1 is not a worker"),
     (["--algo", "sgd", "--jitter", "-0.5"], "--jitter -0.5 must be >= 0"),
+    (["--algo", "sgd", "--stall-timeout", "-1"], "--stall-timeout -1.0 must be >= 0"),
 ])
 def test_bad_arguments(args, pattern, tmp_path):
     proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from hpctrain import comm as hcomm
-from hpctrain import kernels
+from hpctrain import kernels, watchdog
 from hpctrain.errors import UsageError
 
 CONSISTENCIES = ("locked", "atomic")
@@ -305,6 +305,7 @@ class ParameterStore:
                     for host in (self.hosts if self.is_worker else [])]
         done = 0
         while self.is_host and done < self.num_workers:
+            watchdog.beat("serving the store")
             if self._ctl.Iprobe(MPI.ANY_SOURCE, _TAG_DONE):
                 self._ctl.Recv([self._none, 0, MPI.FLOAT], MPI.ANY_SOURCE, _TAG_DONE)
                 done += 1

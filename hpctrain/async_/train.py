@@ -21,7 +21,7 @@ import time
 import torch
 from torch.nn import functional as F
 
-from hpctrain import checkpoint, comm, data, faults, models, shuffle
+from hpctrain import checkpoint, comm, data, faults, models, shuffle, watchdog
 from hpctrain.async_.optim import ASGD, DCASGD, DEFAULT_LAM
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore
 from hpctrain.errors import UsageError
@@ -134,7 +134,7 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
     ckpt = checkpoint.Checkpointer(
         args, workers, per_epoch, total, shared={"model": model},
         per_rank={"opt": checkpoint.Attributes(opt, "_ms", "_v", "staleness"), "guard": guard,
-                  "straggler": checkpoint.Attributes(straggler, "slept")})
+                  "straggler": straggler})
     bar = progress(total, rank, args.algo, enabled=not args.no_progress)
 
     if rank == 0:
@@ -170,6 +170,7 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
         i += 1
         straggler.pad(time.perf_counter() - t0)
         bar.update(min(seen, total) - bar.n)
+        watchdog.beat("push", pushes)
         if rank == 0 and seen >= next_snapshot:
             snapshots.take(model, t=time.perf_counter() - start, epoch=seen / per_epoch,
                            updates=seen)

@@ -1,0 +1,75 @@
+"""End a job whose rank stops making progress, instead of waiting for the time limit.
+
+A rank that dies is noticed by the launcher. One that stays alive but stops (a deadlock, a
+hung file system, a stuck device) leaves every other rank waiting in its next collective until
+the scheduler's time limit. With ``--stall-timeout S`` each rank runs a daemon thread that
+ends the job when the rank has not called :func:`beat` for S seconds: it prints one line with
+the rank and what it last did, and exits the process, which makes ``mpirun`` (or ``srun
+--kill-on-bad-exit=1``) end the others. It exits rather than calling ``MPI_Abort`` because the
+main thread may be inside MPI, and the async algorithms run MPI at thread level
+``serialized``.
+
+Beats come from the training loops (each step), evaluation (each snapshot) and a store host
+serving its windows. Ranks that wait for a stalled one stop beating too, so several ranks may
+report; in asynchronous runs the others keep stepping and only the stalled rank's watchdog
+fires (or theirs, later, at the final barrier). Horovod's stall check only warns by default;
+PyTorch's NCCL watchdog aborts after its collective timeout, as this does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+EXIT_STATUS = 3  # distinct from an error (1), a usage error (2) and a kill (137)
+
+
+class _Watchdog:
+    def __init__(self, timeout: float, rank: int) -> None:
+        self.timeout, self.rank = timeout, rank
+        self.last, self.doing, self.count = time.monotonic(), "starting", None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="hpctrain-watchdog",
+                                        daemon=True)
+        self._thread.start()
+
+    def _watch(self) -> None:
+        poll = min(1.0, self.timeout / 10)
+        while not self._stop.wait(poll):
+            if time.monotonic() - self.last > self.timeout:
+                doing = self.doing if self.count is None else f"{self.doing} {self.count}"
+                print(f"hpctrain: rank {self.rank} made no progress for {self.timeout:g} s (last: "
+                      f"{doing}); ending the job (--stall-timeout {self.timeout:g})",
+                      file=sys.stderr, flush=True)
+                os._exit(EXIT_STATUS)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+_active: _Watchdog | None = None
+
+
+def start(timeout: float, rank: int) -> None:
+    """Watch this rank: end the process after ``timeout`` seconds without a beat (0: never)."""
+    global _active
+    stop()
+    if timeout > 0:
+        _active = _Watchdog(timeout, rank)
+
+
+def beat(doing: str, count: int | None = None) -> None:
+    """Record progress: ``doing`` (and ``count``, e.g. "step", 12) name it in the message."""
+    if _active is not None:
+        _active.last, _active.doing, _active.count = time.monotonic(), doing, count
+
+
+def stop() -> None:
+    """Stop watching (training is over)."""
+    global _active
+    if _active is not None:
+        _active.stop()
+        _active = None

@@ -1,0 +1,60 @@
+"""The stall watchdog: a rank that stops making progress ends the job in bounded time."""
+
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import run_job
+
+from hpctrain import watchdog
+
+SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress",
+         "--seed", "3", "--batch-size", "16"]
+
+
+def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.timeout(60)
+def test_no_beat_ends_the_process_with_one_line():
+    start = time.monotonic()
+    proc = run_python("import time\nfrom hpctrain import watchdog\n"
+                      "watchdog.start(1.0, rank=5)\nwatchdog.beat('step', 7)\ntime.sleep(30)")
+    assert time.monotonic() - start < 20
+    assert proc.returncode == watchdog.EXIT_STATUS
+    assert proc.stderr.strip().startswith("hpctrain: rank 5 made no progress for 1 s (last: "
+                                          "step 7); ending the job (--stall-timeout 1)"), \
+        proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_beats_keep_it_quiet_and_stop_ends_watching():
+    proc = run_python("import time\nfrom hpctrain import watchdog\n"
+                      "watchdog.start(1.0, rank=0)\n"
+                      "for i in range(15):\n    watchdog.beat('step', i); time.sleep(0.2)\n"
+                      "watchdog.stop()\ntime.sleep(2)\nprint('done')")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, "done\n", "")
+
+
+def test_zero_timeout_watches_nothing():
+    watchdog.start(0, rank=0)
+    watchdog.beat("step", 1)  # a no-op when not watching
+    assert watchdog._active is None
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("algo,last", [("ssgd", "update 6"), ("dcasgd-a", "push 6")])
+def test_a_hung_rank_ends_the_job(tmp_path, algo, last):
+    """Rank 1 hangs (alive, silent) after its 6th update: without the watchdog the other rank
+    would wait in its next collective (ssgd) or the final barrier (async) forever."""
+    start = time.monotonic()
+    proc = run_job(["train", "--algo", algo, *SMALL, "--stall-timeout", "15", "--out",
+                    str(tmp_path)], np=2, timeout=100, env={"HPCTRAIN_INJECT": "hang@1:6"})
+    assert proc.returncode != 0
+    assert f"hpctrain: rank 1 made no progress for 15 s (last: {last}); ending the job" \
+        in proc.stderr, proc.stderr
+    assert time.monotonic() - start < 90
+    assert not (tmp_path / "summary.json").exists()
