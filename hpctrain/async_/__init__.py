@@ -53,6 +53,11 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   call it at once. With ``servers=0`` across nodes without RDMA a busy worker does not serve
   its shards: use ``servers=N`` there (on one node the windows are shared memory and need no
   help). ``atomic`` is element-wise atomic only: a read may mix old and new elements.
+- Buffers (BatchNorm's running mean and variance) are not in the store: only parameters get
+  gradients to push. Each worker keeps its own running statistics, estimated on its own
+  batches at the global weights it keeps pulling; snapshots, checkpoints and the saved model
+  take worker 0's, so evaluation uses the global weights with one worker's statistics (for
+  LeNet and the MLP, which have no buffers, the model is exactly the store's).
 - Stopping by a global budget: the CLI stops every worker once the counter says the run's
   samples (epochs x training set) are consumed, so fast workers do more of the work and a
   straggler does not hold the job back; the learning-rate schedule follows the same count.
