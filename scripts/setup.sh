@@ -36,7 +36,7 @@ fi
 
 # The editable install compiles the CPU kernel in place; rebuild it when its source changes.
 so=$(ls hpctrain/_dc_update*.so 2>/dev/null | head -n 1)
-if [ -z "$so" ] || [ kernels/dc_update.cpp -nt "$so" ]; then
+if [ -z "$so" ] || [ kernels/dc_update.cpp -nt "$so" ] || [ kernels/dc_update.h -nt "$so" ]; then
   echo "setup: building the compensation kernel"
   .venv/bin/python setup.py -q build_ext --inplace >/dev/null
 fi
