@@ -450,23 +450,3 @@ class Checkpointer:
 
 def _header_of(blob: bytes) -> dict:
     return json.loads(blob.partition(b"\n")[0])
-
-
-class Attributes:
-    """Checkpoints the named attributes of ``obj`` (numbers, tensors, lists, dicts, tuples)."""
-
-    def __init__(self, obj, *names: str):
-        self.obj, self.names = obj, names
-
-    def state_dict(self) -> dict:
-        return {n: dict(v) if isinstance(v := getattr(self.obj, n), dict) else v
-                for n in self.names}
-
-    def load_state_dict(self, state: dict) -> None:
-        for n in self.names:
-            current = getattr(self.obj, n)
-            if isinstance(current, dict):  # in place: keeps a defaultdict a defaultdict
-                current.clear()
-                current.update(state[n])
-            else:
-                setattr(self.obj, n, state[n])

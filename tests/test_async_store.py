@@ -5,6 +5,7 @@ Single-process tests use a one-rank store on COMM_SELF; the ``mpi`` tests run un
 whatever thread level the test process started it (shared-memory windows work at any).
 """
 
+import io
 import random
 import time
 
@@ -103,6 +104,38 @@ def test_one_worker_with_momentum_matches_torch_sgd_with_momentum(consistency):
         train(model, DCASGD(model, store, momentum=0.9, **HYPER), data)
         store.finish()
     torch.testing.assert_close(flat_of(model), flat_of(ref_model), rtol=1e-5, atol=1e-5)
+
+
+def test_optimizer_state_round_trip_continues_the_same_run():
+    """A DC-ASGD-a worker with momentum restored from state_dict() (through torch.save with
+    weights_only) ends where the uninterrupted worker does: mean squares, velocity and the
+    staleness record are all in the state."""
+    data = batches(4, 12)
+    hyper = {"momentum": 0.5, "adaptive": True, **HYPER}
+    whole = small_model()
+    with ParameterStore(flat_of(whole), self_comm()) as store:
+        train(whole, DCASGD(whole, store, **hyper), data)
+        store.finish()
+    model = small_model()
+    with ParameterStore(flat_of(model), self_comm()) as store:
+        opt = DCASGD(model, store, **hyper)
+        train(model, opt, data[:5])
+        buffer = io.BytesIO()
+        torch.save(opt.state_dict(), buffer)
+        store.finish()
+    saved = flat_of(model)
+    model = small_model()
+    with ParameterStore(saved, self_comm()) as store:
+        opt = DCASGD(model, store, **hyper)
+        buffer.seek(0)
+        opt.load_state_dict(torch.load(buffer, weights_only=True))
+        train(model, opt, data[5:])
+        assert len(opt.staleness) == 12
+        with pytest.raises(UsageError, match="lacks 'v'"):
+            DCASGD(small_model(), store, **hyper).load_state_dict(
+                {**opt.state_dict(), "worker": {**opt.state_dict()["worker"], "v": None}})
+        store.finish()
+    torch.testing.assert_close(flat_of(model), flat_of(whole), rtol=0, atol=0)
 
 
 def test_bad_store_arguments_rejected():

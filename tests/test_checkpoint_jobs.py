@@ -180,7 +180,8 @@ def test_async_worker_killed_then_resumed(tmp_path):
     header = checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])
     assert 32 <= header["updates"] < 192 and header["ranks"] == 3 and header["workers"] == 2
     payload = checkpoint.load(checkpoint.listing(out / "checkpoints")[0])[1]
-    assert [r["opt"]["_ms"].numel() > 0 for r in payload["ranks"]] == [True, True]
+    assert [r["opt"]["worker"]["ms"].numel() > 0 for r in payload["ranks"]] == [True, True]
+    assert all(r["opt"]["worker"]["v"] is not None for r in payload["ranks"])
     proc = run_job([*args, "--resume", str(out)], np=3, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -105,6 +105,24 @@ class ASGD(torch.optim.Optimizer):
         self.staleness.append(self.last_push.tau)
         return loss
 
+    def state_dict(self) -> dict:
+        """torch's optimizer state, plus this worker's mean squares, velocity and staleness."""
+        state = super().state_dict()
+        state["worker"] = {"ms": self._ms, "v": self._v, "staleness": list(self.staleness)}
+        return state
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        worker = state_dict["worker"]
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "worker"})
+        for name, mine in (("ms", self._ms), ("v", self._v)):
+            if (mine is None) != (worker[name] is None):
+                raise UsageError(f"the saved optimizer state {'has' if mine is None else 'lacks'}"
+                                 f" {name!r}: adaptive/momentum differ from the saved run's")
+            if mine is not None:
+                mine.copy_(worker[name])
+        self.staleness = list(worker["staleness"])
+
     @torch.no_grad()
     def pull(self) -> int:
         """Refresh the model with the store's newest values; return the update count seen."""

@@ -133,7 +133,7 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
     snapshots = Snapshots()
     ckpt = checkpoint.Checkpointer(
         args, workers, per_epoch, total, shared={"model": model},
-        per_rank={"opt": checkpoint.Attributes(opt, "_ms", "_v", "staleness"), "guard": guard,
+        per_rank={"opt": opt, "guard": guard,
                   "straggler": straggler})
     bar = progress(total, rank, args.algo, enabled=not args.no_progress)
 

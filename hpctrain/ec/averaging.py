@@ -72,6 +72,14 @@ class ModelAveraging:
         self.aggregate()
         return True
 
+    def state_dict(self) -> dict:
+        """Steps counted and aggregation statistics (the model is the caller's to save)."""
+        return {"steps": self.steps, "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = state["steps"]
+        self.stats.load_state_dict(state["stats"])
+
     def aggregate(self) -> None:
         """Average the model now (collective)."""
         start = time.perf_counter()

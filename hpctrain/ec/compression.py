@@ -71,6 +71,18 @@ class EnsembleCompression:
         self.distilled = 0  # relabelled samples trained on so far
         self.stats = AggregationStats()
 
+    def state_dict(self) -> dict:
+        """The round's position and relabelled samples, and the aggregation statistics."""
+        return {"steps": self.steps, "rounds": self.rounds, "round_start": self._round_start,
+                "relabelled": self.relabelled, "distilled": self.distilled,
+                "stats": self.stats.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.rounds = state["steps"], state["rounds"]
+        self._round_start, self.distilled = state["round_start"], state["distilled"]
+        self.relabelled = None if state["relabelled"] is None else tuple(state["relabelled"])
+        self.stats.load_state_dict(state["stats"])
+
     def set_local_data(self, local: Dataset) -> None:
         """The data this rank draws its next distillation samples from."""
         if self.distill_size > len(local):

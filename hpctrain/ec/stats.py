@@ -32,6 +32,14 @@ class AggregationStats:
         for name, value in parts.items():
             self.parts[name] += value
 
+    def state_dict(self) -> dict:
+        return {"bytes": list(self.bytes), "seconds": list(self.seconds),
+                "parts": dict(self.parts)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.bytes, self.seconds = list(state["bytes"]), list(state["seconds"])
+        self.parts = defaultdict(float, state["parts"])
+
     def summary(self) -> dict:
         """Rounds, bytes sent per rank (total and per round), and the seconds per round."""
         rounds = len(self.bytes)

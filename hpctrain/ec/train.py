@@ -112,14 +112,12 @@ def run(args: argparse.Namespace) -> dict:
     log.write_config({**vars(args), "workers": size, "tau_steps": tau, **comm.library_info()})
     total_steps = args.epochs * steps
     guard = GradientGuard(model.parameters(), args.max_bad_steps, world)
-    rounds = ("steps", "rounds", "_round_start", "relabelled", "distilled") if ec else ("steps",)
     straggler = Straggler(parse_slowdown(args.slowdown, size).get(rank, 1.0), args.jitter,
                           args.seed, rank)
     ckpt = checkpoint.Checkpointer(
         args, world, steps, total_steps, shared={}, per_rank_snapshots=True,
         per_rank={"model": model, "optimizer": optimizer, "guard": guard,
-                  "straggler": straggler, "agg": checkpoint.Attributes(agg, *rounds),
-                  "stats": checkpoint.Attributes(agg.stats, "bytes", "seconds", "parts")})
+                  "straggler": straggler, "agg": agg})
     book = Bookkeeping(args, rank, steps, ckpt)
 
     updates, samples = book.restore(model)
