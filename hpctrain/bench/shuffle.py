@@ -9,7 +9,8 @@ rank sends to other ranks per second (MB = 10^6 bytes).
 A reshuffle cannot be a bare Alltoallv: a rank's samples for one destination are scattered
 through its holding (gather) and arrive interleaved with other ranks' (scatter). So the run
 also times that floor, the raw Alltoallv plus a gather and a scatter of the rank's whole
-holding (same rows, reused buffers), and reports the reshuffle against it too.
+holding (same rows, reused buffers), and reports the reshuffle against it too, with the
+reshuffle's time split into its phases (``Exchanger.PHASES``) next to the raw Alltoallv's.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import make_train_data, order
+from hpctrain.shuffle.exchange import PHASES
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
 DESCRIPTION = ("Sharded global reshuffle (chunked Alltoallv, gather and reorder included): "
@@ -93,6 +95,7 @@ def run(args: argparse.Namespace) -> dict:
     row_bytes = 4 * int(np.prod(td.input_shape)) + _META_BYTES
     td.epoch(0)  # warm-up: allocates the exchange's buffers
     shuffle_mbs, raw_mbs, floor_mbs, sent_mb = [], [], [], []
+    phase_s = {p: [] for p in (*PHASES, "raw")}
     for epoch in range(1, args.epochs + 1):
         dest, _ = order.global_destinations(args.seed, epoch, td.num_samples, ranks, td.held.ids)
         mine = torch.bincount(dest, minlength=ranks).numpy().astype(np.int64)
@@ -102,10 +105,13 @@ def run(args: argparse.Namespace) -> dict:
         raw_s = _raw_alltoallv(world, counts, row_bytes)
         world.Barrier()
         copies_s = _copies(td.held.images, epoch)
-        before = td.stats()
+        before, seconds = td.stats(), dict(td.exchanger.seconds)
         world.Barrier()
         td.epoch(epoch)
         after = td.stats()
+        for p in PHASES:
+            phase_s[p].append(td.exchanger.seconds[p] - seconds[p])
+        phase_s["raw"].append(raw_s)
         if after["bytes_moved"] - before["bytes_moved"] != sent:
             raise RuntimeError("the reshuffle moved other bytes than the raw baseline")
         raw_mbs.append(sent / raw_s / 1e6)
@@ -116,6 +122,8 @@ def run(args: argparse.Namespace) -> dict:
     per_rank = world.allgather([statistics.median(x) for x in (shuffle_mbs, raw_mbs, floor_mbs)])
     shuffle_rate, raw_rate, floor_rate = (statistics.fmean(r[i] for r in per_rank)
                                           for i in range(3))
+    medians = world.allgather({p: statistics.median(v) * 1e3 for p, v in phase_s.items()})
+    phases_ms = {p: statistics.fmean(m[p] for m in medians) for p in phase_s}
     result = {"benchmark": "shuffle", "ranks": ranks, "dataset": args.dataset,
               "partition": args.partition, "samples": td.num_samples,
               "btl": os.environ.get("OMPI_MCA_btl", "default"),
@@ -124,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
               "reshuffle_mb_s_per_rank": shuffle_rate, "raw_alltoallv_mb_s_per_rank": raw_rate,
               "ratio": shuffle_rate / raw_rate,
               "raw_plus_copies_mb_s_per_rank": floor_rate,
-              "ratio_to_floor": shuffle_rate / floor_rate,
+              "ratio_to_floor": shuffle_rate / floor_rate, "phases_ms": phases_ms,
               "per_rank": [dict(zip(("reshuffle_mb_s", "raw_mb_s", "raw_plus_copies_mb_s"), r,
                                     strict=True)) for r in per_rank]}
     if me == 0:
@@ -135,7 +143,9 @@ def run(args: argparse.Namespace) -> dict:
               f"  raw       {raw_rate:9.1f} MB/s per rank\n"
               f"  ratio     {result['ratio']:9.2f}  (goal >= 0.8)\n"
               f"  raw + gather + scatter {floor_rate:9.1f} MB/s per rank; reshuffle / that "
-              f"{result['ratio_to_floor']:.2f}", flush=True)
+              f"{result['ratio_to_floor']:.2f}\n"
+              f"  ms per epoch: " + ", ".join(f"{p} {phases_ms[p]:.1f}" for p in PHASES)
+              + f" (raw Alltoallv {phases_ms['raw']:.1f})", flush=True)
         if args.json:
             write_json_atomic(args.json, result)
     return result

@@ -8,6 +8,7 @@ exchanges (fresh pages cost more than the copies), so the extra memory is two ch
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -29,12 +30,26 @@ def empty_like(d: Dataset, n: int | None = None) -> Dataset:
                    d.num_classes)
 
 
+PHASES = ("metadata", "gather", "alltoallv", "scatter")
+
+
 class Exchanger:
-    """Sends samples to other ranks of ``comm``, keeping its round buffers between calls."""
+    """Sends samples to other ranks of ``comm``, keeping its round buffers between calls.
+
+    ``seconds`` adds up the wall time of each phase of all moves so far (``PHASES``:
+    counts, labels and ids; gathering images into the send buffer; their Alltoallv; copying
+    arrivals to their rows); the Alltoallv includes waiting for the slowest rank.
+    """
 
     def __init__(self, comm, chunk_bytes: int) -> None:
         self.comm, self.chunk_bytes = comm, chunk_bytes
         self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.seconds = dict.fromkeys(PHASES, 0.0)
+
+    def _lap(self, phase: str, start: float) -> float:
+        now = time.perf_counter()
+        self.seconds[phase] += now - start
+        return now
 
     def _round_buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         old = self._buffers
@@ -53,6 +68,7 @@ class Exchanger:
         """
         MPI = hcomm.mpi()
         ranks, me = self.comm.Get_size(), self.comm.Get_rank()
+        clock = time.perf_counter()
         send_rows = rows[torch.sort(dest, stable=True).indices]
         send = torch.bincount(dest, minlength=ranks).numpy().astype(np.int64)
         counts = np.empty((ranks, ranks), np.int64)  # counts[s, d]: rows rank s sends rank d
@@ -77,6 +93,7 @@ class Exchanger:
         sbuf, rbuf = self._round_buffers(min(per * ranks, max(int(counts.sum(1).max()), 1)),
                                          flat)
         row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
+        clock = self._lap("metadata", clock)
         try:
             for t in range(rounds):
                 lo_s, lo_r = np.minimum(t * per, send), np.minimum(t * per, recv)
@@ -84,11 +101,14 @@ class Exchanger:
                 pick = torch.cat([send_rows[sdispl[d] + lo_s[d]:][:n_send[d]]
                                   for d in range(ranks)])
                 torch.index_select(flat, 0, pick, out=sbuf[:len(pick)])
+                clock = self._lap("gather", clock)
                 self.comm.Alltoallv([sbuf.numpy(), (n_send, _displacements(n_send)), row],
                                     [rbuf.numpy(), (n_recv, _displacements(n_recv)), row])
+                clock = self._lap("alltoallv", clock)
                 dst = torch.cat([where[rdispl[s] + lo_r[s]:][:n_recv[s]] for s in range(ranks)])
                 # numpy's row scatter runs at memcpy speed, torch's index_copy_ ~5x slower
                 out_flat[dst.numpy()] = rbuf.numpy()[:len(dst)]
+                clock = self._lap("scatter", clock)
         finally:
             row.Free()
         return int(send.sum() - send[me]) * (row_bytes + 16)

@@ -48,7 +48,7 @@ class ShardedTrainData(TrainData):
         self._done = -1  # last epoch whose exchange this holding reflects (partial)
         # Exchanges write into a second holding, then the two swap: no fresh pages each epoch.
         self._back: data.Dataset | None = None
-        self._exchanger = None if comm is None else Exchanger(comm, self.chunk_bytes)
+        self.exchanger = None if comm is None else Exchanger(comm, self.chunk_bytes)
 
     def _initial_shard(self) -> data.Dataset:
         mine = order.block(self.partition, self.ranks, self.rank)
@@ -82,14 +82,14 @@ class ShardedTrainData(TrainData):
 
     def _exchange(self, rows: torch.Tensor, dest: torch.Tensor, place) -> int:
         """Move ``held[rows]`` to ranks ``dest`` into the back holding, then swap holdings."""
-        if self._exchanger is None:
+        if self.exchanger is None:
             got = self.held.subset(rows)
             where = place(got.ids)
             for field in ("images", "labels", "ids"):
                 getattr(self._back_holding(), field)[where] = getattr(got, field)
             sent = 0
         else:
-            sent = self._exchanger.move(self.held, rows, dest, self._back_holding(), place)
+            sent = self.exchanger.move(self.held, rows, dest, self._back_holding(), place)
         self.held, self._back = self._back, self.held
         return sent
 
