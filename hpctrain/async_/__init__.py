@@ -22,7 +22,9 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   ``Win.Allocate_shared`` and a ``locked`` push runs the fused kernel on the shard in place
   under the exclusive lock, writing the new values into the shard and into the worker's
   model in the same pass: 20 bytes per element instead of Get + kernel + Put's 32, about 2x
-  faster per push (see docs/BENCHMARKS.md). The windows stay ordinary MPI windows (locks,
+  faster per push (see docs/BENCHMARKS.md). An ``atomic`` push's kernel reads the shard in
+  place too (aligned float loads: each element old or new, as an accumulate read gives) and
+  only its ``Accumulate`` goes through MPI. The windows stay ordinary MPI windows (locks,
   counts, ``atomic`` mode's accumulates are unchanged); otherwise (several nodes, or an
   osc component without shared windows such as osc/pt2pt) ``Win.Allocate`` and Get/Put.
 - Dedicated servers are the *last* N ranks, so rank 0 is always worker 0 (logs, progress

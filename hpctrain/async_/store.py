@@ -10,8 +10,9 @@ on ``hosts[0]`` numbers global updates (``Fetch_and_op``); staleness comes from 
 the worker's model, Put both, unlock (serialisable; the counts give the lock order). When all
 ranks share one node the windows are shared memory (``Win.Allocate_shared``) and the fused
 update runs on the shard in place under the lock instead, writing the worker's model too.
-``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read, fused delta,
-``Accumulate(SUM)``; element-wise atomic, no lost update, no order between workers.
+``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read (shared memory: the kernel
+reads the shard in place), fused delta, ``Accumulate(SUM)``; element-wise atomic, no lost
+update, no order between workers.
 """
 
 from __future__ import annotations
@@ -134,8 +135,7 @@ class ParameterStore:
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
         first = (rank * shards) // workers if self.is_worker else 0
         self.order = tuple((first + i) % shards for i in range(shards))
-        in_place = self.shared and consistency == "locked"
-        self._cur = None if in_place else torch.empty(numel)  # values read from the store
+        self._cur = None if self.shared else torch.empty(numel)  # values read from the store
         self._delta = torch.zeros(numel) if consistency == "atomic" else None
         self._count = np.zeros(2, np.int64)  # a shard's count as read, and as written back
         self._one = np.ones(1, np.int64)
@@ -180,7 +180,7 @@ class ParameterStore:
         for s in self.order:
             win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
             win.Lock(owner, MPI.LOCK_SHARED)
-            if self.shared and self.consistency == "locked":
+            if self.shared:
                 win.Sync()
                 out[lo:hi].copy_(self._mapped[s][1])
             else:
@@ -248,10 +248,15 @@ class ParameterStore:
     def _push_atomic(self, s: int, w_bak, g, ms, v, hyper) -> None:
         MPI = hcomm.mpi()
         win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
-        cur, delta = self._cur[lo:hi], self._delta[lo:hi]
+        delta = self._delta[lo:hi]
         win.Lock(owner, MPI.LOCK_SHARED)
-        self._read(win, owner, cur.numpy())
-        win.Flush(owner)
+        if self.shared:  # the kernel reads the shard in place: one pass fewer than a read
+            win.Sync()
+            cur = self._mapped[s][1]
+        else:
+            cur = self._cur[lo:hi]
+            self._read(win, owner, cur.numpy())
+            win.Flush(owner)
         kernels.dc_delta(cur, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
         win.Accumulate([delta.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT),
                        op=MPI.SUM)
