@@ -25,6 +25,7 @@ from torch import nn
 
 import hpctrain.sync as sync
 from hpctrain import comm
+from hpctrain.bench import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sync import collectives, horovod_backend, nbc_tuning
@@ -33,7 +34,8 @@ from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES
 DESCRIPTION = ("Gradient allreduce time per training step for 1M- and 10M-parameter MLPs: "
                "hpctrain's mpi backend (fused buckets allreduced during backward) and Horovod "
                "against a raw mpi4py Allreduce of the same bytes in one flat float32 buffer, "
-               "measured in the same run (median over repeats); goal mpi/raw <= 1.1.")
+               "measured in the same run (median over repeats); the goal is a ratio of mpi "
+               "backend to raw Allreduce of at most 1.1.")
 THREAD_LEVEL = "multiple"
 GOAL = 1.1
 RAW, RAW_AFTER = "raw Allreduce", "raw Allreduce after backward"
@@ -43,18 +45,24 @@ _LAYERS = 4
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--params", default="1e6,1e7",
+    parser.add_argument("--params", type=options.number_list(_LAYERS), default="1e6,1e7",
                         help="comma-separated model sizes (parameters, approximately)")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per backward")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed iterations")
-    parser.add_argument("--repeats", type=int, default=30, help="timed iterations, median kept")
-    parser.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_BYTES / 2**20,
+    parser.add_argument("--batch-size", type=options.at_least(1), default=16,
+                        help="rows per backward")
+    parser.add_argument("--warmup", type=options.at_least(0), default=5,
+                        help="untimed iterations")
+    parser.add_argument("--repeats", type=options.at_least(1), default=30,
+                        help="timed iterations, median kept")
+    parser.add_argument("--bucket-mb", type=options.positive(float),
+                        default=DEFAULT_BUCKET_BYTES / 2**20,
                         help="mpi backend fusion bucket size (MiB)")
     parser.add_argument("--keep-grads", action="store_true",
                         help="zero gradients in place (zero_grad(set_to_none=False)) instead of "
                         "freeing them, so that backward allocates no gradient memory")
     parser.add_argument("--no-horovod", action="store_true", help="leave Horovod out")
-    parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the figures to this JSON file (rank 0)")
+    parser.add_argument("--out", dest="json", default=None, help=argparse.SUPPRESS)  # old name
 
 
 def _width(params: int) -> int:
@@ -69,23 +77,6 @@ def mlp(params: int) -> nn.Module:
     for _ in range(_LAYERS):
         layers += [nn.Linear(width, width), nn.ReLU()]
     return nn.Sequential(*layers[:-1])
-
-
-def _sizes(text: str) -> list[int]:
-    try:
-        sizes = [int(float(s)) for s in text.split(",")]
-    except ValueError:
-        raise UsageError(f"--params {text!r}: expected comma-separated numbers") from None
-    if not sizes or min(sizes) < _LAYERS:
-        raise UsageError(f"--params {text!r}: each size must be at least {_LAYERS}")
-    return sizes
-
-
-def _validate(args: argparse.Namespace) -> list[int]:
-    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0 or args.bucket_mb <= 0:
-        raise UsageError("--batch-size and --repeats must be >= 1, --warmup >= 0, "
-                         "--bucket-mb > 0")
-    return _sizes(args.params)
 
 
 class _Variant:
@@ -187,8 +178,8 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
 
 
 def run(args: argparse.Namespace) -> dict:
-    """Measure every model size; rank 0 prints the table (and writes ``args.out``)."""
-    sizes = _validate(args)
+    """Measure every model size; rank 0 prints the table (and writes ``args.json``)."""
+    sizes = args.params  # checked while parsing (hpctrain.bench.options)
     world = comm.world()
     sync.init(backend="mpi")
     tuned = collectives.world().iallreduce_algorithm
@@ -220,8 +211,8 @@ def run(args: argparse.Namespace) -> dict:
               "models": rows}
     if world.Get_rank() == 0:
         print(_table(result), flush=True)
-        if args.out:
-            write_json_atomic(args.out, result)
+        if args.json:
+            write_json_atomic(args.json, result)
     return result
 
 

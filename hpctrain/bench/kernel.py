@@ -16,20 +16,32 @@ import time
 
 import torch
 
-from hpctrain import kernels
+from hpctrain import comm, kernels
+from hpctrain.bench import options
+from hpctrain.errors import UsageError
+from hpctrain.metrics import write_json_atomic
 
-DESCRIPTION = ("Fused DC-ASGD update kernel: GB/s touched against a memory copy of the same "
-               "bytes and against the unfused torch expression, both measured in the same run.")
+DESCRIPTION = ("Fused DC-ASGD-c and DC-ASGD-a update kernel (one process): GB/s of bytes touched "
+               "against a plain memory copy of the same bytes (the bandwidth ceiling) and "
+               "against the same update as unfused torch expressions, both measured in the "
+               "same run, per thread count.")
 THREAD_LEVEL = "single"  # no MPI
 HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
 BYTES_PER_ELEMENT = {"dcasgd-c": 16, "dcasgd-a": 24}
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--elements", type=int, default=16 * 2**20, help="vector length")
-    parser.add_argument("--threads", default="1,2", help="comma-separated thread counts")
-    parser.add_argument("--repeats", type=int, default=10, help="timed runs of each, median kept")
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--elements", type=options.at_least(1), default=16 * 2**20,
+                        help="vector length (float32 elements)")
+    parser.add_argument("--threads", type=options.number_list(1), default="1,2",
+                        help="comma-separated thread counts, each measured in turn")
+    parser.add_argument("--repeats", type=options.at_least(1), default=10,
+                        help="timed runs of each, median kept")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where the vectors live: cpu, or cuda (the kernel's GPU version; "
+                             "needs a CUDA device)")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the figures to this JSON file")
 
 
 def unfused(w, g, w_bak, ms, *, lr, lam, ms_decay, weight_decay):
@@ -91,9 +103,9 @@ def measure(n: int, threads: int, repeats: int, device: str) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure every thread count; print a table; return the figures."""
-    threads = [int(t) for t in str(args.threads).split(",") if t.strip()]
+    threads = args.threads
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA device")
+        raise UsageError("--device cuda: torch sees no CUDA device")
     rows = [r for t in threads for r in measure(args.elements, t, args.repeats, args.device)]
     print(f"fused DC-ASGD kernel, {args.elements} float32 elements, {args.device}, "
           f"median of {args.repeats} (GB/s of bytes touched)")
@@ -102,9 +114,12 @@ def run(args: argparse.Namespace) -> dict:
     for r in rows:
         print(f"{r['variant']:9} {r['threads']:>3} {r['fused_gb_s']:8.2f} {r['copy_gb_s']:8.2f} "
               f"{r['torch_gb_s']:8.2f} {r['vs_copy']:8.2f} {r['vs_torch']:8.1f}x", flush=True)
-    return {"benchmark": "kernel", "elements": args.elements, "device": args.device,
-            "repeats": args.repeats, "openmp": bool(kernels.cpu_library().hpctrain_dc_openmp()),
-            "rows": rows}
+    result = {"benchmark": "kernel", "elements": args.elements, "device": args.device,
+              "repeats": args.repeats,
+              "openmp": bool(kernels.cpu_library().hpctrain_dc_openmp()), "rows": rows}
+    if getattr(args, "json", None) and comm.env_rank() == 0:  # once under mpirun too
+        write_json_atomic(args.json, result)
+    return result
 
 
 if __name__ == "__main__":

@@ -23,28 +23,42 @@ import time
 import numpy as np
 import torch
 
-from hpctrain import comm
+from hpctrain import comm, data
+from hpctrain.bench import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import make_train_data, order
 from hpctrain.shuffle.exchange import PHASES
-from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
+from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, PARTITIONS
 
-DESCRIPTION = ("Sharded global reshuffle (chunked Alltoallv, gather and reorder included): "
-               "MB/s per rank against a raw Alltoallv of the same bytes in the same run.")
+DESCRIPTION = ("Sharded global reshuffle of a data set's samples between the ranks (chunked "
+               "Alltoallv, gather and reorder included): MB/s sent per rank against a raw "
+               "Alltoallv of the same bytes between contiguous buffers, and against that raw "
+               "Alltoallv plus a local gather and scatter of the same rows, measured in the "
+               "same run; run with mpirun -np 2 or more.")
 THREAD_LEVEL = "serialized"
 _META_BYTES = 16  # int64 label and id travel with each image
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--partition", default="iid", choices=("iid", "label-skew"))
-    parser.add_argument("--epochs", type=int, default=10,
+    parser.add_argument("--dataset", default="fashion-mnist", choices=data.DATASETS,
+                        help="the data set whose training samples are reshuffled (synthetic "
+                             "needs no files)")
+    parser.add_argument("--data-dir", type=options.existing_dir, default=None,
+                        help="folder with the data set's files (default: $HPCTRAIN_DATA, then "
+                             "the system folder)")
+    parser.add_argument("--partition", default="iid", choices=PARTITIONS,
+                        help="initial split over the ranks: iid (file order) or label-skew "
+                             "(sorted by label)")
+    parser.add_argument("--epochs", type=options.at_least(1), default=10,
                         help="timed reshuffles (and as many raw runs), after one warm-up")
-    parser.add_argument("--shuffle-chunk-mb", type=float, default=DEFAULT_CHUNK_MB)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    parser.add_argument("--shuffle-chunk-mb", type=options.positive(float),
+                        default=DEFAULT_CHUNK_MB,
+                        help="at most this many MB sent per rank per exchange round")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seeds each epoch's permutation of the samples")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the figures to this JSON file (rank 0)")
 
 
 def _raw_alltoallv(world, counts: np.ndarray, row_bytes: int) -> float:
@@ -81,12 +95,19 @@ def _copies(images: torch.Tensor, seed: int) -> float:
 
 def run(args: argparse.Namespace) -> dict:
     """Alternate raw and reshuffle ``args.epochs`` times; return medians and their ratio."""
-    if args.epochs < 1:
-        raise UsageError(f"--epochs {args.epochs} must be >= 1")
     world = comm.world()
     ranks, me = world.Get_size(), world.Get_rank()
-    if ranks < 2:
-        raise UsageError(f"the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not {ranks}")
+
+    def check() -> None:  # the options themselves were checked while parsing
+        if ranks < 2:
+            raise UsageError(f"the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not "
+                             f"{ranks}")
+        samples = data.size(args.dataset, "train", args.data_dir)  # its files are there
+        if ranks > samples:
+            raise UsageError(f"{ranks} ranks but only {samples} training samples in "
+                             f"{args.dataset}")
+
+    options.rank0_speaks(world, check)
     data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
                                    shuffle="global", data_placement="sharded",
                                    partition=args.partition,

@@ -26,21 +26,33 @@ import time
 import torch
 
 from hpctrain import comm, kernels
-from hpctrain.async_ import ParameterStore
+from hpctrain.async_ import CONSISTENCIES, ParameterStore
+from hpctrain.bench import options
+from hpctrain.errors import UsageError
+from hpctrain.metrics import write_json_atomic
 
-DESCRIPTION = ("RMA parameter store: DC-ASGD-c pushes per second (locked and atomic, shards "
-               "spread over the workers or on a dedicated server) against a two-sided "
-               "Send/Recv parameter server measured in the same run; run with mpirun -np W+1.")
+DESCRIPTION = ("RMA parameter store (MPI one-sided windows): DC-ASGD-c pushes per second of "
+               "W workers, with --consistency locked and atomic and the shards spread over the "
+               "workers or on a dedicated server rank, against a two-sided Send/Recv parameter "
+               "server applying the same update, measured in the same run; run with mpirun -np "
+               "W+1 (W >= 1).")
 THREAD_LEVEL = "serialized"
 HYPER = {"lr": 1e-3, "lam": 0.04}
 _GRAD, _STOP = 1, 2
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--params", default="1000000,10000000",
+    parser.add_argument("--params", type=options.number_list(1), default="1000000,10000000",
                         help="comma-separated model sizes (float32 parameters)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="timed pushing per case")
-    parser.add_argument("--consistency", default="locked,atomic")
+    parser.add_argument("--seconds", type=options.positive(float), default=3.0,
+                        help="timed pushing per case")
+    parser.add_argument("--consistency", type=options.name_list(CONSISTENCIES),
+                        default=",".join(CONSISTENCIES),
+                        help="comma-separated store consistencies to measure: locked "
+                             "(exclusive lock per shard) and/or atomic (Accumulate of the "
+                             "delta)")
+    parser.add_argument("--json", default=None, metavar="FILE",
+                        help="also write the figures to this JSON file (rank 0)")
 
 
 def _push_loop(push, seconds: float, world) -> tuple[int, float]:
@@ -48,7 +60,7 @@ def _push_loop(push, seconds: float, world) -> tuple[int, float]:
     world.Barrier()
     start = time.perf_counter()
     n = 0
-    while time.perf_counter() - start < seconds:
+    while n == 0 or time.perf_counter() - start < seconds:  # at least one push
         push()
         n += 1
     return n, time.perf_counter() - start
@@ -114,12 +126,13 @@ def run(args: argparse.Namespace) -> dict:
     world = comm.world()
     size, rank = world.Get_size(), world.Get_rank()
     if size < 2:
-        raise RuntimeError("the store benchmark needs mpirun -np W+1 (W >= 1 workers)")
+        raise UsageError(f"the store benchmark needs mpirun -np W+1 (W >= 1 workers), not "
+                         f"{size} rank(s)")
     spread = world.Split(0 if rank < size - 1 else 1, rank)
     rows = []
-    for numel in (int(p) for p in args.params.split(",")):
+    for numel in args.params:
         cases = {"two-sided": _two_sided(world, numel, args.seconds)}
-        for consistency in args.consistency.split(","):
+        for consistency in args.consistency:
             parts = _rma(spread, numel, consistency, 0, args.seconds) if rank < size - 1 else None
             cases[f"rma-{consistency}-spread"] = parts
             world.Barrier()
@@ -144,8 +157,12 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{r['params']:>10} {r['case']:22} {str(r['shared_windows']):>6} "
                   f"{r['pushes_per_s']:9.1f} {r['median_push_ms']:8.2f} "
                   f"{r['vs_two_sided']:12.2f}x", flush=True)
-    return {"benchmark": "store", "ranks": size, "workers": size - 1, "seconds": args.seconds,
-            "mpi": comm.library_info()["library"], "rows": rows if rank == 0 else None}
+    result = {"benchmark": "store", "ranks": size, "workers": size - 1,
+              "seconds": args.seconds, "mpi": comm.library_info()["library"],
+              "rows": rows if rank == 0 else None}
+    if rank == 0 and getattr(args, "json", None):
+        write_json_atomic(args.json, result)
+    return result
 
 
 if __name__ == "__main__":
