@@ -35,14 +35,20 @@ def table_rows(report_md: str) -> dict[str, list[str]]:
 
 
 def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
-    runs = compare.plan(parse("--algos", "sgd,ma,nosuch", "--workers", "3", "--tau", "5",
-                              "--lr", "0.1", "--out", str(tmp_path)))
-    sgd, ma, nosuch = runs
-    assert (sgd.np, ma.np) == (1, 3)
-    assert nosuch.command is None
-    assert "--tau" not in sgd.command and sgd.ignored == ["--tau"]
-    assert ma.command[ma.command.index("--tau") + 1] == "5" and ma.ignored == []
-    for run in (sgd, ma):  # shared options reach everyone, and --out is per algorithm
+    runs = compare.plan(parse("--algos", "sgd,ma,ssgd,ec", "--workers", "3", "--tau", "5",
+                              "--ec-alpha", "0.3", "--sync-backend", "mpi", "--lr", "0.1",
+                              "--out", str(tmp_path)))
+    sgd, ma, ssgd, ec = runs
+    assert (sgd.np, ma.np, ssgd.np) == (1, 3, 3)
+    # --sync-backend belongs to sgd's module but only ssgd uses it ("ssgd: ..." in its help).
+    assert sorted(sgd.ignored) == ["--ec-alpha", "--sync-backend", "--tau"]
+    assert "--tau" not in sgd.command and "--sync-backend" not in sgd.command
+    assert ssgd.command[ssgd.command.index("--sync-backend") + 1] == "mpi"
+    assert ma.command[ma.command.index("--tau") + 1] == "5"
+    assert sorted(ma.ignored) == ["--ec-alpha", "--sync-backend"]
+    assert "--ec-alpha" not in ma.command
+    assert ec.command[ec.command.index("--ec-alpha") + 1] == "0.3"
+    for run in runs:  # shared options reach everyone, and --out is per algorithm
         assert run.command[run.command.index("--lr") + 1] == "0.1"
         assert run.command[-2:] == ["--out", str(tmp_path / run.algo)]
     assert not tmp_path.joinpath("sgd").exists()  # planning starts nothing
@@ -51,6 +57,10 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
 @pytest.mark.parametrize("argv, pattern", [
     (["--algos", "sgd", "--lr", "-1"], "--lr: must be > 0, got -1"),
     (["--algos", "sgd,../etc"], "--algos 'sgd,../etc'"),
+    (["--algos", "sgd,foo"], "--algos 'sgd,foo': unknown algorithm 'foo'; this hpctrain has: sgd,"),
+    (["--algos", "sgd", "--timeout", "nan"], "--timeout nan"),
+    (["--algos", "sgd", "--launcher", "no-such-launcher -n {np}"],
+     "launcher 'no-such-launcher' not found"),
     (["--algos", "sgd", "--workers", "0"], "--workers 0"),
     (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
     (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
@@ -59,6 +69,39 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
     with pytest.raises(UsageError, match=pattern.replace("{", r"\{").replace(".", r"\.")):
         compare.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_help_groups_options_by_the_algorithms_that_use_them(capsys):
+    with pytest.raises(SystemExit):
+        parse("--help")
+    text = capsys.readouterr().out
+    assert "options of ssgd (given only to it):\n  --sync-backend" in text
+    assert "options of sgd" not in text
+
+
+@pytest.mark.timeout(120)
+def test_unknown_algorithm_is_one_line_exit_2_and_nothing_written(tmp_path):
+    proc = run_job(["bench", "compare", "--algos", "sgd,foo", "--workers", "2", *SMALL,
+                    "--out", str(tmp_path / "cmp")], np=0, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "hpctrain: error: --algos 'sgd,foo': unknown algorithm 'foo'; this hpctrain has: "
+        + ", ".join(cli.ALGORITHMS)]
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_timed_out_run_is_a_row_and_a_failed_exit(tmp_path):
+    out = tmp_path / "cmp"
+    proc = run_job(["bench", "compare", "--algos", "ssgd", "--workers", "2", "--timeout", "1",
+                    *SMALL, "--out", str(out)], np=0, timeout=90)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"hpctrain bench compare: 1 of 1 runs failed: ssgd (their rows in {out / 'report.md'} "
+        "say why)")
+    rows = table_rows((out / "report.md").read_text())
+    assert rows["ssgd"][-1] == "failed: stopped after the 1 s timeout"
+    assert json.loads((out / "compare.json").read_text())["runs"]["ssgd"]["status"] == "failed"
 
 
 def test_default_launcher(monkeypatch):
@@ -105,21 +148,20 @@ def test_time_to_target_and_targets():
 @pytest.mark.timeout(300)
 def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
     out = tmp_path / "cmp"
-    proc = run_job(["bench", "compare", "--algos", "sgd,ssgd,bogus", "--workers", "2",
+    proc = run_job(["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2",
                     "--targets", "0.5,0.999999", "--tau", "4", *SMALL, "--out", str(out)],
                    np=0, timeout=240)
     assert proc.returncode == 0, proc.stderr
-    assert "[1/3 sgd]" in proc.stderr and "[2/3 ssgd] 2 processes" in proc.stderr
+    assert "[1/2 sgd]" in proc.stderr and "[2/2 ssgd] 2 processes" in proc.stderr
     record = json.loads((out / "compare.json").read_text())
-    assert {a: r["status"] for a, r in record["runs"].items()} == {
-        "sgd": "ok", "ssgd": "ok", "bogus": "not available"}
+    assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
     for algo, workers in (("sgd", 1), ("ssgd", 2)):
         summary = json.loads((out / algo / "summary.json").read_text())
         assert (summary["algo"], summary["workers"]) == (algo, workers)
 
     text = (out / "report.md").read_text()
     rows = table_rows(text)
-    assert set(rows) == {"sgd", "ssgd", "bogus"}
+    assert set(rows) == {"sgd", "ssgd"}
     for algo, workers in (("sgd", "1"), ("ssgd", "2")):
         cells = rows[algo]
         summary = json.loads((out / algo / "summary.json").read_text())
@@ -128,7 +170,6 @@ def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
         assert cells[5].endswith("ep)") or cells[5] == "not reached"
         assert cells[6] == "not reached" or summary["best_test_acc"] >= 0.999999
     assert "allreduce_bytes_per_rank" in rows["ssgd"][9]
-    assert rows["bogus"][-1].startswith("not available: this hpctrain has no algorithm 'bogus'")
     assert "`--tau` was not given to sgd, ssgd" in text
     for png in OUTPUTS[1:]:
         assert imread(out / png).shape[2] in (3, 4)
@@ -153,7 +194,9 @@ def test_a_failing_algorithm_is_a_row_and_resume_continues_only_it(tmp_path):
             "--checkpoint-every", "0.25e", "--out", str(out)]
     # Rank 1 exists only in the 2-process ssgd run: sgd is untouched.
     proc = run_job(args, np=0, timeout=240, env={"HPCTRAIN_INJECT": "raise@1:10"})
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1, proc.stderr  # the report is written, and the exit says failed
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "hpctrain bench compare: 1 of 2 runs failed: ssgd (")
     rows = table_rows((out / "report.md").read_text())
     assert rows["sgd"][-1] == "ok"
     assert rows["ssgd"][-1] == ("failed: hpctrain: error (rank 1 of 2): "

@@ -4,8 +4,10 @@ Each algorithm runs as its own job through a launcher (``mpirun``, or ``srun`` i
 allocation) with the same training options and seed, hence the same initial model and data
 order where the algorithm allows; ``sgd`` runs on one process. Options that only some
 algorithms take (``--slowdown``, ``--lam``, ...) go only to those, and the report says which
-ignored them. A run that fails, or an algorithm this hpctrain does not have, becomes a row
-saying why; the others still run. ``DIR/<algo>/`` gets each run's outputs plus its
+ignored them. Bad options, an algorithm this hpctrain does not have included, are refused
+before anything runs (one line, exit status 2). A run that fails becomes a row saying why; the
+others still run, and the command then exits with status 1 after a line naming the failed
+algorithms. ``DIR/<algo>/`` gets each run's outputs plus its
 ``stdout.log`` and ``stderr.log``; ``DIR/compare.json`` records what ran and how it ended, and
 :mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files.
 """
@@ -15,9 +17,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import math
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -36,7 +40,8 @@ DESCRIPTION = (
     "sequential sgd on one process. Runs every --algos algorithm as its own MPI job on "
     "--workers processes with the same data, model, seed and options, then writes report.md "
     "(final and best test accuracy, wall time, time to each --targets accuracy, samples/s, "
-    "staleness, bytes communicated) and PNG plots of test error against wall time and epochs.")
+    "staleness, bytes communicated) and PNG plots of test error against wall time and epochs; "
+    "exits 1 if any run failed.")
 THREAD_LEVEL = None  # a launcher of MPI jobs: it never initialises MPI itself
 
 SEQUENTIAL = ("sgd",)  # algorithms that run on one process whatever --workers says
@@ -44,6 +49,7 @@ SEQUENTIAL = ("sgd",)  # algorithms that run on one process whatever --workers s
 _PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
 _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
+_FOR = re.compile(r"^([a-z0-9-]+(?:/[a-z0-9-]+)*): ")  # help naming its algorithms: "ma/ec: ..."
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,13 @@ class TrainOption:
     dest: str
     takes_value: bool
     owner: str | None  # module in cli.ALGORITHMS that defines it; None: every algorithm
+    algos: tuple[str, ...] | None = None  # the owner's algorithms its help names; None: all
+
+    def given_to(self, algo: str) -> bool:
+        if self.owner is None:
+            return True
+        return cli.ALGORITHMS.get(algo) == self.owner and (self.algos is None
+                                                           or algo in self.algos)
 
 
 class _Forwarder:
@@ -79,12 +92,17 @@ class _Forwarder:
         if not all(isinstance(c, str) for c in kw.get("choices") or ()):
             kw.pop("choices")
         flag = next((f for f in flags if f.startswith("--")), flags[0])
+        # A help text starting "ssgd: ..." or "ma/ec: ..." names the algorithms that use it.
+        named = _FOR.match(text)
+        algos = tuple(a for a in named.group(1).split("/")
+                      if cli.ALGORITHMS.get(a) == self.owner) if named else ()
         # Own namespace, so that compare's options and the CLI's look-ups never see these.
         dest = "train_" + (kw.pop("dest", None) or flag.lstrip("-").replace("-", "_"))
         action = self.group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kw)
         if action.nargs != 0 and action.metavar is None and not action.choices:
             action.metavar = dest[len("train_"):].upper()
-        self.options.append(TrainOption(flag, action.dest, action.nargs != 0, self.owner))
+        self.options.append(TrainOption(flag, action.dest, action.nargs != 0, self.owner,
+                                        algos if self.owner and algos else None))
         return action
 
     def add_mutually_exclusive_group(self, **kw) -> _Forwarder:
@@ -123,20 +141,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cli.add_training_arguments(_Forwarder(shared, None, options, skip))
     shuffle.add_arguments(_Forwarder(shared, None, options, skip))
     for module_name in dict.fromkeys(cli.ALGORITHMS.values()):
-        algos = ", ".join(a for a, m in cli.ALGORITHMS.items() if m == module_name)
-        group = parser.add_argument_group(f"options of {algos} (given only to them)")
+        group = parser.add_argument_group(module_name)
+        first = len(options)
         importlib.import_module(module_name).add_arguments(
             _Forwarder(group, module_name, options, skip))
+        # Titled by the algorithms that use the options: those their help names, else all of
+        # the module's (sgd and ssgd share a module; only ssgd uses --sync-backend).
+        mine = [a for a, m in cli.ALGORITHMS.items() if m == module_name]
+        users = [a for a in mine
+                 if any(o.algos is None or a in o.algos for o in options[first:])]
+        some = any(o.algos is not None and set(o.algos) != set(users) for o in options[first:])
+        group.title = (f"options of {', '.join(users)} (given only to "
+                       f"{'it' if len(users) == 1 else 'them'}"
+                       f"{'; one whose help begins with algorithm names, only to those' * some})")
     parser.set_defaults(train_options=options)
 
 
 @dataclass
 class Run:
-    """One algorithm's job: its command (None when the algorithm is not available)."""
+    """One algorithm's job: its processes and command."""
 
     algo: str
     np: int
-    command: list[str] | None
+    command: list[str]
     ignored: list[str]  # flags given that this algorithm does not take
 
 
@@ -196,33 +223,38 @@ def plan(args: argparse.Namespace) -> list[Run]:
     bad = [a for a in algos if not _NAME.match(a)]
     if not algos or bad:
         raise UsageError(f"--algos {args.algos!r}: want names like sgd,ssgd,dcasgd-a")
+    unknown = [a for a in algos if a not in cli.ALGORITHMS]
+    if unknown:
+        raise UsageError(f"--algos {args.algos!r}: unknown algorithm {unknown[0]!r}; this "
+                         f"hpctrain has: {', '.join(cli.ALGORITHMS)}")
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
-    if args.timeout < 0:
-        raise UsageError(f"--timeout {args.timeout}: must be >= 0")
+    if not (math.isfinite(args.timeout) and args.timeout >= 0):
+        raise UsageError(f"--timeout {args.timeout}: must be >= 0 (0: none)")
     report.parse_targets(args.targets)
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a file, not a folder")
     given = given_options(args)
     train_parser = cli.build_parser()
     runs = []
     for algo in algos:
-        module_name = cli.ALGORITHMS.get(algo)
-        if module_name is None:
-            runs.append(Run(algo, 0, None, []))
-            continue
         np = 1 if algo in SEQUENTIAL else args.workers
-        words = [w for opt, ws in given if opt.owner in (None, module_name) for w in ws]
+        words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
         train_args = ["train", "--algo", algo, *words, "--out", str(Path(args.out) / algo)]
         train_parser.parse_args(train_args)  # a bad value fails here, before anything runs
         launcher = launcher_command(getattr(args, "launcher", None), np)
+        if shutil.which(launcher[0]) is None:
+            raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
+                             "$HPCTRAIN_LAUNCHER or $HPCTRAIN_MPIRUN)")
         command = [*launcher, sys.executable, "-m", "hpctrain.cli", *train_args]
-        ignored = [opt.flag for opt, _ in given if opt.owner not in (None, module_name)]
+        ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
         runs.append(Run(algo, np, command, ignored))
     return runs
 
 
 def continued(run: Run, run_dir: Path) -> Run:
     """``run`` resuming from the checkpoints an earlier attempt left in ``run_dir``, if any."""
-    if run.command is None or not checkpoint.listing(run_dir / checkpoint.SUBDIR):
+    if not checkpoint.listing(run_dir / checkpoint.SUBDIR):
         return run
     return replace(run, command=[*run.command, "--resume", str(run_dir)])
 
@@ -347,28 +379,29 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Run the comparison ``args`` describe; write its record, report and plots; return the
-    record."""
+    record, or exit with status 1 after a line naming the failed runs if any failed."""
     runs = plan(args)
     out = Path(args.out)
     record = _start_record(args, runs)
     out.mkdir(parents=True, exist_ok=True)
-    known = ", ".join(cli.ALGORITHMS)
     for i, r in enumerate(runs, 1):
         label = f"[{i}/{len(runs)} {r.algo}]"
         if r.algo in record["runs"]:
             print(f"{label} finished earlier; kept", file=sys.stderr, flush=True)
             continue
-        if r.command is None:
-            result = {"status": "not available", "ignored": [],
-                      "error": f"this hpctrain has no algorithm {r.algo!r} (it has: {known})"}
-        else:
-            result = execute(continued(r, out / r.algo) if args.resume else r, out / r.algo,
-                             label, args.timeout)
+        result = execute(continued(r, out / r.algo) if args.resume else r, out / r.algo,
+                         label, args.timeout)
         print(f"{label} {result['status']}" + (f": {result['error']}" if result["error"] else ""),
               file=sys.stderr, flush=True)
         record["runs"][r.algo] = result
         write_json_atomic(out / report.RECORD, record)
     rows, targets = report.render(out)
     print(report.table(rows, targets))
-    print(f"hpctrain bench compare: {out / report.REPORT}")
+    print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
+    failed = [a for a in record["algos"] if record["runs"][a]["status"] != "ok"]
+    if failed:
+        print(f"hpctrain bench compare: {len(failed)} of {len(record['algos'])} runs failed: "
+              f"{', '.join(failed)} (their rows in {out / report.REPORT} say why)",
+              file=sys.stderr, flush=True)
+        raise SystemExit(1)
     return record
