@@ -239,3 +239,9 @@ def test_bytes_communicated_come_from_totals_at_two_levels():
                "aggregation": {"bytes_per_rank": 2048, "bytes_per_round": 512.0, "rounds": 4}}
     assert report._byte_counts(summary) == [("aggregation.bytes_per_rank", 2048),
                                             ("allreduce_bytes_per_rank", 4096)]
+
+
+def test_report_says_what_the_bytes_column_counts():
+    text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
+    assert "| bytes communicated per rank |" in text
+    assert "store's one-sided traffic (async pulls and pushes) is not counted" in text

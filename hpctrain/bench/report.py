@@ -143,7 +143,7 @@ def table(rows: list[Row], targets: list[float]) -> str:
     """The report's table, one row per run, in Markdown."""
     head = ["algorithm", "workers", "final acc", "best acc", "wall s",
             *(f"time to {t:g}" for t in targets), "samples/s",
-            "staleness mean / p50 / p90 / p99 / max", "bytes communicated", "status"]
+            "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r, targets)) + " |" for r in rows]
     return "\n".join(lines)
@@ -168,7 +168,12 @@ def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
             "snapshots are taken every `--eval-every` epochs and scored after training, so "
             "evaluation is not in the clock. Staleness (async runs) counts the global updates "
-            "between a worker's read of the model and its push."]
+            "between a worker's read of the model and its push. *Bytes communicated per rank* "
+            "are the byte counts a run's summary.json holds: gradient allreduce "
+            "(`allreduce_bytes_per_rank`), model aggregation or exchange of ma/ec "
+            "(`aggregation.*`) and the sharded data exchange (`bytes_moved`); the parameter "
+            "store's one-sided traffic (async pulls and pushes) is not counted, so an async run "
+            "shows — unless it exchanged data."]
     ignored: dict[str, list[str]] = {}
     for r in rows:
         for flag in r.ignored:
