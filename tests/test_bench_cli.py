@@ -1,0 +1,106 @@
+"""The micro-benchmarks' command lines: bad values refused, ``--json`` written.
+
+Bad values are checked while parsing (one line naming the value, exit status 2, before MPI
+starts); the jobs run the real benchmarks with tiny settings, as a user does.
+"""
+
+import json
+
+import pytest
+import torch
+from conftest import run_job
+
+from hpctrain import cli
+from hpctrain.errors import UsageError
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(["bench", *argv])
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["kernel", "--elements", "0"], "--elements: must be >= 1, got 0"),
+    (["kernel", "--elements", "1.5"], "'1.5' is not a whole number"),
+    (["kernel", "--threads", "1,x"], "--threads: '1,x': 'x' is not a number"),
+    (["kernel", "--threads", "0"], "--threads: '0': 0 is below 1"),
+    (["kernel", "--repeats", "-2"], "--repeats: must be >= 1, got -2"),
+    (["kernel", "--device", "tpu"], "--device: invalid choice: 'tpu'"),
+    (["store", "--seconds", "-1"], "--seconds: must be > 0, got -1"),
+    (["store", "--seconds", "inf"], "--seconds: 'inf' is not a finite number"),
+    (["store", "--params", "10,,abc"], "--params: '10,,abc': 'abc' is not a number"),
+    (["store", "--params", "0"], "--params: '0': 0 is below 1"),
+    (["store", "--consistency", "locked,eventual"], "'eventual'; choose from locked, atomic"),
+    (["allreduce", "--params", "1e6,2"], "--params: '1e6,2': 2 is below 4"),
+    (["allreduce", "--bucket-mb", "0"], "--bucket-mb: must be > 0, got 0"),
+    (["allreduce", "--warmup", "-1"], "--warmup: must be >= 0, got -1"),
+    (["shuffle", "--dataset", "imagenet"], "--dataset: invalid choice: 'imagenet'"),
+    (["shuffle", "--data-dir", "/no/such/folder"], "/no/such/folder is not a folder"),
+    (["shuffle", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
+    (["shuffle", "--shuffle-chunk-mb", "nan"], "'nan' is not a finite number"),
+    (["shuffle", "--seed", "x"], "--seed: invalid int value: 'x'"),
+])
+def test_bad_values_are_refused_while_parsing(argv, named):
+    with pytest.raises(UsageError) as e:
+        parse(*argv)
+    assert named in str(e.value) and "\n" not in str(e.value)
+
+
+def test_good_values_are_parsed():
+    args = parse("store", "--params", "1e3, 20", "--consistency", "atomic,locked,atomic")
+    assert (args.params, args.consistency, args.seconds) == ([1000, 20], ["atomic", "locked"],
+                                                             3.0)
+    args = parse("kernel")
+    assert (args.threads, args.elements) == ([1, 2], 16 * 2**20)
+    assert parse("allreduce", "--out", "x.json").json == "x.json"  # --out: the old name
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("np, argv, line", [
+    # The QA cases: a ZeroDivisionError and a RuntimeError (exit 1) before.
+    (2, ["store", "--seconds", "-1"], "hpctrain: error: argument --seconds: must be > 0, got -1"),
+    (1, ["store", "--seconds", "0.1"],
+     "hpctrain: error: the store benchmark needs mpirun -np W+1 (W >= 1 workers), not 1 rank(s)"),
+    (1, ["shuffle", "--dataset", "synthetic"],
+     "hpctrain: error: the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not 1"),
+    (2, ["shuffle", "--dataset", "synthetic", "--epochs", "0"],
+     "hpctrain: error: argument --epochs: must be >= 1, got 0"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, np, argv, line):
+    proc = run_job(["bench", *argv, "--json", str(tmp_path / "x.json")], np=np, timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    assert [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")] == [line]
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.timeout(120)
+def test_missing_data_files_are_one_line_from_rank_0(tmp_path):
+    proc = run_job(["bench", "shuffle", "--dataset", "mnist", "--data-dir", str(tmp_path)], np=2,
+                   timeout=90)
+    assert proc.returncode == 2, proc.stderr
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")]
+    assert len(lines) == 1 and lines[0].startswith(
+        f"hpctrain: error (rank 0 of 2): no mnist files found (tried {tmp_path}")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+def test_kernel_on_cuda_without_a_device_is_a_usage_error(tmp_path):
+    proc = run_job(["bench", "kernel", "--device", "cuda", "--elements", "10"], np=0, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "hpctrain: error: --device cuda: torch sees no CUDA device"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("np, argv, key", [
+    (0, ["kernel", "--elements", "1000", "--threads", "1", "--repeats", "1"], "rows"),
+    (2, ["store", "--params", "1000", "--seconds", "0.1", "--consistency", "locked"], "rows"),
+    (2, ["allreduce", "--params", "100", "--warmup", "0", "--repeats", "1", "--no-horovod"],
+     "models"),
+    (2, ["shuffle", "--dataset", "synthetic", "--epochs", "1"], "ratio"),
+])
+def test_json_is_written_by_every_micro_benchmark(tmp_path, np, argv, key):
+    path = tmp_path / "figures.json"
+    proc = run_job(["bench", *argv, "--json", str(path)], np=np, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    figures = json.loads(path.read_text())
+    assert figures["benchmark"] == argv[0] and figures[key]
+    assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # no temporary left
