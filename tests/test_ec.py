@@ -79,10 +79,25 @@ def error_lines(proc) -> list[str]:
     (["--algo", "ec", "--ec-distill-size", "1025"], 2,
      "--ec-distill-size 1025 exceeds the 1024 training samples each of the 2 ranks holds"),
     (["--algo", "ec", "--ec-final", "best"], 0, "argument --ec-final: invalid choice: 'best'"),
+    # No round before the last update: no distillation at all (independent training).
+    # 2 ranks, 1024 samples each, batch 32: 32 updates per rank.
+    (["--algo", "ec", "--tau", "32"], 2,
+     "--tau 32 never aggregates in 32 updates per rank (--epochs 1 x 32 batches of 32 from "
+     "1024 samples per rank on 2 ranks; ec's rounds come after every tau updates but the "
+     "last): give --tau below 32 or more --epochs"),
+    (["--algo", "ec", "--tau-epochs", "2"], 2,
+     "--tau-epochs 2.0 (64 local steps) never aggregates in 32 updates per rank"),
+    (["--algo", "ec", "--tau-epochs", "3", "--epochs", "3"], 2,
+     "give --tau-epochs of at most 2.969 or more --epochs"),
+    # The default tau (20) against batch 64: 16 updates per rank.
+    (["--algo", "ec", "--batch-size", "64"], 2,
+     "--tau 20 (the default) never aggregates in 16 updates per rank"),
+    (["--algo", "ec", "--ec-final", "ensemble", "--tau", "64"], 0,
+     "--tau 64 never aggregates in 64 updates per rank"),
 ])
 def test_bad_values_are_one_line_before_mpi(args, np, message, tmp_path):
     proc = run_job(["train", *SMALL, *args, "--out", str(tmp_path / "run")], np=np, timeout=90)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
     lines = error_lines(proc)
     assert len(lines) == 1, proc.stderr  # rank 0 speaks for all, before MPI starts
     assert message in lines[0]
@@ -118,6 +133,17 @@ def test_ma_job_ends_on_the_average(tmp_path):
     png = tmp_path / "curve.png"
     plot.main([str(out), "--out", str(png)])
     assert png.read_bytes().startswith(b"\x89PNG")
+
+
+def test_ma_with_tau_past_the_run_still_averages_at_the_end(tmp_path):
+    """Unlike ec (refused above), ma's final average after the last step is a real
+    aggregation: a tau as long as the run is one-shot averaging."""
+    out = tmp_path / "ma"
+    proc = run_job(["train", "--algo", "ma", *SMALL, "--tau", "32", "--out", str(out)],
+                   np=2, timeout=180)
+    summary, points = finished(proc, out)
+    assert summary["aggregation"]["rounds"] == 1 and summary["updates"] == 32
+    assert points[-1]["member_acc"] == points[-1]["averaged_acc"]
 
 
 # Replicated: sample ids (8 bytes) go out; sharded: the 16x16 float32 images themselves.

@@ -6,7 +6,9 @@ ensemble and distils it during the next round. Snapshots of every rank's model a
 after training: rank 0's member, the mean member, the ensemble and, for MA, the average.
 ``test_acc`` is the run's final model: rank 0's member, or the ensemble with
 ``--ec-final ensemble``. MA also averages after the last step, so its final model is the average;
-EC skips a round that would fall on the last step, as nothing would distil it.
+EC skips a round that would fall on the last step, as nothing would distil it, and so
+refuses a ``tau`` of at least the run's updates per rank (no round at all: that would be
+independent training reported as EC).
 """
 
 from __future__ import annotations
@@ -62,6 +64,31 @@ def validate(args: argparse.Namespace) -> None:
         if args.ec_distill_size > local:
             raise UsageError(f"--ec-distill-size {args.ec_distill_size} exceeds the {local} "
                              f"training samples each of the {ranks} ranks holds")
+        _check_rounds(args, local, ranks)
+
+
+def _check_rounds(args: argparse.Namespace, local: int, ranks: int) -> None:
+    """EC with no round before the last step is independent training: refuse it.
+
+    Rounds fall after every ``tau`` local steps except the last (no round follows to distil
+    it), so EC needs ``tau`` below the run's updates per rank. ``local`` is the samples per
+    rank, as every placement gives them (``TrainData.samples_per_rank``).
+    """
+    steps = math.ceil(local / args.batch_size)  # one epoch, as run() counts it
+    total = args.epochs * steps
+    tau = local_steps(args, steps)
+    if tau < total:
+        return
+    if args.tau_epochs is not None:
+        given, fix = (f"--tau-epochs {args.tau_epochs} ({tau} local steps)",
+                      f"--tau-epochs of at most {(total - 1) / steps:.4g}")
+    else:
+        given = f"--tau {tau}" + (" (the default)" if args.tau is None else "")
+        fix = f"--tau below {total}"
+    raise UsageError(
+        f"{given} never aggregates in {total} updates per rank (--epochs {args.epochs} x "
+        f"{steps} batches of {args.batch_size} from {local} samples per rank on {ranks} ranks; "
+        f"ec's rounds come after every tau updates but the last): give {fix} or more --epochs")
 
 
 def local_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
