@@ -21,10 +21,11 @@ from hpctrain.bench import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 
-DESCRIPTION = ("Fused DC-ASGD-c and DC-ASGD-a update kernel (one process): GB/s of bytes touched "
-               "against a plain memory copy of the same bytes (the bandwidth ceiling) and "
-               "against the same update as unfused torch expressions, both measured in the "
-               "same run, per thread count.")
+DESCRIPTION = ("Fused DC-ASGD update kernel against a memory copy of the same bytes and against "
+               "unfused torch (GB/s, one process). DC-ASGD-c and DC-ASGD-a updates, GB/s of "
+               "bytes touched, per thread count; the copy is the bandwidth ceiling, the unfused "
+               "torch expressions the same update as a user writes it; all measured in the "
+               "same run.")
 THREAD_LEVEL = "single"  # no MPI
 HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
 BYTES_PER_ELEMENT = {"dcasgd-c": 16, "dcasgd-a": 24}

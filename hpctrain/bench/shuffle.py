@@ -31,11 +31,11 @@ from hpctrain.shuffle import make_train_data, order
 from hpctrain.shuffle.exchange import PHASES
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, PARTITIONS
 
-DESCRIPTION = ("Sharded global reshuffle of a data set's samples between the ranks (chunked "
-               "Alltoallv, gather and reorder included): MB/s sent per rank against a raw "
-               "Alltoallv of the same bytes between contiguous buffers, and against that raw "
-               "Alltoallv plus a local gather and scatter of the same rows, measured in the "
-               "same run; run with mpirun -np 2 or more.")
+DESCRIPTION = ("Sharded global reshuffle, MB/s per rank, against a raw Alltoallv of the same "
+               "bytes. The reshuffle moves a data set's samples between the ranks (chunked "
+               "Alltoallv, gather and reorder included); its baselines, measured in the same "
+               "run: the raw Alltoallv between contiguous buffers, and that plus a local gather "
+               "and scatter of the same rows; run with mpirun -np 2 or more.")
 THREAD_LEVEL = "serialized"
 _META_BYTES = 16  # int64 label and id travel with each image
 

@@ -31,11 +31,11 @@ from hpctrain.bench import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 
-DESCRIPTION = ("RMA parameter store (MPI one-sided windows): DC-ASGD-c pushes per second of "
-               "W workers, with --consistency locked and atomic and the shards spread over the "
-               "workers or on a dedicated server rank, against a two-sided Send/Recv parameter "
-               "server applying the same update, measured in the same run; run with mpirun -np "
-               "W+1 (W >= 1).")
+DESCRIPTION = ("RMA parameter store pushes per second against a two-sided Send/Recv parameter "
+               "server. W workers push DC-ASGD-c updates into MPI one-sided windows "
+               "(--consistency locked and atomic; shards spread over the workers or on a "
+               "dedicated server rank); the Send/Recv server applies the same update; all "
+               "measured in the same run; run with mpirun -np W+1 (W >= 1).")
 THREAD_LEVEL = "serialized"
 HYPER = {"lr": 1e-3, "lam": 0.04}
 _GRAD, _STOP = 1, 2
