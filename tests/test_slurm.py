@@ -332,10 +332,14 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
 
 
 @pytest.mark.timeout(400)
-def test_bench_sbatch_keeps_the_table_and_json_by_job_id(slurm):
+@pytest.mark.parametrize("argv, unit", [
+    (["shuffle", "--dataset", "synthetic", "--epochs", "1"], "MB/s"),
+    (["store", "--params", "1000", "--seconds", "0.2", "--consistency", "locked"], "pushes/s"),
+])
+def test_bench_sbatch_keeps_the_table_and_json_by_job_id(slurm, argv, unit):
     job, work = sbatch(slurm, "bench.sbatch",
                        ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"],
-                       ["shuffle", "--dataset", "synthetic", "--epochs", "1"], JOB_ENV)
-    out = work / "runs" / f"bench-shuffle-{job}"
-    assert "MB/s" in (out / "stdout.txt").read_text()
-    assert json.loads((out / "shuffle.json").read_text())
+                       argv, JOB_ENV)
+    out = work / "runs" / f"bench-{argv[0]}-{job}"
+    assert unit in (out / "stdout.txt").read_text()
+    assert json.loads((out / f"{argv[0]}.json").read_text())["benchmark"] == argv[0]
