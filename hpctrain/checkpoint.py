@@ -224,6 +224,8 @@ def validate(args: argparse.Namespace, supported: bool, ranks: int) -> None:
     if wanted and not supported:
         raise UsageError(f"--algo {args.algo} cannot checkpoint or resume yet")
     if args.resume is not None:
+        if not Path(args.resume).is_dir():
+            raise UsageError(f"--resume {args.resume}: no such folder")
         folder = resolve(args.resume)
         header = _newest_header(folder, args.resume)
         if header.get("algo") != args.algo or header.get("ranks") != ranks:
@@ -241,6 +243,9 @@ def validate(args: argparse.Namespace, supported: bool, ranks: int) -> None:
         if args.checkpoint_dir is None:
             args.checkpoint_dir = str(folder)
         args.resume = str(folder)
+    if args.resume is None and args.out is not None and listing(Path(args.out) / SUBDIR):
+        raise UsageError(f"--out {args.out} holds the checkpoints of an unfinished run; "
+                         f"continue it with --resume {args.out} or choose another folder")
     if args.checkpoint_every is not None and args.out is not None:
         folder = Path(args.checkpoint_dir or Path(args.out) / SUBDIR)
         if listing(folder) and (args.resume is None or

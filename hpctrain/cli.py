@@ -60,7 +60,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
-        raise UsageError(f"{self.prog}: {message}")
+        raise UsageError(message)  # printed as "hpctrain: error: <message>"
 
 
 def _positive(kind):
@@ -68,7 +68,8 @@ def _positive(kind):
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
         return value
@@ -146,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
               for name, m in benchmarks.items())]))
     bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
     for name, module in benchmarks.items():
-        b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(".")[0],
+        b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(". ")[0].split(": ")[0],
                                  description=module.DESCRIPTION,
                                  formatter_class=_HelpFormatter)
         module.add_arguments(b)
@@ -155,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench_report.add_arguments(report)
     sub.add_parser("info", help="MPI library, torch, Horovod and kernel availability")
     return parser
+
+
+def _refuse_foreign_options(args: argparse.Namespace) -> None:
+    """An option of another algorithm's package given a value: an error, not silently unused."""
+    mine = ALGORITHMS[args.algo]
+    for module_name in dict.fromkeys(ALGORITHMS.values()):
+        if module_name == mine:
+            continue
+        parser = argparse.ArgumentParser(add_help=False)
+        importlib.import_module(module_name).add_arguments(parser)
+        for dest, default in vars(parser.parse_args([])).items():
+            if getattr(args, dest, default) != default:
+                algos = ", ".join(a for a, m in ALGORITHMS.items() if m == module_name)
+                raise UsageError(f"--{dest.replace('_', '-')} is an option of {algos}, "
+                                 f"not of --algo {args.algo}")
 
 
 def validate_training(args: argparse.Namespace) -> ModuleType:
@@ -171,8 +187,11 @@ def validate_training(args: argparse.Namespace) -> ModuleType:
         args.lr_schedule = "step" if args.lr_milestones else "cosine"
     if args.lr_milestones and args.lr_schedule != "step":
         raise UsageError(f"--lr-milestones need --lr-schedule step, not {args.lr_schedule}")
-    if args.momentum < 0 or args.weight_decay < 0:
-        raise UsageError("--momentum and --weight-decay must be >= 0")
+    if not 0 <= args.momentum < 1:
+        raise UsageError(f"--momentum {args.momentum} must be in [0, 1)")
+    if not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+        raise UsageError(f"--weight-decay {args.weight_decay} must be >= 0")
+    _refuse_foreign_options(args)
     if not (math.isfinite(args.jitter) and args.jitter >= 0):
         raise UsageError(f"--jitter {args.jitter} must be >= 0")
     if not (math.isfinite(args.stall_timeout) and args.stall_timeout >= 0):
@@ -211,11 +230,12 @@ def info() -> None:
     import torch
 
     MPI = comm.init("multiple")
+    local_size = comm.local_size()  # collective: every rank takes part
     if MPI.COMM_WORLD.Get_rank() != 0:
         return
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
              "cuda": torch.cuda.is_available(), **comm.library_info(),
-             "ranks": comm.size(), "local_size": comm.local_size()}
+             "ranks": comm.size(), "local_size": local_size}
     try:
         import horovod
 
@@ -230,7 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     import torch
 
-    torch.set_num_threads(getattr(args, "threads", 1))
+    # Benchmarks set their own thread counts (bench kernel's --threads is a list).
+    torch.set_num_threads(args.threads if args.command == "train" else 1)
     if args.command == "train":
         train(args)
     elif args.command == "bench":

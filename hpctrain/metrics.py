@@ -19,6 +19,12 @@ import torch
 from tqdm import tqdm
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
                  midway: Callable[[], None] | None = None) -> None:
     """Write ``content`` to ``path`` through a flushed and fsynced temporary file and a rename.
@@ -30,6 +36,7 @@ def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
     data = memoryview(content.encode() if isinstance(content, str) else content)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it; mkstemp gives 0600
         with os.fdopen(fd, "wb") as f:
             half = len(data) // 2
             f.write(data[:half])

@@ -207,9 +207,12 @@ def test_resume_refusals(tmp_path):
                  env={"HPCTRAIN_INJECT": "raise@0:20"})
     assert proc.returncode != 0 and checkpoint.listing(out / "checkpoints")
     cases = [
-        (["--resume", str(tmp_path / "nothing")], "no checkpoint found there"),
+        (["--resume", str(tmp_path / "nothing")], "no such folder"),
+        (["--resume", str(tmp_path)], "no checkpoint found there"),
         (["--resume", str(out), "--lr", "0.1"], "the run was started with --lr 0.05, not 0.1"),
-        ([], "holds another run's checkpoints"),
+        ([], "holds the checkpoints of an unfinished run; continue it with --resume"),
+        (["--checkpoint-dir", str(out / "checkpoints"), "--out", str(tmp_path / "b")],
+         "holds another run's checkpoints"),
         (["--checkpoint-every", "0"], "--checkpoint-every: must be > 0, got 0"),
         (["--checkpoint-every", "ten"], "neither seconds (600) nor epochs (2e)"),
         (["--max-bad-steps", "0"], "--max-bad-steps: must be > 0, got 0"),

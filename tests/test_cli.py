@@ -5,6 +5,7 @@ Bad input must give one line naming the bad value, a non-zero exit, and no hang.
 
 import gzip
 import json
+import os
 import struct
 
 import numpy as np
@@ -48,6 +49,12 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--slowdown", "1:3"], "rank 1 is not a worker"),
     (["--algo", "sgd", "--jitter", "-0.5"], "--jitter -0.5 must be >= 0"),
     (["--algo", "sgd", "--stall-timeout", "-1"], "--stall-timeout -1.0 must be >= 0"),
+    (["--algo", "sgd", "--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
+    (["--algo", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
+    (["--algo", "sgd", "--epochs", "0.05"], "--epochs: '0.05' is not a whole number"),
+    (["--algo", "ssgd", "--lam", "0.5"],
+     "--lam is an option of asgd, dcasgd-c, dcasgd-a, not of --algo ssgd"),
+    (["--algo", "sgd", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such"),
 ])
 def test_bad_arguments(args, pattern, tmp_path):
     proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)
@@ -93,9 +100,28 @@ def test_finished_run_is_never_overwritten(tmp_path):
     assert (out / "summary.json").read_bytes() == before
 
 
+def test_a_folder_with_checkpoints_is_resumed_or_left_alone(tmp_path):
+    out = tmp_path / "run"
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--checkpoint-every", "0.5e", "--out",
+                    str(out)], np=0, env={"HPCTRAIN_INJECT": "raise@0:20"})
+    assert proc.returncode != 0 and (out / "checkpoints").is_dir()
+    kept = sorted(p.name for p in (out / "checkpoints").iterdir())
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(out)], np=0, timeout=60)
+    assert_one_line_error(proc, f"--out {out} holds the checkpoints of an unfinished run; "
+                                f"continue it with --resume {out}")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
+    assert not (out / "summary.json").exists()
+
+
 def test_outputs_follow_the_contract(tmp_path):
-    proc = run_job(["train", "--algo", "sgd", *SMALL, "--eval-every", "0.5", "--out",
-                    str(tmp_path)], np=0)
+    old = os.umask(0o027)  # the job inherits it: its files must follow it, as open()'s do
+    try:
+        proc = run_job(["train", "--algo", "sgd", *SMALL, "--eval-every", "0.5", "--out",
+                        str(tmp_path)], np=0)
+    finally:
+        os.umask(old)
+    for name in ("config.json", "metrics.jsonl", "summary.json", "model.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     for key in ("algo", "workers", "final_test_acc", "best_test_acc", "wall_s", "samples_per_s"):
@@ -146,3 +172,11 @@ def test_straggler_slows_every_synchronous_worker(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["straggler_sleep_s"] > 0
     assert json.loads((tmp_path / "config.json").read_text())["slowdown"] == "0:3"
+
+
+def test_info_under_mpirun_prints_once(tmp_path):
+    proc = run_job(["info"], np=2, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["ranks"] == 2 and facts["local_size"] == 2
+    assert facts["library"].isprintable()
