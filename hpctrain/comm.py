@@ -111,7 +111,7 @@ def library_info() -> dict:
     major, minor = MPI.Get_version()
     level = THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
     return {
-        "library": MPI.Get_library_version().strip().splitlines()[0],
+        "library": MPI.Get_library_version().strip("\x00 \n").splitlines()[0],
         "standard": f"{major}.{minor}",
         "thread_level": level,
         "mpi4py": mpi4py.__version__,

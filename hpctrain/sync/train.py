@@ -109,7 +109,9 @@ def run(args: argparse.Namespace) -> dict:
     grad_bytes = sum(p.numel() for p in model.parameters()) * (2 if args.fp16_allreduce else 4)
     summary = run_summary(
         args, points,
-        algo_label=f"ssgd ({args.sync_backend} backend)" if distributed else "sgd",
+        algo_label=(f"ssgd ({args.sync_backend} backend"
+                    f"{', fp16 allreduce' if args.fp16_allreduce else ''})"
+                    if distributed else "sgd"),
         workers=size,
         updates=updates,
         wall_s=wall,
