@@ -62,6 +62,24 @@ def test_a_worker_that_raises_ends_the_whole_job(servers):
     assert time.monotonic() - start < 90
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_tickets_hold_a_budget_of_pushes_exactly(consistency):
+    """Two workers (one slow) claim tickets before each push: exactly the budget is pushed,
+    each ticket below it by one worker; the traffic counts are MPI's payload by hand."""
+    res = result_of(run_scenario("budget", 3, consistency, mpi_args=TCP_ONLY))
+    assert res["shared_windows"] is False
+    assert res["updates"] == res["budget"] == sum(res["pushes"]) and min(res["pushes"]) > 0
+    assert sorted(res["tickets"]) == list(range(res["budget"]))
+    assert res["exact"]
+    k, s = res["numel"], res["shards"]
+    per_push = {"locked": 2 * (4 * k + 8 * s), "atomic": 4 * k + 4 * k + 8 * s}[consistency]
+    for n, traffic in zip(res["pushes"], res["traffic"], strict=True):
+        # pushes; one pull (4k values + the counter read); claims (n + 1) and pushes count
+        # the counter with Fetch_and_op (8 bytes out, 8 back)
+        assert traffic["mpi"] == n * per_push + 4 * k + 8 + 16 * (2 * n + 1), traffic
+
+
 # --- scenarios, run under mpirun -------------------------------------------------------------
 
 def _busy(consistency: str) -> None:
@@ -110,6 +128,45 @@ def _busy(consistency: str) -> None:
     store.close()
 
 
+def _budget(consistency: str) -> None:
+    """Rank 2 serves; workers 0 and 1 (slower) push -1 with tickets below a budget of 40."""
+    import torch
+
+    from hpctrain import comm
+    from hpctrain.async_ import ParameterStore
+
+    MPI = comm.init("serialized")
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    numel, budget = 1000, 40
+    store = ParameterStore(torch.zeros(numel), world, servers=1, consistency=consistency)
+    if store.is_worker:
+        w, g = torch.empty(numel), torch.ones(numel)
+        store.pull(w)
+        mine = []
+        while (ticket := store.claim()) < budget:
+            if rank == 1:
+                time.sleep(0.005)
+            store.push(w, g, lr=1.0)
+            mine.append(ticket)
+        store.worker_comm.Barrier()
+        traffic = {"read": store.bytes_read, "written": store.bytes_written,
+                   "mpi": store.mpi_bytes}
+        parts = store.worker_comm.gather((mine, traffic), root=0)
+        if rank == 0:
+            final = torch.empty(numel)
+            store.pull(final)
+            print("RESULT " + json.dumps({
+                "budget": budget, "updates": store.updates(), "numel": numel,
+                "shards": store.shards, "shared_windows": store.shared,
+                "tickets": [t for m, _ in parts for t in m],
+                "pushes": [len(m) for m, _ in parts], "traffic": [t for _, t in parts],
+                "exact": bool(torch.equal(final, torch.full((numel,), -float(budget))))}),
+                  flush=True)
+    store.finish()
+    store.close()
+
+
 def _raise(servers: str) -> None:
     """Worker 1 raises at its 4th step while the others keep pushing or serving."""
     import torch
@@ -134,4 +191,4 @@ def _raise(servers: str) -> None:
 
 
 if __name__ == "__main__":
-    {"busy": _busy, "raise": _raise}[sys.argv[1]](*sys.argv[2:])
+    {"busy": _busy, "budget": _budget, "raise": _raise}[sys.argv[1]](*sys.argv[2:])

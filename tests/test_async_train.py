@@ -6,6 +6,8 @@ import json
 import pytest
 from conftest import run_job
 
+from hpctrain import checkpoint
+
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
 TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
             "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
@@ -32,9 +34,19 @@ def test_workers_write_the_contracted_outputs(tmp_path, algo, np, consistency):
     assert set(summary["staleness"]) >= {"mean", "p50", "p90", "p99", "max"}
     assert summary["staleness"]["count"] == sum(summary["pushes_per_worker"])
     assert len(summary["pushes_per_worker"]) == np and min(summary["pushes_per_worker"]) > 0
-    # The run stops once 2 epochs of samples are consumed (at most one push per worker more).
+    # Exactly 2 epochs of updates: workers claim a ticket before each step, none past it.
     budget = 2 * np * -(-(2048 // np) // 64)
-    assert budget <= summary["updates"] == sum(summary["pushes_per_worker"]) < budget + np
+    assert summary["updates"] == sum(summary["pushes_per_worker"]) == budget
+    # Each push reads and writes the whole model (4 bytes a parameter) in the store.
+    traffic = summary["store_traffic_per_worker"]
+    model = 4 * summary["params"]
+    assert [t["read"] >= (n + 1) * model and t["written"] >= n * model
+            for t, n in zip(traffic, summary["pushes_per_worker"], strict=True)] == [True] * np
+    assert summary["store_bytes_per_worker"] == round(
+        sum(t["read"] + t["written"] for t in traffic) / np)
+    if consistency == "atomic":  # Accumulate of every push's delta goes through MPI
+        assert [t["mpi"] >= n * model for t, n in zip(traffic, summary["pushes_per_worker"],
+                                                        strict=True)] == [True] * np
     assert summary["lam"] == {"asgd": 0.0, "dcasgd-a": 2.0}[algo]
     assert summary["final_test_acc"] > 0.8  # synthetic data is easy
     assert config["thread_level"] == "serialized"
@@ -55,6 +67,12 @@ def test_dedicated_server_over_tcp_with_a_straggler(tmp_path):
     summary, _, _ = outputs(out)
     assert summary["workers"] == 2 and summary["servers"] == 1 and summary["shards"] == 3
     assert summary["consistency"] == "atomic" and summary["lam"] == 0.04
+    assert summary["updates"] == 2 * -(-(2048 // 2) // 64) == sum(summary["pushes_per_worker"])
+    # No shared memory: Get_accumulate reads and Accumulate writes every push through MPI.
+    model = 4 * summary["params"]
+    assert [t["mpi"] >= 2 * n * model for t, n in zip(summary["store_traffic_per_worker"],
+                                                       summary["pushes_per_worker"],
+                                                       strict=True)] == [True, True]
     slept = summary["straggler_sleep_s_per_worker"]
     assert slept[0] > 0 and slept[1] > 0  # the slowdown, and jitter on every worker
     assert summary["final_test_acc"] > 0.5
@@ -72,14 +90,46 @@ def test_dedicated_server_over_tcp_with_a_straggler(tmp_path):
     (["--consistency", "eventual"], 0, "invalid choice: 'eventual'"),
     (["--data-placement", "sharded"], 0, "needs --data-placement replicated"),
     (["--servers", "2"], 2, "--servers 2 with 2 ranks"),
+    (["--servers", "-1"], 2, "--servers -1 with 2 ranks"),
+    (["--shards", "100000000"], 2,
+     "--shards 100000000 is outside [1, 99978]: at most one shard per parameter of mlp"),
+    (["--shards", "-4"], 2, "--shards -4 is outside [1, 99978]"),
+    (["--algo", "asgd", "--lam", "0.1"], 2, "--lam is an option of dcasgd-c, dcasgd-a"),
+    (["--lam", "nan"], 2, "--lam nan must be >= 0"),
+    (["--lam", "-1"], 0, "--lam -1.0 must be >= 0"),
+    (["--ms-decay", "nan"], 2, "--ms-decay nan is outside [0, 1)"),
+    (["--algo", "dcasgd-c", "--ms-decay", "0.9"], 2,
+     "--ms-decay is an option of dcasgd-a, not of --algo dcasgd-c"),
+    (["--momentum", "1"], 2, "--momentum 1.0 must be"),
 ])
 def test_bad_options_are_one_line_errors(tmp_path, extra, np, pattern):
+    """Refused before MPI starts: rank 0 alone says it, in one line, exit status 2."""
     proc = run_job(["train", "--algo", "dcasgd-a", *SMALL, "--out", str(tmp_path / "x"), *extra],
                    np=np, timeout=100)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
-    assert lines and all(pattern in line for line in lines), proc.stderr
-    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1 and pattern in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr and "MPI_ABORT" not in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.timeout(180)
+def test_checkpoints_land_on_the_marks_and_the_budget_holds(tmp_path):
+    """1 epoch of 2 workers, batch 64: 32 updates, checkpoints at 16 and 32, none past."""
+    out = tmp_path / "run"
+    proc = run_job(["train", "--algo", "dcasgd-c", *SMALL, "--epochs", "1", "--batch-size", "64",
+                    "--checkpoint-every", "0.5e", "--out", str(out)], np=2, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    summary, _, points = outputs(out)
+    assert summary["updates"] == sum(summary["pushes_per_worker"]) == 32
+    assert summary["checkpoints"] == 2 and points[-1]["updates"] == 32
+    assert [p.name for p in checkpoint.listing(out / "checkpoints")] == \
+        ["ckpt-000000032.pt", "ckpt-000000016.pt"]
+    for path in checkpoint.listing(out / "checkpoints"):
+        header, payload = checkpoint.load(path)
+        counters = [r["counters"] for r in payload["ranks"]]
+        # The workers' own counts add up to the mark: no push in flight past it.
+        assert sum(c["pushes"] for c in counters) == header["updates"]
 
 
 @pytest.mark.timeout(180)

@@ -3,8 +3,9 @@
 Shard ``s`` lives in its own window made with ``Win.Allocate(..., comm=comm)`` on host rank
 ``hosts[s % len(hosts)]``: an 8-byte update count (int64) followed by the shard's floats. A
 window of its own per shard gives every shard its own exclusive lock. Hosts are all ranks
-(``servers=0``) or the last ``servers`` ranks, which then only host. A one-int64 counter window
-on ``hosts[0]`` numbers global updates (``Fetch_and_op``); staleness comes from it.
+(``servers=0``) or the last ``servers`` ranks, which then only host. A counter window on
+``hosts[0]`` holds two int64: the global update count (``Fetch_and_op``; staleness comes from
+it) and a ticket count that loops use to hand out a fixed budget of pushes (:meth:`claim`).
 
 ``locked``: per shard, exclusive lock, Get count and values, fused update written straight into
 the worker's model, Put both, unlock (serialisable; the counts give the lock order). When all
@@ -127,7 +128,7 @@ class ParameterStore:
         self.windows = [
             allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)
             for (lo, hi), owner in zip(self.bounds, self.owners, strict=True)]
-        self._counter = MPI.Win.Allocate(8 if rank == self.hosts[0] else 0, 8, comm=comm)
+        self._counter = MPI.Win.Allocate(16 if rank == self.hosts[0] else 0, 8, comm=comm)
         self._initialize(values, root)
         # Shared memory: every shard's count and values, mapped into this process.
         self._mapped = [_map(win.Shared_query(owner)[0]) if self.shared else None
@@ -143,6 +144,17 @@ class ParameterStore:
         self._fetched = np.zeros(1, np.int64)
         self._none = np.zeros(1, np.float32)
         self._seen = 0  # the counter's value as of this worker's model
+        # Traffic, for run summaries: payload bytes this rank read from and wrote to the store
+        # (shard values, shard counts, the counters), whether MPI moved them or the process
+        # did with loads and stores on shared-memory windows; ``mpi_bytes``: the part that went
+        # through MPI calls (Get, Put, Accumulate, Get_accumulate, Fetch_and_op). MPI's own
+        # headers, lock and completion messages are not counted.
+        self.bytes_read = self.bytes_written = self.mpi_bytes = 0
+        k, h = numel, _HEADER * shards
+        if consistency == "locked":  # read count and values, write both back
+            self._push_traffic = (4 * k + h, 4 * k + h, 0 if self.shared else 8 * k + 2 * h)
+        else:  # read values (in place when shared), Accumulate delta and count
+            self._push_traffic = (4 * k, 4 * k + h, (0 if self.shared else 4 * k) + 4 * k + h)
 
     @property
     def shards(self) -> int:
@@ -167,7 +179,7 @@ class ParameterStore:
         counter_host = self.hosts[0]
         if self.rank == counter_host:
             self._counter.Lock(counter_host, MPI.LOCK_EXCLUSIVE)
-            np.frombuffer(self._counter, dtype=np.int64)[0] = 0
+            np.frombuffer(self._counter, dtype=np.int64)[:] = 0
             self._counter.Unlock(counter_host)
         self.comm.Barrier()
 
@@ -186,6 +198,8 @@ class ParameterStore:
             else:
                 self._read(win, owner, out_np[lo:hi])
             win.Unlock(owner)
+        self.bytes_read += 4 * self.numel
+        self.mpi_bytes += 0 if self.shared else 4 * self.numel
         self._seen = seen
         return seen
 
@@ -215,6 +229,9 @@ class ParameterStore:
                 versions.append(self._push_locked(s, *part, hyper))
             else:
                 self._push_atomic(s, *part, hyper)
+        read, written, mpi = self._push_traffic
+        self.bytes_read, self.bytes_written = self.bytes_read + read, self.bytes_written + written
+        self.mpi_bytes += mpi
         index = self._fetch_add(1)
         tau = index - self._seen
         self._seen = index + 1
@@ -273,19 +290,31 @@ class ParameterStore:
         else:
             win.Get([buf, MPI.FLOAT], owner, target=target)
 
-    def _fetch_add(self, value: int) -> int:
+    def _fetch_add(self, value: int, slot: int = 0) -> int:
         MPI = hcomm.mpi()
         host = self.hosts[0]
         self._operand[0] = value
         self._counter.Lock(host, MPI.LOCK_SHARED)
         self._counter.Fetch_and_op([self._operand, MPI.INT64_T], [self._fetched, MPI.INT64_T],
-                                   host, 0, op=MPI.SUM if value else MPI.NO_OP)
+                                   host, slot, op=MPI.SUM if value else MPI.NO_OP)
         self._counter.Unlock(host)
+        self.bytes_read += 8
+        self.bytes_written += 8 if value else 0
+        self.mpi_bytes += 16 if value else 8
         return int(self._fetched[0])
 
     def updates(self) -> int:
         """The number of global updates so far."""
         return self._fetch_add(0)
+
+    def claim(self) -> int:
+        """Take the next ticket (0, 1, 2, ... over all workers; atomic ``Fetch_and_op``).
+
+        A loop with a budget of ``n`` pushes lets a worker push only with a ticket below
+        ``n``: claimed before the step, the budget holds exactly, where checking
+        :meth:`updates` before pushing lets every other worker's push in flight through.
+        """
+        return self._fetch_add(1, slot=1)
 
     def shard_updates(self) -> list[int]:
         """Updates applied to each shard so far."""

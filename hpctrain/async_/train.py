@@ -2,8 +2,12 @@
 
 Every worker runs a plain PyTorch loop over its own part of the data (replicated placement,
 the shuffle package's order, local epochs at its own pace) and pushes after every batch. The
-run ends when the global update counter says ``--epochs`` worth of samples (all workers) have
-been consumed, so fast workers do more of the work. The learning-rate schedule follows the
+run makes exactly ``--epochs`` worth of updates (all workers together; a partial last batch
+counts as one): before each step a worker claims a ticket from a global counter
+(``ParameterStore.claim``) and stops once the tickets reach the budget, so fast workers do more
+of the work and none pushes past the budget. A checkpoint mark works the same way: a worker
+whose ticket is at or past it waits at a barrier until the others are there too, by which
+time exactly the updates before the mark are in. The learning-rate schedule follows the
 same global count. Rank 0 snapshots its model (the newest global values it read) at every
 ``--eval-every`` epochs of global progress; snapshots are scored after training.
 
@@ -37,12 +41,14 @@ THREAD_LEVEL = "serialized"  # Open MPI 4's inter-node osc/pt2pt refuses MULTIPL
 DEFAULTS = {"lr": 0.1, "momentum": 0.0}
 CHECKPOINTS = True  # by global progress (Ne): the workers stop together, the store is quiescent
 ALGOS = ("asgd", "dcasgd-c", "dcasgd-a")
+MS_DECAY = 0.95  # DC-ASGD-a's default decay of the mean square
 
 
 def add_arguments(group: argparse._ArgumentGroup) -> None:
     group.add_argument("--lam", type=float, default=None,
-                       help="DC-ASGD's lambda0 (default 0.04 for dcasgd-c, 2.0 for dcasgd-a)")
-    group.add_argument("--ms-decay", type=float, default=0.95,
+                       help="dcasgd-c/dcasgd-a: DC-ASGD's lambda0 (default 0.04 for dcasgd-c, "
+                            "2.0 for dcasgd-a)")
+    group.add_argument("--ms-decay", type=float, default=MS_DECAY,
                        help="dcasgd-a: decay of the mean square of the gradient")
     group.add_argument("--servers", type=int, default=0,
                        help="async: ranks that only host the model (the last N); 0: all ranks "
@@ -61,14 +67,22 @@ def validate(args: argparse.Namespace) -> None:
     if not 0 <= args.servers < ranks:
         raise UsageError(f"--servers {args.servers} with {ranks} ranks: need 0 <= servers < "
                          "ranks (at least one worker)")
-    if args.shards is not None and args.shards < 1:
-        raise UsageError(f"--shards {args.shards} must be >= 1")
+    if args.shards is not None:
+        numel = _model_size(args)
+        if not 1 <= args.shards <= numel:
+            raise UsageError(f"--shards {args.shards} is outside [1, {numel}]: at most one "
+                             f"shard per parameter of {args.model} ({numel} parameters)")
+    if args.lam is not None and args.algo == "asgd":
+        raise UsageError("--lam is an option of dcasgd-c, dcasgd-a, not of --algo asgd "
+                         "(no delay compensation)")
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam >= 0):
         raise UsageError(f"--lam {args.lam} must be >= 0")
     if args.momentum >= 1.0:
         raise UsageError(f"--momentum {args.momentum} must be < 1")
     if not 0.0 <= args.ms_decay < 1.0:
         raise UsageError(f"--ms-decay {args.ms_decay} is outside [0, 1)")
+    if args.ms_decay != MS_DECAY and args.algo != "dcasgd-a":
+        raise UsageError(f"--ms-decay is an option of dcasgd-a, not of --algo {args.algo}")
     parse_slowdown(args.slowdown, ranks - args.servers)
     if args.checkpoint_every is not None and not args.checkpoint_every.endswith("e"):
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: asynchronous runs "
@@ -77,6 +91,12 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--algo {args.algo} needs --data-placement replicated: sharded "
                          "placement exchanges data collectively each epoch, which would make "
                          "the asynchronous workers wait for each other")
+
+
+def _model_size(args: argparse.Namespace) -> int:
+    """The number of parameters of ``--model`` for ``--dataset`` (one test sample read)."""
+    sample = data.load(args.dataset, "test", args.data_dir, 0, 1)
+    return models.num_parameters(models.build(args.model, sample.shape, sample.num_classes))
 
 
 def lam_of(args: argparse.Namespace) -> float:
@@ -148,7 +168,22 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
     start = time.perf_counter() - done.get("elapsed", 0.0)
     next_snapshot = (seen // snapshot_every + 1) * snapshot_every
     local = train_data.epoch(local_epoch)
-    while seen < total:
+    ticket = None  # this worker's claim on the next update of the budget
+    while True:
+        if ticket is None:
+            ticket = base + store.claim()
+        if ckpt.due(ticket):  # the mark is at or below this ticket
+            # Every ticket below the mark is claimed, each by a worker that pushes it before
+            # it claims again, and every worker stops here with its first ticket past the
+            # mark: after the barrier exactly the mark's updates are in, none past it.
+            workers.Barrier()
+            # All continue from the global model, as a run resumed from this checkpoint does.
+            seen = base + opt.pull()
+            ckpt.save(seen, {"pushes": pushes, "samples": samples, "local_epoch": local_epoch,
+                             "i": i, "elapsed": time.perf_counter() - start}, snapshots)
+            continue  # the held ticket may be past the next mark too
+        if ticket >= total:
+            break
         if i == steps:
             local_epoch, i = local_epoch + 1, 0
             local = train_data.epoch(local_epoch)
@@ -163,7 +198,8 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
         if guard.check(pushes):
             opt.step()
             seen = base + opt.last_push.index + 1
-        else:
+            ticket = None
+        else:  # a skipped step pushes nothing: the ticket stays for the next batch
             seen = base + store.updates()
         pushes += 1
         samples += len(y)
@@ -175,12 +211,6 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
             snapshots.take(model, t=time.perf_counter() - start, epoch=seen / per_epoch,
                            updates=seen)
             next_snapshot = (seen // snapshot_every + 1) * snapshot_every
-        if ckpt.due(seen):  # every worker gets here: each sees the count pass the same mark
-            workers.Barrier()  # every push is in: the store is quiescent
-            # All continue from the global model, as a run resumed from this checkpoint does.
-            seen = base + opt.pull()
-            ckpt.save(seen, {"pushes": pushes, "samples": samples, "local_epoch": local_epoch,
-                             "i": i, "elapsed": time.perf_counter() - start}, snapshots)
     busy = time.perf_counter() - start
     workers.Barrier()  # every push is in
     wall = time.perf_counter() - start
@@ -194,7 +224,10 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
     log.write_points(points)
 
     mine = {"pushes": pushes, "samples": samples, "staleness": opt.staleness, "busy_s": busy,
-            "slept_s": straggler.slept, **guard.summary()}
+            "slept_s": straggler.slept, "traffic": {"read": store.bytes_read,
+                                                    "written": store.bytes_written,
+                                                    "mpi": store.mpi_bytes},
+            **guard.summary()}
     every = workers.gather(mine, root=0)
     if rank != 0:
         return None
@@ -224,6 +257,14 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
         "samples_per_worker": [w["samples"] for w in every],
         "busy_s_per_worker": [w["busy_s"] for w in every],
         "straggler_sleep_s_per_worker": [w["slept_s"] for w in every],
+        # Model traffic to and from the store (see ParameterStore.bytes_read): payload read and
+        # written by each worker, whether MPI or loads/stores on shared-memory windows moved it,
+        # and the part MPI calls moved (0 for locked pushes on shared memory, done in place).
+        # Means over the workers; per worker in store_traffic_per_worker.
+        "store_bytes_per_worker": round(sum(w["traffic"]["read"] + w["traffic"]["written"]
+                                            for w in every) / size),
+        "store_mpi_bytes_per_worker": round(sum(w["traffic"]["mpi"] for w in every) / size),
+        "store_traffic_per_worker": [w["traffic"] for w in every],
         "slowdown": args.slowdown,
         "jitter": args.jitter,
         "skipped_steps": sum(w["skipped_steps"] for w in every),
