@@ -386,8 +386,8 @@ class Checkpointer:
         if not self.enabled:
             return False
         if self.by_progress:
-            # A mark past the end could be seen by some async workers (their pushes overshoot
-            # the total) and not others, which leave: only marks within the run count.
+            # Only marks within the run count: async workers stop at the total, so a mark past
+            # it would keep some of them waiting at the checkpoint's barrier.
             return self.next_due <= self.total and updates >= self.next_due
         if self.comm is None or self.workers == 1:
             return time.perf_counter() - self.last >= self.every
