@@ -244,4 +244,4 @@ def test_bytes_communicated_come_from_totals_at_two_levels():
 def test_report_says_what_the_bytes_column_counts():
     text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
     assert "| bytes communicated per rank |" in text
-    assert "store's one-sided traffic (async pulls and pushes) is not counted" in text
+    assert "`store_mpi_bytes_per_worker` is the part of it MPI calls moved" in text

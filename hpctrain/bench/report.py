@@ -171,9 +171,11 @@ def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
             "between a worker's read of the model and its push. *Bytes communicated per rank* "
             "are the byte counts a run's summary.json holds: gradient allreduce "
             "(`allreduce_bytes_per_rank`), model aggregation or exchange of ma/ec "
-            "(`aggregation.*`) and the sharded data exchange (`bytes_moved`); the parameter "
-            "store's one-sided traffic (async pulls and pushes) is not counted, so an async run "
-            "shows — unless it exchanged data."]
+            "(`aggregation.*`), the sharded data exchange (`bytes_moved`) and, for async runs, "
+            "the model payload a worker read from and wrote to the parameter store "
+            "(`store_bytes_per_worker`, mean over workers, whether MPI or loads and stores on "
+            "shared-memory windows moved it; `store_mpi_bytes_per_worker` is the part of it MPI "
+            "calls moved, not more bytes)."]
     ignored: dict[str, list[str]] = {}
     for r in rows:
         for flag in r.ignored:
