@@ -60,9 +60,11 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   batches at the global weights it keeps pulling; snapshots, checkpoints and the saved model
   take worker 0's, so evaluation uses the global weights with one worker's statistics (for
   LeNet and the MLP, which have no buffers, the model is exactly the store's).
-- Stopping by a global budget: the CLI stops every worker once the counter says the run's
-  samples (epochs x training set) are consumed, so fast workers do more of the work and a
-  straggler does not hold the job back; the learning-rate schedule follows the same count.
+- Stopping by a global budget: before each step a worker claims a ticket from the counter
+  window's second int64 (:meth:`ParameterStore.claim`) and stops once the tickets reach the
+  run's updates (``--epochs`` x updates per epoch), so the run makes exactly that many pushes,
+  fast workers do more of the work and a straggler does not hold the job back; the
+  learning-rate schedule follows the global update count.
 """
 
 from hpctrain.async_.optim import ASGD, DCASGD, flatten_parameters

@@ -85,9 +85,9 @@ class ParameterStore:
     ranks only host; they call :meth:`finish` right away and poll for progress there).
     ``shards``: number of shards (default :func:`default_shards`). ``poll_interval``: seconds a
     hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
-    windows with ``Win.Allocate_shared`` so that ``locked`` pushes and pulls work on the shard's
-    memory in place (None: when all ranks share one node and the MPI's one-sided component
-    can; otherwise ``Win.Allocate`` and Get/Put).
+    windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
+    reads work on the shard's memory in place (None: when all ranks share one node and the
+    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put).
     """
 
     def __init__(self, values: torch.Tensor, comm=None, *, servers: int = 0,
@@ -281,7 +281,8 @@ class ParameterStore:
         win.Unlock(owner)
 
     def _read(self, win, owner: int, buf: np.ndarray) -> None:
-        """Read a shard's values; atomic mode reads with an accumulate (writers accumulate)."""
+        """Read a shard's values through MPI (not shared memory); atomic mode reads with an
+        accumulate (writers accumulate)."""
         MPI = hcomm.mpi()
         target = (_HEADER, len(buf), MPI.FLOAT)
         if self.consistency == "atomic":
