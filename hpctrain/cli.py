@@ -121,7 +121,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-bad-steps", type=_positive(int), default=10,
                    help="stop after this many consecutive steps with NaN/Inf gradients")
     p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="end the job when a rank makes no progress for this long (0: never)")
+                   help="end the job when a rank makes no progress for this long (0: never; "
+                        "start-up gets at least 600 s)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -24,11 +24,15 @@ import threading
 import time
 
 EXIT_STATUS = 3  # distinct from an error (1), a usage error (2) and a kill (137)
+# Until the first beat (imports, MPI and Horovod start-up, reading the data from a shared file
+# system) at least this long: a short --stall-timeout is about training steps.
+STARTUP_S = 600.0
 
 
 class _Watchdog:
     def __init__(self, timeout: float, rank: int) -> None:
         self.timeout, self.rank = timeout, rank
+        self.limit = max(timeout, STARTUP_S)  # the timeout once the first beat came
         self.last, self.doing, self.count = time.monotonic(), "starting", None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hpctrain-watchdog",
@@ -38,9 +42,9 @@ class _Watchdog:
     def _watch(self) -> None:
         poll = min(1.0, self.timeout / 10)
         while not self._stop.wait(poll):
-            if time.monotonic() - self.last > self.timeout:
+            if time.monotonic() - self.last > self.limit:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"
-                print(f"hpctrain: rank {self.rank} made no progress for {self.timeout:g} s (last: "
+                print(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
                       f"{doing}); ending the job (--stall-timeout {self.timeout:g})",
                       file=sys.stderr, flush=True)
                 os._exit(EXIT_STATUS)
@@ -54,7 +58,8 @@ _active: _Watchdog | None = None
 
 
 def start(timeout: float, rank: int) -> None:
-    """Watch this rank: end the process after ``timeout`` seconds without a beat (0: never)."""
+    """Watch this rank: end the process after ``timeout`` seconds without a beat (0: never;
+    before the first beat at least ``STARTUP_S``)."""
     global _active
     stop()
     if timeout > 0:
@@ -65,6 +70,7 @@ def beat(doing: str, count: int | None = None) -> None:
     """Record progress: ``doing`` (and ``count``, e.g. "step", 12) name it in the message."""
     if _active is not None:
         _active.last, _active.doing, _active.count = time.monotonic(), doing, count
+        _active.limit = _active.timeout
 
 
 def stop() -> None:

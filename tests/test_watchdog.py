@@ -39,6 +39,15 @@ def test_beats_keep_it_quiet_and_stop_ends_watching():
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "done\n", "")
 
 
+@pytest.mark.timeout(60)
+def test_start_up_is_not_held_to_a_short_timeout():
+    proc = run_python("import time\nfrom hpctrain import watchdog\n"
+                      "watchdog.start(0.5, rank=2)\ntime.sleep(2)\nprint('started')\n"
+                      "watchdog.beat('update', 1)\ntime.sleep(30)")
+    assert proc.stdout == "started\n" and proc.returncode == watchdog.EXIT_STATUS
+    assert "rank 2 made no progress for 0.5 s (last: update 1)" in proc.stderr
+
+
 def test_zero_timeout_watches_nothing():
     watchdog.start(0, rank=0)
     watchdog.beat("step", 1)  # a no-op when not watching
