@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Sequence
@@ -155,8 +154,3 @@ def summary_table(summary: dict) -> str:
         rows.append(("outputs", summary["out"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
-
-
-def finite_or_none(x: float) -> float | None:
-    """``x`` if finite, else None (JSON has no NaN)."""
-    return x if math.isfinite(x) else None
