@@ -58,7 +58,9 @@ def add_arguments(parser) -> None:
                         help="mpi backend fusion bucket size (MiB)")
     parser.add_argument("--keep-grads", action="store_true",
                         help="zero gradients in place (zero_grad(set_to_none=False)) instead of "
-                        "freeing them, so that backward allocates no gradient memory")
+                        "freeing them: after the first step backward accumulates into the kept "
+                        "gradients, which for the mpi backend are views of its buckets (packing "
+                        "copies nothing); the baselines keep theirs too")
     parser.add_argument("--no-horovod", action="store_true", help="leave Horovod out")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the figures to this JSON file (rank 0)")
