@@ -13,8 +13,10 @@ processes:
   server), and sends the new model back (``Send``); one request at a time.
 
 Each worker starts with a different shard; shards = W. On one node the store's windows are
-shared memory, so a ``locked`` push is one kernel pass over the shard in place; ``atomic``
-pushes and every push of the two-sided server move the model twice (read and write back).
+shared memory, so a ``locked`` push is one kernel pass over the shard in place; an ``atomic``
+push's kernel reads the shard in place too, then its ``Accumulate`` adds the delta through MPI
+(a second pass over the shard); every push of the two-sided server moves the model twice
+(read and write back).
 """
 
 from __future__ import annotations
