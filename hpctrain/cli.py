@@ -160,18 +160,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _refuse_foreign_options(args: argparse.Namespace) -> None:
-    """An option of another algorithm's package given a value: an error, not silently unused."""
-    mine = ALGORITHMS[args.algo]
+    """An option given a value that ``--algo`` does not use: an error, not silently unused.
+
+    An option belongs to the algorithms its help names before a colon (``"ec: ..."``,
+    ``"dcasgd-c/dcasgd-a: ..."``, the prefix bench compare also reads), else to every
+    algorithm of its package.
+    """
     for module_name in dict.fromkeys(ALGORITHMS.values()):
-        if module_name == mine:
-            continue
         parser = argparse.ArgumentParser(add_help=False)
         importlib.import_module(module_name).add_arguments(parser)
-        for dest, default in vars(parser.parse_args([])).items():
-            if getattr(args, dest, default) != default:
-                algos = ", ".join(a for a, m in ALGORITHMS.items() if m == module_name)
-                raise UsageError(f"--{dest.replace('_', '-')} is an option of {algos}, "
-                                 f"not of --algo {args.algo}")
+        for action in parser._actions:
+            named = action.help.split(":")[0].split("/") if action.help else []
+            owners = named if set(named) <= ALGORITHMS.keys() and named else \
+                [a for a, m in ALGORITHMS.items() if m == module_name]
+            if args.algo not in owners and getattr(args, action.dest) != action.default:
+                raise UsageError(f"{action.option_strings[0]} is an option of "
+                                 f"{', '.join(owners)}, not of --algo {args.algo}")
 
 
 def validate_training(args: argparse.Namespace) -> ModuleType:

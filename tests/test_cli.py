@@ -53,7 +53,9 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
     (["--algo", "sgd", "--epochs", "0.05"], "--epochs: '0.05' is not a whole number"),
     (["--algo", "ssgd", "--lam", "0.5"],
-     "--lam is an option of asgd, dcasgd-c, dcasgd-a, not of --algo ssgd"),
+     "--lam is an option of dcasgd-c, dcasgd-a, not of --algo ssgd"),
+    (["--algo", "sgd", "--fp16-allreduce"], "--fp16-allreduce is an option of ssgd, not of"),
+    (["--algo", "ma", "--ec-alpha", "0.3"], "--ec-alpha is an option of ec, not of --algo ma"),
     (["--algo", "sgd", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such"),
 ])
 def test_bad_arguments(args, pattern, tmp_path):

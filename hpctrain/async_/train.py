@@ -72,17 +72,12 @@ def validate(args: argparse.Namespace) -> None:
         if not 1 <= args.shards <= numel:
             raise UsageError(f"--shards {args.shards} is outside [1, {numel}]: at most one "
                              f"shard per parameter of {args.model} ({numel} parameters)")
-    if args.lam is not None and args.algo == "asgd":
-        raise UsageError("--lam is an option of dcasgd-c, dcasgd-a, not of --algo asgd "
-                         "(no delay compensation)")
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam >= 0):
         raise UsageError(f"--lam {args.lam} must be >= 0")
     if args.momentum >= 1.0:
         raise UsageError(f"--momentum {args.momentum} must be < 1")
     if not 0.0 <= args.ms_decay < 1.0:
         raise UsageError(f"--ms-decay {args.ms_decay} is outside [0, 1)")
-    if args.ms_decay != MS_DECAY and args.algo != "dcasgd-a":
-        raise UsageError(f"--ms-decay is an option of dcasgd-a, not of --algo {args.algo}")
     parse_slowdown(args.slowdown, ranks - args.servers)
     if args.checkpoint_every is not None and not args.checkpoint_every.endswith("e"):
         raise UsageError(f"--checkpoint-every {args.checkpoint_every}: asynchronous runs "
