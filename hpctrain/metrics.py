@@ -18,10 +18,13 @@ import torch
 from tqdm import tqdm
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it; done once, at import, before any thread
     os.umask(mask)
     return mask
+
+
+_UMASK = _read_umask()
 
 
 def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
@@ -35,7 +38,7 @@ def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
     data = memoryview(content.encode() if isinstance(content, str) else content)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it; mkstemp gives 0600
+        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it; mkstemp gives 0600
         with os.fdopen(fd, "wb") as f:
             half = len(data) // 2
             f.write(data[:half])
