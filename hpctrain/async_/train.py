@@ -248,7 +248,7 @@ def _work(args: argparse.Namespace, store: ParameterStore, model, test_set, foun
         "wall_s": wall,
         "samples_per_s": total_samples / wall,
         "staleness": distribution(taus),
-        "pushes_per_worker": [w["pushes"] for w in every],
+        "pushes_per_worker": [len(w["staleness"]) for w in every],  # skipped steps push nothing
         "samples_per_worker": [w["samples"] for w in every],
         "busy_s_per_worker": [w["busy_s"] for w in every],
         "straggler_sleep_s_per_worker": [w["slept_s"] for w in every],
