@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from types import ModuleType
 
-from hpctrain import checkpoint, comm, data, models, shuffle, watchdog
+from hpctrain import checkpoint, comm, data, models, options, shuffle, watchdog
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
@@ -36,7 +36,8 @@ ALGORITHMS = {
 }
 # Shared option values an algorithm module may override with its own DEFAULTS dict.
 TRAINING_DEFAULTS = {"lr": 0.05, "momentum": 0.9}
-# Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run.
+# Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run (and optionally
+# validate(args), called before MPI starts).
 BENCHMARKS: dict[str, str] = {
     "compare": "hpctrain.bench.compare",
     "allreduce": "hpctrain.bench.allreduce",
@@ -63,19 +64,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)  # printed as "hpctrain: error: <message>"
 
 
-def _positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            what = "a whole number" if kind is int else "a number"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
 def _milestones(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
@@ -92,9 +80,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="fashion-mnist", help=f"one of: {', '.join(data.DATASETS)}")
     p.add_argument("--data-dir", default=None, help="folder with the data set's files")
     p.add_argument("--model", default="lenet", help=f"one of: {', '.join(models.MODELS)}")
-    p.add_argument("--epochs", type=_positive(int), default=5, help="passes over the data")
-    p.add_argument("--batch-size", type=_positive(int), default=64, help="per worker")
-    p.add_argument("--lr", type=_positive(float), default=None,
+    p.add_argument("--epochs", type=options.positive(int), default=5, help="passes over the data")
+    p.add_argument("--batch-size", type=options.positive(int), default=64, help="per worker")
+    p.add_argument("--lr", type=options.positive(float), default=None,
                    help="base learning rate (default 0.05; asgd, dcasgd-*: 0.1)")
     p.add_argument("--momentum", type=float, default=None,
                    help="SGD momentum (default 0.9; asgd, dcasgd-*: 0, the paper's algorithm)")
@@ -104,21 +92,22 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    "--lr-milestones (default when they are given), or constant")
     p.add_argument("--lr-milestones", type=_milestones, default=[],
                    help="epochs at which the learning rate is multiplied by --lr-gamma, e.g. 3,4")
-    p.add_argument("--lr-gamma", type=_positive(float), default=0.1,
+    p.add_argument("--lr-gamma", type=options.positive(float), default=0.1,
                    help="step decay factor")
     p.add_argument("--seed", type=int, default=0,
                    help="seeds the model, the data order and injected stragglers")
-    p.add_argument("--eval-every", type=_positive(float), default=0.25,
+    p.add_argument("--eval-every", type=options.positive(float), default=0.25,
                    help="epochs between snapshots of the model (evaluated after training)")
     p.add_argument("--out", default=None, help="output directory (default runs/<algo>-<time>)")
-    p.add_argument("--threads", type=_positive(int), default=1, help="torch threads per rank")
+    p.add_argument("--threads", type=options.positive(int), default=1,
+                   help="torch threads per rank")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--slowdown", default=None, metavar="RANK:FACTOR[,...]",
                    help="injected straggler: worker RANK's steps take FACTOR times as long")
     p.add_argument("--jitter", type=float, default=0.0, metavar="SIGMA",
                    help="injected noise: every step takes exp(SIGMA*z) times as long, seeded")
     checkpoint.add_arguments(p)
-    p.add_argument("--max-bad-steps", type=_positive(int), default=10,
+    p.add_argument("--max-bad-steps", type=options.positive(int), default=10,
                    help="stop after this many consecutive steps with NaN/Inf gradients")
     p.add_argument("--stall-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="end the job when a rank makes no progress for this long (0: never; "
@@ -159,19 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def algorithms_named(help_text: str | None) -> list[str]:
+    """The algorithms an option's help names before ``": "`` (``"ma/ec: ..."``), else []."""
+    head, colon, _ = (help_text or "").partition(": ")
+    names = head.split("/")
+    return names if colon and set(names) <= ALGORITHMS.keys() else []
+
+
 def _refuse_foreign_options(args: argparse.Namespace) -> None:
     """An option given a value that ``--algo`` does not use: an error, not silently unused.
 
-    An option belongs to the algorithms its help names before a colon (``"ec: ..."``,
-    ``"dcasgd-c/dcasgd-a: ..."``, the prefix bench compare also reads), else to every
-    algorithm of its package.
+    An option belongs to the algorithms its help names (:func:`algorithms_named`), else to
+    every algorithm of its package.
     """
     for module_name in dict.fromkeys(ALGORITHMS.values()):
         parser = argparse.ArgumentParser(add_help=False)
         importlib.import_module(module_name).add_arguments(parser)
         for action in parser._actions:
-            named = action.help.split(":")[0].split("/") if action.help else []
-            owners = named if set(named) <= ALGORITHMS.keys() and named else \
+            owners = algorithms_named(action.help) or \
                 [a for a, m in ALGORITHMS.items() if m == module_name]
             if args.algo not in owners and getattr(args, action.dest) != action.default:
                 raise UsageError(f"{action.option_strings[0]} is an option of "
@@ -261,6 +255,8 @@ def main(argv: list[str] | None = None) -> None:
         train(args)
     elif args.command == "bench":
         module = importlib.import_module(BENCHMARKS[args.benchmark])
+        if hasattr(module, "validate"):  # checks the options' own types cannot make
+            module.validate(args)
         if module.THREAD_LEVEL is not None:  # None: a launcher of MPI jobs (compare)
             comm.init(module.THREAD_LEVEL)
         module.run(args)

@@ -24,8 +24,7 @@ import torch
 from torch import nn
 
 import hpctrain.sync as sync
-from hpctrain import comm
-from hpctrain.bench import options
+from hpctrain import comm, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sync import collectives, horovod_backend, nbc_tuning
@@ -181,7 +180,7 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure every model size; rank 0 prints the table (and writes ``args.json``)."""
-    sizes = args.params  # checked while parsing (hpctrain.bench.options)
+    sizes = args.params  # checked while parsing (hpctrain.options)
     world = comm.world()
     sync.init(backend="mpi")
     tuned = collectives.world().iallreduce_algorithm

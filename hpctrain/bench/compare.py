@@ -49,7 +49,6 @@ SEQUENTIAL = ("sgd",)  # algorithms that run on one process whatever --workers s
 _PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
 _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
-_FOR = re.compile(r"^([a-z0-9-]+(?:/[a-z0-9-]+)*): ")  # help naming its algorithms: "ma/ec: ..."
 
 
 @dataclass(frozen=True)
@@ -93,9 +92,7 @@ class _Forwarder:
             kw.pop("choices")
         flag = next((f for f in flags if f.startswith("--")), flags[0])
         # A help text starting "ssgd: ..." or "ma/ec: ..." names the algorithms that use it.
-        named = _FOR.match(text)
-        algos = tuple(a for a in named.group(1).split("/")
-                      if cli.ALGORITHMS.get(a) == self.owner) if named else ()
+        algos = tuple(a for a in cli.algorithms_named(text) if cli.ALGORITHMS[a] == self.owner)
         # Own namespace, so that compare's options and the CLI's look-ups never see these.
         dest = "train_" + (kw.pop("dest", None) or flag.lstrip("-").replace("-", "_"))
         action = self.group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kw)

@@ -16,8 +16,7 @@ import time
 
 import torch
 
-from hpctrain import comm, kernels
-from hpctrain.bench import options
+from hpctrain import comm, kernels, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 

@@ -23,8 +23,7 @@ import time
 import numpy as np
 import torch
 
-from hpctrain import comm, data
-from hpctrain.bench import options
+from hpctrain import comm, data, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import make_train_data, order
@@ -93,21 +92,21 @@ def _copies(images: torch.Tensor, seed: int) -> float:
     return time.perf_counter() - start
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Checks beyond the options' own, before MPI starts: the ranks and the data's files."""
+    ranks = comm.env_size()
+    if ranks < 2:
+        raise UsageError(f"the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not {ranks}")
+    samples = data.size(args.dataset, "train", args.data_dir)  # its files are there
+    if ranks > samples:
+        raise UsageError(f"{ranks} ranks but only {samples} training samples in {args.dataset}")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Alternate raw and reshuffle ``args.epochs`` times; return medians and their ratio."""
     world = comm.world()
     ranks, me = world.Get_size(), world.Get_rank()
 
-    def check() -> None:  # the options themselves were checked while parsing
-        if ranks < 2:
-            raise UsageError(f"the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not "
-                             f"{ranks}")
-        samples = data.size(args.dataset, "train", args.data_dir)  # its files are there
-        if ranks > samples:
-            raise UsageError(f"{ranks} ranks but only {samples} training samples in "
-                             f"{args.dataset}")
-
-    options.rank0_speaks(world, check)
     data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
                                    shuffle="global", data_placement="sharded",
                                    partition=args.partition,

@@ -27,9 +27,8 @@ import time
 
 import torch
 
-from hpctrain import comm, kernels
+from hpctrain import comm, kernels, options
 from hpctrain.async_ import CONSISTENCIES, ParameterStore
-from hpctrain.bench import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 
@@ -123,13 +122,17 @@ def _rate(parts: list) -> float:
     return sum(n / s for n, s, _ in parts if n)
 
 
+def validate(args: argparse.Namespace) -> None:
+    """Before MPI starts: at least one worker besides the server rank."""
+    if comm.env_size() < 2:
+        raise UsageError(f"the store benchmark needs mpirun -np W+1 (W >= 1 workers), not "
+                         f"{comm.env_size()} rank(s)")
+
+
 def run(args: argparse.Namespace) -> dict:
     """Every size and configuration; print a table on rank 0; return the figures."""
     world = comm.world()
     size, rank = world.Get_size(), world.Get_rank()
-    if size < 2:
-        raise UsageError(f"the store benchmark needs mpirun -np W+1 (W >= 1 workers), not "
-                         f"{size} rank(s)")
     spread = world.Split(0 if rank < size - 1 else 1, rank)
     rows = []
     for numel in args.params:

@@ -1,4 +1,4 @@
-"""Option value checks shared by the micro-benchmarks.
+"""Option value checks shared by the command lines (training options, the micro-benchmarks).
 
 Each is an argparse ``type``: a bad value fails while the command line is parsed, before MPI
 starts, so it is one line naming the value and exit status 2 with rank 0 speaking for all
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import time
 from pathlib import Path
-
-from hpctrain.errors import UsageError
 
 
 def _number(kind, text: str):
@@ -84,15 +81,3 @@ def existing_dir(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")
     return text
-
-
-def rank0_speaks(world, check) -> None:
-    """Run ``check()`` (input checks made after MPI started, before any collective call) on every
-    rank. When it raises UsageError, rank 0's line and abort end the job, as before MPI starts;
-    another rank says its own only when rank 0 did not fail (a file missing on its node only)."""
-    try:
-        check()
-    except UsageError:
-        if world.Get_rank() != 0:
-            time.sleep(2)
-        raise
