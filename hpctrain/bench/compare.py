@@ -148,9 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         users = [a for a in mine
                  if any(o.algos is None or a in o.algos for o in options[first:])]
         some = any(o.algos is not None and set(o.algos) != set(users) for o in options[first:])
-        group.title = (f"options of {', '.join(users)} (given only to "
-                       f"{'it' if len(users) == 1 else 'them'}"
-                       f"{'; one whose help begins with algorithm names, only to those' * some})")
+        who = "it" if len(users) == 1 else "them"
+        note = "; one whose help begins with algorithm names, only to those" if some else ""
+        group.title = f"options of {', '.join(users)} (given only to {who}{note})"
     parser.set_defaults(train_options=options)
 
 
