@@ -125,6 +125,8 @@ def test_last_error_prefers_hpctrain_line_over_mpirun_banner():
              "-" * 70, "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD",
              "with errorcode 1.", "-" * 70]
     assert compare.last_error(lines, 1) == lines[0]
+    glued = [lines[0] + "-" * 74, "MPI_ABORT was invoked on rank 1"]  # as mpirun may write it
+    assert compare.last_error(glued, 1) == lines[0]
     assert compare.last_error(["Traceback (most recent call last):", '  File "x.py"',
                                "ValueError: bad shape"], 1) == "ValueError: bad shape"
     signal = ["mpirun noticed that process rank 0 with PID 12 on node vm exited on signal 9",

@@ -262,7 +262,8 @@ def last_error(lines: list[str], returncode: int) -> str:
         for line in reversed(lines):
             m = re.search(pattern, line)
             if m:
-                return m.group(0).strip()
+                # mpirun may glue its abort banner's rule (dashes) onto the rank's last line.
+                return re.sub(r"-{10,}.*", "", m.group(0)).strip()
     words = [line.strip() for line in lines if re.search(r"[A-Za-z]{2}", line)]
     return words[-1] if words else f"exit status {returncode}"
 
