@@ -1,5 +1,7 @@
-"""Checkpoint files and folders: checksums, fallback, rotation, safe loading, killed writers."""
+"""Checkpoint files and folders: checksums, fallback, rotation, safe loading, killed writers;
+the Loaded record, the checkpoint schedule and the resume checks."""
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -16,6 +18,8 @@ import torch
 
 from hpctrain import checkpoint
 from hpctrain.checkpoint import CorruptCheckpoint
+from hpctrain.errors import UsageError
+from hpctrain.evaluate import Snapshots
 
 
 def payload(i: int, numel: int = 1000) -> dict:
@@ -67,11 +71,11 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path):
     newest = write(tmp_path, 20)
     flip(newest, newest.stat().st_size // 2)
     lines = []
-    path, header, body, snapshots = checkpoint.load_newest(tmp_path, lines.append)
-    assert header["updates"] == 10 and body["i"] == 10 and snapshots == []
+    found = checkpoint.load_newest(tmp_path, lines.append)
+    assert found.header["updates"] == 10 and found.payload["i"] == 10 and found.snapshots == []
     assert len(lines) == 1 and "ckpt-000000020.pt" in lines[0] and "checksum" in lines[0]
     assert (tmp_path / "ckpt-000000020.pt.corrupt").exists()  # kept aside, out of rotation
-    assert checkpoint.listing(tmp_path) == [path]
+    assert checkpoint.listing(tmp_path) == [found.path]
 
 
 def test_nothing_usable(tmp_path):
@@ -133,6 +137,127 @@ def test_rng_state_round_trip(tmp_path):
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
 
 
+def test_every_parses_the_normalised_text():
+    assert checkpoint.Every.parse(" 2e ") == checkpoint.Every(by_progress=True, amount=2.0)
+    assert checkpoint.Every.parse("600") == checkpoint.Every(by_progress=False, amount=600.0)
+    assert checkpoint.Every.parse("0.3e").interval_updates(100) == 30
+    assert checkpoint.Every.parse("0.001e").interval_updates(100) == 1  # at least one update
+    with pytest.raises(ValueError):
+        checkpoint.Every.parse("600").interval_updates(100)  # seconds are no update count
+
+
+def test_loaded_fields(tmp_path):
+    """A Checkpointer's checkpoint (with snapshot files) reads back as a Loaded, and restores."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    snapshots = Snapshots()
+    snapshots.take(model, updates=0)
+    config = {"lr": 0.1, "out": str(tmp_path)}
+    ckpt = checkpoint.Checkpointer(None, 10, 40, shared={"model": model}, every="1e",
+                                   folder=tmp_path / "ckpts", resume=None,
+                                   header={"algo": "sgd", "ranks": 1, "args": config})
+    assert [ckpt.due(u) for u in (9, 10)] == [False, True]
+    ckpt.save(10, {"elapsed": 1.5}, snapshots)
+    assert not ckpt.due(11)
+
+    found = checkpoint.load_newest(tmp_path / "ckpts")
+    assert isinstance(found, checkpoint.Loaded)
+    assert found.path == tmp_path / "ckpts" / "ckpt-000000010.pt"
+    assert found.header == {**checkpoint.read_header(found.path), "algo": "sgd", "ranks": 1,
+                            "workers": 1, "args": config, "updates": 10, "epoch": 1.0}
+    assert sorted(found.payload) == ["book", "ranks", "shared", "snapshots"]
+    assert torch.equal(found.payload["shared"]["model"]["weight"], model.weight)
+    assert found.payload["ranks"][0]["counters"] == {"elapsed": 1.5, "updates": 10}
+    assert [[s.info for s in rank] for rank in found.snapshots] == [[{"updates": 0}]]
+    assert torch.equal(found.snapshots[0][0].state["bias"], model.bias)
+    again = checkpoint.newest(tmp_path / "ckpts")
+    assert (again.path, again.header) == (found.path, found.header)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        found.path = tmp_path
+
+    fresh = torch.nn.Linear(3, 2)
+    back = Snapshots()
+    resumed = checkpoint.Checkpointer(None, 10, 40, shared={"model": fresh}, every="1e",
+                                      folder=tmp_path / "ckpts", resume=str(tmp_path / "ckpts"),
+                                      header={"algo": "sgd", "ranks": 1, "args": config})
+    assert resumed.restore(back, found) == {"elapsed": 1.5, "updates": 10}
+    assert torch.equal(fresh.weight, model.weight) and [s.info for s in back] == [{"updates": 0}]
+    assert resumed.next_due == 20 and resumed.summary()["resumed_from_updates"] == [10]
+
+
+def a_run(folder, algo="sgd", ranks=2, **config) -> None:
+    """A run's checkpoint in ``folder``, as a Checkpointer writes its header."""
+    checkpoint.save(folder, 5, {"x": 1}, {"algo": algo, "ranks": ranks, "workers": ranks,
+                                          "args": {"lr": 0.1, "batch_size": 64, **config}})
+
+
+def check(**given) -> checkpoint.Resolved:
+    values = {"algo": "sgd", "ranks": 2, "every": None, "checkpoint_dir": None, "resume": None,
+              "out": None, "run_config": {"lr": 0.1, "batch_size": 64},
+              "may_change": checkpoint.MAY_CHANGE, **given}
+    return checkpoint.check(**values)
+
+
+def test_check_resume_of_a_missing_or_empty_folder(tmp_path):
+    with pytest.raises(UsageError, match=r"^--resume .*/gone: no such folder$"):
+        check(resume=str(tmp_path / "gone"))
+    with pytest.raises(UsageError, match=r"^--resume .*: no checkpoint found there$"):
+        check(resume=str(tmp_path))
+
+
+@pytest.mark.parametrize("algo, ranks", [("ssgd", 2), ("sgd", 4)])
+def test_check_resume_of_another_algorithm_or_ranks(tmp_path, algo, ranks):
+    a_run(tmp_path / "run" / "checkpoints")
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path / "run"), algo=algo, ranks=ranks)
+    assert str(e.value) == (f"--resume {tmp_path / 'run'}: its checkpoint is of --algo sgd on "
+                            f"2 ranks, not --algo {algo} on {ranks}")
+
+
+def test_check_resume_with_a_changed_option(tmp_path):
+    a_run(tmp_path, threads=4)
+    config = {"lr": 0.1, "batch_size": 128, "threads": 8, "new_option": 1}
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path), run_config=config)
+    assert str(e.value) == (f"--resume {tmp_path}: the run was started with --batch-size 64, "
+                            "not 128")
+    # The options that may change (threads), or that the old run did not record, may differ.
+    check(resume=str(tmp_path), run_config={**config, "batch_size": 64})
+    with pytest.raises(UsageError, match="--threads 4, not 8"):
+        check(resume=str(tmp_path), run_config={**config, "batch_size": 64},
+              may_change=frozenset())
+
+
+def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):
+    a_run(tmp_path / "old" / "checkpoints")
+    with pytest.raises(UsageError) as e:
+        check(out=str(tmp_path / "old"))
+    assert str(e.value) == (f"--out {tmp_path / 'old'} holds the checkpoints of an unfinished "
+                            f"run; continue it with --resume {tmp_path / 'old'} or choose "
+                            "another folder")
+    with pytest.raises(UsageError) as e:
+        check(out=str(tmp_path / "new"), every="1e",
+              checkpoint_dir=str(tmp_path / "old" / "checkpoints"))
+    assert str(e.value) == (f"--checkpoint-dir {tmp_path / 'old' / 'checkpoints'} holds another "
+                            "run's checkpoints; resume it with --resume or choose another folder")
+    # Without --checkpoint-every nothing would be written there.
+    assert check(out=str(tmp_path / "new"),
+                 checkpoint_dir=str(tmp_path / "old" / "checkpoints")).resume is None
+
+
+def test_check_resolves_the_folders(tmp_path):
+    out, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    a_run(folder, out=str(out))
+    assert check(resume=str(out), every="1e") == checkpoint.Resolved(
+        out=str(out), checkpoint_dir=str(folder), resume=str(folder))
+    assert check(resume=str(folder), out=str(tmp_path / "elsewhere"),
+                 checkpoint_dir=str(tmp_path / "ck")) == checkpoint.Resolved(
+        out=str(tmp_path / "elsewhere"), checkpoint_dir=str(tmp_path / "ck"), resume=str(folder))
+    fresh = tmp_path / "fresh"
+    assert check(out=str(fresh), every="600") == checkpoint.Resolved(str(fresh), None, None)
+    assert check() == checkpoint.Resolved(None, None, None)
+
+
 def _writer(folder, first: int) -> None:
     # A forked child must not enter the OpenMP pool it inherited from a parent whose earlier
     # tests used several threads: it would hang there (libgomp is not fork-safe).
@@ -162,10 +287,10 @@ def test_writer_killed_at_random_moments_never_loses_the_last_checkpoint(tmp_pat
         problems = []
         found = checkpoint.load_newest(tmp_path, problems.append)
         assert found is not None and not problems, problems
-        _, header, body, _ = found
-        assert body["i"] == header["updates"] >= newest
+        body = found.payload
+        assert body["i"] == found.header["updates"] >= newest
         assert torch.equal(body["w"], torch.full((1 << 20,), float(body["i"])))
-        newest = header["updates"]
+        newest = found.header["updates"]
     assert mid_write >= 1  # the kills did land inside writes
     assert newest > 5  # and the writers made progress between them
     # Kills between a rename and the pruning leave extra old files; the next whole save prunes.

@@ -1,0 +1,179 @@
+"""Resuming and writing checkpoints from inside a training loop, collectively over the ranks.
+
+The loops register the objects that make up their state (anything with ``state_dict`` and
+``load_state_dict``) and call :meth:`Checkpointer.restore` once, then :meth:`~Checkpointer.due`
+before each update and :meth:`~Checkpointer.save` when it says so; this class owns
+the gathering to rank 0, the snapshot files, the schedule and the bookkeeping, so that no loop
+repeats them. It takes plain values, not the command line's options.
+
+The position in the data is the update count: epoch ``updates // steps`` at step
+``updates % steps``, whose order the shuffle package derives from (seed, epoch) alone (an
+asynchronous worker keeps its own position among its per-rank counters).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hpctrain import faults
+from hpctrain.checkpoint.folder import Loaded, newest, save
+from hpctrain.checkpoint.format import _header_of, encode
+from hpctrain.checkpoint.policy import Every
+from hpctrain.checkpoint.rng import rng_state, set_rng_state
+from hpctrain.metrics import write_atomic
+
+
+class Checkpointer:
+    """Resuming and writing checkpoints from a training loop.
+
+    ``shared`` objects (``state_dict``/``load_state_dict``) are the same on every rank and saved
+    from rank 0; ``per_rank`` objects are gathered from every rank and each gets its own back,
+    as do its counters and random-number state. Snapshots are rank 0's, given to every rank on
+    resume, or with ``per_rank_snapshots`` each rank's own. With ``comm`` every rank calls
+    :meth:`restore`, and :meth:`save` at the same update, collectively.
+
+    ``every`` (``--checkpoint-every``; None: never) ``Ne`` makes one due each time the update
+    count passes a multiple of N epochs (``steps`` updates each); ``N`` seconds, when rank 0's
+    clock says so (lock-step loops only: the verdict is a broadcast per step). Checkpoints go to
+    ``folder``; ``resume`` is the folder to resume from (None: a fresh run). ``header``: what
+    each checkpoint's header records about the run (``algo``, ``ranks``, ``args``: the run's
+    configuration that :func:`~hpctrain.checkpoint.policy.check` compares); ``workers`` (the
+    size of ``comm``) is added here.
+    """
+
+    def __init__(self, comm, steps: int, total_steps: int, *, shared: dict,
+                 per_rank: dict | None = None, per_rank_snapshots: bool = False,
+                 every: str | None, folder: Path, resume: str | None, header: dict) -> None:
+        self.comm, self.steps, self.total = comm, steps, total_steps
+        self.snapshots_per_rank = per_rank_snapshots
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.workers = comm.Get_size() if comm is not None else 1
+        self.shared, self.per_rank = shared, per_rank or {}
+        self.resume_dir = resume
+        self.header = {**header, "workers": self.workers}
+        self.enabled = every is not None
+        self.folder = Path(folder)
+        schedule = Every.parse(every) if self.enabled else None
+        self.by_progress = schedule is not None and schedule.by_progress
+        self.every = schedule.amount if schedule is not None else 0.0
+        self.interval = schedule.interval_updates(steps) if self.by_progress else 0
+        self.next_due = self.interval
+        self.written = 0      # snapshots (of each rank) already in snapshots/
+        self.refs: list[list[dict]] = []  # their files, per rank that saves them
+        self.count, self.seconds = 0, 0.0
+        self.resumed_from: list[int] = []
+        self.last = time.perf_counter()
+        self._request, self._flag = None, np.zeros(1, np.uint8)
+
+    def restore(self, snapshots: list, found: Loaded | None = None) -> dict:
+        """With ``resume``: load the newest valid checkpoint (``found``: what rank 0 already
+        loaded with :func:`~hpctrain.checkpoint.folder.newest`) into the registered objects and
+        ``snapshots``; return this rank's counters (``updates``, ``elapsed``, ...), else ``{}``."""
+        if self.resume_dir is None:
+            return {}
+        common = parts = None
+        if self.rank == 0:
+            loaded = found or newest(self.resume_dir)
+            payload, restored = loaded.payload, loaded.snapshots
+            common = (loaded.path, loaded.header, payload["shared"], payload["book"],
+                      payload["snapshots"],
+                      None if self.snapshots_per_rank else restored[0])
+            parts = [(payload["ranks"][r], restored[r] if self.snapshots_per_rank else None)
+                     for r in range(self.workers)]
+        if self.comm is not None:
+            common = self.comm.bcast(common, root=0)
+            mine, own = self.comm.scatter(parts, root=0)
+        else:
+            mine, own = parts[0]
+        path, header, shared, book, self.refs, first = common
+        for name, obj in self.shared.items():
+            obj.load_state_dict(shared[name])
+        for name, obj in self.per_rank.items():
+            obj.load_state_dict(mine[name])
+        set_rng_state(mine["rng"])
+        snapshots[:] = own if self.snapshots_per_rank else first
+        self.written = len(snapshots)
+        self.count, self.seconds = book["checkpoints"], book["checkpoint_s"]
+        self.resumed_from = [*book["resumed_from"], header["updates"]]
+        self.next_due = (header["updates"] // self.interval + 1) * self.interval \
+            if self.by_progress else 0
+        if self.rank == 0:
+            print(f"hpctrain: resuming from {path} (update {header['updates']})",
+                  file=sys.stderr, flush=True)
+        self.last = time.perf_counter()
+        return mine["counters"]
+
+    def due(self, updates: int) -> bool:
+        """Whether a checkpoint is due after update ``updates`` (collective in seconds mode)."""
+        if not self.enabled:
+            return False
+        if self.by_progress:
+            # Only marks within the run count: async workers stop at the total, so a mark past
+            # it would keep some of them waiting at the checkpoint's barrier.
+            return self.next_due <= self.total and updates >= self.next_due
+        if self.comm is None or self.workers == 1:
+            return time.perf_counter() - self.last >= self.every
+        # Rank 0's clock decides; its verdict travels in a 1-byte Ibcast overlapped with the
+        # next step, so all ranks checkpoint at the same update without a blocking message.
+        due = False
+        if self._request is not None:
+            self._request.Wait()
+            due = bool(self._flag[0])
+            self._request = None
+        if updates < self.total:  # the verdict for the next update (none after the last)
+            late = time.perf_counter() - self.last >= self.every
+            self._flag[0] = self.rank == 0 and late and not due
+            self._request = self.comm.Ibcast(self._flag, root=0)
+        return due
+
+    def save(self, updates: int, counters: dict, snapshots: list) -> None:
+        """Write the checkpoint of update ``updates`` (collective; rank 0 writes). ``counters``:
+        this rank's plain numbers (``elapsed``, samples, ...), given back by restore."""
+        start = time.perf_counter()
+        mine = {name: obj.state_dict() for name, obj in self.per_rank.items()}
+        mine["rng"] = rng_state()
+        mine["counters"] = {**counters, "updates": updates}
+        new = snapshots[self.written:] if self.snapshots_per_rank or self.rank == 0 else []
+        self.written = len(snapshots)
+        gathered = [(mine, new)]
+        if self.comm is not None:
+            gathered = self.comm.gather((mine, new), root=0)
+        if self.rank == 0:
+            self._write(updates, [m for m, _ in gathered],
+                        [n for _, n in gathered] if self.snapshots_per_rank else [new])
+        self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
+        self.count += 1
+        self.seconds += time.perf_counter() - start
+        self.last = time.perf_counter()
+
+    def _write(self, updates: int, ranks: list[dict], fresh: list[list]) -> None:
+        if not self.refs:
+            self.refs = [[] for _ in fresh]
+        (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
+        for r, snaps in enumerate(fresh):
+            for snap in snaps:
+                rank = f"-r{r}" if self.snapshots_per_rank else ""
+                name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
+                blob = encode(snap.state, {"info": snap.info})
+                write_atomic(self.folder / name, blob, durable=True)
+                self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
+                                     "info": snap.info})
+        payload = {
+            "shared": {name: obj.state_dict() for name, obj in self.shared.items()},
+            "ranks": ranks,
+            "snapshots": self.refs,
+            "book": {"checkpoints": self.count + 1, "checkpoint_s": self.seconds,
+                     "resumed_from": self.resumed_from},
+        }
+        header = {**self.header, "epoch": updates / self.steps}
+        save(self.folder, updates, payload, header,
+             midway=lambda: faults.during_checkpoint(self.rank, updates))
+
+    def summary(self) -> dict:
+        """Checkpoints written (over the whole run), seconds spent writing, resume points."""
+        return {"checkpoints": self.count, "checkpoint_s": self.seconds,
+                "resumed_from_updates": self.resumed_from}

@@ -1,0 +1,75 @@
+"""The checkpoint file format: one line of JSON (the header), then a ``torch.save`` payload.
+
+Kept apart from folders and training loops so that the bytes of a file, and the rules for
+trusting them, are defined in one place: the header carries the payload's SHA-256 and length,
+and the payload is only unpickled (``weights_only=True``, so no code from the file runs) once
+both match. Everything else reads and writes checkpoints through :func:`encode` and :func:`load`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+
+import torch
+
+FORMAT = "hpctrain-checkpoint/1"
+_MAX_HEADER = 1 << 20
+
+
+class CorruptCheckpoint(Exception):
+    """A checkpoint file that cannot be used (truncated, checksum mismatch, bad format)."""
+
+
+def encode(payload: object, header: dict) -> bytes:
+    """The bytes of a checkpoint file: ``header`` (plus checksum and length) and ``payload``."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    head = {**header, "format": FORMAT, "sha256": hashlib.sha256(body).hexdigest(),
+            "bytes": len(body)}
+    return json.dumps(head, sort_keys=True).encode() + b"\n" + body
+
+
+def _parse_header(line: bytes, path: Path) -> dict:
+    try:
+        header = json.loads(line)
+    except ValueError:
+        raise CorruptCheckpoint(f"{path.name}: unreadable header") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"{path.name}: not an {FORMAT} file")
+    return header
+
+
+def read_header(path: str | Path) -> dict:
+    """The header of a checkpoint file, without reading or checking the payload."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _parse_header(f.readline(_MAX_HEADER), path)
+
+
+def load(path: str | Path) -> tuple[dict, object]:
+    """``(header, payload)`` of a checkpoint file; CorruptCheckpoint unless its checksum holds."""
+    path = Path(path)
+    blob = path.read_bytes()
+    line, sep, body = blob.partition(b"\n")
+    if not sep:
+        raise CorruptCheckpoint(f"{path.name}: truncated header")
+    header = _parse_header(line, path)
+    if len(body) != header.get("bytes"):
+        raise CorruptCheckpoint(f"{path.name}: {len(body)} payload bytes, header says "
+                                f"{header.get('bytes')} (truncated?)")
+    if hashlib.sha256(body).hexdigest() != header.get("sha256"):
+        raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
+    try:
+        payload = torch.load(io.BytesIO(body), weights_only=True)
+    except Exception as e:  # a payload that hashes right but does not load: wrong writer
+        raise CorruptCheckpoint(f"{path.name}: payload does not load ({e})") from None
+    return header, payload
+
+
+def _header_of(blob: bytes) -> dict:
+    """The header of bytes that :func:`encode` just made (trusted: no checks)."""
+    return json.loads(blob.partition(b"\n")[0])

@@ -1,0 +1,127 @@
+"""When to checkpoint, and whether a run may write or resume the checkpoints it is pointed at.
+
+Pure decisions on plain values (no argparse Namespace, no MPI), so that the command line, a
+benchmark driver or a test can ask them before any rank starts: :func:`parse_every` and
+:class:`Every` read ``--checkpoint-every``; :func:`check` refuses a resumption of another run
+(other algorithm, ranks or trajectory-changing options) and folders that would mix two runs'
+checkpoints, and says which output and checkpoint folders the run is to use.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+
+from hpctrain.checkpoint.folder import SUBDIR, listing, resolve, run_folder
+from hpctrain.checkpoint.format import CorruptCheckpoint, read_header
+from hpctrain.errors import UsageError
+
+# Options that may differ between a run and its resumption: they do not change the trajectory.
+MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
+                        "no_progress", "threads", "data_dir"})
+
+
+def parse_every(text: str) -> str:
+    """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned normalised).
+
+    Raises argparse.ArgumentTypeError, so that it serves as an argparse ``type``.
+    """
+    value = str(text).strip()
+    number = value[:-1] if value.endswith("e") else value
+    try:
+        amount = float(number)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is neither seconds (600) nor epochs (2e)") from None
+    if not amount > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+@dataclass(frozen=True)
+class Every:
+    """How often to checkpoint: every ``amount`` epochs of updates, or ``amount`` seconds."""
+
+    by_progress: bool
+    """True for ``Ne`` (epochs of updates, the same updates in every run), False for seconds."""
+    amount: float
+    """N: epochs when ``by_progress``, else seconds (> 0)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Every:
+        """From ``--checkpoint-every``'s text (see :func:`parse_every`, whose errors it raises)."""
+        value = parse_every(text)
+        by_progress = value.endswith("e")
+        return cls(by_progress, float(value[:-1] if by_progress else value))
+
+    def interval_updates(self, steps_per_epoch: int) -> int:
+        """Updates between two checkpoints (at least 1) with ``steps_per_epoch`` updates per
+        epoch; only for ``by_progress`` (ValueError otherwise: time is no update count)."""
+        if not self.by_progress:
+            raise ValueError(f"every {self.amount:g} seconds is no number of updates")
+        return max(1, round(self.amount * steps_per_epoch))
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The checkpoint-related folders a run is to use, as :func:`check` resolved them."""
+
+    out: str | None
+    """The output folder: as given, or with ``--resume`` and none given, the resumed run's."""
+    checkpoint_dir: str | None
+    """The checkpoint folder: as given, or with ``--resume`` and none given, the one resumed."""
+    resume: str | None
+    """The checkpoint folder resumed from (``DIR`` or ``DIR/checkpoints``), or None."""
+
+
+def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
+          resume: str | None, out: str | None, run_config: dict,
+          may_change: frozenset[str]) -> Resolved:
+    """Check the checkpoint options before MPI starts; for ``resume``, check that the newest
+    checkpoint's run is this one (same ``algo``, ``ranks``, and ``run_config`` values over the
+    keys it also recorded, except ``may_change``); return the folders to use (``out`` defaults
+    to the resumed run's). UsageError, naming the flag, when the run must not go ahead.
+
+    ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
+    record in their header's ``args``; keys are option names with ``_`` for ``-``).
+    """
+    if resume is not None:
+        given = resume
+        if not Path(given).is_dir():
+            raise UsageError(f"--resume {given}: no such folder")
+        folder = resolve(given)
+        header = _newest_header(folder, given)
+        if header.get("algo") != algo or header.get("ranks") != ranks:
+            raise UsageError(f"--resume {given}: its checkpoint is of --algo "
+                             f"{header.get('algo')} on {header.get('ranks')} ranks, not "
+                             f"--algo {algo} on {ranks}")
+        old = header.get("args", {})
+        for key in sorted(old.keys() & run_config.keys() - may_change):
+            if old[key] != run_config[key]:
+                flag = "--" + key.replace("_", "-")
+                raise UsageError(f"--resume {given}: the run was started with {flag} "
+                                 f"{old[key]}, not {run_config[key]}")
+        if out is None:
+            out = old.get("out")
+        if checkpoint_dir is None:
+            checkpoint_dir = str(folder)
+        resume = str(folder)
+    if resume is None and out is not None and listing(Path(out) / SUBDIR):
+        raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
+                         f"continue it with --resume {out} or choose another folder")
+    if every is not None and out is not None:
+        folder = run_folder(checkpoint_dir, out)
+        if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
+            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
+                             "resume it with --resume or choose another folder")
+    return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def _newest_header(folder: Path, given: str) -> dict:
+    for path in listing(folder):
+        try:
+            return read_header(path)
+        except (CorruptCheckpoint, OSError):
+            continue
+    raise UsageError(f"--resume {given}: no checkpoint found there")

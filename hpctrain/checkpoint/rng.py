@@ -1,0 +1,32 @@
+"""The random-number state of one rank (torch, numpy and, when present, CUDA).
+
+A resumed run must draw the same random numbers as an uninterrupted one (dropout, augmentation,
+straggler jitter), so each rank's generators travel in the checkpoint. They are stored as plain
+tensors and numbers, the only things a ``weights_only`` load accepts.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def rng_state() -> dict:
+    """This process's torch and numpy random-number states, as plain tensors."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)}}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
