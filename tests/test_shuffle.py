@@ -1,10 +1,11 @@
 """Shuffling without MPI: option checks, the samplers simulated for K ranks in one process,
 reading arbitrary shards from the data files, and one-line errors from whole jobs."""
 
-import argparse
+import dataclasses
 import gzip
 import json
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -19,14 +20,9 @@ from hpctrain.shuffle.train_data import make_sampler
 STRATEGIES = ["global", "local", "partial:0", "partial:0.3", "partial:1"]
 
 
-def namespace(**kw) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    shuffle.add_arguments(parser)
-    args = parser.parse_args([])
-    args.dataset, args.data_dir, args.seed = "synthetic", None, 7
-    for key, value in kw.items():
-        setattr(args, key, value)
-    return args
+def spec(**kw) -> shuffle.TrainDataSpec:
+    """The default spec on the synthetic set, seed 7, with ``kw`` changed."""
+    return shuffle.TrainDataSpec(**{"dataset": "synthetic", "seed": 7, **kw})
 
 
 def rank_indices(strategy, n, ranks, epoch, labels=None, seed=7):
@@ -49,7 +45,7 @@ def rank_indices(strategy, n, ranks, epoch, labels=None, seed=7):
 ])
 def test_bad_strategy_is_one_line(value, message):
     with pytest.raises(UsageError) as err:
-        shuffle.validate(namespace(shuffle=value))
+        spec(shuffle=value)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -58,7 +54,17 @@ def test_bad_strategy_is_one_line(value, message):
     ("data_placement", "everywhere"), ("partition", "by-colour"), ("shuffle_chunk_mb", 0.0)])
 def test_bad_placement_partition_chunk(field, value):
     with pytest.raises(UsageError, match=str(value)):
-        shuffle.validate(namespace(**{field: value}))
+        spec(**{field: value})
+
+
+def test_spec_defaults_frozen_and_required():
+    s = shuffle.TrainDataSpec()
+    assert (s.dataset, s.data_dir, s.seed, s.shuffle, s.data_placement, s.partition,
+            s.shuffle_chunk_mb) == ("fashion-mnist", None, 0, "global", "replicated", "iid", 16.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.shuffle = "local"
+    with pytest.raises(TypeError, match="TrainDataSpec"):
+        shuffle.make_train_data(types.SimpleNamespace(**dataclasses.asdict(spec())))
 
 
 def test_parse_strategy():
@@ -231,8 +237,8 @@ def test_samplers_interface():
 def test_single_process_train_data(strategy, partition):
     outs = {}
     for placement in ("replicated", "sharded"):
-        td = shuffle.make_train_data(namespace(shuffle=strategy, partition=partition,
-                                               data_placement=placement))
+        td = shuffle.make_train_data(spec(shuffle=strategy, partition=partition,
+                                          data_placement=placement))
         assert (td.num_samples, td.samples_per_rank) == (2048, 2048)
         assert td.input_shape == data.SYNTHETIC_SHAPE and td.num_classes == 10
         outs[placement] = [td.epoch(e).subset(range(td.samples_per_rank)) for e in range(2)]

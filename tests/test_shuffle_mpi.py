@@ -19,13 +19,10 @@ def world():
     return comm.world()
 
 
-def namespace(**kw) -> argparse.Namespace:
-    args = argparse.Namespace(dataset="synthetic", data_dir=None, seed=11, shuffle="global",
-                              data_placement="replicated", partition="iid",
-                              shuffle_chunk_mb=0.1)
-    for key, value in kw.items():
-        setattr(args, key, value)
-    return args
+def spec(**kw) -> shuffle.TrainDataSpec:
+    """Synthetic set, seed 11, small exchange rounds (several per epoch), with ``kw`` changed."""
+    return shuffle.TrainDataSpec(**{"dataset": "synthetic", "seed": 11,
+                                    "shuffle_chunk_mb": 0.1, **kw})
 
 
 def gathered_ids(comm, ds: data.Dataset) -> list[torch.Tensor]:
@@ -41,8 +38,8 @@ def test_every_epoch_every_placement_is_the_whole_set(strategy, partition):
     full = data.load("synthetic")
     runs = {}
     for placement in ("replicated", "sharded"):
-        td = shuffle.make_train_data(namespace(shuffle=strategy, partition=partition,
-                                               data_placement=placement), comm)
+        td = shuffle.make_train_data(spec(shuffle=strategy, partition=partition,
+                                          data_placement=placement), comm)
         assert td.samples_per_rank == len(full) // comm.Get_size()
         epochs = []
         for e in range(3):
@@ -65,7 +62,7 @@ def test_every_epoch_every_placement_is_the_whole_set(strategy, partition):
 def test_global_order_is_the_one_process_permutation_dealt_out():
     comm = world()
     k, r = comm.Get_size(), comm.Get_rank()
-    td = shuffle.make_train_data(namespace(data_placement="sharded"), comm)
+    td = shuffle.make_train_data(spec(data_placement="sharded"), comm)
     for e in range(2):
         perm = torch.randperm(2048, generator=torch.Generator().manual_seed(11 + e))
         assert torch.equal(td.epoch(e).ids, perm[r::k][:2048 // k])
@@ -78,7 +75,7 @@ def test_partial_moves_fraction_q_and_counts_bytes(q):
     comm = world()
     k = comm.Get_size()
     td = shuffle.make_train_data(
-        namespace(shuffle=f"partial:{q}", data_placement="sharded", partition="label-skew"), comm)
+        spec(shuffle=f"partial:{q}", data_placement="sharded", partition="label-skew"), comm)
     n = td.samples_per_rank
     m = round(q * n)
     row_bytes = 4 * 16 * 16 + 16  # float32 image, int64 label, int64 id
@@ -102,8 +99,8 @@ def test_local_and_partial_zero_move_nothing():
     comm = world()
     runs = []
     for strategy in ("local", "partial:0"):
-        td = shuffle.make_train_data(namespace(shuffle=strategy, data_placement="sharded",
-                                               partition="label-skew"), comm)
+        td = shuffle.make_train_data(spec(shuffle=strategy, data_placement="sharded",
+                                          partition="label-skew"), comm)
         runs.append([td.epoch(e).ids.clone() for e in range(3)])
         assert td.stats()["bytes_moved"] == 0
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -121,7 +118,7 @@ def test_uneven_split_keeps_the_tail_on_three_ranks(strategy):
         return
     runs = {}
     for placement in ("replicated", "sharded"):
-        td = shuffle.make_train_data(namespace(shuffle=strategy, data_placement=placement), sub)
+        td = shuffle.make_train_data(spec(shuffle=strategy, data_placement=placement), sub)
         runs[placement] = [td.epoch(e).ids.clone() for e in range(3)]
         for ids in runs[placement]:
             every = torch.cat(sub.allgather(ids))
@@ -139,9 +136,8 @@ def test_uneven_split_keeps_the_tail_on_three_ranks(strategy):
 def test_fashion_mnist_sharded_global_reads_only_its_shard():
     comm = world()
     k, r = comm.Get_size(), comm.Get_rank()
-    args = namespace(dataset="fashion-mnist", data_placement="sharded", partition="label-skew",
-                     shuffle_chunk_mb=4.0)
-    td = shuffle.make_train_data(args, comm)
+    td = shuffle.make_train_data(spec(dataset="fashion-mnist", data_placement="sharded",
+                                      partition="label-skew", shuffle_chunk_mb=4.0), comm)
     n = td.samples_per_rank
     assert len(td.held) == n  # 60000 divides by 2 and 4: no tail
     labels = data.load_labels("fashion-mnist")

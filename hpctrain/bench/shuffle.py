@@ -26,7 +26,7 @@ import torch
 from hpctrain import comm, data, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
-from hpctrain.shuffle import make_train_data, order
+from hpctrain.shuffle import TrainDataSpec, make_train_data, order
 from hpctrain.shuffle.exchange import PHASES
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, PARTITIONS
 
@@ -107,11 +107,10 @@ def run(args: argparse.Namespace) -> dict:
     world = comm.world()
     ranks, me = world.Get_size(), world.Get_rank()
 
-    data_args = argparse.Namespace(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
-                                   shuffle="global", data_placement="sharded",
-                                   partition=args.partition,
-                                   shuffle_chunk_mb=args.shuffle_chunk_mb)
-    td = make_train_data(data_args, world)
+    spec = TrainDataSpec(dataset=args.dataset, data_dir=args.data_dir, seed=args.seed,
+                         shuffle="global", data_placement="sharded", partition=args.partition,
+                         shuffle_chunk_mb=args.shuffle_chunk_mb)
+    td = make_train_data(spec, world)
     row_bytes = 4 * int(np.prod(td.input_shape)) + _META_BYTES
     td.epoch(0)  # warm-up: allocates the exchange's buffers
     shuffle_mbs, raw_mbs, floor_mbs, sent_mb = [], [], [], []

@@ -7,7 +7,7 @@ With ``--data-placement sharded`` each rank reads only its part of the files and
 themselves move between ranks (MPI Alltoallv, in bounded chunks).
 """
 
-from hpctrain.shuffle.options import add_arguments, parse_strategy, validate
+from hpctrain.shuffle.options import TrainDataSpec, parse_strategy
 from hpctrain.shuffle.samplers import (
     GlobalShuffleSampler,
     LocalShuffleSampler,
@@ -21,8 +21,7 @@ __all__ = [
     "PartialShuffleSampler",
     "ReplicatedTrainData",
     "TrainData",
-    "add_arguments",
+    "TrainDataSpec",
     "make_train_data",
     "parse_strategy",
-    "validate",
 ]

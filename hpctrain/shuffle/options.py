@@ -1,8 +1,12 @@
-"""The shuffling command-line options and their checks."""
+"""What the shuffle package needs to know about a run's training data, and its checks.
+
+A plain frozen dataclass rather than an ``argparse.Namespace``, so the package does not
+depend on how (or whether) a command line declares its options.
+"""
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 
 from hpctrain.errors import UsageError
 
@@ -10,21 +14,6 @@ STRATEGIES = ("global", "local", "partial:Q")
 PLACEMENTS = ("replicated", "sharded")
 PARTITIONS = ("iid", "label-skew")
 DEFAULT_CHUNK_MB = 16.0
-
-
-def add_arguments(parser) -> None:
-    """``--shuffle``, ``--data-placement``, ``--partition``, ``--shuffle-chunk-mb``."""
-    parser.add_argument("--shuffle", default="global",
-                        help="global (fresh permutation of all data each epoch), local (each "
-                             "rank reshuffles its fixed part) or partial:Q (each rank also "
-                             "sends a fraction Q in [0, 1] of its samples to other ranks)")
-    parser.add_argument("--data-placement", default="replicated",
-                        help="replicated (every rank reads all data) or sharded (each rank "
-                             "reads its part; reshuffling moves samples with MPI)")
-    parser.add_argument("--partition", default="iid",
-                        help="initial split: iid (file order) or label-skew (sorted by label)")
-    parser.add_argument("--shuffle-chunk-mb", type=float, default=DEFAULT_CHUNK_MB,
-                        help="sharded exchange: at most this many MB sent per rank per round")
 
 
 def parse_strategy(text: str) -> tuple[str, float]:
@@ -43,16 +32,29 @@ def parse_strategy(text: str) -> tuple[str, float]:
     raise UsageError(f"unknown --shuffle {text!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def validate(args: argparse.Namespace) -> None:
-    """Check the shuffling options (no MPI needed); raise UsageError on the first bad one."""
-    parse_strategy(args.shuffle)
-    placement = getattr(args, "data_placement", "replicated")
-    if placement not in PLACEMENTS:
-        raise UsageError(f"unknown --data-placement {placement!r}; choose from "
-                         f"{', '.join(PLACEMENTS)}")
-    partition = getattr(args, "partition", "iid")
-    if partition not in PARTITIONS:
-        raise UsageError(f"unknown --partition {partition!r}; choose from {', '.join(PARTITIONS)}")
-    chunk = getattr(args, "shuffle_chunk_mb", DEFAULT_CHUNK_MB)
-    if not chunk > 0:
-        raise UsageError(f"--shuffle-chunk-mb {chunk} must be > 0")
+@dataclass(frozen=True)
+class TrainDataSpec:
+    """The training set to load and how to shuffle it over the ranks.
+
+    Checked on construction (no MPI needed), so a bad value fails with a one-line UsageError
+    before any rank starts loading; the messages name the command-line options.
+    """
+
+    dataset: str = "fashion-mnist"
+    data_dir: str | None = None
+    seed: int = 0
+    shuffle: str = "global"  # global, local or partial:Q
+    data_placement: str = "replicated"  # replicated or sharded
+    partition: str = "iid"  # iid or label-skew
+    shuffle_chunk_mb: float = DEFAULT_CHUNK_MB  # sharded: max MB sent per rank per round
+
+    def __post_init__(self) -> None:
+        parse_strategy(self.shuffle)
+        if self.data_placement not in PLACEMENTS:
+            raise UsageError(f"unknown --data-placement {self.data_placement!r}; choose from "
+                             f"{', '.join(PLACEMENTS)}")
+        if self.partition not in PARTITIONS:
+            raise UsageError(f"unknown --partition {self.partition!r}; choose from "
+                             f"{', '.join(PARTITIONS)}")
+        if not self.shuffle_chunk_mb > 0:  # also rejects NaN
+            raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb} must be > 0")

@@ -18,11 +18,16 @@ from hpctrain.metrics import read_points
 from hpctrain.plots import accuracy_figure, arguments
 
 
+def _strategy(config: dict) -> str:
+    """The run's ``--shuffle``: nested under "data" in newer config.json files, flat before."""
+    return config["data"]["shuffle"] if "data" in config else config["shuffle"]
+
+
 def curve(run_dir: str | Path) -> tuple[str, list[float], list[float]]:
     """(strategy, epochs, test accuracies) of one run."""
     config = json.loads((Path(run_dir) / "config.json").read_text())
     points = read_points(run_dir)
-    return config["shuffle"], [p["epoch"] for p in points], [p["test_acc"] for p in points]
+    return _strategy(config), [p["epoch"] for p in points], [p["test_acc"] for p in points]
 
 
 def table_row(run_dir: str | Path) -> str:
@@ -30,7 +35,7 @@ def table_row(run_dir: str | Path) -> str:
     sent to other ranks and its seconds spent exchanging."""
     config = json.loads((Path(run_dir) / "config.json").read_text())
     s = json.loads((Path(run_dir) / "summary.json").read_text())
-    return (f"| {s['workers']} | {config['shuffle']} | {config['seed']} "
+    return (f"| {s['workers']} | {_strategy(config)} | {config['seed']} "
             f"| {s['final_test_acc']:.4f} | {s['best_test_acc']:.4f} "
             f"| {s['bytes_moved'] / s['epochs'] / 1e6:.2f} | {s['exchange_s'] / s['epochs']:.3f} |")
 
@@ -48,7 +53,7 @@ def spread_table(run_dirs: list[str]) -> str:
     for run in run_dirs:
         config = json.loads((Path(run) / "config.json").read_text())
         s = json.loads((Path(run) / "summary.json").read_text())
-        finals.setdefault((s["workers"], config["shuffle"]), []).append(s["final_test_acc"])
+        finals.setdefault((s["workers"], _strategy(config)), []).append(s["final_test_acc"])
     rows = ["| K | shuffle | runs | mean final acc | sd | min | max |",
             "|---|---|---|---|---|---|---|"]
     for (k, strategy), acc in finals.items():

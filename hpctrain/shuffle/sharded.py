@@ -9,7 +9,6 @@ so every rank receives as many as it sends. Local shuffling moves nothing.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from hpctrain import data
 from hpctrain.shuffle import order
 from hpctrain.shuffle.exchange import Exchanger, empty_like
-from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, parse_strategy
+from hpctrain.shuffle.options import TrainDataSpec, parse_strategy
 from hpctrain.shuffle.train_data import TrainData
 
 
@@ -28,19 +27,18 @@ def _head(d: data.Dataset, n: int) -> data.Dataset:
 class ShardedTrainData(TrainData):
     """This rank's shard, exchanged with the other ranks' as the strategy requires."""
 
-    def __init__(self, args: argparse.Namespace, comm) -> None:
+    def __init__(self, spec: TrainDataSpec, comm) -> None:
         super().__init__()
         self.comm = comm
         self.ranks, self.rank = (1, 0) if comm is None else (comm.Get_size(), comm.Get_rank())
-        self.strategy, self.q = parse_strategy(args.shuffle)
-        self.seed = args.seed
-        self.dataset, self.data_dir = args.dataset, getattr(args, "data_dir", None)
-        chunk_mb = getattr(args, "shuffle_chunk_mb", DEFAULT_CHUNK_MB)
-        self.chunk_bytes = int(chunk_mb * 2**20)
+        self.strategy, self.q = parse_strategy(spec.shuffle)
+        self.seed = spec.seed
+        self.dataset, self.data_dir = spec.dataset, spec.data_dir
+        self.chunk_bytes = int(spec.shuffle_chunk_mb * 2**20)
         self.num_samples = data.size(self.dataset, "train", self.data_dir)
         self.samples_per_rank = self.num_samples // self.ranks
         labels = None
-        if getattr(args, "partition", "iid") == "label-skew":
+        if spec.partition == "label-skew":
             labels = data.load_labels(self.dataset, "train", self.data_dir)
         self.partition = order.partition(self.num_samples, self.ranks, labels)
         self.held = self._initial_shard()

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-
 from hpctrain import data
 from hpctrain.shuffle import options
+from hpctrain.shuffle.options import TrainDataSpec
 from hpctrain.shuffle.samplers import (
     GlobalShuffleSampler,
     LocalShuffleSampler,
@@ -67,20 +66,19 @@ def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: i
     return PartialShuffleSampler(q, num_samples, ranks, rank, seed, labels)
 
 
-def make_train_data(args: argparse.Namespace, comm=None) -> TrainData:
-    """This rank's training data for ``args`` (dataset, data_dir, seed, the shuffle options).
+def make_train_data(spec: TrainDataSpec, comm=None) -> TrainData:
+    """This rank's training data for ``spec`` (already checked when it was built).
 
     ``comm`` is an mpi4py communicator, or None for a single process.
     """
-    options.validate(args)
+    if not isinstance(spec, TrainDataSpec):  # e.g. a whole argparse.Namespace: not checked
+        raise TypeError(f"make_train_data needs a TrainDataSpec, not {type(spec).__name__}")
     ranks, rank = (1, 0) if comm is None else (comm.Get_size(), comm.Get_rank())
-    data_dir = getattr(args, "data_dir", None)
-    skew = getattr(args, "partition", "iid") == "label-skew"
-    if getattr(args, "data_placement", "replicated") == "sharded":
+    if spec.data_placement == "sharded":
         from hpctrain.shuffle.sharded import ShardedTrainData
 
-        return ShardedTrainData(args, comm)
-    full = data.load(args.dataset, "train", data_dir)
-    sampler = make_sampler(args.shuffle, len(full), ranks, rank, args.seed,
-                           full.labels if skew else None)
+        return ShardedTrainData(spec, comm)
+    full = data.load(spec.dataset, "train", spec.data_dir)
+    labels = full.labels if spec.partition == "label-skew" else None
+    sampler = make_sampler(spec.shuffle, len(full), ranks, rank, spec.seed, labels)
     return ReplicatedTrainData(full, sampler)
