@@ -65,10 +65,16 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   run's updates (``--epochs`` x updates per epoch), so the run makes exactly that many pushes,
   fast workers do more of the work and a straggler does not hold the job back; the
   learning-rate schedule follows the global update count.
+- Bounded staleness (SSP, :mod:`hpctrain.async_.ssp`): :class:`StalenessBound` keeps every
+  worker's clock (its pushes) in a window on the counter's host; a worker more than S clocks
+  ahead of the slowest running one waits before its next gradient, which bounds a push's tau
+  by 2(S+1)(M-1); S = 0 runs in rounds of one push per worker. Stopped or barrier-bound
+  workers ``park()`` so that they hold nobody back.
 """
 
 from hpctrain.async_.optim import ASGD, DCASGD, flatten_parameters
+from hpctrain.async_.ssp import StalenessBound
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore, Push, shard_bounds
 
-__all__ = ["ASGD", "CONSISTENCIES", "DCASGD", "ParameterStore", "Push", "flatten_parameters",
-           "shard_bounds"]
+__all__ = ["ASGD", "CONSISTENCIES", "DCASGD", "ParameterStore", "Push", "StalenessBound",
+           "flatten_parameters", "shard_bounds"]
