@@ -1,4 +1,4 @@
-# hpctrain: make setup | demo | test | lint | clean
+# hpctrain: make setup | demo | test | test-fast | lint | clean
 SHELL := /bin/bash
 PY := .venv/bin/python
 # Root needs --allow-run-as-root; more ranks than cores need --oversubscribe.
@@ -8,7 +8,7 @@ PYTEST_MPI := $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
 export OMP_NUM_THREADS := 1
 export HPCTRAIN_MPIRUN := $(MPIRUN)
 
-.PHONY: setup demo test test-unit test-mpi lint clean
+.PHONY: setup demo test test-fast test-unit test-mpi lint clean
 
 setup:
 	@scripts/setup.sh
@@ -18,6 +18,10 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# Unit tests only (one process, no job launched): what to run while working.
+test-fast: setup
+	$(PY) -m pytest -q -p no:cacheprovider -m unit tests
 
 test-unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider tests

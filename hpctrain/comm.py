@@ -105,6 +105,15 @@ def env_size() -> int:
     return 1
 
 
+def launch_size() -> int:
+    """The job's size: the world's if MPI is already running (a user's script started it),
+    else the launcher's environment's (:func:`env_size`), without starting MPI."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        return MPI.COMM_WORLD.Get_size()
+    return env_size()
+
+
 def library_info() -> dict:
     """MPI library name and version, standard version, thread level provided."""
     MPI = mpi()

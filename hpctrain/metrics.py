@@ -106,15 +106,6 @@ class RunLog:
             write_json_atomic(self.dir / "summary.json", summary)
 
 
-def run_summary(args, points: list[dict], **fields) -> dict:
-    """A run's summary: what every algorithm reports (its settings, and the final and best test
-    accuracy of its curve ``points``), then ``fields``."""
-    return {"algo": args.algo, "model": args.model, "dataset": args.dataset,
-            "epochs": args.epochs, "final_test_acc": points[-1]["test_acc"],
-            "final_test_loss": points[-1]["test_loss"],
-            "best_test_acc": max(p["test_acc"] for p in points), "out": args.out, **fields}
-
-
 def read_points(out_dir: str | Path) -> list[dict]:
     """The curve points of a finished run."""
     with open(Path(out_dir) / "metrics.jsonl") as f:

@@ -1,15 +1,20 @@
-"""Option value checks shared by the command lines (training options, the micro-benchmarks).
+"""Options: value parsers for the command lines, and options declared on config dataclasses.
 
-Each is an argparse ``type``: a bad value fails while the command line is parsed, before MPI
-starts, so it is one line naming the value and exit status 2 with rank 0 speaking for all
+The parsers are argparse ``type``s: a bad value fails while the command line is parsed, before
+MPI starts, so it is one line naming the value and exit status 2 with rank 0 speaking for all
 (``hpctrain.cli`` turns argparse errors into :class:`hpctrain.errors.UsageError`).
+:func:`option` declares a configuration field together with its flag, help, parser and range,
+so the command line, TOML files and Python callers share one declaration and one check.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
+
+from hpctrain.errors import UsageError
 
 
 def _number(kind, text: str):
@@ -81,3 +86,74 @@ def existing_dir(text: str) -> str:
     if not Path(text).is_dir():
         raise argparse.ArgumentTypeError(f"{text} is not a folder")
     return text
+
+
+# ----------------------------------------------------------------------------------------------
+# Declaring an option on a configuration dataclass
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a number may take: ``Range(0, 1, high_open=True)`` is [0, 1)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""  # appended to the error, e.g. "(0: never)"
+
+    def problem(self, value: float) -> str | None:
+        """Why ``value`` is out of range (``"must be >= 0"``), or None when it is in it."""
+        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        if ok and self.low is not None:
+            ok = value > self.low if self.low_open else value >= self.low
+        if ok and self.high is not None:
+            ok = value < self.high if self.high_open else value <= self.high
+        if ok:
+            return None
+        if self.high is None:
+            text = f"must be {'>' if self.low_open else '>='} {self.low:g}"
+        elif self.low is None:
+            text = f"must be {'<' if self.high_open else '<='} {self.high:g}"
+        else:
+            text = (f"must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+                    f"{')' if self.high_open else ']'}")
+        return f"{text} {self.note}".strip()
+
+
+def option(default, help: str, *, flag: str | None = None, parse=None, choices=None,
+           range: Range | None = None, metavar: str | None = None, store_false: bool = False):
+    """A dataclass field that is also a command-line option.
+
+    ``flag`` defaults to ``--`` + the field's name with dashes; ``parse`` is the argparse type
+    (a bad value fails while parsing); ``choices`` and ``range`` are checked again when the
+    configuration is built, so Python callers get the same checks as the command line.
+    ``store_false``: a boolean field set False by its flag (``--no-progress``).
+    """
+    return field(default=default, metadata={
+        "help": help, "flag": flag, "parse": parse, "choices": choices, "range": range,
+        "metavar": metavar, "store_false": store_false})
+
+
+def flag_of(f: Field) -> str:
+    """The command-line flag of a dataclass field declared with :func:`option`."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def declared(cls) -> list[Field]:
+    """The fields of dataclass ``cls`` declared with :func:`option`, in order."""
+    return [f for f in fields(cls) if "help" in f.metadata]
+
+
+def check_fields(obj) -> None:
+    """Check a configuration dataclass's option values (choices, ranges); UsageError naming
+    the flag and the bad value on the first that is wrong. None means "not given"."""
+    for f in declared(type(obj)):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        choices, bounds = f.metadata["choices"], f.metadata["range"]
+        if choices is not None and value not in choices:
+            raise UsageError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices)}")
+        if bounds is not None and (problem := bounds.problem(value)) is not None:
+            raise UsageError(f"{flag_of(f)} {value} {problem}")

@@ -1,7 +1,15 @@
-"""Shared test helpers: launching whole jobs under mpirun with a timeout."""
+"""Shared test helpers and constants: launching whole jobs under mpirun with a timeout, and the
+test kinds.
+
+Every test is one of three kinds, by marker: ``mpi`` (runs inside ``mpirun``, declared by the
+test), ``job`` (starts whole jobs from plain pytest: any test whose code calls a launcher
+helper or ``subprocess``) and ``unit`` (everything else: one process). The last two are set
+here at collection, so a new test cannot be left unmarked. ``make test-fast`` runs ``unit``.
+"""
 
 from __future__ import annotations
 
+import inspect
 import os
 import shlex
 import subprocess
@@ -12,6 +20,36 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
+# Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
+SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
+_LAUNCHES = ("run_job(", "subprocess.", "mpirun(", "sbatch", "srun")
+
+
+def _launchers(module) -> set[str]:
+    """Names of ``module``'s functions that launch jobs, directly or through each other."""
+    sources = {}
+    for name, obj in vars(module).items():
+        if inspect.isfunction(obj) and obj.__module__ == module.__name__:
+            sources[name] = inspect.getsource(obj)
+    found = {n for n, src in sources.items() if any(w in src for w in _LAUNCHES)}
+    while True:
+        more = {n for n, src in sources.items() if n not in found
+                and any(f"{f}(" in src for f in found)}
+        if not more:
+            return found
+        found |= more
+
+
+def pytest_collection_modifyitems(items) -> None:
+    cache: dict[str, set[str]] = {}
+    for item in items:
+        if any(item.get_closest_marker(m) for m in ("mpi", "job", "unit")):
+            continue
+        module = item.module
+        if module.__name__ not in cache:
+            cache[module.__name__] = _launchers(module)
+        item.add_marker(pytest.mark.job if item.function.__name__ in cache[module.__name__]
+                        else pytest.mark.unit)
 
 
 def mpirun(np: int) -> list[str]:

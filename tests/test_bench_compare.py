@@ -10,14 +10,14 @@ import json
 import os
 
 import pytest
-from conftest import run_job
+from conftest import SYNTHETIC, run_job
 from matplotlib.image import imread
 
-from hpctrain import cli
+from hpctrain import cli, registry
 from hpctrain.bench import compare, report
 from hpctrain.errors import UsageError
 
-SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress"]
+SMALL = [*SYNTHETIC, "--epochs", "1"]
 OUTPUTS = ("report.md", "error_vs_time.png", "error_vs_epochs.png")
 
 
@@ -86,7 +86,7 @@ def test_unknown_algorithm_is_one_line_exit_2_and_nothing_written(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "hpctrain: error: --algos 'sgd,foo': unknown algorithm 'foo'; this hpctrain has: "
-        + ", ".join(cli.ALGORITHMS)]
+        + ", ".join(registry.names())]
     assert not (tmp_path / "cmp").exists()
 
 

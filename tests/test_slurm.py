@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, SYNTHETIC
 
 PREFIX = "hpctrain-slurm-"
 NODE = "hpctrain-node"
 DAEMONS = ("munged", "slurmctld", "slurmd")
-SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress"]
+SMALL = [*SYNTHETIC, "--epochs", "1"]
 
 
 def _alive(pid: int) -> bool:

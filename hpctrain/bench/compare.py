@@ -15,7 +15,6 @@ algorithms. ``DIR/<algo>/`` gets each run's outputs plus its
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -30,7 +29,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpctrain import checkpoint, cli, shuffle
+from hpctrain import arguments, checkpoint, registry
 from hpctrain.bench import report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
@@ -53,58 +52,27 @@ _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
 
 @dataclass(frozen=True)
 class TrainOption:
-    """A training option compare passes on: its flag, and which algorithm module takes it."""
+    """A training option compare passes on: its flag, and which algorithms take it."""
 
     flag: str
     dest: str
     takes_value: bool
-    owner: str | None  # module in cli.ALGORITHMS that defines it; None: every algorithm
-    algos: tuple[str, ...] | None = None  # the owner's algorithms its help names; None: all
+    owners: tuple[str, ...] | None  # None: every algorithm
 
     def given_to(self, algo: str) -> bool:
-        if self.owner is None:
-            return True
-        return cli.ALGORITHMS.get(algo) == self.owner and (self.algos is None
-                                                           or algo in self.algos)
+        return self.owners is None or algo in self.owners
 
 
-class _Forwarder:
-    """Stands in for an argument group while a module declares its training options.
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(message)
 
-    Each option is declared on ``group`` without type or default: values stay the strings the
-    user typed (the train parser checks them, per algorithm) and only given options appear in
-    the parsed arguments. Options in ``skip`` (compare's own, and per-run ones) are left out.
-    """
 
-    def __init__(self, group, owner: str | None, options: list[TrainOption], skip: set[str]):
-        self.group, self.owner, self.options, self.skip = group, owner, options, skip
-
-    def add_argument(self, *flags: str, **kw):
-        if self.skip.intersection(flags):
-            return None
-        default = kw.pop("default", None)
-        text = (kw.get("help") or "").replace("%(default)s", str(default))
-        if default not in (None, False, [], "") and "default" not in text:
-            text = f"{text} (train default: {default})".strip()
-        kw["help"] = text or None
-        kw.pop("type", None)
-        if not all(isinstance(c, str) for c in kw.get("choices") or ()):
-            kw.pop("choices")
-        flag = next((f for f in flags if f.startswith("--")), flags[0])
-        # A help text starting "ssgd: ..." or "ma/ec: ..." names the algorithms that use it.
-        algos = tuple(a for a in cli.algorithms_named(text) if cli.ALGORITHMS[a] == self.owner)
-        # Own namespace, so that compare's options and the CLI's look-ups never see these.
-        dest = "train_" + (kw.pop("dest", None) or flag.lstrip("-").replace("-", "_"))
-        action = self.group.add_argument(*flags, dest=dest, default=argparse.SUPPRESS, **kw)
-        if action.nargs != 0 and action.metavar is None and not action.choices:
-            action.metavar = dest[len("train_"):].upper()
-        self.options.append(TrainOption(flag, action.dest, action.nargs != 0, self.owner,
-                                        algos if self.owner and algos else None))
-        return action
-
-    def add_mutually_exclusive_group(self, **kw) -> _Forwarder:
-        return _Forwarder(self.group.add_mutually_exclusive_group(**kw), self.owner, self.options,
-                          self.skip)
+def _train_parser() -> argparse.ArgumentParser:
+    """``hpctrain train``'s options alone: compare checks each run's words with it."""
+    parser = _Parser(prog="hpctrain train", add_help=False)
+    arguments.add_arguments(parser)
+    return parser
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +80,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
                             help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
                                  "dcasgd-a,ma,ec (this hpctrain has: "
-                                 f"{', '.join(cli.ALGORITHMS)})"),
+                                 f"{', '.join(registry.names())})"),
         parser.add_argument("--workers", type=int, default=4,
                             help="processes per run (sgd always runs on one)"),
         parser.add_argument("--targets", default="0.8,0.85",
@@ -135,22 +103,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     skip = {*_PER_RUN, *(flag for action in mine for flag in action.option_strings)}
     options: list[TrainOption] = []
     shared = parser.add_argument_group("training options, given to every run")
-    cli.add_training_arguments(_Forwarder(shared, None, options, skip))
-    shuffle.add_arguments(_Forwarder(shared, None, options, skip))
-    for module_name in dict.fromkeys(cli.ALGORITHMS.values()):
-        group = parser.add_argument_group(module_name)
-        first = len(options)
-        importlib.import_module(module_name).add_arguments(
-            _Forwarder(group, module_name, options, skip))
-        # Titled by the algorithms that use the options: those their help names, else all of
-        # the module's (sgd and ssgd share a module; only ssgd uses --sync-backend).
-        mine = [a for a, m in cli.ALGORITHMS.items() if m == module_name]
-        users = [a for a in mine
-                 if any(o.algos is None or a in o.algos for o in options[first:])]
-        some = any(o.algos is not None and set(o.algos) != set(users) for o in options[first:])
-        who = "it" if len(users) == 1 else "them"
-        note = "; one whose help begins with algorithm names, only to those" if some else ""
-        group.title = f"options of {', '.join(users)} (given only to {who}{note})"
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for d in arguments.shared_options() + arguments.algorithm_options():
+        if d.flag in skip:
+            continue
+        if d.owners is None:
+            group = shared
+        else:
+            who = "it" if len(d.owners) == 1 else "them"
+            group = groups.setdefault(d.owners, parser.add_argument_group(
+                f"options of {', '.join(d.owners)} (given only to {who})"))
+        # Values stay the words the user typed: each run's own parser checks them.
+        action = arguments.add_option(group, d, dest="train_" + d.dest, typed=False)
+        options.append(TrainOption(d.flag, action.dest, d.takes_value, d.owners))
     parser.set_defaults(train_options=options)
 
 
@@ -220,10 +185,10 @@ def plan(args: argparse.Namespace) -> list[Run]:
     bad = [a for a in algos if not _NAME.match(a)]
     if not algos or bad:
         raise UsageError(f"--algos {args.algos!r}: want names like sgd,ssgd,dcasgd-a")
-    unknown = [a for a in algos if a not in cli.ALGORITHMS]
+    unknown = [a for a in algos if a not in registry.names()]
     if unknown:
         raise UsageError(f"--algos {args.algos!r}: unknown algorithm {unknown[0]!r}; this "
-                         f"hpctrain has: {', '.join(cli.ALGORITHMS)}")
+                         f"hpctrain has: {', '.join(registry.names())}")
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
     if not (math.isfinite(args.timeout) and args.timeout >= 0):
@@ -232,13 +197,14 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if Path(args.out).exists() and not Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a file, not a folder")
     given = given_options(args)
-    train_parser = cli.build_parser()
+    train_parser = _train_parser()
     runs = []
     for algo in algos:
         np = 1 if algo in SEQUENTIAL else args.workers
         words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
-        train_args = ["train", "--algo", algo, *words, "--out", str(Path(args.out) / algo)]
-        train_parser.parse_args(train_args)  # a bad value fails here, before anything runs
+        train_args = ["--algo", algo, *words, "--out", str(Path(args.out) / algo)]
+        arguments.build(train_parser.parse_args(train_args))  # bad values fail here, up front
+        train_args = ["train", *train_args]
         launcher = launcher_command(getattr(args, "launcher", None), np)
         if shutil.which(launcher[0]) is None:
             raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "

@@ -15,8 +15,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hpctrain import registry
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_points, write_atomic
+from hpctrain.summary import byte_fields
 
 RECORD = "compare.json"
 REPORT = "report.md"
@@ -25,7 +27,7 @@ PLOTS = {"t": ("error_vs_time.png", "wall time (s)"),
          "epoch": ("error_vs_epochs.png", "epochs (all workers)")}
 DEFAULT_TARGETS = (0.8, 0.85)
 # Fixed colours, so an algorithm looks the same in every report.
-_ORDER = ("sgd", "ssgd", "asgd", "dcasgd-c", "dcasgd-a", "ma", "ec")
+_ORDER = registry.names()
 
 
 @dataclass
@@ -105,16 +107,15 @@ def _bytes(n: float) -> str:
 
 
 def _byte_counts(summary: dict) -> list[tuple[str, float]]:
-    """Non-zero byte counts of a summary, top level and one level down (``aggregation.x``);
-    per-round figures are left out, the totals say the same."""
+    """The summary's non-zero byte counts, found by name: the fields whose unit the summary
+    schema (common fields and every algorithm's) gives as bytes, sorted by name."""
     found = []
-    for key, value in sorted(summary.items()):
-        items = sorted(value.items()) if isinstance(value, dict) else [(None, value)]
-        for sub, v in items:
-            name = key if sub is None else f"{key}.{sub}"
-            if "bytes" in name and "per_round" not in name and isinstance(v, (int, float)) \
-                    and not isinstance(v, bool) and v:
-                found.append((name, v))
+    for name in sorted(byte_fields(registry.ALGORITHMS.values())):
+        value = summary
+        for key in name.split("."):
+            value = value.get(key) if isinstance(value, dict) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+            found.append((name, value))
     return found
 
 

@@ -1,7 +1,8 @@
 """Ensemble-Compression (EC) and model averaging (MA) with MPI collectives.
 
 Both are hooks for a user's own training loop (``after_step()`` after each optimizer step
-decides when to aggregate); :mod:`hpctrain.ec.train` is the ``--algo ma|ec`` command line.
+decides when to aggregate); :mod:`hpctrain.ec.algorithm` plugs them into the training loop
+as ``--algo ma|ec``.
 """
 
 from hpctrain.ec.averaging import ModelAveraging, average_model, broadcast_model

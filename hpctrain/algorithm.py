@@ -1,0 +1,182 @@
+"""The protocol an algorithm implements to run in the one training loop (:mod:`hpctrain.run`).
+
+Like DDP's communication hooks, an algorithm is a small class that the loop calls at fixed
+points; the loop owns everything else (seed, data, model, the step sequence, snapshots,
+checkpoints, evaluation, outputs). A subclass declares:
+
+- ``name``, its ``Options`` (a frozen dataclass whose fields are declared with
+  :func:`hpctrain.options.option`: flag, type, default, help, range), ``defaults`` for the
+  shared optimisation options it sets differently (``lr``, ``momentum``), the MPI
+  ``thread_level`` it needs, how its ``snapshots`` are taken and the ``summary_fields`` it adds
+  (name -> unit and meaning, for ``docs/SUMMARY.md`` and the report);
+- class-level checks that need the launch's world (:meth:`check`, before MPI starts);
+- per-run hooks, in the order the loop calls them: :meth:`connect` (communication), :meth:`setup`
+  (its optimizer or aggregator), then per step :meth:`claim`, :meth:`loss`, :meth:`synchronize`,
+  :meth:`apply`, :meth:`after_update`, :meth:`progress`; :meth:`before_checkpoint` /
+  :meth:`after_checkpoint` around a checkpoint; :meth:`finish` after the last step; then
+  :meth:`evaluate`, :meth:`write_outputs`, :meth:`summary` and :meth:`close`.
+
+The defaults are those of a lock-step algorithm (every worker makes the same number of
+updates, together): a plain synchronous loop needs only ``setup``. Registration: one line in
+:mod:`hpctrain.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch.nn import functional as F
+
+from hpctrain.evaluate import Snapshot, evaluate_snapshots
+from hpctrain.guard import GradientGuard
+
+if TYPE_CHECKING:
+    from hpctrain.config import RunConfig
+    from hpctrain.data import Dataset
+    from hpctrain.metrics import RunLog
+    from hpctrain.shuffle import TrainData
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """An algorithm without options of its own."""
+
+
+@dataclass
+class Setup:
+    """What the loop built for an algorithm's :meth:`Algorithm.setup`."""
+
+    model: torch.nn.Module
+    train_data: TrainData
+    comm: object | None  # the workers' communicator (None: one process)
+    rank: int
+    workers: int
+    steps: int  # this worker's batches per epoch of its data
+    total: int  # the run's budget of updates (global progress, see Algorithm.per_epoch)
+
+
+class Algorithm:
+    """Base class and protocol of a training algorithm (see the module docstring)."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    thread_level: ClassVar[str] = "serialized"  # MPI thread level (Horovod needs "multiple")
+    defaults: ClassVar[dict] = {}  # shared optimisation options it sets differently
+    # "replicated": every rank holds the same model and snapshots it; "per_rank": each its own
+    # (ma, ec); "root": rank 0 snapshots, the others receive them for evaluation (async).
+    snapshots: ClassVar[str] = "replicated"
+    summary_fields: ClassVar[dict[str, str]] = {}
+
+    # ---- before MPI starts ------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, config: RunConfig, ranks: int) -> None:
+        """Refuse ``config`` on ``ranks`` ranks (UsageError, one line) before MPI starts."""
+
+    @classmethod
+    def workers(cls, config: RunConfig, ranks: int) -> int:
+        """How many of ``ranks`` train (the others serve)."""
+        return ranks
+
+    # ---- one run ----------------------------------------------------------------------------
+
+    def __init__(self, config: RunConfig) -> None:
+        self.config, self.options = config, config.algorithm
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.model: torch.nn.Module | None = None
+
+    def label(self) -> str:
+        """The run's name in tables and plots (after :meth:`setup`)."""
+        return self.name
+
+    def connect(self, world, model: torch.nn.Module) -> object | None:
+        """Set up communication (``model`` is rank 0's initial model); return the workers'
+        communicator (None: one process)."""
+        return world
+
+    def per_epoch(self, steps: int, workers: int) -> int:
+        """Updates in one epoch of the data: lock-step algorithms update all workers at once."""
+        return steps
+
+    def is_worker(self) -> bool:
+        """False on a rank that only serves (async's dedicated store hosts)."""
+        return True
+
+    def serve(self) -> None:
+        """What a rank that is not a worker does until the workers are done."""
+
+    def setup(self, s: Setup) -> None:
+        """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD."""
+        o = self.config.optim
+        self.model = s.model
+        self.optimizer = torch.optim.SGD(s.model.parameters(), lr=o.lr, momentum=o.momentum,
+                                         weight_decay=o.weight_decay)
+
+    def guard(self, s: Setup) -> GradientGuard:
+        """The NaN/Inf guard: each worker skips its own bad steps by default."""
+        return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm)
+
+    def restore_model(self, loaded) -> None:
+        """With ``--resume``, before :meth:`connect`: rank 0's loaded checkpoint (async
+        algorithms start the store from its model); nothing by default."""
+
+    def start(self, position: int) -> None:
+        """Training starts, or resumes, at global progress ``position``."""
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        """``(shared, per_rank)`` objects with ``state_dict``/``load_state_dict``: shared ones
+        are the same on every worker (saved from rank 0), per-rank ones each worker's own."""
+        return {"model": self.model, "optimizer": self.optimizer}, {}
+
+    def epoch_started(self, local) -> None:
+        """This worker's data for the epoch that starts now (EC relabels from it)."""
+
+    def claim(self, position: int) -> int:
+        """The index of the update this worker makes next (lock-step: ``position``, the
+        updates done; async: a ticket from the global counter). The loop stops at the budget."""
+        return position
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self.model(x), y)
+
+    def synchronize(self) -> None:
+        """Complete the gradient (ssgd: finish its allreduce) before the NaN guard sees it."""
+
+    def apply(self) -> None:
+        """Take the step (the guard found the gradient finite)."""
+        self.optimizer.step()
+
+    def progress(self, position: int, applied: bool) -> int:
+        """Global progress (updates) after this worker's step at ``position``."""
+        return position + 1
+
+    def after_update(self, final: bool) -> None:
+        """After every step, applied or skipped (MA and EC aggregate here)."""
+
+    def before_checkpoint(self, position: int) -> int:
+        """Make the workers' state consistent for a checkpoint; the position it is of."""
+        return position
+
+    def after_checkpoint(self) -> None:
+        """Continue after a checkpoint."""
+
+    def finish(self, position: int) -> int:
+        """After the last step (collective over the workers): the final global update count."""
+        return position
+
+    def evaluate(self, model: torch.nn.Module, snapshots: list[Snapshot], test_set: Dataset,
+                 comm) -> list[dict]:
+        """One curve point per snapshot (``test_acc`` and ``test_loss`` of the run's model)."""
+        return evaluate_snapshots(model, snapshots, test_set, comm)
+
+    def write_outputs(self, log: RunLog, snapshots: list[Snapshot], comm) -> None:
+        """Files beyond the shared ones (EC's ``ensemble.pt``); collective over the workers."""
+
+    def summary(self, points: list[dict], comm) -> dict:
+        """The algorithm's own summary fields (collective over the workers)."""
+        return {}
+
+    def close(self) -> None:
+        """Free communication resources (collective over all ranks)."""

@@ -1,0 +1,135 @@
+"""``hpctrain train``'s options, declared from the configuration dataclasses and the registry.
+
+Every field declared with :func:`hpctrain.options.option` on :class:`hpctrain.config.RunConfig`,
+its sections and each algorithm's ``Options`` becomes one flag. Flags default to "not given"
+(``argparse.SUPPRESS``), so the values a user typed are known exactly: they override
+``--config FILE`` (TOML, or a run's ``config.json``), and an algorithm option given to an
+algorithm that does not declare it is refused in one line. ``bench compare`` forwards the same
+options to each run, reading their owners from :func:`algorithm_options`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from hpctrain import config as configs
+from hpctrain import registry
+from hpctrain.config import RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.options import declared, flag_of
+
+
+@dataclass(frozen=True)
+class Declared:
+    """One option: its flag, where its value goes (``("optim", "lr")``), and its field."""
+
+    flag: str
+    path: tuple[str, ...]
+    field: object
+    owners: tuple[str, ...] | None = None  # algorithms that take it; None: every algorithm
+
+    @property
+    def dest(self) -> str:
+        return ".".join(self.path)
+
+    @property
+    def takes_value(self) -> bool:
+        return self.field.type not in ("bool", bool)
+
+
+def shared_options() -> list[Declared]:
+    """The options of every run: RunConfig's own fields, then its sections'."""
+    out = [Declared(flag_of(f), (f.name,), f) for f in declared(RunConfig)]
+    for section, cls in configs.SECTIONS.items():
+        out += [Declared(flag_of(f), (section, f.name), f) for f in declared(cls)]
+    return out
+
+
+def algorithm_options() -> list[Declared]:
+    """Each algorithm option once, with the algorithms that declare it, in registry order."""
+    seen: dict[str, Declared] = {}
+    for cls in registry.ALGORITHMS.values():
+        for f in declared(cls.Options):
+            if f.name not in seen:
+                seen[f.name] = Declared(flag_of(f), ("algorithm", f.name), f,
+                                        tuple(registry.owners(f.name)))
+    return list(seen.values())
+
+
+def _default_text(f) -> str:
+    default = f.default
+    if default is None or default is False or default in ((), "") or f.metadata.get("store_false"):
+        return ""
+    return f" (default: {default})"
+
+
+def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool = True,
+               typed: bool = True):
+    """Declare ``d`` on an argparse group; its value is absent unless given."""
+    m = d.field.metadata
+    kw = {"dest": dest or d.dest, "default": argparse.SUPPRESS,
+          "help": m["help"] + (_default_text(d.field) if help_suffix else "")}
+    if m.get("store_false"):
+        kw["action"] = "store_false"
+    elif not d.takes_value:
+        kw["action"] = "store_true"
+    else:
+        if typed and m.get("parse") is not None:
+            kw["type"] = m["parse"]
+        if m.get("choices") is not None:
+            kw["choices"] = m["choices"]
+        if m.get("metavar"):
+            kw["metavar"] = m["metavar"]
+        elif not m.get("choices"):
+            kw["metavar"] = d.path[-1].upper()
+    return group.add_argument(d.flag, **kw)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """All of ``hpctrain train``'s options, the algorithms' in groups by who takes them."""
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="TOML file (or a run's config.json) with the run's settings; "
+                             "options given on the command line override it")
+    for d in shared_options():
+        add_option(parser, d)
+    groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
+    for d in algorithm_options():
+        if d.owners not in groups:
+            groups[d.owners] = parser.add_argument_group(f"options of {', '.join(d.owners)}")
+        add_option(groups[d.owners], d)
+
+
+def given(args: argparse.Namespace, options: list[Declared]) -> dict:
+    """The values given on the command line, nested as in :func:`hpctrain.config.to_dict`."""
+    out: dict = {}
+    for d in options:
+        if hasattr(args, d.dest):
+            table = out
+            for key in d.path[:-1]:
+                table = table.setdefault(key, {})
+            table[d.path[-1]] = getattr(args, d.dest)
+    return out
+
+
+def build(args: argparse.Namespace) -> RunConfig:
+    """The run's configuration from ``--config`` and the options given; UsageError if bad."""
+    algo_options = algorithm_options()
+    values = given(args, shared_options() + algo_options)
+    base = configs.read_file(args.config) if args.config else {}
+    if "algo" in values and base.get("algo") not in (None, values["algo"]):
+        base = {k: v for k, v in base.items() if k != "algorithm"}  # the file's other algo's
+    values = configs.merge(base, values)
+    algo = values.get("algo")
+    if not algo:
+        raise UsageError("no algorithm: give --algo (or algo in --config)")
+    if algo not in registry.names():
+        raise UsageError(f"unknown algorithm {algo!r}; choose from {', '.join(registry.names())}")
+    for d in algo_options:
+        if hasattr(args, d.dest) and algo not in d.owners:
+            raise UsageError(f"{d.flag} is an option of {', '.join(d.owners)}, not of --algo "
+                             f"{algo}")
+    try:
+        return configs.from_dict(values)
+    except TypeError as e:  # a value of the wrong type in a file
+        raise UsageError(f"--config {args.config}: {e}") from None

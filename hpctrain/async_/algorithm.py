@@ -1,0 +1,311 @@
+"""``asgd``, ``dcasgd-c``, ``dcasgd-a`` and ``ssp``: asynchronous training on the RMA store.
+
+Every worker runs the one training loop over its own part of the data (replicated placement,
+the shuffle package's order, local epochs at its own pace) and pushes after every batch. The
+run makes exactly ``--epochs`` worth of updates (all workers together; a partial last batch
+counts as one): before each step a worker claims a ticket from a global counter
+(``ParameterStore.claim``) and stops once the tickets reach the budget, so fast workers do more
+of the work and none pushes past the budget. A checkpoint mark works the same way: a worker
+whose ticket is at or past it waits at a barrier until the others are there too, by which
+time exactly the updates before the mark are in. The learning-rate schedule follows the
+same global count. Rank 0 snapshots its model (the newest global values it read); snapshots
+are scored after training.
+
+``--momentum`` gives each worker a velocity of its own (compensated) steps, which it pushes,
+as each process's torch SGD does in a Hogwild run and as the DC-ASGD authors' MXNet optimizer
+does; ``--momentum 0`` is the paper's algorithm exactly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hpctrain import data, models
+from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.async_.optim import ASGD as ASGDOptimizer
+from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
+from hpctrain.async_.optim import DEFAULT_LAM
+from hpctrain.async_.ssp import StalenessBound
+from hpctrain.async_.store import CONSISTENCIES, ParameterStore
+from hpctrain.errors import UsageError
+from hpctrain.guard import GradientGuard
+from hpctrain.metrics import distribution
+from hpctrain.options import Range, option
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    servers: int = option(0, "ranks that only host the model (the last N); 0: all ranks host "
+                          "shards and train (one node)", parse=int, range=Range(0))
+    consistency: str = option("locked", "locked (exclusive lock per shard, serialisable) or "
+                              "atomic (Accumulate of the delta, element-wise atomic)",
+                              choices=CONSISTENCIES)
+    shards: int | None = option(None, "number of model shards (default: one per worker at "
+                                "least)", parse=int)
+
+
+@dataclass(frozen=True)
+class ConstantOptions(StoreOptions):
+    lam: float | None = option(None, "DC-ASGD's lambda0 (default 0.04 for dcasgd-c, 2.0 for "
+                               "dcasgd-a)", parse=float, range=Range(0))
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions(ConstantOptions):
+    ms_decay: float = option(0.95, "decay of the mean square of the gradient", parse=float,
+                             range=Range(0, 1, high_open=True))
+
+
+@dataclass(frozen=True)
+class SSPOptions(StoreOptions):
+    max_staleness: int = option(3, "clocks (pushes) a worker may run ahead of the slowest "
+                                "running worker before it waits", parse=int, range=Range(0))
+
+
+def _model_size(config) -> int:
+    """The number of parameters of the model for the data set (one test sample read)."""
+    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
+    return models.num_parameters(models.build(config.model.name, sample.shape,
+                                              sample.num_classes))
+
+
+class ASGD(Algorithm):
+    """Asynchronous SGD: ``w <- w - lr * g`` pushed into the store without waiting."""
+
+    name = "asgd"
+    Options = StoreOptions
+    # Momentum hurts here (each worker's velocity keeps acting on the shared model, and
+    # asynchrony adds momentum of its own); the DC-ASGD paper's algorithm has none.
+    defaults = {"lr": 0.1, "momentum": 0.0}
+    snapshots = "root"
+    summary_fields = {
+        "servers": "ranks that only hosted the store",
+        "consistency": "locked or atomic pushes",
+        "shards": "model shards in the store",
+        "lam": "DC-ASGD's lambda0 (0 for asgd and ssp)",
+        "ms_decay": "dcasgd-a's mean-square decay (else null)",
+        "staleness": "updates: global updates between a push's read and the push (mean, p50, "
+                     "p90, p99, max, count)",
+        "pushes_per_worker": "pushes each worker made (a skipped NaN step pushes nothing)",
+        "store_bytes_per_worker": "bytes: model payload a worker read from and wrote to the "
+                                  "store, mean over workers",
+        "store_mpi_bytes_per_worker": "bytes: the part of it MPI calls moved (none for "
+                                      "locked pushes on shared-memory windows)",
+        "store_traffic_per_worker": "bytes: read, written and mpi, per worker",
+    }
+
+    @classmethod
+    def check(cls, config, ranks: int) -> None:
+        o = config.algorithm
+        if not 0 <= o.servers < ranks:
+            raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "
+                             "ranks (at least one worker)")
+        if o.shards is not None:
+            numel = _model_size(config)
+            if not 1 <= o.shards <= numel:
+                raise UsageError(f"--shards {o.shards} is outside [1, {numel}]: at most one "
+                                 f"shard per parameter of {config.model.name} ({numel} "
+                                 "parameters)")
+        every = config.checkpoint.every
+        if every is not None and not every.endswith("e"):
+            raise UsageError(f"--checkpoint-every {every}: asynchronous runs checkpoint by "
+                             "global progress; give epochs, e.g. 1e")
+        if config.data.data_placement != "replicated":
+            raise UsageError(f"--algo {config.algo} needs --data-placement replicated: sharded "
+                             "placement exchanges data collectively each epoch, which would "
+                             "make the asynchronous workers wait for each other")
+
+    @classmethod
+    def workers(cls, config, ranks: int) -> int:
+        return ranks - config.algorithm.servers
+
+    def lam(self) -> float:
+        return 0.0
+
+    def label(self) -> str:
+        o = self.options
+        return f"{self.name} ({o.consistency}, {self.store.shards} shards, {o.servers} servers)"
+
+    def per_epoch(self, steps: int, workers: int) -> int:
+        return steps * workers  # every worker's push is a global update
+
+    def restore_model(self, loaded) -> None:
+        self._loaded = loaded
+
+    def connect(self, world, model):
+        loaded = getattr(self, "_loaded", None)
+        if loaded is not None:  # the store starts from rank 0's values: the checkpoint's
+            model.load_state_dict(loaded.payload["shared"]["model"])
+        values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        o = self.options
+        self.store = ParameterStore(values, world, servers=o.servers, shards=o.shards,
+                                    consistency=o.consistency)
+        return self.store.worker_comm
+
+    def is_worker(self) -> bool:
+        return self.store.is_worker
+
+    def make_optimizer(self, model):
+        o = self.config.optim
+        return ASGDOptimizer(model, self.store, lr=o.lr, momentum=o.momentum,
+                             weight_decay=o.weight_decay)
+
+    def setup(self, s: Setup) -> None:
+        self.model = s.model
+        self.optimizer = self.make_optimizer(s.model)
+        self.workers_comm, self.size = s.comm, s.workers
+        self.base, self.ticket = 0, None
+
+    def guard(self, s: Setup) -> GradientGuard:
+        return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm)
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        return {"model": self.model}, {"opt": self.optimizer}
+
+    def start(self, position: int) -> None:
+        self.base = position  # the store counts the updates of this process only
+
+    def claim(self, position: int) -> int:
+        if self.ticket is None:
+            self.ticket = self.base + self.store.claim()
+        return self.ticket
+
+    def progress(self, position: int, applied: bool) -> int:
+        if not applied:  # a skipped step pushes nothing: the ticket stays for the next batch
+            return self.base + self.store.updates()
+        self.ticket = None
+        return self.base + self.optimizer.last_push.index + 1
+
+    def before_checkpoint(self, position: int) -> int:
+        # Every ticket below the mark is claimed, each by a worker that pushes it before it
+        # claims again, and every worker stops here with its first ticket past the mark:
+        # after the barrier exactly the mark's updates are in, none past it. All continue
+        # from the global model, as a run resumed from this checkpoint does.
+        self.workers_comm.Barrier()
+        return self.base + self.optimizer.pull()
+
+    def finish(self, position: int) -> int:
+        self.workers_comm.Barrier()  # every push is in
+        return self.base + self.optimizer.pull()
+
+    def summary(self, points: list[dict], comm) -> dict:
+        store, opt = self.store, self.optimizer
+        mine = {"staleness": opt.staleness, "traffic": {"read": store.bytes_read,
+                                                        "written": store.bytes_written,
+                                                        "mpi": store.mpi_bytes}}
+        every = comm.gather(mine, root=0)
+        if comm.Get_rank() != 0:
+            return {}
+        size = len(every)
+        o = self.options
+        return {
+            "servers": o.servers,
+            "consistency": o.consistency,
+            "shards": store.shards,
+            "lam": self.lam(),
+            "ms_decay": getattr(o, "ms_decay", None) if self.name == "dcasgd-a" else None,
+            "staleness": distribution([t for w in every for t in w["staleness"]]),
+            "pushes_per_worker": [len(w["staleness"]) for w in every],
+            "store_bytes_per_worker": round(sum(w["traffic"]["read"] + w["traffic"]["written"]
+                                                for w in every) / size),
+            "store_mpi_bytes_per_worker": round(sum(w["traffic"]["mpi"] for w in every) / size),
+            "store_traffic_per_worker": [w["traffic"] for w in every],
+        }
+
+    def close(self) -> None:
+        self.store.finish()
+        self.store.close()
+
+
+class DCASGDConstant(ASGD):
+    """DC-ASGD-c: the stale gradient corrected by ``lam0 * g*g*(w - w_bak)``."""
+
+    name = "dcasgd-c"
+    Options = ConstantOptions
+    adaptive = False
+
+    def lam(self) -> float:
+        if self.options.lam is not None:
+            return self.options.lam
+        return DEFAULT_LAM["adaptive" if self.adaptive else "constant"]
+
+    def make_optimizer(self, model):
+        o = self.config.optim
+        return DCASGDOptimizer(model, self.store, lr=o.lr, lam=self.lam(),
+                               adaptive=self.adaptive,
+                               ms_decay=getattr(self.options, "ms_decay", 0.95),
+                               momentum=o.momentum, weight_decay=o.weight_decay)
+
+
+class DCASGDAdaptive(DCASGDConstant):
+    """DC-ASGD-a: ``lam0`` divided by the root of the gradient's running mean square."""
+
+    name = "dcasgd-a"
+    Options = AdaptiveOptions
+    adaptive = True
+
+
+class SSP(ASGD):
+    """Stale synchronous parallel (Ho et al., 2013): asgd whose workers never run more than
+    ``--max-staleness`` clocks (pushes) ahead of the slowest running one."""
+
+    name = "ssp"
+    Options = SSPOptions
+    summary_fields = {
+        **ASGD.summary_fields,
+        "max_staleness": "the bound S, in clocks (pushes)",
+        "ssp_waits_per_worker": "times each worker waited for the slowest",
+        "ssp_wait_s_per_worker": "seconds each worker waited",
+        "ssp_max_gap": "clocks: the largest lead over the slowest seen when a worker went on "
+                       "(never above S)",
+    }
+
+    def label(self) -> str:
+        return f"ssp (S={self.options.max_staleness}, {self.options.consistency})"
+
+    def connect(self, world, model):
+        workers = super().connect(world, model)
+        self.bound = StalenessBound(self.store, self.options.max_staleness)
+        return workers
+
+    def claim(self, position: int) -> int:
+        if self.ticket is None:  # wait before claiming: a held ticket never waits on others
+            self.bound.wait()
+        return super().claim(position)
+
+    def progress(self, position: int, applied: bool) -> int:
+        if applied:
+            self.bound.tick()
+        return super().progress(position, applied)
+
+    def before_checkpoint(self, position: int) -> int:
+        self.bound.park()  # a worker at the barrier must not hold back those still pushing
+        seen = super().before_checkpoint(position)
+        self.bound.unpark()
+        self.workers_comm.Barrier()  # all unparked before anyone steps: the bound holds again
+        return seen
+
+    def finish(self, position: int) -> int:
+        self.bound.park()
+        return super().finish(position)
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        shared, per_rank = super().checkpoint_state()
+        return shared, {**per_rank, "ssp": self.bound}
+
+    def summary(self, points: list[dict], comm) -> dict:
+        stats = comm.gather(self.bound.summary(), root=0)
+        out = super().summary(points, comm)
+        if comm.Get_rank() != 0:
+            return {}
+        return {**out, "max_staleness": self.options.max_staleness,
+                "ssp_waits_per_worker": [s["ssp_waits"] for s in stats],
+                "ssp_wait_s_per_worker": [s["ssp_wait_s"] for s in stats],
+                "ssp_max_gap": max(s["ssp_max_gap"] for s in stats)}
+
+    def close(self) -> None:
+        self.store.finish()
+        self.bound.close()
+        self.store.close()

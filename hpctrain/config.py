@@ -1,0 +1,318 @@
+"""The run configuration: frozen dataclasses, built once and checked once.
+
+A run is described by one :class:`RunConfig`: the run itself (algorithm, seed, outputs), its
+data, model, optimisation, checkpoint policy, injected stragglers, and the algorithm's own
+options (a dataclass the algorithm declares, see :mod:`hpctrain.algorithm`). It is built from
+Python (``RunConfig(algo="ssgd", optim=OptimConfig(lr=0.1))``), from a TOML or JSON file
+(:func:`load`), or from the command line (:mod:`hpctrain.arguments`), and each field is also a
+command-line option (:func:`hpctrain.options.option`). Bad values raise ``ValueError`` (or
+:class:`hpctrain.errors.UsageError`, a ValueError) naming the flag, as torch does for bad
+arguments; the CLI prints that as one line with exit status 2.
+
+Two kinds of checks: the values alone (ranges, names; at construction) and against the world
+a run starts in (ranks, data files, checkpoint folders; :func:`check_launch`, before MPI
+starts). ``config.json`` in every run folder holds :func:`to_dict` of the effective
+configuration, which :func:`load` reads back to repeat the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+
+import tomllib
+
+from hpctrain import data, models, options, registry
+from hpctrain.checkpoint import parse_every
+from hpctrain.errors import UsageError
+from hpctrain.options import Range, check_fields, option
+from hpctrain.schedule import SCHEDULES
+from hpctrain.shuffle import TrainDataSpec
+from hpctrain.stragglers import parse_slowdown
+
+
+def _milestones(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if any(v <= 0 for v in values) or list(values) != sorted(values):
+        raise argparse.ArgumentTypeError(f"{text!r}: milestones must be increasing epochs > 0")
+    return values
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which data, and how it is placed and reshuffled over the ranks."""
+
+    dataset: str = option("fashion-mnist", "one of: " + ", ".join(data.DATASETS),
+                          choices=data.DATASETS)
+    data_dir: str | None = option(None, "folder with the data set's files")
+    shuffle: str = option("global", "global (fresh permutation of all data each epoch), local "
+                          "(each rank reshuffles its fixed part) or partial:Q (each rank also "
+                          "sends a fraction Q in [0, 1] of its samples to other ranks)")
+    data_placement: str = option("replicated", "replicated (every rank reads all data) or "
+                                 "sharded (each rank reads its part; reshuffling moves samples "
+                                 "with MPI)")
+    partition: str = option("iid", "initial split: iid (file order) or label-skew (sorted by "
+                            "label)")
+    shuffle_chunk_mb: float = option(16.0, "sharded exchange: at most this many MB sent per "
+                                     "rank per round", parse=options.positive(float))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        self.spec(0)  # the shuffle package's own checks
+
+    def spec(self, seed: int) -> TrainDataSpec:
+        """The shuffle package's description of this data with ``seed``."""
+        return TrainDataSpec(seed=seed, **asdict(self))
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The network trained."""
+
+    name: str = option("lenet", "one of: " + ", ".join(models.MODELS), flag="--model",
+                       choices=models.MODELS)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """What every algorithm's SGD shares: budget, batch, learning rate and its schedule.
+
+    ``lr`` and ``momentum`` left None take the algorithm's defaults (:func:`resolve`).
+    """
+
+    epochs: int = option(5, "passes over the data", parse=options.positive(int),
+                         range=Range(0, low_open=True))
+    batch_size: int = option(64, "per worker", parse=options.positive(int),
+                             range=Range(0, low_open=True))
+    lr: float | None = option(None, "base learning rate (default 0.05; asgd, dcasgd-*, ssp: "
+                              "0.1)", parse=options.positive(float), range=Range(0, low_open=True))
+    momentum: float | None = option(None, "SGD momentum (default 0.9; asgd, dcasgd-*, ssp: 0, "
+                                    "the paper's algorithm)", parse=float,
+                                    range=Range(0, 1, high_open=True))
+    weight_decay: float = option(0.0, "L2 penalty", parse=float, range=Range(0))
+    lr_schedule: str | None = option(None, "cosine decay to 0 over the run (default), step "
+                                     "decay at --lr-milestones (default when they are given), "
+                                     "or constant", choices=SCHEDULES)
+    lr_milestones: tuple[float, ...] = option((), "epochs at which the learning rate is "
+                                              "multiplied by --lr-gamma, e.g. 3,4",
+                                              parse=_milestones)
+    lr_gamma: float = option(0.1, "step decay factor", parse=options.positive(float),
+                             range=Range(0, low_open=True))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        check_fields(self)
+        m = self.lr_milestones
+        if any(not v > 0 for v in m) or list(m) != sorted(m):
+            raise UsageError(f"--lr-milestones {','.join(map(str, m))}: milestones must be "
+                             "increasing epochs > 0")
+        if self.lr_milestones and self.lr_schedule not in (None, "step"):
+            raise UsageError(f"--lr-milestones need --lr-schedule step, not {self.lr_schedule}")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """When checkpoints are written, where, and which run to continue."""
+
+    every: str | None = option(None, "write a checkpoint every N seconds, or every N epochs "
+                               "with Ne (e.g. 1e); default: no checkpoints",
+                               flag="--checkpoint-every", parse=parse_every)
+    dir: str | None = option(None, "folder for checkpoints (default <out>/checkpoints, or with "
+                             "--resume the folder resumed from)", flag="--checkpoint-dir")
+    resume: str | None = option(None, "continue the run whose checkpoints are in DIR (a run's "
+                                "--out or its checkpoint folder) from its newest valid "
+                                "checkpoint", metavar="DIR")
+
+    def __post_init__(self) -> None:
+        if self.every is not None:
+            try:
+                object.__setattr__(self, "every", parse_every(str(self.every)))
+            except argparse.ArgumentTypeError as e:
+                raise UsageError(f"--checkpoint-every {self.every}: {e}") from None
+
+
+@dataclass(frozen=True)
+class StragglerConfig:
+    """Injected stragglers: fixed slowdowns of some workers, and seeded per-step jitter."""
+
+    slowdown: str | None = option(None, "injected straggler: worker RANK's steps take FACTOR "
+                                  "times as long", metavar="RANK:FACTOR[,...]")
+    jitter: float = option(0.0, "injected noise: every step takes exp(SIGMA*z) times as long, "
+                           "seeded", parse=float, metavar="SIGMA", range=Range(0))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        parse_slowdown(self.slowdown, 1 << 30)  # its form; the ranks are checked at launch
+
+    def factor(self, rank: int, workers: int) -> float:
+        """Worker ``rank``'s fixed slowdown factor (1: none)."""
+        return parse_slowdown(self.slowdown, workers).get(rank, 1.0)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run. ``algorithm`` holds the algorithm's own options (its ``Options``
+    dataclass; None: its defaults)."""
+
+    algo: str = option("", "one of: " + ", ".join(registry.names()))
+    seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int)
+    out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
+    eval_every: float = option(0.25, "epochs between snapshots of the model (evaluated after "
+                               "training)", parse=options.positive(float),
+                               range=Range(0, low_open=True))
+    threads: int = option(1, "torch threads per rank", parse=options.positive(int),
+                          range=Range(1))
+    progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)
+    max_bad_steps: int = option(10, "stop after this many consecutive steps with NaN/Inf "
+                                "gradients", parse=options.positive(int), range=Range(1))
+    stall_timeout: float = option(600.0, "end the job when a rank makes no progress for this "
+                                  "long (0: never; start-up gets at least 600 s)", parse=float,
+                                  metavar="SECONDS", range=Range(0, note="(0: never)"))
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)
+    algorithm: object = None
+
+    def __post_init__(self) -> None:
+        if self.algo not in registry.names():
+            raise UsageError(f"unknown algorithm {self.algo!r}; choose from "
+                             f"{', '.join(registry.names())}")
+        check_fields(self)
+        options_cls = registry.get(self.algo).Options
+        if self.algorithm is None:
+            object.__setattr__(self, "algorithm", options_cls())
+        elif type(self.algorithm) is not options_cls:
+            raise TypeError(f"--algo {self.algo} takes {options_cls.__name__}, not "
+                            f"{type(self.algorithm).__name__}")
+        check_fields(self.algorithm)
+
+    @property
+    def algorithm_class(self):
+        return registry.get(self.algo)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+            "checkpoint": CheckpointConfig, "stragglers": StragglerConfig}
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """``config`` with the algorithm's defaults filled in (learning rate, momentum, schedule)."""
+    algo = config.algorithm_class
+    o = config.optim
+    lr = o.lr if o.lr is not None else algo.defaults.get("lr", 0.05)
+    momentum = o.momentum if o.momentum is not None else algo.defaults.get("momentum", 0.9)
+    schedule = o.lr_schedule or ("step" if o.lr_milestones else "cosine")
+    return replace(config, optim=replace(o, lr=lr, momentum=momentum, lr_schedule=schedule))
+
+
+def to_dict(config: RunConfig) -> dict:
+    """The configuration as nested plain values (JSON and TOML); :func:`from_dict` inverts it."""
+    out = asdict(config)
+    out["optim"]["lr_milestones"] = list(config.optim.lr_milestones)
+    return out
+
+
+def repeatable(config: RunConfig) -> dict:
+    """What ``config.json`` keeps: :func:`to_dict` of the effective configuration, as a fresh
+    run repeats it (``--resume`` and the checkpoint folder derived from ``--out`` left out)."""
+    values = to_dict(config)
+    values["checkpoint"]["resume"] = None
+    if config.out and config.checkpoint.dir == str(Path(config.out) / "checkpoints"):
+        values["checkpoint"]["dir"] = None
+    return values
+
+
+def from_dict(values: dict) -> RunConfig:
+    """A configuration from nested plain values (``to_dict``'s form); unknown keys are errors.
+
+    ``run_info`` (what a run records beside its configuration in config.json) is ignored.
+    """
+    values = {k: v for k, v in values.items() if k != "run_info"}
+    algo = values.get("algo")
+    if not isinstance(algo, str):
+        raise UsageError("the configuration names no algorithm (algo = \"...\")")
+    kwargs = {}
+    for key, value in values.items():
+        if key in SECTIONS:
+            kwargs[key] = _build(SECTIONS[key], value, key)
+        elif key == "algorithm":
+            if algo not in registry.names():
+                raise UsageError(f"unknown algorithm {algo!r}; choose from "
+                                 f"{', '.join(registry.names())}")
+            kwargs[key] = _build(registry.get(algo).Options, value or {}, "algorithm")
+        elif key in {f.name for f in fields(RunConfig)}:
+            kwargs[key] = value
+        else:
+            raise UsageError(f"unknown configuration key {key!r}")
+    return RunConfig(**kwargs)
+
+
+def _build(cls, values, where: str):
+    if not isinstance(values, dict):
+        raise UsageError(f"configuration [{where}] must be a table, not {values!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(values.keys() - known)
+    if unknown:
+        raise UsageError(f"unknown configuration key {where}.{unknown[0]}; {where} has: "
+                         f"{', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def read_file(path: str | Path) -> dict:
+    """The nested values of a TOML file, or of a run's ``config.json``."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"--config {path}: {e.strerror}") from None
+    try:
+        if path.suffix == ".json":
+            values = json.loads(text)
+        else:
+            values = tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'TOML'} "
+                         f"({e})") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"--config {path}: not a table of settings")
+    return values
+
+
+def load(path: str | Path) -> RunConfig:
+    """The configuration in a TOML file or a run's ``config.json``."""
+    return from_dict(read_file(path))
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` on top of ``base``, table by table."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def flat(config: RunConfig) -> dict:
+    """Every option's value by its flag's name (``lr``, ``checkpoint_every``, ``tau``): how a
+    checkpoint compares the run resumed with the run that wrote it."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if is_dataclass(value):
+            for g in fields(value):
+                out[options.flag_of(g).lstrip("-").replace("-", "_")] = getattr(value, g.name)
+        else:
+            out[options.flag_of(f).lstrip("-").replace("-", "_")] = value
+    return json.loads(json.dumps(out, default=str))

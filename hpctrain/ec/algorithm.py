@@ -1,0 +1,209 @@
+"""``ma`` (model averaging) and ``ec`` (Ensemble-Compression) in the one training loop.
+
+Every rank starts from rank 0's model and trains on its own samples (the shuffle package's
+order); every ``tau`` local steps MA averages the parameters, EC relabels samples with the
+ensemble and distils it during the next round. Snapshots of every rank's model are scored
+after training: rank 0's member, the mean member, the ensemble and, for MA, the average.
+``test_acc`` is the run's final model: rank 0's member, or the ensemble with
+``--ec-final ensemble``. MA also averages after the last step, so its final model is the
+average; EC skips a round that would fall on the last step, as nothing would distil it, and so
+refuses a ``tau`` of at least the run's updates per rank (no round at all: that would be
+independent training reported as EC).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hpctrain import data
+from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.ec.averaging import ModelAveraging as Averaging
+from hpctrain.ec.averaging import broadcast_model
+from hpctrain.ec.compression import EnsembleCompression as Compression
+from hpctrain.ec.evaluation import evaluate_members
+from hpctrain.errors import UsageError
+from hpctrain.metrics import write_atomic
+from hpctrain.options import Range, check_fields, option
+from hpctrain.shuffle import ReplicatedTrainData
+
+DEFAULT_TAU = 20
+
+
+@dataclass(frozen=True)
+class AveragingOptions:
+    tau: int | None = option(None, f"local steps between aggregations (default {DEFAULT_TAU})",
+                             parse=int, range=Range(1))
+    tau_epochs: float | None = option(None, "local epochs between aggregations, instead of "
+                                      "--tau", parse=float, range=Range(0, low_open=True))
+
+    def __post_init__(self) -> None:
+        if self.tau is not None and self.tau_epochs is not None:
+            raise UsageError("argument --tau-epochs: not allowed with argument --tau")
+        check_fields(self)
+
+    def local_steps(self, steps_per_epoch: int) -> int:
+        """``--tau``, or ``--tau-epochs`` converted to local steps (at least one)."""
+        if self.tau_epochs is not None:
+            return max(1, round(self.tau_epochs * steps_per_epoch))
+        return self.tau if self.tau is not None else DEFAULT_TAU
+
+
+@dataclass(frozen=True)
+class CompressionOptions(AveragingOptions):
+    ec_alpha: float = option(0.5, "weight of the distillation term in [0, 1]", parse=float,
+                             range=Range(0, 1))
+    ec_temperature: float = option(2.0, "softmax temperature of the ensemble and the student",
+                                   parse=float, range=Range(0, low_open=True))
+    ec_distill_size: int = option(512, "samples per worker relabelled by the ensemble each "
+                                  "round", parse=int, range=Range(1))
+    ec_final: str = option("member", "the reported final model, rank 0's member or the "
+                           "ensemble", choices=("member", "ensemble"))
+
+
+def _steps_per_rank(config, ranks: int) -> tuple[int, int]:
+    """Samples and batches per rank in one epoch, as the loop counts them."""
+    local = data.size(config.data.dataset, "train", config.data.data_dir) // ranks
+    return local, math.ceil(local / config.optim.batch_size)
+
+
+class ModelAveraging(Algorithm):
+    """Parameters allreduce-averaged every ``tau`` local steps, and after the last one."""
+
+    name = "ma"
+    Options = AveragingOptions
+    snapshots = "per_rank"
+    summary_fields = {
+        "tau": "local steps between aggregations",
+        "final_model": "which model test_acc scores: member (rank 0's) or ensemble",
+        "final_member_acc": "fraction: rank 0's model on the test set at the end",
+        "final_mean_member_acc": "fraction: the members' mean test accuracy at the end",
+        "final_ensemble_acc": "fraction: the ensemble (averaged softmax) at the end",
+        "final_averaged_acc": "fraction (ma): the parameter average at the end",
+        "aggregation": "the fields below, and the seconds of each part of a round (*_s)",
+        "aggregation.rounds": "aggregations made",
+        "aggregation.bytes_per_rank": "bytes: payload one rank sent in aggregations",
+        "aggregation.bytes_per_round": "bytes per round (per rank)",
+        "aggregation.seconds_per_round": "seconds: distribution over rounds",
+        "aggregation.total_s": "seconds spent aggregating",
+    }
+
+    def label(self) -> str:
+        return f"ma (tau={self.tau})"
+
+    def setup(self, s: Setup) -> None:
+        broadcast_model(s.model, s.comm)
+        super().setup(s)
+        self.tau = self.options.local_steps(s.steps)
+        self.aggregator = self.make_aggregator(s)
+
+    def make_aggregator(self, s: Setup):
+        return Averaging(s.model, s.comm, self.tau)
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        return {}, {"model": self.model, "optimizer": self.optimizer, "agg": self.aggregator}
+
+    def after_update(self, final: bool) -> None:
+        self.aggregator.after_step(final=final)
+
+    def evaluate(self, model, snapshots, test_set, comm) -> list[dict]:
+        points = evaluate_members(model, snapshots, test_set, comm, averaged=self.name == "ma")
+        final = self.final_model()
+        for p in points:
+            p.update(test_acc=p[f"{final}_acc"], test_loss=p[f"{final}_loss"])
+        self.last = points[-1]
+        return points
+
+    def final_model(self) -> str:
+        return "member"
+
+    def summary(self, points: list[dict], comm) -> dict:
+        last = points[-1]
+        out = {"tau": self.tau, "final_model": self.final_model(),
+               "final_member_acc": last["member_acc"],
+               "final_mean_member_acc": last["mean_member_acc"],
+               "final_ensemble_acc": last["ensemble_acc"],
+               "aggregation": self.aggregator.stats.summary()}
+        if self.name == "ma":
+            out["final_averaged_acc"] = last["averaged_acc"]
+        return out
+
+
+class EnsembleCompression(ModelAveraging):
+    """Every ``tau`` local steps the ensemble relabels samples that the next round distils."""
+
+    name = "ec"
+    Options = CompressionOptions
+    summary_fields = {
+        **{k: v for k, v in ModelAveraging.summary_fields.items() if k != "final_averaged_acc"},
+        "distilled_samples_per_rank": "relabelled samples rank 0 trained on, in all",
+    }
+
+    @classmethod
+    def check(cls, config, ranks: int) -> None:
+        o = config.algorithm
+        local, steps = _steps_per_rank(config, ranks)
+        if o.ec_distill_size > local:
+            raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
+                             f"training samples each of the {ranks} ranks holds")
+        _check_rounds(config, local, ranks, steps)
+
+    def label(self) -> str:
+        o = self.options
+        return (f"ec (tau={self.tau}, alpha={o.ec_alpha}, T={o.ec_temperature}, "
+                f"distill={o.ec_distill_size}, final={o.ec_final})")
+
+    def make_aggregator(self, s: Setup):
+        o = self.options
+        lookup = s.train_data.full if isinstance(s.train_data, ReplicatedTrainData) else None
+        return Compression(s.model, s.comm, self.tau, o.ec_alpha, o.ec_temperature,
+                           o.ec_distill_size, lookup=lookup, seed=self.config.seed)
+
+    def epoch_started(self, local) -> None:
+        self.aggregator.set_local_data(local)
+
+    def loss(self, x, y):
+        return self.aggregator.loss(x, y)
+
+    def final_model(self) -> str:
+        return self.options.ec_final
+
+    def write_outputs(self, log, snapshots, comm) -> None:
+        if self.final_model() != "ensemble":
+            return
+        members = comm.gather(snapshots[-1].state, root=0)
+        if log.rank == 0:
+            buf = io.BytesIO()
+            torch.save({"members": members}, buf)
+            write_atomic(log.dir / "ensemble.pt", buf.getvalue())
+
+    def summary(self, points: list[dict], comm) -> dict:
+        return {**super().summary(points, comm),
+                "distilled_samples_per_rank": self.aggregator.distilled}
+
+
+def _check_rounds(config, local: int, ranks: int, steps: int) -> None:
+    """EC with no round before the last step is independent training: refuse it.
+
+    Rounds fall after every ``tau`` local steps except the last (no round follows to distil
+    it), so EC needs ``tau`` below the run's updates per rank. ``local`` is the samples per
+    rank, as every placement gives them (``TrainData.samples_per_rank``).
+    """
+    o, epochs, batch = config.algorithm, config.optim.epochs, config.optim.batch_size
+    total = epochs * steps
+    tau = o.local_steps(steps)
+    if tau < total:
+        return
+    if o.tau_epochs is not None:
+        given, fix = (f"--tau-epochs {o.tau_epochs} ({tau} local steps)",
+                      f"--tau-epochs of at most {(total - 1) / steps:.4g}")
+    else:
+        given = f"--tau {tau}" + (" (the default)" if o.tau is None else "")
+        fix = f"--tau below {total}"
+    raise UsageError(
+        f"{given} never aggregates in {total} updates per rank (--epochs {epochs} x "
+        f"{steps} batches of {batch} from {local} samples per rank on {ranks} ranks; "
+        f"ec's rounds come after every tau updates but the last): give {fix} or more --epochs")

@@ -1,0 +1,143 @@
+"""The summary of a run (``summary.json``): one typed record every run fills, plus the
+algorithm's own part.
+
+:class:`RunSummary` holds the fields every run has; ``algorithm_fields`` the ones its algorithm
+adds (declared in its ``summary_fields``). ``summary.json`` is the two merged into one JSON
+object, so readers find every field by its name; :func:`read` gives it back, and
+``docs/SUMMARY.md`` lists every field with its unit (a unit test keeps it complete).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+# Field -> unit and meaning, for docs/SUMMARY.md and the report.
+COMMON_FIELDS: dict[str, str] = {
+    "algo": "algorithm name (--algo)",
+    "algo_label": "algorithm and its main settings, for tables and plots",
+    "workers": "ranks that trained",
+    "model": "--model",
+    "dataset": "--dataset",
+    "epochs": "--epochs: passes over the data, all workers together",
+    "updates": "model updates made (async: pushes of all workers; lock-step: steps)",
+    "final_test_acc": "fraction in [0, 1]: the final model on the test set",
+    "final_test_loss": "mean cross-entropy of the final model on the test set (null if not "
+                       "finite)",
+    "best_test_acc": "fraction: the best curve point",
+    "wall_s": "seconds of training, without start-up and evaluation (a resumed run adds "
+              "the time before)",
+    "samples_per_s": "training samples per second, all workers together",
+    "params": "parameters of the model",
+    "samples_per_worker": "training samples each worker consumed",
+    "busy_s_per_worker": "seconds each worker trained before waiting for the others at the end",
+    "straggler_sleep_s_per_worker": "seconds each worker slept to emulate a straggler",
+    "slowdown": "--slowdown (null: none)",
+    "jitter": "--jitter",
+    "skipped_steps": "steps skipped for NaN/Inf gradients (summed over workers that skip "
+                     "alone)",
+    "bad_gradients_per_worker": "NaN/Inf gradients each worker saw",
+    "max_bad_steps": "--max-bad-steps",
+    "checkpoints": "checkpoints written over the whole run",
+    "checkpoint_s": "seconds spent writing checkpoints",
+    "resumed_from_updates": "updates at which the run was resumed, in order",
+    "bytes_moved": "bytes: training samples this rank (rank 0) sent to others in reshuffles",
+    "exchange_s": "seconds rank 0 spent in data exchanges",
+    "exchange_per_epoch": "per exchange: epoch, bytes_moved (bytes), exchange_s (seconds)",
+    "simulated": "false for a run of real processes",
+    "out": "the run's output folder",
+}
+
+
+@dataclass
+class RunSummary:
+    """What every run reports; ``algorithm_fields``: its algorithm's own part."""
+
+    algo: str
+    algo_label: str
+    workers: int
+    model: str
+    dataset: str
+    epochs: int
+    updates: int
+    final_test_acc: float
+    final_test_loss: float | None
+    best_test_acc: float
+    wall_s: float
+    samples_per_s: float
+    params: int
+    samples_per_worker: list[int]
+    busy_s_per_worker: list[float]
+    straggler_sleep_s_per_worker: list[float]
+    slowdown: str | None
+    jitter: float
+    skipped_steps: int
+    bad_gradients_per_worker: list[int]
+    max_bad_steps: int
+    checkpoints: int
+    checkpoint_s: float
+    resumed_from_updates: list[int]
+    bytes_moved: int
+    exchange_s: float
+    exchange_per_epoch: list[dict]
+    out: str | None
+    simulated: bool = False
+    algorithm_fields: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The JSON form: the common fields and the algorithm's, side by side."""
+        out = asdict(self)
+        own = out.pop("algorithm_fields")
+        clash = own.keys() & out.keys()
+        if clash:
+            raise ValueError(f"algorithm summary fields {sorted(clash)} shadow common ones")
+        return {**out, **own}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> RunSummary:
+        common = {f.name for f in fields(cls)} - {"algorithm_fields"}
+        return cls(**{k: v for k, v in values.items() if k in common},
+                   algorithm_fields={k: v for k, v in values.items() if k not in common})
+
+
+def read(run_dir: str | Path) -> dict:
+    """A finished run's ``summary.json``."""
+    return json.loads((Path(run_dir) / "summary.json").read_text())
+
+
+def byte_fields(algorithm_classes) -> list[str]:
+    """Summary fields whose unit is bytes (common ones and those of ``algorithm_classes``),
+    in a fixed order: what the report's traffic column adds up."""
+    names = [k for k, v in COMMON_FIELDS.items() if v.startswith("bytes:")]
+    for cls in algorithm_classes:
+        names += [k for k, v in cls.summary_fields.items()
+                  if v.startswith("bytes:") and k not in names]
+    return names
+
+
+def markdown(algorithm_classes) -> str:
+    """``docs/SUMMARY.md``: every field of summary.json with its unit and meaning."""
+    lines = ["# summary.json", "",
+             "Every run's `summary.json` holds the common fields, then its algorithm's own. "
+             "Accuracies are fractions in [0, 1]; times are seconds; `bytes:` marks byte "
+             "counts (what `hpctrain report` adds up for its traffic column). Generated from "
+             "`hpctrain/summary.py` and each algorithm's `summary_fields` "
+             "(`python -m hpctrain.summary > docs/SUMMARY.md`; a unit test keeps it current).",
+             "", "## Every run", "", "| field | unit and meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in COMMON_FIELDS.items()]
+    groups: dict[tuple, list[str]] = {}
+    for cls in algorithm_classes:
+        groups.setdefault(tuple(cls.summary_fields.items()), []).append(cls.name)
+    for items, names in groups.items():
+        if not items:
+            continue
+        lines += ["", f"## {', '.join(names)}", "", "| field | unit and meaning |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in items]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    from hpctrain import registry
+
+    print(markdown(registry.ALGORITHMS.values()), end="")

@@ -1,0 +1,89 @@
+"""``sgd`` (one process) and ``ssgd`` (synchronous SGD through the Horovod-shaped API).
+
+ssgd is what a Horovod user writes: the model broadcast from rank 0 and the optimizer wrapped
+in ``DistributedOptimizer``, which allreduces gradients while backward runs. The data order is
+the shuffle package's, so ssgd on K ranks with batch b sees, step by step, the same samples as
+sgd with batch K*b.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+
+import hpctrain.sync as hvd
+from hpctrain import models
+from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.errors import UsageError
+from hpctrain.guard import GradientGuard
+from hpctrain.options import option
+
+
+class Sequential(Algorithm):
+    """Plain SGD on one process: the baseline every other algorithm is measured against."""
+
+    name = "sgd"
+
+    @classmethod
+    def check(cls, config, ranks: int) -> None:
+        if ranks > 1:
+            raise UsageError(f"--algo sgd runs on one process, not {ranks}; use --algo ssgd")
+
+    def connect(self, world, model):
+        return None
+
+
+@dataclass(frozen=True)
+class SynchronousOptions:
+    sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend or Horovod",
+                               choices=("mpi", "horovod"))
+    fp16_allreduce: bool = option(False, "compress gradients to float16 on the wire")
+
+
+class Synchronous(Algorithm):
+    """Gradients allreduced every step; every rank applies the same update."""
+
+    name = "ssgd"
+    Options = SynchronousOptions
+    thread_level = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE
+    summary_fields = {"allreduce_bytes_per_rank": "bytes: gradient payload one rank sent "
+                                                  "into allreduces (fp16: 2 bytes a value)"}
+
+    @classmethod
+    def check(cls, config, ranks: int) -> None:
+        if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
+                is None:
+            raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
+
+    def label(self) -> str:
+        o = self.options
+        return f"ssgd ({o.sync_backend} backend{', fp16 allreduce' if o.fp16_allreduce else ''})"
+
+    def connect(self, world, model):
+        hvd.init(backend=self.options.sync_backend)
+        return world
+
+    def setup(self, s: Setup) -> None:
+        super().setup(s)
+        hvd.broadcast_parameters(s.model.state_dict(), root_rank=0)
+        compression = hvd.Compression.fp16 if self.options.fp16_allreduce \
+            else hvd.Compression.none
+        self.optimizer = hvd.DistributedOptimizer(
+            self.optimizer, named_parameters=s.model.named_parameters(), compression=compression)
+
+    def guard(self, s: Setup) -> GradientGuard:
+        # The allreduced gradient is the same everywhere: all ranks skip a bad step together.
+        return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm,
+                             reduced=True)
+
+    def synchronize(self) -> None:
+        self.optimizer.synchronize()
+
+    def apply(self) -> None:
+        with self.optimizer.skip_synchronize():  # synchronize() already waited
+            self.optimizer.step()
+
+    def summary(self, points: list[dict], comm) -> dict:
+        per_value = 2 if self.options.fp16_allreduce else 4
+        return {"allreduce_bytes_per_rank":
+                points[-1]["updates"] * models.num_parameters(self.model) * per_value}

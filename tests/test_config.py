@@ -1,0 +1,150 @@
+"""The run configuration, the algorithm registry, the summary schema and the import graph:
+one process, no MPI."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from hpctrain import arguments, cli, registry, summary
+from hpctrain import config as configs
+from hpctrain.config import OptimConfig, RunConfig
+from hpctrain.errors import UsageError
+
+pytestmark = pytest.mark.unit
+
+
+def parse(*argv: str):
+    return arguments.build(cli.build_parser().parse_args(["train", *argv]))
+
+
+def test_python_toml_and_command_line_give_the_same_configuration(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "ec"\nseed = 3\n[optim]\nlr = 0.2\nlr_milestones = [1, 2]\n'
+                    '[algorithm]\ntau = 7\nec_alpha = 0.25\n')
+    from_file = parse("--config", str(toml))
+    from_flags = parse("--algo", "ec", "--seed", "3", "--lr", "0.2", "--lr-milestones", "1,2",
+                       "--tau", "7", "--ec-alpha", "0.25")
+    ec = registry.get("ec")
+    from_python = RunConfig(algo="ec", seed=3, optim=OptimConfig(lr=0.2, lr_milestones=(1, 2)),
+                            algorithm=ec.Options(tau=7, ec_alpha=0.25))
+    assert from_file == from_flags == from_python
+
+
+def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "ssgd"\n[optim]\nlr = 0.2\nepochs = 2\n')
+    config = parse("--config", str(toml), "--lr", "0.3")
+    assert (config.optim.lr, config.optim.epochs) == (0.3, 2)
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**configs.repeatable(configs.resolve(config)),
+                                 "run_info": {"workers": 2}}))
+    again = configs.load(saved)
+    assert again == configs.resolve(config)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: RunConfig(algo="nope"), "unknown algorithm 'nope'"),
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(momentum=1.5)),
+     "--momentum 1.5 must be in [0, 1)"),
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)), "--lr 0.0 must be > 0"),
+    (lambda: RunConfig(algo="sgd", stall_timeout=-1.0), "--stall-timeout -1.0 must be >= 0"),
+    (lambda: RunConfig(algo="ma", algorithm=registry.get("ma").Options(tau=0)),
+     "--tau 0 must be >= 1"),
+    (lambda: RunConfig(algo="ma", algorithm=registry.get("ec").Options()),
+     "--algo ma takes AveragingOptions, not CompressionOptions"),
+    (lambda: configs.from_dict({"algo": "sgd", "optim": {"lrr": 1}}),
+     "unknown configuration key optim.lrr"),
+])
+def test_library_raises_value_errors_naming_the_value(build, message):
+    with pytest.raises((ValueError, TypeError)) as e:
+        build()
+    assert message in str(e.value)
+
+
+def test_an_option_of_another_algorithm_is_refused():
+    with pytest.raises(UsageError, match="--ec-alpha is an option of ec, not of --algo ma"):
+        parse("--algo", "ma", "--ec-alpha", "0.3")
+    with pytest.raises(UsageError, match="--lam is an option of dcasgd-c, dcasgd-a, not of"):
+        parse("--algo", "asgd", "--lam", "0.1")
+
+
+def test_help_lists_every_algorithms_options_from_the_registry():
+    text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for cls in registry.ALGORITHMS.values():
+        assert cls.name in text
+        for f in dataclasses.fields(cls.Options):
+            assert "--" + f.name.replace("_", "-") in text
+
+
+def test_resolve_fills_the_algorithms_defaults():
+    assert configs.resolve(RunConfig(algo="asgd")).optim.lr == 0.1
+    assert configs.resolve(RunConfig(algo="ssgd")).optim.momentum == 0.9
+    assert configs.resolve(RunConfig(algo="sgd", optim=OptimConfig(lr_milestones=(3,)))) \
+        .optim.lr_schedule == "step"
+
+
+def test_summary_schema_is_documented_whole():
+    common = {f.name for f in dataclasses.fields(summary.RunSummary)} - {"algorithm_fields"}
+    assert common == set(summary.COMMON_FIELDS)
+    doc = (ROOT / "docs" / "SUMMARY.md").read_text()
+    assert doc == summary.markdown(registry.ALGORITHMS.values()), \
+        "docs/SUMMARY.md is stale: python -m hpctrain.summary > docs/SUMMARY.md"
+
+
+def test_summary_round_trips_and_refuses_shadowed_fields():
+    fields = {f.name: 0 for f in dataclasses.fields(summary.RunSummary)
+              if f.name not in ("algorithm_fields", "simulated")}
+    record = summary.RunSummary(**fields, algorithm_fields={"tau": 5})
+    assert summary.RunSummary.from_dict(record.to_dict()) == record
+    with pytest.raises(ValueError, match="shadow"):
+        summary.RunSummary(**fields, algorithm_fields={"workers": 1}).to_dict()
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The hpctrain modules ``path`` imports at module level (imports inside functions are
+    deliberate and lazy: MPI's thread level, optional packages; TYPE_CHECKING ones are for
+    type hints only)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            for a in node.names:  # `from pkg import mod` imports pkg.mod, else pkg itself
+                name = f"{node.module}.{a.name}"
+                found.add(name if name in modules else node.module)
+    return {m for m in found if m in modules}
+
+
+def _module_graph() -> dict[str, set[str]]:
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "hpctrain").rglob("*.py")}
+    return {m: _imports(p, set(files)) - {m} for m, p in files.items()}
+
+
+def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
+    graph = _module_graph()
+    entry = {"hpctrain.cli", "hpctrain.arguments"} | {m for m in graph
+                                                       if m.startswith("hpctrain.bench")}
+    for module, deps in graph.items():
+        if module not in entry:
+            assert not deps & entry, f"{module} imports {deps & entry}"
+    state: dict[str, int] = {}
+
+    def visit(m: str, path: list[str]) -> None:
+        state[m] = 1
+        for d in graph[m]:
+            if state.get(d) == 1:
+                pytest.fail("import cycle: " + " -> ".join([*path, m, d]))
+            if d not in state:
+                visit(d, [*path, m])
+        state[m] = 2
+
+    for m in graph:
+        if m not in state:
+            visit(m, [])
