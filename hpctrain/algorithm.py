@@ -101,11 +101,9 @@ class Algorithm:
         return steps
 
     def is_worker(self) -> bool:
-        """False on a rank that only serves (async's dedicated store hosts)."""
+        """False on a rank that only serves (async's dedicated store hosts): it goes straight
+        to :meth:`close`, which serves until the workers are done."""
         return True
-
-    def serve(self) -> None:
-        """What a rank that is not a worker does until the workers are done."""
 
     def setup(self, s: Setup) -> None:
         """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD."""

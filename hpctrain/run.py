@@ -102,12 +102,9 @@ def _run(config: RunConfig, world) -> dict | None:
     loaded = checkpoint.newest(resume) if resume and world.Get_rank() == 0 else None
     algo.restore_model(loaded)
     workers = algo.connect(world, model)
-    if algo.is_worker():
-        summary = _train(config, algo, workers, model, test_set, loaded)
-    else:
-        summary = None
-        algo.serve()
-    algo.close()
+    summary = _train(config, algo, workers, model, test_set, loaded) if algo.is_worker() \
+        else None
+    algo.close()  # a store host that does not train serves the workers here until they finish
     return summary
 
 

@@ -1,0 +1,72 @@
+"""``hpctrain.train(config)`` from a user's own script under mpirun: the same run as the
+command line, bad settings as ValueError before any MPI call."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SYNTHETIC, mpirun, run_job
+
+SCRIPT = """
+import json, sys
+import hpctrain
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+config = RunConfig(algo="ma", seed=5, out=sys.argv[1], progress=False,
+                   data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                   optim=OptimConfig(epochs=1, batch_size=32),
+                   algorithm=hpctrain.algorithm_options("ma")(tau=8))
+summary = hpctrain.train(config)
+print(json.dumps({"acc": summary["final_test_acc"], "tau": summary["tau"]}))
+"""
+
+
+def same_model(a, b) -> bool:
+    ma, mb = (torch.load(d / "model.pt", weights_only=True) for d in (a, b))
+    return ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
+
+
+@pytest.mark.timeout(240)
+def test_a_script_trains_as_the_command_line_does(tmp_path):
+    script = tmp_path / "mine.py"
+    script.write_text(SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(tmp_path / "api")],
+                          capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(printed) == 2 and printed[0] == printed[1]  # every rank gets the summary
+    cli = run_job(["train", "--algo", "ma", "--seed", "5", *SYNTHETIC, "--epochs", "1",
+                   "--batch-size", "32", "--tau", "8", "--out", str(tmp_path / "cli")], np=2)
+    assert cli.returncode == 0, cli.stderr
+    a = json.loads((tmp_path / "api" / "summary.json").read_text())
+    b = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    assert a["final_test_acc"] == b["final_test_acc"] == printed[0]["acc"]
+    assert same_model(tmp_path / "api", tmp_path / "cli")
+    # config.json repeats the run: the same model again.
+    again = run_job(["train", "--config", str(tmp_path / "api" / "config.json"), "--out",
+                     str(tmp_path / "again")], np=2)
+    assert again.returncode == 0, again.stderr
+    assert same_model(tmp_path / "again", tmp_path / "api")
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_setting_in_a_script_is_a_value_error_before_mpi(tmp_path):
+    script = tmp_path / "bad.py"
+    script.write_text("import hpctrain\n"
+                      "try:\n"
+                      "    hpctrain.train(hpctrain.RunConfig(algo='ssgd', optim="
+                      "hpctrain.OptimConfig(momentum=1.5)))\n"
+                      "except ValueError as e:\n"
+                      "    import sys\n"
+                      "    print(e)\n"
+                      "    print('mpi4py.MPI' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=100, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["--momentum 1.5 must be in [0, 1)", "False"]
