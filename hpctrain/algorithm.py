@@ -10,9 +10,11 @@ checkpoints, evaluation, outputs). A subclass declares:
   ``thread_level`` it needs, how its ``snapshots`` are taken and the ``summary_fields`` it adds
   (name -> unit and meaning, for ``docs/SUMMARY.md`` and the report);
 - class-level checks that need the launch's world (:meth:`check`, before MPI starts);
-- per-run hooks, in the order the loop calls them: :meth:`connect` (communication), :meth:`setup`
-  (its optimizer or aggregator), then per step :meth:`claim`, :meth:`loss`, :meth:`synchronize`,
-  :meth:`apply`, :meth:`after_update`, :meth:`progress`; :meth:`before_checkpoint` /
+- per-run hooks, in the order the loop calls them: :meth:`restore_model` and :meth:`connect`
+  (communication), :meth:`setup` (its optimizer or aggregator), :meth:`guard`,
+  :meth:`checkpoint_state`, :meth:`start`, :meth:`epoch_started` at each epoch of local data;
+  per step :meth:`claim`, :meth:`loss`, :meth:`synchronize`, :meth:`apply` (unless the NaN
+  guard skips it), :meth:`progress`, :meth:`after_update`; :meth:`before_checkpoint` /
   :meth:`after_checkpoint` around a checkpoint; :meth:`finish` after the last step; then
   :meth:`evaluate`, :meth:`write_outputs`, :meth:`summary` and :meth:`close`.
 

@@ -139,8 +139,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
 
     done = ckpt.restore(snapshots, loaded)
     position = done.get("updates", 0)
-    samples, local_steps = done.get("samples", 0), done.get("local_steps", 0)
-    epoch, i = done.get("local_epoch", 0), done.get("i", 0)
+    samples = done.get("samples", 0)
+    # A lock-step checkpoint from before the one loop has no position of its own: derive it.
+    local_steps = done.get("local_steps", done.get("pushes", position))
+    epoch, i = done.get("local_epoch", position // steps), done.get("i", position % steps)
     if i == steps:  # saved at the end of an epoch
         epoch, i = epoch + 1, 0
     algo.start(position)
