@@ -13,16 +13,14 @@ The Python API, for a script launched with ``mpirun``::
 
 __version__ = "0.1.0"
 
+# Public name -> (module, attribute), imported on first use.
 _API = {
-    "train": "hpctrain.run",
-    "RunConfig": "hpctrain.config",
-    "DataConfig": "hpctrain.config",
-    "ModelConfig": "hpctrain.config",
-    "OptimConfig": "hpctrain.config",
-    "CheckpointConfig": "hpctrain.config",
-    "StragglerConfig": "hpctrain.config",
-    "load_config": "hpctrain.config",
-    "algorithm_options": "hpctrain.registry",
+    "train": ("hpctrain.run", "train"),
+    **{name: ("hpctrain.config", name) for name in (
+        "RunConfig", "DataConfig", "ModelConfig", "OptimConfig", "CheckpointConfig",
+        "StragglerConfig")},
+    "load_config": ("hpctrain.config", "load"),
+    "algorithm_options": ("hpctrain.registry", "options_of"),
 }
 __all__ = [*_API, "__version__"]
 
@@ -32,6 +30,5 @@ def __getattr__(name: str):
         raise AttributeError(f"module 'hpctrain' has no attribute {name!r}")
     import importlib
 
-    module = importlib.import_module(_API[name])
-    return getattr(module, {"load_config": "load", "algorithm_options": "options_of"}
-                   .get(name, name))
+    module, attribute = _API[name]
+    return getattr(importlib.import_module(module), attribute)

@@ -33,6 +33,7 @@ from torch.nn import functional as F
 
 from hpctrain.evaluate import Snapshot, evaluate_snapshots
 from hpctrain.guard import GradientGuard
+from hpctrain.options import check_fields
 
 if TYPE_CHECKING:
     from hpctrain.config import RunConfig
@@ -42,7 +43,15 @@ if TYPE_CHECKING:
 
 
 @dataclass(frozen=True)
-class NoOptions:
+class Options:
+    """Base of an algorithm's options: checked when built, as the run's sections are."""
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class NoOptions(Options):
     """An algorithm without options of its own."""
 
 
@@ -53,10 +62,8 @@ class Setup:
     model: torch.nn.Module
     train_data: TrainData
     comm: object | None  # the workers' communicator (None: one process)
-    rank: int
     workers: int
     steps: int  # this worker's batches per epoch of its data
-    total: int  # the run's budget of updates (global progress, see Algorithm.per_epoch)
 
 
 class Algorithm:

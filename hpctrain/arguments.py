@@ -20,6 +20,13 @@ from hpctrain.errors import UsageError
 from hpctrain.options import declared, flag_of
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors: one line, exit 2, rank 0 speaking."""
+
+    def error(self, message: str):
+        raise UsageError(message)  # printed as "hpctrain: error: <message>"
+
+
 @dataclass(frozen=True)
 class Declared:
     """One option: its flag, where its value goes (``("optim", "lr")``), and its field."""
@@ -123,8 +130,7 @@ def build(args: argparse.Namespace) -> RunConfig:
     algo = values.get("algo")
     if not algo:
         raise UsageError("no algorithm: give --algo (or algo in --config)")
-    if algo not in registry.names():
-        raise UsageError(f"unknown algorithm {algo!r}; choose from {', '.join(registry.names())}")
+    registry.get(algo)  # an unknown name is refused before the options are judged
     for d in algo_options:
         if hasattr(args, d.dest) and algo not in d.owners:
             raise UsageError(f"{d.flag} is an option of {', '.join(d.owners)}, not of --algo "

@@ -15,7 +15,6 @@ import textwrap
 
 from hpctrain import arguments, comm, run
 from hpctrain.bench import report as bench_report
-from hpctrain.errors import UsageError
 from hpctrain.metrics import summary_table
 
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run (and optionally
@@ -41,14 +40,9 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)  # printed as "hpctrain: error: <message>"
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="hpctrain", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = arguments.Parser(prog="hpctrain", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=arguments.Parser)
     train = sub.add_parser("train", help="train a model with one algorithm",
                            formatter_class=_HelpFormatter)
     arguments.add_arguments(train)
@@ -61,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "same run, prints a table and writes JSON.", 79),
             *(textwrap.fill(f"{name}: {m.DESCRIPTION}", 79, subsequent_indent="  ")
               for name, m in benchmarks.items())]))
-    bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=arguments.Parser)
     for name, module in benchmarks.items():
         b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(". ")[0].split(": ")[0],
                                  description=module.DESCRIPTION,

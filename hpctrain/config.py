@@ -25,7 +25,7 @@ from pathlib import Path
 import tomllib
 
 from hpctrain import data, models, options, registry
-from hpctrain.checkpoint import parse_every
+from hpctrain.checkpoint import parse_every, run_folder
 from hpctrain.errors import UsageError
 from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
@@ -34,13 +34,11 @@ from hpctrain.stragglers import parse_slowdown
 
 
 def _milestones(text: str) -> tuple[float, ...]:
+    """``"3,4"`` -> (3.0, 4.0); OptimConfig checks that they increase."""
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
-    if any(v <= 0 for v in values) or list(values) != sorted(values):
-        raise argparse.ArgumentTypeError(f"{text!r}: milestones must be increasing epochs > 0")
-    return values
 
 
 @dataclass(frozen=True)
@@ -184,17 +182,13 @@ class RunConfig:
     algorithm: object = None
 
     def __post_init__(self) -> None:
-        if self.algo not in registry.names():
-            raise UsageError(f"unknown algorithm {self.algo!r}; choose from "
-                             f"{', '.join(registry.names())}")
+        options_cls = registry.get(self.algo).Options  # UsageError for an unknown name
         check_fields(self)
-        options_cls = registry.get(self.algo).Options
         if self.algorithm is None:
             object.__setattr__(self, "algorithm", options_cls())
         elif type(self.algorithm) is not options_cls:
             raise TypeError(f"--algo {self.algo} takes {options_cls.__name__}, not "
                             f"{type(self.algorithm).__name__}")
-        check_fields(self.algorithm)
 
     @property
     def algorithm_class(self):
@@ -227,7 +221,7 @@ def repeatable(config: RunConfig) -> dict:
     run repeats it (``--resume`` and the checkpoint folder derived from ``--out`` left out)."""
     values = to_dict(config)
     values["checkpoint"]["resume"] = None
-    if config.out and config.checkpoint.dir == str(Path(config.out) / "checkpoints"):
+    if config.out and config.checkpoint.dir == str(run_folder(None, config.out)):
         values["checkpoint"]["dir"] = None
     return values
 
@@ -246,9 +240,6 @@ def from_dict(values: dict) -> RunConfig:
         if key in SECTIONS:
             kwargs[key] = _build(SECTIONS[key], value, key)
         elif key == "algorithm":
-            if algo not in registry.names():
-                raise UsageError(f"unknown algorithm {algo!r}; choose from "
-                                 f"{', '.join(registry.names())}")
             kwargs[key] = _build(registry.get(algo).Options, value or {}, "algorithm")
         elif key in {f.name for f in fields(RunConfig)}:
             kwargs[key] = value

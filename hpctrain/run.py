@@ -116,7 +116,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
     steps = math.ceil(train_data.samples_per_rank / o.batch_size)  # one epoch of local data
     per_epoch = algo.per_epoch(steps, size)
     total = o.epochs * per_epoch
-    s = Setup(model, train_data, comm_, rank, size, steps, total)
+    s = Setup(model, train_data, comm_, size, steps)
     algo.setup(s)
     guard = algo.guard(s)
     straggler = Straggler(config.stragglers.factor(rank, size), config.stragglers.jitter,

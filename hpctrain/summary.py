@@ -13,76 +13,52 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-# Field -> unit and meaning, for docs/SUMMARY.md and the report.
-COMMON_FIELDS: dict[str, str] = {
-    "algo": "algorithm name (--algo)",
-    "algo_label": "algorithm and its main settings, for tables and plots",
-    "workers": "ranks that trained",
-    "model": "--model",
-    "dataset": "--dataset",
-    "epochs": "--epochs: passes over the data, all workers together",
-    "updates": "model updates made (async: pushes of all workers; lock-step: steps)",
-    "final_test_acc": "fraction in [0, 1]: the final model on the test set",
-    "final_test_loss": "mean cross-entropy of the final model on the test set (null if not "
-                       "finite)",
-    "best_test_acc": "fraction: the best curve point",
-    "wall_s": "seconds of training, without start-up and evaluation (a resumed run adds "
-              "the time before)",
-    "samples_per_s": "training samples per second, all workers together",
-    "params": "parameters of the model",
-    "samples_per_worker": "training samples each worker consumed",
-    "busy_s_per_worker": "seconds each worker trained before waiting for the others at the end",
-    "straggler_sleep_s_per_worker": "seconds each worker slept to emulate a straggler",
-    "slowdown": "--slowdown (null: none)",
-    "jitter": "--jitter",
-    "skipped_steps": "steps skipped for NaN/Inf gradients (summed over workers that skip "
-                     "alone)",
-    "bad_gradients_per_worker": "NaN/Inf gradients each worker saw",
-    "max_bad_steps": "--max-bad-steps",
-    "checkpoints": "checkpoints written over the whole run",
-    "checkpoint_s": "seconds spent writing checkpoints",
-    "resumed_from_updates": "updates at which the run was resumed, in order",
-    "bytes_moved": "bytes: training samples this rank (rank 0) sent to others in reshuffles",
-    "exchange_s": "seconds rank 0 spent in data exchanges",
-    "exchange_per_epoch": "per exchange: epoch, bytes_moved (bytes), exchange_s (seconds)",
-    "simulated": "false for a run of real processes",
-    "out": "the run's output folder",
-}
+
+def _doc(text: str, **kw):
+    """A summary field with its unit and meaning (for docs/SUMMARY.md and the report)."""
+    return field(metadata={"doc": text}, **kw)
 
 
 @dataclass
 class RunSummary:
     """What every run reports; ``algorithm_fields``: its algorithm's own part."""
 
-    algo: str
-    algo_label: str
-    workers: int
-    model: str
-    dataset: str
-    epochs: int
-    updates: int
-    final_test_acc: float
-    final_test_loss: float | None
-    best_test_acc: float
-    wall_s: float
-    samples_per_s: float
-    params: int
-    samples_per_worker: list[int]
-    busy_s_per_worker: list[float]
-    straggler_sleep_s_per_worker: list[float]
-    slowdown: str | None
-    jitter: float
-    skipped_steps: int
-    bad_gradients_per_worker: list[int]
-    max_bad_steps: int
-    checkpoints: int
-    checkpoint_s: float
-    resumed_from_updates: list[int]
-    bytes_moved: int
-    exchange_s: float
-    exchange_per_epoch: list[dict]
-    out: str | None
-    simulated: bool = False
+    algo: str = _doc("algorithm name (--algo)")
+    algo_label: str = _doc("algorithm and its main settings, for tables and plots")
+    workers: int = _doc("ranks that trained")
+    model: str = _doc("--model")
+    dataset: str = _doc("--dataset")
+    epochs: int = _doc("--epochs: passes over the data, all workers together")
+    updates: int = _doc("model updates made (async: pushes of all workers; lock-step: steps)")
+    final_test_acc: float = _doc("fraction in [0, 1]: the final model on the test set")
+    final_test_loss: float | None = _doc("mean cross-entropy of the final model on the test set "
+                                         "(null if not finite)")
+    best_test_acc: float = _doc("fraction: the best curve point")
+    wall_s: float = _doc("seconds of training, without start-up and evaluation (a resumed run "
+                         "adds the time before)")
+    samples_per_s: float = _doc("training samples per second, all workers together")
+    params: int = _doc("parameters of the model")
+    samples_per_worker: list[int] = _doc("training samples each worker consumed")
+    busy_s_per_worker: list[float] = _doc("seconds each worker trained before waiting for the "
+                                          "others at the end")
+    straggler_sleep_s_per_worker: list[float] = _doc("seconds each worker slept to emulate a "
+                                                     "straggler")
+    slowdown: str | None = _doc("--slowdown (null: none)")
+    jitter: float = _doc("--jitter")
+    skipped_steps: int = _doc("steps skipped for NaN/Inf gradients (summed over workers that skip"
+                              " alone)")
+    bad_gradients_per_worker: list[int] = _doc("NaN/Inf gradients each worker saw")
+    max_bad_steps: int = _doc("--max-bad-steps")
+    checkpoints: int = _doc("checkpoints written over the whole run")
+    checkpoint_s: float = _doc("seconds spent writing checkpoints")
+    resumed_from_updates: list[int] = _doc("updates at which the run was resumed, in order")
+    bytes_moved: int = _doc("bytes: training samples this rank (rank 0) sent to others in "
+                            "reshuffles")
+    exchange_s: float = _doc("seconds rank 0 spent in data exchanges")
+    exchange_per_epoch: list[dict] = _doc("per exchange: epoch, bytes_moved (bytes), exchange_s "
+                                          "(seconds)")
+    out: str | None = _doc("the run's output folder")
+    simulated: bool = _doc("false for a run of real processes", default=False)
     algorithm_fields: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -99,6 +75,11 @@ class RunSummary:
         common = {f.name for f in fields(cls)} - {"algorithm_fields"}
         return cls(**{k: v for k, v in values.items() if k in common},
                    algorithm_fields={k: v for k, v in values.items() if k not in common})
+
+
+# Field -> unit and meaning of the fields every run has.
+COMMON_FIELDS: dict[str, str] = {f.name: f.metadata["doc"] for f in fields(RunSummary)
+                                 if "doc" in f.metadata}
 
 
 def read(run_dir: str | Path) -> dict:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from hpctrain import data, models
-from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
 from hpctrain.async_.optim import DEFAULT_LAM
@@ -36,7 +36,7 @@ from hpctrain.options import Range, option
 
 
 @dataclass(frozen=True)
-class StoreOptions:
+class StoreOptions(Options):
     servers: int = option(0, "ranks that only host the model (the last N); 0: all ranks host "
                           "shards and train (one node)", parse=int, range=Range(0))
     consistency: str = option("locked", "locked (exclusive lock per shard, serialisable) or "
@@ -155,7 +155,7 @@ class ASGD(Algorithm):
     def setup(self, s: Setup) -> None:
         self.model = s.model
         self.optimizer = self.make_optimizer(s.model)
-        self.workers_comm, self.size = s.comm, s.workers
+        self.workers_comm = s.comm
         self.base, self.ticket = 0, None
 
     def guard(self, s: Setup) -> GradientGuard:

@@ -63,14 +63,9 @@ class TrainOption:
         return self.owners is None or algo in self.owners
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def _train_parser() -> argparse.ArgumentParser:
     """``hpctrain train``'s options alone: compare checks each run's words with it."""
-    parser = _Parser(prog="hpctrain train", add_help=False)
+    parser = arguments.Parser(prog="hpctrain train", add_help=False)
     arguments.add_arguments(parser)
     return parser
 

@@ -20,21 +20,21 @@ from dataclasses import dataclass
 import torch
 
 from hpctrain import data
-from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.ec.averaging import ModelAveraging as Averaging
 from hpctrain.ec.averaging import broadcast_model
 from hpctrain.ec.compression import EnsembleCompression as Compression
 from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
-from hpctrain.options import Range, check_fields, option
+from hpctrain.options import Range, option
 from hpctrain.shuffle import ReplicatedTrainData
 
 DEFAULT_TAU = 20
 
 
 @dataclass(frozen=True)
-class AveragingOptions:
+class AveragingOptions(Options):
     tau: int | None = option(None, f"local steps between aggregations (default {DEFAULT_TAU})",
                              parse=int, range=Range(1))
     tau_epochs: float | None = option(None, "local epochs between aggregations, instead of "
@@ -43,7 +43,7 @@ class AveragingOptions:
     def __post_init__(self) -> None:
         if self.tau is not None and self.tau_epochs is not None:
             raise UsageError("argument --tau-epochs: not allowed with argument --tau")
-        check_fields(self)
+        super().__post_init__()
 
     def local_steps(self, steps_per_epoch: int) -> int:
         """``--tau``, or ``--tau-epochs`` converted to local steps (at least one)."""
@@ -114,7 +114,6 @@ class ModelAveraging(Algorithm):
         final = self.final_model()
         for p in points:
             p.update(test_acc=p[f"{final}_acc"], test_loss=p[f"{final}_loss"])
-        self.last = points[-1]
         return points
 
     def final_model(self) -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import hpctrain.sync as hvd
 from hpctrain import models
-from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
 from hpctrain.options import option
@@ -34,7 +34,7 @@ class Sequential(Algorithm):
 
 
 @dataclass(frozen=True)
-class SynchronousOptions:
+class SynchronousOptions(Options):
     sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend or Horovod",
                                choices=("mpi", "horovod"))
     fp16_allreduce: bool = option(False, "compress gradients to float16 on the wire")
