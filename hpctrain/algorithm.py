@@ -65,6 +65,11 @@ class Setup:
     workers: int
     steps: int  # this worker's batches per epoch of its data
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is, and where batches go (:func:`hpctrain.run.device_for`)."""
+        return next(self.model.parameters()).device
+
 
 class Algorithm:
     """Base class and protocol of a training algorithm (see the module docstring)."""

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import tomllib
 
-from hpctrain import data, models, options, registry
+from hpctrain import data, devices, models, options, registry
 from hpctrain.checkpoint import parse_every, run_folder
 from hpctrain.errors import UsageError
 from hpctrain.options import Range, check_fields, option
@@ -166,6 +166,8 @@ class RunConfig:
     eval_every: float = option(0.25, "epochs between snapshots of the model (evaluated after "
                                "training)", parse=options.positive(float),
                                range=Range(0, low_open=True))
+    device: str = option("auto", "where each rank computes: cuda takes GPU (local rank mod GPUs) "
+                         "(auto: cuda when torch sees a GPU)", choices=devices.DEVICES)
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)

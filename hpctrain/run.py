@@ -1,7 +1,7 @@
 """The one training loop, for every algorithm, and ``hpctrain.train(config)``.
 
 This module owns what every run does alike: set-up (seed, data, model, and the one place
-where a device is chosen: the CPU for now), the step sequence, snapshots, checkpoints,
+where a device is chosen: :func:`device_for`), the step sequence, snapshots, checkpoints,
 evaluation, the outputs and the summary. An algorithm (:class:`hpctrain.algorithm.Algorithm`)
 plugs in at fixed points. One step, on every worker::
 
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import checkpoint, comm, data, faults, models, watchdog
+from hpctrain import checkpoint, comm, data, devices, faults, models, watchdog
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
@@ -47,6 +47,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     checkpoint folders) before MPI starts; return it with every default resolved."""
     config = configs.resolve(config)
     algo = config.algorithm_class
+    devices.check(config.device)
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
     n = data.size(config.data.dataset, "train", config.data.data_dir)
     if ranks > n:
@@ -88,8 +89,8 @@ def train(config: RunConfig) -> dict:
 
 
 def device_for(config: RunConfig) -> torch.device:
-    """The one place a device is chosen: the CPU (GPU training builds on this)."""
-    return torch.device("cpu")
+    """The one place a device is chosen (``--device``; see :mod:`hpctrain.devices`)."""
+    return devices.choose(config.device)
 
 
 def _run(config: RunConfig, world) -> dict | None:
@@ -174,8 +175,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
         set_lr(algo.optimizer, learning_rate(o.lr, position // per_epoch +
                                              position % per_epoch / per_epoch, o.epochs,
                                              o.lr_schedule, o.lr_milestones, o.lr_gamma))
-        x = local.images[i * o.batch_size:(i + 1) * o.batch_size]
-        y = local.labels[i * o.batch_size:(i + 1) * o.batch_size]
+        x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
+        y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         algo.optimizer.zero_grad()
         computing = time.perf_counter()
         loss = faults.inject(rank, local_steps, model, algo.loss(x, y))

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data, models
+from hpctrain import data, devices, kernels, models
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
@@ -112,6 +112,11 @@ class ASGD(Algorithm):
         if every is not None and not every.endswith("e"):
             raise UsageError(f"--checkpoint-every {every}: asynchronous runs checkpoint by "
                              "global progress; give epochs, e.g. 1e")
+        if devices.resolve(config.device) == "cuda":
+            try:
+                kernels.cuda_library()  # GPU workers push with the CUDA kernel
+            except (RuntimeError, OSError) as e:
+                raise UsageError(f"--device cuda with --algo {config.algo}: {e}") from None
         if config.data.data_placement != "replicated":
             raise UsageError(f"--algo {config.algo} needs --data-placement replicated: sharded "
                              "placement exchanges data collectively each epoch, which would "
