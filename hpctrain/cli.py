@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 
-from hpctrain import arguments, comm, run
+from hpctrain import arguments, comm, devices, run
 from hpctrain.bench import report as bench_report
 from hpctrain.metrics import summary_table
 
@@ -84,8 +84,8 @@ def info() -> None:
     if MPI.COMM_WORLD.Get_rank() != 0:
         return
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
-             "cuda": torch.cuda.is_available(), **comm.library_info(),
-             "ranks": comm.size(), "local_size": local_size}
+             **devices.describe(), **comm.library_info(), "ranks": comm.size(),
+             "local_size": local_size}
     try:
         import horovod
 

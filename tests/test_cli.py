@@ -149,14 +149,15 @@ def test_same_seed_same_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers):
-    """K workers with batch b take the same steps as one process with batch K*b."""
+@pytest.mark.parametrize("workers,backend", [(2, "mpi"), (4, "mpi"), (2, "torch")])
+def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers, backend):
+    """K workers with batch b take the same steps as one process with batch K*b, with the
+    allreduce through MPI or through torch.distributed (gloo)."""
     common = [*SMALL, "--momentum", "0.9", "--weight-decay", "1e-4", "--seed", "5"]
     sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", str(16 * workers),
                    "--out", str(tmp_path / "sgd")], np=0)
     ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
-                    "--out", str(tmp_path / "ssgd")], np=workers)
+                    "--sync-backend", backend, "--out", str(tmp_path / "ssgd")], np=workers)
     assert sgd.returncode == 0 and ssgd.returncode == 0, sgd.stderr + ssgd.stderr
     a, b = final_model(tmp_path / "sgd"), final_model(tmp_path / "ssgd")
     for k in a:
@@ -183,3 +184,6 @@ def test_info_under_mpirun_prints_once(tmp_path):
     facts = json.loads(proc.stdout)
     assert facts["ranks"] == 2 and facts["local_size"] == 2
     assert facts["library"].isprintable()
+    # Devices and transports: no GPU here, so neither CUDA-aware MPI nor NCCL is usable.
+    assert facts["cuda"] is False and facts["gpus"] == [] and facts["nccl"] is False
+    assert facts["cuda_aware_mpi"] in (True, False) and facts["gloo"] is True

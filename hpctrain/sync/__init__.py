@@ -1,10 +1,13 @@
 """Horovod-compatible API: ``import hpctrain.sync as hvd`` replaces ``import horovod.torch as hvd``.
 
 ``init()`` starts the mpi backend (mpi4py non-blocking collectives; DistributedOptimizer with
-gradients fused into buckets and allreduced while backward runs); ``init(backend="horovod")``
-hands every call to ``horovod.torch``. Names, arguments and semantics are Horovod 0.28.1's.
-The mpi backend works on CPU tensors and has no process sets, grouped operations or Adasum;
-its ``DistributedOptimizer`` also takes ``bucket_bytes`` (fusion bucket size, 25 MiB).
+gradients fused into buckets and allreduced while backward runs); ``init(backend="torch")``
+runs the same code on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU ones);
+``init(backend="horovod")`` hands every call to ``horovod.torch``. Names, arguments and
+semantics are Horovod 0.28.1's. hpctrain's own backends take CPU and CUDA tensors (the mpi
+backend stages CUDA tensors through pinned host memory unless MPI is CUDA-aware) and have no
+process sets, grouped operations or Adasum; their ``DistributedOptimizer`` also takes
+``bucket_bytes`` (fusion bucket size, 25 MiB).
 """
 
 from __future__ import annotations
@@ -31,19 +34,25 @@ __all__ = [
     "nccl_built", "poll", "rank", "shutdown", "size", "synchronize",
 ]
 
-BACKENDS = ("mpi", "horovod")
+BACKENDS = ("mpi", "torch", "horovod")
 _active: ModuleType | None = None
 _active_name: str | None = None
 
 
-def _impl(caller: str) -> ModuleType:
+def _impl(caller: str, tensor: torch.Tensor | None = None) -> ModuleType:
     if _active is None:
         raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+    if _active is not mpi_backend and isinstance(tensor, torch.Tensor) and tensor.is_cuda \
+            and not _active.cuda_built():
+        raise UsageError(f"hpctrain.sync.{caller}(): Horovod here was built without GPU "
+                         "support and cannot take CUDA tensors; use init(backend='torch') "
+                         "or 'mpi'")
     return _active
 
 
 def init(comm: Any = None, *, backend: str = "mpi") -> None:
-    """Start ``backend`` ("mpi" or "horovod") on ``comm`` (default COMM_WORLD); idempotent."""
+    """Start ``backend`` ("mpi", "torch" or "horovod") on ``comm`` (default COMM_WORLD);
+    idempotent."""
     global _active, _active_name
     if backend not in BACKENDS:
         raise UsageError(f"unknown sync backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -52,8 +61,8 @@ def init(comm: Any = None, *, backend: str = "mpi") -> None:
             raise UsageError(f"hpctrain.sync runs the {_active_name!r} backend already; call "
                              f"shutdown() before init(backend={backend!r})")
         return
-    if backend == "mpi":
-        collectives.init(comm)
+    if backend in collectives.TRANSPORTS:
+        collectives.init(comm, transport=backend)
         _active = mpi_backend
     else:
         _active = horovod_backend.init(comm)
@@ -122,7 +131,7 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
               compression: Any = Compression.none, op: Any = None, prescale_factor: float = 1.0,
               postscale_factor: float = 1.0) -> torch.Tensor:
     """Reduced copy of ``tensor`` over all processes (Average by default; differentiable)."""
-    return _impl("allreduce").allreduce(
+    return _impl("allreduce", tensor).allreduce(
         tensor, average=average, name=name, compression=compression, op=op,
         prescale_factor=prescale_factor, postscale_factor=postscale_factor)
 
@@ -131,7 +140,7 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
                op: Any = None, prescale_factor: float = 1.0,
                postscale_factor: float = 1.0) -> torch.Tensor:
     """Reduce ``tensor`` in place and return it."""
-    return _impl("allreduce_").allreduce_(
+    return _impl("allreduce_", tensor).allreduce_(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor)
 
@@ -140,7 +149,7 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     op: Any = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0) -> int:
     """Start a reduction into a new tensor; ``synchronize(handle)`` returns it."""
-    return _impl("allreduce_async").allreduce_async(
+    return _impl("allreduce_async", tensor).allreduce_async(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor)
 
@@ -149,39 +158,39 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      op: Any = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0) -> int:
     """Start an in-place reduction of ``tensor``; return a handle."""
-    return _impl("allreduce_async_").allreduce_async_(
+    return _impl("allreduce_async_", tensor).allreduce_async_(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor)
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along dimension 0 (differentiable)."""
-    return _impl("allgather").allgather(tensor, name=name)
+    return _impl("allgather", tensor).allgather(tensor, name=name)
 
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None) -> int:
     """Start an allgather; ``synchronize(handle)`` returns the concatenation."""
-    return _impl("allgather_async").allgather_async(tensor, name=name)
+    return _impl("allgather_async", tensor).allgather_async(tensor, name=name)
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> torch.Tensor:
     """root_rank's ``tensor`` as a new tensor on every process (differentiable)."""
-    return _impl("broadcast").broadcast(tensor, root_rank, name=name)
+    return _impl("broadcast", tensor).broadcast(tensor, root_rank, name=name)
 
 
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> torch.Tensor:
     """Overwrite ``tensor`` with root_rank's, in place, and return it."""
-    return _impl("broadcast_").broadcast_(tensor, root_rank, name=name)
+    return _impl("broadcast_", tensor).broadcast_(tensor, root_rank, name=name)
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
     """Start a broadcast into a new tensor; return a handle."""
-    return _impl("broadcast_async").broadcast_async(tensor, root_rank, name=name)
+    return _impl("broadcast_async", tensor).broadcast_async(tensor, root_rank, name=name)
 
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
     """Start an in-place broadcast of ``tensor``; return a handle."""
-    return _impl("broadcast_async_").broadcast_async_(tensor, root_rank, name=name)
+    return _impl("broadcast_async_", tensor).broadcast_async_(tensor, root_rank, name=name)
 
 
 def poll(handle: int) -> bool:
@@ -230,7 +239,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     ``bucket_bytes`` (mpi backend only) is the fusion bucket size; Horovod's own is set with
     the environment variable HOROVOD_FUSION_THRESHOLD before init().
     """
-    impl = _impl("DistributedOptimizer")
+    first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+    impl = _impl("DistributedOptimizer", first)
     named = None if named_parameters is None else list(named_parameters)
     parameter_names(optimizer, named)  # the same one-line errors on both backends
     if impl is mpi_backend:

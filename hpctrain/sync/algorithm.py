@@ -35,8 +35,9 @@ class Sequential(Algorithm):
 
 @dataclass(frozen=True)
 class SynchronousOptions(Options):
-    sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend or Horovod",
-                               choices=("mpi", "horovod"))
+    sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend, its "
+                               "torch.distributed one (NCCL/gloo) or Horovod",
+                               choices=hvd.BACKENDS)
     fp16_allreduce: bool = option(False, "compress gradients to float16 on the wire")
 
 

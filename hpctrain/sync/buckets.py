@@ -11,6 +11,10 @@ does).
 Without compression a parameter's ``.grad`` is re-pointed at its slice of the bucket when it
 is packed, so the reduced values land in ``.grad`` with no copy back (as DDP's
 ``gradient_as_bucket_view``); if ``.grad`` already is that slice, packing copies nothing.
+
+Buckets live where the parameters are. A transport that cannot move them there (an MPI
+that is not CUDA-aware) gets a pinned host copy of each: filled when the bucket launches,
+copied back before unpacking.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from typing import Any
 
 import torch
 
-from hpctrain import comm as mpicomm
+from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
-from hpctrain.sync.collectives import Average, ReduceOp, Sum, reduce_spec, scale_
+from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
+from hpctrain.sync.transport import Request, Transport, test_all, wait_all
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 
@@ -83,19 +88,18 @@ class _Bucket:
     cast: bool  # some gradient changes dtype on the way (compression)
     pre: float
     post: float
-    mpi_buffer: Any
-    mpi_op: Any
+    stage: HostStage  # what the transport moves: the buffer, or its pinned host copy
     packed: int = 0
-    request: Any = None
+    request: Request | None = None
 
 
 class BucketedAllreduce:
-    """Allreduce of the gradients of ``params`` over ``comm``, started from backward hooks."""
+    """Allreduce of the gradients of ``params`` through ``transport``, started from backward
+    hooks."""
 
-    def __init__(self, params: list[torch.Tensor], comm: Any, compression: Any, op: ReduceOp,
-                 predivide: float, passes: int, bucket_bytes: int):
-        self._MPI = mpicomm.mpi()
-        self._comm = comm
+    def __init__(self, params: list[torch.Tensor], transport: Transport, compression: Any,
+                 op: ReduceOp, predivide: float, passes: int, bucket_bytes: int):
+        self._transport = transport
         self.passes = passes
         wire = [compression.wire_dtype(p.dtype) for p in params]
         sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
@@ -104,16 +108,17 @@ class BucketedAllreduce:
         self._buckets: list[_Bucket] = []
         for b, members in enumerate(plan):
             dtype = wire[members[0]]
-            buffer = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype)
+            buffer = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype,
+                                 device=params[members[0]].device)
             offset = 0
             for i in members:
                 n = params[i].numel()
                 self._slots[i] = _Slot(params[i], b, buffer[offset:offset + n].view_as(params[i]))
                 offset += n
             cast = any(params[i].dtype != dtype for i in members)
-            pre, post = scale_factors(op, predivide, comm.Get_size(), cast)
-            mpi_buffer, mpi_op = reduce_spec(buffer, Sum)
-            self._buckets.append(_Bucket(buffer, members, cast, pre, post, mpi_buffer, mpi_op))
+            pre, post = scale_factors(op, predivide, transport.size(), cast)
+            stage = HostStage(buffer, direct=transport.takes(buffer))
+            self._buckets.append(_Bucket(buffer, members, cast, pre, post, stage))
         self._next = 0  # the next bucket to launch
         self.in_flight = False  # a gradient was counted since the last synchronize
         for i, p in enumerate(params):
@@ -166,14 +171,13 @@ class BucketedAllreduce:
             bucket = self._buckets[self._next]
             if bucket.packed < len(bucket.slots):
                 return
-            bucket.request = self._comm.Iallreduce(self._MPI.IN_PLACE, bucket.mpi_buffer,
-                                                   bucket.mpi_op)
+            bucket.request = self._transport.iallreduce(None, bucket.stage.to_host(), Sum)
             self._next += 1
 
     def _progress(self) -> None:
         # Open MPI advances non-blocking collectives only inside MPI calls.
         if self._next:
-            self._MPI.Request.Testall([b.request for b in self._buckets[:self._next]])
+            test_all([b.request for b in self._buckets[:self._next]])
 
     def synchronize(self) -> None:
         """Send what backward did not (current or zero gradients), wait, write the results."""
@@ -181,8 +185,9 @@ class BucketedAllreduce:
             if not slot.packed:
                 self._pack(i)
         self._launch_ready()
-        self._MPI.Request.Waitall([b.request for b in self._buckets])
+        wait_all([b.request for b in self._buckets])
         for bucket in self._buckets:
+            bucket.stage.to_device()
             self._unpack(bucket)
         self._clear()
 
@@ -202,7 +207,7 @@ class BucketedAllreduce:
 
     def reset(self) -> None:
         """Wait for launched buckets and forget this step's gradients (for load_state_dict)."""
-        self._MPI.Request.Waitall([b.request for b in self._buckets[:self._next]])
+        wait_all([b.request for b in self._buckets[:self._next]])
         self._clear()
 
     def _clear(self) -> None:

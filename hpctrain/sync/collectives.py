@@ -1,17 +1,18 @@
-"""The mpi backend's world and tensor collectives, with ``horovod.torch``'s names and semantics.
+"""hpctrain's own backends' world and tensor collectives, with ``horovod.torch``'s semantics.
 
-Everything runs on a private duplicate of the communicator given to :func:`init`, as a
-non-blocking mpi4py call on a numpy view of the tensor's memory. Handles are integers, as in
-Horovod: ``synchronize(handle)`` waits and returns the output tensor, ``poll(handle)`` tests.
-Differences from Horovod: CPU tensors only, no process sets, no Adasum; ``name`` is accepted
-and ignored (collectives are matched by call order, as in MPI, not by name).
+The semantics (ops, scaling, handles, autograd) are here once; the bytes move through a
+:class:`hpctrain.sync.transport.Transport`: mpi4py on a private duplicate of the communicator
+given to :func:`init` (backend ``mpi``), or ``torch.distributed`` (backend ``torch``). CUDA
+tensors a transport cannot move where they are go through pinned host memory. Handles are
+integers, as in Horovod: ``synchronize(handle)`` waits and returns the output tensor,
+``poll(handle)`` tests. Differences from Horovod: no process sets, no Adasum; ``name`` is
+accepted and ignored (collectives are matched by call order, as in MPI, not by name).
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -20,9 +21,11 @@ from typing import Any
 import torch
 
 from hpctrain import comm as mpicomm
+from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
 from hpctrain.sync import nbc_tuning
 from hpctrain.sync.compression import Compression, NoneCompressor
+from hpctrain.sync.transport import MPITransport, Request, Transport, wait_all
 
 
 class ReduceOp(IntEnum):
@@ -37,24 +40,20 @@ class ReduceOp(IntEnum):
 
 
 Average, Sum, Adasum, Min, Max, Product = ReduceOp
-ADASUM_ERROR = ("op=Adasum is not supported by the mpi backend; use op=Average or op=Sum, "
+ADASUM_ERROR = ("op=Adasum is not supported by hpctrain's backends; use op=Average or op=Sum, "
                 "or init(backend='horovod')")
-_MPI_OPS = {Average: "SUM", Sum: "SUM", Min: "MIN", Max: "MAX", Product: "PROD"}
-_TORCH_OPS = {Average: torch.add, Sum: torch.add, Min: torch.minimum, Max: torch.maximum,
-              Product: torch.mul}
-_HALF_TYPES = (torch.float16, torch.bfloat16)
+TRANSPORTS = ("mpi", "torch")
 
 
 @dataclass
 class World:
-    comm: Any  # a duplicate of the user's communicator: our traffic never meets theirs
-    local_comm: Any
-    iallreduce_algorithm: str
+    transport: Transport  # its own traffic: never matched with the user's
+    iallreduce_algorithm: str | None  # mpi: the Iallreduce algorithm chosen (nbc_tuning)
 
 
 @dataclass
 class _Pending:
-    request: Any
+    request: Request
     output: torch.Tensor
     finish: Callable[[], torch.Tensor] | None = None
 
@@ -64,22 +63,25 @@ _pending: dict[int, _Pending] = {}
 _handles = itertools.count(1)
 
 
-def init(comm: Any = None) -> None:
-    """Start the mpi backend on ``comm`` (default ``COMM_WORLD``); a second call does nothing.
+def init(comm: Any = None, transport: str = "mpi") -> None:
+    """Start the collectives on ``transport`` over ``comm`` (default: the MPI world, or for
+    ``torch`` under torchrun the launcher's); a second call does nothing.
 
-    Also selects a fast non-blocking allreduce algorithm for the process (see nbc_tuning).
+    ``mpi`` also selects a fast non-blocking allreduce algorithm for the process (see
+    nbc_tuning); ``torch`` sets up torch.distributed's default group unless the script did.
     """
     global _world
     if _world is not None:
         return
-    MPI = mpicomm.mpi()
-    comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise UsageError(f"comm must be an mpi4py intracommunicator or None, got "
-                         f"{type(comm).__name__}")
-    dup = comm.Dup()
-    local = dup.Split_type(MPI.COMM_TYPE_SHARED, key=dup.Get_rank())
-    _world = World(dup, local, nbc_tuning.prefer_fast_iallreduce())
+    if transport == "mpi":
+        MPI = mpicomm.mpi()
+        moving = MPITransport(MPI.COMM_WORLD if comm is None else comm)
+        _world = World(moving, nbc_tuning.prefer_fast_iallreduce())
+        return
+    from hpctrain.sync import torch_transport
+
+    created = torch_transport.start_process_group(comm)
+    _world = World(torch_transport.TorchTransport(owns_default=created), None)
 
 
 def shutdown() -> None:
@@ -87,10 +89,9 @@ def shutdown() -> None:
     global _world
     if _world is None:
         return
-    mpicomm.mpi().Request.Waitall([p.request for p in _pending.values()])
+    wait_all([p.request for p in _pending.values()])
     _pending.clear()
-    _world.local_comm.Free()
-    _world.comm.Free()
+    _world.transport.free()
     _world = None
 
 
@@ -106,30 +107,36 @@ def world(caller: str = "world") -> World:
 
 
 def size() -> int:
-    return world("size").comm.Get_size()
+    return world("size").transport.size()
 
 
 def rank() -> int:
-    return world("rank").comm.Get_rank()
+    return world("rank").transport.rank()
 
 
 def local_size() -> int:
-    return world("local_size").local_comm.Get_size()
+    return world("local_size").transport.local_size()
 
 
 def local_rank() -> int:
-    return world("local_rank").local_comm.Get_rank()
+    return world("local_rank").transport.local_rank()
 
 
 def mpi_threads_supported() -> bool:
-    """Whether MPI runs at ``MPI_THREAD_MULTIPLE``."""
+    """Whether MPI runs at ``MPI_THREAD_MULTIPLE`` (False where MPI is not running)."""
     world("mpi_threads_supported")
-    MPI = mpicomm.mpi()
-    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    MPI = sys.modules.get("mpi4py.MPI")
+    return bool(MPI is not None and MPI.Is_initialized() and
+                MPI.Query_thread() == MPI.THREAD_MULTIPLE)
+
+
+def _transport_name() -> str | None:
+    return None if _world is None else _world.transport.name
 
 
 def mpi_enabled() -> bool:
-    return True
+    """Whether collectives go through MPI (the mpi transport)."""
+    return _transport_name() in (None, "mpi")
 
 
 def mpi_built() -> bool:
@@ -137,11 +144,17 @@ def mpi_built() -> bool:
 
 
 def nccl_built() -> bool:
-    return False
+    """Whether collectives can use NCCL (the torch transport, with NCCL in torch)."""
+    import torch.distributed as dist
+
+    return _transport_name() == "torch" and dist.is_nccl_available()
 
 
 def gloo_built() -> bool:
-    return False
+    """Whether collectives can use gloo (the torch transport)."""
+    import torch.distributed as dist
+
+    return _transport_name() == "torch" and dist.is_gloo_available()
 
 
 def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
@@ -160,26 +173,6 @@ def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
     return op
 
 
-def reduce_spec(flat: torch.Tensor, op: ReduceOp) -> tuple[Any, Any]:
-    """mpi4py buffer (numpy view of contiguous 1-d ``flat``) and MPI op that reduce it by ``op``."""
-    if flat.dtype in _HALF_TYPES:  # MPI has no 16-bit float type: reduce the words with torch
-        return flat.view(torch.int16).numpy(), _half_op(op, flat.dtype)
-    if flat.dtype == torch.bool:
-        raise UsageError("allreduce of torch.bool tensors is not supported; use an integer dtype")
-    return flat.numpy(), getattr(mpicomm.mpi(), _MPI_OPS[op])
-
-
-@functools.cache
-def _half_op(op: ReduceOp, dtype: torch.dtype) -> Any:
-    combine = _TORCH_OPS[op]
-
-    def reduce(inbuf, inoutbuf, datatype) -> None:
-        acc = torch.frombuffer(inoutbuf, dtype=dtype)
-        combine(acc, torch.frombuffer(inbuf, dtype=dtype), out=acc)
-
-    return mpicomm.mpi().Op.Create(reduce, commute=True)
-
-
 def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     """Multiply in place; integer tensors are scaled in float64 and truncated, as Horovod does."""
     if factor == 1:
@@ -192,14 +185,14 @@ def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
 def _check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise UsageError(f"{caller}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise UsageError(f"{caller}: the mpi backend works on CPU tensors, got {tensor.device}")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{caller}: needs a CPU or CUDA tensor, got {tensor.device}")
     if in_place and not tensor.is_contiguous():
         raise UsageError(f"{caller}: in-place operations need a contiguous tensor")
 
 
 def _check_root(root_rank: int, caller: str) -> None:
-    n = world(caller).comm.Get_size()
+    n = world(caller).transport.size()
     if not isinstance(root_rank, int) or not 0 <= root_rank < n:
         raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the {n} processes")
 
@@ -210,25 +203,29 @@ def _register(request: Any, output: torch.Tensor, finish=None) -> int:
     return handle
 
 
-def _bytes(tensor: torch.Tensor) -> Any:
-    """numpy uint8 view of a contiguous tensor's memory."""
-    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
+def _stage(tensor: torch.Tensor) -> HostStage:
+    """Where the transport moves ``tensor``: the tensor itself, or a pinned host copy."""
+    return HostStage(tensor, direct=world().transport.takes(tensor))
 
 
 def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: ReduceOp,
                      prescale: float, postscale: float, caller: str) -> int:
-    """Iallreduce ``send`` into ``output`` (in place on ``output`` when ``send`` is None)."""
+    """Start reducing ``send`` into ``output`` (in place on ``output`` when ``send`` is None)."""
     w = world(caller)
-    post = postscale / w.comm.Get_size() if op is Average else postscale
-    MPI = mpicomm.mpi()
-    out_buf, mpi_op = reduce_spec(output.detach().reshape(-1), op)
+    post = postscale / w.transport.size() if op is Average else postscale
+    stage = _stage(output.detach())
+    if send is not None and stage.staged:  # reduce the host copy in place
+        output.detach().copy_(send)
+        send = None
     if send is None:
         scale_(output.detach(), prescale)
-        request = w.comm.Iallreduce(MPI.IN_PLACE, out_buf, mpi_op)
-    else:
-        send_buf, _ = reduce_spec(send.detach().reshape(-1), op)
-        request = w.comm.Iallreduce(send_buf, out_buf, mpi_op)
-    return _register(request, output, lambda: scale_(output.detach(), post))
+    request = w.transport.iallreduce(send, stage.to_host(), Sum if op is Average else op)
+
+    def finish() -> torch.Tensor:
+        stage.to_device()
+        return scale_(output.detach(), post)
+
+    return _register(request, output, finish)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -296,18 +293,16 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None) -> int:
     if tensor.dim() == 0:
         raise UsageError("allgather_async: needs a tensor with at least one dimension")
     src = tensor.detach().contiguous()
-    shapes = w.comm.allgather((tuple(src.shape), src.dtype))
+    shapes = w.transport.allgather_object((tuple(src.shape), src.dtype))
     if any(s[1:] != src.shape[1:] or d != src.dtype for s, d in shapes):
         raise UsageError(f"allgather_async: shapes and dtypes must agree except in dimension 0, "
                          f"got {[(list(s), str(d)) for s, d in shapes]}")
     rows = [s[0] for s, _ in shapes]
     output = src.new_empty((sum(rows), *src.shape[1:]))
-    row_bytes = math.prod(src.shape[1:]) * src.element_size()
-    counts = [r * row_bytes for r in rows]
-    displs = list(itertools.accumulate([0, *counts[:-1]]))
-    MPI = mpicomm.mpi()
-    request = w.comm.Iallgatherv(_bytes(src), [_bytes(output), counts, displs, MPI.BYTE])
-    return _register(request, output)
+    stage = _stage(output)
+    send = src if not stage.staged else src.cpu()
+    request = w.transport.iallgather(send, stage.buffer, rows)
+    return _register(request, output, stage.to_device)
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
@@ -333,8 +328,9 @@ def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = No
     """Start overwriting ``tensor`` with root_rank's, in place; return a handle."""
     _check_tensor(tensor, "broadcast_async_", in_place=True)
     _check_root(root_rank, "broadcast_async_")
-    request = world().comm.Ibcast(_bytes(tensor), root=root_rank)
-    return _register(request, tensor)
+    stage = _stage(tensor.detach())
+    request = world().transport.ibcast(stage.to_host(), root_rank)
+    return _register(request, tensor, lambda: (stage.to_device(), tensor)[1])
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
@@ -370,7 +366,7 @@ def poll(handle: int) -> bool:
     """Whether the operation behind ``handle`` has finished (then synchronize does not block)."""
     if handle not in _pending:
         raise UsageError(f"poll: unknown handle {handle!r}")
-    return _pending[handle].request.Test()
+    return _pending[handle].request.test()
 
 
 def synchronize(handle: int) -> torch.Tensor | None:
@@ -378,20 +374,20 @@ def synchronize(handle: int) -> torch.Tensor | None:
     pending = _pending.pop(handle, None)
     if pending is None:
         return None
-    pending.request.Wait()
+    pending.request.wait()
     return pending.finish() if pending.finish else pending.output
 
 
 def barrier() -> None:
-    world("barrier").comm.Barrier()
+    world("barrier").transport.barrier()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> Any:
     """root_rank's ``obj`` (pickled) on every process."""
     _check_root(root_rank, "broadcast_object")
-    return world().comm.bcast(obj, root=root_rank)
+    return world().transport.bcast_object(obj, root_rank)
 
 
 def allgather_object(obj: Any, name: str | None = None) -> list:
     """Every process's ``obj`` (pickled), in rank order."""
-    return world("allgather_object").comm.allgather(obj)
+    return world("allgather_object").transport.allgather_object(obj)

@@ -97,11 +97,11 @@ class _DistributedOptimizer:
         world = collectives.world("DistributedOptimizer")
         # As in Horovod, one process needs no communication at all.
         self._reducer = None
-        if world.comm.Get_size() > 1:
+        if world.transport.size() > 1:
             grads = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
             # Its own communicator: its collectives may start at different moments on different
             # ranks (from backward, or at synchronize) relative to the user's hvd.* calls.
-            self._reducer = BucketedAllreduce(grads, world.comm.Dup(), compression, op,
+            self._reducer = BucketedAllreduce(grads, world.transport.dup(), compression, op,
                                               gradient_predivide_factor,
                                               backward_passes_per_step, bucket_bytes)
 
