@@ -90,6 +90,17 @@ class Algorithm:
         """Refuse ``config`` on ``ranks`` ranks (UsageError, one line) before MPI starts."""
 
     @classmethod
+    def for_launch(cls, config: RunConfig, launcher: str) -> RunConfig:
+        """``config`` adapted to how the job was launched (``hpctrain.comm.launcher()``)."""
+        return config
+
+    @classmethod
+    def needs_mpi(cls, config: RunConfig) -> bool:
+        """Whether it moves data through MPI (RMA windows, buffer collectives): then a launch
+        without an MPI world (torchrun) is refused."""
+        return True
+
+    @classmethod
     def workers(cls, config: RunConfig, ranks: int) -> int:
         """How many of ``ranks`` train (the others serve)."""
         return ranks

@@ -40,6 +40,7 @@ from hpctrain.schedule import learning_rate, set_lr
 from hpctrain.shuffle import make_train_data
 from hpctrain.stragglers import Straggler, parse_slowdown
 from hpctrain.summary import RunSummary
+from hpctrain.torch_comm import TorchComm
 
 
 def check_launch(config: RunConfig, ranks: int) -> RunConfig:
@@ -47,6 +48,15 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     checkpoint folders) before MPI starts; return it with every default resolved."""
     config = configs.resolve(config)
     algo = config.algorithm_class
+    launcher = comm.launcher()
+    config = algo.for_launch(config, launcher)
+    if launcher == "torchrun" and (algo.needs_mpi(config) or
+                                   config.data.data_placement == "sharded"):
+        what = "--data-placement sharded" if not algo.needs_mpi(config) else \
+            f"--algo {config.algo}" + (f" --sync-backend {config.algorithm.sync_backend}"
+                                       if config.algo == "ssgd" else "")
+        raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
+                         "launch with mpirun, or srun with PMI/PMIx")
     devices.check(config.device)
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
     n = data.size(config.data.dataset, "train", config.data.data_dir)
@@ -76,7 +86,7 @@ def train(config: RunConfig) -> dict:
     """
     config = check_launch(config, comm.launch_size())
     MPI = comm.init(config.algorithm_class.thread_level)
-    world = MPI.COMM_WORLD
+    world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
     if config.out is None:
         stamp = world.bcast(time.strftime("%Y%m%d-%H%M%S"), root=0)
         config = replace(config, out=str(Path("runs") / f"{config.algo}-{stamp}"))

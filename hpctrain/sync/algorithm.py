@@ -9,7 +9,7 @@ sgd with batch K*b.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hpctrain.sync as hvd
 from hpctrain import models
@@ -28,6 +28,10 @@ class Sequential(Algorithm):
     def check(cls, config, ranks: int) -> None:
         if ranks > 1:
             raise UsageError(f"--algo sgd runs on one process, not {ranks}; use --algo ssgd")
+
+    @classmethod
+    def needs_mpi(cls, config) -> bool:
+        return False
 
     def connect(self, world, model):
         return None
@@ -49,6 +53,17 @@ class Synchronous(Algorithm):
     thread_level = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE
     summary_fields = {"allreduce_bytes_per_rank": "bytes: gradient payload one rank sent "
                                                   "into allreduces (fp16: 2 bytes a value)"}
+
+    @classmethod
+    def for_launch(cls, config, launcher: str):
+        if launcher == "torchrun" and config.algorithm.sync_backend == "mpi":
+            # torchrun starts no MPI world: torch.distributed is what it sets up.
+            return replace(config, algorithm=replace(config.algorithm, sync_backend="torch"))
+        return config
+
+    @classmethod
+    def needs_mpi(cls, config) -> bool:
+        return config.algorithm.sync_backend != "torch"
 
     @classmethod
     def check(cls, config, ranks: int) -> None:
