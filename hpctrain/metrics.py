@@ -98,7 +98,7 @@ class RunLog:
         """Write the final model's state dict to ``model.pt`` (load with weights_only=True)."""
         if self.rank == 0:
             buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
             write_atomic(self.dir / "model.pt", buf.getvalue())
 
     def write_summary(self, summary: dict) -> None:

@@ -142,7 +142,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
         header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config)})
     log = RunLog(config.out, rank)
     log.write_config({**configs.repeatable(config),
-                      "run_info": {"workers": size, **comm.library_info()}})
+                      "run_info": {"workers": size, "device": str(s.device),
+                                   **comm.library_info()}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:

@@ -15,7 +15,8 @@
 # --device cuda; bench allreduce on cpu and cuda (mpi and torch backends); every algorithm
 # training LeNet on Fashion-MNIST for one epoch on cuda and on cpu (2 ranks; sgd 1), side by
 # side; a results table. GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of
-# this script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" makes its trainings short). A failing step is recorded and the others still run; exit status 1 if any failed.
+# this script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
+# short). A failing step is recorded and the others still run; exit status 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 KIT=.gpu-check
@@ -89,12 +90,17 @@ step tests-mpi 240 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider -
   tests/test_gpu.py
 
 # --- benchmarks
-step bench-kernel 180 "${HP[@]}" bench kernel --device "$DEVICE" --elements $((64 * 2**20)) \
+# GPU_CHECK_SMALL=1 (a dry run on a small CPU machine): small vectors and models.
+SMALL=${GPU_CHECK_SMALL:-0}
+ELEMENTS=$([ "$SMALL" = 1 ] && echo $((2**20)) || echo $((64 * 2**20)))
+PARAMS=$([ "$SMALL" = 1 ] && echo 1e5 || echo 1e6,1e7)
+step bench-kernel 180 "${HP[@]}" bench kernel --device "$DEVICE" --elements "$ELEMENTS" \
   --threads 1 --repeats 20 --json "$OUT/kernel.json"
-for dev in cpu "$DEVICE"; do
-  [ "$dev" = cpu ] && [ -f "$OUT/allreduce-cpu.json" ] && continue
+DEVICES=("$DEVICE")
+[ "$DEVICE" = cpu ] || DEVICES+=(cpu)
+for dev in "${DEVICES[@]}"; do
   step "bench-allreduce-$dev" 240 "${MPIRUN[@]}" -np 2 "${HP[@]}" bench allreduce --device "$dev" \
-    --params 1e6,1e7 --repeats 20 --torch --no-horovod --json "$OUT/allreduce-$dev.json"
+    --params "$PARAMS" --repeats 20 --torch --no-horovod --json "$OUT/allreduce-$dev.json"
 done
 
 # --- every algorithm, one epoch of LeNet on Fashion-MNIST, on the GPU and on the CPU at once
@@ -110,16 +116,16 @@ RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
       "ssgd-torch 2 --algo ssgd --sync-backend torch" "ma 2 --algo ma" "ec 2 --algo ec"
       "asgd 2 --algo asgd" "dcasgd-c 2 --algo dcasgd-c" "dcasgd-a 2 --algo dcasgd-a"
       "ssp 2 --algo ssp")
-for dev in "$DEVICE" cpu; do
-  [ "$dev" = cpu ] && [ "$DEVICE" = cpu ] && continue
+for dev in "${DEVICES[@]}"; do
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086
     train "$dev" $r &
   done
 done
 wait
+shopt -s nullglob
 for f in "$RUNS_DIR"/*.log; do cat "$f" >> "$LOG"; done
-for f in "$RUNS_DIR"/*.failed; do [ -e "$f" ] && FAILED+=("train-$(basename "$f" .failed)"); done
+for f in "$RUNS_DIR"/*.failed; do FAILED+=("train-$(basename "$f" .failed)"); done
 
 # --- the results table
 "$PY" - "$OUT" "$DEVICE" "$RUNS_DIR" <<'EOF' | tee "$OUT/results.md"
@@ -144,7 +150,7 @@ if kernel.exists():
     for r in json.loads(kernel.read_text())["rows"]:
         print(f"| {r['variant']} | {r['fused_gb_s']:.1f} | {r['copy_gb_s']:.1f} | "
               f"{r['vs_copy']:.2f} |")
-for dev in ("cpu", device):
+for dev in dict.fromkeys((device, "cpu")):
     f = out / f"allreduce-{dev}.json"
     if f.exists():
         res = json.loads(f.read_text())

@@ -57,6 +57,8 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--fp16-allreduce"], "--fp16-allreduce is an option of ssgd, not of"),
     (["--algo", "ma", "--ec-alpha", "0.3"], "--ec-alpha is an option of ec, not of --algo ma"),
     (["--algo", "sgd", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such"),
+    pytest.param(["--algo", "dcasgd-a", "--device", "cuda"], "--device cuda: torch",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_arguments(args, pattern, tmp_path):
     proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)
