@@ -330,7 +330,12 @@ def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = No
     _check_root(root_rank, "broadcast_async_")
     stage = _stage(tensor.detach())
     request = world().transport.ibcast(stage.to_host(), root_rank)
-    return _register(request, tensor, lambda: (stage.to_device(), tensor)[1])
+
+    def finish() -> torch.Tensor:
+        stage.to_device()
+        return tensor
+
+    return _register(request, tensor, finish)
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
