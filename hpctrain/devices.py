@@ -122,8 +122,9 @@ class HostStage:
     """Host memory MPI can read and write for a tensor that may live on a GPU.
 
     For a CPU tensor, or a CUDA tensor when MPI is CUDA-aware, :attr:`buffer` is the tensor
-    itself and the copies are no-ops; otherwise it is a pinned host copy of the same shape,
-    :meth:`to_host` fills it (waiting for the device) and :meth:`to_device` copies it back.
+    itself and the copies are no-ops; otherwise (or with ``direct=False``) it is a host copy
+    of the same shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the
+    device) and :meth:`to_device` copies it back.
     """
 
     def __init__(self, tensor: torch.Tensor, *, direct: bool | None = None):
@@ -131,8 +132,8 @@ class HostStage:
         if direct is None:
             direct = tensor.device.type == "cpu" or cuda_aware_mpi()
         self.staged = not direct
-        self.buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True) \
-            if self.staged else tensor
+        self.buffer = torch.empty(tensor.shape, dtype=tensor.dtype,
+                                  pin_memory=tensor.is_cuda) if self.staged else tensor
 
     def to_host(self) -> torch.Tensor:
         """The tensor's current values where MPI can read them."""

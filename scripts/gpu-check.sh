@@ -113,7 +113,8 @@ train() {  # train DEVICE NAME RANKS ARGS... (in the background: its own log, a 
     || touch "$RUNS_DIR/$name-$dev.failed"
 }
 RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
-      "ssgd-torch 2 --algo ssgd --sync-backend torch" "ma 2 --algo ma" "ec 2 --algo ec"
+      "ssgd-torch 2 --algo ssgd --sync-backend torch" "ma 2 --algo ma --tau-epochs 0.25"
+      "ec 2 --algo ec --tau-epochs 0.25"
       "asgd 2 --algo asgd" "dcasgd-c 2 --algo dcasgd-c" "dcasgd-a 2 --algo dcasgd-a"
       "ssp 2 --algo ssp")
 for dev in "${DEVICES[@]}"; do

@@ -22,6 +22,7 @@ import hpctrain.sync as sync
 from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.sync.buckets import plan_buckets, scale_factors
+from hpctrain.sync.transport import MPITransport
 
 API = ("init shutdown is_initialized rank size local_rank local_size allreduce allreduce_ "
        "allreduce_async allreduce_async_ synchronize poll allgather allgather_async broadcast "
@@ -87,13 +88,17 @@ def _horovod_missing() -> str | None:
     return None
 
 
-@pytest.fixture(params=sync.BACKENDS)
-def hvd(request):
-    """hpctrain.sync started on the backend under test, shut down afterwards."""
+@pytest.fixture(params=[*sync.BACKENDS, "mpi-staged"])
+def hvd(request, monkeypatch):
+    """hpctrain.sync started on the backend under test, shut down afterwards. ``mpi-staged``
+    is the mpi backend moving every tensor through a host copy, as it moves CUDA tensors
+    when MPI is not CUDA-aware."""
     if request.param == "horovod" and (why := _horovod_missing()):
         pytest.skip(why)
+    if request.param == "mpi-staged":
+        monkeypatch.setattr(MPITransport, "takes", lambda self, tensor: False)
     torch.set_num_threads(1)
-    sync.init(backend=request.param)
+    sync.init(backend=request.param.removesuffix("-staged"))
     yield sync
     sync.shutdown()
 
