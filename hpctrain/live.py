@@ -21,6 +21,7 @@ The summary's ``eval_mode`` says which produced the curve.
 
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -156,6 +157,16 @@ class Watch:
             log["stale"] = len(stale)
         log.update(steps=0, loss=0.0, position=position, t=t)
 
+    def begin(self, model, snapshots) -> None:
+        """Before the first step: score the snapshots there are already (the first, and those
+        restored from a checkpoint) on a scratch copy of ``model``."""
+        if not self.online or self.rank != 0 or not snapshots:
+            return
+        scratch = copy.deepcopy(model)
+        for i in range(len(snapshots)):
+            scratch.load_state_dict(snapshots[i].state)
+            self.snapshot(scratch, snapshots[:i + 1])
+
     def snapshot(self, model, snapshots) -> None:
         """After a snapshot is taken (on the ranks that take them): score it online."""
         if not self.online or self.rank != 0:
@@ -217,9 +228,9 @@ class Watch:
         points = None
         if self.rank == 0:
             for i, snapshot in enumerate(snapshots):
-                if i not in self.scores:
+                if i not in self.scores:  # not reached: a safety net
                     model.load_state_dict(snapshot.state)
-                    self.scores[i] = _point(model, self.test_set, snapshot.info)
+                    self._scored(i, _point(model, self.test_set, snapshot.info))
             points = [self.scores[i] for i in range(len(snapshots))]
         return comm.bcast(points, root=0) if comm is not None else points
 
