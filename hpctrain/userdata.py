@@ -308,7 +308,11 @@ class ImageFolderSource:
         return [files[i] for i in order], np.asarray(labels, np.int64)[order]
 
     def _open(self, path: Path):
-        from PIL import Image, UnidentifiedImageError
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError:
+            raise UsageError(f"--dataset {self.name}: image folders need Pillow (pip install "
+                             "pillow)") from None
 
         try:
             img = Image.open(path)
