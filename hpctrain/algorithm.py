@@ -33,6 +33,8 @@ from torch.nn import functional as F
 
 from hpctrain.evaluate import Snapshot, evaluate_snapshots
 from hpctrain.guard import GradientGuard
+from hpctrain.optimizers import OPTIMIZERS
+from hpctrain.optimizers import make as make_optimizer
 from hpctrain.options import check_fields
 
 if TYPE_CHECKING:
@@ -82,6 +84,7 @@ class Algorithm:
     # (ma, ec); "root": rank 0 snapshots, the others receive them for evaluation (async).
     snapshots: ClassVar[str] = "replicated"
     summary_fields: ClassVar[dict[str, str]] = {}
+    optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS  # the --optimizer values it takes
 
     # ---- before MPI starts ------------------------------------------------------------------
 
@@ -131,11 +134,10 @@ class Algorithm:
         return True
 
     def setup(self, s: Setup) -> None:
-        """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD."""
-        o = self.config.optim
+        """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD,
+        or Adam / AdamW (``--optimizer``)."""
         self.model = s.model
-        self.optimizer = torch.optim.SGD(s.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(s.model.parameters(), self.config.optim)
 
     def guard(self, s: Setup) -> GradientGuard:
         """The NaN/Inf guard: each worker skips its own bad steps by default."""

@@ -144,6 +144,9 @@ def summary_table(summary: dict) -> str:
         s = summary["staleness"]
         stale = f"{s['mean']:.2f} / {s['p99']:.0f} / {s['max']:.0f}"
         rows.append(("staleness mean/p99/max", stale))
+    if summary.get("collapsed_at") is not None:
+        rows.append(("COLLAPSED at update", f"{summary['collapsed_at']}: "
+                                            f"{summary.get('collapse_reason')}"))
     if summary.get("out"):
         rows.append(("outputs", summary["out"]))
     width = max(len(k) for k, _ in rows)

@@ -39,7 +39,10 @@ def write_tiny_idx(folder, n: int):
 
 @pytest.mark.parametrize("args, pattern", [
     (["--algo", "bogus"], "unknown algorithm 'bogus'"),
-    (["--algo", "sgd", "--model", "vgg"], "--model: invalid choice: 'vgg'"),
+    (["--algo", "sgd", "--model", "vgg"], "unknown --model 'vgg'"),
+    (["--algo", "sgd", *SYNTHETIC[:2], "--model", "hpctrain.models:nothing"],
+     "hpctrain.models has no attribute 'nothing'"),
+    (["--algo", "asgd", "--optimizer", "adam"], "--optimizer adam: --algo asgd keeps its own"),
     (["--algo", "sgd", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/x"],
      "--data-dir /nonexistent/x does not exist"),
     (["--algo", "sgd", "--lr", "0"], "--lr: must be > 0, got 0"),

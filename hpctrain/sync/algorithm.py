@@ -76,7 +76,7 @@ class Synchronous(Algorithm):
         return f"ssgd ({o.sync_backend} backend{', fp16 allreduce' if o.fp16_allreduce else ''})"
 
     def connect(self, world, model):
-        hvd.init(backend=self.options.sync_backend)
+        hvd.init(world, backend=self.options.sync_backend)  # the training ranks only
         return world
 
     def setup(self, s: Setup) -> None:
