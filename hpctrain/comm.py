@@ -159,7 +159,7 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # Before MPI starts every rank validates the same arguments and rank 0 speaks for all:
         # the launcher ends this rank while it waits, unless rank 0 did not fail (a file
         # missing on this node only), and then this rank must say it.
-        time.sleep(2)
+        time.sleep(10)  # generous: a loaded node may take seconds to end this rank
     where = f" (rank {r} of {n})" if initialised and n > 1 else ""
     print(f"hpctrain: error{where}: {describe_error(exc)}", file=sys.stderr, flush=True)
     if initialised and n > 1:
