@@ -16,6 +16,9 @@ is packed, so the reduced values land in ``.grad`` with no copy back (as DDP's
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,9 +26,14 @@ import torch
 
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
+from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Average, ReduceOp, Sum, reduce_spec, scale_
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+# Reducers by (channel label, creation count on it): what a joined rank looks up to take part
+# in a DistributedOptimizer step (join.py).
+_reducers: dict[tuple[str, int], weakref.ref] = {}
+_created: dict[str, itertools.count] = defaultdict(itertools.count)
 
 
 def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:
@@ -49,6 +57,36 @@ def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> lis
     if current:
         buckets.append(current)
     return buckets
+
+
+def plan_groups(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int,
+                groups: list[list[int]]) -> list[list[int]]:
+    """Buckets when the user chose fusion groups (DistributedOptimizer's ``groups``).
+
+    Each group is a bucket (split where the wire dtype changes); the parameters in no group
+    are bucketed by :func:`plan_buckets`. Buckets go out in reverse order of their last
+    parameter, so the ones backward finishes first go first.
+    """
+    grouped = {i for g in groups for i in g}
+    rest = [i for i in range(len(sizes)) if i not in grouped]
+    buckets = [[rest[j] for j in b] for b in plan_buckets([sizes[i] for i in rest],
+                                                          bucket_bytes)]
+    for group in groups:
+        for _, members in itertools.groupby(sorted(group, reverse=True),
+                                            key=lambda i: sizes[i][1]):
+            buckets.append(list(members))
+    return sorted(buckets, key=lambda b: -max(b))
+
+
+def take_part_with_zeros(key: tuple[str, int]) -> list[Any]:
+    """A joined rank's share of a step of the reducer ``key``: zeros for every bucket."""
+    ref = _reducers.get(key)
+    reducer = ref() if ref is not None else None
+    if reducer is None:
+        raise UsageError(f"join(): the other ranks step DistributedOptimizer #{key[1] + 1} of "
+                         f"{key[0]}, which this rank no longer has; keep the optimizer alive "
+                         "until join() returns")
+    return reducer.zeros_for_every_bucket()
 
 
 def scale_factors(op: ReduceOp, predivide: float, size: int, cast: bool) -> tuple[float, float]:
@@ -93,13 +131,22 @@ class BucketedAllreduce:
     """Allreduce of the gradients of ``params`` over ``comm``, started from backward hooks."""
 
     def __init__(self, params: list[torch.Tensor], comm: Any, compression: Any, op: ReduceOp,
-                 predivide: float, passes: int, bucket_bytes: int):
+                 predivide: float, passes: int, bucket_bytes: int,
+                 groups: list[list[int]] | None = None, sparse_as_dense: bool = False,
+                 channel: Any = None):
         self._MPI = mpicomm.mpi()
         self._comm = comm
         self.passes = passes
+        self.sparse_as_dense = sparse_as_dense
         wire = [compression.wire_dtype(p.dtype) for p in params]
         sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
-        plan = plan_buckets(sizes, bucket_bytes)
+        plan = (plan_buckets(sizes, bucket_bytes) if groups is None
+                else plan_groups(sizes, bucket_bytes, groups))
+        self.plan = [[(sizes[i][0], str(sizes[i][1])) for i in b] for b in plan]
+        self._channel = channel
+        if channel is not None:
+            self.key = (channel.label, next(_created[channel.label]))
+            _reducers[self.key] = weakref.ref(self)
         self._slots: list[_Slot] = [None] * len(params)  # type: ignore[list-item]
         self._buckets: list[_Bucket] = []
         for b, members in enumerate(plan):
@@ -148,8 +195,11 @@ class BucketedAllreduce:
         grad, view = slot.param.grad, slot.view
         if grad is None:
             view.zero_()
+        elif grad.is_sparse and not self.sparse_as_dense:
+            raise UsageError("a parameter has a sparse gradient: pass sparse_as_dense=True to "
+                             "DistributedOptimizer (the mpi backend reduces dense gradients)")
         elif grad.is_sparse:
-            raise UsageError("sparse gradients are not supported by the mpi backend")
+            torch.mul(grad.to_dense(), bucket.pre, out=view)
         elif grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
             scale_(view, bucket.pre)
         elif bucket.pre != 1:
@@ -175,8 +225,20 @@ class BucketedAllreduce:
         if self._next:
             self._MPI.Request.Testall([b.request for b in self._buckets[:self._next]])
 
+    def zeros_for_every_bucket(self) -> list[Any]:
+        """Post an allreduce of zeros per bucket (this rank has joined; the others step)."""
+        posted: list[Any] = []
+        for bucket in self._buckets:
+            zeros = torch.zeros_like(bucket.buffer)
+            buf, op = reduce_spec(zeros, Sum)
+            posted += [zeros, self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op)]
+        return posted
+
     def synchronize(self) -> None:
         """Send what backward did not (current or zero gradients), wait, write the results."""
+        if self._channel is not None:  # every rank is at this step, or a rank has joined
+            self._channel.agree(Call("DistributedOptimizer.step", agree=(self.plan,),
+                                     join_plan=("step", self.key)))
         for i, slot in enumerate(self._slots):
             if not slot.packed:
                 self._pack(i)
