@@ -11,6 +11,7 @@ size, 25 MiB), and ``init`` takes the stall check's times.
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
@@ -509,10 +510,8 @@ def __getattr__(name: str) -> Any:
         return HorovodInternalError
     if name == "mpi_ops":
         return mpi_backend
-    if name == "elastic":
-        from hpctrain.sync import elastic
-
-        return elastic
+    if name == "elastic":  # import_module: ``from hpctrain.sync import`` would come back here
+        return importlib.import_module("hpctrain.sync.elastic")
     return None  # mpi_lib_v2: Horovod's compiled extension; the mpi backend has none
 
 

@@ -171,7 +171,7 @@ def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: str | None = 
             for r, rr in enumerate(rows):
                 start = displs[r] + sum(rr[j] * row_bytes[j] for j in range(i))
                 part = recv[start:start + rr[i] * row_bytes[i]]
-                parts.append(part.view(t.dtype).view(rr[i], *t.shape[1:]))
+                parts.append(part.clone().view(t.dtype).view(rr[i], *t.shape[1:]))
             outputs.append(torch.cat(parts))
         return tuple(outputs)
 
