@@ -11,11 +11,15 @@ error and the stall report. Values are small integers in float tensors, so sums 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 import warnings
 
 import pytest
 import torch
+from conftest import ROOT, mpirun
 from torch import nn
 from torch.nn import functional as F
 
@@ -26,6 +30,7 @@ from hpctrain.models import ResNet20
 from hpctrain.sync.buckets import plan_groups
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.grouped import scatter_rows
+from hpctrain.watchdog import EXIT_STATUS
 
 
 def _horovod():
@@ -167,8 +172,8 @@ def _exercise(hvd) -> dict:
                       hvd.allgather_object(("r", r)))
     hvd.barrier()
     out["barrier"] = True
-    sparse = torch.sparse_coo_tensor(torch.tensor([[r, (r + 1) % 4]]), torch.tensor([1.0, 2.0]),
-                                     (4,))
+    indices = torch.tensor([[r % 4, (r + 1) % 4]])
+    sparse = torch.sparse_coo_tensor(indices, torch.tensor([1.0, 2.0]), (4,))
     out["sparse_allreduce_async"] = hvd.sparse_allreduce_async(sparse, "s", hvd.Sum)() \
         .to_dense()
     out["join"] = _join_uneven(hvd)
@@ -220,13 +225,16 @@ def _process_sets(hvd) -> dict:
                    even.process_set_id != odd.process_set_id),
            "mine": (mine.size(), mine.rank(), mine.included(), even.ranks, odd.ranks,
                     hvd.global_process_set.ranks, hvd.global_process_set.size())}
+    # Named: Horovod names unnamed calls by handle number, which the join above, where
+    # rank 0 made two calls more than the others, leaves different between ranks.
     t = _value(r, 3)
-    out["allreduce"] = hvd.allreduce(t, op=hvd.Sum, process_set=mine)
-    out["allgather"] = hvd.allgather(_value(r, 1, 2), process_set=mine)
-    out["broadcast"] = hvd.broadcast(t, mine.ranks[-1], process_set=mine)
-    out["grouped"] = hvd.grouped_allreduce([t, t.double()], process_set=mine)
-    out["reducescatter"] = hvd.reducescatter(_value(r, 4), op=hvd.Sum, process_set=mine)
-    out["alltoall"] = hvd.alltoall(_value(r, 2 * mine.size()), process_set=mine)
+    out["allreduce"] = hvd.allreduce(t, op=hvd.Sum, name="ps.a", process_set=mine)
+    out["allgather"] = hvd.allgather(_value(r, 1, 2), name="ps.g", process_set=mine)
+    out["broadcast"] = hvd.broadcast(t, mine.ranks[-1], name="ps.b", process_set=mine)
+    out["grouped"] = hvd.grouped_allreduce([t, t.double()], name="ps.ga", process_set=mine)
+    out["reducescatter"] = hvd.reducescatter(_value(r, 4), name="ps.rs", op=hvd.Sum,
+                                             process_set=mine)
+    out["alltoall"] = hvd.alltoall(_value(r, 2 * mine.size()), name="ps.aa", process_set=mine)
     out["object"] = hvd.broadcast_object(r, root_rank=mine.ranks[0], process_set=mine)
     hvd.barrier(process_set=mine)
     torch.manual_seed(0)
@@ -468,3 +476,44 @@ def test_resnet_with_sync_batchnorm_trains_like_one_process_on_the_union(hvd):
     ref.eval()
     x, _ = batch(r, 9)
     torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-10)
+
+
+# ---------------------------------------------------------------- the example scripts
+
+def _run_example(script: str) -> subprocess.CompletedProcess:
+    """``mpirun -np 2 python examples/<script>``, this checkout's hpctrain first on the path."""
+    cmd = mpirun(2) + [sys.executable, str(ROOT / "examples" / script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{script} hung: {e.stdout}\n{e.stderr}")
+
+
+@pytest.mark.timeout(120)
+def test_example_with_uneven_batches_finishes_with_join():
+    done = _run_example("horovod_join.py")
+    assert done.returncode == 0, done.stderr
+    assert "rank 0: 3 batches, joined; the last rank to join was 1" in done.stdout
+    assert "rank 1: 4 batches, joined; the last rank to join was 1" in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_example_with_collectives_in_opposite_order_ends_with_one_line():
+    done = _run_example("horovod_mismatch.py")
+    assert done.returncode != 0
+    lines = [x for x in done.stderr.splitlines() if "CollectiveMismatchError" in x]
+    assert lines, done.stderr
+    assert ("ranks called different collectives at call #1 on process set 0: rank 0 called "
+            "allreduce(name='loss', op=Average, float32[1]), rank 1 called "
+            "allgather(name='grads', float32[4, 3])") in lines[0]
+    assert "not reached" not in done.stdout
+
+
+@pytest.mark.timeout(120)
+def test_example_with_a_stuck_rank_is_ended_by_the_stall_timeout():
+    done = _run_example("horovod_stall_timeout.py")
+    assert done.returncode == EXIT_STATUS, done.stderr
+    report = [x for x in done.stderr.splitlines() if "ending the job" in x]
+    assert report and "rank 0 waited" in report[0], done.stderr
+    assert "rank 1 (last called allreduce(name='warmup'" in report[0]
