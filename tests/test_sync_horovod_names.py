@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 import time
@@ -272,7 +273,9 @@ def _same(a, b, path="") -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor), path
         assert a.dtype == b.dtype and a.shape == b.shape, f"{path}: {a} vs {b}"
-        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=path)
+        # Gradients are arbitrary floats: averaged in another order they differ in the last bit.
+        tol = {"rtol": 1e-6, "atol": 1e-7} if "optimizer" in path else {"rtol": 0, "atol": 0}
+        torch.testing.assert_close(a, b, msg=path, **tol)
     elif isinstance(a, (list, tuple)):
         assert isinstance(b, (list, tuple)) and len(a) == len(b), f"{path}: {a} vs {b}"
         assert type(a) is type(b), f"{path}: {type(a).__name__} vs {type(b).__name__}"
@@ -490,12 +493,18 @@ def _run_example(script: str) -> subprocess.CompletedProcess:
         pytest.fail(f"{script} hung: {e.stdout}\n{e.stderr}")
 
 
+@mpi
 @pytest.mark.timeout(120)
-def test_example_with_uneven_batches_finishes_with_join():
-    done = _run_example("horovod_join.py")
-    assert done.returncode == 0, done.stderr
-    assert "rank 0: 3 batches, joined; the last rank to join was 1" in done.stdout
-    assert "rank 1: 4 batches, joined; the last rank to join was 1" in done.stdout
+def test_example_with_uneven_batches_finishes_with_join(capsys):
+    """Run in this mpirun's processes (runpy), not as a job of its own."""
+    torch.set_num_threads(1)
+    try:
+        runpy.run_path(str(ROOT / "examples" / "horovod_join.py"), run_name="__main__")
+    finally:
+        sync.shutdown()
+    r, n = comm.rank(), comm.size()
+    assert (f"rank {r}: {3 + r} batches, joined; the last rank to join was {n - 1}"
+            in capsys.readouterr().out)
 
 
 @pytest.mark.timeout(120)

@@ -125,7 +125,10 @@ class Channel:
         MPI = mpicomm.mpi()
         request = self.comm.Iallreduce(MPI.IN_PLACE, self._vec, MPI.MAX)
         if call is None:
-            request.Wait()  # a joined rank waits for the others by design: no stall report
+            # A joined rank waits for the others by design: no stall report, and it polls
+            # gently so as not to take a core from a rank that still computes.
+            while not request.Test():
+                time.sleep(0.0005)
         else:
             stall.wait(request, self, call)
         self.seq += 1
