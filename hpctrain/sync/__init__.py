@@ -97,6 +97,8 @@ def shutdown() -> None:
     global _active, _active_name
     if _active is not None:
         _active.shutdown()
+        if _horovod():
+            horovod_backend.forget_process_sets()
     _active = _active_name = None
 
 

@@ -55,9 +55,20 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None,
     return hvd
 
 
+_adopted: list[ProcessSet] = []  # ours that stand for one of Horovod's, until shutdown
+
+
 def _adopt(ps: ProcessSet, native: Any) -> ProcessSet:
     ps._native, ps.process_set_id, ps.ranks = native, native.process_set_id, list(native.ranks)
+    _adopted.append(ps)
     return ps
+
+
+def forget_process_sets() -> None:
+    """After Horovod's shutdown its process sets are gone: unregister ours."""
+    for ps in _adopted:
+        ps._invalidate()
+    _adopted.clear()
 
 
 def native(process_set: Any) -> Any:

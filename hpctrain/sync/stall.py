@@ -31,7 +31,7 @@ CHECK_ENV, SHUTDOWN_ENV, DISABLE_ENV = ("HOROVOD_STALL_CHECK_TIME_SECONDS",
                                         "HOROVOD_STALL_CHECK_DISABLE")
 DEFAULT_CHECK_S = 60.0
 _QUERY, _REPLY = 77, 78
-_ANSWER_S = 2.0  # how long a report waits for the other ranks' answers
+_ANSWER_S = 5.0  # how long a report waits, at most, for the other ranks' answers
 
 
 def settings(check_s: float | None, timeout_s: float | None) -> tuple[float, float]:
