@@ -271,18 +271,25 @@ def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = No
                           process_set: ProcessSet = global_process_set,
                           prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list:
     """This rank's slice of each reduced tensor (differentiable)."""
+    return _reducescatter_list(list(tensors), name, compression, op, process_set,
+                               prescale_factor, postscale_factor, "grouped_reducescatter")
+
+
+def _reducescatter_list(tensors: list[torch.Tensor], name: str | None, compression: Any,
+                        op: Any, process_set: ProcessSet | None, prescale: float,
+                        postscale: float, kind: str) -> list:
     compressed, ctxs = zip(*(compression.compress(t) for t in tensors), strict=True)
-    reduced = _GroupedReducescatter.apply(name, op, process_set, prescale_factor,
-                                          postscale_factor, *compressed)
+    reduced = _GroupedReducescatter.apply(kind, name, op, process_set, prescale, postscale,
+                                          *compressed)
     return [compression.decompress(t, c) for t, c in zip(reduced, ctxs, strict=True)]
 
 
 class _GroupedReducescatter(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, name, op, process_set, prescale, postscale, *tensors):
+    def forward(ctx, kind, name, op, process_set, prescale, postscale, *tensors):
         ctx.args = (op, process_set, prescale, postscale)
-        return C.synchronize(grouped_reducescatter_async(list(tensors), name, op, process_set,
-                                                         prescale, postscale))
+        return C.synchronize(_reducescatter_start(list(tensors), name, op, process_set,
+                                                  prescale, postscale, kind, single=False))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -290,7 +297,7 @@ class _GroupedReducescatter(torch.autograd.Function):
         factor = prescale * postscale * (C.member(ps, "reducescatter").comm.Get_size()
                                          if C.resolve_op(op) is C.Sum else 1)
         grads = [(g * factor if factor != 1 else g).contiguous() for g in grads]
-        return (None,) * 5 + tuple(grouped_allgather(grads, process_set=ps))
+        return (None,) * 6 + tuple(grouped_allgather(grads, process_set=ps))
 
 
 def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: Any = C.Average,
@@ -306,5 +313,5 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
                   process_set: ProcessSet = global_process_set, prescale_factor: float = 1.0,
                   postscale_factor: float = 1.0) -> torch.Tensor:
     """This rank's rows of ``tensor`` reduced over the processes (differentiable)."""
-    return grouped_reducescatter([tensor], name, compression, op, process_set,
-                                 prescale_factor, postscale_factor)[0]
+    return _reducescatter_list([tensor], name, compression, op, process_set, prescale_factor,
+                               postscale_factor, "reducescatter")[0]
