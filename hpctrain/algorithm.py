@@ -33,6 +33,8 @@ from torch.nn import functional as F
 
 from hpctrain.evaluate import Snapshot, evaluate_snapshots
 from hpctrain.guard import GradientGuard
+from hpctrain.optimizers import OPTIMIZERS
+from hpctrain.optimizers import make as make_optimizer
 from hpctrain.options import check_fields
 
 if TYPE_CHECKING:
@@ -65,6 +67,11 @@ class Setup:
     workers: int
     steps: int  # this worker's batches per epoch of its data
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model is, and where batches go (:func:`hpctrain.run.device_for`)."""
+        return next(self.model.parameters()).device
+
 
 class Algorithm:
     """Base class and protocol of a training algorithm (see the module docstring)."""
@@ -77,12 +84,24 @@ class Algorithm:
     # (ma, ec); "root": rank 0 snapshots, the others receive them for evaluation (async).
     snapshots: ClassVar[str] = "replicated"
     summary_fields: ClassVar[dict[str, str]] = {}
+    optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS  # the --optimizer values it takes
 
     # ---- before MPI starts ------------------------------------------------------------------
 
     @classmethod
     def check(cls, config: RunConfig, ranks: int) -> None:
         """Refuse ``config`` on ``ranks`` ranks (UsageError, one line) before MPI starts."""
+
+    @classmethod
+    def for_launch(cls, config: RunConfig, launcher: str) -> RunConfig:
+        """``config`` adapted to how the job was launched (``hpctrain.comm.launcher()``)."""
+        return config
+
+    @classmethod
+    def needs_mpi(cls, config: RunConfig) -> bool:
+        """Whether it moves data through MPI (RMA windows, buffer collectives): then a launch
+        without an MPI world (torchrun) is refused."""
+        return True
 
     @classmethod
     def workers(cls, config: RunConfig, ranks: int) -> int:
@@ -115,11 +134,10 @@ class Algorithm:
         return True
 
     def setup(self, s: Setup) -> None:
-        """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD."""
-        o = self.config.optim
+        """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD,
+        or Adam / AdamW (``--optimizer``)."""
         self.model = s.model
-        self.optimizer = torch.optim.SGD(s.model.parameters(), lr=o.lr, momentum=o.momentum,
-                                         weight_decay=o.weight_decay)
+        self.optimizer = make_optimizer(s.model.parameters(), self.config.optim)
 
     def guard(self, s: Setup) -> GradientGuard:
         """The NaN/Inf guard: each worker skips its own bad steps by default."""

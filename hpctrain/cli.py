@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 
-from hpctrain import arguments, comm, run
+from hpctrain import arguments, comm, devices, run
 from hpctrain.bench import report as bench_report
 from hpctrain.metrics import summary_table
 
@@ -40,8 +40,13 @@ class _HelpFormatter(argparse.HelpFormatter):
         return f"{text} (default: %(default)s)"
 
 
+STOPPED_ON_COLLAPSE = 4  # exit status of a run --stop-on-collapse ended
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = arguments.Parser(prog="hpctrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version",
+                        version=f"hpctrain {sys.modules['hpctrain'].__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=arguments.Parser)
     train = sub.add_parser("train", help="train a model with one algorithm",
                            formatter_class=_HelpFormatter)
@@ -73,6 +78,12 @@ def train(args: argparse.Namespace) -> dict:
     summary = run.train(arguments.build(args))  # checked before MPI starts
     if comm.rank() == 0:
         print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
+    if summary.get("stopped_on_collapse"):  # every rank: a non-zero exit, outputs kept
+        if comm.rank() == 0:
+            print(f"hpctrain: error: stopped (--stop-on-collapse): training collapsed at update "
+                  f"{summary['collapsed_at']}: {summary['collapse_reason']}; outputs in "
+                  f"{summary['out']}", file=sys.stderr, flush=True)
+        sys.exit(STOPPED_ON_COLLAPSE)
     return summary
 
 
@@ -84,8 +95,8 @@ def info() -> None:
     if MPI.COMM_WORLD.Get_rank() != 0:
         return
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
-             "cuda": torch.cuda.is_available(), **comm.library_info(),
-             "ranks": comm.size(), "local_size": local_size}
+             **devices.describe(), **comm.library_info(), "ranks": comm.size(),
+             "local_size": local_size}
     try:
         import horovod
 

@@ -22,6 +22,8 @@ from hpctrain.errors import UsageError
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
 _RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
 _SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
+# What torchrun gives each worker (it starts no MPI world).
+_TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
 def init(thread_level: str = "multiple") -> ModuleType:
@@ -91,7 +93,7 @@ def local_size() -> int:
 
 def env_rank() -> int:
     """This process's rank from the launcher's environment, without initialising MPI (0 if none)."""
-    for var in _RANK_ENV:
+    for var in ("RANK",) if launcher() == "torchrun" else _RANK_ENV:
         if var in os.environ:
             return int(os.environ[var])
     return 0
@@ -99,17 +101,29 @@ def env_rank() -> int:
 
 def env_size() -> int:
     """The job's size from the launcher's environment, without initialising MPI (1 if none)."""
-    for var in _SIZE_ENV:
+    for var in ("WORLD_SIZE",) if launcher() == "torchrun" else _SIZE_ENV:
         if var in os.environ:
             return int(os.environ[var])
     return 1
+
+
+def launcher() -> str:
+    """How this process was started, from the environment: ``torchrun`` (torch.distributed's
+    environment, no MPI world), ``mpi`` (mpirun, or srun with PMI/PMIx: MPI's world is the
+    job), or ``single``."""
+    if all(v in os.environ for v in _TORCHRUN_ENV):
+        return "torchrun"
+    if any(v in os.environ for v in _SIZE_ENV):
+        return "mpi"
+    return "single"
 
 
 def launch_size() -> int:
     """The job's size: the world's if MPI is already running (a user's script started it),
     else the launcher's environment's (:func:`env_size`), without starting MPI."""
     MPI = sys.modules.get("mpi4py.MPI")
-    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+    if launcher() != "torchrun" and MPI is not None and MPI.Is_initialized() \
+            and not MPI.Is_finalized():
         return MPI.COMM_WORLD.Get_size()
     return env_size()
 

@@ -24,13 +24,16 @@ from pathlib import Path
 
 import tomllib
 
-from hpctrain import data, models, options, registry
+from hpctrain import data, devices, models, options, plugins, registry, userdata
 from hpctrain.checkpoint import parse_every, run_folder
 from hpctrain.errors import UsageError
+from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
 from hpctrain.shuffle import TrainDataSpec
 from hpctrain.stragglers import parse_slowdown
+
+EVAL_MODES = ("after", "online")
 
 
 def _milestones(text: str) -> tuple[float, ...]:
@@ -45,8 +48,9 @@ def _milestones(text: str) -> tuple[float, ...]:
 class DataConfig:
     """Which data, and how it is placed and reshuffled over the ranks."""
 
-    dataset: str = option("fashion-mnist", "one of: " + ", ".join(data.DATASETS),
-                          choices=data.DATASETS)
+    dataset: str = option("fashion-mnist", "one of: " + ", ".join(data.DATASETS) + "; or your "
+                          "own: npz:FILE, imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE",
+                          parse=userdata.dataset_name)
     data_dir: str | None = option(None, "folder with the data set's files")
     shuffle: str = option("global", "global (fresh permutation of all data each epoch), local "
                           "(each rank reshuffles its fixed part) or partial:Q (each rank also "
@@ -61,6 +65,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        userdata.dataset_name(self.dataset, UsageError)
         self.spec(0)  # the shuffle package's own checks
 
     def spec(self, seed: int) -> TrainDataSpec:
@@ -72,11 +77,18 @@ class DataConfig:
 class ModelConfig:
     """The network trained."""
 
-    name: str = option("lenet", "one of: " + ", ".join(models.MODELS), flag="--model",
-                       choices=models.MODELS)
+    name: str = option("lenet", "one of: " + ", ".join(models.MODELS) + "; or your own: "
+                       "MODULE:CALLABLE or ./FILE.py:CALLABLE, called as CALLABLE(input_shape, "
+                       "num_classes, **model_args)", flag="--model", parse=plugins.model_name)
+    args: dict | None = option(None, "keyword arguments for a model of your own, as a JSON "
+                               "object", flag="--model-args", parse=plugins.json_object,
+                               metavar="JSON")
 
     def __post_init__(self) -> None:
         check_fields(self)
+        plugins.model_name(self.name, UsageError)
+        if self.args is not None and not isinstance(self.args, dict):
+            raise UsageError(f"--model-args {self.args!r}: want a JSON object")
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,13 @@ class OptimConfig:
                                               parse=_milestones)
     lr_gamma: float = option(0.1, "step decay factor", parse=options.positive(float),
                              range=Range(0, low_open=True))
+    optimizer: str = option("sgd", "the update rule of sgd, ssgd, ma and ec (adam, adamw: "
+                            "default --lr 0.001, no --momentum); asynchronous algorithms keep "
+                            "their own", choices=OPTIMIZERS)
+    warmup_epochs: float = option(0.0, "raise the learning rate linearly from 0 over this many "
+                                  "epochs of global progress", parse=float, range=Range(0))
+    scale_lr: bool = option(False, "linear scaling rule: multiply --lr by the number of "
+                            "workers")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
@@ -114,6 +133,9 @@ class OptimConfig:
                              "increasing epochs > 0")
         if self.lr_milestones and self.lr_schedule not in (None, "step"):
             raise UsageError(f"--lr-milestones need --lr-schedule step, not {self.lr_schedule}")
+        if self.optimizer != "sgd" and self.momentum is not None:
+            raise UsageError(f"--momentum is SGD's; --optimizer {self.optimizer} has betas "
+                             "(0.9, 0.999)")
 
 
 @dataclass(frozen=True)
@@ -163,9 +185,19 @@ class RunConfig:
     algo: str = option("", "one of: " + ", ".join(registry.names()))
     seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int)
     out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
-    eval_every: float = option(0.25, "epochs between snapshots of the model (evaluated after "
-                               "training)", parse=options.positive(float),
-                               range=Range(0, low_open=True))
+    eval_every: float = option(0.25, "epochs between snapshots of the model (scored after "
+                               "training, or with --eval online while it runs)",
+                               parse=options.positive(float), range=Range(0, low_open=True))
+    eval_mode: str = option("after", "score snapshots after training (the curve's time axis "
+                            "excludes scoring), or online: as training runs, on rank 0 between "
+                            "steps or on --eval-rank", flag="--eval", choices=EVAL_MODES)
+    eval_rank: int | None = option(None, "with --eval online: this rank (not 0) only scores "
+                                   "snapshots and does not train", parse=int, range=Range(1))
+    tensorboard: bool = option(False, "write TensorBoard event files to <out>/tensorboard")
+    stop_on_collapse: bool = option(False, "end the run (exit status 4, outputs kept) when "
+                                    "training has collapsed")
+    device: str = option("auto", "where each rank computes: cuda takes GPU (local rank mod GPUs) "
+                         "(auto: cuda when torch sees a GPU)", choices=devices.DEVICES)
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)
@@ -189,6 +221,8 @@ class RunConfig:
         elif type(self.algorithm) is not options_cls:
             raise TypeError(f"--algo {self.algo} takes {options_cls.__name__}, not "
                             f"{type(self.algorithm).__name__}")
+        if self.eval_rank is not None and self.eval_mode != "online":
+            raise UsageError(f"--eval-rank {self.eval_rank} needs --eval online")
 
     @property
     def algorithm_class(self):
@@ -203,8 +237,10 @@ def resolve(config: RunConfig) -> RunConfig:
     """``config`` with the algorithm's defaults filled in (learning rate, momentum, schedule)."""
     algo = config.algorithm_class
     o = config.optim
-    lr = o.lr if o.lr is not None else algo.defaults.get("lr", 0.05)
-    momentum = o.momentum if o.momentum is not None else algo.defaults.get("momentum", 0.9)
+    sgd = o.optimizer == "sgd"
+    lr = o.lr if o.lr is not None else algo.defaults.get("lr", 0.05) if sgd else 0.001
+    momentum = o.momentum if o.momentum is not None or not sgd \
+        else algo.defaults.get("momentum", 0.9)
     schedule = o.lr_schedule or ("step" if o.lr_milestones else "cosine")
     return replace(config, optim=replace(o, lr=lr, momentum=momentum, lr_schedule=schedule))
 

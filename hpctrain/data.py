@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hpctrain import userdata
 from hpctrain.errors import UsageError
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
@@ -72,7 +73,11 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
     """Samples ``[start, stop)`` of data set ``name``'s ``split`` ("train" or "test").
 
     Only the requested range is kept in memory, so ranks holding a shard read just that.
+    A user's data set (``npz:PATH``, ``imagefolder:PATH``, ``MODULE:CALLABLE``) is read by
+    :mod:`hpctrain.userdata`, as in the three functions below.
     """
+    if userdata.is_user(name):
+        return userdata.load(name, split, data_dir, start, stop)
     if name not in DATASETS:
         raise UsageError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
     if split not in ("train", "test"):
@@ -107,6 +112,8 @@ def _make_dataset(name: str, split: str, folder: Path, images: np.ndarray, label
 
 def load_labels(name: str, split: str = "train", data_dir: str | None = None) -> torch.Tensor:
     """All labels of a split (int64), streamed without keeping any image."""
+    if userdata.is_user(name):
+        return userdata.load_labels(name, split, data_dir)
     if name == "synthetic":
         return _synthetic(split, 0, None).labels
     folder = find_dir(name, data_dir)
@@ -130,6 +137,8 @@ def load_indices(name: str, split: str, indices, data_dir: str | None = None) ->
     Streams through the files once and keeps only the wanted samples, so a rank holding an
     arbitrary shard (e.g. label-skew) never holds the whole set.
     """
+    if userdata.is_user(name):
+        return userdata.load_indices(name, split, indices, data_dir)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     wanted, back = np.unique(idx, return_inverse=True)
     n = size(name, split, data_dir)
@@ -190,6 +199,8 @@ def _read_rows(f, path: Path, wanted: np.ndarray, row: int, keep: slice = slice(
 
 def size(name: str, split: str = "train", data_dir: str | None = None) -> int:
     """Number of samples in a split, read from the file headers only."""
+    if userdata.is_user(name):
+        return userdata.size(name, split, data_dir)
     if name == "synthetic":
         return SYNTHETIC_SIZES[split]
     if name not in DATASETS:

@@ -24,8 +24,10 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> tupl
     was_training = model.training
     model.eval()
     correct, loss = 0, 0.0
+    device = next(model.parameters()).device
     for i in range(0, len(dataset), batch_size):
-        x, y = dataset.images[i:i + batch_size], dataset.labels[i:i + batch_size]
+        x = dataset.images[i:i + batch_size].to(device)
+        y = dataset.labels[i:i + batch_size].to(device)
         out = model(x)
         loss += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
@@ -46,8 +48,9 @@ class Snapshots(list):
     """Snapshots taken during training, in order."""
 
     def take(self, model: nn.Module, **info) -> None:
-        """Copy ``model``'s state now, tagged with ``info`` (t, epoch, updates, ...)."""
-        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        """Copy ``model``'s state now (into host memory), tagged with ``info`` (t, epoch,
+        updates, ...)."""
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         self.append(Snapshot(state, info))
 
 

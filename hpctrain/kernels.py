@@ -13,7 +13,7 @@ is given (DC-ASGD-a), ``ms <- ms_decay * ms + (1 - ms_decay) * g'^2`` and
 pass reads each input once and writes each output once.
 
 CPU tensors use the OpenMP library built by ``pip install`` (setup.py); CUDA tensors use the
-CUDA library that setup.py builds with nvcc when torch has CUDA. Any output may be the very
+CUDA library that setup.py builds when nvcc is found. Any output may be the very
 tensor of an input (in place); partially overlapping tensors are rejected, as are non-contiguous,
 non-float32 or differently sized ones.
 """

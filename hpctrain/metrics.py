@@ -98,7 +98,7 @@ class RunLog:
         """Write the final model's state dict to ``model.pt`` (load with weights_only=True)."""
         if self.rank == 0:
             buf = io.BytesIO()
-            torch.save(model.state_dict(), buf)
+            torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
             write_atomic(self.dir / "model.pt", buf.getvalue())
 
     def write_summary(self, summary: dict) -> None:
@@ -144,6 +144,9 @@ def summary_table(summary: dict) -> str:
         s = summary["staleness"]
         stale = f"{s['mean']:.2f} / {s['p99']:.0f} / {s['max']:.0f}"
         rows.append(("staleness mean/p99/max", stale))
+    if summary.get("collapsed_at") is not None:
+        rows.append(("COLLAPSED at update", f"{summary['collapsed_at']}: "
+                                            f"{summary.get('collapse_reason')}"))
     if summary.get("out"):
         rows.append(("outputs", summary["out"]))
     width = max(len(k) for k, _ in rows)

@@ -1,7 +1,7 @@
 """The one training loop, for every algorithm, and ``hpctrain.train(config)``.
 
 This module owns what every run does alike: set-up (seed, data, model, and the one place
-where a device is chosen: the CPU for now), the step sequence, snapshots, checkpoints,
+where a device is chosen: :func:`device_for`), the step sequence, snapshots, checkpoints,
 evaluation, the outputs and the summary. An algorithm (:class:`hpctrain.algorithm.Algorithm`)
 plugs in at fixed points. One step, on every worker::
 
@@ -16,7 +16,9 @@ plugs in at fixed points. One step, on every worker::
     position = algo.progress(...); algo.after_update(final)   # MA/EC aggregate here
     bar, watchdog beat, snapshot every --eval-every epochs of global progress
 
-Snapshots are evaluated after training, so the time axis excludes evaluation.
+Snapshots are evaluated after training, so the time axis excludes evaluation, unless
+``--eval online`` (:mod:`hpctrain.live`, which also writes TensorBoard and watches for a
+collapse).
 """
 
 from __future__ import annotations
@@ -28,7 +30,19 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import checkpoint, comm, data, faults, models, watchdog
+from hpctrain import (
+    checkpoint,
+    comm,
+    data,
+    devices,
+    faults,
+    live,
+    models,
+    optimizers,
+    plugins,
+    userdata,
+    watchdog,
+)
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
@@ -40,20 +54,36 @@ from hpctrain.schedule import learning_rate, set_lr
 from hpctrain.shuffle import make_train_data
 from hpctrain.stragglers import Straggler, parse_slowdown
 from hpctrain.summary import RunSummary
+from hpctrain.torch_comm import TorchComm
 
 
 def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     """Check ``config`` against the world it starts in (``ranks`` processes, data files,
     checkpoint folders) before MPI starts; return it with every default resolved."""
-    config = configs.resolve(config)
+    config = _user_code(configs.resolve(config))
     algo = config.algorithm_class
+    launcher = comm.launcher()
+    config = algo.for_launch(config, launcher)
+    if launcher == "torchrun" and (algo.needs_mpi(config) or config.eval_rank is not None
+                                   or config.data.data_placement == "sharded"):
+        what = (f"--algo {config.algo}" + (f" --sync-backend {config.algorithm.sync_backend}"
+                                           if config.algo == "ssgd" else "")
+                if algo.needs_mpi(config) else "--eval-rank" if config.eval_rank is not None
+                else "--data-placement sharded")
+        raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
+                         "launch with mpirun, or srun with PMI/PMIx")
+    devices.check(config.device)
+    optimizers.check(algo, config.optim)
+    ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
     n = data.size(config.data.dataset, "train", config.data.data_dir)
     if ranks > n:
         raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")
+    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
+    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
     algo.check(config, ranks)
     ck = config.checkpoint
-    resolved = checkpoint.check(algo=config.algo, ranks=ranks, every=ck.every,
+    resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE)
@@ -63,6 +93,20 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
     return config
+
+
+def _user_code(config: RunConfig) -> RunConfig:
+    """File references of a user's model and data made absolute, their data checked and
+    their sizes said (rank 0) before MPI starts."""
+    name = config.data.dataset
+    if userdata.is_user(name):
+        about = userdata.describe(name, config.data.data_dir)
+        if comm.env_rank() == 0:
+            print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
+                  f"samples of shape {' x '.join(map(str, about['shape']))}, "
+                  f"{about['classes']} classes", flush=True)
+    return replace(config, data=replace(config.data, dataset=userdata.absolute(name)),
+                   model=replace(config.model, name=plugins.absolute(config.model.name)))
 
 
 def train(config: RunConfig) -> dict:
@@ -75,7 +119,7 @@ def train(config: RunConfig) -> dict:
     """
     config = check_launch(config, comm.launch_size())
     MPI = comm.init(config.algorithm_class.thread_level)
-    world = MPI.COMM_WORLD
+    world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
     if config.out is None:
         stamp = world.bcast(time.strftime("%Y%m%d-%H%M%S"), root=0)
         config = replace(config, out=str(Path("runs") / f"{config.algo}-{stamp}"))
@@ -88,27 +132,32 @@ def train(config: RunConfig) -> dict:
 
 
 def device_for(config: RunConfig) -> torch.device:
-    """The one place a device is chosen: the CPU (GPU training builds on this)."""
-    return torch.device("cpu")
+    """The one place a device is chosen (``--device``; see :mod:`hpctrain.devices`)."""
+    return devices.choose(config.device)
 
 
 def _run(config: RunConfig, world) -> dict | None:
     algo: Algorithm = config.algorithm_class(config)
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
-    model = models.build(config.model.name, test_set.shape, test_set.num_classes)
+    model = plugins.build_model(config.model.name, test_set.shape, test_set.num_classes,
+                                config.model.args)
     model.to(device_for(config))
+    everyone, (world, evaluating) = world, live.split_world(world, config)
+    if evaluating:  # --eval-rank: this rank scores snapshots and does not train
+        return live.serve(everyone, model, test_set)
     resume = config.checkpoint.resume
     loaded = checkpoint.newest(resume) if resume and world.Get_rank() == 0 else None
     algo.restore_model(loaded)
     workers = algo.connect(world, model)
-    summary = _train(config, algo, workers, model, test_set, loaded) if algo.is_worker() \
-        else None
+    summary = _train(config, algo, workers, model, test_set, loaded, everyone) \
+        if algo.is_worker() else None
     algo.close()  # a store host that does not train serves the workers here until they finish
     return summary
 
 
-def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -> dict | None:
+def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
+           world=None) -> dict | None:
     """One worker's training, evaluation and (rank 0) outputs; collective over the workers."""
     rank, size = (comm_.Get_rank(), comm_.Get_size()) if comm_ is not None else (0, 1)
     o = config.optim
@@ -131,7 +180,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
         header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config)})
     log = RunLog(config.out, rank)
     log.write_config({**configs.repeatable(config),
-                      "run_info": {"workers": size, **comm.library_info()}})
+                      "run_info": {"workers": size, "device": str(s.device),
+                                   **comm.library_info()}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:
@@ -148,6 +198,11 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
     algo.start(position)
     bar = progress_bar(total, rank, config.algo, enabled=config.progress)
     bar.update(position)
+    watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
+                       samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
+                       world=world)
+    watch.begin(model, snapshots)
+    base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
     if comm_ is not None:
@@ -171,11 +226,13 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
             epoch, i = epoch + 1, 0
             local = train_data.epoch(epoch)
             algo.epoch_started(local)
-        set_lr(algo.optimizer, learning_rate(o.lr, position // per_epoch +
-                                             position % per_epoch / per_epoch, o.epochs,
-                                             o.lr_schedule, o.lr_milestones, o.lr_gamma))
-        x = local.images[i * o.batch_size:(i + 1) * o.batch_size]
-        y = local.labels[i * o.batch_size:(i + 1) * o.batch_size]
+        lr = learning_rate(base_lr, position // per_epoch + position % per_epoch / per_epoch,
+                           o.epochs, o.lr_schedule, o.lr_milestones, o.lr_gamma)
+        if o.warmup_epochs:
+            lr *= optimizers.warmup_factor((position + 1) / per_epoch, o.warmup_epochs)
+        set_lr(algo.optimizer, lr)
+        x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
+        y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         algo.optimizer.zero_grad()
         computing = time.perf_counter()
         loss = faults.inject(rank, local_steps, model, algo.loss(x, y))
@@ -189,25 +246,31 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
         algo.after_update(final=position >= total)
         bar.update(min(position, total) - bar.n)
-        if local_steps % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        watch.step(position, local_steps, loss, lr, time.perf_counter() - start)
         watchdog.beat("update", local_steps)
         if position >= next_snapshot:
             if snapshotting and position < total:
                 snapshots.take(model, t=time.perf_counter() - start,
                                epoch=position / per_epoch, updates=position)
+                watch.snapshot(model, snapshots)
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
+        if watch.stop(position):
+            break
     busy = time.perf_counter() - start
+    watch.finish()
     position = algo.finish(position)
     wall = time.perf_counter() - start
     bar.close()
     if snapshotting:
         snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position)
+        watch.snapshot(model, snapshots)
     if algo.snapshots == "root" and comm_ is not None:
         snapshots = comm_.bcast(snapshots, root=0)
     final_state = snapshots[-1].state
 
-    points = algo.evaluate(model, snapshots, test_set, comm_)
+    points = watch.curve(model, snapshots, comm_) or \
+        algo.evaluate(model, snapshots, test_set, comm_)
+    watch.after(points)
     log.write_points(points)
     model.load_state_dict(final_state)
     log.save_model(model)
@@ -231,7 +294,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded) -
         busy_s_per_worker=[w["busy_s"] for w in every],
         straggler_sleep_s_per_worker=[w["slept_s"] for w in every],
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
-        **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
+        **guarded, **checkpoints, **exchange, **watch.fields(), out=config.out,
+        algorithm_fields=own,
     ).to_dict()
     log.write_summary(summary)
     return summary

@@ -57,7 +57,16 @@ class RunSummary:
     exchange_s: float = _doc("seconds rank 0 spent in data exchanges")
     exchange_per_epoch: list[dict] = _doc("per exchange: epoch, bytes_moved (bytes), exchange_s "
                                           "(seconds)")
-    out: str | None = _doc("the run's output folder")
+    eval_mode: str = _doc("what scored the curve: after (after training), online (rank 0, "
+                          "between steps) or online (rank R) (a rank that did not train)",
+                          default="after")
+    collapsed_at: int | None = _doc("updates: when training was found collapsed (loss not "
+                                    "finite, exploding or flat at ln(classes), or test "
+                                    "accuracy back at chance); null: never", default=None)
+    collapse_reason: str | None = _doc("why it was found collapsed (null: never)", default=None)
+    stopped_on_collapse: bool = _doc("true when --stop-on-collapse ended the run there",
+                                     default=False)
+    out: str | None = _doc("the run's output folder", default=None)
     simulated: bool = _doc("false for a run of real processes", default=False)
     algorithm_fields: dict = field(default_factory=dict)
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Behaviour check for refactors: deterministic runs (sgd, ssgd on the mpi and horovod backends,
+# Behaviour check for refactors: deterministic runs (sgd, ssgd on the mpi, torch and horovod backends,
 # ma, ec; fixed seed) and a checkpoint/resume pair, each reduced to its final test accuracy and
 # a SHA-256 of model.pt's tensors (names, dtypes, shapes and bytes, in state-dict order) and
 # one of the curve (every snapshot's updates, test accuracy and loss).
@@ -20,6 +20,7 @@ run() {  # name np args...
 }
 run sgd 1 --algo sgd
 run ssgd-mpi 2 --algo ssgd --sync-backend mpi
+run ssgd-torch 2 --algo ssgd --sync-backend torch
 if "$PY" -c "import horovod.torch" 2>/dev/null; then run ssgd-horovod 2 --algo ssgd --sync-backend horovod; fi
 run ma 2 --algo ma --tau 50
 run ec 2 --algo ec --tau 50 --ec-distill-size 256

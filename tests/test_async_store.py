@@ -64,9 +64,14 @@ def test_shard_bounds_cover_and_align():
     assert default_shards(workers=5, hosts=2) == 6
 
 
-@pytest.mark.parametrize("shared", [None, False], ids=["auto", "get-put"])
+# How a push reaches the windows: shared memory where it can (CPU kernel on the shard in
+# place), Get/Put, or the staged path GPU workers take (read, kernel, write back) on the CPU.
+MODES = {"auto": {}, "get-put": {"shared_memory": False}, "staged": {"in_place": False}}
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency, shared):
+def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency, mode):
     MPI = comm.mpi()
     data = batches(1, 25)
     ref_model = small_model()
@@ -75,8 +80,7 @@ def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency,
     for name in ("asgd", "dcasgd-c", "dcasgd-a"):
         model = small_model()
         with ParameterStore(flat_of(model), MPI.COMM_SELF, shards=3, consistency=consistency,
-                            shared_memory=shared) as store:
-            assert store.shared is not False or shared is False
+                            **MODES[mode]) as store:
             if name == "asgd":
                 opt = ASGD(model, store, **HYPER)
             else:
@@ -159,11 +163,11 @@ def test_optimizer_rejects_a_model_of_another_size():
         store.finish()
 
 
-def worker_setup(world, consistency, shards, adaptive, shared=None):
+def worker_setup(world, consistency, shards, adaptive, mode="auto"):
     model = small_model()
     store = ParameterStore(flat_of(model), world, shards=shards, consistency=consistency,
-                           shared_memory=shared)
-    assert shared is None or store.shared == shared
+                           **MODES[mode])
+    assert mode != "get-put" or not store.shared
     initial = flat_of(model)
     opt = DCASGD(model, store, lam=2.0 if adaptive else 0.04, adaptive=adaptive, **HYPER)
     world.Barrier()  # every worker has read the initial model before anyone pushes
@@ -172,13 +176,13 @@ def worker_setup(world, consistency, shards, adaptive, shared=None):
 
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("shared", [None, False], ids=["auto", "get-put"])
-def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(shared):
+@pytest.mark.parametrize("mode", MODES)
+def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(mode):
     MPI = comm.mpi()
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     model, store, opt, initial = worker_setup(world, "locked", shards=3, adaptive=True,
-                                              shared=shared)
+                                              mode=mode)
     rng = random.Random(rank)
     log = []
     for step, (x, y) in enumerate(batches(100 + rank, 12)):
@@ -222,14 +226,15 @@ def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(shared):
 
 @pytest.mark.mpi(min_size=4)
 @pytest.mark.timeout(120)
-def test_atomic_loses_no_update():
+@pytest.mark.parametrize("mode", MODES)
+def test_atomic_loses_no_update(mode):
     MPI = comm.mpi()
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     # Integer steps: the sum is exact whatever the order, so a lost update cannot hide.
     numel, steps = 5000, 40
     start = torch.arange(numel, dtype=torch.float32)
-    with ParameterStore(start, world, shards=3, consistency="atomic") as store:
+    with ParameterStore(start, world, shards=3, consistency="atomic", **MODES[mode]) as store:
         w = torch.empty(numel)
         store.pull(w)
         world.Barrier()
@@ -246,7 +251,8 @@ def test_atomic_loses_no_update():
         store.finish()
 
     # DC-ASGD-a through the optimizer: final - initial is the sum of every pushed delta.
-    model, store, opt, initial = worker_setup(world, "atomic", shards=4, adaptive=True)
+    model, store, opt, initial = worker_setup(world, "atomic", shards=4, adaptive=True,
+                                              mode=mode)
     pushed = torch.zeros_like(initial, dtype=torch.float64)
     for x, y in batches(200 + rank, 15):
         opt.zero_grad()

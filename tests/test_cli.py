@@ -39,7 +39,10 @@ def write_tiny_idx(folder, n: int):
 
 @pytest.mark.parametrize("args, pattern", [
     (["--algo", "bogus"], "unknown algorithm 'bogus'"),
-    (["--algo", "sgd", "--model", "vgg"], "--model: invalid choice: 'vgg'"),
+    (["--algo", "sgd", "--model", "vgg"], "unknown --model 'vgg'"),
+    (["--algo", "sgd", *SYNTHETIC[:2], "--model", "hpctrain.models:nothing"],
+     "hpctrain.models has no attribute 'nothing'"),
+    (["--algo", "asgd", "--optimizer", "adam"], "--optimizer adam: --algo asgd keeps its own"),
     (["--algo", "sgd", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/x"],
      "--data-dir /nonexistent/x does not exist"),
     (["--algo", "sgd", "--lr", "0"], "--lr: must be > 0, got 0"),
@@ -57,6 +60,8 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--fp16-allreduce"], "--fp16-allreduce is an option of ssgd, not of"),
     (["--algo", "ma", "--ec-alpha", "0.3"], "--ec-alpha is an option of ec, not of --algo ma"),
     (["--algo", "sgd", "--resume", "/nonexistent/run"], "--resume /nonexistent/run: no such"),
+    pytest.param(["--algo", "dcasgd-a", "--device", "cuda"], "--device cuda: torch",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
 def test_bad_arguments(args, pattern, tmp_path):
     proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)
@@ -149,14 +154,15 @@ def test_same_seed_same_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("workers", [2, 4])
-def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers):
-    """K workers with batch b take the same steps as one process with batch K*b."""
+@pytest.mark.parametrize("workers,backend", [(2, "mpi"), (4, "mpi"), (2, "torch")])
+def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers, backend):
+    """K workers with batch b take the same steps as one process with batch K*b, with the
+    allreduce through MPI or through torch.distributed (gloo)."""
     common = [*SMALL, "--momentum", "0.9", "--weight-decay", "1e-4", "--seed", "5"]
     sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", str(16 * workers),
                    "--out", str(tmp_path / "sgd")], np=0)
     ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
-                    "--out", str(tmp_path / "ssgd")], np=workers)
+                    "--sync-backend", backend, "--out", str(tmp_path / "ssgd")], np=workers)
     assert sgd.returncode == 0 and ssgd.returncode == 0, sgd.stderr + ssgd.stderr
     a, b = final_model(tmp_path / "sgd"), final_model(tmp_path / "ssgd")
     for k in a:
@@ -183,3 +189,6 @@ def test_info_under_mpirun_prints_once(tmp_path):
     facts = json.loads(proc.stdout)
     assert facts["ranks"] == 2 and facts["local_size"] == 2
     assert facts["library"].isprintable()
+    # Devices and transports: no GPU here, so neither CUDA-aware MPI nor NCCL is usable.
+    assert facts["cuda"] is False and facts["gpus"] == [] and facts["nccl"] is False
+    assert facts["cuda_aware_mpi"] in (True, False) and facts["gloo"] is True

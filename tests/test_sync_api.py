@@ -22,6 +22,7 @@ import hpctrain.sync as sync
 from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.sync.buckets import plan_buckets, scale_factors
+from hpctrain.sync.transport import MPITransport
 
 API = ("init shutdown is_initialized rank size local_rank local_size allreduce allreduce_ "
        "allreduce_async allreduce_async_ synchronize poll allgather allgather_async broadcast "
@@ -87,13 +88,17 @@ def _horovod_missing() -> str | None:
     return None
 
 
-@pytest.fixture(params=sync.BACKENDS)
-def hvd(request):
-    """hpctrain.sync started on the backend under test, shut down afterwards."""
+@pytest.fixture(params=[*sync.BACKENDS, "mpi-staged"])
+def hvd(request, monkeypatch):
+    """hpctrain.sync started on the backend under test, shut down afterwards. ``mpi-staged``
+    is the mpi backend moving every tensor through a host copy, as it moves CUDA tensors
+    when MPI is not CUDA-aware."""
     if request.param == "horovod" and (why := _horovod_missing()):
         pytest.skip(why)
+    if request.param == "mpi-staged":
+        monkeypatch.setattr(MPITransport, "takes", lambda self, tensor: False)
     torch.set_num_threads(1)
-    sync.init(backend=request.param)
+    sync.init(backend=request.param.removesuffix("-staged"))
     yield sync
     sync.shutdown()
 
@@ -154,7 +159,9 @@ def test_world_matches_mpi_and_reports_threads(hvd):
     assert hvd.local_size() == hvd.size()  # one node here
     assert hvd.local_rank() == hvd.rank()
     assert hvd.mpi_threads_supported()  # pytest-mpi imports mpi4py at MULTIPLE
-    assert hvd.mpi_built() and hvd.mpi_enabled() and hvd.is_initialized()
+    assert hvd.mpi_built() and hvd.is_initialized()
+    assert hvd.mpi_enabled() == (hvd.backend() != "torch")  # torch: gloo moves the bytes
+    assert hvd.gloo_built() == (hvd.backend() == "torch")
 
 
 @mpi
@@ -491,7 +498,7 @@ def test_buckets_start_while_backward_runs(mpi_backend):
 def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
     hvd = mpi_backend
     model = _model()
-    with pytest.raises(UsageError, match="Adasum is not supported by the mpi backend"):
+    with pytest.raises(UsageError, match="Adasum is not supported by hpctrain's backends"):
         _wrap(hvd, model, op=hvd.Adasum)
     with pytest.raises(UsageError, match="Adasum"):
         hvd.allreduce(torch.ones(2), op=hvd.Adasum)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data, models
+from hpctrain import data, devices, kernels, models
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
@@ -80,6 +80,7 @@ class ASGD(Algorithm):
     # asynchrony adds momentum of its own); the DC-ASGD paper's algorithm has none.
     defaults = {"lr": 0.1, "momentum": 0.0}
     snapshots = "root"
+    optimizers = ("sgd",)  # the update is the store's push (DC-ASGD's rule), not torch's
     summary_fields = {
         "servers": "ranks that only hosted the store",
         "consistency": "locked or atomic pushes",
@@ -112,6 +113,11 @@ class ASGD(Algorithm):
         if every is not None and not every.endswith("e"):
             raise UsageError(f"--checkpoint-every {every}: asynchronous runs checkpoint by "
                              "global progress; give epochs, e.g. 1e")
+        if devices.resolve(config.device) == "cuda":
+            try:
+                kernels.cuda_library()  # GPU workers push with the CUDA kernel
+            except (RuntimeError, OSError) as e:
+                raise UsageError(f"--device cuda with --algo {config.algo}: {e}") from None
         if config.data.data_placement != "replicated":
             raise UsageError(f"--algo {config.algo} needs --data-placement replicated: sharded "
                              "placement exchanges data collectively each epoch, which would "

@@ -4,7 +4,9 @@ Like Horovod's optimizer: ``loss.backward(); opt.step()``. ``step`` pushes the (
 compensated) update of this worker's gradient into the store and leaves the model holding the
 newest global values it read there, plus its own step: the model the next gradient is
 computed at (``w_bak``). The model's parameters become views of one flat float32 buffer, so
-the store reads into and writes from the model's memory without copies.
+the store reads into and writes from the model's memory without copies. A model on a GPU
+keeps its buffer, gradient, mean squares and velocity there; the store's staged push runs
+the CUDA kernel on them.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ DEFAULT_LAM = {"constant": 0.04, "adaptive": 2.0}  # DC-ASGD paper: lam0 for -c 
 
 
 def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
-    """Copy ``params`` into one new flat buffer and make each parameter a view of it."""
+    """Copy ``params`` into one new flat buffer and make each parameter a view of it.
+
+    The buffer is where the parameters are (the CPU or one GPU)."""
+    device = params[0].device if params else torch.device("cpu")
     for p in params:
-        if p.dtype != torch.float32 or p.device.type != "cpu":
-            raise UsageError(f"async optimizers need float32 CPU parameters, got {p.dtype} "
-                             f"on {p.device}")
-    flat = torch.empty(sum(p.numel() for p in params))
+        if p.dtype != torch.float32 or p.device != device:
+            raise UsageError(f"async optimizers need float32 parameters on one device, got "
+                             f"{p.dtype} on {p.device} (first on {device})")
+    flat = torch.empty(sum(p.numel() for p in params), device=device)
     offset = 0
     for p in params:
         view = flat[offset:offset + p.numel()]

@@ -14,6 +14,14 @@ update runs on the shard in place under the lock instead, writing the worker's m
 ``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read (shared memory: the kernel
 reads the shard in place), fused delta, ``Accumulate(SUM)``; element-wise atomic, no lost
 update, no order between workers.
+
+Workers whose model is on a GPU (and CPU workers with ``in_place=False``) take the *staged*
+path, the same in both modes: per shard, under the same lock, read the shard into host memory
+(Get, or a copy from shared memory), copy it to the device, run the fused kernel there (the
+CUDA kernel), copy the result back to (pinned) host memory and write it (``locked``: Put or a
+copy into shared memory; ``atomic``: ``Accumulate`` of the delta). The worker's model then
+holds the new values with no second pull. Windows stay in host memory: one-sided MPI on device
+memory is not something every MPI library's RMA component does.
 """
 
 from __future__ import annotations
@@ -87,12 +95,15 @@ class ParameterStore:
     hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
     windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
     reads work on the shard's memory in place (None: when all ranks share one node and the
-    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put).
+    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put). ``in_place``: CPU
+    workers on shared memory run the kernel on the shard itself; False makes them read,
+    compute and write back (the staged path GPU workers always take).
     """
 
     def __init__(self, values: torch.Tensor, comm=None, *, servers: int = 0,
                  shards: int | None = None, consistency: str = "locked", root: int = 0,
-                 poll_interval: float = 2e-4, shared_memory: bool | None = None):
+                 poll_interval: float = 2e-4, shared_memory: bool | None = None,
+                 in_place: bool = True):
         MPI = hcomm.mpi()
         comm = MPI.COMM_WORLD if comm is None else comm
         size, rank = comm.Get_size(), comm.Get_rank()
@@ -136,8 +147,10 @@ class ParameterStore:
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
         first = (rank * shards) // workers if self.is_worker else 0
         self.order = tuple((first + i) % shards for i in range(shards))
-        self._cur = None if self.shared else torch.empty(numel)  # values read from the store
+        self.in_place = in_place
+        self._cur = torch.empty(numel)  # host: shard values as read from the store
         self._delta = torch.zeros(numel) if consistency == "atomic" else None
+        self._device: _DeviceStage | None = None  # a GPU worker's buffers (first push/pull)
         self._count = np.zeros(2, np.int64)  # a shard's count as read, and as written back
         self._one = np.ones(1, np.int64)
         self._operand = np.zeros(1, np.int64)  # Fetch_and_op's: 1 to count a push, 0 to read
@@ -184,9 +197,15 @@ class ParameterStore:
         self.comm.Barrier()
 
     def pull(self, out: torch.Tensor) -> int:
-        """Read the whole model into ``out`` (1-D float32, CPU); return the update count seen."""
+        """Read the whole model into ``out`` (1-D float32, CPU or GPU); return the update count
+        seen."""
         MPI = hcomm.mpi()
         self._check_buffer("out", out)
+        if out.device.type != "cpu":  # through host memory
+            stage = self._stage(out.device)
+            seen = self.pull(stage.host)
+            out.copy_(stage.host)
+            return seen
         seen = self.updates()
         out_np = out.numpy()
         for s in self.order:
@@ -212,23 +231,32 @@ class ParameterStore:
         ``d`` accumulated (``atomic``), with ``d = -lr*(g' + lam_t*g'^2*(w - w_bak))``
         (see :mod:`hpctrain.kernels`; ``ms`` given: DC-ASGD-a; ``v`` given: momentum). ``w_bak``
         is left holding the updated values this worker computed (the newest it read plus its
-        own step), ``ms`` and ``v`` their new values. Tensors: 1-D float32 CPU, the store's size.
+        own step), ``ms`` and ``v`` their new values. Tensors: 1-D float32, the store's size,
+        all on the CPU or all on one GPU (then the staged path runs the CUDA kernel).
         """
         if not self.is_worker:
             raise RuntimeError(f"rank {self.rank} is a server of this store; only workers push")
         for name, t in (("w_bak", w_bak), ("g", g), ("ms", ms), ("v", v)):
             if t is not None:
                 self._check_buffer(name, t)
+                if t.device != w_bak.device:
+                    raise UsageError(f"store: {name} is on {t.device}, w_bak on {w_bak.device}")
+        stage = self._stage(w_bak.device)
+        staged = stage is not None or not (self.shared and self.in_place)
         hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay,
                  "momentum": momentum}
         versions = []
         for s in self.order:
             lo, hi = self.bounds[s]
             part = (w_bak[lo:hi], g[lo:hi], *(None if t is None else t[lo:hi] for t in (ms, v)))
-            if self.consistency == "locked":
-                versions.append(self._push_locked(s, *part, hyper))
+            if not staged:
+                push = self._push_locked_in_place if self.consistency == "locked" \
+                    else self._push_atomic_in_place
             else:
-                self._push_atomic(s, *part, hyper)
+                push = self._push_locked if self.consistency == "locked" else self._push_atomic
+            version = push(s, *part, hyper, stage)
+            if self.consistency == "locked":
+                versions.append(version)
         read, written, mpi = self._push_traffic
         self.bytes_read, self.bytes_written = self.bytes_read + read, self.bytes_written + written
         self.mpi_bytes += mpi
@@ -237,48 +265,108 @@ class ParameterStore:
         self._seen = index + 1
         return Push(index, tau, self.order, tuple(versions) if versions else None)
 
-    def _push_locked(self, s: int, w_bak, g, ms, v, hyper) -> int:
+    def _push_locked_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
+        """Shared memory, CPU worker: one pass over the shard, the new values also in w_bak."""
         MPI = hcomm.mpi()
-        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
-        if self.shared:  # one pass over the shard in place, the new values also into w_bak
-            count, shard = self._mapped[s]
-            win.Lock(owner, MPI.LOCK_EXCLUSIVE)
-            win.Sync()
-            before = int(count[0])
-            count[0] = before + 1
-            kernels.dc_update(shard, g, w_bak, ms, v, out2=w_bak, **hyper)
-            win.Sync()
-            win.Unlock(owner)
-            return before
-        cur = self._cur[lo:hi]
+        win, owner = self.windows[s], self.owners[s]
+        count, shard = self._mapped[s]
         win.Lock(owner, MPI.LOCK_EXCLUSIVE)
-        win.Get([self._count[:1], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
-        win.Get([cur.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT))
-        win.Flush(owner)
-        kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
-        self._count[1] = self._count[0] + 1
-        win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
-        win.Put([w_bak.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT))
+        win.Sync()
+        before = int(count[0])
+        count[0] = before + 1
+        kernels.dc_update(shard, g, w_bak, ms, v, out2=w_bak, **hyper)
+        win.Sync()
         win.Unlock(owner)
-        return int(self._count[0])
+        return before
 
-    def _push_atomic(self, s: int, w_bak, g, ms, v, hyper) -> None:
+    def _push_atomic_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
+        """Shared memory, CPU worker: the kernel reads the shard in place, one pass fewer."""
         MPI = hcomm.mpi()
         win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
         delta = self._delta[lo:hi]
         win.Lock(owner, MPI.LOCK_SHARED)
-        if self.shared:  # the kernel reads the shard in place: one pass fewer than a read
-            win.Sync()
-            cur = self._mapped[s][1]
-        else:
-            cur = self._cur[lo:hi]
-            self._read(win, owner, cur.numpy())
-            win.Flush(owner)
-        kernels.dc_delta(cur, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
-        win.Accumulate([delta.numpy(), MPI.FLOAT], owner, target=(_HEADER, hi - lo, MPI.FLOAT),
-                       op=MPI.SUM)
-        win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
+        win.Sync()
+        kernels.dc_delta(self._mapped[s][1], g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
+        self._accumulate(win, owner, delta)
         win.Unlock(owner)
+
+    def _push_locked(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
+        """Staged, under the exclusive lock: read count and shard, kernel where w_bak is,
+        write both back."""
+        MPI = hcomm.mpi()
+        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        host = self._cur[lo:hi]
+        win.Lock(owner, MPI.LOCK_EXCLUSIVE)
+        before = self._read_shard(s, host, count=True)
+        cur = host if stage is None else stage.values[lo:hi].copy_(host)
+        kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
+        new = w_bak if stage is None else host.copy_(w_bak)
+        self._write(s, before + 1, new)
+        win.Unlock(owner)
+        return before
+
+    def _push_atomic(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
+        """Staged, under a shared lock: read the shard, delta where w_bak is, Accumulate it."""
+        MPI = hcomm.mpi()
+        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        host, delta = self._cur[lo:hi], self._delta[lo:hi]
+        win.Lock(owner, MPI.LOCK_SHARED)
+        self._read_shard(s, host)
+        if stage is None:
+            kernels.dc_delta(host, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
+        else:
+            cur = stage.values[lo:hi].copy_(host)
+            kernels.dc_delta(cur, g, w_bak, ms, v, out=stage.delta[lo:hi], w_out=w_bak, **hyper)
+            delta.copy_(stage.delta[lo:hi])
+        self._accumulate(win, owner, delta)
+        win.Unlock(owner)
+
+    def _read_shard(self, s: int, host: torch.Tensor, count: bool = False) -> int:
+        """Shard ``s``'s values into ``host``, and its update count if ``count`` (else 0);
+        the caller holds the shard's lock."""
+        MPI = hcomm.mpi()
+        win, owner = self.windows[s], self.owners[s]
+        if self.shared:
+            win.Sync()
+            host.copy_(self._mapped[s][1])
+            return int(self._mapped[s][0][0]) if count else 0
+        if count:
+            win.Get([self._count[:1], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
+        self._read(win, owner, host.numpy())
+        win.Flush(owner)
+        return int(self._count[0]) if count else 0
+
+    def _write(self, s: int, count: int, values: torch.Tensor) -> None:
+        """Shard ``s``'s new count and values (the caller holds its exclusive lock)."""
+        MPI = hcomm.mpi()
+        win, owner = self.windows[s], self.owners[s]
+        if self.shared:
+            mapped_count, shard = self._mapped[s]
+            mapped_count[0] = count
+            shard.copy_(values)
+            win.Sync()
+            return
+        self._count[1] = count
+        win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
+        win.Put([values.numpy(), MPI.FLOAT], owner, target=(_HEADER, len(values), MPI.FLOAT))
+
+    def _accumulate(self, win, owner: int, delta: torch.Tensor) -> None:
+        """Add ``delta`` to a shard and one to its count, element-wise atomically."""
+        MPI = hcomm.mpi()
+        win.Accumulate([delta.numpy(), MPI.FLOAT], owner,
+                       target=(_HEADER, len(delta), MPI.FLOAT), op=MPI.SUM)
+        win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
+
+    def _stage(self, device: torch.device) -> _DeviceStage | None:
+        """A GPU worker's device buffers and pinned host buffer (None on the CPU)."""
+        if device.type == "cpu":
+            return None
+        if self._device is None or self._device.values.device != device:
+            self._device = _DeviceStage(self.numel, device, self.consistency == "atomic")
+            self._cur = self._cur.pin_memory()
+            if self._delta is not None:
+                self._delta = self._delta.pin_memory()
+        return self._device
 
     def _read(self, win, owner: int, buf: np.ndarray) -> None:
         """Read a shard's values through MPI (not shared memory); atomic mode reads with an
@@ -369,7 +457,16 @@ class ParameterStore:
             self.close()
 
     def _check_buffer(self, name: str, t: torch.Tensor) -> None:
-        if t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() \
-                or t.numel() != self.numel:
-            raise UsageError(f"store: {name} must be a contiguous float32 CPU vector of "
+        if t.dtype != torch.float32 or t.device.type not in ("cpu", "cuda") \
+                or not t.is_contiguous() or t.numel() != self.numel:
+            raise UsageError(f"store: {name} must be a contiguous float32 CPU or CUDA vector of "
                              f"{self.numel} elements, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+class _DeviceStage:
+    """A GPU worker's device copies: the shard values read, and (atomic) the delta."""
+
+    def __init__(self, numel: int, device: torch.device, atomic: bool):
+        self.values = torch.empty(numel, device=device)
+        self.delta = torch.empty(numel, device=device) if atomic else None
+        self.host = torch.empty(numel, pin_memory=True)  # a pull's landing place

@@ -8,7 +8,11 @@ credited to it. Variants: the mpi backend's DistributedOptimizer (Iallreduce alg
 hpctrain selects it; in a phase of its own, Open MPI's default); Horovod's (in a phase of its
 own: its background thread polls MPI and would slow the others); and the baselines, one
 in-place ``Allreduce`` of a flat float32 buffer of the same bytes, alone after a barrier, and
-after the backward (so that it waits for the slowest rank like a step does).
+after the backward (so that it waits for the slowest rank like a step does). ``--torch`` adds
+the torch backend (torch.distributed: gloo on CPU, NCCL for CUDA tensors where each rank has
+a GPU of its own). ``--device cuda`` puts the models and batches on the GPU (the baselines'
+buffers stay in host memory: what MPI itself moves); run it with ``--device cpu`` in the same
+allocation for the GPU-against-CPU comparison.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import torch
 from torch import nn
 
 import hpctrain.sync as sync
-from hpctrain import comm, options
+from hpctrain import comm, devices, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sync import collectives, horovod_backend, nbc_tuning
@@ -40,6 +44,7 @@ GOAL = 1.1
 RAW, RAW_AFTER = "raw Allreduce", "raw Allreduce after backward"
 MPI_BACKEND, MPI_DEFAULT = "mpi backend", "mpi backend, Open MPI default Iallreduce"
 HOROVOD = "horovod"
+TORCH_BACKEND = "torch backend"
 _LAYERS = 4
 
 
@@ -61,9 +66,19 @@ def add_arguments(parser) -> None:
                         "gradients, which for the mpi backend are views of its buckets (packing "
                         "copies nothing); the baselines keep theirs too")
     parser.add_argument("--no-horovod", action="store_true", help="leave Horovod out")
+    parser.add_argument("--torch", action="store_true",
+                        help="also measure the torch backend (torch.distributed)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                        help="where models and gradients live (cuda: GPU local rank mod GPUs)")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the figures to this JSON file (rank 0)")
     parser.add_argument("--out", dest="json", default=None, help=argparse.SUPPRESS)  # old name
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Before MPI starts: a GPU must be there for --device cuda."""
+    if args.device == "cuda":
+        devices.check("cuda")
 
 
 def _width(params: int) -> int:
@@ -83,9 +98,11 @@ def mlp(params: int) -> nn.Module:
 class _Variant:
     """Backward, then ``exchange()`` (if any), timed from the barrier before backward."""
 
-    def __init__(self, name: str, params: int, wrap=None, exchange=None):
+    def __init__(self, name: str, params: int, wrap=None, exchange=None,
+                 device: str = "cpu"):
         self.name = name
-        self.model = mlp(params)
+        self.model = mlp(params).to(device)
+        self._cuda = device != "cpu"
         self.optimizer = None
         if wrap is not None:
             self.optimizer = wrap(torch.optim.SGD(self.model.parameters(), lr=0.0),
@@ -101,9 +118,13 @@ class _Variant:
         world.Barrier()
         start = time.perf_counter()
         loss.backward()
+        if self._cuda:
+            torch.cuda.synchronize()
         backward_done = time.perf_counter()
         if self.exchange:
             self.exchange()
+            if self._cuda:
+                torch.cuda.synchronize()
         end = time.perf_counter()
         if timed:
             self.seconds.append(end - start)
@@ -121,13 +142,14 @@ def _raw_allreduce(world, buffer: np.ndarray) -> float:
 def _phase(world, params: int, args: argparse.Namespace, phase: str,
            variants: list[_Variant], with_raw: bool = False) -> dict[str, float]:
     """Interleave backward alone, ``variants`` (and the raw Allreduce); this rank's medians."""
-    base = _Variant("backward alone", params)
+    base = _Variant("backward alone", params, device=args.device)
     width = base.model[0].in_features
-    x = torch.randn(args.batch_size, width, generator=torch.Generator().manual_seed(world.rank))
+    x = torch.randn(args.batch_size, width,
+                    generator=torch.Generator().manual_seed(world.rank)).to(args.device)
     flat = np.ones(sum(p.numel() for p in base.model.parameters()), np.float32)
     if with_raw:
         MPI = comm.mpi()
-        variants = [_Variant(RAW_AFTER, params,
+        variants = [_Variant(RAW_AFTER, params, device=args.device,
                              exchange=lambda: world.Allreduce(MPI.IN_PLACE, flat)), *variants]
     raw: list[float] = []
     for i in range(args.warmup + args.repeats):
@@ -154,13 +176,13 @@ def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str) -> tu
     def wrap(opt, named):
         return sync.DistributedOptimizer(opt, named, bucket_bytes=int(args.bucket_mb * 2**20))
 
-    mpi = _Variant(MPI_BACKEND, params, wrap)
+    mpi = _Variant(MPI_BACKEND, params, wrap, device=args.device)
     medians = _phase(world, params, args, "mpi", [mpi], with_raw=True)
     if tuned in nbc_tuning.ALGORITHMS:  # hpctrain chose the algorithm: show Open MPI's own
         nbc_tuning.set_iallreduce_algorithm("ignore")
         try:
             medians.update(_phase(world, params, args, "Open MPI default",
-                                  [_Variant(MPI_DEFAULT, params, wrap)]))
+                                  [_Variant(MPI_DEFAULT, params, wrap, device=args.device)]))
         finally:
             nbc_tuning.set_iallreduce_algorithm(tuned)
     return medians, len(mpi.optimizer.bucket_sizes)
@@ -171,7 +193,7 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
     ms = {k: 1e3 * statistics.fmean(r[k] for r in per_rank) for k in medians}
     width = _width(params)
     n_params = _LAYERS * (width * width + width)
-    compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, HOROVOD) if k in ms]
+    compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, TORCH_BACKEND, HOROVOD) if k in ms]
     return {"params": n_params, "bytes": 4 * n_params, "width": width, "buckets": buckets,
             "ms": ms,
             "ratio_to_raw": {k: ms[k] / ms[RAW] for k in compared},
@@ -182,16 +204,30 @@ def run(args: argparse.Namespace) -> dict:
     """Measure every model size; rank 0 prints the table (and writes ``args.json``)."""
     sizes = args.params  # checked while parsing (hpctrain.options)
     world = comm.world()
+    if args.device == "cuda":
+        devices.choose("cuda")  # this rank's GPU
     sync.init(backend="mpi")
     tuned = collectives.world().iallreduce_algorithm
     try:
         measured = [_measure_mpi(world, p, args, tuned) for p in sizes]
     finally:
         sync.shutdown()
+    if args.torch:
+        sync.init(backend="torch")
+        try:
+            for (medians, _), p in zip(measured, sizes, strict=True):
+                variant = _Variant(TORCH_BACKEND, p, lambda opt, named: sync.DistributedOptimizer(
+                    opt, named, bucket_bytes=int(args.bucket_mb * 2**20)), device=args.device)
+                medians.update(_phase(world, p, args, "torch", [variant]))
+        finally:
+            sync.shutdown()
     horovod_note = "left out (--no-horovod)"
     if not args.no_horovod:
         try:
             hvd = horovod_backend.init()
+            if args.device == "cuda" and not hvd.cuda_built():
+                hvd.shutdown()
+                raise UsageError("horovod left out: built without GPU support")
         except UsageError as e:
             horovod_note = str(e)
         else:
@@ -199,12 +235,14 @@ def run(args: argparse.Namespace) -> dict:
             try:
                 for (medians, _), p in zip(measured, sizes, strict=True):
                     variant = _Variant(HOROVOD, p, lambda opt, named:
-                                       hvd.DistributedOptimizer(opt, named_parameters=named))
+                                       hvd.DistributedOptimizer(opt, named_parameters=named),
+                                       device=args.device)
                     medians.update(_phase(world, p, args, "horovod", [variant]))
             finally:
                 hvd.shutdown()
     rows = [_row(world, p, m, b) for p, (m, b) in zip(sizes, measured, strict=True)]
-    result = {"benchmark": "allreduce", "ranks": world.Get_size(), "batch_size": args.batch_size,
+    result = {"benchmark": "allreduce", "ranks": world.Get_size(), "device": args.device,
+              "batch_size": args.batch_size,
               "warmup": args.warmup, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
               "zero_grad": "in place" if args.keep_grads else "set_to_none",
               "iallreduce_algorithm": tuned, "horovod": horovod_note,
@@ -226,7 +264,7 @@ def _table(result: dict) -> str:
         rows += [(f"{name} / {label}", [f"{m[key][name]:.2f}" for m in models])
                  for name in models[0][key]]
     width = max(len(name) for name, _ in rows) + 2
-    lines = [f"gradient allreduce per step, {result['ranks']} ranks, batch "
+    lines = [f"gradient allreduce per step, {result['ranks']} ranks on {result['device']}, batch "
              f"{result['batch_size']}, median of {result['repeats']} (after {result['warmup']} "
              f"warm-up), ms; zero_grad {result['zero_grad']}; mpi backend Iallreduce: "
              f"{result['iallreduce_algorithm']}; {result['horovod']}",

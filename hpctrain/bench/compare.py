@@ -297,9 +297,11 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
               "returncode": returncode, "seconds": round(seconds, 1)}
     if expired.is_set():
         return {**record, "status": "failed", "error": f"stopped after the {timeout:g} s timeout"}
-    if returncode != 0:
-        return {**record, "status": "failed", "error": last_error(list(lines), returncode)}
     summary_path = run_dir / "summary.json"
+    stopped = summary_path.is_file() and \
+        json.loads(summary_path.read_text()).get("stopped_on_collapse")
+    if returncode != 0 and not stopped:  # a collapse-stopped run is a row (marked), not a failure
+        return {**record, "status": "failed", "error": last_error(list(lines), returncode)}
     if not summary_path.is_file():
         return {**record, "status": "failed", "error": "exited 0 without writing summary.json"}
     workers = json.loads(summary_path.read_text())["workers"]

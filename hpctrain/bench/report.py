@@ -137,7 +137,16 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
     return [row.name, str(s["workers"]), f"{s['final_test_acc']:.4f}",
             f"{s['best_test_acc']:.4f}", f"{s['wall_s']:.1f}", *reach,
-            f"{s['samples_per_s']:.0f}", stale, "; ".join(moved) or dash, "ok"]
+            f"{s['samples_per_s']:.0f}", stale, "; ".join(moved) or dash, _status(s)]
+
+
+def _status(summary: dict) -> str:
+    """``ok``, or the collapse that marks the row (and whether it ended the run)."""
+    if summary.get("collapsed_at") is None:
+        return "ok"
+    stopped = "; stopped there" if summary.get("stopped_on_collapse") else ""
+    reason = str(summary.get("collapse_reason") or "").replace("|", "\\|")
+    return f"**collapsed** at update {summary['collapsed_at']} ({reason}){stopped}"
 
 
 def table(rows: list[Row], targets: list[float]) -> str:

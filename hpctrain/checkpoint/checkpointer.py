@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from hpctrain import faults
 from hpctrain.checkpoint.folder import Loaded, newest, save
@@ -134,7 +135,7 @@ class Checkpointer:
         """Write the checkpoint of update ``updates`` (collective; rank 0 writes). ``counters``:
         this rank's plain numbers (``elapsed``, samples, ...), given back by restore."""
         start = time.perf_counter()
-        mine = {name: obj.state_dict() for name, obj in self.per_rank.items()}
+        mine = to_host({name: obj.state_dict() for name, obj in self.per_rank.items()})
         mine["rng"] = rng_state()
         mine["counters"] = {**counters, "updates": updates}
         new = snapshots[self.written:] if self.snapshots_per_rank or self.rank == 0 else []
@@ -163,7 +164,7 @@ class Checkpointer:
                 self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
                                      "info": snap.info})
         payload = {
-            "shared": {name: obj.state_dict() for name, obj in self.shared.items()},
+            "shared": to_host({name: obj.state_dict() for name, obj in self.shared.items()}),
             "ranks": ranks,
             "snapshots": self.refs,
             "book": {"checkpoints": self.count + 1, "checkpoint_s": self.seconds,
@@ -177,3 +178,15 @@ class Checkpointer:
         """Checkpoints written (over the whole run), seconds spent writing, resume points."""
         return {"checkpoints": self.count, "checkpoint_s": self.seconds,
                 "resumed_from_updates": self.resumed_from}
+
+
+def to_host(state):
+    """``state`` (nested dicts, lists, tuples) with every device tensor copied to host memory:
+    checkpoints of GPU runs travel and load anywhere."""
+    if isinstance(state, torch.Tensor):
+        return state.cpu()
+    if isinstance(state, dict):
+        return {k: to_host(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_host(v) for v in state)
+    return state

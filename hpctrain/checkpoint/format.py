@@ -64,7 +64,7 @@ def load(path: str | Path) -> tuple[dict, object]:
     if hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
     try:
-        payload = torch.load(io.BytesIO(body), weights_only=True)
+        payload = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
     except Exception as e:  # a payload that hashes right but does not load: wrong writer
         raise CorruptCheckpoint(f"{path.name}: payload does not load ({e})") from None
     return header, payload

@@ -19,7 +19,8 @@ from hpctrain.errors import UsageError
 
 # Options that may differ between a run and its resumption: they do not change the trajectory.
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
-                        "no_progress", "threads", "data_dir"})
+                        "no_progress", "threads", "data_dir", "tensorboard", "eval",
+                        "stop_on_collapse", "device"})
 
 
 def parse_every(text: str) -> str:

@@ -2,17 +2,18 @@
 
 Floating-point buffers (BatchNorm's running statistics) are averaged with the parameters;
 integer buffers (BatchNorm's step counter) are equal on every rank and left alone. Optimizer
-state (momentum) stays local, as in local SGD.
+state (momentum) stays local, as in local SGD. Device tensors travel through
+:class:`hpctrain.devices.HostStage` (directly where MPI is CUDA-aware).
 """
 
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
+from hpctrain.devices import HostStage, mpi_buffer
 from hpctrain.ec.stats import AggregationStats, allreduce_bytes
 from hpctrain.errors import UsageError
 
@@ -29,23 +30,24 @@ def average_model(model: nn.Module, comm) -> int:
     Collective. Returns the bytes this rank sent (ring allreduce).
     """
     tensors = floating_state(model)
-    flat = torch.cat([t.detach().reshape(-1) for t in tensors]).numpy()
-    total = np.empty_like(flat)
-    comm.Allreduce(flat, total)
-    mean = torch.from_numpy(total) / comm.Get_size()
+    flat = HostStage(torch.cat([t.detach().reshape(-1) for t in tensors])).to_host()
+    total = torch.empty_like(flat)
+    comm.Allreduce(mpi_buffer(flat), mpi_buffer(total))
+    mean = total / comm.Get_size()
     offset = 0
     for t in tensors:
         t.copy_(mean[offset:offset + t.numel()].view_as(t))
         offset += t.numel()
-    return allreduce_bytes(flat.nbytes, comm.Get_size())
+    return allreduce_bytes(flat.numel() * flat.element_size(), comm.Get_size())
 
 
 @torch.no_grad()
 def broadcast_model(model: nn.Module, comm, root: int = 0) -> None:
     """Give every rank ``root``'s parameters and buffers (collective)."""
     for t in model.state_dict(keep_vars=True).values():
-        buf = t.detach().numpy()
-        comm.Bcast(buf, root=root)
+        stage = HostStage(t.detach())
+        comm.Bcast(mpi_buffer(stage.to_host()), root=root)
+        stage.to_device()
 
 
 class ModelAveraging:

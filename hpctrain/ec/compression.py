@@ -106,7 +106,7 @@ class EnsembleCompression:
         extra = self.distill_batch()
         if extra is None:
             return F.cross_entropy(self.model(x), y)
-        xd, yd, pd = extra
+        xd, yd, pd = (t.to(x.device) for t in extra)
         out = self.model(torch.cat([x, xd]))
         n = len(x)
         total = F.cross_entropy(out[:n], y, reduction="sum") + distillation_loss(

@@ -21,12 +21,14 @@ from hpctrain.data import Dataset
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """``model``'s logits on (non-empty) ``images`` in eval mode, in batches; training mode is
-    restored."""
+    """``model``'s logits on (non-empty) ``images`` in eval mode, in batches, computed where
+    the model is and returned in host memory; training mode is restored."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
-        parts = [model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]
+        parts = [model(images[i:i + batch_size].to(device)).to("cpu")
+                 for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
     return torch.cat(parts)

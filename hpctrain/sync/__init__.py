@@ -1,12 +1,15 @@
 """Horovod-compatible API: ``import hpctrain.sync as hvd`` replaces ``import horovod.torch as hvd``.
 
 ``init()`` starts the mpi backend (mpi4py non-blocking collectives; DistributedOptimizer with
-gradients fused into buckets and allreduced while backward runs); ``init(backend="horovod")``
-hands every call to ``horovod.torch``. Every public name of horovod.torch 0.28.1 is here, with
-its arguments and semantics; README.md has the table of what still differs (the mpi backend
-works on CPU tensors, has no Adasum, and matches collectives by call order, raising one error
-when ranks disagree). Its ``DistributedOptimizer`` also takes ``bucket_bytes`` (fusion bucket
-size, 25 MiB), and ``init`` takes the stall check's times.
+gradients fused into buckets and allreduced while backward runs); ``init(backend="torch")``
+runs the same code on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU ones);
+``init(backend="horovod")`` hands every call to ``horovod.torch``. Every public name of
+horovod.torch 0.28.1 is here, with its arguments and semantics, on every backend; README.md
+has the table of what differs on hpctrain's own backends (mpi, torch): they take CPU and CUDA
+tensors (staged through host memory where the transport cannot move them), have no Adasum,
+and match collectives by call order, raising one error when ranks disagree. Their
+``DistributedOptimizer`` also takes ``bucket_bytes`` (fusion bucket size, 25 MiB), and
+``init`` takes the stall check's times.
 """
 
 from __future__ import annotations
@@ -48,21 +51,26 @@ __all__ = [
 ]
 _LAZY = ("HorovodInternalError", "elastic", "mpi_ops", "mpi_lib_v2")
 
-BACKENDS = ("mpi", "horovod")
+BACKENDS = ("mpi", "torch", "horovod")
 _active: ModuleType | None = None
 _active_name: str | None = None
 
 
-def _impl(caller: str) -> ModuleType:
+def _impl(caller: str, tensor: torch.Tensor | None = None) -> ModuleType:
     if _active is None:
         raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+    if _active is not mpi_backend and isinstance(tensor, torch.Tensor) and tensor.is_cuda \
+            and not _active.cuda_built():
+        raise UsageError(f"hpctrain.sync.{caller}(): Horovod here was built without GPU "
+                         "support and cannot take CUDA tensors; use init(backend='torch') "
+                         "or 'mpi'")
     return _active
 
 
 def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
          backend: str = "mpi", stall_check_s: float | None = None,
          stall_timeout: float | None = None) -> None:
-    """Start ``backend`` ("mpi" or "horovod") on ``comm`` (default COMM_WORLD); idempotent.
+    """Start ``backend`` ("mpi", "torch" or "horovod") on ``comm`` (default COMM_WORLD); idempotent.
 
     ``process_sets`` are registered as in Horovod. A collective that some ranks have not
     reached after ``stall_check_s`` seconds (default HOROVOD_STALL_CHECK_TIME_SECONDS, 60)
@@ -83,8 +91,8 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
             raise UsageError(f"{what} must be a number of seconds >= 0, got {value!r}")
     if process_sets is not None and not all(isinstance(p, ProcessSet) for p in process_sets):
         raise UsageError("process_sets must be a list of hpctrain.sync.ProcessSet")
-    if backend == "mpi":
-        collectives.init(comm, process_sets, stall_check_s=stall_check_s,
+    if backend in collectives.TRANSPORTS:
+        collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
                          stall_timeout_s=stall_timeout)
         _active = mpi_backend
     else:
@@ -147,11 +155,13 @@ def cross_rank() -> int:
 
 
 def gloo_enabled() -> bool:
-    return bool(_active.gloo_enabled()) if _horovod() else False
+    """Whether collectives go through gloo (Horovod's, or the torch backend's)."""
+    return bool(_active.gloo_enabled()) if _horovod() else collectives.gloo_built()
 
 
 def cuda_built() -> bool:
-    return bool(_active.cuda_built()) if _horovod() else False
+    """Whether CUDA tensors can be given (hpctrain's backends: with a CUDA build of torch)."""
+    return bool(_active.cuda_built()) if _horovod() else torch.version.cuda is not None
 
 
 def rocm_built() -> bool:
@@ -167,7 +177,7 @@ def ddl_built() -> bool:
 
 
 def check_extension(ext_name: str, ext_env_var: str, pkg_path: str, *args: Any) -> None:
-    """Horovod checks its compiled extension here; the mpi backend has none to check."""
+    """Horovod checks its compiled extension here; hpctrain's backends have none to check."""
     if _horovod():
         from horovod.common.util import check_extension as horovod_check
 
@@ -191,7 +201,7 @@ def _ps_extension(process_set: Any, caller: str) -> dict:
         return _ps(process_set)
     if process_set is not None and process_set is not global_process_set:
         raise UsageError(f"{caller}: Horovod 0.28.1's {caller} has no process_set argument; "
-                         "only the mpi backend takes one")
+                         "only hpctrain's backends (mpi, torch) take one")
     return {}
 
 
@@ -219,7 +229,7 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
               postscale_factor: float = 1.0, process_set: PS = global_process_set
               ) -> torch.Tensor:
     """Reduced copy of ``tensor`` over all processes (Average by default; differentiable)."""
-    return _impl("allreduce").allreduce(
+    return _impl("allreduce", tensor).allreduce(
         tensor, average=average, name=name, compression=compression, op=op,
         prescale_factor=prescale_factor, postscale_factor=postscale_factor, **_ps(process_set))
 
@@ -228,7 +238,7 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
                op: Any = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                process_set: PS = global_process_set) -> torch.Tensor:
     """Reduce ``tensor`` in place and return it."""
-    return _impl("allreduce_").allreduce_(
+    return _impl("allreduce_", tensor).allreduce_(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor, **_ps(process_set))
 
@@ -237,7 +247,7 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     op: Any = None, prescale_factor: float = 1.0,
                     postscale_factor: float = 1.0, process_set: PS = global_process_set) -> int:
     """Start a reduction into a new tensor; ``synchronize(handle)`` returns it."""
-    return _impl("allreduce_async").allreduce_async(
+    return _impl("allreduce_async", tensor).allreduce_async(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor, **_ps(process_set))
 
@@ -246,7 +256,7 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      op: Any = None, prescale_factor: float = 1.0,
                      postscale_factor: float = 1.0, process_set: PS = global_process_set) -> int:
     """Start an in-place reduction of ``tensor``; return a handle."""
-    return _impl("allreduce_async_").allreduce_async_(
+    return _impl("allreduce_async_", tensor).allreduce_async_(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor, **_ps(process_set))
 
@@ -315,13 +325,13 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: Any,
 def allgather(tensor: torch.Tensor, name: str | None = None,
               process_set: PS = global_process_set) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along dimension 0 (differentiable)."""
-    return _impl("allgather").allgather(tensor, name=name, **_ps(process_set))
+    return _impl("allgather", tensor).allgather(tensor, name=name, **_ps(process_set))
 
 
 def allgather_async(tensor: torch.Tensor, name: str | None = None,
                     process_set: PS = global_process_set) -> int:
     """Start an allgather; ``synchronize(handle)`` returns the concatenation."""
-    return _impl("allgather_async").allgather_async(tensor, name=name, **_ps(process_set))
+    return _impl("allgather_async", tensor).allgather_async(tensor, name=name, **_ps(process_set))
 
 
 def grouped_allgather(tensors: list[torch.Tensor], name: str | None = None,
@@ -340,26 +350,26 @@ def grouped_allgather_async(tensors: list[torch.Tensor], name: str | None = None
 def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
               process_set: PS = global_process_set) -> torch.Tensor:
     """root_rank's ``tensor`` as a new tensor on every process (differentiable)."""
-    return _impl("broadcast").broadcast(tensor, root_rank, name=name, **_ps(process_set))
+    return _impl("broadcast", tensor).broadcast(tensor, root_rank, name=name, **_ps(process_set))
 
 
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: PS = global_process_set) -> torch.Tensor:
     """Overwrite ``tensor`` with root_rank's, in place, and return it."""
-    return _impl("broadcast_").broadcast_(tensor, root_rank, name=name, **_ps(process_set))
+    return _impl("broadcast_", tensor).broadcast_(tensor, root_rank, name=name, **_ps(process_set))
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: PS = global_process_set) -> int:
     """Start a broadcast into a new tensor; return a handle."""
-    return _impl("broadcast_async").broadcast_async(tensor, root_rank, name=name,
+    return _impl("broadcast_async", tensor).broadcast_async(tensor, root_rank, name=name,
                                                     **_ps(process_set))
 
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: PS = global_process_set) -> int:
     """Start an in-place broadcast of ``tensor``; return a handle."""
-    return _impl("broadcast_async_").broadcast_async_(tensor, root_rank, name=name,
+    return _impl("broadcast_async_", tensor).broadcast_async_(tensor, root_rank, name=name,
                                                       **_ps(process_set))
 
 
@@ -367,13 +377,13 @@ def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
              process_set: PS = global_process_set) -> Any:
     """Rows ``splits[r]`` of ``tensor`` to rank r; the rows received in rank order (and, with
     ``splits``, the received splits). Differentiable."""
-    return _impl("alltoall").alltoall(tensor, splits=splits, name=name, **_ps(process_set))
+    return _impl("alltoall", tensor).alltoall(tensor, splits=splits, name=name, **_ps(process_set))
 
 
 def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
                    process_set: PS = global_process_set) -> int:
     """Start an alltoall; ``synchronize`` returns (rows received, received splits)."""
-    return _impl("alltoall_async").alltoall_async(tensor, splits=splits, name=name,
+    return _impl("alltoall_async", tensor).alltoall_async(tensor, splits=splits, name=name,
                                                   **_ps(process_set))
 
 
@@ -382,7 +392,7 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
                   process_set: PS = global_process_set, prescale_factor: float = 1.0,
                   postscale_factor: float = 1.0) -> torch.Tensor:
     """This rank's rows of ``tensor`` reduced over the processes (differentiable)."""
-    return _impl("reducescatter").reducescatter(
+    return _impl("reducescatter", tensor).reducescatter(
         tensor, name=name, compression=compression, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor, **_ps(process_set))
 
@@ -391,7 +401,7 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: Any =
                         process_set: PS = global_process_set, prescale_factor: float = 1.0,
                         postscale_factor: float = 1.0) -> int:
     """Start a reducescatter; ``synchronize`` returns this rank's rows."""
-    return _impl("reducescatter_async").reducescatter_async(
+    return _impl("reducescatter_async", tensor).reducescatter_async(
         tensor, name=name, op=op, prescale_factor=prescale_factor,
         postscale_factor=postscale_factor, **_ps(process_set))
 
@@ -514,7 +524,7 @@ def __getattr__(name: str) -> Any:
         return mpi_backend
     if name == "elastic":  # import_module: ``from hpctrain.sync import`` would come back here
         return importlib.import_module("hpctrain.sync.elastic")
-    return None  # mpi_lib_v2: Horovod's compiled extension; the mpi backend has none
+    return None  # mpi_lib_v2: Horovod's compiled extension; hpctrain's backends have none
 
 
 def __dir__() -> list[str]:
@@ -529,10 +539,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          bucket_bytes: int | None = None) -> torch.optim.Optimizer:
     """``optimizer`` whose ``step()`` applies gradients allreduced over all processes.
 
-    ``bucket_bytes`` (mpi backend only) is the fusion bucket size; Horovod's own is set with
-    the environment variable HOROVOD_FUSION_THRESHOLD before init().
+    ``bucket_bytes`` (hpctrain's backends: mpi, torch) is the fusion bucket size; Horovod's
+    own is set with the environment variable HOROVOD_FUSION_THRESHOLD before init().
     """
-    impl = _impl("DistributedOptimizer")
+    first = next((p for g in optimizer.param_groups for p in g["params"]), None)
+    impl = _impl("DistributedOptimizer", first)
     named = None if named_parameters is None else list(named_parameters)
     parameter_names(optimizer, named)  # the same one-line errors on both backends
     if impl is mpi_backend:
@@ -542,8 +553,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
             global_process_set if process_set is None else process_set,
             bucket_bytes=DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes)
     if bucket_bytes is not None:
-        raise UsageError("bucket_bytes applies to the mpi backend; Horovod's fusion buffer is "
-                         "set with HOROVOD_FUSION_THRESHOLD before init()")
+        raise UsageError("bucket_bytes applies to hpctrain's backends; Horovod's fusion buffer "
+                         "is set with HOROVOD_FUSION_THRESHOLD before init()")
     return impl.DistributedOptimizer(
         optimizer, named_parameters=named, compression=compression,
         backward_passes_per_step=backward_passes_per_step, op=op,

@@ -9,7 +9,7 @@ sgd with batch K*b.
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import hpctrain.sync as hvd
 from hpctrain import models
@@ -29,14 +29,19 @@ class Sequential(Algorithm):
         if ranks > 1:
             raise UsageError(f"--algo sgd runs on one process, not {ranks}; use --algo ssgd")
 
+    @classmethod
+    def needs_mpi(cls, config) -> bool:
+        return False
+
     def connect(self, world, model):
         return None
 
 
 @dataclass(frozen=True)
 class SynchronousOptions(Options):
-    sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend or Horovod",
-                               choices=("mpi", "horovod"))
+    sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend, its "
+                               "torch.distributed one (NCCL/gloo) or Horovod",
+                               choices=hvd.BACKENDS)
     fp16_allreduce: bool = option(False, "compress gradients to float16 on the wire")
 
 
@@ -50,6 +55,17 @@ class Synchronous(Algorithm):
                                                   "into allreduces (fp16: 2 bytes a value)"}
 
     @classmethod
+    def for_launch(cls, config, launcher: str):
+        if launcher == "torchrun" and config.algorithm.sync_backend == "mpi":
+            # torchrun starts no MPI world: torch.distributed is what it sets up.
+            return replace(config, algorithm=replace(config.algorithm, sync_backend="torch"))
+        return config
+
+    @classmethod
+    def needs_mpi(cls, config) -> bool:
+        return config.algorithm.sync_backend != "torch"
+
+    @classmethod
     def check(cls, config, ranks: int) -> None:
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
@@ -60,7 +76,7 @@ class Synchronous(Algorithm):
         return f"ssgd ({o.sync_backend} backend{', fp16 allreduce' if o.fp16_allreduce else ''})"
 
     def connect(self, world, model):
-        hvd.init(backend=self.options.sync_backend)
+        hvd.init(world, backend=self.options.sync_backend)  # the training ranks only
         return world
 
     def setup(self, s: Setup) -> None:

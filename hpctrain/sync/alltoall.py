@@ -1,21 +1,19 @@
 """``alltoall``: each rank sends a slice of its tensor's rows to every rank (Horovod's).
 
 ``splits[r]`` rows go to rank r (without ``splits``: equal parts, which must divide the
-rows). The counts are exchanged with a blocking ``Alltoall`` after the agreement round, the
-rows with one ``Ialltoallv`` of bytes. ``synchronize`` returns (rows received, splits
-received), as in Horovod; ``alltoall`` returns the rows alone when no ``splits`` was given.
+rows). After the agreement round the counts are exchanged with a blocking all-to-all of one
+int64 per rank, and the rows with one non-blocking all-to-all of the transport's
+(``Ialltoallv`` of bytes on MPI, ``all_to_all_single`` on torch.distributed). ``synchronize``
+returns (rows received, splits received), as in Horovod; ``alltoall`` returns the rows alone
+when no ``splits`` was given.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
 from typing import Any
 
-import numpy as np
 import torch
 
-from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives as C
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
@@ -28,7 +26,7 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
     if tensor.dim() == 0:
         raise UsageError("alltoall_async: needs a tensor with at least one dimension")
     m = C.member(process_set, "alltoall_async")
-    n = m.comm.Get_size()
+    n = m.transport.size()
     rows = tensor.shape[0]
     if splits is None:
         if rows % n:
@@ -43,20 +41,19 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
     src = tensor.detach().contiguous()
     call = C.tensor_call("alltoall", src, name, agree_shape=tuple(src.shape[1:]))
     m.channel.agree(call)
-    received = np.empty(n, dtype=np.int64)
-    m.comm.Alltoall(np.asarray(counts, dtype=np.int64), received)
-    row_bytes = math.prod(src.shape[1:]) * src.element_size()
-    send_counts = [c * row_bytes for c in counts]
-    recv_counts = [int(c) * row_bytes for c in received]
-    output = src.new_empty((int(received.sum()), *src.shape[1:]))
-    MPI = mpicomm.mpi()
-    request = m.comm.Ialltoallv(
-        [C.as_bytes(src), send_counts, list(itertools.accumulate([0, *send_counts[:-1]])),
-         MPI.BYTE],
-        [C.as_bytes(output), recv_counts, list(itertools.accumulate([0, *recv_counts[:-1]])),
-         MPI.BYTE])
-    received_splits = torch.from_numpy(received.astype(np.int32))
-    return C.register(request, (output, received_splits), call=call, keep=src)
+    received = torch.empty(n, dtype=torch.int64)
+    m.transport.ialltoall(torch.tensor(counts, dtype=torch.int64), received, [1] * n,
+                          [1] * n).wait()
+    recv_rows = received.tolist()
+    output = src.new_empty((sum(recv_rows), *src.shape[1:]))
+    moved = C.stage(output, m)
+    send = src if not moved.staged else src.cpu()
+    request = m.transport.ialltoall(send, moved.buffer, counts, recv_rows)
+
+    def finish() -> tuple:
+        return moved.to_device(), received.to(torch.int32)
+
+    return C.register(request, None, finish, call, keep=send, m=m)
 
 
 def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,

@@ -11,6 +11,10 @@ does).
 Without compression a parameter's ``.grad`` is re-pointed at its slice of the bucket when it
 is packed, so the reduced values land in ``.grad`` with no copy back (as DDP's
 ``gradient_as_bucket_view``); if ``.grad`` already is that slice, packing copies nothing.
+
+Buckets live where the parameters are. A transport that cannot move them there (an MPI
+that is not CUDA-aware) gets a pinned host copy of each: filled when the bucket launches,
+copied back before unpacking.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from typing import Any
 
 import torch
 
-from hpctrain import comm as mpicomm
+from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
 from hpctrain.sync.collective_check import Call
-from hpctrain.sync.collectives import Average, ReduceOp, Sum, reduce_spec, scale_
+from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
+from hpctrain.sync.transport import Request, Transport, test_all, wait_all
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
 # Reducers by (channel label, creation count on it): what a joined rank looks up to take part
@@ -78,7 +83,7 @@ def plan_groups(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int,
     return sorted(buckets, key=lambda b: -max(b))
 
 
-def take_part_with_zeros(key: tuple[str, int]) -> list[Any]:
+def take_part_with_zeros(key: tuple[str, int]) -> list[tuple[torch.Tensor, Request]]:
     """A joined rank's share of a step of the reducer ``key``: zeros for every bucket."""
     ref = _reducers.get(key)
     reducer = ref() if ref is not None else None
@@ -121,21 +126,20 @@ class _Bucket:
     cast: bool  # some gradient changes dtype on the way (compression)
     pre: float
     post: float
-    mpi_buffer: Any
-    mpi_op: Any
+    stage: HostStage  # what the transport moves: the buffer, or its pinned host copy
     packed: int = 0
-    request: Any = None
+    request: Request | None = None
 
 
 class BucketedAllreduce:
-    """Allreduce of the gradients of ``params`` over ``comm``, started from backward hooks."""
+    """Allreduce of the gradients of ``params`` through ``transport``, started from backward
+    hooks."""
 
-    def __init__(self, params: list[torch.Tensor], comm: Any, compression: Any, op: ReduceOp,
-                 predivide: float, passes: int, bucket_bytes: int,
+    def __init__(self, params: list[torch.Tensor], transport: Transport, compression: Any,
+                 op: ReduceOp, predivide: float, passes: int, bucket_bytes: int,
                  groups: list[list[int]] | None = None, sparse_as_dense: bool = False,
                  channel: Any = None):
-        self._MPI = mpicomm.mpi()
-        self._comm = comm
+        self._transport = transport
         self.passes = passes
         self.sparse_as_dense = sparse_as_dense
         wire = [compression.wire_dtype(p.dtype) for p in params]
@@ -151,16 +155,17 @@ class BucketedAllreduce:
         self._buckets: list[_Bucket] = []
         for b, members in enumerate(plan):
             dtype = wire[members[0]]
-            buffer = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype)
+            buffer = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype,
+                                 device=params[members[0]].device)
             offset = 0
             for i in members:
                 n = params[i].numel()
                 self._slots[i] = _Slot(params[i], b, buffer[offset:offset + n].view_as(params[i]))
                 offset += n
             cast = any(params[i].dtype != dtype for i in members)
-            pre, post = scale_factors(op, predivide, comm.Get_size(), cast)
-            mpi_buffer, mpi_op = reduce_spec(buffer, Sum)
-            self._buckets.append(_Bucket(buffer, members, cast, pre, post, mpi_buffer, mpi_op))
+            pre, post = scale_factors(op, predivide, transport.size(), cast)
+            stage = HostStage(buffer, direct=transport.takes(buffer))
+            self._buckets.append(_Bucket(buffer, members, cast, pre, post, stage))
         self._next = 0  # the next bucket to launch
         self.in_flight = False  # a gradient was counted since the last synchronize
         for i, p in enumerate(params):
@@ -197,7 +202,7 @@ class BucketedAllreduce:
             view.zero_()
         elif grad.is_sparse and not self.sparse_as_dense:
             raise UsageError("a parameter has a sparse gradient: pass sparse_as_dense=True to "
-                             "DistributedOptimizer (the mpi backend reduces dense gradients)")
+                             "DistributedOptimizer (hpctrain.sync reduces dense gradients)")
         elif grad.is_sparse:
             torch.mul(grad.to_dense(), bucket.pre, out=view)
         elif grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
@@ -216,22 +221,20 @@ class BucketedAllreduce:
             bucket = self._buckets[self._next]
             if bucket.packed < len(bucket.slots):
                 return
-            bucket.request = self._comm.Iallreduce(self._MPI.IN_PLACE, bucket.mpi_buffer,
-                                                   bucket.mpi_op)
+            bucket.request = self._transport.iallreduce(None, bucket.stage.to_host(), Sum)
             self._next += 1
 
     def _progress(self) -> None:
         # Open MPI advances non-blocking collectives only inside MPI calls.
         if self._next:
-            self._MPI.Request.Testall([b.request for b in self._buckets[:self._next]])
+            test_all([b.request for b in self._buckets[:self._next]])
 
-    def zeros_for_every_bucket(self) -> list[Any]:
+    def zeros_for_every_bucket(self) -> list[tuple[torch.Tensor, Request]]:
         """Post an allreduce of zeros per bucket (this rank has joined; the others step)."""
-        posted: list[Any] = []
+        posted = []
         for bucket in self._buckets:
-            zeros = torch.zeros_like(bucket.buffer)
-            buf, op = reduce_spec(zeros, Sum)
-            posted += [zeros, self._comm.Iallreduce(self._MPI.IN_PLACE, buf, op)]
+            zeros = torch.zeros_like(bucket.stage.buffer)  # where the transport moves it from
+            posted.append((zeros, self._transport.iallreduce(None, zeros, Sum)))
         return posted
 
     def synchronize(self) -> None:
@@ -243,8 +246,9 @@ class BucketedAllreduce:
             if not slot.packed:
                 self._pack(i)
         self._launch_ready()
-        self._MPI.Request.Waitall([b.request for b in self._buckets])
+        wait_all([b.request for b in self._buckets])
         for bucket in self._buckets:
+            bucket.stage.to_device()
             self._unpack(bucket)
         self._clear()
 
@@ -264,7 +268,7 @@ class BucketedAllreduce:
 
     def reset(self) -> None:
         """Wait for launched buckets and forget this step's gradients (for load_state_dict)."""
-        self._MPI.Request.Waitall([b.request for b in self._buckets[:self._next]])
+        wait_all([b.request for b in self._buckets[:self._next]])
         self._clear()
 
     def _clear(self) -> None:

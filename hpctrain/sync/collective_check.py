@@ -1,9 +1,10 @@
 """Agreement before every collective: ranks that disagree get one error instead of a hang.
 
 MPI matches collectives by call order, so two ranks that call different collectives, or one
-that calls one more, wait for each other forever. Here every collective of the mpi backend
-(and each ``DistributedOptimizer`` step) first runs one small blocking ``Allreduce(MAX)`` of
-int64 words on its process set's communicator, a *round*: a hash of what must agree (kind,
+that calls one more, wait for each other forever. Here every collective of hpctrain's own
+backends (and each ``DistributedOptimizer`` step) first runs one small blocking allreduce
+(MAX) of int64 host words through its process set's transport (MPI, or gloo under the torch
+backend), a *round*: a hash of what must agree (kind,
 name, op, dtype, shape, root), the same hash negated (so MAX also yields the minimum), and
 the join state. When the hashes differ, every rank takes part in one ``allgather`` of the
 calls' descriptions and raises :class:`CollectiveMismatchError` naming the two calls. A rank
@@ -23,10 +24,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
-from hpctrain import comm as mpicomm
 from hpctrain.sync import stall, timeline
 from hpctrain.sync.errors import CollectiveMismatchError, HorovodInternalError
+from hpctrain.sync.transport import MAX
 
 CHECK_ENV = "HPCTRAIN_CHECK_COLLECTIVES"
 _ABSENT = -(2**62)
@@ -81,23 +83,23 @@ class Round:
 
 @dataclass
 class Channel:
-    """The rounds of one communicator (a process set's)."""
+    """The rounds of one transport (a process set's)."""
 
-    comm: Any
+    transport: Any
     label: str
-    ranks: list[int] | None = None  # global rank of each communicator rank (None: the same)
+    ranks: list[int] | None = None  # global rank of each transport rank (None: the same)
     seq: int = 0  # completed rounds
     last: str = "nothing yet"  # the last agreed call
-    last_joined: int = -1  # (communicator) rank that joined last, as join() returns
+    last_joined: int = -1  # (transport) rank that joined last, as join() returns
     _vec: np.ndarray = field(default_factory=lambda: np.zeros(6, dtype=np.int64))
 
     def agree(self, call: Call) -> None:
         """Run a round for ``call`` on an active rank; raise if the ranks disagree."""
-        if self.comm.Get_size() == 1 or not enabled():
+        if self.transport.size() == 1 or not enabled():
             return
         key = call.key()
         v = self._vec
-        v[:] = (1, 0, key, -key, -1, -self.comm.Get_rank())
+        v[:] = (1, 0, key, -key, -1, -self.transport.rank())
         t0 = time.perf_counter()
         self._exchange(call)
         if v[KEY] != -v[NEG_KEY]:
@@ -113,7 +115,7 @@ class Channel:
     def joined_round(self, first: bool) -> Round:
         """Run a round on a rank inside ``join()``."""
         v = self._vec
-        v[:] = (0, 1, _ABSENT, _ABSENT, self.comm.Get_rank() if first else -1, _ABSENT)
+        v[:] = (0, 1, _ABSENT, _ABSENT, self.transport.rank() if first else -1, _ABSENT)
         self._exchange(None)
         if not v[ACTIVE]:
             return Round(everyone_joined=True)
@@ -122,12 +124,11 @@ class Channel:
         return Round(everyone_joined=False, join_plan=self._broadcast_plan(None))
 
     def _exchange(self, call: Call | None) -> None:
-        MPI = mpicomm.mpi()
-        request = self.comm.Iallreduce(MPI.IN_PLACE, self._vec, MPI.MAX)
+        request = self.transport.iallreduce(None, torch.from_numpy(self._vec), MAX)
         if call is None:
             # A joined rank waits for the others by design: no stall report, and it polls
             # gently so as not to take a core from a rank that still computes.
-            while not request.Test():
+            while not request.test():
                 time.sleep(0.0005)
         else:
             stall.wait(request, self, call)
@@ -141,11 +142,11 @@ class Channel:
     def _broadcast_plan(self, call: Call | None) -> Any:
         root = int(-self._vec[NEG_ROOT])
         mine = call.join_plan if call is not None else None
-        return self.comm.bcast(mine if self.comm.Get_rank() == root else None, root=root)
+        return self.transport.bcast_object(mine if self.transport.rank() == root else None, root)
 
     def _raise_mismatch(self, call: Call | None) -> None:
         mine = None if call is None else (call.key(), call.describe())
-        calls = self.comm.allgather(mine)
+        calls = self.transport.allgather_object(mine)
         active = [(r, c) for r, c in enumerate(calls) if c is not None]
         (r0, (k0, d0)) = active[0]
         r1, (_, d1) = next((r, c) for r, c in active if c[0] != k0)

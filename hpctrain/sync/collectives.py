@@ -1,20 +1,22 @@
-"""The mpi backend's world and tensor collectives, with ``horovod.torch``'s names and semantics.
+"""hpctrain's own backends' world and tensor collectives, with ``horovod.torch``'s semantics.
 
-Everything runs on a private duplicate of the communicator given to :func:`init`, as a
-non-blocking mpi4py call on a numpy view of the tensor's memory. Handles are integers, as in
-Horovod: ``synchronize(handle)`` waits and returns the output tensor, ``poll(handle)`` tests.
-Every call takes ``process_set=`` (process_sets.py) and first runs an agreement round on the
-set's communicator (collective_check.py): ranks that call different collectives get one error,
-not a hang, and ranks inside ``join()`` take part. Differences from Horovod: CPU tensors only,
-no Adasum; collectives are matched by call order, as in MPI: ``name`` is checked to agree
-between ranks, not used to reorder calls.
+The semantics (ops, scaling, handles, autograd, process sets, agreement) are here once; the
+bytes move through a :class:`hpctrain.sync.transport.Transport`: mpi4py on a private duplicate
+of the communicator given to :func:`init` (backend ``mpi``), or ``torch.distributed`` (backend
+``torch``). A process set's member (process_sets.py) holds a transport on the set's ranks
+and its agreement channel (collective_check.py): every call takes ``process_set=`` and first
+runs an agreement round on the set, so ranks that call different collectives get one error,
+not a hang, and ranks inside ``join()`` take part. CUDA tensors a transport cannot move where
+they are go through a host copy (:class:`hpctrain.devices.HostStage`). Handles are integers,
+as in Horovod: ``synchronize(handle)`` waits and returns the output, ``poll(handle)`` tests.
+Differences from Horovod: no Adasum; collectives are matched by call order, as in MPI:
+``name`` is checked to agree between ranks, not used to reorder calls.
 """
 
 from __future__ import annotations
 
-import functools
 import itertools
-import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
@@ -23,12 +25,14 @@ from typing import Any
 import torch
 
 from hpctrain import comm as mpicomm
+from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
 from hpctrain.sync import nbc_tuning, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
+from hpctrain.sync.transport import MPITransport, Request, Transport, wait_all
 
 
 class ReduceOp(IntEnum):
@@ -43,29 +47,25 @@ class ReduceOp(IntEnum):
 
 
 Average, Sum, Adasum, Min, Max, Product = ReduceOp
-ADASUM_ERROR = ("op=Adasum is not supported by the mpi backend; use op=Average or op=Sum, "
+ADASUM_ERROR = ("op=Adasum is not supported by hpctrain's backends; use op=Average or op=Sum, "
                 "or init(backend='horovod')")
-_MPI_OPS = {Average: "SUM", Sum: "SUM", Min: "MIN", Max: "MAX", Product: "PROD"}
-_TORCH_OPS = {Average: torch.add, Sum: torch.add, Min: torch.minimum, Max: torch.maximum,
-              Product: torch.mul}
-_HALF_TYPES = (torch.float16, torch.bfloat16)
+TRANSPORTS = ("mpi", "torch")
 
 
 @dataclass
 class World:
-    comm: Any  # a duplicate of the user's communicator: our traffic never meets theirs
-    local_comm: Any
-    iallreduce_algorithm: str
-    cross_comm: Any = None  # the ranks with this rank's local rank, one per node
+    transport: Transport  # its own traffic: never matched with the user's
+    iallreduce_algorithm: str | None  # mpi: the Iallreduce algorithm chosen (nbc_tuning)
+    cross: tuple[int, int] = (1, 0)  # (size, rank) among the ranks of this local rank
 
 
 @dataclass
 class _Pending:
-    request: Any
-    output: torch.Tensor
+    requests: list[Request]
+    output: Any
     finish: Callable[[], Any] | None = None
     token: Any = None  # the timeline's
-    keep: Any = None  # buffers MPI reads until the request finishes (mpi4py does not hold them)
+    keep: Any = None  # send buffers the transport reads until the requests finish
 
 
 _world: World | None = None
@@ -73,27 +73,47 @@ _pending: dict[int, _Pending] = {}
 _handles = itertools.count(1)
 
 
-def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
-         stall_check_s: float | None = None, stall_timeout_s: float | None = None) -> None:
-    """Start the mpi backend on ``comm`` (default ``COMM_WORLD``); a second call does nothing.
+def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet] | None = None,
+         *, stall_check_s: float | None = None, stall_timeout_s: float | None = None) -> None:
+    """Start the collectives on ``transport`` over ``comm`` (default: the MPI world, or for
+    ``torch`` under torchrun the launcher's); a second call does nothing.
 
-    Registers ``process_sets``, starts the stall check (stall.py), and selects a fast
-    non-blocking allreduce algorithm for the process (see nbc_tuning).
+    Registers ``process_sets`` and starts the stall check (stall.py). ``mpi`` also selects a
+    fast non-blocking allreduce algorithm for the process (see nbc_tuning); ``torch`` sets up
+    torch.distributed's default group unless the script did.
     """
     global _world
     if _world is not None:
         return
-    MPI = mpicomm.mpi()
-    comm = MPI.COMM_WORLD if comm is None else comm
-    if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
-        raise UsageError(f"comm must be an mpi4py intracommunicator or None, got "
-                         f"{type(comm).__name__}")
-    dup = comm.Dup()
-    local = dup.Split_type(MPI.COMM_TYPE_SHARED, key=dup.Get_rank())
-    cross = dup.Split(local.Get_rank(), key=dup.Get_rank())
-    _world = World(dup, local, nbc_tuning.prefer_fast_iallreduce(), cross)
-    psets.setup(dup, process_sets)
-    stall.start(dup, *stall.settings(stall_check_s, stall_timeout_s))
+    if transport == "mpi":
+        MPI = mpicomm.mpi()
+        moving: Transport = MPITransport(MPI.COMM_WORLD if comm is None else comm)
+        algorithm = nbc_tuning.prefer_fast_iallreduce()
+    else:
+        from hpctrain.sync import torch_transport
+
+        created = torch_transport.start_process_group(comm)
+        moving, algorithm = torch_transport.TorchTransport(owns_default=created), None
+    locals_ = moving.allgather_object(moving.local_rank())
+    mine = [r for r, lr in enumerate(locals_) if lr == locals_[moving.rank()]]
+    _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())))
+    ranks_comm = _mpi_comm_of(moving, comm)
+    psets.setup(moving, process_sets, ranks_comm)
+    stall.start(ranks_comm, *stall.settings(stall_check_s, stall_timeout_s))
+
+
+def _mpi_comm_of(transport: Transport, comm: Any) -> Any:
+    """An MPI communicator whose ranks are ``transport``'s (None where MPI does not run the
+    job, as under torchrun): for process sets made from communicators and the stall check."""
+    if isinstance(transport, MPITransport):
+        return transport.comm
+    MPI = sys.modules.get("mpi4py.MPI")
+    candidate = None
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        candidate = MPI.COMM_WORLD if comm is None else comm
+    same = candidate is not None and candidate.Get_size() == transport.size() and \
+        candidate.Get_rank() == transport.rank()
+    return candidate if all(transport.allgather_object(same)) else None
 
 
 def shutdown() -> None:
@@ -101,14 +121,12 @@ def shutdown() -> None:
     global _world
     if _world is None:
         return
-    mpicomm.mpi().Request.Waitall([r for p in _pending.values() for r in _requests(p)])
+    wait_all([r for p in _pending.values() for r in p.requests])
     _pending.clear()
     stall.stop()
     timeline.stop()
     psets.teardown()
-    _world.cross_comm.Free()
-    _world.local_comm.Free()
-    _world.comm.Free()
+    _world.transport.free()
     _world = None
 
 
@@ -124,40 +142,46 @@ def world(caller: str = "world") -> World:
 
 
 def size() -> int:
-    return world("size").comm.Get_size()
+    return world("size").transport.size()
 
 
 def rank() -> int:
-    return world("rank").comm.Get_rank()
+    return world("rank").transport.rank()
 
 
 def local_size() -> int:
-    return world("local_size").local_comm.Get_size()
+    return world("local_size").transport.local_size()
 
 
 def local_rank() -> int:
-    return world("local_rank").local_comm.Get_rank()
+    return world("local_rank").transport.local_rank()
 
 
 def cross_size() -> int:
     """Number of nodes with a process of this local rank (Horovod's cross size)."""
-    return world("cross_size").cross_comm.Get_size()
+    return world("cross_size").cross[0]
 
 
 def cross_rank() -> int:
     """This node's index among those (Horovod's cross rank)."""
-    return world("cross_rank").cross_comm.Get_rank()
+    return world("cross_rank").cross[1]
 
 
 def mpi_threads_supported() -> bool:
-    """Whether MPI runs at ``MPI_THREAD_MULTIPLE``."""
+    """Whether MPI runs at ``MPI_THREAD_MULTIPLE`` (False where MPI is not running)."""
     world("mpi_threads_supported")
-    MPI = mpicomm.mpi()
-    return MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    MPI = sys.modules.get("mpi4py.MPI")
+    return bool(MPI is not None and MPI.Is_initialized() and
+                MPI.Query_thread() == MPI.THREAD_MULTIPLE)
+
+
+def _transport_name() -> str | None:
+    return None if _world is None else _world.transport.name
 
 
 def mpi_enabled() -> bool:
-    return True
+    """Whether collectives go through MPI (the mpi transport)."""
+    return _transport_name() in (None, "mpi")
 
 
 def mpi_built() -> bool:
@@ -165,11 +189,17 @@ def mpi_built() -> bool:
 
 
 def nccl_built() -> bool:
-    return False
+    """Whether collectives can use NCCL (the torch transport, with NCCL in torch)."""
+    import torch.distributed as dist
+
+    return _transport_name() == "torch" and dist.is_nccl_available()
 
 
 def gloo_built() -> bool:
-    return False
+    """Whether collectives can use gloo (the torch transport)."""
+    import torch.distributed as dist
+
+    return _transport_name() == "torch" and dist.is_gloo_available()
 
 
 def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
@@ -188,24 +218,9 @@ def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
     return op
 
 
-def reduce_spec(flat: torch.Tensor, op: ReduceOp) -> tuple[Any, Any]:
-    """mpi4py buffer (numpy view of contiguous 1-d ``flat``) and MPI op that reduce it by ``op``."""
-    if flat.dtype in _HALF_TYPES:  # MPI has no 16-bit float type: reduce the words with torch
-        return flat.view(torch.int16).numpy(), _half_op(op, flat.dtype)
-    if flat.dtype == torch.bool:
-        raise UsageError("allreduce of torch.bool tensors is not supported; use an integer dtype")
-    return flat.numpy(), getattr(mpicomm.mpi(), _MPI_OPS[op])
-
-
-@functools.cache
-def _half_op(op: ReduceOp, dtype: torch.dtype) -> Any:
-    combine = _TORCH_OPS[op]
-
-    def reduce(inbuf, inoutbuf, datatype) -> None:
-        acc = torch.frombuffer(inoutbuf, dtype=dtype)
-        combine(acc, torch.frombuffer(inbuf, dtype=dtype), out=acc)
-
-    return mpicomm.mpi().Op.Create(reduce, commute=True)
+def wire_op(op: ReduceOp) -> ReduceOp:
+    """What the transport reduces with: Average is a Sum, scaled afterwards."""
+    return Sum if op is Average else op
 
 
 def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
@@ -217,41 +232,44 @@ def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     return tensor.copy_(tensor.double().mul_(factor))
 
 
-def _check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
+def check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
+    """UsageError unless ``tensor`` is a CPU or CUDA tensor (contiguous when written in place)."""
     if not isinstance(tensor, torch.Tensor):
         raise UsageError(f"{caller}: expected a torch.Tensor, got {type(tensor).__name__}")
-    if tensor.device.type != "cpu":
-        raise UsageError(f"{caller}: the mpi backend works on CPU tensors, got {tensor.device}")
+    if tensor.device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{caller}: needs a CPU or CUDA tensor, got {tensor.device}")
     if in_place and not tensor.is_contiguous():
         raise UsageError(f"{caller}: in-place operations need a contiguous tensor")
 
 
 def _check_root(root_rank: int, caller: str, process_set: ProcessSet | None = None) -> int:
-    """``root_rank`` (a global rank) as a rank of ``process_set``'s communicator."""
-    n = world(caller).comm.Get_size()
+    """``root_rank`` (a global rank) as a rank of ``process_set``'s transport."""
+    n = world(caller).transport.size()
     if not isinstance(root_rank, int) or not 0 <= root_rank < n:
         raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the {n} processes")
     return psets.set_rank(process_set, root_rank, caller)
 
 
 def member(process_set: ProcessSet | None, caller: str) -> psets.Member:
-    """The communicator and agreement channel of ``process_set`` for this rank."""
+    """The transport and agreement channel of ``process_set`` for this rank."""
     world(caller)
     return psets.member(process_set, caller)
 
 
-def register(request: Any, output: Any, finish=None, call: Call | None = None,
-             keep: Any = None) -> int:
-    """A handle for ``request`` (or a list of them); ``synchronize`` returns ``finish()``
-    or ``output``. ``keep``: send buffers to hold until then."""
-    return _register(request, output, finish, call, keep)
+def stage(tensor: torch.Tensor, m: psets.Member) -> HostStage:
+    """Where ``m``'s transport moves ``tensor``: the tensor itself, or a host copy."""
+    return HostStage(tensor, direct=m.transport.takes(tensor))
 
 
-def _register(request: Any, output: Any, finish=None, call: Call | None = None,
-              keep: Any = None) -> int:
+def register(requests: Request | list[Request], output: Any, finish=None,
+             call: Call | None = None, keep: Any = None, m: psets.Member | None = None) -> int:
+    """A handle for ``requests``; ``synchronize`` returns ``finish()`` or ``output``.
+    ``keep``: send buffers to hold until then (mpi4py does not hold them)."""
     handle = next(_handles)
-    token = timeline.started(call) if call is not None else None
-    _pending[handle] = _Pending(request, output, finish, token, keep)
+    wire = "MPI" if m is None else m.transport.name.upper()
+    token = timeline.started(call, wire) if call is not None else None
+    listed = requests if isinstance(requests, list) else [requests]
+    _pending[handle] = _Pending(listed, output, finish, token, keep)
     return handle
 
 
@@ -265,44 +283,35 @@ def tensor_call(kind: str, tensor: torch.Tensor, name: str | None, op: Any = Non
                 (shape if agree_shape is None else agree_shape, extra), join_plan, extra)
 
 
-def allreduce_plan(tensors: list[torch.Tensor], op: ReduceOp) -> tuple:
-    """What a joined rank does for an allreduce of ``tensors``: one of zeros per dtype group."""
-    return ("allreduce", int(op), [(str(t.dtype), t.numel()) for t in tensors])
-
-
-def check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
-    """UsageError unless ``tensor`` is a CPU tensor (contiguous when written in place)."""
-    _check_tensor(tensor, caller, in_place)
-
-
-def as_bytes(tensor: torch.Tensor) -> Any:
-    """numpy uint8 view of a contiguous tensor's memory."""
-    return _bytes(tensor)
-
-
-def _bytes(tensor: torch.Tensor) -> Any:
-    """numpy uint8 view of a contiguous tensor's memory."""
-    return tensor.detach().reshape(-1).view(torch.uint8).numpy()
+def allreduce_plan(moved: list[torch.Tensor], op: ReduceOp) -> tuple:
+    """What a joined rank does for an allreduce of the buffers ``moved`` (as the transport
+    gets them): one of zeros each, of the same dtype, size and device type."""
+    return ("allreduce", int(wire_op(op)),
+            [(str(t.dtype), t.numel(), t.device.type) for t in moved])
 
 
 def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: ReduceOp,
                      prescale: float, postscale: float, caller: str, name: str | None,
                      process_set: ProcessSet | None) -> int:
-    """Iallreduce ``send`` into ``output`` (in place on ``output`` when ``send`` is None)."""
+    """Start reducing ``send`` into ``output`` (in place on ``output`` when ``send`` is None)."""
     m = member(process_set, caller)
+    moved = stage(output.detach(), m)
     call = tensor_call("allreduce", output, name, op,
-                       join_plan=allreduce_plan([output], op))
+                       join_plan=allreduce_plan([moved.buffer], op))
     m.channel.agree(call)
-    post = postscale / m.comm.Get_size() if op is Average else postscale
-    MPI = mpicomm.mpi()
-    out_buf, mpi_op = reduce_spec(output.detach().reshape(-1), op)
+    post = postscale / m.transport.size() if op is Average else postscale
+    if send is not None and moved.staged:  # reduce the host copy in place
+        output.detach().copy_(send)
+        send = None
     if send is None:
         scale_(output.detach(), prescale)
-        request = m.comm.Iallreduce(MPI.IN_PLACE, out_buf, mpi_op)
-    else:
-        send_buf, _ = reduce_spec(send.detach().reshape(-1), op)
-        request = m.comm.Iallreduce(send_buf, out_buf, mpi_op)
-    return _register(request, output, lambda: scale_(output.detach(), post), call, send)
+    request = m.transport.iallreduce(send, moved.to_host(), wire_op(op))
+
+    def finish() -> torch.Tensor:
+        moved.to_device()
+        return scale_(output.detach(), post)
+
+    return register(request, output, finish, call, keep=send, m=m)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -310,7 +319,7 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     postscale_factor: float = 1.0,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` over all processes (input unchanged); return a handle."""
-    _check_tensor(tensor, "allreduce_async", in_place=False)
+    check_tensor(tensor, "allreduce_async", in_place=False)
     op = resolve_op(op, average)
     src = tensor.detach()
     if prescale_factor == 1:
@@ -327,7 +336,7 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` in place over all processes; return a handle."""
-    _check_tensor(tensor, "allreduce_async_", in_place=True)
+    check_tensor(tensor, "allreduce_async_", in_place=True)
     op = resolve_op(op, average)
     return _start_allreduce(None, tensor, op, prescale_factor, postscale_factor,
                             "allreduce_async_", name, process_set)
@@ -373,25 +382,23 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None,
 
     First dimensions may differ between processes; the others must agree.
     """
-    _check_tensor(tensor, "allgather_async", in_place=False)
-    w = member(process_set, "allgather_async")
+    check_tensor(tensor, "allgather_async", in_place=False)
+    m = member(process_set, "allgather_async")
     if tensor.dim() == 0:
         raise UsageError("allgather_async: needs a tensor with at least one dimension")
     src = tensor.detach().contiguous()
     call = tensor_call("allgather", src, name, agree_shape=tuple(src.shape[1:]))
-    w.channel.agree(call)
-    shapes = w.comm.allgather((tuple(src.shape), src.dtype))
+    m.channel.agree(call)
+    shapes = m.transport.allgather_object((tuple(src.shape), src.dtype))
     if any(s[1:] != src.shape[1:] or d != src.dtype for s, d in shapes):
         raise UsageError(f"allgather_async: shapes and dtypes must agree except in dimension 0, "
                          f"got {[(list(s), str(d)) for s, d in shapes]}")
     rows = [s[0] for s, _ in shapes]
     output = src.new_empty((sum(rows), *src.shape[1:]))
-    row_bytes = math.prod(src.shape[1:]) * src.element_size()
-    counts = [r * row_bytes for r in rows]
-    displs = list(itertools.accumulate([0, *counts[:-1]]))
-    MPI = mpicomm.mpi()
-    request = w.comm.Iallgatherv(_bytes(src), [_bytes(output), counts, displs, MPI.BYTE])
-    return _register(request, output, call=call, keep=src)
+    moved = stage(output, m)
+    send = src if not moved.staged else src.cpu()
+    request = m.transport.iallgather(send, moved.buffer, rows)
+    return register(request, output, moved.to_device, call, keep=send, m=m)
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None,
@@ -411,26 +418,32 @@ class _Allgather(torch.autograd.Function):
         ps = ctx.process_set
         reduced = allreduce(grad, op=Average, process_set=ps)
         rows = allgather(torch.tensor([ctx.rows]), process_set=ps)
-        start = int(rows[:member(ps, "allgather").comm.Get_rank()].sum())
+        start = int(rows[:member(ps, "allgather").transport.rank()].sum())
         return reduced.narrow(0, start, ctx.rows), None, None
 
 
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start overwriting ``tensor`` with root_rank's, in place; return a handle."""
-    _check_tensor(tensor, "broadcast_async_", in_place=True)
+    check_tensor(tensor, "broadcast_async_", in_place=True)
     m = member(process_set, "broadcast_async_")
     root = _check_root(root_rank, "broadcast_async_", process_set)
     call = tensor_call("broadcast", tensor, name, extra=f"root_rank={root_rank}")
     m.channel.agree(call)
-    request = m.comm.Ibcast(_bytes(tensor), root=root)
-    return _register(request, tensor, call=call)
+    moved = stage(tensor.detach(), m)
+    request = m.transport.ibcast(moved.to_host(), root)
+
+    def finish() -> torch.Tensor:
+        moved.to_device()
+        return tensor
+
+    return register(request, tensor, finish, call, m=m)
 
 
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start broadcasting root_rank's ``tensor`` into a new tensor; return a handle."""
-    _check_tensor(tensor, "broadcast_async", in_place=False)
+    check_tensor(tensor, "broadcast_async", in_place=False)
     return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format),
                             root_rank, name, process_set)
 
@@ -464,20 +477,15 @@ def poll(handle: int) -> bool:
     """Whether the operation behind ``handle`` has finished (then synchronize does not block)."""
     if handle not in _pending:
         raise UsageError(f"poll: unknown handle {handle!r}")
-    return mpicomm.mpi().Request.Testall(_requests(_pending[handle]))
+    return all([r.test() for r in _pending[handle].requests])  # test every one: progress
 
 
-def _requests(pending: _Pending) -> list:
-    r = pending.request
-    return r if isinstance(r, list) else [r]
-
-
-def synchronize(handle: int) -> torch.Tensor | None:
-    """Wait for ``handle`` and return its output tensor (None for an unknown handle, as Horovod)."""
+def synchronize(handle: int) -> Any:
+    """Wait for ``handle`` and return its output (None for an unknown handle, as Horovod)."""
     pending = _pending.pop(handle, None)
     if pending is None:
         return None
-    mpicomm.mpi().Request.Waitall(_requests(pending))
+    wait_all(pending.requests)
     timeline.finished(pending.token)
     return pending.finish() if pending.finish else pending.output
 
@@ -486,7 +494,7 @@ def barrier(process_set: ProcessSet = global_process_set) -> None:
     """Wait until every process of ``process_set`` gets here."""
     m = member(process_set, "barrier")
     m.channel.agree(Call("barrier", join_plan=("barrier",)))
-    m.comm.Barrier()
+    m.transport.barrier()
 
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
@@ -496,7 +504,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
     root = _check_root(root_rank, "broadcast_object", process_set)
     m.channel.agree(Call("broadcast_object", name, agree=(root_rank,),
                          extra=f"root_rank={root_rank}"))
-    return m.comm.bcast(obj, root=root)
+    return m.transport.bcast_object(obj, root)
 
 
 def allgather_object(obj: Any, name: str | None = None,
@@ -504,4 +512,4 @@ def allgather_object(obj: Any, name: str | None = None,
     """Every process's ``obj`` (pickled), in rank order."""
     m = member(process_set, "allgather_object")
     m.channel.agree(Call("allgather_object", name))
-    return m.comm.allgather(obj)
+    return m.transport.allgather_object(obj)

@@ -1,7 +1,7 @@
-"""``hvd.elastic`` on the mpi backend: not provided.
+"""``hvd.elastic`` on hpctrain's backends (mpi, torch): not provided.
 
 Horovod Elastic re-forms the job when hosts come and go, driven by ``horovodrun`` with a
-host-discovery script. The mpi backend runs under ``mpirun``/``srun``, whose jobs have a
+host-discovery script. They run under ``mpirun``/``srun`` or torchrun, whose jobs have a
 fixed size; ``hpctrain train --resume`` continues a run on another number of ranks instead.
 With ``init(backend="horovod")``, ``hvd.elastic`` is Horovod's own.
 """

@@ -1,4 +1,4 @@
-"""The exceptions of hpctrain.sync's mpi backend, named as Horovod names them."""
+"""The exceptions of hpctrain.sync's own backends (mpi, torch), named as Horovod names them."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``broadcast_parameters`` and ``broadcast_optimizer_state`` for the mpi backend (Horovod's)."""
+"""``broadcast_parameters`` and ``broadcast_optimizer_state`` of hpctrain's backends."""
 
 from __future__ import annotations
 

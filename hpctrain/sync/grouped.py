@@ -1,10 +1,11 @@
 """Grouped collectives: a list of tensors reduced or gathered as one fused operation.
 
 Horovod's ``grouped_*`` functions negotiate a list of tensors together and run them in one
-fusion buffer. Here a group is one agreement round and, per dtype, one MPI call on a packed
-buffer: ``grouped_allreduce`` one ``Iallreduce``, ``grouped_allgather`` one ``Iallgatherv``
-of every tensor's bytes, ``grouped_reducescatter`` one ``Ireduce_scatter`` whose block for
-rank r holds each tensor's r-th slice (the first ``rows % size`` ranks get a row more, as in
+fusion buffer. Here a group is one agreement round and, per dtype, one operation of the
+process set's transport on a packed buffer (staged through host memory where the transport
+cannot move it): ``grouped_allreduce`` one allreduce, ``grouped_allgather`` one allgather of
+every tensor's bytes, ``grouped_reducescatter`` one reduce-scatter whose block for rank r
+holds each tensor's r-th slice (the first ``rows % size`` ranks get a row more, as in
 Horovod). ``reducescatter`` is the group of one.
 """
 
@@ -17,7 +18,6 @@ from typing import Any
 
 import torch
 
-from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives as C
 from hpctrain.sync.collective_check import Call
@@ -34,10 +34,11 @@ def _check_list(tensors: Sequence[torch.Tensor], caller: str, in_place: bool) ->
     return tensors
 
 
-def _by_dtype(tensors: list[torch.Tensor]) -> dict[torch.dtype, list[int]]:
-    groups: dict[torch.dtype, list[int]] = {}
+def _by_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Indices of the tensors packed together: of one dtype on one device."""
+    groups: dict[tuple, list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
+        groups.setdefault((t.dtype, t.device), []).append(i)
     return groups
 
 
@@ -57,22 +58,21 @@ def _grouped_allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Te
     groups = _by_dtype(tensors)
     buffers = {d: torch.cat([tensors[i].detach().reshape(-1) for i in idx])
                for d, idx in groups.items()}
-    plan = ("allreduce", int(op), [(str(d), b.numel()) for d, b in buffers.items()])
+    stages = {d: C.stage(b, m) for d, b in buffers.items()}
+    plan = C.allreduce_plan([s.buffer for s in stages.values()], op)
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
     call = _group_call(caller.removesuffix("_async_").removesuffix("_async"), tensors, name,
                        op, agree, plan)
     m.channel.agree(call)
-    post = postscale / m.comm.Get_size() if op is C.Average else postscale
-    MPI = mpicomm.mpi()
+    post = postscale / m.transport.size() if op is C.Average else postscale
     requests = []
-    for buffer in buffers.values():
+    for d, buffer in buffers.items():
         C.scale_(buffer, prescale)
-        buf, mpi_op = C.reduce_spec(buffer, op)
-        requests.append(m.comm.Iallreduce(MPI.IN_PLACE, buf, mpi_op))
+        requests.append(m.transport.iallreduce(None, stages[d].to_host(), C.wire_op(op)))
 
     def finish() -> tuple:
         for d, idx in groups.items():
-            buffer = C.scale_(buffers[d], post)
+            buffer = C.scale_(stages[d].to_device(), post)
             offset = 0
             for i in idx:
                 n = tensors[i].numel()
@@ -80,7 +80,7 @@ def _grouped_allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Te
                 offset += n
         return tuple(outputs)
 
-    return C.register(requests, outputs, finish, call)
+    return C.register(requests, outputs, finish, call, m=m)
 
 
 def grouped_allreduce_async(tensors: Sequence[torch.Tensor], average: bool | None = None,
@@ -155,16 +155,19 @@ def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: str | None = 
     agree = tuple((str(t.dtype), tuple(t.shape[1:])) for t in srcs)
     call = _group_call("grouped_allgather", srcs, name, None, agree)
     m.channel.agree(call)
-    rows = m.comm.allgather([t.shape[0] for t in srcs])  # rows[rank][tensor]
+    rows = m.transport.allgather_object([t.shape[0] for t in srcs])  # rows[rank][tensor]
     row_bytes = [math.prod(t.shape[1:]) * t.element_size() for t in srcs]
     counts = [sum(r * b for r, b in zip(rr, row_bytes, strict=True)) for rr in rows]
     displs = list(itertools.accumulate([0, *counts[:-1]]))
     send = torch.cat([t.reshape(-1).view(torch.uint8) for t in srcs])
-    recv = torch.empty(sum(counts), dtype=torch.uint8)
-    MPI = mpicomm.mpi()
-    request = m.comm.Iallgatherv(send.numpy(), [recv.numpy(), counts, displs, MPI.BYTE])
+    recv = send.new_empty(sum(counts))
+    moved = C.stage(recv, m)
+    if moved.staged:
+        send = send.cpu()
+    request = m.transport.iallgather(send, moved.buffer, counts)
 
     def finish() -> tuple:
+        moved.to_device()
         outputs = []
         for i, t in enumerate(srcs):
             parts = []
@@ -175,7 +178,7 @@ def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: str | None = 
             outputs.append(torch.cat(parts))
         return tuple(outputs)
 
-    return C.register(request, recv, finish, call, keep=send)
+    return C.register(request, recv, finish, call, keep=send, m=m)
 
 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -196,7 +199,7 @@ class _GroupedAllgather(torch.autograd.Function):
         reduced = grouped_allreduce([g.contiguous() for g in grads], op=C.Average,
                                     process_set=ps)
         rows = C.allgather(torch.tensor([ctx.rows]), process_set=ps)  # [size, tensors]
-        me = C.member(ps, "grouped_allgather").comm.Get_rank()
+        me = C.member(ps, "grouped_allgather").transport.rank()
         starts = rows[:me].sum(0).tolist()
         return (None, None) + tuple(g.narrow(0, int(s), n) for g, s, n
                                     in zip(reduced, starts, ctx.rows, strict=True))
@@ -228,14 +231,14 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
         raise UsageError(f"{caller}: needs tensors with at least one dimension")
     op = C.resolve_op(op)
     m = C.member(process_set, caller)
-    n, me = m.comm.Get_size(), m.comm.Get_rank()
+    n, me = m.transport.size(), m.transport.rank()
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
     call = _group_call(kind, tensors, name, op, agree)
     m.channel.agree(call)
     post = postscale / n if op is C.Average else postscale
     splits = [scatter_rows(t.shape[0], n) for t in tensors]
-    requests, layouts = [], []
-    for dtype, idx in _by_dtype(tensors).items():
+    requests, layouts, sends = [], [], []
+    for idx in _by_dtype(tensors).values():
         blocks = []  # rank r's block: each tensor's r-th slice
         for r in range(n):
             for i in idx:
@@ -245,16 +248,16 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
         C.scale_(send, prescale)
         counts = [sum(splits[i][r] * math.prod(tensors[i].shape[1:]) for i in idx)
                   for r in range(n)]
-        recv = torch.empty(counts[me], dtype=dtype)
-        send_buf, mpi_op = C.reduce_spec(send, op)
-        recv_buf, _ = C.reduce_spec(recv, op)
-        requests.append(m.comm.Ireduce_scatter(send_buf, recv_buf, counts, mpi_op))
-        layouts.append((idx, recv, send))
+        moved = C.stage(send.new_empty(counts[me]), m)
+        sends.append(send.cpu() if moved.staged else send)
+        requests.append(m.transport.ireducescatter(sends[-1], moved.buffer, counts,
+                                                   C.wire_op(op)))
+        layouts.append((idx, moved))
 
     def finish() -> Any:
         outputs: list[Any] = [None] * len(tensors)
-        for idx, recv, _ in layouts:
-            C.scale_(recv, post)
+        for idx, moved in layouts:
+            recv = C.scale_(moved.to_device(), post)
             offset = 0
             for i in idx:
                 shape = (splits[i][me], *tensors[i].shape[1:])
@@ -263,7 +266,7 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
                 offset += count
         return outputs[0] if single else tuple(outputs)
 
-    return C.register(requests, None, finish, call)
+    return C.register(requests, None, finish, call, keep=sends, m=m)
 
 
 def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = None,
@@ -294,7 +297,7 @@ class _GroupedReducescatter(torch.autograd.Function):
     @staticmethod
     def backward(ctx, *grads):
         op, ps, prescale, postscale = ctx.args
-        factor = prescale * postscale * (C.member(ps, "reducescatter").comm.Get_size()
+        factor = prescale * postscale * (C.member(ps, "reducescatter").transport.size()
                                          if C.resolve_op(op) is C.Sum else 1)
         grads = [(g * factor if factor != 1 else g).contiguous() for g in grads]
         return (None,) * 6 + tuple(grouped_allgather(grads, process_set=ps))

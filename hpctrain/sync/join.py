@@ -4,7 +4,8 @@ With a different number of batches per rank, the ranks with more would wait fore
 collectives the others never call. A rank in ``join()`` instead takes part in every
 agreement round (collective_check) of the global process set as "joined": when the active
 ranks run an allreduce (plain, grouped, or a ``DistributedOptimizer`` step) it contributes
-zeros to the same MPI calls, so the sum is the active ranks' and Average still divides by
+zeros to the same operations of the transport (on the device type the active ranks' buffers
+are moved from), so the sum is the active ranks' and Average still divides by
 the full size, as Horovod 0.28.1 does; other collectives (allgather, broadcast, alltoall,
 reducescatter) raise ``HorovodInternalError`` on the active ranks while a rank has joined,
 as in Horovod. When every rank has joined, all return the rank that joined last.
@@ -16,12 +17,12 @@ from typing import Any
 
 import torch
 
-from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync import buckets
 from hpctrain.sync import collectives as C
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import enabled
+from hpctrain.sync.transport import Request, Transport, test_all, wait_all
 
 
 def join(device: int = -1) -> int:
@@ -29,41 +30,38 @@ def join(device: int = -1) -> int:
     (global) rank that joined last. ``device`` is accepted for Horovod's signature."""
     C.world("join")
     m = psets.member(None, "join")
-    if m.comm.Get_size() == 1:
+    if m.transport.size() == 1:
         return 0
     if not enabled():
         raise UsageError("join() needs the collective check: unset HPCTRAIN_CHECK_COLLECTIVES=0")
-    MPI = mpicomm.mpi()
-    keep: list[Any] = []  # buffers and requests of the zero contributions still in flight
+    posted: list[tuple[torch.Tensor, Request]] = []  # zero contributions still in flight
     first = True
     while True:
         round_ = m.channel.joined_round(first)
         first = False
         if round_.everyone_joined:
             break
-        keep.extend(_take_part(round_.join_plan, m.comm))
-        requests = [x for x in keep if isinstance(x, MPI.Request)]
-        MPI.Request.Testall(requests)  # progress
-    MPI.Request.Waitall([x for x in keep if isinstance(x, MPI.Request)])
+        posted.extend(_take_part(round_.join_plan, m.transport))
+        test_all([r for _, r in posted])  # progress
+    wait_all([r for _, r in posted])
     return m.channel.global_rank(m.channel.last_joined)
 
 
-def _take_part(plan: Any, comm: Any) -> list[Any]:
+def _take_part(plan: Any, transport: Transport) -> list[tuple[torch.Tensor, Request]]:
     """Post this joined rank's share of the active ranks' operation described by ``plan``."""
     if plan is None:  # the active ranks raise: the call cannot run with a joined rank
         return []
-    MPI = mpicomm.mpi()
     kind = plan[0]
     if kind == "barrier":
-        comm.Barrier()
+        transport.barrier()
         return []
     if kind == "allreduce":
         _, op, parts = plan
-        posted: list[Any] = []
-        for dtype_name, numel in parts:
-            zeros = torch.zeros(numel, dtype=getattr(torch, dtype_name.removeprefix("torch.")))
-            buf, mpi_op = C.reduce_spec(zeros, C.ReduceOp(op))
-            posted += [zeros, comm.Iallreduce(MPI.IN_PLACE, buf, mpi_op)]
+        posted = []
+        for dtype_name, numel, device in parts:
+            zeros = torch.zeros(numel, dtype=getattr(torch, dtype_name.removeprefix("torch.")),
+                                device=device)
+            posted.append((zeros, transport.iallreduce(None, zeros, op)))
         return posted
     if kind == "step":
         return buckets.take_part_with_zeros(plan[1])

@@ -1,4 +1,5 @@
-"""The mpi backend as one module with ``horovod.torch``'s names: what the facade dispatches to."""
+"""hpctrain's own backends (the mpi and torch transports) as one module with ``horovod.torch``'s
+names: what the facade dispatches to."""
 
 from hpctrain.sync.collectives import (
     allgather,

@@ -1,4 +1,4 @@
-"""``DistributedOptimizer`` for the mpi backend: Horovod's optimizer wrapper over fused buckets.
+"""``DistributedOptimizer`` of hpctrain's backends: Horovod's optimizer wrapper, fused buckets.
 
 As in Horovod, the result is an instance of a class made on the fly as a subclass of the
 user's optimizer class, built on the same parameter groups: ``isinstance``, ``state_dict`` and
@@ -151,12 +151,12 @@ class _DistributedOptimizer:
         self._reducer = None
         member = (collectives.member(process_set, "DistributedOptimizer")
                   if process_set.included() else None)
-        if member is not None and member.comm.Get_size() > 1:
+        if member is not None and member.transport.size() > 1:
             grads = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-            # Its own communicator: its collectives may start at different moments on different
+            # Its own transport: its collectives may start at different moments on different
             # ranks (from backward, or at synchronize) relative to the user's hvd.* calls; its
             # steps are agreed on the process set's channel, at step time.
-            self._reducer = BucketedAllreduce(grads, member.comm.Dup(), compression, op,
+            self._reducer = BucketedAllreduce(grads, member.transport.dup(), compression, op,
                                               gradient_predivide_factor,
                                               backward_passes_per_step, bucket_bytes, groups,
                                               sparse_as_dense, member.channel)

@@ -3,9 +3,11 @@
 A set is made from a list of global ranks (or an mpi4py communicator) and becomes usable once
 it is registered, by ``init(process_sets=[...])`` or ``add_process_set``. Registering is
 collective over all ranks, as in Horovod (where it needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1``
-after init; here it does not). Each registered set gets its own communicator (split from the
-backend's duplicate of the world) with its own agreement channel, so its collectives never
-match another set's. Ranks in ``broadcast``'s ``root_rank`` stay global ranks, as in Horovod.
+after init; here it does not). Each registered set gets its own transport, split from the
+backend's world (``mpi``: a communicator; ``torch``: a ``torch.distributed.new_group``), with
+its own agreement channel, so its collectives never match another set's. Ranks in
+``broadcast``'s ``root_rank`` stay global ranks, as in Horovod. A set made from an mpi4py
+communicator needs MPI to run the job (not so under torchrun).
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ from typing import Any
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync.collective_check import Channel
+from hpctrain.sync.transport import Transport
 
 
 @dataclass
 class Member:
     """This rank's view of a registered set it belongs to."""
 
-    comm: Any
+    transport: Transport
     channel: Channel
 
 
@@ -64,7 +67,7 @@ class ProcessSet:
             return None
         if self._member is None:
             raise ValueError("Process is not part of provided process set.")
-        return self._member.comm.Get_rank()
+        return self._member.transport.rank()
 
     def included(self) -> bool | None:
         """Whether this process belongs to the set (None before its ranks are known)."""
@@ -85,22 +88,24 @@ class ProcessSet:
 global_process_set = ProcessSet([])
 global_process_set.process_set_id = 0
 
-_world_comm: Any = None
+_world: Transport | None = None
+_world_mpi: Any = None  # an MPI communicator with the world's ranks, where MPI runs the job
 _registered: dict[int, ProcessSet] = {}
 _next_id = 1
 
 
 def mpicomm_rank() -> int:
     """This process's global rank: the backend's world if running, else MPI's."""
-    return (_world_comm or mpicomm.world()).Get_rank()
+    return _world.rank() if _world is not None else mpicomm.world().Get_rank()
 
 
-def setup(world_comm: Any, process_sets: Sequence[ProcessSet] | None = None) -> None:
-    """Make ``world_comm`` the global set and register ``process_sets`` (init, collective)."""
-    global _world_comm, _next_id
-    _world_comm = world_comm
-    global_process_set.ranks = list(range(world_comm.Get_size()))
-    global_process_set._member = Member(world_comm, Channel(world_comm, "process set 0"))
+def setup(world: Transport, process_sets: Sequence[ProcessSet] | None = None,
+          world_mpi: Any = None) -> None:
+    """Make ``world`` the global set and register ``process_sets`` (init, collective)."""
+    global _world, _world_mpi, _next_id
+    _world, _world_mpi = world, world_mpi
+    global_process_set.ranks = list(range(world.size()))
+    global_process_set._member = Member(world, Channel(world, "process set 0"))
     _registered.clear()
     _registered[0] = global_process_set
     _next_id = 1
@@ -109,38 +114,41 @@ def setup(world_comm: Any, process_sets: Sequence[ProcessSet] | None = None) -> 
 
 
 def teardown() -> None:
-    """Free every set's communicator except the world (which the backend frees)."""
-    global _world_comm
+    """Free every set's transport except the world's (which the backend frees)."""
+    global _world, _world_mpi
     for ps in list(_registered.values()):
         if ps is not global_process_set and ps._member is not None:
-            ps._member.comm.Free()
+            ps._member.transport.free()
         if ps is not global_process_set:
             ps._invalidate()
     _registered.clear()
     global_process_set._member = None
-    _world_comm = None
+    _world = _world_mpi = None
 
 
 def _ranks_of_comm(comm: Any) -> list[int]:
     """Global ranks of ``comm``'s members, gathered so that every rank knows every set."""
+    if _world_mpi is None:
+        raise UsageError("add_process_set: a ProcessSet made from an mpi4py communicator needs "
+                         "a job that MPI runs (not torchrun); give the ranks instead")
     MPI = mpicomm.mpi()
     mine: list[int] = []
     if comm != MPI.COMM_NULL:
         mine = list(comm.Get_group().Translate_ranks(list(range(comm.Get_size())),
-                                                     _world_comm.Get_group()))
+                                                     _world_mpi.Get_group()))
     return mine
 
 
 def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     """Register a set on every rank (collective over all ranks); return it."""
     global _next_id
-    if _world_comm is None:
+    if _world is None:
         raise UsageError("hpctrain.sync.add_process_set() called before hpctrain.sync.init()")
     ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
     if ps.ranks is None:  # from a communicator: this rank's set may differ from another's
         ps.ranks = _ranks_of_comm(ps.mpi_comm)
-    n = _world_comm.Get_size()
-    everyone = _world_comm.allgather(ps.ranks)
+    n = _world.size()
+    everyone = _world.allgather_object(ps.ranks)
     if any(r != ps.ranks for r in everyone) and ps.mpi_comm is None:
         raise UsageError(f"add_process_set: ranks disagree between processes: {everyone}")
     if not ps.ranks or any(not 0 <= r < n for r in ps.ranks):
@@ -148,21 +156,17 @@ def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
                          f"got {ps.ranks}")
     if any(other.ranks == ps.ranks for other in _registered.values()):
         raise ValueError(f"Attempted to add a duplicate process set: {ps}")
-    MPI = mpicomm.mpi()
-    me = _world_comm.Get_rank()
-    # One Split per distinct set, in a deterministic order, so the ids agree everywhere.
+    # One split per distinct set, in a deterministic order, so the ids agree everywhere.
     sets = sorted({tuple(r) for r in everyone if r})
     for ranks in sets:
-        color = 0 if me in ranks else MPI.UNDEFINED
-        sub = _world_comm.Split(color, key=me)
+        sub = _world.split(list(ranks))
         if tuple(ps.ranks) == ranks:
             ps.process_set_id = _next_id
             _registered[_next_id] = ps
             label = f"process set {_next_id}"
-            channel = Channel(sub, label, list(ranks))
-            ps._member = None if sub == MPI.COMM_NULL else Member(sub, channel)
-        elif sub != MPI.COMM_NULL:
-            sub.Free()
+            ps._member = None if sub is None else Member(sub, Channel(sub, label, list(ranks)))
+        elif sub is not None:
+            sub.free()
         _next_id += 1
     return ps
 
@@ -174,19 +178,19 @@ def remove(process_set: ProcessSet) -> bool:
         return False
     del _registered[pid]
     if process_set._member is not None:
-        process_set._member.comm.Free()
+        process_set._member.transport.free()
     process_set._invalidate()
     return True
 
 
 def member(process_set: ProcessSet | None, caller: str) -> Member:
-    """This rank's communicator and channel for ``process_set`` (None: the global set)."""
+    """This rank's transport and channel for ``process_set`` (None: the global set)."""
     ps = global_process_set if process_set is None else process_set
     if not isinstance(ps, ProcessSet):
         raise UsageError(f"{caller}: process_set must be an hpctrain.sync.ProcessSet, got "
                          f"{type(ps).__name__}")
     if ps.process_set_id is None or _registered.get(ps.process_set_id) is not ps:
-        if _world_comm is None:
+        if _world is None:
             raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
         raise UsageError(f"{caller}: {ps} is not registered; pass it to init(process_sets=...) "
                          "or add_process_set() first")

@@ -4,11 +4,13 @@ Horovod's coordinator warns when some ranks have submitted a tensor and others h
 ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60), and shuts down after
 ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (0: never). Here the wait is the agreement round
 (collective_check) that starts every collective: a daemon thread per rank watches it. After
-the check time it asks every other rank of the process set, over a private communicator,
-what it is doing, and the lowest waiting rank prints one report: the call it waits in, and
-for each rank that has not arrived its last collective and how long ago, or the collective it
-waits in instead. The thread answers such questions while the main thread computes, so it
-needs MPI at thread level ``multiple`` (hpctrain.sync's default); below it there is no check.
+the check time it asks every other rank of the process set, over a private MPI communicator
+(whichever transport moves the data: under the torch backend too, where MPI runs the job,
+but not under torchrun), what it is doing, and the lowest waiting rank prints one report: the
+call it waits in, and for each rank that has not arrived its last collective and how long
+ago, or the collective it waits in instead. The thread answers such questions while the main
+thread computes, so it needs MPI at thread level ``multiple`` (hpctrain.sync's default);
+below it there is no check.
 With a stall timeout the waiting ranks print the report and end the process with the status
 of ``hpctrain.watchdog``, and the launcher ends the others.
 """
@@ -100,7 +102,7 @@ class _Monitor:
 
     def _report(self, w: _Waiting, ending: bool) -> None:
         MPI = mpicomm.mpi()
-        members = [w.channel.global_rank(r) for r in range(w.channel.comm.Get_size())]
+        members = [w.channel.global_rank(r) for r in range(w.channel.transport.size())]
         others = [r for r in members if r != self.rank]
         query = (self.rank, next(self._ids))
         for r in others:
@@ -151,11 +153,14 @@ _monitor: _Monitor | None = None
 
 
 def start(world_comm: Any, check_s: float, timeout_s: float) -> None:
-    """Watch this rank's rounds (needs MPI thread level multiple; collective: Dup)."""
+    """Watch this rank's rounds over MPI communicator ``world_comm`` (the backend's world's
+    ranks; None: no check). Needs MPI thread level multiple; collective: Dup."""
     global _monitor
     stop()
+    if world_comm is None or (check_s <= 0 and timeout_s <= 0):
+        return
     MPI = mpicomm.mpi()
-    if (check_s <= 0 and timeout_s <= 0) or MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
         return
     _monitor = _Monitor(world_comm.Dup(), check_s, timeout_s)
 
@@ -169,14 +174,14 @@ def stop() -> None:
 
 
 def wait(request: Any, channel: Any, call: Any) -> None:
-    """``request.Wait()`` for ``call``'s round on ``channel``, watched by the monitor."""
+    """``request.wait()`` for ``call``'s round on ``channel``, watched by the monitor."""
     m = _monitor
     if m is None:
-        request.Wait()
+        request.wait()
         return
     m.waiting = _Waiting(channel, call, channel.seq, time.monotonic())
     try:
-        request.Wait()
+        request.wait()
     finally:
         m.waiting = None
         m.last = f"{call.describe()} (call #{channel.seq + 1} on {channel.label})"

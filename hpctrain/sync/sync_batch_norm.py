@@ -61,9 +61,10 @@ class _SyncBatchNorm(torch.autograd.Function):
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum):
         x = _per_channel(input.detach())
         count = x.shape[1]
-        mean = x.mean(1) if count else torch.zeros(x.shape[0], dtype=x.dtype)
+        mean = x.mean(1) if count else torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         m2 = ((x - mean[:, None]) ** 2).sum(1)
-        local = torch.cat([torch.tensor([float(count)], dtype=x.dtype), mean, m2])
+        n = torch.tensor([float(count)], dtype=x.dtype, device=x.device)
+        local = torch.cat([n, mean, m2])
         from hpctrain import sync as hvd
 
         stats = hvd.synchronize(hvd.allgather_async(local[None], name="sync_batch_norm.stats"))

@@ -3,8 +3,9 @@
 ``start_timeline(path)`` starts writing, on rank 0, the file Horovod writes with
 ``HOROVOD_TIMELINE``: a JSON array, one row (``pid``) per tensor name with a ``process_name``
 record, and for each call the phases ``NEGOTIATE_<OP>`` (here: the agreement round of
-collective_check), then ``<OP>`` enclosing ``MPI_<OP>`` (from posting the MPI call until
-``synchronize`` saw it finish), the last one with the dtype and shape. Open it in
+collective_check), then ``<OP>`` enclosing ``MPI_<OP>`` (``TORCH_<OP>`` on the torch backend:
+from posting the transport's operation until ``synchronize`` saw it finish), the last one
+with the dtype and shape. Open it in
 chrome://tracing or Perfetto. ``mark_cycles`` is accepted; there are no cycles to mark.
 """
 
@@ -28,6 +29,7 @@ _noname = itertools.count(1)
 class Token:
     row: str
     kind: str
+    wire: str
     start: float
     dtype: str
     shape: str
@@ -105,14 +107,15 @@ def negotiated(call: Any, t0: float) -> None:
         _emit({"ph": "E", "ts": _us(time.perf_counter()), "pid": pid})
 
 
-def started(call: Any) -> Token | None:
-    """Note that ``call``'s MPI operation was posted; pass the token to :func:`finished`."""
+def started(call: Any, wire: str = "MPI") -> Token | None:
+    """Note that ``call``'s operation was posted on the ``wire`` transport; pass the token to
+    :func:`finished`."""
     if _file is None:
         return None
     dtype = str(call.dtype).replace("torch.", "")
     shape = str(list(call.shape or ()))
     with _lock:
-        return Token(_row(call), call.kind.upper(), time.perf_counter(), dtype, shape)
+        return Token(_row(call), call.kind.upper(), wire, time.perf_counter(), dtype, shape)
 
 
 def finished(token: Token | None) -> None:
@@ -123,7 +126,8 @@ def finished(token: Token | None) -> None:
             return
         pid, end = _rows[token.row], _us(time.perf_counter())
         _emit({"ph": "B", "name": token.kind, "ts": _us(token.start), "pid": pid})
-        _emit({"ph": "B", "name": f"MPI_{token.kind}", "ts": _us(token.start), "pid": pid})
+        _emit({"ph": "B", "name": f"{token.wire}_{token.kind}", "ts": _us(token.start),
+               "pid": pid})
         _emit({"ph": "E", "ts": end, "pid": pid})
         _emit({"ph": "E", "ts": end, "pid": pid,
                "args": {"dtype": token.dtype, "shape": token.shape}})

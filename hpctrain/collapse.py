@@ -1,0 +1,155 @@
+"""Saying when training has collapsed, cheaply, and stopping there when asked.
+
+A run has collapsed when one of these holds (rank 0's view; no extra communication):
+
+- its training loss is not finite for :data:`NOT_FINITE_STEPS` steps in a row, or its moving
+  average exceeds :data:`EXPLODING` times the larger of ln(classes) and its first value;
+- the moving average sits at chance, ln(classes) (within :data:`FLAT_BAND`), for ``window``
+  steps after having been below it (for four windows if it never was: an untrained start
+  is at chance too);
+- a snapshot scores at chance (at most 1/classes + :data:`CHANCE_MARGIN`) after an earlier
+  one scored clearly above it (at least :data:`LEARNED` of the way from chance to 1).
+
+The first that holds gives ``collapsed_at`` (global updates) and a reason; rank 0 warns once.
+With ``--stop-on-collapse`` a :class:`StopSignal` ends every worker's loop: lock-step
+algorithms agree in a broadcast every :data:`STOP_EVERY` updates (all reach the same
+positions); asynchronous workers poll a non-blocking broadcast from rank 0 every step, on a
+communicator of its own, and go on to the usual end (barrier, outputs, summary).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+
+EXPLODING = 10.0
+NOT_FINITE_STEPS = 3
+FLAT_BAND = 0.02  # relative to ln(classes)
+CHANCE_MARGIN = 0.02
+LEARNED = 0.2
+STOP_EVERY = 20
+_EMA = 0.9
+
+
+class CollapseDetector:
+    """Watches rank 0's training losses and the snapshots' test accuracies."""
+
+    def __init__(self, num_classes: int, window: int) -> None:
+        self.classes = num_classes
+        self.chance_loss = math.log(num_classes)
+        self.window = max(1, window)
+        self.ema: float | None = None
+        self.reference: float | None = None
+        self.not_finite = 0
+        self.flat = 0
+        self.was_below = False
+        self.best_acc = 0.0
+        self.collapsed_at: int | None = None
+        self.reason: str | None = None
+
+    def loss(self, update: int, value: float) -> str | None:
+        """Rank 0's training loss at global progress ``update``; the reason if the run has
+        collapsed now (once)."""
+        if self.collapsed_at is not None:
+            return None
+        if not math.isfinite(value):
+            self.not_finite += 1
+            if self.not_finite >= NOT_FINITE_STEPS:
+                return self._collapse(update, f"training loss {value} for {self.not_finite} "
+                                              "steps in a row")
+            return None
+        self.not_finite = 0
+        self.ema = value if self.ema is None else _EMA * self.ema + (1 - _EMA) * value
+        if self.reference is None:
+            self.reference = max(self.chance_loss, value)
+        if self.ema > EXPLODING * self.reference:
+            return self._collapse(update, f"training loss exploding: {self.ema:.3g}, above "
+                                          f"{EXPLODING:g} x {self.reference:.3f}")
+        band = FLAT_BAND * self.chance_loss
+        if self.ema < self.chance_loss - band:
+            self.was_below = True
+        if abs(self.ema - self.chance_loss) <= band:
+            self.flat += 1
+            needed = self.window if self.was_below else 4 * self.window
+            if self.flat >= needed:
+                return self._collapse(update, f"training loss flat at chance, ln("
+                                              f"{self.classes}) = {self.chance_loss:.3f}, for "
+                                              f"{self.flat} steps")
+        else:
+            self.flat = 0
+        return None
+
+    def accuracy(self, update: int, acc: float) -> str | None:
+        """A snapshot's test accuracy at global progress ``update``; the reason if it shows
+        a collapse now (once)."""
+        if self.collapsed_at is not None:
+            return None
+        chance = 1.0 / self.classes
+        if self.best_acc >= chance + LEARNED * (1 - chance) and acc <= chance + CHANCE_MARGIN:
+            return self._collapse(update, f"test accuracy {acc:.4f} back at chance "
+                                          f"(1/{self.classes}) after {self.best_acc:.4f}")
+        self.best_acc = max(self.best_acc, acc)
+        return None
+
+    def _collapse(self, update: int, reason: str) -> str:
+        self.collapsed_at, self.reason = update, reason
+        return reason
+
+
+def warn(update: int, reason: str, write=None) -> None:
+    """Rank 0's one warning line (through the progress bar's writer when there is one)."""
+    line = (f"hpctrain: warning: training collapsed at update {update}: {reason} "
+            "(--stop-on-collapse ends a run there)")
+    (write or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
+
+
+class StopSignal:
+    """Rank 0's decision to stop, delivered to every worker of ``comm`` (see the module
+    docstring); a no-op object without ``--stop-on-collapse``."""
+
+    def __init__(self, comm, enabled: bool, lock_step: bool) -> None:
+        self.enabled = enabled and comm is not None and comm.Get_size() > 1
+        self.single = enabled and not self.enabled  # one worker: no messages
+        self.lock_step = lock_step
+        self.wanted = False
+        self.comm, self._request, self._flag = comm, None, None
+        if self.enabled and not lock_step:
+            import numpy as np
+
+            self.comm = comm.Dup()
+            self._flag = np.zeros(1, np.uint8)
+            if self.comm.Get_rank() != 0:
+                self._request = self.comm.Ibcast(self._flag, root=0)
+
+    def request(self) -> None:
+        """Rank 0: stop the run (delivered at the next :meth:`stop`)."""
+        if not (self.enabled or self.single) or self.wanted:
+            return
+        self.wanted = True
+        if self.enabled and not self.lock_step:
+            self._flag[0] = 1
+            self._request = self.comm.Ibcast(self._flag, root=0)
+
+    def stop(self, position: int) -> bool:
+        """Whether this worker ends its loop now (collective every STOP_EVERY updates for
+        lock-step algorithms)."""
+        if self.single:
+            return self.wanted
+        if not self.enabled:
+            return False
+        if self.lock_step:
+            if position % STOP_EVERY:
+                return False
+            return bool(self.comm.bcast(self.wanted, root=0))
+        if self.comm.Get_rank() == 0:
+            return self.wanted
+        return bool(self._request.Test() and self._flag[0])
+
+    def close(self) -> None:
+        """After the loop, on every worker (collective): complete the broadcast."""
+        if not self.enabled or self.lock_step:
+            return
+        if self.comm.Get_rank() == 0 and self._request is None:
+            self._request = self.comm.Ibcast(self._flag, root=0)  # "go on": nobody stopped
+        self._request.Wait()
+        self.comm.Free()

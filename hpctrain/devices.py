@@ -1,0 +1,156 @@
+"""Where a rank computes: the device choice, GPU per local rank, and how MPI meets device memory.
+
+One rule for every algorithm (``--device``): ``cpu``; ``cuda`` takes GPU
+``local_rank % device_count`` (several ranks may share one GPU; a ``CUDA_VISIBLE_DEVICES``
+set by Slurm or the user narrows what torch sees); ``auto`` is ``cuda`` when torch sees a GPU.
+MPI moves device memory only when the library is CUDA-aware (:func:`cuda_aware_mpi`); else
+data go through :class:`HostStage`, a pinned host copy.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hpctrain.errors import UsageError
+
+DEVICES = ("auto", "cpu", "cuda")
+# The launcher's local rank, read before MPI starts (Open MPI, MPICH/Hydra, Slurm, torchrun).
+_LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
+                   "LOCAL_RANK")
+_AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # 0/1: override the run-time detection
+
+
+def local_rank() -> int:
+    """This process's rank on its node from the launcher's environment (0 if none)."""
+    for var in _LOCAL_RANK_ENV:
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return 0
+
+
+def check(choice: str) -> None:
+    """UsageError (before MPI) when ``choice`` cannot be honoured on this machine."""
+    if choice not in DEVICES:
+        raise UsageError(f"unknown device {choice!r}; choose from {', '.join(DEVICES)}")
+    if choice == "cuda" and not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
+        built = "torch was built without CUDA" if torch.version.cuda is None \
+            else "torch sees no GPU"
+        raise UsageError(f"--device cuda: {built}{where}; use --device cpu or auto")
+
+
+def resolve(choice: str) -> str:
+    """``auto`` as the device type it means here: ``cuda`` or ``cpu``."""
+    check(choice)
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return choice
+
+
+def choose(choice: str) -> torch.device:
+    """This rank's device for ``choice``; a GPU is made current for the process."""
+    if resolve(choice) == "cpu":
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    torch.cuda.set_device(device)
+    return device
+
+
+def _mpi_library() -> ctypes.CDLL | None:
+    """The MPI library mpi4py loaded into this process (found in /proc/self/maps)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for line in maps.splitlines():
+        path = line.split()[-1] if len(line.split()) >= 6 else ""
+        if Path(path).name.startswith(("libmpi.so", "libmpich.so")):
+            return ctypes.CDLL(path)
+    return None
+
+
+@lru_cache(maxsize=1)
+def cuda_aware_mpi() -> bool:
+    """Whether the MPI library takes CUDA device pointers, asked at run time.
+
+    Open MPI: ``MPIX_Query_cuda_support()``; MPICH: ``MPIX_GPU_query_support(CUDA)``;
+    ``HPCTRAIN_CUDA_AWARE_MPI=0|1`` overrides. Needs MPI initialised. False when unknown.
+    """
+    if os.environ.get(_AWARE_ENV) in ("0", "1"):
+        return os.environ[_AWARE_ENV] == "1"
+    if "mpi4py.MPI" not in sys.modules:
+        return False
+    lib = _mpi_library()
+    if lib is None:
+        return False
+    if hasattr(lib, "MPIX_Query_cuda_support"):
+        lib.MPIX_Query_cuda_support.restype = ctypes.c_int
+        return bool(lib.MPIX_Query_cuda_support())
+    if hasattr(lib, "MPIX_GPU_query_support"):
+        supported = ctypes.c_int(0)
+        lib.MPIX_GPU_query_support(0, ctypes.byref(supported))  # MPIX_GPU_SUPPORT_CUDA
+        return bool(supported.value)
+    return False
+
+
+def nccl_available() -> bool:
+    """Whether torch.distributed can use NCCL here (built with it, and a GPU to run it on)."""
+    import torch.distributed as dist
+
+    return bool(dist.is_available() and dist.is_nccl_available() and torch.cuda.is_available())
+
+
+def describe() -> dict:
+    """Devices and transports, for ``hpctrain info`` and run records."""
+    import torch.distributed as dist
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
+    return {"cuda": torch.cuda.is_available(), "torch_cuda": torch.version.cuda,
+            "gpus": gpus, "cuda_aware_mpi": cuda_aware_mpi(), "nccl": nccl_available(),
+            "gloo": bool(dist.is_available() and dist.is_gloo_available())}
+
+
+class HostStage:
+    """Host memory MPI can read and write for a tensor that may live on a GPU.
+
+    For a CPU tensor, or a CUDA tensor when MPI is CUDA-aware, :attr:`buffer` is the tensor
+    itself and the copies are no-ops; otherwise (or with ``direct=False``) it is a host copy
+    of the same shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the
+    device) and :meth:`to_device` copies it back.
+    """
+
+    def __init__(self, tensor: torch.Tensor, *, direct: bool | None = None):
+        self.tensor = tensor
+        if direct is None:
+            direct = tensor.device.type == "cpu" or cuda_aware_mpi()
+        self.staged = not direct
+        self.buffer = torch.empty(tensor.shape, dtype=tensor.dtype,
+                                  pin_memory=tensor.is_cuda) if self.staged else tensor
+
+    def to_host(self) -> torch.Tensor:
+        """The tensor's current values where MPI can read them."""
+        if self.staged:
+            self.buffer.copy_(self.tensor)
+        elif self.tensor.is_cuda:
+            torch.cuda.current_stream(self.tensor.device).synchronize()
+        return self.buffer
+
+    def to_device(self) -> torch.Tensor:
+        """Copy what MPI wrote into the buffer back into the tensor."""
+        if self.staged:
+            self.tensor.copy_(self.buffer)
+        return self.tensor
+
+
+def mpi_buffer(tensor: torch.Tensor):
+    """``tensor``'s memory as mpi4py takes it: a numpy view of CPU memory, or the CUDA tensor
+    itself (its ``__cuda_array_interface__``) for a CUDA-aware MPI."""
+    return tensor.numpy() if tensor.device.type == "cpu" else tensor

@@ -1,0 +1,251 @@
+"""Seeing a run as it happens: online evaluation, TensorBoard, collapse warnings.
+
+The loop (:mod:`hpctrain.run`) calls one :class:`Watch` at three points: after every step
+(:meth:`Watch.step`), after every snapshot (:meth:`Watch.snapshot`) and after training
+(:meth:`Watch.finish`, :meth:`Watch.curve`, :meth:`Watch.after`). Only rank 0 of the workers
+does anything at a step, and only cheap things (its loss as a float, a TensorBoard entry every
+few steps); no step communicates, except the stop broadcast of ``--stop-on-collapse``
+(:class:`hpctrain.collapse.StopSignal`).
+
+``--eval after`` (the default) scores snapshots after training, so the curve's time axis
+holds no evaluation. ``--eval online`` scores each snapshot when it is taken: on rank 0
+between two steps (its time is then in the clock), or with ``--eval-rank R`` on rank R, which
+does not train: rank 0 sends it each snapshot (a non-blocking send) and picks the scores up
+between steps. Either way a snapshot's score is the same as after training (the same state,
+the same test set and batches), so a deterministic run's curve and final accuracy do not
+change. Online scores make the curve of sgd, ssgd and the asynchronous algorithms; ma and ec
+score rank 0's member online for the progress bar, TensorBoard and collapse detection, while
+their curve (members, ensemble, average: all ranks' models) is still scored after training.
+The summary's ``eval_mode`` says which produced the curve.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import numpy as np
+
+from hpctrain import collapse, tensorboard, watchdog
+from hpctrain.algorithm import Algorithm
+from hpctrain.errors import UsageError
+from hpctrain.evaluate import evaluate
+
+_SNAPSHOT, _SCORE = 7301, 7302  # tags of the messages to and from the evaluating rank
+BAR_EVERY = 50  # rank 0's steps between progress-bar loss updates
+
+
+def check(config, ranks: int) -> int:
+    """Check the live options against the launch (before MPI starts); return the number of
+    ranks that train."""
+    if config.tensorboard:
+        tensorboard.check_installed()
+    if config.eval_rank is None:
+        return ranks
+    if config.eval_rank >= ranks:
+        raise UsageError(f"--eval-rank {config.eval_rank}: the job has ranks 0..{ranks - 1}")
+    return ranks - 1
+
+
+def split_world(world, config):
+    """``(training communicator, evaluating?)``: the world without ``--eval-rank``, or the
+    world itself; rank 0 is rank 0 of both."""
+    if config.eval_rank is None:
+        return world, False
+    evaluating = world.Get_rank() == config.eval_rank
+    trainers = world.Split(1 if evaluating else 0, world.Get_rank())
+    if evaluating:
+        trainers.Free()
+        return None, True
+    return trainers, False
+
+
+def serve(world, model, test_set) -> None:
+    """The evaluating rank: score each snapshot rank 0 sends, send the score back, until
+    rank 0 says it is done."""
+    scored = 0
+    while True:
+        if not world.Iprobe(source=0, tag=_SNAPSHOT):
+            watchdog.beat("waiting for snapshots", scored)
+            time.sleep(0.005)
+            continue
+        message = world.recv(source=0, tag=_SNAPSHOT)
+        if message is None:
+            return
+        index, state, info = message
+        watchdog.beat("evaluating snapshot", index)
+        model.load_state_dict(state)
+        world.send((index, _point(model, test_set, info)), dest=0, tag=_SCORE)
+        scored += 1
+
+
+def _point(model, test_set, info: dict) -> dict:
+    acc, loss = evaluate(model, test_set)
+    return {**info, "test_acc": acc, "test_loss": loss if np.isfinite(loss) else None}
+
+
+def eval_mode(config, algo: Algorithm) -> str:
+    """What scored the curve: ``after``, ``online`` or ``online (rank R)``."""
+    if config.eval_mode != "online" or not _curve_online(algo):
+        return "after"
+    return "online" if config.eval_rank is None else f"online (rank {config.eval_rank})"
+
+
+def _curve_online(algo: Algorithm) -> bool:
+    return type(algo).evaluate is Algorithm.evaluate
+
+
+class Watch:
+    """One worker's view of the run as it happens (see the module docstring)."""
+
+    def __init__(self, config, algo: Algorithm, comm, *, test_set, per_epoch: int, steps: int,
+                 samples_per_epoch: int, bar, world=None) -> None:
+        self.rank = comm.Get_rank() if comm is not None else 0
+        self.test_set, self.bar, self.world = test_set, bar, world
+        self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
+        self.online = config.eval_mode == "online"
+        self.eval_rank = config.eval_rank
+        self.curve_online = self.online and _curve_online(algo)
+        self.mode = eval_mode(config, algo)
+        self.algo = algo
+        self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0)
+        self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4))
+        lock_step = type(algo).per_epoch is Algorithm.per_epoch
+        self.signal = collapse.StopSignal(comm, config.stop_on_collapse, lock_step)
+        self.stopped = False
+        self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
+        self._sent: list = []
+        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": 0.0, "stale": 0}
+        self._postfix: dict[str, str] = {}
+
+    # ---- during training --------------------------------------------------------------------
+
+    def step(self, position: int, local_steps: int, loss, lr: float, t: float) -> None:
+        """After a step: rank 0 watches its loss, logs, and picks up scores."""
+        if self.rank != 0:
+            return
+        value = float(loss.item())
+        self._collapse(position, self.detector.loss(position, value))
+        if local_steps % BAR_EVERY == 0:
+            self._postfix["loss"] = f"{value:.3f}"
+            self.bar.set_postfix(self._postfix, refresh=False)
+        if self.board.enabled:
+            self._log(position, value, lr, t)
+        if self.eval_rank is not None:
+            self._receive(block=False)
+
+    def _log(self, position: int, value: float, lr: float, t: float) -> None:
+        log = self._logged
+        if log["position"] is None:
+            log["position"], log["t"] = position - 1, 0.0
+        log["steps"] += 1
+        log["loss"] += value
+        if log["steps"] < tensorboard.LOG_EVERY:
+            return
+        board = self.board
+        board.scalar("train/loss", log["loss"] / log["steps"], position, t)
+        board.scalar("train/lr", lr, position, t)
+        if t > log["t"]:
+            rate = (position - log["position"]) / self.per_epoch * self.samples_per_epoch
+            board.scalar("train/samples_per_s", rate / (t - log["t"]), position, t)
+        stale = getattr(self.algo.optimizer, "staleness", None)  # async optimizers keep it
+        if isinstance(stale, list) and len(stale) > log["stale"]:
+            board.scalar("train/staleness", float(np.mean(stale[log["stale"]:])), position, t)
+            log["stale"] = len(stale)
+        log.update(steps=0, loss=0.0, position=position, t=t)
+
+    def begin(self, model, snapshots) -> None:
+        """Before the first step: score the snapshots there are already (the first, and those
+        restored from a checkpoint) on a scratch copy of ``model``."""
+        if not self.online or self.rank != 0 or not snapshots:
+            return
+        scratch = copy.deepcopy(model)
+        for i in range(len(snapshots)):
+            scratch.load_state_dict(snapshots[i].state)
+            self.snapshot(scratch, snapshots[:i + 1])
+
+    def snapshot(self, model, snapshots) -> None:
+        """After a snapshot is taken (on the ranks that take them): score it online."""
+        if not self.online or self.rank != 0:
+            return
+        index = len(snapshots) - 1
+        if self.eval_rank is None:
+            self._scored(index, _point(model, self.test_set, snapshots[index].info))
+            return
+        self._sent.append(self.world.isend((index, snapshots[index].state,
+                                            snapshots[index].info),
+                                           dest=self.eval_rank, tag=_SNAPSHOT))
+        self._receive(block=False)
+
+    def _receive(self, block: bool) -> None:
+        while block or self.world.Iprobe(source=self.eval_rank, tag=_SCORE):
+            index, point = self.world.recv(source=self.eval_rank, tag=_SCORE)
+            self._scored(index, point)
+            if block and len(self.scores) >= len(self._sent):
+                return
+
+    def _scored(self, index: int, point: dict) -> None:
+        self.scores[index] = point
+        self._postfix["acc"] = f"{point['test_acc']:.4f}"
+        self.bar.set_postfix(self._postfix, refresh=False)
+        self.board.scalar("test/accuracy", point["test_acc"], point["updates"], point.get("t"))
+        self.board.scalar("test/loss", point["test_loss"], point["updates"], point.get("t"))
+        self._collapse(point["updates"], self.detector.accuracy(point["updates"],
+                                                                point["test_acc"]))
+
+    def _collapse(self, update: int, reason: str | None) -> None:
+        if reason is None:
+            return
+        collapse.warn(update, reason, self.bar.write if not self.bar.disable else None)
+        self.signal.request()
+
+    def stop(self, position: int) -> bool:
+        """Whether every worker ends its loop here (``--stop-on-collapse``)."""
+        if self.signal.stop(position):
+            self.stopped = True
+        return self.stopped
+
+    # ---- after training ---------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """After the loop, on every worker: the stop signal completes."""
+        self.signal.close()
+
+    def curve(self, model, snapshots, comm) -> list[dict] | None:
+        """The curve scored online (every worker gets it), or None: score after training.
+        Snapshots not scored online (restored from a checkpoint) are scored now. Releases
+        the evaluating rank."""
+        if self.rank == 0 and self.eval_rank is not None:
+            self._receive(block=len(self.scores) < len(self._sent))
+            for request in self._sent:
+                request.wait()
+            self.world.send(None, dest=self.eval_rank, tag=_SNAPSHOT)
+        if not self.curve_online:
+            return None
+        points = None
+        if self.rank == 0:
+            for i, snapshot in enumerate(snapshots):
+                if i not in self.scores:  # not reached: a safety net
+                    model.load_state_dict(snapshot.state)
+                    self._scored(i, _point(model, self.test_set, snapshot.info))
+            points = [self.scores[i] for i in range(len(snapshots))]
+        return comm.bcast(points, root=0) if comm is not None else points
+
+    def after(self, points: list[dict]) -> None:
+        """Rank 0, with the curve: its scores to TensorBoard and the collapse check, unless
+        they were seen online already."""
+        if self.rank != 0:
+            return
+        if not self.online:
+            for p in points:
+                self.board.scalar("test/accuracy", p["test_acc"], p["updates"], p.get("t"))
+                self.board.scalar("test/loss", p["test_loss"], p["updates"], p.get("t"))
+                self._collapse(p["updates"], self.detector.accuracy(p["updates"],
+                                                                    p["test_acc"]))
+        self.board.close()
+
+    def fields(self) -> dict:
+        """The summary's fields from watching: eval_mode, collapsed_at, collapse_reason,
+        stopped_on_collapse."""
+        return {"eval_mode": self.mode, "collapsed_at": self.detector.collapsed_at,
+                "collapse_reason": self.detector.reason, "stopped_on_collapse": self.stopped}

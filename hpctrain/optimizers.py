@@ -1,0 +1,49 @@
+"""The update rule of the lock-step algorithms (``--optimizer``) and the learning rate's
+linear scaling rule and warm-up (``--scale-lr``, ``--warmup-epochs``), as Horovod's examples
+apply them by hand (Goyal et al., 2017: lr x workers, reached linearly over the first epochs).
+
+sgd, ssgd, ma and ec build their optimizer here (ssgd wraps it in ``DistributedOptimizer``,
+which subclasses whatever class it is given). The asynchronous algorithms apply their update
+inside the parameter store's push, so they take only ``sgd`` (their own rule) and refuse the
+others in one line before MPI starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+from hpctrain.errors import UsageError
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+
+
+def make(params: Iterable, optim) -> torch.optim.Optimizer:
+    """The optimizer ``optim`` (an OptimConfig, resolved) names, over ``params``."""
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
+                               weight_decay=optim.weight_decay)
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optimizer]
+    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
+
+
+def check(algorithm_class, optim) -> None:
+    """Refuse an optimizer the algorithm cannot use (before MPI starts)."""
+    if optim.optimizer not in algorithm_class.optimizers:
+        raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
+                         "its own update rule (applied in the parameter store's push); only "
+                         f"{', '.join(algorithm_class.optimizers)}")
+
+
+def base_lr(optim, workers: int) -> float:
+    """``--lr``, times the number of workers with ``--scale-lr`` (the linear scaling rule)."""
+    return optim.lr * workers if optim.scale_lr else optim.lr
+
+
+def warmup_factor(epoch: float, warmup_epochs: float) -> float:
+    """What the scheduled learning rate is multiplied by at (fractional) ``epoch``: rising
+    linearly from 0 to 1 over ``warmup_epochs``, then 1."""
+    if warmup_epochs <= 0 or epoch >= warmup_epochs:
+        return 1.0
+    return epoch / warmup_epochs

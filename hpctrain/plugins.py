@@ -1,0 +1,183 @@
+"""Users' own code by reference: ``--model my_pkg.nets:build`` or ``--model ./nets.py:build``.
+
+A reference names a callable as ``MODULE:ATTRIBUTE`` (a module importable from the working
+directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a module of its own).
+:func:`check_form` judges the text alone (at construction, no import); :func:`resolve` imports
+it; :func:`check_model` builds the model once before MPI starts and runs two zero samples
+through it, so a bad reference (no module, no attribute, not callable, not a Module, wrong
+output size) is one line, exit 2, on every rank alike, before any collective call.
+
+A model callable is called as ``build(input_shape, num_classes, **model_args)`` and returns a
+``torch.nn.Module`` mapping a batch ``N x *input_shape`` to logits ``N x num_classes``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from hpctrain import models
+from hpctrain.errors import UsageError
+
+_ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_MODULE = _ATTRIBUTE
+
+
+def is_reference(text: str) -> bool:
+    """Whether ``text`` has the form of a reference (``X:Y``), not a built-in name."""
+    return ":" in text
+
+
+def is_file_reference(text: str) -> bool:
+    where = text.rsplit(":", 1)[0]
+    return where.endswith(".py") or "/" in where
+
+
+def check_form(flag: str, text: str) -> None:
+    """UsageError unless ``text`` reads as ``MODULE:ATTRIBUTE`` or ``FILE.py:ATTRIBUTE``."""
+    where, _, attribute = text.rpartition(":")
+    if not where or not _ATTRIBUTE.match(attribute):
+        raise UsageError(f"{flag} {text!r}: want MODULE:CALLABLE or ./FILE.py:CALLABLE")
+    if not is_file_reference(text) and not _MODULE.match(where):
+        raise UsageError(f"{flag} {text!r}: {where!r} is neither a module name nor a .py file")
+
+
+def model_name(text: str, error: type[Exception] = argparse.ArgumentTypeError) -> str:
+    """``--model``'s value: a built-in name or a reference (its form only); ``error`` else."""
+    if text in models.MODELS:
+        return text
+    if not is_reference(text):
+        raise error(f"unknown --model {text!r}; choose from {', '.join(models.MODELS)}, or "
+                    "MODULE:CALLABLE, ./FILE.py:CALLABLE")
+    try:
+        check_form("--model", text)
+    except UsageError as e:
+        raise error(str(e)) from None
+    return text
+
+
+def json_object(text: str) -> dict:
+    """``--model-args '{"width": 32}'``: a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r}: want a JSON object, e.g. '{{\"width\": 32}}'")
+    return value
+
+
+def absolute(text: str) -> str:
+    """A file reference with its path made absolute (what config.json records), so that the
+    run repeats from any folder; other references unchanged."""
+    if not is_reference(text) or not is_file_reference(text):
+        return text
+    where, _, attribute = text.rpartition(":")
+    return f"{Path(where).expanduser().resolve()}:{attribute}"
+
+
+def resolve(flag: str, text: str) -> Callable:
+    """The callable ``text`` refers to; UsageError (one line) if it cannot be had."""
+    check_form(flag, text)
+    where, _, attribute = text.rpartition(":")
+    module = _load_file(flag, where) if is_file_reference(text) else _import(flag, where)
+    obj = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"{flag} {text}: {where} has no attribute {attribute!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise UsageError(f"{flag} {text}: {attribute} is a {type(obj).__name__}, not callable")
+    return obj
+
+
+def _import(flag: str, name: str):
+    if "" not in sys.path and str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))  # as `python -m` does; the console script does not
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        raise UsageError(f"{flag}: no module named {e.name!r} (importing {name} from the "
+                         "working directory or PYTHONPATH)") from None
+    except Exception as e:
+        raise UsageError(f"{flag}: importing {name} raised {_one_line(e)}") from None
+
+
+def _load_file(flag: str, path_text: str):
+    path = Path(path_text).expanduser().resolve()
+    if not path.is_file():
+        raise UsageError(f"{flag}: no file {path_text}")
+    # One module per file, under a name of its own: every rank and call gets the same one.
+    name = "hpctrain_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise UsageError(f"{flag}: loading {path_text} raised {_one_line(e)}") from None
+    return module
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def build_model(name: str, input_shape: tuple, num_classes: int,
+                model_args: dict | None = None) -> nn.Module:
+    """Built-in model ``name`` or the user's ``MODULE:CALLABLE`` for this data."""
+    if not is_reference(name):
+        if model_args:
+            raise UsageError(f"--model-args are for a model of your own, not --model {name}")
+        if len(input_shape) != 3:
+            raise UsageError(f"--model {name} needs samples of shape C x H x W, not "
+                             f"{' x '.join(map(str, input_shape))}; use a model of your own")
+        return models.build(name, tuple(input_shape), num_classes)
+    build = resolve("--model", name)
+    try:
+        model = build(tuple(input_shape), num_classes, **(model_args or {}))
+    except UsageError:
+        raise
+    except Exception as e:
+        extra = "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
+        raise UsageError(f"--model {name} raised {_one_line(e)} when called with "
+                         f"input_shape={tuple(input_shape)}, num_classes={num_classes}"
+                         f"{extra}") from None
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"--model {name} returned a {type(model).__name__}, not a "
+                         "torch.nn.Module")
+    return model
+
+
+def check_model(name: str, input_shape: tuple, num_classes: int,
+                model_args: dict | None = None) -> None:
+    """Build the model once and run two zero samples through it (in eval mode, without
+    gradients): UsageError if it cannot be built or gives logits of the wrong size."""
+    model = build_model(name, input_shape, num_classes, model_args)
+    if not is_reference(name):
+        return
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros(2, *input_shape))
+    except Exception as e:
+        raise UsageError(f"--model {name}: its forward on a batch of shape "
+                         f"{(2, *input_shape)} raised {_one_line(e)}") from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise UsageError(f"--model {name}: output {got} for a batch of 2; want (2, "
+                         f"{num_classes}): one logit per class")

@@ -1,0 +1,219 @@
+"""``--sync-backend torch``: hpctrain's collectives on ``torch.distributed`` (NCCL and gloo).
+
+The process group is set up from the MPI world when there is one (its rank and size, and a
+rendezvous address that rank 0 broadcasts over MPI), or from torchrun's environment
+(``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``) when there is none; a group the user's script
+initialised already is used as it is. CUDA tensors go through NCCL and CPU tensors through
+gloo (``cpu:gloo,cuda:nccl``), unless two ranks on one node share a GPU, which one NCCL
+communicator cannot hold: then gloo takes both (it copies device memory itself).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from hpctrain.devices import nccl_available
+from hpctrain.errors import UsageError
+from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
+
+_OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
+        PRODUCT: dist.ReduceOp.PRODUCT}
+_TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
+
+
+def torchrun_launch() -> bool:
+    """Whether this process was started by torchrun (or another env:// launcher)."""
+    return all(v in os.environ for v in _TORCHRUN_ENV)
+
+
+def start_process_group(comm: Any = None) -> bool:
+    """Initialise torch.distributed's default group on the ranks of MPI ``comm`` (None: the
+    world, or torchrun's environment when MPI runs one process); return whether this call
+    created it (False: it existed already)."""
+    if not dist.is_available():
+        raise UsageError("--sync-backend torch: this torch was built without torch.distributed")
+    if dist.is_initialized():
+        if comm is not None and comm.Get_size() != dist.get_world_size():
+            raise UsageError(f"backend 'torch': torch.distributed runs {dist.get_world_size()} "
+                             f"ranks already, comm has {comm.Get_size()}")
+        return False
+    if comm is None and torchrun_launch():
+        dist.init_process_group(_backend_string(_shared_gpu_env()), init_method="env://")
+        return True
+    from hpctrain import comm as mpicomm
+
+    comm = mpicomm.world() if comm is None else comm
+    rank, size = comm.Get_rank(), comm.Get_size()
+    node = socket.gethostname()
+    nodes = comm.allgather(node)
+    one_node = len(set(nodes)) == 1
+    address = None
+    if rank == 0:
+        host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_node
+                                                  else socket.gethostbyname(node))
+        with socket.socket() as s:  # a free port (released again for the store to bind)
+            s.bind(("", 0))
+            address = f"{host}:{s.getsockname()[1]}"
+    address = comm.bcast(address, root=0)
+    gpus = comm.allgather((node, _current_gpu()))
+    shared = any(g is not None and gpus.count(g) > 1 for g in gpus)
+    dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
+                            rank=rank, world_size=size)
+    return True
+
+
+def _current_gpu() -> int | None:
+    return torch.cuda.current_device() if torch.cuda.is_available() else None
+
+
+def _shared_gpu_env() -> bool:
+    """Under torchrun: whether more ranks than GPUs run on this node."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return torch.cuda.is_available() and local > torch.cuda.device_count()
+
+
+def _backend_string(shared_gpu: bool) -> str:
+    return "cpu:gloo,cuda:nccl" if nccl_available() and not shared_gpu else "gloo"
+
+
+class _Work:
+    __slots__ = ("_work", "_then")
+
+    def __init__(self, work: Any, then=None):
+        self._work, self._then = work, then
+
+    def wait(self) -> None:
+        self._work.wait()
+        if self._then is not None:
+            self._then()
+            self._then = None
+
+    def test(self) -> bool:
+        return self._work.is_completed()
+
+
+class TorchTransport:
+    """torch.distributed collectives on ``group`` (None: the default group)."""
+
+    name = "torch"
+
+    def __init__(self, group: Any = None, *, owns_default: bool = False, spare: Any = None):
+        self.group = group
+        self._owns_default = owns_default
+        self._spare = spare  # a second group on the same ranks, for dup() (see split)
+        self.nccl = "nccl" in str(dist.get_backend(group)).lower()
+        nodes = self.allgather_object(socket.gethostname())
+        me = nodes[self.rank()]
+        self._local = (sum(1 for n in nodes[:self.rank()] if n == me), nodes.count(me))
+
+    def takes(self, tensor: torch.Tensor) -> bool:
+        return tensor.device.type == "cpu" or self.nccl
+
+    def size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def rank(self) -> int:
+        return dist.get_rank(self.group)
+
+    def local_size(self) -> int:
+        return self._local[1]
+
+    def local_rank(self) -> int:
+        return self._local[0]
+
+    def _global(self, rank: int) -> int:
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
+        if send is not None:
+            out.copy_(send)
+        return _Work(dist.all_reduce(out, op=_OPS[int(op)], group=self.group, async_op=True))
+
+    def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
+        most = max(rows)
+        padded = send.new_zeros((most, *send.shape[1:]))
+        padded[:len(send)] = send
+        parts = [torch.empty_like(padded) for _ in rows]
+        work = dist.all_gather(parts, padded, group=self.group, async_op=True)
+
+        def unpad() -> None:
+            torch.cat([p[:r] for p, r in zip(parts, rows, strict=True)], out=out)
+
+        return _Work(work, unpad)
+
+    def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
+        return _Work(dist.broadcast(tensor, src=self._global(root), group=self.group,
+                                    async_op=True))
+
+    def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                  recv_rows: list[int]) -> Request:
+        return _Work(dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
+                                            input_split_sizes=send_rows, group=self.group,
+                                            async_op=True))
+
+    def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
+                       op: int) -> Request:
+        return _Work(dist.reduce_scatter(out, list(send.split(counts)), op=_OPS[int(op)],
+                                         group=self.group, async_op=True))
+
+    def barrier(self) -> None:
+        # An allreduce of a CPU tensor: gloo's, whatever backend CUDA tensors use.
+        dist.all_reduce(torch.zeros(1), group=self.group)
+
+    def bcast_object(self, obj: Any, root: int) -> Any:
+        data = _pickle(obj) if self.rank() == root else torch.empty(0, dtype=torch.uint8)
+        length = torch.tensor([data.numel()])
+        self.ibcast(length, root).wait()
+        if self.rank() != root:
+            data = torch.empty(int(length), dtype=torch.uint8)
+        self.ibcast(data, root).wait()
+        return pickle.loads(data.numpy().tobytes())
+
+    def allgather_object(self, obj: Any) -> list:
+        data = _pickle(obj)
+        lengths = torch.empty(self.size(), dtype=torch.int64)
+        self.iallgather(torch.tensor([data.numel()]), lengths, [1] * self.size()).wait()
+        rows = lengths.tolist()
+        out = torch.empty(sum(rows), dtype=torch.uint8)
+        self.iallgather(data, out, rows).wait()
+        return [pickle.loads(part.numpy().tobytes()) for part in out.split(rows)]
+
+    def dup(self) -> TorchTransport:
+        """torch.distributed makes a group on every rank of the job at once; so a set of
+        fewer ranks (split) has one group made for dup() in advance, and no more."""
+        if self._spare is not None:
+            group, self._spare = self._spare, None
+            return TorchTransport(group)
+        if self.size() != dist.get_world_size():
+            raise UsageError("backend 'torch': a process set other than the global one takes "
+                             "one DistributedOptimizer (torch.distributed makes groups on "
+                             "every rank at once); use the mpi backend for more")
+        ranks = [self._global(r) for r in range(self.size())]
+        return TorchTransport(dist.new_group(ranks, backend=dist.get_backend(self.group)))
+
+    def split(self, ranks: list[int]) -> TorchTransport | None:
+        members = [self._global(r) for r in ranks]
+        backend = dist.get_backend(self.group)
+        group = dist.new_group(members, backend=backend)
+        spare = dist.new_group(members, backend=backend)
+        if dist.get_rank() not in members:
+            return None
+        return TorchTransport(group, spare=spare)
+
+    def free(self) -> None:
+        if self._spare is not None:
+            dist.destroy_process_group(self._spare)
+        if self.group is not None:
+            dist.destroy_process_group(self.group)
+        elif self._owns_default:
+            dist.destroy_process_group()
+
+
+def _pickle(obj: Any) -> torch.Tensor:
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8)

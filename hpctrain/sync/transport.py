@@ -1,0 +1,229 @@
+"""What hpctrain's own Horovod-shaped backends need from a communication library, twice.
+
+The collectives (collectives.py) and the fused gradient buckets (buckets.py) keep Horovod's
+semantics: ops, scaling, handles, autograd, fusion. They move bytes through a
+:class:`Transport`: a world of ranks with a few non-blocking tensor operations and two object
+ones. :class:`MPITransport` is mpi4py on a communicator (``--sync-backend mpi``);
+:class:`hpctrain.sync.torch_transport.TorchTransport` is ``torch.distributed`` (NCCL for CUDA
+tensors, gloo for CPU ones: ``--sync-backend torch``). A tensor a transport cannot move where
+it is (:meth:`Transport.takes`) is staged by the caller through
+:class:`hpctrain.devices.HostStage`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Protocol
+
+import torch
+
+from hpctrain import comm as mpicomm
+from hpctrain.devices import cuda_aware_mpi, mpi_buffer
+from hpctrain.errors import UsageError
+
+# Reductions a transport sums with: the ReduceOp values (Average is Sum, scaled by the caller).
+SUM, MIN, MAX, PRODUCT = 1, 3, 4, 5
+_MPI_OPS = {SUM: "SUM", MIN: "MIN", MAX: "MAX", PRODUCT: "PROD"}
+_TORCH_OPS = {SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: torch.mul}
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+class Request(Protocol):
+    """A started operation."""
+
+    def wait(self) -> None: ...
+    def test(self) -> bool: ...
+
+
+class Transport(Protocol):
+    """A world of ranks and the operations hpctrain's collectives are built from."""
+
+    name: str
+
+    def takes(self, tensor: torch.Tensor) -> bool:
+        """Whether it moves ``tensor`` where it is (else the caller stages it on the host)."""
+
+    def size(self) -> int: ...
+    def rank(self) -> int: ...
+    def local_size(self) -> int: ...
+    def local_rank(self) -> int: ...
+
+    def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
+        """Reduce ``send`` (``out`` itself when None) by ``op`` into contiguous ``out``."""
+
+    def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
+        """Concatenate every rank's ``send`` (``rows[r]`` rows) along dimension 0 into ``out``."""
+
+    def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
+        """Overwrite contiguous ``tensor`` with ``root``'s."""
+
+    def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                  recv_rows: list[int]) -> Request:
+        """Send ``send_rows[r]`` rows of ``send`` (dimension 0, in order) to rank r; receive
+        ``recv_rows[r]`` rows from rank r into ``out``, in rank order."""
+
+    def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
+                       op: int) -> Request:
+        """Reduce 1-d ``send`` by ``op``; rank r gets its ``counts[r]`` elements (in order)
+        into ``out``."""
+
+    def barrier(self) -> None: ...
+    def bcast_object(self, obj: Any, root: int) -> Any: ...
+    def allgather_object(self, obj: Any) -> list: ...
+
+    def dup(self) -> Transport:
+        """The same ranks, with traffic of their own (never matched with this one's)."""
+
+    def split(self, ranks: list[int]) -> Transport | None:
+        """A transport on ``ranks`` (this one's) for its members, None on the other ranks;
+        every rank of the job calls it, with the same ranks."""
+
+    def free(self) -> None: ...
+
+
+def wait_all(requests: list[Request]) -> None:
+    for r in requests:
+        r.wait()
+
+
+def test_all(requests: list[Request]) -> None:
+    """Give every request a chance to progress (Open MPI progresses inside MPI calls only)."""
+    for r in requests:
+        r.test()
+
+
+class _MPIRequest:
+    __slots__ = ("_request",)
+
+    def __init__(self, request: Any):
+        self._request = request
+
+    def wait(self) -> None:
+        self._request.Wait()
+
+    def test(self) -> bool:
+        return self._request.Test()
+
+
+class MPITransport:
+    """mpi4py non-blocking collectives on a private duplicate of ``comm``.
+
+    Device memory goes to MPI directly when the library is CUDA-aware (asked at run time);
+    16-bit floats are reduced by a torch operation on the host, since MPI has no such type.
+    """
+
+    name = "mpi"
+
+    def __init__(self, comm: Any):
+        MPI = mpicomm.mpi()
+        if not isinstance(comm, MPI.Intracomm) or comm == MPI.COMM_NULL:
+            raise UsageError(f"comm must be an mpi4py intracommunicator or None, got "
+                             f"{type(comm).__name__}")
+        self.comm = comm.Dup()
+        self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.Get_rank())
+        self.device_memory = cuda_aware_mpi()
+
+    def takes(self, tensor: torch.Tensor) -> bool:
+        # The 16-bit reduction runs on the host; so must its buffers.
+        return tensor.device.type == "cpu" or (self.device_memory and
+                                               tensor.dtype not in HALF_TYPES)
+
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    def local_size(self) -> int:
+        return self.local_comm.Get_size()
+
+    def local_rank(self) -> int:
+        return self.local_comm.Get_rank()
+
+    def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
+        MPI = mpicomm.mpi()
+        out_buf, mpi_op = reduce_spec(out.detach().reshape(-1), op)
+        send_buf = MPI.IN_PLACE if send is None else \
+            reduce_spec(send.detach().reshape(-1), op)[0]
+        return _MPIRequest(self.comm.Iallreduce(send_buf, out_buf, mpi_op))
+
+    def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
+        MPI = mpicomm.mpi()
+        row_bytes = math.prod(send.shape[1:]) * send.element_size()
+        counts = [r * row_bytes for r in rows]
+        return _MPIRequest(self.comm.Iallgatherv(_bytes(send),
+                                                 [_bytes(out), counts, _displs(counts), MPI.BYTE]))
+
+    def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
+        return _MPIRequest(self.comm.Ibcast(_bytes(tensor), root=root))
+
+    def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                  recv_rows: list[int]) -> Request:
+        MPI = mpicomm.mpi()
+        row_bytes = math.prod(send.shape[1:]) * send.element_size()
+        sends = [r * row_bytes for r in send_rows]
+        recvs = [r * row_bytes for r in recv_rows]
+        return _MPIRequest(self.comm.Ialltoallv([_bytes(send), sends, _displs(sends), MPI.BYTE],
+                                                [_bytes(out), recvs, _displs(recvs), MPI.BYTE]))
+
+    def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
+                       op: int) -> Request:
+        send_buf, mpi_op = reduce_spec(send.detach().reshape(-1), op)
+        out_buf, _ = reduce_spec(out.detach().reshape(-1), op)
+        return _MPIRequest(self.comm.Ireduce_scatter(send_buf, out_buf, counts, mpi_op))
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def bcast_object(self, obj: Any, root: int) -> Any:
+        return self.comm.bcast(obj, root=root)
+
+    def allgather_object(self, obj: Any) -> list:
+        return self.comm.allgather(obj)
+
+    def dup(self) -> MPITransport:
+        return MPITransport(self.comm)
+
+    def split(self, ranks: list[int]) -> MPITransport | None:
+        MPI = mpicomm.mpi()
+        me = self.rank()
+        sub = self.comm.Split(0 if me in ranks else MPI.UNDEFINED, key=me)
+        if sub == MPI.COMM_NULL:
+            return None
+        transport = MPITransport(sub)
+        sub.Free()
+        return transport
+
+    def free(self) -> None:
+        self.local_comm.Free()
+        self.comm.Free()
+
+
+def reduce_spec(flat: torch.Tensor, op: int) -> tuple[Any, Any]:
+    """mpi4py buffer of contiguous 1-d ``flat`` and the MPI op that reduces it by ``op``."""
+    if flat.dtype in HALF_TYPES:  # MPI has no 16-bit float type: reduce the words with torch
+        return mpi_buffer(flat.view(torch.int16)), _half_op(op, flat.dtype)
+    if flat.dtype == torch.bool:
+        raise UsageError("allreduce of torch.bool tensors is not supported; use an integer dtype")
+    return mpi_buffer(flat), getattr(mpicomm.mpi(), _MPI_OPS[int(op)])
+
+
+@functools.cache
+def _half_op(op: int, dtype: torch.dtype) -> Any:
+    combine = _TORCH_OPS[int(op)]
+
+    def reduce(inbuf, inoutbuf, datatype) -> None:
+        acc = torch.frombuffer(inoutbuf, dtype=dtype)
+        combine(acc, torch.frombuffer(inbuf, dtype=dtype), out=acc)
+
+    return mpicomm.mpi().Op.Create(reduce, commute=True)
+
+
+def _displs(counts: list[int]) -> list[int]:
+    return [sum(counts[:i]) for i in range(len(counts))]
+
+
+def _bytes(tensor: torch.Tensor) -> Any:
+    """A contiguous tensor's memory as bytes, for MPI."""
+    return mpi_buffer(tensor.detach().reshape(-1).view(torch.uint8))

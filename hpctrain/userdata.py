@@ -1,0 +1,424 @@
+"""Users' own data: ``--dataset npz:PATH``, ``imagefolder:PATH`` or ``MODULE:CALLABLE``.
+
+:mod:`hpctrain.data` hands every ``--dataset`` that is not a built-in name to this module, so
+the rest of hpctrain (both placements, the shuffles, EC's relabelling) reads user data through
+the same four calls as the built-in sets: ``size``, ``load``, ``load_labels``, ``load_indices``.
+
+Formats:
+
+- ``npz:PATH``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (``np.savez``), and
+  optionally ``num_classes``. Members stored uncompressed (``np.savez``) are memory-mapped, so
+  a rank that holds a shard reads only its rows; compressed ones (``np.savez_compressed``) are
+  read whole.
+- ``imagefolder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
+  (PNG, JPEG, BMP, GIF, TIFF, WebP; Pillow decodes them). Classes are the sorted folder names
+  of ``train``. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
+  "file order" are not one class each; a rank decodes only the images it holds. Images are
+  grey (one channel) if the first one is, else RGB, and must all have its size.
+- ``MODULE:CALLABLE`` or ``./FILE.py:CALLABLE`` (:mod:`hpctrain.plugins`): called once per
+  process (with ``data_dir=`` if it takes that argument) and returning ``(train, test)`` or
+  ``{"train": ..., "test": ..., "num_classes": C}``, each set either ``(x, y)`` (tensors or
+  arrays) or a map-style ``torch.utils.data.Dataset`` of ``(x, y)`` items. A Dataset is read
+  item by item, only the items a rank holds; its labels come from its ``targets`` attribute
+  when it has one (else every item is read once to find them).
+
+Samples are ``N x C x H x W`` (``N x H x W`` gets one channel) or any shape a model of the
+user's own takes; uint8 values are scaled to [0, 1], floats are kept as given. Labels must be
+integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one.
+Every check fails with one line naming the data set and what is wrong.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import struct
+import zipfile
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hpctrain import plugins
+from hpctrain.errors import UsageError
+
+FORMATS = ("npz", "imagefolder")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
+                  ".pgm")
+SPLITS = ("train", "test")
+
+
+def is_user(name: str) -> bool:
+    """Whether ``--dataset name`` is one of the user's (a format prefix or a reference)."""
+    return ":" in name
+
+
+def check_form(name: str) -> None:
+    """The name alone (no file opened): UsageError if it is no form this module reads."""
+    kind, _, rest = name.partition(":")
+    if kind in FORMATS:
+        if not rest:
+            raise UsageError(f"--dataset {name}: give the path, e.g. {kind}:data/mine"
+                             f"{'.npz' if kind == 'npz' else ''}")
+        return
+    plugins.check_form("--dataset", name)
+
+
+def dataset_name(text: str, error: type[Exception] = argparse.ArgumentTypeError) -> str:
+    """``--dataset``'s value: a built-in name or a user's form (checked alone); ``error`` else."""
+    from hpctrain.data import DATASETS
+
+    if text in DATASETS:
+        return text
+    if not is_user(text):
+        raise error(f"unknown --dataset {text!r}; choose from {', '.join(DATASETS)}, or "
+                    "npz:FILE, imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE")
+    try:
+        check_form(text)
+    except UsageError as e:
+        raise error(str(e)) from None
+    return text
+
+
+def absolute(name: str) -> str:
+    """Paths made absolute (what config.json records), so the run repeats from any folder."""
+    kind, _, rest = name.partition(":")
+    if kind in FORMATS:
+        return f"{kind}:{Path(rest).expanduser().resolve()}"
+    return plugins.absolute(name)
+
+
+# ---- the four calls data.py makes ----------------------------------------------------------
+
+def size(name: str, split: str, data_dir: str | None = None) -> int:
+    return _source(name, data_dir).size(_split(split))
+
+
+def load(name: str, split: str, data_dir: str | None = None, start: int = 0,
+         stop: int | None = None):
+    src = _source(name, data_dir)
+    n = src.size(_split(split))
+    stop = n if stop is None else stop
+    if not 0 <= start <= stop <= n:
+        raise UsageError(f"{name} {split}: range [{start}, {stop}) outside its {n} samples")
+    return _dataset(name, src, split, np.arange(start, stop))
+
+
+def load_labels(name: str, split: str, data_dir: str | None = None) -> torch.Tensor:
+    return torch.from_numpy(_source(name, data_dir).labels(_split(split)))
+
+
+def load_indices(name: str, split: str, indices, data_dir: str | None = None):
+    src = _source(name, data_dir)
+    idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+    wanted, back = np.unique(idx, return_inverse=True)
+    n = src.size(_split(split))
+    if wanted.size and (wanted[0] < 0 or wanted[-1] >= n):
+        raise UsageError(f"{name} {split}: sample indices outside [0, {n})")
+    ds = _dataset(name, src, split, wanted)
+    return ds if np.array_equal(wanted, idx) else ds.subset(torch.from_numpy(back))
+
+
+def describe(name: str, data_dir: str | None = None) -> dict:
+    """Sizes, sample shape and classes, with every label checked (before MPI starts)."""
+    src = _source(name, data_dir)
+    for split in SPLITS:
+        src.labels(split)  # checks them
+    return {"train": src.size("train"), "test": src.size("test"), "shape": src.shape,
+            "classes": src.num_classes}
+
+
+# ---- shared checks and conversion ----------------------------------------------------------
+
+def _split(split: str) -> str:
+    if split not in SPLITS:
+        raise UsageError(f"unknown split {split!r}; choose train or test")
+    return split
+
+
+def _dataset(name: str, src, split: str, rows: np.ndarray):
+    from hpctrain.data import Dataset
+
+    images = src.images(split, rows) if len(rows) else np.empty((0, *src.shape), np.float32)
+    x = _as_float(images)
+    if len(rows) and tuple(x.shape[1:]) != src.shape:
+        raise UsageError(f"--dataset {name} {split}: samples of shape {tuple(x.shape[1:])}, "
+                         f"but the training set's are {src.shape}")
+    y = torch.from_numpy(src.labels(split)[rows])
+    return Dataset(name, x.contiguous(), y, torch.from_numpy(np.asarray(rows, np.int64)),
+                   src.num_classes)
+
+
+def _as_float(images) -> torch.Tensor:
+    """uint8 scaled to [0, 1]; other numbers as float32; ``N x H x W`` given one channel."""
+    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    return x[:, None] if x.dim() == 3 else x
+
+
+def _sample_shape(what: str, shape: tuple) -> tuple:
+    if len(shape) < 2:
+        raise UsageError(f"{what}: want samples of shape N x ... (at least 2 dimensions), got "
+                         f"{shape}")
+    inner = tuple(int(s) for s in shape[1:])
+    return (1, *inner) if len(inner) == 2 else inner
+
+
+def _checked_labels(what: str, y, count: int) -> np.ndarray:
+    y = np.asarray(y)
+    if y.ndim != 1:
+        raise UsageError(f"{what}: labels must be one integer per sample, got shape {y.shape}")
+    if len(y) != count:
+        raise UsageError(f"{what}: {count} samples but {len(y)} labels")
+    if y.dtype.kind not in "iu":
+        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
+            y = y.astype(np.int64)
+        else:
+            raise UsageError(f"{what}: labels must be integers, not {y.dtype}")
+    if y.size and y.min() < 0:
+        raise UsageError(f"{what}: label {int(y.min())} is negative; labels are class indices "
+                         "0, 1, ...")
+    return y.astype(np.int64)
+
+
+def _classes(what: str, labels: list[np.ndarray], given) -> int:
+    top = max((int(y.max()) for y in labels if y.size), default=-1)
+    if given is None:
+        return max(top + 1, 2)
+    c = int(np.asarray(given))
+    if c < 2:
+        raise UsageError(f"{what}: num_classes {c}; want at least 2")
+    if top >= c:
+        raise UsageError(f"{what}: label {top} is outside [0, {c}) (num_classes {c})")
+    return c
+
+
+@cache
+def _source(name: str, data_dir: str | None):
+    check_form(name)
+    kind, _, rest = name.partition(":")
+    if kind == "npz":
+        return NpzSource(name, Path(rest).expanduser())
+    if kind == "imagefolder":
+        return ImageFolderSource(name, Path(rest).expanduser())
+    return CallableSource(name, data_dir)
+
+
+# ---- npz -------------------------------------------------------------------------------------
+
+class NpzSource:
+    """``x_train``, ``y_train``, ``x_test``, ``y_test`` in one ``.npz`` file."""
+
+    KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+    def __init__(self, name: str, path: Path) -> None:
+        self.name, self.path = name, path
+        if not path.is_file():
+            raise UsageError(f"--dataset {name}: no file {path}")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in self.KEYS if k not in z.files]
+                given = z["num_classes"] if "num_classes" in z.files else None
+                self._labels = {s: z[f"y_{s}"] for s in SPLITS} if not missing else {}
+        except (OSError, ValueError, zipfile.BadZipFile) as e:
+            raise UsageError(f"--dataset {name}: cannot read {path} as .npz ({e})") from None
+        if missing:
+            raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
+                             f"{', '.join(z.files) or 'nothing'})")
+        self._x = {s: self._member(f"x_{s}") for s in SPLITS}
+        self.shape = _sample_shape(f"--dataset {name} x_train", self._x["train"].shape)
+        test_shape = _sample_shape(f"--dataset {name} x_test", self._x["test"].shape)
+        if test_shape != self.shape:
+            raise UsageError(f"--dataset {name}: x_test samples are {test_shape}, x_train's "
+                             f"{self.shape}")
+        self._labels = {s: _checked_labels(f"--dataset {name} y_{s}", self._labels[s],
+                                           len(self._x[s])) for s in SPLITS}
+        self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
+
+    def _member(self, key: str):
+        """The array ``key``: memory-mapped when stored uncompressed, else read whole."""
+        with zipfile.ZipFile(self.path) as zf:
+            info = zf.getinfo(key + ".npy")
+        if info.compress_type == zipfile.ZIP_STORED:
+            with open(self.path, "rb") as f:
+                f.seek(info.header_offset)
+                local = f.read(30)
+                name_len, extra_len = struct.unpack("<HH", local[26:30])
+                f.seek(info.header_offset + 30 + name_len + extra_len)
+                version = np.lib.format.read_magic(f)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, fortran, dtype = read_header(f)
+                offset = f.tell()
+            if dtype.hasobject:
+                raise UsageError(f"--dataset {self.name}: {key} holds Python objects")
+            if not shape or int(np.prod(shape)) == 0:
+                return np.empty(shape, dtype)
+            return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset,
+                             order="F" if fortran else "C")
+        with np.load(self.path, allow_pickle=False) as z:
+            return z[key]
+
+    def size(self, split: str) -> int:
+        return len(self._x[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._labels[split]
+
+    def images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(self._x[split][rows])
+
+
+# ---- image folders ---------------------------------------------------------------------------
+
+class ImageFolderSource:
+    """``PATH/{train,test}/<class>/<image>``: one folder per class."""
+
+    def __init__(self, name: str, root: Path) -> None:
+        self.name, self.root = name, root
+        for split in SPLITS:
+            if not (root / split).is_dir():
+                raise UsageError(f"--dataset {name}: no folder {root / split} (want "
+                                 f"{root}/train/<class>/ and {root}/test/<class>/)")
+        self.classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        if len(self.classes) < 2:
+            raise UsageError(f"--dataset {name}: {root / 'train'} has {len(self.classes)} "
+                             "class folders; want at least 2")
+        self.num_classes = len(self.classes)
+        self._files = {s: self._listing(s) for s in SPLITS}
+        if not self._files["train"][0]:
+            raise UsageError(f"--dataset {name}: no images under {root / 'train'}")
+        first = self._open(self._files["train"][0][0])
+        self.mode = "L" if first.mode in ("L", "1", "LA", "I", "I;16", "F") else "RGB"
+        self.size_wh = first.size
+        self.shape = (1 if self.mode == "L" else 3, first.size[1], first.size[0])
+
+    def _listing(self, split: str) -> tuple[list[Path], np.ndarray]:
+        files, labels = [], []
+        folders = sorted(p for p in (self.root / split).iterdir() if p.is_dir())
+        for folder in folders:
+            if folder.name not in self.classes:
+                raise UsageError(f"--dataset {self.name}: {folder} is a class the training set "
+                                 f"does not have ({', '.join(self.classes)})")
+            mine = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            files += mine
+            labels += [self.classes.index(folder.name)] * len(mine)
+        order = np.random.default_rng(0).permutation(len(files))
+        return [files[i] for i in order], np.asarray(labels, np.int64)[order]
+
+    def _open(self, path: Path):
+        try:
+            from PIL import Image, UnidentifiedImageError
+        except ImportError:
+            raise UsageError(f"--dataset {self.name}: image folders need Pillow (pip install "
+                             "pillow)") from None
+
+        try:
+            img = Image.open(path)
+            img.load()
+            return img
+        except (OSError, UnidentifiedImageError) as e:
+            raise UsageError(f"--dataset {self.name}: cannot read image {path} ({e})") from None
+
+    def size(self, split: str) -> int:
+        return len(self._files[split][0])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._files[split][1]
+
+    def images(self, split: str, rows: np.ndarray) -> np.ndarray:
+        files = self._files[split][0]
+        out = np.empty((len(rows), self.shape[1], self.shape[2], self.shape[0]), np.uint8)
+        for j, i in enumerate(rows):
+            img = self._open(files[i])
+            if img.size != self.size_wh:
+                raise UsageError(f"--dataset {self.name}: {files[i]} is {img.size[0]}x"
+                                 f"{img.size[1]}, the first image {self.size_wh[0]}x"
+                                 f"{self.size_wh[1]}; all must have one size")
+            out[j] = np.asarray(img.convert(self.mode)).reshape(out.shape[1:])
+        return out.transpose(0, 3, 1, 2)
+
+
+# ---- the user's own loader -------------------------------------------------------------------
+
+class CallableSource:
+    """Train and test sets returned by the user's ``MODULE:CALLABLE``."""
+
+    def __init__(self, name: str, data_dir: str | None) -> None:
+        self.name = name
+        load = plugins.resolve("--dataset", name)
+        try:
+            takes_dir = "data_dir" in inspect.signature(load).parameters
+        except (TypeError, ValueError):
+            takes_dir = False
+        try:
+            result = load(data_dir=data_dir) if takes_dir else load()
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"--dataset {name} raised {plugins._one_line(e)}") from None
+        given = None
+        if isinstance(result, dict):
+            missing = [k for k in SPLITS if k not in result]
+            if missing:
+                raise UsageError(f"--dataset {name} returned a dict without {missing[0]!r}")
+            given = result.get("num_classes")
+            parts = (result["train"], result["test"])
+        elif isinstance(result, (tuple, list)) and len(result) == 2:
+            parts = tuple(result)
+        else:
+            raise UsageError(f"--dataset {name} returned a {type(result).__name__}; want "
+                             "(train, test) or {'train': ..., 'test': ...}")
+        self._sets = dict(zip(SPLITS, parts, strict=True))
+        self._labels = {}
+        shapes = {}
+        for split, part in self._sets.items():
+            what = f"--dataset {name} {split}"
+            if _is_pair(part):
+                x, y = part
+                shapes[split] = _sample_shape(what, tuple(np.shape(x)))
+                self._labels[split] = _checked_labels(what, _numpy(y), len(x))
+            elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
+                n = len(part)
+                if n == 0:
+                    raise UsageError(f"{what}: the Dataset is empty")
+                shapes[split] = _sample_shape(what, (n, *np.shape(_numpy(part[0][0]))))
+                targets = getattr(part, "targets", None)
+                if targets is None:
+                    targets = [int(part[i][1]) for i in range(n)]
+                self._labels[split] = _checked_labels(what, _numpy(targets), n)
+            else:
+                raise UsageError(f"{what} is a {type(part).__name__}; want (x, y) or a "
+                                 "map-style Dataset of (x, y)")
+        if shapes["test"] != shapes["train"]:
+            raise UsageError(f"--dataset {name}: test samples are {shapes['test']}, training "
+                             f"samples {shapes['train']}")
+        self.shape = shapes["train"]
+        self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
+
+    def size(self, split: str) -> int:
+        return len(self._labels[split])
+
+    def labels(self, split: str) -> np.ndarray:
+        return self._labels[split]
+
+    def images(self, split: str, rows: np.ndarray):
+        part = self._sets[split]
+        if _is_pair(part):
+            x = part[0]
+            return x[torch.as_tensor(rows)] if isinstance(x, torch.Tensor) else np.asarray(x)[rows]
+        items = [_numpy(part[int(i)][0]) for i in rows]
+        x = np.stack(items)
+        return x[:, None] if x.ndim == 3 else x
+
+
+def _is_pair(part) -> bool:
+    return isinstance(part, (tuple, list)) and len(part) == 2 and all(
+        isinstance(p, (torch.Tensor, np.ndarray)) for p in part)
+
+
+def _numpy(v) -> np.ndarray:
+    if isinstance(v, torch.Tensor):
+        return v.detach().cpu().numpy()
+    return np.asarray(v)

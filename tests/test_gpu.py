@@ -1,0 +1,184 @@
+"""GPU paths against their CPU twins: skipped, with the reason, where torch sees no GPU.
+
+Single process: the device choice, the store's staged push with the CUDA kernel, snapshots.
+MPI (``mpirun -np 2 python -m pytest --with-mpi -m mpi tests/test_gpu.py``; the ranks may
+share one GPU): CUDA tensors through the mpi backend (staged through pinned host memory
+unless MPI is CUDA-aware) and the torch backend, DistributedOptimizer on a GPU model, model
+averaging, and GPU workers pushing into one store. scripts/gpu-check.sh runs these.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import hpctrain.sync as sync
+from hpctrain import comm, devices, kernels
+from hpctrain.async_ import DCASGD, ParameterStore
+from hpctrain.ec.averaging import average_model
+from hpctrain.evaluate import Snapshots
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
+mpi = pytest.mark.mpi(min_size=2)
+timeout = pytest.mark.timeout(180)
+
+
+def small_model(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 4))
+
+
+def flat_of(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().reshape(-1).cpu() for p in model.parameters()])
+
+
+def batches(seed: int, steps: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 16, generator=gen), torch.randint(0, 4, (8,), generator=gen))
+            for _ in range(steps)]
+
+
+def gpu() -> torch.device:
+    return devices.choose("cuda")
+
+
+# ---------------------------------------------------------------- single process
+
+def test_device_choice_follows_the_local_rank(monkeypatch):
+    count = torch.cuda.device_count()
+    for local in range(3):
+        monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", str(local))
+        assert devices.choose("cuda") == torch.device("cuda", local % count)
+    assert devices.choose("auto").type == "cuda" and devices.choose("cpu").type == "cpu"
+
+
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_one_gpu_worker_pushes_like_a_cpu_worker(consistency):
+    """The staged push (read shard, CUDA kernel, write back) gives the CPU path's model."""
+    data = batches(7, 20)
+    finals, staleness = {}, {}
+    for device in ("cpu", gpu()):
+        model = small_model().to(device)
+        with ParameterStore(flat_of(model), comm.mpi().COMM_SELF, shards=3,
+                            consistency=consistency) as store:
+            opt = DCASGD(model, store, lr=0.05, lam=2.0, adaptive=True, momentum=0.9,
+                         weight_decay=1e-3)
+            for x, y in data:
+                opt.zero_grad()
+                F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+                opt.step()
+            global_model = torch.empty(store.numel)
+            store.pull(global_model)
+            store.finish()
+        assert torch.equal(global_model, flat_of(model))  # the worker holds what it wrote
+        finals[str(device)], staleness[str(device)] = global_model, opt.staleness
+    cpu, cuda = finals.pop("cpu"), next(iter(finals.values()))
+    torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5)
+    assert all(s == [0] * 20 for s in staleness.values())
+
+
+def test_pull_into_gpu_memory_and_cuda_kernel_library():
+    kernels.cuda_library()  # built by setup.py with nvcc
+    values = torch.arange(100, dtype=torch.float32)
+    with ParameterStore(values, comm.mpi().COMM_SELF, shards=4) as store:
+        out = torch.empty(100, device=gpu())
+        assert store.pull(out) == 0
+        assert torch.equal(out.cpu(), values)
+        store.finish()
+
+
+def test_snapshots_of_a_gpu_model_live_on_the_host():
+    model = small_model().to(gpu())
+    snaps = Snapshots()
+    snaps.take(model, t=0.0)
+    assert all(t.device.type == "cpu" for t in snaps[0].state.values())
+    model.load_state_dict(snaps[0].state)
+
+
+# ---------------------------------------------------------------- MPI, ranks sharing GPUs
+
+@pytest.fixture(params=["mpi", "torch"])
+def hvd(request):
+    torch.set_num_threads(1)
+    sync.init(backend=request.param)
+    yield sync
+    sync.shutdown()
+
+
+@mpi
+@timeout
+def test_collectives_take_cuda_tensors(hvd):
+    r, n = hvd.rank(), hvd.size()
+    dev = gpu()
+    t = torch.arange(6.0, device=dev) + r
+    expected = torch.arange(6.0) * n + n * (n - 1) / 2
+    out = hvd.allreduce(t, op=hvd.Sum)
+    assert out.device == dev and torch.equal(out.cpu(), expected)
+    hvd.allreduce_(t, op=hvd.Average)
+    torch.testing.assert_close(t.cpu(), expected / n)
+    half = hvd.allreduce(torch.full((4,), 0.5, dtype=torch.float16, device=dev), op=hvd.Sum)
+    assert torch.equal(half.cpu(), torch.full((4,), 0.5 * n, dtype=torch.float16))
+    gathered = hvd.allgather(torch.full((r + 1, 2), float(r), device=dev))
+    assert gathered.device == dev and gathered.shape == (n * (n + 1) // 2, 2)
+    b = torch.full((3,), float(r), device=dev)
+    hvd.broadcast_(b, root_rank=n - 1)
+    assert torch.equal(b.cpu(), torch.full((3,), float(n - 1)))
+
+
+@mpi
+@timeout
+def test_distributed_optimizer_on_a_gpu_model_equals_the_cpu_one(hvd):
+    r = hvd.rank()
+    results = {}
+    for device in ("cpu", gpu()):
+        model = small_model().to(device)
+        opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1,
+                                                       momentum=0.9),
+                                       named_parameters=model.named_parameters(),
+                                       bucket_bytes=256)
+        for x, y in batches(100 + r, 5):
+            opt.zero_grad()
+            F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+        results[str(device)] = flat_of(model)
+    cpu = results.pop("cpu")
+    torch.testing.assert_close(next(iter(results.values())), cpu, rtol=1e-4, atol=1e-5)
+
+
+@mpi
+@timeout
+def test_model_averaging_of_gpu_models():
+    world = comm.world()
+    r, n = world.Get_rank(), world.Get_size()
+    models = {d: small_model(seed=r).to(d) for d in ("cpu", str(gpu()))}
+    for m in models.values():
+        average_model(m, world)
+    torch.testing.assert_close(flat_of(models[str(gpu())]), flat_of(models["cpu"]))
+    expected = sum(flat_of(small_model(seed=k)) for k in range(n)) / n
+    torch.testing.assert_close(flat_of(models["cpu"]), expected)
+
+
+@mpi
+@timeout
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_gpu_workers_lose_no_update(consistency):
+    """Integer steps from every GPU worker: the store's final values count each one."""
+    world = comm.world()
+    numel, steps = 3000, 15
+    start = torch.arange(numel, dtype=torch.float32)
+    with ParameterStore(start, world, shards=3, consistency=consistency) as store:
+        w = torch.empty(numel, device=gpu())
+        store.pull(w)
+        world.Barrier()
+        g = torch.full((numel,), float(world.Get_rank() + 1), device=gpu())
+        for _ in range(steps):
+            store.push(w, g, lr=1.0)
+        world.Barrier()
+        final = torch.empty(numel)
+        store.pull(final)
+        total = steps * sum(k + 1 for k in range(world.Get_size()))
+        assert torch.equal(start - final, torch.full((numel,), float(total)))
+        assert store.updates() == steps * world.Get_size()
+        store.finish()

@@ -1,0 +1,91 @@
+"""``hpctrain train`` under torchrun: no MPI world, torch.distributed for the loop and ssgd.
+
+torchrun (shipped with torch) starts each worker with RANK/WORLD_SIZE/MASTER_ADDR; each is an
+MPI singleton, so the loop runs on torch.distributed's default group and ssgd's allreduce goes
+through --sync-backend torch. Algorithms that need MPI are refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import SYNTHETIC, run_job
+
+import hpctrain
+from hpctrain import comm, run
+from hpctrain.config import DataConfig, RunConfig
+from hpctrain.errors import UsageError
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
+
+
+def torchrun(args: list[str], nproc: int, timeout: float = 180) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc -m hpctrain <args>``; fail on timeout."""
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "-m", "hpctrain", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**env, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+
+
+@pytest.mark.timeout(300)
+def test_ssgd_under_torchrun_equals_sgd_with_twice_the_batch(tmp_path):
+    proc = torchrun(["train", "--algo", "ssgd", *COMMON, "--batch-size", "16",
+                     "--out", str(tmp_path / "ssgd")], 2)
+    assert proc.returncode == 0, proc.stderr
+    sgd = run_job(["train", "--algo", "sgd", *COMMON, "--batch-size", "32",
+                   "--out", str(tmp_path / "sgd")], np=0)
+    assert sgd.returncode == 0, sgd.stderr
+    summary = json.loads((tmp_path / "ssgd" / "summary.json").read_text())
+    config = json.loads((tmp_path / "ssgd" / "config.json").read_text())
+    assert summary["workers"] == 2 and config["algorithm"]["sync_backend"] == "torch"
+    # Each rank trained on its own half of the data.
+    assert summary["samples_per_worker"][0] == summary["samples_per_worker"][1]
+    whole = json.loads((tmp_path / "sgd" / "summary.json").read_text())["samples_per_worker"]
+    assert sum(summary["samples_per_worker"]) == whole[0]
+    a = torch.load(tmp_path / "sgd" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "ssgd" / "model.pt", weights_only=True)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.timeout(120)
+def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
+    proc = torchrun(["train", "--algo", "ma", *COMMON, "--out", str(tmp_path)], 2)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpctrain: error")]
+    assert lines and "--algo ma" in lines[0] and "mpirun" in lines[0], proc.stderr
+    assert not (tmp_path / "summary.json").exists()
+
+
+TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
+                "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+
+
+@pytest.mark.parametrize("algo, extra, named", [
+    ("dcasgd-a", {}, "--algo dcasgd-a"),
+    ("ssgd", {"sync_backend": "horovod"}, "--sync-backend horovod"),
+    ("ssgd", {"data_placement": "sharded"}, "--data-placement sharded"),
+])
+def test_launch_check_under_torchrun_environment(monkeypatch, algo, extra, named):
+    """What torchrun's environment makes check_launch refuse, and ssgd's switch to torch."""
+    for k, v in TORCHRUN_ENV.items():
+        monkeypatch.setenv(k, v)
+    assert comm.launcher() == "torchrun" and comm.launch_size() == 2
+    options = hpctrain.algorithm_options(algo)()
+    algorithm = replace(options, **{k: v for k, v in extra.items() if hasattr(options, k)})
+    data = DataConfig(dataset="synthetic", **{k: v for k, v in extra.items()
+                                              if k == "data_placement"})
+    with pytest.raises(UsageError, match=named + ".*mpirun"):
+        run.check_launch(RunConfig(algo=algo, data=data, algorithm=algorithm), 2)
+    ok = run.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic")), 2)
+    assert ok.algorithm.sync_backend == "torch"

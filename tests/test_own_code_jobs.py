@@ -1,0 +1,161 @@
+"""Whole jobs with a user's own model and data (a file outside the package, an npz file, an
+image folder, ``module:callable``), TensorBoard, online evaluation and collapse."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SYNTHETIC, run_job
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hpctrain import data, models
+from hpctrain.evaluate import evaluate
+
+NETS = '''
+import numpy as np
+import torch
+from torch import nn
+
+
+def build(input_shape, num_classes, width=8):
+    """A small CNN."""
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(width * (h // 2) * (w // 2), num_classes))
+
+
+def arrays():
+    g = np.random.default_rng(0)
+    protos = g.normal(size=(4, 1, 12, 12)).astype(np.float32)
+    def make(n, seed):
+        r = np.random.default_rng(seed)
+        y = r.integers(0, 4, n)
+        return protos[y] * 2 + r.normal(size=(n, 1, 12, 12)).astype(np.float32), y
+    return make(512, 1), make(128, 2)
+
+
+def load():
+    (x, y), (xt, yt) = arrays()
+    return (torch.from_numpy(x), torch.from_numpy(y)), (torch.from_numpy(xt), torch.from_numpy(yt))
+'''
+SHORT = ["--epochs", "2", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory):
+    """A folder outside the package with nets.py (model and loader) and the same data as npz."""
+    folder = tmp_path_factory.mktemp("own")
+    (folder / "nets.py").write_text(NETS)
+    scope: dict = {}
+    exec(NETS, scope)
+    (x, y), (xt, yt) = scope["arrays"]()
+    np.savez(folder / "syn.npz", x_train=x, y_train=y, x_test=xt, y_test=yt)
+    return folder
+
+
+def scalars(out) -> dict[str, list]:
+    acc = EventAccumulator(str(out / "tensorboard"))
+    acc.Reload()
+    return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.timeout(200)
+def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, tmp_path):
+    out = tmp_path / "ssgd"
+    proc = run_job(["train", "--algo", "ssgd", "--model", f"{own}/nets.py:build",
+                    "--model-args", '{"width": 6}', "--dataset", f"npz:{own}/syn.npz",
+                    "--data-placement", "sharded", "--optimizer", "adamw", "--scale-lr",
+                    "--warmup-epochs", "1", "--lr-schedule", "constant", "--tensorboard",
+                    "--eval", "online", *SHORT,
+                    "--batch-size", "8", "--out", str(out)], np=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "512 training and 128 test samples of shape 1 x 12 x 12, 4 classes" in proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final_test_acc"] > 0.8 and s["eval_mode"] == "online"
+    assert s["collapsed_at"] is None and "warning" not in proc.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == {"name": f"{own}/nets.py:build", "args": {"width": 6}}
+    tb = scalars(out)
+    assert {"train/loss", "train/lr", "train/samples_per_s", "test/accuracy",
+            "test/loss"} <= tb.keys()
+    assert {e.step: e.value for e in tb["test/accuracy"]} == pytest.approx(
+        {p["updates"]: p["test_acc"] for p in map(json.loads, (out / "metrics.jsonl").open())})
+    lr = [e.value for e in tb["train/lr"]]  # 32 steps an epoch: warm-up to 2 x 0.001
+    assert lr[0] < lr[1] < lr[2] < 0.002 and lr[-1] == pytest.approx(0.002)
+
+
+@pytest.mark.timeout(200)
+def test_dcasgd_a_trains_module_callables_scored_on_a_rank_of_its_own(own, tmp_path):
+    out = tmp_path / "dc"
+    proc = run_job(["train", "--algo", "dcasgd-a", "--model", "nets:build", "--dataset",
+                    "nets:load", "--lr", "0.02", "--eval", "online", "--eval-rank", "1",
+                    "--tensorboard", *SHORT, "--out", str(out)], np=2, timeout=180,
+                   env={"PYTHONPATH": str(own)})
+    assert proc.returncode == 0, proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["workers"] == 1 and s["eval_mode"] == "online (rank 1)"
+    assert s["final_test_acc"] > 0.5 and s["updates"] == 32
+    assert "train/staleness" in scalars(out)
+
+
+@pytest.mark.timeout(200)
+def test_ec_trains_on_an_image_folder_of_fashion_mnist_pngs(own, tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "fmnist-png"
+    for split, count in (("train", 400), ("test", 200)):
+        raw = data.read_idx(data._idx_path(data.find_dir("fashion-mnist"),
+                                           data._IDX_FILES[split][0]), 0, count)
+        labels = data.read_idx(data._idx_path(data.find_dir("fashion-mnist"),
+                                              data._IDX_FILES[split][1]), 0, count)
+        for i, (img, label) in enumerate(zip(raw, labels, strict=True)):
+            (folder / split / f"class{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(folder / split / f"class{label}" / f"{i}.png")
+    out = tmp_path / "ec"
+    proc = run_job(["train", "--algo", "ec", "--tau", "4", "--ec-distill-size", "32",
+                    "--model", f"{own}/nets.py:build", "--dataset", f"imagefolder:{folder}",
+                    "--data-placement", "sharded", *SHORT, "--out", str(out)], np=2,
+                   timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "400 training and 200 test samples of shape 1 x 28 x 28, 10 classes" in proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["final_test_acc"] > 0.4  # 10 classes from 400 images: far above chance
+
+
+@pytest.mark.timeout(120)
+def test_online_scores_are_those_after_training_and_a_healthy_run_raises_no_alarm(tmp_path):
+    out = tmp_path / "online"
+    proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--seed", "4",
+                    "--eval", "online", "--tensorboard", "--out", str(out)], np=0)
+    assert proc.returncode == 0, proc.stderr
+    assert "collapsed" not in proc.stderr + proc.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["eval_mode"] == "online" and s["collapsed_at"] is None
+    # The default (--eval after) scores the same final model after training: the same numbers.
+    model = models.build("mlp", data.SYNTHETIC_SHAPE, 10)
+    model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+    acc, loss = evaluate(model, data.load("synthetic", "test"))
+    assert acc == s["final_test_acc"] and loss == pytest.approx(s["final_test_loss"], rel=1e-6)
+    points = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    tb = scalars(out)
+    assert {e.step: e.value for e in tb["test/accuracy"]} == \
+        pytest.approx({p["updates"]: p["test_acc"] for p in points})
+
+
+@pytest.mark.timeout(120)
+def test_a_collapse_is_reported_and_stops_the_run_when_asked(tmp_path):
+    out = tmp_path / "boom"
+    proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "3", "--lr", "30",
+                    "--stop-on-collapse", "--out", str(out)], np=0)
+    assert proc.returncode == 4, proc.stderr
+    warning = [x for x in proc.stderr.splitlines() if "warning" in x]
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("hpctrain: error")]
+    s = json.loads((out / "summary.json").read_text())
+    assert len(warning) == 1 and f"collapsed at update {s['collapsed_at']}:" in warning[0]
+    assert len(errors) == 1 and "stopped (--stop-on-collapse)" in errors[0]
+    assert s["stopped_on_collapse"] and s["updates"] < 3 * 32
+    assert "exploding" in s["collapse_reason"] and "Traceback" not in proc.stderr
+    assert (out / "model.pt").is_file() and (out / "metrics.jsonl").is_file()

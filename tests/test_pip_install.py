@@ -1,0 +1,65 @@
+"""The cluster user's install: ``pip install .`` into a fresh environment that already has
+torch and MPI, then ``hpctrain --version`` and one short run that uses the compiled kernel.
+
+The fresh venv sees this checkout's virtualenv only as a path for its dependencies (a
+``.pth`` line, as ``--system-site-packages`` would give a module-provided torch): its ``.pth``
+files, and so the editable install there, are not processed. ``--no-index`` keeps pip off the
+network (every dependency must already be there); the CUDA kernel is skipped to keep the test
+short (HPCTRAIN_BUILD_CUDA=0). A job test: ``make test-fast`` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import site
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+
+def sh(cmd: list[str], cwd, env, timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(map(str, cmd))}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.mark.job
+@pytest.mark.timeout(300)
+def test_pip_install_into_a_fresh_environment_trains(tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True,
+                   timeout=60)
+    py = venv / "bin" / "python"
+    own_site = sh([str(py), "-c", "import site; print(site.getsitepackages()[0])"], tmp_path,
+                  None, 30).stdout.strip()
+    with open(os.path.join(own_site, "deps-from-checkout.pth"), "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(HPCTRAIN_BUILD_CUDA="0", OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    # A clean copy of the tracked files, as a fresh clone has them: no build/, no built kernel.
+    source = tmp_path / "source"
+    tracked = sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT,
+                 None, 30).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    assert not list((source / "hpctrain").glob("*.so"))
+    sh([str(py), "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", str(source)],
+       tmp_path, env, 240)
+    where = sh([str(py), "-c", "import hpctrain, glob, os; d = os.path.dirname(hpctrain.__file__);"
+                " print(d); print(glob.glob(os.path.join(d, '_dc_update*.so')))"],
+               tmp_path, env, 60).stdout.splitlines()
+    assert where[0] == os.path.join(own_site, "hpctrain")  # the installed copy, not the checkout
+    assert "_dc_update" in where[1]
+    version = sh([str(venv / "bin" / "hpctrain"), "--version"], tmp_path, env, 60)
+    assert version.stdout.strip().startswith("hpctrain ")
+    sh([str(venv / "bin" / "hpctrain"), "train", "--algo", "dcasgd-a", "--dataset", "synthetic",
+        "--model", "mlp", "--epochs", "1", "--no-progress", "--out", "run"], tmp_path, env, 120)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["algo"] == "dcasgd-a" and summary["final_test_acc"] > 0.5

@@ -1,0 +1,246 @@
+"""Users' own models, data and update rules, checked before MPI starts; collapse detection
+(unit tests: one process, no job)."""
+
+from __future__ import annotations
+
+import math
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from hpctrain import collapse, data, optimizers, run, userdata
+from hpctrain.bench import report
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.shuffle import TrainDataSpec, make_train_data
+
+NETS = '''
+import numpy as np
+import torch
+from torch import nn
+
+CALLS = []
+
+def build(input_shape, num_classes, width=8):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Conv2d(c, width, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Flatten(), nn.Linear(width * (h // 2) * (w // 2), num_classes))
+
+def wrong_size(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), num_classes + 1))
+
+def not_a_module(input_shape, num_classes):
+    return "a string"
+
+NOT_CALLABLE = 3
+
+class Items(torch.utils.data.Dataset):
+    def __init__(self, x, y):
+        self.x, self.y, self.targets = x, y, y
+    def __len__(self):
+        return len(self.y)
+    def __getitem__(self, i):
+        CALLS.append(i)
+        return self.x[i], int(self.y[i])
+
+def load():
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(g.normal(size=(40, 1, 8, 8)).astype(np.float32))
+    y = torch.from_numpy(g.integers(0, 3, 40))
+    return {"train": Items(x[:30], y[:30]), "test": (x[30:], y[30:]), "num_classes": 3}
+
+def float_labels():
+    x = torch.zeros(4, 1, 8, 8)
+    return (x, torch.tensor([0.0, 1.5, 1.0, 0.0])), (x, torch.tensor([0, 1, 1, 0]))
+'''
+
+
+@pytest.fixture
+def nets(tmp_path, monkeypatch):
+    path = tmp_path / "nets_mod.py"
+    path.write_text(NETS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    userdata._source.cache_clear()
+    yield path
+    sys.modules.pop("nets_mod", None)
+    userdata._source.cache_clear()
+
+
+def launch(**kw) -> RunConfig:
+    kw.setdefault("data", DataConfig(dataset="synthetic"))
+    return run.check_launch(RunConfig(algo="sgd", **kw), 1)
+
+
+@pytest.mark.parametrize("name, message", [
+    ("nets_mod:build", None),
+    ("{file}:build", None),
+    ("no_such_mod:build", "no module named 'no_such_mod'"),
+    ("nets_mod:missing", "nets_mod has no attribute 'missing'"),
+    ("nets_mod:NOT_CALLABLE", "NOT_CALLABLE is a int, not callable"),
+    ("nets_mod:not_a_module", "returned a str, not a torch.nn.Module"),
+    ("nets_mod:wrong_size", "output (2, 11) for a batch of 2; want (2, 10)"),
+    ("{dir}/absent.py:build", "no file"),
+])
+def test_a_model_reference_is_checked_before_mpi(nets, name, message):
+    name = name.format(file=nets, dir=nets.parent)
+    if message is None:
+        config = launch(model=ModelConfig(name=name, args={"width": 4}))
+        assert config.model.name.split(":")[0] in ("nets_mod", str(nets))
+        return
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        launch(model=ModelConfig(name=name))  # check_launch: before MPI starts
+
+
+def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
+    monkeypatch.chdir(nets.parent)
+    config = launch(model=ModelConfig(name="./nets_mod.py:build"))
+    assert config.model.name == f"{nets}:build"
+    with pytest.raises(UsageError, match="want MODULE:CALLABLE"):
+        ModelConfig(name="nets_mod:")
+    with pytest.raises(UsageError, match="--model-args are for a model of your own"):
+        launch(model=ModelConfig(name="mlp", args={"width": 3}))
+
+
+def write_npz(path, n=60, compressed=False, **override):
+    g = np.random.default_rng(1)
+    arrays = {"x_train": g.integers(0, 256, (n, 6, 6), dtype=np.uint8),
+              "y_train": g.integers(0, 4, n), "x_test": g.integers(0, 256, (20, 6, 6),
+                                                                   dtype=np.uint8),
+              "y_test": g.integers(0, 4, 20)}
+    arrays.update(override)
+    (np.savez_compressed if compressed else np.savez)(path, **arrays)
+    return arrays
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_rows_are_read_as_given(tmp_path, compressed):
+    arrays = write_npz(tmp_path / "d.npz", compressed=compressed)
+    name = f"npz:{tmp_path / 'd.npz'}"
+    src = userdata._source(name, None)
+    assert isinstance(src._x["train"], np.memmap) != compressed  # np.savez: rows read alone
+    assert data.size(name, "train") == 60 and data.size(name, "test") == 20
+    part = data.load_indices(name, "train", [7, 3, 3])
+    assert part.shape == (1, 6, 6) and part.num_classes == 4
+    assert torch.equal(part.ids, torch.tensor([7, 3, 3]))
+    want = torch.from_numpy(arrays["x_train"][[7, 3, 3]]).float()[:, None] / 255
+    assert torch.equal(part.images, want)
+    assert torch.equal(part.labels, torch.from_numpy(arrays["y_train"][[7, 3, 3]]))
+    assert torch.equal(data.load_labels(name, "test"), torch.from_numpy(arrays["y_test"]))
+
+
+@pytest.mark.parametrize("override, message", [
+    ({"y_train": np.full(60, -1)}, "label -1 is negative"),
+    ({"y_train": np.zeros(59, np.int64)}, "60 samples but 59 labels"),
+    ({"y_test": np.full(20, 0.5)}, "labels must be integers, not float64"),
+    ({"x_test": np.zeros((20, 5, 5), np.uint8)}, r"x_test samples are \(1, 5, 5\)"),
+    ({"num_classes": np.int64(3), "y_train": np.full(60, 3)}, r"label 3 is outside \[0, 3\)"),
+])
+def test_npz_labels_and_shapes_are_checked(tmp_path, override, message):
+    write_npz(tmp_path / "d.npz", **override)
+    with pytest.raises(UsageError, match=message):
+        userdata.describe(f"npz:{tmp_path / 'd.npz'}")
+
+
+def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
+    import nets_mod
+
+    name = "nets_mod:load"
+    about = userdata.describe(name)
+    assert about == {"train": 30, "test": 10, "shape": (1, 8, 8), "classes": 3}
+    nets_mod.CALLS.clear()
+    spec = TrainDataSpec(seed=0, dataset=name, data_dir=None, shuffle="local",
+                         data_placement="sharded", partition="iid", shuffle_chunk_mb=1.0)
+    held = make_train_data(spec, None).epoch(0)
+    assert sorted(set(nets_mod.CALLS)) == sorted(held.ids.tolist())  # no other item read
+    with pytest.raises(UsageError, match="labels must be integers"):
+        userdata.describe("nets_mod:float_labels")
+
+
+def test_an_image_folder_is_read_image_by_image(tmp_path):
+    from PIL import Image
+
+    g = np.random.default_rng(2)
+    for split, count in (("train", 4), ("test", 2)):
+        for cls in ("cat", "dog", "emu"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(g.integers(0, 256, (5, 7), dtype=np.uint8)).save(
+                    tmp_path / split / cls / f"{i}.png")
+    name = f"imagefolder:{tmp_path}"
+    assert userdata.describe(name) == {"train": 12, "test": 6, "shape": (1, 5, 7),
+                                       "classes": 3}
+    labels = data.load_labels(name, "train")
+    assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
+    assert labels[:3].tolist() != [0, 0, 0] or labels[3:6].tolist() != [0, 1, 1]  # mixed order
+    part = data.load_indices(name, "train", [5])
+    src = userdata._source(name, None)
+    path = src._files["train"][0][5]
+    assert part.labels.item() == ["cat", "dog", "emu"].index(path.parent.name)
+    assert torch.equal(part.images[0, 0], torch.from_numpy(np.array(Image.open(path))) / 255)
+    Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "train" / "cat" / "9.png")
+    userdata._source.cache_clear()
+    with pytest.raises(UsageError, match="all must have one size"):
+        data.load(name, "train")
+
+
+def test_optimizer_choice_defaults_and_refusals():
+    adam = run.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic"),
+                                      optim=OptimConfig(optimizer="adamw")), 2)
+    assert adam.optim.lr == 0.001 and adam.optim.momentum is None
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert type(optimizers.make(params, adam.optim)) is torch.optim.AdamW
+    with pytest.raises(UsageError, match="--momentum is SGD's"):
+        OptimConfig(optimizer="adam", momentum=0.5)
+    with pytest.raises(UsageError, match="--algo dcasgd-a keeps its own update rule"):
+        run.check_launch(RunConfig(algo="dcasgd-a", optim=OptimConfig(optimizer="adam")), 2)
+    assert optimizers.base_lr(OptimConfig(lr=0.1, scale_lr=True), 4) == pytest.approx(0.4)
+    assert optimizers.base_lr(OptimConfig(lr=0.1), 4) == 0.1
+    assert [optimizers.warmup_factor(e, 2.0) for e in (0.5, 1.0, 2.0, 3.0)] == \
+        [0.25, 0.5, 1.0, 1.0]
+    assert optimizers.warmup_factor(0.0, 0.0) == 1.0
+
+
+def test_collapse_detection_fires_on_each_rule_and_not_on_learning():
+    chance = math.log(10)
+    healthy = collapse.CollapseDetector(10, window=20)
+    losses = [chance * math.exp(-i / 40) + 0.05 * math.sin(i) for i in range(400)]
+    assert all(healthy.loss(i, v) is None for i, v in enumerate(losses))
+    assert all(healthy.accuracy(i, a) is None for i, a in enumerate([0.1, 0.5, 0.8, 0.85]))
+
+    flat = collapse.CollapseDetector(10, window=20)
+    seq = [2.0] * 30 + [chance] * 60
+    found = [i for i, v in enumerate(seq) if flat.loss(i, v)]
+    assert len(found) == 1 and flat.collapsed_at == found[0] and "flat at chance" in flat.reason
+    assert found[0] < 30 + 40
+
+    boom = collapse.CollapseDetector(10, window=20)
+    assert [boom.loss(i, v) is not None for i, v in enumerate([2.3, 2.2, 5e3])] == \
+        [False, False, True] and "exploding" in boom.reason
+    nan = collapse.CollapseDetector(10, window=20)
+    assert [nan.loss(i, float("nan")) is not None for i in range(3)] == [False, False, True]
+
+    acc = collapse.CollapseDetector(10, window=20)
+    assert acc.accuracy(0, 0.1) is None and acc.accuracy(50, 0.6) is None
+    assert "back at chance" in acc.accuracy(75, 0.1) and acc.collapsed_at == 75
+
+
+def test_the_report_marks_a_collapsed_row():
+    base = {"workers": 2, "final_test_acc": 0.1, "best_test_acc": 0.6, "wall_s": 1.0,
+            "samples_per_s": 10.0}
+    collapsed = {"collapsed_at": 40, "collapse_reason": "test accuracy 0.1 back at chance",
+                 "stopped_on_collapse": True}
+    row = report.Row("asgd", "ok", summary={**base, **collapsed})
+    cells = report.table([row, report.Row("ssgd", "ok", summary=base)], [])
+    lines = cells.splitlines()
+    assert "**collapsed** at update 40" in lines[2] and "stopped there" in lines[2]
+    assert lines[3].endswith("| ok |")
+
+
+def test_the_cli_says_its_version(capsys):
+    from hpctrain import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.build_parser().parse_args(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == "hpctrain 0.1.0"
