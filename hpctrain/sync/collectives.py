@@ -110,7 +110,8 @@ def _mpi_comm_of(transport: Transport, comm: Any) -> Any:
     MPI = sys.modules.get("mpi4py.MPI")
     candidate = None
     if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
-        candidate = MPI.COMM_WORLD if comm is None else comm
+        # ``comm`` may be torch_comm.TorchComm (the loop's under torchrun): not MPI's
+        candidate = comm if isinstance(comm, MPI.Intracomm) else MPI.COMM_WORLD
     same = candidate is not None and candidate.Get_size() == transport.size() and \
         candidate.Get_rank() == transport.rank()
     return candidate if all(transport.allgather_object(same)) else None
