@@ -6,6 +6,10 @@ rendezvous address that rank 0 broadcasts over MPI), or from torchrun's environm
 initialised already is used as it is. CUDA tensors go through NCCL and CPU tensors through
 gloo (``cpu:gloo,cuda:nccl``), unless two ranks on one node share a GPU, which one NCCL
 communicator cannot hold: then gloo takes both (it copies device memory itself).
+
+torch.distributed makes a group on every rank of the job at once (``new_group``), so
+:meth:`TorchTransport.split` (a process set, registered by every rank) makes two groups: the
+set's, and a spare that the set's one ``DistributedOptimizer`` takes through ``dup()``.
 """
 
 from __future__ import annotations
