@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -65,12 +67,13 @@ class LeNet(nn.Module):
 
 
 class _BasicBlock(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int):
+    def __init__(self, cin: int, cout: int, stride: int,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = norm_layer(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = norm_layer(cout)
         self.pad = cout - cin
         self.stride = stride
 
@@ -86,16 +89,20 @@ class _BasicBlock(nn.Module):
 
 
 class ResNet20(nn.Module):
-    """ResNet-20 for CIFAR (He et al. 2016): 3 stages of 3 basic blocks, 16/32/64 channels."""
+    """ResNet-20 for CIFAR (He et al. 2016): 3 stages of 3 basic blocks, 16/32/64 channels.
 
-    def __init__(self, in_channels: int = 3, num_classes: int = 10):
+    ``norm_layer`` as in torchvision's ResNets, e.g. ``hpctrain.sync.SyncBatchNorm``.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10,
+                 norm_layer: Callable[[int], nn.Module] = nn.BatchNorm2d):
         super().__init__()
         self.conv = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
-        self.bn = nn.BatchNorm2d(16)
+        self.bn = norm_layer(16)
         blocks, cin = [], 16
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             for i in range(3):
-                blocks.append(_BasicBlock(cin, cout, stride if i == 0 else 1))
+                blocks.append(_BasicBlock(cin, cout, stride if i == 0 else 1, norm_layer))
                 cin = cout
         self.blocks = nn.Sequential(*blocks)
         self.fc = nn.Linear(64, num_classes)

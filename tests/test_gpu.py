@@ -129,6 +129,38 @@ def test_collectives_take_cuda_tensors(hvd):
 
 @mpi
 @timeout
+def test_horovod_extensions_take_cuda_tensors(hvd):
+    """grouped ops, alltoall, reducescatter, a process set, join and SyncBatchNorm on CUDA."""
+    r, n = hvd.rank(), hvd.size()
+    dev = gpu()
+    a, b = torch.full((3,), float(r), device=dev), torch.ones(2, 2, device=dev, dtype=torch.half)
+    ga, gb = hvd.grouped_allreduce([a, b], op=hvd.Sum)
+    assert ga.device == dev and torch.equal(ga.cpu(), torch.full((3,), n * (n - 1) / 2))
+    assert torch.equal(gb.cpu(), torch.full((2, 2), float(n), dtype=torch.half))
+    rows, = hvd.grouped_allgather([torch.full((r + 1,), float(r), device=dev)])
+    assert rows.device == dev and rows.numel() == n * (n + 1) // 2
+    out, got = hvd.alltoall(torch.arange(float(n), device=dev) + 10 * r,
+                            splits=torch.ones(n, dtype=torch.int32))
+    assert out.device == dev and out.cpu().tolist() == [10.0 * k + r for k in range(n)]
+    assert got.tolist() == [1] * n
+    part = hvd.reducescatter(torch.ones(n, 2, device=dev), op=hvd.Sum)
+    assert part.device == dev and torch.equal(part.cpu(), torch.full((1, 2), float(n)))
+    ps = hvd.add_process_set(list(range(n - 1)))  # all but the last rank
+    if r < n - 1:
+        s = hvd.allreduce(torch.ones(2, device=dev), op=hvd.Sum, process_set=ps)
+        assert s.device == dev and torch.equal(s.cpu(), torch.full((2,), n - 1.0))
+    hvd.remove_process_set(ps)
+    if r == 0:
+        avg = hvd.allreduce(torch.full((2,), float(n), device=dev))  # the others joined
+        assert torch.equal(avg.cpu(), torch.ones(2))
+    assert hvd.join() == 0
+    bn = hvd.SyncBatchNorm(2).to(dev)
+    y = bn(torch.randn(4, 2, 3, device=dev))
+    assert y.device == dev and bn.running_mean.device == dev
+
+
+@mpi
+@timeout
 def test_distributed_optimizer_on_a_gpu_model_equals_the_cpu_one(hvd):
     r = hvd.rank()
     results = {}

@@ -3,26 +3,33 @@
 ``init()`` starts the mpi backend (mpi4py non-blocking collectives; DistributedOptimizer with
 gradients fused into buckets and allreduced while backward runs); ``init(backend="torch")``
 runs the same code on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU ones);
-``init(backend="horovod")`` hands every call to ``horovod.torch``. Names, arguments and
-semantics are Horovod 0.28.1's. hpctrain's own backends take CPU and CUDA tensors (the mpi
-backend stages CUDA tensors through pinned host memory unless MPI is CUDA-aware) and have no
-process sets, grouped operations or Adasum; their ``DistributedOptimizer`` also takes
-``bucket_bytes`` (fusion bucket size, 25 MiB).
+``init(backend="horovod")`` hands every call to ``horovod.torch``. Every public name of
+horovod.torch 0.28.1 is here, with its arguments and semantics, on every backend; README.md
+has the table of what differs on hpctrain's own backends (mpi, torch): they take CPU and CUDA
+tensors (staged through host memory where the transport cannot move them), have no Adasum,
+and match collectives by call order, raising one error when ranks disagree. Their
+``DistributedOptimizer`` also takes ``bucket_bytes`` (fusion bucket size, 25 MiB), and
+``init`` takes the stall check's times.
 """
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 from typing import Any
 
 import torch
 
 from hpctrain.errors import UsageError
-from hpctrain.sync import collectives, horovod_backend, mpi_backend
+from hpctrain.sync import collectives, horovod_backend, mpi_backend, timeline
+from hpctrain.sync import process_sets as _psets
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES
 from hpctrain.sync.collectives import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hpctrain.sync.compression import Compression
+from hpctrain.sync.errors import CollectiveMismatchError
 from hpctrain.sync.optimizer import parameter_names
+from hpctrain.sync.process_sets import ProcessSet, global_process_set
+from hpctrain.sync.sync_batch_norm import SyncBatchNorm
 
 __all__ = [
     "BACKENDS", "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min",
@@ -32,7 +39,17 @@ __all__ = [
     "broadcast_optimizer_state", "broadcast_parameters", "gloo_built", "init", "is_initialized",
     "local_rank", "local_size", "mpi_built", "mpi_enabled", "mpi_threads_supported",
     "nccl_built", "poll", "rank", "shutdown", "size", "synchronize",
+    # the rest of horovod.torch 0.28.1
+    "CollectiveMismatchError", "HorovodInternalError", "ProcessSet", "SyncBatchNorm",
+    "add_process_set", "alltoall", "alltoall_async", "ccl_built", "check_extension",
+    "cross_rank", "cross_size", "cuda_built", "ddl_built", "elastic", "global_process_set",
+    "gloo_enabled", "grouped_allgather", "grouped_allgather_async", "grouped_allreduce",
+    "grouped_allreduce_", "grouped_allreduce_async", "grouped_allreduce_async_",
+    "grouped_reducescatter", "grouped_reducescatter_async", "join", "mpi_lib_v2", "mpi_ops",
+    "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built",
+    "sparse_allreduce_async", "start_timeline", "stop_timeline", "sync_batch_norm",
 ]
+_LAZY = ("HorovodInternalError", "elastic", "mpi_ops", "mpi_lib_v2")
 
 BACKENDS = ("mpi", "torch", "horovod")
 _active: ModuleType | None = None
@@ -50,9 +67,17 @@ def _impl(caller: str, tensor: torch.Tensor | None = None) -> ModuleType:
     return _active
 
 
-def init(comm: Any = None, *, backend: str = "mpi") -> None:
-    """Start ``backend`` ("mpi", "torch" or "horovod") on ``comm`` (default COMM_WORLD);
-    idempotent."""
+def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
+         backend: str = "mpi", stall_check_s: float | None = None,
+         stall_timeout: float | None = None) -> None:
+    """Start ``backend`` ("mpi", "torch" or "horovod") on ``comm`` (default COMM_WORLD); idempotent.
+
+    ``process_sets`` are registered as in Horovod. A collective that some ranks have not
+    reached after ``stall_check_s`` seconds (default HOROVOD_STALL_CHECK_TIME_SECONDS, 60)
+    is reported on stderr; after ``stall_timeout`` seconds (default
+    HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, 0: never) the job is ended, as the CLI's
+    ``--stall-timeout`` does.
+    """
     global _active, _active_name
     if backend not in BACKENDS:
         raise UsageError(f"unknown sync backend {backend!r}; choose from {', '.join(BACKENDS)}")
@@ -61,11 +86,17 @@ def init(comm: Any = None, *, backend: str = "mpi") -> None:
             raise UsageError(f"hpctrain.sync runs the {_active_name!r} backend already; call "
                              f"shutdown() before init(backend={backend!r})")
         return
+    for value, what in ((stall_check_s, "stall_check_s"), (stall_timeout, "stall_timeout")):
+        if value is not None and (not isinstance(value, int | float) or value < 0):
+            raise UsageError(f"{what} must be a number of seconds >= 0, got {value!r}")
+    if process_sets is not None and not all(isinstance(p, ProcessSet) for p in process_sets):
+        raise UsageError("process_sets must be a list of hpctrain.sync.ProcessSet")
     if backend in collectives.TRANSPORTS:
-        collectives.init(comm, transport=backend)
+        collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
+                         stall_timeout_s=stall_timeout)
         _active = mpi_backend
     else:
-        _active = horovod_backend.init(comm)
+        _active = horovod_backend.init(comm, process_sets, stall_check_s, stall_timeout)
     _active_name = backend
 
 
@@ -74,6 +105,8 @@ def shutdown() -> None:
     global _active, _active_name
     if _active is not None:
         _active.shutdown()
+        if _horovod():
+            horovod_backend.forget_process_sets()
     _active = _active_name = None
 
 
@@ -111,6 +144,67 @@ def mpi_threads_supported() -> bool:
     return bool(_impl("mpi_threads_supported").mpi_threads_supported())
 
 
+def cross_size() -> int:
+    """Number of nodes (processes with this process's local rank)."""
+    return _impl("cross_size").cross_size()
+
+
+def cross_rank() -> int:
+    """This node's index among those."""
+    return _impl("cross_rank").cross_rank()
+
+
+def gloo_enabled() -> bool:
+    """Whether collectives go through gloo (Horovod's, or the torch backend's)."""
+    return bool(_active.gloo_enabled()) if _horovod() else collectives.gloo_built()
+
+
+def cuda_built() -> bool:
+    """Whether CUDA tensors can be given (hpctrain's backends: with a CUDA build of torch)."""
+    return bool(_active.cuda_built()) if _horovod() else torch.version.cuda is not None
+
+
+def rocm_built() -> bool:
+    return bool(_active.rocm_built()) if _horovod() else False
+
+
+def ccl_built() -> bool:
+    return bool(_active.ccl_built()) if _horovod() else False
+
+
+def ddl_built() -> bool:
+    return bool(_active.ddl_built()) if _horovod() else False
+
+
+def check_extension(ext_name: str, ext_env_var: str, pkg_path: str, *args: Any) -> None:
+    """Horovod checks its compiled extension here; hpctrain's backends have none to check."""
+    if _horovod():
+        from horovod.common.util import check_extension as horovod_check
+
+        horovod_check(ext_name, ext_env_var, pkg_path, *args)
+
+
+def _horovod() -> bool:
+    return _active is not None and _active is not mpi_backend
+
+
+def _ps(process_set: Any) -> dict:
+    """``process_set=`` for the running backend (ours, or Horovod's counterpart)."""
+    if _horovod():
+        return {"process_set": horovod_backend.native(process_set)}
+    return {"process_set": global_process_set if process_set is None else process_set}
+
+
+def _ps_extension(process_set: Any, caller: str) -> dict:
+    """``process_set=`` for a function whose Horovod version has no such argument."""
+    if not _horovod():
+        return _ps(process_set)
+    if process_set is not None and process_set is not global_process_set:
+        raise UsageError(f"{caller}: Horovod 0.28.1's {caller} has no process_set argument; "
+                         "only hpctrain's backends (mpi, torch) take one")
+    return {}
+
+
 def mpi_enabled() -> bool:
     return (_active or mpi_backend).mpi_enabled()
 
@@ -127,70 +221,209 @@ def gloo_built() -> bool:
     return (_active or mpi_backend).gloo_built()
 
 
+PS = ProcessSet  # for annotations below
+
+
 def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
               compression: Any = Compression.none, op: Any = None, prescale_factor: float = 1.0,
-              postscale_factor: float = 1.0) -> torch.Tensor:
+              postscale_factor: float = 1.0, process_set: PS = global_process_set
+              ) -> torch.Tensor:
     """Reduced copy of ``tensor`` over all processes (Average by default; differentiable)."""
     return _impl("allreduce", tensor).allreduce(
         tensor, average=average, name=name, compression=compression, op=op,
-        prescale_factor=prescale_factor, postscale_factor=postscale_factor)
+        prescale_factor=prescale_factor, postscale_factor=postscale_factor, **_ps(process_set))
 
 
 def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
-               op: Any = None, prescale_factor: float = 1.0,
-               postscale_factor: float = 1.0) -> torch.Tensor:
+               op: Any = None, prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+               process_set: PS = global_process_set) -> torch.Tensor:
     """Reduce ``tensor`` in place and return it."""
     return _impl("allreduce_", tensor).allreduce_(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
-        postscale_factor=postscale_factor)
+        postscale_factor=postscale_factor, **_ps(process_set))
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: Any = None, prescale_factor: float = 1.0,
-                    postscale_factor: float = 1.0) -> int:
+                    postscale_factor: float = 1.0, process_set: PS = global_process_set) -> int:
     """Start a reduction into a new tensor; ``synchronize(handle)`` returns it."""
     return _impl("allreduce_async", tensor).allreduce_async(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
-        postscale_factor=postscale_factor)
+        postscale_factor=postscale_factor, **_ps(process_set))
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                      op: Any = None, prescale_factor: float = 1.0,
-                     postscale_factor: float = 1.0) -> int:
+                     postscale_factor: float = 1.0, process_set: PS = global_process_set) -> int:
     """Start an in-place reduction of ``tensor``; return a handle."""
     return _impl("allreduce_async_", tensor).allreduce_async_(
         tensor, average=average, name=name, op=op, prescale_factor=prescale_factor,
-        postscale_factor=postscale_factor)
+        postscale_factor=postscale_factor, **_ps(process_set))
 
 
-def allgather(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+def grouped_allreduce(tensors: list[torch.Tensor], average: bool | None = None,
+                      name: str | None = None, compression: Any = Compression.none,
+                      op: Any = None, prescale_factor: float = 1.0,
+                      postscale_factor: float = 1.0, process_set: PS = global_process_set
+                      ) -> list[torch.Tensor]:
+    """Reduced copies of the tensors, as one fused operation (differentiable)."""
+    return _impl("grouped_allreduce").grouped_allreduce(
+        tensors, average=average, name=name, compression=compression, op=op,
+        prescale_factor=prescale_factor, postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def grouped_allreduce_(tensors: list[torch.Tensor], average: bool | None = None,
+                       name: str | None = None, op: Any = None, prescale_factor: float = 1.0,
+                       postscale_factor: float = 1.0, process_set: PS = global_process_set
+                       ) -> tuple:
+    """Reduce the tensors in place, as one fused operation; return them."""
+    return _impl("grouped_allreduce_").grouped_allreduce_(
+        tensors, average=average, name=name, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def grouped_allreduce_async(tensors: list[torch.Tensor], average: bool | None = None,
+                            name: str | None = None, op: Any = None,
+                            prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                            process_set: PS = global_process_set) -> int:
+    """Start a fused reduction into new tensors; ``synchronize`` returns them (a tuple)."""
+    return _impl("grouped_allreduce_async").grouped_allreduce_async(
+        tensors, average=average, name=name, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def grouped_allreduce_async_(tensors: list[torch.Tensor], average: bool | None = None,
+                             name: str | None = None, op: Any = None,
+                             prescale_factor: float = 1.0, postscale_factor: float = 1.0,
+                             process_set: PS = global_process_set) -> int:
+    """Start a fused in-place reduction of the tensors; return a handle."""
+    return _impl("grouped_allreduce_async_").grouped_allreduce_async_(
+        tensors, average=average, name=name, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: Any,
+                           process_set: PS = global_process_set) -> Any:
+    """Horovod's reduction of a sparse tensor by allgathering indices and values; returns a
+    function that waits and gives the (uncoalesced) sparse sum or average."""
+    if _horovod():
+        return _active.sparse_allreduce_async(tensor, name, op, **_ps(process_set))
+    t = tensor
+    indices = allgather_async(t._indices().transpose(0, 1).contiguous(),
+                              name=f"{name}.indices", process_set=process_set)
+    values = allgather_async(t._values(), name=f"{name}.values", process_set=process_set)
+
+    def handle() -> torch.Tensor:
+        v, i = synchronize(values), synchronize(indices)
+        if collectives.resolve_op(op) is Average:
+            v = v / (process_set or global_process_set).size()
+        return torch.sparse_coo_tensor(i.transpose(0, 1), v, t.size())
+
+    return handle
+
+
+def allgather(tensor: torch.Tensor, name: str | None = None,
+              process_set: PS = global_process_set) -> torch.Tensor:
     """Every process's ``tensor`` concatenated along dimension 0 (differentiable)."""
-    return _impl("allgather", tensor).allgather(tensor, name=name)
+    return _impl("allgather", tensor).allgather(tensor, name=name, **_ps(process_set))
 
 
-def allgather_async(tensor: torch.Tensor, name: str | None = None) -> int:
+def allgather_async(tensor: torch.Tensor, name: str | None = None,
+                    process_set: PS = global_process_set) -> int:
     """Start an allgather; ``synchronize(handle)`` returns the concatenation."""
-    return _impl("allgather_async", tensor).allgather_async(tensor, name=name)
+    return _impl("allgather_async", tensor).allgather_async(tensor, name=name, **_ps(process_set))
 
 
-def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> torch.Tensor:
+def grouped_allgather(tensors: list[torch.Tensor], name: str | None = None,
+                      process_set: PS = global_process_set) -> tuple:
+    """Each tensor concatenated over the processes, as one fused operation (differentiable)."""
+    return _impl("grouped_allgather").grouped_allgather(tensors, name=name, **_ps(process_set))
+
+
+def grouped_allgather_async(tensors: list[torch.Tensor], name: str | None = None,
+                            process_set: PS = global_process_set) -> int:
+    """Start a fused allgather of the tensors; ``synchronize`` returns a tuple."""
+    return _impl("grouped_allgather_async").grouped_allgather_async(
+        tensors, name=name, **_ps(process_set))
+
+
+def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+              process_set: PS = global_process_set) -> torch.Tensor:
     """root_rank's ``tensor`` as a new tensor on every process (differentiable)."""
-    return _impl("broadcast", tensor).broadcast(tensor, root_rank, name=name)
+    return _impl("broadcast", tensor).broadcast(tensor, root_rank, name=name, **_ps(process_set))
 
 
-def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> torch.Tensor:
+def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+               process_set: PS = global_process_set) -> torch.Tensor:
     """Overwrite ``tensor`` with root_rank's, in place, and return it."""
-    return _impl("broadcast_", tensor).broadcast_(tensor, root_rank, name=name)
+    return _impl("broadcast_", tensor).broadcast_(tensor, root_rank, name=name, **_ps(process_set))
 
 
-def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
+def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                    process_set: PS = global_process_set) -> int:
     """Start a broadcast into a new tensor; return a handle."""
-    return _impl("broadcast_async", tensor).broadcast_async(tensor, root_rank, name=name)
+    return _impl("broadcast_async", tensor).broadcast_async(tensor, root_rank, name=name,
+                                                    **_ps(process_set))
 
 
-def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
+def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                     process_set: PS = global_process_set) -> int:
     """Start an in-place broadcast of ``tensor``; return a handle."""
-    return _impl("broadcast_async_", tensor).broadcast_async_(tensor, root_rank, name=name)
+    return _impl("broadcast_async_", tensor).broadcast_async_(tensor, root_rank, name=name,
+                                                      **_ps(process_set))
+
+
+def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
+             process_set: PS = global_process_set) -> Any:
+    """Rows ``splits[r]`` of ``tensor`` to rank r; the rows received in rank order (and, with
+    ``splits``, the received splits). Differentiable."""
+    return _impl("alltoall", tensor).alltoall(tensor, splits=splits, name=name, **_ps(process_set))
+
+
+def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
+                   process_set: PS = global_process_set) -> int:
+    """Start an alltoall; ``synchronize`` returns (rows received, received splits)."""
+    return _impl("alltoall_async", tensor).alltoall_async(tensor, splits=splits, name=name,
+                                                  **_ps(process_set))
+
+
+def reducescatter(tensor: torch.Tensor, name: str | None = None,
+                  compression: Any = Compression.none, op: Any = Average,
+                  process_set: PS = global_process_set, prescale_factor: float = 1.0,
+                  postscale_factor: float = 1.0) -> torch.Tensor:
+    """This rank's rows of ``tensor`` reduced over the processes (differentiable)."""
+    return _impl("reducescatter", tensor).reducescatter(
+        tensor, name=name, compression=compression, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: Any = Average,
+                        process_set: PS = global_process_set, prescale_factor: float = 1.0,
+                        postscale_factor: float = 1.0) -> int:
+    """Start a reducescatter; ``synchronize`` returns this rank's rows."""
+    return _impl("reducescatter_async", tensor).reducescatter_async(
+        tensor, name=name, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def grouped_reducescatter(tensors: list[torch.Tensor], name: str | None = None,
+                          compression: Any = Compression.none, op: Any = Average,
+                          process_set: PS = global_process_set, prescale_factor: float = 1.0,
+                          postscale_factor: float = 1.0) -> list:
+    """This rank's rows of each reduced tensor, as one fused operation (differentiable)."""
+    return _impl("grouped_reducescatter").grouped_reducescatter(
+        tensors, name=name, compression=compression, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
+
+
+def grouped_reducescatter_async(tensors: list[torch.Tensor], name: str | None = None,
+                                op: Any = Average, process_set: PS = global_process_set,
+                                prescale_factor: float = 1.0,
+                                postscale_factor: float = 1.0) -> int:
+    """Start a fused reducescatter; ``synchronize`` returns a tuple of this rank's rows."""
+    return _impl("grouped_reducescatter_async").grouped_reducescatter_async(
+        tensors, name=name, op=op, prescale_factor=prescale_factor,
+        postscale_factor=postscale_factor, **_ps(process_set))
 
 
 def poll(handle: int) -> bool:
@@ -198,46 +431,116 @@ def poll(handle: int) -> bool:
     return _impl("poll").poll(handle)
 
 
-def synchronize(handle: int) -> torch.Tensor | None:
-    """Wait for ``handle``; return the operation's output tensor."""
+def synchronize(handle: int) -> Any:
+    """Wait for ``handle``; return the operation's output tensor (or tensors)."""
     return _impl("synchronize").synchronize(handle)
 
 
-def barrier() -> None:
-    """Wait until every process gets here."""
-    _impl("barrier").barrier()
+def join(device: int = -1) -> int:
+    """Say this rank has no more data: it serves the others' allreduces (with zeros) until
+    every rank has joined; returns the rank that joined last."""
+    return _impl("join").join(device)
 
 
-def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> Any:
+def barrier(process_set: PS = global_process_set) -> None:
+    """Wait until every process (of ``process_set``) gets here."""
+    _impl("barrier").barrier(**_ps(process_set))
+
+
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
+                     process_set: PS = global_process_set) -> Any:
     """root_rank's ``obj`` (pickled) on every process."""
-    return _impl("broadcast_object").broadcast_object(obj, root_rank, name=name)
+    return _impl("broadcast_object").broadcast_object(obj, root_rank, name=name,
+                                                      **_ps(process_set))
 
 
-def allgather_object(obj: Any, name: str | None = None) -> list:
+def allgather_object(obj: Any, name: str | None = None,
+                     process_set: PS = global_process_set) -> list:
     """Every process's ``obj`` (pickled), in rank order."""
-    return _impl("allgather_object").allgather_object(obj, name=name)
+    return _impl("allgather_object").allgather_object(
+        obj, name=name, **_ps_extension(process_set, "allgather_object"))
 
 
-def broadcast_parameters(params: Any, root_rank: int) -> None:
+def broadcast_parameters(params: Any, root_rank: int,
+                         process_set: PS = global_process_set) -> None:
     """Overwrite ``params`` (a state_dict, or a list of tensors or (name, tensor)) with root's."""
-    _impl("broadcast_parameters").broadcast_parameters(params, root_rank)
+    _impl("broadcast_parameters").broadcast_parameters(
+        params, root_rank, **_ps_extension(process_set, "broadcast_parameters"))
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
-                              model: torch.nn.Module | None = None) -> None:
+                              model: torch.nn.Module | None = None,
+                              process_set: PS = global_process_set) -> None:
     """Make every process's optimizer state and hyper-parameters root_rank's."""
     _impl("broadcast_optimizer_state").broadcast_optimizer_state(optimizer, root_rank,
-                                                                 model=model)
+        model=model, **_ps_extension(process_set, "broadcast_optimizer_state"))
+
+
+def add_process_set(process_set: ProcessSet | list[int]) -> ProcessSet:
+    """Register a process set after init (every rank calls it) and return it."""
+    impl = _impl("add_process_set")
+    if impl is mpi_backend:
+        return _psets.add(process_set)
+    return horovod_backend.add_process_set(process_set)
+
+
+def remove_process_set(process_set: ProcessSet) -> bool:
+    """Unregister a process set (every rank calls it); whether it was registered."""
+    impl = _impl("remove_process_set")
+    if impl is mpi_backend:
+        return _psets.remove(process_set)
+    return horovod_backend.remove_process_set(process_set)
+
+
+def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
+    """Write a Chrome-trace timeline of every collective's phases to ``file_path`` (rank 0)."""
+    impl = _impl("start_timeline")
+    if impl is mpi_backend:
+        timeline.start(file_path, mark_cycles, rank())
+    else:
+        impl.start_timeline(file_path, mark_cycles)
+
+
+def stop_timeline() -> None:
+    """Finish the timeline file."""
+    impl = _impl("stop_timeline")
+    if impl is mpi_backend:
+        timeline.stop()
+    else:
+        impl.stop_timeline()
+
+
+def __getattr__(name: str) -> Any:
+    """Horovod's exception class and modules: Horovod's own under the horovod backend."""
+    if name not in _LAZY:
+        raise AttributeError(f"module 'hpctrain.sync' has no attribute {name!r}")
+    if _horovod():
+        return getattr(_active, name)
+    if name == "HorovodInternalError":
+        from hpctrain.sync.errors import HorovodInternalError
+
+        return HorovodInternalError
+    if name == "mpi_ops":
+        return mpi_backend
+    if name == "elastic":  # import_module: ``from hpctrain.sync import`` would come back here
+        return importlib.import_module("hpctrain.sync.elastic")
+    return None  # mpi_lib_v2: Horovod's compiled extension; hpctrain's backends have none
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any = None,
                          compression: Any = Compression.none, backward_passes_per_step: int = 1,
-                         op: Any = Average, gradient_predivide_factor: float = 1.0, *,
+                         op: Any = Average, gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
+                         process_set: PS = global_process_set, *,
                          bucket_bytes: int | None = None) -> torch.optim.Optimizer:
     """``optimizer`` whose ``step()`` applies gradients allreduced over all processes.
 
-    ``bucket_bytes`` (mpi backend only) is the fusion bucket size; Horovod's own is set with
-    the environment variable HOROVOD_FUSION_THRESHOLD before init().
+    ``bucket_bytes`` (hpctrain's backends: mpi, torch) is the fusion bucket size; Horovod's
+    own is set with the environment variable HOROVOD_FUSION_THRESHOLD before init().
     """
     first = next((p for g in optimizer.param_groups for p in g["params"]), None)
     impl = _impl("DistributedOptimizer", first)
@@ -246,12 +549,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     if impl is mpi_backend:
         return impl.DistributedOptimizer(
             optimizer, named, compression, backward_passes_per_step, op,
-            gradient_predivide_factor,
+            gradient_predivide_factor, num_groups, groups, sparse_as_dense,
+            global_process_set if process_set is None else process_set,
             bucket_bytes=DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes)
     if bucket_bytes is not None:
-        raise UsageError("bucket_bytes applies to the mpi backend; Horovod's fusion buffer is "
-                         "set with HOROVOD_FUSION_THRESHOLD before init()")
+        raise UsageError("bucket_bytes applies to hpctrain's backends; Horovod's fusion buffer "
+                         "is set with HOROVOD_FUSION_THRESHOLD before init()")
     return impl.DistributedOptimizer(
         optimizer, named_parameters=named, compression=compression,
         backward_passes_per_step=backward_passes_per_step, op=op,
-        gradient_predivide_factor=gradient_predivide_factor)
+        gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
+        groups=groups, sparse_as_dense=sparse_as_dense, **_ps(process_set))

@@ -20,6 +20,9 @@ copied back before unpacking.
 from __future__ import annotations
 
 import functools
+import itertools
+import weakref
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +30,15 @@ import torch
 
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
+from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
 from hpctrain.sync.transport import Request, Transport, test_all, wait_all
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
+# Reducers by (channel label, creation count on it): what a joined rank looks up to take part
+# in a DistributedOptimizer step (join.py).
+_reducers: dict[tuple[str, int], weakref.ref] = {}
+_created: dict[str, itertools.count] = defaultdict(itertools.count)
 
 
 def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:
@@ -54,6 +62,36 @@ def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> lis
     if current:
         buckets.append(current)
     return buckets
+
+
+def plan_groups(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int,
+                groups: list[list[int]]) -> list[list[int]]:
+    """Buckets when the user chose fusion groups (DistributedOptimizer's ``groups``).
+
+    Each group is a bucket (split where the wire dtype changes); the parameters in no group
+    are bucketed by :func:`plan_buckets`. Buckets go out in reverse order of their last
+    parameter, so the ones backward finishes first go first.
+    """
+    grouped = {i for g in groups for i in g}
+    rest = [i for i in range(len(sizes)) if i not in grouped]
+    buckets = [[rest[j] for j in b] for b in plan_buckets([sizes[i] for i in rest],
+                                                          bucket_bytes)]
+    for group in groups:
+        for _, members in itertools.groupby(sorted(group, reverse=True),
+                                            key=lambda i: sizes[i][1]):
+            buckets.append(list(members))
+    return sorted(buckets, key=lambda b: -max(b))
+
+
+def take_part_with_zeros(key: tuple[str, int]) -> list[tuple[torch.Tensor, Request]]:
+    """A joined rank's share of a step of the reducer ``key``: zeros for every bucket."""
+    ref = _reducers.get(key)
+    reducer = ref() if ref is not None else None
+    if reducer is None:
+        raise UsageError(f"join(): the other ranks step DistributedOptimizer #{key[1] + 1} of "
+                         f"{key[0]}, which this rank no longer has; keep the optimizer alive "
+                         "until join() returns")
+    return reducer.zeros_for_every_bucket()
 
 
 def scale_factors(op: ReduceOp, predivide: float, size: int, cast: bool) -> tuple[float, float]:
@@ -98,12 +136,21 @@ class BucketedAllreduce:
     hooks."""
 
     def __init__(self, params: list[torch.Tensor], transport: Transport, compression: Any,
-                 op: ReduceOp, predivide: float, passes: int, bucket_bytes: int):
+                 op: ReduceOp, predivide: float, passes: int, bucket_bytes: int,
+                 groups: list[list[int]] | None = None, sparse_as_dense: bool = False,
+                 channel: Any = None):
         self._transport = transport
         self.passes = passes
+        self.sparse_as_dense = sparse_as_dense
         wire = [compression.wire_dtype(p.dtype) for p in params]
         sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
-        plan = plan_buckets(sizes, bucket_bytes)
+        plan = (plan_buckets(sizes, bucket_bytes) if groups is None
+                else plan_groups(sizes, bucket_bytes, groups))
+        self.plan = [[(sizes[i][0], str(sizes[i][1])) for i in b] for b in plan]
+        self._channel = channel
+        if channel is not None:
+            self.key = (channel.label, next(_created[channel.label]))
+            _reducers[self.key] = weakref.ref(self)
         self._slots: list[_Slot] = [None] * len(params)  # type: ignore[list-item]
         self._buckets: list[_Bucket] = []
         for b, members in enumerate(plan):
@@ -153,8 +200,11 @@ class BucketedAllreduce:
         grad, view = slot.param.grad, slot.view
         if grad is None:
             view.zero_()
+        elif grad.is_sparse and not self.sparse_as_dense:
+            raise UsageError("a parameter has a sparse gradient: pass sparse_as_dense=True to "
+                             "DistributedOptimizer (hpctrain.sync reduces dense gradients)")
         elif grad.is_sparse:
-            raise UsageError("sparse gradients are not supported by the mpi backend")
+            torch.mul(grad.to_dense(), bucket.pre, out=view)
         elif grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
             scale_(view, bucket.pre)
         elif bucket.pre != 1:
@@ -179,8 +229,19 @@ class BucketedAllreduce:
         if self._next:
             test_all([b.request for b in self._buckets[:self._next]])
 
+    def zeros_for_every_bucket(self) -> list[tuple[torch.Tensor, Request]]:
+        """Post an allreduce of zeros per bucket (this rank has joined; the others step)."""
+        posted = []
+        for bucket in self._buckets:
+            zeros = torch.zeros_like(bucket.stage.buffer)  # where the transport moves it from
+            posted.append((zeros, self._transport.iallreduce(None, zeros, Sum)))
+        return posted
+
     def synchronize(self) -> None:
         """Send what backward did not (current or zero gradients), wait, write the results."""
+        if self._channel is not None:  # every rank is at this step, or a rank has joined
+            self._channel.agree(Call("DistributedOptimizer.step", agree=(self.plan,),
+                                     join_plan=("step", self.key)))
         for i, slot in enumerate(self._slots):
             if not slot.packed:
                 self._pack(i)

@@ -1,12 +1,16 @@
 """hpctrain's own backends' world and tensor collectives, with ``horovod.torch``'s semantics.
 
-The semantics (ops, scaling, handles, autograd) are here once; the bytes move through a
-:class:`hpctrain.sync.transport.Transport`: mpi4py on a private duplicate of the communicator
-given to :func:`init` (backend ``mpi``), or ``torch.distributed`` (backend ``torch``). CUDA
-tensors a transport cannot move where they are go through pinned host memory. Handles are
-integers, as in Horovod: ``synchronize(handle)`` waits and returns the output tensor,
-``poll(handle)`` tests. Differences from Horovod: no process sets, no Adasum; ``name`` is
-accepted and ignored (collectives are matched by call order, as in MPI, not by name).
+The semantics (ops, scaling, handles, autograd, process sets, agreement) are here once; the
+bytes move through a :class:`hpctrain.sync.transport.Transport`: mpi4py on a private duplicate
+of the communicator given to :func:`init` (backend ``mpi``), or ``torch.distributed`` (backend
+``torch``). A process set's member (process_sets.py) holds a transport on the set's ranks
+and its agreement channel (collective_check.py): every call takes ``process_set=`` and first
+runs an agreement round on the set, so ranks that call different collectives get one error,
+not a hang, and ranks inside ``join()`` take part. CUDA tensors a transport cannot move where
+they are go through a host copy (:class:`hpctrain.devices.HostStage`). Handles are integers,
+as in Horovod: ``synchronize(handle)`` waits and returns the output, ``poll(handle)`` tests.
+Differences from Horovod: no Adasum; collectives are matched by call order, as in MPI:
+``name`` is checked to agree between ranks, not used to reorder calls.
 """
 
 from __future__ import annotations
@@ -23,8 +27,11 @@ import torch
 from hpctrain import comm as mpicomm
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
-from hpctrain.sync import nbc_tuning
+from hpctrain.sync import nbc_tuning, stall, timeline
+from hpctrain.sync import process_sets as psets
+from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
+from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.transport import MPITransport, Request, Transport, wait_all
 
 
@@ -49,13 +56,16 @@ TRANSPORTS = ("mpi", "torch")
 class World:
     transport: Transport  # its own traffic: never matched with the user's
     iallreduce_algorithm: str | None  # mpi: the Iallreduce algorithm chosen (nbc_tuning)
+    cross: tuple[int, int] = (1, 0)  # (size, rank) among the ranks of this local rank
 
 
 @dataclass
 class _Pending:
-    request: Request
-    output: torch.Tensor
-    finish: Callable[[], torch.Tensor] | None = None
+    requests: list[Request]
+    output: Any
+    finish: Callable[[], Any] | None = None
+    token: Any = None  # the timeline's
+    keep: Any = None  # send buffers the transport reads until the requests finish
 
 
 _world: World | None = None
@@ -63,25 +73,48 @@ _pending: dict[int, _Pending] = {}
 _handles = itertools.count(1)
 
 
-def init(comm: Any = None, transport: str = "mpi") -> None:
+def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet] | None = None,
+         *, stall_check_s: float | None = None, stall_timeout_s: float | None = None) -> None:
     """Start the collectives on ``transport`` over ``comm`` (default: the MPI world, or for
     ``torch`` under torchrun the launcher's); a second call does nothing.
 
-    ``mpi`` also selects a fast non-blocking allreduce algorithm for the process (see
-    nbc_tuning); ``torch`` sets up torch.distributed's default group unless the script did.
+    Registers ``process_sets`` and starts the stall check (stall.py). ``mpi`` also selects a
+    fast non-blocking allreduce algorithm for the process (see nbc_tuning); ``torch`` sets up
+    torch.distributed's default group unless the script did.
     """
     global _world
     if _world is not None:
         return
     if transport == "mpi":
         MPI = mpicomm.mpi()
-        moving = MPITransport(MPI.COMM_WORLD if comm is None else comm)
-        _world = World(moving, nbc_tuning.prefer_fast_iallreduce())
-        return
-    from hpctrain.sync import torch_transport
+        moving: Transport = MPITransport(MPI.COMM_WORLD if comm is None else comm)
+        algorithm = nbc_tuning.prefer_fast_iallreduce()
+    else:
+        from hpctrain.sync import torch_transport
 
-    created = torch_transport.start_process_group(comm)
-    _world = World(torch_transport.TorchTransport(owns_default=created), None)
+        created = torch_transport.start_process_group(comm)
+        moving, algorithm = torch_transport.TorchTransport(owns_default=created), None
+    locals_ = moving.allgather_object(moving.local_rank())
+    mine = [r for r, lr in enumerate(locals_) if lr == locals_[moving.rank()]]
+    _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())))
+    ranks_comm = _mpi_comm_of(moving, comm)
+    psets.setup(moving, process_sets, ranks_comm)
+    stall.start(ranks_comm, *stall.settings(stall_check_s, stall_timeout_s))
+
+
+def _mpi_comm_of(transport: Transport, comm: Any) -> Any:
+    """An MPI communicator whose ranks are ``transport``'s (None where MPI does not run the
+    job, as under torchrun): for process sets made from communicators and the stall check."""
+    if isinstance(transport, MPITransport):
+        return transport.comm
+    MPI = sys.modules.get("mpi4py.MPI")
+    candidate = None
+    if MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized():
+        # ``comm`` may be torch_comm.TorchComm (the loop's under torchrun): not MPI's
+        candidate = comm if isinstance(comm, MPI.Intracomm) else MPI.COMM_WORLD
+    same = candidate is not None and candidate.Get_size() == transport.size() and \
+        candidate.Get_rank() == transport.rank()
+    return candidate if all(transport.allgather_object(same)) else None
 
 
 def shutdown() -> None:
@@ -89,8 +122,11 @@ def shutdown() -> None:
     global _world
     if _world is None:
         return
-    wait_all([p.request for p in _pending.values()])
+    wait_all([r for p in _pending.values() for r in p.requests])
     _pending.clear()
+    stall.stop()
+    timeline.stop()
+    psets.teardown()
     _world.transport.free()
     _world = None
 
@@ -120,6 +156,16 @@ def local_size() -> int:
 
 def local_rank() -> int:
     return world("local_rank").transport.local_rank()
+
+
+def cross_size() -> int:
+    """Number of nodes with a process of this local rank (Horovod's cross size)."""
+    return world("cross_size").cross[0]
+
+
+def cross_rank() -> int:
+    """This node's index among those (Horovod's cross rank)."""
+    return world("cross_rank").cross[1]
 
 
 def mpi_threads_supported() -> bool:
@@ -173,6 +219,11 @@ def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
     return op
 
 
+def wire_op(op: ReduceOp) -> ReduceOp:
+    """What the transport reduces with: Average is a Sum, scaled afterwards."""
+    return Sum if op is Average else op
+
+
 def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     """Multiply in place; integer tensors are scaled in float64 and truncated, as Horovod does."""
     if factor == 1:
@@ -182,7 +233,8 @@ def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     return tensor.copy_(tensor.double().mul_(factor))
 
 
-def _check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
+def check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
+    """UsageError unless ``tensor`` is a CPU or CUDA tensor (contiguous when written in place)."""
     if not isinstance(tensor, torch.Tensor):
         raise UsageError(f"{caller}: expected a torch.Tensor, got {type(tensor).__name__}")
     if tensor.device.type not in ("cpu", "cuda"):
@@ -191,208 +243,274 @@ def _check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
         raise UsageError(f"{caller}: in-place operations need a contiguous tensor")
 
 
-def _check_root(root_rank: int, caller: str) -> None:
+def _check_root(root_rank: int, caller: str, process_set: ProcessSet | None = None) -> int:
+    """``root_rank`` (a global rank) as a rank of ``process_set``'s transport."""
     n = world(caller).transport.size()
     if not isinstance(root_rank, int) or not 0 <= root_rank < n:
         raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the {n} processes")
+    return psets.set_rank(process_set, root_rank, caller)
 
 
-def _register(request: Any, output: torch.Tensor, finish=None) -> int:
+def member(process_set: ProcessSet | None, caller: str) -> psets.Member:
+    """The transport and agreement channel of ``process_set`` for this rank."""
+    world(caller)
+    return psets.member(process_set, caller)
+
+
+def stage(tensor: torch.Tensor, m: psets.Member) -> HostStage:
+    """Where ``m``'s transport moves ``tensor``: the tensor itself, or a host copy."""
+    return HostStage(tensor, direct=m.transport.takes(tensor))
+
+
+def register(requests: Request | list[Request], output: Any, finish=None,
+             call: Call | None = None, keep: Any = None, m: psets.Member | None = None) -> int:
+    """A handle for ``requests``; ``synchronize`` returns ``finish()`` or ``output``.
+    ``keep``: send buffers to hold until then (mpi4py does not hold them)."""
     handle = next(_handles)
-    _pending[handle] = _Pending(request, output, finish)
+    wire = "MPI" if m is None else m.transport.name.upper()
+    token = timeline.started(call, wire) if call is not None else None
+    listed = requests if isinstance(requests, list) else [requests]
+    _pending[handle] = _Pending(listed, output, finish, token, keep)
     return handle
 
 
-def _stage(tensor: torch.Tensor) -> HostStage:
-    """Where the transport moves ``tensor``: the tensor itself, or a pinned host copy."""
-    return HostStage(tensor, direct=world().transport.takes(tensor))
+def tensor_call(kind: str, tensor: torch.Tensor, name: str | None, op: Any = None,
+                agree_shape: tuple | None = None, join_plan: Any = None,
+                extra: str = "") -> Call:
+    """The Call describing a collective on ``tensor`` (``agree_shape``: the part that must
+    agree; the whole shape by default)."""
+    shape = tuple(tensor.shape)
+    return Call(kind, name, None if op is None else ReduceOp(op).name, tensor.dtype, shape,
+                (shape if agree_shape is None else agree_shape, extra), join_plan, extra)
+
+
+def allreduce_plan(moved: list[torch.Tensor], op: ReduceOp) -> tuple:
+    """What a joined rank does for an allreduce of the buffers ``moved`` (as the transport
+    gets them): one of zeros each, of the same dtype, size and device type."""
+    return ("allreduce", int(wire_op(op)),
+            [(str(t.dtype), t.numel(), t.device.type) for t in moved])
 
 
 def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: ReduceOp,
-                     prescale: float, postscale: float, caller: str) -> int:
+                     prescale: float, postscale: float, caller: str, name: str | None,
+                     process_set: ProcessSet | None) -> int:
     """Start reducing ``send`` into ``output`` (in place on ``output`` when ``send`` is None)."""
-    w = world(caller)
-    post = postscale / w.transport.size() if op is Average else postscale
-    stage = _stage(output.detach())
-    if send is not None and stage.staged:  # reduce the host copy in place
+    m = member(process_set, caller)
+    moved = stage(output.detach(), m)
+    call = tensor_call("allreduce", output, name, op,
+                       join_plan=allreduce_plan([moved.buffer], op))
+    m.channel.agree(call)
+    post = postscale / m.transport.size() if op is Average else postscale
+    if send is not None and moved.staged:  # reduce the host copy in place
         output.detach().copy_(send)
         send = None
     if send is None:
         scale_(output.detach(), prescale)
-    request = w.transport.iallreduce(send, stage.to_host(), Sum if op is Average else op)
+    request = m.transport.iallreduce(send, moved.to_host(), wire_op(op))
 
     def finish() -> torch.Tensor:
-        stage.to_device()
+        moved.to_device()
         return scale_(output.detach(), post)
 
-    return _register(request, output, finish)
+    return register(request, output, finish, call, keep=send, m=m)
 
 
 def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                     op: Any = None, prescale_factor: float = 1.0,
-                    postscale_factor: float = 1.0) -> int:
+                    postscale_factor: float = 1.0,
+                    process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` over all processes (input unchanged); return a handle."""
-    _check_tensor(tensor, "allreduce_async", in_place=False)
+    check_tensor(tensor, "allreduce_async", in_place=False)
     op = resolve_op(op, average)
     src = tensor.detach()
     if prescale_factor == 1:
         output = torch.empty_like(src, memory_format=torch.contiguous_format)
         return _start_allreduce(src.contiguous(), output, op, 1.0, postscale_factor,
-                                "allreduce_async")
+                                "allreduce_async", name, process_set)
     return _start_allreduce(None, src.clone(memory_format=torch.contiguous_format), op,
-                            prescale_factor, postscale_factor, "allreduce_async")
+                            prescale_factor, postscale_factor, "allreduce_async", name,
+                            process_set)
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                      op: Any = None, prescale_factor: float = 1.0,
-                     postscale_factor: float = 1.0) -> int:
+                     postscale_factor: float = 1.0,
+                     process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` in place over all processes; return a handle."""
-    _check_tensor(tensor, "allreduce_async_", in_place=True)
+    check_tensor(tensor, "allreduce_async_", in_place=True)
     op = resolve_op(op, average)
     return _start_allreduce(None, tensor, op, prescale_factor, postscale_factor,
-                            "allreduce_async_")
+                            "allreduce_async_", name, process_set)
 
 
 def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
                op: Any = None, prescale_factor: float = 1.0,
-               postscale_factor: float = 1.0) -> torch.Tensor:
+               postscale_factor: float = 1.0,
+               process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Reduce ``tensor`` in place over all processes and return it."""
     return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor,
-                                        postscale_factor))
+                                        postscale_factor, process_set))
 
 
 def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
               compression=Compression.none, op: Any = None, prescale_factor: float = 1.0,
-              postscale_factor: float = 1.0) -> torch.Tensor:
+              postscale_factor: float = 1.0,
+              process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Reduced copy of ``tensor`` (differentiable: the gradient is reduced the same way)."""
     compressed, ctx = compression.compress(tensor)
-    reduced = _Allreduce.apply(compressed, average, op, prescale_factor, postscale_factor)
+    reduced = _Allreduce.apply(compressed, average, name, op, prescale_factor,
+                               postscale_factor, process_set)
     return compression.decompress(reduced, ctx)
 
 
 class _Allreduce(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, average, op, prescale, postscale):
-        ctx.args = (average, op, prescale, postscale)
-        return synchronize(allreduce_async(tensor, average, None, op, prescale, postscale))
+    def forward(ctx, tensor, average, name, op, prescale, postscale, process_set):
+        ctx.args = (average, op, prescale, postscale, process_set)
+        return synchronize(allreduce_async(tensor, average, name, op, prescale, postscale,
+                                           process_set))
 
     @staticmethod
     def backward(ctx, grad):
-        average, op, prescale, postscale = ctx.args
-        return (allreduce(grad, average, None, NoneCompressor, op, prescale, postscale),
-                None, None, None, None)
+        average, op, prescale, postscale, process_set = ctx.args
+        return (allreduce(grad, average, None, NoneCompressor, op, prescale, postscale,
+                          process_set), None, None, None, None, None, None)
 
 
-def allgather_async(tensor: torch.Tensor, name: str | None = None) -> int:
+def allgather_async(tensor: torch.Tensor, name: str | None = None,
+                    process_set: ProcessSet = global_process_set) -> int:
     """Start concatenating every process's ``tensor`` along dimension 0; return a handle.
 
     First dimensions may differ between processes; the others must agree.
     """
-    _check_tensor(tensor, "allgather_async", in_place=False)
-    w = world("allgather_async")
+    check_tensor(tensor, "allgather_async", in_place=False)
+    m = member(process_set, "allgather_async")
     if tensor.dim() == 0:
         raise UsageError("allgather_async: needs a tensor with at least one dimension")
     src = tensor.detach().contiguous()
-    shapes = w.transport.allgather_object((tuple(src.shape), src.dtype))
+    call = tensor_call("allgather", src, name, agree_shape=tuple(src.shape[1:]))
+    m.channel.agree(call)
+    shapes = m.transport.allgather_object((tuple(src.shape), src.dtype))
     if any(s[1:] != src.shape[1:] or d != src.dtype for s, d in shapes):
         raise UsageError(f"allgather_async: shapes and dtypes must agree except in dimension 0, "
                          f"got {[(list(s), str(d)) for s, d in shapes]}")
     rows = [s[0] for s, _ in shapes]
     output = src.new_empty((sum(rows), *src.shape[1:]))
-    stage = _stage(output)
-    send = src if not stage.staged else src.cpu()
-    request = w.transport.iallgather(send, stage.buffer, rows)
-    return _register(request, output, stage.to_device)
+    moved = stage(output, m)
+    send = src if not moved.staged else src.cpu()
+    request = m.transport.iallgather(send, moved.buffer, rows)
+    return register(request, output, moved.to_device, call, keep=send, m=m)
 
 
-def allgather(tensor: torch.Tensor, name: str | None = None) -> torch.Tensor:
+def allgather(tensor: torch.Tensor, name: str | None = None,
+              process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Concatenation of every process's ``tensor`` along dimension 0 (differentiable)."""
-    return _Allgather.apply(tensor)
+    return _Allgather.apply(tensor, name, process_set)
 
 
 class _Allgather(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor):
-        ctx.rows = tensor.shape[0]
-        return synchronize(allgather_async(tensor))
+    def forward(ctx, tensor, name, process_set):
+        ctx.rows, ctx.process_set = tensor.shape[0], process_set
+        return synchronize(allgather_async(tensor, name, process_set))
 
     @staticmethod
     def backward(ctx, grad):
-        reduced = allreduce(grad, op=Average)
-        rows = allgather(torch.tensor([ctx.rows]))
-        start = int(rows[:rank()].sum())
-        return reduced.narrow(0, start, ctx.rows)
+        ps = ctx.process_set
+        reduced = allreduce(grad, op=Average, process_set=ps)
+        rows = allgather(torch.tensor([ctx.rows]), process_set=ps)
+        start = int(rows[:member(ps, "allgather").transport.rank()].sum())
+        return reduced.narrow(0, start, ctx.rows), None, None
 
 
-def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
+def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> int:
     """Start overwriting ``tensor`` with root_rank's, in place; return a handle."""
-    _check_tensor(tensor, "broadcast_async_", in_place=True)
-    _check_root(root_rank, "broadcast_async_")
-    stage = _stage(tensor.detach())
-    request = world().transport.ibcast(stage.to_host(), root_rank)
+    check_tensor(tensor, "broadcast_async_", in_place=True)
+    m = member(process_set, "broadcast_async_")
+    root = _check_root(root_rank, "broadcast_async_", process_set)
+    call = tensor_call("broadcast", tensor, name, extra=f"root_rank={root_rank}")
+    m.channel.agree(call)
+    moved = stage(tensor.detach(), m)
+    request = m.transport.ibcast(moved.to_host(), root)
 
     def finish() -> torch.Tensor:
-        stage.to_device()
+        moved.to_device()
         return tensor
 
-    return _register(request, tensor, finish)
+    return register(request, tensor, finish, call, m=m)
 
 
-def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> int:
+def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+                    process_set: ProcessSet = global_process_set) -> int:
     """Start broadcasting root_rank's ``tensor`` into a new tensor; return a handle."""
-    _check_tensor(tensor, "broadcast_async", in_place=False)
+    check_tensor(tensor, "broadcast_async", in_place=False)
     return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format),
-                            root_rank)
+                            root_rank, name, process_set)
 
 
-def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> torch.Tensor:
+def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+               process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Overwrite ``tensor`` with root_rank's, in place, and return it."""
-    return synchronize(broadcast_async_(tensor, root_rank))
+    return synchronize(broadcast_async_(tensor, root_rank, name, process_set))
 
 
-def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None) -> torch.Tensor:
+def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
+              process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """root_rank's ``tensor`` on every process (differentiable)."""
-    return _Broadcast.apply(tensor, root_rank)
+    return _Broadcast.apply(tensor, root_rank, name, process_set)
 
 
 class _Broadcast(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, tensor, root_rank):
-        ctx.root_rank = root_rank
-        return synchronize(broadcast_async(tensor, root_rank))
+    def forward(ctx, tensor, root_rank, name, process_set):
+        ctx.root_rank, ctx.process_set = root_rank, process_set
+        return synchronize(broadcast_async(tensor, root_rank, name, process_set))
 
     @staticmethod
     def backward(ctx, grad):
-        reduced = allreduce(grad, op=Average)
-        return (reduced if rank() == ctx.root_rank else torch.zeros_like(reduced)), None
+        reduced = allreduce(grad, op=Average, process_set=ctx.process_set)
+        mine = rank() == ctx.root_rank
+        return (reduced if mine else torch.zeros_like(reduced)), None, None, None
 
 
 def poll(handle: int) -> bool:
     """Whether the operation behind ``handle`` has finished (then synchronize does not block)."""
     if handle not in _pending:
         raise UsageError(f"poll: unknown handle {handle!r}")
-    return _pending[handle].request.test()
+    return all([r.test() for r in _pending[handle].requests])  # test every one: progress
 
 
-def synchronize(handle: int) -> torch.Tensor | None:
-    """Wait for ``handle`` and return its output tensor (None for an unknown handle, as Horovod)."""
+def synchronize(handle: int) -> Any:
+    """Wait for ``handle`` and return its output (None for an unknown handle, as Horovod)."""
     pending = _pending.pop(handle, None)
     if pending is None:
         return None
-    pending.request.wait()
+    wait_all(pending.requests)
+    timeline.finished(pending.token)
     return pending.finish() if pending.finish else pending.output
 
 
-def barrier() -> None:
-    world("barrier").transport.barrier()
+def barrier(process_set: ProcessSet = global_process_set) -> None:
+    """Wait until every process of ``process_set`` gets here."""
+    m = member(process_set, "barrier")
+    m.channel.agree(Call("barrier", join_plan=("barrier",)))
+    m.transport.barrier()
 
 
-def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None) -> Any:
+def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> Any:
     """root_rank's ``obj`` (pickled) on every process."""
-    _check_root(root_rank, "broadcast_object")
-    return world().transport.bcast_object(obj, root_rank)
+    m = member(process_set, "broadcast_object")
+    root = _check_root(root_rank, "broadcast_object", process_set)
+    m.channel.agree(Call("broadcast_object", name, agree=(root_rank,),
+                         extra=f"root_rank={root_rank}"))
+    return m.transport.bcast_object(obj, root)
 
 
-def allgather_object(obj: Any, name: str | None = None) -> list:
+def allgather_object(obj: Any, name: str | None = None,
+                     process_set: ProcessSet = global_process_set) -> list:
     """Every process's ``obj`` (pickled), in rank order."""
-    return world("allgather_object").transport.allgather_object(obj)
+    m = member(process_set, "allgather_object")
+    m.channel.agree(Call("allgather_object", name))
+    return m.transport.allgather_object(obj)

@@ -1,4 +1,4 @@
-"""``broadcast_parameters`` and ``broadcast_optimizer_state`` for the mpi backend (Horovod's)."""
+"""``broadcast_parameters`` and ``broadcast_optimizer_state`` of hpctrain's backends."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import torch
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives
 from hpctrain.sync.optimizer import _DistributedOptimizer
+from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
-def broadcast_parameters(params: Any, root_rank: int) -> None:
+def broadcast_parameters(params: Any, root_rank: int,
+                         process_set: ProcessSet = global_process_set) -> None:
     """Overwrite tensors in place with root_rank's: a ``state_dict()`` (a dict), or a list of
     parameters or of (name, parameter) pairs, e.g. ``list(model.named_parameters())``."""
     if isinstance(params, dict):
@@ -21,13 +23,15 @@ def broadcast_parameters(params: Any, root_rank: int) -> None:
     else:
         raise UsageError(f"broadcast_parameters: params must be a dict or a list, got "
                          f"{type(params).__name__}")
-    handles = [collectives.broadcast_async_(t, root_rank) for t in tensors]
+    handles = [collectives.broadcast_async_(t, root_rank, process_set=process_set)
+               for t in tensors]
     for handle in handles:
         collectives.synchronize(handle)
 
 
 def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
-                              model: torch.nn.Module | None = None) -> None:
+                              model: torch.nn.Module | None = None,
+                              process_set: ProcessSet = global_process_set) -> None:
     """Make every process's optimizer state and hyper-parameters root_rank's.
 
     As in Horovod, a fresh optimizer is first stepped once on zero gradients so that its
@@ -50,8 +54,8 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
                     tensors.append(value)
                 else:
                     scalars[f"state.{index}.{j}.{name}"] = value
-    broadcast_parameters(tensors, root_rank)
-    scalars = collectives.broadcast_object(scalars, root_rank)
+    broadcast_parameters(tensors, root_rank, process_set)
+    scalars = collectives.broadcast_object(scalars, root_rank, process_set=process_set)
     for key, value in scalars.items():
         kind, index, rest = key.split(".", 2)
         group = optimizer.param_groups[int(index)]

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import os
 from types import ModuleType
 from typing import Any
 
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
+from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
 def load() -> ModuleType:
@@ -24,12 +26,74 @@ def load() -> ModuleType:
     return hvd
 
 
-def init(comm: Any = None) -> ModuleType:
-    """Initialise MPI at thread level multiple, then Horovod on ``comm`` (default COMM_WORLD)."""
+def init(comm: Any = None, process_sets: list[ProcessSet] | None = None,
+         stall_check_s: float | None = None, stall_timeout_s: float | None = None) -> ModuleType:
+    """Initialise MPI at thread level multiple, then Horovod on ``comm`` (default COMM_WORLD).
+
+    Process sets may also be added after init and the timeline started at any time, as on
+    the mpi backend (Horovod needs HOROVOD_DYNAMIC_PROCESS_SETS=1 and HOROVOD_TIMELINE=DYNAMIC
+    for that; they are set here unless the user set them). The stall settings become
+    Horovod's HOROVOD_STALL_* variables.
+    """
     hvd = load()
     MPI = mpicomm.init("multiple")
     if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
         raise UsageError("backend 'horovod' needs MPI at thread level 'multiple', but MPI was "
                          "started at a lower level; call hpctrain.comm.init('multiple') first")
-    hvd.init(comm=MPI.COMM_WORLD if comm is None else comm)
+    os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
+    os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
+    if stall_check_s is not None:
+        os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(int(stall_check_s))
+    if stall_timeout_s is not None:
+        os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(stall_timeout_s))
+    sets = list(process_sets or [])
+    natives = [hvd.ProcessSet(ps.ranks if ps.ranks is not None else ps.mpi_comm) for ps in sets]
+    hvd.init(comm=MPI.COMM_WORLD if comm is None else comm, process_sets=natives or None)
+    global_process_set.ranks = list(range(hvd.size()))
+    for ps, native in zip(sets, natives, strict=True):
+        _adopt(ps, native)
     return hvd
+
+
+_adopted: list[ProcessSet] = []  # ours that stand for one of Horovod's, until shutdown
+
+
+def _adopt(ps: ProcessSet, native: Any) -> ProcessSet:
+    ps._native, ps.process_set_id, ps.ranks = native, native.process_set_id, list(native.ranks)
+    _adopted.append(ps)
+    return ps
+
+
+def forget_process_sets() -> None:
+    """After Horovod's shutdown its process sets are gone: unregister ours."""
+    for ps in _adopted:
+        ps._invalidate()
+    _adopted.clear()
+
+
+def native(process_set: Any) -> Any:
+    """Horovod's ProcessSet for one of ours (Horovod's own pass through)."""
+    hvd = load()
+    if process_set is None or process_set is global_process_set:
+        return hvd.global_process_set
+    if isinstance(process_set, ProcessSet):
+        if process_set._native is None:
+            raise UsageError(f"{process_set} is not registered; pass it to "
+                             "init(process_sets=...) or add_process_set() first")
+        return process_set._native
+    return process_set
+
+
+def add_process_set(process_set: Any) -> ProcessSet:
+    hvd = load()
+    ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
+    return _adopt(ps, hvd.add_process_set(ps.ranks))
+
+
+def remove_process_set(process_set: ProcessSet) -> bool:
+    if not isinstance(process_set, ProcessSet) or process_set._native is None:
+        return False
+    done = load().remove_process_set(process_set._native)
+    if done:
+        process_set._invalidate()
+    return done

@@ -41,3 +41,27 @@ __all__ = [
     "mpi_built", "mpi_enabled", "mpi_threads_supported", "nccl_built", "poll", "rank",
     "shutdown", "size", "synchronize",
 ]
+
+# Issue 13: the rest of horovod.torch's names (kept apart from the list above for merging).
+from hpctrain.sync.alltoall import alltoall, alltoall_async  # noqa: E402
+from hpctrain.sync.collectives import cross_rank, cross_size  # noqa: E402
+from hpctrain.sync.grouped import (  # noqa: E402
+    grouped_allgather,
+    grouped_allgather_async,
+    grouped_allreduce,
+    grouped_allreduce_,
+    grouped_allreduce_async,
+    grouped_allreduce_async_,
+    grouped_reducescatter,
+    grouped_reducescatter_async,
+    reducescatter,
+    reducescatter_async,
+)
+from hpctrain.sync.join import join  # noqa: E402
+
+__all__ += [
+    "alltoall", "alltoall_async", "cross_rank", "cross_size", "grouped_allgather",
+    "grouped_allgather_async", "grouped_allreduce", "grouped_allreduce_",
+    "grouped_allreduce_async", "grouped_allreduce_async_", "grouped_reducescatter",
+    "grouped_reducescatter_async", "join", "reducescatter", "reducescatter_async",
+]

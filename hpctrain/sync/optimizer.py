@@ -1,4 +1,4 @@
-"""``DistributedOptimizer`` for the mpi backend: Horovod's optimizer wrapper over fused buckets.
+"""``DistributedOptimizer`` of hpctrain's backends: Horovod's optimizer wrapper, fused buckets.
 
 As in Horovod, the result is an instance of a class made on the fly as a subclass of the
 user's optimizer class, built on the same parameter groups: ``isinstance``, ``state_dict`` and
@@ -19,20 +19,31 @@ import torch
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce
+from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Average, Sum
 from hpctrain.sync.compression import Compression
+from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
                          compression: Any = Compression.none, backward_passes_per_step: int = 1,
-                         op: Any = Average, gradient_predivide_factor: float = 1.0, *,
+                         op: Any = Average, gradient_predivide_factor: float = 1.0,
+                         num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
+                         process_set: ProcessSet = global_process_set, *,
                          bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> torch.optim.Optimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients allreduced over all processes.
 
-    Horovod's arguments and semantics; ``bucket_bytes`` is the fusion bucket size.
+    Horovod's arguments and semantics; ``bucket_bytes`` is the fusion bucket size. ``groups``
+    (or the deprecated ``num_groups``): an int splits the parameters into that many fused
+    buckets in order, a list of lists of parameters makes each list one bucket (the others
+    are bucketed by size). ``sparse_as_dense`` reduces sparse gradients as dense ones.
+    ``process_set``: gradients are averaged over its ranks only.
     """
     collectives.world("DistributedOptimizer")
+    if num_groups:
+        warnings.warn("num_groups is deprecated (as in Horovod); use groups", stacklevel=2)
+        groups = num_groups if groups is None else groups
     op = collectives.resolve_op(op)
     if op not in (Average, Sum):
         raise UsageError(f"DistributedOptimizer: op must be Average or Sum, got {op.name}")
@@ -48,9 +59,45 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
         raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
     names = parameter_names(optimizer, named_parameters)
+    trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    group_indices = _group_indices(groups, trained)
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     return cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, bucket_bytes)
+               gradient_predivide_factor, bucket_bytes, group_indices, bool(sparse_as_dense),
+               process_set)
+
+
+def _group_indices(groups: Any, params: list[torch.Tensor]) -> list[list[int]] | None:
+    """``groups`` as lists of indices into ``params``; UsageError for a bad value."""
+    if groups is None:
+        return None
+    if isinstance(groups, int) and not isinstance(groups, bool):
+        if groups <= 0:
+            raise UsageError(f"groups must be a positive integer or a list of lists of "
+                             f"parameters, got {groups}")
+        k = min(groups, len(params))
+        bounds = [len(params) * j // k for j in range(k + 1)]
+        return [list(range(bounds[j], bounds[j + 1])) for j in range(k)
+                if bounds[j + 1] > bounds[j]]
+    if not isinstance(groups, list) or not all(isinstance(g, list | tuple) for g in groups):
+        raise UsageError(f"groups must be a positive integer or a list of lists of "
+                         f"parameters, got {type(groups).__name__}")
+    index = {id(p): i for i, p in enumerate(params)}
+    seen: set[int] = set()
+    result = []
+    for group in groups:
+        members = []
+        for p in group:
+            if not isinstance(p, torch.Tensor) or id(p) not in index:
+                raise UsageError("groups must consist of the optimizer's parameters that "
+                                 "require gradients")
+            if id(p) in seen:
+                raise UsageError("a parameter can only appear once in groups")
+            seen.add(id(p))
+            members.append(index[id(p)])
+        if members:
+            result.append(members)
+    return result
 
 
 def parameter_names(optimizer: torch.optim.Optimizer,
@@ -85,25 +132,36 @@ class _DistributedOptimizer:
 
     def __init__(self, params: list[dict], names: dict[torch.Tensor, str], compression: Any,
                  backward_passes_per_step: int, op: Any, gradient_predivide_factor: float,
-                 bucket_bytes: int):
+                 bucket_bytes: int, groups: list[list[int]] | None = None,
+                 sparse_as_dense: bool = False,
+                 process_set: ProcessSet = global_process_set):
         super().__init__(params)
         self._parameter_names = names
         self._compression = compression
         self.op = op
         self.gradient_predivide_factor = gradient_predivide_factor
         self.backward_passes_per_step = backward_passes_per_step
+        self.sparse_as_dense = sparse_as_dense
+        self.process_set = process_set
         self._synchronized = False
         self._should_synchronize = True
-        world = collectives.world("DistributedOptimizer")
-        # As in Horovod, one process needs no communication at all.
+        collectives.world("DistributedOptimizer")
+        # As in Horovod, one process needs no communication at all, and a rank outside the
+        # process set none either.
         self._reducer = None
-        if world.transport.size() > 1:
+        member = (collectives.member(process_set, "DistributedOptimizer")
+                  if process_set.included() else None)
+        if member is not None and member.transport.size() > 1:
             grads = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-            # Its own communicator: its collectives may start at different moments on different
-            # ranks (from backward, or at synchronize) relative to the user's hvd.* calls.
-            self._reducer = BucketedAllreduce(grads, world.transport.dup(), compression, op,
+            # Its own transport: its collectives may start at different moments on different
+            # ranks (from backward, or at synchronize) relative to the user's hvd.* calls; its
+            # steps are agreed on the process set's channel, at step time.
+            self._reducer = BucketedAllreduce(grads, member.transport.dup(), compression, op,
                                               gradient_predivide_factor,
-                                              backward_passes_per_step, bucket_bytes)
+                                              backward_passes_per_step, bucket_bytes, groups,
+                                              sparse_as_dense, member.channel)
+            member.channel.agree(Call("DistributedOptimizer", agree=(self._reducer.plan,),
+                                      extra=f"{len(self._reducer.plan)} buckets"))
 
     @property
     def bucket_sizes(self) -> list[int]:

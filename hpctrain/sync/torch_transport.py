@@ -6,6 +6,10 @@ rendezvous address that rank 0 broadcasts over MPI), or from torchrun's environm
 initialised already is used as it is. CUDA tensors go through NCCL and CPU tensors through
 gloo (``cpu:gloo,cuda:nccl``), unless two ranks on one node share a GPU, which one NCCL
 communicator cannot hold: then gloo takes both (it copies device memory itself).
+
+torch.distributed makes a group on every rank of the job at once (``new_group``), so
+:meth:`TorchTransport.split` (a process set, registered by every rank) makes two groups: the
+set's, and a spare that the set's one ``DistributedOptimizer`` takes through ``dup()``.
 """
 
 from __future__ import annotations
@@ -103,9 +107,10 @@ class TorchTransport:
 
     name = "torch"
 
-    def __init__(self, group: Any = None, *, owns_default: bool = False):
+    def __init__(self, group: Any = None, *, owns_default: bool = False, spare: Any = None):
         self.group = group
         self._owns_default = owns_default
+        self._spare = spare  # a second group on the same ranks, for dup() (see split)
         self.nccl = "nccl" in str(dist.get_backend(group)).lower()
         nodes = self.allgather_object(socket.gethostname())
         me = nodes[self.rank()]
@@ -150,6 +155,17 @@ class TorchTransport:
         return _Work(dist.broadcast(tensor, src=self._global(root), group=self.group,
                                     async_op=True))
 
+    def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                  recv_rows: list[int]) -> Request:
+        return _Work(dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
+                                            input_split_sizes=send_rows, group=self.group,
+                                            async_op=True))
+
+    def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
+                       op: int) -> Request:
+        return _Work(dist.reduce_scatter(out, list(send.split(counts)), op=_OPS[int(op)],
+                                         group=self.group, async_op=True))
+
     def barrier(self) -> None:
         # An allreduce of a CPU tensor: gloo's, whatever backend CUDA tensors use.
         dist.all_reduce(torch.zeros(1), group=self.group)
@@ -173,10 +189,30 @@ class TorchTransport:
         return [pickle.loads(part.numpy().tobytes()) for part in out.split(rows)]
 
     def dup(self) -> TorchTransport:
+        """torch.distributed makes a group on every rank of the job at once; so a set of
+        fewer ranks (split) has one group made for dup() in advance, and no more."""
+        if self._spare is not None:
+            group, self._spare = self._spare, None
+            return TorchTransport(group)
+        if self.size() != dist.get_world_size():
+            raise UsageError("backend 'torch': a process set other than the global one takes "
+                             "one DistributedOptimizer (torch.distributed makes groups on "
+                             "every rank at once); use the mpi backend for more")
         ranks = [self._global(r) for r in range(self.size())]
         return TorchTransport(dist.new_group(ranks, backend=dist.get_backend(self.group)))
 
+    def split(self, ranks: list[int]) -> TorchTransport | None:
+        members = [self._global(r) for r in ranks]
+        backend = dist.get_backend(self.group)
+        group = dist.new_group(members, backend=backend)
+        spare = dist.new_group(members, backend=backend)
+        if dist.get_rank() not in members:
+            return None
+        return TorchTransport(group, spare=spare)
+
     def free(self) -> None:
+        if self._spare is not None:
+            dist.destroy_process_group(self._spare)
         if self.group is not None:
             dist.destroy_process_group(self.group)
         elif self._owns_default:

@@ -58,12 +58,26 @@ class Transport(Protocol):
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
         """Overwrite contiguous ``tensor`` with ``root``'s."""
 
+    def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                  recv_rows: list[int]) -> Request:
+        """Send ``send_rows[r]`` rows of ``send`` (dimension 0, in order) to rank r; receive
+        ``recv_rows[r]`` rows from rank r into ``out``, in rank order."""
+
+    def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
+                       op: int) -> Request:
+        """Reduce 1-d ``send`` by ``op``; rank r gets its ``counts[r]`` elements (in order)
+        into ``out``."""
+
     def barrier(self) -> None: ...
     def bcast_object(self, obj: Any, root: int) -> Any: ...
     def allgather_object(self, obj: Any) -> list: ...
 
     def dup(self) -> Transport:
         """The same ranks, with traffic of their own (never matched with this one's)."""
+
+    def split(self, ranks: list[int]) -> Transport | None:
+        """A transport on ``ranks`` (this one's) for its members, None on the other ranks;
+        every rank of the job calls it, with the same ranks."""
 
     def free(self) -> None: ...
 
@@ -138,12 +152,26 @@ class MPITransport:
         MPI = mpicomm.mpi()
         row_bytes = math.prod(send.shape[1:]) * send.element_size()
         counts = [r * row_bytes for r in rows]
-        displs = [sum(counts[:i]) for i in range(len(counts))]
         return _MPIRequest(self.comm.Iallgatherv(_bytes(send),
-                                                 [_bytes(out), counts, displs, MPI.BYTE]))
+                                                 [_bytes(out), counts, _displs(counts), MPI.BYTE]))
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
         return _MPIRequest(self.comm.Ibcast(_bytes(tensor), root=root))
+
+    def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                  recv_rows: list[int]) -> Request:
+        MPI = mpicomm.mpi()
+        row_bytes = math.prod(send.shape[1:]) * send.element_size()
+        sends = [r * row_bytes for r in send_rows]
+        recvs = [r * row_bytes for r in recv_rows]
+        return _MPIRequest(self.comm.Ialltoallv([_bytes(send), sends, _displs(sends), MPI.BYTE],
+                                                [_bytes(out), recvs, _displs(recvs), MPI.BYTE]))
+
+    def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
+                       op: int) -> Request:
+        send_buf, mpi_op = reduce_spec(send.detach().reshape(-1), op)
+        out_buf, _ = reduce_spec(out.detach().reshape(-1), op)
+        return _MPIRequest(self.comm.Ireduce_scatter(send_buf, out_buf, counts, mpi_op))
 
     def barrier(self) -> None:
         self.comm.Barrier()
@@ -156,6 +184,16 @@ class MPITransport:
 
     def dup(self) -> MPITransport:
         return MPITransport(self.comm)
+
+    def split(self, ranks: list[int]) -> MPITransport | None:
+        MPI = mpicomm.mpi()
+        me = self.rank()
+        sub = self.comm.Split(0 if me in ranks else MPI.UNDEFINED, key=me)
+        if sub == MPI.COMM_NULL:
+            return None
+        transport = MPITransport(sub)
+        sub.Free()
+        return transport
 
     def free(self) -> None:
         self.local_comm.Free()
@@ -180,6 +218,10 @@ def _half_op(op: int, dtype: torch.dtype) -> Any:
         combine(acc, torch.frombuffer(inbuf, dtype=dtype), out=acc)
 
     return mpicomm.mpi().Op.Create(reduce, commute=True)
+
+
+def _displs(counts: list[int]) -> list[int]:
+    return [sum(counts[:i]) for i in range(len(counts))]
 
 
 def _bytes(tensor: torch.Tensor) -> Any:

@@ -1,0 +1,157 @@
+"""Agreement before every collective: ranks that disagree get one error instead of a hang.
+
+MPI matches collectives by call order, so two ranks that call different collectives, or one
+that calls one more, wait for each other forever. Here every collective of hpctrain's own
+backends (and each ``DistributedOptimizer`` step) first runs one small blocking allreduce
+(MAX) of int64 host words through its process set's transport (MPI, or gloo under the torch
+backend), a *round*: a hash of what must agree (kind,
+name, op, dtype, shape, root), the same hash negated (so MAX also yields the minimum), and
+the join state. When the hashes differ, every rank takes part in one ``allgather`` of the
+calls' descriptions and raises :class:`CollectiveMismatchError` naming the two calls. A rank
+in ``join()`` takes part in the rounds as "joined", and when any rank has joined, the lowest
+active rank broadcasts what the joined ranks must do (e.g. an allreduce of so many float32
+zeros). The cost is one latency-bound 48-byte allreduce per collective call and per optimizer
+step. ``HPCTRAIN_CHECK_COLLECTIVES=0`` turns the rounds off (mismatches then hang as in MPI,
+and ``join`` is unavailable); the tests run with it on, the default.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from hpctrain.sync import stall, timeline
+from hpctrain.sync.errors import CollectiveMismatchError, HorovodInternalError
+from hpctrain.sync.transport import MAX
+
+CHECK_ENV = "HPCTRAIN_CHECK_COLLECTIVES"
+_ABSENT = -(2**62)
+ACTIVE, JOINED, KEY, NEG_KEY, NEW_JOIN, NEG_ROOT = range(6)
+
+
+def enabled() -> bool:
+    """Whether rounds run: unless ``HPCTRAIN_CHECK_COLLECTIVES=0``."""
+    return os.environ.get(CHECK_ENV, "1").strip() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One collective call as this rank sees it.
+
+    ``agree`` is what every rank must have in common; ``join_plan`` is what a joined rank
+    must do to take part (None: the call cannot run while a rank has joined, as in Horovod).
+    """
+
+    kind: str
+    name: str | None = None
+    op: str | None = None
+    dtype: Any = None
+    shape: tuple | None = None
+    agree: tuple = ()
+    join_plan: Any = None
+    extra: str = ""
+
+    def describe(self) -> str:
+        parts = [] if self.name is None else [f"name={self.name!r}"]
+        if self.op is not None:
+            parts.append(f"op={self.op}")
+        if self.dtype is not None:
+            dtype = str(self.dtype).replace("torch.", "")
+            parts.append(dtype + ("" if self.shape is None else str(list(self.shape))))
+        if self.extra:
+            parts.append(self.extra)
+        return f"{self.kind}({', '.join(parts)})"
+
+    def key(self) -> int:
+        text = repr((self.kind, self.name, self.op, str(self.dtype), self.agree))
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest()) >> 2
+
+
+@dataclass
+class Round:
+    """What a round told every rank."""
+
+    everyone_joined: bool
+    join_plan: Any = None  # set when some rank has joined
+
+
+@dataclass
+class Channel:
+    """The rounds of one transport (a process set's)."""
+
+    transport: Any
+    label: str
+    ranks: list[int] | None = None  # global rank of each transport rank (None: the same)
+    seq: int = 0  # completed rounds
+    last: str = "nothing yet"  # the last agreed call
+    last_joined: int = -1  # (transport) rank that joined last, as join() returns
+    _vec: np.ndarray = field(default_factory=lambda: np.zeros(6, dtype=np.int64))
+
+    def agree(self, call: Call) -> None:
+        """Run a round for ``call`` on an active rank; raise if the ranks disagree."""
+        if self.transport.size() == 1 or not enabled():
+            return
+        key = call.key()
+        v = self._vec
+        v[:] = (1, 0, key, -key, -1, -self.transport.rank())
+        t0 = time.perf_counter()
+        self._exchange(call)
+        if v[KEY] != -v[NEG_KEY]:
+            self._raise_mismatch(call)
+        if v[JOINED]:
+            plan = self._broadcast_plan(call)
+            if plan is None:
+                raise HorovodInternalError(f"{call.kind} is not supported while a rank has "
+                                           "joined (hvd.join()), as in Horovod")
+        timeline.negotiated(call, t0)
+        self.last = call.describe()
+
+    def joined_round(self, first: bool) -> Round:
+        """Run a round on a rank inside ``join()``."""
+        v = self._vec
+        v[:] = (0, 1, _ABSENT, _ABSENT, self.transport.rank() if first else -1, _ABSENT)
+        self._exchange(None)
+        if not v[ACTIVE]:
+            return Round(everyone_joined=True)
+        if v[KEY] != -v[NEG_KEY]:
+            self._raise_mismatch(None)
+        return Round(everyone_joined=False, join_plan=self._broadcast_plan(None))
+
+    def _exchange(self, call: Call | None) -> None:
+        request = self.transport.iallreduce(None, torch.from_numpy(self._vec), MAX)
+        if call is None:
+            # A joined rank waits for the others by design: no stall report, and it polls
+            # gently so as not to take a core from a rank that still computes.
+            while not request.test():
+                time.sleep(0.0005)
+        else:
+            stall.wait(request, self, call)
+        self.seq += 1
+        if self._vec[NEW_JOIN] >= 0:
+            self.last_joined = int(self._vec[NEW_JOIN])
+
+    def global_rank(self, r: int) -> int:
+        return r if self.ranks is None else self.ranks[r]
+
+    def _broadcast_plan(self, call: Call | None) -> Any:
+        root = int(-self._vec[NEG_ROOT])
+        mine = call.join_plan if call is not None else None
+        return self.transport.bcast_object(mine if self.transport.rank() == root else None, root)
+
+    def _raise_mismatch(self, call: Call | None) -> None:
+        mine = None if call is None else (call.key(), call.describe())
+        calls = self.transport.allgather_object(mine)
+        active = [(r, c) for r, c in enumerate(calls) if c is not None]
+        (r0, (k0, d0)) = active[0]
+        r1, (_, d1) = next((r, c) for r, c in active if c[0] != k0)
+        r0, r1 = self.global_rank(r0), self.global_rank(r1)
+        raise CollectiveMismatchError(
+            f"ranks called different collectives at call #{self.seq} on {self.label}: "
+            f"rank {r0} called {d0}, rank {r1} called {d1} (collectives must be called in "
+            "the same order on every rank)")

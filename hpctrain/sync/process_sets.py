@@ -1,0 +1,210 @@
+"""Process sets: collectives over a subset of the ranks, as Horovod's ``ProcessSet``.
+
+A set is made from a list of global ranks (or an mpi4py communicator) and becomes usable once
+it is registered, by ``init(process_sets=[...])`` or ``add_process_set``. Registering is
+collective over all ranks, as in Horovod (where it needs ``HOROVOD_DYNAMIC_PROCESS_SETS=1``
+after init; here it does not). Each registered set gets its own transport, split from the
+backend's world (``mpi``: a communicator; ``torch``: a ``torch.distributed.new_group``), with
+its own agreement channel, so its collectives never match another set's. Ranks in
+``broadcast``'s ``root_rank`` stay global ranks, as in Horovod. A set made from an mpi4py
+communicator needs MPI to run the job (not so under torchrun).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from hpctrain import comm as mpicomm
+from hpctrain.errors import UsageError
+from hpctrain.sync.collective_check import Channel
+from hpctrain.sync.transport import Transport
+
+
+@dataclass
+class Member:
+    """This rank's view of a registered set it belongs to."""
+
+    transport: Transport
+    channel: Channel
+
+
+class ProcessSet:
+    """A set of global ranks that run collectives together (Horovod's class and methods)."""
+
+    def __init__(self, ranks_or_comm: Sequence[int] | Any):
+        self.process_set_id: int | None = None
+        self.ranks: list[int] | None = None
+        self.mpi_comm: Any = None
+        self._member: Member | None = None
+        self._native: Any = None  # Horovod's ProcessSet under the horovod backend
+        if type(ranks_or_comm).__module__.startswith("mpi4py"):
+            self.mpi_comm = ranks_or_comm
+        elif hasattr(ranks_or_comm, "__iter__"):
+            ranks = sorted(ranks_or_comm)
+            if any(not isinstance(r, int) or isinstance(r, bool) for r in ranks):
+                raise UsageError(f"ProcessSet takes a list of integer ranks or an mpi4py "
+                                 f"communicator, got {ranks_or_comm!r}")
+            if len(set(ranks)) != len(ranks):
+                raise UsageError(f"ProcessSet ranks must be distinct, got {ranks}")
+            self.ranks = ranks
+        else:
+            raise UsageError(f"ProcessSet takes a list of integer ranks or an mpi4py "
+                             f"communicator, got {type(ranks_or_comm).__name__}")
+
+    def size(self) -> int | None:
+        """Number of ranks in the set, or None while it is not registered."""
+        if self._native is not None:
+            return self._native.size()
+        return None if self.process_set_id is None else len(self.ranks or [])
+
+    def rank(self) -> int | None:
+        """This process's rank within the set (None while not registered; ValueError outside)."""
+        if self._native is not None:
+            return self._native.rank()
+        if self.process_set_id is None:
+            return None
+        if self._member is None:
+            raise ValueError("Process is not part of provided process set.")
+        return self._member.transport.rank()
+
+    def included(self) -> bool | None:
+        """Whether this process belongs to the set (None before its ranks are known)."""
+        if self.ranks is None:
+            return None
+        return mpicomm_rank() in self.ranks
+
+    def _invalidate(self) -> None:
+        self.process_set_id, self._member, self._native = None, None, None
+
+    def __str__(self) -> str:
+        return (f"ProcessSet(process_set_id={self.process_set_id}, ranks={self.ranks}, "
+                f"mpi_comm={self.mpi_comm})")
+
+    __repr__ = __str__
+
+
+global_process_set = ProcessSet([])
+global_process_set.process_set_id = 0
+
+_world: Transport | None = None
+_world_mpi: Any = None  # an MPI communicator with the world's ranks, where MPI runs the job
+_registered: dict[int, ProcessSet] = {}
+_next_id = 1
+
+
+def mpicomm_rank() -> int:
+    """This process's global rank: the backend's world if running, else MPI's."""
+    return _world.rank() if _world is not None else mpicomm.world().Get_rank()
+
+
+def setup(world: Transport, process_sets: Sequence[ProcessSet] | None = None,
+          world_mpi: Any = None) -> None:
+    """Make ``world`` the global set and register ``process_sets`` (init, collective)."""
+    global _world, _world_mpi, _next_id
+    _world, _world_mpi = world, world_mpi
+    global_process_set.ranks = list(range(world.size()))
+    global_process_set._member = Member(world, Channel(world, "process set 0"))
+    _registered.clear()
+    _registered[0] = global_process_set
+    _next_id = 1
+    for ps in process_sets or []:
+        add(ps)
+
+
+def teardown() -> None:
+    """Free every set's transport except the world's (which the backend frees)."""
+    global _world, _world_mpi
+    for ps in list(_registered.values()):
+        if ps is not global_process_set and ps._member is not None:
+            ps._member.transport.free()
+        if ps is not global_process_set:
+            ps._invalidate()
+    _registered.clear()
+    global_process_set._member = None
+    _world = _world_mpi = None
+
+
+def _ranks_of_comm(comm: Any) -> list[int]:
+    """Global ranks of ``comm``'s members, gathered so that every rank knows every set."""
+    if _world_mpi is None:
+        raise UsageError("add_process_set: a ProcessSet made from an mpi4py communicator needs "
+                         "a job that MPI runs (not torchrun); give the ranks instead")
+    MPI = mpicomm.mpi()
+    mine: list[int] = []
+    if comm != MPI.COMM_NULL:
+        mine = list(comm.Get_group().Translate_ranks(list(range(comm.Get_size())),
+                                                     _world_mpi.Get_group()))
+    return mine
+
+
+def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
+    """Register a set on every rank (collective over all ranks); return it."""
+    global _next_id
+    if _world is None:
+        raise UsageError("hpctrain.sync.add_process_set() called before hpctrain.sync.init()")
+    ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
+    if ps.ranks is None:  # from a communicator: this rank's set may differ from another's
+        ps.ranks = _ranks_of_comm(ps.mpi_comm)
+    n = _world.size()
+    everyone = _world.allgather_object(ps.ranks)
+    if any(r != ps.ranks for r in everyone) and ps.mpi_comm is None:
+        raise UsageError(f"add_process_set: ranks disagree between processes: {everyone}")
+    if not ps.ranks or any(not 0 <= r < n for r in ps.ranks):
+        raise UsageError(f"add_process_set: ranks must be a non-empty subset of 0..{n - 1}, "
+                         f"got {ps.ranks}")
+    if any(other.ranks == ps.ranks for other in _registered.values()):
+        raise ValueError(f"Attempted to add a duplicate process set: {ps}")
+    # One split per distinct set, in a deterministic order, so the ids agree everywhere.
+    sets = sorted({tuple(r) for r in everyone if r})
+    for ranks in sets:
+        sub = _world.split(list(ranks))
+        if tuple(ps.ranks) == ranks:
+            ps.process_set_id = _next_id
+            _registered[_next_id] = ps
+            label = f"process set {_next_id}"
+            ps._member = None if sub is None else Member(sub, Channel(sub, label, list(ranks)))
+        elif sub is not None:
+            sub.free()
+        _next_id += 1
+    return ps
+
+
+def remove(process_set: ProcessSet) -> bool:
+    """Unregister a set (every rank calls it); False for the global set or an unknown one."""
+    pid = process_set.process_set_id
+    if pid is None or pid == 0 or _registered.get(pid) is not process_set:
+        return False
+    del _registered[pid]
+    if process_set._member is not None:
+        process_set._member.transport.free()
+    process_set._invalidate()
+    return True
+
+
+def member(process_set: ProcessSet | None, caller: str) -> Member:
+    """This rank's transport and channel for ``process_set`` (None: the global set)."""
+    ps = global_process_set if process_set is None else process_set
+    if not isinstance(ps, ProcessSet):
+        raise UsageError(f"{caller}: process_set must be an hpctrain.sync.ProcessSet, got "
+                         f"{type(ps).__name__}")
+    if ps.process_set_id is None or _registered.get(ps.process_set_id) is not ps:
+        if _world is None:
+            raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+        raise UsageError(f"{caller}: {ps} is not registered; pass it to init(process_sets=...) "
+                         "or add_process_set() first")
+    if ps._member is None:
+        raise UsageError(f"{caller}: rank {mpicomm_rank()} is not in process set "
+                         f"{ps.process_set_id} (ranks {ps.ranks})")
+    return ps._member
+
+
+def set_rank(process_set: ProcessSet | None, global_rank: int, caller: str) -> int:
+    """``global_rank``'s rank within the set; UsageError when it is not a member."""
+    ps = global_process_set if process_set is None else process_set
+    ranks = ps.ranks or []
+    if not isinstance(global_rank, int) or global_rank not in ranks:
+        raise UsageError(f"{caller}: root_rank {global_rank!r} is not a rank of process set "
+                         f"{ps.process_set_id} (ranks {ranks})")
+    return ranks.index(global_rank)

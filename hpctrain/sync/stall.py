@@ -1,0 +1,188 @@
+"""Stall check: say which ranks have not reached a collective, and optionally end the job.
+
+Horovod's coordinator warns when some ranks have submitted a tensor and others have not for
+``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60), and shuts down after
+``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (0: never). Here the wait is the agreement round
+(collective_check) that starts every collective: a daemon thread per rank watches it. After
+the check time it asks every other rank of the process set, over a private MPI communicator
+(whichever transport moves the data: under the torch backend too, where MPI runs the job,
+but not under torchrun), what it is doing, and the lowest waiting rank prints one report: the
+call it waits in, and for each rank that has not arrived its last collective and how long
+ago, or the collective it waits in instead. The thread answers such questions while the main
+thread computes, so it needs MPI at thread level ``multiple`` (hpctrain.sync's default);
+below it there is no check.
+With a stall timeout the waiting ranks print the report and end the process with the status
+of ``hpctrain.watchdog``, and the launcher ends the others.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hpctrain import comm as mpicomm
+from hpctrain.watchdog import EXIT_STATUS
+
+CHECK_ENV, SHUTDOWN_ENV, DISABLE_ENV = ("HOROVOD_STALL_CHECK_TIME_SECONDS",
+                                        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
+                                        "HOROVOD_STALL_CHECK_DISABLE")
+DEFAULT_CHECK_S = 60.0
+_QUERY, _REPLY = 77, 78
+_ANSWER_S = 5.0  # how long a report waits, at most, for the other ranks' answers
+
+
+def settings(check_s: float | None, timeout_s: float | None) -> tuple[float, float]:
+    """(check, shutdown) seconds from the arguments, else Horovod's environment variables."""
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0") and check_s is None:
+        check_s = 0.0
+    if check_s is None:
+        check_s = float(os.environ.get(CHECK_ENV, DEFAULT_CHECK_S))
+    if timeout_s is None:
+        timeout_s = float(os.environ.get(SHUTDOWN_ENV, 0))
+    return check_s, timeout_s
+
+
+@dataclass
+class _Waiting:
+    channel: Any
+    call: Any
+    seq: int
+    since: float
+    reported: bool = False
+
+
+class _Monitor:
+    def __init__(self, comm: Any, check_s: float, timeout_s: float):
+        self.comm, self.check_s, self.timeout_s = comm, check_s, timeout_s
+        self.rank = comm.Get_rank()
+        self.waiting: _Waiting | None = None
+        self.last, self.last_at = "nothing yet", time.monotonic()
+        self._ids = itertools.count()
+        self._sends: list[Any] = []
+        self._stop = threading.Event()
+        limits = [s for s in (check_s, timeout_s) if s > 0]
+        self._poll = min(1.0, min(limits) / 4)
+        self._thread = threading.Thread(target=self._watch, name="hpctrain-stall", daemon=True)
+        self._thread.start()
+
+    def status(self) -> tuple:
+        w = self.waiting
+        now = time.monotonic()
+        waiting = None if w is None else (w.channel.label, w.seq, w.call.describe(),
+                                          now - w.since)
+        return waiting, self.last, now - self.last_at
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self._poll):
+            self._serve()
+            w = self.waiting
+            if w is None:
+                continue
+            waited = time.monotonic() - w.since
+            if self.timeout_s > 0 and waited > self.timeout_s:
+                self._report(w, ending=True)
+                os._exit(EXIT_STATUS)
+            if self.check_s > 0 and waited > self.check_s and not w.reported:
+                w.reported = True
+                self._report(w, ending=False)
+
+    def _serve(self) -> None:
+        MPI = mpicomm.mpi()
+        status = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_QUERY, status=status):
+            source = status.Get_source()
+            query = self.comm.recv(source=source, tag=_QUERY)
+            self._sends.append(self.comm.isend((query, self.status()), dest=source, tag=_REPLY))
+        self._sends = [r for r in self._sends if not r.Test()]
+
+    def _report(self, w: _Waiting, ending: bool) -> None:
+        MPI = mpicomm.mpi()
+        members = [w.channel.global_rank(r) for r in range(w.channel.transport.size())]
+        others = [r for r in members if r != self.rank]
+        query = (self.rank, next(self._ids))
+        for r in others:
+            self._sends.append(self.comm.isend(query, dest=r, tag=_QUERY))
+        answers: dict[int, tuple] = {}
+        deadline = time.monotonic() + _ANSWER_S
+        status = MPI.Status()
+        while len(answers) < len(others) and time.monotonic() < deadline:
+            self._serve()
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_REPLY, status=status):
+                source = status.Get_source()
+                got, answer = self.comm.recv(source=source, tag=_REPLY)
+                if got == query:
+                    answers[source] = answer
+            else:
+                time.sleep(0.01)
+        here = (w.channel.label, w.seq)
+        waiting_here = [self.rank] + [r for r, a in answers.items()
+                                      if a[0] is not None and a[0][:2] == here]
+        if min(waiting_here) != self.rank and not ending:
+            return  # a lower rank waiting in the same call prints the report
+        absent = []
+        for r in others:
+            if r in waiting_here:
+                continue
+            if r not in answers:
+                absent.append(f"rank {r} (no answer)")
+                continue
+            waiting, last, ago = answers[r]
+            text = f"rank {r} (last called {last}, {ago:.0f} s ago"
+            if waiting is not None:
+                text += f"; now waits in {waiting[2]} (call #{waiting[1] + 1} on {waiting[0]})"
+            absent.append(text + ")")
+        waited = time.monotonic() - w.since
+        ranks = ", ".join(str(r) for r in sorted(waiting_here))
+        tail = (f"; ending the job (stall timeout {self.timeout_s:g} s)" if ending else
+                f"; still waiting (stall check every {self.check_s:g} s)")
+        print(f"hpctrain.sync: stall: rank {ranks} waited {waited:.0f} s in "
+              f"{w.call.describe()} (call #{w.seq + 1} on {w.channel.label}); not arrived: "
+              f"{'; '.join(absent) or 'none'}{tail}", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+_monitor: _Monitor | None = None
+
+
+def start(world_comm: Any, check_s: float, timeout_s: float) -> None:
+    """Watch this rank's rounds over MPI communicator ``world_comm`` (the backend's world's
+    ranks; None: no check). Needs MPI thread level multiple; collective: Dup."""
+    global _monitor
+    stop()
+    if world_comm is None or (check_s <= 0 and timeout_s <= 0):
+        return
+    MPI = mpicomm.mpi()
+    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+        return
+    _monitor = _Monitor(world_comm.Dup(), check_s, timeout_s)
+
+
+def stop() -> None:
+    global _monitor
+    if _monitor is not None:
+        _monitor.stop()
+        _monitor.comm.Free()
+        _monitor = None
+
+
+def wait(request: Any, channel: Any, call: Any) -> None:
+    """``request.wait()`` for ``call``'s round on ``channel``, watched by the monitor."""
+    m = _monitor
+    if m is None:
+        request.wait()
+        return
+    m.waiting = _Waiting(channel, call, channel.seq, time.monotonic())
+    try:
+        request.wait()
+    finally:
+        m.waiting = None
+        m.last = f"{call.describe()} (call #{channel.seq + 1} on {channel.label})"
+        m.last_at = time.monotonic()

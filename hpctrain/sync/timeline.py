@@ -1,0 +1,133 @@
+"""The timeline: a Chrome-trace JSON of every collective's phases, as Horovod's.
+
+``start_timeline(path)`` starts writing, on rank 0, the file Horovod writes with
+``HOROVOD_TIMELINE``: a JSON array, one row (``pid``) per tensor name with a ``process_name``
+record, and for each call the phases ``NEGOTIATE_<OP>`` (here: the agreement round of
+collective_check), then ``<OP>`` enclosing ``MPI_<OP>`` (``TORCH_<OP>`` on the torch backend:
+from posting the transport's operation until ``synchronize`` saw it finish), the last one
+with the dtype and shape. Open it in
+chrome://tracing or Perfetto. ``mark_cycles`` is accepted; there are no cycles to mark.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import IO, Any
+
+_lock = threading.Lock()
+_file: IO[str] | None = None
+_t0 = 0.0
+_rows: dict[str, int] = {}
+_noname = itertools.count(1)
+
+
+@dataclass
+class Token:
+    row: str
+    kind: str
+    wire: str
+    start: float
+    dtype: str
+    shape: str
+
+
+def active() -> bool:
+    return _file is not None
+
+
+def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
+    """Start writing ``path`` (on rank 0; other ranks record nothing)."""
+    global _file, _t0
+    stop()
+    if rank != 0:
+        return
+    with _lock:
+        _file = open(path, "w")  # noqa: SIM115 (closed by stop())
+        _file.write("[\n")
+        _t0 = time.perf_counter()
+        _rows.clear()
+        _emit({"name": "process_name", "ph": "M", "pid": 0,
+               "args": {"start_time_since_epoch_in_micros": int(time.time() * 1e6)}})
+
+
+def stop() -> None:
+    """Finish the file (a complete JSON array)."""
+    global _file
+    with _lock:
+        if _file is None:
+            return
+        _file.write("{}]\n")
+        _file.close()
+        _file = None
+
+
+def _emit(event: dict) -> None:
+    assert _file is not None
+    _file.write(json.dumps(event) + ",\n")
+
+
+def _us(t: float) -> int:
+    return int((t - _t0) * 1e6)
+
+
+_by_call: dict[int, str] = {}  # the row a call's negotiation went to, for its MPI phase
+
+
+def _row(call: Any) -> str:
+    if id(call) in _by_call:
+        return _by_call.pop(id(call))
+    name = call.name if call.name is not None else f"noname.{next(_noname)}"
+    row = f"{call.kind}.{name}"
+    if row not in _rows:
+        _rows[row] = len(_rows) + 1
+        _emit({"name": "process_name", "ph": "M", "pid": _rows[row], "args": {"name": row}})
+        _emit({"name": "process_sort_index", "ph": "M", "pid": _rows[row],
+               "args": {"sort_index": _rows[row]}})
+    return row
+
+
+def negotiated(call: Any, t0: float) -> None:
+    """Record ``call``'s agreement round, from ``t0`` until now."""
+    if _file is None:
+        return
+    with _lock:
+        if _file is None:
+            return
+        row = _row(call)
+        if len(_by_call) > 1000:
+            _by_call.clear()
+        _by_call[id(call)] = row
+        pid = _rows[row]
+        phase = f"NEGOTIATE_{call.kind.upper()}"
+        _emit({"ph": "B", "name": phase, "ts": _us(t0), "pid": pid})
+        _emit({"ph": "E", "ts": _us(time.perf_counter()), "pid": pid})
+
+
+def started(call: Any, wire: str = "MPI") -> Token | None:
+    """Note that ``call``'s operation was posted on the ``wire`` transport; pass the token to
+    :func:`finished`."""
+    if _file is None:
+        return None
+    dtype = str(call.dtype).replace("torch.", "")
+    shape = str(list(call.shape or ()))
+    with _lock:
+        return Token(_row(call), call.kind.upper(), wire, time.perf_counter(), dtype, shape)
+
+
+def finished(token: Token | None) -> None:
+    if token is None or _file is None:
+        return
+    with _lock:
+        if _file is None or token.row not in _rows:
+            return
+        pid, end = _rows[token.row], _us(time.perf_counter())
+        _emit({"ph": "B", "name": token.kind, "ts": _us(token.start), "pid": pid})
+        _emit({"ph": "B", "name": f"{token.wire}_{token.kind}", "ts": _us(token.start),
+               "pid": pid})
+        _emit({"ph": "E", "ts": end, "pid": pid})
+        _emit({"ph": "E", "ts": end, "pid": pid,
+               "args": {"dtype": token.dtype, "shape": token.shape}})
