@@ -58,6 +58,10 @@ class RunSummary:
     exchange_per_epoch: list[dict] = _doc("per exchange: epoch, bytes_moved (bytes), exchange_s "
                                           "(seconds)")
     out: str | None = _doc("the run's output folder")
+    resized: list[dict] = _doc("resumptions on another number of workers, in order: "
+                               "from_workers, to_workers, updates (the checkpoint's count) and "
+                               "resumed_at (the same progress in the resumed run's updates); "
+                               "empty if never", default_factory=list)
     simulated: bool = _doc("false for a run of real processes", default=False)
     algorithm_fields: dict = field(default_factory=dict)
 
