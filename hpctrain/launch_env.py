@@ -26,6 +26,7 @@ winning. Nothing here starts MPI or torch.distributed unless every other source 
 
 from __future__ import annotations
 
+import operator
 import os
 import sys
 from collections.abc import Mapping
@@ -121,8 +122,19 @@ def replicas(num_replicas: int | None = None, rank: int | None = None,
         seat = detect(environ)
         num_replicas = seat.size if num_replicas is None else num_replicas
         rank = seat.rank if rank is None else rank
-    if isinstance(num_replicas, bool) or not isinstance(num_replicas, int) or num_replicas < 1:
+    size, where = _whole(num_replicas), _whole(rank)
+    if size is None or size < 1:
         raise UsageError(f"num_replicas {num_replicas!r} must be a whole number >= 1")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < num_replicas:
-        raise UsageError(f"rank {rank!r} outside [0, {num_replicas})")
-    return num_replicas, rank
+    if where is None or not 0 <= where < size:
+        raise UsageError(f"rank {rank!r} outside [0, {size})")
+    return size, where
+
+
+def _whole(value) -> int | None:
+    """``value`` as an int if it is an integer (numpy's too), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

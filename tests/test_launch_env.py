@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -16,6 +17,7 @@ from hpctrain.errors import UsageError
 TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
 
 
+@pytest.mark.unit  # the word for Slurm's launcher in its comments is no launch
 @pytest.mark.parametrize("env, seat", [
     ({}, None),
     ({"WORLD_SIZE": "4", "RANK": "3"}, (4, 3, "torchrun")),
@@ -48,6 +50,9 @@ def test_bad_launcher_values_and_ranks_are_one_line():
         launch_env.replicas(1, None, env)
     with pytest.raises(UsageError, match="num_replicas 0 must be"):
         launch_env.replicas(0, 0)
+    with pytest.raises(UsageError, match=r"rank 1.5 outside \[0, 2\)"):
+        launch_env.replicas(2, 1.5)
+    assert launch_env.replicas(np.int64(2), np.int32(1)) == (2, 1)
 
 
 @pytest.fixture
