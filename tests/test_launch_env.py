@@ -3,6 +3,7 @@
 
 import json
 import os
+import signal
 import subprocess
 
 import numpy as np
@@ -87,8 +88,15 @@ def test_samplers_under_torchrun_give_each_rank_its_half(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
            str(ROOT / "tests" / "scripts" / "torchrun_sampler.py"), str(tmp_path)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=100, env=env, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr
+    # Its own session, so that a hang ends the workers too, not only torchrun's agent.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT, start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"torchrun hung past 100 s: {proc.communicate()[1]}")
+    assert proc.returncode == 0, stderr
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["mpi_world"] for r in ranks] == [1, 1]  # MPI alone would say one replica
     assert [r["seat"] for r in ranks] == [[2, 0], [2, 1]]
