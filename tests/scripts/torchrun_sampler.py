@@ -4,6 +4,7 @@ singleton world every process under torchrun gets. Writes ``<out>/rank<R>.json``
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ MPI = comm.init("serialized")  # a singleton: MPI alone would say one replica
 found = {"mpi_world": MPI.COMM_WORLD.Get_size()}
 data = TensorDataset(torch.arange(1001))
 found["env_only"] = list(shuffle.GlobalShuffleSampler(data, seed=3))  # WORLD_SIZE, RANK
-dist.init_process_group("gloo")
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 sampler = shuffle.GlobalShuffleSampler(data, seed=3)
 sampler.set_epoch(1)
 found["loader"] = [int(x) for (batch,) in DataLoader(data, batch_size=100, sampler=sampler)
