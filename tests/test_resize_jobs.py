@@ -38,8 +38,11 @@ def check_common(out, summary: dict, record: dict) -> None:
     assert summary["resumed_from_updates"] == [record["resumed_at"]]
     assert sum(summary["samples_per_worker"]) == EPOCHS * SAMPLES  # every sample, once an epoch
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    # async snapshots fall on the first push past each mark
-    assert [p["epoch"] for p in curve] == pytest.approx([0.0, 0.25, 0.5, 0.75, 1.0], abs=0.03)
+    # Every 0.25 epoch, async ones on the first push past the mark (the one at the checkpoint
+    # only if rank 0 pushed past it before the mark's barrier), then the final model.
+    epochs = [p["epoch"] for p in curve]
+    assert epochs[0] == 0.0 and epochs[-1] == 1.0 and epochs == sorted(epochs)
+    assert len(epochs) >= 4 and all(abs(e * 4 - round(e * 4)) < 0.1 for e in epochs)
     assert summary["final_test_acc"] >= 0.95  # the synthetic set is learnt within an epoch
     assert torch.load(out / "model.pt", weights_only=True).keys()
 
