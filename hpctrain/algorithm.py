@@ -12,7 +12,8 @@ checkpoints, evaluation, outputs). A subclass declares:
 - class-level checks that need the launch's world (:meth:`check`, before MPI starts);
 - per-run hooks, in the order the loop calls them: :meth:`restore_model` and :meth:`connect`
   (communication), :meth:`setup` (its optimizer or aggregator), :meth:`guard`,
-  :meth:`checkpoint_state`, :meth:`start`, :meth:`epoch_started` at each epoch of local data;
+  :meth:`checkpoint_state` (and :meth:`resize_state` when a checkpoint of another number of
+  workers is resumed), :meth:`start`, :meth:`epoch_started` at each epoch of local data;
   per step :meth:`claim`, :meth:`loss`, :meth:`synchronize`, :meth:`apply` (unless the NaN
   guard skips it), :meth:`progress`, :meth:`after_update`; :meth:`before_checkpoint` /
   :meth:`after_checkpoint` around a checkpoint; :meth:`finish` after the last step; then
@@ -154,6 +155,14 @@ class Algorithm:
         """``(shared, per_rank)`` objects with ``state_dict``/``load_state_dict``: shared ones
         are the same on every worker (saved from rank 0), per-rank ones each worker's own."""
         return {"model": self.model, "optimizer": self.optimizer}, {}
+
+    def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
+        """Resuming on another number of workers: the per-rank states of
+        :meth:`checkpoint_state` that the checkpoint's ``len(parts)`` workers saved, made into
+        ``workers`` states for a run that goes on at global progress ``position``
+        (:mod:`hpctrain.checkpoint.resize` has the loop's own rules). By default new worker
+        ``j`` takes old worker ``j mod len(parts)``'s."""
+        return [parts[j % len(parts)] for j in range(workers)]
 
     def epoch_started(self, local) -> None:
         """This worker's data for the epoch that starts now (EC relabels from it)."""

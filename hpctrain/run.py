@@ -86,7 +86,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
-                                may_change=checkpoint.MAY_CHANGE)
+                                may_change=checkpoint.MAY_CHANGE, resize=True)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume))
     if config.out and (Path(config.out) / "summary.json").exists():
@@ -177,7 +177,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.every,
         folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
         resume=config.checkpoint.resume,
-        header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config)})
+        header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config)},
+        resize=checkpoint.Resizer(num_samples=train_data.num_samples, batch_size=o.batch_size,
+                                  workers=size, steps=steps, per_epoch=algo.per_epoch,
+                                  resize_state=algo.resize_state))
     log = RunLog(config.out, rank)
     log.write_config({**configs.repeatable(config),
                       "run_info": {"workers": size, "device": str(s.device),

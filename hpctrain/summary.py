@@ -67,6 +67,10 @@ class RunSummary:
     stopped_on_collapse: bool = _doc("true when --stop-on-collapse ended the run there",
                                      default=False)
     out: str | None = _doc("the run's output folder", default=None)
+    resized: list[dict] = _doc("resumptions on another number of workers, in order: "
+                               "from_workers, to_workers, updates (the checkpoint's count) and "
+                               "resumed_at (the same progress in the resumed run's updates); "
+                               "empty if never", default_factory=list)
     simulated: bool = _doc("false for a run of real processes", default=False)
     algorithm_fields: dict = field(default_factory=dict)
 

@@ -2,6 +2,7 @@
 reading arbitrary shards from the data files, and one-line errors from whole jobs."""
 
 import dataclasses
+import functools
 import gzip
 import json
 import struct
@@ -220,8 +221,9 @@ def test_partial_sampler_replays_any_epoch():
 
 
 def test_samplers_interface():
-    s = shuffle.GlobalShuffleSampler(100, num_replicas=3, rank=2, seed=1)
+    s = shuffle.GlobalShuffleSampler(100, num_replicas=3, rank=2, seed=1, drop_last=True)
     assert len(s) == 33 and len(list(s)) == 33
+    assert isinstance(s, torch.utils.data.Sampler)
     # A dataset works in place of its length, as with DistributedSampler.
     ds = data.load("synthetic", "test")
     s = shuffle.LocalShuffleSampler(ds, num_replicas=2, rank=1, labels=ds.labels)
@@ -230,6 +232,54 @@ def test_samplers_interface():
         shuffle.LocalShuffleSampler(100, num_replicas=3, rank=3)
     with pytest.raises(UsageError, match="1.5"):
         shuffle.PartialShuffleSampler(1.5, 100, num_replicas=2, rank=0)
+    # The old positional seed (fourth argument) is refused, not taken as shuffle=True.
+    with pytest.raises(TypeError, match="shuffle must be True or False, not 7"):
+        shuffle.GlobalShuffleSampler(100, 2, 0, 7)
+
+
+@pytest.mark.parametrize("n, ranks", [(100, 3), (101, 4), (96, 4), (5, 4), (7, 7)])
+@pytest.mark.parametrize("shuffled", [True, False])
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_global_sampler_is_torchs_distributed_sampler(n, ranks, shuffled, drop_last):
+    from torch.utils.data import DistributedSampler
+
+    for rank in range(ranks):
+        ours = shuffle.GlobalShuffleSampler(range(n), ranks, rank, shuffled, 3, drop_last)
+        theirs = DistributedSampler(range(n), ranks, rank, shuffled, 3, drop_last)
+        assert (len(ours), ours.num_samples, ours.total_size) == \
+            (len(theirs), theirs.num_samples, theirs.total_size)
+        for epoch in (0, 2):
+            ours.set_epoch(epoch)
+            theirs.set_epoch(epoch)
+            assert list(ours) == list(theirs), (rank, epoch)
+
+
+@pytest.mark.parametrize("strategy", ["local", "partial:0.3"])
+@pytest.mark.parametrize("labels", [None, "skew"])
+def test_local_and_partial_pad_with_their_own_samples(strategy, labels):
+    n, ranks = 103, 4  # three tail samples: ranks 0-2 take one each, rank 3 repeats one
+    skew = data.load("synthetic", "test").labels[:n] if labels else None
+    name, q = shuffle.parse_strategy(strategy)
+    make = shuffle.LocalShuffleSampler if name == "local" else \
+        functools.partial(shuffle.PartialShuffleSampler, q)
+    for epoch in (0, 1):
+        got = []
+        for rank in range(ranks):
+            s = make(n, ranks, rank, seed=5, labels=skew)
+            s.set_epoch(epoch)
+            mine = s.indices()
+            assert len(mine) == len(s) == 26
+            kept = make(n, ranks, rank, seed=5, drop_last=True, labels=skew)
+            kept.set_epoch(epoch)
+            # The block is the drop_last block (same samples), plus the tail sample or a repeat.
+            assert set(kept.indices().tolist()) <= set(mine.tolist())
+            if rank == 3:
+                assert len(set(mine.tolist())) == 25 and mine[-1] == mine[0]
+            got.append(mine)
+            unshuffled = make(n, ranks, rank, shuffle=False, seed=5, labels=skew)
+            unshuffled.set_epoch(epoch)
+            assert torch.equal(unshuffled.indices()[:25], s.block())
+        assert sorted(set(torch.cat(got).tolist())) == list(range(n))  # nothing dropped
 
 
 @pytest.mark.parametrize("strategy", ["global", "local", "partial:0.5"])

@@ -167,3 +167,20 @@ def test_benchmark_moves_the_bytes_it_reports():
     assert 0.7 * expect < result["mb_sent_per_rank"] < 1.3 * expect
     assert len(result["per_rank"]) == k
     assert all(v > 0 for r in result["per_rank"] for v in r.values())
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_sampler_takes_the_mpi_world_and_refuses_a_contradicting_launcher(monkeypatch):
+    from hpctrain.errors import UsageError
+
+    comm = world()
+    size, rank = comm.Get_size(), comm.Get_rank()
+    s = shuffle.GlobalShuffleSampler(1000, seed=1)  # Open MPI's variables and MPI agree
+    assert (s.num_replicas, s.rank) == (size, rank)
+    assert sorted(sum(comm.allgather(list(s)), [])) == list(range(1000))
+    monkeypatch.setenv("WORLD_SIZE", str(size + 1))  # e.g. left over from another launch
+    monkeypatch.setenv("RANK", str(rank))
+    with pytest.raises(UsageError, match=rf"torchrun \(WORLD_SIZE={size + 1}, RANK={rank}\) "
+                       rf"says rank {rank} of {size + 1}, MPI \(COMM_WORLD size {size}"):
+        shuffle.GlobalShuffleSampler(1000)

@@ -29,6 +29,7 @@ from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
 from hpctrain.async_.optim import DEFAULT_LAM
 from hpctrain.async_.ssp import StalenessBound
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore
+from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
 from hpctrain.metrics import distribution
@@ -170,6 +171,25 @@ class ASGD(Algorithm):
     def checkpoint_state(self) -> tuple[dict, dict]:
         return {"model": self.model}, {"opt": self.optimizer}
 
+    def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
+        """Resumed on another number of workers: DC-ASGD-a's mean squares (each an estimate of
+        the same gradient statistics) are averaged for every worker; a worker keeps the
+        velocity of the old worker of its rank (its own steps, all pushed), a new one starts
+        at rest; the staleness records are folded so that the summary counts every push."""
+        opts = [p["opt"] for p in parts]
+        ms = [o["worker"]["ms"] for o in opts]
+        mean_ms = None if ms[0] is None else mean_tensors(ms)
+        staleness = fold([o["worker"]["staleness"] for o in opts], workers)
+        out = []
+        for j in range(workers):
+            opt = opts[j % len(opts)]
+            v = opt["worker"]["v"]
+            if v is not None and j >= len(opts):
+                v = torch.zeros_like(v)
+            worker = {"ms": mean_ms, "v": v, "staleness": [t for s in staleness[j] for t in s]}
+            out.append({**parts[j % len(parts)], "opt": {**opt, "worker": worker}})
+        return out
+
     def start(self, position: int) -> None:
         self.base = position  # the store counts the updates of this process only
 
@@ -300,6 +320,18 @@ class SSP(ASGD):
     def checkpoint_state(self) -> tuple[dict, dict]:
         shared, per_rank = super().checkpoint_state()
         return shared, {**per_rank, "ssp": self.bound}
+
+    def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
+        """As asgd, and every clock starts level, at the slowest old worker's: the bound
+        holds differences, and a new worker at 0 would stop the others until it caught up.
+        Waits are folded like the staleness records."""
+        out = super().resize_state(parts, workers, position)
+        clock = min(p["ssp"]["clock"] for p in parts)
+        for j, mine in enumerate(fold([p["ssp"] for p in parts], workers)):
+            out[j]["ssp"] = {"clock": clock, "waits": sum(s["waits"] for s in mine),
+                             "wait_s": sum(s["wait_s"] for s in mine),
+                             "max_gap": max((s["max_gap"] for s in mine), default=0)}
+        return out
 
     def summary(self, points: list[dict], comm) -> dict:
         stats = comm.gather(self.bound.summary(), root=0)

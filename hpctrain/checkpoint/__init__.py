@@ -30,6 +30,8 @@ By concern:
 - :mod:`~hpctrain.checkpoint.policy`: when to checkpoint (:func:`parse_every`, :class:`Every`)
   and whether a run may write or resume (:func:`check` giving a :class:`Resolved`), on plain
   values: the command line declares the options;
+- :mod:`~hpctrain.checkpoint.resize`: :class:`Resizer`, the rules that carry per-worker state
+  over when a run resumes on another number of workers;
 - :mod:`~hpctrain.checkpoint.checkpointer`: :class:`Checkpointer`, used by the training loops.
 """
 
@@ -47,11 +49,12 @@ from hpctrain.checkpoint.folder import (
 )
 from hpctrain.checkpoint.format import FORMAT, CorruptCheckpoint, encode, load, read_header
 from hpctrain.checkpoint.policy import MAY_CHANGE, Every, Resolved, check, parse_every
+from hpctrain.checkpoint.resize import Resize, Resizer
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 
 __all__ = [
     "FORMAT", "KEEP", "MAY_CHANGE", "SUBDIR", "Checkpointer", "CorruptCheckpoint", "Every",
-    "Loaded", "Resolved", "check", "encode", "listing", "load", "load_newest", "newest",
-    "parse_every", "read_header", "resolve", "rng_state", "run_folder", "save",
-    "set_rng_state",
+    "Loaded", "Resize", "Resizer", "Resolved", "check", "encode", "listing", "load",
+    "load_newest", "newest", "parse_every", "read_header", "resolve", "rng_state", "run_folder",
+    "save", "set_rng_state",
 ]

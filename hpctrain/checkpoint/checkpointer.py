@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,9 @@ from hpctrain import faults
 from hpctrain.checkpoint.folder import Loaded, newest, save
 from hpctrain.checkpoint.format import _header_of, encode
 from hpctrain.checkpoint.policy import Every
+from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
+from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 
 
@@ -43,12 +46,16 @@ class Checkpointer:
     ``folder``; ``resume`` is the folder to resume from (None: a fresh run). ``header``: what
     each checkpoint's header records about the run (``algo``, ``ranks``, ``args``: the run's
     configuration that :func:`~hpctrain.checkpoint.policy.check` compares); ``workers`` (the
-    size of ``comm``) is added here.
+    size of ``comm``) is added here. ``resize`` (a :class:`~hpctrain.checkpoint.resize.Resizer`)
+    turns a checkpoint of another number of workers into this run's per-worker states; without
+    it such a checkpoint is refused.
     """
 
     def __init__(self, comm, steps: int, total_steps: int, *, shared: dict,
                  per_rank: dict | None = None, per_rank_snapshots: bool = False,
-                 every: str | None, folder: Path, resume: str | None, header: dict) -> None:
+                 every: str | None, folder: Path, resume: str | None, header: dict,
+                 resize: Callable[[dict, list[dict]], tuple[list[dict], Resize]] | None = None
+                 ) -> None:
         self.comm, self.steps, self.total = comm, steps, total_steps
         self.snapshots_per_rank = per_rank_snapshots
         self.rank = comm.Get_rank() if comm is not None else 0
@@ -67,6 +74,8 @@ class Checkpointer:
         self.refs: list[list[dict]] = []  # their files, per rank that saves them
         self.count, self.seconds = 0, 0.0
         self.resumed_from: list[int] = []
+        self.resized: list[dict] = []
+        self.resize = resize
         self.last = time.perf_counter()
         self._request, self._flag = None, np.zeros(1, np.uint8)
 
@@ -80,17 +89,24 @@ class Checkpointer:
         if self.rank == 0:
             loaded = found or newest(self.resume_dir)
             payload, restored = loaded.payload, loaded.snapshots
-            common = (loaded.path, loaded.header, payload["shared"], payload["book"],
-                      payload["snapshots"],
-                      None if self.snapshots_per_rank else restored[0])
-            parts = [(payload["ranks"][r], restored[r] if self.snapshots_per_rank else None)
+            ranks, refs, position = payload["ranks"], payload["snapshots"], \
+                loaded.header["updates"]
+            resized = list(payload["book"].get("resized", []))
+            if len(ranks) != self.workers:
+                ranks, refs, restored, record = self._resize(loaded.header, ranks, refs,
+                                                             restored)
+                position = record.resumed_at
+                resized.append(record.record())
+            common = (loaded.path, loaded.header, payload["shared"], payload["book"], refs,
+                      None if self.snapshots_per_rank else restored[0], position, resized)
+            parts = [(ranks[r], restored[r] if self.snapshots_per_rank else None)
                      for r in range(self.workers)]
         if self.comm is not None:
             common = self.comm.bcast(common, root=0)
             mine, own = self.comm.scatter(parts, root=0)
         else:
             mine, own = parts[0]
-        path, header, shared, book, self.refs, first = common
+        path, header, shared, book, self.refs, first, position, self.resized = common
         for name, obj in self.shared.items():
             obj.load_state_dict(shared[name])
         for name, obj in self.per_rank.items():
@@ -99,14 +115,29 @@ class Checkpointer:
         snapshots[:] = own if self.snapshots_per_rank else first
         self.written = len(snapshots)
         self.count, self.seconds = book["checkpoints"], book["checkpoint_s"]
-        self.resumed_from = [*book["resumed_from"], header["updates"]]
-        self.next_due = (header["updates"] // self.interval + 1) * self.interval \
+        self.resumed_from = [*book["resumed_from"], position]
+        self.next_due = (position // self.interval + 1) * self.interval \
             if self.by_progress else 0
         if self.rank == 0:
-            print(f"hpctrain: resuming from {path} (update {header['updates']})",
+            resized = f"; resized from {header['workers']} to {self.workers} workers, going " \
+                      f"on at update {position}" if header["workers"] != self.workers else ""
+            print(f"hpctrain: resuming from {path} (update {header['updates']}{resized})",
                   file=sys.stderr, flush=True)
         self.last = time.perf_counter()
         return mine["counters"]
+
+    def _resize(self, header: dict, ranks: list[dict], refs: list, restored: list
+                ) -> tuple[list[dict], list, list, Resize]:
+        """The checkpoint's per-worker states, snapshot references and snapshots for this
+        run's workers (per-rank snapshots: new worker ``j`` takes old worker ``j mod K``'s)."""
+        if self.resize is None:
+            raise UsageError(f"--resume {self.resume_dir}: the checkpoint is of {len(ranks)} "
+                             f"workers, not {self.workers}, and this run cannot be resized")
+        ranks, record = self.resize(header, ranks)
+        if self.snapshots_per_rank:
+            refs = [list(refs[j % len(refs)]) for j in range(self.workers)]
+            restored = [restored[j % len(restored)] for j in range(self.workers)]
+        return ranks, refs, restored, record
 
     def due(self, updates: int) -> bool:
         """Whether a checkpoint is due after update ``updates`` (collective in seconds mode)."""
@@ -168,16 +199,17 @@ class Checkpointer:
             "ranks": ranks,
             "snapshots": self.refs,
             "book": {"checkpoints": self.count + 1, "checkpoint_s": self.seconds,
-                     "resumed_from": self.resumed_from},
+                     "resumed_from": self.resumed_from, "resized": self.resized},
         }
         header = {**self.header, "epoch": updates / self.steps}
         save(self.folder, updates, payload, header,
              midway=lambda: faults.during_checkpoint(self.rank, updates))
 
     def summary(self) -> dict:
-        """Checkpoints written (over the whole run), seconds spent writing, resume points."""
+        """Checkpoints written (over the whole run), seconds spent writing, resume points and
+        resizes."""
         return {"checkpoints": self.count, "checkpoint_s": self.seconds,
-                "resumed_from_updates": self.resumed_from}
+                "resumed_from_updates": self.resumed_from, "resized": self.resized}
 
 
 def to_host(state):

@@ -78,11 +78,12 @@ class Resolved:
 
 def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
           resume: str | None, out: str | None, run_config: dict,
-          may_change: frozenset[str]) -> Resolved:
+          may_change: frozenset[str], resize: bool = False) -> Resolved:
     """Check the checkpoint options before MPI starts; for ``resume``, check that the newest
-    checkpoint's run is this one (same ``algo``, ``ranks``, and ``run_config`` values over the
-    keys it also recorded, except ``may_change``); return the folders to use (``out`` defaults
-    to the resumed run's). UsageError, naming the flag, when the run must not go ahead.
+    checkpoint's run is this one (same ``algo``, ``ranks`` unless ``resize`` allows another
+    number, and ``run_config`` values over the keys it also recorded, except ``may_change``);
+    return the folders to use (``out`` defaults to the resumed run's). UsageError, naming the
+    flag, when the run must not go ahead.
 
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``).
@@ -93,7 +94,7 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             raise UsageError(f"--resume {given}: no such folder")
         folder = resolve(given)
         header = _newest_header(folder, given)
-        if header.get("algo") != algo or header.get("ranks") != ranks:
+        if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
             raise UsageError(f"--resume {given}: its checkpoint is of --algo "
                              f"{header.get('algo')} on {header.get('ranks')} ranks, not "
                              f"--algo {algo} on {ranks}")

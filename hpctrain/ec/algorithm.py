@@ -21,6 +21,7 @@ import torch
 
 from hpctrain import data
 from hpctrain.algorithm import Algorithm, Options, Setup
+from hpctrain.checkpoint.resize import mean_tensors
 from hpctrain.ec.averaging import ModelAveraging as Averaging
 from hpctrain.ec.averaging import broadcast_model
 from hpctrain.ec.compression import EnsembleCompression as Compression
@@ -106,6 +107,16 @@ class ModelAveraging(Algorithm):
     def checkpoint_state(self) -> tuple[dict, dict]:
         return {}, {"model": self.model, "optimizer": self.optimizer, "agg": self.aggregator}
 
+    def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
+        """MA resumed on another number of workers: every worker starts from the members'
+        average (an aggregation at the resume) and their averaged momentum; the aggregator
+        counts on from ``position`` and keeps old worker ``j mod K``'s statistics."""
+        model = mean_tensors([p["model"] for p in parts])
+        optimizer = mean_tensors([p["optimizer"] for p in parts])
+        return [{"model": model, "optimizer": optimizer,
+                 "agg": {**parts[j % len(parts)]["agg"], "steps": position}}
+                for j in range(workers)]
+
     def after_update(self, final: bool) -> None:
         self.aggregator.after_step(final=final)
 
@@ -160,6 +171,20 @@ class EnsembleCompression(ModelAveraging):
         lookup = s.train_data.full if isinstance(s.train_data, ReplicatedTrainData) else None
         return Compression(s.model, s.comm, self.tau, o.ec_alpha, o.ec_temperature,
                            o.ec_distill_size, lookup=lookup, seed=self.config.seed)
+
+    def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
+        """EC resumed on another number of workers: member ``j`` is old member ``j mod K``
+        (model, momentum, its round's relabelled samples and statistics), so a smaller run
+        keeps the first members and a larger one copies members; the round goes on at the
+        same place relative to ``position``."""
+        out = []
+        for j in range(workers):
+            part = parts[j % len(parts)]
+            agg = part["agg"]
+            into_round = agg["steps"] - agg["round_start"]
+            out.append({**part, "agg": {**agg, "steps": position,
+                                        "round_start": position - into_round}})
+        return out
 
     def epoch_started(self, local) -> None:
         self.aggregator.set_local_data(local)

@@ -50,6 +50,15 @@ def global_destinations(seed: int, epoch: int, n: int, ranks: int,
     return torch.where(pos < used, pos % ranks, pos - used), pos
 
 
+def pad(indices: torch.Tensor, length: int) -> torch.Tensor:
+    """``indices`` extended to ``length`` by repeating them from the start, as torch's
+    DistributedSampler pads (unchanged when already that long; cut when longer)."""
+    if len(indices) >= length:
+        return indices[:length]
+    repeats = -(-(length - len(indices)) // len(indices))
+    return torch.cat([indices, indices.repeat(repeats)[:length - len(indices)]])
+
+
 def partition(n: int, ranks: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The order in which the data set is cut into ranks' blocks: file order (iid), or by label
     (stable, so ties keep file order) when ``labels`` are given (label-skew)."""

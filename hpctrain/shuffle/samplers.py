@@ -1,37 +1,59 @@
-"""Samplers with torch's DistributedSampler interface, for data replicated on every rank.
+"""Samplers for data replicated on every rank: drop-ins for torch's ``DistributedSampler``.
 
-Each yields indices into the whole training set; every rank gets ``N // K`` of them per epoch
-(the tail is dropped, never padded), and the order depends only on the seed, the epoch, the
-number of ranks and the rank.
+Each is a ``torch.utils.data.Sampler`` with ``DistributedSampler``'s signature (``dataset`` or
+its length, ``num_replicas``, ``rank``, ``shuffle``, ``seed``, ``drop_last``) and methods
+(``set_epoch``, ``len``, iteration), and yields indices into the whole training set. The order
+depends only on the seed, the epoch, the number of ranks and the rank.
+
+- ``drop_last=True``: every rank gets ``N // K`` indices per epoch and the tail is dropped
+  (what hpctrain's training loop uses).
+- ``drop_last=False`` (torch's default): every rank gets ``ceil(N / K)``; every sample is used
+  and ranks short of that count repeat samples from the start of their own list, as
+  ``DistributedSampler`` pads.
+
+:class:`GlobalShuffleSampler` is ``DistributedSampler`` index for index in all four
+combinations of ``shuffle`` and ``drop_last``. The local and partial strategies keep a fixed
+block per rank; ``drop_last=False`` gives the ``N % K`` tail samples one each to the first
+ranks (they never move) and pads the others with their own first index.
+
+World size and rank not given come from :func:`hpctrain.launch_env.replicas`: an initialised
+torch.distributed, the launcher's environment (torchrun, Open MPI, PMI, a Slurm step) or MPI,
+and an error if those disagree, never a silent single replica.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sized
 
 import torch
 
-from hpctrain import comm
+from hpctrain import launch_env
 from hpctrain.errors import UsageError
 from hpctrain.shuffle import order
 
 
-class _Sampler:
-    """``data`` is the number of samples or anything with a length (a dataset), as for
-    DistributedSampler; ``num_replicas`` and ``rank`` default to the MPI world's."""
+class _Sampler(torch.utils.data.Sampler[int]):
+    """``dataset`` is anything with a length, or the number of samples; ``num_replicas`` and
+    ``rank`` default to the job's (:func:`hpctrain.launch_env.replicas`)."""
 
-    def __init__(self, data: int | Sized, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0):
-        num_samples = data if isinstance(data, int) else len(data)
-        self.num_replicas = comm.size() if num_replicas is None else num_replicas
-        self.rank = comm.rank() if rank is None else rank
-        if not 0 <= self.rank < self.num_replicas:
-            raise UsageError(f"rank {self.rank} outside [0, {self.num_replicas})")
+    def __init__(self, dataset: int | Sized, num_replicas: int | None = None,
+                 rank: int | None = None, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False) -> None:
+        super().__init__()
+        if not isinstance(shuffle, bool):
+            # Before DistributedSampler's signature the fourth argument was the seed.
+            raise TypeError(f"shuffle must be True or False, not {shuffle!r} (the seed is "
+                            "the fifth argument, or seed=, as in DistributedSampler)")
+        num_samples = dataset if isinstance(dataset, int) else len(dataset)
+        self.num_replicas, self.rank = launch_env.replicas(num_replicas, rank)
         if num_samples < self.num_replicas:
             raise UsageError(f"{num_samples} samples cannot feed {self.num_replicas} ranks")
-        self.dataset_size = num_samples
-        self.num_samples = num_samples // self.num_replicas
-        self.seed = seed
+        self.dataset, self.dataset_size = dataset, num_samples
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.num_samples = (num_samples // self.num_replicas if drop_last
+                            else math.ceil(num_samples / self.num_replicas))
+        self.total_size = self.num_samples * self.num_replicas
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -44,55 +66,76 @@ class _Sampler:
         return iter(self.indices().tolist())
 
     def indices(self) -> torch.Tensor:
+        """This rank's indices for the current epoch, in consumption order."""
         raise NotImplementedError
 
 
 class GlobalShuffleSampler(_Sampler):
-    """A fresh permutation of the whole data set each epoch; rank r takes ``perm[r::K]``."""
+    """A fresh permutation of the whole data set each epoch (file order without ``shuffle``);
+    rank r takes ``perm[r::K]``, padded as DistributedSampler pads: exactly its indices."""
 
     def indices(self) -> torch.Tensor:
-        return order.global_indices(self.seed, self.epoch, self.dataset_size,
-                                    self.num_replicas, self.rank)
+        n, k = self.dataset_size, self.num_replicas
+        if self.shuffle and self.drop_last:
+            return order.global_indices(self.seed, self.epoch, n, k, self.rank)
+        perm = order.global_permutation(self.seed, self.epoch, n) if self.shuffle \
+            else torch.arange(n)
+        return order.pad(perm, self.total_size)[self.rank:self.total_size:k]
 
 
 class LocalShuffleSampler(_Sampler):
     """A fixed block per rank (file order, or sorted by ``labels`` for label-skew), reshuffled
-    within the rank each epoch."""
+    within the rank each epoch (kept in order without ``shuffle``)."""
 
-    def __init__(self, data: int | Sized, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0, labels: torch.Tensor | None = None):
-        super().__init__(data, num_replicas, rank, seed)
+    def __init__(self, dataset: int | Sized, num_replicas: int | None = None,
+                 rank: int | None = None, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, *, labels: torch.Tensor | None = None) -> None:
+        super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last)
         if labels is not None and len(labels) != self.dataset_size:
             raise UsageError(f"{len(labels)} labels for {self.dataset_size} samples")
         self.partition = order.partition(self.dataset_size, self.num_replicas, labels)
 
-    def holding(self) -> torch.Tensor:
-        """The samples this rank holds this epoch, before its local reshuffle."""
+    def block(self) -> torch.Tensor:
+        """This rank's fixed block of ``N // K`` samples this epoch."""
         return order.block(self.partition, self.num_replicas, self.rank)
+
+    def holding(self) -> torch.Tensor:
+        """The samples this rank holds this epoch, before its local reshuffle: its block, and
+        without ``drop_last`` its tail sample (ranks below ``N % K``)."""
+        held = self.block()
+        if self.drop_last:
+            return held
+        return torch.cat([held, order.spare(self.partition, self.num_replicas, self.rank)])
 
     def indices(self) -> torch.Tensor:
         held = self.holding()
-        return held[order.local_permutation(self.seed, self.epoch, self.rank, len(held))]
+        if self.shuffle:
+            held = held[order.local_permutation(self.seed, self.epoch, self.rank, len(held))]
+        return order.pad(held, self.num_samples)
 
 
 class PartialShuffleSampler(LocalShuffleSampler):
-    """Local shuffling plus, each epoch, every rank sending a fraction ``q`` of its samples to
+    """Local shuffling plus, each epoch, every rank sending a fraction ``q`` of its block to
     random other ranks (receiving as many); partial(0) is local, partial(1) moves them all.
+    ``shuffle=False`` keeps each holding in its order (the exchanges still happen).
 
-    Holdings carry over from epoch to epoch, so a later epoch replays the earlier exchanges
-    (cached: moving forward one epoch at a time costs one exchange).
+    The fraction comes first; ``functools.partial(PartialShuffleSampler, q)`` takes
+    DistributedSampler's arguments. Holdings carry over from epoch to epoch, so a later epoch
+    replays the earlier exchanges (cached: moving forward one epoch at a time costs one
+    exchange).
     """
 
-    def __init__(self, q: float, data: int | Sized, num_replicas: int | None = None,
-                 rank: int | None = None, seed: int = 0, labels: torch.Tensor | None = None):
+    def __init__(self, q: float, dataset: int | Sized, num_replicas: int | None = None,
+                 rank: int | None = None, shuffle: bool = True, seed: int = 0,
+                 drop_last: bool = False, *, labels: torch.Tensor | None = None) -> None:
         if not 0.0 <= q <= 1.0:
             raise UsageError(f"partial shuffle fraction {q} outside [0, 1]")
-        super().__init__(data, num_replicas, rank, seed, labels)
+        super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last, labels=labels)
         self.q = q
         self._cached: tuple[int, list[torch.Tensor]] | None = None
 
     def holdings(self) -> list[torch.Tensor]:
-        """Every rank's holding this epoch, after the epoch's exchange."""
+        """Every rank's block this epoch, after the epoch's exchange."""
         if self._cached is not None and self._cached[0] <= self.epoch:
             done, held = self._cached
         else:
@@ -104,5 +147,5 @@ class PartialShuffleSampler(LocalShuffleSampler):
         self._cached = (self.epoch, held)
         return held
 
-    def holding(self) -> torch.Tensor:
+    def block(self) -> torch.Tensor:
         return self.holdings()[self.rank]

@@ -59,11 +59,12 @@ def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: i
                  labels=None):
     """The sampler for ``--shuffle strategy`` (labels given: label-skew partition)."""
     name, q = options.parse_strategy(strategy)
+    common = {"num_replicas": ranks, "rank": rank, "seed": seed, "drop_last": True}
     if name == "global":
-        return GlobalShuffleSampler(num_samples, ranks, rank, seed)
+        return GlobalShuffleSampler(num_samples, **common)
     if name == "local":
-        return LocalShuffleSampler(num_samples, ranks, rank, seed, labels)
-    return PartialShuffleSampler(q, num_samples, ranks, rank, seed, labels)
+        return LocalShuffleSampler(num_samples, **common, labels=labels)
+    return PartialShuffleSampler(q, num_samples, **common, labels=labels)
 
 
 def make_train_data(spec: TrainDataSpec, comm=None) -> TrainData:

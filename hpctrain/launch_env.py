@@ -1,0 +1,140 @@
+"""Which process of how many this one is: from the caller, torch.distributed, the launcher or MPI.
+
+A library object that splits work over processes (a sampler) must know the job's size and its
+rank, and must not guess 1 when it was started by a launcher it did not look at: under
+``torchrun`` (``WORLD_SIZE``, ``RANK``, no MPI) an MPI-only lookup sees a singleton world and
+every process would take all the data. :func:`replicas` asks every source there is:
+
+1. the caller's explicit values (``num_replicas``, ``rank``), taken as given, as
+   ``DistributedSampler`` takes them (that is how one process plays another's part);
+2. an initialised default ``torch.distributed`` process group;
+3. the launcher's environment: the innermost launcher's variables, in this order because an
+   inner launcher sets its own beside those of the one that started it (``torchrun`` under
+   ``srun``, ``mpirun`` inside a Slurm allocation): torchrun's ``WORLD_SIZE``/``RANK``, Open
+   MPI's ``OMPI_COMM_WORLD_SIZE``/``OMPI_COMM_WORLD_RANK``, MPICH/Intel MPI's
+   ``PMI_SIZE``/``PMI_RANK``, and Slurm's ``SLURM_NTASKS``/``SLURM_PROCID`` inside a job step
+   (``SLURM_STEP_ID`` set: a batch script's own environment describes the allocation, not the
+   process);
+4. the MPI world, if MPI is running with more than one process (a singleton world, what every
+   process under torchrun gets when it starts MPI, says nothing about the job); when no other
+   source answers, MPI is started and asked, as before this module existed.
+
+Sources 2 to 4 describe the same job, so they must agree: when two of them give different
+sizes or ranks, :class:`~hpctrain.errors.UsageError` names both, rather than one silently
+winning. Nothing here starts MPI or torch.distributed unless every other source is silent.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from hpctrain.errors import UsageError
+
+# (name, size variable, rank variable), innermost launcher first.
+LAUNCHERS = (
+    ("torchrun", "WORLD_SIZE", "RANK"),
+    ("Open MPI", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+    ("PMI", "PMI_SIZE", "PMI_RANK"),
+    ("Slurm", "SLURM_NTASKS", "SLURM_PROCID"),
+)
+_SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+
+
+@dataclass(frozen=True)
+class Seat:
+    """This process's place in the job: ``rank`` of ``size``, and where that was read."""
+
+    size: int
+    rank: int
+    source: str
+
+    def __str__(self) -> str:
+        return f"{self.source} says rank {self.rank} of {self.size}"
+
+
+def from_launcher(environ: Mapping[str, str] | None = None) -> Seat | None:
+    """The innermost launcher's size and rank from ``environ`` (default ``os.environ``), or
+    None when no known launcher set them. UsageError for a value that is not a count."""
+    env = os.environ if environ is None else environ
+    for name, size_var, rank_var in LAUNCHERS:
+        if size_var not in env or rank_var not in env:
+            continue
+        if name == "Slurm" and not any(v in env for v in _SLURM_STEP):
+            continue  # a batch script: SLURM_NTASKS is the allocation's, not this process's
+        try:
+            size, rank = int(env[size_var]), int(env[rank_var])
+        except ValueError:
+            raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
+                             "not whole numbers") from None
+        return Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})")
+    return None
+
+
+def from_torch_distributed() -> Seat | None:
+    """The default torch.distributed process group's size and rank, if one is initialised."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    size, rank = dist.get_world_size(), dist.get_rank()
+    return Seat(size, rank, f"torch.distributed (world size {size}, rank {rank})")
+
+
+def from_mpi(start: bool = False) -> Seat | None:
+    """MPI's world, if MPI is running with more than one process; with ``start``, start MPI
+    when it is not running and give its world whatever its size."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    running = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+    if not running:
+        if not start:
+            return None
+        from hpctrain import comm
+
+        MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    size, rank = world.Get_size(), world.Get_rank()
+    if size == 1 and not start:
+        return None
+    return Seat(size, rank, f"MPI (COMM_WORLD size {size}, rank {rank})")
+
+
+def detect(environ: Mapping[str, str] | None = None) -> Seat:
+    """This process's seat from torch.distributed, the launcher's environment and a running MPI
+    world, which must agree (UsageError naming two that do not); MPI started and asked when
+    none of them answers."""
+    found = [s for s in (from_torch_distributed(), from_launcher(environ), from_mpi())
+             if s is not None]
+    for other in found[1:]:
+        if (other.size, other.rank) != (found[0].size, found[0].rank):
+            raise UsageError(f"the job's size and rank disagree: {found[0]}, {other}; "
+                             "pass num_replicas and rank explicitly or fix the launch")
+    return found[0] if found else from_mpi(start=True)
+
+
+def replicas(num_replicas: int | None = None, rank: int | None = None,
+             environ: Mapping[str, str] | None = None) -> tuple[int, int]:
+    """``(num_replicas, rank)``: the explicit values where given, the rest from :func:`detect`.
+    UsageError for a rank outside ``[0, num_replicas)``."""
+    if num_replicas is None or rank is None:
+        seat = detect(environ)
+        num_replicas = seat.size if num_replicas is None else num_replicas
+        rank = seat.rank if rank is None else rank
+    size, where = _whole(num_replicas), _whole(rank)
+    if size is None or size < 1:
+        raise UsageError(f"num_replicas {num_replicas!r} must be a whole number >= 1")
+    if where is None or not 0 <= where < size:
+        raise UsageError(f"rank {rank!r} outside [0, {size})")
+    return size, where
+
+
+def _whole(value) -> int | None:
+    """``value`` as an int if it is an integer (numpy's too), not a bool; else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None

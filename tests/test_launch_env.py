@@ -1,0 +1,114 @@
+"""Where the job's size and rank come from (hpctrain.launch_env), and the samplers under a real
+``torchrun --nproc-per-node 2``: each process gets its own half, never all of the data."""
+
+import json
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+from conftest import ROOT
+
+from hpctrain import launch_env, shuffle
+from hpctrain.errors import UsageError
+
+TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
+
+
+@pytest.mark.unit  # the word for Slurm's launcher in its comments is no launch
+@pytest.mark.parametrize("env, seat", [
+    ({}, None),
+    ({"WORLD_SIZE": "4", "RANK": "3"}, (4, 3, "torchrun")),
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, (2, 1, "Open MPI")),
+    ({"PMI_SIZE": "3", "PMI_RANK": "2"}, (3, 2, "PMI")),
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_STEP_ID": "0"}, (8, 5, "Slurm")),
+    # A batch script's own environment (no step) describes the allocation: not a launch.
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, None),
+    # The innermost launcher wins: torchrun under srun, mpirun inside an allocation.
+    ({"WORLD_SIZE": "8", "RANK": "6", "SLURM_NTASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_STEP_ID": "0"}, (8, 6, "torchrun")),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "0", "SLURM_NTASKS": "1",
+      "SLURM_PROCID": "0", "SLURM_STEPID": "1"}, (4, 0, "Open MPI")),
+])
+def test_launcher_environment(env, seat):
+    found = launch_env.from_launcher(env)
+    if seat is None:
+        assert found is None
+    else:
+        assert (found.size, found.rank) == seat[:2] and found.source.startswith(seat[2])
+
+
+def test_bad_launcher_values_and_ranks_are_one_line():
+    with pytest.raises(UsageError, match=r"^WORLD_SIZE='two', RANK='0': not whole numbers$"):
+        launch_env.from_launcher({"WORLD_SIZE": "two", "RANK": "0"})
+    env = {"WORLD_SIZE": "2", "RANK": "1"}
+    assert launch_env.replicas(4, None, env) == (4, 1)  # explicit values are taken as given
+    assert launch_env.replicas(None, 0, env) == (2, 0)
+    with pytest.raises(UsageError, match=r"^rank 1 outside \[0, 1\)$"):
+        launch_env.replicas(1, None, env)
+    with pytest.raises(UsageError, match="num_replicas 0 must be"):
+        launch_env.replicas(0, 0)
+    with pytest.raises(UsageError, match=r"rank 1.5 outside \[0, 2\)"):
+        launch_env.replicas(2, 1.5)
+    assert launch_env.replicas(np.int64(2), np.int32(1)) == (2, 1)
+
+
+@pytest.fixture
+def torch_world(tmp_path, monkeypatch):
+    """A real one-process torch.distributed (gloo) world, destroyed afterwards; no launcher
+    variables in the environment."""
+    for _, size_var, rank_var in launch_env.LAUNCHERS:
+        monkeypatch.delenv(size_var, raising=False)
+        monkeypatch.delenv(rank_var, raising=False)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", world_size=1,
+                            rank=0)
+    yield
+    dist.destroy_process_group()
+
+
+def test_torch_distributed_and_launcher_must_agree(torch_world, monkeypatch):
+    assert launch_env.detect().source.startswith("torch.distributed")
+    assert len(shuffle.GlobalShuffleSampler(10)) == 10
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(UsageError) as e:
+        shuffle.GlobalShuffleSampler(10)
+    assert str(e.value) == (
+        "the job's size and rank disagree: torch.distributed (world size 1, rank 0) says rank "
+        "0 of 1, torchrun (WORLD_SIZE=2, RANK=1) says rank 1 of 2; pass num_replicas and rank "
+        "explicitly or fix the launch")
+    assert len(shuffle.GlobalShuffleSampler(10, num_replicas=2, rank=1)) == 5
+
+
+@pytest.mark.timeout(120)
+def test_samplers_under_torchrun_give_each_rank_its_half(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "scripts" / "torchrun_sampler.py"), str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=ROOT)
+    try:
+        _, stderr = proc.communicate(timeout=100)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # torchrun's agent ends its workers (each in a session of its own)
+        try:
+            proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        pytest.fail("torchrun hung past 100 s")
+    assert proc.returncode == 0, stderr
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["mpi_world"] for r in ranks] == [1, 1]  # MPI alone would say one replica
+    assert [r["seat"] for r in ranks] == [[2, 0], [2, 1]]
+    for epoch, key in ((0, "env_only"), (1, "loader")):
+        halves = [r[key] for r in ranks]
+        assert [len(h) for h in halves] == [501, 501]  # 1001 samples, one padded
+        assert sorted(set(halves[0]) | set(halves[1])) == list(range(1001))
+        for rank, half in enumerate(halves):
+            theirs = torch.utils.data.DistributedSampler(range(1001), 2, rank, seed=3)
+            theirs.set_epoch(epoch)
+            assert half == list(theirs)
+    local = [r["local"] for r in ranks]
+    assert local[0] != local[1] and sorted(local[0] + local[1]) == list(range(1000))

@@ -1,0 +1,204 @@
+"""Resuming on another number of workers (hpctrain.checkpoint.resize), in one process: the
+loop's rules for progress and counts, each algorithm's rule for its own per-worker state (loaded
+back into the real objects), and a Checkpointer restoring a 3-worker checkpoint on 1 worker.
+The whole jobs (4 ranks resumed on 2) are in test_resize_jobs.py."""
+
+import pytest
+import torch
+
+from hpctrain import checkpoint
+from hpctrain.checkpoint import resize
+from hpctrain.checkpoint.format import _header_of, encode
+from hpctrain.config import RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.metrics import write_atomic
+
+
+def part(r: int, **own) -> dict:
+    """Old worker ``r``'s per-worker state as the loop saves it, with distinct numbers."""
+    return {**own, "guard": {"skipped": 2, "consecutive": 1, "bad_here": r},
+            "straggler": {"slept": 0.5 * r, "rng": [3, [r], None]}, "rng": {"torch": r},
+            "counters": {"samples": 1000 + r, "local_steps": 64, "local_epoch": 2, "i": 0,
+                         "elapsed": 10.0 + r, "updates": 64}}
+
+
+def algorithm(name: str):
+    config = RunConfig(algo=name)
+    return config.algorithm_class(config)
+
+
+def test_rescale_keeps_the_fraction_of_the_run():
+    assert resize.rescale(64, 32, 64) == 128      # 4 ranks -> 2: twice the steps per epoch
+    assert resize.rescale(64, 64, 43) == 43       # 2 -> 3 at an epoch boundary
+    assert resize.rescale(10, 64, 43) == 7        # 6.72 rounds to 7
+    assert resize.rescale(1, 2, 1) == 1           # a half rounds up
+    assert resize.fold([0, 1, 2, 3], 2) == [[0, 2], [1, 3]]
+    assert resize.fold([0, 1], 3) == [[0], [1], []]
+    assert resize.source(["a", "b"], 3) == ["a", "b", "a"]
+
+
+@pytest.mark.parametrize("old, new, per_epoch, position, epoch, i", [
+    # lock-step, 2048 samples, batch 16: 4 ranks have 32 steps an epoch, 2 ranks 64
+    (4, 2, "lockstep", 128, 2, 0),
+    # async: an epoch is steps x workers updates (128 either way): the count stays
+    (4, 2, "async", 64, 0, 32),
+])
+def test_resizer_progress_and_counts(old, new, per_epoch, position, epoch, i):
+    steps = 2048 // new // 16
+    updates = {"lockstep": lambda s, w: s, "async": lambda s, w: s * w}[per_epoch]
+    seen = []
+
+    def own_rule(parts, workers, at):
+        seen.append((len(parts), workers, at, parts[0]))
+        return [{"own": j} for j in range(workers)]
+
+    resizer = resize.Resizer(num_samples=2048, batch_size=16, workers=new, steps=steps,
+                             per_epoch=updates, resize_state=own_rule)
+    header = {"updates": 64 if per_epoch == "lockstep" else 64, "workers": old}
+    parts, record = resizer(header, [part(r, mine=r) for r in range(old)])
+    assert seen == [(old, new, position, {"mine": 0})]  # only the algorithm's own entries
+    assert record.record() == {"from_workers": old, "to_workers": new, "updates": 64,
+                               "resumed_at": position}
+    assert [p["own"] for p in parts] == list(range(new))
+    c = parts[1]["counters"]
+    assert (c["updates"], c["local_epoch"], c["i"], c["local_steps"]) == \
+        (position, epoch, i, epoch * steps + i)
+    assert [p["counters"]["samples"] for p in parts] == [2002, 2004]  # totals kept
+    assert [p["counters"]["elapsed"] for p in parts] == [10.0, 10.0]  # rank 0's clock
+    assert [p["guard"] for p in parts] == [{"skipped": 2, "consecutive": 1, "bad_here": 2},
+                                           {"skipped": 2, "consecutive": 1, "bad_here": 4}]
+    assert [p["straggler"]["slept"] for p in parts] == [1.0, 2.0]
+    assert [p["rng"] for p in parts] == [{"torch": 0}, {"torch": 1}]
+
+
+def model_and_optimizer(seed: int):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(8, 4)).square().sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_ma_starts_every_worker_from_the_average():
+    olds = [model_and_optimizer(s) for s in range(3)]
+    parts = [{"model": m.state_dict(), "optimizer": o.state_dict(),
+              "agg": {"steps": 5, "stats": {"bytes": [r], "seconds": [], "parts": {}}}}
+             for r, (m, o) in enumerate(olds)]
+    new = algorithm("ma").resize_state(parts, 2, 9)
+    assert len(new) == 2
+    model, opt = model_and_optimizer(7)
+    model.load_state_dict(new[1]["model"])
+    opt.load_state_dict(new[1]["optimizer"])
+    weight = torch.stack([m[0].weight for m, _ in olds]).mean(0)
+    assert torch.allclose(model[0].weight, weight)
+    assert torch.allclose(model[1].running_var,
+                          torch.stack([m[1].running_var for m, _ in olds]).mean(0))
+    assert model[1].num_batches_tracked == 1  # integer buffers are not averaged
+    momentum = torch.stack([o.state[o.param_groups[0]["params"][0]]["momentum_buffer"]
+                            for _, o in olds]).mean(0)
+    assert torch.allclose(opt.state[opt.param_groups[0]["params"][0]]["momentum_buffer"],
+                          momentum)
+    assert [p["agg"]["steps"] for p in new] == [9, 9]
+    assert [p["agg"]["stats"]["bytes"] for p in new] == [[0], [1]]
+
+
+def test_ec_keeps_or_copies_members_and_the_round():
+    parts = [{"model": {"w": torch.full((2,), float(r))}, "optimizer": {"r": r},
+              "agg": {"steps": 30, "round_start": 28, "rounds": 4, "relabelled": None,
+                      "distilled": r, "stats": {}}} for r in range(2)]
+    new = algorithm("ec").resize_state(parts, 3, 50)
+    assert [float(p["model"]["w"][0]) for p in new] == [0.0, 1.0, 0.0]
+    assert [(p["agg"]["steps"], p["agg"]["round_start"], p["agg"]["distilled"])
+            for p in new] == [(50, 48, 0), (50, 48, 1), (50, 48, 0)]
+
+
+@pytest.mark.parametrize("name", ["asgd", "dcasgd-a", "ssp"])
+def test_async_workers_share_mean_squares_keep_velocities_and_level_clocks(name):
+    adaptive = name == "dcasgd-a"
+    parts = []
+    for r in range(2):
+        worker = {"ms": torch.full((3,), float(r + 1)) if adaptive else None,
+                  "v": torch.full((3,), 10.0 + r), "staleness": [r] * (r + 1)}
+        parts.append({"opt": {"state": {}, "param_groups": [{"lr": 0.1}], "worker": worker}})
+        if name == "ssp":
+            parts[-1]["ssp"] = {"clock": 40 + r, "waits": r, "wait_s": 0.5, "max_gap": r + 1}
+    new = algorithm(name).resize_state(parts, 3, 80)
+    workers = [p["opt"]["worker"] for p in new]
+    if adaptive:
+        assert all(torch.equal(w["ms"], torch.full((3,), 1.5)) for w in workers)
+    else:
+        assert all(w["ms"] is None for w in workers)
+    assert [w["v"].tolist() for w in workers] == [[10.0] * 3, [11.0] * 3, [0.0] * 3]
+    assert [w["staleness"] for w in workers] == [[0], [1, 1], []]
+    if name == "ssp":
+        assert [p["ssp"] for p in new] == [
+            {"clock": 40, "waits": 0, "wait_s": 0.5, "max_gap": 1},
+            {"clock": 40, "waits": 1, "wait_s": 0.5, "max_gap": 2},
+            {"clock": 40, "waits": 0, "wait_s": 0, "max_gap": 0}]
+
+
+def test_policy_allows_another_number_of_ranks_only_when_resizing(tmp_path):
+    checkpoint.save(tmp_path, 5, {"x": 1}, {"algo": "ssgd", "ranks": 4, "workers": 4,
+                                            "args": {"lr": 0.1}})
+    given = {"algo": "ssgd", "ranks": 2, "every": None, "checkpoint_dir": None,
+             "resume": str(tmp_path), "out": None, "run_config": {"lr": 0.1},
+             "may_change": checkpoint.MAY_CHANGE}
+    with pytest.raises(UsageError, match="on 4 ranks, not --algo ssgd on 2"):
+        checkpoint.check(**given)
+    assert checkpoint.check(**given, resize=True).resume == str(tmp_path)
+    with pytest.raises(UsageError, match="of --algo ssgd on 4 ranks, not --algo ma on 2"):
+        checkpoint.check(**{**given, "algo": "ma"}, resize=True)
+
+
+def test_checkpointer_restores_three_workers_on_one(tmp_path):
+    """A per-rank (ma-like) checkpoint of 3 workers resumed on 1: the resizer's states, worker
+    0's snapshots, progress and the record; the next checkpoint keeps the record."""
+    folder = tmp_path / "ckpts"
+    (folder / "snapshots").mkdir(parents=True)
+    refs = []
+    for r in range(3):
+        blob = encode({"w": torch.full((2,), float(r))}, {"info": {"updates": 0}})
+        write_atomic(folder / f"snapshots/000000-r{r}.pt", blob)
+        refs.append([{"file": f"snapshots/000000-r{r}.pt", "sha256": _header_of(blob)["sha256"],
+                      "info": {"updates": 0}}])
+    payload = {"shared": {}, "ranks": [{**part(r, agg={"r": r}), "rng": checkpoint.rng_state()}
+                                       for r in range(3)],
+               "snapshots": refs,
+               "book": {"checkpoints": 2, "checkpoint_s": 0.1, "resumed_from": []}}
+    checkpoint.save(folder, 60, payload, {"algo": "ma", "ranks": 3, "workers": 3, "args": {}})
+
+    class Agg:
+        def load_state_dict(self, state):
+            self.state = state
+
+        def state_dict(self):
+            return self.state
+
+    agg = Agg()
+    resizer = resize.Resizer(num_samples=1200, batch_size=10, workers=1, steps=120,
+                             per_epoch=lambda s, w: s, resize_state=lambda p, w, at: p[:w])
+    ckpt = checkpoint.Checkpointer(None, 120, 360, shared={}, per_rank={"agg": agg},
+                                   per_rank_snapshots=True, every="1e", folder=folder,
+                                   resume=str(folder), resize=resizer,
+                                   header={"algo": "ma", "ranks": 1, "args": {}})
+    back = []
+    done = ckpt.restore(back)
+    # 3 workers had 40 steps an epoch: update 60 is epoch 1.5, update 180 of 120-step epochs
+    assert (done["updates"], done["local_epoch"], done["i"]) == (180, 1, 60)
+    assert agg.state == {"r": 0} and [float(s.state["w"][0]) for s in back] == [0.0]
+    assert ckpt.next_due == 240
+    record = {"from_workers": 3, "to_workers": 1, "updates": 60, "resumed_at": 180}
+    assert ckpt.summary()["resized"] == [record]
+    assert ckpt.summary()["resumed_from_updates"] == [180]
+    ckpt.save(240, {"elapsed": 1.0}, back)
+    again = checkpoint.newest(folder)
+    assert again.payload["book"]["resized"] == [record] and len(again.payload["ranks"]) == 1
+
+    refused = checkpoint.Checkpointer(None, 120, 360, shared={}, per_rank={"agg": agg},
+                                      every=None, folder=folder, resume=str(folder),
+                                      header={"algo": "ma", "ranks": 1, "args": {}})
+    checkpoint.save(folder, 300, payload, {"algo": "ma", "ranks": 3, "workers": 3, "args": {}})
+    with pytest.raises(UsageError, match="checkpoint is of 3 workers, not 1, and this run "
+                                         "cannot be resized"):
+        refused.restore([])
