@@ -58,7 +58,10 @@ class RunSummary:
     exchange_per_epoch: list[dict] = _doc("per exchange: epoch, bytes_moved (bytes), exchange_s "
                                           "(seconds)")
     out: str | None = _doc("the run's output folder")
-    simulated: bool = _doc("false for a run of real processes", default=False)
+    simulated: bool = _doc("false for a run of real processes; true for `hpctrain simulate` "
+                           "(times are then virtual seconds)", default=False)
+    simulation: dict | None = _doc("simulated runs: the step-time and network models used "
+                                   "(null for real processes)", default=None)
     algorithm_fields: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

@@ -1,0 +1,64 @@
+"""The training loop's runtime for a virtual worker: its virtual clock, modelled step times,
+and one shared copy of the data set (see :mod:`hpctrain.runtime` for the real one)."""
+
+from __future__ import annotations
+
+from hpctrain import data
+from hpctrain.runtime import Runtime
+from hpctrain.shuffle import ReplicatedTrainData, TrainDataSpec
+from hpctrain.shuffle.train_data import make_sampler
+from hpctrain.sim.scheduler import Scheduler
+from hpctrain.sim.steptime import StepTimeModel
+from hpctrain.stragglers import Straggler
+
+
+class VirtualStraggler(Straggler):
+    """A step's time from the step-time model, times ``--slowdown``'s factor and
+    ``--jitter``'s draw (the real :class:`Straggler`'s), added to the worker's virtual clock
+    instead of slept. ``slept`` counts the part the factor and jitter added."""
+
+    def __init__(self, model: StepTimeModel, scheduler: Scheduler, worker: int, factor: float,
+                 jitter: float, seed: int):
+        super().__init__(factor, jitter, seed, worker)
+        self.model, self.scheduler, self.worker = model, scheduler, worker
+
+    def pad(self, step_seconds: float) -> float:
+        base = self.model.next(self.worker)
+        step = base * (self.step_factor() if self.active else 1.0)
+        self.scheduler.now[self.worker] += step
+        extra = max(0.0, step - base)
+        self.slept += extra
+        return extra
+
+
+class VirtualRuntime(Runtime):
+    """Virtual worker ``worker``'s clock, straggler and data, in ``simulation``."""
+
+    def __init__(self, simulation, worker: int):
+        self.simulation, self.worker = simulation, worker
+
+    def now(self) -> float:
+        return self.simulation.scheduler.now[self.worker]
+
+    def straggler(self, config, rank: int, workers: int) -> Straggler:
+        s = config.stragglers
+        return VirtualStraggler(self.simulation.step_times, self.simulation.scheduler,
+                                self.worker, s.factor(rank, workers), s.jitter, config.seed)
+
+    def train_data(self, spec: TrainDataSpec, comm_) -> ReplicatedTrainData:
+        """The real samplers over one copy of the training set that all workers share."""
+        full = self.simulation.train_set(spec)
+        ranks = self.simulation.workers
+        labels = full.labels if spec.partition == "label-skew" else None
+        sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed, labels)
+        return ReplicatedTrainData(full, sampler)
+
+    def run_info(self) -> dict:
+        return {"simulator": "hpctrain simulate", "virtual_workers": self.simulation.workers}
+
+    def summary_fields(self) -> dict:
+        return {"simulated": True, "simulation": self.simulation.describe()}
+
+
+def load_train_set(spec: TrainDataSpec) -> data.Dataset:
+    return data.load(spec.dataset, "train", spec.data_dir)
