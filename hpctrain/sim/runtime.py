@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from hpctrain import data
 from hpctrain.runtime import Runtime
-from hpctrain.shuffle import ReplicatedTrainData, TrainDataSpec
+from hpctrain.shuffle import PartialShuffleSampler, ReplicatedTrainData, TrainDataSpec
+from hpctrain.shuffle.options import parse_strategy
 from hpctrain.shuffle.train_data import make_sampler
 from hpctrain.sim.scheduler import Scheduler
 from hpctrain.sim.steptime import StepTimeModel
@@ -31,6 +32,24 @@ class VirtualStraggler(Straggler):
         return extra
 
 
+class SharedPartialSampler(PartialShuffleSampler):
+    """partial(q): every rank's holdings are the same on every rank (a function of seed and
+    epoch), so the virtual workers compute each epoch's once, in ``shared`` (epoch ->
+    holdings), instead of K times."""
+
+    def __init__(self, shared: dict, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shared = shared
+
+    def holdings(self) -> list:
+        if self.epoch not in self._shared:
+            done = [e for e in self._shared if e < self.epoch]
+            if done:  # continue from the latest epoch computed
+                self._cached = (max(done), self._shared[max(done)])
+            self._shared[self.epoch] = super().holdings()
+        return self._shared[self.epoch]
+
+
 class VirtualRuntime(Runtime):
     """Virtual worker ``worker``'s clock, straggler and data, in ``simulation``."""
 
@@ -50,7 +69,13 @@ class VirtualRuntime(Runtime):
         full = self.simulation.train_set(spec)
         ranks = self.simulation.workers
         labels = full.labels if spec.partition == "label-skew" else None
-        sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed, labels)
+        name, q = parse_strategy(spec.shuffle)
+        if name == "partial":
+            sampler = SharedPartialSampler(self.simulation.holdings, q, len(full), ranks,
+                                           self.worker, spec.seed, labels)
+        else:
+            sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed,
+                                   labels)
         return ReplicatedTrainData(full, sampler)
 
     def run_info(self) -> dict:

@@ -85,6 +85,7 @@ class Simulation:
         self.group.simulation = self
         self._train_set: data.Dataset | None = None
         self._store: SharedStore | None = None
+        self.holdings: dict = {}  # partial(q)'s holdings per epoch, shared by the workers
 
     def train_set(self, spec) -> data.Dataset:
         if self._train_set is None:
