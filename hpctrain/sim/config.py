@@ -30,6 +30,10 @@ class SimConfig:
                                     "writes in the parameter store",
                                     parse=options.positive(float),
                                     range=Range(0, low_open=True))
+    train_subset: int | None = option(None, "train on this many samples of the training set "
+                                      "(a fixed random subset, the same for every seed), for "
+                                      "quick studies", parse=options.positive(int),
+                                      range=Range(1))
 
     def __post_init__(self) -> None:
         check_fields(self)

@@ -60,6 +60,7 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
     n = data.size(config.data.dataset, "train", config.data.data_dir)
+    n = min(n, sim.train_subset or n)
     if k > n:
         raise UsageError(f"--workers {k} but only {n} training samples in "
                          f"{config.data.dataset}")
@@ -88,8 +89,15 @@ class Simulation:
         self.holdings: dict = {}  # partial(q)'s holdings per epoch, shared by the workers
 
     def train_set(self, spec) -> data.Dataset:
+        """The training set (``--train-subset``: a fixed random part, ids renumbered)."""
         if self._train_set is None:
-            self._train_set = load_train_set(spec)
+            full = load_train_set(spec)
+            n = self.sim.train_subset
+            if n is not None and n < len(full):
+                pick = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+                full = full.subset(pick[:n].sort().values)
+                full.ids = torch.arange(n)
+            self._train_set = full
         return self._train_set
 
     def shared_store(self, values: torch.Tensor, options) -> SharedStore:
