@@ -226,3 +226,24 @@ def test_heap_order_is_time_then_worker():
     q = [(1.0, 3), (1.0, 1), (0.5, 2)]
     heapq.heapify(q)
     assert [heapq.heappop(q) for _ in range(3)] == [(0.5, 2), (1.0, 1), (1.0, 3)]
+
+
+def test_compare_simulate_plans_simulator_runs(tmp_path):
+    from hpctrain import cli
+    from hpctrain.bench import compare
+
+    def parse(*argv):
+        return cli.build_parser().parse_args(["bench", "compare", *argv, "--out",
+                                              str(tmp_path)])
+
+    sgd, ma = compare.plan(parse("--algos", "sgd,ma", "--simulate", "16", "--tau", "5",
+                                 "--step-time", "gamma:0.01:2"))
+    assert (sgd.np, ma.np) == (1, 16)
+    assert ma.command[2:4] == ["hpctrain.cli", "simulate"]
+    assert ma.command[ma.command.index("--workers") + 1] == "16"
+    assert ma.command[ma.command.index("--step-time") + 1] == "gamma:0.01:2"
+    assert sgd.command[sgd.command.index("--workers") + 1] == "1"
+    with pytest.raises(UsageError, match="--latency is an option of the simulator"):
+        compare.plan(parse("--algos", "ma", "--latency", "1e-5"))
+    with pytest.raises(UsageError, match="want constant:S"):
+        compare.plan(parse("--algos", "ma", "--simulate", "4", "--step-time", "constant"))

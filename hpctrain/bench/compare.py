@@ -298,7 +298,9 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     display = _Display(label)
-    display.line(f"{run.np} process{'es' if run.np > 1 else ''}: {shlex.join(run.command)}")
+    what = "virtual worker" + ("s" if run.np > 1 else "") if "simulate" in run.command \
+        else "process" + ("es" if run.np > 1 else "")
+    display.line(f"{run.np} {what}: {shlex.join(run.command)}")
     lines: deque[str] = deque(maxlen=500)
     start = time.monotonic()
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "w") as log:
