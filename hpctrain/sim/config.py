@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from hpctrain import options
 from hpctrain.options import Range, check_fields, option
 from hpctrain.sim.network import BANDWIDTH, LATENCY_S, STORE_BANDWIDTH, STORE_LATENCY_S, Network
+from hpctrain.sim.steptime import StepTimeModel
 
 DEFAULT_STEP_TIME = "constant:0.01"
 
@@ -37,6 +38,7 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        StepTimeModel(self.step_time, 1)  # its form (and a replay's file)
 
     def network(self) -> Network:
         return Network(self.latency, self.bandwidth, self.store_latency, self.store_bandwidth)
