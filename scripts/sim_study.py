@@ -26,6 +26,7 @@ from hpctrain.sim import SimConfig, simulate
 SUBSET = 6000  # training samples (a fixed random subset of Fashion-MNIST's 60000)
 STEP = "lognormal:0.01:0.3"
 CHANCE_ERROR = 0.9
+REPORT_ONLY = "--report-only" in sys.argv  # tables and plots from the runs done so far
 
 
 def run(out: Path, name: str, algo: str, workers: int, seed: int, *, epochs: int,
@@ -36,8 +37,10 @@ def run(out: Path, name: str, algo: str, workers: int, seed: int, *, epochs: int
     if done.exists():
         for line in done.read_text().splitlines():
             row = json.loads(line)
-            if row["name"] == name:
+            if row["name"] == name and row["lr"] == lr:
                 return row
+    if REPORT_ONLY:
+        return {"name": name, "missing": True}
     config = RunConfig(algo=algo, seed=seed, out=str(folder), progress=False,
                        eval_every=float(epochs), data=data or DataConfig(),
                        optim=OptimConfig(epochs=epochs, batch_size=batch, lr=lr,
@@ -66,19 +69,26 @@ def spread(values: list[float]) -> str:
 
 def dcasgd(out: Path) -> None:
     """DC-ASGD at scale: error against M; the lr chosen per M on a grid for asgd."""
-    ms, grid, seeds, epochs, batch = [1, 4, 8, 16, 32, 64], [0.05, 0.1], [1, 2, 3], 2, 32
+    ms, seeds, epochs, batch = [1, 4, 8, 16, 32, 64], [1, 2, 3], 2, 32
+    grid = [0.0125, 0.025, 0.05, 0.1]
     chosen = {}
     for m in ms:
         algo = "sgd" if m == 1 else "asgd"
         errs = {lr: run(out, f"grid-{algo}-M{m}-lr{lr}", algo, m, 0, epochs=epochs,
-                        batch=batch, lr=lr)["error"] for lr in grid}
-        chosen[m] = min(grid, key=lambda lr: (errs[lr], lr))
-    rows = {}
-    for m in ms:
-        algos = ["sgd"] if m == 1 else ["ssgd", "asgd", "dcasgd-c", "dcasgd-a", "ssp"]
-        for algo in algos:
-            rows[(m, algo)] = [run(out, f"{algo}-M{m}-s{seed}", algo, m, seed, epochs=epochs,
-                                   batch=batch, lr=chosen[m]) for seed in seeds]
+                        batch=batch, lr=lr).get("error") for lr in grid}
+        errs = {lr: e for lr, e in errs.items() if e is not None}
+        chosen[m] = min(errs, key=lambda lr: (errs[lr], lr)) if errs else None
+    rows: dict = {}
+    for seed in seeds:  # one seed of everything first: a partial study still spans M
+        for m in ms:
+            algos = ["sgd"] if m == 1 else ["ssgd", "asgd", "dcasgd-c", "dcasgd-a", "ssp"]
+            for algo in algos:
+                if chosen[m] is None:
+                    continue
+                r = run(out, f"{algo}-M{m}-s{seed}", algo, m, seed, epochs=epochs,
+                        batch=batch, lr=chosen[m])
+                if "missing" not in r:
+                    rows.setdefault((m, algo), []).append(r)
     lines = ["| M | lr (asgd grid) | algorithm | test error: median [min, max] | diverged | "
              "staleness mean (median run) |", "|---|---|---|---|---|---|"]
     for (m, algo), rs in rows.items():
@@ -91,17 +101,19 @@ def dcasgd(out: Path) -> None:
     seq = statistics.median(r["error"] for r in rows[(1, "sgd")])
     lines += ["", "| M | asgd gap to sgd | dcasgd-a gap | share of asgd's gap closed |",
               "|---|---|---|---|"]
-    for m in ms[1:]:
+    done = [m for m in ms[1:] if (m, "asgd") in rows and (m, "dcasgd-a") in rows]
+    for m in done:
         ga = statistics.median(r["error"] for r in rows[(m, "asgd")]) - seq
         gd = statistics.median(r["error"] for r in rows[(m, "dcasgd-a")]) - seq
         closed = f"{(ga - gd) / ga:.2f}" if ga > 0 else "n/a (no gap)"
         lines.append(f"| {m} | {ga:+.4f} | {gd:+.4f} | {closed} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "error_vs_M.png", ms[1:], {a: [[r["error"] for r in rows[(m, a)]]
-                                               for m in ms[1:]]
-                                           for a in ["ssgd", "asgd", "dcasgd-c", "dcasgd-a",
-                                                     "ssp"]},
-          "workers M", "final test error", hline=seq)
+    if done:
+        _plot(out / "error_vs_M.png", done, {a: [[r["error"] for r in rows[(m, a)]]
+                                                 for m in done]
+                                               for a in ["ssgd", "asgd", "dcasgd-c", "dcasgd-a",
+                                                         "ssp"]},
+              "workers M", "final test error", hline=seq)
     print("\n".join(lines))
 
 
@@ -172,6 +184,6 @@ def _plot(path: Path, xs: list, series: dict, xlabel: str, ylabel: str,
 
 
 if __name__ == "__main__":
-    study, folder = sys.argv[1], Path(sys.argv[2])
+    study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
     folder.mkdir(parents=True, exist_ok=True)
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma}[study](folder)
