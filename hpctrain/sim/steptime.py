@@ -9,7 +9,9 @@
   SHAPE 1: exponential);
 - ``replay:RUN``: the step times a real run recorded (``RUN/step_times.json``, see
   :mod:`hpctrain.steptimes`); virtual worker k replays worker ``k mod R`` of the R recorded,
-  from its first step, starting over when the record runs out.
+  from its first step, starting over when the record runs out. The recorded times include
+  the recorded run's own ``--slowdown`` and ``--jitter`` (a real straggler's sleep is part
+  of its step): replay a run without repeating them, or they count twice.
 
 Draws come from one generator per worker, seeded with (seed, worker), so a simulation is
 deterministic. ``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a
