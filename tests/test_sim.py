@@ -33,14 +33,14 @@ def sim(workers: int, **kw) -> SimConfig:
 
 def test_the_same_seed_gives_the_same_summary_bit_for_bit(tmp_path):
     def once(name):
-        c = config("dcasgd-a", tmp_path / name,
+        c = config("dcasgd-a", tmp_path / name, optim=OptimConfig(epochs=1, batch_size=64),
                    stragglers=StragglerConfig(slowdown="1:2", jitter=0.3))
-        summary = simulate(c, sim(6, step_time="lognormal:0.01:0.5"))
+        summary = simulate(c, sim(4, step_time="lognormal:0.01:0.5"))
         return summary, (tmp_path / name / "model.pt").read_bytes(), \
             (tmp_path / name / "metrics.jsonl").read_text()
 
     (a, model_a, curve_a), (b, model_b, curve_b) = once("a"), once("b")
-    assert a["simulated"] is True and a["workers"] == 6
+    assert a["simulated"] is True and a["workers"] == 4
     assert json.dumps({**a, "out": None}, sort_keys=True) == \
         json.dumps({**b, "out": None}, sort_keys=True)
     assert model_a == model_b and curve_a == curve_b
@@ -166,10 +166,9 @@ def test_ma_and_ec_run_the_real_aggregators(tmp_path):
     assert ec["aggregation"]["inference_s"] > 0  # modelled, virtual
 
 
-@pytest.mark.parametrize("shuffle,partition", [("local", "label-skew"), ("partial:0.1", "iid")])
-def test_shuffles_and_partitions_at_128_workers(tmp_path, shuffle, partition):
-    c = config("ma", tmp_path / "x", data=DataConfig(dataset="synthetic", shuffle=shuffle,
-                                                    partition=partition),
+def test_partial_shuffle_of_label_skewed_data_at_128_workers(tmp_path):
+    c = config("ma", tmp_path / "x", data=DataConfig(dataset="synthetic", shuffle="partial:0.1",
+                                                    partition="label-skew"),
                optim=OptimConfig(epochs=2, batch_size=8), eval_every=2.0,
                algorithm=algorithm_options("ma")(tau=2))
     summary = simulate(c, sim(128))
@@ -209,13 +208,13 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
 def test_replayed_real_async_run_matches_its_staleness(tmp_path):
     """A real 2-rank asgd run records step times; the simulator replays them."""
     real = tmp_path / "real"
-    run_job(["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
-             "--out", str(real)], np=2, timeout=150)
+    run_job(["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "32",
+             "--eval-every", "1", "--out", str(real)], np=2, timeout=150)
     recorded = steptimes.read(real)
     summary = json.loads((real / "summary.json").read_text())
     assert [len(w) for w in recorded] == summary["pushes_per_worker"]
     simulated = simulate(config("asgd", tmp_path / "sim",
-                                optim=OptimConfig(epochs=1, batch_size=16)),
+                                optim=OptimConfig(epochs=1, batch_size=32), eval_every=1.0),
                          sim(2, step_time=f"replay:{real}"))
     assert simulated["updates"] == summary["updates"]
     # two workers: staleness is 0 or 1 almost always, in both
