@@ -1,4 +1,4 @@
-"""``hpctrain train | bench | report | info``: the command line.
+"""``hpctrain train | simulate | bench | report | info``: the command line.
 
 Arguments are parsed and validated before MPI starts, so bad input is one line and a non-zero
 exit on every rank, never a hang. MPI is then initialised at the thread level the algorithm
@@ -16,6 +16,7 @@ import textwrap
 from hpctrain import arguments, comm, devices, run
 from hpctrain.bench import report as bench_report
 from hpctrain.metrics import summary_table
+from hpctrain.sim import arguments as sim_arguments
 
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run (and optionally
 # validate(args), called before MPI starts).
@@ -51,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model with one algorithm",
                            formatter_class=_HelpFormatter)
     arguments.add_arguments(train)
+    simulate = sub.add_parser("simulate", help="train as K workers would, in one process: "
+                              "virtual workers, virtual time, the real algorithm code",
+                              formatter_class=_HelpFormatter)
+    arguments.add_arguments(simulate)
+    sim_arguments.add_arguments(simulate)
     benchmarks = {name: importlib.import_module(m) for name, m in BENCHMARKS.items()}
     bench = sub.add_parser(
         "bench", help="benchmarks, each against a baseline measured in the same run",
@@ -87,6 +93,15 @@ def train(args: argparse.Namespace) -> dict:
     return summary
 
 
+def simulate(args: argparse.Namespace) -> dict:
+    """``hpctrain simulate``: the same options as train, plus the simulator's; no MPI."""
+    from hpctrain.sim import simulate as run_simulation
+
+    summary = run_simulation(arguments.build(args), sim_arguments.build(args))
+    print(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}", flush=True)
+    return summary
+
+
 def info() -> None:
     import torch
 
@@ -115,6 +130,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(1)
     if args.command == "train":
         train(args)
+    elif args.command == "simulate":
+        simulate(args)
     elif args.command == "bench":
         module = importlib.import_module(BENCHMARKS[args.benchmark])
         if hasattr(module, "validate"):  # checks the options' own types cannot make

@@ -50,9 +50,10 @@ from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
 from hpctrain.metrics import RunLog
 from hpctrain.metrics import progress as progress_bar
+from hpctrain.runtime import REAL, Runtime
 from hpctrain.schedule import learning_rate, set_lr
-from hpctrain.shuffle import make_train_data
-from hpctrain.stragglers import Straggler, parse_slowdown
+from hpctrain.steptimes import StepTimes
+from hpctrain.stragglers import parse_slowdown
 from hpctrain.summary import RunSummary
 from hpctrain.torch_comm import TorchComm
 
@@ -157,19 +158,21 @@ def _run(config: RunConfig, world) -> dict | None:
 
 
 def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
-           world=None) -> dict | None:
-    """One worker's training, evaluation and (rank 0) outputs; collective over the workers."""
+           world=None, runtime: Runtime = REAL) -> dict | None:
+    """One worker's training, evaluation and (rank 0) outputs; collective over the workers.
+
+    ``runtime``: the clock, stragglers and data (the simulator passes a virtual one)."""
     rank, size = (comm_.Get_rank(), comm_.Get_size()) if comm_ is not None else (0, 1)
     o = config.optim
-    train_data = make_train_data(config.data.spec(config.seed), comm_)
+    train_data = runtime.train_data(config.data.spec(config.seed), comm_)
     steps = math.ceil(train_data.samples_per_rank / o.batch_size)  # one epoch of local data
     per_epoch = algo.per_epoch(steps, size)
     total = o.epochs * per_epoch
     s = Setup(model, train_data, comm_, size, steps)
     algo.setup(s)
     guard = algo.guard(s)
-    straggler = Straggler(config.stragglers.factor(rank, size), config.stragglers.jitter,
-                          config.seed, rank)
+    straggler = runtime.straggler(config, rank, size)
+    step_times = StepTimes()
     shared, per_rank = algo.checkpoint_state()
     ckpt = checkpoint.Checkpointer(
         comm_, per_epoch, total, shared=shared,
@@ -184,7 +187,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     log = RunLog(config.out, rank)
     log.write_config({**configs.repeatable(config),
                       "run_info": {"workers": size, "device": str(s.device),
-                                   **comm.library_info()}})
+                                   **runtime.run_info()}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:
@@ -210,7 +213,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
     if comm_ is not None:
         comm_.Barrier()
-    start = time.perf_counter() - done.get("elapsed", 0.0)
+    start = runtime.now() - done.get("elapsed", 0.0)
     local = train_data.epoch(epoch)
     algo.epoch_started(local)
     loss = None
@@ -220,7 +223,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             position = algo.before_checkpoint(position)
             ckpt.save(position, {"samples": samples, "local_steps": local_steps,
                                  "local_epoch": epoch, "i": i,
-                                 "elapsed": time.perf_counter() - start}, snapshots)
+                                 "elapsed": runtime.now() - start}, snapshots)
             algo.after_checkpoint()
             continue  # an async worker's ticket may be past the next mark too
         if index >= total:
@@ -237,10 +240,11 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         algo.optimizer.zero_grad()
-        computing = time.perf_counter()
+        computing = runtime.now()
         loss = faults.inject(rank, local_steps, model, algo.loss(x, y))
         loss.backward()
-        straggler.pad(time.perf_counter() - computing)  # the others wait for it, or run on
+        straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
+        step_times.record(runtime.now() - computing)
         algo.synchronize()
         applied = guard.check(local_steps)
         if applied:
@@ -249,20 +253,20 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
         algo.after_update(final=position >= total)
         bar.update(min(position, total) - bar.n)
-        watch.step(position, local_steps, loss, lr, time.perf_counter() - start)
+        watch.step(position, local_steps, loss, lr, runtime.now() - start)
         watchdog.beat("update", local_steps)
         if position >= next_snapshot:
             if snapshotting and position < total:
-                snapshots.take(model, t=time.perf_counter() - start,
+                snapshots.take(model, t=runtime.now() - start,
                                epoch=position / per_epoch, updates=position)
                 watch.snapshot(model, snapshots)
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
         if watch.stop(position):
             break
-    busy = time.perf_counter() - start
+    busy = runtime.now() - start
     watch.finish()
     position = algo.finish(position)
-    wall = time.perf_counter() - start
+    wall = runtime.now() - start
     bar.close()
     if snapshotting:
         snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position)
@@ -278,6 +282,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     model.load_state_dict(final_state)
     log.save_model(model)
     algo.write_outputs(log, snapshots, comm_)
+    step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
     mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept}
     every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
@@ -298,7 +303,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         straggler_sleep_s_per_worker=[w["slept_s"] for w in every],
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
         **guarded, **checkpoints, **exchange, **watch.fields(), out=config.out,
-        algorithm_fields=own,
+        algorithm_fields=own, **runtime.summary_fields(),
     ).to_dict()
     log.write_summary(summary)
     return summary

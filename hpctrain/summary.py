@@ -71,7 +71,10 @@ class RunSummary:
                                "from_workers, to_workers, updates (the checkpoint's count) and "
                                "resumed_at (the same progress in the resumed run's updates); "
                                "empty if never", default_factory=list)
-    simulated: bool = _doc("false for a run of real processes", default=False)
+    simulated: bool = _doc("false for a run of real processes; true for `hpctrain simulate` "
+                           "(times are then virtual seconds)", default=False)
+    simulation: dict | None = _doc("simulated runs: the step-time and network models used "
+                                   "(null for real processes)", default=None)
     algorithm_fields: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

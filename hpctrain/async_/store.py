@@ -293,24 +293,22 @@ class ParameterStore:
     def _push_locked(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
         """Staged, under the exclusive lock: read count and shard, kernel where w_bak is,
         write both back."""
-        MPI = hcomm.mpi()
-        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        lo, hi = self.bounds[s]
         host = self._cur[lo:hi]
-        win.Lock(owner, MPI.LOCK_EXCLUSIVE)
+        self._lock(s, exclusive=True)
         before = self._read_shard(s, host, count=True)
         cur = host if stage is None else stage.values[lo:hi].copy_(host)
         kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
         new = w_bak if stage is None else host.copy_(w_bak)
         self._write(s, before + 1, new)
-        win.Unlock(owner)
+        self._unlock(s)
         return before
 
     def _push_atomic(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Staged, under a shared lock: read the shard, delta where w_bak is, Accumulate it."""
-        MPI = hcomm.mpi()
         win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
         host, delta = self._cur[lo:hi], self._delta[lo:hi]
-        win.Lock(owner, MPI.LOCK_SHARED)
+        self._lock(s, exclusive=False)
         self._read_shard(s, host)
         if stage is None:
             kernels.dc_delta(host, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
@@ -319,7 +317,15 @@ class ParameterStore:
             kernels.dc_delta(cur, g, w_bak, ms, v, out=stage.delta[lo:hi], w_out=w_bak, **hyper)
             delta.copy_(stage.delta[lo:hi])
         self._accumulate(win, owner, delta)
-        win.Unlock(owner)
+        self._unlock(s)
+
+    def _lock(self, s: int, exclusive: bool) -> None:
+        """Lock shard ``s``'s window (the staged pushes; an in-process store overrides it)."""
+        MPI = hcomm.mpi()
+        self.windows[s].Lock(self.owners[s], MPI.LOCK_EXCLUSIVE if exclusive else MPI.LOCK_SHARED)
+
+    def _unlock(self, s: int) -> None:
+        self.windows[s].Unlock(self.owners[s])
 
     def _read_shard(self, s: int, host: torch.Tensor, count: bool = False) -> int:
         """Shard ``s``'s values into ``host``, and its update count if ``count`` (else 0);

@@ -7,7 +7,9 @@ algorithms take (``--slowdown``, ``--lam``, ...) go only to those, and the repor
 ignored them. Bad options, an algorithm this hpctrain does not have included, are refused
 before anything runs (one line, exit status 2). A run that fails becomes a row saying why; the
 others still run, and the command then exits with status 1 after a line naming the failed
-algorithms. ``DIR/<algo>/`` gets each run's outputs plus its
+algorithms. With ``--simulate K`` every run is ``hpctrain simulate --workers K`` instead (one
+process each, no launcher, virtual times; the simulator's options pass on to every run).
+``DIR/<algo>/`` gets each run's outputs plus its
 ``stdout.log`` and ``stderr.log``; ``DIR/compare.json`` records what ran and how it ended, and
 :mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files.
 """
@@ -33,6 +35,7 @@ from hpctrain import arguments, checkpoint, registry
 from hpctrain.bench import report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
+from hpctrain.sim import arguments as sim_arguments
 
 DESCRIPTION = (
     "Time to accuracy of whole training runs, each algorithm against the others and against "
@@ -70,6 +73,13 @@ def _train_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _sim_parser() -> argparse.ArgumentParser:
+    """``hpctrain simulate``'s own options alone: compare checks them up front."""
+    parser = arguments.Parser(prog="hpctrain simulate", add_help=False)
+    sim_arguments.add_arguments(parser)
+    return parser
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mine = [
         parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
@@ -94,6 +104,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "continue those that left checkpoints, run the others"),
         parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
                             help="output folder (DIR)"),
+        parser.add_argument("--simulate", type=int, default=None, metavar="K",
+                            help="simulate every run with K virtual workers in one process "
+                                 "(hpctrain simulate; sgd: one) instead of launching jobs; "
+                                 "--workers and --launcher are then not used"),
     ]
     skip = {*_PER_RUN, *(flag for action in mine for flag in action.option_strings)}
     options: list[TrainOption] = []
@@ -111,7 +125,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         # Values stay the words the user typed: each run's own parser checks them.
         action = arguments.add_option(group, d, dest="train_" + d.dest, typed=False)
         options.append(TrainOption(d.flag, action.dest, d.takes_value, d.owners))
-    parser.set_defaults(train_options=options)
+    sim = [TrainOption(a.option_strings[0], a.dest, True, None)
+           for a in sim_arguments.add_arguments(parser, dest_prefix="simopt_", typed=False,
+                                                exclude=("--workers",))]
+    parser.set_defaults(train_options=options, sim_options=sim)
 
 
 @dataclass
@@ -186,6 +203,15 @@ def plan(args: argparse.Namespace) -> list[Run]:
                          f"hpctrain has: {', '.join(registry.names())}")
     if args.workers < 1:
         raise UsageError(f"--workers {args.workers}: must be >= 1")
+    simulate = args.simulate is not None
+    if simulate and args.simulate < 1:
+        raise UsageError(f"--simulate {args.simulate}: must be >= 1 virtual workers")
+    sim_words = [w for opt in args.sim_options if hasattr(args, opt.dest)
+                 for w in (opt.flag, getattr(args, opt.dest))]
+    if simulate:
+        args.workers = args.simulate
+    elif sim_words:
+        raise UsageError(f"{sim_words[0]} is an option of the simulator: give --simulate K")
     if not (math.isfinite(args.timeout) and args.timeout >= 0):
         raise UsageError(f"--timeout {args.timeout}: must be >= 0 (0: none)")
     report.parse_targets(args.targets)
@@ -199,6 +225,13 @@ def plan(args: argparse.Namespace) -> list[Run]:
         words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
         train_args = ["--algo", algo, *words, "--out", str(Path(args.out) / algo)]
         arguments.build(train_parser.parse_args(train_args))  # bad values fail here, up front
+        if simulate:
+            sim_args = ["--workers", str(np), *sim_words]
+            sim_arguments.build(_sim_parser().parse_args(sim_args))
+            command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
+            ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
+            runs.append(Run(algo, np, command, ignored))
+            continue
         train_args = ["train", *train_args]
         launcher = launcher_command(getattr(args, "launcher", None), np)
         if shutil.which(launcher[0]) is None:
@@ -265,7 +298,9 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     display = _Display(label)
-    display.line(f"{run.np} process{'es' if run.np > 1 else ''}: {shlex.join(run.command)}")
+    what = "virtual worker" + ("s" if run.np > 1 else "") if "simulate" in run.command \
+        else "process" + ("es" if run.np > 1 else "")
+    display.line(f"{run.np} {what}: {shlex.join(run.command)}")
     lines: deque[str] = deque(maxlen=500)
     start = time.monotonic()
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "w") as log:
@@ -319,7 +354,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     path = out / report.RECORD
     record = {"algos": [r.algo for r in runs], "workers": args.workers,
               "targets": report.parse_targets(args.targets), "train_args": train_args,
-              "runs": {}}
+              "simulated": args.simulate is not None, "runs": {}}
     if path.exists():
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "

@@ -166,6 +166,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
         options = " ".join(record.get("train_args", [])) or "(defaults)"
         out.append(f"Training options: `{options}` (each run gets those its algorithm takes); "
                    f"{record['workers']} workers per run, sgd on one process.")
+        if record.get("simulated"):
+            out.append(f"Simulated (`hpctrain simulate --workers {record['workers']}`): virtual "
+                       "workers in one process; wall times are virtual seconds.")
     else:
         out.append("Runs found in this folder.")
     finished = [r.summary for r in rows if r.summary]

@@ -1,0 +1,46 @@
+"""What the training loop takes from the machine it runs on: the clock, straggler emulation,
+the training data, and how the run describes itself.
+
+A run of real processes uses :class:`Runtime`: ``time.perf_counter``, stragglers that sleep
+(:mod:`hpctrain.stragglers`), each rank's own training data (:func:`make_train_data`) and
+the MPI library's description. The simulator (:mod:`hpctrain.sim`) runs the same loop for
+each of its virtual workers with a virtual runtime instead: a virtual clock that step-time
+and network models advance, one shared copy of the data set, and ``simulated: true`` in the
+summary. Keeping these few things behind one object keeps the loop itself unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hpctrain import comm
+from hpctrain.shuffle import TrainData, TrainDataSpec, make_train_data
+from hpctrain.stragglers import Straggler
+
+
+class Runtime:
+    """Real time, real sleeps, this rank's own data (a run of real processes)."""
+
+    def now(self) -> float:
+        """Seconds on the run's clock (only differences matter)."""
+        return time.perf_counter()
+
+    def straggler(self, config, rank: int, workers: int) -> Straggler:
+        """This worker's injected straggler (``--slowdown``, ``--jitter``)."""
+        s = config.stragglers
+        return Straggler(s.factor(rank, workers), s.jitter, config.seed, rank)
+
+    def train_data(self, spec: TrainDataSpec, comm_) -> TrainData:
+        """This worker's training data (collective when data move)."""
+        return make_train_data(spec, comm_)
+
+    def run_info(self) -> dict:
+        """What ran the job, for ``config.json``'s ``run_info``."""
+        return comm.library_info()
+
+    def summary_fields(self) -> dict:
+        """Common summary fields the runtime sets (the simulator: ``simulated``)."""
+        return {}
+
+
+REAL = Runtime()

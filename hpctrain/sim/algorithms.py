@@ -1,0 +1,127 @@
+"""The registry's algorithms, connected to in-process stand-ins instead of MPI.
+
+Each simulated algorithm is the real class with a small mixin in front that changes only how
+it is connected (:func:`simulated`):
+
+- asgd, dcasgd-c, dcasgd-a, ssp: :meth:`connect` builds a
+  :class:`~hpctrain.sim.store.LocalStore` (and ssp's :class:`~hpctrain.sim.store.LocalBound`)
+  on the simulation's shared store instead of the RMA one; every other hook, the optimizers
+  (:mod:`hpctrain.async_.optim`) and the kernel are the real ones.
+- ssgd: ``hpctrain.sync`` holds one backend per process (as Horovod does), so K virtual ranks
+  cannot each start one. The mixin keeps the algorithm's guard, apply and summary and
+  replaces ``DistributedOptimizer``'s bucketed allreduce with one allreduce of the flat
+  gradient through the local communicator, scaled as the mpi backend scales it
+  (:func:`hpctrain.sync.buckets.scale_factors`: 1/K before the sum, summed in rank order).
+- ma, ec: the real aggregators on the local communicator, unchanged; only their statistics
+  record virtual seconds (:class:`VirtualAggregationStats`).
+- sgd: unchanged (one worker, no communicator).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+import torch
+
+from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.async_.algorithm import ASGD, SSP
+from hpctrain.ec.algorithm import ModelAveraging
+from hpctrain.ec.stats import AggregationStats
+from hpctrain.sim.comm import LocalComm
+from hpctrain.sim.store import LocalBound, LocalStore
+from hpctrain.sync.algorithm import Synchronous
+from hpctrain.sync.buckets import scale_factors
+from hpctrain.sync.collectives import Average
+
+
+class _Store:
+    """asgd family: the shared in-process store instead of RMA windows."""
+
+    def connect(self, world: LocalComm, model):
+        values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        sim = world.group.simulation
+        self.store = LocalStore(sim.shared_store(values, self.options), world.Get_rank(),
+                                consistency=self.options.consistency,
+                                scheduler=sim.scheduler, network=sim.network)
+        if isinstance(self, SSP):
+            self.bound = LocalBound(self.store, self.options.max_staleness)
+        return world
+
+
+class _Sync:
+    """ssgd: the gradient averaged through the local communicator (see the module docstring)."""
+
+    def connect(self, world, model):
+        return world
+
+    def setup(self, s: Setup) -> None:
+        Algorithm.setup(self, s)  # torch's SGD; the virtual workers start from one model
+        self.comm = s.comm
+        self.params = [p for p in s.model.parameters() if p.requires_grad]
+        self.scale = scale_factors(Average, 1.0, s.workers, False)
+
+    def synchronize(self) -> None:
+        pre, post = self.scale
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        flat = torch.cat([g.reshape(-1) for g in grads]).to("cpu", torch.float32) * pre
+        total = torch.empty_like(flat)
+        self.comm.Allreduce(flat.numpy(), total.numpy())
+        if post != 1.0:
+            total *= post
+        offset = 0
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = g  # a missing gradient is zeros, as the mpi backend packs it
+            g.copy_(total[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    def apply(self) -> None:
+        self.optimizer.step()
+
+
+class VirtualAggregationStats(AggregationStats):
+    """MA's and EC's round statistics in virtual seconds: a round's time is what this worker
+    spent in the round's collectives (EC: split into exchange and inference)."""
+
+    def __init__(self, comm: LocalComm):
+        super().__init__()
+        self.comm = comm
+        self.mark()
+
+    def mark(self) -> None:
+        self._start = (self.comm.collective_s, self.comm.inference_s)
+
+    def record(self, nbytes: int, seconds: float, **parts: float) -> None:
+        spent = self.comm.collective_s - self._start[0]
+        inference = self.comm.inference_s - self._start[1]
+        virtual = {"exchange": spent - inference, "inference": inference} if parts else {}
+        super().record(nbytes, spent, **virtual)
+
+
+class _Aggregation:
+    """ma, ec: the real aggregator; its statistics in virtual seconds."""
+
+    def setup(self, s: Setup) -> None:
+        super().setup(s)
+        stats = VirtualAggregationStats(s.comm)
+        self.aggregator.stats = stats
+        aggregate = self.aggregator.aggregate
+
+        def timed() -> None:
+            stats.mark()
+            aggregate()
+
+        self.aggregator.aggregate = timed
+
+
+@cache
+def simulated(cls: type[Algorithm]) -> type[Algorithm]:
+    """``cls`` as the simulator runs it (the real class with its connection replaced)."""
+    if issubclass(cls, ASGD):
+        mixin = _Store
+    elif issubclass(cls, Synchronous):
+        mixin = _Sync
+    elif issubclass(cls, ModelAveraging):
+        mixin = _Aggregation
+    else:
+        return cls
+    return type(cls.__name__, (mixin, cls), {"__doc__": cls.__doc__})

@@ -1,0 +1,192 @@
+"""An in-process communicator for virtual workers: the mpi4py ``Intracomm`` methods hpctrain
+calls, over K workers that are threads of one process.
+
+Each virtual worker gets a :class:`LocalComm` of its rank; all of them share one
+:class:`LocalGroup`. The aggregators (:mod:`hpctrain.ec`), the evaluation and the training
+loop call the same methods they call on ``MPI.COMM_WORLD`` (or on
+:class:`hpctrain.torch_comm.TorchComm`): ``Get_rank``, ``Get_size``, ``Barrier``, ``bcast``,
+``gather``, ``allgather``, ``scatter``, and on numpy buffers ``Bcast``, ``Allreduce`` (sum),
+``Allgatherv`` and ``Reduce_scatter`` (sum). A collective is complete when every worker has
+reached it: the last to arrive computes the result (sums in rank order, so a run is
+deterministic), and every worker continues at the latest arrival plus the collective's time
+from the network model (:mod:`hpctrain.sim.network`). Objects passed to the object
+collectives are handed over, not copied: hpctrain's callers only read them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hpctrain.sim.network import Network
+from hpctrain.sim.scheduler import Scheduler
+
+
+@dataclass
+class _Pending:
+    name: str
+    workers: int
+    values: list = field(default_factory=list)
+    arrivals: list = field(default_factory=list)
+    arrived: int = 0
+    results: list | None = None
+
+    def __post_init__(self) -> None:
+        self.values = [None] * self.workers
+        self.arrivals = [0.0] * self.workers
+
+
+class LocalGroup:
+    """What the K virtual workers' communicators share: the scheduler, the network model,
+    and the collective in progress. ``infer_s_per_sample``: virtual seconds a worker takes to
+    run its model on one sample in an EC exchange (0: free)."""
+
+    def __init__(self, scheduler: Scheduler, network: Network, infer_s_per_sample: float = 0.0):
+        self.scheduler, self.network = scheduler, network
+        self.workers = scheduler.workers
+        self.infer_s_per_sample = infer_s_per_sample
+        self.pending: _Pending | None = None
+        self.comms = [LocalComm(self, k) for k in range(self.workers)]
+
+
+class LocalComm:
+    """Virtual worker ``rank``'s communicator (see the module docstring)."""
+
+    def __init__(self, group: LocalGroup, rank: int):
+        self.group, self.rank = group, rank
+        self.collective_s = 0.0  # virtual seconds in collectives: waiting, moving, inferring
+        self.inference_s = 0.0  # the part spent running the model in EC exchanges
+
+    # ---- mpi4py's names -----------------------------------------------------------------------
+
+    def Get_rank(self) -> int:  # noqa: N802 (mpi4py's name)
+        return self.rank
+
+    def Get_size(self) -> int:  # noqa: N802
+        return self.group.workers
+
+    def Barrier(self) -> None:  # noqa: N802
+        self._collective("Barrier", None, lambda v: [None] * len(v),
+                         lambda v: self._net.barrier(self._k))
+
+    def bcast(self, obj, root: int = 0):
+        return self._collective("bcast", obj, lambda v: [v[root]] * len(v),
+                                lambda v: self._net.barrier(self._k))
+
+    def gather(self, obj, root: int = 0):
+        return self._collective("gather", obj,
+                                lambda v: [list(v) if r == root else None for r in range(len(v))],
+                                lambda v: self._net.barrier(self._k))
+
+    def allgather(self, obj) -> list:
+        return self._collective("allgather", obj, lambda v: [list(v) for _ in v],
+                                lambda v: self._net.barrier(self._k))
+
+    def scatter(self, parts, root: int = 0):
+        return self._collective("scatter", parts, lambda v: list(v[root]),
+                                lambda v: self._net.barrier(self._k))
+
+    def Bcast(self, buf, root: int = 0) -> None:  # noqa: N802
+        array = _array(buf)
+
+        def combine(v):
+            for r, a in enumerate(v):
+                if r != root:
+                    np.copyto(a, v[root])
+            return [None] * len(v)
+
+        self._collective("Bcast", array, combine,
+                         lambda v: self._net.broadcast(array.nbytes, self._k))
+
+    def Allreduce(self, sendbuf, recvbuf) -> None:  # noqa: N802 (sum, as hpctrain uses it)
+        send, recv = _array(sendbuf), _array(recvbuf)
+        total = self._collective("Allreduce", send, _sum,
+                                 lambda v: self._net.allreduce(send.nbytes, self._k))
+        np.copyto(recv, total)
+
+    def Allgatherv(self, sendbuf, recvbuf) -> None:  # noqa: N802
+        send = _array(sendbuf)
+        out = _array(recvbuf)
+        per_row = self.group.infer_s_per_sample
+
+        def inferring(v) -> float:
+            # After the gather every worker runs its model on all samples (EC's ensemble).
+            return per_row * sum(len(a) for a in v)
+
+        gathered = self._collective(
+            "Allgatherv", send, lambda v: [np.concatenate(v)] * len(v),
+            lambda v: self._net.ring(sum(a.nbytes for a in v), self._k) + inferring(v),
+            infer=inferring)
+        np.copyto(out[:len(gathered)], gathered)
+
+    def Reduce_scatter(self, sendbuf, recvbuf, recvcounts) -> None:  # noqa: N802 (sum)
+        send, recv = _array(sendbuf), _array(recvbuf)
+        counts = list(recvcounts)
+        offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+
+        def combine(v):
+            total = _sum(v)[0]
+            return [total[offsets[r]:offsets[r + 1]] for r in range(len(v))]
+
+        mine = self._collective("Reduce_scatter", send, combine,
+                                lambda v: self._net.ring(send.nbytes, self._k))
+        np.copyto(recv, mine)
+
+    def Free(self) -> None:  # noqa: N802
+        pass
+
+    # ---- the mechanism -------------------------------------------------------------------------
+
+    @property
+    def _net(self) -> Network:
+        return self.group.network
+
+    @property
+    def _k(self) -> int:
+        return self.group.workers
+
+    def _collective(self, name: str, value, combine: Callable[[list], list],
+                    cost: Callable[[list], float], infer: Callable[[list], float] | None = None):
+        g, sched, k = self.group, self.group.scheduler, self.rank
+        sched.at(k, sched.now[k])  # in time order with everything else this worker does
+        c = g.pending
+        if c is None:
+            c = g.pending = _Pending(name, g.workers)
+        elif c.name != name:
+            raise RuntimeError(f"simulated collectives out of step: worker {k} calls {name} "
+                               f"while others are in {c.name}")
+        c.values[k], c.arrivals[k] = value, sched.now[k]
+        c.arrived += 1
+        if c.arrived < g.workers:
+            sched.block(k)
+        else:
+            g.pending = None
+            c.results = combine(c.values)
+            spent = cost(c.values)
+            done = max(c.arrivals) + spent
+            inferred = infer(c.values) if infer is not None else 0.0
+            for j, comm in enumerate(g.comms):
+                comm.collective_s += done - c.arrivals[j]
+                comm.inference_s += inferred
+                sched.wake(j, done)
+            sched.block(k)  # woken above: continues in (time, worker) order
+        return c.results[k]
+
+
+def _array(buf) -> np.ndarray:
+    """The numpy array of an mpi4py-style buffer argument (an array, or [array, ...])."""
+    if isinstance(buf, (list, tuple)):
+        buf = buf[0]
+    if not isinstance(buf, np.ndarray):
+        raise TypeError(f"simulated collectives take numpy buffers, not {type(buf).__name__}")
+    return buf
+
+
+def _sum(values: list[np.ndarray]) -> list[np.ndarray]:
+    """The element-wise sum in rank order (deterministic), the same array for every rank."""
+    total = values[0].copy()
+    for v in values[1:]:
+        total += v
+    return [total] * len(values)

@@ -1,0 +1,47 @@
+"""The simulator's own options (``hpctrain simulate``), declared as the run's are."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from hpctrain import options
+from hpctrain.options import Range, check_fields, option
+from hpctrain.sim.network import BANDWIDTH, LATENCY_S, STORE_BANDWIDTH, STORE_LATENCY_S, Network
+from hpctrain.sim.steptime import StepTimeModel
+
+DEFAULT_STEP_TIME = "constant:0.01"
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """How many virtual workers, how long their steps take, how fast they communicate."""
+
+    workers: int = option(4, "virtual workers (K)", parse=options.positive(int), range=Range(1))
+    step_time: str = option(DEFAULT_STEP_TIME, "step-time model: constant:S, "
+                            "lognormal:MEAN:SIGMA, gamma:MEAN:SHAPE or replay:RUN_DIR (a real "
+                            "run's step_times.json)", metavar="MODEL")
+    latency: float = option(LATENCY_S, "seconds per message between workers "
+                            "(collectives)", parse=float, range=Range(0))
+    bandwidth: float = option(BANDWIDTH, "bytes/s between workers (collectives)",
+                              parse=options.positive(float), range=Range(0, low_open=True))
+    store_latency: float = option(STORE_LATENCY_S, "seconds per shard access or "
+                                  "counter operation in the parameter store", parse=float,
+                                  range=Range(0))
+    store_bandwidth: float = option(STORE_BANDWIDTH, "bytes/s of shard reads and "
+                                    "writes in the parameter store",
+                                    parse=options.positive(float),
+                                    range=Range(0, low_open=True))
+    train_subset: int | None = option(None, "train on this many samples of the training set "
+                                      "(a fixed random subset, the same for every seed), for "
+                                      "quick studies", parse=options.positive(int),
+                                      range=Range(1))
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        StepTimeModel(self.step_time, 1)  # its form (and a replay's file)
+
+    def network(self) -> Network:
+        return Network(self.latency, self.bandwidth, self.store_latency, self.store_bandwidth)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

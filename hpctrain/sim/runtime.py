@@ -1,0 +1,90 @@
+"""The training loop's runtime for a virtual worker: its virtual clock, modelled step times,
+and one shared copy of the data set (see :mod:`hpctrain.runtime` for the real one)."""
+
+from __future__ import annotations
+
+from hpctrain import data
+from hpctrain.runtime import Runtime
+from hpctrain.shuffle import PartialShuffleSampler, ReplicatedTrainData, TrainDataSpec
+from hpctrain.shuffle.options import parse_strategy
+from hpctrain.shuffle.train_data import make_sampler
+from hpctrain.sim.scheduler import Scheduler
+from hpctrain.sim.steptime import StepTimeModel
+from hpctrain.stragglers import Straggler
+
+
+class VirtualStraggler(Straggler):
+    """A step's time from the step-time model, times ``--slowdown``'s factor and
+    ``--jitter``'s draw (the real :class:`Straggler`'s), added to the worker's virtual clock
+    instead of slept. ``slept`` counts the part the factor and jitter added."""
+
+    def __init__(self, model: StepTimeModel, scheduler: Scheduler, worker: int, factor: float,
+                 jitter: float, seed: int):
+        super().__init__(factor, jitter, seed, worker)
+        self.model, self.scheduler, self.worker = model, scheduler, worker
+
+    def pad(self, step_seconds: float) -> float:
+        base = self.model.next(self.worker)
+        step = base * (self.step_factor() if self.active else 1.0)
+        self.scheduler.now[self.worker] += step
+        extra = max(0.0, step - base)
+        self.slept += extra
+        return extra
+
+
+class SharedPartialSampler(PartialShuffleSampler):
+    """partial(q): every rank's holdings are the same on every rank (a function of seed and
+    epoch), so the virtual workers compute each epoch's once, in ``shared`` (epoch ->
+    holdings), instead of K times."""
+
+    def __init__(self, shared: dict, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shared = shared
+
+    def holdings(self) -> list:
+        if self.epoch not in self._shared:
+            done = [e for e in self._shared if e < self.epoch]
+            if done:  # continue from the latest epoch computed
+                self._cached = (max(done), self._shared[max(done)])
+            self._shared[self.epoch] = super().holdings()
+        return self._shared[self.epoch]
+
+
+class VirtualRuntime(Runtime):
+    """Virtual worker ``worker``'s clock, straggler and data, in ``simulation``."""
+
+    def __init__(self, simulation, worker: int):
+        self.simulation, self.worker = simulation, worker
+
+    def now(self) -> float:
+        return self.simulation.scheduler.now[self.worker]
+
+    def straggler(self, config, rank: int, workers: int) -> Straggler:
+        s = config.stragglers
+        return VirtualStraggler(self.simulation.step_times, self.simulation.scheduler,
+                                self.worker, s.factor(rank, workers), s.jitter, config.seed)
+
+    def train_data(self, spec: TrainDataSpec, comm_) -> ReplicatedTrainData:
+        """The real samplers over one copy of the training set that all workers share."""
+        full = self.simulation.train_set(spec)
+        ranks = self.simulation.workers
+        labels = full.labels if spec.partition == "label-skew" else None
+        name, q = parse_strategy(spec.shuffle)
+        if name == "partial":
+            sampler = SharedPartialSampler(self.simulation.holdings, q, len(full),
+                                           num_replicas=ranks, rank=self.worker,
+                                           seed=spec.seed, drop_last=True, labels=labels)
+        else:
+            sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed,
+                                   labels)
+        return ReplicatedTrainData(full, sampler)
+
+    def run_info(self) -> dict:
+        return {"simulator": "hpctrain simulate", "virtual_workers": self.simulation.workers}
+
+    def summary_fields(self) -> dict:
+        return {"simulated": True, "simulation": self.simulation.describe()}
+
+
+def load_train_set(spec: TrainDataSpec) -> data.Dataset:
+    return data.load(spec.dataset, "train", spec.data_dir)

@@ -1,0 +1,139 @@
+"""``hpctrain simulate``: K virtual workers in one process, with the real training loop.
+
+:func:`simulate` checks the configuration (before anything runs), builds one initial model,
+then runs :func:`hpctrain.run._train` -- the loop every real run uses -- once per virtual
+worker, each in a thread of its own under the :class:`~hpctrain.sim.scheduler.Scheduler`,
+with the algorithm connected to in-process stand-ins (:mod:`hpctrain.sim.algorithms`) and a
+virtual runtime (:mod:`hpctrain.sim.runtime`). Outputs are a real run's: ``config.json``,
+``metrics.jsonl``, ``model.pt``, ``step_times.json`` and ``summary.json`` (``simulated:
+true``; every time in it is virtual). The same configuration and seed give the same summary,
+bit for bit: the workers run one at a time in virtual-time order, and nothing measured in
+real time enters the outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from hpctrain import config as configs
+from hpctrain import data, devices, models, run
+from hpctrain.async_.algorithm import ASGD
+from hpctrain.config import RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.sim.algorithms import simulated
+from hpctrain.sim.comm import LocalGroup
+from hpctrain.sim.config import SimConfig
+from hpctrain.sim.runtime import VirtualRuntime, load_train_set
+from hpctrain.sim.scheduler import Scheduler
+from hpctrain.sim.steptime import StepTimeModel
+from hpctrain.sim.store import SharedStore
+from hpctrain.stragglers import parse_slowdown
+from hpctrain.sync.algorithm import Synchronous
+
+INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backward
+
+
+def check(config: RunConfig, sim: SimConfig) -> RunConfig:
+    """Refuse what the simulator cannot run (UsageError, one line); return ``config`` with
+    every default resolved and its output folder chosen."""
+    config = configs.resolve(config)
+    algo = config.algorithm_class
+    k = sim.workers
+    ck = config.checkpoint
+    if ck.every is not None or ck.resume is not None:
+        raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
+                         "--resume): a simulation is rerun, not resumed")
+    if config.data.data_placement != "replicated":
+        raise UsageError("hpctrain simulate holds one copy of the data for all virtual "
+                         "workers: use --data-placement replicated (the samples each worker "
+                         "sees are those of the same --shuffle and --partition)")
+    if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
+        raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
+                         "--fp16-allreduce")
+    devices.check(config.device)
+    servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
+    ranks = k + servers
+    parse_slowdown(config.stragglers.slowdown, k)
+    n = data.size(config.data.dataset, "train", config.data.data_dir)
+    n = min(n, sim.train_subset or n)
+    if k > n:
+        raise UsageError(f"--workers {k} but only {n} training samples in "
+                         f"{config.data.dataset}")
+    algo.check(config, ranks)
+    StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
+    out = config.out or str(Path("runs") / f"{config.algo}-sim{k}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (Path(out) / "summary.json").exists():
+        raise UsageError(f"--out {out} already holds a finished run; choose another folder")
+    return replace(config, out=out)
+
+
+class Simulation:
+    """What the virtual workers of one simulation share."""
+
+    def __init__(self, config: RunConfig, sim: SimConfig):
+        self.config, self.sim = config, sim
+        self.workers = sim.workers
+        self.scheduler = Scheduler(self.workers)
+        self.network = sim.network()
+        self.step_times = StepTimeModel(sim.step_time, self.workers, config.seed)
+        per_sample = self.step_times.mean / config.optim.batch_size * INFERENCE_SHARE
+        self.group = LocalGroup(self.scheduler, self.network, infer_s_per_sample=per_sample)
+        self.group.simulation = self
+        self._train_set: data.Dataset | None = None
+        self._store: SharedStore | None = None
+        self.holdings: dict = {}  # partial(q)'s holdings per epoch, shared by the workers
+
+    def train_set(self, spec) -> data.Dataset:
+        """The training set (``--train-subset``: a fixed random part, ids renumbered)."""
+        if self._train_set is None:
+            full = load_train_set(spec)
+            n = self.sim.train_subset
+            if n is not None and n < len(full):
+                pick = torch.randperm(len(full), generator=torch.Generator().manual_seed(0))
+                full = full.subset(pick[:n].sort().values)
+                full.ids = torch.arange(n)
+            self._train_set = full
+        return self._train_set
+
+    def shared_store(self, values: torch.Tensor, options) -> SharedStore:
+        """The store every virtual worker pushes to (made by the first to connect)."""
+        if self._store is None:
+            self._store = SharedStore(values, self.workers, shards=options.shards,
+                                      servers=options.servers)
+        return self._store
+
+    def describe(self) -> dict:
+        return {**self.sim.to_dict(), "step_time_mean_s": self.step_times.mean,
+                "inference_s_per_sample": self.group.infer_s_per_sample}
+
+
+def simulate(config: RunConfig, sim: SimConfig) -> dict:
+    """Run ``config`` on ``sim.workers`` virtual workers; write the outputs; return the
+    summary (``simulated: true``)."""
+    config = check(config, sim)
+    torch.set_num_threads(config.threads)
+    simulation = Simulation(config, sim)
+    algo_class = simulated(config.algorithm_class)
+    torch.manual_seed(config.seed)
+    test_set = data.load(config.data.dataset, "test", config.data.data_dir)
+    initial = models.build(config.model.name, test_set.shape, test_set.num_classes)
+    initial.to(run.device_for(config))
+
+    def worker(k: int) -> dict | None:
+        algo = algo_class(config)
+        model = copy.deepcopy(initial)
+        algo.restore_model(None)
+        comm = algo.connect(simulation.group.comms[k], model)
+        summary = run._train(config, algo, comm, model, test_set, None,
+                             runtime=VirtualRuntime(simulation, k))
+        algo.close()
+        return summary
+
+    summaries = simulation.scheduler.run(worker)
+    return summaries[0]
+

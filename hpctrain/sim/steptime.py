@@ -1,0 +1,91 @@
+"""How long a virtual worker's step (forward and backward) takes: step-time models.
+
+``--step-time`` names one:
+
+- ``constant:S``: every step takes S seconds;
+- ``lognormal:MEAN:SIGMA``: ``exp(mu + SIGMA z)``, ``z ~ N(0, 1)``, with ``mu`` chosen so the
+  mean is MEAN (heavy right tail: occasional slow steps);
+- ``gamma:MEAN:SHAPE``: a gamma distribution of mean MEAN (SHAPE large: nearly constant;
+  SHAPE 1: exponential);
+- ``replay:RUN``: the step times a real run recorded (``RUN/step_times.json``, see
+  :mod:`hpctrain.steptimes`); virtual worker k replays worker ``k mod R`` of the R recorded,
+  from its first step, starting over when the record runs out. The recorded times include
+  the recorded run's own ``--slowdown`` and ``--jitter`` (a real straggler's sleep is part
+  of its step): replay a run without repeating them, or they count twice.
+
+Draws come from one generator per worker, seeded with (seed, worker), so a simulation is
+deterministic. ``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a
+real step (:mod:`hpctrain.stragglers`).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+from hpctrain import steptimes
+from hpctrain.errors import UsageError
+
+KINDS = ("constant", "lognormal", "gamma", "replay")
+
+
+def _numbers(spec: str, parts: list[str], names: tuple[str, ...]) -> list[float]:
+    if len(parts) != len(names):
+        kind = spec.partition(":")[0]
+        raise UsageError(f"--step-time {spec}: want {kind}:{':'.join(names)}")
+    values = []
+    for name, text in zip(names, parts, strict=True):
+        try:
+            value = float(text)
+        except ValueError:
+            raise UsageError(f"--step-time {spec}: {name} {text!r} is not a number") from None
+        if not (math.isfinite(value) and value > 0) and not (name == "SIGMA" and value == 0):
+            raise UsageError(f"--step-time {spec}: {name} must be > 0, got {text}")
+        values.append(value)
+    return values
+
+
+class StepTimeModel:
+    """Step times of every virtual worker; :meth:`next` draws worker k's next one."""
+
+    def __init__(self, spec: str, workers: int, seed: int = 0):
+        self.spec = spec
+        kind, _, rest = spec.partition(":")
+        if kind not in KINDS:
+            raise UsageError(f"--step-time {spec}: unknown model {kind!r}; choose from "
+                             f"{', '.join(KINDS)} (e.g. constant:0.01, lognormal:0.01:0.3, "
+                             "gamma:0.01:4, replay:RUN_DIR)")
+        self.kind = kind
+        self._rng = [random.Random(f"steptime:{seed}:{k}") for k in range(workers)]
+        self._step = [0] * workers
+        parts = rest.split(":") if rest else []
+        if kind == "constant":
+            (self.mean,) = _numbers(spec, parts, ("S",))
+        elif kind == "lognormal":
+            self.mean, self.sigma = _numbers(spec, parts, ("MEAN", "SIGMA"))
+            self._mu = math.log(self.mean) - self.sigma ** 2 / 2
+        elif kind == "gamma":
+            self.mean, self.shape = _numbers(spec, parts, ("MEAN", "SHAPE"))
+        else:
+            if not rest:
+                raise UsageError(f"--step-time {spec}: want replay:RUN_DIR (a run folder with "
+                                 f"{steptimes.FILE})")
+            self.recorded = steptimes.read(rest)
+            flat = [t for w in self.recorded for t in w]
+            self.mean = sum(flat) / len(flat)
+
+    def next(self, k: int) -> float:
+        """Worker ``k``'s next step time in seconds."""
+        n = self._step[k]
+        self._step[k] = n + 1
+        if self.kind == "constant":
+            return self.mean
+        if self.kind == "lognormal":
+            return self._rng[k].lognormvariate(self._mu, self.sigma)
+        if self.kind == "gamma":
+            return self._rng[k].gammavariate(self.shape, self.mean / self.shape)
+        record = self.recorded[k % len(self.recorded)]
+        return record[n % len(record)]
+
+    def describe(self) -> dict:
+        return {"model": self.spec, "mean_s": self.mean}

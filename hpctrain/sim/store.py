@@ -1,0 +1,242 @@
+"""The parameter store and the SSP clocks for virtual workers: in-process stand-ins with the
+real ones' interface and update code.
+
+:class:`LocalStore` is a :class:`~hpctrain.async_.store.ParameterStore` whose "windows" are
+slices of one shared tensor: reading a shard is a copy out, writing it a copy in, an
+accumulate an add, a lock nothing at all (one virtual worker runs at a time). Everything
+else is the real store's: :meth:`push` is ``ParameterStore.push``, which runs the staged path
+(``_push_locked`` / ``_push_atomic``) and so the same fused kernel calls
+(:mod:`hpctrain.kernels`) on each worker's own ``w_bak``, mean squares and velocity, with the
+same shard order per worker, the same shard counts, the same staleness (``index - seen``)
+and the same traffic counters (as if across nodes: no shared memory). What the simulation
+adds is time: a push or pull waits for its turn in the event queue (pushes are applied in
+the order workers finish their steps, ties by worker id) and then costs virtual time from
+the network model, queueing on each shard behind earlier pushes (:mod:`hpctrain.sim.network`).
+
+:class:`LocalBound` is a :class:`~hpctrain.async_.ssp.StalenessBound` whose clock window is
+an array: its ``wait`` is the real one, and where the real one would sleep and poll, the
+worker blocks in virtual time until another worker publishes a clock.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from hpctrain.async_.ssp import PARKED, StalenessBound
+from hpctrain.async_.store import _HEADER, ParameterStore, default_shards, shard_bounds
+from hpctrain.errors import UsageError
+from hpctrain.sim.network import Network
+from hpctrain.sim.scheduler import Scheduler
+
+
+class SharedStore:
+    """What the virtual workers' stores share: the model's values, per-shard update counts
+    and lock release times, the update and ticket counters, scratch buffers."""
+
+    def __init__(self, values: torch.Tensor, workers: int, *, shards: int | None = None,
+                 servers: int = 0):
+        numel = values.numel()
+        hosts = servers or workers
+        shards = default_shards(workers, hosts) if shards is None else shards
+        if not 1 <= shards <= numel:
+            raise UsageError(f"shards={shards}: need 1 <= shards <= {numel} (the model's size)")
+        self.values = values.detach().to("cpu", torch.float32).clone()
+        self.bounds = shard_bounds(numel, shards)
+        self.counts = [0] * shards
+        self.free_at = [0.0] * shards  # when each shard's exclusive lock is next free
+        self.counters = [0, 0]  # updates, tickets
+        self.workers = workers
+        # One worker runs at a time and a push never yields in the middle: shared scratch.
+        self.cur = torch.empty(numel)
+        self.delta = torch.zeros(numel)
+        self.clocks = np.zeros(workers, np.int64)  # SSP's clock window
+        self.clock_waiters: set[int] = set()
+
+
+class _Shard:
+    """A shard's "window": its bounds in the shared values."""
+
+    def __init__(self, index: int, lo: int, hi: int):
+        self.index, self.lo, self.hi = index, lo, hi
+
+
+class LocalStore(ParameterStore):
+    """Virtual worker ``rank``'s view of the shared store (see the module docstring)."""
+
+    def __init__(self, shared: SharedStore, rank: int, *, consistency: str,
+                 scheduler: Scheduler, network: Network):
+        numel = shared.values.numel()
+        workers = shared.workers
+        self.state, self.scheduler, self.network = shared, scheduler, network
+        self.comm, self.rank, self.numel = None, rank, numel
+        self.consistency, self.poll_interval = consistency, 0.0
+        self.num_workers, self.is_worker, self.is_host = workers, True, False
+        self.hosts = [0]
+        self.bounds = shared.bounds
+        self.owners = [0] * len(self.bounds)
+        self.windows = [_Shard(s, lo, hi) for s, (lo, hi) in enumerate(self.bounds)]
+        self.worker_comm = None
+        self.shared = False  # no shared-memory windows: ParameterStore.push stages
+        self.in_place = False  # the staged path: read, kernel, write back
+        first = (rank * self.shards) // workers
+        self.order = tuple((first + i) % self.shards for i in range(self.shards))
+        self._cur, self._delta = shared.cur, shared.delta
+        self._device = None
+        self._mapped = []
+        self._seen = 0
+        self.bytes_read = self.bytes_written = self.mpi_bytes = 0
+        k, h = numel, _HEADER * self.shards
+        if consistency == "locked":  # as ParameterStore counts it without shared memory
+            self._push_traffic = (4 * k + h, 4 * k + h, 8 * k + 2 * h)
+        else:
+            self._push_traffic = (4 * k, 4 * k + h, 8 * k + h)
+        self._fetches = 0
+
+    # ---- time ----------------------------------------------------------------------------------
+
+    def _turn(self) -> float:
+        """Wait for this worker's turn at its current virtual time; return that time."""
+        k = self.rank
+        self.scheduler.at(k, self.scheduler.now[k])
+        return self.scheduler.now[k]
+
+    def _shard_time(self, t: float, s: int, accesses: int, exclusive: bool) -> float:
+        """When ``accesses`` to shard ``s`` starting at ``t`` end: after any earlier push's
+        exclusive lock on it; an exclusive lock holds the shard until then."""
+        lo, hi = self.bounds[s]
+        t = max(t, self.state.free_at[s]) + accesses * self.network.shard(4 * (hi - lo))
+        if exclusive:
+            self.state.free_at[s] = t
+        return t
+
+    # ---- ParameterStore's interface --------------------------------------------------------------
+
+    def push(self, w_bak, g, ms=None, v=None, **hyper):
+        t = self._turn()
+        self._fetches = 0
+        result = super().push(w_bak, g, ms, v, **hyper)
+        locked = self.consistency == "locked"
+        for s in self.order:  # read and write (or accumulate) each shard
+            t = self._shard_time(t, s, 2, exclusive=locked)
+        self.scheduler.now[self.rank] = t + self._fetches * self.network.store_latency
+        return result
+
+    def pull(self, out: torch.Tensor) -> int:
+        self._check_buffer("out", out)
+        t = self._turn()
+        seen = self.state.counters[0]
+        out.copy_(self.state.values.to(out.device))
+        for s in self.order:
+            t = self._shard_time(t, s, 1, exclusive=False)
+        self.scheduler.now[self.rank] = t + self.network.store_latency
+        self.bytes_read += 4 * self.numel
+        self.mpi_bytes += 4 * self.numel
+        self._seen = seen
+        return seen
+
+    def updates(self) -> int:
+        self._turn()
+        value = self._fetch_add(0)
+        self.scheduler.now[self.rank] += self.network.store_latency
+        return value
+
+    def claim(self) -> int:
+        self._turn()
+        value = self._fetch_add(1, slot=1)
+        self.scheduler.now[self.rank] += self.network.store_latency
+        return value
+
+    def shard_updates(self) -> list[int]:
+        return list(self.state.counts)
+
+    def finish(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.windows = []
+
+    # ---- the "windows": copies of the shared tensor ----------------------------------------------
+
+    def _lock(self, s: int, exclusive: bool) -> None:
+        pass
+
+    def _unlock(self, s: int) -> None:
+        pass
+
+    def _read_shard(self, s: int, host: torch.Tensor, count: bool = False) -> int:
+        lo, hi = self.bounds[s]
+        host.copy_(self.state.values[lo:hi])
+        return self.state.counts[s] if count else 0
+
+    def _write(self, s: int, count: int, values: torch.Tensor) -> None:
+        lo, hi = self.bounds[s]
+        self.state.values[lo:hi].copy_(values)
+        self.state.counts[s] = count
+
+    def _accumulate(self, win: _Shard, owner: int, delta: torch.Tensor) -> None:
+        self.state.values[win.lo:win.hi].add_(delta)
+        self.state.counts[win.index] += 1
+
+    def _fetch_add(self, value: int, slot: int = 0) -> int:
+        before = self.state.counters[slot]
+        self.state.counters[slot] = before + value
+        self._fetches += 1
+        self.bytes_read += 8
+        self.bytes_written += 8 if value else 0
+        self.mpi_bytes += 16 if value else 8
+        return before
+
+
+class LocalBound(StalenessBound):
+    """SSP's bound for virtual worker ``store.rank`` (see the module docstring)."""
+
+    def __init__(self, store: LocalStore, max_staleness: int):
+        if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) \
+                or max_staleness < 0:
+            raise UsageError(f"max_staleness={max_staleness!r}: need an integer >= 0")
+        self.store, self.max_staleness, self.poll_interval = store, max_staleness, 0.0
+        self.num_workers, self.is_worker = store.num_workers, True
+        self.host, self._slot = 0, store.rank
+        self._win = store.state  # "open" (the base class checks it is not None)
+        self._clocks = np.zeros(self.num_workers, np.int64)
+        self._value = np.zeros(1, np.int64)
+        self._none = np.zeros(1, np.int64)
+        self._clock = 0
+        self._parked = False
+        self.waits = 0
+        self.wait_s = 0.0
+        self.max_gap = 0
+        self.last_gap = 0
+
+    def wait(self) -> float:
+        """The real wait; the seconds it reports (and adds up) are virtual ones."""
+        sched, k = self.store.scheduler, self.store.rank
+        start, before = sched.now[k], self.wait_s
+        super().wait()
+        waited = sched.now[k] - start
+        self.wait_s = before + waited
+        return waited
+
+    def _read(self) -> None:
+        self.store._turn()
+        self._clocks[:] = self.store.state.clocks
+
+    def _slowest(self) -> int:
+        slowest = super()._slowest()
+        if self._clock - slowest > self.max_staleness:
+            # Where the real bound sleeps and polls: wait for the next published clock.
+            self.store.state.clock_waiters.add(self._slot)
+            self.store.scheduler.block(self._slot)
+        return slowest
+
+    def _publish(self) -> None:
+        state, sched, k = self.store.state, self.store.scheduler, self.store.rank
+        self.store._turn()
+        state.clocks[self._slot] = self._clock + (PARKED if self._parked else 0)
+        for j in sorted(state.clock_waiters):
+            sched.wake(j, sched.now[k])
+        state.clock_waiters.clear()
+
+    def close(self) -> None:
+        self._win = None

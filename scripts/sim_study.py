@@ -1,0 +1,189 @@
+"""The simulator studies of docs/RESULTS.md ("Simulated: ..."), one process, sequentially.
+
+    OMP_NUM_THREADS=1 PYTHONPATH=. nice -n 10 .venv/bin/python scripts/sim_study.py dcasgd OUT
+    ... shuffle OUT
+    ... ecma OUT
+
+Each run is ``hpctrain.sim.simulate`` with the settings printed in OUT/runs.jsonl (one line
+per run: the study's variables, the final test accuracy, divergence, staleness); the study's
+table and plot are written to OUT/table.md and OUT/*.png. A run that stops on NaN/Inf
+gradients (--max-bad-steps) counts as diverged (error 0.9, the chance level).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from hpctrain import algorithm_options
+from hpctrain.config import DataConfig, OptimConfig, RunConfig
+from hpctrain.guard import TooManyBadSteps
+from hpctrain.sim import SimConfig, simulate
+
+SUBSET = 6000  # training samples (a fixed random subset of Fashion-MNIST's 60000)
+STEP = "lognormal:0.01:0.3"
+CHANCE_ERROR = 0.9
+REPORT_ONLY = "--report-only" in sys.argv  # tables and plots from the runs done so far
+
+
+def run(out: Path, name: str, algo: str, workers: int, seed: int, *, epochs: int,
+        batch: int, lr: float, momentum: float = 0.0, data: DataConfig | None = None,
+        algorithm=None, subset: int = SUBSET) -> dict:
+    folder = out / "runs" / name
+    done = out / "runs.jsonl"
+    if done.exists():
+        for line in done.read_text().splitlines():
+            row = json.loads(line)
+            if row["name"] == name and row["lr"] == lr:
+                return row
+    if REPORT_ONLY:
+        return {"name": name, "missing": True}
+    config = RunConfig(algo=algo, seed=seed, out=str(folder), progress=False,
+                       eval_every=float(epochs), data=data or DataConfig(),
+                       optim=OptimConfig(epochs=epochs, batch_size=batch, lr=lr,
+                                         momentum=momentum), algorithm=algorithm)
+    sim = SimConfig(workers=workers, step_time=STEP, train_subset=subset)
+    start = time.perf_counter()
+    row = {"name": name, "algo": algo, "workers": workers, "seed": seed, "lr": lr,
+           "epochs": epochs, "batch": batch}
+    try:
+        s = simulate(config, sim)
+        row.update(error=1 - s["final_test_acc"], diverged=False, updates=s["updates"],
+                   virtual_s=s["wall_s"], staleness=s.get("staleness"),
+                   member=s.get("final_member_acc"), ensemble=s.get("final_ensemble_acc"))
+    except TooManyBadSteps:
+        row.update(error=CHANCE_ERROR, diverged=True)
+    row["real_s"] = round(time.perf_counter() - start, 1)
+    with open(done, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.4f} [{min(values):.4f}, {max(values):.4f}]"
+
+
+def dcasgd(out: Path) -> None:
+    """DC-ASGD at scale: error against M; the lr chosen per M on a grid for asgd."""
+    ms, seeds, epochs, batch = [1, 4, 8, 16, 32, 64], [1, 2, 3], 2, 32
+    grid = [0.0125, 0.025, 0.05, 0.1]
+    chosen = {}
+    for m in ms:
+        algo = "sgd" if m == 1 else "asgd"
+        errs = {lr: run(out, f"grid-{algo}-M{m}-lr{lr}", algo, m, 0, epochs=epochs,
+                        batch=batch, lr=lr).get("error") for lr in grid}
+        errs = {lr: e for lr, e in errs.items() if e is not None}
+        chosen[m] = min(errs, key=lambda lr: (errs[lr], lr)) if errs else None
+    rows: dict = {}
+    for seed in seeds:  # one seed of everything first: a partial study still spans M
+        for m in ms:
+            algos = ["sgd"] if m == 1 else ["ssgd", "asgd", "dcasgd-c", "dcasgd-a", "ssp"]
+            for algo in algos:
+                if chosen[m] is None:
+                    continue
+                r = run(out, f"{algo}-M{m}-s{seed}", algo, m, seed, epochs=epochs,
+                        batch=batch, lr=chosen[m])
+                if "missing" not in r:
+                    rows.setdefault((m, algo), []).append(r)
+    lines = ["| M | lr (asgd grid) | algorithm | test error: median [min, max] | diverged | "
+             "staleness mean (median run) |", "|---|---|---|---|---|---|"]
+    for (m, algo), rs in rows.items():
+        st = [r["staleness"]["mean"] for r in rs if r.get("staleness")]
+        lines.append(f"| {m} | {chosen[m]} | {algo} | {spread([r['error'] for r in rs])} | "
+                     f"{sum(r['diverged'] for r in rs)}/{len(rs)} | "
+                     f"{statistics.median(st):.1f} |" if st else
+                     f"| {m} | {chosen[m]} | {algo} | {spread([r['error'] for r in rs])} | "
+                     f"{sum(r['diverged'] for r in rs)}/{len(rs)} | - |")
+    seq = statistics.median(r["error"] for r in rows[(1, "sgd")])
+    lines += ["", "| M | asgd gap to sgd | dcasgd-a gap | share of asgd's gap closed |",
+              "|---|---|---|---|"]
+    done = [m for m in ms[1:] if (m, "asgd") in rows and (m, "dcasgd-a") in rows]
+    for m in done:
+        ga = statistics.median(r["error"] for r in rows[(m, "asgd")]) - seq
+        gd = statistics.median(r["error"] for r in rows[(m, "dcasgd-a")]) - seq
+        closed = f"{(ga - gd) / ga:.2f}" if ga > 0 else "n/a (no gap)"
+        lines.append(f"| {m} | {ga:+.4f} | {gd:+.4f} | {closed} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    if done:
+        _plot(out / "error_vs_M.png", done, {a: [[r["error"] for r in rows[(m, a)]]
+                                                 for m in done]
+                                               for a in ["ssgd", "asgd", "dcasgd-c", "dcasgd-a",
+                                                         "ssp"]},
+              "workers M", "final test error", hline=seq)
+    print("\n".join(lines))
+
+
+def shuffle(out: Path) -> None:
+    """global / local / partial(0.1) on label-skewed data, ma with a long tau."""
+    ks, seeds, strategies = [16, 64, 128], [1, 2, 3], ["global", "local", "partial:0.1"]
+    rows = {}
+    for k in ks:
+        for strat in strategies:
+            data = DataConfig(shuffle=strat, partition="label-skew")
+            rows[(k, strat)] = [run(out, f"ma-K{k}-{strat}-s{seed}", "ma", k, seed, epochs=4,
+                                    batch=16, lr=0.05, momentum=0.9, data=data,
+                                    algorithm=algorithm_options("ma")(tau_epochs=1.0))
+                                for seed in seeds]
+    lines = ["| K | shuffle | test error: median [min, max] |", "|---|---|---|"]
+    for (k, strat), rs in rows.items():
+        lines.append(f"| {k} | {strat} | {spread([r['error'] for r in rs])} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    _plot(out / "error_vs_K.png", ks, {s: [[r["error"] for r in rows[(k, s)]] for k in ks]
+                                       for s in strategies}, "workers K", "final test error")
+    print("\n".join(lines))
+
+
+def ecma(out: Path) -> None:
+    """EC against MA, long tau, label-skewed data."""
+    ks, seeds = [16, 32], [1, 2, 3]
+    rows = {}
+    data = DataConfig(shuffle="local", partition="label-skew")
+    for k in ks:
+        for algo in ("ma", "ec"):
+            options = algorithm_options(algo)(tau_epochs=1.0) if algo == "ma" else \
+                algorithm_options(algo)(tau_epochs=1.0, ec_distill_size=64)
+            rows[(k, algo)] = [run(out, f"{algo}-K{k}-s{seed}", algo, k, seed, epochs=4,
+                                   batch=16, lr=0.05, momentum=0.9, data=data,
+                                   algorithm=options) for seed in seeds]
+    lines = ["| K | algorithm | test error (final model): median [min, max] | "
+             "member error | ensemble error |", "|---|---|---|---|---|"]
+    for (k, algo), rs in rows.items():
+        member = spread([1 - r["member"] for r in rs if r.get("member") is not None])
+        ensemble = spread([1 - r["ensemble"] for r in rs if r.get("ensemble") is not None])
+        lines.append(f"| {k} | {algo} | {spread([r['error'] for r in rs])} | {member} | "
+                     f"{ensemble} |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def _plot(path: Path, xs: list, series: dict, xlabel: str, ylabel: str,
+          hline: float | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, per_x) in enumerate(series.items()):
+        med = [statistics.median(v) for v in per_x]
+        ax.plot(xs, med, marker="o", label=name, color=f"C{i}")
+        for x, v in zip(xs, per_x, strict=True):
+            ax.plot([x, x], [min(v), max(v)], color=f"C{i}", alpha=0.4)
+    if hline is not None:
+        ax.axhline(hline, color="k", ls="--", label="sequential sgd")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
+    folder.mkdir(parents=True, exist_ok=True)
+    {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma}[study](folder)

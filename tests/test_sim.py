@@ -1,0 +1,248 @@
+"""The simulator (hpctrain simulate): virtual workers in one process, no MPI."""
+
+from __future__ import annotations
+
+import heapq
+import json
+import random
+
+import pytest
+import torch
+from conftest import SYNTHETIC, run_job
+
+from hpctrain import algorithm_options, kernels, steptimes
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
+from hpctrain.errors import UsageError
+from hpctrain.sim import SimConfig, simulate
+from hpctrain.sim.network import Network
+from hpctrain.sim.scheduler import Scheduler, SimulationStuck
+from hpctrain.sim.steptime import StepTimeModel
+from hpctrain.sim.store import LocalStore, SharedStore
+
+
+def config(algo: str, out, **kw) -> RunConfig:
+    optim = kw.pop("optim", OptimConfig(epochs=1, batch_size=32))
+    return RunConfig(algo=algo, seed=kw.pop("seed", 3), out=str(out), progress=False,
+                     data=kw.pop("data", DataConfig(dataset="synthetic")),
+                     model=ModelConfig(name="mlp"), optim=optim, **kw)
+
+
+def sim(workers: int, **kw) -> SimConfig:
+    return SimConfig(workers=workers, **kw)
+
+
+def test_the_same_seed_gives_the_same_summary_bit_for_bit(tmp_path):
+    def once(name):
+        c = config("dcasgd-a", tmp_path / name, optim=OptimConfig(epochs=1, batch_size=64),
+                   stragglers=StragglerConfig(slowdown="1:2", jitter=0.3))
+        summary = simulate(c, sim(4, step_time="lognormal:0.01:0.5"))
+        return summary, (tmp_path / name / "model.pt").read_bytes(), \
+            (tmp_path / name / "metrics.jsonl").read_text()
+
+    (a, model_a, curve_a), (b, model_b, curve_b) = once("a"), once("b")
+    assert a["simulated"] is True and a["workers"] == 4
+    assert json.dumps({**a, "out": None}, sort_keys=True) == \
+        json.dumps({**b, "out": None}, sort_keys=True)
+    assert model_a == model_b and curve_a == curve_b
+    assert sum(a["pushes_per_worker"]) == a["updates"]
+    # worker 1 is twice as slow: it makes fewer pushes than the others' mean
+    others = [p for i, p in enumerate(a["pushes_per_worker"]) if i != 1]
+    assert a["pushes_per_worker"][1] < sum(others) / len(others)
+    for f in ("config.json", "model.pt", "metrics.jsonl", "step_times.json"):
+        assert (tmp_path / "a" / f).is_file()
+
+
+def test_events_are_applied_in_virtual_time_order_ties_by_worker():
+    sched = Scheduler(5)
+    seen = []
+
+    def body(k):
+        rng = random.Random(k)
+        t = 0.0
+        for _ in range(30):
+            t += rng.choice([0.5, 1.0, 1.5])  # many ties
+            sched.at(k, t)
+            seen.append((sched.now[k], k))
+
+    sched.run(body)
+    assert len(seen) == 150 and seen == sorted(seen)
+
+
+def test_a_worker_that_never_comes_is_an_error_not_a_hang():
+    sched = Scheduler(2)
+
+    def body(k):
+        if k == 0:
+            sched.block(0)  # waits for a wake nobody sends
+
+    with pytest.raises(SimulationStuck):
+        sched.run(body)
+
+
+def test_local_store_applies_pushes_in_order_with_the_kernel():
+    torch.manual_seed(0)
+    values = torch.randn(100)
+    shared = SharedStore(values, 2, shards=3)
+    sched = Scheduler(2)
+    net = Network(0.0, 1e30, 0.0, 1e30)
+    grads = [[torch.randn(100) for _ in range(4)] for _ in range(2)]
+    log = []
+
+    def body(k):
+        store = LocalStore(shared, k, consistency="locked", scheduler=sched, network=net)
+        w, ms = torch.empty(100), torch.zeros(100)
+        store.pull(w)
+        for i, g in enumerate(grads[k]):
+            sched.now[k] += 0.01 * (k + 1)  # worker 1 is slower
+            p = store.push(w, g, ms, lr=0.1, lam=2.0)
+            log.append((p.index, p.tau, k, i))
+
+    sched.run(body)
+    log.sort()
+    # Replay the pushes in index order with the kernel itself.
+    expect = values.clone()
+    baks = {0: values.clone(), 1: values.clone()}
+    mss = {0: torch.zeros(100), 1: torch.zeros(100)}
+    for _, _, k, i in log:
+        kernels.dc_update(expect, grads[k][i], baks[k], mss[k], lr=0.1, lam=2.0,
+                          out2=baks[k])
+    assert torch.equal(shared.values, expect)
+    assert [x[0] for x in log] == list(range(8))
+    # Worker 0 pushes at 0.01, 0.02, 0.03, 0.04 s, worker 1 at 0.02, 0.04, 0.06, 0.08 s; ties
+    # go to worker 0. Staleness: the other's pushes since this worker's previous one.
+    assert [k for _, _, k, _ in log] == [0, 0, 1, 0, 0, 1, 1, 1]
+    assert [tau for _, tau, _, _ in log] == [0, 0, 2, 1, 0, 2, 0, 0]
+
+
+def test_ssgd_simulated_is_sgd_with_k_times_the_batch(tmp_path):
+    optim = OptimConfig(epochs=1, batch_size=16, lr=0.05, momentum=0.0)
+    a = simulate(config("ssgd", tmp_path / "ssgd", optim=optim), sim(4))
+    b = simulate(config("sgd", tmp_path / "sgd",
+                        optim=OptimConfig(epochs=1, batch_size=64, lr=0.05, momentum=0.0)),
+                 sim(1))
+    assert a["updates"] == b["updates"]
+    ma, mb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ssgd", "sgd"))
+    assert all(torch.allclose(ma[k], mb[k], atol=1e-5) for k in ma)
+
+
+def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path):
+    s = sim(4, step_time="constant:0.02", latency=1e-4, bandwidth=1e9)
+    summary = simulate(config("ssgd", tmp_path / "x",
+                              stragglers=StragglerConfig(slowdown="2:3")), s)
+    params = summary["params"]
+    allreduce = Network(1e-4, 1e9).allreduce(4 * params, 4)
+    steps = summary["updates"]
+    # each step: 3 x 0.02 s (worker 2's), then the allreduce
+    assert summary["wall_s"] == pytest.approx(steps * (0.06 + allreduce), rel=1e-9)
+    assert summary["straggler_sleep_s_per_worker"][2] == pytest.approx(steps * 0.04)
+
+
+def test_staleness_of_lockstep_workers_is_m_minus_1(tmp_path):
+    summary = simulate(config("asgd", tmp_path / "a"),
+                       sim(8, step_time="constant:0.01", latency=0.0, store_latency=0.0))
+    st = summary["staleness"]
+    assert st["max"] == 7 and st["p50"] == 7
+    assert summary["pushes_per_worker"] == [summary["updates"] // 8] * 8
+
+
+def test_ssp_bound_holds_and_waits_in_virtual_time(tmp_path):
+    c = config("ssp", tmp_path / "s", stragglers=StragglerConfig(slowdown="0:4"),
+               algorithm=algorithm_options("ssp")(max_staleness=1))
+    summary = simulate(c, sim(4, step_time="constant:0.01"))
+    assert summary["ssp_max_gap"] <= 1
+    assert summary["staleness"]["max"] <= 2 * (1 + 1) * (4 - 1)
+    assert sum(summary["ssp_waits_per_worker"]) > 0
+    assert max(summary["ssp_wait_s_per_worker"]) > 0.01  # virtual seconds, waiting for worker 0
+
+
+def test_ma_and_ec_run_the_real_aggregators(tmp_path):
+    ma = simulate(config("ma", tmp_path / "ma", algorithm=algorithm_options("ma")(tau=4)),
+                  sim(4))
+    ec = simulate(config("ec", tmp_path / "ec", algorithm=algorithm_options("ec")(
+        tau=4, ec_distill_size=16)), sim(4))
+    assert ma["aggregation"]["rounds"] == ma["updates"] // 4
+    assert ma["final_averaged_acc"] == ma["final_member_acc"]  # averaged after the last step
+    assert ec["aggregation"]["rounds"] >= 2 and ec["distilled_samples_per_rank"] > 0
+    assert ec["aggregation"]["inference_s"] > 0  # modelled, virtual
+
+
+def test_partial_shuffle_of_label_skewed_data_at_128_workers(tmp_path):
+    c = config("ma", tmp_path / "x", data=DataConfig(dataset="synthetic", shuffle="partial:0.1",
+                                                    partition="label-skew"),
+               optim=OptimConfig(epochs=2, batch_size=8), eval_every=2.0,
+               algorithm=algorithm_options("ma")(tau=2))
+    summary = simulate(c, sim(128))
+    assert summary["workers"] == 128 and summary["samples_per_worker"] == [32] * 128
+
+
+def test_bad_input_is_one_line_before_anything_runs(tmp_path):
+    with pytest.raises(UsageError, match="replicated"):
+        simulate(config("ma", tmp_path / "a", data=DataConfig(dataset="synthetic",
+                                                              data_placement="sharded")), sim(2))
+    with pytest.raises(UsageError, match="unknown model 'weibull'"):
+        simulate(config("asgd", tmp_path / "b"), sim(2, step_time="weibull:1"))
+    with pytest.raises(UsageError, match="sgd runs on one process"):
+        simulate(config("sgd", tmp_path / "c"), sim(2))
+    with pytest.raises(UsageError, match="checkpoints"):
+        from hpctrain.config import CheckpointConfig
+        simulate(config("ma", tmp_path / "d", checkpoint=CheckpointConfig(every="1e")), sim(2))
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
+    for spec in ("lognormal:0.02:0.5", "gamma:0.02:4"):
+        m = StepTimeModel(spec, 2, seed=1)
+        draws = [m.next(0) for _ in range(4000)]
+        assert sum(draws) / len(draws) == pytest.approx(0.02, rel=0.05)
+        again = StepTimeModel(spec, 2, seed=1)
+        assert [again.next(0) for _ in range(5)] == draws[:5]
+        assert [again.next(1) for _ in range(5)] != draws[:5]
+    path = tmp_path / steptimes.FILE
+    path.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[1.0, 2.0], [3.0]]}))
+    m = StepTimeModel(f"replay:{tmp_path}", 3)
+    assert [m.next(0) for _ in range(3)] == [1.0, 2.0, 1.0]
+    assert [m.next(1), m.next(2)] == [3.0, 1.0]
+
+
+@pytest.mark.timeout(200)
+def test_replayed_real_async_run_matches_its_staleness(tmp_path):
+    """A real 2-rank asgd run records step times; the simulator replays them."""
+    real = tmp_path / "real"
+    run_job(["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "32",
+             "--eval-every", "1", "--out", str(real)], np=2, timeout=150)
+    recorded = steptimes.read(real)
+    summary = json.loads((real / "summary.json").read_text())
+    assert [len(w) for w in recorded] == summary["pushes_per_worker"]
+    simulated = simulate(config("asgd", tmp_path / "sim",
+                                optim=OptimConfig(epochs=1, batch_size=32), eval_every=1.0),
+                         sim(2, step_time=f"replay:{real}"))
+    assert simulated["updates"] == summary["updates"]
+    # two workers: staleness is 0 or 1 almost always, in both
+    assert abs(simulated["staleness"]["mean"] - summary["staleness"]["mean"]) < 0.5
+
+
+def test_heap_order_is_time_then_worker():
+    q = [(1.0, 3), (1.0, 1), (0.5, 2)]
+    heapq.heapify(q)
+    assert [heapq.heappop(q) for _ in range(3)] == [(0.5, 2), (1.0, 1), (1.0, 3)]
+
+
+def test_compare_simulate_plans_simulator_runs(tmp_path):
+    from hpctrain import cli
+    from hpctrain.bench import compare
+
+    def parse(*argv):
+        return cli.build_parser().parse_args(["bench", "compare", *argv, "--out",
+                                              str(tmp_path)])
+
+    sgd, ma = compare.plan(parse("--algos", "sgd,ma", "--simulate", "16", "--tau", "5",
+                                 "--step-time", "gamma:0.01:2"))
+    assert (sgd.np, ma.np) == (1, 16)
+    assert ma.command[2:4] == ["hpctrain.cli", "simulate"]
+    assert ma.command[ma.command.index("--workers") + 1] == "16"
+    assert ma.command[ma.command.index("--step-time") + 1] == "gamma:0.01:2"
+    assert sgd.command[sgd.command.index("--workers") + 1] == "1"
+    with pytest.raises(UsageError, match="--latency is an option of the simulator"):
+        compare.plan(parse("--algos", "ma", "--latency", "1e-5"))
+    with pytest.raises(UsageError, match="want constant:S"):
+        compare.plan(parse("--algos", "ma", "--simulate", "4", "--step-time", "constant"))
