@@ -65,12 +65,8 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     algo = config.algorithm_class
     launcher = comm.launcher()
     config = algo.for_launch(config, launcher)
-    if launcher == "torchrun" and (algo.needs_mpi(config) or config.eval_rank is not None
-                                   or config.data.data_placement == "sharded"):
-        what = (f"--algo {config.algo}" + (f" --sync-backend {config.algorithm.sync_backend}"
-                                           if config.algo == "ssgd" else "")
-                if algo.needs_mpi(config) else "--eval-rank" if config.eval_rank is not None
-                else "--data-placement sharded")
+    what = _needs_mpi(config) if launcher == "torchrun" else None
+    if what:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
                          "launch with mpirun, or srun with PMI/PMIx")
     devices.check(config.device)
@@ -108,6 +104,18 @@ def _user_code(config: RunConfig) -> RunConfig:
                   f"{about['classes']} classes", flush=True)
     return replace(config, data=replace(config.data, dataset=userdata.absolute(name)),
                    model=replace(config.model, name=plugins.absolute(config.model.name)))
+
+
+def _needs_mpi(config: RunConfig) -> str | None:
+    """The option that needs an MPI world (RMA windows, buffer collectives, Split), if any."""
+    if config.algorithm_class.needs_mpi(config):
+        backend = getattr(config.algorithm, "sync_backend", None)
+        return f"--algo {config.algo}" + (f" --sync-backend {backend}" if backend else "")
+    if config.eval_rank is not None:
+        return "--eval-rank"
+    if config.data.data_placement == "sharded":
+        return "--data-placement sharded"
+    return None
 
 
 def train(config: RunConfig) -> dict:

@@ -22,20 +22,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from hpctrain import comm as mpicomm
 from hpctrain.devices import nccl_available
 from hpctrain.errors import UsageError
 from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
 _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
         PRODUCT: dist.ReduceOp.PRODUCT}
-_TORCHRUN_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
-
-
-def torchrun_launch() -> bool:
-    """Whether this process was started by torchrun (or another env:// launcher)."""
-    return all(v in os.environ for v in _TORCHRUN_ENV)
-
-
 def start_process_group(comm: Any = None) -> bool:
     """Initialise torch.distributed's default group on the ranks of MPI ``comm`` (None: the
     world, or torchrun's environment when MPI runs one process); return whether this call
@@ -47,11 +40,9 @@ def start_process_group(comm: Any = None) -> bool:
             raise UsageError(f"backend 'torch': torch.distributed runs {dist.get_world_size()} "
                              f"ranks already, comm has {comm.Get_size()}")
         return False
-    if comm is None and torchrun_launch():
+    if comm is None and mpicomm.launcher() == "torchrun":
         dist.init_process_group(_backend_string(_shared_gpu_env()), init_method="env://")
         return True
-    from hpctrain import comm as mpicomm
-
     comm = mpicomm.world() if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
     node = socket.gethostname()
