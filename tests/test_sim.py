@@ -221,6 +221,18 @@ def test_replayed_real_async_run_matches_its_staleness(tmp_path):
     assert abs(simulated["staleness"]["mean"] - summary["staleness"]["mean"]) < 0.5
 
 
+@pytest.mark.timeout(200)
+def test_simulated_ssgd_is_the_real_4_rank_run_bit_for_bit(tmp_path):
+    """The local allreduce adds in Open MPI's order, so nothing rounds differently."""
+    real = tmp_path / "real"
+    run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
+             "--eval-every", "1", "--seed", "3", "--out", str(real)], np=4, timeout=150)
+    simulate(config("ssgd", tmp_path / "sim", optim=OptimConfig(epochs=1, batch_size=16),
+                    eval_every=1.0), sim(4))
+    real_model, sim_model = (torch.load(p / "model.pt") for p in (real, tmp_path / "sim"))
+    assert all(torch.equal(real_model[k], sim_model[k]) for k in real_model)
+
+
 def test_heap_order_is_time_then_worker():
     q = [(1.0, 3), (1.0, 1), (0.5, 2)]
     heapq.heapify(q)

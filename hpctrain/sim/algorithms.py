@@ -11,7 +11,8 @@ it is connected (:func:`simulated`):
   cannot each start one. The mixin keeps the algorithm's guard, apply and summary and
   replaces ``DistributedOptimizer``'s bucketed allreduce with one allreduce of the flat
   gradient through the local communicator, scaled as the mpi backend scales it
-  (:func:`hpctrain.sync.buckets.scale_factors`: 1/K before the sum, summed in rank order).
+  (:func:`hpctrain.sync.buckets.scale_factors`: 1/K before the sum, summed as
+  :class:`hpctrain.sim.comm.LocalComm` sums).
 - ma, ec: the real aggregators on the local communicator, unchanged; only their statistics
   record virtual seconds (:class:`VirtualAggregationStats`).
 - sgd: unchanged (one worker, no communicator).

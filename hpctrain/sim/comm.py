@@ -7,9 +7,10 @@ loop call the same methods they call on ``MPI.COMM_WORLD`` (or on
 :class:`hpctrain.torch_comm.TorchComm`): ``Get_rank``, ``Get_size``, ``Barrier``, ``bcast``,
 ``gather``, ``allgather``, ``scatter``, and on numpy buffers ``Bcast``, ``Allreduce`` (sum),
 ``Allgatherv`` and ``Reduce_scatter`` (sum). A collective is complete when every worker has
-reached it: the last to arrive computes the result (sums in rank order, so a run is
-deterministic), and every worker continues at the latest arrival plus the collective's time
-from the network model (:mod:`hpctrain.sim.network`). Objects passed to the object
+reached it: the last to arrive computes the result (deterministically: ``Allreduce`` adds in
+Open MPI's recursive-doubling order, ``Reduce_scatter`` in rank order), and every worker
+continues at the latest arrival plus the collective's time from the network model
+(:mod:`hpctrain.sim.network`). Objects passed to the object
 collectives are handed over, not copied: hpctrain's callers only read them.
 """
 
@@ -102,7 +103,7 @@ class LocalComm:
 
     def Allreduce(self, sendbuf, recvbuf) -> None:  # noqa: N802 (sum, as hpctrain uses it)
         send, recv = _array(sendbuf), _array(recvbuf)
-        total = self._collective("Allreduce", send, _sum,
+        total = self._collective("Allreduce", send, _pairwise_sum,
                                  lambda v: self._net.allreduce(send.nbytes, self._k))
         np.copyto(recv, total)
 
@@ -182,6 +183,22 @@ def _array(buf) -> np.ndarray:
     if not isinstance(buf, np.ndarray):
         raise TypeError(f"simulated collectives take numpy buffers, not {type(buf).__name__}")
     return buf
+
+
+def _pairwise_sum(values: list[np.ndarray]) -> list[np.ndarray]:
+    """The element-wise sum in recursive-doubling order, the same array for every rank.
+
+    The order of Open MPI 4.1's allreduce (measured, K = 3 to 8, 4 KB to 1 MB): the first
+    ``2 * extra`` ranks fold pairwise to a power of two, then neighbours add pairwise. Adding
+    in the order the real run adds makes a simulated ssgd or ma run round as the real one.
+    """
+    power = 1 << (len(values).bit_length() - 1)
+    extra = len(values) - power
+    level = [values[i] + values[i + 1] for i in range(0, 2 * extra, 2)]
+    level += [v.copy() for v in values[2 * extra:]]
+    while len(level) > 1:
+        level = [level[i] + level[i + 1] for i in range(0, len(level), 2)]
+    return [level[0]] * len(values)
 
 
 def _sum(values: list[np.ndarray]) -> list[np.ndarray]:
