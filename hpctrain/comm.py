@@ -17,11 +17,10 @@ from types import ModuleType
 
 import mpi4py
 
+from hpctrain import launch_env
 from hpctrain.errors import UsageError
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
-_RANK_ENV = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID")
-_SIZE_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_NTASKS")
 # What torchrun gives each worker (it starts no MPI world).
 _TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
@@ -93,18 +92,14 @@ def local_size() -> int:
 
 def env_rank() -> int:
     """This process's rank from the launcher's environment, without initialising MPI (0 if none)."""
-    for var in ("RANK",) if launcher() == "torchrun" else _RANK_ENV:
-        if var in os.environ:
-            return int(os.environ[var])
-    return 0
+    seat = launch_env.from_launcher()
+    return seat.rank if seat else 0
 
 
 def env_size() -> int:
     """The job's size from the launcher's environment, without initialising MPI (1 if none)."""
-    for var in ("WORLD_SIZE",) if launcher() == "torchrun" else _SIZE_ENV:
-        if var in os.environ:
-            return int(os.environ[var])
-    return 1
+    seat = launch_env.from_launcher()
+    return seat.size if seat else 1
 
 
 def launcher() -> str:
@@ -113,9 +108,7 @@ def launcher() -> str:
     job), or ``single``."""
     if all(v in os.environ for v in _TORCHRUN_ENV):
         return "torchrun"
-    if any(v in os.environ for v in _SIZE_ENV):
-        return "mpi"
-    return "single"
+    return "mpi" if launch_env.from_launcher() is not None else "single"
 
 
 def launch_size() -> int:

@@ -37,3 +37,16 @@ def test_env_rank_without_mpi(monkeypatch):
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "3")
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "8")
     assert (comm.env_rank(), comm.env_size()) == (3, 8)
+
+
+def test_a_batch_scripts_slurm_variables_are_not_a_launch(monkeypatch):
+    """sbatch sets SLURM_NTASKS for the allocation; only a job step (srun) is a launch."""
+    for var in ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "PMI_SIZE", "PMI_RANK",
+                "WORLD_SIZE", "RANK", "SLURM_STEP_ID", "SLURM_STEPID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    assert (comm.launcher(), comm.env_size()) == ("single", 1)
+    monkeypatch.setenv("SLURM_STEP_ID", "0")
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert (comm.launcher(), comm.env_rank(), comm.env_size()) == ("mpi", 2, 4)
