@@ -139,10 +139,20 @@ def shuffle(out: Path) -> None:
                                 for seed in seeds]
     lines = ["| K | shuffle | test error: median [min, max] |", "|---|---|---|"]
     for (k, strat), rs in rows.items():
-        lines.append(f"| {k} | {strat} | {spread([r['error'] for r in rs])} |")
+        errors = [r["error"] for r in rs if "missing" not in r]
+        if errors:
+            lines.append(f"| {k} | {strat} | {spread(errors)} ({len(errors)} seeds) |")
+    lines += ["", "| K | shuffle | gap to global, per seed: median [min, max] |", "|---|---|---|"]
+    ks = [k for k in ks if all("missing" not in r for s in strategies for r in rows[(k, s)])]
+    gaps = {s: [[a["error"] - b["error"] for a, b in zip(rows[(k, s)], rows[(k, "global")],
+                                                       strict=True)] for k in ks]
+            for s in strategies[1:]}
+    for s in strategies[1:]:
+        lines += [f"| {k} | {s} | {spread(g)} |" for k, g in zip(ks, gaps[s], strict=True)]
     (out / "table.md").write_text("\n".join(lines) + "\n")
-    _plot(out / "error_vs_K.png", ks, {s: [[r["error"] for r in rows[(k, s)]] for k in ks]
-                                       for s in strategies}, "workers K", "final test error")
+    if ks:
+        _plot(out / "gap_vs_K.png", ks, gaps, "workers K",
+              "test error minus global shuffling's (same seed)", hline=0.0, hlabel="global")
     print("\n".join(lines))
 
 
@@ -266,7 +276,7 @@ def _same_model(a: Path, b: Path) -> str:
 
 
 def _plot(path: Path, xs: list, series: dict, xlabel: str, ylabel: str,
-          hline: float | None = None) -> None:
+          hline: float | None = None, hlabel: str = "sequential sgd") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,7 +289,7 @@ def _plot(path: Path, xs: list, series: dict, xlabel: str, ylabel: str,
         for x, v in zip(xs, per_x, strict=True):
             ax.plot([x, x], [min(v), max(v)], color=f"C{i}", alpha=0.4)
     if hline is not None:
-        ax.axhline(hline, color="k", ls="--", label="sequential sgd")
+        ax.axhline(hline, color="k", ls="--", label=hlabel)
     ax.set_xscale("log", base=2)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
