@@ -50,8 +50,7 @@ class TorchComm:
         return self._transport.allgather_object(obj)
 
     def gather(self, obj: Any, root: int = 0) -> list | None:
-        everyone = self._transport.allgather_object(obj)
-        return everyone if self.Get_rank() == root else None
+        return self._transport.gather_object(obj, root)
 
     def scatter(self, parts: list | None, root: int = 0) -> Any:
         return self._transport.bcast_object(parts, root)[self.Get_rank()]

@@ -179,6 +179,20 @@ class TorchTransport:
         self.iallgather(data, out, rows).wait()
         return [pickle.loads(part.numpy().tobytes()) for part in out.split(rows)]
 
+    def gather_object(self, obj: Any, root: int) -> list | None:
+        """Every rank's ``obj`` at ``root`` (None elsewhere); only the lengths go to all."""
+        data = _pickle(obj)
+        lengths = torch.empty(self.size(), dtype=torch.int64)
+        self.iallgather(torch.tensor([data.numel()]), lengths, [1] * self.size()).wait()
+        rows = lengths.tolist()
+        padded = data.new_zeros(max(rows))
+        padded[:len(data)] = data
+        parts = [torch.empty_like(padded) for _ in rows] if self.rank() == root else None
+        dist.gather(padded, parts, dst=self._global(root), group=self.group)
+        if parts is None:
+            return None
+        return [pickle.loads(p[:r].numpy().tobytes()) for p, r in zip(parts, rows, strict=True)]
+
     def dup(self) -> TorchTransport:
         """torch.distributed makes a group on every rank of the job at once; so a set of
         fewer ranks (split) has one group made for dup() in advance, and no more."""
