@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. nice -n 10 .venv/bin/python scripts/sim_study.py dcasgd OUT
     ... shuffle OUT
     ... ecma OUT
-    ... dcasgd-long OUT  (M = 16, 32 with four times the updates)
+    ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
 
 Each run is ``hpctrain.sim.simulate`` with the settings printed in OUT/runs.jsonl (one line
@@ -122,8 +122,8 @@ def dcasgd(out: Path, ms: tuple = (1, 4, 8, 16, 32, 64), epochs: int = 2,
 
 
 def dcasgd_long(out: Path) -> None:
-    """The same at M = 16 and 32 with four times the updates (8 epochs of the subset)."""
-    dcasgd(out, ms=(1, 16, 32), epochs=8, algos=("asgd", "dcasgd-c", "dcasgd-a"))
+    """The same with four times the updates (8 epochs of the subset), from M = 8."""
+    dcasgd(out, ms=(1, 8, 16, 32, 64), epochs=8, algos=("asgd", "dcasgd-c", "dcasgd-a"))
 
 
 def shuffle(out: Path) -> None:
