@@ -4,6 +4,7 @@
     ... shuffle OUT
     ... ecma OUT
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
+    ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
 
 Each run is ``hpctrain.sim.simulate`` with the settings printed in OUT/runs.jsonl (one line
@@ -32,6 +33,9 @@ SUBSET = 6000  # training samples (a fixed random subset of Fashion-MNIST's 6000
 STEP = "lognormal:0.01:0.3"
 CHANCE_ERROR = 0.9
 REPORT_ONLY = "--report-only" in sys.argv  # tables and plots from the runs done so far
+# --seeds 1,2: only these seeds (two processes can share one OUT, each its own seeds)
+SEEDS = {int(s) for s in sys.argv[sys.argv.index("--seeds") + 1].split(",")} \
+    if "--seeds" in sys.argv else None
 
 
 def run(out: Path, name: str, algo: str, workers: int, seed: int, *, epochs: int,
@@ -126,14 +130,15 @@ def dcasgd_long(out: Path) -> None:
     dcasgd(out, ms=(1, 8, 16, 32, 64), epochs=8, algos=("asgd", "dcasgd-c", "dcasgd-a"))
 
 
-def shuffle(out: Path) -> None:
+def shuffle(out: Path, ks: tuple = (16, 64, 128), epochs: int = 4) -> None:
     """global / local / partial(0.1) on label-skewed data, ma with a long tau."""
-    ks, seeds, strategies = [16, 64, 128], [1, 2, 3], ["global", "local", "partial:0.1"]
+    ks, strategies = list(ks), ["global", "local", "partial:0.1"]
+    seeds = [s for s in [1, 2, 3] if SEEDS is None or s in SEEDS]
     rows = {}
     for k in ks:
         for strat in strategies:
             data = DataConfig(shuffle=strat, partition="label-skew")
-            rows[(k, strat)] = [run(out, f"ma-K{k}-{strat}-s{seed}", "ma", k, seed, epochs=4,
+            rows[(k, strat)] = [run(out, f"ma-K{k}-{strat}-s{seed}", "ma", k, seed, epochs=epochs,
                                     batch=16, lr=0.05, momentum=0.9, data=data,
                                     algorithm=algorithm_options("ma")(tau_epochs=1.0))
                                 for seed in seeds]
@@ -154,6 +159,11 @@ def shuffle(out: Path) -> None:
         _plot(out / "gap_vs_K.png", ks, gaps, "workers K",
               "test error minus global shuffling's (same seed)", hline=0.0, hlabel="global")
     print("\n".join(lines))
+
+
+def shuffle_long(out: Path) -> None:
+    """The same with four times the epochs (16): at 4, no strategy trains at K = 128."""
+    shuffle(out, epochs=16)
 
 
 def ecma(out: Path) -> None:
@@ -302,4 +312,4 @@ if __name__ == "__main__":
     study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
     folder.mkdir(parents=True, exist_ok=True)
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "fidelity": fidelity,
-     "dcasgd-long": dcasgd_long}[study](folder)
+     "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
