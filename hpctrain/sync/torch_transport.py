@@ -170,11 +170,15 @@ class TorchTransport:
         self.ibcast(data, root).wait()
         return pickle.loads(data.numpy().tobytes())
 
-    def allgather_object(self, obj: Any) -> list:
-        data = _pickle(obj)
+    def _lengths(self, data: torch.Tensor) -> list[int]:
+        """Every rank's ``data.numel()`` (collective): the sizes of pickled objects."""
         lengths = torch.empty(self.size(), dtype=torch.int64)
         self.iallgather(torch.tensor([data.numel()]), lengths, [1] * self.size()).wait()
-        rows = lengths.tolist()
+        return lengths.tolist()
+
+    def allgather_object(self, obj: Any) -> list:
+        data = _pickle(obj)
+        rows = self._lengths(data)
         out = torch.empty(sum(rows), dtype=torch.uint8)
         self.iallgather(data, out, rows).wait()
         return [pickle.loads(part.numpy().tobytes()) for part in out.split(rows)]
@@ -182,9 +186,7 @@ class TorchTransport:
     def gather_object(self, obj: Any, root: int) -> list | None:
         """Every rank's ``obj`` at ``root`` (None elsewhere); only the lengths go to all."""
         data = _pickle(obj)
-        lengths = torch.empty(self.size(), dtype=torch.int64)
-        self.iallgather(torch.tensor([data.numel()]), lengths, [1] * self.size()).wait()
-        rows = lengths.tolist()
+        rows = self._lengths(data)
         padded = data.new_zeros(max(rows))
         padded[:len(data)] = data
         parts = [torch.empty_like(padded) for _ in rows] if self.rank() == root else None
