@@ -194,11 +194,11 @@ def _pairwise_sum(values: list[np.ndarray]) -> list[np.ndarray]:
     """
     power = 1 << (len(values).bit_length() - 1)
     extra = len(values) - power
-    level = [values[i] + values[i + 1] for i in range(0, 2 * extra, 2)]
-    level += [v.copy() for v in values[2 * extra:]]
+    level = [values[i] + values[i + 1] for i in range(0, 2 * extra, 2)] + values[2 * extra:]
     while len(level) > 1:
         level = [level[i] + level[i + 1] for i in range(0, len(level), 2)]
-    return [level[0]] * len(values)
+    # Every addition makes a new array; only a single worker's sum would alias its input.
+    return [level[0] if len(values) > 1 else values[0].copy()] * len(values)
 
 
 def _sum(values: list[np.ndarray]) -> list[np.ndarray]:
