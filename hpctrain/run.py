@@ -249,10 +249,11 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         algo.optimizer.zero_grad()
         computing = runtime.now()
+        step_times.begin(computing)
         loss = faults.inject(rank, local_steps, model, algo.loss(x, y))
         loss.backward()
         straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
-        step_times.record(runtime.now() - computing)
+        step_times.end(runtime.now())
         algo.synchronize()
         applied = guard.check(local_steps)
         if applied:
@@ -271,6 +272,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
         if watch.stop(position):
             break
+    step_times.finish(runtime.now())
     busy = runtime.now() - start
     watch.finish()
     position = algo.finish(position)

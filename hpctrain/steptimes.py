@@ -2,15 +2,19 @@
 
 A step's time is what one worker spends computing it: the batch to the device, forward,
 backward and any injected straggler sleep, without waiting for or talking to the others.
-``hpctrain simulate --step-time replay:RUN`` replays them, so a simulation can take the
-stragglers, jitter and operating-system noise of a real run on a real machine. Times are
-rounded to the microsecond.
+Its *rest* is everything from the end of that compute to the start of the next step's (the
+last step's: to the end of training): the push or allreduce, waiting for locks or for the
+others, and the loop's bookkeeping. ``hpctrain simulate --step-time replay:RUN`` replays the
+step times, so a simulation can take the stragglers, jitter and operating-system noise of a
+real run on a real machine; ``--comm-time replay`` replays an async run's rests too. Times
+are rounded to the microsecond.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
@@ -19,28 +23,60 @@ FILE = "step_times.json"
 FORMAT = "hpctrain-step-times/1"
 
 
+class Record(NamedTuple):
+    """A run's recorded times, one list per worker in rank order."""
+
+    compute: list[list[float]]
+    rest: list[list[float]] | None  # None: recorded before rests were
+
+
 class StepTimes:
-    """One worker's step times, gathered to rank 0 and written at the end of the run."""
+    """One worker's step times and rests, gathered to rank 0 and written at the end."""
 
     def __init__(self) -> None:
         self.seconds: list[float] = []
+        self.rest: list[float] = []
+        self._began = 0.0
+        self._ended: float | None = None
 
-    def record(self, seconds: float) -> None:
-        self.seconds.append(round(seconds, 6))
+    def begin(self, now: float) -> None:
+        """A step's compute begins at ``now``; the previous step's rest ends."""
+        self._close(now)
+        self._began = now
+
+    def end(self, now: float) -> None:
+        """The step's compute ends at ``now``."""
+        self.seconds.append(round(now - self._began, 6))
+        self._ended = now
+
+    def finish(self, now: float) -> None:
+        """Training ends at ``now``: the last step's rest ends."""
+        self._close(now)
+
+    def _close(self, now: float) -> None:
+        if self._ended is not None:
+            self.rest.append(round(now - self._ended, 6))
+            self._ended = None
 
     def write(self, out_dir: str | Path, comm, rank: int) -> None:
         """Collective over ``comm`` (None: one process); rank 0 writes ``step_times.json``."""
-        every = comm.gather(self.seconds, root=0) if comm is not None else [self.seconds]
+        mine = (self.seconds, self.rest)
+        every = comm.gather(mine, root=0) if comm is not None else [mine]
         if rank == 0:
             write_json_atomic(Path(out_dir) / FILE, {
                 "format": FORMAT, "unit": "s",
                 "what": "per worker (rank order), each step's compute: forward, backward and "
                         "straggler sleep",
-                "workers": every})
+                "workers": [seconds for seconds, _ in every],
+                "rest_what": "per worker, from the end of each step's compute to the start of "
+                             "the next one's (the last: to the end of training): "
+                             "communication, waiting and bookkeeping",
+                "rest": [rest for _, rest in every]})
 
 
-def read(path: str | Path) -> list[list[float]]:
-    """Every worker's step times from a run folder or a ``step_times.json`` file."""
+def read(path: str | Path) -> Record:
+    """Every worker's step times (and rests, where recorded) from a run folder or a
+    ``step_times.json`` file."""
     path = Path(path)
     if path.is_dir():
         path = path / FILE
@@ -50,7 +86,15 @@ def read(path: str | Path) -> list[list[float]]:
         raise UsageError(f"cannot read step times from {path}: {e}") from None
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UsageError(f"{path} is not a {FORMAT} file")
-    workers = [[float(t) for t in w] for w in doc["workers"]]
+    workers = _times(path, doc["workers"])
+    rest = _times(path, doc["rest"]) if "rest" in doc else None
+    if rest is not None and [len(w) for w in rest] != [len(w) for w in workers]:
+        raise UsageError(f"{path}: need one rest per step time for every worker")
+    return Record(workers, rest)
+
+
+def _times(path: Path, lists) -> list[list[float]]:
+    workers = [[float(t) for t in w] for w in lists]
     if not workers or any(not w for w in workers) or \
             any(not t >= 0 for w in workers for t in w):
         raise UsageError(f"{path}: need at least one step time >= 0 for every worker")

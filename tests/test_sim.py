@@ -186,7 +186,14 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
     with pytest.raises(UsageError, match="checkpoints"):
         from hpctrain.config import CheckpointConfig
         simulate(config("ma", tmp_path / "d", checkpoint=CheckpointConfig(every="1e")), sim(2))
-    assert not any((tmp_path / d).exists() for d in "abcd")
+    recorded = tmp_path / steptimes.FILE
+    recorded.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.1]],
+                                    "rest": [[0.2]]}))
+    for algo in ("ssp", "ma"):
+        with pytest.raises(UsageError, match=f"not --algo {algo}"):
+            simulate(config(algo, tmp_path / "e"),
+                     sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
+    assert not any((tmp_path / d).exists() for d in "abcde")
 
 
 def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
@@ -202,6 +209,26 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
     m = StepTimeModel(f"replay:{tmp_path}", 3)
     assert [m.next(0) for _ in range(3)] == [1.0, 2.0, 1.0]
     assert [m.next(1), m.next(2)] == [3.0, 1.0]
+    with pytest.raises(UsageError, match="no recorded rests"):
+        m.rest(0)
+    with pytest.raises(UsageError, match="recorded its rests"):
+        sim(3, step_time=f"replay:{tmp_path}", comm_time="replay")
+    with pytest.raises(UsageError, match="--comm-time replay needs"):
+        sim(3, comm_time="replay")
+
+
+def test_step_times_record_each_steps_compute_and_rest(tmp_path):
+    times = steptimes.StepTimes()
+    for begin, end in ((0.0, 1.0), (1.5, 2.0), (4.0, 4.25)):
+        times.begin(begin)
+        times.end(end)
+    times.finish(5.0)
+    assert (times.seconds, times.rest) == ([1.0, 0.5, 0.25], [0.5, 2.0, 0.75])
+    times.write(tmp_path, None, 0)
+    assert steptimes.read(tmp_path) == ([[1.0, 0.5, 0.25]], [[0.5, 2.0, 0.75]])
+    m = StepTimeModel(f"replay:{tmp_path}", 2)
+    assert [(m.next(1), m.rest(1)) for _ in range(4)] == \
+        [(1.0, 0.5), (0.5, 2.0), (0.25, 0.75), (1.0, 0.5)]
 
 
 @pytest.mark.timeout(200)
@@ -212,13 +239,22 @@ def test_replayed_real_async_run_matches_its_staleness(tmp_path):
              "--eval-every", "1", "--out", str(real)], np=2, timeout=150)
     recorded = steptimes.read(real)
     summary = json.loads((real / "summary.json").read_text())
-    assert [len(w) for w in recorded] == summary["pushes_per_worker"]
-    simulated = simulate(config("asgd", tmp_path / "sim",
-                                optim=OptimConfig(epochs=1, batch_size=32), eval_every=1.0),
-                         sim(2, step_time=f"replay:{real}"))
-    assert simulated["updates"] == summary["updates"]
-    # two workers: staleness is 0 or 1 almost always, in both
-    assert abs(simulated["staleness"]["mean"] - summary["staleness"]["mean"]) < 0.5
+    assert [len(w) for w in recorded.compute] == summary["pushes_per_worker"]
+    assert [len(w) for w in recorded.rest] == summary["pushes_per_worker"]
+    for comm_time in ("model", "replay"):
+        out = tmp_path / comm_time
+        simulated = simulate(config("asgd", out, optim=OptimConfig(epochs=1, batch_size=32),
+                                    eval_every=1.0),
+                             sim(2, step_time=f"replay:{real}", comm_time=comm_time))
+        assert simulated["updates"] == summary["updates"]
+        # two workers: staleness is 0 or 1 almost always, in both
+        assert abs(simulated["staleness"]["mean"] - summary["staleness"]["mean"]) < 0.5
+    # --comm-time replay: each virtual worker's cycle is exactly the recorded one
+    replayed = steptimes.read(tmp_path / "replay")
+    for k in range(2):
+        for times, real_times in zip(replayed, recorded, strict=True):
+            n = len(real_times[k])
+            assert times[k] == [real_times[k][i % n] for i in range(len(times[k]))]
 
 
 @pytest.mark.timeout(200)

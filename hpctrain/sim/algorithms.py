@@ -43,7 +43,8 @@ class _Store:
         sim = world.group.simulation
         self.store = LocalStore(sim.shared_store(values, self.options), world.Get_rank(),
                                 consistency=self.options.consistency,
-                                scheduler=sim.scheduler, network=sim.network)
+                                scheduler=sim.scheduler, network=sim.network,
+                                rests=sim.step_times if sim.sim.comm_time == "replay" else None)
         if isinstance(self, SSP):
             self.bound = LocalBound(self.store, self.options.max_staleness)
         return world

@@ -5,11 +5,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from hpctrain import options
+from hpctrain.errors import UsageError
 from hpctrain.options import Range, check_fields, option
 from hpctrain.sim.network import BANDWIDTH, LATENCY_S, STORE_BANDWIDTH, STORE_LATENCY_S, Network
 from hpctrain.sim.steptime import StepTimeModel
 
 DEFAULT_STEP_TIME = "constant:0.01"
+COMM_TIMES = ("model", "replay")
 
 
 @dataclass(frozen=True)
@@ -20,6 +22,10 @@ class SimConfig:
     step_time: str = option(DEFAULT_STEP_TIME, "step-time model: constant:S, "
                             "lognormal:MEAN:SIGMA, gamma:MEAN:SHAPE or replay:RUN_DIR (a real "
                             "run's step_times.json)", metavar="MODEL")
+    comm_time: str = option("model", "model: communication costs the network model's time; "
+                            "replay (with --step-time replay:RUN, asgd and dcasgd-c/-a): each "
+                            "push takes the time the real worker spent between that step's "
+                            "compute and the next", choices=COMM_TIMES)
     latency: float = option(LATENCY_S, "seconds per message between workers "
                             "(collectives)", parse=float, range=Range(0))
     bandwidth: float = option(BANDWIDTH, "bytes/s between workers (collectives)",
@@ -38,7 +44,11 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        StepTimeModel(self.step_time, 1)  # its form (and a replay's file)
+        model = StepTimeModel(self.step_time, 1)  # its form (and a replay's file)
+        if self.comm_time == "replay" and (model.kind != "replay" or model.rests is None):
+            raise UsageError(f"--comm-time replay needs --step-time replay:RUN of a run that "
+                             f"recorded its rests (step_times.json with \"rest\"); got "
+                             f"--step-time {self.step_time}")
 
     def network(self) -> Network:
         return Network(self.latency, self.bandwidth, self.store_latency, self.store_bandwidth)

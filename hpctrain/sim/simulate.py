@@ -22,7 +22,7 @@ import torch
 
 from hpctrain import config as configs
 from hpctrain import data, devices, models, run
-from hpctrain.async_.algorithm import ASGD
+from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
@@ -64,6 +64,9 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     if k > n:
         raise UsageError(f"--workers {k} but only {n} training samples in "
                          f"{config.data.dataset}")
+    if sim.comm_time == "replay" and (not issubclass(algo, ASGD) or issubclass(algo, SSP)):
+        raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
+                         f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
     algo.check(config, ranks)
     StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
     out = config.out or str(Path("runs") / f"{config.algo}-sim{k}-{time.strftime('%Y%m%d-%H%M%S')}")

@@ -11,7 +11,10 @@
   :mod:`hpctrain.steptimes`); virtual worker k replays worker ``k mod R`` of the R recorded,
   from its first step, starting over when the record runs out. The recorded times include
   the recorded run's own ``--slowdown`` and ``--jitter`` (a real straggler's sleep is part
-  of its step): replay a run without repeating them, or they count twice.
+  of its step): replay a run without repeating them, or they count twice. With
+  ``--comm-time replay``, :meth:`StepTimeModel.rest` gives each replayed step's rest too
+  (what the real worker spent between that compute and the next: its push, lock waits and
+  bookkeeping).
 
 Draws come from one generator per worker, seeded with (seed, worker), so a simulation is
 deterministic. ``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a
@@ -70,7 +73,7 @@ class StepTimeModel:
             if not rest:
                 raise UsageError(f"--step-time {spec}: want replay:RUN_DIR (a run folder with "
                                  f"{steptimes.FILE})")
-            self.recorded = steptimes.read(rest)
+            self.recorded, self.rests = steptimes.read(rest)
             flat = [t for w in self.recorded for t in w]
             self.mean = sum(flat) / len(flat)
 
@@ -86,6 +89,13 @@ class StepTimeModel:
             return self._rng[k].gammavariate(self.shape, self.mean / self.shape)
         record = self.recorded[k % len(self.recorded)]
         return record[n % len(record)]
+
+    def rest(self, k: int) -> float:
+        """The recorded rest of worker ``k``'s latest step (a replay with rests only)."""
+        if self.kind != "replay" or self.rests is None:
+            raise UsageError(f"--step-time {self.spec}: no recorded rests to replay")
+        record = self.rests[k % len(self.rests)]
+        return record[(self._step[k] - 1) % len(record)]
 
     def describe(self) -> dict:
         return {"model": self.spec, "mean_s": self.mean}

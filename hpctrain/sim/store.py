@@ -12,6 +12,9 @@ and the same traffic counters (as if across nodes: no shared memory). What the s
 adds is time: a push or pull waits for its turn in the event queue (pushes are applied in
 the order workers finish their steps, ties by worker id) and then costs virtual time from
 the network model, queueing on each shard behind earlier pushes (:mod:`hpctrain.sim.network`).
+With ``--comm-time replay`` a push instead takes the rest its replayed real step recorded
+(:mod:`hpctrain.steptimes`), which holds that push's lock waits already, and every other
+store operation takes no time.
 
 :class:`LocalBound` is a :class:`~hpctrain.async_.ssp.StalenessBound` whose clock window is
 an array: its ``wait`` is the real one, and where the real one would sleep and poll, the
@@ -28,6 +31,7 @@ from hpctrain.async_.store import _HEADER, ParameterStore, default_shards, shard
 from hpctrain.errors import UsageError
 from hpctrain.sim.network import Network
 from hpctrain.sim.scheduler import Scheduler
+from hpctrain.sim.steptime import StepTimeModel
 
 
 class SharedStore:
@@ -65,10 +69,11 @@ class LocalStore(ParameterStore):
     """Virtual worker ``rank``'s view of the shared store (see the module docstring)."""
 
     def __init__(self, shared: SharedStore, rank: int, *, consistency: str,
-                 scheduler: Scheduler, network: Network):
+                 scheduler: Scheduler, network: Network, rests: StepTimeModel | None = None):
         numel = shared.values.numel()
         workers = shared.workers
         self.state, self.scheduler, self.network = shared, scheduler, network
+        self.rests = rests  # --comm-time replay: the recorded rests, in place of the network
         self.comm, self.rank, self.numel = None, rank, numel
         self.consistency, self.poll_interval = consistency, 0.0
         self.num_workers, self.is_worker, self.is_host = workers, True, False
@@ -101,6 +106,10 @@ class LocalStore(ParameterStore):
         self.scheduler.at(k, self.scheduler.now[k])
         return self.scheduler.now[k]
 
+    def _counter_time(self) -> None:
+        if self.rests is None:
+            self.scheduler.now[self.rank] += self.network.store_latency
+
     def _shard_time(self, t: float, s: int, accesses: int, exclusive: bool) -> float:
         """When ``accesses`` to shard ``s`` starting at ``t`` end: after any earlier push's
         exclusive lock on it; an exclusive lock holds the shard until then."""
@@ -116,6 +125,9 @@ class LocalStore(ParameterStore):
         t = self._turn()
         self._fetches = 0
         result = super().push(w_bak, g, ms, v, **hyper)
+        if self.rests is not None:
+            self.scheduler.now[self.rank] = t + self.rests.rest(self.rank)
+            return result
         locked = self.consistency == "locked"
         for s in self.order:  # read and write (or accumulate) each shard
             t = self._shard_time(t, s, 2, exclusive=locked)
@@ -127,9 +139,10 @@ class LocalStore(ParameterStore):
         t = self._turn()
         seen = self.state.counters[0]
         out.copy_(self.state.values.to(out.device))
-        for s in self.order:
-            t = self._shard_time(t, s, 1, exclusive=False)
-        self.scheduler.now[self.rank] = t + self.network.store_latency
+        if self.rests is None:
+            for s in self.order:
+                t = self._shard_time(t, s, 1, exclusive=False)
+            self.scheduler.now[self.rank] = t + self.network.store_latency
         self.bytes_read += 4 * self.numel
         self.mpi_bytes += 4 * self.numel
         self._seen = seen
@@ -138,13 +151,13 @@ class LocalStore(ParameterStore):
     def updates(self) -> int:
         self._turn()
         value = self._fetch_add(0)
-        self.scheduler.now[self.rank] += self.network.store_latency
+        self._counter_time()
         return value
 
     def claim(self) -> int:
         self._turn()
         value = self._fetch_add(1, slot=1)
-        self.scheduler.now[self.rank] += self.network.store_latency
+        self._counter_time()
         return value
 
     def shard_updates(self) -> list[int]:
