@@ -6,6 +6,7 @@
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
+    ... fidelity-async OUT (real asgd/dcasgd-a runs, replayed with and without their rests)
 
 Each run is ``hpctrain.sim.simulate`` with the settings printed in OUT/runs.jsonl (one line
 per run: the study's variables, the final test accuracy, divergence, staleness); the study's
@@ -240,6 +241,124 @@ def fidelity(out: Path) -> None:
     print("\n".join(lines))
 
 
+ASYNC_FIDELITY = [(8, "dcasgd-a --lr 0.025"), (8, "asgd --lr 0.025"), (4, "asgd"),
+                  (4, "dcasgd-a")]
+
+
+def fidelity_async(out: Path, seeds: tuple = (1, 2, 3, 4, 5, 6), reruns: int = 2) -> None:
+    """Real asgd/dcasgd-a runs, each replayed twice: with the network model's communication
+    times (``--comm-time model``) and with the rests the real run recorded (``replay``); and
+    ``reruns`` more real runs of each seed, to see how far real runs of one seed spread."""
+    mpirun = shlex.split(os.environ.get("HPCTRAIN_MPIRUN", "mpirun"))
+    cli = [sys.executable, "-m", "hpctrain.cli"]
+    common = ["--epochs", "1", "--eval-every", "1", "--no-progress"]
+    kinds = ("real", "model", "replay")
+    rows = ["| ranks | run | seed | test acc real / model / replay | staleness mean | p99 | "
+            "max | wall s | the seed's real runs: [min, max] |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    spans = ["| ranks | run | all real runs: median [min, max] (runs) | model: median "
+             "[min, max], inside | replay: median [min, max], inside | inside the seed's real "
+             "runs, model / replay | mean abs. difference to the replayed real run, model / "
+             "replay | the same between two real runs of one seed | standard deviation: all real "
+             "/ model / replay |", "|---|---|---|---|---|---|---|---|---|"]
+    panels: dict = {}  # (ranks, case) -> [(seed, the seed's real runs, model, replay)]
+    for ranks, case in ASYNC_FIDELITY:
+        acc: dict = {k: [] for k in kinds}
+        points = panels.setdefault((ranks, case), [])
+        inside_seed, real_gaps, every_real = {"model": 0, "replay": 0}, [], []
+        for seed in seeds if SEEDS is None else sorted(SEEDS):
+            name = f"{ranks}-{case.replace(' ', '')}-s{seed}"
+            args = [*case.split(), *common, "--seed", str(seed)]
+            real = out / "real" / name
+            train = [*mpirun, "-np", str(ranks), *cli, "train", "--algo", *args, "--out"]
+            _logged(out, name + ".real", [*train, str(real)])
+            for kind in kinds[1:]:
+                _logged(out, f"{name}.{kind}", [
+                    *cli, "simulate", "--workers", str(ranks), "--algo", *args,
+                    "--step-time", f"replay:{real}", "--comm-time", kind,
+                    "--out", str(out / kind / name)])
+            for j in range(2, reruns + 2):
+                _logged(out, f"{name}-r{j}.real", [*train, str(out / "real" / f"{name}-r{j}")])
+            got = {k: _summary(out, name, k) for k in kinds}
+            again = [_summary(out, f"{name}-r{j}", "real") for j in range(2, reruns + 2)]
+            if any(x is None or "failed" in x for x in [*got.values(), *again]):
+                rows.append(f"| {ranks} | {case} | {seed} | "
+                            f"{' / '.join(_outcome(got[k]) for k in kinds)} | - | - | - | - | "
+                            f"{', '.join(_outcome(x) for x in again)} |")
+                continue
+            for k in kinds:
+                acc[k].append(got[k]["final_test_acc"])
+            same = [acc["real"][-1], *(x["final_test_acc"] for x in again)]
+            for k in inside_seed:
+                inside_seed[k] += min(same) <= acc[k][-1] <= max(same)
+            every_real += same
+            points.append((seed, same, acc["model"][-1], acc["replay"][-1]))
+            real_gaps += [abs(a - b) for i, a in enumerate(same) for b in same[i + 1:]]
+            st = [got[k]["staleness"] for k in kinds]
+            walls = " / ".join(f"{got[k]['wall_s']:.1f}" for k in kinds)
+            rows.append(f"| {ranks} | {case} | {seed} | "
+                        f"{' / '.join(f'{acc[k][-1]:.4f}' for k in kinds)} | "
+                        f"{_pair(st, 'mean', '{:.2f}')} | {_pair(st, 'p99', '{:.0f}')} | "
+                        f"{_pair(st, 'max', '{:.0f}')} | {walls} | "
+                        f"[{min(same):.4f}, {max(same):.4f}] |")
+        if not acc["real"]:
+            continue
+        spans.append(f"| {ranks} | {case} | {_span(every_real)} ({len(every_real)}) | "
+                     f"{_against(acc['model'], every_real)} | "
+                     f"{_against(acc['replay'], every_real)} | "
+                     f"{inside_seed['model']} / {inside_seed['replay']} of {len(acc['real'])} | "
+                     f"{_off(acc['model'], acc['real'])} / {_off(acc['replay'], acc['real'])} | "
+                     f"{statistics.mean(real_gaps):.4f} | "
+                     f"{' / '.join(_sd(x) for x in (every_real, acc['model'], acc['replay']))} |")
+    text = "\n".join(rows + [""] + spans) + "\n"
+    (out / "table.md").write_text(text)
+    print(text)
+    _seed_plot(out / "fidelity-async.png", panels)
+
+
+def _seed_plot(path: Path, panels: dict) -> None:
+    """Per case, per seed: the real runs' accuracies and the two replays of the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.2 * len(panels), 3.4), sharey=False)
+    for ax, ((ranks, case), points) in zip(axes, panels.items(), strict=True):
+        for i, (seed, same, model, replay) in enumerate(points):
+            ax.scatter([seed] * len(same), same, color="0.4", s=14,
+                       label="real runs" if i == 0 else None)
+            ax.scatter(seed - 0.15, model, color="C0", marker="x",
+                       label="sim, --comm-time model" if i == 0 else None)
+            ax.scatter(seed + 0.15, replay, color="C1", marker="+", s=60,
+                       label="sim, --comm-time replay" if i == 0 else None)
+        ax.set_title(f"{case}, {ranks} ranks", fontsize=9)
+        ax.set_xlabel("seed")
+    axes[0].set_ylabel("final test accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def _sd(xs: list) -> str:
+    return f"{statistics.stdev(xs):.4f}" if len(xs) > 1 else "-"
+
+
+def _span(xs: list) -> str:
+    return f"{statistics.median(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]"
+
+
+def _against(xs: list, real: list) -> str:
+    """Simulated accuracies' span and how many fall inside the real runs' span."""
+    inside = sum(min(real) <= x <= max(real) for x in xs)
+    return f"{_span(xs)}, {inside} of {len(xs)}"
+
+
+def _off(xs: list, real: list) -> str:
+    """Mean absolute difference between each simulated run and its own real run."""
+    return f"{statistics.mean(abs(a - b) for a, b in zip(xs, real, strict=True)):.4f}"
+
+
 def _pair(staleness: list, key: str, fmt: str) -> str:
     """"real / simulated" of one staleness statistic, or "-" for a synchronous run."""
     return " / ".join(fmt.format(x[key]) for x in staleness) if all(staleness) else "-"
@@ -312,4 +431,5 @@ if __name__ == "__main__":
     study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
     folder.mkdir(parents=True, exist_ok=True)
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "fidelity": fidelity,
+     "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
