@@ -294,3 +294,11 @@ def test_compare_simulate_plans_simulator_runs(tmp_path):
         compare.plan(parse("--algos", "ma", "--latency", "1e-5"))
     with pytest.raises(UsageError, match="want constant:S"):
         compare.plan(parse("--algos", "ma", "--simulate", "4", "--step-time", "constant"))
+    recorded = tmp_path / "real"
+    recorded.mkdir()
+    (recorded / steptimes.FILE).write_text(json.dumps(
+        {"format": steptimes.FORMAT, "workers": [[0.1]], "rest": [[0.2]]}))
+    replay = ("--simulate", "4", "--step-time", f"replay:{recorded}", "--comm-time", "replay")
+    assert len(compare.plan(parse("--algos", "sgd,asgd", *replay))) == 2  # sgd: nothing to replay
+    with pytest.raises(UsageError, match="not --algo ssgd"):  # up front, not as a failed row
+        compare.plan(parse("--algos", "asgd,ssgd", *replay))

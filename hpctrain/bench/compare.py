@@ -36,6 +36,7 @@ from hpctrain.bench import report
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sim import arguments as sim_arguments
+from hpctrain.sim.simulate import check_options as check_simulation
 
 DESCRIPTION = (
     "Time to accuracy of whole training runs, each algorithm against the others and against "
@@ -224,10 +225,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
         np = 1 if algo in SEQUENTIAL else args.workers
         words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
         train_args = ["--algo", algo, *words, "--out", str(Path(args.out) / algo)]
-        arguments.build(train_parser.parse_args(train_args))  # bad values fail here, up front
+        config = arguments.build(train_parser.parse_args(train_args))  # bad values fail here
         if simulate:
             sim_args = ["--workers", str(np), *sim_words]
-            sim_arguments.build(_sim_parser().parse_args(sim_args))
+            sim_config = sim_arguments.build(_sim_parser().parse_args(sim_args))
+            check_simulation(config, sim_config)  # what the simulator refuses, up front too
             command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
             ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
             runs.append(Run(algo, np, command, ignored))

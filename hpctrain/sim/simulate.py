@@ -41,6 +41,17 @@ INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backw
 def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     """Refuse what the simulator cannot run (UsageError, one line); return ``config`` with
     every default resolved and its output folder chosen."""
+    config = check_options(config, sim)
+    k = sim.workers
+    out = config.out or str(Path("runs") / f"{config.algo}-sim{k}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if (Path(out) / "summary.json").exists():
+        raise UsageError(f"--out {out} already holds a finished run; choose another folder")
+    return replace(config, out=out)
+
+
+def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
+    """:func:`check` but the output folder (``bench compare --simulate`` checks every run
+    with it up front); return ``config`` with every default resolved."""
     config = configs.resolve(config)
     algo = config.algorithm_class
     k = sim.workers
@@ -64,15 +75,13 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     if k > n:
         raise UsageError(f"--workers {k} but only {n} training samples in "
                          f"{config.data.dataset}")
-    if sim.comm_time == "replay" and (not issubclass(algo, ASGD) or issubclass(algo, SSP)):
+    replays_pushes = issubclass(algo, ASGD) and not issubclass(algo, SSP)
+    if sim.comm_time == "replay" and not replays_pushes and algo.needs_mpi(config):
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
     algo.check(config, ranks)
     StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
-    out = config.out or str(Path("runs") / f"{config.algo}-sim{k}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (Path(out) / "summary.json").exists():
-        raise UsageError(f"--out {out} already holds a finished run; choose another folder")
-    return replace(config, out=out)
+    return config
 
 
 class Simulation:
