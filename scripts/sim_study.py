@@ -190,6 +190,23 @@ def ecma(out: Path) -> None:
     print("\n".join(lines))
 
 
+CLI = [sys.executable, "-m", "hpctrain.cli"]
+ONE_EPOCH = ["--epochs", "1", "--eval-every", "1", "--no-progress"]  # the fidelity runs'
+
+
+def _train_command(ranks: int, args: list[str], folder: Path) -> list[str]:
+    """A real run on ``ranks`` processes under ``$HPCTRAIN_MPIRUN``."""
+    mpirun = shlex.split(os.environ.get("HPCTRAIN_MPIRUN", "mpirun"))
+    return [*mpirun, "-np", str(ranks), *CLI, "train", "--algo", *args, "--out", str(folder)]
+
+
+def _replay_command(ranks: int, args: list[str], real: Path, folder: Path,
+                    *extra: str) -> list[str]:
+    """A simulation of the same run with the step times ``real`` recorded."""
+    return [*CLI, "simulate", "--workers", str(ranks), "--algo", *args,
+            "--step-time", f"replay:{real}", *extra, "--out", str(folder)]
+
+
 FIDELITY = [  # (ranks, algo and options, seeds): the straggler pair first, on a quiet machine
     (4, "ssgd", [1]), (4, "ssgd --slowdown 0:3", [1]),
     (4, "asgd", [1, 2, 3]), (4, "dcasgd-a", [1, 2, 3]), (4, "ma --tau 20", [1]),
@@ -208,9 +225,6 @@ FIDELITY = [  # (ranks, algo and options, seeds): the straggler pair first, on a
 
 def fidelity(out: Path) -> None:
     """Real runs (1 epoch of LeNet on Fashion-MNIST), each replayed with its own step times."""
-    mpirun = shlex.split(os.environ.get("HPCTRAIN_MPIRUN", "mpirun"))
-    cli = [sys.executable, "-m", "hpctrain.cli"]
-    common = ["--epochs", "1", "--eval-every", "1", "--no-progress"]
     lines = ["| ranks | run | seed | test acc real / sim | same model | staleness mean real / sim"
              " | p99 real / sim | max real / sim | wall s real / sim | ec: member, ensemble acc"
              " real / sim |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -218,14 +232,11 @@ def fidelity(out: Path) -> None:
         for seed in seeds:
             name = f"{ranks}-{case.replace(' ', '').replace(':', '_')}-s{seed}"
             real, simulated = out / "real" / name, out / "sim" / name
-            args = [*case.split(), *common, "--seed", str(seed)]
-            _logged(out, name + ".real", [*mpirun, "-np", str(ranks), *cli, "train",
-                                          "--algo", *args, "--out", str(real)])
+            args = [*case.split(), *ONE_EPOCH, "--seed", str(seed)]
+            _logged(out, name + ".real", _train_command(ranks, args, real))
             # A replayed step already holds the straggler's sleep: no second --slowdown.
             sim_args = [a for a in args if a not in ("--slowdown", "0:3")]
-            _logged(out, name + ".sim", [*cli, "simulate", "--workers", str(ranks), "--algo",
-                                         *sim_args, "--step-time", f"replay:{real}", "--out",
-                                         str(simulated)])
+            _logged(out, name + ".sim", _replay_command(ranks, sim_args, real, simulated))
             r, s = (_summary(out, name, kind) for kind in ("real", "sim"))
             if any(x is None or "failed" in x for x in (r, s)):
                 lines.append(f"| {ranks} | {case} | {seed} | {_outcome(r)} / {_outcome(s)} | "
@@ -249,9 +260,6 @@ def fidelity_async(out: Path, seeds: tuple = (1, 2, 3, 4, 5, 6), reruns: int = 2
     """Real asgd/dcasgd-a runs, each replayed twice: with the network model's communication
     times (``--comm-time model``) and with the rests the real run recorded (``replay``); and
     ``reruns`` more real runs of each seed, to see how far real runs of one seed spread."""
-    mpirun = shlex.split(os.environ.get("HPCTRAIN_MPIRUN", "mpirun"))
-    cli = [sys.executable, "-m", "hpctrain.cli"]
-    common = ["--epochs", "1", "--eval-every", "1", "--no-progress"]
     kinds = ("real", "model", "replay")
     rows = ["| ranks | run | seed | test acc real / model / replay | staleness mean | p99 | "
             "max | wall s | the seed's real runs: [min, max] |",
@@ -268,17 +276,15 @@ def fidelity_async(out: Path, seeds: tuple = (1, 2, 3, 4, 5, 6), reruns: int = 2
         inside_seed, real_gaps, every_real = {"model": 0, "replay": 0}, [], []
         for seed in seeds if SEEDS is None else sorted(SEEDS):
             name = f"{ranks}-{case.replace(' ', '')}-s{seed}"
-            args = [*case.split(), *common, "--seed", str(seed)]
+            args = [*case.split(), *ONE_EPOCH, "--seed", str(seed)]
             real = out / "real" / name
-            train = [*mpirun, "-np", str(ranks), *cli, "train", "--algo", *args, "--out"]
-            _logged(out, name + ".real", [*train, str(real)])
+            _logged(out, name + ".real", _train_command(ranks, args, real))
             for kind in kinds[1:]:
-                _logged(out, f"{name}.{kind}", [
-                    *cli, "simulate", "--workers", str(ranks), "--algo", *args,
-                    "--step-time", f"replay:{real}", "--comm-time", kind,
-                    "--out", str(out / kind / name)])
+                _logged(out, f"{name}.{kind}", _replay_command(ranks, args, real, out / kind / name,
+                                                               "--comm-time", kind))
             for j in range(2, reruns + 2):
-                _logged(out, f"{name}-r{j}.real", [*train, str(out / "real" / f"{name}-r{j}")])
+                _logged(out, f"{name}-r{j}.real",
+                        _train_command(ranks, args, out / "real" / f"{name}-r{j}"))
             got = {k: _summary(out, name, k) for k in kinds}
             again = [_summary(out, f"{name}-r{j}", "real") for j in range(2, reruns + 2)]
             if any(x is None or "failed" in x for x in [*got.values(), *again]):
@@ -303,7 +309,7 @@ def fidelity_async(out: Path, seeds: tuple = (1, 2, 3, 4, 5, 6), reruns: int = 2
                         f"[{min(same):.4f}, {max(same):.4f}] |")
         if not acc["real"]:
             continue
-        spans.append(f"| {ranks} | {case} | {_span(every_real)} ({len(every_real)}) | "
+        spans.append(f"| {ranks} | {case} | {spread(every_real)} ({len(every_real)}) | "
                      f"{_against(acc['model'], every_real)} | "
                      f"{_against(acc['replay'], every_real)} | "
                      f"{inside_seed['model']} / {inside_seed['replay']} of {len(acc['real'])} | "
@@ -344,14 +350,10 @@ def _sd(xs: list) -> str:
     return f"{statistics.stdev(xs):.4f}" if len(xs) > 1 else "-"
 
 
-def _span(xs: list) -> str:
-    return f"{statistics.median(xs):.4f} [{min(xs):.4f}, {max(xs):.4f}]"
-
-
 def _against(xs: list, real: list) -> str:
     """Simulated accuracies' span and how many fall inside the real runs' span."""
     inside = sum(min(real) <= x <= max(real) for x in xs)
-    return f"{_span(xs)}, {inside} of {len(xs)}"
+    return f"{spread(xs)}, {inside} of {len(xs)}"
 
 
 def _off(xs: list, real: list) -> str:
