@@ -125,6 +125,13 @@ def test_collectives_take_cuda_tensors(hvd):
     b = torch.full((3,), float(r), device=dev)
     hvd.broadcast_(b, root_rank=n - 1)
     assert torch.equal(b.cpu(), torch.full((3,), float(n - 1)))
+    if n & (n - 1) == 0:  # Adasum of orthogonal vectors is their sum, of equal ones the one
+        e = torch.zeros(n, device=dev)
+        e[r] = r + 1.0
+        summed = hvd.allreduce(e, op=hvd.Adasum)
+        assert summed.device == dev and summed.cpu().tolist() == [k + 1.0 for k in range(n)]
+        same = hvd.allreduce(torch.full((5,), 2.0, device=dev), op=hvd.Adasum)
+        torch.testing.assert_close(same.cpu(), torch.full((5,), 2.0))
 
 
 @mpi

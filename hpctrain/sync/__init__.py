@@ -6,8 +6,9 @@ runs the same code on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU
 ``init(backend="horovod")`` hands every call to ``horovod.torch``. Every public name of
 horovod.torch 0.28.1 is here, with its arguments and semantics, on every backend; README.md
 has the table of what differs on hpctrain's own backends (mpi, torch): they take CPU and CUDA
-tensors (staged through host memory where the transport cannot move them), have no Adasum,
-and match collectives by call order, raising one error when ranks disagree. Their
+tensors (staged through host memory where the transport cannot move them), reduce
+``op=Adasum`` when the call is made rather than in the background, and match collectives by
+call order, raising one error when ranks disagree. Their
 ``DistributedOptimizer`` also takes ``bucket_bytes`` (fusion bucket size, 25 MiB), and
 ``init`` takes the stall check's times.
 """
@@ -308,6 +309,8 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: Any,
     function that waits and gives the (uncoalesced) sparse sum or average."""
     if _horovod():
         return _active.sparse_allreduce_async(tensor, name, op, **_ps(process_set))
+    if collectives.resolve_op(op) is Adasum:
+        raise UsageError("sparse_allreduce_async: op=Adasum needs dense tensors")
     t = tensor
     indices = allgather_async(t._indices().transpose(0, 1).contiguous(),
                               name=f"{name}.indices", process_set=process_set)

@@ -9,8 +9,9 @@ runs an agreement round on the set, so ranks that call different collectives get
 not a hang, and ranks inside ``join()`` take part. CUDA tensors a transport cannot move where
 they are go through a host copy (:class:`hpctrain.devices.HostStage`). Handles are integers,
 as in Horovod: ``synchronize(handle)`` waits and returns the output, ``poll(handle)`` tests.
-Differences from Horovod: no Adasum; collectives are matched by call order, as in MPI:
-``name`` is checked to agree between ranks, not used to reorder calls.
+Differences from Horovod: collectives are matched by call order, as in MPI: ``name`` is
+checked to agree between ranks, not used to reorder calls; ``op=Adasum`` (adasum.py) is done
+when the call returns its handle, and works on any process set of 2^m ranks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import torch
 from hpctrain import comm as mpicomm
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
-from hpctrain.sync import nbc_tuning, stall, timeline
+from hpctrain.sync import adasum, nbc_tuning, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
@@ -47,8 +48,6 @@ class ReduceOp(IntEnum):
 
 
 Average, Sum, Adasum, Min, Max, Product = ReduceOp
-ADASUM_ERROR = ("op=Adasum is not supported by hpctrain's backends; use op=Average or op=Sum, "
-                "or init(backend='horovod')")
 TRANSPORTS = ("mpi", "torch")
 
 
@@ -212,10 +211,8 @@ def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
     try:
         op = ReduceOp(op)
     except ValueError:
-        raise UsageError(f"unknown reduction op {op!r}; use Average, Sum, Min, Max or Product"
-                         ) from None
-    if op is Adasum:
-        raise UsageError(ADASUM_ERROR)
+        raise UsageError(f"unknown reduction op {op!r}; use Average, Sum, Adasum, Min, Max "
+                         f"or Product") from None
     return op
 
 
@@ -284,29 +281,47 @@ def tensor_call(kind: str, tensor: torch.Tensor, name: str | None, op: Any = Non
                 (shape if agree_shape is None else agree_shape, extra), join_plan, extra)
 
 
-def allreduce_plan(moved: list[torch.Tensor], op: ReduceOp) -> tuple:
+def allreduce_plan(moved: list[torch.Tensor], op: ReduceOp,
+                   counts: list[list[int]] | None = None) -> tuple:
     """What a joined rank does for an allreduce of the buffers ``moved`` (as the transport
-    gets them): one of zeros each, of the same dtype, size and device type."""
-    return ("allreduce", int(wire_op(op)),
-            [(str(t.dtype), t.numel(), t.device.type) for t in moved])
+    gets them): one of zeros each, of the same dtype, size and device type; for Adasum, fused
+    from tensors of ``counts`` elements (one list a buffer; default: one tensor each)."""
+    parts = [(str(t.dtype), t.numel(), t.device.type) for t in moved]
+    if op is Adasum:
+        counts = [[t.numel()] for t in moved] if counts is None else counts
+        return ("adasum", [(*p, c) for p, c in zip(parts, counts, strict=True)])
+    return ("allreduce", int(wire_op(op)), parts)
+
+
+def check_op(op: ReduceOp, tensor: torch.Tensor, m: psets.Member, caller: str) -> None:
+    """UsageError (on every rank alike) for a reduction ``m``'s ranks cannot do."""
+    if op is Adasum:
+        adasum.check(m.transport.size(), tensor.dtype, caller)
 
 
 def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: ReduceOp,
                      prescale: float, postscale: float, caller: str, name: str | None,
-                     process_set: ProcessSet | None) -> int:
-    """Start reducing ``send`` into ``output`` (in place on ``output`` when ``send`` is None)."""
+                     process_set: ProcessSet | None, counts: list[int] | None = None) -> int:
+    """Start reducing ``send`` into ``output`` (in place on ``output`` when ``send`` is None).
+    ``counts``: for Adasum, the sizes of the tensors packed in 1-d ``output``."""
     m = member(process_set, caller)
+    check_op(op, output, m, caller)
+    counts = [output.numel()] if counts is None else counts
     moved = stage(output.detach(), m)
     call = tensor_call("allreduce", output, name, op,
-                       join_plan=allreduce_plan([moved.buffer], op))
+                       join_plan=allreduce_plan([moved.buffer], op, [counts]))
     m.channel.agree(call)
     post = postscale / m.transport.size() if op is Average else postscale
-    if send is not None and moved.staged:  # reduce the host copy in place
+    if send is not None and (moved.staged or op is Adasum):  # reduce a copy in place
         output.detach().copy_(send)
         send = None
     if send is None:
         scale_(output.detach(), prescale)
-    request = m.transport.iallreduce(send, moved.to_host(), wire_op(op))
+    if op is Adasum:  # blocking: the handle is finished when it is made
+        adasum.adasum_(moved.to_host().view(-1), counts, m.transport)
+        request: Request | list[Request] = []
+    else:
+        request = m.transport.iallreduce(send, moved.to_host(), wire_op(op))
 
     def finish() -> torch.Tensor:
         moved.to_device()
@@ -330,6 +345,14 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
     return _start_allreduce(None, src.clone(memory_format=torch.contiguous_format), op,
                             prescale_factor, postscale_factor, "allreduce_async", name,
                             process_set)
+
+
+def fused_adasum_(buffer: torch.Tensor, counts: list[int], name: str,
+                  process_set: ProcessSet = global_process_set) -> torch.Tensor:
+    """Adasum of 1-d ``buffer``, packed from tensors of ``counts`` elements (each with its own
+    coefficients), in place: the Adasum optimizer's changes, packed already."""
+    return synchronize(_start_allreduce(None, buffer, Adasum, 1.0, 1.0, "DistributedOptimizer",
+                                        name, process_set, counts))
 
 
 def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,

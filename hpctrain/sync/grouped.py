@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from hpctrain.errors import UsageError
+from hpctrain.sync import adasum
 from hpctrain.sync import collectives as C
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression
@@ -55,11 +56,14 @@ def _grouped_allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Te
                              name: str | None, op: Any, prescale: float, postscale: float,
                              process_set: ProcessSet | None, caller: str) -> int:
     m = C.member(process_set, caller)
+    for t in tensors:
+        C.check_op(op, t, m, caller)
     groups = _by_dtype(tensors)
     buffers = {d: torch.cat([tensors[i].detach().reshape(-1) for i in idx])
                for d, idx in groups.items()}
     stages = {d: C.stage(b, m) for d, b in buffers.items()}
-    plan = C.allreduce_plan([s.buffer for s in stages.values()], op)
+    counts = {d: [tensors[i].numel() for i in idx] for d, idx in groups.items()}
+    plan = C.allreduce_plan([s.buffer for s in stages.values()], op, list(counts.values()))
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
     call = _group_call(caller.removesuffix("_async_").removesuffix("_async"), tensors, name,
                        op, agree, plan)
@@ -68,7 +72,10 @@ def _grouped_allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Te
     requests = []
     for d, buffer in buffers.items():
         C.scale_(buffer, prescale)
-        requests.append(m.transport.iallreduce(None, stages[d].to_host(), C.wire_op(op)))
+        if op is C.Adasum:  # each tensor with its own coefficients; done before the handle
+            adasum.adasum_(stages[d].to_host(), counts[d], m.transport)
+        else:
+            requests.append(m.transport.iallreduce(None, stages[d].to_host(), C.wire_op(op)))
 
     def finish() -> tuple:
         for d, idx in groups.items():
@@ -230,6 +237,8 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
     if any(t.dim() == 0 for t in tensors):
         raise UsageError(f"{caller}: needs tensors with at least one dimension")
     op = C.resolve_op(op)
+    if op is C.Adasum:
+        raise UsageError(f"{caller}: op=Adasum is an allreduce only (as in Horovod)")
     m = C.member(process_set, caller)
     n, me = m.transport.size(), m.transport.rank()
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)

@@ -6,7 +6,8 @@ agreement round (collective_check) of the global process set as "joined": when t
 ranks run an allreduce (plain, grouped, or a ``DistributedOptimizer`` step) it contributes
 zeros to the same operations of the transport (on the device type the active ranks' buffers
 are moved from), so the sum is the active ranks' and Average still divides by
-the full size, as Horovod 0.28.1 does; other collectives (allgather, broadcast, alltoall,
+the full size, as Horovod 0.28.1 does (Adasum combines a zero vector with its tree
+neighbour into that neighbour unchanged); other collectives (allgather, broadcast, alltoall,
 reducescatter) raise ``HorovodInternalError`` on the active ranks while a rank has joined,
 as in Horovod. When every rank has joined, all return the rank that joined last.
 """
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 
 from hpctrain.errors import UsageError
-from hpctrain.sync import buckets
+from hpctrain.sync import adasum, buckets
 from hpctrain.sync import collectives as C
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import enabled
@@ -59,10 +60,18 @@ def _take_part(plan: Any, transport: Transport) -> list[tuple[torch.Tensor, Requ
         _, op, parts = plan
         posted = []
         for dtype_name, numel, device in parts:
-            zeros = torch.zeros(numel, dtype=getattr(torch, dtype_name.removeprefix("torch.")),
-                                device=device)
+            zeros = torch.zeros(numel, dtype=_dtype(dtype_name), device=device)
             posted.append((zeros, transport.iallreduce(None, zeros, op)))
         return posted
+    if kind == "adasum":  # blocking, as on the active ranks; zeros leave their sum as it is
+        for dtype_name, numel, device, counts in plan[1]:
+            adasum.adasum_(torch.zeros(numel, dtype=_dtype(dtype_name), device=device), counts,
+                           transport)
+        return []
     if kind == "step":
         return buckets.take_part_with_zeros(plan[1])
     raise AssertionError(f"unknown join plan {plan!r}")
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name.removeprefix("torch."))

@@ -4,10 +4,13 @@ As in Horovod, the result is an instance of a class made on the fly as a subclas
 user's optimizer class, built on the same parameter groups: ``isinstance``, ``state_dict`` and
 LR schedulers work as before. Gradients are allreduced during backward (see buckets.py);
 ``step()`` waits for them first, unless inside ``skip_synchronize()`` after ``synchronize()``.
+With ``op=Adasum`` it is Horovod's other wrapper: each rank steps on its own gradients and
+the parameters' changes are combined (:class:`_AdasumOptimizer`).
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -17,10 +20,10 @@ from typing import Any
 import torch
 
 from hpctrain.errors import UsageError
-from hpctrain.sync import collectives
+from hpctrain.sync import adasum, collectives
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce
 from hpctrain.sync.collective_check import Call
-from hpctrain.sync.collectives import Average, Sum
+from hpctrain.sync.collectives import Adasum, Average, Sum
 from hpctrain.sync.compression import Compression
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
@@ -45,8 +48,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         warnings.warn("num_groups is deprecated (as in Horovod); use groups", stacklevel=2)
         groups = num_groups if groups is None else groups
     op = collectives.resolve_op(op)
-    if op not in (Average, Sum):
-        raise UsageError(f"DistributedOptimizer: op must be Average or Sum, got {op.name}")
+    if op not in (Average, Sum, Adasum):
+        raise UsageError(f"DistributedOptimizer: op must be Average, Sum or Adasum, got "
+                         f"{op.name}")
     _check_passes(backward_passes_per_step)
     factor = gradient_predivide_factor
     if not isinstance(factor, (int, float)) or factor <= 0:
@@ -60,6 +64,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
     names = parameter_names(optimizer, named_parameters)
     trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    if op is Adasum:
+        if process_set.included():
+            size = collectives.member(process_set, "DistributedOptimizer").transport.size()
+            for p in trained:
+                adasum.check(size, p.dtype, "DistributedOptimizer")
+        cls = type(optimizer.__class__.__name__, (_AdasumOptimizer, optimizer.__class__), {})
+        return cls(optimizer.param_groups, names, compression, backward_passes_per_step,
+                   process_set)
     group_indices = _group_indices(groups, trained)
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     return cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
@@ -216,3 +228,89 @@ class _DistributedOptimizer:
         self._synchronized = False
         self._should_synchronize = True
         super().load_state_dict(state_dict)
+
+
+class _AdasumOptimizer:
+    """Mixed in before the user's optimizer class for ``op=Adasum``, as Horovod's
+    ``_DistributedAdasumOptimizer``: every rank steps on its own gradients and the changes of
+    the parameters, not the gradients, are combined by Adasum (for plain SGD these are -lr·g;
+    with momentum or Adam they are the update Adasum's argument is about). One fused Adasum
+    per dtype at ``step()``, each parameter with its own coefficients; nothing moves during
+    backward."""
+
+    def __init__(self, params: list[dict], names: dict[torch.Tensor, str], compression: Any,
+                 backward_passes_per_step: int, process_set: ProcessSet = global_process_set):
+        super().__init__(params)
+        self._parameter_names = names
+        self._compression = compression
+        self.op = Adasum
+        self.backward_passes_per_step = backward_passes_per_step
+        self.process_set = process_set
+        member = (collectives.member(process_set, "DistributedOptimizer")
+                  if process_set.included() else None)
+        self._packs: list[_Packed] | None = None  # made at the first step that reduces
+        self._reduces = member is not None and member.transport.size() > 1
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        _check_passes(passes)  # the update is reduced at step(), after however many passes
+        self.backward_passes_per_step = passes
+
+    def synchronize(self) -> None:
+        """Nothing to wait for: the update is reduced inside ``step()`` (as in Horovod)."""
+
+    def skip_synchronize(self) -> Iterator[None]:
+        raise UsageError("skip_synchronize() does not apply to op=Adasum: the update, not the "
+                         "gradient, is reduced inside step() (as in Horovod)")
+
+    def step(self, closure=None):
+        if not self._reduces:
+            return super().step(closure)
+        if self._packs is None:
+            trained = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            kinds: dict[tuple, list[torch.Tensor]] = {}
+            for p in trained:
+                kinds.setdefault((p.dtype, p.device), []).append(p)
+            self._packs = [_Packed(ps) for ps in kinds.values()]
+        with torch.no_grad():
+            for pack in self._packs:
+                pack.save()
+        loss = super().step(closure)
+        with torch.no_grad():
+            for pack in self._packs:
+                pack.measure()
+                wire, ctx = self._compression.compress(pack.change)
+                collectives.fused_adasum_(wire, pack.counts, "adasum.update", self.process_set)
+                if wire is not pack.change:
+                    pack.change.copy_(self._compression.decompress(wire, ctx))
+                pack.apply()
+        return loss
+
+
+class _Packed:
+    """Parameters of one dtype and device and two flat buffers, kept from step to step: the
+    values a step started from and the change it made (Adasum reduces that buffer in place)."""
+
+    def __init__(self, params: list[torch.Tensor]):
+        self.params = params
+        self.counts = [p.numel() for p in params]
+        self.start = params[0].new_empty(sum(self.counts))
+        self.change = torch.empty_like(self.start)
+        bounds = [0, *itertools.accumulate(self.counts)]
+        self._slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        return [flat[s].view_as(p) for s, p in zip(self._slices, self.params, strict=True)]
+
+    def save(self) -> None:
+        for view, p in zip(self._views(self.start), self.params, strict=True):
+            view.copy_(p)
+
+    def measure(self) -> None:
+        for view, p, s in zip(self._views(self.change), self.params, self._views(self.start),
+                              strict=True):
+            torch.sub(p, s, out=view)
+
+    def apply(self) -> None:
+        for p, s, c in zip(self.params, self._views(self.start), self._views(self.change),
+                           strict=True):
+            torch.add(s, c, out=p)

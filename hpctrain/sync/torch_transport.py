@@ -93,6 +93,20 @@ class _Work:
         return self._work.is_completed()
 
 
+class _Works:
+    __slots__ = ("_works",)
+
+    def __init__(self, works: list):
+        self._works = works
+
+    def wait(self) -> None:
+        for work in self._works:
+            work.wait()
+
+    def test(self) -> bool:
+        return all([work.is_completed() for work in self._works])
+
+
 class TorchTransport:
     """torch.distributed collectives on ``group`` (None: the default group)."""
 
@@ -151,6 +165,12 @@ class TorchTransport:
         return _Work(dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
                                             input_split_sizes=send_rows, group=self.group,
                                             async_op=True))
+
+    def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
+        peer = self._global(peer)
+        ops = [dist.P2POp(f, t, peer, self.group) for f, t in ((dist.isend, send),
+                                                                (dist.irecv, out)) if t.numel()]
+        return _Works(dist.batch_isend_irecv(ops) if ops else [])
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:

@@ -27,6 +27,7 @@ SUM, MIN, MAX, PRODUCT = 1, 3, 4, 5
 _MPI_OPS = {SUM: "SUM", MIN: "MIN", MAX: "MAX", PRODUCT: "PROD"}
 _TORCH_OPS = {SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: torch.mul}
 HALF_TYPES = (torch.float16, torch.bfloat16)
+_SENDRECV_TAG = 7  # isendrecv's messages; nothing else sends point to point on a transport
 
 
 class Request(Protocol):
@@ -62,6 +63,10 @@ class Transport(Protocol):
                   recv_rows: list[int]) -> Request:
         """Send ``send_rows[r]`` rows of ``send`` (dimension 0, in order) to rank r; receive
         ``recv_rows[r]`` rows from rank r into ``out``, in rank order."""
+
+    def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
+        """Send contiguous ``send`` to rank ``peer`` and receive its into contiguous ``out``
+        (either may be empty; the peer's sizes mirror these)."""
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
@@ -104,6 +109,19 @@ class _MPIRequest:
 
     def test(self) -> bool:
         return self._request.Test()
+
+
+class _MPIRequests:
+    __slots__ = ("_requests",)
+
+    def __init__(self, requests: list):
+        self._requests = requests
+
+    def wait(self) -> None:
+        mpicomm.mpi().Request.Waitall(self._requests)
+
+    def test(self) -> bool:
+        return mpicomm.mpi().Request.Testall(self._requests)
 
 
 class MPITransport:
@@ -166,6 +184,10 @@ class MPITransport:
         recvs = [r * row_bytes for r in recv_rows]
         return _MPIRequest(self.comm.Ialltoallv([_bytes(send), sends, _displs(sends), MPI.BYTE],
                                                 [_bytes(out), recvs, _displs(recvs), MPI.BYTE]))
+
+    def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
+        return _MPIRequests([self.comm.Irecv(_bytes(out), source=peer, tag=_SENDRECV_TAG),
+                             self.comm.Isend(_bytes(send), dest=peer, tag=_SENDRECV_TAG)])
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
