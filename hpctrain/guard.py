@@ -15,6 +15,10 @@ silently changes. Which worker was bad is recorded by a hook on each parameter t
 rank's own gradient during backward, before it is handed to the allreduce; it is read only when
 a step is skipped. Counts per worker are gathered once, for the summary (or for the stop
 message).
+
+Synchronous SGD with Adasum (``agree``): the gradients stay local (each rank steps, and the
+changes are combined in the step), so the verdict is agreed in one small allgather per step:
+every rank skips when any rank's gradient was bad, as above.
 """
 
 from __future__ import annotations
@@ -38,15 +42,17 @@ class GradientGuard:
     """Decides, after the gradient is complete (reduced, for ssgd), whether a step may be taken.
 
     ``check(update)`` returns False for a step to skip and raises TooManyBadSteps after
-    ``max_bad_steps`` skipped in a row (with ``reduced``, on rank 0 only: the other ranks wait
-    for its abort, so the job ends with one line).
+    ``max_bad_steps`` skipped in a row (with ``reduced`` or ``agree``, on rank 0 only: the
+    other ranks wait for its abort, so the job ends with one line).
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], max_bad_steps: int, comm=None,
-                 reduced: bool = False):
+                 reduced: bool = False, agree: bool = False):
         self.params = [p for p in params if p.requires_grad]
         self.max_bad_steps, self.comm = max_bad_steps, comm
         self.reduced = reduced and comm is not None
+        self.agree = agree and comm is not None
+        self.together = self.reduced or self.agree  # every rank skips the same steps
         self.skipped = self.consecutive = self.bad_here = 0
         self._local: list[torch.Tensor] = []
         if self.reduced:
@@ -59,20 +65,26 @@ class GradientGuard:
     def check(self, update: int) -> bool:
         """True if the gradients in ``.grad`` are finite and the step may be applied."""
         local, self._local = self._local, []
-        if all_finite(p.grad for p in self.params if p.grad is not None):
+        finite = all_finite(p.grad for p in self.params if p.grad is not None)
+        mine_bad = not finite  # unless reduced: then the hooks saw this rank's own
+        if self.agree:
+            finite = all(self.comm.allgather(finite))
+        if finite:
             self.consecutive = 0
             return True
         self.skipped += 1
         self.consecutive += 1
-        if not self.reduced or not all(bool(f) for f in local):
+        if self.reduced:
+            mine_bad = not all(bool(f) for f in local)
+        if mine_bad:
             self.bad_here += 1
         if self.consecutive >= self.max_bad_steps:
             self._stop(update)
         return False
 
     def _stop(self, update: int) -> None:
-        per_worker = self.per_worker() if self.reduced else None
-        if self.reduced and self.comm.Get_rank() != 0:
+        per_worker = self.per_worker() if self.together else None
+        if self.together and self.comm.Get_rank() != 0:
             self.comm.Barrier()  # never completes: rank 0 raises and its abort ends the job
         first = update - self.consecutive + 1
         counts = f" (per worker: {per_worker})" if per_worker is not None else ""
@@ -89,7 +101,7 @@ class GradientGuard:
         """For summary.json (collective with ``comm``): steps skipped (summed over workers
         when each skips its own), bad gradients per worker."""
         per_worker = self.per_worker()
-        return {"skipped_steps": self.skipped if self.reduced else sum(per_worker),
+        return {"skipped_steps": self.skipped if self.together else sum(per_worker),
                 "bad_gradients_per_worker": per_worker, "max_bad_steps": self.max_bad_steps}
 
     def state_dict(self) -> dict:

@@ -95,11 +95,13 @@ def test_sgd_drops_nan_and_inf_gradients(tmp_path):
 
 
 @pytest.mark.timeout(180)
-def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path):
+@pytest.mark.parametrize("reduce_op", ["average", "adasum"])
+def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path, reduce_op):
     """Rank 1's gradient is NaN at two steps and rank 2's is Inf at one: those three steps are
-    skipped on every rank (the replicas stay identical and finite), counted per worker."""
-    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--out",
-                    str(tmp_path)], np=4,
+    skipped on every rank (the replicas stay identical and finite), counted per worker. With
+    Adasum the gradients are never reduced: the ranks agree on the verdict."""
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--reduce-op",
+                    reduce_op, "--out", str(tmp_path)], np=4,
                    env={"HPCTRAIN_INJECT": "nan@1:2,nan@1:9,inf@2:9,inf@2:17"})
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())

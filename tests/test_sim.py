@@ -186,6 +186,9 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
     with pytest.raises(UsageError, match="checkpoints"):
         from hpctrain.config import CheckpointConfig
         simulate(config("ma", tmp_path / "d", checkpoint=CheckpointConfig(every="1e")), sim(2))
+    with pytest.raises(UsageError, match="--reduce-op adasum is not simulated"):
+        simulate(config("ssgd", tmp_path / "f", algorithm=algorithm_options("ssgd")(
+            reduce_op="adasum")), sim(4))
     recorded = tmp_path / steptimes.FILE
     recorded.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.1]],
                                     "rest": [[0.2]]}))
@@ -193,7 +196,7 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
         with pytest.raises(UsageError, match=f"not --algo {algo}"):
             simulate(config(algo, tmp_path / "e"),
                      sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
-    assert not any((tmp_path / d).exists() for d in "abcde")
+    assert not any((tmp_path / d).exists() for d in "abcdef")
 
 
 def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):

@@ -1,7 +1,8 @@
 """``sgd`` (one process) and ``ssgd`` (synchronous SGD through the Horovod-shaped API).
 
 ssgd is what a Horovod user writes: the model broadcast from rank 0 and the optimizer wrapped
-in ``DistributedOptimizer``, which allreduces gradients while backward runs. The data order is
+in ``DistributedOptimizer``, which allreduces gradients while backward runs (or, with
+``--reduce-op adasum``, combines each rank's update by Adasum in the step). The data order is
 the shuffle package's, so ssgd on K ranks with batch b sees, step by step, the same samples as
 sgd with batch K*b.
 """
@@ -43,6 +44,10 @@ class SynchronousOptions(Options):
                                "torch.distributed one (NCCL/gloo) or Horovod",
                                choices=hvd.BACKENDS)
     fp16_allreduce: bool = option(False, "compress gradients to float16 on the wire")
+    reduce_op: str = option("average", "how the workers' steps combine: average the "
+                            "gradients, or adasum (Horovod's op=Adasum: each worker steps on its "
+                            "own gradient and the changes are combined; 2^m workers)",
+                            choices=("average", "adasum"))
 
 
 class Synchronous(Algorithm):
@@ -70,10 +75,19 @@ class Synchronous(Algorithm):
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
             raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
+        if config.algorithm.reduce_op == "adasum" and ranks & (ranks - 1):
+            raise UsageError(f"--reduce-op adasum needs a power-of-2 number of workers, got "
+                             f"{ranks}")
+
+    @property
+    def adasum(self) -> bool:
+        return self.options.reduce_op == "adasum"
 
     def label(self) -> str:
         o = self.options
-        return f"ssgd ({o.sync_backend} backend{', fp16 allreduce' if o.fp16_allreduce else ''})"
+        extras = [x for x, on in (("fp16 allreduce", o.fp16_allreduce), ("adasum", self.adasum))
+                  if on]
+        return f"ssgd ({', '.join([f'{o.sync_backend} backend', *extras])})"
 
     def connect(self, world, model):
         hvd.init(world, backend=self.options.sync_backend)  # the training ranks only
@@ -85,17 +99,27 @@ class Synchronous(Algorithm):
         compression = hvd.Compression.fp16 if self.options.fp16_allreduce \
             else hvd.Compression.none
         self.optimizer = hvd.DistributedOptimizer(
-            self.optimizer, named_parameters=s.model.named_parameters(), compression=compression)
+            self.optimizer, named_parameters=s.model.named_parameters(), compression=compression,
+            op=hvd.Adasum if self.adasum else hvd.Average)
 
     def guard(self, s: Setup) -> GradientGuard:
         # The allreduced gradient is the same everywhere: all ranks skip a bad step together.
+        # Adasum's gradients stay local: the ranks agree on the verdict instead.
         return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm,
-                             reduced=True)
+                             reduced=not self.adasum, agree=self.adasum)
+
+    def checkpoint_state(self) -> tuple[dict, dict]:
+        if self.adasum:  # each worker's optimizer state (momentum, Adam) follows its gradients
+            return {"model": self.model}, {"optimizer": self.optimizer}
+        return super().checkpoint_state()
 
     def synchronize(self) -> None:
         self.optimizer.synchronize()
 
     def apply(self) -> None:
+        if self.adasum:  # the update is reduced inside step()
+            self.optimizer.step()
+            return
         with self.optimizer.skip_synchronize():  # synchronize() already waited
             self.optimizer.step()
 
