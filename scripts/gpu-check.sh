@@ -100,7 +100,7 @@ DEVICES=("$DEVICE")
 [ "$DEVICE" = cpu ] || DEVICES+=(cpu)
 for dev in "${DEVICES[@]}"; do
   step "bench-allreduce-$dev" 240 "${MPIRUN[@]}" -np 2 "${HP[@]}" bench allreduce --device "$dev" \
-    --params "$PARAMS" --repeats 20 --torch --no-horovod --json "$OUT/allreduce-$dev.json"
+    --params "$PARAMS" --repeats 20 --torch --adasum --no-horovod --json "$OUT/allreduce-$dev.json"
 done
 
 # --- every algorithm, one epoch of LeNet on Fashion-MNIST, on the GPU and on the CPU at once
@@ -113,7 +113,8 @@ train() {  # train DEVICE NAME RANKS ARGS... (in the background: its own log, a 
     || touch "$RUNS_DIR/$name-$dev.failed"
 }
 RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
-      "ssgd-torch 2 --algo ssgd --sync-backend torch" "ma 2 --algo ma --tau-epochs 0.25"
+      "ssgd-torch 2 --algo ssgd --sync-backend torch" "ssgd-adasum 2 --algo ssgd --reduce-op adasum"
+      "ma 2 --algo ma --tau-epochs 0.25"
       "ec 2 --algo ec --tau-epochs 0.25"
       "asgd 2 --algo asgd" "dcasgd-c 2 --algo dcasgd-c" "dcasgd-a 2 --algo dcasgd-a"
       "ssp 2 --algo ssp")

@@ -94,7 +94,8 @@ def test_kernel_on_cuda_without_a_device_is_a_usage_error(tmp_path):
 @pytest.mark.parametrize("np, argv, key", [
     (0, ["kernel", "--elements", "1000", "--threads", "1", "--repeats", "1"], "rows"),
     (2, ["store", "--params", "1000", "--seconds", "0.1", "--consistency", "locked"], "rows"),
-    (2, ["allreduce", "--params", "100", "--warmup", "0", "--repeats", "1", "--no-horovod"],
+    (2, ["allreduce", "--params", "100", "--warmup", "0", "--repeats", "1", "--no-horovod",
+         "--adasum"],
      "models"),
     (2, ["shuffle", "--dataset", "synthetic", "--epochs", "1"], "ratio"),
 ])

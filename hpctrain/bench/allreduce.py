@@ -10,7 +10,9 @@ own: its background thread polls MPI and would slow the others); and the baselin
 in-place ``Allreduce`` of a flat float32 buffer of the same bytes, alone after a barrier, and
 after the backward (so that it waits for the slowest rank like a step does). ``--torch`` adds
 the torch backend (torch.distributed: gloo on CPU, NCCL for CUDA tensors where each rank has
-a GPU of its own). ``--device cuda`` puts the models and batches on the GPU (the baselines'
+a GPU of its own). ``--adasum`` adds ``DistributedOptimizer(op=Adasum)``, the mpi backend's and
+Horovod's, whose exchange is ``step()``: the local step and the Adasum of the parameters'
+changes. ``--device cuda`` puts the models and batches on the GPU (the baselines'
 buffers stay in host memory: what MPI itself moves); run it with ``--device cpu`` in the same
 allocation for the GPU-against-CPU comparison.
 """
@@ -28,7 +30,7 @@ import torch
 from torch import nn
 
 import hpctrain.sync as sync
-from hpctrain import comm, devices, options
+from hpctrain import comm, devices, launch_env, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sync import collectives, horovod_backend, nbc_tuning
@@ -45,6 +47,7 @@ RAW, RAW_AFTER = "raw Allreduce", "raw Allreduce after backward"
 MPI_BACKEND, MPI_DEFAULT = "mpi backend", "mpi backend, Open MPI default Iallreduce"
 HOROVOD = "horovod"
 TORCH_BACKEND = "torch backend"
+MPI_ADASUM, HOROVOD_ADASUM = "mpi backend, Adasum", "horovod, Adasum"
 _LAYERS = 4
 
 
@@ -68,6 +71,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--no-horovod", action="store_true", help="leave Horovod out")
     parser.add_argument("--torch", action="store_true",
                         help="also measure the torch backend (torch.distributed)")
+    parser.add_argument("--adasum", action="store_true",
+                        help="also measure DistributedOptimizer(op=Adasum), the mpi backend's "
+                        "and Horovod's (its step() is the exchange)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where models and gradients live (cuda: GPU local rank mod GPUs)")
     parser.add_argument("--json", default=None, metavar="FILE",
@@ -76,9 +82,12 @@ def add_arguments(parser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Before MPI starts: a GPU must be there for --device cuda."""
+    """Before MPI starts: a GPU must be there for --device cuda; Adasum needs 2^m ranks."""
     if args.device == "cuda":
         devices.check("cuda")
+    seat = launch_env.from_launcher()
+    if args.adasum and seat is not None and seat.size & (seat.size - 1):
+        raise UsageError(f"--adasum needs a power-of-2 number of ranks, got {seat.size}")
 
 
 def _width(params: int) -> int:
@@ -99,7 +108,7 @@ class _Variant:
     """Backward, then ``exchange()`` (if any), timed from the barrier before backward."""
 
     def __init__(self, name: str, params: int, wrap=None, exchange=None,
-                 device: str = "cpu"):
+                 device: str = "cpu", adasum: bool = False):
         self.name = name
         self.model = mlp(params).to(device)
         self._cuda = device != "cpu"
@@ -107,7 +116,9 @@ class _Variant:
         if wrap is not None:
             self.optimizer = wrap(torch.optim.SGD(self.model.parameters(), lr=0.0),
                                   self.model.named_parameters())
-            exchange = self.optimizer.synchronize
+            # Adasum reduces the update inside step() (lr 0: the changes are zeros, which
+            # cost what any values do); the others' synchronize() waits for the gradients.
+            exchange = self.optimizer.step if adasum else self.optimizer.synchronize
         self.exchange = exchange
         self.seconds: list[float] = []  # backward + exchange
         self.waits: list[float] = []  # exchange alone
@@ -167,7 +178,8 @@ def _phase(world, params: int, args: argparse.Namespace, phase: str,
         medians[v.name] = statistics.median(t - b for t, b in
                                             zip(v.seconds, base.seconds, strict=True))
         if v.optimizer is not None:
-            medians[f"{v.name}: synchronize() alone"] = statistics.median(v.waits)
+            call = "step()" if v.exchange == v.optimizer.step else "synchronize()"
+            medians[f"{v.name}: {call} alone"] = statistics.median(v.waits)
     return medians
 
 
@@ -185,6 +197,10 @@ def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str) -> tu
                                   [_Variant(MPI_DEFAULT, params, wrap, device=args.device)]))
         finally:
             nbc_tuning.set_iallreduce_algorithm(tuned)
+    if args.adasum:
+        medians.update(_phase(world, params, args, "Adasum", [_Variant(
+            MPI_ADASUM, params, lambda opt, named: sync.DistributedOptimizer(
+                opt, named, op=sync.Adasum), device=args.device, adasum=True)]))
     return medians, len(mpi.optimizer.bucket_sizes)
 
 
@@ -193,7 +209,8 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
     ms = {k: 1e3 * statistics.fmean(r[k] for r in per_rank) for k in medians}
     width = _width(params)
     n_params = _LAYERS * (width * width + width)
-    compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, TORCH_BACKEND, HOROVOD) if k in ms]
+    compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, TORCH_BACKEND, HOROVOD, MPI_ADASUM,
+                            HOROVOD_ADASUM) if k in ms]
     return {"params": n_params, "bytes": 4 * n_params, "width": width, "buckets": buckets,
             "ms": ms,
             "ratio_to_raw": {k: ms[k] / ms[RAW] for k in compared},
@@ -238,6 +255,11 @@ def run(args: argparse.Namespace) -> dict:
                                        hvd.DistributedOptimizer(opt, named_parameters=named),
                                        device=args.device)
                     medians.update(_phase(world, p, args, "horovod", [variant]))
+                    if args.adasum:
+                        medians.update(_phase(world, p, args, "horovod Adasum", [_Variant(
+                            HOROVOD_ADASUM, p, lambda opt, named: hvd.DistributedOptimizer(
+                                opt, named_parameters=named, op=hvd.Adasum),
+                            device=args.device, adasum=True)]))
             finally:
                 hvd.shutdown()
     rows = [_row(world, p, m, b) for p, (m, b) in zip(sizes, measured, strict=True)]
