@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 import hpctrain.sync as sync
 from hpctrain.errors import UsageError
-from hpctrain.sync.adasum import coefficients, pieces, plan
+from hpctrain.sync.adasum import coefficients, pieces, plan, tree
 from hpctrain.sync.transport import MPITransport
 
 # ---------------------------------------------------------------- reference (Horovod's tests)
@@ -69,6 +69,18 @@ def test_pieces_clip_fused_tensors_and_coefficients_match_the_formula():
     assert coefficients(0.0, 4.0, 9.0) == (1.0, 1.0)  # orthogonal: the sum
     assert coefficients(4.0, 4.0, 4.0) == (0.5, 0.5)  # equal: the average
     assert coefficients(0.0, 0.0, 1.0) == (1.0, 1.0)  # a zero vector changes nothing
+
+
+def test_tree_in_one_process_is_the_reference_per_tensor():
+    counts = [5, 1, 7]
+    vectors = [_tensor(k, (13,)) for k in range(4)]
+    got = tree(vectors, counts)
+    offset = 0
+    for c in counts:
+        parts = [v[offset:offset + c].numpy() for v in vectors]
+        torch.testing.assert_close(got[offset:offset + c], torch.from_numpy(_tree(parts)))
+        offset += c
+    assert tree(vectors[:1], counts) is not vectors[0]
 
 
 def test_ssgd_reduce_op_adasum_is_refused_on_3_workers_before_mpi():

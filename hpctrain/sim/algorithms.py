@@ -12,7 +12,9 @@ it is connected (:func:`simulated`):
   replaces ``DistributedOptimizer``'s bucketed allreduce with one allreduce of the flat
   gradient through the local communicator, scaled as the mpi backend scales it
   (:func:`hpctrain.sync.buckets.scale_factors`: 1/K before the sum, summed as
-  :class:`hpctrain.sim.comm.LocalComm` sums).
+  :class:`hpctrain.sim.comm.LocalComm` sums). With ``--reduce-op adasum`` each virtual worker
+  steps on its own gradient and the changes are combined by ``LocalComm.Adasum``
+  (:func:`hpctrain.sync.adasum.tree`), as ``DistributedOptimizer(op=Adasum)`` does.
 - ma, ec: the real aggregators on the local communicator, unchanged; only their statistics
   record virtual seconds (:class:`VirtualAggregationStats`).
 - sgd: unchanged (one worker, no communicator).
@@ -63,6 +65,8 @@ class _Sync:
         self.scale = scale_factors(Average, 1.0, s.workers, False)
 
     def synchronize(self) -> None:
+        if self.adasum:  # the gradients stay local; apply() combines the updates
+            return
         pre, post = self.scale
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads]).to("cpu", torch.float32) * pre
@@ -77,7 +81,23 @@ class _Sync:
             offset += g.numel()
 
     def apply(self) -> None:
+        if not self.adasum:
+            self.optimizer.step()
+            return
+        # As DistributedOptimizer(op=Adasum): step locally, combine the changes.
+        start = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.optimizer.step()
+        change = torch.cat([p.detach().reshape(-1) for p in self.params]).sub_(start)
+        change = change.to("cpu", torch.float32)
+        total = torch.empty_like(change)
+        self.comm.Adasum(change.numpy(), total.numpy(), [p.numel() for p in self.params])
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                n = p.numel()
+                p.copy_((start[offset:offset + n] + total[offset:offset + n].to(start))
+                        .view_as(p))
+                offset += n
 
 
 class VirtualAggregationStats(AggregationStats):

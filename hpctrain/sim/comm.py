@@ -6,12 +6,12 @@ Each virtual worker gets a :class:`LocalComm` of its rank; all of them share one
 loop call the same methods they call on ``MPI.COMM_WORLD`` (or on
 :class:`hpctrain.torch_comm.TorchComm`): ``Get_rank``, ``Get_size``, ``Barrier``, ``bcast``,
 ``gather``, ``allgather``, ``scatter``, and on numpy buffers ``Bcast``, ``Allreduce`` (sum),
-``Allgatherv`` and ``Reduce_scatter`` (sum). A collective is complete when every worker has
-reached it: the last to arrive computes the result (deterministically: ``Allreduce`` adds in
-Open MPI's recursive-doubling order, ``Reduce_scatter`` in rank order), and every worker
-continues at the latest arrival plus the collective's time from the network model
-(:mod:`hpctrain.sim.network`). Objects passed to the object
-collectives are handed over, not copied: hpctrain's callers only read them.
+``Allgatherv`` and ``Reduce_scatter`` (sum); and ``Adasum`` (ssgd's ``--reduce-op adasum``).
+A collective is complete when every worker has reached it: the last to arrive computes the
+result (deterministically: ``Allreduce`` adds in Open MPI's recursive-doubling order,
+``Reduce_scatter`` in rank order), and every worker continues at the latest arrival plus the
+collective's time from the network model (:mod:`hpctrain.sim.network`). Objects passed to the
+object collectives are handed over, not copied: hpctrain's callers only read them.
 """
 
 from __future__ import annotations
@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from hpctrain.sim.network import Network
 from hpctrain.sim.scheduler import Scheduler
+from hpctrain.sync import adasum
 
 
 @dataclass
@@ -104,6 +106,20 @@ class LocalComm:
     def Allreduce(self, sendbuf, recvbuf) -> None:  # noqa: N802 (sum, as hpctrain uses it)
         send, recv = _array(sendbuf), _array(recvbuf)
         total = self._collective("Allreduce", send, _pairwise_sum,
+                                 lambda v: self._net.allreduce(send.nbytes, self._k))
+        np.copyto(recv, total)
+
+    def Adasum(self, sendbuf, recvbuf, counts: list[int]) -> None:  # noqa: N802
+        """Not mpi4py's: the Adasum of every worker's float buffer (fused from tensors of
+        ``counts`` elements), up Horovod's tree; costed as an allreduce of the same bytes
+        (vector halving, distance doubling moves what Rabenseifner's allreduce moves)."""
+        send, recv = _array(sendbuf), _array(recvbuf)
+
+        def combine(v):
+            total = adasum.tree([torch.from_numpy(a) for a in v], counts).numpy()
+            return [total] * len(v)
+
+        total = self._collective("Adasum", send, combine,
                                  lambda v: self._net.allreduce(send.nbytes, self._k))
         np.copyto(recv, total)
 

@@ -66,9 +66,6 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce")
-    if issubclass(algo, Synchronous) and config.algorithm.reduce_op != "average":
-        raise UsageError(f"hpctrain simulate averages ssgd's gradients: --reduce-op "
-                         f"{config.algorithm.reduce_op} is not simulated")
     devices.check(config.device)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers

@@ -72,6 +72,24 @@ def coefficients(dot: float, a_sq: float, b_sq: float) -> tuple[float, float]:
     return a, b
 
 
+def tree(vectors: Sequence[torch.Tensor], counts: Sequence[int]) -> torch.Tensor:
+    """The Adasum of 2^m ranks' 1-d buffers in one process, up the same tree (what
+    :func:`adasum_` computes, up to rounding; ``hpctrain simulate``'s). A new tensor."""
+    level = list(vectors)
+    while len(level) > 1:
+        level = [_pair(level[i], level[i + 1], counts) for i in range(0, len(level), 2)]
+    return level[0].clone() if len(vectors) == 1 else level[0]
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor, counts: Sequence[int]) -> torch.Tensor:
+    out = torch.empty_like(a)
+    for _, lo, hi in pieces(counts, (0, a.numel())):
+        x, y = a[lo:hi].double(), b[lo:hi].double()
+        ca, cb = coefficients(float(x @ y), float(x @ x), float(y @ y))
+        out[lo:hi] = x * ca + y * cb
+    return out
+
+
 def check(size: int, dtype: torch.dtype, caller: str) -> None:
     """UsageError unless Adasum can reduce ``dtype`` over ``size`` ranks (every rank raises
     alike, before any communication)."""
@@ -116,7 +134,7 @@ def _combine(mine: torch.Tensor, theirs: torch.Tensor, counts: Sequence[int], le
     row = sums[transport.rank() >> (depth + 1)]
     for i, lo, hi in parts:
         x, y = own[lo - start:hi - start], other[lo - start:hi - start]
-        x_sq, y_sq = torch.dot(x, x), torch.dot(y, y)  # 0-d tensors: one sync below
+        x_sq, y_sq = torch.dot(x, x), torch.dot(y, y)
         a_sq, b_sq = (x_sq, y_sq) if level.left else (y_sq, x_sq)
         row[i] = torch.stack([torch.dot(x, y), a_sq, b_sq]).double().cpu()
     transport.iallreduce(None, sums, SUM).wait()
