@@ -95,18 +95,21 @@ def test_sgd_drops_nan_and_inf_gradients(tmp_path):
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("reduce_op", ["average", "adasum"])
-def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path, reduce_op):
-    """Rank 1's gradient is NaN at two steps and rank 2's is Inf at one: those three steps are
-    skipped on every rank (the replicas stay identical and finite), counted per worker. With
-    Adasum the gradients are never reduced: the ranks agree on the verdict."""
+@pytest.mark.parametrize("reduce_op, np, inject, skipped, per_worker", [
+    ("average", 4, "nan@1:2,nan@1:9,inf@2:9,inf@2:17", 3, [0, 2, 2, 0]),
+    ("adasum", 2, "nan@1:2,inf@0:9,nan@1:9", 2, [1, 2]),
+])
+def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path, reduce_op, np, inject, skipped,
+                                                  per_worker):
+    """A NaN or Inf gradient on some ranks at a few steps: those steps are skipped on every rank
+    (the replicas stay identical and finite), counted per worker. With Adasum the gradients
+    are never reduced: the ranks agree on the verdict."""
     proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--reduce-op",
-                    reduce_op, "--out", str(tmp_path)], np=4,
-                   env={"HPCTRAIN_INJECT": "nan@1:2,nan@1:9,inf@2:9,inf@2:17"})
+                    reduce_op, "--out", str(tmp_path)], np=np, env={"HPCTRAIN_INJECT": inject})
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["skipped_steps"] == 3
-    assert summary["bad_gradients_per_worker"] == [0, 2, 2, 0]
+    assert summary["skipped_steps"] == skipped
+    assert summary["bad_gradients_per_worker"] == per_worker
     assert finite_model(tmp_path) and summary["final_test_acc"] > 0.5
 
 

@@ -39,10 +39,12 @@ def check_common(out, summary: dict, record: dict) -> None:
     assert sum(summary["samples_per_worker"]) == EPOCHS * SAMPLES  # every sample, once an epoch
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Every 0.25 epoch, async ones on the first push past the mark (the one at the checkpoint
-    # only if rank 0 pushed past it before the mark's barrier), then the final model.
+    # only if rank 0 pushed past it before the mark's barrier), then the final model. Rank 0
+    # sees the mark at its own next push: with 4 ranks on 2 cores, the others' pushes in
+    # between put it up to 1/16 epoch late (one CI run: 0.289, 5 of 128 pushes late).
     epochs = [p["epoch"] for p in curve]
     assert epochs[0] == 0.0 and epochs[-1] == 1.0 and epochs == sorted(epochs)
-    assert len(epochs) >= 4 and all(abs(e * 4 - round(e * 4)) < 0.1 for e in epochs)
+    assert len(epochs) >= 4 and all(abs(e * 4 - round(e * 4)) <= 0.25 for e in epochs)
     assert summary["final_test_acc"] >= 0.95  # the synthetic set is learnt within an epoch
     assert torch.load(out / "model.pt", weights_only=True).keys()
 
