@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import pytest
 from conftest import run_job
@@ -20,11 +19,9 @@ def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 @pytest.mark.timeout(60)
 def test_no_beat_ends_the_process_with_one_line():
-    start = time.monotonic()
     proc = run_python("import time\nfrom hpctrain import watchdog\n"
                       "watchdog.start(1.0, rank=5)\nwatchdog.beat('step', 7)\ntime.sleep(30)")
-    assert time.monotonic() - start < 20
-    assert proc.returncode == watchdog.EXIT_STATUS
+    assert proc.returncode == watchdog.EXIT_STATUS  # the sleep would have ended with 0
     assert proc.stderr.strip().startswith("hpctrain: rank 5 made no progress for 1 s (last: "
                                           "step 7); ending the job (--stall-timeout 1)"), \
         proc.stderr
@@ -59,11 +56,9 @@ def test_zero_timeout_watches_nothing():
 def test_a_hung_rank_ends_the_job(tmp_path, algo, last):
     """Rank 1 hangs (alive, silent) after its 6th update: without the watchdog the other rank
     would wait in its next collective (ssgd) or the final barrier (async) forever."""
-    start = time.monotonic()
-    proc = run_job(["train", "--algo", algo, *SMALL, "--stall-timeout", "15", "--out",
+    proc = run_job(["train", "--algo", algo, *SMALL, "--stall-timeout", "8", "--out",
                     str(tmp_path)], np=2, timeout=100, env={"HPCTRAIN_INJECT": "hang@1:6"})
     assert proc.returncode != 0
-    assert f"hpctrain: rank 1 made no progress for 15 s (last: {last}); ending the job" \
+    assert f"hpctrain: rank 1 made no progress for 8 s (last: {last}); ending the job" \
         in proc.stderr, proc.stderr
-    assert time.monotonic() - start < 90
     assert not (tmp_path / "summary.json").exists()
