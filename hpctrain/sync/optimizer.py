@@ -288,7 +288,8 @@ class _AdasumOptimizer:
 
 class _Packed:
     """Parameters of one dtype and device and two flat buffers, kept from step to step: the
-    values a step started from and the change it made (Adasum reduces that buffer in place)."""
+    values a step started from and the change it made (Adasum reduces that buffer in place).
+    The per-parameter views into them are made once, not on every step."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.params = params
@@ -296,21 +297,20 @@ class _Packed:
         self.start = params[0].new_empty(sum(self.counts))
         self.change = torch.empty_like(self.start)
         bounds = [0, *itertools.accumulate(self.counts)]
-        self._slices = [slice(a, b) for a, b in itertools.pairwise(bounds)]
-
-    def _views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        return [flat[s].view_as(p) for s, p in zip(self._slices, self.params, strict=True)]
+        spans = list(itertools.pairwise(bounds))
+        self._starts = [self.start[a:b].view_as(p) for (a, b), p in zip(spans, params,
+                                                                          strict=True)]
+        self._changes = [self.change[a:b].view_as(p) for (a, b), p in zip(spans, params,
+                                                                            strict=True)]
 
     def save(self) -> None:
-        for view, p in zip(self._views(self.start), self.params, strict=True):
-            view.copy_(p)
+        for s, p in zip(self._starts, self.params, strict=True):
+            s.copy_(p)
 
     def measure(self) -> None:
-        for view, p, s in zip(self._views(self.change), self.params, self._views(self.start),
-                              strict=True):
-            torch.sub(p, s, out=view)
+        for c, p, s in zip(self._changes, self.params, self._starts, strict=True):
+            torch.sub(p, s, out=c)
 
     def apply(self) -> None:
-        for p, s, c in zip(self.params, self._views(self.start), self._views(self.change),
-                           strict=True):
+        for p, s, c in zip(self.params, self._starts, self._changes, strict=True):
             torch.add(s, c, out=p)
