@@ -22,7 +22,10 @@ import json
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (install_requires)
+    import tomli as tomllib
 
 from hpctrain import data, devices, models, options, plugins, registry, userdata
 from hpctrain.checkpoint import parse_every, run_folder

@@ -70,7 +70,7 @@ class Call:
 
     def key(self) -> int:
         text = repr((self.kind, self.name, self.op, str(self.dtype), self.agree))
-        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest()) >> 2
+        return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
 
 
 @dataclass
