@@ -495,6 +495,21 @@ def test_buckets_start_while_backward_runs(mpi_backend):
 
 @mpi
 @timeout
+def test_torch_backend_starts_and_stops_again_and_again():
+    """Before torch 2.8 a gloo group's destructor joined its worker threads holding the GIL,
+    so a worker dropping the last reference to a tensor of the last operation hung the
+    process (TorchTransport._keep). With torch 2.1.2 these 20 cycles hung every time."""
+    torch.set_num_threads(1)
+    for i in range(20):
+        sync.init(backend="torch")
+        assert sync.allgather_object(i) == [i] * sync.size()
+        torch.testing.assert_close(sync.allreduce(torch.ones(3), op=sync.Sum),
+                                   torch.full((3,), float(sync.size())))
+        sync.shutdown()
+
+
+@mpi
+@timeout
 def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
     hvd = mpi_backend
     model = _model()

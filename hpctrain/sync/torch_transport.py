@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+from collections import deque
 from typing import Any
 
 import torch
@@ -29,6 +30,9 @@ from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
 _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
         PRODUCT: dist.ReduceOp.PRODUCT}
+# How many recent operations a transport keeps alive until its group is destroyed: more
+# than gloo has worker threads (2), each holding at most the one operation it runs.
+_KEEP = 16
 def start_process_group(comm: Any = None) -> bool:
     """Initialise torch.distributed's default group on the ranks of MPI ``comm`` (None: the
     world, or torchrun's environment when MPI runs one process); return whether this call
@@ -116,6 +120,7 @@ class TorchTransport:
         self.group = group
         self._owns_default = owns_default
         self._spare = spare  # a second group on the same ranks, for dup() (see split)
+        self._recent: deque = deque(maxlen=_KEEP)  # see _keep
         self.nccl = "nccl" in str(dist.get_backend(group)).lower()
         nodes = self.allgather_object(socket.gethostname())
         me = nodes[self.rank()]
@@ -139,17 +144,31 @@ class TorchTransport:
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
+    def _keep(self, work: Any, *tensors: Any) -> Any:
+        """Hold ``work`` and its tensors for the last few operations, so that Python, not a
+        gloo worker thread, drops the last reference to them.
+
+        A tensor whose last reference goes in a worker thread needs the GIL there (its
+        Python object, or a ``frombuffer`` storage). Before torch 2.8 the gloo group's
+        destructor joins those threads holding the GIL, so a worker still finishing the
+        last operation when the group is destroyed hung the process (seen with torch 2.1).
+        """
+        self._recent.append((work, tensors))
+        return work
+
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
         if send is not None:
             out.copy_(send)
-        return _Work(dist.all_reduce(out, op=_OPS[int(op)], group=self.group, async_op=True))
+        work = dist.all_reduce(out, op=_OPS[int(op)], group=self.group, async_op=True)
+        return _Work(self._keep(work, out))
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
         most = max(rows)
         padded = send.new_zeros((most, *send.shape[1:]))
         padded[:len(send)] = send
         parts = [torch.empty_like(padded) for _ in rows]
-        work = dist.all_gather(parts, padded, group=self.group, async_op=True)
+        work = self._keep(dist.all_gather(parts, padded, group=self.group, async_op=True),
+                          parts, padded)
 
         def unpad() -> None:
             torch.cat([p[:r] for p, r in zip(parts, rows, strict=True)], out=out)
@@ -157,29 +176,39 @@ class TorchTransport:
         return _Work(work, unpad)
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
-        return _Work(dist.broadcast(tensor, src=self._global(root), group=self.group,
-                                    async_op=True))
+        work = dist.broadcast(tensor, src=self._global(root), group=self.group, async_op=True)
+        return _Work(self._keep(work, tensor))
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
                   recv_rows: list[int]) -> Request:
-        return _Work(dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
-                                            input_split_sizes=send_rows, group=self.group,
-                                            async_op=True))
+        work = dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
+                                      input_split_sizes=send_rows, group=self.group,
+                                      async_op=True)
+        return _Work(self._keep(work, out, send))
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
         peer = self._global(peer)
         ops = [dist.P2POp(f, t, peer, self.group) for f, t in ((dist.isend, send),
                                                                 (dist.irecv, out)) if t.numel()]
-        return _Works(dist.batch_isend_irecv(ops) if ops else [])
+        return _Works(self._keep(dist.batch_isend_irecv(ops) if ops else [], send, out))
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
-        return _Work(dist.reduce_scatter(out, list(send.split(counts)), op=_OPS[int(op)],
-                                         group=self.group, async_op=True))
+        if self.nccl and send.device.type != "cpu":
+            parts = list(send.split(counts))
+            work = dist.reduce_scatter(out, parts, op=_OPS[int(op)], group=self.group,
+                                       async_op=True)
+            return _Work(self._keep(work, out, parts))
+        # gloo: one allreduce of the whole vector, this rank's rows kept. gloo has no
+        # reduce_scatter before torch 2.8, and from 2.8 runs one allreduce per rank.
+        whole = send.clone()
+        work = dist.all_reduce(whole, op=_OPS[int(op)], group=self.group, async_op=True)
+        mine = whole.narrow(0, sum(counts[:self.rank()]), counts[self.rank()])
+        return _Work(self._keep(work, whole, out), lambda: out.copy_(mine))
 
     def barrier(self) -> None:
         # An allreduce of a CPU tensor: gloo's, whatever backend CUDA tensors use.
-        dist.all_reduce(torch.zeros(1), group=self.group)
+        self.iallreduce(None, torch.zeros(1), SUM).wait()
 
     def bcast_object(self, obj: Any, root: int) -> Any:
         data = _pickle(obj) if self.rank() == root else torch.empty(0, dtype=torch.uint8)
@@ -210,7 +239,8 @@ class TorchTransport:
         padded = data.new_zeros(max(rows))
         padded[:len(data)] = data
         parts = [torch.empty_like(padded) for _ in rows] if self.rank() == root else None
-        dist.gather(padded, parts, dst=self._global(root), group=self.group)
+        self._keep(dist.gather(padded, parts, dst=self._global(root), group=self.group,
+                               async_op=True), padded, parts).wait()
         if parts is None:
             return None
         return [pickle.loads(p[:r].numpy().tobytes()) for p, r in zip(parts, rows, strict=True)]
@@ -244,6 +274,7 @@ class TorchTransport:
             dist.destroy_process_group(self.group)
         elif self._owns_default:
             dist.destroy_process_group()
+        self._recent.clear()  # after the groups' threads have ended (see _keep)
 
 
 def _pickle(obj: Any) -> torch.Tensor:
