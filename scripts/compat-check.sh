@@ -32,6 +32,7 @@ rm -rf "$SRC" && mkdir -p "$SRC"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SRC"
 ln -s "$VENV" "$SRC/.venv"
 cd "$SRC"
+git init -q  # test_pip_install copies the tree it lists with git ls-files
 .venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . || exit 2
 .venv/bin/python -c 'import sys, torch, mpi4py, numpy
 print(f"compat-check: Python {sys.version.split()[0]}, torch {torch.__version__}, "

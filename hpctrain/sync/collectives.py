@@ -127,7 +127,12 @@ def shutdown() -> None:
     timeline.stop()
     psets.teardown()
     _world.transport.free()
+    torch_backend = _world.transport.name == "torch"
     _world = None
+    if torch_backend:  # every group is gone: the operations it kept can go too
+        from hpctrain.sync import torch_transport
+
+        torch_transport.forget_recent()
 
 
 def is_initialized() -> bool:

@@ -30,9 +30,15 @@ from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
 _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
         PRODUCT: dist.ReduceOp.PRODUCT}
-# How many recent operations a transport keeps alive until its group is destroyed: more
-# than gloo has worker threads (2), each holding at most the one operation it runs.
-_KEEP = 16
+# The last operations' works and tensors, of every group, kept alive until shutdown (see
+# TorchTransport._keep): more than gloo has worker threads (2 a group), each holding at most
+# the one operation it runs.
+_RECENT: deque = deque(maxlen=16)
+
+
+def forget_recent() -> None:
+    """Drop the operations ``_keep`` held: at shutdown, once every group is gone."""
+    _RECENT.clear()
 def start_process_group(comm: Any = None) -> bool:
     """Initialise torch.distributed's default group on the ranks of MPI ``comm`` (None: the
     world, or torchrun's environment when MPI runs one process); return whether this call
@@ -120,7 +126,6 @@ class TorchTransport:
         self.group = group
         self._owns_default = owns_default
         self._spare = spare  # a second group on the same ranks, for dup() (see split)
-        self._recent: deque = deque(maxlen=_KEEP)  # see _keep
         self.nccl = "nccl" in str(dist.get_backend(group)).lower()
         nodes = self.allgather_object(socket.gethostname())
         me = nodes[self.rank()]
@@ -145,15 +150,17 @@ class TorchTransport:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def _keep(self, work: Any, *tensors: Any) -> Any:
-        """Hold ``work`` and its tensors for the last few operations, so that Python, not a
-        gloo worker thread, drops the last reference to them.
+        """Hold ``work`` and its tensors among the last few operations, so that Python, not
+        a gloo worker thread, drops the last reference to them.
 
         A tensor whose last reference goes in a worker thread needs the GIL there (its
-        Python object, or a ``frombuffer`` storage). Before torch 2.8 the gloo group's
-        destructor joins those threads holding the GIL, so a worker still finishing the
-        last operation when the group is destroyed hung the process (seen with torch 2.1).
+        Python object, or a ``frombuffer`` storage). Before torch 2.8 a gloo group's
+        destructor (when its last Python reference goes, after destroy_process_group) joins
+        those threads holding the GIL, so a worker still finishing an operation then hung
+        the process (seen with torch 2.1, at shutdown and at remove_process_set). The hold
+        is module-wide, since a group can outlive its transport's ``free``.
         """
-        self._recent.append((work, tensors))
+        _RECENT.append((work, tensors))
         return work
 
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
@@ -274,7 +281,6 @@ class TorchTransport:
             dist.destroy_process_group(self.group)
         elif self._owns_default:
             dist.destroy_process_group()
-        self._recent.clear()  # after the groups' threads have ended (see _keep)
 
 
 def _pickle(obj: Any) -> torch.Tensor:
