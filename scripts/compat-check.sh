@@ -20,8 +20,7 @@ VENV=/tmp/hpctrain-compat-$PYV-$TORCH
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || exit 2
   # Wheels of torch before 2.3 were built against NumPy 1.
-  NUMPY=$("$PY" -c "import sys; v = tuple(map(int, sys.argv[1].split('.')[:2]))
-print('numpy<2' if v < (2, 3) else 'numpy')" "$TORCH")
+  case $TORCH in 2.[012].*) NUMPY="numpy<2" ;; *) NUMPY=numpy ;; esac
   "$VENV/bin/python" -m pip install -q "torch==$TORCH" "$NUMPY" "mpi4py>=4.0" pytest \
     pytest-mpi pytest-timeout tqdm matplotlib tensorboard pillow setuptools wheel || exit 2
 fi

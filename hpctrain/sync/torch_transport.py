@@ -31,14 +31,31 @@ from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
         PRODUCT: dist.ReduceOp.PRODUCT}
 # The last operations' works and tensors, of every group, kept alive until shutdown (see
-# TorchTransport._keep): more than gloo has worker threads (2 a group), each holding at most
-# the one operation it runs.
+# _keep): more than gloo has worker threads (2 a group), each holding at most the one
+# operation it runs.
 _RECENT: deque = deque(maxlen=16)
+
+
+def _keep(work: Any, *tensors: Any) -> Any:
+    """Hold ``work`` and its tensors among the last few operations, so that Python, not a
+    gloo worker thread, drops the last reference to them.
+
+    A tensor whose last reference goes in a worker thread needs the GIL there (its Python
+    object, or a ``frombuffer`` storage). Before torch 2.8 a gloo group's destructor (when
+    its last Python reference goes, after destroy_process_group) joins those threads holding
+    the GIL, so a worker still finishing an operation then hung the process (seen with torch
+    2.1, at shutdown and at remove_process_set). The hold is module-wide, since a group can
+    outlive its transport's ``free``.
+    """
+    _RECENT.append((work, tensors))
+    return work
 
 
 def forget_recent() -> None:
     """Drop the operations ``_keep`` held: at shutdown, once every group is gone."""
     _RECENT.clear()
+
+
 def start_process_group(comm: Any = None) -> bool:
     """Initialise torch.distributed's default group on the ranks of MPI ``comm`` (None: the
     world, or torchrun's environment when MPI runs one process); return whether this call
@@ -149,32 +166,18 @@ class TorchTransport:
     def _global(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
-    def _keep(self, work: Any, *tensors: Any) -> Any:
-        """Hold ``work`` and its tensors among the last few operations, so that Python, not
-        a gloo worker thread, drops the last reference to them.
-
-        A tensor whose last reference goes in a worker thread needs the GIL there (its
-        Python object, or a ``frombuffer`` storage). Before torch 2.8 a gloo group's
-        destructor (when its last Python reference goes, after destroy_process_group) joins
-        those threads holding the GIL, so a worker still finishing an operation then hung
-        the process (seen with torch 2.1, at shutdown and at remove_process_set). The hold
-        is module-wide, since a group can outlive its transport's ``free``.
-        """
-        _RECENT.append((work, tensors))
-        return work
-
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
         if send is not None:
             out.copy_(send)
         work = dist.all_reduce(out, op=_OPS[int(op)], group=self.group, async_op=True)
-        return _Work(self._keep(work, out))
+        return _Work(_keep(work, out))
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
         most = max(rows)
         padded = send.new_zeros((most, *send.shape[1:]))
         padded[:len(send)] = send
         parts = [torch.empty_like(padded) for _ in rows]
-        work = self._keep(dist.all_gather(parts, padded, group=self.group, async_op=True),
+        work = _keep(dist.all_gather(parts, padded, group=self.group, async_op=True),
                           parts, padded)
 
         def unpad() -> None:
@@ -184,20 +187,20 @@ class TorchTransport:
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
         work = dist.broadcast(tensor, src=self._global(root), group=self.group, async_op=True)
-        return _Work(self._keep(work, tensor))
+        return _Work(_keep(work, tensor))
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
                   recv_rows: list[int]) -> Request:
         work = dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
                                       input_split_sizes=send_rows, group=self.group,
                                       async_op=True)
-        return _Work(self._keep(work, out, send))
+        return _Work(_keep(work, out, send))
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
         peer = self._global(peer)
         ops = [dist.P2POp(f, t, peer, self.group) for f, t in ((dist.isend, send),
                                                                 (dist.irecv, out)) if t.numel()]
-        return _Works(self._keep(dist.batch_isend_irecv(ops) if ops else [], send, out))
+        return _Works(_keep(dist.batch_isend_irecv(ops) if ops else [], send, out))
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
@@ -205,13 +208,13 @@ class TorchTransport:
             parts = list(send.split(counts))
             work = dist.reduce_scatter(out, parts, op=_OPS[int(op)], group=self.group,
                                        async_op=True)
-            return _Work(self._keep(work, out, parts))
+            return _Work(_keep(work, out, parts))
         # gloo: one allreduce of the whole vector, this rank's rows kept. gloo has no
         # reduce_scatter before torch 2.8, and from 2.8 runs one allreduce per rank.
         whole = send.clone()
         work = dist.all_reduce(whole, op=_OPS[int(op)], group=self.group, async_op=True)
         mine = whole.narrow(0, sum(counts[:self.rank()]), counts[self.rank()])
-        return _Work(self._keep(work, whole, out), lambda: out.copy_(mine))
+        return _Work(_keep(work, whole), lambda: out.copy_(mine))
 
     def barrier(self) -> None:
         # An allreduce of a CPU tensor: gloo's, whatever backend CUDA tensors use.
@@ -246,7 +249,7 @@ class TorchTransport:
         padded = data.new_zeros(max(rows))
         padded[:len(data)] = data
         parts = [torch.empty_like(padded) for _ in rows] if self.rank() == root else None
-        self._keep(dist.gather(padded, parts, dst=self._global(root), group=self.group,
+        _keep(dist.gather(padded, parts, dst=self._global(root), group=self.group,
                                async_op=True), padded, parts).wait()
         if parts is None:
             return None
