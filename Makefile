@@ -23,8 +23,11 @@ lint: setup
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m unit tests
 
+# Two pytest workers, a test file each (its module fixtures stay shared): job tests spend
+# much of their time waiting on launches and drills, so two overlap on two cores.
+TEST_WORKERS ?= 2
 test-unit: setup
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # Each MPI size is one mpirun; a hang is ended by pytest-timeout inside and `timeout` outside.
 test-mpi: setup

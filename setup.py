@@ -89,7 +89,7 @@ setup(
     install_requires=["torch>=2.1", "mpi4py>=4.0", "numpy", "tqdm",
                       "tomli; python_version < '3.11'"],
     extras_require={
-        "test": ["pytest", "pytest-mpi", "pytest-timeout", "ruff"],
+        "test": ["pytest", "pytest-mpi", "pytest-timeout", "pytest-xdist", "ruff"],
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "images": ["pillow"],

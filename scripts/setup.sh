@@ -28,7 +28,7 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
   $VPIP install -q --upgrade pip
   # torch pinned: the CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
   $VPIP install -q torch==2.13.0
-  $VPIP install -q "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout tqdm matplotlib ruff \
+  $VPIP install -q "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout pytest-xdist tqdm matplotlib ruff \
     cmake packaging wheel setuptools tensorboard pillow
   $VPIP install -q --no-build-isolation -e ".[test,plot,tensorboard]"
   touch "$stamp"
