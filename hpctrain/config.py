@@ -67,6 +67,8 @@ class DataConfig:
                                      "rank per round", parse=options.positive(float))
 
     def __post_init__(self) -> None:
+        # The Python API may give the loading function itself: kept as its reference.
+        object.__setattr__(self, "dataset", plugins.reference_to("--dataset", self.dataset))
         check_fields(self)
         userdata.dataset_name(self.dataset, UsageError)
         self.spec(0)  # the shuffle package's own checks
@@ -88,6 +90,8 @@ class ModelConfig:
                                metavar="JSON")
 
     def __post_init__(self) -> None:
+        # The Python API may give the function or class itself: kept as its reference.
+        object.__setattr__(self, "name", plugins.reference_to("--model", self.name))
         check_fields(self)
         plugins.model_name(self.name, UsageError)
         if self.args is not None and not isinstance(self.args, dict):

@@ -31,6 +31,7 @@ from hpctrain.errors import UsageError
 
 _ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MODULE = _ATTRIBUTE
+_FILE_MODULE = "hpctrain_user_"  # name prefix of the modules loaded from files
 
 
 def is_reference(text: str) -> bool:
@@ -86,6 +87,39 @@ def absolute(text: str) -> str:
     return f"{Path(where).expanduser().resolve()}:{attribute}"
 
 
+def reference_to(flag: str, obj: str | Callable) -> str:
+    """The reference that names ``obj``, a module-level function or class (the Python API's
+    ``ModelConfig(name=build)``); a string is returned as given.
+
+    A callable of the running script (``__main__``) is named by the script's path, which
+    resolves back to the running script itself (:func:`_load_file`), and from config.json in
+    a later run to the file. UsageError for what other ranks and config.json could not find
+    again by name: a lambda, a nested function, an instance.
+    """
+    if isinstance(obj, str):
+        return obj
+    qualname = getattr(obj, "__qualname__", None)
+    module = sys.modules.get(getattr(obj, "__module__", None) or "")
+    if not callable(obj) or qualname is None or module is None:
+        raise UsageError(f"{flag}: want a name, a reference or a module-level function or "
+                         f"class, not a {type(obj).__name__}")
+    if "<" in qualname:
+        raise UsageError(f"{flag}: {qualname} cannot be found again by name (by other ranks, "
+                         "or from config.json); define it at module level")
+    if module.__name__ != "__main__" and not module.__name__.startswith(_FILE_MODULE):
+        where = module.__name__
+    elif getattr(module, "__file__", None):  # a script, or a module loaded from a file
+        where = str(Path(module.__file__).resolve())
+    else:
+        raise UsageError(f"{flag}: {qualname} is defined in {module.__name__}, which has no "
+                         "file to find it in again; define it in a module or script")
+    reference = f"{where}:{qualname}"
+    if resolve(flag, reference) is not obj:
+        raise UsageError(f"{flag}: {reference} names another object than the one given; "
+                         "define it once, at module level")
+    return reference
+
+
 def resolve(flag: str, text: str) -> Callable:
     """The callable ``text`` refers to; UsageError (one line) if it cannot be had."""
     check_form(flag, text)
@@ -117,8 +151,11 @@ def _load_file(flag: str, path_text: str):
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
         raise UsageError(f"{flag}: no file {path_text}")
+    script = sys.modules.get("__main__")
+    if getattr(script, "__file__", None) and Path(script.__file__).resolve() == path:
+        return script  # the running script itself (see reference_to), not a second copy
     # One module per file, under a name of its own: every rank and call gets the same one.
-    name = "hpctrain_user_" + hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    name = _FILE_MODULE + hashlib.sha1(str(path).encode()).hexdigest()[:12]
     if name in sys.modules:
         return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, path)

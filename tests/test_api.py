@@ -70,3 +70,56 @@ def test_a_bad_setting_in_a_script_is_a_value_error_before_mpi(tmp_path):
                           timeout=100, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["--momentum 1.5 must be in [0, 1)", "False"]
+
+
+OWN_SCRIPT = """
+import sys
+import torch
+from torch import nn
+import hpctrain
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+print("script loaded", flush=True)
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes, width=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], width), nn.ReLU(),
+                                  nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+def load():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return {"train": (x[:160], y[:160]), "test": (x[160:], y[160:]), "num_classes": 3}
+
+if __name__ == "__main__":
+    config = RunConfig(algo="ssgd", seed=2, out=sys.argv[1], progress=False,
+                       data=DataConfig(dataset=load),
+                       model=ModelConfig(name=Net, args={"width": 8}),
+                       optim=OptimConfig(epochs=2, batch_size=16))
+    print("acc", hpctrain.train(config)["final_test_acc"], flush=True)
+"""
+
+
+@pytest.mark.timeout(240)
+def test_a_script_passes_its_own_model_class_and_data_function(tmp_path):
+    script = tmp_path / "own.py"
+    script.write_text(OWN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(tmp_path / "api")],
+                          capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    # Resolving the script's own names did not run it a second time on any rank.
+    assert proc.stdout.count("script loaded") == 2 and proc.stdout.count("acc ") == 2
+    recorded = json.loads((tmp_path / "api" / "config.json").read_text())
+    assert recorded["model"] == {"name": f"{script}:Net", "args": {"width": 8}}
+    assert recorded["data"]["dataset"] == f"{script}:load"
+    # config.json repeats the run from the command line, which loads the file by its path.
+    again = run_job(["train", "--config", str(tmp_path / "api" / "config.json"), "--out",
+                     str(tmp_path / "again")], np=2)
+    assert again.returncode == 0, again.stderr
+    assert same_model(tmp_path / "again", tmp_path / "api")

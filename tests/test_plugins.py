@@ -103,6 +103,33 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
         launch(model=ModelConfig(name="mlp", args={"width": 3}))
 
 
+def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
+    import nets_mod
+
+    from hpctrain import models, plugins
+
+    assert ModelConfig(name=nets_mod.build).name == "nets_mod:build"
+    assert ModelConfig(name=models.LeNet).name == "hpctrain.models:LeNet"
+    assert DataConfig(dataset=nets_mod.load).dataset == "nets_mod:load"
+    config = launch(model=ModelConfig(name=nets_mod.build), data=DataConfig(dataset=nets_mod.load))
+    assert (config.model.name, config.data.dataset) == ("nets_mod:build", "nets_mod:load")
+    # A function of a module loaded from its file is named by the file.
+    from_file = plugins.resolve("--model", f"{nets}:build")
+    assert ModelConfig(name=from_file).name == f"{nets}:build"
+
+    def nested(input_shape, num_classes):
+        return nets_mod.build(input_shape, num_classes)
+
+    for bad, message in [(nested, ".*<locals>.nested cannot be found again by name.*module level"),
+                         (lambda s, c: None, ".*<lambda> cannot be found again by name"),
+                         (torch.nn.Linear(2, 2), "want a name, .* or class, not a Linear"),
+                         (3, ".*not a int")]:
+        with pytest.raises(UsageError, match=f"^--model: {message}"):
+            ModelConfig(name=bad)
+    with pytest.raises(UsageError, match="^--dataset: .*not a list"):
+        DataConfig(dataset=[1, 2])
+
+
 def write_npz(path, n=60, compressed=False, **override):
     g = np.random.default_rng(1)
     arrays = {"x_train": g.integers(0, 256, (n, 6, 6), dtype=np.uint8),
