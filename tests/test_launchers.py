@@ -26,9 +26,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
 
 
-def torchrun(args: list[str], nproc: int, timeout: float = 180) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc -m hpctrain <args>``; fail on timeout."""
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "-m", "hpctrain", *args]
+def torchrun(args: list[str], nproc: int, timeout: float = 180,
+             script: str | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc -m hpctrain <args>`` (or ``script <args>``); fail on
+    timeout."""
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *([script] if script else
+                                                          ["-m", "hpctrain"]), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -65,6 +68,35 @@ def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpctrain: error")]
     assert lines and "--algo ma" in lines[0] and "mpirun" in lines[0], proc.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+STALL_SCRIPT = """
+import time
+import torch
+import hpctrain.sync as hvd
+
+hvd.init(backend="torch", stall_check_s=0.5)
+hvd.allreduce(torch.ones(1), name="before")
+if hvd.rank() == 1:
+    time.sleep(3)
+hvd.allreduce(torch.ones(2), name="late")
+hvd.shutdown()
+"""
+
+
+@pytest.mark.timeout(120)
+def test_the_stall_check_under_torchrun_names_the_late_rank(tmp_path):
+    """No MPI world under torchrun: the ranks' statuses go through torch's store."""
+    script = tmp_path / "stall.py"
+    script.write_text(STALL_SCRIPT)
+    proc = torchrun([], 2, script=str(script))
+    assert proc.returncode == 0, proc.stderr
+    reports = [ln for ln in proc.stderr.splitlines() if "hpctrain.sync: stall:" in ln]
+    assert len(reports) == 1, proc.stderr  # the lowest waiting rank reports, once
+    assert reports[0].startswith("hpctrain.sync: stall: rank 0 waited")
+    assert "allreduce(name='late'" in reports[0]
+    assert "not arrived: rank 1 (last called allreduce(name='before', op=Average, " \
+           "float32[1])" in reports[0]
 
 
 TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",

@@ -98,7 +98,10 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())))
     ranks_comm = _mpi_comm_of(moving, comm)
     psets.setup(moving, process_sets, ranks_comm)
-    stall.start(ranks_comm, *stall.settings(stall_check_s, stall_timeout_s))
+    # No MPI world (torch under torchrun): the stall check goes through the group's store.
+    store = torch_transport.stall_store() if ranks_comm is None else None
+    stall.start(ranks_comm, *stall.settings(stall_check_s, stall_timeout_s), store=store,
+                rank=moving.rank())
 
 
 def _mpi_comm_of(transport: Transport, comm: Any) -> Any:

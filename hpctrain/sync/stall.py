@@ -4,13 +4,15 @@ Horovod's coordinator warns when some ranks have submitted a tensor and others h
 ``HOROVOD_STALL_CHECK_TIME_SECONDS`` (60), and shuts down after
 ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (0: never). Here the wait is the agreement round
 (collective_check) that starts every collective: a daemon thread per rank watches it. After
-the check time it asks every other rank of the process set, over a private MPI communicator
-(whichever transport moves the data: under the torch backend too, where MPI runs the job,
-but not under torchrun), what it is doing, and the lowest waiting rank prints one report: the
-call it waits in, and for each rank that has not arrived its last collective and how long
-ago, or the collective it waits in instead. The thread answers such questions while the main
-thread computes, so it needs MPI at thread level ``multiple`` (hpctrain.sync's default);
-below it there is no check.
+the check time it asks every other rank of the process set what it is doing, and the lowest
+waiting rank prints one report: the call it waits in, and for each rank that has not arrived
+its last collective and how long ago, or the collective it waits in instead.
+
+The other ranks are asked over a private MPI communicator where MPI runs the job (whichever
+transport moves the data): the thread answers questions while the main thread computes, so
+it needs MPI at thread level ``multiple`` (hpctrain.sync's default); below it there is no
+check. Under torchrun, where no MPI runs the job, each thread posts its rank's status on
+torch.distributed's store every poll instead, and a report reads the others' posts.
 With a stall timeout the waiting ranks print the report and end the process with the status
 of ``hpctrain.watchdog``, and the launcher ends the others.
 """
@@ -19,9 +21,11 @@ from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,14 +60,72 @@ class _Waiting:
     reported: bool = False
 
 
-class _Monitor:
-    def __init__(self, comm: Any, check_s: float, timeout_s: float):
-        self.comm, self.check_s, self.timeout_s = comm, check_s, timeout_s
-        self.rank = comm.Get_rank()
-        self.waiting: _Waiting | None = None
-        self.last, self.last_at = "nothing yet", time.monotonic()
+class _MpiPeers:
+    """The other ranks' statuses by question and answer over a private MPI communicator."""
+
+    def __init__(self, comm: Any):
+        self.comm = comm
         self._ids = itertools.count()
         self._sends: list[Any] = []
+
+    def serve(self, status: tuple) -> None:
+        """Answer the questions that have arrived with this rank's ``status``."""
+        MPI = mpicomm.mpi()
+        probe = MPI.Status()
+        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_QUERY, status=probe):
+            source = probe.Get_source()
+            query = self.comm.recv(source=source, tag=_QUERY)
+            self._sends.append(self.comm.isend((query, status), dest=source, tag=_REPLY))
+        self._sends = [r for r in self._sends if not r.Test()]
+
+    def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
+        """The statuses of ``others`` that answer within _ANSWER_S (answering theirs)."""
+        MPI = mpicomm.mpi()
+        query = (self.comm.Get_rank(), next(self._ids))
+        for r in others:
+            self._sends.append(self.comm.isend(query, dest=r, tag=_QUERY))
+        answers: dict[int, tuple] = {}
+        deadline = time.monotonic() + _ANSWER_S
+        probe = MPI.Status()
+        while len(answers) < len(others) and time.monotonic() < deadline:
+            self.serve(status())
+            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_REPLY, status=probe):
+                source = probe.Get_source()
+                got, answer = self.comm.recv(source=source, tag=_REPLY)
+                if got == query:
+                    answers[source] = answer
+            else:
+                time.sleep(0.01)
+        return answers
+
+    def close(self) -> None:
+        self.comm.Free()
+
+
+class _StorePeers:
+    """The other ranks' statuses as each rank's thread last posted them on a key-value store
+    (torch.distributed's, under torchrun): at most one poll old."""
+
+    def __init__(self, store: Any, rank: int):
+        self.store, self.rank = store, rank
+
+    def serve(self, status: tuple) -> None:
+        self.store.set(str(self.rank), pickle.dumps(status))
+
+    def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
+        return {r: pickle.loads(self.store.get(str(r))) for r in others
+                if self.store.check([str(r)])}
+
+    def close(self) -> None:
+        pass
+
+
+class _Monitor:
+    def __init__(self, peers: _MpiPeers | _StorePeers, rank: int, check_s: float,
+                 timeout_s: float):
+        self.peers, self.rank, self.check_s, self.timeout_s = peers, rank, check_s, timeout_s
+        self.waiting: _Waiting | None = None
+        self.last, self.last_at = "nothing yet", time.monotonic()
         self._stop = threading.Event()
         limits = [s for s in (check_s, timeout_s) if s > 0]
         self._poll = min(1.0, min(limits) / 4)
@@ -78,8 +140,9 @@ class _Monitor:
         return waiting, self.last, now - self.last_at
 
     def _watch(self) -> None:
+        self.peers.serve(self.status())
         while not self._stop.wait(self._poll):
-            self._serve()
+            self.peers.serve(self.status())
             w = self.waiting
             if w is None:
                 continue
@@ -91,34 +154,10 @@ class _Monitor:
                 w.reported = True
                 self._report(w, ending=False)
 
-    def _serve(self) -> None:
-        MPI = mpicomm.mpi()
-        status = MPI.Status()
-        while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_QUERY, status=status):
-            source = status.Get_source()
-            query = self.comm.recv(source=source, tag=_QUERY)
-            self._sends.append(self.comm.isend((query, self.status()), dest=source, tag=_REPLY))
-        self._sends = [r for r in self._sends if not r.Test()]
-
     def _report(self, w: _Waiting, ending: bool) -> None:
-        MPI = mpicomm.mpi()
         members = [w.channel.global_rank(r) for r in range(w.channel.transport.size())]
         others = [r for r in members if r != self.rank]
-        query = (self.rank, next(self._ids))
-        for r in others:
-            self._sends.append(self.comm.isend(query, dest=r, tag=_QUERY))
-        answers: dict[int, tuple] = {}
-        deadline = time.monotonic() + _ANSWER_S
-        status = MPI.Status()
-        while len(answers) < len(others) and time.monotonic() < deadline:
-            self._serve()
-            if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_REPLY, status=status):
-                source = status.Get_source()
-                got, answer = self.comm.recv(source=source, tag=_REPLY)
-                if got == query:
-                    answers[source] = answer
-            else:
-                time.sleep(0.01)
+        answers = self.peers.ask(others, self.status)
         here = (w.channel.label, w.seq)
         waiting_here = [self.rank] + [r for r, a in answers.items()
                                       if a[0] is not None and a[0][:2] == here]
@@ -152,24 +191,31 @@ class _Monitor:
 _monitor: _Monitor | None = None
 
 
-def start(world_comm: Any, check_s: float, timeout_s: float) -> None:
-    """Watch this rank's rounds over MPI communicator ``world_comm`` (the backend's world's
-    ranks; None: no check). Needs MPI thread level multiple; collective: Dup."""
+def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = None,
+          rank: int = 0) -> None:
+    """Watch this rank's rounds, asking the other ranks over MPI communicator ``world_comm``
+    (the backend's world's ranks; collective: Dup; needs MPI thread level multiple), or
+    where that is None through key-value ``store`` (a torch.distributed Store that the
+    world's ranks share; this is world rank ``rank``). Neither: no check."""
     global _monitor
     stop()
-    if world_comm is None or (check_s <= 0 and timeout_s <= 0):
+    if check_s <= 0 and timeout_s <= 0:
         return
-    MPI = mpicomm.mpi()
-    if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
-        return
-    _monitor = _Monitor(world_comm.Dup(), check_s, timeout_s)
+    if world_comm is not None:
+        MPI = mpicomm.mpi()
+        if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            return
+        _monitor = _Monitor(_MpiPeers(world_comm.Dup()), world_comm.Get_rank(), check_s,
+                            timeout_s)
+    elif store is not None:
+        _monitor = _Monitor(_StorePeers(store, rank), rank, check_s, timeout_s)
 
 
 def stop() -> None:
     global _monitor
     if _monitor is not None:
         _monitor.stop()
-        _monitor.comm.Free()
+        _monitor.peers.close()
         _monitor = None
 
 

@@ -90,6 +90,14 @@ def start_process_group(comm: Any = None) -> bool:
     return True
 
 
+def stall_store() -> Any:
+    """The default group's store, under a prefix of the stall check's own (stall.py) and of
+    torchrun's restart, so that a restarted job does not read its predecessor's posts."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"hpctrain.stall/{attempt}/",
+                            dist.distributed_c10d._get_default_store())
+
+
 def _current_gpu() -> int | None:
     return torch.cuda.current_device() if torch.cuda.is_available() else None
 
