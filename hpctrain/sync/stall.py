@@ -104,17 +104,26 @@ class _MpiPeers:
 
 class _StorePeers:
     """The other ranks' statuses as each rank's thread last posted them on a key-value store
-    (torch.distributed's, under torchrun): at most one poll old."""
+    (torch.distributed's, under torchrun): at most one poll old.
+
+    A rank that has not posted yet is skipped rather than waited for: its counter
+    ``R.posted``, read with ``add(0)``, is 0 (``get`` would block, and ``check`` is missing
+    from torch before 2.3).
+    """
 
     def __init__(self, store: Any, rank: int):
         self.store, self.rank = store, rank
+        self._posted = False
 
     def serve(self, status: tuple) -> None:
         self.store.set(str(self.rank), pickle.dumps(status))
+        if not self._posted:
+            self.store.add(f"{self.rank}.posted", 1)
+            self._posted = True
 
     def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
         return {r: pickle.loads(self.store.get(str(r))) for r in others
-                if self.store.check([str(r)])}
+                if self.store.add(f"{r}.posted", 0)}
 
     def close(self) -> None:
         pass
