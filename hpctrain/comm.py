@@ -142,11 +142,15 @@ def describe_error(exc: BaseException) -> str:
 
 
 def _abort_hook(exc_type, exc, tb) -> None:
+    # The process's own stderr: torch.distributed's init_process_group wraps this hook with
+    # one that points sys.stderr at a buffer and prints it after the hook returns, which
+    # this one never does (it ends the process).
+    err = sys.__stderr__ or sys.stderr
     MPI = sys.modules.get("mpi4py.MPI")
     initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     r, n = (rank(), size()) if initialised else (env_rank(), env_size())
     if os.environ.get("HPCTRAIN_DEBUG"):
-        traceback.print_exception(exc_type, exc, tb)
+        traceback.print_exception(exc_type, exc, tb, file=err)
     status = 2 if isinstance(exc, UsageError) else 1
     if not initialised and r != 0:
         # Before MPI starts every rank validates the same arguments and rank 0 speaks for all:
@@ -154,7 +158,7 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # missing on this node only), and then this rank must say it.
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
     where = f" (rank {r} of {n})" if initialised and n > 1 else ""
-    print(f"hpctrain: error{where}: {describe_error(exc)}", file=sys.stderr, flush=True)
+    print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
     if initialised and n > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)
