@@ -62,6 +62,38 @@ def test_horovod_backend_without_horovod_says_make_setup(monkeypatch):
     assert sync.backend() is None
 
 
+def test_a_users_group_without_a_cpu_backend_is_refused_in_one_line(tmp_path):
+    """hpctrain's torch backend moves CPU tensors too: a group of NCCL alone (here gloo for
+    CUDA alone, which a CPU machine can make) is refused before any collective."""
+    import torch.distributed as dist
+
+    from hpctrain.sync.torch_transport import moves_cpu
+
+    assert [moves_cpu(b) for b in ("nccl", "gloo", "cpu:gloo,cuda:nccl", "cuda:nccl",
+                                   "mpi")] == [False, True, True, False, True]
+    dist.init_process_group("cuda:gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        with pytest.raises(UsageError, match=r"default group \('cuda:gloo'\) has no backend "
+                                             "for CPU tensors.*cpu:gloo,cuda:nccl") as e:
+            sync.init(backend="torch")
+        assert "\n" not in str(e.value) and sync.backend() is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_share_a_gpu_only_when_a_node_has_more_ranks_than_gpus_in_sight():
+    from hpctrain.sync.torch_transport import shares_gpus
+
+    assert not shares_gpus([("a", []), ("a", [])])  # no GPU: nothing shared
+    assert shares_gpus([("a", ["G0"]), ("a", ["G0"])])  # two ranks, one GPU
+    # Each rank sees all of the node's GPUs and picks its own after init (Horovod's way).
+    assert not shares_gpus([("a", ["G0", "G1"]), ("a", ["G0", "G1"])])
+    # Each rank sees only its own GPU, as its device 0 (Slurm's --gpus-per-task).
+    assert not shares_gpus([("a", ["G0"]), ("a", ["G1"]), ("b", ["G0"]), ("b", ["G1"])])
+    assert shares_gpus([("a", ["G0"]), ("a", ["G1"]), ("b", ["G0"]), ("b", ["G0"])])
+
+
 def test_buckets_reverse_order_split_by_size_and_dtype():
     f32, f16 = torch.float32, torch.float16
     sizes = [(10, f32), (10, f32), (30, f32), (5, f16), (5, f16)]
@@ -238,6 +270,30 @@ def test_allgather_concatenates_uneven_first_dimensions(hvd):
     assert out.tolist() == [[k, k] for k in range(n) for _ in range(k + 1)]
     h = hvd.allgather_async(torch.tensor([float(r)]))
     assert hvd.synchronize(h).tolist() == [float(k) for k in range(n)]
+
+
+@mpi
+@timeout
+@pytest.mark.parametrize("dtype", [torch.int16, getattr(torch, "uint32", torch.int16)],
+                         ids=["int16", "uint32"])
+def test_integer_types_gloo_and_nccl_lack_move_and_reduce(hvd, dtype):
+    """gloo (and NCCL) have no int16 or uint32: the torch backend moves their bytes and
+    reduces them in int64, as MPI does in the types themselves."""
+    if hvd.backend() == "horovod":
+        pytest.skip("Horovod takes neither int16 nor uint32 tensors")
+    r, n = hvd.rank(), hvd.size()
+    t = torch.tensor([r + 1, 2 * r + 3, 7], dtype=dtype)
+    assert hvd.allreduce(t, op=hvd.Sum).tolist() == [n * (n + 1) // 2, n * n + 2 * n, 7 * n]
+    assert hvd.allreduce(t, op=hvd.Max).tolist() == [n, 2 * n + 1, 7]
+    assert hvd.allreduce(t, op=hvd.Min).dtype == dtype
+    assert hvd.broadcast(t, n - 1).tolist() == [n, 2 * n + 1, 7]
+    assert hvd.broadcast(torch.tensor(r, dtype=dtype), 0).item() == 0  # no dimension
+    rows = torch.full((r + 1, 2), r, dtype=dtype)
+    assert hvd.allgather(rows).tolist() == [[k, k] for k in range(n) for _ in range(k + 1)]
+    mine = torch.tensor([10 * r + k for k in range(n)], dtype=dtype)
+    assert hvd.alltoall(mine).tolist() == [10 * k + r for k in range(n)]
+    summed = hvd.reducescatter(torch.ones(2 * n, dtype=dtype), op=hvd.Sum)
+    assert summed.dtype == dtype and summed.tolist() == [n, n]
 
 
 @mpi

@@ -34,6 +34,11 @@ _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
 # _keep): more than gloo has worker threads (2 a group), each holding at most the one
 # operation it runs.
 _RECENT: deque = deque(maxlen=16)
+# Integer types gloo and NCCL have no type for: moved as their bytes (_raw), and reduced in
+# int64 (_wide), which holds every 16- and 32-bit value (uint64 is refused for reductions).
+# (torch.uint16 and wider came with torch 2.3.)
+_UNTYPED = tuple(getattr(torch, t) for t in ("int16", "uint16", "uint32", "uint64")
+                 if hasattr(torch, t))
 
 
 def _keep(work: Any, *tensors: Any) -> Any:
@@ -51,6 +56,23 @@ def _keep(work: Any, *tensors: Any) -> Any:
     return work
 
 
+def _raw(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous ``t`` of an untyped dtype as its bytes (a view, rows kept as the first
+    dimension, so that row counts and writes stay those of ``t``); other tensors as given."""
+    if t.dtype not in _UNTYPED:
+        return t
+    rows = t.shape[0] if t.dim() else 1
+    return t.reshape(rows, -1 if t.numel() else 0).view(torch.uint8)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """An int64 copy of ``t``, to reduce an untyped dtype in."""
+    if t.dtype == getattr(torch, "uint64", None):
+        raise UsageError("backend 'torch': reducing torch.uint64 tensors is not supported "
+                         "(gloo and NCCL have no such type); use the mpi backend")
+    return t.to(torch.int64)
+
+
 def forget_recent() -> None:
     """Drop the operations ``_keep`` held: at shutdown, once every group is gone."""
     _RECENT.clear()
@@ -63,6 +85,12 @@ def start_process_group(comm: Any = None) -> bool:
     if not dist.is_available():
         raise UsageError("--sync-backend torch: this torch was built without torch.distributed")
     if dist.is_initialized():
+        backend = str(dist.get_backend())
+        if not moves_cpu(backend):
+            raise UsageError(f"backend 'torch': torch.distributed's default group ({backend!r})"
+                             " has no backend for CPU tensors, which hpctrain also moves "
+                             "(objects, the agreement rounds): init_process_group('cpu:gloo,"
+                             "cuda:nccl'), or let hpctrain.sync.init() make the group")
         if comm is not None and comm.Get_size() != dist.get_world_size():
             raise UsageError(f"backend 'torch': torch.distributed runs {dist.get_world_size()} "
                              f"ranks already, comm has {comm.Get_size()}")
@@ -83,8 +111,7 @@ def start_process_group(comm: Any = None) -> bool:
             s.bind(("", 0))
             address = f"{host}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
-    gpus = comm.allgather((node, _current_gpu()))
-    shared = any(g is not None and gpus.count(g) > 1 for g in gpus)
+    shared = shares_gpus(comm.allgather((node, _visible_gpus())))
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
@@ -98,8 +125,37 @@ def stall_store() -> Any:
                             dist.distributed_c10d._get_default_store())
 
 
-def _current_gpu() -> int | None:
-    return torch.cuda.current_device() if torch.cuda.is_available() else None
+def moves_cpu(backend: str) -> bool:
+    """Whether a group of ``backend`` (``dist.get_backend``'s text: a name such as ``nccl``,
+    or a device map such as ``cpu:gloo,cuda:nccl``) has a backend for CPU tensors."""
+    backend = backend.lower()
+    if ":" in backend:
+        return any(part.split(":")[0].strip() == "cpu" for part in backend.split(","))
+    return backend != "nccl"
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this process sees, by UUID (by index where torch has no UUIDs, before 2.2)."""
+    if not torch.cuda.is_available():
+        return []
+    return [str(getattr(torch.cuda.get_device_properties(i), "uuid", f"index {i}"))
+            for i in range(torch.cuda.device_count())]
+
+
+def shares_gpus(seen: list[tuple[str, list[str]]]) -> bool:
+    """Whether some node runs more ranks than there are GPUs among those its ranks see
+    (``seen``: each rank's node and visible GPUs), so that two ranks must share one.
+
+    Counted by what the ranks see, not by the device they have made current: a Horovod-style
+    script selects its GPU after ``init``, and under Slurm's ``--gpus-per-task`` each rank
+    sees its own GPU as device 0.
+    """
+    ranks: dict[str, int] = {}
+    gpus: dict[str, set[str]] = {}
+    for node, visible in seen:
+        ranks[node] = ranks.get(node, 0) + 1
+        gpus.setdefault(node, set()).update(visible)
+    return any(gpus[node] and ranks[node] > len(gpus[node]) for node in ranks)
 
 
 def _shared_gpu_env() -> bool:
@@ -175,12 +231,17 @@ class TorchTransport:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
 
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
+        if out.dtype in _UNTYPED:
+            wide = _wide(out if send is None else send)
+            work = dist.all_reduce(wide, op=_OPS[int(op)], group=self.group, async_op=True)
+            return _Work(_keep(work, wide), lambda: out.copy_(wide))
         if send is not None:
             out.copy_(send)
         work = dist.all_reduce(out, op=_OPS[int(op)], group=self.group, async_op=True)
         return _Work(_keep(work, out))
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
+        send, out = _raw(send), _raw(out)
         most = max(rows)
         padded = send.new_zeros((most, *send.shape[1:]))
         padded[:len(send)] = send
@@ -194,32 +255,34 @@ class TorchTransport:
         return _Work(work, unpad)
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
+        tensor = _raw(tensor)
         work = dist.broadcast(tensor, src=self._global(root), group=self.group, async_op=True)
         return _Work(_keep(work, tensor))
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
                   recv_rows: list[int]) -> Request:
+        send, out = _raw(send), _raw(out)
         work = dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
                                       input_split_sizes=send_rows, group=self.group,
                                       async_op=True)
         return _Work(_keep(work, out, send))
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
-        peer = self._global(peer)
+        peer, send, out = self._global(peer), _raw(send), _raw(out)
         ops = [dist.P2POp(f, t, peer, self.group) for f, t in ((dist.isend, send),
                                                                 (dist.irecv, out)) if t.numel()]
         return _Works(_keep(dist.batch_isend_irecv(ops) if ops else [], send, out))
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
-        if self.nccl and send.device.type != "cpu":
+        if self.nccl and send.device.type != "cpu" and send.dtype not in _UNTYPED:
             parts = list(send.split(counts))
             work = dist.reduce_scatter(out, parts, op=_OPS[int(op)], group=self.group,
                                        async_op=True)
             return _Work(_keep(work, out, parts))
         # gloo: one allreduce of the whole vector, this rank's rows kept. gloo has no
         # reduce_scatter before torch 2.8, and from 2.8 runs one allreduce per rank.
-        whole = send.clone()
+        whole = _wide(send) if send.dtype in _UNTYPED else send.clone()
         work = dist.all_reduce(whole, op=_OPS[int(op)], group=self.group, async_op=True)
         mine = whole.narrow(0, sum(counts[:self.rank()]), counts[self.rank()])
         return _Work(_keep(work, whole), lambda: out.copy_(mine))
