@@ -152,5 +152,13 @@ class HostStage:
 
 def mpi_buffer(tensor: torch.Tensor):
     """``tensor``'s memory as mpi4py takes it: a numpy view of CPU memory, or the CUDA tensor
-    itself (its ``__cuda_array_interface__``) for a CUDA-aware MPI."""
-    return tensor.numpy() if tensor.device.type == "cpu" else tensor
+    itself (its ``__cuda_array_interface__``) for a CUDA-aware MPI.
+
+    A CUDA tensor's stream is synchronised first: MPI reads and writes device memory outside
+    torch's streams, so the kernels that filled the tensor (or that still read the memory the
+    caching allocator gave it) must be done before MPI starts.
+    """
+    if tensor.device.type == "cpu":
+        return tensor.numpy()
+    torch.cuda.current_stream(tensor.device).synchronize()
+    return tensor

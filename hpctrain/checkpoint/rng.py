@@ -1,4 +1,4 @@
-"""The random-number state of one rank (torch, numpy and, when present, CUDA).
+"""The random-number state of one rank (torch, numpy and, when it uses one, its GPU).
 
 A resumed run must draw the same random numbers as an uninterrupted one (dropout, augmentation,
 straggler jitter), so each rank's generators travel in the checkpoint. They are stored as plain
@@ -17,8 +17,10 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)}}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        # This rank's GPU only: a resumed rank may see other GPUs, or fewer, and a run that
+        # never touched CUDA has no state there worth keeping (nor a reason to start CUDA).
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -29,4 +31,4 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
                          n["has_gauss"], n["cached"]))
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])  # on this rank's device, chosen by then
