@@ -97,6 +97,28 @@ def test_snapshots_of_a_gpu_model_live_on_the_host():
     model.load_state_dict(snaps[0].state)
 
 
+def test_nccl_in_one_process_moves_and_reduces_cuda_tensors():
+    """One rank with a GPU of its own takes NCCL for CUDA tensors (ranks sharing a GPU, as
+    in the MPI tests below, take gloo), so NCCL's own calls run here: all_reduce,
+    reduce_scatter, all_to_all_single, broadcast, all_gather, and the integers NCCL has no
+    type for."""
+    from hpctrain.sync import collectives
+
+    dev = gpu()
+    sync.init(backend="torch")
+    try:
+        assert collectives.world("test").transport.nccl
+        t = torch.arange(6.0, device=dev)
+        for got in (sync.allreduce(t, op=sync.Sum), sync.reducescatter(t, op=sync.Sum),
+                    sync.alltoall(t), sync.broadcast(t, 0), sync.allgather(t)):
+            assert got.device == dev and torch.equal(got, t)
+        small = torch.tensor([1, 2], dtype=torch.int16, device=dev)
+        assert sync.allreduce(small, op=sync.Sum).tolist() == [1, 2]
+        assert torch.equal(sync.broadcast(small, 0), small)
+    finally:
+        sync.shutdown()
+
+
 # ---------------------------------------------------------------- MPI, ranks sharing GPUs
 
 @pytest.fixture(params=["mpi", "torch"])
