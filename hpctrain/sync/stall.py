@@ -116,14 +116,20 @@ class _StorePeers:
         self._posted = False
 
     def serve(self, status: tuple) -> None:
-        self.store.set(str(self.rank), pickle.dumps(status))
-        if not self._posted:
-            self.store.add(f"{self.rank}.posted", 1)
-            self._posted = True
+        try:
+            self.store.set(str(self.rank), pickle.dumps(status))
+            if not self._posted:
+                self.store.add(f"{self.rank}.posted", 1)
+                self._posted = True
+        except RuntimeError:  # the store's host has gone: the job is ending
+            pass
 
     def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
-        return {r: pickle.loads(self.store.get(str(r))) for r in others
-                if self.store.add(f"{r}.posted", 0)}
+        try:
+            return {r: pickle.loads(self.store.get(str(r))) for r in others
+                    if self.store.add(f"{r}.posted", 0)}
+        except RuntimeError:
+            return {}
 
     def close(self) -> None:
         pass
