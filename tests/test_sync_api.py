@@ -554,7 +554,7 @@ def test_buckets_start_while_backward_runs(mpi_backend):
 def test_torch_backend_starts_and_stops_again_and_again():
     """Before torch 2.8 a gloo group's destructor joined its worker threads holding the GIL,
     so a worker dropping the last reference to a tensor of the last operation hung the
-    process (TorchTransport._keep). With torch 2.1.2 these 20 cycles hung every time."""
+    process (torch_transport._keep). With torch 2.1.2 these 20 cycles hung every time."""
     torch.set_num_threads(1)
     for i in range(20):
         sync.init(backend="torch")

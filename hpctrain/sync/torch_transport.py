@@ -247,7 +247,7 @@ class TorchTransport:
         padded[:len(send)] = send
         parts = [torch.empty_like(padded) for _ in rows]
         work = _keep(dist.all_gather(parts, padded, group=self.group, async_op=True),
-                          parts, padded)
+                     parts, padded)
 
         def unpad() -> None:
             torch.cat([p[:r] for p, r in zip(parts, rows, strict=True)], out=out)
@@ -321,7 +321,7 @@ class TorchTransport:
         padded[:len(data)] = data
         parts = [torch.empty_like(padded) for _ in rows] if self.rank() == root else None
         _keep(dist.gather(padded, parts, dst=self._global(root), group=self.group,
-                               async_op=True), padded, parts).wait()
+                          async_op=True), padded, parts).wait()
         if parts is None:
             return None
         return [pickle.loads(p[:r].numpy().tobytes()) for p, r in zip(parts, rows, strict=True)]
