@@ -297,12 +297,7 @@ def _table(result: dict) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":
-    comm.install_abort_on_error()
-    _parser = argparse.ArgumentParser(prog="python -m hpctrain.bench.allreduce",
-                                      description=DESCRIPTION)
-    add_arguments(_parser)
-    _args = _parser.parse_args()
-    comm.init(THREAD_LEVEL)
-    torch.set_num_threads(1)
-    run(_args)
+if __name__ == "__main__":  # the same as ``hpctrain bench allreduce``
+    from hpctrain.cli import main
+
+    main(["bench", "allreduce", *sys.argv[1:]])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -122,8 +123,7 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m hpctrain.bench.kernel",
-                                      description=DESCRIPTION)
-    add_arguments(_parser)
-    run(_parser.parse_args())
+if __name__ == "__main__":  # the same as ``hpctrain bench kernel``
+    from hpctrain.cli import main
+
+    main(["bench", "kernel", *sys.argv[1:]])

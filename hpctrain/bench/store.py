@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -170,11 +171,7 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-if __name__ == "__main__":
-    comm.install_abort_on_error()
-    _parser = argparse.ArgumentParser(prog="python -m hpctrain.bench.store",
-                                      description=DESCRIPTION)
-    add_arguments(_parser)
-    _args = _parser.parse_args()
-    comm.init(THREAD_LEVEL)
-    run(_args)
+if __name__ == "__main__":  # the same as ``hpctrain bench store``
+    from hpctrain.cli import main
+
+    main(["bench", "store", *sys.argv[1:]])
