@@ -168,15 +168,16 @@ def shuffle_long(out: Path) -> None:
 
 
 def ecma(out: Path) -> None:
-    """EC against MA, long tau, label-skewed data."""
+    """EC against MA, long tau, label-skewed data; EC distilling its own or all draws."""
     ks, seeds = [16, 32], [1, 2, 3]
+    variants = {"ma": ("ma", {}), "ec": ("ec", {"ec_distill_size": 64}),
+                "ec-all": ("ec", {"ec_distill_size": 64, "ec_distill_from": "all"})}
     rows = {}
     data = DataConfig(shuffle="local", partition="label-skew")
     for k in ks:
-        for algo in ("ma", "ec"):
-            options = algorithm_options(algo)(tau_epochs=1.0) if algo == "ma" else \
-                algorithm_options(algo)(tau_epochs=1.0, ec_distill_size=64)
-            rows[(k, algo)] = [run(out, f"{algo}-K{k}-s{seed}", algo, k, seed, epochs=4,
+        for name, (algo, extra) in variants.items():
+            options = algorithm_options(algo)(tau_epochs=1.0, **extra)
+            rows[(k, name)] = [run(out, f"{name}-K{k}-s{seed}", algo, k, seed, epochs=4,
                                    batch=16, lr=0.05, momentum=0.9, data=data,
                                    algorithm=options) for seed in seeds]
     lines = ["| K | algorithm | test error (final model): median [min, max] | "

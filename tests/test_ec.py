@@ -57,6 +57,7 @@ def test_loss_mixes_linearly_and_vanishes_when_student_is_teacher():
     ((5, 0.5, 0.0, 10), "--ec-temperature 0.0 must be > 0"),
     ((5, 0.5, float("nan"), 10), "--ec-temperature nan must be > 0"),
     ((5, 0.5, 2.0, 0), "--ec-distill-size 0 must be >= 1"),
+    ((5, 0.5, 2.0, 10, "mine"), "--ec-distill-from 'mine' is not one of ('own', 'all')"),
 ])
 def test_check_options(values, message):
     with pytest.raises(UsageError) as err:
@@ -79,6 +80,10 @@ def error_lines(proc) -> list[str]:
     (["--algo", "ec", "--ec-distill-size", "1025"], 2,
      "--ec-distill-size 1025 exceeds the 1024 training samples each of the 2 ranks holds"),
     (["--algo", "ec", "--ec-final", "best"], 0, "argument --ec-final: invalid choice: 'best'"),
+    (["--algo", "ec", "--ec-distill-from", "peers"], 0,
+     "argument --ec-distill-from: invalid choice: 'peers'"),
+    (["--algo", "ma", "--ec-distill-from", "all"], 0,
+     "--ec-distill-from is an option of ec, not of --algo ma"),
     # No round before the last update: no distillation at all (independent training).
     # 2 ranks, 1024 samples each, batch 32: 32 updates per rank.
     (["--algo", "ec", "--tau", "32"], 2,
@@ -146,18 +151,23 @@ def test_ma_with_tau_past_the_run_still_averages_at_the_end(tmp_path):
     assert points[-1]["member_acc"] == points[-1]["averaged_acc"]
 
 
-# Replicated: sample ids (8 bytes) go out; sharded: the 16x16 float32 images themselves.
-@pytest.mark.parametrize("placement, item_bytes", [("replicated", 8), ("sharded", 16 * 16 * 4)])
-def test_ec_job_reports_members_and_ensemble(placement, item_bytes, tmp_path):
+# Replicated: sample ids (8 bytes) go out; sharded: the 16x16 float32 images themselves, and
+# their labels too when every worker's draw is shared.
+@pytest.mark.parametrize("placement, source, item_bytes", [
+    ("replicated", "own", 8), ("sharded", "own", 16 * 16 * 4), ("sharded", "all", 16 * 16 * 4 + 8),
+])
+def test_ec_job_reports_members_and_ensemble(placement, source, item_bytes, tmp_path):
     out = tmp_path / "ec"
     proc = run_job(["train", "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size",
                     "40", "--ec-final", "ensemble", "--data-placement", placement,
-                    "--out", str(out)], np=2, timeout=180)
+                    "--ec-distill-from", source, "--out", str(out)], np=2, timeout=180)
     summary, points = finished(proc, out)
     # 32 steps, tau 8: rounds after steps 8, 16 and 24; none on the last step.
     assert summary["tau"] == 8 and summary["aggregation"]["rounds"] == 3
-    # 40 samples to the other rank; 40 rows of 10 probabilities back to it.
-    assert summary["aggregation"]["bytes_per_round"] == 40 * item_bytes + 40 * 10 * 4
+    # 40 samples to the other rank; 40 rows of 10 probabilities back to it, or (all) a ring
+    # allreduce of all 80 rows: each rank sends half of them twice.
+    back = 40 * 10 * 4 if source == "own" else 80 * 10 * 4
+    assert summary["aggregation"]["bytes_per_round"] == 40 * item_bytes + back
     assert summary["distilled_samples_per_rank"] == 3 * 40
     assert all(p["test_acc"] == p["ensemble_acc"] for p in points)  # --ec-final ensemble
     assert summary["final_member_acc"] == points[-1]["member_acc"]

@@ -48,29 +48,42 @@ def flat(model) -> torch.Tensor:
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared", [False, True], ids=["own", "shared"])
 @pytest.mark.parametrize("by", ["ids", "images"])
-def test_ensemble_probabilities_are_the_mean_of_all_models(by):
+def test_ensemble_probabilities_are_the_mean_of_all_models(by, shared):
     comm = world()
     rank, ranks = comm.Get_rank(), comm.Get_size()
     full = data.load("synthetic")
     model = member(100 + rank)  # a different model on every rank
     n = 3 * rank  # unequal counts, and rank 0 contributes none
-    ids = torch.randperm(len(full), generator=torch.Generator().manual_seed(rank))[:n]
+    draws = [torch.randperm(len(full), generator=torch.Generator().manual_seed(r))[:3 * r]
+             for r in range(ranks)]
+    ids = draws[rank]
     temperature = 2.5
     if by == "ids":
-        out = ensemble_probabilities(model, comm, temperature, 10, ids=ids, lookup=full)
+        out = ensemble_probabilities(model, comm, temperature, 10, ids=ids, lookup=full,
+                                     shared=shared)
     else:
-        out = ensemble_probabilities(model, comm, temperature, 10, images=full.images[ids])
+        out = ensemble_probabilities(model, comm, temperature, 10, images=full.images[ids],
+                                     labels=full.labels[ids], shared=shared)
+    rows = torch.cat(draws) if shared else ids  # shared: every rank's samples, in rank order
     with torch.no_grad():
-        expected = torch.stack([F.softmax(m(full.images[ids]) / temperature, dim=1)
+        expected = torch.stack([F.softmax(m(full.images[rows]) / temperature, dim=1)
                                 for m in gathered_models(comm, model)]).mean(0)
-    assert out.probs.shape == (n, 10)
+    assert out.probs.shape == (len(rows), 10)
     torch.testing.assert_close(out.probs, expected, atol=1e-6, rtol=1e-5)
-    if n:
-        torch.testing.assert_close(out.probs.sum(1), torch.ones(n))
+    torch.testing.assert_close(out.probs.sum(1), torch.ones(len(rows)))
     total = sum(3 * r for r in range(ranks))
     item = 8 if by == "ids" else 4 * full.images[0].numel()
-    assert out.bytes_sent == n * item * (ranks - 1) + (total - n) * 10 * 4
+    if shared:
+        assert torch.equal(out.samples[0], full.images[rows])
+        assert torch.equal(out.samples[1], full.labels[rows])
+        labels = 0 if by == "ids" else n * 8 * (ranks - 1)
+        returned = 2 * (ranks - 1) * total * 10 * 4 // ranks
+        assert out.bytes_sent == n * item * (ranks - 1) + labels + returned
+    else:
+        assert out.samples is None
+        assert out.bytes_sent == n * item * (ranks - 1) + (total - n) * 10 * 4
 
 
 @pytest.mark.mpi(min_size=2)
@@ -160,6 +173,48 @@ def test_ec_hook_relabels_with_the_ensemble_and_keeps_members_apart():
     assert models.num_parameters(model) == params  # compression: the model never grows
     others = comm.allgather(flat(model))
     assert not torch.equal(others[0], others[1])  # each worker keeps its own model
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("by", ["ids", "images"])
+def test_ec_distilling_from_all_shares_every_workers_draw(by):
+    """A worker whose own data hold one class distils samples of the others' classes."""
+    comm = world()
+    rank = comm.Get_rank()
+    full = data.load("synthetic")
+    local = full.subset(torch.nonzero(full.labels == rank).flatten()[:40])  # one class each
+    model = member(3)
+    broadcast_model(model, comm)
+    size = 12
+    ec = EnsembleCompression(model, comm, tau=2, alpha=0.5, temperature=2.0,
+                             distill_size=size, local=local,
+                             lookup=full if by == "ids" else None, seed=5,
+                             distill_from="all")
+    ec.after_step()
+    ec.after_step()
+    teachers = gathered_models(comm, model)
+    x, y, p = ec.relabelled
+    assert len(x) == len(y) == len(p) == size
+    # Each relabelled sample is one of some worker's local samples, with its true label.
+    drawn = torch.cat(comm.allgather(local.ids))
+    rows = torch.stack([torch.nonzero((full.images == xi).flatten(1).all(1)).flatten()[0]
+                        for xi in x])
+    assert set(rows.tolist()) <= set(drawn.tolist())
+    assert torch.equal(y, full.labels[rows])
+    assert len(set(y.tolist())) > 1  # not only this worker's class
+    with torch.no_grad():
+        expected = torch.stack([F.softmax(m(x) / 2.0, dim=1) for m in teachers]).mean(0)
+    torch.testing.assert_close(p, expected, atol=1e-6, rtol=1e-5)
+    picks = comm.allgather(rows)
+    assert any(not torch.equal(picks[0], other) for other in picks[1:])  # a share each
+    # The same rank, seed and round pick the same samples: a resumed run goes on alike.
+    again = EnsembleCompression(model, comm, tau=1, alpha=0.5, temperature=2.0,
+                                distill_size=size, local=local,
+                                lookup=full if by == "ids" else None, seed=5,
+                                distill_from="all")
+    again.aggregate()
+    assert torch.equal(again.relabelled[0], x) and torch.equal(again.relabelled[1], y)
 
 
 @pytest.mark.mpi(min_size=2)

@@ -164,6 +164,13 @@ def test_ma_and_ec_run_the_real_aggregators(tmp_path):
     assert ma["final_averaged_acc"] == ma["final_member_acc"]  # averaged after the last step
     assert ec["aggregation"]["rounds"] >= 2 and ec["distilled_samples_per_rank"] > 0
     assert ec["aggregation"]["inference_s"] > 0  # modelled, virtual
+    shared = simulate(config("ec", tmp_path / "ec-all", algorithm=algorithm_options("ec")(
+        tau=4, ec_distill_size=16, ec_distill_from="all")), sim(4))
+    # The same rounds and relabelled samples; sample ids go to 3 workers as before, and the
+    # probabilities of all 64 samples come back to every worker (a ring allreduce's bytes).
+    assert shared["distilled_samples_per_rank"] == ec["distilled_samples_per_rank"]
+    assert ec["aggregation"]["bytes_per_round"] == 16 * 8 * 3 + 48 * 10 * 4
+    assert shared["aggregation"]["bytes_per_round"] == 16 * 8 * 3 + 2 * 3 * 64 * 10 * 4 // 4
 
 
 def test_partial_shuffle_of_label_skewed_data_at_128_workers(tmp_path):

@@ -24,6 +24,7 @@ from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint.resize import mean_tensors
 from hpctrain.ec.averaging import ModelAveraging as Averaging
 from hpctrain.ec.averaging import broadcast_model
+from hpctrain.ec.compression import DISTILL_FROM
 from hpctrain.ec.compression import EnsembleCompression as Compression
 from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError
@@ -61,6 +62,9 @@ class CompressionOptions(AveragingOptions):
                                    parse=float, range=Range(0, low_open=True))
     ec_distill_size: int = option(512, "samples per worker relabelled by the ensemble each "
                                   "round", parse=int, range=Range(1))
+    ec_distill_from: str = option("own", "whose samples a worker distils: its own draw (the "
+                                  "seed's EC) or a random share of every worker's draw",
+                                  choices=DISTILL_FROM)
     ec_final: str = option("member", "the reported final model, rank 0's member or the "
                            "ensemble", choices=("member", "ensemble"))
 
@@ -163,14 +167,16 @@ class EnsembleCompression(ModelAveraging):
 
     def label(self) -> str:
         o = self.options
+        source = "" if o.ec_distill_from == "own" else f" from {o.ec_distill_from}"
         return (f"ec (tau={self.tau}, alpha={o.ec_alpha}, T={o.ec_temperature}, "
-                f"distill={o.ec_distill_size}, final={o.ec_final})")
+                f"distill={o.ec_distill_size}{source}, final={o.ec_final})")
 
     def make_aggregator(self, s: Setup):
         o = self.options
         lookup = s.train_data.full if isinstance(s.train_data, ReplicatedTrainData) else None
         return Compression(s.model, s.comm, self.tau, o.ec_alpha, o.ec_temperature,
-                           o.ec_distill_size, lookup=lookup, seed=self.config.seed)
+                           o.ec_distill_size, lookup=lookup, seed=self.config.seed,
+                           distill_from=o.ec_distill_from)
 
     def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
         """EC resumed on another number of workers: member ``j`` is old member ``j mod K``

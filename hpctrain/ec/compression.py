@@ -8,6 +8,10 @@ round. The batch loss is the mean over all its samples of plain cross-entropy (o
 samples) and of :func:`~hpctrain.ec.distill.distillation_loss` (relabelled samples). The first
 round has no teacher yet and is plain cross-entropy. Model size never changes, and every rank
 keeps its own model.
+
+``distill_from="all"`` departs from the seed's EC: the ensemble labels every rank's draw for
+every rank, and each rank distils ``distill_size`` samples picked at random from all of them
+(true labels included), so a worker whose own data hold a few classes sees the others'.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ from hpctrain.ec.ensemble import ensemble_probabilities
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError
 
+DISTILL_FROM = ("own", "all")
 
-def check_options(tau: int, alpha: float, temperature: float, distill_size: int) -> None:
+
+def check_options(tau: int, alpha: float, temperature: float, distill_size: int,
+                  distill_from: str = "own") -> None:
     """Raise UsageError, naming the value, for EC options out of range."""
     if tau < 1:
         raise UsageError(f"--tau {tau} must be >= 1")
@@ -36,6 +43,8 @@ def check_options(tau: int, alpha: float, temperature: float, distill_size: int)
         raise UsageError(f"--ec-temperature {temperature} must be > 0")
     if distill_size < 1:
         raise UsageError(f"--ec-distill-size {distill_size} must be >= 1")
+    if distill_from not in DISTILL_FROM:
+        raise UsageError(f"--ec-distill-from {distill_from!r} is not one of {DISTILL_FROM}")
 
 
 def _generator(*key: int) -> torch.Generator:
@@ -49,18 +58,18 @@ class EnsembleCompression:
     ``local`` is this rank's training data (give or update it with :meth:`set_local_data`
     before the first aggregation and whenever it changes). ``lookup``, when every rank holds
     the whole training set with ``ids`` equal to row numbers, lets ranks exchange sample ids
-    instead of inputs.
+    instead of inputs. ``distill_from``: "own" (the seed's EC) or "all" (module docstring).
     """
 
     def __init__(self, model: nn.Module, comm, tau: int, alpha: float, temperature: float,
                  distill_size: int, local: Dataset | None = None,
-                 lookup: Dataset | None = None, seed: int = 0):
-        check_options(tau, alpha, temperature, distill_size)
+                 lookup: Dataset | None = None, seed: int = 0, distill_from: str = "own"):
+        check_options(tau, alpha, temperature, distill_size, distill_from)
         if lookup is not None and not torch.equal(lookup.ids, torch.arange(len(lookup))):
             raise ValueError("lookup's ids must be its row numbers")
         self.model, self.comm, self.tau = model, comm, tau
         self.alpha, self.temperature, self.distill_size = alpha, temperature, distill_size
-        self.lookup, self.seed = lookup, seed
+        self.lookup, self.seed, self.distill_from = lookup, seed, distill_from
         self.local: Dataset | None = None
         if local is not None:
             self.set_local_data(local)
@@ -131,14 +140,21 @@ class EnsembleCompression:
         gen = _generator(self.seed, self.comm.Get_rank(), self.rounds)
         chosen = self.local.subset(torch.randperm(len(self.local), generator=gen)
                                    [:self.distill_size])
+        shared = self.distill_from == "all"
         if self.lookup is not None:
             out = ensemble_probabilities(self.model, self.comm, self.temperature,
                                          self.local.num_classes, ids=chosen.ids,
-                                         lookup=self.lookup)
+                                         lookup=self.lookup, shared=shared)
         else:
             out = ensemble_probabilities(self.model, self.comm, self.temperature,
-                                         self.local.num_classes, images=chosen.images)
-        self.relabelled = (chosen.images, chosen.labels, out.probs)
+                                         self.local.num_classes, images=chosen.images,
+                                         labels=chosen.labels, shared=shared)
+        if shared:  # this rank's share of everyone's draw, from the same generator
+            x, y = out.samples
+            pick = torch.randperm(len(x), generator=gen)[:self.distill_size]
+            self.relabelled = (x[pick], y[pick], out.probs[pick])
+        else:
+            self.relabelled = (chosen.images, chosen.labels, out.probs)
         self.rounds += 1
         self._round_start = self.steps
         self.stats.record(out.bytes_sent, time.perf_counter() - start,
