@@ -171,7 +171,8 @@ def ecma(out: Path) -> None:
     """EC against MA, long tau, label-skewed data; EC distilling its own or all draws."""
     ks, seeds = [16, 32], [1, 2, 3]
     variants = {"ma": ("ma", {}), "ec": ("ec", {"ec_distill_size": 64}),
-                "ec-all": ("ec", {"ec_distill_size": 64, "ec_distill_from": "all"})}
+                "ec-all": ("ec", {"ec_distill_size": 64, "ec_distill_from": "all"}),
+                "ec-all-d128": ("ec", {"ec_distill_size": 128, "ec_distill_from": "all"})}
     rows = {}
     data = DataConfig(shuffle="local", partition="label-skew")
     for k in ks:

@@ -169,6 +169,8 @@ def test_ec_job_reports_members_and_ensemble(placement, source, item_bytes, tmp_
     back = 40 * 10 * 4 if source == "own" else 80 * 10 * 4
     assert summary["aggregation"]["bytes_per_round"] == 40 * item_bytes + back
     assert summary["distilled_samples_per_rank"] == 3 * 40
+    name = "EC tau=8" + (" from all" if source == "all" else "")
+    assert [c[0] for c in plot.curves(out)] == [f"{name} (member)", f"{name} (ensemble)"]
     assert all(p["test_acc"] == p["ensemble_acc"] for p in points)  # --ec-final ensemble
     assert summary["final_member_acc"] == points[-1]["member_acc"]
     assert "averaged_acc" not in points[-1]

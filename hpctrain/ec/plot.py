@@ -18,7 +18,10 @@ def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str
     summary = json.loads((Path(run_dir) / "summary.json").read_text())
     points = read_points(run_dir)
     t = [p["t"] for p in points]
+    options = json.loads((Path(run_dir) / "config.json").read_text())["algorithm"]
     name = f"{summary['algo'].upper()} tau={summary['tau']}"
+    if options.get("ec_distill_from", "own") != "own":
+        name += f" from {options['ec_distill_from']}"
     if summary["algo"] == "ma":
         return [(f"{name} (averaged)", t, [p["averaged_acc"] for p in points], "-")]
     return [(f"{name} (member)", t, [p["member_acc"] for p in points], "-"),
