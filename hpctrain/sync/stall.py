@@ -68,14 +68,14 @@ class _MpiPeers:
         self._ids = itertools.count()
         self._sends: list[Any] = []
 
-    def serve(self, status: tuple) -> None:
-        """Answer the questions that have arrived with this rank's ``status``."""
+    def serve(self, status: Callable[[], tuple]) -> None:
+        """Answer the questions that have arrived with this rank's ``status()``."""
         MPI = mpicomm.mpi()
         probe = MPI.Status()
         while self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_QUERY, status=probe):
             source = probe.Get_source()
             query = self.comm.recv(source=source, tag=_QUERY)
-            self._sends.append(self.comm.isend((query, status), dest=source, tag=_REPLY))
+            self._sends.append(self.comm.isend((query, status()), dest=source, tag=_REPLY))
         self._sends = [r for r in self._sends if not r.Test()]
 
     def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
@@ -88,7 +88,7 @@ class _MpiPeers:
         deadline = time.monotonic() + _ANSWER_S
         probe = MPI.Status()
         while len(answers) < len(others) and time.monotonic() < deadline:
-            self.serve(status())
+            self.serve(status)
             if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_REPLY, status=probe):
                 source = probe.Get_source()
                 got, answer = self.comm.recv(source=source, tag=_REPLY)
@@ -115,9 +115,9 @@ class _StorePeers:
         self.store, self.rank = store, rank
         self._posted = False
 
-    def serve(self, status: tuple) -> None:
+    def serve(self, status: Callable[[], tuple]) -> None:
         try:
-            self.store.set(str(self.rank), pickle.dumps(status))
+            self.store.set(str(self.rank), pickle.dumps(status()))
             if not self._posted:
                 self.store.add(f"{self.rank}.posted", 1)
                 self._posted = True
@@ -155,9 +155,9 @@ class _Monitor:
         return waiting, self.last, now - self.last_at
 
     def _watch(self) -> None:
-        self.peers.serve(self.status())
+        self.peers.serve(self.status)
         while not self._stop.wait(self._poll):
-            self.peers.serve(self.status())
+            self.peers.serve(self.status)
             w = self.waiting
             if w is None:
                 continue
