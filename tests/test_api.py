@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -31,6 +32,12 @@ def same_model(a, b) -> bool:
     return ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)
 
 
+def printed_results(stdout: str) -> list[dict]:
+    """The scripts' ``{"acc": ...}`` objects: mpirun may put two ranks' lines on one line."""
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(stdout, m.start())[0] for m in re.finditer(r'\{"acc"', stdout)]
+
+
 def run_script(script, text: str, out) -> subprocess.CompletedProcess:
     """``mpirun -np 2 python script out`` with ``text`` as the script; it must succeed."""
     script.write_text(text)
@@ -44,7 +51,7 @@ def run_script(script, text: str, out) -> subprocess.CompletedProcess:
 @pytest.mark.timeout(240)
 def test_a_script_trains_as_the_command_line_does(tmp_path):
     proc = run_script(tmp_path / "mine.py", SCRIPT, tmp_path / "api")
-    printed = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    printed = printed_results(proc.stdout)
     assert len(printed) == 2 and printed[0] == printed[1]  # every rank gets the summary
     cli = run_job(["train", "--algo", "ma", "--seed", "5", *SYNTHETIC, "--epochs", "1",
                    "--batch-size", "32", "--tau", "8", "--out", str(tmp_path / "cli")], np=2)
