@@ -142,7 +142,8 @@ class Algorithm:
 
     def guard(self, s: Setup) -> GradientGuard:
         """The NaN/Inf guard: each worker skips its own bad steps by default."""
-        return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm)
+        return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm,
+                             clip_norm=self.config.optim.clip_grad_norm)
 
     def restore_model(self, loaded) -> None:
         """With ``--resume``, before :meth:`connect`: rank 0's loaded checkpoint (async

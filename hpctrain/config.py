@@ -130,6 +130,10 @@ class OptimConfig:
                                   "epochs of global progress", parse=float, range=Range(0))
     scale_lr: bool = option(False, "linear scaling rule: multiply --lr by the number of "
                             "workers")
+    clip_grad_norm: float | None = option(None, "scale each step's gradient down to this L2 "
+                                          "norm when above it (ssgd: the reduced gradient)",
+                                          parse=float, metavar="NORM",
+                                          range=Range(0, low_open=True))
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))

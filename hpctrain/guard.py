@@ -1,4 +1,5 @@
-"""Never apply a gradient holding NaN or Inf: skip the step, count it, stop after too many.
+"""Never apply a gradient holding NaN or Inf: skip the step, count it, stop after too many;
+with ``--clip-grad-norm``, never one whose norm is above it either.
 
 One process, or local steps of independent workers (model averaging, EC: ``comm`` only gathers
 the counts): a step is skipped when any element of its own gradient is not finite.
@@ -19,6 +20,12 @@ message).
 Synchronous SGD with Adasum (``agree``): the gradients stay local (each rank steps, and the
 changes are combined in the step), so the verdict is agreed in one small allgather per step:
 every rank skips when any rank's gradient was bad, as above.
+
+Clipping (``clip_norm``) scales a finite gradient whose L2 norm over all parameters exceeds
+the bound down to it, as ``torch.nn.utils.clip_grad_norm_`` does, just before the step: for
+synchronous SGD the reduced gradient, as a Horovod or DDP user clips after ``synchronize()``
+(every rank scales the same gradient alike; clipping each contribution before the allreduce
+would change the average's direction); for every other algorithm the worker's own.
 """
 
 from __future__ import annotations
@@ -43,13 +50,15 @@ class GradientGuard:
 
     ``check(update)`` returns False for a step to skip and raises TooManyBadSteps after
     ``max_bad_steps`` skipped in a row (with ``reduced`` or ``agree``, on rank 0 only: the
-    other ranks wait for its abort, so the job ends with one line).
+    other ranks wait for its abort, so the job ends with one line). A step it lets through
+    has its gradient clipped to ``clip_norm`` first, when given.
     """
 
     def __init__(self, params: Iterable[torch.nn.Parameter], max_bad_steps: int, comm=None,
-                 reduced: bool = False, agree: bool = False):
+                 reduced: bool = False, agree: bool = False, clip_norm: float | None = None):
         self.params = [p for p in params if p.requires_grad]
-        self.max_bad_steps, self.comm = max_bad_steps, comm
+        self.max_bad_steps, self.comm, self.clip_norm = max_bad_steps, comm, clip_norm
+        self.clipped = 0
         self.reduced = reduced and comm is not None
         self.agree = agree and comm is not None
         self.together = self.reduced or self.agree  # every rank skips the same steps
@@ -71,6 +80,7 @@ class GradientGuard:
             finite = all(self.comm.allgather(finite))
         if finite:
             self.consecutive = 0
+            self._clip()
             return True
         self.skipped += 1
         self.consecutive += 1
@@ -81,6 +91,12 @@ class GradientGuard:
         if self.consecutive >= self.max_bad_steps:
             self._stop(update)
         return False
+
+    def _clip(self) -> None:
+        if self.clip_norm is None:
+            return
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        self.clipped += bool(norm > self.clip_norm)
 
     def _stop(self, update: int) -> None:
         per_worker = self.per_worker() if self.together else None
@@ -95,19 +111,27 @@ class GradientGuard:
 
     def per_worker(self) -> list[int]:
         """Bad gradients seen on each worker (collective with ``comm``)."""
-        return self.comm.allgather(self.bad_here) if self.comm is not None else [self.bad_here]
+        return [bad for bad, _ in self._gather()]
+
+    def _gather(self) -> list[tuple[int, int]]:
+        mine = (self.bad_here, self.clipped)
+        return self.comm.allgather(mine) if self.comm is not None else [mine]
 
     def summary(self) -> dict:
         """For summary.json (collective with ``comm``): steps skipped (summed over workers
-        when each skips its own), bad gradients per worker."""
-        per_worker = self.per_worker()
+        when each skips its own), bad gradients and clipped steps per worker."""
+        counts = self._gather()
+        per_worker = [bad for bad, _ in counts]
         return {"skipped_steps": self.skipped if self.together else sum(per_worker),
-                "bad_gradients_per_worker": per_worker, "max_bad_steps": self.max_bad_steps}
+                "bad_gradients_per_worker": per_worker, "max_bad_steps": self.max_bad_steps,
+                "clip_grad_norm": self.clip_norm,
+                "clipped_steps_per_worker": [clipped for _, clipped in counts]}
 
     def state_dict(self) -> dict:
         return {"skipped": self.skipped, "consecutive": self.consecutive,
-                "bad_here": self.bad_here}
+                "bad_here": self.bad_here, "clipped": self.clipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped, self.consecutive = state["skipped"], state["consecutive"]
         self.bad_here = state["bad_here"]
+        self.clipped = state.get("clipped", 0)  # absent from checkpoints before clipping

@@ -66,6 +66,9 @@ class RunSummary:
     collapse_reason: str | None = _doc("why it was found collapsed (null: never)", default=None)
     stopped_on_collapse: bool = _doc("true when --stop-on-collapse ended the run there",
                                      default=False)
+    clip_grad_norm: float | None = _doc("--clip-grad-norm (null: no clipping)", default=None)
+    clipped_steps_per_worker: list[int] = _doc("steps whose gradient each worker scaled down "
+                                               "to --clip-grad-norm", default_factory=list)
     out: str | None = _doc("the run's output folder", default=None)
     resized: list[dict] = _doc("resumptions on another number of workers, in order: "
                                "from_workers, to_workers, updates (the checkpoint's count) and "

@@ -54,6 +54,7 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--stall-timeout", "-1"], "--stall-timeout -1.0 must be >= 0"),
     (["--algo", "sgd", "--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
     (["--algo", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
+    (["--algo", "sgd", "--clip-grad-norm", "-1"], "--clip-grad-norm -1.0 must be > 0"),
     (["--algo", "sgd", "--epochs", "0.05"], "--epochs: '0.05' is not a whole number"),
     (["--algo", "ssgd", "--lam", "0.5"],
      "--lam is an option of dcasgd-c, dcasgd-a, not of --algo ssgd"),
@@ -157,11 +158,15 @@ def test_same_seed_same_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("workers,backend", [(2, "mpi"), (4, "mpi"), (2, "torch")])
-def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers, backend):
+@pytest.mark.parametrize("workers,backend,clip", [(2, "mpi", None), (4, "mpi", None),
+                                                  (2, "torch", None), (2, "mpi", "0.5")])
+def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers, backend, clip):
     """K workers with batch b take the same steps as one process with batch K*b, with the
-    allreduce through MPI or through torch.distributed (gloo)."""
+    allreduce through MPI or through torch.distributed (gloo); with --clip-grad-norm too, as
+    ssgd clips the reduced gradient (clipping each rank's own would change the steps)."""
     common = [*SMALL, "--momentum", "0.9", "--weight-decay", "1e-4", "--seed", "5"]
+    if clip is not None:
+        common += ["--clip-grad-norm", clip]
     sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", str(16 * workers),
                    "--out", str(tmp_path / "sgd")], np=0)
     ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
@@ -173,6 +178,11 @@ def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers, backend):
     curve = [json.loads(x)["test_loss"] for x in (tmp_path / "sgd" / "metrics.jsonl").open()]
     curve_k = [json.loads(x)["test_loss"] for x in (tmp_path / "ssgd" / "metrics.jsonl").open()]
     assert curve == pytest.approx(curve_k, rel=1e-4)  # step by step, at every snapshot
+    sums = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("sgd", "ssgd")}
+    clipped = sums["sgd"]["clipped_steps_per_worker"]
+    assert sums["ssgd"]["clipped_steps_per_worker"] == clipped * workers  # the same steps
+    if clip is not None:  # clipped some steps, not all
+        assert 0 < clipped[0] < sums["sgd"]["updates"]
 
 
 def test_straggler_slows_every_synchronous_worker(tmp_path):

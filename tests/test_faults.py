@@ -40,7 +40,8 @@ def test_guard_skips_counts_and_stops():
     make_grads(model)
     assert guard.check(3) and guard.consecutive == 0
     assert guard.summary() == {"skipped_steps": 2, "bad_gradients_per_worker": [2],
-                               "max_bad_steps": 3}
+                               "max_bad_steps": 3, "clip_grad_norm": None,
+                               "clipped_steps_per_worker": [0]}
     for update in (4, 5):
         make_grads(model, float("inf"))
         assert not guard.check(update)
@@ -56,7 +57,37 @@ def test_guard_state_round_trip():
     a.check(0)
     b = GradientGuard(model.parameters(), 5)
     b.load_state_dict(a.state_dict())
-    assert b.state_dict() == a.state_dict() == {"skipped": 1, "consecutive": 1, "bad_here": 1}
+    assert b.state_dict() == a.state_dict() == {"skipped": 1, "consecutive": 1, "bad_here": 1,
+                                                "clipped": 0}
+    old = {"skipped": 1, "consecutive": 0, "bad_here": 1}  # a checkpoint from before clipping
+    b.load_state_dict(old)
+    assert b.state_dict() == {**old, "clipped": 0}
+
+
+def grad_norm(model) -> torch.Tensor:
+    return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()]))
+
+
+def test_guard_clips_a_finite_gradient_above_the_bound_only():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    guard = GradientGuard(model.parameters(), max_bad_steps=5, clip_norm=1.0)
+    make_grads(model, 100.0)
+    before = [p.grad.clone() for p in model.parameters()]
+    assert grad_norm(model) > 1 and guard.check(0)
+    assert grad_norm(model).item() == pytest.approx(1.0, rel=1e-5)
+    scale = model.weight.grad.norm() / before[0].norm()  # one factor for every parameter
+    for p, b in zip(model.parameters(), before, strict=True):
+        torch.testing.assert_close(p.grad, b * scale)
+    make_grads(model, 1e-3)
+    small = [p.grad.clone() for p in model.parameters()]
+    assert guard.check(1)  # under the bound: left as it is, bit for bit
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), small, strict=True))
+    make_grads(model, float("nan"))
+    assert not guard.check(2)  # skipped, not clipped
+    summary = guard.summary()
+    assert summary["clipped_steps_per_worker"] == [1] and summary["clip_grad_norm"] == 1.0
+    assert guard.state_dict()["clipped"] == 1
 
 
 def test_inject_poisons_the_loss_or_the_gradients(monkeypatch):

@@ -137,6 +137,21 @@ def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path):
     assert summary["straggler_sleep_s_per_worker"][2] == pytest.approx(steps * 0.04)
 
 
+def test_async_workers_clip_the_gradient_they_push(tmp_path):
+    def run(name: str, clip: float | None):
+        c = config("dcasgd-a", tmp_path / name,
+                   optim=OptimConfig(epochs=1, batch_size=32, clip_grad_norm=clip))
+        summary = simulate(c, sim(4, step_time="constant:0.01"))
+        return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    (plain, a), (loose, b), (tight, c) = run("a", None), run("b", 1e6), run("c", 0.05)
+    assert plain["clipped_steps_per_worker"] == loose["clipped_steps_per_worker"] == [0] * 4
+    assert all(torch.equal(a[k], b[k]) for k in a)  # a bound never reached changes nothing
+    assert min(tight["clipped_steps_per_worker"]) > 0 and tight["clip_grad_norm"] == 0.05
+    assert sum(tight["clipped_steps_per_worker"]) <= tight["updates"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the pushes were the clipped ones
+
+
 def test_staleness_of_lockstep_workers_is_m_minus_1(tmp_path):
     summary = simulate(config("asgd", tmp_path / "a"),
                        sim(8, step_time="constant:0.01", latency=0.0, store_latency=0.0))

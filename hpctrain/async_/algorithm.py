@@ -31,7 +31,6 @@ from hpctrain.async_.ssp import StalenessBound
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
-from hpctrain.guard import GradientGuard
 from hpctrain.metrics import distribution
 from hpctrain.options import Range, option
 
@@ -164,9 +163,6 @@ class ASGD(Algorithm):
         self.optimizer = self.make_optimizer(s.model)
         self.workers_comm = s.comm
         self.base, self.ticket = 0, None
-
-    def guard(self, s: Setup) -> GradientGuard:
-        return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm)
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         return {"model": self.model}, {"opt": self.optimizer}

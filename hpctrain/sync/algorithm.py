@@ -106,7 +106,8 @@ class Synchronous(Algorithm):
         # The allreduced gradient is the same everywhere: all ranks skip a bad step together.
         # Adasum's gradients stay local: the ranks agree on the verdict instead.
         return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm,
-                             reduced=not self.adasum, agree=self.adasum)
+                             reduced=not self.adasum, agree=self.adasum,
+                             clip_norm=self.config.optim.clip_grad_norm)
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         if self.adasum:  # each worker's optimizer state (momentum, Adam) follows its gradients
