@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 PYTHONPATH=. nice -n 10 .venv/bin/python scripts/sim_study.py dcasgd OUT
     ... shuffle OUT
     ... ecma OUT
+    ... ecma-lr OUT      (the same at lr 0.02, relabelled samples 40% of each batch)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -169,25 +170,45 @@ def shuffle_long(out: Path) -> None:
 
 def ecma(out: Path) -> None:
     """EC against MA, long tau, label-skewed data; EC distilling its own or all draws."""
+    _ecma(out, lr=0.05, variants={
+        "ma": lambda k: ("ma", {}), "ec": lambda k: ("ec", {"ec_distill_size": 64}),
+        "ec-all": lambda k: ("ec", {"ec_distill_size": 64, "ec_distill_from": "all"}),
+        "ec-all-d128": lambda k: ("ec", {"ec_distill_size": 128, "ec_distill_from": "all"})})
+
+
+def ecma_lr(out: Path) -> None:
+    """The same at lr 0.02, with about 11 relabelled samples beside each batch of 16: a
+    round of one local epoch (6000 / 16K steps) spreads D = 4096 / K of them."""
+    def share(k: int) -> int:
+        return 4096 // k
+
+    _ecma(out, lr=0.02, variants={
+        "ma": lambda k: ("ma", {}), "ec": lambda k: ("ec", {"ec_distill_size": share(k)}),
+        "ec-all": lambda k: ("ec", {"ec_distill_size": share(k), "ec_distill_from": "all"})})
+
+
+def _ecma(out: Path, lr: float, variants: dict) -> None:
+    """``variants``: name -> (K -> (algorithm, its options)); seeds 1-3, K 16 and 32."""
     ks, seeds = [16, 32], [1, 2, 3]
-    variants = {"ma": ("ma", {}), "ec": ("ec", {"ec_distill_size": 64}),
-                "ec-all": ("ec", {"ec_distill_size": 64, "ec_distill_from": "all"}),
-                "ec-all-d128": ("ec", {"ec_distill_size": 128, "ec_distill_from": "all"})}
     rows = {}
     data = DataConfig(shuffle="local", partition="label-skew")
     for k in ks:
-        for name, (algo, extra) in variants.items():
+        for name, variant in variants.items():
+            algo, extra = variant(k)
             options = algorithm_options(algo)(tau_epochs=1.0, **extra)
             rows[(k, name)] = [run(out, f"{name}-K{k}-s{seed}", algo, k, seed, epochs=4,
-                                   batch=16, lr=0.05, momentum=0.9, data=data,
+                                   batch=16, lr=lr, momentum=0.9, data=data,
                                    algorithm=options) for seed in seeds]
     lines = ["| K | algorithm | test error (final model): median [min, max] | "
-             "member error | ensemble error |", "|---|---|---|---|---|"]
+             "member error | ensemble error | diverged |", "|---|---|---|---|---|---|"]
     for (k, algo), rs in rows.items():
-        member = spread([1 - r["member"] for r in rs if r.get("member") is not None])
-        ensemble = spread([1 - r["ensemble"] for r in rs if r.get("ensemble") is not None])
+        rs = [r for r in rs if "missing" not in r]
+        if not rs:
+            continue
+        member, ensemble = (spread([CHANCE_ERROR if r.get(m) is None else 1 - r[m]
+                                    for r in rs]) for m in ("member", "ensemble"))
         lines.append(f"| {k} | {algo} | {spread([r['error'] for r in rs])} | {member} | "
-                     f"{ensemble} |")
+                     f"{ensemble} | {sum(r['diverged'] for r in rs)}/{len(rs)} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
@@ -434,6 +455,7 @@ def _plot(path: Path, xs: list, series: dict, xlabel: str, ylabel: str,
 if __name__ == "__main__":
     study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
     folder.mkdir(parents=True, exist_ok=True)
-    {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "fidelity": fidelity,
+    {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
+     "fidelity": fidelity,
      "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
