@@ -4,6 +4,7 @@
     ... shuffle OUT
     ... ecma OUT
     ... ecma-lr OUT      (the same at lr 0.02, relabelled samples 40% of each batch)
+    ... ecma-full OUT    (the real runs' settings: all 60,000 samples, batch 64)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -42,7 +43,7 @@ SEEDS = {int(s) for s in sys.argv[sys.argv.index("--seeds") + 1].split(",")} \
 
 def run(out: Path, name: str, algo: str, workers: int, seed: int, *, epochs: int,
         batch: int, lr: float, momentum: float = 0.0, data: DataConfig | None = None,
-        algorithm=None, subset: int = SUBSET) -> dict:
+        algorithm=None, subset: int | None = SUBSET) -> dict:
     folder = out / "runs" / name
     done = out / "runs.jsonl"
     if done.exists():
@@ -187,9 +188,18 @@ def ecma_lr(out: Path) -> None:
         "ec-all": lambda k: ("ec", {"ec_distill_size": share(k), "ec_distill_from": "all"})})
 
 
-def _ecma(out: Path, lr: float, variants: dict) -> None:
+def ecma_full(out: Path) -> None:
+    """The real 8-rank runs' settings at K = 16 and 32: all 60,000 samples, batch 64,
+    lr 0.02, D = 30,000 / K (about 32 relabelled samples beside each batch)."""
+    _ecma(out, lr=0.02, batch=64, subset=None, variants={
+        "ma": lambda k: ("ma", {}),
+        "ec-all": lambda k: ("ec", {"ec_distill_size": 30000 // k, "ec_distill_from": "all"})})
+
+
+def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
+          subset: int | None = SUBSET) -> None:
     """``variants``: name -> (K -> (algorithm, its options)); seeds 1-3, K 16 and 32."""
-    ks, seeds = [16, 32], [1, 2, 3]
+    ks, seeds = [16, 32], [s for s in [1, 2, 3] if SEEDS is None or s in SEEDS]
     rows = {}
     data = DataConfig(shuffle="local", partition="label-skew")
     for k in ks:
@@ -197,8 +207,8 @@ def _ecma(out: Path, lr: float, variants: dict) -> None:
             algo, extra = variant(k)
             options = algorithm_options(algo)(tau_epochs=1.0, **extra)
             rows[(k, name)] = [run(out, f"{name}-K{k}-s{seed}", algo, k, seed, epochs=4,
-                                   batch=16, lr=lr, momentum=0.9, data=data,
-                                   algorithm=options) for seed in seeds]
+                                   batch=batch, lr=lr, momentum=0.9, data=data,
+                                   algorithm=options, subset=subset) for seed in seeds]
     lines = ["| K | algorithm | test error (final model): median [min, max] | "
              "member error | ensemble error | diverged |", "|---|---|---|---|---|---|"]
     for (k, algo), rs in rows.items():
@@ -456,6 +466,5 @@ if __name__ == "__main__":
     study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
     folder.mkdir(parents=True, exist_ok=True)
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
-     "fidelity": fidelity,
-     "fidelity-async": fidelity_async,
+     "ecma-full": ecma_full, "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
