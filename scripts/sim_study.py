@@ -5,6 +5,7 @@
     ... ecma OUT
     ... ecma-lr OUT      (the same at lr 0.02, relabelled samples 40% of each batch)
     ... ecma-full OUT    (the real runs' settings: all 60,000 samples, batch 64)
+    ... ecma-batch16 OUT, ecma-subset OUT (ecma-full at K = 16, one setting reduced)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -196,10 +197,24 @@ def ecma_full(out: Path) -> None:
         "ec-all": lambda k: ("ec", {"ec_distill_size": 30000 // k, "ec_distill_from": "all"})})
 
 
+def ecma_batch16(out: Path) -> None:
+    """ecma-full at K = 16 with batch 16 (D 1,875: a third of each batch again)."""
+    _ecma(out, lr=0.02, batch=16, subset=None, ks=(16,), variants={
+        "ma": lambda k: ("ma", {}),
+        "ec-all": lambda k: ("ec", {"ec_distill_size": 1875, "ec_distill_from": "all"})})
+
+
+def ecma_subset(out: Path) -> None:
+    """ecma-full at K = 16 on the 6,000-sample subset (6 steps a round, D 192)."""
+    _ecma(out, lr=0.02, batch=64, ks=(16,), variants={
+        "ma": lambda k: ("ma", {}),
+        "ec-all": lambda k: ("ec", {"ec_distill_size": 192, "ec_distill_from": "all"})})
+
+
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
-          subset: int | None = SUBSET) -> None:
-    """``variants``: name -> (K -> (algorithm, its options)); seeds 1-3, K 16 and 32."""
-    ks, seeds = [16, 32], [s for s in [1, 2, 3] if SEEDS is None or s in SEEDS]
+          subset: int | None = SUBSET, ks: tuple = (16, 32)) -> None:
+    """``variants``: name -> (K -> (algorithm, its options)); seeds 1-3."""
+    seeds = [s for s in [1, 2, 3] if SEEDS is None or s in SEEDS]
     rows = {}
     data = DataConfig(shuffle="local", partition="label-skew")
     for k in ks:
@@ -466,5 +481,6 @@ if __name__ == "__main__":
     study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
     folder.mkdir(parents=True, exist_ok=True)
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
-     "ecma-full": ecma_full, "fidelity": fidelity, "fidelity-async": fidelity_async,
+     "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
+     "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
