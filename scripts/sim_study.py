@@ -170,45 +170,45 @@ def shuffle_long(out: Path) -> None:
     shuffle(out, epochs=16)
 
 
+def _ma(k: int) -> tuple[str, dict]:
+    return "ma", {}
+
+
+def _ec(size, source: str = "own"):
+    """An EC variant distilling ``size`` samples (an int, or a function of K) from ``source``."""
+    return lambda k: ("ec", {"ec_distill_size": size(k) if callable(size) else size,
+                             "ec_distill_from": source})
+
+
 def ecma(out: Path) -> None:
     """EC against MA, long tau, label-skewed data; EC distilling its own or all draws."""
-    _ecma(out, lr=0.05, variants={
-        "ma": lambda k: ("ma", {}), "ec": lambda k: ("ec", {"ec_distill_size": 64}),
-        "ec-all": lambda k: ("ec", {"ec_distill_size": 64, "ec_distill_from": "all"}),
-        "ec-all-d128": lambda k: ("ec", {"ec_distill_size": 128, "ec_distill_from": "all"})})
+    _ecma(out, lr=0.05, variants={"ma": _ma, "ec": _ec(64), "ec-all": _ec(64, "all"),
+                                  "ec-all-d128": _ec(128, "all")})
 
 
 def ecma_lr(out: Path) -> None:
     """The same at lr 0.02, with about 11 relabelled samples beside each batch of 16: a
     round of one local epoch (6000 / 16K steps) spreads D = 4096 / K of them."""
-    def share(k: int) -> int:
-        return 4096 // k
-
-    _ecma(out, lr=0.02, variants={
-        "ma": lambda k: ("ma", {}), "ec": lambda k: ("ec", {"ec_distill_size": share(k)}),
-        "ec-all": lambda k: ("ec", {"ec_distill_size": share(k), "ec_distill_from": "all"})})
+    _ecma(out, lr=0.02, variants={"ma": _ma, "ec": _ec(lambda k: 4096 // k),
+                                  "ec-all": _ec(lambda k: 4096 // k, "all")})
 
 
 def ecma_full(out: Path) -> None:
     """The real 8-rank runs' settings at K = 16 and 32: all 60,000 samples, batch 64,
     lr 0.02, D = 30,000 / K (about 32 relabelled samples beside each batch)."""
-    _ecma(out, lr=0.02, batch=64, subset=None, variants={
-        "ma": lambda k: ("ma", {}),
-        "ec-all": lambda k: ("ec", {"ec_distill_size": 30000 // k, "ec_distill_from": "all"})})
+    _ecma(out, lr=0.02, batch=64, subset=None,
+          variants={"ma": _ma, "ec-all": _ec(lambda k: 30000 // k, "all")})
 
 
 def ecma_batch16(out: Path) -> None:
     """ecma-full at K = 16 with batch 16 (D 1,875: a third of each batch again)."""
-    _ecma(out, lr=0.02, batch=16, subset=None, ks=(16,), variants={
-        "ma": lambda k: ("ma", {}),
-        "ec-all": lambda k: ("ec", {"ec_distill_size": 1875, "ec_distill_from": "all"})})
+    _ecma(out, lr=0.02, batch=16, subset=None, ks=(16,),
+          variants={"ma": _ma, "ec-all": _ec(1875, "all")})
 
 
 def ecma_subset(out: Path) -> None:
     """ecma-full at K = 16 on the 6,000-sample subset (6 steps a round, D 192)."""
-    _ecma(out, lr=0.02, batch=64, ks=(16,), variants={
-        "ma": lambda k: ("ma", {}),
-        "ec-all": lambda k: ("ec", {"ec_distill_size": 192, "ec_distill_from": "all"})})
+    _ecma(out, lr=0.02, batch=64, ks=(16,), variants={"ma": _ma, "ec-all": _ec(192, "all")})
 
 
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
