@@ -99,6 +99,30 @@ def test_the_stall_check_under_torchrun_names_the_late_rank(tmp_path):
            "float32[1])" in reports[0]
 
 
+EXIT_SCRIPT = """
+import time
+from datetime import timedelta
+import torch.distributed as dist
+from hpctrain.sync import stall
+
+store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+stall.start(None, 0.004, 0, store=store, rank=0)  # posts on the store every millisecond
+time.sleep(0.05)
+"""  # and exits without stall.stop(), as a script that never calls shutdown() does
+
+
+@pytest.mark.timeout(120)
+def test_a_process_that_exits_with_the_check_running_ends_cleanly(tmp_path):
+    """The stall thread is stopped at exit: ended inside the store's C++ call it aborted the
+    process (CI saw it under torchrun; 19 exits of 30 aborted here before the fix)."""
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_SCRIPT)
+    for _ in range(5):
+        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr
+
+
 TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
                 "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
 

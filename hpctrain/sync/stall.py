@@ -19,6 +19,7 @@ of ``hpctrain.watchdog``, and the launcher ends the others.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import pickle
@@ -198,12 +199,13 @@ class _Monitor:
               f"{w.call.describe()} (call #{w.seq + 1} on {w.channel.label}); not arrived: "
               f"{'; '.join(absent) or 'none'}{tail}", file=sys.stderr, flush=True)
 
-    def stop(self) -> None:
+    def stop(self, wait_s: float | None = None) -> None:
         self._stop.set()
-        self._thread.join()
+        self._thread.join(wait_s)
 
 
 _monitor: _Monitor | None = None
+_stops_at_exit = False
 
 
 def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = None,
@@ -212,7 +214,7 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
     (the backend's world's ranks; collective: Dup; needs MPI thread level multiple), or
     where that is None through key-value ``store`` (a torch.distributed Store that the
     world's ranks share; this is world rank ``rank``). Neither: no check."""
-    global _monitor
+    global _monitor, _stops_at_exit
     stop()
     if check_s <= 0 and timeout_s <= 0:
         return
@@ -224,6 +226,17 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
                             timeout_s)
     elif store is not None:
         _monitor = _Monitor(_StorePeers(store, rank), rank, check_s, timeout_s)
+    if _monitor is not None and not _stops_at_exit:
+        atexit.register(_stop_thread_at_exit)  # after MPI's own: runs before it
+        _stops_at_exit = True
+
+
+def _stop_thread_at_exit() -> None:
+    """Stop the thread of a check nobody stopped (a script without shutdown()) before the
+    interpreter ends: a daemon thread ended inside the store's C++ call aborts the process
+    ("terminate called without an active exception"), and one inside MPI outlives it."""
+    if _monitor is not None:
+        _monitor.stop(wait_s=_ANSWER_S)
 
 
 def stop() -> None:
