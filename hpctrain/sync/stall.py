@@ -227,7 +227,7 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
     elif store is not None:
         _monitor = _Monitor(_StorePeers(store, rank), rank, check_s, timeout_s)
     if _monitor is not None and not _stops_at_exit:
-        atexit.register(_stop_thread_at_exit)  # after MPI's own: runs before it
+        atexit.register(_stop_thread_at_exit)  # runs before mpi4py finalizes MPI
         _stops_at_exit = True
 
 
