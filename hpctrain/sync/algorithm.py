@@ -56,6 +56,7 @@ class Synchronous(Algorithm):
     name = "ssgd"
     Options = SynchronousOptions
     thread_level = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE
+    _started = False  # whether connect() started hpctrain.sync (close() then stops it)
     summary_fields = {"allreduce_bytes_per_rank": "bytes: gradient payload one rank sent "
                                                   "into allreduces (fp16: 2 bytes a value)"}
 
@@ -90,8 +91,14 @@ class Synchronous(Algorithm):
         return f"ssgd ({', '.join([f'{o.sync_backend} backend', *extras])})"
 
     def connect(self, world, model):
+        self._started = not hvd.is_initialized()  # a script's own backend stays up
         hvd.init(world, backend=self.options.sync_backend)  # the training ranks only
         return world
+
+    def close(self) -> None:
+        # The next train() in the same script may take another backend or other ranks.
+        if self._started:
+            hvd.shutdown()
 
     def setup(self, s: Setup) -> None:
         super().setup(s)
