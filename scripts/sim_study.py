@@ -7,6 +7,7 @@
     ... ecma-full OUT    (the real runs' settings: all 60,000 samples, batch 64)
     ... ecma-batch16 OUT, ecma-subset OUT (ecma-full at K = 16, one setting reduced)
     ... ecma-steps OUT   (ecma-subset for 16 and 40 epochs)
+    ... ecma-rounds OUT  (ecma-steps in 4 rounds, as the full-data runs)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -215,38 +216,46 @@ def ecma_subset(out: Path) -> None:
 def ecma_steps(out: Path) -> None:
     """ecma-subset for longer: 16 and 40 epochs of 6 local steps each (96 and 240 steps in
     all; the full-data runs make 234, in 4 rounds of 58)."""
-    _ecma(out, lr=0.02, batch=64, ks=(16,), epochs=(16, 40),
+    _ecma(out, lr=0.02, batch=64, ks=(16,), schedules=((16, 1.0), (40, 1.0)),
+          variants={"ma": _ma, "ec-all": _ec(192, "all")})
+
+
+def ecma_rounds(out: Path) -> None:
+    """ecma-steps in 4 rounds, as the full-data runs: of 24 steps (16 epochs, tau 4 epochs)
+    and of 60 (40 epochs, tau 10)."""
+    _ecma(out, lr=0.02, batch=64, ks=(16,), schedules=((16, 4.0), (40, 10.0)),
           variants={"ma": _ma, "ec-all": _ec(192, "all")})
 
 
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
-          subset: int | None = SUBSET, ks: tuple = (16, 32), epochs: tuple = (4,)) -> None:
-    """``variants``: name -> (K -> (algorithm, its options)); seeds 1-3; one round an epoch.
-    Run names carry the epochs where there are several."""
+          subset: int | None = SUBSET, ks: tuple = (16, 32),
+          schedules: tuple = ((4, 1.0),)) -> None:
+    """``variants``: name -> (K -> (algorithm, its options)); seeds 1-3; ``schedules``:
+    (epochs, tau in epochs) pairs. Run names carry them where a study has several."""
     seeds = [s for s in [1, 2, 3] if SEEDS is None or s in SEEDS]
     rows = {}
     data = DataConfig(shuffle="local", partition="label-skew")
+    several = len(schedules) > 1
     for k in ks:
-        for e in epochs:
-            tag = f"-e{e}" if len(epochs) > 1 else ""
+        for e, tau in schedules:
+            tag = (f"-e{e}" + (f"-t{tau:g}" if tau != 1 else "")) if several else ""
             for name, variant in variants.items():
                 algo, extra = variant(k)
-                options = algorithm_options(algo)(tau_epochs=1.0, **extra)
-                rows[(k, e, name)] = [run(out, f"{name}-K{k}{tag}-s{seed}", algo, k, seed,
-                                          epochs=e, batch=batch, lr=lr, momentum=0.9,
-                                          data=data, algorithm=options, subset=subset)
-                                      for seed in seeds]
-    several = len(epochs) > 1
-    lines = [f"| K |{' epochs |' * several} algorithm | test error (final model): median "
-             "[min, max] | member error | ensemble error | diverged |",
-             "|---|---|---|---|---|---|" + "---|" * several]
-    for (k, e, algo), rs in rows.items():
+                options = algorithm_options(algo)(tau_epochs=tau, **extra)
+                rows[(k, (e, tau), name)] = [
+                    run(out, f"{name}-K{k}{tag}-s{seed}", algo, k, seed, epochs=e,
+                        batch=batch, lr=lr, momentum=0.9, data=data, algorithm=options,
+                        subset=subset) for seed in seeds]
+    lines = [f"| K |{' epochs | tau (epochs) |' * several} algorithm | test error (final "
+             "model): median [min, max] | member error | ensemble error | diverged |",
+             "|---|---|---|---|---|---|" + "---|---|" * several]
+    for (k, (e, tau), algo), rs in rows.items():
         rs = [r for r in rs if "missing" not in r]
         if not rs:
             continue
         member, ensemble = (spread([CHANCE_ERROR if r.get(m) is None else 1 - r[m]
                                     for r in rs]) for m in ("member", "ensemble"))
-        lines.append(f"| {k} |{f' {e} |' * several} {algo} | "
+        lines.append(f"| {k} |{f' {e} | {tau:g} |' * several} {algo} | "
                      f"{spread([r['error'] for r in rs])} | {member} | {ensemble} | "
                      f"{sum(r['diverged'] for r in rs)}/{len(rs)} |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
@@ -497,6 +506,6 @@ if __name__ == "__main__":
     folder.mkdir(parents=True, exist_ok=True)
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
      "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
-     "ecma-steps": ecma_steps,
+     "ecma-steps": ecma_steps, "ecma-rounds": ecma_rounds,
      "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
