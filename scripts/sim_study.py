@@ -8,6 +8,7 @@
     ... ecma-batch16 OUT, ecma-subset OUT (ecma-full at K = 16, one setting reduced)
     ... ecma-steps OUT   (ecma-subset for 16 and 40 epochs)
     ... ecma-rounds OUT  (ecma-steps in 4 rounds, as the full-data runs)
+    ... ecma-share OUT   (40 epochs in rounds of 4, with D 192 and 375)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -225,6 +226,13 @@ def ecma_rounds(out: Path) -> None:
     and of 60 (40 epochs, tau 10)."""
     _ecma(out, lr=0.02, batch=64, ks=(16,), schedules=((16, 4.0), (40, 10.0)),
           variants={"ma": _ma, "ec-all": _ec(192, "all")})
+
+
+def ecma_share(out: Path) -> None:
+    """40 epochs in rounds of 24 steps (tau 4 epochs), D 192 or the most, 375 (a worker's
+    samples): a larger relabelled share of each batch in the same rounds."""
+    _ecma(out, lr=0.02, batch=64, ks=(16,), schedules=((40, 4.0),),
+          variants={"ma": _ma, "ec-all": _ec(192, "all"), "ec-all-d375": _ec(375, "all")})
 
 
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
@@ -507,5 +515,6 @@ if __name__ == "__main__":
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
      "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
      "ecma-steps": ecma_steps, "ecma-rounds": ecma_rounds,
+     "ecma-share": ecma_share,
      "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
