@@ -9,6 +9,7 @@
     ... ecma-steps OUT   (ecma-subset for 16 and 40 epochs)
     ... ecma-rounds OUT  (ecma-steps in 4 rounds, as the full-data runs)
     ... ecma-share OUT   (40 epochs in rounds of 4, with D 192 and 375)
+    ... ecma-full-share OUT (ecma-full at K = 16 with D 625, 1,875 and 3,750)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -233,6 +234,15 @@ def ecma_share(out: Path) -> None:
     samples): a larger relabelled share of each batch in the same rounds."""
     _ecma(out, lr=0.02, batch=64, ks=(16,), schedules=((40, 4.0),),
           variants={"ma": _ma, "ec-all": _ec(192, "all"), "ec-all-d375": _ec(375, "all")})
+
+
+def ecma_full_share(out: Path) -> None:
+    """ecma-full at K = 16 with D 625 and 3,750 (all a worker has) beside 1,875: 11, 32 and
+    64 relabelled samples a batch of 64, in the same 4 rounds of 59 steps."""
+    _ecma(out, lr=0.02, batch=64, subset=None, ks=(16,),
+          variants={"ma": _ma, "ec-all-d625": _ec(625, "all"),
+                    "ec-all": _ec(lambda k: 30000 // k, "all"),
+                    "ec-all-d3750": _ec(3750, "all")})
 
 
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
@@ -515,6 +525,6 @@ if __name__ == "__main__":
     {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
      "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
      "ecma-steps": ecma_steps, "ecma-rounds": ecma_rounds,
-     "ecma-share": ecma_share,
+     "ecma-share": ecma_share, "ecma-full-share": ecma_full_share,
      "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
