@@ -205,7 +205,6 @@ class _Monitor:
 
 
 _monitor: _Monitor | None = None
-_stops_at_exit = False
 
 
 def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = None,
@@ -214,7 +213,7 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
     (the backend's world's ranks; collective: Dup; needs MPI thread level multiple), or
     where that is None through key-value ``store`` (a torch.distributed Store that the
     world's ranks share; this is world rank ``rank``). Neither: no check."""
-    global _monitor, _stops_at_exit
+    global _monitor
     stop()
     if check_s <= 0 and timeout_s <= 0:
         return
@@ -226,11 +225,9 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
                             timeout_s)
     elif store is not None:
         _monitor = _Monitor(_StorePeers(store, rank), rank, check_s, timeout_s)
-    if _monitor is not None and not _stops_at_exit:
-        atexit.register(_stop_thread_at_exit)  # runs before mpi4py finalizes MPI
-        _stops_at_exit = True
 
 
+@atexit.register  # atexit handlers run before mpi4py's Py_AtExit finalizes MPI
 def _stop_thread_at_exit() -> None:
     """Stop the thread of a check nobody stopped (a script without shutdown()) before the
     interpreter ends: a daemon thread ended inside the store's C++ call aborts the process
