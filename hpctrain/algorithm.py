@@ -14,7 +14,8 @@ checkpoints, evaluation, outputs). A subclass declares:
   (communication), :meth:`setup` (its optimizer or aggregator), :meth:`guard`,
   :meth:`checkpoint_state` (and :meth:`resize_state` when a checkpoint of another number of
   workers is resumed), :meth:`start`, :meth:`epoch_started` at each epoch of local data;
-  per step :meth:`claim`, :meth:`loss`, :meth:`synchronize`, :meth:`apply` (unless the NaN
+  per step :meth:`claim`, :meth:`losses` (by default :meth:`loss` per micro-batch),
+  :meth:`synchronize`, :meth:`apply` (unless the NaN
   guard skips it), :meth:`progress`, :meth:`after_update`; :meth:`before_checkpoint` /
   :meth:`after_checkpoint` around a checkpoint; :meth:`finish` after the last step; then
   :meth:`evaluate`, :meth:`write_outputs`, :meth:`summary` and :meth:`close`.
@@ -26,6 +27,7 @@ updates, together): a plain synchronous loop needs only ``setup``. Registration:
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -43,6 +45,18 @@ if TYPE_CHECKING:
     from hpctrain.data import Dataset
     from hpctrain.metrics import RunLog
     from hpctrain.shuffle import TrainData
+
+
+def mean_in_parts(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                  x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterator[torch.Tensor]:
+    """``loss(x, y)``, a mean over the samples, in parts of at most ``size`` samples, each
+    weighted by its share of the batch: their gradients add up to the whole batch's (gradient
+    accumulation). One part, unweighted, when ``size`` is None or not smaller than the batch."""
+    if size is None or size >= len(y):
+        yield loss(x, y)
+        return
+    for xs, ys in zip(x.split(size), y.split(size), strict=True):
+        yield loss(xs, ys) * (len(ys) / len(y))
 
 
 @dataclass(frozen=True)
@@ -174,7 +188,14 @@ class Algorithm:
         return position
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The mean loss of the batch ``x``, ``y``."""
         return F.cross_entropy(self.model(x), y)
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor,
+               size: int | None) -> Iterator[torch.Tensor]:
+        """The step's loss in parts of at most ``size`` samples (``--micro-batch-size``) whose
+        sum is the step's loss; the loop runs backward on each as it comes."""
+        return mean_in_parts(self.loss, x, y, size)
 
     def synchronize(self) -> None:
         """Complete the gradient (ssgd: finish its allreduce) before the NaN guard sees it."""

@@ -109,6 +109,11 @@ class OptimConfig:
                          range=Range(0, low_open=True))
     batch_size: int = option(64, "per worker", parse=options.positive(int),
                              range=Range(0, low_open=True))
+    micro_batch_size: int | None = option(None, "forward and backward a batch in parts of at "
+                                          "most N samples, their gradients accumulated: less "
+                                          "memory, the same update (to float rounding)",
+                                          parse=options.positive(int), metavar="N",
+                                          range=Range(0, low_open=True))
     lr: float | None = option(None, "base learning rate (default 0.05; asgd, dcasgd-*, ssp: "
                               "0.1)", parse=options.positive(float), range=Range(0, low_open=True))
     momentum: float | None = option(None, "SGD momentum (default 0.9; asgd, dcasgd-*, ssp: 0, "
@@ -138,6 +143,9 @@ class OptimConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
         check_fields(self)
+        if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
+            raise UsageError(f"--micro-batch-size {self.micro_batch_size} exceeds --batch-size "
+                             f"{self.batch_size}")
         m = self.lr_milestones
         if any(not v > 0 for v in m) or list(m) != sorted(m):
             raise UsageError(f"--lr-milestones {','.join(map(str, m))}: milestones must be "

@@ -9,8 +9,9 @@ plugs in at fixed points. One step, on every worker::
     checkpoint if one is due at index     # algo.before_checkpoint / after_checkpoint
     stop at the budget
     learning rate at the global progress; this worker's next batch
-    loss = faults.inject(algo.loss(x, y)) # the fault hook, the same point for all
-    backward; straggler pad               # an injected straggler's sleep
+    for part in algo.losses(x, y, micro): # one part, or one per --micro-batch-size
+        faults.inject(part); backward     # the fault hook, the same point for all
+    straggler pad                         # an injected straggler's sleep
     algo.synchronize()                    # ssgd: the allreduce completes
     guard.check -> algo.apply()           # NaN/Inf gradients are skipped
     position = algo.progress(...); algo.after_update(final)   # MA/EC aggregate here
@@ -250,8 +251,11 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         algo.optimizer.zero_grad()
         computing = runtime.now()
         step_times.begin(computing)
-        loss = faults.inject(rank, local_steps, model, algo.loss(x, y))
-        loss.backward()
+        loss = 0.0
+        for part in algo.losses(x, y, o.micro_batch_size):  # one, or each micro-batch's
+            part = faults.inject(rank, local_steps, model, part)
+            part.backward()
+            loss += part.detach()
         straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
         step_times.end(runtime.now())
         algo.synchronize()

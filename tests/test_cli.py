@@ -55,6 +55,7 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
     (["--algo", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be >= 0"),
     (["--algo", "sgd", "--clip-grad-norm", "-1"], "--clip-grad-norm -1.0 must be > 0"),
+    (["--algo", "sgd", "--micro-batch-size", "65"], "--micro-batch-size 65 exceeds --batch-size"),
     (["--algo", "sgd", "--epochs", "0.05"], "--epochs: '0.05' is not a whole number"),
     (["--algo", "ssgd", "--lam", "0.5"],
      "--lam is an option of dcasgd-c, dcasgd-a, not of --algo ssgd"),

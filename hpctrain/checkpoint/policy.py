@@ -17,10 +17,11 @@ from hpctrain.checkpoint.folder import SUBDIR, listing, resolve, run_folder
 from hpctrain.checkpoint.format import CorruptCheckpoint, read_header
 from hpctrain.errors import UsageError
 
-# Options that may differ between a run and its resumption: they do not change the trajectory.
+# Options that may differ between a run and its resumption: they do not change the trajectory
+# (device and micro-batch size: only in float rounding).
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
-                        "stop_on_collapse", "device"})
+                        "stop_on_collapse", "device", "micro_batch_size"})
 
 
 def parse_every(text: str) -> str:

@@ -198,6 +198,9 @@ class EnsembleCompression(ModelAveraging):
     def loss(self, x, y):
         return self.aggregator.loss(x, y)
 
+    def losses(self, x, y, size):
+        return self.aggregator.losses(x, y, size)
+
     def final_model(self) -> str:
         return self.options.ec_final
 

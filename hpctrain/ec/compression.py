@@ -17,12 +17,14 @@ every rank, and each rank distils ``distill_size`` samples picked at random from
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpctrain.algorithm import mean_in_parts
 from hpctrain.data import Dataset
 from hpctrain.ec.distill import distillation_loss
 from hpctrain.ec.ensemble import ensemble_probabilities
@@ -53,7 +55,8 @@ def _generator(*key: int) -> torch.Generator:
 
 
 class EnsembleCompression:
-    """EC for a user's own loop: ``loss = ec.loss(x, y)``, backward, step, ``ec.after_step()``.
+    """EC for a user's own loop: ``loss = ec.loss(x, y)``, backward, step, ``ec.after_step()``
+    (with gradient accumulation: a backward of each of ``ec.losses(x, y, size)``).
 
     ``local`` is this rank's training data (give or update it with :meth:`set_local_data`
     before the first aggregation and whenever it changes). ``lookup``, when every rank holds
@@ -112,16 +115,31 @@ class EnsembleCompression:
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Forward ``x`` with this step's relabelled samples; the mean loss over all of them."""
+        (whole,) = self.losses(x, y)
+        return whole
+
+    def losses(self, x: torch.Tensor, y: torch.Tensor,
+               size: int | None = None) -> Iterator[torch.Tensor]:
+        """:meth:`loss` in parts of at most ``size`` samples, relabelled ones included; the
+        parts add up to it, so a backward of each accumulates its gradient (one part when
+        ``size`` is None)."""
         extra = self.distill_batch()
         if extra is None:
-            return F.cross_entropy(self.model(x), y)
+            yield from mean_in_parts(lambda a, b: F.cross_entropy(self.model(a), b), x, y, size)
+            return
         xd, yd, pd = (t.to(x.device) for t in extra)
-        out = self.model(torch.cat([x, xd]))
-        n = len(x)
-        total = F.cross_entropy(out[:n], y, reduction="sum") + distillation_loss(
-            out[n:], yd, pd, self.alpha, self.temperature, reduction="sum")
         self.distilled += len(xd)
-        return total / (n + len(xd))
+        inputs, n = torch.cat([x, xd]), len(x)
+        step = size or len(inputs)
+        for lo in range(0, len(inputs), step):
+            out = self.model(inputs[lo:lo + step])
+            k = min(max(n - lo, 0), len(out))  # the part's ordinary samples, then relabelled
+            d = slice(max(lo - n, 0), max(lo - n, 0) + len(out) - k)
+            sums = [F.cross_entropy(out[:k], y[lo:lo + k], reduction="sum")] if k else []
+            if k < len(out):
+                sums.append(distillation_loss(out[k:], yd[d], pd[d], self.alpha,
+                                              self.temperature, reduction="sum"))
+            yield sum(sums[1:], sums[0]) / len(inputs)
 
     def after_step(self, final: bool = False) -> bool:
         """Count one local step; relabel with the ensemble after every ``tau`` of them, except

@@ -4,7 +4,9 @@ ssgd is what a Horovod user writes: the model broadcast from rank 0 and the opti
 in ``DistributedOptimizer``, which allreduces gradients while backward runs (or, with
 ``--reduce-op adasum``, combines each rank's update by Adasum in the step). The data order is
 the shuffle package's, so ssgd on K ranks with batch b sees, step by step, the same samples as
-sgd with batch K*b.
+sgd with batch K*b. With ``--micro-batch-size`` backward runs once per micro-batch, and the
+wrapper's ``backward_passes_per_step`` (Horovod's gradient accumulation) starts each bucket's
+allreduce after the last one.
 """
 
 from __future__ import annotations
@@ -105,9 +107,11 @@ class Synchronous(Algorithm):
         hvd.broadcast_parameters(s.model.state_dict(), root_rank=0)
         compression = hvd.Compression.fp16 if self.options.fp16_allreduce \
             else hvd.Compression.none
+        o = self.config.optim
+        passes = -(-o.batch_size // (o.micro_batch_size or o.batch_size))  # micro-batches
         self.optimizer = hvd.DistributedOptimizer(
             self.optimizer, named_parameters=s.model.named_parameters(), compression=compression,
-            op=hvd.Adasum if self.adasum else hvd.Average)
+            backward_passes_per_step=passes, op=hvd.Adasum if self.adasum else hvd.Average)
 
     def guard(self, s: Setup) -> GradientGuard:
         # The allreduced gradient is the same everywhere: all ranks skip a bad step together.

@@ -1,0 +1,123 @@
+"""Gradient accumulation (``--micro-batch-size``): a batch forwarded and backwarded in parts
+gives the update of the whole batch, to float rounding, for every algorithm."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import SYNTHETIC, run_job
+from torch import nn
+from torch.nn import functional as F
+
+from hpctrain.algorithm import mean_in_parts
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from hpctrain.ec.compression import EnsembleCompression
+from hpctrain.errors import UsageError
+from hpctrain.sim import SimConfig, simulate
+
+
+def _grads(model: nn.Module, parts) -> list[torch.Tensor]:
+    model.zero_grad()
+    total = 0.0
+    for part in parts:
+        part.backward()
+        total += part.detach()
+    return [total, *(p.grad.clone() for p in model.parameters())]
+
+
+def test_parts_add_up_to_the_batch_loss_and_gradient():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(11, 6), torch.randint(0, 3, (11,))
+
+    def loss(a, b):
+        return F.cross_entropy(model(a), b)
+
+    whole = _grads(model, mean_in_parts(loss, x, y, None))
+    assert len(list(mean_in_parts(loss, x, y, 11))) == 1
+    for size in (1, 4, 10):  # 11 in parts of 4: 4, 4, 3 (unequal parts are weighted)
+        assert len(list(mean_in_parts(loss, x, y, size))) == -(-11 // size)
+        for a, b in zip(whole, _grads(model, mean_in_parts(loss, x, y, size)), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # unweighted parts (a plain mean per part) would not add up: the check can fail
+    plain = _grads(model, (loss(a, b) for a, b in zip(x.split(4), y.split(4), strict=True)))
+    assert not torch.allclose(whole[0], plain[0])
+
+
+def test_ec_splits_its_relabelled_samples_across_the_parts():
+    """EC's step batch is the ordinary samples then the relabelled ones; parts may straddle
+    the two, and the distillation samples are counted once per step, not once per part."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    xd, yd = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    teacher = torch.softmax(torch.randn(7, 3), dim=1)
+
+    def ec() -> EnsembleCompression:
+        agg = EnsembleCompression(model, comm=None, tau=1, alpha=0.7, temperature=2.0,
+                                  distill_size=7)
+        agg.relabelled = (xd, yd, teacher)  # as aggregate() leaves them: all for this step
+        return agg
+
+    one = ec()
+    whole = _grads(model, [one.loss(x, y)])
+    assert one.distilled == 7
+    for size in (3, 5, 8, 14):  # 5: parts 5 | 3 ordinary + 2 relabelled | 5 relabelled
+        agg = ec()
+        parts = list(agg.losses(x, y, size))
+        assert len(parts) == -(-15 // size) and agg.distilled == 7
+        for a, b in zip(whole, _grads(model, parts), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_micro_batch_larger_than_the_batch_is_refused():
+    with pytest.raises(UsageError, match="--micro-batch-size 65 exceeds --batch-size 64"):
+        OptimConfig(batch_size=64, micro_batch_size=65)
+    with pytest.raises(ValueError, match="--micro-batch-size"):
+        OptimConfig(micro_batch_size=0)
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ssgd", "ma", "ec", "dcasgd-a", "ssp"])
+def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
+    """In the simulator (the real algorithms on one process, a fixed virtual schedule): the
+    same run with micro-batches of 10 out of 24 ends at the same model. 2,048 samples over 4
+    workers leave a last batch of 8, a single part."""
+    def run(name: str, micro: int | None) -> dict:
+        optim = OptimConfig(epochs=1, batch_size=24, micro_batch_size=micro)
+        config = RunConfig(algo=algo, seed=3, out=str(tmp_path / name), progress=False,
+                           data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                           optim=optim)
+        workers = 1 if algo == "sgd" else 4
+        summary = simulate(config, SimConfig(workers=workers, step_time="constant:0.01"))
+        return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    (plain, a), (micro, b) = run("plain", None), run("micro", 10)
+    assert plain["updates"] == micro["updates"] > 0
+    assert plain["samples_per_worker"] == micro["samples_per_worker"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    if algo == "ec":  # relabelled samples rode along, split into the parts
+        assert micro["distilled_samples_per_rank"] == \
+            plain["distilled_samples_per_rank"] > 0
+
+
+@pytest.mark.parametrize("backend", ["mpi", "horovod"], ids=["mpi-backend", "horovod"])
+def test_ssgd_accumulates_micro_batches_before_the_allreduce(tmp_path, backend):
+    """Real ranks: DistributedOptimizer's backward_passes_per_step holds each bucket until the
+    last micro-batch (parts of 10, 10 and 4 of a batch of 24; the last batch of 16 makes two
+    parts, fewer than the passes, and step() sends what backward did not)."""
+    if backend == "horovod":
+        pytest.importorskip("horovod")
+    common = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "24",
+              "--sync-backend", backend, "--seed", "4"]
+    plain = run_job([*common, "--out", str(tmp_path / "plain")], np=2)
+    micro = run_job([*common, "--micro-batch-size", "10", "--out", str(tmp_path / "micro")],
+                    np=2)
+    assert plain.returncode == 0 and micro.returncode == 0, plain.stderr + micro.stderr
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("plain", "micro"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    config = json.loads((tmp_path / "micro" / "config.json").read_text())
+    assert config["optim"]["micro_batch_size"] == 10
