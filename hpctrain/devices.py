@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import resource
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -44,6 +45,15 @@ def check(choice: str) -> None:
         built = "torch was built without CUDA" if torch.version.cuda is None \
             else "torch sees no GPU"
         raise UsageError(f"--device cuda: {built}{where}; use --device cpu or auto")
+
+
+def peak_memory(device: torch.device) -> int:
+    """The most memory this process has held, in bytes: on a GPU what torch allocated there,
+    on the CPU the process's peak resident set (data, model, libraries: everything)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
 
 
 def resolve(choice: str) -> str:

@@ -140,6 +140,9 @@ def summary_table(summary: dict) -> str:
         ("wall time", f"{summary['wall_s']:.1f} s"),
         ("samples/s (all ranks)", f"{summary['samples_per_s']:.0f}"),
     ]
+    peaks = [p for p in summary.get("peak_memory_per_worker", []) if p is not None]
+    if peaks:
+        rows.append(("peak memory (largest worker)", f"{max(peaks) / 2**20:.0f} MiB"))
     if "staleness" in summary:
         s = summary["staleness"]
         stale = f"{s['mean']:.2f} / {s['p99']:.0f} / {s['max']:.0f}"

@@ -278,6 +278,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             break
     step_times.finish(runtime.now())
     busy = runtime.now() - start
+    peak = runtime.peak_memory(s.device)  # training's, before evaluation
     watch.finish()
     position = algo.finish(position)
     wall = runtime.now() - start
@@ -298,7 +299,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     algo.write_outputs(log, snapshots, comm_)
     step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
-    mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept}
+    mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak}
     every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
     guarded = guard.summary()
     checkpoints = ckpt.summary()
@@ -315,6 +316,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         samples_per_worker=[w["samples"] for w in every],
         busy_s_per_worker=[w["busy_s"] for w in every],
         straggler_sleep_s_per_worker=[w["slept_s"] for w in every],
+        peak_memory_per_worker=[w["peak"] for w in every],
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
         **guarded, **checkpoints, **exchange, **watch.fields(), out=config.out,
         algorithm_fields=own, **runtime.summary_fields(),

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import time
 
-from hpctrain import comm
+import torch
+
+from hpctrain import comm, devices
 from hpctrain.shuffle import TrainData, TrainDataSpec, make_train_data
 from hpctrain.stragglers import Straggler
 
@@ -33,6 +35,10 @@ class Runtime:
     def train_data(self, spec: TrainDataSpec, comm_) -> TrainData:
         """This worker's training data (collective when data move)."""
         return make_train_data(spec, comm_)
+
+    def peak_memory(self, device: torch.device) -> int | None:
+        """The most memory this worker has held, in bytes (:func:`hpctrain.devices.peak_memory`)."""
+        return devices.peak_memory(device)
 
     def run_info(self) -> dict:
         """What ran the job, for ``config.json``'s ``run_info``."""

@@ -69,6 +69,11 @@ class RunSummary:
     clip_grad_norm: float | None = _doc("--clip-grad-norm (null: no clipping)", default=None)
     clipped_steps_per_worker: list[int] = _doc("steps whose gradient each worker scaled down "
                                                "to --clip-grad-norm", default_factory=list)
+    peak_memory_per_worker: list[int | None] = _doc(
+        "the most memory each worker held while training, in bytes: on a GPU what torch "
+        "allocated there (torch.cuda.max_memory_allocated), on the CPU the process's peak "
+        "resident set (data and libraries included); null in a simulated run",
+        default_factory=list)
     out: str | None = _doc("the run's output folder", default=None)
     resized: list[dict] = _doc("resumptions on another number of workers, in order: "
                                "from_workers, to_workers, updates (the checkpoint's count) and "

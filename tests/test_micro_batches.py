@@ -11,6 +11,7 @@ from conftest import SYNTHETIC, run_job
 from torch import nn
 from torch.nn import functional as F
 
+from hpctrain import devices
 from hpctrain.algorithm import mean_in_parts
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec.compression import EnsembleCompression
@@ -72,6 +73,13 @@ def test_ec_splits_its_relabelled_samples_across_the_parts():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_peak_memory_on_the_cpu_is_the_resident_peak():
+    before = devices.peak_memory(torch.device("cpu"))
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, so resident
+    assert devices.peak_memory(torch.device("cpu")) >= max(before, 60 * 2**20)
+    del block
+
+
 def test_a_micro_batch_larger_than_the_batch_is_refused():
     with pytest.raises(UsageError, match="--micro-batch-size 65 exceeds --batch-size 64"):
         OptimConfig(batch_size=64, micro_batch_size=65)
@@ -93,9 +101,11 @@ def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
         summary = simulate(config, SimConfig(workers=workers, step_time="constant:0.01"))
         return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)
 
+    workers = 1 if algo == "sgd" else 4
     (plain, a), (micro, b) = run("plain", None), run("micro", 10)
     assert plain["updates"] == micro["updates"] > 0
     assert plain["samples_per_worker"] == micro["samples_per_worker"]
+    assert micro["peak_memory_per_worker"] == [None] * workers  # one process for them all
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     if algo == "ec":  # relabelled samples rode along, split into the parts
@@ -121,3 +131,5 @@ def test_ssgd_accumulates_micro_batches_before_the_allreduce(tmp_path, backend):
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     config = json.loads((tmp_path / "micro" / "config.json").read_text())
     assert config["optim"]["micro_batch_size"] == 10
+    peaks = json.loads((tmp_path / "micro" / "summary.json").read_text())["peak_memory_per_worker"]
+    assert len(peaks) == 2 and all(p > 2**20 for p in peaks)  # each rank's resident peak

@@ -79,6 +79,9 @@ class VirtualRuntime(Runtime):
                                    labels)
         return ReplicatedTrainData(full, sampler)
 
+    def peak_memory(self, device) -> None:
+        return None  # the virtual workers share one process
+
     def run_info(self) -> dict:
         return {"simulator": "hpctrain simulate", "virtual_workers": self.simulation.workers}
 
