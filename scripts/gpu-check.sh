@@ -14,7 +14,8 @@
 # hpctrain info; the GPU tests (one process, then mpirun -np 2 sharing the GPU); bench kernel
 # --device cuda; bench allreduce on cpu and cuda (mpi and torch backends); every algorithm
 # training LeNet on Fashion-MNIST for one epoch on cuda and on cpu (2 ranks; sgd 1), side by
-# side; a results table. GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of
+# side, and sgd and ssgd again with --micro-batch-size 16; a results table (accuracy, time,
+# peak memory: GPU memory torch allocated, or the CPU run's resident set). GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of
 # this script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
 # short). A failing step is recorded and the others still run; exit status 1 if any failed.
 set -uo pipefail
@@ -142,7 +143,9 @@ RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
       "ma 2 --algo ma --tau-epochs 0.25"
       "ec 2 --algo ec --tau-epochs 0.25"
       "asgd 2 --algo asgd" "dcasgd-c 2 --algo dcasgd-c" "dcasgd-a 2 --algo dcasgd-a"
-      "ssp 2 --algo ssp")
+      "ssp 2 --algo ssp"
+      "sgd-micro16 1 --algo sgd --micro-batch-size 16"
+      "ssgd-micro16 2 --algo ssgd --sync-backend mpi --micro-batch-size 16")
 for dev in "${DEVICES[@]}"; do
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086
@@ -162,15 +165,18 @@ out, device, runs_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/summary.json"))}
 (out / "runs.json").write_text(json.dumps(runs, indent=1))
 print(f"# GPU check ({device})\n")
-print("| algorithm | acc (gpu) | acc (cpu) | diff (points) | wall gpu s | wall cpu s |")
-print("|---|---|---|---|---|---|")
+print("| algorithm | acc (gpu) | acc (cpu) | diff (points) | wall gpu s | wall cpu s | "
+      "peak MiB gpu | peak MiB cpu |")
+print("|---|---|---|---|---|---|---|---|")
 names = sorted({k.rsplit("-", 1)[0] for k in runs})
 for n in names:
     g, c = runs.get(f"{n}-{device}"), runs.get(f"{n}-cpu")
     acc = lambda s: f"{s['final_test_acc']:.4f}" if s else "missing"
     wall = lambda s: f"{s['wall_s']:.1f}" if s else "-"
     diff = f"{100 * (g['final_test_acc'] - c['final_test_acc']):+.2f}" if g and c else "-"
-    print(f"| {n} | {acc(g)} | {acc(c)} | {diff} | {wall(g)} | {wall(c)} |")
+    peak = lambda s: f"{max(s.get('peak_memory_per_worker') or [0]) / 2**20:.0f}" if s else "-"
+    print(f"| {n} | {acc(g)} | {acc(c)} | {diff} | {wall(g)} | {wall(c)} | {peak(g)} | "
+          f"{peak(c)} |")
 kernel = out / "kernel.json"
 if kernel.exists():
     print("\n| kernel variant | fused GB/s | copy GB/s | fused / copy |\n|---|---|---|---|")
