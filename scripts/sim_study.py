@@ -10,6 +10,7 @@
     ... ecma-rounds OUT  (ecma-steps in 4 rounds, as the full-data runs)
     ... ecma-share OUT   (40 epochs in rounds of 4, with D 192 and 375)
     ... ecma-full-share OUT (ecma-full at K = 16 with D 625, 1,875 and 3,750)
+    ... ecma-batch32-share OUT (ecma-share's question at batch 32: D 128, 256 and 375)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -243,6 +244,14 @@ def ecma_full_share(out: Path) -> None:
           variants={"ma": _ma, "ec-all-d625": _ec(625, "all"),
                     "ec-all": _ec(lambda k: 30000 // k, "all"),
                     "ec-all-d3750": _ec(3750, "all")})
+
+
+def ecma_batch32_share(out: Path) -> None:
+    """ecma-share's question at batch 32: 40 epochs in rounds of 24 steps (tau 2 epochs), D
+    128, 256 and 375 (a worker's samples), that is 5, 11 and 16 relabelled a batch of 32."""
+    _ecma(out, lr=0.02, batch=32, ks=(16,), schedules=((40, 2.0),),
+          variants={"ma": _ma, "ec-all-d128": _ec(128, "all"), "ec-all-d256": _ec(256, "all"),
+                    "ec-all-d375": _ec(375, "all")})
 
 
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
@@ -526,5 +535,6 @@ if __name__ == "__main__":
      "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
      "ecma-steps": ecma_steps, "ecma-rounds": ecma_rounds,
      "ecma-share": ecma_share, "ecma-full-share": ecma_full_share,
+     "ecma-batch32-share": ecma_batch32_share,
      "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
