@@ -27,7 +27,7 @@ updates, together): a plain synchronous loop needs only ``setup``. Registration:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
@@ -36,6 +36,7 @@ from torch.nn import functional as F
 
 from hpctrain.evaluate import Snapshot, evaluate_snapshots
 from hpctrain.guard import GradientGuard
+from hpctrain.microbatch import mean_in_parts
 from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.optimizers import make as make_optimizer
 from hpctrain.options import check_fields
@@ -45,18 +46,6 @@ if TYPE_CHECKING:
     from hpctrain.data import Dataset
     from hpctrain.metrics import RunLog
     from hpctrain.shuffle import TrainData
-
-
-def mean_in_parts(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                  x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterator[torch.Tensor]:
-    """``loss(x, y)``, a mean over the samples, in parts of at most ``size`` samples, each
-    weighted by its share of the batch: their gradients add up to the whole batch's (gradient
-    accumulation). One part, unweighted, when ``size`` is None or not smaller than the batch."""
-    if size is None or size >= len(y):
-        yield loss(x, y)
-        return
-    for xs, ys in zip(x.split(size), y.split(size), strict=True):
-        yield loss(xs, ys) * (len(ys) / len(y))
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpctrain import devices
-from hpctrain.algorithm import mean_in_parts
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec.compression import EnsembleCompression
 from hpctrain.errors import UsageError
+from hpctrain.microbatch import mean_in_parts
 from hpctrain.sim import SimConfig, simulate
 
 

@@ -24,12 +24,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain.algorithm import mean_in_parts
 from hpctrain.data import Dataset
 from hpctrain.ec.distill import distillation_loss
 from hpctrain.ec.ensemble import ensemble_probabilities
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError
+from hpctrain.microbatch import mean_in_parts
 
 DISTILL_FROM = ("own", "all")
 
