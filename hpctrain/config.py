@@ -27,7 +27,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (install_requires)
     import tomli as tomllib
 
-from hpctrain import data, devices, models, options, plugins, registry, userdata
+from hpctrain import data, devices, models, options, plugins, precision, registry, userdata
 from hpctrain.checkpoint import parse_every, run_folder
 from hpctrain.errors import UsageError
 from hpctrain.optimizers import OPTIMIZERS
@@ -217,6 +217,9 @@ class RunConfig:
                                     "training has collapsed")
     device: str = option("auto", "where each rank computes: cuda takes GPU (local rank mod GPUs) "
                          "(auto: cuda when torch sees a GPU)", choices=devices.DEVICES)
+    mixed_precision: str = option("no", "bf16: the forward pass in bfloat16 under "
+                                  "torch.autocast; gradients, parameters and communication "
+                                  "stay float32", choices=precision.CHOICES)
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)

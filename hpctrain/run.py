@@ -9,8 +9,9 @@ plugs in at fixed points. One step, on every worker::
     checkpoint if one is due at index     # algo.before_checkpoint / after_checkpoint
     stop at the budget
     learning rate at the global progress; this worker's next batch
-    for part in algo.losses(x, y, micro): # one part, or one per --micro-batch-size
-        faults.inject(part); backward     # the fault hook, the same point for all
+    for part in algo.losses(x, y, micro): # one part, or one per --micro-batch-size, each
+        faults.inject(part); backward     # forward under autocast with --mixed-precision;
+                                          # the fault hook, the same point for all
     straggler pad                         # an injected straggler's sleep
     algo.synchronize()                    # ssgd: the allreduce completes
     guard.check -> algo.apply()           # NaN/Inf gradients are skipped
@@ -41,6 +42,7 @@ from hpctrain import (
     models,
     optimizers,
     plugins,
+    precision,
     userdata,
     watchdog,
 )
@@ -71,6 +73,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
                          "launch with mpirun, or srun with PMI/PMIx")
     devices.check(config.device)
+    precision.check(config.mixed_precision, devices.resolve(config.device))
     optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
@@ -252,7 +255,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         computing = runtime.now()
         step_times.begin(computing)
         loss = 0.0
-        for part in algo.losses(x, y, o.micro_batch_size):  # one, or each micro-batch's
+        parts = algo.losses(x, y, o.micro_batch_size)  # one, or each micro-batch's
+        for part in precision.each_under(config.mixed_precision, s.device, parts):
             part = faults.inject(rank, local_steps, model, part)
             part.backward()
             loss += part.detach()

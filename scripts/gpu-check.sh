@@ -14,9 +14,10 @@
 # hpctrain info; the GPU tests (one process, then mpirun -np 2 sharing the GPU); bench kernel
 # --device cuda; bench allreduce on cpu and cuda (mpi and torch backends); every algorithm
 # training LeNet on Fashion-MNIST for one epoch on cuda and on cpu (2 ranks; sgd 1), side by
-# side, and sgd and ssgd again with --micro-batch-size 16; a results table (accuracy, time,
-# peak memory: GPU memory torch allocated, or the CPU run's resident set). GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of
-# this script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
+# side, and sgd and ssgd again with --micro-batch-size 16 and with --mixed-precision bf16; a
+# results table (accuracy, time, peak memory: GPU memory torch allocated, or the CPU run's
+# resident set). GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of this
+# script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
 # short). A failing step is recorded and the others still run; exit status 1 if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -145,7 +146,9 @@ RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
       "asgd 2 --algo asgd" "dcasgd-c 2 --algo dcasgd-c" "dcasgd-a 2 --algo dcasgd-a"
       "ssp 2 --algo ssp"
       "sgd-micro16 1 --algo sgd --micro-batch-size 16"
-      "ssgd-micro16 2 --algo ssgd --sync-backend mpi --micro-batch-size 16")
+      "ssgd-micro16 2 --algo ssgd --sync-backend mpi --micro-batch-size 16"
+      "sgd-bf16 1 --algo sgd --mixed-precision bf16"
+      "ssgd-bf16 2 --algo ssgd --sync-backend mpi --mixed-precision bf16")
 for dev in "${DEVICES[@]}"; do
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086
