@@ -512,6 +512,29 @@ def _run_example(script: str) -> subprocess.CompletedProcess:
         pytest.fail(f"{script} hung: {e.stdout}\n{e.stderr}")
 
 
+EXIT_WITHOUT_SHUTDOWN = """
+import sys, torch, hpctrain.sync as hvd
+hvd.init(backend=sys.argv[2])
+hvd.start_timeline(f"{sys.argv[1]}/timeline{hvd.rank()}.json")
+hvd.allreduce(torch.ones(4), name="x")
+"""  # and ends without shutdown(), as Horovod scripts do
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["mpi", "torch"], ids=["mpi-backend", "torch-backend"])
+def test_a_script_that_never_calls_shutdown_leaves_a_closed_timeline(tmp_path, backend):
+    """shutdown() runs at exit, as Horovod's does: before, the timeline stayed open (not
+    JSON) when a script ended without it."""
+    script = tmp_path / "noshut.py"
+    script.write_text(EXIT_WITHOUT_SHUTDOWN)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(mpirun(2) + [sys.executable, str(script), str(tmp_path), backend],
+                          capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads((tmp_path / "timeline0.json").read_text())  # rank 0 writes it
+    assert any(e.get("args", {}).get("shape") == "[4]" for e in events)
+
+
 @mpi
 @pytest.mark.timeout(120)
 def test_example_with_uneven_batches_finishes_with_join(capsys):

@@ -15,7 +15,9 @@ call order, raising one error when ranks disagree. Their
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import sys
 from types import ModuleType
 from typing import Any
 
@@ -109,6 +111,17 @@ def shutdown() -> None:
         if _horovod():
             horovod_backend.forget_process_sets()
     _active = _active_name = None
+
+
+@atexit.register
+def _shutdown_at_exit() -> None:
+    """As Horovod, a backend the script left running stops at exit, so its timeline is
+    closed and its communicators freed; not while an operation is still pending (waiting for
+    it could hang the exit) or once MPI is finalized. Horovod's own shuts itself down."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if _active is mpi_backend and not collectives.pending() \
+            and not (mpi is not None and mpi.Is_finalized()):
+        shutdown()
 
 
 def backend() -> str | None:

@@ -142,6 +142,11 @@ def is_initialized() -> bool:
     return _world is not None
 
 
+def pending() -> bool:
+    """Whether an operation was started and not synchronized yet."""
+    return bool(_pending)
+
+
 def world(caller: str = "world") -> World:
     """The running backend's world; UsageError naming ``caller`` before :func:`init`."""
     if _world is None:
