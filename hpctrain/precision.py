@@ -25,9 +25,12 @@ def check(choice: str, device_type: str) -> None:
     """UsageError (before MPI) when ``choice`` cannot run on ``device_type`` here."""
     if choice not in CHOICES:
         raise UsageError(f"--mixed-precision {choice!r}: choose from {', '.join(CHOICES)}")
-    if choice == "bf16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UsageError(f"--mixed-precision bf16: {torch.cuda.get_device_name()} has no "
-                         "bfloat16; use --mixed-precision no")
+    # Native bfloat16 starts with Ampere (8.0); torch would emulate it, slowly, before that.
+    if choice == "bf16" and device_type == "cuda" and torch.cuda.get_device_capability() < (8, 0):
+        major, minor = torch.cuda.get_device_capability()
+        raise UsageError(f"--mixed-precision bf16: {torch.cuda.get_device_name()} (compute "
+                         f"capability {major}.{minor}) has no native bfloat16; use "
+                         "--mixed-precision no")
 
 
 def each_under(choice: str, device: torch.device,
