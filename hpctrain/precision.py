@@ -1,13 +1,19 @@
-"""Mixed precision (``--mixed-precision``): the forward pass in bfloat16, everything else in
-float32.
+"""Mixed precision (``--mixed-precision``): the forward pass in bfloat16 or float16, everything
+else in float32.
 
-With ``bf16`` each part of a step's loss (:meth:`hpctrain.algorithm.Algorithm.losses`) is
-computed under ``torch.autocast``: matrix products and convolutions run in bfloat16, and
-autocast keeps the losses, softmaxes and reductions in float32. Backward runs outside the
-context, as torch advises, so the gradients, the parameters, the optimizer state, the
-allreduce and the asynchronous store all stay float32, and every algorithm takes it alike.
-bfloat16 has float32's exponent range, so no loss scaling is needed (float16 would need a
-gradient scaler, which hpctrain does not provide). Evaluation runs in float32.
+Each part of a step's loss (:meth:`hpctrain.algorithm.Algorithm.losses`) is computed under
+``torch.autocast`` (:func:`each_under`): matrix products and convolutions run in the half
+type, and autocast keeps the losses, softmaxes and reductions in float32. Backward runs
+outside the context, as torch advises, so the gradients, the parameters, the optimizer
+state, the allreduce and the asynchronous store all stay float32, and every algorithm takes
+it alike. Evaluation runs in float32.
+
+bfloat16 has float32's exponent range and needs nothing more. float16's small gradients
+would underflow, so ``fp16`` scales the loss (:class:`LossScaler`, torch's ``GradScaler``):
+backward of ``loss * scale``, then the gradients are divided by the scale before the NaN
+guard, clipping and the step see them (after ssgd's allreduce, which sums scaled values). A
+step whose gradients overflowed is skipped by the guard like any NaN/Inf step, and the scale
+halves; it doubles after 2,000 clean steps.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ import torch
 
 from hpctrain.errors import UsageError
 
-CHOICES = ("no", "bf16")
+CHOICES = ("no", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check(choice: str, device_type: str) -> None:
@@ -30,7 +37,10 @@ def check(choice: str, device_type: str) -> None:
         major, minor = torch.cuda.get_device_capability()
         raise UsageError(f"--mixed-precision bf16: {torch.cuda.get_device_name()} (compute "
                          f"capability {major}.{minor}) has no native bfloat16; use "
-                         "--mixed-precision no")
+                         "--mixed-precision fp16")
+    if choice == "fp16" and device_type == "cpu" and not hasattr(torch.amp, "GradScaler"):
+        raise UsageError(f"--mixed-precision fp16 on the CPU needs torch >= 2.3 (its loss "
+                         f"scaler), not {torch.__version__}; use bf16")
 
 
 def each_under(choice: str, device: torch.device,
@@ -41,8 +51,49 @@ def each_under(choice: str, device: torch.device,
         yield from parts
         return
     while True:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=_DTYPES[choice]):
             part = next(parts, None)
         if part is None:
             return
         yield part
+
+
+class LossScaler:
+    """``fp16``'s loss scaling for one worker's steps; it does nothing for ``no`` and ``bf16``.
+
+    Per step: :meth:`scale` each loss part before its backward, :meth:`unscale` the
+    gradients once they are complete, :meth:`update` after the step (taken or skipped).
+    """
+
+    def __init__(self, choice: str, device: torch.device):
+        self._scaler = None
+        if choice == "fp16":
+            self._scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") \
+                else torch.cuda.amp.GradScaler()  # torch < 2.3: CUDA only (check() said so)
+
+    @property
+    def on(self) -> bool:
+        return self._scaler is not None
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        return loss if self._scaler is None else self._scaler.scale(loss)
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Divide ``optimizer``'s gradients by the scale (an overflow stays Inf/NaN)."""
+        if self._scaler is not None:
+            self._scaler.unscale_(optimizer)
+
+    def update(self) -> None:
+        """Halve the scale after an overflow; double it after enough clean steps."""
+        if self._scaler is not None:
+            self._scaler.update()
+
+    def get_scale(self) -> float:
+        return 1.0 if self._scaler is None else self._scaler.get_scale()
+
+    def state_dict(self) -> dict:
+        return {} if self._scaler is None else self._scaler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._scaler is not None and state:
+            self._scaler.load_state_dict(state)

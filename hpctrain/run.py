@@ -14,7 +14,8 @@ plugs in at fixed points. One step, on every worker::
                                           # the fault hook, the same point for all
     straggler pad                         # an injected straggler's sleep
     algo.synchronize()                    # ssgd: the allreduce completes
-    guard.check -> algo.apply()           # NaN/Inf gradients are skipped
+    guard.check -> algo.apply()           # NaN/Inf gradients are skipped (fp16: after the
+                                          # loss scale is divided out; it adapts after)
     position = algo.progress(...); algo.after_update(final)   # MA/EC aggregate here
     bar, watchdog beat, snapshot every --eval-every epochs of global progress
 
@@ -184,11 +185,13 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     algo.setup(s)
     guard = algo.guard(s)
     straggler = runtime.straggler(config, rank, size)
+    scaler = precision.LossScaler(config.mixed_precision, s.device)  # fp16's; else a no-op
     step_times = StepTimes()
     shared, per_rank = algo.checkpoint_state()
     ckpt = checkpoint.Checkpointer(
         comm_, per_epoch, total, shared=shared,
-        per_rank={**per_rank, "guard": guard, "straggler": straggler},
+        per_rank={**per_rank, "guard": guard, "straggler": straggler,
+                  **({"scaler": scaler} if scaler.on else {})},
         per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.every,
         folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
         resume=config.checkpoint.resume,
@@ -258,14 +261,16 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         parts = algo.losses(x, y, o.micro_batch_size)  # one, or each micro-batch's
         for part in precision.each_under(config.mixed_precision, s.device, parts):
             part = faults.inject(rank, local_steps, model, part)
-            part.backward()
+            scaler.scale(part).backward()
             loss += part.detach()
         straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
         step_times.end(runtime.now())
         algo.synchronize()
+        scaler.unscale(algo.optimizer)
         applied = guard.check(local_steps)
         if applied:
             algo.apply()
+        scaler.update()
         position = algo.progress(position, applied)
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
         algo.after_update(final=position >= total)

@@ -1,4 +1,5 @@
-"""``--mixed-precision bf16``: the forward in bfloat16 under autocast, the rest in float32."""
+"""``--mixed-precision bf16|fp16``: the forward under autocast, the rest in float32; fp16 with
+loss scaling."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from hpctrain.microbatch import mean_in_parts
 from hpctrain.sim import SimConfig, simulate
 
 
-def test_the_forward_runs_in_bfloat16_and_backward_leaves_float32_gradients():
+def test_the_forward_runs_in_the_half_type_and_backward_leaves_float32_gradients():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
     seen = []
@@ -26,7 +27,8 @@ def test_the_forward_runs_in_bfloat16_and_backward_leaves_float32_gradients():
         return nn.functional.cross_entropy(model(a), b)
 
     cpu = torch.device("cpu")
-    for choice, dtype in (("no", torch.float32), ("bf16", torch.bfloat16)):
+    for choice, dtype in (("no", torch.float32), ("bf16", torch.bfloat16),
+                          ("fp16", torch.float16)):
         seen.clear()
         model.zero_grad()
         parts = list(precision.each_under(choice, cpu, mean_in_parts(loss, x, y, 5)))
@@ -38,15 +40,51 @@ def test_the_forward_runs_in_bfloat16_and_backward_leaves_float32_gradients():
         assert not torch.is_autocast_enabled("cpu")  # nothing leaks past the loop
 
 
+def test_fp16_scales_the_loss_divides_it_out_and_halves_after_an_overflow():
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    nn.functional.cross_entropy(model(x), y).backward()
+    plain = [p.grad.clone() for p in model.parameters()]
+
+    scaler = precision.LossScaler("fp16", torch.device("cpu"))
+    assert scaler.on and scaler.get_scale() == 65536.0
+    model.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
+    assert not torch.allclose(model.weight.grad, plain[0])  # scaled
+    scaler.unscale(opt)
+    for p, g in zip(model.parameters(), plain, strict=True):
+        torch.testing.assert_close(p.grad, g)  # divided out before the guard sees it
+    scaler.update()
+    assert scaler.get_scale() == 65536.0  # a clean step keeps it
+
+    model.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
+    scaler.unscale(opt)
+    assert not torch.isfinite(model.weight.grad).all()  # the guard skips this step
+    scaler.update()
+    assert scaler.get_scale() == 32768.0
+    again = precision.LossScaler("fp16", torch.device("cpu"))
+    again.load_state_dict(scaler.state_dict())  # a checkpoint keeps the scale
+    assert again.get_scale() == 32768.0
+
+    off = precision.LossScaler("bf16", torch.device("cpu"))
+    loss = torch.tensor(2.0)
+    assert not off.on and off.scale(loss) is loss and off.state_dict() == {}
+
+
 def test_an_unknown_precision_is_refused():
     with pytest.raises(ValueError, match="--mixed-precision"):
-        RunConfig(algo="sgd", mixed_precision="fp16")
+        RunConfig(algo="sgd", mixed_precision="fp8")
 
 
+@pytest.mark.parametrize("mixed", ["bf16", "fp16"])
 @pytest.mark.parametrize("algo", ["sgd", "ssgd", "ec", "dcasgd-a"])
-def test_every_algorithm_trains_in_bf16(tmp_path, algo):
-    """Simulated (real algorithms, one process): the bf16 run learns as the float32 one does,
-    its model stays float32, and it is not the float32 run's model (the option took effect)."""
+def test_every_algorithm_trains_in_half_precision(tmp_path, algo, mixed):
+    """Simulated (real algorithms, one process): the bf16 or fp16 run learns as the float32
+    one does, its model stays float32, and it is not the float32 run's model (the option took
+    effect)."""
     def run(name: str, mixed: str) -> tuple[dict, dict]:
         config = RunConfig(algo=algo, seed=2, out=str(tmp_path / name), progress=False,
                            data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
@@ -55,16 +93,21 @@ def test_every_algorithm_trains_in_bf16(tmp_path, algo):
         summary = simulate(config, SimConfig(workers=workers, step_time="constant:0.01"))
         return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)
 
-    (full, a), (half, b) = run("fp32", "no"), run("bf16", "bf16")
+    (full, a), (half, b) = run("fp32", "no"), run(mixed, mixed)
     assert half["final_test_acc"] >= full["final_test_acc"] - 0.05 > 0.5
     assert all(t.dtype == torch.float32 for t in b.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
-def test_bf16_from_the_command_line(tmp_path):
+def test_fp16_from_the_command_line_skips_an_overflowing_step(tmp_path):
+    """ssgd on 2 ranks in fp16, an Inf loss injected at step 3 on rank 1: the reduced
+    gradient overflows, every rank skips that step together, and training goes on."""
     proc = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1",
-                    "--mixed-precision", "bf16", "--out", str(tmp_path)], np=2)
+                    "--mixed-precision", "fp16", "--out", str(tmp_path)], np=2,
+                   env={"HPCTRAIN_INJECT": "inf@1:3"})
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["mixed_precision"] == "bf16"
-    assert json.loads((tmp_path / "summary.json").read_text())["final_test_acc"] > 0.5
+    assert config["mixed_precision"] == "fp16"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped_steps"] >= 1 and summary["bad_gradients_per_worker"][1] >= 1
+    assert summary["final_test_acc"] > 0.5

@@ -110,7 +110,8 @@ class Checkpointer:
         for name, obj in self.shared.items():
             obj.load_state_dict(shared[name])
         for name, obj in self.per_rank.items():
-            obj.load_state_dict(mine[name])
+            if name in mine:  # a state the run did not keep before (fp16's scaler) starts anew
+                obj.load_state_dict(mine[name])
         set_rng_state(mine["rng"])
         snapshots[:] = own if self.snapshots_per_rank else first
         self.written = len(snapshots)
