@@ -9,13 +9,12 @@ plugs in at fixed points. One step, on every worker::
     checkpoint if one is due at index     # algo.before_checkpoint / after_checkpoint
     stop at the budget
     learning rate at the global progress; this worker's next batch
-    for part in algo.losses(x, y, micro): # one part, or one per --micro-batch-size, each
-        faults.inject(part); backward     # forward under autocast with --mixed-precision;
-                                          # the fault hook, the same point for all
+    for part in algo.losses(x, y, micro): # the batch, or its --micro-batch-size parts,
+        faults.inject(part)               # each forward under autocast with
+        scaler.scale(part).backward()     # --mixed-precision (fp16: the loss scaled)
     straggler pad                         # an injected straggler's sleep
     algo.synchronize()                    # ssgd: the allreduce completes
-    guard.check -> algo.apply()           # NaN/Inf gradients are skipped (fp16: after the
-                                          # loss scale is divided out; it adapts after)
+    scaler.unscale(); guard.check -> algo.apply(); scaler.update()   # NaN/Inf: skipped
     position = algo.progress(...); algo.after_update(final)   # MA/EC aggregate here
     bar, watchdog beat, snapshot every --eval-every epochs of global progress
 
@@ -231,7 +230,6 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     start = runtime.now() - done.get("elapsed", 0.0)
     local = train_data.epoch(epoch)
     algo.epoch_started(local)
-    loss = None
     while True:
         index = algo.claim(position)
         if ckpt.due(index):
