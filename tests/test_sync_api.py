@@ -478,6 +478,39 @@ def test_synchronize_clip_then_skip_synchronize(hvd):
 
 @mpi
 @timeout
+@pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"), reason="torch < 2.3: no CPU scaler")
+def test_horovods_amp_recipe_runs_unchanged(hvd):
+    """torch.amp's loss scaling as Horovod's docs write it: scaled backward, synchronize(),
+    unscale_(), scaler.step() inside skip_synchronize(), update(). The step is the full
+    batch's (a power-of-2 scale divides out exactly); an overflow on one rank makes every
+    rank skip the step and halve the scale."""
+    r, n = hvd.rank(), hvd.size()
+    model, ref = _model(torch.float32), _model(torch.float32)
+    opt, scaler = _wrap(hvd, model), torch.amp.GradScaler("cpu")
+
+    def step(poison: bool) -> None:
+        opt.zero_grad()
+        loss = _loss(model, r, torch.float32)
+        scaler.scale(loss * float("inf") if poison else loss).backward()
+        opt.synchronize()
+        scaler.unscale_(opt)
+        with opt.skip_synchronize():
+            scaler.step(opt)
+        scaler.update()
+
+    step(poison=False)
+    for p, g in zip(ref.parameters(), _full_batch_grads(n, torch.float32), strict=True):
+        p.grad = g
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    _assert_close_all(list(model.parameters()), list(ref.parameters()), rtol=1e-6, atol=1e-7)
+    before = [p.detach().clone() for p in model.parameters()]
+    step(poison=r == n - 1)
+    _assert_close_all(list(model.parameters()), before, rtol=0, atol=0)  # skipped everywhere
+    assert comm.world().allgather(scaler.get_scale()) == [32768.0] * n
+
+
+@mpi
+@timeout
 def test_lr_scheduler_and_state_dict_work_on_the_wrapped_optimizer(hvd):
     model = _model()
     opt = _wrap(hvd, model)
