@@ -306,7 +306,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     algo.write_outputs(log, snapshots, comm_)
     step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
-    mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak}
+    mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak,
+            "scale": scaler.get_scale() if scaler.on else None}
     every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
     guarded = guard.summary()
     checkpoints = ckpt.summary()
@@ -324,6 +325,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         busy_s_per_worker=[w["busy_s"] for w in every],
         straggler_sleep_s_per_worker=[w["slept_s"] for w in every],
         peak_memory_per_worker=[w["peak"] for w in every],
+        loss_scale_per_worker=[w["scale"] for w in every],
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
         **guarded, **checkpoints, **exchange, **watch.fields(), out=config.out,
         algorithm_fields=own, **runtime.summary_fields(),

@@ -74,6 +74,9 @@ class RunSummary:
         "allocated there (torch.cuda.max_memory_allocated), on the CPU the process's peak "
         "resident set (data and libraries included); null in a simulated run",
         default_factory=list)
+    loss_scale_per_worker: list[float | None] = _doc(
+        "--mixed-precision fp16: each worker's loss scale at the end (it halves after an "
+        "overflow, doubles after 2,000 clean steps); null otherwise", default_factory=list)
     out: str | None = _doc("the run's output folder", default=None)
     resized: list[dict] = _doc("resumptions on another number of workers, in order: "
                                "from_workers, to_workers, updates (the checkpoint's count) and "

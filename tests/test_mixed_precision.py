@@ -94,6 +94,9 @@ def test_every_algorithm_trains_in_half_precision(tmp_path, algo, mixed):
         return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)
 
     (full, a), (half, b) = run("fp32", "no"), run(mixed, mixed)
+    workers = 1 if algo == "sgd" else 4
+    assert full["loss_scale_per_worker"] == [None] * workers
+    assert all((s is None) == (mixed == "bf16") for s in half["loss_scale_per_worker"])
     assert half["final_test_acc"] >= full["final_test_acc"] - 0.05 > 0.5
     assert all(t.dtype == torch.float32 for t in b.values())
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -110,4 +113,6 @@ def test_fp16_from_the_command_line_skips_an_overflowing_step(tmp_path):
     assert config["mixed_precision"] == "fp16"
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["skipped_steps"] >= 1 and summary["bad_gradients_per_worker"][1] >= 1
+    scales = summary["loss_scale_per_worker"]  # halved at least once, the same on both ranks
+    assert scales[0] == scales[1] <= 32768.0
     assert summary["final_test_acc"] > 0.5
