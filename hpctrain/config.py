@@ -217,9 +217,9 @@ class RunConfig:
                                     "training has collapsed")
     device: str = option("auto", "where each rank computes: cuda takes GPU (local rank mod GPUs) "
                          "(auto: cuda when torch sees a GPU)", choices=devices.DEVICES)
-    mixed_precision: str = option("no", "bf16: the forward pass in bfloat16 under "
-                                  "torch.autocast; gradients, parameters and communication "
-                                  "stay float32", choices=precision.CHOICES)
+    mixed_precision: str = option("no", "the forward pass under torch.autocast in bfloat16, "
+                                  "or float16 with loss scaling; gradients, parameters and "
+                                  "communication stay float32", choices=precision.CHOICES)
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)

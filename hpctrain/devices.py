@@ -68,9 +68,14 @@ def choose(choice: str) -> torch.device:
     """This rank's device for ``choice``; a GPU is made current for the process."""
     if resolve(choice) == "cpu":
         return torch.device("cpu")
-    device = torch.device("cuda", local_rank() % torch.cuda.device_count())
+    device = local_gpu()
     torch.cuda.set_device(device)
     return device
+
+
+def local_gpu() -> torch.device:
+    """The GPU this rank takes: ``local_rank % device_count`` (see the module docstring)."""
+    return torch.device("cuda", local_rank() % torch.cuda.device_count())
 
 
 def _mpi_library() -> ctypes.CDLL | None:

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 
+from hpctrain import devices
 from hpctrain.errors import UsageError
 
 CHOICES = ("no", "bf16", "fp16")
@@ -33,9 +34,10 @@ def check(choice: str, device_type: str) -> None:
     if choice not in CHOICES:
         raise UsageError(f"--mixed-precision {choice!r}: choose from {', '.join(CHOICES)}")
     # Native bfloat16 starts with Ampere (8.0); torch would emulate it, slowly, before that.
-    if choice == "bf16" and device_type == "cuda" and torch.cuda.get_device_capability() < (8, 0):
-        major, minor = torch.cuda.get_device_capability()
-        raise UsageError(f"--mixed-precision bf16: {torch.cuda.get_device_name()} (compute "
+    gpu = devices.local_gpu() if device_type == "cuda" else None  # this rank's, as it will run
+    if choice == "bf16" and gpu is not None and torch.cuda.get_device_capability(gpu) < (8, 0):
+        major, minor = torch.cuda.get_device_capability(gpu)
+        raise UsageError(f"--mixed-precision bf16: {torch.cuda.get_device_name(gpu)} (compute "
                          f"capability {major}.{minor}) has no native bfloat16; use "
                          "--mixed-precision fp16")
     if choice == "fp16" and device_type == "cpu" and not hasattr(torch.amp, "GradScaler"):
@@ -88,12 +90,13 @@ class LossScaler:
         if self._scaler is not None:
             self._scaler.update()
 
-    def get_scale(self) -> float:
-        return 1.0 if self._scaler is None else self._scaler.get_scale()
+    def get_scale(self) -> float | None:
+        """The current scale (None when off)."""
+        return None if self._scaler is None else self._scaler.get_scale()
 
     def state_dict(self) -> dict:
         return {} if self._scaler is None else self._scaler.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
-        if self._scaler is not None and state:
+        if self._scaler is not None:
             self._scaler.load_state_dict(state)

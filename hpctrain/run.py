@@ -307,7 +307,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
     mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak,
-            "scale": scaler.get_scale() if scaler.on else None}
+            "scale": scaler.get_scale()}
     every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
     guarded = guard.summary()
     checkpoints = ckpt.summary()
