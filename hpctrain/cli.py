@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 
-from hpctrain import arguments, comm, devices, run
+from hpctrain import arguments, comm, compiled, devices, run
 from hpctrain.bench import report as bench_report
 from hpctrain.metrics import summary_table
 from hpctrain.sim import arguments as sim_arguments
@@ -111,7 +111,8 @@ def info() -> None:
         return
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
              **devices.describe(), **comm.library_info(), "ranks": comm.size(),
-             "local_size": local_size}
+             "local_size": local_size,
+             "compile": compiled.problem(devices.resolve("auto")) or "yes"}
     try:
         import horovod
 

@@ -220,6 +220,8 @@ class RunConfig:
     mixed_precision: str = option("no", "the forward pass under torch.autocast in bfloat16, "
                                   "or float16 with loss scaling; gradients, parameters and "
                                   "communication stay float32", choices=precision.CHOICES)
+    compile: bool = option(False, "compile the model with torch.compile (TorchInductor); the "
+                           "first steps and the first evaluation take longer")
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)

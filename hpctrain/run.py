@@ -35,6 +35,7 @@ import torch
 from hpctrain import (
     checkpoint,
     comm,
+    compiled,
     data,
     devices,
     faults,
@@ -74,6 +75,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                          "launch with mpirun, or srun with PMI/PMIx")
     devices.check(config.device)
     precision.check(config.mixed_precision, devices.resolve(config.device))
+    compiled.check(config.compile, devices.resolve(config.device))
     optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
@@ -225,6 +227,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
+    compiled.apply(config.compile, model)  # lazily: the first forward compiles
     if comm_ is not None:
         comm_.Barrier()
     start = runtime.now() - done.get("elapsed", 0.0)

@@ -14,7 +14,8 @@
 # hpctrain info; the GPU tests (one process, then mpirun -np 2 sharing the GPU); bench kernel
 # --device cuda; bench allreduce on cpu and cuda (mpi and torch backends); every algorithm
 # training LeNet on Fashion-MNIST for one epoch on cuda and on cpu (2 ranks; sgd 1), side by
-# side, and sgd and ssgd again with --micro-batch-size 16, --mixed-precision bf16 and fp16;
+# side, and sgd and ssgd again with --micro-batch-size 16, --mixed-precision bf16 and fp16,
+# and --compile;
 # a results table (accuracy, time, peak memory: GPU memory torch allocated, or the CPU run's
 # resident set). GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of this
 # script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
@@ -150,7 +151,9 @@ RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
       "sgd-bf16 1 --algo sgd --mixed-precision bf16"
       "ssgd-bf16 2 --algo ssgd --sync-backend mpi --mixed-precision bf16"
       "sgd-fp16 1 --algo sgd --mixed-precision fp16"
-      "ssgd-fp16 2 --algo ssgd --sync-backend mpi --mixed-precision fp16")
+      "ssgd-fp16 2 --algo ssgd --sync-backend mpi --mixed-precision fp16"
+      "sgd-compile 1 --algo sgd --compile"
+      "ssgd-compile 2 --algo ssgd --sync-backend torch --compile")
 for dev in "${DEVICES[@]}"; do
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086

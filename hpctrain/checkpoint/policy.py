@@ -18,11 +18,15 @@ from hpctrain.checkpoint.format import CorruptCheckpoint, read_header
 from hpctrain.errors import UsageError
 
 # Options that may differ between a run and its resumption: they do not change the trajectory
-# (device and micro-batch size: only in float rounding; mixed precision: in the forward's).
+# (device, micro-batch size and compilation: only in float rounding; mixed precision: in the
+# forward's).
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
-                        "mixed_precision"})
+                        "mixed_precision", "compile"})
+
+
+AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any
 
 
 def parse_every(text: str) -> str:

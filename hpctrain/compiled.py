@@ -1,0 +1,70 @@
+"""``--compile``: the model's forward through ``torch.compile`` (TorchInductor), as DDP users
+and nanoGPT's ``train.py`` do it.
+
+The loop compiles the model in place (``nn.Module.compile``) on each worker just before the
+first step, so its parameters, state-dict keys, checkpoints and every algorithm's hooks stay
+those of the plain model; backward runs through the compiled graph's autograd, so gradient
+hooks (ssgd's buckets) still fire per parameter, but after the whole backward graph, not
+interleaved with it. Evaluation and EC's teacher pass go through it too (in eval mode under
+``no_grad``: one more graph). Each new input size compiles again once (then shapes are
+dynamic): the first steps, the first evaluation and a short last batch take longer.
+
+Compilation happens lazily, after MPI has started, so :func:`check` tries, before MPI, what
+TorchInductor needs to be there: a torch that has ``nn.Module.compile`` (2.2), Dynamo for
+this Python, and a C++ compiler and Python's headers (CPU) or Triton (CUDA).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+from pathlib import Path
+
+import torch
+
+from hpctrain.errors import UsageError
+
+
+def check(on: bool, device_type: str) -> None:
+    """UsageError (before MPI) when ``--compile`` cannot work on ``device_type`` here."""
+    why = problem(device_type) if on else None
+    if why:
+        raise UsageError(f"--compile {why}")
+
+
+def problem(device_type: str) -> str | None:
+    """What torch.compile lacks here on ``device_type`` (``hpctrain info`` says it), or None."""
+    if not hasattr(torch.nn.Module, "compile"):
+        return f"needs torch >= 2.2 (nn.Module.compile), not {torch.__version__}"
+    supported = getattr(torch._dynamo, "is_dynamo_supported", lambda: True)
+    if not supported():
+        return (f"cannot run on this Python: torch {torch.__version__}'s "
+                "torch._dynamo.is_dynamo_supported() is false")
+    if device_type == "cuda":
+        if not _has_triton():
+            return (f"on a GPU needs Triton (pip install triton, the version torch "
+                    f"{torch.__version__} was built with)")
+        return None
+    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+    if not any(c and shutil.which(c) for c in compilers):
+        return "on the CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX); none was found"
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not headers.exists():
+        return (f"on the CPU needs Python's headers ({headers} is missing: install python3-dev "
+                "or your Python's development package)")
+    return None
+
+
+def apply(on: bool, model: torch.nn.Module) -> None:
+    """Compile ``model``'s forward in place when ``on`` (the first call compiles)."""
+    if on:
+        model.compile()
+
+
+def _has_triton() -> bool:
+    try:
+        from torch.utils._triton import has_triton
+    except ImportError:
+        return False
+    return has_triton()

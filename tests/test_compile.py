@@ -1,0 +1,91 @@
+"""``--compile``: the model's forward through torch.compile, the same steps to float rounding
+for every algorithm, and a one-line refusal before MPI where TorchInductor cannot work."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import SYNTHETIC, run_job
+from torch import nn
+from torch.nn import functional as F
+
+from hpctrain import compiled
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.sim import SimConfig, simulate
+
+
+def test_check_refuses_a_cpu_without_a_cxx_compiler(tmp_path, monkeypatch):
+    compiled.check(True, "cpu")  # this machine has g++ and Python's headers
+    compiled.check(False, "cpu")
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    compiled.check(False, "cpu")  # nothing is asked without --compile
+    with pytest.raises(UsageError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+        compiled.check(True, "cpu")
+    assert "C++ compiler" in compiled.problem("cpu")  # what hpctrain info says
+
+
+def test_the_compiled_model_computes_the_plain_one_and_keeps_its_state_names():
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    model = copy.deepcopy(plain)
+    compiled.apply(True, model)
+    x, y = torch.randn(9, 6), torch.randint(0, 3, (9,))
+    for m in (plain, model):
+        F.cross_entropy(m(x), y).backward()
+    torch.testing.assert_close(model(x), plain(x))
+    for p, q in zip(plain.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    assert list(model.state_dict()) == list(plain.state_dict())  # checkpoints read the same
+    # A copy (the simulator's workers, the online scorer's scratch model) runs its own weights
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    assert torch.count_nonzero(other(x)) == 0 and torch.count_nonzero(model(x)) > 0
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ssgd", "ma", "ec", "dcasgd-a"])
+def test_every_algorithm_takes_the_same_steps_compiled(tmp_path, algo):
+    """In the simulator: the compiled run ends at the plain run's model, to float rounding,
+    also in micro-batches of 10 of 24 (new input sizes: the parts, the last batch of 8)."""
+    def run(name: str, on: bool, micro: int | None = None) -> dict:
+        optim = OptimConfig(epochs=1, batch_size=24, micro_batch_size=micro)
+        config = RunConfig(algo=algo, seed=3, out=str(tmp_path / name), progress=False,
+                           data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                           optim=optim, compile=on)
+        workers = 1 if algo == "sgd" else 4
+        summary = simulate(config, SimConfig(workers=workers, step_time="constant:0.01"))
+        return summary, torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    torch._dynamo.reset()  # forget graphs an earlier test compiled, and the counters
+    (plain, a), (fast, b), (_, c) = run("plain", False), run("compiled", True), \
+        run("micro", True, 10)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # Dynamo traced it
+    assert plain["updates"] == fast["updates"] > 0
+    assert json.loads((tmp_path / "compiled" / "config.json").read_text())["compile"] is True
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a[k], c[k], rtol=1e-4, atol=1e-5)
+    assert abs(plain["final_test_acc"] - fast["final_test_acc"]) <= 0.02
+
+
+@pytest.mark.parametrize("backend", ["mpi", "horovod"], ids=["mpi-backend", "horovod"])
+def test_ssgd_allreduces_the_compiled_backward(tmp_path, backend):
+    """Real ranks: the gradient hooks that launch the buckets fire after a compiled backward
+    too, so ssgd on 2 ranks compiled ends where the plain run does."""
+    if backend == "horovod":
+        pytest.importorskip("horovod")
+    common = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "24",
+              "--sync-backend", backend, "--seed", "4"]
+    plain = run_job([*common, "--out", str(tmp_path / "plain")], np=2)
+    fast = run_job([*common, "--compile", "--out", str(tmp_path / "compiled")], np=2)
+    assert plain.returncode == 0 and fast.returncode == 0, plain.stderr + fast.stderr
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True)
+            for n in ("plain", "compiled"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
