@@ -82,10 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace) -> dict:
     """``hpctrain train``: the configuration from the options, checked before MPI starts."""
     summary = run.train(arguments.build(args))  # checked before MPI starts
-    if comm.rank() == 0:
+    rank = comm.env_rank()  # the launcher's rank: under torchrun MPI would say 0 everywhere
+    if rank == 0:
         print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
     if summary.get("stopped_on_collapse"):  # every rank: a non-zero exit, outputs kept
-        if comm.rank() == 0:
+        if rank == 0:
             print(f"hpctrain: error: stopped (--stop-on-collapse): training collapsed at update "
                   f"{summary['collapsed_at']}: {summary['collapse_reason']}; outputs in "
                   f"{summary['out']}", file=sys.stderr, flush=True)

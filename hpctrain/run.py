@@ -25,6 +25,7 @@ collapse).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import replace
@@ -90,6 +91,10 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True)
+    if ck.resume == checkpoint.AUTO and comm.env_rank() == 0:
+        found = f"resuming from the checkpoints in {resolved.resume}" if resolved.resume else \
+            "no checkpoint yet, starting the run"
+        print(f"hpctrain: --resume auto: {found}", flush=True)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume))
     if config.out and (Path(config.out) / "summary.json").exists():
@@ -132,6 +137,9 @@ def train(config: RunConfig) -> dict:
     Checks come first (ValueError/UsageError before any communication), then MPI starts at
     the thread level the algorithm needs, unless the script started it already.
     """
+    done = _finished(config)
+    if done is not None:
+        return done
     config = check_launch(config, comm.launch_size())
     MPI = comm.init(config.algorithm_class.thread_level)
     world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
@@ -144,6 +152,20 @@ def train(config: RunConfig) -> dict:
         return world.bcast(_run(config, world), root=0)
     finally:
         watchdog.stop()
+
+
+def _finished(config: RunConfig) -> dict | None:
+    """With ``--resume auto``, a run whose ``--out`` holds its summary (a job restarted or
+    requeued after it finished): that summary, and nothing is trained."""
+    if config.checkpoint.resume != checkpoint.AUTO or config.out is None:
+        return None
+    path = Path(config.out) / "summary.json"
+    if not path.exists():
+        return None
+    if comm.env_rank() == 0:
+        print(f"hpctrain: --out {config.out} holds a finished run; nothing to train "
+              "(--resume auto)", flush=True)
+    return json.loads(path.read_text())
 
 
 def device_for(config: RunConfig) -> torch.device:

@@ -296,3 +296,24 @@ def test_writer_killed_at_random_moments_never_loses_the_last_checkpoint(tmp_pat
     # Kills between a rename and the pruning leave extra old files; the next whole save prunes.
     write(tmp_path, newest + 1, numel=1 << 20)
     assert len(checkpoint.listing(tmp_path)) == checkpoint.KEEP
+
+
+def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
+    """``--resume auto`` (restarted and requeued jobs): the run's own folder when it holds a
+    checkpoint, else a first start; never a fresh start over unreadable checkpoints."""
+    out, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    assert check(resume="auto", out=str(out), every="1e") == \
+        checkpoint.Resolved(str(out), None, None)
+    a_run(folder, out=str(out))
+    assert check(resume="auto", out=str(out), every="1e") == \
+        checkpoint.Resolved(str(out), str(folder), str(folder))
+    own = tmp_path / "ck"  # --checkpoint-dir is where a restarted job looks
+    a_run(own, out=str(out))
+    assert check(resume="auto", out=str(tmp_path / "x"), checkpoint_dir=str(own)).resume == \
+        str(own)
+    with pytest.raises(UsageError, match="^--resume auto needs --out or --checkpoint-dir"):
+        check(resume="auto")
+    for path in checkpoint.listing(folder):
+        path.write_bytes(b"torn")  # a checkpoint that cannot be read: refused, not restarted
+    with pytest.raises(UsageError, match="no checkpoint found there"):
+        check(resume="auto", out=str(out), every="1e")

@@ -26,12 +26,12 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
 
 
-def torchrun(args: list[str], nproc: int, timeout: float = 180,
-             script: str | None = None) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc -m hpctrain <args>`` (or ``script <args>``); fail on
-    timeout."""
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *([script] if script else
-                                                          ["-m", "hpctrain"]), *args]
+def torchrun(args: list[str], nproc: int, timeout: float = 180, script: str | None = None,
+             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc [options] -m hpctrain <args>`` (or ``script
+    <args>``); fail on timeout."""
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *options,
+           *([script] if script else ["-m", "hpctrain"]), *args]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
@@ -68,6 +68,46 @@ def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpctrain: error")]
     assert lines and "--algo ma" in lines[0] and "mpirun" in lines[0], proc.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+KILLED_ONCE = """
+import os, runpy, sys
+if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":  # the first attempt loses rank 1
+    os.environ["HPCTRAIN_INJECT"] = "kill@1:40"
+sys.argv[0] = "hpctrain"
+runpy.run_module("hpctrain", run_name="__main__")
+"""
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_restarts_continue_from_the_checkpoints_with_resume_auto(tmp_path):
+    """torchrun --max-restarts: rank 1 is killed at step 40 of the first attempt; torchrun
+    restarts both ranks, and ``--resume auto`` continues from the checkpoint of update 32 to
+    the uninterrupted run's model, bit for bit. Started again, the finished run is left as
+    it is."""
+    script = tmp_path / "killed_once.py"
+    script.write_text(KILLED_ONCE)
+    common = ["train", "--algo", "ssgd", *COMMON, "--batch-size", "16", "--epochs", "2",
+              "--checkpoint-every", "0.25e", "--resume", "auto"]
+    clean = torchrun([*common, "--out", str(tmp_path / "clean")], 2)
+    assert clean.returncode == 0, clean.stderr
+    assert "--resume auto: no checkpoint yet, starting the run" in clean.stdout
+    killed = [*common, "--out", str(tmp_path / "killed")]
+    proc = torchrun(killed, 2, script=str(script), options=("--max-restarts", "1"))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("hpctrain train: finished") == 1, proc.stdout  # rank 0 only
+    assert "resuming from the checkpoints in" in proc.stdout
+    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [32]
+    assert summary["updates"] == json.loads((tmp_path / "clean" / "summary.json")
+                                            .read_text())["updates"]
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("clean", "killed"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    again = torchrun(killed, 2)
+    assert again.returncode == 0, again.stderr
+    assert "holds a finished run; nothing to train" in again.stdout
+    assert json.loads((tmp_path / "killed" / "summary.json").read_text()) == summary
 
 
 STALL_SCRIPT = """

@@ -48,12 +48,12 @@ from hpctrain.checkpoint.folder import (
     save,
 )
 from hpctrain.checkpoint.format import FORMAT, CorruptCheckpoint, encode, load, read_header
-from hpctrain.checkpoint.policy import MAY_CHANGE, Every, Resolved, check, parse_every
+from hpctrain.checkpoint.policy import AUTO, MAY_CHANGE, Every, Resolved, check, parse_every
 from hpctrain.checkpoint.resize import Resize, Resizer
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 
 __all__ = [
-    "FORMAT", "KEEP", "MAY_CHANGE", "SUBDIR", "Checkpointer", "CorruptCheckpoint", "Every",
+    "AUTO", "FORMAT", "KEEP", "MAY_CHANGE", "SUBDIR", "Checkpointer", "CorruptCheckpoint", "Every",
     "Loaded", "Resize", "Resizer", "Resolved", "check", "encode", "listing", "load",
     "load_newest", "newest", "parse_every", "read_header", "resolve", "rng_state", "run_folder",
     "save", "set_rng_state",

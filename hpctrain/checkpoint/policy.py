@@ -94,6 +94,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``).
     """
+    if resume == AUTO:
+        resume = _auto(checkpoint_dir, out)
     if resume is not None:
         given = resume
         if not Path(given).is_dir():
@@ -124,6 +126,16 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
                              "resume it with --resume or choose another folder")
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
+    """``--resume auto``: the run's own checkpoint folder when it holds a checkpoint (a
+    restarted or requeued job), else None (a first start)."""
+    if checkpoint_dir is None and out is None:
+        raise UsageError("--resume auto needs --out or --checkpoint-dir: the folder a "
+                         "restarted job looks in for its checkpoints")
+    folder = run_folder(checkpoint_dir, out)
+    return str(folder) if listing(folder) else None
 
 
 def _newest_header(folder: Path, given: str) -> dict:

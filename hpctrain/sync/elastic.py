@@ -2,7 +2,9 @@
 
 Horovod Elastic re-forms the job when hosts come and go, driven by ``horovodrun`` with a
 host-discovery script. They run under ``mpirun``/``srun`` or torchrun, whose jobs have a
-fixed size; ``hpctrain train --resume`` continues a run on another number of ranks instead.
+fixed size; ``hpctrain train --resume`` continues a run on another number of ranks instead,
+and ``--resume auto`` does it for jobs restarted with the same command line (torchrun
+``--max-restarts``, a requeued Slurm job).
 With ``init(backend="horovod")``, ``hvd.elastic`` is Horovod's own.
 """
 

@@ -96,7 +96,7 @@ def start_process_group(comm: Any = None) -> bool:
                              f"ranks already, comm has {comm.Get_size()}")
         return False
     if comm is None and mpicomm.launcher() == "torchrun":
-        dist.init_process_group(_backend_string(_shared_gpu_env()), init_method="env://")
+        dist.init_process_group(_backend_string(_shared_gpu_env()), **_torchrun_rendezvous())
         return True
     comm = mpicomm.world() if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -115,6 +115,23 @@ def start_process_group(comm: Any = None) -> bool:
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
+
+
+def _torchrun_rendezvous() -> dict:
+    """``init_process_group``'s rendezvous under torchrun. Its agent keeps one store for all of
+    a job's restarts (``--max-restarts``), so a restarted worker may read the addresses its
+    predecessor posted there and fail to connect (pytorch#135712). On one node every worker
+    has the same ``TORCHELASTIC_RESTART_COUNT``, so the group's keys go under that attempt's
+    prefix; across nodes the counts may differ (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for
+    torchrun avoids the shared store there)."""
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE"):
+        return {"init_method": "env://"}
+    store, rank, size = next(dist.rendezvous("env://"))
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"hpctrain/attempt_{attempt}/", store), "rank": rank,
+            "world_size": size}
 
 
 def stall_store() -> Any:
