@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -99,7 +100,8 @@ class Watch:
     """One worker's view of the run as it happens (see the module docstring)."""
 
     def __init__(self, config, algo: Algorithm, comm, *, test_set, per_epoch: int, steps: int,
-                 samples_per_epoch: int, bar, world=None) -> None:
+                 samples_per_epoch: int, bar, world=None,
+                 loss_scale: Callable[[], float | None] = lambda: None) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.test_set, self.bar, self.world = test_set, bar, world
         self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
@@ -107,7 +109,7 @@ class Watch:
         self.eval_rank = config.eval_rank
         self.curve_online = self.online and _curve_online(algo)
         self.mode = eval_mode(config, algo)
-        self.algo = algo
+        self.algo, self.loss_scale = algo, loss_scale  # fp16's scale, read when logged
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0)
         self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4))
         lock_step = type(algo).per_epoch is Algorithm.per_epoch
@@ -145,6 +147,9 @@ class Watch:
         board = self.board
         board.scalar("train/loss", log["loss"] / log["steps"], position, t)
         board.scalar("train/lr", lr, position, t)
+        scale = self.loss_scale()
+        if scale is not None:
+            board.scalar("train/loss_scale", scale, position, t)
         if t > log["t"]:
             rate = (position - log["position"]) / self.per_epoch * self.samples_per_epoch
             board.scalar("train/samples_per_s", rate / (t - log["t"]), position, t)

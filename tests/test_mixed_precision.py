@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from conftest import SYNTHETIC, run_job
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 from hpctrain import precision
@@ -106,7 +107,7 @@ def test_fp16_from_the_command_line_skips_an_overflowing_step(tmp_path):
     """ssgd on 2 ranks in fp16, an Inf loss injected at step 3 on rank 1: the reduced
     gradient overflows, every rank skips that step together, and training goes on."""
     proc = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1",
-                    "--mixed-precision", "fp16", "--out", str(tmp_path)], np=2,
+                    "--mixed-precision", "fp16", "--tensorboard", "--out", str(tmp_path)], np=2,
                    env={"HPCTRAIN_INJECT": "inf@1:3"})
     assert proc.returncode == 0, proc.stderr
     config = json.loads((tmp_path / "config.json").read_text())
@@ -116,3 +117,7 @@ def test_fp16_from_the_command_line_skips_an_overflowing_step(tmp_path):
     scales = summary["loss_scale_per_worker"]  # halved at least once, the same on both ranks
     assert scales[0] == scales[1] <= 32768.0
     assert summary["final_test_acc"] > 0.5
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    logged = [e.value for e in board.Scalars("train/loss_scale")]  # rank 0's, as it went
+    assert logged and logged[-1] == scales[0] and max(logged) <= 65536.0
