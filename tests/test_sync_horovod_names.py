@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT, mpirun
+from conftest import ROOT, SYNTHETIC, mpirun, run_job
 from torch import nn
 from torch.nn import functional as F
 
@@ -533,6 +533,26 @@ def test_a_script_that_never_calls_shutdown_leaves_a_closed_timeline(tmp_path, b
     assert proc.returncode == 0, proc.stderr
     events = json.loads((tmp_path / "timeline0.json").read_text())  # rank 0 writes it
     assert any(e.get("args", {}).get("shape") == "[4]" for e in events)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("backend", ["mpi", "torch"], ids=["mpi-backend", "torch-backend"])
+def test_horovod_timeline_variable_gives_ssgd_a_timeline(tmp_path, backend):
+    """HOROVOD_TIMELINE=FILE starts the timeline at init, as in Horovod: here for
+    ``hpctrain train --algo ssgd``, whose gradient buckets it shows; closed at the end."""
+    path = tmp_path / "timeline.json"
+    proc = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--sync-backend",
+                    backend, "--out", str(tmp_path / "run")], np=2,
+                   env={"HOROVOD_TIMELINE": str(path)})
+    assert proc.returncode == 0, proc.stderr
+    events = json.loads(path.read_text())
+    phases = {e.get("name") for e in events if e.get("ph") == "B"}
+    wire = "MPI_ALLREDUCE" if backend == "mpi" else "TORCH_ALLREDUCE"
+    assert {"NEGOTIATE_DISTRIBUTEDOPTIMIZER.STEP", "ALLREDUCE", wire} <= phases
+    rows = {e["args"].get("name") for e in events if e.get("name") == "process_name"}
+    assert "allreduce.DistributedOptimizer.bucket0" in rows  # a row per fusion bucket
+    updates = json.loads((tmp_path / "run" / "summary.json").read_text())["updates"]
+    assert sum(e.get("name") == wire and e["ph"] == "B" for e in events) >= updates  # buckets
 
 
 @mpi

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import os
 import sys
 from types import ModuleType
 from typing import Any
@@ -79,7 +80,8 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     reached after ``stall_check_s`` seconds (default HOROVOD_STALL_CHECK_TIME_SECONDS, 60)
     is reported on stderr; after ``stall_timeout`` seconds (default
     HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, 0: never) the job is ended, as the CLI's
-    ``--stall-timeout`` does.
+    ``--stall-timeout`` does. ``HOROVOD_TIMELINE=FILE`` starts the timeline, as Horovod does
+    (so ``hpctrain train --algo ssgd`` writes one too).
     """
     global _active, _active_name
     if backend not in BACKENDS:
@@ -98,6 +100,9 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
         collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
                          stall_timeout_s=stall_timeout)
         _active = mpi_backend
+        path = os.environ.get("HOROVOD_TIMELINE")  # Horovod's variable (Horovod reads its own)
+        if path and path != "DYNAMIC":  # DYNAMIC: start_timeline() later, always possible here
+            timeline.start(path, os.environ.get("HOROVOD_TIMELINE_MARK_CYCLES") == "1", rank())
     else:
         _active = horovod_backend.init(comm, process_sets, stall_check_s, stall_timeout)
     _active_name = backend

@@ -30,6 +30,7 @@ import torch
 
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
+from hpctrain.sync import timeline
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
 from hpctrain.sync.transport import Request, Transport, test_all, wait_all
@@ -129,6 +130,7 @@ class _Bucket:
     stage: HostStage  # what the transport moves: the buffer, or its pinned host copy
     packed: int = 0
     request: Request | None = None
+    token: Any = None  # its timeline phase, while the timeline runs
 
 
 class BucketedAllreduce:
@@ -222,6 +224,9 @@ class BucketedAllreduce:
             if bucket.packed < len(bucket.slots):
                 return
             bucket.request = self._transport.iallreduce(None, bucket.stage.to_host(), Sum)
+            call = Call("allreduce", name=f"DistributedOptimizer.bucket{self._next}",
+                        dtype=bucket.buffer.dtype, shape=tuple(bucket.buffer.shape))
+            bucket.token = timeline.started(call, self._transport.name.upper())
             self._next += 1
 
     def _progress(self) -> None:
@@ -248,6 +253,7 @@ class BucketedAllreduce:
         self._launch_ready()
         wait_all([b.request for b in self._buckets])
         for bucket in self._buckets:
+            timeline.finished(bucket.token)  # from posting it until seen done, as Horovod's
             bucket.stage.to_device()
             self._unpack(bucket)
         self._clear()
@@ -275,6 +281,6 @@ class BucketedAllreduce:
         for slot in self._slots:
             slot.passes, slot.packed = 0, False
         for bucket in self._buckets:
-            bucket.packed, bucket.request = 0, None
+            bucket.packed, bucket.request, bucket.token = 0, None, None
         self._next = 0
         self.in_flight = False

@@ -5,8 +5,10 @@
 record, and for each call the phases ``NEGOTIATE_<OP>`` (here: the agreement round of
 collective_check), then ``<OP>`` enclosing ``MPI_<OP>`` (``TORCH_<OP>`` on the torch backend:
 from posting the transport's operation until ``synchronize`` saw it finish), the last one
-with the dtype and shape. Open it in
-chrome://tracing or Perfetto. ``mark_cycles`` is accepted; there are no cycles to mark.
+with the dtype and shape. ``DistributedOptimizer``'s fused gradients get a row per bucket
+(``allreduce.DistributedOptimizer.bucket<k>``), negotiated once per step. ``init`` starts it
+when ``HOROVOD_TIMELINE`` names a file. Open it in chrome://tracing or Perfetto.
+``mark_cycles`` is accepted; there are no cycles to mark.
 """
 
 from __future__ import annotations
