@@ -27,7 +27,17 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (install_requires)
     import tomli as tomllib
 
-from hpctrain import data, devices, models, options, plugins, precision, registry, userdata
+from hpctrain import (
+    data,
+    devices,
+    models,
+    options,
+    plugins,
+    precision,
+    profiling,
+    registry,
+    userdata,
+)
 from hpctrain.checkpoint import parse_every, run_folder
 from hpctrain.errors import UsageError
 from hpctrain.optimizers import OPTIMIZERS
@@ -224,6 +234,9 @@ class RunConfig:
                                   "communication stay float32", choices=precision.CHOICES)
     compile: bool = option(False, "compile the model with torch.compile (TorchInductor); the "
                            "first steps and the first evaluation take longer")
+    profile: str | None = option(None, "torch.profiler over local steps START to START+COUNT-1 "
+                                 "on every worker: Chrome traces and operator tables in "
+                                 "<out>/profile", metavar="START:COUNT")
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)
@@ -249,6 +262,8 @@ class RunConfig:
                             f"{type(self.algorithm).__name__}")
         if self.eval_rank is not None and self.eval_mode != "online":
             raise UsageError(f"--eval-rank {self.eval_rank} needs --eval online")
+        if self.profile is not None:
+            profiling.parse(self.profile)
 
     @property
     def algorithm_class(self):

@@ -45,6 +45,7 @@ from hpctrain import (
     optimizers,
     plugins,
     precision,
+    profiling,
     userdata,
     watchdog,
 )
@@ -250,6 +251,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
     compiled.apply(config.compile, model)  # lazily: the first forward compiles
+    profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
+    profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
     if comm_ is not None:
         comm_.Barrier()
     start = runtime.now() - done.get("elapsed", 0.0)
@@ -288,18 +291,22 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             loss += part.detach()
         straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
         step_times.end(runtime.now())
-        algo.synchronize()
+        with profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
+            algo.synchronize()
         scaler.unscale(algo.optimizer)
         applied = guard.check(local_steps)
         if applied:
-            algo.apply()
+            with profiler.region("hpctrain.apply"):
+                algo.apply()
         scaler.update()
         position = algo.progress(position, applied)
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
-        algo.after_update(final=position >= total)
+        with profiler.region("hpctrain.after_update"):
+            algo.after_update(final=position >= total)
         bar.update(min(position, total) - bar.n)
         watch.step(position, local_steps, loss, lr, runtime.now() - start)
         watchdog.beat("update", local_steps)
+        profiler.step(local_steps)
         if position >= next_snapshot:
             if snapshotting and position < total:
                 snapshots.take(model, t=runtime.now() - start,
@@ -308,6 +315,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
         if watch.stop(position):
             break
+    profiler.close()
     step_times.finish(runtime.now())
     busy = runtime.now() - start
     peak = runtime.peak_memory(s.device)  # training's, before evaluation

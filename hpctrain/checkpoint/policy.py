@@ -23,7 +23,7 @@ from hpctrain.errors import UsageError
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
-                        "mixed_precision", "compile"})
+                        "mixed_precision", "compile", "profile"})
 
 
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any

@@ -59,6 +59,9 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if ck.every is not None or ck.resume is not None:
         raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
                          "--resume): a simulation is rerun, not resumed")
+    if config.profile is not None:
+        raise UsageError("hpctrain simulate runs every worker in one process, which one "
+                         "profiler cannot tell apart: drop --profile (profile a real run)")
     if config.data.data_placement != "replicated":
         raise UsageError("hpctrain simulate holds one copy of the data for all virtual "
                          "workers: use --data-placement replicated (the samples each worker "
