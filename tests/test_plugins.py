@@ -263,6 +263,9 @@ def test_the_report_marks_a_collapsed_row():
     lines = cells.splitlines()
     assert "**collapsed** at update 40" in lines[2] and "stopped there" in lines[2]
     assert lines[3].endswith("| ok |")
+    peak = report.table([report.Row("ssgd", "ok", summary={
+        **base, "peak_memory_per_worker": [300 * 2**20, 512 * 2**20]})], [])
+    assert "| peak memory |" in peak and "| 512.0 MiB |" in peak  # the largest worker's
 
 
 def test_the_cli_says_its_version(capsys):

@@ -124,7 +124,7 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     if row.summary is None:
         reason = row.status if not row.error else f"{row.status}: {row.error}"
         return [row.name, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
-                reason.replace("|", "\\|")]
+                dash, reason.replace("|", "\\|")]
     s = row.summary
     reach = []
     for target in targets:
@@ -135,9 +135,11 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
                                     f"{stale['p90']:.0f} / {stale['p99']:.0f} / "
                                     f"{stale['max']:.0f}")
     moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
+    peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     return [row.name, str(s["workers"]), f"{s['final_test_acc']:.4f}",
             f"{s['best_test_acc']:.4f}", f"{s['wall_s']:.1f}", *reach,
-            f"{s['samples_per_s']:.0f}", stale, "; ".join(moved) or dash, _status(s)]
+            f"{s['samples_per_s']:.0f}", _bytes(max(peaks)) if peaks else dash, stale,
+            "; ".join(moved) or dash, _status(s)]
 
 
 def _status(summary: dict) -> str:
@@ -152,7 +154,7 @@ def _status(summary: dict) -> str:
 def table(rows: list[Row], targets: list[float]) -> str:
     """The report's table, one row per run, in Markdown."""
     head = ["algorithm", "workers", "final acc", "best acc", "wall s",
-            *(f"time to {t:g}" for t in targets), "samples/s",
+            *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
             "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(_cells(r, targets)) + " |" for r in rows]
@@ -181,7 +183,10 @@ def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
             "snapshots are taken every `--eval-every` epochs and scored after training, so "
             "evaluation is not in the clock. Staleness (async runs) counts the global updates "
-            "between a worker's read of the model and its push. *Bytes communicated per rank* "
+            "between a worker's read of the model and its push. *Peak memory* is the largest "
+            "worker's `peak_memory_per_worker` during training (the process's peak resident set "
+            "on a CPU, memory torch allocated on a GPU; none in a simulation). *Bytes "
+            "communicated per rank* "
             "are the byte counts a run's summary.json holds: gradient allreduce "
             "(`allreduce_bytes_per_rank`), model aggregation or exchange of ma/ec "
             "(`aggregation.*`), the sharded data exchange (`bytes_moved`) and, for async runs, "
