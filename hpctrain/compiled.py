@@ -56,10 +56,14 @@ def problem(device_type: str) -> str | None:
     return None
 
 
-def apply(on: bool, model: torch.nn.Module) -> None:
-    """Compile ``model``'s forward in place when ``on`` (the first call compiles)."""
+def apply(on: bool, model: torch.nn.Module, say: bool = False) -> None:
+    """Compile ``model``'s forward in place when ``on`` (the first call compiles); ``say``:
+    tell the user why the first steps are slow."""
     if on:
         model.compile()
+        if say:
+            print("hpctrain: --compile: the first steps compile the model (torch.compile); "
+                  "they take longer", flush=True)
 
 
 def _has_triton() -> bool:

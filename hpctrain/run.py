@@ -250,7 +250,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
-    compiled.apply(config.compile, model)  # lazily: the first forward compiles
+    compiled.apply(config.compile, model, say=rank == 0 and config.progress)  # lazily
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
     if comm_ is not None:
