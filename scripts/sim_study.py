@@ -11,6 +11,7 @@
     ... ecma-share OUT   (40 epochs in rounds of 4, with D 192 and 375)
     ... ecma-full-share OUT (ecma-full at K = 16 with D 625, 1,875 and 3,750)
     ... ecma-batch32-share OUT (ecma-share's question at batch 32: D 128, 256 and 375)
+    ... ecma-k8-share OUT (the share rule at K = 8: D 256 and 750)
     ... dcasgd-long OUT  (M = 8 to 64 with four times the updates)
     ... shuffle-long OUT (16 epochs; --seeds 1,2 and --seeds 3 can run side by side)
     ... fidelity OUT     (real runs under $HPCTRAIN_MPIRUN, each replayed in the simulator)
@@ -252,6 +253,14 @@ def ecma_batch32_share(out: Path) -> None:
     _ecma(out, lr=0.02, batch=32, ks=(16,), schedules=((40, 2.0),),
           variants={"ma": _ma, "ec-all-d128": _ec(128, "all"), "ec-all-d256": _ec(256, "all"),
                     "ec-all-d375": _ec(375, "all")})
+
+
+def ecma_k8_share(out: Path) -> None:
+    """The share rule at K = 8: 750 samples a worker, 40 epochs in rounds of 24 steps (tau 2
+    epochs), D 256 and 750 (a worker's samples), that is 11 and 31 relabelled a batch of 64
+    (a seventh and nearly a third of what a step forwards)."""
+    _ecma(out, lr=0.02, batch=64, ks=(8,), schedules=((40, 2.0),),
+          variants={"ma": _ma, "ec-all-d256": _ec(256, "all"), "ec-all-d750": _ec(750, "all")})
 
 
 def _ecma(out: Path, lr: float, variants: dict, batch: int = 16,
@@ -535,6 +544,6 @@ if __name__ == "__main__":
      "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
      "ecma-steps": ecma_steps, "ecma-rounds": ecma_rounds,
      "ecma-share": ecma_share, "ecma-full-share": ecma_full_share,
-     "ecma-batch32-share": ecma_batch32_share,
+     "ecma-batch32-share": ecma_batch32_share, "ecma-k8-share": ecma_k8_share,
      "fidelity": fidelity, "fidelity-async": fidelity_async,
      "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
