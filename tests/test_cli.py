@@ -13,6 +13,8 @@ import pytest
 import torch
 from conftest import SYNTHETIC, run_job
 
+from hpctrain import compiled
+
 SMALL = [*SYNTHETIC, "--epochs", "1"]
 
 
@@ -206,4 +208,4 @@ def test_info_under_mpirun_prints_once(tmp_path):
     # Devices and transports: no GPU here, so neither CUDA-aware MPI nor NCCL is usable.
     assert facts["cuda"] is False and facts["gpus"] == [] and facts["nccl"] is False
     assert facts["cuda_aware_mpi"] in (True, False) and facts["gloo"] is True
-    assert facts["compile"] == "yes"  # g++ and Python's headers are here (tests/test_compile)
+    assert facts["compile"] == (compiled.problem("cpu") or "yes")  # torch 2.1: a reason
