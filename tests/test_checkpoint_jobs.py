@@ -174,7 +174,9 @@ def test_async_worker_killed_then_resumed(tmp_path):
     args = ["train", "--algo", "dcasgd-a", "--dataset", "synthetic", "--model", "mlp",
             "--epochs", "3", "--no-progress", "--batch-size", "32", "--momentum", "0.5",
             "--servers", "1", "--checkpoint-every", "0.5e", "--out", str(out)]
-    proc = run_job(args, np=3, timeout=120, env={"HPCTRAIN_INJECT": "nan@0:3,kill@1:60"})
+    # Worker 1's 40th step comes after the mark at update 32 (it took part in that
+    # checkpoint) and before the budget of 192 unless it made under a fifth of the pushes.
+    proc = run_job(args, np=3, timeout=120, env={"HPCTRAIN_INJECT": "nan@0:3,kill@1:40"})
     assert proc.returncode != 0
     assert "process rank 1 with PID" in proc.stderr and "signal 9" in proc.stderr
     header = checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])
