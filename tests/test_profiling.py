@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 from conftest import SYNTHETIC, run_job
@@ -43,10 +44,11 @@ def test_every_rank_profiles_its_window_with_the_hooks_labelled(tmp_path):
     assert proc.returncode == 0, proc.stderr
     for rank in (0, 1):
         events = _trace(tmp_path / "profile" / f"rank-{rank}.json")
-        names = {e.get("name") for e in events}
-        assert {f"ProfilerStep#{k}" for k in range(3)} <= names
-        assert "ProfilerStep#3" not in names  # the window ends after 3 steps
-        assert {"aten::addmm", "hpctrain.synchronize", "hpctrain.apply"} <= names
+        names = Counter(e.get("name") for e in events)
+        assert names["hpctrain.synchronize"] == names["hpctrain.apply"] == 3  # the window
+        # One span per step (torch 2.1 leaves the last step's out), none past the window.
+        assert {"ProfilerStep#0", "ProfilerStep#1"} <= names.keys()
+        assert "ProfilerStep#3" not in names and names["aten::addmm"] > 0
         assert "aten::addmm" in (tmp_path / "profile" / f"rank-{rank}.txt").read_text()
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["profile"] == "2:3"
