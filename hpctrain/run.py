@@ -75,9 +75,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if what:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
                          "launch with mpirun, or srun with PMI/PMIx")
-    devices.check(config.device)
-    precision.check(config.mixed_precision, devices.resolve(config.device))
-    compiled.check(config.compile, devices.resolve(config.device))
+    check_compute(config)
     optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
@@ -102,6 +100,15 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
     return config
+
+
+def check_compute(config: RunConfig) -> None:
+    """What this machine must have for ``--device``, ``--mixed-precision`` and ``--compile``
+    (UsageError before MPI; the simulator checks the same)."""
+    devices.check(config.device)
+    device_type = devices.resolve(config.device)
+    precision.check(config.mixed_precision, device_type)
+    compiled.check(config.compile, device_type)
 
 
 def _user_code(config: RunConfig) -> RunConfig:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import compiled, data, devices, models, precision, run
 from hpctrain import config as configs
+from hpctrain import data, models, run
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -69,9 +69,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce")
-    devices.check(config.device)
-    precision.check(config.mixed_precision, devices.resolve(config.device))
-    compiled.check(config.compile, devices.resolve(config.device))
+    run.check_compute(config)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
