@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
-_LAUNCHES = ("run_job(", "subprocess.", "mpirun(", "sbatch", "srun")
+_LAUNCHES = ("run_job(", "subprocess.", "mpirun(", "torchrun(", "sbatch", "srun")
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def _launchers(module) -> set[str]:
@@ -74,3 +75,18 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
                               env=full_env, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+
+
+def torchrun(args: list[str], nproc: int, timeout: float = 180, script: str | None = None,
+             options: tuple[str, ...] = (), env: dict | None = None
+             ) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc [options] -m hpctrain <args>`` (or ``script
+    <args>``), outside this process's MPI job; fail on timeout."""
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *options,
+           *([script] if script else ["-m", "hpctrain"]), *args]
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**clean, "OMP_NUM_THREADS": "1", **(env or {})})
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"torchrun hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")

@@ -15,29 +15,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, run_job, torchrun
 
 import hpctrain
 from hpctrain import comm, run
 from hpctrain.config import DataConfig, RunConfig
 from hpctrain.errors import UsageError
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
-
-
-def torchrun(args: list[str], nproc: int, timeout: float = 180, script: str | None = None,
-             options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc [options] -m hpctrain <args>`` (or ``script
-    <args>``); fail on timeout."""
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *options,
-           *([script] if script else ["-m", "hpctrain"]), *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**env, "OMP_NUM_THREADS": "1"})
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
 
 
 @pytest.mark.timeout(300)

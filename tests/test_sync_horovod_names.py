@@ -76,7 +76,7 @@ def test_calls_describe_themselves_and_agree_by_key():
     assert 0 <= a.key() < 2**62
 
 
-def test_process_set_and_elastic_misuse_are_one_line_errors():
+def test_process_set_misuse_is_a_one_line_error():
     with pytest.raises(UsageError, match="list of integer ranks"):
         sync.ProcessSet(["a"])
     with pytest.raises(UsageError, match="distinct"):
@@ -85,8 +85,6 @@ def test_process_set_and_elastic_misuse_are_one_line_errors():
     assert sync.ProcessSet([0]).size() is None  # not registered yet
     with pytest.raises(UsageError, match="add_process_set.*before"):
         sync.add_process_set([0])
-    with pytest.raises(UsageError, match="Horovod Elastic"):
-        sync.elastic.run(lambda: None)
 
 
 # ---------------------------------------------------------------- both backends

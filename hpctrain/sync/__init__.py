@@ -2,13 +2,14 @@
 
 ``init()`` starts the mpi backend (mpi4py non-blocking collectives; DistributedOptimizer with
 gradients fused into buckets and allreduced while backward runs); ``init(backend="torch")``
-runs the same code on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU ones);
-``init(backend="horovod")`` hands every call to ``horovod.torch``. Every public name of
-horovod.torch 0.28.1 is here, with its arguments and semantics, on every backend; README.md
-has the table of what differs on hpctrain's own backends (mpi, torch): they take CPU and CUDA
-tensors (staged through host memory where the transport cannot move them), reduce
-``op=Adasum`` when the call is made rather than in the background, and match collectives by
-call order, raising one error when ranks disagree. Their
+runs the same code on ``torch.distributed`` (NCCL for CUDA tensors, gloo for CPU ones) and is
+what ``init()`` starts under torchrun; ``init(backend="horovod")`` hands every call to
+``horovod.torch``. Every public name of horovod.torch 0.28.1 is here, with its arguments and
+semantics, on every backend; README.md has the table of what differs on hpctrain's own
+backends (mpi, torch): they take CPU and CUDA tensors (staged through host memory where the
+transport cannot move them), reduce ``op=Adasum`` when the call is made rather than in the
+background, match collectives by call order, raising one error when ranks disagree, and keep
+``hvd.elastic``'s state by restarting the job rather than in-process. Their
 ``DistributedOptimizer`` also takes ``bucket_bytes`` (fusion bucket size, 25 MiB), and
 ``init`` takes the stall check's times.
 """
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives, horovod_backend, mpi_backend, timeline
 from hpctrain.sync import process_sets as _psets
@@ -72,9 +74,13 @@ def _impl(caller: str, tensor: torch.Tensor | None = None) -> ModuleType:
 
 
 def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
-         backend: str = "mpi", stall_check_s: float | None = None,
+         backend: str | None = None, stall_check_s: float | None = None,
          stall_timeout: float | None = None) -> None:
     """Start ``backend`` ("mpi", "torch" or "horovod") on ``comm`` (default COMM_WORLD); idempotent.
+
+    Without ``backend``: "torch" under torchrun (whose workers are not one MPI world), else
+    "mpi". An MPI backend asked for under a torchrun of several workers is refused: each
+    worker would be an MPI world of its own and train alone.
 
     ``process_sets`` are registered as in Horovod. A collective that some ranks have not
     reached after ``stall_check_s`` seconds (default HOROVOD_STALL_CHECK_TIME_SECONDS, 60)
@@ -84,6 +90,9 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     (so ``hpctrain train --algo ssgd`` writes one too).
     """
     global _active, _active_name
+    under_torchrun = comm is None and mpicomm.launcher() == "torchrun"
+    if backend is None:
+        backend = "torch" if under_torchrun else "mpi"
     if backend not in BACKENDS:
         raise UsageError(f"unknown sync backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if _active is not None:
@@ -91,6 +100,10 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
             raise UsageError(f"hpctrain.sync runs the {_active_name!r} backend already; call "
                              f"shutdown() before init(backend={backend!r})")
         return
+    if backend != "torch" and under_torchrun and mpicomm.env_size() > 1:
+        raise UsageError(f"init(backend={backend!r}) under torchrun: its {mpicomm.env_size()} "
+                         "workers are not an MPI job, so each would train alone; use "
+                         "backend='torch' (the default there) or launch with mpirun or srun")
     for value, what in ((stall_check_s, "stall_check_s"), (stall_timeout, "stall_timeout")):
         if value is not None and (not isinstance(value, int | float) or value < 0):
             raise UsageError(f"{what} must be a number of seconds >= 0, got {value!r}")

@@ -1,30 +1,354 @@
-"""``hvd.elastic`` on hpctrain's backends (mpi, torch): not provided.
+"""``hvd.elastic`` on hpctrain's backends (mpi, torch): Horovod Elastic's state, kept by restarts.
 
-Horovod Elastic re-forms the job when hosts come and go, driven by ``horovodrun`` with a
-host-discovery script. They run under ``mpirun``/``srun`` or torchrun, whose jobs have a
-fixed size; ``hpctrain train --resume`` continues a run on another number of ranks instead,
-and ``--resume auto`` does it for jobs restarted with the same command line (torchrun
-``--max-restarts``, a requeued Slurm job).
-With ``init(backend="horovod")``, ``hvd.elastic`` is Horovod's own.
+Horovod Elastic keeps a job running while hosts come and go: ``horovodrun`` re-forms the
+workers and each rolls back to its last ``state.commit()`` in memory. A job under ``mpirun``,
+``srun`` or ``torchrun`` has a fixed size and ends when a worker dies, so here the launcher
+starts it again (``torchrun --max-restarts``, ``--nnodes MIN:MAX``, a requeued Slurm job, a
+new ``mpirun`` on another number of ranks) and :func:`run` brings the state back:
+
+- With ``HPCTRAIN_ELASTIC_DIR`` set, rank 0 also writes every commit to that folder (one file
+  per state, replaced atomically, with a checksum). :func:`run` starts from it when it is
+  there: rank 0 reads it, every rank gets it in the first sync, and the reset callbacks run,
+  as after a reset in Horovod (the learning rate follows the new size). Without the variable
+  commits stay in memory, as in Horovod, and a restarted job starts over.
+- ``commit()`` never raises ``HostsUpdatedInterrupt``: hosts do not change inside a job.
+  :func:`run` still handles one the script raises, as Horovod's does.
+- :class:`~hpctrain.sync.errors.HorovodInternalError` is not caught: here it is a usage error
+  (collectives called in different orders) that a retry would repeat, not a lost worker. An
+  MPI or torch.distributed failure ends the job; the restart resumes from the last commit.
+
+The same script runs on Horovod: with ``init(backend="horovod")`` ``hvd.elastic`` is Horovod's.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
+import math
+import os
+import pickle
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
+
+from hpctrain.checkpoint.format import CorruptCheckpoint, encode, load
 from hpctrain.errors import UsageError
+from hpctrain.metrics import write_atomic
 
-_WHY = ("hvd.elastic needs Horovod Elastic (horovodrun with host discovery): use "
-        "init(backend='horovod'), or resume the run on the new number of ranks")
+ENV = "HPCTRAIN_ELASTIC_DIR"
+_KIND = "hpctrain-elastic-state"
+_created = itertools.count()  # states in creation order: the same in every run of a script
 
 
-def run(func: Any) -> Any:
-    raise UsageError(_WHY)
+def _hvd():
+    import hpctrain.sync as hvd  # not at import time: hpctrain.sync imports this module lazily
+
+    return hvd
+
+
+class HostsUpdatedInterrupt(RuntimeError):
+    """Horovod's signal that workers were added or removed; ``skip_sync``: none was lost."""
+
+    def __init__(self, skip_sync: bool = False):
+        super().__init__()
+        self.skip_sync = skip_sync
 
 
 class State:
-    def __init__(self, *args: Any, **kwargs: Any):
-        raise UsageError(_WHY)
+    """What :func:`run` keeps the same on every rank and brings back after a restart.
+
+    Subclasses define ``save`` (copy the live values aside), ``restore`` (put the copy back),
+    ``sync`` (rank 0's values everywhere), and for ``HPCTRAIN_ELASTIC_DIR`` ``_snapshot`` and
+    ``_load_snapshot`` (the copy as a payload of tensors and plain values, and back).
+    """
+
+    def __init__(self, bcast_object: Callable[[Any], Any], get_rank: Callable[[], int]):
+        self._bcast_object = bcast_object
+        self._rank = get_rank
+        self._reset_callbacks: list[Callable[[], None]] = []
+        self._file = f"state-{next(_created)}.pt"
+        self._commits = 0
+
+    def register_reset_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
+        """Functions to call after a reset (here: a restart from a commit), e.g. to scale the
+        learning rate to the new number of workers."""
+        self._reset_callbacks.extend(callbacks)
+
+    def on_reset(self) -> None:
+        self.reset()
+        for callback in self._reset_callbacks:
+            callback()
+
+    def commit(self) -> None:
+        """Copy the state aside (``restore`` brings it back), and to ``HPCTRAIN_ELASTIC_DIR``
+        when set (rank 0 writes). Costs a copy of the model: commit every few batches."""
+        self.save()
+        self._commits += 1
+        folder = os.environ.get(ENV)
+        if folder and self._rank() == 0:
+            _write(Path(folder) / self._file, self._snapshot(), self._commits,
+                   _hvd().size())
+        self.check_host_updates()
+
+    def check_host_updates(self) -> None:
+        """Nothing to check: a job under mpirun, srun or torchrun keeps its workers."""
+
+    def save(self) -> None:
+        raise NotImplementedError
+
+    def restore(self) -> None:
+        raise NotImplementedError
+
+    def sync(self) -> None:
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Adjust to a new job after a reset, before the sync."""
+
+    def _snapshot(self) -> dict:
+        raise UsageError(f"{type(self).__name__} cannot be written to ${ENV}: define "
+                         "_snapshot() and _load_snapshot(), or unset the variable")
+
+    def _load_snapshot(self, payload: dict) -> None:
+        raise UsageError(f"{type(self).__name__} cannot be read from ${ENV}")
 
 
-TorchState = ObjectState = State
+class ObjectState(State):
+    """Picklable values, each a keyword argument, kept as attributes of the state."""
+
+    def __init__(self, bcast_object: Callable[[Any], Any], get_rank: Callable[[], int],
+                 **kwargs: Any):
+        self._saved_state = kwargs
+        self._set_attrs()
+        super().__init__(bcast_object, get_rank)
+
+    def save(self) -> None:
+        self._saved_state = {k: getattr(self, k) for k in self._saved_state}
+
+    def restore(self) -> None:
+        self._set_attrs()
+
+    def sync(self) -> None:
+        if self._saved_state:
+            self._saved_state = self._bcast_object(self._saved_state)
+            self._set_attrs()
+
+    def _set_attrs(self) -> None:
+        for name, value in self._saved_state.items():
+            setattr(self, name, value)
+
+    def _snapshot(self) -> dict:
+        # Pickled, as broadcast_object sends them: any picklable value, read back by torch.load
+        # with weights_only (the file's own tensors and plain values only).
+        blob = pickle.dumps(self._saved_state)
+        return {"objects": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+
+    def _load_snapshot(self, payload: dict) -> None:
+        self._saved_state = pickle.loads(payload["objects"].numpy().tobytes())
+
+
+class ElasticSampler(torch.utils.data.Sampler):
+    """Horovod's ElasticSampler: this rank's share of the samples not yet trained this epoch.
+
+    The epoch's order is ``random.Random(seed + epoch)``'s shuffle of the indices, as in
+    Horovod; ``record_batch`` counts the samples every rank has trained, and a state restored
+    on another number of ranks shares out only the rest. Call ``set_epoch`` at the end of an
+    epoch (it clears the count), not at its start.
+    """
+
+    def __init__(self, dataset: Any, shuffle: bool = True, seed: int = 0):
+        self.dataset = dataset
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.processed_num = 0
+        self.reset()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.processed_num = 0
+        self.reset()
+
+    def record_batch(self, batch_idx: int, batch_size: int) -> None:
+        """Count one batch of ``batch_size`` samples on every rank as trained."""
+        self.processed_num += batch_size * self.num_replicas
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "processed_num": self.processed_num}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.epoch = state_dict["epoch"]
+        self.processed_num = state_dict["processed_num"]
+        self.reset()
+
+    def reset(self) -> None:
+        """Share the epoch's untrained samples among the job's ranks as it is now."""
+        hvd = _hvd()
+        self.num_replicas, self.rank = hvd.size(), hvd.rank()
+        order = list(range(len(self.dataset)))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        self.remaining_indices = order[self.processed_num:]
+        self.num_samples = math.ceil(len(self.remaining_indices) / self.num_replicas)
+        self.total_size = self.num_samples * self.num_replicas
+
+    def __iter__(self):
+        indices = self.remaining_indices[:]
+        indices += indices[:self.total_size - len(indices)]  # padded to a multiple of the ranks
+        self.indices = indices[self.rank:self.total_size:self.num_replicas]
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class _Handler:
+    """Keeps one model, optimizer or sampler of a TorchState: a saved copy of its state_dict."""
+
+    def __init__(self, value: Any):
+        self.value = value
+        self.save()
+
+    def save(self) -> None:
+        self.saved = copy.deepcopy(self.value.state_dict())
+
+    def restore(self) -> None:
+        self.value.load_state_dict(self.saved)
+
+    def set_value(self, value: Any) -> None:
+        self.value = value
+        self.save()
+
+
+class _ModelHandler(_Handler):
+    def sync(self) -> None:
+        _hvd().broadcast_parameters(self.value.state_dict(), root_rank=0)
+
+
+class _OptimizerHandler(_Handler):
+    def sync(self) -> None:
+        _hvd().broadcast_optimizer_state(self.value, root_rank=0)
+
+
+class _SamplerHandler(_Handler):
+    def sync(self) -> None:
+        self.value.load_state_dict(_hvd().broadcast_object(self.value.state_dict()))
+
+
+_HANDLERS = ((torch.nn.Module, _ModelHandler), (torch.optim.Optimizer, _OptimizerHandler),
+             (ElasticSampler, _SamplerHandler))
+
+
+class TorchState(ObjectState):
+    """A PyTorch training's state: ``model``, ``optimizer``, ElasticSamplers and any other
+    keyword arguments, each an attribute. Modules, optimizers and samplers are kept through
+    their ``state_dict``; everything else as a picklable value."""
+
+    def __init__(self, model: torch.nn.Module | None = None,
+                 optimizer: torch.optim.Optimizer | None = None, **kwargs: Any):
+        kwargs.update(model=model, optimizer=optimizer)
+        self._handlers: dict[str, _Handler] = {}
+        plain = {}
+        for name, value in kwargs.items():
+            handler = next((h for kind, h in _HANDLERS if isinstance(value, kind)), None)
+            if handler is None:
+                plain[name] = value
+            else:
+                self._handlers[name] = handler(value)
+                setattr(self, name, value)
+        hvd = _hvd()
+        super().__init__(hvd.broadcast_object, hvd.rank, **plain)
+
+    def save(self) -> None:
+        for handler in self._handlers.values():
+            handler.save()
+        super().save()
+
+    def restore(self) -> None:
+        for handler in self._handlers.values():
+            handler.restore()
+        super().restore()
+
+    def sync(self) -> None:
+        for handler in self._handlers.values():
+            handler.sync()
+        super().sync()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in getattr(self, "_handlers", {}) and hasattr(self, name):
+            self._handlers[name].set_value(value)
+        super().__setattr__(name, value)
+
+    def _snapshot(self) -> dict:
+        return {**super()._snapshot(),
+                "handlers": {name: h.saved for name, h in self._handlers.items()}}
+
+    def _load_snapshot(self, payload: dict) -> None:
+        super()._load_snapshot(payload)
+        for name, saved in payload["handlers"].items():
+            self._handlers[name].saved = saved
+
+
+def _write(path: Path, snapshot: dict, commits: int, size: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)  # left by a writer that was killed
+    header = {"kind": _KIND, "commits": commits, "size": size}
+    write_atomic(path, encode(snapshot, header), durable=True)
+
+
+def _resume(state: State) -> bool:
+    """Rank 0 loads ``state``'s last commit from ``HPCTRAIN_ELASTIC_DIR``, if there is one;
+    every rank learns whether it did (one broadcast, also of a refusal, so none hangs)."""
+    folder = os.environ.get(ENV)
+    hvd = _hvd()
+    found: dict | str | None = None
+    if folder and hvd.rank() == 0:
+        path = Path(folder) / state._file
+        try:
+            if path.exists():
+                header, payload = load(path)
+                if header.get("kind") != _KIND:
+                    raise CorruptCheckpoint(f"{path.name}: not an elastic state")
+                state._load_snapshot(payload)
+                state.restore()
+                found = {"commits": header["commits"], "size": header["size"]}
+                n = hvd.size()
+                print(f"hpctrain.sync.elastic: resuming from commit {header['commits']} of a "
+                      f"{header['size']}-rank job ({path}) on {n} rank{'s' * (n != 1)}",
+                      file=sys.stderr, flush=True)
+        except (CorruptCheckpoint, OSError, KeyError, pickle.UnpicklingError) as e:
+            found = f"${ENV}: cannot resume from {path}: {e}"
+    found = hvd.broadcast_object(found)
+    if isinstance(found, str):
+        raise UsageError(found)
+    if found is None:
+        return False
+    state._commits = found["commits"]
+    return True
+
+
+def run(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate the training function ``func(state, ...)``: every rank starts from the same
+    state (rank 0's, or its last commit in ``HPCTRAIN_ELASTIC_DIR`` after a restart)."""
+
+    @functools.wraps(func)
+    def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
+        if _resume(state):
+            state.on_reset()
+        skip_sync = False
+        while True:
+            try:
+                if not skip_sync:
+                    state.sync()
+                return func(state, *args, **kwargs)
+            except HostsUpdatedInterrupt as e:
+                skip_sync = e.skip_sync
+            state.on_reset()
+
+    return wrapper

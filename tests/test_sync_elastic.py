@@ -1,0 +1,321 @@
+"""``hvd.elastic`` on hpctrain's backends: Horovod Elastic's state, brought back by a restart.
+
+Single process: commit, restore, the commit file and its refusal, the sampler's order.
+Jobs: a Horovod elastic script under ``torchrun --max-restarts`` that loses a worker ends at
+the uninterrupted run's model bit for bit; under mpirun, a job of 2 ranks that loses one is
+started again on 3 and trains each of the epoch's remaining samples once, at the new size's
+learning rate.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, mpirun, torchrun
+from torch import nn
+
+import hpctrain.sync as sync
+from hpctrain.errors import UsageError
+from hpctrain.sync import elastic
+
+
+@pytest.fixture
+def hvd(monkeypatch, tmp_path):
+    """hpctrain.sync on a one-rank MPI world; states numbered from 0 again (their files)."""
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    monkeypatch.delenv(elastic.ENV, raising=False)
+    torch.set_num_threads(1)
+    sync.init(backend="mpi")
+    yield sync
+    sync.shutdown()
+
+
+def _training(seed: int = 0):
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    return model, opt
+
+
+def _step(model, opt) -> None:
+    opt.zero_grad()
+    model(torch.ones(3, 4)).pow(2).sum().backward()
+    opt.step()
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hvd_elastic_is_this_module_on_hpctrains_backends(hvd):
+    assert hvd.elastic is elastic
+    assert callable(hvd.elastic.run) and hvd.elastic.TorchState and hvd.elastic.ElasticSampler
+
+
+def test_restore_goes_back_to_the_last_commit(hvd):
+    model, opt = _training()
+    sampler = hvd.elastic.ElasticSampler(range(20), seed=1)
+    state = hvd.elastic.TorchState(model, opt, sampler=sampler, epoch=0, notes=["a"])
+    _step(model, opt)
+    sampler.record_batch(0, 5)
+    state.epoch, state.notes = 1, ["a", "b"]
+    state.commit()
+    kept = (json.dumps(state.notes), state.epoch, sampler.state_dict(),
+            {k: v.clone() for k, v in model.state_dict().items()})
+    _step(model, opt)
+    sampler.record_batch(1, 5)
+    state.epoch, state.notes = 2, ["c"]
+    state.restore()
+    assert (json.dumps(state.notes), state.epoch, sampler.state_dict()) == kept[:3]
+    assert _same(model.state_dict(), kept[3])
+    assert sampler.processed_num == 5 and len(list(sampler)) == 15
+    buf = opt.state[model.weight]["momentum_buffer"]
+    assert buf.abs().sum() > 0  # the optimizer's state came back too, not a fresh one
+
+
+def test_a_commit_written_to_the_folder_brings_a_new_process_back(hvd, monkeypatch, tmp_path):
+    """What a restarted job does: same script, fresh objects, the folder of the last run."""
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    model, opt = _training(0)
+    state = hvd.elastic.TorchState(model, opt, epoch=3, seen={"x": 1})
+    _step(model, opt)
+    state.commit()
+    state.commit()  # replaces the file: the newest commit counts
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-0.pt"]
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+    want_opt = copy.deepcopy(opt.state_dict())
+    _step(model, opt)  # not committed: lost in the "crash"
+
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    model2, opt2 = _training(1)  # other initial weights, no optimizer state
+    fresh = hvd.elastic.TorchState(model2, opt2, epoch=0, seen={})
+    resets = []
+    fresh.register_reset_callbacks([lambda: resets.append(hvd.size())])
+
+    @hvd.elastic.run
+    def train(state, extra):
+        return state.epoch, state.seen, extra
+
+    assert train(fresh, "x") == (3, {"x": 1}, "x")
+    assert resets == [1]  # a resume is a reset: the callbacks see the new size
+    assert _same(model2.state_dict(), want)
+    assert torch.equal(opt2.state_dict()["state"][0]["momentum_buffer"],
+                       want_opt["state"][0]["momentum_buffer"])
+    fresh.commit()
+    assert fresh._commits == 3  # counted on from the commit it resumed
+
+
+def test_an_unreadable_commit_is_refused_in_one_line(hvd, monkeypatch, tmp_path):
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    (tmp_path / "state-0.pt").write_bytes(b"{}\nnot a payload")
+    state = hvd.elastic.TorchState(*_training(), epoch=0)
+    with pytest.raises(UsageError, match=r"cannot resume from .*state-0\.pt") as e:
+        hvd.elastic.run(lambda s: None)(state)
+    assert "\n" not in str(e.value)
+
+
+def test_without_the_folder_commits_stay_in_memory(hvd, tmp_path):
+    state = hvd.elastic.TorchState(*_training(), epoch=0)
+    state.commit()
+    assert list(tmp_path.iterdir()) == []
+    assert hvd.elastic.run(lambda s: s.epoch)(state) == 0
+
+
+def test_hosts_updated_interrupt_resets_and_runs_again(hvd):
+    """Never raised by commit() here; a script may still raise it, and run() handles it as
+    Horovod's does: reset callbacks, sync unless skip_sync, call again."""
+    state = hvd.elastic.TorchState(*_training(), epoch=0)
+    calls, resets = [], []
+    state.register_reset_callbacks([lambda: resets.append(len(calls))])
+
+    @hvd.elastic.run
+    def train(state):
+        calls.append(state.epoch)
+        if len(calls) < 3:
+            state.epoch += 1
+            raise hvd.elastic.HostsUpdatedInterrupt(skip_sync=len(calls) == 2)
+        return "done"
+
+    assert train(state) == "done"
+    # The sync puts back the committed epoch (0); skip_sync leaves the live one (1).
+    assert calls == [0, 0, 1] and resets == [1, 2]
+
+
+def test_elastic_sampler_follows_horovods_order_and_skips_what_was_trained(hvd):
+    data = list(range(23))
+    sampler = hvd.elastic.ElasticSampler(data, shuffle=True, seed=4)
+    order = list(range(23))
+    random.Random(4).shuffle(order)
+    assert list(sampler) == order and len(sampler) == 23
+    sampler.record_batch(0, 6)
+    sampler.record_batch(1, 6)
+    again = hvd.elastic.ElasticSampler(data, shuffle=True, seed=4)
+    again.load_state_dict(sampler.state_dict())
+    assert list(again) == order[12:]
+    again.set_epoch(1)
+    order1 = list(range(23))
+    random.Random(5).shuffle(order1)
+    assert list(again) == order1
+    assert list(hvd.elastic.ElasticSampler(data, shuffle=False)) == data
+
+
+def test_init_under_torchrun_is_torch_and_refuses_mpi(monkeypatch):
+    """Under torchrun every worker is an MPI world of its own: an MPI backend there would
+    train each alone. Refused before anything starts; the default is the torch backend."""
+    for name, value in (("TORCHELASTIC_RUN_ID", "x"), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "1"), ("RANK", "1"), ("WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    for backend in ("mpi", "horovod"):
+        with pytest.raises(UsageError, match=f"init.backend='{backend}'. under torchrun: its 2"):
+            sync.init(backend=backend)
+    assert not sync.is_initialized()
+
+
+# ---------------------------------------------------------------- jobs
+
+ELASTIC = """
+import json, os, signal, sys
+import torch
+from torch import nn
+from torch.nn import functional as F
+import hpctrain.sync as hvd
+
+out, epochs, die_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ["ATTEMPT"]
+hvd.init()  # the torch backend under torchrun, mpi under mpirun
+torch.manual_seed(0)
+x = torch.randn(240, 8)
+data = torch.utils.data.TensorDataset(torch.arange(240), x, (x.sum(1) > 0).long())
+sampler = hvd.elastic.ElasticSampler(data, seed=3)
+loader = torch.utils.data.DataLoader(data, batch_size=5, sampler=sampler)
+model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size(), momentum=0.9)
+opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+state = hvd.elastic.TorchState(model, opt, sampler=sampler, epoch=0, batch=0)
+
+def scale_lr():
+    for group in opt.param_groups:
+        group["lr"] = 0.01 * hvd.size()
+
+state.register_reset_callbacks([scale_lr])
+log = open(f"{out}/log-{attempt}-{hvd.rank()}.jsonl", "w")
+
+@hvd.elastic.run
+def train(state):
+    log.write(json.dumps({"start": [state.epoch, state.batch, sampler.processed_num],
+                          "size": hvd.size(), "lr": opt.param_groups[0]["lr"]}) + "\\n")
+    steps = 0
+    while state.epoch < epochs:
+        for idx, xb, yb in loader:
+            opt.zero_grad()
+            F.cross_entropy(model(xb), yb).backward()
+            opt.step()
+            steps += 1
+            state.batch += 1
+            sampler.record_batch(state.batch, len(idx))
+            log.write(json.dumps({"epoch": state.epoch, "idx": idx.tolist()}) + "\\n")
+            log.flush()
+            if state.batch % 4 == 0:
+                state.commit()
+            if attempt == "0" and hvd.rank() == 1 and steps == die_at:
+                os.kill(os.getpid(), signal.SIGKILL)  # a lost worker
+        state.epoch += 1
+        state.batch = 0
+        sampler.set_epoch(state.epoch)
+        state.commit()
+
+train(state)
+if hvd.rank() == 0:
+    torch.save(model.state_dict(), f"{out}/model.pt")
+"""
+
+
+def _logs(folder, attempt: str) -> list[list[dict]]:
+    files = sorted(folder.glob(f"log-{attempt}-*.jsonl"))
+    return [[json.loads(line) for line in f.read_text().splitlines()] for f in files]
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_restart_resumes_from_the_last_commit_bit_for_bit(tmp_path):
+    """Rank 1 dies at its 30th step (epoch 1, two steps past the commit at batch 4 of it):
+    torchrun restarts both workers, which go on from that commit and end at the model of
+    the run that lost nobody."""
+    script = tmp_path / "elastic_train.py"
+    script.write_text(ELASTIC)
+    runs = {}
+    for name, die_at in (("clean", -1), ("killed", 30)):
+        out = tmp_path / name
+        out.mkdir()
+        proc = torchrun([str(out), "2", str(die_at)], 2, script=str(script),
+                        options=("--max-restarts", "1"),
+                        env={"HPCTRAIN_ELASTIC_DIR": str(out / "commits"),
+                             "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = (out, proc)
+    out, proc = runs["killed"]
+    assert "resuming from commit 8 of a 2-rank job" in proc.stderr, proc.stderr
+    first = _logs(out, "0")
+    assert [len([e for e in log if "idx" in e]) for log in first] == [30, 30]
+    starts = [log[0]["start"] for log in _logs(out, "1")]
+    assert starts == [[1, 4, 40]] * 2  # epoch 1, batch 4, 40 samples of it trained
+    a, b = (torch.load(runs[n][0] / "model.pt", weights_only=True) for n in ("clean", "killed"))
+    assert _same(a, b)
+
+
+@pytest.mark.timeout(300)
+def test_a_job_restarted_on_more_ranks_shares_out_the_rest_of_the_epoch(tmp_path):
+    """2 ranks, rank 1 dies at step 10 (last commit: 8 batches, 80 samples); the same script
+    on 3 ranks resumes there at 3/2 the learning rate and trains the other 160 samples of
+    the epoch once (2 of them twice: the sampler pads 160 to 162, as Horovod's)."""
+    script = tmp_path / "elastic_train.py"
+    script.write_text(ELASTIC)
+    env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           "HPCTRAIN_ELASTIC_DIR": str(tmp_path / "commits")}
+    procs = []
+    for np_, attempt in ((2, "0"), (3, "1")):
+        cmd = mpirun(np_) + [sys.executable, str(script), str(tmp_path), "1", "10"]
+        try:
+            procs.append(subprocess.run(cmd, capture_output=True, text=True, timeout=150,
+                                        env={**os.environ, **env,
+                                             "ATTEMPT": attempt}))
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"elastic job hung: {e.stdout}\n{e.stderr}")
+    assert procs[0].returncode != 0  # the job that lost a worker ended
+    assert procs[1].returncode == 0, procs[1].stderr
+    assert "resuming from commit 2 of a 2-rank job" in procs[1].stderr
+    order = list(range(240))
+    random.Random(3).shuffle(order)
+    second = _logs(tmp_path, "1")
+    assert [log[0] for log in second] == [{"start": [0, 8, 80], "size": 3, "lr": 0.03}] * 3
+    trained = [i for log in second for e in log if "idx" in e for i in e["idx"]]
+    assert len(trained) == 162 and set(trained) == set(order[80:])
+    mine = [{i for e in log if "idx" in e for i in e["idx"]} for log in second]
+    assert all(len(m) == 54 for m in mine)  # each rank its own third
+
+
+@pytest.mark.timeout(300)
+def test_the_example_goes_on_from_its_last_epoch_on_another_number_of_ranks(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+           elastic.ENV: str(tmp_path)}
+    example = [sys.executable, str(ROOT / "examples" / "horovod_elastic.py"), "--samples",
+               "3000", "--batches-per-commit", "10"]
+    done = []
+    for np_, epochs in ((2, "1"), (3, "2")):
+        try:
+            done.append(subprocess.run(mpirun(np_) + example + ["--epochs", epochs], env=env,
+                                       capture_output=True, text=True, timeout=150))
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"the example hung: {e.stdout}\n{e.stderr}")
+        assert done[-1].returncode == 0, done[-1].stderr
+    assert "epoch 1: test accuracy" in done[0].stdout and "on 2 ranks, lr 0.02" in done[0].stdout
+    assert "resuming from commit 3 of a 2-rank job" in done[1].stderr  # batches 10, 20; epoch
+    assert "epoch 1" not in done[1].stdout
+    assert "epoch 2: test accuracy" in done[1].stdout and "on 3 ranks, lr 0.03" in done[1].stdout
