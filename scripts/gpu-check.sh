@@ -115,7 +115,7 @@ step info 60 bash -c "$(printf '%q ' "${MPIRUN[@]}") -np 2 $(printf '%q ' "${HP[
 # --- tests: the GPU ones (skipped on a dry run) and the CUDA kernel's
 step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py
 step tests-mpi 240 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
-  tests/test_gpu.py
+  tests/test_gpu.py tests/test_sync_elastic.py
 
 # --- benchmarks
 # GPU_CHECK_SMALL=1 (a dry run on a small CPU machine): small vectors and models.

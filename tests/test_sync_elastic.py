@@ -179,6 +179,59 @@ def test_init_under_torchrun_is_torch_and_refuses_mpi(monkeypatch):
     assert not sync.is_initialized()
 
 
+# ---------------------------------------------------------------- MPI
+
+mpi = pytest.mark.mpi(min_size=2)
+
+
+@pytest.fixture(params=["mpi", "torch"])
+def backend(request, monkeypatch):
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    torch.set_num_threads(1)
+    sync.init(backend=request.param)
+    yield sync
+    sync.shutdown()
+
+
+@mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_every_rank_resumes_from_rank_0s_commit(backend, device, tmp_path, monkeypatch):
+    """Rank 0 writes the commit; fresh objects with other weights on every rank come back
+    to it through run()'s sync, on the model's device (scripts/gpu-check.sh runs cuda)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("torch sees no GPU")
+    hvd = backend
+    dev = torch.device(device, hvd.local_rank() % torch.cuda.device_count()) \
+        if device == "cuda" else torch.device("cpu")
+    monkeypatch.setenv(elastic.ENV, hvd.broadcast_object(str(tmp_path)))
+
+    def training(seed):
+        model, opt = _training(seed)
+        model.to(dev)
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        return model, opt
+
+    model, opt = training(0)
+    state = hvd.elastic.TorchState(model, opt, steps=0)
+    for k in range(3):
+        opt.zero_grad()
+        model(torch.full((2, 4), float(k + hvd.rank()), device=dev)).pow(2).sum().backward()
+        opt.step()
+        state.steps += 1
+    state.commit()
+    want = {k: v.cpu() for k, v in model.state_dict().items()}
+
+    monkeypatch.setattr(elastic, "_created", itertools.count())  # "the restarted script"
+    model2, opt2 = training(10 + hvd.rank())
+    assert hvd.elastic.run(lambda s: s.steps)(hvd.elastic.TorchState(model2, opt2, steps=0)) \
+        == 3
+    assert _same({k: v.cpu() for k, v in model2.state_dict().items()}, want)
+    buf = opt2.state[model2.weight]["momentum_buffer"]
+    assert buf.device == dev and torch.equal(buf.cpu(),
+                                             opt.state[model.weight]["momentum_buffer"].cpu())
+
+
 # ---------------------------------------------------------------- jobs
 
 ELASTIC = """
