@@ -30,6 +30,7 @@ import os
 import pickle
 import random
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -86,13 +87,15 @@ class State:
 
     def commit(self) -> None:
         """Copy the state aside (``restore`` brings it back), and to ``HPCTRAIN_ELASTIC_DIR``
-        when set (rank 0 writes). Costs a copy of the model: commit every few batches."""
+        when set: rank 0 writes it in the background, while training goes on; the next
+        commit, and the end of the script, wait for that write. Costs a copy of the model:
+        commit every few batches."""
         self.save()
         self._commits += 1
         folder = os.environ.get(ENV)
         if folder and self._rank() == 0:
-            _write(Path(folder) / self._file, self._snapshot(), self._commits,
-                   _hvd().size())
+            _writer.submit(Path(folder) / self._file, self._snapshot(),
+                           {"kind": _KIND, "commits": self._commits, "size": _hvd().size()})
         self.check_host_updates()
 
     def check_host_updates(self) -> None:
@@ -294,12 +297,45 @@ class TorchState(ObjectState):
             self._handlers[name].saved = saved
 
 
-def _write(path: Path, snapshot: dict, commits: int, size: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):
-        stale.unlink(missing_ok=True)  # left by a writer that was killed
-    header = {"kind": _KIND, "commits": commits, "size": size}
-    write_atomic(path, encode(snapshot, header), durable=True)
+class _Writer:
+    """Rank 0's commit files, written one at a time by a thread so that the ranks need not
+    wait for the disk. Not a daemon: the interpreter waits for the last write at exit."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: str | None = None
+
+    def submit(self, path: Path, snapshot: dict, header: dict) -> None:
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(path, snapshot, header),
+                                        name="hpctrain-elastic-commit")
+        self._thread.start()
+
+    def wait(self) -> None:
+        """Until the last commit is on disk; UsageError if writing it failed."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise UsageError(error)
+
+    def _write(self, path: Path, snapshot: dict, header: dict) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            for stale in path.parent.glob(f".{path.name}.*.tmp"):
+                stale.unlink(missing_ok=True)  # left by a writer that was killed
+            write_atomic(path, encode(snapshot, header), durable=True)
+        except Exception as e:  # noqa: BLE001 - reported by the next commit, on rank 0
+            self._error = f"${ENV}: cannot write the commit {path}: {e}"
+
+
+_writer = _Writer()
+
+
+def flush() -> None:
+    """Wait until this process's last commit is written (rank 0; elsewhere nothing to do)."""
+    _writer.wait()
 
 
 def _resume(state: State) -> bool:
@@ -311,6 +347,7 @@ def _resume(state: State) -> bool:
     if folder and hvd.rank() == 0:
         path = Path(folder) / state._file
         try:
+            _writer.wait()  # a commit of this process still being written
             if path.exists():
                 header, payload = load(path)
                 if header.get("kind") != _KIND:
@@ -322,6 +359,8 @@ def _resume(state: State) -> bool:
                 print(f"hpctrain.sync.elastic: resuming from commit {header['commits']} of a "
                       f"{header['size']}-rank job ({path}) on {n} rank{'s' * (n != 1)}",
                       file=sys.stderr, flush=True)
+        except UsageError as e:
+            found = str(e)
         except (CorruptCheckpoint, OSError, KeyError, pickle.UnpicklingError) as e:
             found = f"${ENV}: cannot resume from {path}: {e}"
     found = hvd.broadcast_object(found)
