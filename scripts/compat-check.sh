@@ -13,9 +13,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 PYV=${1:?usage: scripts/compat-check.sh PYTHON_VERSION TORCH_VERSION}
 TORCH=${2:?usage: scripts/compat-check.sh PYTHON_VERSION TORCH_VERSION}
-PY=$(command -v "python$PYV" || ls -d /root/.pyenv/versions/"$PYV".*/bin/python3 2>/dev/null \
-  | tail -n 1)
-[ -n "$PY" ] && [ -x "$PY" ] || { echo "compat-check: no python$PYV found" >&2; exit 2; }
+# The first that runs: a pyenv shim is on PATH for every version but runs only the global one.
+PY=
+for cand in $(command -v "python$PYV") $(ls -d /root/.pyenv/versions/"$PYV".*/bin/python3 \
+    2>/dev/null | sort -V -r); do
+  "$cand" -c 'import sys' 2>/dev/null && { PY=$cand; break; }
+done
+[ -n "$PY" ] || { echo "compat-check: no python$PYV found" >&2; exit 2; }
 VENV=/tmp/hpctrain-compat-$PYV-$TORCH
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV" || exit 2
