@@ -6,10 +6,11 @@ workers and each rolls back to its last ``state.commit()`` in memory. A job unde
 starts it again (``torchrun --max-restarts``, ``--nnodes MIN:MAX``, a requeued Slurm job, a
 new ``mpirun`` on another number of ranks) and :func:`run` brings the state back:
 
-- With ``HPCTRAIN_ELASTIC_DIR`` set, rank 0 also writes every commit to that folder (one file
-  per state, replaced atomically, with a checksum). :func:`run` starts from it when it is
-  there: rank 0 reads it, every rank gets it in the first sync, and the reset callbacks run,
-  as after a reset in Horovod (the learning rate follows the new size). Without the variable
+- With ``HPCTRAIN_ELASTIC_DIR`` set, rank 0 also writes every commit to that folder, in a
+  thread while training goes on (one file per state, replaced atomically, with a checksum).
+  :func:`run` starts from it when it is there: rank 0 reads it, every rank gets it in the
+  first sync, and the reset callbacks run, as after a reset in Horovod (the learning rate
+  follows the new size). Without the variable
   commits stay in memory, as in Horovod, and a restarted job starts over.
 - ``commit()`` never raises ``HostsUpdatedInterrupt``: hosts do not change inside a job.
   :func:`run` still handles one the script raises, as Horovod's does.
