@@ -10,8 +10,8 @@ new ``mpirun`` on another number of ranks) and :func:`run` brings the state back
   thread while training goes on (one file per state, replaced atomically, with a checksum).
   :func:`run` starts from it when it is there: rank 0 reads it, every rank gets it in the
   first sync, and the reset callbacks run, as after a reset in Horovod (the learning rate
-  follows the new size). Without the variable
-  commits stay in memory, as in Horovod, and a restarted job starts over.
+  follows the new size). Without the variable commits stay in memory, as in Horovod, and a
+  restarted job starts over.
 - ``commit()`` never raises ``HostsUpdatedInterrupt``: hosts do not change inside a job.
   :func:`run` still handles one the script raises, as Horovod's does.
 - :class:`~hpctrain.sync.errors.HorovodInternalError` is not caught: here it is a usage error
