@@ -124,6 +124,25 @@ def test_an_unreadable_commit_is_refused_in_one_line(hvd, monkeypatch, tmp_path)
     assert "\n" not in str(e.value)
 
 
+def test_a_commit_of_another_state_is_refused_in_one_line(hvd, monkeypatch, tmp_path):
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    hvd.elastic.TorchState(*_training(), epoch=0).commit()
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    model = nn.Linear(4, 2)
+    sampler = hvd.elastic.ElasticSampler(range(8))
+    other = hvd.elastic.TorchState(model, None, sampler=sampler)  # no optimizer; a sampler
+    with pytest.raises(UsageError, match="it keeps model, optimizer; this TorchState keeps "
+                       "model, sampler"):
+        hvd.elastic.run(lambda s: None)(other)
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    wide = nn.Linear(5, 2)
+    wider = hvd.elastic.TorchState(wide, torch.optim.SGD(wide.parameters(), 0.1))
+    with pytest.raises(UsageError, match=r"cannot resume from .*state-0\.pt: .*size mismatch") \
+            as e:
+        hvd.elastic.run(lambda s: None)(wider)
+    assert "\n" not in str(e.value)
+
+
 def test_a_commit_that_cannot_be_written_stops_the_next_one(hvd, monkeypatch, tmp_path):
     (tmp_path / "file").write_text("")
     monkeypatch.setenv(elastic.ENV, str(tmp_path / "file" / "commits"))  # under a file

@@ -293,6 +293,10 @@ class TorchState(ObjectState):
                 "handlers": {name: h.saved for name, h in self._handlers.items()}}
 
     def _load_snapshot(self, payload: dict) -> None:
+        kept, mine = sorted(payload["handlers"]), sorted(self._handlers)
+        if kept != mine:
+            raise ValueError(f"it keeps {', '.join(kept)}; this TorchState keeps "
+                             f"{', '.join(mine)}")
         super()._load_snapshot(payload)
         for name, saved in payload["handlers"].items():
             self._handlers[name].saved = saved
@@ -339,6 +343,23 @@ def flush() -> None:
     _writer.wait()
 
 
+def _read(state: State, path: Path) -> dict | None:
+    """Rank 0: put ``state`` back to its commit in ``path``, if there is one."""
+    _writer.wait()  # a commit of this process still being written
+    if not path.exists():
+        return None
+    header, payload = load(path)
+    if header.get("kind") != _KIND:
+        raise CorruptCheckpoint(f"{path.name}: not an elastic state")
+    state._load_snapshot(payload)
+    state.restore()
+    n = _hvd().size()
+    print(f"hpctrain.sync.elastic: resuming from commit {header['commits']} of a "
+          f"{header['size']}-rank job ({path}) on {n} rank{'s' * (n != 1)}",
+          file=sys.stderr, flush=True)
+    return {"commits": header["commits"], "size": header["size"]}
+
+
 def _resume(state: State) -> bool:
     """Rank 0 loads ``state``'s last commit from ``HPCTRAIN_ELASTIC_DIR``, if there is one;
     every rank learns whether it did (one broadcast, also of a refusal, so none hangs)."""
@@ -348,22 +369,11 @@ def _resume(state: State) -> bool:
     if folder and hvd.rank() == 0:
         path = Path(folder) / state._file
         try:
-            _writer.wait()  # a commit of this process still being written
-            if path.exists():
-                header, payload = load(path)
-                if header.get("kind") != _KIND:
-                    raise CorruptCheckpoint(f"{path.name}: not an elastic state")
-                state._load_snapshot(payload)
-                state.restore()
-                found = {"commits": header["commits"], "size": header["size"]}
-                n = hvd.size()
-                print(f"hpctrain.sync.elastic: resuming from commit {header['commits']} of a "
-                      f"{header['size']}-rank job ({path}) on {n} rank{'s' * (n != 1)}",
-                      file=sys.stderr, flush=True)
-        except UsageError as e:
+            found = _read(state, path)
+        except UsageError as e:  # the last write failed
             found = str(e)
-        except (CorruptCheckpoint, OSError, KeyError, pickle.UnpicklingError) as e:
-            found = f"${ENV}: cannot resume from {path}: {e}"
+        except Exception as e:  # noqa: BLE001 - unreadable, or not this script's state
+            found = f"${ENV}: cannot resume from {path}: {' '.join(str(e).split())}"
     found = hvd.broadcast_object(found)
     if isinstance(found, str):
         raise UsageError(found)
