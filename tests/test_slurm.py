@@ -218,11 +218,12 @@ def slurm():
 
 def submit(cluster: LocalSlurm, script: str, options: list[str], args: list[str],
            env: dict) -> tuple[str, Path]:
-    """Submit ``slurm/<script>`` from a fresh folder; return the job id and the folder."""
+    """Submit ``slurm/<script>`` (or the script at an absolute path) from a fresh folder;
+    return the job id and the folder."""
     work = Path(tempfile.mkdtemp(dir=cluster.dir, prefix="job-"))
-    exports = ",".join(f"{k}={v}" for k, v in env.items())
+    exports = "".join(f",{k}={v}" for k, v in env.items())
     job = cluster.run("sbatch", "--parsable", f"--chdir={work}", f"--output={work}/slurm-%j.out",
-                      f"--export=ALL,{exports}", *options, str(ROOT / "slurm" / script),
+                      f"--export=ALL{exports}", *options, str(ROOT / "slurm" / script),
                       *args).stdout.strip().split(";")[0]
     return job, work
 
@@ -311,24 +312,59 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
     out = work / "runs" / f"train-{job}"
     assert not (out / "summary.json").exists() and list((out / "checkpoints").glob("ckpt-*"))
 
-    slurm.run("scontrol", "requeue", job)
+    again = _requeue_and_wait(slurm, job, work, "(restart 1)")
+    log = job_log(work, job)
+    assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
+    assert "resuming from the checkpoints" in log
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["workers"], summary["updates"]) == (2, 16)
+
+
+def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -> dict:
+    """``scontrol requeue`` an ended ``job``; its fields once the second attempt (whose log
+    has ``started``) has ended."""
+    cluster.run("scontrol", "requeue", job)
     # Slurm holds a requeued job back for a while (BeginTime): let it start at once. The state
     # passes through terminal-looking ones while the requeue settles, so the second attempt is
     # over only once its own first line is in the log and the job has ended.
     deadline = time.monotonic() + 240
     while True:
-        again = job_fields(slurm, job)
+        again = job_fields(cluster, job)
         if again["JobState"] == "PENDING" and again.get("Reason") == "BeginTime":
-            slurm.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
-        log = job_log(work, job)
-        if "(restart 1)" in log and again["JobState"] not in RUNNING_STATES:
-            break
+            cluster.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
+        if started in job_log(work, job) and again["JobState"] not in RUNNING_STATES:
+            return again
         assert time.monotonic() < deadline, f"requeued job not done in 240 s: {again}"
         time.sleep(0.5)
+
+
+ELASTIC_JOB = """#!/bin/bash
+#SBATCH --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 --time=10 --requeue
+export OMP_NUM_THREADS=1 ATTEMPT=${{SLURM_RESTART_COUNT:-0}} PYTHONPATH={root}
+export HPCTRAIN_ELASTIC_DIR=$PWD/elastic-$SLURM_JOB_ID
+echo "attempt $ATTEMPT"
+srun --mpi=pmix --kill-on-bad-exit=1 {python} {script} . 1 10
+"""
+
+
+@pytest.mark.timeout(400)
+def test_a_requeued_horovod_elastic_script_continues_from_its_commit(slurm):
+    """The recipe of docs/SLURM.md: the first attempt loses rank 1 at step 10 (commits at
+    4 and 8); the requeued one resumes from the last commit and finishes the epoch."""
+    script = slurm.dir / "elastic.sbatch"
+    script.write_text(ELASTIC_JOB.format(root=ROOT, python=sys.executable,
+                                         script=ROOT / "tests" / "scripts" / "elastic_train.py"))
+    job, work = submit(slurm, str(script), [], [], {})
+    first = wait(slurm, job)
+    assert first["JobState"] == "FAILED", job_log(work, job)
+    again = _requeue_and_wait(slurm, job, work, "attempt 1")
+    log = job_log(work, job)
     assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
-    assert "resuming from the checkpoints" in log
-    summary = json.loads((out / "summary.json").read_text())
-    assert (summary["workers"], summary["updates"]) == (2, 16)
+    assert f"elastic-{job}/state-0.pt) on 2 ranks" in log
+    starts = [json.loads(p.read_text().splitlines()[0])["start"]
+              for p in sorted(work.glob("log-1-*.jsonl"))]
+    assert starts in ([[0, 8, 80]] * 2, [[0, 4, 40]] * 2)  # commit 2, or 1 (see test_sync_elastic)
+    assert (work / "model.pt").is_file()
 
 
 @pytest.mark.timeout(400)

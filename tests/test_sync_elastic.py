@@ -267,61 +267,7 @@ def test_every_rank_resumes_from_rank_0s_commit(backend, device, tmp_path, monke
 
 # ---------------------------------------------------------------- jobs
 
-ELASTIC = """
-import json, os, signal, sys
-import torch
-from torch import nn
-from torch.nn import functional as F
-import hpctrain.sync as hvd
-
-out, epochs, die_at = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT") or os.environ["ATTEMPT"]
-hvd.init()  # the torch backend under torchrun, mpi under mpirun
-torch.manual_seed(0)
-x = torch.randn(240, 8)
-data = torch.utils.data.TensorDataset(torch.arange(240), x, (x.sum(1) > 0).long())
-sampler = hvd.elastic.ElasticSampler(data, seed=3)
-loader = torch.utils.data.DataLoader(data, batch_size=5, sampler=sampler)
-model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
-opt = torch.optim.SGD(model.parameters(), lr=0.01 * hvd.size(), momentum=0.9)
-opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
-state = hvd.elastic.TorchState(model, opt, sampler=sampler, epoch=0, batch=0)
-
-def scale_lr():
-    for group in opt.param_groups:
-        group["lr"] = 0.01 * hvd.size()
-
-state.register_reset_callbacks([scale_lr])
-log = open(f"{out}/log-{attempt}-{hvd.rank()}.jsonl", "w")
-
-@hvd.elastic.run
-def train(state):
-    log.write(json.dumps({"start": [state.epoch, state.batch, sampler.processed_num],
-                          "size": hvd.size(), "lr": opt.param_groups[0]["lr"]}) + "\\n")
-    steps = 0
-    while state.epoch < epochs:
-        for idx, xb, yb in loader:
-            opt.zero_grad()
-            F.cross_entropy(model(xb), yb).backward()
-            opt.step()
-            steps += 1
-            state.batch += 1
-            sampler.record_batch(state.batch, len(idx))
-            log.write(json.dumps({"epoch": state.epoch, "idx": idx.tolist()}) + "\\n")
-            log.flush()
-            if state.batch % 4 == 0:
-                state.commit()
-            if attempt == "0" and hvd.rank() == 1 and steps == die_at:
-                os.kill(os.getpid(), signal.SIGKILL)  # a lost worker
-        state.epoch += 1
-        state.batch = 0
-        sampler.set_epoch(state.epoch)
-        state.commit()
-
-train(state)
-if hvd.rank() == 0:
-    torch.save(model.state_dict(), f"{out}/model.pt")
-"""
+ELASTIC = ROOT / "tests" / "scripts" / "elastic_train.py"
 
 
 def _resumed(stderr: str, size: int) -> int:
@@ -341,13 +287,11 @@ def test_torchrun_restart_resumes_from_the_last_commit_bit_for_bit(tmp_path):
     """Rank 1 dies at its 30th step (epoch 1, two steps past the commit at batch 4 of it):
     torchrun restarts both workers, which go on from that commit and end at the model of
     the run that lost nobody."""
-    script = tmp_path / "elastic_train.py"
-    script.write_text(ELASTIC)
     runs = {}
     for name, die_at in (("clean", -1), ("killed", 30)):
         out = tmp_path / name
         out.mkdir()
-        proc = torchrun([str(out), "2", str(die_at)], 2, script=str(script),
+        proc = torchrun([str(out), "2", str(die_at)], 2, script=str(ELASTIC),
                         options=("--max-restarts", "1"),
                         env={"HPCTRAIN_ELASTIC_DIR": str(out / "commits"),
                              "PYTHONPATH": str(ROOT)})
@@ -369,13 +313,11 @@ def test_a_job_restarted_on_more_ranks_shares_out_the_rest_of_the_epoch(tmp_path
     """2 ranks, rank 1 dies at step 10 (last commit: 8 batches, 80 samples); the same script
     on 3 ranks resumes there at 3/2 the learning rate and trains the other 160 samples of
     the epoch once (the sampler pads 160 to 162, as Horovod's: 2 of them twice)."""
-    script = tmp_path / "elastic_train.py"
-    script.write_text(ELASTIC)
     env = {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            "HPCTRAIN_ELASTIC_DIR": str(tmp_path / "commits")}
     procs = []
     for np_, attempt in ((2, "0"), (3, "1")):
-        cmd = mpirun(np_) + [sys.executable, str(script), str(tmp_path), "1", "10"]
+        cmd = mpirun(np_) + [sys.executable, str(ELASTIC), str(tmp_path), "1", "10"]
         try:
             procs.append(subprocess.run(cmd, capture_output=True, text=True, timeout=150,
                                         env={**os.environ, **env,
