@@ -25,18 +25,29 @@ import torch
 
 from hpctrain.errors import UsageError
 
+# The simulator's workers are threads. With torch 2.11 (2.13 is fine) Dynamo crashed with a
+# segmentation fault when one of them traced a graph again for a new input size after another
+# thread had traced the first: refused there rather than crashing.
+THREADS_NEED = "2.13"
 
-def check(on: bool, device_type: str) -> None:
-    """UsageError (before MPI) when ``--compile`` cannot work on ``device_type`` here."""
-    why = problem(device_type) if on else None
+
+def check(on: bool, device_type: str, in_threads: bool = False) -> None:
+    """UsageError (before MPI) when ``--compile`` cannot work on ``device_type`` here;
+    ``in_threads``: for the simulator, whose workers are threads."""
+    why = problem(device_type, in_threads) if on else None
     if why:
         raise UsageError(f"--compile {why}")
 
 
-def problem(device_type: str) -> str | None:
+def problem(device_type: str, in_threads: bool = False) -> str | None:
     """What torch.compile lacks here on ``device_type`` (``hpctrain info`` says it), or None."""
     if not hasattr(torch.nn.Module, "compile"):
         return f"needs torch >= 2.2 (nn.Module.compile), not {torch.__version__}"
+    if in_threads and torch.torch_version.TorchVersion(torch.__version__) < THREADS_NEED:
+        return (f"in the simulator needs torch >= {THREADS_NEED}: with torch 2.11 Dynamo "
+                "crashed (a segmentation fault) when a simulated worker, a thread, compiled "
+                f"the model again for a new input size; torch {torch.__version__} here. "
+                "hpctrain train --compile works")
     supported = getattr(torch._dynamo, "is_dynamo_supported", lambda: True)
     if not supported():
         return (f"cannot run on this Python: torch {torch.__version__}'s "

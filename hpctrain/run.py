@@ -102,13 +102,13 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     return config
 
 
-def check_compute(config: RunConfig) -> None:
+def check_compute(config: RunConfig, in_threads: bool = False) -> None:
     """What this machine must have for ``--device``, ``--mixed-precision`` and ``--compile``
-    (UsageError before MPI; the simulator checks the same)."""
+    (UsageError before MPI; the simulator, whose workers are threads, checks the same)."""
     devices.check(config.device)
     device_type = devices.resolve(config.device)
     precision.check(config.mixed_precision, device_type)
-    compiled.check(config.compile, device_type)
+    compiled.check(config.compile, device_type, in_threads)
 
 
 def _user_code(config: RunConfig) -> RunConfig:

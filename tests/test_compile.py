@@ -52,6 +52,22 @@ def test_the_compiled_model_computes_the_plain_one_and_keeps_its_state_names():
     assert torch.count_nonzero(other(x)) == 0 and torch.count_nonzero(model(x)) > 0
 
 
+def test_the_simulator_refuses_a_torch_whose_dynamo_crashes_in_threads(monkeypatch):
+    """torch 2.11 segfaulted in Dynamo when a simulated worker (a thread) recompiled; the
+    simulator checks the version before it starts (scripts/compat-check.sh 3.12 2.11.0)."""
+    assert compiled.problem("cpu", in_threads=False) is None
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    with pytest.raises(UsageError, match=r"--compile in the simulator needs torch >= 2\.13.*"
+                       r"torch 2\.11\.0\+cu130 here"):
+        simulate(RunConfig(algo="sgd", compile=True, data=DataConfig(dataset="synthetic"),
+                           model=ModelConfig(name="mlp")), SimConfig(workers=2))
+    assert compiled.problem("cpu") is None  # hpctrain train --compile still runs
+
+
+IN_THREADS = compiled.problem("cpu", in_threads=True)
+
+
+@pytest.mark.skipif(IN_THREADS is not None, reason=f"--compile {IN_THREADS}")
 @pytest.mark.parametrize("algo", ["sgd", "ssgd", "ma", "ec", "dcasgd-a"])
 def test_every_algorithm_takes_the_same_steps_compiled(tmp_path, algo):
     """In the simulator: the compiled run ends at the plain run's model, to float rounding,

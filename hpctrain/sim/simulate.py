@@ -69,7 +69,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce")
-    run.check_compute(config)
+    run.check_compute(config, in_threads=True)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
