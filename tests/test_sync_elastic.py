@@ -242,6 +242,7 @@ def test_every_rank_resumes_from_rank_0s_commit(backend, device, tmp_path, monke
     def training(seed):
         model, opt = _training(seed)
         model.to(dev)
+        opt.param_groups[0]["weight_decay"] = 0.1  # a fresh optimizer's zero step moves them
         opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
         return model, opt
 

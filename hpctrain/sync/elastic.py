@@ -279,7 +279,11 @@ class TorchState(ObjectState):
         super().restore()
 
     def sync(self) -> None:
-        for handler in self._handlers.values():
+        # Models last: a fresh optimizer's state is made by a step on zero gradients (as in
+        # Horovod), which moves the parameters with weight decay; the model sync undoes it.
+        # (Horovod syncs the model first and leaves those ranks' parameters moved.)
+        handlers = sorted(self._handlers.values(), key=lambda h: isinstance(h, _ModelHandler))
+        for handler in handlers:
             handler.sync()
         super().sync()
 
