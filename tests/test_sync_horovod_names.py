@@ -30,7 +30,7 @@ import hpctrain.sync as sync
 from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.models import ResNet20
-from hpctrain.sync.buckets import plan_groups
+from hpctrain.sync.buckets import plan_groups, plan_without
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.grouped import scatter_rows
 from hpctrain.sync.transport import MPITransport
@@ -65,6 +65,10 @@ def test_fusion_groups_and_reducescatter_rows():
     assert plan_groups(sizes, 16, [[1, 2]]) == [[4], [3], [2, 1], [0]]
     assert plan_groups([(4, f32), (4, f16), (4, f32)], 10**6, [[0, 1, 2]]) == [[2], [1], [0]]
     assert scatter_rows(3, 2) == [2, 1] and scatter_rows(10, 4) == [3, 3, 2, 2]
+    # parameters with sparse gradients leave the plan, and the groups
+    assert plan_without(sizes, 32, None, {1, 3}) == [[4, 2], [0]]
+    assert plan_without(sizes, 10**6, [[0, 3], [1]], {1, 3}) == [[4, 2], [0]]
+    assert plan_without(sizes, 10**6, [[1, 3]], set()) == plan_groups(sizes, 10**6, [[1, 3]])
 
 
 def test_calls_describe_themselves_and_agree_by_key():
@@ -180,6 +184,7 @@ def _exercise(hvd) -> dict:
         .to_dense()
     out["join"] = _join_uneven(hvd)
     out["optimizer"] = _optimizer_variants(hvd)
+    out["optimizer.sparse"] = _sparse_gradients(hvd)
     out["process_set"] = _process_sets(hvd)
     return out
 
@@ -215,6 +220,29 @@ def _optimizer_variants(hvd) -> list:
         opt.step()
         grads.append([p.detach().clone() for p in model.parameters()])
     return grads
+
+
+def _sparse_gradients(hvd) -> list:
+    """An embedding with sparse gradients under SGD and SparseAdam, their state broadcast,
+    three steps each (the first reduces it beside the dense buckets, the next ones after
+    they are planned again): the parameters, and each step's embedding gradient."""
+    r = hvd.rank()
+    got = []
+    for make in (lambda m: torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9),
+                 lambda m: torch.optim.SparseAdam(list(m[0].parameters()), lr=0.1)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Embedding(8, 3, sparse=True), nn.Flatten(), nn.Linear(6, 2))
+        opt = hvd.DistributedOptimizer(make(model), named_parameters=model.named_parameters())
+        hvd.broadcast_optimizer_state(opt, root_rank=0)  # a fresh SparseAdam's: sparse zeros
+        for step in range(3):
+            opt.zero_grad()
+            model(torch.tensor([[(r + step) % 8, (3 * r + 1) % 8], [1, 5]])).pow(2).sum() \
+                .backward()
+            opt.step()
+            grad = model[0].weight.grad
+            got.append((grad.is_sparse, grad.to_dense()))
+        got.append([p.detach().clone() for p in model.parameters()])
+    return got
 
 
 def _process_sets(hvd) -> dict:
@@ -303,7 +331,7 @@ NAMES = ["world", "allreduce", "allreduce.int", "allreduce.scaled", "allreduce.g
          "alltoall.splits", "alltoall_async", "alltoall.grad", "reducescatter",
          "reducescatter.int", "reducescatter.scaled", "reducescatter.grad",
          "reducescatter_async", "grouped_reducescatter", "objects", "barrier",
-         "sparse_allreduce_async", "join", "optimizer", "process_set"]
+         "sparse_allreduce_async", "join", "optimizer", "optimizer.sparse", "process_set"]
 mpi = pytest.mark.mpi(min_size=2)
 
 
@@ -386,6 +414,91 @@ def test_join_with_uneven_batches_averages_over_all_ranks(hvd):
         ref_opt.step()
     for p, q in zip(model.parameters(), ref.parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def _embedding_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.ModuleDict({"emb": nn.Embedding(10, 4, sparse=True), "out": nn.Linear(4, 1)})
+
+
+def _embedding_loss(model: nn.Module, tokens: torch.Tensor | None) -> torch.Tensor:
+    """The embedding takes part only when there are tokens (else its gradient is None)."""
+    x = model["emb"](tokens).mean(0) if tokens is not None else torch.ones(4)
+    return model["out"](x).pow(2).sum()
+
+
+@mpi
+@pytest.mark.timeout(60)
+def test_sparse_gradients_are_the_average_of_every_ranks_and_leave_the_buckets(hvd):
+    """Each step's sparse gradient equals the allreduced dense one, also when a rank's
+    embedding was not used (its gradient None); from the second step the embedding is no
+    longer in a fused bucket."""
+    r, n = hvd.rank(), hvd.size()
+    model, alone = _embedding_model(), _embedding_model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    dense_bytes = 4 * (4 + 1)
+    assert sum(opt.bucket_sizes) == 4 * 40 + dense_bytes
+    for tokens in ([r, 9 - r, r], None if r == 1 else [r + 1], [7]):
+        tokens = None if tokens is None else torch.tensor(tokens)
+        opt.zero_grad()
+        _embedding_loss(model, tokens).backward()
+        opt.step()
+        alone.zero_grad()
+        _embedding_loss(alone, tokens).backward()
+        own = alone["emb"].weight.grad
+        want = hvd.allreduce(torch.zeros(10, 4) if own is None else own.to_dense())
+        got = model["emb"].weight.grad
+        assert got.is_sparse
+        torch.testing.assert_close(got.to_dense(), want, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(model["out"].weight.grad,
+                                   hvd.allreduce(alone["out"].weight.grad))
+        with torch.no_grad():  # keep the two models' parameters the same
+            for p, q in zip(alone.parameters(), model.parameters(), strict=True):
+                p.copy_(q)
+        assert sum(opt.bucket_sizes) == dense_bytes
+    assert n >= 2
+
+
+@mpi
+@pytest.mark.timeout(60)
+def test_a_gradient_sparse_on_some_ranks_only_is_one_error(hvd):
+    """At the first step rank 1 leaves the embedding out (None gradient) while the others
+    reduce it sparse: one error on every rank, no hang (Horovod would mismatch too)."""
+    r = hvd.rank()
+    model = _embedding_model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    _embedding_loss(model, None if r == 1 else torch.tensor([r])).backward()
+    with pytest.raises(sync.CollectiveMismatchError) as e:
+        opt.step()
+    assert "rank 0 called DistributedOptimizer.step(sparse gradients: emb.weight)" in str(e.value)
+
+
+@mpi
+@pytest.mark.timeout(60)
+def test_sparse_gradients_while_ranks_have_joined(hvd):
+    """Rank 0 steps twice after the others joined: its sparse gradient divided by the full
+    size (the joined ranks add no entries). Then every rank steps once more, on the plan
+    the joined ranks followed."""
+    r, n = hvd.rank(), hvd.size()
+    model, alone = _embedding_model(), _embedding_model()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    if r == 0:
+        for tokens in ([1, 2], [3]):
+            for m in (model, alone):
+                m.zero_grad()
+                _embedding_loss(m, torch.tensor(tokens)).backward()
+            opt.step()
+            torch.testing.assert_close(model["emb"].weight.grad.to_dense(),
+                                       alone["emb"].weight.grad.to_dense() / n)
+            alone.load_state_dict(model.state_dict())
+    assert hvd.join() == 0
+    opt.zero_grad()
+    _embedding_loss(model, torch.tensor([r])).backward()
+    opt.step()
+    assert model["emb"].weight.grad.is_sparse and sum(opt.bucket_sizes) == 4 * 5
 
 
 @mpi

@@ -351,7 +351,7 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: Any,
         v, i = synchronize(values), synchronize(indices)
         if collectives.resolve_op(op) is Average:
             v = v / (process_set or global_process_set).size()
-        return torch.sparse_coo_tensor(i.transpose(0, 1), v, t.size())
+        return torch.sparse_coo_tensor(i.transpose(0, 1), v, t.size(), check_invariants=False)
 
     return handle
 

@@ -12,6 +12,10 @@ Without compression a parameter's ``.grad`` is re-pointed at its slice of the bu
 is packed, so the reduced values land in ``.grad`` with no copy back (as DDP's
 ``gradient_as_bucket_view``); if ``.grad`` already is that slice, packing copies nothing.
 
+A parameter whose gradient comes sparse (an embedding's) leaves the buckets: from the
+step it is first seen sparse its gradient is reduced by allgather (sparse.py), as Horovod
+does, unless ``sparse_as_dense``; the buckets are planned again without it for the next step.
+
 Buckets live where the parameters are. A transport that cannot move them there (an MPI
 that is not CUDA-aware) gets a pinned host copy of each: filled when the bucket launches,
 copied back before unpacking.
@@ -33,6 +37,7 @@ from hpctrain.errors import UsageError
 from hpctrain.sync import timeline
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
+from hpctrain.sync.sparse import SparseAllgather, contribution
 from hpctrain.sync.transport import Request, Transport, test_all, wait_all
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -84,15 +89,17 @@ def plan_groups(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int,
     return sorted(buckets, key=lambda b: -max(b))
 
 
-def take_part_with_zeros(key: tuple[str, int]) -> list[tuple[torch.Tensor, Request]]:
-    """A joined rank's share of a step of the reducer ``key``: zeros for every bucket."""
+def take_part_with_zeros(key: tuple[str, int], sparse: list[tuple[int, int]]
+                         ) -> list[tuple[torch.Tensor, Request]]:
+    """A joined rank's share of a step of the reducer ``key``: zeros for every bucket, no
+    entries for the step's sparse gradients (``sparse``: (index, sparse_dim) pairs)."""
     ref = _reducers.get(key)
     reducer = ref() if ref is not None else None
     if reducer is None:
         raise UsageError(f"join(): the other ranks step DistributedOptimizer #{key[1] + 1} of "
                          f"{key[0]}, which this rank no longer has; keep the optimizer alive "
                          "until join() returns")
-    return reducer.zeros_for_every_bucket()
+    return reducer.zeros_for_every_bucket(sparse)
 
 
 def scale_factors(op: ReduceOp, predivide: float, size: int, cast: bool) -> tuple[float, float]:
@@ -111,13 +118,28 @@ def scale_factors(op: ReduceOp, predivide: float, size: int, cast: bool) -> tupl
     return 1.0 / predivide, predivide / size
 
 
+def plan_without(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int,
+                 groups: list[list[int]] | None, skip: set[int]) -> list[list[int]]:
+    """:func:`plan_buckets` or :func:`plan_groups` of the parameters not in ``skip``."""
+    keep = [i for i in range(len(sizes)) if i not in skip]
+    local = {i: j for j, i in enumerate(keep)}
+    kept = [sizes[i] for i in keep]
+    if groups is None:
+        plan = plan_buckets(kept, bucket_bytes)
+    else:
+        plan = plan_groups(kept, bucket_bytes, [m for g in groups
+                                                if (m := [local[i] for i in g if i in local])])
+    return [[keep[j] for j in b] for b in plan]
+
+
 @dataclass
 class _Slot:
     param: torch.Tensor
-    bucket: int
-    view: torch.Tensor  # the parameter's slice of its bucket, shaped like the parameter
+    bucket: int | None  # None: reduced as a sparse gradient
+    view: torch.Tensor | None  # the parameter's slice of its bucket, shaped like the parameter
     passes: int = 0
     packed: bool = False
+    sparse_now: bool = False  # this step reduces its gradient sparse
 
 
 @dataclass
@@ -140,20 +162,33 @@ class BucketedAllreduce:
     def __init__(self, params: list[torch.Tensor], transport: Transport, compression: Any,
                  op: ReduceOp, predivide: float, passes: int, bucket_bytes: int,
                  groups: list[list[int]] | None = None, sparse_as_dense: bool = False,
-                 channel: Any = None):
+                 channel: Any = None, names: list[str] | None = None):
         self._transport = transport
+        self._names = names or [f"#{i}" for i in range(len(params))]  # for error messages
         self.passes = passes
         self.sparse_as_dense = sparse_as_dense
-        wire = [compression.wire_dtype(p.dtype) for p in params]
-        sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
-        plan = (plan_buckets(sizes, bucket_bytes) if groups is None
-                else plan_groups(sizes, bucket_bytes, groups))
-        self.plan = [[(sizes[i][0], str(sizes[i][1])) for i in b] for b in plan]
+        self._params = params
+        self._op, self._predivide, self._bucket_bytes, self._groups = (op, predivide,
+                                                                        bucket_bytes, groups)
+        self._wire = [compression.wire_dtype(p.dtype) for p in params]
+        self._sparse_dims: dict[int, int] = {}  # parameters reduced sparse: their sparse_dim
         self._channel = channel
         if channel is not None:
             self.key = (channel.label, next(_created[channel.label]))
             _reducers[self.key] = weakref.ref(self)
-        self._slots: list[_Slot] = [None] * len(params)  # type: ignore[list-item]
+        self._build()
+        self._next = 0  # the next bucket to launch
+        self.in_flight = False  # a gradient was counted since the last synchronize
+        for i, p in enumerate(params):
+            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+
+    def _build(self) -> None:
+        """Plan the buckets of the dense gradients and make their buffers and slots."""
+        params, wire = self._params, self._wire
+        sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
+        plan = plan_without(sizes, self._bucket_bytes, self._groups, set(self._sparse_dims))
+        self.plan = [[(sizes[i][0], str(sizes[i][1])) for i in b] for b in plan]
+        self._slots: list[_Slot] = [_Slot(p, None, None) for p in params]
         self._buckets: list[_Bucket] = []
         for b, members in enumerate(plan):
             dtype = wire[members[0]]
@@ -165,13 +200,9 @@ class BucketedAllreduce:
                 self._slots[i] = _Slot(params[i], b, buffer[offset:offset + n].view_as(params[i]))
                 offset += n
             cast = any(params[i].dtype != dtype for i in members)
-            pre, post = scale_factors(op, predivide, transport.size(), cast)
-            stage = HostStage(buffer, direct=transport.takes(buffer))
+            pre, post = scale_factors(self._op, self._predivide, self._transport.size(), cast)
+            stage = HostStage(buffer, direct=self._transport.takes(buffer))
             self._buckets.append(_Bucket(buffer, members, cast, pre, post, stage))
-        self._next = 0  # the next bucket to launch
-        self.in_flight = False  # a gradient was counted since the last synchronize
-        for i, p in enumerate(params):
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
 
     @property
     def bucket_sizes(self) -> list[int]:
@@ -198,13 +229,21 @@ class BucketedAllreduce:
 
     def _pack(self, i: int) -> None:
         slot = self._slots[i]
-        bucket = self._buckets[slot.bucket]
-        grad, view = slot.param.grad, slot.view
+        slot.packed = True
+        grad = slot.param.grad
+        if slot.bucket is None:  # reduced sparse, at synchronize
+            slot.sparse_now = True
+            return
+        bucket, view = self._buckets[slot.bucket], slot.view
+        bucket.packed += 1
         if grad is None:
             view.zero_()
         elif grad.is_sparse and not self.sparse_as_dense:
-            raise UsageError("a parameter has a sparse gradient: pass sparse_as_dense=True to "
-                             "DistributedOptimizer (hpctrain.sync reduces dense gradients)")
+            # First seen sparse: reduced sparse from this step on; its slice carries zeros.
+            self._sparse_dims[i] = grad.sparse_dim()
+            slot.sparse_now = True
+            view.zero_()
+            return
         elif grad.is_sparse:
             torch.mul(grad.to_dense(), bucket.pre, out=view)
         elif grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
@@ -215,8 +254,6 @@ class BucketedAllreduce:
             view.copy_(grad)
         if view.dtype == slot.param.dtype:
             slot.param.grad = view
-        slot.packed = True
-        bucket.packed += 1
 
     def _launch_ready(self) -> None:
         while self._next < len(self._buckets):
@@ -234,40 +271,63 @@ class BucketedAllreduce:
         if self._next:
             test_all([b.request for b in self._buckets[:self._next]])
 
-    def zeros_for_every_bucket(self) -> list[tuple[torch.Tensor, Request]]:
-        """Post an allreduce of zeros per bucket (this rank has joined; the others step)."""
+    def zeros_for_every_bucket(self, sparse: list[tuple[int, int]]
+                               ) -> list[tuple[torch.Tensor, Request]]:
+        """Post an allreduce of zeros per bucket and take part in the sparse reductions with
+        nothing (this rank has joined; the others step). A gradient the others reduce sparse
+        for the first time leaves this rank's buckets too."""
         posted = []
         for bucket in self._buckets:
             zeros = torch.zeros_like(bucket.stage.buffer)  # where the transport moves it from
             posted.append((zeros, self._transport.iallreduce(None, zeros, Sum)))
+        if sparse:
+            SparseAllgather(self._transport, [contribution(None, self._params[i], dim)
+                                              for i, dim in sparse], average=False).results()
+            if any(i not in self._sparse_dims for i, _ in sparse):
+                self._sparse_dims.update(sparse)
+                self._build()
         return posted
 
     def synchronize(self) -> None:
         """Send what backward did not (current or zero gradients), wait, write the results."""
-        if self._channel is not None:  # every rank is at this step, or a rank has joined
-            self._channel.agree(Call("DistributedOptimizer.step", agree=(self.plan,),
-                                     join_plan=("step", self.key)))
         for i, slot in enumerate(self._slots):
             if not slot.packed:
                 self._pack(i)
+        sparse = [i for i, slot in enumerate(self._slots) if slot.sparse_now]
+        if self._channel is not None:  # every rank is at this step, or a rank has joined
+            dims = [(i, self._sparse_dims[i]) for i in sparse]
+            self._channel.agree(Call("DistributedOptimizer.step", agree=(self.plan, dims),
+                                     join_plan=("step", self.key, dims),
+                                     extra=self._sparse_note(sparse)))
         self._launch_ready()
+        reduced = SparseAllgather(self._transport, [
+            contribution(self._params[i].grad, self._params[i], self._sparse_dims[i])
+            for i in sparse], average=self._op is Average) if sparse else None
         wait_all([b.request for b in self._buckets])
         for bucket in self._buckets:
             timeline.finished(bucket.token)  # from posting it until seen done, as Horovod's
             bucket.stage.to_device()
             self._unpack(bucket)
+        if reduced is not None:
+            for i, grad in zip(sparse, reduced.results(), strict=True):
+                self._params[i].grad = grad
+        replan = any(self._slots[i].bucket is not None for i in sparse)
         self._clear()
+        if replan:
+            self._build()
+
+    def _sparse_note(self, sparse: list[int]) -> str:
+        return f"sparse gradients: {', '.join(self._names[i] for i in sparse)}" if sparse else ""
 
     def _unpack(self, bucket: _Bucket) -> None:
+        dense = [self._slots[i] for i in bucket.slots if not self._slots[i].sparse_now]
         if not bucket.cast:
             scale_(bucket.buffer, bucket.post)
-            for i in bucket.slots:  # .grad views the buffer unless reassigned since packing
-                slot = self._slots[i]
+            for slot in dense:  # .grad views the buffer unless reassigned since packing
                 if slot.param.grad is None or slot.param.grad.data_ptr() != slot.view.data_ptr():
                     slot.param.grad = slot.view
             return
-        for i in bucket.slots:
-            slot = self._slots[i]
+        for slot in dense:
             if slot.param.grad is None:
                 slot.param.grad = torch.empty_like(slot.param)
             torch.mul(slot.view, bucket.post, out=slot.param.grad)
@@ -279,7 +339,7 @@ class BucketedAllreduce:
 
     def _clear(self) -> None:
         for slot in self._slots:
-            slot.passes, slot.packed = 0, False
+            slot.passes, slot.packed, slot.sparse_now = 0, False, False
         for bucket in self._buckets:
             bucket.packed, bucket.request, bucket.token = 0, None, None
         self._next = 0

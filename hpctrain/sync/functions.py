@@ -35,7 +35,10 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     """Make every process's optimizer state and hyper-parameters root_rank's.
 
     As in Horovod, a fresh optimizer is first stepped once on zero gradients so that its
-    state exists everywhere; ``model`` is accepted for compatibility (no sparse parameters).
+    state exists everywhere (sparse zeros for ``SparseAdam``, which takes no others).
+    ``model`` is accepted for compatibility: Horovod uses it to give SGD sparse zeros for
+    sparse embeddings, whose sparse momentum buffer it then cannot broadcast; SGD steps on
+    sparse gradients with the dense buffer made here.
     """
     if isinstance(optimizer, torch.optim.LBFGS):
         raise UsageError("broadcast_optimizer_state: torch.optim.LBFGS state cannot be broadcast")
@@ -71,6 +74,8 @@ def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
         for p in group["params"]:
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
+                if isinstance(optimizer, torch.optim.SparseAdam):
+                    p.grad = p.grad.to_sparse()
     # The wrapped step would allreduce, and not every rank may be here with a fresh state.
     if isinstance(optimizer, _DistributedOptimizer):
         super(_DistributedOptimizer, optimizer).step()

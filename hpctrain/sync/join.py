@@ -5,7 +5,8 @@ collectives the others never call. A rank in ``join()`` instead takes part in ev
 agreement round (collective_check) of the global process set as "joined": when the active
 ranks run an allreduce (plain, grouped, or a ``DistributedOptimizer`` step) it contributes
 zeros to the same operations of the transport (on the device type the active ranks' buffers
-are moved from), so the sum is the active ranks' and Average still divides by
+are moved from), and no entries to a step's sparse gradients (which Horovod cannot reduce
+while a rank has joined), so the sum is the active ranks' and Average still divides by
 the full size, as Horovod 0.28.1 does (Adasum combines a zero vector with its tree
 neighbour into that neighbour unchanged); other collectives (allgather, broadcast, alltoall,
 reducescatter) raise ``HorovodInternalError`` on the active ranks while a rank has joined,
@@ -69,7 +70,7 @@ def _take_part(plan: Any, transport: Transport) -> list[tuple[torch.Tensor, Requ
                            transport)
         return []
     if kind == "step":
-        return buckets.take_part_with_zeros(plan[1])
+        return buckets.take_part_with_zeros(plan[1], plan[2])
     raise AssertionError(f"unknown join plan {plan!r}")
 
 

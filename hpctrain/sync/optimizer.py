@@ -40,7 +40,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     Horovod's arguments and semantics; ``bucket_bytes`` is the fusion bucket size. ``groups``
     (or the deprecated ``num_groups``): an int splits the parameters into that many fused
     buckets in order, a list of lists of parameters makes each list one bucket (the others
-    are bucketed by size). ``sparse_as_dense`` reduces sparse gradients as dense ones.
+    are bucketed by size). Sparse gradients (an embedding's) are reduced by allgather and
+    stay sparse, as in Horovod; ``sparse_as_dense`` reduces them as dense ones instead.
     ``process_set``: gradients are averaged over its ranks only.
     """
     collectives.world("DistributedOptimizer")
@@ -171,7 +172,8 @@ class _DistributedOptimizer:
             self._reducer = BucketedAllreduce(grads, member.transport.dup(), compression, op,
                                               gradient_predivide_factor,
                                               backward_passes_per_step, bucket_bytes, groups,
-                                              sparse_as_dense, member.channel)
+                                              sparse_as_dense, member.channel,
+                                              [names[p] for p in grads])
             member.channel.agree(Call("DistributedOptimizer", agree=(self._reducer.plan,),
                                       extra=f"{len(self._reducer.plan)} buckets"))
 

@@ -1,0 +1,82 @@
+"""Sparse gradients reduced as Horovod reduces them: by allgather, not allreduce.
+
+An embedding's gradient touches a few rows of a large table; allreducing it as a dense
+tensor would move the whole table. Every rank's indices and values are concatenated instead,
+and the result is an uncoalesced sparse tensor whose duplicate indices add up where it is
+used (Horovod's ``sparse_allreduce_async``; Average divides the values by the size). One step
+of ``DistributedOptimizer`` posts all its sparse gradients together: one allgather of every
+gradient's row count, then two allgathers (indices, values) per gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hpctrain.devices import HostStage
+from hpctrain.sync import timeline
+from hpctrain.sync.collective_check import Call
+from hpctrain.sync.transport import Request, Transport
+
+
+def contribution(grad: torch.Tensor | None, param: torch.Tensor,
+                 sparse_dim: int) -> torch.Tensor:
+    """This rank's share of a sparse reduction: the gradient as a sparse tensor with
+    ``sparse_dim`` sparse dimensions (no entries when there is no gradient)."""
+    if grad is None:
+        indices = torch.empty((sparse_dim, 0), dtype=torch.int64, device=param.device)
+        values = param.new_empty((0, *param.shape[sparse_dim:]))
+        return torch.sparse_coo_tensor(indices, values, param.shape, check_invariants=False)
+    return grad if grad.is_sparse else grad.detach().to_sparse(sparse_dim)
+
+
+class _Gather:
+    """One tensor's allgather into a new tensor on the tensor's device."""
+
+    def __init__(self, transport: Transport, send: torch.Tensor, rows: list[int], name: str):
+        self.output = send.new_empty((sum(rows), *send.shape[1:]))
+        self._request: Request | None = None
+        if not self.output.numel():  # nothing to move on any rank (rows agree everywhere)
+            return
+        self._stage = HostStage(self.output, direct=transport.takes(self.output))
+        self._send = send if transport.takes(send) else send.cpu()
+        self._request = transport.iallgather(self._send, self._stage.buffer, rows)
+        call = Call("allgather", name=name, dtype=send.dtype, shape=tuple(self.output.shape))
+        self._token = timeline.started(call, transport.name.upper())
+
+    def wait(self) -> torch.Tensor:
+        if self._request is not None:
+            self._request.wait()
+            timeline.finished(self._token)
+            self._stage.to_device()
+        return self.output
+
+
+class SparseAllgather:
+    """The reduction of several sparse tensors (each rank's ``grads``, in the same order on
+    every rank), started at construction; :meth:`results` waits for them."""
+
+    def __init__(self, transport: Transport, grads: list[torch.Tensor], average: bool,
+                 name: str = "DistributedOptimizer.sparse"):
+        self._shapes = [g.shape for g in grads]
+        self._divisor = transport.size() if average else 1
+        size, n = transport.size(), len(grads)
+        mine = torch.tensor([g._nnz() for g in grads], dtype=torch.int64)
+        every = torch.empty(size * n, dtype=torch.int64)
+        transport.iallgather(mine, every, [n] * size).wait()
+        rows = every.view(size, n).t().tolist()  # rows[j][r]: rank r's entries in gradient j
+        self._gathers = [(_Gather(transport, g._indices().t().contiguous(), rows[j],
+                                  f"{name}{j}.indices"),
+                          _Gather(transport, g._values().contiguous(), rows[j],
+                                  f"{name}{j}.values"))
+                         for j, g in enumerate(grads)]
+
+    def results(self) -> list[torch.Tensor]:
+        """The reduced tensors, uncoalesced, in the order of ``grads``."""
+        out = []
+        for (indices, values), shape in zip(self._gathers, self._shapes, strict=True):
+            v = values.wait()
+            if self._divisor != 1:
+                v = v / self._divisor
+            out.append(torch.sparse_coo_tensor(indices.wait().t(), v, shape,
+                                               check_invariants=False))
+        return out
