@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, models, run
+from hpctrain import data, plugins, run
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -136,7 +136,8 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
     algo_class = simulated(config.algorithm_class)
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
-    initial = models.build(config.model.name, test_set.shape, test_set.num_classes)
+    initial = plugins.build_model(config.model.name, test_set.shape, test_set.num_classes,
+                                  config.model.args)
     initial.to(run.device_for(config))
 
     def worker(k: int) -> dict | None:
