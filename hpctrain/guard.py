@@ -39,10 +39,33 @@ class TooManyBadSteps(RuntimeError):
     """Training stopped: too many consecutive steps had non-finite gradients."""
 
 
+def finite(tensor: torch.Tensor) -> torch.Tensor:
+    """Whether every element of ``tensor`` (dense, or sparse: an embedding's gradient) is
+    finite, as a 0-dimensional bool tensor (no device sync)."""
+    return torch.isfinite(tensor._values() if tensor.is_sparse else tensor).all()
+
+
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether every element of every tensor is finite."""
-    flags = [torch.isfinite(t).all() for t in tensors]
+    flags = [finite(t) for t in tensors]
     return bool(torch.stack(flags).all()) if flags else True
+
+
+def clip_grad_norm_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_``, which takes no sparse gradients, for them too:
+    a sparse one is coalesced first (its duplicate entries summed) and its values count."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+    grads = [p.grad for p in params if p.grad is not None]
+    if not any(g.is_sparse for g in grads):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    values = [g._values() if g.is_sparse else g for g in grads]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v) for v in values]))
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)  # as torch's
+    for v in values:
+        v.mul_(coef)
+    return norm
 
 
 class GradientGuard:
@@ -69,7 +92,7 @@ class GradientGuard:
                 p.register_hook(self._see)
 
     def _see(self, grad: torch.Tensor) -> None:
-        self._local.append(torch.isfinite(grad).all())
+        self._local.append(finite(grad))
 
     def check(self, update: int) -> bool:
         """True if the gradients in ``.grad`` are finite and the step may be applied."""
@@ -95,7 +118,7 @@ class GradientGuard:
     def _clip(self) -> None:
         if self.clip_norm is None:
             return
-        norm = torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm)
+        norm = clip_grad_norm_(self.params, self.clip_norm)
         self.clipped += bool(norm > self.clip_norm)
 
     def _stop(self, update: int) -> None:

@@ -29,6 +29,26 @@ def test_all_finite():
         assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])
 
 
+def test_sparse_gradients_are_checked_and_clipped_as_their_dense_sums():
+    """An embedding's (uncoalesced, with a repeated row) gradient: NaN seen in its values,
+    clipped to the same gradient as the dense one."""
+    def grads(sparse: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Embedding(6, 3, sparse=sparse),
+                                    torch.nn.Linear(3, 1))
+        model(torch.tensor([1, 4, 1])).pow(2).sum().mul(50).backward()
+        return model
+    sparse, dense = grads(True), grads(False)
+    assert sparse[0].weight.grad.is_sparse
+    for model in (sparse, dense):
+        guard = GradientGuard(model.parameters(), max_bad_steps=5, clip_norm=0.5)
+        assert guard.check(0) and guard.clipped == 1
+    for p, q in zip(sparse.parameters(), dense.parameters(), strict=True):
+        torch.testing.assert_close(p.grad.to_dense(), q.grad)
+    sparse[0].weight.grad._values()[0, 0] = float("nan")
+    assert not all_finite([sparse[0].weight.grad])
+
+
 def test_guard_skips_counts_and_stops():
     model = torch.nn.Linear(3, 2)
     guard = GradientGuard(model.parameters(), max_bad_steps=3)

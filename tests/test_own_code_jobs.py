@@ -27,6 +27,24 @@ def build(input_shape, num_classes, width=8):
                          nn.Flatten(), nn.Linear(width * (h // 2) * (w // 2), num_classes))
 
 
+def bag(input_shape, num_classes, levels=8, dim=8):
+    """Each pixel's (position, intensity level) a token; the mean of their embeddings, whose
+    gradients are sparse, classified by a linear layer."""
+    pixels = int(np.prod(input_shape))
+
+    class Bag(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bag = nn.EmbeddingBag(pixels * levels, dim, mode="mean", sparse=True)
+            self.out = nn.Linear(dim, num_classes)
+
+        def forward(self, x):
+            level = (torch.sigmoid(x.flatten(1)) * levels).long().clamp(0, levels - 1)
+            return self.out(self.bag(torch.arange(pixels) * levels + level))
+
+    return Bag()
+
+
 def arrays():
     g = np.random.default_rng(0)
     protos = g.normal(size=(4, 1, 12, 12)).astype(np.float32)
@@ -85,6 +103,39 @@ def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, tmp_path):
         {p["updates"]: p["test_acc"] for p in map(json.loads, (out / "metrics.jsonl").open())})
     lr = [e.value for e in tb["train/lr"]]  # 32 steps an epoch: warm-up to 2 x 0.001
     assert lr[0] < lr[1] < lr[2] < 0.002 and lr[-1] == pytest.approx(0.002)
+
+
+@pytest.mark.timeout(200)
+def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(own, tmp_path):
+    """An EmbeddingBag(sparse=True): its gradient is reduced sparse (by allgather), and the
+    steps are those of one process with both ranks' batches."""
+    common = ["--model", f"{own}/nets.py:bag", "--dataset", f"npz:{own}/syn.npz", "--lr", "0.5",
+              "--momentum", "0.9", "--seed", "4", *SHORT]
+    sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", "32",
+                   "--out", str(tmp_path / "sgd")], np=0)
+    ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
+                    "--out", str(tmp_path / "ssgd")], np=2)
+    assert sgd.returncode == 0 and ssgd.returncode == 0, sgd.stderr + ssgd.stderr
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+    summary = json.loads((tmp_path / "ssgd" / "summary.json").read_text())
+    assert summary["final_test_acc"] > 0.3  # 4 classes
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("command,algo,np", [("train", "dcasgd-a", 2), ("train", "ec", 2),
+                                             ("simulate", "ssgd", 0)])
+def test_every_algorithm_takes_sparse_gradients(own, tmp_path, command, algo, np):
+    """The async store and the simulator add a sparse gradient densely; ma and ec step on it
+    locally. (The simulator also builds a model of the user's, which it once could not.)"""
+    extra = {"ec": ["--ec-distill-size", "64", "--tau", "4"]}.get(algo, [])
+    extra += ["--workers", "4"] if command == "simulate" else []
+    proc = run_job([command, "--algo", algo, "--model", f"{own}/nets.py:bag", "--dataset",
+                    f"npz:{own}/syn.npz", "--lr", "0.5", "--clip-grad-norm", "5", *extra,
+                    *SHORT, "--out", str(tmp_path)], np=np, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["final_test_acc"] > 0.3
 
 
 @pytest.mark.timeout(200)

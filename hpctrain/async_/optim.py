@@ -97,6 +97,8 @@ class ASGD(torch.optim.Optimizer):
             part = self._grad[offset:offset + p.numel()]
             if p.grad is None:
                 part.zero_()
+            elif p.grad.is_sparse:  # an embedding's: the store's update is dense
+                part.zero_().view_as(p).add_(p.grad)
             else:
                 part.copy_(p.grad.reshape(-1))
             offset += p.numel()

@@ -68,7 +68,10 @@ class _Sync:
         if self.adasum:  # the gradients stay local; apply() combines the updates
             return
         pre, post = self.scale
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        # A missing gradient is zeros, as the mpi backend packs it; a sparse one (an
+        # embedding's) is reduced dense here: the same sum, not the backend's allgather.
+        grads = [torch.zeros_like(p) if p.grad is None else
+                 p.grad.to_dense() if p.grad.is_sparse else p.grad for p in self.params]
         flat = torch.cat([g.reshape(-1) for g in grads]).to("cpu", torch.float32) * pre
         total = torch.empty_like(flat)
         self.comm.Allreduce(flat.numpy(), total.numpy())
@@ -76,7 +79,7 @@ class _Sync:
             total *= post
         offset = 0
         for p, g in zip(self.params, grads, strict=True):
-            p.grad = g  # a missing gradient is zeros, as the mpi backend packs it
+            p.grad = g
             g.copy_(total[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
