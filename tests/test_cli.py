@@ -88,6 +88,14 @@ def test_sgd_on_several_ranks_refused(tmp_path):
     assert len(error_lines(proc)) == 1  # rank 0 speaks for all before MPI starts
 
 
+def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
+    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--out", str(tmp_path / "run")], np=2,
+                   timeout=60, env={"HOROVOD_FUSION_THRESHOLD": "64MB"})
+    assert proc.returncode == 2
+    assert_one_line_error(proc, "HOROVOD_FUSION_THRESHOLD must be a whole number of bytes")
+    assert len(error_lines(proc)) == 1 and not (tmp_path / "run").exists()
+
+
 def test_more_ranks_than_samples(tmp_path):
     write_tiny_idx(tmp_path, 3)
     proc = run_job(["train", "--algo", "ssgd", "--data-dir", str(tmp_path), "--out",

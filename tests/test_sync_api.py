@@ -21,7 +21,7 @@ from torch.nn import functional as F
 import hpctrain.sync as sync
 from hpctrain import comm
 from hpctrain.errors import UsageError
-from hpctrain.sync.buckets import plan_buckets, scale_factors
+from hpctrain.sync.buckets import FUSION_ENV, default_bucket_bytes, plan_buckets, scale_factors
 from hpctrain.sync.transport import MPITransport
 
 API = ("init shutdown is_initialized rank size local_rank local_size allreduce allreduce_ "
@@ -565,6 +565,29 @@ def test_many_buckets_give_the_same_gradients_as_one(mpi_backend):
     assert [count for _, count in grads] == [6, 3, 1]  # 6 parameters
     for other, _ in grads[:2]:
         _assert_close_all(other, grads[2][0], rtol=1e-15, atol=0)
+
+
+def test_horovod_fusion_threshold_sets_the_default_bucket_size(monkeypatch):
+    monkeypatch.delenv(FUSION_ENV, raising=False)
+    assert default_bucket_bytes() == 25 * 2**20
+    for raw, value in (("67108864", 2**26), (" 1000 ", 1000), ("0", 1)):  # 0: no fusion
+        monkeypatch.setenv(FUSION_ENV, raw)
+        assert default_bucket_bytes() == value
+    for bad in ("64MB", "-1", "1.5"):
+        monkeypatch.setenv(FUSION_ENV, bad)
+        with pytest.raises(UsageError, match=f"HOROVOD_FUSION_THRESHOLD must be a whole "
+                                             f"number of bytes >= 0, got '{bad}'"):
+            default_bucket_bytes()
+
+
+@mpi
+@timeout
+def test_fusion_threshold_zero_gives_each_parameter_its_bucket(mpi_backend, monkeypatch):
+    monkeypatch.setenv(FUSION_ENV, "0")
+    model = _model()
+    opt = mpi_backend.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                           named_parameters=model.named_parameters())
+    assert len(opt.bucket_sizes) == len(list(model.parameters())) == 6
 
 
 @mpi

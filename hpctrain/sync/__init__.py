@@ -29,7 +29,7 @@ from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives, horovod_backend, mpi_backend, timeline
 from hpctrain.sync import process_sets as _psets
-from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES
+from hpctrain.sync.buckets import default_bucket_bytes
 from hpctrain.sync.collectives import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hpctrain.sync.compression import Compression
 from hpctrain.sync.errors import CollectiveMismatchError
@@ -110,6 +110,7 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     if process_sets is not None and not all(isinstance(p, ProcessSet) for p in process_sets):
         raise UsageError("process_sets must be a list of hpctrain.sync.ProcessSet")
     if backend in collectives.TRANSPORTS:
+        default_bucket_bytes()  # a bad HOROVOD_FUSION_THRESHOLD: one line before any call
         collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
                          stall_timeout_s=stall_timeout)
         _active = mpi_backend
@@ -573,8 +574,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          bucket_bytes: int | None = None) -> torch.optim.Optimizer:
     """``optimizer`` whose ``step()`` applies gradients allreduced over all processes.
 
-    ``bucket_bytes`` (hpctrain's backends: mpi, torch) is the fusion bucket size; Horovod's
-    own is set with the environment variable HOROVOD_FUSION_THRESHOLD before init().
+    ``bucket_bytes`` (hpctrain's backends: mpi, torch) is the fusion bucket size; without
+    it, ``HOROVOD_FUSION_THRESHOLD`` where set (as Horovod's own fusion buffer is set, before
+    init()), else 25 MiB.
     """
     first = next((p for g in optimizer.param_groups for p in g["params"]), None)
     impl = _impl("DistributedOptimizer", first)
@@ -585,7 +587,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
             optimizer, named, compression, backward_passes_per_step, op,
             gradient_predivide_factor, num_groups, groups, sparse_as_dense,
             global_process_set if process_set is None else process_set,
-            bucket_bytes=DEFAULT_BUCKET_BYTES if bucket_bytes is None else bucket_bytes)
+            bucket_bytes=default_bucket_bytes() if bucket_bytes is None else bucket_bytes)
     if bucket_bytes is not None:
         raise UsageError("bucket_bytes applies to hpctrain's backends; Horovod's fusion buffer "
                          "is set with HOROVOD_FUSION_THRESHOLD before init()")

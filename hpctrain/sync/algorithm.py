@@ -20,6 +20,7 @@ from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
 from hpctrain.options import option
+from hpctrain.sync.buckets import default_bucket_bytes
 
 
 class Sequential(Algorithm):
@@ -78,6 +79,8 @@ class Synchronous(Algorithm):
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
             raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
+        if config.algorithm.sync_backend != "horovod":
+            default_bucket_bytes()  # HOROVOD_FUSION_THRESHOLD sizes the buckets
         if config.algorithm.reduce_op == "adasum" and ranks & (ranks - 1):
             raise UsageError(f"--reduce-op adasum needs a power-of-2 number of workers, got "
                              f"{ranks}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 import weakref
 from collections import defaultdict
 from dataclasses import dataclass
@@ -40,11 +41,28 @@ from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
 from hpctrain.sync.sparse import SparseAllgather, contribution
 from hpctrain.sync.transport import Request, Transport, test_all, wait_all
 
-DEFAULT_BUCKET_BYTES = 25 * 2**20
+DEFAULT_BUCKET_BYTES = 25 * 2**20  # DDP's bucket_cap_mb
+FUSION_ENV = "HOROVOD_FUSION_THRESHOLD"
 # Reducers by (channel label, creation count on it): what a joined rank looks up to take part
 # in a DistributedOptimizer step (join.py).
 _reducers: dict[tuple[str, int], weakref.ref] = {}
 _created: dict[str, itertools.count] = defaultdict(itertools.count)
+
+
+def default_bucket_bytes() -> int:
+    """The bucket size when none is given: Horovod's ``HOROVOD_FUSION_THRESHOLD`` (bytes; 0
+    turns fusion off, so each parameter has a bucket of its own) where it is set, as a job
+    script leaving Horovod sets it, else :data:`DEFAULT_BUCKET_BYTES`."""
+    raw = os.environ.get(FUSION_ENV, "").strip()
+    if not raw:
+        return DEFAULT_BUCKET_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise UsageError(f"{FUSION_ENV} must be a whole number of bytes >= 0, got {raw!r}")
+    return max(value, 1)
 
 
 def plan_buckets(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int) -> list[list[int]]:
