@@ -1,4 +1,4 @@
-"""``hpctrain train | simulate | bench | report | info``: the command line.
+"""``hpctrain train | simulate | bench | report | info | horovodrun``: the command line.
 
 Arguments are parsed and validated before MPI starts, so bad input is one line and a non-zero
 exit on every rank, never a hang. MPI is then initialised at the thread level the algorithm
@@ -13,7 +13,7 @@ import json
 import sys
 import textwrap
 
-from hpctrain import arguments, comm, compiled, devices, run
+from hpctrain import arguments, comm, compiled, devices, horovodrun, run
 from hpctrain.bench import report as bench_report
 from hpctrain.metrics import summary_table
 from hpctrain.sim import arguments as sim_arguments
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "its saved outputs, rerunning nothing")
     bench_report.add_arguments(report)
     sub.add_parser("info", help="MPI library, torch, Horovod and kernel availability")
+    horovodrun.add_arguments(sub.add_parser(
+        "horovodrun", help="horovodrun's command line, started through Open MPI's mpirun",
+        description=horovodrun.__doc__.split("\n\n")[1].replace("\n", " ")))
     return parser
 
 
@@ -126,6 +129,8 @@ def info() -> None:
 def main(argv: list[str] | None = None) -> None:
     comm.install_abort_on_error()
     args = build_parser().parse_args(argv)
+    if args.command == "horovodrun":  # becomes mpirun: nothing else to start
+        horovodrun.run(args)
     import torch
 
     # Training sets --threads itself; benchmarks theirs (bench kernel's --threads is a list).

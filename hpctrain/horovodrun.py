@@ -1,0 +1,170 @@
+"""``hpctrain horovodrun``: Horovod's launcher's command line, started through Open MPI's mpirun.
+
+A job script leaving Horovod says ``horovodrun -np 4 -H a:2,b:2 python train.py``, and with
+Horovod gone there is no ``horovodrun``. This takes the same flags and starts the same
+processes the way horovodrun's MPI mode does: ``mpirun -np N -H hosts -bind-to none -map-by
+slot``, every environment variable exported to the ranks, and Horovod's tuning flags as the
+``HOROVOD_*`` variables the ranks read (hpctrain's backends read the timeline and the fusion
+threshold; ``backend="horovod"`` reads them all). So a script changes ``horovodrun`` to
+``hpctrain horovodrun`` and nothing else. Gloo mode and elastic flags are refused in one line:
+hpctrain's backends need an MPI (or torchrun) launch, and its elastic recovery is a restart.
+
+:func:`mpirun_command` is the whole translation, pure; :func:`run` replaces this process with
+mpirun, so its exit status and signals are the job's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+
+from hpctrain.errors import UsageError
+
+# Flags of horovodrun's elastic mode (it re-forms the job itself; here a launcher restarts it).
+ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-script",
+                 "--elastic-timeout", "--reset-limit", "--blacklist-cooldown-range")
+# Tuning flags that become a variable of every rank: (flag, variable, value from the flag).
+TUNING = (
+    ("timeline_filename", "HOROVOD_TIMELINE", str),
+    ("fusion_threshold_mb", "HOROVOD_FUSION_THRESHOLD", lambda mb: str(mb * 1024 * 1024)),
+    ("cycle_time_ms", "HOROVOD_CYCLE_TIME", str),
+    ("cache_capacity", "HOROVOD_CACHE_CAPACITY", str),
+    ("log_level", "HOROVOD_LOG_LEVEL", str),
+)
+_HOST = re.compile(r"^([^\s:,]+):([1-9][0-9]*)$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-np", "--num-proc", dest="np", type=int, required=True,
+                        help="number of processes (ranks)")
+    hosts = parser.add_mutually_exclusive_group()
+    hosts.add_argument("-H", "--hosts", help="host:slots,... (default: localhost:NP)")
+    hosts.add_argument("-hostfile", "--hostfile",
+                       help="a file of 'host slots=N' lines, as Open MPI and Horovod read it")
+    parser.add_argument("-p", "--ssh-port", type=int, help="ssh port of the other hosts")
+    parser.add_argument("-i", "--ssh-identity-file", help="ssh key for the other hosts")
+    parser.add_argument("--network-interface", "--network-interfaces", dest="nics",
+                        help="comma-separated interfaces MPI's TCP traffic may use")
+    parser.add_argument("--mpi-args", default="", help="more mpirun arguments, one string")
+    parser.add_argument("--timeline-filename", help="HOROVOD_TIMELINE: write a timeline here")
+    parser.add_argument("--fusion-threshold-mb", type=int,
+                        help="HOROVOD_FUSION_THRESHOLD in MiB (0: no fusion)")
+    parser.add_argument("--cycle-time-ms", type=float, help="HOROVOD_CYCLE_TIME (Horovod only)")
+    parser.add_argument("--cache-capacity", type=int, help="HOROVOD_CACHE_CAPACITY (Horovod only)")
+    parser.add_argument("--log-level", help="HOROVOD_LOG_LEVEL (Horovod only)")
+    parser.add_argument("--verbose", action="store_true", help="print the mpirun command first")
+    parser.add_argument("--mpi", action="store_true", help="MPI mode (the only one here)")
+    parser.add_argument("--gloo", action="store_true", help=argparse.SUPPRESS)
+    for flag in ELASTIC_FLAGS:
+        parser.add_argument(flag, dest="elastic_" + flag[2:].replace("-", "_"),
+                            help=argparse.SUPPRESS)
+    parser.add_argument("program", nargs=argparse.REMAINDER, metavar="command",
+                        help="the program and its arguments, e.g. python train.py")
+
+
+def slots(hosts: str) -> list[tuple[str, int]]:
+    """``host:slots,...`` as pairs; a host without ``:slots`` has one, as in horovodrun."""
+    out = []
+    for entry in hosts.split(","):
+        m = _HOST.match(entry if ":" in entry else f"{entry}:1")
+        if not m:
+            raise UsageError(f"-H {hosts!r}: {entry!r} is not host or host:slots (slots >= 1)")
+        out.append((m.group(1), int(m.group(2))))
+    return out
+
+
+def hostfile_slots(path: str) -> list[tuple[str, int]]:
+    """The hosts of a hostfile: ``host slots=N`` lines (``#`` comments, blank lines)."""
+    try:
+        lines = open(path, encoding="utf-8").read().splitlines()
+    except OSError as e:
+        raise UsageError(f"--hostfile {path!r}: {e.strerror}") from None
+    out = []
+    for line in lines:
+        words = line.split("#", 1)[0].split()
+        if not words:
+            continue
+        m = re.fullmatch(r"slots=([1-9][0-9]*)", words[1]) if len(words) == 2 else None
+        if len(words) > 2 or (len(words) == 2 and not m):
+            raise UsageError(f"--hostfile {path!r}: {line.strip()!r} is not 'host slots=N'")
+        out.append((words[0], int(m.group(1)) if m else 1))
+    if not out:
+        raise UsageError(f"--hostfile {path!r}: no hosts")
+    return out
+
+
+def check(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """Refuse what horovodrun's MPI mode would not start, or hpctrain cannot; the hosts."""
+    if args.gloo:
+        raise UsageError("--gloo: hpctrain horovodrun starts MPI jobs only; for a launch "
+                         "without MPI use torchrun (hvd.init() starts the torch backend there)")
+    elastic = [f for f in ELASTIC_FLAGS
+               if getattr(args, "elastic_" + f[2:].replace("-", "_")) is not None]
+    if elastic:
+        raise UsageError(f"{elastic[0]}: horovodrun's elastic mode is not here; a lost worker "
+                         "ends the job and a restart (torchrun --max-restarts, sbatch --requeue) "
+                         "resumes from HPCTRAIN_ELASTIC_DIR (README, Horovod-compatible API)")
+    if args.np < 1:
+        raise UsageError(f"-np {args.np}: want at least 1 process")
+    if not args.program:
+        raise UsageError("no command to run: hpctrain horovodrun -np N python train.py")
+    if args.fusion_threshold_mb is not None and args.fusion_threshold_mb < 0:
+        raise UsageError(f"--fusion-threshold-mb {args.fusion_threshold_mb}: want >= 0")
+    hosts = (hostfile_slots(args.hostfile) if args.hostfile
+             else slots(args.hosts or f"localhost:{args.np}"))
+    total = sum(n for _, n in hosts)
+    if args.np > total:
+        raise UsageError(f"-np {args.np}: more processes than the {total} slots of the hosts")
+    return hosts
+
+
+def mpirun_command(args: argparse.Namespace, environ: Mapping[str, str],
+                   root: bool = False) -> list[str]:
+    """The mpirun command line horovodrun's MPI mode would run for ``args``."""
+    hosts = check(args)
+    cmd = ["mpirun", "--allow-run-as-root"] if root else ["mpirun"]
+    cmd += ["--tag-output", "-np", str(args.np),
+            "-H", ",".join(f"{h}:{n}" for h, n in hosts),
+            "-bind-to", "none", "-map-by", "slot"]
+    ssh = [*(["-p", str(args.ssh_port)] if args.ssh_port else []),
+           *(["-i", args.ssh_identity_file] if args.ssh_identity_file else [])]
+    if ssh:
+        cmd += ["-mca", "plm_rsh_args", " ".join(ssh)]
+    if args.nics:
+        cmd += ["-mca", "btl_tcp_if_include", args.nics]
+    env = {**environ}
+    for field, name, value in TUNING:
+        if getattr(args, field) is not None:
+            env[name] = value(getattr(args, field))
+    for name in sorted(env):  # mpirun copies its own OMPI_/PMIX_ settings itself
+        if _NAME.match(name) and not name.startswith(("OMPI_", "PMIX_", "BASH_FUNC")):
+            cmd += ["-x", name if environ.get(name) == env[name] else f"{name}={env[name]}"]
+    return [*cmd, *shlex.split(args.mpi_args), *args.program]
+
+
+def _open_mpi(mpirun: str) -> bool:
+    """Whether ``mpirun`` is Open MPI's (MPICH and Intel MPI take other flags)."""
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
+
+
+def run(args: argparse.Namespace) -> None:
+    """Check, then replace this process with mpirun (its exit status is the job's)."""
+    cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0)
+    mpirun = shutil.which("mpirun")
+    if mpirun is None or not _open_mpi(mpirun):
+        raise UsageError("hpctrain horovodrun needs Open MPI's mpirun on PATH "
+                         f"({mpirun or 'none found'}); with MPICH use mpiexec -n N directly")
+    if args.verbose:
+        print(shlex.join(cmd), file=sys.stderr, flush=True)
+    os.execv(mpirun, cmd)
