@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 from hpctrain.errors import UsageError
 
@@ -37,6 +38,11 @@ TUNING = (
     ("cache_capacity", "HOROVOD_CACHE_CAPACITY", str),
     ("log_level", "HOROVOD_LOG_LEVEL", str),
 )
+def _dest(flag: str) -> str:
+    """Where argparse keeps an elastic flag's value (``--min-np``: ``elastic_min_np``)."""
+    return "elastic_" + flag[2:].replace("-", "_")
+
+
 _HOST = re.compile(r"^([^\s:,]+):([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
@@ -63,8 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpi", action="store_true", help="MPI mode (the only one here)")
     parser.add_argument("--gloo", action="store_true", help=argparse.SUPPRESS)
     for flag in ELASTIC_FLAGS:
-        parser.add_argument(flag, dest="elastic_" + flag[2:].replace("-", "_"),
-                            help=argparse.SUPPRESS)
+        parser.add_argument(flag, dest=_dest(flag), help=argparse.SUPPRESS)
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="command",
                         help="the program and its arguments, e.g. python train.py")
 
@@ -83,7 +88,7 @@ def slots(hosts: str) -> list[tuple[str, int]]:
 def hostfile_slots(path: str) -> list[tuple[str, int]]:
     """The hosts of a hostfile: ``host slots=N`` lines (``#`` comments, blank lines)."""
     try:
-        lines = open(path, encoding="utf-8").read().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise UsageError(f"--hostfile {path!r}: {e.strerror}") from None
     out = []
@@ -105,8 +110,7 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
     if args.gloo:
         raise UsageError("--gloo: hpctrain horovodrun starts MPI jobs only; for a launch "
                          "without MPI use torchrun (hvd.init() starts the torch backend there)")
-    elastic = [f for f in ELASTIC_FLAGS
-               if getattr(args, "elastic_" + f[2:].replace("-", "_")) is not None]
+    elastic = [f for f in ELASTIC_FLAGS if getattr(args, _dest(f)) is not None]
     if elastic:
         raise UsageError(f"{elastic[0]}: horovodrun's elastic mode is not here; a lost worker "
                          "ends the job and a restart (torchrun --max-restarts, sbatch --requeue) "
