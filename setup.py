@@ -102,5 +102,5 @@ setup(
                   extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"]),
     ],
     cmdclass={"build_ext": BuildKernels},
-    entry_points={"console_scripts": ["hpctrain=hpctrain.cli:main"]},
+    entry_points={"console_scripts": ["hpctrain=hpctrain.__main__:main"]},
 )

@@ -1,5 +1,19 @@
-"""``python -m hpctrain`` (and ``torchrun -m hpctrain``): the command line."""
+"""``python -m hpctrain``, ``torchrun -m hpctrain`` and the ``hpctrain`` command."""
 
-from hpctrain.cli import main
+import sys
 
-main()
+
+def main() -> None:
+    """The command line; ``horovodrun`` goes straight to its launcher, before torch is imported."""
+    if sys.argv[1:2] == ["horovodrun"]:
+        from hpctrain import horovodrun
+
+        horovodrun.main(sys.argv[2:])
+        return
+    from hpctrain.cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()

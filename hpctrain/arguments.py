@@ -20,13 +20,6 @@ from hpctrain.errors import UsageError
 from hpctrain.options import declared, flag_of
 
 
-class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are UsageErrors: one line, exit 2, rank 0 speaking."""
-
-    def error(self, message: str):
-        raise UsageError(message)  # printed as "hpctrain: error: <message>"
-
-
 @dataclass(frozen=True)
 class Declared:
     """One option: its flag, where its value goes (``("optim", "lr")``), and its field."""

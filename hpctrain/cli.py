@@ -15,6 +15,7 @@ import textwrap
 
 from hpctrain import arguments, comm, compiled, devices, horovodrun, run
 from hpctrain.bench import report as bench_report
+from hpctrain.errors import Parser
 from hpctrain.metrics import summary_table
 from hpctrain.sim import arguments as sim_arguments
 
@@ -45,10 +46,10 @@ STOPPED_ON_COLLAPSE = 4  # exit status of a run --stop-on-collapse ended
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = arguments.Parser(prog="hpctrain", description=__doc__.splitlines()[0])
+    parser = Parser(prog="hpctrain", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version",
                         version=f"hpctrain {sys.modules['hpctrain'].__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=arguments.Parser)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = sub.add_parser("train", help="train a model with one algorithm",
                            formatter_class=_HelpFormatter)
     arguments.add_arguments(train)
@@ -66,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "same run, prints a table and writes JSON.", 79),
             *(textwrap.fill(f"{name}: {m.DESCRIPTION}", 79, subsequent_indent="  ")
               for name, m in benchmarks.items())]))
-    bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=arguments.Parser)
+    bench_sub = bench.add_subparsers(dest="benchmark", required=True, parser_class=Parser)
     for name, module in benchmarks.items():
         b = bench_sub.add_parser(name, help=module.DESCRIPTION.split(". ")[0].split(": ")[0],
                                  description=module.DESCRIPTION,
@@ -76,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "its saved outputs, rerunning nothing")
     bench_report.add_arguments(report)
     sub.add_parser("info", help="MPI library, torch, Horovod and kernel availability")
-    horovodrun.add_arguments(sub.add_parser(
-        "horovodrun", help="horovodrun's command line, started through Open MPI's mpirun",
-        description=horovodrun.__doc__.split("\n\n")[1].replace("\n", " ")))
+    horovodrun.add_arguments(sub.add_parser("horovodrun", help=horovodrun.SUMMARY,
+                                            description=horovodrun.description()))
     return parser
 
 

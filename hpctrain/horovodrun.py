@@ -10,7 +10,8 @@ threshold; ``backend="horovod"`` reads them all). So a script changes ``horovodr
 hpctrain's backends need an MPI (or torchrun) launch, and its elastic recovery is a restart.
 
 :func:`mpirun_command` is the whole translation, pure; :func:`run` replaces this process with
-mpirun, so its exit status and signals are the job's.
+mpirun, so its exit status and signals are the job's. ``python -m hpctrain horovodrun`` comes
+here before anything imports torch (:func:`main`): a launcher need not pay for it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
-from hpctrain.errors import UsageError
+from hpctrain.errors import Parser, UsageError
 
 # Flags of horovodrun's elastic mode (it re-forms the job itself; here a launcher restarts it).
 ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-script",
@@ -38,6 +39,10 @@ TUNING = (
     ("cache_capacity", "HOROVOD_CACHE_CAPACITY", str),
     ("log_level", "HOROVOD_LOG_LEVEL", str),
 )
+# One line for ``hpctrain --help`` and this command's own.
+SUMMARY = "horovodrun's command line, started through Open MPI's mpirun"
+
+
 def _dest(flag: str) -> str:
     """Where argparse keeps an elastic flag's value (``--min-np``: ``elastic_min_np``)."""
     return "elastic_" + flag[2:].replace("-", "_")
@@ -45,6 +50,11 @@ def _dest(flag: str) -> str:
 
 _HOST = re.compile(r"^([^\s:,]+):([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def description() -> str:
+    """The module's second paragraph, as one paragraph of ``--help``."""
+    return __doc__.split("\n\n")[1].replace("\n", " ")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +69,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network-interface", "--network-interfaces", dest="nics",
                         help="comma-separated interfaces MPI's TCP traffic may use")
     parser.add_argument("--mpi-args", default="", help="more mpirun arguments, one string")
+    parser.add_argument("--binding-args", help="mpirun's binding and mapping flags, one string, "
+                        "in place of '-bind-to none -map-by slot'")
+    parser.add_argument("--output-filename", help="each rank's output to files under this "
+                        "folder (mpirun --output-filename)")
+    parser.add_argument("--prefix-output-with-timestamp", action="store_true",
+                        help="a timestamp on every output line (mpirun --timestamp-output)")
     parser.add_argument("--timeline-filename", help="HOROVOD_TIMELINE: write a timeline here")
     parser.add_argument("--fusion-threshold-mb", type=int,
                         help="HOROVOD_FUSION_THRESHOLD in MiB (0: no fusion)")
@@ -136,14 +152,20 @@ def mpirun_command(args: argparse.Namespace, environ: Mapping[str, str],
     cmd = ["mpirun", "--allow-run-as-root"] if root else ["mpirun"]
     cmd += ["--tag-output", "-np", str(args.np),
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
-            "-bind-to", "none", "-map-by", "slot"]
+            *(shlex.split(args.binding_args) if args.binding_args
+              else ["-bind-to", "none", "-map-by", "slot"])]
+    if args.prefix_output_with_timestamp:
+        cmd += ["--timestamp-output"]
     ssh = [*(["-p", str(args.ssh_port)] if args.ssh_port else []),
            *(["-i", args.ssh_identity_file] if args.ssh_identity_file else [])]
     if ssh:
         cmd += ["-mca", "plm_rsh_args", " ".join(ssh)]
-    if args.nics:
-        cmd += ["-mca", "btl_tcp_if_include", args.nics]
+    if args.output_filename:
+        cmd += ["--output-filename", args.output_filename]
     env = {**environ}
+    if args.nics:  # MPI's TCP traffic, and NCCL's and gloo's (the torch backend's)
+        cmd += ["-mca", "btl_tcp_if_include", args.nics]
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = args.nics
     for field, name, value in TUNING:
         if getattr(args, field) is not None:
             env[name] = value(getattr(args, field))
@@ -172,3 +194,13 @@ def run(args: argparse.Namespace) -> None:
     if args.verbose:
         print(shlex.join(cmd), file=sys.stderr, flush=True)
     os.execv(mpirun, cmd)
+
+
+def main(argv: list[str]) -> None:
+    """``hpctrain horovodrun ARGS``: parse, check, become mpirun; errors are one line, exit 2."""
+    from hpctrain import comm  # light: mpi4py's package, not MPI
+
+    comm.install_abort_on_error()
+    parser = Parser(prog="hpctrain horovodrun", description=description())
+    add_arguments(parser)
+    run(parser.parse_args(argv))

@@ -4,6 +4,7 @@ a real job started with it runs a Horovod script on hpctrain's backend."""
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -31,9 +32,20 @@ def test_the_flags_become_horovodruns_mpirun_command():
         "mpirun", "--allow-run-as-root", "--tag-output", "-np", "4", "-H", "a:2,b:2",
         "-bind-to", "none", "-map-by", "slot", "-mca", "plm_rsh_args", "-p 2222",
         "-mca", "btl_tcp_if_include", "eth0",
+        "-x", "GLOO_SOCKET_IFNAME=eth0",
         "-x", "HOROVOD_FUSION_THRESHOLD=33554432", "-x", "HOROVOD_TIMELINE=/tmp/t.json",
-        "-x", "PATH",
+        "-x", "NCCL_SOCKET_IFNAME=eth0", "-x", "PATH",
         "--report-bindings", "python", "train.py", "--lr", "0.1"]
+
+
+def test_output_and_binding_flags_replace_or_add_mpiruns_own():
+    args = parse("-np", "2", "--binding-args", "-bind-to core -map-by socket",
+                 "--output-filename", "/tmp/logs", "--prefix-output-with-timestamp",
+                 "python", "train.py")
+    assert horovodrun.mpirun_command(args, {}) == [
+        "mpirun", "--tag-output", "-np", "2", "-H", "localhost:2",
+        "-bind-to", "core", "-map-by", "socket", "--timestamp-output",
+        "--output-filename", "/tmp/logs", "python", "train.py"]
 
 
 def test_hosts_default_to_np_slots_here_and_a_bare_host_has_one():
@@ -83,11 +95,15 @@ def test_a_horovod_script_runs_through_it_with_the_tuning_flags(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     timeline = tmp_path / "timeline.json"
+    logs = tmp_path / "logs"
     done = run_job(["horovodrun", "-np", "2", "--mpi-args", MPI_ARGS, "--fusion-threshold-mb",
-                    "1", "--timeline-filename", str(timeline), sys.executable, str(script)], np=0)
+                    "1", "--timeline-filename", str(timeline), "--output-filename", str(logs),
+                    sys.executable, str(script)], np=0)
     assert done.returncode == 0, done.stderr
-    for rank in (0, 1):  # horovodrun's --tag-output prefixes
-        assert f"[1,{rank}]<stdout>:rank {rank} of 2: sum 3, fusion 1048576" in done.stdout
+    for rank in (0, 1):  # horovodrun's --tag-output prefixes, on the terminal and in the files
+        line = f"[1,{rank}]<stdout>:rank {rank} of 2: sum 3, fusion 1048576"
+        assert line in done.stdout
+        assert line in (logs / "1" / f"rank.{rank}" / "stdout").read_text()
     phases = {e.get("name") for e in json.loads(timeline.read_text()) if e.get("ph") == "B"}
     assert {"ALLREDUCE", "MPI_ALLREDUCE"} <= phases  # HOROVOD_TIMELINE reached the ranks
 
@@ -103,3 +119,17 @@ def test_the_jobs_exit_status_comes_back_and_bad_flags_exit_2(tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.strip() == ("hpctrain: error: -np 3: more processes than the 2 "
                                       "slots of the hosts")
+
+
+@pytest.mark.unit
+def test_the_launcher_starts_without_importing_torch():
+    """``python -m hpctrain horovodrun`` is a launcher: torch (seconds to import) is for the
+    ranks it starts. A refusal shows the path ran to the check, on the same one-line terms."""
+    words = ["horovodrun", "-np", "3", "-H", "localhost:2", "python", "x.py"]
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "hpctrain", *words],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    lines = proc.stderr.splitlines()
+    imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+    assert "hpctrain.horovodrun" in imported and "torch" not in imported
+    assert lines[-1] == "hpctrain: error: -np 3: more processes than the 2 slots of the hosts"

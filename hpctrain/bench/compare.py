@@ -33,7 +33,7 @@ from pathlib import Path
 
 from hpctrain import arguments, checkpoint, registry
 from hpctrain.bench import report
-from hpctrain.errors import UsageError
+from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
@@ -69,14 +69,14 @@ class TrainOption:
 
 def _train_parser() -> argparse.ArgumentParser:
     """``hpctrain train``'s options alone: compare checks each run's words with it."""
-    parser = arguments.Parser(prog="hpctrain train", add_help=False)
+    parser = Parser(prog="hpctrain train", add_help=False)
     arguments.add_arguments(parser)
     return parser
 
 
 def _sim_parser() -> argparse.ArgumentParser:
     """``hpctrain simulate``'s own options alone: compare checks them up front."""
-    parser = arguments.Parser(prog="hpctrain simulate", add_help=False)
+    parser = Parser(prog="hpctrain simulate", add_help=False)
     sim_arguments.add_arguments(parser)
     return parser
 
