@@ -77,6 +77,20 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
         pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
 
 
+def refusal(args: list[str], ranks: int = 1) -> str:
+    """What ``hpctrain train`` refuses before MPI starts on ``ranks`` ranks, checked in this
+    process: the same parser, configuration and launch check a job runs, so one real job per
+    kind of refusal shows the exit status and the one line; the rest need no launch."""
+    from hpctrain import arguments, cli, run
+    from hpctrain.errors import UsageError
+
+    with pytest.raises(UsageError) as refused:
+        run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), ranks)
+    message = str(refused.value)
+    assert "\n" not in message  # printed as one line
+    return message
+
+
 def torchrun(args: list[str], nproc: int, timeout: float = 180, script: str | None = None,
              options: tuple[str, ...] = (), env: dict | None = None
              ) -> subprocess.CompletedProcess:

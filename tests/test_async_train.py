@@ -4,7 +4,7 @@ bad input and failing workers."""
 import json
 
 import pytest
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, refusal, run_job
 
 from hpctrain import checkpoint
 
@@ -78,7 +78,6 @@ def test_dedicated_server_over_tcp_with_a_straggler(tmp_path):
     assert summary["final_test_acc"] > 0.5
 
 
-@pytest.mark.timeout(120)
 @pytest.mark.parametrize("extra, np, pattern", [
     (["--servers", "1"], 0, "--servers 1 with 1 ranks"),
     (["--shards", "0"], 0, "--shards 0"),
@@ -102,8 +101,20 @@ def test_dedicated_server_over_tcp_with_a_straggler(tmp_path):
      "--ms-decay is an option of dcasgd-a, not of --algo dcasgd-c"),
     (["--momentum", "1"], 2, "--momentum 1.0 must be"),
 ])
+def test_bad_options_are_refused_naming_the_value(tmp_path, extra, np, pattern):
+    """Refused before MPI starts, on as many ranks as the job would have (0: one process)."""
+    args = ["--algo", "dcasgd-a", *SMALL, "--out", str(tmp_path / "x"), *extra]
+    assert pattern in refusal(args, max(np, 1))
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("extra, np, pattern", [
+    (["--slowdown", "0-2"], 0, "cannot parse '0-2'"),
+    (["--servers", "2"], 2, "--servers 2 with 2 ranks"),
+])
 def test_bad_options_are_one_line_errors(tmp_path, extra, np, pattern):
-    """Refused before MPI starts: rank 0 alone says it, in one line, exit status 2."""
+    """A real job: rank 0 alone says it, in one line, exit status 2, before MPI starts."""
     proc = run_job(["train", "--algo", "dcasgd-a", *SMALL, "--out", str(tmp_path / "x"), *extra],
                    np=np, timeout=100)
     assert proc.returncode == 2, proc.stderr

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, refusal, run_job
 
 from hpctrain import compiled
 
@@ -67,7 +67,19 @@ def write_tiny_idx(folder, n: int):
     pytest.param(["--algo", "dcasgd-a", "--device", "cuda"], "--device cuda: torch",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")),
 ])
+def test_bad_arguments_are_refused_naming_the_value(args, pattern, tmp_path):
+    assert pattern in refusal([*args, "--out", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--algo", "bogus"], "unknown algorithm 'bogus'"),
+    (["--algo", "sgd", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/x"],
+     "--data-dir /nonexistent/x does not exist"),
+    (["--algo", "sgd", "--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
+])
 def test_bad_arguments(args, pattern, tmp_path):
+    """A real process: one line, exit status 2, nothing written."""
     proc = run_job(["train", *args, "--out", str(tmp_path / "run")], np=0, timeout=60)
     assert proc.returncode == 2
     assert_one_line_error(proc, pattern)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_job
+from conftest import refusal, run_job
 from torch.nn import functional as F
 
 from hpctrain.ec import distillation_loss, plot
@@ -100,7 +100,19 @@ def error_lines(proc) -> list[str]:
     (["--algo", "ec", "--ec-final", "ensemble", "--tau", "64"], 0,
      "--tau 64 never aggregates in 64 updates per rank"),
 ])
+def test_bad_values_are_refused_naming_the_value(args, np, message, tmp_path):
+    """Refused before MPI starts, on as many ranks as the job would have (0: one process)."""
+    assert message in refusal([*SMALL, *args, "--out", str(tmp_path / "run")], max(np, 1))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("args, np, message", [
+    (["--algo", "ec", "--ec-final", "best"], 0, "argument --ec-final: invalid choice: 'best'"),
+    (["--algo", "ec", "--ec-distill-size", "1025"], 2,
+     "--ec-distill-size 1025 exceeds the 1024 training samples each of the 2 ranks holds"),
+])
 def test_bad_values_are_one_line_before_mpi(args, np, message, tmp_path):
+    """A real job: rank 0 alone says it, in one line, exit status 2, before MPI starts."""
     proc = run_job(["train", *SMALL, *args, "--out", str(tmp_path / "run")], np=np, timeout=90)
     assert proc.returncode == 2, proc.stderr
     lines = error_lines(proc)
