@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_job
+from conftest import refusal, run_job
 
 from hpctrain import checkpoint
 
@@ -222,8 +222,13 @@ def test_resume_refusals(tmp_path):
         (["--algo", "asgd", "--checkpoint-every", "60", "--out", str(tmp_path / "a")],
          "asynchronous runs checkpoint by global progress"),
     ]
-    for extra, pattern in cases:
-        proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "1e", *extra)
-        assert proc.returncode == 2, (extra, proc.stderr)
-        assert [pattern in line for line in error_lines(proc)] == [True], (extra, proc.stderr)
+    for extra, pattern in cases:  # the checks a job runs before MPI starts, in process
+        assert pattern in refusal(["--algo", "sgd", *SMALL, "--out", str(out), "--epochs", "1",
+                                   "--checkpoint-every", "1e", *extra]), extra
+    # One as a real job: one line, exit status 2, the unfinished run's folder untouched.
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+    proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "1e")
+    assert proc.returncode == 2, proc.stderr
+    assert [cases[3][1] in line for line in error_lines(proc)] == [True], proc.stderr
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     assert not (out / "summary.json").exists()
