@@ -181,27 +181,46 @@ def test_same_seed_same_result(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def equivalence_options(clip: str | None) -> list[str]:
+    return [*SMALL, "--momentum", "0.9", "--weight-decay", "1e-4", "--seed", "5",
+            *(["--clip-grad-norm", clip] if clip is not None else [])]
+
+
+@pytest.fixture(scope="module")
+def sgd_with_batch(tmp_path_factory):
+    """sgd on one process with batch ``16 * workers``, run once per (workers, clip)."""
+    made = {}
+
+    def get(workers: int, clip: str | None):
+        if (workers, clip) not in made:
+            out = tmp_path_factory.mktemp(f"sgd{workers}") / "sgd"
+            proc = run_job(["train", "--algo", "sgd", *equivalence_options(clip),
+                            "--batch-size", str(16 * workers), "--out", str(out)], np=0)
+            assert proc.returncode == 0, proc.stderr
+            made[workers, clip] = out
+        return made[workers, clip]
+    return get
+
+
 @pytest.mark.parametrize("workers,backend,clip", [(2, "mpi", None), (4, "mpi", None),
                                                   (2, "torch", None), (2, "mpi", "0.5")])
-def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, workers, backend, clip):
+def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, sgd_with_batch, workers, backend,
+                                                 clip):
     """K workers with batch b take the same steps as one process with batch K*b, with the
     allreduce through MPI or through torch.distributed (gloo); with --clip-grad-norm too, as
     ssgd clips the reduced gradient (clipping each rank's own would change the steps)."""
-    common = [*SMALL, "--momentum", "0.9", "--weight-decay", "1e-4", "--seed", "5"]
-    if clip is not None:
-        common += ["--clip-grad-norm", clip]
-    sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", str(16 * workers),
-                   "--out", str(tmp_path / "sgd")], np=0)
-    ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
+    sgd = sgd_with_batch(workers, clip)
+    ssgd = run_job(["train", "--algo", "ssgd", *equivalence_options(clip), "--batch-size", "16",
                     "--sync-backend", backend, "--out", str(tmp_path / "ssgd")], np=workers)
-    assert sgd.returncode == 0 and ssgd.returncode == 0, sgd.stderr + ssgd.stderr
-    a, b = final_model(tmp_path / "sgd"), final_model(tmp_path / "ssgd")
+    assert ssgd.returncode == 0, ssgd.stderr
+    a, b = final_model(sgd), final_model(tmp_path / "ssgd")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    curve = [json.loads(x)["test_loss"] for x in (tmp_path / "sgd" / "metrics.jsonl").open()]
+    curve = [json.loads(x)["test_loss"] for x in (sgd / "metrics.jsonl").open()]
     curve_k = [json.loads(x)["test_loss"] for x in (tmp_path / "ssgd" / "metrics.jsonl").open()]
     assert curve == pytest.approx(curve_k, rel=1e-4)  # step by step, at every snapshot
-    sums = {n: json.loads((tmp_path / n / "summary.json").read_text()) for n in ("sgd", "ssgd")}
+    sums = {n: json.loads((d / "summary.json").read_text())
+            for n, d in (("sgd", sgd), ("ssgd", tmp_path / "ssgd"))}
     clipped = sums["sgd"]["clipped_steps_per_worker"]
     assert sums["ssgd"]["clipped_steps_per_worker"] == clipped * workers  # the same steps
     if clip is not None:  # clipped some steps, not all
