@@ -58,8 +58,10 @@ def description() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-np", "--num-proc", dest="np", type=int, required=True,
-                        help="number of processes (ranks)")
+    parser.add_argument("-np", "--num-proc", dest="np", type=int,
+                        help="number of processes (ranks); needed unless --check-build")
+    parser.add_argument("-cb", "--check-build", action="store_true",
+                        help="show what hpctrain offers in horovodrun's terms, and exit")
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("-H", "--hosts", help="host:slots,... (default: localhost:NP)")
     hosts.add_argument("-hostfile", "--hostfile",
@@ -67,7 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-p", "--ssh-port", type=int, help="ssh port of the other hosts")
     parser.add_argument("-i", "--ssh-identity-file", help="ssh key for the other hosts")
     parser.add_argument("--network-interface", "--network-interfaces", dest="nics",
-                        help="comma-separated interfaces MPI's TCP traffic may use")
+                        action="append", help="interfaces MPI's TCP traffic may use: "
+                        "comma-separated, or the flag given once per interface")
     parser.add_argument("--mpi-args", default="", help="more mpirun arguments, one string")
     parser.add_argument("--binding-args", help="mpirun's binding and mapping flags, one string, "
                         "in place of '-bind-to none -map-by slot'")
@@ -82,6 +85,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-capacity", type=int, help="HOROVOD_CACHE_CAPACITY (Horovod only)")
     parser.add_argument("--log-level", help="HOROVOD_LOG_LEVEL (Horovod only)")
     parser.add_argument("--verbose", action="store_true", help="print the mpirun command first")
+    # horovodrun's own pre-launch checks (ssh to every host, common interfaces) and their
+    # cache; hpctrain horovodrun leaves those to mpirun, so the flags change nothing.
+    parser.add_argument("--start-timeout", type=int, help="accepted; no effect here")
+    parser.add_argument("--disable-cache", action="store_true", help="accepted; no effect here")
     parser.add_argument("--mpi", action="store_true", help="MPI mode (the only one here)")
     parser.add_argument("--gloo", action="store_true", help=argparse.SUPPRESS)
     for flag in ELASTIC_FLAGS:
@@ -131,6 +138,8 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
         raise UsageError(f"{elastic[0]}: horovodrun's elastic mode is not here; a lost worker "
                          "ends the job and a restart (torchrun --max-restarts, sbatch --requeue) "
                          "resumes from HPCTRAIN_ELASTIC_DIR (README, Horovod-compatible API)")
+    if args.np is None:
+        raise UsageError("-np: the number of processes is needed (or --check-build)")
     if args.np < 1:
         raise UsageError(f"-np {args.np}: want at least 1 process")
     if not args.program:
@@ -163,9 +172,10 @@ def mpirun_command(args: argparse.Namespace, environ: Mapping[str, str],
     if args.output_filename:
         cmd += ["--output-filename", args.output_filename]
     env = {**environ}
-    if args.nics:  # MPI's TCP traffic, and NCCL's and gloo's (the torch backend's)
-        cmd += ["-mca", "btl_tcp_if_include", args.nics]
-        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = args.nics
+    nics = ",".join(dict.fromkeys(n for flag in args.nics or () for n in flag.split(",") if n))
+    if nics:  # MPI's TCP traffic, and NCCL's and gloo's (the torch backend's)
+        cmd += ["-mca", "btl_tcp_if_include", nics]
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = nics
     for field, name, value in TUNING:
         if getattr(args, field) is not None:
             env[name] = value(getattr(args, field))
@@ -184,8 +194,37 @@ def _open_mpi(mpirun: str) -> bool:
     return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
 
 
+def build_report() -> str:
+    """horovodrun --check-build's table for hpctrain's backends (this imports torch).
+
+    Controllers: how ranks are started and meet (MPI here; Gloo mode is refused). Tensor
+    operations: what carries the collectives (MPI through mpi4py, NCCL and gloo through
+    torch.distributed, on ``--sync-backend torch``)."""
+    import importlib.util
+
+    import torch.distributed as dist
+
+    from hpctrain import __version__
+
+    mpi = importlib.util.find_spec("mpi4py") is not None and shutil.which("mpirun") is not None
+    nccl = dist.is_available() and dist.is_nccl_available()
+    gloo = dist.is_available() and dist.is_gloo_available()
+
+    def box(value: bool) -> str:
+        return "X" if value else " "
+    return "\n".join([
+        f"hpctrain {__version__} (horovod.torch's API as hpctrain.sync):", "",
+        "Available Frameworks:", "    [ ] TensorFlow", "    [X] PyTorch", "    [ ] MXNet", "",
+        "Available Controllers:", f"    [{box(mpi)}] MPI", "    [ ] Gloo", "",
+        "Available Tensor Operations:", f"    [{box(nccl)}] NCCL", "    [ ] DDL", "    [ ] CCL",
+        f"    [{box(mpi)}] MPI", f"    [{box(gloo)}] Gloo"])
+
+
 def run(args: argparse.Namespace) -> None:
     """Check, then replace this process with mpirun (its exit status is the job's)."""
+    if args.check_build:
+        print(build_report(), flush=True)
+        return
     cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0)
     mpirun = shutil.which("mpirun")
     if mpirun is None or not _open_mpi(mpirun):

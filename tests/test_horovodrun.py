@@ -48,6 +48,25 @@ def test_output_and_binding_flags_replace_or_add_mpiruns_own():
         "--output-filename", "/tmp/logs", "python", "train.py"]
 
 
+def test_interfaces_given_once_each_or_comma_separated_are_one_list():
+    args = parse("-np", "1", "--network-interface", "eth0", "--network-interfaces", "ib0,eth0",
+                 "--start-timeout", "30", "--disable-cache", "python", "x.py")
+    cmd = horovodrun.mpirun_command(args, {})
+    assert cmd[cmd.index("btl_tcp_if_include") + 1] == "eth0,ib0"  # in order, once each
+    assert "NCCL_SOCKET_IFNAME=eth0,ib0" in cmd and "GLOO_SOCKET_IFNAME=eth0,ib0" in cmd
+
+
+def test_check_build_reports_what_torch_and_mpi4py_offer_here():
+    import torch.distributed as dist
+
+    lines = horovodrun.build_report().splitlines()
+    assert "    [X] PyTorch" in lines and "    [ ] TensorFlow" in lines
+    operations = lines[lines.index("Available Tensor Operations:") + 1:]
+    assert operations[0] == f"    [{'X' if dist.is_nccl_available() else ' '}] NCCL"
+    assert operations[-1] == f"    [{'X' if dist.is_gloo_available() else ' '}] Gloo"
+    assert "    [X] MPI" in operations  # mpi4py and mpirun are here
+
+
 def test_hosts_default_to_np_slots_here_and_a_bare_host_has_one():
     assert horovodrun.check(parse("-np", "3", "python", "x.py")) == [("localhost", 3)]
     assert horovodrun.slots("a,b:3") == [("a", 1), ("b", 3)]
@@ -65,6 +84,7 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
 
 @pytest.mark.parametrize("words, message", [
     (["-np", "0", "python", "x.py"], "-np 0: want at least 1"),
+    (["python", "x.py"], "-np: the number of processes is needed"),
     (["-np", "5", "-H", "a:2,b:2", "python", "x.py"], "-np 5: more processes than the 4 slots"),
     (["-np", "2", "-H", "a:two", "python", "x.py"], "'a:two' is not host or host:slots"),
     (["-np", "2"], "no command to run"),
@@ -121,7 +141,6 @@ def test_the_jobs_exit_status_comes_back_and_bad_flags_exit_2(tmp_path):
                                       "slots of the hosts")
 
 
-@pytest.mark.unit
 def test_the_launcher_starts_without_importing_torch():
     """``python -m hpctrain horovodrun`` is a launcher: torch (seconds to import) is for the
     ranks it starts. A refusal shows the path ran to the check, on the same one-line terms."""
@@ -133,3 +152,10 @@ def test_the_launcher_starts_without_importing_torch():
     imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
     assert "hpctrain.horovodrun" in imported and "torch" not in imported
     assert lines[-1] == "hpctrain: error: -np 3: more processes than the 2 slots of the hosts"
+
+
+def test_check_build_needs_no_np_and_exits_0():
+    proc = subprocess.run([sys.executable, "-m", "hpctrain", "horovodrun", "--check-build"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("hpctrain ") and "Available Controllers:" in proc.stdout
