@@ -199,16 +199,15 @@ def build_report() -> str:
 
     Controllers: how ranks are started and meet (MPI here; Gloo mode is refused). Tensor
     operations: what carries the collectives (MPI through mpi4py, NCCL and gloo through
-    torch.distributed, on ``--sync-backend torch``)."""
+    torch.distributed, on ``--sync-backend torch``), as ``hpctrain info`` reports them; MPI
+    is not started here, so mpi4py and an mpirun on PATH stand for it."""
     import importlib.util
 
-    import torch.distributed as dist
-
-    from hpctrain import __version__
+    from hpctrain import __version__, devices
 
     mpi = importlib.util.find_spec("mpi4py") is not None and shutil.which("mpirun") is not None
-    nccl = dist.is_available() and dist.is_nccl_available()
-    gloo = dist.is_available() and dist.is_gloo_available()
+    facts = devices.describe()
+    nccl, gloo = facts["nccl"], facts["gloo"]
 
     def box(value: bool) -> str:
         return "X" if value else " "

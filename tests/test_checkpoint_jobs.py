@@ -209,11 +209,12 @@ def test_resume_refusals(tmp_path):
     proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "0.5e",
                  env={"HPCTRAIN_INJECT": "raise@0:20"})
     assert proc.returncode != 0 and checkpoint.listing(out / "checkpoints")
+    unfinished = "holds the checkpoints of an unfinished run; continue it with --resume"
     cases = [
         (["--resume", str(tmp_path / "nothing")], "no such folder"),
         (["--resume", str(tmp_path)], "no checkpoint found there"),
         (["--resume", str(out), "--lr", "0.1"], "the run was started with --lr 0.05, not 0.1"),
-        ([], "holds the checkpoints of an unfinished run; continue it with --resume"),
+        ([], unfinished),
         (["--checkpoint-dir", str(out / "checkpoints"), "--out", str(tmp_path / "b")],
          "holds another run's checkpoints"),
         (["--checkpoint-every", "0"], "--checkpoint-every: must be > 0, got 0"),
@@ -229,6 +230,6 @@ def test_resume_refusals(tmp_path):
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
     proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "1e")
     assert proc.returncode == 2, proc.stderr
-    assert [cases[3][1] in line for line in error_lines(proc)] == [True], proc.stderr
+    assert [unfinished in line for line in error_lines(proc)] == [True], proc.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     assert not (out / "summary.json").exists()
