@@ -10,6 +10,7 @@ here at collection, so a new test cannot be left unmarked. ``make test-fast`` ru
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import shlex
 import subprocess
@@ -22,14 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
-_LAUNCHES = ("run_job(", "subprocess.", "mpirun(", "torchrun(", "sbatch", "srun")
+_LAUNCHES = ("run_job(", "run_commands(", "subprocess.", "mpirun(", "torchrun(", "sbatch",
+             "srun")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 def _launchers(module) -> set[str]:
-    """Names of ``module``'s functions that launch jobs, directly or through each other."""
+    """Names of ``module``'s functions and fixtures that launch jobs, directly or through each
+    other."""
     sources = {}
     for name, obj in vars(module).items():
+        if not inspect.isfunction(obj):  # a fixture (pytest >= 8.4 wraps its function)
+            obj = getattr(obj, "__wrapped__", obj)
         if inspect.isfunction(obj) and obj.__module__ == module.__name__:
             sources[name] = inspect.getsource(obj)
     found = {n for n, src in sources.items() if any(w in src for w in _LAUNCHES)}
@@ -49,8 +54,9 @@ def pytest_collection_modifyitems(items) -> None:
         module = item.module
         if module.__name__ not in cache:
             cache[module.__name__] = _launchers(module)
-        item.add_marker(pytest.mark.job if item.function.__name__ in cache[module.__name__]
-                        else pytest.mark.unit)
+        launchers = cache[module.__name__]
+        launches = item.function.__name__ in launchers or launchers & set(item.fixturenames)
+        item.add_marker(pytest.mark.job if launches else pytest.mark.unit)
 
 
 def mpirun(np: int) -> list[str]:
@@ -73,6 +79,36 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env=full_env, cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+
+
+# One launch, several ``hpctrain`` command lines in turn through the CLI's own main(), each with
+# its own $HPCTRAIN_INJECT: the same parser and training as separate jobs, for one start-up
+# (torch's and Dynamo's imports, most of a small job's time).
+_COMMANDS = """
+import json, os, sys
+from hpctrain import cli
+for argv, inject in json.loads(sys.argv[1]):
+    os.environ.pop("HPCTRAIN_INJECT", None)
+    if inject:
+        os.environ["HPCTRAIN_INJECT"] = inject
+    cli.main(argv)
+"""
+
+
+def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
+                 injects: list[str | None] | None = None,
+                 mpi_args: list[str] | None = None) -> subprocess.CompletedProcess:
+    """``hpctrain <argv>`` for each argv of ``commands`` in turn, in one launch of ``np`` ranks
+    (plain process if np == 0), with ``injects[i]`` as command i's $HPCTRAIN_INJECT; fail on
+    timeout. A command that fails ends the launch."""
+    pairs = list(zip(commands, injects or [None] * len(commands), strict=True))
+    cmd = [*(mpirun(np) + (mpi_args or []) if np else []), sys.executable, "-c", _COMMANDS,
+           json.dumps(pairs)]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
 
