@@ -1,25 +1,31 @@
 """Whole jobs interrupted and resumed: the same final model, curve and counts as one that ran
-straight through (same seed), for sgd, ssgd (2 and 4 ranks), ma and ec; async runs (not
+straight through (same seed), for sgd, ssgd (2 and 3 ranks), ma and ec; async runs (not
 reproducible by nature) resume where their checkpoint left off and finish."""
 
 import json
+import shutil
 
 import pytest
 import torch
-from conftest import refusal, run_job
+from conftest import refusal, run_commands, run_job
 
 from hpctrain import checkpoint
 
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "3", "--no-progress",
          "--seed", "7", "--momentum", "0.9", "--eval-every", "0.5"]
+LOCAL_NAN = "nan@0:3,nan@1:100"  # the ma/ec drills' NaN gradients, one on each rank
 
 
-def train(out, algo: str, np: int, *extra: str, env: dict | None = None, timeout: float = 180):
+def options(out, algo: str, *extra: str) -> list[str]:
+    """``hpctrain train``'s options for ``algo`` on the small set, writing to ``out``."""
     own = {"sgd": [], "ssgd": ["--batch-size", "16"],
            "ma": ["--batch-size", "16", "--tau", "7"],
            "ec": ["--batch-size", "16", "--tau", "7", "--ec-distill-size", "64"]}[algo]
-    return run_job(["train", "--algo", algo, *SMALL, *own, "--out", str(out), *extra],
-                   np=np, env=env, timeout=timeout)
+    return ["train", "--algo", algo, *SMALL, *own, "--out", str(out), *extra]
+
+
+def train(out, algo: str, np: int, *extra: str, env: dict | None = None, timeout: float = 180):
+    return run_job(options(out, algo, *extra), np=np, env=env, timeout=timeout)
 
 
 def resume(out, algo: str, np: int, *extra: str):
@@ -50,13 +56,26 @@ def assert_same_run(a, b):
         assert sa[key] == sb[key], key
 
 
+# The 2-rank straight runs, all in one launch (conftest.run_commands).
+TWO_RANK_STRAIGHT = {"ssgd": None, "ma": LOCAL_NAN, "ec": LOCAL_NAN}
+
+
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """Uninterrupted runs without checkpoints, one per (algo, ranks), made on first use."""
+    """Uninterrupted runs without checkpoints, one per (algo, ranks, injection), made on first
+    use; the 2-rank ones (TWO_RANK_STRAIGHT) all together."""
     made = {}
 
     def get(algo: str, np: int, env: dict | None = None):
         key = (algo, np, json.dumps(env))
+        if np == 2 and "two-rank launch" not in made:
+            made["two-rank launch"] = True
+            runs = {a: tmp_path_factory.mktemp(f"{a}2") / "run" for a in TWO_RANK_STRAIGHT}
+            proc = run_commands([options(runs[a], a) for a in TWO_RANK_STRAIGHT], np=2,
+                                injects=list(TWO_RANK_STRAIGHT.values()))
+            assert proc.returncode == 0, proc.stderr
+            for a, nan in TWO_RANK_STRAIGHT.items():
+                made[(a, 2, json.dumps(nan and {"HPCTRAIN_INJECT": nan}))] = runs[a]
         if key not in made:
             out = tmp_path_factory.mktemp(f"{algo}{np}") / "run"
             proc = train(out, algo, np, env=env)
@@ -66,11 +85,20 @@ def straight(tmp_path_factory):
     return get
 
 
-@pytest.mark.timeout(300)
-def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def killed_sgd(tmp_path_factory):
+    """An sgd run SIGKILLed at update 70, after its epoch-1 and -2 checkpoints: resumed (in a
+    copy) by one test, refused by another."""
+    out = tmp_path_factory.mktemp("killed") / "run"
     proc = train(out, "sgd", 0, "--checkpoint-every", "1e", env={"HPCTRAIN_INJECT": "kill@0:70"})
     assert proc.returncode != 0
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, killed_sgd):
+    out = tmp_path / "run"
+    shutil.copytree(killed_sgd, out)
     assert [p.name for p in checkpoint.listing(out / "checkpoints")] == \
         ["ckpt-000000064.pt", "ckpt-000000032.pt"]
     assert not (out / "summary.json").exists()
@@ -104,20 +132,21 @@ def test_ssgd_2_killed_every_few_seconds_resumed_twice(tmp_path, straight):
 
 
 @pytest.mark.timeout(300)
-def test_ssgd_4_raise_after_checkpoint_then_resume(tmp_path, straight):
-    """An exception on one rank (abort path) after the epoch-1 checkpoint; NaN gradients on
-    another rank before it: the skipped step and its count survive the resume."""
+def test_ssgd_3_raise_after_checkpoint_then_resume(tmp_path, straight):
+    """More than 2 ranks, shards of uneven steps (682 samples a rank: 43 steps an epoch, the
+    last of 10). An exception on one rank (abort path) after the epoch-1 checkpoint; NaN
+    gradients on another rank before it: the skipped step and its count survive the resume."""
     out = tmp_path / "run"
-    nan = "nan@2:5"
-    proc = train(out, "ssgd", 4, "--checkpoint-every", "1e",
-                 env={"HPCTRAIN_INJECT": f"{nan},raise@3:40"})
+    nan = "nan@1:5"
+    proc = train(out, "ssgd", 3, "--checkpoint-every", "1e",
+                 env={"HPCTRAIN_INJECT": f"{nan},raise@2:50"})
     assert proc.returncode != 0
-    assert "hpctrain: error (rank 3 of 4): RuntimeError: injected fault at step 40" in proc.stderr
-    assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 32
-    resume(out, "ssgd", 4, "--checkpoint-every", "1e")
-    assert_same_run(out, straight("ssgd", 4, env={"HPCTRAIN_INJECT": nan}))
+    assert "hpctrain: error (rank 2 of 3): RuntimeError: injected fault at step 50" in proc.stderr
+    assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 43
+    resume(out, "ssgd", 3, "--checkpoint-every", "1e")
+    assert_same_run(out, straight("ssgd", 3, env={"HPCTRAIN_INJECT": nan}))
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["skipped_steps"] == 1 and summary["bad_gradients_per_worker"] == [0, 0, 1, 0]
+    assert summary["skipped_steps"] == 1 and summary["bad_gradients_per_worker"] == [0, 1, 0]
 
 
 @pytest.mark.timeout(300)
@@ -154,13 +183,12 @@ def test_killed_while_writing_a_checkpoint_then_corrupt_newest(tmp_path, straigh
 def test_local_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, algo):
     """Every rank's own model, momentum, round state, NaN counts and snapshots come back."""
     out = tmp_path / "run"
-    nan = "nan@0:3,nan@1:100"
     proc = train(out, algo, 2, "--checkpoint-every", "1e",
-                 env={"HPCTRAIN_INJECT": f"{nan},kill@1:150"})
+                 env={"HPCTRAIN_INJECT": f"{LOCAL_NAN},kill@1:150"})
     assert proc.returncode != 0
     assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 128
     resume(out, algo, 2, "--checkpoint-every", "1e")
-    assert_same_run(out, straight(algo, 2, env={"HPCTRAIN_INJECT": nan}))
+    assert_same_run(out, straight(algo, 2, env={"HPCTRAIN_INJECT": LOCAL_NAN}))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["bad_gradients_per_worker"] == [1, 1]
 
@@ -204,11 +232,10 @@ def error_lines(proc) -> list[str]:
 
 
 @pytest.mark.timeout(120)
-def test_resume_refusals(tmp_path):
-    out = tmp_path / "run"
-    proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "0.5e",
-                 env={"HPCTRAIN_INJECT": "raise@0:20"})
-    assert proc.returncode != 0 and checkpoint.listing(out / "checkpoints")
+def test_resume_refusals(tmp_path, killed_sgd):
+    """Against the killed sgd run's folder (3 epochs, --checkpoint-every 1e), left as it is."""
+    out = killed_sgd
+    assert checkpoint.listing(out / "checkpoints")
     unfinished = "holds the checkpoints of an unfinished run; continue it with --resume"
     cases = [
         (["--resume", str(tmp_path / "nothing")], "no such folder"),
@@ -224,11 +251,11 @@ def test_resume_refusals(tmp_path):
          "asynchronous runs checkpoint by global progress"),
     ]
     for extra, pattern in cases:  # the checks a job runs before MPI starts, in process
-        assert pattern in refusal(["--algo", "sgd", *SMALL, "--out", str(out), "--epochs", "1",
+        assert pattern in refusal(["--algo", "sgd", *SMALL, "--out", str(out),
                                    "--checkpoint-every", "1e", *extra]), extra
     # One as a real job: one line, exit status 2, the unfinished run's folder untouched.
     before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
-    proc = train(out, "sgd", 0, "--epochs", "1", "--checkpoint-every", "1e")
+    proc = train(out, "sgd", 0, "--checkpoint-every", "1e")
     assert proc.returncode == 2, proc.stderr
     assert [unfinished in line for line in error_lines(proc)] == [True], proc.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before

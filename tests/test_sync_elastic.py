@@ -343,12 +343,13 @@ def test_a_job_restarted_on_more_ranks_shares_out_the_rest_of_the_epoch(tmp_path
 
 @pytest.mark.timeout(300)
 def test_the_example_goes_on_from_its_last_epoch_on_another_number_of_ranks(tmp_path):
+    """Epoch 1 on 2 ranks, epoch 2 on 1: the reset callback scales the learning rate down."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
            elastic.ENV: str(tmp_path)}
     example = [sys.executable, str(ROOT / "examples" / "horovod_elastic.py"), "--samples",
                "3000", "--batches-per-commit", "10"]
     done = []
-    for np_, epochs in ((2, "1"), (3, "2")):
+    for np_, epochs in ((2, "1"), (1, "2")):
         try:
             done.append(subprocess.run(mpirun(np_) + example + ["--epochs", epochs], env=env,
                                        capture_output=True, text=True, timeout=150))
@@ -358,4 +359,4 @@ def test_the_example_goes_on_from_its_last_epoch_on_another_number_of_ranks(tmp_
     assert "epoch 1: test accuracy" in done[0].stdout and "on 2 ranks, lr 0.02" in done[0].stdout
     assert "resuming from commit 3 of a 2-rank job" in done[1].stderr  # batches 10, 20; epoch
     assert "epoch 1" not in done[1].stdout
-    assert "epoch 2: test accuracy" in done[1].stdout and "on 3 ranks, lr 0.03" in done[1].stdout
+    assert "epoch 2: test accuracy" in done[1].stdout and "on 1 ranks, lr 0.01" in done[1].stdout
