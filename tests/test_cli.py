@@ -95,9 +95,11 @@ def test_corrupt_idx_file(tmp_path):
 
 
 def test_sgd_on_several_ranks_refused(tmp_path):
-    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(tmp_path)], np=2, timeout=60)
-    assert_one_line_error(proc, "--algo sgd runs on one process, not 2")
-    assert len(error_lines(proc)) == 1  # rank 0 speaks for all before MPI starts
+    """Checked in process; a 2-rank refusal as a real job (rank 0 alone speaks, exit 2) is
+    the fusion threshold's below, and test_ec's --ec-distill-size one."""
+    assert "--algo sgd runs on one process, not 2" in refusal(
+        ["--algo", "sgd", *SMALL, "--out", str(tmp_path / "run")], ranks=2)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
@@ -109,63 +111,90 @@ def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
 
 
 def test_more_ranks_than_samples(tmp_path):
+    """Checked before MPI starts (in process here): the data files are read, not loaded."""
     write_tiny_idx(tmp_path, 3)
-    proc = run_job(["train", "--algo", "ssgd", "--data-dir", str(tmp_path), "--out",
-                    str(tmp_path / "run")], np=4, timeout=60)
-    assert_one_line_error(proc, "4 ranks but only 3 training samples")
+    assert "4 ranks but only 3 training samples" in refusal(
+        ["--algo", "ssgd", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")], ranks=4)
+
+
+@pytest.fixture(scope="module")
+def crashed_ssgd(tmp_path_factory):
+    """ssgd on 2 ranks whose rank 1 raises at step 12, after the checkpoint at half the epoch
+    (step 8): run once per sync backend, read by two tests."""
+    made = {}
+
+    def get(backend: str):
+        if backend not in made:
+            out = tmp_path_factory.mktemp(f"crashed-{backend}") / "run"
+            proc = run_job(["train", "--algo", "ssgd", "--sync-backend", backend, *SMALL,
+                            "--checkpoint-every", "0.5e", "--out", str(out)], np=2, timeout=90,
+                           env={"HPCTRAIN_INJECT": "raise@1:12"})
+            made[backend] = proc, out
+        return made[backend]
+    return get
 
 
 # ids not "mpi": pytest-mpi takes a test with the keyword "mpi" for one of its own.
 @pytest.mark.parametrize("backend", ["mpi", "torch"], ids=["mpi-backend", "torch-backend"])
-def test_exception_on_one_rank_ends_job(tmp_path, backend):
+def test_exception_on_one_rank_ends_job(crashed_ssgd, backend):
     # torch: init_process_group wraps the abort hook with one that buffers sys.stderr.
-    proc = run_job(["train", "--algo", "ssgd", "--sync-backend", backend, *SMALL, "--out",
-                    str(tmp_path)], np=2, timeout=90, env={"HPCTRAIN_INJECT": "raise@1:3"})
+    proc, _ = crashed_ssgd(backend)
     assert proc.returncode != 0
-    assert "hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 3" in proc.stderr
+    assert "hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 12" in proc.stderr
 
 
-def test_finished_run_is_never_overwritten(tmp_path):
-    out = tmp_path / "run"
-    assert run_job(["train", "--algo", "sgd", *SMALL, "--out", str(out)], np=0).returncode == 0
+@pytest.fixture(scope="module")
+def finished_sgd(tmp_path_factory):
+    """One finished sgd run (under umask 027, evaluated every half epoch), read by several
+    tests; returns its command-line options and its job."""
+    out = tmp_path_factory.mktemp("sgd") / "run"
+    args = ["train", "--algo", "sgd", *SMALL, "--seed", "3", "--eval-every", "0.5"]
+    old = os.umask(0o027)  # the job inherits it: its files must follow it, as open()'s do
+    try:
+        proc = run_job([*args, "--out", str(out)], np=0)
+    finally:
+        os.umask(old)
+    return args, proc, out
+
+
+def test_finished_run_is_never_overwritten(finished_sgd):
+    """The check is the launch's, before MPI (in process here; test_bad_arguments shows
+    what a refused job prints and exits with)."""
+    args, proc, out = finished_sgd
+    assert proc.returncode == 0, proc.stderr
     before = (out / "summary.json").read_bytes()
-    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(out)], np=0, timeout=60)
-    assert_one_line_error(proc, "already holds a finished run")
+    assert "already holds a finished run" in refusal([*args[1:], "--out", str(out)])
     assert (out / "summary.json").read_bytes() == before
 
 
-def test_a_folder_with_checkpoints_is_resumed_or_left_alone(tmp_path):
-    out = tmp_path / "run"
-    proc = run_job(["train", "--algo", "sgd", *SMALL, "--checkpoint-every", "0.5e", "--out",
-                    str(out)], np=0, env={"HPCTRAIN_INJECT": "raise@0:20"})
+def test_a_folder_with_checkpoints_is_resumed_or_left_alone(crashed_ssgd):
+    """The crashed run's folder is refused as --out of a new run (the launch's check, in
+    process; test_checkpoint_jobs.test_resume_refusals runs it as a real job)."""
+    proc, out = crashed_ssgd("mpi")
     assert proc.returncode != 0 and (out / "checkpoints").is_dir()
     kept = sorted(p.name for p in (out / "checkpoints").iterdir())
-    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(out)], np=0, timeout=60)
-    assert_one_line_error(proc, f"--out {out} holds the checkpoints of an unfinished run; "
-                                f"continue it with --resume {out}")
+    assert kept
+    message = refusal(["--algo", "ssgd", *SMALL, "--out", str(out)], ranks=2)
+    assert message.startswith(f"--out {out} holds the checkpoints of an unfinished run; "
+                              f"continue it with --resume {out}")
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == kept
     assert not (out / "summary.json").exists()
 
 
-def test_outputs_follow_the_contract(tmp_path):
-    old = os.umask(0o027)  # the job inherits it: its files must follow it, as open()'s do
-    try:
-        proc = run_job(["train", "--algo", "sgd", *SMALL, "--eval-every", "0.5", "--out",
-                        str(tmp_path)], np=0)
-    finally:
-        os.umask(old)
+def test_outputs_follow_the_contract(finished_sgd):
+    _, proc, out = finished_sgd
     for name in ("config.json", "metrics.jsonl", "summary.json", "model.pt"):
-        assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name
+        assert (out / name).stat().st_mode & 0o777 == 0o640, name
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     for key in ("algo", "workers", "final_test_acc", "best_test_acc", "wall_s", "samples_per_s"):
         assert key in summary
     assert summary["workers"] == 1 and 0.5 < summary["final_test_acc"] <= 1
-    points = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    points = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [p["epoch"] for p in points] == [0.0, 0.5, 1.0]
     assert points[0]["t"] == 0.0 and points[-1]["t"] > 0
     assert all({"t", "epoch", "updates", "test_acc", "test_loss"} <= p.keys() for p in points)
-    assert json.loads((tmp_path / "config.json").read_text())["algo"] == "sgd"
+    assert json.loads((out / "config.json").read_text())["algo"] == "sgd"
     assert "final test accuracy" in proc.stdout
 
 
@@ -173,11 +202,11 @@ def final_model(out) -> dict:
     return torch.load(out / "model.pt", weights_only=True)
 
 
-def test_same_seed_same_result(tmp_path):
-    for name in ("a", "b"):
-        args = ["train", "--algo", "sgd", *SMALL, "--seed", "3", "--out", str(tmp_path / name)]
-        assert run_job(args, np=0).returncode == 0
-    a, b = final_model(tmp_path / "a"), final_model(tmp_path / "b")
+def test_same_seed_same_result(finished_sgd, tmp_path):
+    args, first, out = finished_sgd
+    assert first.returncode == 0, first.stderr
+    assert run_job([*args, "--out", str(tmp_path / "again")], np=0).returncode == 0
+    a, b = final_model(out), final_model(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -202,40 +231,60 @@ def sgd_with_batch(tmp_path_factory):
     return get
 
 
+STRAGGLER = (2, "mpi", None)  # this run's worker 0 is also three times slower
+
+
+@pytest.fixture(scope="module")
+def ssgd_with_batch_16(tmp_path_factory):
+    """ssgd with batch 16 per worker, run once per (workers, backend, clip). The STRAGGLER
+    run also slows worker 0 (it sleeps, which changes no step), for the straggler test."""
+    made = {}
+
+    def get(workers: int, backend: str, clip: str | None):
+        key = workers, backend, clip
+        if key not in made:
+            out = tmp_path_factory.mktemp(f"ssgd{workers}{backend}") / "ssgd"
+            slow = ["--slowdown", "0:3"] if key == STRAGGLER else []
+            proc = run_job(["train", "--algo", "ssgd", *equivalence_options(clip), *slow,
+                            "--batch-size", "16", "--sync-backend", backend, "--out", str(out)],
+                           np=workers)
+            assert proc.returncode == 0, proc.stderr
+            made[key] = out
+        return made[key]
+    return get
+
+
+# The torch backend runs with clipping: clipping is the same code on every backend (after the
+# allreduce), and unclipped steps remain to show the reduced gradient itself.
 @pytest.mark.parametrize("workers,backend,clip", [(2, "mpi", None), (4, "mpi", None),
-                                                  (2, "torch", None), (2, "mpi", "0.5")])
-def test_ssgd_matches_sgd_with_k_times_the_batch(tmp_path, sgd_with_batch, workers, backend,
-                                                 clip):
+                                                  (2, "torch", "0.5")])
+def test_ssgd_matches_sgd_with_k_times_the_batch(sgd_with_batch, ssgd_with_batch_16, workers,
+                                                 backend, clip):
     """K workers with batch b take the same steps as one process with batch K*b, with the
     allreduce through MPI or through torch.distributed (gloo); with --clip-grad-norm too, as
     ssgd clips the reduced gradient (clipping each rank's own would change the steps)."""
-    sgd = sgd_with_batch(workers, clip)
-    ssgd = run_job(["train", "--algo", "ssgd", *equivalence_options(clip), "--batch-size", "16",
-                    "--sync-backend", backend, "--out", str(tmp_path / "ssgd")], np=workers)
-    assert ssgd.returncode == 0, ssgd.stderr
-    a, b = final_model(sgd), final_model(tmp_path / "ssgd")
+    sgd, ssgd = sgd_with_batch(workers, clip), ssgd_with_batch_16(workers, backend, clip)
+    a, b = final_model(sgd), final_model(ssgd)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     curve = [json.loads(x)["test_loss"] for x in (sgd / "metrics.jsonl").open()]
-    curve_k = [json.loads(x)["test_loss"] for x in (tmp_path / "ssgd" / "metrics.jsonl").open()]
+    curve_k = [json.loads(x)["test_loss"] for x in (ssgd / "metrics.jsonl").open()]
     assert curve == pytest.approx(curve_k, rel=1e-4)  # step by step, at every snapshot
-    sums = {n: json.loads((d / "summary.json").read_text())
-            for n, d in (("sgd", sgd), ("ssgd", tmp_path / "ssgd"))}
+    sums = {n: json.loads((d / "summary.json").read_text()) for n, d in (("sgd", sgd),
+                                                                         ("ssgd", ssgd))}
     clipped = sums["sgd"]["clipped_steps_per_worker"]
     assert sums["ssgd"]["clipped_steps_per_worker"] == clipped * workers  # the same steps
     if clip is not None:  # clipped some steps, not all
         assert 0 < clipped[0] < sums["sgd"]["updates"]
 
 
-def test_straggler_slows_every_synchronous_worker(tmp_path):
+def test_straggler_slows_every_synchronous_worker(ssgd_with_batch_16):
     """Worker 0 three times slower: it sleeps, and the others wait for it in the allreduce."""
-    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--slowdown", "0:3", "--out",
-                    str(tmp_path)], np=2)
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    out = ssgd_with_batch_16(*STRAGGLER)
+    summary = json.loads((out / "summary.json").read_text())
     slept = summary["straggler_sleep_s_per_worker"]
     assert slept[0] > 0 and slept[1] == 0  # only worker 0 is slowed
-    assert json.loads((tmp_path / "config.json").read_text())["stragglers"]["slowdown"] == "0:3"
+    assert json.loads((out / "config.json").read_text())["stragglers"]["slowdown"] == "0:3"
 
 
 def test_info_under_mpirun_prints_once(tmp_path):

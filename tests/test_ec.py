@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from conftest import refusal, run_job
+from conftest import refusal, run_commands, run_job
 from torch.nn import functional as F
 
 from hpctrain.ec import distillation_loss, plot
@@ -122,6 +122,26 @@ def test_bad_values_are_one_line_before_mpi(args, np, message, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+# 1024 samples per rank, batch 32: 32 steps per rank.
+JOBS = {
+    "ma": ["--algo", "ma", *SMALL, "--tau", "10"],
+    "ma-tau-32": ["--algo", "ma", *SMALL, "--tau", "32"],
+    **{f"ec-{placement}-{source}": [
+        "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size", "40",
+        "--ec-final", "ensemble", "--data-placement", placement, "--ec-distill-from", source]
+       for placement, source in (("replicated", "own"), ("sharded", "own"), ("sharded", "all"))},
+}
+
+
+@pytest.fixture(scope="module")
+def jobs(tmp_path_factory):
+    """The jobs of the tests below, trained in one 2-rank launch: {name: (launch, out)}."""
+    folder = tmp_path_factory.mktemp("jobs")
+    proc = run_commands([["train", *args, "--out", str(folder / name)]
+                         for name, args in JOBS.items()], np=2, timeout=280)
+    return {name: (proc, folder / name) for name in JOBS}
+
+
 def finished(proc, out) -> tuple[dict, list[dict]]:
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -129,11 +149,9 @@ def finished(proc, out) -> tuple[dict, list[dict]]:
     return summary, points
 
 
-def test_ma_job_ends_on_the_average(tmp_path):
-    out = tmp_path / "ma"
-    # 1024 samples per rank, batch 32: 32 steps; tau 10 -> 3 rounds plus the final one.
-    proc = run_job(["train", "--algo", "ma", *SMALL, "--tau", "10", "--out", str(out)],
-                   np=2, timeout=180)
+def test_ma_job_ends_on_the_average(jobs, tmp_path):
+    # 32 steps, tau 10 -> 3 rounds plus the final one.
+    proc, out = jobs["ma"]
     summary, points = finished(proc, out)
     last = points[-1]
     for key in ("t", "epoch", "updates", "test_acc", "test_loss", "member_acc",
@@ -152,13 +170,10 @@ def test_ma_job_ends_on_the_average(tmp_path):
     assert png.read_bytes().startswith(b"\x89PNG")
 
 
-def test_ma_with_tau_past_the_run_still_averages_at_the_end(tmp_path):
+def test_ma_with_tau_past_the_run_still_averages_at_the_end(jobs):
     """Unlike ec (refused above), ma's final average after the last step is a real
     aggregation: a tau as long as the run is one-shot averaging."""
-    out = tmp_path / "ma"
-    proc = run_job(["train", "--algo", "ma", *SMALL, "--tau", "32", "--out", str(out)],
-                   np=2, timeout=180)
-    summary, points = finished(proc, out)
+    summary, points = finished(*jobs["ma-tau-32"])
     assert summary["aggregation"]["rounds"] == 1 and summary["updates"] == 32
     assert points[-1]["member_acc"] == points[-1]["averaged_acc"]
 
@@ -168,11 +183,8 @@ def test_ma_with_tau_past_the_run_still_averages_at_the_end(tmp_path):
 @pytest.mark.parametrize("placement, source, item_bytes", [
     ("replicated", "own", 8), ("sharded", "own", 16 * 16 * 4), ("sharded", "all", 16 * 16 * 4 + 8),
 ])
-def test_ec_job_reports_members_and_ensemble(placement, source, item_bytes, tmp_path):
-    out = tmp_path / "ec"
-    proc = run_job(["train", "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size",
-                    "40", "--ec-final", "ensemble", "--data-placement", placement,
-                    "--ec-distill-from", source, "--out", str(out)], np=2, timeout=180)
+def test_ec_job_reports_members_and_ensemble(jobs, placement, source, item_bytes):
+    proc, out = jobs[f"ec-{placement}-{source}"]
     summary, points = finished(proc, out)
     # 32 steps, tau 8: rounds after steps 8, 16 and 24; none on the last step.
     assert summary["tau"] == 8 and summary["aggregation"]["rounds"] == 3

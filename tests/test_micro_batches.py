@@ -3,11 +3,12 @@ gives the update of the whole batch, to float rounding, for every algorithm."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, run_commands
 from torch import nn
 from torch.nn import functional as F
 
@@ -113,23 +114,36 @@ def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
             plain["distilled_samples_per_rank"] > 0
 
 
+@pytest.fixture(scope="module")
+def ssgd_jobs(tmp_path_factory):
+    """ssgd on 2 ranks with and without micro-batches, per backend (Horovod's where it is
+    installed), all in one launch: {backend: (launch, folder with plain/ and micro/)}."""
+    folder = tmp_path_factory.mktemp("ssgd")
+    backends = ["mpi", *(["horovod"] if importlib.util.find_spec("horovod") else [])]
+    runs = []
+    for backend in backends:
+        common = ["--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "24",
+                  "--sync-backend", backend, "--seed", "4"]
+        runs += [["train", *common, "--out", str(folder / backend / "plain")],
+                 ["train", *common, "--micro-batch-size", "10",
+                  "--out", str(folder / backend / "micro")]]
+    proc = run_commands(runs, np=2, timeout=280)
+    return {backend: (proc, folder / backend) for backend in backends}
+
+
 @pytest.mark.parametrize("backend", ["mpi", "horovod"], ids=["mpi-backend", "horovod"])
-def test_ssgd_accumulates_micro_batches_before_the_allreduce(tmp_path, backend):
+def test_ssgd_accumulates_micro_batches_before_the_allreduce(ssgd_jobs, backend):
     """Real ranks: DistributedOptimizer's backward_passes_per_step holds each bucket until the
     last micro-batch (parts of 10, 10 and 4 of a batch of 24; the last batch of 16 makes two
     parts, fewer than the passes, and step() sends what backward did not)."""
     if backend == "horovod":
         pytest.importorskip("horovod")
-    common = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "24",
-              "--sync-backend", backend, "--seed", "4"]
-    plain = run_job([*common, "--out", str(tmp_path / "plain")], np=2)
-    micro = run_job([*common, "--micro-batch-size", "10", "--out", str(tmp_path / "micro")],
-                    np=2)
-    assert plain.returncode == 0 and micro.returncode == 0, plain.stderr + micro.stderr
-    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("plain", "micro"))
+    proc, out = ssgd_jobs[backend]
+    assert proc.returncode == 0, proc.stderr
+    a, b = (torch.load(out / n / "model.pt", weights_only=True) for n in ("plain", "micro"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    config = json.loads((tmp_path / "micro" / "config.json").read_text())
+    config = json.loads((out / "micro" / "config.json").read_text())
     assert config["optim"]["micro_batch_size"] == 10
-    peaks = json.loads((tmp_path / "micro" / "summary.json").read_text())["peak_memory_per_worker"]
+    peaks = json.loads((out / "micro" / "summary.json").read_text())["peak_memory_per_worker"]
     assert len(peaks) == 2 and all(p > 2**20 for p in peaks)  # each rank's resident peak

@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, mpirun, run_job
+from conftest import ROOT, SYNTHETIC, mpirun
 from torch import nn
 from torch.nn import functional as F
 
@@ -623,47 +623,71 @@ def _run_example(script: str) -> subprocess.CompletedProcess:
         pytest.fail(f"{script} hung: {e.stdout}\n{e.stderr}")
 
 
-EXIT_WITHOUT_SHUTDOWN = """
-import sys, torch, hpctrain.sync as hvd
-hvd.init(backend=sys.argv[2])
-hvd.start_timeline(f"{sys.argv[1]}/timeline{hvd.rank()}.json")
+# One launch per backend for the two timeline tests below: `hpctrain train --algo ssgd` (the
+# job's code, hpctrain.cli.main) under HOROVOD_TIMELINE from the launch, then a script's own
+# timeline that it never closes.
+TIMELINE_JOB = """
+import os, sys, torch
+import hpctrain.sync as hvd
+from hpctrain import cli
+
+out, backend = sys.argv[1], sys.argv[2]
+cli.main(["train", "--algo", "ssgd", *sys.argv[3:], "--sync-backend", backend,
+          "--out", f"{out}/run"])
+del os.environ["HOROVOD_TIMELINE"]  # read by init(): the next one starts none of its own
+hvd.init(backend=backend)
+hvd.start_timeline(f"{out}/timeline{hvd.rank()}.json")
 hvd.allreduce(torch.ones(4), name="x")
 """  # and ends without shutdown(), as Horovod scripts do
 
 
+@pytest.fixture(scope="module")
+def timeline_job(tmp_path_factory):
+    """TIMELINE_JOB on 2 ranks, run once per backend: its launch and folder."""
+    made = {}
+
+    def get(backend: str):
+        if backend not in made:
+            out = tmp_path_factory.mktemp(f"timeline-{backend}")
+            script = out / "job.py"
+            script.write_text(TIMELINE_JOB)
+            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+                   "HOROVOD_TIMELINE": str(out / "ssgd-timeline.json")}
+            proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(out), backend,
+                                   *SYNTHETIC, "--epochs", "1"], capture_output=True, text=True,
+                                  timeout=110, env=env, cwd=ROOT)
+            made[backend] = proc, out
+        return made[backend]
+    return get
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ["mpi", "torch"], ids=["mpi-backend", "torch-backend"])
-def test_a_script_that_never_calls_shutdown_leaves_a_closed_timeline(tmp_path, backend):
+def test_a_script_that_never_calls_shutdown_leaves_a_closed_timeline(timeline_job, backend):
     """shutdown() runs at exit, as Horovod's does: before, the timeline stayed open (not
     JSON) when a script ended without it."""
-    script = tmp_path / "noshut.py"
-    script.write_text(EXIT_WITHOUT_SHUTDOWN)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(mpirun(2) + [sys.executable, str(script), str(tmp_path), backend],
-                          capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
+    proc, out = timeline_job(backend)
     assert proc.returncode == 0, proc.stderr
-    events = json.loads((tmp_path / "timeline0.json").read_text())  # rank 0 writes it
+    events = json.loads((out / "timeline0.json").read_text())  # rank 0 writes it
     assert any(e.get("args", {}).get("shape") == "[4]" for e in events)
 
 
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("backend", ["mpi", "torch"], ids=["mpi-backend", "torch-backend"])
-def test_horovod_timeline_variable_gives_ssgd_a_timeline(tmp_path, backend):
+def test_horovod_timeline_variable_gives_ssgd_a_timeline(timeline_job, backend):
     """HOROVOD_TIMELINE=FILE starts the timeline at init, as in Horovod: here for
     ``hpctrain train --algo ssgd``, whose gradient buckets it shows; closed at the end."""
-    path = tmp_path / "timeline.json"
-    proc = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--sync-backend",
-                    backend, "--out", str(tmp_path / "run")], np=2,
-                   env={"HOROVOD_TIMELINE": str(path)})
+    proc, out = timeline_job(backend)
     assert proc.returncode == 0, proc.stderr
-    events = json.loads(path.read_text())
+    events = json.loads((out / "ssgd-timeline.json").read_text())
     phases = {e.get("name") for e in events if e.get("ph") == "B"}
     wire = "MPI_ALLREDUCE" if backend == "mpi" else "TORCH_ALLREDUCE"
     assert {"NEGOTIATE_DISTRIBUTEDOPTIMIZER.STEP", "ALLREDUCE", wire} <= phases
     rows = {e["args"].get("name") for e in events if e.get("name") == "process_name"}
     assert "allreduce.DistributedOptimizer.bucket0" in rows  # a row per fusion bucket
-    updates = json.loads((tmp_path / "run" / "summary.json").read_text())["updates"]
+    updates = json.loads((out / "run" / "summary.json").read_text())["updates"]
     assert sum(e.get("name") == wire and e["ph"] == "B" for e in events) >= updates  # buckets
+    assert not any(e.get("args", {}).get("shape") == "[4]" for e in events)  # the script's own
 
 
 @mpi
