@@ -4,6 +4,7 @@ Bad values are checked while parsing (one line naming the value, exit status 2, 
 starts); the jobs run the real benchmarks with tiny settings, as a user does.
 """
 
+import importlib
 import json
 
 import pytest
@@ -55,21 +56,35 @@ def test_good_values_are_parsed():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("np, argv, line", [
-    # The QA cases: a ZeroDivisionError and a RuntimeError (exit 1) before.
-    (2, ["store", "--seconds", "-1"], "hpctrain: error: argument --seconds: must be > 0, got -1"),
-    (1, ["store", "--seconds", "0.1"],
-     "hpctrain: error: the store benchmark needs mpirun -np W+1 (W >= 1 workers), not 1 rank(s)"),
-    (1, ["shuffle", "--dataset", "synthetic"],
-     "hpctrain: error: the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not 1"),
-    (2, ["shuffle", "--dataset", "synthetic", "--epochs", "0"],
-     "hpctrain: error: argument --epochs: must be >= 1, got 0"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, np, argv, line):
-    proc = run_job(["bench", *argv, "--json", str(tmp_path / "x.json")], np=np, timeout=90)
+def test_bad_input_is_one_line_and_exit_2(tmp_path):
+    """One job per kind of refusal before MPI starts: a bad value while parsing (here; the
+    QA case was a ZeroDivisionError, exit 1), a benchmark's validate() (the missing data
+    files below); the rest are checked in process."""
+    proc = run_job(["bench", "store", "--seconds", "-1", "--json", str(tmp_path / "x.json")],
+                   np=2, timeout=90)
     assert proc.returncode == 2, proc.stderr
-    assert [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")] == [line]
+    assert [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")] == [
+        "hpctrain: error: argument --seconds: must be > 0, got -1"]
     assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    # The QA case: a RuntimeError (exit 1) before.
+    (["store", "--seconds", "0.1"],
+     "the store benchmark needs mpirun -np W+1 (W >= 1 workers), not 1 rank(s)"),
+    (["shuffle", "--dataset", "synthetic"],
+     "the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not 1"),
+])
+def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, message):
+    """What ``validate`` refuses under ``mpirun -np 1``, before MPI starts."""
+    for var in ("WORLD_SIZE", "RANK"):  # torchrun's, read first
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    args = parse(*argv)
+    with pytest.raises(UsageError) as e:
+        importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
+    assert str(e.value) == message
 
 
 @pytest.mark.timeout(120)

@@ -8,6 +8,8 @@ directly.
 import importlib
 import json
 import os
+import shutil
+from types import SimpleNamespace
 
 import pytest
 from conftest import SYNTHETIC, run_job
@@ -147,16 +149,74 @@ def test_time_to_target_and_targets():
             report.parse_targets(bad)
 
 
+# sgd on one process and ssgd on two (16 steps an epoch, a checkpoint every 4); --tau is given
+# to neither, and one target is out of reach.
+COMPARE = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", "--targets",
+           "0.5,0.999999", "--tau", "4", *SMALL, "--checkpoint-every", "0.25e"]
+
+
+@pytest.fixture(scope="module")
+def failed(tmp_path_factory):
+    """A comparison whose ssgd fails at step 10 (rank 1 exists only in the 2-process ssgd run:
+    sgd is untouched), with what its ssgd wrote before a resume overwrites it."""
+    out = tmp_path_factory.mktemp("failed") / "cmp"
+    proc = run_job([*COMPARE, "--out", str(out)], np=0, timeout=240,
+                   env={"HPCTRAIN_INJECT": "raise@1:10"})
+    return SimpleNamespace(out=out, proc=proc, report=(out / "report.md").read_text(),
+                           ssgd_log=(out / "ssgd" / "stderr.log").read_text())
+
+
+@pytest.fixture(scope="module")
+def resumed(failed, tmp_path_factory):
+    """A copy of the failed comparison finished with --resume: both rows ok."""
+    out = tmp_path_factory.mktemp("resumed") / "cmp"
+    shutil.copytree(failed.out, out)
+    proc = run_job([*COMPARE, "--out", str(out), "--resume"], np=0, timeout=240)
+    return SimpleNamespace(out=out, proc=proc)
+
+
 @pytest.mark.timeout(300)
-def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
-    out = tmp_path / "cmp"
-    proc = run_job(["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2",
-                    "--targets", "0.5,0.999999", "--tau", "4", *SMALL, "--out", str(out)],
-                   np=0, timeout=240)
+def test_a_failing_algorithm_is_a_row_and_a_failed_exit(failed):
+    proc = failed.proc
+    assert proc.returncode == 1, proc.stderr  # the report is written, and the exit says failed
+    assert "[1/2 sgd] 1 process: " in proc.stderr
+    assert "[2/2 ssgd] 2 processes: " in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "hpctrain bench compare: 1 of 2 runs failed: ssgd (")
+    rows = table_rows(failed.report)
+    assert rows["sgd"][-1] == "ok"
+    assert rows["ssgd"][-1] == ("failed: hpctrain: error (rank 1 of 2): "
+                                "RuntimeError: injected fault at step 10")
+    assert "injected fault" in failed.ssgd_log
+
+
+@pytest.mark.timeout(300)
+def test_a_comparison_is_not_run_again_into_its_folder_without_resume(failed):
+    """Refused before anything runs (the exit status of such a refusal: the unknown-algorithm
+    job above)."""
+    record = (failed.out / "compare.json").read_bytes()
+    with pytest.raises(UsageError, match="pass --resume"):
+        compare.run(cli.build_parser().parse_args([*COMPARE, "--out", str(failed.out)]))
+    assert (failed.out / "compare.json").read_bytes() == record
+
+
+@pytest.mark.timeout(300)
+def test_resume_continues_only_the_failed_run(failed, resumed):
+    out, proc = resumed.out, resumed.proc
     assert proc.returncode == 0, proc.stderr
-    assert "[1/2 sgd]" in proc.stderr and "[2/2 ssgd] 2 processes" in proc.stderr
+    assert "[1/2 sgd] finished earlier; kept" in proc.stderr
+    assert "[2/2 ssgd] 2 processes: " in proc.stderr
+    assert (out / "sgd" / "summary.json").read_bytes() == \
+        (failed.out / "sgd" / "summary.json").read_bytes()
     record = json.loads((out / "compare.json").read_text())
     assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
+    assert record["runs"]["ssgd"]["command"].endswith(f"--resume {out / 'ssgd'}")
+    assert json.loads((out / "ssgd" / "summary.json").read_text())["updates"] == 16
+
+
+@pytest.mark.timeout(300)
+def test_compare_writes_rows_and_plots(resumed):
+    out = resumed.out
     for algo, workers in (("sgd", 1), ("ssgd", 2)):
         summary = json.loads((out / algo / "summary.json").read_text())
         assert (summary["algo"], summary["workers"]) == (algo, workers)
@@ -177,6 +237,11 @@ def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
     for png in OUTPUTS[1:]:
         assert imread(out / png).shape[2] in (3, 4)
 
+
+@pytest.mark.timeout(300)
+def test_report_rerenders_a_comparison(resumed, tmp_path):
+    out = tmp_path / "cmp"
+    shutil.copytree(resumed.out, out)
     saved = {name: (out / name).read_bytes() for name in OUTPUTS}
     for name in OUTPUTS:
         (out / name).unlink()
@@ -184,41 +249,8 @@ def test_compare_writes_rows_and_plots_and_report_rerenders_them(tmp_path):
     assert again.returncode == 0, again.stderr
     assert {name: (out / name).read_bytes() for name in OUTPUTS} == saved
 
-    other = run_job(["report", str(out), "--targets", "0.3"], np=0, timeout=120)
-    assert other.returncode == 0, other.stderr
+    report.run(cli.build_parser().parse_args(["report", str(out), "--targets", "0.3"]))
     assert "time to 0.3 |" in (out / "report.md").read_text()
-
-
-@pytest.mark.timeout(300)
-def test_a_failing_algorithm_is_a_row_and_resume_continues_only_it(tmp_path):
-    out = tmp_path / "cmp"
-    # ssgd on 2 ranks: 16 steps per epoch, a checkpoint every 4.
-    args = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", *SMALL,
-            "--checkpoint-every", "0.25e", "--out", str(out)]
-    # Rank 1 exists only in the 2-process ssgd run: sgd is untouched.
-    proc = run_job(args, np=0, timeout=240, env={"HPCTRAIN_INJECT": "raise@1:10"})
-    assert proc.returncode == 1, proc.stderr  # the report is written, and the exit says failed
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-        "hpctrain bench compare: 1 of 2 runs failed: ssgd (")
-    rows = table_rows((out / "report.md").read_text())
-    assert rows["sgd"][-1] == "ok"
-    assert rows["ssgd"][-1] == ("failed: hpctrain: error (rank 1 of 2): "
-                                "RuntimeError: injected fault at step 10")
-    assert "injected fault" in (out / "ssgd" / "stderr.log").read_text()
-
-    refused = run_job(args, np=0, timeout=60)
-    assert refused.returncode == 2 and "pass --resume" in refused.stderr
-
-    sgd_summary = (out / "sgd" / "summary.json").read_bytes()
-    resumed = run_job([*args, "--resume"], np=0, timeout=240)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "[1/2 sgd] finished earlier; kept" in resumed.stderr
-    assert (out / "sgd" / "summary.json").read_bytes() == sgd_summary
-    rows = table_rows((out / "report.md").read_text())
-    assert rows["sgd"][-1] == rows["ssgd"][-1] == "ok"
-    record = json.loads((out / "compare.json").read_text())
-    assert record["runs"]["ssgd"]["command"].endswith(f"--resume {out / 'ssgd'}")
-    assert json.loads((out / "ssgd" / "summary.json").read_text())["updates"] == 16
 
 
 def test_bench_help_gives_every_benchmark_description(capsys):

@@ -25,30 +25,43 @@ from hpctrain.errors import UsageError
 COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
 
 
-@pytest.mark.timeout(300)
-def test_ssgd_under_torchrun_equals_sgd_with_twice_the_batch(tmp_path):
-    proc = torchrun(["train", "--algo", "ssgd", *COMMON, "--batch-size", "16",
-                     "--out", str(tmp_path / "ssgd")], 2)
+# ssgd on 2 torchrun ranks, 16 steps an epoch, a checkpoint every 4 (update 32 is the last
+# before step 40); --resume auto finds none and starts the run.
+RESUMABLE = ["train", "--algo", "ssgd", *COMMON, "--batch-size", "16", "--epochs", "2",
+             "--checkpoint-every", "0.25e", "--resume", "auto"]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    """The uninterrupted torchrun ssgd run: sgd's equal, and the restarted run's target."""
+    out = tmp_path_factory.mktemp("clean") / "run"
+    proc = torchrun([*RESUMABLE, "--out", str(out)], 2)
     assert proc.returncode == 0, proc.stderr
-    sgd = run_job(["train", "--algo", "sgd", *COMMON, "--batch-size", "32",
+    assert "--resume auto: no checkpoint yet, starting the run" in proc.stdout
+    return out
+
+
+@pytest.mark.timeout(300)
+def test_ssgd_under_torchrun_equals_sgd_with_twice_the_batch(tmp_path, clean):
+    sgd = run_job(["train", "--algo", "sgd", *COMMON, "--batch-size", "32", "--epochs", "2",
                    "--out", str(tmp_path / "sgd")], np=0)
     assert sgd.returncode == 0, sgd.stderr
-    summary = json.loads((tmp_path / "ssgd" / "summary.json").read_text())
-    config = json.loads((tmp_path / "ssgd" / "config.json").read_text())
+    summary = json.loads((clean / "summary.json").read_text())
+    config = json.loads((clean / "config.json").read_text())
     assert summary["workers"] == 2 and config["algorithm"]["sync_backend"] == "torch"
     # Each rank trained on its own half of the data.
     assert summary["samples_per_worker"][0] == summary["samples_per_worker"][1]
     whole = json.loads((tmp_path / "sgd" / "summary.json").read_text())["samples_per_worker"]
     assert sum(summary["samples_per_worker"]) == whole[0]
     a = torch.load(tmp_path / "sgd" / "model.pt", weights_only=True)
-    b = torch.load(tmp_path / "ssgd" / "model.pt", weights_only=True)
+    b = torch.load(clean / "model.pt", weights_only=True)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.timeout(120)
 def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
-    proc = torchrun(["train", "--algo", "ma", *COMMON, "--out", str(tmp_path)], 2)
+    proc = torchrun(["train", "--algo", "ma", *COMMON, "--out", str(tmp_path)], 1)
     assert proc.returncode != 0
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpctrain: error")]
     assert lines and "--algo ma" in lines[0] and "mpirun" in lines[0], proc.stderr
@@ -64,35 +77,41 @@ runpy.run_module("hpctrain", run_name="__main__")
 """
 
 
-@pytest.mark.timeout(300)
-def test_torchrun_restarts_continue_from_the_checkpoints_with_resume_auto(tmp_path):
-    """torchrun --max-restarts: rank 1 is killed at step 40 of the first attempt; torchrun
-    restarts both ranks, and ``--resume auto`` continues from the checkpoint of update 32 to
-    the uninterrupted run's model, bit for bit. Started again, the finished run is left as
-    it is."""
-    script = tmp_path / "killed_once.py"
+@pytest.fixture(scope="module")
+def restarted(tmp_path_factory):
+    """torchrun --max-restarts 1 with rank 1 killed at step 40 of the first attempt."""
+    folder = tmp_path_factory.mktemp("restarted")
+    script = folder / "killed_once.py"
     script.write_text(KILLED_ONCE)
-    common = ["train", "--algo", "ssgd", *COMMON, "--batch-size", "16", "--epochs", "2",
-              "--checkpoint-every", "0.25e", "--resume", "auto"]
-    clean = torchrun([*common, "--out", str(tmp_path / "clean")], 2)
-    assert clean.returncode == 0, clean.stderr
-    assert "--resume auto: no checkpoint yet, starting the run" in clean.stdout
-    killed = [*common, "--out", str(tmp_path / "killed")]
-    proc = torchrun(killed, 2, script=str(script), options=("--max-restarts", "1"))
+    proc = torchrun([*RESUMABLE, "--out", str(folder / "run")], 2, script=str(script),
+                    options=("--max-restarts", "1"))
+    return proc, folder / "run"
+
+
+@pytest.mark.timeout(300)
+def test_torchrun_restarts_continue_from_the_checkpoints_with_resume_auto(clean, restarted):
+    """torchrun restarts both ranks, and ``--resume auto`` continues from the checkpoint of
+    update 32 to the uninterrupted run's model, bit for bit."""
+    proc, out = restarted
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("hpctrain train: finished") == 1, proc.stdout  # rank 0 only
     assert "resuming from the checkpoints in" in proc.stdout
-    summary = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_updates"] == [32]
-    assert summary["updates"] == json.loads((tmp_path / "clean" / "summary.json")
-                                            .read_text())["updates"]
-    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("clean", "killed"))
+    assert summary["updates"] == json.loads((clean / "summary.json").read_text())["updates"]
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (clean, out))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
-    again = torchrun(killed, 2)
+
+@pytest.mark.timeout(300)
+def test_a_finished_run_started_again_with_resume_auto_is_left_as_it_is(restarted):
+    proc, out = restarted
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    again = torchrun([*RESUMABLE, "--out", str(out)], 2)
     assert again.returncode == 0, again.stderr
     assert "holds a finished run; nothing to train" in again.stdout
-    assert json.loads((tmp_path / "killed" / "summary.json").read_text()) == summary
+    assert json.loads((out / "summary.json").read_text()) == summary
 
 
 STALL_SCRIPT = """
@@ -125,15 +144,22 @@ def test_the_stall_check_under_torchrun_names_the_late_rank(tmp_path):
 
 
 EXIT_SCRIPT = """
-import time
+import os, sys, time
 from datetime import timedelta
 import torch.distributed as dist
 from hpctrain.sync import stall
 
-store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
-stall.start(None, 0.004, 0, store=store, rank=0)  # posts on the store every millisecond
-time.sleep(0.05)
-"""  # and exits without stall.stop(), as a script that never calls shutdown() does
+for attempt in range(5):  # forked children: each exits as a script does, torch imported once
+    child = os.fork()
+    if child == 0:
+        store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+        stall.start(None, 0.004, 0, store=store, rank=0)  # posts on the store every millisecond
+        time.sleep(0.05)
+        sys.exit(0)  # without stall.stop(), as a script that never calls shutdown() does
+    status = os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
+    if status != 0:
+        sys.exit(f"exit {attempt + 1} of 5 ended with status {status}")
+"""
 
 
 @pytest.mark.timeout(120)
@@ -142,10 +168,9 @@ def test_a_process_that_exits_with_the_check_running_ends_cleanly(tmp_path):
     process (CI saw it under torchrun; 19 exits of 30 aborted here before the fix)."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_SCRIPT)
-    for _ in range(5):
-        proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        assert proc.returncode == 0, proc.stderr
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
 
 
 TORCHRUN_ENV = {"TORCHELASTIC_RUN_ID": "x", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1",
