@@ -1,9 +1,9 @@
 """Whole async MPI jobs: dedicated servers over TCP without shared memory, and failing workers.
 
-Each test launches this file as its own ``mpirun`` job (the scenarios are below, under
-``__main__``), so each gets the MPI configuration it needs: ``--mca btl self,tcp --mca osc
-pt2pt`` at thread level ``serialized`` is Open MPI 4's inter-node one-sided path, where a
-window's host must call into MPI for operations on it to progress.
+The tests launch this file as ``mpirun`` jobs (the scenarios are below, under ``__main__``),
+so each gets the MPI configuration it needs: ``--mca btl self,tcp --mca osc pt2pt`` at thread
+level ``serialized`` is Open MPI 4's inter-node one-sided path, where a window's host must call
+into MPI for operations on it to progress.
 """
 
 import json
@@ -30,17 +30,34 @@ def run_scenario(name: str, np: int, *args: str, mpi_args=(), timeout: float = 1
         pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
 
 
-def result_of(proc) -> dict:
+def results_of(proc) -> dict[str, dict]:
+    """Each ``RESULT name {...}`` line the job printed, by name."""
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    assert len(lines) == 1, proc.stdout
-    return json.loads(lines[0][len("RESULT "):])
+    lines = [line.split(" ", 2) for line in proc.stdout.splitlines()
+             if line.startswith("RESULT ")]
+    results = {name: json.loads(text) for _, name, text in lines}
+    assert len(results) == len(lines), proc.stdout
+    return results
+
+
+@pytest.fixture(scope="module")
+def tcp_servers():
+    """The ``busy`` then the ``budget`` scenario in one 4-rank job over TCP (2 servers), run
+    once per consistency, on first use."""
+    made = {}
+
+    def get(consistency: str) -> dict[str, dict]:
+        if consistency not in made:
+            made[consistency] = results_of(run_scenario("tcp", 4, consistency,
+                                                        mpi_args=TCP_ONLY))
+        return made[consistency]
+    return get
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(consistency):
-    res = result_of(run_scenario("busy", 4, consistency, mpi_args=TCP_ONLY))
+def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(tcp_servers, consistency):
+    res = tcp_servers(consistency)["busy"]
     assert res["mca"] == {"btl": "self,tcp", "osc": "pt2pt"}
     assert res["thread_level"] == "serialized"
     assert res["shared_windows"] is False  # windows made with Win.Allocate, used by Get/Put
@@ -51,23 +68,24 @@ def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(consistency):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("servers", ["0", "1"])
-def test_a_worker_that_raises_ends_the_whole_job(servers):
+@pytest.mark.parametrize("servers, np", [("0", 2), ("1", 3)])
+def test_a_worker_that_raises_ends_the_whole_job(servers, np):
+    """Worker 1 raises while worker 0 pushes (and, with a server, the server serves)."""
     start = time.monotonic()
-    proc = run_scenario("raise", 3, servers, timeout=90)
+    proc = run_scenario("raise", np, servers, timeout=90)
     assert proc.returncode != 0
     assert "injected failure in worker 1" in proc.stderr
-    assert "rank 1 of 3" in proc.stderr
+    assert f"rank 1 of {np}" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert time.monotonic() - start < 90
 
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_tickets_hold_a_budget_of_pushes_exactly(consistency):
+def test_tickets_hold_a_budget_of_pushes_exactly(tcp_servers, consistency):
     """Two workers (one slow) claim tickets before each push: exactly the budget is pushed,
     each ticket below it by one worker; the traffic counts are MPI's payload by hand."""
-    res = result_of(run_scenario("budget", 3, consistency, mpi_args=TCP_ONLY))
+    res = tcp_servers(consistency)["budget"]
     assert res["shared_windows"] is False
     assert res["updates"] == res["budget"] == sum(res["pushes"]) and min(res["pushes"]) > 0
     assert sorted(res["tickets"]) == list(range(res["budget"]))
@@ -123,13 +141,13 @@ def _busy(consistency: str) -> None:
             result["mca"] = {k: os.environ.get(f"OMPI_MCA_{k}") for k in ("btl", "osc")}
             result["thread_level"] = comm.library_info()["thread_level"]
             result["shared_windows"] = store.shared
-            print("RESULT " + json.dumps(result), flush=True)
+            print("RESULT busy " + json.dumps(result), flush=True)
     store.finish()
     store.close()
 
 
 def _budget(consistency: str) -> None:
-    """Rank 2 serves; workers 0 and 1 (slower) push -1 with tickets below a budget of 40."""
+    """Ranks 2, 3 serve; workers 0 and 1 (slower) push -1 with tickets below a budget of 40."""
     import torch
 
     from hpctrain import comm
@@ -139,7 +157,7 @@ def _budget(consistency: str) -> None:
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     numel, budget = 1000, 40
-    store = ParameterStore(torch.zeros(numel), world, servers=1, consistency=consistency)
+    store = ParameterStore(torch.zeros(numel), world, servers=2, consistency=consistency)
     if store.is_worker:
         w, g = torch.empty(numel), torch.ones(numel)
         store.pull(w)
@@ -156,7 +174,7 @@ def _budget(consistency: str) -> None:
         if rank == 0:
             final = torch.empty(numel)
             store.pull(final)
-            print("RESULT " + json.dumps({
+            print("RESULT budget " + json.dumps({
                 "budget": budget, "updates": store.updates(), "numel": numel,
                 "shards": store.shards, "shared_windows": store.shared,
                 "tickets": [t for m, _ in parts for t in m],
@@ -190,5 +208,11 @@ def _raise(servers: str) -> None:
     store.close()
 
 
+def _tcp(consistency: str) -> None:
+    """Both scenarios over the same 4 ranks, one store after the other."""
+    _busy(consistency)
+    _budget(consistency)
+
+
 if __name__ == "__main__":
-    {"busy": _busy, "budget": _budget, "raise": _raise}[sys.argv[1]](*sys.argv[2:])
+    {"tcp": _tcp, "raise": _raise}[sys.argv[1]](*sys.argv[2:])

@@ -1,16 +1,19 @@
-"""``hpctrain train --algo asgd|dcasgd-c|dcasgd-a`` as whole jobs: outputs, servers, stragglers,
-bad input and failing workers."""
+"""``hpctrain train --algo asgd|dcasgd-c|dcasgd-a|ssp`` as whole jobs: outputs, servers,
+stragglers, bad input and failing workers."""
 
 import json
 
 import pytest
-from conftest import SYNTHETIC, refusal, run_job
+from conftest import SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import checkpoint
 
 SMALL = SYNTHETIC
 TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
             "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
+RANKS = 3  # every run of `three_rank_runs`: more than 2 workers where there are no servers
+CONTRACTED = {"dcasgd-a": "locked", "asgd": "atomic"}  # algo -> consistency
+SSP_BOUNDS = (0, 1)
 
 
 def outputs(out):
@@ -20,14 +23,27 @@ def outputs(out):
     return summary, config, points
 
 
-@pytest.mark.timeout(240)
-@pytest.mark.parametrize("algo, np, consistency", [("dcasgd-a", 4, "locked"),
-                                                   ("asgd", 2, "atomic")])
-def test_workers_write_the_contracted_outputs(tmp_path, algo, np, consistency):
-    out = tmp_path / algo
-    proc = run_job(["train", "--algo", algo, *SMALL, "--epochs", "2", "--consistency",
-                    consistency, "--out", str(out)], np=np, timeout=200)
+@pytest.fixture(scope="module")
+def three_rank_runs(tmp_path_factory):
+    """The 3-rank trainings below in one launch: each algo of CONTRACTED for 2 epochs, and ssp
+    with worker 0 six times slower once per bound of SSP_BOUNDS. Returns their folders."""
+    folder = tmp_path_factory.mktemp("three")
+    runs = {algo: ["--algo", algo, "--epochs", "2", "--consistency", consistency]
+            for algo, consistency in CONTRACTED.items()}
+    # Six, not three, times slower: on a loaded machine the sleeping rank gets the CPU first,
+    # and three times its own step time was not always slower than the others' steps.
+    runs |= {f"ssp{bound}": ["--algo", "ssp", "--epochs", "1", "--max-staleness", str(bound),
+                             "--slowdown", "0:6"] for bound in SSP_BOUNDS}
+    argv = [["train", *args, *SMALL, "--out", str(folder / name)] for name, args in runs.items()]
+    proc = run_commands(argv, np=RANKS, timeout=220)
     assert proc.returncode == 0, proc.stderr
+    return {name: folder / name for name in runs}
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("algo", CONTRACTED)
+def test_workers_write_the_contracted_outputs(three_rank_runs, algo):
+    np, consistency, out = RANKS, CONTRACTED[algo], three_rank_runs[algo]
     summary, config, points = outputs(out)
     assert summary["algo"] == algo and summary["workers"] == np
     assert summary["consistency"] == consistency
@@ -56,14 +72,22 @@ def test_workers_write_the_contracted_outputs(tmp_path, algo, np, consistency):
     assert (out / "model.pt").is_file()
 
 
-@pytest.mark.timeout(240)
-def test_dedicated_server_over_tcp_with_a_straggler(tmp_path):
-    out = tmp_path / "run"
+@pytest.fixture(scope="module")
+def server_run(tmp_path_factory):
+    """dcasgd-c, 1 epoch of 2 workers (batch 64: 32 updates) and a dedicated server over TCP,
+    worker 0 three times slower, jitter on both, a checkpoint every half epoch."""
+    out = tmp_path_factory.mktemp("server") / "run"
     proc = run_job(["train", "--algo", "dcasgd-c", *SMALL, "--epochs", "1", "--servers", "1",
                     "--consistency", "atomic", "--shards", "3", "--slowdown", "0:3",
-                    "--jitter", "0.2", "--out", str(out)],
-                   np=3, timeout=200, mpi_args=TCP_ONLY)
+                    "--jitter", "0.2", "--batch-size", "64", "--checkpoint-every", "0.5e",
+                    "--out", str(out)], np=3, timeout=200, mpi_args=TCP_ONLY)
     assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_dedicated_server_over_tcp_with_a_straggler(server_run):
+    out = server_run
     summary, _, _ = outputs(out)
     assert summary["workers"] == 2 and summary["servers"] == 1 and summary["shards"] == 3
     assert summary["consistency"] == "atomic" and summary["lam"] == 0.04
@@ -125,12 +149,10 @@ def test_bad_options_are_one_line_errors(tmp_path, extra, np, pattern):
 
 
 @pytest.mark.timeout(180)
-def test_checkpoints_land_on_the_marks_and_the_budget_holds(tmp_path):
-    """1 epoch of 2 workers, batch 64: 32 updates, checkpoints at 16 and 32, none past."""
-    out = tmp_path / "run"
-    proc = run_job(["train", "--algo", "dcasgd-c", *SMALL, "--epochs", "1", "--batch-size", "64",
-                    "--checkpoint-every", "0.5e", "--out", str(out)], np=2, timeout=150)
-    assert proc.returncode == 0, proc.stderr
+def test_checkpoints_land_on_the_marks_and_the_budget_holds(server_run):
+    """1 epoch of 2 workers, batch 64: 32 updates, checkpoints at 16 and 32, none past (with a
+    straggler, jitter and a server)."""
+    out = server_run
     summary, _, points = outputs(out)
     assert summary["updates"] == sum(summary["pushes_per_worker"]) == 32
     assert summary["checkpoints"] == 2 and points[-1]["updates"] == 32
@@ -154,19 +176,14 @@ def test_a_failing_worker_ends_the_job_with_its_message(tmp_path):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("bound", [0, 1])
-def test_ssp_keeps_workers_within_the_bound_of_a_straggler(tmp_path, bound):
-    """ssp from the command line: with worker 0 three times slower, the fast workers wait for
+@pytest.mark.parametrize("bound", SSP_BOUNDS)
+def test_ssp_keeps_workers_within_the_bound_of_a_straggler(three_rank_runs, bound):
+    """ssp from the command line: with worker 0 six times slower, the fast workers wait for
     it (they would run far ahead under asgd), no worker is ever more than S clocks ahead of
     the slowest when it goes on, and the staleness of a push stays within what the bound
     allows: 2(S + 1)(M - 1) updates by others between a worker's read and its push (the
     argument is in hpctrain/async_/ssp.py)."""
-    out = tmp_path / "ssp"
-    workers = 3
-    proc = run_job(["train", "--algo", "ssp", *SMALL, "--epochs", "1", "--max-staleness",
-                    str(bound), "--slowdown", "0:3", "--out", str(out)], np=workers,
-                   timeout=200)
-    assert proc.returncode == 0, proc.stderr
+    out, workers = three_rank_runs[f"ssp{bound}"], RANKS
     summary, config, points = outputs(out)
     assert summary["algo"] == "ssp" and summary["max_staleness"] == bound
     assert config["algorithm"]["max_staleness"] == bound

@@ -147,7 +147,7 @@ def test_sgd_drops_nan_and_inf_gradients(tmp_path):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("reduce_op, np, inject, skipped, per_worker", [
-    ("average", 4, "nan@1:2,nan@1:9,inf@2:9,inf@2:17", 3, [0, 2, 2, 0]),
+    ("average", 3, "nan@1:2,nan@1:9,inf@2:9,inf@2:17", 3, [0, 2, 2]),
     ("adasum", 2, "nan@1:2,inf@0:9,nan@1:9", 2, [1, 2]),
 ])
 def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path, reduce_op, np, inject, skipped,
@@ -178,12 +178,12 @@ def test_too_many_bad_steps_stop_the_job_with_one_line(tmp_path):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("victim", [0, 2])
+@pytest.mark.parametrize("victim", [0, 1])
 def test_rank_killed_ends_the_job(tmp_path, victim):
-    """SIGKILL on one rank mid-run: the job exits non-zero (the timeout bounds how soon) and
-    mpirun names the rank that died."""
+    """SIGKILL on one rank mid-run, rank 0 or another: the job exits non-zero (the timeout
+    bounds how soon) and mpirun names the rank that died."""
     proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--out",
-                    str(tmp_path)], np=3, timeout=90,
+                    str(tmp_path)], np=2, timeout=90,
                    env={"HPCTRAIN_INJECT": f"kill@{victim}:10"})
     assert proc.returncode != 0
     assert f"process rank {victim} with PID" in proc.stderr and "signal 9" in proc.stderr

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, run_commands, run_job
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hpctrain import data, models
@@ -60,7 +60,7 @@ def load():
     return (torch.from_numpy(x), torch.from_numpy(y)), (torch.from_numpy(xt), torch.from_numpy(yt))
 '''
 SHORT = ["--epochs", "2", "--batch-size", "32", "--no-progress"]
-
+SGD_OF_BAG = ["--momentum", "0.9", "--seed", "4", *SHORT]
 
 @pytest.fixture(scope="module")
 def own(tmp_path_factory):
@@ -105,37 +105,54 @@ def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, tmp_path):
     assert lr[0] < lr[1] < lr[2] < 0.002 and lr[-1] == pytest.approx(0.002)
 
 
+def sparse_args(own) -> list[str]:
+    """The bag (sparse gradients) on the npz file."""
+    return ["--model", f"{own}/nets.py:bag", "--dataset", f"npz:{own}/syn.npz", "--lr", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def sparse_runs(own, tmp_path_factory):
+    """The bag's runs, made on first use: on one process ``train --algo sgd`` with batch 32
+    and ``simulate`` of ssgd on 4 workers; on 2 ranks ssgd with batch 16, then dcasgd-a and
+    ec. Returns their folders by name."""
+    folder = tmp_path_factory.mktemp("sparse")
+    clipped = ["--clip-grad-norm", "5", *SHORT]
+    one_process = [
+        ["train", "--algo", "sgd", *sparse_args(own), *SGD_OF_BAG, "--batch-size", "32",
+         "--out", str(folder / "sgd")],
+        ["simulate", "--algo", "ssgd", "--workers", "4", *sparse_args(own), *clipped,
+         "--out", str(folder / "simulate")]]
+    two_ranks = [
+        ["train", "--algo", "ssgd", *sparse_args(own), *SGD_OF_BAG, "--batch-size", "16",
+         "--out", str(folder / "ssgd")],
+        ["train", "--algo", "dcasgd-a", *sparse_args(own), *clipped,
+         "--out", str(folder / "dcasgd-a")],
+        ["train", "--algo", "ec", "--ec-distill-size", "64", "--tau", "4", *sparse_args(own),
+         *clipped, "--out", str(folder / "ec")]]
+    for ranks, commands in ((0, one_process), (2, two_ranks)):
+        proc = run_commands(commands, np=ranks, timeout=180)
+        assert proc.returncode == 0, proc.stderr
+    return {name: folder / name for name in ("sgd", "simulate", "ssgd", "dcasgd-a", "ec")}
+
+
 @pytest.mark.timeout(200)
-def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(own, tmp_path):
+def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(sparse_runs):
     """An EmbeddingBag(sparse=True): its gradient is reduced sparse (by allgather), and the
     steps are those of one process with both ranks' batches."""
-    common = ["--model", f"{own}/nets.py:bag", "--dataset", f"npz:{own}/syn.npz", "--lr", "0.5",
-              "--momentum", "0.9", "--seed", "4", *SHORT]
-    sgd = run_job(["train", "--algo", "sgd", *common, "--batch-size", "32",
-                   "--out", str(tmp_path / "sgd")], np=0)
-    ssgd = run_job(["train", "--algo", "ssgd", *common, "--batch-size", "16",
-                    "--out", str(tmp_path / "ssgd")], np=2)
-    assert sgd.returncode == 0 and ssgd.returncode == 0, sgd.stderr + ssgd.stderr
-    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
+    a, b = (torch.load(sparse_runs[n] / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    summary = json.loads((tmp_path / "ssgd" / "summary.json").read_text())
+    summary = json.loads((sparse_runs["ssgd"] / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.3  # 4 classes
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("command,algo,np", [("train", "dcasgd-a", 2), ("train", "ec", 2),
-                                             ("simulate", "ssgd", 0)])
-def test_every_algorithm_takes_sparse_gradients(own, tmp_path, command, algo, np):
+@pytest.mark.parametrize("run", ["dcasgd-a", "ec", "simulate"])
+def test_every_algorithm_takes_sparse_gradients(sparse_runs, run):
     """The async store and the simulator add a sparse gradient densely; ma and ec step on it
     locally. (The simulator also builds a model of the user's, which it once could not.)"""
-    extra = {"ec": ["--ec-distill-size", "64", "--tau", "4"]}.get(algo, [])
-    extra += ["--workers", "4"] if command == "simulate" else []
-    proc = run_job([command, "--algo", algo, "--model", f"{own}/nets.py:bag", "--dataset",
-                    f"npz:{own}/syn.npz", "--lr", "0.5", "--clip-grad-norm", "5", *extra,
-                    *SHORT, "--out", str(tmp_path)], np=np, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads((tmp_path / "summary.json").read_text())["final_test_acc"] > 0.3
+    summary = json.loads((sparse_runs[run] / "summary.json").read_text())
+    assert summary["final_test_acc"] > 0.3
 
 
 @pytest.mark.timeout(200)
