@@ -11,7 +11,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from conftest import run_job
+from conftest import run_commands, run_job
 
 from hpctrain import data, shuffle
 from hpctrain.errors import UsageError
@@ -87,16 +87,14 @@ def test_bad_strategy_from_a_job_fails_before_mpi(tmp_path):
 def test_training_job_sees_the_same_data_replicated_or_sharded(tmp_path):
     """ssgd on 2 ranks: global shuffling gives the same run whichever rank holds the data; the
     sharded run reports the bytes it moved per epoch."""
-    summaries = {}
-    for placement in ("replicated", "sharded"):
-        out = tmp_path / placement
-        proc = run_job(["train", "--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp",
-                        "--epochs", "2", "--seed", "3", "--no-progress", "--partition",
-                        "label-skew", "--data-placement", placement, "--out", str(out)],
-                       np=2, timeout=180)
-        assert proc.returncode == 0, proc.stderr
-        summaries[placement] = json.loads((out / "summary.json").read_text())
-    rep, sh = summaries["replicated"], summaries["sharded"]
+    placements = ("replicated", "sharded")
+    proc = run_commands([["train", "--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp",
+                          "--epochs", "2", "--seed", "3", "--no-progress", "--partition",
+                          "label-skew", "--data-placement", placement,
+                          "--out", str(tmp_path / placement)] for placement in placements],
+                        np=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rep, sh = (json.loads((tmp_path / p / "summary.json").read_text()) for p in placements)
     assert rep["final_test_loss"] == sh["final_test_loss"]
     assert rep["bytes_moved"] == 0
     assert [x["epoch"] for x in sh["exchange_per_epoch"]] == [0, 1]
