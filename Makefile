@@ -33,9 +33,11 @@ test-unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
 
 # Each MPI size is one mpirun; a hang is ended by pytest-timeout inside and `timeout` outside.
+# Every rank imports what it collects, so only the files that hold MPI tests are given.
+MPI_TEST_FILES = $(shell grep -l 'pytest.mark.mpi' tests/test_*.py)
 test-mpi: setup
-	timeout 900 $(MPIRUN) -np 2 $(PYTEST_MPI) tests; s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
-	timeout 900 $(MPIRUN) -np 4 $(PYTEST_MPI) tests; s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
+	timeout 900 $(MPIRUN) -np 2 $(PYTEST_MPI) $(MPI_TEST_FILES); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
+	timeout 900 $(MPIRUN) -np 4 $(PYTEST_MPI) $(MPI_TEST_FILES); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
 
 test: lint test-unit test-mpi
 
