@@ -325,6 +325,13 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
 def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -> dict:
     """``scontrol requeue`` an ended ``job``; its fields once the second attempt (whose log
     has ``started``) has ended."""
+    # Requeue only once the node has finished ending the first attempt: a second attempt
+    # that starts while slurmd still cleans up the first can lose its first srun step ("aborted
+    # before step completely launched", seen once under load).
+    deadline = time.monotonic() + 60
+    while cluster.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False).stdout.strip() \
+            != "idle" and time.monotonic() < deadline:
+        time.sleep(0.5)
     cluster.run("scontrol", "requeue", job)
     # Slurm holds a requeued job back for a while (BeginTime): let it start at once. The state
     # passes through terminal-looking ones while the requeue settles, so the second attempt is
