@@ -71,16 +71,22 @@ def mpirun(np: int) -> list[str]:
     return [*base, "-np", str(np)]
 
 
+def _launch(program: list[str], np: int, timeout: float, env: dict | None,
+            mpi_args: list[str] | None) -> subprocess.CompletedProcess:
+    """``program`` on ``np`` ranks under mpirun (plain process if np == 0); fail on timeout."""
+    cmd = program if np == 0 else mpirun(np) + (mpi_args or []) + program
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+
+
 def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None = None,
             mpi_args: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``hpctrain <args>`` on ``np`` ranks (plain process if np == 0); fail on timeout."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    cmd = HPCTRAIN + args if np == 0 else mpirun(np) + (mpi_args or []) + HPCTRAIN + args
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env=full_env, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    return _launch(HPCTRAIN + args, np, timeout, env, mpi_args)
 
 
 # One launch, several ``hpctrain`` command lines in turn through the CLI's own main(), each with
@@ -104,13 +110,8 @@ def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
     (plain process if np == 0), with ``injects[i]`` as command i's $HPCTRAIN_INJECT; fail on
     timeout. A command that fails ends the launch."""
     pairs = list(zip(commands, injects or [None] * len(commands), strict=True))
-    cmd = [*(mpirun(np) + (mpi_args or []) if np else []), sys.executable, "-c", _COMMANDS,
-           json.dumps(pairs)]
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    return _launch([sys.executable, "-c", _COMMANDS, json.dumps(pairs)], np, timeout, None,
+                   mpi_args)
 
 
 def refusal(args: list[str], ranks: int = 1) -> str:

@@ -6,6 +6,7 @@ level ``serialized`` is Open MPI 4's inter-node one-sided path, where a window's
 into MPI for operations on it to progress.
 """
 
+import functools
 import json
 import os
 import subprocess
@@ -44,13 +45,9 @@ def results_of(proc) -> dict[str, dict]:
 def tcp_servers():
     """The ``busy`` then the ``budget`` scenario in one 4-rank job over TCP (2 servers), run
     once per consistency, on first use."""
-    made = {}
-
+    @functools.cache
     def get(consistency: str) -> dict[str, dict]:
-        if consistency not in made:
-            made[consistency] = results_of(run_scenario("tcp", 4, consistency,
-                                                        mpi_args=TCP_ONLY))
-        return made[consistency]
+        return results_of(run_scenario("tcp", 4, consistency, mpi_args=TCP_ONLY))
     return get
 
 

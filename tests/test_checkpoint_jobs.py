@@ -2,6 +2,7 @@
 straight through (same seed), for sgd, ssgd (2 and 3 ranks), ma and ec; async runs (not
 reproducible by nature) resume where their checkpoint left off and finish."""
 
+import functools
 import json
 import shutil
 
@@ -56,32 +57,30 @@ def assert_same_run(a, b):
         assert sa[key] == sb[key], key
 
 
-# The 2-rank straight runs, all in one launch (conftest.run_commands).
-TWO_RANK_STRAIGHT = {"ssgd": None, "ma": LOCAL_NAN, "ec": LOCAL_NAN}
+# The 2-rank straight runs, (algo, $HPCTRAIN_INJECT) each, all in one launch.
+TWO_RANK_STRAIGHT = [("ssgd", None), ("ma", LOCAL_NAN), ("ec", LOCAL_NAN)]
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """Uninterrupted runs without checkpoints, one per (algo, ranks, injection), made on first
     use; the 2-rank ones (TWO_RANK_STRAIGHT) all together."""
-    made = {}
+    @functools.cache
+    def two_rank_runs() -> dict:
+        runs = {key: tmp_path_factory.mktemp(f"{key[0]}2") / "run" for key in TWO_RANK_STRAIGHT}
+        proc = run_commands([options(out, algo) for (algo, _), out in runs.items()], np=2,
+                            injects=[inject for _, inject in runs])
+        assert proc.returncode == 0, proc.stderr
+        return runs
 
-    def get(algo: str, np: int, env: dict | None = None):
-        key = (algo, np, json.dumps(env))
-        if np == 2 and "two-rank launch" not in made:
-            made["two-rank launch"] = True
-            runs = {a: tmp_path_factory.mktemp(f"{a}2") / "run" for a in TWO_RANK_STRAIGHT}
-            proc = run_commands([options(runs[a], a) for a in TWO_RANK_STRAIGHT], np=2,
-                                injects=list(TWO_RANK_STRAIGHT.values()))
-            assert proc.returncode == 0, proc.stderr
-            for a, nan in TWO_RANK_STRAIGHT.items():
-                made[(a, 2, json.dumps(nan and {"HPCTRAIN_INJECT": nan}))] = runs[a]
-        if key not in made:
-            out = tmp_path_factory.mktemp(f"{algo}{np}") / "run"
-            proc = train(out, algo, np, env=env)
-            assert proc.returncode == 0, proc.stderr
-            made[key] = out
-        return made[key]
+    @functools.cache
+    def get(algo: str, np: int, inject: str | None = None):
+        if np == 2:
+            return two_rank_runs()[algo, inject]
+        out = tmp_path_factory.mktemp(f"{algo}{np}") / "run"
+        proc = train(out, algo, np, env={"HPCTRAIN_INJECT": inject} if inject else None)
+        assert proc.returncode == 0, proc.stderr
+        return out
     return get
 
 
@@ -144,7 +143,7 @@ def test_ssgd_3_raise_after_checkpoint_then_resume(tmp_path, straight):
     assert "hpctrain: error (rank 2 of 3): RuntimeError: injected fault at step 50" in proc.stderr
     assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 43
     resume(out, "ssgd", 3, "--checkpoint-every", "1e")
-    assert_same_run(out, straight("ssgd", 3, env={"HPCTRAIN_INJECT": nan}))
+    assert_same_run(out, straight("ssgd", 3, nan))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["bad_gradients_per_worker"] == [0, 1, 0]
 
@@ -188,7 +187,7 @@ def test_local_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, 
     assert proc.returncode != 0
     assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 128
     resume(out, algo, 2, "--checkpoint-every", "1e")
-    assert_same_run(out, straight(algo, 2, env={"HPCTRAIN_INJECT": LOCAL_NAN}))
+    assert_same_run(out, straight(algo, 2, LOCAL_NAN))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["bad_gradients_per_worker"] == [1, 1]
 

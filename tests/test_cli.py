@@ -3,6 +3,7 @@
 Bad input must give one line naming the bad value, a non-zero exit, and no hang.
 """
 
+import functools
 import gzip
 import json
 import os
@@ -121,16 +122,13 @@ def test_more_ranks_than_samples(tmp_path):
 def crashed_ssgd(tmp_path_factory):
     """ssgd on 2 ranks whose rank 1 raises at step 12, after the checkpoint at half the epoch
     (step 8): run once per sync backend, read by two tests."""
-    made = {}
-
+    @functools.cache
     def get(backend: str):
-        if backend not in made:
-            out = tmp_path_factory.mktemp(f"crashed-{backend}") / "run"
-            proc = run_job(["train", "--algo", "ssgd", "--sync-backend", backend, *SMALL,
-                            "--checkpoint-every", "0.5e", "--out", str(out)], np=2, timeout=90,
-                           env={"HPCTRAIN_INJECT": "raise@1:12"})
-            made[backend] = proc, out
-        return made[backend]
+        out = tmp_path_factory.mktemp(f"crashed-{backend}") / "run"
+        proc = run_job(["train", "--algo", "ssgd", "--sync-backend", backend, *SMALL,
+                        "--checkpoint-every", "0.5e", "--out", str(out)], np=2, timeout=90,
+                       env={"HPCTRAIN_INJECT": "raise@1:12"})
+        return proc, out
     return get
 
 
@@ -218,16 +216,13 @@ def equivalence_options(clip: str | None) -> list[str]:
 @pytest.fixture(scope="module")
 def sgd_with_batch(tmp_path_factory):
     """sgd on one process with batch ``16 * workers``, run once per (workers, clip)."""
-    made = {}
-
+    @functools.cache
     def get(workers: int, clip: str | None):
-        if (workers, clip) not in made:
-            out = tmp_path_factory.mktemp(f"sgd{workers}") / "sgd"
-            proc = run_job(["train", "--algo", "sgd", *equivalence_options(clip),
-                            "--batch-size", str(16 * workers), "--out", str(out)], np=0)
-            assert proc.returncode == 0, proc.stderr
-            made[workers, clip] = out
-        return made[workers, clip]
+        out = tmp_path_factory.mktemp(f"sgd{workers}") / "sgd"
+        proc = run_job(["train", "--algo", "sgd", *equivalence_options(clip),
+                        "--batch-size", str(16 * workers), "--out", str(out)], np=0)
+        assert proc.returncode == 0, proc.stderr
+        return out
     return get
 
 
@@ -238,19 +233,15 @@ STRAGGLER = (2, "mpi", None)  # this run's worker 0 is also three times slower
 def ssgd_with_batch_16(tmp_path_factory):
     """ssgd with batch 16 per worker, run once per (workers, backend, clip). The STRAGGLER
     run also slows worker 0 (it sleeps, which changes no step), for the straggler test."""
-    made = {}
-
+    @functools.cache
     def get(workers: int, backend: str, clip: str | None):
-        key = workers, backend, clip
-        if key not in made:
-            out = tmp_path_factory.mktemp(f"ssgd{workers}{backend}") / "ssgd"
-            slow = ["--slowdown", "0:3"] if key == STRAGGLER else []
-            proc = run_job(["train", "--algo", "ssgd", *equivalence_options(clip), *slow,
-                            "--batch-size", "16", "--sync-backend", backend, "--out", str(out)],
-                           np=workers)
-            assert proc.returncode == 0, proc.stderr
-            made[key] = out
-        return made[key]
+        out = tmp_path_factory.mktemp(f"ssgd{workers}{backend}") / "ssgd"
+        slow = ["--slowdown", "0:3"] if (workers, backend, clip) == STRAGGLER else []
+        proc = run_job(["train", "--algo", "ssgd", *equivalence_options(clip), *slow,
+                        "--batch-size", "16", "--sync-backend", backend, "--out", str(out)],
+                       np=workers)
+        assert proc.returncode == 0, proc.stderr
+        return out
     return get
 
 

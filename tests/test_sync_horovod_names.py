@@ -12,6 +12,7 @@ error and the stall report. Values are small integers in float tensors, so sums 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import runpy
@@ -644,20 +645,17 @@ hvd.allreduce(torch.ones(4), name="x")
 @pytest.fixture(scope="module")
 def timeline_job(tmp_path_factory):
     """TIMELINE_JOB on 2 ranks, run once per backend: its launch and folder."""
-    made = {}
-
+    @functools.cache
     def get(backend: str):
-        if backend not in made:
-            out = tmp_path_factory.mktemp(f"timeline-{backend}")
-            script = out / "job.py"
-            script.write_text(TIMELINE_JOB)
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-                   "HOROVOD_TIMELINE": str(out / "ssgd-timeline.json")}
-            proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(out), backend,
-                                   *SYNTHETIC, "--epochs", "1"], capture_output=True, text=True,
-                                  timeout=110, env=env, cwd=ROOT)
-            made[backend] = proc, out
-        return made[backend]
+        out = tmp_path_factory.mktemp(f"timeline-{backend}")
+        script = out / "job.py"
+        script.write_text(TIMELINE_JOB)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
+               "HOROVOD_TIMELINE": str(out / "ssgd-timeline.json")}
+        proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(out), backend,
+                               *SYNTHETIC, "--epochs", "1"], capture_output=True, text=True,
+                              timeout=110, env=env, cwd=ROOT)
+        return proc, out
     return get
 
 
