@@ -1,13 +1,15 @@
-"""``hpctrain horovodrun``: Horovod's launcher's command line, started through Open MPI's mpirun.
+"""``hpctrain horovodrun``: Horovod's launcher's command line, started through the MPI's own mpirun.
 
 A job script leaving Horovod says ``horovodrun -np 4 -H a:2,b:2 python train.py``, and with
 Horovod gone there is no ``horovodrun``. This takes the same flags and starts the same
-processes the way horovodrun's MPI mode does: ``mpirun -np N -H hosts -bind-to none -map-by
-slot``, every environment variable exported to the ranks, and Horovod's tuning flags as the
-``HOROVOD_*`` variables the ranks read (hpctrain's backends read the timeline and the fusion
-threshold; ``backend="horovod"`` reads them all). So a script changes ``horovodrun`` to
-``hpctrain horovodrun`` and nothing else. Gloo mode and elastic flags are refused in one line:
-hpctrain's backends need an MPI (or torchrun) launch, and its elastic recovery is a restart.
+processes the way horovodrun's MPI mode does, on Open MPI (``mpirun -np N -H hosts -bind-to
+none -map-by slot``, every environment variable exported with ``-x``) or on a Hydra mpirun,
+MPICH's or Intel MPI's (``mpirun -l -np N -hosts ...``, the environment passed as Hydra
+does), and Horovod's tuning flags and ``--config-file`` become the ``HOROVOD_*`` variables
+the ranks read (:mod:`hpctrain.horovod_settings`). So a script changes ``horovodrun`` to
+``hpctrain horovodrun`` and nothing else. Gloo mode and elastic flags are refused in one
+line: hpctrain's backends need an MPI (or torchrun) launch, and its elastic recovery is a
+restart.
 
 :func:`mpirun_command` is the whole translation, pure; :func:`run` replaces this process with
 mpirun, so its exit status and signals are the job's. ``python -m hpctrain horovodrun`` comes
@@ -26,21 +28,16 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from hpctrain import horovod_settings
 from hpctrain.errors import Parser, UsageError
 
 # Flags of horovodrun's elastic mode (it re-forms the job itself; here a launcher restarts it).
 ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-script",
                  "--elastic-timeout", "--reset-limit", "--blacklist-cooldown-range")
-# Tuning flags that become a variable of every rank: (flag, variable, value from the flag).
-TUNING = (
-    ("timeline_filename", "HOROVOD_TIMELINE", str),
-    ("fusion_threshold_mb", "HOROVOD_FUSION_THRESHOLD", lambda mb: str(mb * 1024 * 1024)),
-    ("cycle_time_ms", "HOROVOD_CYCLE_TIME", str),
-    ("cache_capacity", "HOROVOD_CACHE_CAPACITY", str),
-    ("log_level", "HOROVOD_LOG_LEVEL", str),
-)
+# mpirun's families, told apart by ``mpirun --version``: Hydra is MPICH's (and Intel MPI's).
+FLAVOURS = ("openmpi", "mpich", "intel")
 # One line for ``hpctrain --help`` and this command's own.
-SUMMARY = "horovodrun's command line, started through Open MPI's mpirun"
+SUMMARY = "horovodrun's command line, started through the MPI's own mpirun"
 
 
 def _dest(flag: str) -> str:
@@ -58,10 +55,15 @@ def description() -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from hpctrain import __version__
+
+    parser.add_argument("-v", "--version", action="version", version=f"hpctrain {__version__}")
     parser.add_argument("-np", "--num-proc", dest="np", type=int,
                         help="number of processes (ranks); needed unless --check-build")
     parser.add_argument("-cb", "--check-build", action="store_true",
                         help="show what hpctrain offers in horovodrun's terms, and exit")
+    parser.add_argument("--config-file", help="horovodrun's YAML file of tuning settings "
+                        "(a flag given here wins over the file)")
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("-H", "--hosts", help="host:slots,... (default: localhost:NP)")
     hosts.add_argument("-hostfile", "--hostfile",
@@ -71,19 +73,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--network-interface", "--network-interfaces", dest="nics",
                         action="append", help="interfaces MPI's TCP traffic may use: "
                         "comma-separated, or the flag given once per interface")
+    parser.add_argument("--tcp", action="store_true",
+                        help="no InfiniBand for NCCL (NCCL_IB_DISABLE=1)")
     parser.add_argument("--mpi-args", default="", help="more mpirun arguments, one string")
     parser.add_argument("--binding-args", help="mpirun's binding and mapping flags, one string, "
                         "in place of '-bind-to none -map-by slot'")
     parser.add_argument("--output-filename", help="each rank's output to files under this "
-                        "folder (mpirun --output-filename)")
-    parser.add_argument("--prefix-output-with-timestamp", action="store_true",
-                        help="a timestamp on every output line (mpirun --timestamp-output)")
-    parser.add_argument("--timeline-filename", help="HOROVOD_TIMELINE: write a timeline here")
-    parser.add_argument("--fusion-threshold-mb", type=int,
-                        help="HOROVOD_FUSION_THRESHOLD in MiB (0: no fusion)")
-    parser.add_argument("--cycle-time-ms", type=float, help="HOROVOD_CYCLE_TIME (Horovod only)")
-    parser.add_argument("--cache-capacity", type=int, help="HOROVOD_CACHE_CAPACITY (Horovod only)")
-    parser.add_argument("--log-level", help="HOROVOD_LOG_LEVEL (Horovod only)")
+                        "folder (Open MPI: DIR/1/rank.N/; Hydra: DIR/rank.N.stdout, .stderr)")
+    parser.add_argument("-prefix-timestamp", "--prefix-output-with-timestamp",
+                        action="store_true", help="a timestamp on every output line "
+                        "(Open MPI's --timestamp-output)")
+    horovod_settings.add_arguments(parser)
     parser.add_argument("--verbose", action="store_true", help="print the mpirun command first")
     # horovodrun's own pre-launch checks (ssh to every host, common interfaces) and their
     # cache; hpctrain horovodrun leaves those to mpirun, so the flags change nothing.
@@ -91,8 +91,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--disable-cache", action="store_true", help="accepted; no effect here")
     parser.add_argument("--mpi", action="store_true", help="MPI mode (the only one here)")
     parser.add_argument("--gloo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--jsrun", action="store_true", help=argparse.SUPPRESS)
     for flag in ELASTIC_FLAGS:
-        parser.add_argument(flag, dest=_dest(flag), help=argparse.SUPPRESS)
+        aliases = [flag.replace("-np", "-num-proc")] if flag.endswith("-np") else []
+        parser.add_argument(flag, *aliases, dest=_dest(flag), help=argparse.SUPPRESS,
+                            nargs=2 if flag == "--blacklist-cooldown-range" else None)
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="command",
                         help="the program and its arguments, e.g. python train.py")
 
@@ -130,6 +133,9 @@ def hostfile_slots(path: str) -> list[tuple[str, int]]:
 
 def check(args: argparse.Namespace) -> list[tuple[str, int]]:
     """Refuse what horovodrun's MPI mode would not start, or hpctrain cannot; the hosts."""
+    if args.jsrun:
+        raise UsageError("--jsrun: hpctrain horovodrun starts MPI jobs through mpirun; under "
+                         "LSF run jsrun yourself (hvd.init() reads the MPI world it starts)")
     if args.gloo:
         raise UsageError("--gloo: hpctrain horovodrun starts MPI jobs only; for a launch "
                          "without MPI use torchrun (hvd.init() starts the torch backend there)")
@@ -144,8 +150,6 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
         raise UsageError(f"-np {args.np}: want at least 1 process")
     if not args.program:
         raise UsageError("no command to run: hpctrain horovodrun -np N python train.py")
-    if args.fusion_threshold_mb is not None and args.fusion_threshold_mb < 0:
-        raise UsageError(f"--fusion-threshold-mb {args.fusion_threshold_mb}: want >= 0")
     hosts = (hostfile_slots(args.hostfile) if args.hostfile
              else slots(args.hosts or f"localhost:{args.np}"))
     total = sum(n for _, n in hosts)
@@ -154,10 +158,45 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
     return hosts
 
 
+def variables(args: argparse.Namespace) -> dict[str, str]:
+    """The variables horovodrun sets for the ranks: the tuning flags over ``--config-file``,
+    ``--tcp``, and the interfaces for NCCL and gloo (the torch backend's)."""
+    config = horovod_settings.read_config(args.config_file) if args.config_file else {}
+    controller = config.pop("controller", "mpi")
+    if str(controller).lower() != "mpi":
+        raise UsageError(f"--config-file {args.config_file!r}: controller {controller!r}: "
+                         "hpctrain horovodrun starts MPI jobs only (controller: mpi)")
+    env = horovod_settings.variables(horovod_settings.resolve(args, config))
+    if args.tcp:
+        env["NCCL_IB_DISABLE"] = "1"
+    if nics := _interfaces(args):
+        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = nics
+    return env
+
+
+def _interfaces(args: argparse.Namespace) -> str:
+    """``--network-interface`` values as one comma-separated list, in order, once each."""
+    return ",".join(dict.fromkeys(n for flag in args.nics or () for n in flag.split(",") if n))
+
+
 def mpirun_command(args: argparse.Namespace, environ: Mapping[str, str],
-                   root: bool = False) -> list[str]:
-    """The mpirun command line horovodrun's MPI mode would run for ``args``."""
+                   root: bool = False, flavour: str = "openmpi") -> list[str]:
+    """The mpirun command line horovodrun's MPI mode would run for ``args`` on ``flavour``'s
+    mpirun (one of :data:`FLAVOURS`), with ``environ`` as the launcher's environment."""
     hosts = check(args)
+    if flavour not in FLAVOURS:
+        raise ValueError(f"flavour {flavour!r} not in {FLAVOURS}")
+    if flavour == "openmpi":
+        cmd = _open_mpi_command(args, hosts, environ, variables(args), root)
+    else:
+        cmd = _hydra_command(args, hosts, variables(args), intel=flavour == "intel")
+    return [*cmd, *shlex.split(args.mpi_args), *args.program]
+
+
+def _open_mpi_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
+                      environ: Mapping[str, str], changed: Mapping[str, str],
+                      root: bool) -> list[str]:
+    """Open MPI's mpirun: ``-H host:slots``, every variable exported with ``-x``."""
     cmd = ["mpirun", "--allow-run-as-root"] if root else ["mpirun"]
     cmd += ["--tag-output", "-np", str(args.np),
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
@@ -165,33 +204,74 @@ def mpirun_command(args: argparse.Namespace, environ: Mapping[str, str],
               else ["-bind-to", "none", "-map-by", "slot"])]
     if args.prefix_output_with_timestamp:
         cmd += ["--timestamp-output"]
-    ssh = [*(["-p", str(args.ssh_port)] if args.ssh_port else []),
-           *(["-i", args.ssh_identity_file] if args.ssh_identity_file else [])]
-    if ssh:
-        cmd += ["-mca", "plm_rsh_args", " ".join(ssh)]
+    if ssh := _ssh_args(args):
+        cmd += ["-mca", "plm_rsh_args", ssh]
     if args.output_filename:
         cmd += ["--output-filename", args.output_filename]
-    env = {**environ}
-    nics = ",".join(dict.fromkeys(n for flag in args.nics or () for n in flag.split(",") if n))
-    if nics:  # MPI's TCP traffic, and NCCL's and gloo's (the torch backend's)
+    if nics := _interfaces(args):  # MPI's own TCP traffic
         cmd += ["-mca", "btl_tcp_if_include", nics]
-        env["NCCL_SOCKET_IFNAME"] = env["GLOO_SOCKET_IFNAME"] = nics
-    for field, name, value in TUNING:
-        if getattr(args, field) is not None:
-            env[name] = value(getattr(args, field))
+    env = {**environ, **changed}
     for name in sorted(env):  # mpirun copies its own OMPI_/PMIX_ settings itself
         if _NAME.match(name) and not name.startswith(("OMPI_", "PMIX_", "BASH_FUNC")):
             cmd += ["-x", name if environ.get(name) == env[name] else f"{name}={env[name]}"]
-    return [*cmd, *shlex.split(args.mpi_args), *args.program]
+    return cmd
 
 
-def _open_mpi(mpirun: str) -> bool:
-    """Whether ``mpirun`` is Open MPI's (MPICH and Intel MPI take other flags)."""
+def _hydra_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
+                   changed: Mapping[str, str], intel: bool) -> list[str]:
+    """MPICH's or Intel MPI's mpirun (Hydra): ``-hosts``, ``-l`` for rank-tagged output; it
+    passes its own environment to every rank, so only the variables set here are named."""
+    which = "Intel MPI" if intel else "MPICH"
+    if args.prefix_output_with_timestamp:
+        raise UsageError(f"--prefix-output-with-timestamp: {which}'s mpirun cannot timestamp "
+                         "output lines (only Open MPI's can); its lines carry the rank")
+    # -l: each line tagged with its rank, unless the output goes to a file per rank.
+    cmd = ["mpirun", *([] if args.output_filename else ["-l"]), "-np", str(args.np)]
+    if intel:  # Intel MPI's -hosts takes names, its -ppn one count for all
+        if len({n for _, n in hosts}) > 1:
+            raise UsageError(f"-H {','.join(f'{h}:{n}' for h, n in hosts)}: Intel MPI's mpirun "
+                             "wants the same slots on every host; pass a machine file in "
+                             "--mpi-args='-machinefile FILE' instead")
+        cmd += ["-hosts", ",".join(h for h, _ in hosts), "-ppn", str(hosts[0][1])]
+    else:
+        cmd += ["-hosts", ",".join(f"{h}:{n}" for h, n in hosts)]
+    if args.binding_args:
+        cmd += shlex.split(args.binding_args)
+    elif not intel:  # Intel MPI pins through I_MPI_PIN* instead
+        cmd += ["-bind-to", "none", "-map-by", "slot"]
+    if ssh := _ssh_args(args):
+        if not intel:
+            raise UsageError(f"{ssh.split()[0]}: MPICH's mpirun takes no ssh arguments; set "
+                             "Port and IdentityFile for the hosts in ~/.ssh/config")
+        cmd += ["-bootstrap", "ssh", "-bootstrap-exec-args", ssh]
+    if args.output_filename:  # only there, not on the terminal; Hydra makes no folders: run() does
+        cmd += ["-outfile-pattern", f"{args.output_filename}/rank.%r.stdout",
+                "-errfile-pattern", f"{args.output_filename}/rank.%r.stderr"]
+    for name in sorted(changed):
+        cmd += ["-genv", name, changed[name]]
+    return cmd
+
+
+def _ssh_args(args: argparse.Namespace) -> str:
+    """``-p PORT -i KEY`` for ssh, from ``--ssh-port`` and ``--ssh-identity-file``."""
+    return " ".join([*(["-p", str(args.ssh_port)] if args.ssh_port else []),
+                     *(["-i", args.ssh_identity_file] if args.ssh_identity_file else [])])
+
+
+def flavour(mpirun: str) -> str | None:
+    """Which of :data:`FLAVOURS` ``mpirun`` is, from its ``--version``; None if none of them."""
     try:
         out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
-        return False
-    return "Open MPI" in out.stdout + out.stderr or "OpenRTE" in out.stdout + out.stderr
+        return None
+    text = out.stdout + out.stderr
+    if "Open MPI" in text or "OpenRTE" in text:
+        return "openmpi"
+    if "Intel(R) MPI" in text:
+        return "intel"
+    if "MPICH" in text or "HYDRA" in text:
+        return "mpich"
+    return None
 
 
 def build_report() -> str:
@@ -224,11 +304,16 @@ def run(args: argparse.Namespace) -> None:
     if args.check_build:
         print(build_report(), flush=True)
         return
-    cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0)
+    check(args)  # the command line's and the config file's mistakes before looking for mpirun
+    variables(args)
     mpirun = shutil.which("mpirun")
-    if mpirun is None or not _open_mpi(mpirun):
-        raise UsageError("hpctrain horovodrun needs Open MPI's mpirun on PATH "
-                         f"({mpirun or 'none found'}); with MPICH use mpiexec -n N directly")
+    kind = flavour(mpirun) if mpirun else None
+    if kind is None:
+        raise UsageError("hpctrain horovodrun needs Open MPI's, MPICH's or Intel MPI's mpirun "
+                         f"on PATH ({mpirun or 'none found'})")
+    cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0, flavour=kind)
+    if args.output_filename and kind != "openmpi":
+        Path(args.output_filename).mkdir(parents=True, exist_ok=True)
     if args.verbose:
         print(shlex.join(cmd), file=sys.stderr, flush=True)
     os.execv(mpirun, cmd)

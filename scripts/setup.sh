@@ -31,6 +31,9 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
   $VPIP install -q "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout pytest-xdist tqdm matplotlib ruff \
     cmake packaging wheel setuptools tensorboard pillow
   $VPIP install -q --no-build-isolation -e ".[test,plot,tensorboard]"
+  # MPICH (its mpirun and library, from its PyPI wheel) beside Debian's Open MPI, for the tests
+  # of hpctrain horovodrun on MPICH: under a prefix of its own, so its mpirun is not on PATH.
+  $VPIP install -q --upgrade --prefix .venv/mpich mpich
   touch "$stamp"
 fi
 

@@ -4,13 +4,15 @@ a real job started with it runs a Horovod script on hpctrain's backend."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import run_job
+from conftest import ROOT, run_job
 
-from hpctrain import horovodrun
+from hpctrain import horovod_settings, horovodrun
 from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
 
@@ -68,6 +70,137 @@ def test_check_build_reports_what_torch_and_mpi4py_offer_here():
     assert "    [X] MPI" in operations  # mpi4py and mpirun are here
 
 
+# Every setting in a config file, as Horovod's documentation lays one out.
+CONFIG = """
+params:
+  fusion_threshold_mb: 32
+  cycle_time_ms: 5
+  cache_capacity: 2048
+  hierarchical_allreduce: true
+  hierarchical_allgather: false
+  torus_allreduce: false
+autotune:
+  enabled: true
+  log_file: /tmp/autotune.csv
+  warmup_samples: 2
+  steps_per_sample: 5
+  bayes_opt_max_samples: 10
+  gaussian_process_noise: 0.5
+timeline:
+  filename: /tmp/timeline.json
+  mark_cycles: true
+stall_check:
+  enabled: false
+  warning_time_seconds: 30
+  shutdown_time_seconds: 90
+library_options:
+  mpi_threads_disable: true
+  num_nccl_streams: 2
+  thread_affinity: 1
+  gloo_timeout_seconds: 60
+logging:
+  level: DEBUG
+  with_timestamp: false
+"""
+
+
+def horovods_variables(words: list[str], monkeypatch) -> dict[str, str]:
+    """The variables Horovod's own horovodrun sets for ``words`` (its parser, its config file
+    reader and its table), for comparison."""
+    launch = pytest.importorskip("horovod.runner.launch", reason="Horovod is not built here")
+    from horovod.runner.common.util import config_parser
+
+    monkeypatch.setattr(sys, "argv", ["horovodrun", *words])
+    return config_parser.set_env_from_args({}, launch.parse_args())
+
+
+@pytest.mark.parametrize("flags", [
+    [],
+    ["--fusion-threshold-mb", "8", "--cycle-time-ms", "2.5", "--cache-capacity", "0",
+     "--hierarchical-allreduce", "--no-hierarchical-allgather", "--torus-allreduce"],
+    ["--autotune", "--autotune-log-file", "a.csv", "--autotune-warmup-samples", "1",
+     "--autotune-steps-per-sample", "4", "--autotune-bayes-opt-max-samples", "7",
+     "--autotune-gaussian-process-noise", "0.25"],
+    ["--autotune-warmup-samples", "1", "--timeline-mark-cycles"],  # need --autotune, a timeline
+    ["--timeline-filename", "t.json", "--timeline-mark-cycles", "--no-stall-check",
+     "--stall-check-warning-time-seconds", "5", "--stall-check-shutdown-time-seconds", "9"],
+    ["--mpi-threads-disable", "--tcp", "--num-nccl-streams", "3", "--thread-affinity", "2",
+     "--gloo-timeout-seconds", "10", "--log-level", "INFO", "--log-without-timestamp"],
+    ["--log-hide-timestamp", "--stall-check", "--no-autotune"],
+    ["CONFIG"],
+    ["CONFIG", "--fusion-threshold-mb", "4", "--no-autotune", "--stall-check",
+     "--timeline-filename", "mine.json", "--log-level", "ERROR", "--log-with-timestamp"],
+])
+@pytest.mark.filterwarnings("ignore:Argument --log-hide-timestamp:DeprecationWarning")
+def test_the_ranks_get_the_variables_horovods_own_horovodrun_sets(flags, tmp_path, monkeypatch):
+    """Flags, a config file, and flags over a config file: the same ``HOROVOD_*`` variables
+    as Horovod's own parser, config reader and table give (where Horovod is built)."""
+    config = tmp_path / "horovod.yaml"
+    config.write_text(CONFIG)
+    words = ["-np", "2", *(w if w != "CONFIG" else f"--config-file={config}" for w in flags),
+             "python", "train.py"]
+    ours = horovodrun.variables(parse(*words))
+    assert ours == horovods_variables(words, monkeypatch)
+    if flags == ["CONFIG"]:  # the file was read: every setting reached its variable
+        assert len(ours) == len(horovod_settings.SETTINGS)
+    elif flags[:1] == ["CONFIG"]:  # the command line wins
+        assert ours["HOROVOD_FUSION_THRESHOLD"] == str(4 * 2**20)
+        assert "HOROVOD_AUTOTUNE" not in ours and ours["HOROVOD_LOG_LEVEL"] == "ERROR"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("params: [1, 2]\n", "section 'params' wants key: value lines"),
+    ("parms:\n  fusion_threshold_mb: 1\n", "unknown section 'parms'"),
+    ("params:\n  fusion_treshold_mb: 1\n", "unknown key params.fusion_treshold_mb; params has"),
+    ("params:\n  fusion_threshold_mb: big\n",
+     "params.fusion_threshold_mb: want a whole number, got 'big'"),
+    ("params:\n  fusion_threshold_mb: -2\n",
+     "params.fusion_threshold_mb in --config-file -2: want >= 0"),
+    ("autotune:\n  enabled: 1\n", "autotune.enabled: want true or false, got 1"),
+    ("logging:\n  level: LOUD\n", "logging.level: 'LOUD' is not one of TRACE"),
+    ("controller: gloo\n", "controller 'gloo': hpctrain horovodrun starts MPI jobs only"),
+    ("params:\n  cycle_time_ms: 1\n   cache_capacity: 2\n",
+     "not YAML at line 3: mapping values are not allowed here"),
+    ("- 1\n", "want a mapping of sections, got list"),
+])
+def test_a_config_file_horovod_would_misread_is_refused_naming_the_line(text, message, tmp_path):
+    config = tmp_path / "horovod.yaml"
+    config.write_text(text)
+    with pytest.raises(UsageError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        horovodrun.variables(parse("-np", "2", "--config-file", str(config), "python", "x.py"))
+    with pytest.raises(UsageError, match="'/nonexistent.yaml': No such file"):
+        horovodrun.variables(parse("-np", "2", "--config-file", "/nonexistent.yaml", "x.py"))
+
+
+def test_on_mpich_the_flags_become_hydras_mpirun_command(tmp_path):
+    args = parse("-np", "3", "-H", "a:2,b:1", "--network-interface", "eth0", "--tcp",
+                 "--fusion-threshold-mb", "1", "--output-filename", "/tmp/logs",
+                 "--mpi-args=-verbose", "python", "train.py")
+    environ = {"PATH": "/bin"}  # Hydra passes its own environment: nothing of it is named
+    assert horovodrun.mpirun_command(args, environ, root=True, flavour="mpich") == [
+        "mpirun", "-np", "3", "-hosts", "a:2,b:1", "-bind-to", "none", "-map-by", "slot",
+        "-outfile-pattern", "/tmp/logs/rank.%r.stdout",
+        "-errfile-pattern", "/tmp/logs/rank.%r.stderr",
+        "-genv", "GLOO_SOCKET_IFNAME", "eth0", "-genv", "HOROVOD_FUSION_THRESHOLD", "1048576",
+        "-genv", "NCCL_IB_DISABLE", "1", "-genv", "NCCL_SOCKET_IFNAME", "eth0",
+        "-verbose", "python", "train.py"]
+    intel = parse("-np", "4", "-H", "a:2,b:2", "-p", "2222", "python", "train.py")
+    assert horovodrun.mpirun_command(intel, environ, flavour="intel") == [
+        "mpirun", "-l", "-np", "4", "-hosts", "a,b", "-ppn", "2",
+        "-bootstrap", "ssh", "-bootstrap-exec-args", "-p 2222", "python", "train.py"]
+
+
+@pytest.mark.parametrize("flavour, words, message", [
+    ("mpich", ["--prefix-output-with-timestamp"], "MPICH's mpirun cannot timestamp"),
+    ("mpich", ["-i", "/k"], "-i: MPICH's mpirun takes no ssh arguments"),
+    ("intel", ["-H", "a:2,b:1"], "-H a:2,b:1: Intel MPI's mpirun wants the same slots"),
+])
+def test_what_a_hydra_mpirun_cannot_do_is_refused_in_one_line(flavour, words, message):
+    with pytest.raises(UsageError, match=message):
+        horovodrun.mpirun_command(parse("-np", "2", *words, "python", "x.py"), {},
+                                  flavour=flavour)
+
+
 def test_hosts_default_to_np_slots_here_and_a_bare_host_has_one():
     assert horovodrun.check(parse("-np", "3", "python", "x.py")) == [("localhost", 3)]
     assert horovodrun.slots("a,b:3") == [("a", 1), ("b", 3)]
@@ -93,20 +226,28 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
     (["-np", "2", "--min-np", "1", "python", "x.py"], "--min-np: horovodrun's elastic mode"),
     (["-np", "2", "--fusion-threshold-mb", "-1", "python", "x.py"],
      "--fusion-threshold-mb -1: want >= 0"),
+    (["-np", "2", "--autotune-gaussian-process-noise", "1.5", "python", "x.py"],
+     "--autotune-gaussian-process-noise 1.5: want <= 1"),
+    (["-np", "2", "--jsrun", "python", "x.py"], "--jsrun: hpctrain horovodrun starts MPI jobs"),
+    (["-np", "2", "--blacklist-cooldown-range", "60", "300", "python", "x.py"],
+     "--blacklist-cooldown-range: horovodrun's elastic mode"),
 ])
 def test_what_horovodrun_mpi_mode_cannot_start_is_refused_naming_the_value(words, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
-        horovodrun.check(parse(*words))
+        horovodrun.mpirun_command(parse(*words), {})
 
 
 SCRIPT = """
-import os, torch
+import torch
+from mpi4py import MPI
 import hpctrain.sync as hvd
+from hpctrain.sync import stall
 from hpctrain.sync.buckets import default_bucket_bytes
 hvd.init()
 total = hvd.allreduce(torch.tensor([float(hvd.rank() + 1)]), op=hvd.Sum).item()
-print(f"rank {hvd.rank()} of {hvd.size()}: sum {total:g}, fusion {default_bucket_bytes()}",
-      flush=True)
+library = MPI.Get_library_version().split()[0]
+print(f"rank {hvd.rank()} of {hvd.size()}: sum {total:g}, fusion {default_bucket_bytes()}, "
+      f"stall check {stall.settings(None, None)[0]:g} s, {library}", flush=True)
 hvd.shutdown()
 """
 
@@ -122,11 +263,51 @@ def test_a_horovod_script_runs_through_it_with_the_tuning_flags(tmp_path):
                     sys.executable, str(script)], np=0)
     assert done.returncode == 0, done.stderr
     for rank in (0, 1):  # horovodrun's --tag-output prefixes, on the terminal and in the files
-        line = f"[1,{rank}]<stdout>:rank {rank} of 2: sum 3, fusion 1048576"
+        line = f"[1,{rank}]<stdout>:rank {rank} of 2: sum 3, fusion 1048576, stall check 60 s, Open"
         assert line in done.stdout
         assert line in (logs / "1" / f"rank.{rank}" / "stdout").read_text()
     phases = {e.get("name") for e in json.loads(timeline.read_text()) if e.get("ph") == "B"}
     assert {"ALLREDUCE", "MPI_ALLREDUCE"} <= phases  # HOROVOD_TIMELINE reached the ranks
+
+
+# MPICH's mpirun and library from its PyPI wheel (make setup puts it here, away from PATH);
+# mpi4py's wheel loads whichever libmpi the loader finds first.
+MPICH = ROOT / ".venv" / "mpich"
+needs_mpich = pytest.mark.skipif(not (MPICH / "bin" / "mpirun").exists(),
+                                 reason=f"no MPICH in {MPICH} (make setup installs its wheel)")
+
+
+def on_mpich() -> dict[str, str]:
+    return {"PATH": f"{MPICH / 'bin'}{os.pathsep}{os.environ['PATH']}",
+            "LD_LIBRARY_PATH": str(MPICH / "lib")}
+
+
+def test_open_mpi_and_mpich_are_told_apart_by_their_mpirun():
+    assert horovodrun.flavour(shutil.which("mpirun")) == "openmpi"
+    assert horovodrun.flavour("/nonexistent/mpirun") is None
+    if (MPICH / "bin" / "mpirun").exists():
+        assert horovodrun.flavour(str(MPICH / "bin" / "mpirun")) == "mpich"
+
+
+@needs_mpich
+@pytest.mark.timeout(120)
+def test_on_mpich_a_horovod_script_runs_with_settings_from_a_config_file(tmp_path):
+    """The same script on MPICH's mpirun and library: Hydra's rank-tagged output and files,
+    and the config file's settings in every rank's environment."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    config = tmp_path / "horovod.yaml"
+    config.write_text("params:\n  fusion_threshold_mb: 2\nstall_check:\n"
+                      "  warning_time_seconds: 7\n")
+    logs = tmp_path / "logs"
+    done = run_job(["horovodrun", "-np", "2", "--config-file", str(config), "--verbose",
+                    "--output-filename", str(logs), sys.executable, str(script)], np=0,
+                   env=on_mpich())
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("mpirun -np 2 -hosts localhost:2 ")  # --verbose
+    for rank in (0, 1):  # Hydra writes the files only, one a rank
+        assert (logs / f"rank.{rank}.stdout").read_text() == (
+            f"rank {rank} of 2: sum 3, fusion 2097152, stall check 7 s, MPICH\n")
 
 
 @pytest.mark.timeout(120)
