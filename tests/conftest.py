@@ -71,13 +71,26 @@ def mpirun(np: int) -> list[str]:
     return [*base, "-np", str(np)]
 
 
+# MPICH's mpirun and library from its PyPI wheel, which make setup puts here, off PATH: a job
+# on MPICH puts them first on PATH and the loader's path (mpi4py's wheel loads the libmpi the
+# loader finds).
+MPICH = ROOT / ".venv" / "mpich"
+needs_mpich = pytest.mark.skipif(not (MPICH / "bin" / "mpirun").exists(),
+                                 reason=f"no MPICH in {MPICH} (make setup installs its wheel)")
+MPICH_ENV = {"PATH": f"{MPICH / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+             "LD_LIBRARY_PATH": str(MPICH / "lib")}
+
+
 def _launch(program: list[str], np: int, timeout: float, env: dict | None,
-            mpi_args: list[str] | None) -> subprocess.CompletedProcess:
-    """``program`` on ``np`` ranks under mpirun (plain process if np == 0); fail on timeout."""
-    cmd = program if np == 0 else mpirun(np) + (mpi_args or []) + program
+            mpi_args: list[str] | None, mpich: bool = False) -> subprocess.CompletedProcess:
+    """``program`` on ``np`` ranks under mpirun (plain process if np == 0), Open MPI's or with
+    ``mpich`` MPICH's; fail on timeout."""
+    launcher = [str(MPICH / "bin" / "mpirun"), "-n", str(np)] if mpich else mpirun(np)
+    cmd = program if np == 0 else launcher + (mpi_args or []) + program
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+                              env={**os.environ, "OMP_NUM_THREADS": "1",
+                                   **(MPICH_ENV if mpich else {}), **(env or {})},
                               cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
@@ -105,13 +118,14 @@ for argv, inject in json.loads(sys.argv[1]):
 
 def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
                  injects: list[str | None] | None = None,
-                 mpi_args: list[str] | None = None) -> subprocess.CompletedProcess:
+                 mpi_args: list[str] | None = None,
+                 mpich: bool = False) -> subprocess.CompletedProcess:
     """``hpctrain <argv>`` for each argv of ``commands`` in turn, in one launch of ``np`` ranks
-    (plain process if np == 0), with ``injects[i]`` as command i's $HPCTRAIN_INJECT; fail on
-    timeout. A command that fails ends the launch."""
+    (plain process if np == 0; on MPICH with ``mpich``), with ``injects[i]`` as command i's
+    $HPCTRAIN_INJECT; fail on timeout. A command that fails ends the launch."""
     pairs = list(zip(commands, injects or [None] * len(commands), strict=True))
     return _launch([sys.executable, "-c", _COMMANDS, json.dumps(pairs)], np, timeout, None,
-                   mpi_args)
+                   mpi_args, mpich)
 
 
 def refusal(args: list[str], ranks: int = 1) -> str:

@@ -4,13 +4,12 @@ a real job started with it runs a Horovod script on hpctrain's backend."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_job
+from conftest import MPICH, MPICH_ENV, needs_mpich, run_job
 
 from hpctrain import horovod_settings, horovodrun
 from hpctrain.cli import build_parser
@@ -270,18 +269,6 @@ def test_a_horovod_script_runs_through_it_with_the_tuning_flags(tmp_path):
     assert {"ALLREDUCE", "MPI_ALLREDUCE"} <= phases  # HOROVOD_TIMELINE reached the ranks
 
 
-# MPICH's mpirun and library from its PyPI wheel (make setup puts it here, away from PATH);
-# mpi4py's wheel loads whichever libmpi the loader finds first.
-MPICH = ROOT / ".venv" / "mpich"
-needs_mpich = pytest.mark.skipif(not (MPICH / "bin" / "mpirun").exists(),
-                                 reason=f"no MPICH in {MPICH} (make setup installs its wheel)")
-
-
-def on_mpich() -> dict[str, str]:
-    return {"PATH": f"{MPICH / 'bin'}{os.pathsep}{os.environ['PATH']}",
-            "LD_LIBRARY_PATH": str(MPICH / "lib")}
-
-
 def test_open_mpi_and_mpich_are_told_apart_by_their_mpirun():
     assert horovodrun.flavour(shutil.which("mpirun")) == "openmpi"
     assert horovodrun.flavour("/nonexistent/mpirun") is None
@@ -302,7 +289,7 @@ def test_on_mpich_a_horovod_script_runs_with_settings_from_a_config_file(tmp_pat
     logs = tmp_path / "logs"
     done = run_job(["horovodrun", "-np", "2", "--config-file", str(config), "--verbose",
                     "--output-filename", str(logs), sys.executable, str(script)], np=0,
-                   env=on_mpich())
+                   env=MPICH_ENV)
     assert done.returncode == 0, done.stderr
     assert done.stderr.startswith("mpirun -np 2 -hosts localhost:2 ")  # --verbose
     for rank in (0, 1):  # Hydra writes the files only, one a rank
