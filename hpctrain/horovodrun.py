@@ -36,6 +36,8 @@ ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-s
                  "--elastic-timeout", "--reset-limit", "--blacklist-cooldown-range")
 # mpirun's families, told apart by ``mpirun --version``: Hydra is MPICH's (and Intel MPI's).
 FLAVOURS = ("openmpi", "mpich", "intel")
+# From this many hosts on, horovodrun has Open MPI's ssh start every host from the launcher.
+LARGE_CLUSTER = 64
 # One line for ``hpctrain --help`` and this command's own.
 SUMMARY = "horovodrun's command line, started through the MPI's own mpirun"
 
@@ -202,6 +204,9 @@ def _open_mpi_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
             *(shlex.split(args.binding_args) if args.binding_args
               else ["-bind-to", "none", "-map-by", "slot"])]
+    if len(hosts) >= LARGE_CLUSTER:  # horovodrun's workaround for Open MPI's tree spawn
+        cmd += ["-mca", "plm_rsh_no_tree_spawn", "true",
+                "-mca", "plm_rsh_num_concurrent", str(len(hosts))]
     if args.prefix_output_with_timestamp:
         cmd += ["--timestamp-output"]
     if ssh := _ssh_args(args):

@@ -49,6 +49,16 @@ def test_output_and_binding_flags_replace_or_add_mpiruns_own():
         "--output-filename", "/tmp/logs", "python", "train.py"]
 
 
+def test_on_64_hosts_open_mpi_starts_each_from_the_launcher_as_horovodrun_has_it():
+    hosts = ",".join(f"n{i}:1" for i in range(64))
+    cmd = horovodrun.mpirun_command(parse("-np", "64", "-H", hosts, "python", "x.py"), {})
+    assert cmd[cmd.index("plm_rsh_no_tree_spawn") + 1] == "true"
+    assert cmd[cmd.index("plm_rsh_num_concurrent") + 1] == "64"
+    fewer = horovodrun.mpirun_command(parse("-np", "63", "-H", hosts.rsplit(",", 1)[0],
+                                            "python", "x.py"), {})
+    assert "plm_rsh_no_tree_spawn" not in fewer
+
+
 def test_interfaces_given_once_each_or_comma_separated_are_one_list():
     args = parse("-np", "1", "--network-interface", "eth0", "--network-interfaces", "ib0,eth0",
                  "--start-timeout", "30", "--disable-cache", "python", "x.py")
