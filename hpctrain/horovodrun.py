@@ -234,9 +234,9 @@ def _hydra_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
     cmd = ["mpirun", *([] if args.output_filename else ["-l"]), "-np", str(args.np)]
     if intel:  # Intel MPI's -hosts takes names, its -ppn one count for all
         if len({n for _, n in hosts}) > 1:
-            raise UsageError(f"-H {','.join(f'{h}:{n}' for h, n in hosts)}: Intel MPI's mpirun "
-                             "wants the same slots on every host; pass a machine file in "
-                             "--mpi-args='-machinefile FILE' instead")
+            raise UsageError(f"hosts {','.join(f'{h}:{n}' for h, n in hosts)}: Intel MPI's "
+                             "mpirun wants the same slots on every host; pass a machine file "
+                             "in --mpi-args='-machinefile FILE' instead")
         cmd += ["-hosts", ",".join(h for h, _ in hosts), "-ppn", str(hosts[0][1])]
     else:
         cmd += ["-hosts", ",".join(f"{h}:{n}" for h, n in hosts)]

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
-_LAUNCHES = ("run_job(", "run_commands(", "subprocess.", "mpirun(", "torchrun(", "sbatch",
-             "srun")
+_LAUNCHES = ("run_job(", "run_commands(", "run_program(", "subprocess.", "mpirun(",
+             "torchrun(", "sbatch", "srun")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -100,6 +100,13 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
             mpi_args: list[str] | None = None) -> subprocess.CompletedProcess:
     """Run ``hpctrain <args>`` on ``np`` ranks (plain process if np == 0); fail on timeout."""
     return _launch(HPCTRAIN + args, np, timeout, env, mpi_args)
+
+
+def run_program(program: list[str], np: int = 0, timeout: float = 120, env: dict | None = None,
+                mpi_args: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run ``program`` (a script, an example) as ``run_job`` runs hpctrain: on ``np`` ranks,
+    a plain process if np == 0 (the default); fail on timeout."""
+    return _launch(program, np, timeout, env, mpi_args)
 
 
 # One launch, several ``hpctrain`` command lines in turn through the CLI's own main(), each with

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import runpy
 import subprocess
@@ -13,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, mpirun, run_job
+from conftest import SYNTHETIC, run_job, run_program
 
 from hpctrain import arguments, cli, run
 
@@ -48,9 +47,7 @@ def printed_results(stdout: str) -> list[dict]:
 def run_script(script, text: str, out) -> subprocess.CompletedProcess:
     """``mpirun -np 2 python script out`` with ``text`` as the script; it must succeed."""
     script.write_text(text)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(out)],
-                          capture_output=True, text=True, timeout=200, env=env, cwd=ROOT)
+    proc = run_program([sys.executable, str(script), str(out)], np=2, timeout=200)
     assert proc.returncode == 0, proc.stderr
     return proc
 
@@ -98,9 +95,8 @@ def test_a_script_trains_ssgd_once_per_backend(tmp_path):
                 "mpi"]
     script = tmp_path / "sweep.py"
     script.write_text(SWEEP_SCRIPT)
-    proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(tmp_path),
-                           ",".join(backends)], capture_output=True, text=True, timeout=360,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=ROOT)
+    proc = run_program([sys.executable, str(script), str(tmp_path), ",".join(backends)], np=2,
+                       timeout=360)
     assert proc.returncode == 0, proc.stderr
     for i, backend in enumerate(backends):
         config = json.loads((tmp_path / str(i) / "config.json").read_text())
@@ -119,8 +115,7 @@ def test_a_bad_setting_in_a_script_is_a_value_error_before_mpi(tmp_path):
                       "    import sys\n"
                       "    print(e)\n"
                       "    print('mpi4py.MPI' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=100, cwd=ROOT)
+    proc = run_program([sys.executable, str(script)], timeout=100)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines() == ["--momentum 1.5 must be in [0, 1)", "False"]
 

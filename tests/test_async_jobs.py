@@ -9,12 +9,11 @@ into MPI for operations on it to progress.
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
 import pytest
-from conftest import ROOT, mpirun
+from conftest import run_program
 
 TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
             "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
@@ -22,13 +21,8 @@ BUSY_S = 8.0
 
 
 def run_scenario(name: str, np: int, *args: str, mpi_args=(), timeout: float = 120):
-    cmd = [*mpirun(np), *mpi_args, sys.executable, __file__, name, *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    return run_program([sys.executable, __file__, name, *args], np, timeout,
+                       mpi_args=list(mpi_args))
 
 
 def results_of(proc) -> dict[str, dict]:

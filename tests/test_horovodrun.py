@@ -202,7 +202,7 @@ def test_on_mpich_the_flags_become_hydras_mpirun_command(tmp_path):
 @pytest.mark.parametrize("flavour, words, message", [
     ("mpich", ["--prefix-output-with-timestamp"], "MPICH's mpirun cannot timestamp"),
     ("mpich", ["-i", "/k"], "-i: MPICH's mpirun takes no ssh arguments"),
-    ("intel", ["-H", "a:2,b:1"], "-H a:2,b:1: Intel MPI's mpirun wants the same slots"),
+    ("intel", ["-H", "a:2,b:1"], "hosts a:2,b:1: Intel MPI's mpirun wants the same slots"),
 ])
 def test_what_a_hydra_mpirun_cannot_do_is_refused_in_one_line(flavour, words, message):
     with pytest.raises(UsageError, match=message):

@@ -8,14 +8,12 @@ through --sync-backend torch. Algorithms that need MPI are refused in one line.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from dataclasses import replace
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job, torchrun
+from conftest import SYNTHETIC, run_job, run_program, torchrun
 
 import hpctrain
 from hpctrain import comm, run
@@ -168,8 +166,7 @@ def test_a_process_that_exits_with_the_check_running_ends_cleanly(tmp_path):
     process (CI saw it under torchrun; 19 exits of 30 aborted here before the fix)."""
     script = tmp_path / "exit.py"
     script.write_text(EXIT_SCRIPT)
-    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = run_program([sys.executable, str(script)], timeout=60)
     assert proc.returncode == 0, proc.stderr
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import runpy
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, mpirun
+from conftest import ROOT, SYNTHETIC, run_program
 from torch import nn
 from torch.nn import functional as F
 
@@ -616,12 +615,8 @@ def test_resnet_with_sync_batchnorm_trains_like_one_process_on_the_union(hvd):
 
 def _run_example(script: str) -> subprocess.CompletedProcess:
     """``mpirun -np 2 python examples/<script>``, this checkout's hpctrain first on the path."""
-    cmd = mpirun(2) + [sys.executable, str(ROOT / "examples" / script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=90, env=env, cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{script} hung: {e.stdout}\n{e.stderr}")
+    return run_program([sys.executable, str(ROOT / "examples" / script)], np=2, timeout=90,
+                       env={"PYTHONPATH": str(ROOT)})
 
 
 # One launch per backend for the two timeline tests below: `hpctrain train --algo ssgd` (the
@@ -650,11 +645,9 @@ def timeline_job(tmp_path_factory):
         out = tmp_path_factory.mktemp(f"timeline-{backend}")
         script = out / "job.py"
         script.write_text(TIMELINE_JOB)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT),
-               "HOROVOD_TIMELINE": str(out / "ssgd-timeline.json")}
-        proc = subprocess.run([*mpirun(2), sys.executable, str(script), str(out), backend,
-                               *SYNTHETIC, "--epochs", "1"], capture_output=True, text=True,
-                              timeout=110, env=env, cwd=ROOT)
+        env = {"PYTHONPATH": str(ROOT), "HOROVOD_TIMELINE": str(out / "ssgd-timeline.json")}
+        proc = run_program([sys.executable, str(script), str(out), backend, *SYNTHETIC,
+                            "--epochs", "1"], np=2, timeout=110, env=env)
         return proc, out
     return get
 

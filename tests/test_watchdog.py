@@ -4,7 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import run_job
+from conftest import run_job, run_program
 
 from hpctrain import watchdog
 
@@ -13,8 +13,7 @@ SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-prog
 
 
 def run_python(code: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_program([sys.executable, "-c", code], timeout=timeout)
 
 
 @pytest.mark.timeout(60)
