@@ -44,6 +44,7 @@ def init(thread_level: str = "multiple") -> ModuleType:
             "call hpctrain.comm.init() before anything imports mpi4py.MPI"
         )
     install_abort_on_error()
+    _check_world_once(MPI)
     return MPI
 
 
@@ -52,8 +53,41 @@ def mpi() -> ModuleType:
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
+        _check_world_once(MPI)
         return MPI
     return init()
+
+
+def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> None:
+    """UsageError when the launcher started several processes but MPI gives each a world of
+    one: each would train alone and write the same outputs. Either the MPI library mpi4py
+    loaded is not the launcher's (MPICH's mpirun, Open MPI's library), or srun started the
+    tasks without the PMI plugin the library needs."""
+    if seat is None or seat.size == 1 or world_size != 1:
+        return
+    if seat.source.startswith("Slurm"):
+        fix = ("srun started the tasks without the PMI plugin this MPI needs: pass "
+               "srun --mpi=pmix (or the plugin your MPI was built with; srun --mpi=list)")
+    else:
+        fix = ("the MPI library mpi4py loaded is not the launcher's: launch with that MPI's "
+               "mpirun, or put the launcher's libmpi first on LD_LIBRARY_PATH")
+    raise UsageError(f"{seat}, but MPI ({library}) gives this process a world of 1, so each "
+                     f"process would train alone; {fix}")
+
+
+_world_checked = False
+
+
+def _check_world_once(MPI: ModuleType) -> None:
+    """:func:`check_world` for this process, once (torchrun's workers are MPI singletons by
+    design: the torch backend is their world)."""
+    global _world_checked
+    if _world_checked:
+        return
+    _world_checked = True
+    if launcher() == "mpi":
+        library = MPI.Get_library_version().strip("\x00 \n").splitlines()[0].split(",")[0]
+        check_world(launch_env.from_launcher(), MPI.COMM_WORLD.Get_size(), library)
 
 
 def _thread_level_index(MPI: ModuleType, level: int) -> int:

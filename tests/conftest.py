@@ -97,9 +97,11 @@ def _launch(program: list[str], np: int, timeout: float, env: dict | None,
 
 
 def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None = None,
-            mpi_args: list[str] | None = None) -> subprocess.CompletedProcess:
-    """Run ``hpctrain <args>`` on ``np`` ranks (plain process if np == 0); fail on timeout."""
-    return _launch(HPCTRAIN + args, np, timeout, env, mpi_args)
+            mpi_args: list[str] | None = None, mpich: bool = False
+            ) -> subprocess.CompletedProcess:
+    """Run ``hpctrain <args>`` on ``np`` ranks (plain process if np == 0; on MPICH with
+    ``mpich``); fail on timeout."""
+    return _launch(HPCTRAIN + args, np, timeout, env, mpi_args, mpich)
 
 
 def run_program(program: list[str], np: int = 0, timeout: float = 120, env: dict | None = None,

@@ -1,8 +1,11 @@
 """The MPI world helpers, under mpirun."""
 
+import re
+
 import pytest
 
-from hpctrain import comm
+from hpctrain import comm, launch_env
+from hpctrain.errors import UsageError
 
 
 @pytest.mark.mpi(min_size=2)
@@ -27,8 +30,6 @@ def test_library_info():
 
 
 def test_unknown_thread_level():
-    from hpctrain.errors import UsageError
-
     with pytest.raises(UsageError, match="unknown MPI thread level 'many'"):
         comm.init("many")
 
@@ -50,3 +51,18 @@ def test_a_batch_scripts_slurm_variables_are_not_a_launch(monkeypatch):
     monkeypatch.setenv("SLURM_STEP_ID", "0")
     monkeypatch.setenv("SLURM_PROCID", "2")
     assert (comm.launcher(), comm.env_rank(), comm.env_size()) == ("mpi", 2, 4)
+
+
+@pytest.mark.parametrize("seat, hint", [
+    (launch_env.Seat(2, 1, "PMI (PMI_SIZE=2, PMI_RANK=1)"), "is not the launcher's"),
+    (launch_env.Seat(4, 0, "Slurm (SLURM_NTASKS=4, SLURM_PROCID=0)"), "srun --mpi=pmix"),
+])
+def test_a_launch_of_several_whose_mpi_world_is_one_process_is_refused(seat, hint):
+    """Each process would train alone and write the same outputs: one line, naming both."""
+    with pytest.raises(UsageError, match=f"{re.escape(str(seat))}, but MPI \\(Lib 1\\) gives "
+                                         "this process a world of 1") as refused:
+        comm.check_world(seat, 1, "Lib 1")
+    assert hint in str(refused.value) and "\n" not in str(refused.value)
+    comm.check_world(seat, seat.size, "Lib 1")  # the launch and MPI agree
+    comm.check_world(launch_env.Seat(1, 0, "PMI (PMI_SIZE=1, PMI_RANK=0)"), 1, "Lib 1")
+    comm.check_world(None, 1, "Lib 1")  # no launcher: a singleton is what was asked for

@@ -3,7 +3,9 @@
 MPI implementations differ where hpctrain leans on them hardest: passive-target RMA (the async
 store's exclusive locks, Accumulate, the ticket counter) and the progress it needs. One MPICH
 launch trains each family: the store under both consistencies, ssp, ec, and ssgd, whose
-2-rank average is one addition, so it must give Open MPI's model bit for bit."""
+2-rank average is one addition, so it must give Open MPI's model bit for bit. And MPICH's
+mpirun starting processes whose mpi4py loaded Open MPI's library is refused, not run as
+several one-process jobs."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import json
 
 import pytest
 import torch
-from conftest import needs_mpich, run_commands
+from conftest import needs_mpich, run_commands, run_job
 
 COMMON = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "2", "--seed", "5",
           "--no-progress"]
@@ -45,3 +47,19 @@ def test_every_family_trains_on_mpich_and_ssgd_matches_open_mpi_bit_for_bit(tmp_
     assert on_ompi.returncode == 0, on_ompi.stderr[-3000:]
     a, b = (torch.load(d / "ssgd" / "model.pt", weights_only=True) for d in (mpich, ompi))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@needs_mpich
+@pytest.mark.timeout(120)
+def test_mpichs_mpirun_with_open_mpis_library_is_refused_before_anything_is_written(tmp_path):
+    """Without MPICH's lib on the loader's path mpi4py loads Open MPI's: each process is a
+    world of 1 and would train alone into the same folder. Each says so in one line."""
+    out = tmp_path / "run"
+    done = run_job(["train", *RUNS["ssgd"], *COMMON, "--out", str(out)], np=2, mpich=True,
+                   env={"LD_LIBRARY_PATH": ""})
+    assert done.returncode == 2, done.stderr[-2000:]
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("hpctrain: error")]
+    assert len(refusals) == 2 and all("gives this process a world of 1" in line
+                                      and "is not the launcher's" in line for line in refusals)
+    assert {"PMI_RANK=0" in line for line in refusals} == {True, False}
+    assert not out.exists()
