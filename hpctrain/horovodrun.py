@@ -23,19 +23,17 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 from collections.abc import Mapping
 from pathlib import Path
 
 from hpctrain import horovod_settings
 from hpctrain.errors import Parser, UsageError
+from hpctrain.mpirun import FLAVOURS, flavour_of
 
 # Flags of horovodrun's elastic mode (it re-forms the job itself; here a launcher restarts it).
 ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-script",
                  "--elastic-timeout", "--reset-limit", "--blacklist-cooldown-range")
-# mpirun's families, told apart by ``mpirun --version``: Hydra is MPICH's (and Intel MPI's).
-FLAVOURS = ("openmpi", "mpich", "intel")
 # From this many hosts on, horovodrun has Open MPI's ssh start every host from the launcher.
 LARGE_CLUSTER = 64
 # One line for ``hpctrain --help`` and this command's own.
@@ -263,22 +261,6 @@ def _ssh_args(args: argparse.Namespace) -> str:
                      *(["-i", args.ssh_identity_file] if args.ssh_identity_file else [])])
 
 
-def flavour(mpirun: str) -> str | None:
-    """Which of :data:`FLAVOURS` ``mpirun`` is, from its ``--version``; None if none of them."""
-    try:
-        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    text = out.stdout + out.stderr
-    if "Open MPI" in text or "OpenRTE" in text:
-        return "openmpi"
-    if "Intel(R) MPI" in text:
-        return "intel"
-    if "MPICH" in text or "HYDRA" in text:
-        return "mpich"
-    return None
-
-
 def build_report() -> str:
     """horovodrun --check-build's table for hpctrain's backends (this imports torch).
 
@@ -312,7 +294,7 @@ def run(args: argparse.Namespace) -> None:
     check(args)  # the command line's and the config file's mistakes before looking for mpirun
     variables(args)
     mpirun = shutil.which("mpirun")
-    kind = flavour(mpirun) if mpirun else None
+    kind = flavour_of(mpirun) if mpirun else None
     if kind is None:
         raise UsageError("hpctrain horovodrun needs Open MPI's, MPICH's or Intel MPI's mpirun "
                          f"on PATH ({mpirun or 'none found'})")

@@ -12,7 +12,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import SYNTHETIC, run_job
+from conftest import MPICH_ENV, SYNTHETIC, needs_mpich, run_job
 from matplotlib.image import imread
 
 from hpctrain import cli, registry
@@ -120,6 +120,17 @@ def test_default_launcher(monkeypatch):
     monkeypatch.setenv("HPCTRAIN_LAUNCHER", "mpiexec -n {np} --bind-to core")
     assert compare.launcher_command(None, 2) == ["mpiexec", "-n", "2", "--bind-to", "core"]
     assert compare.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]
+
+
+@needs_mpich
+def test_default_launcher_on_mpich_has_no_open_mpi_flags(monkeypatch):
+    """Hydra's mpirun knows neither --allow-run-as-root nor --oversubscribe (and needs
+    neither): with MPICH's first on PATH the default is plain."""
+    for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "HPCTRAIN_MPIRUN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("PATH", MPICH_ENV["PATH"])
+    many = 4 * os.cpu_count()
+    assert compare.launcher_command(None, many) == ["mpirun", "-np", str(many)]
 
 
 def test_last_error_prefers_hpctrain_line_over_mpirun_banner():

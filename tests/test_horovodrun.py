@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import MPICH, MPICH_ENV, needs_mpich, run_job
 
-from hpctrain import horovod_settings, horovodrun
+from hpctrain import horovod_settings, horovodrun, mpirun
 from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
 
@@ -280,10 +280,10 @@ def test_a_horovod_script_runs_through_it_with_the_tuning_flags(tmp_path):
 
 
 def test_open_mpi_and_mpich_are_told_apart_by_their_mpirun():
-    assert horovodrun.flavour(shutil.which("mpirun")) == "openmpi"
-    assert horovodrun.flavour("/nonexistent/mpirun") is None
+    assert mpirun.flavour_of(shutil.which("mpirun")) == "openmpi"
+    assert mpirun.flavour_of("/nonexistent/mpirun") is None
     if (MPICH / "bin" / "mpirun").exists():
-        assert horovodrun.flavour(str(MPICH / "bin" / "mpirun")) == "mpich"
+        assert mpirun.flavour_of(str(MPICH / "bin" / "mpirun")) == "mpich"
 
 
 @needs_mpich

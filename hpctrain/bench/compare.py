@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, registry
+from hpctrain import arguments, checkpoint, mpirun, registry
 from hpctrain.bench import report
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import write_json_atomic
@@ -95,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="command starting the processes of a run, with {np} for their "
                                  "number, e.g. 'mpirun -np {np}' or 'srun --mpi=pmix -n {np}'; "
                                  "default: $HPCTRAIN_LAUNCHER, else srun inside a Slurm "
-                                 "allocation, else $HPCTRAIN_MPIRUN -np {np}, else mpirun (with "
-                                 "--allow-run-as-root and --oversubscribe only where needed)"),
+                                 "allocation, else $HPCTRAIN_MPIRUN -np {np}, else mpirun (Open "
+                                 "MPI's: with --allow-run-as-root and --oversubscribe only "
+                                 "where needed)"),
         parser.add_argument("--timeout", type=float, default=0.0,
                             help="seconds after which a run is stopped and reported failed "
                                  "(0: none)"),
@@ -178,10 +179,8 @@ def default_launcher(np: int) -> str:
         return "srun --mpi=pmix --kill-on-bad-exit=1 --ntasks={np}"
     if os.environ.get("HPCTRAIN_MPIRUN"):
         return os.environ["HPCTRAIN_MPIRUN"] + " -np {np}"
-    flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    if np > _cores():
-        flags.append("--oversubscribe")
-    return " ".join(["mpirun", *flags, "-np", "{np}"])
+    return " ".join(["mpirun", *mpirun.local_flags(mpirun.flavour_of(), np, _cores()),
+                     "-np", "{np}"])
 
 
 def launcher_command(template: str | None, np: int) -> list[str]:
