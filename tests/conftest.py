@@ -137,6 +137,22 @@ def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
                    mpi_args, mpich)
 
 
+def horovod_missing() -> str | None:
+    """Why ``backend="horovod"`` cannot run in this process, or None. Horovod here is built
+    against Debian's Open MPI (scripts/build_horovod.sh), so under another MPI (the MPICH
+    phase) its library would clash with the running one: skipped without importing it."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is not None and MPI.Is_initialized():
+        library = MPI.Get_library_version().split(",")[0].split("\n")[0].strip()
+        if "Open MPI" not in library:
+            return f"Horovod here is built with Open MPI; this job runs {library}"
+    try:
+        import horovod.torch  # noqa: F401
+    except Exception as e:  # noqa: BLE001 (a failed build raises anything)
+        return f"horovod.torch is not importable ({type(e).__name__}: {e}); run make setup"
+    return None
+
+
 def refusal(args: list[str], ranks: int = 1) -> str:
     """What ``hpctrain train`` refuses before MPI starts on ``ranks`` ranks, checked in this
     process: the same parser, configuration and launch check a job runs, so one real job per

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import horovod_missing
 from torch import nn
 from torch.nn import functional as F
 
@@ -107,11 +108,8 @@ timeout = pytest.mark.timeout(120)
 def hvd(request):
     """One backend for all of this module's tests on it (started once: a torch or Horovod
     start costs more than the tests)."""
-    if request.param == "horovod":
-        try:
-            import horovod.torch  # noqa: F401
-        except Exception as e:
-            pytest.skip(f"horovod.torch is not importable ({type(e).__name__}); make setup")
+    if request.param == "horovod" and (why := horovod_missing()):
+        pytest.skip(why)
     with pytest.MonkeyPatch.context() as patch:
         if request.param == "mpi-staged":  # as CUDA tensors go when MPI is not CUDA-aware
             patch.setattr(MPITransport, "takes", lambda self, tensor: False)

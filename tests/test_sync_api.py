@@ -15,6 +15,7 @@ import sys
 
 import pytest
 import torch
+from conftest import horovod_missing
 from torch import nn
 from torch.nn import functional as F
 
@@ -112,20 +113,12 @@ def test_scale_factors_follow_horovod_average_split():
 
 # ---------------------------------------------------------------- helpers for MPI tests
 
-def _horovod_missing() -> str | None:
-    try:
-        import horovod.torch  # noqa: F401
-    except Exception as e:
-        return f"horovod.torch is not importable ({type(e).__name__}: {e}); run make setup"
-    return None
-
-
 @pytest.fixture(params=[*sync.BACKENDS, "mpi-staged"])
 def hvd(request, monkeypatch):
     """hpctrain.sync started on the backend under test, shut down afterwards. ``mpi-staged``
     is the mpi backend moving every tensor through a host copy, as it moves CUDA tensors
     when MPI is not CUDA-aware."""
-    if request.param == "horovod" and (why := _horovod_missing()):
+    if request.param == "horovod" and (why := horovod_missing()):
         pytest.skip(why)
     if request.param == "mpi-staged":
         monkeypatch.setattr(MPITransport, "takes", lambda self, tensor: False)

@@ -22,7 +22,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, run_program
+from conftest import ROOT, SYNTHETIC, horovod_missing, run_program
 from torch import nn
 from torch.nn import functional as F
 
@@ -38,10 +38,10 @@ from hpctrain.watchdog import EXIT_STATUS
 
 
 def _horovod():
-    try:
-        import horovod.torch as hvd
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"horovod.torch is not importable ({type(e).__name__}); run make setup")
+    if why := horovod_missing():
+        pytest.skip(why)
+    import horovod.torch as hvd
+
     return hvd
 
 
@@ -288,11 +288,8 @@ def results():
     torch.set_num_threads(1)
     got = {}
     for backend in (*OWN, "horovod"):
-        if backend == "horovod":
-            try:
-                import horovod.torch  # noqa: F401
-            except Exception:  # noqa: BLE001
-                continue
+        if backend == "horovod" and horovod_missing():
+            continue
         with pytest.MonkeyPatch.context() as patch:
             if backend == "mpi-staged":
                 patch.setattr(MPITransport, "takes", lambda self, tensor: False)
