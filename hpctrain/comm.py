@@ -62,8 +62,9 @@ def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> 
     """UsageError when the launcher started several processes but MPI gives each a world of
     one: each would train alone and write the same outputs. Either the MPI library mpi4py
     loaded is not the launcher's (MPICH's mpirun, Open MPI's library), or srun started the
-    tasks without the PMI plugin the library needs."""
-    if seat is None or seat.size == 1 or world_size != 1:
+    tasks without the PMI plugin the library needs. torch.distributed's variables
+    (``WORLD_SIZE``) say nothing about MPI: their processes are singletons by design."""
+    if seat is None or seat.size == 1 or world_size != 1 or seat.source.startswith("torchrun"):
         return
     if seat.source.startswith("Slurm"):
         fix = ("srun started the tasks without the PMI plugin this MPI needs: pass "

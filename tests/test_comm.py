@@ -66,3 +66,4 @@ def test_a_launch_of_several_whose_mpi_world_is_one_process_is_refused(seat, hin
     comm.check_world(seat, seat.size, "Lib 1")  # the launch and MPI agree
     comm.check_world(launch_env.Seat(1, 0, "PMI (PMI_SIZE=1, PMI_RANK=0)"), 1, "Lib 1")
     comm.check_world(None, 1, "Lib 1")  # no launcher: a singleton is what was asked for
+    comm.check_world(launch_env.Seat(4, 0, "torchrun (WORLD_SIZE=4, RANK=0)"), 1, "Lib 1")
