@@ -87,7 +87,7 @@ def _check_world_once(MPI: ModuleType) -> None:
         return
     _world_checked = True
     if launcher() == "mpi":
-        library = MPI.Get_library_version().strip("\x00 \n").splitlines()[0].split(",")[0]
+        library = library_name(MPI).split(",")[0]
         check_world(launch_env.from_launcher(), MPI.COMM_WORLD.Get_size(), library)
 
 
@@ -156,13 +156,18 @@ def launch_size() -> int:
     return env_size()
 
 
+def library_name(MPI: ModuleType) -> str:
+    """The first line of the MPI library's version string (``Open MPI v4.1.4, ...``)."""
+    return MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
+
+
 def library_info() -> dict:
     """MPI library name and version, standard version, thread level provided."""
     MPI = mpi()
     major, minor = MPI.Get_version()
     level = THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
     return {
-        "library": MPI.Get_library_version().strip("\x00 \n").splitlines()[0],
+        "library": library_name(MPI),
         "standard": f"{major}.{minor}",
         "thread_level": level,
         "mpi4py": mpi4py.__version__,

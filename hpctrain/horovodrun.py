@@ -291,14 +291,14 @@ def run(args: argparse.Namespace) -> None:
     if args.check_build:
         print(build_report(), flush=True)
         return
-    check(args)  # the command line's and the config file's mistakes before looking for mpirun
-    variables(args)
     mpirun = shutil.which("mpirun")
-    kind = flavour_of(mpirun) if mpirun else None
+    kind = flavour_of(mpirun)
+    # Built before the refusal below, so that the command line's and the config file's
+    # mistakes are reported first.
+    cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0, flavour=kind or "openmpi")
     if kind is None:
         raise UsageError("hpctrain horovodrun needs Open MPI's, MPICH's or Intel MPI's mpirun "
                          f"on PATH ({mpirun or 'none found'})")
-    cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0, flavour=kind)
     if args.output_filename and kind != "openmpi":
         Path(args.output_filename).mkdir(parents=True, exist_ok=True)
     if args.verbose:

@@ -33,7 +33,9 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
   $VPIP install -q --no-build-isolation -e ".[test,plot,tensorboard]"
   # MPICH (its mpirun and library, from its PyPI wheel) beside Debian's Open MPI, for the tests
   # of hpctrain horovodrun on MPICH: under a prefix of its own, so its mpirun is not on PATH.
-  $VPIP install -q --upgrade --prefix .venv/mpich mpich
+  # Optional, as Horovod is: without it make test-mpich and the MPICH tests say so and skip.
+  $VPIP install -q --upgrade --prefix .venv/mpich mpich \
+    || echo "setup: MPICH's wheel not installed (see pip above); its tests will be skipped"
   touch "$stamp"
 fi
 

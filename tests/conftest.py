@@ -143,7 +143,9 @@ def horovod_missing() -> str | None:
     phase) its library would clash with the running one: skipped without importing it."""
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_initialized():
-        library = MPI.Get_library_version().split(",")[0].split("\n")[0].strip()
+        from hpctrain import comm
+
+        library = comm.library_name(MPI)
         if "Open MPI" not in library:
             return f"Horovod here is built with Open MPI; this job runs {library}"
     try:
