@@ -31,11 +31,13 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
   $VPIP install -q "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout pytest-xdist tqdm matplotlib ruff \
     cmake packaging wheel setuptools tensorboard pillow
   $VPIP install -q --no-build-isolation -e ".[test,plot,tensorboard]"
-  # MPICH (its mpirun and library, from its PyPI wheel) beside Debian's Open MPI, for the tests
-  # of hpctrain horovodrun on MPICH: under a prefix of its own, so its mpirun is not on PATH.
-  # Optional, as Horovod is: without it make test-mpich and the MPICH tests say so and skip.
-  $VPIP install -q --upgrade --prefix .venv/mpich mpich \
-    || echo "setup: MPICH's wheel not installed (see pip above); its tests will be skipped"
+  # MPICH and Intel MPI (each its mpirun and library, from its PyPI wheel) beside Debian's Open
+  # MPI, for the tests on Hydra's MPIs: each under a prefix of its own, so that its mpirun is
+  # not on PATH. Optional, as Horovod is: without one, its tests say so and skip.
+  for wheel in mpich:mpich impi-rt:impi; do
+    $VPIP install -q --upgrade --prefix ".venv/${wheel#*:}" "${wheel%%:*}" \
+      || echo "setup: ${wheel%%:*}'s wheel not installed (see pip above); its tests will be skipped"
+  done
   touch "$stamp"
 fi
 

@@ -71,37 +71,52 @@ def mpirun(np: int) -> list[str]:
     return [*base, "-np", str(np)]
 
 
-# MPICH's mpirun and library from its PyPI wheel, which make setup puts here, off PATH: a job
-# on MPICH puts them first on PATH and the loader's path (mpi4py's wheel loads the libmpi the
-# loader finds).
-MPICH = ROOT / ".venv" / "mpich"
-needs_mpich = pytest.mark.skipif(not (MPICH / "bin" / "mpirun").exists(),
-                                 reason=f"no MPICH in {MPICH} (make setup installs its wheel)")
-MPICH_ENV = {"PATH": f"{MPICH / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
-             "LD_LIBRARY_PATH": str(MPICH / "lib")}
+# Hydra's MPIs beside Debian's Open MPI: MPICH's and Intel MPI's mpirun and library from their
+# PyPI wheels, which make setup puts under .venv, off PATH. A job on one puts them first on
+# PATH and the loader's path (mpi4py's wheel loads the libmpi the loader finds).
+OTHER_MPIS = {"mpich": ROOT / ".venv" / "mpich", "intel": ROOT / ".venv" / "impi"}
+
+
+def mpi_env(mpi: str) -> dict[str, str]:
+    """The variables that make ``mpi`` (a key of :data:`OTHER_MPIS`) this job's MPI."""
+    prefix = OTHER_MPIS[mpi]
+    return {"PATH": f"{prefix / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}",
+            "LD_LIBRARY_PATH": str(prefix / "lib")}
+
+
+def needs_mpi(mpi: str) -> pytest.MarkDecorator:
+    """Skip where ``mpi``'s wheel is not installed (make setup's pip failed or was offline)."""
+    prefix = OTHER_MPIS[mpi]
+    return pytest.mark.skipif(not (prefix / "bin" / "mpirun").exists(),
+                              reason=f"no {mpi} MPI in {prefix} (make setup installs its wheel)")
+
+
+# Parametrize a test over Hydra's MPIs: @pytest.mark.parametrize("mpi", ON_OTHER_MPIS).
+ON_OTHER_MPIS = [pytest.param(mpi, marks=needs_mpi(mpi)) for mpi in OTHER_MPIS]
 
 
 def _launch(program: list[str], np: int, timeout: float, env: dict | None,
-            mpi_args: list[str] | None, mpich: bool = False) -> subprocess.CompletedProcess:
-    """``program`` on ``np`` ranks under mpirun (plain process if np == 0), Open MPI's or with
-    ``mpich`` MPICH's; fail on timeout."""
-    launcher = [str(MPICH / "bin" / "mpirun"), "-n", str(np)] if mpich else mpirun(np)
+            mpi_args: list[str] | None, mpi: str = "openmpi") -> subprocess.CompletedProcess:
+    """``program`` on ``np`` ranks under ``mpi``'s mpirun (Debian's Open MPI, or one of
+    :data:`OTHER_MPIS`; a plain process if np == 0); fail on timeout."""
+    other = mpi != "openmpi"
+    launcher = [str(OTHER_MPIS[mpi] / "bin" / "mpirun"), "-n", str(np)] if other else mpirun(np)
     cmd = program if np == 0 else launcher + (mpi_args or []) + program
     try:
         return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                               env={**os.environ, "OMP_NUM_THREADS": "1",
-                                   **(MPICH_ENV if mpich else {}), **(env or {})},
+                                   **(mpi_env(mpi) if other else {}), **(env or {})},
                               cwd=ROOT)
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
 
 
 def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None = None,
-            mpi_args: list[str] | None = None, mpich: bool = False
+            mpi_args: list[str] | None = None, mpi: str = "openmpi"
             ) -> subprocess.CompletedProcess:
-    """Run ``hpctrain <args>`` on ``np`` ranks (plain process if np == 0; on MPICH with
-    ``mpich``); fail on timeout."""
-    return _launch(HPCTRAIN + args, np, timeout, env, mpi_args, mpich)
+    """Run ``hpctrain <args>`` on ``np`` ranks of ``mpi`` (plain process if np == 0); fail on
+    timeout."""
+    return _launch(HPCTRAIN + args, np, timeout, env, mpi_args, mpi)
 
 
 def run_program(program: list[str], np: int = 0, timeout: float = 120, env: dict | None = None,
@@ -128,19 +143,20 @@ for argv, inject in json.loads(sys.argv[1]):
 def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
                  injects: list[str | None] | None = None,
                  mpi_args: list[str] | None = None,
-                 mpich: bool = False) -> subprocess.CompletedProcess:
+                 mpi: str = "openmpi") -> subprocess.CompletedProcess:
     """``hpctrain <argv>`` for each argv of ``commands`` in turn, in one launch of ``np`` ranks
-    (plain process if np == 0; on MPICH with ``mpich``), with ``injects[i]`` as command i's
+    of ``mpi`` (plain process if np == 0), with ``injects[i]`` as command i's
     $HPCTRAIN_INJECT; fail on timeout. A command that fails ends the launch."""
     pairs = list(zip(commands, injects or [None] * len(commands), strict=True))
     return _launch([sys.executable, "-c", _COMMANDS, json.dumps(pairs)], np, timeout, None,
-                   mpi_args, mpich)
+                   mpi_args, mpi)
 
 
 def horovod_missing() -> str | None:
     """Why ``backend="horovod"`` cannot run in this process, or None. Horovod here is built
     against Debian's Open MPI (scripts/build_horovod.sh), so under another MPI (the MPICH
-    phase) its library would clash with the running one: skipped without importing it."""
+    and Intel MPI phases) its library would clash with the running one: skipped without
+    importing it."""
     MPI = sys.modules.get("mpi4py.MPI")
     if MPI is not None and MPI.Is_initialized():
         from hpctrain import comm

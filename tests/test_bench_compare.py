@@ -12,7 +12,7 @@ import shutil
 from types import SimpleNamespace
 
 import pytest
-from conftest import MPICH_ENV, SYNTHETIC, needs_mpich, run_job
+from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job
 from matplotlib.image import imread
 
 from hpctrain import cli, registry
@@ -122,13 +122,13 @@ def test_default_launcher(monkeypatch):
     assert compare.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]
 
 
-@needs_mpich
-def test_default_launcher_on_mpich_has_no_open_mpi_flags(monkeypatch):
-    """Hydra's mpirun knows neither --allow-run-as-root nor --oversubscribe (and needs
-    neither): with MPICH's first on PATH the default is plain."""
+@pytest.mark.parametrize("mpi", ON_OTHER_MPIS)
+def test_default_launcher_on_hydra_has_no_open_mpi_flags(mpi, monkeypatch):
+    """Hydra's mpirun (MPICH's, Intel MPI's) knows neither --allow-run-as-root nor
+    --oversubscribe (and needs neither): with its mpirun first on PATH the default is plain."""
     for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "HPCTRAIN_MPIRUN"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("PATH", MPICH_ENV["PATH"])
+    monkeypatch.setenv("PATH", mpi_env(mpi)["PATH"])
     many = 4 * os.cpu_count()
     assert compare.launcher_command(None, many) == ["mpirun", "-np", str(many)]
 

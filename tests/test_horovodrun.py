@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import MPICH, MPICH_ENV, needs_mpich, run_job
+from conftest import ON_OTHER_MPIS, OTHER_MPIS, mpi_env, run_job
 
 from hpctrain import horovod_settings, horovodrun, mpirun
 from hpctrain.cli import build_parser
@@ -279,17 +279,25 @@ def test_a_horovod_script_runs_through_it_with_the_tuning_flags(tmp_path):
     assert {"ALLREDUCE", "MPI_ALLREDUCE"} <= phases  # HOROVOD_TIMELINE reached the ranks
 
 
-def test_open_mpi_and_mpich_are_told_apart_by_their_mpirun():
+def test_open_mpi_mpich_and_intel_mpi_are_told_apart_by_their_mpirun():
     assert mpirun.flavour_of(shutil.which("mpirun")) == "openmpi"
     assert mpirun.flavour_of("/nonexistent/mpirun") is None
-    if (MPICH / "bin" / "mpirun").exists():
-        assert mpirun.flavour_of(str(MPICH / "bin" / "mpirun")) == "mpich"
+    for mpi, prefix in OTHER_MPIS.items():
+        if (prefix / "bin" / "mpirun").exists():  # Intel's is a script that finds the rest
+            with pytest.MonkeyPatch.context() as patch:  # on PATH
+                patch.setenv("PATH", mpi_env(mpi)["PATH"])
+                assert mpirun.flavour_of(str(prefix / "bin" / "mpirun")) == mpi
 
 
-@needs_mpich
+# What each Hydra puts in front of the program for -np 2 on this host, and its library's name.
+HYDRA_STARTS = {"mpich": ("mpirun -np 2 -hosts localhost:2 -bind-to none -map-by slot", "MPICH"),
+                "intel": ("mpirun -np 2 -hosts localhost -ppn 2", "Intel(R)")}
+
+
 @pytest.mark.timeout(120)
-def test_on_mpich_a_horovod_script_runs_with_settings_from_a_config_file(tmp_path):
-    """The same script on MPICH's mpirun and library: Hydra's rank-tagged output and files,
+@pytest.mark.parametrize("mpi", ON_OTHER_MPIS)
+def test_on_hydra_a_horovod_script_runs_with_settings_from_a_config_file(mpi, tmp_path):
+    """The same script on MPICH's or Intel MPI's mpirun and library: Hydra's per-rank files,
     and the config file's settings in every rank's environment."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
@@ -299,12 +307,13 @@ def test_on_mpich_a_horovod_script_runs_with_settings_from_a_config_file(tmp_pat
     logs = tmp_path / "logs"
     done = run_job(["horovodrun", "-np", "2", "--config-file", str(config), "--verbose",
                     "--output-filename", str(logs), sys.executable, str(script)], np=0,
-                   env=MPICH_ENV)
+                   env=mpi_env(mpi))
     assert done.returncode == 0, done.stderr
-    assert done.stderr.startswith("mpirun -np 2 -hosts localhost:2 ")  # --verbose
+    start, library = HYDRA_STARTS[mpi]
+    assert done.stderr.startswith(start + " -outfile-pattern ")  # --verbose
     for rank in (0, 1):  # Hydra writes the files only, one a rank
         assert (logs / f"rank.{rank}.stdout").read_text() == (
-            f"rank {rank} of 2: sum 3, fusion 2097152, stall check 7 s, MPICH\n")
+            f"rank {rank} of 2: sum 3, fusion 2097152, stall check 7 s, {library}\n")
 
 
 @pytest.mark.timeout(120)
