@@ -142,13 +142,14 @@ for argv, inject in json.loads(sys.argv[1]):
 
 def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
                  injects: list[str | None] | None = None,
-                 mpi_args: list[str] | None = None,
-                 mpi: str = "openmpi") -> subprocess.CompletedProcess:
+                 mpi_args: list[str] | None = None, mpi: str = "openmpi",
+                 env: dict | None = None) -> subprocess.CompletedProcess:
     """``hpctrain <argv>`` for each argv of ``commands`` in turn, in one launch of ``np`` ranks
-    of ``mpi`` (plain process if np == 0), with ``injects[i]`` as command i's
-    $HPCTRAIN_INJECT; fail on timeout. A command that fails ends the launch."""
+    of ``mpi`` (plain process if np == 0) with ``env`` added to the environment, and
+    ``injects[i]`` as command i's $HPCTRAIN_INJECT; fail on timeout. A command that fails
+    ends the launch."""
     pairs = list(zip(commands, injects or [None] * len(commands), strict=True))
-    return _launch([sys.executable, "-c", _COMMANDS, json.dumps(pairs)], np, timeout, None,
+    return _launch([sys.executable, "-c", _COMMANDS, json.dumps(pairs)], np, timeout, env,
                    mpi_args, mpi)
 
 

@@ -12,7 +12,7 @@ import struct
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, refusal, run_job
+from conftest import SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import compiled
 
@@ -213,48 +213,43 @@ def equivalence_options(clip: str | None) -> list[str]:
             *(["--clip-grad-norm", clip] if clip is not None else [])]
 
 
-@pytest.fixture(scope="module")
-def sgd_with_batch(tmp_path_factory):
-    """sgd on one process with batch ``16 * workers``, run once per (workers, clip)."""
-    @functools.cache
-    def get(workers: int, clip: str | None):
-        out = tmp_path_factory.mktemp(f"sgd{workers}") / "sgd"
-        proc = run_job(["train", "--algo", "sgd", *equivalence_options(clip),
-                        "--batch-size", str(16 * workers), "--out", str(out)], np=0)
-        assert proc.returncode == 0, proc.stderr
-        return out
-    return get
-
-
-STRAGGLER = (2, "mpi", None)  # this run's worker 0 is also three times slower
+# (workers, backend, clip) of each equivalence run. The torch backend runs with clipping:
+# clipping is the same code on every backend (after the allreduce), and unclipped steps remain
+# to show the reduced gradient itself. The STRAGGLER run's worker 0 is also three times slower
+# (it sleeps, which changes no step), for the straggler test.
+EQUIVALENCES = [(2, "mpi", None), (4, "mpi", None), (2, "torch", "0.5")]
+STRAGGLER = (2, "mpi", None)
 
 
 @pytest.fixture(scope="module")
-def ssgd_with_batch_16(tmp_path_factory):
-    """ssgd with batch 16 per worker, run once per (workers, backend, clip). The STRAGGLER
-    run also slows worker 0 (it sleeps, which changes no step), for the straggler test."""
-    @functools.cache
-    def get(workers: int, backend: str, clip: str | None):
-        out = tmp_path_factory.mktemp(f"ssgd{workers}{backend}") / "ssgd"
-        slow = ["--slowdown", "0:3"] if (workers, backend, clip) == STRAGGLER else []
-        proc = run_job(["train", "--algo", "ssgd", *equivalence_options(clip), *slow,
-                        "--batch-size", "16", "--sync-backend", backend, "--out", str(out)],
-                       np=workers)
-        assert proc.returncode == 0, proc.stderr
-        return out
-    return get
+def equivalence_runs(tmp_path_factory):
+    """{(workers, backend, clip): (sgd's folder, ssgd's folder)}: sgd on one process with batch
+    ``16 * workers``, ssgd with batch 16 per worker. Three launches: every sgd run in one
+    process, the 2-rank ssgd runs in one, the 4-rank one."""
+    root = tmp_path_factory.mktemp("equivalence")
+    runs = {key: (root / f"sgd-{i}", root / f"ssgd-{i}") for i, key in enumerate(EQUIVALENCES)}
+    sgd = [["train", "--algo", "sgd", *equivalence_options(clip),
+            "--batch-size", str(16 * workers), "--out", str(runs[workers, backend, clip][0])]
+           for workers, backend, clip in EQUIVALENCES]
+    ssgd = {workers: [] for workers, _, _ in EQUIVALENCES}
+    for key in EQUIVALENCES:
+        workers, backend, clip = key
+        slow = ["--slowdown", "0:3"] if key == STRAGGLER else []
+        ssgd[workers].append(["train", "--algo", "ssgd", *equivalence_options(clip), *slow,
+                              "--batch-size", "16", "--sync-backend", backend,
+                              "--out", str(runs[key][1])])
+    for commands, ranks in [(sgd, 0), *((cmds, workers) for workers, cmds in ssgd.items())]:
+        proc = run_commands(commands, np=ranks)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return runs
 
 
-# The torch backend runs with clipping: clipping is the same code on every backend (after the
-# allreduce), and unclipped steps remain to show the reduced gradient itself.
-@pytest.mark.parametrize("workers,backend,clip", [(2, "mpi", None), (4, "mpi", None),
-                                                  (2, "torch", "0.5")])
-def test_ssgd_matches_sgd_with_k_times_the_batch(sgd_with_batch, ssgd_with_batch_16, workers,
-                                                 backend, clip):
+@pytest.mark.parametrize("workers,backend,clip", EQUIVALENCES)
+def test_ssgd_matches_sgd_with_k_times_the_batch(equivalence_runs, workers, backend, clip):
     """K workers with batch b take the same steps as one process with batch K*b, with the
     allreduce through MPI or through torch.distributed (gloo); with --clip-grad-norm too, as
     ssgd clips the reduced gradient (clipping each rank's own would change the steps)."""
-    sgd, ssgd = sgd_with_batch(workers, clip), ssgd_with_batch_16(workers, backend, clip)
+    sgd, ssgd = equivalence_runs[workers, backend, clip]
     a, b = final_model(sgd), final_model(ssgd)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
@@ -269,9 +264,9 @@ def test_ssgd_matches_sgd_with_k_times_the_batch(sgd_with_batch, ssgd_with_batch
         assert 0 < clipped[0] < sums["sgd"]["updates"]
 
 
-def test_straggler_slows_every_synchronous_worker(ssgd_with_batch_16):
+def test_straggler_slows_every_synchronous_worker(equivalence_runs):
     """Worker 0 three times slower: it sleeps, and the others wait for it in the allreduce."""
-    out = ssgd_with_batch_16(*STRAGGLER)
+    out = equivalence_runs[STRAGGLER][1]
     summary = json.loads((out / "summary.json").read_text())
     slept = summary["straggler_sleep_s_per_worker"]
     assert slept[0] > 0 and slept[1] == 0  # only worker 0 is slowed

@@ -80,20 +80,77 @@ def scalars(out) -> dict[str, list]:
     return {tag: acc.Scalars(tag) for tag in acc.Tags()["scalars"]}
 
 
-@pytest.mark.timeout(200)
-def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, tmp_path):
-    out = tmp_path / "ssgd"
-    proc = run_job(["train", "--algo", "ssgd", "--model", f"{own}/nets.py:build",
-                    "--model-args", '{"width": 6}', "--dataset", f"npz:{own}/syn.npz",
-                    "--data-placement", "sharded", "--optimizer", "adamw", "--scale-lr",
-                    "--warmup-epochs", "1", "--lr-schedule", "constant", "--tensorboard",
-                    "--eval", "online", *SHORT,
-                    "--batch-size", "8", "--out", str(out)], np=2, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert "512 training and 128 test samples of shape 1 x 12 x 12, 4 classes" in proc.stdout
+def sparse_args(own) -> list[str]:
+    """The bag (sparse gradients) on the npz file."""
+    return ["--model", f"{own}/nets.py:bag", "--dataset", f"npz:{own}/syn.npz", "--lr", "0.5"]
+
+
+def image_folder(root):
+    """400 training and 200 test images of Fashion-MNIST as PNGs, one folder per class."""
+    from PIL import Image
+
+    for split, count in (("train", 400), ("test", 200)):
+        raw = data.read_idx(data._idx_path(data.find_dir("fashion-mnist"),
+                                           data._IDX_FILES[split][0]), 0, count)
+        labels = data.read_idx(data._idx_path(data.find_dir("fashion-mnist"),
+                                              data._IDX_FILES[split][1]), 0, count)
+        for i, (img, label) in enumerate(zip(raw, labels, strict=True)):
+            (root / split / f"class{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(root / split / f"class{label}" / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def runs(own, tmp_path_factory):
+    """Every run of the user's own code, made on first use in two launches (one start-up
+    each): on one process ``train --algo sgd`` of the bag with batch 32 and ``simulate`` of
+    ssgd on 4 workers; on 2 ranks ssgd of the bag with batch 16, dcasgd-a and ec of it, ssgd
+    of a CNN from a file on the npz file, dcasgd-a of ``nets:build`` (a module on
+    PYTHONPATH) and ec on an image folder. Returns their folders by name, and each launch's
+    process as "one process" and "two ranks"."""
+    folder = tmp_path_factory.mktemp("own-runs")
+    clipped = ["--clip-grad-norm", "5", *SHORT]
+    one_process = [
+        ["train", "--algo", "sgd", *sparse_args(own), *SGD_OF_BAG, "--batch-size", "32",
+         "--out", str(folder / "sgd")],
+        ["simulate", "--algo", "ssgd", "--workers", "4", *sparse_args(own), *clipped,
+         "--out", str(folder / "simulate")]]
+    images = image_folder(folder / "fmnist-png")
+    two_ranks = [
+        ["train", "--algo", "ssgd", *sparse_args(own), *SGD_OF_BAG, "--batch-size", "16",
+         "--out", str(folder / "ssgd")],
+        ["train", "--algo", "dcasgd-a", *sparse_args(own), *clipped,
+         "--out", str(folder / "dcasgd-a")],
+        ["train", "--algo", "ec", "--ec-distill-size", "64", "--tau", "4", *sparse_args(own),
+         *clipped, "--out", str(folder / "ec")],
+        ["train", "--algo", "ssgd", "--model", f"{own}/nets.py:build",
+         "--model-args", '{"width": 6}', "--dataset", f"npz:{own}/syn.npz",
+         "--data-placement", "sharded", "--optimizer", "adamw", "--scale-lr",
+         "--warmup-epochs", "1", "--lr-schedule", "constant", "--tensorboard",
+         "--eval", "online", *SHORT, "--batch-size", "8", "--out", str(folder / "npz")],
+        ["train", "--algo", "dcasgd-a", "--model", "nets:build", "--dataset", "nets:load",
+         "--lr", "0.02", "--eval", "online", "--eval-rank", "1", "--tensorboard", *SHORT,
+         "--out", str(folder / "module")],
+        ["train", "--algo", "ec", "--tau", "4", "--ec-distill-size", "32",
+         "--model", f"{own}/nets.py:build", "--dataset", f"imagefolder:{images}",
+         "--data-placement", "sharded", *SHORT, "--out", str(folder / "images")]]
+    found = {name: folder / name for name in ("sgd", "simulate", "ssgd", "dcasgd-a", "ec",
+                                              "npz", "module", "images")}
+    for name, ranks, commands in (("one process", 0, one_process), ("two ranks", 2, two_ranks)):
+        proc = run_commands(commands, np=ranks, timeout=240, env={"PYTHONPATH": str(own)})
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        found[name] = proc
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, runs):
+    out = runs["npz"]
+    assert "512 training and 128 test samples of shape 1 x 12 x 12, 4 classes" in \
+        runs["two ranks"].stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["final_test_acc"] > 0.8 and s["eval_mode"] == "online"
-    assert s["collapsed_at"] is None and "warning" not in proc.stderr
+    assert s["collapsed_at"] is None and "warning" not in runs["two ranks"].stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == {"name": f"{own}/nets.py:build", "args": {"width": 6}}
     tb = scalars(out)
@@ -105,91 +162,40 @@ def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, tmp_path):
     assert lr[0] < lr[1] < lr[2] < 0.002 and lr[-1] == pytest.approx(0.002)
 
 
-def sparse_args(own) -> list[str]:
-    """The bag (sparse gradients) on the npz file."""
-    return ["--model", f"{own}/nets.py:bag", "--dataset", f"npz:{own}/syn.npz", "--lr", "0.5"]
-
-
-@pytest.fixture(scope="module")
-def sparse_runs(own, tmp_path_factory):
-    """The bag's runs, made on first use: on one process ``train --algo sgd`` with batch 32
-    and ``simulate`` of ssgd on 4 workers; on 2 ranks ssgd with batch 16, then dcasgd-a and
-    ec. Returns their folders by name."""
-    folder = tmp_path_factory.mktemp("sparse")
-    clipped = ["--clip-grad-norm", "5", *SHORT]
-    one_process = [
-        ["train", "--algo", "sgd", *sparse_args(own), *SGD_OF_BAG, "--batch-size", "32",
-         "--out", str(folder / "sgd")],
-        ["simulate", "--algo", "ssgd", "--workers", "4", *sparse_args(own), *clipped,
-         "--out", str(folder / "simulate")]]
-    two_ranks = [
-        ["train", "--algo", "ssgd", *sparse_args(own), *SGD_OF_BAG, "--batch-size", "16",
-         "--out", str(folder / "ssgd")],
-        ["train", "--algo", "dcasgd-a", *sparse_args(own), *clipped,
-         "--out", str(folder / "dcasgd-a")],
-        ["train", "--algo", "ec", "--ec-distill-size", "64", "--tau", "4", *sparse_args(own),
-         *clipped, "--out", str(folder / "ec")]]
-    for ranks, commands in ((0, one_process), (2, two_ranks)):
-        proc = run_commands(commands, np=ranks, timeout=180)
-        assert proc.returncode == 0, proc.stderr
-    return {name: folder / name for name in ("sgd", "simulate", "ssgd", "dcasgd-a", "ec")}
-
-
-@pytest.mark.timeout(200)
-def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(sparse_runs):
+@pytest.mark.timeout(300)
+def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(runs):
     """An EmbeddingBag(sparse=True): its gradient is reduced sparse (by allgather), and the
     steps are those of one process with both ranks' batches."""
-    a, b = (torch.load(sparse_runs[n] / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
+    a, b = (torch.load(runs[n] / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    summary = json.loads((sparse_runs["ssgd"] / "summary.json").read_text())
+    summary = json.loads((runs["ssgd"] / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.3  # 4 classes
 
 
-@pytest.mark.timeout(200)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("run", ["dcasgd-a", "ec", "simulate"])
-def test_every_algorithm_takes_sparse_gradients(sparse_runs, run):
+def test_every_algorithm_takes_sparse_gradients(runs, run):
     """The async store and the simulator add a sparse gradient densely; ma and ec step on it
     locally. (The simulator also builds a model of the user's, which it once could not.)"""
-    summary = json.loads((sparse_runs[run] / "summary.json").read_text())
+    summary = json.loads((runs[run] / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.3
 
 
-@pytest.mark.timeout(200)
-def test_dcasgd_a_trains_module_callables_scored_on_a_rank_of_its_own(own, tmp_path):
-    out = tmp_path / "dc"
-    proc = run_job(["train", "--algo", "dcasgd-a", "--model", "nets:build", "--dataset",
-                    "nets:load", "--lr", "0.02", "--eval", "online", "--eval-rank", "1",
-                    "--tensorboard", *SHORT, "--out", str(out)], np=2, timeout=180,
-                   env={"PYTHONPATH": str(own)})
-    assert proc.returncode == 0, proc.stderr
+@pytest.mark.timeout(300)
+def test_dcasgd_a_trains_module_callables_scored_on_a_rank_of_its_own(runs):
+    out = runs["module"]
     s = json.loads((out / "summary.json").read_text())
     assert s["workers"] == 1 and s["eval_mode"] == "online (rank 1)"
     assert s["final_test_acc"] > 0.5 and s["updates"] == 32
     assert "train/staleness" in scalars(out)
 
 
-@pytest.mark.timeout(200)
-def test_ec_trains_on_an_image_folder_of_fashion_mnist_pngs(own, tmp_path):
-    from PIL import Image
-
-    folder = tmp_path / "fmnist-png"
-    for split, count in (("train", 400), ("test", 200)):
-        raw = data.read_idx(data._idx_path(data.find_dir("fashion-mnist"),
-                                           data._IDX_FILES[split][0]), 0, count)
-        labels = data.read_idx(data._idx_path(data.find_dir("fashion-mnist"),
-                                              data._IDX_FILES[split][1]), 0, count)
-        for i, (img, label) in enumerate(zip(raw, labels, strict=True)):
-            (folder / split / f"class{label}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(folder / split / f"class{label}" / f"{i}.png")
-    out = tmp_path / "ec"
-    proc = run_job(["train", "--algo", "ec", "--tau", "4", "--ec-distill-size", "32",
-                    "--model", f"{own}/nets.py:build", "--dataset", f"imagefolder:{folder}",
-                    "--data-placement", "sharded", *SHORT, "--out", str(out)], np=2,
-                   timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert "400 training and 200 test samples of shape 1 x 28 x 28, 10 classes" in proc.stdout
-    s = json.loads((out / "summary.json").read_text())
+@pytest.mark.timeout(300)
+def test_ec_trains_on_an_image_folder_of_fashion_mnist_pngs(runs):
+    assert "400 training and 200 test samples of shape 1 x 28 x 28, 10 classes" in \
+        runs["two ranks"].stdout
+    s = json.loads((runs["images"] / "summary.json").read_text())
     assert s["final_test_acc"] > 0.4  # 10 classes from 400 images: far above chance
 
 
