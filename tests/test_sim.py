@@ -8,7 +8,7 @@ import random
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, run_commands, run_job
 
 from hpctrain import algorithm_options, kernels, steptimes
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
@@ -256,12 +256,27 @@ def test_step_times_record_each_steps_compute_and_rest(tmp_path):
         [(1.0, 0.5), (0.5, 2.0), (0.25, 0.75), (1.0, 0.5)]
 
 
+def real_ssgd(reduce_op: str, out) -> list[str]:
+    return ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
+            "--eval-every", "1", "--seed", "3", "--reduce-op", reduce_op, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def two_rank_runs(tmp_path_factory) -> dict:
+    """The real 2-rank runs the simulator is held against, in one launch: asgd (recording
+    its step times) and ssgd with Adasum."""
+    root = tmp_path_factory.mktemp("real2")
+    proc = run_commands([["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1",
+                          "--batch-size", "32", "--eval-every", "1", "--out", str(root / "asgd")],
+                         real_ssgd("adasum", root / "adasum")], np=2, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"asgd": root / "asgd", "adasum": root / "adasum"}
+
+
 @pytest.mark.timeout(200)
-def test_replayed_real_async_run_matches_its_staleness(tmp_path):
+def test_replayed_real_async_run_matches_its_staleness(tmp_path, two_rank_runs):
     """A real 2-rank asgd run records step times; the simulator replays them."""
-    real = tmp_path / "real"
-    run_job(["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "32",
-             "--eval-every", "1", "--out", str(real)], np=2, timeout=150)
+    real = two_rank_runs["asgd"]
     recorded = steptimes.read(real)
     summary = json.loads((real / "summary.json").read_text())
     assert [len(w) for w in recorded.compute] == summary["pushes_per_worker"]
@@ -284,15 +299,17 @@ def test_replayed_real_async_run_matches_its_staleness(tmp_path):
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("reduce_op, k", [("average", 4), ("adasum", 2)])
-def test_simulated_ssgd_is_the_real_run(tmp_path, reduce_op, k):
+def test_simulated_ssgd_is_the_real_run(tmp_path, two_rank_runs, reduce_op, k):
     """Average: the local allreduce adds in Open MPI's order, so nothing rounds differently
     (bit for bit). Adasum: the simulator combines up the tree in one process, the real run
     halves vectors across ranks; the same up to rounding (the tree itself is checked against
     the real reduction at 4 ranks in test_sync_adasum.py)."""
-    real = tmp_path / "real"
-    run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
-             "--eval-every", "1", "--seed", "3", "--reduce-op", reduce_op, "--out", str(real)],
-            np=k, timeout=150)
+    if reduce_op == "adasum":
+        real = two_rank_runs["adasum"]
+    else:
+        real = tmp_path / "real"
+        proc = run_job(real_ssgd(reduce_op, real), np=k, timeout=150)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     simulate(config("ssgd", tmp_path / "sim", optim=OptimConfig(epochs=1, batch_size=16),
                     eval_every=1.0, algorithm=algorithm_options("ssgd")(reduce_op=reduce_op)),
              sim(k))
