@@ -34,10 +34,12 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
   # MPICH and Intel MPI (each its mpirun and library, from its PyPI wheel) beside Debian's Open
   # MPI, for the tests on Hydra's MPIs: each under a prefix of its own, so that its mpirun is
   # not on PATH. Optional, as Horovod is: without one, its tests say so and skip.
-  for wheel in mpich:mpich impi-rt:impi; do
-    $VPIP install -q --upgrade --prefix ".venv/${wheel#*:}" "${wheel%%:*}" \
-      || echo "setup: ${wheel%%:*}'s wheel not installed (see pip above); its tests will be skipped"
-  done
+  other_mpi() {  # WHEEL PREFIX
+    $VPIP install -q --upgrade --prefix "$2" "$1" \
+      || echo "setup: $1's wheel not installed (see pip above); its tests will be skipped"
+  }
+  other_mpi mpich .venv/mpich
+  other_mpi impi-rt .venv/impi
   touch "$stamp"
 fi
 

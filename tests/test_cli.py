@@ -238,7 +238,7 @@ def equivalence_runs(tmp_path_factory):
         ssgd[workers].append(["train", "--algo", "ssgd", *equivalence_options(clip), *slow,
                               "--batch-size", "16", "--sync-backend", backend,
                               "--out", str(runs[key][1])])
-    for commands, ranks in [(sgd, 0), *((cmds, workers) for workers, cmds in ssgd.items())]:
+    for ranks, commands in {0: sgd, **ssgd}.items():
         proc = run_commands(commands, np=ranks)
         assert proc.returncode == 0, proc.stderr[-3000:]
     return runs

@@ -4,12 +4,11 @@ for every algorithm, and a one-line refusal before MPI where TorchInductor canno
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_commands
+from conftest import SYNTHETIC, horovod_missing, run_commands
 from torch import nn
 from torch.nn import functional as F
 
@@ -102,10 +101,10 @@ SSGD_TWO_RANKS = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--bat
 def two_rank_runs(tmp_path_factory) -> dict:
     """ssgd on 2 ranks without --compile (MPI backend; Horovod's allreduce averages the same
     two gradients), the reference, and with it on each backend, in one launch: {name: folder};
-    no "horovod" where Horovod is not installed."""
+    no "horovod" where Horovod cannot run."""
     root = tmp_path_factory.mktemp("ssgd2")
     runs = {"plain": ["--sync-backend", "mpi"], "mpi": ["--sync-backend", "mpi", "--compile"]}
-    if importlib.util.find_spec("horovod"):
+    if not horovod_missing():
         runs["horovod"] = ["--sync-backend", "horovod", "--compile"]
     proc = run_commands([[*SSGD_TWO_RANKS, *extra, "--out", str(root / name)]
                          for name, extra in runs.items()], np=2)
@@ -118,7 +117,7 @@ def test_ssgd_allreduces_the_compiled_backward(two_rank_runs, backend):
     """Real ranks: the gradient hooks that launch the buckets fire after a compiled backward
     too, so ssgd on 2 ranks compiled ends where the plain run does."""
     if backend not in two_rank_runs:
-        pytest.skip("horovod is not installed")
+        pytest.skip(horovod_missing())
     a, b = (torch.load(two_rank_runs[name] / "model.pt", weights_only=True)
             for name in ("plain", backend))
     for k in a:

@@ -4,6 +4,9 @@ image folder, ``module:callable``), TensorBoard, online evaluation and collapse.
 from __future__ import annotations
 
 import json
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,14 +103,19 @@ def image_folder(root):
     return root
 
 
+@dataclass
+class OwnRuns:
+    folders: dict[str, Path]  # each run's --out, by name
+    two_ranks: subprocess.CompletedProcess  # the 2-rank launch, for what its runs printed
+
+
 @pytest.fixture(scope="module")
-def runs(own, tmp_path_factory):
+def runs(own, tmp_path_factory) -> OwnRuns:
     """Every run of the user's own code, made on first use in two launches (one start-up
     each): on one process ``train --algo sgd`` of the bag with batch 32 and ``simulate`` of
     ssgd on 4 workers; on 2 ranks ssgd of the bag with batch 16, dcasgd-a and ec of it, ssgd
     of a CNN from a file on the npz file, dcasgd-a of ``nets:build`` (a module on
-    PYTHONPATH) and ec on an image folder. Returns their folders by name, and each launch's
-    process as "one process" and "two ranks"."""
+    PYTHONPATH) and ec on an image folder."""
     folder = tmp_path_factory.mktemp("own-runs")
     clipped = ["--clip-grad-norm", "5", *SHORT]
     one_process = [
@@ -136,23 +144,21 @@ def runs(own, tmp_path_factory):
         ["train", "--algo", "ec", "--tau", "4", "--ec-distill-size", "32",
          "--model", f"{own}/nets.py:build", "--dataset", f"imagefolder:{images}",
          "--data-placement", "sharded", *SHORT, "--out", str(folder / "images")]]
-    found = {name: folder / name for name in ("sgd", "simulate", "ssgd", "dcasgd-a", "ec",
-                                              "npz", "module", "images")}
-    for name, ranks, commands in (("one process", 0, one_process), ("two ranks", 2, two_ranks)):
+    for ranks, commands in ((0, one_process), (2, two_ranks)):
         proc = run_commands(commands, np=ranks, timeout=240, env={"PYTHONPATH": str(own)})
         assert proc.returncode == 0, proc.stderr[-3000:]
-        found[name] = proc
-    return found
+    return OwnRuns({name: folder / name for name in ("sgd", "simulate", "ssgd", "dcasgd-a",
+                                                     "ec", "npz", "module", "images")}, proc)
 
 
 @pytest.mark.timeout(300)
 def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, runs):
-    out = runs["npz"]
+    out = runs.folders["npz"]
     assert "512 training and 128 test samples of shape 1 x 12 x 12, 4 classes" in \
-        runs["two ranks"].stdout
+        runs.two_ranks.stdout
     s = json.loads((out / "summary.json").read_text())
     assert s["final_test_acc"] > 0.8 and s["eval_mode"] == "online"
-    assert s["collapsed_at"] is None and "warning" not in runs["two ranks"].stderr
+    assert s["collapsed_at"] is None and "warning" not in runs.two_ranks.stderr
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == {"name": f"{own}/nets.py:build", "args": {"width": 6}}
     tb = scalars(out)
@@ -168,10 +174,10 @@ def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, runs):
 def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(runs):
     """An EmbeddingBag(sparse=True): its gradient is reduced sparse (by allgather), and the
     steps are those of one process with both ranks' batches."""
-    a, b = (torch.load(runs[n] / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
+    a, b = (torch.load(runs.folders[n] / "model.pt", weights_only=True) for n in ("sgd", "ssgd"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
-    summary = json.loads((runs["ssgd"] / "summary.json").read_text())
+    summary = json.loads((runs.folders["ssgd"] / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.3  # 4 classes
 
 
@@ -180,13 +186,13 @@ def test_ssgd_of_a_model_with_sparse_gradients_matches_sgd_with_twice_the_batch(
 def test_every_algorithm_takes_sparse_gradients(runs, run):
     """The async store and the simulator add a sparse gradient densely; ma and ec step on it
     locally. (The simulator also builds a model of the user's, which it once could not.)"""
-    summary = json.loads((runs[run] / "summary.json").read_text())
+    summary = json.loads((runs.folders[run] / "summary.json").read_text())
     assert summary["final_test_acc"] > 0.3
 
 
 @pytest.mark.timeout(300)
 def test_dcasgd_a_trains_module_callables_scored_on_a_rank_of_its_own(runs):
-    out = runs["module"]
+    out = runs.folders["module"]
     s = json.loads((out / "summary.json").read_text())
     assert s["workers"] == 1 and s["eval_mode"] == "online (rank 1)"
     assert s["final_test_acc"] > 0.5 and s["updates"] == 32
@@ -196,8 +202,8 @@ def test_dcasgd_a_trains_module_callables_scored_on_a_rank_of_its_own(runs):
 @pytest.mark.timeout(300)
 def test_ec_trains_on_an_image_folder_of_fashion_mnist_pngs(runs):
     assert "400 training and 200 test samples of shape 1 x 28 x 28, 10 classes" in \
-        runs["two ranks"].stdout
-    s = json.loads((runs["images"] / "summary.json").read_text())
+        runs.two_ranks.stdout
+    s = json.loads((runs.folders["images"] / "summary.json").read_text())
     assert s["final_test_acc"] > 0.4  # 10 classes from 400 images: far above chance
 
 
