@@ -1,7 +1,9 @@
-"""hpctrain package, with the compensation kernels (kernels/dc_update.cpp, kernels/dc_update.cu).
+"""hpctrain package, with the compensation kernels (kernels/dc_update.cpp, kernels/dc_update.cu)
+and the shared-memory locks (kernels/shm_sync.cpp).
 
 The CPU kernel is a plain C-ABI shared library (OpenMP, no Python or torch headers) built as a
-setuptools Extension and loaded with ctypes by hpctrain/kernels.py. Flags stay portable: no
+setuptools Extension and loaded with ctypes by hpctrain/kernels.py; the locks likewise, loaded
+by hpctrain/async_/shm.py. Flags stay portable: no
 -march=native, since the build machine and the compute nodes may differ.
 
 The CUDA kernel is a C-ABI library too (no torch headers), so it needs only nvcc: it is built
@@ -100,6 +102,8 @@ setup(
         Extension("hpctrain._dc_update", sources=["kernels/dc_update.cpp"], language="c++",
                   depends=["kernels/dc_update.h"],
                   extra_compile_args=CPU_FLAGS, extra_link_args=["-fopenmp"]),
+        Extension("hpctrain._shm_sync", sources=["kernels/shm_sync.cpp"], language="c++",
+                  extra_compile_args=CPU_FLAGS),
     ],
     cmdclass={"build_ext": BuildKernels},
     entry_points={"console_scripts": ["hpctrain=hpctrain.__main__:main"]},

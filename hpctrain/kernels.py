@@ -35,18 +35,23 @@ _P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_i
 _HYPER = [_I64, _F, _F, _F, _F, _F]
 
 
+def extension(stem: str) -> ctypes.CDLL:
+    """The C-ABI library ``hpctrain/_<stem><extension suffix>`` that setup.py builds."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"_{stem}{suffix}"
+        if path.is_file():
+            return ctypes.CDLL(str(path))
+    raise RuntimeError(f"hpctrain's library _{stem} is not built in {_HERE}; {_REBUILD}")
+
+
 @lru_cache(maxsize=1)
 def cpu_library() -> ctypes.CDLL:
     """The compiled CPU kernel library."""
-    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _HERE / f"_dc_update{suffix}"
-        if path.is_file():
-            lib = ctypes.CDLL(str(path))
-            lib.hpctrain_dc_step.argtypes = [_P] * 8 + _HYPER + [_INT]
-            lib.hpctrain_dc_step.restype = None
-            lib.hpctrain_dc_openmp.restype = _INT
-            return lib
-    raise RuntimeError(f"hpctrain's CPU kernel library is not built in {_HERE}; {_REBUILD}")
+    lib = extension("dc_update")
+    lib.hpctrain_dc_step.argtypes = [_P] * 8 + _HYPER + [_INT]
+    lib.hpctrain_dc_step.restype = None
+    lib.hpctrain_dc_openmp.restype = _INT
+    return lib
 
 
 @lru_cache(maxsize=1)

@@ -43,10 +43,17 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
   touch "$stamp"
 fi
 
-# The editable install compiles the CPU kernel in place; rebuild it when its source changes.
-so=$(ls hpctrain/_dc_update*.so 2>/dev/null | head -n 1)
-if [ -z "$so" ] || [ kernels/dc_update.cpp -nt "$so" ] || [ kernels/dc_update.h -nt "$so" ]; then
-  echo "setup: building the compensation kernel"
+# The editable install compiles the CPU libraries in place (the compensation kernel, the
+# shared-memory locks); rebuild them when a source is newer than its library or one is missing.
+stale=
+for src in dc_update shm_sync; do
+  so=$(ls hpctrain/_$src.cpython*.so 2>/dev/null | head -n 1)
+  if [ -z "$so" ] || [ -n "$(find kernels -name "$src.*" -newer "$so" -o -name '*.h' -newer "$so")" ]; then
+    stale=1
+  fi
+done
+if [ -n "$stale" ]; then
+  echo "setup: building the CPU libraries"
   .venv/bin/python setup.py -q build_ext --inplace >/dev/null
 fi
 

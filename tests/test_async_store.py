@@ -8,6 +8,7 @@ whatever thread level the test process started it (shared-memory windows work at
 import io
 import random
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -315,3 +316,38 @@ def test_dedicated_server_serves_one_worker_like_sequential_sgd(shared):
             torch.testing.assert_close(flat_of(model), flat_of(ref_model), rtol=1e-5, atol=1e-6)
         store.finish()
     pair.Free()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_pushes_on_one_node_need_no_call_from_the_owner(consistency, tmp_path):
+    """On shared memory the locks and counters are hpctrain's own: workers pull and push while
+    the rank that hosts every shard and counter makes no MPI call (MPICH's and Intel MPI's
+    passive-target locks would wait for it to call MPI). Workers say they are done with a
+    file; the host waits for those, 30 s at most, then checks what landed."""
+    MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    folder = Path(world.bcast(str(tmp_path)))
+    numel, pushes = 3000, 10
+    with ParameterStore(torch.zeros(numel), world, servers=1, shards=3,
+                        consistency=consistency) as store:
+        assert store.shared  # all ranks are on this node
+        expected = pushes * store.num_workers
+        if store.is_worker:
+            w = torch.empty(numel)
+            for _ in range(pushes):
+                store.pull(w)
+                store.push(w, torch.ones(numel), lr=1.0)
+            (folder / f"done.{store.rank}").touch()
+        else:
+            deadline = time.monotonic() + 30
+            while len(list(folder.glob("done.*"))) < store.num_workers \
+                    and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(list(folder.glob("done.*"))) == store.num_workers
+            assert store.shard_updates() == [expected] * 3
+            final = torch.empty(numel)
+            store.pull(final)  # each push added -1 everywhere
+            assert torch.equal(final, torch.full((numel,), -float(expected)))
+        store.finish()

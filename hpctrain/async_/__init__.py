@@ -12,11 +12,12 @@ Use from your own loop, as with Horovod (MPI at thread level ``serialized``)::
 
 Design choices (DESIGN.md's "The async store on RMA windows", with these decisions):
 
-- One window per shard (``comm=`` always given), each headed by an int64
-  update count. Per-shard windows give per-shard exclusive locks, so several shards on one
-  host do not serialise each other; the count makes the ``locked`` lock order observable
-  (each push reports the count it found on every shard), which turns "serialisable" into a
-  checkable property: the tests replay the logged gradients shard by shard in count order.
+- One window per shard (``comm=`` always given), each headed by an int64 update count (and,
+  for shared memory, two lock words). Per-shard windows give per-shard exclusive locks, so
+  several shards on one host do not serialise each other; the count makes the ``locked``
+  lock order observable (each push reports the count it found on every shard), which turns
+  "serialisable" into a checkable property: the tests replay the logged gradients shard by
+  shard in count order.
 - Shared memory on one node (a better design than DESIGN.md's "Win.Allocate always" there):
   when every rank of the store is on one node and the MPI can, the windows are made with
   ``Win.Allocate_shared`` and a ``locked`` push runs the fused kernel on the shard in place
@@ -24,9 +25,11 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   model in the same pass: 20 bytes per element instead of Get + kernel + Put's 32, about 2x
   faster per push (see docs/BENCHMARKS.md). An ``atomic`` push's kernel reads the shard in
   place too (aligned float loads: each element old or new, as an accumulate read gives) and
-  only its ``Accumulate`` goes through MPI. The windows stay ordinary MPI windows (locks,
-  counts, ``atomic`` mode's accumulates are unchanged); otherwise (several nodes, or an
-  osc component without shared windows such as osc/pt2pt) ``Win.Allocate`` and Get/Put.
+  adds its delta under the shard's accumulate lock. After set-up no MPI call touches
+  shared windows: the locks and counters are CPU atomics (``shm``), because MPICH and Intel
+  MPI grant MPI's own locks, even on shared memory, only when the owner calls MPI; otherwise
+  (several nodes, or an osc component without shared windows such as osc/pt2pt)
+  ``Win.Allocate``, MPI's locks and Get/Put.
 - Dedicated servers are the *last* N ranks, so rank 0 is always worker 0 (logs, progress
   bar, ``--slowdown 0:F`` names a worker). Shards are dealt round-robin to the hosts; the
   default count is at least one shard per worker and equal on every host. Worker k starts at

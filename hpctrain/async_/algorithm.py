@@ -85,6 +85,8 @@ class ASGD(Algorithm):
         "servers": "ranks that only hosted the store",
         "consistency": "locked or atomic pushes",
         "shards": "model shards in the store",
+        "shared_windows": "whether the store's windows were shared memory (all ranks on one "
+                          "node), read and written without MPI calls",
         "lam": "DC-ASGD's lambda0 (0 for asgd and ssp)",
         "ms_decay": "dcasgd-a's mean-square decay (else null)",
         "staleness": "updates: global updates between a push's read and the push (mean, p50, "
@@ -92,8 +94,8 @@ class ASGD(Algorithm):
         "pushes_per_worker": "pushes each worker made (a skipped NaN step pushes nothing)",
         "store_bytes_per_worker": "bytes: model payload a worker read from and wrote to the "
                                   "store, mean over workers",
-        "store_mpi_bytes_per_worker": "bytes: the part of it MPI calls moved (none for "
-                                      "locked pushes on shared-memory windows)",
+        "store_mpi_bytes_per_worker": "bytes: the part of it MPI calls moved (none on "
+                                      "shared-memory windows)",
         "store_traffic_per_worker": "bytes: read, written and mpi, per worker",
     }
 
@@ -226,6 +228,7 @@ class ASGD(Algorithm):
             "servers": o.servers,
             "consistency": o.consistency,
             "shards": store.shards,
+            "shared_windows": store.shared,
             "lam": self.lam(),
             "ms_decay": getattr(o, "ms_decay", None) if self.name == "dcasgd-a" else None,
             "staleness": distribution([t for w in every for t in w["staleness"]]),

@@ -56,12 +56,14 @@ waits for that worker at the barrier. :meth:`park` adds ``PARKED`` (2**62) to it
 takes it out of the minimum; :meth:`unpark` writes its real clock back. A worker whose every
 peer is parked never waits.
 
-Windows: one ``Win.Allocate`` window of one int64 per worker, hosted on ``store.hosts[0]``
-(where the store's update counter lives), so a dedicated server rank serves it in
-:meth:`ParameterStore.finish`'s progress loop. Only a worker writes its own slot, with
-``Accumulate(REPLACE)`` under a shared lock; readers take all slots with one
-``Get_accumulate(NO_OP)``: atomic per slot against the writes (one op and NO_OP, as MPI's
-default ``accumulate_ops`` asks), so a read never sees a torn clock.
+Windows: one window of one int64 per worker, hosted on ``store.hosts[0]`` (where the store's
+update counter lives), so a dedicated server rank serves it in :meth:`ParameterStore.finish`'s
+progress loop. Only a worker writes its own slot, with ``Accumulate(REPLACE)`` under a shared
+lock; readers take all slots with one ``Get_accumulate(NO_OP)``: atomic per slot against the
+writes (one op and NO_OP, as MPI's default ``accumulate_ops`` asks), so a read never sees a
+torn clock. Where the store's windows are shared memory this one is too, and the slots are
+written and read with CPU atomics (:mod:`hpctrain.async_.shm`): no MPI call, so no wait for
+the host's progress on MPICH or Intel MPI.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ import numpy as np
 
 from hpctrain import comm as hcomm
 from hpctrain import watchdog
+from hpctrain.async_ import shm
 from hpctrain.async_.store import ParameterStore
 from hpctrain.errors import UsageError
 
@@ -102,11 +105,16 @@ class StalenessBound:
         self.host = store.hosts[0]
         self._slot = store.rank if store.is_worker else None  # workers are ranks 0..W-1
         size = 8 * self.num_workers if store.rank == self.host else 0
-        self._win = MPI.Win.Allocate(size, 8, comm=store.comm)
+        self.shared = store.shared
+        allocate = MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate
+        self._win = allocate(size, 8, comm=store.comm)
         if store.rank == self.host:
             self._win.Lock(self.host, MPI.LOCK_EXCLUSIVE)
             np.frombuffer(self._win, dtype=np.int64)[:] = 0
             self._win.Unlock(self.host)
+        # Shared memory: slot 0's address in this process.
+        self._base = np.frombuffer(self._win.Shared_query(self.host)[0], np.uint8).ctypes.data \
+            if self.shared else 0
         store.comm.Barrier()  # every clock is 0 before anyone reads one
         self._clocks = np.zeros(self.num_workers, np.int64)  # the last read of all slots
         self._value = np.zeros(1, np.int64)  # what this worker publishes
@@ -215,6 +223,9 @@ class StalenessBound:
 
     def _read(self) -> None:
         """All slots into ``_clocks``: shared lock, ``Get_accumulate(NO_OP)``, unlock."""
+        if self.shared:
+            shm.load(self._base, self._clocks)
+            return
         MPI = hcomm.mpi()
         self._win.Lock(self.host, MPI.LOCK_SHARED)
         self._win.Get_accumulate([self._none, 0, MPI.INT64_T],
@@ -232,6 +243,9 @@ class StalenessBound:
         """Write this worker's clock (plus ``PARKED`` when parked) into its slot."""
         MPI = hcomm.mpi()
         self._value[0] = self._clock + (PARKED if self._parked else 0)
+        if self.shared:
+            shm.store(self._base + 8 * self._slot, int(self._value[0]))
+            return
         self._win.Lock(self.host, MPI.LOCK_SHARED)
         self._win.Accumulate([self._value, MPI.INT64_T], self.host,
                              target=(self._slot, 1, MPI.INT64_T), op=MPI.REPLACE)

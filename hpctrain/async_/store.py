@@ -1,19 +1,25 @@
 """The parameter store: a flat float32 model sharded over MPI windows, updated one-sidedly.
 
 Shard ``s`` lives in its own window made with ``Win.Allocate(..., comm=comm)`` on host rank
-``hosts[s % len(hosts)]``: an 8-byte update count (int64) followed by the shard's floats. A
-window of its own per shard gives every shard its own exclusive lock. Hosts are all ranks
-(``servers=0``) or the last ``servers`` ranks, which then only host. A counter window on
-``hosts[0]`` holds two int64: the global update count (``Fetch_and_op``; staleness comes from
-it) and a ticket count that loops use to hand out a fixed budget of pushes (:meth:`claim`).
+``hosts[s % len(hosts)]``: a 64-byte header (the shard's update count, an int64, then two lock
+words used on shared memory) followed by the shard's floats. A window of its own per shard
+gives every shard its own exclusive lock. Hosts are all ranks (``servers=0``) or the last
+``servers`` ranks, which then only host. A counter window on ``hosts[0]`` holds two int64: the
+global update count (``Fetch_and_op``; staleness comes from it) and a ticket count that loops
+use to hand out a fixed budget of pushes (:meth:`claim`).
 
 ``locked``: per shard, exclusive lock, Get count and values, fused update written straight into
-the worker's model, Put both, unlock (serialisable; the counts give the lock order). When all
-ranks share one node the windows are shared memory (``Win.Allocate_shared``) and the fused
-update runs on the shard in place under the lock instead, writing the worker's model too.
-``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read (shared memory: the kernel
-reads the shard in place), fused delta, ``Accumulate(SUM)``; element-wise atomic, no lost
-update, no order between workers.
+the worker's model, Put both, unlock (serialisable; the counts give the lock order).
+``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read, fused delta,
+``Accumulate(SUM)``; element-wise atomic, no lost update, no order between workers.
+
+When all ranks share one node the windows are shared memory (``Win.Allocate_shared``) and no
+MPI call touches them after set-up: the locks are hpctrain's own (:mod:`hpctrain.async_.shm`,
+a reader-writer lock word in each shard's header), since MPICH and Intel MPI grant MPI's
+locks on shared memory only when the owner calls MPI. ``locked`` runs the fused update on the
+shard in place under the exclusive lock, writing the worker's model too; ``atomic``'s kernel
+reads the shard in place and its delta is added under the shard's accumulate lock (as Open
+MPI's osc/sm does an Accumulate); the counters are CPU atomics.
 
 Workers whose model is on a GPU (and CPU workers with ``in_place=False``) take the *staged*
 path, the same in both modes: per shard, under the same lock, read the shard into host memory
@@ -34,10 +40,13 @@ import torch
 
 from hpctrain import comm as hcomm
 from hpctrain import kernels, watchdog
+from hpctrain.async_ import shm
 from hpctrain.errors import UsageError
 
 CONSISTENCIES = ("locked", "atomic")
-_HEADER = 8  # bytes of the int64 update count in front of each shard
+_HEADER = 64  # bytes in front of each shard: its update count (int64), then the lock words
+_LOCK, _ACCUMULATE = 8, 16  # header offsets of the reader-writer and accumulate lock words
+_COUNT = 8  # bytes of a shard's update count, as traffic counts it
 _ALIGN = 16  # shard boundaries on multiples of 16 floats (64-byte lines)
 _TAG_DONE = 1
 
@@ -66,10 +75,19 @@ def _can_share(comm) -> bool:
     return comm.allreduce(ok, op=MPI.LAND)
 
 
-def _map(buffer) -> tuple[np.ndarray, torch.Tensor]:
-    """A shard's window memory as (its int64 count, its values as a float32 tensor)."""
+@dataclass(frozen=True)
+class _Mapped:
+    """A shard's shared-memory window as this process maps it."""
+
+    count: np.ndarray  # the int64 update count
+    values: torch.Tensor  # the shard's floats
+    base: int  # the window's address: the count's word (+ _LOCK, + _ACCUMULATE: the locks)
+
+
+def _map(buffer) -> _Mapped:
     mem = np.frombuffer(buffer, dtype=np.uint8)
-    return mem[:_HEADER].view(np.int64), torch.from_numpy(mem[_HEADER:].view(np.float32))
+    return _Mapped(mem[:8].view(np.int64), torch.from_numpy(mem[_HEADER:].view(np.float32)),
+                   mem.ctypes.data)
 
 
 def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
@@ -139,11 +157,14 @@ class ParameterStore:
         self.windows = [
             allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)
             for (lo, hi), owner in zip(self.bounds, self.owners, strict=True)]
-        self._counter = MPI.Win.Allocate(16 if rank == self.hosts[0] else 0, 8, comm=comm)
+        self._counter = (MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate)(
+            16 if rank == self.hosts[0] else 0, 8, comm=comm)
         self._initialize(values, root)
-        # Shared memory: every shard's count and values, mapped into this process.
+        # Shared memory: every shard's header and values, and the counters, mapped here.
         self._mapped = [_map(win.Shared_query(owner)[0]) if self.shared else None
                         for win, owner in zip(self.windows, self.owners, strict=True)]
+        self._counter_base = np.frombuffer(self._counter.Shared_query(self.hosts[0])[0],
+                                           np.uint8).ctypes.data if self.shared else 0
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
         first = (rank * shards) // workers if self.is_worker else 0
         self.order = tuple((first + i) % shards for i in range(shards))
@@ -163,11 +184,11 @@ class ParameterStore:
         # through MPI calls (Get, Put, Accumulate, Get_accumulate, Fetch_and_op). MPI's own
         # headers, lock and completion messages are not counted.
         self.bytes_read = self.bytes_written = self.mpi_bytes = 0
-        k, h = numel, _HEADER * shards
+        k, h = numel, _COUNT * shards
         if consistency == "locked":  # read count and values, write both back
             self._push_traffic = (4 * k + h, 4 * k + h, 0 if self.shared else 8 * k + 2 * h)
         else:  # read values (in place when shared), Accumulate delta and count
-            self._push_traffic = (4 * k, 4 * k + h, (0 if self.shared else 4 * k) + 4 * k + h)
+            self._push_traffic = (4 * k, 4 * k + h, 0 if self.shared else 8 * k + h)
 
     @property
     def shards(self) -> int:
@@ -186,20 +207,19 @@ class ParameterStore:
             if owner == self.rank:
                 win.Lock(self.rank, MPI.LOCK_EXCLUSIVE)
                 mem = np.frombuffer(win, dtype=np.uint8)
-                mem[:_HEADER].view(np.int64)[0] = 0
+                mem[:_HEADER] = 0  # count 0, locks free
                 mem[_HEADER:].view(np.float32)[:] = start[lo:hi]
                 win.Unlock(self.rank)
         counter_host = self.hosts[0]
         if self.rank == counter_host:
             self._counter.Lock(counter_host, MPI.LOCK_EXCLUSIVE)
-            np.frombuffer(self._counter, dtype=np.int64)[:] = 0
+            np.frombuffer(self._counter, dtype=np.int64)[:2] = 0
             self._counter.Unlock(counter_host)
         self.comm.Barrier()
 
     def pull(self, out: torch.Tensor) -> int:
         """Read the whole model into ``out`` (1-D float32, CPU or GPU); return the update count
         seen."""
-        MPI = hcomm.mpi()
         self._check_buffer("out", out)
         if out.device.type != "cpu":  # through host memory
             stage = self._stage(out.device)
@@ -210,13 +230,12 @@ class ParameterStore:
         out_np = out.numpy()
         for s in self.order:
             win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
-            win.Lock(owner, MPI.LOCK_SHARED)
+            self._lock(s, exclusive=False)
             if self.shared:
-                win.Sync()
-                out[lo:hi].copy_(self._mapped[s][1])
+                out[lo:hi].copy_(self._mapped[s].values)
             else:
                 self._read(win, owner, out_np[lo:hi])
-            win.Unlock(owner)
+            self._unlock(s, exclusive=False)
         self.bytes_read += 4 * self.numel
         self.mpi_bytes += 0 if self.shared else 4 * self.numel
         self._seen = seen
@@ -267,28 +286,23 @@ class ParameterStore:
 
     def _push_locked_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
         """Shared memory, CPU worker: one pass over the shard, the new values also in w_bak."""
-        MPI = hcomm.mpi()
-        win, owner = self.windows[s], self.owners[s]
-        count, shard = self._mapped[s]
-        win.Lock(owner, MPI.LOCK_EXCLUSIVE)
-        win.Sync()
-        before = int(count[0])
-        count[0] = before + 1
-        kernels.dc_update(shard, g, w_bak, ms, v, out2=w_bak, **hyper)
-        win.Sync()
-        win.Unlock(owner)
+        mapped = self._mapped[s]
+        self._lock(s, exclusive=True)
+        before = int(mapped.count[0])
+        mapped.count[0] = before + 1
+        kernels.dc_update(mapped.values, g, w_bak, ms, v, out2=w_bak, **hyper)
+        self._unlock(s, exclusive=True)
         return before
 
     def _push_atomic_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Shared memory, CPU worker: the kernel reads the shard in place, one pass fewer."""
-        MPI = hcomm.mpi()
-        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        lo, hi = self.bounds[s]
         delta = self._delta[lo:hi]
-        win.Lock(owner, MPI.LOCK_SHARED)
-        win.Sync()
-        kernels.dc_delta(self._mapped[s][1], g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
-        self._accumulate(win, owner, delta)
-        win.Unlock(owner)
+        self._lock(s, exclusive=False)
+        kernels.dc_delta(self._mapped[s].values, g, w_bak, ms, v, out=delta, w_out=w_bak,
+                         **hyper)
+        self._accumulate(s, delta)
+        self._unlock(s, exclusive=False)
 
     def _push_locked(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
         """Staged, under the exclusive lock: read count and shard, kernel where w_bak is,
@@ -301,12 +315,12 @@ class ParameterStore:
         kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
         new = w_bak if stage is None else host.copy_(w_bak)
         self._write(s, before + 1, new)
-        self._unlock(s)
+        self._unlock(s, exclusive=True)
         return before
 
     def _push_atomic(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Staged, under a shared lock: read the shard, delta where w_bak is, Accumulate it."""
-        win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+        lo, hi = self.bounds[s]
         host, delta = self._cur[lo:hi], self._delta[lo:hi]
         self._lock(s, exclusive=False)
         self._read_shard(s, host)
@@ -316,26 +330,32 @@ class ParameterStore:
             cur = stage.values[lo:hi].copy_(host)
             kernels.dc_delta(cur, g, w_bak, ms, v, out=stage.delta[lo:hi], w_out=w_bak, **hyper)
             delta.copy_(stage.delta[lo:hi])
-        self._accumulate(win, owner, delta)
-        self._unlock(s)
+        self._accumulate(s, delta)
+        self._unlock(s, exclusive=False)
 
     def _lock(self, s: int, exclusive: bool) -> None:
-        """Lock shard ``s``'s window (the staged pushes; an in-process store overrides it)."""
+        """Lock shard ``s``: hpctrain's own lock on shared memory, else MPI's on its window
+        (an in-process store overrides it)."""
+        if self.shared:
+            shm.lock(self._mapped[s].base + _LOCK, exclusive)
+            return
         MPI = hcomm.mpi()
         self.windows[s].Lock(self.owners[s], MPI.LOCK_EXCLUSIVE if exclusive else MPI.LOCK_SHARED)
 
-    def _unlock(self, s: int) -> None:
+    def _unlock(self, s: int, exclusive: bool) -> None:
+        if self.shared:
+            shm.unlock(self._mapped[s].base + _LOCK, exclusive)
+            return
         self.windows[s].Unlock(self.owners[s])
 
     def _read_shard(self, s: int, host: torch.Tensor, count: bool = False) -> int:
         """Shard ``s``'s values into ``host``, and its update count if ``count`` (else 0);
         the caller holds the shard's lock."""
+        if self.shared:
+            host.copy_(self._mapped[s].values)
+            return int(self._mapped[s].count[0]) if count else 0
         MPI = hcomm.mpi()
         win, owner = self.windows[s], self.owners[s]
-        if self.shared:
-            win.Sync()
-            host.copy_(self._mapped[s][1])
-            return int(self._mapped[s][0][0]) if count else 0
         if count:
             win.Get([self._count[:1], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
         self._read(win, owner, host.numpy())
@@ -344,21 +364,24 @@ class ParameterStore:
 
     def _write(self, s: int, count: int, values: torch.Tensor) -> None:
         """Shard ``s``'s new count and values (the caller holds its exclusive lock)."""
+        if self.shared:
+            self._mapped[s].count[0] = count
+            self._mapped[s].values.copy_(values)
+            return
         MPI = hcomm.mpi()
         win, owner = self.windows[s], self.owners[s]
-        if self.shared:
-            mapped_count, shard = self._mapped[s]
-            mapped_count[0] = count
-            shard.copy_(values)
-            win.Sync()
-            return
         self._count[1] = count
         win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
         win.Put([values.numpy(), MPI.FLOAT], owner, target=(_HEADER, len(values), MPI.FLOAT))
 
-    def _accumulate(self, win, owner: int, delta: torch.Tensor) -> None:
-        """Add ``delta`` to a shard and one to its count, element-wise atomically."""
+    def _accumulate(self, s: int, delta: torch.Tensor) -> None:
+        """Add ``delta`` to shard ``s`` and one to its count, element-wise atomically."""
+        if self.shared:
+            mapped = self._mapped[s]
+            shm.accumulate(mapped.base + _ACCUMULATE, mapped.values, delta, mapped.base)
+            return
         MPI = hcomm.mpi()
+        win, owner = self.windows[s], self.owners[s]
         win.Accumulate([delta.numpy(), MPI.FLOAT], owner,
                        target=(_HEADER, len(delta), MPI.FLOAT), op=MPI.SUM)
         win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
@@ -386,6 +409,10 @@ class ParameterStore:
             win.Get([buf, MPI.FLOAT], owner, target=target)
 
     def _fetch_add(self, value: int, slot: int = 0) -> int:
+        self.bytes_read += 8
+        self.bytes_written += 8 if value else 0
+        if self.shared:
+            return shm.fetch_add(self._counter_base + 8 * slot, value)
         MPI = hcomm.mpi()
         host = self.hosts[0]
         self._operand[0] = value
@@ -393,8 +420,6 @@ class ParameterStore:
         self._counter.Fetch_and_op([self._operand, MPI.INT64_T], [self._fetched, MPI.INT64_T],
                                    host, slot, op=MPI.SUM if value else MPI.NO_OP)
         self._counter.Unlock(host)
-        self.bytes_read += 8
-        self.bytes_written += 8 if value else 0
         self.mpi_bytes += 16 if value else 8
         return int(self._fetched[0])
 
@@ -413,6 +438,8 @@ class ParameterStore:
 
     def shard_updates(self) -> list[int]:
         """Updates applied to each shard so far."""
+        if self.shared:
+            return [int(shm.load(m.base, self._count[:1])[0]) for m in self._mapped]
         MPI = hcomm.mpi()
         counts = []
         for win, owner in zip(self.windows, self.owners, strict=True):

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from hpctrain.async_.ssp import PARKED, StalenessBound
-from hpctrain.async_.store import _HEADER, ParameterStore, default_shards, shard_bounds
+from hpctrain.async_.store import _COUNT, ParameterStore, default_shards, shard_bounds
 from hpctrain.errors import UsageError
 from hpctrain.sim.network import Network
 from hpctrain.sim.scheduler import Scheduler
@@ -58,13 +58,6 @@ class SharedStore:
         self.clock_waiters: set[int] = set()
 
 
-class _Shard:
-    """A shard's "window": its bounds in the shared values."""
-
-    def __init__(self, index: int, lo: int, hi: int):
-        self.index, self.lo, self.hi = index, lo, hi
-
-
 class LocalStore(ParameterStore):
     """Virtual worker ``rank``'s view of the shared store (see the module docstring)."""
 
@@ -80,7 +73,7 @@ class LocalStore(ParameterStore):
         self.hosts = [0]
         self.bounds = shared.bounds
         self.owners = [0] * len(self.bounds)
-        self.windows = [_Shard(s, lo, hi) for s, (lo, hi) in enumerate(self.bounds)]
+        self.windows = [None] * self.shards  # no MPI windows (close() empties the list)
         self.worker_comm = None
         self.shared = False  # no shared-memory windows: ParameterStore.push stages
         self.in_place = False  # the staged path: read, kernel, write back
@@ -91,7 +84,7 @@ class LocalStore(ParameterStore):
         self._mapped = []
         self._seen = 0
         self.bytes_read = self.bytes_written = self.mpi_bytes = 0
-        k, h = numel, _HEADER * self.shards
+        k, h = numel, _COUNT * self.shards
         if consistency == "locked":  # as ParameterStore counts it without shared memory
             self._push_traffic = (4 * k + h, 4 * k + h, 8 * k + 2 * h)
         else:
@@ -174,7 +167,7 @@ class LocalStore(ParameterStore):
     def _lock(self, s: int, exclusive: bool) -> None:
         pass
 
-    def _unlock(self, s: int) -> None:
+    def _unlock(self, s: int, exclusive: bool) -> None:
         pass
 
     def _read_shard(self, s: int, host: torch.Tensor, count: bool = False) -> int:
@@ -187,9 +180,10 @@ class LocalStore(ParameterStore):
         self.state.values[lo:hi].copy_(values)
         self.state.counts[s] = count
 
-    def _accumulate(self, win: _Shard, owner: int, delta: torch.Tensor) -> None:
-        self.state.values[win.lo:win.hi].add_(delta)
-        self.state.counts[win.index] += 1
+    def _accumulate(self, s: int, delta: torch.Tensor) -> None:
+        lo, hi = self.bounds[s]
+        self.state.values[lo:hi].add_(delta)
+        self.state.counts[s] += 1
 
     def _fetch_add(self, value: int, slot: int = 0) -> int:
         before = self.state.counters[slot]
