@@ -30,11 +30,22 @@ def prefer_fast_iallreduce() -> str:
     return "MPI library default"
 
 
+_written: str | None = None  # the algorithm this process last set
+
+
 def set_iallreduce_algorithm(name: str) -> bool:
-    """Set libnbc's iallreduce algorithm (``ignore``: its own choice); False if not Open MPI."""
+    """Set libnbc's iallreduce algorithm (``ignore``: its own choice); False if not Open MPI.
+
+    Only this function changes the variable after start-up, so setting what it set last is
+    skipped: each write costs an ``MPI_T_init_thread`` (about 0.25 s in Open MPI 4.1), and
+    ``hvd.init`` asks again every time a process starts the API.
+    """
+    global _written
     MPI = comm.mpi()
     if not MPI.Get_library_version().startswith("Open MPI"):
         return False
+    if name == _written:
+        return True
     try:
         lib = ctypes.CDLL(None)  # libmpi's symbols, loaded by mpi4py
         t_init, t_finalize = lib.MPI_T_init_thread, lib.MPI_T_finalize
@@ -44,7 +55,10 @@ def set_iallreduce_algorithm(name: str) -> bool:
     if t_init(ctypes.c_int(MPI.Query_thread()), ctypes.byref(provided)) != 0:
         return False
     try:
-        return _write_int_cvar(lib, CVAR, ALGORITHMS[name])
+        if not _write_int_cvar(lib, CVAR, ALGORITHMS[name]):
+            return False
+        _written = name
+        return True
     finally:
         t_finalize()
 
