@@ -46,19 +46,7 @@ def _launchers(module) -> set[str]:
         found |= more
 
 
-# The files that took longest in `make test-unit` here (2026-12-01: 246 s down to 53 s of test
-# time each), run first; the rest follow in collection order. With `--no-loadscope-reorder`
-# pytest-xdist hands out files in this order (its default starts with the files holding the
-# most tests, here mostly MPI tests that skip, and ends on the long job files, one worker idle).
-LONGEST_FIRST = ["test_checkpoint_jobs.py", "test_slurm.py", "test_cli.py", "test_sync_elastic.py",
-                 "test_launchers.py", "test_api.py", "test_faults.py", "test_bench_compare.py",
-                 "test_bench_cli.py", "test_other_mpis.py", "test_async_jobs.py",
-                 "test_watchdog.py", "test_compile.py"]
-
-
 def pytest_collection_modifyitems(items) -> None:
-    first = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: first.get(item.path.name, len(first)))  # stable: files keep order
     cache: dict[str, set[str]] = {}
     for item in items:
         if any(item.get_closest_marker(m) for m in ("mpi", "job", "unit")):
