@@ -3,8 +3,8 @@ and the shared-memory locks (kernels/shm_sync.cpp).
 
 The CPU kernel is a plain C-ABI shared library (OpenMP, no Python or torch headers) built as a
 setuptools Extension and loaded with ctypes by hpctrain/kernels.py; the locks likewise, loaded
-by hpctrain/async_/shm.py. Flags stay portable: no
--march=native, since the build machine and the compute nodes may differ.
+by hpctrain/async_/shm.py. Flags stay portable: no -march=native, since the build machine and
+the compute nodes may differ.
 
 The CUDA kernel is a C-ABI library too (no torch headers), so it needs only nvcc: it is built
 when nvcc is found (CUDA_HOME, CUDA_PATH or PATH), and a failed build is then a warning, not a

@@ -44,13 +44,14 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
 fi
 
 # The editable install compiles the CPU libraries in place (the compensation kernel, the
-# shared-memory locks); rebuild them when a source is newer than its library or one is missing.
+# shared-memory locks); rebuild when one is missing or older than its sources (setup.py's
+# sources and depends: build_ext itself skips a library that is not).
 stale=
-for src in dc_update shm_sync; do
-  so=$(ls hpctrain/_$src.cpython*.so 2>/dev/null | head -n 1)
-  if [ -z "$so" ] || [ -n "$(find kernels -name "$src.*" -newer "$so" -o -name '*.h' -newer "$so")" ]; then
-    stale=1
-  fi
+for lib in "_dc_update kernels/dc_update.cpp kernels/dc_update.h" "_shm_sync kernels/shm_sync.cpp"; do
+  set -- $lib
+  so=$(ls hpctrain/$1.cpython*.so 2>/dev/null | head -n 1)
+  shift
+  for src in "$@"; do [ -n "$so" ] && [ "$so" -nt "$src" ] || stale=1; done
 done
 if [ -n "$stale" ]; then
   echo "setup: building the CPU libraries"

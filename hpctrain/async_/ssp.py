@@ -113,8 +113,7 @@ class StalenessBound:
             np.frombuffer(self._win, dtype=np.int64)[:] = 0
             self._win.Unlock(self.host)
         # Shared memory: slot 0's address in this process.
-        self._base = np.frombuffer(self._win.Shared_query(self.host)[0], np.uint8).ctypes.data \
-            if self.shared else 0
+        self._base = self._win.Shared_query(self.host)[0].address if self.shared else 0
         store.comm.Barrier()  # every clock is 0 before anyone reads one
         self._clocks = np.zeros(self.num_workers, np.int64)  # the last read of all slots
         self._value = np.zeros(1, np.int64)  # what this worker publishes
@@ -241,11 +240,11 @@ class StalenessBound:
 
     def _publish(self) -> None:
         """Write this worker's clock (plus ``PARKED`` when parked) into its slot."""
-        MPI = hcomm.mpi()
         self._value[0] = self._clock + (PARKED if self._parked else 0)
         if self.shared:
             shm.store(self._base + 8 * self._slot, int(self._value[0]))
             return
+        MPI = hcomm.mpi()
         self._win.Lock(self.host, MPI.LOCK_SHARED)
         self._win.Accumulate([self._value, MPI.INT64_T], self.host,
                              target=(self._slot, 1, MPI.INT64_T), op=MPI.REPLACE)

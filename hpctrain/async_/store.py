@@ -87,7 +87,7 @@ class _Mapped:
 def _map(buffer) -> _Mapped:
     mem = np.frombuffer(buffer, dtype=np.uint8)
     return _Mapped(mem[:8].view(np.int64), torch.from_numpy(mem[_HEADER:].view(np.float32)),
-                   mem.ctypes.data)
+                   buffer.address)
 
 
 def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
@@ -163,8 +163,8 @@ class ParameterStore:
         # Shared memory: every shard's header and values, and the counters, mapped here.
         self._mapped = [_map(win.Shared_query(owner)[0]) if self.shared else None
                         for win, owner in zip(self.windows, self.owners, strict=True)]
-        self._counter_base = np.frombuffer(self._counter.Shared_query(self.hosts[0])[0],
-                                           np.uint8).ctypes.data if self.shared else 0
+        self._counter_base = self._counter.Shared_query(self.hosts[0])[0].address \
+            if self.shared else 0
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
         first = (rank * shards) // workers if self.is_worker else 0
         self.order = tuple((first + i) % shards for i in range(shards))
