@@ -177,6 +177,22 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         texts = [p.read_text(errors="replace") for p in (self.dir / "log").glob(f"{name}*")]
         return " | ".join(" / ".join(t.strip().splitlines()[-lines:]) for t in texts if t)
 
+    def diagnosis(self, work: Path, job: str) -> str:
+        """What a failed wait reports: the node's state, the queue, this Slurm's processes
+        (a step process left behind holds the node) and the job's and daemons' logs."""
+        node = self.run("sinfo", "-h", "-n", NODE, "-o", "%T %E", check=False).stdout.strip()
+        queue = self.run("squeue", "-h", "-o", "%i %T %r", check=False).stdout.strip()
+        procs = []
+        for pid in _pids_of(self.dir):
+            try:
+                procs.append(Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                             .decode(errors="replace")[:120])
+            except OSError:
+                pass
+        return (f"node: {node!r}; queue: {queue!r}; processes: {procs}\n"
+                f"job log:\n{job_log(work, job)}\nslurmctld: {self.log_tail('slurmctld', 15)}"
+                f"\nslurmd: {self.log_tail('slurmd', 15)}")
+
     def stop(self, timeout: float = 20.0) -> None:
         """Cancel the jobs, wait for them to end, then stop every process of this Slurm."""
         try:
@@ -343,7 +359,8 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
             cluster.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
         if started in job_log(work, job) and again["JobState"] not in RUNNING_STATES:
             return again
-        assert time.monotonic() < deadline, f"requeued job not done in 240 s: {again}"
+        assert time.monotonic() < deadline, \
+            f"requeued job not done in 240 s: {again}\n{cluster.diagnosis(work, job)}"
         time.sleep(0.5)
 
 
