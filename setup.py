@@ -50,6 +50,14 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc")
 
 
+def _nvcc_threads(nvcc: str) -> list[str]:
+    """``--threads 0`` (one architecture per core) where nvcc has it (CUDA >= 11.5): the
+    architectures otherwise compile one after another."""
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.(\d+)", out)
+    return ["--threads", "0"] if found and tuple(map(int, found.groups())) >= (11, 5) else []
+
+
 class BuildKernels(build_ext):
     """build_ext plus the CUDA library, placed next to the CPU extension."""
 
@@ -76,7 +84,7 @@ class BuildKernels(build_ext):
         last = archs[-1][3:]
         gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")  # PTX for newer GPUs
         cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode,
-               "kernels/dc_update.cu", "-o", str(package_dir / CUDA_LIB)]
+               *_nvcc_threads(nvcc), "kernels/dc_update.cu", "-o", str(package_dir / CUDA_LIB)]
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
 
