@@ -26,20 +26,24 @@ stamp=.venv/.hpctrain-deps
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
   echo "setup: installing Python packages"
   $VPIP install -q --upgrade pip
-  # torch pinned: the CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
-  $VPIP install -q torch==2.13.0
-  $VPIP install -q "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout pytest-xdist tqdm matplotlib ruff \
-    cmake packaging wheel setuptools tensorboard pillow
-  $VPIP install -q --no-build-isolation -e ".[test,plot,tensorboard]"
   # MPICH and Intel MPI (each its mpirun and library, from its PyPI wheel) beside Debian's Open
   # MPI, for the tests on Hydra's MPIs: each under a prefix of its own, so that its mpirun is
-  # not on PATH. Optional, as Horovod is: without one, its tests say so and skip.
+  # not on PATH. Optional, as Horovod is: without one, its tests say so and skip. They share
+  # nothing with the packages below, so they install meanwhile.
   other_mpi() {  # WHEEL PREFIX
     $VPIP install -q --upgrade --prefix "$2" "$1" \
       || echo "setup: $1's wheel not installed (see pip above); its tests will be skipped"
   }
-  other_mpi mpich .venv/mpich
-  other_mpi impi-rt .venv/impi
+  other_mpi mpich .venv/mpich & mpich=$!
+  other_mpi impi-rt .venv/impi & impi=$!
+  # torch pinned: the CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
+  # Bytecode is compiled once at the end on every core (pip compiles one file at a time).
+  $VPIP install -q --no-compile torch==2.13.0
+  $VPIP install -q --no-compile "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout \
+    pytest-xdist tqdm matplotlib ruff cmake packaging wheel setuptools tensorboard pillow
+  $VPIP install -q --no-compile --no-build-isolation -e ".[test,plot,tensorboard]"
+  .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null || true
+  wait $mpich $impi
   touch "$stamp"
 fi
 
