@@ -309,7 +309,7 @@ def test_compare_sbatch_runs_every_algorithm_inside_the_allocation(slurm):
     assert record["workers"] == 2 and (out / "report.md").is_file()
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(660)  # two attempts, the wait between them
 def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
     # The first attempt fails at step 10 (after checkpoints at 4 and 8); the requeued one
     # (SLURM_RESTART_COUNT=1) runs clean and must continue in the same folder.
@@ -344,9 +344,9 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
     # Requeue only once the node has finished ending the first attempt: a second attempt
     # that starts while slurmd still cleans up the first can lose its first srun step ("aborted
     # before step completely launched", seen once under load).
-    deadline = time.monotonic() + 60
-    while cluster.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False).stdout.strip() \
-            != "idle" and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while (node := cluster.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False)
+           .stdout.strip()) != "idle" and time.monotonic() < deadline:
         time.sleep(0.5)
     cluster.run("scontrol", "requeue", job)
     # Slurm holds a requeued job back for a while (BeginTime): let it start at once. The state
@@ -360,7 +360,8 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
         if started in job_log(work, job) and again["JobState"] not in RUNNING_STATES:
             return again
         assert time.monotonic() < deadline, \
-            f"requeued job not done in 240 s: {again}\n{cluster.diagnosis(work, job)}"
+            f"requeued job not done in 240 s (node {node!r} at the requeue): {again}\n" \
+            f"{cluster.diagnosis(work, job)}"
         time.sleep(0.5)
 
 
@@ -373,7 +374,7 @@ srun --mpi=pmix --kill-on-bad-exit=1 {python} {script} . 1 10
 """
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(660)  # two attempts, the wait between them
 def test_a_requeued_horovod_elastic_script_continues_from_its_commit(slurm):
     """The recipe of docs/SLURM.md: the first attempt loses rank 1 at step 10 (commits at
     4 and 8); the requeued one resumes from the last commit and finishes the epoch."""
