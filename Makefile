@@ -13,8 +13,11 @@ export HPCTRAIN_MPIRUN := $(MPIRUN)
 
 .PHONY: setup demo test test-fast test-unit test-mpi test-other-mpis lint clean
 
+# The test targets set up what only the suite needs as well (setup.sh --tests: a one-node
+# Slurm, MPICH's and Intel MPI's wheels); a target-specific value reaches its prerequisites.
 setup:
-	@scripts/setup.sh
+	@scripts/setup.sh $(SETUP_FLAGS)
+test test-unit test-mpi test-other-mpis: SETUP_FLAGS := --tests
 
 demo: setup
 	@scripts/demo.sh
@@ -39,9 +42,9 @@ test-mpi: setup
 	timeout 900 $(MPIRUN) -np 2 $(PYTEST_MPI) $(MPI_TEST_FILES); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
 	timeout 900 $(MPIRUN) -np 4 $(PYTEST_MPI) $(MPI_TEST_FILES); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s
 
-# The MPI phase again on MPICH and on Intel MPI (make setup puts their wheels in .venv/mpich
-# and .venv/impi): the collectives, the RMA store and the Horovod-shaped API on two more MPI
-# implementations (Horovod's own backend is skipped: it is built with Open MPI). Two ranks:
+# The MPI phase again on MPICH and on Intel MPI (setup.sh --tests puts their wheels in
+# .venv/mpich and .venv/impi): the collectives, the RMA store and the Horovod-shaped API on two
+# more MPI implementations (Horovod's own backend is skipped: it is built with Open MPI). Two ranks:
 # Hydra's MPIs poll for progress, which makes more ranks than cores slow. `make test` runs it
 # on MPICH only, to stay in CI's time (Intel MPI is MPICH's kin; its job tests still run).
 OTHER_MPIS ?= mpich impi

@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
 # Idempotent set-up: Debian packages, .venv, pinned torch, Python deps, hpctrain (editable),
 # Horovod (optional, built once and cached). Safe to run again; skips what is already done.
+# With --tests (make test runs it so) also what only the test suite needs: a one-node Slurm
+# (slurm-wlm, munge) and MPICH's and Intel MPI's wheels beside Debian's Open MPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+TESTS=
+case "${1:-}" in
+  "") ;;
+  --tests) TESTS=1 ;;
+  *) echo "usage: scripts/setup.sh [--tests]" >&2; exit 2 ;;
+esac
 
-APT_PKGS="openmpi-bin libopenmpi-dev dataset-fashion-mnist cmake g++ make slurm-wlm munge"
+APT_PKGS="openmpi-bin libopenmpi-dev dataset-fashion-mnist cmake g++ make"
+[ -z "$TESTS" ] || APT_PKGS="$APT_PKGS slurm-wlm munge"
 missing=""
 for p in $APT_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -22,20 +31,29 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPIP=".venv/bin/python -m pip"
+# MPICH and Intel MPI (each its mpirun and library, from its PyPI wheel) beside Debian's Open
+# MPI, for the tests on Hydra's MPIs: each under a prefix of its own, so that its mpirun is not
+# on PATH. Optional, as Horovod is: without one, its tests say so and skip. They share nothing
+# with the packages below, so they install meanwhile, in the background.
+other_mpi() {  # WHEEL PREFIX
+  $VPIP install -q --upgrade --prefix "$2" "$1" \
+    || echo "setup: $1's wheel not installed (see pip above); its tests will be skipped"
+}
 stamp=.venv/.hpctrain-deps
+deps=
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$stamp" ]; then
+  deps=1
   echo "setup: installing Python packages"
   $VPIP install -q --upgrade pip
-  # MPICH and Intel MPI (each its mpirun and library, from its PyPI wheel) beside Debian's Open
-  # MPI, for the tests on Hydra's MPIs: each under a prefix of its own, so that its mpirun is
-  # not on PATH. Optional, as Horovod is: without one, its tests say so and skip. They share
-  # nothing with the packages below, so they install meanwhile.
-  other_mpi() {  # WHEEL PREFIX
-    $VPIP install -q --upgrade --prefix "$2" "$1" \
-      || echo "setup: $1's wheel not installed (see pip above); its tests will be skipped"
-  }
-  other_mpi mpich .venv/mpich & mpich=$!
-  other_mpi impi-rt .venv/impi & impi=$!
+fi
+test_stamp=.venv/.hpctrain-test-deps
+others=()
+if [ -n "$TESTS" ] && { [ ! -f "$test_stamp" ] || [ scripts/setup.sh -nt "$test_stamp" ]; }; then
+  echo "setup: installing MPICH's and Intel MPI's wheels for the tests"
+  other_mpi mpich .venv/mpich & others+=($!)
+  other_mpi impi-rt .venv/impi & others+=($!)
+fi
+if [ -n "$deps" ]; then
   # torch pinned: the CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
   # Bytecode is compiled once at the end on every core (pip compiles one file at a time).
   $VPIP install -q --no-compile torch==2.13.0
@@ -43,8 +61,11 @@ if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ scripts/setup.sh -nt "$st
     pytest-xdist tqdm matplotlib ruff cmake packaging wheel setuptools tensorboard pillow
   $VPIP install -q --no-compile --no-build-isolation -e ".[test,plot,tensorboard]"
   .venv/bin/python -m compileall -q -j 0 .venv/lib/python*/site-packages >/dev/null || true
-  wait $mpich $impi
   touch "$stamp"
+fi
+if [ ${#others[@]} -gt 0 ]; then
+  wait "${others[@]}"
+  touch "$test_stamp"
 fi
 
 # The editable install compiles the CPU libraries in place (the compensation kernel, the

@@ -72,8 +72,8 @@ def mpirun(np: int) -> list[str]:
 
 
 # Hydra's MPIs beside Debian's Open MPI: MPICH's and Intel MPI's mpirun and library from their
-# PyPI wheels, which make setup puts under .venv, off PATH. A job on one puts them first on
-# PATH and the loader's path (mpi4py's wheel loads the libmpi the loader finds).
+# PyPI wheels, which setup.sh --tests (make test) puts under .venv, off PATH. A job on one puts
+# them first on PATH and the loader's path (mpi4py's wheel loads the libmpi the loader finds).
 OTHER_MPIS = {"mpich": ROOT / ".venv" / "mpich", "intel": ROOT / ".venv" / "impi"}
 
 
@@ -85,10 +85,12 @@ def mpi_env(mpi: str) -> dict[str, str]:
 
 
 def needs_mpi(mpi: str) -> pytest.MarkDecorator:
-    """Skip where ``mpi``'s wheel is not installed (make setup's pip failed or was offline)."""
+    """Skip where ``mpi``'s wheel is not installed (set-up's pip failed or was offline, or
+    only ``make setup`` ran)."""
     prefix = OTHER_MPIS[mpi]
     return pytest.mark.skipif(not (prefix / "bin" / "mpirun").exists(),
-                              reason=f"no {mpi} MPI in {prefix} (make setup installs its wheel)")
+                              reason=f"no {mpi} MPI in {prefix} (make test's set-up installs "
+                              "its wheel)")
 
 
 # Parametrize a test over Hydra's MPIs: @pytest.mark.parametrize("mpi", ON_OTHER_MPIS).

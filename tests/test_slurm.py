@@ -213,7 +213,7 @@ def slurm():
     missing = [d for d in (*DAEMONS, "sbatch", "sinfo") if shutil.which(d) is None]
     if missing:
         pytest.skip(f"Slurm cannot start: {', '.join(missing)} not installed "
-                    "(Debian: apt-get install slurm-wlm munge)")
+                    "(Debian: apt-get install slurm-wlm munge; make test's set-up does)")
     if os.geteuid() != 0:
         pytest.skip("Slurm cannot start: slurmd and slurmctld run as root in this test")
     _clean_leftovers()
