@@ -56,8 +56,8 @@ test-other-mpis: setup
 	    $(PYTEST_MPI) $(MPI_TEST_FILES); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s; \
 	done
 
-test: lint test-unit test-mpi
-	@$(MAKE) --no-print-directory test-other-mpis OTHER_MPIS=mpich
+test: lint test-unit test-mpi test-other-mpis
+test: OTHER_MPIS := mpich
 
 clean:
 	rm -rf .venv build *.egg-info runs
