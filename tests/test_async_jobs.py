@@ -6,7 +6,6 @@ level ``serialized`` is Open MPI 4's inter-node one-sided path, where a window's
 into MPI for operations on it to progress.
 """
 
-import functools
 import json
 import os
 import sys
@@ -18,6 +17,7 @@ from conftest import run_program
 TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
             "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
 BUSY_S = 8.0
+CONSISTENCIES = ["locked", "atomic"]
 
 
 def run_scenario(name: str, np: int, *args: str, mpi_args=(), timeout: float = 120):
@@ -36,19 +36,17 @@ def results_of(proc) -> dict[str, dict]:
 
 
 @pytest.fixture(scope="module")
-def tcp_servers():
-    """The ``busy`` then the ``budget`` scenario in one 4-rank job over TCP (2 servers), run
-    once per consistency, on first use."""
-    @functools.cache
-    def get(consistency: str) -> dict[str, dict]:
-        return results_of(run_scenario("tcp", 4, consistency, mpi_args=TCP_ONLY))
-    return get
+def tcp_servers() -> dict[str, dict]:
+    """The ``busy`` then the ``budget`` scenario for each consistency, one store after another
+    in one 4-rank job over TCP (2 servers): ``{"busy-locked": {...}, ...}``."""
+    return results_of(run_scenario("tcp", 4, ",".join(CONSISTENCIES), mpi_args=TCP_ONLY,
+                                   timeout=240))
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("consistency", CONSISTENCIES)
 def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(tcp_servers, consistency):
-    res = tcp_servers(consistency)["busy"]
+    res = tcp_servers[f"busy-{consistency}"]
     assert res["mca"] == {"btl": "self,tcp", "osc": "pt2pt"}
     assert res["thread_level"] == "serialized"
     assert res["shared_windows"] is False  # windows made with Win.Allocate, used by Get/Put
@@ -71,12 +69,12 @@ def test_a_worker_that_raises_ends_the_whole_job(servers, np):
     assert time.monotonic() - start < 90
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("consistency", CONSISTENCIES)
 def test_tickets_hold_a_budget_of_pushes_exactly(tcp_servers, consistency):
     """Two workers (one slow) claim tickets before each push: exactly the budget is pushed,
     each ticket below it by one worker; the traffic counts are MPI's payload by hand."""
-    res = tcp_servers(consistency)["budget"]
+    res = tcp_servers[f"budget-{consistency}"]
     assert res["shared_windows"] is False
     assert res["updates"] == res["budget"] == sum(res["pushes"]) and min(res["pushes"]) > 0
     assert sorted(res["tickets"]) == list(range(res["budget"]))
@@ -132,7 +130,7 @@ def _busy(consistency: str) -> None:
             result["mca"] = {k: os.environ.get(f"OMPI_MCA_{k}") for k in ("btl", "osc")}
             result["thread_level"] = comm.library_info()["thread_level"]
             result["shared_windows"] = store.shared
-            print("RESULT busy " + json.dumps(result), flush=True)
+            print(f"RESULT busy-{consistency} " + json.dumps(result), flush=True)
     store.finish()
     store.close()
 
@@ -165,7 +163,7 @@ def _budget(consistency: str) -> None:
         if rank == 0:
             final = torch.empty(numel)
             store.pull(final)
-            print("RESULT budget " + json.dumps({
+            print(f"RESULT budget-{consistency} " + json.dumps({
                 "budget": budget, "updates": store.updates(), "numel": numel,
                 "shards": store.shards, "shared_windows": store.shared,
                 "tickets": [t for m, _ in parts for t in m],
@@ -199,10 +197,12 @@ def _raise(servers: str) -> None:
     store.close()
 
 
-def _tcp(consistency: str) -> None:
-    """Both scenarios over the same 4 ranks, one store after the other."""
-    _busy(consistency)
-    _budget(consistency)
+def _tcp(consistencies: str) -> None:
+    """Both scenarios for each of the comma-separated consistencies over the same 4 ranks, one
+    store after another."""
+    for consistency in consistencies.split(","):
+        _busy(consistency)
+        _budget(consistency)
 
 
 if __name__ == "__main__":
