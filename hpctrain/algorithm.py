@@ -93,8 +93,9 @@ class Algorithm:
     # ---- before MPI starts ------------------------------------------------------------------
 
     @classmethod
-    def check(cls, config: RunConfig, ranks: int) -> None:
-        """Refuse ``config`` on ``ranks`` ranks (UsageError, one line) before MPI starts."""
+    def check(cls, config: RunConfig, ranks: int, samples: int) -> None:
+        """Refuse ``config`` on ``ranks`` ranks training on ``samples`` samples (the data
+        set's, or a simulation's subset) with a UsageError, one line, before MPI starts."""
 
     @classmethod
     def for_launch(cls, config: RunConfig, launcher: str) -> RunConfig:

@@ -84,7 +84,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
         raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
     plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
-    algo.check(config, ranks)
+    algo.check(config, ranks, n)
     ck = config.checkpoint
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,

@@ -188,6 +188,23 @@ def test_ma_and_ec_run_the_real_aggregators(tmp_path):
     assert shared["aggregation"]["bytes_per_round"] == 16 * 8 * 3 + 2 * 3 * 64 * 10 * 4 // 4
 
 
+def test_ec_default_distill_size_is_capped_at_a_workers_samples(tmp_path):
+    """Workers holding fewer samples than the default 512 relabel all of them each round
+    instead of being refused; a size given is checked against --train-subset's samples, not
+    the whole data set's, before anything runs."""
+    ec = algorithm_options("ec")
+    summary = simulate(config("ec", tmp_path / "a", algorithm=ec(tau=2)),
+                       sim(4, train_subset=400))
+    assert summary["distill_size"] == 100  # 400 samples over 4 workers
+    assert "distill=100" in summary["algo_label"]
+    assert summary["distilled_samples_per_rank"] > 0
+    with pytest.raises(UsageError, match="--ec-distill-size 101 exceeds the 100 training "
+                                         "samples each of the 4 ranks holds"):
+        simulate(config("ec", tmp_path / "b", algorithm=ec(tau=2, ec_distill_size=101)),
+                 sim(4, train_subset=400))
+    assert not (tmp_path / "b").exists()
+
+
 def test_partial_shuffle_of_label_skewed_data_at_128_workers(tmp_path):
     c = config("ma", tmp_path / "x", data=DataConfig(dataset="synthetic", shuffle="partial:0.1",
                                                     partition="label-skew"),

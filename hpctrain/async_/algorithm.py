@@ -100,7 +100,7 @@ class ASGD(Algorithm):
     }
 
     @classmethod
-    def check(cls, config, ranks: int) -> None:
+    def check(cls, config, ranks: int, samples: int) -> None:
         o = config.algorithm
         if not 0 <= o.servers < ranks:
             raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint.resize import mean_tensors
 from hpctrain.ec.averaging import ModelAveraging as Averaging
@@ -33,6 +32,7 @@ from hpctrain.options import Range, option
 from hpctrain.shuffle import ReplicatedTrainData
 
 DEFAULT_TAU = 20
+DEFAULT_DISTILL_SIZE = 512
 
 
 @dataclass(frozen=True)
@@ -60,19 +60,22 @@ class CompressionOptions(AveragingOptions):
                              range=Range(0, 1))
     ec_temperature: float = option(2.0, "softmax temperature of the ensemble and the student",
                                    parse=float, range=Range(0, low_open=True))
-    ec_distill_size: int = option(512, "samples per worker relabelled by the ensemble each "
-                                  "round", parse=int, range=Range(1))
+    ec_distill_size: int | None = option(None, "samples per worker relabelled by the ensemble "
+                                         f"each round (default {DEFAULT_DISTILL_SIZE}, or all "
+                                         "of a worker's samples if it holds fewer)",
+                                         parse=int, range=Range(1))
     ec_distill_from: str = option("own", "whose samples a worker distils: its own draw (the "
                                   "seed's EC) or a random share of every worker's draw",
                                   choices=DISTILL_FROM)
     ec_final: str = option("member", "the reported final model, rank 0's member or the "
                            "ensemble", choices=("member", "ensemble"))
 
-
-def _steps_per_rank(config, ranks: int) -> tuple[int, int]:
-    """Samples and batches per rank in one epoch, as the loop counts them."""
-    local = data.size(config.data.dataset, "train", config.data.data_dir) // ranks
-    return local, math.ceil(local / config.optim.batch_size)
+    def distill_size(self, local: int) -> int:
+        """``--ec-distill-size``, or the default capped at a worker's ``local`` samples (a
+        small data set trains with the default instead of being refused)."""
+        if self.ec_distill_size is not None:
+            return self.ec_distill_size
+        return min(DEFAULT_DISTILL_SIZE, local)
 
 
 class ModelAveraging(Algorithm):
@@ -153,14 +156,16 @@ class EnsembleCompression(ModelAveraging):
     Options = CompressionOptions
     summary_fields = {
         **{k: v for k, v in ModelAveraging.summary_fields.items() if k != "final_averaged_acc"},
+        "distill_size": "samples per worker relabelled each round (--ec-distill-size)",
         "distilled_samples_per_rank": "relabelled samples rank 0 trained on, in all",
     }
 
     @classmethod
-    def check(cls, config, ranks: int) -> None:
+    def check(cls, config, ranks: int, samples: int) -> None:
         o = config.algorithm
-        local, steps = _steps_per_rank(config, ranks)
-        if o.ec_distill_size > local:
+        local = samples // ranks  # as the loop counts them (TrainData.samples_per_rank)
+        steps = math.ceil(local / config.optim.batch_size)
+        if o.ec_distill_size is not None and o.ec_distill_size > local:
             raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
                              f"training samples each of the {ranks} ranks holds")
         _check_rounds(config, local, ranks, steps)
@@ -169,13 +174,14 @@ class EnsembleCompression(ModelAveraging):
         o = self.options
         source = "" if o.ec_distill_from == "own" else f" from {o.ec_distill_from}"
         return (f"ec (tau={self.tau}, alpha={o.ec_alpha}, T={o.ec_temperature}, "
-                f"distill={o.ec_distill_size}{source}, final={o.ec_final})")
+                f"distill={self.distill_size}{source}, final={o.ec_final})")
 
     def make_aggregator(self, s: Setup):
         o = self.options
         lookup = s.train_data.full if isinstance(s.train_data, ReplicatedTrainData) else None
+        self.distill_size = o.distill_size(s.train_data.samples_per_rank)
         return Compression(s.model, s.comm, self.tau, o.ec_alpha, o.ec_temperature,
-                           o.ec_distill_size, lookup=lookup, seed=self.config.seed,
+                           self.distill_size, lookup=lookup, seed=self.config.seed,
                            distill_from=o.ec_distill_from)
 
     def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
@@ -214,7 +220,7 @@ class EnsembleCompression(ModelAveraging):
             write_atomic(log.dir / "ensemble.pt", buf.getvalue())
 
     def summary(self, points: list[dict], comm) -> dict:
-        return {**super().summary(points, comm),
+        return {**super().summary(points, comm), "distill_size": self.distill_size,
                 "distilled_samples_per_rank": self.aggregator.distilled}
 
 

@@ -106,11 +106,12 @@ class EnsembleCompression:
         """This step's relabelled samples (inputs, labels, ensemble probabilities), or None."""
         if self.relabelled is None:
             return None
-        j = self.steps - self._round_start
-        lo, hi = j * self.distill_size // self.tau, (j + 1) * self.distill_size // self.tau
-        if lo >= hi or lo >= self.distill_size:
-            return None
         x, y, p = self.relabelled
+        n = len(x)  # distill_size, unless a run resumed on other ranks relabelled another size
+        j = self.steps - self._round_start
+        lo, hi = j * n // self.tau, (j + 1) * n // self.tau
+        if lo >= hi or lo >= n:
+            return None
         return x[lo:hi], y[lo:hi], p[lo:hi]
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -82,7 +82,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if sim.comm_time == "replay" and not replays_pushes and algo.needs_mpi(config):
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
-    algo.check(config, ranks)
+    algo.check(config, ranks, n)
     StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
     return config
 

@@ -29,7 +29,7 @@ class Sequential(Algorithm):
     name = "sgd"
 
     @classmethod
-    def check(cls, config, ranks: int) -> None:
+    def check(cls, config, ranks: int, samples: int) -> None:
         if ranks > 1:
             raise UsageError(f"--algo sgd runs on one process, not {ranks}; use --algo ssgd")
 
@@ -75,7 +75,7 @@ class Synchronous(Algorithm):
         return config.algorithm.sync_backend != "torch"
 
     @classmethod
-    def check(cls, config, ranks: int) -> None:
+    def check(cls, config, ranks: int, samples: int) -> None:
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
             raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
