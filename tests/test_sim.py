@@ -231,9 +231,10 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
     recorded = tmp_path / steptimes.FILE
     recorded.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.1]],
                                     "rest": [[0.2]]}))
-    for algo in ("ssp", "ma"):
+    ssgd_torch = algorithm_options("ssgd")(sync_backend="torch")  # no MPI, still collectives
+    for algo, options in (("ssp", None), ("ma", None), ("ssgd", ssgd_torch)):
         with pytest.raises(UsageError, match=f"not --algo {algo}"):
-            simulate(config(algo, tmp_path / "e"),
+            simulate(config(algo, tmp_path / "e", algorithm=options),
                      sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
     assert not any((tmp_path / d).exists() for d in "abcdef")
 

@@ -33,7 +33,7 @@ from hpctrain.sim.scheduler import Scheduler
 from hpctrain.sim.steptime import StepTimeModel
 from hpctrain.sim.store import SharedStore
 from hpctrain.stragglers import parse_slowdown
-from hpctrain.sync.algorithm import Synchronous
+from hpctrain.sync.algorithm import Sequential, Synchronous
 
 INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backward
 
@@ -79,7 +79,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError(f"--workers {k} but only {n} training samples in "
                          f"{config.data.dataset}")
     replays_pushes = issubclass(algo, ASGD) and not issubclass(algo, SSP)
-    if sim.comm_time == "replay" and not replays_pushes and algo.needs_mpi(config):
+    if sim.comm_time == "replay" and not replays_pushes and not issubclass(algo, Sequential):
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
     algo.check(config, ranks, n)
