@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -262,6 +263,23 @@ def test_report_rerenders_a_comparison(resumed, tmp_path):
 
     report.run(cli.build_parser().parse_args(["report", str(out), "--targets", "0.3"]))
     assert "time to 0.3 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_report_without_matplotlib_keeps_the_table(resumed, tmp_path, monkeypatch, capsys):
+    """A pip install without the plot extra: the report's table is still written, and says
+    how to get the plots, instead of a comparison ending in ImportError after its runs."""
+    out = tmp_path / "cmp"
+    shutil.copytree(resumed.out, out)
+    for name in OUTPUTS:
+        (out / name).unlink()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: ImportError
+    report.run(cli.build_parser().parse_args(["report", str(out)]))
+    text = (out / "report.md").read_text()
+    assert set(table_rows(text)) == {"sgd", "ssgd"} and ".png" not in text
+    assert 'matplotlib is not installed (pip install "hpctrain[plot]"' in text
+    assert not any((out / name).exists() for name in OUTPUTS[1:])
+    assert "hpctrain report: no plots: matplotlib is not installed" in capsys.readouterr().err
 
 
 def test_bench_help_gives_every_benchmark_description(capsys):

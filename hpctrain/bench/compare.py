@@ -392,9 +392,12 @@ def run(args: argparse.Namespace) -> dict:
               file=sys.stderr, flush=True)
         record["runs"][r.algo] = result
         write_json_atomic(out / report.RECORD, record)
-    rows, targets = report.render(out)
+    rows, targets, drawn = report.render(out)
     print(report.table(rows, targets))
     print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
+    if not drawn:
+        print(f"hpctrain bench compare: no plots: {report.NO_PLOTS}", file=sys.stderr,
+              flush=True)
     failed = [a for a in record["algos"] if record["runs"][a]["status"] != "ok"]
     if failed:
         print(f"hpctrain bench compare: {len(failed)} of {len(record['algos'])} runs failed: "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,8 @@ REPORT = "report.md"
 PLOTS = {"t": ("error_vs_time.png", "wall time (s)"),
          "epoch": ("error_vs_epochs.png", "epochs (all workers)")}
 DEFAULT_TARGETS = (0.8, 0.85)
+NO_PLOTS = ("matplotlib is not installed (pip install \"hpctrain[plot]\", then "
+            "hpctrain report DIR draws them)")
 # Fixed colours, so an algorithm looks the same in every report.
 _ORDER = registry.names()
 
@@ -161,8 +164,8 @@ def table(rows: list[Row], targets: list[float]) -> str:
     return "\n".join(lines)
 
 
-def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
-    """The whole ``report.md``."""
+def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = True) -> str:
+    """The whole ``report.md`` (``plots``: whether the PNGs it shows were drawn)."""
     out = ["# Algorithm comparison", ""]
     if record:
         options = " ".join(record.get("train_args", [])) or "(defaults)"
@@ -201,8 +204,11 @@ def markdown(record: dict, rows: list[Row], targets: list[float]) -> str:
     for flag, names in ignored.items():
         out.append(f"\n`{flag}` was not given to {', '.join(names)}: "
                    f"{'it does' if len(names) == 1 else 'they do'} not take it.")
-    out += ["", "![test error against wall time](error_vs_time.png)",
-            "![test error against epochs](error_vs_epochs.png)"]
+    if plots:
+        out += ["", "![test error against wall time](error_vs_time.png)",
+                "![test error against epochs](error_vs_epochs.png)"]
+    else:
+        out += ["", f"*No plots: {NO_PLOTS}.*"]
     commands = [r for r in rows if r.command]
     if commands:
         out += ["", "## Commands", ""]
@@ -269,16 +275,25 @@ def _title(record: dict, rows: list[Row]) -> str:
     return title
 
 
-def render(folder: str | Path, targets: list[float] | None = None) -> tuple[list[Row], list]:
+def render(folder: str | Path, targets: list[float] | None = None
+           ) -> tuple[list[Row], list, list[Path]]:
     """Write ``report.md`` and both plots into ``folder`` from its saved outputs; return the
-    rows and the targets used (``targets``, else the comparison's, else the defaults)."""
+    rows, the targets used (``targets``, else the comparison's, else the defaults) and the
+    plots drawn: none without matplotlib (the ``plot`` extra), where the report says so
+    rather than losing a comparison's table after its runs."""
     folder = Path(folder)
     record, rows = load(folder)
     targets = targets or record.get("targets") or list(DEFAULT_TARGETS)
-    for x, (name, _) in PLOTS.items():
-        plot(rows, x, folder / name, _title(record, rows))
-    write_atomic(folder / REPORT, markdown(record, rows, targets))
-    return rows, targets
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        drawn = []
+    else:
+        drawn = [folder / name for name, _ in PLOTS.values()]
+        for x, path in zip(PLOTS, drawn, strict=True):
+            plot(rows, x, path, _title(record, rows))
+    write_atomic(folder / REPORT, markdown(record, rows, targets, plots=bool(drawn)))
+    return rows, targets, drawn
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,9 +305,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report in ``args.dir``; print its table and where the files are."""
-    rows, targets = render(args.dir, parse_targets(args.targets) if args.targets else None)
-    folder = Path(args.dir)
+    rows, targets, drawn = render(args.dir,
+                                  parse_targets(args.targets) if args.targets else None)
     print(table(rows, targets))
-    print(f"hpctrain report: {folder / REPORT}, "
-          f"{', '.join(str(folder / name) for name, _ in PLOTS.values())}")
+    print(f"hpctrain report: {', '.join(map(str, [Path(args.dir) / REPORT, *drawn]))}")
+    if not drawn:
+        print(f"hpctrain report: no plots: {NO_PLOTS}", file=sys.stderr)
     return rows
