@@ -162,6 +162,9 @@ class OptimConfig:
                              "increasing epochs > 0")
         if self.lr_milestones and self.lr_schedule not in (None, "step"):
             raise UsageError(f"--lr-milestones need --lr-schedule step, not {self.lr_schedule}")
+        if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate
+            raise UsageError("--lr-schedule step needs --lr-milestones, the epochs at which the "
+                             "learning rate is multiplied by --lr-gamma (e.g. 3,4)")
         if self.optimizer != "sgd" and self.momentum is not None:
             raise UsageError(f"--momentum is SGD's; --optimizer {self.optimizer} has betas "
                              "(0.9, 0.999)")
