@@ -226,6 +226,9 @@ def test_check_resume_with_a_changed_option(tmp_path):
     with pytest.raises(UsageError, match="--threads 4, not 8"):
         check(resume=str(tmp_path), run_config={**config, "batch_size": 64},
               may_change=frozenset())
+    # An option left at a default that the run resolves later (None) reads as such.
+    with pytest.raises(UsageError, match="--batch-size 64, not its default$"):
+        check(resume=str(tmp_path), run_config={**config, "batch_size": None})
 
 
 def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):

@@ -111,7 +111,7 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             if old[key] != run_config[key]:
                 flag = "--" + key.replace("_", "-")
                 raise UsageError(f"--resume {given}: the run was started with {flag} "
-                                 f"{old[key]}, not {run_config[key]}")
+                                 f"{_shown(old[key])}, not {_shown(run_config[key])}")
         if out is None:
             out = old.get("out")
         if checkpoint_dir is None:
@@ -126,6 +126,11 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
                              "resume it with --resume or choose another folder")
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def _shown(value) -> str:
+    """An option's value in a message (None: a default the run resolves later, as ``--tau``)."""
+    return "its default" if value is None else str(value)
 
 
 def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
