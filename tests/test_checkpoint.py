@@ -117,7 +117,8 @@ def test_loading_never_executes_code(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, ok", [("600", "600"), ("2e", "2e"), ("0.5e", "0.5e"),
-                                      ("0", None), ("-1e", None), ("e", None), ("10s", None)])
+                                      ("0", None), ("-1e", None), ("e", None), ("10s", None),
+                                      ("infe", None), ("1e400e", None), ("nan", None)])
 def test_parse_every(text, ok):
     import argparse
 
@@ -243,6 +244,8 @@ def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):
               checkpoint_dir=str(tmp_path / "old" / "checkpoints"))
     assert str(e.value) == (f"--checkpoint-dir {tmp_path / 'old' / 'checkpoints'} holds another "
                             "run's checkpoints; resume it with --resume or choose another folder")
+    with pytest.raises(UsageError, match="holds another run's checkpoints"):  # no --out given
+        check(every="1e", checkpoint_dir=str(tmp_path / "old" / "checkpoints"))
     # Without --checkpoint-every nothing would be written there.
     assert check(out=str(tmp_path / "new"),
                  checkpoint_dir=str(tmp_path / "old" / "checkpoints")).resume is None

@@ -243,7 +243,7 @@ def test_resume_refusals(tmp_path, killed_sgd):
         ([], unfinished),
         (["--checkpoint-dir", str(out / "checkpoints"), "--out", str(tmp_path / "b")],
          "holds another run's checkpoints"),
-        (["--checkpoint-every", "0"], "--checkpoint-every: must be > 0, got 0"),
+        (["--checkpoint-every", "0"], "--checkpoint-every: must be a finite number > 0, got 0"),
         (["--checkpoint-every", "ten"], "neither seconds (600) nor epochs (2e)"),
         (["--max-bad-steps", "0"], "--max-bad-steps: must be > 0, got 0"),
         (["--algo", "asgd", "--checkpoint-every", "60", "--out", str(tmp_path / "a")],

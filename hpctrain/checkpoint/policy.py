@@ -10,6 +10,7 @@ checkpoints, and says which output and checkpoint folders the run is to use.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def parse_every(text: str) -> str:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r} is neither seconds (600) nor epochs (2e)") from None
-    if not amount > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    if not 0 < amount < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
 
 
@@ -120,7 +121,7 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     if resume is None and out is not None and listing(Path(out) / SUBDIR):
         raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
                          f"continue it with --resume {out} or choose another folder")
-    if every is not None and out is not None:
+    if every is not None and (out is not None or checkpoint_dir is not None):
         folder = run_folder(checkpoint_dir, out)
         if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
             raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
