@@ -263,6 +263,9 @@ class RunConfig:
         elif type(self.algorithm) is not options_cls:
             raise TypeError(f"--algo {self.algo} takes {options_cls.__name__}, not "
                             f"{type(self.algorithm).__name__}")
+        if self.out is not None and not str(self.out).strip():  # "" would be the working folder
+            raise UsageError(f"--out {self.out!r} is empty: give a folder (default "
+                             "runs/<algo>-<time>)")
         if self.eval_rank is not None and self.eval_mode != "online":
             raise UsageError(f"--eval-rank {self.eval_rank} needs --eval online")
         if self.profile is not None:

@@ -145,11 +145,35 @@ def declared(cls) -> list[Field]:
     return [f for f in fields(cls) if "help" in f.metadata]
 
 
+# A field's declared type -> the Python types its values may have, and how to say so.
+_KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number"),
+          "str": ((str,), "a string"), "bool": ((bool,), "true or false")}
+
+
+def _kind_problem(f: Field, value) -> str | None:
+    """Why ``value`` does not have ``f``'s declared type (a config file or a Python caller
+    can give any), or None; a bool is no number. Other types (tuples, dicts) are the fields'
+    own business."""
+    declared_type = str(f.type)
+    if value is None:
+        return None if declared_type.endswith("| None") else "needs a value"
+    kind = _KINDS.get(declared_type.removesuffix(" | None"))
+    if kind is None:
+        return None
+    types, name = kind
+    if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
+        return None
+    return f"must be {name}"
+
+
 def check_fields(obj) -> None:
-    """Check a configuration dataclass's option values (choices, ranges); UsageError naming
-    the flag and the bad value on the first that is wrong. None means "not given"."""
+    """Check a configuration dataclass's option values (types, choices, ranges); UsageError
+    naming the flag and the bad value on the first that is wrong. None means "not given"
+    where the field allows it."""
     for f in declared(type(obj)):
         value = getattr(obj, f.name)
+        if (problem := _kind_problem(f, value)) is not None:
+            raise UsageError(f"{flag_of(f)} {value!r} {problem}")
         if value is None:
             continue
         choices, bounds = f.metadata["choices"], f.metadata["range"]

@@ -99,7 +99,21 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if config.out and (Path(config.out) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
+    for flag, folder in (("--out", config.out), ("--checkpoint-dir", config.checkpoint.dir)):
+        _check_folder(flag, folder)
     return config
+
+
+def _check_folder(flag: str, folder: str | None) -> None:
+    """A folder the run will write must not be a file or lie under one (found only when the
+    first output is written, after MPI started)."""
+    if folder is None:
+        return
+    for path in (Path(folder), *Path(folder).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"{flag} {folder}: {path} is a file, not a folder")
+            return
 
 
 def check_compute(config: RunConfig, in_threads: bool = False) -> None:
@@ -145,6 +159,9 @@ def train(config: RunConfig) -> dict:
     Checks come first (ValueError/UsageError before any communication), then MPI starts at
     the thread level the algorithm needs, unless the script started it already.
     """
+    if not isinstance(config, RunConfig):
+        raise TypeError(f"hpctrain.train takes a RunConfig (hpctrain.load_config reads a "
+                        f"file), not {type(config).__name__}")
     done = _finished(config)
     if done is not None:
         return done

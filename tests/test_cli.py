@@ -156,6 +156,17 @@ def finished_sgd(tmp_path_factory):
     return args, proc, out
 
 
+def test_an_output_folder_that_is_a_file_is_refused_before_mpi(tmp_path):
+    """Found only at the first write, after MPI started, it ended the job with exit 1."""
+    (tmp_path / "f").write_text("not a folder")
+    for flags in (["--out", str(tmp_path / "f")], ["--out", str(tmp_path / "f" / "run")],
+                  ["--checkpoint-every", "1e", "--checkpoint-dir", str(tmp_path / "f" / "c"),
+                   "--out", str(tmp_path / "run")]):
+        assert f"{tmp_path / 'f'} is a file, not a folder" in refusal(
+            ["--algo", "sgd", *SYNTHETIC, *flags]), flags
+    assert not (tmp_path / "run").exists()
+
+
 def test_finished_run_is_never_overwritten(finished_sgd):
     """The check is the launch's, before MPI (in process here; test_bad_arguments shows
     what a refused job prints and exits with)."""

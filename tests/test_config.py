@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+import hpctrain
 from hpctrain import arguments, cli, registry, summary
 from hpctrain import config as configs
 from hpctrain.config import OptimConfig, RunConfig
@@ -54,6 +55,17 @@ def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
      "--momentum 1.5 must be in [0, 1)"),
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)), "--lr 0.0 must be > 0"),
     (lambda: RunConfig(algo="sgd", stall_timeout=-1.0), "--stall-timeout -1.0 must be >= 0"),
+    (lambda: RunConfig(algo="sgd", out=""), "--out '' is empty"),  # not the working folder
+    # Types, as a config file or a Python caller may get them wrong.
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs="5")),
+     "--epochs '5' must be a whole number"),
+    (lambda: RunConfig(algo="sgd", threads=1.5), "--threads 1.5 must be a whole number"),
+    (lambda: RunConfig(algo="sgd", seed=True), "--seed True must be a whole number"),
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(momentum="0.5")),
+     "--momentum '0.5' must be a number"),
+    (lambda: RunConfig(algo="sgd", tensorboard="no"), "--tensorboard 'no' must be true or false"),
+    (lambda: RunConfig(algo="sgd", threads=None), "--threads None needs a value"),
+    (lambda: hpctrain.train("sgd"), "hpctrain.train takes a RunConfig"),
     (lambda: RunConfig(algo="ma", algorithm=registry.get("ma").Options(tau=0)),
      "--tau 0 must be >= 1"),
     (lambda: RunConfig(algo="ma", algorithm=registry.get("ec").Options()),
