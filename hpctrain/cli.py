@@ -12,10 +12,11 @@ import importlib
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 from hpctrain import arguments, comm, compiled, devices, horovodrun, run
 from hpctrain.bench import report as bench_report
-from hpctrain.errors import Parser
+from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
 from hpctrain.sim import arguments as sim_arguments
 
@@ -126,6 +127,17 @@ def info() -> None:
     print(json.dumps(facts, indent=2))
 
 
+def _check_json_path(path: str | None) -> None:
+    """A benchmark's ``--json`` file must be writable where asked before it measures: a missing
+    folder found at the end would lose the figures."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir() or not target.parent.is_dir():
+        raise UsageError(f"--json {path}: " + ("is a folder" if target.is_dir() else
+                                               f"no folder {target.parent}"))
+
+
 def main(argv: list[str] | None = None) -> None:
     comm.install_abort_on_error()
     args = build_parser().parse_args(argv)
@@ -141,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
         simulate(args)
     elif args.command == "bench":
         module = importlib.import_module(BENCHMARKS[args.benchmark])
+        _check_json_path(getattr(args, "json", None))
         if hasattr(module, "validate"):  # checks the options' own types cannot make
             module.validate(args)
         if module.THREAD_LEVEL is not None:  # None: a launcher of MPI jobs (compare)

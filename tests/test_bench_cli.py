@@ -87,6 +87,16 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("where, message", [("missing/x.json", "no folder"), ("", "is a folder")])
+def test_a_json_file_that_cannot_be_written_is_refused_before_measuring(tmp_path, where,
+                                                                       message):
+    """Found at the end, a missing folder would lose the benchmark's figures."""
+    path = tmp_path / where
+    with pytest.raises(UsageError, match=f"^--json {path}: {message}"):
+        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
+                  str(path)])
+
+
 @pytest.mark.timeout(120)
 def test_missing_data_files_are_one_line_from_rank_0(tmp_path):
     proc = run_job(["bench", "shuffle", "--dataset", "mnist", "--data-dir", str(tmp_path)], np=2,
