@@ -6,8 +6,9 @@ MPIRUN := mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-
 	-x OMPI_MCA_osc=^ucx -x OMPI_MCA_pml=ob1 -x OMPI_MCA_btl=self,vader,tcp
 PYTEST_MPI := $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
 export OMP_NUM_THREADS := 1
-# Let Python cache hpctrain's bytecode (some shells set PYTHONDONTWRITEBYTECODE): each of the
-# suite's hundreds of rank starts would otherwise compile its 17k lines again.
+# Let Python cache bytecode (some shells set PYTHONDONTWRITEBYTECODE): each of the suite's
+# hundreds of rank starts would otherwise compile hpctrain's 17k lines, and the parts of the
+# venv that setup.sh's warm-up import did not reach, again.
 unexport PYTHONDONTWRITEBYTECODE
 export HPCTRAIN_MPIRUN := $(MPIRUN)
 
