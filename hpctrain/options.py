@@ -154,7 +154,9 @@ def _kind_problem(f: Field, value) -> str | None:
     """Why ``value`` does not have ``f``'s declared type (a config file or a Python caller
     can give any), or None; a bool is no number. Other types (tuples, dicts) are the fields'
     own business."""
-    declared_type = str(f.type)
+    # "int | None" as a string under postponed annotations, else the type itself.
+    declared_type = f.type if isinstance(f.type, str) else getattr(f.type, "__name__",
+                                                                  str(f.type))
     if value is None:
         return None if declared_type.endswith("| None") else "needs a value"
     kind = _KINDS.get(declared_type.removesuffix(" | None"))
