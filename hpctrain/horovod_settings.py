@@ -157,6 +157,8 @@ def read_config(path: str) -> dict[str, Any]:
         config = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise UsageError(f"--config-file {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--config-file {path!r}: not UTF-8 text") from None
     except yaml.YAMLError as e:
         where = getattr(e, "problem_mark", None)
         at = f" at line {where.line + 1}" if where is not None else ""

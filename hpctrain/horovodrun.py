@@ -117,6 +117,8 @@ def hostfile_slots(path: str) -> list[tuple[str, int]]:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
         raise UsageError(f"--hostfile {path!r}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--hostfile {path!r}: not UTF-8 text") from None
     out = []
     for line in lines:
         words = line.split("#", 1)[0].split()
@@ -151,7 +153,7 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
     if not args.program:
         raise UsageError("no command to run: hpctrain horovodrun -np N python train.py")
     hosts = (hostfile_slots(args.hostfile) if args.hostfile
-             else slots(args.hosts or f"localhost:{args.np}"))
+             else slots(f"localhost:{args.np}" if args.hosts is None else args.hosts))
     total = sum(n for _, n in hosts)
     if args.np > total:
         raise UsageError(f"-np {args.np}: more processes than the {total} slots of the hosts")
@@ -190,7 +192,16 @@ def mpirun_command(args: argparse.Namespace, environ: Mapping[str, str],
         cmd = _open_mpi_command(args, hosts, environ, variables(args), root)
     else:
         cmd = _hydra_command(args, hosts, variables(args), intel=flavour == "intel")
-    return [*cmd, *shlex.split(args.mpi_args), *args.program]
+    return [*cmd, *_words("--mpi-args", args.mpi_args), *args.program]
+
+
+def _words(flag: str, text: str | None) -> list[str]:
+    """``text`` split as a shell would; UsageError naming ``flag`` if it cannot be (an unclosed
+    quote)."""
+    try:
+        return shlex.split(text or "")
+    except ValueError as e:
+        raise UsageError(f"{flag} {text!r}: {e}") from None
 
 
 def _open_mpi_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
@@ -200,7 +211,7 @@ def _open_mpi_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
     cmd = ["mpirun", "--allow-run-as-root"] if root else ["mpirun"]
     cmd += ["--tag-output", "-np", str(args.np),
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
-            *(shlex.split(args.binding_args) if args.binding_args
+            *(_words("--binding-args", args.binding_args) if args.binding_args
               else ["-bind-to", "none", "-map-by", "slot"])]
     if len(hosts) >= LARGE_CLUSTER:  # horovodrun's workaround for Open MPI's tree spawn
         cmd += ["-mca", "plm_rsh_no_tree_spawn", "true",
@@ -239,7 +250,7 @@ def _hydra_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
     else:
         cmd += ["-hosts", ",".join(f"{h}:{n}" for h, n in hosts)]
     if args.binding_args:
-        cmd += shlex.split(args.binding_args)
+        cmd += _words("--binding-args", args.binding_args)
     elif not intel:  # Intel MPI pins through I_MPI_PIN* instead
         cmd += ["-bind-to", "none", "-map-by", "slot"]
     if ssh := _ssh_args(args):

@@ -179,6 +179,9 @@ def test_a_config_file_horovod_would_misread_is_refused_naming_the_line(text, me
         horovodrun.variables(parse("-np", "2", "--config-file", str(config), "python", "x.py"))
     with pytest.raises(UsageError, match="'/nonexistent.yaml': No such file"):
         horovodrun.variables(parse("-np", "2", "--config-file", "/nonexistent.yaml", "x.py"))
+    config.write_bytes(b"params:\n  cycle_time_ms: \xff\n")  # Latin-1, say
+    with pytest.raises(UsageError, match="horovod.yaml': not UTF-8 text"):
+        horovodrun.variables(parse("-np", "2", "--config-file", str(config), "python", "x.py"))
 
 
 def test_on_mpich_the_flags_become_hydras_mpirun_command(tmp_path):
@@ -223,6 +226,9 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
     path.write_text("node1 slots=four\n")
     with pytest.raises(UsageError, match="'node1 slots=four' is not 'host slots=N'"):
         horovodrun.hostfile_slots(str(path))
+    path.write_bytes(b"n\xf6de1 slots=2\n")
+    with pytest.raises(UsageError, match="hosts': not UTF-8 text"):
+        horovodrun.hostfile_slots(str(path))
 
 
 @pytest.mark.parametrize("words, message", [
@@ -240,6 +246,11 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
     (["-np", "2", "--jsrun", "python", "x.py"], "--jsrun: hpctrain horovodrun starts MPI jobs"),
     (["-np", "2", "--blacklist-cooldown-range", "60", "300", "python", "x.py"],
      "--blacklist-cooldown-range: horovodrun's elastic mode"),
+    (["-np", "2", "-H", "", "python", "x.py"], "-H '': '' is not host or host:slots"),
+    (["-np", "2", "--mpi-args", "-x 'A", "python", "x.py"],
+     "--mpi-args \"-x 'A\": No closing quotation"),
+    (["-np", "2", "--binding-args", "-bind-to 'core", "python", "x.py"],
+     "--binding-args \"-bind-to 'core\": No closing quotation"),
 ])
 def test_what_horovodrun_mpi_mode_cannot_start_is_refused_naming_the_value(words, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
