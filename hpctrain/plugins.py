@@ -4,8 +4,9 @@ A reference names a callable as ``MODULE:ATTRIBUTE`` (a module importable from t
 directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a module of its own).
 :func:`check_form` judges the text alone (at construction, no import); :func:`resolve` imports
 it; :func:`check_model` builds the model once before MPI starts and runs two zero samples
-through it, so a bad reference (no module, no attribute, not callable, not a Module, wrong
-output size) is one line, exit 2, on every rank alike, before any collective call.
+through it (and back, as one training step), so a bad reference (no module, no attribute, not
+callable, not a Module, wrong output size or type, nothing trainable, an output detached from
+the parameters) is one line, exit 2, on every rank alike, before any collective call.
 
 A model callable is called as ``build(input_shape, num_classes, **model_args)`` and returns a
 ``torch.nn.Module`` mapping a batch ``N x *input_shape`` to logits ``N x num_classes``.
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from hpctrain import models
 from hpctrain.errors import UsageError
@@ -202,19 +204,60 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
 
 def check_model(name: str, input_shape: tuple, num_classes: int,
                 model_args: dict | None = None) -> None:
-    """Build the model once and run two zero samples through it (in eval mode, without
-    gradients): UsageError if it cannot be built or gives logits of the wrong size."""
+    """Build the model once and try it on two zero samples: UsageError if it cannot be built,
+    gives logits of the wrong size or type, or could not train (no trainable parameter, no
+    gradient path from its output to them), which would otherwise fail only at the first
+    step, after MPI started. The model is thrown away; the run seeds torch before it builds
+    its own, so what this draws from torch's RNG changes nothing."""
     model = build_model(name, input_shape, num_classes, model_args)
     if not is_reference(name):
         return
     model.eval()
+    with torch.no_grad():
+        _logits(name, model, input_shape, num_classes)
+    params = list(model.parameters())
+    if not any(p.requires_grad for p in params):
+        what = "no parameter that requires grad (all frozen)" if params else "no parameters"
+        raise UsageError(f"--model {name}: it has {what}; there is nothing to train")
+    # One training step's forward and backward, as training takes them. A build that hands
+    # out one module every call gets it back as it was: buffers (BatchNorm's statistics)
+    # restored, no gradients.
+    buffers = [b.detach().clone() for b in model.buffers()]
     try:
+        model.train()
+        with torch.enable_grad():
+            out = _logits(name, model, input_shape, num_classes)
+            if out.requires_grad:
+                try:
+                    F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
+                except Exception as e:
+                    raise UsageError(f"--model {name}: the backward of its loss raised "
+                                     f"{_one_line(e)}") from None
+        if all(p.grad is None for p in params):
+            raise UsageError(f"--model {name}: its output does not depend on its parameters "
+                             "(detached?); no gradient reaches them")
+    finally:
         with torch.no_grad():
-            out = model(torch.zeros(2, *input_shape))
+            for b, saved in zip(model.buffers(), buffers, strict=False):
+                b.copy_(saved)
+        for p in params:
+            p.grad = None
+
+
+def _logits(name: str, model: nn.Module, input_shape: tuple, num_classes: int) -> torch.Tensor:
+    """The model's output for two zero samples: UsageError unless floating-point logits of
+    shape ``(2, num_classes)``."""
+    mode = " in training mode" if model.training else ""
+    try:
+        out = model(torch.zeros(2, *input_shape))
     except Exception as e:
-        raise UsageError(f"--model {name}: its forward on a batch of shape "
+        raise UsageError(f"--model {name}: its forward{mode} on a batch of shape "
                          f"{(2, *input_shape)} raised {_one_line(e)}") from None
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UsageError(f"--model {name}: output {got} for a batch of 2; want (2, "
+        raise UsageError(f"--model {name}: output {got}{mode} for a batch of 2; want (2, "
                          f"{num_classes}): one logit per class")
+    if not out.is_floating_point():
+        raise UsageError(f"--model {name}: output of dtype {out.dtype}; want floating-point "
+                         "logits")
+    return out

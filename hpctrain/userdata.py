@@ -20,7 +20,8 @@ Formats:
   ``{"train": ..., "test": ..., "num_classes": C}``, each set either ``(x, y)`` (tensors or
   arrays) or a map-style ``torch.utils.data.Dataset`` of ``(x, y)`` items. A Dataset is read
   item by item, only the items a rank holds; its labels come from its ``targets`` attribute
-  when it has one (else every item is read once to find them).
+  when it has one (else every item is read once to find them). An item that raises when read,
+  or is no ``(x, y)`` pair with an integer label, is named by its index.
 
 Samples are ``N x C x H x W`` (``N x H x W`` gets one channel) or any shape a model of the
 user's own takes; uint8 values are scaled to [0, 1], floats are kept as given. Labels must be
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import reprlib
 import struct
 import zipfile
 from functools import cache
@@ -383,10 +385,12 @@ class CallableSource:
                 n = len(part)
                 if n == 0:
                     raise UsageError(f"{what}: the Dataset is empty")
-                shapes[split] = _sample_shape(what, (n, *np.shape(_numpy(part[0][0]))))
+                x, y = _item(what, part, 0)
+                _label(what, 0, y)
+                shapes[split] = _sample_shape(what, (n, *np.shape(_numpy(x))))
                 targets = getattr(part, "targets", None)
                 if targets is None:
-                    targets = [int(part[i][1]) for i in range(n)]
+                    targets = [_label(what, i, _item(what, part, i)[1]) for i in range(n)]
                 self._labels[split] = _checked_labels(what, _numpy(targets), n)
             else:
                 raise UsageError(f"{what} is a {type(part).__name__}; want (x, y) or a "
@@ -408,9 +412,51 @@ class CallableSource:
         if _is_pair(part):
             x = part[0]
             return x[torch.as_tensor(rows)] if isinstance(x, torch.Tensor) else np.asarray(x)[rows]
-        items = [_numpy(part[int(i)][0]) for i in rows]
+        what = f"--dataset {self.name} {split}"
+        items = [_numpy(_item(what, part, int(i))[0]) for i in rows]
+        shapes = {item.shape for item in items}
+        if len(shapes) > 1:
+            raise UsageError(f"{what}: items of shapes {', '.join(map(str, sorted(shapes)))}; "
+                             "want one shape")
         x = np.stack(items)
         return x[:, None] if x.ndim == 3 else x
+
+
+def _item(what: str, part, i: int):
+    """Item ``i`` of a user's Dataset, an (x, y) pair: UsageError naming the item if reading
+    it raises or it is no pair, not a bare exception in the middle of training."""
+    try:
+        item = part[i]
+    except UsageError:
+        raise
+    except Exception as e:
+        raise UsageError(f"{what}: item {i} raised {plugins._one_line(e)}") from None
+    if not isinstance(item, (tuple, list)) or len(item) != 2:
+        raise UsageError(f"{what}: item {i} is {_described(item)}, not an (x, y) pair; give "
+                         "(x, y) as tensors or numpy arrays, or a Dataset of (x, y) items")
+    return item
+
+
+def _label(what: str, i: int, y) -> int:
+    """Item ``i``'s label ``y`` as an int: an integer, or a float holding one (as labels given
+    as arrays may be), alone or in a one-element array or tensor."""
+    try:
+        v = _numpy(y)
+    except ValueError:  # a ragged list
+        v = np.empty(0)
+    if v.size != 1 or v.dtype.kind not in "iuf" or not float(v.item()).is_integer():
+        raise UsageError(f"{what}: item {i}'s label is {_described(y)}; want an integer "
+                         "class index")
+    return int(v.item())
+
+
+def _described(v) -> str:
+    """What ``v`` is, in a few words, for a message."""
+    if isinstance(v, (torch.Tensor, np.ndarray)):
+        return f"a {type(v).__name__} of shape {tuple(v.shape)} ({v.dtype})"
+    if isinstance(v, (tuple, list, dict)):
+        return f"a {type(v).__name__} of {len(v)} elements"
+    return f"a {type(v).__name__} ({reprlib.repr(v)})"
 
 
 def _is_pair(part) -> bool:

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from hpctrain import collapse, data, optimizers, run, userdata
+from hpctrain import collapse, data, optimizers, plugins, run, userdata
 from hpctrain.bench import report
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -54,6 +55,67 @@ def load():
 def float_labels():
     x = torch.zeros(4, 1, 8, 8)
     return (x, torch.tensor([0.0, 1.5, 1.0, 0.0])), (x, torch.tensor([0, 1, 1, 0]))
+
+class Linear(nn.Module):
+    """A linear model whose forward ``how`` may spoil."""
+    def __init__(self, input_shape, num_classes, how=None):
+        super().__init__()
+        self.how, self.l = how, nn.Linear(int(np.prod(input_shape)), num_classes)
+        self.unused = nn.Linear(2, 2)  # gets no gradient, and that is fine
+        if how == "frozen":
+            self.l.requires_grad_(False)
+            self.unused.requires_grad_(False)
+        if how == "double":
+            self.l.double()
+    def forward(self, x):
+        x = x.flatten(1)
+        out = self.l(x.double() if self.how == "double" else x)
+        return {"detached": out.detach(), "int": out.long()}.get(self.how, out)
+
+class NoParameters(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.num_classes = num_classes
+    def forward(self, x):
+        return torch.zeros(len(x), self.num_classes)
+
+SHARED = nn.Sequential(nn.Flatten(), nn.Linear(64, 3), nn.BatchNorm1d(3))
+
+def shared(input_shape, num_classes):
+    return SHARED
+
+def lists():
+    x = np.zeros((6, 1, 8, 8), np.float32).tolist()
+    return (x, [0, 1, 2] * 2), (x, [0, 1, 2] * 2)
+
+class Late(torch.utils.data.Dataset):
+    """Item 5 raises; ``targets`` or not, ``x`` a nested list or not, ``label`` as given."""
+    def __init__(self, targets=True, lists=False, label=None):
+        if targets:
+            self.targets = [i % 3 for i in range(8)]
+        self.lists, self.label = lists, label
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        if i == 5:
+            raise KeyError(f"bad item {i}")
+        x = [[0.0] * 8] * 8 if self.lists else torch.zeros(1, 8, 8)
+        return x, i % 3 if self.label is None else self.label
+
+def late(**kw):
+    return Late(**kw), (torch.zeros(4, 1, 8, 8), torch.tensor([0, 1, 2, 0]))
+
+def late_labels():
+    return late(targets=False)
+
+def list_items():
+    return late(lists=True)
+
+def float_label():
+    return late(label=1.5)
+
+def vector_label():
+    return late(label=torch.tensor([0, 1]))
 '''
 
 
@@ -93,6 +155,34 @@ def test_a_model_reference_is_checked_before_mpi(nets, name, message):
         launch(model=ModelConfig(name=name))  # check_launch: before MPI starts
 
 
+@pytest.mark.parametrize("name, args, message", [
+    ("nets_mod:Linear", {}, None),  # one parameter unused: accepted
+    ("nets_mod:Linear", {"how": "double"}, None),
+    ("nets_mod:NoParameters", {}, "it has no parameters; there is nothing to train"),
+    ("nets_mod:Linear", {"how": "frozen"}, "it has no parameter that requires grad"),
+    ("nets_mod:Linear", {"how": "int"}, "output of dtype torch.int64; want floating-point"),
+    ("nets_mod:Linear", {"how": "detached"},
+     r"its output does not depend on its parameters \(detached\?\)"),
+])
+def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, message):
+    if message is None:
+        plugins.check_model(name, (1, 8, 8), 3, args)
+        return
+    with pytest.raises(UsageError, match=f"^--model {name}: {message}"):
+        plugins.check_model(name, (1, 8, 8), 3, args)
+
+
+def test_checking_a_model_leaves_a_shared_one_as_it_was(nets):
+    import nets_mod
+
+    before = {k: v.clone() for k, v in nets_mod.SHARED.state_dict().items()}
+    plugins.check_model("nets_mod:shared", (1, 8, 8), 3)  # trained a step, in training mode
+    after = nets_mod.SHARED.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's statistics
+    assert all(p.grad is None for p in nets_mod.SHARED.parameters())
+    assert nets_mod.SHARED.training
+
+
 def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
     monkeypatch.chdir(nets.parent)
     config = launch(model=ModelConfig(name="./nets_mod.py:build"))
@@ -106,7 +196,7 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
 def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
     import nets_mod
 
-    from hpctrain import models, plugins
+    from hpctrain import models
 
     assert ModelConfig(name=nets_mod.build).name == "nets_mod:build"
     assert ModelConfig(name=models.LeNet).name == "hpctrain.models:LeNet"
@@ -183,6 +273,28 @@ def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
     assert sorted(set(nets_mod.CALLS)) == sorted(held.ids.tolist())  # no other item read
     with pytest.raises(UsageError, match="labels must be integers"):
         userdata.describe("nets_mod:float_labels")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("lists", "train: item 0 is a list of 6 elements, not an (x, y) pair; give (x, y) as "
+              "tensors or numpy arrays"),
+    ("late_labels", "train: item 5 raised KeyError: 'bad item 5'"),  # labels read item by item
+    ("float_label", "train: item 0's label is a float (1.5); want an integer class index"),
+    ("vector_label", "train: item 0's label is a Tensor of shape (2,) (torch.int64)"),
+])
+def test_a_dataset_of_no_x_y_items_is_refused_naming_the_item(nets, name, message):
+    with pytest.raises(UsageError, match=re.escape(f"--dataset nets_mod:{name} {message}")):
+        userdata.describe(f"nets_mod:{name}")
+
+
+def test_a_dataset_item_that_raises_is_named_when_read(nets):
+    assert userdata.describe("nets_mod:list_items")["shape"] == (1, 8, 8)  # x as nested lists
+    assert data.load_indices("nets_mod:list_items", "train", [0, 7]).images.shape == (2, 1, 8, 8)
+    assert userdata.describe("nets_mod:late")["train"] == 8  # its targets: no item 5 read yet
+    assert len(data.load_indices("nets_mod:late", "train", [0, 4, 6])) == 3
+    with pytest.raises(UsageError, match=re.escape(
+            "--dataset nets_mod:late train: item 5 raised KeyError: 'bad item 5'")):
+        data.load_indices("nets_mod:late", "train", [4, 5])
 
 
 def test_an_image_folder_is_read_image_by_image(tmp_path):
