@@ -44,7 +44,7 @@ from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
 from hpctrain.shuffle import TrainDataSpec
-from hpctrain.stragglers import parse_slowdown
+from hpctrain.stragglers import MAX_SIGMA, parse_slowdown
 
 EVAL_MODES = ("after", "online")
 
@@ -125,11 +125,12 @@ class OptimConfig:
                                           parse=options.positive(int), metavar="N",
                                           range=Range(0, low_open=True))
     lr: float | None = option(None, "base learning rate (default 0.05; asgd, dcasgd-*, ssp: "
-                              "0.1)", parse=options.positive(float), range=Range(0, low_open=True))
+                              "0.1)", parse=options.positive(float),
+                              range=Range(0, options.HUGE, low_open=True))
     momentum: float | None = option(None, "SGD momentum (default 0.9; asgd, dcasgd-*, ssp: 0, "
                                     "the paper's algorithm)", parse=float,
                                     range=Range(0, 1, high_open=True))
-    weight_decay: float = option(0.0, "L2 penalty", parse=float, range=Range(0))
+    weight_decay: float = option(0.0, "L2 penalty", parse=float, range=Range(0, options.HUGE))
     lr_schedule: str | None = option(None, "cosine decay to 0 over the run (default), step "
                                      "decay at --lr-milestones (default when they are given), "
                                      "or constant", choices=SCHEDULES)
@@ -137,7 +138,7 @@ class OptimConfig:
                                               "multiplied by --lr-gamma, e.g. 3,4",
                                               parse=_milestones)
     lr_gamma: float = option(0.1, "step decay factor", parse=options.positive(float),
-                             range=Range(0, low_open=True))
+                             range=Range(0, options.HUGE, low_open=True))
     optimizer: str = option("sgd", "the update rule of sgd, ssgd, ma and ec (adam, adamw: "
                             "default --lr 0.001, no --momentum); asynchronous algorithms keep "
                             "their own", choices=OPTIMIZERS)
@@ -200,7 +201,8 @@ class StragglerConfig:
     slowdown: str | None = option(None, "injected straggler: worker RANK's steps take FACTOR "
                                   "times as long", metavar="RANK:FACTOR[,...]")
     jitter: float = option(0.0, "injected noise: every step takes exp(SIGMA*z) times as long, "
-                           "seeded", parse=float, metavar="SIGMA", range=Range(0))
+                           "seeded", parse=float, metavar="SIGMA",
+                           range=Range(0, MAX_SIGMA))
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -221,7 +223,8 @@ class RunConfig:
     out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
     eval_every: float = option(0.25, "epochs between snapshots of the model (scored after "
                                "training, or with --eval online while it runs)",
-                               parse=options.positive(float), range=Range(0, low_open=True))
+                               parse=options.positive(float),
+                               range=Range(0, options.HUGE, low_open=True))
     eval_mode: str = option("after", "score snapshots after training (the curve's time axis "
                             "excludes scoring), or online: as training runs, on rank 0 between "
                             "steps or on --eval-rank", flag="--eval", choices=EVAL_MODES)
@@ -241,7 +244,7 @@ class RunConfig:
                                  "on every worker: Chrome traces and operator tables in "
                                  "<out>/profile", metavar="START:COUNT")
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
-                          range=Range(1))
+                          range=Range(1, 4096))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)
     max_bad_steps: int = option(10, "stop after this many consecutive steps with NaN/Inf "
                                 "gradients", parse=options.positive(int), range=Range(1))

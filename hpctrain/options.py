@@ -88,6 +88,12 @@ def existing_dir(text: str) -> str:
     return text
 
 
+# The largest rate, factor or interval (in epochs) an option takes: far past any useful value,
+# and small enough that what is computed from it (lr x gradient in float32, epochs x steps per
+# epoch as a whole number) cannot overflow.
+HUGE = 1e6
+
+
 # ----------------------------------------------------------------------------------------------
 # Declaring an option on a configuration dataclass
 
@@ -182,4 +188,5 @@ def check_fields(obj) -> None:
         if choices is not None and value not in choices:
             raise UsageError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices)}")
         if bounds is not None and (problem := bounds.problem(value)) is not None:
-            raise UsageError(f"{flag_of(f)} {value} {problem}")
+            shown = f"{value:g}" if abs(value) >= 1e16 else value  # not 309 digits of an int
+            raise UsageError(f"{flag_of(f)} {shown} {problem}")

@@ -9,15 +9,19 @@ when ``f <= 1``: a step cannot be made faster).
 
 from __future__ import annotations
 
-import math
 import random
 import time
 
 from hpctrain.errors import UsageError
 
+# The largest log-normal SIGMA (--jitter, a simulation's lognormal step times): exp(5 z) is
+# already e^5 (148x) at one standard deviation; far beyond it the draws overflow.
+MAX_SIGMA = 5.0
+MAX_FACTOR = 1e6  # the largest --slowdown factor: a 10 ms step then sleeps for hours
+
 
 def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
-    """``"0:3,2:1.5"`` -> {0: 3.0, 2: 1.5}; ranks must be workers, factors >= 1."""
+    """``"0:3,2:1.5"`` -> {0: 3.0, 2: 1.5}; ranks must be workers, factors in [1, 1e6]."""
     factors: dict[int, float] = {}
     for item in filter(None, (s.strip() for s in (text or "").split(","))):
         try:
@@ -28,8 +32,9 @@ def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
                 from None
         if not 0 <= rank < workers:
             raise UsageError(f"--slowdown {text}: rank {rank} is not a worker (0..{workers - 1})")
-        if not (math.isfinite(factor) and factor >= 1.0):
-            raise UsageError(f"--slowdown {text}: factor {factor_text} must be >= 1")
+        if not 1.0 <= factor <= MAX_FACTOR:  # False for NaN
+            raise UsageError(f"--slowdown {text}: factor {factor_text} must be in [1, "
+                             f"{MAX_FACTOR:g}]")
         if rank in factors:
             raise UsageError(f"--slowdown {text}: rank {rank} given twice")
         factors[rank] = factor

@@ -53,9 +53,14 @@ def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
     (lambda: RunConfig(algo="nope"), "unknown algorithm 'nope'"),
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(momentum=1.5)),
      "--momentum 1.5 must be in [0, 1)"),
-    (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)), "--lr 0.0 must be > 0"),
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)), "--lr 0.0 must be in (0, 1e+06]"),
     (lambda: RunConfig(algo="sgd", stall_timeout=-1.0), "--stall-timeout -1.0 must be >= 0"),
     (lambda: RunConfig(algo="sgd", out=""), "--out '' is empty"),  # not the working folder
+    # In range once overflowed at the first step, in float32 or as a whole number.
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=1e308)),
+     "--lr 1e+308 must be in (0, 1e+06]"),
+    (lambda: RunConfig(algo="sgd", eval_every=1e308), "--eval-every 1e+308 must be in (0, 1e+06]"),
+    (lambda: RunConfig(algo="sgd", threads=10 ** 308), "--threads 1e+308 must be in [1, 4096]"),
     # Types, as a config file or a Python caller may get them wrong.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs="5")),
      "--epochs '5' must be a whole number"),

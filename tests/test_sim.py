@@ -258,6 +258,8 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
         sim(3, step_time=f"replay:{tmp_path}", comm_time="replay")
     with pytest.raises(UsageError, match="--comm-time replay needs"):
         sim(3, comm_time="replay")
+    with pytest.raises(UsageError, match="SIGMA must be at most 5"):  # exp(SIGMA z) overflows
+        StepTimeModel("lognormal:0.02:1e308", 2)
 
 
 def test_step_times_record_each_steps_compute_and_rest(tmp_path):

@@ -28,7 +28,7 @@ from hpctrain.ec.compression import EnsembleCompression as Compression
 from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
-from hpctrain.options import Range, option
+from hpctrain.options import HUGE, Range, option
 from hpctrain.shuffle import ReplicatedTrainData
 
 DEFAULT_TAU = 20
@@ -40,7 +40,8 @@ class AveragingOptions(Options):
     tau: int | None = option(None, f"local steps between aggregations (default {DEFAULT_TAU})",
                              parse=int, range=Range(1))
     tau_epochs: float | None = option(None, "local epochs between aggregations, instead of "
-                                      "--tau", parse=float, range=Range(0, low_open=True))
+                                      "--tau", parse=float,
+                                      range=Range(0, HUGE, low_open=True))
 
     def __post_init__(self) -> None:
         if self.tau is not None and self.tau_epochs is not None:
@@ -59,7 +60,7 @@ class CompressionOptions(AveragingOptions):
     ec_alpha: float = option(0.5, "weight of the distillation term in [0, 1]", parse=float,
                              range=Range(0, 1))
     ec_temperature: float = option(2.0, "softmax temperature of the ensemble and the student",
-                                   parse=float, range=Range(0, low_open=True))
+                                   parse=float, range=Range(0, 1000, low_open=True))
     ec_distill_size: int | None = option(None, "samples per worker relabelled by the ensemble "
                                          f"each round (default {DEFAULT_DISTILL_SIZE}, or all "
                                          "of a worker's samples if it holds fewer)",

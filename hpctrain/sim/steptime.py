@@ -28,6 +28,7 @@ import random
 
 from hpctrain import steptimes
 from hpctrain.errors import UsageError
+from hpctrain.stragglers import MAX_SIGMA
 
 KINDS = ("constant", "lognormal", "gamma", "replay")
 
@@ -66,6 +67,8 @@ class StepTimeModel:
             (self.mean,) = _numbers(spec, parts, ("S",))
         elif kind == "lognormal":
             self.mean, self.sigma = _numbers(spec, parts, ("MEAN", "SIGMA"))
+            if self.sigma > MAX_SIGMA:
+                raise UsageError(f"--step-time {spec}: SIGMA must be at most {MAX_SIGMA:g}")
             self._mu = math.log(self.mean) - self.sigma ** 2 / 2
         elif kind == "gamma":
             self.mean, self.shape = _numbers(spec, parts, ("MEAN", "SHAPE"))
