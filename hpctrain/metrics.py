@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from hpctrain.errors import UsageError
+
 
 def _read_umask() -> int:
     mask = os.umask(0o022)  # the only way to read it; done once, at import, before any thread
@@ -64,6 +66,23 @@ def write_json_atomic(path: str | Path, obj) -> None:
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
 
 
+def read_json(path: str | Path, what: str, keys: Iterable[str] = ()) -> dict:
+    """The JSON object in ``path``, read back: UsageError naming the file when it cannot be
+    read, is no JSON object or lacks one of ``keys`` (cut short, edited, or another tool's).
+    ``what`` says what it should be ("a run's summary")."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: not JSON, or not UTF-8
+        raise UsageError(f"cannot read {what} from {path}: {e}") from None
+    if not isinstance(value, dict):
+        raise UsageError(f"{path} is not {what}: it holds a JSON {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise UsageError(f"{path} is not {what}: it has no {missing[0]!r}")
+    return value
+
+
 def _jsonable(x):
     if isinstance(x, (np.integer, np.floating)):
         return x.item()
@@ -106,10 +125,30 @@ class RunLog:
             write_json_atomic(self.dir / "summary.json", summary)
 
 
+POINT_KEYS = ("t", "epoch", "test_acc")  # what readers of a curve point rely on
+
+
 def read_points(out_dir: str | Path) -> list[dict]:
-    """The curve points of a finished run."""
-    with open(Path(out_dir) / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The curve points of a finished run; UsageError naming the file and line of one that is
+    not a point."""
+    path = Path(out_dir) / "metrics.jsonl"
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read the curve from {path}: {e}") from None
+    points = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            point = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{path} line {number} is not JSON: {e}") from None
+        if not isinstance(point, dict) or any(k not in point for k in POINT_KEYS):
+            raise UsageError(f"{path} line {number} is not a curve point (want an object "
+                             f"with {', '.join(POINT_KEYS)})")
+        points.append(point)
+    return points
 
 
 def distribution(values: Sequence[float]) -> dict:

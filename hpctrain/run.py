@@ -25,7 +25,6 @@ collapse).
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import replace
@@ -61,6 +60,7 @@ from hpctrain.schedule import learning_rate, set_lr
 from hpctrain.steptimes import StepTimes
 from hpctrain.stragglers import parse_slowdown
 from hpctrain.summary import RunSummary
+from hpctrain.summary import read as read_summary
 from hpctrain.torch_comm import TorchComm
 
 
@@ -184,13 +184,13 @@ def _finished(config: RunConfig) -> dict | None:
     requeued after it finished): that summary, and nothing is trained."""
     if config.checkpoint.resume != checkpoint.AUTO or config.out is None:
         return None
-    path = Path(config.out) / "summary.json"
-    if not path.exists():
+    if not (Path(config.out) / "summary.json").exists():
         return None
+    done = read_summary(config.out)
     if comm.env_rank() == 0:
         print(f"hpctrain: --out {config.out} holds a finished run; nothing to train "
               "(--resume auto)", flush=True)
-    return json.loads(path.read_text())
+    return done
 
 
 def device_for(config: RunConfig) -> torch.device:

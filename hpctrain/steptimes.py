@@ -12,12 +12,12 @@ are rounded to the microsecond.
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
 from typing import NamedTuple
 
 from hpctrain.errors import UsageError
-from hpctrain.metrics import write_json_atomic
+from hpctrain.metrics import read_json, write_json_atomic
 
 FILE = "step_times.json"
 FORMAT = "hpctrain-step-times/1"
@@ -80,12 +80,9 @@ def read(path: str | Path) -> Record:
     path = Path(path)
     if path.is_dir():
         path = path / FILE
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UsageError(f"cannot read step times from {path}: {e}") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise UsageError(f"{path} is not a {FORMAT} file")
+    doc = read_json(path, f"a {FILE} ({FORMAT})", ("format", "workers"))
+    if doc["format"] != FORMAT:
+        raise UsageError(f"{path} is not a {FILE}: its format is {doc['format']!r}, not {FORMAT}")
     workers = _times(path, doc["workers"])
     rest = _times(path, doc["rest"]) if "rest" in doc else None
     if rest is not None and [len(w) for w in rest] != [len(w) for w in workers]:
@@ -94,8 +91,11 @@ def read(path: str | Path) -> Record:
 
 
 def _times(path: Path, lists) -> list[list[float]]:
-    workers = [[float(t) for t in w] for w in lists]
+    try:
+        workers = [[float(t) for t in w] for w in lists]
+    except (TypeError, ValueError):  # not a list of lists of numbers
+        workers = []
     if not workers or any(not w for w in workers) or \
-            any(not t >= 0 for w in workers for t in w):
-        raise UsageError(f"{path}: need at least one step time >= 0 for every worker")
+            any(not 0 <= t < math.inf for w in workers for t in w):
+        raise UsageError(f"{path}: need at least one finite step time >= 0 for every worker")
     return workers

@@ -9,9 +9,10 @@ object, so readers find every field by its name; :func:`read` gives it back, and
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+from hpctrain.metrics import read_json
 
 
 def _doc(text: str, **kw):
@@ -109,9 +110,13 @@ COMMON_FIELDS: dict[str, str] = {f.name: f.metadata["doc"] for f in fields(RunSu
                                  if "doc" in f.metadata}
 
 
+# The fields readers of a summary rely on (the report's columns, compare's checks).
+READ_KEYS = ("algo", "workers", "final_test_acc", "best_test_acc", "wall_s", "samples_per_s")
+
+
 def read(run_dir: str | Path) -> dict:
-    """A finished run's ``summary.json``."""
-    return json.loads((Path(run_dir) / "summary.json").read_text())
+    """A finished run's ``summary.json``; UsageError naming the file if it is not one."""
+    return read_json(Path(run_dir) / "summary.json", "a run's summary", READ_KEYS)
 
 
 def byte_fields(algorithm_classes) -> list[str]:

@@ -282,6 +282,32 @@ def test_report_without_matplotlib_keeps_the_table(resumed, tmp_path, monkeypatc
     assert "hpctrain report: no plots: matplotlib is not installed" in capsys.readouterr().err
 
 
+@pytest.mark.timeout(300)
+def test_files_that_are_not_a_runs_are_named_not_a_traceback(resumed, tmp_path):
+    """Cut short or edited by hand: a run's unreadable files make its row failed, naming the
+    file (the other rows stand); a comparison record that is not one is refused in one line,
+    by report and by compare --resume alike, before anything runs."""
+    out = tmp_path / "cmp"
+    shutil.copytree(resumed.out, out)
+    (out / "ssgd" / "summary.json").write_text('{"algo": "ssgd"')
+    with open(out / "sgd" / "metrics.jsonl", "a") as f:
+        f.write('{"t": 1.0}\n')
+    report.run(cli.build_parser().parse_args(["report", str(out)]))
+    rows = table_rows((out / "report.md").read_text())
+    assert rows["ssgd"][-1].startswith(f"failed: cannot read a run's summary from "
+                                       f"{out / 'ssgd' / 'summary.json'}: ")
+    assert rows["sgd"][-1] == (f"failed: {out / 'sgd' / 'metrics.jsonl'} line "
+                               f"{len((out / 'sgd' / 'metrics.jsonl').read_text().splitlines())} "
+                               "is not a curve point (want an object with t, epoch, test_acc)")
+    (out / "compare.json").write_text('{"algos": ["sgd"], "workers": 2}')
+    for argv in (["report", str(out)], [*COMPARE, "--out", str(out), "--resume"]):
+        with pytest.raises(UsageError, match=f"{out / 'compare.json'} is not a comparison's "
+                                             "record: it has no 'runs'"):
+            args = cli.build_parser().parse_args(argv)
+            (report if argv[0] == "report" else compare).run(args)
+    assert (out / "compare.json").read_text() == '{"algos": ["sgd"], "workers": 2}'
+
+
 def test_bench_help_gives_every_benchmark_description(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--help"])

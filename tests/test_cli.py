@@ -7,6 +7,7 @@ import functools
 import gzip
 import json
 import os
+import shutil
 import struct
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from conftest import SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import compiled
+from hpctrain.errors import UsageError
 
 SMALL = [*SYNTHETIC, "--epochs", "1"]
 
@@ -178,6 +180,23 @@ def test_finished_run_is_never_overwritten(finished_sgd):
     before = (out / "summary.json").read_bytes()
     assert "already holds a finished run" in refusal([*args[1:], "--out", str(out)])
     assert (out / "summary.json").read_bytes() == before
+
+
+def test_a_summary_resume_auto_cannot_read_is_named(finished_sgd, tmp_path):
+    """--resume auto returns a finished run's summary instead of training: one it cannot read
+    is one line naming the file (it was a JSONDecodeError), before MPI, the folder kept."""
+    from hpctrain import arguments, cli, run
+
+    args, _, finished = finished_sgd
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "summary.json").write_text("[]")
+    config = arguments.build(cli.build_parser().parse_args(
+        [*args, "--out", str(out), "--resume", "auto"]))
+    with pytest.raises(UsageError, match=f"{out / 'summary.json'} is not a run's summary: it "
+                                         "holds a JSON list"):
+        run.train(config)
+    assert (out / "summary.json").read_text() == "[]"
 
 
 def test_a_folder_with_checkpoints_is_resumed_or_left_alone(crashed_ssgd):

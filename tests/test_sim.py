@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -260,6 +261,21 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
         sim(3, comm_time="replay")
     with pytest.raises(UsageError, match="SIGMA must be at most 5"):  # exp(SIGMA z) overflows
         StepTimeModel("lognormal:0.02:1e308", 2)
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{bad", "cannot read a step_times.json"),
+    ("[1, 2]", "is not a step_times.json (hpctrain-step-times/1): it holds a JSON list"),
+    ('{"format": "hpctrain-step-times/1"}', "it has no 'workers'"),
+    ('{"format": "other/1", "workers": [[1]]}', "its format is 'other/1'"),
+    ('{"format": "hpctrain-step-times/1", "workers": [["slow"]]}', "finite step time >= 0"),
+    ('{"format": "hpctrain-step-times/1", "workers": 3}', "finite step time >= 0"),
+    ('{"format": "hpctrain-step-times/1", "workers": [[Infinity]]}', "finite step time >= 0"),
+])
+def test_a_step_times_file_that_is_not_one_is_named(content, message, tmp_path):
+    (tmp_path / steptimes.FILE).write_text(content)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        StepTimeModel(f"replay:{tmp_path}", 2)
 
 
 def test_step_times_record_each_steps_compute_and_rest(tmp_path):

@@ -17,7 +17,6 @@ process each, no launcher, virtual times; the simulator's options pass on to eve
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import re
@@ -37,6 +36,7 @@ from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
+from hpctrain.summary import read as read_summary
 
 DESCRIPTION = (
     "Time to accuracy of whole training runs, each algorithm against the others and against "
@@ -333,14 +333,16 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
               "returncode": returncode, "seconds": round(seconds, 1)}
     if expired.is_set():
         return {**record, "status": "failed", "error": f"stopped after the {timeout:g} s timeout"}
-    summary_path = run_dir / "summary.json"
-    stopped = summary_path.is_file() and \
-        json.loads(summary_path.read_text()).get("stopped_on_collapse")
+    try:
+        summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
+    except UsageError as e:  # this run's row fails, not the comparison
+        return {**record, "status": "failed", "error": str(e)}
+    stopped = summary is not None and summary.get("stopped_on_collapse")
     if returncode != 0 and not stopped:  # a collapse-stopped run is a row (marked), not a failure
         return {**record, "status": "failed", "error": last_error(list(lines), returncode)}
-    if not summary_path.is_file():
+    if summary is None:
         return {**record, "status": "failed", "error": "exited 0 without writing summary.json"}
-    workers = json.loads(summary_path.read_text())["workers"]
+    workers = summary["workers"]
     if workers != run.np:
         return {**record, "status": "failed",
                 "error": f"ran as {workers} process(es), not {run.np}: the launcher started "
@@ -360,7 +362,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
                              "it, or choose another folder")
-        old = json.loads(path.read_text())
+        old = report.read_record(out)
         if (old["train_args"], old["workers"]) != (train_args, args.workers):
             raise UsageError(f"--resume: {out} was run with --workers {old['workers']} and "
                              f"options {' '.join(old['train_args']) or '(none)'}; give the same")

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpctrain import registry
 from hpctrain.errors import UsageError
-from hpctrain.metrics import read_points, write_atomic
+from hpctrain.metrics import read_json, read_points, write_atomic
 from hpctrain.summary import byte_fields
+from hpctrain.summary import read as read_summary
 
 RECORD = "compare.json"
 REPORT = "report.md"
@@ -62,12 +62,29 @@ def parse_targets(text: str) -> list[float]:
     return values
 
 
+def read_record(folder: str | Path) -> dict:
+    """A comparison's ``compare.json``; UsageError naming it when it is not one."""
+    path = Path(folder) / RECORD
+    record = read_json(path, "a comparison's record", ("algos", "runs", "workers",
+                                                        "train_args"))
+    runs = record["runs"]
+    if not isinstance(record["algos"], list) or not isinstance(runs, dict) or any(
+            not isinstance(r, dict) or "status" not in r for r in runs.values()):
+        raise UsageError(f"{path} is not a comparison's record: want a list of algos and a "
+                         "status for every run")
+    return record
+
+
 def _finished(run_dir: Path, name: str, **record) -> Row:
+    """The row of a run that should have finished: failed, saying why, when its files are
+    missing or unreadable (the other rows are still reported)."""
     if not (run_dir / "summary.json").is_file():
-        return Row(name, "failed", error=record.pop("error", None) or "no summary.json",
-                   **record)
-    summary = json.loads((run_dir / "summary.json").read_text())
-    points = read_points(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        return Row(name, "failed", error="no summary.json", **record)
+    try:
+        summary = read_summary(run_dir)
+        points = read_points(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+    except UsageError as e:
+        return Row(name, "failed", error=str(e), **record)
     return Row(name, "ok", summary=summary, points=points, **record)
 
 
@@ -77,7 +94,7 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
     if not folder.is_dir():
         raise UsageError(f"report: {folder} is not a folder")
     if (folder / RECORD).is_file():
-        record = json.loads((folder / RECORD).read_text())
+        record = read_record(folder)
         rows = []
         for name in record["algos"]:
             run = record["runs"].get(name, {"status": "failed", "error": "did not run"})
