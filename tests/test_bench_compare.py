@@ -317,6 +317,12 @@ def test_bench_help_gives_every_benchmark_description(capsys):
         assert f"{name}: {description}" in text
 
 
+def test_seconds_keep_three_digits_for_a_short_simulation():
+    """A simulated run's virtual wall time of 0.03 s read 0.0."""
+    assert [report._seconds(t) for t in (0.0312, 0.0, 9.876, 123.46)] == \
+        ["0.0312", "0", "9.88", "123.5"]
+
+
 def test_plot_range_leaves_out_the_start_and_diverged_runs():
     converging = [[90.0, 30.0, 15.0, 11.0], [90.0, 40.0, 20.0, 13.0], [90.0, 25.0, 12.0, 10.0]]
     low, high = report._error_range([*converging, [90.0, 90.0, 90.0, 90.0]])

@@ -149,7 +149,7 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     reach = []
     for target in targets:
         p = time_to(row.points, target)
-        reach.append("not reached" if p is None else f"{p['t']:.1f} s ({p['epoch']:.2f} ep)")
+        reach.append("not reached" if p is None else f"{_seconds(p['t'])} s ({p['epoch']:.2f} ep)")
     stale = s.get("staleness")
     stale = dash if not stale else (f"{stale['mean']:.2f} / {stale['p50']:.0f} / "
                                     f"{stale['p90']:.0f} / {stale['p99']:.0f} / "
@@ -157,9 +157,15 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     return [row.name, str(s["workers"]), f"{s['final_test_acc']:.4f}",
-            f"{s['best_test_acc']:.4f}", f"{s['wall_s']:.1f}", *reach,
+            f"{s['best_test_acc']:.4f}", _seconds(s["wall_s"]), *reach,
             f"{s['samples_per_s']:.0f}", _bytes(max(peaks)) if peaks else dash, stale,
             "; ".join(moved) or dash, _status(s)]
+
+
+def _seconds(t: float) -> str:
+    """Tenths of a second, or three digits below 10 s: a short simulation's virtual run of
+    0.03 s is not 0.0."""
+    return f"{t:.1f}" if t >= 10 else f"{t:.3g}"
 
 
 def _status(summary: dict) -> str:
