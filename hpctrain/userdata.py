@@ -234,33 +234,59 @@ class NpzSource:
         if test_shape != self.shape:
             raise UsageError(f"--dataset {name}: x_test samples are {test_shape}, x_train's "
                              f"{self.shape}")
+        empty = [f"x_{s}" for s in SPLITS if len(self._x[s]) == 0]
+        if empty:
+            raise UsageError(f"--dataset {name}: {path} has no samples in {empty[0]}")
         self._labels = {s: _checked_labels(f"--dataset {name} y_{s}", self._labels[s],
                                            len(self._x[s])) for s in SPLITS}
         self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
 
     def _member(self, key: str):
-        """The array ``key``: memory-mapped when stored uncompressed, else read whole."""
+        """The array ``key``: memory-mapped when stored uncompressed, else read whole.
+        UsageError naming it when it is no numpy array, holds Python objects or is cut short
+        (a memory map would read on into the next member)."""
+        where = f"--dataset {self.name}: {key} in {self.path}"
         with zipfile.ZipFile(self.path) as zf:
             info = zf.getinfo(key + ".npy")
-        if info.compress_type == zipfile.ZIP_STORED:
-            with open(self.path, "rb") as f:
-                f.seek(info.header_offset)
-                local = f.read(30)
-                name_len, extra_len = struct.unpack("<HH", local[26:30])
-                f.seek(info.header_offset + 30 + name_len + extra_len)
-                version = np.lib.format.read_magic(f)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
-                shape, fortran, dtype = read_header(f)
-                offset = f.tell()
-            if dtype.hasobject:
-                raise UsageError(f"--dataset {self.name}: {key} holds Python objects")
-            if not shape or int(np.prod(shape)) == 0:
-                return np.empty(shape, dtype)
-            return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset,
-                             order="F" if fortran else "C")
-        with np.load(self.path, allow_pickle=False) as z:
-            return z[key]
+        compressed = info.compress_type != zipfile.ZIP_STORED
+        try:
+            if compressed:
+                with np.load(self.path, allow_pickle=False) as z:
+                    array = z[key]
+                if not isinstance(array, np.ndarray):  # np.load gives a non-.npy member's bytes
+                    raise ValueError("not in .npy format")
+            else:
+                shape, fortran, dtype, start, offset = self._header(info)
+        except ValueError as e:
+            if "allow_pickle" in str(e):
+                raise UsageError(f"{where} holds Python objects") from None
+            raise UsageError(f"{where} is not a numpy array ({e})") from None
+        if compressed:
+            return _numbers_in(where, array)
+        _numbers_in(where, np.empty(0, dtype))
+        size = int(np.prod(shape)) * dtype.itemsize
+        if offset - start + size > info.file_size:
+            raise UsageError(f"{where} is cut short: its header promises {size} bytes of data, "
+                             f"{info.file_size - (offset - start)} are stored")
+        if size == 0:
+            return np.empty(shape, dtype)
+        return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset,
+                         order="F" if fortran else "C")
+
+    def _header(self, info: zipfile.ZipInfo):
+        """An uncompressed member's array header: shape, Fortran order, dtype, and where in
+        the file the member's bytes and its array data start."""
+        with open(self.path, "rb") as f:
+            f.seek(info.header_offset)
+            local = f.read(30)
+            name_len, extra_len = struct.unpack("<HH", local[26:30])
+            start = info.header_offset + 30 + name_len + extra_len
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            return shape, fortran, dtype, start, f.tell()
 
     def size(self, split: str) -> int:
         return len(self._x[split])
@@ -270,6 +296,15 @@ class NpzSource:
 
     def images(self, split: str, rows: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(self._x[split][rows])
+
+
+def _numbers_in(where: str, array: np.ndarray) -> np.ndarray:
+    """``array`` if it holds numbers (bool, int, float), else UsageError naming it."""
+    if array.dtype.hasobject:
+        raise UsageError(f"{where} holds Python objects")
+    if array.dtype.kind not in "biuf":
+        raise UsageError(f"{where} holds {array.dtype}, not numbers")
+    return array
 
 
 # ---- image folders ---------------------------------------------------------------------------

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import io
 import math
 import re
 import sys
+import zipfile
 
 import numpy as np
 import pytest
@@ -258,6 +260,37 @@ def test_npz_labels_and_shapes_are_checked(tmp_path, override, message):
     write_npz(tmp_path / "d.npz", **override)
     with pytest.raises(UsageError, match=message):
         userdata.describe(f"npz:{tmp_path / 'd.npz'}")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("member, message", [
+    (np.zeros((0, 6, 6), np.uint8), "has no samples in x_test"),
+    (np.full((20, 6, 6), "a"), "x_test in .* holds <U1, not numbers"),
+    (b"garbage", "x_test in .* is not a numpy array"),
+    ("cut", r"x_test in .* is cut short: its header promises 720 bytes of data, 360 are"),
+])
+def test_npz_members_that_are_no_samples_are_named(tmp_path, compressed, member, message):
+    """Each gave exit 1 with numpy's or torch's error; a cut-short member stored uncompressed
+    was memory-mapped on into the next member's bytes and trained on them."""
+    path = tmp_path / "d.npz"
+    arrays = write_npz(path, compressed=compressed)
+    if not isinstance(member, np.ndarray):
+        blob = io.BytesIO()
+        np.save(blob, arrays["x_test"])
+        raw = member if member != "cut" else blob.getvalue()[:128 + 360]
+        if member == "cut" and compressed:
+            message = "x_test in .* is not a numpy array .*expected 720 bytes got 360"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compressed else 0) as z:
+            for key, value in arrays.items():
+                if key != "x_test":
+                    one = io.BytesIO()
+                    np.save(one, value)
+                    z.writestr(key + ".npy", one.getvalue())
+            z.writestr("x_test.npy", raw)
+    else:
+        write_npz(path, compressed=compressed, x_test=member)
+    with pytest.raises(UsageError, match=message):
+        userdata.describe(f"npz:{path}")
 
 
 def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
