@@ -632,3 +632,116 @@ def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
         _loss(model, hvd.rank()).backward()
     opt.step()  # the first backward's gradients still go out, on every rank
     opt.zero_grad()
+
+
+# ---------------------------------------------------------------- bad input (mpi, torch)
+
+@pytest.fixture(params=["mpi", "torch"])
+def ours(request):
+    """hpctrain's own backends, whose argument checks are hpctrain's (Horovod's are its own)."""
+    torch.set_num_threads(1)
+    sync.init(backend=request.param)
+    yield sync
+    sync.shutdown()
+
+
+def _one_line(error: type, match: str, call) -> None:
+    with pytest.raises(error, match=match) as e:
+        call()
+    assert isinstance(e.value, UsageError) and "\n" not in str(e.value)
+
+
+@mpi
+@timeout
+def test_bad_arguments_are_one_line_type_and_value_errors(ours):
+    hvd, n, t = ours, ours.size(), torch.ones(4)
+    for bad in ([1.0, 2.0], t.numpy(), 3.0, None):
+        for call in (hvd.allreduce, hvd.allgather, hvd.alltoall, hvd.reducescatter,
+                     lambda x: hvd.broadcast(x, 0)):
+            _one_line(TypeError, "expected a torch.Tensor, got", lambda c=call, b=bad: c(b))
+    for grouped in (hvd.grouped_allreduce, hvd.grouped_allgather, hvd.grouped_reducescatter):
+        _one_line(TypeError, "expected a list of tensors, got Tensor", lambda g=grouped: g(t))
+        _one_line(ValueError, "needs a non-empty list of tensors, got", lambda g=grouped: g([]))
+    _one_line(ValueError, "at least one dimension, got a 0-dim", lambda: hvd.allgather(
+        torch.tensor(1.0)))
+    _one_line(ValueError, "needs a dense tensor", lambda: hvd.allreduce(t.to_sparse()))
+    _one_line(ValueError, "op=Max cannot reduce complex", lambda: hvd.allreduce(
+        t.to(torch.complex64), op=hvd.Max))
+    for op in ("sum", 1.0, True):
+        _one_line(TypeError, f"op must be one of .* got {op!r}", lambda o=op: hvd.allreduce(
+            t, op=o))
+    _one_line(TypeError, "prescale_factor must be a real number, got '2'",
+              lambda: hvd.allreduce(t, prescale_factor="2"))
+    _one_line(TypeError, "name must be a str or None, got 5", lambda: hvd.allreduce(t, name=5))
+    _one_line(TypeError, "compression must be .* got None",
+              lambda: hvd.allreduce(t, compression=None))
+    for root in (0.0, True, "0", None):
+        _one_line(TypeError, f"root_rank must be an integer rank, got {root!r}",
+                  lambda r=root: hvd.broadcast(t, r))
+    _one_line(ValueError, f"root_rank -1 is not a rank of the {n}", lambda: hvd.broadcast(t, -1))
+    assert hvd.broadcast_object("x", root_rank=torch.tensor(0).numpy()[()]) == "x"  # np.int64
+    for splits, error in (([1.5] * n, TypeError), (torch.full((n,), 1.0), TypeError),
+                          (torch.ones(1, n, dtype=torch.int32), TypeError), (3, TypeError),
+                          ([-1] + [5] + [0] * (n - 2), ValueError), ([4], ValueError)):
+        _one_line(error, "splits must be", lambda s=splits: hvd.alltoall(torch.ones(4),
+                                                                          splits=s))
+    _one_line(TypeError, "cannot pickle the object", lambda: hvd.broadcast_object(lambda: 1))
+    _one_line(TypeError, "rank 0 cannot pickle its object", lambda: hvd.allgather_object(
+        lambda: 1))
+    _one_line(TypeError, "expected a torch.optim.Optimizer, got Linear",
+              lambda: hvd.broadcast_optimizer_state(nn.Linear(2, 2), 0))
+    _one_line(TypeError, "remove_process_set: expected an hpctrain.sync.ProcessSet",
+              lambda: hvd.remove_process_set([0]))
+    _one_line(TypeError, "join: device must be an integer", lambda: hvd.join("cpu"))
+    model = _model()
+    _one_line(TypeError, "expected a torch.optim.Optimizer, got Sequential",
+              lambda: hvd.DistributedOptimizer(model))
+    _one_line(ValueError, "gradient_predivide_factor must be a finite number > 0, got nan",
+              lambda: _wrap(hvd, model, gradient_predivide_factor=float("nan")))
+    _one_line(TypeError, "process_set must be an hpctrain.sync.ProcessSet, got list",
+              lambda: _wrap(hvd, model, process_set=[0]))
+    torch.testing.assert_close(hvd.allreduce(t, op=hvd.Sum), t * n)  # still in step
+
+
+@mpi
+@timeout
+def test_a_rank_with_bad_arguments_fails_every_rank_instead_of_a_hang(ours):
+    """Only rank 1's arguments are bad: it raises its own error, the others a mismatch
+    naming it, at the same call (they used to wait for a call rank 1 never made)."""
+    hvd, r = ours, ours.rank()
+    bad = r == 1
+    calls = [
+        ("splits must be", lambda: hvd.alltoall(torch.ones(4), splits=[1, 1] if bad
+                                                else [4] + [0] * (hvd.size() - 1))),
+        ("root_rank 99", lambda: hvd.broadcast(torch.ones(2), 99 if bad else 0)),
+        ("expected a torch.Tensor", lambda: hvd.allreduce([1.0] if bad else torch.ones(1))),
+        ("backward_passes_per_step", lambda: _wrap(hvd, _model(),
+                                                   backward_passes_per_step=0 if bad else 1)),
+    ]
+    for message, call in calls:
+        with pytest.raises((UsageError, sync.CollectiveMismatchError)) as e:
+            call()
+        if bad:
+            assert isinstance(e.value, UsageError) and message in str(e.value)
+        else:
+            assert isinstance(e.value, sync.CollectiveMismatchError)
+            assert "rank 1 called" in str(e.value) and "rejected: " in str(e.value)
+    with pytest.raises(UsageError, match="rank 1 cannot pickle its object"):
+        hvd.allgather_object((lambda: 1) if bad else 1)
+    with pytest.raises(UsageError, match="root_rank 0: cannot pickle" if r else "cannot pickle"):
+        hvd.broadcast_object((lambda: 1) if r == 0 else None)
+    with pytest.raises((UsageError, sync.CollectiveMismatchError), match="2 tensors|1 tensors"):
+        hvd.broadcast_parameters([torch.ones(2)] * (2 if bad else 1), root_rank=0)
+    assert hvd.allgather_object(r) == list(range(hvd.size()))  # still in step
+
+
+@mpi
+@timeout
+def test_init_again_without_a_backend_keeps_the_running_one():
+    torch.set_num_threads(1)
+    sync.init(backend="torch")
+    try:
+        sync.init()  # a library's init(): Horovod's is a no-op the second time
+        assert sync.backend() == "torch"
+    finally:
+        sync.shutdown()

@@ -32,7 +32,7 @@ from hpctrain.sync import process_sets as _psets
 from hpctrain.sync.buckets import default_bucket_bytes
 from hpctrain.sync.collectives import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hpctrain.sync.compression import Compression
-from hpctrain.sync.errors import CollectiveMismatchError
+from hpctrain.sync.errors import CollectiveMismatchError, UsageTypeError
 from hpctrain.sync.optimizer import parameter_names
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.sync_batch_norm import SyncBatchNorm
@@ -90,6 +90,8 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     (so ``hpctrain train --algo ssgd`` writes one too).
     """
     global _active, _active_name
+    if backend is None and comm is None and _active is not None:
+        return  # as Horovod's: a second init() (a library's, say) keeps what runs
     under_torchrun = comm is None and mpicomm.launcher() == "torchrun"
     if backend is None:
         backend = "torch" if under_torchrun else "mpi"
@@ -474,6 +476,8 @@ def synchronize(handle: int) -> Any:
 def join(device: int = -1) -> int:
     """Say this rank has no more data: it serves the others' allreduces (with zeros) until
     every rank has joined; returns the rank that joined last."""
+    if collectives.as_integer(device) is None:  # Horovod's takes an int device index
+        raise UsageTypeError(f"join: device must be an integer (-1: CPU), got {device!r}")
     return _impl("join").join(device)
 
 
@@ -578,16 +582,19 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
     it, ``HOROVOD_FUSION_THRESHOLD`` where set (as Horovod's own fusion buffer is set, before
     init()), else 25 MiB.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageTypeError(f"DistributedOptimizer: expected a torch.optim.Optimizer, got "
+                             f"{type(optimizer).__name__}")
     first = next((p for g in optimizer.param_groups for p in g["params"]), None)
     impl = _impl("DistributedOptimizer", first)
     named = None if named_parameters is None else list(named_parameters)
-    parameter_names(optimizer, named)  # the same one-line errors on both backends
-    if impl is mpi_backend:
+    if impl is mpi_backend:  # it checks the names itself, telling the other ranks
         return impl.DistributedOptimizer(
             optimizer, named, compression, backward_passes_per_step, op,
             gradient_predivide_factor, num_groups, groups, sparse_as_dense,
             global_process_set if process_set is None else process_set,
             bucket_bytes=default_bucket_bytes() if bucket_bytes is None else bucket_bytes)
+    parameter_names(optimizer, named)  # the same one-line errors as hpctrain's backends
     if bucket_bytes is not None:
         raise UsageError("bucket_bytes applies to hpctrain's backends; Horovod's fusion buffer "
                          "is set with HOROVOD_FUSION_THRESHOLD before init()")

@@ -12,32 +12,22 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives as C
+from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
 def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
                    process_set: ProcessSet = global_process_set) -> int:
     """Start the exchange; ``synchronize`` returns (output, received_splits)."""
-    C.check_tensor(tensor, "alltoall_async", in_place=False)
-    if tensor.dim() == 0:
-        raise UsageError("alltoall_async: needs a tensor with at least one dimension")
     m = C.member(process_set, "alltoall_async")
+    with C.rejecting(m, "alltoall", name):
+        counts = _check_alltoall(tensor, splits, name, m.transport.size())
     n = m.transport.size()
-    rows = tensor.shape[0]
-    if splits is None:
-        if rows % n:
-            raise UsageError(f"alltoall_async: {rows} rows do not split equally among {n} "
-                             "processes; pass splits")
-        counts = [rows // n] * n
-    else:
-        counts = [int(x) for x in (splits.tolist() if torch.is_tensor(splits) else splits)]
-        if len(counts) != n or any(c < 0 for c in counts) or sum(counts) != rows:
-            raise UsageError(f"alltoall_async: splits must be {n} non-negative counts summing "
-                             f"to the {rows} rows, got {counts}")
     src = tensor.detach().contiguous()
     call = C.tensor_call("alltoall", src, name, agree_shape=tuple(src.shape[1:]))
     m.channel.agree(call)
@@ -54,6 +44,46 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
         return moved.to_device(), received.to(torch.int32)
 
     return C.register(request, None, finish, call, keep=send, m=m)
+
+
+def _check_alltoall(tensor: Any, splits: Any, name: Any, n: int) -> list[int]:
+    """The rows each of the ``n`` ranks gets, or a one-line error naming the bad argument."""
+    C.check_tensor(tensor, "alltoall_async", in_place=False)
+    C.check_name(name, "alltoall_async")
+    if tensor.dim() == 0:
+        raise UsageError("alltoall_async: needs a tensor with at least one dimension, got a "
+                         "0-dim one")
+    rows = tensor.shape[0]
+    if splits is None:
+        if rows % n:
+            raise UsageError(f"alltoall_async: {rows} rows do not split equally among {n} "
+                             "processes; pass splits")
+        return [rows // n] * n
+    counts = _split_counts(splits)
+    if len(counts) != n or any(c < 0 for c in counts) or sum(counts) != rows:
+        raise UsageError(f"alltoall_async: splits must be {n} non-negative counts summing "
+                         f"to the {rows} rows, got {counts}")
+    return counts
+
+
+def _split_counts(splits: Any) -> list[int]:
+    """``splits`` (a 1-d tensor or array of integers, or a list of ints) as a list of ints."""
+    if isinstance(splits, torch.Tensor | np.ndarray):
+        if splits.ndim != 1 or not _integral(splits.dtype):
+            raise UsageTypeError(f"alltoall_async: splits must be a 1-d tensor of integers, "
+                                 f"got {splits.ndim}-d {splits.dtype}")
+        return [int(x) for x in splits.tolist()]
+    if not isinstance(splits, list | tuple) or any(C.as_integer(x) is None for x in splits):
+        raise UsageTypeError(f"alltoall_async: splits must be a list of integers or a 1-d "
+                             f"integer tensor, got {splits!r}")
+    return [C.as_integer(x) for x in splits]
+
+
+def _integral(dtype: Any) -> bool:
+    """Whether a torch or numpy dtype holds integers (not bools: Horovod takes int32)."""
+    if isinstance(dtype, torch.dtype):
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return dtype.kind in "iu"
 
 
 def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,

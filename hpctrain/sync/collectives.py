@@ -17,8 +17,12 @@ when the call returns its handle, and works on any process set of 2^m ranks.
 from __future__ import annotations
 
 import itertools
+import numbers
+import operator
+import pickle
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -32,6 +36,7 @@ from hpctrain.sync import adasum, nbc_tuning, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
+from hpctrain.sync.errors import HorovodInternalError, UsageTypeError
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.transport import MPITransport, Request, Transport, wait_all
 
@@ -221,6 +226,9 @@ def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
         raise UsageError("give op or the deprecated average, not both")
     if op is None:
         return Sum if average is False else Average
+    if not isinstance(op, int) or isinstance(op, bool):  # ReduceOp is an int; so are Horovod's
+        raise UsageTypeError(f"op must be one of hpctrain.sync's Average, Sum, Adasum, Min, Max "
+                             f"or Product, got {op!r}")
     try:
         op = ReduceOp(op)
     except ValueError:
@@ -244,21 +252,60 @@ def scale_(tensor: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def check_tensor(tensor: torch.Tensor, caller: str, in_place: bool) -> None:
-    """UsageError unless ``tensor`` is a CPU or CUDA tensor (contiguous when written in place)."""
+    """UsageError unless ``tensor`` is a dense CPU or CUDA tensor (contiguous when written in
+    place); UsageTypeError for something else than a tensor."""
     if not isinstance(tensor, torch.Tensor):
-        raise UsageError(f"{caller}: expected a torch.Tensor, got {type(tensor).__name__}")
+        raise UsageTypeError(f"{caller}: expected a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.layout != torch.strided:  # Horovod refuses them too; sparse has its own call
+        raise UsageError(f"{caller}: needs a dense tensor, got layout {tensor.layout}"
+                         + (" (use sparse_allreduce_async)" if tensor.is_sparse else ""))
     if tensor.device.type not in ("cpu", "cuda"):
         raise UsageError(f"{caller}: needs a CPU or CUDA tensor, got {tensor.device}")
     if in_place and not tensor.is_contiguous():
         raise UsageError(f"{caller}: in-place operations need a contiguous tensor")
 
 
-def _check_root(root_rank: int, caller: str, process_set: ProcessSet | None = None) -> int:
+def check_name(name: Any, caller: str) -> None:
+    """UsageTypeError unless ``name`` is a str or None (Horovod encodes it)."""
+    if name is not None and not isinstance(name, str):
+        raise UsageTypeError(f"{caller}: name must be a str or None, got {name!r}")
+
+
+def check_scale(factor: Any, what: str, caller: str) -> None:
+    """UsageTypeError unless ``factor`` is a real number (or a one-element tensor)."""
+    if isinstance(factor, torch.Tensor) and factor.numel() == 1 and \
+            not factor.is_complex():
+        return
+    if not isinstance(factor, numbers.Real):
+        raise UsageTypeError(f"{caller}: {what} must be a real number, got {factor!r}")
+
+
+def check_compression(compression: Any, caller: str) -> None:
+    """UsageTypeError unless ``compression`` has Horovod's compressor interface."""
+    if not all(hasattr(compression, f) for f in ("compress", "decompress")):
+        raise UsageTypeError(f"{caller}: compression must be hpctrain.sync.Compression.none or "
+                             f".fp16, got {compression!r}")
+
+
+def check_root(root_rank: Any, caller: str, process_set: ProcessSet | None = None) -> int:
     """``root_rank`` (a global rank) as a rank of ``process_set``'s transport."""
     n = world(caller).transport.size()
-    if not isinstance(root_rank, int) or not 0 <= root_rank < n:
+    root = as_integer(root_rank)
+    if root is None:
+        raise UsageTypeError(f"{caller}: root_rank must be an integer rank, got {root_rank!r}")
+    if not 0 <= root < n:
         raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the {n} processes")
-    return psets.set_rank(process_set, root_rank, caller)
+    return psets.set_rank(process_set, root, caller)
+
+
+def as_integer(value: Any) -> int | None:
+    """``value`` as an int when it is an integer (numpy's too), else None (bools included)."""
+    if isinstance(value, bool):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def member(process_set: ProcessSet | None, caller: str) -> psets.Member:
@@ -306,10 +353,52 @@ def allreduce_plan(moved: list[torch.Tensor], op: ReduceOp,
     return ("allreduce", int(wire_op(op)), parts)
 
 
+@contextmanager
+def rejecting(m: psets.Member, kind: str, name: Any = None) -> Iterator[None]:
+    """Check a call's arguments inside; when a check fails, first tell the set's other ranks.
+
+    A rank whose arguments are bad (its splits, its dtype, ...) would otherwise leave while
+    the others wait in the agreement round of a call it never makes. It runs that round for
+    a "rejected" call instead: a rank with good arguments then raises CollectiveMismatchError
+    naming the rejection, a rank with the same bad arguments passes it, and each bad rank
+    raises its own error. The round costs nothing when no check fails.
+    """
+    try:
+        yield
+    except (TypeError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        call = Call(kind, name if isinstance(name, str) else None, agree=("rejected", reason),
+                    extra=f"rejected: {reason}")
+        try:
+            m.channel.agree(call)
+        except HorovodInternalError:
+            pass  # the others are told; this rank's own error is the one to raise
+        raise
+
+
 def check_op(op: ReduceOp, tensor: torch.Tensor, m: psets.Member, caller: str) -> None:
     """UsageError (on every rank alike) for a reduction ``m``'s ranks cannot do."""
     if op is Adasum:
         adasum.check(m.transport.size(), tensor.dtype, caller)
+    if tensor.is_complex() and op in (Min, Max):  # no order on complex numbers
+        raise UsageError(f"{caller}: op={op.name} cannot reduce complex tensors "
+                         f"({tensor.dtype}); use Sum, Average or Product")
+    if tensor.dtype == torch.bool and m.transport.name == "mpi":
+        raise UsageError(f"{caller}: the mpi backend cannot reduce torch.bool tensors (MPI has "
+                         "no boolean reduction); use an integer dtype")
+
+
+def check_reduction(tensor: Any, op: Any, average: Any, prescale: Any, postscale: Any,
+                    name: Any, m: psets.Member, caller: str, in_place: bool) -> ReduceOp:
+    """The allreduce core's checks, Horovod's ``_check_function`` and more: the op it
+    resolves to, or one-line errors naming the bad argument."""
+    check_tensor(tensor, caller, in_place)
+    check_name(name, caller)
+    check_scale(prescale, "prescale_factor", caller)
+    check_scale(postscale, "postscale_factor", caller)
+    op = resolve_op(op, average)
+    check_op(op, tensor, m, caller)
+    return op
 
 
 def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: ReduceOp,
@@ -348,8 +437,10 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     postscale_factor: float = 1.0,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` over all processes (input unchanged); return a handle."""
-    check_tensor(tensor, "allreduce_async", in_place=False)
-    op = resolve_op(op, average)
+    m = member(process_set, "allreduce_async")
+    with rejecting(m, "allreduce", name):
+        op = check_reduction(tensor, op, average, prescale_factor, postscale_factor, name, m,
+                             "allreduce_async", in_place=False)
     src = tensor.detach()
     if prescale_factor == 1:
         output = torch.empty_like(src, memory_format=torch.contiguous_format)
@@ -373,8 +464,10 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` in place over all processes; return a handle."""
-    check_tensor(tensor, "allreduce_async_", in_place=True)
-    op = resolve_op(op, average)
+    m = member(process_set, "allreduce_async_")
+    with rejecting(m, "allreduce", name):
+        op = check_reduction(tensor, op, average, prescale_factor, postscale_factor, name, m,
+                             "allreduce_async_", in_place=True)
     return _start_allreduce(None, tensor, op, prescale_factor, postscale_factor,
                             "allreduce_async_", name, process_set)
 
@@ -393,6 +486,7 @@ def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | Non
               postscale_factor: float = 1.0,
               process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Reduced copy of ``tensor`` (differentiable: the gradient is reduced the same way)."""
+    check_compression(compression, "allreduce")
     compressed, ctx = compression.compress(tensor)
     reduced = _Allreduce.apply(compressed, average, name, op, prescale_factor,
                                postscale_factor, process_set)
@@ -419,10 +513,13 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None,
 
     First dimensions may differ between processes; the others must agree.
     """
-    check_tensor(tensor, "allgather_async", in_place=False)
     m = member(process_set, "allgather_async")
-    if tensor.dim() == 0:
-        raise UsageError("allgather_async: needs a tensor with at least one dimension")
+    with rejecting(m, "allgather", name):
+        check_tensor(tensor, "allgather_async", in_place=False)
+        check_name(name, "allgather_async")
+        if tensor.dim() == 0:
+            raise UsageError("allgather_async: needs a tensor with at least one dimension, "
+                             "got a 0-dim one")
     src = tensor.detach().contiguous()
     call = tensor_call("allgather", src, name, agree_shape=tuple(src.shape[1:]))
     m.channel.agree(call)
@@ -441,6 +538,8 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None,
 def allgather(tensor: torch.Tensor, name: str | None = None,
               process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Concatenation of every process's ``tensor`` along dimension 0 (differentiable)."""
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+        return synchronize(allgather_async(tensor, name, process_set))  # its one-line error
     return _Allgather.apply(tensor, name, process_set)
 
 
@@ -462,10 +561,12 @@ class _Allgather(torch.autograd.Function):
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start overwriting ``tensor`` with root_rank's, in place; return a handle."""
-    check_tensor(tensor, "broadcast_async_", in_place=True)
     m = member(process_set, "broadcast_async_")
-    root = _check_root(root_rank, "broadcast_async_", process_set)
-    call = tensor_call("broadcast", tensor, name, extra=f"root_rank={root_rank}")
+    with rejecting(m, "broadcast", name):
+        check_tensor(tensor, "broadcast_async_", in_place=True)
+        check_name(name, "broadcast_async_")
+        root = check_root(root_rank, "broadcast_async_", process_set)
+    call = tensor_call("broadcast", tensor, name, extra=f"root_rank={int(root_rank)}")
     m.channel.agree(call)
     moved = stage(tensor.detach(), m)
     request = m.transport.ibcast(moved.to_host(), root)
@@ -480,7 +581,8 @@ def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = No
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start broadcasting root_rank's ``tensor`` into a new tensor; return a handle."""
-    check_tensor(tensor, "broadcast_async", in_place=False)
+    if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+        return broadcast_async_(tensor, root_rank, name, process_set)  # its one-line error
     return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format),
                             root_rank, name, process_set)
 
@@ -536,17 +638,47 @@ def barrier(process_set: ProcessSet = global_process_set) -> None:
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
-    """root_rank's ``obj`` (pickled) on every process."""
+    """root_rank's ``obj`` (pickled) on every process.
+
+    The root pickles before anything moves and sends its bytes, or why it could not: an
+    object it cannot pickle is then an error on every rank, not a root that leaves while
+    the others wait for its bytes.
+    """
     m = member(process_set, "broadcast_object")
-    root = _check_root(root_rank, "broadcast_object", process_set)
+    with rejecting(m, "broadcast_object", name):
+        check_name(name, "broadcast_object")
+        root = check_root(root_rank, "broadcast_object", process_set)
+    root_rank = int(root_rank)
     m.channel.agree(Call("broadcast_object", name, agree=(root_rank,),
                          extra=f"root_rank={root_rank}"))
-    return m.transport.bcast_object(obj, root)
+    mine = _pickled(obj) if m.transport.rank() == root else None
+    kind, data = m.transport.bcast_object(mine, root)
+    if kind == "error":
+        who = "" if m.transport.rank() == root else f"root_rank {root_rank}: "
+        raise UsageTypeError(f"broadcast_object: {who}cannot pickle the object: {data}")
+    return pickle.loads(data)
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list:
-    """Every process's ``obj`` (pickled), in rank order."""
+    """Every process's ``obj`` (pickled), in rank order; an object some rank cannot pickle is
+    an error on every rank (each sends its bytes or why it has none)."""
     m = member(process_set, "allgather_object")
+    with rejecting(m, "allgather_object", name):
+        check_name(name, "allgather_object")
     m.channel.agree(Call("allgather_object", name))
-    return m.transport.allgather_object(obj)
+    parts = m.transport.allgather_object(_pickled(obj))
+    failed = [(r, data) for r, (kind, data) in enumerate(parts) if kind == "error"]
+    if failed:
+        r, why = failed[0]
+        raise UsageTypeError(f"allgather_object: rank {m.channel.global_rank(r)} cannot pickle "
+                             f"its object: {why}")
+    return [pickle.loads(data) for _, data in parts]
+
+
+def _pickled(obj: Any) -> tuple[str, Any]:
+    """("ok", the pickled bytes) or ("error", why ``obj`` cannot be pickled)."""
+    try:
+        return "ok", pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as err:  # pickling runs the object's own code: anything may come
+        return "error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from hpctrain.errors import UsageError
+
 
 class HorovodInternalError(RuntimeError):
     """A collective failed (Horovod's name; its elastic mode treats it as recoverable)."""
@@ -9,3 +11,8 @@ class HorovodInternalError(RuntimeError):
 
 class CollectiveMismatchError(HorovodInternalError):
     """Ranks called different collectives at the same point: raised on every rank, not a hang."""
+
+
+class UsageTypeError(UsageError, TypeError):
+    """An argument of the wrong type: a TypeError, as torch and Horovod raise for one, and a
+    UsageError, so that hpctrain reports it in one line as it does other bad input."""

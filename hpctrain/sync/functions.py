@@ -8,6 +8,8 @@ import torch
 
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives
+from hpctrain.sync.collective_check import Call
+from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.optimizer import _DistributedOptimizer
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
@@ -23,6 +25,16 @@ def broadcast_parameters(params: Any, root_rank: int,
     else:
         raise UsageError(f"broadcast_parameters: params must be a dict or a list, got "
                          f"{type(params).__name__}")
+    m = collectives.member(process_set, "broadcast_parameters")
+    with collectives.rejecting(m, "broadcast_parameters"):  # all checked before any starts
+        collectives.check_root(root_rank, "broadcast_parameters", process_set)
+        for t in tensors:
+            collectives.check_tensor(t, "broadcast_parameters", in_place=True)
+    # Ranks whose lists differ in length would otherwise go on calling broadcasts the others
+    # never make; one round agrees on every tensor's dtype and shape first.
+    shapes = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
+    m.channel.agree(Call("broadcast_parameters", agree=(shapes, int(root_rank)),
+                         extra=f"{len(tensors)} tensors, root_rank={int(root_rank)}"))
     handles = [collectives.broadcast_async_(t, root_rank, process_set=process_set)
                for t in tensors]
     for handle in handles:
@@ -40,9 +52,16 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     sparse embeddings, whose sparse momentum buffer it then cannot broadcast; SGD steps on
     sparse gradients with the dense buffer made here.
     """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise UsageTypeError(f"broadcast_optimizer_state: expected a torch.optim.Optimizer, "
+                             f"got {type(optimizer).__name__}")
     if isinstance(optimizer, torch.optim.LBFGS):
         raise UsageError("broadcast_optimizer_state: torch.optim.LBFGS state cannot be broadcast")
     collectives.world("broadcast_optimizer_state")
+    # Before the zero-gradient step below changes the state: a bad root changes nothing.
+    m = collectives.member(process_set, "broadcast_optimizer_state")
+    with collectives.rejecting(m, "broadcast_optimizer_state"):
+        collectives.check_root(root_rank, "broadcast_optimizer_state", process_set)
     if not optimizer.state:
         _initialise_state(optimizer)
     tensors: list[torch.Tensor] = []

@@ -23,15 +23,36 @@ from hpctrain.sync import adasum
 from hpctrain.sync import collectives as C
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression
+from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
 def _check_list(tensors: Sequence[torch.Tensor], caller: str, in_place: bool) -> list:
+    """``tensors`` as a list; one-line errors unless it is a non-empty list (or tuple) of
+    tensors the transport can take."""
+    if not isinstance(tensors, list | tuple):  # a tensor would be iterated by its rows
+        raise UsageTypeError(f"{caller}: expected a list of tensors, got "
+                             f"{type(tensors).__name__}")
     tensors = list(tensors)
     if not tensors:
-        raise UsageError(f"{caller}: needs a non-empty list of tensors")
+        raise UsageError(f"{caller}: needs a non-empty list of tensors, got []")
     for t in tensors:
         C.check_tensor(t, caller, in_place)
+    return tensors
+
+
+def _checked(tensors: Sequence[torch.Tensor], kind: str, caller: str, name: Any,
+             process_set: ProcessSet | None, in_place: bool = False,
+             at_least_1d: bool = False) -> list:
+    """The grouped cores' checks, run so that a rank whose list is bad tells the others
+    (collectives.rejecting): the tensors as a list."""
+    m = C.member(process_set, caller)
+    with C.rejecting(m, kind, name):
+        tensors = _check_list(tensors, caller, in_place)
+        C.check_name(name, caller)
+        if at_least_1d and any(t.dim() == 0 for t in tensors):
+            raise UsageError(f"{caller}: needs tensors with at least one dimension, got a "
+                             "0-dim one")
     return tensors
 
 
@@ -56,8 +77,11 @@ def _grouped_allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Te
                              name: str | None, op: Any, prescale: float, postscale: float,
                              process_set: ProcessSet | None, caller: str) -> int:
     m = C.member(process_set, caller)
-    for t in tensors:
-        C.check_op(op, t, m, caller)
+    with C.rejecting(m, "grouped_allreduce", name):
+        C.check_scale(prescale, "prescale_factor", caller)
+        C.check_scale(postscale, "postscale_factor", caller)
+        for t in tensors:
+            C.check_op(op, t, m, caller)
     groups = _by_dtype(tensors)
     buffers = {d: torch.cat([tensors[i].detach().reshape(-1) for i in idx])
                for d, idx in groups.items()}
@@ -95,8 +119,9 @@ def grouped_allreduce_async(tensors: Sequence[torch.Tensor], average: bool | Non
                             prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                             process_set: ProcessSet = global_process_set) -> int:
     """Start reducing every tensor of the list in one fused operation; inputs unchanged."""
-    tensors = _check_list(tensors, "grouped_allreduce_async", in_place=False)
-    op = C.resolve_op(op, average)
+    tensors = _checked(tensors, "grouped_allreduce", "grouped_allreduce_async", name,
+                       process_set)
+    op = _resolved(op, average, "grouped_allreduce", name, process_set)
     outputs = [torch.empty_like(t, memory_format=torch.contiguous_format) for t in tensors]
     return _grouped_allreduce_start(tensors, outputs, name, op, prescale_factor,
                                     postscale_factor, process_set, "grouped_allreduce_async")
@@ -107,8 +132,9 @@ def grouped_allreduce_async_(tensors: Sequence[torch.Tensor], average: bool | No
                              prescale_factor: float = 1.0, postscale_factor: float = 1.0,
                              process_set: ProcessSet = global_process_set) -> int:
     """Start reducing every tensor of the list in place, as one fused operation."""
-    tensors = _check_list(tensors, "grouped_allreduce_async_", in_place=True)
-    op = C.resolve_op(op, average)
+    tensors = _checked(tensors, "grouped_allreduce", "grouped_allreduce_async_", name,
+                       process_set, in_place=True)
+    op = _resolved(op, average, "grouped_allreduce", name, process_set)
     return _grouped_allreduce_start(tensors, tensors, name, op, prescale_factor,
                                     postscale_factor, process_set, "grouped_allreduce_async_")
 
@@ -128,6 +154,8 @@ def grouped_allreduce(tensors: Sequence[torch.Tensor], average: bool | None = No
                       postscale_factor: float = 1.0,
                       process_set: ProcessSet = global_process_set) -> list:
     """Reduced copies of the tensors, as one fused operation (differentiable)."""
+    C.check_compression(compression, "grouped_allreduce")
+    tensors = _checked(tensors, "grouped_allreduce", "grouped_allreduce", name, process_set)
     compressed, ctxs = zip(*(compression.compress(t) for t in tensors), strict=True)
     reduced = _GroupedAllreduce.apply(average, name, op, prescale_factor, postscale_factor,
                                       process_set, *compressed)
@@ -154,9 +182,8 @@ class _GroupedAllreduce(torch.autograd.Function):
 def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: str | None = None,
                             process_set: ProcessSet = global_process_set) -> int:
     """Start gathering every tensor of the list along dimension 0, as one operation."""
-    tensors = _check_list(tensors, "grouped_allgather_async", in_place=False)
-    if any(t.dim() == 0 for t in tensors):
-        raise UsageError("grouped_allgather_async: needs tensors with at least one dimension")
+    tensors = _checked(tensors, "grouped_allgather", "grouped_allgather_async", name,
+                       process_set, at_least_1d=True)
     m = C.member(process_set, "grouped_allgather_async")
     srcs = [t.detach().contiguous() for t in tensors]
     agree = tuple((str(t.dtype), tuple(t.shape[1:])) for t in srcs)
@@ -191,6 +218,8 @@ def grouped_allgather_async(tensors: Sequence[torch.Tensor], name: str | None = 
 def grouped_allgather(tensors: Sequence[torch.Tensor], name: str | None = None,
                       process_set: ProcessSet = global_process_set) -> tuple:
     """Each tensor concatenated over the processes along dimension 0 (differentiable)."""
+    tensors = _checked(tensors, "grouped_allgather", "grouped_allgather", name, process_set,
+                       at_least_1d=True)
     return _GroupedAllgather.apply(name, process_set, *tensors)
 
 
@@ -233,13 +262,16 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
                          process_set: ProcessSet | None, prescale: float, postscale: float,
                          kind: str, single: bool) -> int:
     caller = f"{kind}_async"
-    tensors = _check_list(tensors, caller, in_place=False)
-    if any(t.dim() == 0 for t in tensors):
-        raise UsageError(f"{caller}: needs tensors with at least one dimension")
-    op = C.resolve_op(op)
-    if op is C.Adasum:
-        raise UsageError(f"{caller}: op=Adasum is an allreduce only (as in Horovod)")
+    tensors = _checked(tensors, kind, caller, name, process_set, at_least_1d=True)
     m = C.member(process_set, caller)
+    with C.rejecting(m, kind, name):
+        op = C.resolve_op(op)
+        if op is C.Adasum:
+            raise UsageError(f"{caller}: op=Adasum is an allreduce only (as in Horovod)")
+        C.check_scale(prescale, "prescale_factor", caller)
+        C.check_scale(postscale, "postscale_factor", caller)
+        for t in tensors:
+            C.check_op(op, t, m, caller)
     n, me = m.transport.size(), m.transport.rank()
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
     call = _group_call(kind, tensors, name, op, agree)
@@ -283,7 +315,10 @@ def grouped_reducescatter(tensors: Sequence[torch.Tensor], name: str | None = No
                           process_set: ProcessSet = global_process_set,
                           prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> list:
     """This rank's slice of each reduced tensor (differentiable)."""
-    return _reducescatter_list(list(tensors), name, compression, op, process_set,
+    C.check_compression(compression, "grouped_reducescatter")
+    tensors = _checked(tensors, "grouped_reducescatter", "grouped_reducescatter", name,
+                       process_set, at_least_1d=True)
+    return _reducescatter_list(tensors, name, compression, op, process_set,
                                prescale_factor, postscale_factor, "grouped_reducescatter")
 
 
@@ -316,8 +351,9 @@ def reducescatter_async(tensor: torch.Tensor, name: str | None = None, op: Any =
                         process_set: ProcessSet = global_process_set,
                         prescale_factor: float = 1.0, postscale_factor: float = 1.0) -> int:
     """Start reducing ``tensor`` over the processes and scattering its rows among them."""
-    return _reducescatter_start([tensor], name, op, process_set, prescale_factor,
-                                postscale_factor, "reducescatter", single=True)
+    return _reducescatter_start([tensor_of(tensor, "reducescatter_async")], name, op,
+                                process_set, prescale_factor, postscale_factor, "reducescatter",
+                                single=True)
 
 
 def reducescatter(tensor: torch.Tensor, name: str | None = None,
@@ -325,5 +361,23 @@ def reducescatter(tensor: torch.Tensor, name: str | None = None,
                   process_set: ProcessSet = global_process_set, prescale_factor: float = 1.0,
                   postscale_factor: float = 1.0) -> torch.Tensor:
     """This rank's rows of ``tensor`` reduced over the processes (differentiable)."""
+    C.check_compression(compression, "reducescatter")
+    _checked([tensor_of(tensor, "reducescatter")], "reducescatter", "reducescatter", name,
+             process_set, at_least_1d=True)
     return _reducescatter_list([tensor], name, compression, op, process_set, prescale_factor,
                                postscale_factor, "reducescatter")[0]
+
+
+def tensor_of(tensor: Any, caller: str) -> torch.Tensor:
+    """``tensor`` of a one-tensor call; UsageTypeError for a list (use the grouped call)."""
+    if isinstance(tensor, list | tuple):
+        raise UsageTypeError(f"{caller}: expected a torch.Tensor, got {type(tensor).__name__} "
+                             "(grouped_reducescatter takes a list)")
+    return tensor
+
+
+def _resolved(op: Any, average: Any, kind: str, name: Any,
+              process_set: ProcessSet | None) -> C.ReduceOp:
+    """``op`` resolved as collectives.resolve_op does, a bad one told to the other ranks."""
+    with C.rejecting(C.member(process_set, kind), kind, name):
+        return C.resolve_op(op, average)

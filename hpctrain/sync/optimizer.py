@@ -11,10 +11,11 @@ the parameters' changes are combined (:class:`_AdasumOptimizer`).
 from __future__ import annotations
 
 import itertools
+import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -23,8 +24,9 @@ from hpctrain.errors import UsageError
 from hpctrain.sync import adasum, collectives
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce
 from hpctrain.sync.collective_check import Call
-from hpctrain.sync.collectives import Adasum, Average, Sum
+from hpctrain.sync.collectives import Adasum, Average, ReduceOp, Sum
 from hpctrain.sync.compression import Compression
+from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
@@ -45,39 +47,59 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     ``process_set``: gradients are averaged over its ranks only.
     """
     collectives.world("DistributedOptimizer")
+    if not isinstance(process_set, ProcessSet):
+        raise UsageTypeError(f"DistributedOptimizer: process_set must be an "
+                             f"hpctrain.sync.ProcessSet, got {type(process_set).__name__}")
     if num_groups:
         warnings.warn("num_groups is deprecated (as in Horovod); use groups", stacklevel=2)
         groups = num_groups if groups is None else groups
-    op = collectives.resolve_op(op)
-    if op not in (Average, Sum, Adasum):
-        raise UsageError(f"DistributedOptimizer: op must be Average, Sum or Adasum, got "
-                         f"{op.name}")
-    _check_passes(backward_passes_per_step)
-    factor = gradient_predivide_factor
-    if not isinstance(factor, (int, float)) or factor <= 0:
-        raise UsageError(f"gradient_predivide_factor must be > 0, got {factor!r}")
-    if gradient_predivide_factor != 1 and op is not Average:
-        raise UsageError("gradient_predivide_factor needs op=Average")
-    if not all(hasattr(compression, f) for f in ("compress", "decompress", "wire_dtype")):
-        raise UsageError(f"compression must be hpctrain.sync.Compression.none or .fp16, "
-                         f"got {compression!r}")
-    if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
-        raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
-    names = parameter_names(optimizer, named_parameters)
-    trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
-    if op is Adasum:
-        if process_set.included():
-            size = collectives.member(process_set, "DistributedOptimizer").transport.size()
+    member = (collectives.member(process_set, "DistributedOptimizer")
+              if process_set.included() else None)
+    # A rank whose arguments are bad tells the set's others, which would otherwise wait in
+    # the agreement round the constructor runs (collectives.rejecting).
+    with (collectives.rejecting(member, "DistributedOptimizer") if member else nullcontext()):
+        op = _check_arguments(compression, backward_passes_per_step, op,
+                              gradient_predivide_factor, bucket_bytes)
+        names = parameter_names(optimizer, named_parameters)
+        trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if op is Adasum and member is not None:
             for p in trained:
-                adasum.check(size, p.dtype, "DistributedOptimizer")
+                adasum.check(member.transport.size(), p.dtype, "DistributedOptimizer")
+        group_indices = None if op is Adasum else _group_indices(groups, trained)
+    if member is not None:  # before the constructor's collectives (Dup), which a rank that
+        # rejected its arguments does not make
+        member.channel.agree(Call("DistributedOptimizer", op=op.name,
+                                  agree=("arguments", backward_passes_per_step),
+                                  extra="arguments"))
+    if op is Adasum:
         cls = type(optimizer.__class__.__name__, (_AdasumOptimizer, optimizer.__class__), {})
         return cls(optimizer.param_groups, names, compression, backward_passes_per_step,
                    process_set)
-    group_indices = _group_indices(groups, trained)
     cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
     return cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
                gradient_predivide_factor, bucket_bytes, group_indices, bool(sparse_as_dense),
                process_set)
+
+
+def _check_arguments(compression: Any, passes: Any, op: Any, factor: Any,
+                     bucket_bytes: Any) -> ReduceOp:
+    """DistributedOptimizer's one-line errors for bad arguments; the op they resolve to."""
+    op = collectives.resolve_op(op)
+    if op not in (Average, Sum, Adasum):
+        raise UsageError(f"DistributedOptimizer: op must be Average, Sum or Adasum, got "
+                         f"{op.name}")
+    _check_passes(passes)
+    if not isinstance(factor, (int, float)) or not (0 < factor < math.inf):
+        raise UsageError(f"gradient_predivide_factor must be a finite number > 0, got "
+                         f"{factor!r}")
+    if factor != 1 and op is not Average:
+        raise UsageError("gradient_predivide_factor needs op=Average")
+    if not all(hasattr(compression, f) for f in ("compress", "decompress", "wire_dtype")):
+        raise UsageTypeError(f"compression must be hpctrain.sync.Compression.none or .fp16, "
+                             f"got {compression!r}")
+    if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
+        raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
+    return op
 
 
 def _group_indices(groups: Any, params: list[torch.Tensor]) -> list[list[int]] | None:

@@ -19,6 +19,7 @@ from typing import Any
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync.collective_check import Channel
+from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.transport import Transport
 
 
@@ -173,6 +174,9 @@ def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
 
 def remove(process_set: ProcessSet) -> bool:
     """Unregister a set (every rank calls it); False for the global set or an unknown one."""
+    if not isinstance(process_set, ProcessSet):
+        raise UsageTypeError(f"remove_process_set: expected an hpctrain.sync.ProcessSet, got "
+                             f"{type(process_set).__name__}")
     pid = process_set.process_set_id
     if pid is None or pid == 0 or _registered.get(pid) is not process_set:
         return False
