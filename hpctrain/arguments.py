@@ -116,13 +116,16 @@ def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
-    base = configs.read_file(args.config) if args.config else {}
+    base = configs.read_file(args.config) if args.config is not None else {}
     if "algo" in values and base.get("algo") not in (None, values["algo"]):
         base = {k: v for k, v in base.items() if k != "algorithm"}  # the file's other algo's
     values = configs.merge(base, values)
     algo = values.get("algo")
-    if not algo:
+    if algo is None or algo == "":
         raise UsageError("no algorithm: give --algo (or algo in --config)")
+    if not isinstance(algo, str):
+        raise UsageError(f"--config {args.config}: algo {algo!r} must be a string; choose from "
+                         f"{', '.join(registry.names())}")
     registry.get(algo)  # an unknown name is refused before the options are judged
     for d in algo_options:
         if hasattr(args, d.dest) and algo not in d.owners:

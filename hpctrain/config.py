@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 
@@ -52,9 +54,12 @@ EVAL_MODES = ("after", "online")
 def _milestones(text: str) -> tuple[float, ...]:
     """``"3,4"`` -> (3.0, 4.0); OptimConfig checks that they increase."""
     try:
-        return tuple(float(v) for v in text.split(",") if v.strip())
+        values = tuple(float(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated epochs, e.g. 3,4")
+    return values
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,17 @@ class ModelConfig:
         plugins.model_name(self.name, UsageError)
         if self.args is not None and not isinstance(self.args, dict):
             raise UsageError(f"--model-args {self.args!r}: want a JSON object")
+        if self.args is not None:
+            # config.json records them (after MPI started): keyword names, JSON values.
+            bad = [k for k in self.args if not isinstance(k, str)]
+            if bad:
+                raise UsageError(f"--model-args: key {bad[0]!r} is not a string (keyword "
+                                 "arguments are named)")
+            try:
+                json.dumps(self.args)
+            except (TypeError, ValueError) as e:
+                raise UsageError(f"--model-args: not JSON-able ({e}); config.json records "
+                                 "them") from None
 
 
 @dataclass(frozen=True)
@@ -152,15 +168,22 @@ class OptimConfig:
                                           range=Range(0, low_open=True))
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "lr_milestones", tuple(self.lr_milestones))
+        m = self.lr_milestones
+        if not isinstance(m, (list, tuple)):
+            raise UsageError(f"--lr-milestones {m!r} must be a list of epochs, e.g. [3, 4]")
+        bad = [v for v in m if isinstance(v, bool) or not isinstance(v, (int, float))]
+        if bad:
+            raise UsageError(f"--lr-milestones {list(m)!r}: {bad[0]!r} is not a number of "
+                             "epochs")
+        object.__setattr__(self, "lr_milestones", tuple(m))
         check_fields(self)
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
-            raise UsageError(f"--micro-batch-size {self.micro_batch_size} exceeds --batch-size "
-                             f"{self.batch_size}")
+            raise UsageError(f"--micro-batch-size {options.shown(self.micro_batch_size)} "
+                             f"exceeds --batch-size {options.shown(self.batch_size)}")
         m = self.lr_milestones
-        if any(not v > 0 for v in m) or list(m) != sorted(m):
-            raise UsageError(f"--lr-milestones {','.join(map(str, m))}: milestones must be "
-                             "increasing epochs > 0")
+        if any(not 0 < v < math.inf for v in m) or list(m) != sorted(m):
+            raise UsageError(f"--lr-milestones {','.join(map(options.shown, m))}: milestones "
+                             "must be increasing finite epochs > 0")
         if self.lr_milestones and self.lr_schedule not in (None, "step"):
             raise UsageError(f"--lr-milestones need --lr-schedule step, not {self.lr_schedule}")
         if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate
@@ -188,10 +211,17 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every is not None:
+            if isinstance(self.every, bool) or not isinstance(self.every, (str, int, float)):
+                raise UsageError(f"--checkpoint-every {self.every!r} must be seconds (600) or "
+                                 "epochs (\"2e\")")
             try:
                 object.__setattr__(self, "every", parse_every(str(self.every)))
             except argparse.ArgumentTypeError as e:
                 raise UsageError(f"--checkpoint-every {self.every}: {e}") from None
+        check_fields(self)
+        for flag, folder in (("--checkpoint-dir", self.dir), ("--resume", self.resume)):
+            if folder is not None and not folder.strip():  # "" would be the working folder
+                raise UsageError(f"{flag} {folder!r} is empty: give a folder")
 
 
 @dataclass(frozen=True)
@@ -219,7 +249,8 @@ class RunConfig:
     dataclass; None: its defaults)."""
 
     algo: str = option("", "one of: " + ", ".join(registry.names()))
-    seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int)
+    seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int,
+                       range=Range(-2 ** 63, 2 ** 63 - 1))  # torch's generators take 64 bits
     out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
     eval_every: float = option(0.25, "epochs between snapshots of the model (scored after "
                                "training, or with --eval online while it runs)",
@@ -259,8 +290,18 @@ class RunConfig:
     algorithm: object = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.algo, str):
+            raise UsageError(f"--algo {self.algo!r} must be a string; choose from "
+                             f"{', '.join(registry.names())}")
         options_cls = registry.get(self.algo).Options  # UsageError for an unknown name
         check_fields(self)
+        for name, cls in SECTIONS.items():
+            value = getattr(self, name)
+            if type(value) is not cls:  # a dict would fail later, after MPI started
+                hint = f" ({cls.__name__}(**...) builds one from a dict)" \
+                    if isinstance(value, dict) else ""
+                raise TypeError(f"RunConfig({name}=...) takes {cls.__name__}, not "
+                                f"{type(value).__name__}{hint}")
         if self.algorithm is None:
             object.__setattr__(self, "algorithm", options_cls())
         elif type(self.algorithm) is not options_cls:
@@ -319,14 +360,18 @@ def from_dict(values: dict) -> RunConfig:
     """
     values = {k: v for k, v in values.items() if k != "run_info"}
     algo = values.get("algo")
-    if not isinstance(algo, str):
+    if algo is None:
         raise UsageError("the configuration names no algorithm (algo = \"...\")")
+    if not isinstance(algo, str):
+        raise UsageError(f"algo {algo!r} must be a string; choose from "
+                         f"{', '.join(registry.names())}")
     kwargs = {}
     for key, value in values.items():
         if key in SECTIONS:
             kwargs[key] = _build(SECTIONS[key], value, key)
         elif key == "algorithm":
-            kwargs[key] = _build(registry.get(algo).Options, value or {}, "algorithm")
+            kwargs[key] = _build(registry.get(algo).Options, {} if value is None else value,
+                                 "algorithm")
         elif key in {f.name for f in fields(RunConfig)}:
             kwargs[key] = value
         else:
@@ -347,6 +392,14 @@ def _build(cls, values, where: str):
 
 def read_file(path: str | Path) -> dict:
     """The nested values of a TOML file, or of a run's ``config.json``."""
+    if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
+        raise TypeError(f"hpctrain.load_config takes a file's path, not "
+                        f"{type(path).__name__}" + (" (RunConfig builds one from values; "
+                                                    "--config FILE reads one)"
+                                                    if isinstance(path, dict) else ""))
+    if not str(path).strip():  # "" would read the working folder, or nothing
+        raise UsageError(f"--config {str(path)!r} is empty: give a TOML file or a run's "
+                         "config.json")
     path = Path(path)
     try:
         text = path.read_bytes()
@@ -354,12 +407,14 @@ def read_file(path: str | Path) -> dict:
         raise UsageError(f"--config {path}: {e.strerror}") from None
     try:
         if path.suffix == ".json":
-            values = json.loads(text)
-        else:
-            values = tomllib.loads(text.decode())
+            values = json.loads(text, object_pairs_hook=plugins.unique_keys)
+        else:  # a byte-order mark, as some Windows editors write, is no setting
+            values = tomllib.loads(text.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:
         raise UsageError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'TOML'} "
                          f"({e})") from None
+    except RecursionError:
+        raise UsageError(f"--config {path}: nested too deeply to be settings") from None
     if not isinstance(values, dict):
         raise UsageError(f"--config {path}: not a table of settings")
     return values

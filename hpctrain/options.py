@@ -110,21 +110,38 @@ class Range:
 
     def problem(self, value: float) -> str | None:
         """Why ``value`` is out of range (``"must be >= 0"``), or None when it is in it."""
-        ok = isinstance(value, (int, float)) and math.isfinite(value)
+        # A whole number of any size is finite (math.isfinite would overflow on 10**400).
+        ok = isinstance(value, int) or isinstance(value, float) and math.isfinite(value)
         if ok and self.low is not None:
             ok = value > self.low if self.low_open else value >= self.low
         if ok and self.high is not None:
             ok = value < self.high if self.high_open else value <= self.high
         if ok:
             return None
+        low, high = _bound(self.low), _bound(self.high)
         if self.high is None:
-            text = f"must be {'>' if self.low_open else '>='} {self.low:g}"
+            text = f"must be {'>' if self.low_open else '>='} {low}"
         elif self.low is None:
-            text = f"must be {'<' if self.high_open else '<='} {self.high:g}"
+            text = f"must be {'<' if self.high_open else '<='} {high}"
         else:
-            text = (f"must be in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}"
+            text = (f"must be in {'(' if self.low_open else '['}{low}, {high}"
                     f"{')' if self.high_open else ']'}")
         return f"{text} {self.note}".strip()
+
+
+def _bound(value: float | None) -> str:
+    """A bound in a message: a whole number exactly (a seed's 2**63 - 1), else as ``:g``."""
+    return "" if value is None else str(value) if isinstance(value, int) else f"{value:g}"
+
+
+def shown(value) -> str:
+    """A number in a message as given, a huge one short: ``1e+308``, not 309 digits."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) < 1e16:
+        return str(value)
+    try:
+        return f"{value:g}"
+    except OverflowError:  # a whole number past a float's range
+        return f"{'-' if value < 0 else ''}1e+{int(abs(value).bit_length() * math.log10(2))}"
 
 
 def option(default, help: str, *, flag: str | None = None, parse=None, choices=None,
@@ -184,9 +201,13 @@ def check_fields(obj) -> None:
             raise UsageError(f"{flag_of(f)} {value!r} {problem}")
         if value is None:
             continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            try:
+                float(value)  # what the run computes with it (rates, ratios, the progress bar)
+            except OverflowError:
+                raise UsageError(f"{flag_of(f)} {shown(value)} is too large") from None
         choices, bounds = f.metadata["choices"], f.metadata["range"]
         if choices is not None and value not in choices:
             raise UsageError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices)}")
         if bounds is not None and (problem := bounds.problem(value)) is not None:
-            shown = f"{value:g}" if abs(value) >= 1e16 else value  # not 309 digits of an int
-            raise UsageError(f"{flag_of(f)} {shown} {problem}")
+            raise UsageError(f"{flag_of(f)} {shown(value)} {problem}")

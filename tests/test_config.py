@@ -165,3 +165,99 @@ def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
     for m in graph:
         if m not in state:
             visit(m, [])
+
+
+@pytest.mark.parametrize("build, message", [
+    # Nested configurations: their own classes, not dicts, lists or None.
+    (lambda: RunConfig(algo="sgd", optim={"lr": 0.1}),
+     "RunConfig(optim=...) takes OptimConfig, not dict (OptimConfig(**...) builds one"),
+    (lambda: RunConfig(algo="sgd", data=None),
+     "RunConfig(data=...) takes DataConfig, not NoneType"),
+    (lambda: RunConfig(algo="sgd", checkpoint=[1]), "takes CheckpointConfig, not list"),
+    (lambda: dataclasses.replace(RunConfig(algo="sgd"), stragglers=OptimConfig()),
+     "RunConfig(stragglers=...) takes StragglerConfig, not OptimConfig"),
+    (lambda: RunConfig(algo=["sgd"]), "--algo ['sgd'] must be a string; choose from sgd, "),
+    # Whole numbers past a float's range, and seeds past torch's 64 bits.
+    (lambda: OptimConfig(epochs=10 ** 400), "--epochs 1e+400 is too large"),
+    (lambda: OptimConfig(lr=10 ** 400), "--lr 1e+400 is too large"),
+    (lambda: RunConfig(algo="sgd", seed=2 ** 64 - 1),
+     "must be in [-9223372036854775808, 9223372036854775807]"),
+    (lambda: OptimConfig(micro_batch_size=10 ** 300),
+     "--micro-batch-size 1e+300 exceeds --batch-size 64"),
+    # --lr-milestones: a list of finite epochs.
+    (lambda: OptimConfig(lr_milestones=None), "--lr-milestones None must be a list of epochs"),
+    (lambda: OptimConfig(lr_milestones="3,4"), "--lr-milestones '3,4' must be a list of epochs"),
+    (lambda: OptimConfig(lr_milestones=[1, "a"]), "--lr-milestones [1, 'a']: 'a' is not a number"),
+    (lambda: OptimConfig(lr_milestones=[True]), "True is not a number of epochs"),
+    (lambda: OptimConfig(lr_milestones=[1, float("inf")]),
+     "--lr-milestones 1,inf: milestones must be increasing finite epochs > 0"),
+    # Checkpoint folders: strings, not empty (the working folder).
+    (lambda: configs.CheckpointConfig(dir=3), "--checkpoint-dir 3 must be a string"),
+    (lambda: configs.CheckpointConfig(resume=""), "--resume '' is empty: give a folder"),
+    (lambda: configs.CheckpointConfig(dir=" "), "--checkpoint-dir ' ' is empty"),
+    (lambda: configs.CheckpointConfig(every=True), "--checkpoint-every True must be seconds"),
+    # --model-args: what config.json can record and a model can take by name.
+    (lambda: configs.ModelConfig(name="m:build", args={1: 2}), "--model-args: key 1 is not a"),
+    (lambda: configs.ModelConfig(name="m:build", args={"w": object()}),
+     "--model-args: not JSON-able"),
+    # load_config takes a path.
+    (lambda: hpctrain.load_config({"algo": "sgd"}),
+     "hpctrain.load_config takes a file's path, not dict"),
+    (lambda: hpctrain.load_config(None), "hpctrain.load_config takes a file's path, not NoneType"),
+    (lambda: hpctrain.load_config(""), "--config '' is empty"),
+])
+def test_wrong_types_and_sizes_are_value_or_type_errors(build, message):
+    with pytest.raises((ValueError, TypeError)) as e:
+        build()
+    assert message in str(e.value)
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("name, text, message", [
+    ("algo.toml", 'algo = {a = 1}\n', "algo {'a': 1} must be a string; choose from sgd"),
+    ("algo.json", '{"algo": ["sgd"]}', "algo ['sgd'] must be a string"),
+    ("dir.toml", 'algo = "sgd"\n[checkpoint]\ndir = 3\n', "--checkpoint-dir 3 must be a string"),
+    ("resume.toml", 'algo = "sgd"\n[checkpoint]\nresume = ["a"]\n',
+     "--resume ['a'] must be a string"),
+    ("ms.toml", 'algo = "sgd"\n[optim]\nlr_milestones = "3,4"\n',
+     "--lr-milestones '3,4' must be a list of epochs"),
+    ("ms.json", '{"algo": "sgd", "optim": {"lr_milestones": null}}',
+     "--lr-milestones None must be a list of epochs"),
+    ("algorithm.toml", 'algo = "ma"\nalgorithm = false\n',
+     "configuration [algorithm] must be a table, not False"),
+    ("deep.json", DEEP, "nested too deeply to be settings"),
+    ("twice.json", '{"algo": "sgd", "algo": "ssgd"}', "not valid json (key 'algo' given twice)"),
+    ("big.json", '{"algo": "sgd", "optim": {"epochs": 1' + "0" * 400 + "}}",
+     "--epochs 1e+400 is too large"),
+    ("seed.toml", 'algo = "sgd"\nseed = 18446744073709551615\n', "--seed 1.84467e+19 must be in"),
+])
+def test_bad_config_files_are_one_line_naming_the_value(tmp_path, name, text, message):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(UsageError) as e:
+        parse("--config", str(tmp_path / name))
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_toml_file_may_start_with_a_byte_order_mark_and_config_may_not_be_empty(tmp_path):
+    (tmp_path / "bom.toml").write_bytes(b'\xef\xbb\xbfalgo = "ma"\n')
+    assert parse("--config", str(tmp_path / "bom.toml")).algo == "ma"
+    with pytest.raises(UsageError, match="^--config '' is empty"):  # not silently no file
+        parse("--algo", "sgd", "--config", "")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model-args", '{"w": 1, "w": 2}'], "key 'w' given twice"),
+    (["--model-args", '{"a": ' + DEEP + "}"], "nested too deeply"),
+    (["--lr-milestones", ","], "',': want comma-separated epochs, e.g. 3,4"),
+    (["--lr-milestones", "1,inf"], "milestones must be increasing finite epochs > 0"),
+    (["--checkpoint-every", "1e308e"], "must be at most 1e+06 epochs, got 1e308e"),
+    (["--checkpoint-dir", ""], "--checkpoint-dir '' is empty"),
+    (["--resume", ""], "--resume '' is empty"),
+    (["--seed", str(2 ** 64 - 1)], "--seed 1.84467e+19 must be in"),
+])
+def test_bad_flags_are_one_short_line(args, message):
+    with pytest.raises(UsageError) as e:
+        parse("--algo", "sgd", "--model", "m:build", *args)
+    assert message in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 300
