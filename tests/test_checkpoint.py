@@ -323,3 +323,75 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
         path.write_bytes(b"torn")  # a checkpoint that cannot be read: refused, not restarted
     with pytest.raises(UsageError, match="no checkpoint found there"):
         check(resume="auto", out=str(out), every="1e")
+
+
+def test_parse_every_bounds_epochs():
+    import argparse
+
+    assert checkpoint.parse_every("1e6e") == "1e6e" and checkpoint.parse_every("1e308") == "1e308"
+    with pytest.raises(argparse.ArgumentTypeError, match="at most 1e\\+06 epochs, got 1e308e"):
+        checkpoint.parse_every("1e308e")  # x steps per epoch: no whole number of updates
+
+
+def edit_header(path, **fields) -> None:
+    line, _, body = path.read_bytes().partition(b"\n")
+    path.write_bytes(json.dumps({**json.loads(line), **fields}).encode() + b"\n" + body)
+
+
+def test_a_header_edited_by_hand_is_unusable_and_named(tmp_path):
+    """The checksum covers the payload only: header fields of the wrong type are corrupt."""
+    a_run(tmp_path)
+    (path,) = checkpoint.listing(tmp_path)
+    edit_header(path, args="hand-edited")
+    with pytest.raises(CorruptCheckpoint, match="header field 'args' is 'hand-edited', not a"):
+        checkpoint.read_header(path)
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path))
+    assert str(e.value) == (f"--resume {tmp_path}: no checkpoint found there that can be read "
+                            f"({path.name}: header field 'args' is 'hand-edited', not a table)")
+    edit_header(path, args={}, updates="x")
+    lines = []
+    assert checkpoint.load_newest(tmp_path, lines.append) is None
+    assert "header field 'updates' is 'x', not a whole number" in lines[0]
+
+
+def test_a_folder_named_as_a_checkpoint_is_skipped(tmp_path):
+    write(tmp_path, 1)
+    (tmp_path / "ckpt-000000002.pt").mkdir()
+    lines = []
+    found = checkpoint.load_newest(tmp_path, lines.append)
+    assert found.header["updates"] == 1 and "Is a directory" in lines[0]
+    with pytest.raises(UsageError, match="no usable checkpoint .*kept as \\*.corrupt"):
+        flip(write(tmp_path / "bad", 1), 100)
+        checkpoint.newest(tmp_path / "bad")
+
+
+def test_check_refuses_mixing_two_runs_in_one_folder(tmp_path):
+    own = tmp_path / "ck"  # a run whose --checkpoint-dir was its own folder
+    a_run(own)
+    with pytest.raises(UsageError) as e:  # a fresh run's outputs in another's checkpoints
+        check(out=str(own))
+    assert str(e.value) == (f"--out {own} is a folder of checkpoints (a run's --checkpoint-dir); "
+                            f"continue that run with --resume {own} or choose another folder")
+    assert check(out=str(own), resume=str(own)).out == str(own)  # continuing it is fine
+    other = tmp_path / "other"  # another run's --out, its checkpoints in other/checkpoints
+    a_run(other / "checkpoints")
+    (other / "config.json").write_text("{}")
+    with pytest.raises(UsageError) as e:
+        check(out=str(tmp_path / "new"), every="1e", checkpoint_dir=str(other))
+    assert str(e.value) == (f"--checkpoint-dir {other} is another run's --out folder; choose "
+                            "another folder")
+    same = tmp_path / "same"  # --out and --checkpoint-dir one folder: one run's own
+    (same).mkdir()
+    (same / "config.json").write_text("{}")
+    assert check(out=str(same), every="1e", checkpoint_dir=str(same)).resume is None
+
+
+def test_a_moved_run_resumes_into_its_own_folder(tmp_path):
+    """``--resume DIR`` without --out: the outputs go where DIR is now, not where the run
+    recorded them (a copied or moved folder, or a relative --out from another folder)."""
+    a_run(tmp_path / "copy" / "checkpoints", out="runs/original")
+    assert check(resume=str(tmp_path / "copy")).out == str(tmp_path / "copy")
+    # A --checkpoint-dir of its own: the recorded --out.
+    a_run(tmp_path / "ck", out=str(tmp_path / "x"), checkpoint_dir=str(tmp_path / "ck"))
+    assert check(resume=str(tmp_path / "ck")).out == str(tmp_path / "x")

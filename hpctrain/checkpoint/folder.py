@@ -91,7 +91,10 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     for path in listing(folder):
         try:
-            header, payload = load(path)
+            try:
+                header, payload = load(path)
+            except OSError as e:  # not a file (a folder of that name), or unreadable
+                raise CorruptCheckpoint(f"{path.name}: {e.strerror}") from None
             snapshots = [_load_snapshots(folder, refs) for refs in payload.get("snapshots", [])]
         except CorruptCheckpoint as e:
             report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); "
@@ -106,7 +109,8 @@ def newest(folder: str | Path) -> Loaded:
     """:func:`load_newest` for ``--resume``: UsageError when nothing in ``folder`` is usable."""
     found = load_newest(folder)
     if found is None:
-        raise UsageError(f"--resume {folder}: no usable checkpoint (all failed their checksums)")
+        raise UsageError(f"--resume {folder}: no usable checkpoint (each one's problem is "
+                         "said above; they are kept as *.corrupt)")
     return found
 
 

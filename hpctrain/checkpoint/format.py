@@ -40,7 +40,19 @@ def _parse_header(line: bytes, path: Path) -> dict:
         raise CorruptCheckpoint(f"{path.name}: unreadable header") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise CorruptCheckpoint(f"{path.name}: not an {FORMAT} file")
+    # The checksum covers the payload only: a header edited by hand is checked here.
+    for key, kind in _HEADER_TYPES.items():
+        value = header.get(key)
+        if key in header and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise CorruptCheckpoint(f"{path.name}: header field {key!r} is {value!r}, not "
+                                    f"{_KIND_NAMES[kind]}")
     return header
+
+
+# What the header's fields must be where a file has them (a snapshot file has no "args").
+_HEADER_TYPES = {"sha256": str, "bytes": int, "algo": str, "ranks": int, "workers": int,
+                 "updates": int, "args": dict}
+_KIND_NAMES = {str: "a string", int: "a whole number", dict: "a table"}
 
 
 def read_header(path: str | Path) -> dict:

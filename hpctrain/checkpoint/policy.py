@@ -17,6 +17,7 @@ from pathlib import Path
 from hpctrain.checkpoint.folder import SUBDIR, listing, resolve, run_folder
 from hpctrain.checkpoint.format import CorruptCheckpoint, read_header
 from hpctrain.errors import UsageError
+from hpctrain.options import HUGE
 
 # Options that may differ between a run and its resumption: they do not change the trajectory
 # (device, micro-batch size and compilation: only in float rounding; mixed precision: in the
@@ -44,6 +45,8 @@ def parse_every(text: str) -> str:
             f"{text!r} is neither seconds (600) nor epochs (2e)") from None
     if not 0 < amount < math.inf:
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    if value.endswith("e") and amount > HUGE:  # epochs x updates per epoch: a whole number
+        raise argparse.ArgumentTypeError(f"must be at most {HUGE:g} epochs, got {text}")
     return value
 
 
@@ -114,19 +117,39 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
                 raise UsageError(f"--resume {given}: the run was started with {flag} "
                                  f"{_shown(old[key])}, not {_shown(run_config[key])}")
         if out is None:
-            out = old.get("out")
+            out = _resumed_out(folder, old)
         if checkpoint_dir is None:
             checkpoint_dir = str(folder)
         resume = str(folder)
     if resume is None and out is not None and listing(Path(out) / SUBDIR):
         raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
                          f"continue it with --resume {out} or choose another folder")
+    if out is not None and listing(out) and (resume is None or
+                                             Path(out).resolve() != Path(resume).resolve()):
+        raise UsageError(f"--out {out} is a folder of checkpoints (a run's --checkpoint-dir); "
+                         f"continue that run with --resume {out} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
         folder = run_folder(checkpoint_dir, out)
         if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
             raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
                              "resume it with --resume or choose another folder")
+        own = [Path(f).resolve() for f in (out, resume) if f is not None]
+        if folder.resolve() not in own and ((folder / "config.json").exists()
+                                             or listing(folder / SUBDIR)):
+            raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
+                             "choose another folder")
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def _resumed_out(folder: Path, old: dict) -> str | None:
+    """The outputs' folder of a run resumed from ``folder`` without ``--out``: the folder's
+    parent when it is the run's own ``<out>/checkpoints`` (wherever the run folder is now:
+    moved, copied, or named from another working folder), else the ``--out`` it recorded."""
+    out, own = old.get("out"), old.get("checkpoint_dir")
+    if not isinstance(out, str):
+        return None
+    default = own is None or (isinstance(own, str) and Path(own) == Path(out) / SUBDIR)
+    return str(folder.parent) if default and folder.name == SUBDIR else out
 
 
 def _shown(value) -> str:
@@ -145,9 +168,15 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
 
 
 def _newest_header(folder: Path, given: str) -> dict:
+    problems = []
     for path in listing(folder):
         try:
             return read_header(path)
-        except (CorruptCheckpoint, OSError):
-            continue
+        except CorruptCheckpoint as e:
+            problems.append(str(e))
+        except OSError as e:
+            problems.append(f"{path.name}: {e.strerror}")
+    if problems:  # the newest one's problem: the others' is most often the same
+        raise UsageError(f"--resume {given}: no checkpoint found there that can be read "
+                         f"({problems[0]})")
     raise UsageError(f"--resume {given}: no checkpoint found there")
