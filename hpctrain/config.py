@@ -181,7 +181,7 @@ class OptimConfig:
             raise UsageError(f"--micro-batch-size {options.shown(self.micro_batch_size)} "
                              f"exceeds --batch-size {options.shown(self.batch_size)}")
         m = self.lr_milestones
-        if any(not 0 < v < math.inf for v in m) or list(m) != sorted(m):
+        if any(not 0 < v < math.inf for v in m) or list(m) != sorted(set(m)):
             raise UsageError(f"--lr-milestones {','.join(map(options.shown, m))}: milestones "
                              "must be increasing finite epochs > 0")
         if self.lr_milestones and self.lr_schedule not in (None, "step"):

@@ -27,7 +27,7 @@ def get(name: str) -> type[Algorithm]:
 
     try:
         return ALGORITHMS[name]
-    except KeyError:
+    except (KeyError, TypeError):  # TypeError: a list or dict, which no name is
         raise UsageError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") \
             from None
 
