@@ -259,8 +259,61 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
         sim(3, step_time=f"replay:{tmp_path}", comm_time="replay")
     with pytest.raises(UsageError, match="--comm-time replay needs"):
         sim(3, comm_time="replay")
-    with pytest.raises(UsageError, match="SIGMA must be at most 5"):  # exp(SIGMA z) overflows
-        StepTimeModel("lognormal:0.02:1e308", 2)
+    with pytest.raises(UsageError, match=re.escape("SIGMA must be in [0, 5], got 1e308")):
+        StepTimeModel("lognormal:0.02:1e308", 2)  # exp(SIGMA z) overflows
+
+
+@pytest.mark.parametrize("spec, message", [
+    # Virtual times of inf, or NaN, in summary.json before (exit 0).
+    ("constant:1e308", "S must be in (0, 1e+06], got 1e308"),
+    ("lognormal:1e308:1", "MEAN must be in (0, 1e+06], got 1e308"),  # an OverflowError, exit 1
+    ("gamma:1e308:1", "MEAN must be in (0, 1e+06], got 1e308"),
+    ("gamma:0.01:1e308", "SHAPE must be in [1e-06, 1e+06], got 1e308"),  # gammavariate hung
+    ("gamma:0.01:5e-324", "SHAPE must be in [1e-06, 1e+06], got 5e-324"),  # MEAN/SHAPE is inf
+    ("constant:nan", "S must be in (0, 1e+06], got nan"),
+    ("constant:-1", "S must be in (0, 1e+06], got -1"),
+])
+def test_step_times_that_overflow_or_hang_are_refused(spec, message):
+    with pytest.raises(UsageError) as e:
+        StepTimeModel(spec, 2)
+    assert str(e.value) == f"--step-time {spec}: {message}"
+
+
+@pytest.mark.parametrize("argv, message", [
+    # NaN virtual times in summary.json before (exit 0).
+    (["--latency", "1e308"], "--latency 1e+308 must be in [0, 1e+06]"),
+    (["--store-latency", "1e308"], "--store-latency 1e+308 must be in [0, 1e+06]"),
+    (["--latency", "nan"], "argument --latency: 'nan' is not a finite number"),
+    (["--latency", "-1"], "argument --latency: must be >= 0, got -1"),
+    # 1e307 virtual seconds before, a step from inf.
+    (["--store-bandwidth", "1e-300"], "argument --store-bandwidth: must be >= 1, got 1e-300"),
+    (["--bandwidth", "0"], "argument --bandwidth: must be >= 1, got 0"),
+    # 309 digits in the message before.
+    (["--workers", "1e308"], "--workers 1e+308 must be in [1, 1e+06]"),
+])
+def test_simulator_options_that_overflow_are_one_line(argv, message):
+    from hpctrain import cli
+    from hpctrain.sim import arguments as sim_arguments
+
+    with pytest.raises(UsageError) as e:
+        sim_arguments.build(cli.build_parser().parse_args(["simulate", "--algo", "asgd", *argv]))
+    assert str(e.value) == message
+
+
+def test_train_options_the_simulator_has_no_worker_for_are_refused(tmp_path):
+    """--eval-rank was an AttributeError after training started (exit 1); --checkpoint-dir
+    was taken and no checkpoint written."""
+    from hpctrain.config import CheckpointConfig
+
+    with pytest.raises(UsageError) as e:
+        simulate(config("ssgd", tmp_path / "a", eval_mode="online", eval_rank=1), sim(2))
+    assert str(e.value) == ("hpctrain simulate scores snapshots on worker 0 (--eval online): "
+                            "drop --eval-rank 1, which needs a real run's extra rank")
+    with pytest.raises(UsageError, match=re.escape("(--checkpoint-every, --checkpoint-dir, "
+                                                   "--resume)")):
+        simulate(config("ssgd", tmp_path / "b",
+                        checkpoint=CheckpointConfig(dir=str(tmp_path / "ck"))), sim(2))
+    assert not any((tmp_path / d).exists() for d in ("a", "b", "ck"))
 
 
 @pytest.mark.parametrize("content, message", [

@@ -18,7 +18,8 @@ COMM_TIMES = ("model", "replay")
 class SimConfig:
     """How many virtual workers, how long their steps take, how fast they communicate."""
 
-    workers: int = option(4, "virtual workers (K)", parse=options.positive(int), range=Range(1))
+    workers: int = option(4, "virtual workers (K)", parse=options.positive(int),
+                          range=Range(1, options.HUGE))
     step_time: str = option(DEFAULT_STEP_TIME, "step-time model: constant:S, "
                             "lognormal:MEAN:SIGMA, gamma:MEAN:SHAPE or replay:RUN_DIR (a real "
                             "run's step_times.json)", metavar="MODEL")
@@ -26,17 +27,20 @@ class SimConfig:
                             "replay (with --step-time replay:RUN, asgd and dcasgd-c/-a): each "
                             "push takes the time the real worker spent between that step's "
                             "compute and the next", choices=COMM_TIMES)
+    # Latencies up to options.HUGE seconds, bandwidths from 1 byte/s: past them the virtual
+    # times overflow to inf and NaN (--latency 1e308, --store-bandwidth 1e-300).
     latency: float = option(LATENCY_S, "seconds per message between workers "
-                            "(collectives)", parse=float, range=Range(0))
+                            "(collectives)", parse=options.at_least(0, float),
+                            range=Range(0, options.HUGE))
     bandwidth: float = option(BANDWIDTH, "bytes/s between workers (collectives)",
-                              parse=options.positive(float), range=Range(0, low_open=True))
+                              parse=options.at_least(1, float), range=Range(1))
     store_latency: float = option(STORE_LATENCY_S, "seconds per shard access or "
-                                  "counter operation in the parameter store", parse=float,
-                                  range=Range(0))
+                                  "counter operation in the parameter store",
+                                  parse=options.at_least(0, float),
+                                  range=Range(0, options.HUGE))
     store_bandwidth: float = option(STORE_BANDWIDTH, "bytes/s of shard reads and "
                                     "writes in the parameter store",
-                                    parse=options.positive(float),
-                                    range=Range(0, low_open=True))
+                                    parse=options.at_least(1, float), range=Range(1))
     train_subset: int | None = option(None, "train on this many samples of the training set "
                                       "(a fixed random subset, the same for every seed), for "
                                       "quick studies", parse=options.positive(int),

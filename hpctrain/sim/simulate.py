@@ -56,9 +56,13 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     algo = config.algorithm_class
     k = sim.workers
     ck = config.checkpoint
-    if ck.every is not None or ck.resume is not None:
+    if ck.every is not None or ck.resume is not None or ck.dir is not None:
         raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
-                         "--resume): a simulation is rerun, not resumed")
+                         "--checkpoint-dir, --resume): a simulation is rerun, not resumed")
+    if config.eval_rank is not None:  # the real run's extra rank; no such worker here
+        raise UsageError(f"hpctrain simulate scores snapshots on worker 0 (--eval online): "
+                         f"drop --eval-rank {config.eval_rank}, which needs a real run's "
+                         f"extra rank")
     if config.profile is not None:
         raise UsageError("hpctrain simulate runs every worker in one process, which one "
                          "profiler cannot tell apart: drop --profile (profile a real run)")

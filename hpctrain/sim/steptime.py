@@ -28,9 +28,17 @@ import random
 
 from hpctrain import steptimes
 from hpctrain.errors import UsageError
+from hpctrain.options import HUGE, Range
 from hpctrain.stragglers import MAX_SIGMA
 
 KINDS = ("constant", "lognormal", "gamma", "replay")
+
+
+# Each number's bounds: a step of at most options.HUGE seconds (past it the virtual times
+# overflow to inf), a lognormal SIGMA as --jitter's, a gamma SHAPE in [1/HUGE, HUGE] (Python's
+# gammavariate loops forever on a SHAPE of 1e308; a tiny one makes the scale MEAN/SHAPE inf).
+_BOUNDS = {"S": Range(0, HUGE, low_open=True), "MEAN": Range(0, HUGE, low_open=True),
+           "SIGMA": Range(0, MAX_SIGMA), "SHAPE": Range(1 / HUGE, HUGE)}
 
 
 def _numbers(spec: str, parts: list[str], names: tuple[str, ...]) -> list[float]:
@@ -43,8 +51,8 @@ def _numbers(spec: str, parts: list[str], names: tuple[str, ...]) -> list[float]
             value = float(text)
         except ValueError:
             raise UsageError(f"--step-time {spec}: {name} {text!r} is not a number") from None
-        if not (math.isfinite(value) and value > 0) and not (name == "SIGMA" and value == 0):
-            raise UsageError(f"--step-time {spec}: {name} must be > 0, got {text}")
+        if (problem := _BOUNDS[name].problem(value)) is not None:
+            raise UsageError(f"--step-time {spec}: {name} {problem}, got {text}")
         values.append(value)
     return values
 
@@ -67,8 +75,6 @@ class StepTimeModel:
             (self.mean,) = _numbers(spec, parts, ("S",))
         elif kind == "lognormal":
             self.mean, self.sigma = _numbers(spec, parts, ("MEAN", "SIGMA"))
-            if self.sigma > MAX_SIGMA:
-                raise UsageError(f"--step-time {spec}: SIGMA must be at most {MAX_SIGMA:g}")
             self._mu = math.log(self.mean) - self.sigma ** 2 / 2
         elif kind == "gamma":
             self.mean, self.shape = _numbers(spec, parts, ("MEAN", "SHAPE"))
