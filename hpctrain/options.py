@@ -49,22 +49,28 @@ def positive(kind=float):
     return parse
 
 
-def number_list(minimum: int = 1):
-    """Comma-separated integers (``1e6`` allowed), each >= ``minimum``: ``"1,2"`` -> [1, 2]."""
+def number_list(minimum: int = 1, maximum: int | None = None):
+    """Comma-separated integers (``1e6`` allowed), each in [``minimum``, ``maximum``], each
+    once: ``"1,2,1"`` -> [1, 2]. An empty entry (``"1,,2"``) is refused, not skipped."""
     def parse(text: str) -> list[int]:
-        words = [w.strip() for w in str(text).split(",") if w.strip()]
-        if not words:
+        words = [w.strip() for w in str(text).split(",")]
+        if not any(words):
             raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated numbers")
         values = []
-        for word in words:
+        for word in filter(None, words):  # a word that is no number named first
             try:
                 values.append(_number(int, word))
             except argparse.ArgumentTypeError as e:
                 raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
+        if not all(words):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty entry")
         bad = [w for w, v in zip(words, values, strict=True) if v < minimum]
         if bad:
             raise argparse.ArgumentTypeError(f"{text!r}: {bad[0]} is below {minimum}")
-        return values
+        big = [v for v in values if maximum is not None and v > maximum]
+        if big:
+            raise argparse.ArgumentTypeError(f"{text!r}: {shown(big[0])} is above {maximum}")
+        return list(dict.fromkeys(values))
     return parse
 
 

@@ -39,6 +39,16 @@ def parse(*argv: str):
     (["shuffle", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
     (["shuffle", "--shuffle-chunk-mb", "nan"], "'nan' is not a finite number"),
     (["shuffle", "--seed", "x"], "--seed: invalid int value: 'x'"),
+    # Each below was accepted, then failed after MPI started (exit 1, or a crash).
+    (["kernel", "--threads", "100000"], "--threads: '100000': 100000 is above 4096"),  # SIGSEGV
+    (["kernel", "--threads", "1e308"], "--threads: '1e308': 1e+308 is above 4096"),
+    (["kernel", "--threads", "1,,2"], "--threads: '1,,2': an empty entry"),  # was [1, 2]
+    (["store", "--params", "1000,"], "--params: '1000,': an empty entry"),
+    (["allreduce", "--bucket-mb", "1e308"], "--bucket-mb: must be <= 1e+06, got 1e308"),
+    (["shuffle", "--shuffle-chunk-mb", "1e308"], "--shuffle-chunk-mb: must be <= 1e+06, got 1e308"),
+    (["shuffle", "--seed", "99999999999999999999"],
+     "--seed: must be in [-2**63, 2**63 - 1], got 99999999999999999999"),
+    (["shuffle", "--data-dir", ""], "--data-dir: '' is empty: give a folder"),  # was the cwd
 ])
 def test_bad_values_are_refused_while_parsing(argv, named):
     with pytest.raises(UsageError) as e:
@@ -47,9 +57,11 @@ def test_bad_values_are_refused_while_parsing(argv, named):
 
 
 def test_good_values_are_parsed():
-    args = parse("store", "--params", "1e3, 20", "--consistency", "atomic,locked,atomic")
+    args = parse("store", "--params", "1e3, 20,1000", "--consistency", "atomic,locked,atomic")
     assert (args.params, args.consistency, args.seconds) == ([1000, 20], ["atomic", "locked"],
-                                                             3.0)
+                                                             3.0)  # each measured once
+    assert parse("kernel", "--threads", "4096,1,4096").threads == [4096, 1]
+    assert parse("shuffle", "--seed", "-1").seed == -1
     args = parse("kernel")
     assert (args.threads, args.elements) == ([1, 2], 16 * 2**20)
     assert parse("allreduce", "--out", "x.json").json == "x.json"  # --out: the old name
@@ -85,6 +97,33 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
     with pytest.raises(UsageError) as e:
         importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
     assert str(e.value) == message
+
+
+@pytest.mark.parametrize("argv, message", [
+    # Each was a torch error on every rank after MPI started (exit 1), or the kernel's OOM kill.
+    (["kernel", "--elements", "1e308"], "--elements 1e+308 needs at least 4.00e+300 GB of "
+     "memory per rank; this machine has "),
+    (["store", "--params", "1000,1e308"], "--params 1e+308 needs at least 1.20e+300 GB of "
+     "memory per rank; this machine has "),
+    (["allreduce", "--params", "1e308"], "--params 1e+308 with --batch-size 16 needs at least "
+     "2.00e+300 GB of memory per rank; this machine has "),
+    (["allreduce", "--batch-size", "1e308"], "--params 10000000 with --batch-size 1e+308 needs "
+     "at least 2.53e+303 GB of memory per rank; this machine has "),
+    # Zero bytes per bucket: every rank's error after MPI started.
+    (["allreduce", "--bucket-mb", "1e-308"],
+     "--bucket-mb 1e-308: less than one byte (MiB are 2**20 bytes)"),
+])
+def test_what_cannot_fit_is_refused_before_mpi(monkeypatch, argv, message):
+    """``validate``: the sizes' memory, before MPI starts (here: 2 ranks of Open MPI)."""
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    args = parse(*argv)
+    with pytest.raises(UsageError) as e:
+        importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
+    assert str(e.value).startswith(message) and str(e.value).endswith(" GB") \
+        or str(e.value) == message
 
 
 @pytest.mark.parametrize("where, message", [("missing/x.json", "no folder"), ("", "is a folder")])

@@ -8,6 +8,7 @@ directly.
 import importlib
 import json
 import os
+import re
 import shutil
 import sys
 from types import SimpleNamespace
@@ -61,17 +62,69 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
     (["--algos", "sgd", "--lr", "-1"], "--lr: must be > 0, got -1"),
     (["--algos", "sgd,../etc"], "--algos 'sgd,../etc'"),
     (["--algos", "sgd,foo"], "--algos 'sgd,foo': unknown algorithm 'foo'; this hpctrain has: sgd,"),
-    (["--algos", "sgd", "--timeout", "nan"], "--timeout nan"),
+    (["--algos", "sgd", "--timeout", "nan"], "--timeout: 'nan' is not a finite number"),
+    # The timer's thread failed (OverflowError) and no run was ever stopped.
+    (["--algos", "sgd", "--timeout", "1e308"], "--timeout: must be <= 1e+06, got 1e308"),
     (["--algos", "sgd", "--launcher", "no-such-launcher -n {np}"],
      "launcher 'no-such-launcher' not found"),
-    (["--algos", "sgd", "--workers", "0"], "--workers 0"),
+    (["--algos", "sgd", "--workers", "0"], "--workers: must be >= 1, got 0"),
+    # mpirun -np 99999999999999999999 before: a failed row, at best.
+    (["--algos", "ssgd", "--workers", "99999999999999999999", *SMALL],
+     "--workers 1e+20 but only 2048 training samples in synthetic"),
+    (["--algos", "sgd", "--simulate", "1e308"],
+     "--simulate 1e+308: must be in [1, 1e+06] virtual workers"),
+    # A ValueError (exit 1) before; and '' was the default launcher.
+    (["--algos", "sgd", "--launcher", "mpirun -np {np} '"],
+     "--launcher \"mpirun -np {np} '\": No closing quotation"),
+    (["--algos", "sgd", "--launcher", ""], "--launcher '' is empty"),
+    (["--algos", "sgd", "--targets", "0.8,,0.9"], "--targets '0.8,,0.9': an empty entry"),
     (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
     (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
-    with pytest.raises(UsageError, match=pattern.replace("{", r"\{").replace(".", r"\.")):
+    with pytest.raises(UsageError, match=re.escape(pattern)):
         compare.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_path):
+    """"" wrote the comparison into the working folder; under a file, or where no folder can
+    be made, was a NotADirectoryError or FileNotFoundError (exit 1)."""
+    (tmp_path / "file").write_text("")
+    for out, message in (("", "--out '' is empty: give a folder"),
+                         (str(tmp_path / "file" / "cmp"),
+                          f"--out {tmp_path}/file/cmp: {tmp_path}/file is a file, not a folder")):
+        with pytest.raises(UsageError) as e:
+            compare.plan(parse("--algos", "sgd", "--out", out))
+        assert str(e.value) == message
+    args = parse("--algos", "sgd", "--out", "/proc/cmp")
+    with pytest.raises(UsageError) as e:
+        compare.run(args)
+    assert str(e.value) == "--out /proc/cmp: cannot make the folder (No such file or directory)"
+
+
+def test_targets_are_each_once():
+    assert report.parse_targets("0.8,0.9,0.8") == [0.8, 0.9]
+
+
+def test_resume_refuses_other_simulator_options(tmp_path):
+    """A simulated comparison resumed with another network, or as real jobs, mixed rows of
+    both in one report (exit 0)."""
+    out = tmp_path / "cmp"
+    simulated = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--out", str(out))
+    out.mkdir()
+    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+        simulated, compare.plan(simulated)))
+    for argv, given in ((["--simulate", "2", "--latency", "1"], "simulate"),
+                        (["--workers", "2"], "real")):
+        args = parse("--algos", "sgd", *argv, "--resume", "--out", str(out))
+        with pytest.raises(UsageError) as e:
+            compare._start_record(args, compare.plan(args))
+        assert str(e.value) == f"--resume: {out} was run with --simulate 2 --latency 1e-5; " \
+            "give the same", given
+    again = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--resume", "--out",
+                  str(out))
+    assert compare._start_record(again, compare.plan(again))["sim_args"] == ["--latency", "1e-5"]
 
 
 def test_help_groups_options_by_the_algorithms_that_use_them(capsys):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 import hpctrain.sync as sync
-from hpctrain import comm, devices, launch_env, options
+from hpctrain import bench, comm, devices, launch_env, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.sync import collectives, horovod_backend, nbc_tuning
@@ -60,7 +60,7 @@ def add_arguments(parser) -> None:
                         help="untimed iterations")
     parser.add_argument("--repeats", type=options.at_least(1), default=30,
                         help="timed iterations, median kept")
-    parser.add_argument("--bucket-mb", type=options.positive(float),
+    parser.add_argument("--bucket-mb", type=bench.at_most(options.positive(float), options.HUGE),
                         default=DEFAULT_BUCKET_BYTES / 2**20,
                         help="mpi backend fusion bucket size (MiB)")
     parser.add_argument("--keep-grads", action="store_true",
@@ -82,9 +82,23 @@ def add_arguments(parser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Before MPI starts: a GPU must be there for --device cuda; Adasum needs 2^m ranks."""
+    """Before MPI starts: a GPU must be there for --device cuda; Adasum needs 2^m ranks; a
+    bucket holds a byte at least; the models and batches fit in memory."""
     if args.device == "cuda":
         devices.check("cuda")
+    if int(args.bucket_mb * 2**20) < 1:
+        raise UsageError(f"--bucket-mb {args.bucket_mb:g}: less than one byte (MiB are "
+                         f"2**20 bytes)")
+    # At least: the baseline's model and a variant's, each with its gradients, the flat
+    # buffer of the raw Allreduce, and each layer's activations of the batch.
+    need = {p: 4 * (5 * _LAYERS * (_width(p) ** 2 + _width(p))
+                    + _LAYERS * args.batch_size * _width(p)) for p in args.params}
+    largest = max(need, key=need.get)
+    have, where = bench.memory(), "this machine has"
+    if args.device == "cuda":
+        have, where = torch.cuda.get_device_properties(0).total_memory, "the GPU has"
+    bench.check_memory(f"--params {options.shown(largest)} with --batch-size "
+                       f"{options.shown(args.batch_size)}", need[largest], have, where)
     seat = launch_env.from_launcher()
     if args.adasum and seat is not None and seat.size & (seat.size - 1):
         raise UsageError(f"--adasum needs a power-of-2 number of ranks, got {seat.size}")

@@ -30,10 +30,11 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, mpirun, registry
-from hpctrain.bench import report
+from hpctrain import arguments, checkpoint, data, mpirun, registry
+from hpctrain.bench import at_most, report
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import write_json_atomic
+from hpctrain.options import HUGE, at_least, shown
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
 from hpctrain.summary import read as read_summary
@@ -87,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
                                  "dcasgd-a,ma,ec (this hpctrain has: "
                                  f"{', '.join(registry.names())})"),
-        parser.add_argument("--workers", type=int, default=4,
+        parser.add_argument("--workers", type=at_least(1), default=4,
                             help="processes per run (sgd always runs on one)"),
         parser.add_argument("--targets", default="0.8,0.85",
                             help="test accuracies whose time to reach the report gives"),
@@ -98,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "allocation, else $HPCTRAIN_MPIRUN -np {np}, else mpirun (Open "
                                  "MPI's: with --allow-run-as-root and --oversubscribe only "
                                  "where needed)"),
-        parser.add_argument("--timeout", type=float, default=0.0,
+        parser.add_argument("--timeout", type=at_most(at_least(0, float), HUGE), default=0.0,
                             help="seconds after which a run is stopped and reported failed "
                                  "(0: none)"),
         parser.add_argument("--resume", action="store_true",
@@ -106,7 +107,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "continue those that left checkpoints, run the others"),
         parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
                             help="output folder (DIR)"),
-        parser.add_argument("--simulate", type=int, default=None, metavar="K",
+        parser.add_argument("--simulate", type=at_least(1), default=None, metavar="K",
                             help="simulate every run with K virtual workers in one process "
                                  "(hpctrain simulate; sgd: one) instead of launching jobs; "
                                  "--workers and --launcher are then not used"),
@@ -185,10 +186,34 @@ def default_launcher(np: int) -> str:
 
 def launcher_command(template: str | None, np: int) -> list[str]:
     """The words that start ``np`` processes, from ``template`` (or the default)."""
+    if template is not None and not template.strip():  # not the default in disguise
+        raise UsageError(f"--launcher {template!r} is empty: give a command with {{np}}, or "
+                         "leave --launcher out for the default")
     template = template or default_launcher(np)
     if "{np}" not in template:
         raise UsageError(f"--launcher {template!r}: no {{np}} where the process count goes")
-    return shlex.split(template.replace("{np}", str(np)))
+    try:
+        return shlex.split(template.replace("{np}", str(np)))
+    except ValueError as e:  # an unclosed quote
+        raise UsageError(f"--launcher {template!r}: {e}") from None
+
+
+def simulator_words(args: argparse.Namespace) -> list[str]:
+    """The simulator's options the user gave, as the words that pass them on."""
+    return [w for opt in args.sim_options if hasattr(args, opt.dest)
+            for w in (opt.flag, getattr(args, opt.dest))]
+
+
+def _check_out(out: str) -> None:
+    """``--out`` must be a folder that can be made: not "" (the working folder), not a file,
+    nor under one (found when the first run starts, after the others were planned)."""
+    if not out.strip():
+        raise UsageError(f"--out {out!r} is empty: give a folder")
+    for path in (Path(out), *Path(out).parents):
+        if path.exists():
+            if not path.is_dir():
+                raise UsageError(f"--out {out}: {path} is a file, not a folder")
+            return
 
 
 def plan(args: argparse.Namespace) -> list[Run]:
@@ -201,22 +226,23 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if unknown:
         raise UsageError(f"--algos {args.algos!r}: unknown algorithm {unknown[0]!r}; this "
                          f"hpctrain has: {', '.join(registry.names())}")
-    if args.workers < 1:
+    if args.workers < 1:  # checked while parsing too; a Python caller's namespace here
         raise UsageError(f"--workers {args.workers}: must be >= 1")
     simulate = args.simulate is not None
-    if simulate and args.simulate < 1:
-        raise UsageError(f"--simulate {args.simulate}: must be >= 1 virtual workers")
-    sim_words = [w for opt in args.sim_options if hasattr(args, opt.dest)
-                 for w in (opt.flag, getattr(args, opt.dest))]
+    if simulate and not 1 <= args.simulate <= HUGE:  # SimConfig's range, named as given here
+        raise UsageError(f"--simulate {shown(args.simulate)}: must be in [1, {HUGE:g}] virtual "
+                         "workers")
+    sim_words = simulator_words(args)
     if simulate:
         args.workers = args.simulate
     elif sim_words:
         raise UsageError(f"{sim_words[0]} is an option of the simulator: give --simulate K")
-    if not (math.isfinite(args.timeout) and args.timeout >= 0):
-        raise UsageError(f"--timeout {args.timeout}: must be >= 0 (0: none)")
+    # A timer of more than threading.TIMEOUT_MAX (9.2e9 s) fails in its thread: no timeout.
+    if not (math.isfinite(args.timeout) and 0 <= args.timeout <= HUGE):
+        raise UsageError(f"--timeout {args.timeout:g}: must be in [0, {HUGE:g}] "
+                         "(0: none)")
     report.parse_targets(args.targets)
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise UsageError(f"--out {args.out} is a file, not a folder")
+    _check_out(args.out)
     given = given_options(args)
     train_parser = _train_parser()
     runs = []
@@ -225,6 +251,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
         words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
         train_args = ["--algo", algo, *words, "--out", str(Path(args.out) / algo)]
         config = arguments.build(train_parser.parse_args(train_args))  # bad values fail here
+        if not simulate and np > 1:  # each run refuses it, but only once launched: np ranks
+            n = data.size(config.data.dataset, "train", config.data.data_dir)
+            if np > n:
+                raise UsageError(f"--workers {shown(np)} but only {n} training samples in "
+                                 f"{config.data.dataset}")
         if simulate:
             sim_args = ["--workers", str(np), *sim_words]
             sim_config = sim_arguments.build(_sim_parser().parse_args(sim_args))
@@ -355,9 +386,11 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     out = Path(args.out)
     train_args = [w for _, ws in given_options(args) for w in ws]
     path = out / report.RECORD
+    simulated = args.simulate is not None
+    sim_args = simulator_words(args)
     record = {"algos": [r.algo for r in runs], "workers": args.workers,
               "targets": report.parse_targets(args.targets), "train_args": train_args,
-              "simulated": args.simulate is not None, "runs": {}}
+              "simulated": simulated, "sim_args": sim_args, "runs": {}}
     if path.exists():
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
@@ -366,6 +399,14 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
         if (old["train_args"], old["workers"]) != (train_args, args.workers):
             raise UsageError(f"--resume: {out} was run with --workers {old['workers']} and "
                              f"options {' '.join(old['train_args']) or '(none)'}; give the same")
+        # Simulated and real runs, or simulations of other networks, are not one comparison.
+        # (A record from before "sim_args" was kept says nothing of them.)
+        old_simulated = old.get("simulated", False)
+        old_sim_args = old.get("sim_args", sim_args if old_simulated == simulated else None)
+        if (old_simulated, old_sim_args) != (simulated, sim_args):
+            was = (f"--simulate {old['workers']} " + " ".join(old_sim_args or [])).strip() \
+                if old_simulated else "real jobs (no --simulate)"
+            raise UsageError(f"--resume: {out} was run with {was}; give the same")
         record["runs"] = {a: r for a, r in old["runs"].items()
                           if r["status"] == "ok" and (out / a / "summary.json").is_file()}
     else:
@@ -382,7 +423,10 @@ def run(args: argparse.Namespace) -> dict:
     runs = plan(args)
     out = Path(args.out)
     record = _start_record(args, runs)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # nothing written yet
+        raise UsageError(f"--out {out}: cannot make the folder ({e.strerror})") from None
     for i, r in enumerate(runs, 1):
         label = f"[{i}/{len(runs)} {r.algo}]"
         if r.algo in record["runs"]:

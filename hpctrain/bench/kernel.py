@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from hpctrain import comm, kernels, options
+from hpctrain import bench, comm, kernels, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 
@@ -29,12 +29,15 @@ DESCRIPTION = ("Fused DC-ASGD update kernel against a memory copy of the same by
 THREAD_LEVEL = "single"  # no MPI
 HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
 BYTES_PER_ELEMENT = {"dcasgd-c": 16, "dcasgd-a": 24}
+# Bytes per element allocated at once, at least: w, g, w_bak, ms and dcasgd-a's copy pair.
+ALLOCATED_PER_ELEMENT = 16 + 2 * BYTES_PER_ELEMENT["dcasgd-a"] // 8 * 4
+MAX_THREADS = 4096  # as train's --threads; 100000 crashes OpenMP (segmentation fault)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--elements", type=options.at_least(1), default=16 * 2**20,
                         help="vector length (float32 elements)")
-    parser.add_argument("--threads", type=options.number_list(1), default="1,2",
+    parser.add_argument("--threads", type=options.number_list(1, MAX_THREADS), default="1,2",
                         help="comma-separated thread counts, each measured in turn")
     parser.add_argument("--repeats", type=options.at_least(1), default=10,
                         help="timed runs of each, median kept")
@@ -43,6 +46,18 @@ def add_arguments(parser) -> None:
                              "needs a CUDA device)")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the figures to this JSON file")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Before measuring: a CUDA device for --device cuda; the vectors fit in its memory."""
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("--device cuda: torch sees no CUDA device")
+        have, where = torch.cuda.get_device_properties(0).total_memory, "the GPU has"
+    else:
+        have, where = bench.memory(), "this machine has"
+    bench.check_memory(f"--elements {options.shown(args.elements)}",
+                       ALLOCATED_PER_ELEMENT * args.elements, have, where)
 
 
 def unfused(w, g, w_bak, ms, *, lr, lam, ms_decay, weight_decay):
@@ -104,9 +119,7 @@ def measure(n: int, threads: int, repeats: int, device: str) -> list[dict]:
 
 def run(args: argparse.Namespace) -> dict:
     """Measure every thread count; print a table; return the figures."""
-    threads = args.threads
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: torch sees no CUDA device")
+    threads = args.threads  # checked while parsing, the device in validate()
     rows = [r for t in threads for r in measure(args.elements, t, args.repeats, args.device)]
     print(f"fused DC-ASGD kernel, {args.elements} float32 elements, {args.device}, "
           f"median of {args.repeats} (GB/s of bytes touched)")

@@ -51,15 +51,19 @@ class Row:
 
 
 def parse_targets(text: str) -> list[float]:
-    """``"0.8,0.85"`` -> [0.8, 0.85]; each a test accuracy in (0, 1]."""
+    """``"0.8,0.85"`` -> [0.8, 0.85]; each a test accuracy in (0, 1], each once (a column
+    each); an empty entry (``"0.8,,0.9"``) is refused."""
+    words = str(text).split(",")
+    if len(words) > 1 and not all(w.strip() for w in words):
+        raise UsageError(f"--targets {text!r}: an empty entry")
     try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
+        values = [float(v) for v in words if v.strip()]
     except ValueError:
         raise UsageError(f"--targets {text!r}: not a comma-separated list of numbers") from None
     bad = [v for v in values if not 0 < v <= 1]
     if not values or bad:
         raise UsageError(f"--targets {text!r}: want accuracies in (0, 1], e.g. 0.8,0.85")
-    return values
+    return list(dict.fromkeys(values))
 
 
 def read_record(folder: str | Path) -> dict:
@@ -329,7 +333,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report in ``args.dir``; print its table and where the files are."""
     rows, targets, drawn = render(args.dir,
-                                  parse_targets(args.targets) if args.targets else None)
+                                  None if args.targets is None else parse_targets(args.targets))
     print(table(rows, targets))
     print(f"hpctrain report: {', '.join(map(str, [Path(args.dir) / REPORT, *drawn]))}")
     if not drawn:

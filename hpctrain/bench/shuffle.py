@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from hpctrain import comm, data, options
+from hpctrain import bench, comm, data, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import TrainDataSpec, make_train_data, order
@@ -44,7 +44,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--dataset", default="fashion-mnist", choices=data.DATASETS,
                         help="the data set whose training samples are reshuffled (synthetic "
                              "needs no files)")
-    parser.add_argument("--data-dir", type=options.existing_dir, default=None,
+    parser.add_argument("--data-dir", type=_folder, default=None,
                         help="folder with the data set's files (default: $HPCTRAIN_DATA, then "
                              "the system folder)")
     parser.add_argument("--partition", default="iid", choices=PARTITIONS,
@@ -52,13 +52,32 @@ def add_arguments(parser) -> None:
                              "(sorted by label)")
     parser.add_argument("--epochs", type=options.at_least(1), default=10,
                         help="timed reshuffles (and as many raw runs), after one warm-up")
-    parser.add_argument("--shuffle-chunk-mb", type=options.positive(float),
+    parser.add_argument("--shuffle-chunk-mb",
+                        type=bench.at_most(options.positive(float), options.HUGE),
                         default=DEFAULT_CHUNK_MB,
                         help="at most this many MB sent per rank per exchange round")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_seed, default=0,
                         help="seeds each epoch's permutation of the samples")
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the figures to this JSON file (rank 0)")
+
+
+def _folder(text: str) -> str:
+    """A folder that exists; not "" (which would be the working folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is empty: give a folder")
+    return options.existing_dir(text)
+
+
+def _seed(text: str) -> int:
+    """A whole number torch's generators take (64 bits, as train's --seed)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if not -2**63 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**63 - 1], got {text}")
+    return value
 
 
 def _raw_alltoallv(world, counts: np.ndarray, row_bytes: int) -> float:

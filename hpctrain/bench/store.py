@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from hpctrain import comm, kernels, options
+from hpctrain import bench, comm, kernels, options
 from hpctrain.async_ import CONSISTENCIES, ParameterStore
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
@@ -124,10 +124,13 @@ def _rate(parts: list) -> float:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Before MPI starts: at least one worker besides the server rank."""
+    """Before MPI starts: at least one worker besides the server rank; the largest model fits
+    in memory (the two-sided server holds it, a copy per worker and a gradient)."""
     if comm.env_size() < 2:
         raise UsageError(f"the store benchmark needs mpirun -np W+1 (W >= 1 workers), not "
                          f"{comm.env_size()} rank(s)")
+    largest = max(args.params)
+    bench.check_memory(f"--params {options.shown(largest)}", 4 * largest * (comm.env_size() + 1))
 
 
 def run(args: argparse.Namespace) -> dict:
