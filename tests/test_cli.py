@@ -60,6 +60,8 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--jitter", "1e308"], "--jitter 1e+308 must be in [0, 5]"),
     (["--algo", "sgd", "--slowdown", "0:1e308"], "factor 1e308 must be in [1, 1e+06]"),
     (["--algo", "ma", "--tau-epochs", "1e308"], "--tau-epochs 1e+308 must be in (0, 1e+06]"),
+    (["--algo", "sgd", "--shuffle-chunk-mb", "1e308"],
+     "--shuffle-chunk-mb 1e+308 must be in (0, 1e+06]"),
     (["--algo", "sgd", "--stall-timeout", "-1"], "--stall-timeout -1.0 must be >= 0"),
     (["--algo", "sgd", "--momentum", "1.5"], "--momentum 1.5 must be in [0, 1)"),
     (["--algo", "sgd", "--weight-decay", "-1"], "--weight-decay -1.0 must be in [0, 1e+06]"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hpctrain.errors import UsageError
+from hpctrain.options import HUGE
 
 STRATEGIES = ("global", "local", "partial:Q")
 PLACEMENTS = ("replicated", "sharded")
@@ -56,5 +57,6 @@ class TrainDataSpec:
         if self.partition not in PARTITIONS:
             raise UsageError(f"unknown --partition {self.partition!r}; choose from "
                              f"{', '.join(PARTITIONS)}")
-        if not self.shuffle_chunk_mb > 0:  # also rejects NaN
-            raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb} must be > 0")
+        if not 0 < self.shuffle_chunk_mb <= HUGE:  # also rejects NaN; MB x 2**20 is an int
+            raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb} must be in (0, "
+                             f"{HUGE:g}]")
