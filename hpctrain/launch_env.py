@@ -122,7 +122,7 @@ def replicas(num_replicas: int | None = None, rank: int | None = None,
         seat = detect(environ)
         num_replicas = seat.size if num_replicas is None else num_replicas
         rank = seat.rank if rank is None else rank
-    size, where = _whole(num_replicas), _whole(rank)
+    size, where = as_integer(num_replicas), as_integer(rank)
     if size is None or size < 1:
         raise UsageError(f"num_replicas {num_replicas!r} must be a whole number >= 1")
     if where is None or not 0 <= where < size:
@@ -130,7 +130,7 @@ def replicas(num_replicas: int | None = None, rank: int | None = None,
     return size, where
 
 
-def _whole(value) -> int | None:
+def as_integer(value) -> int | None:
     """``value`` as an int if it is an integer (numpy's too), not a bool; else None."""
     if isinstance(value, bool):
         return None

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import numbers
-import operator
 import pickle
 import sys
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import torch
 from hpctrain import comm as mpicomm
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
+from hpctrain.launch_env import as_integer
 from hpctrain.sync import adasum, nbc_tuning, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
@@ -296,16 +296,6 @@ def check_root(root_rank: Any, caller: str, process_set: ProcessSet | None = Non
     if not 0 <= root < n:
         raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the {n} processes")
     return psets.set_rank(process_set, root, caller)
-
-
-def as_integer(value: Any) -> int | None:
-    """``value`` as an int when it is an integer (numpy's too), else None (bools included)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def member(process_set: ProcessSet | None, caller: str) -> psets.Member:
