@@ -89,14 +89,20 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path):
 ])
 def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, message):
     """What ``validate`` refuses under ``mpirun -np 1``, before MPI starts."""
-    for var in ("WORLD_SIZE", "RANK"):  # torchrun's, read first
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
-    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    launched_by_open_mpi(monkeypatch, ranks=1)
     args = parse(*argv)
     with pytest.raises(UsageError) as e:
         importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
     assert str(e.value) == message
+
+
+def launched_by_open_mpi(monkeypatch, ranks: int) -> None:
+    """This process as rank 0 of ``ranks`` started by Open MPI's mpirun (validate reads the
+    launcher's variables; torchrun's are read first, so they go)."""
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", str(ranks))
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -115,10 +121,7 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
 ])
 def test_what_cannot_fit_is_refused_before_mpi(monkeypatch, argv, message):
     """``validate``: the sizes' memory, before MPI starts (here: 2 ranks of Open MPI)."""
-    for var in ("WORLD_SIZE", "RANK"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
-    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    launched_by_open_mpi(monkeypatch, ranks=2)
     args = parse(*argv)
     with pytest.raises(UsageError) as e:
         importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
