@@ -316,6 +316,15 @@ def test_train_options_the_simulator_has_no_worker_for_are_refused(tmp_path):
     assert not any((tmp_path / d).exists() for d in ("a", "b", "ck"))
 
 
+def test_more_virtual_servers_than_parameters_name_the_servers(tmp_path):
+    """The store's default shards (one per host) came from --servers 1e20: the message named
+    "shards=100000000000000000000", an option not given."""
+    many = algorithm_options("asgd")(servers=10**20)
+    with pytest.raises(UsageError, match=r"^--servers 1e\+20: more hosts of the store than "
+                                         r"the model's \d+ parameters"):
+        simulate(config("asgd", tmp_path / "a", algorithm=many), sim(2))
+
+
 @pytest.mark.parametrize("content, message", [
     ("{bad", "cannot read a step_times.json"),
     ("[1, 2]", "is not a step_times.json (hpctrain-step-times/1): it holds a JSON list"),

@@ -26,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from hpctrain import options
 from hpctrain.async_.ssp import PARKED, StalenessBound
 from hpctrain.async_.store import _COUNT, ParameterStore, default_shards, shard_bounds
 from hpctrain.errors import UsageError
@@ -42,6 +43,10 @@ class SharedStore:
                  servers: int = 0):
         numel = values.numel()
         hosts = servers or workers
+        if shards is None and default_shards(workers, hosts) > numel:  # a shard per host
+            flag = f"--servers {options.shown(servers)}" if servers else f"--workers {workers}"
+            raise UsageError(f"{flag}: more hosts of the store than the model's {numel} "
+                             "parameters to shard among them")
         shards = default_shards(workers, hosts) if shards is None else shards
         if not 1 <= shards <= numel:
             raise UsageError(f"shards={shards}: need 1 <= shards <= {numel} (the model's size)")
