@@ -201,3 +201,17 @@ def torchrun(args: list[str], nproc: int, timeout: float = 180, script: str | No
                               env={**clean, "OMP_NUM_THREADS": "1", **(env or {})})
     except subprocess.TimeoutExpired as e:
         pytest.fail(f"torchrun hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+
+
+@pytest.fixture(params=["mpi", "torch"])
+def own_backend(request):
+    """``hpctrain.sync`` started on one of hpctrain's own backends (mpi, torch), shut down
+    afterwards: for MPI tests of what both do alike (Horovod's backend is Horovod's)."""
+    import torch
+
+    import hpctrain.sync as sync
+
+    torch.set_num_threads(1)
+    sync.init(backend=request.param)
+    yield sync
+    sync.shutdown()

@@ -121,12 +121,9 @@ def test_nccl_in_one_process_moves_and_reduces_cuda_tensors():
 
 # ---------------------------------------------------------------- MPI, ranks sharing GPUs
 
-@pytest.fixture(params=["mpi", "torch"])
-def hvd(request):
-    torch.set_num_threads(1)
-    sync.init(backend=request.param)
-    yield sync
-    sync.shutdown()
+@pytest.fixture
+def hvd(own_backend):
+    return own_backend
 
 
 @mpi

@@ -636,15 +636,6 @@ def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
 
 # ---------------------------------------------------------------- bad input (mpi, torch)
 
-@pytest.fixture(params=["mpi", "torch"])
-def ours(request):
-    """hpctrain's own backends, whose argument checks are hpctrain's (Horovod's are its own)."""
-    torch.set_num_threads(1)
-    sync.init(backend=request.param)
-    yield sync
-    sync.shutdown()
-
-
 def _one_line(error: type, match: str, call) -> None:
     with pytest.raises(error, match=match) as e:
         call()
@@ -653,8 +644,9 @@ def _one_line(error: type, match: str, call) -> None:
 
 @mpi
 @timeout
-def test_bad_arguments_are_one_line_type_and_value_errors(ours):
-    hvd, n, t = ours, ours.size(), torch.ones(4)
+def test_bad_arguments_are_one_line_type_and_value_errors(own_backend):
+    """hpctrain's own backends: their argument checks are hpctrain's (Horovod's its own)."""
+    hvd, n, t = own_backend, own_backend.size(), torch.ones(4)
     for bad in ([1.0, 2.0], t.numpy(), 3.0, None):
         for call in (hvd.allreduce, hvd.allgather, hvd.alltoall, hvd.reducescatter,
                      lambda x: hvd.broadcast(x, 0)):
@@ -705,10 +697,10 @@ def test_bad_arguments_are_one_line_type_and_value_errors(ours):
 
 @mpi
 @timeout
-def test_a_rank_with_bad_arguments_fails_every_rank_instead_of_a_hang(ours):
+def test_a_rank_with_bad_arguments_fails_every_rank_instead_of_a_hang(own_backend):
     """Only rank 1's arguments are bad: it raises its own error, the others a mismatch
     naming it, at the same call (they used to wait for a call rank 1 never made)."""
-    hvd, r = ours, ours.rank()
+    hvd, r = own_backend, own_backend.rank()
     bad = r == 1
     calls = [
         ("splits must be", lambda: hvd.alltoall(torch.ones(4), splits=[1, 1] if bad
