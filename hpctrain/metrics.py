@@ -34,9 +34,21 @@ def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
     """Write ``content`` to ``path`` through a flushed and fsynced temporary file and a rename.
 
     ``durable``: also fsync the folder, so that the rename itself survives a crash (checkpoints).
-    ``midway`` runs when half is written (fault injection).
+    ``midway`` runs when half is written (fault injection). A failed write (a full disk, a
+    quota) leaves ``path`` as it was and raises the OSError with ``path`` in its message: the
+    write itself only knows a file descriptor.
     """
     path = Path(path)
+    try:
+        _write_atomic(path, content, durable, midway)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+def _write_atomic(path: Path, content: str | bytes, durable: bool,
+                  midway: Callable[[], None] | None) -> None:
     data = memoryview(content.encode() if isinstance(content, str) else content)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

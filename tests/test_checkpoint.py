@@ -2,6 +2,7 @@
 the Loaded record, the checkpoint schedule and the resume checks."""
 
 import dataclasses
+import errno
 import hashlib
 import io
 import json
@@ -9,6 +10,7 @@ import multiprocessing
 import os
 import pickle
 import random
+import resource
 import signal
 import time
 
@@ -90,6 +92,25 @@ def test_keeps_the_last_two_and_removes_stale_temporaries(tmp_path):
         write(tmp_path, i)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == ["ckpt-000000003.pt", "ckpt-000000004.pt"]
+
+
+def test_a_refused_write_names_the_file_and_keeps_the_one_before(tmp_path):
+    """The kernel refuses the write (a file-size limit here, as a full disk or a quota would):
+    the error names the checkpoint, the one before is untouched, no temporary file is left."""
+    first = write(tmp_path, 1)
+    kept = first.read_bytes()
+    assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN  # Python's own: EFBIG, no signal
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(kept) + 4096, hard))
+    try:
+        with pytest.raises(OSError) as refused:
+            write(tmp_path, 2, numel=10 * len(kept))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert refused.value.errno == errno.EFBIG
+    assert str(refused.value).endswith(f"File too large: '{tmp_path / 'ckpt-000000002.pt'}'")
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+    assert first.read_bytes() == kept
 
 
 class Evil:

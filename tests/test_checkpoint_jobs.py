@@ -4,7 +4,9 @@ reproducible by nature) resume where their checkpoint left off and finish."""
 
 import functools
 import json
+import os
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -228,6 +230,44 @@ def test_async_worker_killed_then_resumed(tmp_path):
 
 def error_lines(proc) -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
+
+
+def mount_tmpfs(folder, kib: int, remount: bool = False) -> bool:
+    """A file system of ``kib`` KiB at ``folder`` (a tmpfs: root only), or a new size for it."""
+    options = ("remount," if remount else "") + f"size={kib}k"
+    return os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+        capture_output=True).returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_disk_full_then_resumed_with_room_equals_uninterrupted(tmp_path, straight, killed_sgd):
+    """The killed run resumed on a disk with 64 KiB to spare: the first output it writes fills
+    the disk, the job ends with one line naming that file, and nothing it had is lost; with
+    room again it resumes from the same checkpoint and ends as if never interrupted."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    files = [p for p in killed_sgd.rglob("*") if p.is_file()]
+    pages = sum(-(-p.stat().st_size // 4096) for p in files)
+    if not mount_tmpfs(disk, 4 * pages + 64):
+        pytest.skip("cannot mount a small tmpfs (needs root) to fill up")
+    try:
+        out = disk / "run"
+        shutil.copytree(killed_sgd, out)
+        # All but config.json, which each attempt writes anew (with its own options)
+        kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
+        proc = train(out, "sgd", 0, "--checkpoint-every", "1e", "--resume", str(out))
+        assert proc.returncode == 1, proc.stderr
+        errors = [line for line in error_lines(proc) if line.startswith("hpctrain: error")]
+        assert len(errors) == 1 and "No space left on device: '" + str(out) in errors[0], \
+            proc.stderr
+        assert [p.name for p, b in kept.items() if p.read_bytes() != b] == []
+        assert not [p for p in out.rglob("*.tmp")]
+        assert mount_tmpfs(disk, 64 * 1024, remount=True)
+        resume(out, "sgd", 0, "--checkpoint-every", "1e")
+        assert_same_run(out, straight("sgd", 0))
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.timeout(120)
