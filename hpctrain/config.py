@@ -85,6 +85,8 @@ class DataConfig:
         # The Python API may give the loading function itself: kept as its reference.
         object.__setattr__(self, "dataset", plugins.reference_to("--dataset", self.dataset))
         check_fields(self)
+        if self.data_dir is not None and not self.data_dir.strip():  # "": the search path
+            raise UsageError(f"--data-dir {self.data_dir!r} is empty: give a folder")
         userdata.dataset_name(self.dataset, UsageError)
         self.spec(0)  # the shuffle package's own checks
 

@@ -194,6 +194,7 @@ def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
     (lambda: OptimConfig(lr_milestones=[3, 3]),  # gamma applied twice at epoch 3
      "--lr-milestones 3,3: milestones must be increasing"),
     (lambda: hpctrain.algorithm_options(["ma"]), "unknown algorithm ['ma']; choose from sgd"),
+    (lambda: configs.DataConfig(data_dir=""), "--data-dir '' is empty: give a folder"),
     # Checkpoint folders: strings, not empty (the working folder).
     (lambda: configs.CheckpointConfig(dir=3), "--checkpoint-dir 3 must be a string"),
     (lambda: configs.CheckpointConfig(resume=""), "--resume '' is empty: give a folder"),
