@@ -659,6 +659,8 @@ def test_bad_arguments_are_one_line_type_and_value_errors(own_backend):
     _one_line(ValueError, "needs a dense tensor", lambda: hvd.allreduce(t.to_sparse()))
     _one_line(ValueError, "op=Max cannot reduce complex", lambda: hvd.allreduce(
         t.to(torch.complex64), op=hvd.Max))
+    for reduce in (hvd.allreduce, hvd.reducescatter):  # on every backend, as Horovod
+        _one_line(ValueError, "cannot reduce torch.bool tensors", lambda r=reduce: r(t.bool()))
     for op in ("sum", 1.0, True):
         _one_line(TypeError, f"op must be one of .* got {op!r}", lambda o=op: hvd.allreduce(
             t, op=o))

@@ -373,9 +373,8 @@ def check_op(op: ReduceOp, tensor: torch.Tensor, m: psets.Member, caller: str) -
     if tensor.is_complex() and op in (Min, Max):  # no order on complex numbers
         raise UsageError(f"{caller}: op={op.name} cannot reduce complex tensors "
                          f"({tensor.dtype}); use Sum, Average or Product")
-    if tensor.dtype == torch.bool and m.transport.name == "mpi":
-        raise UsageError(f"{caller}: the mpi backend cannot reduce torch.bool tensors (MPI has "
-                         "no boolean reduction); use an integer dtype")
+    if tensor.dtype == torch.bool:  # MPI has no boolean reduction; Horovod refuses them too
+        raise UsageError(f"{caller}: cannot reduce torch.bool tensors; use an integer dtype")
 
 
 def check_reduction(tensor: Any, op: Any, average: Any, prescale: Any, postscale: Any,
