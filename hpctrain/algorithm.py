@@ -87,6 +87,9 @@ class Algorithm:
     # "replicated": every rank holds the same model and snapshots it; "per_rank": each its own
     # (ma, ec); "root": rank 0 snapshots, the others receive them for evaluation (async).
     snapshots: ClassVar[str] = "replicated"
+    # Every worker makes the same updates, together (the hooks' defaults); False: workers run
+    # on their own and count global progress (asynchronous algorithms, their own per_epoch).
+    lock_step: ClassVar[bool] = True
     summary_fields: ClassVar[dict[str, str]] = {}
     optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS  # the --optimizer values it takes
 

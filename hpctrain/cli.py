@@ -14,7 +14,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from hpctrain import arguments, comm, compiled, devices, horovodrun, run
+from hpctrain import arguments, checkpoint, comm, compiled, devices, horovodrun, run
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
@@ -85,8 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args: argparse.Namespace) -> dict:
     """``hpctrain train``: the configuration from the options, checked before MPI starts."""
-    summary = run.train(arguments.build(args))  # checked before MPI starts
     rank = comm.env_rank()  # the launcher's rank: under torchrun MPI would say 0 everywhere
+    checkpoint.stop.install()  # SIGUSR1: a checkpoint and a stop where the run can, else nothing
+    try:
+        summary = run.train(arguments.build(args))  # checked before MPI starts
+    except checkpoint.Stopped as stopped:  # every worker, after the same checkpoint
+        if rank == 0:
+            print(f"hpctrain: {stopped}", file=sys.stderr, flush=True)
+        sys.exit(checkpoint.stop.EXIT_STATUS)
     if rank == 0:
         print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
     if summary.get("stopped_on_collapse"):  # every rank: a non-zero exit, outputs kept

@@ -63,7 +63,7 @@ def split_world(world, config):
 
 def serve(world, model, test_set) -> None:
     """The evaluating rank: score each snapshot rank 0 sends, send the score back, until
-    rank 0 says it is done."""
+    rank 0 says it is done, or sends the exception that stopped the run to raise here too."""
     scored = 0
     while True:
         if not world.Iprobe(source=0, tag=_SNAPSHOT):
@@ -73,6 +73,8 @@ def serve(world, model, test_set) -> None:
         message = world.recv(source=0, tag=_SNAPSHOT)
         if message is None:
             return
+        if isinstance(message, Exception):  # the run stopped before its end, as here
+            raise message
         index, state, info = message
         watchdog.beat("evaluating snapshot", index)
         model.load_state_dict(state)
@@ -112,8 +114,7 @@ class Watch:
         self.algo, self.loss_scale = algo, loss_scale  # fp16's scale, read when logged
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0)
         self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4))
-        lock_step = type(algo).per_epoch is Algorithm.per_epoch
-        self.signal = collapse.StopSignal(comm, config.stop_on_collapse, lock_step)
+        self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
         self.stopped = False
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
         self._sent: list = []
@@ -216,15 +217,29 @@ class Watch:
         """After the loop, on every worker: the stop signal completes."""
         self.signal.close()
 
-    def curve(self, model, snapshots, comm) -> list[dict] | None:
-        """The curve scored online (every worker gets it), or None: score after training.
-        Snapshots not scored online (restored from a checkpoint) are scored now. Releases
-        the evaluating rank."""
+    def abandon(self, stopped: Exception) -> None:
+        """The run stops before its end with ``stopped`` (SIGUSR1,
+        :mod:`hpctrain.checkpoint.stop`), on every worker: the stop signal completes, the
+        evaluating rank raises ``stopped`` too, TensorBoard's file is closed. The curve is
+        made by the run that resumes."""
+        self.finish()
+        self._release(stopped)
+        if self.rank == 0:
+            self.board.close()
+
+    def _release(self, stopped: Exception | None = None) -> None:
+        """Rank 0: the evaluating rank's scores still on their way, then its last message."""
         if self.rank == 0 and self.eval_rank is not None:
             self._receive(block=len(self.scores) < len(self._sent))
             for request in self._sent:
                 request.wait()
-            self.world.send(None, dest=self.eval_rank, tag=_SNAPSHOT)
+            self.world.send(stopped, dest=self.eval_rank, tag=_SNAPSHOT)
+
+    def curve(self, model, snapshots, comm) -> list[dict] | None:
+        """The curve scored online (every worker gets it), or None: score after training.
+        Snapshots not scored online (restored from a checkpoint) are scored now. Releases
+        the evaluating rank."""
+        self._release()
         if not self.curve_online:
             return None
         points = None

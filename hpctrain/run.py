@@ -246,7 +246,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config)},
         resize=checkpoint.Resizer(num_samples=train_data.num_samples, batch_size=o.batch_size,
                                   workers=size, steps=steps, per_epoch=algo.per_epoch,
-                                  resize_state=algo.resize_state))
+                                  resize_state=algo.resize_state),
+        stop_on_signal=algo.lock_step)
     log = RunLog(config.out, rank)
     log.write_config({**configs.repeatable(config),
                       "run_info": {"workers": size, "device": str(s.device),
@@ -289,6 +290,13 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             ckpt.save(position, {"samples": samples, "local_steps": local_steps,
                                  "local_epoch": epoch, "i": i,
                                  "elapsed": runtime.now() - start}, snapshots)
+            if ckpt.stopping:  # SIGUSR1: a requeued job goes on from this checkpoint
+                stopped = ckpt.stopped(position)
+                profiler.close()
+                watch.abandon(stopped)
+                bar.close()
+                ckpt.close()
+                raise stopped
             algo.after_checkpoint()
             continue  # an async worker's ticket may be past the next mark too
         if index >= total:
@@ -340,6 +348,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         if watch.stop(position):
             break
     profiler.close()
+    ckpt.close()
     step_times.finish(runtime.now())
     busy = runtime.now() - start
     peak = runtime.peak_memory(s.device)  # training's, before evaluation

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
-_LAUNCHES = ("run_job(", "run_commands(", "run_program(", "subprocess.", "mpirun(",
-             "torchrun(", "sbatch", "srun")
+_LAUNCHES = ("run_job(", "start_job(", "run_commands(", "run_program(", "subprocess.",
+             "mpirun(", "torchrun(", "sbatch", "srun")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
@@ -119,6 +119,14 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
     """Run ``hpctrain <args>`` on ``np`` ranks of ``mpi`` (plain process if np == 0); fail on
     timeout."""
     return _launch(HPCTRAIN + args, np, timeout, env, mpi_args, mpi)
+
+
+def start_job(args: list[str], np: int) -> subprocess.Popen:
+    """``hpctrain <args>`` on ``np`` ranks of Open MPI, started and left running (to signal
+    it); the caller waits for it with a timeout, and kills it in a ``finally``."""
+    return subprocess.Popen(mpirun(np) + HPCTRAIN + args, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
 def run_program(program: list[str], np: int = 0, timeout: float = 120, env: dict | None = None,

@@ -207,6 +207,32 @@ def test_loaded_fields(tmp_path):
     assert resumed.next_due == 20 and resumed.summary()["resumed_from_updates"] == [10]
 
 
+@pytest.mark.parametrize("every", ["1e", "600"])
+def test_sigusr1_makes_a_checkpoint_due_at_the_next_update_and_stops(tmp_path, every):
+    """Only where the loop asked for it; its handler is put back after the loop."""
+    def checkpointer(stop_on_signal: bool) -> checkpoint.Checkpointer:
+        return checkpoint.Checkpointer(None, 10, 40, shared={}, every=every,
+                                       folder=tmp_path, resume=None, stop_on_signal=stop_on_signal,
+                                       header={"algo": "sgd", "ranks": 1, "args": {}})
+
+    before = signal.signal(signal.SIGUSR1, signal.SIG_DFL)  # as in a fresh process
+    try:
+        checkpointer(stop_on_signal=False)  # asynchronous loops: no handler
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+        ckpt = checkpointer(stop_on_signal=True)
+        assert not ckpt.due(3) and not ckpt.stopping
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert ckpt.due(4) and ckpt.stopping
+        stopped = ckpt.stopped(4)
+        assert (stopped.updates, stopped.total) == (4, 40)
+        assert str(stopped) == (f"stopped by SIGUSR1 after the checkpoint of update 4 of 40 "
+                                f"in {tmp_path}; continue with --resume")
+        ckpt.close()
+        assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGUSR1, before)
+
+
 def a_run(folder, algo="sgd", ranks=2, **config) -> None:
     """A run's checkpoint in ``folder``, as a Checkpointer writes its header."""
     checkpoint.save(folder, 5, {"x": 1}, {"algo": algo, "ranks": ranks, "workers": ranks,

@@ -5,12 +5,15 @@ reproducible by nature) resume where their checkpoint left off and finish."""
 import functools
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
-from conftest import refusal, run_commands, run_job
+from conftest import refusal, run_commands, run_job, start_job
 
 from hpctrain import checkpoint
 
@@ -130,6 +133,34 @@ def test_ssgd_2_killed_every_few_seconds_resumed_twice(tmp_path, straight):
     # The second run wrote a checkpoint before its kill unless its 75 steps took < 0.1 s.
     assert summary["resumed_from_updates"][0] == first
     assert len(summary["resumed_from_updates"]) in (1, 2)
+
+
+@pytest.mark.timeout(300)
+def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_path, straight):
+    """A time limit's warning (Slurm's --signal, passed on to mpirun) after the first
+    checkpoint: every rank takes part in the next update's checkpoint and the job ends with
+    status 5 and one line; --resume goes on from it to the uninterrupted run's model."""
+    out = tmp_path / "run"
+    job = start_job(options(out, "ssgd", "--checkpoint-every", "0.5e"), np=2)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.listing(out / "checkpoints"):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 5, stderr
+    stops = [line for line in stderr.splitlines() if line.startswith("hpctrain: stopped")]
+    assert len(stops) == 1, stderr
+    updates = int(re.search(r"by SIGUSR1 after the checkpoint of update (\d+) of", stops[0])[1])
+    assert stops[0].endswith(f"in {out / 'checkpoints'}; continue with --resume")
+    assert checkpoint.listing(out / "checkpoints")[0].name == f"ckpt-{updates:09d}.pt"
+    assert not (out / "summary.json").exists()
+    proc = resume(out, "ssgd", 2, "--checkpoint-every", "0.5e")
+    assert f"update {updates})" in proc.stderr
+    assert_same_run(out, straight("ssgd", 2))
 
 
 @pytest.mark.timeout(300)

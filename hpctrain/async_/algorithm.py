@@ -80,6 +80,7 @@ class ASGD(Algorithm):
     # asynchrony adds momentum of its own); the DC-ASGD paper's algorithm has none.
     defaults = {"lr": 0.1, "momentum": 0.0}
     snapshots = "root"
+    lock_step = False
     optimizers = ("sgd",)  # the update is the store's push (DC-ASGD's rule), not torch's
     summary_fields = {
         "servers": "ranks that only hosted the store",

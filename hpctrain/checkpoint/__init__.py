@@ -32,7 +32,9 @@ By concern:
   values: the command line declares the options;
 - :mod:`~hpctrain.checkpoint.resize`: :class:`Resizer`, the rules that carry per-worker state
   over when a run resumes on another number of workers;
-- :mod:`~hpctrain.checkpoint.checkpointer`: :class:`Checkpointer`, used by the training loops.
+- :mod:`~hpctrain.checkpoint.checkpointer`: :class:`Checkpointer`, used by the training loops;
+- :mod:`~hpctrain.checkpoint.stop`: SIGUSR1, a checkpoint and a stop before a time limit
+  (:class:`Stopped`).
 """
 
 from hpctrain.checkpoint.checkpointer import Checkpointer
@@ -51,10 +53,11 @@ from hpctrain.checkpoint.format import FORMAT, CorruptCheckpoint, encode, load, 
 from hpctrain.checkpoint.policy import AUTO, MAY_CHANGE, Every, Resolved, check, parse_every
 from hpctrain.checkpoint.resize import Resize, Resizer
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
+from hpctrain.checkpoint.stop import Stopped
 
 __all__ = [
     "AUTO", "FORMAT", "KEEP", "MAY_CHANGE", "SUBDIR", "Checkpointer", "CorruptCheckpoint", "Every",
-    "Loaded", "Resize", "Resizer", "Resolved", "check", "encode", "listing", "load",
+    "Loaded", "Resize", "Resizer", "Resolved", "Stopped", "check", "encode", "listing", "load",
     "load_newest", "newest", "parse_every", "read_header", "resolve", "rng_state", "run_folder",
     "save", "set_rng_state",
 ]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from hpctrain import faults
+from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.folder import Loaded, newest, save
 from hpctrain.checkpoint.format import _header_of, encode
 from hpctrain.checkpoint.policy import Every
@@ -29,6 +30,8 @@ from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
+
+_LATE, _STOP = 1, 2  # the bits of rank 0's verdict (Checkpointer._verdict)
 
 
 class Checkpointer:
@@ -42,7 +45,10 @@ class Checkpointer:
 
     ``every`` (``--checkpoint-every``; None: never) ``Ne`` makes one due each time the update
     count passes a multiple of N epochs (``steps`` updates each); ``N`` seconds, when rank 0's
-    clock says so (lock-step loops only: the verdict is a broadcast per step). Checkpoints go to
+    clock says so (lock-step loops only: the verdict is a broadcast per step). With
+    ``stop_on_signal`` (lock-step loops) SIGUSR1 on rank 0 makes one due at the next update
+    and sets :attr:`stopping`: the loop saves it and raises :meth:`stopped`
+    (:mod:`~hpctrain.checkpoint.stop`); call :meth:`close` after the loop. Checkpoints go to
     ``folder``; ``resume`` is the folder to resume from (None: a fresh run). ``header``: what
     each checkpoint's header records about the run (``algo``, ``ranks``, ``args``: the run's
     configuration that :func:`~hpctrain.checkpoint.policy.check` compares); ``workers`` (the
@@ -54,8 +60,8 @@ class Checkpointer:
     def __init__(self, comm, steps: int, total_steps: int, *, shared: dict,
                  per_rank: dict | None = None, per_rank_snapshots: bool = False,
                  every: str | None, folder: Path, resume: str | None, header: dict,
-                 resize: Callable[[dict, list[dict]], tuple[list[dict], Resize]] | None = None
-                 ) -> None:
+                 resize: Callable[[dict, list[dict]], tuple[list[dict], Resize]] | None = None,
+                 stop_on_signal: bool = False) -> None:
         self.comm, self.steps, self.total = comm, steps, total_steps
         self.snapshots_per_rank = per_rank_snapshots
         self.rank = comm.Get_rank() if comm is not None else 0
@@ -78,6 +84,10 @@ class Checkpointer:
         self.resize = resize
         self.last = time.perf_counter()
         self._request, self._flag = None, np.zeros(1, np.uint8)
+        self.on_signal = self.enabled and stop_on_signal
+        self.stopping = False  # the last due(): checkpoint, then stop (SIGUSR1)
+        # Installed here unless hpctrain train has (from its start); put back by close().
+        self._handler = stop.install() if self.on_signal and not stop.installed() else None
 
     def restore(self, snapshots: list, found: Loaded | None = None) -> dict:
         """With ``resume``: load the newest valid checkpoint (``found``: what rank 0 already
@@ -141,27 +151,50 @@ class Checkpointer:
         return ranks, refs, restored, record
 
     def due(self, updates: int) -> bool:
-        """Whether a checkpoint is due after update ``updates`` (collective in seconds mode)."""
+        """Whether a checkpoint is due after update ``updates`` (collective in seconds mode and
+        with ``stop_on_signal``)."""
         if not self.enabled:
             return False
-        if self.by_progress:
-            # Only marks within the run count: async workers stop at the total, so a mark past
-            # it would keep some of them waiting at the checkpoint's barrier.
-            return self.next_due <= self.total and updates >= self.next_due
+        # Only marks within the run count: async workers stop at the total, so a mark past
+        # it would keep some of them waiting at the checkpoint's barrier.
+        marked = self.by_progress and self.next_due <= self.total and updates >= self.next_due
+        if self.by_progress and not self.on_signal:
+            return marked
+        verdict = self._verdict(updates)
+        self.stopping = bool(verdict & _STOP)
+        return marked or bool(verdict)
+
+    def _verdict(self, updates: int) -> int:
+        """Rank 0's word on update ``updates``, the same on every rank: _LATE (seconds mode:
+        the interval has passed) and _STOP (SIGUSR1 came) bits."""
         if self.comm is None or self.workers == 1:
-            return time.perf_counter() - self.last >= self.every
-        # Rank 0's clock decides; its verdict travels in a 1-byte Ibcast overlapped with the
-        # next step, so all ranks checkpoint at the same update without a blocking message.
-        due = False
+            return self._rank0_verdict()
+        # Rank 0's verdict travels in a 1-byte Ibcast overlapped with the next step, so all
+        # ranks checkpoint at the same update without a blocking message.
+        verdict = 0
         if self._request is not None:
             self._request.Wait()
-            due = bool(self._flag[0])
+            verdict = int(self._flag[0])
             self._request = None
-        if updates < self.total:  # the verdict for the next update (none after the last)
-            late = time.perf_counter() - self.last >= self.every
-            self._flag[0] = self.rank == 0 and late and not due
+        # The verdict for the next update: none after the last, after a stop, or right after a
+        # checkpoint (the clock restarts when it is written).
+        if updates < self.total and not verdict & _STOP:
+            self._flag[0] = self._rank0_verdict() if self.rank == 0 and not verdict else 0
             self._request = self.comm.Ibcast(self._flag, root=0)
-        return due
+        return verdict
+
+    def _rank0_verdict(self) -> int:
+        late = not self.by_progress and time.perf_counter() - self.last >= self.every
+        return (_LATE if late else 0) | (_STOP if self.on_signal and stop.received() else 0)
+
+    def stopped(self, updates: int) -> stop.Stopped:
+        """What ends the run after the checkpoint of ``updates`` when :attr:`stopping`."""
+        return stop.Stopped(updates, self.total, str(self.folder))
+
+    def close(self) -> None:
+        """After the loop (or before raising :meth:`stopped`): SIGUSR1's handler as it was."""
+        stop.restore(self._handler)
+        self._handler = None
 
     def save(self, updates: int, counters: dict, snapshots: list) -> None:
         """Write the checkpoint of update ``updates`` (collective; rank 0 writes). ``counters``:

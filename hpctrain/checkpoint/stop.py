@@ -1,0 +1,69 @@
+"""SIGUSR1: write a checkpoint at the next update and stop, so that a job can requeue itself
+before its time limit instead of losing what it trained since its last checkpoint.
+
+A batch system warns a job ahead of its limit with a signal (Slurm: ``#SBATCH
+--signal=B:USR1@300`` sends SIGUSR1 to the batch script 300 s before; ``slurm/train.sbatch``
+passes it on to the launcher, and mpirun, mpiexec and srun forward it to every rank). The
+handler only records it; the lock-step loop acts on it at an update boundary, once rank 0's
+verdict has reached every rank (:meth:`~hpctrain.checkpoint.Checkpointer.due`): every rank
+takes part in the checkpoint of that update and raises :class:`Stopped`, which ``hpctrain
+train`` turns into exit status :data:`EXIT_STATUS`. The job then requeues itself and
+``--resume auto`` goes on from that checkpoint.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+SIGNAL = signal.SIGUSR1
+EXIT_STATUS = 5  # hpctrain train stopped on SIGNAL after a checkpoint: requeue to go on
+
+_received = False
+
+
+def install() -> object:
+    """Record SIGNAL from now on (not the default: ending the process), forgetting one recorded
+    before; return the handler it replaced, for :func:`restore`. Only the main thread may
+    handle signals: elsewhere (``hpctrain.train`` called in a thread) nothing is installed and
+    None is returned. ``hpctrain train`` installs it first thing, so that a run that cannot
+    stop on SIGNAL (no checkpoints, an asynchronous algorithm) is not ended by it either."""
+    global _received
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    _received = False
+    return signal.signal(SIGNAL, _record)
+
+
+def installed() -> bool:
+    """Whether SIGNAL is being recorded."""
+    return signal.getsignal(SIGNAL) is _record
+
+
+def restore(previous: object) -> None:
+    """Put back the handler :func:`install` replaced."""
+    if previous is not None:
+        signal.signal(SIGNAL, previous)
+
+
+def _record(signum, frame) -> None:
+    global _received
+    _received = True
+
+
+def received() -> bool:
+    """Whether SIGNAL came since :func:`install`."""
+    return _received
+
+
+class Stopped(Exception):
+    """The run stopped on SIGNAL after the checkpoint of update ``updates`` of ``total``, in
+    ``folder``; it goes on with ``--resume``."""
+
+    def __init__(self, updates: int, total: int, folder: str) -> None:
+        super().__init__(f"stopped by SIGUSR1 after the checkpoint of update {updates} of "
+                         f"{total} in {folder}; continue with --resume")
+        self.updates, self.total, self.folder = updates, total, folder
+
+    def __reduce__(self):  # sent to an evaluating rank (--eval-rank), which raises it too
+        return Stopped, (self.updates, self.total, self.folder)
