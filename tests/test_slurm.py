@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -338,6 +339,34 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
     assert 0.0 <= summary["final_test_acc"] <= 1.0
 
 
+@pytest.mark.timeout(660)  # two attempts, the wait between them
+def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(slurm):
+    """What ``#SBATCH --signal=B:USR1@300`` does ahead of the time limit, sent at once
+    (``scancel --batch --signal=USR1``): the script passes SIGUSR1 to mpirun, the run writes
+    a checkpoint at the next update and exits with status 5, the script requeues the job,
+    and the second attempt goes on from that checkpoint to the end."""
+    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+               "--open-mode=append"]  # both attempts' lines in the log
+    job, work = submit(slurm, "train.sbatch", options,
+                       ["--algo", "ssgd", *SYNTHETIC, "--epochs", "4", "--checkpoint-every",
+                        "0.25e"], JOB_ENV)
+    out = work / "runs" / f"train-{job}"
+    deadline = time.monotonic() + 240
+    while not list((out / "checkpoints").glob("ckpt-*")):
+        assert job_fields(slurm, job)["JobState"] in RUNNING_STATES, job_log(work, job)
+        assert time.monotonic() < deadline, slurm.diagnosis(work, job)
+        time.sleep(0.05)
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    again = _wait_for_attempt(slurm, job, work, "(restart 1)", "after SIGUSR1")
+    log = job_log(work, job)
+    assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
+    stopped = re.search(r"stopped by SIGUSR1 after the checkpoint of update (\d+) of (\d+)", log)
+    assert stopped and f"requeueing job {job}" in log, log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [int(stopped[1])]
+    assert summary["updates"] == int(stopped[2]) > int(stopped[1])
+
+
 def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -> dict:
     """``scontrol requeue`` an ended ``job``; its fields once the second attempt (whose log
     has ``started``) has ended."""
@@ -349,6 +378,12 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
            .stdout.strip()) != "idle" and time.monotonic() < deadline:
         time.sleep(0.5)
     cluster.run("scontrol", "requeue", job)
+    return _wait_for_attempt(cluster, job, work, started, f"node {node!r} at the requeue")
+
+
+def _wait_for_attempt(cluster: LocalSlurm, job: str, work: Path, started: str,
+                      note: str = "") -> dict:
+    """The fields of requeued ``job`` once its attempt whose log has ``started`` has ended."""
     # Slurm holds a requeued job back for a while (BeginTime): let it start at once. The state
     # passes through terminal-looking ones while the requeue settles, so the second attempt is
     # over only once its own first line is in the log and the job has ended.
@@ -360,8 +395,7 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
         if started in job_log(work, job) and again["JobState"] not in RUNNING_STATES:
             return again
         assert time.monotonic() < deadline, \
-            f"requeued job not done in 240 s (node {node!r} at the requeue): {again}\n" \
-            f"{cluster.diagnosis(work, job)}"
+            f"requeued job not done in 240 s ({note}): {again}\n{cluster.diagnosis(work, job)}"
         time.sleep(0.5)
 
 
