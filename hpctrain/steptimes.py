@@ -87,6 +87,14 @@ def read(path: str | Path) -> Record:
     rest = _times(path, doc["rest"]) if "rest" in doc else None
     if rest is not None and [len(w) for w in rest] != [len(w) for w in workers]:
         raise UsageError(f"{path}: need one rest per step time for every worker")
+    # A worker of a real run may have made no step (an async worker that never got a ticket,
+    # with a batch larger than its data): it has no times to replay, and is left out.
+    stepped = [k for k, w in enumerate(workers) if w]
+    if not stepped:
+        raise UsageError(f"{path}: no worker recorded a step (a run that trained nothing); "
+                         "need at least one finite step time >= 0")
+    workers = [workers[k] for k in stepped]
+    rest = None if rest is None else [rest[k] for k in stepped]
     return Record(workers, rest)
 
 
@@ -95,7 +103,6 @@ def _times(path: Path, lists) -> list[list[float]]:
         workers = [[float(t) for t in w] for w in lists]
     except (TypeError, ValueError):  # not a list of lists of numbers
         workers = []
-    if not workers or any(not w for w in workers) or \
-            any(not 0 <= t < math.inf for w in workers for t in w):
+    if not workers or any(not 0 <= t < math.inf for w in workers for t in w):
         raise UsageError(f"{path}: need at least one finite step time >= 0 for every worker")
     return workers

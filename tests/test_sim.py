@@ -340,6 +340,19 @@ def test_a_step_times_file_that_is_not_one_is_named(content, message, tmp_path):
         StepTimeModel(f"replay:{tmp_path}", 2)
 
 
+def test_a_worker_that_made_no_step_is_left_out_of_a_replay(tmp_path):
+    # an async worker whose batch exceeded its data never got a ticket: its list is empty
+    (tmp_path / steptimes.FILE).write_text(json.dumps({
+        "format": steptimes.FORMAT, "workers": [[], [0.5, 0.25]], "rest": [[], [0.1, 0.2]]}))
+    assert steptimes.read(tmp_path) == ([[0.5, 0.25]], [[0.1, 0.2]])
+    m = StepTimeModel(f"replay:{tmp_path}", 2)
+    assert [m.next(0), m.next(1), m.next(0)] == [0.5, 0.5, 0.25] and m.rest(0) == 0.2
+    (tmp_path / steptimes.FILE).write_text(json.dumps({
+        "format": steptimes.FORMAT, "workers": [[], []]}))
+    with pytest.raises(UsageError, match="no worker recorded a step"):
+        StepTimeModel(f"replay:{tmp_path}", 2)
+
+
 def test_step_times_record_each_steps_compute_and_rest(tmp_path):
     times = steptimes.StepTimes()
     for begin, end in ((0.0, 1.0), (1.5, 2.0), (4.0, 4.25)):

@@ -8,7 +8,8 @@
 - ``gamma:MEAN:SHAPE``: a gamma distribution of mean MEAN (SHAPE large: nearly constant;
   SHAPE 1: exponential);
 - ``replay:RUN``: the step times a real run recorded (``RUN/step_times.json``, see
-  :mod:`hpctrain.steptimes`); virtual worker k replays worker ``k mod R`` of the R recorded,
+  :mod:`hpctrain.steptimes`); virtual worker k replays worker ``k mod R`` of the R recorded
+  (a worker that made no step, which has nothing to replay, left out),
   from its first step, starting over when the record runs out. The recorded times include
   the recorded run's own ``--slowdown`` and ``--jitter`` (a real straggler's sleep is part
   of its step): replay a run without repeating them, or they count twice. With
