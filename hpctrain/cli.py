@@ -95,12 +95,7 @@ def train(args: argparse.Namespace) -> dict:
         sys.exit(checkpoint.stop.EXIT_STATUS)
     if rank == 0:
         print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
-    if summary.get("stopped_on_collapse"):  # every rank: a non-zero exit, outputs kept
-        if rank == 0:
-            print(f"hpctrain: error: stopped (--stop-on-collapse): training collapsed at update "
-                  f"{summary['collapsed_at']}: {summary['collapse_reason']}; outputs in "
-                  f"{summary['out']}", file=sys.stderr, flush=True)
-        sys.exit(STOPPED_ON_COLLAPSE)
+    _exit_if_collapsed(summary, rank)
     return summary
 
 
@@ -110,7 +105,18 @@ def simulate(args: argparse.Namespace) -> dict:
 
     summary = run_simulation(arguments.build(args), sim_arguments.build(args))
     print(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}", flush=True)
+    _exit_if_collapsed(summary, 0)
     return summary
+
+
+def _exit_if_collapsed(summary: dict, rank: int) -> None:
+    """Every rank of a run --stop-on-collapse ended: a non-zero exit (its outputs are kept)."""
+    if summary.get("stopped_on_collapse"):
+        if rank == 0:
+            print(f"hpctrain: error: stopped (--stop-on-collapse): training collapsed at update "
+                  f"{summary['collapsed_at']}: {summary['collapse_reason']}; outputs in "
+                  f"{summary['out']}", file=sys.stderr, flush=True)
+        sys.exit(STOPPED_ON_COLLAPSE)
 
 
 def info() -> None:

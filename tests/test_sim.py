@@ -171,6 +171,49 @@ def test_ssp_bound_holds_and_waits_in_virtual_time(tmp_path):
     assert max(summary["ssp_wait_s_per_worker"]) > 0.01  # virtual seconds, waiting for worker 0
 
 
+@pytest.mark.parametrize("algo", ["asgd", "ssp"])
+def test_async_workers_stop_on_collapse(tmp_path, algo):
+    # rank 0's stop signal reaches the others through the local communicator's Dup and
+    # Ibcast (an AttributeError before they had them)
+    c = config(algo, tmp_path / algo, stop_on_collapse=True, max_bad_steps=1000,
+               optim=OptimConfig(epochs=2, batch_size=64, lr=20.0))
+    summary = simulate(c, sim(4))
+    assert summary["stopped_on_collapse"] is True and summary["collapsed_at"] is not None
+    assert summary["updates"] < 2 * 32 and sum(summary["pushes_per_worker"]) == \
+        summary["updates"]
+
+
+def test_simulate_stopped_on_collapse_exits_4_as_train_does(tmp_path, capsys):
+    from hpctrain import cli
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["simulate", "--algo", "asgd", *SYNTHETIC, "--epochs", "2", "--workers", "4",
+                  "--lr", "20", "--stop-on-collapse", "--out", str(tmp_path / "run")])
+    assert stopped.value.code == cli.STOPPED_ON_COLLAPSE
+    assert "stopped (--stop-on-collapse): training collapsed" in capsys.readouterr().err
+    assert (tmp_path / "run" / "summary.json").exists()  # outputs kept
+
+
+@pytest.mark.parametrize("workers, slowdown", [(2, "1:3"), (3, "1:3")])
+def test_ssp_worker_out_of_budget_holds_nobody_back(tmp_path, workers, slowdown):
+    # Worker 0 ends S+1 pushes ahead of slow worker 1 (17 to 15 on two workers); worker 1,
+    # out of tickets, waited for rank 0's --stop-on-collapse signal before parking while
+    # rank 0 waited for worker 1's clock: stuck (a hang in a real run). It parks at once.
+    def once(name, stop):
+        c = config("ssp", tmp_path / name, stop_on_collapse=stop,
+                   stragglers=StragglerConfig(slowdown=slowdown),
+                   optim=OptimConfig(epochs=1, batch_size=64),
+                   algorithm=algorithm_options("ssp")(max_staleness=1))
+        return simulate(c, sim(workers, step_time="constant:0.01"))
+
+    stopping, plain = once("stop", True), once("plain", False)
+    assert stopping["stopped_on_collapse"] is False
+    assert max(plain["pushes_per_worker"]) - min(plain["pushes_per_worker"]) >= 2
+    waits = "ssp_wait_s_per_worker"  # the signal's Dup shifts every clock: float rounding
+    assert stopping[waits] == pytest.approx(plain[waits])
+    assert {**stopping, "out": None, waits: None} == {**plain, "out": None, waits: None}
+
+
 def test_ma_and_ec_run_the_real_aggregators(tmp_path):
     ma = simulate(config("ma", tmp_path / "ma", algorithm=algorithm_options("ma")(tau=4)),
                   sim(4))

@@ -296,10 +296,21 @@ class SSP(ASGD):
         self.bound = StalenessBound(self.store, self.options.max_staleness)
         return workers
 
+    def setup(self, s: Setup) -> None:
+        super().setup(s)
+        self.total = self.config.optim.epochs * self.per_epoch(s.steps, s.workers)  # the loop's
+
     def claim(self, position: int) -> int:
         if self.ticket is None:  # wait before claiming: a held ticket never waits on others
             self.bound.wait()
-        return super().claim(position)
+        ticket = super().claim(position)
+        if ticket >= self.total and not self.bound.parked:
+            # Out of budget: this worker pushes no more, so it parks now, not in finish().
+            # Between the loop and finish() it may block (--stop-on-collapse's signal waits
+            # for rank 0), and a worker S clocks ahead of its last clock would wait for it
+            # forever: a hang at the end of the run.
+            self.bound.park()
+        return ticket
 
     def progress(self, position: int, applied: bool) -> int:
         if applied:
@@ -314,7 +325,8 @@ class SSP(ASGD):
         return seen
 
     def finish(self, position: int) -> int:
-        self.bound.park()
+        if not self.bound.parked:  # stopped early (--stop-on-collapse): not parked in claim
+            self.bound.park()
         return super().finish(position)
 
     def checkpoint_state(self) -> tuple[dict, dict]:

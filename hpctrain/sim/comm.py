@@ -6,7 +6,9 @@ Each virtual worker gets a :class:`LocalComm` of its rank; all of them share one
 loop call the same methods they call on ``MPI.COMM_WORLD`` (or on
 :class:`hpctrain.torch_comm.TorchComm`): ``Get_rank``, ``Get_size``, ``Barrier``, ``bcast``,
 ``gather``, ``allgather``, ``scatter``, and on numpy buffers ``Bcast``, ``Allreduce`` (sum),
-``Allgatherv`` and ``Reduce_scatter`` (sum); and ``Adasum`` (ssgd's ``--reduce-op adasum``).
+``Allgatherv`` and ``Reduce_scatter`` (sum); and ``Adasum`` (ssgd's ``--reduce-op adasum``);
+``Dup`` and the non-blocking ``Ibcast`` (whose request has ``Test`` and ``Wait``), with which
+asynchronous workers receive rank 0's ``--stop-on-collapse`` signal.
 A collective is complete when every worker has reached it: the last to arrive computes the
 result (deterministically: ``Allreduce`` adds in Open MPI's recursive-doubling order,
 ``Reduce_scatter`` in rank order), and every worker continues at the latest arrival plus the
@@ -51,6 +53,10 @@ class LocalGroup:
         self.workers = scheduler.workers
         self.infer_s_per_sample = infer_s_per_sample
         self.pending: _Pending | None = None
+        # Ibcast: the n-th broadcast root posted (its virtual time and data), and the workers
+        # blocked in Wait for it.
+        self.posted: dict[int, tuple[float, np.ndarray]] = {}
+        self.post_waiters: dict[int, set[int]] = {}
         self.comms = [LocalComm(self, k) for k in range(self.workers)]
 
 
@@ -61,6 +67,7 @@ class LocalComm:
         self.group, self.rank = group, rank
         self.collective_s = 0.0  # virtual seconds in collectives: waiting, moving, inferring
         self.inference_s = 0.0  # the part spent running the model in EC exchanges
+        self._ibcasts = 0  # Ibcasts this worker has started (the n-th matches root's n-th)
 
     # ---- mpi4py's names -----------------------------------------------------------------------
 
@@ -151,6 +158,33 @@ class LocalComm:
                                 lambda v: self._net.ring(send.nbytes, self._k))
         np.copyto(recv, mine)
 
+    def Dup(self) -> LocalComm:  # noqa: N802
+        """A communicator of its own over the same workers (collective, costed as a
+        barrier, as MPI's Comm_dup)."""
+        g = self.group
+
+        def combine(v):
+            dup = LocalGroup(g.scheduler, g.network, g.infer_s_per_sample)
+            dup.simulation = getattr(g, "simulation", None)
+            return list(dup.comms)
+
+        return self._collective("Dup", None, combine, lambda v: self._net.barrier(self._k))
+
+    def Ibcast(self, buf, root: int = 0) -> _Request:  # noqa: N802
+        """Non-blocking broadcast of a small buffer: this worker's n-th Ibcast receives root's
+        n-th. Root posts it at its virtual time (no wait); another worker's request completes
+        once its own clock has reached that time (``Test``), or waits for it (``Wait``)."""
+        array = _array(buf)
+        g, sched, k = self.group, self.group.scheduler, self.rank
+        n, self._ibcasts = self._ibcasts, self._ibcasts + 1
+        if k != root:
+            return _Request(self, n, array)
+        sched.at(k, sched.now[k])  # in time order with everything else this worker does
+        g.posted[n] = (sched.now[k], array.copy())
+        for j in sorted(g.post_waiters.pop(n, ())):
+            sched.wake(j, sched.now[k])
+        return _Request(self, n, None)
+
     def Free(self) -> None:  # noqa: N802
         pass
 
@@ -190,6 +224,36 @@ class LocalComm:
                 sched.wake(j, done)
             sched.block(k)  # woken above: continues in (time, worker) order
         return c.results[k]
+
+
+class _Request:
+    """A simulated Ibcast's request (see :meth:`LocalComm.Ibcast`); ``buf`` None: root's."""
+
+    def __init__(self, comm: LocalComm, n: int, buf: np.ndarray | None):
+        self.comm, self.n, self.buf = comm, n, buf
+        self.done = buf is None
+
+    def Test(self) -> bool:  # noqa: N802
+        if self.done:
+            return True
+        g, sched, k = self.comm.group, self.comm.group.scheduler, self.comm.rank
+        sched.at(k, sched.now[k])
+        posted = g.posted.get(self.n)
+        if posted is None or posted[0] > sched.now[k]:  # not sent, or not arrived by now
+            return False
+        np.copyto(self.buf, posted[1])
+        self.done = True
+        return True
+
+    def Wait(self) -> None:  # noqa: N802
+        g, sched, k = self.comm.group, self.comm.group.scheduler, self.comm.rank
+        while not self.Test():
+            posted = g.posted.get(self.n)
+            if posted is not None:  # sent at a later virtual time: this worker waits till then
+                sched.at(k, posted[0])
+            else:
+                g.post_waiters.setdefault(self.n, set()).add(k)
+                sched.block(k)
 
 
 def _array(buf) -> np.ndarray:
