@@ -115,8 +115,9 @@ def test_dedicated_server_over_tcp_with_a_straggler(server_run):
     (["--servers", "2"], 2, "--servers 2 with 2 ranks"),
     (["--servers", "-1"], 2, "--servers -1 must be >= 0"),
     (["--shards", "100000000"], 2,
-     "--shards 100000000 is outside [1, 99978]: at most one shard per parameter of mlp"),
-    (["--shards", "-4"], 2, "--shards -4 is outside [1, 99978]"),
+     "--shards 100000000 is outside [1, 4096]: at most one shard per parameter of mlp "
+     "(99978 parameters), and 4096 in all"),
+    (["--shards", "-4"], 2, "--shards -4 is outside [1, 4096]"),
     (["--algo", "asgd", "--lam", "0.1"], 2, "--lam is an option of dcasgd-c, dcasgd-a"),
     (["--lam", "nan"], 2, "--lam nan must be >= 0"),
     (["--lam", "-1"], 0, "--lam -1.0 must be >= 0"),

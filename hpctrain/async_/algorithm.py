@@ -28,7 +28,7 @@ from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
 from hpctrain.async_.optim import DEFAULT_LAM
 from hpctrain.async_.ssp import StalenessBound
-from hpctrain.async_.store import CONSISTENCIES, ParameterStore
+from hpctrain.async_.store import CONSISTENCIES, MAX_SHARDS, ParameterStore
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
 from hpctrain.metrics import distribution
@@ -107,11 +107,12 @@ class ASGD(Algorithm):
             raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "
                              "ranks (at least one worker)")
         if o.shards is not None:
-            numel = _model_size(config)
-            if not 1 <= o.shards <= numel:
-                raise UsageError(f"--shards {o.shards} is outside [1, {numel}]: at most one "
-                                 f"shard per parameter of {config.model.name} ({numel} "
-                                 "parameters)")
+            numel, most = _model_size(config), max(MAX_SHARDS, ranks)
+            if not 1 <= o.shards <= min(numel, most):
+                raise UsageError(f"--shards {o.shards} is outside [1, {min(numel, most)}]: at "
+                                 f"most one shard per parameter of {config.model.name} "
+                                 f"({numel} parameters), and {most} in all (each is an RMA "
+                                 "window)")
         every = config.checkpoint.every
         if every is not None and not every.endswith("e"):
             raise UsageError(f"--checkpoint-every {every}: asynchronous runs checkpoint by "

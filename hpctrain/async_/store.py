@@ -98,6 +98,12 @@ def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
     return [(cuts[i], cuts[i + 1]) for i in range(shards)]
 
 
+# Each shard is an RMA window, one memory map per process (Linux allows 65530 by default: a
+# store of 70,000 shards failed in MPI's shared-memory set-up) and one lock a push takes in
+# turn; far fewer already make pushes lock-bound. --shards stops at this, or one per rank.
+MAX_SHARDS = 4096
+
+
 def default_shards(workers: int, hosts: int) -> int:
     """At least one shard per worker (fewer lock convoys), the same number on every host."""
     return hosts * -(-max(workers, hosts) // hosts)
