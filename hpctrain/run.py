@@ -275,6 +275,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
+    taken_at = None  # the update of the last snapshot the loop took
     compiled.apply(config.compile, model, say=rank == 0 and config.progress)  # lazily
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
@@ -344,6 +345,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                 snapshots.take(model, t=runtime.now() - start,
                                epoch=position / per_epoch, updates=position)
                 watch.snapshot(model, snapshots)
+                taken_at = position
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
         if watch.stop(position):
             break
@@ -356,7 +358,11 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     position = algo.finish(position)
     wall = runtime.now() - start
     bar.close()
-    if snapshotting:
+    # --stop-on-collapse may end the loop right after a snapshot: that one is the final
+    # model already, unless the algorithm's finish changes it (async: the store's model).
+    final_taken = watch.stopped and taken_at == position and \
+        type(algo).finish is Algorithm.finish
+    if snapshotting and not final_taken:
         snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position)
         watch.snapshot(model, snapshots)
     if algo.snapshots == "root" and comm_ is not None:

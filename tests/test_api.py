@@ -168,3 +168,19 @@ def test_a_script_passes_its_own_model_class_and_data_function(tmp_path):
                      str(tmp_path / "again")], np=2)
     assert again.returncode == 0, again.stderr
     assert same_model(tmp_path / "again", tmp_path / "api")
+
+
+@pytest.mark.timeout(120)
+def test_a_run_stopped_on_collapse_at_a_snapshot_has_one_final_point(tmp_path):
+    # lr 1 with momentum 0.99 diverges within a few updates; a snapshot every update puts one
+    # where --stop-on-collapse ends the loop, which is then the final model: no second point.
+    out = tmp_path / "stopped"
+    proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--lr", "1.0",
+                    "--momentum", "0.99", "--stop-on-collapse", "--eval-every", "0.001",
+                    "--out", str(out)], np=0)
+    assert proc.returncode == 4, proc.stderr
+    points = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    updates = [p["updates"] for p in points]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_on_collapse"] and updates[-1] == summary["updates"]
+    assert updates == sorted(set(updates)), updates  # one point per update, in order
