@@ -12,9 +12,10 @@ A run has collapsed when one of these holds (rank 0's view; no extra communicati
 
 The first that holds gives ``collapsed_at`` (global updates) and a reason; rank 0 warns once.
 With ``--stop-on-collapse`` a :class:`StopSignal` ends every worker's loop: lock-step
-algorithms agree in a broadcast every :data:`STOP_EVERY` updates (all reach the same
-positions); asynchronous workers poll a non-blocking broadcast from rank 0 every step, on a
-communicator of its own, and go on to the usual end (barrier, outputs, summary).
+workers get rank 0's word in a 1-byte non-blocking broadcast per update, overlapped with the
+next (all stop at the same update, one after rank 0's); asynchronous workers poll a
+non-blocking broadcast from rank 0 every step, on a communicator of its own, and go on to
+the usual end (barrier, outputs, summary).
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from __future__ import annotations
 import math
 import sys
 
+import numpy as np
+
 EXPLODING = 10.0
 NOT_FINITE_STEPS = 3
 FLAT_BAND = 0.02  # relative to ln(classes)
 CHANCE_MARGIN = 0.02
 LEARNED = 0.2
-STOP_EVERY = 20
 _EMA = 0.9
 
 
@@ -112,17 +114,14 @@ class StopSignal:
         self.single = enabled and not self.enabled  # one worker: no messages
         self.lock_step = lock_step
         self.wanted = False
-        self.comm, self._request, self._flag = comm, None, None
+        self.comm, self._request, self._flag = comm, None, np.zeros(1, np.uint8)
         if self.enabled and not lock_step:
-            import numpy as np
-
             self.comm = comm.Dup()
-            self._flag = np.zeros(1, np.uint8)
             if self.comm.Get_rank() != 0:
                 self._request = self.comm.Ibcast(self._flag, root=0)
 
     def request(self) -> None:
-        """Rank 0: stop the run (delivered at the next :meth:`stop`)."""
+        """Rank 0: stop the run (delivered at the next :meth:`stop`, or the one after)."""
         if not (self.enabled or self.single) or self.wanted:
             return
         self.wanted = True
@@ -131,23 +130,35 @@ class StopSignal:
             self._request = self.comm.Ibcast(self._flag, root=0)
 
     def stop(self, position: int) -> bool:
-        """Whether this worker ends its loop now (collective every STOP_EVERY updates for
-        lock-step algorithms)."""
+        """Whether this worker ends its loop now (collective for lock-step algorithms)."""
         if self.single:
             return self.wanted
         if not self.enabled:
             return False
         if self.lock_step:
-            if position % STOP_EVERY:
-                return False
-            return bool(self.comm.bcast(self.wanted, root=0))
+            # Rank 0's word from the step before, in a 1-byte Ibcast that overlapped this
+            # step: every worker stops at the same update, one after rank 0's, well before
+            # --max-bad-steps NaN steps end a diverging run.
+            stop = False
+            if self._request is not None:
+                self._request.Wait()
+                stop, self._request = bool(self._flag[0]), None
+            if not stop:
+                self._flag[0] = self.comm.Get_rank() == 0 and self.wanted
+                self._request = self.comm.Ibcast(self._flag, root=0)
+            return stop
         if self.comm.Get_rank() == 0:
             return self.wanted
         return bool(self._request.Test() and self._flag[0])
 
     def close(self) -> None:
         """After the loop, on every worker (collective): complete the broadcast."""
-        if not self.enabled or self.lock_step:
+        if not self.enabled:
+            return
+        if self.lock_step:
+            if self._request is not None:
+                self._request.Wait()
+                self._request = None
             return
         if self.comm.Get_rank() == 0 and self._request is None:
             self._request = self.comm.Ibcast(self._flag, root=0)  # "go on": nobody stopped

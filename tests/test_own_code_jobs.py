@@ -250,3 +250,17 @@ def test_a_collapse_is_reported_and_stops_the_run_when_asked(tmp_path):
     assert s["stopped_on_collapse"] and s["updates"] < 3 * 32
     assert "exploding" in s["collapse_reason"] and "Traceback" not in proc.stderr
     assert (out / "model.pt").is_file() and (out / "metrics.jsonl").is_file()
+
+
+@pytest.mark.timeout(120)
+def test_lock_step_workers_stop_one_update_after_rank_0_found_a_collapse(tmp_path):
+    # Agreeing every 20 updates, a diverging ma run hit --max-bad-steps (10 NaN steps in a
+    # row) first and ended with exit 1 and no outputs.
+    out = tmp_path / "ma"
+    proc = run_job(["train", "--algo", "ma", *SYNTHETIC, "--epochs", "3", "--lr", "3",
+                    "--momentum", "0.99", "--tau", "3", "--stop-on-collapse", "--out", str(out)],
+                   np=2)
+    assert proc.returncode == 4, proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert s["stopped_on_collapse"] and s["updates"] == s["collapsed_at"] + 1
+    assert (out / "model.pt").is_file()
