@@ -202,7 +202,7 @@ class CheckpointConfig:
 
     every: str | None = option(None, "write a checkpoint every N seconds, or every N epochs "
                                "with Ne (e.g. 1e); then SIGUSR1 makes sgd, ssgd, ma and ec "
-                               "write one at the next update and exit with status 5; default: "
+                               "write one within 32 updates and exit with status 5; default: "
                                "no checkpoints",
                                flag="--checkpoint-every", parse=parse_every)
     dir: str | None = option(None, "folder for checkpoints (default <out>/checkpoints, or with "

@@ -348,7 +348,7 @@ def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(sl
     options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                "--open-mode=append"]  # both attempts' lines in the log
     job, work = submit(slurm, "train.sbatch", options,
-                       ["--algo", "ssgd", *SYNTHETIC, "--epochs", "4", "--checkpoint-every",
+                       ["--algo", "ssgd", *SYNTHETIC, "--epochs", "8", "--checkpoint-every",
                         "0.25e"], JOB_ENV)
     out = work / "runs" / f"train-{job}"
     deadline = time.monotonic() + 240

@@ -1,4 +1,4 @@
-"""SIGUSR1: write a checkpoint at the next update and stop, so that a job can requeue itself
+"""SIGUSR1: write a checkpoint within a few updates and stop, so that a job can requeue itself
 before its time limit instead of losing what it trained since its last checkpoint.
 
 A batch system warns a job ahead of its limit with a signal (Slurm: ``#SBATCH
