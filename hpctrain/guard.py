@@ -128,7 +128,7 @@ class GradientGuard:
         first = update - self.consecutive + 1
         counts = f" (per worker: {per_worker})" if per_worker is not None else ""
         raise TooManyBadSteps(
-            f"{self.consecutive} consecutive steps (updates {first}-{update}) had NaN/Inf "
+            f"{self.consecutive} consecutive steps (local steps {first}-{update}) had NaN/Inf "
             f"gradients{counts}; stopping (--max-bad-steps {self.max_bad_steps}). Lower --lr "
             "or check the data")
 

@@ -274,9 +274,12 @@ def test_check_resume_with_a_changed_option(tmp_path):
     with pytest.raises(UsageError, match="--threads 4, not 8"):
         check(resume=str(tmp_path), run_config={**config, "batch_size": 64},
               may_change=frozenset())
-    # An option left at a default that the run resolves later (None) reads as such.
-    with pytest.raises(UsageError, match="--batch-size 64, not its default$"):
+    # An option left at a default that the run resolves later (None), or not given.
+    with pytest.raises(UsageError, match="with --batch-size 64, not without it$"):
         check(resume=str(tmp_path), run_config={**config, "batch_size": None})
+    a_run(tmp_path / "b", eval_rank=None)
+    with pytest.raises(UsageError, match="started without --eval-rank, not with --eval-rank 2$"):
+        check(resume=str(tmp_path / "b"), run_config={"eval_rank": 2})
 
 
 def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):

@@ -66,7 +66,7 @@ def test_guard_skips_counts_and_stops():
         make_grads(model, float("inf"))
         assert not guard.check(update)
     make_grads(model, float("nan"))
-    with pytest.raises(TooManyBadSteps, match=r"3 consecutive steps \(updates 4-6\)"):
+    with pytest.raises(TooManyBadSteps, match=r"3 consecutive steps \(local steps 4-6\)"):
         guard.check(6)
 
 
@@ -172,7 +172,7 @@ def test_too_many_bad_steps_stop_the_job_with_one_line(tmp_path):
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
     assert lines == ["hpctrain: error (rank 0 of 2): TooManyBadSteps: 4 consecutive steps "
-                     "(updates 4-7) had NaN/Inf gradients (per worker: [0, 4]); stopping "
+                     "(local steps 4-7) had NaN/Inf gradients (per worker: [0, 4]); stopping "
                      "(--max-bad-steps 4). Lower --lr or check the data"], proc.stderr
     assert not (tmp_path / "summary.json").exists()
 

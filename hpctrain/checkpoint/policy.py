@@ -114,8 +114,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         for key in sorted(old.keys() & run_config.keys() - may_change):
             if old[key] != run_config[key]:
                 flag = "--" + key.replace("_", "-")
-                raise UsageError(f"--resume {given}: the run was started with {flag} "
-                                 f"{_shown(old[key])}, not {_shown(run_config[key])}")
+                raise UsageError(f"--resume {given}: the run was started "
+                                 f"{_changed(flag, old[key], run_config[key])}")
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
@@ -152,9 +152,13 @@ def _resumed_out(folder: Path, old: dict) -> str | None:
     return str(folder.parent) if default and folder.name == SUBDIR else out
 
 
-def _shown(value) -> str:
-    """An option's value in a message (None: a default the run resolves later, as ``--tau``)."""
-    return "its default" if value is None else str(value)
+def _changed(flag: str, old, new) -> str:
+    """An option's recorded and given values, in a message (None: left to a default the run
+    resolves later, as ``--tau``, or not given at all, as ``--eval-rank``)."""
+    if old is not None and new is not None:
+        return f"with {flag} {old}, not {new}"
+    return (f"without {flag}, not with {flag} {new}" if old is None
+            else f"with {flag} {old}, not without it")
 
 
 def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
