@@ -179,13 +179,16 @@ _KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number")
           "str": ((str,), "a string"), "bool": ((bool,), "true or false")}
 
 
+def _declared_type(f: Field) -> str:
+    """``f``'s declared type as written: "int | None" (a string under postponed annotations)."""
+    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+
+
 def _kind_problem(f: Field, value) -> str | None:
     """Why ``value`` does not have ``f``'s declared type (a config file or a Python caller
     can give any), or None; a bool is no number. Other types (tuples, dicts) are the fields'
     own business."""
-    # "int | None" as a string under postponed annotations, else the type itself.
-    declared_type = f.type if isinstance(f.type, str) else getattr(f.type, "__name__",
-                                                                  str(f.type))
+    declared_type = _declared_type(f)
     if value is None:
         return None if declared_type.endswith("| None") else "needs a value"
     kind = _KINDS.get(declared_type.removesuffix(" | None"))
@@ -197,12 +200,21 @@ def _kind_problem(f: Field, value) -> str | None:
     return f"must be {name}"
 
 
+def _whole_float(f: Field, value) -> bool:
+    """Whether ``value`` is a float holding a whole number given for an int field."""
+    return (_declared_type(f).removesuffix(" | None") == "int" and isinstance(value, float)
+            and value.is_integer())
+
+
 def check_fields(obj) -> None:
     """Check a configuration dataclass's option values (types, choices, ranges); UsageError
     naming the flag and the bad value on the first that is wrong. None means "not given"
     where the field allows it."""
     for f in declared(type(obj)):
         value = getattr(obj, f.name)
+        if _whole_float(f, value):  # TOML's epochs = 1.0 or 1e3, as the command line's --epochs 1e3
+            value = int(value)
+            object.__setattr__(obj, f.name, value)
         if (problem := _kind_problem(f, value)) is not None:
             raise UsageError(f"{flag_of(f)} {value!r} {problem}")
         if value is None:

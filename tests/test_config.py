@@ -26,8 +26,9 @@ def parse(*argv: str):
 
 def test_python_toml_and_command_line_give_the_same_configuration(tmp_path):
     toml = tmp_path / "run.toml"
-    toml.write_text('algo = "ec"\nseed = 3\n[optim]\nlr = 0.2\nlr_milestones = [1, 2]\n'
-                    '[algorithm]\ntau = 7\nec_alpha = 0.25\n')
+    # Whole numbers written as floats (seed = 3.0, tau = 7e0) read as the flags' 3 and 7 do.
+    toml.write_text('algo = "ec"\nseed = 3.0\n[optim]\nlr = 0.2\nlr_milestones = [1, 2]\n'
+                    '[algorithm]\ntau = 7e0\nec_alpha = 0.25\n')
     from_file = parse("--config", str(toml))
     from_flags = parse("--algo", "ec", "--seed", "3", "--lr", "0.2", "--lr-milestones", "1,2",
                        "--tau", "7", "--ec-alpha", "0.25")
@@ -35,6 +36,7 @@ def test_python_toml_and_command_line_give_the_same_configuration(tmp_path):
     from_python = RunConfig(algo="ec", seed=3, optim=OptimConfig(lr=0.2, lr_milestones=(1, 2)),
                             algorithm=ec.Options(tau=7, ec_alpha=0.25))
     assert from_file == from_flags == from_python
+    assert type(from_file.seed) is int and type(from_file.algorithm.tau) is int
 
 
 def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
