@@ -186,6 +186,10 @@ class OptimConfig:
         if any(not 0 < v < math.inf for v in m) or list(m) != sorted(set(m)):
             raise UsageError(f"--lr-milestones {','.join(map(options.shown, m))}: milestones "
                              "must be increasing finite epochs > 0")
+        if m and m[-1] >= self.epochs:  # training ends before the epoch of that milestone
+            raise UsageError(f"--lr-milestones {','.join(map(options.shown, m))}: "
+                             f"{options.shown(m[-1])} is not before --epochs "
+                             f"{options.shown(self.epochs)}, so the rate never changes there")
         if self.lr_milestones and self.lr_schedule not in (None, "step"):
             raise UsageError(f"--lr-milestones need --lr-schedule step, not {self.lr_schedule}")
         if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate

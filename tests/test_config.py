@@ -193,6 +193,8 @@ def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
     (lambda: OptimConfig(lr_milestones=[True]), "True is not a number of epochs"),
     (lambda: OptimConfig(lr_milestones=[1, float("inf")]),
      "--lr-milestones 1,inf: milestones must be increasing finite epochs > 0"),
+    (lambda: OptimConfig(epochs=4, lr_milestones=[2, 4]),  # the run ends before epoch 4
+     "--lr-milestones 2,4: 4 is not before --epochs 4, so the rate never changes there"),
     (lambda: OptimConfig(lr_milestones=[3, 3]),  # gamma applied twice at epoch 3
      "--lr-milestones 3,3: milestones must be increasing"),
     (lambda: hpctrain.algorithm_options(["ma"]), "unknown algorithm ['ma']; choose from sgd"),
