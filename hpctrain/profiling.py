@@ -15,6 +15,7 @@ allocations, the first collective) would otherwise dominate it.
 from __future__ import annotations
 
 import contextlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,11 +50,13 @@ class StepProfiler:
         self.device, self.rank = device, rank
         self.folder = Path(out) / SUBDIR
         self._profile: torch.profiler.profile | None = None
+        self.began, self.done = False, 0
 
     def step(self, done: int) -> None:
         """Before the first step and after each; ``done``: this worker's local steps so far."""
         if self.start is None:
             return
+        self.done = done
         if done == self.start and self._profile is None:
             self._begin()
         elif self._profile is not None:
@@ -67,12 +70,18 @@ class StepProfiler:
         return torch.profiler.record_function(name) if self._profile else contextlib.nullcontext()
 
     def close(self) -> None:
-        """Stop profiling (writing what a window cut short recorded)."""
+        """Stop profiling (writing what a window cut short recorded); after the loop, rank 0
+        says so when the run ended before the window."""
         profile, self._profile = self._profile, None
         if profile is not None:
             profile.stop()
+        elif self.start is not None and not self.began and self.rank == 0:
+            print(f"hpctrain: --profile {self.start}:{self.count}: this run ended at local step "
+                  f"{self.done}, before step {self.start}; nothing profiled", file=sys.stderr,
+                  flush=True)
 
     def _begin(self) -> None:
+        self.began = True
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)

@@ -22,6 +22,19 @@ def test_the_window_is_parsed_and_checked():
             RunConfig(algo="sgd", profile=bad)
 
 
+def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys):
+    import torch
+
+    for rank in (0, 1):
+        profiler = profiling.StepProfiler("50:5", torch.device("cpu"), tmp_path, rank)
+        for done in range(17):
+            profiler.step(done)
+        profiler.close()
+    assert capsys.readouterr().err == ("hpctrain: --profile 50:5: this run ended at local step "
+                                       "16, before step 50; nothing profiled\n")
+    assert not (tmp_path / profiling.SUBDIR).exists()
+
+
 def test_the_simulator_refuses_it(tmp_path):
     config = RunConfig(algo="ssgd", profile="1:2", out=str(tmp_path), progress=False,
                        data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"))
