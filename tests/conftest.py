@@ -122,9 +122,10 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
 
 
 def start_job(args: list[str], np: int) -> subprocess.Popen:
-    """``hpctrain <args>`` on ``np`` ranks of Open MPI, started and left running (to signal
-    it); the caller waits for it with a timeout, and kills it in a ``finally``."""
-    return subprocess.Popen(mpirun(np) + HPCTRAIN + args, stdout=subprocess.PIPE,
+    """``hpctrain <args>`` on ``np`` ranks of Open MPI (a plain process if np == 0), started
+    and left running (to signal it); the caller waits for it with a timeout, and kills it in a
+    ``finally``."""
+    return subprocess.Popen((mpirun(np) if np else []) + HPCTRAIN + args, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
 

@@ -10,14 +10,16 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job
+from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job, start_job
 from matplotlib.image import imread
 
-from hpctrain import cli, registry
+from hpctrain import checkpoint, cli, registry
 from hpctrain.bench import compare, report
 from hpctrain.errors import UsageError
 
@@ -218,6 +220,38 @@ def test_time_to_target_and_targets():
 # to neither, and one target is out of reach.
 COMPARE = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", "--targets",
            "0.5,0.999999", "--tau", "4", *SMALL, "--checkpoint-every", "0.25e"]
+
+
+@pytest.mark.timeout(300)
+def test_sigusr1_stops_the_comparison_after_a_checkpoint_and_resume_finishes_it(tmp_path):
+    """What compare.sbatch passes on ahead of a time limit: the run going on (sgd) stops after
+    a checkpoint, ssgd does not start, exit status 5; --resume continues sgd from that
+    checkpoint and then runs ssgd."""
+    out = tmp_path / "cmp"
+    argv = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", *SYNTHETIC,
+            "--epochs", "6", "--checkpoint-every", "0.25e", "--out", str(out)]
+    job = start_job(argv, np=0)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.listing(out / "sgd" / "checkpoints"):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGUSR1)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 5, stderr
+    assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        f"hpctrain bench compare: stopped by SIGUSR1 with sgd, ssgd left to run; continue "
+        f"with --resume (--out {out})")
+    assert not (out / "ssgd").exists() and not (out / "sgd" / "summary.json").exists()
+    proc = run_job([*argv, "--resume"], np=0, timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert "resuming from" in (out / "sgd" / "stderr.log").read_text()
+    record = json.loads((out / "compare.json").read_text())
+    assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
+    assert json.loads((out / "sgd" / "summary.json").read_text())["resumed_from_updates"]
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,9 @@ algorithms. With ``--simulate K`` every run is ``hpctrain simulate --workers K``
 process each, no launcher, virtual times; the simulator's options pass on to every run).
 ``DIR/<algo>/`` gets each run's outputs plus its
 ``stdout.log`` and ``stderr.log``; ``DIR/compare.json`` records what ran and how it ended, and
-:mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files.
+:mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files. SIGUSR1 (a
+time limit's warning) goes on to the run going on, no run starts after it, and the command
+exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues itself).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -317,6 +320,24 @@ class _Display:
         self.stream.flush()
 
 
+class _Warning:
+    """SIGUSR1 while comparing (a time limit's warning, :mod:`hpctrain.checkpoint.stop`):
+    passed on to the run going on, which stops after a checkpoint where it can (sgd, ssgd, ma,
+    ec with --checkpoint-every; others run on to their end); no run starts after it."""
+
+    def __init__(self) -> None:
+        self.received, self.child = False, None
+        self._previous = signal.signal(checkpoint.stop.SIGNAL, self._on)
+
+    def _on(self, signum, frame) -> None:
+        self.received = True
+        if self.child is not None and self.child.poll() is None:
+            self.child.send_signal(signum)  # mpirun, mpiexec and srun forward it to the ranks
+
+    def close(self) -> None:
+        signal.signal(checkpoint.stop.SIGNAL, self._previous)
+
+
 def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
     proc.terminate()  # mpirun and srun pass it on to the ranks
     try:
@@ -325,8 +346,10 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.kill()
 
 
-def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
-    """Run one job, showing its progress; return its record (status, error, returncode...)."""
+def execute(run: Run, run_dir: Path, label: str, timeout: float,
+            warning: _Warning | None = None) -> dict:
+    """Run one job, showing its progress; return its record (status, error, returncode...).
+    ``warning``: SIGUSR1 reaches the job while it runs."""
     run_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     display = _Display(label)
@@ -337,6 +360,8 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
     start = time.monotonic()
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "w") as log:
         proc = subprocess.Popen(run.command, stdout=out, stderr=subprocess.PIPE, env=env)
+        if warning is not None:
+            warning.child = proc
         expired = threading.Event()
         timer = threading.Timer(timeout, lambda: (expired.set(), _stop(proc))) if timeout else None
         if timer:
@@ -355,6 +380,8 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float) -> dict:
                         display.progress(text.strip())
             returncode = proc.wait()
         finally:
+            if warning is not None:
+                warning.child = None
             if timer:
                 timer.cancel()
             if proc.poll() is None:
@@ -427,17 +454,33 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # nothing written yet
         raise UsageError(f"--out {out}: cannot make the folder ({e.strerror})") from None
-    for i, r in enumerate(runs, 1):
-        label = f"[{i}/{len(runs)} {r.algo}]"
-        if r.algo in record["runs"]:
-            print(f"{label} finished earlier; kept", file=sys.stderr, flush=True)
-            continue
-        result = execute(continued(r, out / r.algo) if args.resume else r, out / r.algo,
-                         label, args.timeout)
-        print(f"{label} {result['status']}" + (f": {result['error']}" if result["error"] else ""),
-              file=sys.stderr, flush=True)
-        record["runs"][r.algo] = result
-        write_json_atomic(out / report.RECORD, record)
+    warning = _Warning()
+    try:
+        for i, r in enumerate(runs, 1):
+            label = f"[{i}/{len(runs)} {r.algo}]"
+            if r.algo in record["runs"]:
+                print(f"{label} finished earlier; kept", file=sys.stderr, flush=True)
+                continue
+            if warning.received:
+                break
+            result = execute(continued(r, out / r.algo) if args.resume else r, out / r.algo,
+                             label, args.timeout, warning)
+            if warning.received and result["status"] != "ok":  # stopped, or ended by it
+                print(f"{label} stopped by SIGUSR1 (--resume continues it)", file=sys.stderr,
+                      flush=True)
+                break
+            print(f"{label} {result['status']}" +
+                  (f": {result['error']}" if result["error"] else ""), file=sys.stderr,
+                  flush=True)
+            record["runs"][r.algo] = result
+            write_json_atomic(out / report.RECORD, record)
+    finally:
+        warning.close()
+    left = [a for a in record["algos"] if a not in record["runs"]]
+    if left:  # SIGUSR1 stopped the comparison
+        print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "
+              f"continue with --resume (--out {out})", file=sys.stderr, flush=True)
+        raise SystemExit(checkpoint.stop.EXIT_STATUS)
     rows, targets, drawn = report.render(out)
     print(report.table(rows, targets))
     print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
