@@ -52,8 +52,8 @@ class Checkpointer:
     clock says so (lock-step loops only: the verdict is a broadcast per step). With
     ``stop_on_signal`` (lock-step loops) SIGUSR1 on rank 0 makes one due at the next update
     (in epochs mode within 2 x :data:`SIGNAL_EVERY`) and sets :attr:`stopping`: the loop
-    saves it and raises :meth:`stopped`
-    (:mod:`~hpctrain.checkpoint.stop`); call :meth:`close` after the loop. Checkpoints go to
+    saves it and raises :meth:`stopped` (:mod:`~hpctrain.checkpoint.stop`). Call
+    :meth:`close` after the loop. Checkpoints go to
     ``folder``; ``resume`` is the folder to resume from (None: a fresh run). ``header``: what
     each checkpoint's header records about the run (``algo``, ``ranks``, ``args``: the run's
     configuration that :func:`~hpctrain.checkpoint.policy.check` compares); ``workers`` (the
