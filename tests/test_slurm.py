@@ -374,23 +374,29 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
     # that starts while slurmd still cleans up the first can lose its first srun step ("aborted
     # before step completely launched", seen once under load).
     deadline = time.monotonic() + 120
-    while (node := cluster.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False)
-           .stdout.strip()) != "idle" and time.monotonic() < deadline:
+    while (node := _node_state(cluster)) != "idle" and time.monotonic() < deadline:
         time.sleep(0.5)
     cluster.run("scontrol", "requeue", job)
     return _wait_for_attempt(cluster, job, work, started, f"node {node!r} at the requeue")
 
 
+def _node_state(cluster: LocalSlurm) -> str:
+    return cluster.run("sinfo", "-h", "-n", NODE, "-o", "%T", check=False).stdout.strip()
+
+
 def _wait_for_attempt(cluster: LocalSlurm, job: str, work: Path, started: str,
                       note: str = "") -> dict:
     """The fields of requeued ``job`` once its attempt whose log has ``started`` has ended."""
-    # Slurm holds a requeued job back for a while (BeginTime): let it start at once. The state
-    # passes through terminal-looking ones while the requeue settles, so the second attempt is
-    # over only once its own first line is in the log and the job has ended.
+    # Slurm holds a requeued job back for a while (BeginTime): let it start at once, but only
+    # once the node has finished ending the first attempt (a job the script requeued itself
+    # is requeued while that attempt still runs; started earlier it is killed, "Job credential
+    # revoked"). The state passes through terminal-looking ones while the requeue settles, so
+    # the second attempt is over only once its own first line is in the log and the job ended.
     deadline = time.monotonic() + 240
     while True:
         again = job_fields(cluster, job)
-        if again["JobState"] == "PENDING" and again.get("Reason") == "BeginTime":
+        if again["JobState"] == "PENDING" and again.get("Reason") == "BeginTime" and \
+                _node_state(cluster) == "idle":
             cluster.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
         if started in job_log(work, job) and again["JobState"] not in RUNNING_STATES:
             return again
