@@ -34,7 +34,7 @@ from hpctrain.metrics import write_atomic
 _LATE, _STOP = 1, 2  # the bits of rank 0's verdict (Checkpointer._verdict)
 # Updates between SIGUSR1 verdicts in epochs mode: a worker waits for rank 0's verdict of
 # that many updates before, so ma's and ec's workers, which meet only every --tau steps, are
-# not held to rank 0's pace step by step (5% slower with --jitter 0.5 at one).
+# not held to rank 0's pace step by step (5% slower with --jitter 0.5 at one; BENCHMARKS.md).
 SIGNAL_EVERY = 16
 
 
