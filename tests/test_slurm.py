@@ -387,16 +387,23 @@ def _node_state(cluster: LocalSlurm) -> str:
 def _wait_for_attempt(cluster: LocalSlurm, job: str, work: Path, started: str,
                       note: str = "") -> dict:
     """The fields of requeued ``job`` once its attempt whose log has ``started`` has ended."""
-    # Slurm holds a requeued job back for a while (BeginTime): let it start at once, but only
-    # once the node has finished ending the first attempt (a job the script requeued itself
-    # is requeued while that attempt still runs; started earlier it is killed, "Job credential
-    # revoked"). The state passes through terminal-looking ones while the requeue settles, so
-    # the second attempt is over only once its own first line is in the log and the job ended.
+    # Slurm holds a requeued job back for a while (BeginTime): let it start sooner, but only
+    # once the node has finished ending the first attempt and a few seconds later. A job the
+    # script requeued itself is requeued while that attempt runs, which revokes its
+    # credential; slurmd takes a new one only if it is from a later second than the
+    # revocation, else it kills the attempt ("Job credential revoked"). The state passes
+    # through terminal-looking ones while the requeue settles, so the second attempt is over
+    # only once its own first line is in the log and the job has ended.
     deadline = time.monotonic() + 240
+    idle_since = None
     while True:
         again = job_fields(cluster, job)
-        if again["JobState"] == "PENDING" and again.get("Reason") == "BeginTime" and \
-                _node_state(cluster) == "idle":
+        held = again["JobState"] == "PENDING" and again.get("Reason") == "BeginTime"
+        if not held or _node_state(cluster) != "idle":
+            idle_since = None
+        elif idle_since is None:
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since >= 3:
             cluster.run("scontrol", "update", f"jobid={job}", "starttime=now", check=False)
         if started in job_log(work, job) and again["JobState"] not in RUNNING_STATES:
             return again
