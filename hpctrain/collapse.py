@@ -25,6 +25,8 @@ import sys
 
 import numpy as np
 
+from hpctrain.rank0_flag import Rank0Flag
+
 EXPLODING = 10.0
 NOT_FINITE_STEPS = 3
 FLAT_BAND = 0.02  # relative to ln(classes)
@@ -115,6 +117,7 @@ class StopSignal:
         self.lock_step = lock_step
         self.wanted = False
         self.comm, self._request, self._flag = comm, None, np.zeros(1, np.uint8)
+        self._word = Rank0Flag(comm) if self.enabled and lock_step else None
         if self.enabled and not lock_step:
             self.comm = comm.Dup()
             if self.comm.Get_rank() != 0:
@@ -136,16 +139,12 @@ class StopSignal:
         if not self.enabled:
             return False
         if self.lock_step:
-            # Rank 0's word from the step before, in a 1-byte Ibcast that overlapped this
-            # step: every worker stops at the same update, one after rank 0's, well before
-            # --max-bad-steps NaN steps end a diverging run.
-            stop = False
-            if self._request is not None:
-                self._request.Wait()
-                stop, self._request = bool(self._flag[0]), None
+            # Rank 0's word from the step before (rank0_flag): every worker stops at the same
+            # update, one after rank 0's, well before --max-bad-steps NaN steps end a
+            # diverging run.
+            stop = bool(self._word.receive())
             if not stop:
-                self._flag[0] = self.comm.Get_rank() == 0 and self.wanted
-                self._request = self.comm.Ibcast(self._flag, root=0)
+                self._word.post(self.wanted)
             return stop
         if self.comm.Get_rank() == 0:
             return self.wanted
@@ -156,9 +155,7 @@ class StopSignal:
         if not self.enabled:
             return
         if self.lock_step:
-            if self._request is not None:
-                self._request.Wait()
-                self._request = None
+            self._word.close()
             return
         if self.comm.Get_rank() == 0 and self._request is None:
             self._request = self.comm.Ibcast(self._flag, root=0)  # "go on": nobody stopped

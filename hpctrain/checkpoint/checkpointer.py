@@ -18,7 +18,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from hpctrain import faults
@@ -30,6 +29,7 @@ from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
+from hpctrain.rank0_flag import Rank0Flag
 
 _LATE, _STOP = 1, 2  # the bits of rank 0's verdict (Checkpointer._verdict)
 # Updates between SIGUSR1 verdicts in epochs mode: a worker waits for rank 0's verdict of
@@ -88,7 +88,7 @@ class Checkpointer:
         self.resized: list[dict] = []
         self.resize = resize
         self.last = time.perf_counter()
-        self._request, self._flag = None, np.zeros(1, np.uint8)
+        self._flag = Rank0Flag(comm)
         self.on_signal = self.enabled and stop_on_signal
         self.stopping = False  # the last due(): checkpoint, then stop (SIGUSR1)
         # Installed here unless hpctrain train has (from its start); put back by close().
@@ -176,18 +176,13 @@ class Checkpointer:
             return self._rank0_verdict()
         if self.by_progress and updates % SIGNAL_EVERY and updates < self.total:
             return 0  # epochs mode asks only for SIGUSR1: a word every SIGNAL_EVERY updates
-        # Rank 0's verdict travels in a 1-byte Ibcast overlapped with the next step(s), so all
-        # ranks checkpoint at the same update without a blocking message.
-        verdict = 0
-        if self._request is not None:
-            self._request.Wait()
-            verdict = int(self._flag[0])
-            self._request = None
+        # Rank 0's verdict reaches every rank one step late (rank0_flag), so all ranks
+        # checkpoint at the same update without a blocking message.
+        verdict = self._flag.receive()
         # The verdict for the next update: none after the last, after a stop, or right after a
         # checkpoint (the clock restarts when it is written).
         if updates < self.total and not verdict & _STOP:
-            self._flag[0] = self._rank0_verdict() if self.rank == 0 and not verdict else 0
-            self._request = self.comm.Ibcast(self._flag, root=0)
+            self._flag.post(self._rank0_verdict() if self.rank == 0 and not verdict else 0)
         return verdict
 
     def _rank0_verdict(self) -> int:
@@ -201,9 +196,7 @@ class Checkpointer:
     def close(self) -> None:
         """After the loop (or before raising :meth:`stopped`): the last verdict received and
         SIGUSR1's handler as it was."""
-        if self._request is not None:
-            self._request.Wait()
-            self._request = None
+        self._flag.close()
         stop.restore(self._handler)
         self._handler = None
 
