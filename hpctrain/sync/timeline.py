@@ -52,6 +52,7 @@ def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
         _file.write("[\n")
         _t0 = time.perf_counter()
         _rows.clear()
+        _by_call.clear()
         _emit({"name": "process_name", "ph": "M", "pid": 0,
                "args": {"start_time_since_epoch_in_micros": int(time.time() * 1e6)}})
 
@@ -76,12 +77,15 @@ def _us(t: float) -> int:
     return int((t - _t0) * 1e6)
 
 
-_by_call: dict[int, str] = {}  # the row a call's negotiation went to, for its MPI phase
+# The row a call's negotiation went to, for its MPI phase: keyed by id, holding the call
+# itself so that its id cannot be reused by another call while the entry is here.
+_by_call: dict[int, tuple[Any, str]] = {}
 
 
 def _row(call: Any) -> str:
-    if id(call) in _by_call:
-        return _by_call.pop(id(call))
+    negotiated_call, row = _by_call.pop(id(call), (None, None))
+    if negotiated_call is call and row in _rows:
+        return row
     name = call.name if call.name is not None else f"noname.{next(_noname)}"
     row = f"{call.kind}.{name}"
     if row not in _rows:
@@ -102,7 +106,7 @@ def negotiated(call: Any, t0: float) -> None:
         row = _row(call)
         if len(_by_call) > 1000:
             _by_call.clear()
-        _by_call[id(call)] = row
+        _by_call[id(call)] = (call, row)
         pid = _rows[row]
         phase = f"NEGOTIATE_{call.kind.upper()}"
         _emit({"ph": "B", "name": phase, "ts": _us(t0), "pid": pid})
