@@ -103,6 +103,13 @@ int64_t hpctrain_shm_fetch_add(int64_t* word, int64_t value) {
   return __atomic_fetch_add(word, value, __ATOMIC_SEQ_CST);
 }
 
+// desired into *word if it holds expected; what it held (expected: the swap happened).
+int64_t hpctrain_shm_compare_swap(int64_t* word, int64_t expected, int64_t desired) {
+  __atomic_compare_exchange_n(word, &expected, desired, false, __ATOMIC_SEQ_CST,
+                              __ATOMIC_SEQ_CST);
+  return expected;
+}
+
 // Each of n int64 words read atomically (a torn value is never seen; no order among them).
 void hpctrain_shm_load(const int64_t* words, int64_t* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = __atomic_load_n(words + i, __ATOMIC_ACQUIRE);

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from hpctrain import comm, kernels
 from hpctrain.async_ import ASGD, DCASGD, ParameterStore, shard_bounds
-from hpctrain.async_.store import default_shards
+from hpctrain.async_.store import CLOSED, default_shards
 from hpctrain.errors import UsageError
 
 HYPER = {"lr": 0.05, "weight_decay": 1e-3}
@@ -291,6 +291,39 @@ def test_staleness_in_lock_step(consistency):
     assert store.updates() == rounds * size
     store.finish()
     store.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("shared", [None, False], ids=["auto", "get-put"])
+def test_closing_the_tickets_while_others_claim(shared):
+    """SIGUSR1's stop in an asynchronous run: rank 0 closes the ticket counter while every
+    rank claims. The tickets handed out before are 0..M-1, each once; every claim after is at
+    or past CLOSED. Once the budget's tickets are all out, closing refuses and changes nothing."""
+    MPI = comm.mpi()
+    world = MPI.COMM_WORLD
+    rank = world.Get_rank()
+    with ParameterStore(torch.zeros(100), world, shared_memory=shared) as store:
+        world.Barrier()
+        mine = []
+        while (ticket := store.claim()) < CLOSED:
+            mine.append(ticket)
+            if rank == 0 and len(mine) == 100:
+                assert store.close_tickets(budget=10**9)
+            time.sleep(1e-3)  # a step (a claim back to back starves MPI's exclusive lock)
+        claimed = sorted(t for tickets in world.allgather(mine) for t in tickets)
+        assert claimed == list(range(len(claimed))) and len(claimed) >= 100
+        store.finish()
+
+    with ParameterStore(torch.zeros(100), world, shared_memory=shared) as store:
+        while store.claim() < 20:
+            pass
+        world.Barrier()  # all 20 are out
+        if rank == 0:
+            assert not store.close_tickets(budget=20)
+        world.Barrier()
+        assert 20 <= store.claim() < CLOSED
+        store.finish()
 
 
 @pytest.mark.mpi(min_size=2)

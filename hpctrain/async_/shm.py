@@ -33,6 +33,8 @@ def _lib() -> ctypes.CDLL:
     lib.hpctrain_shm_accumulate.restype = None
     lib.hpctrain_shm_fetch_add.argtypes = [addr, i64]
     lib.hpctrain_shm_fetch_add.restype = i64
+    lib.hpctrain_shm_compare_swap.argtypes = [addr, i64, i64]
+    lib.hpctrain_shm_compare_swap.restype = i64
     lib.hpctrain_shm_load.argtypes = [addr, addr, i64]
     lib.hpctrain_shm_load.restype = None
     lib.hpctrain_shm_store.argtypes = [addr, i64]
@@ -64,6 +66,12 @@ def accumulate(word: int, dst: torch.Tensor, src: torch.Tensor, count: int) -> N
 def fetch_add(word: int, value: int) -> int:
     """Add ``value`` to the int64 at ``word`` atomically; return what it held before."""
     return _lib().hpctrain_shm_fetch_add(word, value)
+
+
+def compare_swap(word: int, expected: int, desired: int) -> int:
+    """Write ``desired`` to the int64 at ``word`` if it holds ``expected``, atomically; return
+    what it held (``expected``: written)."""
+    return _lib().hpctrain_shm_compare_swap(word, expected, desired)
 
 
 def load(word: int, out: np.ndarray) -> np.ndarray:

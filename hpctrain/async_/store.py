@@ -6,7 +6,7 @@ words used on shared memory) followed by the shard's floats. A window of its own
 gives every shard its own exclusive lock. Hosts are all ranks (``servers=0``) or the last
 ``servers`` ranks, which then only host. A counter window on ``hosts[0]`` holds two int64: the
 global update count (``Fetch_and_op``; staleness comes from it) and a ticket count that loops
-use to hand out a fixed budget of pushes (:meth:`claim`).
+use to hand out a fixed budget of pushes (:meth:`claim`; :meth:`close_tickets` stops it).
 
 ``locked``: per shard, exclusive lock, Get count and values, fused update written straight into
 the worker's model, Put both, unlock (serialisable; the counts give the lock order).
@@ -49,6 +49,7 @@ _LOCK, _ACCUMULATE = 8, 16  # header offsets of the reader-writer and accumulate
 _COUNT = 8  # bytes of a shard's update count, as traffic counts it
 _ALIGN = 16  # shard boundaries on multiples of 16 floats (64-byte lines)
 _TAG_DONE = 1
+CLOSED = 2 ** 62  # added to the ticket count by close_tickets: every later claim is past it
 
 
 @dataclass(frozen=True)
@@ -429,6 +430,34 @@ class ParameterStore:
         self.mpi_bytes += 16 if value else 8
         return int(self._fetched[0])
 
+    def _add_below(self, value: int, limit: int, slot: int) -> bool:
+        """Add ``value`` to counter ``slot`` unless it holds ``limit`` or more, atomically with
+        respect to every :meth:`_fetch_add`; whether it did. Shared memory: compare-and-swap;
+        else the read and the add in one exclusive-lock epoch (Open MPI 4.1's osc/rdma
+        crashes in ``Compare_and_swap`` over its tcp and vader transports)."""
+        self.bytes_read += 8
+        if self.shared:
+            word = self._counter_base + 8 * slot
+            while (count := shm.fetch_add(word, 0)) < limit:
+                if shm.compare_swap(word, count, count + value) == count:
+                    self.bytes_written += 8
+                    return True
+            return False
+        MPI = hcomm.mpi()
+        host = self.hosts[0]
+        self._counter.Lock(host, MPI.LOCK_EXCLUSIVE)
+        self._counter.Fetch_and_op([self._operand, MPI.INT64_T], [self._fetched, MPI.INT64_T],
+                                   host, slot, op=MPI.NO_OP)
+        self._counter.Flush(host)
+        below = self._fetched[0] < limit
+        if below:
+            self._operand[0] = value
+            self._counter.Accumulate([self._operand, MPI.INT64_T], host, slot, op=MPI.SUM)
+            self.bytes_written += 8
+        self._counter.Unlock(host)
+        self.mpi_bytes += 16 if below else 8
+        return bool(below)
+
     def updates(self) -> int:
         """The number of global updates so far."""
         return self._fetch_add(0)
@@ -441,6 +470,13 @@ class ParameterStore:
         :meth:`updates` before pushing lets every other worker's push in flight through.
         """
         return self._fetch_add(1, slot=1)
+
+    def close_tickets(self, budget: int) -> bool:
+        """Hand out no more tickets: every later :meth:`claim` returns :data:`CLOSED` or more
+        (a SIGUSR1 stop, :mod:`hpctrain.checkpoint.stop`). Unless all ``budget`` tickets are
+        out already (False, nothing changed): a claim past the budget then still says that
+        the work is done."""
+        return self._add_below(CLOSED, budget, slot=1)
 
     def shard_updates(self) -> list[int]:
         """Updates applied to each shard so far."""
