@@ -212,7 +212,8 @@ class Algorithm:
         """Continue after a checkpoint."""
 
     def finish(self, position: int) -> int:
-        """After the last step (collective over the workers): the final global update count."""
+        """After the last step (collective over the workers): the final global update count.
+        Lock-step algorithms leave the model as the last step left it (async: the store's)."""
         return position
 
     def evaluate(self, model: torch.nn.Module, snapshots: list[Snapshot], test_set: Dataset,

@@ -360,8 +360,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     bar.close()
     # --stop-on-collapse may end the loop right after a snapshot: that one is the final
     # model already, unless the algorithm's finish changes it (async: the store's model).
-    final_taken = watch.stopped and taken_at == position and \
-        type(algo).finish is Algorithm.finish
+    final_taken = watch.stopped and taken_at == position and algo.lock_step
     if snapshotting and not final_taken:
         snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position)
         watch.snapshot(model, snapshots)
