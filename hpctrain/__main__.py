@@ -4,12 +4,18 @@ import sys
 
 
 def main() -> None:
-    """The command line; ``horovodrun`` goes straight to its launcher, before torch is imported."""
+    """The command line; ``horovodrun`` goes straight to its launcher, before torch is imported,
+    and ``train`` records SIGUSR1 (a time limit's warning) before torch is imported too: from
+    then on the signal never ends the run without its checkpoint."""
     if sys.argv[1:2] == ["horovodrun"]:
         from hpctrain import horovodrun
 
         horovodrun.main(sys.argv[2:])
         return
+    if sys.argv[1:2] == ["train"]:
+        from hpctrain.checkpoint import stop
+
+        stop.install()
     from hpctrain.cli import main as cli_main
 
     cli_main()

@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace) -> dict:
     """``hpctrain train``: the configuration from the options, checked before MPI starts."""
     rank = comm.env_rank()  # the launcher's rank: under torchrun MPI would say 0 everywhere
-    checkpoint.stop.install()  # SIGUSR1: a checkpoint and a stop where the run can, else nothing
+    if not checkpoint.stop.installed():  # python -m hpctrain has, before importing torch
+        checkpoint.stop.install()  # SIGUSR1: a checkpoint and a stop where it can, else nothing
     try:
         summary = run.train(arguments.build(args))  # checked before MPI starts
     except checkpoint.Stopped as stopped:  # every worker, after the same checkpoint

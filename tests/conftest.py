@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-HPCTRAIN = [sys.executable, "-m", "hpctrain.cli"]
+HPCTRAIN = [sys.executable, "-m", "hpctrain"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
 _LAUNCHES = ("run_job(", "start_job(", "run_commands(", "run_program(", "subprocess.",

@@ -9,11 +9,13 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
+import textwrap
 import time
 
 import pytest
 import torch
-from conftest import refusal, run_commands, run_job, start_job
+from conftest import refusal, run_commands, run_job, run_program, start_job
 
 from hpctrain import checkpoint
 
@@ -161,6 +163,27 @@ def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_pat
     proc = resume(out, "ssgd", 2, "--checkpoint-every", "0.5e")
     assert f"update {updates})" in proc.stderr
     assert_same_run(out, straight("ssgd", 2))
+
+
+def test_train_records_sigusr1_before_torch_is_imported():
+    """``python -m hpctrain train`` (the Slurm scripts' and bench compare's command) records
+    SIGUSR1 before its slow imports, so a time limit's warning in a job's first seconds does
+    not end the process (the signal's default action)."""
+    probe = textwrap.dedent("""
+        import signal, sys
+        class Probe:  # when torch is first imported: is SIGUSR1 recorded already?
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    print("at torch:", getattr(signal.getsignal(signal.SIGUSR1), "__name__", None))
+                    sys.meta_path.remove(self)
+        sys.meta_path.insert(0, Probe())
+        sys.argv = ["hpctrain", "train", "--epochs", "0"]
+        from hpctrain.__main__ import main
+        main()
+    """)
+    proc = run_program([sys.executable, "-c", probe])
+    assert proc.returncode == 2, proc.stderr  # --epochs 0 refused, after torch's import
+    assert proc.stdout == "at torch: _record\n", proc.stdout
 
 
 @pytest.mark.timeout(300)

@@ -272,7 +272,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         if shutil.which(launcher[0]) is None:
             raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
                              "$HPCTRAIN_LAUNCHER or $HPCTRAIN_MPIRUN)")
-        command = [*launcher, sys.executable, "-m", "hpctrain.cli", *train_args]
+        command = [*launcher, sys.executable, "-m", "hpctrain", *train_args]
         ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
         runs.append(Run(algo, np, command, ignored))
     return runs

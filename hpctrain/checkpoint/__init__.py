@@ -37,27 +37,28 @@ By concern:
   (:class:`Stopped`).
 """
 
-from hpctrain.checkpoint.checkpointer import Checkpointer
-from hpctrain.checkpoint.folder import (
-    KEEP,
-    SUBDIR,
-    Loaded,
-    listing,
-    load_newest,
-    newest,
-    resolve,
-    run_folder,
-    save,
-)
-from hpctrain.checkpoint.format import FORMAT, CorruptCheckpoint, encode, load, read_header
-from hpctrain.checkpoint.policy import AUTO, MAY_CHANGE, Every, Resolved, check, parse_every
-from hpctrain.checkpoint.resize import Resize, Resizer
-from hpctrain.checkpoint.rng import rng_state, set_rng_state
-from hpctrain.checkpoint.stop import Stopped
+import importlib
 
-__all__ = [
-    "AUTO", "FORMAT", "KEEP", "MAY_CHANGE", "SUBDIR", "Checkpointer", "CorruptCheckpoint", "Every",
-    "Loaded", "Resize", "Resizer", "Resolved", "Stopped", "check", "encode", "listing", "load",
-    "load_newest", "newest", "parse_every", "read_header", "resolve", "rng_state", "run_folder",
-    "save", "set_rng_state",
-]
+# Public name -> its module, imported on first use: ``hpctrain train`` imports
+# :mod:`~hpctrain.checkpoint.stop` before torch, to record SIGUSR1 from its first moment.
+_EXPORTS = {
+    **dict.fromkeys(["Checkpointer"], "checkpointer"),
+    **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "listing", "load_newest", "newest", "resolve",
+                     "run_folder", "save"], "folder"),
+    **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "encode", "load", "read_header"], "format"),
+    **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "check", "parse_every"],
+                    "policy"),
+    **dict.fromkeys(["Resize", "Resizer"], "resize"),
+    **dict.fromkeys(["rng_state", "set_rng_state"], "rng"),
+    **dict.fromkeys(["Stopped"], "stop"),
+}
+_SUBMODULES = {"checkpointer", "folder", "format", "policy", "resize", "rng", "stop"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
