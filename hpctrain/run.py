@@ -174,9 +174,16 @@ def train(config: RunConfig) -> dict:
     torch.set_num_threads(config.threads)
     watchdog.start(config.stall_timeout, world.Get_rank())
     try:
-        return world.bcast(_run(config, world), root=0)
+        try:
+            result = _run(config, world)
+        except checkpoint.Stopped as stopped:  # the evaluating rank (--eval-rank) is told
+            result = stopped
+        result = world.bcast(result, root=0)  # a store's server learns of a stop here
     finally:
         watchdog.stop()
+    if isinstance(result, checkpoint.Stopped):
+        raise result
+    return result
 
 
 def _finished(config: RunConfig) -> dict | None:
@@ -212,8 +219,11 @@ def _run(config: RunConfig, world) -> dict | None:
     loaded = checkpoint.newest(resume) if resume and world.Get_rank() == 0 else None
     algo.restore_model(loaded)
     workers = algo.connect(world, model)
-    summary = _train(config, algo, workers, model, test_set, loaded, everyone) \
-        if algo.is_worker() else None
+    try:
+        summary = _train(config, algo, workers, model, test_set, loaded, everyone) \
+            if algo.is_worker() else None
+    except checkpoint.Stopped as stopped:  # SIGUSR1, after the checkpoint, on every worker
+        summary = stopped
     algo.close()  # a store host that does not train serves the workers here until they finish
     return summary
 
@@ -247,7 +257,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         resize=checkpoint.Resizer(num_samples=train_data.num_samples, batch_size=o.batch_size,
                                   workers=size, steps=steps, per_epoch=algo.per_epoch,
                                   resize_state=algo.resize_state),
-        stop_on_signal=algo.lock_step)
+        stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
     log = RunLog(config.out, rank)
     log.write_config({**configs.repeatable(config),
                       "run_info": {"workers": size, "device": str(s.device),

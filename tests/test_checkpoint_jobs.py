@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from conftest import refusal, run_commands, run_job, run_program, start_job
+from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program, start_job
 
 from hpctrain import checkpoint
 
@@ -184,6 +184,40 @@ def test_train_records_sigusr1_before_torch_is_imported():
     proc = run_program([sys.executable, "-c", probe])
     assert proc.returncode == 2, proc.stderr  # --epochs 0 refused, after torch's import
     assert proc.stdout == "at torch: _record\n", proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_async_sigusr1_checkpoints_the_claimed_updates_and_stops(tmp_path):
+    """SIGUSR1 to an asynchronous run with a dedicated server: rank 0 closes the tickets, every
+    worker checkpoints the updates claimed before (not at a mark), the server ends too, status
+    5; --resume goes on from that checkpoint and pushes exactly the rest of the budget."""
+    out = tmp_path / "run"
+    args = ["train", "--algo", "ssp", *SYNTHETIC, "--epochs", "3", "--batch-size", "32",
+            "--momentum", "0.5", "--servers", "1", "--max-staleness", "2",
+            "--checkpoint-every", "0.5e", "--out", str(out)]
+    job = start_job(args, np=4)
+    try:
+        deadline = time.monotonic() + 120
+        while not checkpoint.listing(out / "checkpoints"):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGUSR1)
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 5, stderr
+    stops = [line for line in stderr.splitlines() if line.startswith("hpctrain: stopped")]
+    assert len(stops) == 1, stderr
+    updates = int(re.search(r"after the checkpoint of update (\d+) of 198 in", stops[0])[1])
+    header = checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])
+    assert header["updates"] == updates and 33 <= updates < 198
+    proc = run_job([*args, "--resume", str(out)], np=4, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [updates]
+    assert summary["staleness"]["count"] == sum(summary["pushes_per_worker"]) \
+        == summary["updates"] == 198  # every push of both parts, none past the budget
+    assert summary["ssp_max_gap"] <= 2
 
 
 @pytest.mark.timeout(300)

@@ -7,7 +7,9 @@ counts as one): before each step a worker claims a ticket from a global counter
 (``ParameterStore.claim``) and stops once the tickets reach the budget, so fast workers do more
 of the work and none pushes past the budget. A checkpoint mark works the same way: a worker
 whose ticket is at or past it waits at a barrier until the others are there too, by which
-time exactly the updates before the mark are in. The learning-rate schedule follows the
+time exactly the updates before the mark are in. SIGUSR1 closes the counter
+(:meth:`ASGD.close_tickets`): every worker's next claim brings it to a checkpoint of the
+updates claimed so far, and the run stops. The learning-rate schedule follows the
 same global count. Rank 0 snapshots its model (the newest global values it read); snapshots
 are scored after training.
 
@@ -28,7 +30,8 @@ from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
 from hpctrain.async_.optim import DEFAULT_LAM
 from hpctrain.async_.ssp import StalenessBound
-from hpctrain.async_.store import CONSISTENCIES, MAX_SHARDS, ParameterStore
+from hpctrain.async_.store import CLOSED, CONSISTENCIES, MAX_SHARDS, ParameterStore
+from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
 from hpctrain.metrics import distribution
@@ -167,6 +170,7 @@ class ASGD(Algorithm):
         self.optimizer = self.make_optimizer(s.model)
         self.workers_comm = s.comm
         self.base, self.ticket = 0, None
+        self.total = self.config.optim.epochs * self.per_epoch(s.steps, s.workers)  # the loop's
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         return {"model": self.model}, {"opt": self.optimizer}
@@ -195,8 +199,13 @@ class ASGD(Algorithm):
 
     def claim(self, position: int) -> int:
         if self.ticket is None:
-            self.ticket = self.base + self.store.claim()
+            ticket = self.store.claim()
+            self.ticket = stop.CLOSED if ticket >= CLOSED else self.base + ticket
         return self.ticket
+
+    def close_tickets(self) -> bool:
+        """SIGUSR1 on rank 0: no more tickets, unless the budget's are all out (False)."""
+        return self.store.close_tickets(self.total - self.base)
 
     def progress(self, position: int, applied: bool) -> int:
         if not applied:  # a skipped step pushes nothing: the ticket stays for the next batch
@@ -296,10 +305,6 @@ class SSP(ASGD):
         workers = super().connect(world, model)
         self.bound = StalenessBound(self.store, self.options.max_staleness)
         return workers
-
-    def setup(self, s: Setup) -> None:
-        super().setup(s)
-        self.total = self.config.optim.epochs * self.per_epoch(s.steps, s.workers)  # the loop's
 
     def claim(self, position: int) -> int:
         if self.ticket is None:  # wait before claiming: a held ticket never waits on others

@@ -50,10 +50,12 @@ class Checkpointer:
     ``every`` (``--checkpoint-every``; None: never) ``Ne`` makes one due each time the update
     count passes a multiple of N epochs (``steps`` updates each); ``N`` seconds, when rank 0's
     clock says so (lock-step loops only: the verdict is a broadcast per step). With
-    ``stop_on_signal`` (lock-step loops) SIGUSR1 on rank 0 makes one due at the next update
-    (in epochs mode within 2 x :data:`SIGNAL_EVERY`) and sets :attr:`stopping`: the loop
-    saves it and raises :meth:`stopped` (:mod:`~hpctrain.checkpoint.stop`). Call
-    :meth:`close` after the loop. Checkpoints go to
+    ``stop_on_signal``, SIGUSR1 on rank 0 makes one due and sets :attr:`stopping`: the loop
+    saves it and raises :meth:`stopped` (:mod:`~hpctrain.checkpoint.stop`). Lock-step loops
+    checkpoint at the next update (in epochs mode within 2 x :data:`SIGNAL_EVERY`);
+    asynchronous ones, whose indices are tickets, pass ``close_tickets`` (False: every ticket
+    was out): rank 0 calls it, every worker's next claim is :data:`~stop.CLOSED`, which
+    makes a checkpoint due. Call :meth:`close` after the loop. Checkpoints go to
     ``folder``; ``resume`` is the folder to resume from (None: a fresh run). ``header``: what
     each checkpoint's header records about the run (``algo``, ``ranks``, ``args``: the run's
     configuration that :func:`~hpctrain.checkpoint.policy.check` compares); ``workers`` (the
@@ -66,7 +68,8 @@ class Checkpointer:
                  per_rank: dict | None = None, per_rank_snapshots: bool = False,
                  every: str | None, folder: Path, resume: str | None, header: dict,
                  resize: Callable[[dict, list[dict]], tuple[list[dict], Resize]] | None = None,
-                 stop_on_signal: bool = False) -> None:
+                 stop_on_signal: bool = False,
+                 close_tickets: Callable[[], bool] | None = None) -> None:
         self.comm, self.steps, self.total = comm, steps, total_steps
         self.snapshots_per_rank = per_rank_snapshots
         self.rank = comm.Get_rank() if comm is not None else 0
@@ -91,6 +94,8 @@ class Checkpointer:
         self._flag = Rank0Flag(comm)
         self.on_signal = self.enabled and stop_on_signal
         self.stopping = False  # the last due(): checkpoint, then stop (SIGUSR1)
+        self.close_tickets = close_tickets
+        self._closing = False  # rank 0 called close_tickets (once)
         # Installed here unless hpctrain train has (from its start); put back by close().
         self._handler = stop.install() if self.on_signal and not stop.installed() else None
 
@@ -163,6 +168,8 @@ class Checkpointer:
         # Only marks within the run count: async workers stop at the total, so a mark past
         # it would keep some of them waiting at the checkpoint's barrier.
         marked = self.by_progress and self.next_due <= self.total and updates >= self.next_due
+        if self.close_tickets is not None:
+            return self._ticket_due(updates) or marked
         if self.by_progress and not self.on_signal:
             return marked
         verdict = self._verdict(updates)
@@ -184,6 +191,15 @@ class Checkpointer:
         if updates < self.total and not verdict & _STOP:
             self._flag.post(self._rank0_verdict() if self.rank == 0 and not verdict else 0)
         return verdict
+
+    def _ticket_due(self, ticket: int) -> bool:
+        """Asynchronous workers: whether ``ticket`` was claimed after rank 0 closed the
+        tickets on SIGUSR1, which rank 0 does here. Whether to stop after the checkpoint is
+        rank 0's word, given in :meth:`save` (a worker waiting at a mark claims nothing)."""
+        if self.on_signal and self.rank == 0 and not self._closing and stop.received():
+            self._closing = True
+            self.stopping = self.close_tickets()
+        return ticket >= stop.CLOSED
 
     def _rank0_verdict(self) -> int:
         late = not self.by_progress and time.perf_counter() - self.last >= self.every
@@ -215,6 +231,8 @@ class Checkpointer:
         if self.rank == 0:
             self._write(updates, [m for m, _ in gathered],
                         [n for _, n in gathered] if self.snapshots_per_rank else [new])
+        if self.close_tickets is not None and self.comm is not None:
+            self.stopping = self.comm.bcast(self.stopping, root=0)  # rank 0 closed the tickets
         self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
         self.count += 1
         self.seconds += time.perf_counter() - start

@@ -4,11 +4,13 @@ before its time limit instead of losing what it trained since its last checkpoin
 A batch system warns a job ahead of its limit with a signal (Slurm: ``#SBATCH
 --signal=B:USR1@300`` sends SIGUSR1 to the batch script 300 s before; ``slurm/train.sbatch``
 passes it on to the launcher, and mpirun, mpiexec and srun forward it to every rank). The
-handler only records it; the lock-step loop acts on it at an update boundary, once rank 0's
-verdict has reached every rank (:meth:`~hpctrain.checkpoint.Checkpointer.due`): every rank
-takes part in the checkpoint of that update and raises :class:`Stopped`, which ``hpctrain
-train`` turns into exit status :data:`EXIT_STATUS`. The job then requeues itself and
-``--resume auto`` goes on from that checkpoint.
+handler only records it. The lock-step loop acts on it at an update boundary, once rank 0's
+verdict has reached every rank (:meth:`~hpctrain.checkpoint.Checkpointer.due`); in an
+asynchronous run rank 0 closes the ticket counter, so that every worker's next claim is
+:data:`CLOSED` and brings it to a checkpoint of exactly the updates claimed before. Every rank
+takes part in the checkpoint and raises :class:`Stopped`, which ``hpctrain train`` turns into
+exit status :data:`EXIT_STATUS`. The job then requeues itself and ``--resume auto`` goes on
+from that checkpoint.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import threading
 
 SIGNAL = signal.SIGUSR1
 EXIT_STATUS = 5  # hpctrain train stopped on SIGNAL after a checkpoint: requeue to go on
+CLOSED = 2 ** 62  # the index an asynchronous worker claims once rank 0 closed the tickets
 
 _received = False
 
