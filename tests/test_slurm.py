@@ -168,8 +168,12 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     def run(self, *cmd: str, check: bool = True, timeout: float = 60,
             **kw) -> subprocess.CompletedProcess:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
-                              timeout=timeout, **kw)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env,
+                                  timeout=timeout, **kw)
+        except subprocess.TimeoutExpired:  # the daemons' last words say why
+            raise RuntimeError(f"{' '.join(cmd)}: no answer in {timeout:.0f}s: "
+                               f"{self.log_tail('slurmctld', 15)}") from None
         if check and proc.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)}: {proc.stderr.strip()}")
         return proc
@@ -202,8 +206,8 @@ PartitionName=test Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
             while self.run("squeue", "-h", check=False, timeout=10).stdout.strip() \
                     and time.monotonic() < deadline:
                 time.sleep(0.5)
-        except (OSError, subprocess.TimeoutExpired):
-            pass  # daemons already gone: their processes are stopped below all the same
+        except (OSError, RuntimeError):
+            pass  # daemons gone or not answering: their processes are stopped below
         _stop(self.dir)
         for proc in self.daemons:
             proc.wait(timeout=5)
@@ -225,7 +229,7 @@ def slurm():
         cluster.write_config()
         try:
             cluster.start()
-        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+        except (RuntimeError, OSError) as e:
             pytest.skip(f"Slurm cannot start here: {e}")
         yield cluster
     finally:
