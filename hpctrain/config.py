@@ -205,9 +205,9 @@ class CheckpointConfig:
     """When checkpoints are written, where, and which run to continue."""
 
     every: str | None = option(None, "write a checkpoint every N seconds, or every N epochs "
-                               "with Ne (e.g. 1e); then SIGUSR1 makes sgd, ssgd, ma and ec "
-                               "write one within 32 updates and exit with status 5; default: "
-                               "no checkpoints",
+                               "with Ne (e.g. 1e); then SIGUSR1 makes the run write one "
+                               "within 32 updates and exit with status 5; default: no "
+                               "checkpoints",
                                flag="--checkpoint-every", parse=parse_every)
     dir: str | None = option(None, "folder for checkpoints (default <out>/checkpoints, or with "
                              "--resume the folder resumed from)", flag="--checkpoint-dir")

@@ -322,8 +322,8 @@ class _Display:
 
 class _Warning:
     """SIGUSR1 while comparing (a time limit's warning, :mod:`hpctrain.checkpoint.stop`):
-    passed on to the run going on, which stops after a checkpoint where it can (sgd, ssgd, ma,
-    ec with --checkpoint-every; others run on to their end); no run starts after it."""
+    passed on to the run going on, which stops after a checkpoint if it has
+    --checkpoint-every (else it runs on to its end); no run starts after it."""
 
     def __init__(self) -> None:
         self.received, self.child = False, None
