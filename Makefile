@@ -31,10 +31,13 @@ test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m unit tests
 
 # Two pytest workers, a test file each (its module fixtures stay shared): job tests spend
-# much of their time waiting on launches and drills, so two overlap on two cores.
+# much of their time waiting on launches and drills, so two overlap on two cores. Files go
+# out in conftest's order, the longest first (xdist's own puts the files with most tests
+# first, which left test_slurm.py's minutes for the end).
 TEST_WORKERS ?= 2
 test-unit: setup
-	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile \
+	    --no-loadscope-reorder tests
 
 # Each MPI size is one mpirun; a hang is ended by pytest-timeout inside and `timeout` outside.
 # Every rank imports what it collects, so only the files that hold MPI tests are given.

@@ -46,7 +46,18 @@ def _launchers(module) -> set[str]:
         found |= more
 
 
+# The files whose tests take longest (make test's --durations), longest first: under
+# --dist loadfile a long file handed out last leaves one pytest worker running it alone at
+# the end, minutes in which the other core idles.
+_LONGEST_FIRST = ("test_checkpoint_jobs.py", "test_slurm.py", "test_bench_compare.py",
+                  "test_cli.py", "test_launchers.py", "test_sync_elastic.py",
+                  "test_own_code_jobs.py", "test_faults.py", "test_api.py", "test_compile.py",
+                  "test_other_mpis.py")
+
+
 def pytest_collection_modifyitems(items) -> None:
+    rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
     cache: dict[str, set[str]] = {}
     for item in items:
         if any(item.get_closest_marker(m) for m in ("mpi", "job", "unit")):
