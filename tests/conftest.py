@@ -13,8 +13,10 @@ import inspect
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,23 @@ def start_job(args: list[str], np: int) -> subprocess.Popen:
     return subprocess.Popen((mpirun(np) if np else []) + HPCTRAIN + args, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def warn_after_checkpoint(job: subprocess.Popen, folder: Path, timeout: float = 120) -> str:
+    """SIGUSR1 (a time limit's warning; mpirun passes it on to every rank) to a ``start_job``
+    job once ``folder`` holds a checkpoint; the job's stderr when it has ended. It fails if
+    the job ends first, and the job is killed if it outlives ``timeout`` seconds."""
+    from hpctrain.checkpoint import listing
+
+    try:
+        deadline = time.monotonic() + timeout
+        while not listing(folder):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.01)
+        job.send_signal(signal.SIGUSR1)
+        return job.communicate(timeout=timeout)[1]
+    finally:
+        job.kill()
 
 
 def run_program(program: list[str], np: int = 0, timeout: float = 120, env: dict | None = None,

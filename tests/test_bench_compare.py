@@ -10,16 +10,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import sys
-import time
 from types import SimpleNamespace
 
 import pytest
-from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job, start_job
+from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job, start_job, warn_after_checkpoint
 from matplotlib.image import imread
 
-from hpctrain import checkpoint, cli, registry
+from hpctrain import cli, registry
 from hpctrain.bench import compare, report
 from hpctrain.errors import UsageError
 
@@ -231,15 +229,7 @@ def test_sigusr1_stops_the_comparison_after_a_checkpoint_and_resume_finishes_it(
     argv = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", *SYNTHETIC,
             "--epochs", "6", "--checkpoint-every", "0.25e", "--out", str(out)]
     job = start_job(argv, np=0)
-    try:
-        deadline = time.monotonic() + 120
-        while not checkpoint.listing(out / "sgd" / "checkpoints"):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.01)
-        job.send_signal(signal.SIGUSR1)
-        _, stderr = job.communicate(timeout=120)
-    finally:
-        job.kill()
+    stderr = warn_after_checkpoint(job, out / "sgd" / "checkpoints")
     assert job.returncode == 5, stderr
     assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in stderr
     assert stderr.strip().splitlines()[-1] == (

@@ -7,15 +7,21 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 import torch
-from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program, start_job
+from conftest import (
+    SYNTHETIC,
+    refusal,
+    run_commands,
+    run_job,
+    run_program,
+    start_job,
+    warn_after_checkpoint,
+)
 
 from hpctrain import checkpoint
 
@@ -144,15 +150,7 @@ def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_pat
     status 5 and one line; --resume goes on from it to the uninterrupted run's model."""
     out = tmp_path / "run"
     job = start_job(options(out, "ssgd", "--checkpoint-every", "0.5e"), np=2)
-    try:
-        deadline = time.monotonic() + 120
-        while not checkpoint.listing(out / "checkpoints"):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.01)
-        job.send_signal(signal.SIGUSR1)  # mpirun forwards it to every rank
-        _, stderr = job.communicate(timeout=120)
-    finally:
-        job.kill()
+    stderr = warn_after_checkpoint(job, out / "checkpoints")
     assert job.returncode == 5, stderr
     stops = [line for line in stderr.splitlines() if line.startswith("hpctrain: stopped")]
     assert len(stops) == 1, stderr
@@ -196,15 +194,7 @@ def test_async_sigusr1_checkpoints_the_claimed_updates_and_stops(tmp_path):
             "--momentum", "0.5", "--servers", "1", "--max-staleness", "2",
             "--checkpoint-every", "0.5e", "--out", str(out)]
     job = start_job(args, np=3)
-    try:
-        deadline = time.monotonic() + 120
-        while not checkpoint.listing(out / "checkpoints"):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
-            time.sleep(0.01)
-        job.send_signal(signal.SIGUSR1)
-        _, stderr = job.communicate(timeout=120)
-    finally:
-        job.kill()
+    stderr = warn_after_checkpoint(job, out / "checkpoints")
     assert job.returncode == 5, stderr
     stops = [line for line in stderr.splitlines() if line.startswith("hpctrain: stopped")]
     assert len(stops) == 1, stderr
