@@ -52,7 +52,7 @@ _EXPORTS = {
     **dict.fromkeys(["rng_state", "set_rng_state"], "rng"),
     **dict.fromkeys(["Stopped"], "stop"),
 }
-_SUBMODULES = {"checkpointer", "folder", "format", "policy", "resize", "rng", "stop"}
+_SUBMODULES = set(_EXPORTS.values())  # every module exports something
 __all__ = sorted(_EXPORTS)
 
 
