@@ -5,14 +5,14 @@ import sys
 
 def main() -> None:
     """The command line; ``horovodrun`` goes straight to its launcher, before torch is imported,
-    and ``train`` records SIGUSR1 (a time limit's warning) before torch is imported too: from
-    then on the signal never ends the run without its checkpoint."""
+    and ``train`` and ``bench compare`` record SIGUSR1 (a time limit's warning) before torch
+    is imported too: from then on the signal never ends the run without its checkpoint."""
     if sys.argv[1:2] == ["horovodrun"]:
         from hpctrain import horovodrun
 
         horovodrun.main(sys.argv[2:])
         return
-    if sys.argv[1:2] == ["train"]:
+    if sys.argv[1:2] == ["train"] or sys.argv[1:3] == ["bench", "compare"]:
         from hpctrain.checkpoint import stop
 
         stop.install()

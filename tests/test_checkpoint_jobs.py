@@ -163,25 +163,42 @@ def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_pat
     assert_same_run(out, straight("ssgd", 2))
 
 
-def test_train_records_sigusr1_before_torch_is_imported():
-    """``python -m hpctrain train`` (the Slurm scripts' and bench compare's command) records
-    SIGUSR1 before its slow imports, so a time limit's warning in a job's first seconds does
-    not end the process (the signal's default action)."""
+# (argv, exit status, last line of stderr): a train that cannot start (status 2 is its
+# refusal, not the signal's death), a comparison that then starts no run (status 5).
+EARLY_SIGNAL = [
+    (["train", "--epochs", "0"], 2, "hpctrain: error: argument --epochs: must be > 0, got 0"),
+    (["bench", "compare", "--algos", "sgd", *SYNTHETIC, "--out", "{out}"], 5,
+     "hpctrain bench compare: stopped by SIGUSR1 with sgd left to run; continue with --resume "
+     "(--out {out})"),
+]
+
+
+@pytest.mark.parametrize("argv, status, last", EARLY_SIGNAL, ids=["train", "bench-compare"])
+def test_sigusr1_before_torch_is_imported_is_recorded(tmp_path, argv, status, last):
+    """``python -m hpctrain train`` and ``bench compare`` (the Slurm scripts' commands)
+    record SIGUSR1 before their slow imports, so a time limit's warning in a job's first
+    seconds does not end the process (the signal's default action): here it comes as torch
+    is first imported."""
     probe = textwrap.dedent("""
-        import signal, sys
-        class Probe:  # when torch is first imported: is SIGUSR1 recorded already?
+        import os, signal, sys
+        class Probe:  # when torch is first imported: is SIGUSR1 recorded already? Send it.
             def find_spec(self, name, path=None, target=None):
                 if name == "torch":
                     print("at torch:", getattr(signal.getsignal(signal.SIGUSR1), "__name__", None))
                     sys.meta_path.remove(self)
+                    os.kill(os.getpid(), signal.SIGUSR1)
         sys.meta_path.insert(0, Probe())
-        sys.argv = ["hpctrain", "train", "--epochs", "0"]
+        sys.argv = ["hpctrain", *sys.argv[1:]]
         from hpctrain.__main__ import main
         main()
     """)
-    proc = run_program([sys.executable, "-c", probe])
-    assert proc.returncode == 2, proc.stderr  # --epochs 0 refused, after torch's import
+    out = tmp_path / "cmp"
+    proc = run_program([sys.executable, "-c", probe,
+                        *(a.format(out=out) for a in argv)])
+    assert proc.returncode == status, proc.stderr
     assert proc.stdout == "at torch: _record\n", proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == last.format(out=out)
+    assert not (out / "sgd").exists()
 
 
 @pytest.mark.timeout(300)

@@ -326,8 +326,10 @@ class _Warning:
     --checkpoint-every (else it runs on to its end); no run starts after it."""
 
     def __init__(self) -> None:
-        self.received, self.child = False, None
+        self.child = None
+        early = checkpoint.stop.installed()  # python -m hpctrain has recorded it since start-up
         self._previous = signal.signal(checkpoint.stop.SIGNAL, self._on)
+        self.received = early and checkpoint.stop.received()
 
     def _on(self, signum, frame) -> None:
         self.received = True
