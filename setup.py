@@ -96,7 +96,7 @@ setup(
     "ensemble compression, data shuffling, Horovod-compatible synchronous SGD",
     packages=find_packages(include=["hpctrain", "hpctrain.*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.1", "mpi4py>=4.0", "numpy", "tqdm", "pyyaml",
+    install_requires=["torch>=2.1", "mpi4py>=4.0", "numpy", "tqdm", "pyyaml", "cloudpickle",
                       "tomli; python_version < '3.11'"],
     extras_require={
         "test": ["pytest", "pytest-mpi", "pytest-timeout", "pytest-xdist", "ruff"],

@@ -11,7 +11,9 @@ when horovod.torch cannot be imported.
 from __future__ import annotations
 
 import copy
+import pickle
 import sys
+import threading
 
 import pytest
 import torch
@@ -61,6 +63,20 @@ def test_horovod_backend_without_horovod_says_make_setup(monkeypatch):
         sync.init(backend="horovod")
     assert "\n" not in str(e.value)
     assert sync.backend() is None
+
+
+def test_objects_are_pickled_by_value_as_horovod_does(monkeypatch):
+    """broadcast_object's bytes: a closure travels by value with cloudpickle; without it,
+    plain pickle refuses and says what to install."""
+    from hpctrain.sync import collectives
+
+    offset = 3
+    kind, data = collectives._pickled(lambda x: x + offset)
+    assert kind == "ok" and pickle.loads(data)(1) == 4
+    monkeypatch.setitem(sys.modules, "cloudpickle", None)  # as if not installed
+    kind, why = collectives._pickled(lambda x: x + offset)
+    assert kind == "error" and why.endswith("(install cloudpickle to send functions and "
+                                            "classes by value)")
 
 
 def test_a_users_group_without_a_cpu_backend_is_refused_in_one_line(tmp_path):
@@ -679,9 +695,10 @@ def test_bad_arguments_are_one_line_type_and_value_errors(own_backend):
                           ([-1] + [5] + [0] * (n - 2), ValueError), ([4], ValueError)):
         _one_line(error, "splits must be", lambda s=splits: hvd.alltoall(torch.ones(4),
                                                                           splits=s))
-    _one_line(TypeError, "cannot pickle the object", lambda: hvd.broadcast_object(lambda: 1))
+    _one_line(TypeError, "cannot pickle the object", lambda: hvd.broadcast_object(
+        threading.Lock()))
     _one_line(TypeError, "rank 0 cannot pickle its object", lambda: hvd.allgather_object(
-        lambda: 1))
+        threading.Lock()))
     _one_line(TypeError, "expected a torch.optim.Optimizer, got Linear",
               lambda: hvd.broadcast_optimizer_state(nn.Linear(2, 2), 0))
     _one_line(TypeError, "remove_process_set: expected an hpctrain.sync.ProcessSet",
@@ -721,9 +738,9 @@ def test_a_rank_with_bad_arguments_fails_every_rank_instead_of_a_hang(own_backen
             assert isinstance(e.value, sync.CollectiveMismatchError)
             assert "rank 1 called" in str(e.value) and "rejected: " in str(e.value)
     with pytest.raises(UsageError, match="rank 1 cannot pickle its object"):
-        hvd.allgather_object((lambda: 1) if bad else 1)
+        hvd.allgather_object(threading.Lock() if bad else 1)
     with pytest.raises(UsageError, match="root_rank 0: cannot pickle" if r else "cannot pickle"):
-        hvd.broadcast_object((lambda: 1) if r == 0 else None)
+        hvd.broadcast_object(threading.Lock() if r == 0 else None)
     with pytest.raises((UsageError, sync.CollectiveMismatchError), match="2 tensors|1 tensors"):
         hvd.broadcast_parameters([torch.ones(2)] * (2 if bad else 1), root_rank=0)
     assert hvd.allgather_object(r) == list(range(hvd.size()))  # still in step

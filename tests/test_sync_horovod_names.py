@@ -176,6 +176,9 @@ def _exercise(hvd) -> dict:
         hvd.synchronize(hvd.grouped_reducescatter_async(pair)))
     out["objects"] = (hvd.broadcast_object({"r": r}, root_rank=root),
                       hvd.allgather_object(("r", r)))
+    offset = r  # by value (cloudpickle): the root's closure, called on every rank
+    out["objects.closures"] = (hvd.broadcast_object(lambda x: 10 * x + offset, root)(r),
+                               [f(1) for f in hvd.allgather_object(lambda x: x + offset)])
     hvd.barrier()
     out["barrier"] = True
     indices = torch.tensor([[r % 4, (r + 1) % 4]])
@@ -327,7 +330,7 @@ NAMES = ["world", "allreduce", "allreduce.int", "allreduce.scaled", "allreduce.g
          "grouped_allgather", "broadcast", "broadcast_", "broadcast.grad", "alltoall",
          "alltoall.splits", "alltoall_async", "alltoall.grad", "reducescatter",
          "reducescatter.int", "reducescatter.scaled", "reducescatter.grad",
-         "reducescatter_async", "grouped_reducescatter", "objects", "barrier",
+         "reducescatter_async", "grouped_reducescatter", "objects", "objects.closures", "barrier",
          "sparse_allreduce_async", "join", "optimizer", "optimizer.sparse", "process_set"]
 mpi = pytest.mark.mpi(min_size=2)
 
@@ -369,6 +372,7 @@ def test_results_are_the_documented_values(results):
     out, received = got["alltoall.splits"]
     assert received.tolist() == [(r + k) % 3 for k in range(n)]
     assert out.shape == (sum(received.tolist()), 2)
+    assert got["objects.closures"] == (10 * r + n - 1, [1 + k for k in range(n)])
 
 
 # ---------------------------------------------------------------- mpi backend behaviour

@@ -488,14 +488,15 @@ def barrier(process_set: PS = global_process_set) -> None:
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: PS = global_process_set) -> Any:
-    """root_rank's ``obj`` (pickled) on every process."""
+    """root_rank's ``obj`` (pickled; by cloudpickle where installed, as Horovod does) on every
+    process."""
     return _impl("broadcast_object").broadcast_object(obj, root_rank, name=name,
                                                       **_ps(process_set))
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: PS = global_process_set) -> list:
-    """Every process's ``obj`` (pickled), in rank order."""
+    """Every process's ``obj`` (pickled, as by :func:`broadcast_object`), in rank order."""
     return _impl("allgather_object").allgather_object(
         obj, name=name, **_ps_extension(process_set, "allgather_object"))
 

@@ -666,8 +666,17 @@ def allgather_object(obj: Any, name: str | None = None,
 
 
 def _pickled(obj: Any) -> tuple[str, Any]:
-    """("ok", the pickled bytes) or ("error", why ``obj`` cannot be pickled)."""
+    """("ok", the pickled bytes) or ("error", why ``obj`` cannot be pickled). Pickled by
+    cloudpickle where installed, as Horovod does, so that lambdas and the classes and functions
+    of a user's script travel by value (any rank can load them: they load with pickle)."""
     try:
-        return "ok", pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        import cloudpickle as pickler
+    except ImportError:
+        pickler = pickle
+    try:
+        return "ok", pickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as err:  # pickling runs the object's own code: anything may come
-        return "error", f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if pickler is pickle:
+            why += " (install cloudpickle to send functions and classes by value)"
+        return "error", why
