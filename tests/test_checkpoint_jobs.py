@@ -122,28 +122,6 @@ def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, killed
 
 
 @pytest.mark.timeout(300)
-def test_ssgd_2_killed_every_few_seconds_resumed_twice(tmp_path, straight):
-    """Time-based checkpoints (rank 0's clock decides for all), a rank SIGKILLed, resumed;
-    then killed again after resuming and resumed again."""
-    out = tmp_path / "run"
-    every = ["--checkpoint-every", "0.1"]
-    proc = train(out, "ssgd", 2, *every, env={"HPCTRAIN_INJECT": "kill@1:110"})
-    assert proc.returncode != 0
-    assert "rank 1" in proc.stderr and "signal 9" in proc.stderr
-    first = checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"]
-    assert 0 < first <= 110
-    proc = train(out, "ssgd", 2, "--resume", str(out), *every,
-                 env={"HPCTRAIN_INJECT": "kill@0:185"})
-    assert proc.returncode != 0
-    resume(out, "ssgd", 2, *every)
-    assert_same_run(out, straight("ssgd", 2))
-    summary = json.loads((out / "summary.json").read_text())
-    # The second run wrote a checkpoint before its kill unless its 75 steps took < 0.1 s.
-    assert summary["resumed_from_updates"][0] == first
-    assert len(summary["resumed_from_updates"]) in (1, 2)
-
-
-@pytest.mark.timeout(300)
 def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_path, straight):
     """A time limit's warning (Slurm's --signal, passed on to mpirun) after the first
     checkpoint: every rank takes part in the next update's checkpoint and the job ends with
@@ -228,28 +206,31 @@ def test_async_sigusr1_checkpoints_the_claimed_updates_and_stops(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_ssgd_3_raise_after_checkpoint_then_resume(tmp_path, straight):
+def test_ssgd_3_raise_after_checkpoint_then_resume(tmp_path):
     """More than 2 ranks, shards of uneven steps (682 samples a rank: 43 steps an epoch, the
     last of 10). An exception on one rank (abort path) after the epoch-1 checkpoint; NaN
     gradients on another rank before it: the skipped step and its count survive the resume."""
-    out = tmp_path / "run"
+    out, uninterrupted = tmp_path / "run", tmp_path / "straight"
     nan = "nan@1:5"
-    proc = train(out, "ssgd", 3, "--checkpoint-every", "1e",
-                 env={"HPCTRAIN_INJECT": f"{nan},raise@2:50"})
-    assert proc.returncode != 0
+    # One launch: the uninterrupted run, then the one that fails.
+    proc = run_commands([options(uninterrupted, "ssgd"),
+                         options(out, "ssgd", "--checkpoint-every", "1e")],
+                        np=3, injects=[nan, f"{nan},raise@2:50"])
+    assert proc.returncode != 0 and (uninterrupted / "summary.json").exists()
     assert "hpctrain: error (rank 2 of 3): RuntimeError: injected fault at step 50" in proc.stderr
     assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 43
     resume(out, "ssgd", 3, "--checkpoint-every", "1e")
-    assert_same_run(out, straight("ssgd", 3, nan))
+    assert_same_run(out, uninterrupted)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 1 and summary["bad_gradients_per_worker"] == [0, 1, 0]
 
 
 @pytest.mark.timeout(300)
-def test_killed_while_writing_a_checkpoint_then_corrupt_newest(tmp_path, straight):
+def test_ssgd_2_killed_writing_then_by_the_clock_then_corrupt_newest(tmp_path, straight):
     """Rank 0 SIGKILLed halfway through writing the epoch-2 checkpoint: the epoch-1 one is
-    intact. After the resumed run's next checkpoint, the newest is damaged on disk: the next
-    resume reports it in one line and falls back to the previous good one."""
+    intact. Resumed with checkpoints every 0.1 s (rank 0's clock decides for all) and rank 1
+    SIGKILLed. The newest checkpoint is then damaged on disk: the last resume reports it in
+    one line, falls back to the one before, and ends at the uninterrupted run's model."""
     out = tmp_path / "run"
     folder = out / "checkpoints"
     proc = train(out, "ssgd", 2, "--checkpoint-every", "1e",
@@ -258,20 +239,26 @@ def test_killed_while_writing_a_checkpoint_then_corrupt_newest(tmp_path, straigh
     assert [p.name for p in checkpoint.listing(folder)] == ["ckpt-000000064.pt"]
     assert list(folder.glob(".ckpt-000000128.pt.*.tmp"))  # the torn write, never renamed
 
-    proc = train(out, "ssgd", 2, "--resume", str(out), "--checkpoint-every", "1e",
-                 env={"HPCTRAIN_INJECT": "kill@1:140"})
+    every = ["--checkpoint-every", "0.1"]
+    proc = train(out, "ssgd", 2, "--resume", str(out), *every,
+                 env={"HPCTRAIN_INJECT": "kill@1:185"})
     assert proc.returncode != 0
-    newest = checkpoint.listing(folder)[0]
-    assert newest.name == "ckpt-000000128.pt" and not list(folder.glob("*.tmp"))
+    assert "rank 1" in proc.stderr and "signal 9" in proc.stderr
+    newest, before = checkpoint.listing(folder)  # the newest two are kept
+    updates = [checkpoint.read_header(p)["updates"] for p in (newest, before)]
+    # 121 steps since update 64 take longer than 0.1 s: one checkpoint by the clock at least.
+    assert 64 <= updates[1] < updates[0] <= 185 and not list(folder.glob("*.tmp"))
     blob = bytearray(newest.read_bytes())
     blob[len(blob) // 2] ^= 0xFF
     newest.write_bytes(bytes(blob))
 
-    proc = resume(out, "ssgd", 2, "--checkpoint-every", "1e")
+    proc = resume(out, "ssgd", 2, *every)
     reports = [line for line in proc.stderr.splitlines() if "unusable" in line]
-    assert len(reports) == 1 and "ckpt-000000128.pt" in reports[0] and "checksum" in reports[0]
-    assert "update 64" in proc.stderr
+    assert len(reports) == 1 and newest.name in reports[0] and "checksum" in reports[0]
+    assert f"update {updates[1]})" in proc.stderr
     assert_same_run(out, straight("ssgd", 2))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [64, updates[1]]
 
 
 @pytest.mark.timeout(300)
