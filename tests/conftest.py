@@ -134,13 +134,13 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
     return _launch(HPCTRAIN + args, np, timeout, env, mpi_args, mpi)
 
 
-def start_job(args: list[str], np: int) -> subprocess.Popen:
-    """``hpctrain <args>`` on ``np`` ranks of Open MPI (a plain process if np == 0), started
-    and left running (to signal it); the caller waits for it with a timeout, and kills it in a
-    ``finally``."""
+def start_job(args: list[str], np: int, env: dict | None = None) -> subprocess.Popen:
+    """``hpctrain <args>`` on ``np`` ranks of Open MPI (a plain process if np == 0) with
+    ``env`` added to the environment, started and left running (to signal it); the caller
+    waits for it with a timeout, and kills it in a ``finally``."""
     return subprocess.Popen((mpirun(np) if np else []) + HPCTRAIN + args, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def warn_after_checkpoint(job: subprocess.Popen, folder: Path, timeout: float = 120) -> str:

@@ -214,43 +214,47 @@ def test_time_to_target_and_targets():
             report.parse_targets(bad)
 
 
-# sgd on one process and ssgd on two (16 steps an epoch, a checkpoint every 4); --tau is given
-# to neither, and one target is out of reach.
+# sgd on one process and ssgd on two (16 steps an epoch, a checkpoint every 4: sgd stops
+# well before its 96th step when warned after its first); --tau is given to neither, and the
+# second target takes a perfect score.
 COMPARE = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", "--targets",
-           "0.5,0.999999", "--tau", "4", *SMALL, "--checkpoint-every", "0.25e"]
-
-
-@pytest.mark.timeout(300)
-def test_sigusr1_stops_the_comparison_after_a_checkpoint_and_resume_finishes_it(tmp_path):
-    """What compare.sbatch passes on ahead of a time limit: the run going on (sgd) stops after
-    a checkpoint, ssgd does not start, exit status 5; --resume continues sgd from that
-    checkpoint and then runs ssgd."""
-    out = tmp_path / "cmp"
-    argv = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", *SYNTHETIC,
-            "--epochs", "6", "--checkpoint-every", "0.25e", "--out", str(out)]
-    job = start_job(argv, np=0)
-    stderr = warn_after_checkpoint(job, out / "sgd" / "checkpoints")
-    assert job.returncode == 5, stderr
-    assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in stderr
-    assert stderr.strip().splitlines()[-1] == (
-        f"hpctrain bench compare: stopped by SIGUSR1 with sgd, ssgd left to run; continue "
-        f"with --resume (--out {out})")
-    assert not (out / "ssgd").exists() and not (out / "sgd" / "summary.json").exists()
-    proc = run_job([*argv, "--resume"], np=0, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    assert "resuming from" in (out / "sgd" / "stderr.log").read_text()
-    record = json.loads((out / "compare.json").read_text())
-    assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
-    assert json.loads((out / "sgd" / "summary.json").read_text())["resumed_from_updates"]
+           "0.5,0.999999", "--tau", "4", *SYNTHETIC, "--epochs", "6",
+           "--checkpoint-every", "0.25e"]
+FAULT = {"HPCTRAIN_INJECT": "raise@1:10"}  # rank 1 is only in the 2-process ssgd run
 
 
 @pytest.fixture(scope="module")
-def failed(tmp_path_factory):
-    """A comparison whose ssgd fails at step 10 (rank 1 exists only in the 2-process ssgd run:
-    sgd is untouched), with what its ssgd wrote before a resume overwrites it."""
+def stopped(tmp_path_factory):
+    """A comparison warned of its time limit (SIGUSR1, as compare.sbatch passes it on) once
+    sgd has a checkpoint: its exit status and stderr, and what its folder held then."""
+    out = tmp_path_factory.mktemp("stopped") / "cmp"
+    job = start_job([*COMPARE, "--out", str(out)], np=0, env=FAULT)
+    stderr = warn_after_checkpoint(job, out / "sgd" / "checkpoints")
+    return SimpleNamespace(out=out, status=job.returncode, stderr=stderr,
+                           ssgd_started=(out / "ssgd").exists(),
+                           sgd_finished=(out / "sgd" / "summary.json").exists())
+
+
+@pytest.mark.timeout(300)
+def test_sigusr1_stops_the_comparison_after_a_checkpoint(stopped):
+    """The run going on (sgd) stops after a checkpoint, ssgd does not start, exit status 5
+    (the resume that finishes it is the next fixture's)."""
+    assert stopped.status == 5, stopped.stderr
+    assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in stopped.stderr
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        f"hpctrain bench compare: stopped by SIGUSR1 with sgd, ssgd left to run; continue "
+        f"with --resume (--out {stopped.out})")
+    assert not stopped.ssgd_started and not stopped.sgd_finished
+
+
+@pytest.fixture(scope="module")
+def failed(stopped, tmp_path_factory):
+    """The stopped comparison resumed, in a copy: sgd goes on from its checkpoint and
+    finishes, ssgd fails at step 10 (FAULT); with what its ssgd wrote before a resume
+    overwrites it."""
     out = tmp_path_factory.mktemp("failed") / "cmp"
-    proc = run_job([*COMPARE, "--out", str(out)], np=0, timeout=240,
-                   env={"HPCTRAIN_INJECT": "raise@1:10"})
+    shutil.copytree(stopped.out, out)
+    proc = run_job([*COMPARE, "--out", str(out), "--resume"], np=0, timeout=240, env=FAULT)
     return SimpleNamespace(out=out, proc=proc, report=(out / "report.md").read_text(),
                            ssgd_log=(out / "ssgd" / "stderr.log").read_text())
 
@@ -277,6 +281,9 @@ def test_a_failing_algorithm_is_a_row_and_a_failed_exit(failed):
     assert rows["ssgd"][-1] == ("failed: hpctrain: error (rank 1 of 2): "
                                 "RuntimeError: injected fault at step 10")
     assert "injected fault" in failed.ssgd_log
+    # sgd went on from the checkpoint the signal made
+    assert "resuming from" in (failed.out / "sgd" / "stderr.log").read_text()
+    assert json.loads((failed.out / "sgd" / "summary.json").read_text())["resumed_from_updates"]
 
 
 @pytest.mark.timeout(300)
@@ -300,7 +307,7 @@ def test_resume_continues_only_the_failed_run(failed, resumed):
     record = json.loads((out / "compare.json").read_text())
     assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
     assert record["runs"]["ssgd"]["command"].endswith(f"--resume {out / 'ssgd'}")
-    assert json.loads((out / "ssgd" / "summary.json").read_text())["updates"] == 16
+    assert json.loads((out / "ssgd" / "summary.json").read_text())["updates"] == 96
 
 
 @pytest.mark.timeout(300)
