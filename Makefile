@@ -33,11 +33,12 @@ test-fast: setup
 # Two pytest workers, a test file each (its module fixtures stay shared): job tests spend
 # much of their time waiting on launches and drills, so two overlap on two cores. Files go
 # out in conftest's order, the longest first (xdist's own puts the files with most tests
-# first, which left test_slurm.py's minutes for the end).
+# first, which left test_slurm.py's minutes for the end). The slowest 25 are listed at the
+# end: keep conftest's order true to them.
 TEST_WORKERS ?= 2
 test-unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile \
-	    --no-loadscope-reorder tests
+	    --no-loadscope-reorder --durations=25 tests
 
 # Each MPI size is one mpirun; a hang is ended by pytest-timeout inside and `timeout` outside.
 # Every rank imports what it collects, so only the files that hold MPI tests are given.
