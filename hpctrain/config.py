@@ -134,7 +134,7 @@ class OptimConfig:
     """
 
     epochs: int = option(5, "passes over the data", parse=options.positive(int),
-                         range=Range(0, low_open=True))
+                         range=Range(0, options.HUGE, low_open=True))
     batch_size: int = option(64, "per worker", parse=options.positive(int),
                              range=Range(0, low_open=True))
     micro_batch_size: int | None = option(None, "forward and backward a batch in parts of at "

@@ -68,6 +68,7 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--clip-grad-norm", "-1"], "--clip-grad-norm -1.0 must be > 0"),
     (["--algo", "sgd", "--micro-batch-size", "65"], "--micro-batch-size 65 exceeds --batch-size"),
     (["--algo", "sgd", "--epochs", "0.05"], "--epochs: '0.05' is not a whole number"),
+    (["--algo", "asgd", "--epochs", "1e300"], "--epochs 1e+300 must be in (0, 1e+06]"),
     (["--algo", "ssgd", "--lam", "0.5"],
      "--lam is an option of dcasgd-c, dcasgd-a, not of --algo ssgd"),
     (["--algo", "sgd", "--fp16-allreduce"], "--fp16-allreduce is an option of ssgd, not of"),

@@ -63,6 +63,9 @@ def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
      "--lr 1e+308 must be in (0, 1e+06]"),
     (lambda: RunConfig(algo="sgd", eval_every=1e308), "--eval-every 1e+308 must be in (0, 1e+06]"),
     (lambda: RunConfig(algo="sgd", threads=10 ** 308), "--threads 1e+308 must be in [1, 4096]"),
+    # Past 2^62 updates an asynchronous run's tickets would read as closed (checkpoint.stop).
+    (lambda: RunConfig(algo="asgd", optim=OptimConfig(epochs=10 ** 300)),
+     "--epochs 1e+300 must be in (0, 1e+06]"),
     # Types, as a config file or a Python caller may get them wrong.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs="5")),
      "--epochs '5' must be a whole number"),
