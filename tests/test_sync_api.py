@@ -75,8 +75,8 @@ def test_objects_are_pickled_by_value_as_horovod_does(monkeypatch):
     assert kind == "ok" and pickle.loads(data)(1) == 4
     monkeypatch.setitem(sys.modules, "cloudpickle", None)  # as if not installed
     kind, why = collectives._pickled(lambda x: x + offset)
-    assert kind == "error" and why.endswith("(install cloudpickle to send functions and "
-                                            "classes by value)")
+    assert kind == "error" and why.endswith("(plain pickle: cloudpickle, which sends "
+                                            "functions by value, is missing)")
 
 
 def test_a_users_group_without_a_cpu_backend_is_refused_in_one_line(tmp_path):

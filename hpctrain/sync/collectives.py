@@ -678,5 +678,5 @@ def _pickled(obj: Any) -> tuple[str, Any]:
     except Exception as err:  # pickling runs the object's own code: anything may come
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         if pickler is pickle:
-            why += " (install cloudpickle to send functions and classes by value)"
+            why += " (plain pickle: cloudpickle, which sends functions by value, is missing)"
         return "error", why
