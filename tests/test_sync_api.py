@@ -67,7 +67,7 @@ def test_horovod_backend_without_horovod_says_make_setup(monkeypatch):
 
 def test_objects_are_pickled_by_value_as_horovod_does(monkeypatch):
     """broadcast_object's bytes: a closure travels by value with cloudpickle; without it,
-    plain pickle refuses and says what to install."""
+    plain pickle refuses, and the error says it was plain pickle."""
     from hpctrain.sync import collectives
 
     offset = 3
