@@ -51,10 +51,11 @@ def _launchers(module) -> set[str]:
 # The files whose tests take longest (make test's --durations), longest first: under
 # --dist loadfile a long file handed out last leaves one pytest worker running it alone at
 # the end, minutes in which the other core idles.
-_LONGEST_FIRST = ("test_checkpoint_jobs.py", "test_slurm.py", "test_bench_compare.py",
-                  "test_cli.py", "test_launchers.py", "test_sync_elastic.py",
-                  "test_own_code_jobs.py", "test_faults.py", "test_api.py", "test_compile.py",
-                  "test_other_mpis.py")
+_LONGEST_FIRST = ("test_checkpoint_jobs.py", "test_slurm.py", "test_launchers.py",
+                  "test_cli.py", "test_api.py", "test_bench_compare.py", "test_sync_elastic.py",
+                  "test_faults.py", "test_async_train.py", "test_sim.py",
+                  "test_own_code_jobs.py", "test_compile.py", "test_other_mpis.py",
+                  "test_resize_jobs.py", "test_async_jobs.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
