@@ -12,10 +12,9 @@ def main() -> None:
 
         horovodrun.main(sys.argv[2:])
         return
-    if sys.argv[1:2] == ["train"] or sys.argv[1:3] == ["bench", "compare"]:
-        from hpctrain.checkpoint import stop
+    from hpctrain.checkpoint import stop
 
-        stop.install()
+    stop.install_for(sys.argv[1:])
     from hpctrain.cli import main as cli_main
 
     cli_main()

@@ -7,10 +7,18 @@ needs (see :mod:`hpctrain.comm`).
 
 from __future__ import annotations
 
+import sys
+
+# ``python -m hpctrain.cli`` records SIGUSR1 (a time limit's warning) before the imports below
+# load torch, as ``python -m hpctrain`` does.
+if __name__ == "__main__":
+    from hpctrain.checkpoint import stop
+
+    stop.install_for(sys.argv[1:])
+
 import argparse
 import importlib
 import json
-import sys
 import textwrap
 from pathlib import Path
 
@@ -86,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace) -> dict:
     """``hpctrain train``: the configuration from the options, checked before MPI starts."""
     rank = comm.env_rank()  # the launcher's rank: under torchrun MPI would say 0 everywhere
-    if not checkpoint.stop.installed():  # python -m hpctrain has, before importing torch
+    if not checkpoint.stop.installed():  # the entry points have, before importing torch
         checkpoint.stop.install()  # SIGUSR1: a checkpoint and a stop where it can, else nothing
     try:
         summary = run.train(arguments.build(args))  # checked before MPI starts

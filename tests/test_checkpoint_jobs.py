@@ -141,24 +141,26 @@ def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_pat
     assert_same_run(out, straight("ssgd", 2))
 
 
-# (argv, exit status, last line of stderr): a train that cannot start (status 2 is its
-# refusal, not the signal's death), a comparison that then starts no run (status 5).
+# (entry point, argv, exit status, last line of stderr): a train that cannot start (status 2
+# is its refusal, not the signal's death), a comparison that then starts no run (status 5).
 EARLY_SIGNAL = [
-    (["train", "--epochs", "0"], 2, "hpctrain: error: argument --epochs: must be > 0, got 0"),
-    (["bench", "compare", "--algos", "sgd", *SYNTHETIC, "--out", "{out}"], 5,
+    ("hpctrain", ["train", "--epochs", "0"], 2,
+     "hpctrain: error: argument --epochs: must be > 0, got 0"),
+    ("hpctrain.cli", ["bench", "compare", "--algos", "sgd", *SYNTHETIC, "--out", "{out}"], 5,
      "hpctrain bench compare: stopped by SIGUSR1 with sgd left to run; continue with --resume "
      "(--out {out})"),
 ]
 
 
-@pytest.mark.parametrize("argv, status, last", EARLY_SIGNAL, ids=["train", "bench-compare"])
-def test_sigusr1_before_torch_is_imported_is_recorded(tmp_path, argv, status, last):
-    """``python -m hpctrain train`` and ``bench compare`` (the Slurm scripts' commands)
-    record SIGUSR1 before their slow imports, so a time limit's warning in a job's first
-    seconds does not end the process (the signal's default action): here it comes as torch
-    is first imported."""
+@pytest.mark.parametrize("entry, argv, status, last", EARLY_SIGNAL,
+                         ids=["train-python-m-hpctrain", "bench-compare-python-m-hpctrain.cli"])
+def test_sigusr1_before_torch_is_imported_is_recorded(tmp_path, entry, argv, status, last):
+    """``python -m hpctrain`` (the Slurm scripts' command) and ``python -m hpctrain.cli`` record
+    SIGUSR1 for ``train`` and ``bench compare`` before their slow imports, so a time limit's
+    warning in a job's first seconds does not end the process (the signal's default action):
+    here it comes as torch is first imported."""
     probe = textwrap.dedent("""
-        import os, signal, sys
+        import os, runpy, signal, sys
         class Probe:  # when torch is first imported: is SIGUSR1 recorded already? Send it.
             def find_spec(self, name, path=None, target=None):
                 if name == "torch":
@@ -166,12 +168,11 @@ def test_sigusr1_before_torch_is_imported_is_recorded(tmp_path, argv, status, la
                     sys.meta_path.remove(self)
                     os.kill(os.getpid(), signal.SIGUSR1)
         sys.meta_path.insert(0, Probe())
-        sys.argv = ["hpctrain", *sys.argv[1:]]
-        from hpctrain.__main__ import main
-        main()
+        sys.argv = [sys.argv[1], *sys.argv[2:]]
+        runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)  # python -m <entry>
     """)
     out = tmp_path / "cmp"
-    proc = run_program([sys.executable, "-c", probe,
+    proc = run_program([sys.executable, "-c", probe, entry,
                         *(a.format(out=out) for a in argv)])
     assert proc.returncode == status, proc.stderr
     assert proc.stdout == "at torch: _record\n", proc.stdout

@@ -327,7 +327,7 @@ class _Warning:
 
     def __init__(self) -> None:
         self.child = None
-        early = checkpoint.stop.installed()  # python -m hpctrain has recorded it since start-up
+        early = checkpoint.stop.installed()  # the entry point has recorded it since start-up
         self._previous = signal.signal(checkpoint.stop.SIGNAL, self._on)
         self.received = early and checkpoint.stop.received()
 

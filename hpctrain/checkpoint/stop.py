@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import signal
 import threading
+from collections.abc import Sequence
 
 SIGNAL = signal.SIGUSR1
 EXIT_STATUS = 5  # hpctrain train stopped on SIGNAL after a checkpoint: requeue to go on
 CLOSED = 2 ** 62  # the index an asynchronous worker claims once rank 0 closed the tickets
+COMMANDS = (("train",), ("bench", "compare"))  # the command lines that act on SIGNAL
 
 _received = False
 
@@ -36,6 +38,15 @@ def install() -> object:
         return None
     _received = False
     return signal.signal(SIGNAL, _record)
+
+
+def install_for(argv: Sequence[str]) -> None:
+    """:func:`install` if ``argv`` (the words after the program's name) runs one of COMMANDS.
+    The entry points (``python -m hpctrain``, ``python -m hpctrain.cli``) call it before
+    anything imports torch, which takes seconds: a warning that comes in a job's first seconds
+    is then recorded instead of ending the process."""
+    if any(tuple(argv[:len(command)]) == command for command in COMMANDS):
+        install()
 
 
 def installed() -> bool:
