@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job, run_program
+from conftest import SYNTHETIC, run_commands, run_job, run_program
 
 from hpctrain import arguments, cli, run
 
@@ -30,6 +30,40 @@ def make_config(out):
 if __name__ == "__main__":
     summary = hpctrain.train(make_config(sys.argv[1]))
     print(json.dumps({"acc": summary["final_test_acc"], "tau": summary["tau"]}))
+"""
+
+
+OWN_SCRIPT = """
+import sys
+import torch
+from torch import nn
+import hpctrain
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+print("script loaded", flush=True)
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes, width=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], width), nn.ReLU(),
+                                  nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+
+def load():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(200, 6, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
+    return {"train": (x[:160], y[:160]), "test": (x[160:], y[160:]), "num_classes": 3}
+
+if __name__ == "__main__":
+    config = RunConfig(algo="ssgd", seed=2, out=sys.argv[1], progress=False,
+                       data=DataConfig(dataset=load),
+                       model=ModelConfig(name=Net, args={"width": 8}),
+                       optim=OptimConfig(epochs=2, batch_size=16))
+    summary = hpctrain.train(config)
+    print(f"acc {summary['final_test_acc']}", flush=True)  # one write: ranks share stdout
 """
 
 
@@ -52,25 +86,44 @@ def run_script(script, text: str, out) -> subprocess.CompletedProcess:
     return proc
 
 
-@pytest.mark.timeout(240)
-def test_a_script_trains_as_the_command_line_does(tmp_path):
-    proc = run_script(tmp_path / "mine.py", SCRIPT, tmp_path / "api")
+@pytest.fixture(scope="module")
+def scripts_and_commands(tmp_path_factory) -> dict:
+    """SCRIPT and OWN_SCRIPT run under ``mpirun -np 2``, each with the run the command line
+    should match: SCRIPT's options given as `train`'s, OWN_SCRIPT's config.json given to
+    `train --config` (both commands in one launch). {name: (script, its launch, its folder,
+    the command's folder)}."""
+    root = tmp_path_factory.mktemp("api")
+    runs = {}
+    for name, text in (("mine", SCRIPT), ("own", OWN_SCRIPT)):
+        folder = root / name
+        folder.mkdir()
+        proc = run_script(folder / f"{name}.py", text, folder / "api")
+        runs[name] = folder / f"{name}.py", proc, folder / "api", folder / "cli"
+    proc = run_commands([
+        ["train", "--algo", "ma", "--seed", "5", *SYNTHETIC, "--epochs", "1",
+         "--batch-size", "32", "--tau", "8", "--out", str(runs["mine"][3])],
+        ["train", "--config", str(runs["own"][2] / "config.json"), "--out", str(runs["own"][3])],
+    ], np=2)
+    assert proc.returncode == 0, proc.stderr
+    return runs
+
+
+@pytest.mark.timeout(300)  # the fixture's three launches
+def test_a_script_trains_as_the_command_line_does(scripts_and_commands):
+    script, proc, api, cli_out = scripts_and_commands["mine"]
     printed = printed_results(proc.stdout)
     assert len(printed) == 2 and printed[0] == printed[1]  # every rank gets the summary
-    by_cli = run_job(["train", "--algo", "ma", "--seed", "5", *SYNTHETIC, "--epochs", "1",
-                      "--batch-size", "32", "--tau", "8", "--out", str(tmp_path / "cli")], np=2)
-    assert by_cli.returncode == 0, by_cli.stderr
-    a = json.loads((tmp_path / "api" / "summary.json").read_text())
-    b = json.loads((tmp_path / "cli" / "summary.json").read_text())
+    a = json.loads((api / "summary.json").read_text())
+    b = json.loads((cli_out / "summary.json").read_text())
     assert a["final_test_acc"] == b["final_test_acc"] == printed[0]["acc"]
-    assert same_model(tmp_path / "api", tmp_path / "cli")
+    assert same_model(api, cli_out)
     # config.json repeats the run: `train --config` on it is the script's run, as the launch
     # resolves both (checked in process: that equal runs give the same model is the
     # CLI == API check above; a real `--config` rerun is the own-model test's).
-    again = str(tmp_path / "again")
-    recorded = str(tmp_path / "api" / "config.json")
-    args = cli.build_parser().parse_args(["train", "--config", recorded, "--out", again])
-    script_config = runpy.run_path(str(tmp_path / "mine.py"))["make_config"](again)
+    again = str(script.parent / "again")
+    args = cli.build_parser().parse_args(["train", "--config", str(api / "config.json"),
+                                          "--out", again])
+    script_config = runpy.run_path(str(script))["make_config"](again)
     assert run.check_launch(arguments.build(args), 2) == run.check_launch(script_config, 2)
 
 
@@ -120,54 +173,16 @@ def test_a_bad_setting_in_a_script_is_a_value_error_before_mpi(tmp_path):
     assert proc.stdout.splitlines() == ["--momentum 1.5 must be in [0, 1)", "False"]
 
 
-OWN_SCRIPT = """
-import sys
-import torch
-from torch import nn
-import hpctrain
-from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
-
-print("script loaded", flush=True)
-
-class Net(nn.Module):
-    def __init__(self, input_shape, num_classes, width=16):
-        super().__init__()
-        self.body = nn.Sequential(nn.Flatten(), nn.Linear(input_shape[-1], width), nn.ReLU(),
-                                  nn.Linear(width, num_classes))
-
-    def forward(self, x):
-        return self.body(x)
-
-def load():
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(200, 6, generator=g)
-    y = (x[:, 0] > 0).long() + (x[:, 1] > 0).long()
-    return {"train": (x[:160], y[:160]), "test": (x[160:], y[160:]), "num_classes": 3}
-
-if __name__ == "__main__":
-    config = RunConfig(algo="ssgd", seed=2, out=sys.argv[1], progress=False,
-                       data=DataConfig(dataset=load),
-                       model=ModelConfig(name=Net, args={"width": 8}),
-                       optim=OptimConfig(epochs=2, batch_size=16))
-    summary = hpctrain.train(config)
-    print(f"acc {summary['final_test_acc']}", flush=True)  # one write: ranks share stdout
-"""
-
-
-@pytest.mark.timeout(240)
-def test_a_script_passes_its_own_model_class_and_data_function(tmp_path):
-    script = tmp_path / "own.py"
-    proc = run_script(script, OWN_SCRIPT, tmp_path / "api")
+@pytest.mark.timeout(300)
+def test_a_script_passes_its_own_model_class_and_data_function(scripts_and_commands):
+    script, proc, api, again = scripts_and_commands["own"]
     # Resolving the script's own names did not run it a second time on any rank.
     assert proc.stdout.count("script loaded") == 2 and proc.stdout.count("acc ") == 2
-    recorded = json.loads((tmp_path / "api" / "config.json").read_text())
+    recorded = json.loads((api / "config.json").read_text())
     assert recorded["model"] == {"name": f"{script}:Net", "args": {"width": 8}}
     assert recorded["data"]["dataset"] == f"{script}:load"
-    # config.json repeats the run from the command line, which loads the file by its path.
-    again = run_job(["train", "--config", str(tmp_path / "api" / "config.json"), "--out",
-                     str(tmp_path / "again")], np=2)
-    assert again.returncode == 0, again.stderr
-    assert same_model(tmp_path / "again", tmp_path / "api")
+    # config.json repeated the run from the command line, which loads the file by its path.
+    assert same_model(again, api)
 
 
 @pytest.mark.timeout(120)

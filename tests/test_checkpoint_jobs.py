@@ -2,7 +2,6 @@
 straight through (same seed), for sgd, ssgd (2 and 3 ranks), ma and ec; async runs (not
 reproducible by nature) resume where their checkpoint left off and finish."""
 
-import functools
 import json
 import os
 import re
@@ -75,48 +74,40 @@ TWO_RANK_STRAIGHT = [("ssgd", None), ("ma", LOCAL_NAN), ("ec", LOCAL_NAN)]
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory):
-    """Uninterrupted runs without checkpoints, one per (algo, ranks, injection), made on first
-    use; the 2-rank ones (TWO_RANK_STRAIGHT) all together."""
-    @functools.cache
-    def two_rank_runs() -> dict:
-        runs = {key: tmp_path_factory.mktemp(f"{key[0]}2") / "run" for key in TWO_RANK_STRAIGHT}
-        proc = run_commands([options(out, algo) for (algo, _), out in runs.items()], np=2,
-                            injects=[inject for _, inject in runs])
-        assert proc.returncode == 0, proc.stderr
-        return runs
-
-    @functools.cache
-    def get(algo: str, np: int, inject: str | None = None):
-        if np == 2:
-            return two_rank_runs()[algo, inject]
-        out = tmp_path_factory.mktemp(f"{algo}{np}") / "run"
-        proc = train(out, algo, np, env={"HPCTRAIN_INJECT": inject} if inject else None)
-        assert proc.returncode == 0, proc.stderr
-        return out
-    return get
+def straight(tmp_path_factory) -> dict:
+    """{algo: folder} of the uninterrupted 2-rank runs without checkpoints, one per entry of
+    TWO_RANK_STRAIGHT (with its injection), all in one launch."""
+    runs = {algo: tmp_path_factory.mktemp(f"{algo}2") / "run" for algo, _ in TWO_RANK_STRAIGHT}
+    proc = run_commands([options(out, algo) for algo, out in runs.items()], np=2,
+                        injects=[inject for _, inject in TWO_RANK_STRAIGHT])
+    assert proc.returncode == 0, proc.stderr
+    return runs
 
 
 @pytest.fixture(scope="module")
-def killed_sgd(tmp_path_factory):
-    """An sgd run SIGKILLed at update 70, after its epoch-1 and -2 checkpoints: resumed (in a
-    copy) by one test, refused by another."""
-    out = tmp_path_factory.mktemp("killed") / "run"
-    proc = train(out, "sgd", 0, "--checkpoint-every", "1e", env={"HPCTRAIN_INJECT": "kill@0:70"})
-    assert proc.returncode != 0
-    return out
+def sgd_runs(tmp_path_factory) -> dict:
+    """The sgd runs, one process, in one launch: "straight" (uninterrupted, no checkpoints)
+    and "killed" (SIGKILLed at update 70, after its epoch-1 and -2 checkpoints; resumed in a
+    copy by two tests, refused as it is by another)."""
+    root = tmp_path_factory.mktemp("sgd")
+    runs = {"straight": root / "straight", "killed": root / "killed"}
+    proc = run_commands([options(runs["straight"], "sgd"),
+                         options(runs["killed"], "sgd", "--checkpoint-every", "1e")],
+                        np=0, injects=[None, "kill@0:70"])
+    assert proc.returncode != 0 and (runs["straight"] / "summary.json").exists(), proc.stderr
+    return runs
 
 
 @pytest.mark.timeout(300)
-def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, killed_sgd):
+def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, sgd_runs):
     out = tmp_path / "run"
-    shutil.copytree(killed_sgd, out)
+    shutil.copytree(sgd_runs["killed"], out)
     assert [p.name for p in checkpoint.listing(out / "checkpoints")] == \
         ["ckpt-000000064.pt", "ckpt-000000032.pt"]
     assert not (out / "summary.json").exists()
     proc = resume(out, "sgd", 0, "--checkpoint-every", "1e")
     assert "resuming from" in proc.stderr and "update 64" in proc.stderr
-    assert_same_run(out, straight("sgd", 0))
+    assert_same_run(out, sgd_runs["straight"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_updates"] == [64] and summary["checkpoints"] == 3
 
@@ -138,7 +129,7 @@ def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_pat
     assert not (out / "summary.json").exists()
     proc = resume(out, "ssgd", 2, "--checkpoint-every", "0.5e")
     assert f"update {updates})" in proc.stderr
-    assert_same_run(out, straight("ssgd", 2))
+    assert_same_run(out, straight["ssgd"])
 
 
 # (entry point, argv, exit status, last line of stderr): a train that cannot start (status 2
@@ -257,24 +248,36 @@ def test_ssgd_2_killed_writing_then_by_the_clock_then_corrupt_newest(tmp_path, s
     reports = [line for line in proc.stderr.splitlines() if "unusable" in line]
     assert len(reports) == 1 and newest.name in reports[0] and "checksum" in reports[0]
     assert f"update {updates[1]})" in proc.stderr
-    assert_same_run(out, straight("ssgd", 2))
+    assert_same_run(out, straight["ssgd"])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_updates"] == [64, updates[1]]
 
 
+@pytest.fixture(scope="module")
+def local_sgd_resumed(tmp_path_factory) -> dict:
+    """{algo: (folder, the killed launch)} for ma and ec: each SIGKILLed on rank 1 at update
+    150 (after its checkpoint of update 128), then both resumed in one launch."""
+    runs = {}
+    for algo in ("ma", "ec"):
+        out = tmp_path_factory.mktemp(f"{algo}-killed") / "run"
+        runs[algo] = out, train(out, algo, 2, "--checkpoint-every", "1e",
+                                env={"HPCTRAIN_INJECT": f"{LOCAL_NAN},kill@1:150"})
+    proc = run_commands([options(out, algo, "--checkpoint-every", "1e", "--resume", str(out))
+                         for algo, (out, _) in runs.items()], np=2)
+    assert proc.returncode == 0, proc.stderr
+    return runs
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("algo", ["ma", "ec"])
-def test_local_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, straight, algo):
+def test_local_sgd_killed_then_resumed_equals_uninterrupted(local_sgd_resumed, straight, algo):
     """Every rank's own model, momentum, round state, NaN counts and snapshots come back."""
-    out = tmp_path / "run"
-    proc = train(out, algo, 2, "--checkpoint-every", "1e",
-                 env={"HPCTRAIN_INJECT": f"{LOCAL_NAN},kill@1:150"})
-    assert proc.returncode != 0
-    assert checkpoint.read_header(checkpoint.listing(out / "checkpoints")[0])["updates"] == 128
-    resume(out, algo, 2, "--checkpoint-every", "1e")
-    assert_same_run(out, straight(algo, 2, LOCAL_NAN))
+    out, killed = local_sgd_resumed[algo]
+    assert killed.returncode != 0
+    assert_same_run(out, straight[algo])
     summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == 2 and summary["bad_gradients_per_worker"] == [1, 1]
+    assert summary["resumed_from_updates"] == [128]  # its newest checkpoint when killed
 
 
 @pytest.mark.timeout(300)
@@ -324,19 +327,20 @@ def mount_tmpfs(folder, kib: int, remount: bool = False) -> bool:
 
 
 @pytest.mark.timeout(300)
-def test_disk_full_then_resumed_with_room_equals_uninterrupted(tmp_path, straight, killed_sgd):
+def test_disk_full_then_resumed_with_room_equals_uninterrupted(tmp_path, sgd_runs):
     """The killed run resumed on a disk with 64 KiB to spare: the first output it writes fills
     the disk, the job ends with one line naming that file, and nothing it had is lost; with
     room again it resumes from the same checkpoint and ends as if never interrupted."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    files = [p for p in killed_sgd.rglob("*") if p.is_file()]
+    killed = sgd_runs["killed"]
+    files = [p for p in killed.rglob("*") if p.is_file()]
     pages = sum(-(-p.stat().st_size // 4096) for p in files)
     if not mount_tmpfs(disk, 4 * pages + 64):
         pytest.skip("cannot mount a small tmpfs (needs root) to fill up")
     try:
         out = disk / "run"
-        shutil.copytree(killed_sgd, out)
+        shutil.copytree(killed, out)
         # All but config.json, which each attempt writes anew (with its own options)
         kept = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.suffix != ".json"}
         proc = train(out, "sgd", 0, "--checkpoint-every", "1e", "--resume", str(out))
@@ -348,15 +352,15 @@ def test_disk_full_then_resumed_with_room_equals_uninterrupted(tmp_path, straigh
         assert not [p for p in out.rglob("*.tmp")]
         assert mount_tmpfs(disk, 64 * 1024, remount=True)
         resume(out, "sgd", 0, "--checkpoint-every", "1e")
-        assert_same_run(out, straight("sgd", 0))
+        assert_same_run(out, sgd_runs["straight"])
     finally:
         subprocess.run(["umount", str(disk)], check=True)
 
 
 @pytest.mark.timeout(120)
-def test_resume_refusals(tmp_path, killed_sgd):
+def test_resume_refusals(tmp_path, sgd_runs):
     """Against the killed sgd run's folder (3 epochs, --checkpoint-every 1e), left as it is."""
-    out = killed_sgd
+    out = sgd_runs["killed"]
     assert checkpoint.listing(out / "checkpoints")
     unfinished = "holds the checkpoints of an unfinished run; continue it with --resume"
     cases = [

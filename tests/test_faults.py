@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_job
+from conftest import run_commands, run_job
 
 from hpctrain import faults
 from hpctrain.errors import UsageError
@@ -145,36 +145,63 @@ def test_sgd_drops_nan_and_inf_gradients(tmp_path):
     assert finite_model(tmp_path) and summary["final_test_acc"] > 0.5
 
 
-@pytest.mark.timeout(180)
-@pytest.mark.parametrize("reduce_op, np, inject, skipped, per_worker", [
-    ("average", 3, "nan@1:2,nan@1:9,inf@2:9,inf@2:17", 3, [0, 2, 2]),
-    ("adasum", 2, "nan@1:2,inf@0:9,nan@1:9", 2, [1, 2]),
-])
-def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path, reduce_op, np, inject, skipped,
-                                                  per_worker):
-    """A NaN or Inf gradient on some ranks at a few steps: those steps are skipped on every rank
-    (the replicas stay identical and finite), counted per worker. With Adasum the gradients
-    are never reduced: the ranks agree on the verdict."""
-    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--reduce-op",
-                    reduce_op, "--out", str(tmp_path)], np=np, env={"HPCTRAIN_INJECT": inject})
-    assert proc.returncode == 0, proc.stderr
-    summary = json.loads((tmp_path / "summary.json").read_text())
+def ssgd(out, *extra: str) -> list[str]:
+    return ["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", *extra, "--out", str(out)]
+
+
+TOO_MANY = ",".join(f"nan@1:{s}" for s in range(4, 8))  # rank 1's NaN at 4 steps in a row
+
+
+@pytest.fixture(scope="module")
+def two_rank_nan_runs(tmp_path_factory) -> tuple[dict, object]:
+    """The 2-rank drills in one launch: ssgd with Adasum and a few NaN/Inf steps, then ssgd
+    with more NaN steps in a row than --max-bad-steps allows (which ends the launch). Returns
+    ({"adasum": its folder, "too_many": its folder}, the launch's completed process)."""
+    root = tmp_path_factory.mktemp("nan2")
+    runs = {"adasum": root / "adasum", "too_many": root / "too_many"}
+    proc = run_commands([ssgd(runs["adasum"], "--reduce-op", "adasum"),
+                         ssgd(runs["too_many"], "--max-bad-steps", "4")], np=2, timeout=170,
+                        injects=["nan@1:2,inf@0:9,nan@1:9", TOO_MANY])
+    return runs, proc
+
+
+def assert_dropped_on_all(out, skipped: int, per_worker: list[int]) -> None:
+    """``skipped`` steps skipped on every rank (counted ``per_worker`` where the NaN/Inf was);
+    the model finite and trained."""
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["skipped_steps"] == skipped
     assert summary["bad_gradients_per_worker"] == per_worker
-    assert finite_model(tmp_path) and summary["final_test_acc"] > 0.5
+    assert finite_model(out) and summary["final_test_acc"] > 0.5
 
 
 @pytest.mark.timeout(180)
-def test_too_many_bad_steps_stop_the_job_with_one_line(tmp_path):
-    bad = ",".join(f"nan@1:{s}" for s in range(4, 8))
-    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--max-bad-steps",
-                    "4", "--out", str(tmp_path)], np=2, env={"HPCTRAIN_INJECT": bad})
+def test_ssgd_nan_on_one_worker_is_dropped_on_all(tmp_path):
+    """A NaN or Inf gradient on some ranks at a few steps: those steps are skipped on every rank
+    (the replicas stay identical and finite), counted per worker."""
+    proc = run_job(ssgd(tmp_path), np=3,
+                   env={"HPCTRAIN_INJECT": "nan@1:2,nan@1:9,inf@2:9,inf@2:17"})
+    assert proc.returncode == 0, proc.stderr
+    assert_dropped_on_all(tmp_path, 3, [0, 2, 2])
+
+
+@pytest.mark.timeout(180)
+def test_with_adasum_the_ranks_agree_on_the_steps_to_drop(two_rank_nan_runs):
+    """With Adasum the gradients are never reduced: the ranks agree on the verdict."""
+    runs, proc = two_rank_nan_runs
+    assert (runs["adasum"] / "summary.json").exists(), proc.stderr
+    assert_dropped_on_all(runs["adasum"], 2, [1, 2])
+
+
+@pytest.mark.timeout(180)
+def test_too_many_bad_steps_stop_the_job_with_one_line(two_rank_nan_runs):
+    runs, proc = two_rank_nan_runs
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")]
     assert lines == ["hpctrain: error (rank 0 of 2): TooManyBadSteps: 4 consecutive steps "
                      "(local steps 4-7) had NaN/Inf gradients (per worker: [0, 4]); stopping "
                      "(--max-bad-steps 4). Lower --lr or check the data"], proc.stderr
-    assert not (tmp_path / "summary.json").exists()
+    assert (runs["adasum"] / "summary.json").exists()  # the launch's first run had finished
+    assert not (runs["too_many"] / "summary.json").exists()
 
 
 @pytest.mark.timeout(120)
@@ -182,8 +209,6 @@ def test_too_many_bad_steps_stop_the_job_with_one_line(tmp_path):
 def test_rank_killed_ends_the_job(tmp_path, victim):
     """SIGKILL on one rank mid-run, rank 0 or another: the job exits non-zero (the timeout
     bounds how soon) and mpirun names the rank that died."""
-    proc = run_job(["train", "--algo", "ssgd", *SMALL, "--batch-size", "16", "--out",
-                    str(tmp_path)], np=2, timeout=90,
-                   env={"HPCTRAIN_INJECT": f"kill@{victim}:10"})
+    proc = run_job(ssgd(tmp_path), np=2, timeout=90, env={"HPCTRAIN_INJECT": f"kill@{victim}:10"})
     assert proc.returncode != 0
     assert f"process rank {victim} with PID" in proc.stderr and "signal 9" in proc.stderr
