@@ -303,15 +303,37 @@ def test_train_sbatch_runs_a_two_task_job_with_srun(slurm):
     assert "OMP_NUM_THREADS=1" in log and "launcher srun" in log
 
 
-@pytest.mark.timeout(400)
-def test_compare_sbatch_runs_every_algorithm_inside_the_allocation(slurm):
-    job, work = sbatch(slurm, "compare.sbatch",
-                       ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"],
-                       ["--algos", "sgd,ssgd", *SMALL], JOB_ENV)
+@pytest.mark.timeout(660)  # two attempts, the wait between them
+def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_algorithm(slurm):
+    """compare.sbatch runs every algorithm inside the allocation. Warned as Slurm's --signal
+    does while sgd runs (after its first checkpoint): compare passes SIGUSR1 on, sgd stops
+    after a checkpoint, compare exits with status 5 and the script requeues the job; the
+    second attempt (--resume) continues sgd from that checkpoint and then runs ssgd."""
+    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
+               "--open-mode=append"]  # both attempts' lines in the log
+    # 30 epochs keep sgd running for seconds after its first checkpoint, for the signal
+    job, work = submit(slurm, "compare.sbatch", options,
+                       ["--algos", "sgd,ssgd", *SYNTHETIC, "--epochs", "30",
+                        "--checkpoint-every", "1e"], JOB_ENV)
     out = work / "runs" / f"compare-{job}"
+    deadline = time.monotonic() + 240
+    while not list((out / "sgd" / "checkpoints").glob("ckpt-*")):
+        assert job_fields(slurm, job)["JobState"] in RUNNING_STATES, job_log(work, job)
+        assert time.monotonic() < deadline, slurm.diagnosis(work, job)
+        time.sleep(0.05)
+    slurm.run("scancel", "--batch", "--signal=USR1", job)
+    again = _wait_for_attempt(slurm, job, work, "(restart 1)", "after SIGUSR1")
+    log = job_log(work, job)
+    assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
+    assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in log, log
+    assert "stopped by SIGUSR1 with sgd, ssgd left to run" in log, log
+    assert f"requeueing job {job} to continue the comparison" in log, log
     record = json.loads((out / "compare.json").read_text())
     assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
     assert record["workers"] == 2 and (out / "report.md").is_file()
+    sgd = json.loads((out / "sgd" / "summary.json").read_text())
+    assert len(sgd["resumed_from_updates"]) == 1 and sgd["updates"] == 30 * 32
+    assert 0 < sgd["resumed_from_updates"][0] < sgd["updates"]
 
 
 @pytest.mark.timeout(660)  # two attempts, the wait between them
