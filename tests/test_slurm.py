@@ -316,13 +316,7 @@ def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_alg
                        ["--algos", "sgd,ssgd", *SYNTHETIC, "--epochs", "30",
                         "--checkpoint-every", "1e"], JOB_ENV)
     out = work / "runs" / f"compare-{job}"
-    deadline = time.monotonic() + 240
-    while not list((out / "sgd" / "checkpoints").glob("ckpt-*")):
-        assert job_fields(slurm, job)["JobState"] in RUNNING_STATES, job_log(work, job)
-        assert time.monotonic() < deadline, slurm.diagnosis(work, job)
-        time.sleep(0.05)
-    slurm.run("scancel", "--batch", "--signal=USR1", job)
-    again = _wait_for_attempt(slurm, job, work, "(restart 1)", "after SIGUSR1")
+    again = _warn_and_wait(slurm, job, work, out / "sgd" / "checkpoints")
     log = job_log(work, job)
     assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
     assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in log, log
@@ -377,13 +371,7 @@ def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(sl
                        ["--algo", "ssgd", *SYNTHETIC, "--epochs", "8", "--checkpoint-every",
                         "0.25e"], JOB_ENV)
     out = work / "runs" / f"train-{job}"
-    deadline = time.monotonic() + 240
-    while not list((out / "checkpoints").glob("ckpt-*")):
-        assert job_fields(slurm, job)["JobState"] in RUNNING_STATES, job_log(work, job)
-        assert time.monotonic() < deadline, slurm.diagnosis(work, job)
-        time.sleep(0.05)
-    slurm.run("scancel", "--batch", "--signal=USR1", job)
-    again = _wait_for_attempt(slurm, job, work, "(restart 1)", "after SIGUSR1")
+    again = _warn_and_wait(slurm, job, work, out / "checkpoints")
     log = job_log(work, job)
     assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
     stopped = re.search(r"stopped by SIGUSR1 after the checkpoint of update (\d+) of (\d+)", log)
@@ -391,6 +379,18 @@ def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(sl
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_updates"] == [int(stopped[1])]
     assert summary["updates"] == int(stopped[2]) > int(stopped[1])
+
+
+def _warn_and_wait(cluster: LocalSlurm, job: str, work: Path, checkpoints: Path) -> dict:
+    """Once ``checkpoints`` holds one, warn ``job`` as Slurm's ``--signal`` does (SIGUSR1 to
+    the batch script); its fields once the attempt it requeued itself for has ended."""
+    deadline = time.monotonic() + 240
+    while not list(checkpoints.glob("ckpt-*")):
+        assert job_fields(cluster, job)["JobState"] in RUNNING_STATES, job_log(work, job)
+        assert time.monotonic() < deadline, cluster.diagnosis(work, job)
+        time.sleep(0.05)
+    cluster.run("scancel", "--batch", "--signal=USR1", job)
+    return _wait_for_attempt(cluster, job, work, "(restart 1)", "after SIGUSR1")
 
 
 def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -> dict:
