@@ -7,9 +7,9 @@ the same four calls as the built-in sets: ``size``, ``load``, ``load_labels``, `
 Formats:
 
 - ``npz:PATH``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (``np.savez``), and
-  optionally ``num_classes``. Members stored uncompressed (``np.savez``) are memory-mapped, so
-  a rank that holds a shard reads only its rows; compressed ones (``np.savez_compressed``) are
-  read whole.
+  optionally ``num_classes``, in either byte order. Members stored uncompressed (``np.savez``)
+  are memory-mapped, so a rank that holds a shard reads only its rows; compressed ones
+  (``np.savez_compressed``) are read whole.
 - ``imagefolder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
   (PNG, JPEG, BMP, GIF, TIFF, WebP; Pillow decodes them). Classes are the sorted folder names
   of ``train``. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
@@ -25,7 +25,8 @@ Formats:
 
 Samples are ``N x C x H x W`` (``N x H x W`` gets one channel) or any shape a model of the
 user's own takes; uint8 values are scaled to [0, 1], floats are kept as given. Labels must be
-integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one.
+integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one, and
+if given must be one whole number from 2 to ``MAX_CLASSES``. Neither split may be empty.
 Every check fails with one line naming the data set and what is wrong.
 """
 
@@ -46,6 +47,7 @@ from hpctrain import plugins
 from hpctrain.errors import UsageError
 
 FORMATS = ("npz", "imagefolder")
+MAX_CLASSES = 1_000_000  # more is a typo or a wrong array: the last layer alone would not fit
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
 SPLITS = ("train", "test")
@@ -153,8 +155,14 @@ def _dataset(name: str, src, split: str, rows: np.ndarray):
 
 
 def _as_float(images) -> torch.Tensor:
-    """uint8 scaled to [0, 1]; other numbers as float32; ``N x H x W`` given one channel."""
-    x = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    """uint8 scaled to [0, 1]; other numbers as float32; ``N x H x W`` given one channel.
+    Arrays in the other byte order (``>f4`` saved on a big-endian machine) are converted:
+    torch takes only the native one."""
+    if not isinstance(images, torch.Tensor):
+        images = np.asarray(images)
+        if not images.dtype.isnative:
+            images = images.astype(images.dtype.newbyteorder("="))
+    x = torch.as_tensor(images)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     return x[:, None] if x.dim() == 3 else x
 
@@ -185,15 +193,29 @@ def _checked_labels(what: str, y, count: int) -> np.ndarray:
 
 
 def _classes(what: str, labels: list[np.ndarray], given) -> int:
+    """The number of classes: ``given`` with the data (checked), else the largest label + 1."""
     top = max((int(y.max()) for y in labels if y.size), default=-1)
     if given is None:
         return max(top + 1, 2)
-    c = int(np.asarray(given))
-    if c < 2:
-        raise UsageError(f"{what}: num_classes {c}; want at least 2")
+    c = _num_classes(what, given)
     if top >= c:
         raise UsageError(f"{what}: label {top} is outside [0, {c}) (num_classes {c})")
     return c
+
+
+def _num_classes(what: str, given) -> int:
+    """``num_classes`` as a user gave it, as an int: one whole number (3, or 3.0, alone or in a
+    one-element array or tensor) from 2 to MAX_CLASSES, else UsageError naming the value."""
+    try:
+        v = _numpy(given)
+        shown = reprlib.repr(v.tolist())
+    except (TypeError, ValueError):  # a ragged list
+        v, shown = np.empty(0), reprlib.repr(given)
+    whole = v.size == 1 and v.dtype.kind in "iuf" and float(v.item()).is_integer()
+    if not whole or not 2 <= int(v.item()) <= MAX_CLASSES:
+        raise UsageError(f"{what}: num_classes {shown}; want one whole number from 2 to "
+                         f"{MAX_CLASSES}")
+    return int(v.item())
 
 
 @cache
@@ -219,11 +241,17 @@ class NpzSource:
         if not path.is_file():
             raise UsageError(f"--dataset {name}: no file {path}")
         try:
-            with np.load(path, allow_pickle=False) as z:
+            z = np.load(path, mmap_mode="r", allow_pickle=False)  # mmap: a .npy is not read
+            if isinstance(z, np.ndarray):
+                raise UsageError(f"--dataset {name}: {path} is a .npy array, not an .npz archive "
+                                 f"of {', '.join(self.KEYS)} (save them with np.savez)")
+            with z:
                 missing = [k for k in self.KEYS if k not in z.files]
                 given = z["num_classes"] if "num_classes" in z.files else None
                 self._labels = {s: z[f"y_{s}"] for s in SPLITS} if not missing else {}
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
+        except UsageError:
+            raise
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise UsageError(f"--dataset {name}: cannot read {path} as .npz ({e})") from None
         if missing:
             raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
@@ -324,8 +352,10 @@ class ImageFolderSource:
                              "class folders; want at least 2")
         self.num_classes = len(self.classes)
         self._files = {s: self._listing(s) for s in SPLITS}
-        if not self._files["train"][0]:
-            raise UsageError(f"--dataset {name}: no images under {root / 'train'}")
+        for split in SPLITS:
+            if not self._files[split][0]:
+                raise UsageError(f"--dataset {name}: no images under {root / split} (want "
+                                 f"{root / split}/<class>/<image>)")
         first = self._open(self._files["train"][0][0])
         self.mode = "L" if first.mode in ("L", "1", "LA", "I", "I;16", "F") else "RGB"
         self.size_wh = first.size
@@ -415,6 +445,8 @@ class CallableSource:
             if _is_pair(part):
                 x, y = part
                 shapes[split] = _sample_shape(what, tuple(np.shape(x)))
+                if len(x) == 0:
+                    raise UsageError(f"{what}: x has no samples")
                 self._labels[split] = _checked_labels(what, _numpy(y), len(x))
             elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
                 n = len(part)

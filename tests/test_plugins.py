@@ -118,6 +118,16 @@ def float_label():
 
 def vector_label():
     return late(label=torch.tensor([0, 1]))
+
+NUM_CLASSES = 3  # what given_classes returns; a test sets it
+
+def given_classes():
+    x, y = torch.zeros(6, 1, 8, 8), torch.tensor([0, 1, 2] * 2)
+    return {"train": (x, y), "test": (x, y), "num_classes": NUM_CLASSES}
+
+def empty_test():
+    return (torch.zeros(6, 1, 8, 8), torch.tensor([0, 1, 2] * 2)), (torch.zeros(0, 1, 8, 8),
+                                                                   torch.zeros(0, dtype=int))
 '''
 
 
@@ -355,6 +365,90 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
     userdata._source.cache_clear()
     with pytest.raises(UsageError, match="all must have one size"):
         data.load(name, "train")
+
+
+@pytest.mark.parametrize("kind", ["npz", "loader"])
+@pytest.mark.parametrize("given, shown", [
+    ("three", "'three'"),
+    ([3, 4], "[3, 4]"),
+    (3.5, "3.5"),  # was cut to 3
+    (10**12, "1000000000000"),  # was taken: the model's last layer alone could not be built
+    (1, "1"),
+    (4.0, 4),  # a whole number stored as a float: taken
+    (np.int32(5), 5),
+])
+def test_a_num_classes_given_with_the_data_is_one_whole_number(tmp_path, nets, kind, given,
+                                                               shown):
+    """Every path takes num_classes through one check; a bad one gave exit 1 with int()'s
+    error, or was cut or taken as given."""
+    if kind == "npz":
+        write_npz(tmp_path / "d.npz", num_classes=given)  # labels 0..3
+        name = f"npz:{tmp_path / 'd.npz'}"
+    else:
+        import nets_mod
+
+        nets_mod.NUM_CLASSES = given  # labels 0..2
+        name = "nets_mod:given_classes"
+    if isinstance(shown, int):
+        assert userdata.describe(name)["classes"] == shown
+        return
+    with pytest.raises(UsageError, match=re.escape(
+            f"--dataset {name}: num_classes {shown}; want one whole number from 2 to 1000000")):
+        userdata.describe(name)
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_npz_arrays_in_the_other_byte_order_are_read(tmp_path, compressed):
+    """Big-endian arrays (as saved on such a machine) gave exit 1: torch takes only the
+    native byte order."""
+    native = write_npz(tmp_path / "n.npz", x_train=np.arange(60 * 36, dtype=np.float32)
+                       .reshape(60, 6, 6), y_test=np.arange(20, dtype=np.float64) % 4)
+    other = ">" if sys.byteorder == "little" else "<"
+    swapped = {k: v.astype(v.dtype.newbyteorder(other)) for k, v in native.items()}
+    assert not any(swapped[k].dtype.isnative for k in ("x_train", "y_train", "y_test"))
+    write_npz(tmp_path / "d.npz", compressed=compressed, **swapped)
+    name = f"npz:{tmp_path / 'd.npz'}"
+    assert userdata.describe(name)["classes"] == 4
+    part = data.load_indices(name, "train", [7, 3])
+    assert torch.equal(part.images, torch.from_numpy(native["x_train"][[7, 3]])[:, None])
+    assert torch.equal(part.labels, torch.from_numpy(native["y_train"][[7, 3]]))
+    assert data.load_labels(name, "test").tolist() == [i % 4 for i in range(20)]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("npy", "{path} is a .npy array, not an .npz archive of x_train, y_train, x_test, y_test "
+            "(save them with np.savez)"),  # was a TypeError about a context manager
+    (b"", "cannot read {path} as .npz (No data left in file)"),  # was a bare EOFError
+])
+def test_a_file_that_is_no_npz_archive_is_named(tmp_path, content, message):
+    path = tmp_path / "d.npz"
+    with open(path, "wb") as f:
+        if content == "npy":
+            np.save(f, np.zeros((4, 1, 8, 8), np.float32))
+        else:
+            f.write(content)
+    with pytest.raises(UsageError, match=re.escape(
+            f"--dataset npz:{path}: {message.format(path=path)}")):
+        userdata.describe(f"npz:{path}")
+
+
+def test_an_empty_test_split_is_named_before_mpi(tmp_path, nets):
+    """An image folder's empty test split, or a loader's, was found only by check_launch's
+    first read: "range [0, 1) outside its 0 samples"."""
+    from PIL import Image
+
+    for cls in ("cat", "dog"):
+        for split in ("train", "test"):
+            (tmp_path / split / cls).mkdir(parents=True)
+        Image.fromarray(np.zeros((5, 7), np.uint8)).save(tmp_path / "train" / cls / "0.png")
+    (tmp_path / "test" / "cat" / "notes.txt").write_text("no image")
+    with pytest.raises(UsageError, match=re.escape(
+            f"--dataset imagefolder:{tmp_path}: no images under {tmp_path / 'test'} (want "
+            f"{tmp_path / 'test'}/<class>/<image>)")):
+        userdata.describe(f"imagefolder:{tmp_path}")
+    with pytest.raises(UsageError, match=re.escape(
+            "--dataset nets_mod:empty_test test: x has no samples")):
+        userdata.describe("nets_mod:empty_test")
 
 
 def test_optimizer_choice_defaults_and_refusals():
