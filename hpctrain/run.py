@@ -26,6 +26,8 @@ collapse).
 from __future__ import annotations
 
 import math
+import os
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -45,6 +47,7 @@ from hpctrain import (
     plugins,
     precision,
     profiling,
+    sync,
     userdata,
     watchdog,
 )
@@ -76,6 +79,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
                          "launch with mpirun, or srun with PMI/PMIx")
     check_compute(config)
+    sync.check_environment()  # Horovod's variables, read once collectives start
     optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
@@ -86,6 +90,8 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
     algo.check(config, ranks, n)
     ck = config.checkpoint
+    for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
+        _check_folder(flag, folder)
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
@@ -99,21 +105,31 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if config.out and (Path(config.out) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
-    for flag, folder in (("--out", config.out), ("--checkpoint-dir", config.checkpoint.dir)):
-        _check_folder(flag, folder)
     return config
 
 
 def _check_folder(flag: str, folder: str | None) -> None:
-    """A folder the run will write must not be a file or lie under one (found only when the
-    first output is written, after MPI started)."""
+    """A folder the run will write must be one it can create, or write in: otherwise that is
+    found only at the first write, after MPI started (exit 1). Nothing is left behind."""
     if folder is None:
         return
-    for path in (Path(folder), *Path(folder).parents):
-        if path.exists():
-            if not path.is_dir():
-                raise UsageError(f"{flag} {folder}: {path} is a file, not a folder")
-            return
+    path, missing = Path(folder), []
+    while not os.path.exists(path):  # False too for a name too long to look up
+        if os.path.islink(path):
+            raise UsageError(f"{flag} {folder}: {path} is a link to {os.readlink(path)}, "
+                             "which does not exist")
+        missing.append(os.fsencode(path.name))
+        path = path.parent
+    if not path.is_dir():
+        raise UsageError(f"{flag} {folder}: {path} is a file, not a folder")
+    limit = os.pathconf(path, "PC_NAME_MAX")
+    if any(len(name) > limit for name in missing):
+        raise UsageError(f"{flag} {folder}: a folder name in it is longer than {limit} bytes")
+    try:  # the one test that holds on every file system: create a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
+    except OSError as error:
+        raise UsageError(f"{flag} {folder}: cannot create a folder in {path} "
+                         f"({error.strerror})") from None
 
 
 def check_compute(config: RunConfig, in_threads: bool = False) -> None:

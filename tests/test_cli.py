@@ -120,6 +120,20 @@ def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
     assert len(error_lines(proc)) == 1 and not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("variable, value, says", [
+    ("HOROVOD_STALL_CHECK_TIME_SECONDS", "abc", "a number of seconds >= 0, got 'abc'"),
+    ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-5", "a number of seconds >= 0, got '-5'"),
+    ("HPCTRAIN_CHECK_COLLECTIVES", "maybe", "must be 1 or 0 (true/false, yes/no, on/off)"),
+    ("HOROVOD_TIMELINE", "/nonexistent/t.json", "cannot write a file there")])
+def test_a_bad_horovod_variable_is_refused_before_mpi(monkeypatch, variable, value, says):
+    """Read once collectives start (the timeline by rank 0 alone), they ended the job with
+    exit 1 and a traceback, or were taken as their default; the real job is the fusion
+    threshold's above."""
+    monkeypatch.setenv(variable, value)
+    message = refusal(["--algo", "ssgd", *SMALL], ranks=2)
+    assert message.startswith(variable) and value in message and says in message
+
+
 def test_more_ranks_than_samples(tmp_path):
     """Checked before MPI starts (in process here): the data files are read, not loaded."""
     write_tiny_idx(tmp_path, 3)
@@ -173,6 +187,20 @@ def test_an_output_folder_that_is_a_file_is_refused_before_mpi(tmp_path):
         assert f"{tmp_path / 'f'} is a file, not a folder" in refusal(
             ["--algo", "sgd", *SYNTHETIC, *flags]), flags
     assert not (tmp_path / "run").exists()
+
+
+def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path):
+    """A dangling link, a name too long, a folder where none can be made: found at the first
+    write, after MPI started, each ended the job with exit 1; no check leaves a folder."""
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    cases = {str(tmp_path / "gone"): "is a link to",
+             str(tmp_path / ("x" * 300) / "run"): "longer than 255 bytes",
+             "/proc/hpctrain-run": "cannot create a folder in /proc"}
+    for folder, says in cases.items():
+        for flags in (["--out", folder],
+                      ["--checkpoint-every", "1e", "--checkpoint-dir", folder]):
+            assert says in refusal(["--algo", "sgd", *SYNTHETIC, *flags]), flags
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
 
 
 def test_finished_run_is_never_overwritten(finished_sgd):

@@ -27,7 +27,14 @@ import torch
 
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
-from hpctrain.sync import collectives, horovod_backend, mpi_backend, timeline
+from hpctrain.sync import (
+    collective_check,
+    collectives,
+    horovod_backend,
+    mpi_backend,
+    stall,
+    timeline,
+)
 from hpctrain.sync import process_sets as _psets
 from hpctrain.sync.buckets import default_bucket_bytes
 from hpctrain.sync.collectives import Adasum, Average, Max, Min, Product, ReduceOp, Sum
@@ -111,8 +118,8 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
             raise UsageError(f"{what} must be a number of seconds >= 0, got {value!r}")
     if process_sets is not None and not all(isinstance(p, ProcessSet) for p in process_sets):
         raise UsageError("process_sets must be a list of hpctrain.sync.ProcessSet")
+    check_environment()
     if backend in collectives.TRANSPORTS:
-        default_bucket_bytes()  # a bad HOROVOD_FUSION_THRESHOLD: one line before any call
         collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
                          stall_timeout_s=stall_timeout)
         _active = mpi_backend
@@ -122,6 +129,18 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     else:
         _active = horovod_backend.init(comm, process_sets, stall_check_s, stall_timeout)
     _active_name = backend
+
+
+def check_environment() -> None:
+    """Check the environment variables a backend reads (Horovod's fusion threshold, stall
+    check and timeline; ``HPCTRAIN_CHECK_COLLECTIVES``): a bad value is one UsageError naming
+    it, before any collective, not a failure mid-job (``hpctrain train``: before MPI starts)."""
+    default_bucket_bytes()
+    stall.settings(None, None)
+    collective_check.enabled()
+    path = os.environ.get("HOROVOD_TIMELINE")
+    if path and path != "DYNAMIC":
+        timeline.check_path(path)
 
 
 def shutdown() -> None:

@@ -26,18 +26,25 @@ from typing import Any
 import numpy as np
 import torch
 
+from hpctrain.errors import UsageError
 from hpctrain.sync import stall, timeline
 from hpctrain.sync.errors import CollectiveMismatchError, HorovodInternalError
 from hpctrain.sync.transport import MAX
 
 CHECK_ENV = "HPCTRAIN_CHECK_COLLECTIVES"
+_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
 _ABSENT = -(2**62)
 ACTIVE, JOINED, KEY, NEG_KEY, NEW_JOIN, NEG_ROOT = range(6)
 
 
 def enabled() -> bool:
-    """Whether rounds run: unless ``HPCTRAIN_CHECK_COLLECTIVES=0``."""
-    return os.environ.get(CHECK_ENV, "1").strip() not in ("0", "false", "no", "off")
+    """Whether rounds run: unless ``HPCTRAIN_CHECK_COLLECTIVES=0`` (or false, no, off)."""
+    raw = os.environ.get(CHECK_ENV, "1").strip().lower()
+    if raw in _OFF:
+        return False
+    if raw in _ON:
+        return True
+    raise UsageError(f"{CHECK_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import math
 import os
 import pickle
 import sys
@@ -31,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hpctrain import comm as mpicomm
+from hpctrain.errors import UsageError
 from hpctrain.watchdog import EXIT_STATUS
 
 CHECK_ENV, SHUTDOWN_ENV, DISABLE_ENV = ("HOROVOD_STALL_CHECK_TIME_SECONDS",
@@ -46,10 +48,24 @@ def settings(check_s: float | None, timeout_s: float | None) -> tuple[float, flo
     if os.environ.get(DISABLE_ENV, "0") not in ("", "0") and check_s is None:
         check_s = 0.0
     if check_s is None:
-        check_s = float(os.environ.get(CHECK_ENV, DEFAULT_CHECK_S))
+        check_s = _seconds(CHECK_ENV, DEFAULT_CHECK_S)
     if timeout_s is None:
-        timeout_s = float(os.environ.get(SHUTDOWN_ENV, 0))
+        timeout_s = _seconds(SHUTDOWN_ENV, 0.0)
     return check_s, timeout_s
+
+
+def _seconds(variable: str, default: float) -> float:
+    """A number of seconds >= 0 from ``variable`` (``default`` when unset or empty)."""
+    raw = os.environ.get(variable, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not value >= 0:
+        raise UsageError(f"{variable} must be a number of seconds >= 0, got {raw!r}")
+    return value
 
 
 @dataclass

@@ -15,10 +15,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
 from typing import IO, Any
+
+from hpctrain.errors import UsageError
 
 _lock = threading.Lock()
 _file: IO[str] | None = None
@@ -39,6 +42,15 @@ class Token:
 
 def active() -> bool:
     return _file is not None
+
+
+def check_path(path: str) -> None:
+    """UsageError unless ``path`` can be written, checked on every rank before any
+    collective (only rank 0 writes it, and would fail alone, mid-job)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UsageError(f"HOROVOD_TIMELINE {path}: cannot write a file there (a folder, or "
+                         "in a folder that does not exist or is not writable)")
 
 
 def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
