@@ -14,6 +14,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job, start_job, warn_after_checkpoint
 from matplotlib.image import imread
 
@@ -80,11 +81,90 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
     (["--algos", "sgd", "--targets", "0.8,,0.9"], "--targets '0.8,,0.9': an empty entry"),
     (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
     (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
+    # What `hpctrain train` refuses on a run's processes: each such run failed only once
+    # launched, after the runs before it had run.
+    (["--algos", "ssgd", "--workers", "2", "--slowdown", "3:2", *SMALL],
+     "ssgd's run on 2 processes: --slowdown 3:2: rank 3 is not a worker (0..1)"),
+    (["--algos", "sgd,ssgd", "--workers", "3", "--reduce-op", "adasum", *SMALL],
+     "ssgd's run on 3 processes: --reduce-op adasum needs a power-of-2 number of workers, "
+     "got 3"),
+    (["--algos", "sgd,ssgd", "--workers", "2", "--eval", "online", "--eval-rank", "1", *SMALL],
+     "sgd's run on 1 process: --eval-rank 1: the job has ranks 0..0"),
+    # rank 2 of 3 evaluates: ssgd's workers are ranks 0 and 1
+    (["--algos", "ssgd", "--workers", "3", "--eval", "online", "--eval-rank", "2",
+      "--slowdown", "2:3", *SMALL],
+     "ssgd's run on 3 processes: --slowdown 2:3: rank 2 is not a worker (0..1)"),
+    (["--algos", "asgd", "--workers", "2", "--checkpoint-every", "10", *SMALL],
+     "asgd's run on 2 processes: --checkpoint-every 10: asynchronous runs checkpoint by "
+     "global progress"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
     with pytest.raises(UsageError, match=re.escape(pattern)):
         compare.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_run_that_would_refuse_its_options_stops_the_comparison_before_any_runs(
+        tmp_path, monkeypatch):
+    """sgd ran (minutes, on real data) before ssgd refused adasum on 3 workers; now nothing
+    starts, and the line (exit status 2, as every UsageError) names the run."""
+    started = []
+    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    args = parse("--algos", "sgd,ssgd", "--workers", "3", "--reduce-op", "adasum", *SMALL,
+                 "--out", str(tmp_path / "cmp"))
+    with pytest.raises(UsageError, match="^ssgd's run on 3 processes: --reduce-op adasum"):
+        compare.run(args)
+    assert started == [] and not (tmp_path / "cmp").exists()
+
+
+def test_what_this_machine_cannot_run_is_left_to_the_runs(tmp_path, monkeypatch):
+    """compare on a login node without a GPU, launching srun steps onto GPU nodes: --device
+    cuda is the runs' to check, and the other checks still refuse before anything runs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = ["--algos", "ssgd", "--workers", "2", "--device", "cuda", *SMALL,
+            "--out", str(tmp_path / "cmp")]
+    (run,) = compare.plan(parse(*argv))
+    assert run.command[run.command.index("--device") + 1] == "cuda"
+    with pytest.raises(UsageError, match=re.escape("--slowdown 2:3: rank 2 is not a worker")):
+        compare.plan(parse(*argv, "--slowdown", "2:3"))
+
+
+# What a real run wrote (bench compare --algos ssgd --workers 2 --eval online --eval-rank 1,
+# synthetic data): rank 1 only scored snapshots, so one rank trained.
+EVAL_RANK_SUMMARY = {"algo": "ssgd", "workers": 1, "eval_mode": "online (rank 1)",
+                     "samples_per_worker": [2048], "final_test_acc": 1.0, "best_test_acc": 1.0,
+                     "wall_s": 0.0782, "samples_per_s": 26191.9}
+
+
+def test_an_eval_rank_run_is_ok_with_one_rank_fewer_training(tmp_path):
+    """It was a failed row: "ran as 1 process(es), not 2: the launcher started separate
+    jobs"."""
+    (run,) = compare.plan(parse("--algos", "ssgd", "--workers", "2", "--eval", "online",
+                                "--eval-rank", "1", *SMALL, "--out", str(tmp_path)))
+    assert (run.np, run.trainers) == (2, 1)
+    assert compare.launch_problem(run, EVAL_RANK_SUMMARY) is None
+
+
+@pytest.mark.parametrize("argv, np, trainers", [
+    (["--algos", "ssgd", "--workers", "2"], 2, 2),
+    (["--algos", "sgd", "--workers", "2"], 1, 1),
+    (["--algos", "ma", "--workers", "4", "--eval", "online", "--eval-rank", "3"], 4, 3),
+    (["--algos", "asgd", "--workers", "3", "--servers", "1"], 3, 2),
+    (["--algos", "ssp", "--workers", "4", "--servers", "1", "--eval", "online",
+      "--eval-rank", "1"], 4, 2),
+])
+def test_a_run_is_checked_against_the_ranks_that_train(tmp_path, argv, np, trainers):
+    """A summary's workers are the ranks that trained: not --eval-rank's, not the servers.
+    Fewer than that is still a launcher that started separate jobs."""
+    (run,) = compare.plan(parse(*argv, *SMALL, "--out", str(tmp_path)))
+    assert (run.np, run.trainers) == (np, trainers)
+    summary = {**EVAL_RANK_SUMMARY, "algo": run.algo, "workers": trainers}
+    assert compare.launch_problem(run, summary) is None
+    if np > 1:
+        of = f" of {np} processes" if trainers != np else ""
+        assert compare.launch_problem(run, {**summary, "workers": 1}) == (
+            f"1 rank(s) trained, not {trainers}{of}: the launcher started separate jobs "
+            "(inside Slurm try --launcher 'srun --mpi=pmix -n {np}' or 'mpirun -np {np}')")
 
 
 def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_path):

@@ -5,7 +5,10 @@ allocation) with the same training options and seed, hence the same initial mode
 order where the algorithm allows; ``sgd`` runs on one process. Options that only some
 algorithms take (``--slowdown``, ``--lam``, ...) go only to those, and the report says which
 ignored them. Bad options, an algorithm this hpctrain does not have included, are refused
-before anything runs (one line, exit status 2). A run that fails becomes a row saying why; the
+before anything runs (one line, exit status 2), and so is what one run would refuse on its
+processes (``hpctrain train``'s own checks, on each planned run: ``--slowdown`` of a rank it
+lacks, ``--reduce-op adasum`` on 3 workers, ``--eval-rank`` beyond sgd's one process; the
+line names the run). A run that fails becomes a row saying why; the
 others still run, and the command then exits with status 1 after a line naming the failed
 algorithms. With ``--simulate K`` every run is ``hpctrain simulate --workers K`` instead (one
 process each, no launcher, virtual times; the simulator's options pass on to every run).
@@ -19,6 +22,8 @@ exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues i
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import math
 import os
 import re
@@ -33,8 +38,10 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, data, mpirun, registry
+from hpctrain import arguments, checkpoint, data, live, mpirun, registry
+from hpctrain import run as training
 from hpctrain.bench import at_most, report
+from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.options import HUGE, at_least, shown
@@ -92,7 +99,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "dcasgd-a,ma,ec (this hpctrain has: "
                                  f"{', '.join(registry.names())})"),
         parser.add_argument("--workers", type=at_least(1), default=4,
-                            help="processes per run (sgd always runs on one)"),
+                            help="processes per run (sgd always runs on one); with "
+                                 "--eval-rank one of them only evaluates"),
         parser.add_argument("--targets", default="0.8,0.85",
                             help="test accuracies whose time to reach the report gives"),
         parser.add_argument("--launcher", default=argparse.SUPPRESS,
@@ -145,6 +153,7 @@ class Run:
     np: int
     command: list[str]
     ignored: list[str]  # flags given that this algorithm does not take
+    trainers: int | None = None  # of the np, the ranks that train (summary's "workers"); None: np
 
 
 def given_options(args: argparse.Namespace) -> list[tuple[TrainOption, list[str]]]:
@@ -219,6 +228,23 @@ def _check_out(out: str) -> None:
             return
 
 
+def check_run(config: RunConfig, np: int) -> int:
+    """Check one planned run as ``hpctrain train`` checks itself before MPI starts
+    (:func:`hpctrain.run.check_launch`) on ``np`` processes; return how many of them train
+    (``--eval-rank``'s rank and ``--servers`` do not). Its folders are compare's to check.
+    What depends on the machine (``--device``, ``--mixed-precision``, ``--compile``) is
+    checked here only where this machine can run it: a login node launching ``srun`` steps
+    onto GPU nodes leaves that to the runs."""
+    config = replace(config, out=None)  # --out, its checkpoints and --resume: compare's
+    try:
+        training.check_compute(config)
+    except UsageError:
+        config = replace(config, device="cpu", mixed_precision="no", compile=False)
+    with contextlib.redirect_stdout(io.StringIO()):  # a user's data set, said once per run
+        config = training.check_launch(config, np)
+    return config.algorithm_class.workers(config, live.check(config, np))
+
+
 def plan(args: argparse.Namespace) -> list[Run]:
     """Check compare's options and build every run's command; raise UsageError if bad."""
     algos = list(dict.fromkeys(a.strip() for a in args.algos.split(",") if a.strip()))
@@ -267,6 +293,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
             ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
             runs.append(Run(algo, np, command, ignored))
             continue
+        try:  # what the run would refuse once launched, after the runs before it
+            trainers = check_run(config, np)
+        except UsageError as e:
+            raise UsageError(f"{algo}'s run on {np} process{'es' if np > 1 else ''}: {e}") \
+                from None
         train_args = ["train", *train_args]
         launcher = launcher_command(getattr(args, "launcher", None), np)
         if shutil.which(launcher[0]) is None:
@@ -274,7 +305,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
                              "$HPCTRAIN_LAUNCHER or $HPCTRAIN_MPIRUN)")
         command = [*launcher, sys.executable, "-m", "hpctrain", *train_args]
         ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
-        runs.append(Run(algo, np, command, ignored))
+        runs.append(Run(algo, np, command, ignored, trainers))
     return runs
 
 
@@ -402,13 +433,23 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
         return {**record, "status": "failed", "error": last_error(list(lines), returncode)}
     if summary is None:
         return {**record, "status": "failed", "error": "exited 0 without writing summary.json"}
-    workers = summary["workers"]
-    if workers != run.np:
-        return {**record, "status": "failed",
-                "error": f"ran as {workers} process(es), not {run.np}: the launcher started "
-                         "separate jobs (inside Slurm try --launcher 'srun --mpi=pmix -n {np}' "
-                         "or 'mpirun -np {np}')"}
+    problem = launch_problem(run, summary)
+    if problem:
+        return {**record, "status": "failed", "error": problem}
     return {**record, "status": "ok", "error": None}
+
+
+def launch_problem(run: Run, summary: dict) -> str | None:
+    """Why a finished ``run`` did not train as one job of ``run.np`` processes (its
+    ``summary.json``'s ``workers``: the ranks that trained, without ``--eval-rank``'s and
+    the ``--servers``), or None."""
+    workers = summary["workers"]
+    trainers = run.np if run.trainers is None else run.trainers
+    if workers == trainers:
+        return None
+    of = f" of {run.np} processes" if trainers != run.np else ""
+    return (f"{workers} rank(s) trained, not {trainers}{of}: the launcher started separate "
+            "jobs (inside Slurm try --launcher 'srun --mpi=pmix -n {np}' or 'mpirun -np {np}')")
 
 
 def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
