@@ -25,6 +25,7 @@ collapse).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -151,7 +152,13 @@ def _user_code(config: RunConfig) -> RunConfig:
             print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "
                   f"{about['classes']} classes", flush=True)
-    return replace(config, data=replace(config.data, dataset=userdata.absolute(name)),
+    return _absolute(config)
+
+
+def _absolute(config: RunConfig) -> RunConfig:
+    """``config`` with its file references (a user's data and model) made absolute."""
+    return replace(config, data=replace(config.data,
+                                        dataset=userdata.absolute(config.data.dataset)),
                    model=replace(config.model, name=plugins.absolute(config.model.name)))
 
 
@@ -204,11 +211,22 @@ def train(config: RunConfig) -> dict:
 
 def _finished(config: RunConfig) -> dict | None:
     """With ``--resume auto``, a run whose ``--out`` holds its summary (a job restarted or
-    requeued after it finished): that summary, and nothing is trained."""
+    requeued after it finished): that summary, and nothing is trained; a UsageError if the
+    options differ from its ``config.json`` where resumption would refuse them."""
     if config.checkpoint.resume != checkpoint.AUTO or config.out is None:
         return None
     if not (Path(config.out) / "summary.json").exists():
         return None
+    recorded = Path(config.out) / "config.json"
+    if recorded.exists():  # its options, as it ran; those that change nothing may differ
+        given = _absolute(configs.resolve(config))
+        given = given.algorithm_class.for_launch(given, comm.launcher())
+        change = checkpoint.changed_option(
+            configs.flat(configs.from_dict(json.loads(recorded.read_text()))),
+            configs.flat(given), checkpoint.MAY_CHANGE)
+        if change:
+            raise UsageError(f"--resume auto: --out {config.out} holds a finished run, "
+                             f"started {change}; choose another --out for a new run")
     done = read_summary(config.out)
     if comm.env_rank() == 0:
         print(f"hpctrain: --out {config.out} holds a finished run; nothing to train "

@@ -203,6 +203,28 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
 
 
+def test_resume_auto_returns_a_finished_run_only_for_its_own_options(finished_sgd):
+    """A requeued job finds its run finished and returns its summary; started again with
+    another --lr it returned the old summary too, as if it had trained with the new one."""
+    from hpctrain import arguments, cli, run
+
+    args, proc, out = finished_sgd
+    assert proc.returncode == 0, proc.stderr
+
+    def again(*extra: str) -> dict:
+        options = cli.build_parser().parse_args([*args, "--out", str(out), "--resume", "auto",
+                                                 *extra])
+        return run.train(arguments.build(options))
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert again() == again("--threads", "2", "--eval", "online") == summary
+    with pytest.raises(UsageError) as refused:
+        again("--lr", "0.2")
+    assert str(refused.value) == (f"--resume auto: --out {out} holds a finished run, started "
+                                  "with --lr 0.05, not 0.2; choose another --out for a new run")
+    assert json.loads((out / "summary.json").read_text()) == summary
+
+
 def test_finished_run_is_never_overwritten(finished_sgd):
     """The check is the launch's, before MPI (in process here; test_bad_arguments shows
     what a refused job prints and exits with)."""

@@ -111,11 +111,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
                              f"{header.get('algo')} on {header.get('ranks')} ranks, not "
                              f"--algo {algo} on {ranks}")
         old = header.get("args", {})
-        for key in sorted(old.keys() & run_config.keys() - may_change):
-            if old[key] != run_config[key]:
-                flag = "--" + key.replace("_", "-")
-                raise UsageError(f"--resume {given}: the run was started "
-                                 f"{_changed(flag, old[key], run_config[key])}")
+        change = changed_option(old, run_config, may_change)
+        if change:
+            raise UsageError(f"--resume {given}: the run was started {change}")
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
@@ -150,6 +148,15 @@ def _resumed_out(folder: Path, old: dict) -> str | None:
         return None
     default = own is None or (isinstance(own, str) and Path(own) == Path(out) / SUBDIR)
     return str(folder.parent) if default and folder.name == SUBDIR else out
+
+
+def changed_option(old: dict, new: dict, may_change: frozenset[str]) -> str | None:
+    """The first option (of :func:`hpctrain.config.flat`'s, outside ``may_change``) whose
+    value in ``new`` differs from ``old``'s, said as "with --lr 0.1, not 0.2"; None if none."""
+    for key in sorted(old.keys() & new.keys() - may_change):
+        if old[key] != new[key]:
+            return _changed("--" + key.replace("_", "-"), old[key], new[key])
+    return None
 
 
 def _changed(flag: str, old, new) -> str:
