@@ -505,3 +505,142 @@ def test_report_says_what_the_bytes_column_counts():
     text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
     assert "| bytes communicated per rank |" in text
     assert "`store_mpi_bytes_per_worker` is the part of it MPI calls moved" in text
+
+
+# ``hpctrain report`` on files edited by hand or written by another tool: no MPI, no runs.
+GOOD_SUMMARY = {"algo": "sgd", "workers": 1, "final_test_acc": 0.9, "best_test_acc": 0.95,
+                "wall_s": 12.0, "samples_per_s": 100.0, "peak_memory_per_worker": [2**20],
+                "model": "mlp", "dataset": "synthetic", "epochs": 1}
+GOOD_POINTS = [{"t": 0.0, "epoch": 0.0, "test_acc": 0.1},
+               {"t": 6.0, "epoch": 0.5, "test_acc": 0.85},
+               {"t": 12.0, "epoch": 1.0, "test_acc": 0.9}]
+
+
+def saved_runs(folder, **bad_summary) -> dict:
+    """``folder`` with two finished runs, ``good`` and ``bad`` (its summary updated with
+    ``bad_summary``); the paths of their files."""
+    for name, update in (("good", {}), ("bad", bad_summary)):
+        (folder / name).mkdir(parents=True)
+        (folder / name / "summary.json").write_text(json.dumps({**GOOD_SUMMARY, **update}))
+        (folder / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in GOOD_POINTS))
+    return {"summary": folder / "bad" / "summary.json", "metrics": folder / "bad" / "metrics.jsonl"}
+
+
+def report_cells(folder) -> dict[str, dict[str, str]]:
+    """report.md's table: run -> column -> cell."""
+    lines = [line for line in (folder / "report.md").read_text().splitlines()
+             if line.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split(" | ")]
+    return {cells[0]: dict(zip(head, cells, strict=True))
+            for cells in ([c.strip() for c in line.strip("|").split(" | ")] for line in lines[1:])}
+
+
+def warnings_in(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("hpctrain report: warning:")]
+
+
+@pytest.mark.parametrize("key, value, column, said", [
+    ("final_test_acc", "high", "final acc", 'final_test_acc is "high", not a number'),
+    ("best_test_acc", [0.9], "best acc", "best_test_acc is [0.9], not a number"),
+    ("wall_s", None, "wall s", "wall_s is null, not a number"),
+    ("samples_per_s", "fast", "samples/s", 'samples_per_s is "fast", not a number'),
+    ("workers", "two", "workers", 'workers is "two", not a positive whole number'),
+    ("peak_memory_per_worker", "x", "peak memory",
+     'peak_memory_per_worker is "x", not a list of byte counts'),
+    ("staleness", "x", "staleness mean / p50 / p90 / p99 / max",
+     'staleness is "x", not an object with numbers mean, p50, p90, p99, max'),
+    ("staleness", {"mean": "1"}, "staleness mean / p50 / p90 / p99 / max",
+     'staleness is {"mean": "1"}, not an object with numbers'),
+])
+def test_a_wrong_typed_summary_value_is_n_a_with_a_warning(tmp_path, capsys, key, value,
+                                                           column, said):
+    """One hand-edited field of one run ended the whole report (exit 1, a TypeError or
+    ValueError) after the plots were redrawn: now that cell is n/a, one warning names the file
+    and key, and every other cell and run is reported."""
+    bad = saved_runs(tmp_path, **{key: value})
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    cells = report_cells(tmp_path)
+    assert cells["bad"][column] == "n/a"
+    assert {k: v for k, v in cells["bad"].items() if k not in ("algorithm", column)} == \
+        {k: v for k, v in cells["good"].items() if k not in ("algorithm", column)}
+    assert cells["good"][column] != "n/a" and cells["bad"]["status"] == "ok"
+    (warning,) = warnings_in(capsys.readouterr().err)  # once, though the table is shown twice
+    assert warning.startswith(f"hpctrain report: warning: {bad['summary']}: {said}")
+    assert warning.endswith("; shown as n/a")
+    assert all((tmp_path / name).is_file() for name in OUTPUTS)
+
+
+def test_a_curve_point_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, capsys):
+    """A string ``t`` ended the report in the plot's sort (a TypeError)."""
+    bad = saved_runs(tmp_path)
+    with open(bad["metrics"], "a") as f:
+        f.write('\n{"t": "x", "epoch": 1.0, "test_acc": 0.99}\n{"t": 13, "epoch": NaN, '
+                '"test_acc": 0.99}\n')
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path), "--targets", "0.85,0.95"]))
+    cells = report_cells(tmp_path)
+    assert cells["bad"]["time to 0.85"] == "6 s (0.50 ep)" == cells["good"]["time to 0.85"]
+    assert cells["bad"]["time to 0.95"] == "not reached"  # the left-out points reached it
+    (warning,) = warnings_in(capsys.readouterr().err)
+    assert warning == (f"hpctrain report: warning: {bad['metrics']} line 5: t is \"x\", not a "
+                       "number; that curve point and 1 more left out")
+    assert all((tmp_path / name).is_file() for name in OUTPUTS)
+
+
+def test_a_comparison_record_of_the_wrong_type_is_one_line(tmp_path):
+    """compare.json's targets as a string was a ValueError from the table's heading."""
+    saved_runs(tmp_path)
+    record = {"algos": ["good"], "runs": {"good": {"status": "ok"}}, "workers": 1,
+              "train_args": [], "targets": "0.8"}
+    (tmp_path / report.RECORD).write_text(json.dumps(record))
+    with pytest.raises(UsageError, match=re.escape(
+            f"{tmp_path / report.RECORD}: targets is \"0.8\", not a list of accuracies")):
+        report.render(tmp_path)
+    (tmp_path / report.RECORD).write_text(json.dumps({**record, "targets": [0.8],
+                                                      "train_args": ["--epochs", 1]}))
+    with pytest.raises(UsageError, match=re.escape(
+            f"{tmp_path / report.RECORD}: train_args is [\"--epochs\", 1], not a list of words")):
+        report.render(tmp_path)
+    assert not any((tmp_path / name).exists() for name in OUTPUTS)
+
+
+@pytest.mark.parametrize("name", OUTPUTS)
+def test_an_output_that_is_a_folder_is_one_line_and_nothing_is_written(tmp_path, name):
+    """report.md a folder was an IsADirectoryError traceback (exit 1) after the plots were
+    redrawn: now a UsageError (one line, exit 2) before any file changes."""
+    saved_runs(tmp_path)
+    for other in OUTPUTS:
+        (tmp_path / other).write_bytes(b"old")
+    (tmp_path / name).unlink()
+    (tmp_path / name).mkdir()
+    with pytest.raises(UsageError, match=re.escape(
+            f"report: cannot write {tmp_path / name}: it is a folder")):
+        report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    assert all((tmp_path / other).read_bytes() == b"old" for other in OUTPUTS if other != name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
+
+
+def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails (a full disk, a read-only folder) left new plots beside the old
+    report.md, and an OSError traceback: now every file is as it was, no temporary file is
+    left, and the line names the file."""
+    saved_runs(tmp_path)
+    for name in OUTPUTS:
+        (tmp_path / name).write_bytes(b"old")
+    real, written = report.write_atomic, []
+
+    def full_disk(path, content, **kwargs):
+        if len(written) == len(OUTPUTS) - 1:  # the last of the three
+            raise OSError(28, "No space left on device", str(path))
+        real(path, content, **kwargs)
+        written.append(path)
+
+    monkeypatch.setattr(report, "write_atomic", full_disk)
+    with pytest.raises(UsageError, match="^report: cannot write .*: No space left on device$"):
+        report.render(tmp_path)
+    assert all((tmp_path / name).read_bytes() == b"old" for name in OUTPUTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
+    monkeypatch.setattr(report, "write_atomic", real)
+    report.render(tmp_path)
+    assert all((tmp_path / name).read_bytes() != b"old" for name in OUTPUTS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])

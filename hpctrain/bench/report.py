@@ -5,19 +5,26 @@ DIR is a comparison's folder (``compare.json`` and one ``DIR/<algo>/`` per run, 
 (``summary.json`` and ``metrics.jsonl``). The plots follow the DC-ASGD paper's figures: test
 error (%) against wall time and against epochs, one line per algorithm. The output depends
 only on the saved files, so rendering twice gives the same bytes.
+
+A value of the wrong type in a run's files (edited by hand, another tool's) does not end the
+report: the table shows ``n/a`` there, or the plots leave out that curve point, and one line on
+stderr names the file and key. ``report.md`` and the plots are written together or not at all.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import json
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from hpctrain import registry
 from hpctrain.errors import UsageError
-from hpctrain.metrics import read_json, read_points, write_atomic
+from hpctrain.metrics import POINT_KEYS, read_json, read_points, write_atomic
 from hpctrain.summary import byte_fields
 from hpctrain.summary import read as read_summary
 
@@ -31,6 +38,8 @@ NO_PLOTS = ("matplotlib is not installed (pip install \"hpctrain[plot]\", then "
             "hpctrain report DIR draws them)")
 # Fixed colours, so an algorithm looks the same in every report.
 _ORDER = registry.names()
+NA = "n/a"  # a cell whose value in summary.json is of the wrong type (the report warns)
+STALENESS_KEYS = ("mean", "p50", "p90", "p99", "max")
 
 
 @dataclass
@@ -44,10 +53,78 @@ class Row:
     points: list[dict] = field(default_factory=list)
     command: str | None = None
     ignored: list[str] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)  # summary keys shown as n/a
 
     @property
     def label(self) -> str:
-        return f"{self.name}, M={(self.summary or {}).get('workers', '?')}"
+        workers = (self.summary or {}).get("workers")
+        return f"{self.name}, M={'?' if workers is None else workers}"
+
+
+def _warn(message: str) -> None:
+    print(f"hpctrain report: warning: {message}", file=sys.stderr, flush=True)
+
+
+def _json(value) -> str:
+    """``value`` as its file spells it (``null``, ``"x"``), cut short: for a warning."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _is_distribution(value) -> bool:
+    return value is None or (isinstance(value, dict) and (
+        not value or all(_is_number(value.get(k)) for k in STALENESS_KEYS)))
+
+
+def _is_peaks(value) -> bool:
+    return value is None or (isinstance(value, list) and all(
+        p is None or _is_number(p) for p in value))
+
+
+# The summary fields the table formats: what each must be, and the test for it. The first
+# five are always there (summary.READ_KEYS); the last two only in some runs (None: not).
+_FIELDS = {"workers": ("a positive whole number", _is_count),
+           **dict.fromkeys(("final_test_acc", "best_test_acc", "wall_s", "samples_per_s"),
+                           ("a number", _is_number)),
+           "staleness": (f"an object with numbers {', '.join(STALENESS_KEYS)}", _is_distribution),
+           "peak_memory_per_worker": ("a list of byte counts", _is_peaks)}
+
+
+def _usable(summary: dict, path: Path) -> tuple[dict, list[str]]:
+    """``summary`` with None for each field the table formats that is of the wrong type, and
+    those fields' keys; one warning naming ``path`` and the key for each."""
+    unusable = [k for k, (_, ok) in _FIELDS.items() if k in summary and not ok(summary[k])]
+    for key in unusable:
+        _warn(f"{path}: {key} is {_json(summary[key])}, not {_FIELDS[key][0]}; "
+              f"shown as {NA}")
+    return {**summary, **dict.fromkeys(unusable)}, unusable
+
+
+def _usable_points(points: list[dict], path: Path) -> list[dict]:
+    """The curve points whose t, epoch and test_acc are numbers; one warning naming ``path``,
+    the first other point's line and its key when some are left out."""
+    good, bad = [], []  # bad: (index, key) of each point left out
+    for i, point in enumerate(points):
+        key = next((k for k in POINT_KEYS if not _is_number(point[k])), None)
+        if key is None:
+            good.append(point)
+        else:
+            bad.append((i, key))
+    if bad:
+        i, key = bad[0]  # read_points skips blank lines: count them back for the line number
+        line = [n for n, text in enumerate(path.read_text().splitlines(), 1) if text.strip()][i]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        _warn(f"{path} line {line}: {key} is {_json(points[i][key])}, not a number; "
+              f"that curve point{more} left out")
+    return good
 
 
 def parse_targets(text: str) -> list[float]:
@@ -73,15 +150,24 @@ def read_record(folder: str | Path) -> dict:
                                                         "train_args"))
     runs = record["runs"]
     if not isinstance(record["algos"], list) or not isinstance(runs, dict) or any(
+            not isinstance(a, str) for a in record["algos"]) or any(
             not isinstance(r, dict) or "status" not in r for r in runs.values()):
         raise UsageError(f"{path} is not a comparison's record: want a list of algos and a "
                          "status for every run")
+    targets, words = record.get("targets"), record["train_args"]
+    if targets is not None and not (isinstance(targets, list) and targets and all(
+            _is_number(t) and 0 < t <= 1 for t in targets)):
+        raise UsageError(f"{path}: targets is {_json(targets)}, not a list of "
+                         "accuracies in (0, 1]")
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise UsageError(f"{path}: train_args is {_json(words)}, not a list of words")
     return record
 
 
 def _finished(run_dir: Path, name: str, **record) -> Row:
     """The row of a run that should have finished: failed, saying why, when its files are
-    missing or unreadable (the other rows are still reported)."""
+    missing or unreadable (the other rows are still reported); a value of the wrong type in
+    them is left out, with a warning."""
     if not (run_dir / "summary.json").is_file():
         return Row(name, "failed", error="no summary.json", **record)
     try:
@@ -89,7 +175,9 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
         points = read_points(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
     except UsageError as e:
         return Row(name, "failed", error=str(e), **record)
-    return Row(name, "ok", summary=summary, points=points, **record)
+    summary, unusable = _usable(summary, run_dir / "summary.json")
+    points = _usable_points(points, run_dir / "metrics.jsonl")
+    return Row(name, "ok", summary=summary, points=points, unusable=unusable, **record)
 
 
 def load(folder: str | Path) -> tuple[dict, list[Row]]:
@@ -138,7 +226,7 @@ def _byte_counts(summary: dict) -> list[tuple[str, float]]:
         value = summary
         for key in name.split("."):
             value = value.get(key) if isinstance(value, dict) else None
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and value:
+        if _is_number(value) and value:
             found.append((name, value))
     return found
 
@@ -150,20 +238,26 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
         return [row.name, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
                 dash, reason.replace("|", "\\|")]
     s = row.summary
+
+    def shown(key: str, text) -> str:  # n/a for a value _usable left out
+        return NA if s.get(key) is None else text(s[key])
+
     reach = []
     for target in targets:
         p = time_to(row.points, target)
         reach.append("not reached" if p is None else f"{_seconds(p['t'])} s ({p['epoch']:.2f} ep)")
     stale = s.get("staleness")
-    stale = dash if not stale else (f"{stale['mean']:.2f} / {stale['p50']:.0f} / "
-                                    f"{stale['p90']:.0f} / {stale['p99']:.0f} / "
-                                    f"{stale['max']:.0f}")
+    stale = NA if "staleness" in row.unusable else dash if not stale else (
+        f"{stale['mean']:.2f} / {stale['p50']:.0f} / {stale['p90']:.0f} / "
+        f"{stale['p99']:.0f} / {stale['max']:.0f}")
     moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
-    return [row.name, str(s["workers"]), f"{s['final_test_acc']:.4f}",
-            f"{s['best_test_acc']:.4f}", _seconds(s["wall_s"]), *reach,
-            f"{s['samples_per_s']:.0f}", _bytes(max(peaks)) if peaks else dash, stale,
-            "; ".join(moved) or dash, _status(s)]
+    peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
+        else dash
+    return [row.name, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
+            shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
+            shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
+            _status(s)]
 
 
 def _seconds(t: float) -> str:
@@ -260,8 +354,8 @@ def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
     return max(0.0, lo - pad), min(100.0, hi + pad)
 
 
-def plot(rows: list[Row], x: str, path: Path, title: str = "") -> None:
-    """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run, as PNG."""
+def plot(rows: list[Row], x: str, title: str = "") -> bytes:
+    """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run: a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -288,7 +382,7 @@ def plot(rows: list[Row], x: str, path: Path, title: str = "") -> None:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", metadata={"Software": None})
-    write_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def _title(record: dict, rows: list[Row]) -> str:
@@ -302,24 +396,48 @@ def _title(record: dict, rows: list[Row]) -> str:
     return title
 
 
+def _write_together(files: dict[Path, bytes | str]) -> None:
+    """Write all of ``files`` or, on an error, none (UsageError naming the file): each to a
+    temporary file beside it, and only when all are written does each replace the old one, so
+    a report.md never shows another rendering's plots, nor is left cut short."""
+    for path in files:
+        if path.is_dir():
+            raise UsageError(f"report: cannot write {path}: it is a folder")
+    staged: dict[Path, Path] = {}
+    try:
+        for path, content in files.items():
+            staged[path] = path.with_name(f".{path.name}.{os.getpid()}.new")
+            write_atomic(staged[path], content)
+        for path, tmp in staged.items():
+            os.replace(tmp, path)
+    except OSError as e:
+        raise UsageError(f"report: cannot write {path}: {e.strerror or e}") from None
+    finally:
+        for tmp in staged.values():
+            tmp.unlink(missing_ok=True)
+
+
 def render(folder: str | Path, targets: list[float] | None = None
            ) -> tuple[list[Row], list, list[Path]]:
     """Write ``report.md`` and both plots into ``folder`` from its saved outputs; return the
     rows, the targets used (``targets``, else the comparison's, else the defaults) and the
     plots drawn: none without matplotlib (the ``plot`` extra), where the report says so
-    rather than losing a comparison's table after its runs."""
+    rather than losing a comparison's table after its runs. Everything is read and drawn
+    before anything is written."""
     folder = Path(folder)
     record, rows = load(folder)
     targets = targets or record.get("targets") or list(DEFAULT_TARGETS)
+    files: dict[Path, bytes | str] = {}
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        drawn = []
+        pass
     else:
-        drawn = [folder / name for name, _ in PLOTS.values()]
-        for x, path in zip(PLOTS, drawn, strict=True):
-            plot(rows, x, path, _title(record, rows))
-    write_atomic(folder / REPORT, markdown(record, rows, targets, plots=bool(drawn)))
+        for x, (name, _) in PLOTS.items():
+            files[folder / name] = plot(rows, x, _title(record, rows))
+    drawn = list(files)
+    files[folder / REPORT] = markdown(record, rows, targets, plots=bool(drawn))
+    _write_together(files)
     return rows, targets, drawn
 
 
