@@ -92,7 +92,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     algo.check(config, ranks, n)
     ck = config.checkpoint
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
-        _check_folder(flag, folder)
+        check_folder(flag, folder)
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
@@ -109,7 +109,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     return config
 
 
-def _check_folder(flag: str, folder: str | None) -> None:
+def check_folder(flag: str, folder: str | None) -> None:
     """A folder the run will write must be one it can create, or write in: otherwise that is
     found only at the first write, after MPI started (exit 1). Nothing is left behind."""
     if folder is None:

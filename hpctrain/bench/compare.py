@@ -217,15 +217,11 @@ def simulator_words(args: argparse.Namespace) -> list[str]:
 
 
 def _check_out(out: str) -> None:
-    """``--out`` must be a folder that can be made: not "" (the working folder), not a file,
-    nor under one (found when the first run starts, after the others were planned)."""
+    """``--out`` must be a folder that can be made: not "" (the working folder), and as a
+    run's (found when the first run starts, after the others were planned)."""
     if not out.strip():
         raise UsageError(f"--out {out!r} is empty: give a folder")
-    for path in (Path(out), *Path(out).parents):
-        if path.exists():
-            if not path.is_dir():
-                raise UsageError(f"--out {out}: {path} is a file, not a folder")
-            return
+    training.check_folder("--out", out)
 
 
 def check_run(config: RunConfig, np: int) -> int:
