@@ -12,12 +12,12 @@ are rounded to the microsecond.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import NamedTuple
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, write_json_atomic
+from hpctrain.options import HUGE
 
 FILE = "step_times.json"
 FORMAT = "hpctrain-step-times/1"
@@ -103,6 +103,9 @@ def _times(path: Path, lists) -> list[list[float]]:
         workers = [[float(t) for t in w] for w in lists]
     except (TypeError, ValueError):  # not a list of lists of numbers
         workers = []
-    if not workers or any(not 0 <= t < math.inf for w in workers for t in w):
-        raise UsageError(f"{path}: need at least one finite step time >= 0 for every worker")
+    # A step of at most HUGE seconds, as the simulator's constant:S: past it a replay's
+    # virtual times overflow to inf (and summary.json gets Infinity).
+    if not workers or any(not 0 <= t <= HUGE for w in workers for t in w):
+        raise UsageError(f"{path}: need at least one finite step time >= 0 for every worker, "
+                         f"each at most {HUGE:g} s")
     return workers

@@ -376,6 +376,9 @@ def test_more_virtual_servers_than_parameters_name_the_servers(tmp_path):
     ('{"format": "hpctrain-step-times/1", "workers": [["slow"]]}', "finite step time >= 0"),
     ('{"format": "hpctrain-step-times/1", "workers": 3}', "finite step time >= 0"),
     ('{"format": "hpctrain-step-times/1", "workers": [[Infinity]]}', "finite step time >= 0"),
+    ('{"format": "hpctrain-step-times/1", "workers": [[1e308, 0.1]]}', "each at most 1e+06 s"),
+    ('{"format": "hpctrain-step-times/1", "workers": [[0.1]], "rest": [[1e308]]}',
+     "each at most 1e+06 s"),
 ])
 def test_a_step_times_file_that_is_not_one_is_named(content, message, tmp_path):
     (tmp_path / steptimes.FILE).write_text(content)
