@@ -409,6 +409,9 @@ def read_file(path: str | Path) -> dict:
         raise UsageError(f"--config {str(path)!r} is empty: give a TOML file or a run's "
                          "config.json")
     path = Path(path)
+    if path.suffix in (".yaml", ".yml"):
+        raise UsageError(f"--config {path}: YAML is not read; give a TOML file or a run's "
+                         "config.json")
     try:
         text = path.read_bytes()
     except OSError as e:
@@ -419,8 +422,8 @@ def read_file(path: str | Path) -> dict:
         else:  # a byte-order mark, as some Windows editors write, is no setting
             values = tomllib.loads(text.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:
-        raise UsageError(f"--config {path}: not valid {path.suffix.lstrip('.') or 'TOML'} "
-                         f"({e})") from None
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise UsageError(f"--config {path}: not valid {kind} ({e})") from None
     except RecursionError:
         raise UsageError(f"--config {path}: nested too deeply to be settings") from None
     if not isinstance(values, dict):

@@ -215,12 +215,15 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
     """The folder that holds ``name``'s files: ``data_dir`` if given, else the search path."""
     if data_dir:
         if not Path(data_dir).is_dir():
-            raise UsageError(f"--data-dir {data_dir} does not exist; {_HOW_TO_GET[name]}")
+            said = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+            raise UsageError(f"--data-dir {data_dir} {said}; {_HOW_TO_GET[name]}")
         candidates = [Path(data_dir), Path(data_dir) / name]
     else:
         candidates = [SYSTEM_DIR / name]
         if os.environ.get("HPCTRAIN_DATA"):
             env = Path(os.environ["HPCTRAIN_DATA"])
+            if not env.is_dir():  # a typo would fall back to the system's copy unseen
+                raise UsageError(f"HPCTRAIN_DATA {env} is not a folder")
             candidates[:0] = [env, env / name]
     tried: list[Path] = []
     for folder in candidates:

@@ -31,7 +31,8 @@ def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
             raise UsageError(f"--slowdown {text}: cannot parse {item!r}; want RANK:FACTOR") \
                 from None
         if not 0 <= rank < workers:
-            raise UsageError(f"--slowdown {text}: rank {rank} is not a worker (0..{workers - 1})")
+            among = "ranks count from 0" if rank < 0 else f"0..{workers - 1}"
+            raise UsageError(f"--slowdown {text}: rank {rank} is not a worker ({among})")
         if not 1.0 <= factor <= MAX_FACTOR:  # False for NaN
             raise UsageError(f"--slowdown {text}: factor {factor_text} must be in [1, "
                              f"{MAX_FACTOR:g}]")

@@ -106,6 +106,7 @@ def test_dedicated_server_over_tcp_with_a_straggler(server_run):
     (["--servers", "1"], 0, "--servers 1 with 1 ranks"),
     (["--shards", "0"], 0, "--shards 0"),
     (["--slowdown", "3:2"], 0, "rank 3 is not a worker"),
+    (["--slowdown=-1:2"], 0, "rank -1 is not a worker (ranks count from 0)"),
     (["--slowdown", "0:0.5"], 0, "factor 0.5 must be in [1, 1e+06]"),
     (["--slowdown", "0-2"], 0, "cannot parse '0-2'"),
     (["--jitter", "-1"], 0, "--jitter -1.0"),

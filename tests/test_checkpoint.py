@@ -235,8 +235,9 @@ def test_sigusr1_makes_a_checkpoint_due_at_the_next_update_and_stops(tmp_path, e
 
 def a_run(folder, algo="sgd", ranks=2, **config) -> None:
     """A run's checkpoint in ``folder``, as a Checkpointer writes its header."""
+    args = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", **config}
     checkpoint.save(folder, 5, {"x": 1}, {"algo": algo, "ranks": ranks, "workers": ranks,
-                                          "args": {"lr": 0.1, "batch_size": 64, **config}})
+                                          "args": args})
 
 
 def check(**given) -> checkpoint.Resolved:
@@ -269,6 +270,10 @@ def test_check_resume_with_a_changed_option(tmp_path):
         check(resume=str(tmp_path), run_config=config)
     assert str(e.value) == (f"--resume {tmp_path}: the run was started with --batch-size 64, "
                             "not 128")
+    # Every change is named: --optimizer adam alone named the --lr its default changed.
+    with pytest.raises(UsageError, match="with --batch-size 64, not 128; with --lr 0.1, not "
+                                         "0.001; with --optimizer sgd, not adam$"):
+        check(resume=str(tmp_path), run_config={**config, "lr": 0.001, "optimizer": "adam"})
     # The options that may change (threads), or that the old run did not record, may differ.
     check(resume=str(tmp_path), run_config={**config, "batch_size": 64})
     with pytest.raises(UsageError, match="--threads 4, not 8"):

@@ -49,9 +49,15 @@ def test_search_path_order(tiny_idx, monkeypatch):
     assert len(data.load("fashion-mnist", data_dir=str(FMNIST))) == 60000  # --data-dir first
 
 
-def test_missing_dir_names_paths(tmp_path):
+def test_missing_dir_names_paths(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="does not exist"):
         data.load("mnist", data_dir=str(tmp_path / "nope"))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="file is a file, not a folder"):
+        data.load("mnist", data_dir=str(tmp_path / "file"))
+    monkeypatch.setenv("HPCTRAIN_DATA", str(tmp_path / "nope"))  # not the system's copy unseen
+    with pytest.raises(UsageError, match=f"^HPCTRAIN_DATA {tmp_path}/nope is not a folder$"):
+        data.load("fashion-mnist")
     with pytest.raises(UsageError, match=f"no mnist files found.*{tmp_path}"):
         data.load("mnist", data_dir=str(tmp_path))
 

@@ -99,6 +99,9 @@ def error_lines(proc) -> list[str]:
      "--tau 20 (the default) never aggregates in 16 updates per rank"),
     (["--algo", "ec", "--ec-final", "ensemble", "--tau", "64"], 0,
      "--tau 64 never aggregates in 64 updates per rank"),
+    # One update per rank: no tau can help (it said "give --tau below 1")
+    (["--algo", "ec", "--batch-size", "1024"], 2,
+     "last): give more --epochs or a smaller --batch-size"),
 ])
 def test_bad_values_are_refused_naming_the_value(args, np, message, tmp_path):
     """Refused before MPI starts, on as many ranks as the job would have (0: one process)."""

@@ -151,12 +151,13 @@ def _resumed_out(folder: Path, old: dict) -> str | None:
 
 
 def changed_option(old: dict, new: dict, may_change: frozenset[str]) -> str | None:
-    """The first option (of :func:`hpctrain.config.flat`'s, outside ``may_change``) whose
-    value in ``new`` differs from ``old``'s, said as "with --lr 0.1, not 0.2"; None if none."""
-    for key in sorted(old.keys() & new.keys() - may_change):
-        if old[key] != new[key]:
-            return _changed("--" + key.replace("_", "-"), old[key], new[key])
-    return None
+    """The options (of :func:`hpctrain.config.flat`'s, outside ``may_change``) whose values
+    in ``new`` differ from ``old``'s, said as "with --lr 0.1, not 0.2"; None if none. All of
+    them: a changed ``--optimizer`` changes the default ``--lr`` too, and naming only that
+    would hide the one the user changed."""
+    changes = [_changed("--" + key.replace("_", "-"), old[key], new[key])
+               for key in sorted(old.keys() & new.keys() - may_change) if old[key] != new[key]]
+    return "; ".join(changes) or None
 
 
 def _changed(flag: str, old, new) -> str:

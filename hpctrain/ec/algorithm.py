@@ -243,7 +243,8 @@ def _check_rounds(config, local: int, ranks: int, steps: int) -> None:
     else:
         given = f"--tau {tau}" + (" (the default)" if o.tau is None else "")
         fix = f"--tau below {total}"
+    fix = f"{fix} or more --epochs" if total > 1 else "more --epochs or a smaller --batch-size"
     raise UsageError(
         f"{given} never aggregates in {total} updates per rank (--epochs {epochs} x "
         f"{steps} batches of {batch} from {local} samples per rank on {ranks} ranks; "
-        f"ec's rounds come after every tau updates but the last): give {fix} or more --epochs")
+        f"ec's rounds come after every tau updates but the last): give {fix}")
