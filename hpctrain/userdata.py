@@ -172,6 +172,8 @@ def _sample_shape(what: str, shape: tuple) -> tuple:
         raise UsageError(f"{what}: want samples of shape N x ... (at least 2 dimensions), got "
                          f"{shape}")
     inner = tuple(int(s) for s in shape[1:])
+    if 0 in inner:
+        raise UsageError(f"{what}: samples of shape {inner} hold no values")
     return (1, *inner) if len(inner) == 2 else inner
 
 
@@ -447,6 +449,7 @@ class CallableSource:
                 shapes[split] = _sample_shape(what, tuple(np.shape(x)))
                 if len(x) == 0:
                     raise UsageError(f"{what}: x has no samples")
+                _numbers_in(f"{what} x", np.empty(0, _dtype(x)))
                 self._labels[split] = _checked_labels(what, _numpy(y), len(x))
             elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
                 n = len(part)
@@ -454,6 +457,7 @@ class CallableSource:
                     raise UsageError(f"{what}: the Dataset is empty")
                 x, y = _item(what, part, 0)
                 _label(what, 0, y)
+                _numbers_in(f"{what} item 0's x", np.empty(0, _dtype(x)))
                 shapes[split] = _sample_shape(what, (n, *np.shape(_numpy(x))))
                 targets = getattr(part, "targets", None)
                 if targets is None:
@@ -529,6 +533,14 @@ def _described(v) -> str:
 def _is_pair(part) -> bool:
     return isinstance(part, (tuple, list)) and len(part) == 2 and all(
         isinstance(p, (torch.Tensor, np.ndarray)) for p in part)
+
+
+def _dtype(v) -> np.dtype:
+    """The kind of numbers ``v`` holds, as a numpy dtype (for :func:`_numbers_in`): a
+    tensor's only as complex or not, which is all that can be wrong with it."""
+    if isinstance(v, torch.Tensor):
+        return np.dtype(np.complex64 if v.is_complex() else np.float32)
+    return np.asarray(v).dtype
 
 
 def _numpy(v) -> np.ndarray:

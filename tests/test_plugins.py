@@ -128,6 +128,23 @@ def given_classes():
 def empty_test():
     return (torch.zeros(6, 1, 8, 8), torch.tensor([0, 1, 2] * 2)), (torch.zeros(0, 1, 8, 8),
                                                                    torch.zeros(0, dtype=int))
+
+def complex_x():
+    x, y = torch.zeros(6, 4, dtype=torch.complex64), torch.tensor([0, 1, 2] * 2)
+    return (x, y), (x, y)
+
+def empty_samples():
+    x, y = np.zeros((6, 0)), np.array([0, 1, 2] * 2)
+    return (x, y), (x, y)
+
+class _Complex(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+    def __getitem__(self, i):
+        return torch.ones(3, dtype=torch.complex64), i % 2
+
+def complex_items():
+    return _Complex(), _Complex()
 '''
 
 
@@ -449,6 +466,17 @@ def test_an_empty_test_split_is_named_before_mpi(tmp_path, nets):
     with pytest.raises(UsageError, match=re.escape(
             "--dataset nets_mod:empty_test test: x has no samples")):
         userdata.describe("nets_mod:empty_test")
+
+
+@pytest.mark.parametrize("loader, message", [
+    ("complex_x", "train x holds complex64, not numbers"),
+    ("complex_items", "train item 0's x holds complex64, not numbers"),
+    ("empty_samples", "train: samples of shape (0,) hold no values")])
+def test_a_loader_of_samples_that_are_no_real_numbers_is_refused(nets, loader, message):
+    """Complex samples lost their imaginary part with a warning, and empty samples built a
+    model of no inputs."""
+    with pytest.raises(UsageError, match=re.escape(f"--dataset nets_mod:{loader} {message}")):
+        userdata.describe(f"nets_mod:{loader}")
 
 
 def test_optimizer_choice_defaults_and_refusals():
