@@ -88,8 +88,6 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
     (["--algos", "sgd,ssgd", "--workers", "3", "--reduce-op", "adasum", *SMALL],
      "ssgd's run on 3 processes: --reduce-op adasum needs a power-of-2 number of workers, "
      "got 3"),
-    (["--algos", "sgd,ssgd", "--workers", "2", "--eval", "online", "--eval-rank", "1", *SMALL],
-     "sgd's run on 1 process: --eval-rank 1: the job has ranks 0..0"),
     # rank 2 of 3 evaluates: ssgd's workers are ranks 0 and 1
     (["--algos", "ssgd", "--workers", "3", "--eval", "online", "--eval-rank", "2",
       "--slowdown", "2:3", *SMALL],
@@ -148,6 +146,9 @@ def test_an_eval_rank_run_is_ok_with_one_rank_fewer_training(tmp_path):
 @pytest.mark.parametrize("argv, np, trainers", [
     (["--algos", "ssgd", "--workers", "2"], 2, 2),
     (["--algos", "sgd", "--workers", "2"], 1, 1),
+    # sgd trains on one process; with --eval-rank it gets a second, which evaluates
+    (["--algos", "sgd", "--workers", "4", "--eval", "online", "--eval-rank", "1"], 2, 1),
+    (["--algos", "sgd", "--workers", "4", "--eval", "online", "--eval-rank", "3"], 2, 1),
     (["--algos", "ma", "--workers", "4", "--eval", "online", "--eval-rank", "3"], 4, 3),
     (["--algos", "asgd", "--workers", "3", "--servers", "1"], 3, 2),
     (["--algos", "ssp", "--workers", "4", "--servers", "1", "--eval", "online",
@@ -158,9 +159,12 @@ def test_a_run_is_checked_against_the_ranks_that_train(tmp_path, argv, np, train
     Fewer than that is still a launcher that started separate jobs."""
     (run,) = compare.plan(parse(*argv, *SMALL, "--out", str(tmp_path)))
     assert (run.np, run.trainers) == (np, trainers)
+    if "--eval-rank" in argv:  # rank 3 of sgd's two processes is its rank 1
+        given = int(argv[argv.index("--eval-rank") + 1])
+        assert run.command[run.command.index("--eval-rank") + 1] == str(min(given, np - 1))
     summary = {**EVAL_RANK_SUMMARY, "algo": run.algo, "workers": trainers}
     assert compare.launch_problem(run, summary) is None
-    if np > 1:
+    if trainers > 1:  # one trainer: separate jobs would each refuse the --eval-rank
         of = f" of {np} processes" if trainers != np else ""
         assert compare.launch_problem(run, {**summary, "workers": 1}) == (
             f"1 rank(s) trained, not {trainers}{of}: the launcher started separate jobs "

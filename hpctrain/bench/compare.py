@@ -7,8 +7,8 @@ algorithms take (``--slowdown``, ``--lam``, ...) go only to those, and the repor
 ignored them. Bad options, an algorithm this hpctrain does not have included, are refused
 before anything runs (one line, exit status 2), and so is what one run would refuse on its
 processes (``hpctrain train``'s own checks, on each planned run: ``--slowdown`` of a rank it
-lacks, ``--reduce-op adasum`` on 3 workers, ``--eval-rank`` beyond sgd's one process; the
-line names the run). A run that fails becomes a row saying why; the
+lacks, ``--reduce-op adasum`` on 3 workers; the line names the run). With ``--eval-rank``,
+sgd's run gets a second process, its evaluating rank. A run that fails becomes a row saying why; the
 others still run, and the command then exits with status 1 after a line naming the failed
 algorithms. With ``--simulate K`` every run is ``hpctrain simulate --workers K`` instead (one
 process each, no launcher, virtual times; the simulator's options pass on to every run).
@@ -58,7 +58,7 @@ DESCRIPTION = (
     "exits 1 if any run failed.")
 THREAD_LEVEL = None  # a launcher of MPI jobs: it never initialises MPI itself
 
-SEQUENTIAL = ("sgd",)  # algorithms that run on one process whatever --workers says
+SEQUENTIAL = ("sgd",)  # algorithms that train on one process whatever --workers says
 # Training options that name one run (compare sets them per run), and never pass on as given.
 _PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
@@ -241,6 +241,15 @@ def check_run(config: RunConfig, np: int) -> int:
     return config.algorithm_class.workers(config, live.check(config, np))
 
 
+def _evaluator_for_one(words: list[str]) -> list[str]:
+    """sgd's words with ``--eval-rank`` moved into its two processes (one trains, one
+    evaluates, as one rank of every other run does): rank R > 1 becomes rank 1."""
+    i = words.index("--eval-rank") + 1
+    if words[i].strip().isdigit() and int(words[i]) > 1:  # else as given: 1, or refused
+        words = [*words[:i], "1", *words[i + 1:]]
+    return words
+
+
 def plan(args: argparse.Namespace) -> list[Run]:
     """Check compare's options and build every run's command; raise UsageError if bad."""
     algos = list(dict.fromkeys(a.strip() for a in args.algos.split(",") if a.strip()))
@@ -274,6 +283,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
     for algo in algos:
         np = 1 if algo in SEQUENTIAL else args.workers
         words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
+        if algo in SEQUENTIAL and "--eval-rank" in words and not simulate:
+            np, words = 2, _evaluator_for_one(words)
         train_args = ["--algo", algo, *words, "--out", str(Path(args.out) / algo)]
         config = arguments.build(train_parser.parse_args(train_args))  # bad values fail here
         if not simulate and np > 1:  # each run refuses it, but only once launched: np ranks
