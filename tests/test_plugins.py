@@ -12,8 +12,9 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from conftest import refusal
 
-from hpctrain import collapse, data, optimizers, plugins, run, userdata
+from hpctrain import arguments, cli, collapse, data, optimizers, plugins, run, userdata
 from hpctrain.bench import report
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -199,6 +200,18 @@ def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, me
         return
     with pytest.raises(UsageError, match=f"^--model {name}: {message}"):
         plugins.check_model(name, (1, 8, 8), 3, args)
+
+
+def test_async_shards_are_bounded_by_a_models_own_parameters(nets):
+    """--shards is checked against the model trained, the user's too (it was looked up among
+    the built-in ones: "unknown model")."""
+    args = ["--algo", "asgd", "--dataset", "synthetic", "--model", "nets_mod:Linear",
+            "--no-progress"]
+    assert "--shards 3000 is outside [1, 2576]: at most one shard per parameter of " \
+           "nets_mod:Linear (2576 parameters)" in refusal([*args, "--shards", "3000"])
+    config = run.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", *args, "--shards", "2"])), 1)
+    assert config.algorithm.shards == 2
 
 
 def test_checking_a_model_leaves_a_shared_one_as_it_was(nets):

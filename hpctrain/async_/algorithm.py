@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data, devices, kernels, models
+from hpctrain import data, devices, kernels, models, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
@@ -68,10 +68,11 @@ class SSPOptions(StoreOptions):
 
 
 def _model_size(config) -> int:
-    """The number of parameters of the model for the data set (one test sample read)."""
+    """The number of parameters of the model for the data set (one test sample read): a
+    built-in one or the user's (``--model MODULE:CALLABLE``)."""
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    return models.num_parameters(models.build(config.model.name, sample.shape,
-                                              sample.num_classes))
+    return models.num_parameters(plugins.build_model(config.model.name, sample.shape,
+                                                     sample.num_classes, config.model.args))
 
 
 class ASGD(Algorithm):
