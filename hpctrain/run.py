@@ -262,6 +262,20 @@ def _run(config: RunConfig, world) -> dict | None:
     return summary
 
 
+def _buffers_from_rank0(model, snapshots: Snapshots, comm_) -> None:
+    """Lock-step workers hold the same parameters, but each its own buffers (BatchNorm's
+    running statistics, from its own batches). Every snapshot takes rank 0's, so that the
+    curve and the summary score the model ``model.pt`` holds, whichever rank scores a
+    snapshot (collective; the buffers only: a few values per layer)."""
+    names = [name for name, _ in model.named_buffers()]
+    if not names:
+        return
+    ours = comm_.bcast([{k: s.state[k] for k in names if k in s.state} for s in snapshots],
+                       root=0)
+    for snapshot, buffers in zip(snapshots, ours, strict=True):
+        snapshot.state.update(buffers)
+
+
 def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
            world=None, runtime: Runtime = REAL) -> dict | None:
     """One worker's training, evaluation and (rank 0) outputs; collective over the workers.
@@ -410,6 +424,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         watch.snapshot(model, snapshots)
     if algo.snapshots == "root" and comm_ is not None:
         snapshots = comm_.bcast(snapshots, root=0)
+    elif algo.snapshots == "replicated" and comm_ is not None:
+        _buffers_from_rank0(model, snapshots, comm_)
     final_state = snapshots[-1].state
 
     points = watch.curve(model, snapshots, comm_) or \

@@ -25,7 +25,7 @@ def config(algo: str, out, **kw) -> RunConfig:
     optim = kw.pop("optim", OptimConfig(epochs=1, batch_size=32))
     return RunConfig(algo=algo, seed=kw.pop("seed", 3), out=str(out), progress=False,
                      data=kw.pop("data", DataConfig(dataset="synthetic")),
-                     model=ModelConfig(name="mlp"), optim=optim, **kw)
+                     model=kw.pop("model", ModelConfig(name="mlp")), optim=optim, **kw)
 
 
 def sim(workers: int, **kw) -> SimConfig:
@@ -124,6 +124,33 @@ def test_ssgd_simulated_is_sgd_with_k_times_the_batch(tmp_path):
     assert a["updates"] == b["updates"]
     ma, mb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ssgd", "sgd"))
     assert all(torch.allclose(ma[k], mb[k], atol=1e-5) for k in ma)
+
+
+class BatchNormNet(torch.nn.Module):
+    """Running statistics that differ per worker: each sees its own batches."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, 16),
+                                       torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                       torch.nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def test_ssgd_scores_the_model_it_saves_whichever_worker_scores(tmp_path):
+    """Worker 1 scored the last of two snapshots with its own BatchNorm statistics: the
+    summary's final accuracy and loss were of another model than model.pt (rank 0's)."""
+    from hpctrain import data, evaluate
+
+    c = config("ssgd", tmp_path / "x", eval_every=1.0, model=ModelConfig(name=BatchNormNet),
+               optim=OptimConfig(epochs=1, batch_size=64, lr=0.01))
+    summary = simulate(c, sim(2))
+    model = BatchNormNet((1, 16, 16), 10)
+    model.load_state_dict(torch.load(tmp_path / "x" / "model.pt", weights_only=True))
+    assert summary["final_test_loss"] == evaluate.evaluate(model, data.load("synthetic", "test",
+                                                                            None))[1]
 
 
 def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path):
