@@ -307,7 +307,10 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
         with pytest.raises(UsageError, match=f"not --algo {algo}"):
             simulate(config(algo, tmp_path / "e", algorithm=options),
                      sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
-    assert not any((tmp_path / d).exists() for d in "abcdef")
+    with pytest.raises(UsageError, match="^--train-subset 2049 is more than the 2048 training "
+                                         "samples in synthetic$"):  # was trained on 2048
+        simulate(config("ssgd", tmp_path / "g"), sim(2, train_subset=2049))
+    assert not any((tmp_path / d).exists() for d in "abcdefg")
 
 
 def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, plugins, run
+from hpctrain import data, options, plugins, run
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -78,7 +78,10 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
     n = data.size(config.data.dataset, "train", config.data.data_dir)
-    n = min(n, sim.train_subset or n)
+    if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained
+        raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
+                         f"{n} training samples in {config.data.dataset}")
+    n = sim.train_subset or n
     if k > n:
         raise UsageError(f"--workers {k} but only {n} training samples in "
                          f"{config.data.dataset}")
