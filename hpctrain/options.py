@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import numbers
+import os
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 
@@ -200,10 +202,23 @@ def _kind_problem(f: Field, value) -> str | None:
     return f"must be {name}"
 
 
-def _whole_float(f: Field, value) -> bool:
-    """Whether ``value`` is a float holding a whole number given for an int field."""
-    return (_declared_type(f).removesuffix(" | None") == "int" and isinstance(value, float)
-            and value.is_integer())
+def _plain(f: Field, value):
+    """``value`` as a plain Python value of ``f``'s declared type where it is one in another
+    guise: a float holding a whole number for an int (TOML's ``epochs = 1.0`` or ``1e3``, as
+    the command line's ``--epochs 1e3``), a NumPy number (a sweep over ``np.arange``), a
+    path (``pathlib.Path``) for a string. Anything else is returned as given, for
+    :func:`_kind_problem` to judge; a bool stays a bool, which is no number."""
+    kind = _declared_type(f).removesuffix(" | None")
+    if value is None or isinstance(value, bool):
+        return value
+    if kind == "int" and (isinstance(value, float) and value.is_integer()
+                          or isinstance(value, numbers.Integral) and type(value) is not int):
+        return int(value)
+    if kind == "float" and isinstance(value, numbers.Real) and type(value) not in (int, float):
+        return float(value)
+    if kind == "str" and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
+        return os.fspath(value)
+    return value
 
 
 def check_fields(obj) -> None:
@@ -212,8 +227,8 @@ def check_fields(obj) -> None:
     where the field allows it."""
     for f in declared(type(obj)):
         value = getattr(obj, f.name)
-        if _whole_float(f, value):  # TOML's epochs = 1.0 or 1e3, as the command line's --epochs 1e3
-            value = int(value)
+        if (plain := _plain(f, value)) is not value:
+            value = plain
             object.__setattr__(obj, f.name, value)
         if (problem := _kind_problem(f, value)) is not None:
             raise UsageError(f"{flag_of(f)} {value!r} {problem}")

@@ -223,6 +223,34 @@ def test_wrong_types_and_sizes_are_value_or_type_errors(build, message):
     assert message in str(e.value)
 
 
+def test_numpy_numbers_and_paths_are_taken_as_plain_values(tmp_path):
+    """A sweep's np.int64 was refused as "--batch-size np.int64(32) must be a whole number",
+    np.float32 as no number, and a pathlib.Path as no string; each is now the plain value,
+    which config.json records."""
+    import numpy as np
+
+    config = RunConfig(algo="ma", seed=np.int64(3), out=tmp_path / "run",
+                       optim=OptimConfig(batch_size=np.int32(32), lr=np.float32(0.5),
+                                         weight_decay=np.float64(0.25), epochs=np.uint8(2)),
+                       data=configs.DataConfig(data_dir=tmp_path),
+                       checkpoint=configs.CheckpointConfig(resume=tmp_path / "old"),
+                       algorithm=hpctrain.algorithm_options("ma")(tau=np.int64(4)))
+    o = config.optim
+    values = (config.seed, o.batch_size, o.epochs, o.lr, o.weight_decay, config.algorithm.tau,
+              config.out, config.data.data_dir, config.checkpoint.resume)
+    assert values == (3, 32, 2, 0.5, 0.25, 4, str(tmp_path / "run"), str(tmp_path),
+                      str(tmp_path / "old"))
+    assert [type(v) for v in values] == [int] * 3 + [float] * 2 + [int] + [str] * 3
+    assert configs.from_dict(json.loads(json.dumps(configs.to_dict(config)))) == config
+    for bad, message in ((lambda: RunConfig(algo="sgd", seed=np.bool_(True)),
+                          "^--seed .*True.* must be a whole number$"),
+                         (lambda: OptimConfig(epochs=np.float64(1.5)),
+                          "^--epochs .*1.5.* must be a whole number$"),
+                         (lambda: OptimConfig(lr=np.float64("nan")), "^--lr nan must be in")):
+        with pytest.raises(UsageError, match=message):
+            bad()
+
+
 DEEP = "[" * 100_000 + "]" * 100_000
 
 
