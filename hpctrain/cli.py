@@ -22,7 +22,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, comm, compiled, devices, horovodrun, run
+from hpctrain import arguments, checkpoint, comm, compiled, devices, horovodrun, kernels, run
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
@@ -138,7 +138,9 @@ def info() -> None:
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
              **devices.describe(), **comm.library_info(), "ranks": comm.size(),
              "local_size": local_size,
-             "compile": compiled.problem(devices.resolve("auto")) or "yes"}
+             "compile": compiled.problem(devices.resolve("auto")) or "yes",
+             "kernel_cpu": _loads(kernels.cpu_library),
+             "kernel_cuda": _loads(kernels.cuda_library)}
     try:
         import horovod
 
@@ -146,6 +148,15 @@ def info() -> None:
     except ImportError as e:
         facts["horovod"] = f"not importable ({e})"
     print(json.dumps(facts, indent=2))
+
+
+def _loads(library) -> str:
+    """``yes`` when DC-ASGD's compensation kernel ``library`` loads, else why not."""
+    try:
+        library()
+    except (RuntimeError, OSError) as e:
+        return str(e)
+    return "yes"
 
 
 def _check_json_path(path: str | None) -> None:

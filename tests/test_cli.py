@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, refusal, run_commands, run_job
 
-from hpctrain import compiled
+from hpctrain import cli, compiled, kernels
 from hpctrain.errors import UsageError
 
 SMALL = [*SYNTHETIC, "--epochs", "1"]
@@ -370,3 +370,6 @@ def test_info_under_mpirun_prints_once(tmp_path):
     assert facts["cuda"] is False and facts["gpus"] == [] and facts["nccl"] is False
     assert facts["cuda_aware_mpi"] in (True, False) and facts["gloo"] is True
     assert facts["compile"] == (compiled.problem("cpu") or "yes")  # torch 2.1: a reason
+    # The help promised kernel availability, and nothing said it.
+    assert facts["kernel_cpu"] == "yes"  # built by make setup
+    assert facts["kernel_cuda"] == cli._loads(kernels.cuda_library)  # "yes" or why not
