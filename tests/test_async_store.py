@@ -159,7 +159,7 @@ def test_bad_store_arguments_rejected():
 def test_optimizer_rejects_a_model_of_another_size():
     MPI = comm.mpi()
     with ParameterStore(torch.zeros(10), MPI.COMM_SELF) as store:
-        with pytest.raises(UsageError, match="has 256 parameters, the store 10"):
+        with pytest.raises(UsageError, match="has 256 trainable parameters, the store 10"):
             ASGD(small_model(), store, lr=0.1)
         store.finish()
 

@@ -153,6 +153,33 @@ def test_ssgd_scores_the_model_it_saves_whichever_worker_scores(tmp_path):
                                                                             None))[1]
 
 
+class FrozenNet(torch.nn.Module):
+    """A frozen first layer (fine-tuning's backbone) and an integer counter parameter."""
+
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.body = torch.nn.Linear(256, 16).requires_grad_(False)
+        self.head = torch.nn.Linear(16, num_classes)
+        self.count = torch.nn.Parameter(torch.tensor([7]), requires_grad=False)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x.flatten(1))))
+
+
+@pytest.mark.parametrize("algo", ["asgd", "dcasgd-a"])
+def test_async_workers_leave_frozen_parameters_as_they_were(tmp_path, algo):
+    """The store held every parameter, so weight decay shrank the frozen ones (torch's
+    optimizers skip them), and an integer one made the run fail after MPI started."""
+    optim = OptimConfig(epochs=1, batch_size=64, weight_decay=0.1, momentum=0.5)
+    simulate(config(algo, tmp_path / "x", model=ModelConfig(name=FrozenNet), optim=optim),
+             sim(2))
+    torch.manual_seed(3)  # the run's seed: its initial model
+    before = FrozenNet((1, 16, 16), 10).state_dict()
+    after = torch.load(tmp_path / "x" / "model.pt", weights_only=True)
+    assert all(torch.equal(before[k], after[k]) for k in ("body.weight", "body.bias", "count"))
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
 def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path):
     s = sim(4, step_time="constant:0.02", latency=1e-4, bandwidth=1e9)
     summary = simulate(config("ssgd", tmp_path / "x",

@@ -58,11 +58,12 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   call it at once. With ``servers=0`` across nodes without RDMA a busy worker does not serve
   its shards: use ``servers=N`` there (on one node the windows are shared memory and need no
   help). ``atomic`` is element-wise atomic only: a read may mix old and new elements.
-- Buffers (BatchNorm's running mean and variance) are not in the store: only parameters get
-  gradients to push. Each worker keeps its own running statistics, estimated on its own
-  batches at the global weights it keeps pulling; snapshots, checkpoints and the saved model
-  take worker 0's, so evaluation uses the global weights with one worker's statistics (for
-  LeNet and the MLP, which have no buffers, the model is exactly the store's).
+- Buffers (BatchNorm's running mean and variance) and frozen parameters (``requires_grad``
+  False) are not in the store: only trainable parameters get gradients to push. Each worker
+  keeps its own running statistics, estimated on its own batches at the global weights it
+  keeps pulling; snapshots, checkpoints and the saved model take worker 0's, so evaluation
+  uses the global weights with one worker's statistics (for LeNet and the MLP, which have no
+  buffers, the model is exactly the store's).
 - Stopping by a global budget: before each step a worker claims a ticket from the counter
   window's second int64 (:meth:`ParameterStore.claim`) and stops once the tickets reach the
   run's updates (``--epochs`` x updates per epoch), so the run makes exactly that many pushes,
@@ -75,9 +76,9 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   workers ``park()`` so that they hold nobody back.
 """
 
-from hpctrain.async_.optim import ASGD, DCASGD, flatten_parameters
+from hpctrain.async_.optim import ASGD, DCASGD, flatten_parameters, trainable
 from hpctrain.async_.ssp import StalenessBound
 from hpctrain.async_.store import CONSISTENCIES, ParameterStore, Push, shard_bounds
 
 __all__ = ["ASGD", "CONSISTENCIES", "DCASGD", "ParameterStore", "Push", "StalenessBound",
-           "flatten_parameters", "shard_bounds"]
+           "flatten_parameters", "shard_bounds", "trainable"]

@@ -24,11 +24,11 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data, devices, kernels, models, plugins
+from hpctrain import data, devices, kernels, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
-from hpctrain.async_.optim import DEFAULT_LAM
+from hpctrain.async_.optim import DEFAULT_LAM, trainable
 from hpctrain.async_.ssp import StalenessBound
 from hpctrain.async_.store import CLOSED, CONSISTENCIES, MAX_SHARDS, ParameterStore
 from hpctrain.checkpoint import stop
@@ -68,11 +68,12 @@ class SSPOptions(StoreOptions):
 
 
 def _model_size(config) -> int:
-    """The number of parameters of the model for the data set (one test sample read): a
-    built-in one or the user's (``--model MODULE:CALLABLE``)."""
+    """The number of values the store holds for the model and data set (one test sample
+    read): the trainable parameters of a built-in model or the user's."""
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    return models.num_parameters(plugins.build_model(config.model.name, sample.shape,
-                                                     sample.num_classes, config.model.args))
+    model = plugins.build_model(config.model.name, sample.shape, sample.num_classes,
+                                config.model.args)
+    return sum(p.numel() for p in trainable(model))
 
 
 class ASGD(Algorithm):
@@ -152,7 +153,7 @@ class ASGD(Algorithm):
         loaded = getattr(self, "_loaded", None)
         if loaded is not None:  # the store starts from rank 0's values: the checkpoint's
             model.load_state_dict(loaded.payload["shared"]["model"])
-        values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        values = torch.cat([p.detach().reshape(-1) for p in trainable(model)])
         o = self.options
         self.store = ParameterStore(values, world, servers=o.servers, shards=o.shards,
                                     consistency=o.consistency)

@@ -20,6 +20,14 @@ from hpctrain.errors import UsageError
 DEFAULT_LAM = {"constant": 0.04, "adaptive": 2.0}  # DC-ASGD paper: lam0 for -c and -a
 
 
+def trainable(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters of ``model`` the store holds and the optimizers update: those that
+    require grad. A frozen one (``requires_grad=False``) stays the worker's own, as torch's
+    optimizers leave it: in the store, weight decay would change it, and an integer one
+    (a counter) could not be stored as float32."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
 def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     """Copy ``params`` into one new flat buffer and make each parameter a view of it.
 
@@ -58,7 +66,7 @@ class ASGD(torch.optim.Optimizer):
             raise UsageError(f"momentum {momentum} is outside [0, 1)")
         if adaptive and not 0.0 <= ms_decay < 1.0:
             raise UsageError(f"ms_decay {ms_decay} is outside [0, 1)")
-        params = list(dict.fromkeys(model.parameters()))
+        params = trainable(model)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "lam": lam,
                     "ms_decay": ms_decay}
         super().__init__(params, defaults)
@@ -66,8 +74,8 @@ class ASGD(torch.optim.Optimizer):
         self.model = model
         self._flat = flatten_parameters(params)
         if self._flat.numel() != store.numel:
-            raise UsageError(f"the model has {self._flat.numel()} parameters, the store "
-                             f"{store.numel}")
+            raise UsageError(f"the model has {self._flat.numel()} trainable parameters, the "
+                             f"store {store.numel} (give the store trainable(model)'s)")
         self._grad = torch.zeros_like(self._flat)
         self._ms = torch.zeros_like(self._flat) if adaptive else None
         self._v = torch.zeros_like(self._flat) if momentum > 0 else None

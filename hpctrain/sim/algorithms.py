@@ -28,6 +28,7 @@ import torch
 
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.async_.algorithm import ASGD, SSP
+from hpctrain.async_.optim import trainable
 from hpctrain.ec.algorithm import ModelAveraging
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.sim.comm import LocalComm
@@ -41,7 +42,7 @@ class _Store:
     """asgd family: the shared in-process store instead of RMA windows."""
 
     def connect(self, world: LocalComm, model):
-        values = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+        values = torch.cat([p.detach().reshape(-1) for p in trainable(model)])
         sim = world.group.simulation
         self.store = LocalStore(sim.shared_store(values, self.options), world.Get_rank(),
                                 consistency=self.options.consistency,
