@@ -202,7 +202,7 @@ def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, me
         plugins.check_model(name, (1, 8, 8), 3, args)
 
 
-def test_async_shards_are_bounded_by_a_models_own_parameters(nets):
+def test_async_models_are_checked_for_shards_and_float32(nets):
     """--shards is checked against the model trained, the user's too (it was looked up among
     the built-in ones: "unknown model")."""
     args = ["--algo", "asgd", "--dataset", "synthetic", "--model", "nets_mod:Linear",
@@ -212,6 +212,10 @@ def test_async_shards_are_bounded_by_a_models_own_parameters(nets):
     config = run.check_launch(arguments.build(cli.build_parser().parse_args(
         ["train", *args, "--shards", "2"])), 1)
     assert config.algorithm.shards == 2
+    # A float64 model: the store is float32 (it was refused after MPI started, unnamed)
+    assert refusal([*args, "--model-args", '{"how": "double"}']) == (
+        "--model nets_mod:Linear: parameter l.weight is torch.float64; --algo asgd keeps the "
+        "model in float32 (train it in float32, with --mixed-precision for lower precision)")
 
 
 def test_checking_a_model_leaves_a_shared_one_as_it_was(nets):

@@ -69,10 +69,16 @@ class SSPOptions(StoreOptions):
 
 def _model_size(config) -> int:
     """The number of values the store holds for the model and data set (one test sample
-    read): the trainable parameters of a built-in model or the user's."""
+    read): the trainable parameters of a built-in model or the user's, which must be float32
+    (the store's windows and the compensation kernel are; found after MPI started, else)."""
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
     model = plugins.build_model(config.model.name, sample.shape, sample.num_classes,
                                 config.model.args)
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            raise UsageError(f"--model {config.model.name}: parameter {name} is {p.dtype}; "
+                             f"--algo {config.algo} keeps the model in float32 (train it in "
+                             "float32, with --mixed-precision for lower precision)")
     return sum(p.numel() for p in trainable(model))
 
 
@@ -111,8 +117,9 @@ class ASGD(Algorithm):
         if not 0 <= o.servers < ranks:
             raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "
                              "ranks (at least one worker)")
+        numel = _model_size(config)
         if o.shards is not None:
-            numel, most = _model_size(config), max(MAX_SHARDS, ranks)
+            most = max(MAX_SHARDS, ranks)
             if not 1 <= o.shards <= min(numel, most):
                 raise UsageError(f"--shards {o.shards} is outside [1, {min(numel, most)}]: at "
                                  f"most one shard per parameter of {config.model.name} "
