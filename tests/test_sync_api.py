@@ -229,14 +229,18 @@ def test_in_place_and_async_allreduce(hvd):
     r, n = hvd.rank(), hvd.size()
     t = torch.full((3, 2), float(r))
     same = hvd.allreduce_(t, op=hvd.Sum)
-    assert same is t or same.data_ptr() == t.data_ptr()
+    assert same is t  # as Horovod's (it was a detached alias: p = allreduce_(p) froze p)
     assert torch.equal(t, torch.full((3, 2), n * (n - 1) / 2))
+    leaf = torch.ones(2, requires_grad=True)
+    assert hvd.allreduce_(leaf, op=hvd.Sum) is leaf and leaf.requires_grad
     u = torch.full((5,), float(r + 1))
     handle = hvd.allreduce_async(u, op=hvd.Sum)
     in_place = hvd.allreduce_async_(torch.ones(2), op=hvd.Sum)
     assert isinstance(hvd.poll(handle), bool)
     assert torch.equal(hvd.synchronize(handle), torch.full((5,), n * (n + 1) / 2))
     assert torch.equal(hvd.synchronize(in_place), torch.full((2,), float(n)))
+    v = torch.ones(2)
+    assert hvd.synchronize(hvd.allreduce_async_(v, op=hvd.Sum)) is v
     assert torch.equal(u, torch.full((5,), float(r + 1)))
 
 

@@ -414,9 +414,10 @@ def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: Reduce
     else:
         request = m.transport.iallreduce(send, moved.to_host(), wire_op(op))
 
-    def finish() -> torch.Tensor:
+    def finish() -> torch.Tensor:  # ``output`` itself: an in-place call returns its tensor
         moved.to_device()
-        return scale_(output.detach(), post)
+        scale_(output.detach(), post)
+        return output
 
     return register(request, output, finish, call, keep=send, m=m)
 
