@@ -111,6 +111,16 @@ def test_ranks_share_a_gpu_only_when_a_node_has_more_ranks_than_gpus_in_sight():
     assert shares_gpus([("a", ["G0"]), ("a", ["G1"]), ("b", ["G0"]), ("b", ["G0"])])
 
 
+def test_alltoall_splits_may_leave_rows_unsent_as_in_horovod():
+    from hpctrain.sync.alltoall import _check_alltoall
+
+    assert _check_alltoall(torch.ones(5, 2), [1, 2], None, 2) == [1, 2]
+    assert _check_alltoall(torch.ones(5, 2), torch.tensor([0, 5]), None, 2) == [0, 5]
+    for bad in ([3, 3], [-1, 2], [1]):
+        with pytest.raises(UsageError, match="summing to at most the 5 rows"):
+            _check_alltoall(torch.ones(5, 2), bad, None, 2)
+
+
 def test_buckets_reverse_order_split_by_size_and_dtype():
     f32, f16 = torch.float32, torch.float16
     sizes = [(10, f32), (10, f32), (30, f32), (5, f16), (5, f16)]
@@ -242,6 +252,24 @@ def test_in_place_and_async_allreduce(hvd):
     v = torch.ones(2)
     assert hvd.synchronize(hvd.allreduce_async_(v, op=hvd.Sum)) is v
     assert torch.equal(u, torch.full((5,), float(r + 1)))
+
+
+@mpi
+@timeout
+def test_alltoall_sends_the_first_sum_of_splits_rows(hvd):
+    """As in Horovod: rows past sum(splits) (a buffer with room to spare) stay, and get zero
+    gradients; it used to be refused. More splits than rows is an error everywhere."""
+    r, n = hvd.rank(), hvd.size()
+    rows = (torch.arange(2.0 * (n + 2)).reshape(-1, 2) + 100 * r).requires_grad_()
+    out, received = hvd.alltoall(rows, splits=[1] * n)  # the last 2 rows stay
+    assert received.tolist() == [1] * n
+    assert out.tolist() == [[2 * r + 100 * k, 2 * r + 1 + 100 * k] for k in range(n)]
+    if hvd.backend() != "horovod":  # Horovod's backward returns too few rows and fails
+        (out * 2).sum().backward()
+        assert rows.grad.tolist() == [[2.0, 2.0]] * n + [[0.0, 0.0]] * 2
+    with pytest.raises(ValueError, match="greater than|at most"):
+        hvd.alltoall(torch.ones(n - 1), splits=[1] * n)
+    assert hvd.allreduce(torch.ones(1), op=hvd.Sum).item() == n  # still in step
 
 
 @mpi
@@ -726,7 +754,7 @@ def test_a_rank_with_bad_arguments_fails_every_rank_instead_of_a_hang(own_backen
     hvd, r = own_backend, own_backend.rank()
     bad = r == 1
     calls = [
-        ("splits must be", lambda: hvd.alltoall(torch.ones(4), splits=[1, 1] if bad
+        ("splits must be", lambda: hvd.alltoall(torch.ones(4), splits=[3, 3] if bad
                                                 else [4] + [0] * (hvd.size() - 1))),
         ("root_rank 99", lambda: hvd.broadcast(torch.ones(2), 99 if bad else 0)),
         ("expected a torch.Tensor", lambda: hvd.allreduce([1.0] if bad else torch.ones(1))),

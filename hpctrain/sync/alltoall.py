@@ -1,8 +1,9 @@
 """``alltoall``: each rank sends a slice of its tensor's rows to every rank (Horovod's).
 
 ``splits[r]`` rows go to rank r (without ``splits``: equal parts, which must divide the
-rows). After the agreement round the counts are exchanged with a blocking all-to-all of one
-int64 per rank, and the rows with one non-blocking all-to-all of the transport's
+rows); rows past ``sum(splits)`` are not sent, as in Horovod. After the agreement round the
+counts are exchanged with a blocking all-to-all of one int64 per rank, and the rows with one
+non-blocking all-to-all of the transport's
 (``Ialltoallv`` of bytes on MPI, ``all_to_all_single`` on torch.distributed). ``synchronize``
 returns (rows received, splits received), as in Horovod; ``alltoall`` returns the rows alone
 when no ``splits`` was given.
@@ -28,7 +29,7 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
     with C.rejecting(m, "alltoall", name):
         counts = _check_alltoall(tensor, splits, name, m.transport.size())
     n = m.transport.size()
-    src = tensor.detach().contiguous()
+    src = tensor.detach().narrow(0, 0, sum(counts)).contiguous()
     call = C.tensor_call("alltoall", src, name, agree_shape=tuple(src.shape[1:]))
     m.channel.agree(call)
     received = torch.empty(n, dtype=torch.int64)
@@ -60,9 +61,10 @@ def _check_alltoall(tensor: Any, splits: Any, name: Any, n: int) -> list[int]:
                              "processes; pass splits")
         return [rows // n] * n
     counts = _split_counts(splits)
-    if len(counts) != n or any(c < 0 for c in counts) or sum(counts) != rows:
+    # Horovod sends the first sum(splits) rows: a buffer may have room to spare
+    if len(counts) != n or any(c < 0 for c in counts) or sum(counts) > rows:
         raise UsageError(f"alltoall_async: splits must be {n} non-negative counts summing "
-                         f"to the {rows} rows, got {counts}")
+                         f"to at most the {rows} rows, got {counts}")
     return counts
 
 
@@ -97,7 +99,7 @@ class _Alltoall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, splits, name, process_set):
         output, received = C.synchronize(alltoall_async(tensor, splits, name, process_set))
-        ctx.process_set, ctx.received = process_set, received
+        ctx.process_set, ctx.received, ctx.rows = process_set, received, tensor.shape[0]
         if splits is None:
             return output
         ctx.mark_non_differentiable(received)
@@ -106,4 +108,7 @@ class _Alltoall(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad, *unused):
         back, _ = alltoall(grad.contiguous(), splits=ctx.received, process_set=ctx.process_set)
+        unsent = ctx.rows - back.shape[0]  # rows past sum(splits): no gradient
+        if unsent:
+            back = torch.cat([back, back.new_zeros((unsent, *back.shape[1:]))])
         return back, None, None, None
