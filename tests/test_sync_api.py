@@ -780,6 +780,24 @@ def test_a_rank_with_bad_arguments_fails_every_rank_instead_of_a_hang(own_backen
 
 @mpi
 @timeout
+def test_scale_factors_that_differ_between_ranks_are_a_mismatch(own_backend):
+    """Horovod refuses them ("Mismatched prescale and/or postscale factors"); they gave a
+    weighted sum here. The same factors on every rank still reduce."""
+    hvd, r, n = own_backend, own_backend.rank(), own_backend.size()
+    t = torch.ones(n * 2)
+    calls = [lambda: hvd.allreduce(t, op=hvd.Sum, prescale_factor=1.0 + r),
+             lambda: hvd.grouped_allreduce([t, t], op=hvd.Sum, postscale_factor=1.0 + r),
+             lambda: hvd.reducescatter(t, op=hvd.Sum, prescale_factor=1.0 + r)]
+    for call in calls:
+        with pytest.raises(sync.CollectiveMismatchError, match=r"scale_factor=2\.0"):
+            call()
+    torch.testing.assert_close(hvd.allreduce(t, op=hvd.Sum, prescale_factor=2.0), t * 2 * n)
+    torch.testing.assert_close(hvd.reducescatter(t, op=hvd.Sum, postscale_factor=0.5),
+                               torch.full((2,), 0.5 * n))
+
+
+@mpi
+@timeout
 def test_init_again_without_a_backend_keeps_the_running_one():
     torch.set_num_threads(1)
     sync.init(backend="torch")

@@ -331,6 +331,15 @@ def tensor_call(kind: str, tensor: torch.Tensor, name: str | None, op: Any = Non
                 (shape if agree_shape is None else agree_shape, extra), join_plan, extra)
 
 
+def scale_words(prescale: float, postscale: float) -> str:
+    """A reduction's factors as its call says them (none when both are 1): part of what the
+    ranks agree on, as Horovod refuses factors that differ ("Mismatched prescale and/or
+    postscale factors") rather than return a weighted sum."""
+    if prescale == 1 and postscale == 1:
+        return ""
+    return f"prescale_factor={prescale!r}, postscale_factor={postscale!r}"
+
+
 def allreduce_plan(moved: list[torch.Tensor], op: ReduceOp,
                    counts: list[list[int]] | None = None) -> tuple:
     """What a joined rank does for an allreduce of the buffers ``moved`` (as the transport
@@ -400,7 +409,8 @@ def _start_allreduce(send: torch.Tensor | None, output: torch.Tensor, op: Reduce
     counts = [output.numel()] if counts is None else counts
     moved = stage(output.detach(), m)
     call = tensor_call("allreduce", output, name, op,
-                       join_plan=allreduce_plan([moved.buffer], op, [counts]))
+                       join_plan=allreduce_plan([moved.buffer], op, [counts]),
+                       extra=scale_words(prescale, postscale))
     m.channel.agree(call)
     post = postscale / m.transport.size() if op is Average else postscale
     if send is not None and (moved.staged or op is Adasum):  # reduce a copy in place

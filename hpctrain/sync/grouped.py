@@ -65,10 +65,11 @@ def _by_dtype(tensors: list[torch.Tensor]) -> dict[tuple, list[int]]:
 
 
 def _group_call(kind: str, tensors: list[torch.Tensor], name: str | None, op: Any,
-                agree: tuple, join_plan: Any = None) -> Call:
+                agree: tuple, join_plan: Any = None, scales: str = "") -> Call:
     first = tensors[0]
+    extra = ", ".join(filter(None, (f"{len(tensors)} tensors", scales)))
     return Call(kind, name, None if op is None else C.ReduceOp(op).name, first.dtype,
-                tuple(first.shape), agree, join_plan, extra=f"{len(tensors)} tensors")
+                tuple(first.shape), (*agree, scales), join_plan, extra=extra)
 
 
 # ------------------------------------------------------------------ allreduce
@@ -90,7 +91,7 @@ def _grouped_allreduce_start(tensors: list[torch.Tensor], outputs: list[torch.Te
     plan = C.allreduce_plan([s.buffer for s in stages.values()], op, list(counts.values()))
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
     call = _group_call(caller.removesuffix("_async_").removesuffix("_async"), tensors, name,
-                       op, agree, plan)
+                       op, agree, plan, C.scale_words(prescale, postscale))
     m.channel.agree(call)
     post = postscale / m.transport.size() if op is C.Average else postscale
     requests = []
@@ -274,7 +275,7 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
             C.check_op(op, t, m, caller)
     n, me = m.transport.size(), m.transport.rank()
     agree = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
-    call = _group_call(kind, tensors, name, op, agree)
+    call = _group_call(kind, tensors, name, op, agree, scales=C.scale_words(prescale, postscale))
     m.channel.agree(call)
     post = postscale / n if op is C.Average else postscale
     splits = [scatter_rows(t.shape[0], n) for t in tensors]
