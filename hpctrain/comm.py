@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import sysconfig
 import time
 import traceback
 from functools import lru_cache
@@ -175,10 +176,27 @@ def library_info() -> dict:
 
 
 def describe_error(exc: BaseException) -> str:
-    """One line for ``exc``: the message alone for a UsageError, else type and message."""
+    """One line for ``exc``: the message alone for a UsageError, else type and message, and
+    where in the user's own code it arose (a model's forward, a loader, a script's line)."""
     if isinstance(exc, UsageError):
         return str(exc)
-    return f"{type(exc).__name__}: {exc}"
+    where = _user_frame(exc.__traceback__)
+    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
+
+
+def _user_frame(tb) -> str:
+    """The innermost frame of ``tb`` outside hpctrain, the standard library and installed
+    packages, as ``file:line, in function``; "" if there is none. The one line replaces
+    the traceback, so without it an error in a user's model said nothing of where."""
+    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    library.add(os.path.dirname(os.path.abspath(__file__)))
+    where = ""
+    for frame, line in traceback.walk_tb(tb):
+        path = os.path.abspath(frame.f_code.co_filename)
+        if not path.startswith("<") and not any(path.startswith(d + os.sep) for d in library):
+            shown = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
+            where = f"{shown}:{line}, in {frame.f_code.co_name}"
+    return where
 
 
 def _abort_hook(exc_type, exc, tb) -> None:

@@ -164,6 +164,24 @@ def test_exception_on_one_rank_ends_job(crashed_ssgd, backend):
     assert "hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 12" in proc.stderr
 
 
+def test_an_error_says_where_in_the_users_own_code_it_arose(tmp_path, monkeypatch):
+    """The one line replaces the traceback: an error raised in a user's model said only its
+    message. Frames of hpctrain, the standard library and installed packages are skipped."""
+    from hpctrain import comm
+
+    (tmp_path / "own_model.py").write_text(
+        "import torch\n\ndef forward(x):\n    return torch.ones(2) @ x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import own_model
+
+    with pytest.raises(RuntimeError) as raised:  # raised inside torch, called from line 4
+        own_model.forward(torch.ones(3))
+    assert comm.describe_error(raised.value).endswith(
+        f" (at {tmp_path / 'own_model.py'}:4, in forward)")
+    assert comm.describe_error(RuntimeError("no traceback")) == "RuntimeError: no traceback"
+    assert comm.describe_error(UsageError("--lr x")) == "--lr x"
+
+
 @pytest.fixture(scope="module")
 def finished_sgd(tmp_path_factory):
     """One finished sgd run (under umask 027, evaluated every half epoch), read by several
