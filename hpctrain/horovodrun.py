@@ -47,6 +47,9 @@ def _dest(flag: str) -> str:
 
 _HOST = re.compile(r"^([^\s:,]+):([1-9][0-9]*)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# What horovodrun never exports (its env.IGNORE_REGEXES): the launcher's GPU list is its own
+# host's, each host's ranks keep theirs; OLDPWD and Horovod's job key mean nothing elsewhere.
+_NOT_EXPORTED = re.compile(r"^(BASH_FUNC_|OLDPWD|_HOROVOD_SECRET_KEY|.*CUDA_VISIBLE_DEVICES)")
 
 
 def description() -> str:
@@ -225,10 +228,17 @@ def _open_mpi_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
     if nics := _interfaces(args):  # MPI's own TCP traffic
         cmd += ["-mca", "btl_tcp_if_include", nics]
     env = {**environ, **changed}
-    for name in sorted(env):  # mpirun copies its own OMPI_/PMIX_ settings itself
-        if _NAME.match(name) and not name.startswith(("OMPI_", "PMIX_", "BASH_FUNC")):
+    for name in sorted(env):
+        if _exported(name):
             cmd += ["-x", name if environ.get(name) == env[name] else f"{name}={env[name]}"]
     return cmd
+
+
+def _exported(name: str) -> bool:
+    """Whether ``-x`` names the variable: what horovodrun exports, less OMPI_ and PMIX_ ones
+    (mpirun copies its own settings itself) and names no shell could set."""
+    return (bool(_NAME.match(name)) and not name.startswith(("OMPI_", "PMIX_"))
+            and not _NOT_EXPORTED.match(name))
 
 
 def _hydra_command(args: argparse.Namespace, hosts: list[tuple[str, int]],

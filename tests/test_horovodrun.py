@@ -39,6 +39,24 @@ def test_the_flags_become_horovodruns_mpirun_command():
         "--report-bindings", "python", "train.py", "--lr", "0.1"]
 
 
+def test_the_variables_horovodrun_keeps_on_the_launchers_host_are_not_exported():
+    """horovodrun exports every variable but the GPU list (each host's ranks keep their own: a
+    launcher without GPUs, CUDA_VISIBLE_DEVICES='', would hide every other host's), OLDPWD
+    and its job key; the same names stay out here (compared with Horovod's list where built)."""
+    kept = ["CUDA_VISIBLE_DEVICES", "SLURM_STEP_CUDA_VISIBLE_DEVICES", "OLDPWD",
+            "_HOROVOD_SECRET_KEY", "BASH_FUNC_f%%"]
+    passed = ["CUDA_HOME", "HOROVOD_FUSION_THRESHOLD", "NCCL_DEBUG"]
+    cmd = horovodrun.mpirun_command(parse("-np", "2", "-H", "a:1,b:1", "python", "x.py"),
+                                    dict.fromkeys(kept + passed, "0"))
+    exported = {cmd[i + 1] for i, word in enumerate(cmd) if word == "-x"}
+    assert exported == set(passed)
+    try:
+        from horovod.runner.common.util.env import is_exportable
+    except ImportError:
+        return
+    assert [n for n in kept + passed if is_exportable(n)] == passed
+
+
 def test_output_and_binding_flags_replace_or_add_mpiruns_own():
     args = parse("-np", "2", "--binding-args", "-bind-to core -map-by socket",
                  "--output-filename", "/tmp/logs", "--prefix-output-with-timestamp",
