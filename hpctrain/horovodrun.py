@@ -137,7 +137,9 @@ def hostfile_slots(path: str) -> list[tuple[str, int]]:
 
 
 def check(args: argparse.Namespace) -> list[tuple[str, int]]:
-    """Refuse what horovodrun's MPI mode would not start, or hpctrain cannot; the hosts."""
+    """Refuse what horovodrun's MPI mode would not start, or hpctrain cannot; the hosts.
+    Their slots are checked on Open MPI only: Hydra's mpirun, under horovodrun too, places
+    more processes than slots round the hosts again."""
     if args.jsrun:
         raise UsageError("--jsrun: hpctrain horovodrun starts MPI jobs through mpirun; under "
                          "LSF run jsrun yourself (hvd.init() reads the MPI world it starts)")
@@ -155,12 +157,21 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
         raise UsageError(f"-np {args.np}: want at least 1 process")
     if not args.program:
         raise UsageError("no command to run: hpctrain horovodrun -np N python train.py")
-    hosts = (hostfile_slots(args.hostfile) if args.hostfile
-             else slots(f"localhost:{args.np}" if args.hosts is None else args.hosts))
+    return (hostfile_slots(args.hostfile) if args.hostfile
+            else slots(f"localhost:{args.np}" if args.hosts is None else args.hosts))
+
+
+def _check_slots(args: argparse.Namespace, hosts: list[tuple[str, int]],
+                 environ: Mapping[str, str]) -> None:
+    """More processes than slots, refused in one line where Open MPI's mpirun would refuse
+    them in a screenful: not when it is told to oversubscribe (``--mpi-args=--oversubscribe``,
+    ``OMPI_MCA_rmaps_base_oversubscribe``), which horovodrun's jobs may rely on."""
     total = sum(n for _, n in hosts)
-    if args.np > total:
-        raise UsageError(f"-np {args.np}: more processes than the {total} slots of the hosts")
-    return hosts
+    words = f"{args.mpi_args} {args.binding_args}".lower()
+    if (args.np > total and "oversubscribe" not in words
+            and "OMPI_MCA_rmaps_base_oversubscribe" not in environ):
+        raise UsageError(f"-np {args.np}: more processes than the {total} slots of the hosts "
+                         "(--mpi-args=--oversubscribe starts them anyway)")
 
 
 def variables(args: argparse.Namespace) -> dict[str, str]:
@@ -211,6 +222,7 @@ def _open_mpi_command(args: argparse.Namespace, hosts: list[tuple[str, int]],
                       environ: Mapping[str, str], changed: Mapping[str, str],
                       root: bool) -> list[str]:
     """Open MPI's mpirun: ``-H host:slots``, every variable exported with ``-x``."""
+    _check_slots(args, hosts, environ)
     cmd = ["mpirun", "--allow-run-as-root"] if root else ["mpirun"]
     cmd += ["--tag-output", "-np", str(args.np),
             "-H", ",".join(f"{h}:{n}" for h, n in hosts),
