@@ -7,9 +7,9 @@ none -map-by slot``, every environment variable exported with ``-x``) or on a Hy
 MPICH's or Intel MPI's (``mpirun -l -np N -hosts ...``, the environment passed as Hydra
 does), and Horovod's tuning flags and ``--config-file`` become the ``HOROVOD_*`` variables
 the ranks read (:mod:`hpctrain.horovod_settings`). So a script changes ``horovodrun`` to
-``hpctrain horovodrun`` and nothing else. Gloo mode and elastic flags are refused in one
-line: hpctrain's backends need an MPI (or torchrun) launch, and its elastic recovery is a
-restart.
+``hpctrain horovodrun`` and nothing else. Gloo mode and elastic mode (``--min-np``,
+``--host-discovery-script``) are refused in one line: hpctrain's backends need an MPI (or
+torchrun) launch, and its elastic recovery is a restart.
 
 :func:`mpirun_command` is the whole translation, pure; :func:`run` replaces this process with
 mpirun, so its exit status and signals are the job's. ``python -m hpctrain horovodrun`` comes
@@ -34,6 +34,8 @@ from hpctrain.mpirun import FLAVOURS, flavour_of
 # Flags of horovodrun's elastic mode (it re-forms the job itself; here a launcher restarts it).
 ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-script",
                  "--elastic-timeout", "--reset-limit", "--blacklist-cooldown-range")
+# The two that start that mode; without them horovodrun ignores the others, and so does this.
+ELASTIC_STARTS = ("--min-np", "--host-discovery-script")
 # From this many hosts on, horovodrun has Open MPI's ssh start every host from the launcher.
 LARGE_CLUSTER = 64
 # One line for ``hpctrain --help`` and this command's own.
@@ -98,7 +100,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for flag in ELASTIC_FLAGS:
         aliases = [flag.replace("-np", "-num-proc")] if flag.endswith("-np") else []
         parser.add_argument(flag, *aliases, dest=_dest(flag), help=argparse.SUPPRESS,
-                            nargs=2 if flag == "--blacklist-cooldown-range" else None)
+                            nargs=2 if flag == "--blacklist-cooldown-range" else None,
+                            type=None if flag == "--host-discovery-script" else int)
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="command",
                         help="the program and its arguments, e.g. python train.py")
 
@@ -146,7 +149,7 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
     if args.gloo:
         raise UsageError("--gloo: hpctrain horovodrun starts MPI jobs only; for a launch "
                          "without MPI use torchrun (hvd.init() starts the torch backend there)")
-    elastic = [f for f in ELASTIC_FLAGS if getattr(args, _dest(f)) is not None]
+    elastic = [f for f in ELASTIC_STARTS if getattr(args, _dest(f)) is not None]
     if elastic:
         raise UsageError(f"{elastic[0]}: horovodrun's elastic mode is not here; a lost worker "
                          "ends the job and a restart (torchrun --max-restarts, sbatch --requeue) "

@@ -275,8 +275,8 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
     (["-np", "2", "--autotune-gaussian-process-noise", "1.5", "python", "x.py"],
      "--autotune-gaussian-process-noise 1.5: want <= 1"),
     (["-np", "2", "--jsrun", "python", "x.py"], "--jsrun: hpctrain horovodrun starts MPI jobs"),
-    (["-np", "2", "--blacklist-cooldown-range", "60", "300", "python", "x.py"],
-     "--blacklist-cooldown-range: horovodrun's elastic mode"),
+    (["-np", "2", "--max-np", "4", "--host-discovery-script", "./hosts.sh", "python", "x.py"],
+     "--host-discovery-script: horovodrun's elastic mode"),
     (["-np", "2", "-H", "", "python", "x.py"], "-H '': '' is not host or host:slots"),
     (["-np", "2", "--mpi-args", "-x 'A", "python", "x.py"],
      "--mpi-args \"-x 'A\": No closing quotation"),
@@ -286,6 +286,17 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
 def test_what_horovodrun_mpi_mode_cannot_start_is_refused_naming_the_value(words, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         horovodrun.mpirun_command(parse(*words), {})
+
+
+def test_elastic_flags_without_min_np_or_discovery_change_nothing_as_in_horovodrun():
+    """horovodrun goes elastic on --min-np or --host-discovery-script only; with neither it
+    starts the static job and ignores the rest, which job scripts keep from elastic runs."""
+    rest = ["--max-np", "8", "--slots-per-host", "2", "--elastic-timeout", "600",
+            "--reset-limit", "3", "--blacklist-cooldown-range", "60", "300"]
+    plain = horovodrun.mpirun_command(parse("-np", "2", "python", "x.py"), {})
+    assert horovodrun.mpirun_command(parse("-np", "2", *rest, "python", "x.py"), {}) == plain
+    with pytest.raises(UsageError, match="--max-np/--max-num-proc: invalid int value: 'many'"):
+        parse("-np", "2", "--max-np", "many", "python", "x.py")
 
 
 SCRIPT = """
