@@ -178,9 +178,13 @@ def read_config(path: str) -> dict[str, Any]:
         if section not in sections:
             raise UsageError(f"--config-file {path!r}: unknown section {section!r}; Horovod's "
                              f"are {', '.join(sorted(sections | {'controller'}))}")
+        if body is None:  # every key commented out: an empty section, as Horovod reads it
+            body = {}
         if not isinstance(body, dict):
             raise UsageError(f"--config-file {path!r}: section {section!r} wants key: value "
                              "lines")
+        if section == "stall_check" and body:  # Horovod: on, unless the section says not
+            values["stall_check.enabled"] = True
         for key, value in body.items():
             setting = BY_NAME.get(f"{section}.{key}")
             if setting is None:

@@ -175,6 +175,20 @@ def test_the_ranks_get_the_variables_horovods_own_horovodrun_sets(flags, tmp_pat
         assert "HOROVOD_AUTOTUNE" not in ours and ours["HOROVOD_LOG_LEVEL"] == "ERROR"
 
 
+@pytest.mark.parametrize("text, disable", [
+    ("params:\n  # fusion_threshold_mb: 64\nlogging:\n", None),  # every key commented out
+    ("stall_check:\n  warning_time_seconds: 5\n", "0"),  # a section turns the check on
+    ("stall_check:\n  shutdown_time_seconds: 9\n  enabled: false\n", "1"),
+])
+def test_a_config_file_horovod_reads_gives_its_variables(text, disable, tmp_path, monkeypatch):
+    config = tmp_path / "horovod.yaml"
+    config.write_text(text)
+    words = ["-np", "2", "--config-file", str(config), "python", "x.py"]
+    ours = horovodrun.variables(parse(*words))
+    assert ours.get("HOROVOD_STALL_CHECK_DISABLE") == disable
+    assert ours == horovods_variables(words, monkeypatch)
+
+
 @pytest.mark.parametrize("text, message", [
     ("params: [1, 2]\n", "section 'params' wants key: value lines"),
     ("parms:\n  fusion_threshold_mb: 1\n", "unknown section 'parms'"),
