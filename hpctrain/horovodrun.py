@@ -182,7 +182,7 @@ def variables(args: argparse.Namespace) -> dict[str, str]:
     ``--tcp``, and the interfaces for NCCL and gloo (the torch backend's)."""
     config = horovod_settings.read_config(args.config_file) if args.config_file else {}
     controller = config.pop("controller", "mpi")
-    if str(controller).lower() != "mpi":
+    if str(controller).lower() != "mpi" and not args.mpi:  # --mpi wins, as in horovodrun
         raise UsageError(f"--config-file {args.config_file!r}: controller {controller!r}: "
                          "hpctrain horovodrun starts MPI jobs only (controller: mpi)")
     env = horovod_settings.variables(horovod_settings.resolve(args, config))

@@ -189,6 +189,14 @@ def test_a_config_file_horovod_reads_gives_its_variables(text, disable, tmp_path
     assert ours == horovods_variables(words, monkeypatch)
 
 
+def test_mpi_on_the_command_line_wins_over_the_config_files_controller(tmp_path):
+    """horovodrun reads the file's controller only when neither --mpi nor --gloo is given."""
+    config = tmp_path / "horovod.yaml"
+    config.write_text("controller: gloo\nparams:\n  fusion_threshold_mb: 2\n")
+    args = parse("-np", "2", "--mpi", "--config-file", str(config), "python", "x.py")
+    assert horovodrun.variables(args) == {"HOROVOD_FUSION_THRESHOLD": str(2 * 2**20)}
+
+
 @pytest.mark.parametrize("text, message", [
     ("params: [1, 2]\n", "section 'params' wants key: value lines"),
     ("parms:\n  fusion_threshold_mb: 1\n", "unknown section 'parms'"),
