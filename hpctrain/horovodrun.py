@@ -107,7 +107,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def slots(hosts: str) -> list[tuple[str, int]]:
-    """``host:slots,...`` as pairs; a host without ``:slots`` has one, as in horovodrun."""
+    """``host:slots,...`` as pairs; a host without ``:slots`` has one, as Open MPI's ``-H``
+    has it (horovodrun 0.28 refuses such a host)."""
     out = []
     for entry in hosts.split(","):
         m = _HOST.match(entry if ":" in entry else f"{entry}:1")
