@@ -709,6 +709,9 @@ def test_bad_arguments_are_one_line_type_and_value_errors(own_backend):
         t.to(torch.complex64), op=hvd.Max))
     for reduce in (hvd.allreduce, hvd.reducescatter):  # on every backend, as Horovod
         _one_line(ValueError, "cannot reduce torch.bool tensors", lambda r=reduce: r(t.bool()))
+        # Averaging [200, 100] over 2 ranks gave [72, 100]: the uint8 sum wrapped around
+        _one_line(ValueError, "op=Average of a torch.uint8 tensor would sum in uint8 and wrap",
+                  lambda r=reduce: r(t.to(torch.uint8), op=hvd.Average))
     for op in ("sum", 1.0, True):
         _one_line(TypeError, f"op must be one of .* got {op!r}", lambda o=op: hvd.allreduce(
             t, op=o))

@@ -375,6 +375,10 @@ def rejecting(m: psets.Member, kind: str, name: Any = None) -> Iterator[None]:
         raise
 
 
+# Integers whose sum over a few ranks overflows: an average of them would come back wrapped.
+_NARROW_INTS = (torch.uint8, torch.int8, torch.int16)
+
+
 def check_op(op: ReduceOp, tensor: torch.Tensor, m: psets.Member, caller: str) -> None:
     """UsageError (on every rank alike) for a reduction ``m``'s ranks cannot do."""
     if op is Adasum:
@@ -384,6 +388,10 @@ def check_op(op: ReduceOp, tensor: torch.Tensor, m: psets.Member, caller: str) -
                          f"({tensor.dtype}); use Sum, Average or Product")
     if tensor.dtype == torch.bool:  # MPI has no boolean reduction; Horovod refuses them too
         raise UsageError(f"{caller}: cannot reduce torch.bool tensors; use an integer dtype")
+    if op is Average and tensor.dtype in _NARROW_INTS:  # Horovod refuses these dtypes
+        raise UsageError(f"{caller}: op=Average of a {tensor.dtype} tensor would sum in "
+                         f"{str(tensor.dtype).removeprefix('torch.')} and wrap around; "
+                         "reduce a wider integer or floating-point copy")
 
 
 def check_reduction(tensor: Any, op: Any, average: Any, prescale: Any, postscale: Any,
