@@ -450,3 +450,18 @@ def test_a_moved_run_resumes_into_its_own_folder(tmp_path):
     # A --checkpoint-dir of its own: the recorded --out.
     a_run(tmp_path / "ck", out=str(tmp_path / "x"), checkpoint_dir=str(tmp_path / "ck"))
     assert check(resume=str(tmp_path / "ck")).out == str(tmp_path / "x")
+
+
+def test_an_interval_shorter_than_a_write_checkpoints_each_update_once(tmp_path):
+    """On one rank the loop asks again at the update it just checkpointed: with seconds
+    shorter than the write, that was due again at once, and the run wrote ckpt-0 forever."""
+    ckpt = checkpoint.Checkpointer(None, 10, 40, shared={}, every="0.000001",
+                                   folder=tmp_path, resume=None, stop_on_signal=True,
+                                   header={"algo": "sgd", "ranks": 1, "args": {}})
+    try:
+        assert ckpt.due(0)
+        ckpt.save(0, {}, [])
+        time.sleep(0.001)  # the interval is over
+        assert not ckpt.due(0) and ckpt.due(1)  # the same update once; the next one is due
+    finally:
+        ckpt.close()

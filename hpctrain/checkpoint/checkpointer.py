@@ -96,6 +96,7 @@ class Checkpointer:
         self.stopping = False  # the last due(): checkpoint, then stop (SIGUSR1)
         self.close_tickets = close_tickets
         self._closing = False  # rank 0 called close_tickets (once)
+        self._saved_at = -1  # the update of the last checkpoint this run wrote
         # Installed here unless hpctrain train has (from its start); put back by close().
         self._handler = stop.install() if self.on_signal and not stop.installed() else None
 
@@ -180,7 +181,10 @@ class Checkpointer:
         """Rank 0's word on update ``updates``, the same on every rank: _LATE (seconds mode:
         the interval has passed) and _STOP (SIGUSR1 came) bits."""
         if self.comm is None or self.workers == 1:
-            return self._rank0_verdict()
+            # The update just checkpointed, asked again (the loop's continue): nothing new,
+            # as with several ranks. An interval shorter than a write made it due again at
+            # once, and the run wrote the same checkpoint forever.
+            return 0 if updates == self._saved_at else self._rank0_verdict()
         if self.by_progress and updates % SIGNAL_EVERY and updates < self.total:
             return 0  # epochs mode asks only for SIGUSR1: a word every SIGNAL_EVERY updates
         # Rank 0's verdict reaches every rank one step late (rank0_flag), so all ranks
@@ -234,6 +238,7 @@ class Checkpointer:
         if self.close_tickets is not None and self.comm is not None:
             self.stopping = self.comm.bcast(self.stopping, root=0)  # rank 0 closed the tickets
         self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
+        self._saved_at = updates
         self.count += 1
         self.seconds += time.perf_counter() - start
         self.last = time.perf_counter()
