@@ -188,12 +188,17 @@ def _user_frame(tb) -> str:
     """The innermost frame of ``tb`` outside hpctrain, the standard library and installed
     packages, as ``file:line, in function``; "" if there is none. The one line replaces
     the traceback, so without it an error in a user's model said nothing of where."""
-    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    # "scripts": the installed command's wrapper (bin/hpctrain, bin/torchrun) is no user code.
+    library = {sysconfig.get_paths()[k]
+               for k in ("stdlib", "platstdlib", "purelib", "platlib", "scripts")}
     library.add(os.path.dirname(os.path.abspath(__file__)))
     where = ""
     for frame, line in traceback.walk_tb(tb):
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith("<") and not any(path.startswith(d + os.sep) for d in library):
+        name = frame.f_code.co_filename
+        if name.startswith("<"):  # <frozen runpy> (python -m), <string>: no file of the user's
+            continue
+        path = os.path.abspath(name)
+        if not any(path.startswith(d + os.sep) for d in library):
             shown = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
             where = f"{shown}:{line}, in {frame.f_code.co_name}"
     return where

@@ -182,6 +182,30 @@ def test_an_error_says_where_in_the_users_own_code_it_arose(tmp_path, monkeypatc
     assert comm.describe_error(UsageError("--lr x")) == "--lr x"
 
 
+@pytest.mark.parametrize("launched_by", ["<frozen runpy>", "scripts"])
+def test_an_error_of_hpctrain_alone_names_no_launching_frame(launched_by):
+    """``python -m hpctrain`` runs under <frozen runpy>, the ``hpctrain`` command under its
+    bin/ wrapper: an injected fault said "(at <frozen runpy>:88, in _run_code)" or "(at
+    .venv/bin/hpctrain:6, in <module>)", as if the user's code had raised it."""
+    import sysconfig
+
+    from hpctrain import comm
+
+    name = launched_by if launched_by.startswith("<") else \
+        os.path.join(sysconfig.get_paths()["scripts"], "hpctrain")
+    launcher = compile("from hpctrain.checkpoint import policy\n"
+                       "def main():\n"
+                       "    try:\n"
+                       "        policy.parse_every('x')\n"  # raises inside hpctrain
+                       "    except Exception as e:\n"
+                       "        return e\n", name, "exec")
+    scope: dict = {}
+    exec(launcher, scope)
+    raised = scope["main"]()  # its traceback: the launching frame, then hpctrain's
+    assert comm.describe_error(raised) == \
+        "ArgumentTypeError: 'x' is neither seconds (600) nor epochs (2e)"
+
+
 @pytest.fixture(scope="module")
 def finished_sgd(tmp_path_factory):
     """One finished sgd run (under umask 027, evaluated every half epoch), read by several
