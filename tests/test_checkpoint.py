@@ -465,3 +465,16 @@ def test_an_interval_shorter_than_a_write_checkpoints_each_update_once(tmp_path)
         assert not ckpt.due(0) and ckpt.due(1)  # the same update once; the next one is due
     finally:
         ckpt.close()
+
+
+def test_ssgd_resumes_under_another_launchers_backend(tmp_path):
+    """torchrun has no MPI world, so ssgd there allreduces with --sync-backend torch: an
+    mpirun run was refused there ("started with --sync-backend mpi, not torch", a value the
+    user never gave) and had no way to go on. The backend changes only float rounding."""
+    a_run(tmp_path, algo="ssgd", sync_backend="mpi")
+    config = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "sync_backend": "torch"}
+    resolved = check(resume=str(tmp_path), algo="ssgd", run_config=config)
+    assert resolved.resume == str(tmp_path)
+    with pytest.raises(UsageError, match="with --fp16-allreduce False, not True$"):
+        a_run(tmp_path / "b", algo="ssgd", fp16_allreduce=False)  # that one changes values
+        check(resume=str(tmp_path / "b"), algo="ssgd", run_config={"fp16_allreduce": True})

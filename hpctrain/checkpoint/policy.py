@@ -20,12 +20,14 @@ from hpctrain.errors import UsageError
 from hpctrain.options import HUGE
 
 # Options that may differ between a run and its resumption: they do not change the trajectory
-# (device, micro-batch size and compilation: only in float rounding; mixed precision: in the
-# forward's).
+# (device, micro-batch size, compilation and ssgd's allreduce backend: only in float rounding;
+# mixed precision: in the forward's). The backend follows the launcher (torchrun has no MPI
+# world, so ssgd there runs --sync-backend torch): an mpirun run could not go on under
+# torchrun, told it was started "with --sync-backend mpi, not torch", a value never given.
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
-                        "mixed_precision", "compile", "profile"})
+                        "mixed_precision", "compile", "profile", "sync_backend"})
 
 
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any
