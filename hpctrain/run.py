@@ -25,6 +25,9 @@ collapse).
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
 import os
@@ -189,6 +192,12 @@ def train(config: RunConfig) -> dict:
     if done is not None:
         return done
     config = check_launch(config, comm.launch_size())
+    with _claimed(config):
+        return _launched(config)
+
+
+def _launched(config: RunConfig) -> dict:
+    """:func:`train` once the configuration is checked and its folders are this run's."""
     MPI = comm.init(config.algorithm_class.thread_level)
     world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
     if config.out is None:
@@ -207,6 +216,48 @@ def train(config: RunConfig) -> dict:
     if isinstance(result, checkpoint.Stopped):
         raise result
     return result
+
+
+LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held while a run writes
+
+
+@contextlib.contextmanager
+def _claimed(config: RunConfig):
+    """Rank 0 holds an exclusive lock on the run's folders (``--out``, a ``--checkpoint-dir``
+    outside it) while it runs: two jobs started with the same ``--out`` at once both passed
+    the checks, then wrote over each other (one's config.json beside the other's model.pt;
+    one removed the other's temporary file and crashed it). The second is refused in one
+    line, exit 2, before MPI starts. The kernel drops the lock when the process ends, killed
+    or not, so a requeued or restarted job finds it free. Where the file system has no locks
+    (Lustre mounted without ``flock``), runs go on unlocked, as before."""
+    if comm.env_rank() != 0 or config.out is None:
+        yield
+        return
+    folders = [("--out", Path(config.out))]
+    ckdir = config.checkpoint.dir
+    if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
+        folders.append(("--checkpoint-dir", Path(ckdir)))
+    with contextlib.ExitStack() as held:
+        for flag, folder in folders:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                handle = held.enter_context(open(folder / LOCK, "a"))
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    continue  # no locks on this file system: the writes say what is wrong
+                raise UsageError(f"{flag} {folder} is in use by another run going on now "
+                                 f"(it holds {folder / LOCK}); wait for it to end or choose "
+                                 "another folder") from None
+        # What the checks saw may have changed while the other run held the folder.
+        if (Path(config.out) / "summary.json").exists():
+            raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
+                             "this one started); choose another folder")
+        if config.checkpoint.resume is None and checkpoint.listing(
+                checkpoint.run_folder(config.checkpoint.dir, config.out)):
+            raise UsageError(f"--out {config.out} holds the checkpoints of a run that wrote "
+                             "them while this one started; choose another folder")
+        yield
 
 
 def _finished(config: RunConfig) -> dict | None:

@@ -220,6 +220,31 @@ def finished_sgd(tmp_path_factory):
     return args, proc, out
 
 
+@pytest.mark.parametrize("held", ["out", "checkpoint-dir"])
+def test_a_folder_another_run_is_writing_is_refused(tmp_path, held):
+    """Two jobs started with the same --out at once both passed the checks, then wrote over
+    each other: one's config.json beside the other's model.pt, and one removed the other's
+    temporary snapshot file and crashed it. Rank 0 now holds a lock on its folders while it
+    runs; the second is refused before MPI starts. The lock goes with the run."""
+    import fcntl
+
+    from hpctrain import arguments, run
+
+    out, ckdir = tmp_path / "run", tmp_path / "ckpts"
+    args = ["train", "--algo", "sgd", *SMALL, "--out", str(out), "--checkpoint-every", "1e",
+            "--checkpoint-dir", str(ckdir)]
+    folder = out if held == "out" else ckdir
+    folder.mkdir()
+    with open(folder / run.LOCK, "a") as other:  # another run's, going on
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError) as refused:
+            run.train(arguments.build(cli.build_parser().parse_args(args)))
+    assert str(refused.value) == (
+        f"--{held} {folder} is in use by another run going on now (it holds "
+        f"{folder / run.LOCK}); wait for it to end or choose another folder")
+    assert not (out / "config.json").exists()
+
+
 def test_an_output_folder_that_is_a_file_is_refused_before_mpi(tmp_path):
     """Found only at the first write, after MPI started, it ended the job with exit 1."""
     (tmp_path / "f").write_text("not a folder")
