@@ -252,6 +252,13 @@ def test_check_resume_of_a_missing_or_empty_folder(tmp_path):
         check(resume=str(tmp_path / "gone"))
     with pytest.raises(UsageError, match=r"^--resume .*: no checkpoint found there$"):
         check(resume=str(tmp_path))
+    # A checkpoint file itself was "no such folder", as if it were not there.
+    a_run(tmp_path / "run")
+    file = checkpoint.listing(tmp_path / "run")[0]
+    with pytest.raises(UsageError) as e:
+        check(resume=str(file))
+    assert str(e.value) == (f"--resume {file}: is a file; give the folder that holds it "
+                            f"({tmp_path / 'run'}): --resume takes its newest valid checkpoint")
 
 
 @pytest.mark.parametrize("algo, ranks", [("ssgd", 2), ("sgd", 4)])

@@ -104,6 +104,10 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         resume = _auto(checkpoint_dir, out)
     if resume is not None:
         given = resume
+        if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
+            raise UsageError(f"--resume {given}: is a file; give the folder that holds it "
+                             f"({Path(given).parent}): --resume takes its newest valid "
+                             "checkpoint")
         if not Path(given).is_dir():
             raise UsageError(f"--resume {given}: no such folder")
         folder = resolve(given)
