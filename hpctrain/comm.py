@@ -221,7 +221,11 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # missing on this node only), and then this rank must say it.
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
     where = f" (rank {r} of {n})" if initialised and n > 1 else ""
-    print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
+    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no error; the shell's status, 128 + 2
+        status = 130
+        print(f"hpctrain: interrupted{where}", file=err, flush=True)
+    else:
+        print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
     if initialised and n > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)

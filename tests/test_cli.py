@@ -9,11 +9,12 @@ import json
 import os
 import shutil
 import struct
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, refusal, run_commands, run_job
+from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program
 
 from hpctrain import cli, compiled, kernels
 from hpctrain.errors import UsageError
@@ -204,6 +205,14 @@ def test_an_error_of_hpctrain_alone_names_no_launching_frame(launched_by):
     raised = scope["main"]()  # its traceback: the launching frame, then hpctrain's
     assert comm.describe_error(raised) == \
         "ArgumentTypeError: 'x' is neither seconds (600) nor epochs (2e)"
+
+
+def test_ctrl_c_is_an_interruption_not_an_error():
+    """It said "hpctrain: error: KeyboardInterrupt: " (an empty message) and exit 1; a shell
+    expects 130 (128 + SIGINT) of an interrupted command."""
+    proc = run_program([sys.executable, "-c", "from hpctrain import comm\n"
+                        "comm.install_abort_on_error()\nraise KeyboardInterrupt"], timeout=60)
+    assert (proc.returncode, proc.stderr.strip()) == (130, "hpctrain: interrupted")
 
 
 @pytest.fixture(scope="module")
