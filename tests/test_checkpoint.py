@@ -277,6 +277,12 @@ def test_check_resume_with_a_changed_option(tmp_path):
         check(resume=str(tmp_path), run_config=config)
     assert str(e.value) == (f"--resume {tmp_path}: the run was started with --batch-size 64, "
                             "not 128")
+    # A longer run is no resumption: say so, as users ask for it
+    a_run(tmp_path / "e", epochs=2)
+    with pytest.raises(UsageError, match=r"with --epochs 2, not 4 \(--epochs shapes the "
+                                         r"learning-rate schedule, so a run cannot be made "
+                                         r"longer: start a new one\)$"):
+        check(resume=str(tmp_path / "e"), run_config={**config, "batch_size": 64, "epochs": 4})
     # Every change is named: --optimizer adam alone named the --lr its default changed.
     with pytest.raises(UsageError, match="with --batch-size 64, not 128; with --lr 0.1, not "
                                          "0.001; with --optimizer sgd, not adam$"):

@@ -119,7 +119,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         old = header.get("args", {})
         change = changed_option(old, run_config, may_change)
         if change:
-            raise UsageError(f"--resume {given}: the run was started {change}")
+            longer = " (--epochs shapes the learning-rate schedule, so a run cannot be " \
+                "made longer: start a new one)" if "with --epochs " in change else ""
+            raise UsageError(f"--resume {given}: the run was started {change}{longer}")
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
