@@ -478,3 +478,13 @@ def test_bench_sbatch_keeps_the_table_and_json_by_job_id(slurm):
     assert "pushes/s" in (out / "stdout.txt").read_text()
     assert json.loads((out / "store.json").read_text())["benchmark"] == "store"
     assert "launcher mpirun" in job_log(work, job)
+
+
+@pytest.mark.parametrize("script", ["train", "compare", "bench"])
+def test_a_batch_script_run_by_hand_says_to_submit_it(script):
+    """Outside an allocation it ended with "SLURM_JOB_ID: unbound variable", exit 1."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / f"{script}.sbatch")], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert (proc.returncode, proc.stderr.strip()) == (
+        2, f"hpctrain: error: {script}.sbatch is a Slurm batch script: submit it with sbatch")
