@@ -31,6 +31,7 @@ import fcntl
 import json
 import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import replace
@@ -237,27 +238,54 @@ def _claimed(config: RunConfig):
     ckdir = config.checkpoint.dir
     if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
         folders.append(("--checkpoint-dir", Path(ckdir)))
-    with contextlib.ExitStack() as held:
-        for flag, folder in folders:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                handle = held.enter_context(open(folder / LOCK, "a"))
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    continue  # no locks on this file system: the writes say what is wrong
-                raise UsageError(f"{flag} {folder} is in use by another run going on now "
-                                 f"(it holds {folder / LOCK}); wait for it to end or choose "
-                                 "another folder") from None
-        # What the checks saw may have changed while the other run held the folder.
-        if (Path(config.out) / "summary.json").exists():
-            raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
-                             "this one started); choose another folder")
-        if config.checkpoint.resume is None and checkpoint.listing(
-                checkpoint.run_folder(config.checkpoint.dir, config.out)):
-            raise UsageError(f"--out {config.out} holds the checkpoints of a run that wrote "
-                             "them while this one started; choose another folder")
-        yield
+    made = [top for _, folder in folders if (top := _outermost_missing(folder)) is not None]
+    try:
+        with contextlib.ExitStack() as held:
+            for flag, folder in folders:
+                _lock(held, flag, folder)
+            _check_unchanged(config)
+            yield
+    except BaseException:
+        for top in made:  # refused, or failed before writing anything: no folder left behind
+            if all(name == LOCK for _, _, files in os.walk(top) for name in files):
+                shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _outermost_missing(folder: Path) -> Path | None:
+    """The outermost folder that making ``folder`` (with its parents) creates; None if it
+    exists."""
+    missing = None
+    for path in (folder, *folder.parents):
+        if path.exists():
+            return missing
+        missing = path
+    return missing
+
+
+def _lock(held: contextlib.ExitStack, flag: str, folder: Path) -> None:
+    """Hold ``folder``'s lock file until ``held`` closes; UsageError if another run holds it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = held.enter_context(open(folder / LOCK, "a"))
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return  # no locks on this file system: the writes say what is wrong
+        raise UsageError(f"{flag} {folder} is in use by another run going on now (it holds "
+                         f"{folder / LOCK}); wait for it to end or choose another folder") \
+            from None
+
+
+def _check_unchanged(config: RunConfig) -> None:
+    """What the launch checks saw may have changed while another run held the folder."""
+    if (Path(config.out) / "summary.json").exists():
+        raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
+                         "this one started); choose another folder")
+    if config.checkpoint.resume is None and checkpoint.listing(
+            checkpoint.run_folder(config.checkpoint.dir, config.out)):
+        raise UsageError(f"--out {config.out} holds the checkpoints of a run that wrote "
+                         "them while this one started; choose another folder")
 
 
 def _finished(config: RunConfig) -> dict | None:
