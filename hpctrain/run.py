@@ -75,10 +75,10 @@ from hpctrain.torch_comm import TorchComm
 def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     """Check ``config`` against the world it starts in (``ranks`` processes, data files,
     checkpoint folders) before MPI starts; return it with every default resolved."""
-    config = _user_code(configs.resolve(config))
+    _say_user_data(config)
+    config = _as_launched(config)
     algo = config.algorithm_class
     launcher = comm.launcher()
-    config = algo.for_launch(config, launcher)
     what = _needs_mpi(config) if launcher == "torchrun" else None
     if what:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
@@ -118,23 +118,32 @@ def check_folder(flag: str, folder: str | None) -> None:
     found only at the first write, after MPI started (exit 1). Nothing is left behind."""
     if folder is None:
         return
-    path, missing = Path(folder), []
-    while not os.path.exists(path):  # False too for a name too long to look up
+    missing = _missing(Path(folder))
+    for path in missing:
         if os.path.islink(path):
             raise UsageError(f"{flag} {folder}: {path} is a link to {os.readlink(path)}, "
                              "which does not exist")
-        missing.append(os.fsencode(path.name))
-        path = path.parent
+    path = missing[-1].parent if missing else Path(folder)  # the nearest that exists
     if not path.is_dir():
         raise UsageError(f"{flag} {folder}: {path} is a file, not a folder")
     limit = os.pathconf(path, "PC_NAME_MAX")
-    if any(len(name) > limit for name in missing):
+    if any(len(os.fsencode(p.name)) > limit for p in missing):
         raise UsageError(f"{flag} {folder}: a folder name in it is longer than {limit} bytes")
     try:  # the one test that holds on every file system: create a folder there
         os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
     except OSError as error:
         raise UsageError(f"{flag} {folder}: cannot create a folder in {path} "
                          f"({error.strerror})") from None
+
+
+def _missing(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist, innermost first: what making it
+    (with its parents) creates. ``os.path.exists``: False too for a name too long."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    return missing
 
 
 def check_compute(config: RunConfig, in_threads: bool = False) -> None:
@@ -146,9 +155,8 @@ def check_compute(config: RunConfig, in_threads: bool = False) -> None:
     compiled.check(config.compile, device_type, in_threads)
 
 
-def _user_code(config: RunConfig) -> RunConfig:
-    """File references of a user's model and data made absolute, their data checked and
-    their sizes said (rank 0) before MPI starts."""
+def _say_user_data(config: RunConfig) -> None:
+    """A user's data set checked and its sizes said (rank 0) before MPI starts."""
     name = config.data.dataset
     if userdata.is_user(name):
         about = userdata.describe(name, config.data.data_dir)
@@ -156,14 +164,17 @@ def _user_code(config: RunConfig) -> RunConfig:
             print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "
                   f"{about['classes']} classes", flush=True)
-    return _absolute(config)
 
 
-def _absolute(config: RunConfig) -> RunConfig:
-    """``config`` with its file references (a user's data and model) made absolute."""
-    return replace(config, data=replace(config.data,
-                                        dataset=userdata.absolute(config.data.dataset)),
-                   model=replace(config.model, name=plugins.absolute(config.model.name)))
+def _as_launched(config: RunConfig) -> RunConfig:
+    """``config`` as this launch runs it: the algorithm's defaults filled in, file references
+    of a user's model and data made absolute, adapted to the launcher (ssgd under torchrun:
+    ``--sync-backend torch``)."""
+    config = configs.resolve(config)
+    config = replace(config, data=replace(config.data,
+                                          dataset=userdata.absolute(config.data.dataset)),
+                     model=replace(config.model, name=plugins.absolute(config.model.name)))
+    return config.algorithm_class.for_launch(config, comm.launcher())
 
 
 def _needs_mpi(config: RunConfig) -> str | None:
@@ -238,7 +249,7 @@ def _claimed(config: RunConfig):
     ckdir = config.checkpoint.dir
     if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
         folders.append(("--checkpoint-dir", Path(ckdir)))
-    made = [top for _, folder in folders if (top := _outermost_missing(folder)) is not None]
+    made = [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     try:
         with contextlib.ExitStack() as held:
             for flag, folder in folders:
@@ -250,17 +261,6 @@ def _claimed(config: RunConfig):
             if all(name == LOCK for _, _, files in os.walk(top) for name in files):
                 shutil.rmtree(top, ignore_errors=True)
         raise
-
-
-def _outermost_missing(folder: Path) -> Path | None:
-    """The outermost folder that making ``folder`` (with its parents) creates; None if it
-    exists."""
-    missing = None
-    for path in (folder, *folder.parents):
-        if path.exists():
-            return missing
-        missing = path
-    return missing
 
 
 def _lock(held: contextlib.ExitStack, flag: str, folder: Path) -> None:
@@ -298,11 +298,9 @@ def _finished(config: RunConfig) -> dict | None:
         return None
     recorded = Path(config.out) / "config.json"
     if recorded.exists():  # its options, as it ran; those that change nothing may differ
-        given = _absolute(configs.resolve(config))
-        given = given.algorithm_class.for_launch(given, comm.launcher())
         change = checkpoint.changed_option(
             configs.flat(configs.from_dict(json.loads(recorded.read_text()))),
-            configs.flat(given), checkpoint.MAY_CHANGE)
+            configs.flat(_as_launched(config)), checkpoint.MAY_CHANGE)
         if change:
             raise UsageError(f"--resume auto: --out {config.out} holds a finished run, "
                              f"started {change}; choose another --out for a new run")
