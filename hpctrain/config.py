@@ -105,11 +105,18 @@ class ModelConfig:
     args: dict | None = option(None, "keyword arguments for a model of your own, as a JSON "
                                "object", flag="--model-args", parse=plugins.json_object,
                                metavar="JSON")
+    init_from: str | None = option(None, "start from these weights: an earlier run's folder "
+                                   "(its model.pt) or a file of torch.save(model.state_dict()); "
+                                   "a new run, with its own schedule and optimizer state",
+                                   flag="--init-from", metavar="PATH")
 
     def __post_init__(self) -> None:
         # The Python API may give the function or class itself: kept as its reference.
         object.__setattr__(self, "name", plugins.reference_to("--model", self.name))
         check_fields(self)
+        if self.init_from is not None and not self.init_from.strip():
+            raise UsageError(f"--init-from {self.init_from!r} is empty: give a run's folder or "
+                             "a weights file")
         plugins.model_name(self.name, UsageError)
         if self.args is not None and not isinstance(self.args, dict):
             raise UsageError(f"--model-args {self.args!r}: want a JSON object")

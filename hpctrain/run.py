@@ -55,6 +55,7 @@ from hpctrain import (
     sync,
     userdata,
     watchdog,
+    weights,
 )
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
@@ -110,6 +111,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if config.out and (Path(config.out) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
+    initial_model(config, sample.shape, sample.num_classes)  # --init-from's file fits
     return config
 
 
@@ -171,9 +173,12 @@ def _as_launched(config: RunConfig) -> RunConfig:
     of a user's model and data made absolute, adapted to the launcher (ssgd under torchrun:
     ``--sync-backend torch``)."""
     config = configs.resolve(config)
+    init_from = config.model.init_from
     config = replace(config, data=replace(config.data,
                                           dataset=userdata.absolute(config.data.dataset)),
-                     model=replace(config.model, name=plugins.absolute(config.model.name)))
+                     model=replace(config.model, name=plugins.absolute(config.model.name),
+                                   init_from=init_from and str(Path(init_from).expanduser()
+                                                               .resolve())))
     return config.algorithm_class.for_launch(config, comm.launcher())
 
 
@@ -311,6 +316,15 @@ def _finished(config: RunConfig) -> dict | None:
     return done
 
 
+def initial_model(config: RunConfig, input_shape: tuple, num_classes: int) -> torch.nn.Module:
+    """The model a run starts from (the caller seeds torch first): built, and given the
+    weights of ``--init-from`` unless the run resumes from its own checkpoint."""
+    model = plugins.build_model(config.model.name, input_shape, num_classes, config.model.args)
+    if config.model.init_from and config.checkpoint.resume is None:
+        weights.load_into(model, config.model.init_from, config.model.name)
+    return model
+
+
 def device_for(config: RunConfig) -> torch.device:
     """The one place a device is chosen (``--device``; see :mod:`hpctrain.devices`)."""
     return devices.choose(config.device)
@@ -320,8 +334,7 @@ def _run(config: RunConfig, world) -> dict | None:
     algo: Algorithm = config.algorithm_class(config)
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
-    model = plugins.build_model(config.model.name, test_set.shape, test_set.num_classes,
-                                config.model.args)
+    model = initial_model(config, test_set.shape, test_set.num_classes)
     model.to(device_for(config))
     everyone, (world, evaluating) = world, live.split_world(world, config)
     if evaluating:  # --eval-rank: this rank scores snapshots and does not train

@@ -281,7 +281,8 @@ def test_check_resume_with_a_changed_option(tmp_path):
     a_run(tmp_path / "e", epochs=2)
     with pytest.raises(UsageError, match=r"with --epochs 2, not 4 \(--epochs shapes the "
                                          r"learning-rate schedule, so a run cannot be made "
-                                         r"longer: start a new one\)$"):
+                                         r"longer: start a new one, with --init-from "
+                                         r"to start from a finished run's model\)$"):
         check(resume=str(tmp_path / "e"), run_config={**config, "batch_size": 64, "epochs": 4})
     # Every change is named: --optimizer adam alone named the --lr its default changed.
     with pytest.raises(UsageError, match="with --batch-size 64, not 128; with --lr 0.1, not "

@@ -120,7 +120,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         change = changed_option(old, run_config, may_change)
         if change:
             longer = " (--epochs shapes the learning-rate schedule, so a run cannot be " \
-                "made longer: start a new one)" if "with --epochs " in change else ""
+                "made longer: start a new one, with --init-from to start from a finished " \
+                "run's model)" if "with --epochs " in change else ""
             raise UsageError(f"--resume {given}: the run was started {change}{longer}")
         if out is None:
             out = _resumed_out(folder, old)

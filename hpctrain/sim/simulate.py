@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, options, plugins, run
+from hpctrain import data, options, run
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -90,6 +90,9 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
     algo.check(config, ranks, n)
+    if config.model.init_from:  # its file fits the model (compare --simulate: every run)
+        sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
+        run.initial_model(config, sample.shape, sample.num_classes)
     StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
     return config
 
@@ -143,8 +146,7 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
     algo_class = simulated(config.algorithm_class)
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
-    initial = plugins.build_model(config.model.name, test_set.shape, test_set.num_classes,
-                                  config.model.args)
+    initial = run.initial_model(config, test_set.shape, test_set.num_classes)
     initial.to(run.device_for(config))
 
     def worker(k: int) -> dict | None:

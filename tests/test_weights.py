@@ -1,0 +1,158 @@
+"""``--init-from``: a new run that starts from saved weights (hpctrain.weights), the file
+checked against the model before MPI starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SYNTHETIC, refusal, run_commands
+
+from hpctrain import data, plugins, run, weights
+from hpctrain.checkpoint import format as checkpoint_format
+from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.sim import SimConfig, simulate
+
+
+def mlp() -> torch.nn.Module:
+    sample = data.load("synthetic", "test", None, 0, 1)
+    return plugins.build_model("mlp", sample.shape, sample.num_classes)
+
+
+def saved(tmp_path: Path, state, name: str = "w.pt") -> Path:
+    torch.save(state, tmp_path / name)
+    return tmp_path / name
+
+
+def config(out, init_from=None, algo="sgd", **kw) -> RunConfig:
+    return RunConfig(algo=algo, seed=kw.pop("seed", 3), out=str(out), progress=False,
+                     data=DataConfig(dataset="synthetic"),
+                     model=ModelConfig(name="mlp", init_from=init_from),  # a Path too
+                     optim=OptimConfig(epochs=1, batch_size=32), **kw)
+
+
+def test_a_run_folder_means_its_model_pt(tmp_path):
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert weights.file_of(str(tmp_path)) == tmp_path / "model.pt"
+    assert weights.file_of(str(tmp_path / "model.pt")) == tmp_path / "model.pt"
+
+
+@pytest.mark.parametrize("prefixes", [["module."], ["_orig_mod."], ["module.", "_orig_mod."]])
+def test_the_prefixes_of_ddp_and_compile_are_taken_off(tmp_path, prefixes):
+    state = mlp().state_dict()
+    wrapped = {"".join(prefixes) + k: v for k, v in state.items()}
+    read = weights.read(str(saved(tmp_path, wrapped)))
+    assert read.keys() == state.keys()
+    assert all(torch.equal(read[k], state[k]) for k in state)
+
+
+def test_a_prefix_only_some_keys_have_stays():
+    state = {"module.a": torch.zeros(1), "b": torch.zeros(1)}
+    assert weights._unwrapped(state).keys() == state.keys()
+
+
+def test_what_does_not_fit_is_named():
+    model = mlp()
+    state = model.state_dict()
+    first, *rest = state
+    assert weights.mismatch(model, state) is None
+    assert weights.mismatch(model, {k: v.double() for k, v in state.items()}) is None  # cast
+    missing = {k: v for k, v in state.items() if k != first}
+    assert weights.mismatch(model, missing) == f"the model's {first} missing"
+    extra = {**state, "head.weight": torch.zeros(2), "head.bias": torch.zeros(2)}
+    assert weights.mismatch(model, extra) == "head.weight and 1 more not in the model"
+    shaped = {**state, first: torch.zeros(3, 2)}
+    assert weights.mismatch(model, shaped) == (
+        f"{first} is 3 x 2 in the file, {' x '.join(map(str, state[first].shape))} in the "
+        "model")
+
+
+def _checkpoint(tmp_path: Path) -> Path:
+    path = tmp_path / "ckpt-1.pt"
+    path.write_bytes(checkpoint_format.encode({"model": mlp().state_dict()},
+                                              {"algo": "sgd", "ranks": 1}))
+    return path
+
+
+@pytest.mark.parametrize("make, said", [
+    (lambda t: t / "absent.pt", "no such file or folder"),
+    (lambda t: t, "the folder has no model.pt"),
+    (lambda t: saved(t, torch.nn.Linear(2, 2)), "a whole module saved?"),
+    (lambda t: saved(t, [1, 2]), "holds a list, not a state dict"),
+    (lambda t: saved(t, {}), "holds a dict (empty)"),
+    (lambda t: saved(t, {"w": 1.0}), "entry 'w' is not a named tensor"),
+    (lambda t: (t / "junk.pt").write_text("hello") and t / "junk.pt",
+     "not a file torch.load reads"),
+    (_checkpoint, "an hpctrain checkpoint, not a model's weights"),
+    (lambda t: saved(t, {"layer.weight": torch.zeros(2, 2)}),
+     "its weights do not fit --model mlp: the model's"),
+])
+def test_a_file_that_cannot_start_the_run_is_refused_before_mpi(tmp_path, make, said):
+    message = refusal(["--algo", "sgd", *SYNTHETIC, "--init-from", str(make(tmp_path))])
+    assert message.startswith("--init-from ") and said in message
+
+
+def test_a_truncated_file_is_refused(tmp_path):
+    path = saved(tmp_path, mlp().state_dict())
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(UsageError, match="not a file torch.load reads"):
+        weights.read(str(path))
+
+
+def test_an_empty_path_is_refused():
+    with pytest.raises(UsageError, match="--init-from ' ' is empty"):
+        ModelConfig(init_from=" ")
+
+
+def test_config_json_records_the_absolute_path(tmp_path, monkeypatch):
+    saved(tmp_path, mlp().state_dict())
+    monkeypatch.chdir(tmp_path)
+    launched = run.check_launch(config(tmp_path / "out", init_from="w.pt"), 1)
+    assert launched.model.init_from == str(tmp_path / "w.pt")
+
+
+def test_the_initial_model_has_the_weights_unless_the_run_resumes(tmp_path):
+    torch.manual_seed(11)
+    path = saved(tmp_path, mlp().state_dict())
+    wanted = torch.load(path, weights_only=True)
+    sample = data.load("synthetic", "test", None, 0, 1)
+
+    def initial(c: RunConfig) -> dict:
+        torch.manual_seed(c.seed)
+        return run.initial_model(c, sample.shape, sample.num_classes).state_dict()
+
+    given = initial(config(tmp_path / "a", init_from=path))
+    assert all(torch.equal(given[k], wanted[k]) for k in wanted)
+    resumed = initial(config(tmp_path / "b", init_from=path,
+                             checkpoint=CheckpointConfig(resume=str(tmp_path))))
+    seeded = initial(config(tmp_path / "c"))
+    assert all(torch.equal(resumed[k], seeded[k]) for k in seeded)  # the checkpoint's, later
+
+
+def test_a_simulated_async_run_starts_from_the_weights_of_a_finished_run(tmp_path):
+    """The first point of the new run's curve scores the model the first run saved, and the
+    store the virtual workers push to starts from it."""
+    first = simulate(config(tmp_path / "a"), SimConfig(workers=1))
+    simulate(config(tmp_path / "b", init_from=tmp_path / "a", algo="dcasgd-a", seed=4),
+             SimConfig(workers=2))
+    start = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["updates"] == 0 and start["test_loss"] == first["final_test_loss"]
+
+
+def test_ssgd_then_dcasgd_from_its_model_on_two_ranks(tmp_path):
+    """The real launch: rank 0 and rank 1 each read the file; the async store starts from
+    it; config.json records where the weights came from, as an absolute path."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["train", *SYNTHETIC, "--epochs", "1"]
+    done = run_commands([[*common, "--algo", "ssgd", "--out", str(a)],
+                         [*common, "--algo", "dcasgd-a", "--out", str(b), "--init-from",
+                          str(a)]], np=2)
+    assert done.returncode == 0, done.stderr
+    first = json.loads((a / "summary.json").read_text())
+    start = json.loads((b / "metrics.jsonl").read_text().splitlines()[0])
+    assert start["updates"] == 0 and start["test_loss"] == first["final_test_loss"]
+    recorded = json.loads((b / "config.json").read_text())
+    assert recorded["model"]["init_from"] == str(a)
