@@ -120,6 +120,9 @@ class ModelConfig:
         plugins.model_name(self.name, UsageError)
         if self.args is not None and not isinstance(self.args, dict):
             raise UsageError(f"--model-args {self.args!r}: want a JSON object")
+        if self.args and not plugins.is_reference(self.name):
+            raise UsageError(f"--model-args are for a model of your own, not --model "
+                             f"{self.name}")
         if self.args is not None:
             # config.json records them (after MPI started): keyword names, JSON values.
             bad = [k for k in self.args if not isinstance(k, str)]

@@ -236,7 +236,7 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
     with pytest.raises(UsageError, match="want MODULE:CALLABLE"):
         ModelConfig(name="nets_mod:")
     with pytest.raises(UsageError, match="--model-args are for a model of your own"):
-        launch(model=ModelConfig(name="mlp", args={"width": 3}))
+        ModelConfig(name="mlp", args={"width": 3})  # at construction, as every value check
 
 
 def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
