@@ -17,6 +17,8 @@ process each, no launcher, virtual times; the simulator's options pass on to eve
 :mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files. SIGUSR1 (a
 time limit's warning) goes on to the run going on, no run starts after it, and the command
 exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues itself).
+With ``--seeds 1,2,3`` every algorithm runs once per seed (``DIR/<algo>/seed-<S>/``, one run
+after the other) and the report gives the mean and spread over the seeds.
 """
 
 from __future__ import annotations
@@ -118,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "continue those that left checkpoints, run the others"),
         parser.add_argument("--out", required=True, default=argparse.SUPPRESS,
                             help="output folder (DIR)"),
+        parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="LIST",
+                            help="comma-separated seeds, e.g. 1,2,3: every algorithm runs once "
+                                 "per seed (DIR/<algo>/seed-<S>/) and the report gives the mean "
+                                 "and spread over them; instead of --seed"),
         parser.add_argument("--simulate", type=at_least(1), default=None, metavar="K",
                             help="simulate every run with K virtual workers in one process "
                                  "(hpctrain simulate; sgd: one) instead of launching jobs; "
@@ -145,15 +151,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(train_options=options, sim_options=sim)
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds "1,2,3"`` -> [1, 2, 3]: whole numbers, each once (each run's ``--seed``
+    checks its range)."""
+    words = str(text).split(",")
+    try:
+        seeds = [int(w) for w in words]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated whole numbers, "
+                                         "e.g. 1,2,3") from None
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed given twice")
+    return seeds
+
+
 @dataclass
 class Run:
-    """One algorithm's job: its processes and command."""
+    """One algorithm's job (with ``--seeds``, one seed's): its processes and command."""
 
     algo: str
     np: int
     command: list[str]
     ignored: list[str]  # flags given that this algorithm does not take
     trainers: int | None = None  # of the np, the ranks that train (summary's "workers"); None: np
+    seed: int | None = None  # --seeds: this run's
+
+    @property
+    def name(self) -> str:
+        """Its folder in the comparison and its key in compare.json."""
+        return report.run_name(self.algo, self.seed)
 
 
 def given_options(args: argparse.Namespace) -> list[tuple[TrainOption, list[str]]]:
@@ -278,42 +304,59 @@ def plan(args: argparse.Namespace) -> list[Run]:
     report.parse_targets(args.targets)
     _check_out(args.out)
     given = given_options(args)
+    seeds = getattr(args, "seeds", None)
+    if seeds is not None and hasattr(args, "train_seed"):
+        raise UsageError("--seeds and --seed: give one (--seeds runs each algorithm once per "
+                         "seed)")
     train_parser = _train_parser()
     runs = []
     for algo in algos:
-        np = 1 if algo in SEQUENTIAL else args.workers
-        words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
-        if algo in SEQUENTIAL and "--eval-rank" in words and not simulate:
-            np, words = 2, _evaluator_for_one(words)
-        train_args = ["--algo", algo, *words, "--out", str(Path(args.out) / algo)]
-        config = arguments.build(train_parser.parse_args(train_args))  # bad values fail here
-        if not simulate and np > 1:  # each run refuses it, but only once launched: np ranks
-            n = data.size(config.data.dataset, "train", config.data.data_dir)
-            if np > n:
-                raise UsageError(f"--workers {shown(np)} but only {n} training samples in "
-                                 f"{config.data.dataset}")
-        if simulate:
-            sim_args = ["--workers", str(np), *sim_words]
-            sim_config = sim_arguments.build(_sim_parser().parse_args(sim_args))
-            check_simulation(config, sim_config)  # what the simulator refuses, up front too
-            command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
-            ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
-            runs.append(Run(algo, np, command, ignored))
-            continue
+        for seed in seeds or [None]:
+            runs.append(_planned(args, algo, seed, given, train_parser, simulate, sim_words,
+                                 checked=runs[-1] if runs and runs[-1].algo == algo else None))
+    return runs
+
+
+def _planned(args: argparse.Namespace, algo: str, seed: int | None, given: list,
+             train_parser: argparse.ArgumentParser, simulate: bool, sim_words: list[str],
+             checked: Run | None) -> Run:
+    """One run of :func:`plan`, checked as it will run; ``checked``: the same algorithm's run
+    of another seed, whose launch checks hold for this one (a seed changes none of them)."""
+    np = 1 if algo in SEQUENTIAL else args.workers
+    words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
+    if algo in SEQUENTIAL and "--eval-rank" in words and not simulate:
+        np, words = 2, _evaluator_for_one(words)
+    if seed is not None:
+        words = [*words, "--seed", str(seed)]
+    train_args = ["--algo", algo, *words, "--out",
+                  str(Path(args.out) / report.run_name(algo, seed))]
+    config = arguments.build(train_parser.parse_args(train_args))  # bad values fail here
+    ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
+    if checked is None and not simulate and np > 1:  # each run refuses it, once launched
+        n = data.size(config.data.dataset, "train", config.data.data_dir)
+        if np > n:
+            raise UsageError(f"--workers {shown(np)} but only {n} training samples in "
+                             f"{config.data.dataset}")
+    if simulate:
+        sim_args = ["--workers", str(np), *sim_words]
+        if checked is None:  # what the simulator refuses, up front too
+            check_simulation(config, sim_arguments.build(_sim_parser().parse_args(sim_args)))
+        command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
+        return Run(algo, np, command, ignored, seed=seed)
+    if checked is not None:
+        trainers = checked.trainers
+    else:
         try:  # what the run would refuse once launched, after the runs before it
             trainers = check_run(config, np)
         except UsageError as e:
             raise UsageError(f"{algo}'s run on {np} process{'es' if np > 1 else ''}: {e}") \
                 from None
-        train_args = ["train", *train_args]
-        launcher = launcher_command(getattr(args, "launcher", None), np)
-        if shutil.which(launcher[0]) is None:
-            raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
-                             "$HPCTRAIN_LAUNCHER or $HPCTRAIN_MPIRUN)")
-        command = [*launcher, sys.executable, "-m", "hpctrain", *train_args]
-        ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
-        runs.append(Run(algo, np, command, ignored, trainers))
-    return runs
+    launcher = launcher_command(getattr(args, "launcher", None), np)
+    if shutil.which(launcher[0]) is None:
+        raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
+                         "$HPCTRAIN_LAUNCHER or $HPCTRAIN_MPIRUN)")
+    command = [*launcher, sys.executable, "-m", "hpctrain", "train", *train_args]
+    return Run(algo, np, command, ignored, trainers, seed)
 
 
 def continued(run: Run, run_dir: Path) -> Run:
@@ -465,9 +508,11 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     path = out / report.RECORD
     simulated = args.simulate is not None
     sim_args = simulator_words(args)
-    record = {"algos": [r.algo for r in runs], "workers": args.workers,
+    seeds = getattr(args, "seeds", None)
+    record = {"algos": list(dict.fromkeys(r.algo for r in runs)), "workers": args.workers,
               "targets": report.parse_targets(args.targets), "train_args": train_args,
-              "simulated": simulated, "sim_args": sim_args, "runs": {}}
+              "simulated": simulated, "sim_args": sim_args, "runs": {},
+              **({"seeds": seeds} if seeds else {})}
     if path.exists():
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
@@ -484,10 +529,14 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             was = (f"--simulate {old['workers']} " + " ".join(old_sim_args or [])).strip() \
                 if old_simulated else "real jobs (no --simulate)"
             raise UsageError(f"--resume: {out} was run with {was}; give the same")
+        if old.get("seeds") != seeds:
+            was = "--seeds " + ",".join(map(str, old["seeds"])) if old.get("seeds") else \
+                "no --seeds"
+            raise UsageError(f"--resume: {out} was run with {was}; give the same")
         record["runs"] = {a: r for a, r in old["runs"].items()
                           if r["status"] == "ok" and (out / a / "summary.json").is_file()}
     else:
-        done = [r.algo for r in runs if (out / r.algo / "summary.json").exists()]
+        done = [r.name for r in runs if (out / r.name / "summary.json").exists()]
         if done:
             raise UsageError(f"--out {out} already holds finished runs ({', '.join(done)}); "
                              "choose another folder")
@@ -507,13 +556,13 @@ def run(args: argparse.Namespace) -> dict:
     warning = _Warning()
     try:
         for i, r in enumerate(runs, 1):
-            label = f"[{i}/{len(runs)} {r.algo}]"
-            if r.algo in record["runs"]:
+            label = f"[{i}/{len(runs)} {r.name}]"
+            if r.name in record["runs"]:
                 print(f"{label} finished earlier; kept", file=sys.stderr, flush=True)
                 continue
             if warning.received:
                 break
-            result = execute(continued(r, out / r.algo) if args.resume else r, out / r.algo,
+            result = execute(continued(r, out / r.name) if args.resume else r, out / r.name,
                              label, args.timeout, warning)
             if warning.received and result["status"] != "ok":  # stopped, or ended by it
                 print(f"{label} stopped by SIGUSR1 (--resume continues it)", file=sys.stderr,
@@ -522,24 +571,24 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{label} {result['status']}" +
                   (f": {result['error']}" if result["error"] else ""), file=sys.stderr,
                   flush=True)
-            record["runs"][r.algo] = result
+            record["runs"][r.name] = result
             write_json_atomic(out / report.RECORD, record)
     finally:
         warning.close()
-    left = [a for a in record["algos"] if a not in record["runs"]]
+    left = [r.name for r in runs if r.name not in record["runs"]]
     if left:  # SIGUSR1 stopped the comparison
         print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "
               f"continue with --resume (--out {out})", file=sys.stderr, flush=True)
         raise SystemExit(checkpoint.stop.EXIT_STATUS)
     rows, targets, drawn = report.render(out)
-    print(report.table(rows, targets))
+    print(report.main_table(rows, targets))
     print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
     if not drawn:
         print(f"hpctrain bench compare: no plots: {report.NO_PLOTS}", file=sys.stderr,
               flush=True)
-    failed = [a for a in record["algos"] if record["runs"][a]["status"] != "ok"]
+    failed = [r.name for r in runs if record["runs"][r.name]["status"] != "ok"]
     if failed:
-        print(f"hpctrain bench compare: {len(failed)} of {len(record['algos'])} runs failed: "
+        print(f"hpctrain bench compare: {len(failed)} of {len(runs)} runs failed: "
               f"{', '.join(failed)} (their rows in {out / report.REPORT} say why)",
               file=sys.stderr, flush=True)
         raise SystemExit(1)

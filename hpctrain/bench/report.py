@@ -1,10 +1,13 @@
 """``hpctrain report DIR``: ``report.md`` and plots from saved run outputs, rerunning nothing.
 
 DIR is a comparison's folder (``compare.json`` and one ``DIR/<algo>/`` per run, written by
-``hpctrain bench compare``) or any folder whose subfolders, or itself, hold finished runs
-(``summary.json`` and ``metrics.jsonl``). The plots follow the DC-ASGD paper's figures: test
-error (%) against wall time and against epochs, one line per algorithm. The output depends
-only on the saved files, so rendering twice gives the same bytes.
+``hpctrain bench compare``; with ``--seeds``, ``DIR/<algo>/seed-<S>/``) or any folder whose
+subfolders, or itself, hold finished runs (``summary.json`` and ``metrics.jsonl``). The plots
+follow the DC-ASGD paper's figures: test error (%) against wall time and against epochs, one
+line per algorithm (with seeds: their mean, shaded from the lowest to the highest). With seeds
+the table gives each algorithm's mean and sample standard deviation over the seeds whose run
+finished, then every run. The output depends only on the saved files, so rendering twice
+gives the same bytes.
 
 A value of the wrong type in a run's files (edited by hand, another tool's) does not end the
 report: the table shows ``n/a`` there, or the plots leave out that curve point, and one line on
@@ -42,11 +45,16 @@ NA = "n/a"  # a cell whose value in summary.json is of the wrong type (the repor
 STALENESS_KEYS = ("mean", "p50", "p90", "p99", "max")
 
 
+def run_name(algo: str, seed: int | None) -> str:
+    """A run's folder in a comparison: ``<algo>``, or ``<algo>/seed-<S>`` with ``--seeds``."""
+    return algo if seed is None else f"{algo}/seed-{seed}"
+
+
 @dataclass
 class Row:
     """One run of a report: how it ended and, if it finished, what it wrote."""
 
-    name: str
+    name: str  # the algorithm (or the run's folder, for runs found in a folder)
     status: str  # "ok", "failed" or "not available"
     error: str | None = None
     summary: dict | None = None
@@ -54,6 +62,11 @@ class Row:
     command: str | None = None
     ignored: list[str] = field(default_factory=list)
     unusable: list[str] = field(default_factory=list)  # summary keys shown as n/a
+    seed: int | None = None  # a comparison with --seeds: this run's
+
+    @property
+    def title(self) -> str:
+        return self.name if self.seed is None else f"{self.name} seed {self.seed}"
 
     @property
     def label(self) -> str:
@@ -161,6 +174,10 @@ def read_record(folder: str | Path) -> dict:
                          "accuracies in (0, 1]")
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UsageError(f"{path}: train_args is {_json(words)}, not a list of words")
+    seeds = record.get("seeds")
+    if seeds is not None and not (isinstance(seeds, list) and seeds and all(
+            isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
+        raise UsageError(f"{path}: seeds is {_json(seeds)}, not a list of whole numbers")
     return record
 
 
@@ -189,12 +206,15 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         record = read_record(folder)
         rows = []
         for name in record["algos"]:
-            run = record["runs"].get(name, {"status": "failed", "error": "did not run"})
-            extra = {"command": run.get("command"), "ignored": run.get("ignored", [])}
-            if run["status"] == "ok":
-                rows.append(_finished(folder / name, name, **extra))
-            else:
-                rows.append(Row(name, run["status"], error=run.get("error"), **extra))
+            for seed in record.get("seeds") or [None]:
+                key = run_name(name, seed)
+                run = record["runs"].get(key, {"status": "failed", "error": "did not run"})
+                extra = {"command": run.get("command"), "ignored": run.get("ignored", []),
+                         "seed": seed}
+                if run["status"] == "ok":
+                    rows.append(_finished(folder / key, name, **extra))
+                else:
+                    rows.append(Row(name, run["status"], error=run.get("error"), **extra))
         return record, rows
     dirs = [folder] if (folder / "summary.json").is_file() else sorted(
         d for d in folder.iterdir() if (d / "summary.json").is_file())
@@ -235,7 +255,7 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     dash = "—"
     if row.summary is None:
         reason = row.status if not row.error else f"{row.status}: {row.error}"
-        return [row.name, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
+        return [row.title, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
                 dash, reason.replace("|", "\\|")]
     s = row.summary
 
@@ -254,7 +274,7 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
         else dash
-    return [row.name, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
+    return [row.title, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
             shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
             shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
             _status(s)]
@@ -285,6 +305,95 @@ def table(rows: list[Row], targets: list[float]) -> str:
     return "\n".join(lines)
 
 
+def _spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return mean, sd if sd > 1e-12 * abs(mean) else 0.0  # equal values summed in another order
+
+
+def _mean_sd(values: list[float], fmt) -> str:
+    if not values:
+        return NA
+    mean, sd = _spread(values)
+    return fmt(mean) if len(values) == 1 else f"{fmt(mean)} ± {fmt(sd)}"
+
+
+def by_algorithm(rows: list[Row]) -> dict[str, list[Row]]:
+    """The rows of each algorithm (its seeds' runs), in the rows' order."""
+    groups: dict[str, list[Row]] = {}
+    for row in rows:
+        groups.setdefault(row.name, []).append(row)
+    return groups
+
+
+def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
+    """One algorithm's row over its seeds' runs (see :func:`seed_table`)."""
+    dash = "—"
+    done = [r for r in runs if r.summary]
+    problems = [f"seed {r.seed} {r.status}" for r in runs if not r.summary]
+    problems += [f"seed {r.seed} **collapsed**" for r in done
+                 if r.summary.get("collapsed_at") is not None]
+    status = "; ".join(problems) or "ok"
+    count = str(len(runs)) if len(done) == len(runs) else f"{len(done)} of {len(runs)}"
+    if not done:
+        return [name, count, *(dash for _ in range(9 + len(targets))), status]
+
+    def values(key: str) -> list[float]:
+        return [r.summary[key] for r in done if r.summary.get(key) is not None]
+
+    reach = []
+    for target in targets:
+        hit = [p for p in (time_to(r.points, target) for r in done) if p is not None]
+        text = "not reached" if not hit else (
+            f"{_mean_sd([p['t'] for p in hit], _seconds)} s "
+            f"({_spread([p['epoch'] for p in hit])[0]:.2f} ep)")
+        reach.append(text + (f" in {len(hit)} of {len(done)}" if 0 < len(hit) < len(done)
+                             else ""))
+    stale = [r.summary["staleness"] for r in done if r.summary.get("staleness")]
+    stale = dash if not stale else " / ".join(
+        f"{_spread([d[k] for d in stale])[0]:{'.2f' if k == 'mean' else '.0f'}}"
+        for k in STALENESS_KEYS)
+    moved: dict[str, list[float]] = {}
+    for r in done:
+        for key, value in _byte_counts(r.summary):
+            moved.setdefault(key, []).append(value)
+    peaks = [p for r in done for p in r.summary.get("peak_memory_per_worker") or ()
+             if p is not None]
+    workers = sorted(set(values("workers")))
+    return [name, count, "/".join(map(str, workers)) or NA,
+            _mean_sd(values("final_test_acc"), "{:.4f}".format),
+            _mean_sd(values("best_test_acc"), "{:.4f}".format),
+            _mean_sd(values("wall_s"), _seconds), *reach,
+            _mean_sd(values("samples_per_s"), "{:.0f}".format),
+            _bytes(max(peaks)) if peaks else dash, stale,
+            "; ".join(f"{k} {_bytes(_spread(v)[0])}" for k, v in sorted(moved.items())) or dash,
+            status]
+
+
+def seed_table(rows: list[Row], targets: list[float]) -> str:
+    """A comparison with ``--seeds``: one row per algorithm, in Markdown. Accuracies, wall
+    time, samples/s and each time to a target are the mean ± sample standard deviation over
+    the seeds whose run finished (a time to a target: over those that reached it, and how
+    many did); peak memory is the largest; staleness and bytes are means."""
+    head = ["algorithm", "seeds", "workers", "final acc", "best acc", "wall s",
+            *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
+            "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(_seed_cells(name, runs, targets)) + " |"
+              for name, runs in by_algorithm(rows).items()]
+    return "\n".join(lines)
+
+
+def main_table(rows: list[Row], targets: list[float]) -> str:
+    """The table a report leads with: per algorithm over seeds if the runs have seeds, else
+    one row per run."""
+    seeded = any(r.seed is not None for r in rows)
+    return seed_table(rows, targets) if seeded else table(rows, targets)
+
+
 def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = True) -> str:
     """The whole ``report.md`` (``plots``: whether the PNGs it shows were drawn)."""
     out = ["# Algorithm comparison", ""]
@@ -302,6 +411,13 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
         s = finished[0]
         out.append(f"Model {s.get('model', '?')} on {s.get('dataset', '?')}; "
                    f"epochs: {s.get('epochs', '?')}.")
+    seeds = record.get("seeds")
+    if seeds:
+        out += ["", seed_table(rows, targets), "",
+                f"Each algorithm ran once per seed ({', '.join(map(str, seeds))}): the table "
+                "gives the mean ± sample standard deviation over the seeds whose run finished "
+                "(a time to a target: over those that reached it), the largest peak memory, "
+                "and the mean staleness and byte counts. Every run:"]
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
@@ -321,7 +437,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     ignored: dict[str, list[str]] = {}
     for r in rows:
         for flag in r.ignored:
-            ignored.setdefault(flag, []).append(r.name)
+            names = ignored.setdefault(flag, [])
+            if r.name not in names:  # once per algorithm, whatever its seeds
+                names.append(r.name)
     for flag, names in ignored.items():
         out.append(f"\n`{flag}` was not given to {', '.join(names)}: "
                    f"{'it does' if len(names) == 1 else 'they do'} not take it.")
@@ -333,7 +451,7 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     commands = [r for r in rows if r.command]
     if commands:
         out += ["", "## Commands", ""]
-        out += [f"- {r.name}: `{r.command}`" for r in commands]
+        out += [f"- {r.title}: `{r.command}`" for r in commands]
     return "\n".join(out) + "\n"
 
 
@@ -354,24 +472,61 @@ def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
     return max(0.0, lo - pad), min(100.0, hi + pad)
 
 
+@dataclass
+class Curve:
+    """One line of a plot: test error (%) at ``xs``; with seeds, the mean over the runs and
+    the band from their lowest to their highest error."""
+
+    name: str
+    label: str
+    xs: list[float]
+    err: list[float]
+    band: tuple[list[float], list[float]] | None = None
+
+
+def curves(rows: list[Row], x: str) -> list[Curve]:
+    """One curve per run, or with seeds one per algorithm: at each snapshot that every one of
+    its runs took (the k-th of each: snapshots follow the same schedule), the mean of ``x``
+    and of the error."""
+    out = []
+    for name, runs in by_algorithm(rows).items():
+        drawn = [r for r in runs if r.points]
+        series = [sorted(r.points, key=lambda p: p[x]) for r in drawn]
+        errors = [[100.0 * (1.0 - p["test_acc"]) for p in pts] for pts in series]
+        if runs[0].seed is None:
+            out += [Curve(name, r.label, [p[x] for p in pts], err)
+                    for r, pts, err in zip(drawn, series, errors, strict=True)]
+            continue
+        n = min((len(pts) for pts in series), default=0)
+        if not n:
+            continue
+        column = [[e[k] for e in errors] for k in range(n)]
+        label = f"{drawn[0].label}, mean of {len(drawn)} seed{'s' if len(drawn) > 1 else ''}"
+        out.append(Curve(name, label, [_spread([pts[k][x] for pts in series])[0]
+                                       for k in range(n)],
+                         [_spread(c)[0] for c in column],
+                         ([min(c) for c in column], [max(c) for c in column])))
+    return out
+
+
 def plot(rows: list[Row], x: str, title: str = "") -> bytes:
-    """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run: a PNG."""
+    """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run (with
+    seeds: per algorithm, shaded from its lowest to its highest run): a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.8), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    drawn = [r for r in rows if r.points]
-    curves = []
-    for row in drawn:
-        pts = sorted(row.points, key=lambda p: p[x])
-        curves.append(([p[x] for p in pts], [100.0 * (1.0 - p["test_acc"]) for p in pts]))
-    shown = _error_range([err for _, err in curves])
-    for i, (row, (xs, err)) in enumerate(zip(drawn, curves, strict=True)):
-        above = shown is not None and min(err) > shown[1]
-        ax.plot(xs, err, marker=".", color=_colour(row.name, i),
-                label=row.label + (f" (above {shown[1]:.0f}%)" if above else ""))
+    lines = curves(rows, x)
+    shown = _error_range([c.err for c in lines])
+    for i, c in enumerate(lines):
+        above = shown is not None and min(c.err) > shown[1]
+        colour = _colour(c.name, i)
+        ax.plot(c.xs, c.err, marker=".", color=colour,
+                label=c.label + (f" (above {shown[1]:.0f}%)" if above else ""))
+        if c.band is not None:
+            ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
     if shown:
         ax.set_ylim(*shown)
         ax.legend(loc="upper right", fontsize="small")
@@ -452,7 +607,7 @@ def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report in ``args.dir``; print its table and where the files are."""
     rows, targets, drawn = render(args.dir,
                                   None if args.targets is None else parse_targets(args.targets))
-    print(table(rows, targets))
+    print(main_table(rows, targets))
     print(f"hpctrain report: {', '.join(map(str, [Path(args.dir) / REPORT, *drawn]))}")
     if not drawn:
         print(f"hpctrain report: no plots: {NO_PLOTS}", file=sys.stderr)

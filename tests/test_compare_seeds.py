@@ -1,0 +1,156 @@
+"""``hpctrain bench compare --seeds``: every algorithm once per seed, the report's mean and
+spread over the seeds, and its curves with their band."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+from conftest import SYNTHETIC, run_job
+from matplotlib.image import imread
+
+from hpctrain import cli
+from hpctrain.bench import compare, report
+from hpctrain.errors import UsageError
+
+
+def parse(*argv: str):
+    return cli.build_parser().parse_args(["bench", "compare", *argv])
+
+
+def test_seeds_are_whole_numbers_each_once():
+    assert compare.parse_seeds("3,1, 2") == [3, 1, 2]
+    for bad in ("1,x", "1,,2", "1.5", "1,1", ""):
+        with pytest.raises(Exception, match="whole numbers|twice"):
+            compare.parse_seeds(bad)
+    with pytest.raises(UsageError, match=r"--seed 1e\+99 must be in"):  # each run's own range check
+        compare.plan(parse("--algos", "sgd", "--seeds", str(10**99), "--out", "x"))
+
+
+def test_plan_runs_every_algorithm_once_per_seed(tmp_path):
+    runs = compare.plan(parse("--algos", "sgd,ssgd", "--workers", "2", "--seeds", "7,5",
+                              *SYNTHETIC, "--out", str(tmp_path)))
+    assert [(r.algo, r.seed, r.np) for r in runs] == [("sgd", 7, 1), ("sgd", 5, 1),
+                                                      ("ssgd", 7, 2), ("ssgd", 5, 2)]
+    for r in runs:
+        assert r.command[r.command.index("--seed") + 1] == str(r.seed)
+        assert r.command[-2:] == ["--out", str(tmp_path / r.algo / f"seed-{r.seed}")]
+        assert r.name == f"{r.algo}/seed-{r.seed}"
+    assert runs[2].trainers == runs[3].trainers == 2
+    with pytest.raises(UsageError, match="--seeds and --seed: give one"):
+        compare.plan(parse("--algos", "sgd", "--seeds", "1,2", "--seed", "3", "--out",
+                           str(tmp_path)))
+
+
+def test_resume_refuses_other_seeds(tmp_path):
+    out = tmp_path / "cmp"
+    first = parse("--algos", "sgd", "--simulate", "2", "--seeds", "1,2", "--out", str(out))
+    out.mkdir()
+    compare.write_json_atomic(out / report.RECORD,
+                              compare._start_record(first, compare.plan(first)))
+    for argv, was in ((["--seeds", "1,3"], "--seeds 1,2"), ([], "--seeds 1,2")):
+        args = parse("--algos", "sgd", "--simulate", "2", *argv, "--resume", "--out", str(out))
+        with pytest.raises(UsageError, match=f"was run with {was}; give the same"):
+            compare._start_record(args, compare.plan(args))
+
+
+# Hand-written runs (the report reads only files): three seeds of ssgd, one of them failed.
+POINTS = {1: [(0.0, 0.0, 0.1), (2.0, 0.5, 0.82), (4.0, 1.0, 0.88)],
+          2: [(0.0, 0.0, 0.1), (3.0, 0.5, 0.80), (6.0, 1.0, 0.84)],
+          3: [(0.0, 0.0, 0.1)]}
+SUMMARY = {"algo": "ssgd", "workers": 2, "model": "mlp", "dataset": "synthetic", "epochs": 1,
+           "peak_memory_per_worker": [2**20, 3 * 2**20], "allreduce_bytes_per_rank": 2**20}
+
+
+def seeded_comparison(folder) -> dict[int, dict]:
+    """``folder`` as a comparison of ssgd over seeds 1-3, seed 3 failed; the summaries."""
+    summaries = {}
+    for seed, points in POINTS.items():
+        run = folder / "ssgd" / f"seed-{seed}"
+        run.mkdir(parents=True)
+        run.joinpath("metrics.jsonl").write_text("".join(
+            json.dumps({"t": t, "epoch": e, "test_acc": a}) + "\n" for t, e, a in points))
+        if seed == 3:
+            continue
+        summaries[seed] = {**SUMMARY, "final_test_acc": points[-1][2],
+                           "best_test_acc": points[-1][2], "wall_s": points[-1][0],
+                           "samples_per_s": 100.0 * seed}
+        run.joinpath("summary.json").write_text(json.dumps(summaries[seed]))
+    runs = {f"ssgd/seed-{s}": {"status": "ok", "command": f"train --seed {s}"} for s in (1, 2)}
+    runs["ssgd/seed-3"] = {"status": "failed", "error": "boom"}
+    folder.joinpath(report.RECORD).write_text(json.dumps(
+        {"algos": ["ssgd"], "seeds": [1, 2, 3], "workers": 2, "train_args": [],
+         "targets": [0.8, 0.85], "runs": runs}))
+    return summaries
+
+
+def cells(text: str, first: str) -> list[str]:
+    line = next(line for line in text.splitlines() if line.startswith(f"| {first} |"))
+    return [c.strip() for c in line.strip("|").split(" | ")]
+
+
+def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_path):
+    summaries = seeded_comparison(tmp_path)
+    report.render(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+
+    def spread(key, fmt):
+        values = [s[key] for s in summaries.values()]
+        return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
+
+    row = cells(text, "ssgd")
+    assert row[:6] == ["ssgd", "2 of 3", "2", spread("final_test_acc", "{:.4f}".format),
+                       spread("best_test_acc", "{:.4f}".format), spread("wall_s", "{:.3g}".format)]
+    assert row[6] == "2.5 ± 0.707 s (0.50 ep)"  # 0.8: both finished runs reach it
+    assert row[7] == "4 s (1.00 ep) in 1 of 2"  # 0.85: seed 1 only
+    assert row[8] == "150 ± 71"
+    assert row[9] == "3.0 MiB" and row[11] == "allreduce_bytes_per_rank 1.0 MiB"
+    assert row[-1] == "seed 3 failed"
+    # Every run is listed after, and the failed one says why.
+    assert cells(text, "ssgd seed 1")[2] == "0.8800"
+    assert cells(text, "ssgd seed 3")[-1] == "failed: boom"
+    assert "Each algorithm ran once per seed (1, 2, 3)" in text
+    assert "- ssgd seed 2: `train --seed 2`" in text
+    assert report.main_table(report.load(tmp_path)[1], [0.8]).startswith(
+        "| algorithm | seeds |")
+
+
+def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
+    seeded_comparison(tmp_path)
+    _, rows = report.load(tmp_path)
+    (curve,) = report.curves(rows, "t")
+    assert curve.xs == [0.0, 2.5, 5.0]
+    assert curve.err == pytest.approx([90.0, 19.0, 14.0])
+    assert curve.band == (pytest.approx([90.0, 18.0, 12.0]), pytest.approx([90.0, 20.0, 16.0]))
+    assert curve.label == "ssgd, M=2, mean of 2 seeds"
+
+
+def test_a_comparison_over_seeds_end_to_end(tmp_path):
+    """Simulated runs (one process each): the seeds reach the runs, the report's row is the
+    mean of theirs, and ``hpctrain report`` renders the same bytes again."""
+    out = tmp_path / "cmp"
+    done = run_job(["bench", "compare", "--algos", "sgd,ssgd", "--simulate", "2", "--seeds",
+                    "1,2", *SYNTHETIC, "--epochs", "1", "--out", str(out)], np=0, timeout=240)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((out / "compare.json").read_text())
+    assert record["seeds"] == [1, 2] and sorted(record["runs"]) == [
+        "sgd/seed-1", "sgd/seed-2", "ssgd/seed-1", "ssgd/seed-2"]
+    summaries = {s: json.loads((out / "ssgd" / f"seed-{s}" / "summary.json").read_text())
+                 for s in (1, 2)}
+    assert [json.loads((out / "ssgd" / f"seed-{s}" / "config.json").read_text())["seed"]
+            for s in (1, 2)] == [1, 2]
+    models = [torch.load(out / "ssgd" / f"seed-{s}" / "model.pt", weights_only=True)
+              for s in (1, 2)]
+    assert any(not torch.equal(models[0][k], models[1][k]) for k in models[0])
+    samples = [s["samples_per_s"] for s in summaries.values()]
+    text = (out / "report.md").read_text()
+    assert cells(text, "ssgd")[8] == report._mean_sd(samples, "{:.0f}".format)
+    assert "| ssgd | 2 | 2 |" in done.stdout  # the printed table is the per-algorithm one
+    for png in ("error_vs_time.png", "error_vs_epochs.png"):
+        assert imread(out / png).shape[2] in (3, 4)
+    before = {p: (out / p).read_bytes() for p in ("report.md", "error_vs_time.png")}
+    again = run_job(["report", str(out)], np=0)
+    assert again.returncode == 0, again.stderr
+    assert {p: (out / p).read_bytes() for p in before} == before
