@@ -52,14 +52,17 @@ EVAL_MODES = ("after", "online")
 
 
 def _milestones(text: str) -> tuple[float, ...]:
-    """``"3,4"`` -> (3.0, 4.0); OptimConfig checks that they increase."""
+    """``"3,4"`` -> (3.0, 4.0); OptimConfig checks that they increase. An empty entry
+    (``"3,"``, a list cut short) is refused, as ``bench compare --targets`` refuses it."""
+    words = text.split(",")
+    if not any(w.strip() for w in words):
+        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated epochs, e.g. 3,4")
+    if not all(w.strip() for w in words):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty entry")
     try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
+        return tuple(float(v) for v in words)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
-    if not values:
-        raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated epochs, e.g. 3,4")
-    return values
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,7 @@ def write_tiny_idx(folder, n: int):
     (["--algo", "sgd", "--lr", "-1"], "--lr: must be > 0, got -1"),
     (["--algo", "sgd", "--batch-size", "0"], "--batch-size: must be > 0, got 0"),
     (["--algo", "sgd", "--lr-milestones", "3,1"], "milestones must be increasing"),
+    (["--algo", "sgd", "--lr-milestones", "2,"], "--lr-milestones: '2,': an empty entry"),
     (["--algo", "sgd", "--lr-schedule", "step"], "--lr-schedule step needs --lr-milestones"),
     (["--algo", "sgd", "--slowdown", "1:3"], "rank 1 is not a worker"),
     (["--algo", "sgd", "--jitter", "-0.5"], "--jitter -0.5 must be in [0, 5]"),
