@@ -117,6 +117,14 @@ def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_pat
         "| algorithm | seeds |")
 
 
+def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):
+    rows = [report.Row("asgd", "failed", error="boom", seed=s) for s in (1, 2)]
+    head, _, row = report.seed_table(rows, [0.8, 0.9]).splitlines()
+    assert row.count(" | ") == head.count(" | ")
+    assert row.startswith("| asgd | 0 of 2 | — |") and row.endswith(
+        "| seed 1 failed; seed 2 failed |")
+
+
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
     _, rows = report.load(tmp_path)

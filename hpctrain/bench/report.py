@@ -339,7 +339,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     status = "; ".join(problems) or "ok"
     count = str(len(runs)) if len(done) == len(runs) else f"{len(done)} of {len(runs)}"
     if not done:
-        return [name, count, *(dash for _ in range(9 + len(targets))), status]
+        return [name, count, *(dash for _ in range(8 + len(targets))), status]
 
     def values(key: str) -> list[float]:
         return [r.summary[key] for r in done if r.summary.get(key) is not None]
