@@ -134,13 +134,13 @@ def shutdown() -> None:
     stall.stop()
     timeline.stop()
     psets.teardown()
-    _world.transport.free()
-    torch_backend = _world.transport.name == "torch"
-    _world = None
-    if torch_backend:  # every group is gone: the operations it kept can go too
+    if _world.transport.name == "torch":  # every group (optimizers' too), then what they ran
         from hpctrain.sync import torch_transport
 
-        torch_transport.forget_recent()
+        torch_transport.release_all()
+    else:
+        _world.transport.free()
+    _world = None
 
 
 def is_initialized() -> bool:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import weakref
 from collections import deque
 from typing import Any
 
@@ -73,8 +74,14 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def forget_recent() -> None:
-    """Drop the operations ``_keep`` held: at shutdown, once every group is gone."""
+def release_all() -> None:
+    """At shutdown: free every transport still open, the default group's last (destroying
+    it destroys every group), then drop the operations :func:`_keep` held. A
+    DistributedOptimizer's own transport (``dup``) has no other owner to free it: its group
+    and the group's worker threads lived on to interpreter exit, where a worker that wanted
+    the GIL aborted the process ("terminate called without an active exception")."""
+    for transport in sorted(_OPEN, key=lambda t: t.group is None):
+        transport.free()
     _RECENT.clear()
 
 
@@ -215,6 +222,10 @@ class _Works:
         return all([work.is_completed() for work in self._works])
 
 
+_FREED = object()  # a freed transport's group: neither a group nor None (the default group)
+_OPEN: weakref.WeakSet = weakref.WeakSet()  # transports not freed yet (release_all frees them)
+
+
 class TorchTransport:
     """torch.distributed collectives on ``group`` (None: the default group)."""
 
@@ -222,6 +233,7 @@ class TorchTransport:
 
     def __init__(self, group: Any = None, *, owns_default: bool = False, spare: Any = None):
         self.group = group
+        _OPEN.add(self)
         self._owns_default = owns_default
         self._spare = spare  # a second group on the same ranks, for dup() (see split)
         self.nccl = "nccl" in str(dist.get_backend(group)).lower()
@@ -366,12 +378,20 @@ class TorchTransport:
         return TorchTransport(group, spare=spare)
 
     def free(self) -> None:
+        """Destroy the groups, and drop this transport's references to them: the last one
+        going ends a group's worker threads now, while :func:`_keep` still holds what they
+        ran (a worker that dropped a tensor's last reference at interpreter exit, wanting the
+        GIL then, aborted the process: "terminate called without an active exception")."""
+        if self.group is _FREED:
+            return
         if self._spare is not None:
             dist.destroy_process_group(self._spare)
         if self.group is not None:
             dist.destroy_process_group(self.group)
         elif self._owns_default:
             dist.destroy_process_group()
+        self.group = self._spare = _FREED
+        _OPEN.discard(self)
 
 
 def _pickle(obj: Any) -> torch.Tensor:
