@@ -137,7 +137,7 @@ def shutdown() -> None:
     if _world.transport.name == "torch":  # every group (optimizers' too), then what they ran
         from hpctrain.sync import torch_transport
 
-        torch_transport.release_all()
+        torch_transport.release(_world.transport)
     else:
         _world.transport.free()
     _world = None

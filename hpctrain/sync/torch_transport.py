@@ -74,14 +74,17 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def release_all() -> None:
-    """At shutdown: free every transport still open, the default group's last (destroying
-    it destroys every group), then drop the operations :func:`_keep` held. A
-    DistributedOptimizer's own transport (``dup``) has no other owner to free it: its group
-    and the group's worker threads lived on to interpreter exit, where a worker that wanted
-    the GIL aborted the process ("terminate called without an active exception")."""
-    for transport in sorted(_OPEN, key=lambda t: t.group is None):
+def release(world: TorchTransport) -> None:
+    """At shutdown: free every transport made from another (``dup``, ``split``) and not freed
+    yet, then ``world`` (whose default group, if it owns it, takes every group with it), then
+    drop the operations :func:`_keep` held. A DistributedOptimizer's own transport (``dup``)
+    has no other owner to free it: its group and the group's worker threads lived on to
+    interpreter exit, where a worker that wanted the GIL aborted the process ("terminate
+    called without an active exception"). The loop's own transport under torchrun
+    (:class:`hpctrain.torch_comm.TorchComm`) is made from none and stays."""
+    for transport in list(_DERIVED):
         transport.free()
+    world.free()
     _RECENT.clear()
 
 
@@ -223,7 +226,7 @@ class _Works:
 
 
 _FREED = object()  # a freed transport's group: neither a group nor None (the default group)
-_OPEN: weakref.WeakSet = weakref.WeakSet()  # transports not freed yet (release_all frees them)
+_DERIVED: weakref.WeakSet = weakref.WeakSet()  # made by dup/split, not freed yet (release)
 
 
 class TorchTransport:
@@ -233,7 +236,6 @@ class TorchTransport:
 
     def __init__(self, group: Any = None, *, owns_default: bool = False, spare: Any = None):
         self.group = group
-        _OPEN.add(self)
         self._owns_default = owns_default
         self._spare = spare  # a second group on the same ranks, for dup() (see split)
         self.nccl = "nccl" in str(dist.get_backend(group)).lower()
@@ -360,13 +362,14 @@ class TorchTransport:
         fewer ranks (split) has one group made for dup() in advance, and no more."""
         if self._spare is not None:
             group, self._spare = self._spare, None
-            return TorchTransport(group)
+            return _derived(TorchTransport(group))
         if self.size() != dist.get_world_size():
             raise UsageError("backend 'torch': a process set other than the global one takes "
                              "one DistributedOptimizer (torch.distributed makes groups on "
                              "every rank at once); use the mpi backend for more")
         ranks = [self._global(r) for r in range(self.size())]
-        return TorchTransport(dist.new_group(ranks, backend=dist.get_backend(self.group)))
+        return _derived(TorchTransport(dist.new_group(ranks,
+                                                      backend=dist.get_backend(self.group))))
 
     def split(self, ranks: list[int]) -> TorchTransport | None:
         members = [self._global(r) for r in ranks]
@@ -375,7 +378,7 @@ class TorchTransport:
         spare = dist.new_group(members, backend=backend)
         if dist.get_rank() not in members:
             return None
-        return TorchTransport(group, spare=spare)
+        return _derived(TorchTransport(group, spare=spare))
 
     def free(self) -> None:
         """Destroy the groups, and drop this transport's references to them: the last one
@@ -391,7 +394,12 @@ class TorchTransport:
         elif self._owns_default:
             dist.destroy_process_group()
         self.group = self._spare = _FREED
-        _OPEN.discard(self)
+        _DERIVED.discard(self)
+
+
+def _derived(transport: TorchTransport) -> TorchTransport:
+    _DERIVED.add(transport)
+    return transport
 
 
 def _pickle(obj: Any) -> torch.Tensor:
