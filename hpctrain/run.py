@@ -102,10 +102,6 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True)
-    if ck.resume == checkpoint.AUTO and comm.env_rank() == 0:
-        found = f"resuming from the checkpoints in {resolved.resume}" if resolved.resume else \
-            "no checkpoint yet, starting the run"
-        print(f"hpctrain: --resume auto: {found}", flush=True)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume))
     if config.out and (Path(config.out) / "summary.json").exists():
@@ -208,8 +204,14 @@ def train(config: RunConfig) -> dict:
     done = _finished(config)
     if done is not None:
         return done
+    auto = config.checkpoint.resume == checkpoint.AUTO
     config = check_launch(config, comm.launch_size())
     with _claimed(config):
+        if auto and comm.env_rank() == 0:  # said once the folder is this run's
+            resume = config.checkpoint.resume
+            found = f"resuming from the checkpoints in {resume}" if resume else \
+                "no checkpoint yet, starting the run"
+            print(f"hpctrain: --resume auto: {found}", flush=True)
         return _launched(config)
 
 

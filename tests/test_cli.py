@@ -231,7 +231,7 @@ def finished_sgd(tmp_path_factory):
 
 
 @pytest.mark.parametrize("held", ["out", "checkpoint-dir"])
-def test_a_folder_another_run_is_writing_is_refused(tmp_path, held):
+def test_a_folder_another_run_is_writing_is_refused(tmp_path, held, capsys):
     """Two jobs started with the same --out at once both passed the checks, then wrote over
     each other: one's config.json beside the other's model.pt, and one removed the other's
     temporary snapshot file and crashed it. Rank 0 now holds a lock on its folders while it
@@ -242,7 +242,7 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, held):
 
     out, ckdir = tmp_path / "run", tmp_path / "ckpts"
     args = ["train", "--algo", "sgd", *SMALL, "--out", str(out), "--checkpoint-every", "1e",
-            "--checkpoint-dir", str(ckdir)]
+            "--checkpoint-dir", str(ckdir), "--resume", "auto"]
     folder = out if held == "out" else ckdir
     folder.mkdir()
     with open(folder / run.LOCK, "a") as other:  # another run's, going on
@@ -255,6 +255,7 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, held):
     # The other run's folder stays; the --out this run made to lock is gone with it
     assert (folder / run.LOCK).exists() and out.exists() == (held == "out")
     assert not (out / "config.json").exists()
+    assert "--resume auto" not in capsys.readouterr().out  # the refusal is the one line
 
 
 def test_an_output_folder_that_is_a_file_is_refused_before_mpi(tmp_path):
