@@ -73,11 +73,11 @@ class RunSummary:
     peak_memory_per_worker: list[int | None] = _doc(
         "the most memory each worker held while training, in bytes: on a GPU what torch "
         "allocated there (torch.cuda.max_memory_allocated), on the CPU the process's peak "
-        "resident set (data and libraries included); null in a simulated run",
+        "resident set (data and libraries included); each null in a simulated run",
         default_factory=list)
     loss_scale_per_worker: list[float | None] = _doc(
         "--mixed-precision fp16: each worker's loss scale at the end (it halves after an "
-        "overflow, doubles after 2,000 clean steps); null otherwise", default_factory=list)
+        "overflow, doubles after 2,000 clean steps); each null otherwise", default_factory=list)
     out: str | None = _doc("the run's output folder", default=None)
     resized: list[dict] = _doc("resumptions on another number of workers, in order: "
                                "from_workers, to_workers, updates (the checkpoint's count) and "
