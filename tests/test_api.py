@@ -179,7 +179,7 @@ def test_a_script_passes_its_own_model_class_and_data_function(scripts_and_comma
     # Resolving the script's own names did not run it a second time on any rank.
     assert proc.stdout.count("script loaded") == 2 and proc.stdout.count("acc ") == 2
     recorded = json.loads((api / "config.json").read_text())
-    assert recorded["model"] == {"name": f"{script}:Net", "args": {"width": 8}}
+    assert recorded["model"] == {"name": f"{script}:Net", "args": {"width": 8}, "init_from": None}
     assert recorded["data"]["dataset"] == f"{script}:load"
     # config.json repeated the run from the command line, which loads the file by its path.
     assert same_model(again, api)

@@ -169,7 +169,8 @@ def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, runs):
     assert "npz" not in collapsed and len(warnings) == len(collapsed), warnings
     assert all("training collapsed at update" in x for x in warnings), warnings
     config = json.loads((out / "config.json").read_text())
-    assert config["model"] == {"name": f"{own}/nets.py:build", "args": {"width": 6}}
+    assert config["model"] == {"name": f"{own}/nets.py:build", "args": {"width": 6},
+                               "init_from": None}
     tb = scalars(out)
     assert {"train/loss", "train/lr", "train/samples_per_s", "test/accuracy",
             "test/loss"} <= tb.keys()
