@@ -107,7 +107,8 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if config.out and (Path(config.out) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
-    initial_model(config, sample.shape, sample.num_classes)  # --init-from's file fits
+    if config.model.init_from:  # its file fits the model (else no second build here)
+        initial_model(config, sample.shape, sample.num_classes)
     return config
 
 

@@ -307,11 +307,15 @@ def table(rows: list[Row], targets: list[float]) -> str:
 
 def _spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    mean = sum(values) / len(values)
+    mean = _mean(values)
     if len(values) < 2:
         return mean, 0.0
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
     return mean, sd if sd > 1e-12 * abs(mean) else 0.0  # equal values summed in another order
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def _mean_sd(values: list[float], fmt) -> str:
@@ -349,12 +353,12 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
         hit = [p for p in (time_to(r.points, target) for r in done) if p is not None]
         text = "not reached" if not hit else (
             f"{_mean_sd([p['t'] for p in hit], _seconds)} s "
-            f"({_spread([p['epoch'] for p in hit])[0]:.2f} ep)")
+            f"({_mean([p['epoch'] for p in hit]):.2f} ep)")
         reach.append(text + (f" in {len(hit)} of {len(done)}" if 0 < len(hit) < len(done)
                              else ""))
     stale = [r.summary["staleness"] for r in done if r.summary.get("staleness")]
     stale = dash if not stale else " / ".join(
-        f"{_spread([d[k] for d in stale])[0]:{'.2f' if k == 'mean' else '.0f'}}"
+        f"{_mean([d[k] for d in stale]):{'.2f' if k == 'mean' else '.0f'}}"
         for k in STALENESS_KEYS)
     moved: dict[str, list[float]] = {}
     for r in done:
@@ -369,7 +373,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
             _mean_sd(values("wall_s"), _seconds), *reach,
             _mean_sd(values("samples_per_s"), "{:.0f}".format),
             _bytes(max(peaks)) if peaks else dash, stale,
-            "; ".join(f"{k} {_bytes(_spread(v)[0])}" for k, v in sorted(moved.items())) or dash,
+            "; ".join(f"{k} {_bytes(_mean(v))}" for k, v in sorted(moved.items())) or dash,
             status]
 
 
@@ -502,9 +506,8 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
             continue
         column = [[e[k] for e in errors] for k in range(n)]
         label = f"{drawn[0].label}, mean of {len(drawn)} seed{'s' if len(drawn) > 1 else ''}"
-        out.append(Curve(name, label, [_spread([pts[k][x] for pts in series])[0]
-                                       for k in range(n)],
-                         [_spread(c)[0] for c in column],
+        out.append(Curve(name, label, [_mean([pts[k][x] for pts in series]) for k in range(n)],
+                         [_mean(c) for c in column],
                          ([min(c) for c in column], [max(c) for c in column])))
     return out
 
