@@ -65,12 +65,25 @@ def resolve(choice: str) -> str:
 
 
 def choose(choice: str) -> torch.device:
-    """This rank's device for ``choice``; a GPU is made current for the process."""
+    """This rank's device for ``choice``; a GPU is made current for the process.
+
+    On a GPU, cuDNN is asked for deterministic algorithms (and not to benchmark them), so a
+    deterministic algorithm's run gives the same model again there, as it does on the CPU.
+    """
     if resolve(choice) == "cpu":
         return torch.device("cpu")
     device = local_gpu()
     torch.cuda.set_device(device)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
     return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``'s current stream (nothing on the CPU): a CUDA
+    call returns once its kernels are queued, so a clock read after this one counts them."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 def local_gpu() -> torch.device:

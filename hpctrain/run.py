@@ -473,6 +473,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             part = faults.inject(rank, local_steps, model, part)
             scaler.scale(part).backward()
             loss += part.detach()
+        devices.synchronize(s.device)  # a GPU's backward is done, not only queued
         straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
         step_times.end(runtime.now())
         with profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
