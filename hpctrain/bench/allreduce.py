@@ -12,8 +12,10 @@ after the backward (so that it waits for the slowest rank like a step does). ``-
 the torch backend (torch.distributed: gloo on CPU, NCCL for CUDA tensors where each rank has
 a GPU of its own). ``--adasum`` adds ``DistributedOptimizer(op=Adasum)``, the mpi backend's and
 Horovod's, whose exchange is ``step()``: the local step and the Adasum of the parameters'
-changes. ``--device cuda`` puts the models and batches on the GPU (the baselines'
-buffers stay in host memory: what MPI itself moves); run it with ``--device cpu`` in the same
+changes. ``--device cuda`` puts the models and batches on the GPU, the baselines' buffer too:
+with an MPI that cannot read device memory, their Allreduce goes through pinned host memory
+as the backends' does (copy out, Allreduce, copy back), so a ratio to them is what the
+backend adds to the least a step must do; run it with ``--device cpu`` in the same
 allocation for the GPU-against-CPU comparison.
 """
 
@@ -25,7 +27,6 @@ import statistics
 import sys
 import time
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -156,11 +157,20 @@ class _Variant:
             self.waits.append(end - backward_done)
 
 
-def _raw_allreduce(world, buffer: np.ndarray) -> float:
-    MPI = comm.mpi()
+def _raw_exchange(world, stage: devices.HostStage) -> None:
+    """One Allreduce of the gradients' bytes as the backends must move them from the device:
+    through pinned host memory when MPI cannot read a GPU's, so the baseline pays the copies
+    the backends pay (on the CPU, or with a CUDA-aware MPI, the tensor itself)."""
+    world.Allreduce(comm.mpi().IN_PLACE, devices.mpi_buffer(stage.to_host()))
+    stage.to_device()
+    if stage.tensor.is_cuda:
+        torch.cuda.current_stream(stage.tensor.device).synchronize()
+
+
+def _raw_allreduce(world, stage: devices.HostStage) -> float:
     world.Barrier()
     start = time.perf_counter()
-    world.Allreduce(MPI.IN_PLACE, buffer)
+    _raw_exchange(world, stage)
     return time.perf_counter() - start
 
 
@@ -171,11 +181,11 @@ def _phase(world, params: int, args: argparse.Namespace, phase: str,
     width = base.model[0].in_features
     x = torch.randn(args.batch_size, width,
                     generator=torch.Generator().manual_seed(world.rank)).to(args.device)
-    flat = np.ones(sum(p.numel() for p in base.model.parameters()), np.float32)
+    flat = devices.HostStage(torch.ones(sum(p.numel() for p in base.model.parameters()),
+                                        device=args.device))
     if with_raw:
-        MPI = comm.mpi()
         variants = [_Variant(RAW_AFTER, params, device=args.device,
-                             exchange=lambda: world.Allreduce(MPI.IN_PLACE, flat)), *variants]
+                             exchange=lambda: _raw_exchange(world, flat)), *variants]
     raw: list[float] = []
     for i in range(args.warmup + args.repeats):
         timed = i >= args.warmup
