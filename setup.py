@@ -7,8 +7,9 @@ by hpctrain/async_/shm.py. Flags stay portable: no -march=native, since the buil
 the compute nodes may differ.
 
 The CUDA kernel is a C-ABI library too (no torch headers), so it needs only nvcc: it is built
-when nvcc is found (CUDA_HOME, CUDA_PATH or PATH), and a failed build is then a warning, not a
-failed install; HPCTRAIN_BUILD_CUDA=1 makes it required, HPCTRAIN_BUILD_CUDA=0 skips it.
+when nvcc is found (CUDA_HOME, CUDA_PATH, PATH or /usr/local/cuda), and a failed build is then
+a warning, not a failed install; HPCTRAIN_BUILD_CUDA=1 makes it required, HPCTRAIN_BUILD_CUDA=0
+skips it.
 HPCTRAIN_CUDA_ARCH overrides the GPU architectures (nvcc -gencode list, comma-separated sm_XY).
 
 ``pip install .`` into any environment with torch and an MPI library (mpi4py built against
@@ -44,10 +45,13 @@ def _want_cuda() -> str | None:
 
 
 def _nvcc() -> str | None:
+    """nvcc from CUDA_HOME or CUDA_PATH, else PATH, else CUDA's default /usr/local/cuda (where
+    torch's cpp_extension looks too: images often install it there without PATH)."""
     home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
     if home and (Path(home) / "bin" / "nvcc").is_file():
         return str(Path(home) / "bin" / "nvcc")
-    return shutil.which("nvcc")
+    default = Path("/usr/local/cuda/bin/nvcc")
+    return shutil.which("nvcc") or (str(default) if default.is_file() else None)
 
 
 def _nvcc_threads(nvcc: str) -> list[str]:

@@ -69,7 +69,9 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log it, remember a 
 }
 
 # --- environment: the kit's wheels where the Python lacks them; MPI's launcher on PATH
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1
+# One compile worker per --compile process (inductor's default is one per core, and 36
+# trainings share the machine's cores).
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" OMP_NUM_THREADS=1 TORCHINDUCTOR_COMPILE_THREADS=1
 BIN=$("$PY" -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
 export PATH="$BIN:$PATH"
 need=()
@@ -102,7 +104,12 @@ read -r -a DATA <<< "${GPU_CHECK_TRAIN:---dataset fashion-mnist --model lenet}"
 HP=("$PY" -m hpctrain)
 { command -v nvidia-smi >/dev/null && nvidia-smi; "$PY" -c 'import torch, mpi4py
 print("torch", torch.__version__, "cuda", torch.version.cuda, "gpus", torch.cuda.device_count())
-print("mpi4py", mpi4py.__version__)'; } >> "$LOG" 2>&1
+print("mpi4py", mpi4py.__version__)'
+  # setup.py's order: CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda
+  for nvcc in "${CUDA_HOME:-}/bin/nvcc" "${CUDA_PATH:-}/bin/nvcc" "$(command -v nvcc)" \
+      /usr/local/cuda/bin/nvcc; do
+    [ -x "$nvcc" ] && { "$nvcc" --version | tail -n 2; break; }
+  done; } >> "$LOG" 2>&1
 
 # --- build: the CPU kernel and, on a GPU, the CUDA one (Hopper only, to keep nvcc short)
 BUILD_CUDA=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
@@ -113,8 +120,8 @@ step info 60 bash -c "$(printf '%q ' "${MPIRUN[@]}") -np 2 $(printf '%q ' "${HP[
   > $OUT/info.json"
 
 # --- tests: the GPU ones (skipped on a dry run) and the CUDA kernel's
-step tests 240 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py
-step tests-mpi 240 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
+step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py
+step tests-mpi 150 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
   tests/test_gpu.py tests/test_sync_elastic.py
 
 # --- benchmarks

@@ -22,7 +22,7 @@ from hpctrain.evaluate import Snapshots
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no GPU")
 mpi = pytest.mark.mpi(min_size=2)
-timeout = pytest.mark.timeout(180)
+timeout = pytest.mark.timeout(60)  # seconds on a GPU; a hang must not eat a short lease
 
 
 def small_model(seed: int = 0) -> nn.Module:
