@@ -92,6 +92,12 @@ def _check_world_once(MPI: ModuleType) -> None:
         check_world(launch_env.from_launcher(), MPI.COMM_WORLD.Get_size(), library)
 
 
+def thread_level() -> str:
+    """The thread level MPI provides, one of :data:`THREAD_LEVELS` (initialising MPI)."""
+    MPI = mpi()
+    return THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
+
+
 def _thread_level_index(MPI: ModuleType, level: int) -> int:
     order = [MPI.THREAD_SINGLE, MPI.THREAD_FUNNELED, MPI.THREAD_SERIALIZED, MPI.THREAD_MULTIPLE]
     return order.index(level)
@@ -166,11 +172,10 @@ def library_info() -> dict:
     """MPI library name and version, standard version, thread level provided."""
     MPI = mpi()
     major, minor = MPI.Get_version()
-    level = THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
     return {
         "library": library_name(MPI),
         "standard": f"{major}.{minor}",
-        "thread_level": level,
+        "thread_level": thread_level(),
         "mpi4py": mpi4py.__version__,
     }
 

@@ -29,6 +29,19 @@ def test_library_info():
     assert info["thread_level"] in comm.THREAD_LEVELS
 
 
+def test_gpu_gradient_hooks_need_mpi_to_take_calls_from_another_thread():
+    """A CUDA model's hooks run on autograd's GPU thread and start the mpi backend's
+    Iallreduce there: 'single' and 'funneled' are refused in one line, naming the level."""
+    from hpctrain.sync.optimizer import check_hook_thread
+
+    for level in ("serialized", "multiple"):
+        check_hook_thread(level)
+    for level in ("single", "funneled"):
+        with pytest.raises(UsageError, match=f"thread level '{level}'.* autograd's own thread"):
+            check_hook_thread(level)
+    assert comm.init("multiple") and comm.thread_level() in comm.THREAD_LEVELS
+
+
 def test_unknown_thread_level():
     with pytest.raises(UsageError, match="unknown MPI thread level 'many'"):
         comm.init("many")

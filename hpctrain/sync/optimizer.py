@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.sync import adasum, collectives
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce
@@ -62,6 +63,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                               gradient_predivide_factor, bucket_bytes)
         names = parameter_names(optimizer, named_parameters)
         trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if (member is not None and member.transport.name == "mpi" and op is not Adasum
+                and any(p.is_cuda for p in trained)):  # Adasum reduces in step()
+            check_hook_thread(comm.thread_level())
         if op is Adasum and member is not None:
             for p in trained:
                 adasum.check(member.transport.size(), p.dtype, "DistributedOptimizer")
@@ -79,6 +83,18 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     return cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
                gradient_predivide_factor, bucket_bytes, group_indices, bool(sparse_as_dense),
                process_set)
+
+
+def check_hook_thread(level: str) -> None:
+    """UsageError unless MPI at ``level`` may be called from autograd's GPU thread: a CUDA
+    parameter's gradient hook runs there, not in the thread that called ``backward()``, and
+    the mpi backend starts its bucket's Iallreduce from the hook (``serialized`` suffices:
+    the caller waits in ``backward()`` meanwhile)."""
+    if comm.THREAD_LEVELS.index(level) < comm.THREAD_LEVELS.index("serialized"):
+        raise UsageError(f"DistributedOptimizer: MPI runs at thread level {level!r}, but a "
+                         "GPU model's gradient hooks call MPI from autograd's own thread, "
+                         "which needs 'serialized' or 'multiple' (hpctrain asks for "
+                         "'multiple'; this MPI library was built or configured without it)")
 
 
 def _check_arguments(compression: Any, passes: Any, op: Any, factor: Any,
