@@ -11,7 +11,7 @@ dynamic): the first steps, the first evaluation and a short last batch take long
 
 Compilation happens lazily, after MPI has started, so :func:`check` tries, before MPI, what
 TorchInductor needs to be there: a torch that has ``nn.Module.compile`` (2.2), Dynamo for
-this Python, and a C++ compiler and Python's headers (CPU) or Triton (CUDA).
+this Python, Python's headers, and a C++ compiler (CPU) or Triton and a C compiler (CUDA).
 """
 
 from __future__ import annotations
@@ -56,13 +56,18 @@ def problem(device_type: str, in_threads: bool = False) -> str | None:
         if not _has_triton():
             return (f"on a GPU needs Triton (pip install triton, the version torch "
                     f"{torch.__version__} was built with)")
-        return None
-    compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
+        # Triton builds its CUDA driver's Python module with a C compiler on first use.
+        where, compiler = "on a GPU", "C compiler (gcc or clang on PATH, or CC; Triton builds "
+        compiler += "its CUDA driver with it)"
+        compilers = [os.environ.get("CC"), "gcc", "clang"]
+    else:
+        where, compiler = "on the CPU", "C++ compiler (g++ or clang++ on PATH, or CXX)"
+        compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
     if not any(c and shutil.which(c) for c in compilers):
-        return "on the CPU needs a C++ compiler (g++ or clang++ on PATH, or CXX); none was found"
+        return f"{where} needs a {compiler}; none was found"
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.exists():
-        return (f"on the CPU needs Python's headers ({headers} is missing: install python3-dev "
+        return (f"{where} needs Python's headers ({headers} is missing: install python3-dev "
                 "or your Python's development package)")
     return None
 

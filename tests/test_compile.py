@@ -32,6 +32,18 @@ def test_check_refuses_a_cpu_without_a_cxx_compiler(tmp_path, monkeypatch):
     assert "C++ compiler" in compiled.problem("cpu")  # what hpctrain info says
 
 
+def test_check_refuses_a_gpu_without_a_c_compiler_for_triton(tmp_path, monkeypatch):
+    """Triton builds its CUDA driver module with CC, gcc or clang the first time it runs:
+    after MPI started, unless the check finds none before. (No GPU here: Triton is taken as
+    present to reach that check.)"""
+    monkeypatch.setattr(compiled, "_has_triton", lambda: True)
+    assert compiled.problem("cuda") is None  # gcc and Python's headers are here
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CC", raising=False)
+    with pytest.raises(UsageError, match="--compile on a GPU needs a C compiler .*Triton"):
+        compiled.check(True, "cuda")
+
+
 def test_the_compiled_model_computes_the_plain_one_and_keeps_its_state_names():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
