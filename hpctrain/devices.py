@@ -104,17 +104,22 @@ def _mpi_library() -> ctypes.CDLL | None:
     return None
 
 
-@lru_cache(maxsize=1)
 def cuda_aware_mpi() -> bool:
     """Whether the MPI library takes CUDA device pointers, asked at run time.
 
     Open MPI: ``MPIX_Query_cuda_support()``; MPICH: ``MPIX_GPU_query_support(CUDA)``;
-    ``HPCTRAIN_CUDA_AWARE_MPI=0|1`` overrides. Needs MPI initialised. False when unknown.
+    ``HPCTRAIN_CUDA_AWARE_MPI=0|1`` overrides. False when unknown, and before MPI started
+    (asked again once it has: only the library's answer is kept).
     """
     if os.environ.get(_AWARE_ENV) in ("0", "1"):
         return os.environ[_AWARE_ENV] == "1"
     if "mpi4py.MPI" not in sys.modules:
         return False
+    return _library_cuda_aware()
+
+
+@lru_cache(maxsize=1)
+def _library_cuda_aware() -> bool:
     lib = _mpi_library()
     if lib is None:
         return False
