@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from hpctrain import comm as mpicomm
-from hpctrain.devices import nccl_available
+from hpctrain.devices import local_rank, nccl_available
 from hpctrain.errors import UsageError
 from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
@@ -121,7 +121,7 @@ def start_process_group(comm: Any = None) -> bool:
             s.bind(("", 0))
             address = f"{host}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
-    shared = shares_gpus(comm.allgather((node, _visible_gpus())))
+    shared = shares_gpus(comm.allgather((node, local_rank(), _visible_gpus())))
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
@@ -162,27 +162,33 @@ def moves_cpu(backend: str) -> bool:
 
 
 def _visible_gpus() -> list[str]:
-    """The GPUs this process sees, by UUID (by index where torch has no UUIDs, before 2.2)."""
+    """The GPUs this process sees, by UUID. torch before 2.4 has no UUIDs: then by the entry
+    of ``CUDA_VISIBLE_DEVICES`` that names the GPU (a physical index or a UUID, so that two
+    ranks which each see one GPU as device 0 still differ), else by its index."""
     if not torch.cuda.is_available():
         return []
-    return [str(getattr(torch.cuda.get_device_properties(i), "uuid", f"index {i}"))
-            for i in range(torch.cuda.device_count())]
+    listed = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
+    names = []
+    for i in range(torch.cuda.device_count()):
+        uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
+        names.append(str(uuid) if uuid is not None else
+                     f"GPU {listed[i] if i < len(listed) and listed[i] else i}")
+    return names
 
 
-def shares_gpus(seen: list[tuple[str, list[str]]]) -> bool:
-    """Whether some node runs more ranks than there are GPUs among those its ranks see
-    (``seen``: each rank's node and visible GPUs), so that two ranks must share one.
+def shares_gpus(seen: list[tuple[str, int, list[str]]]) -> bool:
+    """Whether two ranks of a node will use the same GPU, which one NCCL communicator cannot
+    hold (``seen``: each rank's node, local rank and visible GPUs).
 
-    Counted by what the ranks see, not by the device they have made current: a Horovod-style
-    script selects its GPU after ``init``, and under Slurm's ``--gpus-per-task`` each rank
-    sees its own GPU as device 0.
+    A rank's GPU is taken to be ``visible[local_rank % len(visible)]``, hpctrain's rule
+    (:func:`hpctrain.devices.local_gpu`) and a Horovod-style script's
+    (``set_device(hvd.local_rank())``, after ``init``: the current device says nothing yet).
+    It covers each rank seeing all of the node's GPUs, only its own as device 0 (Slurm's
+    ``--gpus-per-task``), or a NUMA domain's few (``--gpu-bind=closest``), where two ranks
+    may land on one GPU while others stay idle.
     """
-    ranks: dict[str, int] = {}
-    gpus: dict[str, set[str]] = {}
-    for node, visible in seen:
-        ranks[node] = ranks.get(node, 0) + 1
-        gpus.setdefault(node, set()).update(visible)
-    return any(gpus[node] and ranks[node] > len(gpus[node]) for node in ranks)
+    taken = [(node, visible[local % len(visible)]) for node, local, visible in seen if visible]
+    return len(set(taken)) < len(taken)
 
 
 def _shared_gpu_env() -> bool:
