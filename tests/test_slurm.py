@@ -360,16 +360,18 @@ def test_a_requeued_train_job_continues_from_its_checkpoints(slurm):
 
 
 @pytest.mark.timeout(660)  # two attempts, the wait between them
-def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(slurm):
+@pytest.mark.parametrize("launch", ["mpirun", "srun"])
+def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(slurm, launch):
     """What ``#SBATCH --signal=B:USR1@300`` does ahead of the time limit, sent at once
-    (``scancel --batch --signal=USR1``): the script passes SIGUSR1 to mpirun, the run writes
-    a checkpoint at the next update and exits with status 5, the script requeues the job,
-    and the second attempt goes on from that checkpoint to the end."""
+    (``scancel --batch --signal=USR1``): the script passes SIGUSR1 to the launcher, the run
+    writes a checkpoint at the next update and exits with status 5, the script requeues the
+    job, and the second attempt goes on from that checkpoint to the end. (Under srun the
+    status may arrive as 128 + 9: --kill-on-bad-exit kills the ranks still exiting.)"""
     options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                "--open-mode=append"]  # both attempts' lines in the log
     job, work = submit(slurm, "train.sbatch", options,
                        ["--algo", "ssgd", *SYNTHETIC, "--epochs", "8", "--checkpoint-every",
-                        "0.25e"], JOB_ENV)
+                        "0.25e"], {**JOB_ENV, "HPCTRAIN_LAUNCH": launch})
     out = work / "runs" / f"train-{job}"
     again = _warn_and_wait(slurm, job, work, out / "checkpoints")
     log = job_log(work, job)

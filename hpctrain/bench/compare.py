@@ -215,7 +215,10 @@ def default_launcher(np: int) -> str:
     if os.environ.get("HPCTRAIN_LAUNCHER"):
         return os.environ["HPCTRAIN_LAUNCHER"]
     if os.environ.get("SLURM_JOB_ID"):
-        return "srun --mpi=pmix --kill-on-bad-exit=1 --ntasks={np}"
+        # srun no longer takes the job's --cpus-per-task by itself (Slurm >= 22.05)
+        cpus = os.environ.get("SLURM_CPUS_PER_TASK", "")
+        return ("srun --mpi=pmix --kill-on-bad-exit=1 --ntasks={np}"
+                + (f" --cpus-per-task={cpus}" if cpus.isdigit() else ""))
     if os.environ.get("HPCTRAIN_MPIRUN"):
         return os.environ["HPCTRAIN_MPIRUN"] + " -np {np}"
     return " ".join(["mpirun", *mpirun.local_flags(mpirun.flavour_of(), np, _cores()),
