@@ -243,7 +243,7 @@ def test_a_timed_out_run_is_a_row_and_a_failed_exit(tmp_path):
 
 
 def test_default_launcher(monkeypatch):
-    for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "HPCTRAIN_MPIRUN"):
+    for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "HPCTRAIN_MPIRUN"):
         monkeypatch.delenv(var, raising=False)
     plain = compare.launcher_command(None, 1)
     assert plain[0] == "mpirun" and plain[-2:] == ["-np", "1"]
@@ -253,6 +253,8 @@ def test_default_launcher(monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "17")
     assert compare.launcher_command(None, 4) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1",
                                                        "--ntasks=4"]
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # srun takes it only when told (>= 22.05)
+    assert compare.launcher_command(None, 4)[-1] == "--cpus-per-task=8"
     monkeypatch.setenv("HPCTRAIN_LAUNCHER", "mpiexec -n {np} --bind-to core")
     assert compare.launcher_command(None, 2) == ["mpiexec", "-n", "2", "--bind-to", "core"]
     assert compare.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]
@@ -262,7 +264,7 @@ def test_default_launcher(monkeypatch):
 def test_default_launcher_on_hydra_has_no_open_mpi_flags(mpi, monkeypatch):
     """Hydra's mpirun (MPICH's, Intel MPI's) knows neither --allow-run-as-root nor
     --oversubscribe (and needs neither): with its mpirun first on PATH the default is plain."""
-    for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "HPCTRAIN_MPIRUN"):
+    for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "HPCTRAIN_MPIRUN"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PATH", mpi_env(mpi)["PATH"])
     many = 4 * os.cpu_count()
