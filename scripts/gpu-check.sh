@@ -94,6 +94,12 @@ print(sysconfig.get_path("purelib", vars={"base": sys.argv[1]}))' "$PREFIX")
   fi
 fi
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 OMPI_MCA_osc=^ucx
+# Open MPI's shared-memory transport maps 16 MiB per process in /dev/shm, which a container
+# may have at Docker's 64 MB: with too little, jobs warn and fall back to slower transports
+# (the CPU benchmarks would measure those). Under 2 GiB free, the files go to /tmp.
+SHM_FREE_KB=$(df -Pk /dev/shm 2>/dev/null | awk 'NR == 2 {print $4}')
+echo "== /dev/shm: ${SHM_FREE_KB:-?} KiB free" >> "$LOG"
+[ "${SHM_FREE_KB:-0}" -ge 2097152 ] || export OMPI_MCA_btl_sm_backing_directory=/tmp
 # No binding: Open MPI binds the ranks of a small job to cores from core 0, so the parallel
 # trainings below would all share cores 0 and 1.
 MPIRUN=(mpirun --oversubscribe --bind-to none)

@@ -10,7 +10,8 @@
 # REHEARSAL_PYTHON (default: pyenv's 3.12) and REHEARSAL_TORCH (2.11.0) pick the stack;
 # REHEARSAL_VENV (/tmp/hpctrain-rehearsal-venv) keeps the venv, about 5 GB, between runs.
 # REHEARSAL_READONLY=1 mounts the venv read-only, as a Python that gpu-check cannot install
-# into (it then installs the kit into a folder of its own).
+# into (it then installs the kit into a folder of its own). REHEARSAL_SHM_MB=64 gives the
+# check a /dev/shm of that size, a container's default.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(realpath -m "${1:?usage: scripts/gpu-rehearsal.sh OUT}")
@@ -48,6 +49,8 @@ MPI_LIB=$(readlink -f /usr/lib/x86_64-linux-gnu/libmpi.so.40 2>/dev/null || true
 [ -e "$MPI_LIB" ] && HIDE+="mount --bind /dev/null $(printf %q "$MPI_LIB"); "
 [ "${REHEARSAL_READONLY:-0}" = 1 ] && \
   HIDE+="mount --bind $(printf %q "$VENV") $(printf %q "$VENV"); mount -o remount,bind,ro $(printf %q "$VENV"); "
+[ -n "${REHEARSAL_SHM_MB:-}" ] && \
+  HIDE+="mount -t tmpfs -o size=${REHEARSAL_SHM_MB}m tmpfs /dev/shm; "
 HIDE+="! command -v mpirun >/dev/null || { echo 'gpu-rehearsal: mpirun still found' >&2; exit 2; }; "
 unshare -m bash -c "$HIDE cd $(printf %q "$SRC") && \
   PYTHON=$(printf %q "$VENV/bin/python") GPU_CHECK_DEVICE=cpu GPU_CHECK_SMALL=1 \
