@@ -13,6 +13,8 @@ import ctypes
 import os
 import resource
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 
@@ -65,18 +67,30 @@ def resolve(choice: str) -> str:
 
 
 def choose(choice: str) -> torch.device:
-    """This rank's device for ``choice``; a GPU is made current for the process.
-
-    On a GPU, cuDNN is asked for deterministic algorithms (and not to benchmark them), so a
-    deterministic algorithm's run gives the same model again there, as it does on the CPU.
-    """
+    """This rank's device for ``choice``; a GPU is made current for the process."""
     if resolve(choice) == "cpu":
         return torch.device("cpu")
     device = local_gpu()
     torch.cuda.set_device(device)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
     return device
+
+
+@contextmanager
+def repeatable(choice: str) -> Iterator[None]:
+    """While a run trains on a GPU (``choice`` resolves to cuda): cuDNN's deterministic
+    algorithms, not benchmarked, so that a deterministic algorithm's run gives the same model
+    again there, as on the CPU. The process's own settings come back afterwards (a script or
+    notebook that calls ``train`` keeps its ``cudnn.benchmark``)."""
+    if resolve(choice) != "cuda":
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = cudnn.deterministic, cudnn.benchmark
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        cudnn.deterministic, cudnn.benchmark = saved
 
 
 def synchronize(device: torch.device) -> None:

@@ -227,7 +227,8 @@ def _launched(config: RunConfig) -> dict:
     watchdog.start(config.stall_timeout, world.Get_rank())
     try:
         try:
-            result = _run(config, world)
+            with devices.repeatable(config.device):
+                result = _run(config, world)
         except checkpoint.Stopped as stopped:  # the evaluating rank (--eval-rank) is told
             result = stopped
         result = world.bcast(result, root=0)  # a store's server learns of a stop here

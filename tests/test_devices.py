@@ -28,6 +28,13 @@ def test_without_a_gpu_cuda_is_refused_and_auto_is_the_cpu():
     devices.synchronize(torch.device("cpu"))  # nothing to wait for
 
 
+def test_a_cpu_run_leaves_cudnns_settings_alone():
+    cudnn = torch.backends.cudnn
+    before = cudnn.deterministic, cudnn.benchmark
+    with devices.repeatable("cpu"):
+        assert (cudnn.deterministic, cudnn.benchmark) == before
+
+
 def test_a_host_stage_copies_out_and_back_only_when_staged():
     t = torch.arange(6.0)
     direct = devices.HostStage(t)  # a CPU tensor: MPI reads it where it is

@@ -54,25 +54,32 @@ def test_device_choice_follows_the_local_rank(monkeypatch):
     assert devices.choose("auto").type == "cuda" and devices.choose("cpu").type == "cpu"
 
 
-def test_a_seeded_convolution_trains_to_the_same_weights_twice():
-    """choose() asks cuDNN for deterministic algorithms: a second run of the same seed
-    (convolutions' weight gradients included) ends with the same weights, bit for bit."""
+def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):
+    """repeatable() asks cuDNN for deterministic algorithms while a run trains: a second run
+    of the same seed (convolutions' weight gradients included) ends with the same weights,
+    bit for bit; the process's own cuDNN settings come back afterwards."""
     dev = gpu()
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", True)  # a script's own choice
+    monkeypatch.setattr(cudnn, "deterministic", False)
     finals = []
     for _ in range(2):
-        torch.manual_seed(5)
-        model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(),
-                              nn.Linear(8 * 24 * 24, 10)).to(dev)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-        gen = torch.Generator().manual_seed(6)
-        for _ in range(10):
-            x, y = torch.randn(32, 1, 28, 28, generator=gen), torch.randint(0, 10, (32,),
-                                                                             generator=gen)
-            opt.zero_grad()
-            F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
-            opt.step()
-        finals.append(flat_of(model))
+        with devices.repeatable("cuda"):
+            assert cudnn.deterministic and not cudnn.benchmark
+            torch.manual_seed(5)
+            model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
+                                  nn.Flatten(), nn.Linear(8 * 24 * 24, 10)).to(dev)
+            opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+            gen = torch.Generator().manual_seed(6)
+            for _ in range(10):
+                x = torch.randn(32, 1, 28, 28, generator=gen)
+                y = torch.randint(0, 10, (32,), generator=gen)
+                opt.zero_grad()
+                F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+                opt.step()
+            finals.append(flat_of(model))
     assert torch.equal(finals[0], finals[1])
+    assert cudnn.benchmark and not cudnn.deterministic
 
 
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, options, run
+from hpctrain import data, devices, options, run
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -159,6 +159,7 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
         algo.close()
         return summary
 
-    summaries = simulation.scheduler.run(worker)
+    with devices.repeatable(config.device):
+        summaries = simulation.scheduler.run(worker)
     return summaries[0]
 
