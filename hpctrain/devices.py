@@ -29,12 +29,12 @@ _LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCAL
 _AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # 0/1: override the run-time detection
 
 
-def local_rank(default: int = 0) -> int:
-    """This process's rank on its node from the launcher's environment (``default`` if none)."""
+def local_rank() -> int:
+    """This process's rank on its node from the launcher's environment (0 if none)."""
     for var in _LOCAL_RANK_ENV:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
-    return default
+    return 0
 
 
 def check(choice: str) -> None:

@@ -121,9 +121,7 @@ def start_process_group(comm: Any = None) -> bool:
             s.bind(("", 0))
             address = f"{host}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
-    # the launcher's local rank, else the rank's place on its node (hvd.local_rank()'s)
-    local = local_rank(default=nodes[:rank].count(node))
-    shared = shares_gpus(comm.allgather((node, local, _visible_gpus())))
+    shared = shares_gpus(comm.allgather((node, local_rank(), _visible_gpus())))
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
