@@ -291,7 +291,7 @@ JOB_ENV = {"HPCTRAIN_PYTHON": sys.executable, "HPCTRAIN_MPIRUN_ARGS": "-x OMPI_M
 
 @pytest.mark.timeout(400)
 def test_train_sbatch_runs_a_two_task_job_with_srun(slurm):
-    """srun as the launcher; the requeue test below runs the script with mpirun (its default)."""
+    """srun as the launcher (the requeue test below runs the script under both)."""
     job, work = sbatch(slurm, "train.sbatch",
                        ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"],
                        ["--algo", "ssgd", *SMALL], {**JOB_ENV, "HPCTRAIN_LAUNCH": "srun"})
