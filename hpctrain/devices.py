@@ -186,8 +186,8 @@ class HostStage:
         """The tensor's current values where MPI can read them."""
         if self.staged:
             self.buffer.copy_(self.tensor)
-        elif self.tensor.is_cuda:
-            torch.cuda.current_stream(self.tensor.device).synchronize()
+        else:
+            synchronize(self.tensor.device)
         return self.buffer
 
     def to_device(self) -> torch.Tensor:
@@ -207,5 +207,5 @@ def mpi_buffer(tensor: torch.Tensor):
     """
     if tensor.device.type == "cpu":
         return tensor.numpy()
-    torch.cuda.current_stream(tensor.device).synchronize()
+    synchronize(tensor.device)
     return tensor

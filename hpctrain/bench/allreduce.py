@@ -163,8 +163,7 @@ def _raw_exchange(world, stage: devices.HostStage) -> None:
     the backends pay (on the CPU, or with a CUDA-aware MPI, the tensor itself)."""
     world.Allreduce(comm.mpi().IN_PLACE, devices.mpi_buffer(stage.to_host()))
     stage.to_device()
-    if stage.tensor.is_cuda:
-        torch.cuda.current_stream(stage.tensor.device).synchronize()
+    devices.synchronize(stage.tensor.device)
 
 
 def _raw_allreduce(world, stage: devices.HostStage) -> float:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hpctrain import devices
 from hpctrain.errors import UsageError
 from hpctrain.sync.transport import SUM, Transport
 
@@ -116,8 +117,7 @@ def adasum_(buffer: torch.Tensor, counts: Sequence[int], transport: Transport) -
 
 
 def _swap(transport: Transport, send: torch.Tensor, out: torch.Tensor, peer: int) -> None:
-    if send.is_cuda:  # a CUDA-aware MPI reads device memory the last kernel may still write
-        torch.cuda.current_stream(send.device).synchronize()
+    devices.synchronize(send.device)  # a CUDA-aware MPI reads memory a kernel may still write
     transport.isendrecv(send, out, peer).wait()
 
 
