@@ -52,6 +52,7 @@ from hpctrain import (
     plugins,
     precision,
     profiling,
+    provenance,
     sync,
     userdata,
     watchdog,
@@ -401,9 +402,12 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                                   resize_state=algo.resize_state),
         stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
     log = RunLog(config.out, rank)
-    log.write_config({**configs.repeatable(config),
-                      "run_info": {"workers": size, "device": str(s.device),
-                                   **runtime.run_info()}})
+    if rank == 0:
+        log.write_config({**configs.repeatable(config), "run_info": {
+            "workers": size, "device": str(s.device), **runtime.run_info(),
+            **provenance.software(s.device),
+            **provenance.starting_weights(config.model.init_from,
+                                          config.checkpoint.resume is not None, config.out)}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:

@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hpctrain.sync as sync
-from hpctrain import comm, devices, kernels
+from hpctrain import comm, devices, kernels, provenance
 from hpctrain.async_ import DCASGD, ParameterStore
 from hpctrain.ec.averaging import average_model
 from hpctrain.evaluate import Snapshots
@@ -80,6 +80,12 @@ def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):
             finals.append(flat_of(model))
     assert torch.equal(finals[0], finals[1])
     assert cudnn.benchmark and not cudnn.deterministic
+
+
+def test_a_gpu_run_records_the_gpu_and_its_libraries():
+    info = provenance.software(torch.device("cuda", 0))
+    assert info["gpu"] == torch.cuda.get_device_name(0)
+    assert info["cuda"] == torch.version.cuda and info["cudnn"] is not None
 
 
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])

@@ -3,6 +3,7 @@ checked against the model before MPI starts."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -140,6 +141,10 @@ def test_a_simulated_async_run_starts_from_the_weights_of_a_finished_run(tmp_pat
              SimConfig(workers=2))
     start = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["updates"] == 0 and start["test_loss"] == first["final_test_loss"]
+    run_info = json.loads((tmp_path / "b" / "config.json").read_text())["run_info"]
+    model_pt = (tmp_path / "a" / "model.pt").read_bytes()
+    assert run_info["init_from_sha256"] == hashlib.sha256(model_pt).hexdigest()
+    assert run_info["torch"] == torch.__version__
 
 
 def test_ssgd_then_dcasgd_from_its_model_on_two_ranks(tmp_path):
