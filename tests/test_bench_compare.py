@@ -414,6 +414,7 @@ def test_compare_writes_rows_and_plots(resumed):
     assert rows["ssgd"][8].endswith("MiB")  # the larger rank's peak memory
     assert "allreduce_bytes_per_rank" in rows["ssgd"][10]
     assert "`--tau` was not given to sgd, ssgd" in text
+    assert "Ran with device cpu, MPI Open MPI" in text and f"torch {torch.__version__}" in text
     for png in OUTPUTS[1:]:
         assert imread(out / png).shape[2] in (3, 4)
 
@@ -509,6 +510,28 @@ def test_report_says_what_the_bytes_column_counts():
     text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
     assert "| bytes communicated per rank |" in text
     assert "`store_mpi_bytes_per_worker` is the part of it MPI calls moved" in text
+
+
+def test_the_report_names_what_the_runs_ran_with_and_where_they_differ(tmp_path):
+    """Runs from two machines in one folder: the report says which ran on what."""
+    for name, device in (("cpu-run", "cpu"), ("gpu-run", "cuda:0"), ("gpu-run-2", "cuda:1")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps(GOOD_SUMMARY))
+        (tmp_path / name / "config.json").write_text(json.dumps({"run_info": {
+            "device": device, "torch": "2.11.0", "library": "Open MPI v5.0.8, package: x"}}))
+    _, rows = report.load(tmp_path)
+    assert report.environment(rows) == (
+        "Ran with MPI Open MPI v5.0.8, torch 2.11.0. **The runs differ in** device cpu "
+        "(cpu-run); cuda (gpu-run, gpu-run-2).")
+    (tmp_path / "cpu-run" / "config.json").unlink()  # a run from before run_info said more
+    _, rows = report.load(tmp_path)
+    assert report.environment(rows) == (
+        "**The runs differ in** device not recorded (cpu-run); cuda (gpu-run, gpu-run-2); "
+        "and MPI not recorded (cpu-run); Open MPI v5.0.8 (gpu-run, gpu-run-2); and torch not "
+        "recorded (cpu-run); 2.11.0 (gpu-run, gpu-run-2).")
+    for name in ("gpu-run", "gpu-run-2"):
+        (tmp_path / name / "config.json").unlink()
+    assert report.environment(report.load(tmp_path)[1]) is None
 
 
 # ``hpctrain report`` on files edited by hand or written by another tool: no MPI, no runs.

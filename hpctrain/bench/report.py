@@ -63,6 +63,7 @@ class Row:
     ignored: list[str] = field(default_factory=list)
     unusable: list[str] = field(default_factory=list)  # summary keys shown as n/a
     seed: int | None = None  # a comparison with --seeds: this run's
+    run_info: dict = field(default_factory=dict)  # config.json's: what the run ran with
 
     @property
     def title(self) -> str:
@@ -194,7 +195,68 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
         return Row(name, "failed", error=str(e), **record)
     summary, unusable = _usable(summary, run_dir / "summary.json")
     points = _usable_points(points, run_dir / "metrics.jsonl")
-    return Row(name, "ok", summary=summary, points=points, unusable=unusable, **record)
+    return Row(name, "ok", summary=summary, points=points, unusable=unusable,
+               run_info=_run_info(run_dir / "config.json"), **record)
+
+
+def _run_info(path: Path) -> dict:
+    """The ``run_info`` of a run's ``config.json`` (what it ran with); empty, with a warning
+    if the file is there but unreadable, since the table does not need it."""
+    if not path.is_file():
+        return {}
+    try:
+        info = read_json(path, "a run's configuration").get("run_info", {})
+    except UsageError as e:
+        _warn(str(e))
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+# run_info keys the report names, with their labels, in the order it names them
+ENVIRONMENT = (("device", "device"), ("gpu", "GPU"), ("library", "MPI"), ("torch", "torch"),
+               ("cuda", "CUDA"), ("cudnn", "cuDNN"), ("nccl", "NCCL"),
+               ("hpctrain", "hpctrain"), ("hpctrain_commit", "commit"))
+
+
+def _environment_value(key: str, value) -> str | None:
+    if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        return None
+    text = str(value)
+    if key == "library":
+        return text.split(",")[0]  # "Open MPI v4.1.4, package: ..."
+    if key == "device":
+        return text.split(":")[0]  # rank 0's: cuda:0 and cuda:1 are one kind
+    if key == "hpctrain_commit":
+        return text[:12] + ("+dirty" if text.endswith("+dirty") else "")
+    return text
+
+
+def environment(rows: list[Row]) -> str | None:
+    """One line on what the finished runs ran with (their ``config.json``'s ``run_info``);
+    where they differ, which ran with what, since the comparison then compares that too.
+    None when no run recorded it (runs written before hpctrain recorded it)."""
+    same, differ = [], []
+    for key, label in ENVIRONMENT:
+        values: dict[str, list[str]] = {}
+        for r in rows:
+            if r.summary is None:
+                continue
+            value = _environment_value(key, r.run_info.get(key))
+            values.setdefault("not recorded" if value is None else value, []).append(r.title)
+        known = [v for v in values if v != "not recorded"]
+        if not known:
+            continue
+        if len(values) == 1:
+            same.append(f"{label} {known[0]}")
+        else:
+            differ.append(f"{label} " + "; ".join(f"{v} ({', '.join(names)})"
+                                                   for v, names in values.items()))
+    if not same and not differ:
+        return None
+    line = "Ran with " + ", ".join(same) + "." if same else ""
+    if differ:
+        line += (" " if line else "") + "**The runs differ in** " + "; and ".join(differ) + "."
+    return line
 
 
 def load(folder: str | Path) -> tuple[dict, list[Row]]:
@@ -415,6 +477,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
         s = finished[0]
         out.append(f"Model {s.get('model', '?')} on {s.get('dataset', '?')}; "
                    f"epochs: {s.get('epochs', '?')}.")
+    ran_with = environment(rows)
+    if ran_with:
+        out.append(ran_with)
     seeds = record.get("seeds")
     if seeds:
         out += ["", seed_table(rows, targets), "",
