@@ -290,6 +290,10 @@ class RunConfig:
     mixed_precision: str = option("no", "the forward pass under torch.autocast in bfloat16, "
                                   "or float16 with loss scaling; gradients, parameters and "
                                   "communication stay float32", choices=precision.CHOICES)
+    cudnn_benchmark: bool = option(False, "on a GPU, let cuDNN time its algorithms for each "
+                                   "new shape and take the fastest (cudnn.benchmark): a convnet "
+                                   "may train faster, but a run no longer repeats bit for bit "
+                                   "(default: cuDNN's deterministic algorithms)")
     compile: bool = option(False, "compile the model with torch.compile (TorchInductor); the "
                            "first steps and the first evaluation take longer")
     profile: str | None = option(None, "torch.profiler over local steps START to START+COUNT-1 "

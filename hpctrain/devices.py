@@ -76,17 +76,19 @@ def choose(choice: str) -> torch.device:
 
 
 @contextmanager
-def repeatable(choice: str) -> Iterator[None]:
+def cudnn_mode(choice: str, benchmark: bool = False) -> Iterator[None]:
     """While a run trains on a GPU (``choice`` resolves to cuda): cuDNN's deterministic
     algorithms, not benchmarked, so that a deterministic algorithm's run gives the same model
-    again there, as on the CPU. The process's own settings come back afterwards (a script or
-    notebook that calls ``train`` keeps its ``cudnn.benchmark``)."""
+    again there, as on the CPU; or, with ``benchmark`` (``--cudnn-benchmark``), the fastest
+    ones cuDNN finds by timing each new shape, which a convnet may train faster with but which
+    need not repeat. The process's own settings come back afterwards (a script or notebook
+    that calls ``train`` keeps its ``cudnn.benchmark``)."""
     if resolve(choice) != "cuda":
         yield
         return
     cudnn = torch.backends.cudnn
     saved = cudnn.deterministic, cudnn.benchmark
-    cudnn.deterministic, cudnn.benchmark = True, False
+    cudnn.deterministic, cudnn.benchmark = not benchmark, benchmark
     try:
         yield
     finally:

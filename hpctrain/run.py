@@ -228,7 +228,7 @@ def _launched(config: RunConfig) -> dict:
     watchdog.start(config.stall_timeout, world.Get_rank())
     try:
         try:
-            with devices.repeatable(config.device):
+            with devices.cudnn_mode(config.device, config.cudnn_benchmark):
                 result = _run(config, world)
         except checkpoint.Stopped as stopped:  # the evaluating rank (--eval-rank) is told
             result = stopped

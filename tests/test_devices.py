@@ -28,10 +28,11 @@ def test_without_a_gpu_cuda_is_refused_and_auto_is_the_cpu():
     devices.synchronize(torch.device("cpu"))  # nothing to wait for
 
 
-def test_a_cpu_run_leaves_cudnns_settings_alone():
+@pytest.mark.parametrize("benchmark", [False, True])
+def test_a_cpu_run_leaves_cudnns_settings_alone(benchmark):
     cudnn = torch.backends.cudnn
     before = cudnn.deterministic, cudnn.benchmark
-    with devices.repeatable("cpu"):
+    with devices.cudnn_mode("cpu", benchmark):
         assert (cudnn.deterministic, cudnn.benchmark) == before
 
 

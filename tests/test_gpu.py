@@ -55,7 +55,7 @@ def test_device_choice_follows_the_local_rank(monkeypatch):
 
 
 def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):
-    """repeatable() asks cuDNN for deterministic algorithms while a run trains: a second run
+    """cudnn_mode() asks cuDNN for deterministic algorithms while a run trains: a second run
     of the same seed (convolutions' weight gradients included) ends with the same weights,
     bit for bit; the process's own cuDNN settings come back afterwards."""
     dev = gpu()
@@ -64,7 +64,7 @@ def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):
     monkeypatch.setattr(cudnn, "deterministic", False)
     finals = []
     for _ in range(2):
-        with devices.repeatable("cuda"):
+        with devices.cudnn_mode("cuda"):
             assert cudnn.deterministic and not cudnn.benchmark
             torch.manual_seed(5)
             model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3),
@@ -80,6 +80,15 @@ def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):
             finals.append(flat_of(model))
     assert torch.equal(finals[0], finals[1])
     assert cudnn.benchmark and not cudnn.deterministic
+
+
+def test_cudnn_benchmark_is_asked_for_and_put_back(monkeypatch):
+    cudnn = torch.backends.cudnn
+    monkeypatch.setattr(cudnn, "benchmark", False)
+    monkeypatch.setattr(cudnn, "deterministic", True)
+    with devices.cudnn_mode("cuda", benchmark=True):
+        assert cudnn.benchmark and not cudnn.deterministic
+    assert not cudnn.benchmark and cudnn.deterministic
 
 
 def test_a_gpu_run_records_the_gpu_and_its_libraries():

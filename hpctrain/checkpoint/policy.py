@@ -27,7 +27,8 @@ from hpctrain.options import HUGE
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
-                        "mixed_precision", "compile", "profile", "sync_backend"})
+                        "mixed_precision", "compile", "profile", "sync_backend",
+                        "cudnn_benchmark"})
 
 
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any

@@ -159,7 +159,7 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
         algo.close()
         return summary
 
-    with devices.repeatable(config.device):
+    with devices.cudnn_mode(config.device, config.cudnn_benchmark):
         summaries = simulation.scheduler.run(worker)
     return summaries[0]
 
