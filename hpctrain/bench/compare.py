@@ -311,20 +311,34 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if seeds is not None and hasattr(args, "train_seed"):
         raise UsageError("--seeds and --seed: give one (--seeds runs each algorithm once per "
                          "seed)")
-    train_parser = _train_parser()
+    shared = _Shared(args, given, _train_parser(), sim_words)
     runs = []
     for algo in algos:
         for seed in seeds or [None]:
-            runs.append(_planned(args, algo, seed, given, train_parser, simulate, sim_words,
+            runs.append(_planned(shared, algo, seed,
                                  checked=runs[-1] if runs and runs[-1].algo == algo else None))
     return runs
 
 
-def _planned(args: argparse.Namespace, algo: str, seed: int | None, given: list,
-             train_parser: argparse.ArgumentParser, simulate: bool, sim_words: list[str],
-             checked: Run | None) -> Run:
+@dataclass(frozen=True)
+class _Shared:
+    """What every run :func:`plan` builds shares: compare's arguments, the training options
+    given (:func:`given_options`), ``train``'s parser and the simulator's options."""
+
+    args: argparse.Namespace
+    given: list[tuple[TrainOption, list[str]]]
+    train_parser: argparse.ArgumentParser
+    sim_words: list[str]
+
+    @property
+    def simulate(self) -> bool:
+        return self.args.simulate is not None
+
+
+def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) -> Run:
     """One run of :func:`plan`, checked as it will run; ``checked``: the same algorithm's run
     of another seed, whose launch checks hold for this one (a seed changes none of them)."""
+    args, given, simulate = shared.args, shared.given, shared.simulate
     np = 1 if algo in SEQUENTIAL else args.workers
     words = [w for opt, ws in given if opt.given_to(algo) for w in ws]
     if algo in SEQUENTIAL and "--eval-rank" in words and not simulate:
@@ -333,7 +347,7 @@ def _planned(args: argparse.Namespace, algo: str, seed: int | None, given: list,
         words = [*words, "--seed", str(seed)]
     train_args = ["--algo", algo, *words, "--out",
                   str(Path(args.out) / report.run_name(algo, seed))]
-    config = arguments.build(train_parser.parse_args(train_args))  # bad values fail here
+    config = arguments.build(shared.train_parser.parse_args(train_args))  # bad values here
     ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
     if checked is None and not simulate and np > 1:  # each run refuses it, once launched
         n = data.size(config.data.dataset, "train", config.data.data_dir)
@@ -341,7 +355,7 @@ def _planned(args: argparse.Namespace, algo: str, seed: int | None, given: list,
             raise UsageError(f"--workers {shown(np)} but only {n} training samples in "
                              f"{config.data.dataset}")
     if simulate:
-        sim_args = ["--workers", str(np), *sim_words]
+        sim_args = ["--workers", str(np), *shared.sim_words]
         if checked is None:  # what the simulator refuses, up front too
             check_simulation(config, sim_arguments.build(_sim_parser().parse_args(sim_args)))
         command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
