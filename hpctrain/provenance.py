@@ -26,7 +26,7 @@ _CHUNK = 1 << 20
 
 def software(device: torch.device) -> dict:
     """The versions a run trained with; on a GPU also its name and CUDA, cuDNN and NCCL."""
-    info = {"hpctrain": hpctrain.__version__, **_commit(), "torch": torch.__version__,
+    info = {"hpctrain": hpctrain.__version__, **commit(), "torch": torch.__version__,
             "python": platform.python_version()}
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
@@ -35,9 +35,11 @@ def software(device: torch.device) -> dict:
 
 
 @cache
-def _commit() -> dict:
+def commit() -> dict:
     """``hpctrain_commit``: the git commit of the checkout hpctrain runs from (an editable
-    install), ``+dirty`` if its tracked files differ from it; nothing for an installed copy."""
+    install), ``+dirty`` if its tracked files differ from it; nothing for an installed copy.
+    Asked of git once per process: :func:`hpctrain.run.train` asks before MPI starts, since
+    some networks' drivers warn of a process that forks once MPI runs."""
     source = Path(hpctrain.__file__).resolve().parent.parent
     if not (source / ".git").exists():
         return {}

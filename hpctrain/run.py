@@ -214,6 +214,8 @@ def train(config: RunConfig) -> dict:
             found = f"resuming from the checkpoints in {resume}" if resume else \
                 "no checkpoint yet, starting the run"
             print(f"hpctrain: --resume auto: {found}", flush=True)
+        if comm.env_rank() == 0:  # the one rank that writes config.json
+            provenance.commit()  # git runs before MPI does (see there)
         return _launched(config)
 
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -17,6 +20,18 @@ def test_a_cpu_run_records_its_software():
     assert info["torch"] == torch.__version__
     assert info["python"] == platform.python_version()
     assert "gpu" not in info and "cudnn" not in info
+
+
+def test_a_checkout_records_its_commit():
+    """From a git checkout (this one, CI's clone): HEAD's commit, as git says it."""
+    root = Path(provenance.__file__).resolve().parent.parent
+    recorded = provenance.commit().get("hpctrain_commit")
+    if not (root / ".git").exists():
+        assert recorded is None
+        return
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    assert re.fullmatch(re.escape(head) + r"(\+dirty)?", recorded)
 
 
 def test_the_hash_is_of_the_bytes(tmp_path):
