@@ -184,8 +184,16 @@ import json, sys
 from pathlib import Path
 out, device, runs_dir = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
 runs = {p.parent.name: json.loads(p.read_text()) for p in sorted(runs_dir.glob("*/summary.json"))}
+for name, summary in runs.items():  # what each ran with (config.json's run_info)
+    config = runs_dir / name / "config.json"
+    if config.exists():
+        summary["run_info"] = json.loads(config.read_text()).get("run_info", {})
 (out / "runs.json").write_text(json.dumps(runs, indent=1))
 print(f"# GPU check ({device})\n")
+info = next((s["run_info"] for k, s in runs.items() if k.endswith(f"-{device}")
+             and "run_info" in s), {})
+print("Ran with " + ", ".join(f"{k} {str(info[k]).split(',')[0]}" for k in
+      ("gpu", "torch", "cuda", "cudnn", "nccl", "library") if info.get(k) is not None) + "\n")
 print("| algorithm | acc (gpu) | acc (cpu) | diff (points) | wall gpu s | wall cpu s | "
       "peak MiB gpu | peak MiB cpu |")
 print("|---|---|---|---|---|---|---|---|")
