@@ -23,9 +23,13 @@ import torch
 from hpctrain.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
-# The launcher's local rank, read before MPI starts (Open MPI, MPICH/Hydra, Slurm, torchrun).
-_LOCAL_RANK_ENV = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "SLURM_LOCALID",
-                   "LOCAL_RANK")
+# The launcher's local rank, read before MPI starts: torchrun, Open MPI, MPICH/Intel MPI's
+# Hydra, Cray's PALS, MVAPICH, Slurm. Innermost launcher first, as hpctrain.launch_env orders
+# ranks: a torchrun started by srun (or in a batch script) and an mpirun inside an allocation
+# set their own beside Slurm's SLURM_LOCALID, which is then the same for every process.
+_LOCAL_RANK_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
+                   "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                   "SLURM_LOCALID")
 _AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # 0/1: override the run-time detection
 
 

@@ -16,6 +16,10 @@ def test_the_local_rank_comes_from_the_launchers_environment(monkeypatch):
     assert devices.local_rank() == 3
     monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")  # mpirun's, inside an allocation
     assert devices.local_rank() == 1
+    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_RANK")
+    monkeypatch.setenv("SLURM_LOCALID", "0")  # srun's one task on the node ...
+    monkeypatch.setenv("LOCAL_RANK", "2")  # ... ran torchrun, whose worker this is
+    assert devices.local_rank() == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
