@@ -303,6 +303,24 @@ def test_train_sbatch_runs_a_two_task_job_with_srun(slurm):
     assert "OMP_NUM_THREADS=1" in log and "launcher srun" in log
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tmp_path):
+    """One torchrun per node, started by srun (multi-node torchrun on Slurm): its workers all
+    inherit srun's SLURM_LOCALID=0, and the GPU each takes comes from torchrun's LOCAL_RANK."""
+    worker = tmp_path / "worker.py"
+    worker.write_text("import os\nfrom hpctrain import devices\n"
+                      "print('seen', os.environ['SLURM_LOCALID'], os.environ['LOCAL_RANK'], "
+                      "devices.local_rank(), flush=True)\n")
+    script = tmp_path / "torchrun.sbatch"
+    script.write_text(f"#!/bin/bash\nsrun --ntasks=1 {sys.executable} -m torch.distributed.run "
+                      f"--standalone --nproc-per-node 2 {worker}\n")
+    job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks=1", "--cpus-per-task=2",
+                                            "--time=5"], [], {})
+    seen = sorted(tuple(line.split()[1:]) for line in job_log(work, job).splitlines()
+                  if line.startswith("seen "))
+    assert seen == [("0", "0", "0"), ("0", "1", "1")], job_log(work, job)
+
+
 @pytest.mark.timeout(660)  # two attempts, the wait between them
 def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_algorithm(slurm):
     """compare.sbatch runs every algorithm inside the allocation. Warned as Slurm's --signal
