@@ -184,6 +184,8 @@ def summary_table(summary: dict) -> str:
     rows = [
         ("algorithm", summary.get("algo_label", summary["algo"])),
         ("workers", summary["workers"]),
+        *([("device", summary["device"] + (f" ({summary['gpu']})" if summary.get("gpu")
+                                           else ""))] if summary.get("device") else []),
         ("model / data", f"{summary.get('model', '?')} on {summary.get('dataset', '?')}"),
         ("epochs / updates", f"{summary.get('epochs', '?')} / {summary.get('updates', '?')}"),
         ("final test accuracy", f"{summary['final_test_acc']:.4f}"),

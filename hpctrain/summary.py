@@ -75,6 +75,10 @@ class RunSummary:
         "allocated there (torch.cuda.max_memory_allocated), on the CPU the process's peak "
         "resident set (data and libraries included); each null in a simulated run",
         default_factory=list)
+    device: str | None = _doc("where the workers computed: cpu or cuda (--device as resolved)",
+                              default=None)
+    gpu: str | None = _doc("rank 0's GPU (torch.cuda.get_device_name; null on the CPU)",
+                           default=None)
     loss_scale_per_worker: list[float | None] = _doc(
         "--mixed-precision fp16: each worker's loss scale at the end (it halves after an "
         "overflow, doubles after 2,000 clean steps); each null otherwise", default_factory=list)

@@ -137,14 +137,16 @@ def test_a_simulated_async_run_starts_from_the_weights_of_a_finished_run(tmp_pat
     """The first point of the new run's curve scores the model the first run saved, and the
     store the virtual workers push to starts from it."""
     first = simulate(config(tmp_path / "a"), SimConfig(workers=1))
-    simulate(config(tmp_path / "b", init_from=tmp_path / "a", algo="dcasgd-a", seed=4),
-             SimConfig(workers=2))
+    second = simulate(config(tmp_path / "b", init_from=tmp_path / "a", algo="dcasgd-a", seed=4),
+                      SimConfig(workers=2))
     start = json.loads((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()[0])
     assert start["updates"] == 0 and start["test_loss"] == first["final_test_loss"]
     run_info = json.loads((tmp_path / "b" / "config.json").read_text())["run_info"]
     model_pt = (tmp_path / "a" / "model.pt").read_bytes()
     assert run_info["init_from_sha256"] == hashlib.sha256(model_pt).hexdigest()
     assert run_info["torch"] == torch.__version__
+    gpu = torch.cuda.is_available()  # --device auto
+    assert (second["device"], second["gpu"] is None) == ("cuda" if gpu else "cpu", not gpu)
 
 
 def test_ssgd_then_dcasgd_from_its_model_on_two_ranks(tmp_path):
