@@ -20,25 +20,18 @@ from pathlib import Path
 
 import torch
 
+from hpctrain import launch_env
 from hpctrain.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
-# The launcher's local rank, read before MPI starts: torchrun, Open MPI, MPICH/Intel MPI's
-# Hydra, Cray's PALS, MVAPICH, Slurm. Innermost launcher first, as hpctrain.launch_env orders
-# ranks: a torchrun started by srun (or in a batch script) and an mpirun inside an allocation
-# set their own beside Slurm's SLURM_LOCALID, which is then the same for every process.
-_LOCAL_RANK_ENV = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID",
-                   "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID", "MV2_COMM_WORLD_LOCAL_RANK",
-                   "SLURM_LOCALID")
 _AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # 0/1: override the run-time detection
 
 
 def local_rank() -> int:
-    """This process's rank on its node from the launcher's environment (0 if none)."""
-    for var in _LOCAL_RANK_ENV:
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
+    """This process's rank on its node, read before MPI starts from the launcher that gave
+    its rank (:func:`hpctrain.launch_env.local_rank`: the innermost, so a torchrun started
+    by srun, whose workers all inherit ``SLURM_LOCALID=0``, gives each its own); 0 if none."""
+    return launch_env.local_rank()
 
 
 def check(choice: str) -> None:

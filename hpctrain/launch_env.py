@@ -39,8 +39,18 @@ LAUNCHERS = (
     ("torchrun", "WORLD_SIZE", "RANK"),
     ("Open MPI", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
     ("PMI", "PMI_SIZE", "PMI_RANK"),
+    ("MVAPICH", "MV2_COMM_WORLD_SIZE", "MV2_COMM_WORLD_RANK"),  # its mpirun_rsh
     ("Slurm", "SLURM_NTASKS", "SLURM_PROCID"),
 )
+# Each launcher's rank-on-the-node variables: PMI's are Hydra's (MPICH, Intel MPI), Cray
+# PALS's and Flux's.
+LOCAL_RANKS = {
+    "torchrun": ("LOCAL_RANK",),
+    "Open MPI": ("OMPI_COMM_WORLD_LOCAL_RANK",),
+    "PMI": ("MPI_LOCALRANKID", "PMI_LOCAL_RANK", "PALS_LOCAL_RANKID", "FLUX_TASK_LOCAL_ID"),
+    "MVAPICH": ("MV2_COMM_WORLD_LOCAL_RANK",),
+    "Slurm": ("SLURM_LOCALID",),
+}
 _SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
 
 
@@ -51,6 +61,7 @@ class Seat:
     size: int
     rank: int
     source: str
+    local_rank: int | None = None  # the launcher's rank of this process on its node, if given
 
     def __str__(self) -> str:
         return f"{self.source} says rank {self.rank} of {self.size}"
@@ -70,8 +81,26 @@ def from_launcher(environ: Mapping[str, str] | None = None) -> Seat | None:
         except ValueError:
             raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
                              "not whole numbers") from None
-        return Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})")
+        return Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
+                    _local_rank(env, LOCAL_RANKS[name]))
     return None
+
+
+def local_rank(environ: Mapping[str, str] | None = None) -> int:
+    """This process's rank on its node: the one the launcher that gave its rank gave
+    (:func:`from_launcher`), so that a variable another launcher left (a ``LOCAL_RANK``
+    exported in a batch script under mpirun) is not read; with no known launcher, the first
+    such variable set, innermost launcher first; else 0."""
+    env = os.environ if environ is None else environ
+    seat = from_launcher(env)
+    if seat is not None:
+        return seat.local_rank or 0
+    found = _local_rank(env, [v for names in LOCAL_RANKS.values() for v in names])
+    return found or 0
+
+
+def _local_rank(env: Mapping[str, str], names) -> int | None:
+    return next((int(env[v]) for v in names if env.get(v, "").isdigit()), None)
 
 
 def from_torch_distributed() -> Seat | None:

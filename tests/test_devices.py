@@ -4,22 +4,24 @@ run asks of MPI (tests/test_gpu.py runs the GPU side where torch sees one)."""
 import pytest
 import torch
 
-from hpctrain import devices
+from hpctrain import devices, launch_env
 from hpctrain.errors import UsageError
 
 
 def test_the_local_rank_comes_from_the_launchers_environment(monkeypatch):
-    for var in devices._LOCAL_RANK_ENV:
-        monkeypatch.delenv(var, raising=False)
+    """The rules are launch_env.local_rank's (tests/test_launch_env.py); here, that the GPU
+    choice reads this process's environment through them."""
+    for _, size_var, rank_var in launch_env.LAUNCHERS:
+        monkeypatch.delenv(size_var, raising=False)
+        monkeypatch.delenv(rank_var, raising=False)
+    for names in launch_env.LOCAL_RANKS.values():
+        for var in names:
+            monkeypatch.delenv(var, raising=False)
     assert devices.local_rank() == 0
-    monkeypatch.setenv("SLURM_LOCALID", "3")
-    assert devices.local_rank() == 3
-    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")  # mpirun's, inside an allocation
+    for var, value in (("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "3"),
+                       ("OMPI_COMM_WORLD_LOCAL_RANK", "1"), ("LOCAL_RANK", "0")):
+        monkeypatch.setenv(var, value)
     assert devices.local_rank() == 1
-    monkeypatch.delenv("OMPI_COMM_WORLD_LOCAL_RANK")
-    monkeypatch.setenv("SLURM_LOCALID", "0")  # srun's one task on the node ...
-    monkeypatch.setenv("LOCAL_RANK", "2")  # ... ran torchrun, whose worker this is
-    assert devices.local_rank() == 2
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")

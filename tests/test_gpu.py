@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import hpctrain.sync as sync
-from hpctrain import comm, devices, kernels, provenance
+from hpctrain import comm, devices, kernels, launch_env, provenance
 from hpctrain.async_ import DCASGD, ParameterStore
 from hpctrain.ec.averaging import average_model
 from hpctrain.evaluate import Snapshots
@@ -48,7 +48,12 @@ def gpu() -> torch.device:
 
 def test_device_choice_follows_the_local_rank(monkeypatch):
     count = torch.cuda.device_count()
+    for _, *variables in launch_env.LAUNCHERS:
+        for var in variables:
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")  # as mpirun -np 3 would, for each rank
     for local in range(3):
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", str(local))
         monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", str(local))
         assert devices.choose("cuda") == torch.device("cuda", local % count)
     assert devices.choose("auto").type == "cuda" and devices.choose("cpu").type == "cpu"

@@ -40,6 +40,39 @@ def test_launcher_environment(env, seat):
         assert (found.size, found.rank) == seat[:2] and found.source.startswith(seat[2])
 
 
+@pytest.mark.unit  # the launchers named in comments are not launched
+@pytest.mark.parametrize("env, local", [
+    ({}, 0),
+    ({"LOCAL_RANK": "2"}, 2),  # no known launcher's rank: the first local rank set
+    # srun started one torchrun on the node: its workers all inherit SLURM_LOCALID=0
+    ({"SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0",
+      "WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1"}, 1),
+    # mpirun, with a LOCAL_RANK a batch script exported for something else
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "LOCAL_RANK": "0"}, 1),
+    # mpirun inside an allocation: the batch script's own SLURM_LOCALID is 0
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+      "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "3"}, 3),
+    ({"PMI_SIZE": "4", "PMI_RANK": "3", "MPI_LOCALRANKID": "1"}, 1),  # Hydra
+    ({"PMI_SIZE": "8", "PMI_RANK": "5", "PMI_LOCAL_RANK": "1", "PALS_LOCAL_RANKID": "1"},
+     1),  # Cray PALS
+    ({"MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_RANK": "3",
+      "MV2_COMM_WORLD_LOCAL_RANK": "1"}, 1),  # MVAPICH's mpirun_rsh
+    ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "2"},
+     2),  # srun
+    ({"PMI_SIZE": "2", "PMI_RANK": "1", "LOCAL_RANK": "1"}, 0),  # not this launcher's
+])
+def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
+    assert launch_env.local_rank(env) == local
+
+
+@pytest.mark.unit
+def test_mvapichs_launcher_gives_the_rank():
+    seat = launch_env.from_launcher({"MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_RANK": "3"})
+    assert (seat.size, seat.rank, seat.source.split()[0]) == (4, 3, "MVAPICH")
+
+
 def test_bad_launcher_values_and_ranks_are_one_line():
     with pytest.raises(UsageError, match=r"^WORLD_SIZE='two', RANK='0': not whole numbers$"):
         launch_env.from_launcher({"WORLD_SIZE": "two", "RANK": "0"})
