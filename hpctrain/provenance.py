@@ -9,7 +9,6 @@ what it compared. The MPI library's own description is :func:`hpctrain.comm.libr
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import platform
 import subprocess
@@ -38,12 +37,14 @@ def software(device: torch.device) -> dict:
 def commit() -> dict:
     """``hpctrain_commit``: the git commit of the checkout hpctrain runs from (an editable
     install), ``+dirty`` if its tracked files differ from it; nothing for an installed copy.
-    Asked of git once per process: :func:`hpctrain.run.train` asks before MPI starts, since
-    some networks' drivers warn of a process that forks once MPI runs."""
+    Asked of git once per process (:func:`before_mpi`)."""
     source = Path(hpctrain.__file__).resolve().parent.parent
     if not (source / ".git").exists():
         return {}
-    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}  # read only: never take the index lock
+    # The checkout's own repository (a hook's GIT_DIR or GIT_INDEX_FILE names another);
+    # read only: never take the index lock.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_OPTIONAL_LOCKS"] = "0"
 
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(source), *args], capture_output=True,
@@ -67,23 +68,38 @@ def _nccl_version() -> str | None:
     return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
 
 
-def starting_weights(init_from: str | None, resumed: bool, out: str | None) -> dict:
+def starting_weights(init_from: str | None, resumed_header: dict | None) -> dict:
     """``init_from_sha256``: the hash of the ``--init-from`` file the run started from, so a
-    file replaced under the same name is seen. A resumed run did not read the file again: the
-    hash its first start wrote in the run folder's ``config.json`` is kept (none if absent)."""
+    file replaced under the same name is seen; it goes into config.json's ``run_info`` and
+    every checkpoint's header. A run resumed from a checkpoint (``resumed_header``) did not
+    read the file again: the hash that header carries is kept (none if it has none), also
+    when the resumed run writes to another ``--out``."""
     if not init_from:
         return {}
-    if not resumed:
-        return {"init_from_sha256": sha256_of(weights.file_of(init_from))}
-    try:
-        earlier = json.loads((Path(out) / "config.json").read_text())["run_info"]
-        return {"init_from_sha256": earlier["init_from_sha256"]}
-    except (OSError, TypeError, ValueError, KeyError):
-        return {}
+    if resumed_header is not None:
+        value = resumed_header.get("init_from_sha256")
+        return {"init_from_sha256": value} if isinstance(value, str) else {}
+    return {"init_from_sha256": sha256_of(weights.file_of(init_from))}
+
+
+def before_mpi(init_from: str | None, resumed: bool) -> None:
+    """What rank 0 asks of git and of the file system before MPI starts, cached for the
+    write: the commit (a fork, which some networks' drivers dislike once MPI runs) and the
+    starting weights' hash (a large file on a slow file system would hold up the others)."""
+    commit()
+    if init_from and not resumed:
+        sha256_of(weights.file_of(init_from))
 
 
 def sha256_of(path: str | Path) -> str:
-    """The sha256 of a file's bytes, read a megabyte at a time (a model file can be large)."""
+    """The sha256 of a file's bytes, read a megabyte at a time (a model file can be large);
+    remembered while the file keeps its size and modification time."""
+    stat = os.stat(path)
+    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@cache
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(_CHUNK):

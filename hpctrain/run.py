@@ -215,7 +215,7 @@ def train(config: RunConfig) -> dict:
                 "no checkpoint yet, starting the run"
             print(f"hpctrain: --resume auto: {found}", flush=True)
         if comm.env_rank() == 0:  # the one rank that writes config.json
-            provenance.commit()  # git runs before MPI does (see there)
+            provenance.before_mpi(config.model.init_from, config.checkpoint.resume is not None)
         return _launched(config)
 
 
@@ -390,6 +390,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     straggler = runtime.straggler(config, rank, size)
     scaler = precision.LossScaler(config.mixed_precision, s.device)  # fp16's; else a no-op
     step_times = StepTimes()
+    started_from = provenance.starting_weights(  # rank 0 writes config.json and checkpoints
+        config.model.init_from, loaded and loaded.header) if rank == 0 else {}
     shared, per_rank = algo.checkpoint_state()
     ckpt = checkpoint.Checkpointer(
         comm_, per_epoch, total, shared=shared,
@@ -398,7 +400,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.every,
         folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
         resume=config.checkpoint.resume,
-        header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config)},
+        header={"algo": config.algo, "ranks": comm.launch_size(), "args": configs.flat(config),
+                **started_from},
         resize=checkpoint.Resizer(num_samples=train_data.num_samples, batch_size=o.batch_size,
                                   workers=size, steps=steps, per_epoch=algo.per_epoch,
                                   resize_state=algo.resize_state),
@@ -407,9 +410,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if rank == 0:
         log.write_config({**configs.repeatable(config), "run_info": {
             "workers": size, "device": str(s.device), **runtime.run_info(),
-            **provenance.software(s.device),
-            **provenance.starting_weights(config.model.init_from,
-                                          config.checkpoint.resume is not None, config.out)}})
+            **provenance.software(s.device), **started_from}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:

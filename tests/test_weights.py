@@ -163,3 +163,25 @@ def test_ssgd_then_dcasgd_from_its_model_on_two_ranks(tmp_path):
     assert start["updates"] == 0 and start["test_loss"] == first["final_test_loss"]
     recorded = json.loads((b / "config.json").read_text())
     assert recorded["model"]["init_from"] == str(a)
+
+
+def test_a_run_resumed_into_another_folder_keeps_the_hash_of_its_start(tmp_path):
+    """The hash travels in the checkpoints' headers: the resumed run does not read the file
+    again, so one replaced since (or another --out) changes nothing."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    common = ["train", *SYNTHETIC, "--algo", "sgd"]
+    done = run_commands([[*common, "--epochs", "1", "--out", str(a)]], np=0)
+    assert done.returncode == 0, done.stderr
+    started = hashlib.sha256((a / "model.pt").read_bytes()).hexdigest()
+    longer = [*common, "--epochs", "2", "--init-from", str(a)]
+    stopped = run_commands([[*longer, "--checkpoint-every", "1e", "--out", str(b)]], np=0,
+                           injects=["raise@0:40"])  # after the first epoch's checkpoint
+    assert stopped.returncode != 0 and list((b / "checkpoints").glob("ckpt-*"))
+    state = torch.load(a / "model.pt", weights_only=True)
+    torch.save({k: v + 1 for k, v in state.items()}, a / "model.pt")  # replaced since
+    resumed = run_commands([[*longer, "--resume", str(b), "--out", str(c)]], np=0)
+    assert resumed.returncode == 0, resumed.stderr
+    for run_dir in (b, c):
+        info = json.loads((run_dir / "config.json").read_text())["run_info"]
+        assert info["init_from_sha256"] == started
+
