@@ -7,8 +7,8 @@
 #   scripts/gpu-check.sh [OUT]       there: OUT (default $OUT, else runs/gpu-check) gets
 #                                    results.md, gpu-check.log, info.json, kernel.json,
 #                                    allreduce-cpu.json, allreduce-cuda.json, runs.json (the
-#                                    runs' summaries; their folders go to GPU_CHECK_RUNS or a
-#                                    temporary folder)
+#                                    runs' summaries, each with its config.json's run_info;
+#                                    their folders go to GPU_CHECK_RUNS or a temporary folder)
 #
 # Steps: install the kit's wheels where missing; build the CPU and CUDA kernels (nvcc);
 # hpctrain info; the GPU tests (one process, then mpirun -np 2 sharing the GPU); bench kernel
@@ -192,8 +192,11 @@ for name, summary in runs.items():  # what each ran with (config.json's run_info
 print(f"# GPU check ({device})\n")
 info = next((s["run_info"] for k, s in runs.items() if k.endswith(f"-{device}")
              and "run_info" in s), {})
-print("Ran with " + ", ".join(f"{k} {str(info[k]).split(',')[0]}" for k in
-      ("gpu", "torch", "cuda", "cudnn", "nccl", "library") if info.get(k) is not None) + "\n")
+said = [f"{label} {str(info[k]).split(',')[0]}" for k, label in (
+    ("gpu", "GPU"), ("torch", "torch"), ("cuda", "CUDA"), ("cudnn", "cuDNN"), ("nccl", "NCCL"),
+    ("library", "MPI")) if info.get(k) is not None]
+if said:  # none when no run on the device wrote its config.json
+    print("Ran with " + ", ".join(said) + "\n")
 print("| algorithm | acc (gpu) | acc (cpu) | diff (points) | wall gpu s | wall cpu s | "
       "peak MiB gpu | peak MiB cpu |")
 print("|---|---|---|---|---|---|---|---|")

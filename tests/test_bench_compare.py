@@ -414,7 +414,8 @@ def test_compare_writes_rows_and_plots(resumed):
     assert rows["ssgd"][8].endswith("MiB")  # the larger rank's peak memory
     assert "allreduce_bytes_per_rank" in rows["ssgd"][10]
     assert "`--tau` was not given to sgd, ssgd" in text
-    assert "Ran with device cpu, MPI Open MPI" in text and f"torch {torch.__version__}" in text
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
+    assert f"Ran with device {device}, " in text and f"torch {torch.__version__}" in text
     for png in OUTPUTS[1:]:
         assert imread(out / png).shape[2] in (3, 4)
 
@@ -517,15 +518,18 @@ def test_the_report_names_what_the_runs_ran_with_and_where_they_differ(tmp_path)
     for name, device in (("cpu-run", "cpu"), ("gpu-run", "cuda:0"), ("gpu-run-2", "cuda:1")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(GOOD_SUMMARY))
+        gpu = {} if device == "cpu" else {"gpu": "NVIDIA H200"}  # a CPU run records none
         (tmp_path / name / "config.json").write_text(json.dumps({"run_info": {
-            "device": device, "torch": "2.11.0", "library": "Open MPI v5.0.8, package: x"}}))
+            "device": device, "torch": "2.11.0", "library": "Open MPI v5.0.8, package: x",
+            **gpu}}))
     _, rows = report.load(tmp_path)
     assert report.environment(rows) == (
-        "Ran with MPI Open MPI v5.0.8, torch 2.11.0. **The runs differ in** device cpu "
-        "(cpu-run); cuda (gpu-run, gpu-run-2).")
+        "Ran with GPU NVIDIA H200 (the GPU runs), MPI Open MPI v5.0.8, torch 2.11.0. **The "
+        "runs differ in** device cpu (cpu-run); cuda (gpu-run, gpu-run-2).")
     (tmp_path / "cpu-run" / "config.json").unlink()  # a run from before run_info said more
     _, rows = report.load(tmp_path)
     assert report.environment(rows) == (
+        "Ran with GPU NVIDIA H200 (the GPU runs). "
         "**The runs differ in** device not recorded (cpu-run); cuda (gpu-run, gpu-run-2); "
         "and MPI not recorded (cpu-run); Open MPI v5.0.8 (gpu-run, gpu-run-2); and torch not "
         "recorded (cpu-run); 2.11.0 (gpu-run, gpu-run-2).")

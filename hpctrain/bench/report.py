@@ -214,8 +214,9 @@ def _run_info(path: Path) -> dict:
 
 # run_info keys the report names, with their labels, in the order it names them
 ENVIRONMENT = (("device", "device"), ("gpu", "GPU"), ("library", "MPI"), ("torch", "torch"),
-               ("cuda", "CUDA"), ("cudnn", "cuDNN"), ("nccl", "NCCL"),
+               ("cuda", "CUDA"), ("cudnn", "cuDNN"), ("nccl", "NCCL"), ("python", "Python"),
                ("hpctrain", "hpctrain"), ("hpctrain_commit", "commit"))
+GPU_ONLY = frozenset({"gpu", "cuda", "cudnn", "nccl"})  # compared among GPU runs only
 
 
 def _environment_value(key: str, value) -> str | None:
@@ -235,19 +236,21 @@ def environment(rows: list[Row]) -> str | None:
     """One line on what the finished runs ran with (their ``config.json``'s ``run_info``);
     where they differ, which ran with what, since the comparison then compares that too.
     None when no run recorded it (runs written before hpctrain recorded it)."""
+    finished = [r for r in rows if r.summary is not None]
+    on_gpu = [r for r in finished
+              if _environment_value("device", r.run_info.get("device")) == "cuda"]
     same, differ = [], []
     for key, label in ENVIRONMENT:
         values: dict[str, list[str]] = {}
-        for r in rows:
-            if r.summary is None:
-                continue
+        for r in on_gpu if key in GPU_ONLY else finished:
             value = _environment_value(key, r.run_info.get(key))
             values.setdefault("not recorded" if value is None else value, []).append(r.title)
         known = [v for v in values if v != "not recorded"]
         if not known:
             continue
         if len(values) == 1:
-            same.append(f"{label} {known[0]}")
+            some = " (the GPU runs)" if key in GPU_ONLY and len(on_gpu) < len(finished) else ""
+            same.append(f"{label} {known[0]}{some}")
         else:
             differ.append(f"{label} " + "; ".join(f"{v} ({', '.join(names)})"
                                                    for v, names in values.items()))
