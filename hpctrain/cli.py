@@ -19,10 +19,21 @@ if __name__ == "__main__":
 import argparse
 import importlib
 import json
+import socket
 import textwrap
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, comm, compiled, devices, horovodrun, kernels, run
+from hpctrain import (
+    arguments,
+    checkpoint,
+    comm,
+    compiled,
+    devices,
+    horovodrun,
+    kernels,
+    launch_env,
+    run,
+)
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
@@ -133,11 +144,17 @@ def info() -> None:
 
     MPI = comm.init("multiple")
     local_size = comm.local_size()  # collective: every rank takes part
+    placed = MPI.COMM_WORLD.gather(_placement(), root=0)
     if MPI.COMM_WORLD.Get_rank() != 0:
         return
+    seat = launch_env.from_launcher()
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
              **devices.describe(), **comm.library_info(), "ranks": comm.size(),
              "local_size": local_size,
+             "launcher": seat.source.split(" (")[0] if seat else "none known",
+             "placement": [where for where, _ in placed],
+             "ranks_share_a_gpu": devices.shares_gpus([(w["host"], w["local_rank"], visible)
+                                                       for w, visible in placed]),
              "compile": compiled.problem(devices.resolve("auto")) or "yes",
              "kernel_cpu": _loads(kernels.cpu_library),
              "kernel_cuda": _loads(kernels.cuda_library)}
@@ -148,6 +165,18 @@ def info() -> None:
     except ImportError as e:
         facts["horovod"] = f"not importable ({e})"
     print(json.dumps(facts, indent=2))
+
+
+def _placement() -> tuple[dict, list[str]]:
+    """This rank's host, local rank and the device ``--device auto`` gives it (a GPU: its
+    index and identity), with the GPUs it sees: what a wrong binding shows up in."""
+    where = {"rank": comm.rank(), "host": socket.gethostname(),
+             "local_rank": devices.local_rank(), "device": "cpu"}
+    visible = devices.visible_gpus()
+    if devices.resolve("auto") == "cuda":
+        gpu = devices.local_gpu()
+        where.update(device=str(gpu), gpu=visible[gpu.index])
+    return where, visible
 
 
 def _loads(library) -> str:

@@ -445,6 +445,12 @@ def test_info_under_mpirun_prints_once(tmp_path):
     assert proc.returncode == 0, proc.stderr
     facts = json.loads(proc.stdout)
     assert facts["ranks"] == 2 and facts["local_size"] == 2
+    # Where each rank runs, from the launcher that gave its rank: what a wrong binding shows.
+    assert facts["launcher"] == "Open MPI"
+    assert [(p["rank"], p["local_rank"], p["device"]) for p in facts["placement"]] == \
+        [(0, 0, "cpu"), (1, 1, "cpu")]
+    assert len({p["host"] for p in facts["placement"]}) == 1
+    assert facts["ranks_share_a_gpu"] is False
     assert facts["library"].isprintable()
     # Devices and transports: no GPU here, so neither CUDA-aware MPI nor NCCL is usable.
     assert facts["cuda"] is False and facts["gpus"] == [] and facts["nccl"] is False

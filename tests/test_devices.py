@@ -60,3 +60,22 @@ def test_the_cuda_aware_override_is_read_on_every_call(monkeypatch):
     assert devices.cuda_aware_mpi() is True
     monkeypatch.setenv(devices._AWARE_ENV, "0")
     assert devices.cuda_aware_mpi() is False
+
+
+def test_ranks_share_a_gpu_when_two_of_a_node_would_take_the_same_one():
+    shares_gpus = devices.shares_gpus
+    assert not shares_gpus([("a", 0, []), ("a", 1, [])])  # no GPU: nothing shared
+    assert shares_gpus([("a", 0, ["G0"]), ("a", 1, ["G0"])])  # two ranks, one GPU
+    # Each rank sees all of the node's GPUs and takes its local rank's (Horovod's way);
+    # with more ranks than GPUs two take one.
+    assert not shares_gpus([("a", 0, ["G0", "G1"]), ("a", 1, ["G0", "G1"])])
+    assert shares_gpus([("a", r, ["G0", "G1"]) for r in range(3)])
+    # Each rank sees only its own GPU, as its device 0 (Slurm's --gpus-per-task).
+    assert not shares_gpus([("a", 0, ["G0"]), ("a", 1, ["G1"]), ("b", 0, ["G0"]),
+                            ("b", 1, ["G1"])])
+    assert shares_gpus([("a", 0, ["G0"]), ("a", 1, ["G1"]), ("b", 0, ["G0"]), ("b", 1, ["G0"])])
+    # --gpu-bind=closest on two sockets: tasks 0 and 2 see the first socket's two GPUs,
+    # 1 and 3 the second's; ranks 0 and 2 both take G0 (and 1 and 3 G3), though the node has
+    # as many GPUs as ranks.
+    first, second = ["G0", "G1"], ["G2", "G3"]
+    assert shares_gpus([("a", 0, first), ("a", 1, second), ("a", 2, first), ("a", 3, second)])

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from hpctrain import comm as mpicomm
-from hpctrain.devices import local_rank, nccl_available
+from hpctrain.devices import local_rank, nccl_available, shares_gpus, visible_gpus
 from hpctrain.errors import UsageError
 from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
@@ -121,7 +121,7 @@ def start_process_group(comm: Any = None) -> bool:
             s.bind(("", 0))
             address = f"{host}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
-    shared = shares_gpus(comm.allgather((node, local_rank(), _visible_gpus())))
+    shared = shares_gpus(comm.allgather((node, local_rank(), visible_gpus())))
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
@@ -159,36 +159,6 @@ def moves_cpu(backend: str) -> bool:
     if ":" in backend:
         return any(part.split(":")[0].strip() == "cpu" for part in backend.split(","))
     return backend != "nccl"
-
-
-def _visible_gpus() -> list[str]:
-    """The GPUs this process sees, by UUID. torch before 2.4 has no UUIDs: then by the entry
-    of ``CUDA_VISIBLE_DEVICES`` that names the GPU (a physical index or a UUID, so that two
-    ranks which each see one GPU as device 0 still differ), else by its index."""
-    if not torch.cuda.is_available():
-        return []
-    listed = [e.strip() for e in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")]
-    names = []
-    for i in range(torch.cuda.device_count()):
-        uuid = getattr(torch.cuda.get_device_properties(i), "uuid", None)
-        names.append(str(uuid) if uuid is not None else
-                     f"GPU {listed[i] if i < len(listed) and listed[i] else i}")
-    return names
-
-
-def shares_gpus(seen: list[tuple[str, int, list[str]]]) -> bool:
-    """Whether two ranks of a node will use the same GPU, which one NCCL communicator cannot
-    hold (``seen``: each rank's node, local rank and visible GPUs).
-
-    A rank's GPU is taken to be ``visible[local_rank % len(visible)]``, hpctrain's rule
-    (:func:`hpctrain.devices.local_gpu`) and a Horovod-style script's
-    (``set_device(hvd.local_rank())``, after ``init``: the current device says nothing yet).
-    It covers each rank seeing all of the node's GPUs, only its own as device 0 (Slurm's
-    ``--gpus-per-task``), or a NUMA domain's few (``--gpu-bind=closest``), where two ranks
-    may land on one GPU while others stay idle.
-    """
-    taken = [(node, visible[local % len(visible)]) for node, local, visible in seen if visible]
-    return len(set(taken)) < len(taken)
 
 
 def _shared_gpu_env() -> bool:
