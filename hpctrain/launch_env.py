@@ -11,10 +11,11 @@ every process would take all the data. :func:`replicas` asks every source there 
 3. the launcher's environment: the innermost launcher's variables, in this order because an
    inner launcher sets its own beside those of the one that started it (``torchrun`` under
    ``srun``, ``mpirun`` inside a Slurm allocation): torchrun's ``WORLD_SIZE``/``RANK``, Open
-   MPI's ``OMPI_COMM_WORLD_SIZE``/``OMPI_COMM_WORLD_RANK``, MPICH/Intel MPI's
-   ``PMI_SIZE``/``PMI_RANK``, and Slurm's ``SLURM_NTASKS``/``SLURM_PROCID`` inside a job step
-   (``SLURM_STEP_ID`` set: a batch script's own environment describes the allocation, not the
-   process);
+   MPI's ``OMPI_COMM_WORLD_SIZE``/``OMPI_COMM_WORLD_RANK``, PMI's ``PMI_SIZE``/``PMI_RANK``
+   (Hydra's for MPICH and Intel MPI, Cray PALS's, Flux's, Slurm's pmi2), MVAPICH's
+   ``MV2_COMM_WORLD_SIZE``/``MV2_COMM_WORLD_RANK``, and Slurm's
+   ``SLURM_NTASKS``/``SLURM_PROCID`` inside a job step (``SLURM_STEP_ID`` set: a batch
+   script's own environment describes the allocation, not the process);
 4. the MPI world, if MPI is running with more than one process (a singleton world, what every
    process under torchrun gets when it starts MPI, says nothing about the job); when no other
    source answers, MPI is started and asked, as before this module existed.
@@ -26,10 +27,11 @@ winning. Nothing here starts MPI or torch.distributed unless every other source 
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 from hpctrain.errors import UsageError
@@ -70,7 +72,12 @@ class Seat:
 def from_launcher(environ: Mapping[str, str] | None = None) -> Seat | None:
     """The innermost launcher's size and rank from ``environ`` (default ``os.environ``), or
     None when no known launcher set them. UsageError for a value that is not a count."""
-    env = os.environ if environ is None else environ
+    return next(_seats(os.environ if environ is None else environ), None)
+
+
+def _seats(env: Mapping[str, str]) -> Iterator[Seat]:
+    """Every known launcher's seat in ``env``, innermost first (read as they are asked for:
+    a bad value is an error only where it is read)."""
     for name, size_var, rank_var in LAUNCHERS:
         if size_var not in env or rank_var not in env:
             continue
@@ -81,22 +88,27 @@ def from_launcher(environ: Mapping[str, str] | None = None) -> Seat | None:
         except ValueError:
             raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
                              "not whole numbers") from None
-        return Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
-                    _local_rank(env, LOCAL_RANKS[name]))
-    return None
+        yield Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
+                   _local_rank(env, LOCAL_RANKS[name]))
 
 
 def local_rank(environ: Mapping[str, str] | None = None) -> int:
-    """This process's rank on its node: the one the launcher that gave its rank gave
+    """This process's rank on its node, from the launcher that gave its rank
     (:func:`from_launcher`), so that a variable another launcher left (a ``LOCAL_RANK``
-    exported in a batch script under mpirun) is not read; with no known launcher, the first
-    such variable set, innermost launcher first; else 0."""
+    exported in a batch script under mpirun) is not read. A launcher that gives none takes
+    that of an outer one numbering the processes alike: ``srun --mpi=pmi2`` sets PMI's rank
+    but only Slurm's ``SLURM_LOCALID``, and a wrapper exporting ``RANK``/``WORLD_SIZE`` for
+    ``env://`` leaves mpirun's. With no known launcher, the first local-rank variable set,
+    innermost launcher first; else 0."""
     env = os.environ if environ is None else environ
-    seat = from_launcher(env)
-    if seat is not None:
-        return seat.local_rank or 0
-    found = _local_rank(env, [v for names in LOCAL_RANKS.values() for v in names])
-    return found or 0
+    seats = _seats(env)
+    first = next(seats, None)
+    if first is None:
+        return _local_rank(env, [v for names in LOCAL_RANKS.values() for v in names]) or 0
+    alike = [first]
+    with contextlib.suppress(UsageError):  # an outer launcher's bad value: not this one's
+        alike += [s for s in seats if (s.size, s.rank) == (first.size, first.rank)]
+    return next((s.local_rank for s in alike if s.local_rank is not None), 0)
 
 
 def _local_rank(env: Mapping[str, str], names) -> int | None:

@@ -21,6 +21,9 @@ import hpctrain
 from hpctrain import weights
 
 _CHUNK = 1 << 20
+_GIT_LOCATION = frozenset({"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR",
+                           "GIT_OBJECT_DIRECTORY", "GIT_ALTERNATE_OBJECT_DIRECTORIES",
+                           "GIT_NAMESPACE", "GIT_PREFIX"})
 
 
 def software(device: torch.device) -> dict:
@@ -41,9 +44,9 @@ def commit() -> dict:
     source = Path(hpctrain.__file__).resolve().parent.parent
     if not (source / ".git").exists():
         return {}
-    # The checkout's own repository (a hook's GIT_DIR or GIT_INDEX_FILE names another);
-    # read only: never take the index lock.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    # The checkout's own repository (a hook's GIT_DIR or GIT_INDEX_FILE names another; the
+    # GIT_CONFIG_* ones, say a CI's safe.directory, stay); read only: never the index lock.
+    env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION}
     env["GIT_OPTIONAL_LOCKS"] = "0"
 
     def git(*args: str) -> subprocess.CompletedProcess:
@@ -93,13 +96,15 @@ def before_mpi(init_from: str | None, resumed: bool) -> None:
 
 def sha256_of(path: str | Path) -> str:
     """The sha256 of a file's bytes, read a megabyte at a time (a model file can be large);
-    remembered while the file keeps its size and modification time."""
+    remembered while the file is the same: its inode, size and change time (which a copy
+    that keeps the modification time, ``cp -p`` or ``rsync -a``, still moves)."""
     stat = os.stat(path)
-    return _sha256(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    return _sha256(str(Path(path).resolve()), stat.st_dev, stat.st_ino, stat.st_size,
+                   stat.st_ctime_ns)
 
 
 @cache
-def _sha256(path: str, size: int, mtime_ns: int) -> str:
+def _sha256(path: str, *same_file: int) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:
         while chunk := stream.read(_CHUNK):

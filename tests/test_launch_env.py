@@ -62,6 +62,17 @@ def test_launcher_environment(env, seat):
     ({"SLURM_NTASKS": "4", "SLURM_PROCID": "2", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "2"},
      2),  # srun
     ({"PMI_SIZE": "2", "PMI_RANK": "1", "LOCAL_RANK": "1"}, 0),  # not this launcher's
+    # srun --mpi=pmi2 sets PMI's rank and size but no local rank: Slurm's, numbering alike
+    ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "1",
+      "PMI_SIZE": "8", "PMI_RANK": "5"}, 1),
+    # a wrapper exporting RANK and WORLD_SIZE (for env://) under mpirun, no LOCAL_RANK
+    ({"WORLD_SIZE": "4", "RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1"}, 1),
+    # ... but not a launcher numbering the processes otherwise (srun started torchrun)
+    ({"WORLD_SIZE": "2", "RANK": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}, 0),
+    ({"WORLD_SIZE": "2", "RANK": "1", "PMI_SIZE": "x", "PMI_RANK": "0"},
+     0),  # an outer launcher's bad value is not this process's error
 ])
 def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
     assert launch_env.local_rank(env) == local
