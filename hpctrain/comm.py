@@ -8,6 +8,7 @@ module level: entry points call :func:`init` first, everything else calls :func:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import sysconfig
@@ -35,6 +36,8 @@ def init(thread_level: str = "multiple") -> ModuleType:
         raise UsageError(f"unknown MPI thread level {thread_level!r}; choose from {THREAD_LEVELS}")
     if "mpi4py.MPI" not in sys.modules:
         mpi4py.rc.thread_level = thread_level
+        with _outer_launch_hidden():
+            from mpi4py import MPI
     from mpi4py import MPI
 
     wanted = THREAD_LEVELS.index(thread_level)
@@ -47,6 +50,32 @@ def init(thread_level: str = "multiple") -> ModuleType:
     install_abort_on_error()
     _check_world_once(MPI)
     return MPI
+
+
+# What tells an MPI library it was started by srun or a PMI server: a torchrun worker
+# inherits these from the srun task (or mpiexec process) that ran torchrun.
+_OUTER_LAUNCH = ("SLURM_STEP_ID", "SLURM_STEPID")
+_OUTER_LAUNCH_PREFIXES = ("PMI_", "PMIX_")
+
+
+@contextlib.contextmanager
+def _outer_launch_hidden():
+    """Under torchrun, the launch variables of whatever started torchrun are hidden while MPI
+    starts, so that each worker is an MPI singleton. Otherwise Open MPI, seeing srun's step,
+    takes each worker for an srun task and fails in MPI_Init (with ``--mpi=pmix`` too: the
+    workers would share the one task's PMIx rank); an MPICH under a PMI server's variables
+    would claim that server's rank. They are back as soon as MPI runs."""
+    if launcher() != "torchrun":
+        yield
+        return
+    hidden = {k: v for k, v in os.environ.items()
+              if k in _OUTER_LAUNCH or k.startswith(_OUTER_LAUNCH_PREFIXES)}
+    for k in hidden:
+        del os.environ[k]
+    try:
+        yield
+    finally:
+        os.environ.update(hidden)
 
 
 def mpi() -> ModuleType:

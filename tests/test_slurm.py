@@ -321,6 +321,28 @@ def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tm
     assert seen == [("0", "0", "0"), ("0", "1", "1")], job_log(work, job)
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("plugin", ["none", "pmix"])
+def test_ssgd_under_torchrun_started_by_srun_as_slurm_md_shows(slurm, tmp_path, plugin):
+    """docs/SLURM.md's torchrun recipe (c10d rendezvous; here at 127.0.0.1, as the test node's
+    name does not resolve): two workers train ssgd over torch.distributed. Each starts MPI as
+    a singleton: inheriting srun's step (and PMIx's variables), Open MPI took each worker for
+    an srun task and failed in MPI_Init, with either plugin (checked)."""
+    out = tmp_path / "run"
+    port = _free_ports(1)[0]
+    script = tmp_path / "ddp.sbatch"
+    script.write_text(
+        f"#!/bin/bash\nsrun --mpi={plugin} {sys.executable} -m torch.distributed.run "
+        f"--nnodes \"$SLURM_NNODES\" --nproc-per-node 2 --rdzv-backend c10d "
+        f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id \"$SLURM_JOB_ID\" "
+        f"-m hpctrain train --algo ssgd {' '.join(SMALL)} --out {out}\n")
+    job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks-per-node=1",
+                                            "--cpus-per-task=2", "--time=5"], [], {})
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["workers"], summary["algo_label"]) == (2, "ssgd (torch backend)"), \
+        job_log(work, job)
+
+
 @pytest.mark.timeout(660)  # two attempts, the wait between them
 def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_algorithm(slurm):
     """compare.sbatch runs every algorithm inside the allocation. Warned as Slurm's --signal
