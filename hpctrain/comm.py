@@ -52,30 +52,40 @@ def init(thread_level: str = "multiple") -> ModuleType:
     return MPI
 
 
-# What tells an MPI library it was started by srun or a PMI server: a torchrun worker
-# inherits these from the srun task (or mpiexec process) that ran torchrun.
-_OUTER_LAUNCH = ("SLURM_STEP_ID", "SLURM_STEPID")
-_OUTER_LAUNCH_PREFIXES = ("PMI_", "PMIX_")
+# What tells an MPI library that srun or a PMI server (Hydra's mpiexec) started it: a
+# torchrun worker inherits these from the srun task or mpiexec process that ran torchrun.
+_SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+_PMI_PREFIXES = ("PMI_", "PMIX_")
+_MPI_LAUNCHERS = ("Open MPI", "PMI", "MVAPICH")  # launch_env's names of MPI's own launchers
 
 
 @contextlib.contextmanager
 def _outer_launch_hidden():
-    """Under torchrun, the launch variables of whatever started torchrun are hidden while MPI
-    starts, so that each worker is an MPI singleton. Otherwise Open MPI, seeing srun's step,
-    takes each worker for an srun task and fails in MPI_Init (with ``--mpi=pmix`` too: the
-    workers would share the one task's PMIx rank); an MPICH under a PMI server's variables
-    would claim that server's rank. They are back as soon as MPI runs."""
+    """Under torchrun, the launch variables of srun or a PMI server that started torchrun are
+    hidden while MPI starts, so that each worker is an MPI singleton. Otherwise Open MPI,
+    seeing srun's step, takes each worker for an srun task and fails in MPI_Init (with
+    ``--mpi=pmix`` too), and an MPICH would claim the PMI server's rank. Slurm's step comes
+    back once MPI runs (launch_env reads it); PMI's and PMIx's stay hidden, since the
+    singleton MPI set its own in the process's environment, which children inherit. Not when
+    an MPI launcher numbers the processes as torchrun's variables do (a script under mpirun
+    given them by hand): MPI's world is then theirs. mpirun starting torchrun is not helped
+    (its variables name its daemon)."""
     if launcher() != "torchrun":
         yield
         return
+    found = launch_env.seats()
+    ours = next(found)  # torchrun's
+    if ours.size > 1 and any(s.launcher in _MPI_LAUNCHERS for s in launch_env.alike(ours, found)):
+        yield
+        return
     hidden = {k: v for k, v in os.environ.items()
-              if k in _OUTER_LAUNCH or k.startswith(_OUTER_LAUNCH_PREFIXES)}
+              if k in _SLURM_STEP or k.startswith(_PMI_PREFIXES)}
     for k in hidden:
         del os.environ[k]
     try:
         yield
     finally:
-        os.environ.update(hidden)
+        os.environ.update({k: v for k, v in hidden.items() if k in _SLURM_STEP})
 
 
 def mpi() -> ModuleType:

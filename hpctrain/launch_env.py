@@ -64,6 +64,7 @@ class Seat:
     rank: int
     source: str
     local_rank: int | None = None  # the launcher's rank of this process on its node, if given
+    launcher: str | None = None  # its name in LAUNCHERS, for a launcher's seat
 
     def __str__(self) -> str:
         return f"{self.source} says rank {self.rank} of {self.size}"
@@ -72,12 +73,13 @@ class Seat:
 def from_launcher(environ: Mapping[str, str] | None = None) -> Seat | None:
     """The innermost launcher's size and rank from ``environ`` (default ``os.environ``), or
     None when no known launcher set them. UsageError for a value that is not a count."""
-    return next(_seats(os.environ if environ is None else environ), None)
+    return next(seats(environ), None)
 
 
-def _seats(env: Mapping[str, str]) -> Iterator[Seat]:
-    """Every known launcher's seat in ``env``, innermost first (read as they are asked for:
-    a bad value is an error only where it is read)."""
+def seats(environ: Mapping[str, str] | None = None) -> Iterator[Seat]:
+    """Every known launcher's seat in ``environ`` (default ``os.environ``), innermost first,
+    read as they are asked for: a bad value is an error only where it is read."""
+    env = os.environ if environ is None else environ
     for name, size_var, rank_var in LAUNCHERS:
         if size_var not in env or rank_var not in env:
             continue
@@ -89,7 +91,7 @@ def _seats(env: Mapping[str, str]) -> Iterator[Seat]:
             raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
                              "not whole numbers") from None
         yield Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
-                   _local_rank(env, LOCAL_RANKS[name]))
+                   _local_rank(env, LOCAL_RANKS[name]), name)
 
 
 def local_rank(environ: Mapping[str, str] | None = None) -> int:
@@ -101,14 +103,24 @@ def local_rank(environ: Mapping[str, str] | None = None) -> int:
     ``env://`` leaves mpirun's. With no known launcher, the first local-rank variable set,
     innermost launcher first; else 0."""
     env = os.environ if environ is None else environ
-    seats = _seats(env)
-    first = next(seats, None)
+    found = seats(env)
+    first = next(found, None)
     if first is None:
         return _local_rank(env, [v for names in LOCAL_RANKS.values() for v in names]) or 0
-    alike = [first]
-    with contextlib.suppress(UsageError):  # an outer launcher's bad value: not this one's
-        alike += [s for s in seats if (s.size, s.rank) == (first.size, first.rank)]
-    return next((s.local_rank for s in alike if s.local_rank is not None), 0)
+    return next((s.local_rank for s in [first, *alike(first, found)]
+                 if s.local_rank is not None), 0)
+
+
+def alike(first: Seat, outer: Iterator[Seat]) -> list[Seat]:
+    """The seats of ``outer`` (launchers outside ``first``'s) that number this process as
+    ``first`` does, up to one whose values are not counts (an outer launcher's, not this
+    process's error)."""
+    same = []
+    with contextlib.suppress(UsageError):
+        for seat in outer:
+            if (seat.size, seat.rank) == (first.size, first.rank):
+                same.append(seat)
+    return same
 
 
 def _local_rank(env: Mapping[str, str], names) -> int | None:

@@ -72,7 +72,10 @@ def test_launcher_environment(env, seat):
     ({"WORLD_SIZE": "2", "RANK": "1", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
       "SLURM_STEP_ID": "0", "SLURM_LOCALID": "0"}, 0),
     ({"WORLD_SIZE": "2", "RANK": "1", "PMI_SIZE": "x", "PMI_RANK": "0"},
-     0),  # an outer launcher's bad value is not this process's error
+     0),  # an outer launcher's bad value is not this process's error ...
+    ({"WORLD_SIZE": "4", "RANK": "3", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+      "OMPI_COMM_WORLD_LOCAL_RANK": "1", "PMI_SIZE": "x", "PMI_RANK": "0"},
+     1),  # ... nor does it lose the one found before it
 ])
 def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
     assert launch_env.local_rank(env) == local

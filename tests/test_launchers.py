@@ -192,3 +192,47 @@ def test_launch_check_under_torchrun_environment(monkeypatch, algo, extra, named
         run.check_launch(RunConfig(algo=algo, data=data, algorithm=algorithm), 2)
     ok = run.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic")), 2)
     assert ok.algorithm.sync_backend == "torch"
+
+
+# How MPI starts in a process torchrun's variables describe (hpctrain.comm.init): its world
+# size, and whether srun's step and PMIx's variables are there once it runs.
+MPI_START = """
+import json, os
+from hpctrain import comm
+MPI = comm.init()
+print(json.dumps({"size": MPI.COMM_WORLD.Get_size(), "step": os.environ.get("SLURM_STEP_ID"),
+                  "pmix": os.environ.get("PMIX_NAMESPACE")}))
+"""
+SRUN_TASK = {"SLURM_JOBID": "7", "SLURM_NODELIST": "node1", "SLURM_STEP_ID": "0",
+             "SLURM_STEPID": "0", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
+             "PMIX_NAMESPACE": "slurm.pmix.7.0", "PMIX_RANK": "0",
+             "PMIX_SERVER_URI2": "pmix-server.1;tcp4://127.0.0.1:9"}  # no server there
+
+
+@pytest.mark.timeout(120)
+def test_a_torchrun_worker_started_by_srun_starts_mpi_alone(tmp_path):
+    """Inheriting the srun task's step and PMIx variables, Open MPI took the worker for an
+    srun task and failed in MPI_Init (docs/SLURM.md, torchrun under srun; test_slurm runs
+    the real thing where Slurm runs). The step is back afterwards, PMIx's stay hidden."""
+    script = tmp_path / "start.py"
+    script.write_text(MPI_START)
+    proc = run_program([sys.executable, str(script)], timeout=60,
+                       env={**SRUN_TASK, **TORCHRUN_ENV, "RANK": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[-1]) == {"size": 1, "step": "0", "pmix": None}
+
+
+@pytest.mark.timeout(120)
+def test_a_script_under_mpirun_given_torchruns_variables_keeps_its_world(tmp_path):
+    """mpirun's processes given torchrun's variables by hand (RANK and WORLD_SIZE as mpirun
+    numbers them): MPI's world is theirs, nothing is hidden."""
+    script = tmp_path / "start.py"
+    script.write_text(MPI_START)
+    wrapper = ("RANK=$OMPI_COMM_WORLD_RANK WORLD_SIZE=$OMPI_COMM_WORLD_SIZE "
+               f"exec {sys.executable} {script}")
+    env = {k: v for k, v in TORCHRUN_ENV.items() if k not in ("RANK", "WORLD_SIZE")}
+    proc = run_program(["bash", "-c", wrapper], np=2, timeout=60, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line)["size"] for line in proc.stdout.splitlines()
+            if line.startswith("{")] == [2, 2]
+
