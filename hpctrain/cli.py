@@ -19,6 +19,7 @@ if __name__ == "__main__":
 import argparse
 import importlib
 import json
+import os
 import socket
 import textwrap
 from pathlib import Path
@@ -143,13 +144,17 @@ def info() -> None:
     import torch
 
     MPI = comm.init("multiple")
-    local_size = comm.local_size()  # collective: every rank takes part
-    placed = MPI.COMM_WORLD.gather(_placement(), root=0)
-    if MPI.COMM_WORLD.Get_rank() != 0:
+    if comm.launcher() == "torchrun":  # each worker is an MPI world of its own
+        rank, size, local_size, placed = _placed_by_torchrun()
+    else:
+        rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+        local_size = comm.local_size()  # collective: every rank takes part
+        placed = MPI.COMM_WORLD.gather(_placement(rank), root=0)
+    if rank != 0:
         return
     seat = launch_env.from_launcher()
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
-             **devices.describe(), **comm.library_info(), "ranks": comm.size(),
+             **devices.describe(), **comm.library_info(), "ranks": size,
              "local_size": local_size,
              "launcher": seat.source.split(" (")[0] if seat else "none known",
              "placement": [where for where, _ in placed],
@@ -167,10 +172,25 @@ def info() -> None:
     print(json.dumps(facts, indent=2))
 
 
-def _placement() -> tuple[dict, list[str]]:
+def _placed_by_torchrun() -> tuple[int, int, int, list | None]:
+    """Under torchrun: this worker's rank, the job's size, the workers on this node and (on
+    rank 0) every worker's :func:`_placement`, gathered over a gloo group of their own."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    try:
+        rank, size = dist.get_rank(), dist.get_world_size()
+        placed = [None] * size if rank == 0 else None
+        dist.gather_object(_placement(rank), placed, dst=0)
+    finally:
+        dist.destroy_process_group()
+    return rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), placed
+
+
+def _placement(rank: int) -> tuple[dict, list[str]]:
     """This rank's host, local rank and the device ``--device auto`` gives it (a GPU: its
     index and identity), with the GPUs it sees: what a wrong binding shows up in."""
-    where = {"rank": comm.rank(), "host": socket.gethostname(),
+    where = {"rank": rank, "host": socket.gethostname(),
              "local_rank": devices.local_rank(), "device": "cpu"}
     visible = devices.visible_gpus()
     if devices.resolve("auto") == "cuda":

@@ -236,3 +236,13 @@ def test_a_script_under_mpirun_given_torchruns_variables_keeps_its_world(tmp_pat
     assert [json.loads(line)["size"] for line in proc.stdout.splitlines()
             if line.startswith("{")] == [2, 2]
 
+
+@pytest.mark.timeout(120)
+def test_info_under_torchrun_prints_every_workers_placement_once():
+    """Each worker is an MPI world of its own: info gathers over torch.distributed instead."""
+    proc = torchrun(["info"], 2)
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)  # one object: rank 0's
+    assert (facts["ranks"], facts["local_size"], facts["launcher"]) == (2, 2, "torchrun")
+    assert [(p["rank"], p["local_rank"]) for p in facts["placement"]] == [(0, 0), (1, 1)]
+
