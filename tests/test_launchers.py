@@ -197,11 +197,13 @@ def test_launch_check_under_torchrun_environment(monkeypatch, algo, extra, named
 # How MPI starts in a process torchrun's variables describe (hpctrain.comm.init): its world
 # size, and whether srun's step and PMIx's variables are there once it runs.
 MPI_START = """
-import json, os
+import json, os, sys
 from hpctrain import comm
 MPI = comm.init()
-print(json.dumps({"size": MPI.COMM_WORLD.Get_size(), "step": os.environ.get("SLURM_STEP_ID"),
-                  "pmix": os.environ.get("PMIX_NAMESPACE")}))
+found = {"size": MPI.COMM_WORLD.Get_size(), "step": os.environ.get("SLURM_STEP_ID"),
+         "pmix": os.environ.get("PMIX_NAMESPACE")}
+with open(f"{sys.argv[1]}/{os.environ['RANK']}.json", "w") as f:  # not stdout: mpirun mixes
+    json.dump(found, f)
 """
 SRUN_TASK = {"SLURM_JOBID": "7", "SLURM_NODELIST": "node1", "SLURM_STEP_ID": "0",
              "SLURM_STEPID": "0", "SLURM_NTASKS": "1", "SLURM_PROCID": "0",
@@ -216,10 +218,11 @@ def test_a_torchrun_worker_started_by_srun_starts_mpi_alone(tmp_path):
     the real thing where Slurm runs). The step is back afterwards, PMIx's stay hidden."""
     script = tmp_path / "start.py"
     script.write_text(MPI_START)
-    proc = run_program([sys.executable, str(script)], timeout=60,
+    proc = run_program([sys.executable, str(script), str(tmp_path)], timeout=60,
                        env={**SRUN_TASK, **TORCHRUN_ENV, "RANK": "1"})
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout.splitlines()[-1]) == {"size": 1, "step": "0", "pmix": None}
+    assert json.loads((tmp_path / "1.json").read_text()) == \
+        {"size": 1, "step": "0", "pmix": None}
 
 
 @pytest.mark.timeout(120)
@@ -229,12 +232,11 @@ def test_a_script_under_mpirun_given_torchruns_variables_keeps_its_world(tmp_pat
     script = tmp_path / "start.py"
     script.write_text(MPI_START)
     wrapper = ("RANK=$OMPI_COMM_WORLD_RANK WORLD_SIZE=$OMPI_COMM_WORLD_SIZE "
-               f"exec {sys.executable} {script}")
+               f"exec {sys.executable} {script} {tmp_path}")
     env = {k: v for k, v in TORCHRUN_ENV.items() if k not in ("RANK", "WORLD_SIZE")}
     proc = run_program(["bash", "-c", wrapper], np=2, timeout=60, env=env)
     assert proc.returncode == 0, proc.stderr
-    assert [json.loads(line)["size"] for line in proc.stdout.splitlines()
-            if line.startswith("{")] == [2, 2]
+    assert [json.loads((tmp_path / f"{r}.json").read_text())["size"] for r in (0, 1)] == [2, 2]
 
 
 @pytest.mark.timeout(120)
