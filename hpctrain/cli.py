@@ -156,7 +156,7 @@ def info() -> None:
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
              **devices.describe(), **comm.library_info(), "ranks": size,
              "local_size": local_size,
-             "launcher": seat.source.split(" (")[0] if seat else "none known",
+             "launcher": seat.launcher if seat else "none known",
              "placement": [where for where, _ in placed],
              "ranks_share_a_gpu": devices.shares_gpus([(w["host"], w["local_rank"], visible)
                                                        for w, visible in placed]),
