@@ -153,6 +153,67 @@ def test_a_commit_that_cannot_be_written_stops_the_next_one(hvd, monkeypatch, tm
         elastic.flush()
 
 
+def test_a_folder_that_cannot_hold_commits_is_refused_at_the_start(hvd, monkeypatch, tmp_path):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv(elastic.ENV, str(tmp_path / "file" / "commits"))
+    state = hvd.elastic.TorchState(*_training(), epoch=0)
+    with pytest.raises(UsageError, match=r"HPCTRAIN_ELASTIC_DIR '.*file/commits': cannot make "
+                       "the folder: Not a directory"):
+        hvd.elastic.run(lambda s: None)(state)
+
+
+def test_the_last_commits_failed_write_is_raised_when_run_returns(hvd, monkeypatch, tmp_path):
+    folder = tmp_path / "commits"
+    monkeypatch.setenv(elastic.ENV, str(folder))
+    state = hvd.elastic.TorchState(*_training(), epoch=0)
+
+    @hvd.elastic.run
+    def train(state):
+        folder.rmdir()  # the folder was fine at the start, and is a file by the last commit
+        folder.write_text("")
+        state.commit()
+
+    with pytest.raises(UsageError, match=r"cannot write the commit .*commits/state-0\.pt"):
+        train(state)
+
+
+def test_a_second_run_in_one_process_goes_on_from_the_live_state(hvd, monkeypatch, tmp_path):
+    """Horovod's run syncs the live state at every call; only the first call resumes."""
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    model, opt = _training()
+    state = hvd.elastic.TorchState(model, opt, epoch=0)
+    resets = []
+    state.register_reset_callbacks([lambda: resets.append(1)])
+
+    @hvd.elastic.run
+    def epoch(state):
+        _step(model, opt)
+        state.epoch += 1
+        state.commit()
+        _step(model, opt)  # after the commit: kept by the live model
+
+    epoch(state)
+    live = {k: v.clone() for k, v in model.state_dict().items()}
+    epoch(state)
+    assert state.epoch == 2 and resets == []
+    assert not _same(model.state_dict(), live)
+    state.restore()
+    assert state.epoch == 2  # the second call's commit, on from the first call's live model
+
+
+def test_a_restored_optimizer_does_not_change_the_saved_state(hvd):
+    model = nn.Linear(4, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    state = hvd.elastic.TorchState(model, opt)
+    _step(model, opt)
+    state.commit()
+    saved = copy.deepcopy(state._handlers["optimizer"].saved)
+    state.restore()
+    _step(model, opt)  # Adam's exp_avg moves in place
+    kept = state._handlers["optimizer"].saved["state"][0]["exp_avg"]
+    assert torch.equal(kept, saved["state"][0]["exp_avg"])
+
+
 def test_without_the_folder_commits_stay_in_memory(hvd, tmp_path):
     state = hvd.elastic.TorchState(*_training(), epoch=0)
     state.commit()

@@ -75,6 +75,7 @@ class State:
         self._reset_callbacks: list[Callable[[], None]] = []
         self._file = f"state-{next(_created)}.pt"
         self._commits = 0
+        self._resumed = False  # looked in HPCTRAIN_ELASTIC_DIR: once per process, at the first run
 
     def register_reset_callbacks(self, callbacks: list[Callable[[], None]]) -> None:
         """Functions to call after a reset (here: a restart from a commit), e.g. to scale the
@@ -89,8 +90,8 @@ class State:
     def commit(self) -> None:
         """Copy the state aside (``restore`` brings it back), and to ``HPCTRAIN_ELASTIC_DIR``
         when set: rank 0 writes it in the background, while training goes on; the next
-        commit, and the end of the script, wait for that write. Costs a copy of the model:
-        commit every few batches."""
+        commit and the return of the function :func:`run` decorates wait for that write.
+        Costs a copy of the model: commit every few batches."""
         self.save()
         self._commits += 1
         folder = os.environ.get(ENV)
@@ -147,8 +148,8 @@ class ObjectState(State):
             setattr(self, name, value)
 
     def _snapshot(self) -> dict:
-        # Pickled, as broadcast_object sends them: any picklable value, read back by torch.load
-        # with weights_only (the file's own tensors and plain values only).
+        # Pickled, as broadcast_object sends them: any picklable value. Reading them back
+        # unpickles them (code can run), so the folder must be as trusted as the script.
         blob = pickle.dumps(self._saved_state)
         return {"objects": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
 
@@ -222,7 +223,9 @@ class _Handler:
         self.saved = copy.deepcopy(self.value.state_dict())
 
     def restore(self) -> None:
-        self.value.load_state_dict(self.saved)
+        # A copy: an optimizer keeps the tensors it is given, and its next step would change
+        # the saved state in place (Horovod's restore shares them).
+        self.value.load_state_dict(copy.deepcopy(self.saved))
 
     def set_value(self, value: Any) -> None:
         self.value = value
@@ -364,6 +367,18 @@ def _read(state: State, path: Path) -> dict | None:
     return {"commits": header["commits"], "size": header["size"]}
 
 
+def _writable(folder: Path) -> None:
+    """Make ``folder`` and check that rank 0 can write its commits there (UsageError if not),
+    so that a wrong path fails at the start, not silently at the first commit."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"${ENV} {str(folder)!r}: cannot make the folder: "
+                         f"{e.strerror}") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"${ENV} {str(folder)!r}: the folder is not writable")
+
+
 def _resume(state: State) -> bool:
     """Rank 0 loads ``state``'s last commit from ``HPCTRAIN_ELASTIC_DIR``, if there is one;
     every rank learns whether it did (one broadcast, also of a refusal, so none hangs)."""
@@ -373,6 +388,7 @@ def _resume(state: State) -> bool:
     if folder and hvd.rank() == 0:
         path = Path(folder) / state._file
         try:
+            _writable(Path(folder))
             found = _read(state, path)
         except UsageError as e:  # the last write failed
             found = str(e)
@@ -389,18 +405,24 @@ def _resume(state: State) -> bool:
 
 def run(func: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate the training function ``func(state, ...)``: every rank starts from the same
-    state (rank 0's, or its last commit in ``HPCTRAIN_ELASTIC_DIR`` after a restart)."""
+    state (rank 0's, or its last commit in ``HPCTRAIN_ELASTIC_DIR`` after a restart). A
+    later call in the same process goes on from the live state, as in Horovod; it returns
+    once rank 0's last commit is on disk (UsageError there if writing it failed)."""
 
     @functools.wraps(func)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
-        if _resume(state):
-            state.on_reset()
+        if not state._resumed:
+            state._resumed = True
+            if _resume(state):
+                state.on_reset()
         skip_sync = False
         while True:
             try:
                 if not skip_sync:
                     state.sync()
-                return func(state, *args, **kwargs)
+                result = func(state, *args, **kwargs)
+                flush()
+                return result
             except HostsUpdatedInterrupt as e:
                 skip_sync = e.skip_sync
             state.on_reset()
