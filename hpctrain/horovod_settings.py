@@ -11,6 +11,7 @@ Pure: nothing here imports torch or starts MPI.
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,6 +208,8 @@ def _typed(setting: Setting, value: Any, where: str) -> Any:
         want = {bool: "true or false", str: "a string", int: "a whole number",
                 float: "a number"}[kind]
         raise UsageError(f"{where}: want {want}, got {value!r}")
+    if setting.choices and isinstance(value, str) and value.upper() in setting.choices:
+        value = value.upper()  # Horovod's core reads its log level in any case
     if setting.choices and value not in setting.choices:
         raise UsageError(f"{where}: {value!r} is not one of {', '.join(setting.choices)}")
     return value
@@ -222,8 +225,8 @@ def resolve(args: argparse.Namespace, config: Mapping[str, Any]) -> dict[str, An
         if value is None:
             continue
         source = s.flag if given is not None else f"{s.name} in --config-file"
-        if s.kind in (int, float) and value < 0:
-            raise UsageError(f"{source} {value}: want >= 0")
+        if s.kind in (int, float) and not 0 <= value < math.inf:  # nan and inf too
+            raise UsageError(f"{source} {value}: want a finite number >= 0")
         if s.at_most is not None and value > s.at_most:
             raise UsageError(f"{source} {value}: want <= {s.at_most:g}")
         chosen[s.name] = value

@@ -182,7 +182,7 @@ def variables(args: argparse.Namespace) -> dict[str, str]:
     """The variables horovodrun sets for the ranks: the tuning flags over ``--config-file``,
     ``--tcp``, and the interfaces for NCCL and gloo (the torch backend's)."""
     config = horovod_settings.read_config(args.config_file) if args.config_file else {}
-    controller = config.pop("controller", "mpi")
+    controller = config.pop("controller", None) or "mpi"  # an empty line: the default
     if str(controller).lower() != "mpi" and not args.mpi:  # --mpi wins, as in horovodrun
         raise UsageError(f"--config-file {args.config_file!r}: controller {controller!r}: "
                          "hpctrain horovodrun starts MPI jobs only (controller: mpi)")

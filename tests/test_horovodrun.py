@@ -189,6 +189,14 @@ def test_a_config_file_horovod_reads_gives_its_variables(text, disable, tmp_path
     assert ours == horovods_variables(words, monkeypatch)
 
 
+def test_a_config_file_horovod_reads_is_read_the_same(tmp_path):
+    """Horovod's core takes a log level in any case, and an empty controller line is mpi."""
+    config = tmp_path / "horovod.yaml"
+    config.write_text("controller:\nlogging:\n  level: debug\n")
+    args = parse("-np", "2", "--config-file", str(config), "python", "x.py")
+    assert horovodrun.variables(args) == {"HOROVOD_LOG_LEVEL": "DEBUG"}
+
+
 def test_mpi_on_the_command_line_wins_over_the_config_files_controller(tmp_path):
     """horovodrun reads the file's controller only when neither --mpi nor --gloo is given."""
     config = tmp_path / "horovod.yaml"
@@ -204,7 +212,8 @@ def test_mpi_on_the_command_line_wins_over_the_config_files_controller(tmp_path)
     ("params:\n  fusion_threshold_mb: big\n",
      "params.fusion_threshold_mb: want a whole number, got 'big'"),
     ("params:\n  fusion_threshold_mb: -2\n",
-     "params.fusion_threshold_mb in --config-file -2: want >= 0"),
+     "params.fusion_threshold_mb in --config-file -2: want a finite number >= 0"),
+    ("params:\n  cycle_time_ms: .nan\n", "cycle_time_ms in --config-file nan: want a finite"),
     ("autotune:\n  enabled: 1\n", "autotune.enabled: want true or false, got 1"),
     ("logging:\n  level: LOUD\n", "logging.level: 'LOUD' is not one of TRACE"),
     ("controller: gloo\n", "controller 'gloo': hpctrain horovodrun starts MPI jobs only"),
@@ -293,7 +302,9 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
     (["-np", "2", "--gloo", "python", "x.py"], "--gloo: hpctrain horovodrun starts MPI jobs"),
     (["-np", "2", "--min-np", "1", "python", "x.py"], "--min-np: horovodrun's elastic mode"),
     (["-np", "2", "--fusion-threshold-mb", "-1", "python", "x.py"],
-     "--fusion-threshold-mb -1: want >= 0"),
+     "--fusion-threshold-mb -1: want a finite number >= 0"),
+    (["-np", "2", "--cycle-time-ms", "inf", "python", "x.py"],
+     "--cycle-time-ms inf: want a finite number >= 0"),
     (["-np", "2", "--autotune-gaussian-process-noise", "1.5", "python", "x.py"],
      "--autotune-gaussian-process-noise 1.5: want <= 1"),
     (["-np", "2", "--jsrun", "python", "x.py"], "--jsrun: hpctrain horovodrun starts MPI jobs"),
