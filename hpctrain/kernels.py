@@ -135,10 +135,8 @@ def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float
             raise UsageError(f"dc kernel: {name} is on {t.device}, w on {device}")
         if t.device.type not in ("cpu", "cuda"):
             raise UsageError(f"dc kernel: {name} is on {t.device}; cpu or cuda is needed")
-    if outputs.get("ms") is not None and not 0.0 <= ms_decay < 1.0:
-        raise UsageError(f"dc kernel: ms_decay {ms_decay} is outside [0, 1)")
-    if outputs.get("v") is not None and not 0.0 <= momentum < 1.0:
-        raise UsageError(f"dc kernel: momentum {momentum} is outside [0, 1)")
+    check_decays(ms=outputs.get("ms") is not None, v=outputs.get("v") is not None,
+                 ms_decay=ms_decay, momentum=momentum)
     # Outputs may be the same memory as anything else, never a shifted overlap; no two outputs
     # may share memory at all.
     written = [(k, t) for k, t in outputs.items() if t is not None]
@@ -147,6 +145,15 @@ def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float
             same = t.data_ptr() == u.data_ptr()
             if (same and other in outputs) or (not same and _overlap(t, u)):
                 raise UsageError(f"dc kernel: {name} overlaps {other} in memory")
+
+
+def check_decays(*, ms: bool, v: bool, ms_decay: float, momentum: float) -> None:
+    """UsageError unless the decays of the state kept (``ms``: DC-ASGD-a's mean square;
+    ``v``: momentum) lie in [0, 1). A caller that holds a lock checks before taking it."""
+    if ms and not 0.0 <= ms_decay < 1.0:
+        raise UsageError(f"dc kernel: ms_decay {ms_decay} is outside [0, 1)")
+    if v and not 0.0 <= momentum < 1.0:
+        raise UsageError(f"dc kernel: momentum {momentum} is outside [0, 1)")
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

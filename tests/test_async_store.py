@@ -156,6 +156,29 @@ def test_bad_store_arguments_rejected():
         ParameterStore(v.double(), MPI.COMM_SELF)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_a_push_that_raises_leaves_the_shards_unlocked(consistency, mode):
+    """A push raised inside the shard's lock and kept it: the next pull spun forever on
+    shared memory, or MPI refused the nested lock epoch."""
+    w = torch.arange(64, dtype=torch.float32)
+    with ParameterStore(w, self_comm(), shards=2, consistency=consistency,
+                        **MODES[mode]) as store:
+        w_bak, g, ms = w.clone(), torch.ones(64), torch.zeros(64)
+        with pytest.raises(UsageError, match="ms_decay 1.5 is outside"):
+            store.push(w_bak, g, ms, lr=0.1, ms_decay=1.5)  # refused before any lock
+        with pytest.raises(UsageError, match="overlaps"):
+            store.push(w_bak, g, ms, ms, lr=0.1, momentum=0.5)  # the kernel's own refusal
+        out = torch.empty(64)
+        assert store.pull(out) == 0
+        assert torch.equal(out, w)
+        store.push(w.clone(), g, lr=0.5)
+        store.pull(out)
+        assert torch.equal(out, w - 0.5)
+        store.finish()
+
+
 def test_optimizer_rejects_a_model_of_another_size():
     MPI = comm.mpi()
     with ParameterStore(torch.zeros(10), MPI.COMM_SELF) as store:

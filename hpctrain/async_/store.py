@@ -32,6 +32,7 @@ memory is not something every MPI library's RMA component does.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -237,12 +238,11 @@ class ParameterStore:
         out_np = out.numpy()
         for s in self.order:
             win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
-            self._lock(s, exclusive=False)
-            if self.shared:
-                out[lo:hi].copy_(self._mapped[s].values)
-            else:
-                self._read(win, owner, out_np[lo:hi])
-            self._unlock(s, exclusive=False)
+            with self._holding(s, exclusive=False):
+                if self.shared:
+                    out[lo:hi].copy_(self._mapped[s].values)
+                else:
+                    self._read(win, owner, out_np[lo:hi])
         self.bytes_read += 4 * self.numel
         self.mpi_bytes += 0 if self.shared else 4 * self.numel
         self._seen = seen
@@ -267,6 +267,8 @@ class ParameterStore:
                 self._check_buffer(name, t)
                 if t.device != w_bak.device:
                     raise UsageError(f"store: {name} is on {t.device}, w_bak on {w_bak.device}")
+        kernels.check_decays(ms=ms is not None, v=v is not None, ms_decay=ms_decay,
+                             momentum=momentum)  # here: the kernel runs under a lock
         stage = self._stage(w_bak.device)
         staged = stage is not None or not (self.shared and self.in_place)
         hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay,
@@ -294,51 +296,59 @@ class ParameterStore:
     def _push_locked_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
         """Shared memory, CPU worker: one pass over the shard, the new values also in w_bak."""
         mapped = self._mapped[s]
-        self._lock(s, exclusive=True)
-        before = int(mapped.count[0])
-        mapped.count[0] = before + 1
-        kernels.dc_update(mapped.values, g, w_bak, ms, v, out2=w_bak, **hyper)
-        self._unlock(s, exclusive=True)
+        with self._holding(s, exclusive=True):
+            before = int(mapped.count[0])
+            mapped.count[0] = before + 1
+            kernels.dc_update(mapped.values, g, w_bak, ms, v, out2=w_bak, **hyper)
         return before
 
     def _push_atomic_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Shared memory, CPU worker: the kernel reads the shard in place, one pass fewer."""
         lo, hi = self.bounds[s]
         delta = self._delta[lo:hi]
-        self._lock(s, exclusive=False)
-        kernels.dc_delta(self._mapped[s].values, g, w_bak, ms, v, out=delta, w_out=w_bak,
-                         **hyper)
-        self._accumulate(s, delta)
-        self._unlock(s, exclusive=False)
+        with self._holding(s, exclusive=False):
+            kernels.dc_delta(self._mapped[s].values, g, w_bak, ms, v, out=delta, w_out=w_bak,
+                             **hyper)
+            self._accumulate(s, delta)
 
     def _push_locked(self, s: int, w_bak, g, ms, v, hyper, stage) -> int:
         """Staged, under the exclusive lock: read count and shard, kernel where w_bak is,
         write both back."""
         lo, hi = self.bounds[s]
         host = self._cur[lo:hi]
-        self._lock(s, exclusive=True)
-        before = self._read_shard(s, host, count=True)
-        cur = host if stage is None else stage.values[lo:hi].copy_(host)
-        kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
-        new = w_bak if stage is None else host.copy_(w_bak)
-        self._write(s, before + 1, new)
-        self._unlock(s, exclusive=True)
+        with self._holding(s, exclusive=True):
+            before = self._read_shard(s, host, count=True)
+            cur = host if stage is None else stage.values[lo:hi].copy_(host)
+            kernels.dc_update(cur, g, w_bak, ms, v, out=w_bak, **hyper)
+            new = w_bak if stage is None else host.copy_(w_bak)
+            self._write(s, before + 1, new)
         return before
 
     def _push_atomic(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Staged, under a shared lock: read the shard, delta where w_bak is, Accumulate it."""
         lo, hi = self.bounds[s]
         host, delta = self._cur[lo:hi], self._delta[lo:hi]
-        self._lock(s, exclusive=False)
-        self._read_shard(s, host)
-        if stage is None:
-            kernels.dc_delta(host, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
-        else:
-            cur = stage.values[lo:hi].copy_(host)
-            kernels.dc_delta(cur, g, w_bak, ms, v, out=stage.delta[lo:hi], w_out=w_bak, **hyper)
-            delta.copy_(stage.delta[lo:hi])
-        self._accumulate(s, delta)
-        self._unlock(s, exclusive=False)
+        with self._holding(s, exclusive=False):
+            self._read_shard(s, host)
+            if stage is None:
+                kernels.dc_delta(host, g, w_bak, ms, v, out=delta, w_out=w_bak, **hyper)
+            else:
+                cur = stage.values[lo:hi].copy_(host)
+                kernels.dc_delta(cur, g, w_bak, ms, v, out=stage.delta[lo:hi], w_out=w_bak,
+                                 **hyper)
+                delta.copy_(stage.delta[lo:hi])
+            self._accumulate(s, delta)
+
+    @contextlib.contextmanager
+    def _holding(self, s: int, exclusive: bool):
+        """Shard ``s`` locked for the block and unlocked however it ends: an error inside (a
+        CUDA or MPI one) raises on this rank and leaves no other rank waiting on the lock.
+        A push it ends may have written some of its shards; the count of updates misses it."""
+        self._lock(s, exclusive)
+        try:
+            yield
+        finally:
+            self._unlock(s, exclusive)
 
     def _lock(self, s: int, exclusive: bool) -> None:
         """Lock shard ``s``: hpctrain's own lock on shared memory, else MPI's on its window
