@@ -159,7 +159,8 @@ def _say_user_data(config: RunConfig) -> None:
     """A user's data set checked and its sizes said (rank 0) before MPI starts."""
     name = config.data.dataset
     if userdata.is_user(name):
-        about = userdata.describe(name, config.data.data_dir)
+        # By the name the run uses after launch: its loader is called (and cached) once.
+        about = userdata.describe(userdata.absolute(name), config.data.data_dir)
         if comm.env_rank() == 0:
             print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "

@@ -14,14 +14,17 @@ Formats:
   (PNG, JPEG, BMP, GIF, TIFF, WebP; Pillow decodes them). Classes are the sorted folder names
   of ``train``. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
   "file order" are not one class each; a rank decodes only the images it holds. Images are
-  grey (one channel) if the first one is, else RGB, and must all have its size.
+  grey (one channel) if the first one is, else RGB (16-bit grey scaled to 8 bits), and must
+  all have its size (checked for the first image before MPI starts, for each as it is read).
 - ``MODULE:CALLABLE`` or ``./FILE.py:CALLABLE`` (:mod:`hpctrain.plugins`): called once per
-  process (with ``data_dir=`` if it takes that argument) and returning ``(train, test)`` or
-  ``{"train": ..., "test": ..., "num_classes": C}``, each set either ``(x, y)`` (tensors or
-  arrays) or a map-style ``torch.utils.data.Dataset`` of ``(x, y)`` items. A Dataset is read
-  item by item, only the items a rank holds; its labels come from its ``targets`` attribute
-  when it has one (else every item is read once to find them). An item that raises when read,
-  or is no ``(x, y)`` pair with an integer label, is named by its index.
+  process (with ``data_dir=`` if it takes that argument; torch's, numpy's and Python's global
+  random numbers seeded to 0 during the call, so every rank gets the same data) and
+  returning ``(train, test)`` or ``{"train": ..., "test": ..., "num_classes": C}``, each set
+  either ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset`` of
+  ``(x, y)`` items. A Dataset is read item by item, only the items a rank holds; its labels
+  come from its ``targets`` attribute when it has one (else every item is read once to find
+  them). An item that raises when read, or is no ``(x, y)`` pair with an integer label, is
+  named by its index.
 
 Samples are ``N x C x H x W`` (``N x H x W`` gets one channel) or any shape a model of the
 user's own takes; uint8 values are scaled to [0, 1], floats are kept as given. Labels must be
@@ -33,7 +36,9 @@ Every check fails with one line naming the data set and what is wrong.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
+import random
 import reprlib
 import struct
 import zipfile
@@ -51,6 +56,7 @@ MAX_CLASSES = 1_000_000  # more is a typo or a wrong array: the last layer alone
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                   ".pgm")
 SPLITS = ("train", "test")
+_WIDE_GREY = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")  # Pillow's 16- and 32-bit grey
 
 
 def is_user(name: str) -> bool:
@@ -162,6 +168,8 @@ def _as_float(images) -> torch.Tensor:
         images = np.asarray(images)
         if not images.dtype.isnative:
             images = images.astype(images.dtype.newbyteorder("="))
+        if images.dtype.itemsize > 8 or images.dtype.kind == "u" and images.dtype.itemsize > 1:
+            images = images.astype(np.float32)  # long double, uint16..64: not all torch takes
     x = torch.as_tensor(images)
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
     return x[:, None] if x.dim() == 3 else x
@@ -191,6 +199,9 @@ def _checked_labels(what: str, y, count: int) -> np.ndarray:
     if y.size and y.min() < 0:
         raise UsageError(f"{what}: label {int(y.min())} is negative; labels are class indices "
                          "0, 1, ...")
+    if y.size and y.max() >= MAX_CLASSES:  # before int64: a uint64 above 2**63 wraps negative
+        raise UsageError(f"{what}: label {int(y.max())} is too large; labels are class indices "
+                         f"below {MAX_CLASSES}")
     return y.astype(np.int64)
 
 
@@ -277,7 +288,11 @@ class NpzSource:
         (a memory map would read on into the next member)."""
         where = f"--dataset {self.name}: {key} in {self.path}"
         with zipfile.ZipFile(self.path) as zf:
-            info = zf.getinfo(key + ".npy")
+            try:
+                info = zf.getinfo(key + ".npy")
+            except KeyError:  # np.load lists a member saved without the suffix as well
+                raise UsageError(f"{where} is not a .npy member (save it with np.savez)") \
+                    from None
         compressed = info.compress_type != zipfile.ZIP_STORED
         try:
             if compressed:
@@ -358,8 +373,10 @@ class ImageFolderSource:
             if not self._files[split][0]:
                 raise UsageError(f"--dataset {name}: no images under {root / split} (want "
                                  f"{root / split}/<class>/<image>)")
-        first = self._open(self._files["train"][0][0])
-        self.mode = "L" if first.mode in ("L", "1", "LA", "I", "I;16", "F") else "RGB"
+        self.first = self._files["train"][0][0]
+        first = self._open(self.first)
+        self.mode = "L" if first.mode in ("L", "1", "LA", *_WIDE_GREY) else "RGB"
+        self._pixels(first, self.first)  # a first image whose pixels cannot be read fails here
         self.size_wh = first.size
         self.shape = (1 if self.mode == "L" else 3, first.size[1], first.size[0])
 
@@ -387,7 +404,7 @@ class ImageFolderSource:
             img = Image.open(path)
             img.load()
             return img
-        except (OSError, UnidentifiedImageError) as e:
+        except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
             raise UsageError(f"--dataset {self.name}: cannot read image {path} ({e})") from None
 
     def size(self, split: str) -> int:
@@ -403,10 +420,22 @@ class ImageFolderSource:
             img = self._open(files[i])
             if img.size != self.size_wh:
                 raise UsageError(f"--dataset {self.name}: {files[i]} is {img.size[0]}x"
-                                 f"{img.size[1]}, the first image {self.size_wh[0]}x"
-                                 f"{self.size_wh[1]}; all must have one size")
-            out[j] = np.asarray(img.convert(self.mode)).reshape(out.shape[1:])
+                                 f"{img.size[1]}, the first image ({self.first}) "
+                                 f"{self.size_wh[0]}x{self.size_wh[1]}; all must have one size")
+            out[j] = self._pixels(img, files[i]).reshape(out.shape[1:])
         return out.transpose(0, 3, 1, 2)
+
+    def _pixels(self, img, path: Path) -> np.ndarray:
+        """``img`` in the folder's mode, 8 bits a channel: 16-bit grey scaled down (Pillow's
+        ``convert`` would clip it to white); float pixels refused."""
+        if img.mode not in _WIDE_GREY:
+            return np.asarray(img.convert(self.mode))
+        a = np.asarray(img)
+        if img.mode == "F" or a.size and (a.min() < 0 or a.max() > 65535):
+            raise UsageError(f"--dataset {self.name}: {path} has {img.mode} pixels beyond 16 "
+                             "bits; save 8- or 16-bit images, or the arrays as npz:PATH")
+        grey = np.rint(a / 257.0).astype(np.uint8)
+        return grey if self.mode == "L" else np.repeat(grey[..., None], 3, axis=-1)
 
 
 # ---- the user's own loader -------------------------------------------------------------------
@@ -422,7 +451,8 @@ class CallableSource:
         except (TypeError, ValueError):
             takes_dir = False
         try:
-            result = load(data_dir=data_dir) if takes_dir else load()
+            with _seeded():
+                result = load(data_dir=data_dir) if takes_dir else load()
         except UsageError:
             raise
         except Exception as e:
@@ -491,6 +521,23 @@ class CallableSource:
                              "want one shape")
         x = np.stack(items)
         return x[:, None] if x.ndim == 3 else x
+
+
+@contextlib.contextmanager
+def _seeded():
+    """torch's, numpy's and Python's global random numbers seeded to 0 while a user's loader
+    runs, and put back after: a loader that draws from them (a random split, a shuffle) gives
+    every rank, and every run, the same data."""
+    state = torch.random.get_rng_state(), np.random.get_state(), random.getstate()
+    torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    try:
+        yield
+    finally:
+        torch.random.set_rng_state(state[0])
+        np.random.set_state(state[1])
+        random.setstate(state[2])
 
 
 def _item(what: str, part, i: int):

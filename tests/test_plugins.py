@@ -21,6 +21,8 @@ from hpctrain.errors import UsageError
 from hpctrain.shuffle import TrainDataSpec, make_train_data
 
 NETS = '''
+import random
+
 import numpy as np
 import torch
 from torch import nn
@@ -146,6 +148,15 @@ class _Complex(torch.utils.data.Dataset):
 
 def complex_items():
     return _Complex(), _Complex()
+
+def random_split():
+    """Draws from every global generator, as a loader's random split would; counts its calls
+    in a file (loaded by path, this file is a module of another name)."""
+    with open(__file__ + ".calls", "a") as f:
+        f.write("1")
+    x = torch.rand(12, 1, 4, 4) + float(np.random.rand()) + random.random()
+    y = torch.tensor([0, 1, 2] * 4)
+    return (x[:8], y[:8]), (x[8:], y[8:])
 '''
 
 
@@ -299,6 +310,10 @@ def test_npz_rows_are_read_as_given(tmp_path, compressed):
     ({"y_test": np.full(20, 0.5)}, "labels must be integers, not float64"),
     ({"x_test": np.zeros((20, 5, 5), np.uint8)}, r"x_test samples are \(1, 5, 5\)"),
     ({"num_classes": np.int64(3), "y_train": np.full(60, 3)}, r"label 3 is outside \[0, 3\)"),
+    # Taken as 10**10 classes (a model no rank could build), and wrapped negative:
+    ({"y_train": np.full(60, 10**10)}, "label 10000000000 is too large; labels are class "
+                                       "indices below 1000000"),
+    ({"y_test": np.full(20, 2**63 + 5, np.uint64)}, "label 9223372036854775813 is too large"),
 ])
 def test_npz_labels_and_shapes_are_checked(tmp_path, override, message):
     write_npz(tmp_path / "d.npz", **override)
@@ -335,6 +350,47 @@ def test_npz_members_that_are_no_samples_are_named(tmp_path, compressed, member,
         write_npz(path, compressed=compressed, x_test=member)
     with pytest.raises(UsageError, match=message):
         userdata.describe(f"npz:{path}")
+
+
+def test_an_npz_member_saved_without_the_npy_suffix_is_named(tmp_path):
+    """np.load lists it as x_test too; the reader looked up x_test.npy and gave a KeyError."""
+    path = tmp_path / "d.npz"
+    arrays = write_npz(path)
+    with zipfile.ZipFile(path, "w") as z:
+        for key, value in arrays.items():
+            one = io.BytesIO()
+            np.save(one, value)
+            z.writestr(key if key == "x_test" else key + ".npy", one.getvalue())
+    with pytest.raises(UsageError, match=r"x_test in .*d\.npz is not a \.npy member"):
+        userdata.describe(f"npz:{path}")
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.longdouble])
+def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
+    x = np.arange(60 * 36).reshape(60, 6, 6).astype(dtype)
+    write_npz(tmp_path / "d.npz", x_train=x)
+    part = data.load_indices(f"npz:{tmp_path / 'd.npz'}", "train", [2, 0])
+    assert part.images.dtype == torch.float32
+    assert torch.equal(part.images[:, 0], torch.from_numpy(x[[2, 0]].astype(np.float32)))
+
+
+def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
+    """A relative ./FILE.py name was loaded twice (once as given, once made absolute), and a
+    loader drawing random numbers gave each rank other data."""
+    monkeypatch.chdir(nets.parent)
+    config = run.check_launch(RunConfig(algo="sgd", model=ModelConfig(name="mlp"), data=DataConfig(
+        dataset="./nets_mod.py:random_split")), 1)
+    assert (nets.parent / "nets_mod.py.calls").read_text() == "1"
+    first = data.load(config.data.dataset, "train").images
+    torch.manual_seed(5)
+    np.random.seed(5)
+    before = torch.rand(1), np.random.rand()
+    torch.manual_seed(5)
+    np.random.seed(5)
+    userdata._source.cache_clear()
+    again = data.load(config.data.dataset, "train").images
+    assert torch.equal(first, again)
+    assert (torch.rand(1), np.random.rand()) == before  # the caller's generators put back
 
 
 def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
@@ -397,7 +453,32 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
     assert torch.equal(part.images[0, 0], torch.from_numpy(np.array(Image.open(path))) / 255)
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "train" / "cat" / "9.png")
     userdata._source.cache_clear()
-    with pytest.raises(UsageError, match="all must have one size"):
+    first = userdata._source(name, None).first
+    with pytest.raises(UsageError, match=re.escape(f"the first image ({first}) 7x5; all must "
+                                                   "have one size")):
+        data.load(name, "train")
+
+
+def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
+    """Pillow's convert("L") clipped them: every pixel above 255 became white."""
+    from PIL import Image
+
+    g = np.random.default_rng(3)
+    for split in ("train", "test"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            pixels = g.integers(0, 65536, (4, 5)).astype(np.uint16)
+            Image.fromarray(pixels).save(tmp_path / split / cls / "0.png")
+    name = f"imagefolder:{tmp_path}"
+    src = userdata._source(name, None)
+    path = src._files["train"][0][0]
+    pixels = np.asarray(Image.open(path)).astype(np.float64)
+    assert pixels.max() > 255
+    got = data.load(name, "train").images[0, 0].double()
+    assert torch.allclose(got, torch.from_numpy(np.rint(pixels / 257) / 255))
+    Image.fromarray(np.full((4, 5), 0.5, np.float32)).save(tmp_path / "train" / "a" / "0.tiff")
+    userdata._source.cache_clear()
+    with pytest.raises(UsageError, match=r"0\.tiff has F pixels beyond 16 bits"):
         data.load(name, "train")
 
 
