@@ -13,13 +13,14 @@ import random
 import resource
 import signal
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from hpctrain import checkpoint
-from hpctrain.checkpoint import CorruptCheckpoint
+from hpctrain import checkpoint, comm
+from hpctrain.checkpoint import CorruptCheckpoint, Resize
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
 
@@ -82,7 +83,32 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path):
 
 def test_nothing_usable(tmp_path):
     flip(write(tmp_path, 1), 100)
-    assert checkpoint.load_newest(tmp_path, lambda line: None) is None
+    lines = []
+    assert checkpoint.load_newest(tmp_path, lines.append) is None
+    assert lines[0].endswith("checksum mismatch); no older one is left")  # not "falling back"
+
+
+def test_a_checkpoint_that_cannot_be_read_is_refused_not_set_aside(tmp_path):
+    """An I/O error (here a symlink loop; permissions as another user) may pass: the file
+    stays in the rotation, where renaming it *.corrupt took it out for good."""
+    write(tmp_path, 1)
+    loop = tmp_path / "ckpt-000000002.pt"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match=r"^cannot read checkpoint file .*ckpt-000000002\.pt: "
+                                         "Too many levels of symbolic links$"):
+        checkpoint.load_newest(tmp_path)
+    assert checkpoint.listing(tmp_path)[0] == loop and not list(tmp_path.glob("*.corrupt"))
+
+
+def test_a_payload_that_does_not_load_is_named_in_one_line(tmp_path):
+    path = write(tmp_path, 1)
+    header, _ = checkpoint.load(path)
+    body = pickle.dumps(Evil(), protocol=2)  # hashes right; weights_only refuses it at length
+    header.update(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+    with pytest.raises(CorruptCheckpoint, match="payload does not load") as e:
+        checkpoint.load(path)
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
 
 
 def test_keeps_the_last_two_and_removes_stale_temporaries(tmp_path):
@@ -205,6 +231,27 @@ def test_loaded_fields(tmp_path):
     assert resumed.restore(back, found) == {"elapsed": 1.5, "updates": 10}
     assert torch.equal(fresh.weight, model.weight) and [s.info for s in back] == [{"updates": 0}]
     assert resumed.next_due == 20 and resumed.summary()["resumed_from_updates"] == [10]
+
+
+def test_a_run_resumed_into_another_checkpoint_dir_carries_its_snapshots(tmp_path):
+    """--resume A --checkpoint-dir B: B's checkpoints listed A's snapshot files, which B did
+    not have; every checkpoint the resumed run wrote was unusable."""
+    model, snapshots = torch.nn.Linear(3, 2), Snapshots()
+    snapshots.take(model, updates=0)
+    header = {"algo": "sgd", "ranks": 1, "args": {}}
+    first = checkpoint.Checkpointer(None, 10, 40, shared={"model": model}, every="1e",
+                                    folder=tmp_path / "a", resume=None, header=header)
+    first.save(10, {}, snapshots)
+    back = Snapshots()
+    resumed = checkpoint.Checkpointer(None, 10, 40, shared={"model": model}, every="1e",
+                                      folder=tmp_path / "b", resume=str(tmp_path / "a"),
+                                      header=header)
+    resumed.restore(back)
+    back.take(model, updates=20)
+    resumed.save(20, {}, back)
+    found = checkpoint.newest(tmp_path / "b")
+    assert found.header["updates"] == 20
+    assert [s.info["updates"] for s in found.snapshots[0]] == [0, 20]
 
 
 @pytest.mark.parametrize("every", ["1e", "600"])
@@ -392,6 +439,12 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
         path.write_bytes(b"torn")  # a checkpoint that cannot be read: refused, not restarted
     with pytest.raises(UsageError, match="no checkpoint found there"):
         check(resume="auto", out=str(out), every="1e")
+    # The attempt that found them unusable set them aside: the next one found no checkpoint
+    # and started the run afresh, over their snapshots, config.json and metrics.
+    assert checkpoint.load_newest(folder, lambda line: None) is None
+    with pytest.raises(UsageError, match=r"^--resume auto: .*/run/checkpoints holds only "
+                                         r"unusable checkpoints \(ckpt-000000005\.pt\.corrupt"):
+        check(resume="auto", out=str(out), every="1e")
 
 
 def test_parse_every_bounds_epochs():
@@ -492,3 +545,33 @@ def test_ssgd_resumes_under_another_launchers_backend(tmp_path):
     with pytest.raises(UsageError, match="with --fp16-allreduce False, not True$"):
         a_run(tmp_path / "b", algo="ssgd", fp16_allreduce=False)  # that one changes values
         check(resume=str(tmp_path / "b"), algo="ssgd", run_config={"fp16_allreduce": True})
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_a_run_resumed_on_more_workers_retires_the_old_runs_later_checkpoints(tmp_path):
+    """More workers, shorter epochs: a 1-worker run's checkpoints at updates 64 and 96 of 128
+    an epoch outranked the resumed run's at 64 of 64 (epoch 1), so --resume auto went back to
+    epoch 0.75. The resumed run's first checkpoint retires them."""
+    world = comm.mpi().COMM_WORLD
+    folder = Path(world.bcast(str(tmp_path))) / "ck"
+    model, header = torch.nn.Linear(3, 2), {"algo": "ssgd", "ranks": 1, "args": {}}
+    if world.rank == 0:
+        old = checkpoint.Checkpointer(None, 128, 128, shared={"model": model}, every="0.25e",
+                                      folder=folder, resume=None, header=header)
+        for updates in (32, 64, 96):
+            old.save(updates, {}, Snapshots())
+    world.Barrier()
+
+    def resize(header: dict, ranks: list) -> tuple[list, Resize]:
+        return [ranks[0]] * world.size, Resize(1, world.size, header["updates"], 48)
+
+    new = checkpoint.Checkpointer(world, 64, 64, shared={"model": model}, every="0.25e",
+                                  folder=folder, resume=str(folder), header=header,
+                                  resize=resize)
+    assert new.restore(Snapshots()) == {"updates": 96} and new.next_due == 64
+    new.save(64, {}, Snapshots())
+    world.Barrier()  # rank 0 has written it
+    kept = [(h["workers"], h["updates"]) for h in map(checkpoint.read_header,
+                                                      checkpoint.listing(folder))]
+    assert kept == [(world.size, 64)]

@@ -73,3 +73,4 @@ def test_dcasgd_a_on_1_rank_goes_on_on_2(tmp_path):
     assert sum(summary["pushes_per_worker"]) == summary["staleness"]["count"] == 128
     check_common(out, summary, {"from_workers": 1, "to_workers": 2, "updates": 64,
                                 "resumed_at": 64})
+

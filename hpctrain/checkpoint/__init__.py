@@ -24,8 +24,8 @@ By concern:
 - :mod:`~hpctrain.checkpoint.format`: the bytes of one file (:func:`encode`, :func:`load`,
   :func:`read_header`, :class:`CorruptCheckpoint`);
 - :mod:`~hpctrain.checkpoint.folder`: a folder of them (:func:`save` with rotation,
-  :func:`listing`, :func:`load_newest`/:func:`newest` giving a :class:`Loaded`,
-  :func:`resolve`);
+  :func:`listing`, :func:`number`, :func:`corrupt`, :func:`load_newest`/:func:`newest`
+  giving a :class:`Loaded`, :func:`resolve`);
 - :mod:`~hpctrain.checkpoint.rng`: one rank's random-number state;
 - :mod:`~hpctrain.checkpoint.policy`: when to checkpoint (:func:`parse_every`, :class:`Every`)
   and whether a run may write or resume (:func:`check` giving a :class:`Resolved`), on plain
@@ -43,8 +43,8 @@ import importlib
 # :mod:`~hpctrain.checkpoint.stop` before torch, to record SIGUSR1 from its first moment.
 _EXPORTS = {
     **dict.fromkeys(["Checkpointer"], "checkpointer"),
-    **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "listing", "load_newest", "newest", "resolve",
-                     "run_folder", "save"], "folder"),
+    **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "corrupt", "listing", "load_newest", "newest",
+                     "number", "resolve", "run_folder", "save"], "folder"),
     **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "encode", "load", "read_header"], "format"),
     **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "changed_option", "check",
                      "parse_every"],

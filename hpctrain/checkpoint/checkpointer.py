@@ -22,7 +22,7 @@ import torch
 
 from hpctrain import faults
 from hpctrain.checkpoint import stop
-from hpctrain.checkpoint.folder import Loaded, newest, save
+from hpctrain.checkpoint.folder import Loaded, listing, newest, number, save
 from hpctrain.checkpoint.format import _header_of, encode
 from hpctrain.checkpoint.policy import Every
 from hpctrain.checkpoint.resize import Resize
@@ -97,6 +97,7 @@ class Checkpointer:
         self.close_tickets = close_tickets
         self._closing = False  # rank 0 called close_tickets (once)
         self._saved_at = -1  # the update of the last checkpoint this run wrote
+        self._retire: list[Path] = []  # rank 0: files a resize left numbered beyond this run
         # Installed here unless hpctrain train has (from its start); put back by close().
         self._handler = stop.install() if self.on_signal and not stop.installed() else None
 
@@ -118,6 +119,10 @@ class Checkpointer:
                                                              restored)
                 position = record.resumed_at
                 resized.append(record.record())
+                # More workers, shorter epochs: the old run's later checkpoints have higher
+                # numbers than this run's next ones, and would be taken as newer.
+                self._retire = [p for p in listing(self.folder) if number(p) > position]
+            self._carry_snapshots(loaded.path.parent, refs)
             common = (loaded.path, loaded.header, payload["shared"], payload["book"], refs,
                       None if self.snapshots_per_rank else restored[0], position, resized)
             parts = [(ranks[r], restored[r] if self.snapshots_per_rank else None)
@@ -147,6 +152,16 @@ class Checkpointer:
                   file=sys.stderr, flush=True)
         self.last = time.perf_counter()
         return mine["counters"]
+
+    def _carry_snapshots(self, source: Path, refs: list[list[dict]]) -> None:
+        """Rank 0, resuming from another folder than it writes to (``--checkpoint-dir``):
+        copy the snapshot files the checkpoint lists, which this run's checkpoints list too."""
+        if source.resolve() == self.folder.resolve():
+            return
+        for ref in (ref for rank in refs for ref in rank):
+            target = self.folder / ref["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(target, (source / ref["file"]).read_bytes(), durable=True)
 
     def _resize(self, header: dict, ranks: list[dict], refs: list, restored: list
                 ) -> tuple[list[dict], list, list, Resize]:
@@ -264,7 +279,8 @@ class Checkpointer:
         }
         header = {**self.header, "epoch": updates / self.steps}
         save(self.folder, updates, payload, header,
-             midway=lambda: faults.during_checkpoint(self.rank, updates))
+             midway=lambda: faults.during_checkpoint(self.rank, updates), retire=self._retire)
+        self._retire = []
 
     def summary(self) -> dict:
         """Checkpoints written (over the whole run), seconds spent writing, resume points and

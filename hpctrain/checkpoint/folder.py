@@ -42,6 +42,11 @@ class Loaded:
     """The snapshots it lists, one list per rank that saved them (just rank 0 when shared)."""
 
 
+def number(path: Path) -> int:
+    """The update count in a checkpoint's name (``ckpt-<updates>.pt``)."""
+    return int(_NAME.match(path.name).group(1))
+
+
 def listing(folder: str | Path) -> list[Path]:
     """The checkpoint files in ``folder``, newest (most updates) first."""
     folder = Path(folder)
@@ -52,13 +57,18 @@ def listing(folder: str | Path) -> list[Path]:
 
 
 def save(folder: str | Path, updates: int, payload: dict, header: dict,
-         midway: Callable[[], None] | None = None) -> Path:
-    """Write checkpoint ``ckpt-<updates>.pt`` in ``folder``, then keep only the newest KEEP."""
+         midway: Callable[[], None] | None = None, retire: list[Path] = ()) -> Path:
+    """Write checkpoint ``ckpt-<updates>.pt`` in ``folder``, then delete ``retire`` (files of
+    the run before a resize, whose numbers would outrank this one's) and keep only the
+    newest KEEP."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    make_folder(folder)
     path = folder / f"ckpt-{updates:09d}.pt"
     write_atomic(path, encode(payload, {**header, "updates": updates}), durable=True,
                  midway=midway)
+    for old in retire:
+        if old.name != path.name:  # the same name: just replaced by this checkpoint
+            old.unlink(missing_ok=True)
     for old in listing(folder)[KEEP:]:
         old.unlink(missing_ok=True)
     for stale in [*folder.glob(".ckpt-*.tmp"), *folder.glob("snapshots/.*.tmp")]:
@@ -66,18 +76,44 @@ def save(folder: str | Path, updates: int, payload: dict, header: dict,
     return path
 
 
+def make_folder(folder: Path) -> None:
+    """``folder`` and its parents, each new one's entry fsynced into its parent: the first
+    checkpoint of a run must not vanish with its folder in a power cut."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for new in reversed(missing):
+        fd = os.open(new.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
 def _load_snapshots(folder: Path, refs: list[dict]) -> list[Snapshot]:
     out = []
     for ref in refs:
         path = folder / ref["file"]
         try:
-            header, state = load(path)
-        except OSError as e:
-            raise CorruptCheckpoint(f"snapshot {ref['file']}: {e.strerror}") from None
+            header, state = _read(path)
+        except CorruptCheckpoint as e:
+            raise CorruptCheckpoint(f"snapshot {ref['file']}: "
+                                    f"{str(e).removeprefix(path.name + ': ')}") from None
         if header["sha256"] != ref["sha256"]:
             raise CorruptCheckpoint(f"snapshot {ref['file']} is not the one it lists")
         out.append(Snapshot(state, ref["info"]))
     return out
+
+
+def _read(path: Path) -> tuple[dict, object]:
+    """:func:`load`, a missing file or a folder in its place taken as corrupt; any other
+    OSError (permissions, an I/O error) a UsageError: the file may be fine, and is kept in
+    the rotation."""
+    try:
+        return load(path)
+    except (FileNotFoundError, IsADirectoryError) as e:
+        raise CorruptCheckpoint(f"{path.name}: {e.strerror}") from None
+    except OSError as e:
+        raise UsageError(f"cannot read checkpoint file {path}: {e.strerror}") from None
 
 
 def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
@@ -89,16 +125,15 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
     """
     folder = Path(folder)
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
-    for path in listing(folder):
+    paths = listing(folder)
+    for i, path in enumerate(paths):
         try:
-            try:
-                header, payload = load(path)
-            except OSError as e:  # not a file (a folder of that name), or unreadable
-                raise CorruptCheckpoint(f"{path.name}: {e.strerror}") from None
+            header, payload = _read(path)
             snapshots = [_load_snapshots(folder, refs) for refs in payload.get("snapshots", [])]
         except CorruptCheckpoint as e:
-            report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); "
-                   "falling back to the previous one")
+            then = "falling back to the previous one" if i + 1 < len(paths) else \
+                "no older one is left"
+            report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); {then}")
             path.rename(path.with_name(path.name + ".corrupt"))
             continue
         return Loaded(path=path, header=header, payload=payload, snapshots=snapshots)
@@ -112,6 +147,12 @@ def newest(folder: str | Path) -> Loaded:
         raise UsageError(f"--resume {folder}: no usable checkpoint (each one's problem is "
                          "said above; they are kept as *.corrupt)")
     return found
+
+
+def corrupt(folder: str | Path) -> list[Path]:
+    """The checkpoints :func:`load_newest` set aside in ``folder`` (``*.corrupt``)."""
+    folder = Path(folder)
+    return sorted(folder.glob("ckpt-*.pt.corrupt")) if folder.is_dir() else []
 
 
 def resolve(folder: str | Path) -> Path:

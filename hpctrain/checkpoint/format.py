@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -78,7 +79,8 @@ def load(path: str | Path) -> tuple[dict, object]:
     try:
         payload = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
     except Exception as e:  # a payload that hashes right but does not load: wrong writer
-        raise CorruptCheckpoint(f"{path.name}: payload does not load ({e})") from None
+        first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0]  # torch's: lines
+        raise CorruptCheckpoint(f"{path.name}: payload does not load ({first})") from None
     return header, payload
 
 

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpctrain.checkpoint.folder import SUBDIR, listing, resolve, run_folder
+from hpctrain.checkpoint.folder import SUBDIR, corrupt, listing, resolve, run_folder
 from hpctrain.checkpoint.format import CorruptCheckpoint, read_header
 from hpctrain.errors import UsageError
 from hpctrain.options import HUGE
@@ -186,6 +186,10 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
         raise UsageError("--resume auto needs --out or --checkpoint-dir: the folder a "
                          "restarted job looks in for its checkpoints")
     folder = run_folder(checkpoint_dir, out)
+    if not listing(folder) and corrupt(folder):  # a fresh start would write over their run
+        raise UsageError(f"--resume auto: {folder} holds only unusable checkpoints "
+                         f"({corrupt(folder)[0].name}, ...): resume from a good copy, or "
+                         "choose another folder for a new run")
     return str(folder) if listing(folder) else None
 
 
