@@ -6,9 +6,10 @@ ensemble and distils it during the next round. Snapshots of every rank's model a
 after training: rank 0's member, the mean member, the ensemble and, for MA, the average.
 ``test_acc`` is the run's final model: rank 0's member, or the ensemble with
 ``--ec-final ensemble``. MA also averages after the last step, so its final model is the
-average; EC skips a round that would fall on the last step, as nothing would distil it, and so
-refuses a ``tau`` of at least the run's updates per rank (no round at all: that would be
-independent training reported as EC).
+average (not in a run ``--stop-on-collapse`` ended: there it is rank 0's member); EC skips
+a round that would fall on the last step, as nothing would distil it, and so refuses a
+``tau`` of at least the run's updates per rank (no round at all: that would be independent
+training reported as EC).
 """
 
 from __future__ import annotations
