@@ -120,7 +120,7 @@ def load_labels(name: str, split: str = "train", data_dir: str | None = None) ->
     if name == "cifar10":
         parts = []
         for path in (folder / f for f in _CIFAR_FILES[split]):
-            with open(path, "rb") as f:
+            with _readable(path) as f:
                 parts.append(_read_rows(f, path, np.arange(_cifar_records(path)),
                                         _CIFAR_RECORD, keep=slice(0, 1))[:, 0])
         labels = np.concatenate(parts)
@@ -152,7 +152,7 @@ def load_indices(name: str, split: str, indices, data_dir: str | None = None) ->
         for path in (folder / f for f in _CIFAR_FILES[split]):
             count = _cifar_records(path)
             mine = wanted[(wanted >= offset) & (wanted < offset + count)] - offset
-            with open(path, "rb") as f:
+            with _readable(path) as f:
                 parts.append(_read_rows(f, path, mine, _CIFAR_RECORD))
             offset += count
         records = np.concatenate(parts)
@@ -248,6 +248,14 @@ def _idx_path(folder: Path, base: str) -> Path:
     raise UsageError(f"missing {folder / base}.gz")
 
 
+def _readable(path: Path):
+    """``path`` opened for reading (CIFAR's files); UsageError naming it if it cannot be."""
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror}") from None
+
+
 def _open(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
@@ -320,7 +328,7 @@ def _read_cifar(folder: Path, split: str, start: int, stop: int | None):
     for path, count in zip(files, counts, strict=True):
         lo, hi = max(start, offset), min(stop, offset + count)
         if lo < hi:
-            with open(path, "rb") as f:
+            with _readable(path) as f:
                 f.seek((lo - offset) * _CIFAR_RECORD)
                 raw = f.read((hi - lo) * _CIFAR_RECORD)
             parts.append(np.frombuffer(raw, dtype=np.uint8).reshape(hi - lo, _CIFAR_RECORD))
