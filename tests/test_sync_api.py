@@ -319,6 +319,9 @@ def test_integer_types_gloo_and_nccl_lack_move_and_reduce(hvd, dtype):
     assert hvd.broadcast(torch.tensor(r, dtype=dtype), 0).item() == 0  # no dimension
     rows = torch.full((r + 1, 2), r, dtype=dtype)
     assert hvd.allgather(rows).tolist() == [[k, k] for k in range(n) for _ in range(k + 1)]
+    # Rank 0 gives no rows: its bytes were 0 wide, the others' 4 (wrong values, then gloo died).
+    rows = torch.full((r, 2), r, dtype=dtype)
+    assert hvd.allgather(rows).tolist() == [[k, k] for k in range(n) for _ in range(k)]
     mine = torch.tensor([10 * r + k for k in range(n)], dtype=dtype)
     assert hvd.alltoall(mine).tolist() == [10 * k + r for k in range(n)]
     summed = hvd.reducescatter(torch.ones(2 * n, dtype=dtype), op=hvd.Sum)

@@ -14,6 +14,7 @@ set's, and a spare that the set's one ``DistributedOptimizer`` takes through ``d
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import socket
@@ -63,7 +64,8 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
     if t.dtype not in _UNTYPED:
         return t
     rows = t.shape[0] if t.dim() else 1
-    return t.reshape(rows, -1 if t.numel() else 0).view(torch.uint8)
+    cols = math.prod(t.shape[1:]) if t.dim() else 1  # not -1: no rows would give width 0
+    return t.reshape(rows, cols).view(torch.uint8)
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
