@@ -271,6 +271,18 @@ def test_default_launcher_on_hydra_has_no_open_mpi_flags(mpi, monkeypatch):
     assert compare.launcher_command(None, many) == ["mpirun", "-np", str(many)]
 
 
+def test_a_runs_stderr_keeps_crlf_lines_and_its_last_line(tmp_path):
+    """Lines ending in "\\r\\n" were taken for progress bars (neither logged nor read for the
+    error), and a last line without a newline was dropped."""
+    text = "first\r\n12%|#  \r50%|##### \rValueError: bad shape\r\nhpctrain: error: the end"
+    run = compare.Run("sgd", 1, [sys.executable, "-c",
+                                 f"import sys; sys.stderr.write({text!r}); sys.exit(3)"], [])
+    result = compare.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
+    assert (result["status"], result["error"]) == ("failed", "hpctrain: error: the end")
+    assert (tmp_path / "sgd" / "stderr.log").read_text().splitlines() == [
+        "first", "ValueError: bad shape", "hpctrain: error: the end"]
+
+
 def test_last_error_prefers_hpctrain_line_over_mpirun_banner():
     lines = ["hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 2",
              "-" * 70, "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD",
@@ -433,6 +445,28 @@ def test_report_rerenders_a_comparison(resumed, tmp_path):
 
     report.run(cli.build_parser().parse_args(["report", str(out), "--targets", "0.3"]))
     assert "time to 0.3 |" in (out / "report.md").read_text()
+
+
+@pytest.mark.timeout(300)
+def test_resume_takes_new_targets_and_reruns_a_failed_run_that_wrote_its_summary(resumed,
+                                                                                  tmp_path):
+    """With nothing left to run, --resume's --targets were ignored (the old record was
+    rendered). A run recorded as failed after it wrote its summary (a launch problem, a
+    timeout as it ended) failed again on every resume: train refused its --out."""
+    out = tmp_path / "cmp"
+    shutil.copytree(resumed.out, out)
+    args = [*COMPARE, "--out", str(out), "--resume"]
+    args[args.index("0.5,0.999999")] = "0.3"
+    compare.run(cli.build_parser().parse_args(args))
+    assert json.loads((out / "compare.json").read_text())["targets"] == [0.3]
+    assert "time to 0.3 |" in (out / "report.md").read_text()
+    record = json.loads((out / "compare.json").read_text())
+    record["runs"]["sgd"].update(status="failed", error="ran on 2 ranks, not 1")
+    (out / "compare.json").write_text(json.dumps(record))
+    compare.run(cli.build_parser().parse_args(args))
+    assert json.loads((out / "compare.json").read_text())["runs"]["sgd"]["status"] == "ok"
+    assert (out / "sgd.failed-1" / "summary.json").is_file()  # the failed attempt, kept
+    assert (out / "sgd" / "summary.json").is_file()
 
 
 @pytest.mark.timeout(300)

@@ -469,15 +469,23 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
         try:
             pending = b""
             while chunk := proc.stderr.read1(65536):
-                *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+                buf = pending + chunk
+                held = buf.endswith(b"\r")  # a "\r\n" may be cut between two reads
+                # Lines end with "\n" ("\r\n" too); a lone "\r" ends a progress bar's update.
+                *pieces, pending = re.split(rb"(?<=\n)|(?<=\r)(?!\n)", buf[:-1] if held else buf)
+                pending += b"\r" if held else b""
                 for piece in pieces:
-                    text = piece[:-1].decode(errors="replace").rstrip()
+                    text = piece.decode(errors="replace").rstrip()
                     if piece.endswith(b"\n"):
                         lines.append(text)
                         log.write(text + "\n")
                         display.line(text)
                     elif text.strip():
                         display.progress(text.strip())
+            if last := pending.decode(errors="replace").strip():  # no newline at the end
+                lines.append(last)
+                log.write(last + "\n")
+                display.line(last)
             returncode = proc.wait()
         finally:
             if warning is not None:
@@ -560,6 +568,19 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     return record
 
 
+def _set_aside(run_dir: Path, label: str) -> None:
+    """Before a failed run starts again (``--resume``): a folder of it that holds a summary
+    (a launch problem, a timeout as it ended) is moved to ``<name>.failed-N``, its logs kept,
+    since ``hpctrain train`` refuses an ``--out`` that holds a finished run."""
+    if not (run_dir / "summary.json").exists():
+        return
+    n = 1
+    while (aside := run_dir.with_name(f"{run_dir.name}.failed-{n}")).exists():
+        n += 1
+    run_dir.rename(aside)
+    print(f"{label} the failed attempt's folder is kept as {aside}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     """Run the comparison ``args`` describe; write its record, report and plots; return the
     record, or exit with status 1 after a line naming the failed runs if any failed."""
@@ -570,6 +591,7 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # nothing written yet
         raise UsageError(f"--out {out}: cannot make the folder ({e.strerror})") from None
+    write_json_atomic(out / report.RECORD, record)  # --resume's new targets, though none runs
     warning = _Warning()
     try:
         for i, r in enumerate(runs, 1):
@@ -579,6 +601,8 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             if warning.received:
                 break
+            if args.resume:
+                _set_aside(out / r.name, label)
             result = execute(continued(r, out / r.name) if args.resume else r, out / r.name,
                              label, args.timeout, warning)
             if warning.received and result["status"] != "ok":  # stopped, or ended by it
