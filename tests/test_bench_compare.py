@@ -512,6 +512,21 @@ def test_files_that_are_not_a_runs_are_named_not_a_traceback(resumed, tmp_path):
     assert (out / "compare.json").read_text() == '{"algos": ["sgd"], "workers": 2}'
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("ignored", None, "runs.sgd.ignored is null, not a list of words"),
+    ("status", ["ok"], 'runs.sgd.status is ["ok"], not a string'),
+    ("error", 3, "runs.sgd.error is 3, not a string or null"),
+])
+def test_a_run_record_edited_by_hand_is_named_not_a_traceback(tmp_path, field, value, message):
+    """Each gave TypeError or AttributeError (exit 1) from the table's cells."""
+    run = {"status": "failed", "error": "x", "command": "hpctrain train", "ignored": [],
+           field: value}
+    (tmp_path / "compare.json").write_text(json.dumps(
+        {"algos": ["sgd"], "workers": 1, "train_args": [], "runs": {"sgd": run}}))
+    with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'compare.json'}: {message}")):
+        report.read_record(tmp_path)
+
+
 def test_bench_help_gives_every_benchmark_description(capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--help"])
