@@ -180,15 +180,16 @@ def read_record(folder: str | Path) -> dict:
             isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise UsageError(f"{path}: seeds is {_json(seeds)}, not a list of whole numbers")
     for name, run in runs.items():  # the fields a row shows
-        for key, want in (("status", "a string"), ("error", "a string or null"),
-                          ("command", "a string or null"), ("ignored", "a list of words")):
-            value = run.get(key)
-            ok = (isinstance(value, str) if key == "status"
-                  else isinstance(value, list) and all(isinstance(w, str) for w in value)
-                  if key == "ignored" and key in run
-                  else value is None or isinstance(value, str))
+        ignored = run.get("ignored", [])
+        checks = (("status", isinstance(run["status"], str), "a string"),
+                  ("error", isinstance(run.get("error"), str | None), "a string or null"),
+                  ("command", isinstance(run.get("command"), str | None), "a string or null"),
+                  ("ignored", isinstance(ignored, list)
+                   and all(isinstance(w, str) for w in ignored), "a list of words"))
+        for key, ok, want in checks:
             if not ok:
-                raise UsageError(f"{path}: runs.{name}.{key} is {_json(value)}, not {want}")
+                raise UsageError(f"{path}: runs.{name}.{key} is {_json(run.get(key))}, not "
+                                 f"{want}")
     return record
 
 
