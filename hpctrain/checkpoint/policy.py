@@ -186,11 +186,13 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
         raise UsageError("--resume auto needs --out or --checkpoint-dir: the folder a "
                          "restarted job looks in for its checkpoints")
     folder = run_folder(checkpoint_dir, out)
-    if not listing(folder) and corrupt(folder):  # a fresh start would write over their run
+    if listing(folder):
+        return str(folder)
+    if aside := corrupt(folder):  # a fresh start would write over their run
         raise UsageError(f"--resume auto: {folder} holds only unusable checkpoints "
-                         f"({corrupt(folder)[0].name}, ...): resume from a good copy, or "
-                         "choose another folder for a new run")
-    return str(folder) if listing(folder) else None
+                         f"({aside[0].name}, ...): resume from a good copy, or choose "
+                         "another folder for a new run")
+    return None
 
 
 def _newest_header(folder: Path, given: str) -> dict:
