@@ -73,9 +73,10 @@ def _write_atomic(path: Path, content: str | bytes, durable: bool,
             os.close(fd)
 
 
-def write_json_atomic(path: str | Path, obj) -> None:
-    """Write ``obj`` as indented JSON, atomically."""
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
+def write_json_atomic(path: str | Path, obj, durable: bool = False) -> None:
+    """Write ``obj`` as indented JSON, atomically (``durable`` as for :func:`write_atomic`)."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n",
+                 durable)
 
 
 def read_json(path: str | Path, what: str, keys: Iterable[str] = ()) -> dict:
@@ -130,11 +131,12 @@ class RunLog:
         if self.rank == 0:
             buf = io.BytesIO()
             torch.save({k: v.cpu() for k, v in model.state_dict().items()}, buf)
-            write_atomic(self.dir / "model.pt", buf.getvalue())
+            write_atomic(self.dir / "model.pt", buf.getvalue(), durable=True)
 
     def write_summary(self, summary: dict) -> None:
+        """The run's last file: durable, so a finished run stays finished after a power cut."""
         if self.rank == 0:
-            write_json_atomic(self.dir / "summary.json", summary)
+            write_json_atomic(self.dir / "summary.json", summary, durable=True)
 
 
 POINT_KEYS = ("t", "epoch", "test_acc")  # what readers of a curve point rely on

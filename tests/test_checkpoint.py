@@ -139,6 +139,28 @@ def test_a_refused_write_names_the_file_and_keeps_the_one_before(tmp_path):
     assert first.read_bytes() == kept
 
 
+def test_a_runs_final_files_are_fsynced_into_their_folder(tmp_path, monkeypatch):
+    """model.pt and summary.json say a run finished: their renames are made durable too, as a
+    checkpoint's are (the folder fsynced), so a power cut cannot undo them."""
+    from hpctrain.metrics import RunLog
+    synced = []
+    real = os.fsync
+
+    def spy(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    log = RunLog(tmp_path / "run")
+    folder = (tmp_path / "run").stat().st_ino
+    log.write_points([{"t": 0.0, "epoch": 1, "test_acc": 0.5}])
+    assert folder not in synced  # rewritten every epoch: the file only
+    log.save_model(torch.nn.Linear(2, 2))
+    assert synced.count(folder) == 1
+    log.write_summary({"ok": True})
+    assert synced.count(folder) == 2
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

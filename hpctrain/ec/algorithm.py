@@ -219,7 +219,7 @@ class EnsembleCompression(ModelAveraging):
         if log.rank == 0:
             buf = io.BytesIO()
             torch.save({"members": members}, buf)
-            write_atomic(log.dir / "ensemble.pt", buf.getvalue())
+            write_atomic(log.dir / "ensemble.pt", buf.getvalue(), durable=True)
 
     def summary(self, points: list[dict], comm) -> dict:
         return {**super().summary(points, comm), "distill_size": self.distill_size,
