@@ -131,6 +131,27 @@ def test_model_averaging_every_tau_steps_averages_buffers():
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_are_broadcast_and_averaged(dtype):
+    """MPI has no sum for fp16/bf16 and numpy no bf16: broadcast copies their bits, and the
+    average is taken in fp32 and rounded once (both raised before)."""
+    from hpctrain.ec import average_model
+
+    comm = world()
+    model = member(comm.Get_rank()).to(dtype)
+    broadcast_model(model, comm)
+    assert torch.equal(torch.cat([t.reshape(-1) for t in floating_state(model)]),
+                       torch.cat([t.reshape(-1) for t in floating_state(member(0).to(dtype))]))
+    model = member(comm.Get_rank()).to(dtype)
+    average_model(model, comm)
+    members = [member(r).to(dtype) for r in range(comm.Get_size())]
+    for got, *each in zip(floating_state(model), *map(floating_state, members), strict=True):
+        mean = torch.stack([t.float() for t in each]).mean(0)  # MPI may sum in another order
+        assert got.dtype == dtype and torch.allclose(got.float(), mean, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
 def test_ec_hook_relabels_with_the_ensemble_and_keeps_members_apart():
     comm = world()
     rank = comm.Get_rank()

@@ -30,7 +30,10 @@ def average_model(model: nn.Module, comm) -> int:
     Collective. Returns the bytes this rank sent (ring allreduce).
     """
     tensors = floating_state(model)
-    flat = HostStage(torch.cat([t.detach().reshape(-1) for t in tensors])).to_host()
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    if flat.element_size() < 4:  # no MPI sum for fp16/bf16 (numpy has no bf16): sum in fp32
+        flat = flat.float()
+    flat = HostStage(flat).to_host()
     total = torch.empty_like(flat)
     comm.Allreduce(mpi_buffer(flat), mpi_buffer(total))
     mean = total / comm.Get_size()
@@ -45,9 +48,14 @@ def average_model(model: nn.Module, comm) -> int:
 def broadcast_model(model: nn.Module, comm, root: int = 0) -> None:
     """Give every rank ``root``'s parameters and buffers (collective)."""
     for t in model.state_dict(keep_vars=True).values():
-        stage = HostStage(t.detach())
+        stage = HostStage(_exact(t.detach()))
         comm.Bcast(mpi_buffer(stage.to_host()), root=root)
         stage.to_device()
+
+
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """``t``, or for fp16/bf16 (no MPI type for them) its bits as int16: a copy is exact."""
+    return t.view(torch.int16) if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 class ModelAveraging:
