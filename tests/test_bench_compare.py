@@ -230,13 +230,19 @@ def test_unknown_algorithm_is_one_line_exit_2_and_nothing_written(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_timed_out_run_is_a_row_and_a_failed_exit(tmp_path):
+    """Also when the report cannot be written (a folder in a plot's place): the failed runs
+    are still named, before the report's own error (they were not, before)."""
     out = tmp_path / "cmp"
+    (out / "error_vs_time.png").mkdir(parents=True)
     proc = run_job(["bench", "compare", "--algos", "ssgd", "--workers", "2", "--timeout", "1",
                     *SMALL, "--out", str(out)], np=0, timeout=90)
-    assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"hpctrain bench compare: 1 of 1 runs failed: ssgd (their rows in {out / 'report.md'} "
-        "say why)")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-2:] == [
+        f"hpctrain bench compare: 1 of 1 runs failed: ssgd (their records in "
+        f"{out / 'compare.json'} say why)",
+        f"hpctrain: error: report: cannot write {out / 'error_vs_time.png'}: it is a folder"]
+    (out / "error_vs_time.png").rmdir()
+    report.run(cli.build_parser().parse_args(["report", str(out)]))
     rows = table_rows((out / "report.md").read_text())
     assert rows["ssgd"][-1] == "failed: stopped after the 1 s timeout"
     assert json.loads((out / "compare.json").read_text())["runs"]["ssgd"]["status"] == "failed"
@@ -649,6 +655,23 @@ def test_a_wrong_typed_summary_value_is_n_a_with_a_warning(tmp_path, capsys, key
     assert warning.startswith(f"hpctrain report: warning: {bad['summary']}: {said}")
     assert warning.endswith("; shown as n/a")
     assert all((tmp_path / name).is_file() for name in OUTPUTS)
+
+
+def test_a_run_without_its_curve_is_a_failed_row(tmp_path):
+    """Every finished run writes metrics.jsonl before summary.json: a run without it counted
+    as ok, with no time to any target, as if it had never reached one."""
+    bad = saved_runs(tmp_path)
+    bad["metrics"].unlink()
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    cells = report_cells(tmp_path)
+    assert cells["bad"]["status"] == "failed: no metrics.jsonl" and cells["good"]["status"] == "ok"
+
+
+def test_the_report_says_sgd_ran_on_one_process_only_when_it_ran():
+    record = {"algos": ["ssgd"], "workers": 4, "train_args": [], "runs": {}}
+    assert "4 workers per run." in report.markdown(record, [], [])
+    record["algos"].append("sgd")
+    assert "4 workers per run, sgd on one process." in report.markdown(record, [], [])
 
 
 def test_a_curve_point_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, capsys):

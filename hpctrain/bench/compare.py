@@ -621,16 +621,24 @@ def run(args: argparse.Namespace) -> dict:
         print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "
               f"continue with --resume (--out {out})", file=sys.stderr, flush=True)
         raise SystemExit(checkpoint.stop.EXIT_STATUS)
-    rows, targets, drawn = report.render(out)
+    failed = [r.name for r in runs if record["runs"][r.name]["status"] != "ok"]
+    try:
+        rows, targets, drawn = report.render(out)
+    except BaseException:  # the report's own error follows; the failed runs are named first
+        _say_failed(failed, len(runs), f"their records in {out / report.RECORD}")
+        raise
     print(report.main_table(rows, targets))
     print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
     if not drawn:
         print(f"hpctrain bench compare: no plots: {report.NO_PLOTS}", file=sys.stderr,
               flush=True)
-    failed = [r.name for r in runs if record["runs"][r.name]["status"] != "ok"]
     if failed:
-        print(f"hpctrain bench compare: {len(failed)} of {len(runs)} runs failed: "
-              f"{', '.join(failed)} (their rows in {out / report.REPORT} say why)",
-              file=sys.stderr, flush=True)
+        _say_failed(failed, len(runs), f"their rows in {out / report.REPORT}")
         raise SystemExit(1)
     return record
+
+
+def _say_failed(failed: list[str], total: int, where: str) -> None:
+    if failed:
+        print(f"hpctrain bench compare: {len(failed)} of {total} runs failed: "
+              f"{', '.join(failed)} ({where} say why)", file=sys.stderr, flush=True)

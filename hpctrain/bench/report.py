@@ -197,11 +197,12 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
     """The row of a run that should have finished: failed, saying why, when its files are
     missing or unreadable (the other rows are still reported); a value of the wrong type in
     them is left out, with a warning."""
-    if not (run_dir / "summary.json").is_file():
-        return Row(name, "failed", error="no summary.json", **record)
+    for file in ("summary.json", "metrics.jsonl"):  # a finished run has both (run.py)
+        if not (run_dir / file).is_file():
+            return Row(name, "failed", error=f"no {file}", **record)
     try:
         summary = read_summary(run_dir)
-        points = read_points(run_dir) if (run_dir / "metrics.jsonl").is_file() else []
+        points = read_points(run_dir)
     except UsageError as e:
         return Row(name, "failed", error=str(e), **record)
     summary, unusable = _usable(summary, run_dir / "summary.json")
@@ -480,7 +481,8 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     if record:
         options = " ".join(record.get("train_args", [])) or "(defaults)"
         out.append(f"Training options: `{options}` (each run gets those its algorithm takes); "
-                   f"{record['workers']} workers per run, sgd on one process.")
+                   f"{record['workers']} workers per run"
+                   f"{', sgd on one process' if 'sgd' in record['algos'] else ''}.")
         if record.get("simulated"):
             out.append(f"Simulated (`hpctrain simulate --workers {record['workers']}`): virtual "
                        "workers in one process; wall times are virtual seconds.")
