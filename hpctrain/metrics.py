@@ -7,9 +7,11 @@ job never leaves a half-written output behind. Only rank 0 writes.
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -102,6 +104,27 @@ def _jsonable(x):
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
+
+
+def new_run_folder(name: str, parent: Path = Path("runs")) -> Path:
+    """Make ``runs/<name>-<date>-<time>``, the folder of a run given no ``--out``.
+
+    Made exclusively, with ``-2``, ``-3``, ... when another run took the name in the same
+    second: two runs started together (a Slurm array) never share one. UsageError, naming
+    the folder, when it cannot be made.
+    """
+    stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    for n in itertools.count(1):
+        path = parent / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir(parents=True)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"cannot make the run's folder {path} ({e.strerror}); choose one "
+                             "with --out") from None
+    raise AssertionError("unreachable")
 
 
 class RunLog:

@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -63,7 +62,7 @@ from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
-from hpctrain.metrics import RunLog
+from hpctrain.metrics import RunLog, new_run_folder
 from hpctrain.metrics import progress as progress_bar
 from hpctrain.runtime import REAL, Runtime
 from hpctrain.schedule import learning_rate, set_lr
@@ -208,8 +207,9 @@ def train(config: RunConfig) -> dict:
     if done is not None:
         return done
     auto = config.checkpoint.resume == checkpoint.AUTO
+    named = config.out is not None
     config = check_launch(config, comm.launch_size())
-    with _claimed(config):
+    with _claimed(config) as config:
         if auto and comm.env_rank() == 0:  # said once the folder is this run's
             resume = config.checkpoint.resume
             found = f"resuming from the checkpoints in {resume}" if resume else \
@@ -217,16 +217,16 @@ def train(config: RunConfig) -> dict:
             print(f"hpctrain: --resume auto: {found}", flush=True)
         if comm.env_rank() == 0:  # the one rank that writes config.json
             provenance.before_mpi(config.model.init_from, config.checkpoint.resume is not None)
-        return _launched(config)
+        return _launched(config, named)
 
 
-def _launched(config: RunConfig) -> dict:
-    """:func:`train` once the configuration is checked and its folders are this run's."""
+def _launched(config: RunConfig, named: bool) -> dict:
+    """:func:`train` once the configuration is checked and its folders are this run's
+    (``named``: the user gave ``out``; else rank 0 made one, which the others learn here)."""
     MPI = comm.init(config.algorithm_class.thread_level)
     world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
-    if config.out is None:
-        stamp = world.bcast(time.strftime("%Y%m%d-%H%M%S"), root=0)
-        config = replace(config, out=str(Path("runs") / f"{config.algo}-{stamp}"))
+    if not named:
+        config = replace(config, out=world.bcast(config.out, root=0))
     torch.set_num_threads(config.threads)
     watchdog.start(config.stall_timeout, world.Get_rank())
     try:
@@ -254,21 +254,28 @@ def _claimed(config: RunConfig):
     one removed the other's temporary file and crashed it). The second is refused in one
     line, exit 2, before MPI starts. The kernel drops the lock when the process ends, killed
     or not, so a requeued or restarted job finds it free. Where the file system has no locks
-    (Lustre mounted without ``flock``), runs go on unlocked, as before."""
-    if comm.env_rank() != 0 or config.out is None:
-        yield
+    (Lustre mounted without ``flock``), runs go on unlocked, as before.
+
+    Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run.
+    """
+    if comm.env_rank() != 0:
+        yield config
         return
+    made = []
+    if config.out is None:
+        made.append(new_run_folder(config.algo))
+        config = replace(config, out=str(made[0]))
     folders = [("--out", Path(config.out))]
     ckdir = config.checkpoint.dir
     if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
         folders.append(("--checkpoint-dir", Path(ckdir)))
-    made = [missing[-1] for _, folder in folders if (missing := _missing(folder))]
+    made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     try:
         with contextlib.ExitStack() as held:
             for flag, folder in folders:
                 _lock(held, flag, folder)
             _check_unchanged(config)
-            yield
+            yield config
     except BaseException:
         for top in made:  # refused, or failed before writing anything: no folder left behind
             if all(name == LOCK for _, _, files in os.walk(top) for name in files):

@@ -283,6 +283,29 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
 
 
+def test_runs_given_no_out_each_make_their_own_folder(tmp_path, monkeypatch):
+    """Given no --out, two runs started in the same second shared runs/<algo>-<time>, one's
+    outputs over the other's, and a file named runs ended the job after MPI started (exit 1).
+    Rank 0 now makes the folder, exclusively, before MPI starts."""
+    import time
+
+    from hpctrain import arguments, metrics, run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda form: "20261203-171133")
+    made = [metrics.new_run_folder("sgd") for _ in range(3)]
+    assert [str(p) for p in made] == ["runs/sgd-20261203-171133", "runs/sgd-20261203-171133-2",
+                                      "runs/sgd-20261203-171133-3"]
+    assert all(p.is_dir() for p in made)
+    shutil.rmtree("runs")
+    (tmp_path / "runs").write_text("not a folder")
+    with pytest.raises(UsageError) as refused:
+        run.train(arguments.build(cli.build_parser().parse_args(
+            ["train", "--algo", "sgd", *SYNTHETIC])))
+    assert str(refused.value) == ("cannot make the run's folder runs/sgd-20261203-171133 (Not a "
+                                  "directory); choose one with --out")
+
+
 def test_resume_auto_returns_a_finished_run_only_for_its_own_options(finished_sgd):
     """A requeued job finds its run finished and returns its summary; started again with
     another --lr it returned the old summary too, as if it had trained with the new one."""

@@ -14,7 +14,6 @@ real time enters the outputs.
 from __future__ import annotations
 
 import copy
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from hpctrain import data, devices, options, run
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
+from hpctrain.metrics import new_run_folder
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
 from hpctrain.sim.config import SimConfig
@@ -43,10 +43,12 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     every default resolved and its output folder chosen."""
     config = check_options(config, sim)
     k = sim.workers
-    out = config.out or str(Path("runs") / f"{config.algo}-sim{k}-{time.strftime('%Y%m%d-%H%M%S')}")
-    if (Path(out) / "summary.json").exists():
-        raise UsageError(f"--out {out} already holds a finished run; choose another folder")
-    return replace(config, out=out)
+    if config.out is None:  # made last, once everything else passed
+        return replace(config, out=str(new_run_folder(f"{config.algo}-sim{k}")))
+    if (Path(config.out) / "summary.json").exists():
+        raise UsageError(f"--out {config.out} already holds a finished run; choose another "
+                         "folder")
+    return config
 
 
 def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
