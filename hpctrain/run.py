@@ -206,6 +206,7 @@ def train(config: RunConfig) -> dict:
     done = _finished(config)
     if done is not None:
         return done
+    userdata.forget()  # a script's earlier run read them: they may have changed since
     auto = config.checkpoint.resume == checkpoint.AUTO
     named = config.out is not None
     config = check_launch(config, comm.launch_size())

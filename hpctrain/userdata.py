@@ -231,6 +231,12 @@ def _num_classes(what: str, given) -> int:
     return int(v.item())
 
 
+def forget() -> None:
+    """Drop the data sources read so far: each run (``train``, ``simulate``) reads its data
+    once, and a script's next run reads a file rewritten, or a loader's new data, again."""
+    _source.cache_clear()
+
+
 @cache
 def _source(name: str, data_dir: str | None):
     check_form(name)

@@ -393,6 +393,24 @@ def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
     assert (torch.rand(1), np.random.rand()) == before  # the caller's generators put back
 
 
+def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
+    """A script's second run reused the first's cached source: an npz rewritten between them
+    gave the new images with the old labels (a loader's new data were never read)."""
+    from hpctrain.sim import SimConfig, simulate
+
+    monkeypatch.chdir(tmp_path)
+    summaries = []
+    for n in (60, 90):
+        write_npz(tmp_path / "d.npz", n=n)
+        config = RunConfig(algo="sgd", out=f"run-{n}", progress=False,
+                           data=DataConfig(dataset="npz:d.npz"), model=ModelConfig(name="mlp"),
+                           optim=OptimConfig(epochs=1, batch_size=10))
+        summaries.append(simulate(config, SimConfig(workers=1)))
+    assert [s["samples_per_worker"] for s in summaries] == [[60], [90]]
+    labels = userdata.load_labels("npz:d.npz", "train")
+    assert torch.equal(labels, torch.from_numpy(write_npz(tmp_path / "d.npz", n=90)["y_train"]))
+
+
 def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
     import nets_mod
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, options, run
+from hpctrain import data, devices, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -142,6 +142,7 @@ class Simulation:
 def simulate(config: RunConfig, sim: SimConfig) -> dict:
     """Run ``config`` on ``sim.workers`` virtual workers; write the outputs; return the
     summary (``simulated: true``)."""
+    userdata.forget()  # as train: a script's earlier run read them
     config = check(config, sim)
     torch.set_num_threads(config.threads)
     simulation = Simulation(config, sim)
