@@ -116,6 +116,7 @@ class StopSignal:
         self.single = enabled and not self.enabled  # one worker: no messages
         self.lock_step = lock_step
         self.wanted = False
+        self.closed = False  # after the loop: a collapse found then is only recorded
         self.comm, self._request, self._flag = comm, None, np.zeros(1, np.uint8)
         self._word = Rank0Flag(comm) if self.enabled and lock_step else None
         if self.enabled and not lock_step:
@@ -124,11 +125,12 @@ class StopSignal:
                 self._request = self.comm.Ibcast(self._flag, root=0)
 
     def request(self) -> None:
-        """Rank 0: stop the run (delivered at the next :meth:`stop`, or the one after)."""
+        """Rank 0: stop the run (delivered at the next :meth:`stop`, or the one after; after
+        :meth:`close`, when the final scores find a collapse, only recorded)."""
         if not (self.enabled or self.single) or self.wanted:
             return
         self.wanted = True
-        if self.enabled and not self.lock_step:
+        if self.enabled and not self.lock_step and not self.closed:
             self._flag[0] = 1
             self._request = self.comm.Ibcast(self._flag, root=0)
 
@@ -154,6 +156,7 @@ class StopSignal:
         """After the loop, on every worker (collective): complete the broadcast."""
         if not self.enabled:
             return
+        self.closed = True
         if self.lock_step:
             self._word.close()
             return

@@ -22,6 +22,24 @@ def test_world_matches_launcher():
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
+@pytest.mark.parametrize("lock_step", [False, True], ids=["async", "lock-step"])
+def test_a_collapse_found_after_the_loop_is_only_recorded(lock_step):
+    """The final scores come after the stop signal's close: an async run's rank 0 then posted
+    its broadcast on the freed communicator (MPI_ERR_COMM), losing every output."""
+    from hpctrain.collapse import StopSignal
+
+    MPI = comm.init("multiple")
+    signal = StopSignal(MPI.COMM_WORLD, True, lock_step)
+    assert not signal.stop(0)
+    signal.close()
+    if comm.rank() == 0:
+        signal.request()
+        assert signal.wanted
+    MPI.COMM_WORLD.Barrier()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
 def test_library_info():
     info = comm.init("multiple") and comm.library_info()
     assert any(name in info["library"] for name in ("Open MPI", "MPICH", "Intel(R) MPI"))
