@@ -82,6 +82,16 @@ def serve(world, model, test_set) -> None:
         scored += 1
 
 
+def _wait_beating(comm, doing: str) -> None:
+    """Wait until every rank of ``comm`` is here, beating the watchdog meanwhile: rank 0 may
+    drain the evaluating rank's backlog for longer than --stall-timeout. That rank beats for
+    each snapshot, so its own watchdog still catches a stall there."""
+    request = comm.Ibarrier()
+    while not request.Test():
+        watchdog.beat(doing)
+        time.sleep(0.005)
+
+
 def _point(model, test_set, info: dict) -> dict:
     acc, loss = evaluate(model, test_set)
     return {**info, "test_acc": acc, "test_loss": loss if np.isfinite(loss) else None}
@@ -186,6 +196,7 @@ class Watch:
     def _receive(self, block: bool) -> None:
         while block or self.world.Iprobe(source=self.eval_rank, tag=_SCORE):
             index, point = self.world.recv(source=self.eval_rank, tag=_SCORE)
+            watchdog.beat("waiting for scores", len(self.scores))
             self._scored(index, point)
             if block and len(self.scores) >= len(self._sent):
                 return
@@ -240,6 +251,8 @@ class Watch:
         Snapshots not scored online (restored from a checkpoint) are scored now. Releases
         the evaluating rank."""
         self._release()
+        if self.eval_rank is not None and comm is not None:
+            _wait_beating(comm, "waiting for the evaluating rank's scores")
         if not self.curve_online:
             return None
         points = None

@@ -9,7 +9,8 @@ the rank and what it last did, and exits the process, which makes ``mpirun`` (or
 main thread may be inside MPI, and the async algorithms run MPI at thread level
 ``serialized``.
 
-Beats come from the training loops (each step), evaluation (each snapshot) and a store host
+Beats come from the training loops (each step), evaluation (each snapshot; rank 0 also for each
+score the evaluating rank sends, the others while they wait for rank 0 then) and a store host
 serving its windows. Ranks that wait for a stalled one stop beating too, so several ranks may
 report; in asynchronous runs the others keep stepping and only the stalled rank's watchdog
 fires (or theirs, later, at the final barrier). Horovod's stall check only warns by default;

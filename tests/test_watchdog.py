@@ -61,3 +61,43 @@ def test_a_hung_rank_ends_the_job(tmp_path, algo, last):
     assert f"hpctrain: rank 1 made no progress for 8 s (last: {last}); ending the job" \
         in proc.stderr, proc.stderr
     assert not (tmp_path / "summary.json").exists()
+
+
+SLOW_TO_SCORE = """
+import time
+import torch
+from torch import nn
+
+class SlowToScore(nn.Module):
+    def __init__(self, input_shape, num_classes, pause):
+        super().__init__()
+        self.pause = pause
+        n = 1
+        for d in input_shape:
+            n *= d
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(n, num_classes))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):  # slow to score once trained: not in the checks before MPI
+        if self.training:
+            self.steps += 1
+        elif self.steps > 0:
+            time.sleep(self.pause)
+        return self.net(x)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("algo, np, flags", [
+    ("ma", 2, ["--model-args", '{"pause": 0.15}']),  # 2-3 forwards a snapshot
+    ("ssgd", 3, ["--model-args", '{"pause": 0.4}', "--eval", "online", "--eval-rank", "2"]),
+], ids=["members", "eval-rank"])
+def test_scoring_after_training_is_progress(tmp_path, algo, np, flags):
+    """Scoring after the loop beat on no rank (ma/ec's members), or not on the ranks waiting
+    for the evaluating rank's backlog: a healthy job was ended as stalled."""
+    (tmp_path / "slow.py").write_text(SLOW_TO_SCORE)
+    proc = run_job(["train", "--algo", algo, *SMALL, "--model",
+                    f"{tmp_path / 'slow.py'}:SlowToScore", "--eval-every", "0.125", *flags,
+                    "--stall-timeout", "2", "--out", str(tmp_path / "run")], np=np, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "summary.json").exists()
