@@ -251,8 +251,8 @@ class StragglerConfig:
 
     slowdown: str | None = option(None, "injected straggler: worker RANK's steps take FACTOR "
                                   "times as long", metavar="RANK:FACTOR[,...]")
-    jitter: float = option(0.0, "injected noise: every step takes exp(SIGMA*z) times as long, "
-                           "seeded", parse=float, metavar="SIGMA",
+    jitter: float = option(0.0, "injected noise: every step takes max(1, exp(SIGMA*z)) times "
+                           "as long, seeded", parse=float, metavar="SIGMA",
                            range=Range(0, MAX_SIGMA))
 
     def __post_init__(self) -> None:

@@ -210,7 +210,7 @@ def train(config: RunConfig) -> dict:
     auto = config.checkpoint.resume == checkpoint.AUTO
     named = config.out is not None
     config = check_launch(config, comm.launch_size())
-    with _claimed(config) as config:
+    with claimed(config) as config:
         if auto and comm.env_rank() == 0:  # said once the folder is this run's
             resume = config.checkpoint.resume
             found = f"resuming from the checkpoints in {resume}" if resume else \
@@ -248,7 +248,7 @@ LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held whi
 
 
 @contextlib.contextmanager
-def _claimed(config: RunConfig):
+def claimed(config: RunConfig, stem: str | None = None):
     """Rank 0 holds an exclusive lock on the run's folders (``--out``, a ``--checkpoint-dir``
     outside it) while it runs: two jobs started with the same ``--out`` at once both passed
     the checks, then wrote over each other (one's config.json beside the other's model.pt;
@@ -257,14 +257,15 @@ def _claimed(config: RunConfig):
     or not, so a requeued or restarted job finds it free. Where the file system has no locks
     (Lustre mounted without ``flock``), runs go on unlocked, as before.
 
-    Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run.
+    Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
+    (``runs/<stem>-<time>``, the stem ``config.algo`` unless given).
     """
     if comm.env_rank() != 0:
         yield config
         return
     made = []
     if config.out is None:
-        made.append(new_run_folder(config.algo))
+        made.append(new_run_folder(stem or config.algo))
         config = replace(config, out=str(made[0]))
     folders = [("--out", Path(config.out))]
     ckdir = config.checkpoint.dir

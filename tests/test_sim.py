@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import heapq
 import json
+import math
 import random
 import re
 
@@ -11,7 +13,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, run_commands, run_job
 
-from hpctrain import algorithm_options, kernels, steptimes
+from hpctrain import algorithm_options, kernels, run, steptimes
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim import SimConfig, simulate
@@ -23,7 +25,7 @@ from hpctrain.sim.store import LocalStore, SharedStore
 
 def config(algo: str, out, **kw) -> RunConfig:
     optim = kw.pop("optim", OptimConfig(epochs=1, batch_size=32))
-    return RunConfig(algo=algo, seed=kw.pop("seed", 3), out=str(out), progress=False,
+    return RunConfig(algo=algo, seed=kw.pop("seed", 3), out=out and str(out), progress=False,
                      data=kw.pop("data", DataConfig(dataset="synthetic")),
                      model=kw.pop("model", ModelConfig(name="mlp")), optim=optim, **kw)
 
@@ -338,6 +340,44 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
                                          "samples in synthetic$"):  # was trained on 2048
         simulate(config("ssgd", tmp_path / "g"), sim(2, train_subset=2049))
     assert not any((tmp_path / d).exists() for d in "abcdefg")
+
+
+def test_what_train_refuses_before_mpi_the_simulator_refuses_too(tmp_path, monkeypatch):
+    """An optimizer the algorithm does not take was a TypeError, an --out that is a file a
+    FileExistsError (both exit 1); a run into a folder another run holds went on, and the
+    two runs' files mixed. More store hosts than parameters left the folder it made."""
+    from hpctrain.config import OptimConfig
+
+    with pytest.raises(UsageError, match="^--optimizer adam: --algo asgd keeps its own"):
+        simulate(config("asgd", tmp_path / "a", optim=OptimConfig(optimizer="adam")), sim(2))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError, match="is a file, not a folder$"):
+        simulate(config("asgd", tmp_path / "file" / "run"), sim(2))
+    held = tmp_path / "held"
+    held.mkdir()
+    with open(held / run.LOCK, "a") as other:  # another run's, going on
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match="is in use by another run going on now"):
+            simulate(config("asgd", held), sim(2))
+    assert sorted(p.name for p in held.iterdir()) == [run.LOCK]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="more hosts of the store"):
+        simulate(config("asgd", None, algorithm=algorithm_options("asgd")(servers=10**20)),
+                 sim(2))
+    assert not any((tmp_path / "runs").iterdir())  # the folder made for it is gone
+
+
+def test_a_step_is_never_shorter_than_drawn_nor_zero(tmp_path):
+    """--jitter made half of the simulated steps faster, which a real straggler never does;
+    a gamma of tiny shape draws 0.0, and a run of zero virtual time ended in a division by
+    zero after writing its model."""
+    summary = simulate(config("sgd", tmp_path / "zero"), sim(1, step_time="gamma:0.01:1e-6"))
+    assert 0 < summary["wall_s"] and math.isfinite(summary["samples_per_s"])
+    jittered = simulate(config("asgd", tmp_path / "j", stragglers=StragglerConfig(jitter=1.0)),
+                        sim(2))
+    times = json.loads((tmp_path / "j" / steptimes.FILE).read_text())["workers"]
+    assert min(t for w in times for t in w) >= 0.01  # constant:0.01, padded only upwards
+    assert jittered["straggler_sleep_s_per_worker"][0] > 0
 
 
 def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):

@@ -12,6 +12,8 @@ from hpctrain.sim.scheduler import Scheduler
 from hpctrain.sim.steptime import StepTimeModel
 from hpctrain.stragglers import Straggler
 
+MIN_STEP_S = 1e-9  # the shortest virtual step: no real one takes less than a nanosecond
+
 
 class VirtualStraggler(Straggler):
     """A step's time from the step-time model, times ``--slowdown``'s factor and
@@ -24,8 +26,10 @@ class VirtualStraggler(Straggler):
         self.model, self.scheduler, self.worker = model, scheduler, worker
 
     def pad(self, step_seconds: float) -> float:
-        base = self.model.next(self.worker)
-        step = base * (self.step_factor() if self.active else 1.0)
+        # At least MIN_STEP_S: a step takes time (a zero draw made the run's time 0), and
+        # never faster than drawn (a real straggler only pads, :meth:`Straggler.pad`).
+        base = max(self.model.next(self.worker), MIN_STEP_S)
+        step = base * (max(1.0, self.step_factor()) if self.active else 1.0)
         self.scheduler.now[self.worker] += step
         extra = max(0.0, step - base)
         self.slept += extra

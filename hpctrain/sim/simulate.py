@@ -14,17 +14,15 @@ real time enters the outputs.
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, options, run, userdata
+from hpctrain import data, devices, live, optimizers, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
-from hpctrain.metrics import new_run_folder
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
 from hpctrain.sim.config import SimConfig
@@ -40,12 +38,10 @@ INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backw
 
 def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     """Refuse what the simulator cannot run (UsageError, one line); return ``config`` with
-    every default resolved and its output folder chosen."""
+    every default resolved."""
     config = check_options(config, sim)
-    k = sim.workers
-    if config.out is None:  # made last, once everything else passed
-        return replace(config, out=str(new_run_folder(f"{config.algo}-sim{k}")))
-    if (Path(config.out) / "summary.json").exists():
+    run.check_folder("--out", config.out)
+    if config.out and (Path(config.out) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
     return config
@@ -76,6 +72,8 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce")
     run.check_compute(config, in_threads=True)
+    optimizers.check(algo, config.optim)
+    live.check(config, k)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
@@ -144,6 +142,12 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
     summary (``simulated: true``)."""
     userdata.forget()  # as train: a script's earlier run read them
     config = check(config, sim)
+    # Locked as train's --out, or made for the run: a second run into it is refused.
+    with run.claimed(config, f"{config.algo}-sim{sim.workers}") as config:
+        return _simulate(config, sim)
+
+
+def _simulate(config: RunConfig, sim: SimConfig) -> dict:
     torch.set_num_threads(config.threads)
     simulation = Simulation(config, sim)
     algo_class = simulated(config.algorithm_class)
