@@ -372,6 +372,41 @@ def test_broadcast_parameters_and_optimizer_state(hvd):
     assert params[0].tolist() == [hvd.size() - 1.0] * 2
 
 
+@mpi
+@timeout
+@pytest.mark.parametrize("op", ["Average", "Adasum"])
+def test_broadcast_optimizer_state_leaves_parameters_and_gradients_as_they_were(hvd, op):
+    """A fresh optimizer's state is made by a step on zero gradients. Where gradients were
+    there already that step used them (the fresh ranks' parameters moved: Horovod zeroes them
+    first), and a wrapped Adasum optimizer reduced on the fresh ranks alone (a mismatch)."""
+    r, n = hvd.rank(), hvd.size()
+    if op == "Adasum" and n & (n - 1):
+        pytest.skip("Adasum needs a power-of-2 number of ranks")
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    if r == 0:  # a checkpoint's state, loaded on the root only
+        local = copy.deepcopy(model)
+        adam = torch.optim.Adam(local.parameters(), lr=0.01)
+        local(torch.randn(8, 4)).sum().backward()
+        adam.step()
+    model(torch.randn(8, 4) + r).sum().backward()  # gradients there, different on each rank
+    opt = hvd.DistributedOptimizer(torch.optim.Adam(model.parameters(), lr=0.01),
+                                   named_parameters=model.named_parameters(),
+                                   op=getattr(hvd, op))
+    if r == 0:
+        opt.load_state_dict(adam.state_dict())
+    before = [(p.detach().clone(), p.grad.clone()) for p in model.parameters()]
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
+    assert all(torch.equal(p, value) for p, (value, _) in zip(model.parameters(), before,
+                                                               strict=True))
+    if hvd.backend() != "horovod":  # Horovod leaves zeros
+        assert all(torch.equal(p.grad, grad) for p, (_, grad) in zip(model.parameters(),
+                                                                      before, strict=True))
+    mine = [opt.state[p]["exp_avg"] for p in model.parameters()]
+    assert all(all(torch.equal(a, b) for a, b in zip(mine, root, strict=True))
+               for root in [hvd.broadcast_object(mine, root_rank=0)])
+
+
 # ---------------------------------------------------------------- DistributedOptimizer
 
 @mpi

@@ -10,7 +10,7 @@ from hpctrain.errors import UsageError
 from hpctrain.sync import collectives
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.errors import UsageTypeError
-from hpctrain.sync.optimizer import _DistributedOptimizer
+from hpctrain.sync.optimizer import _AdasumOptimizer, _DistributedOptimizer
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 
@@ -89,14 +89,21 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
 
 
 def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            if p.requires_grad and p.grad is None:
-                p.grad = torch.zeros_like(p)
-                if isinstance(optimizer, torch.optim.SparseAdam):
-                    p.grad = p.grad.to_sparse()
-    # The wrapped step would allreduce, and not every rank may be here with a fresh state.
-    if isinstance(optimizer, _DistributedOptimizer):
-        super(_DistributedOptimizer, optimizer).step()
-    else:
-        optimizer.step()
+    """Make a fresh optimizer's state by one step on zero gradients, as Horovod does, then put
+    the parameters and their gradients back: Horovod's step moves them when gradients were
+    there already (an extra step) or with weight decay."""
+    trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+    kept = [(p.detach().clone(), p.grad) for p in trained]
+    sparse = isinstance(optimizer, torch.optim.SparseAdam)
+    for p in trained:
+        p.grad = torch.zeros_like(p).to_sparse() if sparse else torch.zeros_like(p)
+    try:
+        # The wrapped step would reduce, and not every rank may be here with a fresh state.
+        wrapped = next((c for c in (_DistributedOptimizer, _AdasumOptimizer)
+                        if isinstance(optimizer, c)), None)
+        (super(wrapped, optimizer).step if wrapped else optimizer.step)()
+    finally:
+        with torch.no_grad():
+            for p, (value, grad) in zip(trained, kept, strict=True):
+                p.copy_(value)
+                p.grad = grad
