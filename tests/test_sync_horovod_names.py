@@ -612,6 +612,32 @@ def test_resnet_with_sync_batchnorm_trains_like_one_process_on_the_union(hvd):
     torch.testing.assert_close(model(x), ref(x), rtol=1e-9, atol=1e-10)
 
 
+@mpi
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sync_batchnorm_of_half_precision_inputs_sums_in_float32(hvd, dtype):
+    """Statistics in the input's dtype: a count above 65504 was inf in fp16, and with it the
+    output and running variance NaN (autocast's convolutions give fp16). Now float32 sums,
+    the output in the input's dtype, as nn.BatchNorm2d on the union of the batches."""
+    r, n = hvd.rank(), hvd.size()
+    batches = [torch.randn(24, 2, 56, 56, generator=torch.Generator().manual_seed(k)) * 3 + 1
+               for k in range(n)]
+    bn, ref = hvd.SyncBatchNorm(2), nn.BatchNorm2d(2)
+    x = batches[r].to(dtype).requires_grad_()
+    out = bn(x)
+    out.float().square().sum().backward()
+    union = torch.cat([b.to(dtype).float() for b in batches]).requires_grad_()
+    ref_out = ref(union)
+    ref_out.square().sum().backward()
+    assert out.dtype == dtype and x.grad.dtype == dtype
+    rows = slice(24 * r, 24 * r + 24)
+    tol = {"rtol": 2e-2, "atol": 2e-2}  # the output's own rounding
+    torch.testing.assert_close(out.float(), ref_out[rows], **tol)
+    torch.testing.assert_close(x.grad.float(), union.grad[rows], **tol)
+    torch.testing.assert_close(bn.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------- the example scripts
 
 def _run_example(script: str) -> subprocess.CompletedProcess:

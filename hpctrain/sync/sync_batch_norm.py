@@ -9,6 +9,10 @@ the input gradient needs (of dy and of dy·(x - mean)) are added over the ranks 
 ``allreduce``, so the gradient is that of the union (Horovod does the same with CUDA-only
 kernels; this version also runs on CPU). Weight and bias gradients stay local sums, for
 ``DistributedOptimizer`` to average. In eval mode it is plain batch norm.
+
+Statistics and gradient sums are taken in float32 (float64 for a float64 input), and the
+output has the input's dtype: in fp16 (autocast's convolutions) a count above 65504, or a
+sum of squares, is inf, as with torch's own kernels, which accumulate in float32 too.
 """
 
 from __future__ import annotations
@@ -56,10 +60,16 @@ def _per_channel(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(0, 1).reshape(t.shape[1], -1)
 
 
+def _accumulating(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are taken in: float32 at least."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 class _SyncBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, input, weight, bias, running_mean, running_var, eps, momentum):
-        x = _per_channel(input.detach())
+        acc = _accumulating(input.dtype)
+        x = _per_channel(input.detach()).to(acc)
         count = x.shape[1]
         mean = x.mean(1) if count else torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
         m2 = ((x - mean[:, None]) ** 2).sum(1)
@@ -79,24 +89,25 @@ class _SyncBatchNorm(torch.autograd.Function):
             running_var.mul_(1 - momentum).add_(var * n / max(n - 1, 1), alpha=momentum)
         invstd = torch.rsqrt(var + eps)
         shape = [1, -1] + [1] * (input.dim() - 2)
-        xhat = (input - g_mean.view(shape)) * invstd.view(shape)
+        xhat = (input.to(acc) - g_mean.view(shape)) * invstd.view(shape)
         out = xhat
         if weight is not None:
-            out = out * weight.view(shape) + bias.view(shape)
+            out = out * weight.to(acc).view(shape) + bias.to(acc).view(shape)
         ctx.save_for_backward(xhat, weight, invstd)
-        ctx.total = total
-        return out
+        ctx.total, ctx.dtype = total, input.dtype
+        return out.to(input.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         xhat, weight, invstd = ctx.saved_tensors
+        grad_out = grad_out.to(xhat.dtype)
         dy = _per_channel(grad_out.contiguous())
         xh = _per_channel(xhat)
         sum_dy = dy.sum(1)
         sum_dy_xhat = (dy * xh).sum(1)
         grad_weight = grad_bias = None
         if weight is not None:
-            grad_weight, grad_bias = sum_dy_xhat.clone(), sum_dy.clone()
+            grad_weight, grad_bias = sum_dy_xhat.to(weight.dtype), sum_dy.to(weight.dtype)
         grad_input = None
         if ctx.needs_input_grad[0]:
             from hpctrain import sync as hvd
@@ -105,8 +116,9 @@ class _SyncBatchNorm(torch.autograd.Function):
                                                        op=hvd.Sum, name="sync_batch_norm.grad"))
             g_sum_dy, g_sum_dy_xhat = both.chunk(2)
             shape = [1, -1] + [1] * (grad_out.dim() - 2)
-            scale = invstd if weight is None else invstd * weight
+            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
             n = ctx.total
-            grad_input = scale.view(shape) * (grad_out - (g_sum_dy / n).view(shape)
-                                              - xhat * (g_sum_dy_xhat / n).view(shape))
+            grad_input = (scale.view(shape) * (grad_out - (g_sum_dy / n).view(shape)
+                                               - xhat * (g_sum_dy_xhat / n).view(shape))
+                          ).to(ctx.dtype)
         return grad_input, grad_weight, grad_bias, None, None, None, None
