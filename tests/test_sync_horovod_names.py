@@ -282,6 +282,32 @@ def _process_sets(hvd) -> dict:
     return out
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_process_sets_from_communicators(hvd):
+    """Sets from split communicators; from one that is MPI.COMM_NULL outside the set, where
+    those ranks raised alone and the members hung in the split; and a duplicate, found only
+    on the ranks holding it (the others hung)."""
+    from mpi4py import MPI
+
+    r, n = hvd.rank(), hvd.size()
+    alone = hvd.add_process_set(hvd.ProcessSet(MPI.COMM_WORLD.Split(0 if r == 0 else
+                                                                    MPI.UNDEFINED, r)))
+    assert alone.ranks == [0] and alone.included() == (r == 0)
+    if r == 0:
+        assert hvd.allreduce(torch.ones(1), op=hvd.Sum, name="comm.a",
+                             process_set=alone).item() == 1
+    with pytest.raises(ValueError, match="duplicate process set"):  # [0] and the rest
+        hvd.add_process_set(hvd.ProcessSet(MPI.COMM_WORLD.Split(min(r, 1), r)))
+    if n > 2:  # else [0] again
+        mine = hvd.add_process_set(hvd.ProcessSet(MPI.COMM_WORLD.Split(r % 2, r)))
+        assert mine.ranks == list(range(r % 2, n, 2))
+        total = hvd.allreduce(torch.tensor([float(r)]), op=hvd.Sum, name="comm.b",
+                              process_set=mine)
+        assert total.item() == sum(range(r % 2, n, 2))
+    hvd.barrier()
+
+
 OWN = ("mpi", "mpi-staged", "torch")  # hpctrain's backends, as the tests run them
 
 

@@ -149,16 +149,29 @@ def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     if ps.ranks is None:  # from a communicator: this rank's set may differ from another's
         ps.ranks = _ranks_of_comm(ps.mpi_comm)
     n = _world.size()
-    everyone = _world.allgather_object(ps.ranks)
+    # With each rank's registered sets: a rank holds only the sets from communicators that
+    # it is in, so a duplicate is found on all ranks or on none.
+    gathered = _world.allgather_object((ps.ranks, [o.ranks for o in _registered.values()]))
+    everyone = [ranks for ranks, _ in gathered]
+    registered = {tuple(r) for _, sets in gathered for r in sets}
+    # Every verdict below is taken from everyone's lists, so every rank raises alike.
     if any(r != ps.ranks for r in everyone) and ps.mpi_comm is None:
         raise UsageError(f"add_process_set: ranks disagree between processes: {everyone}")
-    if not ps.ranks or any(not 0 <= r < n for r in ps.ranks):
+    sets = sorted({tuple(r) for r in everyone if r})
+    if ps.mpi_comm is not None and not all(everyone):  # MPI.COMM_NULL: not a member
+        if len(sets) != 1:
+            raise UsageError("add_process_set: ranks outside every set (MPI.COMM_NULL) among "
+                             f"communicators of several sets {[list(s) for s in sets]}; give "
+                             "each set's ranks instead")
+        everyone = [list(sets[0])] * n  # the set of the ranks that hold the communicator
+        ps.ranks = everyone[0]
+    bad = next((r for r in everyone if not r or any(not 0 <= x < n for x in r)), None)
+    if bad is not None:
         raise UsageError(f"add_process_set: ranks must be a non-empty subset of 0..{n - 1}, "
-                         f"got {ps.ranks}")
-    if any(other.ranks == ps.ranks for other in _registered.values()):
+                         f"got {bad}")
+    if any(ranks in registered for ranks in sets):
         raise ValueError(f"Attempted to add a duplicate process set: {ps}")
     # One split per distinct set, in a deterministic order, so the ids agree everywhere.
-    sets = sorted({tuple(r) for r in everyone if r})
     for ranks in sets:
         sub = _world.split(list(ranks))
         if tuple(ps.ranks) == ranks:
