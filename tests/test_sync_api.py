@@ -340,8 +340,10 @@ def test_broadcast_variants_and_objects(hvd):
     assert torch.equal(hvd.broadcast_(t, root), expected) and torch.equal(t, expected)
     h = hvd.broadcast_async(torch.tensor([r]), 0)
     assert hvd.synchronize(h).tolist() == [0]
-    assert hvd.broadcast_object({"from": r, "list": [r] * 3}, root_rank=root) == \
-        {"from": root, "list": [root] * 3}
+    mine = {"from": r, "list": [r] * 3}
+    got = hvd.broadcast_object(mine, root_rank=root)
+    assert got == {"from": root, "list": [root] * 3}
+    assert (got is mine) == (r == root)  # the root's own object, as Horovod returns it
     assert hvd.allgather_object(("rank", r)) == [("rank", k) for k in range(n)]
 
 

@@ -23,6 +23,7 @@ import torch
 
 from hpctrain import devices
 from hpctrain.errors import UsageError
+from hpctrain.sync.errors import UsageNotImplementedError
 from hpctrain.sync.transport import SUM, Transport
 
 TYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -95,8 +96,8 @@ def check(size: int, dtype: torch.dtype, caller: str) -> None:
     """UsageError unless Adasum can reduce ``dtype`` over ``size`` ranks (every rank raises
     alike, before any communication)."""
     if size & (size - 1):
-        raise UsageError(f"{caller}: op=Adasum needs a power-of-2 number of processes, got "
-                         f"{size} (as in Horovod)")
+        raise UsageNotImplementedError(f"{caller}: op=Adasum needs a power-of-2 number of "
+                                       f"processes, got {size} (as in Horovod)")
     if dtype not in TYPES:
         raise UsageError(f"{caller}: op=Adasum reduces floating-point tensors, got {dtype}")
 

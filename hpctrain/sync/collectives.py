@@ -664,7 +664,7 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
     if kind == "error":
         who = "" if m.transport.rank() == root else f"root_rank {root_rank}: "
         raise UsageTypeError(f"broadcast_object: {who}cannot pickle the object: {data}")
-    return pickle.loads(data)
+    return obj if m.transport.rank() == root else pickle.loads(data)  # the root's own, as Horovod
 
 
 def allgather_object(obj: Any, name: str | None = None,

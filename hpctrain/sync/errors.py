@@ -16,3 +16,9 @@ class CollectiveMismatchError(HorovodInternalError):
 class UsageTypeError(UsageError, TypeError):
     """An argument of the wrong type: a TypeError, as torch and Horovod raise for one, and a
     UsageError, so that hpctrain reports it in one line as it does other bad input."""
+
+
+class UsageNotImplementedError(UsageError, NotImplementedError):
+    """What Horovod does not implement either (Adasum on a number of processes not a power of
+    2): Horovod's NotImplementedError, for scripts that catch it and fall back, and a
+    UsageError, reported in one line."""
