@@ -372,6 +372,12 @@ def test_broadcast_parameters_and_optimizer_state(hvd):
     params = [nn.Parameter(torch.full((2,), float(r)))]
     hvd.broadcast_parameters(params, root_rank=hvd.size() - 1)
     assert params[0].tolist() == [hvd.size() - 1.0] * 2
+    if hvd.backend() != "horovod":  # which would wait for the other names: a stall
+        # Names that differ copied the root's tensors into other entries.
+        with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters"):
+            hvd.broadcast_parameters({"w" if r == 0 else "v": torch.zeros(2)}, root_rank=0)
+        with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters"):
+            hvd.broadcast_parameters([(f"w{min(r, 1)}", torch.zeros(2))], root_rank=0)
 
 
 @mpi

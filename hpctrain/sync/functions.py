@@ -19,8 +19,9 @@ def broadcast_parameters(params: Any, root_rank: int,
     """Overwrite tensors in place with root_rank's: a ``state_dict()`` (a dict), or a list of
     parameters or of (name, parameter) pairs, e.g. ``list(model.named_parameters())``."""
     if isinstance(params, dict):
-        tensors = [t for _, t in sorted(params.items())]
+        names, tensors = zip(*sorted(params.items()), strict=True) if params else ((), ())
     elif isinstance(params, list):
+        names = tuple(p[0] if isinstance(p, tuple) else None for p in params)
         tensors = [p[1] if isinstance(p, tuple) else p for p in params]
     else:
         raise UsageError(f"broadcast_parameters: params must be a dict or a list, got "
@@ -31,8 +32,10 @@ def broadcast_parameters(params: Any, root_rank: int,
         for t in tensors:
             collectives.check_tensor(t, "broadcast_parameters", in_place=True)
     # Ranks whose lists differ in length would otherwise go on calling broadcasts the others
-    # never make; one round agrees on every tensor's dtype and shape first.
-    shapes = tuple((str(t.dtype), tuple(t.shape)) for t in tensors)
+    # never make; one round agrees on every tensor's name, dtype and shape first (names that
+    # differ would copy the root's tensors into other entries: Horovod matches by name).
+    shapes = tuple((str(name), str(t.dtype), tuple(t.shape)) for name, t in zip(names, tensors,
+                                                                              strict=True))
     m.channel.agree(Call("broadcast_parameters", agree=(shapes, int(root_rank)),
                          extra=f"{len(tensors)} tensors, root_rank={int(root_rank)}"))
     handles = [collectives.broadcast_async_(t, root_rank, process_set=process_set)
