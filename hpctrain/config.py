@@ -370,10 +370,12 @@ def to_dict(config: RunConfig) -> dict:
 
 def repeatable(config: RunConfig) -> dict:
     """What ``config.json`` keeps: :func:`to_dict` of the effective configuration, as a fresh
-    run repeats it (``--resume`` and the checkpoint folder derived from ``--out`` left out)."""
+    run repeats it (``--resume`` and the checkpoint folder derived from ``--out``, or from
+    ``--resume``'s folder, left out: a repeat writes its own)."""
     values = to_dict(config)
+    ck = config.checkpoint
     values["checkpoint"]["resume"] = None
-    if config.out and config.checkpoint.dir == str(run_folder(None, config.out)):
+    if ck.dir in (config.out and str(run_folder(None, config.out)), ck.resume):
         values["checkpoint"]["dir"] = None
     return values
 

@@ -51,6 +51,22 @@ def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
     assert again == configs.resolve(config)
 
 
+def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
+    """Resumed into another --out, a run writes its checkpoints beside the ones it resumed
+    (the folder check_launch resolves); config.json recorded that folder as if given, and a
+    repeat from it was refused as another run's checkpoints, or wrote into them."""
+    from hpctrain.config import CheckpointConfig
+
+    def recorded(dir, resume):
+        config = RunConfig(algo="sgd", out="runs/z", checkpoint=CheckpointConfig(
+            every="1e", dir=dir, resume=resume))
+        return configs.repeatable(config)["checkpoint"]["dir"]
+
+    assert recorded("runs/x/checkpoints", "runs/x/checkpoints") is None
+    assert recorded("runs/z/checkpoints", None) is None
+    assert recorded("/scratch/ck", "runs/x/checkpoints") == "/scratch/ck"  # given: kept
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda: RunConfig(algo="nope"), "unknown algorithm 'nope'"),
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(momentum=1.5)),
