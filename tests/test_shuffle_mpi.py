@@ -30,6 +30,29 @@ def gathered_ids(comm, ds: data.Dataset) -> list[torch.Tensor]:
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_a_rank_can_receive_more_rows_than_any_rank_sends():
+    """The round buffers were sized by the most rows a rank sends: every rank sending its
+    three rows to rank 1 wrote six rows into a buffer of three (a segmentation fault)."""
+    from hpctrain.shuffle.exchange import Exchanger
+
+    comm = world()
+    r, n = comm.Get_rank(), comm.Get_size()
+    ids = torch.arange(3 * r, 3 * r + 3)
+    mine = data.Dataset("x", ids.float().view(3, 1, 1, 1).expand(3, 1, 4, 4).contiguous(),
+                        ids % 10, ids)
+    out = data.Dataset("x", torch.zeros(3 * n, 1, 4, 4), torch.zeros(3 * n, dtype=torch.long),
+                       torch.full((3 * n,), -1))
+    Exchanger(comm, chunk_bytes=1 << 20).move(mine, torch.arange(3), torch.ones(3,
+                                              dtype=torch.long), out, lambda got: got)
+    if r == 1:
+        assert out.ids.tolist() == list(range(3 * n))
+        assert torch.equal(out.images[:, 0, 0, 0], torch.arange(3 * n).float())
+    else:
+        assert out.ids.tolist() == [-1] * (3 * n)
+
+
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("partition", ["iid", "label-skew"])

@@ -90,8 +90,8 @@ class Exchanger:
         row_bytes = flat.element_size() * flat.shape[1]
         per = max(1, self.chunk_bytes // (row_bytes * ranks))  # rows per peer per round
         rounds = -(-int(counts.max()) // per)
-        sbuf, rbuf = self._round_buffers(min(per * ranks, max(int(counts.sum(1).max()), 1)),
-                                         flat)
+        most = max(int(counts.sum(1).max()), int(counts.sum(0).max()), 1)  # sent or received
+        sbuf, rbuf = self._round_buffers(min(per * ranks, most), flat)
         row = MPI.BYTE.Create_contiguous(row_bytes).Commit()
         clock = self._lap("metadata", clock)
         try:
