@@ -23,7 +23,12 @@ def generator(*key: int) -> torch.Generator:
 
 
 def global_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    """The whole data set's order for ``epoch``; depends only on (seed, epoch, n)."""
+    """The whole data set's order for ``epoch``; depends only on (seed, epoch, n).
+
+    Seeded with ``seed + epoch``, as ``DistributedSampler`` is (the global sampler matches it
+    index for index): seed s's epoch e is seed s+1's epoch e-1. Runs compared over seeds
+    share their orders unless the seeds are further apart than the epochs.
+    """
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
 
 

@@ -7,9 +7,10 @@ depends only on the seed, the epoch, the number of ranks and the rank.
 
 - ``drop_last=True``: every rank gets ``N // K`` indices per epoch and the tail is dropped
   (what hpctrain's training loop uses).
-- ``drop_last=False`` (torch's default): every rank gets ``ceil(N / K)``; every sample is used
-  and ranks short of that count repeat samples from the start of their own list, as
-  ``DistributedSampler`` pads.
+- ``drop_last=False`` (torch's default): every rank gets ``ceil(N / K)`` and every sample is
+  used; the global sampler pads the epoch's permutation from its start before dealing it out,
+  as ``DistributedSampler`` does (so a rank may get a sample dealt to another), the local and
+  partial ones pad a rank's list with its own first index (below).
 
 :class:`GlobalShuffleSampler` is ``DistributedSampler`` index for index in all four
 combinations of ``shuffle`` and ``drop_last``. The local and partial strategies keep a fixed
