@@ -530,3 +530,65 @@ def test_a_batch_script_run_by_hand_says_to_submit_it(script):
                           capture_output=True, text=True, timeout=30)
     assert (proc.returncode, proc.stderr.strip()) == (
         2, f"hpctrain: error: {script}.sbatch is a Slurm batch script: submit it with sbatch")
+
+
+TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
+# srun as the time limit's warning may leave it (--kill-on-bad-exit): once the batch script (its
+# parent) catches SIGUSR1 (SigCgt's bit 10 - 1), warn it as Slurm's --signal does, and exit
+# with $FAKE_STATUS when it passes the signal on.
+FAKE_SRUN = """#!/bin/bash
+sleep 30 > /dev/null 2>&1 & nap=$!
+trap 'kill "$nap"; exit "$FAKE_STATUS"' USR1
+for _ in $(seq 400); do
+  caught=$(sed -n 's/^SigCgt:[[:space:]]*//p' "/proc/$PPID/status")
+  (( 0x$caught & 0x200 )) && break
+  sleep 0.025
+done
+kill -USR1 "$PPID"
+wait "$nap"
+exit 99
+"""
+DEFAULT_CHECKPOINTS = "runs/train-4242/checkpoints"
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("args, checkpoint_in, status, requeued", [
+    ([], DEFAULT_CHECKPOINTS, 137, True),
+    ([], None, 137, False),  # died without a checkpoint: a failure
+    ([], DEFAULT_CHECKPOINTS, 134, False),  # 128 + 6 (SIGABRT): a failure, checkpoint or not
+    (["--checkpoint-dir", "ck"], "ck", 137, True),
+    (["--checkpoint-dir=ck"], "ck", 137, True),
+    (["--checkpoint-dir", "ck"], DEFAULT_CHECKPOINTS, 137, False),  # not this run's
+    (["--out", "elsewhere"], "elsewhere/checkpoints", 137, True),
+    (["--out=a", "--out=elsewhere"], "elsewhere/checkpoints", 137, True),
+    (["--checkpoint-dir", "a", "--out", "o", "--checkpoint-dir=ck"], "ck", 137, True),
+    (["--out", "o", "--checkpoint-dir", "ck"], "o/checkpoints", 137, False),
+    (["--checkpoint-dir", "ck"], None, 5, True),  # the run's own stop after its checkpoint
+])
+def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpoint(
+        tmp_path, args, checkpoint_in, status, requeued):
+    """After the warning, srun may say 128 + 9 instead of 5: the script requeues then only if
+    the run's checkpoint folder (the last --checkpoint-dir, else <last --out>/checkpoints)
+    holds a checkpoint. It looked in its own <out>/checkpoints, whatever the arguments said,
+    and took any status above 128. Fake srun and scontrol; no Slurm needed."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(FAKE_SRUN)
+    (fake / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n')
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    if checkpoint_in is not None:
+        (tmp_path / checkpoint_in).mkdir(parents=True)
+        (tmp_path / checkpoint_in / "ckpt-000000004.pt").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
+               HPCTRAIN_LAUNCH="srun", HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON="python3",
+               PATH=f"{fake}{os.pathsep}{env['PATH']}", FAKE_STATUS=str(status),
+               FAKE_LOG=str(tmp_path / "scontrol.log"))
+    proc = subprocess.run(["bash", str(TRAIN_SBATCH), "--algo", "ssgd", *args], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == status, proc.stdout + proc.stderr
+    log = tmp_path / "scontrol.log"
+    assert (log.read_text() if log.exists() else "") == ("requeue 4242\n" if requeued else ""), \
+        proc.stdout + proc.stderr
+    assert ("requeueing job 4242" in proc.stdout) == requeued, proc.stdout
