@@ -113,7 +113,8 @@ class Watch:
 
     def __init__(self, config, algo: Algorithm, comm, *, test_set, per_epoch: int, steps: int,
                  samples_per_epoch: int, bar, world=None,
-                 loss_scale: Callable[[], float | None] = lambda: None) -> None:
+                 loss_scale: Callable[[], float | None] = lambda: None,
+                 resumed: int = 0, elapsed: float = 0.0) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.test_set, self.bar, self.world = test_set, bar, world
         self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
@@ -122,13 +123,17 @@ class Watch:
         self.curve_online = self.online and _curve_online(algo)
         self.mode = eval_mode(config, algo)
         self.algo, self.loss_scale = algo, loss_scale  # fp16's scale, read when logged
-        self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0)
+        # Resumed at update ``resumed`` after ``elapsed`` s of training: the earlier run's
+        # entries from there on are purged, its scores before there kept, not logged again.
+        self.resumed = resumed
+        self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
+                                       resumed=resumed, elapsed=elapsed)
         self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4))
         self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
         self.stopped = False
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
         self._sent: list = []
-        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": 0.0, "stale": 0}
+        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed, "stale": 0}
         self._postfix: dict[str, str] = {}
 
     # ---- during training --------------------------------------------------------------------
@@ -149,8 +154,8 @@ class Watch:
 
     def _log(self, position: int, value: float, lr: float, t: float) -> None:
         log = self._logged
-        if log["position"] is None:
-            log["position"], log["t"] = position - 1, 0.0
+        if log["position"] is None:  # the first step of this process: t from its start
+            log["position"] = position - 1
         log["steps"] += 1
         log["loss"] += value
         if log["steps"] < tensorboard.LOG_EVERY:
@@ -205,8 +210,10 @@ class Watch:
         self.scores[index] = point
         self._postfix["acc"] = f"{point['test_acc']:.4f}"
         self.bar.set_postfix(self._postfix, refresh=False)
-        self.board.scalar("test/accuracy", point["test_acc"], point["updates"], point.get("t"))
-        self.board.scalar("test/loss", point["test_loss"], point["updates"], point.get("t"))
+        if point["updates"] >= self.resumed:  # else the earlier run logged it online
+            self.board.scalar("test/accuracy", point["test_acc"], point["updates"],
+                              point.get("t"))
+            self.board.scalar("test/loss", point["test_loss"], point["updates"], point.get("t"))
         self._collapse(point["updates"], self.detector.accuracy(point["updates"],
                                                                 point["test_acc"]))
 

@@ -439,7 +439,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     bar.update(position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
-                       world=world, loss_scale=scaler.get_scale)
+                       world=world, loss_scale=scaler.get_scale, resumed=position,
+                       elapsed=done.get("elapsed", 0.0))
     watch.begin(model, snapshots)
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))

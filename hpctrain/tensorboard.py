@@ -6,8 +6,13 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
   ``train/samples_per_s`` (all workers, from global progress since the last entry) and, for
   asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the last entry), at
   the global update count;
+- ``train/loss_scale`` (fp16's loss scale), at the same steps;
 - ``test/accuracy`` and ``test/loss`` per snapshot, at its update count and wall time (when
   it was taken, so after-training scores line up with the training curves).
+
+A resumed run writes a new event file in the same folder: the earlier run's entries from
+the resumed update on are purged (TensorBoard's ``purge_step``), its online scores before it
+kept, not logged twice.
 
 ``tensorboard --logdir runs/`` shows every run of a folder side by side.
 """
@@ -32,15 +37,21 @@ def check_installed() -> None:
 
 
 class Board:
-    """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked)."""
+    """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked).
 
-    def __init__(self, out: str | Path, enabled: bool) -> None:
+    A run resumed at update ``resumed`` after ``elapsed`` seconds of training purges the
+    earlier run's entries from that update on (they were trained again), and stamps its own
+    at the wall time they happen.
+    """
+
+    def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
+                 elapsed: float = 0.0) -> None:
         self.writer = None
-        self.start = time.time()
+        self.start = time.time() - elapsed  # wall time = start + seconds into training
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out) / SUBDIR))
+            self.writer = SummaryWriter(str(Path(out) / SUBDIR), purge_step=resumed or None)
 
     @property
     def enabled(self) -> bool:

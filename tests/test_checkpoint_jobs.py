@@ -113,6 +113,29 @@ def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, sgd_runs):
 
 
 @pytest.mark.timeout(300)
+def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
+    """The resumed run logged the restored snapshots' scores a second time, left the killed
+    run's training entries past the checkpoint beside its own, and stamped its entries with
+    wall times in the future (shifted by the seconds trained before)."""
+    import time
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    flags = ("--checkpoint-every", "1e", "--tensorboard", "--eval", "online")
+    proc = run_commands([options(out, "sgd", *flags)], np=0, injects=["kill@0:45"])
+    assert proc.returncode != 0 and not (out / "summary.json").exists(), proc.stderr
+    resume(out, "sgd", 0, *flags)
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    for tag in ("test/accuracy", "train/loss", "train/samples_per_s"):
+        steps = [e.step for e in board.Scalars(tag)]
+        assert steps == sorted(set(steps)), (tag, steps)
+    assert [e.step for e in board.Scalars("test/accuracy")] == list(range(0, 97, 16))
+    assert max(e.wall_time for e in board.Scalars("train/loss")) <= time.time()
+
+
+@pytest.mark.timeout(300)
 def test_sigusr1_checkpoints_and_stops_then_resumed_equals_uninterrupted(tmp_path, straight):
     """A time limit's warning (Slurm's --signal, passed on to mpirun) after the first
     checkpoint: every rank takes part in the next update's checkpoint and the job ends with
