@@ -6,12 +6,14 @@ starts); the jobs run the real benchmarks with tiny settings, as a user does.
 
 import importlib
 import json
+import weakref
 
 import pytest
 import torch
 from conftest import run_job
 
-from hpctrain import cli
+from hpctrain import cli, kernels
+from hpctrain.bench import kernel, store
 from hpctrain.errors import UsageError
 
 
@@ -68,15 +70,21 @@ def test_good_values_are_parsed():
 
 
 @pytest.mark.timeout(120)
-def test_bad_input_is_one_line_and_exit_2(tmp_path):
-    """One job per kind of refusal before MPI starts: a bad value while parsing (here; the
-    QA case was a ZeroDivisionError, exit 1), a benchmark's validate() (the missing data
-    files below); the rest are checked in process."""
-    proc = run_job(["bench", "store", "--seconds", "-1", "--json", str(tmp_path / "x.json")],
-                   np=2, timeout=90)
+@pytest.mark.parametrize("np, argv, line", [
+    # The QA case: a ZeroDivisionError, exit 1.
+    (2, ["--seconds", "-1"], "hpctrain: error: argument --seconds: must be > 0, got -1"),
+    # Measured the two-sided case, then every rank died after MPI started (exit 1).
+    (3, ["--params", "1", "--seconds", "0.1"], "hpctrain: error: --params 1: fewer parameters "
+     "than the store's 2 shards (one per worker, -np 3); give at least 2"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, np, argv, line):
+    """One job per kind of refusal before MPI starts: a bad value while parsing, a value the
+    benchmark's validate() refuses for the ranks it runs on (and the missing data files
+    below); the rest are checked in process."""
+    proc = run_job(["bench", "store", *argv, "--json", str(tmp_path / "x.json")], np=np,
+                   timeout=90)
     assert proc.returncode == 2, proc.stderr
-    assert [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")] == [
-        "hpctrain: error: argument --seconds: must be > 0, got -1"]
+    assert [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")] == [line]
     assert not (tmp_path / "x.json").exists()
 
 
@@ -96,6 +104,33 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize("ranks, argv, message", [
+    # Measured the two-sided case, then every rank died after MPI started: "shards=2: need
+    # 1 <= shards <= 1".
+    (3, ["store", "--params", "1", "--seconds", "0.1"],
+     "--params 1: fewer parameters than the store's 2 shards (one per worker, -np 3); give at "
+     "least 2"),
+    (5, ["store", "--params", "1e6,3"],
+     "--params 3: fewer parameters than the store's 4 shards (one per worker, -np 5); give at "
+     "least 4"),
+    # N copies competing for the memory bandwidth, and only rank 0's figures printed.
+    (2, ["kernel", "--elements", "1000"],
+     "bench kernel measures one process's kernel: run it on one rank (mpirun -np 1, or "
+     "srun/sbatch --ntasks-per-node=1 on one node), not 2"),
+])
+def test_what_the_ranks_cannot_run_is_refused_before_mpi(monkeypatch, ranks, argv, message):
+    launched_by_open_mpi(monkeypatch, ranks=ranks)
+    args = parse(*argv)
+    with pytest.raises(UsageError) as e:
+        importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
+    assert str(e.value) == message
+
+
+def test_the_store_takes_one_parameter_per_shard(monkeypatch):
+    launched_by_open_mpi(monkeypatch, ranks=3)
+    store.validate(parse("store", "--params", "2,1e6"))  # 2 workers, 2 shards: accepted
+
+
 def launched_by_open_mpi(monkeypatch, ranks: int) -> None:
     """This process as rank 0 of ``ranks`` started by Open MPI's mpirun (validate reads the
     launcher's variables; torchrun's are read first, so they go)."""
@@ -107,7 +142,7 @@ def launched_by_open_mpi(monkeypatch, ranks: int) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     # Each was a torch error on every rank after MPI started (exit 1), or the kernel's OOM kill.
-    (["kernel", "--elements", "1e308"], "--elements 1e+308 needs at least 4.00e+300 GB of "
+    (["kernel", "--elements", "1e308"], "--elements 1e+308 needs at least 6.00e+300 GB of "
      "memory per rank; this machine has "),
     (["store", "--params", "1000,1e308"], "--params 1e+308 needs at least 1.20e+300 GB of "
      "memory per rank; this machine has "),
@@ -120,8 +155,9 @@ def launched_by_open_mpi(monkeypatch, ranks: int) -> None:
      "--bucket-mb 1e-308: less than one byte (MiB are 2**20 bytes)"),
 ])
 def test_what_cannot_fit_is_refused_before_mpi(monkeypatch, argv, message):
-    """``validate``: the sizes' memory, before MPI starts (here: 2 ranks of Open MPI)."""
-    launched_by_open_mpi(monkeypatch, ranks=2)
+    """``validate``: the sizes' memory, before MPI starts (here: Open MPI's mpirun, one rank
+    for the one-process kernel benchmark, else 2)."""
+    launched_by_open_mpi(monkeypatch, ranks=1 if argv[0] == "kernel" else 2)
     args = parse(*argv)
     with pytest.raises(UsageError) as e:
         importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
@@ -173,3 +209,37 @@ def test_json_is_written_by_every_micro_benchmark(tmp_path, np, argv, key):
     figures = json.loads(path.read_text())
     assert figures["benchmark"] == argv[0] and figures[key]
     assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # no temporary left
+
+
+def test_the_two_sided_server_updates_in_one_pass(monkeypatch):
+    """The baseline's update is the kernel's one pass writing the new model into w and w_bak
+    (as the store's locked push); it was the kernel, then a second pass copying w to w_bak."""
+    gen = torch.Generator().manual_seed(0)
+    w, g, w_bak = (torch.rand(1001, generator=gen) for _ in range(3))
+    want = kernels.dc_update(w.clone(), g, w_bak.clone(), **store.HYPER)
+    passes = []
+    real = kernels.dc_update
+    monkeypatch.setattr(kernels, "dc_update", lambda *a, **k: passes.append(k) or real(*a, **k))
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda *a, **k: passes.append("copy_"))
+    store.serve(w, g, w_bak)
+    assert len(passes) == 1 and passes[0]["out2"] is w_bak
+    assert torch.equal(w, want) and torch.equal(w_bak, want)
+
+
+def test_each_kernel_variant_frees_its_buffers_before_the_next_allocates(monkeypatch):
+    """The copy baseline's buffers of dcasgd-c were alive (held by the timed calls) when
+    dcasgd-a's were allocated; the peak (with unfused torch's temporaries) is what validate
+    counts: 60 B per element, as /usr/bin/time -v measured at 8M and 16M elements."""
+    made = []
+    empty_like = torch.empty_like
+
+    def tracked(t):
+        assert all(ref() is None for ref in made), "the previous variant's buffer is alive"
+        out = empty_like(t)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(torch, "empty_like", tracked)
+    rows = kernel.measure(1000, threads=1, repeats=1, device="cpu")
+    assert [r["variant"] for r in rows] == ["dcasgd-c", "dcasgd-a"] and len(made) == 2
+    assert kernel.ALLOCATED_PER_ELEMENT == 60

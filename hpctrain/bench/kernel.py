@@ -29,8 +29,12 @@ DESCRIPTION = ("Fused DC-ASGD update kernel against a memory copy of the same by
 THREAD_LEVEL = "single"  # no MPI
 HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
 BYTES_PER_ELEMENT = {"dcasgd-c": 16, "dcasgd-a": 24}
-# Bytes per element allocated at once, at least: w, g, w_bak, ms and dcasgd-a's copy pair.
-ALLOCATED_PER_ELEMENT = 16 + 2 * BYTES_PER_ELEMENT["dcasgd-a"] // 8 * 4
+# Bytes per element allocated at once at the peak: w, g, w_bak and ms (16), dcasgd-a's copy
+# pair (24; each variant's pair is freed before the next is allocated) and the unfused torch
+# expressions' temporaries alive at once (5 in dcasgd-a's last line: 20). Measured with
+# /usr/bin/time -v at 8M and 16M elements: 60 B per element above the interpreter's own.
+UNFUSED_TEMPORARIES = 5
+ALLOCATED_PER_ELEMENT = 16 + 2 * BYTES_PER_ELEMENT["dcasgd-a"] // 8 * 4 + 4 * UNFUSED_TEMPORARIES
 MAX_THREADS = 4096  # as train's --threads; 100000 crashes OpenMP (segmentation fault)
 
 
@@ -49,7 +53,13 @@ def add_arguments(parser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Before measuring: a CUDA device for --device cuda; the vectors fit in its memory."""
+    """Before measuring: one process (N ranks would be N copies competing for the same memory
+    bandwidth, and only rank 0's figures reported); a CUDA device for --device cuda; the
+    vectors fit in its memory."""
+    if comm.env_size() > 1:
+        raise UsageError(f"bench kernel measures one process's kernel: run it on one rank "
+                         f"(mpirun -np 1, or srun/sbatch --ntasks-per-node=1 on one node), not "
+                         f"{comm.env_size()}")
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: torch sees no CUDA device")
@@ -90,31 +100,35 @@ def measure(n: int, threads: int, repeats: int, device: str) -> list[dict]:
     torch.set_num_threads(threads)
     gen = torch.Generator().manual_seed(0)
     w, g, w_bak, ms = (torch.rand(n, generator=gen).to(device) for _ in range(4))
+    # One variant at a time: its copy buffers are freed (with the function's frame) before the
+    # next variant's are allocated.
+    return [_measure_variant(variant, w, g, w_bak, ms if variant == "dcasgd-a" else None,
+                             threads, repeats, device, gen)
+            for variant in BYTES_PER_ELEMENT]
+
+
+def _measure_variant(variant: str, w, g, w_bak, m, threads: int, repeats: int, device: str,
+                     gen: torch.Generator) -> dict:
+    per_elem, n = BYTES_PER_ELEMENT[variant], w.numel()
+    src = torch.rand(n * per_elem // 8, generator=gen).to(device)
+    dst = torch.empty_like(src)
+    runs = {
+        "fused": lambda: kernels.dc_update(w, g, w_bak, m, **HYPER, threads=threads),
+        "copy": lambda: dst.copy_(src),
+        "torch": lambda: unfused(w, g, w_bak, m, **HYPER),
+    }
     timed = _timer(device)
-    rows = []
-    for variant, per_elem in BYTES_PER_ELEMENT.items():
-        m = ms if variant == "dcasgd-a" else None
-        src = torch.rand(n * per_elem // 8, generator=gen).to(device)
-        dst = torch.empty_like(src)
-        runs = {
-            "fused": lambda m=m: kernels.dc_update(w, g, w_bak, m, **HYPER, threads=threads),
-            "copy": lambda src=src, dst=dst: dst.copy_(src),
-            "torch": lambda m=m: unfused(w, g, w_bak, m, **HYPER),
-        }
-        for fn in runs.values():  # warm-up: page faults, thread pools
-            fn()
-        times: dict[str, list[float]] = {k: [] for k in runs}
-        for _ in range(repeats):
-            for name, fn in runs.items():
-                times[name].append(timed(fn))
-        touched = per_elem * n
-        gbs = {k: touched / statistics.median(v) / 1e9 for k, v in times.items()}
-        rows.append({"variant": variant, "threads": threads, "bytes_per_element": per_elem,
-                     "fused_gb_s": gbs["fused"], "copy_gb_s": gbs["copy"],
-                     "torch_gb_s": gbs["torch"], "vs_copy": gbs["fused"] / gbs["copy"],
-                     "vs_torch": gbs["fused"] / gbs["torch"]})
-        del src, dst
-    return rows
+    for fn in runs.values():  # warm-up: page faults, thread pools
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            times[name].append(timed(fn))
+    touched = per_elem * n
+    gbs = {k: touched / statistics.median(v) / 1e9 for k, v in times.items()}
+    return {"variant": variant, "threads": threads, "bytes_per_element": per_elem,
+            "fused_gb_s": gbs["fused"], "copy_gb_s": gbs["copy"], "torch_gb_s": gbs["torch"],
+            "vs_copy": gbs["fused"] / gbs["copy"], "vs_torch": gbs["fused"] / gbs["torch"]}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -131,7 +145,7 @@ def run(args: argparse.Namespace) -> dict:
     result = {"benchmark": "kernel", "elements": args.elements, "device": args.device,
               "repeats": args.repeats,
               "openmp": bool(kernels.cpu_library().hpctrain_dc_openmp()), "rows": rows}
-    if getattr(args, "json", None) and comm.env_rank() == 0:  # once under mpirun too
+    if getattr(args, "json", None):
         write_json_atomic(args.json, result)
     return result
 

@@ -15,8 +15,9 @@ processes:
 Each worker starts with a different shard; shards = W. On one node the store's windows are
 shared memory, so a ``locked`` push is one kernel pass over the shard in place; an ``atomic``
 push's kernel reads the shard in place too, then its ``Accumulate`` adds the delta through MPI
-(a second pass over the shard); every push of the two-sided server moves the model twice
-(read and write back).
+(a second pass over the shard); every push of the two-sided server is one kernel pass too
+(the new model written into the model and the worker's ``w_bak`` at once), and moves the model
+through MPI twice (the gradient in, the model back).
 """
 
 from __future__ import annotations
@@ -102,8 +103,7 @@ def _two_sided(world, numel: int, seconds: float) -> list:
             if status.Get_tag() == _STOP:
                 stopped += 1
                 continue
-            kernels.dc_update(w, g, w_bak[src], **HYPER)
-            w_bak[src].copy_(w)
+            serve(w, g, w_bak[src])
             world.Send([w.numpy(), MPI.FLOAT], src, _GRAD)
     else:
         w, g = torch.zeros(numel), torch.full((numel,), 1e-3)
@@ -118,17 +118,30 @@ def _two_sided(world, numel: int, seconds: float) -> list:
     return world.gather((*result, False), root=0)
 
 
+def serve(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor) -> None:
+    """The two-sided server's update: one kernel pass writes the new model into ``w`` and into
+    the worker's ``w_bak`` (as the store's ``locked`` push does), no second pass to copy it."""
+    kernels.dc_update(w, g, w_bak, out2=w_bak, **HYPER)
+
+
 def _rate(parts: list) -> float:
     """Total pushes per second over the workers (each rate over its own elapsed time)."""
     return sum(n / s for n, s, _ in parts if n)
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Before MPI starts: at least one worker besides the server rank; the largest model fits
-    in memory (the two-sided server holds it, a copy per worker and a gradient)."""
+    """Before MPI starts: at least one worker besides the server rank; every model has at
+    least one parameter per shard (shards = W workers); the largest model fits in memory (the
+    two-sided server holds it, a copy per worker and a gradient)."""
     if comm.env_size() < 2:
         raise UsageError(f"the store benchmark needs mpirun -np W+1 (W >= 1 workers), not "
                          f"{comm.env_size()} rank(s)")
+    shards = comm.env_size() - 1
+    for numel in args.params:
+        if numel < shards:
+            raise UsageError(f"--params {options.shown(numel)}: fewer parameters than the "
+                             f"store's {shards} shards (one per worker, -np "
+                             f"{comm.env_size()}); give at least {shards}")
     largest = max(args.params)
     bench.check_memory(f"--params {options.shown(largest)}", 4 * largest * (comm.env_size() + 1))
 
