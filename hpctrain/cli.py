@@ -163,6 +163,7 @@ def info() -> None:
              "compile": compiled.problem(devices.resolve("auto")) or "yes",
              "kernel_cpu": _loads(kernels.cpu_library),
              "kernel_cuda": _loads(kernels.cuda_library)}
+    facts["cuda_aware_mpi"] = _cuda_aware(facts["cuda_aware_mpi"])
     try:
         import horovod
 
@@ -206,6 +207,15 @@ def _loads(library) -> str:
     except (RuntimeError, OSError) as e:
         return str(e)
     return "yes"
+
+
+def _cuda_aware(value: bool) -> bool | str:
+    """``cuda_aware_mpi`` as info prints it: the library's answer (true/false), or, where
+    HPCTRAIN_CUDA_AWARE_MPI overrides it, what the variable forces and that it does."""
+    forced = os.environ.get(devices._AWARE_ENV)
+    if forced not in ("0", "1"):  # as devices.cuda_aware_mpi reads it
+        return value
+    return f"{'yes' if forced == '1' else 'no'} (forced by {devices._AWARE_ENV}={forced})"
 
 
 def _check_json_path(path: str | None) -> None:

@@ -1,13 +1,14 @@
 """The fused compensation kernels against the plain-torch formula, and their guards."""
 
 import ctypes
+import importlib.machinery
 import shutil
 import subprocess
 
 import pytest
 import torch
 
-from hpctrain import kernels
+from hpctrain import cli, kernels
 from hpctrain.errors import UsageError
 
 ROOT = kernels._HERE.parent
@@ -201,6 +202,58 @@ def test_missing_cuda_library_is_a_clear_error(monkeypatch, tmp_path):
             kernels.cuda_library()
     finally:
         kernels.cuda_library.cache_clear()
+
+
+def stale_library(path, *symbols: str) -> None:
+    """A shared library at ``path`` that defines only the C functions ``symbols``: one built
+    from older sources, before a function was renamed or added."""
+    source = path.parent / "stale.c"
+    source.write_text("".join(f"int {name}(void) {{ return 0; }}\n" for name in symbols))
+    subprocess.run(["cc", "-shared", "-fPIC", str(source), "-o", str(path)], check=True,
+                   timeout=60)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build a stale library")
+@pytest.mark.parametrize("which, name, kept, missing", [
+    ("cpu_library", "_dc_update" + importlib.machinery.EXTENSION_SUFFIXES[0],
+     "hpctrain_dc_step", "hpctrain_dc_openmp"),
+    ("cuda_library", "_dc_update_cuda.so", "hpctrain_dc_step_cuda",
+     "hpctrain_cuda_error_string"),
+])
+def test_a_stale_library_is_a_clear_error_and_info_says_why(monkeypatch, tmp_path, which, name,
+                                                            kept, missing):
+    """ctypes's AttributeError ("undefined symbol") was raised as is, and ``hpctrain info``,
+    which reports a library that does not load, aborted on it."""
+    stale_library(tmp_path / name, kept)
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    library = getattr(kernels, which)
+    library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError) as e:
+            library()
+        assert str(e.value) == (
+            f"hpctrain's {'CUDA' if which == 'cuda_library' else 'CPU'} kernel library "
+            f"{tmp_path / name} has no {missing} (built from older sources?); reinstall "
+            f"hpctrain (pip install -e . or make setup)")
+        assert cli._loads(library) == str(e.value)  # info's kernel_cpu / kernel_cuda line
+    finally:
+        library.cache_clear()
+
+
+@pytest.mark.parametrize("value, shown", [
+    ("1", "yes (forced by HPCTRAIN_CUDA_AWARE_MPI=1)"),
+    ("0", "no (forced by HPCTRAIN_CUDA_AWARE_MPI=0)"),
+    ("", False),  # not an override: the library's answer, as devices.cuda_aware_mpi reads it
+    (None, False),
+])
+def test_info_says_when_cuda_aware_mpi_is_forced(monkeypatch, value, shown):
+    """``hpctrain info`` printed ``cuda_aware_mpi: true`` under HPCTRAIN_CUDA_AWARE_MPI=1
+    without saying the variable, not the MPI library, answered."""
+    if value is None:
+        monkeypatch.delenv("HPCTRAIN_CUDA_AWARE_MPI", raising=False)
+    else:
+        monkeypatch.setenv("HPCTRAIN_CUDA_AWARE_MPI", value)
+    assert cli._cuda_aware(False) == shown
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: CUDA compile check "
