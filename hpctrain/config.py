@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
@@ -184,13 +185,17 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         m = self.lr_milestones
+        if hasattr(m, "tolist") and not isinstance(m, (list, tuple)):  # a numpy array
+            m = m.tolist()
         if not isinstance(m, (list, tuple)):
             raise UsageError(f"--lr-milestones {m!r} must be a list of epochs, e.g. [3, 4]")
-        bad = [v for v in m if isinstance(v, bool) or not isinstance(v, (int, float))]
+        bad = [v for v in m if isinstance(v, bool) or not isinstance(v, numbers.Real)]
         if bad:
             raise UsageError(f"--lr-milestones {list(m)!r}: {bad[0]!r} is not a number of "
                              "epochs")
-        object.__setattr__(self, "lr_milestones", tuple(m))
+        # numpy's numbers as Python's (np.arange gives them): JSON and TOML write those only.
+        object.__setattr__(self, "lr_milestones",
+                           tuple(v.item() if hasattr(v, "item") else v for v in m))
         check_fields(self)
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
             raise UsageError(f"--micro-batch-size {options.shown(self.micro_batch_size)} "
@@ -208,6 +213,10 @@ class OptimConfig:
         if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate
             raise UsageError("--lr-schedule step needs --lr-milestones, the epochs at which the "
                              "learning rate is multiplied by --lr-gamma (e.g. 3,4)")
+        if self.warmup_epochs >= self.epochs:
+            raise UsageError(f"--warmup-epochs {options.shown(self.warmup_epochs)} is not "
+                             f"below --epochs {options.shown(self.epochs)}: the learning rate "
+                             "would never reach --lr")
         if self.optimizer != "sgd" and self.momentum is not None:
             raise UsageError(f"--momentum is SGD's; --optimizer {self.optimizer} has betas "
                              "(0.9, 0.999)")
@@ -232,7 +241,7 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         if self.every is not None:
-            if isinstance(self.every, bool) or not isinstance(self.every, (str, int, float)):
+            if isinstance(self.every, bool) or not isinstance(self.every, (str, numbers.Real)):
                 raise UsageError(f"--checkpoint-every {self.every!r} must be seconds (600) or "
                                  "epochs (\"2e\")")
             try:
@@ -383,9 +392,10 @@ def repeatable(config: RunConfig) -> dict:
 def from_dict(values: dict) -> RunConfig:
     """A configuration from nested plain values (``to_dict``'s form); unknown keys are errors.
 
-    ``run_info`` (what a run records beside its configuration in config.json) is ignored.
+    ``run_info`` (what a run records beside its configuration in config.json) and ``sim`` (a
+    simulation's own options, which ``hpctrain simulate --config`` reads) are ignored.
     """
-    values = {k: v for k, v in values.items() if k != "run_info"}
+    values = {k: v for k, v in values.items() if k not in ("run_info", "sim")}
     algo = values.get("algo")
     if algo is None:
         raise UsageError("the configuration names no algorithm (algo = \"...\")")

@@ -51,6 +51,21 @@ def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
     assert again == configs.resolve(config)
 
 
+def test_numpy_numbers_are_taken_as_pythons():
+    """README says numpy's numbers are accepted: milestones from np.arange and a checkpoint
+    interval of np.int64 were refused."""
+    import numpy as np
+
+    from hpctrain.config import CheckpointConfig
+
+    o = OptimConfig(epochs=5, lr_milestones=list(np.arange(1, 3)))
+    assert o.lr_milestones == (1, 2) and all(type(v) is int for v in o.lr_milestones)
+    assert OptimConfig(epochs=5, lr_milestones=np.array([1.5, 3.0], np.float32)).lr_milestones \
+        == (1.5, 3.0)
+    assert CheckpointConfig(every=np.int64(30)).every == CheckpointConfig(every=30).every
+    json.dumps(configs.to_dict(RunConfig(algo="sgd", optim=o)))  # written as config.json is
+
+
 def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     """Resumed into another --out, a run writes its checkpoints beside the ones it resumed
     (the folder check_launch resolves); config.json recorded that folder as if given, and a
@@ -73,6 +88,9 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
      "--momentum 1.5 must be in [0, 1)"),
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)), "--lr 0.0 must be in (0, 1e+06]"),
     (lambda: RunConfig(algo="sgd", stall_timeout=-1.0), "--stall-timeout -1.0 must be >= 0"),
+    # Accepted, and the rate never got past 4% of --lr.
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs=2, warmup_epochs=50)),
+     "--warmup-epochs 50 is not below --epochs 2: the learning rate would never reach --lr"),
     (lambda: RunConfig(algo="sgd", out=""), "--out '' is empty"),  # not the working folder
     # In range once overflowed at the first step, in float32 or as a whole number.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=1e308)),
