@@ -418,7 +418,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
     log = RunLog(config.out, rank)
     if rank == 0:
-        log.write_config({**configs.repeatable(config), "run_info": {
+        log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {
             "workers": size, "device": str(s.device), **runtime.run_info(),
             **provenance.software(s.device), **started_from}})
     snapshots = Snapshots()

@@ -44,6 +44,11 @@ class Runtime:
         """What ran the job, for ``config.json``'s ``run_info``."""
         return comm.library_info()
 
+    def config_tables(self) -> dict:
+        """Tables ``config.json`` keeps beside the run's configuration (the simulator's
+        ``sim``), so that ``--config`` repeats the run."""
+        return {}
+
     def summary_fields(self) -> dict:
         """Common summary fields the runtime sets (the simulator: ``simulated``)."""
         return {}

@@ -239,6 +239,23 @@ def test_async_workers_stop_on_collapse(tmp_path, algo):
         summary["updates"]
 
 
+def test_a_simulated_run_repeats_from_its_config_json(tmp_path, capsys):
+    """config.json kept none of the simulator's options: --config repeated a 3-worker run of
+    lognormal step times on 4 workers of constant ones, with no word."""
+    from hpctrain import cli
+
+    cli.main(["simulate", "--algo", "asgd", *SYNTHETIC, "--epochs", "1", "--workers", "3",
+              "--step-time", "lognormal:0.01:0.5", "--out", str(tmp_path / "a")])
+    cli.main(["simulate", "--config", str(tmp_path / "a" / "config.json"), "--out",
+              str(tmp_path / "b")])
+    a, b = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "ab")
+    assert a["simulation"]["workers"] == 3 and a["simulation"]["step_time"].startswith("lognormal")
+    assert {**a, "out": None} == {**b, "out": None}
+    cli.main(["simulate", "--config", str(tmp_path / "a" / "config.json"), "--workers", "2",
+              "--out", str(tmp_path / "c")])  # an option given wins over the file
+    assert json.loads((tmp_path / "c" / "summary.json").read_text())["workers"] == 2
+
+
 def test_simulate_stopped_on_collapse_exits_4_as_train_does(tmp_path, capsys):
     from hpctrain import cli
 

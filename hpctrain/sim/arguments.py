@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from hpctrain import config as configs
 from hpctrain.arguments import Declared, add_option
 from hpctrain.errors import UsageError
 from hpctrain.options import declared, flag_of
@@ -24,9 +25,15 @@ def add_arguments(parser: argparse.ArgumentParser, *, dest_prefix: str = "",
 
 
 def build(args: argparse.Namespace) -> SimConfig:
-    """The simulator's configuration from the options given (the rest default)."""
-    values = {d.path[-1]: getattr(args, d.dest) for d in options() if hasattr(args, d.dest)}
+    """The simulator's configuration from ``--config``'s ``sim`` table (a simulated run's
+    ``config.json`` has one) and the options given, which win; the rest default."""
+    base = configs.read_file(args.config).get("sim", {}) if getattr(args, "config", None) else {}
+    if not isinstance(base, dict):
+        raise UsageError(f"--config {args.config}: sim must be a table of the simulator's "
+                         f"options, not {type(base).__name__}")
+    values = {**base, **{d.path[-1]: getattr(args, d.dest) for d in options()
+                         if hasattr(args, d.dest)}}
     try:
         return SimConfig(**values)
     except TypeError as e:
-        raise UsageError(str(e)) from None
+        raise UsageError(f"--config {args.config}: {e}" if base else str(e)) from None

@@ -89,6 +89,9 @@ class VirtualRuntime(Runtime):
     def run_info(self) -> dict:
         return {"simulator": "hpctrain simulate", "virtual_workers": self.simulation.workers}
 
+    def config_tables(self) -> dict:
+        return {"sim": self.simulation.sim.to_dict()}
+
     def summary_fields(self) -> dict:
         return {"simulated": True, "simulation": self.simulation.describe()}
 
