@@ -51,12 +51,15 @@ class StepProfiler:
         self.folder = Path(out) / SUBDIR
         self._profile: torch.profiler.profile | None = None
         self.began, self.done = False, 0
+        self.first: int | None = None  # the local step this run started at (a resume: later)
 
     def step(self, done: int) -> None:
         """Before the first step and after each; ``done``: this worker's local steps so far."""
         if self.start is None:
             return
         self.done = done
+        if self.first is None:
+            self.first = done
         if done == self.start and self._profile is None:
             self._begin()
         elif self._profile is not None:
@@ -76,9 +79,11 @@ class StepProfiler:
         if profile is not None:
             profile.stop()
         elif self.start is not None and not self.began and self.rank == 0:
-            print(f"hpctrain: --profile {self.start}:{self.count}: this run ended at local step "
-                  f"{self.done}, before step {self.start}; nothing profiled", file=sys.stderr,
-                  flush=True)
+            why = (f"resumed at local step {self.first}, past step {self.start}"
+                   if self.first is not None and self.first > self.start else
+                   f"ended at local step {self.done}, before step {self.start}")
+            print(f"hpctrain: --profile {self.start}:{self.count}: this run {why}; nothing "
+                  "profiled", file=sys.stderr, flush=True)
 
     def _begin(self) -> None:
         self.began = True

@@ -1,7 +1,8 @@
 """Each worker's step times, recorded in every run (``step_times.json`` in the run folder).
 
-A step's time is what one worker spends computing it: the batch to the device, forward,
-backward and any injected straggler sleep, without waiting for or talking to the others.
+A step's time is what one worker spends computing it: forward, backward and any injected
+straggler sleep (the batch is on the device already), without waiting for or talking to the
+others.
 Its *rest* is everything from the end of that compute to the start of the next step's (the
 last step's: to the end of training): the push or allreduce, waiting for locks or for the
 others, and the loop's bookkeeping. ``hpctrain simulate --step-time replay:RUN`` replays the

@@ -35,8 +35,9 @@ class RunSummary:
     final_test_loss: float | None = _doc("mean cross-entropy of the final model on the test set "
                                          "(null if not finite)")
     best_test_acc: float = _doc("fraction: the best curve point")
-    wall_s: float = _doc("seconds of training, without start-up and evaluation (a resumed run "
-                         "adds the time before)")
+    wall_s: float = _doc("seconds of training, without start-up and the scoring after it "
+                         "(--eval online on rank 0 scores between steps, inside this time; a "
+                         "resumed run adds the time before)")
     samples_per_s: float = _doc("training samples per second, all workers together")
     params: int = _doc("parameters of the model")
     samples_per_worker: list[int] = _doc("training samples each worker consumed")

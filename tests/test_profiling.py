@@ -33,6 +33,12 @@ def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys)
     assert capsys.readouterr().err == ("hpctrain: --profile 50:5: this run ended at local step "
                                        "16, before step 50; nothing profiled\n")
     assert not (tmp_path / profiling.SUBDIR).exists()
+    resumed = profiling.StepProfiler("5:2", torch.device("cpu"), tmp_path, 0)
+    for done in range(64, 70):  # said it ended "before step 5"
+        resumed.step(done)
+    resumed.close()
+    assert capsys.readouterr().err == ("hpctrain: --profile 5:2: this run resumed at local step "
+                                       "64, past step 5; nothing profiled\n")
 
 
 def test_the_simulator_refuses_it(tmp_path):
