@@ -52,6 +52,10 @@ def test_every_public_horovod_name_is_in_hpctrain_sync():
     names = [n for n in dir(horovod) if not n.startswith("_")]
     assert len(names) >= 70
     assert [n for n in names if not hasattr(sync, n)] == []
+    # What a script imports to write a compressor of its own (hvd.compression.Compressor).
+    assert [n for n in dir(horovod.compression) if not n.startswith("_")
+            and not hasattr(sync.compression, n)] == []
+    assert issubclass(sync.Compression.fp16, sync.compression.Compressor)
     assert sync.mpi_ops is not None and sync.HorovodInternalError.__name__ == \
         "HorovodInternalError"
     assert issubclass(sync.CollectiveMismatchError, sync.HorovodInternalError)

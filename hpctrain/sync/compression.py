@@ -2,7 +2,10 @@
 
 A compressor's ``compress(tensor) -> (tensor, ctx)`` and ``decompress(tensor, ctx)`` are what
 Horovod calls, so these classes also work with the horovod backend. ``wire_dtype`` is what the
-mpi backend's fused buckets need: the dtype a gradient of ``dtype`` travels in.
+mpi backend's fused buckets need: the dtype a gradient of ``dtype`` travels in. A compressor of
+one's own (a :class:`Compressor`, as in Horovod) works in the collectives as it is;
+``DistributedOptimizer`` also needs its ``wire_dtype``, since it fuses gradients by the dtype
+they travel in rather than compressing each one.
 """
 
 from __future__ import annotations
@@ -10,7 +13,20 @@ from __future__ import annotations
 import torch
 
 
-class NoneCompressor:
+class Compressor:
+    """Horovod's interface for compressing a tensor and decompressing it again."""
+
+    @staticmethod
+    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """The tensor to send, and what :meth:`decompress` needs to undo it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def decompress(tensor: torch.Tensor, ctx: object) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class NoneCompressor(Compressor):
     """No compression (the default)."""
 
     @staticmethod
@@ -26,7 +42,7 @@ class NoneCompressor:
         return dtype
 
 
-class FP16Compressor:
+class FP16Compressor(Compressor):
     """Floating-point tensors travel as float16 (half the bytes); others unchanged."""
 
     @staticmethod

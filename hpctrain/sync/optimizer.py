@@ -111,8 +111,9 @@ def _check_arguments(compression: Any, passes: Any, op: Any, factor: Any,
     if factor != 1 and op is not Average:
         raise UsageError("gradient_predivide_factor needs op=Average")
     if not all(hasattr(compression, f) for f in ("compress", "decompress", "wire_dtype")):
-        raise UsageTypeError(f"compression must be hpctrain.sync.Compression.none or .fp16, "
-                             f"got {compression!r}")
+        raise UsageTypeError(f"compression must be hpctrain.sync.Compression.none or .fp16, or "
+                             f"have wire_dtype(dtype), the dtype gradients travel in (they are "
+                             f"fused by it): got {compression!r}")
     if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
         raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
     return op
