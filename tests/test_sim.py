@@ -95,6 +95,8 @@ def test_local_store_applies_pushes_in_order_with_the_kernel():
         store = LocalStore(shared, k, consistency="locked", scheduler=sched, network=net)
         w, ms = torch.empty(100), torch.zeros(100)
         store.pull(w)
+        # The model and the update counter, as a real (not shared) pull reads them.
+        assert (store.bytes_read, store.mpi_bytes) == (4 * 100 + 8, 4 * 100 + 8)
         for i, g in enumerate(grads[k]):
             sched.now[k] += 0.01 * (k + 1)  # worker 1 is slower
             p = store.push(w, g, ms, lr=0.1, lam=2.0)

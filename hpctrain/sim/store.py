@@ -141,8 +141,8 @@ class LocalStore(ParameterStore):
             for s in self.order:
                 t = self._shard_time(t, s, 1, exclusive=False)
             self.scheduler.now[self.rank] = t + self.network.store_latency
-        self.bytes_read += 4 * self.numel
-        self.mpi_bytes += 4 * self.numel
+        self.bytes_read += 4 * self.numel + 8  # and the update counter, as a real pull reads
+        self.mpi_bytes += 4 * self.numel + 8
         self._seen = seen
         return seen
 
