@@ -424,15 +424,25 @@ class _Warning:
     --checkpoint-every (else it runs on to its end); no run starts after it."""
 
     def __init__(self) -> None:
-        self.child = None
+        self.child, self.passed = None, False  # passed: the signal reached self.child
         early = checkpoint.stop.installed()  # the entry point has recorded it since start-up
         self._previous = signal.signal(checkpoint.stop.SIGNAL, self._on)
         self.received = early and checkpoint.stop.received()
 
     def _on(self, signum, frame) -> None:
         self.received = True
-        if self.child is not None and self.child.poll() is None:
-            self.child.send_signal(signum)  # mpirun, mpiexec and srun forward it to the ranks
+        self._pass_on()
+
+    def started(self, child) -> None:
+        """``child`` runs now: the signal reaches it, also one that came while it started."""
+        self.child, self.passed = child, False
+        if self.received:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        if self.child is not None and not self.passed and self.child.poll() is None:
+            self.passed = True
+            self.child.send_signal(checkpoint.stop.SIGNAL)  # mpirun, srun forward it
 
     def close(self) -> None:
         signal.signal(checkpoint.stop.SIGNAL, self._previous)
@@ -461,7 +471,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "w") as log:
         proc = subprocess.Popen(run.command, stdout=out, stderr=subprocess.PIPE, env=env)
         if warning is not None:
-            warning.child = proc
+            warning.started(proc)
         expired = threading.Event()
         timer = threading.Timer(timeout, lambda: (expired.set(), _stop(proc))) if timeout else None
         if timer:
