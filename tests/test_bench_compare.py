@@ -573,6 +573,8 @@ def test_the_report_names_what_the_runs_ran_with_and_where_they_differ(tmp_path)
     for name, device in (("cpu-run", "cpu"), ("gpu-run", "cuda:0"), ("gpu-run-2", "cuda:1")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "summary.json").write_text(json.dumps(GOOD_SUMMARY))
+        (tmp_path / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in GOOD_POINTS))
         gpu = {} if device == "cpu" else {"gpu": "NVIDIA H200"}  # a CPU run records none
         (tmp_path / name / "config.json").write_text(json.dumps({"run_info": {
             "device": device, "torch": "2.11.0", "library": "Open MPI v5.0.8, package: x",
