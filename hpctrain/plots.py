@@ -8,13 +8,21 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 
+def _fraction(text: str) -> float:
+    """An accuracy in [0, 1) for ``--ymin`` (nan reached matplotlib)."""
+    value = float(text)
+    if not 0 <= value < 1:  # False for nan
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
 def arguments(description: str, runs: str, title: str) -> argparse.ArgumentParser:
     """The arguments of a plot command: run folders, ``--out``, ``--title`` and ``--ymin``."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("runs", nargs="+", help=runs)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--title", default=title)
-    p.add_argument("--ymin", type=float, default=0.6)
+    p.add_argument("--ymin", type=_fraction, default=0.6, help="the y axis' lowest accuracy")
     return p
 
 

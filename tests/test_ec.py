@@ -206,3 +206,23 @@ def test_ec_job_reports_members_and_ensemble(jobs, placement, source, item_bytes
     assert any(not torch.equal(members[0][k], members[1][k]) for k in members[0])
     rank0 = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(rank0[k], members[0][k]) for k in rank0)
+
+
+def test_the_plot_script_names_a_run_it_cannot_draw(tmp_path, capsys):
+    """A run of another algorithm was a KeyError traceback, a missing folder a
+    FileNotFoundError, and --ymin nan reached matplotlib."""
+    (tmp_path / "sgd").mkdir()
+    (tmp_path / "sgd" / "summary.json").write_text(json.dumps({"algo": "sgd"}))
+    png = tmp_path / "x.png"
+    for run, said in ((tmp_path / "sgd", f"{tmp_path / 'sgd'} is a run of --algo sgd, not ma "
+                                         "or ec"),
+                      (tmp_path / "none", "cannot read a finished run's summary from ")):
+        with pytest.raises(SystemExit) as e:
+            plot.main([str(run), "--out", str(png)])
+        assert e.value.code == 2
+        (line,) = capsys.readouterr().err.splitlines()
+        assert line.startswith("hpctrain.ec.plot: error: ") and said in line
+    with pytest.raises(SystemExit):
+        plot.main([str(tmp_path / "sgd"), "--out", str(png), "--ymin", "nan"])
+    assert "--ymin: must be in [0, 1), got nan" in capsys.readouterr().err
+    assert not png.exists()

@@ -6,19 +6,23 @@ model, EC runs rank 0's member (solid) and the ensemble (dashed).
 
 from __future__ import annotations
 
-import json
+import sys
 from pathlib import Path
 
-from hpctrain.metrics import read_points
+from hpctrain.errors import UsageError
+from hpctrain.metrics import read_json, read_points
 from hpctrain.plots import accuracy_figure, arguments
 
 
 def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str]]:
     """(label, wall seconds, accuracies, line style) for each model of one run."""
-    summary = json.loads((Path(run_dir) / "summary.json").read_text())
+    summary = read_json(Path(run_dir) / "summary.json", "a finished run's summary", ("algo",))
+    if summary["algo"] not in ("ma", "ec"):
+        raise UsageError(f"{run_dir} is a run of --algo {summary['algo']}, not ma or ec")
     points = read_points(run_dir)
     t = [p["t"] for p in points]
-    options = json.loads((Path(run_dir) / "config.json").read_text())["algorithm"]
+    options = read_json(Path(run_dir) / "config.json", "a run's config.json",
+                        ("algorithm",))["algorithm"]
     name = f"{summary['algo'].upper()} tau={summary['tau']}"
     if options.get("ec_distill_from", "own") != "own":
         name += f" from {options['ec_distill_from']}"
@@ -39,7 +43,11 @@ def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = arguments(__doc__.splitlines()[0], "output folders of ma/ec runs",
                      "EC vs MA: test accuracy against wall time").parse_args(argv)
-    plot(args.runs, args.out, args.title, args.ymin)
+    try:
+        plot(args.runs, args.out, args.title, args.ymin)
+    except UsageError as e:  # one line, as hpctrain's commands say it
+        print(f"hpctrain.ec.plot: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":
