@@ -86,6 +86,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                          "launch with mpirun, or srun with PMI/PMIx")
     check_compute(config)
     sync.check_environment()  # Horovod's variables, read once collectives start
+    faults.check()  # $HPCTRAIN_INJECT, read at the first step
     optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_commands, run_job
+from conftest import SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import faults
 from hpctrain.errors import UsageError
@@ -128,6 +128,8 @@ def test_inject_refuses_bad_plans(monkeypatch):
         monkeypatch.setenv("HPCTRAIN_INJECT", spec)
         with pytest.raises(UsageError, match=msg):
             faults.inject(0, 0, model)
+        # Before MPI starts (it was found at the first step, config.json written).
+        assert msg in refusal(["--algo", "sgd", *SYNTHETIC])
 
 
 def finite_model(out) -> bool:

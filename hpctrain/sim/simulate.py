@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, live, optimizers, options, run, userdata
+from hpctrain import data, devices, faults, live, optimizers, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -74,6 +74,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     run.check_compute(config, in_threads=True)
     optimizers.check(algo, config.optim)
     live.check(config, k)
+    faults.check()
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
