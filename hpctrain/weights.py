@@ -68,17 +68,28 @@ def read(path: str) -> dict[str, torch.Tensor]:
     if bad is not None:
         raise UsageError(f"{FLAG} {path}: entry {bad!r} is not a named tensor; save "
                          "model.state_dict()")
-    return _unwrapped(state)
+    return state
 
 
-def _unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` without a wrapper's prefix that every key has (repeatedly: DDP of a
-    compiled model)."""
-    while True:
-        prefix = next((p for p in _WRAPPERS if all(k.startswith(p) for k in state)), None)
-        if prefix is None:
-            return state
-        state = {k[len(prefix):]: v for k, v in state.items()}
+def _wrapper(keys) -> str:
+    """The wrappers' prefixes that every key has, outermost first (DDP of a compiled model:
+    ``module._orig_mod.``); empty for none."""
+    keys, prefix = list(keys), ""
+    while (p := next((p for p in _WRAPPERS if all(k.startswith(p) for k in keys)), None)):
+        keys, prefix = [k[len(p):] for k in keys], prefix + p
+    return prefix
+
+
+def aligned(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` keyed as ``model`` names its tensors: as saved when the names agree, else
+    with the saving wrapper's prefix taken off and the model's own put on. A model's own
+    names may start with ``module.`` or ``_orig_mod.`` (one built by torch.compile, or with a
+    child named module), so the file's are not unwrapped blindly."""
+    ours = model.state_dict().keys()
+    if state.keys() == ours:
+        return state
+    theirs, own = _wrapper(state), _wrapper(ours)
+    return {own + k[len(theirs):]: v for k, v in state.items()}
 
 
 def mismatch(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
@@ -111,7 +122,7 @@ def _shape(t: torch.Tensor) -> str:
 
 def load_into(model: nn.Module, path: str, model_name: str) -> None:
     """Load the weights in ``path`` into ``model`` (UsageError naming what does not fit)."""
-    state = read(path)
+    state = aligned(model, read(path))
     problem = mismatch(model, state)
     if problem:
         raise UsageError(f"{FLAG} {path}: its weights do not fit --model {model_name}: "

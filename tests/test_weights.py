@@ -43,16 +43,38 @@ def test_a_run_folder_means_its_model_pt(tmp_path):
 
 @pytest.mark.parametrize("prefixes", [["module."], ["_orig_mod."], ["module.", "_orig_mod."]])
 def test_the_prefixes_of_ddp_and_compile_are_taken_off(tmp_path, prefixes):
-    state = mlp().state_dict()
+    model = mlp()
+    state = model.state_dict()
     wrapped = {"".join(prefixes) + k: v for k, v in state.items()}
-    read = weights.read(str(saved(tmp_path, wrapped)))
+    read = weights.aligned(model, weights.read(str(saved(tmp_path, wrapped))))
     assert read.keys() == state.keys()
     assert all(torch.equal(read[k], state[k]) for k in state)
 
 
+class Wrapping(torch.nn.Module):
+    """A user's model whose one child is named ``module``: its own names start with module."""
+
+    def __init__(self):
+        super().__init__()
+        self.module = torch.nn.Linear(3, 2)
+
+
+@pytest.mark.parametrize("build", [Wrapping, lambda: torch.compile(torch.nn.Linear(3, 2))],
+                         ids=["child-named-module", "compiled"])
+def test_a_models_own_prefix_is_kept(tmp_path, build):
+    """--init-from refused a run's own model.pt when the model's names start with a wrapper's
+    prefix (read took it off blindly); a plain file fits such a model too."""
+    model = build()
+    own = model.state_dict()
+    weights.load_into(model, str(saved(tmp_path, own)), "mine")
+    plain = {k.split(".", 1)[1]: v for k, v in own.items()}
+    weights.load_into(build(), str(saved(tmp_path, plain)), "mine")
+
+
 def test_a_prefix_only_some_keys_have_stays():
+    model = mlp()
     state = {"module.a": torch.zeros(1), "b": torch.zeros(1)}
-    assert weights._unwrapped(state).keys() == state.keys()
+    assert weights.aligned(model, state).keys() == state.keys()
 
 
 def test_what_does_not_fit_is_named():
