@@ -227,6 +227,11 @@ def check_model(name: str, input_shape: tuple, num_classes: int,
     model = build_model(name, input_shape, num_classes, model_args)
     if not is_reference(name):
         return
+    lazy = next((n for n, p in model.named_parameters()
+                 if isinstance(p, nn.parameter.UninitializedParameter)), None)
+    if lazy is not None:  # sized by a first forward on each rank: none of the run's checks see it
+        raise UsageError(f"--model {name}: its parameter {lazy} is lazy (nn.Lazy* modules); "
+                         "give the layer its input size")
     model.eval()
     with torch.no_grad():
         _logits(name, model, input_shape, num_classes)

@@ -40,6 +40,9 @@ def wrong_size(input_shape, num_classes):
 def not_a_module(input_shape, num_classes):
     return "a string"
 
+def lazy(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
 NOT_CALLABLE = 3
 
 class Items(torch.utils.data.Dataset):
@@ -185,6 +188,9 @@ def launch(**kw) -> RunConfig:
     ("nets_mod:not_a_module", "returned a str, not a torch.nn.Module"),
     ("nets_mod:wrong_size", "output (2, 11) for a batch of 2; want (2, 10)"),
     ("{dir}/absent.py:build", "no file"),
+    # Its check sized a throwaway copy; the run's own crashed (uninitialized parameter).
+    ("nets_mod:lazy", "its parameter 1.weight is lazy (nn.Lazy* modules); give the layer its "
+     "input size"),
 ])
 def test_a_model_reference_is_checked_before_mpi(nets, name, message):
     name = name.format(file=nets, dir=nets.parent)
@@ -192,8 +198,18 @@ def test_a_model_reference_is_checked_before_mpi(nets, name, message):
         config = launch(model=ModelConfig(name=name, args={"width": 4}))
         assert config.model.name.split(":")[0] in ("nets_mod", str(nets))
         return
-    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")
+                       .replace("*", r"\*")):
         launch(model=ModelConfig(name=name))  # check_launch: before MPI starts
+    if "nets_mod" in name:  # the simulator checks it too (was an IndexError, or worse)
+        from hpctrain.sim import SimConfig, simulate
+
+        with pytest.raises(UsageError, match=message.replace("(", r"\(").replace(")", r"\)")
+                           .replace("*", r"\*")):
+            simulate(RunConfig(algo="ssgd", out=str(nets.parent / "sim"), progress=False,
+                               data=DataConfig(dataset="synthetic"),
+                               model=ModelConfig(name=name)), SimConfig(workers=2))
+        assert not (nets.parent / "sim").exists()
 
 
 @pytest.mark.parametrize("name, args, message", [

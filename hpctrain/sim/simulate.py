@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, faults, live, optimizers, options, run, userdata
+from hpctrain import data, devices, faults, live, optimizers, options, plugins, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -91,8 +91,9 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
     algo.check(config, ranks, n)
+    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
+    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
-        sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
         run.initial_model(config, sample.shape, sample.num_classes)
     StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
     return config
