@@ -99,6 +99,46 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
     return _make_dataset(name, split, folder, images, labels, ids)
 
 
+def check(name: str, data_dir: str | None = None) -> None:
+    """Before MPI starts: the files of a built-in data set agree with one another (what a run
+    reads only after MPI started, when a rank loads its part): each split's images and labels
+    by their headers (counts, one label per sample, the same image size in both splits), an
+    uncompressed file's length, and every label (the label files are small). A gzipped file
+    cut short is found only when read. UsageError naming the file."""
+    if userdata.is_user(name) or name in ("synthetic", "cifar10"):  # checked elsewhere, or
+        return  # by its length alone (CIFAR's records: _cifar_records)
+    folder = find_dir(name, data_dir)
+    sizes = set()
+    for split, (img_base, lbl_base) in _IDX_FILES.items():
+        img_path, lbl_path = _idx_path(folder, img_base), _idx_path(folder, lbl_base)
+        images, labels = _idx_dims(img_path), _idx_dims(lbl_path)
+        if len(images) != 3 or len(labels) != 1:
+            bad, dims, want = (img_path, images, "N x H x W images") if len(images) != 3 else \
+                (lbl_path, labels, "N labels")
+            raise UsageError(f"{bad} holds {' x '.join(map(str, dims))} bytes, not {want}")
+        if images[0] != labels[0]:
+            raise UsageError(f"{img_path} holds {images[0]} images but {lbl_path} holds "
+                             f"{labels[0]} labels")
+        sizes.add(images[1:])
+        load_labels(name, split, data_dir)  # reads them whole: length and range checked
+        if img_path.suffix != ".gz":
+            need = 4 + 4 * len(images) + int(np.prod(images, dtype=np.int64))
+            if img_path.stat().st_size != need:
+                raise UsageError(f"{img_path} holds {img_path.stat().st_size} bytes; its "
+                                 f"header declares {need}")
+    if len(sizes) > 1:
+        raise UsageError(f"{folder}: the training and test images differ in size "
+                         f"({' and '.join('x'.join(map(str, s)) for s in sorted(sizes))})")
+
+
+def _idx_dims(path: Path) -> tuple[int, ...]:
+    try:
+        with _open(path) as f:
+            return _idx_header(f, path)
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise UsageError(f"cannot read {path}: {e}") from None
+
+
 def _make_dataset(name: str, split: str, folder: Path, images: np.ndarray, labels: np.ndarray,
                   ids: torch.Tensor) -> Dataset:
     """Check the labels, normalise the uint8 images, wrap them as a Dataset."""

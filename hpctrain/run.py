@@ -90,6 +90,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
+    data.check(config.data.dataset, config.data.data_dir)
     n = data.size(config.data.dataset, "train", config.data.data_dir)
     if ranks > n:
         raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")

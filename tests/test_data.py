@@ -89,6 +89,46 @@ def test_malformed_idx_rejected(tiny_idx, damage, message):
     assert "\n" not in str(err.value)
 
 
+def write_plain_idx(path, array: np.ndarray, cut: int = 0):
+    header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    path.write_bytes(raw[:len(raw) - cut])
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("count", "train-images-idx3-ubyte.gz holds 4 images but .* holds 5 labels"),
+    ("labels", "labels in .* for fashion-mnist train exceed 9"),
+    ("2-d labels", "train-labels-idx1-ubyte.gz holds 5 x 2 bytes, not N labels"),
+    ("image size", "the training and test images differ in size \\(28x28 and 32x32\\)"),
+    ("cut", "train-images-idx3-ubyte holds 3932 bytes; its header declares 3936"),
+])
+def test_the_training_files_are_checked_before_mpi(tiny_idx, damage, message):
+    """Before MPI, check_launch read the training labels' header and one test sample: a
+    training split whose files disagree ended the job after MPI started, some of them with a
+    shape error deep in the first step (exit 1)."""
+    images = tiny_idx / "train-images-idx3-ubyte.gz"
+    labels = tiny_idx / "train-labels-idx1-ubyte.gz"
+    if damage == "count":
+        write_idx(images, np.zeros((4, 28, 28)))
+    elif damage == "labels":
+        write_idx(labels, np.full(5, 12))
+    elif damage == "2-d labels":
+        write_idx(labels, np.zeros((5, 2)))
+    elif damage == "image size":
+        write_idx(images, np.zeros((5, 32, 32)))
+    else:  # an uncompressed file cut short: its length says so without reading it
+        images.unlink()
+        write_plain_idx(tiny_idx / "train-images-idx3-ubyte", np.zeros((5, 28, 28)), cut=4)
+    with pytest.raises(UsageError, match=message) as err:
+        data.check("fashion-mnist", str(tiny_idx))
+    assert "\n" not in str(err.value)
+
+
+def test_sound_files_pass_the_check(tiny_idx):
+    data.check("fashion-mnist", str(tiny_idx))
+    data.check("fashion-mnist")  # the real files
+
+
 def test_not_gzip_is_one_line_error(tiny_idx):
     (tiny_idx / "train-images-idx3-ubyte.gz").write_bytes(b"this is not gzip")
     with pytest.raises(UsageError, match="cannot read"):

@@ -78,6 +78,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     parse_slowdown(config.stragglers.slowdown, k)
+    data.check(config.data.dataset, config.data.data_dir)
     n = data.size(config.data.dataset, "train", config.data.data_dir)
     if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained
         raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
