@@ -170,12 +170,14 @@ def _say_user_data(config: RunConfig) -> None:
 
 def _as_launched(config: RunConfig) -> RunConfig:
     """``config`` as this launch runs it: the algorithm's defaults filled in, file references
-    of a user's model and data made absolute, adapted to the launcher (ssgd under torchrun:
+    of a user's model and data and ``--data-dir`` made absolute, adapted to the launcher (ssgd under torchrun:
     ``--sync-backend torch``)."""
     config = configs.resolve(config)
-    init_from = config.model.init_from
+    init_from, data_dir = config.model.init_from, config.data.data_dir
     config = replace(config, data=replace(config.data,
-                                          dataset=userdata.absolute(config.data.dataset)),
+                                          dataset=userdata.absolute(config.data.dataset),
+                                          data_dir=data_dir and str(Path(data_dir).expanduser()
+                                                                    .resolve())),
                      model=replace(config.model, name=plugins.absolute(config.model.name),
                                    init_from=init_from and str(Path(init_from).expanduser()
                                                                .resolve())))
