@@ -21,7 +21,7 @@
 # script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
 # short). A failing step is recorded and the others still run; exit status 1 if any failed.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/.." || exit 2
 KIT=.gpu-check
 PY=${PYTHON:-python3}
 
@@ -38,6 +38,16 @@ fi
 
 OUT=${1:-${OUT:-runs/gpu-check}}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
+# Without the kit a bare machine has no mpirun and no Fashion-MNIST: every MPI step would fail
+# and the trainings look for data that is not there, a lease spent for nothing. The device
+# tool copies ignored paths only when asked: run(..., carry=[".gpu-check"]).
+if { ! command -v mpirun >/dev/null && [ ! -d "$KIT/wheels" ]; } ||
+   { [ -z "${GPU_CHECK_TRAIN:-}" ] && [ ! -d "$KIT/fashion-mnist" ] &&
+     [ ! -d /usr/share/datasets/fashion-mnist ]; }; then
+  echo "gpu-check: no kit in $KIT (no mpirun, or no Fashion-MNIST): run scripts/gpu-check.sh" \
+       "prepare where PyPI is reachable, and carry $KIT to this machine" >&2
+  exit 2
+fi
 RUNS_DIR=${GPU_CHECK_RUNS:-$(mktemp -d)}  # the training runs' folders (only runs.json comes back)
 mkdir -p "$OUT" "$RUNS_DIR"
 LOG="$OUT/gpu-check.log"
@@ -48,11 +58,15 @@ START=$(date +%s)
 # The whole check ends inside BUDGET seconds (the 8 minutes issue 11 gives it, less the results
 # table's time): each step's limit is cut to what is left, a step with under 10 s is skipped.
 BUDGET=${GPU_CHECK_BUDGET:-470}
+# The steps before the trainings leave them this much of the budget (a hung test or benchmark
+# must not take the accuracy lines with it); 0 once the trainings start.
+KEEP=${GPU_CHECK_KEEP:-240}
 
 step() {  # step NAME SECONDS CMD...: run with a time limit, log it, remember a failure
   local name=$1 limit=$2; shift 2
-  local t0=$(date +%s)
-  local left=$(( BUDGET - (t0 - START) ))
+  local t0
+  t0=$(date +%s)
+  local left=$(( BUDGET - (t0 - START) - KEEP ))
   [ "$limit" -le "$left" ] || limit=$left
   if [ "$limit" -lt 10 ]; then
     echo "== $name: skipped, ${left} s of the budget left (t=$(( t0 - START )) s)" | tee -a "$LOG"
@@ -60,7 +74,7 @@ step() {  # step NAME SECONDS CMD...: run with a time limit, log it, remember a 
     return 1
   fi
   echo "== $name (limit $limit s): $*" >> "$LOG"
-  timeout "$limit" "$@" >> "$LOG" 2>&1
+  timeout -k 10 "$limit" "$@" >> "$LOG" 2>&1
   local rc=$?
   echo "== $name: exit $rc after $(( $(date +%s) - t0 )) s (t=$(( $(date +%s) - START )) s)" \
     | tee -a "$LOG"
@@ -119,16 +133,19 @@ print("mpi4py", mpi4py.__version__)'
 
 # --- build: the CPU kernel and, on a GPU, the CUDA one (Hopper only, to keep nvcc short)
 BUILD_CUDA=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
-step build 240 env HPCTRAIN_BUILD_CUDA=$BUILD_CUDA HPCTRAIN_CUDA_ARCH=${HPCTRAIN_CUDA_ARCH:-sm_90} \
+step build 240 env HPCTRAIN_BUILD_CUDA="$BUILD_CUDA" HPCTRAIN_CUDA_ARCH="${HPCTRAIN_CUDA_ARCH:-sm_90}" \
   "$PY" setup.py -q build_ext --inplace
 
 step info 60 bash -c "$(printf '%q ' "${MPIRUN[@]}") -np 2 $(printf '%q ' "${HP[@]}") info \
   > $OUT/info.json"
 
 # --- tests: the GPU ones (skipped on a dry run) and the CUDA kernel's
-step tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_kernels.py
-step tests-mpi 150 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
-  tests/test_gpu.py tests/test_sync_elastic.py
+# (--timeout-method=thread: a rank stuck in an MPI call is ended, not waited for to the step's
+# limit; the build step compiled the kernel already, so its own nvcc test is left out)
+step tests 90 "$PY" -m pytest -q -p no:cacheprovider --timeout-method=thread tests/test_gpu.py \
+  tests/test_kernels.py -k "not compiles_and_links"
+step tests-mpi 90 "${MPIRUN[@]}" -np 2 "$PY" -m pytest -q -p no:cacheprovider --with-mpi -m mpi \
+  --timeout-method=thread tests/test_gpu.py tests/test_sync_elastic.py
 
 # --- benchmarks
 # GPU_CHECK_SMALL=1 (a dry run on a small CPU machine): small vectors and models.
@@ -139,10 +156,6 @@ step bench-kernel 180 "${HP[@]}" bench kernel --device "$DEVICE" --elements "$EL
   --threads 1 --repeats 20 --json "$OUT/kernel.json"
 DEVICES=("$DEVICE")
 [ "$DEVICE" = cpu ] || DEVICES+=(cpu)
-for dev in "${DEVICES[@]}"; do
-  step "bench-allreduce-$dev" 240 "${MPIRUN[@]}" -np 2 "${HP[@]}" bench allreduce --device "$dev" \
-    --params "$PARAMS" --repeats 20 --torch --adasum --no-horovod --json "$OUT/allreduce-$dev.json"
-done
 
 # --- every algorithm, one epoch of LeNet on Fashion-MNIST, on the GPU and on the CPU at once
 train() {  # train DEVICE NAME RANKS ARGS... (in the background: its own log, a failure file)
@@ -167,16 +180,30 @@ RUNS=("sgd 1 --algo sgd" "ssgd-mpi 2 --algo ssgd --sync-backend mpi"
       "ssgd-fp16 2 --algo ssgd --sync-backend mpi --mixed-precision fp16"
       "sgd-compile 1 --algo sgd --compile"
       "ssgd-compile 2 --algo ssgd --sync-backend torch --compile")
+# sgd on the CPU with two more seeds: how far runs differ by seed alone (the accuracy line's
+# noise; GPU kernels round differently, as another seed would)
+CPU_ONLY=("sgd-seed4 1 --algo sgd --seed 4" "sgd-seed5 1 --algo sgd --seed 5")
+KEEP=0
 for dev in "${DEVICES[@]}"; do
   for r in "${RUNS[@]}"; do
     # shellcheck disable=SC2086
     train "$dev" $r &
   done
 done
+for r in "${CPU_ONLY[@]}"; do
+  # shellcheck disable=SC2086
+  train cpu $r &
+done
 wait
 shopt -s nullglob
 for f in "$RUNS_DIR"/*.log; do cat "$f" >> "$LOG"; done
 for f in "$RUNS_DIR"/*.failed; do FAILED+=("train-$(basename "$f" .failed)"); done
+
+# --- the allreduce benchmarks, with what is left (the issue's accuracy lines come first)
+for dev in "${DEVICES[@]}"; do
+  step "bench-allreduce-$dev" 240 "${MPIRUN[@]}" -np 2 "${HP[@]}" bench allreduce --device "$dev" \
+    --params "$PARAMS" --repeats 20 --torch --adasum --no-horovod --json "$OUT/allreduce-$dev.json"
+done
 
 # --- the results table
 "$PY" - "$OUT" "$DEVICE" "$RUNS_DIR" <<'EOF' | tee "$OUT/results.md"
@@ -204,6 +231,8 @@ print("|---|---|---|---|---|---|---|---|")
 names = sorted({k.rsplit("-", 1)[0] for k in runs}
                | {p.stem.rsplit("-", 1)[0] for p in runs_dir.glob("*.log")})
 for n in names:
+    if n.startswith("sgd-seed"):  # the noise reference, said below the table
+        continue
     g, c = runs.get(f"{n}-{device}"), runs.get(f"{n}-cpu")
     acc = lambda s: f"{s['final_test_acc']:.4f}" if s else "missing"
     wall = lambda s: f"{s['wall_s']:.1f}" if s else "-"
@@ -211,17 +240,29 @@ for n in names:
     peak = lambda s: f"{max(s.get('peak_memory_per_worker') or [0]) / 2**20:.0f}" if s else "-"
     print(f"| {n} | {acc(g)} | {acc(c)} | {diff} | {wall(g)} | {wall(c)} | {peak(g)} | "
           f"{peak(c)} |")
-# Issue 11's lines: deterministic algorithms within 0.5 points of the CPU; the kernel at
-# >= 0.8 of a copy of the same bytes.
-ASYNC = ("asgd", "dcasgd-c", "dcasgd-a", "ssp")
-off = [n for n in names if not n.startswith(ASYNC) and runs.get(f"{n}-{device}")
-       and runs.get(f"{n}-cpu") and abs(runs[f"{n}-{device}"]["final_test_acc"]
-                                         - runs[f"{n}-cpu"]["final_test_acc"]) > 0.005]
-missing = [n for n in names if not n.startswith(ASYNC)
-           and not (f"{n}-{device}" in runs and f"{n}-cpu" in runs)]
-verdict = ("no: " + ", ".join(off)) if off else \
-    ("not shown: no pair of runs for " + ", ".join(missing)) if missing else "yes"
-print(f"\ndeterministic runs within 0.5 points of the CPU: {verdict}")
+# Issue 11's lines: the deterministic algorithms within 0.5 points of the CPU; the kernel at
+# >= 0.8 of a copy of the same bytes. The variants (micro-batches, precisions, compile) and
+# the async algorithms get lines of their own, for information.
+def within(group: list[str], points: float) -> str:
+    off = [n for n in group if f"{n}-{device}" in runs and f"{n}-cpu" in runs
+           and abs(runs[f"{n}-{device}"]["final_test_acc"]
+                   - runs[f"{n}-cpu"]["final_test_acc"]) > points / 100]
+    missing = [n for n in group if not (f"{n}-{device}" in runs and f"{n}-cpu" in runs)]
+    said = [f"no: {', '.join(off)}"] if off else []
+    said += [f"not shown: no pair of runs for {', '.join(missing)}"] if missing else []
+    return "; ".join(said) or "yes"
+ISSUE = ["sgd", "ssgd-mpi", "ssgd-torch", "ssgd-adasum", "ma", "ec"]
+ASYNC = ["asgd", "dcasgd-c", "dcasgd-a", "ssp"]
+VARIANTS = [n for n in names if n not in ISSUE + ASYNC and not n.startswith("sgd-seed")]
+print(f"\ndeterministic runs within 0.5 points of the CPU: {within(ISSUE, 0.5)}")
+seeds = [runs[k]["final_test_acc"] for k in ("sgd-cpu", "sgd-seed4-cpu", "sgd-seed5-cpu")
+         if k in runs]
+if len(seeds) > 1:
+    print(f"(noise: sgd on the CPU with seeds 3, 4, 5 ended {min(seeds):.4f}-{max(seeds):.4f}, "
+          f"{100 * (max(seeds) - min(seeds)):.2f} points apart)")
+print(f"variants within 0.5 points of the CPU (information): {within(VARIANTS, 0.5)}")
+print(f"async runs within 1.5 points of the CPU (information; they differ from run to run): "
+      f"{within(ASYNC, 1.5)}")
 kernel = out / "kernel.json"
 if kernel.exists():
     rows = json.loads(kernel.read_text())["rows"]
