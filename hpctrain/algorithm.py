@@ -204,8 +204,10 @@ class Algorithm:
     def after_update(self, final: bool) -> None:
         """After every step, applied or skipped (MA and EC aggregate here)."""
 
-    def before_checkpoint(self, position: int) -> int:
-        """Make the workers' state consistent for a checkpoint; the position it is of."""
+    def before_checkpoint(self, position: int) -> int | None:
+        """Make the workers' state consistent for a checkpoint; the position it is of, or None
+        when another worker is finishing (an async run stopped early): no checkpoint, and
+        this worker ends its loop too."""
         return position
 
     def after_checkpoint(self) -> None:

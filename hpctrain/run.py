@@ -170,8 +170,8 @@ def _say_user_data(config: RunConfig) -> None:
 
 def _as_launched(config: RunConfig) -> RunConfig:
     """``config`` as this launch runs it: the algorithm's defaults filled in, file references
-    of a user's model and data and ``--data-dir`` made absolute, adapted to the launcher (ssgd under torchrun:
-    ``--sync-backend torch``)."""
+    of a user's model and data and ``--data-dir`` made absolute, adapted to the launcher
+    (ssgd under torchrun: ``--sync-backend torch``)."""
     config = configs.resolve(config)
     init_from, data_dir = config.model.init_from, config.data.data_dir
     config = replace(config, data=replace(config.data,
@@ -461,7 +461,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     while True:
         index = algo.claim(position)
         if ckpt.due(index):
-            position = algo.before_checkpoint(position)
+            seen = algo.before_checkpoint(position)
+            if seen is None:  # another worker is finishing: this one ends too
+                break
+            position = seen
             ckpt.save(position, {"samples": samples, "local_steps": local_steps,
                                  "local_epoch": epoch, "i": i,
                                  "elapsed": runtime.now() - start}, snapshots)

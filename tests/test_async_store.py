@@ -407,3 +407,32 @@ def test_pushes_on_one_node_need_no_call_from_the_owner(consistency, tmp_path):
             store.pull(final)  # each push added -1 everywhere
             assert torch.equal(final, torch.full((numel,), -float(expected)))
         store.finish()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("algo", ["asgd", "ssp"])
+def test_a_worker_at_a_checkpoint_mark_ends_with_one_that_stopped(algo):
+    """Rank 0 stops early (it saw a collapse) while the others wait at a checkpoint mark: its
+    end-of-run barrier matched their mark's, and then it waited in its final broadcast while
+    they waited in the checkpoint's gather (a hang the watchdog ended). Now one collective
+    serves both, and the others learn there that the run ends, with no checkpoint."""
+    from hpctrain import config as configs
+    from hpctrain.algorithm import Setup
+    from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+    world = comm.init("serialized").COMM_WORLD
+    config = configs.resolve(RunConfig(algo=algo, data=DataConfig(dataset="synthetic"),
+                                       model=ModelConfig(name="mlp"),
+                                       optim=OptimConfig(epochs=1)))
+    algorithm = config.algorithm_class(config)
+    model = torch.nn.Linear(4, 2)
+    workers = algorithm.connect(world, model)
+    algorithm.setup(Setup(model, None, workers, workers.Get_size(), steps=4))
+    algorithm.start(0)
+    if world.Get_rank() == 0:
+        algorithm.finish(0)
+    else:
+        assert algorithm.before_checkpoint(0) is None
+        algorithm.finish(0)  # no second collective
+    algorithm.close()

@@ -178,7 +178,7 @@ class ASGD(Algorithm):
         self.model = s.model
         self.optimizer = self.make_optimizer(s.model)
         self.workers_comm = s.comm
-        self.base, self.ticket = 0, None
+        self.base, self.ticket, self._finished = 0, None, False
         self.total = self.config.optim.epochs * self.per_epoch(s.steps, s.workers)  # the loop's
 
     def checkpoint_state(self) -> tuple[dict, dict]:
@@ -222,17 +222,29 @@ class ASGD(Algorithm):
         self.ticket = None
         return self.base + self.optimizer.last_push.index + 1
 
-    def before_checkpoint(self, position: int) -> int:
+    def before_checkpoint(self, position: int) -> int | None:
         # Every ticket below the mark is claimed, each by a worker that pushes it before it
         # claims again, and every worker stops here with its first ticket past the mark:
-        # after the barrier exactly the mark's updates are in, none past it. All continue
+        # after the agreement exactly the mark's updates are in, none past it. All continue
         # from the global model, as a run resumed from this checkpoint does.
-        self.workers_comm.Barrier()
+        if self._finishing(False):
+            return None
         return self.base + self.optimizer.pull()
 
     def finish(self, position: int) -> int:
-        self.workers_comm.Barrier()  # every push is in
+        if not self._finished:  # else agreed at a checkpoint mark already
+            self._finishing(True)  # every push is in
         return self.base + self.optimizer.pull()
+
+    def _finishing(self, mine: bool) -> bool:
+        """The workers' one collective at a checkpoint mark (``mine`` False) and at the end
+        (True): whether any of them is finishing. A worker that stopped early (rank 0 saw a
+        collapse) meets those waiting at a mark in this same call, and they end with it,
+        where two barriers matched each other and left them in different collectives."""
+        # allgather, not an allreduce: the simulator's workers talk through a LocalComm, and
+        # the answer is the same
+        self._finished = any(self.workers_comm.allgather(mine))
+        return self._finished
 
     def summary(self, points: list[dict], comm) -> dict:
         store, opt = self.store, self.optimizer
@@ -332,9 +344,11 @@ class SSP(ASGD):
             self.bound.tick()
         return super().progress(position, applied)
 
-    def before_checkpoint(self, position: int) -> int:
+    def before_checkpoint(self, position: int) -> int | None:
         self.bound.park()  # a worker at the barrier must not hold back those still pushing
         seen = super().before_checkpoint(position)
+        if seen is None:  # finishing, parked
+            return None
         self.bound.unpark()
         self.workers_comm.Barrier()  # all unparked before anyone steps: the bound holds again
         return seen
