@@ -105,7 +105,8 @@ class ASGD(Algorithm):
                      "p90, p99, max, count)",
         "pushes_per_worker": "pushes each worker made (a skipped NaN step pushes nothing)",
         "store_bytes_per_worker": "bytes: model payload a worker read from and wrote to the "
-                                  "store, mean over workers",
+                                  "store, mean over workers (a resumed run: since its resume; "
+                                  "the counts above cover the whole run)",
         "store_mpi_bytes_per_worker": "bytes: the part of it MPI calls moved (none on "
                                       "shared-memory windows)",
         "store_traffic_per_worker": "bytes: read, written and mpi, per worker",
