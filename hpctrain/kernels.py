@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.machinery
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -116,8 +117,11 @@ def dc_delta(w: torch.Tensor, g: torch.Tensor, w_bak: torch.Tensor,
 
 def _step(outputs: dict, d_out, w_out, w_out2, w, g, w_bak, ms, v, hyper: tuple,
           threads: int) -> None:
+    if not isinstance(w, torch.Tensor):
+        raise UsageError(f"dc kernel: w must be a torch.Tensor, not {type(w).__name__}")
     _check(outputs, {"w": w, "g": g, "w_bak": w_bak}, w.numel(), ms_decay=hyper[2],
            momentum=hyper[4])
+    check_rates(lr=hyper[0], lam=hyper[1], weight_decay=hyper[3])
     ptrs = [None if t is None else t.data_ptr() for t in (d_out, w_out, w_out2, w, g, w_bak,
                                                            ms, v)]
     if w.is_cuda:
@@ -133,7 +137,7 @@ def _step(outputs: dict, d_out, w_out, w_out2, w, g, w_bak, ms, v, hyper: tuple,
 
 
 def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float) -> None:
-    tensors = {k: t for k, t in {**inputs, **outputs}.items() if t is not None}
+    tensors = {**inputs, **{k: t for k, t in outputs.items() if t is not None}}
     device = inputs["w"].device
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
@@ -167,6 +171,14 @@ def check_decays(*, ms: bool, v: bool, ms_decay: float, momentum: float) -> None
         raise UsageError(f"dc kernel: ms_decay {ms_decay} is outside [0, 1)")
     if v and not 0.0 <= momentum < 1.0:
         raise UsageError(f"dc kernel: momentum {momentum} is outside [0, 1)")
+
+
+def check_rates(*, lr: float, lam: float, weight_decay: float) -> None:
+    """UsageError unless ``lr``, ``lam`` and ``weight_decay`` are finite and >= 0 (a NaN, or
+    a negative rate's ascent, would reach the model unseen)."""
+    for name, value in (("lr", lr), ("lam", lam), ("weight_decay", weight_decay)):
+        if not (math.isfinite(value) and value >= 0):
+            raise UsageError(f"dc kernel: {name} {value} must be a finite number >= 0")
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:

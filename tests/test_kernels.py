@@ -156,6 +156,10 @@ def test_zero_elements():
     ("momentum", "momentum 1.0 is outside"),
     ("velocity_alias", "ms overlaps v"),
     ("type", "g must be a torch.Tensor"),
+    # Library use: an AttributeError on None, and NaN or ascent reaching the model unseen.
+    ("none", "w_bak must be a torch.Tensor, not NoneType"),
+    ("nan_lr", "lr nan must be a finite number >= 0"),
+    ("negative_lam", "lam -1.0 must be a finite number >= 0"),
 ])
 def test_bad_tensors_rejected_with_one_line(case, pattern):
     w, g, w_bak = torch.zeros(6), torch.zeros(6), torch.zeros(6)
@@ -187,6 +191,12 @@ def test_bad_tensors_rejected_with_one_line(case, pattern):
         args += [ms, ms]
     elif case == "type":
         args[1] = [0.0] * 6
+    elif case == "none":
+        args[2] = None
+    elif case == "nan_lr":
+        kwargs["lr"] = float("nan")
+    elif case == "negative_lam":
+        kwargs["lam"] = -1.0
     before = w.clone()
     with pytest.raises(UsageError, match=pattern) as err:
         kernels.dc_update(*args, **kwargs)

@@ -11,6 +11,8 @@ the CUDA kernel on them.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -59,9 +61,9 @@ class ASGD(torch.optim.Optimizer):
     def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
                  momentum: float = 0.0, weight_decay: float = 0.0, *, lam: float = 0.0,
                  adaptive: bool = False, ms_decay: float = 0.95):
-        if lr <= 0 or weight_decay < 0 or lam < 0:
-            raise UsageError(f"need lr > 0, weight_decay >= 0, lam >= 0; got lr={lr}, "
-                             f"weight_decay={weight_decay}, lam={lam}")
+        if not (0 < lr < math.inf and 0 <= weight_decay < math.inf and 0 <= lam < math.inf):
+            raise UsageError(f"need lr > 0, weight_decay >= 0, lam >= 0, all finite; got "
+                             f"lr={lr}, weight_decay={weight_decay}, lam={lam}")
         if not 0.0 <= momentum < 1.0:
             raise UsageError(f"momentum {momentum} is outside [0, 1)")
         if adaptive and not 0.0 <= ms_decay < 1.0:
