@@ -483,10 +483,12 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             epoch, i = epoch + 1, 0
             local = train_data.epoch(epoch)
             algo.epoch_started(local)
-        lr = learning_rate(base_lr, position // per_epoch + position % per_epoch / per_epoch,
+        # At the update this step makes: lock-step, the updates done; async, its ticket (the
+        # worker's last push lags the global count by the pushes since, a straggler's most).
+        lr = learning_rate(base_lr, index // per_epoch + index % per_epoch / per_epoch,
                            o.epochs, o.lr_schedule, o.lr_milestones, o.lr_gamma)
         if o.warmup_epochs:
-            lr *= optimizers.warmup_factor((position + 1) / per_epoch, o.warmup_epochs)
+            lr *= optimizers.warmup_factor((index + 1) / per_epoch, o.warmup_epochs)
         set_lr(algo.optimizer, lr)
         x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
