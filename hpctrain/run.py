@@ -86,16 +86,10 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                          "launch with mpirun, or srun with PMI/PMIx")
     check_compute(config)
     sync.check_environment()  # Horovod's variables, read once collectives start
-    faults.check()  # $HPCTRAIN_INJECT, read at the first step
-    optimizers.check(algo, config.optim)
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
-    parse_slowdown(config.stragglers.slowdown, algo.workers(config, ranks))
-    data.check(config.data.dataset, config.data.data_dir)
-    n = data.size(config.data.dataset, "train", config.data.data_dir)
+    n, sample = check_workers(config, algo.workers(config, ranks))
     if ranks > n:
         raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")
-    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
     algo.check(config, ranks, n)
     ck = config.checkpoint
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
@@ -112,6 +106,20 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
     return config
+
+
+def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
+    """What ``train`` and ``simulate`` check alike before ``workers`` training workers start
+    (one list, so that neither lacks a check the other has): the optimizer the algorithm
+    takes, the fault plan, the stragglers, the data set's files and the model on one of its
+    samples. Returns the number of training samples and that test sample."""
+    optimizers.check(config.algorithm_class, config.optim)
+    faults.check()  # $HPCTRAIN_INJECT, read at the first step
+    parse_slowdown(config.stragglers.slowdown, workers)
+    data.check(config.data.dataset, config.data.data_dir)
+    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
+    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
+    return data.size(config.data.dataset, "train", config.data.data_dir), sample
 
 
 def check_folder(flag: str, folder: str | None) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, faults, live, optimizers, options, plugins, run, userdata
+from hpctrain import data, devices, live, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -30,7 +30,6 @@ from hpctrain.sim.runtime import VirtualRuntime, load_train_set
 from hpctrain.sim.scheduler import Scheduler
 from hpctrain.sim.steptime import StepTimeModel
 from hpctrain.sim.store import SharedStore
-from hpctrain.stragglers import parse_slowdown
 from hpctrain.sync.algorithm import Sequential, Synchronous
 
 INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backward
@@ -72,14 +71,10 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce")
     run.check_compute(config, in_threads=True)
-    optimizers.check(algo, config.optim)
     live.check(config, k)
-    faults.check()
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
-    parse_slowdown(config.stragglers.slowdown, k)
-    data.check(config.data.dataset, config.data.data_dir)
-    n = data.size(config.data.dataset, "train", config.data.data_dir)
+    n, sample = run.check_workers(config, k)
     if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained
         raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
                          f"{n} training samples in {config.data.dataset}")
@@ -92,8 +87,6 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
     algo.check(config, ranks, n)
-    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
         run.initial_model(config, sample.shape, sample.num_classes)
     StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
