@@ -88,11 +88,7 @@ def load(name: str, split: str = "train", data_dir: str | None = None,
     if name == "cifar10":
         images, labels = _read_cifar(folder, split, start, stop)
     else:
-        img_base, lbl_base = _IDX_FILES[split]
-        img_path, lbl_path = _idx_path(folder, img_base), _idx_path(folder, lbl_base)
-        n_img, n_lbl = idx_count(img_path), idx_count(lbl_path)
-        if n_img != n_lbl:
-            raise UsageError(f"{img_path} holds {n_img} images but {lbl_path} holds {n_lbl} labels")
+        img_path, lbl_path, _ = _idx_split(folder, split)
         images = read_idx(img_path, start, stop)[:, None]
         labels = read_idx(lbl_path, start, stop)
     ids = torch.arange(start, start + len(labels))
@@ -109,16 +105,8 @@ def check(name: str, data_dir: str | None = None) -> None:
         return  # by its length alone (CIFAR's records: _cifar_records)
     folder = find_dir(name, data_dir)
     sizes = set()
-    for split, (img_base, lbl_base) in _IDX_FILES.items():
-        img_path, lbl_path = _idx_path(folder, img_base), _idx_path(folder, lbl_base)
-        images, labels = _idx_dims(img_path), _idx_dims(lbl_path)
-        if len(images) != 3 or len(labels) != 1:
-            bad, dims, want = (img_path, images, "N x H x W images") if len(images) != 3 else \
-                (lbl_path, labels, "N labels")
-            raise UsageError(f"{bad} holds {' x '.join(map(str, dims))} bytes, not {want}")
-        if images[0] != labels[0]:
-            raise UsageError(f"{img_path} holds {images[0]} images but {lbl_path} holds "
-                             f"{labels[0]} labels")
+    for split in _IDX_FILES:
+        img_path, _, images = _idx_split(folder, split)
         sizes.add(images[1:])
         load_labels(name, split, data_dir)  # reads them whole: length and range checked
         if img_path.suffix != ".gz":
@@ -131,7 +119,23 @@ def check(name: str, data_dir: str | None = None) -> None:
                          f"({' and '.join('x'.join(map(str, s)) for s in sorted(sizes))})")
 
 
+def _idx_split(folder: Path, split: str) -> tuple[Path, Path, tuple[int, ...]]:
+    """A split's image and label files, their headers checked against each other (N x H x W
+    images, N labels), and the images' dimensions."""
+    img_path, lbl_path = (_idx_path(folder, base) for base in _IDX_FILES[split])
+    images, labels = _idx_dims(img_path), _idx_dims(lbl_path)
+    if len(images) != 3 or len(labels) != 1:
+        bad, dims, want = (img_path, images, "N x H x W images") if len(images) != 3 else \
+            (lbl_path, labels, "N labels")
+        raise UsageError(f"{bad} holds {' x '.join(map(str, dims))} bytes, not {want}")
+    if images[0] != labels[0]:
+        raise UsageError(f"{img_path} holds {images[0]} images but {lbl_path} holds "
+                         f"{labels[0]} labels")
+    return img_path, lbl_path, images
+
+
 def _idx_dims(path: Path) -> tuple[int, ...]:
+    """The dimensions an IDX file's header declares."""
     try:
         with _open(path) as f:
             return _idx_header(f, path)
@@ -313,11 +317,7 @@ def _idx_header(f, path: Path) -> tuple[int, ...]:
 
 def idx_count(path: Path) -> int:
     """The number of items an IDX file declares (its first dimension)."""
-    try:
-        with _open(path) as f:
-            return _idx_header(f, path)[0]
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise UsageError(f"cannot read {path}: {e}") from None
+    return _idx_dims(path)[0]
 
 
 def read_idx(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
