@@ -154,6 +154,8 @@ def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float
             raise UsageError(f"dc kernel: {name} is on {t.device}; cpu or cuda is needed")
     check_decays(ms=outputs.get("ms") is not None, v=outputs.get("v") is not None,
                  ms_decay=ms_decay, momentum=momentum)
+    if n == 0:
+        return  # every empty tensor's data_ptr is 0: nothing to overlap
     # Outputs may be the same memory as anything else, never a shifted overlap; no two outputs
     # may share memory at all.
     written = [(k, t) for k, t in outputs.items() if t is not None]

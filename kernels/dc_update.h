@@ -46,7 +46,10 @@ HPCTRAIN_HD float dc_step(float w, float g, float wb, float* ms, float* v, const
     *ms = s;
     lam = h.lam / sqrtf(s + 1e-7f);
   }
-  float d = -h.lr * (gd + lam * gg * (w - wb));
+  // lam_t * g'^2 * (w - w_bak) as (lam_t * g') * (g' * (w - w_bak)): g'^2 alone overflows
+  // above |g'| = 1.8e19, and 0 * inf (lam_t = 0 in ASGD, w == w_bak) would be NaN.
+  const float comp = (lam * gd) * (gd * (w - wb));
+  float d = -h.lr * (gd + comp);
   if (Momentum) {
     d += h.momentum * *v;
     *v = d;

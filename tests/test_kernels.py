@@ -141,8 +141,32 @@ def test_slices_of_a_flat_buffer_at_odd_offsets():
 
 
 def test_zero_elements():
+    """Every empty tensor's data_ptr is 0: the overlap check took two of them for one."""
     e = torch.empty(0)
     assert kernels.dc_update(e, e.clone(), e.clone(), lr=0.1).numel() == 0
+    assert kernels.dc_update(e, e, e, ms=torch.empty(0), v=torch.empty(0), lr=0.1,
+                             lam=0.04, momentum=0.9).numel() == 0
+    assert kernels.dc_delta(e, e, e, ms=torch.empty(0), v=torch.empty(0), lr=0.1,
+                            momentum=0.9, w_out=torch.empty(0)).numel() == 0
+
+
+@pytest.mark.parametrize("lam, adaptive", [(0.0, False), (0.04, False), (2.0, True)])
+def test_a_huge_finite_gradient_gives_no_nan(lam, adaptive):
+    """g'^2 overflows to inf above 1.8e19; the compensation lam * g'^2 * (w - w_bak) was then
+    0 * inf = NaN where lam is 0 (ASGD), w == w_bak, or DC-ASGD-a's mean square overflowed,
+    and the NaN reached the shared model though the gradient was finite."""
+    g = torch.tensor([1e19, 2e19, -1e30, 3.0])
+    w = torch.tensor([1.0, 2.0, 3.0, 4.0])
+    ms = torch.zeros(4) if adaptive else None
+    out = kernels.dc_update(w.clone(), g, w.clone(), ms, lr=0.1, lam=lam)
+    assert torch.isfinite(out).all(), out
+    assert torch.equal(out, w - 0.1 * g)  # w == w_bak: no compensation, plain SGD
+    ms = torch.zeros(4) if adaptive else None
+    out = kernels.dc_update(w.clone(), g, w - 0.5, ms, lr=0.1, lam=lam)
+    assert not out.isnan().any(), out  # inf where lam * g'^2 * 0.5 itself exceeds float32
+    assert torch.isfinite(out[:2]).all(), out
+    if lam == 0:
+        assert torch.equal(out, w - 0.1 * g)
 
 
 @pytest.mark.parametrize("case, pattern", [
