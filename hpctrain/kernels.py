@@ -45,13 +45,13 @@ def extension(stem: str) -> ctypes.CDLL:
     raise RuntimeError(f"hpctrain's library _{stem} is not built in {_HERE}; {_REBUILD}")
 
 
-def _symbols(lib: ctypes.CDLL, what: str, *names: str) -> dict:
+def symbols(lib: ctypes.CDLL, what: str, *names: str) -> dict:
     """``lib``'s functions ``names``: a library built from older sources may lack a renamed or
     new one, which ctypes reports as an AttributeError ("undefined symbol"); a RuntimeError that
     says what to do instead, as for a library that is missing."""
     missing = [name for name in names if not hasattr(lib, name)]
     if missing:
-        raise RuntimeError(f"hpctrain's {what} kernel library {lib._name} has no "
+        raise RuntimeError(f"hpctrain's {what} library {lib._name} has no "
                            f"{', '.join(missing)} (built from older sources?); {_REBUILD}")
     return {name: getattr(lib, name) for name in names}
 
@@ -60,7 +60,7 @@ def _symbols(lib: ctypes.CDLL, what: str, *names: str) -> dict:
 def cpu_library() -> ctypes.CDLL:
     """The compiled CPU kernel library."""
     lib = extension("dc_update")
-    fn = _symbols(lib, "CPU", "hpctrain_dc_step", "hpctrain_dc_openmp")
+    fn = symbols(lib, "CPU kernel", "hpctrain_dc_step", "hpctrain_dc_openmp")
     fn["hpctrain_dc_step"].argtypes = [_P] * 8 + _HYPER + [_INT]
     fn["hpctrain_dc_step"].restype = None
     fn["hpctrain_dc_openmp"].restype = _INT
@@ -76,7 +76,7 @@ def cuda_library() -> ctypes.CDLL:
             f"hpctrain's CUDA kernel library was not built ({path} missing); install torch with "
             f"CUDA and nvcc, then {_REBUILD} (HPCTRAIN_BUILD_CUDA=1 forces the build)")
     lib = ctypes.CDLL(str(path))
-    fn = _symbols(lib, "CUDA", "hpctrain_dc_step_cuda", "hpctrain_cuda_error_string")
+    fn = symbols(lib, "CUDA kernel", "hpctrain_dc_step_cuda", "hpctrain_cuda_error_string")
     fn["hpctrain_dc_step_cuda"].argtypes = [_P] * 8 + _HYPER + [_P]
     fn["hpctrain_dc_step_cuda"].restype = _INT
     fn["hpctrain_cuda_error_string"].argtypes = [_INT]

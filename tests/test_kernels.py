@@ -248,6 +248,51 @@ def stale_library(path, *symbols: str) -> None:
 
 
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build a stale library")
+def test_a_stale_shared_memory_library_is_a_clear_error(monkeypatch, tmp_path):
+    """The locks' library was bound without the check the kernel libraries have: an older
+    build's missing function was ctypes's bare "undefined symbol" AttributeError."""
+    from hpctrain.async_ import shm
+
+    name = "_shm_sync" + importlib.machinery.EXTENSION_SUFFIXES[0]
+    stale_library(tmp_path / name, "hpctrain_shm_lock_shared", "hpctrain_shm_unlock_shared",
+                  "hpctrain_shm_lock_exclusive", "hpctrain_shm_unlock_exclusive")
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    shm.library.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"shared-memory lock library .* has no "
+                           r"hpctrain_shm_accumulate, hpctrain_shm_fetch_add, .* reinstall"):
+            shm.library()
+    finally:
+        shm.library.cache_clear()
+
+
+@pytest.mark.parametrize("missing", ["_dc_update", "_shm_sync"])
+def test_an_async_run_without_its_libraries_is_refused_before_mpi(monkeypatch, tmp_path,
+                                                                   missing):
+    """Only the CUDA library was checked before MPI: a missing CPU one was a RuntimeError on
+    every rank at the first push, exit 1."""
+    import hpctrain
+    from hpctrain.async_ import shm
+    from hpctrain.async_.algorithm import ASGD
+
+    for lib in ROOT.glob("hpctrain/_*.so"):
+        if not lib.name.startswith(missing):
+            (tmp_path / lib.name).symlink_to(lib)
+    monkeypatch.setattr(kernels, "_HERE", tmp_path)
+    for library in (kernels.cpu_library, shm.library):
+        library.cache_clear()
+    config = hpctrain.RunConfig(algo="asgd", algorithm=hpctrain.algorithm_options("asgd")(),
+                                device="cpu")
+    try:
+        with pytest.raises(UsageError, match=rf"--algo asgd with --device cpu: hpctrain's "
+                                             rf"library {missing} is not built"):
+            ASGD.check(config, 2, 64)
+    finally:
+        for library in (kernels.cpu_library, shm.library):
+            library.cache_clear()
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build a stale library")
 @pytest.mark.parametrize("which, name, kept, missing", [
     ("cpu_library", "_dc_update" + importlib.machinery.EXTENSION_SUFFIXES[0],
      "hpctrain_dc_step", "hpctrain_dc_openmp"),

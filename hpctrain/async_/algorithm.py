@@ -26,6 +26,7 @@ import torch
 
 from hpctrain import data, devices, kernels, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
+from hpctrain.async_ import shm
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
 from hpctrain.async_.optim import DEFAULT_LAM, trainable
@@ -130,11 +131,17 @@ class ASGD(Algorithm):
         if every is not None and not every.endswith("e"):
             raise UsageError(f"--checkpoint-every {every}: asynchronous runs checkpoint by "
                              "global progress; give epochs, e.g. 1e")
+        # The compiled libraries a push needs: CPU workers' kernel and the shared-memory locks
+        # (on one node), GPU workers' CUDA kernel.
+        needed = [kernels.cpu_library, shm.library]
         if devices.resolve(config.device) == "cuda":
+            needed.append(kernels.cuda_library)
+        for library in needed:
             try:
-                kernels.cuda_library()  # GPU workers push with the CUDA kernel
+                library()
             except (RuntimeError, OSError) as e:
-                raise UsageError(f"--device cuda with --algo {config.algo}: {e}") from None
+                raise UsageError(f"--algo {config.algo} with --device {config.device}: {e}"
+                                 ) from None
         if config.data.data_placement != "replicated":
             raise UsageError(f"--algo {config.algo} needs --data-placement replicated: sharded "
                              "placement exchanges data collectively each epoch, which would "

@@ -23,10 +23,15 @@ from hpctrain import kernels
 
 
 @lru_cache(maxsize=1)
-def _lib() -> ctypes.CDLL:
+def library() -> ctypes.CDLL:
+    """The compiled library (kernels/shm_sync.cpp); a RuntimeError that says how to build it
+    when it is missing or older than its sources."""
     lib = kernels.extension("shm_sync")
+    names = ("lock_shared", "unlock_shared", "lock_exclusive", "unlock_exclusive", "accumulate",
+             "fetch_add", "compare_swap", "load", "store")
+    kernels.symbols(lib, "shared-memory lock", *(f"hpctrain_shm_{name}" for name in names))
     addr, i64 = ctypes.c_void_p, ctypes.c_int64
-    for name in ("lock_shared", "unlock_shared", "lock_exclusive", "unlock_exclusive"):
+    for name in names[:4]:
         getattr(lib, f"hpctrain_shm_{name}").argtypes = [addr]
         getattr(lib, f"hpctrain_shm_{name}").restype = None
     lib.hpctrain_shm_accumulate.argtypes = [addr, addr, addr, i64, addr]
@@ -45,14 +50,14 @@ def _lib() -> ctypes.CDLL:
 def lock(word: int, exclusive: bool) -> None:
     """Take the reader-writer lock at ``word`` (0 when free): shared or exclusive. A waiting
     exclusive taker bars new shared takers, so readers cannot starve it."""
-    lib = _lib()
+    lib = library()
     (lib.hpctrain_shm_lock_exclusive if exclusive else lib.hpctrain_shm_lock_shared)(word)
 
 
 def unlock(word: int, exclusive: bool) -> None:
     """Release the lock at ``word`` as it was taken; the holder's stores become visible to the
     next taker."""
-    lib = _lib()
+    lib = library()
     (lib.hpctrain_shm_unlock_exclusive if exclusive else lib.hpctrain_shm_unlock_shared)(word)
 
 
@@ -60,26 +65,26 @@ def accumulate(word: int, dst: torch.Tensor, src: torch.Tensor, count: int) -> N
     """``dst += src`` and one added to the int64 at address ``count``, as one step under the
     lock at ``word`` (as Open MPI's osc/sm makes an Accumulate atomic): concurrent accumulates
     lose nothing. ``dst`` and ``src``: contiguous float32 CPU tensors of one size."""
-    _lib().hpctrain_shm_accumulate(word, dst.data_ptr(), src.data_ptr(), dst.numel(), count)
+    library().hpctrain_shm_accumulate(word, dst.data_ptr(), src.data_ptr(), dst.numel(), count)
 
 
 def fetch_add(word: int, value: int) -> int:
     """Add ``value`` to the int64 at ``word`` atomically; return what it held before."""
-    return _lib().hpctrain_shm_fetch_add(word, value)
+    return library().hpctrain_shm_fetch_add(word, value)
 
 
 def compare_swap(word: int, expected: int, desired: int) -> int:
     """Write ``desired`` to the int64 at ``word`` if it holds ``expected``, atomically; return
     what it held (``expected``: written)."""
-    return _lib().hpctrain_shm_compare_swap(word, expected, desired)
+    return library().hpctrain_shm_compare_swap(word, expected, desired)
 
 
 def load(word: int, out: np.ndarray) -> np.ndarray:
     """``len(out)`` int64 words from ``word`` into ``out`` (int64), each read atomically."""
-    _lib().hpctrain_shm_load(word, out.ctypes.data, len(out))
+    library().hpctrain_shm_load(word, out.ctypes.data, len(out))
     return out
 
 
 def store(word: int, value: int) -> None:
     """Write the int64 at ``word`` atomically."""
-    _lib().hpctrain_shm_store(word, value)
+    library().hpctrain_shm_store(word, value)
