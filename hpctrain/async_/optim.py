@@ -11,11 +11,10 @@ the CUDA kernel on them.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
+from hpctrain import kernels
 from hpctrain.async_.store import ParameterStore, Push
 from hpctrain.errors import UsageError
 
@@ -53,21 +52,18 @@ class ASGD(torch.optim.Optimizer):
     """Asynchronous SGD: ``w <- w - lr * g`` applied to the store's current ``w``.
 
     ``momentum`` > 0 keeps a velocity of this worker's own steps (``v <- momentum*v + d``) and
-    pushes it, as torch's SGD does in each process of a Hogwild run. Construction pulls the
-    store's values into ``model``. ``staleness`` lists the measured tau of every push;
+    pushes it, as torch's SGD does in each process of a Hogwild run. A parameter without a
+    gradient in a step is pushed as zeros, so weight decay and momentum still move it (as
+    Horovod's optimizer, which fills a missing gradient with zeros; torch's SGD would skip it).
+    Construction pulls the store's values into ``model``. ``staleness`` lists the measured tau of every push;
     ``last_push`` describes the latest (:class:`Push`).
     """
 
     def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
                  momentum: float = 0.0, weight_decay: float = 0.0, *, lam: float = 0.0,
                  adaptive: bool = False, ms_decay: float = 0.95):
-        if not (0 < lr < math.inf and 0 <= weight_decay < math.inf and 0 <= lam < math.inf):
-            raise UsageError(f"need lr > 0, weight_decay >= 0, lam >= 0, all finite; got "
-                             f"lr={lr}, weight_decay={weight_decay}, lam={lam}")
-        if not 0.0 <= momentum < 1.0:
-            raise UsageError(f"momentum {momentum} is outside [0, 1)")
-        if adaptive and not 0.0 <= ms_decay < 1.0:
-            raise UsageError(f"ms_decay {ms_decay} is outside [0, 1)")
+        kernels.check_rates(lr=lr, lam=lam, weight_decay=weight_decay)
+        kernels.check_decays(ms=adaptive, v=True, ms_decay=ms_decay, momentum=momentum)
         params = trainable(model)
         defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "lam": lam,
                     "ms_decay": ms_decay}

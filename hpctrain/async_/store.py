@@ -267,12 +267,16 @@ class ParameterStore:
                 self._check_buffer(name, t)
                 if t.device != w_bak.device:
                     raise UsageError(f"store: {name} is on {t.device}, w_bak on {w_bak.device}")
+        # Here, not in the kernel: the kernel runs under a lock, after the count was taken.
+        kernels.check_rates(lr=lr, lam=lam, weight_decay=weight_decay)
         kernels.check_decays(ms=ms is not None, v=v is not None, ms_decay=ms_decay,
-                             momentum=momentum)  # here: the kernel runs under a lock
+                             momentum=momentum)
         stage = self._stage(w_bak.device)
         staged = stage is not None or not (self.shared and self.in_place)
+        # The kernel's threads as torch's: OpenMP's default is per thread, and a simulated
+        # worker is a thread that torch.set_num_threads did not reach.
         hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay,
-                 "momentum": momentum}
+                 "momentum": momentum, "threads": torch.get_num_threads()}
         versions = []
         for s in self.order:
             lo, hi = self.bounds[s]
