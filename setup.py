@@ -39,9 +39,24 @@ def _version() -> str:
 def _want_cuda() -> str | None:
     """``"required"``, ``"optional"`` (nvcc found) or None (skip)."""
     choice = os.environ.get("HPCTRAIN_BUILD_CUDA", "")
-    if choice in ("0", "1"):
+    if choice not in ("", "0", "1"):
+        sys.exit(f"HPCTRAIN_BUILD_CUDA={choice}: give 1 (build the CUDA kernel), 0 (do not) or "
+                 "leave it unset (build it when nvcc is found)")
+    if choice:
         return "required" if choice == "1" else None
     return "optional" if _nvcc() else None
+
+
+def _cuda_archs() -> list[str]:
+    """HPCTRAIN_CUDA_ARCH's architectures (``sm_80,sm_90``), each checked: nvcc's own error
+    for a bad one is a page long, and only a warning when the build is optional."""
+    text = os.environ.get("HPCTRAIN_CUDA_ARCH") or CUDA_ARCHS
+    archs = [a.strip() for a in text.split(",")]
+    bad = [a for a in archs if not re.fullmatch(r"sm_\d+[af]?", a)]
+    if bad:
+        sys.exit(f"HPCTRAIN_CUDA_ARCH={text}: {bad[0]!r} is not an architecture; give a "
+                 f"comma-separated list such as {CUDA_ARCHS}")
+    return archs
 
 
 def _nvcc() -> str | None:
@@ -83,12 +98,16 @@ class BuildKernels(build_ext):
             sys.exit("HPCTRAIN_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
         package_dir = Path(self.get_ext_fullpath("hpctrain._dc_update")).parent
         package_dir.mkdir(parents=True, exist_ok=True)
-        archs = os.environ.get("HPCTRAIN_CUDA_ARCH", CUDA_ARCHS).split(",")
+        archs = _cuda_archs()
         gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
         last = archs[-1][3:]
         gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")  # PTX for newer GPUs
+        target = package_dir / CUDA_LIB
+        # A failed build must not leave the library of older sources to be loaded beside a CPU
+        # library of the new ones.
+        target.unlink(missing_ok=True)
         cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode,
-               *_nvcc_threads(nvcc), "kernels/dc_update.cu", "-o", str(package_dir / CUDA_LIB)]
+               *_nvcc_threads(nvcc), "kernels/dc_update.cu", "-o", str(target)]
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
 

@@ -80,8 +80,16 @@ for lib in "_dc_update kernels/dc_update.cpp kernels/dc_update.h" "_shm_sync ker
   shift
   for src in "$@"; do [ -n "$so" ] && [ "$so" -nt "$src" ] || stale=1; done
 done
+# The CUDA library too, where setup.py builds it (nvcc found; HPCTRAIN_BUILD_CUDA not 0).
+if [ "${HPCTRAIN_BUILD_CUDA:-}" != 0 ] && { command -v nvcc || [ -x /usr/local/cuda/bin/nvcc ] \
+    || [ -x "${CUDA_HOME:-${CUDA_PATH:-/nonexistent}}/bin/nvcc" ]; } \
+    >/dev/null 2>&1; then
+  for src in kernels/dc_update.cu kernels/dc_update.h; do
+    [ hpctrain/_dc_update_cuda.so -nt "$src" ] || stale=1
+  done
+fi
 if [ -n "$stale" ]; then
-  echo "setup: building the CPU libraries"
+  echo "setup: building the compiled libraries"
   .venv/bin/python setup.py -q build_ext --inplace >/dev/null
 fi
 
