@@ -41,7 +41,8 @@ class Board:
 
     A run resumed at update ``resumed`` after ``elapsed`` seconds of training purges the
     earlier run's entries from that update on (they were trained again), and stamps its own
-    at the wall time they happen.
+    at the wall time they happen. A fresh run (``resumed`` 0) purges every earlier entry: a
+    failed attempt's, in a folder it left without a summary.
     """
 
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
@@ -51,7 +52,7 @@ class Board:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out) / SUBDIR), purge_step=resumed or None)
+            self.writer = SummaryWriter(str(Path(out) / SUBDIR), purge_step=resumed)
 
     @property
     def enabled(self) -> bool:
