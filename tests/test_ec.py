@@ -93,7 +93,10 @@ def error_lines(proc) -> list[str]:
     (["--algo", "ec", "--tau-epochs", "2"], 2,
      "--tau-epochs 2.0 (64 local steps) never aggregates in 32 updates per rank"),
     (["--algo", "ec", "--tau-epochs", "3", "--epochs", "3"], 2,
-     "give --tau-epochs of at most 2.969 or more --epochs"),
+     "give --tau-epochs of at most 2.9687 or more --epochs"),
+    # Rounded up (.4g), the bound was 100, itself refused: 100 x 1024 is every update.
+    (["--algo", "ec", "--tau-epochs", "101", "--epochs", "100", "--batch-size", "1"], 2,
+     "give --tau-epochs of at most 99.999 or more --epochs"),
     # The default tau (20) against batch 64: 16 updates per rank.
     (["--algo", "ec", "--batch-size", "64"], 2,
      "--tau 20 (the default) never aggregates in 16 updates per rank"),

@@ -240,7 +240,7 @@ def _check_rounds(config, local: int, ranks: int, steps: int) -> None:
         return
     if o.tau_epochs is not None:
         given, fix = (f"--tau-epochs {o.tau_epochs} ({tau} local steps)",
-                      f"--tau-epochs of at most {(total - 1) / steps:.4g}")
+                      f"--tau-epochs of at most {_floor4((total - 1) / steps):g}")
     else:
         given = f"--tau {tau}" + (" (the default)" if o.tau is None else "")
         fix = f"--tau below {total}"
@@ -249,3 +249,8 @@ def _check_rounds(config, local: int, ranks: int, steps: int) -> None:
         f"{given} never aggregates in {total} updates per rank (--epochs {epochs} x "
         f"{steps} batches of {batch} from {local} samples per rank on {ranks} ranks; "
         f"ec's rounds come after every tau updates but the last): give {fix}")
+
+
+def _floor4(x: float) -> float:
+    """``x`` rounded down to 4 decimals: a suggested bound rounded up would be refused too."""
+    return math.floor(x * 1e4) / 1e4
