@@ -50,6 +50,29 @@ def test_loss_mixes_linearly_and_vanishes_when_student_is_teacher():
     assert distillation_loss(logits, labels, own, 1.0, 3.0).abs() < 1e-6
 
 
+def test_a_step_loss_is_the_ordinary_and_the_distilled_samples_mean():
+    """The step's loss as the shared DESIGN writes it, in plain torch: cross-entropy on the
+    ordinary samples, (1 - alpha) CE + alpha T^2 KL(teacher || student_T) on the relabelled
+    ones, averaged over both. Swapping alpha and 1 - alpha in the aggregator passed every
+    test before this one."""
+    from hpctrain.ec.compression import EnsembleCompression
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    xd, yd = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    teacher = torch.softmax(torch.randn(7, 3), dim=1)
+    agg = EnsembleCompression(model, comm=None, tau=1, alpha=0.7, temperature=2.0,
+                              distill_size=7)
+    agg.relabelled = (xd, yd, teacher)
+    zd = model(xd)
+    student = torch.softmax(zd / 2.0, dim=1)
+    kl = (teacher * torch.log(teacher / student)).sum(1)
+    distilled = 0.3 * F.cross_entropy(zd, yd, reduction="none") + 0.7 * 4.0 * kl
+    expected = (F.cross_entropy(model(x), y, reduction="sum") + distilled.sum()) / 15
+    torch.testing.assert_close(agg.loss(x, y), expected)
+
+
 @pytest.mark.parametrize("values, message", [
     ((0, 0.5, 2.0, 10), "--tau 0 must be >= 1"),
     ((5, 1.5, 2.0, 10), "--ec-alpha 1.5 outside [0, 1]"),
