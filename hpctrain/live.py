@@ -14,8 +14,9 @@ does not train: rank 0 sends it each snapshot (a non-blocking send) and picks th
 between steps. Either way a snapshot's score is the same as after training (the same state,
 the same test set and batches), so a deterministic run's curve and final accuracy do not
 change. Online scores make the curve of sgd, ssgd and the asynchronous algorithms; ma and ec
-score rank 0's member online for the progress bar, TensorBoard and collapse detection, while
-their curve (members, ensemble, average: all ranks' models) is still scored after training.
+score rank 0's member online for the progress bar, collapse detection and TensorBoard (as
+``test/member_*``), while their curve (members, ensemble, average: all ranks' models) is
+still scored after training, and reaches TensorBoard's ``test/*`` then.
 The summary's ``eval_mode`` says which produced the curve.
 """
 
@@ -211,9 +212,11 @@ class Watch:
         self._postfix["acc"] = f"{point['test_acc']:.4f}"
         self.bar.set_postfix(self._postfix, refresh=False)
         if point["updates"] >= self.resumed:  # else the earlier run logged it online
-            self.board.scalar("test/accuracy", point["test_acc"], point["updates"],
-                              point.get("t"))
-            self.board.scalar("test/loss", point["test_loss"], point["updates"], point.get("t"))
+            # test/accuracy is the curve's model; ma and ec score rank 0's member online.
+            accuracy, loss = ("test/accuracy", "test/loss") if self.curve_online else \
+                ("test/member_accuracy", "test/member_loss")
+            self.board.scalar(accuracy, point["test_acc"], point["updates"], point.get("t"))
+            self.board.scalar(loss, point["test_loss"], point["updates"], point.get("t"))
         self._collapse(point["updates"], self.detector.accuracy(point["updates"],
                                                                 point["test_acc"]))
 
@@ -273,13 +276,14 @@ class Watch:
 
     def after(self, points: list[dict]) -> None:
         """Rank 0, with the curve: its scores to TensorBoard and the collapse check, unless
-        they were seen online already."""
+        they were seen online already (ma and ec online: rank 0's member was, as
+        ``test/member_*``)."""
         if self.rank != 0:
             return
-        if not self.online:
-            for p in points:
-                self.board.scalar("test/accuracy", p["test_acc"], p["updates"], p.get("t"))
-                self.board.scalar("test/loss", p["test_loss"], p["updates"], p.get("t"))
+        for p in points if not self.curve_online else []:
+            self.board.scalar("test/accuracy", p["test_acc"], p["updates"], p.get("t"))
+            self.board.scalar("test/loss", p["test_loss"], p["updates"], p.get("t"))
+            if not self.online:  # else the check saw rank 0's member online
                 self._collapse(p["updates"], self.detector.accuracy(p["updates"],
                                                                     p["test_acc"]))
         self.board.close()

@@ -153,7 +153,7 @@ def test_bad_values_are_one_line_before_mpi(args, np, message, tmp_path):
 
 # 1024 samples per rank, batch 32: 32 steps per rank.
 JOBS = {
-    "ma": ["--algo", "ma", *SMALL, "--tau", "10"],
+    "ma": ["--algo", "ma", *SMALL, "--tau", "10", "--eval", "online", "--tensorboard"],
     "ma-tau-32": ["--algo", "ma", *SMALL, "--tau", "32"],
     **{f"ec-{placement}-{source}": [
         "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size", "40",
@@ -190,6 +190,20 @@ def test_ma_job_ends_on_the_average(jobs, tmp_path):
     assert last["member_acc"] == last["averaged_acc"] == last["mean_member_acc"] \
         == last["ensemble_acc"] == last["test_acc"] == summary["final_test_acc"]
     assert summary["final_test_acc"] > 0.5
+    # The curve scores MA's model, the average, not rank 0's member between rounds.
+    assert summary["final_model"] == "averaged"
+    assert all(p["test_acc"] == p["averaged_acc"] for p in points)
+    # TensorBoard: rank 0's member as scored online, the curve's model after training (both
+    # were test/accuracy: the member's online, the average never).
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    logged = {tag: {e.step: e.value for e in board.Scalars(tag)}
+              for tag in ("test/accuracy", "test/member_accuracy")}
+    assert logged["test/accuracy"] == pytest.approx({p["updates"]: p["test_acc"] for p in points})
+    assert logged["test/member_accuracy"] == pytest.approx(
+        {p["updates"]: p["member_acc"] for p in points})
     agg = summary["aggregation"]
     assert agg["rounds"] == 4 and summary["tau"] == 10 and summary["updates"] == 32
     assert agg["bytes_per_rank"] == 4 * (2 * (2 - 1) * summary["params"] * 4 // 2)
