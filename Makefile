@@ -4,7 +4,9 @@ PY := .venv/bin/python
 # Root needs --allow-run-as-root; more ranks than cores need --oversubscribe.
 MPIRUN := mpirun --oversubscribe $(if $(filter 0,$(shell id -u)),--allow-run-as-root) \
 	-x OMPI_MCA_osc=^ucx -x OMPI_MCA_pml=ob1 -x OMPI_MCA_btl=self,vader,tcp
-PYTEST_MPI := $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi
+# timeout_method=thread: a rank stuck in an MPI call is ended (its stacks dumped, then the
+# process exits and mpirun ends the job); the default signal method cannot interrupt C code.
+PYTEST_MPI := $(PY) -m pytest -q -p no:cacheprovider --with-mpi -m mpi -o timeout_method=thread
 export OMP_NUM_THREADS := 1
 # Let Python cache bytecode (some shells set PYTHONDONTWRITEBYTECODE): each of the suite's
 # hundreds of rank starts would otherwise compile hpctrain's 17k lines, and the parts of the
@@ -40,7 +42,8 @@ test-unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile \
 	    --no-loadscope-reorder --durations=25 tests
 
-# Each MPI size is one mpirun; a hang is ended by pytest-timeout inside and `timeout` outside.
+# Each MPI size is one mpirun; a hang is ended by pytest-timeout inside (the first hung test
+# ends that mpirun) and `timeout` outside.
 # Every rank imports what it collects, so only the files that hold MPI tests are given.
 MPI_TEST_FILES = $(shell grep -l 'pytest.mark.mpi' tests/test_*.py)
 test-mpi: setup

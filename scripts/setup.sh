@@ -36,8 +36,9 @@ VPIP=".venv/bin/python -m pip"
 # on PATH. Optional, as Horovod is: without one, its tests say so and skip. They share nothing
 # with the packages below, so they install meanwhile, in the background.
 other_mpi() {  # WHEEL PREFIX
-  $VPIP install -q --upgrade --prefix "$2" "$1" \
-    || echo "setup: $1's wheel not installed (see pip above); its tests will be skipped"
+  $VPIP install -q --upgrade --prefix "$2" "$1" && return
+  echo "setup: $1's wheel not installed (see pip above); its tests will be skipped"
+  return 1
 }
 stamp=.venv/.hpctrain-deps
 deps=
@@ -66,8 +67,9 @@ if [ -n "$deps" ]; then
   touch "$stamp"
 fi
 if [ ${#others[@]} -gt 0 ]; then
-  wait "${others[@]}"
-  touch "$test_stamp"
+  installed=1  # the stamp only when both wheels installed: a failed one is tried again
+  for pid in "${others[@]}"; do wait "$pid" || installed=; done
+  [ -z "$installed" ] || touch "$test_stamp"
 fi
 
 # The editable install compiles the CPU libraries in place (the compensation kernel, the
