@@ -55,8 +55,8 @@ class ASGD(torch.optim.Optimizer):
     pushes it, as torch's SGD does in each process of a Hogwild run. A parameter without a
     gradient in a step is pushed as zeros, so weight decay and momentum still move it (as
     Horovod's optimizer, which fills a missing gradient with zeros; torch's SGD would skip it).
-    Construction pulls the store's values into ``model``. ``staleness`` lists the measured tau of every push;
-    ``last_push`` describes the latest (:class:`Push`).
+    Construction pulls the store's values into ``model``. ``staleness`` lists the measured
+    tau of every push; ``last_push`` describes the latest (:class:`Push`).
     """
 
     def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
