@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -198,10 +199,17 @@ def distribution(values: Sequence[float]) -> dict:
             "max": float(v.max()), "count": int(v.size)}
 
 
-def progress(total: int, rank: int, desc: str, enabled: bool = True) -> tqdm:
-    """A progress bar shown on rank 0 only (disabled elsewhere, and when not wanted)."""
-    return tqdm(total=total, desc=desc, unit="step", disable=(rank != 0 or not enabled),
-                dynamic_ncols=True, leave=False, mininterval=0.5)
+def progress(total: int, rank: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
+    """A progress bar shown on rank 0 only (disabled elsewhere, and when not wanted), from
+    ``initial`` steps done (a resumed run: its rate counts only the steps it makes).
+
+    On a terminal it redraws twice a second; into a file (a Slurm job's output, a CI log),
+    where every redraw stays, once a minute: a day's run adds kilobytes, not megabytes.
+    """
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, initial=initial, desc=desc, unit="step",
+                disable=(rank != 0 or not enabled), dynamic_ncols=tty, leave=False,
+                mininterval=0.5 if tty else 60)
 
 
 def summary_table(summary: dict) -> str:

@@ -447,8 +447,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if i == steps:  # saved at the end of an epoch
         epoch, i = epoch + 1, 0
     algo.start(position)
-    bar = progress_bar(total, rank, config.algo, enabled=config.progress)
-    bar.update(position)
+    bar = progress_bar(total, rank, config.algo, enabled=config.progress, initial=position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
                        world=world, loss_scale=scaler.get_scale, resumed=position,
