@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import statistics
 
+import numpy as np
 import pytest
 import torch
 from conftest import SYNTHETIC, run_job
@@ -162,3 +163,62 @@ def test_a_comparison_over_seeds_end_to_end(tmp_path):
     again = run_job(["report", str(out)], np=0)
     assert again.returncode == 0, again.stderr
     assert {p: (out / p).read_bytes() for p in before} == before
+
+
+# Three seeds of a simulated async run with a slow rank 0 (as `hpctrain report` read them from
+# a reviewer's comparison): its snapshots fall at other epochs in each run. (epoch, t, acc)
+UNEVEN = {1: [(0.0, 0.0, 0.1), (0.28125, 0.031, 0.98), (0.75, 0.093, 1.0), (1.375, 0.184, 1.0),
+              (2.0, 0.444, 1.0)],
+          2: [(0.0, 0.0, 0.08), (0.28125, 0.035, 0.99), (0.625, 0.094, 1.0), (1.0, 0.155, 1.0),
+              (1.5, 0.220, 1.0), (2.0, 0.269, 1.0)],
+          3: [(0.0, 0.0, 0.12), (0.75, 0.113, 0.9), (1.21875, 0.159, 0.95), (2.0, 0.361, 1.0)]}
+
+
+def seeded_rows(points: dict[int, list[tuple]]) -> list[report.Row]:
+    return [report.Row("asgd", "ok", seed=seed, summary={"workers": 4},
+                       points=[{"epoch": e, "t": t, "test_acc": a} for e, t, a in run])
+            for seed, run in points.items()]
+
+
+def interpolated(points: dict[int, list[tuple]], key: int, at: list[float]) -> np.ndarray:
+    """Each run's error (%) at ``at`` (a row each), interpolated in its ``key`` (0: epoch,
+    1: t) by numpy."""
+    return np.array([np.interp(at, [p[key] for p in run], [100 * (1 - p[2]) for p in run])
+                     for run in points.values()])
+
+
+@pytest.mark.parametrize("x, key", [("epoch", 0), ("t", 1)])
+def test_seeds_whose_snapshots_do_not_line_up_are_averaged_at_the_same_x(x, key):
+    """The k-th snapshots were averaged: the epochs curve ended at 1.7 of 2 epochs, and its
+    second point averaged errors at epochs 0.28, 0.28 and 0.75. Each run's error is now
+    interpolated onto every snapshot's x, up to the run that ends first."""
+    (curve,) = report.curves(seeded_rows(UNEVEN), x)
+    end = min(run[-1][key] for run in UNEVEN.values())
+    assert curve.xs == sorted({p[key] for run in UNEVEN.values() for p in run if p[key] <= end})
+    assert curve.xs[-1] == end and (x == "t" or end == 2.0)
+    runs = interpolated(UNEVEN, key, curve.xs)
+    assert curve.err == pytest.approx(runs.mean(axis=0))
+    assert curve.band == (pytest.approx(runs.min(axis=0)), pytest.approx(runs.max(axis=0)))
+    if x == "epoch":  # at 0.28125 seed 3 is between its snapshots at 0 and 0.75
+        assert curve.err[1] == pytest.approx((2.0 + 1.0 + (88 - 78 * 0.28125 / 0.75)) / 3)
+
+
+def test_a_run_stopped_early_ends_the_mean_curve_at_its_last_snapshot():
+    """--stop-on-collapse: seed 3 stops after epoch 1.21875, among runs of other epochs."""
+    short = {**UNEVEN, 3: UNEVEN[3][:3]}
+    (curve,) = report.curves(seeded_rows(short), "epoch")
+    assert curve.xs[-1] == 1.21875 and curve.xs == sorted(
+        {p[0] for run in short.values() for p in run if p[0] <= 1.21875})
+    assert curve.err == pytest.approx(interpolated(short, 0, curve.xs).mean(axis=0))
+
+
+def test_seeds_whose_snapshots_line_up_keep_the_mean_of_the_kth(tmp_path):
+    """Snapshots at the same epochs, one run shorter (stopped early): as before, point k is the
+    mean of the k-th snapshots' time and error, up to the shortest, so reports do not change."""
+    lined = {1: [(0.0, 0.0, 0.1), (0.5, 2.0, 0.82), (1.0, 4.0, 0.88)],
+             2: [(0.0, 0.0, 0.1), (0.5, 3.0, 0.80)]}
+    for x, key in (("t", 1), ("epoch", 0)):
+        (curve,) = report.curves(seeded_rows(lined), x)
+        assert curve.xs == [(lined[1][k][key] + lined[2][k][key]) / 2 for k in range(2)]
+        assert curve.err == [(100 * (1 - lined[1][k][2]) + 100 * (1 - lined[2][k][2])) / 2
+                             for k in range(2)]

@@ -17,6 +17,7 @@ stderr names the file and key. ``report.md`` and the plots are written together 
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
 import json
 import math
@@ -328,7 +329,9 @@ def _byte_counts(summary: dict) -> list[tuple[str, float]]:
     return found
 
 
-def _cells(row: Row, targets: list[float]) -> list[str]:
+def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
+    """One run's row; ``mark``: say in its first cell whether it was simulated (the table
+    mixes simulated runs with real ones)."""
     dash = "—"
     if row.summary is None:
         reason = row.status if not row.error else f"{row.status}: {row.error}"
@@ -351,7 +354,8 @@ def _cells(row: Row, targets: list[float]) -> list[str]:
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
         else dash
-    return [row.title, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
+    title = row.title + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
+    return [title, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
             shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
             shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
             _status(s)]
@@ -378,8 +382,29 @@ def table(rows: list[Row], targets: list[float]) -> str:
             *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
             "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_cells(r, targets)) + " |" for r in rows]
+    mark = _mixed(rows)
+    lines += ["| " + " | ".join(_cells(r, targets, mark)) + " |" for r in rows]
     return "\n".join(lines)
+
+
+SIMULATED_MARK = "(simulated)"  # after a run's name in the table, among real runs
+
+
+def _simulated(row: Row) -> bool:
+    """Whether the run was ``hpctrain simulate``'s (its summary's ``simulated``)."""
+    return row.summary is not None and row.summary.get("simulated") is True
+
+
+def _all_simulated(rows: list[Row]) -> bool:
+    """Whether some of ``rows`` finished, and every one that did was simulated."""
+    done = [r for r in rows if r.summary is not None]
+    return bool(done) and all(_simulated(r) for r in done)
+
+
+def _mixed(rows: list[Row]) -> bool:
+    """Whether some finished runs were simulated and some not: the table then marks them."""
+    kinds = {_simulated(r) for r in rows if r.summary is not None}
+    return len(kinds) == 2
 
 
 def _spread(values: list[float]) -> tuple[float, float]:
@@ -463,8 +488,10 @@ def seed_table(rows: list[Row], targets: list[float]) -> str:
             *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
             "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(_seed_cells(name, runs, targets)) + " |"
-              for name, runs in by_algorithm(rows).items()]
+    mark = _mixed(rows)  # an algorithm whose finished runs were all simulated, among real ones
+    lines += ["| " + " | ".join(_seed_cells(
+        name + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs) else ""), runs,
+        targets)) + " |" for name, runs in by_algorithm(rows).items()]
     return "\n".join(lines)
 
 
@@ -475,6 +502,102 @@ def main_table(rows: list[Row], targets: list[float]) -> str:
     return seed_table(rows, targets) if seeded else table(rows, targets)
 
 
+def _who(chosen: list[Row], rows: list[Row]) -> str:
+    """The runs ``chosen`` among ``rows``, for a sentence: an algorithm's name where all of its
+    finished runs are chosen (its seeds), else each run's title."""
+    names = []
+    for name, runs in by_algorithm([r for r in rows if r.summary is not None]).items():
+        picked = [r for r in runs if any(r is c for c in chosen)]
+        if picked and len(picked) == len(runs):
+            names.append(name)
+        else:
+            names += [r.title for r in picked]
+    return ", ".join(names)
+
+
+def _grouped(rows: list[Row], value) -> dict[str, list[Row]]:
+    """The finished ``rows`` by ``value(row)``, in the rows' order."""
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        if r.summary is not None:
+            groups.setdefault(value(r), []).append(r)
+    return groups
+
+
+# Summary keys of what the runs trained, with their labels where they differ
+SETTING = (("model", "model"), ("dataset", "data set"), ("epochs", "epochs"))
+
+
+def setting(rows: list[Row]) -> str | None:
+    """One line on the finished runs' model, data set and epochs (their summaries'); where the
+    runs differ, which ran with what. None when no run finished."""
+    finished = [r for r in rows if r.summary is not None]
+    if not finished:
+        return None
+    groups = {key: _grouped(finished, lambda r, key=key: str(r.summary.get(key, "?")))
+              for key, _ in SETTING}
+    same = {key: next(iter(g)) for key, g in groups.items() if len(g) == 1}
+    if len(same) == len(SETTING):
+        return f"Model {same['model']} on {same['dataset']}; epochs: {same['epochs']}."
+    what = " ".join(([f"Model {same['model']}"] if "model" in same else [])
+                    + ([f"on {same['dataset']}" if "model" in same else
+                        f"data set {same['dataset']}"] if "dataset" in same else []))
+    first = "; ".join(([what] if what else [])
+                      + ([f"epochs: {same['epochs']}"] if "epochs" in same else []))
+    first = first[:1].upper() + first[1:]
+    differ = [f"{label} " + "; ".join(f"{value} ({_who(runs, finished)})"
+                                      for value, runs in groups[key].items())
+              for key, label in SETTING if key not in same]
+    return (f"{first}. " if first else "") + "**The runs differ in** " + "; and ".join(
+        differ) + "."
+
+
+def simulated_runs(record: dict, rows: list[Row]) -> str | None:
+    """The line saying which runs were simulated (virtual seconds), or None when none was."""
+    if record.get("simulated"):
+        return (f"Simulated (`hpctrain simulate --workers {record['workers']}`): virtual "
+                "workers in one process; wall times are virtual seconds.")
+    finished = [r for r in rows if r.summary is not None]
+    simulated = [r for r in finished if _simulated(r)]
+    if not simulated:
+        return None
+    if _all_simulated(finished):
+        return ("Simulated (`hpctrain simulate`): virtual workers in one process; wall times "
+                "are virtual seconds.")
+    return (f"Simulated by `hpctrain simulate` (virtual workers in one process), marked "
+            f"{SIMULATED_MARK} in the table: {_who(simulated, finished)}. Their wall times and "
+            "times to a target are virtual seconds, not comparable with the other runs'.")
+
+
+# How a run's snapshots were scored (its summary's eval_mode), for report.md
+SCORING = {"after": "scored after training, so evaluation is not in the clock",
+           "online": "scored while training, on rank 0 between steps, so evaluation is in the "
+                     "clock",
+           "rank": "scored while training, on a rank that does not train (`--eval-rank`), so "
+                   "evaluation is not in the clock",
+           "unknown": "scored in a way the summary's `eval_mode` does not name"}
+
+
+def _scoring(summary: dict) -> str:
+    """The key in SCORING of a run's ``eval_mode`` (runs from before it was recorded: after)."""
+    mode = summary.get("eval_mode", "after")
+    if mode in ("after", "online"):
+        return mode
+    if isinstance(mode, str) and mode.startswith("online (rank "):
+        return "rank"
+    return "unknown"
+
+
+def scoring(rows: list[Row]) -> str:
+    """How the snapshots of the finished runs were scored (``eval_mode``), and whether
+    evaluation is in their clock: one clause, or one per way with the runs scored so."""
+    finished = [r for r in rows if r.summary is not None]
+    groups = _grouped(finished, lambda r: _scoring(r.summary))
+    if len(groups) <= 1:
+        return SCORING[next(iter(groups), "after")]
+    return "; ".join(f"{SCORING[way]} ({_who(runs, finished)})" for way, runs in groups.items())
+
+
 def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = True) -> str:
     """The whole ``report.md`` (``plots``: whether the PNGs it shows were drawn)."""
     out = ["# Algorithm comparison", ""]
@@ -483,16 +606,14 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
         out.append(f"Training options: `{options}` (each run gets those its algorithm takes); "
                    f"{record['workers']} workers per run"
                    f"{', sgd on one process' if 'sgd' in record['algos'] else ''}.")
-        if record.get("simulated"):
-            out.append(f"Simulated (`hpctrain simulate --workers {record['workers']}`): virtual "
-                       "workers in one process; wall times are virtual seconds.")
     else:
         out.append("Runs found in this folder.")
-    finished = [r.summary for r in rows if r.summary]
-    if finished:
-        s = finished[0]
-        out.append(f"Model {s.get('model', '?')} on {s.get('dataset', '?')}; "
-                   f"epochs: {s.get('epochs', '?')}.")
+    simulated = simulated_runs(record, rows)
+    if simulated:
+        out.append(simulated)
+    trained = setting(rows)
+    if trained:
+        out.append(trained)
     ran_with = environment(rows)
     if ran_with:
         out.append(ran_with)
@@ -506,8 +627,8 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
-            "snapshots are taken every `--eval-every` epochs and scored after training, so "
-            "evaluation is not in the clock. Staleness (async runs) counts the global updates "
+            f"snapshots are taken every `--eval-every` epochs and {scoring(rows)}. "
+            "Staleness (async runs) counts the global updates "
             "between a worker's read of the model and its push. *Peak memory* is the largest "
             "worker's `peak_memory_per_worker` during training (the process's peak resident set "
             "on a CPU, memory torch allocated on a GPU; none in a simulation). *Bytes "
@@ -545,14 +666,21 @@ def _colour(name: str, index: int) -> str:
     return f"C{i % 10}"
 
 
+# Percentage points of test error the plots show at least above the median final error: with
+# runs near 0% error, 2.5 times the median left a run at a few percent off the plot.
+ERROR_ROOM = 5.0
+
+
 def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
     """Test error range (%) that shows how the runs converge: from just below the lowest error
-    to 2.5 times the median final error (the untrained start and diverged runs lie above)."""
+    to 2.5 times the median final error, or that median plus ERROR_ROOM points if higher (the
+    untrained start and diverged runs lie above)."""
     later = [e for c in curves for e in c[1:]]
     if not later:
         return None
     finals = sorted(c[-1] for c in curves)
-    lo, hi = min(later), min(max(later), 2.5 * finals[len(finals) // 2])
+    median = finals[len(finals) // 2]
+    lo, hi = min(later), min(max(later), max(2.5 * median, median + ERROR_ROOM))
     pad = max(0.5, 0.05 * (hi - lo))
     return max(0.0, lo - pad), min(100.0, hi + pad)
 
@@ -570,9 +698,16 @@ class Curve:
 
 
 def curves(rows: list[Row], x: str) -> list[Curve]:
-    """One curve per run, or with seeds one per algorithm: at each snapshot that every one of
-    its runs took (the k-th of each: snapshots follow the same schedule), the mean of ``x``
-    and of the error."""
+    """One curve per run, or with seeds one per algorithm: the mean test error of its runs,
+    with the band from the lowest to the highest, against ``x`` (``t`` or ``epoch``).
+
+    Where the runs' snapshots line up (the k-th snapshot of every run at the same epoch, up to
+    the shortest run: the same ``--eval-every`` schedule), point k is the mean of the k-th
+    snapshots' ``x`` and error. Where they do not (an async run whose rank 0 was slow skips
+    some marks, another run's epochs are other fractions), each run's error is linearly
+    interpolated in ``x`` between its snapshots onto one grid: every run's snapshot ``x``
+    from the latest first one to the earliest last one (the shortest run's end), so that
+    each point averages the runs at the same ``x``."""
     out = []
     for name, runs in by_algorithm(rows).items():
         drawn = [r for r in runs if r.points]
@@ -585,12 +720,44 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
         n = min((len(pts) for pts in series), default=0)
         if not n:
             continue
-        column = [[e[k] for e in errors] for k in range(n)]
         label = f"{drawn[0].label}, mean of {len(drawn)} seed{'s' if len(drawn) > 1 else ''}"
-        out.append(Curve(name, label, [_mean([pts[k][x] for pts in series]) for k in range(n)],
-                         [_mean(c) for c in column],
+        if all(pts[k]["epoch"] == series[0][k]["epoch"] for pts in series for k in range(n)):
+            xs = [_mean([pts[k][x] for pts in series]) for k in range(n)]
+            column = [[e[k] for e in errors] for k in range(n)]
+        else:
+            lines = [_deduplicated([p[x] for p in pts], err)
+                     for pts, err in zip(series, errors, strict=True)]
+            start, end = max(at[0] for at, _ in lines), min(at[-1] for at, _ in lines)
+            xs = sorted({v for line, _ in lines for v in line if start <= v <= end})
+            if not xs:
+                continue  # the runs' snapshots share no stretch of x
+            column = [[_interpolate(line, err, v) for line, err in lines] for v in xs]
+        out.append(Curve(name, label, xs, [_mean(c) for c in column],
                          ([min(c) for c in column], [max(c) for c in column])))
     return out
+
+
+def _deduplicated(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
+    """Sorted ``xs`` each once (the last point at an x wins), and their ``ys``."""
+    last = dict(zip(xs, ys, strict=True))
+    return list(last), list(last.values())
+
+
+def _interpolate(xs: list[float], ys: list[float], at: float) -> float:
+    """``ys`` linearly interpolated at ``at``, with ``xs`` increasing and holding ``at``'s
+    range (``xs[0] <= at <= xs[-1]``)."""
+    i = bisect.bisect_left(xs, at)
+    if xs[i] == at:
+        return ys[i]
+    x0, x1 = xs[i - 1], xs[i]
+    return ys[i - 1] + (ys[i] - ys[i - 1]) * (at - x0) / (x1 - x0)
+
+
+def legend_label(curve: Curve, shown: tuple[float, float] | None) -> str:
+    """The curve's label in the legend, saying so when the whole curve lies above the error
+    range ``shown`` (three digits: an upper limit of 0.5% is not "0%")."""
+    above = shown is not None and min(curve.err) > shown[1]
+    return curve.label + (f" (above {shown[1]:.3g}%)" if above else "")
 
 
 def plot(rows: list[Row], x: str, title: str = "") -> bytes:
@@ -605,10 +772,8 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     lines = curves(rows, x)
     shown = _error_range([c.err for c in lines])
     for i, c in enumerate(lines):
-        above = shown is not None and min(c.err) > shown[1]
         colour = _colour(c.name, i)
-        ax.plot(c.xs, c.err, marker=".", color=colour,
-                label=c.label + (f" (above {shown[1]:.0f}%)" if above else ""))
+        ax.plot(c.xs, c.err, marker=".", color=colour, label=legend_label(c, shown))
         if c.band is not None:
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
     if shown:
@@ -625,9 +790,12 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
 
 
 def _title(record: dict, rows: list[Row]) -> str:
-    """Model and data set, and the stragglers when the comparison had some."""
-    first = next((r.summary for r in rows if r.summary), {})
-    title = f"{first.get('model', '?')} on {first.get('dataset', '?')}"
+    """Model and data set (each that the runs trained), and the stragglers when the comparison
+    had some."""
+    finished = [r.summary for r in rows if r.summary] or [{}]
+    model, dataset = (", ".join(dict.fromkeys(str(s.get(key, "?")) for s in finished))
+                      for key in ("model", "dataset"))
+    title = f"{model} on {dataset}"
     words = record.get("train_args", [])
     for flag in ("--slowdown", "--jitter"):
         if flag in words[:-1]:

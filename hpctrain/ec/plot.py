@@ -6,12 +6,11 @@ model, EC runs rank 0's member (solid) and the ensemble (dashed).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, read_points
-from hpctrain.plots import accuracy_figure, arguments
+from hpctrain.plots import accuracy_figure, arguments, run_command
 
 
 def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str]]:
@@ -43,11 +42,7 @@ def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = arguments(__doc__.splitlines()[0], "output folders of ma/ec runs",
                      "EC vs MA: test accuracy against wall time").parse_args(argv)
-    try:
-        plot(args.runs, args.out, args.title, args.ymin)
-    except UsageError as e:  # one line, as hpctrain's commands say it
-        print(f"hpctrain.ec.plot: error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_command("hpctrain.ec.plot", lambda: plot(args.runs, args.out, args.title, args.ymin))
 
 
 if __name__ == "__main__":

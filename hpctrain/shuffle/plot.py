@@ -8,34 +8,50 @@ run (accuracies, data moved), and the mean and spread of the final accuracy per 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from hpctrain.errors import UsageError
-from hpctrain.metrics import read_points
-from hpctrain.plots import accuracy_figure, arguments
+from hpctrain.metrics import read_json, read_points
+from hpctrain.plots import accuracy_figure, arguments, run_command
 
 
-def _strategy(config: dict) -> str:
+def _config(run_dir: str | Path) -> dict:
+    """A run's ``config.json``; UsageError naming it when it is missing or not one."""
+    return read_json(Path(run_dir) / "config.json", "a run's config.json")
+
+
+def _summary(run_dir: str | Path) -> dict:
+    """A finished run's ``summary.json``; UsageError naming it when it is missing or lacks a
+    field the table shows."""
+    return read_json(Path(run_dir) / "summary.json", "a finished run's summary",
+                     ("workers", "final_test_acc", "best_test_acc", "bytes_moved", "exchange_s",
+                      "epochs"))
+
+
+def _strategy(config: dict, run_dir: str | Path = "") -> str:
     """The run's ``--shuffle``: nested under "data" in newer config.json files, flat before."""
-    return config["data"]["shuffle"] if "data" in config else config["shuffle"]
+    data = config.get("data")
+    strategy = data.get("shuffle") if isinstance(data, dict) else config.get("shuffle")
+    if not isinstance(strategy, str):
+        raise UsageError(f"{Path(run_dir) / 'config.json'} names no --shuffle strategy")
+    return strategy
 
 
 def curve(run_dir: str | Path) -> tuple[str, list[float], list[float]]:
     """(strategy, epochs, test accuracies) of one run."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
+    config = _config(run_dir)
     points = read_points(run_dir)
-    return _strategy(config), [p["epoch"] for p in points], [p["test_acc"] for p in points]
+    return (_strategy(config, run_dir), [p["epoch"] for p in points],
+            [p["test_acc"] for p in points])
 
 
 def table_row(run_dir: str | Path) -> str:
     """One Markdown row: K, strategy, seed, final and best accuracy, and per epoch the MB rank 0
     sent to other ranks and its seconds spent exchanging."""
-    config = json.loads((Path(run_dir) / "config.json").read_text())
-    s = json.loads((Path(run_dir) / "summary.json").read_text())
-    return (f"| {s['workers']} | {_strategy(config)} | {config['seed']} "
+    config, s = _config(run_dir), _summary(run_dir)
+    return (f"| {s['workers']} | {_strategy(config, run_dir)} | {config.get('seed', '?')} "
             f"| {s['final_test_acc']:.4f} | {s['best_test_acc']:.4f} "
             f"| {s['bytes_moved'] / s['epochs'] / 1e6:.2f} | {s['exchange_s'] / s['epochs']:.3f} |")
 
@@ -51,9 +67,9 @@ def spread_table(run_dirs: list[str]) -> str:
     """A Markdown table of the final accuracy per (K, strategy): runs, mean, sd, min, max."""
     finals: dict[tuple[int, str], list[float]] = {}
     for run in run_dirs:
-        config = json.loads((Path(run) / "config.json").read_text())
-        s = json.loads((Path(run) / "summary.json").read_text())
-        finals.setdefault((s["workers"], _strategy(config)), []).append(s["final_test_acc"])
+        s = _summary(run)
+        finals.setdefault((s["workers"], _strategy(_config(run), run)), []).append(
+            s["final_test_acc"])
     rows = ["| K | shuffle | runs | mean final acc | sd | min | max |",
             "|---|---|---|---|---|---|---|"]
     for (k, strategy), acc in finals.items():
@@ -89,9 +105,14 @@ def main(argv: list[str] | None = None) -> None:
                   "Shuffling strategies: test accuracy against epochs")
     p.add_argument("--table", action="store_true", help="also print a Markdown table")
     args = p.parse_args(argv)
-    plot(args.runs, args.out, args.title, args.ymin)
-    if args.table:
-        print(table(args.runs) + "\n\n" + spread_table(args.runs))
+
+    def draw() -> None:
+        text = table(args.runs) + "\n\n" + spread_table(args.runs) if args.table else None
+        plot(args.runs, args.out, args.title, args.ymin)
+        if text is not None:
+            print(text)
+
+    run_command("hpctrain.shuffle.plot", draw)
 
 
 if __name__ == "__main__":

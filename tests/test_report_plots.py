@@ -1,0 +1,193 @@
+"""What ``hpctrain report`` and the plot scripts say and draw: report.md's sentences on how the
+runs were scored and what they trained, the error plot's range, and the plot scripts' errors
+and writes. Hand-written run folders: no job is launched."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from matplotlib.image import imread
+
+from hpctrain import plots
+from hpctrain.bench import report
+from hpctrain.ec import plot as ec_plot
+from hpctrain.shuffle import plot as shuffle_plot
+
+SUMMARY = {"algo": "sgd", "workers": 1, "final_test_acc": 0.9, "best_test_acc": 0.9,
+           "wall_s": 12.0, "samples_per_s": 100.0, "model": "mlp", "dataset": "synthetic",
+           "epochs": 1, "eval_mode": "after", "simulated": False}
+POINTS = [{"t": 0.0, "epoch": 0.0, "test_acc": 0.1}, {"t": 6.0, "epoch": 0.5, "test_acc": 0.85},
+          {"t": 12.0, "epoch": 1.0, "test_acc": 0.9}]
+SCORED_AFTER = ("snapshots are taken every `--eval-every` epochs and scored after training, so "
+                "evaluation is not in the clock.")
+
+
+def runs(folder, **updates: dict) -> None:
+    """``folder`` with one finished run per keyword: its name, and what its summary changes."""
+    for name, update in updates.items():
+        (folder / name).mkdir(parents=True)
+        (folder / name / "summary.json").write_text(json.dumps({**SUMMARY, **update}))
+        (folder / name / "metrics.jsonl").write_text(
+            "".join(json.dumps(p) + "\n" for p in POINTS))
+
+
+def report_md(folder) -> str:
+    report.render(folder)
+    return (folder / "report.md").read_text()
+
+
+def test_a_report_of_runs_that_agree_keeps_its_sentences(tmp_path):
+    """Nothing differs: the sentences are those reports always had (no new marks)."""
+    runs(tmp_path, a={}, b={"eval_mode": "after"})
+    text = report_md(tmp_path)
+    assert "\nModel mlp on synthetic; epochs: 1.\n" in text
+    assert SCORED_AFTER in text.replace("\n", " ")
+    assert "imulated" not in text and "differ" not in text
+    assert [line for line in text.splitlines() if line.startswith("| a ")] == [
+        "| a | 1 | 0.9000 | 0.9000 | 12.0 | 6 s (0.50 ep) | 6 s (0.50 ep) | 100 | — | — | — | ok |"]
+
+
+def test_the_report_says_how_each_run_was_scored(tmp_path):
+    """It said "scored after training, so evaluation is not in the clock" of every run, also
+    of one scored online on rank 0, whose wall time holds its evaluation."""
+    runs(tmp_path / "one", a={"eval_mode": "online"})
+    assert ("snapshots are taken every `--eval-every` epochs and scored while training, on rank "
+            "0 between steps, so evaluation is in the clock.") in report_md(
+        tmp_path / "one").replace("\n", " ")
+    runs(tmp_path / "mixed", a={}, b={"eval_mode": "online"}, c={"eval_mode": "online (rank 2)"},
+         d={"eval_mode": "after"})
+    text = report_md(tmp_path / "mixed").replace("\n", " ")
+    assert ("snapshots are taken every `--eval-every` epochs and scored after training, so "
+            "evaluation is not in the clock (a, d); scored while training, on rank 0 between "
+            "steps, so evaluation is in the clock (b); scored while training, on a rank that "
+            "does not train (`--eval-rank`), so evaluation is not in the clock (c).") in text
+    rows = [report.Row("x", "ok", summary={"eval_mode": mode}) for mode in ("after", 3)]
+    assert report.scoring(rows).endswith("; scored in a way the summary's `eval_mode` does not "
+                                         "name (x)")
+
+
+def test_the_report_names_the_model_data_and_epochs_of_each_run_where_they_differ(tmp_path):
+    """A folder of runs of 2, 60 and 1 epochs said "epochs: 2": the first run's."""
+    runs(tmp_path / "epochs", a={"epochs": 2}, b={"epochs": 60}, c={"epochs": 1})
+    assert ("\nModel mlp on synthetic. **The runs differ in** epochs 2 (a); 60 (b); 1 (c).\n"
+            in report_md(tmp_path / "epochs"))
+    runs(tmp_path / "models", a={}, b={"model": "lenet", "dataset": "mnist"}, c={})
+    assert ("\nEpochs: 1. **The runs differ in** model mlp (a, c); lenet (b); and data set "
+            "synthetic (a, c); mnist (b).\n") in report_md(tmp_path / "models")
+
+
+def test_simulated_runs_among_real_ones_are_marked(tmp_path):
+    """Their virtual seconds stood in the wall time column beside real seconds, unmarked."""
+    runs(tmp_path / "mixed", real={}, sim={"simulated": True})
+    text = report_md(tmp_path / "mixed")
+    assert ("\nSimulated by `hpctrain simulate` (virtual workers in one process), marked "
+            "(simulated) in the table: sim. Their wall times and times to a target are virtual "
+            "seconds, not comparable with the other runs'.\n") in text
+    rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1:] == ["| real", "| sim (simulated)"]
+    seeds = [report.Row(name, "ok", seed=seed, summary={**SUMMARY, "simulated": simulated})
+             for name, simulated in (("asgd", True), ("ssgd", False)) for seed in (1, 2)]
+    assert [line.split(" | ")[0] for line in report.seed_table(seeds, [0.8]).splitlines()[2:]] \
+        == ["| asgd (simulated)", "| ssgd"]
+    runs(tmp_path / "all", sim={"simulated": True})
+    text = report_md(tmp_path / "all")
+    assert ("\nSimulated (`hpctrain simulate`): virtual workers in one process; wall times are "
+            "virtual seconds.\n") in text and "| sim |" in text
+
+
+def test_the_error_range_leaves_room_above_runs_near_zero_error():
+    """Median final error 0: the range was [0, 0.5]%, a run at 4% error off the plot."""
+    low, high = report._error_range([[90.0, 0.0, 0.0], [90.0, 0.1, 0.0], [90.0, 6.0, 4.0]])
+    assert low == 0.0 and 4.0 < high <= 10.0
+    # 2.5 times the median still rules where it is the larger (the plots do not change).
+    assert report._error_range([[90.0, 30.0, 12.0], [90.0, 40.0, 20.0], [90.0, 25.0, 10.0]]) \
+        == (9.0, 31.0)
+
+
+def test_a_curve_above_the_range_says_its_limit_in_three_digits():
+    """It said "(above 0%)" of a limit of 0.5%."""
+    curve = report.Curve("asgd", "asgd, M=4", [0.0, 1.0], [90.0, 80.0])
+    assert report.legend_label(curve, (0.0, 0.5)) == "asgd, M=4 (above 0.5%)"
+    assert report.legend_label(curve, (0.0, 85.0)) == "asgd, M=4"
+
+
+def shuffle_run(folder, epochs=(0.0, 0.5, 1.0), acc=(0.1, 0.5, 0.7), strategy="global"):
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"data": {"shuffle": strategy}, "seed": 0}))
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"t": e, "epoch": e, "test_acc": a}) + "\n" for e, a in zip(
+            epochs, acc, strict=True)))
+    (folder / "summary.json").write_text(json.dumps(
+        {"workers": 2, "final_test_acc": acc[-1], "best_test_acc": max(acc), "bytes_moved": 0,
+         "exchange_s": 0.0, "epochs": 1}))
+    return str(folder)
+
+
+def ec_run(folder, acc=(0.1, 0.3, 0.5)):
+    folder.mkdir(parents=True)
+    (folder / "summary.json").write_text(json.dumps({"algo": "ma", "tau": 4}))
+    (folder / "config.json").write_text(json.dumps({"algorithm": {}}))
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"t": t, "epoch": t, "test_acc": a, "averaged_acc": a}) + "\n"
+        for t, a in enumerate(acc)))
+    return str(folder)
+
+
+def one_line(capsys, main, argv) -> str:
+    """What ``main(argv)`` says on stderr: exactly one line, and exit status 2."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    return line
+
+
+def test_the_shuffle_plot_names_what_it_cannot_draw_in_one_line(tmp_path, capsys):
+    """Runs evaluated at other epochs were a UsageError traceback (exit 1), a missing run
+    folder and --out in a missing folder FileNotFoundError tracebacks."""
+    a = shuffle_run(tmp_path / "a")
+    b = shuffle_run(tmp_path / "b", epochs=(0.0, 0.25, 1.0))
+    png = tmp_path / "x.png"
+    for argv, said in (
+            ([a, b], "hpctrain.shuffle.plot: error: --shuffle global: runs were evaluated at "
+                     "different epochs"),
+            ([a, str(tmp_path / "none")], "hpctrain.shuffle.plot: error: cannot read a run's "
+                                          f"config.json from {tmp_path / 'none' / 'config.json'}")):
+        assert one_line(capsys, shuffle_plot.main, [*argv, "--out", str(png)]).startswith(said)
+    assert not png.exists()
+    out = tmp_path / "missing" / "x.png"
+    for main, run in ((shuffle_plot.main, a), (ec_plot.main, ec_run(tmp_path / "ma"))):
+        line = one_line(capsys, main, [run, "--out", str(out)])
+        assert line.endswith(f": error: cannot write {out}: No such file or directory"), line
+    assert not out.parent.exists()
+    shuffle_plot.main([a, "--out", str(png), "--table"])
+    assert imread(png).shape[2] in (3, 4)
+    assert "| 2 | global | 0 | 0.7000 |" in capsys.readouterr().out
+
+
+def test_a_plot_replaces_its_file_whole(tmp_path):
+    """savefig wrote the PNG in place: a reader (here a second name of the old file) saw it
+    change under it, or cut short if the write failed. It is now written beside it and renamed
+    into place."""
+    run = shuffle_run(tmp_path / "a")
+    png, seen = tmp_path / "x.png", tmp_path / "seen.png"
+    png.write_bytes(b"old")
+    os.link(png, seen)
+    shuffle_plot.main([run, "--out", str(png)])
+    assert seen.read_bytes() == b"old" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "seen.png", "x.png"]
+
+
+def test_curves_below_ymin_stay_on_the_plot(tmp_path):
+    """Accuracies all below --ymin (0.6 by default): the axis ran from 0.6 down to the top of
+    the curve, upside down, and hid it."""
+    with plots.accuracy_figure(str(tmp_path / "low.png"), "epochs", "low", 0.6) as ax:
+        ax.plot([0, 1, 2], [0.1, 0.3, 0.45], label="low")
+    bottom, top = ax.get_ylim()
+    assert bottom < 0.1 < 0.45 < top and bottom >= 0.0
+    with plots.accuracy_figure(str(tmp_path / "high.png"), "epochs", "high", 0.6) as ax:
+        ax.plot([0, 1, 2], [0.7, 0.8, 0.9], label="high")
+    assert ax.get_ylim()[0] == 0.6  # --ymin as given when every point is above it
+    assert imread(tmp_path / "low.png").shape[2] in (3, 4)
