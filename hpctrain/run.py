@@ -32,6 +32,7 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -457,6 +458,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
     taken_at = None  # the update of the last snapshot the loop took
+    first_mark, taken = position // snapshot_every, 0  # marks passed, snapshots taken
     compiled.apply(config.compile, model, say=rank == 0 and config.progress)  # lazily
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
@@ -532,12 +534,15 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                 snapshots.take(model, t=runtime.now() - start,
                                epoch=position / per_epoch, updates=position)
                 watch.snapshot(model, snapshots)
-                taken_at = position
+                taken_at, taken = position, taken + 1
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
         if watch.stop(position):
             break
     profiler.close()
     ckpt.close()
+    # An async rank 0 slower than the others passes several marks within one step: one
+    # snapshot for them all, none for the rest (lock-step loops take one at every mark).
+    missed = min(position, total - 1) // snapshot_every - first_mark - taken
     step_times.finish(runtime.now())
     busy = runtime.now() - start
     peak = runtime.peak_memory(s.device)  # training's, before evaluation
@@ -545,6 +550,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     position = algo.finish(position)
     wall = runtime.now() - start
     bar.close()
+    if missed > 0 and algo.snapshots == "root" and rank == 0:
+        print(f"hpctrain: rank 0 took the snapshots between its steps, and {missed} "
+              "--eval-every marks passed within one of them (it is slower than the other "
+              "workers): the curve has no point there", file=sys.stderr, flush=True)
     # --stop-on-collapse may end the loop right after a snapshot: that one is the final
     # model already, unless the algorithm's finish changes it (async: the store's model).
     final_taken = watch.stopped and taken_at == position and algo.lock_step

@@ -627,3 +627,19 @@ def test_compare_simulate_plans_simulator_runs(tmp_path):
     assert len(compare.plan(parse("--algos", "sgd,asgd", *replay))) == 2  # sgd: nothing to replay
     with pytest.raises(UsageError, match="not --algo ssgd"):  # up front, not as a failed row
         compare.plan(parse("--algos", "asgd,ssgd", *replay))
+
+
+def test_a_slow_rank_0_says_its_curve_misses_marks(tmp_path, capsys):
+    """Rank 0 takes an async run's snapshots between its own steps: 20 times slower than
+    the others, several --eval-every marks pass within one of its steps, and the curve has
+    no point there, which the run now says instead of leaving it to be found."""
+    c = config("asgd", tmp_path / "a", optim=OptimConfig(epochs=2, batch_size=64),
+               stragglers=StragglerConfig(slowdown="0:20"))
+    summary = simulate(c, sim(3))
+    points = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").open()]
+    every = max(1, round(c.eval_every * summary["updates"] / 2))  # updates between marks
+    inside = (summary["updates"] - 1) // every  # marks before the end, each one point
+    assert len(points) < inside + 2 and points[-1]["updates"] == summary["updates"]
+    found = re.search(r"rank 0 took the snapshots between its steps, and (\d+) --eval-every "
+                      r"marks passed within one of them", capsys.readouterr().err)
+    assert found and int(found.group(1)) == inside - (len(points) - 2)  # first, last: no mark
