@@ -2,14 +2,16 @@
 test kinds.
 
 Every test is one of three kinds, by marker: ``mpi`` (runs inside ``mpirun``, declared by the
-test), ``job`` (starts whole jobs from plain pytest: any test whose code calls a launcher
-helper or ``subprocess``) and ``unit`` (everything else: one process). The last two are set
-here at collection, so a new test cannot be left unmarked. ``make test-fast`` runs ``unit``.
+test), ``job`` (starts whole jobs from plain pytest: any test whose code, as its syntax tree
+shows, calls a launcher helper or ``subprocess``) and ``unit`` (everything else: one
+process). The last two are set here at collection, so a new test cannot be left unmarked.
+``make test-fast`` runs ``unit``.
 """
 
 from __future__ import annotations
 
-import inspect
+import ast
+import contextlib
 import json
 import os
 import shlex
@@ -25,24 +27,69 @@ ROOT = Path(__file__).resolve().parents[1]
 HPCTRAIN = [sys.executable, "-m", "hpctrain"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
-_LAUNCHES = ("run_job(", "start_job(", "run_commands(", "run_program(", "subprocess.",
-             "mpirun(", "torchrun(", "sbatch", "srun")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
+# What starts a job or another program, read from the syntax tree (not the text, where a
+# docstring or an expected message may name a launcher): a reference to one of conftest's
+# launch helpers, a call of ``subprocess`` (or os.system, os.exec*, os.spawn*), or an argv list
+# (not one an assert compares with) that starts with a launcher or sys.executable.
+_LAUNCH_HELPERS = frozenset({"run_job", "start_job", "run_commands", "run_program", "mpirun",
+                             "torchrun", "TORCHRUN"})
+_LAUNCHER_WORDS = frozenset({"mpirun", "mpiexec", "srun", "sbatch", "salloc", "torchrun"})
+_OS_SPAWNS = ("system", "popen", "exec", "spawn", "posix_spawn")
+
+
+def _starts_program(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
+            and isinstance(node.func.value, ast.Name):
+        module, name = node.func.value.id, node.func.attr
+        return module == "subprocess" or (module == "os" and name.startswith(_OS_SPAWNS))
+    if isinstance(node, (ast.List, ast.Tuple)) and node.elts \
+            and not isinstance(parents.get(node), ast.Compare):
+        first = node.elts[0]
+        if isinstance(first, ast.Constant) and isinstance(first.value, str):
+            return Path(first.value).name in _LAUNCHER_WORDS  # "mpirun", ".../bin/srun"
+        return ast.unparse(first) == "sys.executable"  # another Python's command line
+    return False
+
+
 def _launchers(module) -> set[str]:
-    """Names of ``module``'s functions and fixtures that launch jobs, directly or through each
-    other."""
-    sources = {}
-    for name, obj in vars(module).items():
-        if not inspect.isfunction(obj):  # a fixture (pytest >= 8.4 wraps its function)
-            obj = getattr(obj, "__wrapped__", obj)
-        if inspect.isfunction(obj) and obj.__module__ == module.__name__:
-            sources[name] = inspect.getsource(obj)
-    found = {n for n, src in sources.items() if any(w in src for w in _LAUNCHES)}
+    """Names of ``module``'s functions, fixtures and classes (and of module-level names bound
+    to what uses them) that launch jobs, directly or through each other, from its syntax
+    tree: what their bodies (not their decorators, which run at import) call or refer to."""
+    tree = ast.parse(Path(module.__file__).read_text(), module.__file__)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    bodies: dict[str, list[ast.AST]] = {}  # each top-level name: the nodes its use runs
+    subprocess_names = set()  # from subprocess import run (as ...)
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bodies.setdefault(node.name, []).extend(node.body)
+            for decorator in node.decorator_list:  # @pytest.fixture(name="x"): x is its name
+                for keyword in getattr(decorator, "keywords", ()):
+                    if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                        bodies.setdefault(keyword.value.value, []).extend(node.body)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+            for target in getattr(node, "targets", [getattr(node, "target", None)]):
+                if isinstance(target, ast.Name):
+                    bodies.setdefault(target.id, []).append(node.value)
+        elif isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+            subprocess_names |= {alias.asname or alias.name for alias in node.names}
+    refers: dict[str, set[str]] = {}
+    direct = set()
+    for name, nodes in bodies.items():
+        inside = [n for top in nodes for n in ast.walk(top)]
+        refers[name] = {n.id for n in inside if isinstance(n, ast.Name)}
+        # run_job(...) or run_job passed on, not the attribute of a module of the same name
+        # (hpctrain.mpirun's flavour_of is not conftest's mpirun)
+        used = {n.id for n in inside if isinstance(n, ast.Name)
+                and not isinstance(parents.get(n), ast.Attribute)}
+        if _LAUNCH_HELPERS & used or subprocess_names & refers[name] \
+                or any(_starts_program(n, parents) for n in inside):
+            direct.add(name)
+    found = direct
     while True:
-        more = {n for n, src in sources.items() if n not in found
-                and any(f"{f}(" in src for f in found)}
+        more = {n for n, names in refers.items() if n not in found and names & found}
         if not more:
             return found
         found |= more
@@ -69,7 +116,8 @@ def pytest_collection_modifyitems(items) -> None:
         if module.__name__ not in cache:
             cache[module.__name__] = _launchers(module)
         launchers = cache[module.__name__]
-        launches = item.function.__name__ in launchers or launchers & set(item.fixturenames)
+        launches = (item.function.__name__ in launchers or launchers & set(item.fixturenames)
+                    or (item.cls is not None and item.cls.__name__ in launchers))
         item.add_marker(pytest.mark.job if launches else pytest.mark.unit)
 
 
@@ -111,20 +159,63 @@ def needs_mpi(mpi: str) -> pytest.MarkDecorator:
 ON_OTHER_MPIS = [pytest.param(mpi, marks=needs_mpi(mpi)) for mpi in OTHER_MPIS]
 
 
+def _stop(proc: subprocess.Popen, send, grace: float) -> tuple[str, str]:
+    """End ``proc`` with ``send(signal)``: SIGTERM first, which lets a launcher (mpirun,
+    torchrun's agent, bench compare) end what it started, SIGKILL if it has not ended after
+    ``grace`` seconds or the wait is interrupted; then what it wrote."""
+    ended = False
+    try:
+        send(signal.SIGTERM)
+        out = proc.communicate(timeout=grace)
+        ended = True
+        return out
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        if not ended:
+            send(signal.SIGKILL)
+    try:
+        return proc.communicate(timeout=5)
+    except subprocess.TimeoutExpired:  # something it left, outside its group, holds the pipes
+        return "", "(not read: a process it left holds its output open)"
+
+
+def _wait(proc: subprocess.Popen, cmd: list[str], timeout: float, send, what: str,
+          grace: float) -> subprocess.CompletedProcess:
+    """``proc``'s outcome, or a failure naming ``cmd`` and what it wrote if it runs past
+    ``timeout`` seconds; past it, or when the test is interrupted (pytest-timeout, ^C), it
+    is ended by :func:`_stop` (``grace`` seconds between SIGTERM and SIGKILL) so that
+    nothing it started outlives the test."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        out, err = _stop(proc, send, grace)
+        pytest.fail(f"{what} hung past {timeout}s: {' '.join(cmd)}\n{out}\n{err}")
+    except BaseException:
+        _stop(proc, send, grace)
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def _launch(program: list[str], np: int, timeout: float, env: dict | None,
             mpi_args: list[str] | None, mpi: str = "openmpi") -> subprocess.CompletedProcess:
     """``program`` on ``np`` ranks under ``mpi``'s mpirun (Debian's Open MPI, or one of
-    :data:`OTHER_MPIS`; a plain process if np == 0); fail on timeout."""
+    :data:`OTHER_MPIS`; a plain process if np == 0); fail on timeout. It runs in a session
+    of its own, whose whole process group is ended on a timeout: a plain process's own
+    launches (bench compare's mpiruns) as well as mpirun and its ranks."""
     other = mpi != "openmpi"
     launcher = [str(OTHER_MPIS[mpi] / "bin" / "mpirun"), "-n", str(np)] if other else mpirun(np)
     cmd = program if np == 0 else launcher + (mpi_args or []) + program
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**os.environ, "OMP_NUM_THREADS": "1",
-                                   **(mpi_env(mpi) if other else {}), **(env or {})},
-                              cwd=ROOT)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"job hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 **(mpi_env(mpi) if other else {}), **(env or {})},
+                            cwd=ROOT, start_new_session=True)
+
+    def send(sig: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # the group has ended
+            os.killpg(proc.pid, sig)
+
+    return _wait(proc, cmd, timeout, send, "job", grace=5)  # mpirun ends its ranks in ~1 s
 
 
 def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None = None,
@@ -228,19 +319,20 @@ def refusal(args: list[str], ranks: int = 1) -> str:
     return message
 
 
-def torchrun(args: list[str], nproc: int, timeout: float = 180, script: str | None = None,
-             options: tuple[str, ...] = (), env: dict | None = None
-             ) -> subprocess.CompletedProcess:
-    """``torchrun --nproc-per-node nproc [options] -m hpctrain <args>`` (or ``script
-    <args>``), outside this process's MPI job; fail on timeout."""
-    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), *options,
+def torchrun(args: list[str], nproc: int, log_dir: Path, timeout: float = 180,
+             script: str | None = None, options: tuple[str, ...] = (),
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --nproc-per-node nproc --log-dir log_dir [options] -m hpctrain <args>`` (or
+    ``script <args>``), outside this process's MPI job; fail on timeout. ``log_dir`` (under
+    the test's tmp_path) keeps torch's logs out of a /tmp/torchelastic_* folder of their own.
+    On a timeout the agent is sent SIGTERM, which ends its workers (each in a session of its
+    own, so a SIGKILL of the agent alone would leave them running), then SIGKILL."""
+    cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--log-dir", str(log_dir), *options,
            *([script] if script else ["-m", "hpctrain"]), *args]
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
-    try:
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                              env={**clean, "OMP_NUM_THREADS": "1", **(env or {})})
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"torchrun hung past {timeout}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**clean, "OMP_NUM_THREADS": "1", **(env or {})})
+    return _wait(proc, cmd, timeout, proc.send_signal, "torchrun", grace=20)
 
 
 @pytest.fixture(params=["mpi", "torch"])

@@ -132,8 +132,9 @@ def test_torch_distributed_and_launcher_must_agree(torch_world, monkeypatch):
 @pytest.mark.timeout(120)
 def test_samplers_under_torchrun_give_each_rank_its_half(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2",
-           str(ROOT / "tests" / "scripts" / "torchrun_sampler.py"), str(tmp_path)]
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node", "2", "--log-dir",
+           str(tmp_path / "torch-logs"), str(ROOT / "tests" / "scripts" / "torchrun_sampler.py"),
+           str(tmp_path)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, cwd=ROOT)
     try:

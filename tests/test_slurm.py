@@ -229,8 +229,11 @@ def slurm():
         cluster.write_config()
         try:
             cluster.start()
-        except (RuntimeError, OSError) as e:
-            pytest.skip(f"Slurm cannot start here: {e}")
+        except (RuntimeError, OSError) as e:  # installed and root: a failure, not a skip
+            logs = "\n".join(f"{name}: {cluster.log_tail(name, 8) or '(no log)'}"
+                             for name in DAEMONS)
+            pytest.fail(f"Slurm is installed but did not start: {type(e).__name__}: {e}\n"
+                        f"the daemons' logs (last lines):\n{logs}", pytrace=False)
         yield cluster
     finally:
         cluster.stop()
@@ -313,7 +316,8 @@ def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tm
                       "devices.local_rank(), flush=True)\n")
     script = tmp_path / "torchrun.sbatch"
     script.write_text(f"#!/bin/bash\nsrun --ntasks=1 {sys.executable} -m torch.distributed.run "
-                      f"--standalone --nproc-per-node 2 {worker}\n")
+                      f"--standalone --nproc-per-node 2 --log-dir {tmp_path / 'torch-logs'} "
+                      f"{worker}\n")
     job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks=1", "--cpus-per-task=2",
                                             "--time=5"], [], {})
     seen = sorted(tuple(line.split()[1:]) for line in job_log(work, job).splitlines()
@@ -335,6 +339,7 @@ def test_ssgd_under_torchrun_started_by_srun_as_slurm_md_shows(slurm, tmp_path, 
         f"#!/bin/bash\nsrun --mpi={plugin} {sys.executable} -m torch.distributed.run "
         f"--nnodes \"$SLURM_NNODES\" --nproc-per-node 2 --rdzv-backend c10d "
         f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id \"$SLURM_JOB_ID\" "
+        f"--log-dir {tmp_path / 'torch-logs'} "
         f"-m hpctrain train --algo ssgd {' '.join(SMALL)} --out {out}\n")
     job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks-per-node=1",
                                             "--cpus-per-task=2", "--time=5"], [], {})

@@ -351,7 +351,8 @@ def test_torchrun_restart_resumes_from_the_last_commit_bit_for_bit(tmp_path):
     for name, die_at in (("clean", -1), ("killed", 30)):
         out = tmp_path / name
         out.mkdir()
-        proc = torchrun([str(out), "2", str(die_at)], 2, script=str(ELASTIC),
+        proc = torchrun([str(out), "2", str(die_at)], 2, tmp_path / f"{name}-torch-logs",
+                        script=str(ELASTIC),
                         options=("--max-restarts", "1"),
                         env={"HPCTRAIN_ELASTIC_DIR": str(out / "commits"),
                              "PYTHONPATH": str(ROOT)})
