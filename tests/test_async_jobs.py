@@ -60,13 +60,11 @@ def test_dedicated_servers_over_tcp_serve_while_a_worker_computes(tcp_servers, c
 @pytest.mark.parametrize("servers, np", [("0", 2), ("1", 3)])
 def test_a_worker_that_raises_ends_the_whole_job(servers, np):
     """Worker 1 raises while worker 0 pushes (and, with a server, the server serves)."""
-    start = time.monotonic()
     proc = run_scenario("raise", np, servers, timeout=90)
     assert proc.returncode != 0
     assert "injected failure in worker 1" in proc.stderr
     assert f"rank 1 of {np}" in proc.stderr
     assert "Traceback" not in proc.stderr
-    assert time.monotonic() - start < 90
 
 
 @pytest.mark.timeout(300)

@@ -78,7 +78,7 @@ def test_parse_strategy():
 def test_bad_strategy_from_a_job_fails_before_mpi(tmp_path):
     proc = run_job(["train", "--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp",
                     "--shuffle", "partial:1.5", "--out", str(tmp_path / "run")], np=2, timeout=90)
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr  # bad input's status
     lines = [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")]
     assert len(lines) == 1 and "partial:1.5" in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr
