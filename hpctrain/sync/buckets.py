@@ -15,6 +15,12 @@ is packed, so the reduced values land in ``.grad`` with no copy back (as DDP's
 A parameter whose gradient comes sparse (an embedding's) leaves the buckets: from the
 step it is first seen sparse its gradient is reduced by allgather (sparse.py), as Horovod
 does, unless ``sparse_as_dense``; the buckets are planned again without it for the next step.
+With ``sparse_as_dense`` it is reduced in its bucket and handed back sparse, as Horovod does
+(a sparse optimizer such as SparseAdam takes nothing else).
+
+The hooks hold their reducer weakly: a dropped optimizer's reducer goes, and its finalizer
+removes its hooks and frees its transport, so a new optimizer can take the parameters over.
+While it lives, another reducer on the same parameters is refused (both would reduce them).
 
 Buckets live where the parameters are. A transport that cannot move them there (an MPI
 that is not CUDA-aware) gets a pinned host copy of each: filled when the bucket launches,
@@ -24,6 +30,7 @@ copied back before unpacking.
 from __future__ import annotations
 
 import functools
+import gc
 import itertools
 import os
 import weakref
@@ -47,6 +54,10 @@ FUSION_ENV = "HOROVOD_FUSION_THRESHOLD"
 # in a DistributedOptimizer step (join.py).
 _reducers: dict[tuple[str, int], weakref.ref] = {}
 _created: dict[str, itertools.count] = defaultdict(itertools.count)
+_owners: dict[int, weakref.ref] = {}  # id(parameter): the live reducer that hooks it
+# Buckets (and transports) of reducers dropped between backward and synchronize: MPI may
+# still write into them, so they are kept, never freed.
+_abandoned: list[tuple[Any, list]] = []
 
 
 def default_bucket_bytes() -> int:
@@ -107,6 +118,45 @@ def plan_groups(sizes: list[tuple[int, torch.dtype]], bucket_bytes: int,
     return sorted(buckets, key=lambda b: -max(b))
 
 
+def check_unowned(params: list[torch.Tensor], names: dict[torch.Tensor, str]) -> None:
+    """UsageError naming the first of ``params`` that a live reducer already hooks: both
+    would reduce its gradient (Horovod fails at backward then, on a duplicate name)."""
+    if any(_owner(p) is not None for p in params):
+        gc.collect()  # an optimizer dropped in a reference cycle is not live
+    owned = next((p for p in params if _owner(p) is not None), None)
+    if owned is not None:
+        raise UsageError(f"DistributedOptimizer: parameter {names[owned]!r} belongs to a live "
+                         "DistributedOptimizer already, whose hooks reduce its gradient too; "
+                         "drop that one first (del it)")
+
+
+def _owner(param: torch.Tensor) -> BucketedAllreduce | None:
+    # A live reducer holds its parameters, so an id it is registered under is not reused.
+    ref = _owners.get(id(param))
+    return None if ref is None else ref()
+
+
+def _call_weakly(method: weakref.WeakMethod, i: int, param: torch.Tensor) -> None:
+    """A gradient hook that does not keep its reducer alive (the reducer's finalizer removes
+    it; until then a dead reducer's hook does nothing)."""
+    bound = method()
+    if bound is not None:
+        bound(i, param)
+
+
+def _release(ref: weakref.ref, handles: list, transport: Transport, buckets: list) -> None:
+    """A dropped reducer's finalizer: unhook it, forget it, free its transport."""
+    for handle in handles:
+        handle.remove()
+    for registry in (_owners, _reducers):
+        for key in [k for k, v in registry.items() if v is ref]:
+            del registry[key]
+    if any(b.request is not None for b in buckets):  # launched, not synchronized
+        _abandoned.append((transport, buckets))
+    else:
+        transport.free()
+
+
 def take_part_with_zeros(key: tuple[str, int], sparse: list[tuple[int, int]]
                          ) -> list[tuple[torch.Tensor, Request]]:
     """A joined rank's share of a step of the reducer ``key``: zeros for every bucket, no
@@ -158,6 +208,7 @@ class _Slot:
     passes: int = 0
     packed: bool = False
     sparse_now: bool = False  # this step reduces its gradient sparse
+    densified: int | None = None  # sparse_as_dense: the sparse_dim its gradient came in
 
 
 @dataclass
@@ -191,14 +242,21 @@ class BucketedAllreduce:
         self._wire = [compression.wire_dtype(p.dtype) for p in params]
         self._sparse_dims: dict[int, int] = {}  # parameters reduced sparse: their sparse_dim
         self._channel = channel
+        ref = weakref.ref(self)
         if channel is not None:
             self.key = (channel.label, next(_created[channel.label]))
-            _reducers[self.key] = weakref.ref(self)
+            _reducers[self.key] = ref
+        self._buckets: list[_Bucket] = []  # one list for life: the finalizer holds it
         self._build()
         self._next = 0  # the next bucket to launch
         self.in_flight = False  # a gradient was counted since the last synchronize
-        for i, p in enumerate(params):
-            p.register_post_accumulate_grad_hook(functools.partial(self._on_grad, i))
+        method = weakref.WeakMethod(self._on_grad)
+        handles = [p.register_post_accumulate_grad_hook(functools.partial(_call_weakly,
+                                                                          method, i))
+                   for i, p in enumerate(params)]
+        _owners.update((id(p), ref) for p in params)
+        finalizer = weakref.finalize(self, _release, ref, handles, transport, self._buckets)
+        finalizer.atexit = False  # MPI may be finalized by then
 
     def _build(self) -> None:
         """Plan the buckets of the dense gradients and make their buffers and slots."""
@@ -207,7 +265,7 @@ class BucketedAllreduce:
         plan = plan_without(sizes, self._bucket_bytes, self._groups, set(self._sparse_dims))
         self.plan = [[(sizes[i][0], str(sizes[i][1])) for i in b] for b in plan]
         self._slots: list[_Slot] = [_Slot(p, None, None) for p in params]
-        self._buckets: list[_Bucket] = []
+        self._buckets.clear()
         for b, members in enumerate(plan):
             dtype = wire[members[0]]
             buffer = torch.zeros(sum(params[i].numel() for i in members), dtype=dtype,
@@ -231,6 +289,14 @@ class BucketedAllreduce:
     def started(self) -> int:
         """Buckets whose allreduce has started since the last synchronize."""
         return self._next
+
+    def set_passes(self, passes: int) -> None:
+        """Horovod's ``set_backward_passes_per_step``: the gradients not yet packed count
+        their passes anew."""
+        self.passes = passes
+        for slot in self._slots:
+            if not slot.packed:
+                slot.passes = 0
 
     def _on_grad(self, i: int, param: torch.Tensor) -> None:
         slot = self._slots[i]
@@ -263,6 +329,7 @@ class BucketedAllreduce:
             view.zero_()
             return
         elif grad.is_sparse:
+            slot.densified = grad.sparse_dim()
             torch.mul(grad.to_dense(), bucket.pre, out=view)
         elif grad.data_ptr() == view.data_ptr() and grad.dtype == view.dtype:
             scale_(view, bucket.pre)
@@ -344,11 +411,14 @@ class BucketedAllreduce:
             for slot in dense:  # .grad views the buffer unless reassigned since packing
                 if slot.param.grad is None or slot.param.grad.data_ptr() != slot.view.data_ptr():
                     slot.param.grad = slot.view
-            return
+        else:
+            for slot in dense:
+                if slot.param.grad is None or slot.param.grad.is_sparse:
+                    slot.param.grad = torch.empty_like(slot.param)
+                torch.mul(slot.view, bucket.post, out=slot.param.grad)
         for slot in dense:
-            if slot.param.grad is None:
-                slot.param.grad = torch.empty_like(slot.param)
-            torch.mul(slot.view, bucket.post, out=slot.param.grad)
+            if slot.densified is not None:
+                slot.param.grad = slot.param.grad.to_sparse(slot.densified)
 
     def reset(self) -> None:
         """Wait for launched buckets and forget this step's gradients (for load_state_dict)."""
@@ -357,7 +427,7 @@ class BucketedAllreduce:
 
     def _clear(self) -> None:
         for slot in self._slots:
-            slot.passes, slot.packed, slot.sparse_now = 0, False, False
+            slot.passes, slot.packed, slot.sparse_now, slot.densified = 0, False, False, None
         for bucket in self._buckets:
             bucket.packed, bucket.request, bucket.token = 0, None, None
         self._next = 0

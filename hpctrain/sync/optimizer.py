@@ -23,12 +23,12 @@ import torch
 from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.sync import adasum, collectives
-from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce
+from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce, check_unowned
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Adasum, Average, ReduceOp, Sum
-from hpctrain.sync.compression import Compression
+from hpctrain.sync.compression import Compression, only_casts
 from hpctrain.sync.errors import UsageTypeError
-from hpctrain.sync.process_sets import ProcessSet, global_process_set
+from hpctrain.sync.process_sets import ProcessSet, global_process_set, included_member
 
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
@@ -54,8 +54,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if num_groups:
         warnings.warn("num_groups is deprecated (as in Horovod); use groups", stacklevel=2)
         groups = num_groups if groups is None else groups
-    member = (collectives.member(process_set, "DistributedOptimizer")
-              if process_set.included() else None)
+    member = included_member(process_set, "DistributedOptimizer")
     # A rank whose arguments are bad tells the set's others, which would otherwise wait in
     # the agreement round the constructor runs (collectives.rejecting).
     with (collectives.rejecting(member, "DistributedOptimizer") if member else nullcontext()):
@@ -63,6 +62,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                               gradient_predivide_factor, bucket_bytes)
         names = parameter_names(optimizer, named_parameters)
         trained = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        check_unowned(trained, names)
         if (member is not None and member.transport.name == "mpi" and op is not Adasum
                 and any(p.is_cuda for p in trained)):  # Adasum reduces in step()
             check_hook_thread(comm.thread_level())
@@ -73,8 +73,10 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
     if member is not None:  # before the constructor's collectives (Dup), which a rank that
         # rejected its arguments does not make
         member.channel.agree(Call("DistributedOptimizer", op=op.name,
-                                  agree=("arguments", backward_passes_per_step),
-                                  extra="arguments"))
+                                  agree=("arguments", backward_passes_per_step,
+                                         gradient_predivide_factor),
+                                  extra=f"backward_passes_per_step={backward_passes_per_step}, "
+                                        f"gradient_predivide_factor={gradient_predivide_factor}"))
     if op is Adasum:
         cls = type(optimizer.__class__.__name__, (_AdasumOptimizer, optimizer.__class__), {})
         return cls(optimizer.param_groups, names, compression, backward_passes_per_step,
@@ -110,23 +112,29 @@ def _check_arguments(compression: Any, passes: Any, op: Any, factor: Any,
                          f"{factor!r}")
     if factor != 1 and op is not Average:
         raise UsageError("gradient_predivide_factor needs op=Average")
-    if not all(hasattr(compression, f) for f in ("compress", "decompress", "wire_dtype")):
+    if not only_casts(compression):
         raise UsageTypeError(f"compression must be hpctrain.sync.Compression.none or .fp16, or "
-                             f"have wire_dtype(dtype), the dtype gradients travel in (they are "
-                             f"fused by it): got {compression!r}")
+                             f"a compression.CastCompressor with its own wire_dtype(dtype): "
+                             f"gradients are fused by the dtype they travel in, and a "
+                             f"compress() of one's own would not run; got {compression!r}")
     if not isinstance(bucket_bytes, int) or bucket_bytes <= 0:
         raise UsageError(f"bucket_bytes must be a positive integer, got {bucket_bytes!r}")
     return op
 
 
 def _group_indices(groups: Any, params: list[torch.Tensor]) -> list[list[int]] | None:
-    """``groups`` as lists of indices into ``params``; UsageError for a bad value."""
+    """``groups`` as lists of indices into ``params`` (the trainable ones); UsageError for a
+    bad value. Frozen parameters are left out, as Horovod does (``list(model.parameters())``
+    is a natural group); a trainable one not in ``params`` is refused, where Horovod leaves
+    it out too: its gradient would not be reduced."""
     if groups is None:
         return None
     if isinstance(groups, int) and not isinstance(groups, bool):
         if groups <= 0:
             raise UsageError(f"groups must be a positive integer or a list of lists of "
                              f"parameters, got {groups}")
+        if not params:
+            return []
         k = min(groups, len(params))
         bounds = [len(params) * j // k for j in range(k + 1)]
         return [list(range(bounds[j], bounds[j + 1])) for j in range(k)
@@ -140,13 +148,17 @@ def _group_indices(groups: Any, params: list[torch.Tensor]) -> list[list[int]] |
     for group in groups:
         members = []
         for p in group:
-            if not isinstance(p, torch.Tensor) or id(p) not in index:
-                raise UsageError("groups must consist of the optimizer's parameters that "
-                                 "require gradients")
+            if not isinstance(p, torch.Tensor):
+                raise UsageError(f"groups must consist of the optimizer's parameters, got a "
+                                 f"{type(p).__name__}")
             if id(p) in seen:
                 raise UsageError("a parameter can only appear once in groups")
             seen.add(id(p))
-            members.append(index[id(p)])
+            if id(p) in index:
+                members.append(index[id(p)])
+            elif p.requires_grad:
+                raise UsageError("groups has a parameter that requires gradients but is not "
+                                 "one of the optimizer's")
         if members:
             result.append(members)
     return result
@@ -201,10 +213,10 @@ class _DistributedOptimizer:
         # As in Horovod, one process needs no communication at all, and a rank outside the
         # process set none either.
         self._reducer = None
-        member = (collectives.member(process_set, "DistributedOptimizer")
-                  if process_set.included() else None)
+        self._member = member = included_member(process_set, "DistributedOptimizer")
         if member is not None and member.transport.size() > 1:
             grads = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
+            self._reduced = {id(p) for p in grads}
             # Its own transport: its collectives may start at different moments on different
             # ranks (from backward, or at synchronize) relative to the user's hvd.* calls; its
             # steps are agreed on the process set's channel, at step time.
@@ -230,13 +242,25 @@ class _DistributedOptimizer:
         _check_passes(passes)
         self.backward_passes_per_step = passes
         if self._reducer:
-            self._reducer.passes = passes
+            self._reducer.set_passes(passes)
 
     def synchronize(self) -> None:
         """Wait until every gradient is allreduced and written to its ``.grad``."""
         if self._reducer:
+            with collectives.rejecting(self._member, "DistributedOptimizer.step"):
+                self._check_reduced()
             self._reducer.synchronize()
         self._synchronized = True
+
+    def _check_reduced(self) -> None:
+        """UsageError for trainable parameters its hooks do not reduce (added by
+        add_param_group or unfrozen since it was made): Horovod leaves them unreduced."""
+        new = sum(1 for g in self.param_groups for p in g["params"]
+                  if p.requires_grad and id(p) not in self._reduced)
+        if new:
+            raise UsageError(f"DistributedOptimizer: {new} trainable parameter(s) were added "
+                             "(add_param_group) or unfrozen after it was made, and their "
+                             "gradients would not be reduced; make a new DistributedOptimizer")
 
     @contextmanager
     def skip_synchronize(self) -> Iterator[None]:
@@ -287,8 +311,7 @@ class _AdasumOptimizer:
         self.op = Adasum
         self.backward_passes_per_step = backward_passes_per_step
         self.process_set = process_set
-        member = (collectives.member(process_set, "DistributedOptimizer")
-                  if process_set.included() else None)
+        member = included_member(process_set, "DistributedOptimizer")
         self._packs: list[_Packed] | None = None  # made at the first step that reduces
         self._reduces = member is not None and member.transport.size() > 1
 

@@ -202,6 +202,23 @@ def remove(process_set: ProcessSet) -> bool:
 
 def member(process_set: ProcessSet | None, caller: str) -> Member:
     """This rank's transport and channel for ``process_set`` (None: the global set)."""
+    ps = _registered_set(process_set, caller)
+    if ps._member is None:
+        raise UsageError(f"{caller}: rank {mpicomm_rank()} is not in process set "
+                         f"{ps.process_set_id} (ranks {ps.ranks})")
+    return ps._member
+
+
+def included_member(process_set: ProcessSet | None, caller: str) -> Member | None:
+    """:func:`member`, or None on a rank outside the set. An unregistered set is refused on
+    every rank alike, whether it was made from ranks or from a communicator (whose ranks,
+    and so ``included()``, are unknown until it is registered)."""
+    ps = _registered_set(process_set, caller)
+    return ps._member
+
+
+def _registered_set(process_set: ProcessSet | None, caller: str) -> ProcessSet:
+    """``process_set`` (None: the global set); UsageError unless it is registered."""
     ps = global_process_set if process_set is None else process_set
     if not isinstance(ps, ProcessSet):
         raise UsageError(f"{caller}: process_set must be an hpctrain.sync.ProcessSet, got "
@@ -211,10 +228,7 @@ def member(process_set: ProcessSet | None, caller: str) -> Member:
             raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
         raise UsageError(f"{caller}: {ps} is not registered; pass it to init(process_sets=...) "
                          "or add_process_set() first")
-    if ps._member is None:
-        raise UsageError(f"{caller}: rank {mpicomm_rank()} is not in process set "
-                         f"{ps.process_set_id} (ranks {ps.ranks})")
-    return ps._member
+    return ps
 
 
 def set_rank(process_set: ProcessSet | None, global_rank: int, caller: str) -> int:
