@@ -15,6 +15,7 @@ allocations, the first collective) would otherwise dominate it.
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.errors import UsageError
+from hpctrain.metrics import write_atomic
 
 SUBDIR = "profile"
 
@@ -98,8 +100,16 @@ class StepProfiler:
         self._profile.start()
 
     def _write(self, profile: torch.profiler.profile) -> None:
+        """The trace and the table, each written whole (a job killed meanwhile leaves the
+        earlier file or none, not half of one)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        profile.export_chrome_trace(str(self.folder / f"rank-{self.rank}.json"))
+        trace = self.folder / f"rank-{self.rank}.json"
+        partial = trace.with_name(f".{trace.name}.partial")
+        profile.export_chrome_trace(str(partial))
+        os.replace(partial, trace)
         by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = profile.key_averages().table(sort_by=by, row_limit=25)
-        (self.folder / f"rank-{self.rank}.txt").write_text(table + "\n")
+        # torch numbers the window's steps from 0: say which local steps they are
+        steps = f"local steps {self.start} to {self.start + self.count - 1} (ProfilerStep#0 " \
+                f"is local step {self.start})"
+        write_atomic(self.folder / f"rank-{self.rank}.txt", f"{steps}\n{table}\n")

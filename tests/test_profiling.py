@@ -68,6 +68,10 @@ def test_every_rank_profiles_its_window_with_the_hooks_labelled(tmp_path):
         # One span per step (torch 2.1 leaves the last step's out), none past the window.
         assert {"ProfilerStep#0", "ProfilerStep#1"} <= names.keys()
         assert "ProfilerStep#3" not in names and names["aten::addmm"] > 0
-        assert "aten::addmm" in (tmp_path / "profile" / f"rank-{rank}.txt").read_text()
+        table = (tmp_path / "profile" / f"rank-{rank}.txt").read_text()
+        assert "aten::addmm" in table
+        assert table.startswith("local steps 2 to 4 (ProfilerStep#0 is local step 2)\n")
+    assert sorted(p.name for p in (tmp_path / "profile").iterdir()) == [
+        "rank-0.json", "rank-0.txt", "rank-1.json", "rank-1.txt"]  # no partial file left
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["profile"] == "2:3"
