@@ -17,7 +17,7 @@ from hpctrain import config as configs
 from hpctrain import registry
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
-from hpctrain.options import declared, flag_of
+from hpctrain.options import dash_values, declared, flag_of
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,7 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """All of ``hpctrain train``'s options, the algorithms' in groups by who takes them."""
+    dash_values(parser)  # --slowdown -1:2 is refused naming -1:2, not "expected one argument"
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="TOML file (or a run's config.json) with the run's settings; "
                              "options given on the command line override it")

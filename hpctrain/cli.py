@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import socket
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from hpctrain import (
 from hpctrain.bench import report as bench_report
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
+from hpctrain.options import dash_values
 from hpctrain.sim import arguments as sim_arguments
 
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run (and optionally
@@ -94,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  description=module.DESCRIPTION,
                                  formatter_class=_HelpFormatter)
         module.add_arguments(b)
+    for each in (parser, bench, *bench_sub.choices.values()):  # as train's: see dash_values
+        dash_values(each)
     report = sub.add_parser("report", help="re-render a comparison's report.md and plots from "
                             "its saved outputs, rerunning nothing")
     bench_report.add_arguments(report)
@@ -220,13 +224,24 @@ def _cuda_aware(value: bool) -> bool | str:
 
 def _check_json_path(path: str | None) -> None:
     """A benchmark's ``--json`` file must be writable where asked before it measures: a missing
-    folder found at the end would lose the figures."""
+    folder, or one where no file can be made (``/proc``, read-only), found at the end would
+    lose the figures. The file is written to a temporary one beside it, then renamed, so the
+    test is making a file in its folder, as :func:`hpctrain.run.check_folder` makes one."""
     if path is None:
         return
+    if not str(path).strip():  # "" was the working folder: "--json : is a folder"
+        raise UsageError(f"--json {path!r} is empty: give a file")
     target = Path(path)
     if target.is_dir() or not target.parent.is_dir():
         raise UsageError(f"--json {path}: " + ("is a folder" if target.is_dir() else
                                                f"no folder {target.parent}"))
+    try:  # nothing is left behind
+        handle, name = tempfile.mkstemp(prefix=".hpctrain-check-", dir=target.parent)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as error:
+        raise UsageError(f"--json {path}: cannot write a file in {target.parent} "
+                         f"({error.strerror})") from None
 
 
 def main(argv: list[str] | None = None) -> None:

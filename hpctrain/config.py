@@ -41,15 +41,19 @@ from hpctrain import (
     registry,
     userdata,
 )
-from hpctrain.checkpoint import parse_every, run_folder
+from hpctrain.checkpoint import parse_every
 from hpctrain.errors import UsageError
 from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
 from hpctrain.shuffle import TrainDataSpec
+from hpctrain.shuffle.options import parse_strategy
 from hpctrain.stragglers import MAX_SIGMA, parse_slowdown
 
 EVAL_MODES = ("after", "online")
+# The shortest --stall-timeout but 0 (never): the watchdog looks every tenth of it, and a rank
+# makes progress once a step or a snapshot; shorter ended healthy jobs, or spun the watchdog.
+MIN_STALL_TIMEOUT = 1.0
 
 
 def _milestones(text: str) -> tuple[float, ...]:
@@ -92,7 +96,13 @@ class DataConfig:
         if self.data_dir is not None and not self.data_dir.strip():  # "": the search path
             raise UsageError(f"--data-dir {self.data_dir!r} is empty: give a folder")
         userdata.dataset_name(self.dataset, UsageError)
+        data.check_data_dir(self.dataset, self.data_dir, loaders=False)  # a loader's: at launch
         self.spec(0)  # the shuffle package's own checks
+        if self.partition == "label-skew" and self.data_placement == "replicated" and \
+                parse_strategy(self.shuffle)[0] == "global":  # every epoch: all data, permuted
+            raise UsageError("--partition label-skew with --shuffle global trains on iid data "
+                             "(each epoch deals a fresh permutation of all of it): use --shuffle "
+                             "local|partial:Q, or --data-placement sharded")
 
     def spec(self, seed: int) -> TrainDataSpec:
         """The shuffle package's description of this data with ``seed``."""
@@ -266,6 +276,9 @@ class StragglerConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        if self.slowdown is not None and not self.slowdown.replace(",", "").strip():
+            raise UsageError(f"--slowdown {self.slowdown!r} is empty: give RANK:FACTOR[,...], "
+                             "or leave it out for none")
         parse_slowdown(self.slowdown, 1 << 30)  # its form; the ranks are checked at launch
 
     def factor(self, rank: int, workers: int) -> float:
@@ -314,8 +327,9 @@ class RunConfig:
     max_bad_steps: int = option(10, "stop after this many consecutive steps with NaN/Inf "
                                 "gradients", parse=options.positive(int), range=Range(1))
     stall_timeout: float = option(600.0, "end the job when a rank makes no progress for this "
-                                  "long (0: never; start-up gets at least 600 s)", parse=float,
-                                  metavar="SECONDS", range=Range(0, note="(0: never)"))
+                                  "long (0: never, else at least 1; start-up gets at least "
+                                  "600 s)", parse=float, metavar="SECONDS",
+                                  range=Range(0, note="(0: never)"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -344,6 +358,9 @@ class RunConfig:
         if self.out is not None and not str(self.out).strip():  # "" would be the working folder
             raise UsageError(f"--out {self.out!r} is empty: give a folder (default "
                              "runs/<algo>-<time>)")
+        if 0 < self.stall_timeout < MIN_STALL_TIMEOUT:  # see MIN_STALL_TIMEOUT
+            raise UsageError(f"--stall-timeout {options.shown(self.stall_timeout)} must be 0 "
+                             f"(never) or >= {MIN_STALL_TIMEOUT:g} (seconds)")
         if self.eval_rank is not None and self.eval_mode != "online":
             raise UsageError(f"--eval-rank {self.eval_rank} needs --eval online")
         if self.profile is not None:
@@ -379,13 +396,12 @@ def to_dict(config: RunConfig) -> dict:
 
 def repeatable(config: RunConfig) -> dict:
     """What ``config.json`` keeps: :func:`to_dict` of the effective configuration, as a fresh
-    run repeats it (``--resume`` and the checkpoint folder derived from ``--out``, or from
-    ``--resume``'s folder, left out: a repeat writes its own)."""
+    run repeats it (``--resume`` and the checkpoint folder left out, whether derived from
+    ``--out`` or ``--resume`` or given: a repeat writes its own, in its ``--out``; the run's
+    folder held the run's checkpoints and refused the repeat's)."""
     values = to_dict(config)
-    ck = config.checkpoint
     values["checkpoint"]["resume"] = None
-    if ck.dir in (config.out and str(run_folder(None, config.out)), ck.resume):
-        values["checkpoint"]["dir"] = None
+    values["checkpoint"]["dir"] = None
     return values
 
 

@@ -11,6 +11,7 @@ when given; otherwise in ``$HPCTRAIN_DATA`` (likewise), then ``/usr/share/datase
 from __future__ import annotations
 
 import gzip
+import inspect
 import os
 import struct
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpctrain import userdata
+from hpctrain import plugins, userdata
 from hpctrain.errors import UsageError
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
@@ -100,7 +101,9 @@ def check(name: str, data_dir: str | None = None) -> None:
     reads only after MPI started, when a rank loads its part): each split's images and labels
     by their headers (counts, one label per sample, the same image size in both splits), an
     uncompressed file's length, and every label (the label files are small). A gzipped file
-    cut short is found only when read. UsageError naming the file."""
+    cut short is found only when read. UsageError naming the file. First
+    :func:`check_data_dir`, a user's loader included."""
+    check_data_dir(name, data_dir)
     if userdata.is_user(name) or name in ("synthetic", "cifar10"):  # checked elsewhere, or
         return  # by its length alone (CIFAR's records: _cifar_records)
     folder = find_dir(name, data_dir)
@@ -117,6 +120,30 @@ def check(name: str, data_dir: str | None = None) -> None:
     if len(sizes) > 1:
         raise UsageError(f"{folder}: the training and test images differ in size "
                          f"({' and '.join('x'.join(map(str, s)) for s in sorted(sizes))})")
+
+
+def check_data_dir(name: str, data_dir: str | None, loaders: bool = True) -> None:
+    """UsageError when ``--data-dir`` is given to a data set that does not read it (it was
+    silently ignored): ``synthetic``, ``npz:FILE`` and ``imagefolder:DIR`` (their path is in
+    the name), and, with ``loaders``, a loader of the user's that takes no ``data_dir``
+    argument (found by importing it; without ``loaders`` only the name is judged)."""
+    if data_dir is None:
+        return
+    why = None
+    if name == "synthetic":
+        why = ""
+    elif name.partition(":")[0] in userdata.FORMATS:
+        why = " (the path is in its name)"
+    elif loaders and userdata.is_user(name):
+        load = plugins.resolve("--dataset", name)
+        try:  # as userdata calls it: with data_dir= if it takes that argument
+            takes = "data_dir" in inspect.signature(load).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if not takes:
+            why = " (it takes no data_dir argument)"
+    if why is not None:
+        raise UsageError(f"--data-dir {data_dir} is not used by --dataset {name}{why}")
 
 
 def _idx_split(folder: Path, split: str) -> tuple[Path, Path, tuple[int, ...]]:

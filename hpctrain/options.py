@@ -13,6 +13,7 @@ import argparse
 import math
 import numbers
 import os
+import re
 from dataclasses import Field, dataclass, field, fields
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from hpctrain.errors import UsageError
 
 
 def _number(kind, text: str):
+    if kind is int:
+        try:  # exactly, digit for digit: 2**63 - 1 through a float would be 2**63
+            return int(text)
+        except ValueError:  # 1e3, 2.0: whole numbers written otherwise, checked below
+            pass
     try:
         value = float(text) if kind is float else int(float(text))
     except (ValueError, OverflowError):
@@ -29,6 +35,13 @@ def _number(kind, text: str):
     if kind is int and float(text) != value:
         raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
     return value
+
+
+def whole(text: str) -> int:
+    """A whole number, written as ``3``, ``1e3`` or ``3.0``: every option declared ``int``
+    (:func:`option` takes ``parse=int`` to mean this), so that the command line reads what a
+    TOML file's ``seed = 1e3`` gives."""
+    return _number(int, text)
 
 
 def at_least(minimum: float, kind=int):
@@ -89,6 +102,21 @@ def name_list(choices: tuple[str, ...]):
     return parse
 
 
+# argparse takes a word after an option that takes a value as that value only when the word does
+# not look like an option: of the words starting with "-", its own pattern lets through
+# ``-3`` and ``-.5`` alone, so ``--slowdown -1:2`` or ``--checkpoint-every -1e`` were "expected
+# one argument", naming no value. Any word starting with "-" and a digit (or ".digit"), and
+# ``-inf`` and ``-nan``, is a value here, which the option's own check then judges; no option
+# of hpctrain's starts so.
+_DASH_VALUE = re.compile(r"^-(\.?\d|inf|nan)", re.IGNORECASE)
+
+
+def dash_values(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` taking ``-1:2``, ``-1e`` or ``-1,2`` as an option's value (see above)."""
+    parser._negative_number_matcher = _DASH_VALUE
+    return parser
+
+
 def existing_dir(text: str) -> str:
     """A folder that exists."""
     if not Path(text).is_dir():
@@ -143,8 +171,10 @@ def _bound(value: float | None) -> str:
 
 
 def shown(value) -> str:
-    """A number in a message as given, a huge one short: ``1e+308``, not 309 digits."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) < 1e16:
+    """A number in a message as given, a huge one short: ``1e+308``, not 309 digits. A whole
+    number that 64 bits hold (a seed's 2**63, 2**64 - 1) is written exactly."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) < 1e16 \
+            or isinstance(value, int) and abs(value) < 2 ** 64:
         return str(value)
     try:
         return f"{value:g}"
@@ -157,10 +187,13 @@ def option(default, help: str, *, flag: str | None = None, parse=None, choices=N
     """A dataclass field that is also a command-line option.
 
     ``flag`` defaults to ``--`` + the field's name with dashes; ``parse`` is the argparse type
-    (a bad value fails while parsing); ``choices`` and ``range`` are checked again when the
-    configuration is built, so Python callers get the same checks as the command line.
+    (a bad value fails while parsing; ``int`` means :func:`whole`, which reads ``1e3``);
+    ``choices`` and ``range`` are checked again when the configuration is built, so Python
+    callers get the same checks as the command line.
     ``store_false``: a boolean field set False by its flag (``--no-progress``).
     """
+    if parse is int:  # one reading of whole numbers everywhere: 1e3 as in a TOML file
+        parse = whole
     return field(default=default, metadata={
         "help": help, "flag": flag, "parse": parse, "choices": choices, "range": range,
         "metavar": metavar, "store_false": store_false})

@@ -326,23 +326,31 @@ def _check_unchanged(config: RunConfig) -> None:
 def _finished(config: RunConfig) -> dict | None:
     """With ``--resume auto``, a run whose ``--out`` holds its summary (a job restarted or
     requeued after it finished): that summary, and nothing is trained; a UsageError if the
-    options differ from its ``config.json`` where resumption would refuse them."""
-    if config.checkpoint.resume != checkpoint.AUTO or config.out is None:
+    options differ from its ``config.json`` where resumption would refuse them. Given no
+    ``--out`` but a ``--checkpoint-dir`` that holds checkpoints, the run's outputs are where
+    its newest checkpoint says (as ``--resume`` without ``--out`` takes them)."""
+    ck = config.checkpoint
+    if ck.resume != checkpoint.AUTO:
         return None
-    if not (Path(config.out) / "summary.json").exists():
+    out, where = config.out, f"--out {config.out}"
+    if out is None and ck.dir is not None:
+        out = checkpoint.policy.recorded_out(ck.dir)
+        where = f"{out} (the run of --checkpoint-dir {ck.dir})"
+    if out is None or not (Path(out) / "summary.json").exists():
         return None
-    recorded = Path(config.out) / "config.json"
+    recorded = Path(out) / "config.json"
     if recorded.exists():  # its options, as it ran; those that change nothing may differ
         change = checkpoint.changed_option(
             configs.flat(configs.from_dict(json.loads(recorded.read_text()))),
             configs.flat(_as_launched(config)), checkpoint.MAY_CHANGE)
         if change:
-            raise UsageError(f"--resume auto: --out {config.out} holds a finished run, "
-                             f"started {change}; choose another --out for a new run")
-    done = read_summary(config.out)
+            flag = "--out" if config.out is not None else "--checkpoint-dir"
+            raise UsageError(f"--resume auto: {where} holds a finished run, started {change}; "
+                             f"choose another {flag} for a new run")
+    done = read_summary(out)
     if comm.env_rank() == 0:
-        print(f"hpctrain: --out {config.out} holds a finished run; nothing to train "
-              "(--resume auto)", flush=True)
+        print(f"hpctrain: {where} holds a finished run; nothing to train (--resume auto)",
+              flush=True)
     return done
 
 

@@ -28,6 +28,9 @@ EXIT_STATUS = 3  # distinct from an error (1), a usage error (2) and a kill (137
 # Until the first beat (imports, MPI and Horovod start-up, reading the data from a shared file
 # system) at least this long: a short --stall-timeout is about training steps.
 STARTUP_S = 600.0
+# The shortest wait between two looks (a tenth of the timeout, at most a second): a tiny timeout
+# from Python (train's --stall-timeout is 0 or >= 1) must not spin the thread.
+MIN_POLL_S = 0.01
 
 
 class _Watchdog:
@@ -41,7 +44,7 @@ class _Watchdog:
         self._thread.start()
 
     def _watch(self) -> None:
-        poll = min(1.0, self.timeout / 10)
+        poll = min(1.0, max(self.timeout / 10, MIN_POLL_S))
         while not self._stop.wait(poll):
             if time.monotonic() - self.last > self.limit:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"

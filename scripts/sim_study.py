@@ -147,7 +147,9 @@ def shuffle(out: Path, ks: tuple = (16, 64, 128), epochs: int = 4) -> None:
     rows = {}
     for k in ks:
         for strat in strategies:
-            data = DataConfig(shuffle=strat, partition="label-skew")
+            # global shuffling of replicated data deals all of it: the partition is moot
+            data = DataConfig(shuffle=strat,
+                              partition="iid" if strat == "global" else "label-skew")
             rows[(k, strat)] = [run(out, f"ma-K{k}-{strat}-s{seed}", "ma", k, seed, epochs=epochs,
                                     batch=16, lr=0.05, momentum=0.9, data=data,
                                     algorithm=algorithm_options("ma")(tau_epochs=1.0))

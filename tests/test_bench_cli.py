@@ -40,7 +40,7 @@ def parse(*argv: str):
     (["shuffle", "--data-dir", "/no/such/folder"], "/no/such/folder is not a folder"),
     (["shuffle", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
     (["shuffle", "--shuffle-chunk-mb", "nan"], "'nan' is not a finite number"),
-    (["shuffle", "--seed", "x"], "--seed: invalid int value: 'x'"),
+    (["shuffle", "--seed", "x"], "--seed: 'x' is not a number"),
     # Each below was accepted, then failed after MPI started (exit 1, or a crash).
     (["kernel", "--threads", "100000"], "--threads: '100000': 100000 is above 4096"),  # SIGSEGV
     (["kernel", "--threads", "1e308"], "--threads: '1e308': 1e+308 is above 4096"),

@@ -384,9 +384,9 @@ def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):
                             "run's checkpoints; resume it with --resume or choose another folder")
     with pytest.raises(UsageError, match="holds another run's checkpoints"):  # no --out given
         check(every="1e", checkpoint_dir=str(tmp_path / "old" / "checkpoints"))
-    # Without --checkpoint-every nothing would be written there.
-    assert check(out=str(tmp_path / "new"),
-                 checkpoint_dir=str(tmp_path / "old" / "checkpoints")).resume is None
+    # Without --checkpoint-every nothing would be written there: refused whatever it holds.
+    with pytest.raises(UsageError, match="^--checkpoint-dir .* needs --checkpoint-every"):
+        check(out=str(tmp_path / "new"), checkpoint_dir=str(tmp_path / "old" / "checkpoints"))
 
 
 def test_check_resolves_the_folders(tmp_path):

@@ -261,7 +261,8 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
     config = launch(model=ModelConfig(name="./nets_mod.py:build"))
     assert config.model.name == f"{nets}:build"
     (nets.parent / "data").mkdir()  # --data-dir too: it was recorded as given (relative)
-    config = launch(data=DataConfig(dataset="synthetic", data_dir="data"))
+    # (given as the run would record it: synthetic data reads no folder, and refuses one)
+    config = run._as_launched(RunConfig(algo="sgd", data=DataConfig(data_dir="data")))
     assert config.data.data_dir == str(nets.parent / "data")
     with pytest.raises(UsageError, match="want MODULE:CALLABLE"):
         ModelConfig(name="nets_mod:")

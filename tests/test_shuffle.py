@@ -90,7 +90,8 @@ def test_training_job_sees_the_same_data_replicated_or_sharded(tmp_path):
     placements = ("replicated", "sharded")
     proc = run_commands([["train", "--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp",
                           "--epochs", "2", "--seed", "3", "--no-progress", "--partition",
-                          "label-skew", "--data-placement", placement,
+                          "iid" if placement == "replicated" else "label-skew",
+                          "--data-placement", placement,
                           "--out", str(tmp_path / placement)] for placement in placements],
                         np=2, timeout=180)
     assert proc.returncode == 0, proc.stderr

@@ -36,7 +36,7 @@ from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
 from hpctrain.metrics import distribution
-from hpctrain.options import Range, option
+from hpctrain.options import HUGE, Range, option, shown
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,13 @@ class StoreOptions(Options):
 class ConstantOptions(StoreOptions):
     lam: float | None = option(None, "DC-ASGD's lambda0 (default 0.04 for dcasgd-c, 2.0 for "
                                "dcasgd-a)", parse=float, range=Range(0))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # A factor, so at most HUGE as the others: 1e300 reached the float32 kernel as inf.
+        # (Not in the Range: its "must be >= 0" for a negative or NaN lambda is kept.)
+        if self.lam is not None and self.lam > HUGE:
+            raise UsageError(f"--lam {shown(self.lam)} must be in [0, {HUGE:g}]")
 
 
 @dataclass(frozen=True)

@@ -86,7 +86,10 @@ def validate(args: argparse.Namespace) -> None:
     """Before MPI starts: a GPU must be there for --device cuda; Adasum needs 2^m ranks; a
     bucket holds a byte at least; the models and batches fit in memory."""
     if args.device == "cuda":
-        devices.check("cuda")
+        try:
+            devices.check("cuda")
+        except UsageError as e:  # train's hint names its --device auto, which this one lacks
+            raise UsageError(str(e).removesuffix(" or auto")) from None
     if int(args.bucket_mb * 2**20) < 1:
         raise UsageError(f"--bucket-mb {args.bucket_mb:g}: less than one byte (MiB are "
                          f"2**20 bytes)")

@@ -3,9 +3,10 @@
 Each algorithm runs as its own job through a launcher (``mpirun``, or ``srun`` inside a Slurm
 allocation) with the same training options and seed, hence the same initial model and data
 order where the algorithm allows; ``sgd`` runs on one process. Options that only some
-algorithms take (``--slowdown``, ``--lam``, ...) go only to those, and the report says which
-ignored them. Bad options, an algorithm this hpctrain does not have included, are refused
-before anything runs (one line, exit status 2), and so is what one run would refuse on its
+algorithms take (``--tau``, ``--lam``, ...) go only to those, and the report says which
+ignored them; the others (``--slowdown`` too) go to every run. Bad options, an algorithm
+this hpctrain does not have included, are refused before anything runs (one line, exit
+status 2), and so is what one run would refuse on its
 processes (``hpctrain train``'s own checks, on each planned run: ``--slowdown`` of a rank it
 lacks, ``--reduce-op adasum`` on 3 workers; the line names the run). With ``--eval-rank``,
 sgd's run gets a second process, its evaluating rank. A run that fails becomes a row saying why; the
@@ -46,7 +47,7 @@ from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import write_json_atomic
-from hpctrain.options import HUGE, at_least, shown
+from hpctrain.options import HUGE, at_least, shown, whole
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
 from hpctrain.summary import read as read_summary
@@ -156,8 +157,8 @@ def parse_seeds(text: str) -> list[int]:
     checks its range)."""
     words = str(text).split(",")
     try:
-        seeds = [int(w) for w in words]
-    except ValueError:
+        seeds = [whole(w) for w in words]  # 1e3 as --seed reads it
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"{text!r}: want comma-separated whole numbers, "
                                          "e.g. 1,2,3") from None
     if len(set(seeds)) < len(seeds):
@@ -347,7 +348,8 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
         words = [*words, "--seed", str(seed)]
     train_args = ["--algo", algo, *words, "--out",
                   str(Path(args.out) / report.run_name(algo, seed))]
-    config = arguments.build(shared.train_parser.parse_args(train_args))  # bad values here
+    typed = shared.train_parser.parse_args(train_args)
+    config = arguments.build(typed)  # bad values here
     ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
     if checked is None and not simulate and np > 1:  # each run refuses it, once launched
         n = data.size(config.data.dataset, "train", config.data.data_dir)
@@ -356,8 +358,10 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
                              f"{config.data.dataset}")
     if simulate:
         sim_args = ["--workers", str(np), *shared.sim_words]
-        if checked is None:  # what the simulator refuses, up front too
-            check_simulation(config, sim_arguments.build(_sim_parser().parse_args(sim_args)))
+        if checked is None:  # what the simulator refuses, up front too (with the train
+            # options typed: those it does not use are refused when typed)
+            both = argparse.Namespace(**{**vars(typed), **vars(_sim_parser().parse_args(sim_args))})
+            check_simulation(config, sim_arguments.build(both))
         command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
         return Run(algo, np, command, ignored, seed=seed)
     if checked is not None:

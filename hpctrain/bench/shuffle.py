@@ -71,10 +71,7 @@ def _folder(text: str) -> str:
 
 def _seed(text: str) -> int:
     """A whole number torch's generators take (64 bits, as train's --seed)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    value = options.whole(text)  # 1e3 as train's --seed reads it
     if not -2**63 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be in [-2**63, 2**63 - 1], got {text}")
     return value

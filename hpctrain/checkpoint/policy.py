@@ -21,14 +21,15 @@ from hpctrain.options import HUGE
 
 # Options that may differ between a run and its resumption: they do not change the trajectory
 # (device, micro-batch size, compilation and ssgd's allreduce backend: only in float rounding;
-# mixed precision: in the forward's). The backend follows the launcher (torchrun has no MPI
-# world, so ssgd there runs --sync-backend torch): an mpirun run could not go on under
-# torchrun, told it was started "with --sync-backend mpi, not torch", a value never given.
+# mixed precision: in the forward's; the stall watchdog's timeout and the sharded exchange's
+# round size: not at all). The backend follows the launcher (torchrun has no MPI world, so
+# ssgd there runs --sync-backend torch): an mpirun run could not go on under torchrun, told it
+# was started "with --sync-backend mpi, not torch", a value never given.
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
                         "mixed_precision", "compile", "profile", "sync_backend",
-                        "cudnn_benchmark"})
+                        "cudnn_benchmark", "stall_timeout", "shuffle_chunk_mb"})
 
 
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any
@@ -101,6 +102,11 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``).
     """
+    # Without an interval the folder was made and locked, and nothing written in it. With
+    # --resume (auto too: a requeued job looks there) it is the folder resumed from.
+    if checkpoint_dir is not None and every is None and resume is None:
+        raise UsageError(f"--checkpoint-dir {checkpoint_dir} needs --checkpoint-every: without "
+                         "it no checkpoint is written")
     if resume == AUTO:
         resume = _auto(checkpoint_dir, out)
     if resume is not None:
@@ -147,6 +153,21 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
                              "choose another folder")
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume)
+
+
+def recorded_out(checkpoint_dir: str | Path) -> str | None:
+    """The outputs' folder of the run whose checkpoints are in ``checkpoint_dir``, as
+    ``--resume`` without ``--out`` would take it (from the newest readable checkpoint's
+    header); None when the folder holds none that can be read."""
+    folder = Path(checkpoint_dir)
+    if not listing(folder):
+        return None
+    try:
+        header = _newest_header(folder, str(folder))
+    except UsageError:  # unreadable: what check() says about the folder is the line to see
+        return None
+    args = header.get("args")
+    return _resumed_out(folder, args) if isinstance(args, dict) else None
 
 
 def _resumed_out(folder: Path, old: dict) -> str | None:

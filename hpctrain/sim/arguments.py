@@ -8,8 +8,9 @@ import argparse
 from hpctrain import config as configs
 from hpctrain.arguments import Declared, add_option
 from hpctrain.errors import UsageError
-from hpctrain.options import declared, flag_of
+from hpctrain.options import dash_values, declared, flag_of
 from hpctrain.sim.config import SimConfig
+from hpctrain.sim.simulate import UNUSED, unused
 
 
 def options() -> list[Declared]:
@@ -19,6 +20,7 @@ def options() -> list[Declared]:
 def add_arguments(parser: argparse.ArgumentParser, *, dest_prefix: str = "",
                   typed: bool = True, exclude: tuple[str, ...] = ()) -> list[argparse.Action]:
     """The simulator's options (but those flags in ``exclude``), in a group of their own."""
+    dash_values(parser)  # --latency -1e-3 is refused naming it, as train's options are
     group = parser.add_argument_group("the simulator (virtual workers, step times, network)")
     return [add_option(group, d, dest=dest_prefix + d.dest, typed=typed) for d in options()
             if d.flag not in exclude]
@@ -26,7 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, dest_prefix: str = "",
 
 def build(args: argparse.Namespace) -> SimConfig:
     """The simulator's configuration from ``--config``'s ``sim`` table (a simulated run's
-    ``config.json`` has one) and the options given, which win; the rest default."""
+    ``config.json`` has one) and the options given, which win; the rest default. A train
+    option the simulator does not use (:data:`hpctrain.sim.simulate.UNUSED`) given on the
+    command line is refused, even at its default value."""
+    for path in UNUSED:
+        if hasattr(args, ".".join(path)):  # typed (train's options default to absent)
+            raise unused(path, getattr(args, ".".join(path)))
     base = configs.read_file(args.config).get("sim", {}) if getattr(args, "config", None) else {}
     if not isinstance(base, dict):
         raise UsageError(f"--config {args.config}: sim must be a table of the simulator's "

@@ -1,0 +1,342 @@
+"""Options that were accepted and did nothing, or were read differently in different places.
+
+Each was found by a review of the command line: a value taken and ignored (``--checkpoint-dir``
+without an interval, ``--data-dir`` of a data set that reads none, ``--stall-timeout`` in the
+simulator), a combination that silently meant something else (``--partition label-skew`` with
+global shuffling), a value with no bound (``--lam``, ``--stall-timeout``), or a value read one
+way on the command line and another in a file (``--seed 1e3``). All single-process: the
+parser, the configuration and the checks a launch runs before MPI starts.
+"""
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from conftest import SYNTHETIC, refusal, run_job
+
+import hpctrain
+from hpctrain import arguments, checkpoint, cli, options, run
+from hpctrain import config as configs
+from hpctrain.config import DataConfig, ModelConfig, RunConfig, StragglerConfig
+from hpctrain.errors import UsageError
+from hpctrain.sim import arguments as sim_arguments
+from hpctrain.sim.config import SimConfig
+from hpctrain.sim.simulate import check_options as check_simulation
+
+
+def parse(*argv: str) -> RunConfig:
+    return arguments.build(cli.build_parser().parse_args(["train", *argv]))
+
+
+def one_line(call) -> str:
+    with pytest.raises(UsageError) as refused:
+        call()
+    message = str(refused.value)
+    assert "\n" not in message
+    return message
+
+
+# 1. --checkpoint-dir without --checkpoint-every: the folder was made and locked, nothing written.
+
+def test_a_checkpoint_folder_without_an_interval_is_refused(tmp_path):
+    folder = tmp_path / "ck"
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--checkpoint-dir", str(folder)]) == (
+        f"--checkpoint-dir {folder} needs --checkpoint-every: without it no checkpoint is "
+        "written")
+    assert not folder.exists()
+    # With --resume it is the folder resumed from; --resume auto looks there (a requeued job).
+    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--checkpoint-dir", str(folder),
+                                    "--resume", "auto"), 1)
+    assert config.checkpoint.dir == str(folder) and config.checkpoint.resume is None
+    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--checkpoint-dir", str(folder),
+                                    "--checkpoint-every", "1e"), 1)
+    assert config.checkpoint.dir == str(folder)
+
+
+# 2. --partition label-skew with --shuffle global on replicated data was iid.
+
+def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
+    message = ("--partition label-skew with --shuffle global trains on iid data (each epoch "
+               "deals a fresh permutation of all of it): use --shuffle local|partial:Q, or "
+               "--data-placement sharded")
+    assert one_line(lambda: DataConfig(partition="label-skew")) == message
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--partition", "label-skew"]) == message
+    for shuffle, placement in (("local", "replicated"), ("partial:0.1", "replicated"),
+                               ("global", "sharded")):
+        DataConfig(partition="label-skew", shuffle=shuffle, data_placement=placement)
+
+
+# 3. --lam had no upper bound: 1e300 reached the float32 compensation kernel as inf.
+
+def test_lam_stops_at_the_largest_factor():
+    assert refusal(["--algo", "dcasgd-a", *SYNTHETIC, "--lam", "1e300"], 2) == \
+        "--lam 1e+300 must be in [0, 1e+06]"
+    assert hpctrain.algorithm_options("dcasgd-c")(lam=options.HUGE).lam == options.HUGE
+    with pytest.raises(UsageError, match=r"^--lam 1000001.0 must be in \[0, 1e\+06\]$"):
+        hpctrain.algorithm_options("dcasgd-c")(lam=options.HUGE + 1)
+
+
+# 4. --data-dir was ignored by data sets that read no folder.
+
+@pytest.fixture
+def loaders(tmp_path):
+    """A loader of the user's that takes no data_dir, and one that does."""
+    path = tmp_path / "loaders.py"
+    path.write_text(
+        "import torch\n"
+        "def _sets():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    def part(n):\n"
+        "        return torch.rand(n, 1, 4, 4, generator=g), torch.arange(n) % 2\n"
+        "    return part(16), part(8)\n"
+        "def plain():\n"
+        "    return _sets()\n"
+        "def with_dir(data_dir=None):\n"
+        "    return _sets()\n")
+    return path
+
+
+def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders):
+    folder = str(tmp_path)
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--data-dir", folder]) == \
+        f"--data-dir {folder} is not used by --dataset synthetic"
+    for name in (f"npz:{tmp_path / 'x.npz'}", f"imagefolder:{tmp_path}"):
+        assert one_line(lambda name=name: DataConfig(dataset=name, data_dir=folder)) == \
+            f"--data-dir {folder} is not used by --dataset {name} (the path is in its name)"
+    name = f"{loaders}:plain"
+    assert refusal(["--algo", "sgd", "--dataset", name, "--model", "mlp", "--no-progress",
+                    "--data-dir", folder]) == \
+        f"--data-dir {folder} is not used by --dataset {name} (it takes no data_dir argument)"
+    config = run.check_launch(parse("--algo", "sgd", "--dataset", f"{loaders}:with_dir",
+                                    "--model", "mlp", "--no-progress", "--data-dir", folder), 1)
+    assert config.data.data_dir == folder
+    DataConfig(dataset="mnist", data_dir=folder)  # a built-in set's files: checked at launch
+
+
+# 5. A repeat from config.json of a run with its own --checkpoint-dir was refused.
+
+def test_config_json_repeats_a_run_that_had_a_checkpoint_folder_of_its_own(tmp_path):
+    first, ck = tmp_path / "first", tmp_path / "ck"
+    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--out", str(first),
+                                    "--checkpoint-every", "1e", "--checkpoint-dir", str(ck)), 1)
+    checkpoint.save(ck, 32, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
+                                       "args": configs.flat(config)})  # the run's, left there
+    first.mkdir()
+    (first / "config.json").write_text(json.dumps(configs.repeatable(config)))
+    again = run.check_launch(parse("--config", str(first / "config.json"), "--out",
+                                   str(tmp_path / "again")), 1)
+    assert again.checkpoint.dir is None and again.checkpoint.every == "1e"  # its own folder
+
+
+# 6. Options that change nothing in the results may change when a run is resumed.
+
+def test_a_resume_may_change_the_stall_timeout_and_the_exchange_round(tmp_path):
+    old = configs.flat(configs.resolve(RunConfig(algo="sgd")))
+    checkpoint.save(tmp_path, 5, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
+                                            "args": old})
+    new = configs.flat(configs.resolve(RunConfig(algo="sgd", stall_timeout=30.0,
+                                                 data=DataConfig(shuffle_chunk_mb=4.0))))
+    resolved = checkpoint.check(algo="sgd", ranks=1, every=None, checkpoint_dir=None,
+                                resume=str(tmp_path), out=str(tmp_path / "out"),
+                                run_config=new, may_change=checkpoint.MAY_CHANGE)
+    assert resolved.resume == str(tmp_path)
+    with pytest.raises(UsageError, match="started with --lr 0.05, not 0.1"):  # still refused
+        checkpoint.check(algo="sgd", ranks=1, every=None, checkpoint_dir=None,
+                         resume=str(tmp_path), out=None, run_config={**new, "lr": 0.1},
+                         may_change=checkpoint.MAY_CHANGE)
+
+
+# 7. The simulator took --stall-timeout and --sync-backend and ignored them; sgd's refusal
+# named --algo ssgd, not the --workers 1 a simulation needs.
+
+def simulate_args(*argv: str):
+    return cli.build_parser().parse_args(["simulate", *argv])
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--algo", "ssgd", "--stall-timeout", "30"], "--stall-timeout 30.0"),
+    (["--algo", "asgd", "--stall-timeout", "600"], "--stall-timeout 600.0"),  # typed: given
+    (["--algo", "ssgd", "--sync-backend", "horovod"], "--sync-backend horovod"),
+    (["--algo", "ssgd", "--sync-backend", "torch"], "--sync-backend torch"),
+    (["--algo", "ssgd", "--sync-backend", "mpi"], "--sync-backend mpi"),
+])
+def test_the_simulator_refuses_the_options_it_does_not_use(argv, named):
+    args = simulate_args(*argv, *SYNTHETIC)
+    message = one_line(lambda: sim_arguments.build(args))
+    assert message.startswith(f"hpctrain simulate does not use {named} (") and \
+        message.endswith("): drop it")
+
+
+def test_the_simulator_takes_a_real_runs_config_with_those_options():
+    """From a file (a real run's config.json, simulated) they are ignored, not refused."""
+    config = RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic"),
+                       model=ModelConfig(name="mlp"), stall_timeout=30.0,
+                       algorithm=hpctrain.algorithm_options("ssgd")(sync_backend="torch"))
+    check_simulation(config, SimConfig(workers=2))
+
+
+def test_compare_simulate_refuses_them_before_any_run(tmp_path):
+    """bench compare --simulate checked the simulator's options without train's typed ones:
+    each simulated run then failed on its own."""
+    proc = run_job(["bench", "compare", "--simulate", "2", "--algos", "ssgd,ma", *SYNTHETIC,
+                    "--stall-timeout", "30", "--out", str(tmp_path / "cmp")], np=0, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "hpctrain simulate does not use --stall-timeout 30.0" in proc.stderr
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_simulated_sgd_is_told_to_take_one_worker():
+    args = simulate_args("--algo", "sgd", *SYNTHETIC)
+    message = one_line(lambda: check_simulation(arguments.build(args),
+                                                sim_arguments.build(args)))
+    assert message == ("--algo sgd runs on one process, not --workers 4: give --workers 1 (or "
+                       "--algo ssgd for 4 workers)")
+    args = simulate_args("--algo", "sgd", *SYNTHETIC, "--workers", "1")
+    check_simulation(arguments.build(args), sim_arguments.build(args))
+
+
+# 8. Whole numbers: the command line read --seed 1e3 as no int, a TOML file as 1000.
+
+INT_OPTIONS = [("sgd", "--seed"), ("sgd", "--eval-rank"), ("ma", "--tau"), ("asgd", "--servers"),
+               ("asgd", "--shards"), ("ssp", "--max-staleness"), ("ec", "--ec-distill-size")]
+
+
+@pytest.mark.parametrize("algo, flag", INT_OPTIONS)
+def test_every_whole_number_option_reads_1e0_as_a_file_does(algo, flag):
+    extra = ["--eval", "online"] if flag == "--eval-rank" else []
+    config = parse("--algo", algo, *extra, flag, "1e0")
+    name = flag.lstrip("-").replace("-", "_")
+    assert configs.flat(config)[name] == 1 and type(configs.flat(config)[name]) is int
+    with pytest.raises(UsageError, match=f"^argument {flag}: '1.5' is not a whole number$"):
+        parse("--algo", algo, *extra, flag, "1.5")
+
+
+def test_every_option_declared_int_has_the_one_whole_number_parser():
+    every = arguments.shared_options() + arguments.algorithm_options()
+    ints = [d for d in every if str(d.field.type).removesuffix(" | None") == "int"]
+    assert {flag for _, flag in INT_OPTIONS} <= {d.flag for d in ints}
+    # options.whole, or a range of it (options.positive(int)): never Python's int, which
+    # refused 1e3
+    assert [d.flag for d in ints if d.field.metadata["parse"] is int] == []
+    assert options.whole("9223372036854775807") == 2 ** 63 - 1  # not rounded through a float
+
+
+def test_a_seed_from_the_command_line_is_the_seed_a_toml_file_gives(tmp_path):
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "sgd"\nseed = 1e3\n')
+    assert parse("--algo", "sgd", "--seed", "1e3").seed == configs.load(toml).seed == 1000
+    assert parse("--algo", "sgd", "--seed", str(2 ** 63 - 1)).seed == 2 ** 63 - 1  # exactly
+
+
+@pytest.mark.parametrize("seed", [str(2 ** 63), str(-2 ** 63 - 1), str(2 ** 64 - 1)])
+def test_an_out_of_range_seed_is_shown_as_given(seed):
+    assert one_line(lambda: parse("--algo", "sgd", "--seed", seed)) == (
+        f"--seed {seed} must be in [-9223372036854775808, 9223372036854775807]")
+
+
+# 9. Values starting with "-": argparse's "expected one argument" named none.
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--profile", "-1:2", "--profile -1:2: START must be >= 0"),
+    ("--slowdown", "-1:2", "--slowdown -1:2: rank -1 is not a worker"),
+    ("--checkpoint-every", "-1e", "--checkpoint-every: must be a finite number > 0, got -1e"),
+    ("--lr-milestones", "-1,2", "--lr-milestones -1.0,2.0: milestones must be increasing"),
+    ("--lr", "-inf", "--lr: '-inf' is not a finite number"),
+    ("--seed", "-1e30", "--seed -1e+30 must be in"),
+])
+def test_a_value_starting_with_a_minus_is_judged_as_a_value(flag, value, named):
+    for argv in ([flag, value], [f"{flag}={value}"]):  # as with "=", which always worked
+        assert named in refusal(["--algo", "sgd", *SYNTHETIC, *argv]), argv
+
+
+def test_the_other_parsers_take_values_starting_with_a_minus(tmp_path):
+    args = cli.build_parser().parse_args(["bench", "compare", "--algos", "ma", "--out",
+                                          str(tmp_path), "--slowdown", "-1:2"])
+    assert getattr(args, "train_stragglers.slowdown") == "-1:2"  # each run's parser judges it
+    assert simulate_args("--algo", "ma", "--slowdown", "-1:2").__dict__[
+        "stragglers.slowdown"] == "-1:2"
+    with pytest.raises(UsageError, match="^argument --latency: must be >= 0, got -1e-3$"):
+        simulate_args("--algo", "ma", "--latency", "-1e-3")
+
+
+@pytest.mark.parametrize("value", ["", " ", ","])
+def test_an_empty_slowdown_is_refused_as_an_empty_out_is(value):
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--slowdown", value]) == \
+        f"--slowdown {value!r} is empty: give RANK:FACTOR[,...], or leave it out for none"
+    assert StragglerConfig(slowdown=None).factor(0, 1) == 1.0
+
+
+# 10. --resume auto --checkpoint-dir without --out, the run finished: "trains nothing and
+# exits 0", not "--out runs/... already holds a finished run" (exit 2).
+
+def finished_run(tmp_path: Path, *extra: str) -> tuple[RunConfig, Path, Path]:
+    """The folders a finished run given --checkpoint-dir and no --out leaves: its outputs
+    (here tmp_path/run, as if named for it) and its checkpoints, whose header records them."""
+    out, ck = tmp_path / "run", tmp_path / "ck"
+    flags = ("--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--checkpoint-every", "0.5e",
+             "--checkpoint-dir", str(ck), "--resume", "auto", *extra)
+    ran = run._as_launched(replace(parse(*flags), out=str(out)))
+    checkpoint.save(ck, 32, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
+                                       "args": configs.flat(ran)})
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(configs.repeatable(ran)))
+    summary = {"algo": "sgd", "workers": 1, "final_test_acc": 0.5, "best_test_acc": 0.5,
+               "wall_s": 1.0, "samples_per_s": 2.0, "out": str(out)}
+    (out / "summary.json").write_text(json.dumps(summary))
+    return parse(*flags), out, ck
+
+
+def test_resume_auto_of_a_finished_run_by_its_checkpoint_folder_trains_nothing(tmp_path,
+                                                                               capsys):
+    config, out, ck = finished_run(tmp_path)
+    assert config.out is None
+    done = run.train(config)  # returns before anything starts: no MPI in this process
+    assert done == json.loads((out / "summary.json").read_text())
+    assert capsys.readouterr().out == (f"hpctrain: {out} (the run of --checkpoint-dir {ck}) "
+                                       "holds a finished run; nothing to train (--resume "
+                                       "auto)\n")
+    changed = parse("--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--checkpoint-every", "0.5e",
+                    "--checkpoint-dir", str(ck), "--resume", "auto", "--lr", "0.3")
+    assert one_line(lambda: run.train(changed)) == (
+        f"--resume auto: {out} (the run of --checkpoint-dir {ck}) holds a finished run, "
+        "started with --lr 0.05, not 0.3; choose another --checkpoint-dir for a new run")
+
+
+# 11. The benchmarks' --device cuda hint and --json file.
+
+def test_bench_allreduce_without_a_gpu_names_its_own_device_choice():
+    import torch
+
+    from hpctrain.bench import allreduce
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    args = cli.build_parser().parse_args(["bench", "allreduce", "--device", "cuda"])
+    message = one_line(lambda: allreduce.validate(args))
+    assert message.startswith("--device cuda: ") and message.endswith("; use --device cpu")
+
+
+@pytest.mark.parametrize("path, message", [
+    ("", "--json '' is empty: give a file"),
+    ("/proc/hpctrain.json", "--json /proc/hpctrain.json: cannot write a file in /proc ("),
+])
+def test_a_bench_json_file_that_cannot_be_written_is_refused_before_measuring(path, message):
+    with pytest.raises(UsageError) as refused:
+        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json", path])
+    assert str(refused.value).startswith(message)
+
+
+# 12. A tiny --stall-timeout ended healthy jobs (the watchdog polls at a tenth of it) or spun.
+
+@pytest.mark.parametrize("value", ["0.001", "1e-300", "0.999"])
+def test_a_stall_timeout_under_a_second_is_refused(value):
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--stall-timeout", value]) == \
+        f"--stall-timeout {float(value)} must be 0 (never) or >= 1 (seconds)"
+
+
+def test_a_stall_timeout_of_0_or_a_second_is_taken():
+    assert RunConfig(algo="sgd", stall_timeout=0).stall_timeout == 0
+    assert RunConfig(algo="sgd", stall_timeout=1).stall_timeout == 1.0
+    with pytest.raises(UsageError, match="^--stall-timeout 0.5 must be 0 .never. or >= 1"):
+        RunConfig(algo="sgd", stall_timeout=0.5)
