@@ -384,7 +384,11 @@ def test_a_failing_algorithm_is_a_row_and_a_failed_exit(failed):
                                 "RuntimeError: injected fault at step 10")
     assert "injected fault" in failed.ssgd_log
     # sgd went on from the checkpoint the signal made
-    assert "resuming from" in (failed.out / "sgd" / "stderr.log").read_text()
+    log = (failed.out / "sgd" / "stderr.log").read_text()
+    assert "resuming from" in log
+    # the stopped attempt's lines kept before it (the continued run wrote over them)
+    first, marker, then = log.partition("--- continued (")
+    assert marker and first.strip() and "resuming from" in then
     assert json.loads((failed.out / "sgd" / "summary.json").read_text())["resumed_from_updates"]
 
 

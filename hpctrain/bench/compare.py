@@ -472,7 +472,10 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     display.line(f"{run.np} {what}: {shlex.join(run.command)}")
     lines: deque[str] = deque(maxlen=500)
     start = time.monotonic()
-    with open(run_dir / "stdout.log", "wb") as out, open(run_dir / "stderr.log", "w") as log:
+    # Appended: a run continued by --resume keeps the earlier attempt's logs (why it stopped).
+    with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "a") as log:
+        if log.tell():
+            log.write(f"--- continued ({time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
         proc = subprocess.Popen(run.command, stdout=out, stderr=subprocess.PIPE, env=env)
         if warning is not None:
             warning.started(proc)
