@@ -8,9 +8,19 @@ import argparse
 from hpctrain import config as configs
 from hpctrain.arguments import Declared, add_option
 from hpctrain.errors import UsageError
-from hpctrain.options import dash_values, declared, flag_of
+from hpctrain.options import dash_values, declared, flag_of, shown
 from hpctrain.sim.config import SimConfig
-from hpctrain.sim.simulate import UNUSED, unused
+
+# train's options the simulator has no use for (their argparse dests), and why. Typed on the
+# command line they are refused, whatever the value; from a file (a real run's config.json,
+# simulated) they are ignored.
+UNUSED = {
+    "stall_timeout": ("--stall-timeout", "its virtual workers are threads of one process, "
+                                         "with no watchdog"),
+    "algorithm.sync_backend": ("--sync-backend", "ssgd's virtual workers average their "
+                                                 "gradients in the one process, through no "
+                                                 "backend"),
+}
 
 
 def options() -> list[Declared]:
@@ -29,11 +39,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, dest_prefix: str = "",
 def build(args: argparse.Namespace) -> SimConfig:
     """The simulator's configuration from ``--config``'s ``sim`` table (a simulated run's
     ``config.json`` has one) and the options given, which win; the rest default. A train
-    option the simulator does not use (:data:`hpctrain.sim.simulate.UNUSED`) given on the
-    command line is refused, even at its default value."""
-    for path in UNUSED:
-        if hasattr(args, ".".join(path)):  # typed (train's options default to absent)
-            raise unused(path, getattr(args, ".".join(path)))
+    option the simulator does not use (:data:`UNUSED`) given on the command line is refused,
+    even at its default value."""
+    for dest, (flag, why) in UNUSED.items():
+        if hasattr(args, dest):  # typed (train's options default to absent)
+            raise UsageError(f"hpctrain simulate does not use {flag} "
+                             f"{shown(getattr(args, dest))} ({why}): drop it")
     base = configs.read_file(args.config).get("sim", {}) if getattr(args, "config", None) else {}
     if not isinstance(base, dict):
         raise UsageError(f"--config {args.config}: sim must be a table of the simulator's "

@@ -33,24 +33,6 @@ from hpctrain.sim.store import SharedStore
 from hpctrain.sync.algorithm import Sequential, Synchronous
 
 INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backward
-# Options of train's that the simulator has no use for, by their place in the configuration:
-# their flag and why. Typed on the command line they are refused, whatever the value
-# (:func:`hpctrain.sim.arguments.build`, which knows what was typed); from a file (a real
-# run's config.json, simulated) they are ignored.
-UNUSED = {
-    ("stall_timeout",): ("--stall-timeout", "its virtual workers are threads of one process, "
-                                            "with no watchdog"),
-    ("algorithm", "sync_backend"): ("--sync-backend", "ssgd's virtual workers average their "
-                                                      "gradients in the one process, through "
-                                                      "no backend"),
-}
-
-
-def unused(path: tuple[str, ...], value) -> UsageError:
-    """The one line for the option of :data:`UNUSED` at ``path`` given to the simulator."""
-    flag, why = UNUSED[path]
-    return UsageError(f"hpctrain simulate does not use {flag} {options.shown(value)} ({why}): "
-                      "drop it")
 
 
 def check(config: RunConfig, sim: SimConfig) -> RunConfig:
