@@ -163,17 +163,14 @@ def _stop(proc: subprocess.Popen, send, grace: float) -> tuple[str, str]:
     """End ``proc`` with ``send(signal)``: SIGTERM first, which lets a launcher (mpirun,
     torchrun's agent, bench compare) end what it started, SIGKILL if it has not ended after
     ``grace`` seconds or the wait is interrupted; then what it wrote."""
-    ended = False
+    send(signal.SIGTERM)
     try:
-        send(signal.SIGTERM)
-        out = proc.communicate(timeout=grace)
-        ended = True
-        return out
+        return proc.communicate(timeout=grace)
     except subprocess.TimeoutExpired:
-        pass
-    finally:
-        if not ended:
-            send(signal.SIGKILL)
+        send(signal.SIGKILL)
+    except BaseException:  # interrupted while waiting: end it all the same
+        send(signal.SIGKILL)
+        raise
     try:
         return proc.communicate(timeout=5)
     except subprocess.TimeoutExpired:  # something it left, outside its group, holds the pipes
