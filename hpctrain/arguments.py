@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import dataclass
 
+from hpctrain import comm, options, registry
 from hpctrain import config as configs
-from hpctrain import registry
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of
@@ -113,6 +113,39 @@ def given(args: argparse.Namespace, options: list[Declared]) -> dict:
     return out
 
 
+def rederived(base: dict, given: dict, path: str | None = None) -> dict:
+    """A run's ``config.json`` (``base``) without the ``optim`` values it took by default
+    where the options they follow from are given anew (``--algo``, ``--optimizer``,
+    ``--lr-milestones``): ``--config sgd-run/config.json --algo asgd`` trains with asgd's rate
+    and momentum, not sgd's. A value equal to the file's default counts as a default (the
+    file does not say which were typed); a TOML file's values are the user's and stay."""
+    optim, typed = base.get("optim"), given.get("optim", {})
+    if "run_info" not in base or not isinstance(optim, dict) or \
+            not isinstance(base.get("algo"), str):
+        return base
+    try:
+        before = configs.defaults(base["algo"], optim.get("optimizer", "sgd"),
+                                  optim.get("lr_milestones") or ())
+        after = configs.defaults(given.get("algo", base["algo"]),
+                                 typed.get("optimizer", optim.get("optimizer", "sgd")),
+                                 typed.get("lr_milestones", optim.get("lr_milestones")) or ())
+    except UsageError:  # an unknown algorithm: refused, with its name, by the caller
+        return base
+    stale = [key for key in before if key not in typed and key in optim
+             and optim[key] == before[key] and after[key] != before[key]]
+    if not stale:
+        return base
+    if comm.env_rank() == 0:
+        print(f"hpctrain: {_listed(after, stale)} by default with the options given, not "
+              f"{path}'s {_listed(optim, stale)}, its run's defaults", flush=True)
+    return {**base, "optim": {k: v for k, v in optim.items() if k not in stale}}
+
+
+def _listed(values: dict, keys: list[str]) -> str:
+    return ", ".join(f"{key} {'none' if values[key] is None else options.shown(values[key])}"
+                     for key in keys)
+
+
 def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
     algo_options = algorithm_options()
@@ -120,7 +153,7 @@ def build(args: argparse.Namespace) -> RunConfig:
     base = configs.read_file(args.config) if args.config is not None else {}
     if "algo" in values and base.get("algo") not in (None, values["algo"]):
         base = {k: v for k, v in base.items() if k != "algorithm"}  # the file's other algo's
-    values = configs.merge(base, values)
+    values = configs.merge(rederived(base, values, args.config), values)
     algo = values.get("algo")
     if algo is None or algo == "":
         raise UsageError("no algorithm: give --algo (or algo in --config)")

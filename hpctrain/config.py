@@ -375,16 +375,23 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "stragglers": StragglerConfig}
 
 
+def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:
+    """The ``optim`` values a run of ``algo`` with ``optimizer`` takes when none is given:
+    SGD's rate and momentum are the algorithm's (0.05 and 0.9 unless it says otherwise), Adam's
+    rate 0.001 (its betas stand for momentum); the schedule steps where milestones are given,
+    else follows a cosine."""
+    sgd = registry.get(algo).defaults if optimizer == "sgd" else None
+    return {"lr": sgd.get("lr", 0.05) if sgd is not None else 0.001,
+            "momentum": sgd.get("momentum", 0.9) if sgd is not None else None,
+            "lr_schedule": "step" if lr_milestones else "cosine"}
+
+
 def resolve(config: RunConfig) -> RunConfig:
     """``config`` with the algorithm's defaults filled in (learning rate, momentum, schedule)."""
-    algo = config.algorithm_class
     o = config.optim
-    sgd = o.optimizer == "sgd"
-    lr = o.lr if o.lr is not None else algo.defaults.get("lr", 0.05) if sgd else 0.001
-    momentum = o.momentum if o.momentum is not None or not sgd \
-        else algo.defaults.get("momentum", 0.9)
-    schedule = o.lr_schedule or ("step" if o.lr_milestones else "cosine")
-    return replace(config, optim=replace(o, lr=lr, momentum=momentum, lr_schedule=schedule))
+    d = defaults(config.algo, o.optimizer, o.lr_milestones)
+    return replace(config, optim=replace(
+        o, **{key: d[key] for key in d if getattr(o, key) is None}))
 
 
 def to_dict(config: RunConfig) -> dict:

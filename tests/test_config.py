@@ -51,6 +51,37 @@ def test_flags_override_the_file_and_config_json_repeats_a_run(tmp_path):
     assert again == configs.resolve(config)
 
 
+def test_a_run_repeated_with_another_algorithm_takes_that_algorithms_defaults(tmp_path, capsys):
+    """config.json holds the rates a run resolved: ``--config sgd-run/config.json --algo
+    asgd`` trained asgd with sgd's lr 0.05 and momentum 0.9, and ``--optimizer adam`` was
+    refused for sgd's momentum. Values the user chose (other than the defaults) stay."""
+    def run_json(*argv: str) -> str:
+        saved = tmp_path / f"{len(list(tmp_path.iterdir()))}.json"
+        saved.write_text(json.dumps({**configs.repeatable(configs.resolve(parse(*argv))),
+                                     "run_info": {"workers": 2}}))
+        return str(saved)
+
+    sgd = run_json("--algo", "sgd")
+    asgd = configs.resolve(parse("--config", sgd, "--algo", "asgd")).optim
+    assert (asgd.lr, asgd.momentum) == (0.1, 0.0)
+    assert "lr 0.1, momentum 0.0 by default" in capsys.readouterr().out
+    adam = configs.resolve(parse("--config", sgd, "--optimizer", "adam")).optim
+    assert (adam.lr, adam.momentum) == (0.001, None)
+    step = configs.resolve(parse("--config", sgd, "--lr-milestones", "2,4")).optim
+    assert step.lr_schedule == "step"
+    capsys.readouterr()
+    # The same algorithm, or a value the user chose: the file's values, said nowhere.
+    assert configs.resolve(parse("--config", sgd)) == configs.resolve(parse("--algo", "sgd"))
+    chosen = run_json("--algo", "sgd", "--lr", "0.2", "--momentum", "0.5")
+    kept = configs.resolve(parse("--config", chosen, "--algo", "asgd")).optim
+    assert (kept.lr, kept.momentum) == (0.2, 0.5)
+    assert capsys.readouterr().out == ""
+    # A TOML file's rate is the user's even when it equals a default.
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "sgd"\n[optim]\nlr = 0.05\n')
+    assert configs.resolve(parse("--config", str(toml), "--algo", "asgd")).optim.lr == 0.05
+
+
 def test_numpy_numbers_are_taken_as_pythons():
     """README says numpy's numbers are accepted: milestones from np.arange and a checkpoint
     interval of np.int64 were refused."""
