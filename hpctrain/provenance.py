@@ -27,9 +27,11 @@ _GIT_LOCATION = frozenset({"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_CO
 
 
 def software(device: torch.device) -> dict:
-    """The versions a run trained with; on a GPU also its name and CUDA, cuDNN and NCCL."""
+    """The versions a run trained with, and its CPU and the kernels torch chose for it (the
+    same build gives another model on another CPU); on a GPU also its name and CUDA, cuDNN
+    and NCCL."""
     info = {"hpctrain": hpctrain.__version__, **commit(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), **cpu()}
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), nccl=_nccl_version())
@@ -61,6 +63,23 @@ def commit() -> dict:
     except (OSError, subprocess.TimeoutExpired):
         return {}
     return {"hpctrain_commit": head.stdout.strip() + ("+dirty" if dirty else "")}
+
+
+@cache
+def cpu() -> dict:
+    """``cpu``: the processor's name (Linux's /proc/cpuinfo, else what Python says) and
+    ``cpu_capability``: the instruction set torch's CPU kernels use (AVX2, AVX512, ...):
+    deterministic runs repeat bit for bit only where both are the same."""
+    name = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f
+                         if line.startswith("model name")), None)
+    except OSError:
+        pass
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    info = {"cpu": name or platform.processor() or None, "cpu_capability": capability}
+    return {k: v for k, v in info.items() if v}
 
 
 def _nccl_version() -> str | None:

@@ -22,6 +22,9 @@ def test_a_cpu_run_records_its_software():
     assert info["torch"] == torch.__version__
     assert info["python"] == platform.python_version()
     assert "gpu" not in info and "cudnn" not in info
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    if Path("/proc/cpuinfo").exists():
+        assert info["cpu"] in Path("/proc/cpuinfo").read_text()
 
 
 def test_a_checkout_records_its_commit():

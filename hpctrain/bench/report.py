@@ -228,7 +228,8 @@ def _run_info(path: Path) -> dict:
 # run_info keys the report names, with their labels, in the order it names them
 ENVIRONMENT = (("device", "device"), ("gpu", "GPU"), ("library", "MPI"), ("torch", "torch"),
                ("cuda", "CUDA"), ("cudnn", "cuDNN"), ("nccl", "NCCL"), ("python", "Python"),
-               ("hpctrain", "hpctrain"), ("hpctrain_commit", "commit"))
+               ("hpctrain", "hpctrain"), ("hpctrain_commit", "commit"), ("cpu", "CPU"),
+               ("cpu_capability", "CPU kernels"))
 GPU_ONLY = frozenset({"gpu", "cuda", "cudnn", "nccl"})  # compared among GPU runs only
 
 
