@@ -113,16 +113,31 @@ def test_a_curve_above_the_range_says_its_limit_in_three_digits():
     assert report.legend_label(curve, (0.0, 85.0)) == "asgd, M=4"
 
 
-def shuffle_run(folder, epochs=(0.0, 0.5, 1.0), acc=(0.1, 0.5, 0.7), strategy="global"):
+def shuffle_run(folder, epochs=(0.0, 0.5, 1.0), acc=(0.1, 0.5, 0.7), strategy="global",
+                partition="iid", workers=2):
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text(json.dumps({"data": {"shuffle": strategy}, "seed": 0}))
+    (folder / "config.json").write_text(json.dumps(
+        {"data": {"shuffle": strategy, "partition": partition}, "seed": 0}))
     (folder / "metrics.jsonl").write_text("".join(
         json.dumps({"t": e, "epoch": e, "test_acc": a}) + "\n" for e, a in zip(
             epochs, acc, strict=True)))
     (folder / "summary.json").write_text(json.dumps(
-        {"workers": 2, "final_test_acc": acc[-1], "best_test_acc": max(acc), "bytes_moved": 0,
-         "exchange_s": 0.0, "epochs": 1}))
+        {"workers": workers, "final_test_acc": acc[-1], "best_test_acc": max(acc),
+         "bytes_moved": 0, "exchange_s": 0.0, "epochs": 1}))
     return str(folder)
+
+
+def test_the_shuffle_plot_keeps_partitions_and_worker_counts_apart(tmp_path):
+    """Runs were grouped by --shuffle alone: an iid and a label-skew run (or K = 2 and K = 8)
+    were averaged into one line "local (mean of 2 seeds)", and one row of the spread table."""
+    runs = [shuffle_run(tmp_path / "iid", strategy="local"),
+            shuffle_run(tmp_path / "skew", strategy="local", partition="label-skew",
+                        acc=(0.1, 0.2, 0.3))]
+    assert list(shuffle_plot.lines(runs)) == ["local", "local, label-skew"]
+    assert "| 2 | local, label-skew | 1 | 0.3000 |" in shuffle_plot.spread_table(runs)
+    runs.append(shuffle_run(tmp_path / "k8", strategy="local", workers=8))
+    assert list(shuffle_plot.lines(runs)) == ["K = 2, local", "K = 2, local, label-skew",
+                                              "K = 8, local"]
 
 
 def ec_run(folder, acc=(0.1, 0.3, 0.5)):

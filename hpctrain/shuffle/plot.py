@@ -1,7 +1,8 @@
 """Plot test accuracy against epochs for finished runs, one line per shuffling strategy.
 
 ``python -m hpctrain.shuffle.plot RUN_DIR... --out docs/shuffle-k8.png``: one line per
-strategy (``--shuffle`` in the run's ``config.json``): the mean over its runs (seeds), with
+strategy (``--shuffle`` and ``--partition`` in the run's ``config.json``, and K where the runs
+have several): the mean over its runs (seeds), with
 their minimum-to-maximum range shaded. ``--table`` also prints Markdown tables: one row per
 run (accuracies, data moved), and the mean and spread of the final accuracy per strategy.
 """
@@ -31,12 +32,14 @@ def _summary(run_dir: str | Path) -> dict:
 
 
 def _strategy(config: dict, run_dir: str | Path = "") -> str:
-    """The run's ``--shuffle``: nested under "data" in newer config.json files, flat before."""
+    """The run's ``--shuffle``, and its ``--partition`` unless iid (runs that differ in either
+    are not one setting): nested under "data" in newer config.json files, flat before."""
     data = config.get("data")
-    strategy = data.get("shuffle") if isinstance(data, dict) else config.get("shuffle")
+    values = data if isinstance(data, dict) else config
+    strategy, partition = values.get("shuffle"), values.get("partition", "iid")
     if not isinstance(strategy, str):
         raise UsageError(f"{Path(run_dir) / 'config.json'} names no --shuffle strategy")
-    return strategy
+    return strategy if partition == "iid" else f"{strategy}, {partition}"
 
 
 def curve(run_dir: str | Path) -> tuple[str, list[float], list[float]]:
@@ -80,12 +83,23 @@ def spread_table(run_dirs: list[str]) -> str:
     return "\n".join(rows)
 
 
+def lines(run_dirs: list[str]) -> dict[str, list[tuple[list[float], list[float]]]]:
+    """The plot's lines: each setting's runs' (epochs, accuracies), by the setting's label
+    (the strategy, with K where the runs have several)."""
+    by_strategy: dict[str, list[tuple[list[float], list[float]]]] = {}
+    curves = {run: curve(run) for run in run_dirs}
+    workers = {run: _summary(run)["workers"] for run in run_dirs}
+    for run in run_dirs:
+        strategy, epochs, acc = curves[run]
+        if len(set(workers.values())) > 1:
+            strategy = f"K = {workers[run]}, {strategy}"
+        by_strategy.setdefault(strategy, []).append((epochs, acc))
+    return by_strategy
+
+
 def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
     """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
-    by_strategy: dict[str, list[tuple[list[float], list[float]]]] = {}
-    for run in run_dirs:
-        strategy, epochs, acc = curve(run)
-        by_strategy.setdefault(strategy, []).append((epochs, acc))
+    by_strategy = lines(run_dirs)
     with accuracy_figure(out, "epochs", title, ymin) as ax:
         for i, (strategy, runs) in enumerate(by_strategy.items()):
             epochs = runs[0][0]
