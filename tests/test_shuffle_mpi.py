@@ -53,6 +53,33 @@ def test_a_rank_can_receive_more_rows_than_any_rank_sends():
 
 
 @pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_a_rank_holding_or_receiving_no_rows_takes_part():
+    """reshape(0, -1) of a rank's empty holdings raised ("cannot reshape tensor of 0
+    elements") on that rank, and the others waited in the exchange."""
+    from hpctrain.shuffle.exchange import Exchanger
+
+    comm = world()
+    r, n = comm.Get_rank(), comm.Get_size()
+    held = 0 if r == 0 else 2  # rank 0 holds nothing and receives nothing
+    ids = torch.arange(2 * r, 2 * r + held)
+    mine = data.Dataset("x", ids.float().view(held, 1, 1, 1).expand(held, 1, 4, 4).contiguous(),
+                        ids % 10, ids)
+    into = 0 if r == 0 else 2
+    out = data.Dataset("x", torch.zeros(into, 1, 4, 4), torch.zeros(into, dtype=torch.long),
+                       torch.full((into,), -1))
+    def to(s: int) -> int:  # ranks 1.. send their rows one rank on, among themselves
+        return s % (n - 1) + 1
+
+    sent = Exchanger(comm, chunk_bytes=1 << 20).move(
+        mine, torch.arange(held), torch.full((held,), to(r)), out,
+        lambda got: torch.arange(len(got)))
+    assert out.ids.tolist() == [i for s in range(1, n) if r and to(s) == r
+                                for i in (2 * s, 2 * s + 1)]
+    assert sent == (0 if r == 0 or to(r) == r else 2 * (4 * 16 + 16))  # 2 rows, ids, labels
+
+
+@pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("strategy", STRATEGIES)
 @pytest.mark.parametrize("partition", ["iid", "label-skew"])

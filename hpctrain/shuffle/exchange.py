@@ -8,6 +8,7 @@ exchanges (fresh pages cost more than the copies), so the extra memory is two ch
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -85,8 +86,9 @@ class Exchanger:
         out.labels[where] = got_t[:, 0]
         out.ids[where] = got_t[:, 1]
 
-        flat = source.images.reshape(len(source), -1)
-        out_flat = out.images.view(len(out), -1).numpy()
+        # Rows by their size, not -1: a rank holding or receiving none has 0-row tensors.
+        flat = source.images.reshape(len(source), math.prod(source.images.shape[1:]))
+        out_flat = out.images.view(len(out), math.prod(out.images.shape[1:])).numpy()
         row_bytes = flat.element_size() * flat.shape[1]
         per = max(1, self.chunk_bytes // (row_bytes * ranks))  # rows per peer per round
         rounds = -(-int(counts.max()) // per)
