@@ -102,7 +102,8 @@ class DataConfig:
                 parse_strategy(self.shuffle)[0] == "global":  # every epoch: all data, permuted
             raise UsageError("--partition label-skew with --shuffle global trains on iid data "
                              "(each epoch deals a fresh permutation of all of it): use --shuffle "
-                             "local|partial:Q, or --data-placement sharded")
+                             "local|partial:Q, or --data-placement sharded to measure what dealing "
+                             "label-sorted shards costs (its training is iid too)")
 
     def spec(self, seed: int) -> TrainDataSpec:
         """The shuffle package's description of this data with ``seed``."""
