@@ -47,7 +47,7 @@ from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
 from hpctrain.shuffle import TrainDataSpec
-from hpctrain.shuffle.options import parse_strategy
+from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, parse_strategy
 from hpctrain.stragglers import MAX_SIGMA, parse_slowdown
 
 EVAL_MODES = ("after", "online")
@@ -86,8 +86,9 @@ class DataConfig:
                                  "with MPI)")
     partition: str = option("iid", "initial split: iid (file order) or label-skew (sorted by "
                             "label)")
-    shuffle_chunk_mb: float = option(16.0, "sharded exchange: at most this many MB sent per "
-                                     "rank per round", parse=options.positive(float))
+    shuffle_chunk_mb: float = option(DEFAULT_CHUNK_MB, "sharded exchange: at most this many MB "
+                                     "sent per rank per round, but one sample to each rank at "
+                                     "least", parse=options.positive(float))
 
     def __post_init__(self) -> None:
         # The Python API may give the loading function itself: kept as its reference.
@@ -104,6 +105,11 @@ class DataConfig:
                              "(each epoch deals a fresh permutation of all of it): use --shuffle "
                              "local|partial:Q, or --data-placement sharded to measure what dealing "
                              "label-sorted shards costs (its training is iid too)")
+        if self.data_placement == "replicated" and \
+                self.shuffle_chunk_mb != DEFAULT_CHUNK_MB:
+            raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb:g} sizes "
+                             "the rounds of the sharded exchange: it needs --data-placement "
+                             "sharded (replicated data are not moved)")
 
     def spec(self, seed: int) -> TrainDataSpec:
         """The shuffle package's description of this data with ``seed``."""

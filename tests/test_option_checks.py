@@ -68,6 +68,16 @@ def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
         DataConfig(partition="label-skew", shuffle=shuffle, data_placement=placement)
 
 
+def test_an_exchange_round_size_without_an_exchange_is_refused():
+    """--shuffle-chunk-mb sizes the sharded exchange's rounds: with replicated data nothing
+    moves, and it was accepted and ignored."""
+    message = ("--shuffle-chunk-mb 4 sizes the rounds of the sharded exchange: it needs "
+               "--data-placement sharded (replicated data are not moved)")
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--shuffle-chunk-mb", "4"]) == message
+    DataConfig(data_placement="sharded", shuffle_chunk_mb=4.0)
+    DataConfig(shuffle_chunk_mb=16)  # the default, typed
+
+
 # 3. --lam had no upper bound: 1e300 reached the float32 compensation kernel as inf.
 
 def test_lam_stops_at_the_largest_factor():
@@ -133,11 +143,13 @@ def test_config_json_repeats_a_run_that_had_a_checkpoint_folder_of_its_own(tmp_p
 # 6. Options that change nothing in the results may change when a run is resumed.
 
 def test_a_resume_may_change_the_stall_timeout_and_the_exchange_round(tmp_path):
-    old = configs.flat(configs.resolve(RunConfig(algo="sgd")))
+    old = configs.flat(configs.resolve(RunConfig(algo="sgd", data=DataConfig(
+        data_placement="sharded"))))
     checkpoint.save(tmp_path, 5, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
                                             "args": old})
     new = configs.flat(configs.resolve(RunConfig(algo="sgd", stall_timeout=30.0,
-                                                 data=DataConfig(shuffle_chunk_mb=4.0))))
+                                                 data=DataConfig(data_placement="sharded",
+                                                                 shuffle_chunk_mb=4.0))))
     resolved = checkpoint.check(algo="sgd", ranks=1, every=None, checkpoint_dir=None,
                                 resume=str(tmp_path), out=str(tmp_path / "out"),
                                 run_config=new, may_change=checkpoint.MAY_CHANGE)
