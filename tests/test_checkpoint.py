@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain import checkpoint, comm
+from hpctrain import checkpoint, comm, watchdog
 from hpctrain.checkpoint import CorruptCheckpoint, Resize
+from hpctrain.checkpoint import checkpointer as checkpointer_module
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
 
@@ -122,9 +123,11 @@ def test_keeps_the_last_two_and_removes_stale_temporaries(tmp_path):
 
 def test_a_refused_write_names_the_file_and_keeps_the_one_before(tmp_path):
     """The kernel refuses the write (a file-size limit here, as a full disk or a quota would):
-    the error names the checkpoint, the one before is untouched, no temporary file is left."""
+    the error names the checkpoint, the one before is untouched, no temporary file is left,
+    not even a killed writer's, which is removed before the write, not after."""
     first = write(tmp_path, 1)
     kept = first.read_bytes()
+    (tmp_path / ".ckpt-000000002.pt.x1y2z3.tmp").write_bytes(b"left by a killed writer")
     assert signal.getsignal(signal.SIGXFSZ) == signal.SIG_IGN  # Python's own: EFBIG, no signal
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (len(kept) + 4096, hard))
@@ -597,3 +600,173 @@ def test_a_run_resumed_on_more_workers_retires_the_old_runs_later_checkpoints(tm
     kept = [(h["workers"], h["updates"]) for h in map(checkpoint.read_header,
                                                       checkpoint.listing(folder))]
     assert kept == [(world.size, 64)]
+
+
+def sgd_checkpointer(folder, resume=None, comm_=None) -> checkpoint.Checkpointer:
+    """A Checkpointer of a tiny model, every epoch of 10 updates."""
+    torch.manual_seed(0)
+    return checkpoint.Checkpointer(comm_, 10, 40, shared={"model": torch.nn.Linear(3, 2)},
+                                   every="1e", folder=folder, resume=resume,
+                                   header={"algo": "sgd", "ranks": 1, "args": {}})
+
+
+def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):
+    """Every checkpoint lists the snapshot files before it: one flipped byte in the first
+    made both kept checkpoints unusable (renamed *.corrupt, --resume refused). Now the model
+    and optimizer state decide; the snapshot is named in one line and its point left out."""
+    ckpt, snapshots = sgd_checkpointer(tmp_path / "a"), Snapshots()
+    model = ckpt.shared["model"]
+    for updates in (10, 20):
+        snapshots.take(model, updates=updates - 10)
+        ckpt.save(updates, {}, snapshots)
+    flip(tmp_path / "a" / "snapshots" / "000000.pt", 200)
+    lines = []
+    found = checkpoint.load_newest(tmp_path / "a", lines.append)
+    assert found.header["updates"] == 20 and not checkpoint.corrupt(tmp_path / "a")
+    assert [s.info["updates"] for s in found.snapshots[0]] == [10]
+    assert lines == [f"hpctrain: snapshot {tmp_path / 'a' / 'snapshots' / '000000.pt'} is "
+                     "unusable (checksum mismatch); the run's curve leaves out its point "
+                     "(update 0)"]
+
+    # Missing, and the run resumed into another folder: the rest is carried, the new
+    # snapshot file takes a name of its own (the bad ones stay listed).
+    (tmp_path / "a" / "snapshots" / "000001.pt").unlink()
+    resumed, back = sgd_checkpointer(tmp_path / "b", resume=str(tmp_path / "a")), Snapshots()
+    assert resumed.restore(back) == {"updates": 20} and back == []
+    assert "000001.pt is unusable (No such file or directory); the run's curve leaves out " \
+        "its point (update 10)" in capsys.readouterr().err
+    back.take(model, updates=20)
+    resumed.save(30, {}, back)
+    lines = []
+    found = checkpoint.load_newest(tmp_path / "b", lines.append)
+    assert found.header["updates"] == 30 and len(lines) == 2
+    assert [s.info["updates"] for s in found.snapshots[0]] == [20]
+    assert [r["file"] for r in found.payload["snapshots"][0]] == [
+        "snapshots/000000.pt", "snapshots/000001.pt", "snapshots/000002.pt"]
+
+
+def test_a_members_bad_snapshot_leaves_its_point_out_for_every_member(tmp_path):
+    """ma's and ec's members (per-rank snapshots) are scored together, point by point: a
+    point dropped on one rank only would misalign them, and hang the collective scoring."""
+    (tmp_path / "snapshots").mkdir()
+    refs = []
+    for rank in (0, 1):
+        refs.append([])
+        for point, updates in enumerate((0, 10)):
+            name = f"snapshots/{point:06d}-r{rank}.pt"
+            blob = checkpoint.encode({"w": torch.full((4,), float(rank))}, {})
+            (tmp_path / name).write_bytes(blob)
+            refs[rank].append({"file": name, "sha256": checkpoint.read_header(
+                tmp_path / name)["sha256"], "info": {"updates": updates}})
+    checkpoint.save(tmp_path, 20, {"snapshots": refs}, {"algo": "ma", "workers": 2})
+    (tmp_path / "snapshots" / "000000-r1.pt").unlink()
+    lines = []
+    found = checkpoint.load_newest(tmp_path, lines.append)
+    assert [[s.info["updates"] for s in rank] for rank in found.snapshots] == [[10], [10]]
+    assert [float(rank[0].state["w"][0]) for rank in found.snapshots] == [0.0, 1.0]
+    assert len(lines) == 1 and "000000-r1.pt is unusable (No such file or directory)" in lines[0]
+
+
+def test_the_update_just_saved_is_not_written_again(tmp_path):
+    """After a checkpoint the loop asks due() again at the same update; on several ranks
+    SIGUSR1's verdict could arrive then, and the same checkpoint was written twice (counted
+    twice, its time doubled). The stop request stays."""
+    ckpt = sgd_checkpointer(tmp_path)
+    ckpt.save(10, {}, [])
+    written = (tmp_path / "ckpt-000000010.pt").stat().st_ino
+    ckpt.stopping = True  # as due() sets it on SIGUSR1
+    ckpt.save(10, {}, [])
+    assert ckpt.count == 1 and ckpt.stopping
+    assert (tmp_path / "ckpt-000000010.pt").stat().st_ino == written  # not rewritten
+    ckpt.save(20, {}, [])
+    assert ckpt.count == 2 and checkpoint.load_newest(tmp_path).payload["book"]["checkpoints"] == 2
+
+
+def fsynced(monkeypatch) -> list[int]:
+    """The inodes os.fsync is called on from now on (the real fsync still runs)."""
+    synced, real = [], os.fsync
+
+    def record(fd):
+        synced.append(os.fstat(fd).st_ino)
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    return synced
+
+
+def test_make_folder_fsyncs_each_new_folder_into_its_parent(tmp_path, monkeypatch):
+    (tmp_path / "old").mkdir()
+    synced = fsynced(monkeypatch)
+    checkpoint.folder.make_folder(tmp_path / "old" / "new" / "newer")
+    inode = {name: (tmp_path / name).stat().st_ino for name in ("old", "old/new")}
+    assert sorted(synced) == sorted(inode.values())  # the parents of the two new ones
+    synced.clear()
+    checkpoint.folder.make_folder(tmp_path / "old" / "new")
+    assert synced == []  # nothing new
+
+
+def test_a_runs_first_checkpoint_makes_its_new_folders_durable(tmp_path, monkeypatch):
+    """The writer made snapshots/ (and its parents) before make_folder looked, which then
+    found nothing new: the entries of out/ and checkpoints/ were never fsynced."""
+    synced = fsynced(monkeypatch)
+    ckpt, snapshots = sgd_checkpointer(tmp_path / "out" / "checkpoints"), Snapshots()
+    snapshots.take(ckpt.shared["model"], updates=0)
+    ckpt.save(10, {}, snapshots)
+    for folder in (tmp_path, tmp_path / "out", tmp_path / "out" / "checkpoints"):
+        assert folder.stat().st_ino in synced, folder
+
+
+def test_an_unreadable_newest_checkpoint_is_refused_before_mpi(tmp_path):
+    """check() took the older checkpoint's header instead, so the run started and rank 0
+    refused the file only after MPI had (the others waiting in their first collective)."""
+    a_run(tmp_path)
+    loop = tmp_path / "ckpt-000000006.pt"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path))
+    assert str(e.value) == f"cannot read checkpoint file {loop}: Too many levels of symbolic links"
+
+
+def test_a_checkpoint_write_beats_the_watchdog_between_files(tmp_path, monkeypatch):
+    """Writing is progress: a checkpoint whose files took longer than --stall-timeout
+    together ended a healthy job (and left a temporary file, os._exit skipping its clean-up)."""
+    ckpt, snapshots = sgd_checkpointer(tmp_path), Snapshots()
+    for updates in (0, 5):
+        snapshots.take(ckpt.shared["model"], updates=updates)
+    beats, real = [], watchdog.beat
+
+    def record(doing, count=None):
+        beats.append((count, tuple(sorted(p.name for p in tmp_path.rglob("*.pt")))))
+        real(doing, count)
+
+    monkeypatch.setattr(watchdog, "beat", record)
+    ckpt.save(10, {}, snapshots)
+    assert {count for count, _ in beats} == {10}
+    on_disk = list(dict.fromkeys(files for _, files in beats))  # in order, each once
+    assert on_disk == [(), ("000000.pt",), ("000000.pt", "000001.pt"),
+                       ("000000.pt", "000001.pt", "ckpt-000000010.pt")]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_ranks_waiting_for_rank_0s_checkpoint_beat_the_watchdog(tmp_path, monkeypatch):
+    """The other ranks waited for rank 0's write in their next collective, without a beat:
+    their watchdogs ended a healthy job. Rank 0's snapshot write takes 0.3 s here."""
+    world = comm.mpi().COMM_WORLD
+    folder = Path(world.bcast(str(tmp_path))) / "ck"
+    ckpt, snapshots = sgd_checkpointer(folder, comm_=world), Snapshots()
+    if world.rank == 0:
+        snapshots.take(ckpt.shared["model"], updates=0)
+        real_write = checkpointer_module.write_atomic
+
+        def slow_disk(*args, **kwargs):
+            time.sleep(0.3)
+            real_write(*args, **kwargs)
+
+        monkeypatch.setattr(checkpointer_module, "write_atomic", slow_disk)
+    beats = []
+    monkeypatch.setattr(watchdog, "beat", lambda doing, count=None: beats.append(doing))
+    ckpt.save(10, {}, snapshots)
+    if world.rank > 0:
+        assert "waiting for rank 0's checkpoint" in beats
+    assert checkpoint.listing(folder)  # every rank returns after the write

@@ -13,7 +13,8 @@ temporary file, removed by the next writer). Resuming takes the newest checkpoin
 its checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and
 skipped. Snapshots of the model (the curve points, evaluated after training) are written once
 each to ``snapshots/`` and listed with their checksums in every later checkpoint, so
-checkpoints stay small however long the run.
+checkpoints stay small however long the run; a bad or missing one costs only its curve point
+(reported in one line), not the checkpoints that list it.
 
 The position in the data is the update count: epoch ``updates // steps`` at step
 ``updates % steps``, whose order the shuffle package derives from (seed, epoch) alone (an

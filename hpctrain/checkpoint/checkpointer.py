@@ -20,9 +20,17 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import faults
+from hpctrain import faults, watchdog
 from hpctrain.checkpoint import stop
-from hpctrain.checkpoint.folder import Loaded, listing, newest, number, save
+from hpctrain.checkpoint.folder import (
+    Loaded,
+    listing,
+    make_folder,
+    newest,
+    number,
+    remove_stale,
+    save,
+)
 from hpctrain.checkpoint.format import _header_of, encode
 from hpctrain.checkpoint.policy import Every
 from hpctrain.checkpoint.resize import Resize
@@ -158,10 +166,13 @@ class Checkpointer:
         copy the snapshot files the checkpoint lists, which this run's checkpoints list too."""
         if source.resolve() == self.folder.resolve():
             return
+        make_folder(self.folder / "snapshots")
         for ref in (ref for rank in refs for ref in rank):
-            target = self.folder / ref["file"]
-            target.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(target, (source / ref["file"]).read_bytes(), durable=True)
+            try:
+                blob = (source / ref["file"]).read_bytes()
+            except OSError:  # reported by load_newest, and left out of the curve
+                continue
+            write_atomic(self.folder / ref["file"], blob, durable=True)
 
     def _resize(self, header: dict, ranks: list[dict], refs: list, restored: list
                 ) -> tuple[list[dict], list, list, Resize]:
@@ -236,8 +247,13 @@ class Checkpointer:
         self._handler = None
 
     def save(self, updates: int, counters: dict, snapshots: list) -> None:
-        """Write the checkpoint of update ``updates`` (collective; rank 0 writes). ``counters``:
-        this rank's plain numbers (``elapsed``, samples, ...), given back by restore."""
+        """Write the checkpoint of update ``updates`` (collective; rank 0 writes, the others
+        wait for it beating the watchdog). ``counters``: this rank's plain numbers
+        (``elapsed``, samples, ...), given back by restore. The update just saved, asked again
+        (the loop's ``continue``, a SIGUSR1 verdict received after it), is not written twice;
+        :attr:`stopping` stays as :meth:`due` set it."""
+        if updates == self._saved_at:  # the same on every rank: all return
+            return
         start = time.perf_counter()
         mine = to_host({name: obj.state_dict() for name, obj in self.per_rank.items()})
         mine["rng"] = rng_state()
@@ -250,6 +266,8 @@ class Checkpointer:
         if self.rank == 0:
             self._write(updates, [m for m, _ in gathered],
                         [n for _, n in gathered] if self.snapshots_per_rank else [new])
+        if self.comm is not None and self.workers > 1:
+            _wait_beating(self.comm, "waiting for rank 0's checkpoint", updates)
         if self.close_tickets is not None and self.comm is not None:
             self.stopping = self.comm.bcast(self.stopping, root=0)  # rank 0 closed the tickets
         self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
@@ -259,15 +277,19 @@ class Checkpointer:
         self.last = time.perf_counter()
 
     def _write(self, updates: int, ranks: list[dict], fresh: list[list]) -> None:
+        """Rank 0: the new snapshot files, then the checkpoint, beating the watchdog between
+        files: one long write is progress, not a stall."""
+        watchdog.beat("writing checkpoint", updates)
         if not self.refs:
             self.refs = [[] for _ in fresh]
-        (self.folder / "snapshots").mkdir(parents=True, exist_ok=True)
+        make_folder(self.folder / "snapshots")  # each new folder fsynced into its parent
+        remove_stale(self.folder)
         for r, snaps in enumerate(fresh):
             for snap in snaps:
                 rank = f"-r{r}" if self.snapshots_per_rank else ""
                 name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
                 blob = encode(snap.state, {"info": snap.info})
-                write_atomic(self.folder / name, blob, durable=True)
+                _write_beating(self.folder / name, blob, updates)
                 self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
                                      "info": snap.info})
         payload = {
@@ -278,8 +300,10 @@ class Checkpointer:
                      "resumed_from": self.resumed_from, "resized": self.resized},
         }
         header = {**self.header, "epoch": updates / self.steps}
+        watchdog.beat("writing checkpoint", updates)
         save(self.folder, updates, payload, header,
              midway=lambda: faults.during_checkpoint(self.rank, updates), retire=self._retire)
+        watchdog.beat("wrote checkpoint", updates)
         self._retire = []
 
     def summary(self) -> dict:
@@ -287,6 +311,27 @@ class Checkpointer:
         resizes."""
         return {"checkpoints": self.count, "checkpoint_s": self.seconds,
                 "resumed_from_updates": self.resumed_from, "resized": self.resized}
+
+
+def _write_beating(path: Path, blob: bytes, updates: int) -> None:
+    """A durable file write of checkpoint ``updates``, with a beat before and after it."""
+    watchdog.beat("writing checkpoint", updates)
+    write_atomic(path, blob, durable=True)
+    watchdog.beat("writing checkpoint", updates)
+
+
+def _wait_beating(comm, doing: str, count: int) -> None:
+    """A barrier that beats the watchdog while it waits (for rank 0's write, which beats for
+    each file, so its own watchdog still catches a stall there); as ``hpctrain.live``'s, which
+    the library layer cannot import. torchrun's communicator, without a non-blocking barrier,
+    waits in a plain one."""
+    if not hasattr(comm, "Ibarrier"):
+        comm.Barrier()
+        return
+    request = comm.Ibarrier()
+    while not request.Test():
+        watchdog.beat(doing, count)
+        time.sleep(0.005)
 
 
 def to_host(state):

@@ -6,11 +6,15 @@ A writer killed at any moment therefore leaves the previous good checkpoint (and
 temporary file, removed by the next writer). Reading takes the newest checkpoint that passes its
 checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and skipped.
 Snapshots of the model are files of their own in ``snapshots/``, listed with their checksums in
-each checkpoint, so that checkpoints stay small however long the run.
+each checkpoint, so that checkpoints stay small however long the run. A snapshot is only a
+curve point: a bad or missing one is reported and left out, and its checkpoint stays usable
+(every later checkpoint lists the same file, so one bad snapshot would otherwise make them all
+unusable).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -18,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpctrain.checkpoint.format import CorruptCheckpoint, encode, load
+from hpctrain.checkpoint.format import CorruptCheckpoint, encode, load, read_header
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshot
 from hpctrain.metrics import write_atomic
@@ -30,7 +34,8 @@ _NAME = re.compile(r"^ckpt-(\d+)\.pt$")
 
 @dataclass(frozen=True, eq=False)  # no ==: the payload's tensors have no truth value
 class Loaded:
-    """A checkpoint read back whole, its checksums and its snapshots' checksums verified."""
+    """A checkpoint read back whole, its checksum verified, with the snapshots it lists that
+    verified too."""
 
     path: Path
     """The checkpoint file (``<folder>/ckpt-<updates>.pt``)."""
@@ -39,7 +44,9 @@ class Loaded:
     payload: dict
     """Its payload: ``shared`` and per-rank (``ranks``) states, ``snapshots`` refs, ``book``."""
     snapshots: list[list[Snapshot]]
-    """The snapshots it lists, one list per rank that saved them (just rank 0 when shared)."""
+    """The usable snapshots it lists, one list per rank that saved them (just rank 0 when
+    shared; a point with a bad file left out of every rank's); ``payload["snapshots"]``
+    still lists every file."""
 
 
 def number(path: Path) -> int:
@@ -63,6 +70,7 @@ def save(folder: str | Path, updates: int, payload: dict, header: dict,
     newest KEEP."""
     folder = Path(folder)
     make_folder(folder)
+    remove_stale(folder)
     path = folder / f"ckpt-{updates:09d}.pt"
     write_atomic(path, encode(payload, {**header, "updates": updates}), durable=True,
                  midway=midway)
@@ -71,15 +79,21 @@ def save(folder: str | Path, updates: int, payload: dict, header: dict,
             old.unlink(missing_ok=True)
     for old in listing(folder)[KEEP:]:
         old.unlink(missing_ok=True)
-    for stale in [*folder.glob(".ckpt-*.tmp"), *folder.glob("snapshots/.*.tmp")]:
-        stale.unlink(missing_ok=True)  # left by a writer that was killed
     return path
+
+
+def remove_stale(folder: Path) -> None:
+    """Delete the temporary files a killed writer left in ``folder`` (a kill or the watchdog
+    skips write_atomic's clean-up), before writing: on a nearly full disk they could make the
+    next write fail."""
+    for stale in [*folder.glob(".ckpt-*.tmp"), *folder.glob("snapshots/.*.tmp")]:
+        stale.unlink(missing_ok=True)
 
 
 def make_folder(folder: Path) -> None:
     """``folder`` and its parents, each new one's entry fsynced into its parent: the first
     checkpoint of a run must not vanish with its folder in a power cut."""
-    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    missing = list(itertools.takewhile(lambda p: not p.exists(), (folder, *folder.parents)))
     folder.mkdir(parents=True, exist_ok=True)
     for new in reversed(missing):
         fd = os.open(new.parent, os.O_RDONLY)
@@ -89,31 +103,49 @@ def make_folder(folder: Path) -> None:
             os.close(fd)
 
 
-def _load_snapshots(folder: Path, refs: list[dict]) -> list[Snapshot]:
-    out = []
-    for ref in refs:
-        path = folder / ref["file"]
-        try:
-            header, state = _read(path)
-        except CorruptCheckpoint as e:
-            raise CorruptCheckpoint(f"snapshot {ref['file']}: "
-                                    f"{str(e).removeprefix(path.name + ': ')}") from None
-        if header["sha256"] != ref["sha256"]:
-            raise CorruptCheckpoint(f"snapshot {ref['file']} is not the one it lists")
-        out.append(Snapshot(state, ref["info"]))
-    return out
+def _usable_snapshots(folder: Path, refs: list[list[dict]], report: Callable[[str], None]
+                      ) -> list[list[Snapshot]]:
+    """The snapshots ``refs`` lists (per rank that saved them) that load and match their
+    checksums. Each other one, whatever its problem, is reported in one line and its point
+    left out, on every rank: ma's and ec's members are scored together, point by point. The
+    file stays listed, so a good copy put back in its place counts again at the next resume."""
+    loaded = [[_snapshot(folder, ref, report) for ref in rank] for rank in refs]
+    bad = {i for rank in loaded for i, snap in enumerate(rank) if snap is None}
+    return [[snap for i, snap in enumerate(rank) if i not in bad] for rank in loaded]
 
 
-def _read(path: Path) -> tuple[dict, object]:
-    """:func:`load`, a missing file or a folder in its place taken as corrupt; any other
-    OSError (permissions, an I/O error) a UsageError: the file may be fine, and is kept in
-    the rotation."""
+def _snapshot(folder: Path, ref: dict, report: Callable[[str], None]) -> Snapshot | None:
+    """The snapshot file ``ref`` lists, or None (reported) when it cannot be used."""
+    path = folder / ref["file"]
     try:
-        return load(path)
+        header, state = load(path)
+        if header["sha256"] != ref["sha256"]:
+            raise CorruptCheckpoint("not the file the checkpoint lists")
+    except (CorruptCheckpoint, OSError) as e:
+        problem = e.strerror if isinstance(e, OSError) else str(e).removeprefix(path.name + ": ")
+        at = f" (update {ref['info']['updates']})" if "updates" in ref["info"] else ""
+        report(f"hpctrain: snapshot {path} is unusable ({problem}); the run's curve leaves "
+               f"out its point{at}")
+        return None
+    return Snapshot(state, ref["info"])
+
+
+def _read(path: Path, reader: Callable[[Path], object] = load):
+    """``reader`` (:func:`load`, or :func:`read_header`) of a checkpoint file, a missing file
+    or a folder in its place taken as corrupt; any other OSError (permissions, an I/O error)
+    a UsageError: the file may be fine, and is kept in the rotation."""
+    try:
+        return reader(path)
     except (FileNotFoundError, IsADirectoryError) as e:
         raise CorruptCheckpoint(f"{path.name}: {e.strerror}") from None
     except OSError as e:
         raise UsageError(f"cannot read checkpoint file {path}: {e.strerror}") from None
+
+
+def checkpoint_header(path: Path) -> dict:
+    """A checkpoint's header (:func:`read_header`), with :func:`load_newest`'s errors:
+    CorruptCheckpoint for a missing file or a folder, UsageError for an unreadable file."""
+    return _read(path, read_header)
 
 
 def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
@@ -121,22 +153,23 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
     """The newest usable checkpoint in ``folder``, with its snapshots; None if none is usable.
 
     Each unusable one on the way is reported in one line (by default to stderr), renamed
-    ``*.corrupt`` (so that it leaves the rotation) and skipped.
+    ``*.corrupt`` (so that it leaves the rotation) and skipped. Its model and optimizer state
+    decide: a bad snapshot it lists is reported and left out (:func:`_usable_snapshots`).
     """
     folder = Path(folder)
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))
     paths = listing(folder)
     for i, path in enumerate(paths):
         try:
-            header, payload = _read(path)
-            snapshots = [_load_snapshots(folder, refs) for refs in payload.get("snapshots", [])]
+            head, payload = _read(path)
         except CorruptCheckpoint as e:
             then = "falling back to the previous one" if i + 1 < len(paths) else \
                 "no older one is left"
             report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); {then}")
             path.rename(path.with_name(path.name + ".corrupt"))
             continue
-        return Loaded(path=path, header=header, payload=payload, snapshots=snapshots)
+        snapshots = _usable_snapshots(folder, payload.get("snapshots", []), report)
+        return Loaded(path=path, header=head, payload=payload, snapshots=snapshots)
     return None
 
 

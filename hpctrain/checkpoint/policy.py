@@ -14,17 +14,27 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpctrain.checkpoint.folder import SUBDIR, corrupt, listing, resolve, run_folder
-from hpctrain.checkpoint.format import CorruptCheckpoint, read_header
+from hpctrain.checkpoint.folder import (
+    SUBDIR,
+    checkpoint_header,
+    corrupt,
+    listing,
+    resolve,
+    run_folder,
+)
+from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.errors import UsageError
 from hpctrain.options import HUGE
 
-# Options that may differ between a run and its resumption: they do not change the trajectory
-# (device, micro-batch size, compilation and ssgd's allreduce backend: only in float rounding;
-# mixed precision: in the forward's; the stall watchdog's timeout and the sharded exchange's
-# round size: not at all). The backend follows the launcher (torchrun has no MPI world, so
-# ssgd there runs --sync-backend torch): an mpirun run could not go on under torchrun, told it
-# was started "with --sync-backend mpi, not torch", a value never given.
+# Options that may differ between a run and its resumption. Most do not change results at all
+# (folders, the checkpoint interval, when a run gives up or stops, logging and profiling, the
+# stall watchdog's timeout, the sharded exchange's round size); the others only in float
+# rounding: --threads (the order of torch's sums), device, compilation, cuDNN's choice of
+# kernels, ssgd's allreduce backend, micro-batch size (except with batch norm, whose
+# statistics are then each micro-batch's) and mixed precision (the forward's). The backend
+# follows the launcher (torchrun has no MPI world, so ssgd there runs --sync-backend torch): an
+# mpirun run could not go on under torchrun, told it was started "with --sync-backend mpi,
+# not torch", a value never given.
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
@@ -217,14 +227,15 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
 
 
 def _newest_header(folder: Path, given: str) -> dict:
+    """The newest checkpoint's header, skipping the ones :func:`load_newest` would set aside;
+    one it cannot read (an I/O error, permissions) is refused here, before MPI, in the line
+    rank 0 would raise (taking the older one's header instead let the run start)."""
     problems = []
     for path in listing(folder):
         try:
-            return read_header(path)
+            return checkpoint_header(path)
         except CorruptCheckpoint as e:
             problems.append(str(e))
-        except OSError as e:
-            problems.append(f"{path.name}: {e.strerror}")
     if problems:  # the newest one's problem: the others' is most often the same
         raise UsageError(f"--resume {given}: no checkpoint found there that can be read "
                          f"({problems[0]})")
