@@ -168,9 +168,11 @@ class OptimConfig:
                          range=Range(0, options.HUGE, low_open=True))
     batch_size: int = option(64, "per worker", parse=options.positive(int),
                              range=Range(0, low_open=True))
-    micro_batch_size: int | None = option(None, "forward and backward a batch in parts of at "
-                                          "most N samples, their gradients accumulated: less "
-                                          "memory, the same update (to float rounding)",
+    micro_batch_size: int | None = option(None, "forward and backward a batch in near-equal "
+                                          "parts of at most N samples, their gradients "
+                                          "accumulated: less memory, the same update (to "
+                                          "float rounding; batch norm excepted: it sees each "
+                                          "part)",
                                           parse=options.positive(int), metavar="N",
                                           range=Range(0, low_open=True))
     lr: float | None = option(None, "base learning rate (default 0.05; asgd, dcasgd-*, ssp: "
@@ -230,6 +232,10 @@ class OptimConfig:
         if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate
             raise UsageError("--lr-schedule step needs --lr-milestones, the epochs at which the "
                              "learning rate is multiplied by --lr-gamma (e.g. 3,4)")
+        if self.lr_gamma != OptimConfig.lr_gamma and not self.lr_milestones:  # its default
+            raise UsageError(f"--lr-gamma {options.shown(self.lr_gamma)} is the step decay at "
+                             "--lr-milestones, and none are given: it would change nothing; "
+                             "give --lr-milestones (e.g. 3,4) or leave --lr-gamma out")
         if self.warmup_epochs >= self.epochs:
             raise UsageError(f"--warmup-epochs {options.shown(self.warmup_epochs)} is not "
                              f"below --epochs {options.shown(self.epochs)}: the learning rate "

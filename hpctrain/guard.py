@@ -21,6 +21,14 @@ Synchronous SGD with Adasum (``agree``): the gradients stay local (each rank ste
 changes are combined in the step), so the verdict is agreed in one small allgather per step:
 every rank skips when any rank's gradient was bad, as above.
 
+fp16's loss scaling (``amplified``, :mod:`hpctrain.precision`): a non-finite gradient computed
+at a scale above 1 is the scale's overflow when the step's loss is finite. It is skipped, but
+it is not a bad step: it breaks a run of them and does not count toward ``max_bad_steps``
+(``overflowed`` tells the scaler, which counts it and halves the scale). Synchronous SGD
+judges by the scale alone, at no cost: every rank's scaler saw the same reduced gradients, so
+the scales agree, while each rank's loss is its own. With Adasum the ranks agree on it in the
+verdict's allgather: an overflow when every bad rank's is one.
+
 Clipping (``clip_norm``) scales a finite gradient whose L2 norm over all parameters exceeds
 the bound down to it, as ``torch.nn.utils.clip_grad_norm_`` does, just before the step: for
 synchronous SGD the reduced gradient, as a Horovod or DDP user clips after ``synchronize()``
@@ -30,7 +38,8 @@ would change the average's direction); for every other algorithm the worker's ow
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -86,6 +95,7 @@ class GradientGuard:
         self.agree = agree and comm is not None
         self.together = self.reduced or self.agree  # every rank skips the same steps
         self.skipped = self.consecutive = self.bad_here = 0
+        self.overflowed = False  # the last step checked was skipped as fp16's overflow
         self._local: list[torch.Tensor] = []
         if self.reduced:
             for p in self.params:
@@ -94,26 +104,48 @@ class GradientGuard:
     def _see(self, grad: torch.Tensor) -> None:
         self._local.append(finite(grad))
 
-    def check(self, update: int) -> bool:
-        """True if the gradients in ``.grad`` are finite and the step may be applied."""
+    def check(self, update: int, amplified: Callable[[], bool] | None = None,
+              loss: torch.Tensor | float = 0.0) -> bool:
+        """True if the gradients in ``.grad`` are finite and the step may be applied.
+
+        ``amplified``: whether the step ran at an fp16 loss scale above 1
+        (``LossScaler.amplifies``; asked only of a non-finite gradient: it reads the scale
+        from the device); ``loss``: the step's loss. Then a non-finite gradient may be the
+        scale's overflow (see the module docstring): skipped, with ``overflowed`` set."""
         local, self._local = self._local, []
+        self.overflowed = False
         finite = all_finite(p.grad for p in self.params if p.grad is not None)
         mine_bad = not finite  # unless reduced: then the hooks saw this rank's own
         if self.agree:
-            finite = all(self.comm.allgather(finite))
+            verdicts = self.comm.allgather((finite, finite or self._overflow(amplified, loss)))
+            finite = all(f for f, _ in verdicts)
+            overflow = all(ok for _, ok in verdicts)  # every bad rank's was an overflow
+        else:
+            overflow = not finite and self._overflow(amplified, loss)
         if finite:
             self.consecutive = 0
             self._clip()
             return True
         self.skipped += 1
-        self.consecutive += 1
         if self.reduced:
             mine_bad = not all(bool(f) for f in local)
         if mine_bad:
             self.bad_here += 1
+        if overflow:
+            self.overflowed, self.consecutive = True, 0
+            return False
+        self.consecutive += 1
         if self.consecutive >= self.max_bad_steps:
             self._stop(update)
         return False
+
+    def _overflow(self, amplified: Callable[[], bool] | None,
+                  loss: torch.Tensor | float) -> bool:
+        """Whether this rank's non-finite gradient is fp16's overflow: computed at a scale
+        above 1, from a finite loss (synchronous SGD: the scale alone, as every rank sees)."""
+        if amplified is None or not amplified():
+            return False
+        return self.reduced or math.isfinite(float(loss))
 
     def _clip(self) -> None:
         if self.clip_norm is None:

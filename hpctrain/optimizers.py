@@ -5,7 +5,7 @@ apply them by hand (Goyal et al., 2017: lr x workers, reached linearly over the 
 sgd, ssgd, ma and ec build their optimizer here (ssgd wraps it in ``DistributedOptimizer``,
 which subclasses whatever class it is given). The asynchronous algorithms apply their update
 inside the parameter store's push, so they take only ``sgd`` (their own rule) and refuse the
-others in one line before MPI starts.
+others, and ``--scale-lr``, in one line before MPI starts.
 """
 
 from __future__ import annotations
@@ -29,11 +29,19 @@ def make(params: Iterable, optim) -> torch.optim.Optimizer:
 
 
 def check(algorithm_class, optim) -> None:
-    """Refuse an optimizer the algorithm cannot use (before MPI starts)."""
+    """Refuse an optimizer the algorithm cannot use, and ``--scale-lr`` where no gradient is
+    averaged over the workers (before MPI starts)."""
     if optim.optimizer not in algorithm_class.optimizers:
         raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
                          "its own update rule (applied in the parameter store's push); only "
                          f"{', '.join(algorithm_class.optimizers)}")
+    # The linear scaling rule makes up for a gradient averaged over K workers' batches: a
+    # K-times larger batch per update. An asynchronous worker's push applies its own batch's
+    # gradient alone, so K x --lr would only make every push K times larger.
+    if optim.scale_lr and not algorithm_class.lock_step:
+        raise UsageError(f"--scale-lr: --algo {algorithm_class.name} applies each worker's "
+                         "gradient on its own, not averaged over the workers, so the linear "
+                         "scaling rule does not apply; set --lr itself")
 
 
 def base_lr(optim, workers: int) -> float:

@@ -15,6 +15,7 @@ A model callable is called as ``build(input_shape, num_classes, **model_args)`` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import importlib.util
@@ -218,15 +219,26 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
 
 
 def check_model(name: str, input_shape: tuple, num_classes: int,
-                model_args: dict | None = None) -> None:
+                model_args: dict | None = None, one_sample: str | None = None) -> None:
     """Build the model once and try it on two zero samples: UsageError if it cannot be built,
     gives logits of the wrong size or type, or could not train (no trainable parameter, no
     gradient path from its output to them), which would otherwise fail only at the first
     step, after MPI started. The model is thrown away; the run seeds torch before it builds
-    its own, so what this draws from torch's RNG changes nothing."""
+    its own, so what this draws from torch's RNG changes nothing.
+
+    ``one_sample``: why the run forwards a single sample in training mode (a batch or a
+    micro-batch of one, :func:`hpctrain.microbatch.one_sample`); then any model, built-in
+    too, must take one there (batch norm raises), or the refusal gives that reason."""
     model = build_model(name, input_shape, num_classes, model_args)
-    if not is_reference(name):
-        return
+    if is_reference(name):  # a built-in model passes these by construction
+        _check_own_model(name, model, input_shape, num_classes)
+    if one_sample is not None:
+        _check_one_sample(name, model, input_shape, one_sample)
+
+
+def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
+                     num_classes: int) -> None:
+    """:func:`check_model`'s checks of a user's model."""
     lazy = next((n for n, p in model.named_parameters()
                  if isinstance(p, nn.parameter.UninitializedParameter)), None)
     if lazy is not None:  # sized by a first forward on each rank: none of the run's checks see it
@@ -239,11 +251,8 @@ def check_model(name: str, input_shape: tuple, num_classes: int,
     if not any(p.requires_grad for p in params):
         what = "no parameter that requires grad (all frozen)" if params else "no parameters"
         raise UsageError(f"--model {name}: it has {what}; there is nothing to train")
-    # One training step's forward and backward, as training takes them. A build that hands
-    # out one module every call gets it back as it was: buffers (BatchNorm's statistics)
-    # restored, no gradients.
-    buffers = [b.detach().clone() for b in model.buffers()]
-    try:
+    # One training step's forward and backward, as training takes them.
+    with _as_it_was(model):
         model.train()
         with torch.enable_grad():
             out = _logits(name, model, input_shape, num_classes)
@@ -256,12 +265,36 @@ def check_model(name: str, input_shape: tuple, num_classes: int,
         if all(p.grad is None for p in params):
             raise UsageError(f"--model {name}: its output does not depend on its parameters "
                              "(detached?); no gradient reaches them")
+
+
+@contextlib.contextmanager
+def _as_it_was(model: nn.Module):
+    """A build that hands out one module every call gets it back as it was after a check's
+    forward in training mode: buffers (BatchNorm's statistics) restored, no gradients."""
+    buffers = [b.detach().clone() for b in model.buffers()]
+    try:
+        yield
     finally:
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers, strict=False):
                 b.copy_(saved)
-        for p in params:
+        for p in model.parameters():
             p.grad = None
+
+
+def _check_one_sample(name: str, model: nn.Module, input_shape: tuple, why: str) -> None:
+    """UsageError naming ``why`` when ``model``'s forward in training mode fails on one
+    sample (BatchNorm1d: "Expected more than 1 value per channel when training")."""
+    mode = model.training
+    try:
+        with _as_it_was(model), torch.no_grad():
+            model.train()
+            model(torch.zeros(1, *input_shape))
+    except Exception as e:
+        raise UsageError(f"--model {name} cannot train on one sample (its forward in "
+                         f"training mode raised {_one_line(e)}), and {why}") from None
+    finally:
+        model.train(mode)
 
 
 def _logits(name: str, model: nn.Module, input_shape: tuple, num_classes: int) -> torch.Tensor:

@@ -13,7 +13,11 @@ would underflow, so ``fp16`` scales the loss (:class:`LossScaler`, torch's ``Gra
 backward of ``loss * scale``, then the gradients are divided by the scale before the NaN
 guard, clipping and the step see them (after ssgd's allreduce, which sums scaled values). A
 step whose gradients overflowed is skipped by the guard like any NaN/Inf step, and the scale
-halves; it doubles after 2,000 clean steps.
+halves; it doubles after 2,000 clean steps. While the scale is above 1 (``amplifies``), such
+a step is the scale's overflow, not a bad one: the guard does not count it toward
+``--max-bad-steps`` (the scale starts at 65,536: a model whose gradients need it at 2
+overflows 15 times in a row first), and ``LossScaler.overflows`` counts it. At a scale of 1
+or below, halving it no longer undoes an amplification: those count as bad steps.
 """
 
 from __future__ import annotations
@@ -65,10 +69,13 @@ class LossScaler:
 
     Per step: :meth:`scale` each loss part before its backward, :meth:`unscale` the
     gradients once they are complete, :meth:`update` after the step (taken or skipped).
+    ``overflows``: steps skipped as the scale's overflow (the guard's verdict, given to
+    :meth:`update`); kept in its checkpoint state.
     """
 
     def __init__(self, choice: str, device: torch.device):
         self._scaler = None
+        self.overflows = 0
         if choice == "fp16":
             self._scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") \
                 else torch.cuda.amp.GradScaler()  # torch < 2.3: CUDA only (check() said so)
@@ -85,18 +92,33 @@ class LossScaler:
         if self._scaler is not None:
             self._scaler.unscale_(optimizer)
 
-    def update(self) -> None:
-        """Halve the scale after an overflow; double it after enough clean steps."""
+    def amplifies(self) -> bool:
+        """Whether this step's gradient was computed at a scale above 1 (fp16): a NaN/Inf in
+        it may be the scale's overflow, which halving the scale cures."""
+        return self._scaler is not None and self._scaler.get_scale() > 1.0
+
+    def update(self, overflowed: bool = False) -> None:
+        """Halve the scale after an overflow; double it after enough clean steps.
+        ``overflowed``: the guard skipped this step as the scale's overflow (counted)."""
         if self._scaler is not None:
+            self.overflows += overflowed
             self._scaler.update()
 
     def get_scale(self) -> float | None:
         """The current scale (None when off)."""
         return None if self._scaler is None else self._scaler.get_scale()
 
+    def overflow_steps(self) -> int | None:
+        """Steps skipped as the scale's overflow (None when off), for the summary."""
+        return None if self._scaler is None else self.overflows
+
     def state_dict(self) -> dict:
-        return {} if self._scaler is None else self._scaler.state_dict()
+        if self._scaler is None:
+            return {}
+        return {**self._scaler.state_dict(), "overflows": self.overflows}
 
     def load_state_dict(self, state: dict) -> None:
         if self._scaler is not None:
+            state = dict(state)
+            self.overflows = state.pop("overflows", 0)  # absent from older checkpoints
             self._scaler.load_state_dict(state)

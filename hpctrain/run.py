@@ -47,6 +47,7 @@ from hpctrain import (
     devices,
     faults,
     live,
+    microbatch,
     models,
     optimizers,
     plugins,
@@ -113,14 +114,20 @@ def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
     """What ``train`` and ``simulate`` check alike before ``workers`` training workers start
     (one list, so that neither lacks a check the other has): the optimizer the algorithm
     takes, the fault plan, the stragglers, the data set's files and the model on one of its
-    samples. Returns the number of training samples and that test sample."""
+    samples (and on a lone one, when a batch or micro-batch holds one: every worker gets
+    ``n // workers`` samples per epoch, TrainData.samples_per_rank). Returns the number of
+    training samples and that test sample."""
     optimizers.check(config.algorithm_class, config.optim)
     faults.check()  # $HPCTRAIN_INJECT, read at the first step
     parse_slowdown(config.stragglers.slowdown, workers)
     data.check(config.data.dataset, config.data.data_dir)
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
-    return data.size(config.data.dataset, "train", config.data.data_dir), sample
+    n = data.size(config.data.dataset, "train", config.data.data_dir)
+    o = config.optim
+    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
+                        one_sample=microbatch.one_sample(n // max(workers, 1), o.batch_size,
+                                                         o.micro_batch_size))
+    return n, sample
 
 
 def check_folder(flag: str, folder: str | None) -> None:
@@ -390,6 +397,11 @@ def _run(config: RunConfig, world) -> dict | None:
     return summary
 
 
+def _state(model) -> dict:
+    """A copy of ``model``'s state in host memory, as a snapshot holds it."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
 def _buffers_from_rank0(model, snapshots: Snapshots, comm_) -> None:
     """Lock-step workers hold the same parameters, but each its own buffers (BatchNorm's
     running statistics, from its own batches). Every snapshot takes rank 0's, so that the
@@ -524,11 +536,11 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         with profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
             algo.synchronize()
         scaler.unscale(algo.optimizer)
-        applied = guard.check(local_steps)
+        applied = guard.check(local_steps, amplified=scaler.amplifies, loss=loss)
         if applied:
             with profiler.region("hpctrain.apply"):
                 algo.apply()
-        scaler.update()
+        scaler.update(overflowed=guard.overflowed)  # fp16: counted apart, not a bad step
         position = algo.progress(position, applied)
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
         with profiler.region("hpctrain.after_update"):
@@ -564,15 +576,18 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
               "workers): the curve has no point there", file=sys.stderr, flush=True)
     # --stop-on-collapse may end the loop right after a snapshot: that one is the final
     # model already, unless the algorithm's finish changes it (async: the store's model).
+    # ma's finish averages a round cut short: the snapshot's point scores that average
+    # already (from its members), and model.pt takes it from the model.
     final_taken = watch.stopped and taken_at == position and algo.lock_step
     if snapshotting and not final_taken:
         snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position)
         watch.snapshot(model, snapshots)
+    finished = _state(model) if final_taken else None
     if algo.snapshots == "root" and comm_ is not None:
         snapshots = comm_.bcast(snapshots, root=0)
     elif algo.snapshots == "replicated" and comm_ is not None:
         _buffers_from_rank0(model, snapshots, comm_)
-    final_state = snapshots[-1].state
+    final_state = snapshots[-1].state if finished is None else finished
 
     points = watch.curve(model, snapshots, comm_) or \
         algo.evaluate(model, snapshots, test_set, comm_)
@@ -584,7 +599,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
     mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak,
-            "scale": scaler.get_scale()}
+            "scale": scaler.get_scale(), "overflows": scaler.overflow_steps()}
     every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
     guarded = guard.summary()
     checkpoints = ckpt.summary()
@@ -603,6 +618,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         straggler_sleep_s_per_worker=[w["slept_s"] for w in every],
         peak_memory_per_worker=[w["peak"] for w in every],
         loss_scale_per_worker=[w["scale"] for w in every], device=s.device.type,
+        overflow_steps_per_worker=[w["overflows"] for w in every],
         gpu=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
         **guarded, **checkpoints, **exchange, **watch.fields(), out=config.out,

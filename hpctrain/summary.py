@@ -85,6 +85,10 @@ class RunSummary:
     loss_scale_per_worker: list[float | None] = _doc(
         "--mixed-precision fp16: each worker's loss scale at the end (it halves after an "
         "overflow, doubles after 2,000 clean steps); each null otherwise", default_factory=list)
+    overflow_steps_per_worker: list[int | None] = _doc(
+        "--mixed-precision fp16: steps each worker skipped because its loss scale (above 1) "
+        "overflowed: among skipped_steps, but not counted toward --max-bad-steps (the scale "
+        "halves instead); each null otherwise", default_factory=list)
     out: str | None = _doc("the run's output folder", default=None)
     resized: list[dict] = _doc("resumptions on another number of workers, in order: "
                                "from_workers, to_workers, updates (the checkpoint's count) and "

@@ -8,9 +8,14 @@ import torch
 from conftest import refusal, run_commands, run_job
 from torch.nn import functional as F
 
+from hpctrain import data, models
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec import distillation_loss, plot
+from hpctrain.ec.algorithm import AveragingOptions
 from hpctrain.ec.compression import check_options
 from hpctrain.errors import UsageError
+from hpctrain.evaluate import evaluate
+from hpctrain.sim import SimConfig, simulate
 
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--batch-size", "32",
          "--no-progress"]
@@ -266,3 +271,27 @@ def test_the_plot_script_names_a_run_it_cannot_draw(tmp_path, capsys):
         plot.main([str(tmp_path / "sgd"), "--out", str(png), "--ymin", "nan"])
     assert "--ymin: must be in [0, 1), got nan" in capsys.readouterr().err
     assert not png.exists()
+
+
+@pytest.mark.parametrize("eval_every", [0.1, 0.001], ids=["after-a-step", "at-a-snapshot"])
+def test_ma_stopped_within_a_round_saves_the_average_it_scores(tmp_path, eval_every):
+    """--stop-on-collapse ends ma at update 5 of a round of 7 (simulated: the real loop, 2
+    workers): the run averages once more, so model.pt is the average that test_acc scores, not
+    rank 0's member. At eval 0.001 the stop falls on a snapshot (of the members, kept as the
+    final point), and model.pt still takes the average."""
+    config = RunConfig(algo="ma", seed=0, out=str(tmp_path), progress=False,
+                       data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                       optim=OptimConfig(epochs=2, batch_size=50, lr=3.0),
+                       algorithm=AveragingOptions(tau=7), stop_on_collapse=True,
+                       eval_every=eval_every)
+    summary = simulate(config, SimConfig(workers=2, step_time="constant:0.01"))
+    assert summary["stopped_on_collapse"] and summary["updates"] % summary["tau"] != 0
+    assert summary["aggregation"]["rounds"] == 1  # none in the 5 updates, one at the stop
+    test = data.load("synthetic", "test")
+    saved = models.build("mlp", test.shape, test.num_classes)
+    saved.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
+    acc, loss = evaluate(saved, test)
+    assert acc == summary["final_test_acc"] == summary["final_averaged_acc"]
+    assert loss == pytest.approx(summary["final_test_loss"], rel=1e-6)
+    if eval_every == 0.001:  # the final point's members: rank 0's is another model
+        assert summary["final_member_acc"] != acc

@@ -8,16 +8,20 @@ import json
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_commands
+from conftest import SYNTHETIC, refusal, run_commands
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import devices
+from hpctrain import arguments, cli, devices, run
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec.compression import EnsembleCompression
 from hpctrain.errors import UsageError
-from hpctrain.microbatch import mean_in_parts
+from hpctrain.microbatch import mean_in_parts, one_sample, parts
 from hpctrain.sim import SimConfig, simulate
+
+
+def parse(args: list[str]) -> RunConfig:
+    return arguments.build(cli.build_parser().parse_args(["train", *args]))
 
 
 def _grads(model: nn.Module, parts) -> list[torch.Tensor]:
@@ -46,6 +50,76 @@ def test_parts_add_up_to_the_batch_loss_and_gradient():
     # unweighted parts (a plain mean per part) would not add up: the check can fail
     plain = _grads(model, (loss(a, b) for a, b in zip(x.split(4), y.split(4), strict=True)))
     assert not torch.allclose(whole[0], plain[0])
+
+
+def test_a_batch_is_split_into_near_equal_parts():
+    """As many parts as before (ceil(batch / size), what ssgd's backward_passes_per_step
+    counts), each at most ``size``, but near-equal: 64 in parts of at most 7 had a last part
+    of 1 sample, on which batch norm raised after MPI started."""
+    x, y = torch.arange(64.0).unsqueeze(1), torch.zeros(64, dtype=torch.long)
+    seen = []
+    list(mean_in_parts(lambda a, b: seen.append(len(b)) or a.sum(), x, y, 7))
+    assert seen == [7, 7, 7, 7, 6, 6, 6, 6, 6, 6] and parts(64, 7) == 10
+    for n, size in ((11, 4), (24, 10), (16, 10), (5, 2)):
+        seen.clear()
+        list(mean_in_parts(lambda a, b: seen.append(len(b)) or a.sum(), x[:n], y[:n], size))
+        assert len(seen) == parts(n, size) == -(-n // size) and sum(seen) == n
+        assert max(seen) <= size and max(seen) - min(seen) <= 1
+
+
+def test_the_batches_and_parts_of_one_sample_a_run_meets_are_found():
+    assert one_sample(2048, 64, 7) is None and one_sample(2048, 64, None) is None
+    assert one_sample(2048, 64, 2) is None and one_sample(1024, 24, 10) is None
+    assert "--batch-size 89 leaves 1 sample in each epoch's last batch (2048 samples" in \
+        one_sample(2048, 89, None)
+    assert one_sample(2048, 1, None) == "--batch-size 1 trains on one sample at a time"
+    assert "--micro-batch-size 2 splits a batch of 63 (--batch-size 63) into 32 parts" in \
+        one_sample(2048, 63, 2)
+    # 2047 = 21 x 96 + 31: batches of 96 split evenly in 2s, the last one of 31 does not
+    assert "splits each epoch's last batch of 31 (--batch-size 96)" in one_sample(2047, 96, 2)
+    assert one_sample(2047, 96, 3) is None
+    assert "each worker gets 1 sample per epoch" in one_sample(1, 64, None)
+
+
+BATCH_NORM_MLP = """
+from torch import nn
+
+
+def build(input_shape, num_classes):
+    c, h, w = input_shape
+    return nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                         nn.Linear(16, num_classes))
+"""
+
+
+def test_a_batch_norm_model_is_refused_before_mpi_where_it_would_meet_one_sample(tmp_path):
+    """2,048 synthetic samples per worker: --batch-size 89 leaves a last batch of 1, and
+    --micro-batch-size 2 splits a batch of 63 into parts of 2 and one of 1. BatchNorm1d raises
+    on one sample in training mode: refused in one line before MPI starts, exit 2 (it was an
+    error on every rank at that step, after MPI started)."""
+    (tmp_path / "bn.py").write_text(BATCH_NORM_MLP)
+    common = ["--algo", "sgd", *SYNTHETIC, "--model", f"{tmp_path}/bn.py:build"]
+    message = refusal([*common, "--batch-size", "89"])
+    assert message.startswith(f"--model {tmp_path}/bn.py:build cannot train on one sample")
+    assert "Expected more than 1 value per channel" in message
+    assert "--batch-size 89 leaves 1 sample in each epoch's last batch" in message
+    message = refusal([*common, "--batch-size", "63", "--micro-batch-size", "2"])
+    assert "--micro-batch-size 2 splits a batch of 63 (--batch-size 63)" in message
+    # On 2 ranks each holds 1,024: 89 leaves a last batch of 45, which trains.
+    run.check_launch(parse(["--algo", "ssgd", *common[2:], "--batch-size", "89"]), 2)
+    run.check_launch(parse(["--algo", "sgd", *SYNTHETIC, "--batch-size", "89"]), 1)  # no BN
+
+
+def test_a_batch_norm_model_trains_in_micro_batches_that_left_one_sample(tmp_path):
+    """--batch-size 64 --micro-batch-size 7 made parts of 7 and a last one of 1, and the run
+    failed at its first step; the near-equal parts are of 6 and 7."""
+    (tmp_path / "bn.py").write_text(BATCH_NORM_MLP)
+    config = RunConfig(algo="sgd", seed=3, out=str(tmp_path / "run"), progress=False,
+                       data=DataConfig(dataset="synthetic"),
+                       model=ModelConfig(name=f"{tmp_path}/bn.py:build"),
+                       optim=OptimConfig(epochs=1, batch_size=64, micro_batch_size=7))
+    summary = simulate(config, SimConfig(workers=1, step_time="constant:0.01"))
+    assert summary["updates"] == 32 and summary["final_test_acc"] > 0.5
 
 
 def test_ec_splits_its_relabelled_samples_across_the_parts():
@@ -134,7 +208,7 @@ def ssgd_jobs(tmp_path_factory):
 @pytest.mark.parametrize("backend", ["mpi", "horovod"], ids=["mpi-backend", "horovod"])
 def test_ssgd_accumulates_micro_batches_before_the_allreduce(ssgd_jobs, backend):
     """Real ranks: DistributedOptimizer's backward_passes_per_step holds each bucket until the
-    last micro-batch (parts of 10, 10 and 4 of a batch of 24; the last batch of 16 makes two
+    last micro-batch (three parts of 8 of a batch of 24; the last batch of 16 makes two
     parts, fewer than the passes, and step() sends what backward did not)."""
     if backend == "horovod":
         pytest.importorskip("horovod")

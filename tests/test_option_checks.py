@@ -18,7 +18,7 @@ from conftest import SYNTHETIC, refusal, run_job
 import hpctrain
 from hpctrain import arguments, checkpoint, cli, options, run
 from hpctrain import config as configs
-from hpctrain.config import DataConfig, ModelConfig, RunConfig, StragglerConfig
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.config import SimConfig
@@ -353,3 +353,39 @@ def test_a_stall_timeout_of_0_or_a_second_is_taken():
     assert RunConfig(algo="sgd", stall_timeout=1).stall_timeout == 1.0
     with pytest.raises(UsageError, match="^--stall-timeout 0.5 must be 0 .never. or >= 1"):
         RunConfig(algo="sgd", stall_timeout=0.5)
+
+
+# 13. --lr-gamma without --lr-milestones: the step decay it sets never happens.
+
+@pytest.mark.parametrize("extra", [[], ["--lr-schedule", "constant"], ["--lr-schedule", "cosine"]])
+def test_a_step_decay_factor_without_milestones_is_refused(extra):
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--lr-gamma", "0.5", *extra]) == (
+        "--lr-gamma 0.5 is the step decay at --lr-milestones, and none are given: it would "
+        "change nothing; give --lr-milestones (e.g. 3,4) or leave --lr-gamma out")
+    with pytest.raises(UsageError, match="^--lr-gamma 0.5 is the step decay"):
+        OptimConfig(lr_gamma=0.5)  # from Python or a file as from the command line
+
+
+def test_a_step_decay_factor_with_milestones_is_taken():
+    config = parse("--algo", "sgd", *SYNTHETIC, "--lr-gamma", "0.5", "--lr-milestones", "3")
+    assert config.optim.lr_gamma == 0.5 and config.optim.lr_milestones == (3.0,)
+    assert OptimConfig(lr_milestones=(3,), lr_gamma=0.5).lr_gamma == 0.5
+
+
+# 14. --scale-lr on an asynchronous algorithm made every push K times larger: no gradient
+# there is averaged over the K workers, which is what the linear scaling rule makes up for.
+
+@pytest.mark.parametrize("algo", ["asgd", "dcasgd-c", "dcasgd-a", "ssp"])
+def test_the_linear_scaling_rule_is_refused_for_asynchronous_algorithms(algo):
+    assert refusal(["--algo", algo, *SYNTHETIC, "--scale-lr"], ranks=3) == (
+        f"--scale-lr: --algo {algo} applies each worker's gradient on its own, not averaged "
+        "over the workers, so the linear scaling rule does not apply; set --lr itself")
+    config = replace(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), out=None)
+    with pytest.raises(UsageError, match="^--scale-lr: --algo"):  # the simulator's check too
+        check_simulation(config, SimConfig(workers=2))
+
+
+@pytest.mark.parametrize("algo", ["ssgd", "ma", "ec"])
+def test_the_linear_scaling_rule_is_taken_by_lock_step_algorithms(algo):
+    config = run.check_launch(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), 2)
+    assert config.optim.scale_lr

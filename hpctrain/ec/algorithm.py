@@ -6,10 +6,11 @@ ensemble and distils it during the next round. Snapshots of every rank's model a
 after training: rank 0's member, the mean member, the ensemble and, for MA, the average.
 ``test_acc`` is the run's final model: rank 0's member, or the ensemble with
 ``--ec-final ensemble``. MA also averages after the last step, so its final model is the
-average (not in a run ``--stop-on-collapse`` ended: there it is rank 0's member); EC skips
-a round that would fall on the last step, as nothing would distil it, and so refuses a
-``tau`` of at least the run's updates per rank (no round at all: that would be independent
-training reported as EC).
+average; a run ``--stop-on-collapse`` ended within a round averages once more in ``finish``
+(the lock-step workers stop at the same update), so ``model.pt`` is that average, the model
+``test_acc`` scores. EC skips a round that would fall on the last step, as nothing would
+distil it, and so refuses a ``tau`` of at least the run's updates per rank (no round at all:
+that would be independent training reported as EC).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class ModelAveraging(Algorithm):
         super().setup(s)
         self.tau = self.options.local_steps(s.steps)
         self.aggregator = self.make_aggregator(s)
+        self.in_round = False  # local steps since the last aggregation
 
     def make_aggregator(self, s: Setup):
         return Averaging(s.model, s.comm, self.tau)
@@ -128,7 +130,15 @@ class ModelAveraging(Algorithm):
                 for j in range(workers)]
 
     def after_update(self, final: bool) -> None:
-        self.aggregator.after_step(final=final)
+        self.in_round = not self.aggregator.after_step(final=final)
+
+    def finish(self, position: int) -> int:
+        """A run that ended within a round (``--stop-on-collapse``) averages once more: its
+        model is the average, as it is after the final step of a run that did not stop. Every
+        worker stops at the same update, so the allreduce meets on all of them."""
+        if self.in_round:
+            self.aggregator.aggregate()
+        return position
 
     def evaluate(self, model, snapshots, test_set, comm) -> list[dict]:
         points = evaluate_members(model, snapshots, test_set, comm, averaged=self.name == "ma")
@@ -214,6 +224,10 @@ class EnsembleCompression(ModelAveraging):
 
     def final_model(self) -> str:
         return self.options.ec_final
+
+    def finish(self, position: int) -> int:
+        """EC's final model is a member or the ensemble: no average at the end."""
+        return position
 
     def write_outputs(self, log, snapshots, comm) -> None:
         if self.final_model() != "ensemble":
