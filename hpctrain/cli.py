@@ -148,19 +148,19 @@ def info() -> None:
     import torch
 
     MPI = comm.init("multiple")
-    if comm.launcher() == "torchrun":  # each worker is an MPI world of its own
-        rank, size, local_size, placed = _placed_by_torchrun()
+    launched = launch_env.launch()  # as training reads it (comm.launcher)
+    if launched.kind == "torchrun":  # each worker is an MPI world of its own
+        rank, size, local_size, placed = _placed_by_torch()
     else:
         rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
         local_size = comm.local_size()  # collective: every rank takes part
         placed = MPI.COMM_WORLD.gather(_placement(rank), root=0)
     if rank != 0:
         return
-    seat = launch_env.from_launcher()
     facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
              **devices.describe(), **comm.library_info(), "ranks": size,
              "local_size": local_size,
-             "launcher": seat.launcher if seat else "none known",
+             "launcher": launched.by,
              "placement": [where for where, _ in placed],
              "ranks_share_a_gpu": devices.shares_gpus([(w["host"], w["local_rank"], visible)
                                                        for w, visible in placed]),
@@ -177,19 +177,21 @@ def info() -> None:
     print(json.dumps(facts, indent=2))
 
 
-def _placed_by_torchrun() -> tuple[int, int, int, list | None]:
-    """Under torchrun: this worker's rank, the job's size, the workers on this node and (on
-    rank 0) every worker's :func:`_placement`, gathered over a gloo group of their own."""
-    import torch.distributed as dist
+def _placed_by_torch() -> tuple[int, int, int | None, list | None]:
+    """Under torch's launch: this worker's rank, the job's size and, on rank 0, the workers
+    on its node and every worker's :func:`_placement`, gathered over the group training
+    uses (the same rendezvous, torchrun's restarts included)."""
+    from hpctrain.torch_comm import TorchComm
 
-    dist.init_process_group("gloo", init_method="env://")
+    world = TorchComm()
     try:
-        rank, size = dist.get_rank(), dist.get_world_size()
-        placed = [None] * size if rank == 0 else None
-        dist.gather_object(_placement(rank), placed, dst=0)
+        rank, size = world.Get_rank(), world.Get_size()
+        placed = world.gather(_placement(rank), root=0)
     finally:
-        dist.destroy_process_group()
-    return rank, size, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), placed
+        world.Free()
+    if placed is None:
+        return rank, size, None, None
+    return rank, size, sum(w["host"] == placed[0][0]["host"] for w, _ in placed), placed
 
 
 def _placement(rank: int) -> tuple[dict, list[str]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import sys
 import sysconfig
 import time
@@ -23,8 +24,6 @@ from hpctrain import launch_env
 from hpctrain.errors import UsageError
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
-# What torchrun gives each worker (it starts no MPI world).
-_TORCHRUN_ENV = ("TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")
 
 
 def init(thread_level: str = "multiple") -> ModuleType:
@@ -52,11 +51,10 @@ def init(thread_level: str = "multiple") -> ModuleType:
     return MPI
 
 
-# What tells an MPI library that srun or a PMI server (Hydra's mpiexec) started it: a
-# torchrun worker inherits these from the srun task or mpiexec process that ran torchrun.
-_SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+# What tells an MPI library that srun (launch_env.SLURM_STEP) or a PMI server (Hydra's
+# mpiexec) started it: a torchrun worker inherits these from the srun task or mpiexec process
+# that ran torchrun.
 _PMI_PREFIXES = ("PMI_", "PMIX_")
-_MPI_LAUNCHERS = ("Open MPI", "PMI", "MVAPICH")  # launch_env's names of MPI's own launchers
 
 
 @contextlib.contextmanager
@@ -75,17 +73,18 @@ def _outer_launch_hidden():
         return
     found = launch_env.seats()
     ours = next(found)  # torchrun's
-    if ours.size > 1 and any(s.launcher in _MPI_LAUNCHERS for s in launch_env.alike(ours, found)):
+    if ours.size > 1 and any(s.launcher in launch_env.MPI_LAUNCHERS
+                             for s in launch_env.alike(ours, found)):
         yield
         return
     hidden = {k: v for k, v in os.environ.items()
-              if k in _SLURM_STEP or k.startswith(_PMI_PREFIXES)}
+              if k in launch_env.SLURM_STEP or k.startswith(_PMI_PREFIXES)}
     for k in hidden:
         del os.environ[k]
     try:
         yield
     finally:
-        os.environ.update({k: v for k, v in hidden.items() if k in _SLURM_STEP})
+        os.environ.update({k: v for k, v in hidden.items() if k in launch_env.SLURM_STEP})
 
 
 def mpi() -> ModuleType:
@@ -102,9 +101,9 @@ def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> 
     """UsageError when the launcher started several processes but MPI gives each a world of
     one: each would train alone and write the same outputs. Either the MPI library mpi4py
     loaded is not the launcher's (MPICH's mpirun, Open MPI's library), or srun started the
-    tasks without the PMI plugin the library needs. torch.distributed's variables
-    (``WORLD_SIZE``) say nothing about MPI: their processes are singletons by design."""
-    if seat is None or seat.size == 1 or world_size != 1 or seat.source.startswith("torchrun"):
+    tasks without the PMI plugin the library needs. ``seat`` is an MPI launcher's or srun's
+    (``launch_env.launch().seat`` under "mpi"): torch's launch has MPI singletons by design."""
+    if seat is None or seat.size == 1 or world_size != 1:
         return
     if seat.source.startswith("Slurm"):
         fix = ("srun started the tasks without the PMI plugin this MPI needs: pass "
@@ -126,9 +125,10 @@ def _check_world_once(MPI: ModuleType) -> None:
     if _world_checked:
         return
     _world_checked = True
-    if launcher() == "mpi":
+    launched = launch_env.launch()
+    if launched.kind == "mpi":
         library = library_name(MPI).split(",")[0]
-        check_world(launch_env.from_launcher(), MPI.COMM_WORLD.Get_size(), library)
+        check_world(launched.seat, MPI.COMM_WORLD.Get_size(), library)
 
 
 def thread_level() -> str:
@@ -185,11 +185,10 @@ def env_size() -> int:
 
 def launcher() -> str:
     """How this process was started, from the environment: ``torchrun`` (torch.distributed's
-    environment, no MPI world), ``mpi`` (mpirun, or srun with PMI/PMIx: MPI's world is the
-    job), or ``single``."""
-    if all(v in os.environ for v in _TORCHRUN_ENV):
-        return "torchrun"
-    return "mpi" if launch_env.from_launcher() is not None else "single"
+    env:// launch, no MPI world), ``mpi`` (mpirun, or srun with PMI/PMIx: MPI's world is the
+    job), or ``single`` (:func:`hpctrain.launch_env.launch`, which refuses a launch of
+    several processes that is neither)."""
+    return launch_env.launch().kind
 
 
 def launch_size() -> int:
@@ -200,6 +199,21 @@ def launch_size() -> int:
             and not MPI.Is_finalized():
         return MPI.COMM_WORLD.Get_size()
     return env_size()
+
+
+def shared_refusal(refusal: UsageError | None) -> None:
+    """Raise rank 0's ``refusal`` (None: it has none; the other ranks pass None) on every
+    rank when MPI's world already runs the job (a script's second ``hpctrain.train``):
+    a script that catches it then goes on in step. A collective there; before MPI starts
+    (the command line) only rank 0 raises, and its exit ends the launch."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    running = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
+    if running and launcher() != "torchrun" and MPI.COMM_WORLD.Get_size() > 1:
+        said = MPI.COMM_WORLD.bcast(None if refusal is None else str(refusal), root=0)
+        if refusal is None and said is not None:
+            raise UsageError(said)
+    if refusal is not None:
+        raise refusal
 
 
 def library_name(MPI: ModuleType) -> str:
@@ -255,7 +269,7 @@ def _abort_hook(exc_type, exc, tb) -> None:
     err = sys.__stderr__ or sys.stderr
     MPI = sys.modules.get("mpi4py.MPI")
     initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
-    r, n = (rank(), size()) if initialised else (env_rank(), env_size())
+    r, n = _seat_for_error(MPI if initialised else None)
     if os.environ.get("HPCTRAIN_DEBUG"):
         traceback.print_exception(exc_type, exc, tb, file=err)
     status = 2 if isinstance(exc, UsageError) else 1
@@ -264,16 +278,39 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # the launcher ends this rank while it waits, unless rank 0 did not fail (a file
         # missing on this node only), and then this rank must say it.
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
-    where = f" (rank {r} of {n})" if initialised and n > 1 else ""
+    where = _where(r, n, initialised)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no error; the shell's status, 128 + 2
         status = 130
         print(f"hpctrain: interrupted{where}", file=err, flush=True)
     else:
         print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
-    if initialised and n > 1:
+    if initialised and MPI.COMM_WORLD.Get_size() > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)
     os._exit(status)
+
+
+def _where(rank: int, size: int, mpi_running: bool) -> str:
+    """Whose error it is, for its line: nothing for one process, nor for rank 0 before MPI
+    starts (it speaks for all, every rank checking the same input); the rank, and before MPI
+    the host too (a file missing on that node), for the others."""
+    if size == 1 or (rank == 0 and not mpi_running):
+        return ""
+    host = "" if mpi_running else f", host {socket.gethostname()}"
+    return f" (rank {rank} of {size}{host})"
+
+
+def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
+    """This process's rank and the job's size for an error line: MPI's world's where it is
+    the job (``MPI`` given: MPI runs), else the launcher's (torchrun's workers are MPI
+    singletons; before MPI starts it is all there is); (0, 1) where even those are not
+    numbers."""
+    with contextlib.suppress(UsageError):  # a launch refused: its variables are read below
+        if MPI is not None and launcher() != "torchrun":
+            return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    with contextlib.suppress(UsageError):
+        return env_rank(), env_size()
+    return 0, 1
 
 
 def install_abort_on_error() -> None:

@@ -23,6 +23,9 @@ every process would take all the data. :func:`replicas` asks every source there 
 Sources 2 to 4 describe the same job, so they must agree: when two of them give different
 sizes or ranks, :class:`~hpctrain.errors.UsageError` names both, rather than one silently
 winning. Nothing here starts MPI or torch.distributed unless every other source is silent.
+
+:func:`launch` is the one reading of how the job was launched (torch's launch, MPI's or none),
+for :func:`hpctrain.comm.launcher`, ``hpctrain info`` and the abort hook.
 """
 
 from __future__ import annotations
@@ -53,7 +56,15 @@ LOCAL_RANKS = {
     "MVAPICH": ("MV2_COMM_WORLD_LOCAL_RANK",),
     "Slurm": ("SLURM_LOCALID",),
 }
-_SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+# A Slurm job step (srun): without one, a batch script's SLURM_NTASKS is the allocation's.
+SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+MPI_LAUNCHERS = ("Open MPI", "PMI", "MVAPICH")  # LAUNCHERS' names of MPI's own launchers
+# torch.distributed's env:// rendezvous, which torchrun gives every worker.
+TORCH_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+# What a torch launch's path reads besides: the worker's GPU (devices.local_rank) and whether
+# a node's workers outnumber its GPUs (gloo then takes CUDA tensors too). torchrun's restart
+# count and agent store are optional: without them the run is its launch's first attempt.
+TORCH_PLACEMENT = ("LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 @dataclass(frozen=True)
@@ -83,7 +94,7 @@ def seats(environ: Mapping[str, str] | None = None) -> Iterator[Seat]:
     for name, size_var, rank_var in LAUNCHERS:
         if size_var not in env or rank_var not in env:
             continue
-        if name == "Slurm" and not any(v in env for v in _SLURM_STEP):
+        if name == "Slurm" and not any(v in env for v in SLURM_STEP):
             continue  # a batch script: SLURM_NTASKS is the allocation's, not this process's
         try:
             size, rank = int(env[size_var]), int(env[rank_var])
@@ -92,6 +103,51 @@ def seats(environ: Mapping[str, str] | None = None) -> Iterator[Seat]:
                              "not whole numbers") from None
         yield Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
                    _local_rank(env, LOCAL_RANKS[name]), name)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How this process was started (:func:`launch`)."""
+
+    kind: str  # "torchrun" (torch's launch), "mpi" (MPI's world is the job) or "single"
+    by: str  # what numbered the processes, as ``hpctrain info`` says it
+    seat: Seat | None  # its seat: under "mpi" the MPI launcher's (or srun's), for check_world
+
+
+def launch(environ: Mapping[str, str] | None = None) -> Launch:
+    """How this process was started, from ``environ`` (default ``os.environ``):
+
+    - ``torchrun``: torch.distributed's env:// launch, each process an MPI singleton and the
+      torch group the job: torchrun's (``TORCHELASTIC_RUN_ID``), or another launcher's that
+      sets everything torchrun's path reads (:data:`TORCH_RENDEZVOUS`,
+      :data:`TORCH_PLACEMENT`), DeepSpeed's or a Kubeflow PyTorchJob's;
+    - ``mpi``: an MPI launcher's or srun's, whose MPI world is the job, also where a wrapper
+      exported ``RANK``/``WORLD_SIZE`` (for env://) numbering the processes as it does;
+    - ``single``: no launcher of several processes.
+
+    UsageError for ``RANK``/``WORLD_SIZE`` of several processes that are neither: each would
+    train alone, all into the same outputs."""
+    env = os.environ if environ is None else environ
+    found = seats(env)
+    first = next(found, None)
+    if first is None:
+        return Launch("single", "none known", None)
+    if first.launcher != "torchrun":
+        return Launch("mpi", first.launcher, first)
+    if "TORCHELASTIC_RUN_ID" in env and all(v in env for v in TORCH_RENDEZVOUS):
+        return Launch("torchrun", "torchrun", first)
+    numbered = alike(first, found)
+    if numbered:  # mpirun's or srun's processes, given env://'s variables by a wrapper
+        return Launch("mpi", numbered[0].launcher, numbered[0])
+    missing = [v for v in (*TORCH_RENDEZVOUS, *TORCH_PLACEMENT) if v not in env]
+    if not missing:
+        return Launch("torchrun", "torch env:// (no torchrun)", first)
+    if first.size == 1:
+        return Launch("single", "none known", None)
+    raise UsageError(f"WORLD_SIZE={first.size}, RANK={first.rank} without torchrun (no "
+                     "TORCHELASTIC_RUN_ID) and no MPI launcher numbering the processes the "
+                     "same way: a torch.distributed env:// launch also needs "
+                     f"{', '.join(missing)}; set them, or launch with torchrun, mpirun or srun")
 
 
 def local_rank(environ: Mapping[str, str] | None = None) -> int:

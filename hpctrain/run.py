@@ -275,12 +275,14 @@ def claimed(config: RunConfig, stem: str | None = None):
     one removed the other's temporary file and crashed it). The second is refused in one
     line, exit 2, before MPI starts. The kernel drops the lock when the process ends, killed
     or not, so a requeued or restarted job finds it free. Where the file system has no locks
-    (Lustre mounted without ``flock``), runs go on unlocked, as before.
+    (Lustre mounted without ``flock``), runs go on unlocked, as before. Where MPI already
+    runs the job (a script's later run), rank 0's refusal is raised on every rank.
 
     Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
     (``runs/<stem>-<time>``, the stem ``config.algo`` unless given).
     """
     if comm.env_rank() != 0:
+        comm.shared_refusal(None)  # rank 0's, if it has one
         yield config
         return
     made = []
@@ -294,9 +296,14 @@ def claimed(config: RunConfig, stem: str | None = None):
     made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     try:
         with contextlib.ExitStack() as held:
-            for flag, folder in folders:
-                _lock(held, flag, folder)
-            _check_unchanged(config)
+            refusal = None
+            try:
+                for flag, folder in folders:
+                    _lock(held, flag, folder)
+                _check_unchanged(config)
+            except UsageError as refused:
+                refusal = refused
+            comm.shared_refusal(refusal)  # raised here, and where MPI runs on every rank
             yield config
     except BaseException:
         for top in made:  # refused, or failed before writing anything: no folder left behind

@@ -1,8 +1,14 @@
 """The MPI world helpers, under mpirun."""
 
+import contextlib
+import fcntl
+import os
 import re
+import socket
+import sys
 
 import pytest
+from conftest import run_program
 
 from hpctrain import comm, launch_env
 from hpctrain.errors import UsageError
@@ -97,4 +103,78 @@ def test_a_launch_of_several_whose_mpi_world_is_one_process_is_refused(seat, hin
     comm.check_world(seat, seat.size, "Lib 1")  # the launch and MPI agree
     comm.check_world(launch_env.Seat(1, 0, "PMI (PMI_SIZE=1, PMI_RANK=0)"), 1, "Lib 1")
     comm.check_world(None, 1, "Lib 1")  # no launcher: a singleton is what was asked for
-    comm.check_world(launch_env.Seat(4, 0, "torchrun (WORLD_SIZE=4, RANK=0)"), 1, "Lib 1")
+
+
+# The abort hook in a process of its own (it ends the process), torch not imported.
+FAILS = """
+from hpctrain import comm
+comm.install_abort_on_error()
+comm.init()
+raise RuntimeError("boom")
+"""
+# torch.distributed's env:// variables without torchrun's (TORCHELASTIC_RUN_ID) or its
+# LOCAL_RANK and LOCAL_WORLD_SIZE, rank 0 of 2; one that torch's launch names rank 1 of 2.
+ENV_ONLY = {"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+TORCHRUNS = {**ENV_ONLY, "RANK": "1", "TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "1",
+             "LOCAL_WORLD_SIZE": "2"}
+
+
+@pytest.mark.timeout(60)
+def test_an_error_line_under_torchrun_names_torchruns_rank():
+    """Each worker is an MPI singleton, whose rank 0 of 1 the line did not show. A launch of
+    several processes by env://'s variables alone is refused (each would train alone): before
+    MPI starts, rank 0 speaking for all, without a rank."""
+    failed = run_program([sys.executable, "-c", FAILS], env=TORCHRUNS)
+    assert failed.returncode == 1, failed.stderr
+    assert failed.stderr == "hpctrain: error (rank 1 of 2): RuntimeError: boom\n"
+    refused = run_program([sys.executable, "-c", FAILS], env=ENV_ONLY)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == (
+        "hpctrain: error: WORLD_SIZE=2, RANK=0 without torchrun (no TORCHELASTIC_RUN_ID) and no "
+        "MPI launcher numbering the processes the same way: a torch.distributed env:// launch "
+        "also needs LOCAL_RANK, LOCAL_WORLD_SIZE; set them, or launch with torchrun, mpirun or "
+        "srun\n")
+
+
+def test_an_error_before_mpi_on_a_rank_but_0_names_the_rank_and_host():
+    """Rank 0 speaks for all before MPI starts; another rank fails alone (a file missing on
+    its node: `mpirun -np 1 ... : -np 1 -x HPCTRAIN_INJECT=bogus ...` said neither)."""
+    host = socket.gethostname()
+    assert comm._where(1, 2, mpi_running=False) == f" (rank 1 of 2, host {host})"
+    assert comm._where(0, 2, mpi_running=False) == ""
+    assert comm._where(0, 2, mpi_running=True) == " (rank 0 of 2)"
+    assert comm._where(0, 1, mpi_running=True) == ""
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_rank_0s_refusal_of_a_scripts_later_run_is_every_ranks(tmp_path_factory):
+    """MPI already runs (a script's earlier run): a folder another run holds, or one that
+    has a finished run, is refused on every rank, so that a script catching ValueError and
+    going on keeps its ranks in step (rank 1 trained while rank 0 skipped)."""
+    from hpctrain import RunConfig, run
+
+    def ssgd(out: str) -> RunConfig:
+        return RunConfig(algo="ssgd", out=out)
+
+    MPI = comm.init("multiple")
+    world = MPI.COMM_WORLD
+    top = world.bcast(str(tmp_path_factory.mktemp("claimed")) if world.Get_rank() == 0
+                      else None)
+    held, done = os.path.join(top, "held"), os.path.join(top, "done")
+    if world.Get_rank() == 0:
+        os.makedirs(done)
+        with open(os.path.join(done, "summary.json"), "w") as f:
+            f.write("{}")
+        os.makedirs(held)
+    with contextlib.ExitStack() as other_run:
+        if world.Get_rank() == 0:  # holds the lock, as a run going on does
+            lock = other_run.enter_context(open(os.path.join(held, run.LOCK), "a"))
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for out, said in ((held, "is in use by another run"),
+                          (done, "already holds a finished run")):
+            with pytest.raises(UsageError, match=said), run.claimed(ssgd(out)):
+                pass
+    with run.claimed(ssgd(os.path.join(top, "free"))) as config:
+        assert config.out == os.path.join(top, "free")  # and no rank refused
+    world.Barrier()

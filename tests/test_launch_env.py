@@ -81,6 +81,57 @@ def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
     assert launch_env.local_rank(env) == local
 
 
+ENV_RENDEZVOUS = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "4",
+                  "RANK": "3"}
+TORCH_PLACED = {**ENV_RENDEZVOUS, "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+
+
+@pytest.mark.unit  # the launchers named are not launched
+@pytest.mark.parametrize("env, kind, by", [
+    ({}, "single", "none known"),
+    ({**ENV_RENDEZVOUS, "TORCHELASTIC_RUN_ID": "7"}, "torchrun", "torchrun"),
+    # DeepSpeed's launcher, a Kubeflow PyTorchJob: everything torchrun's path reads
+    (TORCH_PLACED, "torchrun", "torch env:// (no torchrun)"),
+    ({"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}, "mpi", "Open MPI"),
+    # a wrapper exporting env://'s variables as mpirun or srun numbers the processes
+    ({**TORCH_PLACED, "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}, "mpi",
+     "Open MPI"),
+    ({**ENV_RENDEZVOUS, "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_STEP_ID": "0"}, "mpi",
+     "Slurm"),
+    ({**ENV_RENDEZVOUS, "WORLD_SIZE": "1", "RANK": "0"}, "single", "none known"),  # one process
+])
+def test_the_launch_is_read_once_for_every_reader(monkeypatch, env, kind, by):
+    """comm.launcher() (training's), info's launcher and MPI's world check read one answer."""
+    from hpctrain import comm
+
+    launched = launch_env.launch(env)
+    assert (launched.kind, launched.by) == (kind, by)
+    if kind == "mpi":  # the seat check_world checks: MPI's launcher's, not env://'s
+        assert launched.seat.launcher == by
+    for name in [*ENV_RENDEZVOUS, *TORCH_PLACED, "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK",
+                 "SLURM_NTASKS", "SLURM_PROCID", "SLURM_STEP_ID", "SLURM_STEPID",
+                 "TORCHELASTIC_RUN_ID", "PMI_SIZE", "PMI_RANK"]:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert comm.launcher() == kind
+
+
+@pytest.mark.unit  # the launchers named are not launched
+@pytest.mark.parametrize("missing", ["MASTER_PORT", "LOCAL_WORLD_SIZE"])
+def test_a_launch_by_envs_variables_that_torch_cannot_run_is_refused(missing):
+    """Each process would train alone into the same outputs (both said they finished, the
+    summary said 1 worker); the launcher numbering them another way (srun started it) too."""
+    env = {k: v for k, v in TORCH_PLACED.items() if k != missing}
+    for outer in ({}, {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}):
+        with pytest.raises(UsageError) as refused:
+            launch_env.launch({**env, **outer})
+        assert str(refused.value) == (
+            "WORLD_SIZE=4, RANK=3 without torchrun (no TORCHELASTIC_RUN_ID) and no MPI launcher "
+            "numbering the processes the same way: a torch.distributed env:// launch also needs "
+            f"{missing}; set them, or launch with torchrun, mpirun or srun")
+
+
 @pytest.mark.unit
 def test_mvapichs_launcher_gives_the_rank():
     seat = launch_env.from_launcher({"MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_RANK": "3"})

@@ -8,6 +8,7 @@ through --sync-backend torch. Algorithms that need MPI are refused in one line.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 from dataclasses import replace
 
@@ -19,6 +20,7 @@ import hpctrain
 from hpctrain import comm, run
 from hpctrain.config import DataConfig, RunConfig
 from hpctrain.errors import UsageError
+from hpctrain.sync.torch_transport import rendezvous_host
 
 COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
 
@@ -65,6 +67,38 @@ def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpctrain: error")]
     assert lines and "--algo ma" in lines[0] and "mpirun" in lines[0], proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# A launcher that sets torch.distributed's env:// variables and no torchrun's (DeepSpeed's,
+# a Kubeflow PyTorchJob's): two processes of ``hpctrain <argv>`` with the port given first.
+ENV_LAUNCHER = """
+import os, subprocess, sys
+port, argv = sys.argv[1], [sys.executable, "-m", "hpctrain", *sys.argv[2:]]
+procs = [subprocess.Popen(argv, env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+                                     "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                                     "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+         for r in (0, 1)]
+sys.exit(max(p.wait() for p in procs))
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_launch_by_envs_variables_runs_as_torchruns_does(tmp_path, clean):
+    """Each process trained alone into the same --out (both exit 0, 1 worker in the
+    summary); now the job is torchrun's, to the bit."""
+    with socket.socket() as s:  # a free port, released for rank 0's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    proc = run_program([sys.executable, "-c", ENV_LAUNCHER, str(port), *RESUMABLE, "--out",
+                        str(out)], timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("hpctrain train: finished") == 1, proc.stdout  # rank 0 only
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["workers"] == 2 and summary["updates"] == \
+        json.loads((clean / "summary.json").read_text())["updates"]
+    a, b = (torch.load(d / "model.pt", weights_only=True) for d in (clean, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 KILLED_ONCE = """
@@ -253,3 +287,34 @@ def test_info_under_torchrun_prints_every_workers_placement_once(tmp_path):
     assert (facts["ranks"], facts["local_size"], facts["launcher"]) == (2, 2, "torchrun")
     assert [(p["rank"], p["local_rank"]) for p in facts["placement"]] == [(0, 0), (1, 1)]
 
+
+
+@pytest.mark.parametrize("env, resolved, outward, host", [
+    ({"MASTER_ADDR": "node0-ib"}, "127.0.1.1", None, "node0-ib"),  # given
+    ({}, "10.0.0.5", "10.0.0.5", "10.0.0.5"),  # the host name's address
+    # Debian's /etc/hosts (127.0.1.1 node0): the address rank 0 reaches node1 from, where
+    # gloo is told an interface too
+    ({"GLOO_SOCKET_IFNAME": "eth0"}, "127.0.1.1", "10.0.0.5", "10.0.0.5"),
+    ({"GLOO_SOCKET_IFNAME": "eth0"}, None, "10.0.0.5", "10.0.0.5"),  # no address of its name
+])
+def test_rank_0s_rendezvous_address_on_several_nodes_is_one_they_reach(env, resolved, outward,
+                                                                        host):
+    """mpirun with --sync-backend torch on several nodes: a loopback address of rank 0's
+    host name kept the other nodes waiting for torch's timeout (30 minutes)."""
+    assert rendezvous_host("node0", 2, resolved, outward, env) == host
+    assert rendezvous_host("node0", 1, None, None, {}) == "127.0.0.1"  # one node
+
+
+@pytest.mark.parametrize("env, outward, such", [
+    ({}, "10.0.0.5", ", such as 10.0.0.5,"),  # gloo would bind to 127.0.1.1 all the same
+    ({"GLOO_SOCKET_IFNAME": "eth0"}, None, ""),  # no route to node1 found
+    ({"GLOO_SOCKET_IFNAME": "eth0"}, "127.0.0.1", ""),
+])
+def test_a_rendezvous_address_the_other_nodes_cannot_reach_is_refused(env, outward, such):
+    with pytest.raises(UsageError) as refused:
+        rendezvous_host("node0", 3, "127.0.1.1", outward, env)
+    assert str(refused.value) == (
+        "--sync-backend torch on 3 nodes: rank 0's host node0 resolves to 127.0.1.1, which the "
+        f"other nodes cannot reach: set MASTER_ADDR to an address of node0 they reach{such} "
+        "and GLOO_SOCKET_IFNAME to its network interface (gloo binds to the host name's "
+        "address otherwise)")

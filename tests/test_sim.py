@@ -386,6 +386,20 @@ def test_what_train_refuses_before_mpi_the_simulator_refuses_too(tmp_path, monke
     assert not any((tmp_path / "runs").iterdir())  # the folder made for it is gone
 
 
+def test_simulate_launched_as_several_processes_is_refused(tmp_path, monkeypatch):
+    """mpirun -np 2 hpctrain simulate: without --out rank 1 failed after simulating
+    (TypeError), with it both simulated into one folder, rank 1 without its lock."""
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    with pytest.raises(UsageError) as refused:
+        simulate(config("asgd", tmp_path / "run"), sim(2))
+    assert str(refused.value) == (
+        "hpctrain simulate runs in one process, not 2 (Open MPI (OMPI_COMM_WORLD_SIZE=2, "
+        "OMPI_COMM_WORLD_RANK=1)): run it without mpirun, srun or torchrun (--workers K gives "
+        "it K virtual workers)")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_step_is_never_shorter_than_drawn_nor_zero(tmp_path):
     """--jitter made half of the simulated steps faster, which a real straggler never does;
     a gamma of tiny shape draws 0.0, and a run of zero virtual time ended in a division by

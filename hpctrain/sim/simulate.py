@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, live, options, run, userdata
+from hpctrain import data, devices, launch_env, live, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -38,12 +38,23 @@ INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backw
 def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     """Refuse what the simulator cannot run (UsageError, one line); return ``config`` with
     every default resolved."""
+    check_one_process()
     config = check_options(config, sim)
     run.check_folder("--out", config.out)
     if config.out and (Path(config.out) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run; choose another "
                          "folder")
     return config
+
+
+def check_one_process() -> None:
+    """A simulation is one process: launched as several, each would simulate the whole run
+    into the same ``--out`` (rank 0 alone holding its lock)."""
+    seat = launch_env.from_launcher()
+    if seat is not None and seat.size > 1:
+        raise UsageError(f"hpctrain simulate runs in one process, not {seat.size} "
+                         f"({seat.source}): run it without mpirun, srun or torchrun "
+                         "(--workers K gives it K virtual workers)")
 
 
 def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:

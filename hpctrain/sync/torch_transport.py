@@ -14,12 +14,14 @@ set's, and a spare that the set's one ``DistributedOptimizer`` takes through ``d
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import pickle
 import socket
 import weakref
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -114,19 +116,78 @@ def start_process_group(comm: Any = None) -> bool:
     rank, size = comm.Get_rank(), comm.Get_size()
     node = socket.gethostname()
     nodes = comm.allgather(node)
-    one_node = len(set(nodes)) == 1
     address = None
     if rank == 0:
-        host = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_node
-                                                  else socket.gethostbyname(node))
-        with socket.socket() as s:  # a free port (released again for the store to bind)
-            s.bind(("", 0))
-            address = f"{host}:{s.getsockname()[1]}"
+        try:
+            host = _rendezvous_host(node, nodes)
+        except UsageError as refused:
+            address = refused
+        else:
+            with socket.socket() as s:  # a free port (released again for the store to bind)
+                s.bind(("", 0))
+                address = f"{host}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
+    if isinstance(address, UsageError):  # every rank: a script that catches it stays in step
+        raise address
     shared = shares_gpus(comm.allgather((node, local_rank(), visible_gpus())))
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
+
+
+def _rendezvous_host(node: str, nodes: list[str]) -> str:
+    """:func:`rendezvous_host` for rank 0 on ``node``, the ranks' nodes being ``nodes``: its
+    own address and the one it reaches another node from are looked up only where needed."""
+    resolved = outward = None
+    if not os.environ.get("MASTER_ADDR") and len(set(nodes)) > 1:
+        resolved = _address_of(node)
+        outward = _outward_address(next(n for n in nodes if n != node))
+    return rendezvous_host(node, len(set(nodes)), resolved, outward, os.environ)
+
+
+def rendezvous_host(node: str, nodes: int, resolved: str | None, outward: str | None,
+                    environ: Mapping[str, str]) -> str:
+    """The address rank 0 (on host ``node``, of ``nodes`` nodes) gives the others to meet it
+    at: ``MASTER_ADDR`` if set; on one node the loopback; else ``node``'s address
+    (``resolved``), unless that is a loopback one (Debian's /etc/hosts maps the host name to
+    127.0.1.1), which the other nodes would wait on until torch's timeout (30 minutes). Then
+    gloo binds there too unless ``GLOO_SOCKET_IFNAME`` names an interface: with it, the
+    address rank 0 reaches another node from (``outward``); without, a UsageError naming
+    both variables."""
+    if environ.get("MASTER_ADDR"):
+        return environ["MASTER_ADDR"]
+    if nodes == 1:
+        return "127.0.0.1"
+    if resolved is not None and not ipaddress.ip_address(resolved).is_loopback:
+        return resolved
+    reachable = outward is not None and not ipaddress.ip_address(outward).is_loopback
+    if reachable and environ.get("GLOO_SOCKET_IFNAME"):
+        return outward
+    such = f", such as {outward}," if reachable else ""
+    raise UsageError(f"--sync-backend torch on {nodes} nodes: rank 0's host {node} resolves to "
+                     f"{resolved or 'no address'}, which the other nodes cannot reach: set "
+                     f"MASTER_ADDR to an address of {node} they reach{such} and "
+                     "GLOO_SOCKET_IFNAME to its network interface (gloo binds to the host "
+                     "name's address otherwise)")
+
+
+def _address_of(host: str) -> str | None:
+    """``host``'s IPv4 address, or None where it does not resolve."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return None
+
+
+def _outward_address(peer: str) -> str | None:
+    """The address this host sends from to ``peer`` (a UDP socket's connect sends nothing,
+    the kernel picks the route), or None where ``peer`` does not resolve or is unreachable."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((socket.gethostbyname(peer), 9))
+            return s.getsockname()[0]
+    except OSError:
+        return None
 
 
 def _torchrun_rendezvous() -> dict:
