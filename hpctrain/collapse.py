@@ -5,8 +5,11 @@ A run has collapsed when one of these holds (rank 0's view; no extra communicati
 - its training loss is not finite for :data:`NOT_FINITE_STEPS` steps in a row, or its moving
   average exceeds :data:`EXPLODING` times the larger of ln(classes) and its first value;
 - the moving average sits at chance, ln(classes) (within :data:`FLAT_BAND`), for ``window``
-  steps after having been below it (for four windows if it never was: an untrained start
-  is at chance too);
+  steps after having been clearly below it (by twice the band: a slow run's noise crosses
+  the band's edge); or, if it never was, for four windows at the full learning rate (after
+  ``--warmup-epochs``: a run warming up sits at chance too) in which the loss did not fall
+  (by :data:`FALLING`, a least-squares line's fall), unless the newest snapshot scored
+  online is clearly above chance: a run learning slowly is not a collapse;
 - a snapshot scores at chance (at most 1/classes + :data:`CHANCE_MARGIN`) after an earlier
   one scored clearly above it (at least :data:`LEARNED` of the way from chance to 1).
 
@@ -30,23 +33,29 @@ from hpctrain.rank0_flag import Rank0Flag
 EXPLODING = 10.0
 NOT_FINITE_STEPS = 3
 FLAT_BAND = 0.02  # relative to ln(classes)
+# Relative to ln(classes): a loss at chance falling this much over four windows is learning
+# (a least-squares line's fall; a batch's noise, ~0.04 near chance, moves it ~0.01).
+FALLING = FLAT_BAND / 8
 CHANCE_MARGIN = 0.02
 LEARNED = 0.2
 _EMA = 0.9
 
 
 class CollapseDetector:
-    """Watches rank 0's training losses and the snapshots' test accuracies."""
+    """Watches rank 0's training losses and the snapshots' test accuracies (``warmup``: the
+    update at which the learning rate reaches --lr)."""
 
-    def __init__(self, num_classes: int, window: int) -> None:
+    def __init__(self, num_classes: int, window: int, warmup: int = 0) -> None:
         self.classes = num_classes
         self.chance_loss = math.log(num_classes)
         self.window = max(1, window)
+        self.warmup = warmup
         self.ema: float | None = None
         self.reference: float | None = None
         self.not_finite = 0
-        self.flat = 0
+        self.flat: list[float] = []  # the losses of the steps at chance, in a row
         self.was_below = False
+        self.above_chance = False  # the newest snapshot scored online clearly above chance
         self.best_acc = 0.0
         self.collapsed_at: int | None = None
         self.reason: str | None = None
@@ -70,18 +79,27 @@ class CollapseDetector:
             return self._collapse(update, f"training loss exploding: {self.ema:.3g}, above "
                                           f"{EXPLODING:g} x {self.reference:.3f}")
         band = FLAT_BAND * self.chance_loss
-        if self.ema < self.chance_loss - band:
+        if self.ema < self.chance_loss - 2 * band:
             self.was_below = True
-        if abs(self.ema - self.chance_loss) <= band:
-            self.flat += 1
-            needed = self.window if self.was_below else 4 * self.window
-            if self.flat >= needed:
-                return self._collapse(update, f"training loss flat at chance, ln("
-                                              f"{self.classes}) = {self.chance_loss:.3f}, for "
-                                              f"{self.flat} steps")
-        else:
-            self.flat = 0
-        return None
+        warming = update < self.warmup and not self.was_below
+        if abs(self.ema - self.chance_loss) > band or warming:
+            self.flat.clear()
+            return None
+        self.flat.append(value)
+        needed = self.window if self.was_below else 4 * self.window
+        if len(self.flat) < needed:
+            return None
+        if not self.was_below and (self.above_chance or self._falling()):
+            self.flat.clear()  # learning slowly: the next stretch is judged afresh
+            return None
+        return self._collapse(update, f"training loss flat at chance, ln({self.classes}) = "
+                                      f"{self.chance_loss:.3f}, for {len(self.flat)} steps")
+
+    def _falling(self) -> bool:
+        """Whether the loss still falls over the stretch at chance (a least-squares line's
+        fall): a model that never learned stays where it is, a slow one creeps down."""
+        slope = np.polyfit(np.arange(len(self.flat)), self.flat, 1)[0]
+        return -slope * (len(self.flat) - 1) >= FALLING * self.chance_loss
 
     def accuracy(self, update: int, acc: float) -> str | None:
         """A snapshot's test accuracy at global progress ``update``; the reason if it shows
@@ -93,6 +111,7 @@ class CollapseDetector:
             return self._collapse(update, f"test accuracy {acc:.4f} back at chance "
                                           f"(1/{self.classes}) after {self.best_acc:.4f}")
         self.best_acc = max(self.best_acc, acc)
+        self.above_chance = acc > chance + CHANCE_MARGIN
         return None
 
     def _collapse(self, update: int, reason: str) -> str:
@@ -100,10 +119,12 @@ class CollapseDetector:
         return reason
 
 
-def warn(update: int, reason: str, write=None) -> None:
-    """Rank 0's one warning line (through the progress bar's writer when there is one)."""
-    line = (f"hpctrain: warning: training collapsed at update {update}: {reason} "
-            "(--stop-on-collapse ends a run there)")
+def warn(update: int, reason: str, write=None, asked: bool = False) -> None:
+    """Rank 0's one warning line (through the progress bar's writer when there is one);
+    unless ``asked`` (--stop-on-collapse given: the run's last line says it stopped), it
+    names the flag."""
+    hint = "" if asked else " (--stop-on-collapse ends a run there)"
+    line = f"hpctrain: warning: training collapsed at update {update}: {reason}{hint}"
     (write or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
 
 
@@ -112,6 +133,7 @@ class StopSignal:
     docstring); a no-op object without ``--stop-on-collapse``."""
 
     def __init__(self, comm, enabled: bool, lock_step: bool) -> None:
+        self.asked = enabled  # --stop-on-collapse
         self.enabled = enabled and comm is not None and comm.Get_size() > 1
         self.single = enabled and not self.enabled  # one worker: no messages
         self.lock_step = lock_step

@@ -36,6 +36,18 @@ def evaluate(model: nn.Module, dataset: Dataset, batch_size: int = 1000) -> tupl
     return correct / n, loss / n
 
 
+def loss_or_none(loss: float) -> float | None:
+    """A loss as the curve records it: None when it is NaN or infinite (a diverged model),
+    which JSON cannot hold."""
+    return loss if math.isfinite(loss) else None
+
+
+def curve_point(model: nn.Module, test_set: Dataset, info: dict) -> dict:
+    """One curve point: ``info`` (t, epoch, updates) with ``model``'s test accuracy and loss."""
+    acc, loss = evaluate(model, test_set)
+    return {**info, "test_acc": acc, "test_loss": loss_or_none(loss)}
+
+
 @dataclass
 class Snapshot:
     """The model's state at one moment of training, and when that moment was."""
@@ -66,9 +78,7 @@ def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Da
     for i in range(rank, len(snapshots), size):
         watchdog.beat("evaluating snapshot", i)
         model.load_state_dict(snapshots[i].state)
-        acc, loss = evaluate(model, test_set)
-        mine[i] = {**snapshots[i].info, "test_acc": acc,
-                   "test_loss": loss if math.isfinite(loss) else None}
+        mine[i] = curve_point(model, test_set, snapshots[i].info)
     if comm is not None and size > 1:
         for part in comm.allgather(mine):
             mine.update(part)

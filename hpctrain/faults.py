@@ -3,27 +3,39 @@
 ``HPCTRAIN_INJECT="KIND@RANK:STEP[,KIND@RANK:STEP...]"``: at training step STEP (counted from
 0) on rank RANK, ``raise`` raises an exception, ``kill`` sends the process SIGKILL, ``hang``
 sleeps forever (alive, silent), ``nan`` and ``inf`` make the gradients NaN or Inf, and
-``killckpt`` sends SIGKILL halfway through writing the checkpoint of update STEP. Training
+``killckpt`` sends SIGKILL halfway through writing the checkpoint of update STEP (rank 0
+writes them). RANK is a worker's index among the ranks that train (with ``--eval-rank R``,
+world rank r > R is worker r - 1; ``--servers`` are the last ranks and train not). Training
 loops call :func:`inject` between backward and step (or, with the loss, before backward);
 without the variable it costs one dictionary look-up.
+
+:func:`check`, before MPI starts, refuses a plan that does not parse, names one place twice or
+asks for a ``killckpt`` that cannot happen, and warns of a fault beyond the run's workers or
+steps: a drill whose fault never fires would pass. (A warning, not a refusal: ``bench
+compare`` gives one plan to runs of different sizes, a fault meant for one of them.)
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
+import sys
 import time
 from functools import lru_cache
 
 import torch
 
+from hpctrain import comm, data
 from hpctrain.errors import UsageError
 
 KINDS = ("raise", "kill", "hang", "nan", "inf", "killckpt")
 
 
 @lru_cache(maxsize=1)
-def _plan(spec: str) -> dict[tuple[int, int], str]:
+def _plan(spec: str) -> dict[tuple[int, int, bool], str]:
+    """``{(rank, step, at a checkpoint): kind}``: killckpt's STEP is an update, the others' a
+    worker's step, so ``nan@0:5,killckpt@0:5`` are two places."""
     plan = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         try:
@@ -34,18 +46,63 @@ def _plan(spec: str) -> dict[tuple[int, int], str]:
                 f"HPCTRAIN_INJECT: cannot parse {item!r}; want KIND@RANK:STEP") from None
         if kind not in KINDS:
             raise UsageError(f"HPCTRAIN_INJECT: unknown fault {kind!r}; choose from {KINDS}")
-        plan[(rank, step)] = kind
+        place = (rank, step, kind == "killckpt")
+        if place in plan:  # one would never fire
+            raise UsageError(f"HPCTRAIN_INJECT: {item!r} where {plan[place]}@{rank}:{step} "
+                             "is already planned; one fault a place")
+        plan[place] = kind
     return plan
 
 
-def check() -> None:
-    """Before MPI starts: a plan that does not parse is one line there, not after MPI."""
-    _planned(0, 0)
-
-
-def _planned(rank: int, step: int) -> str | None:
+def check(config, workers: int) -> None:
+    """Before MPI starts, for ``config``'s run on ``workers`` training workers: refuse a plan
+    that does not parse or a ``killckpt`` that cannot happen (one line, not after MPI); warn
+    of faults beyond the run's workers or steps (rank 0 of the launch)."""
     spec = os.environ.get("HPCTRAIN_INJECT")
-    return _plan(spec).get((rank, step)) if spec else None
+    plan = _plan(spec) if spec else {}
+    if not plan:
+        return
+    for (rank, step, _), kind in plan.items():
+        if kind == "killckpt" and config.checkpoint.every is None:
+            raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: the run writes no "
+                             "checkpoint (no --checkpoint-every)")
+        if kind == "killckpt" and rank != 0:
+            raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: only rank 0 writes "
+                             f"checkpoints ({kind}@0:{step} kills it halfway through one)")
+    updates = _updates(config, workers)
+    for (rank, step, at_checkpoint), kind in plan.items():
+        why = _beyond(rank, step, at_checkpoint, workers, updates, config.eval_rank)
+        if why and comm.env_rank() == 0:
+            print(f"hpctrain: warning: HPCTRAIN_INJECT {kind}@{rank}:{step} will not fire: "
+                  f"{why}", file=sys.stderr, flush=True)
+
+
+def _updates(config, workers: int) -> int:
+    """The run's global updates, as the loop counts them: each worker's epoch is its share of
+    the samples in batches; lock-step workers update together, asynchronous ones each."""
+    data.check(config.data.dataset, config.data.data_dir)  # its one line before a size's
+    local = data.size(config.data.dataset, "train", config.data.data_dir) // workers
+    steps = config.optim.epochs * math.ceil(local / config.optim.batch_size)
+    return steps if config.algorithm_class.lock_step else steps * workers
+
+
+def _beyond(rank: int, step: int, at_checkpoint: bool, workers: int, updates: int,
+            eval_rank: int | None) -> str | None:
+    """Why a fault at (rank, step) cannot happen in the run, if it cannot."""
+    if not 0 <= rank < workers:
+        moved = f"; with --eval-rank {eval_rank}, world rank r > {eval_rank} is worker " \
+            "r - 1" if eval_rank is not None else ""
+        return f"the run's workers are 0..{workers - 1} (RANK is a worker's index{moved})"
+    if at_checkpoint and step > updates:
+        return f"the run ends at update {updates}"
+    if not at_checkpoint and step >= updates:  # an asynchronous worker's steps: fewer
+        return f"a worker's steps are 0..{updates - 1} at most"
+    return None
+
+
+def _planned(rank: int, step: int, at_checkpoint: bool = False) -> str | None:
+    spec = os.environ.get("HPCTRAIN_INJECT")
+    return _plan(spec).get((rank, step, at_checkpoint)) if spec else None
 
 
 def inject(rank: int, step: int, model: torch.nn.Module,
@@ -74,5 +131,5 @@ def inject(rank: int, step: int, model: torch.nn.Module,
 
 def during_checkpoint(rank: int, step: int) -> None:
     """Called halfway through writing the checkpoint of update ``step``: ``killckpt``."""
-    if _planned(rank, step) == "killckpt":
+    if _planned(rank, step, at_checkpoint=True) == "killckpt":
         os.kill(os.getpid(), signal.SIGKILL)

@@ -23,6 +23,7 @@ The summary's ``eval_mode`` says which produced the curve.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 
@@ -31,7 +32,7 @@ import numpy as np
 from hpctrain import collapse, tensorboard, watchdog
 from hpctrain.algorithm import Algorithm
 from hpctrain.errors import UsageError
-from hpctrain.evaluate import evaluate
+from hpctrain.evaluate import curve_point
 
 _SNAPSHOT, _SCORE = 7301, 7302  # tags of the messages to and from the evaluating rank
 BAR_EVERY = 50  # rank 0's steps between progress-bar loss updates
@@ -79,23 +80,16 @@ def serve(world, model, test_set) -> None:
         index, state, info = message
         watchdog.beat("evaluating snapshot", index)
         model.load_state_dict(state)
-        world.send((index, _point(model, test_set, info)), dest=0, tag=_SCORE)
+        world.send((index, curve_point(model, test_set, info)), dest=0, tag=_SCORE)
         scored += 1
 
 
-def _wait_beating(comm, doing: str) -> None:
-    """Wait until every rank of ``comm`` is here, beating the watchdog meanwhile: rank 0 may
-    drain the evaluating rank's backlog for longer than --stall-timeout. That rank beats for
-    each snapshot, so its own watchdog still catches a stall there."""
-    request = comm.Ibarrier()
-    while not request.Test():
-        watchdog.beat(doing)
-        time.sleep(0.005)
-
-
-def _point(model, test_set, info: dict) -> dict:
-    acc, loss = evaluate(model, test_set)
-    return {**info, "test_acc": acc, "test_loss": loss if np.isfinite(loss) else None}
+def from_rank0(world, result):
+    """Rank 0's ``result``, on every rank of the job once rank 0 has written the outputs. The
+    ranks done before it (the evaluating rank, store servers, the other workers) wait
+    beating: ma and ec score their curve after training, for longer than --stall-timeout."""
+    watchdog.wait_beating(world, "waiting for rank 0's outputs")
+    return world.bcast(result, root=0)
 
 
 def eval_mode(config, algo: Algorithm) -> str:
@@ -129,12 +123,21 @@ class Watch:
         self.resumed = resumed
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, elapsed=elapsed)
-        self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4))
+        # The learning rate reaches --lr at this update: a model at chance before it is warming
+        # up, not collapsed.
+        warmup = math.ceil(config.optim.warmup_epochs * per_epoch)
+        self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4),
+                                                  warmup=warmup)
         self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
         self.stopped = False
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
-        self._sent: list = []
-        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed, "stale": 0}
+        # Snapshots sent to the evaluating rank and not scored yet: index -> the send's request,
+        # which holds the pickled snapshot until it is waited for.
+        self._unscored: dict[int, object] = {}
+        # TensorBoard's training entries: what the steps since the last entry added up to, and
+        # the last step's (position, lr, t).
+        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed, "stale": 0,
+                        "last": None}
         self._postfix: dict[str, str] = {}
 
     # ---- during training --------------------------------------------------------------------
@@ -159,9 +162,15 @@ class Watch:
             log["position"] = position - 1
         log["steps"] += 1
         log["loss"] += value
-        if log["steps"] < tensorboard.LOG_EVERY:
-            return
-        board = self.board
+        log["last"] = position, lr, t
+        if log["steps"] >= tensorboard.LOG_EVERY:
+            self._write_log()
+
+    def _write_log(self) -> None:
+        """Rank 0: one training entry for the steps logged since the last (LOG_EVERY of them,
+        or the last few of the run)."""
+        log, board = self._logged, self.board
+        position, lr, t = log["last"]
         board.scalar("train/loss", log["loss"] / log["steps"], position, t)
         board.scalar("train/lr", lr, position, t)
         scale = self.loss_scale()
@@ -178,11 +187,13 @@ class Watch:
 
     def begin(self, model, snapshots) -> None:
         """Before the first step: score the snapshots there are already (the first, and those
-        restored from a checkpoint) on a scratch copy of ``model``."""
+        restored from a checkpoint) on a scratch copy of ``model``. Each is progress of the
+        start-up: hundreds restored take longer than the watchdog's start-up allowance."""
         if not self.online or self.rank != 0 or not snapshots:
             return
         scratch = copy.deepcopy(model)
         for i in range(len(snapshots)):
+            watchdog.beat("scoring restored snapshot", i, starting=True)
             scratch.load_state_dict(snapshots[i].state)
             self.snapshot(scratch, snapshots[:i + 1])
 
@@ -192,20 +203,22 @@ class Watch:
             return
         index = len(snapshots) - 1
         if self.eval_rank is None:
-            self._scored(index, _point(model, self.test_set, snapshots[index].info))
+            self._scored(index, curve_point(model, self.test_set, snapshots[index].info))
             return
-        self._sent.append(self.world.isend((index, snapshots[index].state,
-                                            snapshots[index].info),
-                                           dest=self.eval_rank, tag=_SNAPSHOT))
+        self._unscored[index] = self.world.isend(
+            (index, snapshots[index].state, snapshots[index].info), dest=self.eval_rank,
+            tag=_SNAPSHOT)
         self._receive(block=False)
 
     def _receive(self, block: bool) -> None:
-        while block or self.world.Iprobe(source=self.eval_rank, tag=_SCORE):
+        """Rank 0: the scores the evaluating rank has sent (``block``: all still due). A scored
+        snapshot's send is complete: its request, and the pickled snapshot it holds, go."""
+        while self._unscored and (block or self.world.Iprobe(source=self.eval_rank,
+                                                              tag=_SCORE)):
             index, point = self.world.recv(source=self.eval_rank, tag=_SCORE)
+            self._unscored.pop(index).wait()
             watchdog.beat("waiting for scores", len(self.scores))
             self._scored(index, point)
-            if block and len(self.scores) >= len(self._sent):
-                return
 
     def _scored(self, index: int, point: dict) -> None:
         self.scores[index] = point
@@ -223,7 +236,8 @@ class Watch:
     def _collapse(self, update: int, reason: str | None) -> None:
         if reason is None:
             return
-        collapse.warn(update, reason, self.bar.write if not self.bar.disable else None)
+        collapse.warn(update, reason, self.bar.write if not self.bar.disable else None,
+                      asked=self.signal.asked)
         self.signal.request()
 
     def stop(self, position: int) -> bool:
@@ -235,8 +249,11 @@ class Watch:
     # ---- after training ---------------------------------------------------------------------
 
     def finish(self) -> None:
-        """After the loop, on every worker: the stop signal completes."""
+        """After the loop, on every worker: the stop signal completes; rank 0's training
+        entries since the last LOG_EVERY steps reach TensorBoard."""
         self.signal.close()
+        if self.rank == 0 and self.board.enabled and self._logged["steps"]:
+            self._write_log()
 
     def abandon(self, stopped: Exception) -> None:
         """The run stops before its end with ``stopped`` (SIGUSR1,
@@ -251,9 +268,7 @@ class Watch:
     def _release(self, stopped: Exception | None = None) -> None:
         """Rank 0: the evaluating rank's scores still on their way, then its last message."""
         if self.rank == 0 and self.eval_rank is not None:
-            self._receive(block=len(self.scores) < len(self._sent))
-            for request in self._sent:
-                request.wait()
+            self._receive(block=True)
             self.world.send(stopped, dest=self.eval_rank, tag=_SNAPSHOT)
 
     def curve(self, model, snapshots, comm) -> list[dict] | None:
@@ -262,7 +277,7 @@ class Watch:
         the evaluating rank."""
         self._release()
         if self.eval_rank is not None and comm is not None:
-            _wait_beating(comm, "waiting for the evaluating rank's scores")
+            watchdog.wait_beating(comm, "waiting for the evaluating rank's scores")
         if not self.curve_online:
             return None
         points = None
@@ -270,7 +285,7 @@ class Watch:
             for i, snapshot in enumerate(snapshots):
                 if i not in self.scores:  # not reached: a safety net
                     model.load_state_dict(snapshot.state)
-                    self._scored(i, _point(model, self.test_set, snapshot.info))
+                    self._scored(i, curve_point(model, self.test_set, snapshot.info))
             points = [self.scores[i] for i in range(len(snapshots))]
         return comm.bcast(points, root=0) if comm is not None else points
 

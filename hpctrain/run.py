@@ -118,7 +118,7 @@ def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
     ``n // workers`` samples per epoch, TrainData.samples_per_rank). Returns the number of
     training samples and that test sample."""
     optimizers.check(config.algorithm_class, config.optim)
-    faults.check()  # $HPCTRAIN_INJECT, read at the first step
+    faults.check(config, workers)  # $HPCTRAIN_INJECT, read at the first step
     parse_slowdown(config.stragglers.slowdown, workers)
     data.check(config.data.dataset, config.data.data_dir)
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
@@ -256,7 +256,7 @@ def _launched(config: RunConfig, named: bool) -> dict:
                 result = _run(config, world)
         except checkpoint.Stopped as stopped:  # the evaluating rank (--eval-rank) is told
             result = stopped
-        result = world.bcast(result, root=0)  # a store's server learns of a stop here
+        result = live.from_rank0(world, result)  # a store's server learns of a stop here
     finally:
         watchdog.stop()
     if isinstance(result, checkpoint.Stopped):
@@ -490,7 +490,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
     if comm_ is not None:
-        comm_.Barrier()
+        watchdog.wait_beating(comm_, "waiting for the workers to start", starting=True)
     start = runtime.now() - done.get("elapsed", 0.0)
     local = train_data.epoch(epoch)
     algo.epoch_started(local)

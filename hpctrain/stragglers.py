@@ -1,6 +1,8 @@
 """Straggler injection: make a worker's steps take FACTOR times as long, with seeded jitter.
 
-``--slowdown RANK:FACTOR[,RANK:FACTOR...]`` slows given workers by a fixed factor;
+``--slowdown RANK:FACTOR[,RANK:FACTOR...]`` slows given workers by a fixed factor (RANK is a
+worker's index among the ranks that train: with ``--eval-rank R``, world rank r > R is worker
+r - 1; ``--servers`` are the last ranks and train not);
 ``--jitter SIGMA`` multiplies every worker's step by a log-normal factor ``exp(SIGMA * z)``,
 ``z ~ N(0, 1)``, drawn per step from a generator seeded with (seed, rank). A step that should
 take ``f`` times its measured time ``t`` is padded with a sleep of ``(f - 1) * t`` (no sleep
@@ -32,7 +34,9 @@ def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
                 from None
         if not 0 <= rank < workers:
             among = "ranks count from 0" if rank < 0 else f"0..{workers - 1}"
-            raise UsageError(f"--slowdown {text}: rank {rank} is not a worker ({among})")
+            raise UsageError(f"--slowdown {text}: rank {rank} is not a worker ({among}); RANK "
+                             "is a worker's index among the ranks that train: with "
+                             "--eval-rank R, world rank r > R is worker r - 1")
         if not 1.0 <= factor <= MAX_FACTOR:  # False for NaN
             raise UsageError(f"--slowdown {text}: factor {factor_text} must be in [1, "
                              f"{MAX_FACTOR:g}]")

@@ -10,8 +10,10 @@ main thread may be inside MPI, and the async algorithms run MPI at thread level
 ``serialized``.
 
 Beats come from the training loops (each step), evaluation (each snapshot; rank 0 also for each
-score the evaluating rank sends, the others while they wait for rank 0 then) and a store host
-serving its windows. Ranks that wait for a stalled one stop beating too, so several ranks may
+score the evaluating rank sends, the others while they wait for rank 0 then), a store host
+serving its windows, and every rank waiting for rank 0: before the first step (while it scores
+a resumed run's snapshots) and at the end (while it scores ma's and ec's curve and writes the
+outputs). Ranks that wait for a stalled one stop beating too, so several ranks may
 report; in asynchronous runs the others keep stepping and only the stalled rank's watchdog
 fires (or theirs, later, at the final barrier). Horovod's stall check only warns by default;
 PyTorch's NCCL watchdog aborts after its collective timeout, as this does.
@@ -70,11 +72,33 @@ def start(timeout: float, rank: int) -> None:
         _active = _Watchdog(timeout, rank)
 
 
-def beat(doing: str, count: int | None = None) -> None:
-    """Record progress: ``doing`` (and ``count``, e.g. "step", 12) name it in the message."""
+def beat(doing: str, count: int | None = None, *, starting: bool = False) -> None:
+    """Record progress: ``doing`` (and ``count``, e.g. "step", 12) name it in the message.
+
+    ``starting``: progress made before the first step (a resumed run's restored snapshots
+    scored, the ranks waiting for that): the clock restarts, but the start-up's allowance
+    holds until the first step, whose compilation may take minutes."""
     if _active is not None:
         _active.last, _active.doing, _active.count = time.monotonic(), doing, count
-        _active.limit = _active.timeout
+        if not starting:
+            _active.limit = _active.timeout
+
+
+def wait_beating(comm, doing: str, count: int | None = None, *,
+                 starting: bool = False) -> None:
+    """A barrier over ``comm`` that beats meanwhile: the ranks waiting for rank 0 (while it
+    scores snapshots or writes a checkpoint or the outputs) make no progress of their own for
+    longer than --stall-timeout, but have not stalled. Rank 0 beats for each piece of its
+    work, so its own watchdog still catches a stall there. ``starting``: as :func:`beat`'s.
+    A communicator without a non-blocking barrier (torchrun's, the simulator's) waits in a
+    plain one."""
+    if not hasattr(comm, "Ibarrier"):
+        comm.Barrier()
+        return
+    request = comm.Ibarrier()
+    while not request.Test():
+        beat(doing, count, starting=starting)
+        time.sleep(0.005)
 
 
 def stop() -> None:

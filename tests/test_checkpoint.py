@@ -765,7 +765,7 @@ def test_ranks_waiting_for_rank_0s_checkpoint_beat_the_watchdog(tmp_path, monkey
 
         monkeypatch.setattr(checkpointer_module, "write_atomic", slow_disk)
     beats = []
-    monkeypatch.setattr(watchdog, "beat", lambda doing, count=None: beats.append(doing))
+    monkeypatch.setattr(watchdog, "beat", lambda doing, count=None, **_: beats.append(doing))
     ckpt.save(10, {}, snapshots)
     if world.rank > 0:
         assert "waiting for rank 0's checkpoint" in beats

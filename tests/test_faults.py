@@ -132,6 +132,33 @@ def test_inject_refuses_bad_plans(monkeypatch):
         assert msg in refusal(["--algo", "sgd", *SYNTHETIC])
 
 
+def test_a_fault_that_cannot_fire_is_refused_or_said(monkeypatch, capsys):
+    """raise@5:3 on 2 ranks, killckpt without checkpoints, raise@2:3 beside --eval-rank 1 (there
+    world rank 2 is worker 1): accepted, never fired, and the drill passed."""
+    from hpctrain import arguments, cli, run
+
+    ssgd = ["--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16"]  # 64 steps
+    for plan, flags, refused in (
+            ("killckpt@0:32", [], "killckpt@0:32: the run writes no checkpoint (no "
+                                  "--checkpoint-every)"),
+            ("killckpt@1:32", ["--checkpoint-every", "0.5e"], "killckpt@1:32: only rank 0 "
+                                                               "writes checkpoints"),
+            ("nan@1:3,raise@1:3", [], "'raise@1:3' where nan@1:3 is already planned")):
+        monkeypatch.setenv("HPCTRAIN_INJECT", plan)
+        assert refused in refusal([*ssgd, *flags], 2)
+    # bench compare gives one plan to runs of 1, 2, ... processes: said, not refused
+    monkeypatch.setenv("HPCTRAIN_INJECT", "raise@2:3,nan@0:63,inf@1:64,killckpt@0:64,"
+                                          "killckpt@0:65")
+    args = [*ssgd, "--eval", "online", "--eval-rank", "1", "--checkpoint-every", "0.5e"]
+    run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 3)
+    will_not = "hpctrain: warning: HPCTRAIN_INJECT {} will not fire: {}"
+    assert capsys.readouterr().err.splitlines() == [
+        will_not.format("raise@2:3", "the run's workers are 0..1 (RANK is a worker's index; "
+                                     "with --eval-rank 1, world rank r > 1 is worker r - 1)"),
+        will_not.format("inf@1:64", "a worker's steps are 0..63 at most"),
+        will_not.format("killckpt@0:65", "the run ends at update 64")]
+
+
 def finite_model(out) -> bool:
     state = torch.load(out / "model.pt", weights_only=True)
     return all(torch.isfinite(v).all() for v in state.values())

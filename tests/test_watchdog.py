@@ -1,12 +1,18 @@
 """The stall watchdog: a rank that stops making progress ends the job in bounded time."""
 
+import json
+import pickle
 import subprocess
 import sys
+import tracemalloc
 
 import pytest
+import torch
 from conftest import run_job, run_program
+from test_collapse import watch_of
 
-from hpctrain import watchdog
+from hpctrain import data, live, models, watchdog
+from hpctrain.evaluate import Snapshots
 
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress",
          "--seed", "3", "--batch-size", "16"]
@@ -37,8 +43,12 @@ def test_beats_keep_it_quiet_and_stop_ends_watching():
 
 @pytest.mark.timeout(60)
 def test_start_up_is_not_held_to_a_short_timeout():
+    """Nor is what happens before the first step (a resumed run's snapshots scored): the clock
+    restarts at each, the start-up's allowance holds."""
     proc = run_python("import time\nfrom hpctrain import watchdog\n"
-                      "watchdog.start(0.5, rank=2)\ntime.sleep(2)\nprint('started')\n"
+                      "watchdog.start(0.5, rank=2)\n"
+                      "watchdog.beat('scoring restored snapshot', 3, starting=True)\n"
+                      "time.sleep(2)\nprint('started')\n"
                       "watchdog.beat('update', 1)\ntime.sleep(30)")
     assert proc.stdout == "started\n" and proc.returncode == watchdog.EXIT_STATUS
     assert "rank 2 made no progress for 0.5 s (last: update 1)" in proc.stderr
@@ -64,14 +74,14 @@ def test_a_hung_rank_ends_the_job(tmp_path, algo, last):
 
 
 SLOW_TO_SCORE = """
+import os
 import time
 import torch
 from torch import nn
 
 class SlowToScore(nn.Module):
-    def __init__(self, input_shape, num_classes, pause):
+    def __init__(self, input_shape, num_classes):
         super().__init__()
-        self.pause = pause
         n = 1
         for d in input_shape:
             n *= d
@@ -82,22 +92,91 @@ class SlowToScore(nn.Module):
         if self.training:
             self.steps += 1
         elif self.steps > 0:
-            time.sleep(self.pause)
+            time.sleep(float(os.environ["SCORE_PAUSE"]))
         return self.net(x)
 """
 
+# conftest.run_commands' way (hpctrain commands in turn, one launch), with each command's
+# pause to score a snapshot and the watchdog's start-up allowance.
+COMMANDS = """
+import json, os, sys
+from hpctrain import cli, watchdog
+for argv, pause, start_up in json.loads(sys.argv[1]):
+    os.environ["SCORE_PAUSE"] = str(pause)
+    watchdog.STARTUP_S = start_up
+    cli.main(argv)
+"""
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("algo, np, flags", [
-    ("ma", 2, ["--model-args", '{"pause": 0.15}']),  # 2-3 forwards a snapshot
-    ("ssgd", 3, ["--model-args", '{"pause": 0.4}', "--eval", "online", "--eval-rank", "2"]),
-], ids=["members", "eval-rank"])
-def test_scoring_after_training_is_progress(tmp_path, algo, np, flags):
-    """Scoring after the loop beat on no rank (ma/ec's members), or not on the ranks waiting
-    for the evaluating rank's backlog: a healthy job was ended as stalled."""
-    (tmp_path / "slow.py").write_text(SLOW_TO_SCORE)
-    proc = run_job(["train", "--algo", algo, *SMALL, "--model",
-                    f"{tmp_path / 'slow.py'}:SlowToScore", "--eval-every", "0.125", *flags,
-                    "--stall-timeout", "2", "--out", str(tmp_path / "run")], np=np, timeout=100)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "run" / "summary.json").exists()
+
+@pytest.fixture(scope="module")
+def slow_to_score(tmp_path_factory) -> tuple[dict, subprocess.CompletedProcess]:
+    """Runs on 3 ranks, --stall-timeout 2, whose snapshots take 0.25-0.5 s a forward to score,
+    in one launch: ({name: folder}, the launch's process). "ma-eval-rank": ma, rank 0's member
+    scored online by rank 2 (a backlog of seconds at the end), the members' curve scored
+    after training; "resumed": ssgd resumed at update 32 of 43 (from "checkpointed"), its 6
+    trained snapshots scored online before the first step, with 2 s for the start-up."""
+    root = tmp_path_factory.mktemp("slow")
+    (root / "slow.py").write_text(SLOW_TO_SCORE)
+    folders = {name: root / name for name in ("ma-eval-rank", "checkpointed", "resumed")}
+
+    def train(name: str, algo: str, *flags: str) -> list[str]:
+        return ["train", "--algo", algo, *SMALL, "--model", f"{root / 'slow.py'}:SlowToScore",
+                "--eval-every", "0.125", "--stall-timeout", "2", *flags,
+                "--out", str(folders[name])]
+
+    runs = [(train("ma-eval-rank", "ma", "--eval", "online", "--eval-rank", "2"), 0.25,
+             watchdog.STARTUP_S),
+            (train("checkpointed", "ssgd", "--checkpoint-every", "0.75e"), 0,
+             watchdog.STARTUP_S),
+            (train("resumed", "ssgd", "--eval", "online", "--resume",
+                   str(folders["checkpointed"] / "checkpoints")), 0.5, 2.0)]
+    proc = run_program([sys.executable, "-c", COMMANDS, json.dumps(runs)], np=3, timeout=200)
+    return folders, proc
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("run", ["ma-eval-rank", "resumed"])
+def test_waiting_for_rank_0_is_progress(slow_to_score, run):
+    """A healthy job was ended as stalled where a rank waited without beating: while ma's
+    (and ec's) curve was scored after training, the trainers (they did not beat) and the
+    evaluating rank (released before it, it waited for rank 0's result); the trainers while
+    rank 0 took the evaluating rank's backlog; every rank while a resumed run's snapshots
+    were scored before its first step (in a long run, longer than the start-up's 600 s)."""
+    folders, proc = slow_to_score
+    assert (folders[run] / "summary.json").exists(), proc.stderr[-3000:]
+    assert "made no progress" not in proc.stderr
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_rank_0_keeps_no_copy_of_a_snapshot_once_it_is_scored(tmp_path):
+    """With --eval-rank, rank 0 held each snapshot's pickled copy (its send's buffer) until
+    the run ended: the model's size for every snapshot, gigabytes in a long run."""
+    from mpi4py import MPI
+
+    rank = MPI.COMM_WORLD.Get_rank()
+    world = MPI.COMM_WORLD.Split(0 if rank < 2 else MPI.UNDEFINED, rank)
+    if world == MPI.COMM_NULL:
+        return
+    model = models.build("mlp", data.SYNTHETIC_SHAPE, 10)
+    if rank == 1:
+        live.serve(world, model, data.load("synthetic", "test"))
+        world.Free()
+        return
+    watch = watch_of(tmp_path, world=world, eval_mode="online", eval_rank=1)
+    snapshots = Snapshots()
+    size = len(pickle.dumps(model.state_dict()))
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(8):
+            snapshots.take(model, t=0.0, epoch=0.0, updates=i)
+            watch.snapshot(model, snapshots)
+            while i not in watch.scores:  # rank 0 picks the score up between its steps
+                watch.step(i, i, torch.tensor(1.0), 0.05, 0.0)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+        watch.curve(model, snapshots, None)  # the evaluating rank's last message
+        world.Free()
+    assert held < size / 2, (held, size)

@@ -267,7 +267,7 @@ class Checkpointer:
             self._write(updates, [m for m, _ in gathered],
                         [n for _, n in gathered] if self.snapshots_per_rank else [new])
         if self.comm is not None and self.workers > 1:
-            _wait_beating(self.comm, "waiting for rank 0's checkpoint", updates)
+            watchdog.wait_beating(self.comm, "waiting for rank 0's checkpoint", updates)
         if self.close_tickets is not None and self.comm is not None:
             self.stopping = self.comm.bcast(self.stopping, root=0)  # rank 0 closed the tickets
         self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
@@ -318,20 +318,6 @@ def _write_beating(path: Path, blob: bytes, updates: int) -> None:
     watchdog.beat("writing checkpoint", updates)
     write_atomic(path, blob, durable=True)
     watchdog.beat("writing checkpoint", updates)
-
-
-def _wait_beating(comm, doing: str, count: int) -> None:
-    """A barrier that beats the watchdog while it waits (for rank 0's write, which beats for
-    each file, so its own watchdog still catches a stall there); as ``hpctrain.live``'s, which
-    the library layer cannot import. torchrun's communicator, without a non-blocking barrier,
-    waits in a plain one."""
-    if not hasattr(comm, "Ibarrier"):
-        comm.Barrier()
-        return
-    request = comm.Ibarrier()
-    while not request.Test():
-        watchdog.beat(doing, count)
-        time.sleep(0.005)
 
 
 def to_host(state):

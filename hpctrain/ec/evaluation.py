@@ -8,8 +8,6 @@ snapshot's parameters gives the averaged model, scored by one rank per snapshot 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from torch import nn
@@ -19,11 +17,7 @@ from hpctrain import watchdog
 from hpctrain.data import Dataset
 from hpctrain.ec.averaging import average_model
 from hpctrain.ec.ensemble import predict_logits
-from hpctrain.evaluate import Snapshot
-
-
-def _loss_or_none(loss: float) -> float | None:
-    return loss if math.isfinite(loss) else None
+from hpctrain.evaluate import Snapshot, loss_or_none
 
 
 def score_probs(probs: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
@@ -61,9 +55,9 @@ def evaluate_members(model: nn.Module, snapshots: list[Snapshot], test_set: Data
         comm.Allreduce(probs, total)
         ens_acc, ens_loss = score_probs(torch.from_numpy(total) / ranks, test_set.labels)
         points.append({**infos[i], "member_acc": members[0][0],
-                       "member_loss": _loss_or_none(members[0][1]),
+                       "member_loss": loss_or_none(members[0][1]),
                        "mean_member_acc": sum(a for a, _ in members) / ranks,
-                       "ensemble_acc": ens_acc, "ensemble_loss": _loss_or_none(ens_loss)})
+                       "ensemble_acc": ens_acc, "ensemble_loss": loss_or_none(ens_loss)})
         if averaged:
             average_model(model, comm)
             if i % ranks == rank:
@@ -74,5 +68,5 @@ def evaluate_members(model: nn.Module, snapshots: list[Snapshot], test_set: Data
             averaged_scores.update(part)
         for i, point in enumerate(points):
             acc, loss = averaged_scores[i]
-            point.update(averaged_acc=acc, averaged_loss=_loss_or_none(loss))
+            point.update(averaged_acc=acc, averaged_loss=loss_or_none(loss))
     return points

@@ -1,0 +1,102 @@
+"""Collapse detection (hpctrain.collapse): a run that starts slowly is not a collapse, a dead one
+still is; and what rank 0's Watch says about it. The rules one by one: test_plugins.py."""
+
+import math
+import random
+
+import torch
+
+from hpctrain import data, live
+from hpctrain.collapse import CollapseDetector
+from hpctrain.config import OptimConfig, RunConfig
+from hpctrain.metrics import progress as progress_bar
+
+CHANCE = math.log(10)
+WINDOW = 32  # a quarter epoch of 128 steps; four windows: an epoch
+
+
+def noisy(values, seed: int = 0) -> list[float]:
+    """``values`` with a batch's noise (rank 0's loss of 16 samples near chance: ~0.04)."""
+    rng = random.Random(seed)
+    return [v + rng.gauss(0.0, 0.04) for v in values]
+
+
+def first_collapse(detector: CollapseDetector, losses, start: int = 1) -> int | None:
+    found = [u for u, v in enumerate(losses, start) if detector.loss(u, v)]
+    return found[0] if found else None
+
+
+def test_a_run_at_chance_while_warming_up_is_not_collapsed():
+    """--warmup-epochs 5 of 8: the loss sat at chance for the first epoch (the rate still a
+    fraction of --lr) and --stop-on-collapse ended a run that then reached 100%."""
+    warming = [CHANCE] * 150 + [CHANCE * math.exp(-i / 30) for i in range(100)]
+    assert first_collapse(CollapseDetector(10, WINDOW, warmup=160), warming) is None
+    assert first_collapse(CollapseDetector(10, WINDOW), warming) == 4 * WINDOW  # as before
+    # A run dead at chance after its warm-up still is one, four windows after it.
+    dead = [CHANCE + 0.002] * 400
+    assert first_collapse(CollapseDetector(10, WINDOW, warmup=160), dead) == 160 + 4 * WINDOW - 1
+
+
+def test_a_loss_falling_slowly_within_the_band_is_learning():
+    """--lr 0.0005: the loss crept from 2.30 to 2.27 in 128 steps, within 2% of ln(10) but
+    for noise, while test accuracy rose from 0.10 to 0.17; the run was stopped as collapsed
+    at update 128. A run that stays at chance is still caught (a few windows later, where
+    its noise looked like a fall). Noise makes either verdict a chance: 20 runs of each."""
+    seeds = range(20)
+    slow = [CHANCE - 0.0003 * i for i in range(400)]
+    stopped = [s for s in seeds if first_collapse(CollapseDetector(10, WINDOW), noisy(slow, s))]
+    assert len(stopped) <= 1, stopped  # all 20 at update 128 before (1 in 200 now)
+    dead = [CHANCE + 0.002] * 1000
+    assert all(first_collapse(CollapseDetector(10, WINDOW), noisy(dead, s)) for s in seeds)
+
+
+def test_a_flat_loss_is_not_a_collapse_while_snapshots_score_above_chance():
+    """--eval online: test accuracy rising (0.10, then 0.14) with the loss still at chance."""
+    detector = CollapseDetector(10, WINDOW)
+    assert detector.accuracy(0, 0.10) is None and detector.accuracy(40, 0.14) is None
+    assert first_collapse(detector, [CHANCE] * 300) is None  # the last snapshot: 0.14
+    assert detector.accuracy(300, 0.11) is None  # not the "back at chance" rule: never 0.28
+    # Now a collapse, at the end of the stretch judged afresh at update 256.
+    assert first_collapse(detector, [CHANCE] * 200, start=301) == 256 + 4 * WINDOW
+
+
+def test_a_collapse_after_learning_is_caught_as_fast_during_warm_up():
+    detector = CollapseDetector(10, 20, warmup=1000)
+    seq = [2.0] * 30 + [CHANCE] * 60  # below chance, then back at it for one window
+    found = first_collapse(detector, seq)
+    assert found is not None and found < 30 + 40 and "flat at chance" in detector.reason
+
+
+def watch_of(out, *, per_epoch: int = 32, world=None, **options) -> live.Watch:
+    """Rank 0's Watch of a one-worker sgd run on the synthetic set, as the loop makes it, in
+    this process (``options``: RunConfig's; ``warmup_epochs`` OptimConfig's)."""
+    optim = OptimConfig(epochs=8, warmup_epochs=options.pop("warmup_epochs", 0.0))
+    config = RunConfig(algo="sgd", out=str(out), progress=False, optim=optim, **options)
+    test_set = data.load("synthetic", "test")
+    bar = progress_bar(8 * per_epoch, 0, "sgd", enabled=False)
+    return live.Watch(config, config.algorithm_class(config), None, test_set=test_set,
+                      per_epoch=per_epoch, steps=per_epoch, samples_per_epoch=16 * per_epoch,
+                      bar=bar, world=world)
+
+
+def feed(watch: live.Watch, losses, start: int = 1) -> int | None:
+    """``losses`` as rank 0's steps from update ``start``; the update at which the run
+    stops (--stop-on-collapse), or None."""
+    for update, value in enumerate(losses, start):
+        watch.step(update, update, torch.tensor(value), 0.05, update * 0.01)
+        if watch.stop(update):
+            return update
+    return None
+
+
+def test_the_watch_waits_for_the_warm_up_and_says_the_run_stops(tmp_path, capsys):
+    # 32 updates an epoch: warm-up to update 64, a window of 20 (a quarter epoch, at least 20)
+    watch = watch_of(tmp_path, warmup_epochs=2, stop_on_collapse=True)
+    assert feed(watch, [CHANCE] * 100) is None and capsys.readouterr().err == ""
+    assert feed(watch, [CHANCE] * 100, start=101) == 64 + 4 * 20 - 1
+    warning = capsys.readouterr().err.strip()
+    assert warning == ("hpctrain: warning: training collapsed at update 143: training loss "
+                       "flat at chance, ln(10) = 2.303, for 80 steps")  # the run says it stopped
+    unasked = watch_of(tmp_path)
+    assert feed(unasked, [CHANCE] * 100) is None
+    assert capsys.readouterr().err.strip().endswith("(--stop-on-collapse ends a run there)")
