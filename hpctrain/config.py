@@ -282,7 +282,9 @@ class StragglerConfig:
     """Injected stragglers: fixed slowdowns of some workers, and seeded per-step jitter."""
 
     slowdown: str | None = option(None, "injected straggler: worker RANK's steps take FACTOR "
-                                  "times as long", metavar="RANK:FACTOR[,...]")
+                                  "times as long (RANK counts the ranks that train: with "
+                                  "--eval-rank R, rank r > R is worker r - 1)",
+                                  metavar="RANK:FACTOR[,...]")
     jitter: float = option(0.0, "injected noise: every step takes max(1, exp(SIGMA*z)) times "
                            "as long, seeded", parse=float, metavar="SIGMA",
                            range=Range(0, MAX_SIGMA))
