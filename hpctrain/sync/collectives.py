@@ -139,12 +139,8 @@ def shutdown() -> None:
 
         torch_transport.release(_world.transport)
     else:
-        if _world.transport.size() < mpicomm.mpi().COMM_WORLD.Get_size():
-            # Started on some ranks (ssgd with --eval-rank): the others did not choose, and a
-            # later run's ranks must agree. On the whole world every rank chose alike: kept,
-            # as each write costs an MPI_T_init_thread.
-            nbc_tuning.restore()
         _world.transport.free()
+        nbc_tuning.restore()  # as before init: a later run's ranks must agree on it
     _world = None
 
 
