@@ -140,7 +140,6 @@ def shutdown() -> None:
         torch_transport.release(_world.transport)
     else:
         _world.transport.free()
-        nbc_tuning.restore()  # as before init: a later run's ranks must agree on it
     _world = None
 
 

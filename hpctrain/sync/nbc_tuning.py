@@ -33,16 +33,6 @@ def prefer_fast_iallreduce() -> str:
 _written: str | None = None  # the algorithm this process last set
 
 
-def restore() -> None:
-    """Give libnbc its own choice back where this process chose one (``hvd.shutdown``). The
-    variable is the process's, and ranks on different algorithms deadlock in their next
-    common non-blocking allreduce, which Open MPI's communicator creation runs: after a run
-    whose training ranks chose and its ``--eval-rank`` did not, a script's next run hung in
-    its first ``Comm.Dup`` of the world."""
-    if _written not in (None, "ignore"):
-        set_iallreduce_algorithm("ignore")
-
-
 def set_iallreduce_algorithm(name: str) -> bool:
     """Set libnbc's iallreduce algorithm (``ignore``: its own choice); False if not Open MPI.
 
