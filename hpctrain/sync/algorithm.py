@@ -15,7 +15,7 @@ import importlib.util
 from dataclasses import dataclass, replace
 
 import hpctrain.sync as hvd
-from hpctrain import models
+from hpctrain import microbatch, models
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
@@ -111,7 +111,7 @@ class Synchronous(Algorithm):
         compression = hvd.Compression.fp16 if self.options.fp16_allreduce \
             else hvd.Compression.none
         o = self.config.optim
-        passes = -(-o.batch_size // (o.micro_batch_size or o.batch_size))  # micro-batches
+        passes = microbatch.parts(o.batch_size, o.micro_batch_size)  # its backward passes
         self.optimizer = hvd.DistributedOptimizer(
             self.optimizer, named_parameters=s.model.named_parameters(), compression=compression,
             backward_passes_per_step=passes, op=hvd.Adasum if self.adasum else hvd.Average)
