@@ -20,7 +20,7 @@ from types import ModuleType
 
 import mpi4py
 
-from hpctrain import launch_env
+from hpctrain import launch_env, nbc_tuning
 from hpctrain.errors import UsageError
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
@@ -33,9 +33,10 @@ def init(thread_level: str = "multiple") -> ModuleType:
     """
     if thread_level not in THREAD_LEVELS:
         raise UsageError(f"unknown MPI thread level {thread_level!r}; choose from {THREAD_LEVELS}")
-    if "mpi4py.MPI" not in sys.modules:
+    started_here = "mpi4py.MPI" not in sys.modules
+    if started_here:
         mpi4py.rc.thread_level = thread_level
-        with _outer_launch_hidden():
+        with _outer_launch_hidden(), nbc_tuning.preferred_at_start():
             from mpi4py import MPI
     from mpi4py import MPI
 
@@ -47,7 +48,7 @@ def init(thread_level: str = "multiple") -> ModuleType:
             "call hpctrain.comm.init() before anything imports mpi4py.MPI"
         )
     install_abort_on_error()
-    _check_world_once(MPI)
+    _first_use(MPI, started_here)
     return MPI
 
 
@@ -92,7 +93,7 @@ def mpi() -> ModuleType:
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
-        _check_world_once(MPI)
+        _first_use(MPI, started_here=False)
         return MPI
     return init()
 
@@ -115,16 +116,19 @@ def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> 
                      f"process would train alone; {fix}")
 
 
-_world_checked = False
+_first_use_done = False
 
 
-def _check_world_once(MPI: ModuleType) -> None:
-    """:func:`check_world` for this process, once (torchrun's workers are MPI singletons by
-    design: the torch backend is their world)."""
-    global _world_checked
-    if _world_checked:
+def _first_use(MPI: ModuleType, started_here: bool) -> None:
+    """Once a process, at hpctrain's first use of MPI, which every rank of a launch passes:
+    :func:`check_world` (torchrun's workers are MPI singletons by design: the torch backend
+    is their world), and libnbc's allreduce algorithm (nbc_tuning), which all ranks must
+    choose alike; ``started_here``: :func:`init` started MPI."""
+    global _first_use_done
+    if _first_use_done:
         return
-    _world_checked = True
+    _first_use_done = True
+    nbc_tuning.choose(MPI, started_here)
     launched = launch_env.launch()
     if launched.kind == "mpi":
         library = library_name(MPI).split(",")[0]
@@ -222,13 +226,15 @@ def library_name(MPI: ModuleType) -> str:
 
 
 def library_info() -> dict:
-    """MPI library name and version, standard version, thread level provided."""
+    """MPI library name and version, standard version, thread level provided, Open MPI's
+    non-blocking allreduce algorithm (its sums' order: part of a run's provenance)."""
     MPI = mpi()
     major, minor = MPI.Get_version()
     return {
         "library": library_name(MPI),
         "standard": f"{major}.{minor}",
         "thread_level": thread_level(),
+        "iallreduce_algorithm": nbc_tuning.in_effect(),
         "mpi4py": mpi4py.__version__,
     }
 

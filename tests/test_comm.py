@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import run_program
 
-from hpctrain import comm, launch_env
+from hpctrain import comm, launch_env, nbc_tuning
 from hpctrain.errors import UsageError
 
 
@@ -51,6 +51,21 @@ def test_library_info():
     assert any(name in info["library"] for name in ("Open MPI", "MPICH", "Intel(R) MPI"))
     assert info["standard"].startswith(("3.", "4.", "5."))  # MPICH 5 implements MPI 5.0
     assert info["thread_level"] in comm.THREAD_LEVELS
+    if not info["library"].startswith("Open MPI"):
+        assert info["iallreduce_algorithm"] == nbc_tuning.DEFAULT
+    elif nbc_tuning.ENV not in os.environ:  # pytest-mpi started MPI: chosen through MPI_T
+        assert info["iallreduce_algorithm"] == nbc_tuning.PREFERRED
+        assert nbc_tuning.current_iallreduce_algorithm() == nbc_tuning.PREFERRED
+
+
+def test_mpi_started_by_hpctrain_runs_libnbcs_fast_allreduce_on_every_rank():
+    """MPI started by hpctrain reads the choice from the environment at MPI_Init, on every
+    rank alike, and the variable is gone afterwards (a child would take it for the user's)."""
+    code = ("import os; from hpctrain import comm, nbc_tuning; comm.init(); "
+            "print(comm.rank(), nbc_tuning.current_iallreduce_algorithm(), "
+            "os.environ.get(nbc_tuning.ENV))")
+    proc = run_program([sys.executable, "-c", code], np=2, timeout=60)
+    assert sorted(proc.stdout.split("\n")[:2]) == ["0 rabenseifner None", "1 rabenseifner None"]
 
 
 def test_gpu_gradient_hooks_need_mpi_to_take_calls_from_another_thread():

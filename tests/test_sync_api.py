@@ -192,6 +192,26 @@ timeout = pytest.mark.timeout(120)
 
 @mpi
 @timeout
+def test_a_run_on_some_ranks_leaves_the_world_able_to_make_communicators():
+    """Open MPI's non-blocking allreduce algorithm is a per-process variable, which the mpi
+    backend used to set as it started: started on all ranks but the last (ssgd with
+    --eval-rank), the next Comm.Dup of the world, whose agreement on a communicator id runs
+    such an allreduce, hung on 3 and 4 ranks (a script's second hpctrain.train). Every rank
+    now chooses as hpctrain first uses MPI (nbc_tuning)."""
+    world = comm.world()
+    trainers = world.Split(0 if world.Get_rank() < world.Get_size() - 1 else 1)
+    if world.Get_rank() < world.Get_size() - 1:
+        torch.set_num_threads(1)
+        sync.init(trainers, backend="mpi")
+        sync.shutdown()
+    trainers.Free()
+    again = world.Dup()  # the timeout fails the test if it hangs
+    assert again.allreduce(1) == world.Get_size()
+    again.Free()
+
+
+@mpi
+@timeout
 def test_world_matches_mpi_and_reports_threads(hvd):
     world = comm.world()
     assert (hvd.rank(), hvd.size()) == (world.Get_rank(), world.Get_size())

@@ -31,10 +31,10 @@ import torch
 from torch import nn
 
 import hpctrain.sync as sync
-from hpctrain import bench, comm, devices, launch_env, options
+from hpctrain import bench, comm, devices, launch_env, nbc_tuning, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
-from hpctrain.sync import collectives, horovod_backend, nbc_tuning
+from hpctrain.sync import collectives, horovod_backend
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES
 
 DESCRIPTION = ("Gradient allreduce per training step, hpctrain's mpi backend and Horovod against "

@@ -29,10 +29,11 @@ from typing import Any
 import torch
 
 from hpctrain import comm as mpicomm
+from hpctrain import nbc_tuning
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
 from hpctrain.launch_env import as_integer
-from hpctrain.sync import adasum, nbc_tuning, stall, timeline
+from hpctrain.sync import adasum, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
@@ -82,8 +83,8 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     """Start the collectives on ``transport`` over ``comm`` (default: the MPI world, or for
     ``torch`` under torchrun the launcher's); a second call does nothing.
 
-    Registers ``process_sets`` and starts the stall check (stall.py). ``mpi`` also selects a
-    fast non-blocking allreduce algorithm for the process (see nbc_tuning); ``torch`` sets up
+    Registers ``process_sets`` and starts the stall check (stall.py). ``mpi`` records the
+    non-blocking allreduce algorithm chosen as MPI started (nbc_tuning); ``torch`` sets up
     torch.distributed's default group unless the script did.
     """
     global _world
@@ -92,7 +93,7 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     if transport == "mpi":
         MPI = mpicomm.mpi()
         moving: Transport = MPITransport(MPI.COMM_WORLD if comm is None else comm)
-        algorithm = nbc_tuning.prefer_fast_iallreduce()
+        algorithm = nbc_tuning.in_effect()  # chosen as MPI started, on every rank
     else:
         from hpctrain.sync import torch_transport
 
