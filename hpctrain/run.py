@@ -599,11 +599,12 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     points = watch.curve(model, snapshots, comm_) or \
         algo.evaluate(model, snapshots, test_set, comm_)
     watch.after(points)
-    log.write_points(points)
     model.load_state_dict(final_state)
-    log.save_model(model)
-    algo.write_outputs(log, snapshots, comm_)
-    step_times.write(log.dir, comm_, rank)
+    with watchdog.busy("writing outputs"):  # rank 0 writes, the others wait in collectives
+        log.write_points(points)
+        log.save_model(model)
+        algo.write_outputs(log, snapshots, comm_)
+        step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
     mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak,
             "scale": scaler.get_scale(), "overflows": scaler.overflow_steps()}

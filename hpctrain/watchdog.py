@@ -21,15 +21,21 @@ PyTorch's NCCL watchdog aborts after its collective timeout, as this does.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 EXIT_STATUS = 3  # distinct from an error (1), a usage error (2) and a kill (137)
 # Until the first beat (imports, MPI and Horovod start-up, reading the data from a shared file
 # system) at least this long: a short --stall-timeout is about training steps.
 STARTUP_S = 600.0
+# Work that makes progress but cannot beat (a checkpoint's or the outputs' write of a large
+# model, the ranks waiting in a collective meanwhile) at least this long: a slow file system is
+# not a stall, a hung one still is.
+BUSY_S = 600.0
 # The shortest wait between two looks (a tenth of the timeout, at most a second): a tiny timeout
 # from Python (train's --stall-timeout is 0 or >= 1) must not spin the thread.
 MIN_POLL_S = 0.01
@@ -82,6 +88,24 @@ def beat(doing: str, count: int | None = None, *, starting: bool = False) -> Non
         _active.last, _active.doing, _active.count = time.monotonic(), doing, count
         if not starting:
             _active.limit = _active.timeout
+
+
+@contextlib.contextmanager
+def busy(doing: str, count: int | None = None) -> Iterator[None]:
+    """Around work that cannot beat (see :data:`BUSY_S`): held to at least ``BUSY_S``
+    instead of the timeout, and to what held before once it ends."""
+    active = _active
+    if active is None:
+        yield
+        return
+    before = active.limit
+    beat(doing, count, starting=True)
+    active.limit = max(before, BUSY_S)
+    try:
+        yield
+    finally:
+        beat(doing, count, starting=True)
+        active.limit = before
 
 
 def wait_beating(comm, doing: str, count: int | None = None, *,

@@ -54,6 +54,27 @@ def test_start_up_is_not_held_to_a_short_timeout():
     assert "rank 2 made no progress for 0.5 s (last: update 1)" in proc.stderr
 
 
+@pytest.mark.timeout(60)
+def test_work_that_cannot_beat_is_held_to_the_busy_allowance():
+    """A checkpoint's or the outputs' write of a large model takes longer than a short
+    timeout: inside busy() the rank has BUSY_S; after it, the timeout again."""
+    proc = run_python("import time\nfrom hpctrain import watchdog\n"
+                      "watchdog.start(0.5, rank=1)\nwatchdog.beat('update', 9)\n"
+                      "with watchdog.busy('writing checkpoint', 10):\n    time.sleep(2)\n"
+                      "print('written')\ntime.sleep(30)")
+    assert proc.stdout == "written\n" and proc.returncode == watchdog.EXIT_STATUS
+    assert "rank 1 made no progress for 0.5 s (last: writing checkpoint 10)" in proc.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_hung_write_still_ends_the_job():
+    proc = run_python("import time\nfrom hpctrain import watchdog\nwatchdog.BUSY_S = 1.0\n"
+                      "watchdog.start(0.2, rank=0)\nwatchdog.beat('update', 9)\n"
+                      "with watchdog.busy('writing outputs'):\n    time.sleep(30)")
+    assert proc.returncode == watchdog.EXIT_STATUS
+    assert "made no progress for 1 s (last: writing outputs)" in proc.stderr
+
+
 def test_zero_timeout_watches_nothing():
     watchdog.start(0, rank=0)
     watchdog.beat("step", 1)  # a no-op when not watching

@@ -263,9 +263,10 @@ class Checkpointer:
         gathered = [(mine, new)]
         if self.comm is not None:
             gathered = self.comm.gather((mine, new), root=0)
-        if self.rank == 0:
-            self._write(updates, [m for m, _ in gathered],
-                        [n for _, n in gathered] if self.snapshots_per_rank else [new])
+        if self.rank == 0:  # a long write is progress, not a stall
+            with watchdog.busy("writing checkpoint", updates):
+                self._write(updates, [m for m, _ in gathered],
+                            [n for _, n in gathered] if self.snapshots_per_rank else [new])
         if self.comm is not None and self.workers > 1:
             watchdog.wait_beating(self.comm, "waiting for rank 0's checkpoint", updates)
         if self.close_tickets is not None and self.comm is not None:
@@ -277,9 +278,7 @@ class Checkpointer:
         self.last = time.perf_counter()
 
     def _write(self, updates: int, ranks: list[dict], fresh: list[list]) -> None:
-        """Rank 0: the new snapshot files, then the checkpoint, beating the watchdog between
-        files: one long write is progress, not a stall."""
-        watchdog.beat("writing checkpoint", updates)
+        """Rank 0: the new snapshot files, then the checkpoint."""
         if not self.refs:
             self.refs = [[] for _ in fresh]
         make_folder(self.folder / "snapshots")  # each new folder fsynced into its parent
@@ -289,7 +288,7 @@ class Checkpointer:
                 rank = f"-r{r}" if self.snapshots_per_rank else ""
                 name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
                 blob = encode(snap.state, {"info": snap.info})
-                _write_beating(self.folder / name, blob, updates)
+                write_atomic(self.folder / name, blob, durable=True)
                 self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
                                      "info": snap.info})
         payload = {
@@ -300,10 +299,8 @@ class Checkpointer:
                      "resumed_from": self.resumed_from, "resized": self.resized},
         }
         header = {**self.header, "epoch": updates / self.steps}
-        watchdog.beat("writing checkpoint", updates)
         save(self.folder, updates, payload, header,
              midway=lambda: faults.during_checkpoint(self.rank, updates), retire=self._retire)
-        watchdog.beat("wrote checkpoint", updates)
         self._retire = []
 
     def summary(self) -> dict:
@@ -311,13 +308,6 @@ class Checkpointer:
         resizes."""
         return {"checkpoints": self.count, "checkpoint_s": self.seconds,
                 "resumed_from_updates": self.resumed_from, "resized": self.resized}
-
-
-def _write_beating(path: Path, blob: bytes, updates: int) -> None:
-    """A durable file write of checkpoint ``updates``, with a beat before and after it."""
-    watchdog.beat("writing checkpoint", updates)
-    write_atomic(path, blob, durable=True)
-    watchdog.beat("writing checkpoint", updates)
 
 
 def to_host(state):
