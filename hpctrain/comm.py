@@ -21,7 +21,7 @@ from types import ModuleType
 import mpi4py
 
 from hpctrain import launch_env, nbc_tuning
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, raised_on_every_rank
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
 
@@ -279,10 +279,11 @@ def _abort_hook(exc_type, exc, tb) -> None:
     if os.environ.get("HPCTRAIN_DEBUG"):
         traceback.print_exception(exc_type, exc, tb, file=err)
     status = 2 if isinstance(exc, UsageError) else 1
-    if not initialised and r != 0:
-        # Before MPI starts every rank validates the same arguments and rank 0 speaks for all:
-        # the launcher ends this rank while it waits, unless rank 0 did not fail (a file
-        # missing on this node only), and then this rank must say it.
+    if r != 0 and (not initialised or raised_on_every_rank(exc)):
+        # Before MPI starts every rank validates the same arguments, and an error raised on
+        # every rank alike is the same, so rank 0 speaks for all: its abort, or the launcher,
+        # ends this rank while it waits, unless rank 0 did not fail (a file missing on this
+        # node only), and then this rank must say it.
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
     where = _where(r, n, initialised)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no error; the shell's status, 128 + 2

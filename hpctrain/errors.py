@@ -1,4 +1,5 @@
-"""The one error type for bad user input, and the parser that raises it."""
+"""The one error type for bad user input, the parser that raises it, and the mark of an error
+every rank raises alike."""
 
 from __future__ import annotations
 
@@ -17,3 +18,15 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)  # printed as "hpctrain: error: <message>"
+
+
+def on_every_rank(error: BaseException) -> BaseException:
+    """Mark ``error`` as raised on every rank alike (the ranks share its verdict, as ssgd's
+    workers share the reduced gradient): rank 0 alone says it as the job ends, and the run
+    releases what it holds first, so a script that catches it may train again."""
+    error.on_every_rank = True
+    return error
+
+
+def raised_on_every_rank(error: BaseException) -> bool:
+    return getattr(error, "on_every_rank", False)

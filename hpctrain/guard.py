@@ -43,6 +43,8 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from hpctrain.errors import on_every_rank
+
 
 class TooManyBadSteps(RuntimeError):
     """Training stopped: too many consecutive steps had non-finite gradients."""
@@ -81,8 +83,8 @@ class GradientGuard:
     """Decides, after the gradient is complete (reduced, for ssgd), whether a step may be taken.
 
     ``check(update)`` returns False for a step to skip and raises TooManyBadSteps after
-    ``max_bad_steps`` skipped in a row (with ``reduced`` or ``agree``, on rank 0 only: the
-    other ranks wait for its abort, so the job ends with one line). A step it lets through
+    ``max_bad_steps`` skipped in a row (with ``reduced`` or ``agree`` on every rank alike,
+    :func:`~hpctrain.errors.on_every_rank`: the job ends with rank 0's line). A step it lets through
     has its gradient clipped to ``clip_norm`` first, when given.
     """
 
@@ -155,14 +157,13 @@ class GradientGuard:
 
     def _stop(self, update: int) -> None:
         per_worker = self.per_worker() if self.together else None
-        if self.together and self.comm.Get_rank() != 0:
-            self.comm.Barrier()  # never completes: rank 0 raises and its abort ends the job
         first = update - self.consecutive + 1
         counts = f" (per worker: {per_worker})" if per_worker is not None else ""
-        raise TooManyBadSteps(
+        error = TooManyBadSteps(
             f"{self.consecutive} consecutive steps (local steps {first}-{update}) had NaN/Inf "
             f"gradients{counts}; stopping (--max-bad-steps {self.max_bad_steps}). Lower --lr "
             "or check the data")
+        raise on_every_rank(error) if self.together else error
 
     def per_worker(self) -> list[int]:
         """Bad gradients seen on each worker (collective with ``comm``)."""

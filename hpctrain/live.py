@@ -256,10 +256,10 @@ class Watch:
             self._write_log()
 
     def abandon(self, stopped: Exception) -> None:
-        """The run stops before its end with ``stopped`` (SIGUSR1,
-        :mod:`hpctrain.checkpoint.stop`), on every worker: the stop signal completes, the
-        evaluating rank raises ``stopped`` too, TensorBoard's file is closed. The curve is
-        made by the run that resumes."""
+        """The run stops before its end with ``stopped`` on every worker (SIGUSR1,
+        :mod:`hpctrain.checkpoint.stop`; ssgd's too many bad steps): the stop signal
+        completes, the evaluating rank raises ``stopped`` too, TensorBoard's file is closed.
+        The curve is made by the run that resumes, if any."""
         self.finish()
         self._release(stopped)
         if self.rank == 0:

@@ -62,7 +62,7 @@ from hpctrain import (
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, raised_on_every_rank
 from hpctrain.evaluate import Snapshots
 from hpctrain.metrics import RunLog, new_run_folder
 from hpctrain.metrics import progress as progress_bar
@@ -212,6 +212,18 @@ def _needs_mpi(config: RunConfig) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def _torch_kept():
+    """torch's thread count and CPU random state as the script had them: a run sets both
+    (``--threads``, ``--seed``), as cudnn_mode keeps cuDNN's settings."""
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 def train(config: RunConfig) -> dict:
     """Train as ``config`` says, on every rank of the MPI world; write the run's outputs;
     return its summary (the same on every rank).
@@ -223,22 +235,23 @@ def train(config: RunConfig) -> dict:
     if not isinstance(config, RunConfig):
         raise TypeError(f"hpctrain.train takes a RunConfig (hpctrain.load_config reads a "
                         f"file), not {type(config).__name__}")
-    done = _finished(config)
-    if done is not None:
-        return done
-    userdata.forget()  # a script's earlier run read them: they may have changed since
-    auto = config.checkpoint.resume == checkpoint.AUTO
-    named = config.out is not None
-    config = check_launch(config, comm.launch_size())
-    with claimed(config) as config:
-        if auto and comm.env_rank() == 0:  # said once the folder is this run's
-            resume = config.checkpoint.resume
-            found = f"resuming from the checkpoints in {resume}" if resume else \
-                "no checkpoint yet, starting the run"
-            print(f"hpctrain: --resume auto: {found}", flush=True)
-        if comm.env_rank() == 0:  # the one rank that writes config.json
-            provenance.before_mpi(config.model.init_from, config.checkpoint.resume is not None)
-        return _launched(config, named)
+    with _torch_kept():  # the checks build models too
+        done = _finished(config)
+        if done is not None:
+            return done
+        userdata.forget()  # a script's earlier run read them: they may have changed since
+        auto = config.checkpoint.resume == checkpoint.AUTO
+        named = config.out is not None
+        config = check_launch(config, comm.launch_size())
+        with claimed(config) as config:
+            if auto and comm.env_rank() == 0:  # said once the folder is this run's
+                resume = config.checkpoint.resume
+                found = f"resuming from the checkpoints in {resume}" if resume else \
+                    "no checkpoint yet, starting the run"
+                print(f"hpctrain: --resume auto: {found}", flush=True)
+            if comm.env_rank() == 0:  # the one rank that writes config.json
+                provenance.before_mpi(config.model.init_from, config.checkpoint.resume is not None)
+            return _launched(config, named)
 
 
 def _launched(config: RunConfig, named: bool) -> dict:
@@ -248,11 +261,11 @@ def _launched(config: RunConfig, named: bool) -> dict:
     world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
     if not named:
         config = replace(config, out=world.bcast(config.out, root=0))
-    torch.set_num_threads(config.threads)
     watchdog.start(config.stall_timeout, world.Get_rank())
     try:
         try:
             with devices.cudnn_mode(config.device, config.cudnn_benchmark):
+                torch.set_num_threads(config.threads)
                 result = _run(config, world)
         except checkpoint.Stopped as stopped:  # the evaluating rank (--eval-rank) is told
             result = stopped
@@ -400,8 +413,21 @@ def _run(config: RunConfig, world) -> dict | None:
             if algo.is_worker() else None
     except checkpoint.Stopped as stopped:  # SIGUSR1, after the checkpoint, on every worker
         summary = stopped
-    algo.close()  # a store host that does not train serves the workers here until they finish
+    except Exception as error:
+        if raised_on_every_rank(error):  # a script that catches it may train again
+            _release(algo, world, everyone)
+        raise
+    _release(algo, world, everyone)
     return summary
+
+
+def _release(algo: Algorithm, world, everyone) -> None:
+    """What the run holds, on every rank (collective): the algorithm's resources (a store
+    host that does not train serves the workers here until they finish), and the training
+    ranks' communicator of a run with ``--eval-rank``."""
+    algo.close()
+    if world is not everyone:
+        world.Free()
 
 
 def _state(model) -> dict:
@@ -492,6 +518,15 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if comm_ is not None:
         watchdog.wait_beating(comm_, "waiting for the workers to start", starting=True)
     start = runtime.now() - done.get("elapsed", 0.0)
+
+    def ended_early(stopped: Exception) -> Exception:
+        """``stopped``, raised on every worker, once what the loop opened is closed."""
+        profiler.close()
+        watch.abandon(stopped)
+        bar.close()
+        ckpt.close()
+        return stopped
+
     local = train_data.epoch(epoch)
     algo.epoch_started(local)
     while True:
@@ -505,12 +540,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                                  "local_epoch": epoch, "i": i,
                                  "elapsed": runtime.now() - start}, snapshots)
             if ckpt.stopping:  # SIGUSR1: a requeued job goes on from this checkpoint
-                stopped = ckpt.stopped(position)
-                profiler.close()
-                watch.abandon(stopped)
-                bar.close()
-                ckpt.close()
-                raise stopped
+                raise ended_early(ckpt.stopped(position))
             algo.after_checkpoint()
             continue  # an async worker's ticket may be past the next mark too
         if index >= total:
@@ -543,7 +573,12 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         with profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
             algo.synchronize()
         scaler.unscale(algo.optimizer)
-        applied = guard.check(local_steps, amplified=scaler.amplifies, loss=loss)
+        try:
+            applied = guard.check(local_steps, amplified=scaler.amplifies, loss=loss)
+        except Exception as error:  # too many bad steps, on every worker alike or on this one
+            if raised_on_every_rank(error):
+                ended_early(error)
+            raise
         if applied:
             with profiler.region("hpctrain.apply"):
                 algo.apply()

@@ -1,10 +1,11 @@
 """Faults: NaN/Inf gradients are never applied; a dead rank ends the job in bounded time."""
 
 import json
+import sys
 
 import pytest
 import torch
-from conftest import SYNTHETIC, refusal, run_commands, run_job
+from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program
 
 from hpctrain import faults
 from hpctrain.errors import UsageError
@@ -231,6 +232,50 @@ def test_too_many_bad_steps_stop_the_job_with_one_line(two_rank_nan_runs):
                      "(--max-bad-steps 4). Lower --lr or check the data"], proc.stderr
     assert (runs["adasum"] / "summary.json").exists()  # the launch's first run had finished
     assert not (runs["too_many"] / "summary.json").exists()
+
+
+SWEEP = """
+import json, os, sys, threading
+import torch
+import hpctrain
+from hpctrain import arguments, cli
+from hpctrain.guard import TooManyBadSteps
+out, common = sys.argv[1], json.loads(sys.argv[2])
+os.environ["HPCTRAIN_INJECT"] = sys.argv[3]
+try:
+    cli.main(common + ["--max-bad-steps", "4", "--out", out + "/diverged"])
+except TooManyBadSteps:
+    print("caught", flush=True)
+del os.environ["HPCTRAIN_INJECT"]
+torch.set_num_threads(2)
+torch.manual_seed(7)
+expected = torch.rand(3)
+torch.manual_seed(7)
+args = cli.build_parser().parse_args(common + ["--sync-backend", "torch", "--out", out + "/next"])
+hpctrain.train(arguments.build(args))
+kept = torch.get_num_threads() == 2 and torch.equal(torch.rand(3), expected)
+print("left", sorted(t.name for t in threading.enumerate() if t.name.startswith("hpctrain")),
+      "kept" if kept else "changed", flush=True)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_sweep_that_catches_too_many_bad_steps_trains_again(tmp_path):
+    """ssgd's workers share the reduced gradient, so they stop together: every rank raises
+    TooManyBadSteps (the evaluating rank too), the run releases its backend, and a script's
+    next run (here on another backend) trains. Before, rank 0 alone raised while the others
+    waited in a barrier forever, and a failed run left its backend running. A run leaves the
+    script torch's thread count and random state as it found them."""
+    script = tmp_path / "sweep.py"
+    script.write_text(SWEEP)
+    common = ssgd(tmp_path, "--eval-rank", "2", "--eval", "online")[:-2]
+    proc = run_program([sys.executable, str(script), str(tmp_path), json.dumps(common),
+                        TOO_MANY], np=3, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("caught") == 3, proc.stdout
+    assert not (tmp_path / "diverged" / "summary.json").exists()
+    assert json.loads((tmp_path / "next" / "summary.json").read_text())["final_test_acc"] > 0.5
+    assert proc.stdout.count("left [] kept") == 3, proc.stdout  # no stall check or watchdog
 
 
 @pytest.mark.timeout(120)
