@@ -115,6 +115,7 @@ def train(args: argparse.Namespace) -> dict:
     try:
         summary = run.train(arguments.build(args))  # checked before MPI starts
     except checkpoint.Stopped as stopped:  # every worker, after the same checkpoint
+        checkpoint.stop.forget()  # acted on: a script's next main() starts without it
         if rank == 0:
             print(f"hpctrain: {stopped}", file=sys.stderr, flush=True)
         sys.exit(checkpoint.stop.EXIT_STATUS)

@@ -14,7 +14,7 @@ import os
 import resource
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
 
@@ -47,12 +47,42 @@ def check(choice: str) -> None:
 
 
 def peak_memory(device: torch.device) -> int:
-    """The most memory this process has held, in bytes: on a GPU what torch allocated there,
-    on the CPU the process's peak resident set (data, model, libraries: everything)."""
+    """The most memory this process has held since :func:`reset_peak_memory` (a run's start,
+    in :func:`choose`), in bytes: on a GPU what torch allocated there, on the CPU the
+    process's peak resident set (data, model, libraries: everything; outside Linux, since
+    the process started: nothing resets it there)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    high_water = _vm_hwm()
+    if high_water is not None:
+        return high_water
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # Linux counts KiB
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Count :func:`peak_memory` from now: a script's earlier run in the same process (or
+    its own work) held memory that is not this run's. On a GPU torch's peak statistics; on
+    Linux the high-water mark VmHWM (writing 5 to /proc/self/clear_refs sets it to the
+    current resident set); elsewhere, or where that file cannot be written, nothing."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _vm_hwm() -> int | None:
+    """The process's peak resident set in bytes from /proc/self/status (Linux), or None.
+    Unlike ru_maxrss, it is the one :func:`reset_peak_memory` resets."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024  # "VmHWM:  1234 kB"
+    return None
 
 
 def resolve(choice: str) -> str:
@@ -64,11 +94,14 @@ def resolve(choice: str) -> str:
 
 
 def choose(choice: str) -> torch.device:
-    """This rank's device for ``choice``; a GPU is made current for the process."""
+    """This rank's device for ``choice``; a GPU is made current for the process. A run
+    chooses once, as it starts: :func:`peak_memory` counts from here."""
     if resolve(choice) == "cpu":
-        return torch.device("cpu")
-    device = local_gpu()
-    torch.cuda.set_device(device)
+        device = torch.device("cpu")
+    else:
+        device = local_gpu()
+        torch.cuda.set_device(device)
+    reset_peak_memory(device)
     return device
 
 

@@ -199,3 +199,51 @@ def test_a_run_stopped_on_collapse_at_a_snapshot_has_one_final_point(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_on_collapse"] and updates[-1] == summary["updates"]
     assert updates == sorted(set(updates)), updates  # one point per update, in order
+
+
+RUNNING_BACKEND_SCRIPT = """
+import sys
+import hpctrain
+import hpctrain.sync as hvd
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig, comm
+
+def refused(name, **settings):
+    config = RunConfig(algo="ssgd", seed=3, out=f"{sys.argv[1]}/{name}", progress=False,
+                       data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                       optim=OptimConfig(epochs=1), **settings)
+    try:
+        hpctrain.train(config)
+    except ValueError as error:
+        print(f"{name} refused: {error}", flush=True)
+
+comm.init("multiple")
+hvd.init()  # the script's own backend, on all 3 ranks
+refused("torch", algorithm=hpctrain.algorithm_options("ssgd")(sync_backend="torch"))
+refused("eval", eval_rank=2, eval_mode="online")
+hvd.shutdown()
+world = comm.mpi().COMM_WORLD
+hvd.init(world.Split(int(world.Get_rank() == 2)))  # ranks 0-1, and rank 2 alone
+refused("part")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_scripts_running_backend_that_is_not_the_runs_is_refused_before_mpi_calls(tmp_path):
+    """train() would take the script's hpctrain.sync backend as it is (init is idempotent):
+    one that spans the evaluating rank hung in the model's broadcast, one of another name was
+    refused only once training started. Each is one line on every rank, and nothing hangs."""
+    script = tmp_path / "own_backend.py"
+    script.write_text(RUNNING_BACKEND_SCRIPT)
+    proc = run_program([sys.executable, str(script), str(tmp_path)], np=3, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    expected = {  # each line: on how many ranks
+        "torch refused: --sync-backend torch: the script's hpctrain.sync runs the 'mpi' "
+        "backend; call hpctrain.sync.shutdown() before train()": 3,
+        "eval refused: --eval-rank 2: the script's running hpctrain.sync backend spans the "
+        "evaluating rank; call hpctrain.sync.shutdown() before train()": 3,
+        "part refused: the script's running hpctrain.sync backend has size 2, the run trains "
+        "on 3 ranks;": 2,
+        "part refused: the script's running hpctrain.sync backend has size 1, the run trains "
+        "on 3 ranks;": 1}
+    assert {line: proc.stdout.count(line) for line in expected} == expected, proc.stdout
+    assert not any((tmp_path / name).exists() for name in ("torch", "eval", "part"))

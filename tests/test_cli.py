@@ -505,3 +505,32 @@ def test_info_under_mpirun_prints_once(tmp_path):
     # The help promised kernel availability, and nothing said it.
     assert facts["kernel_cpu"] == "yes"  # built by make setup
     assert facts["kernel_cuda"] == cli._loads(kernels.cuda_library)  # "yes" or why not
+
+
+SIGNALLED_SWEEP = """
+import os, sys
+from hpctrain.checkpoint import stop
+stop.install_for(["train"])  # as python -m hpctrain does, before torch is imported
+os.kill(os.getpid(), stop.SIGNAL)  # a time limit's warning during the start-up
+from hpctrain import cli
+for name in ("first", "second"):
+    try:
+        cli.main([*sys.argv[2:], "--out", f"{sys.argv[1]}/{name}"])
+        print(name, "finished", flush=True)
+    except SystemExit as stopped:
+        print(name, "exit", stopped.code, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_sigusr1_stops_the_first_run_of_a_script_and_not_the_next(tmp_path):
+    """The handler stays installed across cli.main calls: the signal that came during the
+    start-up stops the first run at its first checkpoint, and is then forgotten (the next
+    run, in another folder, stopped at its first checkpoint too)."""
+    script = tmp_path / "sweep.py"
+    script.write_text(SIGNALLED_SWEEP)
+    proc = run_program([sys.executable, str(script), str(tmp_path), "train", "--algo", "sgd",
+                        *SYNTHETIC, "--epochs", "1", "--checkpoint-every", "1e"], timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert [line for line in proc.stdout.splitlines() if line.startswith(("first", "second"))] \
+        == ["first exit 5", "second finished"], proc.stdout

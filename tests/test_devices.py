@@ -1,6 +1,8 @@
 """The device layer's CPU side: the choice, the local rank, host staging, and what a GPU
 run asks of MPI (tests/test_gpu.py runs the GPU side where torch sees one)."""
 
+import sys
+
 import pytest
 import torch
 
@@ -79,3 +81,14 @@ def test_ranks_share_a_gpu_when_two_of_a_node_would_take_the_same_one():
     # as many GPUs as ranks.
     first, second = ["G0", "G1"], ["G2", "G3"]
     assert shares_gpus([("a", 0, first), ("a", 1, second), ("a", 2, first), ("a", 3, second)])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="only Linux resets the peak")
+def test_a_runs_peak_memory_counts_from_its_start_not_the_processs():
+    """A script's second run reported the first one's peak (ru_maxrss never goes down)."""
+    cpu = torch.device("cpu")
+    earlier = torch.ones(256 * 2**20, dtype=torch.uint8)  # 256 MiB, touched: resident
+    held = devices.peak_memory(cpu)
+    del earlier  # an earlier run's memory, given back (munmap)
+    devices.choose("cpu")  # a run's start
+    assert devices.peak_memory(cpu) < held - 128 * 2**20

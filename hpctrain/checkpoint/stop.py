@@ -33,10 +33,9 @@ def install() -> object:
     handle signals: elsewhere (``hpctrain.train`` called in a thread) nothing is installed and
     None is returned. ``hpctrain train`` installs it first thing, so that a run that cannot
     stop on SIGNAL (no checkpoints, an asynchronous algorithm) is not ended by it either."""
-    global _received
     if threading.current_thread() is not threading.main_thread():
         return None
-    _received = False
+    forget()
     return signal.signal(SIGNAL, _record)
 
 
@@ -66,8 +65,17 @@ def _record(signum, frame) -> None:
 
 
 def received() -> bool:
-    """Whether SIGNAL came since :func:`install`."""
+    """Whether SIGNAL came since :func:`install` or :func:`forget`."""
     return _received
+
+
+def forget() -> None:
+    """Forget a SIGNAL recorded so far. A run that stopped on it calls this: the handler stays
+    installed across ``hpctrain.cli.main`` calls (a script's sweep), whose next run would
+    otherwise stop at its first checkpoint. One that no run acted on yet (it came during the
+    entry point's start-up, or a run without checkpoints ignored it) is kept."""
+    global _received
+    _received = False
 
 
 class Stopped(Exception):

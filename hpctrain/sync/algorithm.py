@@ -84,6 +84,26 @@ class Synchronous(Algorithm):
         if config.algorithm.reduce_op == "adasum" and ranks & (ranks - 1):
             raise UsageError(f"--reduce-op adasum needs a power-of-2 number of workers, got "
                              f"{ranks}")
+        cls._check_running_backend(config, ranks)
+
+    @staticmethod
+    def _check_running_backend(config, ranks: int) -> None:
+        """A script's own ``hpctrain.sync.init()`` stays up, and connect() then trains on it
+        (init is idempotent): refuse one that is not the run's, here, before any collective,
+        rather than a hang (its world holds the evaluating rank) or a late refusal."""
+        if not hvd.is_initialized():
+            return
+        running, wanted = hvd.backend(), config.algorithm.sync_backend
+        stop = "call hpctrain.sync.shutdown() before train()"
+        if config.eval_rank is not None:
+            raise UsageError(f"--eval-rank {config.eval_rank}: the script's running "
+                             f"hpctrain.sync backend spans the evaluating rank; {stop}")
+        if running != wanted:
+            raise UsageError(f"--sync-backend {wanted}: the script's hpctrain.sync runs the "
+                             f"{running!r} backend; {stop}, or give --sync-backend {running}")
+        if hvd.size() != ranks:
+            raise UsageError(f"the script's running hpctrain.sync backend has size "
+                             f"{hvd.size()}, the run trains on {ranks} ranks; {stop}")
 
     @property
     def adasum(self) -> bool:
