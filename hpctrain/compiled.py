@@ -72,14 +72,16 @@ def problem(device_type: str, in_threads: bool = False) -> str | None:
     return None
 
 
-def apply(on: bool, model: torch.nn.Module, say: bool = False) -> None:
-    """Compile ``model``'s forward in place when ``on`` (the first call compiles); ``say``:
-    tell the user why the first steps are slow."""
+def apply(on: bool, model: torch.nn.Module) -> None:
+    """Compile ``model``'s forward in place when ``on`` (the first call compiles)."""
     if on:
         model.compile()
-        if say:
-            print("hpctrain: --compile: the first steps compile the model (torch.compile); "
-                  "they take longer", flush=True)
+
+
+def announce() -> None:
+    """Tell the user why the first steps are slow (before the progress bar draws)."""
+    print("hpctrain: --compile: the first steps compile the model (torch.compile); they take "
+          "longer", flush=True)
 
 
 def _has_triton() -> bool:

@@ -501,6 +501,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if i == steps:  # saved at the end of an epoch
         epoch, i = epoch + 1, 0
     algo.start(position)
+    if config.compile and rank == 0:
+        compiled.announce()
     bar = progress_bar(total, rank, config.algo, enabled=config.progress, initial=position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
@@ -512,7 +514,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     next_snapshot = (position // snapshot_every + 1) * snapshot_every
     taken_at = None  # the update of the last snapshot the loop took
     first_mark, taken = position // snapshot_every, 0  # marks passed, snapshots taken
-    compiled.apply(config.compile, model, say=rank == 0 and config.progress)  # lazily
+    compiled.apply(config.compile, model)  # lazily: the first step compiles
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
     if comm_ is not None:
