@@ -17,7 +17,8 @@ change. Online scores make the curve of sgd, ssgd and the asynchronous algorithm
 score rank 0's member online for the progress bar, collapse detection and TensorBoard (as
 ``test/member_*``), while their curve (members, ensemble, average: all ranks' models) is
 still scored after training, and reaches TensorBoard's ``test/*`` then.
-The summary's ``eval_mode`` says which produced the curve.
+The summary's ``eval_mode`` says which produced the curve, its ``eval_in_clock`` whether rank 0
+scored anything between its steps (ma and ec online too: their wall time holds it).
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def _curve_online(algo: Algorithm) -> bool:
     return type(algo).evaluate is Algorithm.evaluate
 
 
+def _staleness(algo: Algorithm) -> list | None:
+    """The staleness of each of this worker's pushes (async optimizers keep it), or None."""
+    stale = getattr(getattr(algo, "optimizer", None), "staleness", None)
+    return stale if isinstance(stale, list) else None
+
+
 class Watch:
     """One worker's view of the run as it happens (see the module docstring)."""
 
@@ -117,10 +124,14 @@ class Watch:
         self.eval_rank = config.eval_rank
         self.curve_online = self.online and _curve_online(algo)
         self.mode = eval_mode(config, algo)
+        self.in_clock = False  # rank 0 scored a snapshot between its steps (eval_in_clock)
+        self._training = False  # between rank 0's first step and finish()
         self.algo, self.loss_scale = algo, loss_scale  # fp16's scale, read when logged
-        # Resumed at update ``resumed`` after ``elapsed`` s of training: the earlier run's
-        # entries from there on are purged, its scores before there kept, not logged again.
-        self.resumed = resumed
+        # Resumed from the checkpoint of update ``resumed`` (the earlier run's count, which a
+        # resize rescales to another position) after ``elapsed`` s of training: the earlier
+        # run's entries from there on are purged; of the snapshots restored with it (the
+        # first ``restored``), those scored before there are kept, not logged again.
+        self.resumed, self.restored = resumed, 0
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, elapsed=elapsed)
         # The learning rate reaches --lr at this update: a model at chance before it is warming
@@ -136,8 +147,9 @@ class Watch:
         self._unscored: dict[int, object] = {}
         # TensorBoard's training entries: what the steps since the last entry added up to, and
         # the last step's (position, lr, t).
-        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed, "stale": 0,
-                        "last": None}
+        # The staleness cursor starts past the pushes a checkpoint restored (logged before).
+        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
+                        "stale": len(_staleness(algo) or ()), "last": None}
         self._postfix: dict[str, str] = {}
 
     # ---- during training --------------------------------------------------------------------
@@ -146,6 +158,7 @@ class Watch:
         """After a step: rank 0 watches its loss, logs, and picks up scores."""
         if self.rank != 0:
             return
+        self._training = True
         value = float(loss.item())
         self._collapse(position, self.detector.loss(position, value))
         if local_steps % BAR_EVERY == 0:
@@ -179,8 +192,8 @@ class Watch:
         if t > log["t"]:
             rate = (position - log["position"]) / self.per_epoch * self.samples_per_epoch
             board.scalar("train/samples_per_s", rate / (t - log["t"]), position, t)
-        stale = getattr(self.algo.optimizer, "staleness", None)  # async optimizers keep it
-        if isinstance(stale, list) and len(stale) > log["stale"]:
+        stale = _staleness(self.algo)
+        if stale is not None and len(stale) > log["stale"]:
             board.scalar("train/staleness", float(np.mean(stale[log["stale"]:])), position, t)
             log["stale"] = len(stale)
         log.update(steps=0, loss=0.0, position=position, t=t)
@@ -189,6 +202,7 @@ class Watch:
         """Before the first step: score the snapshots there are already (the first, and those
         restored from a checkpoint) on a scratch copy of ``model``. Each is progress of the
         start-up: hundreds restored take longer than the watchdog's start-up allowance."""
+        self.restored = len(snapshots)
         if not self.online or self.rank != 0 or not snapshots:
             return
         scratch = copy.deepcopy(model)
@@ -203,6 +217,7 @@ class Watch:
             return
         index = len(snapshots) - 1
         if self.eval_rank is None:
+            self.in_clock = self.in_clock or self._training  # else before or after the clock
             self._scored(index, curve_point(model, self.test_set, snapshots[index].info))
             return
         self._unscored[index] = self.world.isend(
@@ -224,14 +239,19 @@ class Watch:
         self.scores[index] = point
         self._postfix["acc"] = f"{point['test_acc']:.4f}"
         self.bar.set_postfix(self._postfix, refresh=False)
-        if point["updates"] >= self.resumed:  # else the earlier run logged it online
+        # A restored snapshot before the checkpoint's update: the earlier run logged it online.
+        if index >= self.restored or point["updates"] >= self.resumed:
             # test/accuracy is the curve's model; ma and ec score rank 0's member online.
-            accuracy, loss = ("test/accuracy", "test/loss") if self.curve_online else \
-                ("test/member_accuracy", "test/member_loss")
-            self.board.scalar(accuracy, point["test_acc"], point["updates"], point.get("t"))
-            self.board.scalar(loss, point["test_loss"], point["updates"], point.get("t"))
+            self._test_scalars(point, member=not self.curve_online)
         self._collapse(point["updates"], self.detector.accuracy(point["updates"],
                                                                 point["test_acc"]))
+
+    def _test_scalars(self, point: dict, member: bool = False) -> None:
+        """A curve point's ``test/accuracy`` and ``test/loss`` (``member``: rank 0's member's,
+        ``test/member_*``), stamped when its snapshot was taken."""
+        for name, key in (("accuracy", "test_acc"), ("loss", "test_loss")):
+            tag = f"test/member_{name}" if member else f"test/{name}"
+            self.board.scalar(tag, point[key], point["updates"], point.get("t"))
 
     def _collapse(self, update: int, reason: str | None) -> None:
         if reason is None:
@@ -251,6 +271,7 @@ class Watch:
     def finish(self) -> None:
         """After the loop, on every worker: the stop signal completes; rank 0's training
         entries since the last LOG_EVERY steps reach TensorBoard."""
+        self._training = False
         self.signal.close()
         if self.rank == 0 and self.board.enabled and self._logged["steps"]:
             self._write_log()
@@ -296,15 +317,15 @@ class Watch:
         if self.rank != 0:
             return
         for p in points if not self.curve_online else []:
-            self.board.scalar("test/accuracy", p["test_acc"], p["updates"], p.get("t"))
-            self.board.scalar("test/loss", p["test_loss"], p["updates"], p.get("t"))
+            self._test_scalars(p)
             if not self.online:  # else the check saw rank 0's member online
                 self._collapse(p["updates"], self.detector.accuracy(p["updates"],
                                                                     p["test_acc"]))
         self.board.close()
 
     def fields(self) -> dict:
-        """The summary's fields from watching: eval_mode, collapsed_at, collapse_reason,
-        stopped_on_collapse."""
-        return {"eval_mode": self.mode, "collapsed_at": self.detector.collapsed_at,
+        """The summary's fields from watching: eval_mode, eval_in_clock, collapsed_at,
+        collapse_reason, stopped_on_collapse."""
+        return {"eval_mode": self.mode, "eval_in_clock": self.in_clock,
+                "collapsed_at": self.detector.collapsed_at,
                 "collapse_reason": self.detector.reason, "stopped_on_collapse": self.stopped}

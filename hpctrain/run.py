@@ -506,7 +506,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     bar = progress_bar(total, rank, config.algo, enabled=config.progress, initial=position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
-                       world=world, loss_scale=scaler.get_scale, resumed=position,
+                       world=world, loss_scale=scaler.get_scale,
+                       resumed=loaded.header["updates"] if loaded else position,
                        elapsed=done.get("elapsed", 0.0))
     watch.begin(model, snapshots)
     base_lr = optimizers.base_lr(o, size)

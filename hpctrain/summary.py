@@ -64,6 +64,10 @@ class RunSummary:
     eval_mode: str = _doc("what scored the curve: after (after training), online (rank 0, "
                           "between steps) or online (rank R) (a rank that did not train)",
                           default="after")
+    eval_in_clock: bool = _doc("true when rank 0 scored snapshots between its steps (--eval "
+                               "online without --eval-rank; ma and ec too, though they score "
+                               "their curve after training), so wall_s holds that evaluation "
+                               "(a resumed run: since its resume)", default=False)
     collapsed_at: int | None = _doc("updates: when training was found collapsed (loss not "
                                     "finite, exploding or flat at ln(classes), or test "
                                     "accuracy back at chance); null: never", default=None)
@@ -75,8 +79,10 @@ class RunSummary:
                                                "to --clip-grad-norm", default_factory=list)
     peak_memory_per_worker: list[int | None] = _doc(
         "the most memory each worker held while training, in bytes: on a GPU what torch "
-        "allocated there (torch.cuda.max_memory_allocated), on the CPU the process's peak "
-        "resident set (data and libraries included); each null in a simulated run",
+        "allocated there (torch.cuda.max_memory_allocated, reset as the run starts), on the "
+        "CPU the process's peak resident set since the run started (Linux's VmHWM; "
+        "elsewhere since the process started; data and libraries included); each null in a "
+        "simulated run",
         default_factory=list)
     device: str | None = _doc("where the workers computed: cpu or cuda (--device as resolved)",
                               default=None)

@@ -11,8 +11,12 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
   it was taken, so after-training scores line up with the training curves).
 
 A resumed run writes a new event file in the same folder: the earlier run's entries from
-the resumed update on are purged (TensorBoard's ``purge_step``), its online scores before it
-kept, not logged twice.
+the checkpoint's update on are purged (TensorBoard's ``purge_step``), its online scores before
+it kept, not logged twice. A run resumed on another number of workers counts its updates in
+epochs of another length (:mod:`hpctrain.checkpoint.resize`), so the step axis changes units
+at the checkpoint: the earlier entries are in the earlier run's updates, purged from the
+checkpoint's own count, the resumed run's in its own (grown, it goes on below that count, its
+first entries beside the earlier run's last).
 
 ``tensorboard --logdir runs/`` shows every run of a folder side by side.
 """
@@ -39,10 +43,11 @@ def check_installed() -> None:
 class Board:
     """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked).
 
-    A run resumed at update ``resumed`` after ``elapsed`` seconds of training purges the
-    earlier run's entries from that update on (they were trained again), and stamps its own
-    at the wall time they happen. A fresh run (``resumed`` 0) purges every earlier entry: a
-    failed attempt's, in a folder it left without a summary.
+    A run resumed from the checkpoint of update ``resumed`` (the earlier run's count, also
+    after a resize) after ``elapsed`` seconds of training purges the earlier run's entries
+    from that update on (they were trained again), and stamps its own at the wall time they
+    happen. A fresh run (``resumed`` 0) purges every earlier entry: a failed attempt's, in a
+    folder it left without a summary.
     """
 
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,

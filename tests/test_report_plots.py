@@ -68,6 +68,23 @@ def test_the_report_says_how_each_run_was_scored(tmp_path):
                                          "name (x)")
 
 
+def test_the_report_says_whether_evaluation_is_in_each_runs_clock(tmp_path):
+    """ma and ec with --eval online score their curve after training but rank 0's member
+    between steps: the report said their evaluation was not in the clock, beside ssgd's that
+    was. Summaries from before eval_in_clock read as before."""
+    runs(tmp_path, ssgd={"eval_mode": "online", "eval_in_clock": True},
+         ma={"eval_mode": "after", "eval_in_clock": True}, old={"eval_mode": "online"},
+         sgd={"eval_mode": "online", "eval_in_clock": False})
+    text = report_md(tmp_path).replace("\n", " ")
+    assert ("snapshots are taken every `--eval-every` epochs and scored after training, but "
+            "rank 0's own model was scored between steps too (`--eval online`), so evaluation "
+            "is in the clock (ma); scored while training, on rank 0 between steps, so "
+            "evaluation is in the clock (old, ssgd); scored on rank 0 before and after "
+            "training, none between steps, so evaluation is not in the clock (sgd).") in text
+    rows = [report.Row("x", "ok", summary={"eval_mode": "after", "eval_in_clock": False})]
+    assert report.scoring(rows) == report.SCORING["after"]
+
+
 def test_the_report_names_the_model_data_and_epochs_of_each_run_where_they_differ(tmp_path):
     """A folder of runs of 2, 60 and 1 epochs said "epochs: 2": the first run's."""
     runs(tmp_path / "epochs", a={"epochs": 2}, b={"epochs": 60}, c={"epochs": 1})

@@ -1,19 +1,29 @@
 """The run's TensorBoard file (hpctrain.tensorboard.Board, written by rank 0's live.Watch), read
-back by TensorBoard itself."""
+back by TensorBoard itself, and what the Watch tells the summary of its scoring."""
 
 import pytest
+import torch
 
 pytest.importorskip("tensorboard")
+from conftest import SYNTHETIC, run_job  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from test_collapse import feed, watch_of  # noqa: E402
 
+from hpctrain import data, live, models, tensorboard  # noqa: E402
+from hpctrain.config import OptimConfig, RunConfig  # noqa: E402
+from hpctrain.evaluate import Snapshots  # noqa: E402
+from hpctrain.metrics import progress as progress_bar  # noqa: E402
 from hpctrain.tensorboard import Board  # noqa: E402
 
 
-def logged(out, tag: str) -> dict:
+def scalars(out, tag: str) -> list:
     board = EventAccumulator(str(out / "tensorboard"))
     board.Reload()
-    return {e.step: e.value for e in board.Scalars(tag)}
+    return board.Scalars(tag)
+
+
+def logged(out, tag: str) -> dict:
+    return {e.step: e.value for e in scalars(out, tag)}
 
 
 def attempt(out, value: float, steps, resumed: int = 0) -> None:
@@ -49,3 +59,86 @@ def test_a_runs_last_steps_reach_the_board(tmp_path):
         watch.after([])
         assert logged(out, "train/loss") == pytest.approx(entries)
         assert logged(out, "train/lr").keys() == entries.keys()
+
+
+def watch(out, algo: str = "sgd", *, resumed: int = 0, elapsed: float = 0.0,
+          pushes: list[int] | None = None, **options) -> live.Watch:
+    """Rank 0's Watch of a one-worker ``algo`` run with --tensorboard, as the loop makes it
+    after restoring a checkpoint of update ``resumed`` at ``elapsed`` s (``pushes``: the
+    staleness of the pushes an async optimizer restored with it; ``options``: RunConfig's)."""
+    config = RunConfig(algo=algo, out=str(out), progress=False, tensorboard=True,
+                       optim=OptimConfig(epochs=8), **options)
+    chosen = config.algorithm_class(config)
+    if pushes is not None:  # an async optimizer's record of its pushes, as restored
+        chosen.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        chosen.optimizer.staleness = list(pushes)
+    return live.Watch(config, chosen, None, test_set=data.load("synthetic", "test"),
+                      per_epoch=32, steps=32, samples_per_epoch=512,
+                      bar=progress_bar(256, 0, "sgd", enabled=False), resumed=resumed,
+                      elapsed=elapsed)
+
+
+def test_a_resumed_async_runs_first_staleness_entry_is_of_its_own_pushes(tmp_path):
+    """It averaged the pushes the checkpoint restored with the run's first ten: 14.7."""
+    resumed = watch(tmp_path, resumed=32, pushes=[40] * 5)
+    for update in range(33, 33 + 2 * tensorboard.LOG_EVERY):
+        resumed.algo.optimizer.staleness.append(2 if update < 43 else 3)
+        resumed.step(update, update, torch.tensor(0.5), 0.05, update * 0.01)
+    resumed.finish()
+    resumed.after([])
+    assert logged(tmp_path, "train/staleness") == {42: 2.0, 52: 3.0}
+
+
+def model_and_snapshots(updates) -> tuple[torch.nn.Module, Snapshots]:
+    """An mlp for the synthetic set, and snapshots of it at each of ``updates``."""
+    test_set = data.load("synthetic", "test")
+    model = models.build("mlp", tuple(test_set.images.shape[1:]), test_set.num_classes)
+    snapshots = Snapshots()
+    for u in updates:
+        snapshots.take(model, t=u / 100, epoch=u / 52, updates=u)
+    return model, snapshots
+
+
+@pytest.mark.parametrize("algo", ["sgd", "ma"])
+def test_the_summary_says_whether_scores_were_taken_between_steps(tmp_path, algo):
+    """ma online scores rank 0's member between steps, inside wall_s, but its eval_mode is
+    "after" (its curve is scored after training): the report took it for out of the clock."""
+    online = watch(tmp_path, algo, eval_mode="online")
+    model, snapshots = model_and_snapshots([0])
+    online.begin(model, snapshots)  # before the clock starts
+    online.finish()
+    snapshots.take(model, t=1.0, epoch=1.0, updates=32)
+    online.snapshot(model, snapshots)  # the final one: after the clock stops
+    assert online.fields()["eval_in_clock"] is False
+    online.step(33, 33, torch.tensor(0.5), 0.05, 1.1)
+    snapshots.take(model, t=1.2, epoch=1.0, updates=33)
+    online.snapshot(model, snapshots)
+    assert online.fields()["eval_mode"] == ("online" if algo == "sgd" else "after")
+    assert online.fields()["eval_in_clock"] is True
+
+
+def test_a_grown_runs_snapshots_below_the_checkpoints_count_are_logged(tmp_path):
+    """Grown from 1 worker to 2 at update 26 (13 of the grown run's): its scores at 13 to 26
+    were taken for the earlier run's, already logged, and left out."""
+    grown = watch(tmp_path, resumed=26, eval_mode="online")
+    model, snapshots = model_and_snapshots([0, 13, 26])  # the earlier run's: logged online
+    grown.begin(model, snapshots)
+    snapshots.take(model, t=1.0, epoch=20 / 26, updates=20)  # the grown run's
+    grown.snapshot(model, snapshots)
+    grown.after([])
+    assert logged(tmp_path, "test/accuracy").keys() == {26, 20}  # 26: purged, logged again
+
+
+@pytest.mark.timeout(300)
+def test_a_run_resumed_on_fewer_ranks_drops_what_was_trained_after_its_checkpoint(tmp_path):
+    """ssgd on 2 ranks (64 updates an epoch), checkpointed at update 32 and killed at 45,
+    resumed on 1 (128 an epoch) at update 64: the killed run's entries from 32 on were
+    purged from 64 only, so its loss at 40, trained again, stayed on the plot."""
+    out = str(tmp_path / "run")
+    train = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
+             "--checkpoint-every", "0.5e", "--tensorboard", "--out", out]
+    assert run_job(train, np=2, env={"HPCTRAIN_INJECT": "kill@0:45"}).returncode != 0
+    resumed = run_job([*train, "--resume", out], np=1)
+    assert "resized from 2 to 1 workers, going on at update 64" in resumed.stderr
+    steps = sorted(logged(tmp_path / "run", "train/loss"))
+    assert steps[:3] == [10, 20, 30] and steps[3:] == [*range(74, 128, 10), 128]

@@ -570,20 +570,29 @@ def simulated_runs(record: dict, rows: list[Row]) -> str | None:
             "times to a target are virtual seconds, not comparable with the other runs'.")
 
 
-# How a run's snapshots were scored (its summary's eval_mode), for report.md
+# How a run's snapshots were scored (its summary's eval_mode) and whether evaluation is in its
+# wall time (eval_in_clock), for report.md
 SCORING = {"after": "scored after training, so evaluation is not in the clock",
            "online": "scored while training, on rank 0 between steps, so evaluation is in the "
                      "clock",
+           "member": "scored after training, but rank 0's own model was scored between steps "
+                     "too (`--eval online`), so evaluation is in the clock",
+           "outside": "scored on rank 0 before and after training, none between steps, so "
+                      "evaluation is not in the clock",
            "rank": "scored while training, on a rank that does not train (`--eval-rank`), so "
                    "evaluation is not in the clock",
            "unknown": "scored in a way the summary's `eval_mode` does not name"}
 
 
 def _scoring(summary: dict) -> str:
-    """The key in SCORING of a run's ``eval_mode`` (runs from before it was recorded: after)."""
+    """The key in SCORING of a run's ``eval_mode`` and ``eval_in_clock`` (runs from before
+    either was recorded: scored after training; online, in the clock)."""
     mode = summary.get("eval_mode", "after")
-    if mode in ("after", "online"):
-        return mode
+    in_clock = summary.get("eval_in_clock")  # None: eval_mode alone says it
+    if mode == "after":  # ma and ec online score rank 0's member between steps
+        return "member" if in_clock else "after"
+    if mode == "online":
+        return "outside" if in_clock is False else "online"
     if isinstance(mode, str) and mode.startswith("online (rank "):
         return "rank"
     return "unknown"
@@ -591,7 +600,8 @@ def _scoring(summary: dict) -> str:
 
 def scoring(rows: list[Row]) -> str:
     """How the snapshots of the finished runs were scored (``eval_mode``), and whether
-    evaluation is in their clock: one clause, or one per way with the runs scored so."""
+    evaluation is in their clock (``eval_in_clock``): one clause, or one per way with the runs
+    scored so."""
     finished = [r for r in rows if r.summary is not None]
     groups = _grouped(finished, lambda r: _scoring(r.summary))
     if len(groups) <= 1:
