@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
@@ -199,17 +200,41 @@ def distribution(values: Sequence[float]) -> dict:
             "max": float(v.max()), "count": int(v.size)}
 
 
+def watching_terminal(err: TextIO | None, out: TextIO | None) -> TextIO | None:
+    """The terminal the bar is watched on: ``err`` (where it draws) when that is one, else
+    ``out`` when that is a terminal with a width; None for a file or a pipe to a log.
+
+    Open MPI's ``mpirun`` gives each rank's stdout a pty and its stderr a pipe, and sizes the
+    pty like ``mpirun``'s own terminal: 0 columns when ``mpirun`` writes to a file (a batch
+    job's output), so the width tells a watched run from a logged one."""
+    if _isatty(err):
+        return err
+    if _isatty(out) and os.get_terminal_size(out.fileno()).columns > 0:
+        return out
+    return None
+
+
+def _isatty(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (ValueError, OSError):  # closed, or detached (a daemon's streams)
+        return False
+
+
 def progress(total: int, rank: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
     """A progress bar shown on rank 0 only (disabled elsewhere, and when not wanted), from
     ``initial`` steps done (a resumed run: its rate counts only the steps it makes).
 
-    On a terminal it redraws twice a second; into a file (a Slurm job's output, a CI log),
-    where every redraw stays, once a minute: a day's run adds kilobytes, not megabytes.
+    Watched on a terminal (:func:`watching_terminal`: ``mpirun``'s too) it redraws twice a
+    second; into a file (a Slurm job's output, a CI log), where every redraw stays, once a
+    minute: a day's run adds kilobytes, not megabytes.
     """
-    tty = sys.stderr.isatty()
+    screen = watching_terminal(sys.stderr, sys.stdout)
+    on_stderr = screen is not None and screen is sys.stderr  # tqdm follows its width
+    width = None if screen is None or on_stderr else os.get_terminal_size(screen.fileno())[0]
     return tqdm(total=total, initial=initial, desc=desc, unit="step",
-                disable=(rank != 0 or not enabled), dynamic_ncols=tty, leave=False,
-                mininterval=0.5 if tty else 60)
+                disable=(rank != 0 or not enabled), dynamic_ncols=on_stderr, ncols=width,
+                leave=False, mininterval=0.5 if screen is not None else 60)
 
 
 def summary_table(summary: dict) -> str:

@@ -3,7 +3,9 @@
 Each worker profiles its local steps ``START`` to ``START + COUNT - 1`` (counted from 0, as
 ``HPCTRAIN_INJECT`` counts them) and writes ``<out>/profile/rank-<r>.json``, a Chrome trace
 (chrome://tracing, Perfetto or TensorBoard's trace viewer; one ``ProfilerStep#`` span per
-step), and ``rank-<r>.txt``, torch's table of the operators that took the most time. On a GPU
+step), and ``rank-<r>.txt``, torch's table of the operators that took the most time. ``r`` is
+the worker's index among the ranks that train, as ``--slowdown`` counts them (with
+``--eval-rank R``, MPI rank r > R is worker r - 1; ``--servers``' ranks train nothing). On a GPU
 the CUDA kernels are recorded too. The loop labels the algorithm's hooks
 (``hpctrain.synchronize``: ssgd's allreduce completing; ``hpctrain.apply``: the step, an async
 push; ``hpctrain.after_update``: MA's and EC's rounds), so their communication shows as time
@@ -52,7 +54,7 @@ class StepProfiler:
         self.device, self.rank = device, rank
         self.folder = Path(out) / SUBDIR
         self._profile: torch.profiler.profile | None = None
-        self.began, self.done = False, 0
+        self.recorded, self.done = 0, 0  # the window's steps recorded; local steps made
         self.first: int | None = None  # the local step this run started at (a resume: later)
 
     def step(self, done: int) -> None:
@@ -65,9 +67,10 @@ class StepProfiler:
         if done == self.start and self._profile is None:
             self._begin()
         elif self._profile is not None:
+            self.recorded = done - self.start
             self._profile.step()  # the last step of the window writes the files
-            if done == self.start + self.count:
-                self.close()
+            if self.recorded == self.count:
+                self._stop()
 
     def region(self, name: str) -> contextlib.AbstractContextManager:
         """A labelled span in the trace (an algorithm's hook: its communication shows up as
@@ -75,20 +78,44 @@ class StepProfiler:
         return torch.profiler.record_function(name) if self._profile else contextlib.nullcontext()
 
     def close(self) -> None:
-        """Stop profiling (writing what a window cut short recorded); after the loop, rank 0
-        says so when the run ended before the window."""
+        """Stop profiling (writing what a window cut short recorded)."""
+        self._stop()
+
+    def outcome(self) -> tuple[int, int | None, int]:
+        """This worker's (steps recorded, local step it started at, local steps made), which
+        rank 0's :meth:`report` reads from every worker (the loop gathers them with its
+        summary's counts: async workers make different numbers of local steps)."""
+        return self.recorded, self.first, self.done
+
+    def report(self, every: list[tuple[int, int | None, int]] | None) -> None:
+        """Rank 0, given every worker's :meth:`outcome`: say which profiled nothing, and why."""
+        note = self._missed(every) if self.rank == 0 and self.start is not None else None
+        if note:
+            print(f"hpctrain: --profile {self.start}:{self.count}: {note}", file=sys.stderr,
+                  flush=True)
+
+    def _missed(self, every: list[tuple[int, int | None, int]]) -> str | None:
+        """Rank 0's note on the workers (``every``'s (recorded, first, done)) that profiled
+        nothing; None when all profiled."""
+        missed = [w for w, (recorded, _, _) in enumerate(every) if not recorded]
+        if not missed:
+            return None
+        if len(missed) == len(every):
+            first, done = every[0][1:]
+            why = (f"resumed at local step {first}, past step {self.start}"
+                   if first is not None and first > self.start else
+                   f"ended at local step {done}, before step {self.start}")
+            return f"this run {why}; nothing profiled"
+        return (f"worker(s) {', '.join(map(str, missed))} (among those that train) ended "
+                f"before the window; the others' files are in {self.folder}")
+
+    def _stop(self) -> None:
+        """Stop the profiler (a window cut short: its files are written now)."""
         profile, self._profile = self._profile, None
         if profile is not None:
             profile.stop()
-        elif self.start is not None and not self.began and self.rank == 0:
-            why = (f"resumed at local step {self.first}, past step {self.start}"
-                   if self.first is not None and self.first > self.start else
-                   f"ended at local step {self.done}, before step {self.start}")
-            print(f"hpctrain: --profile {self.start}:{self.count}: this run {why}; nothing "
-                  "profiled", file=sys.stderr, flush=True)
 
     def _begin(self) -> None:
-        self.began = True
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -101,7 +128,9 @@ class StepProfiler:
 
     def _write(self, profile: torch.profiler.profile) -> None:
         """The trace and the table, each written whole (a job killed meanwhile leaves the
-        earlier file or none, not half of one)."""
+        earlier file or none, not half of one); none when no step was recorded."""
+        if self.recorded == 0:
+            return
         self.folder.mkdir(parents=True, exist_ok=True)
         trace = self.folder / f"rank-{self.rank}.json"
         partial = trace.with_name(f".{trace.name}.partial")
@@ -109,7 +138,15 @@ class StepProfiler:
         os.replace(partial, trace)
         by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         table = profile.key_averages().table(sort_by=by, row_limit=25)
-        # torch numbers the window's steps from 0: say which local steps they are
-        steps = f"local steps {self.start} to {self.start + self.count - 1} (ProfilerStep#0 " \
-                f"is local step {self.start})"
-        write_atomic(self.folder / f"rank-{self.rank}.txt", f"{steps}\n{table}\n")
+        write_atomic(self.folder / f"rank-{self.rank}.txt", f"{self._steps()}\n{table}\n")
+
+    def _steps(self) -> str:
+        """The table's first line: torch numbers the window's steps from 0; which local steps
+        they are, and whether the run ended inside the window."""
+        last = self.start + self.recorded - 1
+        cut = (f"the window {self.start}:{self.count} was cut short: the run ended after local "
+               f"step {last}, and the last ProfilerStep span is the loop's exit; "
+               ) if self.recorded < self.count else ""
+        steps = f"local step {last}" if last == self.start else \
+            f"local steps {self.start} to {last}"
+        return f"{steps} ({cut}ProfilerStep#0 is local step {self.start})"

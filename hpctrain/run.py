@@ -645,8 +645,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         step_times.write(log.dir, comm_, rank)
     own = algo.summary(points, comm_)
     mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak,
-            "scale": scaler.get_scale(), "overflows": scaler.overflow_steps()}
+            "scale": scaler.get_scale(), "overflows": scaler.overflow_steps(),
+            "profiled": profiler.outcome()}
     every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
+    profiler.report([w["profiled"] for w in every] if rank == 0 else None)
     guarded = guard.summary()
     checkpoints = ckpt.summary()
     exchange = train_data.stats()

@@ -30,6 +30,7 @@ def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys)
         for done in range(17):
             profiler.step(done)
         profiler.close()
+        profiler.report([profiler.outcome()] if rank == 0 else None)
     assert capsys.readouterr().err == ("hpctrain: --profile 50:5: this run ended at local step "
                                        "16, before step 50; nothing profiled\n")
     assert not (tmp_path / profiling.SUBDIR).exists()
@@ -37,8 +38,72 @@ def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys)
     for done in range(64, 70):  # said it ended "before step 5"
         resumed.step(done)
     resumed.close()
+    resumed.report([resumed.outcome()])
     assert capsys.readouterr().err == ("hpctrain: --profile 5:2: this run resumed at local step "
                                        "64, past step 5; nothing profiled\n")
+
+
+def _profile_steps(profiler: profiling.StepProfiler, steps: int) -> profiling.StepProfiler:
+    """``steps`` local steps of a little work each, as the loop reports them, then close."""
+    import torch
+
+    x = torch.ones(8, 8)
+    profiler.step(0)
+    for done in range(1, steps + 1):
+        with profiler.region("hpctrain.apply"):
+            x = x @ x / 8
+        profiler.step(done)
+    profiler.close()
+    return profiler
+
+
+def test_a_window_the_run_ends_inside_holds_only_the_steps_made(tmp_path, capsys):
+    """sgd, 32 steps, --profile 30:5: the table said "local steps 30 to 34"; it names the
+    steps made, and the trace's third ProfilerStep (torch opens it after step 31) as the
+    loop's exit."""
+    import torch
+
+    _profile_steps(profiling.StepProfiler("30:5", torch.device("cpu"), tmp_path, 0), 32)
+    folder = tmp_path / profiling.SUBDIR
+    table = (folder / "rank-0.txt").read_text()
+    assert table.startswith("local steps 30 to 31 (the window 30:5 was cut short: the run "
+                            "ended after local step 31, and the last ProfilerStep span is the "
+                            "loop's exit; ProfilerStep#0 is local step 30)\n")
+    names = Counter(e.get("name") for e in _trace(folder / "rank-0.json"))
+    assert names["ProfilerStep#0"] == names["ProfilerStep#1"] == 1
+    assert names["hpctrain.apply"] == 2
+    assert capsys.readouterr().err == ""  # it profiled: nothing to say
+    # Ended right where the window starts: no step recorded, no files, and said so.
+    ended = _profile_steps(profiling.StepProfiler("32:5", torch.device("cpu"), tmp_path / "b", 0),
+                           32)
+    ended.report([ended.outcome()])
+    assert not (tmp_path / "b" / profiling.SUBDIR).exists()
+    assert capsys.readouterr().err == ("hpctrain: --profile 32:5: this run ended at local step "
+                                       "32, before step 32; nothing profiled\n")
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_rank_0_names_the_workers_that_profiled(tmp_path, capsys):
+    """Async workers make different numbers of local steps: rank 0 said "nothing profiled"
+    for its own missed window while workers 1 and 2 wrote theirs. Here worker r makes
+    10 + 10 r steps: worker 0 misses 15:2, the others profile it."""
+    import torch
+
+    from hpctrain import comm
+
+    world = comm.world()
+    rank = world.Get_rank()
+    profiler = _profile_steps(profiling.StepProfiler("15:2", torch.device("cpu"), tmp_path, rank),
+                              10 + 10 * rank)
+    profiler.report(world.gather(profiler.outcome(), root=0))  # as the loop gathers them
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert err == ("hpctrain: --profile 15:2: worker(s) 0 (among those that train) ended "
+                       f"before the window; the others' files are in "
+                       f"{tmp_path / profiling.SUBDIR}\n")
+    else:
+        assert err == "" and (tmp_path / profiling.SUBDIR / f"rank-{rank}.json").exists()
 
 
 def test_the_simulator_refuses_it(tmp_path):

@@ -1,10 +1,16 @@
 """Rank 0's progress bar (hpctrain.metrics.progress)."""
 
+import contextlib
+import fcntl
 import io
+import os
 import re
+import struct
 import sys
+import termios
+from collections.abc import Iterator
 
-from hpctrain.metrics import progress
+from hpctrain.metrics import progress, watching_terminal
 
 
 def test_a_resumed_runs_rate_counts_only_its_own_steps(monkeypatch):
@@ -29,3 +35,39 @@ def test_into_a_file_it_redraws_once_a_minute(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert progress(10, 0, "sgd").mininterval == 60
     assert progress(10, 1, "sgd").disable  # rank 0 only
+
+
+@contextlib.contextmanager
+def _pty(columns: int) -> Iterator[io.TextIOWrapper]:
+    """A real terminal (a pty's slave end) ``columns`` wide; 0: one that says no width, as
+    mpirun's pty for a rank whose output goes to a file."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    with os.fdopen(master, "rb"), open(slave, "w", closefd=True) as term:
+        yield term
+
+
+@contextlib.contextmanager
+def _pipe() -> Iterator[io.TextIOWrapper]:
+    read, write = os.pipe()
+    with os.fdopen(read, "rb"), open(write, "w", closefd=True) as pipe:
+        yield pipe
+
+
+def test_under_mpirun_on_a_terminal_it_redraws_often(monkeypatch, tmp_path):
+    """Open MPI hands a rank's stdout a pty sized like mpirun's terminal and its stderr a
+    pipe: the bar (on stderr) is watched there, at that width. Redirected to a file, mpirun
+    sizes the pty 0 columns: a batch job's log, once a minute."""
+    with _pipe() as err, _pty(120) as out:
+        assert watching_terminal(err, out) is out
+        monkeypatch.setattr(sys, "stderr", err)
+        monkeypatch.setattr(sys, "stdout", out)
+        bar = progress(10, 0, "sgd")
+        assert (bar.mininterval, bar.ncols) == (0.5, 120)
+        bar.close()
+    with _pipe() as err, _pty(0) as out:
+        assert watching_terminal(err, out) is None
+    with _pty(0) as err, (tmp_path / "log").open("w") as out:
+        assert watching_terminal(err, out) is err  # the bar's own terminal, sized or not
+    with (tmp_path / "err").open("w") as err, (tmp_path / "out").open("w") as out:
+        assert watching_terminal(err, out) is None  # sbatch: both files

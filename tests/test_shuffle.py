@@ -338,3 +338,53 @@ def test_load_indices_cifar(tmp_path):
     part = data.load_indices("cifar10", "train", idx, str(tmp_path))
     assert torch.equal(part.images, full.images[idx])
     assert torch.equal(part.labels, full.labels[idx])
+
+
+def _plotted_run(folder, algo: str, seed: int, acc=(0.1, 0.5, 0.7)) -> str:
+    """A finished run's folder as hpctrain.shuffle.plot reads it: global shuffle, K = 2."""
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(
+        {"algo": algo, "seed": seed, "data": {"shuffle": "global", "partition": "iid"}}))
+    (folder / "summary.json").write_text(json.dumps(
+        {"algo": algo, "algo_label": algo, "workers": 2, "final_test_acc": acc[-1],
+         "best_test_acc": max(acc), "bytes_moved": 0, "exchange_s": 0.0, "epochs": 1}))
+    (folder / "metrics.jsonl").write_text("".join(
+        json.dumps({"t": e, "epoch": e, "test_acc": a}) + "\n"
+        for e, a in zip((0.0, 0.5, 1.0), acc, strict=True)))
+    return str(folder)
+
+
+def _drawn(run_dirs: list[str]) -> tuple[list[str], int]:
+    """The shuffle plot's legend labels for ``run_dirs`` and how many ranges it shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hpctrain.shuffle import plot
+
+    fig, ax = plt.subplots()
+    try:
+        plot.draw(ax, run_dirs)
+        return ax.get_legend_handles_labels()[1], len(ax.collections)
+    finally:
+        plt.close(fig)
+
+
+def test_the_shuffle_plot_keeps_algorithms_apart_and_counts_seeds(tmp_path):
+    """ssgd, ma and ec runs, all seed 0, were one line "global (mean of 3 seeds)" with their
+    range shaded as a spread over seeds, and one row of the spread table."""
+    from hpctrain.shuffle import plot
+
+    algos = [_plotted_run(tmp_path / a, a, 0, (0.1, 0.2, acc))
+             for a, acc in (("ssgd", 0.9), ("ma", 0.8), ("ec", 0.7))]
+    assert _drawn(algos) == (["ssgd, global", "ma, global", "ec, global"], 0)
+    table = plot.spread_table(algos)
+    assert "| 2 | ma, global | 1 | 0.8000 | 0.0000 | 0.8000 | 0.8000 | 1 |" in table
+    repeated = [_plotted_run(tmp_path / f"r{i}", "asgd", 0, (0.1, 0.2, 0.3 + i / 10))
+                for i in range(3)]
+    assert _drawn(repeated) == (["global (mean of 3 runs of seed 0)"], 0)  # not a spread
+    seeds = [*repeated, *(_plotted_run(tmp_path / f"s{s}", "asgd", s) for s in (1, 2))]
+    assert _drawn(seeds) == (["global (mean of 5 runs, 3 seeds)"], 1)
+    assert _drawn(seeds[2:]) == (["global (mean of 3 seeds)"], 1)
+    assert plot.spread_table(seeds).splitlines()[2].endswith("| 0.7000 | 3 |")

@@ -1,14 +1,16 @@
-"""Plot test accuracy against epochs for finished runs, one line per shuffling strategy.
+"""Plot test accuracy against epochs for finished runs, one line per shuffling setting.
 
 ``python -m hpctrain.shuffle.plot RUN_DIR... --out docs/shuffle-k8.png``: one line per
-strategy (``--shuffle`` and ``--partition`` in the run's ``config.json``, and K where the runs
-have several): the mean over its runs (seeds), with
-their minimum-to-maximum range shaded. ``--table`` also prints Markdown tables: one row per
-run (accuracies, data moved), and the mean and spread of the final accuracy per strategy.
+setting (``--shuffle`` and ``--partition`` in the run's ``config.json``, and the algorithm and
+K where the runs have several): the mean over its runs, with their minimum-to-maximum range
+shaded when they are of several seeds (runs repeated with one seed are not a spread over
+seeds). ``--table`` also prints Markdown tables: one row per run (accuracies, data moved), and
+the mean and spread of the final accuracy per setting.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -66,52 +68,89 @@ def table(run_dirs: list[str]) -> str:
     return "\n".join([head, *(table_row(run) for run in run_dirs)])
 
 
-def spread_table(run_dirs: list[str]) -> str:
-    """A Markdown table of the final accuracy per (K, strategy): runs, mean, sd, min, max."""
-    finals: dict[tuple[int, str], list[float]] = {}
+Setting = tuple[int, str, str]  # (K, algorithm, strategy): the runs a line averages
+
+
+def _setting(run_dir: str | Path) -> Setting:
+    """K, the algorithm (with its options, as the summary labels it) and the strategy."""
+    config, s = _config(run_dir), _summary(run_dir)
+    algo = s.get("algo_label") or config.get("algo") or s.get("algo") or "?"
+    return s["workers"], str(algo), _strategy(config, run_dir)
+
+
+def _groups(run_dirs: list[str]) -> dict[Setting, list[str]]:
+    """The runs of each setting."""
+    groups: dict[Setting, list[str]] = {}
     for run in run_dirs:
-        s = _summary(run)
-        finals.setdefault((s["workers"], _strategy(_config(run), run)), []).append(
-            s["final_test_acc"])
-    rows = ["| K | shuffle | runs | mean final acc | sd | min | max |",
-            "|---|---|---|---|---|---|---|"]
-    for (k, strategy), acc in finals.items():
-        a = np.array(acc)
+        groups.setdefault(_setting(run), []).append(run)
+    return groups
+
+
+def _label(setting: Setting, drawn: Iterable[Setting], with_k: bool = True) -> str:
+    """The strategy, after the algorithm and K where the ``drawn`` settings have several."""
+    k, algo, strategy = setting
+    several = [len({s[i] for s in drawn}) > 1 for i in (0, 1)]
+    return ", ".join([*([f"K = {k}"] if with_k and several[0] else []),
+                      *([algo] if several[1] else []), strategy])
+
+
+def _seed(run_dir: str | Path) -> object:
+    return _config(run_dir).get("seed", "?")
+
+
+def spread_table(run_dirs: list[str]) -> str:
+    """A Markdown table of the final accuracy per setting (K, algorithm, strategy): runs,
+    mean, sd, min, max, and how many seeds the runs are of."""
+    rows = ["| K | shuffle | runs | mean final acc | sd | min | max | seeds |",
+            "|---|---|---|---|---|---|---|---|"]
+    groups = _groups(run_dirs)
+    for setting, runs in groups.items():
+        a = np.array([_summary(run)["final_test_acc"] for run in runs])
         sd = a.std(ddof=1) if len(a) > 1 else 0.0
-        rows.append(f"| {k} | {strategy} | {len(a)} | {a.mean():.4f} | {sd:.4f} "
-                    f"| {a.min():.4f} | {a.max():.4f} |")
+        rows.append(f"| {setting[0]} | {_label(setting, groups, with_k=False)} | {len(a)} "
+                    f"| {a.mean():.4f} | {sd:.4f} | {a.min():.4f} | {a.max():.4f} "
+                    f"| {len({_seed(run) for run in runs})} |")
     return "\n".join(rows)
 
 
-def lines(run_dirs: list[str]) -> dict[str, list[tuple[list[float], list[float]]]]:
-    """The plot's lines: each setting's runs' (epochs, accuracies), by the setting's label
-    (the strategy, with K where the runs have several)."""
-    by_strategy: dict[str, list[tuple[list[float], list[float]]]] = {}
-    curves = {run: curve(run) for run in run_dirs}
-    workers = {run: _summary(run)["workers"] for run in run_dirs}
-    for run in run_dirs:
-        strategy, epochs, acc = curves[run]
-        if len(set(workers.values())) > 1:
-            strategy = f"K = {workers[run]}, {strategy}"
-        by_strategy.setdefault(strategy, []).append((epochs, acc))
-    return by_strategy
+def lines(run_dirs: list[str]) -> dict[str, list[tuple[object, list[float], list[float]]]]:
+    """The plot's lines: each setting's runs' (seed, epochs, accuracies), by the setting's
+    label (the strategy, with the algorithm and K where the runs have several)."""
+    groups = _groups(run_dirs)
+    return {_label(setting, groups): [(_seed(run), *curve(run)[1:]) for run in runs]
+            for setting, runs in groups.items()}
+
+
+def _line_label(setting: str, seeds: list[object]) -> str:
+    """``setting``, and what its line is the mean of (``seeds``: each run's)."""
+    distinct = len(set(seeds))
+    if len(seeds) == 1:
+        return setting
+    if distinct == 1:
+        return f"{setting} (mean of {len(seeds)} runs of seed {seeds[0]})"
+    runs = f"{len(seeds)} runs, " if distinct < len(seeds) else ""
+    return f"{setting} (mean of {runs}{distinct} seeds)"
+
+
+def draw(ax, run_dirs: list[str]) -> None:
+    """Each setting's mean curve on ``ax``, its runs' range shaded when they are of several
+    seeds (one seed's repeats are no spread over seeds)."""
+    for i, (setting, runs) in enumerate(lines(run_dirs).items()):
+        epochs = runs[0][1]
+        if any(e != epochs for _, e, _ in runs):
+            raise UsageError(f"--shuffle {setting}: runs were evaluated at different epochs")
+        acc = np.array([a for _, _, a in runs])
+        seeds = [seed for seed, _, _ in runs]
+        ax.plot(epochs, acc.mean(axis=0), color=f"C{i}", label=_line_label(setting, seeds),
+                marker=".", markersize=4)
+        if len(set(seeds)) > 1:
+            ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=f"C{i}", alpha=0.15)
 
 
 def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
     """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
-    by_strategy = lines(run_dirs)
     with accuracy_figure(out, "epochs", title, ymin) as ax:
-        for i, (strategy, runs) in enumerate(by_strategy.items()):
-            epochs = runs[0][0]
-            if any(e != epochs for e, _ in runs):
-                raise UsageError(f"--shuffle {strategy}: runs were evaluated at different epochs")
-            acc = np.array([a for _, a in runs])
-            label = strategy if len(runs) == 1 else f"{strategy} (mean of {len(runs)} seeds)"
-            ax.plot(epochs, acc.mean(axis=0), color=f"C{i}", label=label, marker=".",
-                    markersize=4)
-            if len(runs) > 1:
-                ax.fill_between(epochs, acc.min(axis=0), acc.max(axis=0), color=f"C{i}",
-                                alpha=0.15)
+        draw(ax, run_dirs)
 
 
 def main(argv: list[str] | None = None) -> None:
