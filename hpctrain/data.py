@@ -298,7 +298,7 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
             candidates[:0] = [env, env / name]
     tried: list[Path] = []
     for folder in candidates:
-        for sub in (folder, folder / "cifar-10-batches-bin"):
+        for sub in (folder, folder / "cifar-10-batches-bin")[:2 if name == "cifar10" else 1]:
             tried.append(sub)
             if _has_files(name, sub):
                 return sub

@@ -336,8 +336,8 @@ def run(args: argparse.Namespace) -> None:
     if kind is None:
         raise UsageError("hpctrain horovodrun needs Open MPI's, MPICH's or Intel MPI's mpirun "
                          f"on PATH ({mpirun or 'none found'})")
-    if args.output_filename and kind != "openmpi":
-        Path(args.output_filename).mkdir(parents=True, exist_ok=True)
+    if args.output_filename:  # Open MPI's mpirun hangs on one it cannot make
+        _make_output_folder(args.output_filename)
     if args.verbose:
         print(shlex.join(cmd), file=sys.stderr, flush=True)
     os.execv(mpirun, cmd)
@@ -351,3 +351,13 @@ def main(argv: list[str]) -> None:
     parser = Parser(prog="hpctrain horovodrun", description=description())
     add_arguments(parser)
     run(parser.parse_args(argv))
+
+
+def _make_output_folder(folder: str) -> None:
+    """``--output-filename``'s folder, made here: Open MPI's mpirun printed its mkdir error
+    for a file's path and then never exited; MPICH's takes a folder that exists."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--output-filename {folder}: cannot make that folder "
+                         f"({e.strerror})") from None

@@ -96,15 +96,14 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     ck = config.checkpoint
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
         check_folder(flag, folder)
+    _refuse_finished(config.out)  # before its checkpoints would call it unfinished
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume))
-    if config.out and (Path(config.out) / "summary.json").exists():
-        raise UsageError(f"--out {config.out} already holds a finished run; choose another "
-                         "folder")
+    _refuse_finished(config.out)
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
     return config
@@ -128,6 +127,11 @@ def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
                         one_sample=microbatch.one_sample(n // max(workers, 1), o.batch_size,
                                                          o.micro_batch_size))
     return n, sample
+
+
+def _refuse_finished(out: str | None) -> None:
+    if out and (Path(out) / "summary.json").exists():
+        raise UsageError(f"--out {out} already holds a finished run; choose another folder")
 
 
 def check_folder(flag: str, folder: str | None) -> None:

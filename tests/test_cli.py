@@ -125,7 +125,8 @@ def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
     ("HOROVOD_STALL_CHECK_TIME_SECONDS", "abc", "a number of seconds >= 0, got 'abc'"),
     ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-5", "a number of seconds >= 0, got '-5'"),
     ("HPCTRAIN_CHECK_COLLECTIVES", "maybe", "must be 1 or 0 (true/false, yes/no, on/off)"),
-    ("HOROVOD_TIMELINE", "/nonexistent/t.json", "cannot write a file there")])
+    ("HOROVOD_TIMELINE", "/nonexistent/t.json", "cannot write a file there"),
+    ("HOROVOD_TIMELINE", "/sys/t.json", "cannot write a file there")])  # passed os.access
 def test_a_bad_horovod_variable_is_refused_before_mpi(monkeypatch, variable, value, says):
     """Read once collectives start (the timeline by rank 0 alone), they ended the job with
     exit 1 and a traceback, or were taken as their default; the real job is the fusion
@@ -335,6 +336,17 @@ def test_finished_run_is_never_overwritten(finished_sgd):
     before = (out / "summary.json").read_bytes()
     assert "already holds a finished run" in refusal([*args[1:], "--out", str(out)])
     assert (out / "summary.json").read_bytes() == before
+
+
+def test_a_finished_run_with_checkpoints_is_called_finished(tmp_path):
+    """Its checkpoints made the check call it unfinished and advise --resume, which then
+    said it was finished."""
+    out = tmp_path / "run"
+    args = ["--algo", "sgd", *SMALL, "--checkpoint-every", "0.5e", "--out", str(out)]
+    assert run_job(["train", *args], np=0).returncode == 0
+    for extra in ([], ["--resume", str(out)]):
+        assert refusal([*args, *extra]) == (f"--out {out} already holds a finished run; choose "
+                                            "another folder")
 
 
 def test_a_summary_resume_auto_cannot_read_is_named(finished_sgd, tmp_path):

@@ -321,6 +321,16 @@ def test_what_horovodrun_mpi_mode_cannot_start_is_refused_naming_the_value(words
         horovodrun.mpirun_command(parse(*words), {})
 
 
+def test_an_output_folder_that_cannot_be_made_is_refused(tmp_path):
+    """Open MPI's mpirun printed its mkdir error for a file's path and never exited."""
+    a_file = tmp_path / "afile.txt"
+    a_file.write_text("")
+    for folder in (a_file, a_file / "sub"):
+        with pytest.raises(UsageError, match=f"--output-filename {folder}: cannot make that "
+                                             "folder"):
+            horovodrun.run(parse("-np", "2", "--output-filename", str(folder), "true"))
+
+
 def test_elastic_flags_without_min_np_or_discovery_change_nothing_as_in_horovodrun():
     """horovodrun goes elastic on --min-np or --host-discovery-script only; with neither it
     starts the static job and ignores the rest, which job scripts keep from elastic runs."""

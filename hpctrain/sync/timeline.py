@@ -47,10 +47,16 @@ def active() -> bool:
 def check_path(path: str) -> None:
     """UsageError unless ``path`` can be written, checked on every rank before any
     collective (only rank 0 writes it, and would fail alone, mid-job)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+    existed = os.path.exists(path)
+    try:
+        if os.path.isdir(path):
+            raise IsADirectoryError
+        open(path, "a").close()  # tried, not asked (os.access is wrong for root, ACLs)
+    except OSError:
         raise UsageError(f"HOROVOD_TIMELINE {path}: cannot write a file there (a folder, or "
-                         "in a folder that does not exist or is not writable)")
+                         "in a folder that does not exist or is not writable)") from None
+    if not existed:
+        os.remove(path)
 
 
 def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
