@@ -130,8 +130,11 @@ def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
 
 
 def _refuse_finished(out: str | None) -> None:
+    """A finished run's folder, or a ``bench compare``'s, is not a new run's."""
     if out and (Path(out) / "summary.json").exists():
         raise UsageError(f"--out {out} already holds a finished run; choose another folder")
+    if out and (Path(out) / "compare.json").exists():
+        raise UsageError(f"--out {out} holds a bench compare; choose another folder")
 
 
 def check_folder(flag: str, folder: str | None) -> None:

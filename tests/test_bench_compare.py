@@ -185,6 +185,22 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_p
         assert str(e.value) == message
 
 
+def test_a_training_runs_folder_and_a_comparisons_are_not_each_others(tmp_path):
+    """bench compare wrote its files into a finished train run's folder, and train wrote a
+    run's beside a comparison's compare.json (both exit 0)."""
+    from conftest import refusal
+
+    for name in ("summary.json", "config.json"):
+        (tmp_path / name).write_text("{}")
+        with pytest.raises(UsageError, match=f"--out {tmp_path} holds a training run \\({name}"):
+            compare.plan(parse("--algos", "sgd", "--out", str(tmp_path)))
+        (tmp_path / name).unlink()
+    (tmp_path / "compare.json").write_text("{}")
+    assert refusal(["--algo", "sgd", "--dataset", "synthetic", "--model", "mlp", "--out",
+                    str(tmp_path)]) == (f"--out {tmp_path} holds a bench compare; choose "
+                                        "another folder")
+
+
 def test_targets_are_each_once():
     assert report.parse_targets("0.8,0.9,0.8") == [0.8, 0.9]
 

@@ -252,6 +252,10 @@ def _check_out(out: str) -> None:
     if not out.strip():
         raise UsageError(f"--out {out!r} is empty: give a folder")
     training.check_folder("--out", out)
+    held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
+    if held:  # a train run's folder: the comparison's files would go in beside its own
+        raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another "
+                         "folder")
 
 
 def check_run(config: RunConfig, np: int) -> int:
