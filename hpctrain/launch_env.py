@@ -213,9 +213,16 @@ def from_mpi(start: bool = False) -> Seat | None:
 def detect(environ: Mapping[str, str] | None = None) -> Seat:
     """This process's seat from torch.distributed, the launcher's environment and a running MPI
     world, which must agree (UsageError naming two that do not); MPI started and asked when
-    none of them answers."""
-    found = [s for s in (from_torch_distributed(), from_launcher(environ), from_mpi())
-             if s is not None]
+    none of them answers. ``RANK``/``WORLD_SIZE`` without torchrun's run id are checked
+    against an MPI launcher's variables too: left in a shell under mpirun, they gave every
+    rank the same seat."""
+    env = os.environ if environ is None else environ
+    launched = list(seats(env))
+    if launched and launched[0].launcher == "torchrun" and "TORCHELASTIC_RUN_ID" not in env:
+        launched = [s for s in launched if s.launcher in ("torchrun", *MPI_LAUNCHERS)]
+    else:
+        launched = launched[:1]
+    found = [s for s in (from_torch_distributed(), *launched, from_mpi()) if s is not None]
     for other in found[1:]:
         if (other.size, other.rank) != (found[0].size, found[0].rank):
             raise UsageError(f"the job's size and rank disagree: {found[0]}, {other}; "

@@ -180,6 +180,16 @@ def test_torch_distributed_and_launcher_must_agree(torch_world, monkeypatch):
     assert len(shuffle.GlobalShuffleSampler(10, num_replicas=2, rank=1)) == 5
 
 
+def test_rank_and_world_size_left_in_a_shell_under_mpirun_are_refused():
+    """Without torchrun's run id they were the seat, and every rank under mpirun took the same
+    (RANK=0 WORLD_SIZE=3 on 2 ranks: both rank 0 of 3, one third of the data each)."""
+    env = {"RANK": "0", "WORLD_SIZE": "3", "OMPI_COMM_WORLD_SIZE": "2",
+           "OMPI_COMM_WORLD_RANK": "1"}
+    with pytest.raises(UsageError, match=r"disagree: torchrun \(WORLD_SIZE=3, RANK=0\) says "
+                                         r"rank 0 of 3, Open MPI .* says rank 1 of 2"):
+        launch_env.detect(env)
+
+
 @pytest.mark.timeout(120)
 def test_samplers_under_torchrun_give_each_rank_its_half(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
