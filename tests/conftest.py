@@ -188,8 +188,9 @@ def _wait(proc: subprocess.Popen, cmd: list[str], timeout: float, send, what: st
     except subprocess.TimeoutExpired:
         out, err = _stop(proc, send, grace)
         pytest.fail(f"{what} hung past {timeout}s: {' '.join(cmd)}\n{out}\n{err}")
-    except BaseException:
-        _stop(proc, send, grace)
+    except BaseException:  # what it wrote goes to the report's captured output
+        out, err = _stop(proc, send, grace)
+        print(f"{what} interrupted: {' '.join(cmd)}\n{out}\n{err}", file=sys.stderr)
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 

@@ -136,6 +136,21 @@ def test_a_bad_horovod_variable_is_refused_before_mpi(monkeypatch, variable, val
     assert message.startswith(variable) and value in message and says in message
 
 
+def test_the_timeline_check_leaves_the_file_as_it_found_it(tmp_path, monkeypatch):
+    """Every rank checks at once while rank 0 may already write the file: a check that made
+    and removed the file took rank 0's away (CI hung in test_horovodrun once)."""
+    from hpctrain.sync import timeline
+
+    path = tmp_path / "t.json"
+    timeline.check_path(str(path))
+    assert list(tmp_path.iterdir()) == []  # a probe of its own, gone
+    path.write_text("[\n")  # rank 0 started between another rank's look and its check
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: p != str(path) and real_exists(p))
+    timeline.check_path(str(path))
+    assert path.read_text() == "[\n"
+
+
 def test_more_ranks_than_samples(tmp_path):
     """Checked before MPI starts (in process here): the data files are read, not loaded."""
     write_tiny_idx(tmp_path, 3)

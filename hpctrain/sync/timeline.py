@@ -16,6 +16,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -46,17 +47,20 @@ def active() -> bool:
 
 def check_path(path: str) -> None:
     """UsageError unless ``path`` can be written, checked on every rank before any
-    collective (only rank 0 writes it, and would fail alone, mid-job)."""
-    existed = os.path.exists(path)
+    collective (only rank 0 writes it, and would fail alone, mid-job). Tried, not asked
+    (``os.access`` is wrong for root and with ACLs), and never by making and removing
+    ``path`` itself: every rank checks at once, and one rank's removal took away the file
+    rank 0 had just started."""
     try:
         if os.path.isdir(path):
             raise IsADirectoryError
-        open(path, "a").close()  # tried, not asked (os.access is wrong for root, ACLs)
+        if os.path.exists(path):
+            open(path, "a").close()  # changes nothing in it
+        else:  # an unnamed probe file in its folder
+            tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
     except OSError:
         raise UsageError(f"HOROVOD_TIMELINE {path}: cannot write a file there (a folder, or "
                          "in a folder that does not exist or is not writable)") from None
-    if not existed:
-        os.remove(path)
 
 
 def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
