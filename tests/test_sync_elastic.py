@@ -15,6 +15,7 @@ import json
 import random
 import re
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -159,6 +160,16 @@ def test_a_folder_that_cannot_hold_commits_is_refused_at_the_start(hvd, monkeypa
     state = hvd.elastic.TorchState(*_training(), epoch=0)
     with pytest.raises(UsageError, match=r"HPCTRAIN_ELASTIC_DIR '.*file/commits': cannot make "
                        "the folder: Not a directory"):
+        hvd.elastic.run(lambda s: None)(state)
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs here")
+def test_a_folder_that_exists_but_takes_no_files_is_refused_at_the_start(hvd, monkeypatch):
+    """/sys passes os.access(W_OK) for root; the check makes a file there instead."""
+    monkeypatch.setenv(elastic.ENV, "/sys/kernel")
+    state = hvd.elastic.TorchState(*_training(), epoch=0)
+    with pytest.raises(UsageError, match="HPCTRAIN_ELASTIC_DIR '/sys/kernel': the folder is "
+                       "not writable"):
         hvd.elastic.run(lambda s: None)(state)
 
 

@@ -31,6 +31,7 @@ import os
 import pickle
 import random
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -375,8 +376,11 @@ def _writable(folder: Path) -> None:
     except OSError as e:
         raise UsageError(f"${ENV} {str(folder)!r}: cannot make the folder: "
                          f"{e.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise UsageError(f"${ENV} {str(folder)!r}: the folder is not writable")
+    try:  # tried, not asked: os.access is wrong for root and with ACLs
+        tempfile.TemporaryFile(dir=folder).close()
+    except OSError as e:
+        raise UsageError(f"${ENV} {str(folder)!r}: the folder is not writable "
+                         f"({e.strerror})") from None
 
 
 def _resume(state: State) -> bool:
