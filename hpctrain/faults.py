@@ -37,13 +37,18 @@ def _plan(spec: str) -> dict[tuple[int, int, bool], str]:
     """``{(rank, step, at a checkpoint): kind}``: killckpt's STEP is an update, the others' a
     worker's step, so ``nan@0:5,killckpt@0:5`` are two places."""
     plan = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    items = [s.strip() for s in spec.split(",")]
+    if not all(items):  # a drill whose fault went missing would pass
+        raise UsageError(f"HPCTRAIN_INJECT {spec!r}: an empty entry; want KIND@RANK:STEP[,...]")
+    for item in items:
         try:
             kind, where = item.split("@")
             rank, step = (int(v) for v in where.split(":"))
         except ValueError:
             raise UsageError(
                 f"HPCTRAIN_INJECT: cannot parse {item!r}; want KIND@RANK:STEP") from None
+        if rank < 0 or step < 0:  # would never fire
+            raise UsageError(f"HPCTRAIN_INJECT: {item!r}: RANK and STEP count from 0")
         if kind not in KINDS:
             raise UsageError(f"HPCTRAIN_INJECT: unknown fault {kind!r}; choose from {KINDS}")
         place = (rank, step, kind == "killckpt")

@@ -90,15 +90,18 @@ def number_list(minimum: int = 1, maximum: int | None = None):
 
 
 def name_list(choices: tuple[str, ...]):
-    """Comma-separated names from ``choices``, each once: ``"locked,atomic"`` -> [...]."""
+    """Comma-separated names from ``choices``, each once: ``"locked,atomic"`` -> [...]. An
+    empty entry is refused, as :func:`number_list` refuses one."""
     def parse(text: str) -> list[str]:
-        names = list(dict.fromkeys(w.strip() for w in str(text).split(",") if w.strip()))
-        bad = [n for n in names if n not in choices]
-        if not names or bad:
+        words = [w.strip() for w in str(text).split(",")]
+        bad = [w for w in words if w and w not in choices]
+        if not any(words) or bad:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: {'unknown ' + repr(bad[0]) if bad else 'empty'}; choose from "
                 f"{', '.join(choices)}")
-        return names
+        if not all(words):
+            raise argparse.ArgumentTypeError(f"{text!r}: an empty entry")
+        return list(dict.fromkeys(words))
     return parse
 
 

@@ -25,7 +25,10 @@ MAX_FACTOR = 1e6  # the largest --slowdown factor: a 10 ms step then sleeps for 
 def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
     """``"0:3,2:1.5"`` -> {0: 3.0, 2: 1.5}; ranks must be workers, factors in [1, 1e6]."""
     factors: dict[int, float] = {}
-    for item in filter(None, (s.strip() for s in (text or "").split(","))):
+    items = [s.strip() for s in text.split(",")] if text else []
+    if not all(items):  # refused as --seeds refuses one, not skipped
+        raise UsageError(f"--slowdown {text}: an empty entry; want RANK:FACTOR[,...]")
+    for item in items:
         try:
             rank_text, factor_text = item.split(":")
             rank, factor = int(rank_text), float(factor_text)

@@ -33,6 +33,7 @@ def parse(*argv: str):
     (["store", "--params", "10,,abc"], "--params: '10,,abc': 'abc' is not a number"),
     (["store", "--params", "0"], "--params: '0': 0 is below 1"),
     (["store", "--consistency", "locked,eventual"], "'eventual'; choose from locked, atomic"),
+    (["store", "--consistency", "locked,"], "--consistency: 'locked,': an empty entry"),
     (["allreduce", "--params", "1e6,2"], "--params: '1e6,2': 2 is below 4"),
     (["allreduce", "--bucket-mb", "0"], "--bucket-mb: must be > 0, got 0"),
     (["allreduce", "--warmup", "-1"], "--warmup: must be >= 0, got -1"),

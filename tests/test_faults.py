@@ -125,7 +125,9 @@ def test_inject_poisons_the_loss_or_the_gradients(monkeypatch):
 
 def test_inject_refuses_bad_plans(monkeypatch):
     model = torch.nn.Linear(3, 2)
-    for spec, msg in (("melt@0:1", "unknown fault 'melt'"), ("nan@0", "cannot parse")):
+    for spec, msg in (("melt@0:1", "unknown fault 'melt'"), ("nan@0", "cannot parse"),
+                      ("nan@0:1,,raise@1:2", "an empty entry"),  # were skipped, or never
+                      ("raise@0:-3", "'raise@0:-3': RANK and STEP count from 0")):  # fired
         monkeypatch.setenv("HPCTRAIN_INJECT", spec)
         with pytest.raises(UsageError, match=msg):
             faults.inject(0, 0, model)

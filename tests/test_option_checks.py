@@ -278,6 +278,8 @@ def test_an_empty_slowdown_is_refused_as_an_empty_out_is(value):
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--slowdown", value]) == \
         f"--slowdown {value!r} is empty: give RANK:FACTOR[,...], or leave it out for none"
     assert StragglerConfig(slowdown=None).factor(0, 1) == 1.0
+    assert refusal(["--algo", "ssgd", *SYNTHETIC, "--slowdown", "0:2,,1:3"], 2) == \
+        "--slowdown 0:2,,1:3: an empty entry; want RANK:FACTOR[,...]"  # was skipped
 
 
 # 10. --resume auto --checkpoint-dir without --out, the run finished: "trains nothing and
