@@ -42,6 +42,22 @@ def parse(spec: str) -> tuple[int, int]:
     return start, count
 
 
+def beyond(spec: str | None, local_steps: int) -> str | None:
+    """Before MPI starts: why ``--profile START:COUNT`` cannot profile all it asks for on a
+    run whose workers make ``local_steps`` steps each (None if it can). Said, not refused:
+    ``bench compare`` gives one window to runs of different sizes."""
+    if not spec:
+        return None
+    start, count = parse(spec)
+    if start >= local_steps:
+        return f"a worker makes {local_steps} local steps (0..{local_steps - 1}); nothing " \
+               "would be profiled"
+    if start + count > local_steps:
+        return f"a worker makes {local_steps} local steps, so the window ends at step " \
+               f"{local_steps - 1}, after {local_steps - start} step(s)"
+    return None
+
+
 class StepProfiler:
     """Profiles one worker's steps in the ``--profile`` window; a no-op without it.
 

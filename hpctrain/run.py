@@ -123,10 +123,26 @@ def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
     n = data.size(config.data.dataset, "train", config.data.data_dir)
     o = config.optim
+    _say_what_the_sizes_cut(config, n // max(workers, 1))
     plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
                         one_sample=microbatch.one_sample(n // max(workers, 1), o.batch_size,
                                                          o.micro_batch_size))
     return n, sample
+
+
+def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
+    """Warn (rank 0 of the launch) of a batch larger than a worker's share of an epoch, and
+    of a ``--profile`` window past the run's steps: both ran, and said so only after."""
+    o = config.optim
+    notes = []
+    if o.batch_size > per_worker:
+        notes.append(f"--batch-size {o.batch_size}: each worker has {per_worker} training "
+                     "samples an epoch, so its batches hold that many")
+    why = profiling.beyond(config.profile, o.epochs * math.ceil(per_worker / o.batch_size))
+    if why:
+        notes.append(f"--profile {config.profile}: {why}")
+    for note in notes if comm.env_rank() == 0 else ():
+        print(f"hpctrain: warning: {note}", file=sys.stderr, flush=True)
 
 
 def _refuse_finished(out: str | None) -> None:

@@ -22,6 +22,30 @@ def test_the_window_is_parsed_and_checked():
             RunConfig(algo="sgd", profile=bad)
 
 
+def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys):
+    """It was said only after training; a batch larger than a worker's share, never."""
+    from hpctrain import arguments, cli, data, run
+
+    n = data.size("synthetic", "train", None)
+    steps = -(-(n // 2) // 64)  # 2 workers, batches of 64, one epoch
+    for window, said in ((f"{steps}:2", f"a worker makes {steps} local steps (0..{steps - 1}); "
+                                        "nothing would be profiled"),
+                         (f"{steps - 1}:5", f"the window ends at step {steps - 1}, after 1 "
+                                            "step(s)"),
+                         ("0:2", None)):
+        args = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "64",
+                "--profile", window, "--out", str(tmp_path / "run")]
+        run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
+        err = capsys.readouterr().err
+        assert (f"warning: --profile {window}: " in err and said in err) if said else not err
+    args = ["train", "--algo", "ssgd", *SYNTHETIC, "--batch-size", str(n), "--out",
+            str(tmp_path / "run")]
+    run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
+    assert capsys.readouterr().err == (f"hpctrain: warning: --batch-size {n}: each worker has "
+                                       f"{n // 2} training samples an epoch, so its batches "
+                                       "hold that many\n")
+
+
 def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys):
     import torch
 
