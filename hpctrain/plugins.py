@@ -172,15 +172,25 @@ def _load_file(flag: str, path_text: str):
     script = sys.modules.get("__main__")
     if getattr(script, "__file__", None) and Path(script.__file__).resolve() == path:
         return script  # the running script itself (see reference_to), not a second copy
-    # One module per file, under a name of its own: every rank and call gets the same one.
+    # One module per file, under a name of its own: every rank and call gets the same one,
+    # until the file changes (a sweep that rewrites it between runs trains the new one).
     name = _FILE_MODULE + hashlib.sha1(str(path).encode()).hexdigest()[:12]
-    if name in sys.modules:
-        return sys.modules[name]
+    try:
+        source = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot read {path_text} ({e.strerror})") from None
+    content = hashlib.sha1(source).hexdigest()
+    loaded = sys.modules.get(name)
+    if loaded is not None and getattr(loaded, "__hpctrain_content__", None) == content:
+        return loaded
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    module.__hpctrain_content__ = content
     sys.modules[name] = module
     try:
-        spec.loader.exec_module(module)
+        # Compiled from what was read: the loader's cached bytecode, keyed by the file's
+        # mtime in seconds and size, can be a same-sized version written a moment before.
+        exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as e:
         del sys.modules[name]
         raise UsageError(f"{flag}: loading {path_text} raised {_one_line(e)}") from None

@@ -270,6 +270,16 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
         ModelConfig(name="mlp", args={"width": 3})  # at construction, as every value check
 
 
+def test_a_file_loads_once_until_it_changes(tmp_path):
+    """A sweep that rewrote its model file between runs in one process trained the first."""
+    path = tmp_path / "widths.py"
+    path.write_text("WIDTH = 3\ndef build(): return WIDTH\n")
+    first = plugins.resolve("--model", f"{path}:build")
+    assert first() == 3 and plugins.resolve("--model", f"{path}:build") is first  # one module
+    path.write_text("WIDTH = 5\ndef build(): return WIDTH\n")
+    assert plugins.resolve("--model", f"{path}:build")() == 5
+
+
 def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
     import nets_mod
 
