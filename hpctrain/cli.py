@@ -23,6 +23,7 @@ import os
 import socket
 import tempfile
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 from hpctrain import (
@@ -37,6 +38,7 @@ from hpctrain import (
     run,
 )
 from hpctrain.bench import report as bench_report
+from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
 from hpctrain.options import dash_values
@@ -129,10 +131,22 @@ def simulate(args: argparse.Namespace) -> dict:
     """``hpctrain simulate``: the same options as train, plus the simulator's; no MPI."""
     from hpctrain.sim import simulate as run_simulation
 
-    summary = run_simulation(arguments.build(args), sim_arguments.build(args))
+    summary = run_simulation(_without_files_checkpoints(args, arguments.build(args)),
+                             sim_arguments.build(args))
     print(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}", flush=True)
     _exit_if_collapsed(summary, 0)
     return summary
+
+
+def _without_files_checkpoints(args: argparse.Namespace, config: RunConfig) -> RunConfig:
+    """A real run's ``config.json`` given to ``simulate --config`` without its checkpoint
+    settings, said once (a simulation is rerun, not resumed); typed ones are refused."""
+    typed = any(hasattr(args, f"checkpoint.{name}") for name in ("every", "dir", "resume"))
+    if typed or config.checkpoint == CheckpointConfig():
+        return config
+    print(f"hpctrain simulate: leaving out {args.config}'s checkpoint settings (a simulation "
+          "is rerun, not resumed)", file=sys.stderr, flush=True)
+    return replace(config, checkpoint=CheckpointConfig())
 
 
 def _exit_if_collapsed(summary: dict, rank: int) -> None:

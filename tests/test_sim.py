@@ -258,6 +258,26 @@ def test_a_simulated_run_repeats_from_its_config_json(tmp_path, capsys):
     assert json.loads((tmp_path / "c" / "summary.json").read_text())["workers"] == 2
 
 
+def test_a_checkpointed_runs_config_is_simulated_without_its_checkpoints(tmp_path, capsys):
+    """simulate refuses checkpoints, so a checkpointed run's config.json was refused, with no
+    way to turn them off: the file's are left out (said), typed ones still refused, and
+    train's --checkpoint-every off turns the file's off."""
+    from hpctrain import arguments, cli
+
+    config = tmp_path / "config.toml"
+    config.write_text('algo = "ssgd"\n[checkpoint]\nevery = "0.5e"\n')
+    cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--epochs", "1", "--workers",
+              "2", "--out", str(tmp_path / "sim")])
+    assert f"leaving out {config}'s checkpoint settings" in capsys.readouterr().err
+    assert not (tmp_path / "sim" / "checkpoints").exists()
+    with pytest.raises(UsageError, match="hpctrain simulate takes no checkpoints"):
+        cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--checkpoint-dir",
+                  str(tmp_path / "ck"), "--out", str(tmp_path / "sim2")])
+    for every, expected in (([], "0.5e"), (["--checkpoint-every", "off"], None)):
+        parsed = cli.build_parser().parse_args(["train", "--config", str(config), *every])
+        assert arguments.build(parsed).checkpoint.every == expected
+
+
 def test_simulate_stopped_on_collapse_exits_4_as_train_does(tmp_path, capsys):
     from hpctrain import cli
 

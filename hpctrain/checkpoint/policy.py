@@ -45,12 +45,18 @@ MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any
 
 
-def parse_every(text: str) -> str:
-    """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned normalised).
+OFF = "off"  # --checkpoint-every off: none, over a --config file's setting
+
+
+def parse_every(text: str) -> str | None:
+    """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned normalised),
+    or ``off`` (None: no checkpoints, as without the option).
 
     Raises argparse.ArgumentTypeError, so that it serves as an argparse ``type``.
     """
     value = str(text).strip()
+    if value == OFF:
+        return None
     number = value[:-1] if value.endswith("e") else value
     try:
         amount = float(number)
