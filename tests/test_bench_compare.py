@@ -15,7 +15,15 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ON_OTHER_MPIS, SYNTHETIC, mpi_env, run_job, start_job, warn_after_checkpoint
+from conftest import (
+    ON_OTHER_MPIS,
+    SYNTHETIC,
+    mpi_env,
+    refusal,
+    run_job,
+    start_job,
+    warn_after_checkpoint,
+)
 from matplotlib.image import imread
 
 from hpctrain import cli, registry
@@ -79,6 +87,13 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
      "--launcher \"mpirun -np {np} '\": No closing quotation"),
     (["--algos", "sgd", "--launcher", ""], "--launcher '' is empty"),
     (["--algos", "sgd", "--targets", "0.8,,0.9"], "--targets '0.8,,0.9': an empty entry"),
+    # Ran sgd once, or skipped the empty entry, saying nothing; --seeds refused both.
+    (["--algos", "sgd,ssgd,sgd"], "--algos 'sgd,ssgd,sgd': algorithm 'sgd' given twice"),
+    (["--algos", "sgd,,ssgd"], "--algos 'sgd,,ssgd': an empty entry"),
+    (["--algos", "sgd,"], "--algos 'sgd,': an empty entry"),
+    (["--algos", "sgd", "--seeds", "1,,2"], "--seeds: '1,,2': an empty entry"),
+    (["--algos", "ssgd", "--workers", "2", "--slowdown", "0:2,", *SMALL],
+     "--slowdown 0:2,: an empty entry"),
     (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
     (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
     # What `hpctrain train` refuses on a run's processes: each such run failed only once
@@ -115,16 +130,63 @@ def test_a_run_that_would_refuse_its_options_stops_the_comparison_before_any_run
     assert started == [] and not (tmp_path / "cmp").exists()
 
 
-def test_what_this_machine_cannot_run_is_left_to_the_runs(tmp_path, monkeypatch):
-    """compare on a login node without a GPU, launching srun steps onto GPU nodes: --device
-    cuda is the runs' to check, and the other checks still refuse before anything runs."""
+@pytest.mark.parametrize("launcher, job", [
+    ("srun --mpi=pmix -n {np}", None),  # srun steps onto the allocation's nodes
+    ("mpirun -np {np}", "1234"),  # inside an allocation: Open MPI's uses its nodes
+    ("mpirun --hostfile=gpu-nodes -np {np}", None),
+], ids=["srun", "mpirun-in-allocation", "hostfile"])
+def test_what_this_machine_cannot_run_is_left_to_runs_started_elsewhere(tmp_path, monkeypatch,
+                                                                        launcher, job):
+    """compare on a login node without a GPU, launching onto GPU nodes: --device cuda is the
+    runs' to check, and the other checks still refuse before anything runs."""
+    if shutil.which(launcher.split()[0]) is None:
+        pytest.skip(f"no {launcher.split()[0]} here")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    if job is None:
+        monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    else:
+        monkeypatch.setenv("SLURM_JOB_ID", job)
     argv = ["--algos", "ssgd", "--workers", "2", "--device", "cuda", *SMALL,
-            "--out", str(tmp_path / "cmp")]
+            "--launcher", launcher, "--out", str(tmp_path / "cmp")]
     (run,) = compare.plan(parse(*argv))
     assert run.command[run.command.index("--device") + 1] == "cuda"
     with pytest.raises(UsageError, match=re.escape("--slowdown 2:3: rank 2 is not a worker")):
         compare.plan(parse(*argv, "--slowdown", "2:3"))
+
+
+@pytest.mark.parametrize("launcher", [None, "mpirun -np {np}"], ids=["default", "mpirun"])
+def test_a_device_this_machine_lacks_is_refused_when_the_runs_start_here(tmp_path, monkeypatch,
+                                                                         launcher):
+    """Every run started on this machine and failed (a row each, exit 1); now one line before
+    anything runs, in train's words."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name in ("SLURM_JOB_ID", "HPCTRAIN_LAUNCHER", "HPCTRAIN_MPIRUN"):
+        monkeypatch.delenv(name, raising=False)
+    chosen = [] if launcher is None else ["--launcher", launcher]
+    args = parse("--algos", "sgd,ssgd", "--workers", "2", "--device", "cuda", *SMALL, *chosen,
+                 "--out", str(tmp_path / "cmp"))
+    with pytest.raises(UsageError) as refused:
+        compare.plan(args)
+    assert str(refused.value) == ("sgd's run on 1 process: "
+                                  + refusal(["--algo", "sgd", "--device", "cuda", *SMALL], 1))
+    assert str(refused.value).endswith("; use --device cpu or auto")
+    assert not (tmp_path / "cmp").exists()
+
+
+@pytest.mark.parametrize("words, here", [
+    (["mpirun", "-np", "2"], True),
+    (["/usr/bin/mpiexec", "--oversubscribe", "-x", "OMP_NUM_THREADS=1", "-n", "2"], True),
+    (["srun", "--mpi=pmix", "-n", "2"], False),
+    (["mpirun", "-H", "node1,node2", "-np", "2"], False),
+    (["mpiexec", "-f", "hosts", "-n", "2"], False),  # Hydra's hostfile
+    (["mpirun", "--hostfile=hosts", "-np", "2"], False),
+    (["./my-launcher.sh", "2"], False),  # the user's own: may start them anywhere
+])
+def test_launches_here(monkeypatch, words, here):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    assert compare.launches_here(words) is here
+    monkeypatch.setenv("SLURM_JOB_ID", "1")  # mpirun inside an allocation uses its nodes
+    assert compare.launches_here(words) is False
 
 
 # What a real run wrote (bench compare --algos ssgd --workers 2 --eval online --eval-rank 1,

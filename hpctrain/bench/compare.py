@@ -8,7 +8,8 @@ ignored them; the others (``--slowdown`` too) go to every run. Bad options, an a
 this hpctrain does not have included, are refused before anything runs (one line, exit
 status 2), and so is what one run would refuse on its
 processes (``hpctrain train``'s own checks, on each planned run: ``--slowdown`` of a rank it
-lacks, ``--reduce-op adasum`` on 3 workers; the line names the run). With ``--eval-rank``,
+lacks, ``--reduce-op adasum`` on 3 workers, ``--device cuda`` without a GPU where the runs
+start on this machine; the line names the run). With ``--eval-rank``,
 sgd's run gets a second process, its evaluating rank. A run that fails becomes a row saying why; the
 others still run, and the command then exits with status 1 after a line naming the failed
 algorithms. With ``--simulate K`` every run is ``hpctrain simulate --workers K`` instead (one
@@ -66,6 +67,10 @@ SEQUENTIAL = ("sgd",)  # algorithms that train on one process whatever --workers
 _PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
 _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
+_MPI_LAUNCHERS = frozenset({"mpirun", "mpiexec", "mpiexec.hydra", "orterun", "prterun"})
+# Their options that place ranks on other machines (Open MPI's, then Hydra's: MPICH, Intel).
+_HOST_OPTIONS = frozenset({"-H", "--host", "-host", "--hostfile", "-hostfile", "--machinefile",
+                           "-machinefile", "--default-hostfile", "-hosts", "-f", "-machine"})
 
 
 @dataclass(frozen=True)
@@ -154,8 +159,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_seeds(text: str) -> list[int]:
     """``--seeds "1,2,3"`` -> [1, 2, 3]: whole numbers, each once (each run's ``--seed``
-    checks its range)."""
+    checks its range); an empty entry (``1,,2``, ``1,``) is refused."""
     words = str(text).split(",")
+    if any(w.strip() for w in words) and not all(w.strip() for w in words):
+        raise argparse.ArgumentTypeError(f"{text!r}: an empty entry; want comma-separated "
+                                         "whole numbers, e.g. 1,2,3")
     try:
         seeds = [whole(w) for w in words]  # 1e3 as --seed reads it
     except argparse.ArgumentTypeError:
@@ -240,6 +248,18 @@ def launcher_command(template: str | None, np: int) -> list[str]:
         raise UsageError(f"--launcher {template!r}: {e}") from None
 
 
+def launches_here(launcher: list[str]) -> bool:
+    """Whether ``launcher`` (its words) starts a run's processes on this machine, so that
+    this machine's devices are the runs': ``mpirun`` or ``mpiexec`` naming no hosts, outside
+    a Slurm allocation (whose nodes Open MPI's mpirun uses). ``srun``, a hostfile or a command
+    of the user's own may start them on nodes with devices this one (a login node) lacks."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return False
+    if Path(launcher[0]).name not in _MPI_LAUNCHERS:
+        return False
+    return not any(w.split("=", 1)[0] in _HOST_OPTIONS for w in launcher[1:])
+
+
 def simulator_words(args: argparse.Namespace) -> list[str]:
     """The simulator's options the user gave, as the words that pass them on."""
     return [w for opt in args.sim_options if hasattr(args, opt.dest)
@@ -258,17 +278,20 @@ def _check_out(out: str) -> None:
                          "folder")
 
 
-def check_run(config: RunConfig, np: int) -> int:
+def check_run(config: RunConfig, np: int, here: bool = False) -> int:
     """Check one planned run as ``hpctrain train`` checks itself before MPI starts
     (:func:`hpctrain.run.check_launch`) on ``np`` processes; return how many of them train
     (``--eval-rank``'s rank and ``--servers`` do not). Its folders are compare's to check.
     What depends on the machine (``--device``, ``--mixed-precision``, ``--compile``) is
-    checked here only where this machine can run it: a login node launching ``srun`` steps
-    onto GPU nodes leaves that to the runs."""
+    refused here when the run starts on this machine (``here``, :func:`launches_here`), and
+    otherwise only checked where this machine can run it: a login node launching ``srun``
+    steps onto GPU nodes leaves that to the runs."""
     config = replace(config, out=None)  # --out, its checkpoints and --resume: compare's
     try:
         training.check_compute(config)
     except UsageError:
+        if here:  # every run would start, then fail the same way
+            raise
         config = replace(config, device="cpu", mixed_precision="no", compile=False)
     with contextlib.redirect_stdout(io.StringIO()):  # a user's data set, said once per run
         config = training.check_launch(config, np)
@@ -284,16 +307,28 @@ def _evaluator_for_one(words: list[str]) -> list[str]:
     return words
 
 
+def parse_algos(text: str) -> list[str]:
+    """``--algos "sgd,ssgd"`` -> ["sgd", "ssgd"]: algorithms this hpctrain has, each once. An
+    empty entry (``sgd,,ssgd``, a trailing comma) or a repeat is refused, as ``--seeds``
+    refuses them: a list cut short or mistyped would compare fewer algorithms than meant."""
+    words = [w.strip() for w in str(text).split(",")]
+    if not any(words) or not all(_NAME.match(w) for w in words if w):
+        raise UsageError(f"--algos {text!r}: want names like sgd,ssgd,dcasgd-a")
+    if not all(words):
+        raise UsageError(f"--algos {text!r}: an empty entry")
+    unknown = [w for w in words if w not in registry.names()]
+    if unknown:
+        raise UsageError(f"--algos {text!r}: unknown algorithm {unknown[0]!r}; this "
+                         f"hpctrain has: {', '.join(registry.names())}")
+    twice = [w for i, w in enumerate(words) if w in words[:i]]
+    if twice:
+        raise UsageError(f"--algos {text!r}: algorithm {twice[0]!r} given twice")
+    return words
+
+
 def plan(args: argparse.Namespace) -> list[Run]:
     """Check compare's options and build every run's command; raise UsageError if bad."""
-    algos = list(dict.fromkeys(a.strip() for a in args.algos.split(",") if a.strip()))
-    bad = [a for a in algos if not _NAME.match(a)]
-    if not algos or bad:
-        raise UsageError(f"--algos {args.algos!r}: want names like sgd,ssgd,dcasgd-a")
-    unknown = [a for a in algos if a not in registry.names()]
-    if unknown:
-        raise UsageError(f"--algos {args.algos!r}: unknown algorithm {unknown[0]!r}; this "
-                         f"hpctrain has: {', '.join(registry.names())}")
+    algos = parse_algos(args.algos)
     if args.workers < 1:  # checked while parsing too; a Python caller's namespace here
         raise UsageError(f"--workers {args.workers}: must be >= 1")
     simulate = args.simulate is not None
@@ -368,18 +403,18 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
             check_simulation(config, sim_arguments.build(both))
         command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
         return Run(algo, np, command, ignored, seed=seed)
-    if checked is not None:
-        trainers = checked.trainers
-    else:
-        try:  # what the run would refuse once launched, after the runs before it
-            trainers = check_run(config, np)
-        except UsageError as e:
-            raise UsageError(f"{algo}'s run on {np} process{'es' if np > 1 else ''}: {e}") \
-                from None
     launcher = launcher_command(getattr(args, "launcher", None), np)
     if shutil.which(launcher[0]) is None:
         raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
                          "$HPCTRAIN_LAUNCHER or $HPCTRAIN_MPIRUN)")
+    if checked is not None:
+        trainers = checked.trainers
+    else:
+        try:  # what the run would refuse once launched, after the runs before it
+            trainers = check_run(config, np, launches_here(launcher))
+        except UsageError as e:
+            raise UsageError(f"{algo}'s run on {np} process{'es' if np > 1 else ''}: {e}") \
+                from None
     command = [*launcher, sys.executable, "-m", "hpctrain", "train", *train_args]
     return Run(algo, np, command, ignored, trainers, seed)
 
