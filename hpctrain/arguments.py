@@ -64,16 +64,24 @@ def _default_text(f) -> str:
     return f" (default: {default})"
 
 
+def on_off_flags(d: Declared) -> tuple[str, str]:
+    """An on/off option's two flags, (the one that sets it True, the one that sets it False):
+    ``--compile`` and ``--no-compile``, ``--progress`` and ``--no-progress``. The one that
+    is not its default undoes what a ``--config`` file set."""
+    if d.field.metadata.get("store_false"):
+        return "--" + d.flag.removeprefix("--no-"), d.flag
+    return d.flag, "--no-" + d.flag.removeprefix("--")
+
+
 def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool = True,
                typed: bool = True):
-    """Declare ``d`` on an argparse group; its value is absent unless given."""
+    """Declare ``d`` on an argparse group (an on/off option's undoing flag too, see
+    :func:`on_off_flags`); its value is absent unless given. Returns ``d``'s own action."""
     m = d.field.metadata
     kw = {"dest": dest or d.dest, "default": argparse.SUPPRESS,
           "help": m["help"] + (_default_text(d.field) if help_suffix else "")}
-    if m.get("store_false"):
-        kw["action"] = "store_false"
-    elif not d.takes_value:
-        kw["action"] = "store_true"
+    if not d.takes_value:
+        kw["action"] = "store_false" if m.get("store_false") else "store_true"
     else:
         if typed and m.get("parse") is not None:
             kw["type"] = m["parse"]
@@ -83,7 +91,13 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
             kw["metavar"] = m["metavar"]
         elif not m.get("choices"):
             kw["metavar"] = d.path[-1].upper()
-    return group.add_argument(d.flag, **kw)
+    action = group.add_argument(d.flag, **kw)
+    if not d.takes_value:
+        on, off = on_off_flags(d)
+        group.add_argument(off if action.const else on, dest=action.dest,
+                           default=argparse.SUPPRESS, action="store_const",
+                           const=not action.const, help=f"undo {d.flag} (a --config file's)")
+    return action
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -91,7 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     dash_values(parser)  # --slowdown -1:2 is refused naming -1:2, not "expected one argument"
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="TOML file (or a run's config.json) with the run's settings; "
-                             "options given on the command line override it")
+                             "options given on the command line override it (an on/off "
+                             "one by its --no-... flag)")
     for d in shared_options():
         add_option(parser, d)
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}

@@ -39,6 +39,24 @@ def one_line(call) -> str:
 
 # 1. --checkpoint-dir without --checkpoint-every: the folder was made and locked, nothing written.
 
+def test_on_off_options_set_in_a_file_can_be_undone_on_the_command_line(tmp_path):
+    """--compile, --tensorboard, --no-progress from --config had no way back."""
+    from hpctrain.bench import compare
+
+    config = tmp_path / "run.toml"
+    config.write_text('algo = "ssgd"\ncompile = true\ntensorboard = true\nprogress = false\n')
+    base = ("--config", str(config))
+    assert (parse(*base).compile, parse(*base).tensorboard, parse(*base).progress) == \
+        (True, True, False)
+    undone = parse(*base, "--no-compile", "--no-tensorboard", "--progress")
+    assert (undone.compile, undone.tensorboard, undone.progress) == (False, False, True)
+    args = cli.build_parser().parse_args(["bench", "compare", "--algos", "ssgd", "--out",
+                                          str(tmp_path / "c"), "--no-compile", "--progress",
+                                          "--tensorboard"])
+    assert sorted(w for _, words in compare.given_options(args) for w in words) == \
+        ["--no-compile", "--progress", "--tensorboard"]  # passed on as typed
+
+
 def test_a_checkpoint_folder_without_an_interval_is_refused(tmp_path):
     folder = tmp_path / "ck"
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--checkpoint-dir", str(folder)]) == (

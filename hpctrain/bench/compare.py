@@ -81,6 +81,7 @@ class TrainOption:
     dest: str
     takes_value: bool
     owners: tuple[str, ...] | None  # None: every algorithm
+    on_off: tuple[str, str] | None = None  # an on/off option's flags for True and for False
 
     def given_to(self, algo: str) -> bool:
         return self.owners is None or algo in self.owners
@@ -150,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 f"options of {', '.join(d.owners)} (given only to {who})"))
         # Values stay the words the user typed: each run's own parser checks them.
         action = arguments.add_option(group, d, dest="train_" + d.dest, typed=False)
-        options.append(TrainOption(d.flag, action.dest, d.takes_value, d.owners))
+        options.append(TrainOption(d.flag, action.dest, d.takes_value, d.owners,
+                                   None if d.takes_value else arguments.on_off_flags(d)))
     sim = [TrainOption(a.option_strings[0], a.dest, True, None)
            for a in sim_arguments.add_arguments(parser, dest_prefix="simopt_", typed=False,
                                                 exclude=("--workers",))]
@@ -198,8 +200,8 @@ def given_options(args: argparse.Namespace) -> list[tuple[TrainOption, list[str]
         if not hasattr(args, opt.dest):
             continue
         value = getattr(args, opt.dest)
-        if not opt.takes_value:
-            words = [opt.flag]
+        if opt.on_off:
+            words = [opt.on_off[0] if value else opt.on_off[1]]
         elif isinstance(value, list):
             words = [opt.flag, *value]
         else:
