@@ -647,6 +647,16 @@ def test_bytes_communicated_come_from_totals_at_two_levels():
                                             ("allreduce_bytes_per_rank", 4096)]
 
 
+def test_report_of_an_empty_name_or_no_folder_is_refused_naming_it(tmp_path, monkeypatch):
+    """``report ''`` read the working folder and said "." holds nothing."""
+    monkeypatch.chdir(tmp_path)
+    for folder, says in (("", "report '': give a comparison's or a run's folder"),
+                         (" ", "report ' ': give a comparison's or a run's folder"),
+                         (str(tmp_path / "no"), f"report: {tmp_path / 'no'} is not a folder")):
+        with pytest.raises(UsageError, match=f"^{re.escape(says)}$"):
+            report.run(cli.build_parser().parse_args(["report", folder]))
+
+
 def test_report_says_what_the_bytes_column_counts():
     text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
     assert "| bytes communicated per rank |" in text

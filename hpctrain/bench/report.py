@@ -842,6 +842,8 @@ def render(folder: str | Path, targets: list[float] | None = None
     plots drawn: none without matplotlib (the ``plot`` extra), where the report says so
     rather than losing a comparison's table after its runs. Everything is read and drawn
     before anything is written."""
+    if not str(folder).strip():  # Path("") is the working folder
+        raise UsageError(f"report {str(folder)!r}: give a comparison's or a run's folder")
     folder = Path(folder)
     record, rows = load(folder)
     targets = targets or record.get("targets") or list(DEFAULT_TARGETS)
