@@ -692,8 +692,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         overflow_steps_per_worker=[w["overflows"] for w in every],
         gpu=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
-        **guarded, **checkpoints, **exchange, **watch.fields(), out=config.out,
-        algorithm_fields=own, **runtime.summary_fields(),
+        **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
+        **{**watch.fields(), **runtime.summary_fields()},  # the runtime's word wins
     ).to_dict()
     log.write_summary(summary)
     return summary

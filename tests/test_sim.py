@@ -493,6 +493,13 @@ def test_simulator_options_that_overflow_are_one_line(argv, message):
     assert str(e.value) == message
 
 
+def test_online_scoring_is_outside_the_virtual_clock(tmp_path):
+    """The summary said eval_in_clock (as a real run's rank 0 scoring between its steps),
+    and the report then said the wall times held the scoring."""
+    summary = simulate(config("ssgd", tmp_path / "a", eval_mode="online"), sim(2))
+    assert summary["eval_mode"] == "online" and summary["eval_in_clock"] is False
+
+
 def test_train_options_the_simulator_has_no_worker_for_are_refused(tmp_path):
     """--eval-rank was an AttributeError after training started (exit 1); --checkpoint-dir
     was taken and no checkpoint written."""

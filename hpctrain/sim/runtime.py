@@ -93,7 +93,9 @@ class VirtualRuntime(Runtime):
         return {"sim": self.simulation.sim.to_dict()}
 
     def summary_fields(self) -> dict:
-        return {"simulated": True, "simulation": self.simulation.describe()}
+        # Scoring online takes real time, never virtual: it is outside the clock.
+        return {"simulated": True, "simulation": self.simulation.describe(),
+                "eval_in_clock": False}
 
 
 def load_train_set(spec: TrainDataSpec) -> data.Dataset:
