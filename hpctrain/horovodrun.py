@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import socket
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -38,6 +39,8 @@ ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-s
 ELASTIC_STARTS = ("--min-np", "--host-discovery-script")
 # From this many hosts on, horovodrun has Open MPI's ssh start every host from the launcher.
 LARGE_CLUSTER = 64
+# --mpi-args words that change where mpirun looks for the program: it is not checked then.
+_MOVES_PROGRAM = ("-wdir", "--wdir", "-path", "--path", "-s", "--preload-binary")
 # One line for ``hpctrain --help`` and this command's own.
 SUMMARY = "horovodrun's command line, started through the MPI's own mpirun"
 
@@ -336,11 +339,36 @@ def run(args: argparse.Namespace) -> None:
     if kind is None:
         raise UsageError("hpctrain horovodrun needs Open MPI's, MPICH's or Intel MPI's mpirun "
                          f"on PATH ({mpirun or 'none found'})")
+    check_program(args)
     if args.output_filename:  # Open MPI's mpirun hangs on one it cannot make
         _make_output_folder(args.output_filename)
     if args.verbose:
         print(shlex.join(cmd), file=sys.stderr, flush=True)
     os.execv(mpirun, cmd)
+
+
+def check_program(args: argparse.Namespace) -> None:
+    """Refuse a program that cannot be started, in one line, where every rank runs on this
+    host (Open MPI's mpirun says so in 13 lines, exit 134). With other hosts named it is not
+    checked: the program may exist only there."""
+    words = args.program[1:] if args.program[:1] == ["--"] else args.program
+    moved = set(_words("--mpi-args", args.mpi_args)) & set(_MOVES_PROGRAM)
+    if not words or moved or not _all_here(check(args)):
+        return
+    program = words[0]
+    if shutil.which(program) is not None:  # a bare name on PATH, or a path: an executable
+        return
+    if "/" not in program:
+        raise UsageError(f"{program!r}: no such program on PATH (the command every rank runs)")
+    why = "no such file" if not os.path.exists(program) else "not an executable file"
+    raise UsageError(f"{program}: {why} (the command every rank runs)")
+
+
+def _all_here(hosts: list[tuple[str, int]]) -> bool:
+    """Whether every host is this machine, by the names mpirun starts it under without ssh."""
+    name = socket.gethostname().lower()
+    here = {"localhost", "127.0.0.1", "::1", name, name.split(".")[0]}
+    return all(host.lower() in here for host, _ in hosts)
 
 
 def main(argv: list[str]) -> None:
