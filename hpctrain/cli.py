@@ -233,10 +233,11 @@ def _loads(library) -> str:
 def _cuda_aware(value: bool) -> bool | str:
     """``cuda_aware_mpi`` as info prints it: the library's answer (true/false), or, where
     HPCTRAIN_CUDA_AWARE_MPI overrides it, what the variable forces and that it does."""
-    forced = os.environ.get(devices._AWARE_ENV)
-    if forced not in ("0", "1"):  # as devices.cuda_aware_mpi reads it
+    forced = devices.cuda_aware_override()  # as devices.cuda_aware_mpi reads it
+    if forced is None:
         return value
-    return f"{'yes' if forced == '1' else 'no'} (forced by {devices._AWARE_ENV}={forced})"
+    return (f"{'yes' if forced else 'no'} (forced by "
+            f"{devices._AWARE_ENV}={os.environ[devices._AWARE_ENV]})")
 
 
 def _check_json_path(path: str | None) -> None:

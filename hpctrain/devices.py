@@ -24,7 +24,10 @@ from hpctrain import launch_env
 from hpctrain.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
-_AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # 0/1: override the run-time detection
+_AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # on/off: override the run-time detection
+# HPCTRAIN_CHECK_COLLECTIVES's spellings (hpctrain.sync.collective_check, not importable here:
+# hpctrain.sync imports this module); empty or unset is no override.
+_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def local_rank() -> int:
@@ -35,7 +38,9 @@ def local_rank() -> int:
 
 
 def check(choice: str) -> None:
-    """UsageError (before MPI) when ``choice`` cannot be honoured on this machine."""
+    """UsageError (before MPI) when ``choice`` cannot be honoured on this machine, or when
+    ``HPCTRAIN_CUDA_AWARE_MPI`` is misspelt (it would otherwise be read mid-run)."""
+    cuda_aware_override()
     if choice not in DEVICES:
         raise UsageError(f"unknown device {choice!r}; choose from {', '.join(DEVICES)}")
     if choice == "cuda" and not torch.cuda.is_available():
@@ -185,14 +190,28 @@ def cuda_aware_mpi() -> bool:
     """Whether the MPI library takes CUDA device pointers, asked at run time.
 
     Open MPI: ``MPIX_Query_cuda_support()``; MPICH: ``MPIX_GPU_query_support(CUDA)``;
-    ``HPCTRAIN_CUDA_AWARE_MPI=0|1`` overrides. False when unknown, and before MPI started
-    (asked again once it has: only the library's answer is kept).
+    ``HPCTRAIN_CUDA_AWARE_MPI`` overrides (:func:`cuda_aware_override`). False when unknown,
+    and before MPI started (asked again once it has: only the library's answer is kept).
     """
-    if os.environ.get(_AWARE_ENV) in ("0", "1"):
-        return os.environ[_AWARE_ENV] == "1"
+    forced = cuda_aware_override()
+    if forced is not None:
+        return forced
     if "mpi4py.MPI" not in sys.modules:
         return False
     return _library_cuda_aware()
+
+
+def cuda_aware_override() -> bool | None:
+    """What ``HPCTRAIN_CUDA_AWARE_MPI`` forces: 1 or 0 (true/false, yes/no, on/off), None when
+    unset or empty. UsageError for anything else: a misspelt override left the library's
+    answer in force without a word."""
+    raw = os.environ.get(_AWARE_ENV, "")
+    word = raw.strip().lower()
+    if not word:
+        return None
+    if word in _ON or word in _OFF:
+        return word in _ON
+    raise UsageError(f"{_AWARE_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
 
 
 @lru_cache(maxsize=1)

@@ -1,6 +1,7 @@
 """The device layer's CPU side: the choice, the local rank, host staging, and what a GPU
 run asks of MPI (tests/test_gpu.py runs the GPU side where torch sees one)."""
 
+import re
 import sys
 
 import pytest
@@ -62,6 +63,25 @@ def test_the_cuda_aware_override_is_read_on_every_call(monkeypatch):
     assert devices.cuda_aware_mpi() is True
     monkeypatch.setenv(devices._AWARE_ENV, "0")
     assert devices.cuda_aware_mpi() is False
+
+
+@pytest.mark.parametrize("value, forced", [("true", True), (" On ", True), ("yes", True),
+                                           ("FALSE", False), ("off", False), ("no", False)])
+def test_the_cuda_aware_override_takes_hpctrains_on_off_spellings(monkeypatch, value, forced):
+    """``true`` was ignored (only 0 and 1 were read): the library's answer stayed in force."""
+    monkeypatch.setenv(devices._AWARE_ENV, value)
+    assert devices.cuda_aware_mpi() is forced
+    devices.check("cpu")
+
+
+def test_a_misspelt_cuda_aware_override_is_refused_before_mpi(monkeypatch):
+    """``run.check_compute`` calls devices.check before MPI starts, whatever the device."""
+    monkeypatch.setenv(devices._AWARE_ENV, "maybe")
+    message = "HPCTRAIN_CUDA_AWARE_MPI must be 1 or 0 (true/false, yes/no, on/off), got 'maybe'"
+    with pytest.raises(UsageError, match=re.escape(message)):
+        devices.check("cpu")
+    with pytest.raises(UsageError, match=re.escape(message)):
+        devices.cuda_aware_mpi()
 
 
 def test_ranks_share_a_gpu_when_two_of_a_node_would_take_the_same_one():
