@@ -779,3 +779,27 @@ def test_example_with_a_stuck_rank_is_ended_by_the_stall_timeout():
     report = [x for x in done.stderr.splitlines() if "ending the job" in x]
     assert report and "rank 0 waited" in report[0], done.stderr
     assert "rank 1 (last called allreduce(name='warmup'" in report[0]
+
+
+NODE_LOCAL_TIMELINE = """
+import os, sys, torch
+from mpi4py import MPI
+import hpctrain.sync as hvd
+rank = MPI.COMM_WORLD.Get_rank()  # rank 1's node lacks the folder rank 0 writes into
+os.environ["HOROVOD_TIMELINE"] = sys.argv[1] if rank == 0 else "/nonexistent/t.json"
+hvd.init()
+hvd.allreduce(torch.ones(2))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_refusal_on_one_rank_at_init_ends_the_job(tmp_path):
+    """Rank 1 refused the timeline before hpctrain's abort hook was in place: it went into
+    MPI_Finalize at exit while rank 0 waited in init's first collective, forever."""
+    script = tmp_path / "job.py"
+    script.write_text(NODE_LOCAL_TIMELINE)
+    proc = run_program([sys.executable, str(script), str(tmp_path / "t.json")], np=2,
+                       timeout=90, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2, proc.stderr
+    assert "hpctrain: error (rank 1 of 2): HOROVOD_TIMELINE /nonexistent/t.json: cannot " \
+           "write a file there" in proc.stderr

@@ -99,6 +99,9 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     global _active, _active_name
     if backend is None and comm is None and _active is not None:
         return  # as Horovod's: a second init() (a library's, say) keeps what runs
+    # Before the checks below: one rank's refusal (a timeline folder missing on its node)
+    # must end the job, not leave that rank in MPI_Finalize and the others in a collective.
+    mpicomm.install_abort_on_error()
     under_torchrun = comm is None and mpicomm.launcher() == "torchrun"
     if backend is None:
         backend = "torch" if under_torchrun else "mpi"
