@@ -130,6 +130,17 @@ def test_a_run_that_would_refuse_its_options_stops_the_comparison_before_any_run
     assert started == [] and not (tmp_path / "cmp").exists()
 
 
+def test_a_comparison_started_as_several_processes_is_refused(tmp_path, monkeypatch):
+    """Under mpirun -np 2 both copies ran the comparison into one --out, one's record
+    over the other's."""
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    with pytest.raises(UsageError, match=r"^hpctrain bench compare starts each run's processes "
+                       r"itself: run it as one process, not 2 \(Open MPI"):
+        compare.run(parse("--algos", "sgd", *SMALL, "--out", str(tmp_path / "cmp")))
+    assert not (tmp_path / "cmp").exists()
+
+
 @pytest.mark.parametrize("launcher, job", [
     ("srun --mpi=pmix -n {np}", None),  # srun steps onto the allocation's nodes
     ("mpirun -np {np}", "1234"),  # inside an allocation: Open MPI's uses its nodes

@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, data, live, mpirun, registry
+from hpctrain import arguments, checkpoint, data, launch_env, live, mpirun, registry
 from hpctrain import run as training
 from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
@@ -642,6 +642,11 @@ def _set_aside(run_dir: Path, label: str) -> None:
 def run(args: argparse.Namespace) -> dict:
     """Run the comparison ``args`` describe; write its record, report and plots; return the
     record, or exit with status 1 after a line naming the failed runs if any failed."""
+    seat = launch_env.from_launcher()
+    if seat is not None and seat.size > 1:  # copies racing for one --out
+        raise UsageError(f"hpctrain bench compare starts each run's processes itself: run it "
+                         f"as one process, not {seat.size} ({seat.source}), without mpirun, "
+                         "srun or torchrun around it")
     runs = plan(args)
     out = Path(args.out)
     record = _start_record(args, runs)
