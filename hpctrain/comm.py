@@ -21,7 +21,7 @@ from types import ModuleType
 import mpi4py
 
 from hpctrain import launch_env, nbc_tuning
-from hpctrain.errors import UsageError, raised_on_every_rank
+from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
 
@@ -93,7 +93,7 @@ def mpi() -> ModuleType:
     if "mpi4py.MPI" in sys.modules:
         from mpi4py import MPI
 
-        _first_use(MPI, started_here=False)
+        _check_world_once(MPI)  # libnbc's algorithm only in init(), which every rank calls
         return MPI
     return init()
 
@@ -116,19 +116,25 @@ def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> 
                      f"process would train alone; {fix}")
 
 
-_first_use_done = False
-
-
 def _first_use(MPI: ModuleType, started_here: bool) -> None:
-    """Once a process, at hpctrain's first use of MPI, which every rank of a launch passes:
-    :func:`check_world` (torchrun's workers are MPI singletons by design: the torch backend
-    is their world), and libnbc's allreduce algorithm (nbc_tuning), which all ranks must
-    choose alike; ``started_here``: :func:`init` started MPI."""
-    global _first_use_done
-    if _first_use_done:
-        return
-    _first_use_done = True
+    """At :func:`init`, the entry point every rank of a launch calls together: libnbc's
+    allreduce algorithm (nbc_tuning; once), which all ranks must choose alike, so never from
+    :func:`mpi`, which a script may call on some ranks (``library_info`` on rank 0); and
+    :func:`check_world`. ``started_here``: :func:`init` started MPI."""
     nbc_tuning.choose(MPI, started_here)
+    _check_world_once(MPI)
+
+
+_world_checked = False
+
+
+def _check_world_once(MPI: ModuleType) -> None:
+    """:func:`check_world`, once a process (torchrun's workers are MPI singletons by design:
+    the torch backend is their world)."""
+    global _world_checked
+    if _world_checked:
+        return
+    _world_checked = True
     launched = launch_env.launch()
     if launched.kind == "mpi":
         library = library_name(MPI).split(",")[0]
@@ -205,17 +211,27 @@ def launch_size() -> int:
     return env_size()
 
 
-def shared_refusal(refusal: UsageError | None) -> None:
-    """Raise rank 0's ``refusal`` (None: it has none; the other ranks pass None) on every
-    rank when MPI's world already runs the job (a script's second ``hpctrain.train``):
-    a script that catches it then goes on in step. A collective there; before MPI starts
-    (the command line) only rank 0 raises, and its exit ends the launch."""
+def mpi_running() -> ModuleType | None:
+    """``mpi4py.MPI`` where MPI's world already runs the job (a user's script started it, or
+    an earlier run in the process did; not under torchrun), else None."""
     MPI = sys.modules.get("mpi4py.MPI")
     running = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
-    if running and launcher() != "torchrun" and MPI.COMM_WORLD.Get_size() > 1:
-        said = MPI.COMM_WORLD.bcast(None if refusal is None else str(refusal), root=0)
-        if refusal is None and said is not None:
-            raise UsageError(said)
+    return MPI if running and launcher() != "torchrun" else None
+
+
+def shared_refusal(refusal: UsageError | None) -> None:
+    """Raise a ``refusal`` any rank has (None: this rank has none) on every rank when MPI's
+    world already runs the job (a script's ``hpctrain.train``), the first rank's, naming it
+    unless it is rank 0's: a script that catches it then goes on in step, and no rank is
+    left waiting in a collective for one that stopped. A collective there; before MPI
+    starts (the command line) each rank raises its own, and the abort hook says it."""
+    MPI = mpi_running()
+    if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
+        said = MPI.COMM_WORLD.allgather(None if refusal is None else str(refusal))
+        first = next((r for r, text in enumerate(said) if text is not None), None)
+        if first is not None:
+            where = f" (found on rank {first})" if first else ""
+            raise on_every_rank(UsageError(said[first] + where))
     if refusal is not None:
         raise refusal
 

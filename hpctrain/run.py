@@ -62,7 +62,7 @@ from hpctrain import (
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
-from hpctrain.errors import UsageError, raised_on_every_rank
+from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
 from hpctrain.evaluate import Snapshots
 from hpctrain.metrics import RunLog, new_run_folder
 from hpctrain.metrics import progress as progress_bar
@@ -258,14 +258,14 @@ def train(config: RunConfig) -> dict:
     if not isinstance(config, RunConfig):
         raise TypeError(f"hpctrain.train takes a RunConfig (hpctrain.load_config reads a "
                         f"file), not {type(config).__name__}")
+    comm.install_abort_on_error()  # one rank's refusal ends the job, not leaves it waiting
+    auto = config.checkpoint.resume == checkpoint.AUTO
+    named = config.out is not None
     with _torch_kept():  # the checks build models too
-        done = _finished(config)
-        if done is not None:
+        done, config, refusal = _checked(config)
+        comm.shared_refusal(refusal)  # where MPI runs already, every rank raises it
+        if _agreed_finished(done is not None):
             return done
-        userdata.forget()  # a script's earlier run read them: they may have changed since
-        auto = config.checkpoint.resume == checkpoint.AUTO
-        named = config.out is not None
-        config = check_launch(config, comm.launch_size())
         with claimed(config) as config:
             if auto and comm.env_rank() == 0:  # said once the folder is this run's
                 resume = config.checkpoint.resume
@@ -277,6 +277,35 @@ def train(config: RunConfig) -> dict:
             return _launched(config, named)
 
 
+def _checked(config: RunConfig) -> tuple[dict | None, RunConfig, UsageError | None]:
+    """:func:`train`'s checks on this rank: a finished run's summary (``--resume auto``), or
+    the checked configuration, or the refusal (shared with the other ranks by the caller)."""
+    try:
+        done = _finished(config)
+        if done is not None:
+            return done, config, None
+        userdata.forget()  # a script's earlier run read them: they may have changed since
+        return None, check_launch(config, comm.launch_size()), None
+    except UsageError as refused:
+        return None, config, refused
+
+
+def _agreed_finished(finished: bool) -> bool:
+    """Whether the run has finished, as every rank sees it where MPI already runs (their
+    files may differ: ``--out`` on node-local storage); a UsageError if they disagree."""
+    MPI = comm.mpi_running()
+    seen = MPI.COMM_WORLD.allgather(finished) if MPI is not None else [finished]
+    if len(set(seen)) > 1:
+        raise UsageError(f"--resume auto: rank(s) {_ranks(seen, True)} find a finished run "
+                         f"and rank(s) {_ranks(seen, False)} do not; do the ranks share the "
+                         "run's folder?")
+    return finished
+
+
+def _ranks(seen: list, value) -> str:
+    return ", ".join(str(r) for r, v in enumerate(seen) if v == value)
+
+
 def _launched(config: RunConfig, named: bool) -> dict:
     """:func:`train` once the configuration is checked and its folders are this run's
     (``named``: the user gave ``out``; else rank 0 made one, which the others learn here)."""
@@ -284,6 +313,7 @@ def _launched(config: RunConfig, named: bool) -> dict:
     world = TorchComm() if comm.launcher() == "torchrun" else MPI.COMM_WORLD
     if not named:
         config = replace(config, out=world.bcast(config.out, root=0))
+    _agree(world, config)
     watchdog.start(config.stall_timeout, world.Get_rank())
     try:
         try:
@@ -298,6 +328,22 @@ def _launched(config: RunConfig, named: bool) -> dict:
     if isinstance(result, checkpoint.Stopped):
         raise result
     return result
+
+
+def _agree(world, config: RunConfig) -> None:
+    """Every rank checked the run against its own node's files before MPI started (the data,
+    ``--resume auto``'s checkpoints): refuse, on every rank, a run they resolved differently,
+    which would hang in its first collective or train on mismatched data. One allgather."""
+    d = config.data
+    mine = {**configs.flat(config), "training samples": data.size(d.dataset, "train", d.data_dir),
+            "test samples": data.size(d.dataset, "test", d.data_dir)}
+    every = world.allgather(mine)
+    for key in mine:
+        other = next((r for r, theirs in enumerate(every) if theirs[key] != every[0][key]), None)
+        if other is not None:
+            raise on_every_rank(UsageError(
+                f"the ranks resolved different runs: {key} is {every[0][key]!r} on rank 0 but "
+                f"{every[other][key]!r} on rank {other}; do the ranks see the same files?"))
 
 
 LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held while a run writes
@@ -321,22 +367,12 @@ def claimed(config: RunConfig, stem: str | None = None):
         comm.shared_refusal(None)  # rank 0's, if it has one
         yield config
         return
-    made = []
-    if config.out is None:
-        made.append(new_run_folder(stem or config.algo))
-        config = replace(config, out=str(made[0]))
-    folders = [("--out", Path(config.out))]
-    ckdir = config.checkpoint.dir
-    if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
-        folders.append(("--checkpoint-dir", Path(ckdir)))
-    made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
+    made: list[Path] = []
     try:
         with contextlib.ExitStack() as held:
             refusal = None
             try:
-                for flag, folder in folders:
-                    _lock(held, flag, folder)
-                _check_unchanged(config)
+                config = _claim(held, config, stem, made)
             except UsageError as refused:
                 refusal = refused
             comm.shared_refusal(refusal)  # raised here, and where MPI runs on every rank
@@ -346,6 +382,24 @@ def claimed(config: RunConfig, stem: str | None = None):
             if all(name == LOCK for _, _, files in os.walk(top) for name in files):
                 shutil.rmtree(top, ignore_errors=True)
         raise
+
+
+def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
+           made: list[Path]) -> RunConfig:
+    """Rank 0's part of :func:`claimed`: make a run folder if none is given, lock the run's
+    folders in ``held`` and check them again; the folders it made go into ``made``."""
+    if config.out is None:
+        made.append(new_run_folder(stem or config.algo))
+        config = replace(config, out=str(made[0]))
+    folders = [("--out", Path(config.out))]
+    ckdir = config.checkpoint.dir
+    if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
+        folders.append(("--checkpoint-dir", Path(ckdir)))
+    made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
+    for flag, folder in folders:
+        _lock(held, flag, folder)
+    _check_unchanged(config)
+    return config
 
 
 def _lock(held: contextlib.ExitStack, flag: str, folder: Path) -> None:

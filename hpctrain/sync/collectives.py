@@ -91,9 +91,9 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     if _world is not None:
         return
     if transport == "mpi":
-        MPI = mpicomm.mpi()
+        MPI = mpicomm.init()  # every rank is here together: libnbc's algorithm is chosen
         moving: Transport = MPITransport(MPI.COMM_WORLD if comm is None else comm)
-        algorithm = nbc_tuning.in_effect()  # chosen as MPI started, on every rank
+        algorithm = nbc_tuning.in_effect()
     else:
         from hpctrain.sync import torch_transport
 

@@ -1,0 +1,85 @@
+"""Ranks that see different files (node-local folders) or call hpctrain on some ranks only:
+one verdict on every rank, never a hang. Each job gives its ranks folders of their own, as
+nodes' local disks would be."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from conftest import ROOT, SYNTHETIC, run_program
+
+# A script that started MPI itself, then three things a sweep does, each rank writing what
+# it saw to its own file (mpirun may merge ranks' lines).
+SCRIPT = """
+import json, os, sys
+from mpi4py import MPI
+import hpctrain, hpctrain.comm
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+rank = MPI.COMM_WORLD.Get_rank()
+base = sys.argv[1]
+if rank == 0:  # a first use of hpctrain's MPI helpers on one rank: no second algorithm
+    hpctrain.comm.library_info()
+MPI.COMM_WORLD.Dup().Free()  # (it deadlocked the script's next communicator)
+os.chdir(os.path.join(base, f"node{rank}"))
+seen = {}
+for out in ("a", None, "b"):  # "a": a file on rank 1's node; None: "runs" a file on rank 0's
+    config = RunConfig(algo="ssgd", out=out, progress=False, seed=1,
+                       data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                       optim=OptimConfig(epochs=1, batch_size=64))
+    try:
+        seen[str(out)] = hpctrain.train(config)["final_test_acc"]
+    except ValueError as e:
+        seen[str(out)] = str(e)
+with open(os.path.join(base, f"rank{rank}.json"), "w") as f:
+    json.dump(seen, f)
+"""
+
+
+@pytest.mark.timeout(180)
+def test_a_scripts_runs_refused_on_one_rank_are_refused_on_every_rank(tmp_path):
+    """Rank 1's refusal left rank 0 training run "a" alone until it hung, or trained it with
+    rank 1's next run; rank 0's failure to make a run folder escaped the shared refusal."""
+    for rank in (0, 1):
+        (tmp_path / f"node{rank}").mkdir()
+    (tmp_path / "node1" / "a").write_text("")  # rank 1's --out is a file
+    (tmp_path / "node0" / "runs").write_text("")  # rank 0 cannot make runs/ssgd-...
+    script = tmp_path / "job.py"
+    script.write_text(SCRIPT)
+    proc = run_program([sys.executable, str(script), str(tmp_path)], np=2, timeout=150,
+                       env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]  # every rank the same verdicts, and then the same run
+    assert seen[0]["a"] == "--out a: a is a file, not a folder (found on rank 1)"
+    assert seen[0]["None"].startswith("cannot make the run's folder runs/ssgd-")
+    assert isinstance(seen[0]["b"], float)
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path):
+    """The same --dataset npz:data.npz, 96 samples on one node and 64 on the other: the
+    ranks' allreduces fell out of step and the job hung until --stall-timeout."""
+    from test_plugins import write_npz
+
+    for rank, n in ((0, 96), (1, 64)):
+        (tmp_path / f"node{rank}").mkdir()
+        write_npz(tmp_path / f"node{rank}" / "data.npz", n=n)
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys\n"
+                      "os.chdir(os.path.join(sys.argv[1], 'node' + os.environ["
+                      "'OMPI_COMM_WORLD_RANK']))\n"
+                      "from hpctrain import cli\n"
+                      "cli.main(sys.argv[2:])\n")
+    proc = run_program([sys.executable, str(script), str(tmp_path), "train", "--algo", "ssgd",
+                        *SYNTHETIC[2:], "--dataset", "npz:data.npz",
+                        "--out", str(tmp_path / "run")], np=2, timeout=90,
+                       env={"PYTHONPATH": str(ROOT)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain: error")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("hpctrain: error (rank 0 of 2): the ranks resolved different "
+                                "runs: ")
+    assert "do the ranks see the same files?" in errors[0]
+    assert not (tmp_path / "run" / "model.pt").exists()
