@@ -83,3 +83,37 @@ def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path):
                                 "runs: ")
     assert "do the ranks see the same files?" in errors[0]
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+BACKEND_SCRIPT = """
+import os, sys, torch
+from mpi4py import MPI
+import hpctrain.sync as hvd
+rank = MPI.COMM_WORLD.Get_rank()
+os.environ["HPCTRAIN_CHECK_COLLECTIVES"] = "1" if rank == 0 else "0"
+try:
+    hvd.init()
+except ValueError as e:
+    said = str(e)
+os.environ["HPCTRAIN_CHECK_COLLECTIVES"] = "1"
+hvd.init()
+total = hvd.allreduce(torch.ones(3), op=hvd.Sum)
+with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:
+    f.write(f"{said}\\n{total.tolist()}")
+"""
+
+
+@pytest.mark.timeout(120)
+def test_collective_settings_read_apart_are_refused_on_every_rank(tmp_path):
+    """HPCTRAIN_CHECK_COLLECTIVES on for rank 0 and off for rank 1: rank 0's agreement round
+    met rank 1's allreduce (garbled sums, then a hang). Refused on both; fixed, it runs."""
+    script = tmp_path / "job.py"
+    script.write_text(BACKEND_SCRIPT)
+    proc = run_program([sys.executable, str(script), str(tmp_path)], np=2, timeout=90,
+                       env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    for rank in (0, 1):
+        said, total = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert said == "HPCTRAIN_CHECK_COLLECTIVES: on for rank 0 but off for rank 1; set " \
+                       "it alike for every rank"
+        assert total == "[2.0, 2.0, 2.0]"

@@ -33,7 +33,7 @@ from hpctrain import nbc_tuning
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
 from hpctrain.launch_env import as_integer
-from hpctrain.sync import adasum, stall, timeline
+from hpctrain.sync import adasum, collective_check, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
@@ -99,15 +99,35 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
 
         created = torch_transport.start_process_group(comm)
         moving, algorithm = torch_transport.TorchTransport(owns_default=created), None
-    locals_ = moving.allgather_object(moving.local_rank())
+    check_s, timeout_s = stall.settings(stall_check_s, stall_timeout_s)
+    seen = moving.allgather_object((moving.local_rank(), _must_agree(check_s, timeout_s)))
+    _refuse_disagreement([agreed for _, agreed in seen])
+    locals_ = [local for local, _ in seen]
     mine = [r for r, lr in enumerate(locals_) if lr == locals_[moving.rank()]]
     _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())))
     ranks_comm = _mpi_comm_of(moving, comm)
     psets.setup(moving, process_sets, ranks_comm)
     # No MPI world (torch under torchrun): the stall check goes through the group's store.
     store = torch_transport.stall_store() if ranks_comm is None else None
-    stall.start(ranks_comm, *stall.settings(stall_check_s, stall_timeout_s), store=store,
-                rank=moving.rank())
+    stall.start(ranks_comm, check_s, timeout_s, store=store, rank=moving.rank())
+
+
+def _must_agree(check_s: float, timeout_s: float) -> dict:
+    """What each rank reads from its own environment that decides which collectives it makes
+    (the agreement rounds, the stall check's Dup): the ranks must read it alike."""
+    return {collective_check.CHECK_ENV: collective_check.enabled(),
+            "the stall check (HOROVOD_STALL_CHECK_*)": check_s > 0 or timeout_s > 0}
+
+
+def _refuse_disagreement(seen: list[dict]) -> None:
+    """UsageError on every rank (each sees ``seen``) naming a setting the ranks read apart:
+    one rank's agreement round met another's data allreduce and garbled it, or hung."""
+    for key in seen[0]:
+        other = next((r for r, theirs in enumerate(seen) if theirs[key] != seen[0][key]), None)
+        if other is not None:
+            raise UsageError(f"{key}: {'on' if seen[0][key] else 'off'} for rank 0 but "
+                             f"{'on' if seen[other][key] else 'off'} for rank {other}; set it "
+                             "alike for every rank")
 
 
 def _mpi_comm_of(transport: Transport, comm: Any) -> Any:
