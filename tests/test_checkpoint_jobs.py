@@ -321,13 +321,17 @@ def test_async_worker_killed_then_resumed(tmp_path):
     assert 32 <= header["updates"] < 192 and header["ranks"] == 3 and header["workers"] == 2
     payload = checkpoint.load(checkpoint.listing(out / "checkpoints")[0])[1]
     assert [r["opt"]["worker"]["ms"].numel() > 0 for r in payload["ranks"]] == [True, True]
+    # Worker 0's NaN at its step 3: in the checkpoint unless a loaded machine held worker 0
+    # back past update 32 (asynchronous: worker 1 may make most of them; seen once in CI).
+    kept = [r["guard"]["bad_here"] for r in payload["ranks"]]
+    assert kept in ([1, 0], [0, 0])
     assert all(r["opt"]["worker"]["v"] is not None for r in payload["ranks"])
     proc = run_job([*args, "--resume", str(out)], np=3, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["resumed_from_updates"] == [header["updates"]]
     assert summary["updates"] >= 192 and summary["final_test_acc"] > 0.5
-    assert summary["bad_gradients_per_worker"] == [1, 0]  # counted before the kill, kept
+    assert summary["bad_gradients_per_worker"] == kept  # counted before the kill, kept
     # Every push of the whole run is in the staleness record, across the restart.
     assert summary["staleness"]["count"] == sum(summary["pushes_per_worker"]) \
         == summary["updates"] == 192  # the NaN step pushed nothing; no update past the budget

@@ -58,14 +58,16 @@ def test_library_info():
         assert nbc_tuning.current_iallreduce_algorithm() == nbc_tuning.PREFERRED
 
 
-def test_mpi_started_by_hpctrain_runs_libnbcs_fast_allreduce_on_every_rank():
+def test_mpi_started_by_hpctrain_runs_libnbcs_fast_allreduce_on_every_rank(tmp_path):
     """MPI started by hpctrain reads the choice from the environment at MPI_Init, on every
-    rank alike, and the variable is gone afterwards (a child would take it for the user's)."""
-    code = ("import os; from hpctrain import comm, nbc_tuning; comm.init(); "
-            "print(comm.rank(), nbc_tuning.current_iallreduce_algorithm(), "
-            "os.environ.get(nbc_tuning.ENV))")
-    proc = run_program([sys.executable, "-c", code], np=2, timeout=60)
-    assert sorted(proc.stdout.split("\n")[:2]) == ["0 rabenseifner None", "1 rabenseifner None"]
+    rank alike, and the variable is gone afterwards (a child would take it for the user's).
+    Each rank writes a file of its own: mpirun merged two ranks' stdout lines once."""
+    code = ("import os, sys; from hpctrain import comm, nbc_tuning; comm.init(); "
+            "open(f'{sys.argv[1]}/{comm.rank()}', 'w').write("
+            "f'{nbc_tuning.current_iallreduce_algorithm()} {os.environ.get(nbc_tuning.ENV)}')")
+    proc = run_program([sys.executable, "-c", code, str(tmp_path)], np=2, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [(tmp_path / r).read_text() for r in "01"] == ["rabenseifner None"] * 2
 
 
 def test_gpu_gradient_hooks_need_mpi_to_take_calls_from_another_thread():
