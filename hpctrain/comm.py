@@ -236,6 +236,16 @@ def shared_refusal(refusal: UsageError | None) -> None:
         raise refusal
 
 
+def first_difference(seen: list[dict]) -> tuple[str, int] | None:
+    """The first key of ``seen[0]`` (each rank's values, from an allgather) that some rank
+    holds another value for, and the first such rank; None when every rank agrees."""
+    for key, value in seen[0].items():
+        other = next((r for r, theirs in enumerate(seen) if theirs[key] != value), None)
+        if other is not None:
+            return key, other
+    return None
+
+
 def library_name(MPI: ModuleType) -> str:
     """The first line of the MPI library's version string (``Open MPI v4.1.4, ...``)."""
     return MPI.Get_library_version().strip("\x00 \n").splitlines()[0]

@@ -296,9 +296,9 @@ def _agreed_finished(finished: bool) -> bool:
     MPI = comm.mpi_running()
     seen = MPI.COMM_WORLD.allgather(finished) if MPI is not None else [finished]
     if len(set(seen)) > 1:
-        raise UsageError(f"--resume auto: rank(s) {_ranks(seen, True)} find a finished run "
-                         f"and rank(s) {_ranks(seen, False)} do not; do the ranks share the "
-                         "run's folder?")
+        raise on_every_rank(UsageError(
+            f"--resume auto: rank(s) {_ranks(seen, True)} find a finished run and rank(s) "
+            f"{_ranks(seen, False)} do not; do the ranks share the run's folder?"))
     return finished
 
 
@@ -332,18 +332,30 @@ def _launched(config: RunConfig, named: bool) -> dict:
 
 def _agree(world, config: RunConfig) -> None:
     """Every rank checked the run against its own node's files before MPI started (the data,
-    ``--resume auto``'s checkpoints): refuse, on every rank, a run they resolved differently,
-    which would hang in its first collective or train on mismatched data. One allgather."""
+    ``--resume auto``'s checkpoints) and resolved ``--device auto`` with its own GPUs: refuse,
+    on every rank, a run they resolved differently, which would hang in its first collective,
+    train on mismatched data, or meet NCCL on one rank with gloo on another. One allgather."""
     d = config.data
     mine = {**configs.flat(config), "training samples": data.size(d.dataset, "train", d.data_dir),
-            "test samples": data.size(d.dataset, "test", d.data_dir)}
-    every = world.allgather(mine)
-    for key in mine:
-        other = next((r for r, theirs in enumerate(every) if theirs[key] != every[0][key]), None)
-        if other is not None:
-            raise on_every_rank(UsageError(
-                f"the ranks resolved different runs: {key} is {every[0][key]!r} on rank 0 but "
-                f"{every[other][key]!r} on rank {other}; do the ranks see the same files?"))
+            "test samples": data.size(d.dataset, "test", d.data_dir),
+            _DEVICE: devices.resolve(config.device)}
+    _refuse_different(world.allgather(mine))
+
+
+_DEVICE = "the device (--device auto)"
+
+
+def _refuse_different(every: list[dict]) -> None:
+    """:func:`_agree`'s verdict on every rank's values (each rank sees them all)."""
+    found = comm.first_difference(every)
+    if found is None:
+        return
+    key, other = found
+    hint = "does every node see a GPU (CUDA_VISIBLE_DEVICES)? --device cpu or cuda says " \
+        "which" if key == _DEVICE else "do the ranks see the same files?"
+    raise on_every_rank(UsageError(
+        f"the ranks resolved different runs: {key} is {every[0][key]!r} on rank 0 but "
+        f"{every[other][key]!r} on rank {other}; {hint}"))
 
 
 LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held while a run writes
@@ -364,7 +376,7 @@ def claimed(config: RunConfig, stem: str | None = None):
     (``runs/<stem>-<time>``, the stem ``config.algo`` unless given).
     """
     if comm.env_rank() != 0:
-        comm.shared_refusal(None)  # rank 0's, if it has one
+        comm.shared_refusal(None)  # where MPI runs, rank 0's refusal is raised here too
         yield config
         return
     made: list[Path] = []

@@ -85,18 +85,50 @@ def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
+def test_the_first_difference_names_the_key_and_the_first_rank_that_differs():
+    from hpctrain.comm import first_difference
+
+    same = {"a": 1, "b": "x"}
+    assert first_difference([same, dict(same), dict(same)]) is None
+    assert first_difference([same, same, {"a": 1, "b": "y"}, {"a": 2, "b": "y"}]) == ("a", 3)
+
+
+def test_ranks_that_resolve_auto_to_different_devices_are_refused():
+    """--device auto on a node whose GPUs are hidden (CUDA_VISIBLE_DEVICES="") trained that
+    rank on the CPU with gloo beside NCCL on the others. No GPU here: the verdict on the
+    values an allgather would bring."""
+    from hpctrain.errors import raised_on_every_rank
+    from hpctrain.run import _DEVICE, _refuse_different
+
+    values = [{"algo": "ssgd", _DEVICE: "cuda"}, {"algo": "ssgd", _DEVICE: "cpu"}]
+    with pytest.raises(ValueError) as refused:
+        _refuse_different(values)
+    assert str(refused.value) == (
+        "the ranks resolved different runs: the device (--device auto) is 'cuda' on rank 0 "
+        "but 'cpu' on rank 1; does every node see a GPU (CUDA_VISIBLE_DEVICES)? --device cpu "
+        "or cuda says which")
+    assert raised_on_every_rank(refused.value)
+    _refuse_different([values[0], dict(values[0])])  # alike: nothing said
+
+
 BACKEND_SCRIPT = """
 import os, sys, torch
 from mpi4py import MPI
 import hpctrain.sync as hvd
 rank = MPI.COMM_WORLD.Get_rank()
-os.environ["HPCTRAIN_CHECK_COLLECTIVES"] = "1" if rank == 0 else "0"
+name, apart, alike = sys.argv[2:5]
+os.environ[name] = alike if rank == 0 else apart
 try:
     hvd.init()
 except ValueError as e:
     said = str(e)
-os.environ["HPCTRAIN_CHECK_COLLECTIVES"] = "1"
+os.environ[name] = alike
 hvd.init()
+model = torch.nn.Linear(40, 30)  # two parameters: one bucket for rank 0, two for rank 1
+opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                               named_parameters=model.named_parameters())
+model(torch.ones(2, 40)).sum().backward()
+opt.step()
 total = hvd.allreduce(torch.ones(3), op=hvd.Sum)
 with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:
     f.write(f"{said}\\n{total.tolist()}")
@@ -104,16 +136,24 @@ with open(os.path.join(sys.argv[1], f"rank{rank}.txt"), "w") as f:
 
 
 @pytest.mark.timeout(120)
-def test_collective_settings_read_apart_are_refused_on_every_rank(tmp_path):
+@pytest.mark.parametrize("name,apart,alike,said", [
+    ("HPCTRAIN_CHECK_COLLECTIVES", "0", "1", "on for rank 0 but off for rank 1"),
+    ("HOROVOD_FUSION_THRESHOLD", "4096", "1048576", "1048576 for rank 0 but 4096 for rank 1"),
+])
+def test_collective_settings_read_apart_are_refused_on_every_rank(tmp_path, name, apart, alike,
+                                                                  said):
     """HPCTRAIN_CHECK_COLLECTIVES on for rank 0 and off for rank 1: rank 0's agreement round
-    met rank 1's allreduce (garbled sums, then a hang). Refused on both; fixed, it runs."""
+    met rank 1's allreduce (garbled sums, then a hang). A fusion threshold apart gave the
+    ranks buckets that do not match: the collective check (on) refused the optimizer's first
+    step without naming the variable; with the check off, nothing did. Refused at init on
+    both ranks; set alike, a step runs."""
     script = tmp_path / "job.py"
     script.write_text(BACKEND_SCRIPT)
-    proc = run_program([sys.executable, str(script), str(tmp_path)], np=2, timeout=90,
-                       env={"PYTHONPATH": str(ROOT)})
+    proc = run_program([sys.executable, str(script), str(tmp_path), name, apart, alike], np=2,
+                       timeout=90, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
+    key = "HOROVOD_FUSION_THRESHOLD (bytes)" if name.startswith("HOROVOD") else name
     for rank in (0, 1):
-        said, total = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
-        assert said == "HPCTRAIN_CHECK_COLLECTIVES: on for rank 0 but off for rank 1; set " \
-                       "it alike for every rank"
+        text, total = (tmp_path / f"rank{rank}.txt").read_text().splitlines()
+        assert text == f"{key}: {said}; set it alike for every rank"
         assert total == "[2.0, 2.0, 2.0]"

@@ -114,20 +114,30 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
 
 def _must_agree(check_s: float, timeout_s: float) -> dict:
     """What each rank reads from its own environment that decides which collectives it makes
-    (the agreement rounds, the stall check's Dup): the ranks must read it alike."""
+    (the agreement rounds, the stall check's Dup, the fusion buckets): the ranks must read it
+    alike."""
+    from hpctrain.sync.buckets import FUSION_ENV, default_bucket_bytes  # it imports this module
+
     return {collective_check.CHECK_ENV: collective_check.enabled(),
-            "the stall check (HOROVOD_STALL_CHECK_*)": check_s > 0 or timeout_s > 0}
+            "the stall check (HOROVOD_STALL_CHECK_*)": check_s > 0 or timeout_s > 0,
+            # DistributedOptimizer's default buckets: sized apart, they are allreduces that
+            # do not match (a script giving bucket_bytes ignores it, but should set it alike)
+            f"{FUSION_ENV} (bytes)": default_bucket_bytes()}
 
 
 def _refuse_disagreement(seen: list[dict]) -> None:
     """UsageError on every rank (each sees ``seen``) naming a setting the ranks read apart:
     one rank's agreement round met another's data allreduce and garbled it, or hung."""
-    for key in seen[0]:
-        other = next((r for r, theirs in enumerate(seen) if theirs[key] != seen[0][key]), None)
-        if other is not None:
-            raise UsageError(f"{key}: {'on' if seen[0][key] else 'off'} for rank 0 but "
-                             f"{'on' if seen[other][key] else 'off'} for rank {other}; set it "
-                             "alike for every rank")
+    found = mpicomm.first_difference(seen)
+    if found is not None:
+        key, other = found
+        raise UsageError(f"{key}: {_shown(seen[0][key])} for rank 0 but "
+                         f"{_shown(seen[other][key])} for rank {other}; set it alike for "
+                         "every rank")
+
+
+def _shown(value: Any) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
 
 
 def _mpi_comm_of(transport: Transport, comm: Any) -> Any:
