@@ -9,7 +9,7 @@ state, the allreduce and the asynchronous store all stay float32, and every algo
 it alike. Evaluation runs in float32.
 
 bfloat16 has float32's exponent range and needs nothing more. float16's small gradients
-would underflow, so ``fp16`` scales the loss (:class:`LossScaler`, torch's ``GradScaler``):
+would underflow, so ``fp16`` scales the loss (:class:`LossScaler`, torch's ``GradScaler``'s rules):
 backward of ``loss * scale``, then the gradients are divided by the scale before the NaN
 guard, clipping and the step see them (after ssgd's allreduce, which sums scaled values). A
 step whose gradients overflowed is skipped by the guard like any NaN/Inf step, and the scale
@@ -22,6 +22,7 @@ or below, halving it no longer undoes an amplification: those count as bad steps
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -45,8 +46,8 @@ def check(choice: str, device_type: str) -> None:
                          f"capability {major}.{minor}) has no native bfloat16; use "
                          "--mixed-precision fp16")
     if choice == "fp16" and device_type == "cpu" and not hasattr(torch.amp, "GradScaler"):
-        raise UsageError(f"--mixed-precision fp16 on the CPU needs torch >= 2.3 (its loss "
-                         f"scaler), not {torch.__version__}; use bf16")
+        raise UsageError(f"--mixed-precision fp16 on the CPU needs torch >= 2.3, not "
+                         f"{torch.__version__}; use bf16")
 
 
 def each_under(choice: str, device: torch.device,
@@ -68,57 +69,74 @@ class LossScaler:
     """``fp16``'s loss scaling for one worker's steps; it does nothing for ``no`` and ``bf16``.
 
     Per step: :meth:`scale` each loss part before its backward, :meth:`unscale` the
-    gradients once they are complete, :meth:`update` after the step (taken or skipped).
-    ``overflows``: steps skipped as the scale's overflow (the guard's verdict, given to
-    :meth:`update`); kept in its checkpoint state.
+    gradients once they are complete, :meth:`update` after the step with the guard's verdict
+    (skipped for a non-finite gradient; as the scale's overflow). torch's ``GradScaler``
+    rules (start at 2**16, halve after a skipped step, double after 2,000 clean ones), but
+    driven by that verdict, not by this rank's own look at its gradients: where the ranks
+    skip together on an agreed verdict (Adasum's local gradients), a ``GradScaler`` halved
+    only on the ranks whose own gradient overflowed, and the ranks' scales drifted apart.
+    ``overflows``: steps skipped as the scale's overflow; kept in its checkpoint state, with
+    the scale, under ``GradScaler.state_dict``'s names.
     """
 
-    def __init__(self, choice: str, device: torch.device):
-        self._scaler = None
-        self.overflows = 0
-        if choice == "fp16":
-            self._scaler = torch.amp.GradScaler(device.type) if hasattr(torch.amp, "GradScaler") \
-                else torch.cuda.amp.GradScaler()  # torch < 2.3: CUDA only (check() said so)
+    INIT_SCALE, GROWTH_INTERVAL = 2.0**16, 2000
 
-    @property
-    def on(self) -> bool:
-        return self._scaler is not None
+    def __init__(self, choice: str, device: torch.device):
+        self.on = choice == "fp16"
+        self._scale, self._clean = self.INIT_SCALE, 0  # clean: steps since the last change
+        self.overflows = 0
 
     def scale(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss if self._scaler is None else self._scaler.scale(loss)
+        return loss * self._scale if self.on else loss
 
     def unscale(self, optimizer: torch.optim.Optimizer) -> None:
-        """Divide ``optimizer``'s gradients by the scale (an overflow stays Inf/NaN)."""
-        if self._scaler is not None:
-            self._scaler.unscale_(optimizer)
+        """Divide ``optimizer``'s gradients by the scale (an overflow stays Inf/NaN); the
+        scale is a power of 2, so the division is exact."""
+        if self.on:
+            inverse = 1.0 / self._scale
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(inverse)
 
     def amplifies(self) -> bool:
         """Whether this step's gradient was computed at a scale above 1 (fp16): a NaN/Inf in
         it may be the scale's overflow, which halving the scale cures."""
-        return self._scaler is not None and self._scaler.get_scale() > 1.0
+        return self.on and self._scale > 1.0
 
-    def update(self, overflowed: bool = False) -> None:
-        """Halve the scale after an overflow; double it after enough clean steps.
-        ``overflowed``: the guard skipped this step as the scale's overflow (counted)."""
-        if self._scaler is not None:
-            self.overflows += overflowed
-            self._scaler.update()
+    def update(self, skipped: bool, overflowed: bool = False) -> None:
+        """After a step: halve the scale if it was ``skipped`` (a non-finite gradient), else
+        double it after enough clean steps; ``overflowed``: skipped as the scale's overflow
+        (counted)."""
+        if not self.on:
+            return
+        self.overflows += overflowed
+        if skipped:
+            self._scale, self._clean = self._scale * 0.5, 0
+            return
+        self._clean += 1
+        if self._clean == self.GROWTH_INTERVAL:
+            grown = self._scale * 2.0
+            self._scale = grown if math.isfinite(grown) else self._scale
+            self._clean = 0
 
     def get_scale(self) -> float | None:
         """The current scale (None when off)."""
-        return None if self._scaler is None else self._scaler.get_scale()
+        return self._scale if self.on else None
 
     def overflow_steps(self) -> int | None:
         """Steps skipped as the scale's overflow (None when off), for the summary."""
-        return None if self._scaler is None else self.overflows
+        return self.overflows if self.on else None
 
     def state_dict(self) -> dict:
-        if self._scaler is None:
+        if not self.on:
             return {}
-        return {**self._scaler.state_dict(), "overflows": self.overflows}
+        return {"scale": self._scale, "growth_factor": 2.0, "backoff_factor": 0.5,
+                "growth_interval": self.GROWTH_INTERVAL, "_growth_tracker": self._clean,
+                "overflows": self.overflows}
 
     def load_state_dict(self, state: dict) -> None:
-        if self._scaler is not None:
-            state = dict(state)
-            self.overflows = state.pop("overflows", 0)  # absent from older checkpoints
-            self._scaler.load_state_dict(state)
+        """A checkpoint's state (also one a ``GradScaler`` wrote: the same names)."""
+        if self.on:
+            self._scale, self._clean = float(state["scale"]), int(state["_growth_tracker"])
+            self.overflows = state.get("overflows", 0)  # absent from older checkpoints

@@ -14,7 +14,7 @@ plugs in at fixed points. One step, on every worker::
         scaler.scale(part).backward()     # --mixed-precision (fp16: the loss scaled)
     straggler pad                         # an injected straggler's sleep
     algo.synchronize()                    # ssgd: the allreduce completes
-    scaler.unscale(); guard.check -> algo.apply(); scaler.update()   # NaN/Inf: skipped
+    scaler.unscale(); guard.check -> algo.apply(); scaler.update(skipped)   # NaN/Inf
     position = algo.progress(...); algo.after_update(final)   # MA/EC aggregate here
     bar, watchdog beat, snapshot every --eval-every epochs of global progress
 
@@ -674,7 +674,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         if applied:
             with profiler.region("hpctrain.apply"):
                 algo.apply()
-        scaler.update(overflowed=guard.overflowed)  # fp16: counted apart, not a bad step
+        scaler.update(not applied, guard.overflowed)  # fp16: an overflow is counted apart
         position = algo.progress(position, applied)
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
         with profiler.region("hpctrain.after_update"):

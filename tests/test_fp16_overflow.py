@@ -18,7 +18,7 @@ from hpctrain.guard import GradientGuard, TooManyBadSteps
 from hpctrain.sim import SimConfig, simulate
 
 needs_fp16 = pytest.mark.skipif(not hasattr(torch.amp, "GradScaler"),
-                                reason="torch < 2.3: no CPU loss scaler")
+                                reason="torch < 2.3: no fp16 on the CPU")
 
 INF, NAN = float("inf"), float("nan")
 
@@ -62,7 +62,7 @@ def test_the_scaler_amplifies_above_1_and_keeps_its_overflow_count():
         model.zero_grad()
         scaler.scale(model(torch.ones(2, 3)).sum() * INF).backward()
         scaler.unscale(opt)
-        scaler.update(overflowed=True)
+        scaler.update(True, overflowed=True)
         overflows += 1
     assert overflows == 16 and scaler.get_scale() == 1.0  # 65,536 halved to 1
     assert scaler.overflows == scaler.overflow_steps() == 16
@@ -146,3 +146,25 @@ def test_with_adasum_the_ranks_agree_whether_a_step_overflowed():
     assert not guard.check(3, amplified=above_1, loss=loss)
     assert not guard.overflowed and guard.consecutive == 1
     assert guard.summary()["bad_gradients_per_worker"][:2] == [0, 4]
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_with_adasum_every_ranks_scale_follows_the_agreed_verdict():
+    """Rank 1's overflow skips the step on every rank, and every rank's scale halves with it:
+    torch's GradScaler looked at each rank's own gradient, so only rank 1's halved and the
+    ranks' scales drifted apart."""
+    comm = world()
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = GradientGuard(model.parameters(), max_bad_steps=2, comm=comm, agree=True)
+    scaler = precision.LossScaler("fp16", torch.device("cpu"))
+    for step, factor in enumerate((INF if comm.Get_rank() == 1 else 1.0, 1.0)):
+        model.zero_grad()  # run.py's order of calls
+        scaler.scale(model(torch.ones(2, 3)).sum() * factor).backward()
+        scaler.unscale(opt)
+        applied = guard.check(step, amplified=scaler.amplifies, loss=torch.tensor(2.0))
+        scaler.update(not applied, guard.overflowed)
+        assert applied == (step == 1)  # the first skipped on every rank
+    assert comm.allgather((scaler.get_scale(), scaler.overflows)) == \
+        [(32768.0, 1)] * comm.Get_size()

@@ -68,14 +68,14 @@ def test_fp16_scales_the_loss_divides_it_out_and_halves_after_an_overflow():
     scaler.unscale(opt)
     for p, g in zip(model.parameters(), plain, strict=True):
         torch.testing.assert_close(p.grad, g)  # divided out before the guard sees it
-    scaler.update()
+    scaler.update(skipped=False)
     assert scaler.get_scale() == 65536.0  # a clean step keeps it
 
     model.zero_grad()
     scaler.scale(nn.functional.cross_entropy(model(x), y) * float("inf")).backward()
     scaler.unscale(opt)
     assert not torch.isfinite(model.weight.grad).all()  # the guard skips this step
-    scaler.update()
+    scaler.update(skipped=True)
     assert scaler.get_scale() == 32768.0
     again = precision.LossScaler("fp16", torch.device("cpu"))
     again.load_state_dict(scaler.state_dict())  # a checkpoint keeps the scale
