@@ -82,6 +82,16 @@ def check(config, workers: int) -> None:
                   f"{why}", file=sys.stderr, flush=True)
 
 
+def check_in_threads() -> None:
+    """UsageError for a planned fault that ends or stops a process: ``hpctrain simulate``'s
+    workers share one (``kill`` ended the whole simulation, ``hang`` held it for ever)."""
+    spec = os.environ.get("HPCTRAIN_INJECT")
+    for (rank, step, _), kind in (_plan(spec) if spec else {}).items():
+        if kind in ("kill", "hang", "killckpt"):
+            raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: hpctrain simulate runs "
+                             "its workers in one process; it simulates raise, nan and inf")
+
+
 def _updates(config, workers: int) -> int:
     """The run's global updates, as the loop counts them: each worker's epoch is its share of
     the samples in batches; lock-step workers update together, asynchronous ones each."""

@@ -404,6 +404,12 @@ def test_what_train_refuses_before_mpi_the_simulator_refuses_too(tmp_path, monke
         simulate(config("asgd", None, algorithm=algorithm_options("asgd")(servers=10**20)),
                  sim(2))
     assert not any((tmp_path / "runs").iterdir())  # the folder made for it is gone
+    for fault in ("hang@1:3", "kill@1:3"):  # the simulation hung for ever, or was killed
+        monkeypatch.setenv("HPCTRAIN_INJECT", fault)
+        with pytest.raises(UsageError, match=f"^HPCTRAIN_INJECT {fault}: hpctrain simulate "
+                                             "runs its workers in one process"):
+            simulate(config("ma", tmp_path / "f"), sim(2))
+    assert not (tmp_path / "f").exists()
 
 
 def test_simulate_launched_as_several_processes_is_refused(tmp_path, monkeypatch):

@@ -803,3 +803,28 @@ def test_a_refusal_on_one_rank_at_init_ends_the_job(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "hpctrain: error (rank 1 of 2): HOROVOD_TIMELINE /nonexistent/t.json: cannot " \
            "write a file there" in proc.stderr
+
+
+@mpi
+@pytest.mark.timeout(60)
+def test_init_takes_horovods_dynamic_and_start_timeline_checks_its_path():
+    """Horovod's ``init(process_sets="dynamic")`` was refused as not a list; Horovod's list of
+    ranks as ``comm`` crashed the torch backend; a timeline path rank 0 cannot write was an
+    OSError there mid-job, not one line."""
+    with pytest.raises(UsageError, match="list of hpctrain.sync.ProcessSet or 'dynamic', got "
+                                         "'static'"):
+        sync.init(process_sets="static")
+    for backend in ("mpi", "torch"):  # Horovod's ranks as comm: the torch backend crashed
+        with pytest.raises(UsageError, match=r"^comm=\[0, 1\]: a list of ranks is taken by "):
+            sync.init(comm=[0, 1], backend=backend)
+    sync.init(process_sets="dynamic")
+    try:
+        assert sync.allreduce(torch.ones(2), op=sync.Sum).tolist() == [sync.size()] * 2
+        if sync.rank() == 0:
+            with pytest.raises(UsageError, match="start_timeline /nonexistent/t.json: cannot"):
+                sync.start_timeline("/nonexistent/t.json")
+        else:  # only rank 0 writes it: a folder on rank 0's node only is enough
+            sync.start_timeline("/nonexistent/t.json")
+            sync.stop_timeline()
+    finally:
+        sync.shutdown()

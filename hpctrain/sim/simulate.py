@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from hpctrain import config as configs
-from hpctrain import data, devices, launch_env, live, options, run, userdata
+from hpctrain import data, devices, faults, launch_env, live, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -82,6 +82,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce")
     run.check_compute(config, in_threads=True)
+    faults.check_in_threads()
     live.check(config, k)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers

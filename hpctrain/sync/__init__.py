@@ -80,7 +80,7 @@ def _impl(caller: str, tensor: torch.Tensor | None = None) -> ModuleType:
     return _active
 
 
-def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
+def init(comm: Any = None, process_sets: list[ProcessSet] | str | None = None, *,
          backend: str | None = None, stall_check_s: float | None = None,
          stall_timeout: float | None = None) -> None:
     """Start ``backend`` ("mpi", "torch" or "horovod") on ``comm`` (default COMM_WORLD); idempotent.
@@ -89,7 +89,8 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     "mpi". An MPI backend asked for under a torchrun of several workers is refused: each
     worker would be an MPI world of its own and train alone.
 
-    ``process_sets`` are registered as in Horovod. A collective that some ranks have not
+    ``process_sets`` are registered as in Horovod (``"dynamic"``: sets added later, which
+    every backend here allows anyway). A collective that some ranks have not
     reached after ``stall_check_s`` seconds (default HOROVOD_STALL_CHECK_TIME_SECONDS, 60)
     is reported on stderr; after ``stall_timeout`` seconds (default
     HOROVOD_STALL_SHUTDOWN_TIME_SECONDS, 0: never) the job is ended, as the CLI's
@@ -119,8 +120,17 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None, *,
     for value, what in ((stall_check_s, "stall_check_s"), (stall_timeout, "stall_timeout")):
         if value is not None and (not isinstance(value, int | float) or value < 0):
             raise UsageError(f"{what} must be a number of seconds >= 0, got {value!r}")
-    if process_sets is not None and not all(isinstance(p, ProcessSet) for p in process_sets):
-        raise UsageError("process_sets must be a list of hpctrain.sync.ProcessSet")
+    if process_sets == "dynamic":  # Horovod's word for sets added after init: always possible
+        process_sets = None  # here (the horovod backend sets HOROVOD_DYNAMIC_PROCESS_SETS)
+    elif process_sets is not None and (
+            isinstance(process_sets, str)
+            or not all(isinstance(p, ProcessSet) for p in process_sets)):
+        raise UsageError(f"process_sets must be a list of hpctrain.sync.ProcessSet or "
+                         f"'dynamic', got {process_sets!r}")
+    if backend != "horovod" and isinstance(comm, list | tuple):  # Horovod's ranks of the world
+        raise UsageError(f"comm={comm!r}: a list of ranks is taken by the horovod backend "
+                         f"only; give {backend!r} a communicator "
+                         "(COMM_WORLD.Create_group(COMM_WORLD.Get_group().Incl(ranks)))")
     check_environment()
     if backend in collectives.TRANSPORTS:
         collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
@@ -558,6 +568,8 @@ def start_timeline(file_path: str, mark_cycles: bool = False) -> None:
     """Write a Chrome-trace timeline of every collective's phases to ``file_path`` (rank 0)."""
     impl = _impl("start_timeline")
     if impl is mpi_backend:
+        if rank() == 0:  # the rank that writes it: one line, not an OSError mid-job
+            timeline.check_path(file_path, "start_timeline")
         timeline.start(file_path, mark_cycles, rank())
     else:
         impl.start_timeline(file_path, mark_cycles)

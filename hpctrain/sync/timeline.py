@@ -45,7 +45,7 @@ def active() -> bool:
     return _file is not None
 
 
-def check_path(path: str) -> None:
+def check_path(path: str, what: str = "HOROVOD_TIMELINE") -> None:
     """UsageError unless ``path`` can be written, checked on every rank before any
     collective (only rank 0 writes it, and would fail alone, mid-job). Tried, not asked
     (``os.access`` is wrong for root and with ACLs), and never by making and removing
@@ -59,7 +59,7 @@ def check_path(path: str) -> None:
         else:  # an unnamed probe file in its folder
             tempfile.TemporaryFile(dir=os.path.dirname(os.path.abspath(path))).close()
     except OSError:
-        raise UsageError(f"HOROVOD_TIMELINE {path}: cannot write a file there (a folder, or "
+        raise UsageError(f"{what} {path}: cannot write a file there (a folder, or "
                          "in a folder that does not exist or is not writable)") from None
 
 
