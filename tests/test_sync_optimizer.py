@@ -255,3 +255,37 @@ def test_parameters_the_hooks_do_not_reduce_are_refused_at_step(own_backend):
     frozen.requires_grad_(True)
     _backward(hvd, frozen)
     _one_line(UsageError, r"1 trainable parameter\(s\)", opt.synchronize)
+
+
+@mpi
+@timeout
+@pytest.mark.parametrize("optimizer", [torch.optim.SGD, torch.optim.LBFGS])
+def test_a_step_with_a_closure_steps_on_the_reduced_gradient(own_backend, optimizer):
+    """``step(closure)`` reduced before the closure ran its backward: each rank stepped on its
+    own gradient and the ranks' weights drifted apart (SGD); LBFGS, which calls the closure
+    several times, was refused for a zero_grad "before step()" inside its own step."""
+    hvd = own_backend
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1, bias=False)
+    opt = hvd.DistributedOptimizer(optimizer(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters())
+    seen = []
+
+    def closure():
+        opt.zero_grad()
+        x = torch.full((1, 4), hvd.rank() + 1.0)
+        seen.append(2 * (model.weight.detach() @ x.T) * x)  # this rank's own gradient
+        loss = model(x).pow(2).sum()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+        torch.testing.assert_close(model.weight.grad,  # reduced in place: the average
+                                   hvd.allreduce(seen[-1], op=Average))
+    weights = hvd.allgather(model.weight.detach())
+    assert all(torch.equal(w, weights[0]) for w in weights)  # every rank the same model
+    if optimizer is torch.optim.SGD:  # a plain step after: no warning of a second reduction
+        opt.zero_grad()
+        _backward(hvd, model)
+        opt.step()

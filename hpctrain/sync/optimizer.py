@@ -272,6 +272,8 @@ class _DistributedOptimizer:
             self._should_synchronize = True
 
     def step(self, closure=None):
+        if closure is not None and self._should_synchronize:
+            return self._step_reducing_in(closure)
         if self._should_synchronize:
             if self._synchronized:
                 warnings.warn("optimizer.step() called without optimizer.skip_synchronize() "
@@ -280,6 +282,23 @@ class _DistributedOptimizer:
             self.synchronize()
         self._synchronized = False
         return super().step(closure)
+
+    def _step_reducing_in(self, closure):
+        """``step(closure)``: each call of the closure (LBFGS makes several) ends with its
+        gradients reduced, before the user's optimizer reads them. Reducing before the
+        closure ran stepped every rank on its own gradient (Horovod's ranks drift apart)."""
+        if self._reducer and self._reducer.in_flight:  # a backward made before step()
+            self.synchronize()
+
+        def reduced():
+            loss = closure()
+            self.synchronize()
+            return loss
+
+        try:
+            return super().step(reduced)
+        finally:
+            self._synchronized = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         if self._reducer and self._reducer.in_flight:
