@@ -96,26 +96,28 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     ck = config.checkpoint
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
         check_folder(flag, folder)
-    _refuse_finished(config.out)  # before its checkpoints would call it unfinished
+    refuse_finished(config.out)  # before its checkpoints would call it unfinished
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume))
-    _refuse_finished(config.out)
+    refuse_finished(config.out)
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
     return config
 
 
-def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
+def check_workers(config: RunConfig, workers: int,
+                  subset: int | None = None) -> tuple[int, data.Dataset]:
     """What ``train`` and ``simulate`` check alike before ``workers`` training workers start
     (one list, so that neither lacks a check the other has): the optimizer the algorithm
     takes, the fault plan, the stragglers, the data set's files and the model on one of its
     samples (and on a lone one, when a batch or micro-batch holds one: every worker gets
-    ``n // workers`` samples per epoch, TrainData.samples_per_rank). Returns the number of
-    training samples and that test sample."""
+    ``n // workers`` samples per epoch, TrainData.samples_per_rank; ``subset``: the
+    simulator's ``--train-subset``, the samples it trains on). Returns the number of training
+    samples (all of them) and that test sample."""
     optimizers.check(config.algorithm_class, config.optim)
     faults.check(config, workers)  # $HPCTRAIN_INJECT, read at the first step
     parse_slowdown(config.stragglers.slowdown, workers)
@@ -123,9 +125,10 @@ def check_workers(config: RunConfig, workers: int) -> tuple[int, data.Dataset]:
     sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
     n = data.size(config.data.dataset, "train", config.data.data_dir)
     o = config.optim
-    _say_what_the_sizes_cut(config, n // max(workers, 1))
+    per_worker = min(subset or n, n) // max(workers, 1)
+    _say_what_the_sizes_cut(config, per_worker)
     plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
-                        one_sample=microbatch.one_sample(n // max(workers, 1), o.batch_size,
+                        one_sample=microbatch.one_sample(per_worker, o.batch_size,
                                                          o.micro_batch_size))
     return n, sample
 
@@ -145,7 +148,7 @@ def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
         print(f"hpctrain: warning: {note}", file=sys.stderr, flush=True)
 
 
-def _refuse_finished(out: str | None) -> None:
+def refuse_finished(out: str | None) -> None:
     """A finished run's folder, or a ``bench compare``'s, is not a new run's."""
     if out and (Path(out) / "summary.json").exists():
         raise UsageError(f"--out {out} already holds a finished run; choose another folder")

@@ -412,6 +412,38 @@ def test_what_train_refuses_before_mpi_the_simulator_refuses_too(tmp_path, monke
     assert not (tmp_path / "f").exists()
 
 
+def test_the_train_subset_is_what_the_sample_checks_see(tmp_path, capsys):
+    """--train-subset 66 on 2 workers, batch 32: a last batch of one sample, which a batch-norm
+    model cannot train on; the check counted the whole set's samples, and the run crashed
+    mid-way (exit 1, a folder holding only config.json). The batch-size warning likewise."""
+    from test_micro_batches import BATCH_NORM_MLP
+
+    (tmp_path / "bn.py").write_text(BATCH_NORM_MLP)
+    model = ModelConfig(name=f"{tmp_path}/bn.py:build")
+    with pytest.raises(UsageError, match="cannot train on one sample"):
+        simulate(config("ma", tmp_path / "a", model=model), sim(2, train_subset=66))
+    assert not (tmp_path / "a").exists()
+    simulate(config("ma", tmp_path / "b", optim=OptimConfig(epochs=1, batch_size=64)),
+             sim(2, train_subset=40))
+    assert "--batch-size 64: each worker has 20 training samples" in capsys.readouterr().err
+
+
+def test_an_out_of_a_compare_or_of_checkpoints_is_refused(tmp_path):
+    """simulate wrote its run among a bench compare's files, or among a run's checkpoints."""
+    (tmp_path / "cmp").mkdir()
+    (tmp_path / "cmp" / "compare.json").write_text("{}")
+    with pytest.raises(UsageError, match="holds a bench compare"):
+        simulate(config("ma", tmp_path / "cmp"), sim(2))
+    ckpts = tmp_path / "unfinished" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "ckpt-00000004.pt").write_bytes(b"")
+    for out, said in ((ckpts.parent, "holds the checkpoints of an unfinished run"),
+                      (ckpts, "is a folder of checkpoints")):
+        with pytest.raises(UsageError, match=said):
+            simulate(config("ma", out), sim(2))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-00000004.pt"]
+
+
 def test_simulate_launched_as_several_processes_is_refused(tmp_path, monkeypatch):
     """mpirun -np 2 hpctrain simulate: without --out rank 1 failed after simulating
     (TypeError), with it both simulated into one folder, rank 1 without its lock."""

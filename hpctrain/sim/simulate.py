@@ -14,12 +14,11 @@ real time enters the outputs.
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 
+from hpctrain import checkpoint, data, devices, faults, launch_env, live, options, run, userdata
 from hpctrain import config as configs
-from hpctrain import data, devices, faults, launch_env, live, options, run, userdata
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -41,9 +40,10 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     check_one_process()
     config = check_options(config, sim)
     run.check_folder("--out", config.out)
-    if config.out and (Path(config.out) / "summary.json").exists():
-        raise UsageError(f"--out {config.out} already holds a finished run; choose another "
-                         "folder")
+    run.refuse_finished(config.out)  # a finished run's, or a bench compare's
+    checkpoint.check(algo=config.algo, ranks=sim.workers, every=None, checkpoint_dir=None,
+                     resume=None, out=config.out, run_config=configs.flat(config),
+                     may_change=checkpoint.MAY_CHANGE)  # nor an unfinished run's
     return config
 
 
@@ -86,7 +86,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     live.check(config, k)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
-    n, sample = run.check_workers(config, k)
+    n, sample = run.check_workers(config, k, sim.train_subset)
     if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained
         raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
                          f"{n} training samples in {config.data.dataset}")
