@@ -131,22 +131,31 @@ def simulate(args: argparse.Namespace) -> dict:
     """``hpctrain simulate``: the same options as train, plus the simulator's; no MPI."""
     from hpctrain.sim import simulate as run_simulation
 
-    summary = run_simulation(_without_files_checkpoints(args, arguments.build(args)),
+    summary = run_simulation(_without_real_run_settings(args, arguments.build(args)),
                              sim_arguments.build(args))
     print(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}", flush=True)
     _exit_if_collapsed(summary, 0)
     return summary
 
 
-def _without_files_checkpoints(args: argparse.Namespace, config: RunConfig) -> RunConfig:
-    """A real run's ``config.json`` given to ``simulate --config`` without its checkpoint
-    settings, said once (a simulation is rerun, not resumed); typed ones are refused."""
-    typed = any(hasattr(args, f"checkpoint.{name}") for name in ("every", "dir", "resume"))
-    if typed or config.checkpoint == CheckpointConfig():
-        return config
-    print(f"hpctrain simulate: leaving out {args.config}'s checkpoint settings (a simulation "
-          "is rerun, not resumed)", file=sys.stderr, flush=True)
-    return replace(config, checkpoint=CheckpointConfig())
+def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> RunConfig:
+    """A real run's ``config.json`` given to ``simulate --config`` without the settings that
+    only a real run has (checkpoints: a simulation is rerun, not resumed; ``--eval-rank``'s
+    extra rank; ``--profile``'s one profiler per process), said once; typed ones are refused
+    by the simulator's checks, as without ``--config``."""
+    left = []
+    if not any(hasattr(args, f"checkpoint.{name}") for name in ("every", "dir", "resume")) \
+            and config.checkpoint != CheckpointConfig():
+        config = replace(config, checkpoint=CheckpointConfig())
+        left.append("checkpoint settings")
+    for name in ("eval_rank", "profile"):
+        if not hasattr(args, name) and getattr(config, name) is not None:
+            config = replace(config, **{name: None})
+            left.append(f"--{name.replace('_', '-')}")
+    if left:
+        print(f"hpctrain simulate: leaving out {args.config}'s {' and '.join(left)} (a real "
+              "run's only)", file=sys.stderr, flush=True)
+    return config
 
 
 def _exit_if_collapsed(summary: dict, rank: int) -> None:

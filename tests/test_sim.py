@@ -259,16 +259,21 @@ def test_a_simulated_run_repeats_from_its_config_json(tmp_path, capsys):
 
 
 def test_a_checkpointed_runs_config_is_simulated_without_its_checkpoints(tmp_path, capsys):
-    """simulate refuses checkpoints, so a checkpointed run's config.json was refused, with no
-    way to turn them off: the file's are left out (said), typed ones still refused, and
-    train's --checkpoint-every off turns the file's off."""
+    """simulate refuses checkpoints, --eval-rank and --profile, so a real run's config.json
+    with them was refused, with no way to turn them off: the file's are left out (said),
+    typed ones still refused, and train's --checkpoint-every off turns the file's off."""
     from hpctrain import arguments, cli
 
     config = tmp_path / "config.toml"
-    config.write_text('algo = "ssgd"\n[checkpoint]\nevery = "0.5e"\n')
+    config.write_text('algo = "ssgd"\neval_mode = "online"\neval_rank = 2\nprofile = "2:3"\n'
+                      '[checkpoint]\nevery = "0.5e"\n')
     cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--epochs", "1", "--workers",
               "2", "--out", str(tmp_path / "sim")])
-    assert f"leaving out {config}'s checkpoint settings" in capsys.readouterr().err
+    assert f"leaving out {config}'s checkpoint settings and --eval-rank and --profile (a " \
+           "real run's only)" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="drop --eval-rank 1"):
+        cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--eval-rank", "1",
+                  "--out", str(tmp_path / "sim3")])
     assert not (tmp_path / "sim" / "checkpoints").exists()
     with pytest.raises(UsageError, match="hpctrain simulate takes no checkpoints"):
         cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--checkpoint-dir",
