@@ -476,7 +476,7 @@ def test_a_step_is_never_shorter_than_drawn_nor_zero(tmp_path):
     assert jittered["straggler_sleep_s_per_worker"][0] > 0
 
 
-def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
+def test_step_time_models_are_seeded_and_have_their_mean(tmp_path, monkeypatch):
     for spec in ("lognormal:0.02:0.5", "gamma:0.02:4"):
         m = StepTimeModel(spec, 2, seed=1)
         draws = [m.next(0) for _ in range(4000)]
@@ -495,6 +495,8 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path):
         sim(3, step_time=f"replay:{tmp_path}", comm_time="replay")
     with pytest.raises(UsageError, match="--comm-time replay needs"):
         sim(3, comm_time="replay")
+    monkeypatch.chdir(tmp_path.parent)  # a relative RUN: config.json keeps it absolute
+    assert sim(3, step_time=f"replay:{tmp_path.name}").step_time == f"replay:{tmp_path}"
     with pytest.raises(UsageError, match=re.escape("SIGMA must be in [0, 5], got 1e308")):
         StepTimeModel("lognormal:0.02:1e308", 2)  # exp(SIGMA z) overflows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 from hpctrain import options
@@ -49,6 +50,9 @@ class SimConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         model = StepTimeModel(self.step_time, 1)  # its form (and a replay's file)
+        if model.kind == "replay":  # config.json repeats the run from any folder
+            run = os.path.abspath(self.step_time.partition(":")[2])
+            object.__setattr__(self, "step_time", f"replay:{run}")
         if self.comm_time == "replay" and (model.kind != "replay" or model.rests is None):
             raise UsageError(f"--comm-time replay needs --step-time replay:RUN of a run that "
                              f"recorded its rests (step_times.json with \"rest\"); got "
