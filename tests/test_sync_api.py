@@ -738,6 +738,29 @@ def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
 
 # ---------------------------------------------------------------- bad input (mpi, torch)
 
+def _embedding_rows(r: int) -> torch.Tensor:
+    """Rank ``r``'s gradient of a 5-row table: rows r and r + 2 (none on rank 0)."""
+    grad = torch.zeros(5, 3)
+    if r:
+        grad[r % 5] += r
+        grad[(r + 2) % 5] += torch.arange(3.0)
+    return grad
+
+
+@mpi
+@timeout
+def test_sparse_allreduce_async_gives_the_dense_sum_and_average(own_backend):
+    """Indices and values allgathered: the uncoalesced result adds up to the dense reduction,
+    also where a rank has no entries."""
+    hvd, n = own_backend, own_backend.size()
+    mine = _embedding_rows(hvd.rank()).to_sparse(1)
+    total = sum(_embedding_rows(r) for r in range(n))
+    for op, want in ((hvd.Sum, total), (hvd.Average, total / n)):
+        got = hvd.sparse_allreduce_async(mine, "emb", op)()
+        assert got.is_sparse and got._nnz() == 2 * (n - 1)
+        torch.testing.assert_close(got.to_dense(), want)
+
+
 def _one_line(error: type, match: str, call) -> None:
     with pytest.raises(error, match=match) as e:
         call()
@@ -759,6 +782,11 @@ def test_bad_arguments_are_one_line_type_and_value_errors(own_backend):
     _one_line(ValueError, "at least one dimension, got a 0-dim", lambda: hvd.allgather(
         torch.tensor(1.0)))
     _one_line(ValueError, "needs a dense tensor", lambda: hvd.allreduce(t.to_sparse()))
+    _one_line(ValueError, "needs a sparse COO tensor, got layout torch.strided",
+              lambda: hvd.sparse_allreduce_async(t, "s", hvd.Sum))
+    for op in (hvd.Max, hvd.Adasum):
+        _one_line(ValueError, f"op={op.name} needs dense tensors",
+                  lambda o=op: hvd.sparse_allreduce_async(t.to_sparse(), "s", o))
     _one_line(ValueError, "op=Max cannot reduce complex", lambda: hvd.allreduce(
         t.to(torch.complex64), op=hvd.Max))
     for reduce in (hvd.allreduce, hvd.reducescatter):  # on every backend, as Horovod

@@ -373,22 +373,8 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: Any,
                            process_set: PS = global_process_set) -> Any:
     """Horovod's reduction of a sparse tensor by allgathering indices and values; returns a
     function that waits and gives the (uncoalesced) sparse sum or average."""
-    if _horovod():
-        return _active.sparse_allreduce_async(tensor, name, op, **_ps(process_set))
-    if collectives.resolve_op(op) is Adasum:
-        raise UsageError("sparse_allreduce_async: op=Adasum needs dense tensors")
-    t = tensor
-    indices = allgather_async(t._indices().transpose(0, 1).contiguous(),
-                              name=f"{name}.indices", process_set=process_set)
-    values = allgather_async(t._values(), name=f"{name}.values", process_set=process_set)
-
-    def handle() -> torch.Tensor:
-        v, i = synchronize(values), synchronize(indices)
-        if collectives.resolve_op(op) is Average:
-            v = v / (process_set or global_process_set).size()
-        return torch.sparse_coo_tensor(i.transpose(0, 1), v, t.size(), check_invariants=False)
-
-    return handle
+    return _impl("sparse_allreduce_async", tensor).sparse_allreduce_async(
+        tensor, name, op, **_ps(process_set))
 
 
 def allgather(tensor: torch.Tensor, name: str | None = None,

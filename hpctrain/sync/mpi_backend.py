@@ -58,10 +58,12 @@ from hpctrain.sync.grouped import (  # noqa: E402
     reducescatter_async,
 )
 from hpctrain.sync.join import join  # noqa: E402
+from hpctrain.sync.sparse import sparse_allreduce_async  # noqa: E402
 
 __all__ += [
     "alltoall", "alltoall_async", "cross_rank", "cross_size", "grouped_allgather",
     "grouped_allgather_async", "grouped_allreduce", "grouped_allreduce_",
     "grouped_allreduce_async", "grouped_allreduce_async_", "grouped_reducescatter",
     "grouped_reducescatter_async", "join", "reducescatter", "reducescatter_async",
+    "sparse_allreduce_async",
 ]

@@ -5,16 +5,31 @@ tensor would move the whole table. Every rank's indices and values are concatena
 and the result is an uncoalesced sparse tensor whose duplicate indices add up where it is
 used (Horovod's ``sparse_allreduce_async``; Average divides the values by the size). One step
 of ``DistributedOptimizer`` posts all its sparse gradients together: one allgather of every
-gradient's row count, then two allgathers (indices, values) per gradient.
+gradient's row count, then two allgathers (indices, values) per gradient; the public
+``sparse_allreduce_async`` is the same reduction of one tensor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from hpctrain.devices import HostStage
+from hpctrain.errors import UsageError
 from hpctrain.sync import timeline
 from hpctrain.sync.collective_check import Call
+from hpctrain.sync.collectives import (
+    Average,
+    Sum,
+    check_name,
+    member,
+    rejecting,
+    resolve_op,
+    tensor_call,
+)
+from hpctrain.sync.errors import UsageTypeError
+from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.transport import Request, Transport
 
 
@@ -56,7 +71,8 @@ class SparseAllgather:
     every rank), started at construction; :meth:`results` waits for them."""
 
     def __init__(self, transport: Transport, grads: list[torch.Tensor], average: bool,
-                 name: str = "DistributedOptimizer.sparse"):
+                 names: list[str] | None = None):
+        names = names or [f"DistributedOptimizer.sparse{j}" for j in range(len(grads))]
         self._shapes = [g.shape for g in grads]
         self._divisor = transport.size() if average else 1
         size, n = transport.size(), len(grads)
@@ -65,9 +81,9 @@ class SparseAllgather:
         transport.iallgather(mine, every, [n] * size).wait()
         rows = every.view(size, n).t().tolist()  # rows[j][r]: rank r's entries in gradient j
         self._gathers = [(_Gather(transport, g._indices().t().contiguous(), rows[j],
-                                  f"{name}{j}.indices"),
+                                  f"{names[j]}.indices"),
                           _Gather(transport, g._values().contiguous(), rows[j],
-                                  f"{name}{j}.values"))
+                                  f"{names[j]}.values"))
                          for j, g in enumerate(grads)]
 
     def results(self) -> list[torch.Tensor]:
@@ -80,3 +96,27 @@ class SparseAllgather:
             out.append(torch.sparse_coo_tensor(indices.wait().t(), v, shape,
                                                check_invariants=False))
         return out
+
+
+def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
+                           process_set: ProcessSet = global_process_set
+                           ) -> Callable[[], torch.Tensor]:
+    """Start reducing a sparse COO tensor by allgather; returns a function that waits and
+    gives the uncoalesced sum (op=Sum) or average (op=Average), as Horovod's does."""
+    m = member(process_set, "sparse_allreduce_async")
+    with rejecting(m, "allgather", name):
+        if not isinstance(tensor, torch.Tensor):
+            raise UsageTypeError(f"sparse_allreduce_async: expected a torch.Tensor, got "
+                                 f"{type(tensor).__name__}")
+        if tensor.layout != torch.sparse_coo:
+            raise UsageError(f"sparse_allreduce_async: needs a sparse COO tensor, got layout "
+                             f"{tensor.layout} (use allreduce_async)")
+        check_name(name, "sparse_allreduce_async")
+        op = resolve_op(op)
+        if op not in (Sum, Average):
+            raise UsageError(f"sparse_allreduce_async: op={op.name} needs dense tensors; "
+                             "sparse ones take Sum or Average")
+    m.channel.agree(tensor_call("allgather", tensor, name, op=op))
+    reduction = SparseAllgather(m.transport, [tensor], average=op is Average,
+                                names=[str(name)])
+    return lambda: reduction.results()[0]
