@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from hpctrain import data
 from hpctrain.shuffle import options
 from hpctrain.shuffle.options import TrainDataSpec
@@ -56,15 +58,16 @@ class ReplicatedTrainData(TrainData):
 
 
 def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: int,
-                 labels=None):
-    """The sampler for ``--shuffle strategy`` (labels given: label-skew partition)."""
+                 labels=None, partial_sampler: Callable = PartialShuffleSampler):
+    """The sampler for ``--shuffle strategy`` (labels given: label-skew partition).
+    ``partial_sampler``: partial:Q's class (the simulator's shares holdings between workers)."""
     name, q = options.parse_strategy(strategy)
     common = {"num_replicas": ranks, "rank": rank, "seed": seed, "drop_last": True}
     if name == "global":
         return GlobalShuffleSampler(num_samples, **common)
     if name == "local":
         return LocalShuffleSampler(num_samples, **common, labels=labels)
-    return PartialShuffleSampler(q, num_samples, **common, labels=labels)
+    return partial_sampler(q, num_samples, **common, labels=labels)
 
 
 def make_train_data(spec: TrainDataSpec, comm=None) -> TrainData:

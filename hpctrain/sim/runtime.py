@@ -3,10 +3,11 @@ and one shared copy of the data set (see :mod:`hpctrain.runtime` for the real on
 
 from __future__ import annotations
 
+import functools
+
 from hpctrain import data
 from hpctrain.runtime import Runtime
 from hpctrain.shuffle import PartialShuffleSampler, ReplicatedTrainData, TrainDataSpec
-from hpctrain.shuffle.options import parse_strategy
 from hpctrain.shuffle.train_data import make_sampler
 from hpctrain.sim.scheduler import Scheduler
 from hpctrain.sim.steptime import StepTimeModel
@@ -73,14 +74,9 @@ class VirtualRuntime(Runtime):
         full = self.simulation.train_set(spec)
         ranks = self.simulation.workers
         labels = full.labels if spec.partition == "label-skew" else None
-        name, q = parse_strategy(spec.shuffle)
-        if name == "partial":
-            sampler = SharedPartialSampler(self.simulation.holdings, q, len(full),
-                                           num_replicas=ranks, rank=self.worker,
-                                           seed=spec.seed, drop_last=True, labels=labels)
-        else:
-            sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed,
-                                   labels)
+        shared = functools.partial(SharedPartialSampler, self.simulation.holdings)
+        sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed, labels,
+                               partial_sampler=shared)
         return ReplicatedTrainData(full, sampler)
 
     def peak_memory(self, device) -> None:
