@@ -13,6 +13,7 @@ are rounded to the microsecond.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import NamedTuple
 
@@ -110,3 +111,15 @@ def _times(path: Path, lists) -> list[list[float]]:
         raise UsageError(f"{path}: need at least one finite step time >= 0 for every worker, "
                          f"each at most {HUGE:g} s")
     return workers
+
+
+def recorded_algo(path: str | Path) -> str | None:
+    """The ``--algo`` of the run whose step times are at ``path`` (from the ``config.json``
+    beside them); None where none says, as for a bare ``step_times.json``."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        algo = json.loads((folder / "config.json").read_text()).get("algo")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return algo if isinstance(algo, str) else None

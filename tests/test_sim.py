@@ -380,6 +380,10 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
         with pytest.raises(UsageError, match=f"not --algo {algo}"):
             simulate(config(algo, tmp_path / "e", algorithm=options),
                      sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
+    (tmp_path / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # who recorded them
+    with pytest.raises(UsageError, match="is an --algo ssgd run, whose rests are not pushes"):
+        simulate(config("asgd", tmp_path / "e"),
+                 sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
     with pytest.raises(UsageError, match="^--train-subset 2049 is more than the 2048 training "
                                          "samples in synthetic$"):  # was trained on 2048
         simulate(config("ssgd", tmp_path / "g"), sim(2, train_subset=2049))

@@ -25,9 +25,9 @@ class SimConfig:
                             "lognormal:MEAN:SIGMA, gamma:MEAN:SHAPE or replay:RUN_DIR (a real "
                             "run's step_times.json)", metavar="MODEL")
     comm_time: str = option("model", "model: communication costs the network model's time; "
-                            "replay (with --step-time replay:RUN, asgd and dcasgd-c/-a): each "
-                            "push takes the time the real worker spent between that step's "
-                            "compute and the next", choices=COMM_TIMES)
+                            "replay (with --step-time replay:RUN, asgd and dcasgd-c/-a, RUN "
+                            "one of theirs too): each push takes the time the real worker "
+                            "spent between that step's compute and the next", choices=COMM_TIMES)
     # Latencies up to options.HUGE seconds, bandwidths from 1 byte/s: past them the virtual
     # times overflow to inf and NaN (--latency 1e308, --store-bandwidth 1e-300).
     latency: float = option(LATENCY_S, "seconds per message between workers "

@@ -17,7 +17,19 @@ import copy
 
 import torch
 
-from hpctrain import checkpoint, data, devices, faults, launch_env, live, options, run, userdata
+from hpctrain import (
+    checkpoint,
+    data,
+    devices,
+    faults,
+    launch_env,
+    live,
+    options,
+    registry,
+    run,
+    steptimes,
+    userdata,
+)
 from hpctrain import config as configs
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.config import RunConfig
@@ -94,18 +106,28 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if k > n:
         raise UsageError(f"--workers {k} but only {n} training samples in "
                          f"{config.data.dataset}")
-    replays_pushes = issubclass(algo, ASGD) and not issubclass(algo, SSP)
-    if sim.comm_time == "replay" and not replays_pushes and not issubclass(algo, Sequential):
+    if sim.comm_time == "replay" and not _pushes(algo) and not issubclass(algo, Sequential):
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
+    if sim.comm_time == "replay" and _pushes(algo):
+        run_dir = sim.step_time.partition(":")[2]
+        source = steptimes.recorded_algo(run_dir)
+        if source in registry.names() and not _pushes(registry.get(source)):
+            raise UsageError(f"--comm-time replay: {run_dir} is an --algo {source} run, whose "
+                             f"rests are not pushes; replay an asgd, dcasgd-c or dcasgd-a "
+                             f"run's, or use --comm-time model")
     if issubclass(algo, Sequential) and k > 1:  # its own check names no --workers
         raise UsageError(f"--algo sgd runs on one process, not --workers {k}: give --workers 1 "
                          f"(or --algo ssgd for {k} workers)")
     algo.check(config, ranks, n)
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
         run.initial_model(config, sample.shape, sample.num_classes)
-    StepTimeModel(sim.step_time, k, config.seed)  # the model's own checks (a replay's file)
-    return config
+    return config  # SimConfig checked --step-time (and read a replay's file)
+
+
+def _pushes(algo: type) -> bool:
+    """Whether a step's rest is a push into the store: asgd, dcasgd-c, dcasgd-a."""
+    return issubclass(algo, ASGD) and not issubclass(algo, SSP)
 
 
 class Simulation:
