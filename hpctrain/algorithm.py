@@ -193,9 +193,11 @@ class Algorithm:
     def synchronize(self) -> None:
         """Complete the gradient (ssgd: finish its allreduce) before the NaN guard sees it."""
 
-    def apply(self) -> None:
-        """Take the step (the guard found the gradient finite)."""
+    def apply(self) -> bool:
+        """Take the step (the guard found the gradient finite); False where it was not
+        applied after all (ssgd with Adasum: the combined update was not finite)."""
         self.optimizer.step()
+        return True
 
     def progress(self, position: int, applied: bool) -> int:
         """Global progress (updates) after this worker's step at ``position``."""

@@ -19,7 +19,10 @@ message).
 
 Synchronous SGD with Adasum (``agree``): the gradients stay local (each rank steps, and the
 changes are combined in the step), so the verdict is agreed in one small allgather per step:
-every rank skips when any rank's gradient was bad, as above.
+every rank skips when any rank's gradient was bad, as above. Finite changes can still combine
+into a NaN or Inf (a diverging learning rate overflows Adasum's dot products): the step then
+leaves the parameters as they were, the same on every rank (each holds the same combined
+bits), and :meth:`GradientGuard.reject` counts it as a bad step.
 
 fp16's loss scaling (``amplified``, :mod:`hpctrain.precision`): a non-finite gradient computed
 at a scale above 1 is the scale's overflow when the step's loss is finite. It is skipped, but
@@ -97,6 +100,7 @@ class GradientGuard:
         self.agree = agree and comm is not None
         self.together = self.reduced or self.agree  # every rank skips the same steps
         self.skipped = self.consecutive = self.bad_here = 0
+        self._run_before = 0  # bad steps in a row before the last one check() let through
         self.overflowed = False  # the last step checked was skipped as fp16's overflow
         self._local: list[torch.Tensor] = []
         if self.reduced:
@@ -125,7 +129,7 @@ class GradientGuard:
         else:
             overflow = not finite and self._overflow(amplified, loss)
         if finite:
-            self.consecutive = 0
+            self._run_before, self.consecutive = self.consecutive, 0  # for reject()
             self._clip()
             return True
         self.skipped += 1
@@ -140,6 +144,14 @@ class GradientGuard:
         if self.consecutive >= self.max_bad_steps:
             self._stop(update)
         return False
+
+    def reject(self, update: int) -> None:
+        """A step :meth:`check` let through was not applied after all (Adasum's combined
+        update was not finite): skipped, and a bad step toward ``max_bad_steps``."""
+        self.skipped += 1
+        self.consecutive = self._run_before + 1
+        if self.consecutive >= self.max_bad_steps:
+            self._stop(update)
 
     def _overflow(self, amplified: Callable[[], bool] | None,
                   loss: torch.Tensor | float) -> bool:
@@ -159,10 +171,11 @@ class GradientGuard:
         per_worker = self.per_worker() if self.together else None
         first = update - self.consecutive + 1
         counts = f" (per worker: {per_worker})" if per_worker is not None else ""
+        adasum = " or combined Adasum updates" if self.agree else ""  # see reject()
         error = TooManyBadSteps(
             f"{self.consecutive} consecutive steps (local steps {first}-{update}) had NaN/Inf "
-            f"gradients{counts}; stopping (--max-bad-steps {self.max_bad_steps}). Lower --lr "
-            "or check the data")
+            f"gradients{counts}{adasum}; stopping (--max-bad-steps {self.max_bad_steps}). "
+            "Lower --lr or check the data")
         raise on_every_rank(error) if self.together else error
 
     def per_worker(self) -> list[int]:

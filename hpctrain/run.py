@@ -670,13 +670,15 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         scaler.unscale(algo.optimizer)
         try:
             applied = guard.check(local_steps, amplified=scaler.amplifies, loss=loss)
+            if applied:
+                with profiler.region("hpctrain.apply"):
+                    applied = algo.apply()
+                if not applied:  # Adasum's combined update was not finite
+                    guard.reject(local_steps)
         except Exception as error:  # too many bad steps, on every worker alike or on this one
             if raised_on_every_rank(error):
                 ended_early(error)
             raise
-        if applied:
-            with profiler.region("hpctrain.apply"):
-                algo.apply()
         scaler.update(not applied, guard.overflowed)  # fp16: an overflow is counted apart
         position = algo.progress(position, applied)
         local_steps, samples, i = local_steps + 1, samples + len(y), i + 1

@@ -28,6 +28,26 @@ HPCTRAIN = [sys.executable, "-m", "hpctrain"]
 # Fast training jobs: synthetic data, the MLP, no progress bar (each file adds its epochs).
 SYNTHETIC = ["--dataset", "synthetic", "--model", "mlp", "--no-progress"]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+# A model (--model FILE.py:build) whose finite gradients of about 1e36 step float32
+# parameters to Inf at --lr 1e6: Adasum's combined update is then NaN.
+LOUD_MODEL = """
+import math
+
+from torch import nn
+
+
+class Loud(nn.Module):
+    def __init__(self, features, classes):
+        super().__init__()
+        self.linear = nn.Linear(features, classes)
+
+    def forward(self, x):
+        return self.linear(x.flatten(1)) * 1e36  # finite gradients of about 1e36
+
+
+def build(input_shape, num_classes):
+    return Loud(math.prod(input_shape), num_classes)
+"""
 
 
 # What starts a job or another program, read from the syntax tree (not the text, where a

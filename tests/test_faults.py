@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program
+from conftest import LOUD_MODEL, SYNTHETIC, refusal, run_commands, run_job, run_program
 
 from hpctrain import faults
 from hpctrain.errors import UsageError
@@ -69,6 +69,22 @@ def test_guard_skips_counts_and_stops():
     make_grads(model, float("nan"))
     with pytest.raises(TooManyBadSteps, match=r"3 consecutive steps \(local steps 4-6\)"):
         guard.check(6)
+
+
+def test_a_step_let_through_then_not_applied_counts_as_a_bad_one():
+    """Adasum's combined update that is not finite: reject() after a check() that passed
+    continues the run of bad steps check() had broken, and stops it at max_bad_steps."""
+    model = torch.nn.Linear(3, 2)
+    guard = GradientGuard(model.parameters(), max_bad_steps=3)
+    make_grads(model, float("nan"))
+    assert not guard.check(0)
+    make_grads(model)
+    assert guard.check(1) and guard.consecutive == 0
+    guard.reject(1)
+    assert guard.consecutive == 2 and guard.skipped == 2 and guard.bad_here == 1
+    assert guard.check(2)
+    with pytest.raises(TooManyBadSteps, match=r"3 consecutive steps \(local steps 0-2\)"):
+        guard.reject(2)
 
 
 def test_guard_state_round_trip():
@@ -186,14 +202,19 @@ TOO_MANY = ",".join(f"nan@1:{s}" for s in range(4, 8))  # rank 1's NaN at 4 step
 
 @pytest.fixture(scope="module")
 def two_rank_nan_runs(tmp_path_factory) -> tuple[dict, object]:
-    """The 2-rank drills in one launch: ssgd with Adasum and a few NaN/Inf steps, then ssgd
-    with more NaN steps in a row than --max-bad-steps allows (which ends the launch). Returns
-    ({"adasum": its folder, "too_many": its folder}, the launch's completed process)."""
+    """The 2-rank drills in one launch: ssgd with Adasum and a few NaN/Inf steps, ssgd with
+    Adasum whose combined updates are NaN, then ssgd with more NaN steps in a row than
+    --max-bad-steps allows (which ends the launch). Returns ({"adasum": its folder,
+    "adasum_nan": its folder, "too_many": its folder}, the launch's completed process)."""
     root = tmp_path_factory.mktemp("nan2")
-    runs = {"adasum": root / "adasum", "too_many": root / "too_many"}
+    runs = {name: root / name for name in ("adasum", "adasum_nan", "too_many")}
+    (root / "loud.py").write_text(LOUD_MODEL)
+    loud = ["--reduce-op", "adasum", "--model", f"{root / 'loud.py'}:build", "--lr", "1e6",
+            "--max-bad-steps", "1000"]
     proc = run_commands([ssgd(runs["adasum"], "--reduce-op", "adasum"),
+                         ssgd(runs["adasum_nan"], *loud),
                          ssgd(runs["too_many"], "--max-bad-steps", "4")], np=2, timeout=170,
-                        injects=["nan@1:2,inf@0:9,nan@1:9", TOO_MANY])
+                        injects=["nan@1:2,inf@0:9,nan@1:9", None, TOO_MANY])
     return runs, proc
 
 
@@ -222,6 +243,16 @@ def test_with_adasum_the_ranks_agree_on_the_steps_to_drop(two_rank_nan_runs):
     runs, proc = two_rank_nan_runs
     assert (runs["adasum"] / "summary.json").exists(), proc.stderr
     assert_dropped_on_all(runs["adasum"], 2, [1, 2])
+
+
+@pytest.mark.timeout(180)
+def test_with_adasum_a_combined_update_that_is_not_finite_is_dropped(two_rank_nan_runs):
+    """Finite gradients whose combined Adasum update is NaN: every step is skipped on both
+    ranks, no gradient counted bad, and the model stays as it started, finite."""
+    runs, proc = two_rank_nan_runs
+    summary = json.loads((runs["adasum_nan"] / "summary.json").read_text())
+    assert summary["skipped_steps"] == summary["updates"] > 0
+    assert summary["bad_gradients_per_worker"] == [0, 0] and finite_model(runs["adasum_nan"])
 
 
 @pytest.mark.timeout(180)

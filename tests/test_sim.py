@@ -11,11 +11,12 @@ import re
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_commands, run_job
+from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job
 
 from hpctrain import algorithm_options, kernels, run, steptimes
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
+from hpctrain.guard import TooManyBadSteps
 from hpctrain.sim import SimConfig, simulate
 from hpctrain.sim.network import Network
 from hpctrain.sim.scheduler import Scheduler, SimulationStuck
@@ -590,6 +591,28 @@ def test_a_step_times_file_that_is_not_one_is_named(content, message, tmp_path):
     (tmp_path / steptimes.FILE).write_text(content)
     with pytest.raises(UsageError, match=re.escape(message)):
         StepTimeModel(f"replay:{tmp_path}", 2)
+
+
+def test_adasum_steps_whose_combined_update_is_not_finite_are_skipped(tmp_path):
+    """Finite gradients at lr 1e6 step each worker's float32 parameters to Inf: the combined
+    update is NaN. Every such step is skipped on every worker (no gradient was bad) and the
+    model stays finite; it was NaN from the first step before the guard heard of it."""
+    (tmp_path / "nets.py").write_text(LOUD_MODEL)
+    c = config("ssgd", tmp_path / "a", algorithm=algorithm_options("ssgd")(reduce_op="adasum"),
+               model=ModelConfig(name=f"{tmp_path / 'nets.py'}:build"), max_bad_steps=1000,
+               optim=OptimConfig(epochs=1, batch_size=32, lr=1e6))
+    summary = simulate(c, sim(2))
+    assert summary["skipped_steps"] == summary["updates"] == 32
+    assert summary["bad_gradients_per_worker"] == [0, 0]
+    state = torch.load(tmp_path / "a" / "model.pt", weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in state.values())
+    c = config("ssgd", tmp_path / "b", algorithm=algorithm_options("ssgd")(reduce_op="adasum"),
+               model=ModelConfig(name=f"{tmp_path / 'nets.py'}:build"), max_bad_steps=3,
+               optim=OptimConfig(epochs=1, batch_size=32, lr=1e6))
+    stop = (r"3 consecutive steps \(local steps 0-2\) had NaN/Inf gradients \(per worker: "
+            r"\[0, 0\]\) or combined Adasum updates; stopping \(--max-bad-steps 3\)")
+    with pytest.raises(TooManyBadSteps, match=stop):
+        simulate(c, sim(2))
 
 
 def test_a_worker_that_made_no_step_is_left_out_of_a_replay(tmp_path):

@@ -261,3 +261,31 @@ def test_a_joined_rank_counts_as_a_zero_in_the_adasum_tree(hvd):
         torch.testing.assert_close(out, torch.from_numpy(_tree(vectors)))
     hvd.join()
 
+
+
+@mpi
+@timeout
+def test_a_combined_update_that_is_not_finite_is_not_applied(hvd):
+    """Finite changes whose dot products overflow float32 (a diverging learning rate) combine
+    into NaN: every rank keeps the values the step started from and says so in
+    ``update_applied``; a sane step afterwards is applied again. (Horovod applies the NaN.)"""
+    if hvd.backend() == "horovod":
+        pytest.skip("Horovod applies the combined update as it comes")
+    model = _model().float()
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e25),
+                                   named_parameters=model.named_parameters(), op=hvd.Adasum)
+    before = [p.detach().clone() for p in model.parameters()]
+    x, y = (t.float() for t in _batch(hvd.rank(), 0))
+    F.mse_loss(model(x), y).backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+    opt.step()
+    assert not opt.update_applied
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before,
+                                                          strict=True))
+    opt.param_groups[0]["lr"] = 0.1
+    opt.step()  # the same gradients, at a learning rate that does not diverge
+    assert opt.update_applied
+    assert all(bool(torch.isfinite(p).all()) and not torch.equal(p.detach(), b)
+               for p, b in zip(model.parameters(), before, strict=True))
+    assert _same_on_every_rank(hvd, torch.cat([p.detach().reshape(-1)
+                                               for p in model.parameters()]))

@@ -84,10 +84,10 @@ class _Sync:
             g.copy_(total[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
 
-    def apply(self) -> None:
+    def apply(self) -> bool:
         if not self.adasum:
             self.optimizer.step()
-            return
+            return True
         # As DistributedOptimizer(op=Adasum): step locally, combine the changes.
         start = torch.cat([p.detach().reshape(-1) for p in self.params])
         self.optimizer.step()
@@ -95,13 +95,16 @@ class _Sync:
         change = change.to("cpu", torch.float32)
         total = torch.empty_like(change)
         self.comm.Adasum(change.numpy(), total.numpy(), [p.numel() for p in self.params])
+        applied = bool(torch.isfinite(total).all())  # else the parameters keep their values
         offset = 0
         with torch.no_grad():
             for p in self.params:
                 n = p.numel()
-                p.copy_((start[offset:offset + n] + total[offset:offset + n].to(start))
+                kept = start[offset:offset + n]
+                p.copy_((kept + total[offset:offset + n].to(start) if applied else kept)
                         .view_as(p))
                 offset += n
+        return applied
 
 
 class VirtualAggregationStats(AggregationStats):

@@ -151,12 +151,13 @@ class Synchronous(Algorithm):
     def synchronize(self) -> None:
         self.optimizer.synchronize()
 
-    def apply(self) -> None:
+    def apply(self) -> bool:
         if self.adasum:  # the update is reduced inside step()
             self.optimizer.step()
-            return
+            return self.optimizer.update_applied
         with self.optimizer.skip_synchronize():  # synchronize() already waited
             self.optimizer.step()
+        return True
 
     def summary(self, points: list[dict], comm) -> dict:
         per_value = 2 if self.options.fp16_allreduce else 4

@@ -320,7 +320,10 @@ class _AdasumOptimizer:
     the parameters, not the gradients, are combined by Adasum (for plain SGD these are -lr·g;
     with momentum or Adam they are the update Adasum's argument is about). One fused Adasum
     per dtype at ``step()``, each parameter with its own coefficients; nothing moves during
-    backward."""
+    backward. A combined update holding NaN or Inf (finite changes whose dot products
+    overflow, at a diverging learning rate) is not applied, where Horovod applies it: the
+    parameters keep the values the step started from and ``update_applied`` is False, on
+    every rank alike (each holds the same combined bits)."""
 
     def __init__(self, params: list[dict], names: dict[torch.Tensor, str], compression: Any,
                  backward_passes_per_step: int, process_set: ProcessSet = global_process_set):
@@ -333,6 +336,7 @@ class _AdasumOptimizer:
         member = included_member(process_set, "DistributedOptimizer")
         self._packs: list[_Packed] | None = None  # made at the first step that reduces
         self._reduces = member is not None and member.transport.size() > 1
+        self.update_applied = True  # whether the last step() applied its combined update
 
     def set_backward_passes_per_step(self, passes: int) -> None:
         _check_passes(passes)  # the update is reduced at step(), after however many passes
@@ -365,7 +369,13 @@ class _AdasumOptimizer:
                 collectives.fused_adasum_(wire, pack.counts, "adasum.update", self.process_set)
                 if wire is not pack.change:
                     pack.change.copy_(self._compression.decompress(wire, ctx))
-                pack.apply()
+            self.update_applied = all(bool(torch.isfinite(pack.change).all())
+                                      for pack in self._packs)
+            for pack in self._packs:
+                if self.update_applied:
+                    pack.apply()
+                else:
+                    pack.restore()
         return loss
 
 
@@ -397,3 +407,7 @@ class _Packed:
     def apply(self) -> None:
         for p, s, c in zip(self.params, self._starts, self._changes, strict=True):
             torch.add(s, c, out=p)
+
+    def restore(self) -> None:
+        for p, s in zip(self.params, self._starts, strict=True):
+            p.copy_(s)
