@@ -228,6 +228,16 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
     return model
 
 
+def layout(model: nn.Module) -> str:
+    """The model's parameters and buffers in a few words, with a digest of their names,
+    shapes and dtypes: what every rank must build alike (a user's model file may differ
+    between nodes)."""
+    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()]
+    digest = hashlib.sha256(repr(tensors).encode()).hexdigest()[:12]
+    values = sum(t.numel() for t in model.state_dict().values())
+    return f"{len(tensors)} tensors of {values} values (layout {digest})"
+
+
 def check_model(name: str, input_shape: tuple, num_classes: int,
                 model_args: dict | None = None, one_sample: str | None = None) -> None:
     """Build the model once and try it on two zero samples: UsageError if it cannot be built,

@@ -135,7 +135,10 @@ def check_workers(config: RunConfig, workers: int,
 
 def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
     """Warn (rank 0 of the launch) of a batch larger than a worker's share of an epoch, and
-    of a ``--profile`` window past the run's steps: both ran, and said so only after."""
+    of a ``--profile`` window past the run's steps: both ran, and said so only after.
+    Nothing when a worker has no samples at all: the caller refuses that run."""
+    if per_worker == 0:
+        return
     o = config.optim
     notes = []
     if o.batch_size > per_worker:
@@ -335,13 +338,19 @@ def _launched(config: RunConfig, named: bool) -> dict:
 
 def _agree(world, config: RunConfig) -> None:
     """Every rank checked the run against its own node's files before MPI started (the data,
-    ``--resume auto``'s checkpoints) and resolved ``--device auto`` with its own GPUs: refuse,
-    on every rank, a run they resolved differently, which would hang in its first collective,
-    train on mismatched data, or meet NCCL on one rank with gloo on another. One allgather."""
+    a model of the user's own, ``--resume auto``'s checkpoints) and resolved ``--device
+    auto`` with its own GPUs: refuse, on every rank, a run they resolved differently, which
+    would hang in its first collective, fail in it with a message that explains nothing,
+    train on mismatched data, or meet NCCL on one rank with gloo on another. One
+    allgather."""
     d = config.data
     mine = {**configs.flat(config), "training samples": data.size(d.dataset, "train", d.data_dir),
             "test samples": data.size(d.dataset, "test", d.data_dir),
             _DEVICE: devices.resolve(config.device)}
+    if plugins.is_reference(config.model.name):  # a built-in one is the same everywhere
+        sample = data.load(d.dataset, "test", d.data_dir, 0, 1)  # the run seeds torch later
+        mine["the model"] = plugins.layout(plugins.build_model(
+            config.model.name, sample.shape, sample.num_classes, config.model.args))
     _refuse_different(world.allgather(mine))
 
 

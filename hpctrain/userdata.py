@@ -23,13 +23,14 @@ Formats:
   either ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset`` of
   ``(x, y)`` items. A Dataset is read item by item, only the items a rank holds; its labels
   come from its ``targets`` attribute when it has one (else every item is read once to find
-  them). An item that raises when read, or is no ``(x, y)`` pair with an integer label, is
-  named by its index.
+  them; an item whose label is not its ``targets`` entry is refused as it is read). An item
+  that raises when read, or is no ``(x, y)`` pair with an integer label, is named by its
+  index.
 
 Samples are ``N x C x H x W`` (``N x H x W`` gets one channel) or any shape a model of the
 user's own takes; uint8 values are scaled to [0, 1], floats are kept as given. Labels must be
 integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one, and
-if given must be one whole number from 2 to ``MAX_CLASSES``. Neither split may be empty.
+either way must be one whole number from 2 to ``MAX_CLASSES``. Neither split may be empty.
 Every check fails with one line naming the data set and what is wrong.
 """
 
@@ -42,6 +43,7 @@ import random
 import reprlib
 import struct
 import zipfile
+import zlib
 from functools import cache
 from pathlib import Path
 
@@ -209,7 +211,11 @@ def _classes(what: str, labels: list[np.ndarray], given) -> int:
     """The number of classes: ``given`` with the data (checked), else the largest label + 1."""
     top = max((int(y.max()) for y in labels if y.size), default=-1)
     if given is None:
-        return max(top + 1, 2)
+        if top < 1:
+            raise UsageError(f"{what}: every label is 0, one class; a classifier needs 2 or "
+                             "more (give num_classes with the data if the others are only "
+                             "absent here)")
+        return top + 1
     c = _num_classes(what, given)
     if top >= c:
         raise UsageError(f"{what}: label {top} is outside [0, {c}) (num_classes {c})")
@@ -271,6 +277,9 @@ class NpzSource:
         except UsageError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+            if not zipfile.is_zipfile(path):  # numpy took it for a pickle: say what it is not
+                raise UsageError(f"--dataset {name}: {path} is not an .npz archive (a zip of "
+                                 f"{', '.join(self.KEYS)} saved with np.savez)") from None
             raise UsageError(f"--dataset {name}: cannot read {path} as .npz ({e})") from None
         if missing:
             raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
@@ -312,6 +321,8 @@ class NpzSource:
             if "allow_pickle" in str(e):
                 raise UsageError(f"{where} holds Python objects") from None
             raise UsageError(f"{where} is not a numpy array ({e})") from None
+        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member
+            raise UsageError(f"{where} cannot be read: {type(e).__name__}: {e}") from None
         if compressed:
             return _numbers_in(where, array)
         _numbers_in(where, np.empty(0, dtype))
@@ -520,13 +531,28 @@ class CallableSource:
             x = part[0]
             return x[torch.as_tensor(rows)] if isinstance(x, torch.Tensor) else np.asarray(x)[rows]
         what = f"--dataset {self.name} {split}"
-        items = [_numpy(_item(what, part, int(i))[0]) for i in rows]
+        items = [_numpy(self._item(what, split, int(i))) for i in rows]
         shapes = {item.shape for item in items}
         if len(shapes) > 1:
             raise UsageError(f"{what}: items of shapes {', '.join(map(str, sorted(shapes)))}; "
                              "want one shape")
         x = np.stack(items)
         return x[:, None] if x.ndim == 3 else x
+
+    def _item(self, what: str, split: str, i: int):
+        """Item ``i``'s x, once its label is found to be the one training uses (from
+        ``targets``, or read before MPI started): a ``target_transform`` that changes only
+        the items' labels would otherwise go unseen."""
+        part = self._sets[split]
+        x, y = _item(what, part, i)
+        label, expected = _label(what, i, y), int(self._labels[split][i])
+        if label != expected and getattr(part, "targets", None) is not None:
+            raise UsageError(f"{what}: item {i}'s label is {label} but targets[{i}] is "
+                             f"{expected}; hpctrain trains on targets, so make them agree")
+        if label != expected:
+            raise UsageError(f"{what}: item {i}'s label is {label}, not the {expected} it "
+                             "gave before training; a label must not change between reads")
+        return x
 
 
 @contextlib.contextmanager

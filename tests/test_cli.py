@@ -151,11 +151,13 @@ def test_the_timeline_check_leaves_the_file_as_it_found_it(tmp_path, monkeypatch
     assert path.read_text() == "[\n"
 
 
-def test_more_ranks_than_samples(tmp_path):
-    """Checked before MPI starts (in process here): the data files are read, not loaded."""
+def test_more_ranks_than_samples(tmp_path, capsys):
+    """Checked before MPI starts (in process here): the data files are read, not loaded. The
+    refusal alone: a warning that each worker's batches hold its 0 samples came first."""
     write_tiny_idx(tmp_path, 3)
     assert "4 ranks but only 3 training samples" in refusal(
         ["--algo", "ssgd", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run")], ranks=4)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.fixture(scope="module")

@@ -125,6 +125,9 @@ def float_label():
 def vector_label():
     return late(label=torch.tensor([0, 1]))
 
+def relabelled():  # as a target_transform does: the items' labels are not their targets
+    return late(label=2)
+
 NUM_CLASSES = 3  # what given_classes returns; a test sets it
 
 def given_classes():
@@ -395,6 +398,32 @@ def test_an_npz_member_saved_without_the_npy_suffix_is_named(tmp_path):
         userdata.describe(f"npz:{path}")
 
 
+def test_a_damaged_compressed_member_is_named(tmp_path):
+    """Bytes flipped inside x_train's deflated data: zipfile's BadZipFile (a CRC) or zlib's
+    error ended the run with exit 1, naming neither the file nor the member."""
+    path = tmp_path / "d.npz"
+    write_npz(path, compressed=True)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("x_train.npy")
+    raw = bytearray(path.read_bytes())
+    start = info.header_offset + 30 + len(info.filename) + len(info.extra)  # the local header
+    middle = start + info.compress_size // 2
+    raw[middle:middle + 16] = bytes(255 - b for b in raw[middle:middle + 16])
+    path.write_bytes(bytes(raw))
+    with pytest.raises(UsageError, match=r"x_train in .*d\.npz cannot be read: "):
+        userdata.describe(f"npz:{path}")
+
+
+def test_labels_of_one_class_are_refused(tmp_path):
+    """Every label 0 and no num_classes: trained as 2 classes and scored 1.0."""
+    write_npz(tmp_path / "d.npz", y_train=np.zeros(60, np.int64), y_test=np.zeros(20, np.int64))
+    with pytest.raises(UsageError, match="every label is 0, one class; a classifier needs 2"):
+        userdata.describe(f"npz:{tmp_path / 'd.npz'}")
+    write_npz(tmp_path / "d.npz", y_train=np.zeros(60, np.int64), y_test=np.zeros(20, np.int64),
+              num_classes=np.int64(2))
+    assert userdata.describe(f"npz:{tmp_path / 'd.npz'}")["classes"] == 2
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.longdouble])
 def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
     x = np.arange(60 * 36).reshape(60, 6, 6).astype(dtype)
@@ -476,6 +505,15 @@ def test_a_dataset_item_that_raises_is_named_when_read(nets):
     with pytest.raises(UsageError, match=re.escape(
             "--dataset nets_mod:late train: item 5 raised KeyError: 'bad item 5'")):
         data.load_indices("nets_mod:late", "train", [4, 5])
+
+
+def test_a_dataset_item_whose_label_is_not_its_targets_entry_is_refused_when_read(nets):
+    """Training takes the labels from targets: an item saying another went unseen."""
+    assert userdata.describe("nets_mod:relabelled")["train"] == 8
+    with pytest.raises(UsageError, match=re.escape(
+            "--dataset nets_mod:relabelled train: item 4's label is 2 but targets[4] is 1; "
+            "hpctrain trains on targets, so make them agree")):
+        data.load_indices("nets_mod:relabelled", "train", [2, 4])
 
 
 def test_an_image_folder_is_read_image_by_image(tmp_path):
@@ -581,7 +619,12 @@ def test_npz_arrays_in_the_other_byte_order_are_read(tmp_path, compressed):
 @pytest.mark.parametrize("content, message", [
     ("npy", "{path} is a .npy array, not an .npz archive of x_train, y_train, x_test, y_test "
             "(save them with np.savez)"),  # was a TypeError about a context manager
-    (b"", "cannot read {path} as .npz (No data left in file)"),  # was a bare EOFError
+    # a bare EOFError; then numpy's "cannot read as .npz (No data left in file)"
+    (b"", "{path} is not an .npz archive (a zip of x_train, y_train, x_test, y_test saved "
+          "with np.savez)"),
+    # text: numpy took it for a pickle and said to load it with allow_pickle=True
+    (b"x_train,y_train\n1,2\n", "{path} is not an .npz archive (a zip of x_train, y_train, "
+                                  "x_test, y_test saved with np.savez)"),
 ])
 def test_a_file_that_is_no_npz_archive_is_named(tmp_path, content, message):
     path = tmp_path / "d.npz"

@@ -5,6 +5,7 @@ nodes' local disks would be."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import pytest
@@ -82,6 +83,37 @@ def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path):
     assert errors[0].startswith("hpctrain: error (rank 0 of 2): the ranks resolved different "
                                 "runs: ")
     assert "do the ranks see the same files?" in errors[0]
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.timeout(120)
+def test_ranks_that_build_different_models_are_refused_in_one_line(tmp_path):
+    """The same --model nets:build, 4 hidden units on one node and 5 on the other: ma failed
+    with MPI_ERR_TRUNCATE, dcasgd-a with a tensor size error, and ssgd with a mismatch whose
+    two calls read alike, each exit 1."""
+    for rank, width in ((0, 4), (1, 5)):
+        (tmp_path / f"node{rank}").mkdir()
+        (tmp_path / f"node{rank}" / "nets.py").write_text(
+            "import math\nfrom torch import nn\n\n\ndef build(input_shape, num_classes):\n"
+            f"    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), {width}),"
+            f"\n                         nn.Tanh(), nn.Linear({width}, num_classes))\n")
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys\n"
+                      "os.chdir(os.path.join(sys.argv[1], 'node' + os.environ["
+                      "'OMPI_COMM_WORLD_RANK']))\n"
+                      "sys.path.insert(0, os.getcwd())  # nets is this node's nets.py\n"
+                      "from hpctrain import cli\n"
+                      "cli.main(sys.argv[2:])\n")
+    proc = run_program([sys.executable, str(script), str(tmp_path), "train", "--algo", "ma",
+                        "--dataset", "synthetic", "--no-progress", "--model", "nets:build",
+                        "--out", str(tmp_path / "run")], np=2, timeout=90,
+                       env={"PYTHONPATH": str(ROOT)})
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain: error")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert re.fullmatch(r"hpctrain: error \(rank 0 of 2\): the ranks resolved different runs: "
+                        r"the model is '4 tensors of 1078 values \(layout \w{12}\)' on rank 0 "
+                        r"but '4 tensors of 1345 values \(layout \w{12}\)' on rank 1; do the "
+                        r"ranks see the same files\?", errors[0]), errors[0]
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
