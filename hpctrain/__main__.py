@@ -17,7 +17,10 @@ def main() -> None:
     stop.install_for(sys.argv[1:])
     from hpctrain.cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+    finally:
+        stop.ignore_from_now()  # the process ends: no signal may end it on the way
 
 
 if __name__ == "__main__":

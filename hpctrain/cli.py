@@ -299,4 +299,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        checkpoint.stop.ignore_from_now()  # the process ends: no signal may end it on the way

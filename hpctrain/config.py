@@ -258,9 +258,10 @@ class CheckpointConfig:
                              "--resume the folder resumed from)", flag="--checkpoint-dir")
     resume: str | None = option(None, "continue the run whose checkpoints are in DIR (a run's "
                                 "--out or its checkpoint folder) from its newest valid "
-                                "checkpoint; auto: this run's own (--out or --checkpoint-dir) "
-                                "if it has any, else start it (for restarted and requeued "
-                                "jobs)", metavar="DIR|auto")
+                                "checkpoint, with its --checkpoint-every unless given; "
+                                "auto: this run's own (--out or --checkpoint-dir) if it has "
+                                "any, else start it (for restarted and requeued jobs)",
+                                metavar="DIR|auto")
 
     def __post_init__(self) -> None:
         if self.every is not None:

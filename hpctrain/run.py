@@ -102,7 +102,8 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True)
     config = replace(config, out=resolved.out,
-                     checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume))
+                     checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
+                                        every=resolved.every))
     refuse_finished(config.out)
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
@@ -613,9 +614,13 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     watch.begin(model, snapshots)
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
-    next_snapshot = (position // snapshot_every + 1) * snapshot_every
+    # Marks a resumed run's snapshots cover: to its last one. Lock-step loops take a mark's
+    # before the checkpoint there; an async rank 0 may not have reached it (the others'
+    # pushes did), and the point was lost when the count at the checkpoint said it passed.
+    covered = snapshots[-1].info.get("updates", position) if snapshots else position
+    next_snapshot = (covered // snapshot_every + 1) * snapshot_every
     taken_at = None  # the update of the last snapshot the loop took
-    first_mark, taken = position // snapshot_every, 0  # marks passed, snapshots taken
+    first_mark, taken = covered // snapshot_every, 0  # marks passed, snapshots taken
     compiled.apply(config.compile, model)  # lazily: the first step compiles
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)

@@ -393,17 +393,21 @@ def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):
         check(out=str(tmp_path / "new"), checkpoint_dir=str(tmp_path / "old" / "checkpoints"))
 
 
-def test_check_resolves_the_folders(tmp_path):
+def test_check_resolves_the_folders_and_the_interval(tmp_path):
+    """A resumed run keeps its checkpoint interval unless given another: resumed without
+    --checkpoint-every it wrote none, and a SIGUSR1 to it was ignored."""
     out, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
-    a_run(folder, out=str(out))
+    a_run(folder, out=str(out), checkpoint_every="0.5e")
     assert check(resume=str(out), every="1e") == checkpoint.Resolved(
-        out=str(out), checkpoint_dir=str(folder), resume=str(folder))
+        out=str(out), checkpoint_dir=str(folder), resume=str(folder), every="1e")
     assert check(resume=str(folder), out=str(tmp_path / "elsewhere"),
                  checkpoint_dir=str(tmp_path / "ck")) == checkpoint.Resolved(
-        out=str(tmp_path / "elsewhere"), checkpoint_dir=str(tmp_path / "ck"), resume=str(folder))
+        out=str(tmp_path / "elsewhere"), checkpoint_dir=str(tmp_path / "ck"), resume=str(folder),
+        every="0.5e")
     fresh = tmp_path / "fresh"
-    assert check(out=str(fresh), every="600") == checkpoint.Resolved(str(fresh), None, None)
-    assert check() == checkpoint.Resolved(None, None, None)
+    assert check(out=str(fresh), every="600") == checkpoint.Resolved(str(fresh), None, None,
+                                                                     "600")
+    assert check() == checkpoint.Resolved(None, None, None, None)
 
 
 def _writer(folder, first: int) -> None:
@@ -451,10 +455,10 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
     checkpoint, else a first start; never a fresh start over unreadable checkpoints."""
     out, folder = tmp_path / "run", tmp_path / "run" / "checkpoints"
     assert check(resume="auto", out=str(out), every="1e") == \
-        checkpoint.Resolved(str(out), None, None)
+        checkpoint.Resolved(str(out), None, None, "1e")
     a_run(folder, out=str(out))
     assert check(resume="auto", out=str(out), every="1e") == \
-        checkpoint.Resolved(str(out), str(folder), str(folder))
+        checkpoint.Resolved(str(out), str(folder), str(folder), "1e")
     own = tmp_path / "ck"  # --checkpoint-dir is where a restarted job looks
     a_run(own, out=str(out))
     assert check(resume="auto", out=str(tmp_path / "x"), checkpoint_dir=str(own)).resume == \
@@ -471,6 +475,14 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
     with pytest.raises(UsageError, match=r"^--resume auto: .*/run/checkpoints holds only "
                                          r"unusable checkpoints \(ckpt-000000005\.pt\.corrupt"):
         check(resume="auto", out=str(out), every="1e")
+    # Nor a new run in that folder, which wrote over their config.json and snapshots.
+    for every in ("1e", None):
+        with pytest.raises(UsageError, match=r"^--out .*/run holds an unfinished run's "
+                                             r"checkpoints, only unusable ones \(ckpt-"):
+            check(out=str(out), every=every)
+    with pytest.raises(UsageError, match=r"^--checkpoint-dir .*/run/checkpoints holds another "
+                                         r"run's checkpoints, only unusable ones"):
+        check(out=str(tmp_path / "new"), every="1e", checkpoint_dir=str(folder))
 
 
 def test_parse_every_bounds_epochs():

@@ -104,6 +104,9 @@ class Resolved:
     """The checkpoint folder: as given, or with ``--resume`` and none given, the one resumed."""
     resume: str | None
     """The checkpoint folder resumed from (``DIR`` or ``DIR/checkpoints``), or None."""
+    every: str | None
+    """``--checkpoint-every``: as given, or with ``--resume`` and none given, the resumed
+    run's (a run continued keeps writing checkpoints, and stops on SIGUSR1, as it did)."""
 
 
 def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
@@ -112,8 +115,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     """Check the checkpoint options before MPI starts; for ``resume``, check that the newest
     checkpoint's run is this one (same ``algo``, ``ranks`` unless ``resize`` allows another
     number, and ``run_config`` values over the keys it also recorded, except ``may_change``);
-    return the folders to use (``out`` defaults to the resumed run's). UsageError, naming the
-    flag, when the run must not go ahead.
+    return the folders and interval to use (``out`` and ``every`` default to the resumed
+    run's). UsageError, naming the flag, when the run must not go ahead.
 
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``).
@@ -150,10 +153,16 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
             checkpoint_dir = str(folder)
+        if every is None and isinstance(old.get("checkpoint_every"), str):
+            every = old["checkpoint_every"]
         resume = str(folder)
     if resume is None and out is not None and listing(Path(out) / SUBDIR):
         raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
                          f"continue it with --resume {out} or choose another folder")
+    if resume is None and out is not None and (aside := corrupt(Path(out) / SUBDIR)):
+        raise UsageError(f"--out {out} holds an unfinished run's checkpoints, only unusable "
+                         f"ones ({aside[0].name}, ...): resume from a good copy, or choose "
+                         "another folder for a new run")
     if out is not None and listing(out) and (resume is None or
                                              Path(out).resolve() != Path(resume).resolve()):
         raise UsageError(f"--out {out} is a folder of checkpoints (a run's --checkpoint-dir); "
@@ -163,12 +172,16 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
             raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
                              "resume it with --resume or choose another folder")
+        if resume is None and (aside := corrupt(folder)):  # a new run would write over theirs
+            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints, "
+                             f"only unusable ones ({aside[0].name}, ...): resume from a good "
+                             "copy, or choose another folder")
         own = [Path(f).resolve() for f in (out, resume) if f is not None]
         if folder.resolve() not in own and ((folder / "config.json").exists()
                                              or listing(folder / SUBDIR)):
             raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
                              "choose another folder")
-    return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume)
+    return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
 
 
 def recorded_out(checkpoint_dir: str | Path) -> str | None:

@@ -59,6 +59,15 @@ def restore(previous: object) -> None:
         signal.signal(SIGNAL, previous)
 
 
+def ignore_from_now() -> None:
+    """Ignore SIGNAL for the rest of the process, which is ending: a second warning after a
+    stop, or one during the interpreter's shutdown (where Python puts the default action
+    back and MPI finalises), would end a rank on signal 10, an exit status a requeue does
+    not take for a stop. Only where SIGNAL is being recorded, from the main thread."""
+    if threading.current_thread() is threading.main_thread() and installed():
+        signal.signal(SIGNAL, signal.SIG_IGN)
+
+
 def _record(signum, frame) -> None:
     global _received
     _received = True
