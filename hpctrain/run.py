@@ -617,7 +617,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     # Marks a resumed run's snapshots cover: to its last one. Lock-step loops take a mark's
     # before the checkpoint there; an async rank 0 may not have reached it (the others'
     # pushes did), and the point was lost when the count at the checkpoint said it passed.
-    covered = snapshots[-1].info.get("updates", position) if snapshots else position
+    # By its epoch: a run resumed on other workers counts other updates (resize.py).
+    last = snapshots[-1].info.get("epoch") if snapshots else None
+    covered = position if last is None else min(position, round(last * per_epoch))
     next_snapshot = (covered // snapshot_every + 1) * snapshot_every
     taken_at = None  # the update of the last snapshot the loop took
     first_mark, taken = covered // snapshot_every, 0  # marks passed, snapshots taken
