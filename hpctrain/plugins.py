@@ -238,6 +238,25 @@ def layout(model: nn.Module) -> str:
     return f"{len(tensors)} tensors of {values} values (layout {digest})"
 
 
+# layout() of the model each check_model built, by its arguments: run._agree compares it
+# across ranks without building the model a second time at start-up.
+_checked: dict[tuple, str] = {}
+
+
+def _key(name: str, input_shape: tuple, num_classes: int, model_args: dict | None) -> tuple:
+    return name, tuple(input_shape), num_classes, json.dumps(model_args or {}, sort_keys=True)
+
+
+def checked_layout(name: str, input_shape: tuple, num_classes: int,
+                   model_args: dict | None = None) -> str:
+    """:func:`layout` of the model these arguments build: as :func:`check_model` found it
+    (this run checked it before MPI started), else built now."""
+    key = _key(name, input_shape, num_classes, model_args)
+    if key not in _checked:
+        _checked[key] = layout(build_model(name, input_shape, num_classes, model_args))
+    return _checked[key]
+
+
 def check_model(name: str, input_shape: tuple, num_classes: int,
                 model_args: dict | None = None, one_sample: str | None = None) -> None:
     """Build the model once and try it on two zero samples: UsageError if it cannot be built,
@@ -254,6 +273,7 @@ def check_model(name: str, input_shape: tuple, num_classes: int,
         _check_own_model(name, model, input_shape, num_classes)
     if one_sample is not None:
         _check_one_sample(name, model, input_shape, one_sample)
+    _checked[_key(name, input_shape, num_classes, model_args)] = layout(model)  # no lazy ones
 
 
 def _check_own_model(name: str, model: nn.Module, input_shape: tuple,

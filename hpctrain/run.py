@@ -349,9 +349,9 @@ def _agree(world, config: RunConfig) -> None:
             "test samples": data.size(d.dataset, "test", d.data_dir),
             _DEVICE: devices.resolve(config.device)}
     if plugins.is_reference(config.model.name):  # a built-in one is the same everywhere
-        sample = data.load(d.dataset, "test", d.data_dir, 0, 1)  # the run seeds torch later
-        mine["the model"] = plugins.layout(plugins.build_model(
-            config.model.name, sample.shape, sample.num_classes, config.model.args))
+        sample = data.load(d.dataset, "test", d.data_dir, 0, 1)
+        mine["the model"] = plugins.checked_layout(config.model.name, sample.shape,
+                                                   sample.num_classes, config.model.args)
     _refuse_different(world.allgather(mine))
 
 

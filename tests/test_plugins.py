@@ -248,6 +248,19 @@ def test_async_models_are_checked_for_shards_and_float32(nets):
         "model in float32 (train it in float32, with --mixed-precision for lower precision)")
 
 
+def test_the_layout_ranks_compare_is_the_checked_models(nets, monkeypatch):
+    """run._agree compares the layout of the model check_model built before MPI: no second
+    build at start-up; other arguments (here --model-args) build and describe their own."""
+    plugins.check_model("nets_mod:build", (1, 8, 8), 3)
+    checked = plugins.checked_layout("nets_mod:build", (1, 8, 8), 3)
+    assert checked == plugins.layout(plugins.build_model("nets_mod:build", (1, 8, 8), 3))
+    assert checked.startswith("4 tensors of 467 values (layout ")
+    wider = plugins.checked_layout("nets_mod:build", (1, 8, 8), 3, {"width": 16})
+    assert wider.startswith("4 tensors of 931 values")
+    monkeypatch.setattr(plugins, "build_model", lambda *a: pytest.fail("built again"))
+    assert plugins.checked_layout("nets_mod:build", (1, 8, 8), 3) == checked
+
+
 def test_checking_a_model_leaves_a_shared_one_as_it_was(nets):
     import nets_mod
 
