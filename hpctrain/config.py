@@ -42,6 +42,7 @@ from hpctrain import (
     userdata,
 )
 from hpctrain.checkpoint import parse_every
+from hpctrain.checkpoint.policy import OFF
 from hpctrain.errors import UsageError
 from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.options import Range, check_fields, option
@@ -262,6 +263,11 @@ class CheckpointConfig:
                                 "auto: this run's own (--out or --checkpoint-dir) if it has "
                                 "any, else start it (for restarted and requeued jobs)",
                                 metavar="DIR|auto")
+
+    @property
+    def interval(self) -> str | None:
+        """The interval checkpoints are written at (``every``), None for none (also ``off``)."""
+        return None if self.every in (None, OFF) else self.every
 
     def __post_init__(self) -> None:
         if self.every is not None:

@@ -68,7 +68,7 @@ def check(config, workers: int) -> None:
     if not plan:
         return
     for (rank, step, _), kind in plan.items():
-        if kind == "killckpt" and config.checkpoint.every is None:
+        if kind == "killckpt" and config.checkpoint.interval is None:
             raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: the run writes no "
                              "checkpoint (no --checkpoint-every)")
         if kind == "killckpt" and rank != 0:

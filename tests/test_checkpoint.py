@@ -190,6 +190,7 @@ def test_loading_never_executes_code(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("text, ok", [("600", "600"), ("2e", "2e"), ("0.5e", "0.5e"),
+                                      ("off", "off"),
                                       ("0", None), ("-1e", None), ("e", None), ("10s", None),
                                       ("infe", None), ("1e400e", None), ("nan", None)])
 def test_parse_every(text, ok):
@@ -257,6 +258,11 @@ def test_loaded_fields(tmp_path):
     assert resumed.restore(back, found) == {"elapsed": 1.5, "updates": 10}
     assert torch.equal(fresh.weight, model.weight) and [s.info for s in back] == [{"updates": 0}]
     assert resumed.next_due == 20 and resumed.summary()["resumed_from_updates"] == [10]
+    quiet = checkpoint.Checkpointer(None, 10, 40, shared={"model": torch.nn.Linear(3, 2)},
+                                    every="off", folder=tmp_path / "ckpts",
+                                    resume=str(tmp_path / "ckpts"), header={"algo": "sgd"})
+    assert quiet.restore(Snapshots(), found) == {"elapsed": 1.5, "updates": 10}
+    assert not quiet.enabled and not any(quiet.due(u) for u in range(10, 41))
 
 
 def test_a_run_resumed_into_another_checkpoint_dir_carries_its_snapshots(tmp_path):
@@ -404,6 +410,8 @@ def test_check_resolves_the_folders_and_the_interval(tmp_path):
                  checkpoint_dir=str(tmp_path / "ck")) == checkpoint.Resolved(
         out=str(tmp_path / "elsewhere"), checkpoint_dir=str(tmp_path / "ck"), resume=str(folder),
         every="0.5e")
+    assert check(resume=str(out), every="off") == checkpoint.Resolved(  # none, said so
+        out=str(out), checkpoint_dir=str(folder), resume=str(folder), every=None)
     fresh = tmp_path / "fresh"
     assert check(out=str(fresh), every="600") == checkpoint.Resolved(str(fresh), None, None,
                                                                      "600")

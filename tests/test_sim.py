@@ -279,9 +279,11 @@ def test_a_checkpointed_runs_config_is_simulated_without_its_checkpoints(tmp_pat
     with pytest.raises(UsageError, match="hpctrain simulate takes no checkpoints"):
         cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--checkpoint-dir",
                   str(tmp_path / "ck"), "--out", str(tmp_path / "sim2")])
-    for every, expected in (([], "0.5e"), (["--checkpoint-every", "off"], None)):
+    for every, expected in (([], "0.5e"), (["--checkpoint-every", "off"], "off")):
         parsed = cli.build_parser().parse_args(["train", "--config", str(config), *every])
-        assert arguments.build(parsed).checkpoint.every == expected
+        built = arguments.build(parsed).checkpoint
+        assert built.every == expected and built.interval == (expected if expected != "off"
+                                                               else None)
 
 
 def test_simulate_stopped_on_collapse_exits_4_as_train_does(tmp_path, capsys):

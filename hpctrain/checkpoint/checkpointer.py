@@ -32,7 +32,7 @@ from hpctrain.checkpoint.folder import (
     save,
 )
 from hpctrain.checkpoint.format import _header_of, encode
-from hpctrain.checkpoint.policy import Every
+from hpctrain.checkpoint.policy import OFF, Every
 from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 from hpctrain.errors import UsageError
@@ -85,7 +85,7 @@ class Checkpointer:
         self.shared, self.per_rank = shared, per_rank or {}
         self.resume_dir = resume
         self.header = {**header, "workers": self.workers}
-        self.enabled = every is not None
+        self.enabled = every not in (None, OFF)
         self.folder = Path(folder)
         schedule = Every.parse(every) if self.enabled else None
         self.by_progress = schedule is not None and schedule.by_progress

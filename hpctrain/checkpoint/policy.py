@@ -45,18 +45,19 @@ MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any
 
 
-OFF = "off"  # --checkpoint-every off: none, over a --config file's setting
+OFF = "off"  # --checkpoint-every off: none, over a --config file's or a resumed run's setting
 
 
-def parse_every(text: str) -> str | None:
+def parse_every(text: str) -> str:
     """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned normalised),
-    or ``off`` (None: no checkpoints, as without the option).
+    or ``off`` (:data:`OFF`: no checkpoints, as without the option, but also none where the
+    option would be inherited: over a ``--config`` file's value, or a resumed run's).
 
     Raises argparse.ArgumentTypeError, so that it serves as an argparse ``type``.
     """
     value = str(text).strip()
     if value == OFF:
-        return None
+        return OFF
     number = value[:-1] if value.endswith("e") else value
     try:
         amount = float(number)
@@ -81,8 +82,11 @@ class Every:
 
     @classmethod
     def parse(cls, text: str) -> Every:
-        """From ``--checkpoint-every``'s text (see :func:`parse_every`, whose errors it raises)."""
+        """From ``--checkpoint-every``'s text (see :func:`parse_every`, whose errors it
+        raises; ``off`` is no interval: ValueError)."""
         value = parse_every(text)
+        if value == OFF:
+            raise ValueError("--checkpoint-every off is no interval")
         by_progress = value.endswith("e")
         return cls(by_progress, float(value[:-1] if by_progress else value))
 
@@ -106,7 +110,8 @@ class Resolved:
     """The checkpoint folder resumed from (``DIR`` or ``DIR/checkpoints``), or None."""
     every: str | None
     """``--checkpoint-every``: as given, or with ``--resume`` and none given, the resumed
-    run's (a run continued keeps writing checkpoints, and stops on SIGUSR1, as it did)."""
+    run's (a run continued keeps writing checkpoints, and stops on SIGUSR1, as it did); None
+    for none (``off``)."""
 
 
 def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
@@ -121,6 +126,7 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``).
     """
+    off, every = every == OFF, None if every == OFF else every  # off: not even the resumed run's
     # Without an interval the folder was made and locked, and nothing written in it. With
     # --resume (auto too: a requeued job looks there) it is the folder resumed from.
     if checkpoint_dir is not None and every is None and resume is None:
@@ -153,7 +159,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
             checkpoint_dir = str(folder)
-        if every is None and isinstance(old.get("checkpoint_every"), str):
+        if every is None and not off and old.get("checkpoint_every") not in (None, OFF) \
+                and isinstance(old.get("checkpoint_every"), str):
             every = old["checkpoint_every"]
         resume = str(folder)
     if resume is None and out is not None and listing(Path(out) / SUBDIR):

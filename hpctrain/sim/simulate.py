@@ -76,7 +76,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     algo = config.algorithm_class
     k = sim.workers
     ck = config.checkpoint
-    if ck.every is not None or ck.resume is not None or ck.dir is not None:
+    if ck.interval is not None or ck.resume is not None or ck.dir is not None:
         raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
                          "--checkpoint-dir, --resume): a simulation is rerun, not resumed")
     if config.eval_rank is not None:  # the real run's extra rank; no such worker here
