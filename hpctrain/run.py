@@ -54,7 +54,9 @@ from hpctrain import (
     precision,
     profiling,
     provenance,
+    steptimes,
     sync,
+    tensorboard,
     userdata,
     watchdog,
     weights,
@@ -105,6 +107,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
                                         every=resolved.every))
     refuse_finished(config.out)
+    refuse_taken_names(config)
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
     return config
@@ -150,6 +153,27 @@ def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
         notes.append(f"--profile {config.profile}: {why}")
     for note in notes if comm.env_rank() == 0 else ():
         print(f"hpctrain: warning: {note}", file=sys.stderr, flush=True)
+
+
+# What a run writes in --out, files all: a folder of one's name is found only when it is
+# written, after training (the model then lost).
+OUTPUT_FILES = ("config.json", "metrics.jsonl", "model.pt", "summary.json", steptimes.FILE,
+                "ensemble.pt")
+
+
+def refuse_taken_names(config: RunConfig) -> None:
+    """``--out``'s files must be free for files, its TensorBoard folder free for a folder."""
+    if config.out is None:
+        return
+    out = Path(config.out)
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise UsageError(f"--out {config.out}: {out / name} is a folder; the run writes "
+                             f"its {name} there")
+    board = out / tensorboard.SUBDIR
+    if config.tensorboard and board.exists() and not board.is_dir():
+        raise UsageError(f"--tensorboard: {board} is a file; the run writes its event files "
+                         "in a folder of that name")
 
 
 def refuse_finished(out: str | None) -> None:

@@ -286,6 +286,24 @@ def test_an_output_folder_that_is_a_file_is_refused_before_mpi(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_an_output_file_name_taken_by_a_folder_is_refused_before_mpi(tmp_path):
+    """A folder named model.pt (or metrics.jsonl, ...) in --out was found only when the file
+    was written, after training, whose model was lost; a file named tensorboard failed in
+    rank 0's first write, after MPI started (exit 1)."""
+    for name in ("model.pt", "metrics.jsonl", "step_times.json"):
+        out = tmp_path / name.replace(".", "-")
+        (out / name).mkdir(parents=True)
+        assert refusal(["--algo", "sgd", *SYNTHETIC, "--out", str(out)]) == \
+            f"--out {out}: {out / name} is a folder; the run writes its {name} there"
+    out = tmp_path / "board"
+    out.mkdir()
+    (out / "tensorboard").write_text("not a folder")
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--tensorboard", "--out", str(out)]) == \
+        f"--tensorboard: {out / 'tensorboard'} is a file; the run writes its event files in " \
+        "a folder of that name"
+    assert sorted(p.name for p in out.iterdir()) == ["tensorboard"]  # nothing written
+
+
 def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path):
     """A dangling link, a name too long, a folder where none can be made: found at the first
     write, after MPI started, each ended the job with exit 1; no check leaves a folder."""
