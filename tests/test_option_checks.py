@@ -158,6 +158,22 @@ def test_config_json_repeats_a_run_that_had_a_checkpoint_folder_of_its_own(tmp_p
     assert again.checkpoint.dir is None and again.checkpoint.every == "1e"  # its own folder
 
 
+def test_a_relative_out_is_resumed_from_another_working_folder(tmp_path, monkeypatch):
+    """A run whose checkpoints were outside its relative --out, resumed from another working
+    folder without --out, wrote its outputs to a new folder of that name there."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    ck = tmp_path / "ck"
+    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--out", "runs/x",
+                                    "--checkpoint-every", "1e", "--checkpoint-dir", str(ck)), 1)
+    checkpoint.save(ck, 32, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1, "args":
+                                       checkpoint.recorded_args(configs.flat(config))})
+    monkeypatch.chdir(tmp_path / "b")
+    again = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--resume", str(ck)), 1)
+    assert again.out == str(tmp_path / "a" / "runs" / "x")
+
+
 # 6. Options that change nothing in the results may change when a run is resumed.
 
 def test_a_resume_may_change_the_stall_timeout_and_the_exchange_round(tmp_path):

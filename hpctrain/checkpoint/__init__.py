@@ -48,7 +48,7 @@ _EXPORTS = {
                      "number", "resolve", "run_folder", "save"], "folder"),
     **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "encode", "load", "read_header"], "format"),
     **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "changed_option", "check",
-                     "parse_every"],
+                     "parse_every", "recorded_args"],
                     "policy"),
     **dict.fromkeys(["Resize", "Resizer"], "resize"),
     **dict.fromkeys(["rng_state", "set_rng_state"], "rng"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -204,6 +205,14 @@ def recorded_out(checkpoint_dir: str | Path) -> str | None:
         return None
     args = header.get("args")
     return _resumed_out(folder, args) if isinstance(args, dict) else None
+
+
+def recorded_args(args: dict) -> dict:
+    """A run's flat options (:func:`hpctrain.config.flat`) as its checkpoints record them:
+    ``out`` and ``checkpoint_dir`` absolute, so that a run resumed from another working
+    folder writes to its own outputs' folder, not to one of that name made there."""
+    return {**args, **{key: os.path.abspath(args[key]) for key in ("out", "checkpoint_dir")
+                       if isinstance(args.get(key), str)}}
 
 
 def _resumed_out(folder: Path, old: dict) -> str | None:
