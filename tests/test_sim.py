@@ -127,6 +127,7 @@ def test_ssgd_simulated_is_sgd_with_k_times_the_batch(tmp_path):
                         optim=OptimConfig(epochs=1, batch_size=64, lr=0.05, momentum=0.0)),
                  sim(1))
     assert a["updates"] == b["updates"]
+    assert a["algo_label"] == "ssgd"  # not the real run's "ssgd (mpi backend)": none here
     ma, mb = (torch.load(tmp_path / d / "model.pt", weights_only=True) for d in ("ssgd", "sgd"))
     assert all(torch.allclose(ma[k], mb[k], atol=1e-5) for k in ma)
 

@@ -59,6 +59,9 @@ class _Sync:
     def connect(self, world, model):
         return world
 
+    def label(self) -> str:
+        return "ssgd (adasum)" if self.adasum else "ssgd"  # no backend: the real's named one
+
     def setup(self, s: Setup) -> None:
         Algorithm.setup(self, s)  # torch's SGD; the virtual workers start from one model
         self.comm = s.comm
