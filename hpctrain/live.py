@@ -116,7 +116,8 @@ class Watch:
     def __init__(self, config, algo: Algorithm, comm, *, test_set, per_epoch: int, steps: int,
                  samples_per_epoch: int, bar, world=None,
                  loss_scale: Callable[[], float | None] = lambda: None,
-                 resumed: int = 0, elapsed: float = 0.0) -> None:
+                 resumed: int = 0, elapsed: float = 0.0,
+                 clock: tensorboard.WallClock | None = None) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.test_set, self.bar, self.world = test_set, bar, world
         self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
@@ -130,10 +131,11 @@ class Watch:
         # Resumed from the checkpoint of update ``resumed`` (the earlier run's count, which a
         # resize rescales to another position) after ``elapsed`` s of training: the earlier
         # run's entries from there on are purged; of the snapshots restored with it (the
-        # first ``restored``), those scored before there are kept, not logged again.
+        # first ``restored``), those scored before there are kept, not logged again. ``clock``
+        # stamps entries (the checkpoint's, with its earlier attempts).
         self.resumed, self.restored = resumed, 0
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
-                                       resumed=resumed, elapsed=elapsed)
+                                       resumed=resumed, clock=clock, rank0=self.rank == 0)
         # The learning rate reaches --lr at this update: a model at chance before it is warming
         # up, not collapsed.
         warmup = math.ceil(config.optim.warmup_epochs * per_epoch)

@@ -635,7 +635,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
                        world=world, loss_scale=scaler.get_scale,
                        resumed=loaded.header["updates"] if loaded else position,
-                       elapsed=done.get("elapsed", 0.0))
+                       elapsed=done.get("elapsed", 0.0), clock=ckpt.clock)
     watch.begin(model, snapshots)
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))

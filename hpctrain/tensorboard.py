@@ -12,11 +12,15 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
 
 A resumed run writes a new event file in the same folder: the earlier run's entries from
 the checkpoint's update on are purged (TensorBoard's ``purge_step``), its online scores before
-it kept, not logged twice. A run resumed on another number of workers counts its updates in
-epochs of another length (:mod:`hpctrain.checkpoint.resize`), so the step axis changes units
-at the checkpoint: the earlier entries are in the earlier run's updates, purged from the
-checkpoint's own count, the resumed run's in its own (grown, it goes on below that count, its
-first entries beside the earlier run's last).
+it kept, not logged twice; resumed without ``--tensorboard``, it purges them all the same (they
+were trained again) and writes nothing more. Scores of snapshots an earlier attempt took
+(``--eval after``) keep the wall time they were taken at (:class:`WallClock`).
+
+A run resumed on another number of workers counts its updates in epochs of another length
+(:mod:`hpctrain.checkpoint.resize`), so the step axis changes units at the checkpoint: the
+earlier entries are in the earlier run's updates, purged from the checkpoint's own count, the
+resumed run's in its own (grown, it goes on below that count, its first entries beside the
+earlier run's last).
 
 ``tensorboard --logdir runs/`` shows every run of a folder side by side.
 """
@@ -40,24 +44,56 @@ def check_installed() -> None:
                          "(make setup installs it)")
 
 
+class WallClock:
+    """The wall time of the moment ``t`` seconds into training, over a resumed run's attempts.
+
+    Each attempt counts its seconds on from those trained before it, from its own start: a
+    snapshot an earlier attempt took is stamped when it was taken, not moved by the time the
+    job was down. Checkpoints keep the attempts (:meth:`state_dict`).
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[tuple[float, float]] = [(0.0, time.time())]
+        """Per attempt: the seconds trained before it, and the wall time of second 0 for it."""
+
+    def resume(self, earlier: list, elapsed: float) -> None:
+        """Go on from ``elapsed`` seconds of training, now; ``earlier``: the attempts before,
+        as :meth:`state_dict` gave them (none from a checkpoint older than this clock)."""
+        self.attempts = [*((float(a), float(b)) for a, b in earlier),
+                         (elapsed, time.time() - elapsed)]
+
+    def __call__(self, t: float) -> float:
+        start = next((start for before, start in reversed(self.attempts) if before <= t),
+                     self.attempts[0][1])
+        return start + t
+
+    def state_dict(self) -> list[list[float]]:
+        return [list(a) for a in self.attempts]
+
+
 class Board:
     """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked).
 
     A run resumed from the checkpoint of update ``resumed`` (the earlier run's count, also
-    after a resize) after ``elapsed`` seconds of training purges the earlier run's entries
-    from that update on (they were trained again), and stamps its own at the wall time they
-    happen. A fresh run (``resumed`` 0) purges every earlier entry: a failed attempt's, in a
-    folder it left without a summary.
+    after a resize) purges the earlier run's entries from that update on (they were trained
+    again), also when not ``enabled`` but ``rank0`` (the entries stay the run's), and stamps
+    its own by ``clock`` (seconds into training to wall time). A fresh run (``resumed`` 0)
+    purges every earlier entry: a failed attempt's, in a folder it left without a summary.
     """
 
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
-                 elapsed: float = 0.0) -> None:
+                 clock: WallClock | None = None, rank0: bool = False) -> None:
         self.writer = None
-        self.start = time.time() - elapsed  # wall time = start + seconds into training
-        if enabled:
+        self.clock = clock or WallClock()
+        folder = Path(out) / SUBDIR
+        stale = rank0 and resumed and folder.is_dir() and any(folder.glob("events.*")) \
+            and importlib.util.find_spec("tensorboard") is not None
+        if enabled or stale:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(Path(out) / SUBDIR), purge_step=resumed)
+            self.writer = SummaryWriter(str(folder), purge_step=resumed)
+            if not enabled:  # the purge is written as the writer opens its file
+                self.close()
 
     @property
     def enabled(self) -> bool:
@@ -67,8 +103,7 @@ class Board:
         """``value`` of ``tag`` at global update ``step`` (``t``: seconds into training)."""
         if self.writer is None or value is None:
             return
-        self.writer.add_scalar(tag, value, step,
-                               walltime=None if t is None else self.start + t)
+        self.writer.add_scalar(tag, value, step, walltime=None if t is None else self.clock(t))
 
     def close(self) -> None:
         if self.writer is not None:

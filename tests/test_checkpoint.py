@@ -256,6 +256,9 @@ def test_loaded_fields(tmp_path):
                                       folder=tmp_path / "ckpts", resume=str(tmp_path / "ckpts"),
                                       header={"algo": "sgd", "ranks": 1, "args": config})
     assert resumed.restore(back, found) == {"elapsed": 1.5, "updates": 10}
+    # The wall clock goes on: the first attempt's start kept, this one's from 1.5 s trained
+    assert resumed.clock.attempts[0] == ckpt.clock.attempts[0]
+    assert resumed.clock.attempts[1][0] == 1.5 and len(resumed.clock.attempts) == 2
     assert torch.equal(fresh.weight, model.weight) and [s.info for s in back] == [{"updates": 0}]
     assert resumed.next_due == 20 and resumed.summary()["resumed_from_updates"] == [10]
     quiet = checkpoint.Checkpointer(None, 10, 40, shared={"model": torch.nn.Linear(3, 2)},

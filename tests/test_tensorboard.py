@@ -48,6 +48,37 @@ def test_a_resumed_run_replaces_the_entries_from_its_update_on(tmp_path):
                                                  64: 0.5, 80: 0.5}
 
 
+def test_a_run_resumed_without_tensorboard_purges_what_was_trained_again(tmp_path):
+    """Its entries from the checkpoint on stayed, the killed attempt's, looking like the run's;
+    a rank other than 0 writes nothing."""
+    attempt(tmp_path, 0.25, range(0, 80, 16))
+    Board(tmp_path, False, resumed=32, rank0=False).close()
+    assert len(list((tmp_path / "tensorboard").glob("events.*"))) == 1
+    Board(tmp_path, False, resumed=32, rank0=True).close()
+    assert logged(tmp_path, "test/accuracy") == {0: 0.25, 16: 0.25}
+    Board(tmp_path / "fresh", False, resumed=32, rank0=True).close()  # none to purge: none made
+    assert not (tmp_path / "fresh").exists()
+
+
+def test_scores_of_an_earlier_attempts_snapshots_keep_their_wall_time(tmp_path):
+    """Stamped from the resumed attempt's start, scores taken before the checkpoint (--eval
+    after) were moved by the time the job was down (hours, after a requeue)."""
+    clock = tensorboard.WallClock()
+    clock.attempts = [(0.0, 1000.0)]  # the first attempt started at 1000 s
+    clock.resume(clock.state_dict(), elapsed=20.0)  # down for a while, 20 s trained
+    now = clock.attempts[1][1] + 20.0
+    assert clock(5.0) == 1005.0 and clock(25.0) == pytest.approx(now + 5.0)
+    board = Board(tmp_path, True, resumed=16, clock=clock)
+    board.scalar("test/accuracy", 0.5, 8, t=5.0)
+    board.scalar("test/accuracy", 0.75, 24, t=25.0)
+    board.close()
+    assert [e.wall_time for e in scalars(tmp_path, "test/accuracy")] == \
+        pytest.approx([1005.0, now + 5.0])
+    older = tensorboard.WallClock()
+    older.resume([], elapsed=20.0)  # a checkpoint from before the clock: as before it
+    assert older(5.0) == older.attempts[0][1] + 5.0
+
+
 def test_a_runs_last_steps_reach_the_board(tmp_path):
     """Training entries came every LOG_EVERY (10) steps only: never the last few steps of a
     run, and none at all of a run that collapsed within ten."""

@@ -38,6 +38,7 @@ from hpctrain.checkpoint.rng import rng_state, set_rng_state
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 from hpctrain.rank0_flag import Rank0Flag
+from hpctrain.tensorboard import WallClock
 
 _LATE, _STOP = 1, 2  # the bits of rank 0's verdict (Checkpointer._verdict)
 # Updates between SIGUSR1 verdicts in epochs mode: a worker waits for rank 0's verdict of
@@ -69,7 +70,8 @@ class Checkpointer:
     configuration that :func:`~hpctrain.checkpoint.policy.check` compares); ``workers`` (the
     size of ``comm``) is added here. ``resize`` (a :class:`~hpctrain.checkpoint.resize.Resizer`)
     turns a checkpoint of another number of workers into this run's per-worker states; without
-    it such a checkpoint is refused.
+    it such a checkpoint is refused. ``clock`` (a :class:`~hpctrain.tensorboard.WallClock`):
+    its attempts go into the checkpoints, and a resume goes on with them.
     """
 
     def __init__(self, comm, steps: int, total_steps: int, *, shared: dict,
@@ -77,7 +79,8 @@ class Checkpointer:
                  every: str | None, folder: Path, resume: str | None, header: dict,
                  resize: Callable[[dict, list[dict]], tuple[list[dict], Resize]] | None = None,
                  stop_on_signal: bool = False,
-                 close_tickets: Callable[[], bool] | None = None) -> None:
+                 close_tickets: Callable[[], bool] | None = None,
+                 clock: WallClock | None = None) -> None:
         self.comm, self.steps, self.total = comm, steps, total_steps
         self.snapshots_per_rank = per_rank_snapshots
         self.rank = comm.Get_rank() if comm is not None else 0
@@ -98,6 +101,7 @@ class Checkpointer:
         self.resumed_from: list[int] = []
         self.resized: list[dict] = []
         self.resize = resize
+        self.clock = clock or WallClock()
         self.last = time.perf_counter()
         self._flag = Rank0Flag(comm)
         self.on_signal = self.enabled and stop_on_signal
@@ -151,6 +155,7 @@ class Checkpointer:
         self.written = len(snapshots)
         self.count, self.seconds = book["checkpoints"], book["checkpoint_s"]
         self.resumed_from = [*book["resumed_from"], position]
+        self.clock.resume(book.get("clock", []), mine["counters"].get("elapsed", 0.0))
         self.next_due = (position // self.interval + 1) * self.interval \
             if self.by_progress else 0
         if self.rank == 0:
@@ -296,7 +301,8 @@ class Checkpointer:
             "ranks": ranks,
             "snapshots": self.refs,
             "book": {"checkpoints": self.count + 1, "checkpoint_s": self.seconds,
-                     "resumed_from": self.resumed_from, "resized": self.resized},
+                     "resumed_from": self.resumed_from, "resized": self.resized,
+                     "clock": self.clock.state_dict()},
         }
         header = {**self.header, "epoch": updates / self.steps}
         save(self.folder, updates, payload, header,
