@@ -446,13 +446,14 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
         folders.append(("--checkpoint-dir", Path(ckdir)))
     made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     for flag, folder in folders:
-        _lock(held, flag, folder)
+        lock_folder(held, flag, folder)
     _check_unchanged(config)
     return config
 
 
-def _lock(held: contextlib.ExitStack, flag: str, folder: Path) -> None:
-    """Hold ``folder``'s lock file until ``held`` closes; UsageError if another run holds it."""
+def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str = "run") -> None:
+    """Hold ``folder``'s lock file until ``held`` closes; UsageError if another ``what`` (a
+    run, a comparison) holds it."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = held.enter_context(open(folder / LOCK, "a"))
@@ -460,7 +461,7 @@ def _lock(held: contextlib.ExitStack, flag: str, folder: Path) -> None:
     except OSError as e:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             return  # no locks on this file system: the writes say what is wrong
-        raise UsageError(f"{flag} {folder} is in use by another run going on now (it holds "
+        raise UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
                          f"{folder / LOCK}); wait for it to end or choose another folder") \
             from None
 

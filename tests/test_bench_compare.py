@@ -10,7 +10,10 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
+import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +31,7 @@ from matplotlib.image import imread
 
 from hpctrain import cli, registry
 from hpctrain.bench import compare, report
+from hpctrain.checkpoint import listing
 from hpctrain.errors import UsageError
 
 SMALL = [*SYNTHETIC, "--epochs", "1"]
@@ -438,6 +442,50 @@ def test_sigusr1_stops_the_comparison_after_a_checkpoint(stopped):
     assert not stopped.ssgd_started and not stopped.sgd_finished
 
 
+def running(folder: Path) -> list[str]:
+    """Command lines of the processes now running whose command names ``folder``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            words = cmdline.read_bytes().split(b"\0")
+        except OSError:  # ended meanwhile
+            continue
+        if any(str(folder).encode() in w for w in words):
+            found.append(b" ".join(words).decode(errors="replace"))
+    return found
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path):
+    """kill (SIGTERM) ended bench compare and left its run training on its own, which then
+    finished into a folder the comparison said had not run; a second compare on the folder
+    meanwhile (--resume) took the run going on for failed and wrote its report."""
+    out = tmp_path / "cmp"
+    words = ["bench", "compare", "--algos", "sgd", *SYNTHETIC, "--epochs", "200",
+             "--checkpoint-every", "0.25e", "--out", str(out)]
+    job = start_job(words, np=0)
+    try:
+        deadline = time.monotonic() + 120
+        while not listing(out / "sgd" / "checkpoints"):
+            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            time.sleep(0.05)
+        second = run_job([*words, "--resume"], np=0)
+        assert second.returncode == 2, second.stderr
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"hpctrain: error: --out {out} is in use by another comparison going on now (it "
+            f"holds {out / '.hpctrain.lock'}); wait for it to end or choose another folder")
+    finally:
+        job.send_signal(signal.SIGTERM)  # also on a failure above: no run left behind
+        try:
+            job.communicate(timeout=60)
+        finally:
+            job.kill()
+    assert job.returncode == 128 + signal.SIGTERM
+    assert running(out / "sgd") == []  # the run went with it
+    assert not (out / "sgd" / "summary.json").exists()
+    assert json.loads((out / report.RECORD).read_text())["runs"] == {}  # --resume reruns it
+
+
 @pytest.fixture(scope="module")
 def failed(stopped, tmp_path_factory):
     """The stopped comparison resumed, in a copy: sgd goes on from its checkpoint and
@@ -773,6 +821,10 @@ def test_a_run_without_its_curve_is_a_failed_row(tmp_path):
     report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     cells = report_cells(tmp_path)
     assert cells["bad"]["status"] == "failed: no metrics.jsonl" and cells["good"]["status"] == "ok"
+    bad["metrics"].write_text("")  # a finished run scored its last model: an "ok" row read
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))  # acc 1.0, no target
+    assert report_cells(tmp_path)["bad"]["status"] == \
+        f"failed: {bad['metrics']} holds no curve point"
 
 
 def test_the_report_says_sgd_ran_on_one_process_only_when_it_ran():
@@ -780,6 +832,9 @@ def test_the_report_says_sgd_ran_on_one_process_only_when_it_ran():
     assert "4 workers per run." in report.markdown(record, [], [])
     record["algos"].append("sgd")
     assert "4 workers per run, sgd on one process." in report.markdown(record, [], [])
+    record["train_args"] = ["--eval", "online", "--eval-rank", "3"]  # sgd's: 1, on two
+    assert "4 processes per run, one of them evaluating, sgd on one process and one " \
+        "evaluating (its --eval-rank 1)." in report.markdown(record, [], [])
 
 
 def test_a_curve_point_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, capsys):

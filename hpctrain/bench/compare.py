@@ -39,7 +39,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from hpctrain import arguments, checkpoint, data, launch_env, live, mpirun, registry
@@ -108,8 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "dcasgd-a,ma,ec (this hpctrain has: "
                                  f"{', '.join(registry.names())})"),
         parser.add_argument("--workers", type=at_least(1), default=4,
-                            help="processes per run (sgd always runs on one); with "
-                                 "--eval-rank one of them only evaluates"),
+                            help="processes per run (sgd trains on one); with "
+                                 "--eval-rank one of them only evaluates (sgd's run: two, "
+                                 "one training, one evaluating)"),
         parser.add_argument("--targets", default="0.8,0.85",
                             help="test accuracies whose time to reach the report gives"),
         parser.add_argument("--launcher", default=argparse.SUPPRESS,
@@ -173,6 +174,10 @@ def parse_seeds(text: str) -> list[int]:
                                          "e.g. 1,2,3") from None
     if len(set(seeds)) < len(seeds):
         raise argparse.ArgumentTypeError(f"{text!r}: a seed given twice")
+    bounds = next(f for f in fields(RunConfig) if f.name == "seed").metadata["range"]
+    for seed in seeds:  # as each run's --seed would refuse it, but naming --seeds' entry
+        if problem := bounds.problem(seed):
+            raise argparse.ArgumentTypeError(f"{text!r}: seed {seed} {problem}")
     return seeds
 
 
@@ -295,7 +300,8 @@ def check_run(config: RunConfig, np: int, here: bool = False) -> int:
         if here:  # every run would start, then fail the same way
             raise
         config = replace(config, device="cpu", mixed_precision="no", compile=False)
-    with contextlib.redirect_stdout(io.StringIO()):  # a user's data set, said once per run
+    # A user's data set, a fault that will not fire, ...: said by the run itself, not twice.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         config = training.check_launch(config, np)
     return config.algorithm_class.workers(config, live.check(config, np))
 
@@ -654,8 +660,24 @@ def run(args: argparse.Namespace) -> dict:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # nothing written yet
         raise UsageError(f"--out {out}: cannot make the folder ({e.strerror})") from None
+    with contextlib.ExitStack() as held:
+        # A second compare on the folder (--resume while this one runs) took the runs this
+        # one was training for failed, and wrote its report over this one's record.
+        training.lock_folder(held, "--out", out, "comparison")
+        return _compare(args, runs, out, record)
+
+
+def _terminated(signum: int, frame) -> None:
+    """SIGTERM (``kill``, a workflow manager) ends the compare as Ctrl-C does: the run going
+    on is stopped with it (``execute``'s cleanup), not left training on its own."""
+    raise SystemExit(128 + signum)
+
+
+def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict) -> dict:
+    """:func:`run`'s comparison, in the folder it holds."""
     write_json_atomic(out / report.RECORD, record)  # --resume's new targets, though none runs
     warning = _Warning()
+    terminate = signal.signal(signal.SIGTERM, _terminated)
     try:
         for i, r in enumerate(runs, 1):
             label = f"[{i}/{len(runs)} {r.name}]"
@@ -679,6 +701,7 @@ def run(args: argparse.Namespace) -> dict:
             write_json_atomic(out / report.RECORD, record)
     finally:
         warning.close()
+        signal.signal(signal.SIGTERM, terminate)
     left = [r.name for r in runs if r.name not in record["runs"]]
     if left:  # SIGUSR1 stopped the comparison
         print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "

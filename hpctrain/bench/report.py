@@ -206,6 +206,9 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
         points = read_points(run_dir)
     except UsageError as e:
         return Row(name, "failed", error=str(e), **record)
+    if not points:  # a finished run scored its last model at least
+        return Row(name, "failed", error=f"{run_dir / 'metrics.jsonl'} holds no curve point",
+                   **record)
     summary, unusable = _usable(summary, run_dir / "summary.json")
     points = _usable_points(points, run_dir / "metrics.jsonl")
     return Row(name, "ok", summary=summary, points=points, unusable=unusable,
@@ -309,6 +312,12 @@ def time_to(points: list[dict], target: float) -> dict | None:
                 None)
 
 
+def _updates(n: float) -> str:
+    """A staleness percentile (interpolated: 14.14, or a mean over seeds: 0.5) as 14.14 and
+    0.5, a whole one as 14: rounding to whole updates showed 0.5 as 0."""
+    return f"{n:.2f}".rstrip("0").rstrip(".")
+
+
 def _bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
@@ -349,8 +358,7 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
         reach.append("not reached" if p is None else f"{_seconds(p['t'])} s ({p['epoch']:.2f} ep)")
     stale = s.get("staleness")
     stale = NA if "staleness" in row.unusable else dash if not stale else (
-        f"{stale['mean']:.2f} / {stale['p50']:.0f} / {stale['p90']:.0f} / "
-        f"{stale['p99']:.0f} / {stale['max']:.0f}")
+        f"{stale['mean']:.2f} / " + " / ".join(_updates(stale[k]) for k in STALENESS_KEYS[1:]))
     moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
@@ -461,8 +469,8 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
                              else ""))
     stale = [r.summary["staleness"] for r in done if r.summary.get("staleness")]
     stale = dash if not stale else " / ".join(
-        f"{_mean([d[k] for d in stale]):{'.2f' if k == 'mean' else '.0f'}}"
-        for k in STALENESS_KEYS)
+        f"{_mean([d[k] for d in stale]):.2f}" if k == "mean" else
+        _updates(_mean([d[k] for d in stale])) for k in STALENESS_KEYS)
     moved: dict[str, list[float]] = {}
     for r in done:
         for key, value in _byte_counts(r.summary):
@@ -614,9 +622,14 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     out = ["# Algorithm comparison", ""]
     if record:
         options = " ".join(record.get("train_args", [])) or "(defaults)"
+        evaluating = "--eval-rank" in record.get("train_args", [])
+        per_run = "processes per run, one of them evaluating" if evaluating else \
+            "workers per run"
+        sgd = "" if "sgd" not in record["algos"] else \
+            ", sgd on one process and one evaluating (its --eval-rank 1)" if evaluating else \
+            ", sgd on one process"
         out.append(f"Training options: `{options}` (each run gets those its algorithm takes); "
-                   f"{record['workers']} workers per run"
-                   f"{', sgd on one process' if 'sgd' in record['algos'] else ''}.")
+                   f"{record['workers']} {per_run}{sgd}.")
     else:
         out.append("Runs found in this folder.")
     simulated = simulated_runs(record, rows)
