@@ -261,7 +261,8 @@ def _process_sets(hvd) -> dict:
     out = {"ids": (even.process_set_id > 0, odd.process_set_id > 0,
                    even.process_set_id != odd.process_set_id),
            "mine": (mine.size(), mine.rank(), mine.included(), even.ranks, odd.ranks,
-                    hvd.global_process_set.ranks, hvd.global_process_set.size())}
+                    hvd.global_process_set.ranks, hvd.global_process_set.size(),
+                    hvd.global_process_set.rank(), hvd.global_process_set.included())}
     # Named: Horovod names unnamed calls by handle number, which the join above, where
     # rank 0 made two calls more than the others, leaves different between ranks.
     t = _value(r, 3)

@@ -50,6 +50,7 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None,
     natives = [hvd.ProcessSet(ps.ranks if ps.ranks is not None else ps.mpi_comm) for ps in sets]
     hvd.init(comm=MPI.COMM_WORLD if comm is None else comm, process_sets=natives or None)
     global_process_set.ranks = list(range(hvd.size()))
+    global_process_set._native = hvd.global_process_set  # its rank(): Horovod's
     for ps, native in zip(sets, natives, strict=True):
         _adopt(ps, native)
     return hvd
@@ -69,6 +70,7 @@ def forget_process_sets() -> None:
     for ps in _adopted:
         ps._invalidate()
     _adopted.clear()
+    global_process_set._native = None
 
 
 def native(process_set: Any) -> Any:
