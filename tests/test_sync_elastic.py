@@ -163,6 +163,36 @@ def test_a_folder_that_cannot_hold_commits_is_refused_at_the_start(hvd, monkeypa
         hvd.elastic.run(lambda s: None)(state)
 
 
+def test_a_state_of_ones_own_that_cannot_be_written_is_refused_at_the_start(hvd, monkeypatch,
+                                                                            tmp_path):
+    """A State subclass with save, restore and sync (what Horovod asks of one) but no
+    _snapshot was refused at its first commit, after training had started."""
+
+    class Counter(hvd.elastic.State):
+        def __init__(self):
+            super().__init__(hvd.broadcast_object, hvd.rank)
+            self.count = self.saved = 0
+
+        def save(self):
+            self.saved = self.count
+
+        def restore(self):
+            self.count = self.saved
+
+        def sync(self):
+            self.count = hvd.broadcast_object(self.count)
+
+    trained = []
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    with pytest.raises(UsageError, match=r"^Counter cannot be written to \$HPCTRAIN_ELASTIC_DIR: "
+                       r"define _snapshot\(\) and _load_snapshot\(\), or unset the variable$"):
+        hvd.elastic.run(lambda s: trained.append(s.commit()))(Counter())
+    assert trained == [] and list(tmp_path.iterdir()) == []
+    monkeypatch.delenv(elastic.ENV)  # in memory, it runs
+    hvd.elastic.run(lambda s: trained.append(s.commit()))(Counter())
+    assert trained == [None]
+
+
 @pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="no sysfs here")
 def test_a_folder_that_exists_but_takes_no_files_is_refused_at_the_start(hvd, monkeypatch):
     """/sys passes os.access(W_OK) for root; the check makes a file there instead."""

@@ -392,6 +392,8 @@ def _resume(state: State) -> bool:
     if folder and hvd.rank() == 0:
         path = Path(folder) / state._file
         try:
+            if type(state)._snapshot is State._snapshot:  # else refused at the first commit
+                state._snapshot()
             _writable(Path(folder))
             found = _read(state, path)
         except UsageError as e:  # the last write failed
