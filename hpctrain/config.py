@@ -48,7 +48,7 @@ from hpctrain.optimizers import OPTIMIZERS
 from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
 from hpctrain.shuffle import TrainDataSpec
-from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, parse_strategy
+from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, canonical_strategy, parse_strategy
 from hpctrain.stragglers import MAX_SIGMA, parse_slowdown
 
 EVAL_MODES = ("after", "online")
@@ -98,6 +98,7 @@ class DataConfig:
         if self.data_dir is not None and not self.data_dir.strip():  # "": the search path
             raise UsageError(f"--data-dir {self.data_dir!r} is empty: give a folder")
         userdata.dataset_name(self.dataset, UsageError)
+        object.__setattr__(self, "shuffle", canonical_strategy(self.shuffle))
         data.check_data_dir(self.dataset, self.data_dir, loaders=False)  # a loader's: at launch
         self.spec(0)  # the shuffle package's own checks
         if self.partition == "label-skew" and self.data_placement == "replicated" and \

@@ -174,6 +174,22 @@ def test_a_relative_out_is_resumed_from_another_working_folder(tmp_path, monkeyp
     assert again.out == str(tmp_path / "a" / "runs" / "x")
 
 
+def test_a_resume_takes_another_spelling_of_the_runs_shuffle(tmp_path):
+    """--shuffle partial:.5 was refused on a run started with partial:0.5: compared as text."""
+    old = configs.flat(configs.resolve(RunConfig(algo="sgd", data=DataConfig(
+        shuffle="partial:0.5"))))
+    checkpoint.save(tmp_path, 5, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
+                                            "args": old})
+    for spelling in ("partial:.5", "partial:5e-1", "partial:0.50"):
+        new = configs.flat(configs.resolve(RunConfig(algo="sgd", data=DataConfig(
+            shuffle=spelling))))
+        assert new["shuffle"] == "partial:0.5"
+        checkpoint.check(algo="sgd", ranks=1, every=None, checkpoint_dir=None,
+                         resume=str(tmp_path), out=str(tmp_path / "out"), run_config=new,
+                         may_change=checkpoint.MAY_CHANGE)
+    assert DataConfig(shuffle="partial:1").shuffle == "partial:1"  # as older runs recorded it
+
+
 # 6. Options that change nothing in the results may change when a run is resumed.
 
 def test_a_resume_may_change_the_stall_timeout_and_the_exchange_round(tmp_path):

@@ -33,6 +33,13 @@ def parse_strategy(text: str) -> tuple[str, float]:
     raise UsageError(f"unknown --shuffle {text!r}; choose from {', '.join(STRATEGIES)}")
 
 
+def canonical_strategy(text: str) -> str:
+    """``--shuffle`` as one spelling of its value (``partial:.5`` and ``partial:5e-1`` are
+    ``partial:0.5``): a resumed run compares it with the run's as text."""
+    name, q = parse_strategy(text)
+    return name if name != "partial" else f"partial:{q!r}".removesuffix(".0")
+
+
 @dataclass(frozen=True)
 class TrainDataSpec:
     """The training set to load and how to shuffle it over the ranks.
