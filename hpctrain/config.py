@@ -147,6 +147,7 @@ class ModelConfig:
             raise UsageError(f"--model-args are for a model of your own, not --model "
                              f"{self.name}")
         if self.args is not None:
+            object.__setattr__(self, "args", options.plain_numbers(self.args))
             # config.json records them (after MPI started): keyword names, JSON values.
             bad = [k for k in self.args if not isinstance(k, str)]
             if bad:
@@ -371,13 +372,13 @@ class RunConfig:
             if type(value) is not cls:  # a dict would fail later, after MPI started
                 hint = f" ({cls.__name__}(**...) builds one from a dict)" \
                     if isinstance(value, dict) else ""
-                raise TypeError(f"RunConfig({name}=...) takes {cls.__name__}, not "
-                                f"{type(value).__name__}{hint}")
+                raise UsageError(f"RunConfig({name}=...) takes {cls.__name__}, not "
+                                 f"{type(value).__name__}{hint}")
         if self.algorithm is None:
             object.__setattr__(self, "algorithm", options_cls())
         elif type(self.algorithm) is not options_cls:
-            raise TypeError(f"--algo {self.algo} takes {options_cls.__name__}, not "
-                            f"{type(self.algorithm).__name__}")
+            raise UsageError(f"--algo {self.algo} takes {options_cls.__name__}, not "
+                             f"{type(self.algorithm).__name__}")
         if self.out is not None and not str(self.out).strip():  # "" would be the working folder
             raise UsageError(f"--out {self.out!r} is empty: give a folder (default "
                              "runs/<algo>-<time>)")

@@ -247,6 +247,8 @@ def _plain(f: Field, value):
     kind = _declared_type(f).removesuffix(" | None")
     if value is None or isinstance(value, bool):
         return value
+    if kind == "bool" and _numpy_scalar(value) and isinstance(value.item(), bool):
+        return value.item()
     if kind == "int" and (isinstance(value, float) and value.is_integer()
                           or isinstance(value, numbers.Integral) and type(value) is not int):
         return int(value)
@@ -255,6 +257,20 @@ def _plain(f: Field, value):
     if kind == "str" and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
         return os.fspath(value)
     return value
+
+
+def _numpy_scalar(value) -> bool:
+    return type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0
+
+
+def plain_numbers(value):
+    """``value`` with NumPy numbers (a sweep over ``np.arange``) made Python's, inside lists,
+    tuples and dicts too: what JSON, and so config.json, holds."""
+    if isinstance(value, dict):
+        return {k: plain_numbers(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(plain_numbers(v) for v in value)
+    return value.item() if _numpy_scalar(value) else value
 
 
 def check_fields(obj) -> None:

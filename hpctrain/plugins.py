@@ -20,6 +20,7 @@ import hashlib
 import importlib
 import importlib.util
 import json
+import os
 import re
 import sys
 from collections.abc import Callable
@@ -116,6 +117,8 @@ def reference_to(flag: str, obj: str | Callable) -> str:
     """
     if isinstance(obj, str):
         return obj
+    if isinstance(obj, os.PathLike) and isinstance(os.fspath(obj), str):  # "./net.py:Net"
+        return os.fspath(obj)
     qualname = getattr(obj, "__qualname__", None)
     module = sys.modules.get(getattr(obj, "__module__", None) or "")
     if not callable(obj) or qualname is None or module is None:
@@ -124,9 +127,11 @@ def reference_to(flag: str, obj: str | Callable) -> str:
     if "<" in qualname:
         raise UsageError(f"{flag}: {qualname} cannot be found again by name (by other ranks, "
                          "or from config.json); define it at module level")
-    if module.__name__ != "__main__" and not module.__name__.startswith(_FILE_MODULE):
+    if module.__name__ != "__main__" and not module.__name__.startswith(_FILE_MODULE) \
+            and not _beside_script(module):
         where = module.__name__
-    elif getattr(module, "__file__", None):  # a script, or a module loaded from a file
+    elif getattr(module, "__file__", None):  # a script, a module loaded from a file or beside
+        # the script
         where = str(Path(module.__file__).resolve())
     else:
         raise UsageError(f"{flag}: {qualname} is defined in {module.__name__}, which has no "
@@ -136,6 +141,19 @@ def reference_to(flag: str, obj: str | Callable) -> str:
         raise UsageError(f"{flag}: {reference} names another object than the one given; "
                          "define it once, at module level")
     return reference
+
+
+def _beside_script(module) -> bool:
+    """Whether ``module`` was imported from the running script's folder, which Python puts
+    first on the path: config.json's ``module:name`` would not import from another working
+    folder, so it is named by its file (which resolves back to it: :func:`_load_file`)."""
+    script = getattr(sys.modules.get("__main__"), "__file__", None)
+    file = getattr(module, "__file__", None)
+    if module is None or not script or not file or "." in module.__name__ \
+            or Path(file).name == "__init__.py":
+        return False
+    folder = Path(script).resolve().parent
+    return Path(file).resolve().parent == folder and folder != Path.cwd().resolve()
 
 
 def resolve(flag: str, text: str) -> Callable:
@@ -169,9 +187,10 @@ def _load_file(flag: str, path_text: str):
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
         raise UsageError(f"{flag}: no file {path_text}")
-    script = sys.modules.get("__main__")
-    if getattr(script, "__file__", None) and Path(script.__file__).resolve() == path:
-        return script  # the running script itself (see reference_to), not a second copy
+    beside = sys.modules.get(path.stem)  # imported by the script from its folder
+    for running in (sys.modules.get("__main__"), beside if _beside_script(beside) else None):
+        if getattr(running, "__file__", None) and Path(running.__file__).resolve() == path:
+            return running  # the script, or a module beside it (reference_to), not a copy
     # One module per file, under a name of its own: every rank and call gets the same one,
     # until the file changes (a sweep that rewrites it between runs trains the new one).
     name = _FILE_MODULE + hashlib.sha1(str(path).encode()).hexdigest()[:12]

@@ -289,7 +289,23 @@ def train(config: RunConfig) -> dict:
     if not isinstance(config, RunConfig):
         raise TypeError(f"hpctrain.train takes a RunConfig (hpctrain.load_config reads a "
                         f"file), not {type(config).__name__}")
-    comm.install_abort_on_error()  # one rank's refusal ends the job, not leaves it waiting
+    # One rank's error ends the job, not leaves the others waiting. Once the run returned
+    # (or failed in a process of its own), the script's errors are its own again: the hook
+    # ends the process at once, its files unflushed and its atexit functions not run.
+    hook = sys.excepthook
+    comm.install_abort_on_error()
+    try:
+        summary = _checked_run(config)
+    except BaseException:
+        if comm.launch_size() == 1:
+            sys.excepthook = hook
+        raise
+    sys.excepthook = hook
+    return summary
+
+
+def _checked_run(config: RunConfig) -> dict:
+    """:func:`train`'s checks and run, with the abort hook installed."""
     auto = config.checkpoint.resume == checkpoint.AUTO
     named = config.out is not None
     with _torch_kept():  # the checks build models too
@@ -589,6 +605,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     total = o.epochs * per_epoch
     s = Setup(model, train_data, comm_, size, steps)
     algo.setup(s)
+    if not isinstance(algo.optimizer, torch.optim.Optimizer):  # else found at the first step
+        raise TypeError(f"{type(algo).__name__}.setup() must set self.optimizer to a torch "
+                        f"optimizer, not {type(algo.optimizer).__name__}")
     guard = algo.guard(s)
     straggler = runtime.straggler(config, rank, size)
     scaler = precision.LossScaler(config.mixed_precision, s.device)  # fp16's; else a no-op

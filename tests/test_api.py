@@ -185,6 +185,62 @@ def test_a_script_passes_its_own_model_class_and_data_function(scripts_and_comma
     assert same_model(again, api)
 
 
+NETS = """
+import math
+from torch import nn
+
+class Net(nn.Module):
+    def __init__(self, input_shape, num_classes, width=16):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(math.prod(input_shape), width),
+                                  nn.Linear(width, num_classes))
+
+    def forward(self, x):
+        return self.body(x)
+"""
+
+SWEEP = """
+import atexit, math, sys
+import numpy as np
+import hpctrain
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+from nets import Net  # beside the script, not in the working folder
+
+atexit.register(lambda: print("atexit ran", flush=True))
+rows = open(sys.argv[2], "w")
+summary = hpctrain.train(RunConfig(
+    algo="sgd", out=sys.argv[1], progress=False, tensorboard=np.bool_(False),
+    data=DataConfig(dataset="synthetic", data_dir=None),
+    model=ModelConfig(name=Net, args={"width": np.int64(8)}),
+    optim=OptimConfig(epochs=np.int64(1), batch_size=32)))
+rows.write(f"{summary['final_test_acc']}\\n")
+{}["mean"]  # the sweep's own bug, after the run
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_sweeps_own_error_after_a_run_is_its_own(tmp_path):
+    """After train() returned, a script's own uncaught error ended the process in one line
+    without flushing its files or running atexit (train's abort hook stayed); a model
+    imported from a module beside it was recorded as nets:Net, which config.json could not
+    import from the working folder; NumPy values in model args and a bool were refused."""
+    folder = tmp_path / "sub"
+    folder.mkdir()
+    (folder / "nets.py").write_text(NETS)
+    (folder / "sweep.py").write_text(SWEEP)
+    proc = run_program([sys.executable, str(folder / "sweep.py"), str(tmp_path / "run"),
+                        str(tmp_path / "rows.txt")], timeout=150)  # from the checkout
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "KeyError: 'mean'"
+    assert "atexit ran" in proc.stdout and float((tmp_path / "rows.txt").read_text()) > 0
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
+    assert recorded["name"] == f"{folder / 'nets.py'}:Net" and recorded["args"] == {"width": 8}
+    again = run_job(["train", "--config", str(tmp_path / "run" / "config.json"), "--out",
+                     str(tmp_path / "again")], np=0)
+    assert again.returncode == 0, again.stderr
+    assert same_model(tmp_path / "run", tmp_path / "again")
+
+
 @pytest.mark.timeout(120)
 def test_a_run_stopped_on_collapse_at_a_snapshot_has_one_final_point(tmp_path):
     # lr 1 with momentum 0.99 diverges within a few updates; a snapshot every update puts one
