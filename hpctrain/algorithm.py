@@ -143,7 +143,8 @@ class Algorithm:
 
     def setup(self, s: Setup) -> None:
         """Build the optimizer (and aggregator) for ``s.model``; the default is torch's SGD,
-        or Adam / AdamW (``--optimizer``)."""
+        or Adam / AdamW (``--optimizer``). An override sets ``self.optimizer`` to a torch
+        optimizer: the loop sets its learning rate and zeroes its gradients."""
         self.model = s.model
         self.optimizer = make_optimizer(s.model.parameters(), self.config.optim)
 
@@ -158,6 +159,13 @@ class Algorithm:
 
     def start(self, position: int) -> None:
         """Training starts, or resumes, at global progress ``position``."""
+
+    def close_tickets(self) -> bool:
+        """Not lock-step only (``lock_step`` False): SIGUSR1 on rank 0 ends the handing out
+        of updates, so that every worker's next :meth:`claim` is ``stop.CLOSED``; False when
+        every one was out already."""
+        raise NotImplementedError(f"{type(self).__name__} is not lock-step (lock_step = False) "
+                                  "and must define close_tickets()")
 
     def checkpoint_state(self) -> tuple[dict, dict]:
         """``(shared, per_rank)`` objects with ``state_dict``/``load_state_dict``: shared ones
