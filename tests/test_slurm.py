@@ -356,17 +356,19 @@ def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_alg
     second attempt (--resume) continues sgd from that checkpoint and then runs ssgd."""
     options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
                "--open-mode=append"]  # both attempts' lines in the log
-    # 30 epochs keep sgd running for seconds after its first checkpoint, for the signal
+    # 30 epochs keep sgd running for seconds after its first checkpoint, for the signal. A
+    # --out of one's own: the requeued attempt was refused ("already holds a comparison").
     job, work = submit(slurm, "compare.sbatch", options,
                        ["--algos", "sgd,ssgd", *SYNTHETIC, "--epochs", "30",
-                        "--checkpoint-every", "1e"], JOB_ENV)
-    out = work / "runs" / f"compare-{job}"
+                        "--checkpoint-every", "1e", "--out", "mine"], JOB_ENV)
+    out = work / "mine"
     again = _warn_and_wait(slurm, job, work, out / "sgd" / "checkpoints")
     log = job_log(work, job)
     assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
     assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in log, log
     assert "stopped by SIGUSR1 with sgd, ssgd left to run" in log, log
     assert f"requeueing job {job} to continue the comparison" in log, log
+    assert log.count(", outputs mine") == 2, log  # both attempts' headers
     record = json.loads((out / "compare.json").read_text())
     assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
     assert record["workers"] == 2 and (out / "report.md").is_file()
