@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 import sys
 import sysconfig
@@ -309,7 +310,10 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # Before MPI starts every rank validates the same arguments, and an error raised on
         # every rank alike is the same, so rank 0 speaks for all: its abort, or the launcher,
         # ends this rank while it waits, unless rank 0 did not fail (a file missing on this
-        # node only), and then this rank must say it.
+        # node only), and then this rank must say it. Ended by the launcher's SIGTERM (srun
+        # --kill-on-bad-exit once rank 0 exited), it exits with rank 0's status, not 143.
+        with contextlib.suppress(ValueError):  # not the main thread: no handler
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
     where = _where(r, n, initialised)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no error; the shell's status, 128 + 2
@@ -320,6 +324,10 @@ def _abort_hook(exc_type, exc, tb) -> None:
     if initialised and MPI.COMM_WORLD.Get_size() > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)
+    if r == 0 and n > 1 and not initialised and "SLURM_STEP_ID" in os.environ:
+        # srun --kill-on-bad-exit ends the others as this rank exits: a moment for them to
+        # reach their wait above, which exits with this status (else srun says 143).
+        time.sleep(1)
     os._exit(status)
 
 

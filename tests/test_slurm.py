@@ -326,6 +326,20 @@ def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tm
 
 
 @pytest.mark.timeout(300)
+def test_bad_input_under_srun_kill_on_bad_exit_exits_2(slurm, tmp_path):
+    """Rank 1 waits for rank 0 to speak for all (the same refusal); srun -K then ended it
+    with SIGTERM, and srun exited 143, as for a killed job."""
+    script = tmp_path / "bad.sbatch"
+    script.write_text(f"#!/bin/bash\nsrun --mpi=pmix --kill-on-bad-exit=1 -n 2 "
+                      f"{sys.executable} -m hpctrain train --algo ssgd {' '.join(SMALL)} "
+                      f"--lr -1 --out {tmp_path / 'run'}\necho \"srun status $?\"\n")
+    job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks=2", "--cpus-per-task=1",
+                                            "--time=5"], [], {})
+    log = job_log(work, job)
+    assert "srun status 2" in log and log.count("--lr: must be > 0, got -1") == 1, log
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("plugin", ["none", "pmix"])
 def test_ssgd_under_torchrun_started_by_srun_as_slurm_md_shows(slurm, tmp_path, plugin):
     """docs/SLURM.md's torchrun recipe (c10d rendezvous; here at 127.0.0.1, as the test node's
