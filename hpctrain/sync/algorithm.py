@@ -44,7 +44,8 @@ class Sequential(Algorithm):
 @dataclass(frozen=True)
 class SynchronousOptions(Options):
     sync_backend: str = option("mpi", "allreduce through hpctrain's mpi4py backend, its "
-                               "torch.distributed one (NCCL/gloo) or Horovod",
+                               "torch.distributed one (NCCL/gloo) or Horovod; under torchrun, "
+                               "which starts no MPI world, mpi is torch",
                                choices=hvd.BACKENDS)
     fp16_allreduce: bool = option(False, "compress gradients to float16 on the wire")
     reduce_op: str = option("average", "how the workers' steps combine: average the "
