@@ -59,11 +59,21 @@ def choose(MPI: ModuleType, started_here: bool) -> None:
     if not MPI.Get_library_version().startswith("Open MPI"):
         _in_effect = DEFAULT
     elif ENV in os.environ:
-        _in_effect = f"{os.environ[ENV]} (from ${ENV})"
+        _in_effect = given(os.environ[ENV])
     elif started_here:
         _in_effect = _written = PREFERRED
     else:
         _in_effect = PREFERRED if set_iallreduce_algorithm(PREFERRED) else DEFAULT
+
+
+def given(value: str) -> str:
+    """The algorithm a user's ``$OMPI_MCA_...`` asks for, in words: a name or number Open MPI
+    takes, or, for another (which Open MPI warns of and ignores), its own default."""
+    numbers = {str(v): k for k, v in ALGORITHMS.items()}
+    name = value.strip() if value.strip() in ALGORITHMS else numbers.get(value.strip())
+    if name is None:
+        return f"{DEFAULT} (${ENV}={value!r} is none of {', '.join(ALGORITHMS)})"
+    return f"{name} (from ${ENV})"
 
 
 def in_effect() -> str | None:

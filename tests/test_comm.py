@@ -58,6 +58,14 @@ def test_library_info():
         assert nbc_tuning.current_iallreduce_algorithm() == nbc_tuning.PREFERRED
 
 
+def test_a_users_algorithm_is_said_as_open_mpi_takes_it():
+    """A value Open MPI refuses (and ignores) was reported as the one in effect."""
+    assert nbc_tuning.given("3") == f"rabenseifner (from ${nbc_tuning.ENV})"
+    assert nbc_tuning.given("ring") == f"ring (from ${nbc_tuning.ENV})"
+    assert nbc_tuning.given("bogus").startswith(f"{nbc_tuning.DEFAULT} (${nbc_tuning.ENV}="
+                                                "'bogus' is none of ignore, ring,")
+
+
 def test_mpi_started_by_hpctrain_runs_libnbcs_fast_allreduce_on_every_rank(tmp_path):
     """MPI started by hpctrain reads the choice from the environment at MPI_Init, on every
     rank alike, and the variable is gone afterwards (a child would take it for the user's).
