@@ -224,7 +224,8 @@ def resolve(args: argparse.Namespace, config: Mapping[str, Any]) -> dict[str, An
         value = given if given is not None else config.get(s.name)
         if value is None:
             continue
-        source = s.flag if given is not None else f"{s.name} in --config-file"
+        source = s.flag if given is not None else \
+            f"--config-file {getattr(args, 'config_file', None)!r}: {s.name}"
         if s.kind in (int, float) and not 0 <= value < math.inf:  # nan and inf too
             raise UsageError(f"{source} {value}: want a finite number >= 0")
         if s.at_most is not None and value > s.at_most:

@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     hosts = parser.add_mutually_exclusive_group()
     hosts.add_argument("-H", "--hosts", help="host:slots,... (default: localhost:NP)")
     hosts.add_argument("-hostfile", "--hostfile",
-                       help="a file of 'host slots=N' lines, as Open MPI and Horovod read it")
-    parser.add_argument("-p", "--ssh-port", type=int, help="ssh port of the other hosts")
+                       help="a file of 'host slots=N' lines (max_slots=M taken too), as "
+                            "Open MPI and Horovod read it")
+    parser.add_argument("-p", "--ssh-port", type=_port, help="ssh port of the other hosts")
     parser.add_argument("-i", "--ssh-identity-file", help="ssh key for the other hosts")
     parser.add_argument("--network-interface", "--network-interfaces", dest="nics",
                         action="append", help="interfaces MPI's TCP traffic may use: "
@@ -121,8 +122,20 @@ def slots(hosts: str) -> list[tuple[str, int]]:
     return out
 
 
+def _port(text: str) -> int:
+    """A TCP port, 1-65535 (0 was dropped without a word, -5 passed on to ssh)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1-65535)")
+    return port
+
+
 def hostfile_slots(path: str) -> list[tuple[str, int]]:
-    """The hosts of a hostfile: ``host slots=N`` lines (``#`` comments, blank lines)."""
+    """The hosts of a hostfile: ``host slots=N`` lines (``#`` comments, blank lines; Open
+    MPI's ``max_slots=M`` and spaces around ``=`` too)."""
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except OSError as e:
@@ -131,13 +144,17 @@ def hostfile_slots(path: str) -> list[tuple[str, int]]:
         raise UsageError(f"--hostfile {path!r}: not UTF-8 text") from None
     out = []
     for line in lines:
-        words = line.split("#", 1)[0].split()
+        words = re.sub(r"\s*=\s*", "=", line.split("#", 1)[0]).split()
         if not words:
             continue
-        m = re.fullmatch(r"slots=([1-9][0-9]*)", words[1]) if len(words) == 2 else None
-        if len(words) > 2 or (len(words) == 2 and not m):
-            raise UsageError(f"--hostfile {path!r}: {line.strip()!r} is not 'host slots=N'")
-        out.append((words[0], int(m.group(1)) if m else 1))
+        keys = dict(w.split("=", 1) for w in words[1:] if "=" in w)
+        slots, most = keys.get("slots", "1"), keys.get("max_slots", "")
+        if any("=" not in w for w in words[1:]) or set(keys) - {"slots", "max_slots"} \
+                or not re.fullmatch(r"[1-9][0-9]*", slots) \
+                or most and not re.fullmatch(r"[1-9][0-9]*", most):
+            raise UsageError(f"--hostfile {path!r}: {line.strip()!r} is not 'host slots=N' "
+                             "(and max_slots=M)")
+        out.append((words[0], int(slots)))
     if not out:
         raise UsageError(f"--hostfile {path!r}: no hosts")
     return out

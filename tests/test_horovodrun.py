@@ -214,8 +214,8 @@ def test_mpi_on_the_command_line_wins_over_the_config_files_controller(tmp_path)
     ("params:\n  fusion_threshold_mb: big\n",
      "params.fusion_threshold_mb: want a whole number, got 'big'"),
     ("params:\n  fusion_threshold_mb: -2\n",
-     "params.fusion_threshold_mb in --config-file -2: want a finite number >= 0"),
-    ("params:\n  cycle_time_ms: .nan\n", "cycle_time_ms in --config-file nan: want a finite"),
+     "horovod.yaml': params.fusion_threshold_mb -2: want a finite number >= 0"),
+    ("params:\n  cycle_time_ms: .nan\n", "horovod.yaml': params.cycle_time_ms nan: want a finite"),
     ("autotune:\n  enabled: 1\n", "autotune.enabled: want true or false, got 1"),
     ("logging:\n  level: LOUD\n", "logging.level: 'LOUD' is not one of TRACE"),
     ("controller: gloo\n", "controller 'gloo': hpctrain horovodrun starts MPI jobs only"),
@@ -287,6 +287,12 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
     path.write_text("# the nodes\nnode1 slots=4\n\nnode2   # one slot\n")
     assert horovodrun.check(parse("-np", "5", "--hostfile", str(path), "python", "x.py")) == [
         ("node1", 4), ("node2", 1)]
+    path.write_text("node1 slots = 4 max_slots=8\nnode2 slots=2\n")  # Open MPI takes both
+    assert horovodrun.hostfile_slots(str(path)) == [("node1", 4), ("node2", 2)]
+    for bad in ("node1 slots=four", "node1 slots=2 max_slots=x", "node1 cores=2", "node1 2"):
+        path.write_text(bad + "\n")
+        with pytest.raises(UsageError, match=f"'{bad}' is not 'host slots=N'"):
+            horovodrun.hostfile_slots(str(path))
     path.write_text("node1 slots=four\n")
     with pytest.raises(UsageError, match="'node1 slots=four' is not 'host slots=N'"):
         horovodrun.hostfile_slots(str(path))
@@ -297,6 +303,8 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
 
 @pytest.mark.parametrize("words, message", [
     (["-np", "0", "python", "x.py"], "-np 0: want at least 1"),
+    (["-np", "2", "-p", "0", "python", "x.py"], "0 is not a port"),  # was dropped
+    (["-np", "2", "-p", "-5", "python", "x.py"], "-5 is not a port"),  # went on to ssh
     (["python", "x.py"], "-np: the number of processes is needed"),
     (["-np", "5", "-H", "a:2,b:2", "python", "x.py"], "-np 5: more processes than the 4 slots"),
     (["-np", "2", "-H", "a:two", "python", "x.py"], "'a:two' is not host or host:slots"),
