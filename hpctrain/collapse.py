@@ -118,6 +118,19 @@ class CollapseDetector:
         self.collapsed_at, self.reason = update, reason
         return reason
 
+    # In a checkpoint (rank 0's is the one that counts): a resumed run goes on with what the
+    # losses so far showed, its non-finite streak and a collapse found before it included.
+    _STATE = ("ema", "reference", "not_finite", "flat", "was_below", "above_chance",
+              "best_acc", "collapsed_at", "reason")
+
+    def state_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self._STATE:
+            setattr(self, name, state[name])
+        self.flat = list(self.flat)
+
 
 def warn(update: int, reason: str, write=None, asked: bool = False) -> None:
     """Rank 0's one warning line (through the progress bar's writer when there is one);

@@ -110,6 +110,16 @@ def _staleness(algo: Algorithm) -> list | None:
     return stale if isinstance(stale, list) else None
 
 
+def collapse_detector(config, num_classes: int, per_epoch: int,
+                      steps: int) -> collapse.CollapseDetector:
+    """The run's collapse detector (the loop makes it before its checkpointer, which keeps
+    its state)."""
+    # The learning rate reaches --lr at this update: a model at chance before it is warming
+    # up, not collapsed.
+    warmup = math.ceil(config.optim.warmup_epochs * per_epoch)
+    return collapse.CollapseDetector(num_classes, max(20, steps // 4), warmup=warmup)
+
+
 class Watch:
     """One worker's view of the run as it happens (see the module docstring)."""
 
@@ -117,7 +127,8 @@ class Watch:
                  samples_per_epoch: int, bar, world=None,
                  loss_scale: Callable[[], float | None] = lambda: None,
                  resumed: int = 0, elapsed: float = 0.0,
-                 clock: tensorboard.WallClock | None = None) -> None:
+                 clock: tensorboard.WallClock | None = None,
+                 detector: collapse.CollapseDetector | None = None) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.test_set, self.bar, self.world = test_set, bar, world
         self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
@@ -136,11 +147,8 @@ class Watch:
         self.resumed, self.restored = resumed, 0
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, clock=clock, rank0=self.rank == 0)
-        # The learning rate reaches --lr at this update: a model at chance before it is warming
-        # up, not collapsed.
-        warmup = math.ceil(config.optim.warmup_epochs * per_epoch)
-        self.detector = collapse.CollapseDetector(test_set.num_classes, max(20, steps // 4),
-                                                  warmup=warmup)
+        self.detector = detector or collapse_detector(config, test_set.num_classes,
+                                                      per_epoch, steps)
         self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
         self.stopped = False
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)

@@ -615,9 +615,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     started_from = provenance.starting_weights(  # rank 0 writes config.json and checkpoints
         config.model.init_from, loaded and loaded.header) if rank == 0 else {}
     shared, per_rank = algo.checkpoint_state()
+    detector = live.collapse_detector(config, test_set.num_classes, per_epoch, steps)
     ckpt = checkpoint.Checkpointer(
         comm_, per_epoch, total, shared=shared,
-        per_rank={**per_rank, "guard": guard, "straggler": straggler,
+        per_rank={**per_rank, "guard": guard, "straggler": straggler, "collapse": detector,
                   **({"scaler": scaler} if scaler.on else {})},
         per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.interval,
         folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
@@ -655,7 +656,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
                        world=world, loss_scale=scaler.get_scale,
                        resumed=loaded.header["updates"] if loaded else position,
-                       elapsed=done.get("elapsed", 0.0), clock=ckpt.clock)
+                       elapsed=done.get("elapsed", 0.0), clock=ckpt.clock,
+                       detector=detector)
     watch.begin(model, snapshots)
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))

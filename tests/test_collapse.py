@@ -1,10 +1,13 @@
 """Collapse detection (hpctrain.collapse): a run that starts slowly is not a collapse, a dead one
 still is; and what rank 0's Watch says about it. The rules one by one: test_plugins.py."""
 
+import json
 import math
 import random
 
+import pytest
 import torch
+from conftest import SYNTHETIC, run_job
 
 from hpctrain import data, live
 from hpctrain.collapse import CollapseDetector
@@ -100,3 +103,39 @@ def test_the_watch_waits_for_the_warm_up_and_says_the_run_stops(tmp_path, capsys
     unasked = watch_of(tmp_path)
     assert feed(unasked, [CHANCE] * 100) is None
     assert capsys.readouterr().err.strip().endswith("(--stop-on-collapse ends a run there)")
+
+
+def test_the_detector_goes_on_from_its_state():
+    """A checkpoint keeps the detector: a resumed run forgot a collapse found before its
+    checkpoint (summary.json's collapsed_at null), and restarted the count of non-finite
+    losses (--stop-on-collapse let a run go on that an uninterrupted one stopped)."""
+    first = CollapseDetector(10, WINDOW)
+    for u, v in enumerate([2.0, 1.5, float("nan"), float("nan")], 1):
+        assert first.loss(u, v) is None
+    again = CollapseDetector(10, WINDOW)
+    again.load_state_dict(first.state_dict())
+    assert again.loss(5, float("nan")) == "training loss nan for 3 steps in a row"
+    done = CollapseDetector(10, WINDOW)
+    done.load_state_dict(again.state_dict())
+    assert (done.collapsed_at, done.reason) == (5, "training loss nan for 3 steps in a row")
+
+
+@pytest.mark.timeout(200)
+def test_a_resumed_run_keeps_a_collapse_found_before_its_checkpoint(tmp_path):
+    """sgd collapses (3 NaN losses) at update 13; killed at 40 after a checkpoint at 32 and
+    resumed, its summary said no collapse."""
+    train = ["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
+             "--checkpoint-every", "0.25e"]
+    nan = "nan@0:10,nan@0:11,nan@0:12"
+    whole = run_job([*train, "--out", str(tmp_path / "whole")], np=0,
+                    env={"HPCTRAIN_INJECT": nan})
+    assert whole.returncode == 0, whole.stderr
+    out = str(tmp_path / "cut")
+    assert run_job([*train, "--out", out], np=0,
+                   env={"HPCTRAIN_INJECT": f"{nan},kill@0:40"}).returncode != 0
+    resumed = run_job([*train, "--out", out, "--resume", "auto"], np=0)
+    assert resumed.returncode == 0, resumed.stderr
+    fields = [{k: json.loads((tmp_path / d / "summary.json").read_text())[k]
+               for k in ("collapsed_at", "collapse_reason")} for d in ("whole", "cut")]
+    assert fields[0] == fields[1] == {"collapsed_at": 13, "collapse_reason":
+                                      "training loss nan for 3 steps in a row"}

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 # Per-worker entries the training loop itself registers (the rest are the algorithm's).
-LOOP_ENTRIES = ("guard", "straggler", "rng", "counters")
+LOOP_ENTRIES = ("guard", "straggler", "rng", "counters", "collapse")
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class Resizer:
     def __call__(self, header: dict, parts: list[dict]) -> tuple[list[dict], Resize]:
         """The ``workers`` per-worker states for the checkpoint with ``header`` and the old
         workers' ``parts`` (each: the algorithm's entries, ``guard``, ``straggler``, ``rng``,
-        ``counters``), and the record of the resize."""
+        ``counters``, ``collapse``), and the record of the resize."""
         old = len(parts)
         old_steps = math.ceil(self.num_samples // old / self.batch_size)
         old_per_epoch = self.per_epoch(old_steps, old)
@@ -133,6 +133,7 @@ class Resizer:
             guard = {**src["guard"], "bad_here": sum(p["guard"]["bad_here"] for p in mine)}
             straggler = {**src["straggler"],
                          "slept": sum(p["straggler"]["slept"] for p in mine)}
+            kept = {"collapse": src["collapse"]} if "collapse" in src else {}  # rank 0's
             out.append({**own[j], "guard": guard, "straggler": straggler, "rng": src["rng"],
-                        "counters": counters})
+                        "counters": counters, **kept})
         return out, Resize(old, self.workers, header["updates"], position)
