@@ -27,6 +27,7 @@ from functools import lru_cache
 import torch
 
 from hpctrain import comm, data
+from hpctrain.checkpoint.policy import Every
 from hpctrain.errors import UsageError
 
 KINDS = ("raise", "kill", "hang", "nan", "inf", "killckpt")
@@ -75,8 +76,11 @@ def check(config, workers: int) -> None:
             raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: only rank 0 writes "
                              f"checkpoints ({kind}@0:{step} kills it halfway through one)")
     updates = _updates(config, workers)
+    every = _checkpoint_every(config, updates)
     for (rank, step, at_checkpoint), kind in plan.items():
         why = _beyond(rank, step, at_checkpoint, workers, updates, config.eval_rank)
+        if not why and at_checkpoint and every and (step == 0 or step % every):
+            why = f"checkpoints are written every {every} updates (and where SIGUSR1 asks)"
         if why and comm.env_rank() == 0:
             print(f"hpctrain: warning: HPCTRAIN_INJECT {kind}@{rank}:{step} will not fire: "
                   f"{why}", file=sys.stderr, flush=True)
@@ -99,6 +103,14 @@ def _updates(config, workers: int) -> int:
     local = data.size(config.data.dataset, "train", config.data.data_dir) // workers
     steps = config.optim.epochs * math.ceil(local / config.optim.batch_size)
     return steps if config.algorithm_class.lock_step else steps * workers
+
+
+def _checkpoint_every(config, updates: int) -> int | None:
+    """The updates between two checkpoints of an interval in epochs (None in seconds)."""
+    interval = config.checkpoint.interval
+    if interval is None or not interval.endswith("e"):
+        return None
+    return Every.parse(interval).interval_updates(updates // config.optim.epochs)
 
 
 def _beyond(rank: int, step: int, at_checkpoint: bool, workers: int, updates: int,

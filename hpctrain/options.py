@@ -158,8 +158,10 @@ class Range:
         if ok:
             return None
         low, high = _bound(self.low), _bound(self.high)
-        if self.high is None:
-            text = f"must be {'>' if self.low_open else '>='} {low}"
+        if self.high is None:  # inf is >= 0 too: say why it is refused
+            finite = "a finite number " if isinstance(value, float) and \
+                not math.isfinite(value) else ""
+            text = f"must be {finite}{'>' if self.low_open else '>='} {low}"
         elif self.low is None:
             text = f"must be {'<' if self.high_open else '<='} {high}"
         else:

@@ -120,7 +120,7 @@ def test_dedicated_server_over_tcp_with_a_straggler(server_run):
      "(99978 parameters), and 4096 in all"),
     (["--shards", "-4"], 2, "--shards -4 is outside [1, 4096]"),
     (["--algo", "asgd", "--lam", "0.1"], 2, "--lam is an option of dcasgd-c, dcasgd-a"),
-    (["--lam", "nan"], 2, "--lam nan must be >= 0"),
+    (["--lam", "nan"], 2, "--lam nan must be a finite number >= 0"),
     (["--lam", "-1"], 0, "--lam -1.0 must be >= 0"),
     (["--ms-decay", "nan"], 2, "--ms-decay nan must be in [0, 1)"),
     (["--algo", "dcasgd-c", "--ms-decay", "0.9"], 2,

@@ -167,7 +167,7 @@ def test_a_fault_that_cannot_fire_is_refused_or_said(monkeypatch, capsys):
         assert refused in refusal([*ssgd, *flags], 2)
     # bench compare gives one plan to runs of 1, 2, ... processes: said, not refused
     monkeypatch.setenv("HPCTRAIN_INJECT", "raise@2:3,nan@0:63,inf@1:64,killckpt@0:64,"
-                                          "killckpt@0:65")
+                                          "killckpt@0:65,killckpt@0:40,killckpt@0:0")
     args = [*ssgd, "--eval", "online", "--eval-rank", "1", "--checkpoint-every", "0.5e"]
     run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 3)
     will_not = "hpctrain: warning: HPCTRAIN_INJECT {} will not fire: {}"
@@ -175,7 +175,12 @@ def test_a_fault_that_cannot_fire_is_refused_or_said(monkeypatch, capsys):
         will_not.format("raise@2:3", "the run's workers are 0..1 (RANK is a worker's index; "
                                      "with --eval-rank 1, world rank r > 1 is worker r - 1)"),
         will_not.format("inf@1:64", "a worker's steps are 0..63 at most"),
-        will_not.format("killckpt@0:65", "the run ends at update 64")]
+        will_not.format("killckpt@0:65", "the run ends at update 64"),
+        # 0.5e: at 32 and 64 (killckpt@0:40 passed silently, a drill that tested nothing)
+        will_not.format("killckpt@0:40", "checkpoints are written every 32 updates (and "
+                                         "where SIGUSR1 asks)"),
+        will_not.format("killckpt@0:0", "checkpoints are written every 32 updates (and "
+                                        "where SIGUSR1 asks)")]
 
 
 def finite_model(out) -> bool:
