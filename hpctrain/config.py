@@ -351,8 +351,9 @@ class RunConfig:
     max_bad_steps: int = option(10, "stop after this many consecutive steps with NaN/Inf "
                                 "gradients", parse=options.positive(int), range=Range(1))
     stall_timeout: float = option(600.0, "end the job when a rank makes no progress for this "
-                                  "long (0: never, else at least 1; start-up gets at least "
-                                  "600 s)", parse=float, metavar="SECONDS",
+                                  "long (0: never, else at least 1; start-up, to the end "
+                                  "of the first step, gets at least 600 s)", parse=float,
+                                  metavar="SECONDS",
                                   range=Range(0, note="(0: never)"))
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
