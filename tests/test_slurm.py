@@ -284,6 +284,13 @@ def sbatch(cluster: LocalSlurm, script: str, options: list[str], args: list[str]
     return job, work
 
 
+def script_job(cluster: LocalSlurm, path: Path, lines: str, options: list[str]):
+    """A batch script of ``lines`` written to ``path``, submitted and waited for as
+    :func:`sbatch` does; its id and folder."""
+    path.write_text(f"#!/bin/bash\n{lines}\n")
+    return sbatch(cluster, str(path), options, [], {})
+
+
 def job_log(work: Path, job: str) -> str:
     path = work / f"slurm-{job}.out"
     return path.read_text(errors="replace") if path.exists() else "(no log)"
@@ -314,12 +321,11 @@ def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tm
     worker.write_text("import os\nfrom hpctrain import devices\n"
                       "print('seen', os.environ['SLURM_LOCALID'], os.environ['LOCAL_RANK'], "
                       "devices.local_rank(), flush=True)\n")
-    script = tmp_path / "torchrun.sbatch"
-    script.write_text(f"#!/bin/bash\nsrun --ntasks=1 {sys.executable} -m torch.distributed.run "
-                      f"--standalone --nproc-per-node 2 --log-dir {tmp_path / 'torch-logs'} "
-                      f"{worker}\n")
-    job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks=1", "--cpus-per-task=2",
-                                            "--time=5"], [], {})
+    job, work = script_job(slurm, tmp_path / "torchrun.sbatch",
+                           f"srun --ntasks=1 {sys.executable} -m torch.distributed.run "
+                           f"--standalone --nproc-per-node 2 --log-dir {tmp_path / 'torch-logs'} "
+                           f"{worker}", ["--nodes=1", "--ntasks=1", "--cpus-per-task=2",
+                                         "--time=5"])
     seen = sorted(tuple(line.split()[1:]) for line in job_log(work, job).splitlines()
                   if line.startswith("seen "))
     assert seen == [("0", "0", "0"), ("0", "1", "1")], job_log(work, job)
@@ -329,12 +335,11 @@ def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tm
 def test_bad_input_under_srun_kill_on_bad_exit_exits_2(slurm, tmp_path):
     """Rank 1 waits for rank 0 to speak for all (the same refusal); srun -K then ended it
     with SIGTERM, and srun exited 143, as for a killed job."""
-    script = tmp_path / "bad.sbatch"
-    script.write_text(f"#!/bin/bash\nsrun --mpi=pmix --kill-on-bad-exit=1 -n 2 "
-                      f"{sys.executable} -m hpctrain train --algo ssgd {' '.join(SMALL)} "
-                      f"--lr -1 --out {tmp_path / 'run'}\necho \"srun status $?\"\n")
-    job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks=2", "--cpus-per-task=1",
-                                            "--time=5"], [], {})
+    job, work = script_job(slurm, tmp_path / "bad.sbatch",
+                           f"srun --mpi=pmix --kill-on-bad-exit=1 -n 2 {sys.executable} -m "
+                           f"hpctrain train --algo ssgd {' '.join(SMALL)} --lr -1 --out "
+                           f"{tmp_path / 'run'}\necho \"srun status $?\"",
+                           ["--nodes=1", "--ntasks=2", "--cpus-per-task=1", "--time=5"])
     log = job_log(work, job)
     assert "srun status 2" in log and log.count("--lr: must be > 0, got -1") == 1, log
 
@@ -348,15 +353,14 @@ def test_ssgd_under_torchrun_started_by_srun_as_slurm_md_shows(slurm, tmp_path, 
     an srun task and failed in MPI_Init, with either plugin (checked)."""
     out = tmp_path / "run"
     port = _free_ports(1)[0]
-    script = tmp_path / "ddp.sbatch"
-    script.write_text(
-        f"#!/bin/bash\nsrun --mpi={plugin} {sys.executable} -m torch.distributed.run "
+    job, work = script_job(
+        slurm, tmp_path / "ddp.sbatch",
+        f"srun --mpi={plugin} {sys.executable} -m torch.distributed.run "
         f"--nnodes \"$SLURM_NNODES\" --nproc-per-node 2 --rdzv-backend c10d "
         f"--rdzv-endpoint 127.0.0.1:{port} --rdzv-id \"$SLURM_JOB_ID\" "
         f"--log-dir {tmp_path / 'torch-logs'} "
-        f"-m hpctrain train --algo ssgd {' '.join(SMALL)} --out {out}\n")
-    job, work = sbatch(slurm, str(script), ["--nodes=1", "--ntasks-per-node=1",
-                                            "--cpus-per-task=2", "--time=5"], [], {})
+        f"-m hpctrain train --algo ssgd {' '.join(SMALL)} --out {out}",
+        ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=5"])
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["workers"], summary["algo_label"]) == (2, "ssgd (torch backend)"), \
         job_log(work, job)
