@@ -169,7 +169,7 @@ POINT_KEYS = ("t", "epoch", "test_acc")  # what readers of a curve point rely on
 
 def read_points(out_dir: str | Path) -> list[dict]:
     """The curve points of a finished run; UsageError naming the file and line of one that is
-    not a point."""
+    not a point, or the file when it holds none (a finished run scored its last model)."""
     path = Path(out_dir) / "metrics.jsonl"
     try:
         lines = path.read_text().splitlines()
@@ -187,6 +187,8 @@ def read_points(out_dir: str | Path) -> list[dict]:
             raise UsageError(f"{path} line {number} is not a curve point (want an object "
                              f"with {', '.join(POINT_KEYS)})")
         points.append(point)
+    if not points:
+        raise UsageError(f"{path} holds no curve point")
     return points
 
 

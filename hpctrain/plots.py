@@ -25,15 +25,27 @@ def _fraction(text: str) -> float:
     return value
 
 
-def arguments(description: str, runs: str, title: str) -> argparse.ArgumentParser:
-    """The arguments of a plot command: run folders, ``--out``, ``--title`` and ``--ymin``."""
-    p = argparse.ArgumentParser(description=description)
+def arguments(prog: str, description: str, runs: str, title: str) -> argparse.ArgumentParser:
+    """The arguments of the plot command ``python -m PROG``: run folders, ``--out``,
+    ``--title`` and ``--ymin``."""
+    p = argparse.ArgumentParser(prog=f"python -m {prog}", description=description)
     p.add_argument("runs", nargs="+", help=runs)
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--title", default=title)
     p.add_argument("--ymin", type=_fraction, default=0.6,
                    help="the y axis' lowest accuracy (lower when a curve goes below it)")
     return p
+
+
+def distinct(run_dirs: list[str]) -> list[str]:
+    """``run_dirs``, each once: a run given twice counted twice (a "mean of 2 runs")."""
+    seen: dict[Path, str] = {}
+    for run in run_dirs:
+        if (key := Path(run).resolve()) in seen:
+            raise UsageError(f"{run} is given twice (as {seen[key]})" if seen[key] != run
+                             else f"{run} is given twice")
+        seen[key] = run
+    return run_dirs
 
 
 def run_command(prog: str, action: Callable[[], None]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 from matplotlib.image import imread
@@ -197,6 +198,48 @@ def test_the_shuffle_plot_names_what_it_cannot_draw_in_one_line(tmp_path, capsys
     shuffle_plot.main([a, "--out", str(png), "--table"])
     assert imread(png).shape[2] in (3, 4)
     assert "| 2 | global | 0 | 0.7000 |" in capsys.readouterr().out
+
+
+def test_what_the_plots_read_wrongly_is_one_line(tmp_path, capsys):
+    """An edited or other tool's ma run ended ec.plot in a KeyError/AttributeError traceback;
+    an empty curve drew an empty figure and a run given twice was "a mean of 2 runs", both
+    with exit 0; argparse's errors said "plot.py"."""
+    png = tmp_path / "x.png"
+    ma = ec_run(tmp_path / "ma")
+    said = {}
+    for name, edit in (("no-tau", lambda f: (f / "summary.json").write_text('{"algo": "ma"}')),
+                       ("no-avg", lambda f: (f / "metrics.jsonl").write_text(
+                           '{"t": 0, "epoch": 0, "test_acc": 0.1}\n')),
+                       ("null", lambda f: (f / "config.json").write_text('{"algorithm": null}')),
+                       ("empty", lambda f: (f / "metrics.jsonl").write_text(""))):
+        run = ec_run(tmp_path / name)
+        edit(Path(run))
+        said[name] = one_line(capsys, ec_plot.main, [run, "--out", str(png)])
+    assert said["no-tau"].endswith("summary.json has no tau (not an ma run's summary)")
+    assert said["no-avg"].endswith("point 1 has no averaged_acc (not an ma run's curve)")
+    assert said["null"].endswith("algorithm is None, not the run's algorithm options")
+    assert said["empty"].endswith(f"{tmp_path / 'empty' / 'metrics.jsonl'} holds no curve point")
+    assert one_line(capsys, ec_plot.main, [ma, ma, "--out", str(png)]) == \
+        f"hpctrain.ec.plot: error: {ma} is given twice"
+    run = shuffle_run(tmp_path / "s")
+    assert one_line(capsys, shuffle_plot.main, [run, f"{run}/", "--out", str(png)]) \
+        == f"hpctrain.shuffle.plot: error: {run}/ is given twice (as {run})"
+    assert not png.exists()
+    with pytest.raises(SystemExit):  # argparse's usage line, then its error
+        ec_plot.main(["--out", str(png)])
+    assert capsys.readouterr().err.splitlines()[-1].startswith(
+        "python -m hpctrain.ec.plot: error: the following arguments are required")
+
+
+def test_a_resumed_runs_exchange_is_per_epoch_it_made(tmp_path, capsys):
+    """A run resumed at epoch 3 of 4 counts the 0.53 MB it moved in the epoch it trained;
+    the table divided them by all 4 epochs (0.13 MB an epoch)."""
+    run = shuffle_run(tmp_path / "r")
+    summary = json.loads((Path(run) / "summary.json").read_text())
+    summary.update(bytes_moved=530_000, exchange_s=0.004, epochs=4,
+                   exchange_per_epoch=[{"epoch": 3, "bytes_moved": 530_000, "exchange_s": 0.004}])
+    (Path(run) / "summary.json").write_text(json.dumps(summary))
+    assert shuffle_plot.table_row(run).endswith("| 0.53 | 0.004 |")
 
 
 def test_a_plot_replaces_its_file_whole(tmp_path):

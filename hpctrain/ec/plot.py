@@ -10,7 +10,7 @@ from pathlib import Path
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, read_points
-from hpctrain.plots import accuracy_figure, arguments, run_command
+from hpctrain.plots import accuracy_figure, arguments, distinct, run_command
 
 
 def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str]]:
@@ -18,10 +18,21 @@ def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str
     summary = read_json(Path(run_dir) / "summary.json", "a finished run's summary", ("algo",))
     if summary["algo"] not in ("ma", "ec"):
         raise UsageError(f"{run_dir} is a run of --algo {summary['algo']}, not ma or ec")
+    if "tau" not in summary:
+        raise UsageError(f"{Path(run_dir) / 'summary.json'} has no tau (not an "
+                         f"{summary['algo']} run's summary)")
+    keys = ("averaged_acc",) if summary["algo"] == "ma" else ("member_acc", "ensemble_acc")
     points = read_points(run_dir)
+    for number, point in enumerate(points, 1):
+        if missing := [k for k in keys if k not in point]:
+            raise UsageError(f"{Path(run_dir) / 'metrics.jsonl'}: point {number} has no "
+                             f"{missing[0]} (not an {summary['algo']} run's curve)")
     t = [p["t"] for p in points]
     options = read_json(Path(run_dir) / "config.json", "a run's config.json",
                         ("algorithm",))["algorithm"]
+    if not isinstance(options, dict):
+        raise UsageError(f"{Path(run_dir) / 'config.json'}: algorithm is {options!r}, not the "
+                         "run's algorithm options")
     name = f"{summary['algo'].upper()} tau={summary['tau']}"
     if options.get("ec_distill_from", "own") != "own":
         name += f" from {options['ec_distill_from']}"
@@ -34,13 +45,13 @@ def curves(run_dir: str | Path) -> list[tuple[str, list[float], list[float], str
 def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
     """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
     with accuracy_figure(out, "wall time (s, training only)", title, ymin) as ax:
-        for i, run in enumerate(run_dirs):
+        for i, run in enumerate(distinct(run_dirs)):
             for label, t, acc, style in curves(run):
                 ax.plot(t, acc, style, color=f"C{i}", label=label, marker=".", markersize=4)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = arguments(__doc__.splitlines()[0], "output folders of ma/ec runs",
+    args = arguments("hpctrain.ec.plot", __doc__.splitlines()[0], "output folders of ma/ec runs",
                      "EC vs MA: test accuracy against wall time").parse_args(argv)
     run_command("hpctrain.ec.plot", lambda: plot(args.runs, args.out, args.title, args.ymin))
 

@@ -17,7 +17,7 @@ import numpy as np
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, read_points
-from hpctrain.plots import accuracy_figure, arguments, run_command
+from hpctrain.plots import accuracy_figure, arguments, distinct, run_command
 
 
 def _config(run_dir: str | Path) -> dict:
@@ -56,9 +56,12 @@ def table_row(run_dir: str | Path) -> str:
     """One Markdown row: K, strategy, seed, final and best accuracy, and per epoch the MB rank 0
     sent to other ranks and its seconds spent exchanging."""
     config, s = _config(run_dir), _summary(run_dir)
+    # A resumed run counts the exchanges it made itself: its epochs since the checkpoint.
+    per_epoch = s.get("exchange_per_epoch")
+    exchanged = len(per_epoch) if isinstance(per_epoch, list) and per_epoch else s["epochs"]
     return (f"| {s['workers']} | {_strategy(config, run_dir)} | {config.get('seed', '?')} "
             f"| {s['final_test_acc']:.4f} | {s['best_test_acc']:.4f} "
-            f"| {s['bytes_moved'] / s['epochs'] / 1e6:.2f} | {s['exchange_s'] / s['epochs']:.3f} |")
+            f"| {s['bytes_moved'] / exchanged / 1e6:.2f} | {s['exchange_s'] / exchanged:.3f} |")
 
 
 def table(run_dirs: list[str]) -> str:
@@ -150,11 +153,12 @@ def draw(ax, run_dirs: list[str]) -> None:
 def plot(run_dirs: list[str], out: str, title: str, ymin: float) -> None:
     """Write the figure for ``run_dirs`` to ``out`` (PNG)."""
     with accuracy_figure(out, "epochs", title, ymin) as ax:
-        draw(ax, run_dirs)
+        draw(ax, distinct(run_dirs))
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = arguments(__doc__.splitlines()[0], "output folders of training runs",
+    p = arguments("hpctrain.shuffle.plot", __doc__.splitlines()[0],
+                  "output folders of training runs",
                   "Shuffling strategies: test accuracy against epochs")
     p.add_argument("--table", action="store_true", help="also print a Markdown table")
     args = p.parse_args(argv)
