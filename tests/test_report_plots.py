@@ -96,6 +96,14 @@ def test_the_report_names_the_model_data_and_epochs_of_each_run_where_they_diffe
             "synthetic (a, c); mnist (b).\n") in report_md(tmp_path / "models")
 
 
+def test_a_simulated_comparisons_time_axis_says_it_is_virtual():
+    simulated = report.Row("asgd", "ok", summary={"simulated": True})
+    real = report.Row("sgd", "ok", summary={})
+    assert report.x_label([simulated], "t") == "virtual time (s, simulated)"
+    assert report.x_label([simulated, real], "t") == "wall time (s)"  # marked in the report
+    assert report.x_label([simulated], "epoch") == report.PLOTS["epoch"][1]
+
+
 def test_simulated_runs_among_real_ones_are_marked(tmp_path):
     """Their virtual seconds stood in the wall time column beside real seconds, unmarked."""
     runs(tmp_path / "mixed", real={}, sim={"simulated": True})

@@ -759,3 +759,24 @@ def test_a_slow_rank_0_says_its_curve_misses_marks(tmp_path, capsys):
     found = re.search(r"rank 0 took the snapshots between its steps, and (\d+) --eval-every "
                       r"marks passed within one of them", capsys.readouterr().err)
     assert found and int(found.group(1)) == inside - (len(points) - 2)  # first, last: no mark
+
+
+def test_a_real_runs_config_is_simulated_on_its_workers(tmp_path):
+    """A real 2-rank run's config.json was simulated on the default 4 workers (its recorded
+    step times replayed in a cycle), without a word; an unknown key in a sim table said
+    "SimConfig.__init__() got an unexpected keyword argument"."""
+    from hpctrain import cli
+    from hpctrain.sim import arguments as sim_arguments
+
+    def built(values: dict, *argv: str):
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps({"algo": "ssgd", **values}))
+        return sim_arguments.build(cli.build_parser().parse_args(
+            ["simulate", "--config", str(path), *argv]))
+
+    assert built({"run_info": {"workers": 2}}).workers == 2
+    assert built({"run_info": {"workers": 2}}, "--workers", "8").workers == 8
+    assert built({"run_info": {"workers": 2}, "sim": {"workers": 16}}).workers == 16
+    with pytest.raises(UsageError, match=r"config.json: unknown configuration key sim.foo; sim "
+                                         r"has: .*workers"):
+        built({"sim": {"foo": 1}})

@@ -608,7 +608,8 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
                              "it, or choose another folder")
         old = report.read_record(out)
         if (old["train_args"], old["workers"]) != (train_args, args.workers):
-            raise UsageError(f"--resume: {out} was run with --workers {old['workers']} and "
+            flag = "--simulate" if old.get("simulated") else "--workers"
+            raise UsageError(f"--resume: {out} was run with {flag} {old['workers']} and "
                              f"options {' '.join(old['train_args']) or '(none)'}; give the same")
         # Simulated and real runs, or simulations of other networks, are not one comparison.
         # (A record from before "sim_args" was kept says nothing of them.)

@@ -781,6 +781,11 @@ def legend_label(curve: Curve, shown: tuple[float, float] | None) -> str:
     return curve.label + (f" (above {shown[1]:.3g}%)" if above else "")
 
 
+def x_label(rows: list[Row], x: str) -> str:
+    """The plot's x axis: simulated runs' times are virtual, said on the PNG too."""
+    return "virtual time (s, simulated)" if x == "t" and _all_simulated(rows) else PLOTS[x][1]
+
+
 def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run (with
     seeds: per algorithm, shaded from its lowest to its highest run): a PNG."""
@@ -801,7 +806,7 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
         ax.set_ylim(*shown)
         ax.legend(loc="upper right", fontsize="small")
     ax.set_title(title)
-    ax.set_xlabel(PLOTS[x][1])
+    ax.set_xlabel(x_label(rows, x))
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()

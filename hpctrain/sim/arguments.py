@@ -4,6 +4,7 @@ parsed as ``train``'s are (:mod:`hpctrain.arguments`)."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
 
 from hpctrain import config as configs
 from hpctrain.arguments import Declared, add_option
@@ -45,10 +46,19 @@ def build(args: argparse.Namespace) -> SimConfig:
         if hasattr(args, dest):  # typed (train's options default to absent)
             raise UsageError(f"hpctrain simulate does not use {flag} "
                              f"{shown(getattr(args, dest))} ({why}): drop it")
-    base = configs.read_file(args.config).get("sim", {}) if getattr(args, "config", None) else {}
+    recorded = configs.read_file(args.config) if getattr(args, "config", None) else {}
+    base = recorded.get("sim", {})
     if not isinstance(base, dict):
         raise UsageError(f"--config {args.config}: sim must be a table of the simulator's "
                          f"options, not {type(base).__name__}")
+    known = {f.name for f in fields(SimConfig)}
+    if unknown := sorted(set(base) - known):
+        raise UsageError(f"--config {args.config}: unknown configuration key sim.{unknown[0]}; "
+                         f"sim has: {', '.join(sorted(known))}")
+    ran_on = recorded.get("run_info", {}).get("workers") if "sim" not in recorded and \
+        isinstance(recorded.get("run_info"), dict) else None
+    if isinstance(ran_on, int) and not isinstance(ran_on, bool) and ran_on > 0:
+        base = {"workers": ran_on}  # a real run's config.json: as many workers as it had
     values = {**base, **{d.path[-1]: getattr(args, d.dest) for d in options()
                          if hasattr(args, d.dest)}}
     try:
