@@ -160,9 +160,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
             checkpoint_dir = str(folder)
-        if every is None and not off and old.get("checkpoint_every") not in (None, OFF) \
-                and isinstance(old.get("checkpoint_every"), str):
-            every = old["checkpoint_every"]
+        recorded = old.get("checkpoint_every")
+        if every is None and not off and isinstance(recorded, str) and recorded != OFF:
+            every = recorded
         resume = str(folder)
     if resume is None and out is not None and listing(Path(out) / SUBDIR):
         raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "

@@ -55,10 +55,10 @@ def build(args: argparse.Namespace) -> SimConfig:
     if unknown := sorted(set(base) - known):
         raise UsageError(f"--config {args.config}: unknown configuration key sim.{unknown[0]}; "
                          f"sim has: {', '.join(sorted(known))}")
-    ran_on = recorded.get("run_info", {}).get("workers") if "sim" not in recorded and \
-        isinstance(recorded.get("run_info"), dict) else None
-    if isinstance(ran_on, int) and not isinstance(ran_on, bool) and ran_on > 0:
-        base = {"workers": ran_on}  # a real run's config.json: as many workers as it had
+    info = recorded.get("run_info")
+    if "sim" not in recorded and isinstance(info, dict) and type(info.get("workers")) is int \
+            and info["workers"] > 0:
+        base = {"workers": info["workers"]}  # a real run's config.json: the workers it had
     values = {**base, **{d.path[-1]: getattr(args, d.dest) for d in options()
                          if hasattr(args, d.dest)}}
     try:
