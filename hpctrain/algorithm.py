@@ -22,7 +22,7 @@ checkpoints, evaluation, outputs). A subclass declares:
 
 The defaults are those of a lock-step algorithm (every worker makes the same number of
 updates, together): a plain synchronous loop needs only ``setup``. Registration: one line in
-:mod:`hpctrain.registry`.
+:mod:`hpctrain.registry`, or none for a user's own (``--algo ./mine.py:Mine``).
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@ options to each run, reading their owners from :func:`algorithm_options`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
-from hpctrain import comm, options, registry
+from hpctrain import comm, options, plugins, registry
 from hpctrain import config as configs
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
@@ -47,14 +47,53 @@ def shared_options() -> list[Declared]:
 
 
 def algorithm_options() -> list[Declared]:
-    """Each algorithm option once, with the algorithms that declare it, in registry order."""
+    """Each algorithm option once, with the algorithms that declare it, in registry order
+    (a user's algorithm loaded by :func:`load_named_algorithms` last). UsageError for a user's
+    option whose name or flag is already another option's, declared otherwise."""
+    taken = {d.flag: d.field for d in shared_options()}
     seen: dict[str, Declared] = {}
-    for cls in registry.ALGORITHMS.values():
+    for name, cls in registry.known().items():
         for f in declared(cls.Options):
+            earlier = seen.get(f.name) or next(
+                (d for d in seen.values() if d.flag == flag_of(f)), None)
+            other = earlier.field if earlier else taken.get(flag_of(f))
+            if other is not None and other is not f and _declaration(other) != _declaration(f):
+                whose = "every run's" if earlier is None else ", ".join(
+                    registry.display_name(n) for n, a in registry.known().items()
+                    if other in fields(a.Options)) + "'s"
+                raise UsageError(f"--algo {name}: its option {f.name} ({flag_of(f)}) is "
+                                 f"{whose} {flag_of(other)} already; name it otherwise")
             if f.name not in seen:
                 seen[f.name] = Declared(flag_of(f), ("algorithm", f.name), f,
                                         tuple(registry.owners(f.name)))
     return list(seen.values())
+
+
+def _declaration(f) -> tuple:
+    """What makes two option fields the same option: flag, type, default and metadata (an
+    algorithm of one's own may subclass a built-in's Options and so share its fields)."""
+    return flag_of(f), f.name, str(f.type), repr(f.default), repr(dict(f.metadata))
+
+
+def load_named_algorithms(argv: list[str]) -> None:
+    """Load the users' algorithms ``argv`` names (``--algo MODULE:CLASS``, ``algo`` in a
+    ``--config`` file, a reference among ``bench compare --algos``) before the command line's
+    parser is built, so that their options are flags of it; UsageError if one cannot be had."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--algo", "--algos", "--config"):
+        pre.add_argument(flag, default=None)
+    known, _ = pre.parse_known_args(argv)
+    named = [w.strip() for w in (known.algos or "").split(",")]
+    if known.algo is not None:
+        named.append(known.algo)
+    elif known.config is not None:
+        try:
+            named.append(configs.read_file(known.config).get("algo"))
+        except (UsageError, TypeError, AttributeError):
+            pass  # refused, with its reason, when the configuration is built
+    for name in named:
+        if isinstance(name, str) and plugins.is_reference(name):
+            registry.get(name)
 
 
 def _default_text(f) -> str:
@@ -112,7 +151,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
     for d in algorithm_options():
         if d.owners not in groups:
-            groups[d.owners] = parser.add_argument_group(f"options of {', '.join(d.owners)}")
+            groups[d.owners] = parser.add_argument_group(
+                f"options of {', '.join(map(registry.display_name, d.owners))}")
         add_option(groups[d.owners], d)
 
 
@@ -174,7 +214,7 @@ def build(args: argparse.Namespace) -> RunConfig:
         raise UsageError("no algorithm: give --algo (or algo in --config)")
     if not isinstance(algo, str):
         raise UsageError(f"--config {args.config}: algo {algo!r} must be a string; choose from "
-                         f"{', '.join(registry.names())}")
+                         f"{registry.choices()}")
     registry.get(algo)  # an unknown name is refused before the options are judged
     for d in algo_options:
         if hasattr(args, d.dest) and algo not in d.owners:

@@ -273,6 +273,9 @@ def _check_json_path(path: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     comm.install_abort_on_error()
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["train"], ["simulate"]) or argv[:2] == ["bench", "compare"]:
+        arguments.load_named_algorithms(argv)  # a user's algorithm: its options are flags
     args = build_parser().parse_args(argv)
     if args.command == "horovodrun":  # becomes mpirun: nothing else to start
         horovodrun.run(args)

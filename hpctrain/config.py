@@ -315,7 +315,7 @@ class RunConfig:
     """One training run. ``algorithm`` holds the algorithm's own options (its ``Options``
     dataclass; None: its defaults)."""
 
-    algo: str = option("", "one of: " + ", ".join(registry.names()))
+    algo: str = option("", "one of: " + registry.choices())
     seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int,
                        range=Range(-2 ** 63, 2 ** 63 - 1))  # torch's generators take 64 bits
     out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
@@ -363,9 +363,12 @@ class RunConfig:
     algorithm: object = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.algo, type):  # the Python API's RunConfig(algo=Mine)
+            builtin = next((n for n, a in registry.ALGORITHMS.items() if a is self.algo), None)
+            object.__setattr__(self, "algo", builtin or plugins.reference_to("--algo", self.algo))
         if not isinstance(self.algo, str):
             raise UsageError(f"--algo {self.algo!r} must be a string; choose from "
-                             f"{', '.join(registry.names())}")
+                             f"{registry.choices()}")
         options_cls = registry.get(self.algo).Options  # UsageError for an unknown name
         check_fields(self)
         for name, cls in SECTIONS.items():
@@ -449,7 +452,7 @@ def from_dict(values: dict) -> RunConfig:
         raise UsageError("the configuration names no algorithm (algo = \"...\")")
     if not isinstance(algo, str):
         raise UsageError(f"algo {algo!r} must be a string; choose from "
-                         f"{', '.join(registry.names())}")
+                         f"{registry.choices()}")
     kwargs = {}
     for key, value in values.items():
         if key in SECTIONS:

@@ -1,42 +1,105 @@
 """The algorithms hpctrain trains with: name -> class, in the order reports list them.
 
-Adding an algorithm is one module with an :class:`hpctrain.algorithm.Algorithm` subclass and one
-line here. The command line's option groups, the refusal of another algorithm's option,
-``bench compare``'s forwarding and the report's order all read this list.
+Adding an algorithm to hpctrain is one module with an :class:`hpctrain.algorithm.Algorithm`
+subclass and one line here. The command line's option groups, the refusal of another
+algorithm's option, ``bench compare``'s forwarding and the report's order all read this list.
+
+A user's own algorithm needs no line here: it is named by reference, as a model of one's own
+is (``--algo my_pkg.algos:Mine``, ``--algo ./mine.py:Mine``, or the class itself in
+``RunConfig(algo=Mine)``), loaded on first use by :func:`get` and then listed after the
+built-in ones (:func:`known`), its options flags like theirs.
 """
 
 from __future__ import annotations
 
-from hpctrain.algorithm import Algorithm
+import re
+from dataclasses import is_dataclass
+
+from hpctrain import plugins
+from hpctrain.algorithm import Algorithm, Options
 from hpctrain.async_.algorithm import ASGD, SSP, DCASGDAdaptive, DCASGDConstant
 from hpctrain.ec.algorithm import EnsembleCompression, ModelAveraging
+from hpctrain.errors import UsageError
 from hpctrain.sync.algorithm import Sequential, Synchronous
 
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     Sequential, Synchronous, ASGD, DCASGDConstant, DCASGDAdaptive, SSP,
     ModelAveraging, EnsembleCompression)}
 
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a user's algorithm's: a folder name
+# The users' algorithms loaded in this process: reference -> class (see :func:`load`).
+_LOADED: dict[str, type[Algorithm]] = {}
+
 
 def names() -> tuple[str, ...]:
     return tuple(ALGORITHMS)
 
 
-def get(name: str) -> type[Algorithm]:
-    """The class of algorithm ``name``; UsageError naming the choices if there is none."""
-    from hpctrain.errors import UsageError
+def choices() -> str:
+    """What ``--algo`` takes, for messages: the built-in names, or a reference."""
+    return f"{', '.join(ALGORITHMS)}, or MODULE:CLASS, ./FILE.py:CLASS of your own"
 
+
+def known() -> dict[str, type[Algorithm]]:
+    """The built-in algorithms, then the users' loaded so far, each by the reference it was
+    first loaded by (``./mine.py:Mine`` as typed, not also the absolute path a run records)."""
+    out = dict(ALGORITHMS)
+    for reference, cls in _LOADED.items():
+        if cls not in out.values():
+            out[reference] = cls
+    return out
+
+
+def get(name: str) -> type[Algorithm]:
+    """The class of algorithm ``name`` (a built-in name or a reference, loaded on first use);
+    UsageError naming the choices if there is none."""
+    if isinstance(name, str) and plugins.is_reference(name):
+        return _LOADED.get(name) or load(name)
     try:
         return ALGORITHMS[name]
     except (KeyError, TypeError):  # TypeError: a list or dict, which no name is
-        raise UsageError(f"unknown algorithm {name!r}; choose from {', '.join(ALGORITHMS)}") \
-            from None
+        raise UsageError(f"unknown algorithm {name!r}; choose from {choices()}") from None
+
+
+def load(reference: str) -> type[Algorithm]:
+    """The user's algorithm class ``reference`` names, imported and checked: an
+    :class:`~hpctrain.algorithm.Algorithm` subclass with a ``name`` of its own and options
+    declared as the built-in ones' are; UsageError (one line) else."""
+    cls = plugins.resolve("--algo", reference)
+    what = f"--algo {reference}"
+    if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
+        kind = "class" if isinstance(cls, type) else type(cls).__name__
+        raise UsageError(f"{what}: a {kind}, not a subclass of hpctrain.algorithm.Algorithm")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError(f"{what}: the class needs a name of its own (name = \"mine\": its "
+                         "runs' label and folder name; letters, digits, '_', '.', '-'), not "
+                         f"{cls.__dict__.get('name', getattr(cls, 'name', None))!r}")
+    if name in ALGORITHMS and ALGORITHMS[name] is not cls:
+        raise UsageError(f"{what}: its name {name!r} is a built-in algorithm's; choose another")
+    if not (isinstance(cls.Options, type) and is_dataclass(cls.Options)
+            and issubclass(cls.Options, Options)):
+        raise UsageError(f"{what}: its Options must be a dataclass subclassing "
+                         "hpctrain.algorithm.Options (frozen, fields declared with "
+                         "hpctrain.options.option)")
+    for other, known_cls in _LOADED.items():
+        if known_cls.name == name and known_cls is not cls and other != reference:
+            raise UsageError(f"{what}: its name {name!r} is {other}'s too; choose another")
+    _LOADED[reference] = cls
+    return cls
+
+
+def display_name(name: str) -> str:
+    """What runs of algorithm ``name`` are called in folders, bars and reports: its own
+    ``name`` (a built-in's is ``name`` itself)."""
+    return get(name).name
 
 
 def owners(field_name: str) -> list[str]:
     """The algorithms whose options include ``field_name``."""
     from dataclasses import fields
 
-    return [n for n, a in ALGORITHMS.items()
+    return [n for n, a in known().items()
             if field_name in {f.name for f in fields(a.Options)}]
 
 

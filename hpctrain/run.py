@@ -240,11 +240,11 @@ def _say_user_data(config: RunConfig) -> None:
 
 def _as_launched(config: RunConfig) -> RunConfig:
     """``config`` as this launch runs it: the algorithm's defaults filled in, file references
-    of a user's model and data and ``--data-dir`` made absolute, adapted to the launcher
-    (ssgd under torchrun: ``--sync-backend torch``)."""
+    of a user's algorithm, model and data and ``--data-dir`` made absolute, adapted to the
+    launcher (ssgd under torchrun: ``--sync-backend torch``)."""
     config = configs.resolve(config)
     init_from, data_dir = config.model.init_from, config.data.data_dir
-    config = replace(config, data=replace(config.data,
+    config = replace(config, algo=plugins.absolute(config.algo), data=replace(config.data,
                                           dataset=userdata.absolute(config.data.dataset),
                                           data_dir=data_dir and str(Path(data_dir).expanduser()
                                                                     .resolve())),
@@ -426,7 +426,7 @@ def claimed(config: RunConfig, stem: str | None = None):
     runs the job (a script's later run), rank 0's refusal is raised on every rank.
 
     Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
-    (``runs/<stem>-<time>``, the stem ``config.algo`` unless given).
+    (``runs/<stem>-<time>``, the stem the algorithm's name unless given).
     """
     if comm.env_rank() != 0:
         comm.shared_refusal(None)  # where MPI runs, rank 0's refusal is raised here too
@@ -454,7 +454,7 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
     """Rank 0's part of :func:`claimed`: make a run folder if none is given, lock the run's
     folders in ``held`` and check them again; the folders it made go into ``made``."""
     if config.out is None:
-        made.append(new_run_folder(stem or config.algo))
+        made.append(new_run_folder(stem or config.algorithm_class.name))
         config = replace(config, out=str(made[0]))
     folders = [("--out", Path(config.out))]
     ckdir = config.checkpoint.dir
@@ -651,7 +651,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     algo.start(position)
     if config.compile and rank == 0:
         compiled.announce()
-    bar = progress_bar(total, rank, config.algo, enabled=config.progress, initial=position)
+    bar = progress_bar(total, rank, algo.name, enabled=config.progress, initial=position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
                        world=world, loss_scale=scaler.get_scale,

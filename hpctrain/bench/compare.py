@@ -42,7 +42,7 @@ from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, data, launch_env, live, mpirun, registry
+from hpctrain import arguments, checkpoint, data, launch_env, live, mpirun, plugins, registry
 from hpctrain import run as training
 from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
@@ -106,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
                             help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
                                  "dcasgd-a,ma,ec (this hpctrain has: "
-                                 f"{', '.join(registry.names())})"),
+                                 f"{registry.choices()})"),
         parser.add_argument("--workers", type=at_least(1), default=4,
                             help="processes per run (sgd trains on one); with "
                                  "--eval-rank one of them only evaluates (sgd's run: two, "
@@ -193,9 +193,14 @@ class Run:
     seed: int | None = None  # --seeds: this run's
 
     @property
+    def label(self) -> str:
+        """The algorithm's name in compare.json and the report (a user's: its class's)."""
+        return registry.display_name(self.algo)
+
+    @property
     def name(self) -> str:
         """Its folder in the comparison and its key in compare.json."""
-        return report.run_name(self.algo, self.seed)
+        return report.run_name(self.label, self.seed)
 
 
 def given_options(args: argparse.Namespace) -> list[tuple[TrainOption, list[str]]]:
@@ -316,19 +321,21 @@ def _evaluator_for_one(words: list[str]) -> list[str]:
 
 
 def parse_algos(text: str) -> list[str]:
-    """``--algos "sgd,ssgd"`` -> ["sgd", "ssgd"]: algorithms this hpctrain has, each once. An
-    empty entry (``sgd,,ssgd``, a trailing comma) or a repeat is refused, as ``--seeds``
-    refuses them: a list cut short or mistyped would compare fewer algorithms than meant."""
+    """``--algos "sgd,ssgd"`` -> ["sgd", "ssgd"]: algorithms this hpctrain has, or a user's
+    own by reference (``./mine.py:Mine``), each once. An empty entry (``sgd,,ssgd``, a
+    trailing comma) or a repeat is refused, as ``--seeds`` refuses them: a list cut short or
+    mistyped would compare fewer algorithms than meant."""
     words = [w.strip() for w in str(text).split(",")]
-    if not any(words) or not all(_NAME.match(w) for w in words if w):
+    if not any(words) or not all(_NAME.match(w) or plugins.is_reference(w) for w in words if w):
         raise UsageError(f"--algos {text!r}: want names like sgd,ssgd,dcasgd-a")
     if not all(words):
         raise UsageError(f"--algos {text!r}: an empty entry")
-    unknown = [w for w in words if w not in registry.names()]
+    unknown = [w for w in words if w not in registry.names() and not plugins.is_reference(w)]
     if unknown:
         raise UsageError(f"--algos {text!r}: unknown algorithm {unknown[0]!r}; this "
-                         f"hpctrain has: {', '.join(registry.names())}")
-    twice = [w for i, w in enumerate(words) if w in words[:i]]
+                         f"hpctrain has: {registry.choices()}")
+    names = [registry.display_name(w) for w in words]  # a reference: its class's name
+    twice = [n for i, n in enumerate(names) if n in names[:i]]
     if twice:
         raise UsageError(f"--algos {text!r}: algorithm {twice[0]!r} given twice")
     return words
@@ -394,7 +401,7 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
     if seed is not None:
         words = [*words, "--seed", str(seed)]
     train_args = ["--algo", algo, *words, "--out",
-                  str(Path(args.out) / report.run_name(algo, seed))]
+                  str(Path(args.out) / report.run_name(registry.display_name(algo), seed))]
     typed = shared.train_parser.parse_args(train_args)
     config = arguments.build(typed)  # bad values here
     ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
@@ -598,7 +605,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     simulated = args.simulate is not None
     sim_args = simulator_words(args)
     seeds = getattr(args, "seeds", None)
-    record = {"algos": list(dict.fromkeys(r.algo for r in runs)), "workers": args.workers,
+    record = {"algos": list(dict.fromkeys(r.label for r in runs)), "workers": args.workers,
               "targets": report.parse_targets(args.targets), "train_args": train_args,
               "simulated": simulated, "sim_args": sim_args, "runs": {},
               **({"seeds": seeds} if seeds else {})}

@@ -176,7 +176,7 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
     userdata.forget()  # as train: a script's earlier run read them
     config = check(config, sim)
     # Locked as train's --out, or made for the run: a second run into it is refused.
-    with run.claimed(config, f"{config.algo}-sim{sim.workers}") as config:
+    with run.claimed(config, f"{config.algorithm_class.name}-sim{sim.workers}") as config:
         return _simulate(config, sim)
 
 

@@ -1,0 +1,182 @@
+"""A user's own algorithm by reference (``--algo ./mine.py:Mine``, ``RunConfig(algo=Mine)``):
+loaded and checked before MPI, its options flags, trained, resumed, compared and simulated
+by the same code as a built-in one (``examples/signum_vote.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SYNTHETIC, run_job
+
+from hpctrain import arguments, registry
+from hpctrain.bench import compare
+from hpctrain.config import RunConfig, from_dict, to_dict
+from hpctrain.errors import UsageError
+
+EXAMPLE = ROOT / "examples" / "signum_vote.py"
+SIGNUM = f"{EXAMPLE}:SignumVote"
+SMALL = [*SYNTHETIC, "--model", "mlp", "--epochs", "2", "--no-progress"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_registry():
+    """Each test starts and ends with the algorithms it found (the users' are per process)."""
+    before = dict(registry._LOADED)
+    yield
+    registry._LOADED.clear()
+    registry._LOADED.update(before)
+
+
+def own(tmp_path: Path, body: str, name: str = "algos.py") -> Path:
+    path = tmp_path / name
+    path.write_text("from dataclasses import dataclass\n"
+                    "from hpctrain.algorithm import Algorithm, Options\n"
+                    "from hpctrain.options import option\n" + textwrap.dedent(body))
+    return path
+
+
+def test_a_reference_loads_the_class_and_its_options_become_flags():
+    cls = registry.get(SIGNUM)
+    assert cls.name == "signum-vote" and registry.display_name(SIGNUM) == "signum-vote"
+    flags = {d.flag: d for d in arguments.algorithm_options()}
+    assert flags["--vote"].owners == (SIGNUM,)
+    parser = compare._train_parser()
+    config = arguments.build(parser.parse_args(["--algo", SIGNUM, "--vote", "mean"]))
+    assert config.algorithm.vote == "mean" and config.optim.lr is None
+    with pytest.raises(UsageError, match="--vote is an option of .*signum_vote.py:SignumVote, "
+                                         "not of --algo ssgd"):
+        arguments.build(parser.parse_args(["--algo", "ssgd", "--vote", "mean"]))
+
+
+def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, monkeypatch):
+    own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n", "my_algos.py")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from my_algos import Mine
+
+    config = RunConfig(algo=Mine)
+    assert config.algo == "my_algos:Mine" and config.algorithm_class is Mine
+    again = from_dict(json.loads(json.dumps(to_dict(config))))
+    assert again == config and again.algorithm_class is Mine
+    assert RunConfig(algo=registry.ALGORITHMS["ssgd"]).algo == "ssgd"  # a built-in by name
+
+
+@pytest.mark.parametrize("body, attribute, message", [
+    ("def build(): pass\n", "build", "a function, not a subclass of hpctrain.algorithm.Algorithm"),
+    ("class Plain: pass\n", "Plain", "a class, not a subclass of hpctrain.algorithm.Algorithm"),
+    ("class Nameless(Algorithm): pass\n", "Nameless", "needs a name of its own"),
+    ("class Slashed(Algorithm):\n    name = 'a/b'\n", "Slashed", "needs a name of its own"),
+    ("class Clash(Algorithm):\n    name = 'ssgd'\n", "Clash", "is a built-in algorithm's"),
+    ("class Loose(Algorithm):\n    name = 'loose'\n    Options = dict\n", "Loose",
+     "its Options must be a dataclass subclassing hpctrain.algorithm.Options"),
+])
+def test_a_class_that_is_no_algorithm_is_refused_in_one_line(tmp_path, body, attribute,
+                                                               message):
+    path = own(tmp_path, body)
+    with pytest.raises(UsageError, match=message):
+        registry.get(f"{path}:{attribute}")
+
+
+def test_two_algorithms_of_one_name_are_refused(tmp_path):
+    first = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n", "a.py")
+    second = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n", "b.py")
+    registry.get(f"{first}:Mine")
+    registry.get(f"{os.path.relpath(first)}:Mine")  # the same class by another reference
+    with pytest.raises(UsageError, match=r"its name 'mine' is .*a.py:Mine's too"):
+        registry.get(f"{second}:Mine")
+
+
+@pytest.mark.parametrize("field, message", [
+    ("lr: float = option(0.1, 'a rate of its own', parse=float)",
+     r"its option lr \(--lr\) is every run's --lr already"),
+    ("tau: str = option('x', 'another tau')",
+     r"its option tau \(--tau\) is ma, ec's --tau already"),
+])
+def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, message):
+    path = own(tmp_path, f"""
+        @dataclass(frozen=True)
+        class MyOptions(Options):
+            {field}
+
+        class Mine(Algorithm):
+            name = 'mine'
+            Options = MyOptions
+        """)
+    registry.get(f"{path}:Mine")
+    with pytest.raises(UsageError, match=message):
+        arguments.algorithm_options()
+
+
+def test_a_subclass_of_a_built_in_shares_its_options(tmp_path):
+    path = own(tmp_path, """
+        from hpctrain.ec.algorithm import EnsembleCompression
+
+        class Mine(EnsembleCompression):
+            name = 'ec-mine'
+        """)
+    registry.get(f"{path}:Mine")
+    tau = next(d for d in arguments.algorithm_options() if d.flag == "--tau")
+    assert tau.owners == ("ma", "ec", f"{path}:Mine")
+
+
+def test_the_command_line_names_a_bad_reference_before_mpi(tmp_path):
+    missing = f"{tmp_path}/none.py:Mine"
+    for args in (["train", "--algo", missing, *SMALL], ["train", "--config", str(
+            tmp_path / "run.toml"), *SMALL], ["bench", "compare", "--algos", f"ssgd,{missing}",
+                                             "--out", str(tmp_path / "c"), *SMALL]):
+        (tmp_path / "run.toml").write_text(f'algo = "{missing}"\n')
+        job = run_job(args, np=0)
+        assert job.returncode == 2, job.stderr
+        assert job.stderr.strip().splitlines() == [
+            f"hpctrain: error: --algo: no file {tmp_path}/none.py"]
+
+
+def _model(folder: Path) -> dict:
+    state = torch.load(folder / "model.pt")
+    return state.get("model", state)
+
+
+def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
+    train = ["train", "--algo", SIGNUM, "--vote", "mean", *SMALL]
+    whole, cut, again = tmp_path / "whole", tmp_path / "cut", tmp_path / "again"
+    assert run_job([*train, "--out", str(whole)], np=2).returncode == 0
+    config = json.loads((whole / "config.json").read_text())
+    assert config["algo"] == SIGNUM and config["algorithm"] == {"vote": "mean"}
+    assert config["optim"]["lr"] == 0.0005  # the algorithm's own default
+    summary = json.loads((whole / "summary.json").read_text())
+    assert summary["algo_label"] == "signum-vote" and summary["vote"] == "mean"
+    assert summary["final_test_acc"] > 0.9
+    # Killed after a checkpoint, then resumed: the same model (each rank's momentum is in it).
+    killed = run_job([*train, "--out", str(cut), "--checkpoint-every", "0.25e"], np=2,
+                     env={"HPCTRAIN_INJECT": "kill@1:25"})
+    assert killed.returncode != 0 and not (cut / "model.pt").exists()
+    resumed = run_job([*train, "--resume", str(cut)], np=2)
+    assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr
+    # --config of its config.json, from another working folder: the same run again.
+    repeat = run_job(["train", "--config", str(whole / "config.json"), "--out", str(again)],
+                     np=2)
+    assert repeat.returncode == 0, repeat.stderr
+    for other in (cut, again):
+        assert all(torch.equal(a, b) for a, b in zip(_model(whole).values(),
+                                                     _model(other).values(), strict=True))
+
+
+def test_compared_and_simulated(tmp_path):
+    relative = f"./{EXAMPLE.relative_to(ROOT)}:SignumVote"  # jobs run in the checkout
+    job = run_job(["bench", "compare", "--algos", f"ssgd,{relative}", "--workers", "2",
+                   *SMALL[:-1], "--vote", "mean", "--out", str(tmp_path / "cmp")], np=0,
+                  timeout=240)
+    assert job.returncode == 0, job.stderr
+    record = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert record["algos"] == ["ssgd", "signum-vote"]
+    assert record["runs"]["ssgd"]["ignored"] == ["--vote"]
+    assert "--vote mean" in record["runs"]["signum-vote"]["command"]
+    assert "| signum-vote | 2 |" in (tmp_path / "cmp" / "report.md").read_text()
+    sim = run_job(["simulate", "--algo", relative, "--workers", "4", *SMALL, "--out",
+                   str(tmp_path / "sim")], np=0)
+    assert sim.returncode == 0, sim.stderr
+    assert json.loads((tmp_path / "sim" / "summary.json").read_text())["workers"] == 4
