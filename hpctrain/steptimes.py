@@ -76,12 +76,17 @@ class StepTimes:
                 "rest": [rest for _, rest in every]})
 
 
+def file_of(path: str | Path) -> Path:
+    """The ``step_times.json`` a run folder or a file path names: what :func:`read` reads, and
+    what a simulation that replays it hashes (``step_times_sha256``)."""
+    path = Path(path)
+    return path / FILE if path.is_dir() else path
+
+
 def read(path: str | Path) -> Record:
     """Every worker's step times (and rests, where recorded) from a run folder or a
     ``step_times.json`` file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / FILE
+    path = file_of(path)
     doc = read_json(path, f"a {FILE} ({FORMAT})", ("format", "workers"))
     if doc["format"] != FORMAT:
         raise UsageError(f"{path} is not a {FILE}: its format is {doc['format']!r}, not {FORMAT}")

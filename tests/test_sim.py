@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import heapq
 import json
 import math
 import random
 import re
+import shutil
 
 import pytest
 import torch
@@ -780,3 +782,79 @@ def test_a_real_runs_config_is_simulated_on_its_workers(tmp_path):
     with pytest.raises(UsageError, match=r"config.json: unknown configuration key sim.foo; sim "
                                          r"has: .*workers"):
         built({"sim": {"foo": 1}})
+
+
+@pytest.mark.timeout(200)
+def test_a_repeat_whose_replayed_step_times_changed_is_refused(tmp_path, two_rank_runs):
+    """A simulation's config.json recorded only replay:RUN: repeated after RUN's
+    step_times.json changed (a run resumed into RUN rewrites it), it simulated other times
+    without a word. Its sha256 is recorded now (one file: the step times and the rests
+    --comm-time replay reads), and a repeat whose file differs is one line naming the file
+    and both hashes, before anything runs; --step-time given anew replays it as it is."""
+    from hpctrain import cli
+
+    run = tmp_path / "real"
+    shutil.copytree(two_rank_runs["asgd"], run)
+    times = run / steptimes.FILE
+    replay = ["--step-time", f"replay:{run}"]
+    cli.main(["simulate", "--config", str(run / "config.json"), *replay, "--comm-time",
+              "replay", "--out", str(tmp_path / "a")])
+    first = hashlib.sha256(times.read_bytes()).hexdigest()
+    doc = json.loads(times.read_text())
+    doc["rest"][0][0] += 1.0  # a rest only: the step times are the same
+    times.write_text(json.dumps(doc))
+    now = hashlib.sha256(times.read_bytes()).hexdigest()
+    repeat = ["simulate", "--config", str(tmp_path / "a" / "config.json")]
+    with pytest.raises(UsageError, match=rf"^--step-time replay:{re.escape(str(run))}: "
+                                         rf"{re.escape(str(times))} changed since it was "
+                                         rf"replayed \(now sha256 {now}, recorded {first}\)"):
+        cli.main([*repeat, "--out", str(tmp_path / "b")])
+    assert not (tmp_path / "b").exists()
+    cli.main([*repeat, *replay, "--out", str(tmp_path / "c")])
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["sim"] == {
+        **json.loads((tmp_path / "a" / "config.json").read_text())["sim"],
+        "step_times_sha256": now}
+    with pytest.raises(UsageError, match="step_times_sha256 'abc' hashes a replayed run's "
+                                         "step times, not --step-time constant:0.01"):
+        sim(2, step_times_sha256="abc")
+
+
+@pytest.fixture(scope="module")
+def slowed_run(tmp_path_factory):
+    """A real one-process sgd run with a straggler's --slowdown and --jitter: its recorded
+    step times hold their delays."""
+    out = tmp_path_factory.mktemp("slowed") / "sgd"
+    proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--slowdown", "0:3",
+                    "--jitter", "0.2", "--out", str(out)], np=0)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_a_real_runs_stragglers_are_not_applied_again_to_its_replayed_times(
+        tmp_path, slowed_run, capsys):
+    """--config RUN/config.json --step-time replay:RUN applied the run's --slowdown 0:3 and
+    --jitter 0.2 again, on step times that hold them (three times slower and more). The
+    file's are left out now, said once; one typed is applied on top; and a simulation's
+    config.json, which records what it applied, repeats it."""
+    from hpctrain import cli
+
+    real = steptimes.read(slowed_run).compute
+    given = ["simulate", "--config", str(slowed_run / "config.json"), "--step-time",
+             f"replay:{slowed_run}"]
+    cli.main([*given, "--out", str(tmp_path / "a")])
+    said = f"leaving out {slowed_run / 'config.json'}'s --slowdown 0:3 and --jitter 0.2 (a " \
+           "real run's stragglers, whose delays the replayed step times already hold"
+    assert said in capsys.readouterr().err
+    assert steptimes.read(tmp_path / "a").compute == [pytest.approx(real[0], abs=2e-6)]
+    recorded = json.loads((tmp_path / "a" / "config.json").read_text())["stragglers"]
+    assert recorded == {"slowdown": None, "jitter": 0.0}
+    cli.main([*given, "--slowdown", "0:2", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert "'s --jitter 0.2 (a real run's stragglers" in err and "--slowdown 0:3" not in err
+    doubled = [2 * t for t in real[0]]
+    assert steptimes.read(tmp_path / "b").compute == [pytest.approx(doubled, abs=2e-6)]
+    cli.main(["simulate", "--config", str(tmp_path / "b" / "config.json"), "--out",
+              str(tmp_path / "c")])
+    assert "leaving out" not in capsys.readouterr().err
+    b, c = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "bc")
+    assert {**b, "out": None} == {**c, "out": None}

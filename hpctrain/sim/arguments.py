@@ -4,13 +4,14 @@ parsed as ``train``'s are (:mod:`hpctrain.arguments`)."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+import sys
 
 from hpctrain import config as configs
 from hpctrain.arguments import Declared, add_option
+from hpctrain.config import StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of, shown
-from hpctrain.sim.config import SimConfig
+from hpctrain.sim.config import STRAGGLER_OPTIONS, SimConfig
 
 # train's options the simulator has no use for (their argparse dests), and why. Typed on the
 # command line they are refused, whatever the value; from a file (a real run's config.json,
@@ -41,7 +42,8 @@ def build(args: argparse.Namespace) -> SimConfig:
     """The simulator's configuration from ``--config``'s ``sim`` table (a simulated run's
     ``config.json`` has one) and the options given, which win; the rest default. A train
     option the simulator does not use (:data:`UNUSED`) given on the command line is refused,
-    even at its default value."""
+    even at its default value. A replay leaves out a real run's straggler options taken from
+    its ``config.json`` (:func:`replayed_stragglers`), said once."""
     for dest, (flag, why) in UNUSED.items():
         if hasattr(args, dest):  # typed (train's options default to absent)
             raise UsageError(f"hpctrain simulate does not use {flag} "
@@ -51,17 +53,47 @@ def build(args: argparse.Namespace) -> SimConfig:
     if not isinstance(base, dict):
         raise UsageError(f"--config {args.config}: sim must be a table of the simulator's "
                          f"options, not {type(base).__name__}")
-    known = {f.name for f in fields(SimConfig)}
+    known = {f.name for f in declared(SimConfig)} | {"step_times_sha256"}
     if unknown := sorted(set(base) - known):
         raise UsageError(f"--config {args.config}: unknown configuration key sim.{unknown[0]}; "
                          f"sim has: {', '.join(sorted(known))}")
-    info = recorded.get("run_info")
-    if "sim" not in recorded and isinstance(info, dict) and type(info.get("workers")) is int \
-            and info["workers"] > 0:
+    info = recorded.get("run_info") if _real_run(recorded) else None
+    if info is not None and type(info.get("workers")) is int and info["workers"] > 0:
         base = {"workers": info["workers"]}  # a real run's config.json: the workers it had
-    values = {**base, **{d.path[-1]: getattr(args, d.dest) for d in options()
-                         if hasattr(args, d.dest)}}
+    typed = {d.path[-1]: getattr(args, d.dest) for d in options() if hasattr(args, d.dest)}
+    if "step_time" in typed:  # chosen anew: the file's hash is of the step times it had
+        base = {k: v for k, v in base.items() if k != "step_times_sha256"}
+    values = {**base, **typed}
+    left = replayed_stragglers(args, recorded, values.get("step_time"))
     try:
-        return SimConfig(**values)
+        sim = SimConfig(**values, replayed_stragglers=tuple(left))
     except TypeError as e:
         raise UsageError(f"--config {args.config}: {e}" if base else str(e)) from None
+    if left:
+        print(f"hpctrain simulate: leaving out {args.config}'s "
+              f"{' and '.join(f'--{k} {shown(v)}' for k, v in left.items())} (a real run's "
+              f"stragglers, whose delays the replayed step times already hold; give them on "
+              f"the command line to add them on top)", file=sys.stderr, flush=True)
+    return sim
+
+
+def _real_run(recorded: dict) -> bool:
+    """Whether ``--config`` is a real run's ``config.json``: what it ran with, and no
+    simulator's options."""
+    return "sim" not in recorded and isinstance(recorded.get("run_info"), dict)
+
+
+def replayed_stragglers(args: argparse.Namespace, recorded: dict, step_time) -> dict:
+    """The straggler options (name: value) of a real run's ``config.json`` not to apply
+    again: with ``--step-time replay:RUN`` the replayed step times are a real run's, and a
+    real straggler's sleep is part of its recorded steps, so applying its ``--slowdown`` and
+    ``--jitter`` again would count them twice. Options given on the command line stay (a
+    slowdown on top of the replay), as do a simulation's or a TOML file's."""
+    file_values = recorded.get("stragglers")
+    if not (isinstance(step_time, str) and step_time.partition(":")[0] == "replay"
+            and _real_run(recorded) and isinstance(file_values, dict)):
+        return {}
+    defaults = StragglerConfig()
+    return {name: file_values[name] for name in STRAGGLER_OPTIONS
+            if name in file_values and file_values[name] != getattr(defaults, name)
+            and not hasattr(args, f"stragglers.{name}")}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
-from hpctrain import options
+from hpctrain import options, provenance, steptimes
 from hpctrain.errors import UsageError
 from hpctrain.options import Range, check_fields, option
 from hpctrain.sim.network import BANDWIDTH, LATENCY_S, STORE_BANDWIDTH, STORE_LATENCY_S, Network
@@ -13,6 +13,7 @@ from hpctrain.sim.steptime import StepTimeModel
 
 DEFAULT_STEP_TIME = "constant:0.01"
 COMM_TIMES = ("model", "replay")
+STRAGGLER_OPTIONS = ("slowdown", "jitter")  # StragglerConfig's: a real straggler's delays
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,8 @@ class SimConfig:
                           range=Range(1, options.HUGE))
     step_time: str = option(DEFAULT_STEP_TIME, "step-time model: constant:S, "
                             "lognormal:MEAN:SIGMA, gamma:MEAN:SHAPE or replay:RUN_DIR (a real "
-                            "run's step_times.json)", metavar="MODEL")
+                            "run's step_times.json, its stragglers' delays included)",
+                            metavar="MODEL")
     comm_time: str = option("model", "model: communication costs the network model's time; "
                             "replay (with --step-time replay:RUN, asgd and dcasgd-c/-a, RUN "
                             "one of theirs too): each push takes the time the real worker "
@@ -46,6 +48,14 @@ class SimConfig:
                                       "(a fixed random subset, the same for every seed), for "
                                       "quick studies", parse=options.positive(int),
                                       range=Range(1))
+    # Not options. step_times_sha256: the hash of the step_times.json a replay reads (and of
+    # its rests), recorded in config.json's sim table, so that a repeat from it replays the
+    # same times or is refused (a file rewritten since: a run resumed into RUN, a copy).
+    # replayed_stragglers: the run's straggler options (STRAGGLER_OPTIONS) the simulation
+    # leaves out, as the replayed real step times already hold their delays (a real run's
+    # config.json given to --config: sim.arguments.build); not recorded.
+    step_times_sha256: str | None = field(default=None, kw_only=True)
+    replayed_stragglers: tuple[str, ...] = field(default=(), kw_only=True)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -53,13 +63,47 @@ class SimConfig:
         if model.kind == "replay":  # config.json repeats the run from any folder
             run = os.path.abspath(self.step_time.partition(":")[2])
             object.__setattr__(self, "step_time", f"replay:{run}")
+        object.__setattr__(self, "step_times_sha256", self._replayed_sha256(model.kind))
+        object.__setattr__(self, "replayed_stragglers", self._straggler_names())
         if self.comm_time == "replay" and (model.kind != "replay" or model.rests is None):
             raise UsageError(f"--comm-time replay needs --step-time replay:RUN of a run that "
                              f"recorded its rests (step_times.json with \"rest\"); got "
                              f"--step-time {self.step_time}")
 
+    def _straggler_names(self) -> tuple[str, ...]:
+        """``replayed_stragglers`` as a tuple of StragglerConfig's field names (one name: a
+        tuple of it); UsageError naming one that is not."""
+        names = self.replayed_stragglers
+        names = (names,) if isinstance(names, str) else tuple(names)
+        if unknown := [n for n in names if n not in STRAGGLER_OPTIONS]:
+            raise UsageError(f"replayed_stragglers: {unknown[0]!r} is no straggler option; "
+                             f"choose from {', '.join(STRAGGLER_OPTIONS)}")
+        return names
+
+    def _replayed_sha256(self, kind: str) -> str | None:
+        """The sha256 of the step_times.json a replay reads; UsageError where it is not the
+        one recorded: a repeat would silently replay other times."""
+        recorded = self.step_times_sha256
+        if kind != "replay":
+            if recorded is not None:
+                raise UsageError(f"step_times_sha256 {recorded!r} hashes a replayed run's "
+                                 f"step times, not --step-time {self.step_time}: drop it")
+            return None
+        path = steptimes.file_of(self.step_time.partition(":")[2])
+        digest = provenance.sha256_of(path)
+        if recorded is not None and recorded != digest:
+            raise UsageError(f"--step-time {self.step_time}: {path} changed since it was "
+                             f"replayed (now sha256 {digest}, recorded {recorded}): give "
+                             f"--step-time {self.step_time} anew to replay it as it is now")
+        return digest
+
     def network(self) -> Network:
         return Network(self.latency, self.bandwidth, self.store_latency, self.store_bandwidth)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options and, for a replay, ``step_times_sha256`` (config.json's sim table)."""
+        values = asdict(self)
+        del values["replayed_stragglers"]  # done: the run's config no longer holds them
+        if values["step_times_sha256"] is None:
+            del values["step_times_sha256"]
+        return values

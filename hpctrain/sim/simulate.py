@@ -14,6 +14,7 @@ real time enters the outputs.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import torch
 
@@ -32,7 +33,7 @@ from hpctrain import (
 )
 from hpctrain import config as configs
 from hpctrain.async_.algorithm import ASGD, SSP
-from hpctrain.config import RunConfig
+from hpctrain.config import RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
@@ -71,8 +72,9 @@ def check_one_process() -> None:
 
 def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     """:func:`check` but the output folder (``bench compare --simulate`` checks every run
-    with it up front); return ``config`` with every default resolved."""
-    config = configs.resolve(config)
+    with it up front); return ``config`` with every default resolved (and without the
+    straggler options a replay leaves out)."""
+    config = configs.resolve(without_replayed_stragglers(config, sim))
     algo = config.algorithm_class
     k = sim.workers
     ck = config.checkpoint
@@ -123,6 +125,17 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
         run.initial_model(config, sample.shape, sample.num_classes)
     return config  # SimConfig checked --step-time (and read a replay's file)
+
+
+def without_replayed_stragglers(config: RunConfig, sim: SimConfig) -> RunConfig:
+    """``config`` with the straggler options ``sim.replayed_stragglers`` names back at their
+    defaults: a real run's, whose delays the replayed step times already hold. The
+    simulation's config.json then records what it applied, so repeating it changes nothing."""
+    if not sim.replayed_stragglers:
+        return config
+    defaults = StragglerConfig()
+    return replace(config, stragglers=replace(
+        config.stragglers, **{name: getattr(defaults, name) for name in sim.replayed_stragglers}))
 
 
 def _pushes(algo: type) -> bool:

@@ -12,7 +12,8 @@
   (a worker that made no step, which has nothing to replay, left out),
   from its first step, starting over when the record runs out. The recorded times include
   the recorded run's own ``--slowdown`` and ``--jitter`` (a real straggler's sleep is part
-  of its step): replay a run without repeating them, or they count twice. With
+  of its step): replay a run without repeating them, or they count twice (``--config`` of a
+  real run's ``config.json`` has its own left out, :func:`hpctrain.sim.arguments.build`). With
   ``--comm-time replay``, :meth:`StepTimeModel.rest` gives each replayed step's rest too
   (what the real worker spent between that compute and the next: its push, lock waits and
   bookkeeping).
