@@ -11,7 +11,8 @@ options to each run, reading their owners from :func:`algorithm_options`.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, fields, replace
 
 from hpctrain import comm, options, plugins, registry
 from hpctrain import config as configs
@@ -46,27 +47,66 @@ def shared_options() -> list[Declared]:
     return out
 
 
+# Flags beside train's options that an algorithm's option may not take: argparse's, --config,
+# and those bench compare adds (simulate's come from SimConfig). A test checks these against
+# the parsers.
+COMMAND_FLAGS = ("-h", "--help", "--config")
+COMPARE_FLAGS = ("--algos", "--workers", "--targets", "--launcher", "--timeout", "--seeds",
+                 "--simulate")
+_FLAG = re.compile(r"^--[A-Za-z0-9][A-Za-z0-9-]*$")
+
+
 def algorithm_options() -> list[Declared]:
     """Each algorithm option once, with the algorithms that declare it, in registry order
     (a user's algorithm loaded by :func:`load_named_algorithms` last). UsageError for a user's
-    option whose name or flag is already another option's, declared otherwise."""
-    taken = {d.flag: d.field for d in shared_options()}
+    option whose name or flags (an on/off one has two) are already another option's, declared
+    otherwise, or a flag of the command lines that take algorithm options."""
+    taken = _taken_flags()
     seen: dict[str, Declared] = {}
     for name, cls in registry.known().items():
         for f in declared(cls.Options):
-            earlier = seen.get(f.name) or next(
-                (d for d in seen.values() if d.flag == flag_of(f)), None)
-            other = earlier.field if earlier else taken.get(flag_of(f))
-            if other is not None and other is not f and _declaration(other) != _declaration(f):
-                whose = "every run's" if earlier is None else ", ".join(
-                    registry.display_name(n) for n, a in registry.known().items()
-                    if other in fields(a.Options)) + "'s"
-                raise UsageError(f"--algo {name}: its option {f.name} ({flag_of(f)}) is "
-                                 f"{whose} {flag_of(other)} already; name it otherwise")
-            if f.name not in seen:
-                seen[f.name] = Declared(flag_of(f), ("algorithm", f.name), f,
-                                        tuple(registry.owners(f.name)))
+            d = Declared(flag_of(f), ("algorithm", f.name), f)
+            earlier = seen.get(f.name)
+            if earlier is not None and _declaration(earlier.field) == _declaration(f):
+                continue  # the same option (inherited): one flag, owners from registry.owners
+            flags = (d.flag,) if d.takes_value else on_off_flags(d)
+            clash = next((flag for flag in flags if flag in taken), None)
+            if earlier is not None or clash is not None or not all(map(_FLAG.match, flags)):
+                whose = ("an option's" if earlier is None and clash is None
+                         else _whose(taken[clash]) if earlier is None
+                         else _whose(earlier.field))
+                what = f"--{d.flag.lstrip('-')}" if _FLAG.match(d.flag) else repr(d.flag)
+                reason = (f"is {whose} {clash or earlier.flag} already" if earlier or clash
+                          else "is no flag (want --words-with-dashes)")
+                raise UsageError(f"--algo {name}: its option {f.name} ({what}) {reason}; "
+                                 "name it otherwise")
+            seen[f.name] = replace(d, owners=tuple(registry.owners(f.name)))
+            taken.update(dict.fromkeys(flags, f))
     return list(seen.values())
+
+
+def _taken_flags() -> dict[str, object]:
+    """Flag -> what has it: a shared option's field (both flags of an on/off one), or the
+    name of the command that adds it."""
+    from hpctrain.sim.config import SimConfig
+
+    taken: dict[str, object] = {}
+    for d in shared_options():
+        taken.update(dict.fromkeys((d.flag,) if d.takes_value else on_off_flags(d), d.field))
+    taken.update(dict.fromkeys(COMMAND_FLAGS, "the command line's"))
+    taken.update(dict.fromkeys(COMPARE_FLAGS, "bench compare's"))
+    taken.update({flag_of(f): "hpctrain simulate's" for f in declared(SimConfig)})
+    return taken
+
+
+def _whose(owner) -> str:
+    """Who has a flag (:func:`_taken_flags`' value): an option field's algorithms, or every
+    run, or a command."""
+    if isinstance(owner, str):
+        return owner
+    names = [registry.display_name(n) for n, a in registry.known().items()
+             if owner in fields(a.Options)]
+    return f"{', '.join(names)}'s" if names else "every run's"
 
 
 def _declaration(f) -> tuple:

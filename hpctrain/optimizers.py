@@ -32,8 +32,9 @@ def check(algorithm_class, optim) -> None:
     """Refuse an optimizer the algorithm cannot use, and ``--scale-lr`` where no gradient is
     averaged over the workers (before MPI starts)."""
     if optim.optimizer not in algorithm_class.optimizers:
+        why = " (applied in the parameter store's push)" if not algorithm_class.lock_step else ""
         raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
-                         "its own update rule (applied in the parameter store's push); only "
+                         f"its own update rule{why}; only "
                          f"{', '.join(algorithm_class.optimizers)}")
     # The linear scaling rule makes up for a gradient averaged over K workers' batches: a
     # K-times larger batch per update. An asynchronous worker's push applies its own batch's

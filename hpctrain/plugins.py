@@ -52,7 +52,8 @@ def check_form(flag: str, text: str) -> None:
     """UsageError unless ``text`` reads as ``MODULE:ATTRIBUTE`` or ``FILE.py:ATTRIBUTE``."""
     where, _, attribute = text.rpartition(":")
     if not where or not _ATTRIBUTE.match(attribute):
-        raise UsageError(f"{flag} {text!r}: want MODULE:CALLABLE or ./FILE.py:CALLABLE")
+        what = "CLASS" if flag == "--algo" else "CALLABLE"
+        raise UsageError(f"{flag} {text!r}: want MODULE:{what} or ./FILE.py:{what}")
     if not is_file_reference(text) and not _MODULE.match(where):
         raise UsageError(f"{flag} {text!r}: {where!r} is neither a module name nor a .py file")
 
@@ -153,7 +154,8 @@ def _beside_script(module) -> bool:
             or Path(file).name == "__init__.py":
         return False
     folder = Path(script).resolve().parent
-    return Path(file).resolve().parent == folder and folder != Path.cwd().resolve()
+    return Path(file).resolve().parent == folder  # the working folder too: config.json is
+    # repeated from others
 
 
 def resolve(flag: str, text: str) -> Callable:

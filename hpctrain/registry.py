@@ -82,11 +82,44 @@ def load(reference: str) -> type[Algorithm]:
         raise UsageError(f"{what}: its Options must be a dataclass subclassing "
                          "hpctrain.algorithm.Options (frozen, fields declared with "
                          "hpctrain.options.option)")
+    _check_attributes(what, cls)
     for other, known_cls in _LOADED.items():
         if known_cls.name == name and known_cls is not cls and other != reference:
             raise UsageError(f"{what}: its name {name!r} is {other}'s too; choose another")
     _LOADED[reference] = cls
     return cls
+
+
+def _check_attributes(what: str, cls: type[Algorithm]) -> None:
+    """UsageError for class attributes the loop would misread or take silently: ``defaults``
+    other than a positive ``lr`` and a ``momentum`` in [0, 1), a ``snapshots``, ``optimizers``
+    or ``thread_level`` that is none of the choices."""
+    from hpctrain.comm import THREAD_LEVELS
+    from hpctrain.optimizers import OPTIMIZERS
+
+    defaults = cls.defaults
+    if not isinstance(defaults, dict) or set(defaults) - {"lr", "momentum"}:
+        raise UsageError(f"{what}: defaults {defaults!r} may set lr and momentum only")
+    lr, momentum = defaults.get("lr", 0.05), defaults.get("momentum", 0.9)
+    if not (_number(lr) and 0 < lr <= 1e6 and _number(momentum) and 0 <= momentum < 1):
+        raise UsageError(f"{what}: defaults {defaults!r}: want lr in (0, 1e6] and momentum "
+                         "in [0, 1)")
+    for attribute, choices in (("snapshots", ("replicated", "per_rank", "root")),
+                               ("thread_level", THREAD_LEVELS)):
+        if getattr(cls, attribute) not in choices:
+            raise UsageError(f"{what}: {attribute} {getattr(cls, attribute)!r} is none of "
+                             f"{', '.join(choices)}")
+    if not (isinstance(cls.optimizers, tuple) and cls.optimizers
+            and set(cls.optimizers) <= set(OPTIMIZERS)):
+        raise UsageError(f"{what}: optimizers {cls.optimizers!r}: want a tuple of some of "
+                         f"{', '.join(OPTIMIZERS)}")
+    if not isinstance(cls.lock_step, bool):
+        raise UsageError(f"{what}: lock_step {cls.lock_step!r}: want True or False")
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) \
+        and value == value  # not NaN
 
 
 def display_name(name: str) -> str:
@@ -103,6 +136,9 @@ def owners(field_name: str) -> list[str]:
             if field_name in {f.name for f in fields(a.Options)}]
 
 
-def options_of(name: str) -> type:
-    """The options dataclass of algorithm ``name`` (``hpctrain.algorithm_options("ec")(tau=5)``)."""
+def options_of(name: str | type[Algorithm]) -> type:
+    """The options dataclass of algorithm ``name`` (``hpctrain.algorithm_options("ec")(tau=5)``;
+    a class of one's own: its ``Options``)."""
+    if isinstance(name, type) and issubclass(name, Algorithm):
+        return name.Options
     return get(name).Options

@@ -180,3 +180,131 @@ def test_compared_and_simulated(tmp_path):
                    str(tmp_path / "sim")], np=0)
     assert sim.returncode == 0, sim.stderr
     assert json.loads((tmp_path / "sim" / "summary.json").read_text())["workers"] == 4
+
+
+@pytest.mark.parametrize("field, message", [
+    ("workers: int = option(1, 'w', parse=int)", r"\(--workers\) is hpctrain simulate's --workers"),
+    ("seeds: str = option('1', 's')", r"\(--seeds\) is bench compare's --seeds"),
+    ("help: str = option('x', 'h')", r"\(--help\) is the command line's --help"),
+    ("compile: bool = option(False, 'c', flag='--kompile')", None),  # its flags are free
+    ("kompile: bool = option(False, 'c', flag='--no-compile')",
+     r"\(--no-compile\) is every run's --no-compile"),
+    ("odd: str = option('x', 'o', flag='xx')", r"its option odd \('xx'\) is no flag"),
+])
+def test_an_option_of_a_flag_the_command_lines_have_is_refused(tmp_path, field, message):
+    path = own(tmp_path, f"""
+        @dataclass(frozen=True)
+        class MyOptions(Options):
+            {field}
+
+        class Mine(Algorithm):
+            name = 'mine'
+            Options = MyOptions
+        """)
+    registry.get(f"{path}:Mine")
+    if message is None:
+        assert any(d.flag == "--kompile" for d in arguments.algorithm_options())
+        return
+    with pytest.raises(UsageError, match=message):
+        arguments.algorithm_options()
+
+
+def test_the_reserved_flags_are_those_of_simulate_and_compare():
+    from hpctrain.cli import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    compare_parser = commands["bench"]._subparsers._group_actions[0].choices["compare"]
+    train_flags = {s for a in commands["train"]._actions for s in a.option_strings}
+    for command in (compare_parser, commands["simulate"]):
+        own = {s for a in command._actions for s in a.option_strings} - train_flags
+        assert own <= set(arguments._taken_flags())
+
+
+@pytest.mark.parametrize("attributes, message", [
+    ("defaults = {'lrr': 0.1}", r"defaults \{'lrr': 0.1\} may set lr and momentum only"),
+    ("defaults = {'lr': -1.0}", r"want lr in \(0, 1e6\] and momentum in \[0, 1\)"),
+    ("snapshots = 'bogus'", "snapshots 'bogus' is none of replicated, per_rank, root"),
+    ("thread_level = 'many'", "thread_level 'many' is none of single"),
+    ("optimizers = ('sgd', 'lion')", r"optimizers \('sgd', 'lion'\): want a tuple of some of"),
+    ("lock_step = 'yes'", "lock_step 'yes': want True or False"),
+])
+def test_class_attributes_the_loop_would_misread_are_refused(tmp_path, attributes, message):
+    path = own(tmp_path, f"class Mine(Algorithm):\n    name = 'mine'\n    {attributes}\n")
+    with pytest.raises(UsageError, match=message):
+        registry.get(f"{path}:Mine")
+
+
+def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):
+    path = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n    optimizers = ('sgd',)\n")
+    parser = compare._train_parser()
+    from hpctrain import run
+
+    with pytest.raises(UsageError) as refused:
+        run.check_launch(arguments.build(parser.parse_args(
+            ["--algo", f"{path}:Mine", "--optimizer", "adam", *SYNTHETIC])), 1)
+    assert str(refused.value) == "--optimizer adam: --algo mine keeps its own update rule; only sgd"
+
+
+SUBCLASSES = """
+from hpctrain.ec.algorithm import ModelAveraging
+from hpctrain.sync.algorithm import Synchronous
+
+@dataclass(frozen=True)
+class MyOptions(ModelAveraging.Options):
+    warm_rounds: int = option(0, "rounds before ...", parse=int)
+
+class MyMA(ModelAveraging):
+    name = "my-ma"
+    Options = MyOptions
+
+class MySSGD(Synchronous):
+    name = "my-ssgd"
+"""
+
+
+def test_subclasses_of_built_ins_train_under_their_own_names(tmp_path):
+    path = own(tmp_path, SUBCLASSES)
+    for cls, extra, label in (("MyMA", ["--tau", "4", "--warm-rounds", "1"], "my-ma (tau=4)"),
+                              ("MySSGD", [], "my-ssgd (mpi backend)")):
+        out = tmp_path / cls
+        job = run_job(["train", "--algo", f"{path}:{cls}", *extra, *SMALL, "--out", str(out)],
+                      np=2)
+        assert job.returncode == 0, job.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["algo_label"] == label
+        if cls == "MyMA":  # scored as ma is: the average
+            assert summary["final_model"] == "averaged" and "final_averaged_acc" in summary
+
+
+def test_a_comparison_resumed_with_another_class_of_that_name_is_refused(tmp_path):
+    first = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n", "first.py")
+    second = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n", "second.py")
+    out = tmp_path / "cmp"
+    compare_args = ["bench", "compare", "--simulate", "2", *SMALL[:-1], "--out", str(out)]
+    assert run_job([*compare_args, "--algos", f"{first}:Mine"], np=0).returncode == 0
+    (out / "mine" / "summary.json").unlink()  # as if it had not finished
+    job = run_job([*compare_args, "--algos", f"{second}:Mine", "--resume"], np=0)
+    assert job.returncode == 2
+    assert job.stderr.strip() == (f"hpctrain: error: --resume: {out}'s mine runs are --algo "
+                                  f"{first}:Mine, not {second}:Mine; give the same")
+
+
+def test_a_module_beside_the_script_is_named_by_its_file_from_its_folder(tmp_path,
+                                                                         monkeypatch):
+    import sys
+    import types
+
+    from hpctrain import plugins
+
+    (tmp_path / "beside_algos.py").write_text("def build(shape, classes):\n    pass\n")
+    script = types.ModuleType("__main__")
+    script.__file__ = str(tmp_path / "script.py")
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    monkeypatch.chdir(tmp_path)  # run from the script's own folder
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import beside_algos
+
+    monkeypatch.setitem(sys.modules, "beside_algos", beside_algos)
+    assert plugins.reference_to("--model", beside_algos.build) == \
+        f"{tmp_path}/beside_algos.py:build"

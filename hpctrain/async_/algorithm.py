@@ -277,7 +277,7 @@ class ASGD(Algorithm):
             "shards": store.shards,
             "shared_windows": store.shared,
             "lam": self.lam(),
-            "ms_decay": getattr(o, "ms_decay", None) if self.name == "dcasgd-a" else None,
+            "ms_decay": getattr(o, "ms_decay", None),
             "staleness": distribution([t for w in every for t in w["staleness"]]),
             "pushes_per_worker": [len(w["staleness"]) for w in every],
             "store_bytes_per_worker": round(sum(w["traffic"]["read"] + w["traffic"]["written"]
@@ -335,7 +335,7 @@ class SSP(ASGD):
     }
 
     def label(self) -> str:
-        return f"ssp (S={self.options.max_staleness}, {self.options.consistency})"
+        return f"{self.name} (S={self.options.max_staleness}, {self.options.consistency})"
 
     def connect(self, world, model):
         workers = super().connect(world, model)

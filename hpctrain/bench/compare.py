@@ -149,7 +149,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         else:
             who = "it" if len(d.owners) == 1 else "them"
             group = groups.setdefault(d.owners, parser.add_argument_group(
-                f"options of {', '.join(d.owners)} (given only to {who})"))
+                f"options of {', '.join(map(registry.display_name, d.owners))} (given only "
+                f"to {who})"))
         # Values stay the words the user typed: each run's own parser checks them.
         action = arguments.add_option(group, d, dest="train_" + d.dest, typed=False)
         options.append(TrainOption(d.flag, action.dest, d.takes_value, d.owners,
@@ -608,7 +609,10 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     record = {"algos": list(dict.fromkeys(r.label for r in runs)), "workers": args.workers,
               "targets": report.parse_targets(args.targets), "train_args": train_args,
               "simulated": simulated, "sim_args": sim_args, "runs": {},
-              **({"seeds": seeds} if seeds else {})}
+              **({"seeds": seeds} if seeds else {}),
+              # A user's algorithm: the class its name stands for (a resume must run the same).
+              "references": {r.label: plugins.absolute(r.algo) for r in runs
+                             if plugins.is_reference(r.algo)}}
     if path.exists():
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
@@ -626,6 +630,10 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             was = (f"--simulate {old['workers']} " + " ".join(old_sim_args or [])).strip() \
                 if old_simulated else "real jobs (no --simulate)"
             raise UsageError(f"--resume: {out} was run with {was}; give the same")
+        for label, reference in old.get("references", {}).items():
+            if record["references"].get(label, reference) != reference:
+                raise UsageError(f"--resume: {out}'s {label} runs are --algo {reference}, not "
+                                 f"{record['references'][label]}; give the same")
         if old.get("seeds") != seeds:
             was = "--seeds " + ",".join(map(str, old["seeds"])) if old.get("seeds") else \
                 "no --seeds"

@@ -104,7 +104,7 @@ class ModelAveraging(Algorithm):
     }
 
     def label(self) -> str:
-        return f"ma (tau={self.tau})"
+        return f"{self.name} (tau={self.tau})"
 
     def setup(self, s: Setup) -> None:
         broadcast_model(s.model, s.comm)
@@ -141,8 +141,8 @@ class ModelAveraging(Algorithm):
         return position
 
     def evaluate(self, model, snapshots, test_set, comm) -> list[dict]:
-        points = evaluate_members(model, snapshots, test_set, comm, averaged=self.name == "ma")
         final = self.final_model()
+        points = evaluate_members(model, snapshots, test_set, comm, averaged=final == "averaged")
         for p in points:
             p.update(test_acc=p[f"{final}_acc"], test_loss=p[f"{final}_loss"])
         return points
@@ -159,7 +159,7 @@ class ModelAveraging(Algorithm):
                "final_mean_member_acc": last["mean_member_acc"],
                "final_ensemble_acc": last["ensemble_acc"],
                "aggregation": self.aggregator.stats.summary()}
-        if self.name == "ma":
+        if self.final_model() == "averaged":
             out["final_averaged_acc"] = last["averaged_acc"]
         return out
 
@@ -188,7 +188,7 @@ class EnsembleCompression(ModelAveraging):
     def label(self) -> str:
         o = self.options
         source = "" if o.ec_distill_from == "own" else f" from {o.ec_distill_from}"
-        return (f"ec (tau={self.tau}, alpha={o.ec_alpha}, T={o.ec_temperature}, "
+        return (f"{self.name} (tau={self.tau}, alpha={o.ec_alpha}, T={o.ec_temperature}, "
                 f"distill={self.distill_size}{source}, final={o.ec_final})")
 
     def make_aggregator(self, s: Setup):

@@ -60,7 +60,7 @@ class _Sync:
         return world
 
     def label(self) -> str:
-        return "ssgd (adasum)" if self.adasum else "ssgd"  # no backend: the real's named one
+        return f"{self.name} (adasum)" if self.adasum else self.name  # no backend: the real's
 
     def setup(self, s: Setup) -> None:
         Algorithm.setup(self, s)  # torch's SGD; the virtual workers start from one model

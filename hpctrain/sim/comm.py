@@ -18,6 +18,7 @@ object collectives are handed over, not copied: hpctrain's callers only read the
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -110,7 +111,11 @@ class LocalComm:
         self._collective("Bcast", array, combine,
                          lambda v: self._net.broadcast(array.nbytes, self._k))
 
-    def Allreduce(self, sendbuf, recvbuf) -> None:  # noqa: N802 (sum, as hpctrain uses it)
+    def Allreduce(self, sendbuf, recvbuf, op=None) -> None:  # noqa: N802 (a sum)
+        mpi = sys.modules.get("mpi4py.MPI")  # imported by whoever passes MPI.SUM
+        if op is not None and (mpi is None or op != mpi.SUM):
+            raise NotImplementedError("the simulator's Allreduce sums (op=MPI.SUM), as "
+                                      "hpctrain's algorithms use it")
         send, recv = _array(sendbuf), _array(recvbuf)
         total = self._collective("Allreduce", send, _pairwise_sum,
                                  lambda v: self._net.allreduce(send.nbytes, self._k))

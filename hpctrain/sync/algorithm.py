@@ -114,7 +114,7 @@ class Synchronous(Algorithm):
         o = self.options
         extras = [x for x, on in (("fp16 allreduce", o.fp16_allreduce), ("adasum", self.adasum))
                   if on]
-        return f"ssgd ({', '.join([f'{o.sync_backend} backend', *extras])})"
+        return f"{self.name} ({', '.join([f'{o.sync_backend} backend', *extras])})"
 
     def connect(self, world, model):
         self._started = not hvd.is_initialized()  # a script's own backend stays up
