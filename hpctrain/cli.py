@@ -21,6 +21,7 @@ import importlib
 import json
 import os
 import socket
+import stat
 import tempfile
 import textwrap
 from dataclasses import replace
@@ -171,6 +172,9 @@ def _exit_if_collapsed(summary: dict, rank: int) -> None:
 def info() -> None:
     import torch
 
+    # Before MPI starts, as train's devices.check: read once it runs, a misspelt override was
+    # every rank's error and MPI_ABORT. Rank 0's one line speaks for all.
+    devices.cuda_aware_override()
     MPI = comm.init("multiple")
     launched = launch_env.launch()  # as training reads it (comm.launcher)
     if launched.kind == "torchrun":  # each worker is an MPI world of its own
@@ -253,15 +257,29 @@ def _check_json_path(path: str | None) -> None:
     """A benchmark's ``--json`` file must be writable where asked before it measures: a missing
     folder, or one where no file can be made (``/proc``, read-only), found at the end would
     lose the figures. The file is written to a temporary one beside it, then renamed, so the
-    test is making a file in its folder, as :func:`hpctrain.run.check_folder` makes one."""
+    test is making a file in its folder, as :func:`hpctrain.run.check_folder` makes one. A
+    symbolic link is followed (its target is written, in the target's folder); what is there
+    already must be a regular file: the rename would replace a FIFO or a device node."""
     if path is None:
         return
     if not str(path).strip():  # "" was the working folder: "--json : is a folder"
         raise UsageError(f"--json {path!r} is empty: give a file")
-    target = Path(path)
-    if target.is_dir() or not target.parent.is_dir():
-        raise UsageError(f"--json {path}: " + ("is a folder" if target.is_dir() else
-                                               f"no folder {target.parent}"))
+    target, followed = Path(path), Path(path).is_symlink()
+    if followed:  # as metrics.write_json_atomic writes it
+        target = Path(os.path.realpath(target))
+    try:
+        kind = stat.S_IFMT(os.stat(target).st_mode)
+    except (FileNotFoundError, NotADirectoryError):  # a new file (a link's new target), or
+        kind = None  # its folder is missing or a file: said below
+    except OSError as error:  # a loop of links, a folder that cannot be searched
+        raise UsageError(f"--json {path}: {error.strerror}") from None
+    if kind == stat.S_IFDIR:
+        raise UsageError(f"--json {path}: is a folder")
+    if kind is not None and kind != stat.S_IFREG:  # the rename would put a file in its place
+        raise UsageError(f"--json {path}: {f'its target {target} ' if followed else ''}is "
+                         f"{_FILE_KINDS.get(kind, 'something else')}, not a regular file")
+    if not target.parent.is_dir():
+        raise UsageError(f"--json {path}: no folder {target.parent}")
     try:  # nothing is left behind
         handle, name = tempfile.mkstemp(prefix=".hpctrain-check-", dir=target.parent)
         os.close(handle)
@@ -269,6 +287,10 @@ def _check_json_path(path: str | None) -> None:
     except OSError as error:
         raise UsageError(f"--json {path}: cannot write a file in {target.parent} "
                          f"({error.strerror})") from None
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
+               stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,7 +78,12 @@ def _write_atomic(path: Path, content: str | bytes, durable: bool,
 
 
 def write_json_atomic(path: str | Path, obj, durable: bool = False) -> None:
-    """Write ``obj`` as indented JSON, atomically (``durable`` as for :func:`write_atomic`)."""
+    """Write ``obj`` as indented JSON, atomically (``durable`` as for :func:`write_atomic`).
+
+    A symbolic link is followed, as ``open`` would: the JSON replaces its target (made if
+    missing) and the link stays, where a rename onto the link would replace the link."""
+    if Path(path).is_symlink():
+        path = os.path.realpath(path)
     write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n",
                  durable)
 

@@ -6,13 +6,14 @@ starts); the jobs run the real benchmarks with tiny settings, as a user does.
 
 import importlib
 import json
+import os
 import weakref
 
 import pytest
 import torch
 from conftest import run_job
 
-from hpctrain import cli, kernels
+from hpctrain import cli, kernels, launch_env, metrics
 from hpctrain.bench import kernel, store
 from hpctrain.errors import UsageError
 
@@ -95,6 +96,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, np, argv, line):
      "the store benchmark needs mpirun -np W+1 (W >= 1 workers), not 1 rank(s)"),
     (["shuffle", "--dataset", "synthetic"],
      "the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not 1"),
+    # A table of zeros (no bucket, ratio 0.00) whose goal was met.
+    (["allreduce", "--params", "100"], "the allreduce benchmark needs >= 2 ranks (mpirun -np 2), "
+     "not 1"),
 ])
 def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, message):
     """What ``validate`` refuses under ``mpirun -np 1``, before MPI starts."""
@@ -174,6 +178,83 @@ def test_a_json_file_that_cannot_be_written_is_refused_before_measuring(tmp_path
     with pytest.raises(UsageError, match=f"^--json {path}: {message}"):
         cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
                   str(path)])
+
+
+def test_allreduce_without_a_launcher_is_one_rank_and_refused(monkeypatch):
+    for _, size_var, rank_var in launch_env.LAUNCHERS:
+        monkeypatch.delenv(size_var, raising=False)
+        monkeypatch.delenv(rank_var, raising=False)
+    with pytest.raises(UsageError, match=r"needs >= 2 ranks \(mpirun -np 2\), not 1$"):
+        importlib.import_module(cli.BENCHMARKS["allreduce"]).validate(parse("allreduce"))
+
+
+@pytest.mark.timeout(120)
+def test_allreduce_on_one_rank_is_one_line_and_exit_2(tmp_path):
+    """It measured, printed a table of zeros and wrote its JSON (exit 0)."""
+    proc = run_job(["bench", "allreduce", "--params", "100", "--warmup", "0", "--repeats", "1",
+                    "--no-horovod", "--json", str(tmp_path / "x.json")], np=1, timeout=90)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert [x for x in proc.stderr.splitlines() if x.startswith("hpctrain")] == [
+        "hpctrain: error: the allreduce benchmark needs >= 2 ranks (mpirun -np 2), not 1"]
+    assert proc.stdout == "" and not (tmp_path / "x.json").exists()
+
+
+def what_is_there(path) -> str:
+    """``path``'s kind, without following a link."""
+    return "link" if path.is_symlink() else "fifo" if path.is_fifo() else \
+        "file" if path.is_file() else "missing"
+
+
+@pytest.mark.timeout(120)
+def test_a_json_link_is_followed_and_kept(tmp_path):
+    """The rename replaced the link with a file and left its target as it was."""
+    target, link = tmp_path / "target.json", tmp_path / "link.json"
+    target.write_text("old\n")
+    link.symlink_to(target)
+    proc = run_job(["bench", "kernel", "--elements", "1000", "--threads", "1", "--repeats", "1",
+                    "--json", str(link)], np=0, timeout=90)
+    assert proc.returncode == 0, proc.stderr
+    assert what_is_there(link) == "link" and os.readlink(link) == str(target)
+    assert json.loads(target.read_text())["benchmark"] == "kernel"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "target.json"]
+    # A link into another folder, to a file not made yet: made there, beside no temporary.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    dangling = tmp_path / "new.json"
+    dangling.symlink_to(elsewhere / "made.json")
+    cli._check_json_path(str(dangling))
+    metrics.write_json_atomic(dangling, {"a": 1})
+    assert what_is_there(dangling) == "link" and [p.name for p in elsewhere.iterdir()] == [
+        "made.json"] and json.loads(dangling.read_text()) == {"a": 1}
+
+
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_a_json_path_that_is_no_regular_file_is_refused_before_measuring(
+        tmp_path, monkeypatch, through_a_link):
+    """A FIFO (as a device node, /dev/full as root) was replaced with a plain file."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    path = fifo
+    if through_a_link:
+        path = tmp_path / "link.json"
+        path.symlink_to(fifo)
+    monkeypatch.setattr(cli.comm, "init", lambda *a: pytest.fail("MPI started"))
+    with pytest.raises(UsageError) as e:
+        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
+                  str(path)])
+    seen = f"its target {fifo} is" if through_a_link else "is"
+    assert str(e.value) == f"--json {path}: {seen} a FIFO, not a regular file"
+    assert what_is_there(fifo) == "fifo" and what_is_there(path) == ("link" if through_a_link
+                                                                     else "fifo")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"fifo", path.name})
+
+
+def test_a_json_link_loop_is_refused_before_measuring(tmp_path):
+    loop = tmp_path / "loop.json"
+    loop.symlink_to(loop)
+    with pytest.raises(UsageError, match=f"^--json {loop}: Too many levels of symbolic links$"):
+        cli._check_json_path(str(loop))
+    assert what_is_there(loop) == "link"
 
 
 @pytest.mark.timeout(120)

@@ -317,7 +317,7 @@ def test_unknown_algorithm_is_one_line_exit_2_and_nothing_written(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         "hpctrain: error: --algos 'sgd,foo': unknown algorithm 'foo'; this hpctrain has: "
-        + ", ".join(registry.names())]
+        + registry.choices()]
     assert not (tmp_path / "cmp").exists()
 
 

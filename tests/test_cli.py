@@ -554,6 +554,17 @@ def test_info_under_mpirun_prints_once(tmp_path):
     assert facts["kernel_cuda"] == cli._loads(kernels.cuda_library)  # "yes" or why not
 
 
+@pytest.mark.timeout(120)
+def test_info_refuses_a_misspelt_cuda_aware_override_before_mpi():
+    """Read once MPI ran, it was every rank's error (interleaved) and MPI_ABORT's banner;
+    train refuses it before MPI starts: rank 0's one line, exit 2."""
+    proc = run_job(["info"], np=2, timeout=90, env={"HPCTRAIN_CUDA_AWARE_MPI": "maybe"})
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert error_lines(proc) == ["hpctrain: error: HPCTRAIN_CUDA_AWARE_MPI must be 1 or 0 "
+                                 "(true/false, yes/no, on/off), got 'maybe'"], proc.stderr
+    assert "MPI_ABORT" not in proc.stderr and proc.stdout == ""
+
+
 SIGNALLED_SWEEP = """
 import os, sys
 from hpctrain.checkpoint import stop

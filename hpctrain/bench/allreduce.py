@@ -83,8 +83,8 @@ def add_arguments(parser) -> None:
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Before MPI starts: a GPU must be there for --device cuda; Adasum needs 2^m ranks; a
-    bucket holds a byte at least; the models and batches fit in memory."""
+    """Before MPI starts: a GPU must be there for --device cuda; a bucket holds a byte at
+    least; the models and batches fit in memory; 2 ranks at least, 2^m for Adasum."""
     if args.device == "cuda":
         try:
             devices.check("cuda")
@@ -104,7 +104,10 @@ def validate(args: argparse.Namespace) -> None:
     bench.check_memory(f"--params {options.shown(largest)} with --batch-size "
                        f"{options.shown(args.batch_size)}", need[largest], have, where)
     seat = launch_env.from_launcher()
-    if args.adasum and seat is not None and seat.size & (seat.size - 1):
+    if seat is None or seat.size < 2:  # one rank: no exchange, a table of zeros and "met"
+        raise UsageError(f"the allreduce benchmark needs >= 2 ranks (mpirun -np 2), not "
+                         f"{seat.size if seat else 1}")
+    if args.adasum and seat.size & (seat.size - 1):
         raise UsageError(f"--adasum needs a power-of-2 number of ranks, got {seat.size}")
 
 
