@@ -179,6 +179,33 @@ def test_a_push_that_raises_leaves_the_shards_unlocked(consistency, mode):
         store.finish()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+def test_a_closed_store_refuses_its_methods_and_closes_once(mode):
+    """After close() the store's memory is freed: updates() read it (a segfault on shared
+    memory), claim() wrote to it, pull() and the optimizer's step() raised IndexError, and a
+    second close() was an MPI error that aborted the job."""
+    model = small_model()
+    store = ParameterStore(flat_of(model), self_comm(), shards=2, **MODES[mode])
+    opt = ASGD(model, store, lr=0.1)
+    store.finish()
+    store.close()
+    n = store.numel
+    calls = [("updates", store.updates), ("claim", store.claim), ("finish", store.finish),
+             ("shard_updates", store.shard_updates),
+             ("close_tickets", lambda: store.close_tickets(1)),
+             ("pull", lambda: store.pull(torch.empty(n))),
+             ("push", lambda: store.push(torch.zeros(n), torch.zeros(n), lr=0.1)),
+             ("push", opt.step), ("pull", opt.pull)]  # the optimizer's, through the store
+    for method, call in calls:
+        with pytest.raises(UsageError, match=rf"^ParameterStore\.{method}\(\): the parameter "
+                                             "store is closed$"):
+            call()
+    store.close()  # a no-op
+    with store:
+        pass  # and so is the context manager's close
+
+
 def test_optimizer_rejects_a_model_of_another_size():
     MPI = comm.mpi()
     with ParameterStore(torch.zeros(10), MPI.COMM_SELF) as store:
@@ -436,3 +463,27 @@ def test_a_worker_at_a_checkpoint_mark_ends_with_one_that_stopped(algo):
         assert algorithm.before_checkpoint(0) is None
         algorithm.finish(0)  # no second collective
     algorithm.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("differs", ["size", "dtype", "servers"])
+def test_ranks_that_disagree_on_the_store_all_raise_one_error(differs):
+    """A rank whose vector (or arguments) differs: shard sizes and the initial Bcast came from
+    each rank's own, so 8586 floats on rank 0 and 4426 on rank 1 ended in a glibc abort, and a
+    float64 vector on one rank left the others waiting. Now every rank raises, before any
+    window, naming rank 0's value and the first other rank's."""
+    world = comm.mpi().COMM_WORLD
+    rank = world.Get_rank()
+    last = rank == world.Get_size() - 1
+    values = torch.zeros(4426 if last and differs == "size" else 8586,
+                         dtype=torch.float64 if last and differs == "dtype" else torch.float32)
+    servers = 1 if last and differs == "servers" else 0
+    expected = {"size": "ranks hold vectors of different sizes: rank 0 8586, rank {r} 4426",
+                "dtype": "ranks hold vectors of different types: rank 0 torch.float32 (8586,), "
+                         "rank {r} torch.float64 (8586,)",
+                "servers": "ranks give different servers: rank 0 servers=0, rank {r} servers=1"}
+    with pytest.raises(UsageError) as err:
+        ParameterStore(values, world, servers=servers)
+    assert str(err.value) == "ParameterStore: " + expected[differs].format(r=world.Get_size() - 1)
+    world.Barrier()  # every rank got here: none is left in a collective

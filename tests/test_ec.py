@@ -78,6 +78,22 @@ def test_a_step_loss_is_the_ordinary_and_the_distilled_samples_mean():
     torch.testing.assert_close(agg.loss(x, y), expected)
 
 
+def test_predict_logits_runs_a_model_in_its_own_dtype():
+    """The ensemble's inputs are exchanged as float32: a float64 model refused them ("mat1
+    and mat2 must have the same dtype") at EC's first aggregation."""
+    from hpctrain.ec import predict_logits
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x = torch.randn(7, 6)
+    logits = predict_logits(model.double(), x, batch_size=4)
+    assert logits.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x.double()))
+    embed = torch.nn.Embedding(9, 3).double()  # integer inputs stay integers
+    assert predict_logits(embed, torch.arange(9)).dtype == torch.float64
+
+
 @pytest.mark.parametrize("values, message", [
     ((0, 0.5, 2.0, 10), "--tau 0 must be >= 1"),
     ((5, 1.5, 2.0, 10), "--ec-alpha 1.5 outside [0, 1]"),

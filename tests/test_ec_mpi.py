@@ -16,6 +16,7 @@ from hpctrain.ec import (
     evaluate_members,
 )
 from hpctrain.ec.averaging import floating_state
+from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
 
 SHAPE = data.SYNTHETIC_SHAPE
@@ -236,6 +237,67 @@ def test_ec_distilling_from_all_shares_every_workers_draw(by):
                                 distill_from="all")
     again.aggregate()
     assert torch.equal(again.relabelled[0], x) and torch.equal(again.relabelled[1], y)
+
+
+def mlp(width: int = 32) -> torch.nn.Sequential:
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(256, width), torch.nn.ReLU(),
+                               torch.nn.Linear(width, 10))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("differs", ["width", "dtype", "depth"])
+@pytest.mark.parametrize("call", ["broadcast_model", "ModelAveraging"])
+def test_models_that_differ_between_ranks_raise_one_error_on_every_rank(call, differs):
+    """broadcast_model, and ModelAveraging's first average without it, sized each Bcast or
+    Allreduce by the rank's own tensors: a model of another shape on one rank segfaulted.
+    Now every rank raises before the first, naming the first tensor that differs."""
+    comm = world()
+    last = comm.Get_rank() == comm.Get_size() - 1
+    model = mlp(16 if last and differs == "width" else 32)
+    if last and differs == "dtype":
+        model = model.double()
+    if last and differs == "depth":
+        model.extend([torch.nn.ReLU(), torch.nn.Linear(10, 10)])
+    theirs = {"width": "1.weight float32 [16, 256]", "dtype": "1.weight float64 [32, 256]",
+              "depth": "5.weight float32 [10, 10]"}[differs]
+    mine = "only 4 tensors" if differs == "depth" else "1.weight float32 [32, 256]"
+    with pytest.raises(UsageError) as err:
+        broadcast_model(model, comm) if call == "broadcast_model" else \
+            ModelAveraging(model, comm, tau=1).after_step()
+    assert str(err.value) == (f"{call}: the ranks hold different models: rank 0 {mine}, rank "
+                              f"{comm.Get_size() - 1} {theirs}; build the same model on every "
+                              "rank")
+    comm.Barrier()  # every rank got here: none is left in a collective
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("by", ["ids", "images"])
+def test_ec_trains_a_float64_model(by):
+    """The ensemble ran each model on the exchanged float32 inputs, and a float64 model
+    raised "mat1 and mat2 must have the same dtype" at the first aggregation."""
+    comm = world()
+    rank = comm.Get_rank()
+    full = data.load("synthetic")
+    local = full.subset(torch.arange(rank * 100, (rank + 1) * 100))
+    torch.manual_seed(rank)
+    model = mlp().double()
+    ec = EnsembleCompression(model, comm, tau=1, alpha=0.5, temperature=2.0, distill_size=8,
+                             local=local, lookup=full if by == "ids" else None)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for step in range(2):
+        x, y = local.images[step * 8:(step + 1) * 8].double(), local.labels[step * 8:(step + 1) * 8]
+        opt.zero_grad()
+        ec.loss(x, y).backward()  # the second distils the first round's samples
+        opt.step()
+        assert ec.after_step()
+    teachers = comm.allgather(model.state_dict())
+    with torch.no_grad():
+        expected = torch.stack([F.softmax(torch.func.functional_call(model, t, (
+            ec.relabelled[0].double(),)) / 2.0, dim=1) for t in teachers]).mean(0)
+    assert ec.relabelled[2].dtype == torch.float32
+    torch.testing.assert_close(ec.relabelled[2], expected.float(), atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.mpi(min_size=2)

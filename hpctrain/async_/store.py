@@ -42,7 +42,7 @@ import torch
 from hpctrain import comm as hcomm
 from hpctrain import kernels, watchdog
 from hpctrain.async_ import shm
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, on_every_rank
 
 CONSISTENCIES = ("locked", "atomic")
 _HEADER = 64  # bytes in front of each shard: its update count (int64), then the lock words
@@ -61,6 +61,22 @@ class Push:
     tau: int  # global updates applied between this worker's last read and this push
     order: tuple[int, ...]  # shards in the order they were pushed
     versions: tuple[int, ...] | None  # locked: per shard in `order`, updates applied before
+
+
+def _agree(comm, values: torch.Tensor, **arguments) -> None:
+    """UsageError on every rank unless all of ``comm`` give the same vector size, type and
+    arguments. Before any window: a rank's shard sizes and the initial Bcast come from its own
+    vector, so ranks that differ wrote past their buffers (a glibc abort) or met different
+    collectives. One allgather of a few words; every rank judges the same list."""
+    mine = {"ranks hold vectors of different sizes": str(values.numel()),
+            "ranks hold vectors of different types": f"{values.dtype} {tuple(values.shape)}",
+            **{f"ranks give different {k}": f"{k}={v!r}" for k, v in arguments.items()}}
+    every = comm.allgather(mine)
+    found = hcomm.first_difference(every)
+    if found is not None:
+        key, other = found
+        raise on_every_rank(UsageError(f"ParameterStore: {key}: rank 0 {every[0][key]}, "
+                                       f"rank {other} {every[other][key]}"))
 
 
 def _can_share(comm) -> bool:
@@ -115,8 +131,10 @@ class ParameterStore:
     """A flat float32 vector sharded over RMA windows; collective over ``comm`` to create.
 
     ``values``: a 1-D float32 tensor of the model's size on every rank; the store starts from
-    rank ``root``'s values. ``servers``: 0 (every rank hosts shards and works) or N (the last N
-    ranks only host; they call :meth:`finish` right away and poll for progress there).
+    rank ``root``'s values. Ranks whose sizes or arguments differ raise one UsageError each
+    (:func:`_agree`); a closed store's methods raise one too (:meth:`_check_open`).
+    ``servers``: 0 (every rank hosts shards and works) or N (the last N ranks only host; they
+    call :meth:`finish` right away and poll for progress there).
     ``shards``: number of shards (default :func:`default_shards`). ``poll_interval``: seconds a
     hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
     windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
@@ -134,6 +152,8 @@ class ParameterStore:
         comm = MPI.COMM_WORLD if comm is None else comm
         size, rank = comm.Get_size(), comm.Get_rank()
         numel = values.numel()
+        _agree(comm, values, servers=servers, shards=shards, consistency=consistency,
+               root=root, shared_memory=shared_memory)
         if consistency not in CONSISTENCIES:
             raise UsageError(f"unknown consistency {consistency!r}; choose from "
                              f"{', '.join(CONSISTENCIES)}")
@@ -228,6 +248,7 @@ class ParameterStore:
     def pull(self, out: torch.Tensor) -> int:
         """Read the whole model into ``out`` (1-D float32, CPU or GPU); return the update count
         seen."""
+        self._check_open("pull")
         self._check_buffer("out", out)
         if out.device.type != "cpu":  # through host memory
             stage = self._stage(out.device)
@@ -260,6 +281,7 @@ class ParameterStore:
         own step), ``ms`` and ``v`` their new values. Tensors: 1-D float32, the store's size,
         all on the CPU or all on one GPU (then the staged path runs the CUDA kernel).
         """
+        self._check_open("push")
         if not self.is_worker:
             raise RuntimeError(f"rank {self.rank} is a server of this store; only workers push")
         for name, t in (("w_bak", w_bak), ("g", g), ("ms", ms), ("v", v)):
@@ -474,6 +496,7 @@ class ParameterStore:
 
     def updates(self) -> int:
         """The number of global updates so far."""
+        self._check_open("updates")
         return self._fetch_add(0)
 
     def claim(self) -> int:
@@ -483,6 +506,7 @@ class ParameterStore:
         ``n``: claimed before the step, the budget holds exactly, where checking
         :meth:`updates` before pushing lets every other worker's push in flight through.
         """
+        self._check_open("claim")
         return self._fetch_add(1, slot=1)
 
     def close_tickets(self, budget: int) -> bool:
@@ -490,10 +514,12 @@ class ParameterStore:
         (a SIGUSR1 stop, :mod:`hpctrain.checkpoint.stop`). Unless all ``budget`` tickets are
         out already (False, nothing changed): a claim past the budget then still says that
         the work is done."""
+        self._check_open("close_tickets")
         return self._add_below(CLOSED, budget, slot=1)
 
     def shard_updates(self) -> list[int]:
         """Updates applied to each shard so far."""
+        self._check_open("shard_updates")
         if self.shared:
             return [int(shm.load(m.base, self._count[:1])[0]) for m in self._mapped]
         MPI = hcomm.mpi()
@@ -512,6 +538,7 @@ class ParameterStore:
         A hosting rank polls (``Iprobe``, then a short sleep) so that one-sided operations on
         its windows progress where no hardware does it for them.
         """
+        self._check_open("finish")
         MPI = hcomm.mpi()
         requests = [self._ctl.Isend([self._none, 0, MPI.FLOAT], host, _TAG_DONE)
                     for host in (self.hosts if self.is_worker else [])]
@@ -527,22 +554,32 @@ class ParameterStore:
         self.comm.Barrier()
 
     def close(self) -> None:
-        """Collective over ``comm``: free the windows and communicators."""
+        """Collective over ``comm``: free the windows and communicators. Closing a closed
+        store does nothing: freeing its windows again was an MPI error that aborted the job."""
+        if not self.windows:
+            return
+        windows, self.windows = self.windows, []  # closed, even if a Free below raises
         self._mapped = []  # views of window memory must not outlive it
-        for win in self.windows:
+        for win in windows:
             win.Free()
         self._counter.Free()
         self._ctl.Free()
         if self.worker_comm is not None:
             self.worker_comm.Free()
-        self.windows = []
+
+    def _check_open(self, method: str) -> None:
+        """UsageError once :meth:`close` ran: the shard and counter memory is freed, and a
+        read of it crashed (shared memory) or a write corrupted the heap. ``windows`` is the
+        mark (a store has at least one shard), as the simulator's store keeps it too."""
+        if not self.windows:
+            raise UsageError(f"ParameterStore.{method}(): the parameter store is closed")
 
     def __enter__(self) -> ParameterStore:
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         # After an error, no collective: the other ranks may never reach it (the job aborts).
-        if exc_type is None and self.windows:
+        if exc_type is None:
             self.close()
 
     def _check_buffer(self, name: str, t: torch.Tensor) -> None:

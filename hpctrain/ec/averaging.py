@@ -8,6 +8,7 @@ state (momentum) stays local, as in local SGD. Device tensors travel through
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 
 from hpctrain.devices import HostStage, mpi_buffer
 from hpctrain.ec.stats import AggregationStats, allreduce_bytes
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, on_every_rank
 
 
 def floating_state(model: nn.Module) -> list[torch.Tensor]:
@@ -23,11 +24,40 @@ def floating_state(model: nn.Module) -> list[torch.Tensor]:
     return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
 
 
+def check_same_layout(model: nn.Module, comm, who: str) -> None:
+    """UsageError on every rank unless every rank's ``model`` has parameters and buffers of the
+    same shapes and dtypes, in the same order. MPI sizes a collective by each rank's own
+    buffer: models that differ overran buffers (a segfault) instead of failing. One allgather
+    of a digest; only when the digests differ, one more of the layouts, to name the first
+    tensor that differs (every rank judges the same lists, so every rank raises alike)."""
+    layout = [(str(t.dtype).removeprefix("torch."), tuple(t.shape))
+              for t in model.state_dict().values()]
+    digests = comm.allgather(hashlib.sha256(repr(layout).encode()).hexdigest()[:16])
+    other = next((r for r, d in enumerate(digests) if d != digests[0]), None)
+    if other is None:
+        return
+    names = list(model.state_dict())
+    every = comm.allgather((names, layout))
+    (names0, first), (names1, second) = every[0], every[other]
+    i = next((i for i, pair in enumerate(zip(first, second, strict=False))
+              if pair[0] != pair[1]), min(len(first), len(second)))
+
+    def shown(names: list[str], layout: list) -> str:
+        if i == len(layout):
+            return f"only {i} tensors"
+        return f"{names[i]} {layout[i][0]} {list(layout[i][1])}"
+
+    raise on_every_rank(UsageError(
+        f"{who}: the ranks hold different models: rank 0 {shown(names0, first)}, rank "
+        f"{other} {shown(names1, second)}; build the same model on every rank"))
+
+
 @torch.no_grad()
 def average_model(model: nn.Module, comm) -> int:
     """Replace ``model``'s parameters and floating buffers by their mean over ``comm``'s ranks.
 
-    Collective. Returns the bytes this rank sent (ring allreduce).
+    Collective. Returns the bytes this rank sent (ring allreduce). Every rank must hold the
+    same layout (:class:`ModelAveraging` checks it once; this, called every round, does not).
     """
     tensors = floating_state(model)
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
@@ -46,7 +76,9 @@ def average_model(model: nn.Module, comm) -> int:
 
 @torch.no_grad()
 def broadcast_model(model: nn.Module, comm, root: int = 0) -> None:
-    """Give every rank ``root``'s parameters and buffers (collective)."""
+    """Give every rank ``root``'s parameters and buffers (collective); UsageError on every
+    rank if the ranks' models differ (:func:`check_same_layout`)."""
+    check_same_layout(model, comm, "broadcast_model")
     for t in model.state_dict(keep_vars=True).values():
         stage = HostStage(_exact(t.detach()))
         comm.Bcast(mpi_buffer(stage.to_host()), root=root)
@@ -63,12 +95,15 @@ class ModelAveraging:
 
     Call ``after_step()`` after each ``optimizer.step()`` in your own loop (``final=True`` on
     the last one); it returns True when it aggregated. Start every rank from the same model
-    (:func:`broadcast_model`).
+    (:func:`broadcast_model`). Every rank must call it as often: a rank that stops early
+    leaves the others waiting in an average (or meeting its next collective). Construction is
+    collective: it checks that the ranks' models have one layout (:func:`check_same_layout`).
     """
 
     def __init__(self, model: nn.Module, comm, tau: int):
         if tau < 1:
             raise UsageError(f"tau {tau} must be >= 1")
+        check_same_layout(model, comm, "ModelAveraging")
         self.model, self.comm, self.tau = model, comm, tau
         self.steps = 0
         self.stats = AggregationStats()

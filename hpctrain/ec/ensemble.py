@@ -24,12 +24,14 @@ from hpctrain.data import Dataset
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """``model``'s logits on (non-empty) ``images`` in eval mode, in batches, computed where
-    the model is and returned in host memory; training mode is restored."""
+    the model is and returned in host memory; training mode is restored. Floating inputs
+    take the model's dtype: exchanged images are float32, and a float64 model refused them."""
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    dtype = param.dtype if images.is_floating_point() and param.is_floating_point() else None
     try:
-        parts = [model(images[i:i + batch_size].to(device)).to("cpu")
+        parts = [model(images[i:i + batch_size].to(param.device, dtype)).to("cpu")
                  for i in range(0, len(images), batch_size)]
     finally:
         model.train(was_training)
