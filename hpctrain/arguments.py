@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields, replace
 
 from hpctrain import comm, options, plugins, registry
 from hpctrain import config as configs
-from hpctrain.config import RunConfig
+from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of
 
@@ -158,12 +158,15 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
     :func:`on_off_flags`); its value is absent unless given. Returns ``d``'s own action."""
     m = d.field.metadata
     kw = {"dest": dest or d.dest, "default": argparse.SUPPRESS,
-          "help": m["help"] + (_default_text(d.field) if help_suffix else "")}
+          "help": m["help"] + (_default_text(d.field) if help_suffix else "")
+          + ("; none: not set, also over --config's value" if m.get("clearable") else "")}
     if not d.takes_value:
         kw["action"] = "store_false" if m.get("store_false") else "store_true"
     else:
         if typed and m.get("parse") is not None:
             kw["type"] = m["parse"]
+        if typed and m.get("clearable"):
+            kw["type"] = _or_none(kw.get("type"), d.field.default)
         if m.get("choices") is not None:
             kw["choices"] = m["choices"]
         if m.get("metavar"):
@@ -177,6 +180,16 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
                            default=argparse.SUPPRESS, action="store_const",
                            const=not action.const, help=f"undo {d.flag} (a --config file's)")
     return action
+
+
+def _or_none(parse, unset):
+    """A clearable option's argparse type: ``none`` is ``unset`` (the field's default)."""
+    def parsed(text: str):
+        if text.strip().lower() == "none":
+            return unset
+        return text if parse is None else parse(text)
+    parsed.__name__ = getattr(parse, "__name__", "value")  # argparse's "invalid <name> value"
+    return parsed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -236,6 +249,26 @@ def rederived(base: dict, given: dict, path: str | None = None) -> dict:
     return {**base, "optim": {k: v for k, v in optim.items() if k not in stale}}
 
 
+def without_milestones(base: dict, given: dict, path: str | None) -> dict:
+    """``base`` without its step decay (``lr_milestones``, ``lr_gamma``) where what is given
+    turns it off (another ``--lr-schedule``, ``--lr-milestones none``): the file's would
+    refuse it (``--config step-run/config.json --lr-schedule cosine``)."""
+    optim, typed = base.get("optim"), given.get("optim", {})
+    off = typed.get("lr_schedule") not in (None, "step") or typed.get("lr_milestones") == ()
+    if not isinstance(optim, dict) or not off:
+        return base
+    dropped = [k for k in ("lr_milestones", "lr_gamma") if optim.get(k, OptimConfig.lr_gamma)
+               not in ((), [], OptimConfig.lr_gamma) and k not in typed]
+    if not dropped:
+        return base
+    if comm.env_rank() == 0:
+        turned = f"--lr-schedule {typed['lr_schedule']}" if "lr_schedule" in typed else \
+            "--lr-milestones none"
+        print(f"hpctrain: {turned}: leaving out {path}'s {_listed(optim, dropped)} (the "
+              "step decay's)", flush=True)
+    return {**base, "optim": {k: v for k, v in optim.items() if k not in dropped}}
+
+
 def _listed(values: dict, keys: list[str]) -> str:
     return ", ".join(f"{key} {'none' if values[key] is None else options.shown(values[key])}"
                      for key in keys)
@@ -248,7 +281,8 @@ def build(args: argparse.Namespace) -> RunConfig:
     base = configs.read_file(args.config) if args.config is not None else {}
     if "algo" in values and base.get("algo") not in (None, values["algo"]):
         base = {k: v for k, v in base.items() if k != "algorithm"}  # the file's other algo's
-    values = configs.merge(rederived(base, values, args.config), values)
+    values = configs.merge(without_milestones(rederived(base, values, args.config), values,
+                                              args.config), values)
     algo = values.get("algo")
     if algo is None or algo == "":
         raise UsageError("no algorithm: give --algo (or algo in --config)")

@@ -177,7 +177,7 @@ class OptimConfig:
                                           "float rounding; batch norm excepted: it sees each "
                                           "part)",
                                           parse=options.positive(int), metavar="N",
-                                          range=Range(0, low_open=True))
+                                          range=Range(0, low_open=True), clearable=True)
     lr: float | None = option(None, "base learning rate (default 0.05; asgd, dcasgd-*, ssp: "
                               "0.1)", parse=options.positive(float),
                               range=Range(0, options.HUGE, low_open=True))
@@ -190,7 +190,7 @@ class OptimConfig:
                                      "or constant", choices=SCHEDULES)
     lr_milestones: tuple[float, ...] = option((), "epochs at which the learning rate is "
                                               "multiplied by --lr-gamma, e.g. 3,4",
-                                              parse=_milestones)
+                                              parse=_milestones, clearable=True)
     lr_gamma: float = option(0.1, "step decay factor", parse=options.positive(float),
                              range=Range(0, options.HUGE, low_open=True))
     optimizer: str = option("sgd", "the update rule of sgd, ssgd, ma and ec (adam, adamw: "
@@ -203,7 +203,7 @@ class OptimConfig:
     clip_grad_norm: float | None = option(None, "scale each step's gradient down to this L2 "
                                           "norm when above it (ssgd: the reduced gradient)",
                                           parse=float, metavar="NORM",
-                                          range=Range(0, low_open=True))
+                                          range=Range(0, low_open=True), clearable=True)
 
     def __post_init__(self) -> None:
         m = self.lr_milestones
@@ -344,7 +344,7 @@ class RunConfig:
                            "first steps and the first evaluation take longer")
     profile: str | None = option(None, "torch.profiler over local steps START to START+COUNT-1 "
                                  "on every worker: Chrome traces and operator tables in "
-                                 "<out>/profile", metavar="START:COUNT")
+                                 "<out>/profile", metavar="START:COUNT", clearable=True)
     threads: int = option(1, "torch threads per rank", parse=options.positive(int),
                           range=Range(1, 4096))
     progress: bool = option(True, "no progress bar", flag="--no-progress", store_false=True)

@@ -188,7 +188,8 @@ def shown(value) -> str:
 
 
 def option(default, help: str, *, flag: str | None = None, parse=None, choices=None,
-           range: Range | None = None, metavar: str | None = None, store_false: bool = False):
+           range: Range | None = None, metavar: str | None = None, store_false: bool = False,
+           clearable: bool = False):
     """A dataclass field that is also a command-line option.
 
     ``flag`` defaults to ``--`` + the field's name with dashes; ``parse`` is the argparse type
@@ -196,12 +197,14 @@ def option(default, help: str, *, flag: str | None = None, parse=None, choices=N
     ``choices`` and ``range`` are checked again when the configuration is built, so Python
     callers get the same checks as the command line.
     ``store_false``: a boolean field set False by its flag (``--no-progress``).
+    ``clearable``: its flag takes ``none`` for the default (unset), so that a ``--config``
+    file's value can be undone on the command line (``--clip-grad-norm none``).
     """
     if parse is int:  # one reading of whole numbers everywhere: 1e3 as in a TOML file
         parse = whole
     return field(default=default, metadata={
         "help": help, "flag": flag, "parse": parse, "choices": choices, "range": range,
-        "metavar": metavar, "store_false": store_false})
+        "metavar": metavar, "store_false": store_false, "clearable": clearable})
 
 
 def flag_of(f: Field) -> str:

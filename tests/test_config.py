@@ -381,3 +381,31 @@ def test_bad_flags_are_one_short_line(args, message):
     with pytest.raises(UsageError) as e:
         parse("--algo", "sgd", "--model", "m:build", *args)
     assert message in str(e.value) and "\n" not in str(e.value) and len(str(e.value)) < 300
+
+
+def _repeat(tmp_path: Path, optim: OptimConfig, *typed: str):
+    """A run's config.json with ``optim`` (resolved, with run_info) repeated with ``typed``."""
+    config = configs.resolve(RunConfig(algo="sgd", optim=optim))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**configs.to_dict(config), "run_info": {"workers": 1}}))
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    return arguments.build(train.parse_args(["--config", str(path), *typed]))
+
+
+def test_none_undoes_a_config_files_optional_value(tmp_path, capsys):
+    optim = OptimConfig(epochs=4, lr_milestones=(2,), lr_gamma=0.5, clip_grad_norm=1.0,
+                        micro_batch_size=16)
+    repeat = _repeat(tmp_path, optim, "--clip-grad-norm", "none", "--micro-batch-size", "None",
+                     "--lr-milestones", "none", "--profile", "none")
+    assert (repeat.optim.clip_grad_norm, repeat.optim.micro_batch_size) == (None, None)
+    assert repeat.optim.lr_milestones == () and repeat.profile is None
+    assert configs.resolve(repeat).optim.lr_schedule == "cosine"  # the step decay's gone
+
+
+def test_another_schedule_leaves_out_the_files_milestones(tmp_path, capsys):
+    repeat = _repeat(tmp_path, OptimConfig(epochs=4, lr_milestones=(2,), lr_gamma=0.5),
+                     "--lr-schedule", "constant")
+    assert (repeat.optim.lr_schedule, repeat.optim.lr_milestones) == ("constant", ())
+    assert repeat.optim.lr_gamma == OptimConfig.lr_gamma
+    assert f"leaving out {tmp_path}/config.json's lr_milestones [2], lr_gamma 0.5" in \
+        capsys.readouterr().out
