@@ -230,6 +230,7 @@ def _say_user_data(config: RunConfig) -> None:
     """A user's data set checked and its sizes said (rank 0) before MPI starts."""
     name = config.data.dataset
     if userdata.is_user(name):
+        data.check_data_dir(name, config.data.data_dir)  # before a loader reads for nothing
         # By the name the run uses after launch: its loader is called (and cached) once.
         about = userdata.describe(userdata.absolute(name), config.data.data_dir)
         if comm.env_rank() == 0:

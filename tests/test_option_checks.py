@@ -126,7 +126,7 @@ def loaders(tmp_path):
     return path
 
 
-def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders):
+def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders, capsys):
     folder = str(tmp_path)
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--data-dir", folder]) == \
         f"--data-dir {folder} is not used by --dataset synthetic"
@@ -137,6 +137,7 @@ def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders):
     assert refusal(["--algo", "sgd", "--dataset", name, "--model", "mlp", "--no-progress",
                     "--data-dir", folder]) == \
         f"--data-dir {folder} is not used by --dataset {name} (it takes no data_dir argument)"
+    assert "hpctrain: data" not in capsys.readouterr().out  # refused before the loader ran
     config = run.check_launch(parse("--algo", "sgd", "--dataset", f"{loaders}:with_dir",
                                     "--model", "mlp", "--no-progress", "--data-dir", folder), 1)
     assert config.data.data_dir == folder
