@@ -122,6 +122,22 @@ def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_pat
         "| algorithm | seeds |")
 
 
+def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
+    """A damaged compare.json is refused, saying that moved aside the folders are reported;
+    they are then (seed 3 left no summary, so it is not found)."""
+    summaries = seeded_comparison(tmp_path)
+    (tmp_path / report.RECORD).write_text('{"algos": ["ssgd"]')
+    with pytest.raises(UsageError, match=r"\(moved aside, the report shows the runs found in "):
+        report.load(tmp_path)
+    (tmp_path / report.RECORD).unlink()
+    record, rows = report.load(tmp_path)
+    assert record == {} and [(r.name, r.seed, r.status) for r in rows] == [
+        ("ssgd", 1, "ok"), ("ssgd", 2, "ok")]
+    report.render(tmp_path)
+    mean = statistics.mean(s["final_test_acc"] for s in summaries.values())
+    assert cells((tmp_path / "report.md").read_text(), "ssgd")[3].startswith(f"{mean:.4f} ±")
+
+
 def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):
     rows = [report.Row("asgd", "failed", error="boom", seed=s) for s in (1, 2)]
     head, _, row = report.seed_table(rows, [0.8, 0.9]).splitlines()

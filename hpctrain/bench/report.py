@@ -2,7 +2,8 @@
 
 DIR is a comparison's folder (``compare.json`` and one ``DIR/<algo>/`` per run, written by
 ``hpctrain bench compare``; with ``--seeds``, ``DIR/<algo>/seed-<S>/``) or any folder whose
-subfolders, or itself, hold finished runs (``summary.json`` and ``metrics.jsonl``). The plots
+subfolders (``<algo>/seed-<S>/`` too: one algorithm's seeds), or itself, hold finished runs
+(``summary.json`` and ``metrics.jsonl``). The plots
 follow the DC-ASGD paper's figures: test error (%) against wall time and against epochs, one
 line per algorithm (with seeds: their mean, shaded from the lowest to the highest). With seeds
 the table gives each algorithm's mean and sample standard deviation over the seeds whose run
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +46,9 @@ NO_PLOTS = ("matplotlib is not installed (pip install \"hpctrain[plot]\", then "
 _ORDER = registry.names()
 NA = "n/a"  # a cell whose value in summary.json is of the wrong type (the report warns)
 STALENESS_KEYS = ("mean", "p50", "p90", "p99", "max")
+
+
+_SEED_FOLDER = re.compile(r"^seed--?[0-9]+$")  # run_name's seed-<S>
 
 
 def run_name(algo: str, seed: int | None) -> str:
@@ -282,7 +287,11 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
     if not folder.is_dir():
         raise UsageError(f"report: {folder} is not a folder")
     if (folder / RECORD).is_file():
-        record = read_record(folder)
+        try:
+            record = read_record(folder)
+        except UsageError as damaged:  # the runs' own files may all be there
+            raise UsageError(f"{damaged} (moved aside, the report shows the runs found in "
+                             f"{folder})") from None
         rows = []
         for name in record["algos"]:
             for seed in record.get("seeds") or [None]:
@@ -297,6 +306,14 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         return record, rows
     dirs = [folder] if (folder / "summary.json").is_file() else sorted(
         d for d in folder.iterdir() if (d / "summary.json").is_file())
+    # A --seeds comparison's runs, two levels down: each algorithm's seeds make one row.
+    seeded = [] if dirs == [folder] else sorted(
+        d for d in folder.glob("*/seed-*") if _SEED_FOLDER.match(d.name)
+        and (d / "summary.json").is_file())
+    if seeded:
+        return {}, [_finished(d, d.name) for d in dirs] + [
+            _finished(d, d.parent.name, seed=int(d.name.removeprefix("seed-")))
+            for d in seeded]
     if not dirs:
         raise UsageError(f"report: {folder} holds no {RECORD} and no finished run "
                          "(a folder with summary.json)")
@@ -638,7 +655,7 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     ran_with = environment(rows)
     if ran_with:
         out.append(ran_with)
-    seeds = record.get("seeds")
+    seeds = record.get("seeds") or sorted({r.seed for r in rows if r.seed is not None})
     if seeds:
         out += ["", seed_table(rows, targets), "",
                 f"Each algorithm ran once per seed ({', '.join(map(str, seeds))}): the table "
