@@ -30,18 +30,21 @@ class VoteOptions(Options):
                        "their sum) or mean (their average)", choices=("majority", "mean"))
 
 
-class Momentum:
-    """A worker's momentum of its gradients: its own, so a per-rank part of a checkpoint."""
+class WorkerState:
+    """A worker's momentum of its gradients and the bytes of votes it sent: its own, so a
+    per-rank part of a checkpoint."""
 
     def __init__(self, params: list[torch.Tensor]):
         self.buffers = [torch.zeros_like(p) for p in params]
+        self.sent = 0
 
     def state_dict(self) -> dict:
-        return {"buffers": self.buffers}
+        return {"buffers": self.buffers, "sent": self.sent}
 
     def load_state_dict(self, state: dict) -> None:
         for mine, saved in zip(self.buffers, state["buffers"], strict=True):
             mine.copy_(saved)
+        self.sent = state["sent"]
 
 
 class SignumVote(Algorithm):
@@ -51,7 +54,8 @@ class SignumVote(Algorithm):
     Options = VoteOptions
     defaults = {"lr": 0.0005, "momentum": 0.9}  # a sign step is lr in every coordinate
     optimizers = ("sgd",)
-    summary_fields = {"vote": "how the workers' signs were combined (majority or mean)"}
+    summary_fields = {"vote": "how the workers' signs were combined (majority or mean)",
+                      "vote_bytes_per_rank": "bytes: the votes one rank sent"}
 
     @classmethod
     def check(cls, config, ranks: int, samples: int) -> None:
@@ -67,16 +71,16 @@ class SignumVote(Algorithm):
                 self.comm.Bcast(host.numpy(), root=0)
                 t.copy_(host)
         self.beta = self.config.optim.momentum or 0.0
-        self.momentum = Momentum(self.params)
+        self.state = WorkerState(self.params)
         # The step itself: plain SGD on the vote (the loop sets its learning rate).
         self.optimizer = torch.optim.SGD(self.params, lr=self.config.optim.lr)
 
     def checkpoint_state(self) -> tuple[dict, dict]:
-        return {"model": self.model, "optimizer": self.optimizer}, {"momentum": self.momentum}
+        return {"model": self.model, "optimizer": self.optimizer}, {"worker": self.state}
 
     def apply(self) -> bool:
         signs = []
-        for p, m in zip(self.params, self.momentum.buffers, strict=True):
+        for p, m in zip(self.params, self.state.buffers, strict=True):
             grad = torch.zeros_like(p) if p.grad is None else p.grad
             m.mul_(self.beta).add_(grad, alpha=1 - self.beta)
             signs.append(torch.sign(m).reshape(-1))
@@ -84,6 +88,7 @@ class SignumVote(Algorithm):
         total = votes.clone()
         if self.comm is not None:
             self.comm.Allreduce(votes.numpy(), total.numpy())  # the sum of the votes
+            self.state.sent += votes.numel() * votes.element_size()
         workers = 1 if self.comm is None else self.comm.Get_size()
         step = torch.sign(total) if self.options.vote == "majority" else total / workers
         offset = 0
@@ -94,4 +99,4 @@ class SignumVote(Algorithm):
         return True
 
     def summary(self, points: list[dict], comm) -> dict:
-        return {"vote": self.options.vote}
+        return {"vote": self.options.vote, "vote_bytes_per_rank": self.state.sent}

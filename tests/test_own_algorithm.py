@@ -149,8 +149,11 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     assert config["optim"]["lr"] == 0.0005  # the algorithm's own default
     summary = json.loads((whole / "summary.json").read_text())
     assert summary["algo_label"] == "signum-vote" and summary["vote"] == "mean"
+    params = sum(t.numel() for t in _model(whole).values())
+    assert summary["vote_bytes_per_rank"] == 2 * params * summary["updates"]  # int16 votes
     assert summary["final_test_acc"] > 0.9
-    # Killed after a checkpoint, then resumed: the same model (each rank's momentum is in it).
+    # Killed after a checkpoint, then resumed: the same model and count of bytes sent (each
+    # rank's momentum and count are in the checkpoint).
     killed = run_job([*train, "--out", str(cut), "--checkpoint-every", "0.25e"], np=2,
                      env={"HPCTRAIN_INJECT": "kill@1:25"})
     assert killed.returncode != 0 and not (cut / "model.pt").exists()
@@ -160,6 +163,8 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     repeat = run_job(["train", "--config", str(whole / "config.json"), "--out", str(again)],
                      np=2)
     assert repeat.returncode == 0, repeat.stderr
+    assert json.loads((cut / "summary.json").read_text())["vote_bytes_per_rank"] == \
+        summary["vote_bytes_per_rank"]
     for other in (cut, again):
         assert all(torch.equal(a, b) for a, b in zip(_model(whole).values(),
                                                      _model(other).values(), strict=True))
@@ -175,7 +180,9 @@ def test_compared_and_simulated(tmp_path):
     assert record["algos"] == ["ssgd", "signum-vote"]
     assert record["runs"]["ssgd"]["ignored"] == ["--vote"]
     assert "--vote mean" in record["runs"]["signum-vote"]["command"]
-    assert "| signum-vote | 2 |" in (tmp_path / "cmp" / "report.md").read_text()
+    row = next(line for line in (tmp_path / "cmp" / "report.md").read_text().splitlines()
+               if line.startswith("| signum-vote | 2 |"))
+    assert "vote_bytes_per_rank" in row  # its own byte count, in the traffic column
     sim = run_job(["simulate", "--algo", relative, "--workers", "4", *SMALL, "--out",
                    str(tmp_path / "sim")], np=0)
     assert sim.returncode == 0, sim.stderr

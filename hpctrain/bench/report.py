@@ -181,6 +181,11 @@ def read_record(folder: str | Path) -> dict:
                          "accuracies in (0, 1]")
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UsageError(f"{path}: train_args is {_json(words)}, not a list of words")
+    references = record.get("references", {})
+    if not isinstance(references, dict) or not all(
+            isinstance(v, str) for v in references.values()):
+        raise UsageError(f"{path}: references is {_json(references)}, not names of "
+                         "algorithm references")
     seeds = record.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
@@ -292,6 +297,7 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         except UsageError as damaged:  # the runs' own files may all be there
             raise UsageError(f"{damaged} (moved aside, the report shows the runs found in "
                              f"{folder})") from None
+        _load_references(record)
         rows = []
         for name in record["algos"]:
             for seed in record.get("seeds") or [None]:
@@ -320,6 +326,18 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
     return {}, [_finished(d, d.name) for d in dirs]
 
 
+def _load_references(record: dict) -> None:
+    """Load the users' algorithms a comparison ran (compare.json's ``references``), so that
+    their summary fields in bytes count as the built-in ones' do, as when compare rendered
+    the report; one that cannot be loaded now is said, and its byte counts left out."""
+    for reference in record.get("references", {}).values():
+        try:
+            registry.get(reference)
+        except UsageError as e:
+            print(f"hpctrain report: {e}; its runs' own byte counts are left out",
+                  file=sys.stderr, flush=True)
+
+
 def time_to(points: list[dict], target: float) -> dict | None:
     """The first curve point whose test accuracy reaches ``target`` (None if none does)."""
     return next((p for p in sorted(points, key=lambda p: p["t"]) if p["test_acc"] >= target),
@@ -344,7 +362,7 @@ def _byte_counts(summary: dict) -> list[tuple[str, float]]:
     """The summary's non-zero byte counts, found by name: the fields whose unit the summary
     schema (common fields and every algorithm's) gives as bytes, sorted by name."""
     found = []
-    for name in sorted(byte_fields(registry.ALGORITHMS.values())):
+    for name in sorted(byte_fields(registry.known().values())):
         value = summary
         for key in name.split("."):
             value = value.get(key) if isinstance(value, dict) else None
