@@ -95,8 +95,17 @@ def test_two_algorithms_of_one_name_are_refused(tmp_path):
      r"its option lr \(--lr\) is every run's --lr already"),
     ("tau: str = option('x', 'another tau')",
      r"its option tau \(--tau\) is ma, ec's --tau already"),
+    ("workers: int = option(1, 'w', parse=int)", r"\(--workers\) is hpctrain simulate's --workers"),
+    ("seeds: str = option('1', 's')", r"\(--seeds\) is bench compare's --seeds"),
+    ("help: str = option('x', 'h')", r"\(--help\) is the command line's --help"),
+    ("compile: bool = option(False, 'c', flag='--kompile')", None),  # its flags are free
+    ("kompile: bool = option(False, 'c', flag='--no-compile')",
+     r"\(--no-compile\) is every run's --no-compile"),
+    ("odd: str = option('x', 'o', flag='xx')", r"its option odd \('xx'\) is no flag"),
 ])
 def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, message):
+    """Also a flag of the command lines that take algorithm options (simulate's, bench
+    compare's, argparse's) and an on/off option's other flag."""
     path = own(tmp_path, f"""
         @dataclass(frozen=True)
         class MyOptions(Options):
@@ -107,6 +116,9 @@ def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, mess
             Options = MyOptions
         """)
     registry.get(f"{path}:Mine")
+    if message is None:
+        assert any(d.flag == "--kompile" for d in arguments.algorithm_options())
+        return
     with pytest.raises(UsageError, match=message):
         arguments.algorithm_options()
 
@@ -187,33 +199,6 @@ def test_compared_and_simulated(tmp_path):
                    str(tmp_path / "sim")], np=0)
     assert sim.returncode == 0, sim.stderr
     assert json.loads((tmp_path / "sim" / "summary.json").read_text())["workers"] == 4
-
-
-@pytest.mark.parametrize("field, message", [
-    ("workers: int = option(1, 'w', parse=int)", r"\(--workers\) is hpctrain simulate's --workers"),
-    ("seeds: str = option('1', 's')", r"\(--seeds\) is bench compare's --seeds"),
-    ("help: str = option('x', 'h')", r"\(--help\) is the command line's --help"),
-    ("compile: bool = option(False, 'c', flag='--kompile')", None),  # its flags are free
-    ("kompile: bool = option(False, 'c', flag='--no-compile')",
-     r"\(--no-compile\) is every run's --no-compile"),
-    ("odd: str = option('x', 'o', flag='xx')", r"its option odd \('xx'\) is no flag"),
-])
-def test_an_option_of_a_flag_the_command_lines_have_is_refused(tmp_path, field, message):
-    path = own(tmp_path, f"""
-        @dataclass(frozen=True)
-        class MyOptions(Options):
-            {field}
-
-        class Mine(Algorithm):
-            name = 'mine'
-            Options = MyOptions
-        """)
-    registry.get(f"{path}:Mine")
-    if message is None:
-        assert any(d.flag == "--kompile" for d in arguments.algorithm_options())
-        return
-    with pytest.raises(UsageError, match=message):
-        arguments.algorithm_options()
 
 
 def test_the_reserved_flags_are_those_of_simulate_and_compare():
