@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import re
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from hpctrain import comm, options, plugins, registry
 from hpctrain import config as configs
@@ -115,18 +116,29 @@ def _declaration(f) -> tuple:
     return flag_of(f), f.name, str(f.type), repr(f.default), repr(dict(f.metadata))
 
 
+class _PreParser(argparse.ArgumentParser):
+    """:func:`load_named_algorithms`' parser: its errors are raised, not printed."""
+
+    def error(self, message: str):
+        raise argparse.ArgumentError(None, message)
+
+
 def load_named_algorithms(argv: list[str]) -> None:
     """Load the users' algorithms ``argv`` names (``--algo MODULE:CLASS``, ``algo`` in a
     ``--config`` file, a reference among ``bench compare --algos``) before the command line's
     parser is built, so that their options are flags of it; UsageError if one cannot be had."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    for flag in ("--algo", "--algos", "--config"):
+    pre = _PreParser(add_help=False)  # abbreviations as the command's parser takes them
+    compare = argv[:2] == ["bench", "compare"]
+    for flag in ("--algos" if compare else "--algo", "--config"):
         pre.add_argument(flag, default=None)
-    known, _ = pre.parse_known_args(argv)
-    named = [w.strip() for w in (known.algos or "").split(",")]
-    if known.algo is not None:
+    try:
+        known, _ = pre.parse_known_args(argv)
+    except argparse.ArgumentError:  # refused, with its reason, by the command's parser
+        return
+    named = [w.strip() for w in (known.algos or "").split(",")] if compare else []
+    if not compare and known.algo is not None:
         named.append(known.algo)
-    elif known.config is not None:
+    elif known.config is not None and Path(known.config).is_file():  # a pipe is read once
         try:
             named.append(configs.read_file(known.config).get("algo"))
         except (UsageError, TypeError, AttributeError):
@@ -274,12 +286,21 @@ def _listed(values: dict, keys: list[str]) -> str:
                      for key in keys)
 
 
+def _same_algorithm(recorded, typed: str) -> bool:
+    """Whether ``typed`` names the algorithm a file records: the same name, or references to
+    one file spelt differently (``./mine.py:Mine`` and config.json's absolute path)."""
+    if not isinstance(recorded, str):
+        return False
+    return plugins.absolute(recorded) == plugins.absolute(typed)
+
+
 def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
     base = configs.read_file(args.config) if args.config is not None else {}
-    if "algo" in values and base.get("algo") not in (None, values["algo"]):
+    if "algo" in values and base.get("algo") is not None and not _same_algorithm(
+            base["algo"], values["algo"]):
         base = {k: v for k, v in base.items() if k != "algorithm"}  # the file's other algo's
     values = configs.merge(without_milestones(rederived(base, values, args.config), values,
                                               args.config), values)

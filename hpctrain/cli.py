@@ -315,6 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         if hasattr(module, "validate"):  # checks the options' own types cannot make
             module.validate(args)
         if module.THREAD_LEVEL is not None:  # None: a launcher of MPI jobs (compare)
+            devices.cuda_aware_override()  # before MPI, as info and train check it
             comm.init(module.THREAD_LEVEL)
         module.run(args)
     elif args.command == "report":

@@ -26,7 +26,8 @@ ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     Sequential, Synchronous, ASGD, DCASGDConstant, DCASGDAdaptive, SSP,
     ModelAveraging, EnsembleCompression)}
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a user's algorithm's: a folder name
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a user's algorithm's: a folder name,
+# with no dot: none of a comparison's files (compare.json, report.md, the plots)
 # The users' algorithms loaded in this process: reference -> class (see :func:`load`).
 _LOADED: dict[str, type[Algorithm]] = {}
 
@@ -73,7 +74,7 @@ def load(reference: str) -> type[Algorithm]:
     name = cls.__dict__.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
         raise UsageError(f"{what}: the class needs a name of its own (name = \"mine\": its "
-                         "runs' label and folder name; letters, digits, '_', '.', '-'), not "
+                         "runs' label and folder name; letters, digits, '_', '-'), not "
                          f"{cls.__dict__.get('name', getattr(cls, 'name', None))!r}")
     if name in ALGORITHMS and ALGORITHMS[name] is not cls:
         raise UsageError(f"{what}: its name {name!r} is a built-in algorithm's; choose another")

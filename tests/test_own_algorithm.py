@@ -53,6 +53,26 @@ def test_a_reference_loads_the_class_and_its_options_become_flags():
         arguments.build(parser.parse_args(["--algo", "ssgd", "--vote", "mean"]))
 
 
+def test_a_config_files_options_stay_with_its_algorithm_spelt_otherwise(tmp_path, monkeypatch):
+    """config.json records a file's reference absolute; typed relative it is the same class,
+    whose options the file holds (they were dropped as another algorithm's)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"algo": SIGNUM, "algorithm": {"vote": "mean"}}))
+    monkeypatch.chdir(ROOT)
+    typed = f"./{EXAMPLE.relative_to(ROOT)}:SignumVote"
+    arguments.load_named_algorithms(["train", "--alg", typed])  # abbreviated, as argparse takes
+    assert typed in registry._LOADED
+    config = arguments.build(compare._train_parser().parse_args(
+        ["--config", str(path), "--algo", typed]))
+    assert config.algorithm.vote == "mean"
+
+
+def test_a_config_that_is_a_pipe_is_read_once(tmp_path):
+    fifo = tmp_path / "config.toml"
+    os.mkfifo(fifo)  # opened for reading, it would wait for a writer
+    arguments.load_named_algorithms(["train", "--config", str(fifo)])
+
+
 def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, monkeypatch):
     own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n", "my_algos.py")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -70,6 +90,7 @@ def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, 
     ("class Plain: pass\n", "Plain", "a class, not a subclass of hpctrain.algorithm.Algorithm"),
     ("class Nameless(Algorithm): pass\n", "Nameless", "needs a name of its own"),
     ("class Slashed(Algorithm):\n    name = 'a/b'\n", "Slashed", "needs a name of its own"),
+    ("class Dotted(Algorithm):\n    name = 'report.md'\n", "Dotted", "needs a name of its own"),
     ("class Clash(Algorithm):\n    name = 'ssgd'\n", "Clash", "is a built-in algorithm's"),
     ("class Loose(Algorithm):\n    name = 'loose'\n    Options = dict\n", "Loose",
      "its Options must be a dataclass subclassing hpctrain.algorithm.Options"),
@@ -195,10 +216,13 @@ def test_compared_and_simulated(tmp_path):
     row = next(line for line in (tmp_path / "cmp" / "report.md").read_text().splitlines()
                if line.startswith("| signum-vote | 2 |"))
     assert "vote_bytes_per_rank" in row  # its own byte count, in the traffic column
+    assert record["byte_fields"] == {"signum-vote": ["vote_bytes_per_rank"]}  # report imports
+    # nothing
     sim = run_job(["simulate", "--algo", relative, "--workers", "4", *SMALL, "--out",
                    str(tmp_path / "sim")], np=0)
     assert sim.returncode == 0, sim.stderr
     assert json.loads((tmp_path / "sim" / "summary.json").read_text())["workers"] == 4
+    assert json.loads((tmp_path / "sim" / "config.json").read_text())["algo"] == SIGNUM
 
 
 def test_the_reserved_flags_are_those_of_simulate_and_compare():

@@ -858,3 +858,11 @@ def test_a_real_runs_stragglers_are_not_applied_again_to_its_replayed_times(
     assert "leaving out" not in capsys.readouterr().err
     b, c = (json.loads((tmp_path / d / "summary.json").read_text()) for d in "bc")
     assert {**b, "out": None} == {**c, "out": None}
+    # Another run's times to replay: they hold none of this run's sleeps, which stay.
+    other = tmp_path / "other"
+    shutil.copytree(slowed_run, other)
+    cli.main(["simulate", "--config", str(slowed_run / "config.json"), "--step-time",
+              f"replay:{other}", "--out", str(tmp_path / "d")])
+    assert "leaving out" not in capsys.readouterr().err
+    recorded = json.loads((tmp_path / "d" / "config.json").read_text())["stragglers"]
+    assert recorded == {"slowdown": "0:3", "jitter": 0.2}

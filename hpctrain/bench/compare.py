@@ -612,7 +612,11 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
               **({"seeds": seeds} if seeds else {}),
               # A user's algorithm: the class its name stands for (a resume must run the same).
               "references": {r.label: plugins.absolute(r.algo) for r in runs
-                             if plugins.is_reference(r.algo)}}
+                             if plugins.is_reference(r.algo)},
+              # and its summary fields in bytes, which the report counts (it imports nothing)
+              "byte_fields": {r.label: [k for k, v in registry.get(r.algo).summary_fields.items()
+                                        if v.startswith("bytes:")]
+                              for r in runs if plugins.is_reference(r.algo)}}
     if path.exists():
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "

@@ -70,6 +70,7 @@ class Row:
     unusable: list[str] = field(default_factory=list)  # summary keys shown as n/a
     seed: int | None = None  # a comparison with --seeds: this run's
     run_info: dict = field(default_factory=dict)  # config.json's: what the run ran with
+    byte_fields: tuple[str, ...] = ()  # a user's algorithm's, as compare.json records them
 
     @property
     def title(self) -> str:
@@ -181,11 +182,14 @@ def read_record(folder: str | Path) -> dict:
                          "accuracies in (0, 1]")
     if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
         raise UsageError(f"{path}: train_args is {_json(words)}, not a list of words")
-    references = record.get("references", {})
+    references, own = record.get("references", {}), record.get("byte_fields", {})
     if not isinstance(references, dict) or not all(
             isinstance(v, str) for v in references.values()):
         raise UsageError(f"{path}: references is {_json(references)}, not names of "
                          "algorithm references")
+    if not isinstance(own, dict) or not all(
+            isinstance(v, list) and all(isinstance(n, str) for n in v) for v in own.values()):
+        raise UsageError(f"{path}: byte_fields is {_json(own)}, not lists of field names")
     seeds = record.get("seeds")
     if seeds is not None and not (isinstance(seeds, list) and seeds and all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
@@ -297,14 +301,14 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         except UsageError as damaged:  # the runs' own files may all be there
             raise UsageError(f"{damaged} (moved aside, the report shows the runs found in "
                              f"{folder})") from None
-        _load_references(record)
         rows = []
         for name in record["algos"]:
             for seed in record.get("seeds") or [None]:
                 key = run_name(name, seed)
                 run = record["runs"].get(key, {"status": "failed", "error": "did not run"})
                 extra = {"command": run.get("command"), "ignored": run.get("ignored", []),
-                         "seed": seed}
+                         "seed": seed,
+                         "byte_fields": tuple(record.get("byte_fields", {}).get(name, ()))}
                 if run["status"] == "ok":
                     rows.append(_finished(folder / key, name, **extra))
                 else:
@@ -324,18 +328,6 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         raise UsageError(f"report: {folder} holds no {RECORD} and no finished run "
                          "(a folder with summary.json)")
     return {}, [_finished(d, d.name) for d in dirs]
-
-
-def _load_references(record: dict) -> None:
-    """Load the users' algorithms a comparison ran (compare.json's ``references``), so that
-    their summary fields in bytes count as the built-in ones' do, as when compare rendered
-    the report; one that cannot be loaded now is said, and its byte counts left out."""
-    for reference in record.get("references", {}).values():
-        try:
-            registry.get(reference)
-        except UsageError as e:
-            print(f"hpctrain report: {e}; its runs' own byte counts are left out",
-                  file=sys.stderr, flush=True)
 
 
 def time_to(points: list[dict], target: float) -> dict | None:
@@ -358,11 +350,12 @@ def _bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _byte_counts(summary: dict) -> list[tuple[str, float]]:
+def _byte_counts(summary: dict, own: tuple[str, ...] = ()) -> list[tuple[str, float]]:
     """The summary's non-zero byte counts, found by name: the fields whose unit the summary
-    schema (common fields and every algorithm's) gives as bytes, sorted by name."""
+    schema (common fields and every built-in algorithm's) gives as bytes, and ``own``, a
+    user's algorithm's (:attr:`Row.byte_fields`), sorted by name."""
     found = []
-    for name in sorted(byte_fields(registry.known().values())):
+    for name in sorted({*byte_fields(registry.ALGORITHMS.values()), *own}):
         value = summary
         for key in name.split("."):
             value = value.get(key) if isinstance(value, dict) else None
@@ -391,7 +384,7 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     stale = s.get("staleness")
     stale = NA if "staleness" in row.unusable else dash if not stale else (
         f"{stale['mean']:.2f} / " + " / ".join(_updates(stale[k]) for k in STALENESS_KEYS[1:]))
-    moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s)]
+    moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s, row.byte_fields)]
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
         else dash
@@ -505,7 +498,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
         _updates(_mean([d[k] for d in stale])) for k in STALENESS_KEYS)
     moved: dict[str, list[float]] = {}
     for r in done:
-        for key, value in _byte_counts(r.summary):
+        for key, value in _byte_counts(r.summary, r.byte_fields):
             moved.setdefault(key, []).append(value)
     peaks = [p for r in done for p in r.summary.get("peak_memory_per_worker") or ()
              if p is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from hpctrain import config as configs
 from hpctrain.arguments import Declared, add_option
@@ -87,11 +88,13 @@ def replayed_stragglers(args: argparse.Namespace, recorded: dict, step_time) -> 
     """The straggler options (name: value) of a real run's ``config.json`` not to apply
     again: with ``--step-time replay:RUN`` the replayed step times are a real run's, and a
     real straggler's sleep is part of its recorded steps, so applying its ``--slowdown`` and
-    ``--jitter`` again would count them twice. Options given on the command line stay (a
-    slowdown on top of the replay), as do a simulation's or a TOML file's."""
+    ``--jitter`` again would count them twice: when the replayed run is the ``--config``
+    file's own (another run's times hold none of its sleeps). Options given on the command
+    line stay (a slowdown on top of the replay), as do a simulation's or a TOML file's."""
     file_values = recorded.get("stragglers")
-    if not (isinstance(step_time, str) and step_time.partition(":")[0] == "replay"
-            and _real_run(recorded) and isinstance(file_values, dict)):
+    kind, _, run = step_time.partition(":") if isinstance(step_time, str) else ("", "", "")
+    if not (kind == "replay" and _real_run(recorded) and isinstance(file_values, dict)
+            and Path(run).expanduser().resolve() == Path(args.config).resolve().parent):
         return {}
     defaults = StragglerConfig()
     return {name: file_values[name] for name in STRAGGLER_OPTIONS

@@ -26,6 +26,7 @@ from hpctrain import (
     launch_env,
     live,
     options,
+    plugins,
     registry,
     run,
     steptimes,
@@ -75,6 +76,11 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     with it up front); return ``config`` with every default resolved (and without the
     straggler options a replay leaves out)."""
     config = configs.resolve(without_replayed_stragglers(config, sim))
+    # References recorded absolute, as a real run's (run._as_launched): config.json repeats
+    # the simulation from any folder.
+    config = replace(config, algo=plugins.absolute(config.algo),
+                     model=replace(config.model, name=plugins.absolute(config.model.name)),
+                     data=replace(config.data, dataset=userdata.absolute(config.data.dataset)))
     algo = config.algorithm_class
     k = sim.workers
     ck = config.checkpoint
