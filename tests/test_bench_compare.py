@@ -29,7 +29,7 @@ from conftest import (
 )
 from matplotlib.image import imread
 
-from hpctrain import cli, registry
+from hpctrain import cli, provenance, registry, steptimes
 from hpctrain.bench import compare, report
 from hpctrain.checkpoint import listing
 from hpctrain.errors import UsageError
@@ -300,6 +300,29 @@ def test_resume_refuses_other_simulator_options(tmp_path):
     again = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--resume", "--out",
                   str(out))
     assert compare._start_record(again, compare.plan(again))["sim_args"] == ["--latency", "1e-5"]
+
+
+def test_resume_refuses_replayed_step_times_that_changed(tmp_path):
+    """A simulated comparison's resume replayed the file as it had become: rows of two
+    different replays in one report (exit 0)."""
+    run, out = tmp_path / "run", tmp_path / "cmp"
+    run.mkdir()
+    times = run / "step_times.json"
+    times.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.1, 0.2]]}))
+    words = ("--algos", "sgd", "--simulate", "1", "--step-time", f"replay:{run}", "--out",
+             str(out))
+    first = parse(*words)
+    out.mkdir()
+    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+        first, compare.plan(first)))
+    before = provenance.sha256_of(times)
+    times.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.3, 0.4]]}))
+    again = parse(*words, "--resume")
+    with pytest.raises(UsageError) as e:
+        compare._start_record(again, compare.plan(again))
+    assert str(e.value) == (f"--resume: the step times {out}'s runs replayed have changed since "
+                            f"(now sha256 {provenance.sha256_of(times)}, recorded {before}); "
+                            "its runs would replay other times")
 
 
 def test_help_groups_options_by_the_algorithms_that_use_them(capsys):

@@ -42,7 +42,18 @@ from collections import deque
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hpctrain import arguments, checkpoint, data, launch_env, live, mpirun, plugins, registry
+from hpctrain import (
+    arguments,
+    checkpoint,
+    data,
+    launch_env,
+    live,
+    mpirun,
+    plugins,
+    provenance,
+    registry,
+    steptimes,
+)
 from hpctrain import run as training
 from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
@@ -277,6 +288,16 @@ def simulator_words(args: argparse.Namespace) -> list[str]:
     """The simulator's options the user gave, as the words that pass them on."""
     return [w for opt in args.sim_options if hasattr(args, opt.dest)
             for w in (opt.flag, getattr(args, opt.dest))]
+
+
+def replayed_sha256(sim_words: list[str]) -> str | None:
+    """The sha256 of the step_times.json a simulated comparison replays (``--step-time
+    replay:RUN``), so that a resume replays the same times; None without a replay."""
+    given = dict(zip(sim_words[::2], sim_words[1::2], strict=True))
+    kind, _, run = str(given.get("--step-time", "")).partition(":")
+    if kind != "replay":
+        return None
+    return provenance.sha256_of(steptimes.file_of(run))
 
 
 def _check_out(out: str) -> None:
@@ -606,9 +627,11 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     simulated = args.simulate is not None
     sim_args = simulator_words(args)
     seeds = getattr(args, "seeds", None)
+    sha = replayed_sha256(sim_args) if simulated else None
     record = {"algos": list(dict.fromkeys(r.label for r in runs)), "workers": args.workers,
               "targets": report.parse_targets(args.targets), "train_args": train_args,
               "simulated": simulated, "sim_args": sim_args, "runs": {},
+              **({"step_times_sha256": sha} if sha else {}),
               **({"seeds": seeds} if seeds else {}),
               # A user's algorithm: the class its name stands for (a resume must run the same).
               "references": {r.label: plugins.absolute(r.algo) for r in runs
@@ -638,6 +661,10 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             if record["references"].get(label, reference) != reference:
                 raise UsageError(f"--resume: {out}'s {label} runs are --algo {reference}, not "
                                  f"{record['references'][label]}; give the same")
+        if old.get("step_times_sha256", sha) != sha:
+            raise UsageError(f"--resume: the step times {out}'s runs replayed have changed "
+                             f"since (now sha256 {sha}, recorded {old['step_times_sha256']}); "
+                             "its runs would replay other times")
         if old.get("seeds") != seeds:
             was = "--seeds " + ",".join(map(str, old["seeds"])) if old.get("seeds") else \
                 "no --seeds"
