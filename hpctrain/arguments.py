@@ -271,11 +271,13 @@ def without_milestones(base: dict, given: dict, path: str | None) -> dict:
         return base
     dropped = [k for k in ("lr_milestones", "lr_gamma") if optim.get(k, OptimConfig.lr_gamma)
                not in ((), [], OptimConfig.lr_gamma) and k not in typed]
+    if optim.get("lr_schedule") == "step" and "lr_schedule" not in typed:
+        dropped.append("lr_schedule")  # a TOML file's (a run's is rederived before)
     if not dropped:
         return base
     if comm.env_rank() == 0:
-        turned = f"--lr-schedule {typed['lr_schedule']}" if "lr_schedule" in typed else \
-            "--lr-milestones none"
+        turned = "--lr-milestones none" if typed.get("lr_milestones") == () else \
+            f"--lr-schedule {typed['lr_schedule']}"
         print(f"hpctrain: {turned}: leaving out {path}'s {_listed(optim, dropped)} (the "
               "step decay's)", flush=True)
     return {**base, "optim": {k: v for k, v in optim.items() if k not in dropped}}

@@ -409,3 +409,13 @@ def test_another_schedule_leaves_out_the_files_milestones(tmp_path, capsys):
     assert repeat.optim.lr_gamma == OptimConfig.lr_gamma
     assert f"leaving out {tmp_path}/config.json's lr_milestones [2], lr_gamma 0.5" in \
         capsys.readouterr().out
+
+
+def test_milestones_none_undoes_a_toml_files_step_decay(tmp_path, capsys):
+    path = tmp_path / "step.toml"
+    path.write_text('algo = "sgd"\n[optim]\nepochs = 4\nlr_schedule = "step"\n'
+                    'lr_milestones = [2]\nlr_gamma = 0.5\n')
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    config = arguments.build(train.parse_args(["--config", str(path), "--lr-milestones", "none"]))
+    assert (config.optim.lr_schedule, config.optim.lr_milestones) == (None, ())
+    assert "--lr-milestones none: leaving out" in capsys.readouterr().out
