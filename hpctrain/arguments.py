@@ -72,14 +72,12 @@ def algorithm_options() -> list[Declared]:
                 continue  # the same option (inherited): one flag, owners from registry.owners
             flags = (d.flag,) if d.takes_value else on_off_flags(d)
             clash = next((flag for flag in flags if flag in taken), None)
-            if earlier is not None or clash is not None or not all(map(_FLAG.match, flags)):
-                whose = ("an option's" if earlier is None and clash is None
-                         else _whose(taken[clash]) if earlier is None
-                         else _whose(earlier.field))
-                what = f"--{d.flag.lstrip('-')}" if _FLAG.match(d.flag) else repr(d.flag)
-                reason = (f"is {whose} {clash or earlier.flag} already" if earlier or clash
-                          else "is no flag (want --words-with-dashes)")
-                raise UsageError(f"--algo {name}: its option {f.name} ({what}) {reason}; "
+            problem = ("is no flag (want --words-with-dashes)" if not all(map(_FLAG.match, flags))
+                       else f"is {_whose(earlier.field)} {earlier.flag} already" if earlier
+                       else f"is {_whose(taken[clash])} {clash} already" if clash else None)
+            if problem:
+                shown = d.flag if _FLAG.match(d.flag) else repr(d.flag)
+                raise UsageError(f"--algo {name}: its option {f.name} ({shown}) {problem}; "
                                  "name it otherwise")
             seen[f.name] = replace(d, owners=tuple(registry.owners(f.name)))
             taken.update(dict.fromkeys(flags, f))

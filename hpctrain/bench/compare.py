@@ -632,14 +632,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
               "targets": report.parse_targets(args.targets), "train_args": train_args,
               "simulated": simulated, "sim_args": sim_args, "runs": {},
               **({"step_times_sha256": sha} if sha else {}),
-              **({"seeds": seeds} if seeds else {}),
-              # A user's algorithm: the class its name stands for (a resume must run the same).
-              "references": {r.label: plugins.absolute(r.algo) for r in runs
-                             if plugins.is_reference(r.algo)},
-              # and its summary fields in bytes, which the report counts (it imports nothing)
-              "byte_fields": {r.label: [k for k, v in registry.get(r.algo).summary_fields.items()
-                                        if v.startswith("bytes:")]
-                              for r in runs if plugins.is_reference(r.algo)}}
+              **({"seeds": seeds} if seeds else {}), **_own_algorithms(runs)}
     if path.exists():
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
@@ -677,6 +670,16 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             raise UsageError(f"--out {out} already holds finished runs ({', '.join(done)}); "
                              "choose another folder")
     return record
+
+
+def _own_algorithms(runs: list[Run]) -> dict:
+    """compare.json's record of the users' algorithms among ``runs``: the class each name
+    stands for (``references``: a resume must run the same) and its summary fields in bytes
+    (``byte_fields``: the report counts them without importing the user's code)."""
+    own = {r.label: r.algo for r in runs if plugins.is_reference(r.algo)}
+    return {"references": {name: plugins.absolute(algo) for name, algo in own.items()},
+            "byte_fields": {name: [k for k, v in registry.get(algo).summary_fields.items()
+                                   if v.startswith("bytes:")] for name, algo in own.items()}}
 
 
 def _set_aside(run_dir: Path, label: str) -> None:
