@@ -178,11 +178,11 @@ class OptimConfig:
                                           "part)",
                                           parse=options.positive(int), metavar="N",
                                           range=Range(0, low_open=True), clearable=True)
-    lr: float | None = option(None, "base learning rate (default 0.05; asgd, dcasgd-*, ssp: "
-                              "0.1)", parse=options.positive(float),
+    lr: float | None = option(None, "base learning rate (default: the algorithm's; 0.05, "
+                              "asgd, dcasgd-*, ssp: 0.1)", parse=options.positive(float),
                               range=Range(0, options.HUGE, low_open=True))
-    momentum: float | None = option(None, "SGD momentum (default 0.9; asgd, dcasgd-*, ssp: 0, "
-                                    "the paper's algorithm)", parse=float,
+    momentum: float | None = option(None, "SGD momentum (default: the algorithm's; 0.9, asgd, "
+                                    "dcasgd-*, ssp: 0, the paper's algorithm)", parse=float,
                                     range=Range(0, 1, high_open=True))
     weight_decay: float = option(0.0, "L2 penalty", parse=float, range=Range(0, options.HUGE))
     lr_schedule: str | None = option(None, "cosine decay to 0 over the run (default), step "

@@ -72,7 +72,7 @@ from hpctrain.runtime import REAL, Runtime
 from hpctrain.schedule import learning_rate, set_lr
 from hpctrain.steptimes import StepTimes
 from hpctrain.stragglers import parse_slowdown
-from hpctrain.summary import RunSummary
+from hpctrain.summary import RunSummary, own_byte_fields
 from hpctrain.summary import read as read_summary
 from hpctrain.torch_comm import TorchComm
 
@@ -635,7 +635,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if rank == 0:
         log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {
             "workers": size, "device": str(s.device), **runtime.run_info(),
-            **provenance.software(s.device), **started_from}})
+            **provenance.software(s.device), **started_from,
+            **({"byte_fields": own_byte_fields(type(algo))}
+               if plugins.is_reference(config.algo) else {})}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:

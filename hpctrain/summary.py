@@ -141,9 +141,15 @@ def byte_fields(algorithm_classes) -> list[str]:
     in a fixed order: what the report's traffic column adds up."""
     names = [k for k, v in COMMON_FIELDS.items() if v.startswith("bytes:")]
     for cls in algorithm_classes:
-        names += [k for k, v in cls.summary_fields.items()
-                  if v.startswith("bytes:") and k not in names]
+        names += [k for k in own_byte_fields(cls) if k not in names]
     return names
+
+
+def own_byte_fields(algorithm_class) -> list[str]:
+    """The summary fields in bytes that ``algorithm_class`` declares itself: recorded for a
+    user's algorithm (config.json, compare.json) so that the report counts them without
+    importing the user's code."""
+    return [k for k, v in algorithm_class.summary_fields.items() if v.startswith("bytes:")]
 
 
 def markdown(algorithm_classes) -> str:

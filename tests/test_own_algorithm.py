@@ -13,8 +13,8 @@ import pytest
 import torch
 from conftest import ROOT, SYNTHETIC, run_job
 
-from hpctrain import arguments, registry
-from hpctrain.bench import compare
+from hpctrain import arguments, cli, registry
+from hpctrain.bench import compare, report
 from hpctrain.config import RunConfig, from_dict, to_dict
 from hpctrain.errors import UsageError
 
@@ -201,6 +201,12 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     for other in (cut, again):
         assert all(torch.equal(a, b) for a, b in zip(_model(whole).values(),
                                                      _model(other).values(), strict=True))
+    # The report of the runs' folder (no compare.json) counts its bytes from config.json.
+    assert config["run_info"]["byte_fields"] == ["vote_bytes_per_rank"]
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines()
+            if line.startswith("| whole |")]
+    assert rows and "vote_bytes_per_rank" in rows[0]
 
 
 def test_compared_and_simulated(tmp_path):

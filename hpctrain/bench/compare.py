@@ -62,6 +62,7 @@ from hpctrain.metrics import write_json_atomic
 from hpctrain.options import HUGE, at_least, shown, whole
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
+from hpctrain.summary import own_byte_fields
 from hpctrain.summary import read as read_summary
 
 DESCRIPTION = (
@@ -678,8 +679,8 @@ def _own_algorithms(runs: list[Run]) -> dict:
     (``byte_fields``: the report counts them without importing the user's code)."""
     own = {r.label: r.algo for r in runs if plugins.is_reference(r.algo)}
     return {"references": {name: plugins.absolute(algo) for name, algo in own.items()},
-            "byte_fields": {name: [k for k, v in registry.get(algo).summary_fields.items()
-                                   if v.startswith("bytes:")] for name, algo in own.items()}}
+            "byte_fields": {name: own_byte_fields(registry.get(algo))
+                            for name, algo in own.items()}}
 
 
 def _set_aside(run_dir: Path, label: str) -> None:

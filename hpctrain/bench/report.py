@@ -222,8 +222,13 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
         return Row(name, "failed", error=str(e), **record)
     summary, unusable = _usable(summary, run_dir / "summary.json")
     points = _usable_points(points, run_dir / "metrics.jsonl")
+    run_info = _run_info(run_dir / "config.json")
+    if "byte_fields" not in record:  # a folder's run: a user's algorithm records its own
+        own = run_info.get("byte_fields", [])
+        record["byte_fields"] = tuple(k for k in own if isinstance(k, str)) \
+            if isinstance(own, list) else ()
     return Row(name, "ok", summary=summary, points=points, unusable=unusable,
-               run_info=_run_info(run_dir / "config.json"), **record)
+               run_info=run_info, **record)
 
 
 def _run_info(path: Path) -> dict:
