@@ -281,6 +281,27 @@ def without_milestones(base: dict, given: dict, path: str | None) -> dict:
     return {**base, "optim": {k: v for k, v in optim.items() if k not in dropped}}
 
 
+def other_algorithm(base: dict, algo: str, path: str | None) -> dict:
+    """``base`` (a file for another algorithm) with only the ``[algorithm]`` options that
+    ``algo`` declares too (``--config asgd.toml --algo ssp`` keeps the store's consistency,
+    servers, shards); the others are left out, said once where the file set them otherwise
+    than their default."""
+    table = base.get("algorithm")
+    if not isinstance(table, dict) or not table:
+        return {k: v for k, v in base.items() if k != "algorithm"}
+    try:
+        kept = {f.name for f in declared(registry.get(algo).Options)}
+        old = {f.name: f.default for f in declared(registry.get(base["algo"]).Options)}
+    except (UsageError, TypeError):  # an unknown algorithm: refused, with its name, later
+        kept, old = set(), {}
+    dropped = [k for k in table if k not in kept and k in old and table[k] != old[k]]
+    if dropped and comm.env_rank() == 0:
+        print(f"hpctrain: --algo {registry.display_name(algo)}: leaving out {path}'s "
+              f"{_listed(table, dropped)} (options of {registry.display_name(base['algo'])})",
+              flush=True)
+    return {**base, "algorithm": {k: v for k, v in table.items() if k in kept}}
+
+
 def _listed(values: dict, keys: list[str]) -> str:
     return ", ".join(f"{key} {'none' if values[key] is None else options.shown(values[key])}"
                      for key in keys)
@@ -301,7 +322,7 @@ def build(args: argparse.Namespace) -> RunConfig:
     base = configs.read_file(args.config) if args.config is not None else {}
     if "algo" in values and base.get("algo") is not None and not _same_algorithm(
             base["algo"], values["algo"]):
-        base = {k: v for k, v in base.items() if k != "algorithm"}  # the file's other algo's
+        base = other_algorithm(base, values["algo"], args.config)
     values = configs.merge(without_milestones(rederived(base, values, args.config), values,
                                               args.config), values)
     algo = values.get("algo")

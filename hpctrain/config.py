@@ -533,9 +533,9 @@ def flat(config: RunConfig) -> dict:
     out = {}
     for f in fields(config):
         value = getattr(config, f.name)
-        if is_dataclass(value):
-            for g in fields(value):
-                out[options.flag_of(g).lstrip("-").replace("-", "_")] = getattr(value, g.name)
-        else:
-            out[options.flag_of(f).lstrip("-").replace("-", "_")] = value
+        for g, v in ([(g, getattr(value, g.name)) for g in fields(value)]
+                     if is_dataclass(value) else [(f, value)]):
+            # a flag that sets its field False (--no-progress) records what the flag says
+            v = not v if g.metadata.get("store_false") else v
+            out[options.flag_of(g).lstrip("-").replace("-", "_")] = v
     return json.loads(json.dumps(out, default=str))

@@ -379,7 +379,8 @@ def test_check_resume_with_a_changed_option(tmp_path):
     with pytest.raises(UsageError, match="with --batch-size 64, not without it$"):
         check(resume=str(tmp_path), run_config={**config, "batch_size": None})
     a_run(tmp_path / "b", eval_rank=None)
-    with pytest.raises(UsageError, match="started without --eval-rank, not with --eval-rank 2$"):
+    with pytest.raises(UsageError, match=r"started without --eval-rank \(its default; leave it "
+                                         r"out\), not with --eval-rank 2$"):
         check(resume=str(tmp_path / "b"), run_config={"eval_rank": 2})
 
 

@@ -82,6 +82,22 @@ def test_a_run_repeated_with_another_algorithm_takes_that_algorithms_defaults(tm
     assert configs.resolve(parse("--config", str(toml), "--algo", "asgd")).optim.lr == 0.05
 
 
+def test_another_algorithm_keeps_the_files_options_it_has_too(tmp_path, capsys):
+    """``--config asgd.toml --algo ssp`` dropped the whole [algorithm] table without a word:
+    the store's consistency (an option of both) went back to locked."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "dcasgd-a"\n[algorithm]\nconsistency = "atomic"\nlam = 1.5\n'
+                    'ms_decay = 0.95\n')
+    ssp = parse("--config", str(toml), "--algo", "ssp").algorithm
+    assert ssp.consistency == "atomic" and not hasattr(ssp, "lam")
+    out = capsys.readouterr().out  # lam is said (set), ms_decay is not (its default)
+    assert out == f"hpctrain: --algo ssp: leaving out {toml}'s lam 1.5 (options of dcasgd-a)\n"
+    dcasgd = parse("--config", str(toml), "--algo", "dcasgd-c").algorithm
+    assert (dcasgd.consistency, dcasgd.lam) == ("atomic", 1.5) and capsys.readouterr().out == ""
+    assert parse("--config", str(toml), "--algo", "ssgd").algorithm == \
+        registry.get("ssgd").Options()
+
+
 def test_numpy_numbers_are_taken_as_pythons():
     """README says numpy's numbers are accepted: milestones from np.arange and a checkpoint
     interval of np.int64 were refused."""
@@ -95,6 +111,13 @@ def test_numpy_numbers_are_taken_as_pythons():
         == (1.5, 3.0)
     assert CheckpointConfig(every=np.int64(30)).every == CheckpointConfig(every=30).every
     json.dumps(configs.to_dict(RunConfig(algo="sgd", optim=o)))  # written as config.json is
+
+
+def test_flat_records_what_each_flag_says():
+    """A checkpoint's options by flag: ``no_progress`` is True for a run with --no-progress
+    (it recorded the field, progress, under the flag's name: the opposite)."""
+    assert configs.flat(RunConfig(algo="sgd", progress=False))["no_progress"] is True
+    assert configs.flat(RunConfig(algo="sgd"))["no_progress"] is False
 
 
 def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():

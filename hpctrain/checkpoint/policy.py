@@ -238,11 +238,12 @@ def changed_option(old: dict, new: dict, may_change: frozenset[str]) -> str | No
 
 def _changed(flag: str, old, new) -> str:
     """An option's recorded and given values, in a message (None: left to a default the run
-    resolves later, as ``--tau``, or not given at all, as ``--eval-rank``)."""
+    resolves later, as ``--tau``, or not given at all, as ``--eval-rank``; a default is not
+    compared with a value, which may or may not be the same: leaving the flag out goes on)."""
     if old is not None and new is not None:
         return f"with {flag} {old}, not {new}"
-    return (f"without {flag}, not with {flag} {new}" if old is None
-            else f"with {flag} {old}, not without it")
+    return (f"without {flag} (its default; leave it out), not with {flag} {new}"
+            if old is None else f"with {flag} {old}, not without it")
 
 
 def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
