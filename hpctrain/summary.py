@@ -32,7 +32,8 @@ class RunSummary:
     epochs: int = _doc("--epochs: passes over the data, all workers together")
     updates: int = _doc("model updates made (async: pushes of all workers, a skipped NaN "
                         "push not counted; lock-step: steps, those the NaN guard skipped "
-                        "included, see skipped_steps)")
+                        "included, see skipped_steps); resumed on another number of workers, "
+                        "counted on the new run's scale from where it went on (see resized)")
     final_test_acc: float = _doc("fraction in [0, 1]: the final model on the test set")
     final_test_loss: float | None = _doc("mean cross-entropy of the final model on the test set "
                                          "(null if not finite)")
