@@ -217,6 +217,8 @@ for name, summary in runs.items():  # what each ran with (config.json's run_info
         summary["run_info"] = json.loads(config.read_text()).get("run_info", {})
 (out / "runs.json").write_text(json.dumps(runs, indent=1))
 print(f"# GPU check ({device})\n")
+if device == "cpu":
+    print("A dry run on the CPU: both accuracy columns are the same CPU runs.\n")
 info = next((s["run_info"] for k, s in runs.items() if k.endswith(f"-{device}")
              and "run_info" in s), {})
 said = [f"{label} {str(info[k]).split(',')[0]}" for k, label in (
@@ -244,6 +246,8 @@ for n in names:
 # >= 0.8 of a copy of the same bytes. The variants (micro-batches, precisions, compile) and
 # the async algorithms get lines of their own, for information.
 def within(group: list[str], points: float) -> str:
+    if device == "cpu":  # a dry run: each "device" run is the CPU run itself
+        return "not compared (a dry run on the CPU)"
     off = [n for n in group if f"{n}-{device}" in runs and f"{n}-cpu" in runs
            and abs(runs[f"{n}-{device}"]["final_test_acc"]
                    - runs[f"{n}-cpu"]["final_test_acc"]) > points / 100]

@@ -241,10 +241,29 @@ def _module_graph() -> dict[str, set[str]]:
     return {m: _imports(p, set(files)) - {m} for m, p in files.items()}
 
 
+def _entry_points(graph) -> set[str]:
+    return {"hpctrain.cli", "hpctrain.__main__", "hpctrain.arguments",
+            "hpctrain.sim.arguments"} | {m for m in graph if m.startswith("hpctrain.bench")}
+
+
+def test_nothing_below_the_entry_points_takes_a_namespace():
+    """Below the command lines, configuration is typed: no function names argparse's
+    Namespace (``hpctrain horovodrun``, a command of its own, and its settings do)."""
+    graph = _module_graph()
+    below = set(graph) - _entry_points(graph) - {"hpctrain.horovodrun",
+                                                 "hpctrain.horovod_settings"}
+    for module in below:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        path = path if path.exists() else path.with_suffix("") / "__init__.py"
+        names = {n.attr if isinstance(n, ast.Attribute) else n.id
+                 for n in ast.walk(ast.parse(path.read_text()))
+                 if isinstance(n, (ast.Attribute, ast.Name))}
+        assert "Namespace" not in names, module
+
+
 def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
     graph = _module_graph()
-    entry = {"hpctrain.cli", "hpctrain.__main__", "hpctrain.arguments",
-             "hpctrain.sim.arguments"} | {m for m in graph if m.startswith("hpctrain.bench")}
+    entry = _entry_points(graph)
     for module, deps in graph.items():
         if module not in entry:
             assert not deps & entry, f"{module} imports {deps & entry}"
