@@ -116,6 +116,19 @@ def _check_attributes(what: str, cls: type[Algorithm]) -> None:
                          f"{', '.join(OPTIMIZERS)}")
     if not isinstance(cls.lock_step, bool):
         raise UsageError(f"{what}: lock_step {cls.lock_step!r}: want True or False")
+    if not cls.lock_step:
+        from hpctrain.algorithm import Algorithm
+
+        missing = [h for h in NOT_LOCK_STEP_HOOKS if getattr(cls, h) is getattr(Algorithm, h)]
+        if missing:
+            raise UsageError(f"{what}: lock_step = False needs its own {', '.join(missing)} "
+                             "(the defaults are lock-step's)")
+
+
+# The hooks whose defaults assume every worker updates together: an algorithm whose workers
+# run on their own defines each (the asgd family does; see hpctrain.algorithm).
+NOT_LOCK_STEP_HOOKS = ("per_epoch", "claim", "progress", "close_tickets", "before_checkpoint",
+                       "finish")
 
 
 def _number(value) -> bool:

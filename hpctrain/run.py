@@ -94,8 +94,11 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     n, sample = check_workers(config, algo.workers(config, ranks))
     if ranks > n:
         raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")
-    algo.check(config, ranks, n)
     ck = config.checkpoint
+    if not algo.lock_step and ck.interval is not None and not ck.interval.endswith("e"):
+        raise UsageError(f"--checkpoint-every {ck.interval}: asynchronous runs checkpoint by "
+                         "global progress; give epochs, e.g. 1e")
+    algo.check(config, ranks, n)
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
         check_folder(flag, folder)
     refuse_finished(config.out)  # before its checkpoints would call it unfinished

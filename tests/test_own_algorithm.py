@@ -250,6 +250,10 @@ def test_the_reserved_flags_are_those_of_simulate_and_compare():
     ("thread_level = 'many'", "thread_level 'many' is none of single"),
     ("optimizers = ('sgd', 'lion')", r"optimizers \('sgd', 'lion'\): want a tuple of some of"),
     ("lock_step = 'yes'", "lock_step 'yes': want True or False"),
+    # Not lock-step with lock-step's hooks: its checkpoints hung, its count was one worker's.
+    ("lock_step = False\n    def claim(self, position):\n        return position",
+     "lock_step = False needs its own per_epoch, progress, close_tickets, before_checkpoint, "
+     r"finish \(the defaults are lock-step's\)"),
 ])
 def test_class_attributes_the_loop_would_misread_are_refused(tmp_path, attributes, message):
     path = own(tmp_path, f"class Mine(Algorithm):\n    name = 'mine'\n    {attributes}\n")
@@ -266,6 +270,37 @@ def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):
         run.check_launch(arguments.build(parser.parse_args(
             ["--algo", f"{path}:Mine", "--optimizer", "adam", *SYNTHETIC])), 1)
     assert str(refused.value) == "--optimizer adam: --algo mine keeps its own update rule; only sgd"
+
+
+NOT_LOCK_STEP = """
+class Mine(Algorithm):
+    name = "mine"
+    lock_step = False
+""" + "".join(f"    def {hook}(self, *args):\n        pass\n"
+              for hook in registry.NOT_LOCK_STEP_HOOKS)
+
+
+def test_a_class_not_lock_step_checkpoints_by_progress(tmp_path):
+    """A user's class not lock-step wrote no checkpoint with an interval in seconds (the
+    built-in async ones refused it; the refusal is the loop's now)."""
+    from hpctrain import run
+
+    path = own(tmp_path, NOT_LOCK_STEP)
+
+    def launched(every: str):
+        return run.check_launch(arguments.build(compare._train_parser().parse_args(
+            ["--algo", f"{path}:Mine", "--checkpoint-every", every, *SYNTHETIC, "--out",
+             str(tmp_path / "out")])), 2)
+
+    with pytest.raises(UsageError, match="^--checkpoint-every 10: asynchronous runs "
+                                         "checkpoint by global progress; give epochs, e.g. 1e$"):
+        launched("10")
+    assert launched("1e").checkpoint.interval == "1e"
+
+
+def test_built_in_algorithms_pass_the_checks_a_users_does():
+    for cls in registry.ALGORITHMS.values():
+        registry._check_attributes(cls.name, cls)
 
 
 SUBCLASSES = """

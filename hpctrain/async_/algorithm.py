@@ -134,10 +134,6 @@ class ASGD(Algorithm):
                                  f"most one shard per parameter of {config.model.name} "
                                  f"({numel} parameters), and {most} in all (each is an RMA "
                                  "window)")
-        every = config.checkpoint.interval
-        if every is not None and not every.endswith("e"):
-            raise UsageError(f"--checkpoint-every {every}: asynchronous runs checkpoint by "
-                             "global progress; give epochs, e.g. 1e")
         # The compiled libraries a push needs: CPU workers' kernel and the shared-memory locks
         # (on one node), GPU workers' CUDA kernel.
         needed = [kernels.cpu_library, shm.library]

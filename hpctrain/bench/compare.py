@@ -66,9 +66,10 @@ from hpctrain.summary import own_byte_fields
 from hpctrain.summary import read as read_summary
 
 DESCRIPTION = (
-    "Time to accuracy of whole training runs, each algorithm against the others and against "
-    "sequential sgd on one process. Runs every --algos algorithm as its own MPI job on "
-    "--workers processes with the same data, model, seed and options, then writes report.md "
+    "Time to accuracy of whole training runs, each algorithm against the others (list sgd "
+    "in --algos for the sequential baseline on one process). Runs every --algos algorithm "
+    "as its own MPI job on --workers processes with the same data, model, seed and options, "
+    "then writes report.md "
     "(final and best test accuracy, wall time, time to each --targets accuracy, samples/s, "
     "staleness, bytes communicated) and PNG plots of test error against wall time and epochs; "
     "exits 1 if any run failed.")
