@@ -23,8 +23,9 @@ checkpoints, evaluation, outputs). A subclass declares:
 The defaults are those of a lock-step algorithm (every worker makes the same number of
 updates, together): a plain synchronous loop needs only ``setup``. One with ``lock_step``
 False defines :meth:`per_epoch`, :meth:`claim`, :meth:`progress`, :meth:`close_tickets`,
-:meth:`before_checkpoint` and :meth:`finish` (``registry.NOT_LOCK_STEP_HOOKS``, checked). Registration: one line in
-:mod:`hpctrain.registry`, or none for a user's own (``--algo ./mine.py:Mine``).
+:meth:`before_checkpoint` and :meth:`finish` (``registry.NOT_LOCK_STEP_HOOKS``, checked).
+Registration: one line in :mod:`hpctrain.registry`, or none for a user's own (``--algo
+./mine.py:Mine``).
 """
 
 from __future__ import annotations
