@@ -280,7 +280,7 @@ def mpi_built() -> bool:
     return (_active or mpi_backend).mpi_built()
 
 
-def nccl_built() -> bool:
+def nccl_built() -> int:
     return (_active or mpi_backend).nccl_built()
 
 

@@ -237,11 +237,18 @@ def mpi_built() -> bool:
     return True
 
 
-def nccl_built() -> bool:
-    """Whether collectives can use NCCL (the torch transport, with NCCL in torch)."""
+def nccl_built() -> int:
+    """NCCL's version code (``NCCL_VERSION_CODE``, 22105 for 2.21.5) when collectives can use
+    NCCL (the torch transport, with NCCL in torch), else 0: Horovod's int, not a bool."""
     import torch.distributed as dist
 
-    return _transport_name() == "torch" and dist.is_nccl_available()
+    if _transport_name() != "torch" or not dist.is_nccl_available():
+        return 0
+    version = torch.cuda.nccl.version()
+    if isinstance(version, int):  # older torch gives the code itself
+        return version
+    major, minor, patch = version[:3]
+    return major * 10000 + minor * 100 + patch
 
 
 def gloo_built() -> bool:
