@@ -20,6 +20,7 @@ from hpctrain import config as configs
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of
+from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
 
 @dataclass(frozen=True)
@@ -302,6 +303,19 @@ def other_algorithm(base: dict, algo: str, path: str | None) -> dict:
     return {**base, "algorithm": {k: v for k, v in table.items() if k in kept}}
 
 
+def without_chunk_size(base: dict, given: dict, path: str | None) -> dict:
+    """``base`` without its sharded exchange's ``shuffle_chunk_mb`` where ``--data-placement
+    replicated`` is given (the file's would refuse it)."""
+    data, typed = base.get("data"), given.get("data", {})
+    if typed.get("data_placement") != "replicated" or not isinstance(data, dict) or \
+            data.get("shuffle_chunk_mb", DEFAULT_CHUNK_MB) == DEFAULT_CHUNK_MB:
+        return base
+    if comm.env_rank() == 0:
+        print(f"hpctrain: --data-placement replicated: leaving out {path}'s "
+              f"{_listed(data, ['shuffle_chunk_mb'])} (the sharded exchange's)", flush=True)
+    return {**base, "data": {k: v for k, v in data.items() if k != "shuffle_chunk_mb"}}
+
+
 def _listed(values: dict, keys: list[str]) -> str:
     return ", ".join(f"{key} {'none' if values[key] is None else options.shown(values[key])}"
                      for key in keys)
@@ -323,8 +337,8 @@ def build(args: argparse.Namespace) -> RunConfig:
     if "algo" in values and base.get("algo") is not None and not _same_algorithm(
             base["algo"], values["algo"]):
         base = other_algorithm(base, values["algo"], args.config)
-    values = configs.merge(without_milestones(rederived(base, values, args.config), values,
-                                              args.config), values)
+    base = without_milestones(rederived(base, values, args.config), values, args.config)
+    values = configs.merge(without_chunk_size(base, values, args.config), values)
     algo = values.get("algo")
     if algo is None or algo == "":
         raise UsageError("no algorithm: give --algo (or algo in --config)")
@@ -337,6 +351,12 @@ def build(args: argparse.Namespace) -> RunConfig:
             raise UsageError(f"{d.flag} is an option of {', '.join(d.owners)}, not of --algo "
                              f"{algo}")
     try:
-        return configs.from_dict(values)
+        config = configs.from_dict(values)
     except TypeError as e:  # a value of the wrong type in a file
         raise UsageError(f"--config {args.config}: {e}") from None
+    chunk = getattr(args, "data.shuffle_chunk_mb", None)
+    if chunk is not None and config.data.data_placement == "replicated":  # the default typed
+        raise UsageError(f"--shuffle-chunk-mb {chunk:g} sizes the rounds of the sharded "
+                         "exchange: it needs --data-placement sharded (replicated data are "
+                         "not moved)")
+    return config

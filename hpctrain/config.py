@@ -87,9 +87,9 @@ class DataConfig:
                                  "with MPI)")
     partition: str = option("iid", "initial split: iid (file order) or label-skew (sorted by "
                             "label)")
-    shuffle_chunk_mb: float = option(DEFAULT_CHUNK_MB, "sharded exchange: at most this many MB "
-                                     "sent per rank per round, but one sample to each rank at "
-                                     "least", parse=options.positive(float))
+    shuffle_chunk_mb: float = option(DEFAULT_CHUNK_MB, "sharded exchange: at most this many "
+                                     "MiB (2^20 bytes) sent per rank per round, but one sample "
+                                     "to each rank at least", parse=options.positive(float))
 
     def __post_init__(self) -> None:
         # The Python API may give the loading function itself: kept as its reference.
@@ -105,8 +105,9 @@ class DataConfig:
                 parse_strategy(self.shuffle)[0] == "global":  # every epoch: all data, permuted
             raise UsageError("--partition label-skew with --shuffle global trains on iid data "
                              "(each epoch deals a fresh permutation of all of it): use --shuffle "
-                             "local|partial:Q, or --data-placement sharded to measure what dealing "
-                             "label-sorted shards costs (its training is iid too)")
+                             "local|partial:Q, or (hpctrain train) --data-placement sharded to "
+                             "measure what dealing label-sorted shards costs (its training is "
+                             "iid too)")
         if self.data_placement == "replicated" and \
                 self.shuffle_chunk_mb != DEFAULT_CHUNK_MB:
             raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb:g} sizes "

@@ -119,6 +119,9 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
      "--params 3: fewer parameters than the store's 4 shards (one per worker, -np 5); give at "
      "least 4"),
     # N copies competing for the memory bandwidth, and only rank 0's figures printed.
+    # The folder was ignored (train refuses it).
+    (2, ["shuffle", "--dataset", "synthetic", "--data-dir", "/tmp"],
+     "--data-dir /tmp is not used by --dataset synthetic"),
     (2, ["kernel", "--elements", "1000"],
      "bench kernel measures one process's kernel: run it on one rank (mpirun -np 1, or "
      "srun/sbatch --ntasks-per-node=1 on one node), not 2"),

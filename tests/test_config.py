@@ -98,6 +98,22 @@ def test_another_algorithm_keeps_the_files_options_it_has_too(tmp_path, capsys):
         registry.get("ssgd").Options()
 
 
+def test_the_chunk_size_goes_with_sharded_placement(tmp_path, capsys):
+    """--shuffle-chunk-mb 16 (the default) typed with replicated data was taken, and a sharded
+    run's config.json with --data-placement replicated was refused for a value never typed."""
+    with pytest.raises(UsageError, match="^--shuffle-chunk-mb 16 sizes the rounds"):
+        parse("--algo", "ssgd", "--shuffle-chunk-mb", "16")
+    sharded = tmp_path / "config.json"
+    sharded.write_text(json.dumps({"algo": "ssgd", "data": {
+        "data_placement": "sharded", "shuffle_chunk_mb": 8.0}}))
+    data = parse("--config", str(sharded), "--data-placement", "replicated").data
+    assert (data.data_placement, data.shuffle_chunk_mb) == ("replicated", 16.0)
+    assert capsys.readouterr().out == ("hpctrain: --data-placement replicated: leaving out "
+                                       f"{sharded}'s shuffle_chunk_mb 8.0 (the sharded "
+                                       "exchange's)\n")
+    assert parse("--config", str(sharded)).data.shuffle_chunk_mb == 8.0
+
+
 def test_numpy_numbers_are_taken_as_pythons():
     """README says numpy's numbers are accepted: milestones from np.arange and a checkpoint
     interval of np.int64 were refused."""

@@ -215,6 +215,7 @@ def test_benchmark_moves_the_bytes_it_reports():
     # Global reshuffle: about (K-1)/K of a rank's 2048/K samples leave it each epoch.
     expect = 2048 / k * (k - 1) / k * 1040 / 1e6
     assert 0.7 * expect < result["mb_sent_per_rank"] < 1.3 * expect
+    assert 0.7 * expect < result["first_mb_sent_per_rank"] < 1.3 * expect  # the label-skew split
     assert len(result["per_rank"]) == k
     assert all(v > 0 for r in result["per_rank"] for v in r.values())
 
