@@ -77,8 +77,8 @@ def test_a_checkpoint_folder_without_an_interval_is_refused(tmp_path):
 def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
     message = ("--partition label-skew with --shuffle global trains on iid data (each epoch "
                "deals a fresh permutation of all of it): use --shuffle local|partial:Q, or "
-               "(hpctrain train) --data-placement sharded to measure what dealing label-sorted shards costs "
-               "(its training is iid too)")
+               "(hpctrain train) --data-placement sharded to measure what dealing "
+               "label-sorted shards costs (its training is iid too)")
     assert one_line(lambda: DataConfig(partition="label-skew")) == message
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--partition", "label-skew"]) == message
     for shuffle, placement in (("local", "replicated"), ("partial:0.1", "replicated"),
