@@ -285,21 +285,30 @@ def without_milestones(base: dict, given: dict, path: str | None) -> dict:
 def other_algorithm(base: dict, algo: str, path: str | None) -> dict:
     """``base`` (a file for another algorithm) with only the ``[algorithm]`` options that
     ``algo`` declares too (``--config asgd.toml --algo ssp`` keeps the store's consistency,
-    servers, shards); the others are left out, said once where the file set them otherwise
-    than their default."""
+    servers, shards); said once: those kept and those left out that are set otherwise than
+    their default (all left out when the file's algorithm cannot be loaded). A key neither
+    algorithm knows is refused, as under the file's own algorithm."""
     table = base.get("algorithm")
     if not isinstance(table, dict) or not table:
         return {k: v for k, v in base.items() if k != "algorithm"}
     try:
-        kept = {f.name for f in declared(registry.get(algo).Options)}
-        old = {f.name: f.default for f in declared(registry.get(base["algo"]).Options)}
+        kept = {f.name: f.default for f in declared(registry.get(algo).Options)}
     except (UsageError, TypeError):  # an unknown algorithm: refused, with its name, later
-        kept, old = set(), {}
-    dropped = [k for k in table if k not in kept and k in old and table[k] != old[k]]
-    if dropped and comm.env_rank() == 0:
-        print(f"hpctrain: --algo {registry.display_name(algo)}: leaving out {path}'s "
-              f"{_listed(table, dropped)} (options of {registry.display_name(base['algo'])})",
-              flush=True)
+        return {k: v for k, v in base.items() if k != "algorithm"}
+    try:
+        old = {f.name: f.default for f in declared(registry.get(base["algo"]).Options)}
+    except (UsageError, TypeError):  # moved, misspelt: its defaults are not known
+        old = None
+    unknown = [k for k in table if k not in kept and old is not None and k not in old]
+    if unknown:
+        raise UsageError(f"--config {path}: unknown configuration key algorithm.{unknown[0]}")
+    said = [k for k in table if k in kept and table[k] != kept[k]]
+    dropped = [k for k in table if k not in kept and (old is None or table[k] != old[k])]
+    if (said or dropped) and comm.env_rank() == 0:
+        parts = ([f"keeping {_listed(table, said)}"] if said else []) + (
+            [f"leaving out {_listed(table, dropped)}"] if dropped else [])
+        print(f"hpctrain: --algo {registry.display_name(algo)}: of {path}'s [algorithm] "
+              f"(for {base['algo']}), {'; '.join(parts)}", flush=True)
     return {**base, "algorithm": {k: v for k, v in table.items() if k in kept}}
 
 
@@ -307,9 +316,10 @@ def without_chunk_size(base: dict, given: dict, path: str | None) -> dict:
     """``base`` without its sharded exchange's ``shuffle_chunk_mb`` where ``--data-placement
     replicated`` is given (the file's would refuse it)."""
     data, typed = base.get("data"), given.get("data", {})
-    if typed.get("data_placement") != "replicated" or not isinstance(data, dict) or \
+    if typed.get("data_placement") != "replicated" or "shuffle_chunk_mb" in typed or \
+            not isinstance(data, dict) or \
             data.get("shuffle_chunk_mb", DEFAULT_CHUNK_MB) == DEFAULT_CHUNK_MB:
-        return base
+        return base  # (a typed chunk size is refused with replicated data: build)
     if comm.env_rank() == 0:
         print(f"hpctrain: --data-placement replicated: leaving out {path}'s "
               f"{_listed(data, ['shuffle_chunk_mb'])} (the sharded exchange's)", flush=True)
@@ -357,6 +367,5 @@ def build(args: argparse.Namespace) -> RunConfig:
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed
         raise UsageError(f"--shuffle-chunk-mb {chunk:g} sizes the rounds of the sharded "
-                         "exchange: it needs --data-placement sharded (replicated data are "
-                         "not moved)")
+                         "exchange (--data-placement sharded); replicated data are not moved")
     return config

@@ -105,14 +105,12 @@ class DataConfig:
                 parse_strategy(self.shuffle)[0] == "global":  # every epoch: all data, permuted
             raise UsageError("--partition label-skew with --shuffle global trains on iid data "
                              "(each epoch deals a fresh permutation of all of it): use --shuffle "
-                             "local|partial:Q, or (hpctrain train) --data-placement sharded to "
-                             "measure what dealing label-sorted shards costs (its training is "
-                             "iid too)")
+                             "local|partial:Q")
         if self.data_placement == "replicated" and \
                 self.shuffle_chunk_mb != DEFAULT_CHUNK_MB:
             raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb:g} sizes "
-                             "the rounds of the sharded exchange: it needs --data-placement "
-                             "sharded (replicated data are not moved)")
+                             "the rounds of the sharded exchange (--data-placement sharded); "
+                             "replicated data are not moved")
 
     def spec(self, seed: int) -> TrainDataSpec:
         """The shuffle package's description of this data with ``seed``."""

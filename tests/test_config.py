@@ -90,12 +90,24 @@ def test_another_algorithm_keeps_the_files_options_it_has_too(tmp_path, capsys):
                     'ms_decay = 0.95\n')
     ssp = parse("--config", str(toml), "--algo", "ssp").algorithm
     assert ssp.consistency == "atomic" and not hasattr(ssp, "lam")
-    out = capsys.readouterr().out  # lam is said (set), ms_decay is not (its default)
-    assert out == f"hpctrain: --algo ssp: leaving out {toml}'s lam 1.5 (options of dcasgd-a)\n"
+    said = f"hpctrain: --algo {{}}: of {toml}'s [algorithm] (for dcasgd-a), {{}}\n"
+    # Set otherwise than the default: said, kept or not (ms_decay, at its default, is not).
+    assert capsys.readouterr().out == said.format("ssp", "keeping consistency atomic; "
+                                                  "leaving out lam 1.5")
     dcasgd = parse("--config", str(toml), "--algo", "dcasgd-c").algorithm
-    assert (dcasgd.consistency, dcasgd.lam) == ("atomic", 1.5) and capsys.readouterr().out == ""
+    assert (dcasgd.consistency, dcasgd.lam) == ("atomic", 1.5)
+    assert capsys.readouterr().out == said.format("dcasgd-c", "keeping consistency atomic, "
+                                                  "lam 1.5")
     assert parse("--config", str(toml), "--algo", "ssgd").algorithm == \
         registry.get("ssgd").Options()
+    # A key neither knows is refused, as under the file's own algorithm; a file whose
+    # algorithm cannot be loaded keeps what the new one has.
+    toml.write_text('algo = "asgd"\n[algorithm]\nconsistncy = "atomic"\n')
+    with pytest.raises(UsageError, match="unknown configuration key algorithm.consistncy$"):
+        parse("--config", str(toml), "--algo", "ssp")
+    toml.write_text('algo = "./gone.py:Gone"\n[algorithm]\nconsistency = "atomic"\nx = 1\n')
+    assert parse("--config", str(toml), "--algo", "ssp").algorithm.consistency == "atomic"
+    assert "keeping consistency atomic; leaving out x 1" in capsys.readouterr().out
 
 
 def test_the_chunk_size_goes_with_sharded_placement(tmp_path, capsys):

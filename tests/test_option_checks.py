@@ -76,9 +76,7 @@ def test_a_checkpoint_folder_without_an_interval_is_refused(tmp_path):
 
 def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
     message = ("--partition label-skew with --shuffle global trains on iid data (each epoch "
-               "deals a fresh permutation of all of it): use --shuffle local|partial:Q, or "
-               "(hpctrain train) --data-placement sharded to measure what dealing "
-               "label-sorted shards costs (its training is iid too)")
+               "deals a fresh permutation of all of it): use --shuffle local|partial:Q")
     assert one_line(lambda: DataConfig(partition="label-skew")) == message
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--partition", "label-skew"]) == message
     for shuffle, placement in (("local", "replicated"), ("partial:0.1", "replicated"),
@@ -89,11 +87,11 @@ def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
 def test_an_exchange_round_size_without_an_exchange_is_refused():
     """--shuffle-chunk-mb sizes the sharded exchange's rounds: with replicated data nothing
     moves, and it was accepted and ignored."""
-    message = ("--shuffle-chunk-mb 4 sizes the rounds of the sharded exchange: it needs "
-               "--data-placement sharded (replicated data are not moved)")
+    message = ("--shuffle-chunk-mb 4 sizes the rounds of the sharded exchange "
+               "(--data-placement sharded); replicated data are not moved")
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--shuffle-chunk-mb", "4"]) == message
     DataConfig(data_placement="sharded", shuffle_chunk_mb=4.0)
-    DataConfig(shuffle_chunk_mb=16)  # the default, typed
+    DataConfig(shuffle_chunk_mb=16)  # the default (the command line refuses it typed)
 
 
 # 3. --lam had no upper bound: 1e300 reached the float32 compensation kernel as inf.

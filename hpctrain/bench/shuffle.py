@@ -49,9 +49,9 @@ def add_arguments(parser) -> None:
                              "the system folder)")
     parser.add_argument("--partition", default="iid", choices=PARTITIONS,
                         help="initial split over the ranks: iid (file order) or label-skew "
-                             "(sorted by label); it shapes only the first exchange, the "
-                             "warm-up, whose bytes are reported apart (each timed epoch starts "
-                             "from the previous one's global shuffle)")
+                             "(sorted by label): only the first exchange, the untimed warm-up, "
+                             "starts from it (its bytes reported apart; a global shuffle moves "
+                             "about (K-1)/K of the data from any split)")
     parser.add_argument("--epochs", type=options.at_least(1), default=10,
                         help="timed reshuffles (and as many raw runs), after one warm-up")
     parser.add_argument("--shuffle-chunk-mb",

@@ -54,7 +54,7 @@ class TrainDataSpec:
     shuffle: str = "global"  # global, local or partial:Q
     data_placement: str = "replicated"  # replicated or sharded
     partition: str = "iid"  # iid or label-skew
-    shuffle_chunk_mb: float = DEFAULT_CHUNK_MB  # sharded: max MB sent per rank per round
+    shuffle_chunk_mb: float = DEFAULT_CHUNK_MB  # sharded: max MiB sent per rank per round
 
     def __post_init__(self) -> None:
         parse_strategy(self.shuffle)
@@ -64,6 +64,6 @@ class TrainDataSpec:
         if self.partition not in PARTITIONS:
             raise UsageError(f"unknown --partition {self.partition!r}; choose from "
                              f"{', '.join(PARTITIONS)}")
-        if not 0 < self.shuffle_chunk_mb <= HUGE:  # also rejects NaN; MB x 2**20 is an int
+        if not 0 < self.shuffle_chunk_mb <= HUGE:  # also rejects NaN; MiB x 2**20 is an int
             raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb} must be in (0, "
                              f"{HUGE:g}]")
