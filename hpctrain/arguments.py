@@ -288,17 +288,19 @@ def other_algorithm(base: dict, algo: str, path: str | None) -> dict:
     servers, shards); said once: those kept and those left out that are set otherwise than
     their default (all left out when the file's algorithm cannot be loaded). A key neither
     algorithm knows is refused, as under the file's own algorithm."""
-    table = base.get("algorithm")
-    if not isinstance(table, dict) or not table:
-        return {k: v for k, v in base.items() if k != "algorithm"}
+    table, was = base.get("algorithm"), base["algo"]
+    if not isinstance(was, str) or not was.strip():
+        raise UsageError(f"--config {path}: algo {was!r} must be the name of an algorithm")
+    if not isinstance(table, dict) or not table:  # not a table: refused by from_dict
+        return base if table else {k: v for k, v in base.items() if k != "algorithm"}
     try:
         kept = {f.name: f.default for f in declared(registry.get(algo).Options)}
     except (UsageError, TypeError):  # an unknown algorithm: refused, with its name, later
         return {k: v for k, v in base.items() if k != "algorithm"}
     try:
-        old = {f.name: f.default for f in declared(registry.get(base["algo"]).Options)}
-    except (UsageError, TypeError):  # moved, misspelt: its defaults are not known
-        old = None
+        old = {f.name: f.default for f in declared(registry.get(was).Options)}
+    except (UsageError, TypeError) as e:  # moved, misspelt: its defaults are not known
+        old, why = None, str(e)
     unknown = [k for k in table if k not in kept and old is not None and k not in old]
     if unknown:
         raise UsageError(f"--config {path}: unknown configuration key algorithm.{unknown[0]}")
@@ -307,8 +309,9 @@ def other_algorithm(base: dict, algo: str, path: str | None) -> dict:
     if (said or dropped) and comm.env_rank() == 0:
         parts = ([f"keeping {_listed(table, said)}"] if said else []) + (
             [f"leaving out {_listed(table, dropped)}"] if dropped else [])
+        unknown = "" if old is not None else f", which cannot be loaded: {why}"
         print(f"hpctrain: --algo {registry.display_name(algo)}: of {path}'s [algorithm] "
-              f"(for {base['algo']}), {'; '.join(parts)}", flush=True)
+              f"(for {was}{unknown}), {'; '.join(parts)}", flush=True)
     return {**base, "algorithm": {k: v for k, v in table.items() if k in kept}}
 
 
@@ -343,6 +346,10 @@ def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
+    if args.config is not None and comm.env_size() > 1 and Path(args.config).exists() \
+            and not Path(args.config).is_file():  # /dev/stdin: rank 0's pipe, the others' null
+        raise UsageError(f"--config {args.config} is no regular file: a pipe reaches rank 0 "
+                         f"only, not the other {comm.env_size() - 1}; give a file")
     base = configs.read_file(args.config) if args.config is not None else {}
     if "algo" in values and base.get("algo") is not None and not _same_algorithm(
             base["algo"], values["algo"]):
@@ -367,5 +374,5 @@ def build(args: argparse.Namespace) -> RunConfig:
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed
         raise UsageError(f"--shuffle-chunk-mb {chunk:g} sizes the rounds of the sharded "
-                         "exchange (--data-placement sharded); replicated data are not moved")
+                         "exchange, and replicated data are not moved")
     return config

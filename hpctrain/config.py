@@ -109,8 +109,8 @@ class DataConfig:
         if self.data_placement == "replicated" and \
                 self.shuffle_chunk_mb != DEFAULT_CHUNK_MB:
             raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb:g} sizes "
-                             "the rounds of the sharded exchange (--data-placement sharded); "
-                             "replicated data are not moved")
+                             "the rounds of the sharded exchange, and replicated data are "
+                             "not moved")
 
     def spec(self, seed: int) -> TrainDataSpec:
         """The shuffle package's description of this data with ``seed``."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,7 @@ def test_another_algorithm_keeps_the_files_options_it_has_too(tmp_path, capsys):
                                                   "lam 1.5")
     assert parse("--config", str(toml), "--algo", "ssgd").algorithm == \
         registry.get("ssgd").Options()
+    assert "leaving out consistency atomic, lam 1.5" in capsys.readouterr().out
     # A key neither knows is refused, as under the file's own algorithm; a file whose
     # algorithm cannot be loaded keeps what the new one has.
     toml.write_text('algo = "asgd"\n[algorithm]\nconsistncy = "atomic"\n')
@@ -107,7 +109,28 @@ def test_another_algorithm_keeps_the_files_options_it_has_too(tmp_path, capsys):
         parse("--config", str(toml), "--algo", "ssp")
     toml.write_text('algo = "./gone.py:Gone"\n[algorithm]\nconsistency = "atomic"\nx = 1\n')
     assert parse("--config", str(toml), "--algo", "ssp").algorithm.consistency == "atomic"
-    assert "keeping consistency atomic; leaving out x 1" in capsys.readouterr().out
+    assert capsys.readouterr().out == said.format(
+        "ssp", "keeping consistency atomic; leaving out x 1").replace(
+        "(for dcasgd-a)", "(for ./gone.py:Gone, which cannot be loaded: --algo: no file "
+        "./gone.py)")
+    # A damaged file is refused as under its own algorithm: no name, no table.
+    for text, message in (('algo = 5\n[algorithm]\ntau = 5\n', "algo 5 must be the name of"),
+                          ('algo = "ma"\nalgorithm = "tau=5"\n',
+                           "configuration [algorithm] must be a table, not 'tau=5'")):
+        toml.write_text(text)
+        with pytest.raises(UsageError, match=re.escape(message)):
+            parse("--config", str(toml), "--algo", "ec")
+
+
+def test_a_piped_configuration_with_several_ranks_is_refused(monkeypatch):
+    """``--config /dev/stdin`` under mpirun -np 2: rank 1 read nothing (its stdin is null)
+    and said "no algorithm", or the ranks resolved different runs."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
+    with pytest.raises(UsageError, match="^--config /dev/null is no regular file: a pipe "
+                                         "reaches rank 0 only, not the other 1; give a file$"):
+        parse("--config", "/dev/null", "--algo", "ssgd")
 
 
 def test_the_chunk_size_goes_with_sharded_placement(tmp_path, capsys):

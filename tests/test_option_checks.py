@@ -87,8 +87,8 @@ def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
 def test_an_exchange_round_size_without_an_exchange_is_refused():
     """--shuffle-chunk-mb sizes the sharded exchange's rounds: with replicated data nothing
     moves, and it was accepted and ignored."""
-    message = ("--shuffle-chunk-mb 4 sizes the rounds of the sharded exchange "
-               "(--data-placement sharded); replicated data are not moved")
+    message = ("--shuffle-chunk-mb 4 sizes the rounds of the sharded exchange, and "
+               "replicated data are not moved")
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--shuffle-chunk-mb", "4"]) == message
     DataConfig(data_placement="sharded", shuffle_chunk_mb=4.0)
     DataConfig(shuffle_chunk_mb=16)  # the default (the command line refuses it typed)
