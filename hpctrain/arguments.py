@@ -309,9 +309,9 @@ def other_algorithm(base: dict, algo: str, path: str | None) -> dict:
     if (said or dropped) and comm.env_rank() == 0:
         parts = ([f"keeping {_listed(table, said)}"] if said else []) + (
             [f"leaving out {_listed(table, dropped)}"] if dropped else [])
-        unknown = "" if old is not None else f", which cannot be loaded: {why}"
+        lost = "" if old is not None else f", which cannot be loaded: {why}"
         print(f"hpctrain: --algo {registry.display_name(algo)}: of {path}'s [algorithm] "
-              f"(for {was}{unknown}), {'; '.join(parts)}", flush=True)
+              f"(for {was}{lost}), {'; '.join(parts)}", flush=True)
     return {**base, "algorithm": {k: v for k, v in table.items() if k in kept}}
 
 
