@@ -373,6 +373,5 @@ def build(args: argparse.Namespace) -> RunConfig:
         raise UsageError(f"--config {args.config}: {e}") from None
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed
-        raise UsageError(f"--shuffle-chunk-mb {chunk:g} sizes the rounds of the sharded "
-                         "exchange, and replicated data are not moved")
+        raise configs.unmoved_chunk(chunk)
     return config

@@ -71,6 +71,13 @@ def _milestones(text: str) -> tuple[float, ...]:
         raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list") from None
 
 
+def unmoved_chunk(mb: float) -> UsageError:
+    """The refusal of a chunk size for data that are not moved (replicated): from a value
+    here, from a typed flag in :func:`hpctrain.arguments.build`, where the default counts."""
+    return UsageError(f"--shuffle-chunk-mb {mb:g} sizes the rounds of the sharded exchange, "
+                      "and replicated data are not moved")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, and how it is placed and reshuffled over the ranks."""
@@ -108,9 +115,7 @@ class DataConfig:
                              "local|partial:Q")
         if self.data_placement == "replicated" and \
                 self.shuffle_chunk_mb != DEFAULT_CHUNK_MB:
-            raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb:g} sizes "
-                             "the rounds of the sharded exchange, and replicated data are "
-                             "not moved")
+            raise unmoved_chunk(self.shuffle_chunk_mb)
 
     def spec(self, seed: int) -> TrainDataSpec:
         """The shuffle package's description of this data with ``seed``."""
