@@ -82,6 +82,17 @@ def cpu() -> dict:
     return {k: v for k, v in info.items() if v}
 
 
+def process_group() -> dict:
+    """``process_group``: the backend of torch.distributed's group where the run set one up
+    (the torch sync backend, torchrun): gloo where ranks share a GPU, which one NCCL
+    communicator cannot hold, so a run's record says which library reduced its gradients."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return {"process_group": str(dist.get_backend())}
+    return {}
+
+
 def _nccl_version() -> str | None:
     try:
         version = torch.cuda.nccl.version()  # a tuple since torch 1.x; raises if not built

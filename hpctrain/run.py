@@ -638,7 +638,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if rank == 0:
         log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {
             "workers": size, "device": str(s.device), **runtime.run_info(),
-            **provenance.software(s.device), **started_from,
+            **provenance.software(s.device), **provenance.process_group(), **started_from,
             **({"byte_fields": own_byte_fields(type(algo))}
                if plugins.is_reference(config.algo) else {})}})
     snapshots = Snapshots()

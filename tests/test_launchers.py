@@ -49,6 +49,7 @@ def test_ssgd_under_torchrun_equals_sgd_with_twice_the_batch(tmp_path, clean):
     summary = json.loads((clean / "summary.json").read_text())
     config = json.loads((clean / "config.json").read_text())
     assert summary["workers"] == 2 and config["algorithm"]["sync_backend"] == "torch"
+    assert config["run_info"]["process_group"] == "gloo"  # what reduced the gradients
     # Each rank trained on its own half of the data.
     assert summary["samples_per_worker"][0] == summary["samples_per_worker"][1]
     whole = json.loads((tmp_path / "sgd" / "summary.json").read_text())["samples_per_worker"]
