@@ -262,7 +262,10 @@ def warn_after_checkpoint(job: subprocess.Popen, folder: Path, timeout: float = 
     try:
         deadline = time.monotonic() + timeout
         while not listing(folder):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            if (ended := job.poll()) is not None or time.monotonic() > deadline:
+                job.kill()  # its output, without waiting for a hung job to end
+                said = f"ended, exit {ended}" if ended is not None else f"after {timeout} s"
+                pytest.fail(f"no checkpoint in {folder} ({said}): {job.communicate()[1]}")
             time.sleep(0.01)
         job.send_signal(signal.SIGUSR1)
         return job.communicate(timeout=timeout)[1]
@@ -302,6 +305,16 @@ def run_commands(commands: list[list[str]], np: int = 1, timeout: float = 240,
     pairs = list(zip(commands, injects or [None] * len(commands), strict=True))
     return _launch([sys.executable, "-c", _COMMANDS, json.dumps(pairs)], np, timeout, env,
                    mpi_args, mpi)
+
+
+def gpu_missing() -> str | None:
+    """Why GPU tests skip here, or None. scripts/gpu-check.sh sets HPCTRAIN_REQUIRE_GPU=1 on
+    a GPU machine: there a GPU torch cannot see fails them instead of skipping them all."""
+    import torch
+
+    if torch.cuda.is_available() or os.environ.get("HPCTRAIN_REQUIRE_GPU") == "1":
+        return None
+    return "torch sees no GPU"
 
 
 def horovod_missing() -> str | None:

@@ -490,7 +490,9 @@ def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path)
     try:
         deadline = time.monotonic() + 120
         while not listing(out / "sgd" / "checkpoints"):
-            assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+            if (ended := job.poll()) is not None or time.monotonic() > deadline:
+                job.kill()  # its output, without waiting for a hung job to end
+                pytest.fail(f"no checkpoint yet (exit {ended}): {job.communicate()[1]}")
             time.sleep(0.05)
         second = run_job([*words, "--resume"], np=0)
         assert second.returncode == 2, second.stderr

@@ -9,10 +9,9 @@ averaging, and GPU workers pushing into one store. scripts/gpu-check.sh runs the
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
+from conftest import gpu_missing
 from torch import nn
 from torch.nn import functional as F
 
@@ -22,11 +21,7 @@ from hpctrain.async_ import DCASGD, ParameterStore
 from hpctrain.ec.averaging import average_model
 from hpctrain.evaluate import Snapshots
 
-# scripts/gpu-check.sh sets HPCTRAIN_REQUIRE_GPU=1 on a GPU machine: there a GPU torch cannot
-# see fails these tests rather than skipping them all.
-pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() and os.environ.get("HPCTRAIN_REQUIRE_GPU") != "1",
-    reason="torch sees no GPU")
+pytestmark = pytest.mark.skipif(gpu_missing() is not None, reason=str(gpu_missing()))
 mpi = pytest.mark.mpi(min_size=2)
 timeout = pytest.mark.timeout(60)  # seconds on a GPU; a hang must not eat a short lease
 

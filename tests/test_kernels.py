@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import gpu_missing
 
 from hpctrain import cli, kernels
 from hpctrain.errors import UsageError
@@ -353,7 +354,7 @@ def test_cuda_kernel_compiles_and_links(tmp_path):
     assert cuda.hpctrain_cuda_error_string(0) == b"no error"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.skipif(gpu_missing() is not None, reason=str(gpu_missing()))
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("offset", [0, 1], ids=["aligned", "unaligned"])

@@ -188,6 +188,45 @@ def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
             plain["distilled_samples_per_rank"] > 0
 
 
+def test_training_forwards_the_parts_not_the_batch(tmp_path):
+    """The loop really splits: a model that logs its training forwards' batch sizes sees
+    parts of 8 (24 in near-equal parts of at most 10; the last batch of 2,048 samples is 8),
+    and without --micro-batch-size the whole batches of 24."""
+    sizes = tmp_path / "sizes.txt"
+    (tmp_path / "logged.py").write_text(f"""
+import math
+
+from torch import nn
+
+
+class Logged(nn.Sequential):
+    def forward(self, x):
+        if self.training:
+            with open({str(sizes)!r}, "a") as log:
+                log.write(f"{{x.shape[0]}}\\n")
+        return super().forward(x)
+
+
+def build(input_shape, num_classes):
+    return Logged(nn.Flatten(), nn.Linear(math.prod(input_shape), num_classes))
+""")
+
+    def seen(micro: int | None) -> set[int]:
+        sizes.write_text("")
+        optim = OptimConfig(epochs=1, batch_size=24, micro_batch_size=micro)
+        config = RunConfig(algo="sgd", seed=3, out=str(tmp_path / f"run-{micro}"),
+                           progress=False, data=DataConfig(dataset="synthetic"),
+                           model=ModelConfig(name=f"{tmp_path / 'logged.py'}:build"),
+                           optim=optim)
+        simulate(config, SimConfig(workers=1, step_time="constant:0.01"))
+        logged = [int(n) for n in sizes.read_text().split()]
+        assert logged[0] == 2  # the model's check before the run (plugins.check_model)
+        return set(logged[1:])
+
+    assert seen(10) == {8}
+    assert seen(None) == {24, 8}
+
+
 @pytest.fixture(scope="module")
 def ssgd_jobs(tmp_path_factory):
     """ssgd on 2 ranks with and without micro-batches, per backend (Horovod's where it is

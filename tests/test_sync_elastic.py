@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_program, torchrun
+from conftest import ROOT, gpu_missing, run_program, torchrun
 from torch import nn
 
 import hpctrain.sync as sync
@@ -332,8 +332,8 @@ def backend(request, monkeypatch):
 def test_every_rank_resumes_from_rank_0s_commit(backend, device, tmp_path, monkeypatch):
     """Rank 0 writes the commit; fresh objects with other weights on every rank come back
     to it through run()'s sync, on the model's device (scripts/gpu-check.sh runs cuda)."""
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("torch sees no GPU")
+    if device == "cuda" and (why := gpu_missing()):
+        pytest.skip(why)
     hvd = backend
     dev = torch.device(device, hvd.local_rank() % torch.cuda.device_count()) \
         if device == "cuda" else torch.device("cpu")
