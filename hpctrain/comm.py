@@ -303,7 +303,7 @@ def _abort_hook(exc_type, exc, tb) -> None:
     MPI = sys.modules.get("mpi4py.MPI")
     initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     r, n = _seat_for_error(MPI if initialised else None)
-    if os.environ.get("HPCTRAIN_DEBUG"):
+    if os.environ.get("HPCTRAIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
         traceback.print_exception(exc_type, exc, tb, file=err)
     status = 2 if isinstance(exc, UsageError) else 1
     if r != 0 and (not initialised or raised_on_every_rank(exc)):

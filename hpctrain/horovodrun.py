@@ -177,8 +177,8 @@ def check(args: argparse.Namespace) -> list[tuple[str, int]]:
                          "resumes from HPCTRAIN_ELASTIC_DIR (README, Horovod-compatible API)")
     if args.np is None:
         raise UsageError("-np: the number of processes is needed (or --check-build)")
-    if args.np < 1:
-        raise UsageError(f"-np {args.np}: want at least 1 process")
+    if not 1 <= args.np < 2**31:  # MPI numbers ranks with a C int
+        raise UsageError(f"-np {args.np}: want at least 1 process and fewer than 2**31")
     if not args.program:
         raise UsageError("no command to run: hpctrain horovodrun -np N python train.py")
     return (hostfile_slots(args.hostfile) if args.hostfile

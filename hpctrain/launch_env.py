@@ -101,6 +101,9 @@ def seats(environ: Mapping[str, str] | None = None) -> Iterator[Seat]:
         except ValueError:
             raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
                              "not whole numbers") from None
+        if not 0 <= rank < size:  # else a process takes another's seat, or rank 0's none
+            raise UsageError(f"{size_var}={size}, {rank_var}={rank}: the rank is not in "
+                             f"[0, {size})")
         yield Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
                    _local_rank(env, LOCAL_RANKS[name]), name)
 

@@ -114,6 +114,16 @@ def test_sgd_on_several_ranks_refused(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("debug, traceback", [("0", False), ("off", False), ("1", True)])
+def test_hpctrain_debug_prints_the_traceback_only_when_on(tmp_path, debug, traceback):
+    """HPCTRAIN_DEBUG=0 printed the traceback too (any value did)."""
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--lr", "-1", "--out",
+                    str(tmp_path / "run")], np=0, timeout=60, env={"HPCTRAIN_DEBUG": debug})
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("hpctrain: error: argument --lr")
+    assert ("Traceback (most recent call last)" in proc.stderr) == traceback, proc.stderr
+
+
 def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
     proc = run_job(["train", "--algo", "ssgd", *SMALL, "--out", str(tmp_path / "run")], np=2,
                    timeout=60, env={"HOROVOD_FUSION_THRESHOLD": "64MB"})
@@ -125,6 +135,7 @@ def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
     ("HOROVOD_STALL_CHECK_TIME_SECONDS", "abc", "a number of seconds >= 0, got 'abc'"),
     ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-5", "a number of seconds >= 0, got '-5'"),
     ("HPCTRAIN_CHECK_COLLECTIVES", "maybe", "must be 1 or 0 (true/false, yes/no, on/off)"),
+    ("HOROVOD_STALL_CHECK_DISABLE", "abc", "want 1 (no stall check) or 0"),  # was: disabled
     ("HOROVOD_TIMELINE", "/nonexistent/t.json", "cannot write a file there"),
     ("HOROVOD_TIMELINE", "/sys/t.json", "cannot write a file there")])  # passed os.access
 def test_a_bad_horovod_variable_is_refused_before_mpi(monkeypatch, variable, value, says):
@@ -134,6 +145,19 @@ def test_a_bad_horovod_variable_is_refused_before_mpi(monkeypatch, variable, val
     monkeypatch.setenv(variable, value)
     message = refusal(["--algo", "ssgd", *SMALL], ranks=2)
     assert message.startswith(variable) and value in message and says in message
+
+
+@pytest.mark.parametrize("value, disabled", [("1", True), ("true", True), ("2", True),
+                                             ("0", False), ("false", False), ("", False)])
+def test_the_stall_check_is_disabled_by_a_number_above_0_or_an_on_word(monkeypatch, value,
+                                                                        disabled):
+    """Horovod reads HOROVOD_STALL_CHECK_DISABLE as a number (above 0 disables); "false"
+    disabled the check here."""
+    from hpctrain.sync import stall
+
+    monkeypatch.setenv("HOROVOD_STALL_CHECK_DISABLE", value)
+    monkeypatch.delenv("HOROVOD_STALL_CHECK_TIME_SECONDS", raising=False)
+    assert stall.settings(None, None)[0] == (0.0 if disabled else stall.DEFAULT_CHECK_S)
 
 
 def test_the_timeline_check_leaves_the_file_as_it_found_it(tmp_path, monkeypatch):

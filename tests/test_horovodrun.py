@@ -303,6 +303,8 @@ def test_a_hostfile_is_read_as_open_mpi_reads_it(tmp_path):
 
 @pytest.mark.parametrize("words, message", [
     (["-np", "0", "python", "x.py"], "-np 0: want at least 1"),
+    (["-np", str(10**20), "python", "x.py"], "-np 100000000000000000000: want at least 1 process "
+     "and fewer than 2\\*\\*31"),  # mpirun read -1
     (["-np", "2", "-p", "0", "python", "x.py"], "0 is not a port"),  # was dropped
     (["-np", "2", "-p", "-5", "python", "x.py"], "-5 is not a port"),  # went on to ssh
     (["python", "x.py"], "-np: the number of processes is needed"),

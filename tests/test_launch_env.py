@@ -141,6 +141,11 @@ def test_mvapichs_launcher_gives_the_rank():
 def test_bad_launcher_values_and_ranks_are_one_line():
     with pytest.raises(UsageError, match=r"^WORLD_SIZE='two', RANK='0': not whole numbers$"):
         launch_env.from_launcher({"WORLD_SIZE": "two", "RANK": "0"})
+    for size, rank in (("1", "3"), ("1", "-1"), ("0", "0")):  # a seat outside the job
+        with pytest.raises(UsageError, match=rf"^OMPI_COMM_WORLD_SIZE={size}, "
+                           rf"OMPI_COMM_WORLD_RANK={rank}: the rank is not in \[0, {size}\)$"):
+            launch_env.from_launcher({"OMPI_COMM_WORLD_SIZE": size,
+                                      "OMPI_COMM_WORLD_RANK": rank})
     env = {"WORLD_SIZE": "2", "RANK": "1"}
     assert launch_env.replicas(4, None, env) == (4, 1)  # explicit values are taken as given
     assert launch_env.replicas(None, 0, env) == (2, 0)

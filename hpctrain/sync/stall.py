@@ -45,13 +45,27 @@ _ANSWER_S = 5.0  # how long a report waits, at most, for the other ranks' answer
 
 def settings(check_s: float | None, timeout_s: float | None) -> tuple[float, float]:
     """(check, shutdown) seconds from the arguments, else Horovod's environment variables."""
-    if os.environ.get(DISABLE_ENV, "0") not in ("", "0") and check_s is None:
+    if check_s is None and _disabled():
         check_s = 0.0
     if check_s is None:
         check_s = _seconds(CHECK_ENV, DEFAULT_CHECK_S)
     if timeout_s is None:
         timeout_s = _seconds(SHUTDOWN_ENV, 0.0)
     return check_s, timeout_s
+
+
+def _disabled() -> bool:
+    """``HOROVOD_STALL_CHECK_DISABLE``: a number, as Horovod reads it (above 0 disables), or
+    an on/off word; other text is refused, not taken to disable the check ("false" did)."""
+    raw = os.environ.get(DISABLE_ENV, "").strip().lower()
+    if raw in ("", "false", "no", "off"):
+        return False
+    if raw in ("true", "yes", "on"):
+        return True
+    try:
+        return int(raw) > 0
+    except ValueError:
+        raise UsageError(f"{DISABLE_ENV}={raw!r}: want 1 (no stall check) or 0") from None
 
 
 def _seconds(variable: str, default: float) -> float:
