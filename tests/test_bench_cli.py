@@ -53,6 +53,12 @@ def parse(*argv: str):
     (["shuffle", "--seed", "99999999999999999999"],
      "--seed: must be in [-2**63, 2**63 - 1], got 99999999999999999999"),
     (["shuffle", "--data-dir", ""], "--data-dir: '' is empty: give a folder"),  # was the cwd
+    # Each below ran until killed (a typo of a count or a time).
+    (["kernel", "--repeats", "1e20"], "--repeats: must be <= 1e+06, got 1e20"),
+    (["store", "--seconds", "1e30"], "--seconds: must be <= 1e+06, got 1e30"),
+    (["shuffle", "--epochs", "1e20"], "--epochs: must be <= 1e+06, got 1e20"),
+    (["allreduce", "--warmup", "1e7"], "--warmup: must be <= 1e+06, got 1e7"),
+    (["allreduce", "--repeats", "1e7"], "--repeats: must be <= 1e+06, got 1e7"),
 ])
 def test_bad_values_are_refused_while_parsing(argv, named):
     with pytest.raises(UsageError) as e:

@@ -57,10 +57,10 @@ def add_arguments(parser) -> None:
                         help="comma-separated model sizes (parameters, approximately)")
     parser.add_argument("--batch-size", type=options.at_least(1), default=16,
                         help="rows per backward")
-    parser.add_argument("--warmup", type=options.at_least(0), default=5,
-                        help="untimed iterations")
-    parser.add_argument("--repeats", type=options.at_least(1), default=30,
-                        help="timed iterations, median kept")
+    parser.add_argument("--warmup", type=bench.at_most(options.at_least(0), options.HUGE),
+                        default=5, help="untimed iterations")
+    parser.add_argument("--repeats", type=bench.at_most(options.at_least(1), options.HUGE),
+                        default=30, help="timed iterations, median kept")
     parser.add_argument("--bucket-mb", type=bench.at_most(options.positive(float), options.HUGE),
                         default=DEFAULT_BUCKET_BYTES / 2**20,
                         help="mpi backend fusion bucket size (MiB)")

@@ -47,8 +47,8 @@ def add_arguments(parser) -> None:
                         help="vector length (float32 elements)")
     parser.add_argument("--threads", type=options.number_list(1, MAX_THREADS), default="1,2",
                         help="comma-separated thread counts, each measured in turn")
-    parser.add_argument("--repeats", type=options.at_least(1), default=10,
-                        help="timed runs of each, median kept")
+    parser.add_argument("--repeats", type=bench.at_most(options.at_least(1), options.HUGE),
+                        default=10, help="timed runs of each, median kept")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                         help="where the vectors live: cpu, or cuda (the kernel's GPU version; "
                              "needs a CUDA device)")

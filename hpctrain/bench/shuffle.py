@@ -52,7 +52,8 @@ def add_arguments(parser) -> None:
                              "(sorted by label): only the first exchange, the untimed warm-up, "
                              "starts from it (its bytes reported apart; a global shuffle moves "
                              "about (K-1)/K of the data from any split)")
-    parser.add_argument("--epochs", type=options.at_least(1), default=10,
+    parser.add_argument("--epochs", type=bench.at_most(options.at_least(1), options.HUGE),
+                        default=10,
                         help="timed reshuffles (and as many raw runs), after one warm-up")
     parser.add_argument("--shuffle-chunk-mb",
                         type=bench.at_most(options.positive(float), options.HUGE),

@@ -47,8 +47,8 @@ _GRAD, _STOP = 1, 2
 def add_arguments(parser) -> None:
     parser.add_argument("--params", type=options.number_list(1), default="1000000,10000000",
                         help="comma-separated model sizes (float32 parameters)")
-    parser.add_argument("--seconds", type=options.positive(float), default=3.0,
-                        help="timed pushing per case")
+    parser.add_argument("--seconds", type=bench.at_most(options.positive(float), options.HUGE),
+                        default=3.0, help="timed pushing per case")
     parser.add_argument("--consistency", type=options.name_list(CONSISTENCIES),
                         default=",".join(CONSISTENCIES),
                         help="comma-separated store consistencies to measure: locked "
