@@ -462,8 +462,12 @@ def from_dict(values: dict) -> RunConfig:
         if key in SECTIONS:
             kwargs[key] = _build(SECTIONS[key], value, key)
         elif key == "algorithm":
-            kwargs[key] = _build(registry.get(algo).Options, {} if value is None else value,
-                                 "algorithm")
+            options = registry.get(algo).Options
+            for name in value if isinstance(value, dict) else ():  # another's: say whose
+                if name not in {f.name for f in fields(options)} and registry.owners(name):
+                    raise UsageError(f"algorithm.{name} is an option of "
+                                     f"{', '.join(registry.owners(name))}, not of algo {algo}")
+            kwargs[key] = _build(options, {} if value is None else value, "algorithm")
         elif key in {f.name for f in fields(RunConfig)}:
             kwargs[key] = value
         else:
@@ -477,8 +481,8 @@ def _build(cls, values, where: str):
     known = {f.name for f in fields(cls)}
     unknown = sorted(values.keys() - known)
     if unknown:
-        raise UsageError(f"unknown configuration key {where}.{unknown[0]}; {where} has: "
-                         f"{', '.join(sorted(known))}")
+        raise UsageError(f"unknown configuration key {where}.{unknown[0]}; {where} has "
+                         + (f"the keys {', '.join(sorted(known))}" if known else "no keys"))
     return cls(**values)
 
 

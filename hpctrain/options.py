@@ -287,8 +287,10 @@ def check_fields(obj) -> None:
         if (plain := _plain(f, value)) is not value:
             value = plain
             object.__setattr__(obj, f.name, value)
-        if (problem := _kind_problem(f, value)) is not None:
-            raise UsageError(f"{flag_of(f)} {value!r} {problem}")
+        if (problem := _kind_problem(f, value)) is not None:  # from a file or Python: a
+            # store_false flag (--no-progress) cannot give it, so the key is named (progress)
+            named = f.name if f.metadata.get("store_false") else flag_of(f)
+            raise UsageError(f"{named} {value!r} {problem}")
         if value is None:
             continue
         if isinstance(value, int) and not isinstance(value, bool):

@@ -553,6 +553,13 @@ def test_check_refuses_mixing_two_runs_in_one_folder(tmp_path):
         check(out=str(tmp_path / "new"), every="1e", checkpoint_dir=str(other))
     assert str(e.value) == (f"--checkpoint-dir {other} is another run's --out folder; choose "
                             "another folder")
+    comparison = tmp_path / "cmp"  # a bench compare's folder (its --out is refused too)
+    comparison.mkdir()
+    (comparison / "compare.json").write_text("{}")
+    with pytest.raises(UsageError) as e:
+        check(out=str(tmp_path / "new"), every="1e", checkpoint_dir=str(comparison))
+    assert str(e.value) == (f"--checkpoint-dir {comparison} holds a bench compare; choose "
+                            "another folder")
     same = tmp_path / "same"  # --out and --checkpoint-dir one folder: one run's own
     (same).mkdir()
     (same / "config.json").write_text("{}")

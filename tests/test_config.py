@@ -224,6 +224,15 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
      "--algo ma takes AveragingOptions, not CompressionOptions"),
     (lambda: configs.from_dict({"algo": "sgd", "optim": {"lrr": 1}}),
      "unknown configuration key optim.lrr"),
+    # A file's messages: "algorithm has: " (no list) for sgd, and the flag for a key
+    (lambda: configs.from_dict({"algo": "sgd", "algorithm": {"tau": 5}}),
+     "algorithm.tau is an option of ma, ec, not of algo sgd"),
+    (lambda: configs.from_dict({"algo": "sgd", "algorithm": {"taux": 5}}),
+     "unknown configuration key algorithm.taux; algorithm has no keys"),
+    (lambda: configs.from_dict({"algo": "ma", "algorithm": {"taux": 5}}),
+     "unknown configuration key algorithm.taux; algorithm has the keys tau, tau_epochs"),
+    (lambda: configs.from_dict({"algo": "sgd", "progress": "false"}),
+     "progress 'false' must be true or false"),
 ])
 def test_library_raises_value_errors_naming_the_value(build, message):
     # README: a sweep catches ValueError (train(), given no RunConfig at all: TypeError)

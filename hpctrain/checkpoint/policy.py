@@ -189,6 +189,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
                                              or listing(folder / SUBDIR)):
             raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
                              "choose another folder")
+        if (folder / "compare.json").exists():
+            raise UsageError(f"--checkpoint-dir {folder} holds a bench compare; choose "
+                             "another folder")
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
 
 
