@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from hpctrain import comm as mpicomm
 from hpctrain.devices import local_rank, nccl_available, shares_gpus, visible_gpus
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, on_every_rank
 from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
 _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
@@ -109,13 +109,22 @@ def start_process_group(comm: Any = None) -> bool:
             raise UsageError(f"backend 'torch': torch.distributed runs {dist.get_world_size()} "
                              f"ranks already, comm has {comm.Get_size()}")
         return False
+    node = socket.gethostname()
+    refusal = gloo_interface_refusal(os.environ.get("GLOO_SOCKET_IFNAME", ""), node,
+                                     _interfaces())
     if comm is None and mpicomm.launcher() == "torchrun":
+        if refusal:  # each worker its own: torchrun's agent ends the others
+            raise UsageError(refusal)
         dist.init_process_group(_backend_string(_shared_gpu_env()), **_torchrun_rendezvous())
         return True
     comm = mpicomm.world() if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
-    node = socket.gethostname()
-    nodes = comm.allgather(node)
+    seen = comm.allgather((node, refusal))
+    nodes = [n for n, _ in seen]
+    first = next((r for r, (_, said) in enumerate(seen) if said), None)
+    if first is not None:  # every rank, before any of them makes the group
+        where = f" (found on rank {first})" if first else ""
+        raise on_every_rank(UsageError(seen[first][1] + where))
     address = None
     if rank == 0:
         try:
@@ -128,7 +137,7 @@ def start_process_group(comm: Any = None) -> bool:
                 address = f"{host}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
     if isinstance(address, UsageError):  # every rank: a script that catches it stays in step
-        raise address
+        raise on_every_rank(address)
     shared = shares_gpus(comm.allgather((node, local_rank(), visible_gpus())))
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
@@ -142,7 +151,12 @@ def _rendezvous_host(node: str, nodes: list[str]) -> str:
     if not os.environ.get("MASTER_ADDR") and len(set(nodes)) > 1:
         resolved = _address_of(node)
         outward = _outward_address(next(n for n in nodes if n != node))
-    return rendezvous_host(node, len(set(nodes)), resolved, outward, os.environ)
+    host = rendezvous_host(node, len(set(nodes)), resolved, outward, os.environ)
+    if os.environ.get("MASTER_ADDR"):
+        refusal = master_addr_refusal(host, node, len(set(nodes)), _bindings(host))
+        if refusal:
+            raise UsageError(refusal)
+    return host
 
 
 def rendezvous_host(node: str, nodes: int, resolved: str | None, outward: str | None,
@@ -169,6 +183,82 @@ def rendezvous_host(node: str, nodes: int, resolved: str | None, outward: str | 
                      f"MASTER_ADDR to an address of {node} they reach{such} and "
                      "GLOO_SOCKET_IFNAME to its network interface (gloo binds to the host "
                      "name's address otherwise)")
+
+
+def master_addr_refusal(value: str, node: str, nodes: int,
+                        bindings: dict[str, str | None] | str) -> str | None:
+    """Why ``MASTER_ADDR=value`` is no place for the others to meet rank 0 (on host ``node``,
+    of ``nodes`` nodes), or None where it is. Rank 0 runs the store there: an address that
+    does not resolve, or is not this host's, kept every rank retrying (c10d's warnings) until
+    hpctrain's stall check or torch's timeout ended the job, and a loopback one kept the other
+    nodes so. ``bindings``: each address ``value`` resolves to, with why a socket cannot bind
+    there (None: it can; an address of another host cannot), or why it does not resolve."""
+    meet = (f"the other ranks meet rank 0 at MASTER_ADDR: set it to an address of {node}, or "
+            "unset it")
+    if isinstance(bindings, str):
+        return f"MASTER_ADDR={value!r} does not resolve ({bindings}); {meet}"
+    if not bindings:
+        return f"MASTER_ADDR={value!r} resolves to no address; {meet}"
+    mine = [a for a, why in bindings.items() if why is None]
+    shown = "" if list(bindings) == [value] else f" ({', '.join(bindings)})"
+    if not mine:
+        why = next(iter(bindings.values()))
+        return f"MASTER_ADDR={value!r}{shown} is no address of rank 0's host {node} ({why}); {meet}"
+    if nodes > 1 and all(ipaddress.ip_address(a.split("%")[0]).is_loopback
+                         or ipaddress.ip_address(a.split("%")[0]).is_unspecified for a in mine):
+        return (f"MASTER_ADDR={value!r}{shown} is a local-only address of rank 0's host {node}, "
+                f"which the other nodes cannot reach: set it to an address of {node} they "
+                "reach, or unset it")
+    return None
+
+
+def _bindings(host: str) -> dict[str, str | None] | str:
+    """The addresses ``host`` resolves to, each with why a TCP socket cannot bind there (None
+    where it can: an address of this host), or why it does not resolve (for
+    :func:`master_addr_refusal`)."""
+    try:
+        found = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        return getattr(e, "strerror", None) or str(e)
+    bindings: dict[str, str | None] = {}
+    for family, kind, proto, _, where in found:
+        try:
+            with socket.socket(family, kind, proto) as s:
+                s.bind(where)
+        except OSError as e:
+            bindings.setdefault(where[0], f"binding there: {e.strerror or e}")
+        else:
+            bindings[where[0]] = None
+    return bindings
+
+
+def gloo_interface_refusal(value: str, node: str, interfaces: list[str] | None) -> str | None:
+    """Why ``GLOO_SOCKET_IFNAME=value`` cannot be used on host ``node``, whose network
+    interfaces are ``interfaces`` (None: not known, nothing checked), or None where it can.
+    torch reads it so: a value of fewer than two characters is ignored, else a comma-separated
+    list (one trailing comma allowed) whose every name must be an interface here; an unknown
+    one failed in init_process_group ("Unable to find address for: ...") on that host's ranks
+    only, an empty one ("interface or hostname can't be empty") on every host's."""
+    if len(value) < 2 or interfaces is None:
+        return None
+    names = value.split(",")
+    if names[-1] == "":
+        names.pop()
+    unknown = [n for n in names if n not in interfaces]
+    if not unknown:
+        return None
+    which = "interface" if len(unknown) == 1 else "interfaces"
+    return (f"GLOO_SOCKET_IFNAME={value!r}: host {node} has no network {which} "
+            f"{', '.join(map(repr, unknown))} (its interfaces: {', '.join(interfaces)}); set "
+            "it to a comma-separated list of them, or unset it")
+
+
+def _interfaces() -> list[str] | None:
+    """This host's network interfaces' names (None where they cannot be listed)."""
+    try:
+        return [name for _, name in socket.if_nameindex()]
+    except OSError:
+        return None
 
 
 def _address_of(host: str) -> str | None:

@@ -1,0 +1,144 @@
+"""``--sync-backend torch`` under MPI: the process group's rendezvous, checked before it is made.
+
+Rank 0 runs torch's store at ``MASTER_ADDR``: one that did not resolve, or was not rank 0's
+host's, kept every rank retrying until the stall check ended the job, naming neither. An
+unknown ``GLOO_SOCKET_IFNAME`` failed in gloo on the ranks of the host that lacked it. Both are
+refused in one line on every rank alike, exit status 2 (the multi-node loopback refusal is
+tested in test_launchers.py).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import ROOT, SYNTHETIC, run_job, run_program
+
+from hpctrain.errors import UsageError
+from hpctrain.sync import torch_transport
+from hpctrain.sync.torch_transport import gloo_interface_refusal, master_addr_refusal
+
+NOT_HERE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): an address of no host
+TRAIN = ["train", "--algo", "ssgd", "--sync-backend", "torch", *SYNTHETIC, "--epochs", "1"]
+UNBOUND = "binding there: Cannot assign requested address"
+MEET = "the other ranks meet rank 0 at MASTER_ADDR: set it to an address of node0, or unset it"
+
+
+@pytest.mark.parametrize("value, nodes, bindings", [
+    ("127.0.0.1", 1, {"127.0.0.1": None}),  # one node: the loopback serves
+    ("localhost", 1, {"127.0.0.1": None, "::1": UNBOUND}),  # one of its addresses binds
+    ("10.0.0.5", 2, {"10.0.0.5": None}),
+    ("node0-ib", 3, {"127.0.1.1": None, "10.0.0.5": None}),  # one the others reach
+])
+def test_a_master_addr_of_rank_0s_host_is_taken(value, nodes, bindings):
+    assert master_addr_refusal(value, "node0", nodes, bindings) is None
+
+
+@pytest.mark.parametrize("value, nodes, bindings, said", [
+    ("no.such.host.invalid", 1, "Name or service not known",
+     f"MASTER_ADDR='no.such.host.invalid' does not resolve (Name or service not known); {MEET}"),
+    ("node9", 1, {}, f"MASTER_ADDR='node9' resolves to no address; {MEET}"),
+    (NOT_HERE, 2, {NOT_HERE: UNBOUND},
+     f"MASTER_ADDR='{NOT_HERE}' is no address of rank 0's host node0 ({UNBOUND}); {MEET}"),
+    ("node9", 1, {NOT_HERE: UNBOUND, "2001:db8::1": "binding there: x"},
+     f"MASTER_ADDR='node9' ({NOT_HERE}, 2001:db8::1) is no address of rank 0's host node0 "
+     f"({UNBOUND}); {MEET}"),
+    ("localhost", 2, {"127.0.0.1": None, "::1": None},
+     "MASTER_ADDR='localhost' (127.0.0.1, ::1) is a local-only address of rank 0's host node0, "
+     "which the other nodes cannot reach: set it to an address of node0 they reach, or unset "
+     "it"),
+    ("0.0.0.0", 2, {"0.0.0.0": None},
+     "MASTER_ADDR='0.0.0.0' is a local-only address of rank 0's host node0, which the other "
+     "nodes cannot reach: set it to an address of node0 they reach, or unset it"),
+])
+def test_a_master_addr_the_others_cannot_meet_rank_0_at_is_refused(value, nodes, bindings,
+                                                                   said):
+    assert master_addr_refusal(value, "node0", nodes, bindings) == said
+
+
+def test_the_addresses_of_master_addr_are_found_by_binding_there():
+    assert torch_transport._bindings("127.0.0.1") == {"127.0.0.1": None}
+    assert torch_transport._bindings(NOT_HERE) == {NOT_HERE: UNBOUND}
+    assert isinstance(torch_transport._bindings("no.such.host.invalid"), str)
+
+
+def test_rank_0_checks_master_addr_and_the_loopback_refusal_stands(monkeypatch):
+    """_rendezvous_host: MASTER_ADDR checked where given; where not, on several nodes, the
+    host name's loopback address is refused as before."""
+    monkeypatch.setenv("MASTER_ADDR", NOT_HERE)
+    with pytest.raises(UsageError, match=f"MASTER_ADDR='{NOT_HERE}' is no address of"):
+        torch_transport._rendezvous_host("node0", ["node0", "node0"])
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert torch_transport._rendezvous_host("node0", ["node0", "node0"]) == "127.0.0.1"
+    with pytest.raises(UsageError, match="is a local-only address of rank 0's host node0"):
+        torch_transport._rendezvous_host("node0", ["node0", "node1"])
+    monkeypatch.delenv("MASTER_ADDR")
+    monkeypatch.setattr(torch_transport, "_address_of", lambda host: "127.0.1.1")
+    monkeypatch.setattr(torch_transport, "_outward_address", lambda peer: None)
+    with pytest.raises(UsageError, match="rank 0's host node0 resolves to 127.0.1.1, which"):
+        torch_transport._rendezvous_host("node0", ["node0", "node1"])
+
+
+HERE = ["lo", "eth0", "ib0"]
+
+
+@pytest.mark.parametrize("value, interfaces", [
+    ("", HERE), ("x", HERE), ("lo", HERE), ("eth0,ib0", HERE), ("eth0,", HERE),
+    ("nosuchif0", None),  # this host's interfaces could not be listed: nothing checked
+])
+def test_gloo_socket_ifname_of_this_hosts_interfaces_is_taken(value, interfaces):
+    """As torch reads it: under two characters ignored, one trailing comma allowed."""
+    assert gloo_interface_refusal(value, "node0", interfaces) is None
+
+
+@pytest.mark.parametrize("value, unknown", [
+    ("nosuchif0", "interface 'nosuchif0'"),
+    ("eth0,ib1,eth9", "interfaces 'ib1', 'eth9'"),
+    ("eth0,,ib0", "interface ''"),  # torch: "interface or hostname can't be empty"
+    (" eth0", "interface ' eth0'"),
+])
+def test_gloo_socket_ifname_naming_no_interface_here_is_refused(value, unknown):
+    assert gloo_interface_refusal(value, "node0", HERE) == (
+        f"GLOO_SOCKET_IFNAME={value!r}: host node0 has no network {unknown} (its interfaces: "
+        "lo, eth0, ib0); set it to a comma-separated list of them, or unset it")
+
+
+def _errors(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("hpctrain: error")]
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("np, env, said", [
+    (0, {"MASTER_ADDR": "no.such.host.invalid"},
+     "hpctrain: error: MASTER_ADDR='no.such.host.invalid' does not resolve ("),
+    (2, {"MASTER_ADDR": NOT_HERE},
+     f"hpctrain: error (rank 0 of 2): MASTER_ADDR='{NOT_HERE}' is no address of rank 0's host "),
+    (2, {"GLOO_SOCKET_IFNAME": "nosuchif0"},
+     "hpctrain: error (rank 0 of 2): GLOO_SOCKET_IFNAME='nosuchif0': host "),
+])
+def test_a_rendezvous_variable_that_cannot_work_is_refused_in_one_line(tmp_path, np, env, said):
+    """Before: 10 minutes of c10d's warnings then the stall check (exit 3), or gloo's
+    RuntimeError (exit 1)."""
+    proc = run_job([*TRAIN, "--out", str(tmp_path / "run")], np=np, timeout=90, env=env)
+    errors = _errors(proc)
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith(said), errors[0]
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+@pytest.mark.timeout(200)
+def test_an_interface_one_rank_lacks_ends_every_rank_in_step(tmp_path):
+    """GLOO_SOCKET_IFNAME for rank 1 only: rank 0, whose own is fine, says rank 1's."""
+    script = tmp_path / "job.py"
+    script.write_text("import os, sys\n"
+                      "if os.environ['OMPI_COMM_WORLD_RANK'] == '1':\n"
+                      "    os.environ['GLOO_SOCKET_IFNAME'] = 'lo,nosuchif0'\n"
+                      "from hpctrain import cli\n"
+                      "cli.main(sys.argv[1:])\n")
+    proc = run_program([sys.executable, str(script), *TRAIN, "--out", str(tmp_path / "run")],
+                       np=2, timeout=90, env={"PYTHONPATH": str(ROOT)})
+    errors = _errors(proc)
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert errors[0].startswith("hpctrain: error (rank 0 of 2): GLOO_SOCKET_IFNAME='lo,"
+                                "nosuchif0': host "), errors[0]
+    assert errors[0].endswith(" or unset it (found on rank 1)"), errors[0]
