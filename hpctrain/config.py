@@ -10,8 +10,8 @@ command-line option (:func:`hpctrain.options.option`). Bad values raise ``ValueE
 arguments; the CLI prints that as one line with exit status 2.
 
 Two kinds of checks: the values alone (ranges, names; at construction) and against the world
-a run starts in (ranks, data files, checkpoint folders; :func:`check_launch`, before MPI
-starts). ``config.json`` in every run folder holds :func:`to_dict` of the effective
+a run starts in (ranks, data files, checkpoint folders; :func:`hpctrain.run.check_launch`,
+before MPI starts). ``config.json`` in every run folder holds :func:`to_dict` of the effective
 configuration, which :func:`load` reads back to repeat the run.
 """
 

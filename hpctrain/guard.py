@@ -115,9 +115,9 @@ class GradientGuard:
         """True if the gradients in ``.grad`` are finite and the step may be applied.
 
         ``amplified``: whether the step ran at an fp16 loss scale above 1
-        (``LossScaler.amplifies``; asked only of a non-finite gradient: it reads the scale
-        from the device); ``loss``: the step's loss. Then a non-finite gradient may be the
-        scale's overflow (see the module docstring): skipped, with ``overflowed`` set."""
+        (``LossScaler.amplifies``; asked only of a non-finite gradient); ``loss``: the step's
+        loss. Then a non-finite gradient may be the scale's overflow (see the module
+        docstring): skipped, with ``overflowed`` set."""
         local, self._local = self._local, []
         self.overflowed = False
         finite = all_finite(p.grad for p in self.params if p.grad is not None)

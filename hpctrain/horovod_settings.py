@@ -93,7 +93,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--timeline-filename", "timeline", "filename", "HOROVOD_TIMELINE", str,
             "write a timeline of the collectives to this file", here=True),
     _bool("--timeline-mark-cycles", "--no-timeline-mark-cycles", "timeline", "mark_cycles",
-          "HOROVOD_TIMELINE_MARK_CYCLES", "mark cycles on the timeline", here=True,
+          "HOROVOD_TIMELINE_MARK_CYCLES", "mark cycles on the timeline", here=False,
           only_with="timeline.filename"),
     _bool("--stall-check", "--no-stall-check", "stall_check", "enabled",
           "HOROVOD_STALL_CHECK_DISABLE", "report ranks that stall a collective (default on)",

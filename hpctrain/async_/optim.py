@@ -81,16 +81,6 @@ class ASGD(torch.optim.Optimizer):
         self.last_push: Push | None = None
         store.pull(self._flat)
 
-    @property
-    def flat_parameters(self) -> torch.Tensor:
-        """The model's parameters as one vector (the model's own memory)."""
-        return self._flat
-
-    @property
-    def flat_gradient(self) -> torch.Tensor:
-        """The gradient the last ``step`` pushed, as one vector."""
-        return self._grad
-
     @torch.no_grad()
     def step(self, closure=None):
         """Push this worker's update; the model then holds the newest values it read."""

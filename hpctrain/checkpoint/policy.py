@@ -50,7 +50,7 @@ OFF = "off"  # --checkpoint-every off: none, over a --config file's or a resumed
 
 
 def parse_every(text: str) -> str:
-    """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned normalised),
+    """``--checkpoint-every``: ``N`` seconds or ``Ne`` epochs, N > 0 (returned stripped),
     or ``off`` (:data:`OFF`: no checkpoints, as without the option, but also none where the
     option would be inherited: over a ``--config`` file's value, or a resumed run's).
 
@@ -266,9 +266,10 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
 
 
 def _newest_header(folder: Path, given: str) -> dict:
-    """The newest checkpoint's header, skipping the ones :func:`load_newest` would set aside;
-    one it cannot read (an I/O error, permissions) is refused here, before MPI, in the line
-    rank 0 would raise (taking the older one's header instead let the run start)."""
+    """The newest checkpoint's header, skipping the ones
+    :func:`hpctrain.checkpoint.folder.load_newest` would set aside; one it cannot read (an
+    I/O error, permissions) is refused here, before MPI, in the line rank 0 would raise
+    (taking the older one's header instead let the run start)."""
     problems = []
     for path in listing(folder):
         try:

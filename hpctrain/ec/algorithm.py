@@ -97,7 +97,8 @@ class ModelAveraging(Algorithm):
         "final_averaged_acc": "fraction (ma): the parameter average at the end",
         "aggregation": "the fields below, and the seconds of each part of a round (*_s)",
         "aggregation.rounds": "aggregations made",
-        "aggregation.bytes_per_rank": "bytes: payload one rank sent in aggregations",
+        "aggregation.bytes_per_rank": "bytes one rank sent in aggregations (an allreduce "
+                                      "counted as a ring's: 2(K-1)/K of its payload)",
         "aggregation.bytes_per_round": "bytes per round (per rank)",
         "aggregation.seconds_per_round": "seconds: distribution over rounds",
         "aggregation.total_s": "seconds spent aggregating",
@@ -111,7 +112,7 @@ class ModelAveraging(Algorithm):
         super().setup(s)
         self.tau = self.options.local_steps(s.steps)
         self.aggregator = self.make_aggregator(s)
-        self.in_round = False  # local steps since the last aggregation
+        self.in_round = False  # local steps taken since the last aggregation
 
     def make_aggregator(self, s: Setup):
         return Averaging(s.model, s.comm, self.tau)

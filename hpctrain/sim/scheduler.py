@@ -39,7 +39,6 @@ class Scheduler:
             raise ValueError(f"workers={workers}: need at least one")
         self.workers = workers
         self.now = [0.0] * workers
-        self.events = 0  # events handed over so far (for statistics)
         self._queue: list[tuple[float, int]] = []
         self._go = [threading.Semaphore(0) for _ in range(workers)]
         self._lock = threading.Lock()  # guards the error and the exits only
@@ -103,7 +102,6 @@ class Scheduler:
             raise Aborted
         if self._queue and self._queue[0][1] == k:  # still the earliest: no hand-over
             heapq.heappop(self._queue)
-            self.events += 1
             return
         self._hand_over()
         self._wait_turn(k)
@@ -117,7 +115,6 @@ class Scheduler:
         """Start the worker with the earliest event (or stop everyone when none is left)."""
         if self._queue:
             _, nxt = heapq.heappop(self._queue)
-            self.events += 1
             self._go[nxt].release()
             return
         with self._lock:

@@ -61,8 +61,9 @@ class Synchronous(Algorithm):
     Options = SynchronousOptions
     thread_level = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE
     _started = False  # whether connect() started hpctrain.sync (close() then stops it)
-    summary_fields = {"allreduce_bytes_per_rank": "bytes: gradient payload one rank sent "
-                                                  "into allreduces (fp16: 2 bytes a value)"}
+    summary_fields = {"allreduce_bytes_per_rank": "bytes: gradient payload one rank gave "
+                                                  "to allreduces (fp16: 2 bytes a value; a "
+                                                  "ring allreduce sends 2(K-1)/K of it)"}
 
     @classmethod
     def for_launch(cls, config, launcher: str):
