@@ -100,6 +100,14 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
      "--slowdown 0:2,: an empty entry"),
     (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
     (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
+    # An option none of the algorithms takes: exit 0, and the report only said it was not
+    # given to them (train --algo ssgd --tau 0 refused it).
+    (["--algos", "ssgd", "--workers", "2", "--tau", "0", "--ec-alpha", "5", "--lam", "-1",
+      *SMALL], "--lam is an option of dcasgd-c, dcasgd-a, not of --algos ssgd"),
+    (["--algos", "sgd,ssgd", "--workers", "2", "--tau", "5", *SMALL],
+     "--tau is an option of ma, ec, not of any of --algos sgd,ssgd"),
+    (["--algos", "sgd,ssgd", "--simulate", "2", "--ec-alpha", "0.5", *SMALL],
+     "--ec-alpha is an option of ec, not of any of --algos sgd,ssgd"),
     # What `hpctrain train` refuses on a run's processes: each such run failed only once
     # launched, after the runs before it had run.
     (["--algos", "ssgd", "--workers", "2", "--slowdown", "3:2", *SMALL],
@@ -278,6 +286,103 @@ def test_a_training_runs_folder_and_a_comparisons_are_not_each_others(tmp_path):
                                         "another folder")
 
 
+def test_an_option_some_algorithms_take_is_judged_as_train_judges_it(tmp_path):
+    """Given to the algorithms that take it (their runs' values checked before any starts,
+    in train's words) and noted for the others; refused when none of them takes it."""
+    assert refusal(["--algo", "ssgd", "--tau", "0", *SMALL]) == \
+        "--tau is an option of ma, ec, not of --algo ssgd"
+    for algos, flag, value in (("ssgd,ma", "--tau", "0"), ("sgd,ec", "--ec-alpha", "5")):
+        with pytest.raises(UsageError) as e:
+            compare.plan(parse("--algos", algos, "--workers", "2", flag, value, *SMALL, "--out",
+                               str(tmp_path / "cmp")))
+        owner = algos.split(",")[1]
+        assert str(e.value) == refusal(["--algo", owner, flag, value, *SMALL], 2)
+    sgd, ec = compare.plan(parse("--algos", "sgd,ec", "--workers", "2", "--ec-alpha", "0.5",
+                                 "--tau", "4", *SMALL, "--out", str(tmp_path / "cmp")))
+    assert sgd.ignored == ["--tau", "--ec-alpha"] and "--ec-alpha" not in sgd.command
+    assert ec.command[ec.command.index("--ec-alpha") + 1] == "0.5"
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_a_runs_folder_that_is_no_folder_for_it_is_refused_before_any_runs(tmp_path,
+                                                                          monkeypatch):
+    """<out>/ssgd a file: sgd ran, then ssgd's run failed on a FileExistsError (exit 1). A
+    folder holding another algorithm's run, or a comparison, was written into."""
+    started = []
+    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    out = tmp_path / "cmp"
+    out.mkdir()
+
+    def refused(*argv: str) -> str:
+        with pytest.raises(UsageError) as e:
+            compare.run(parse("--algos", "sgd,ssgd", *argv, *SMALL, "--out", str(out)))
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    (out / "ssgd").write_text("x\n")
+    for argv in (["--workers", "2"], ["--simulate", "2"]):
+        assert refused(*argv) == (f"ssgd's run: --out {out}/ssgd: {out}/ssgd is a file, not a "
+                                  "folder; choose another --out")
+    assert refused("--simulate", "2", "--seeds", "1,2") == (
+        f"ssgd's run of seed 1: --out {out}/ssgd/seed-1: {out}/ssgd is a file, not a folder; "
+        "choose another --out")
+    (out / "ssgd").unlink()
+    (out / "ssgd").mkdir()
+    (out / "ssgd" / "config.json").write_text(json.dumps({"algo": "ma"}))
+    assert refused("--simulate", "2") == (f"ssgd's run: --out {out}/ssgd holds a run of --algo "
+                                          "ma (its config.json), not ssgd; choose another --out")
+    (out / "ssgd" / "config.json").unlink()
+    (out / "ssgd" / report.RECORD).write_text("{}")
+    assert refused("--simulate", "2") == (f"ssgd's run: --out {out}/ssgd holds a bench "
+                                          "compare; choose another --out")
+    assert started == [] and sorted(p.name for p in out.rglob("*")) == ["compare.json", "ssgd"]
+    (out / "ssgd" / report.RECORD).unlink()
+    (out / "ssgd" / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # its own: goes on
+    args = parse("--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--out", str(out))
+    assert compare._start_record(args, compare.plan(args))["algos"] == ["sgd", "ssgd"]
+
+
+def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
+    """--resume with --algos sgd,ssgd on a comparison of sgd,ma ran ssgd and rewrote
+    compare.json and report.md without ma's row (exit 0)."""
+    started = []
+    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    out = tmp_path / "cmp"
+    first = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--out", str(out))
+    out.mkdir()
+    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+        first, compare.plan(first)))
+    before = (out / report.RECORD).read_bytes()
+    for algos in ("sgd,ssgd", "sgd", "ma,sgd", "sgd,ma,ssgd"):
+        args = parse("--algos", algos, "--simulate", "2", *SMALL, "--resume", "--out", str(out))
+        with pytest.raises(UsageError) as e:
+            compare.run(args)
+        assert str(e.value) == (f"--resume: {out} was run with --algos sgd,ma, not {algos}; "
+                                "give the same")
+    assert started == [] and (out / report.RECORD).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [report.RECORD]
+    again = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
+    assert compare._start_record(again, compare.plan(again))["algos"] == ["sgd", "ma"]
+
+
+def test_a_damaged_record_is_refused_as_it_is_and_moved_aside_the_runs_are_reported(tmp_path):
+    """The line said the record was "moved aside" and the runs reported; the file was left
+    as it was and nothing written. It now says so; moved aside by hand, the runs are shown."""
+    saved_runs(tmp_path)
+    (tmp_path / report.RECORD).write_text('{"algos": [')
+    with pytest.raises(UsageError) as e:
+        report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    assert str(e.value).startswith(f"cannot read a comparison's record from "
+                                   f"{tmp_path / report.RECORD}: ")
+    assert str(e.value).endswith(f"; no report written: move it aside, and the report shows "
+                                 f"the runs found in {tmp_path}")
+    assert (tmp_path / report.RECORD).read_text() == '{"algos": ['
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "compare.json", "good"]
+    (tmp_path / report.RECORD).rename(tmp_path / "compare.json.damaged")
+    report.render(tmp_path)
+    assert set(report_cells(tmp_path)) == {"bad", "good"}
+
+
 def test_targets_are_each_once():
     assert report.parse_targets("0.8,0.9,0.8") == [0.8, 0.9]
 
@@ -433,10 +538,10 @@ def test_time_to_target_and_targets():
 
 
 # sgd on one process and ssgd on two (16 steps an epoch, a checkpoint every 4: sgd stops
-# well before its 96th step when warned after its first); --tau is given to neither, and the
-# second target takes a perfect score.
+# well before its 96th step when warned after its first); --sync-backend (ssgd's, its
+# default) is not given to sgd, and the second target takes a perfect score.
 COMPARE = ["bench", "compare", "--algos", "sgd,ssgd", "--workers", "2", "--targets",
-           "0.5,0.999999", "--tau", "4", *SYNTHETIC, "--epochs", "6",
+           "0.5,0.999999", "--sync-backend", "mpi", *SYNTHETIC, "--epochs", "6",
            "--checkpoint-every", "0.25e"]
 FAULT = {"HPCTRAIN_INJECT": "raise@1:10"}  # rank 1 is only in the 2-process ssgd run
 
@@ -600,7 +705,7 @@ def test_compare_writes_rows_and_plots(resumed):
             assert cell == "not reached" or cell.endswith(" ep)"), cell
     assert rows["ssgd"][8].endswith("MiB")  # the larger rank's peak memory
     assert "allreduce_bytes_per_rank" in rows["ssgd"][10]
-    assert "`--tau` was not given to sgd, ssgd" in text
+    assert "`--sync-backend` was not given to sgd" in text
     device = "cuda" if torch.cuda.is_available() else "cpu"  # --device auto
     assert f"Ran with device {device}, " in text and f"torch {torch.__version__}" in text
     for png in OUTPUTS[1:]:

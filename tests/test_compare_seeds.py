@@ -127,7 +127,8 @@ def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
     they are then (seed 3 left no summary, so it is not found)."""
     summaries = seeded_comparison(tmp_path)
     (tmp_path / report.RECORD).write_text('{"algos": ["ssgd"]')
-    with pytest.raises(UsageError, match=r"\(moved aside, the report shows the runs found in "):
+    with pytest.raises(UsageError, match=r"; no report written: move it aside, and the report "
+                       r"shows the runs found in "):
         report.load(tmp_path)
     (tmp_path / report.RECORD).unlink()
     record, rows = report.load(tmp_path)

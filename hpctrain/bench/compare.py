@@ -4,9 +4,10 @@ Each algorithm runs as its own job through a launcher (``mpirun``, or ``srun`` i
 allocation) with the same training options and seed, hence the same initial model and data
 order where the algorithm allows; ``sgd`` runs on one process. Options that only some
 algorithms take (``--tau``, ``--lam``, ...) go only to those, and the report says which
-ignored them; the others (``--slowdown`` too) go to every run. Bad options, an algorithm
-this hpctrain does not have included, are refused before anything runs (one line, exit
-status 2), and so is what one run would refuse on its
+ignored them (one that no algorithm of ``--algos`` takes is refused); the others
+(``--slowdown`` too) go to every run. Bad options, an algorithm this hpctrain does not have
+included, are refused before anything runs (one line, exit status 2), and so are a run's
+folder that is a file or holds another algorithm's run, and what one run would refuse on its
 processes (``hpctrain train``'s own checks, on each planned run: ``--slowdown`` of a rank it
 lacks, ``--reduce-op adasum`` on 3 workers, ``--device cuda`` without a GPU where the runs
 start on this machine; the line names the run). With ``--eval-rank``,
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import json
 import math
 import os
 import re
@@ -386,6 +388,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     report.parse_targets(args.targets)
     _check_out(args.out)
     given = given_options(args)
+    _check_owned(given, algos, args.algos)
     seeds = getattr(args, "seeds", None)
     if seeds is not None and hasattr(args, "train_seed"):
         raise UsageError("--seeds and --seed: give one (--seeds runs each algorithm once per "
@@ -397,6 +400,46 @@ def plan(args: argparse.Namespace) -> list[Run]:
             runs.append(_planned(shared, algo, seed,
                                  checked=runs[-1] if runs and runs[-1].algo == algo else None))
     return runs
+
+
+def _check_owned(given: list[tuple[TrainOption, list[str]]], algos: list[str],
+                 text: str) -> None:
+    """An algorithm option that no algorithm of ``--algos`` takes is refused, as ``train``
+    refuses it given to another algorithm: it would change nothing the comparison runs. One
+    that some take goes to those (whose runs check its value) and is noted for the others."""
+    for opt, words in given:
+        if opt.owners is not None and not any(opt.given_to(a) for a in algos):
+            flag = words[0] if opt.on_off else opt.flag
+            which = "any of " if len(algos) > 1 else ""
+            raise UsageError(f"{flag} is an option of "
+                             f"{', '.join(map(registry.display_name, opt.owners))}, not of "
+                             f"{which}--algos {text}")
+
+
+def _check_run_folders(out: Path, runs: list[Run]) -> None:
+    """Each run's folder (``<out>/<algo>``, with ``--seeds`` ``<out>/<algo>/seed-<S>``) must
+    be one that run can make or write in, and not another algorithm's run or a comparison:
+    found when the run started, after the runs before it had run, a file there was a
+    FileExistsError (exit 1), another run's files were written over. Checked after
+    :func:`_start_record`'s own checks (finished runs; a resume's other algorithm of one
+    name); a failed run's folder is set aside on ``--resume``."""
+    for r in runs:
+        folder, whose = out / r.name, f"{r.label}'s run" + (
+            f" of seed {r.seed}" if r.seed is not None else "")
+        try:
+            training.check_folder("--out", str(folder))
+        except UsageError as e:
+            raise UsageError(f"{whose}: {e}; choose another --out") from None
+        if (folder / report.RECORD).exists():
+            raise UsageError(f"{whose}: --out {folder} holds a bench compare; choose another "
+                             "--out")
+        try:
+            recorded = json.loads((folder / "config.json").read_text()).get("algo")
+        except (OSError, ValueError, AttributeError):  # none, or not a run's: the run says
+            continue
+        if isinstance(recorded, str) and plugins.absolute(recorded) != plugins.absolute(r.algo):
+            raise UsageError(f"{whose}: --out {folder} holds a run of --algo {recorded} "
+                             f"(its config.json), not {r.algo}; choose another --out")
 
 
 @dataclass(frozen=True)
@@ -640,6 +683,9 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
                              "it, or choose another folder")
         old = report.read_record(out)
+        if old["algos"] != record["algos"]:  # the report would drop, or add, rows
+            raise UsageError(f"--resume: {out} was run with --algos {','.join(old['algos'])}, "
+                             f"not {','.join(record['algos'])}; give the same")
         if (old["train_args"], old["workers"]) != (train_args, args.workers):
             flag = "--simulate" if old.get("simulated") else "--workers"
             raise UsageError(f"--resume: {out} was run with {flag} {old['workers']} and "
@@ -671,6 +717,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
         if done:
             raise UsageError(f"--out {out} already holds finished runs ({', '.join(done)}); "
                              "choose another folder")
+    _check_run_folders(out, runs)
     return record
 
 

@@ -304,8 +304,10 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         try:
             record = read_record(folder)
         except UsageError as damaged:  # the runs' own files may all be there
-            raise UsageError(f"{damaged} (moved aside, the report shows the runs found in "
-                             f"{folder})") from None
+            # Refused, not moved: a record edited by hand may be meant; once the user has
+            # moved it aside, the report is the runs found in the folder (below).
+            raise UsageError(f"{damaged}; no report written: move it aside, and the report "
+                             f"shows the runs found in {folder}") from None
         rows = []
         for name in record["algos"]:
             for seed in record.get("seeds") or [None]:
@@ -688,12 +690,13 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
             "on a CPU, memory torch allocated on a GPU; none in a simulation). *Bytes "
             "communicated per rank* "
             "are the byte counts a run's summary.json holds: gradient allreduce "
-            "(`allreduce_bytes_per_rank`), model aggregation or exchange of ma/ec "
-            "(`aggregation.*`), the sharded data exchange (`bytes_moved`) and, for async runs, "
-            "the model payload a worker read from and wrote to the parameter store "
-            "(`store_bytes_per_worker`, mean over workers, whether MPI or loads and stores on "
-            "shared-memory windows moved it; `store_mpi_bytes_per_worker` is the part of it MPI "
-            "calls moved, not more bytes)."]
+            "(`allreduce_bytes_per_rank`, the payload given to allreduce), model aggregation or "
+            "exchange of ma/ec (`aggregation.*`, an allreduce counted as a ring's 2(K-1)/K of "
+            "its payload: not yet on ssgd's scale), the sharded data exchange (`bytes_moved`) "
+            "and, for async runs, the model payload a worker read from and wrote to the "
+            "parameter store (`store_bytes_per_worker`, mean over workers, whether MPI or loads "
+            "and stores on shared-memory windows moved it; `store_mpi_bytes_per_worker` is the "
+            "part of it MPI calls moved, not more bytes)."]
     ignored: dict[str, list[str]] = {}
     for r in rows:
         for flag in r.ignored:

@@ -97,8 +97,8 @@ class ModelAveraging(Algorithm):
         "final_averaged_acc": "fraction (ma): the parameter average at the end",
         "aggregation": "the fields below, and the seconds of each part of a round (*_s)",
         "aggregation.rounds": "aggregations made",
-        "aggregation.bytes_per_rank": "bytes one rank sent in aggregations (an allreduce "
-                                      "counted as a ring's: 2(K-1)/K of its payload)",
+        "aggregation.bytes_per_rank": "bytes: what one rank sent in aggregations (an "
+                                      "allreduce counted as a ring's: 2(K-1)/K of its payload)",
         "aggregation.bytes_per_round": "bytes per round (per rank)",
         "aggregation.seconds_per_round": "seconds: distribution over rounds",
         "aggregation.total_s": "seconds spent aggregating",
