@@ -353,7 +353,7 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     compare.write_json_atomic(out / report.RECORD, compare._start_record(
         first, compare.plan(first)))
     before = (out / report.RECORD).read_bytes()
-    for algos in ("sgd,ssgd", "sgd", "ma,sgd", "sgd,ma,ssgd"):
+    for algos in ("sgd,ssgd", "sgd", "sgd,ma,ssgd"):
         args = parse("--algos", algos, "--simulate", "2", *SMALL, "--resume", "--out", str(out))
         with pytest.raises(UsageError) as e:
             compare.run(args)
@@ -363,6 +363,23 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir()) == [report.RECORD]
     again = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
     assert compare._start_record(again, compare.plan(again))["algos"] == ["sgd", "ma"]
+    turned = parse("--algos", "ma,sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
+    assert compare._start_record(turned, compare.plan(turned))["algos"] == ["ma", "sgd"]
+
+
+def test_a_comparison_started_with_an_option_no_run_takes_can_still_be_resumed(tmp_path):
+    """Started before such options were refused (--tau with sgd,ssgd), a comparison must be
+    resumed with the same options, which the refusal then forbade: one refusal or the other."""
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / report.RECORD).write_text(json.dumps({
+        "algos": ["sgd", "ssgd"], "workers": 2, "train_args": [*SMALL, "--tau", "3"],
+        "simulated": True, "sim_args": [], "runs": {}}))
+    words = ["--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--tau", "3", "--out", str(out)]
+    with pytest.raises(UsageError, match="--tau is an option of ma, ec, not of any of"):
+        compare.plan(parse(*words))  # a new comparison: refused
+    args = parse(*words, "--resume")
+    assert [r.algo for r in compare.plan(args)] == ["sgd", "ssgd"]
 
 
 def test_a_damaged_record_is_refused_as_it_is_and_moved_aside_the_runs_are_reported(tmp_path):

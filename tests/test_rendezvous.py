@@ -84,6 +84,7 @@ HERE = ["lo", "eth0", "ib0"]
 
 @pytest.mark.parametrize("value, interfaces", [
     ("", HERE), ("x", HERE), ("lo", HERE), ("eth0,ib0", HERE), ("eth0,", HERE),
+    ("lo:7", HERE),  # an alias label (ip addr ... label lo:7), which gloo finds: was refused
     ("nosuchif0", None),  # this host's interfaces could not be listed: nothing checked
 ])
 def test_gloo_socket_ifname_of_this_hosts_interfaces_is_taken(value, interfaces):
@@ -96,6 +97,7 @@ def test_gloo_socket_ifname_of_this_hosts_interfaces_is_taken(value, interfaces)
     ("eth0,ib1,eth9", "interfaces 'ib1', 'eth9'"),
     ("eth0,,ib0", "interface ''"),  # torch: "interface or hostname can't be empty"
     (" eth0", "interface ' eth0'"),
+    ("eth9:1", "interface 'eth9:1'"),
 ])
 def test_gloo_socket_ifname_naming_no_interface_here_is_refused(value, unknown):
     assert gloo_interface_refusal(value, "node0", HERE) == (

@@ -388,7 +388,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     report.parse_targets(args.targets)
     _check_out(args.out)
     given = given_options(args)
-    _check_owned(given, algos, args.algos)
+    _check_owned(given, algos, args.algos, _recorded_words(args))
     seeds = getattr(args, "seeds", None)
     if seeds is not None and hasattr(args, "train_seed"):
         raise UsageError("--seeds and --seed: give one (--seeds runs each algorithm once per "
@@ -403,17 +403,30 @@ def plan(args: argparse.Namespace) -> list[Run]:
 
 
 def _check_owned(given: list[tuple[TrainOption, list[str]]], algos: list[str],
-                 text: str) -> None:
+                 text: str, recorded: list[str]) -> None:
     """An algorithm option that no algorithm of ``--algos`` takes is refused, as ``train``
     refuses it given to another algorithm: it would change nothing the comparison runs. One
-    that some take goes to those (whose runs check its value) and is noted for the others."""
+    that some take goes to those (whose runs check its value) and is noted for the others.
+    ``recorded``: the options of the comparison ``--resume`` continues, which may have one
+    (started before this check), and must be given the same."""
     for opt, words in given:
-        if opt.owners is not None and not any(opt.given_to(a) for a in algos):
+        if opt.owners is not None and not any(opt.given_to(a) for a in algos) \
+                and words[0] not in recorded:
             flag = words[0] if opt.on_off else opt.flag
             which = "any of " if len(algos) > 1 else ""
             raise UsageError(f"{flag} is an option of "
                              f"{', '.join(map(registry.display_name, opt.owners))}, not of "
                              f"{which}--algos {text}")
+
+
+def _recorded_words(args: argparse.Namespace) -> list[str]:
+    """The training options of the comparison ``--resume`` continues; none to read: []."""
+    if not args.resume or not (Path(args.out) / report.RECORD).exists():
+        return []
+    try:
+        return list(report.read_record(args.out)["train_args"])
+    except UsageError:  # refused, naming the file, where the record is read for the resume
+        return []
 
 
 def _check_run_folders(out: Path, runs: list[Run]) -> None:
@@ -683,7 +696,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
                              "it, or choose another folder")
         old = report.read_record(out)
-        if old["algos"] != record["algos"]:  # the report would drop, or add, rows
+        if sorted(old["algos"]) != sorted(record["algos"]):  # the report would lose rows
             raise UsageError(f"--resume: {out} was run with --algos {','.join(old['algos'])}, "
                              f"not {','.join(record['algos'])}; give the same")
         if (old["train_args"], old["workers"]) != (train_args, args.workers):

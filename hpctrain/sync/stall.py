@@ -24,6 +24,7 @@ import itertools
 import math
 import os
 import pickle
+import re
 import sys
 import threading
 import time
@@ -55,17 +56,18 @@ def settings(check_s: float | None, timeout_s: float | None) -> tuple[float, flo
 
 
 def _disabled() -> bool:
-    """``HOROVOD_STALL_CHECK_DISABLE``: a number, as Horovod reads it (above 0 disables), or
-    an on/off word; other text is refused, not taken to disable the check ("false" did)."""
-    raw = os.environ.get(DISABLE_ENV, "").strip().lower()
-    if raw in ("", "false", "no", "off"):
-        return False
-    if raw in ("true", "yes", "on"):
-        return True
-    try:
-        return int(raw) > 0
-    except ValueError:
-        raise UsageError(f"{DISABLE_ENV}={raw!r}: want 1 (no stall check) or 0") from None
+    """``HOROVOD_STALL_CHECK_DISABLE`` as Horovod reads it (C's ``strtol``: a leading whole
+    number, above 0 disables; ``1.0`` is 1), so that it means the same on every backend. A
+    value with no number (``true``, ``false``) Horovod reads as 0; it is refused here instead,
+    since "false" disabled the check here and "true" does not in Horovod."""
+    raw = os.environ.get(DISABLE_ENV, "")
+    number = re.match(r"\s*[+-]?\d+", raw)
+    if number:
+        return int(number.group()) > 0
+    if raw.strip():
+        raise UsageError(f"{DISABLE_ENV}={raw!r}: want a number, as Horovod reads it (1: no "
+                         "stall check, 0: the check)")
+    return False
 
 
 def _seconds(variable: str, default: float) -> float:

@@ -244,7 +244,8 @@ def gloo_interface_refusal(value: str, node: str, interfaces: list[str] | None) 
     names = value.split(",")
     if names[-1] == "":
         names.pop()
-    unknown = [n for n in names if n not in interfaces]
+    # An alias label (eth0:1, from getifaddrs, which gloo reads) is on its interface's line
+    unknown = [n for n in names if n not in interfaces and n.split(":")[0] not in interfaces]
     if not unknown:
         return None
     which = "interface" if len(unknown) == 1 else "interfaces"
