@@ -96,14 +96,17 @@ def test_predict_logits_runs_a_model_in_its_own_dtype():
 
 @pytest.mark.parametrize("values, message", [
     ((0, 0.5, 2.0, 10), "--tau 0 must be >= 1"),
-    ((5, 1.5, 2.0, 10), "--ec-alpha 1.5 outside [0, 1]"),
-    ((5, -0.1, 2.0, 10), "--ec-alpha -0.1 outside [0, 1]"),
-    ((5, 0.5, 0.0, 10), "--ec-temperature 0.0 must be > 0"),
-    ((5, 0.5, float("nan"), 10), "--ec-temperature nan must be > 0"),
+    ((5, 1.5, 2.0, 10), "--ec-alpha 1.5 must be in [0, 1]"),
+    ((5, -0.1, 2.0, 10), "--ec-alpha -0.1 must be in [0, 1]"),
+    ((5, 0.5, 0.0, 10), "--ec-temperature 0.0 must be in (0, 1000]"),
+    ((5, 0.5, float("nan"), 10), "--ec-temperature nan must be in (0, 1000]"),
+    ((5, 0.5, 5000.0, 10), "--ec-temperature 5000.0 must be in (0, 1000]"),  # was taken
     ((5, 0.5, 2.0, 0), "--ec-distill-size 0 must be >= 1"),
-    ((5, 0.5, 2.0, 10, "mine"), "--ec-distill-from 'mine' is not one of ('own', 'all')"),
+    ((5, 0.5, 2.0, 10, "mine"), "unknown --ec-distill-from 'mine'; choose from own, all"),
 ])
 def test_check_options(values, message):
+    """The own-loop API's checks are the command line's (5000 was taken by one, not the
+    other)."""
     with pytest.raises(UsageError) as err:
         check_options(*values)
     assert str(err.value) == message

@@ -36,17 +36,13 @@ DISTILL_FROM = ("own", "all")
 
 def check_options(tau: int, alpha: float, temperature: float, distill_size: int,
                   distill_from: str = "own") -> None:
-    """Raise UsageError, naming the value, for EC options out of range."""
-    if tau < 1:
-        raise UsageError(f"--tau {tau} must be >= 1")
-    if not 0.0 <= alpha <= 1.0:
-        raise UsageError(f"--ec-alpha {alpha} outside [0, 1]")
-    if not temperature > 0:
-        raise UsageError(f"--ec-temperature {temperature} must be > 0")
-    if distill_size < 1:
-        raise UsageError(f"--ec-distill-size {distill_size} must be >= 1")
-    if distill_from not in DISTILL_FROM:
-        raise UsageError(f"--ec-distill-from {distill_from!r} is not one of {DISTILL_FROM}")
+    """Raise UsageError, naming the value, for EC options out of range: the command line's
+    own checks (:class:`hpctrain.ec.algorithm.CompressionOptions`), so that a user's loop
+    and ``--algo ec`` take the same values (this had no upper bound on the temperature)."""
+    from hpctrain.ec.algorithm import CompressionOptions  # it imports this module
+
+    CompressionOptions(tau=tau, ec_alpha=alpha, ec_temperature=temperature,
+                       ec_distill_size=distill_size, ec_distill_from=distill_from)
 
 
 def _generator(*key: int) -> torch.Generator:
