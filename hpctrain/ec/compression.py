@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -30,6 +29,7 @@ from hpctrain.ec.ensemble import ensemble_probabilities
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError
 from hpctrain.microbatch import mean_in_parts
+from hpctrain.shuffle.order import generator
 
 DISTILL_FROM = ("own", "all")
 
@@ -43,11 +43,6 @@ def check_options(tau: int, alpha: float, temperature: float, distill_size: int,
 
     CompressionOptions(tau=tau, ec_alpha=alpha, ec_temperature=temperature,
                        ec_distill_size=distill_size, ec_distill_from=distill_from)
-
-
-def _generator(*key: int) -> torch.Generator:
-    state = np.random.SeedSequence([k % (1 << 64) for k in key]).generate_state(1, np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 class EnsembleCompression:
@@ -152,7 +147,7 @@ class EnsembleCompression:
         if self.local is None:
             raise RuntimeError("EnsembleCompression needs set_local_data() before aggregating")
         start = time.perf_counter()
-        gen = _generator(self.seed, self.comm.Get_rank(), self.rounds)
+        gen = generator(self.seed, self.comm.Get_rank(), self.rounds)
         chosen = self.local.subset(torch.randperm(len(self.local), generator=gen)
                                    [:self.distill_size])
         shared = self.distill_from == "all"
