@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import math
 import os
 import re
@@ -446,11 +445,8 @@ def _check_run_folders(out: Path, runs: list[Run]) -> None:
         if (folder / report.RECORD).exists():
             raise UsageError(f"{whose}: --out {folder} holds a bench compare; choose another "
                              "--out")
-        try:
-            recorded = json.loads((folder / "config.json").read_text()).get("algo")
-        except (OSError, ValueError, AttributeError):  # none, or not a run's: the run says
-            continue
-        if isinstance(recorded, str) and plugins.absolute(recorded) != plugins.absolute(r.algo):
+        recorded = steptimes.recorded_algo(folder / "config.json")  # None: the run says
+        if recorded is not None and plugins.absolute(recorded) != plugins.absolute(r.algo):
             raise UsageError(f"{whose}: --out {folder} holds a run of --algo {recorded} "
                              f"(its config.json), not {r.algo}; choose another --out")
 
