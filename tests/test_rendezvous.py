@@ -16,7 +16,12 @@ from conftest import ROOT, SYNTHETIC, run_job, run_program
 
 from hpctrain.errors import UsageError
 from hpctrain.sync import torch_transport
-from hpctrain.sync.torch_transport import gloo_interface_refusal, master_addr_refusal
+from hpctrain.sync.torch_transport import (
+    gloo_interface_refusal,
+    master_addr_refusal,
+    rendezvous_host,
+    url_host,
+)
 
 NOT_HERE = "192.0.2.1"  # TEST-NET-1 (RFC 5737): an address of no host
 TRAIN = ["train", "--algo", "ssgd", "--sync-backend", "torch", *SYNTHETIC, "--epochs", "1"]
@@ -77,6 +82,30 @@ def test_rank_0_checks_master_addr_and_the_loopback_refusal_stands(monkeypatch):
     monkeypatch.setattr(torch_transport, "_outward_address", lambda peer: None)
     with pytest.raises(UsageError, match="rank 0's host node0 resolves to 127.0.1.1, which"):
         torch_transport._rendezvous_host("node0", ["node0", "node1"])
+
+
+@pytest.mark.parametrize("given", ["::1", "[::1]"])
+def test_an_ipv6_master_addr_is_bracketed_in_the_url(given):
+    """``tcp://::1:port`` failed in torch ("Port could not be cast to integer value as
+    ':1:...'"); torchrun takes MASTER_ADDR bare, a URL bracketed: both are taken."""
+    host = rendezvous_host("node0", 1, None, None, {"MASTER_ADDR": given})
+    assert host == "::1"
+    assert url_host(host) == "[::1]"
+    assert url_host("10.0.0.5") == "10.0.0.5" and url_host("node0-ib") == "node0-ib"
+
+
+def _ipv6_loopback() -> bool:
+    bindings = torch_transport._bindings("::1")
+    return isinstance(bindings, dict) and bindings.get("::1", "") is None
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(not _ipv6_loopback(), reason="this host cannot bind its IPv6 loopback ::1")
+def test_ranks_meet_at_an_ipv6_master_addr(tmp_path):
+    proc = run_job([*TRAIN, "--out", str(tmp_path / "run")], np=2, timeout=120,
+                   env={"MASTER_ADDR": "::1"})
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "summary.json").exists()
 
 
 HERE = ["lo", "eth0", "ib0"]

@@ -134,7 +134,7 @@ def start_process_group(comm: Any = None) -> bool:
         else:
             with socket.socket() as s:  # a free port (released again for the store to bind)
                 s.bind(("", 0))
-                address = f"{host}:{s.getsockname()[1]}"
+                address = f"{url_host(host)}:{s.getsockname()[1]}"
     address = comm.bcast(address, root=0)
     if isinstance(address, UsageError):  # every rank: a script that catches it stays in step
         raise on_every_rank(address)
@@ -142,6 +142,12 @@ def start_process_group(comm: Any = None) -> bool:
     dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
                             rank=rank, world_size=size)
     return True
+
+
+def url_host(host: str) -> str:
+    """``host`` as a URL names it: an IPv6 address in brackets (``tcp://::1:29500`` is no
+    URL torch can split into host and port)."""
+    return f"[{host}]" if ":" in host else host
 
 
 def _rendezvous_host(node: str, nodes: list[str]) -> str:
@@ -168,8 +174,8 @@ def rendezvous_host(node: str, nodes: int, resolved: str | None, outward: str | 
     gloo binds there too unless ``GLOO_SOCKET_IFNAME`` names an interface: with it, the
     address rank 0 reaches another node from (``outward``); without, a UsageError naming
     both variables."""
-    if environ.get("MASTER_ADDR"):
-        return environ["MASTER_ADDR"]
+    if environ.get("MASTER_ADDR"):  # an IPv6 address as torchrun takes it, or as a URL has it
+        return environ["MASTER_ADDR"].removeprefix("[").removesuffix("]")
     if nodes == 1:
         return "127.0.0.1"
     if resolved is not None and not ipaddress.ip_address(resolved).is_loopback:
