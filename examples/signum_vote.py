@@ -22,6 +22,7 @@ import torch
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.options import option
+from hpctrain.summary import allreduce_bytes
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class SignumVote(Algorithm):
     defaults = {"lr": 0.0005, "momentum": 0.9}  # a sign step is lr in every coordinate
     optimizers = ("sgd",)
     summary_fields = {"vote": "how the workers' signs were combined (majority or mean)",
-                      "vote_bytes_per_rank": "bytes: the votes one rank sent"}
+                      "vote_bytes_per_rank": "bytes: the votes one rank sent (an allreduce "
+                                             "counted as a ring's, as ssgd's bytes)"}
 
     @classmethod
     def check(cls, config, ranks: int, samples: int) -> None:
@@ -88,7 +90,8 @@ class SignumVote(Algorithm):
         total = votes.clone()
         if self.comm is not None:
             self.comm.Allreduce(votes.numpy(), total.numpy())  # the sum of the votes
-            self.state.sent += votes.numel() * votes.element_size()
+            self.state.sent += allreduce_bytes(votes.numel() * votes.element_size(),
+                                               self.comm.Get_size())
         workers = 1 if self.comm is None else self.comm.Get_size()
         step = torch.sign(total) if self.options.vote == "majority" else total / workers
         offset = 0

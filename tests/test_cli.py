@@ -530,6 +530,11 @@ def test_ssgd_matches_sgd_with_k_times_the_batch(equivalence_runs, workers, back
     assert sums["ssgd"]["clipped_steps_per_worker"] == clipped * workers  # the same steps
     if clip is not None:  # clipped some steps, not all
         assert 0 < clipped[0] < sums["sgd"]["updates"]
+    # What a rank sent, on ma/ec's scale: a ring's 2(K-1)/K of the float32 gradients (the
+    # payload itself, a 4-rank run's 2/3 of this, was counted before).
+    params = sum(t.numel() for t in a.values())
+    sent = 2 * (workers - 1) * sums["ssgd"]["updates"] * params * 4 // workers
+    assert sums["ssgd"]["allreduce_bytes_per_rank"] == sent
 
 
 @EQUIVALENCE_TIMEOUT

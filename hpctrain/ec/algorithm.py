@@ -98,7 +98,8 @@ class ModelAveraging(Algorithm):
         "aggregation": "the fields below, and the seconds of each part of a round (*_s)",
         "aggregation.rounds": "aggregations made",
         "aggregation.bytes_per_rank": "bytes: what one rank sent in aggregations (an "
-                                      "allreduce counted as a ring's: 2(K-1)/K of its payload)",
+                                      "allreduce counted as a ring's: 2(K-1)/K of its payload, "
+                                      "as ssgd's allreduce_bytes_per_rank)",
         "aggregation.bytes_per_round": "bytes per round (per rank)",
         "aggregation.seconds_per_round": "seconds: distribution over rounds",
         "aggregation.total_s": "seconds spent aggregating",

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from hpctrain.devices import HostStage, mpi_buffer
-from hpctrain.ec.stats import AggregationStats, allreduce_bytes
+from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError, on_every_rank
+from hpctrain.summary import allreduce_bytes
 
 
 def floating_state(model: nn.Module) -> list[torch.Tensor]:

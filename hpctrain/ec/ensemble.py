@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpctrain.data import Dataset
+from hpctrain.summary import allreduce_bytes
 
 
 @torch.no_grad()
@@ -101,7 +102,7 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
     if shared:
         summed = np.empty(total * num_classes, np.float32)
         comm.Allreduce(probs.contiguous().numpy().reshape(-1), summed)
-        returned_bytes = 2 * (ranks - 1) * summed.nbytes // ranks  # a ring allreduce's
+        returned_bytes = allreduce_bytes(summed.nbytes, ranks)
     else:
         summed = np.empty(mine * num_classes, np.float32)
         comm.Reduce_scatter(probs.contiguous().numpy().reshape(-1), summed,

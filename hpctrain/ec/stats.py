@@ -2,8 +2,9 @@
 
 Bytes are the payload volume a rank sends under the bandwidth-optimal (ring) algorithms, so
 they do not depend on which algorithm the MPI library picks: an allreduce of ``B`` bytes sends
-``2 (K-1)/K B`` per rank, an allgather sends the rank's own block to ``K-1`` peers, and a
-reduce-scatter sends the rows that belong to the other ranks.
+``2 (K-1)/K B`` per rank (:func:`hpctrain.summary.allreduce_bytes`), an allgather sends the
+rank's own block to ``K-1`` peers, and a reduce-scatter sends the rows that belong to the other
+ranks.
 """
 
 from __future__ import annotations
@@ -11,11 +12,6 @@ from __future__ import annotations
 from collections import defaultdict
 
 from hpctrain.metrics import distribution
-
-
-def allreduce_bytes(nbytes: int, ranks: int) -> int:
-    """Bytes one rank sends in a ring allreduce of ``nbytes``."""
-    return 2 * (ranks - 1) * nbytes // ranks
 
 
 class AggregationStats:

@@ -20,6 +20,7 @@ from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
 from hpctrain.options import option
+from hpctrain.summary import allreduce_bytes
 from hpctrain.sync.buckets import default_bucket_bytes
 
 
@@ -61,9 +62,10 @@ class Synchronous(Algorithm):
     Options = SynchronousOptions
     thread_level = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE
     _started = False  # whether connect() started hpctrain.sync (close() then stops it)
-    summary_fields = {"allreduce_bytes_per_rank": "bytes: gradient payload one rank gave "
-                                                  "to allreduces (fp16: 2 bytes a value; a "
-                                                  "ring allreduce sends 2(K-1)/K of it)"}
+    summary_fields = {"allreduce_bytes_per_rank": "bytes: what one rank sent in gradient "
+                                                  "allreduces, counted as a ring's: 2(K-1)/K "
+                                                  "of the payload (fp16: 2 bytes a value; a "
+                                                  "resized run: at its last K)"}
 
     @classmethod
     def for_launch(cls, config, launcher: str):
@@ -163,5 +165,6 @@ class Synchronous(Algorithm):
 
     def summary(self, points: list[dict], comm) -> dict:
         per_value = 2 if self.options.fp16_allreduce else 4
-        return {"allreduce_bytes_per_rank":
-                points[-1]["updates"] * models.num_parameters(self.model) * per_value}
+        payload = points[-1]["updates"] * models.num_parameters(self.model) * per_value
+        ranks = 1 if comm is None else comm.Get_size()
+        return {"allreduce_bytes_per_rank": allreduce_bytes(payload, ranks)}
