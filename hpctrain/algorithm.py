@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 import torch
 from torch.nn import functional as F
@@ -45,10 +45,21 @@ from hpctrain.optimizers import make as make_optimizer
 from hpctrain.options import check_fields
 
 if TYPE_CHECKING:
+    from hpctrain.checkpoint.folder import Loaded
     from hpctrain.config import RunConfig
     from hpctrain.data import Dataset
     from hpctrain.metrics import RunLog
     from hpctrain.shuffle import TrainData
+
+
+class Comm(Protocol):
+    """A communicator as the loop hands it to an algorithm: an mpi4py ``Comm`` under MPI, or
+    one with its methods (torchrun's :class:`hpctrain.torch_comm.TorchComm`, ``hpctrain
+    simulate``'s :class:`hpctrain.sim.comm.LocalComm`); an algorithm uses what it needs."""
+
+    def Get_rank(self) -> int: ...  # noqa: N802 (mpi4py's names)
+
+    def Get_size(self) -> int: ...  # noqa: N802
 
 
 @dataclass(frozen=True)
@@ -70,7 +81,7 @@ class Setup:
 
     model: torch.nn.Module
     train_data: TrainData
-    comm: object | None  # the workers' communicator (None: one process)
+    comm: Comm | None  # the workers' communicator (None: one process)
     workers: int
     steps: int  # this worker's batches per epoch of its data
 
@@ -130,7 +141,7 @@ class Algorithm:
         """The run's name in tables and plots (after :meth:`setup`)."""
         return self.name
 
-    def connect(self, world, model: torch.nn.Module) -> object | None:
+    def connect(self, world: Comm, model: torch.nn.Module) -> Comm | None:
         """Set up communication (``model`` is rank 0's initial model); return the workers'
         communicator (None: one process)."""
         return world
@@ -156,7 +167,7 @@ class Algorithm:
         return GradientGuard(s.model.parameters(), self.config.max_bad_steps, s.comm,
                              clip_norm=self.config.optim.clip_grad_norm)
 
-    def restore_model(self, loaded) -> None:
+    def restore_model(self, loaded: Loaded | None) -> None:
         """With ``--resume``, before :meth:`connect`: rank 0's loaded checkpoint (async
         algorithms start the store from its model); nothing by default."""
 
@@ -183,7 +194,7 @@ class Algorithm:
         ``j`` takes old worker ``j mod len(parts)``'s."""
         return [parts[j % len(parts)] for j in range(workers)]
 
-    def epoch_started(self, local) -> None:
+    def epoch_started(self, local: Dataset) -> None:
         """This worker's data for the epoch that starts now (EC relabels from it)."""
 
     def claim(self, position: int) -> int:
@@ -232,14 +243,14 @@ class Algorithm:
         return position
 
     def evaluate(self, model: torch.nn.Module, snapshots: list[Snapshot], test_set: Dataset,
-                 comm) -> list[dict]:
+                 comm: Comm | None) -> list[dict]:
         """One curve point per snapshot (``test_acc`` and ``test_loss`` of the run's model)."""
         return evaluate_snapshots(model, snapshots, test_set, comm)
 
-    def write_outputs(self, log: RunLog, snapshots: list[Snapshot], comm) -> None:
+    def write_outputs(self, log: RunLog, snapshots: list[Snapshot], comm: Comm | None) -> None:
         """Files beyond the shared ones (EC's ``ensemble.pt``); collective over the workers."""
 
-    def summary(self, points: list[dict], comm) -> dict:
+    def summary(self, points: list[dict], comm: Comm | None) -> dict:
         """The algorithm's own summary fields (collective over the workers)."""
         return {}
 
