@@ -23,6 +23,7 @@ import mpi4py
 
 from hpctrain import launch_env, nbc_tuning
 from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
+from hpctrain.switches import switch
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
 
@@ -303,7 +304,7 @@ def _abort_hook(exc_type, exc, tb) -> None:
     MPI = sys.modules.get("mpi4py.MPI")
     initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     r, n = _seat_for_error(MPI if initialised else None)
-    if os.environ.get("HPCTRAIN_DEBUG", "").strip().lower() not in ("", "0", "false", "no", "off"):
+    if _debugging():
         traceback.print_exception(exc_type, exc, tb, file=err)
     status = 2 if isinstance(exc, UsageError) else 1
     if r != 0 and (not initialised or raised_on_every_rank(exc)):
@@ -329,6 +330,15 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # reach their wait above, which exits with this status (else srun says 143).
         time.sleep(1)
     os._exit(status)
+
+
+def _debugging() -> bool:
+    """``HPCTRAIN_DEBUG`` on: the hook prints the traceback too (any word but an off one, as
+    the hook that reports errors must not raise one of its own)."""
+    try:
+        return bool(switch("HPCTRAIN_DEBUG", default=False))
+    except UsageError:
+        return True
 
 
 def _where(rank: int, size: int, mpi_running: bool) -> str:

@@ -22,12 +22,12 @@ import torch
 
 from hpctrain import launch_env
 from hpctrain.errors import UsageError
+from hpctrain.switches import switch
 
 DEVICES = ("auto", "cpu", "cuda")
 _AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # on/off: override the run-time detection
 # HPCTRAIN_CHECK_COLLECTIVES's spellings (hpctrain.sync.collective_check, not importable here:
 # hpctrain.sync imports this module); empty or unset is no override.
-_ON, _OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def local_rank() -> int:
@@ -205,13 +205,7 @@ def cuda_aware_override() -> bool | None:
     """What ``HPCTRAIN_CUDA_AWARE_MPI`` forces: 1 or 0 (true/false, yes/no, on/off), None when
     unset or empty. UsageError for anything else: a misspelt override left the library's
     answer in force without a word."""
-    raw = os.environ.get(_AWARE_ENV, "")
-    word = raw.strip().lower()
-    if not word:
-        return None
-    if word in _ON or word in _OFF:
-        return word in _ON
-    raise UsageError(f"{_AWARE_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+    return switch(_AWARE_ENV)
 
 
 @lru_cache(maxsize=1)

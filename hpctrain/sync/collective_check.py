@@ -18,7 +18,6 @@ and ``join`` is unavailable); the tests run with it on, the default.
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,25 +25,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpctrain.errors import UsageError
+from hpctrain.switches import switch
 from hpctrain.sync import stall, timeline
 from hpctrain.sync.errors import CollectiveMismatchError, HorovodInternalError
 from hpctrain.sync.transport import MAX
 
 CHECK_ENV = "HPCTRAIN_CHECK_COLLECTIVES"
-_ON, _OFF = ("", "1", "true", "yes", "on"), ("0", "false", "no", "off")
 _ABSENT = -(2**62)
 ACTIVE, JOINED, KEY, NEG_KEY, NEW_JOIN, NEG_ROOT = range(6)
 
 
 def enabled() -> bool:
     """Whether rounds run: unless ``HPCTRAIN_CHECK_COLLECTIVES=0`` (or false, no, off)."""
-    raw = os.environ.get(CHECK_ENV, "1").strip().lower()
-    if raw in _OFF:
-        return False
-    if raw in _ON:
-        return True
-    raise UsageError(f"{CHECK_ENV} must be 1 or 0 (true/false, yes/no, on/off), got {raw!r}")
+    return switch(CHECK_ENV, default=True)
 
 
 @dataclass(frozen=True)
