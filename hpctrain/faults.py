@@ -17,7 +17,6 @@ compare`` gives one plan to runs of different sizes, a fault meant for one of th
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import sys
@@ -29,6 +28,7 @@ import torch
 from hpctrain import comm, data
 from hpctrain.checkpoint.policy import Every
 from hpctrain.errors import UsageError
+from hpctrain.shuffle import steps_per_epoch
 
 KINDS = ("raise", "kill", "hang", "nan", "inf", "killckpt")
 
@@ -100,8 +100,8 @@ def _updates(config, workers: int) -> int:
     """The run's global updates, as the loop counts them: each worker's epoch is its share of
     the samples in batches; lock-step workers update together, asynchronous ones each."""
     data.check(config.data.dataset, config.data.data_dir)  # its one line before a size's
-    local = data.size(config.data.dataset, "train", config.data.data_dir) // workers
-    steps = config.optim.epochs * math.ceil(local / config.optim.batch_size)
+    samples = data.size(config.data.dataset, "train", config.data.data_dir)
+    steps = config.optim.epochs * steps_per_epoch(samples, workers, config.optim.batch_size)
     return steps if config.algorithm_class.lock_step else steps * workers
 
 

@@ -31,11 +31,12 @@ The resumed run's summary lists each resize (``resized``).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
+
+from hpctrain.shuffle import steps_per_epoch
 
 # Per-worker entries the training loop itself registers (the rest are the algorithm's).
 LOOP_ENTRIES = ("guard", "straggler", "rng", "counters", "collapse")
@@ -113,7 +114,7 @@ class Resizer:
         workers' ``parts`` (each: the algorithm's entries, ``guard``, ``straggler``, ``rng``,
         ``counters``, ``collapse``), and the record of the resize."""
         old = len(parts)
-        old_steps = math.ceil(self.num_samples // old / self.batch_size)
+        old_steps = steps_per_epoch(self.num_samples, old, self.batch_size)
         old_per_epoch = self.per_epoch(old_steps, old)
         new_per_epoch = self.per_epoch(self.steps, self.workers)
         position = rescale(header["updates"], old_per_epoch, new_per_epoch)

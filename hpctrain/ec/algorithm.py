@@ -31,7 +31,7 @@ from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 from hpctrain.options import HUGE, Range, option
-from hpctrain.shuffle import ReplicatedTrainData
+from hpctrain.shuffle import ReplicatedTrainData, steps_per_epoch
 
 DEFAULT_TAU = 20
 DEFAULT_DISTILL_SIZE = 512
@@ -181,7 +181,7 @@ class EnsembleCompression(ModelAveraging):
     def check(cls, config, ranks: int, samples: int) -> None:
         o = config.algorithm
         local = samples // ranks  # as the loop counts them (TrainData.samples_per_rank)
-        steps = math.ceil(local / config.optim.batch_size)
+        steps = steps_per_epoch(samples, ranks, config.optim.batch_size)
         if o.ec_distill_size is not None and o.ec_distill_size > local:
             raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
                              f"training samples each of the {ranks} ranks holds")

@@ -13,7 +13,12 @@ from hpctrain.shuffle.samplers import (
     LocalShuffleSampler,
     PartialShuffleSampler,
 )
-from hpctrain.shuffle.train_data import ReplicatedTrainData, TrainData, make_train_data
+from hpctrain.shuffle.train_data import (
+    ReplicatedTrainData,
+    TrainData,
+    make_train_data,
+    steps_per_epoch,
+)
 
 __all__ = [
     "GlobalShuffleSampler",
@@ -24,4 +29,5 @@ __all__ = [
     "TrainDataSpec",
     "make_train_data",
     "parse_strategy",
+    "steps_per_epoch",
 ]

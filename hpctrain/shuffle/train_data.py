@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from hpctrain import data
@@ -12,6 +13,13 @@ from hpctrain.shuffle.samplers import (
     LocalShuffleSampler,
     PartialShuffleSampler,
 )
+
+
+def steps_per_epoch(num_samples: int, ranks: int, batch_size: int) -> int:
+    """A rank's batches in one epoch of ``num_samples`` over ``ranks``: its ``samples_per_rank``
+    (``num_samples // ranks``, the tail dropped) in batches of ``batch_size``, the last one
+    short. The one count that checks before MPI, fault plans and resizes share with the loop."""
+    return math.ceil(num_samples // ranks / batch_size)
 
 
 class TrainData:
