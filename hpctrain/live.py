@@ -249,10 +249,13 @@ class Watch:
         self.scores[index] = point
         self._postfix["acc"] = f"{point['test_acc']:.4f}"
         self.bar.set_postfix(self._postfix, refresh=False)
-        # A restored snapshot before the checkpoint's update: the earlier run logged it online.
-        if index >= self.restored or point["updates"] >= self.resumed:
-            # test/accuracy is the curve's model; ma and ec score rank 0's member online.
-            self._test_scalars(point, member=not self.curve_online)
+        # A restored snapshot before the checkpoint's update: the earlier run logged it online
+        # and its collapse detector, restored with the checkpoint, saw it (scored again, the
+        # first snapshot's chance accuracy after the best one read as a collapse at update 0).
+        if index < self.restored and point["updates"] < self.resumed:
+            return
+        # test/accuracy is the curve's model; ma and ec score rank 0's member online.
+        self._test_scalars(point, member=not self.curve_online)
         self._collapse(point["updates"], self.detector.accuracy(point["updates"],
                                                                 point["test_acc"]))
 

@@ -139,3 +139,21 @@ def test_a_resumed_run_keeps_a_collapse_found_before_its_checkpoint(tmp_path):
                for k in ("collapsed_at", "collapse_reason")} for d in ("whole", "cut")]
     assert fields[0] == fields[1] == {"collapsed_at": 13, "collapse_reason":
                                       "training loss nan for 3 steps in a row"}
+
+
+@pytest.mark.timeout(200)
+def test_a_resumed_run_finds_no_collapse_in_the_snapshots_before_its_checkpoint(tmp_path):
+    """Scored online, the restored snapshots were fed to the restored detector again: the
+    first one's chance accuracy, after the best, was a collapse at update 0, and with
+    --stop-on-collapse the resumed run ended there as finished (exit 4)."""
+    out = str(tmp_path / "cut")
+    train = ["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "3", "--batch-size", "16",
+             "--checkpoint-every", "1e", "--eval", "online", "--stop-on-collapse",
+             "--out", out]
+    assert run_job(train, np=0, env={"HPCTRAIN_INJECT": "kill@0:300"}).returncode != 0
+    resumed = run_job([*train, "--resume", "auto"], np=0)
+    assert resumed.returncode == 0 and "collapsed" not in resumed.stderr, resumed.stderr
+    summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    assert summary["collapsed_at"] is None and summary["final_test_acc"] > 0.9
+    points = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
+    assert points[0]["test_acc"] < 0.2 and points[-1]["epoch"] == 3  # chance, then learned
