@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -57,13 +58,17 @@ def problem(device_type: str, in_threads: bool = False) -> str | None:
             return (f"on a GPU needs Triton (pip install triton, the version torch "
                     f"{torch.__version__} was built with)")
         # Triton builds its CUDA driver's Python module with a C compiler on first use.
-        where, compiler = "on a GPU", "C compiler (gcc or clang on PATH, or CC; Triton builds "
-        compiler += "its CUDA driver with it)"
-        compilers = [os.environ.get("CC"), "gcc", "clang"]
-    else:
-        where, compiler = "on the CPU", "C++ compiler (g++ or clang++ on PATH, or CXX)"
-        compilers = [os.environ.get("CXX"), "g++", "c++", "clang++"]
-    if not any(c and shutil.which(c) for c in compilers):
+        where, compiler = "on a GPU", "C compiler (CC, else gcc or clang on PATH; Triton "
+        compiler += "builds its CUDA driver with it)"
+        variable, defaults = "CC", ("gcc", "clang")
+    else:  # TorchInductor's cpp.cxx: CXX, else one name (no other is tried)
+        default = "clang++" if sys.platform == "darwin" else "g++"
+        where, compiler = "on the CPU", f"C++ compiler (CXX, else {default} on PATH)"
+        variable, defaults = "CXX", (default,)
+    given = os.environ.get(variable)
+    if given and not shutil.which(given):  # the one tried, failing at the first step
+        return f"{where} needs a {compiler}; {variable}={given!r} was not found"
+    if not given and not any(shutil.which(c) for c in defaults):
         return f"{where} needs a {compiler}; none was found"
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     if not headers.exists():
@@ -76,6 +81,21 @@ def apply(on: bool, model: torch.nn.Module) -> None:
     """Compile ``model``'s forward in place when ``on`` (the first call compiles)."""
     if on:
         model.compile()
+
+
+def first_call(model: torch.nn.Module, *shape: object) -> bool:
+    """Whether ``model`` is compiled and has not run on inputs of ``shape`` (a key such as
+    ("train", 64)) in this process: the call compiles, which a stall check must allow for."""
+    if getattr(model, "_compiled_call_impl", None) is None:
+        return False
+    key = (id(model), *shape)
+    if key in _called:
+        return False
+    _called.add(key)
+    return True
+
+
+_called: set[tuple] = set()  # first_call's (model, shape) keys
 
 
 def announce() -> None:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import watchdog
+from hpctrain import compiled, watchdog
 from hpctrain.data import Dataset
 
 
@@ -76,7 +76,7 @@ def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Da
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
     mine = {}
     for i in range(rank, len(snapshots), size):
-        watchdog.beat("evaluating snapshot", i)
+        watchdog.beat("evaluating snapshot", i, compiling=compiled.first_call(model, "eval"))
         model.load_state_dict(snapshots[i].state)
         mine[i] = curve_point(model, test_set, snapshots[i].info)
     if comm is not None and size > 1:

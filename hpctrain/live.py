@@ -30,7 +30,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from hpctrain import collapse, tensorboard, watchdog
+from hpctrain import collapse, compiled, tensorboard, watchdog
 from hpctrain.algorithm import Algorithm
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import curve_point
@@ -228,6 +228,8 @@ class Watch:
         index = len(snapshots) - 1
         if self.eval_rank is None:
             self.in_clock = self.in_clock or self._training  # else before or after the clock
+            if compiled.first_call(model, "eval"):  # --compile: the first evaluation compiles
+                watchdog.beat("evaluating snapshot", index, compiling=True)
             self._scored(index, curve_point(model, self.test_set, snapshots[index].info))
             return
         self._unscored[index] = self.world.isend(

@@ -722,6 +722,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         set_lr(algo.optimizer, lr)
         x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
+        if compiled.first_call(model, "train", len(y)):  # --compile: a new size compiles
+            watchdog.beat("compiling for a batch of", len(y), compiling=True)
         algo.optimizer.zero_grad()
         computing = runtime.now()
         step_times.begin(computing)

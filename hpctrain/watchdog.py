@@ -78,15 +78,20 @@ def start(timeout: float, rank: int) -> None:
         _active = _Watchdog(timeout, rank)
 
 
-def beat(doing: str, count: int | None = None, *, starting: bool = False) -> None:
+def beat(doing: str, count: int | None = None, *, starting: bool = False,
+         compiling: bool = False) -> None:
     """Record progress: ``doing`` (and ``count``, e.g. "step", 12) name it in the message.
 
     ``starting``: progress made before the first step (a resumed run's restored snapshots
     scored, the ranks waiting for that): the clock restarts, but the start-up's allowance
-    holds until the first step, whose compilation may take minutes."""
+    holds until the first step, whose compilation may take minutes. ``compiling``: what
+    follows compiles (``--compile`` meeting a new batch size, or its first evaluation): held
+    to at least ``BUSY_S`` until the next beat, as the first step is."""
     if _active is not None:
         _active.last, _active.doing, _active.count = time.monotonic(), doing, count
-        if not starting:
+        if compiling:
+            _active.limit = max(_active.limit, BUSY_S)
+        elif not starting:
             _active.limit = _active.timeout
 
 

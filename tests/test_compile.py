@@ -32,6 +32,25 @@ def test_check_refuses_a_cpu_without_a_cxx_compiler(tmp_path, monkeypatch):
     assert "C++ compiler" in compiled.problem("cpu")  # what hpctrain info says
 
 
+@pytest.mark.parametrize("names, cxx", [(["c++"], None), (["clang++"], None),
+                                        (["g++"], "/nonexistent/g++")])
+def test_check_refuses_a_cxx_compiler_torchinductor_does_not_run(tmp_path, monkeypatch, names,
+                                                                 cxx):
+    """Inductor runs CXX, else g++, and no other name: c++ or clang++ alone on PATH, or a CXX
+    that is not there beside a g++, were taken and failed at the first step, after MPI."""
+    for name in names:
+        (tmp_path / name).symlink_to("/usr/bin/true")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    if cxx is None:
+        monkeypatch.delenv("CXX", raising=False)
+    else:
+        monkeypatch.setenv("CXX", cxx)
+    why = compiled.problem("cpu")
+    assert why is not None and why.startswith("on the CPU needs a C++ compiler (CXX, else g++ "
+                                              "on PATH)"), why
+    assert why.endswith(f"CXX={cxx!r} was not found" if cxx else "none was found"), why
+
+
 def test_check_refuses_a_gpu_without_a_c_compiler_for_triton(tmp_path, monkeypatch):
     """Triton builds its CUDA driver module with CC, gcc or clang the first time it runs:
     after MPI started, unless the check finds none before. (No GPU here: Triton is taken as

@@ -11,7 +11,7 @@ import torch
 from conftest import run_job, run_program
 from test_collapse import watch_of
 
-from hpctrain import data, live, models, watchdog
+from hpctrain import compiled, data, live, models, watchdog
 from hpctrain.evaluate import Snapshots
 
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--no-progress",
@@ -201,3 +201,62 @@ def test_rank_0_keeps_no_copy_of_a_snapshot_once_it_is_scored(tmp_path):
         watch.curve(model, snapshots, None)  # the evaluating rank's last message
         world.Free()
     assert held < size / 2, (held, size)
+
+
+@pytest.mark.timeout(60)
+def test_a_compile_is_held_to_the_busy_allowance():
+    proc = run_python("import time\nfrom hpctrain import watchdog\n"
+                      "watchdog.start(0.5, rank=0)\nwatchdog.beat('update', 3)\n"
+                      "watchdog.beat('compiling for a batch of', 8, compiling=True)\n"
+                      "time.sleep(2)\nprint('compiled')\n"
+                      "watchdog.beat('update', 4)\ntime.sleep(30)")
+    assert proc.stdout == "compiled\n" and proc.returncode == watchdog.EXIT_STATUS
+    assert "rank 0 made no progress for 0.5 s (last: update 4)" in proc.stderr
+
+
+# A model whose forward takes 3 s the first time it meets the short last batch (2048 samples
+# in batches of 24: 8 left) and the first time each copy is evaluated, as --compile's do
+# (outside the compiled graph, so the time is the same whatever Dynamo caches).
+SLOW_FIRST_TIMES = """
+import time
+import torch
+from torch import nn
+
+_seen = set()
+
+
+@torch.compiler.disable
+def _first_time_slow(key):
+    if key not in _seen:
+        _seen.add(key)
+        time.sleep(3)
+
+
+class SlowFirstTimes(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, num_classes))
+
+    def forward(self, x):
+        if x.shape[0] == 8 and self.training:
+            _first_time_slow((id(self), "short batch"))
+        if not self.training:  # each model object: Dynamo compiles each one
+            _first_time_slow((id(self), "evaluation"))
+        return self.net(x)
+"""
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.skipif(compiled.problem("cpu") is not None, reason="--compile cannot run here")
+@pytest.mark.parametrize("evaluation", ["online", "after"])
+def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, evaluation):
+    """--compile recompiles for the short last batch and for the first evaluation: with
+    --stall-timeout 1 those ended healthy runs (exit 3, the training lost)."""
+    (tmp_path / "slow.py").write_text(SLOW_FIRST_TIMES)
+    proc = run_job(["train", "--algo", "sgd", "--dataset", "synthetic", "--model",
+                    f"{tmp_path / 'slow.py'}:SlowFirstTimes", "--epochs", "1", "--batch-size",
+                    "24", "--compile", "--stall-timeout", "1", "--eval", evaluation,
+                    "--no-progress", "--out",
+                    str(tmp_path / "run")], np=0, timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "summary.json").exists()

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import watchdog
+from hpctrain import compiled, watchdog
 from hpctrain.data import Dataset
 from hpctrain.ec.averaging import average_model
 from hpctrain.ec.ensemble import predict_logits
@@ -46,7 +46,7 @@ def evaluate_members(model: nn.Module, snapshots: list[Snapshot], test_set: Data
     infos = comm.bcast([s.info for s in snapshots], root=0)
     points, averaged_scores = [], {}
     for i, snap in enumerate(snapshots):
-        watchdog.beat("evaluating snapshot", i)
+        watchdog.beat("evaluating snapshot", i, compiling=compiled.first_call(model, "eval"))
         model.load_state_dict(snap.state)
         logits = predict_logits(model, test_set.images)
         members = comm.allgather(score_logits(logits, test_set.labels))
