@@ -15,8 +15,10 @@ serving its windows, and every rank waiting for rank 0: before the first step (w
 a resumed run's snapshots) and at the end (while it scores ma's and ec's curve and writes the
 outputs). Ranks that wait for a stalled one stop beating too, so several ranks may
 report; in asynchronous runs the others keep stepping and only the stalled rank's watchdog
-fires (or theirs, later, at the final barrier). Horovod's stall check only warns by default;
-PyTorch's NCCL watchdog aborts after its collective timeout, as this does.
+fires (or theirs, later, at the final barrier), except ssp's, which wait for the slowest
+worker: they beat while it steps, so one frozen whole (its watchdog thread too) ends the job.
+Horovod's stall check only warns by default; PyTorch's NCCL watchdog aborts after its
+collective timeout, as this does.
 """
 
 from __future__ import annotations

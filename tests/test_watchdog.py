@@ -260,3 +260,39 @@ def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, evaluation):
                     str(tmp_path / "run")], np=0, timeout=150)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+# Rank 1 stops itself (SIGSTOP) at its 6th training forward: its own watchdog thread stops
+# with it, so only the ranks waiting for it can end the job.
+FREEZES = """
+import os
+import signal
+from torch import nn
+
+
+class Freezes(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, num_classes))
+        self.calls = 0
+
+    def forward(self, x):
+        if self.training and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+            self.calls += 1
+            if self.calls == 6:
+                os.kill(os.getpid(), signal.SIGSTOP)
+        return self.net(x)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_frozen_worker_ends_an_ssp_job(tmp_path):
+    """ssp's waiting worker beat at every poll while it waited for a frozen one: nothing
+    ended the job. Now it beats only when the slowest worker steps."""
+    (tmp_path / "freezes.py").write_text(FREEZES)
+    proc = run_job(["train", "--algo", "ssp", "--max-staleness", "1", *SMALL, "--model",
+                    f"{tmp_path / 'freezes.py'}:Freezes", "--stall-timeout", "5", "--out",
+                    str(tmp_path / "run")], np=2, timeout=120)
+    assert "hpctrain: rank 0 made no progress for 5 s (last: ssp wait" in proc.stderr, \
+        proc.stderr
+    assert proc.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()

@@ -145,15 +145,18 @@ class StalenessBound:
         self._check("wait")
         if self._parked:
             raise RuntimeError("StalenessBound.wait() on a parked worker: unpark() first")
-        start = None
+        start = seen = None
         while True:
-            gap = self._clock - self._slowest()
+            slowest = self._slowest()
+            gap = self._clock - slowest
             if gap <= self.max_staleness:
                 break
             if start is None:
                 start = time.perf_counter()
                 self.waits += 1
-            watchdog.beat("ssp wait", self._clock)
+            if slowest != seen:  # the job makes progress while the slowest worker steps; a
+                seen = slowest   # frozen one ends it after --stall-timeout (beating every
+                watchdog.beat("ssp wait", self._clock)  # poll, nothing ever did)
             time.sleep(self.poll_interval)
         waited = 0.0 if start is None else time.perf_counter() - start
         self.wait_s += waited
