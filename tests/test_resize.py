@@ -71,6 +71,30 @@ def test_resizer_progress_and_counts(old, new, per_epoch, position, epoch, i):
     assert [p["rng"] for p in parts] == [{"torch": 0}, {"torch": 1}]
 
 
+@pytest.mark.parametrize("algo", ["ma", "ec", "ssgd"])
+def test_fp16_scale_goes_on_and_its_overflows_are_folded(algo):
+    """MA's rule dropped the loss scaler (a resumed run started again at 65536 and counted no
+    overflow); EC's and the default copied it, a new worker counting overflows it never had."""
+    resizer = resize.Resizer(num_samples=2048, batch_size=16, workers=3, steps=2048 // 3 // 16,
+                             per_epoch=lambda s, w: s,
+                             resize_state=algorithm(algo).resize_state)
+    own = {"ma": lambda r: {"model": {"w": torch.full((2,), float(r))},
+                            "optimizer": {"m": torch.zeros(2)}, "agg": {"steps": 64}},
+           "ec": lambda r: {"model": {}, "optimizer": {}, "agg": {"steps": 64,
+                                                                  "round_start": 60}},
+           "ssgd": lambda r: {"optimizer": {}}}[algo]
+    scalers = [{"scale": 2048.0 * (r + 1), "_growth_tracker": 7 + r, "overflows": 5 + r,
+                "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+               for r in range(2)]
+    parts, _ = resizer({"updates": 64, "workers": 2},
+                       [part(r, **own(r), scaler=scalers[r]) for r in range(2)])
+    assert [p["scaler"]["scale"] for p in parts] == [2048.0, 4096.0, 2048.0]  # j mod K's
+    assert [p["scaler"]["_growth_tracker"] for p in parts] == [7, 8, 7]
+    assert [p["scaler"]["overflows"] for p in parts] == [5, 6, 0]  # 11 in all, as before
+    unscaled, _ = resizer({"updates": 64, "workers": 2}, [part(r, **own(r)) for r in range(2)])
+    assert all("scaler" not in p for p in unscaled)  # a run without fp16 gets none
+
+
 def model_and_optimizer(seed: int):
     torch.manual_seed(seed)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))

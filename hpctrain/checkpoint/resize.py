@@ -17,9 +17,10 @@ over unchanged; the rules for per-worker state are:
 - **Batch size and learning rate** stay as given: each worker keeps ``--batch-size``, so a
   synchronous run's global batch becomes ``K' / K`` times as large, as with Horovod Elastic.
 - **Counts** that the summary adds up over workers (samples, NaN gradients seen, straggler
-  sleep) are folded: old worker ``r``'s go to new worker ``r mod K'``, so totals are kept.
-  The NaN guard's skip counts, random-number states and the straggler's jitter generator of
-  new worker ``j`` are old worker ``j mod K``'s; elapsed time is rank 0's.
+  sleep, fp16 overflows) are folded: old worker ``r``'s go to new worker ``r mod K'``, so
+  totals are kept. The NaN guard's skip counts, random-number states, the straggler's jitter
+  generator and fp16's loss scale of new worker ``j`` are old worker ``j mod K``'s; elapsed
+  time is rank 0's.
 - **The algorithm's own state** (:meth:`hpctrain.algorithm.Algorithm.resize_state`): by
   default new worker ``j`` takes old worker ``j mod K``'s; MA averages the members' models
   and momentum; EC keeps members ``0..K'-1`` (a grown run copies members); the async
@@ -39,7 +40,7 @@ import torch
 from hpctrain.shuffle import steps_per_epoch
 
 # Per-worker entries the training loop itself registers (the rest are the algorithm's).
-LOOP_ENTRIES = ("guard", "straggler", "rng", "counters", "collapse")
+LOOP_ENTRIES = ("guard", "straggler", "rng", "counters", "collapse", "scaler")
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ class Resizer:
     def __call__(self, header: dict, parts: list[dict]) -> tuple[list[dict], Resize]:
         """The ``workers`` per-worker states for the checkpoint with ``header`` and the old
         workers' ``parts`` (each: the algorithm's entries, ``guard``, ``straggler``, ``rng``,
-        ``counters``, ``collapse``), and the record of the resize."""
+        ``counters``, ``collapse``, with fp16 ``scaler``), and the record of the resize."""
         old = len(parts)
         old_steps = steps_per_epoch(self.num_samples, old, self.batch_size)
         old_per_epoch = self.per_epoch(old_steps, old)
@@ -135,6 +136,9 @@ class Resizer:
             straggler = {**src["straggler"],
                          "slept": sum(p["straggler"]["slept"] for p in mine)}
             kept = {"collapse": src["collapse"]} if "collapse" in src else {}  # rank 0's
+            if "scaler" in src:  # fp16: the scale goes on, the overflow counts are folded
+                kept["scaler"] = {**src["scaler"], "overflows": sum(
+                    p.get("scaler", {}).get("overflows", 0) for p in mine)}
             out.append({**own[j], "guard": guard, "straggler": straggler, "rng": src["rng"],
                         "counters": counters, **kept})
         return out, Resize(old, self.workers, header["updates"], position)
