@@ -55,7 +55,9 @@ class RunSummary:
     bad_gradients_per_worker: list[int] = _doc("NaN/Inf gradients each worker saw")
     max_bad_steps: int = _doc("--max-bad-steps")
     checkpoints: int = _doc("checkpoints written over the whole run")
-    checkpoint_s: float = _doc("seconds spent writing checkpoints")
+    checkpoint_s: float = _doc("seconds spent writing checkpoints (a resumed run: all but "
+                               "the write of the checkpoint it resumed from, which that "
+                               "checkpoint cannot hold)")
     resumed_from_updates: list[int] = _doc("updates at which the run was resumed, in order")
     bytes_moved: int = _doc("bytes: training samples this rank (rank 0) sent to others in "
                             "reshuffles")
