@@ -1,6 +1,7 @@
 """Ensemble-Compression and model averaging without an MPI world: the loss, the options, and
 whole ``--algo ma|ec`` jobs started through mpirun (their outputs and one-line errors)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import refusal, run_commands, run_job
 from torch.nn import functional as F
 
 from hpctrain import data, models
-from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
+from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec import distillation_loss, plot
 from hpctrain.ec.algorithm import AveragingOptions
 from hpctrain.ec.compression import check_options
@@ -157,6 +158,24 @@ def test_bad_values_are_refused_naming_the_value(args, np, message, tmp_path):
     """Refused before MPI starts, on as many ranks as the job would have (0: one process)."""
     assert message in refusal([*SMALL, *args, "--out", str(tmp_path / "run")], max(np, 1))
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("ranks, said", [
+    (4, "resume it on at most 3 ranks"),  # 3: 4 x 11 = 44 updates per rank, 4: 32
+    (64, "resume it on at most 3 ranks")])
+def test_a_resume_on_ranks_where_tau_never_aggregates_names_what_helps(tmp_path, ranks, said):
+    """A run resized onto more ranks has fewer updates per rank: the refusal said "give --tau
+    below 32 or more --epochs", which --resume then refused (the run's own values)."""
+    config = RunConfig(algo="ec", data=DataConfig(dataset="synthetic"),
+                       optim=OptimConfig(epochs=4, batch_size=64),
+                       checkpoint=CheckpointConfig(resume=str(tmp_path)))
+    config = dataclasses.replace(config, algorithm=dataclasses.replace(config.algorithm, tau=40))
+    config.algorithm_class.check(config, 2, 2048)  # the run as started
+    with pytest.raises(UsageError) as refused:
+        config.algorithm_class.check(config, ranks, 2048)
+    assert str(refused.value).startswith(f"--resume on {ranks} ranks: the run's --tau never "
+                                         "aggregates in its ")
+    assert str(refused.value).endswith(f"tau 40 updates): {said}")
 
 
 @pytest.mark.parametrize("args, np, message", [

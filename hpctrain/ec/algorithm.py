@@ -185,7 +185,7 @@ class EnsembleCompression(ModelAveraging):
         if o.ec_distill_size is not None and o.ec_distill_size > local:
             raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
                              f"training samples each of the {ranks} ranks holds")
-        _check_rounds(config, local, ranks, steps)
+        _check_rounds(config, samples, ranks, steps)
 
     def label(self) -> str:
         o = self.options
@@ -245,18 +245,27 @@ class EnsembleCompression(ModelAveraging):
                 "distilled_samples_per_rank": self.aggregator.distilled}
 
 
-def _check_rounds(config, local: int, ranks: int, steps: int) -> None:
+def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
     """EC with no round before the last step is independent training: refuse it.
 
     Rounds fall after every ``tau`` local steps except the last (no round follows to distil
-    it), so EC needs ``tau`` below the run's updates per rank. ``local`` is the samples per
-    rank, as every placement gives them (``TrainData.samples_per_rank``).
+    it), so EC needs ``tau`` below the run's updates per rank. ``steps``: the batches per
+    epoch of a rank's ``samples // ranks`` samples.
     """
     o, epochs, batch = config.algorithm, config.optim.epochs, config.optim.batch_size
     total = epochs * steps
     tau = o.local_steps(steps)
     if tau < total:
         return
+    local = samples // ranks
+    if config.checkpoint.resume:  # its --tau and --epochs are the run's: fewer ranks help
+        fewer = [k for k in range(ranks - 1, 0, -1) if o.local_steps(
+            steps_per_epoch(samples, k, batch)) < epochs * steps_per_epoch(samples, k, batch)]
+        fix = f"resume it on at most {fewer[0]} ranks" if fewer else "start a new run"
+        raise UsageError(
+            f"--resume on {ranks} ranks: the run's --tau never aggregates in its {total} "
+            f"updates per rank ({epochs} epochs of {steps} batches of {batch} from {local} "
+            f"samples per rank, tau {tau} updates): {fix}")
     if o.tau_epochs is not None:
         given, fix = (f"--tau-epochs {o.tau_epochs} ({tau} local steps)",
                       f"--tau-epochs of at most {_floor4((total - 1) / steps):g}")
