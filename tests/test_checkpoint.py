@@ -352,6 +352,18 @@ def test_check_resume_of_another_algorithm_or_ranks(tmp_path, algo, ranks):
                             f"2 ranks, not --algo {algo} on {ranks}")
 
 
+def test_a_resized_resume_may_name_other_stragglers(tmp_path):
+    """--slowdown names workers: a 3-rank run's 2:1.5 was refused on 2 ranks ("not a
+    worker"), and so was 1:1.5 or none ("started with --slowdown 2:1.5"): no resume at all."""
+    a_run(tmp_path, ranks=3, slowdown="2:1.5")
+    config = {"lr": 0.1, "batch_size": 64}
+    for slowdown in ("1:1.5", None):
+        check(resume=str(tmp_path), ranks=2, resize=True,
+              run_config={**config, "slowdown": slowdown})
+    with pytest.raises(UsageError, match=r"started with --slowdown 2:1.5, not 1:1.5$"):
+        check(resume=str(tmp_path), ranks=3, run_config={**config, "slowdown": "1:1.5"})
+
+
 def test_check_resume_with_a_changed_option(tmp_path):
     a_run(tmp_path, threads=4)
     config = {"lr": 0.1, "batch_size": 128, "threads": 8, "new_option": 1}

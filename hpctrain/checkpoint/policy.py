@@ -42,6 +42,9 @@ MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "
                         "mixed_precision", "compile", "profile", "sync_backend",
                         "cudnn_benchmark", "stall_timeout", "shuffle_chunk_mb"})
 
+# And on another number of ranks: --slowdown names workers, which the resized run may lack.
+RESIZE_MAY_CHANGE = frozenset({"slowdown"})
+
 
 AUTO = "auto"  # --resume auto: continue from the run's own checkpoints if it has any
 
@@ -150,6 +153,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
                              f"{header.get('algo')} on {header.get('ranks')} ranks, not "
                              f"--algo {algo} on {ranks}")
         old = header.get("args", {})
+        if header.get("ranks") != ranks:
+            may_change |= RESIZE_MAY_CHANGE
         change = changed_option(old, run_config, may_change)
         if change:
             longer = " (--epochs shapes the learning-rate schedule, so a run cannot be " \
