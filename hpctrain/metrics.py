@@ -252,7 +252,9 @@ def summary_table(summary: dict) -> str:
         *([("device", summary["device"] + (f" ({summary['gpu']})" if summary.get("gpu")
                                            else ""))] if summary.get("device") else []),
         ("model / data", f"{summary.get('model', '?')} on {summary.get('dataset', '?')}"),
-        ("epochs / updates", f"{summary.get('epochs', '?')} / {summary.get('updates', '?')}"),
+        ("epochs / updates", f"{summary.get('epochs', '?')} / {summary.get('updates', '?')}"
+                             + (" (stopped on collapse)" if summary.get("stopped_on_collapse")
+                                else "")),
         ("final test accuracy", f"{summary['final_test_acc']:.4f}"),
         ("best test accuracy", f"{summary['best_test_acc']:.4f}"),
         ("wall time", f"{summary['wall_s']:.1f} s"),
@@ -263,7 +265,7 @@ def summary_table(summary: dict) -> str:
         rows.append(("peak memory (largest worker)", f"{max(peaks) / 2**20:.0f} MiB"))
     if "staleness" in summary:
         s = summary["staleness"]
-        stale = f"{s['mean']:.2f} / {s['p99']:.0f} / {s['max']:.0f}"
+        stale = f"{s['mean']:.2f} / {s['p99']:.2f} / {s['max']:.0f}"  # p99 interpolates
         rows.append(("staleness mean/p99/max", stale))
     if summary.get("collapsed_at") is not None:
         rows.append(("COLLAPSED at update", f"{summary['collapsed_at']}: "

@@ -10,7 +10,7 @@ import sys
 import termios
 from collections.abc import Iterator
 
-from hpctrain.metrics import progress, watching_terminal
+from hpctrain.metrics import progress, summary_table, watching_terminal
 
 
 def test_a_resumed_runs_rate_counts_only_its_own_steps(monkeypatch):
@@ -71,3 +71,15 @@ def test_under_mpirun_on_a_terminal_it_redraws_often(monkeypatch, tmp_path):
         assert watching_terminal(err, out) is err  # the bar's own terminal, sized or not
     with (tmp_path / "err").open("w") as err, (tmp_path / "out").open("w") as out:
         assert watching_terminal(err, out) is None  # sbatch: both files
+
+
+def test_the_summary_table_says_a_stop_and_staleness_as_measured():
+    """A run stopped on collapse showed the epochs asked for as if trained; the staleness p99
+    (interpolated, 4.68) was rounded to the max's 5."""
+    summary = {"algo": "ssp", "workers": 3, "epochs": 2, "updates": 3,
+               "final_test_acc": 0.1, "best_test_acc": 0.1, "wall_s": 1.0,
+               "samples_per_s": 10.0, "stopped_on_collapse": True,
+               "staleness": {"mean": 1.85, "p99": 4.68, "max": 5}}
+    rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
+    assert rows["epochs / updates"].strip() == "2 / 3 (stopped on collapse)"
+    assert rows["staleness mean/p99/max"].strip() == "1.85 / 4.68 / 5"
