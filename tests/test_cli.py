@@ -134,6 +134,7 @@ def test_a_bad_horovod_fusion_threshold_is_one_line_before_mpi(tmp_path):
 @pytest.mark.parametrize("variable, value, says", [
     ("HOROVOD_STALL_CHECK_TIME_SECONDS", "abc", "a number of seconds >= 0, got 'abc'"),
     ("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", "-5", "a number of seconds >= 0, got '-5'"),
+    ("HOROVOD_STALL_CHECK_TIME_SECONDS", "inf", "a number of seconds >= 0, got 'inf'"),
     ("HPCTRAIN_CHECK_COLLECTIVES", "maybe", "must be 1 or 0 (true/false, yes/no, on/off)"),
     ("HOROVOD_STALL_CHECK_DISABLE", "Abc", "want a number, as Horovod reads it"),  # disabled
     ("HOROVOD_TIMELINE", "/nonexistent/t.json", "cannot write a file there"),

@@ -71,7 +71,8 @@ def _disabled() -> bool:
 
 
 def _seconds(variable: str, default: float) -> float:
-    """A number of seconds >= 0 from ``variable`` (``default`` when unset or empty)."""
+    """A number of seconds >= 0 from ``variable`` (``default`` when unset or empty); not
+    ``inf``, which a wait cannot take (OverflowError in the stall check's thread)."""
     raw = os.environ.get(variable, "").strip()
     if not raw:
         return default
@@ -79,7 +80,7 @@ def _seconds(variable: str, default: float) -> float:
         value = float(raw)
     except ValueError:
         value = math.nan
-    if not value >= 0:
+    if not 0 <= value < math.inf:
         raise UsageError(f"{variable} must be a number of seconds >= 0, got {raw!r}")
     return value
 
