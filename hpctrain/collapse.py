@@ -57,6 +57,8 @@ class CollapseDetector:
         self.was_below = False
         self.above_chance = False  # the newest snapshot scored online clearly above chance
         self.best_acc = 0.0
+        self.scored_to: int | None = None  # the update of the newest snapshot it saw
+        self.scored_to_known = True  # False: restored from a checkpoint that did not say
         self.collapsed_at: int | None = None
         self.reason: str | None = None
 
@@ -104,6 +106,7 @@ class CollapseDetector:
     def accuracy(self, update: int, acc: float) -> str | None:
         """A snapshot's test accuracy at global progress ``update``; the reason if it shows
         a collapse now (once)."""
+        self.scored_to = update if self.scored_to is None else max(self.scored_to, update)
         if self.collapsed_at is not None:
             return None
         chance = 1.0 / self.classes
@@ -121,14 +124,16 @@ class CollapseDetector:
     # In a checkpoint (rank 0's is the one that counts): a resumed run goes on with what the
     # losses so far showed, its non-finite streak and a collapse found before it included.
     _STATE = ("ema", "reference", "not_finite", "flat", "was_below", "above_chance",
-              "best_acc", "collapsed_at", "reason")
+              "best_acc", "collapsed_at", "reason", "scored_to")
 
     def state_dict(self) -> dict:
         return {name: getattr(self, name) for name in self._STATE}
 
     def load_state_dict(self, state: dict) -> None:
         for name in self._STATE:
-            setattr(self, name, state[name])
+            if name in state:  # scored_to: absent from older checkpoints
+                setattr(self, name, state[name])
+        self.scored_to_known = "scored_to" in state
         self.flat = list(self.flat)
 
 

@@ -145,6 +145,7 @@ class Watch:
         # first ``restored``), those scored before there are kept, not logged again. ``clock``
         # stamps entries (the checkpoint's, with its earlier attempts).
         self.resumed, self.restored = resumed, 0
+        self._seen_to = -1  # begin() sets it
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, clock=clock, rank0=self.rank == 0)
         self.detector = detector or collapse_detector(config, test_set.num_classes,
@@ -213,6 +214,10 @@ class Watch:
         restored from a checkpoint) on a scratch copy of ``model``. Each is progress of the
         start-up: hundreds restored take longer than the watchdog's start-up allowance."""
         self.restored = len(snapshots)
+        # The restored snapshots the restored detector saw: to its newest (an older
+        # checkpoint's does not say: taken as those before the checkpoint's update).
+        seen = self.detector.scored_to if self.detector.scored_to_known else self.resumed - 1
+        self._seen_to = -1 if seen is None else seen
         if not self.online or self.rank != 0 or not snapshots:
             return
         scratch = copy.deepcopy(model)
@@ -223,13 +228,17 @@ class Watch:
 
     def snapshot(self, model, snapshots) -> None:
         """After a snapshot is taken (on the ranks that take them): score it online."""
-        if not self.online or self.rank != 0:
+        if not self.online:
             return
         index = len(snapshots) - 1
+        if self.eval_rank is None and compiled.first_call(model, "eval"):
+            # --compile: rank 0's first evaluation compiles; lock-step ranks wait for it in
+            # their next collective (every one that snapshots has this allowance too)
+            watchdog.beat("evaluating snapshot", index, compiling=True)
+        if self.rank != 0:
+            return
         if self.eval_rank is None:
             self.in_clock = self.in_clock or self._training  # else before or after the clock
-            if compiled.first_call(model, "eval"):  # --compile: the first evaluation compiles
-                watchdog.beat("evaluating snapshot", index, compiling=True)
             self._scored(index, curve_point(model, self.test_set, snapshots[index].info))
             return
         self._unscored[index] = self.world.isend(
@@ -251,15 +260,17 @@ class Watch:
         self.scores[index] = point
         self._postfix["acc"] = f"{point['test_acc']:.4f}"
         self.bar.set_postfix(self._postfix, refresh=False)
-        # A restored snapshot before the checkpoint's update: the earlier run logged it online
-        # and its collapse detector, restored with the checkpoint, saw it (scored again, the
-        # first snapshot's chance accuracy after the best one read as a collapse at update 0).
-        if index < self.restored and point["updates"] < self.resumed:
-            return
-        # test/accuracy is the curve's model; ma and ec score rank 0's member online.
-        self._test_scalars(point, member=not self.curve_online)
-        self._collapse(point["updates"], self.detector.accuracy(point["updates"],
-                                                                point["test_acc"]))
+        restored = index < self.restored
+        # A restored snapshot before the checkpoint's update: the earlier run logged it online.
+        if not restored or point["updates"] >= self.resumed:
+            # test/accuracy is the curve's model; ma and ec score rank 0's member online.
+            self._test_scalars(point, member=not self.curve_online)
+        # One the restored detector saw is not seen again (the first snapshot's chance
+        # accuracy after the best read as a collapse at update 0); one whose score was still
+        # on its way from --eval-rank at the checkpoint is.
+        if not restored or point["updates"] > self._seen_to:
+            self._collapse(point["updates"], self.detector.accuracy(point["updates"],
+                                                                    point["test_acc"]))
 
     def _test_scalars(self, point: dict, member: bool = False) -> None:
         """A curve point's ``test/accuracy`` and ``test/loss`` (``member``: rank 0's member's,

@@ -157,3 +157,56 @@ def test_a_resumed_run_finds_no_collapse_in_the_snapshots_before_its_checkpoint(
     assert summary["collapsed_at"] is None and summary["final_test_acc"] > 0.9
     points = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
     assert points[0]["test_acc"] < 0.2 and points[-1]["epoch"] == 3  # chance, then learned
+
+
+# A model whose snapshot after its 64th training step scores at chance (a buffer flags it;
+# training is untouched; a marker file keeps the resumed run from flagging again), scored
+# slowly, so that --eval-rank's score of it is still on its way when rank 0 is killed.
+ZAPPED_AT_64 = """
+import os
+import time
+import torch
+from torch import nn
+
+
+class Zap(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(256, 64), nn.ReLU(),
+                                 nn.Linear(64, num_classes))
+        self.register_buffer("zap", torch.zeros(()))
+        self.calls, self.classes = 0, num_classes
+
+    def forward(self, x):
+        if self.training:
+            self.calls += 1
+            marker = os.environ["ZAP_MARKER"]
+            flag = self.calls == 64 and not os.path.exists(marker)
+            if flag:
+                open(marker, "w").close()
+            self.zap.fill_(1.0 if flag else 0.0)
+        else:
+            time.sleep(0.3)
+            if self.zap.item() == 1.0:
+                return torch.zeros(x.shape[0], self.classes)
+        return self.net(x)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_score_on_its_way_at_the_checkpoint_is_judged_after_the_resume(tmp_path):
+    """With --eval-rank the checkpoint's detector may not have seen the last snapshots: the
+    resumed run judges those (skipping every restored one missed this collapse at 64)."""
+    (tmp_path / "zap.py").write_text(ZAPPED_AT_64)
+    out = str(tmp_path / "run")
+    train = ["train", "--algo", "sgd", "--dataset", "synthetic", "--model",
+             f"{tmp_path / 'zap.py'}:Zap", "--epochs", "2", "--batch-size", "16", "--eval",
+             "online", "--eval-every", "0.25", "--eval-rank", "1", "--checkpoint-every",
+             "0.5e", "--no-progress", "--out", out]
+    env = {"ZAP_MARKER": str(tmp_path / "zapped")}
+    killed = run_job(train, np=2, timeout=120, env={**env, "HPCTRAIN_INJECT": "kill@0:64"})
+    assert killed.returncode != 0 and (tmp_path / "zapped").exists(), killed.stderr
+    resumed = run_job([*train, "--resume", "auto"], np=2, timeout=120, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["collapsed_at"] == 64, summary["collapse_reason"]
