@@ -83,10 +83,15 @@ def apply(on: bool, model: torch.nn.Module) -> None:
         model.compile()
 
 
+def is_compiled(model: torch.nn.Module) -> bool:
+    """Whether :func:`apply` compiled ``model`` (``nn.Module.compile``)."""
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
 def first_call(model: torch.nn.Module, *shape: object) -> bool:
     """Whether ``model`` is compiled and has not run on inputs of ``shape`` (a key such as
     ("train", 64)) in this process: the call compiles, which a stall check must allow for."""
-    if getattr(model, "_compiled_call_impl", None) is None:
+    if not is_compiled(model):
         return False
     key = (id(model), *shape)
     if key in _called:

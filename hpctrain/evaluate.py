@@ -74,9 +74,14 @@ def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Da
     all ranks receive all points. ``model`` is used as scratch space and left changed.
     """
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
-    mine = {}
-    for i in range(rank, len(snapshots), size):
-        watchdog.beat("evaluating snapshot", i, compiling=compiled.first_call(model, "eval"))
+    mine, ours = {}, range(rank, len(snapshots), size)
+    # --compile: a model's first evaluation may compile on any rank (one scored online has
+    # compiled before), and the others wait in the allgather meanwhile.
+    compiling = compiled.is_compiled(model)
+    if not ours:
+        watchdog.beat("waiting for the scores", compiling=compiling)
+    for i in ours:
+        watchdog.beat("evaluating snapshot", i, compiling=compiling and i == ours[0])
         model.load_state_dict(snapshots[i].state)
         mine[i] = curve_point(model, test_set, snapshots[i].info)
     if comm is not None and size > 1:

@@ -214,8 +214,9 @@ def test_a_compile_is_held_to_the_busy_allowance():
     assert "rank 0 made no progress for 0.5 s (last: update 4)" in proc.stderr
 
 
-# A model whose forward takes 3 s the first time it meets the short last batch (2048 samples
-# in batches of 24: 8 left) and the first time each copy is evaluated, as --compile's do
+# A model whose forward takes 3 s the first time it meets the short last batch (a rank's
+# share of 2048 samples in batches of 24) and the first time each copy is evaluated, as
+# --compile's compiles do
 # (outside the compiled graph, so the time is the same whatever Dynamo caches).
 SLOW_FIRST_TIMES = """
 import time
@@ -238,7 +239,7 @@ class SlowFirstTimes(nn.Module):
         self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, num_classes))
 
     def forward(self, x):
-        if x.shape[0] == 8 and self.training:
+        if x.shape[0] != 24 and self.training:
             _first_time_slow((id(self), "short batch"))
         if not self.training:  # each model object: Dynamo compiles each one
             _first_time_slow((id(self), "evaluation"))
@@ -248,16 +249,21 @@ class SlowFirstTimes(nn.Module):
 
 @pytest.mark.timeout(200)
 @pytest.mark.skipif(compiled.problem("cpu") is not None, reason="--compile cannot run here")
-@pytest.mark.parametrize("evaluation", ["online", "after"])
-def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, evaluation):
+@pytest.mark.parametrize("algo, np, evaluation, eval_every", [
+    ("sgd", 0, "online", "0.25"), ("sgd", 0, "after", "0.25"),
+    ("ssgd", 2, "online", "0.25"),  # rank 1 waits in an allreduce while rank 0 evaluates
+    ("ssgd", 3, "after", "1"),  # two snapshots: rank 2 waits for the others' scores
+    ("ssp", 2, "online", "0.25")])  # rank 1 waits for rank 0's clock
+def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, algo, np, evaluation, eval_every):
     """--compile recompiles for the short last batch and for the first evaluation: with
-    --stall-timeout 1 those ended healthy runs (exit 3, the training lost)."""
+    --stall-timeout 1 those ended healthy runs (exit 3, the training lost), the compiling
+    rank's or one waiting for it."""
     (tmp_path / "slow.py").write_text(SLOW_FIRST_TIMES)
-    proc = run_job(["train", "--algo", "sgd", "--dataset", "synthetic", "--model",
+    proc = run_job(["train", "--algo", algo, "--dataset", "synthetic", "--model",
                     f"{tmp_path / 'slow.py'}:SlowFirstTimes", "--epochs", "1", "--batch-size",
                     "24", "--compile", "--stall-timeout", "1", "--eval", evaluation,
-                    "--no-progress", "--out",
-                    str(tmp_path / "run")], np=0, timeout=150)
+                    "--eval-every", eval_every, "--no-progress", "--out",
+                    str(tmp_path / "run")], np=np, timeout=150)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "summary.json").exists()
 
@@ -296,3 +302,36 @@ def test_a_frozen_worker_ends_an_ssp_job(tmp_path):
     assert "hpctrain: rank 0 made no progress for 5 s (last: ssp wait" in proc.stderr, \
         proc.stderr
     assert proc.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()
+
+
+# Rank 1's first training step takes 8 s (a slow start, a compile).
+SLOW_START = """
+import os
+import time
+from torch import nn
+
+
+class SlowStart(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, num_classes))
+        self.started = False
+
+    def forward(self, x):
+        if self.training and not self.started:
+            self.started = True
+            if os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+                time.sleep(8)
+        return self.net(x)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_an_ssp_worker_waiting_for_anothers_first_step_is_not_stalled(tmp_path):
+    """The first step has the start-up allowance; a worker waiting for another's first step
+    has it too (beating only when the slowest stepped, it was ended after 3 s)."""
+    (tmp_path / "slow.py").write_text(SLOW_START)
+    proc = run_job(["train", "--algo", "ssp", "--max-staleness", "1", *SMALL, "--model",
+                    f"{tmp_path / 'slow.py'}:SlowStart", "--stall-timeout", "3", "--out",
+                    str(tmp_path / "run")], np=2, timeout=120)
+    assert proc.returncode == 0, proc.stderr

@@ -335,7 +335,8 @@ class SSP(ASGD):
 
     def connect(self, world, model):
         workers = super().connect(world, model)
-        self.bound = StalenessBound(self.store, self.options.max_staleness)
+        self.bound = StalenessBound(self.store, self.options.max_staleness,
+                                    patient=self.config.compile)
         return workers
 
     def claim(self, position: int) -> int:

@@ -90,7 +90,8 @@ class StalenessBound:
     ``poll_interval``: seconds slept between reads of the clocks while waiting.
     """
 
-    def __init__(self, store: ParameterStore, max_staleness: int, poll_interval: float = 1e-4):
+    def __init__(self, store: ParameterStore, max_staleness: int, poll_interval: float = 1e-4,
+                 patient: bool = False):
         try:
             max_staleness = operator.index(max_staleness)
         except TypeError:
@@ -101,6 +102,11 @@ class StalenessBound:
             raise UsageError(f"poll_interval={poll_interval}: need poll_interval >= 0")
         MPI = hcomm.mpi()
         self.store, self.max_staleness, self.poll_interval = store, max_staleness, poll_interval
+        # The stall watchdog's allowance while waiting for the slowest worker: its first
+        # step here (and with ``patient``, the workers compiling: --compile, any step) may
+        # take minutes, so a wait then has watchdog.BUSY_S; else --stall-timeout, a frozen
+        # worker. ``_floor``: the slowest clock this process first read.
+        self.patient, self._floor = patient, None
         self.num_workers, self.is_worker = store.num_workers, store.is_worker
         self.host = store.hosts[0]
         self._slot = store.rank if store.is_worker else None  # workers are ranks 0..W-1
@@ -148,6 +154,7 @@ class StalenessBound:
         start = seen = None
         while True:
             slowest = self._slowest()
+            self._floor = slowest if self._floor is None else self._floor
             gap = self._clock - slowest
             if gap <= self.max_staleness:
                 break
@@ -155,8 +162,9 @@ class StalenessBound:
                 start = time.perf_counter()
                 self.waits += 1
             if slowest != seen:  # the job makes progress while the slowest worker steps; a
-                seen = slowest   # frozen one ends it after --stall-timeout (beating every
-                watchdog.beat("ssp wait", self._clock)  # poll, nothing ever did)
+                seen = slowest   # frozen one ends it after the allowance (beating every
+                watchdog.beat("ssp wait", self._clock,  # poll, nothing ever did)
+                              compiling=self.patient or slowest <= self._floor)
             time.sleep(self.poll_interval)
         waited = 0.0 if start is None else time.perf_counter() - start
         self.wait_s += waited

@@ -46,7 +46,9 @@ def evaluate_members(model: nn.Module, snapshots: list[Snapshot], test_set: Data
     infos = comm.bcast([s.info for s in snapshots], root=0)
     points, averaged_scores = [], {}
     for i, snap in enumerate(snapshots):
-        watchdog.beat("evaluating snapshot", i, compiling=compiled.first_call(model, "eval"))
+        # --compile: the first evaluation may compile on any rank (rank 0's member, scored
+        # online, has compiled before), and the others wait in the allgather meanwhile.
+        watchdog.beat("evaluating snapshot", i, compiling=i == 0 and compiled.is_compiled(model))
         model.load_state_dict(snap.state)
         logits = predict_logits(model, test_set.images)
         members = comm.allgather(score_logits(logits, test_set.labels))
