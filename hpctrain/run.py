@@ -514,9 +514,14 @@ def _finished(config: RunConfig) -> dict | None:
         return None
     recorded = Path(out) / "config.json"
     if recorded.exists():  # its options, as it ran; those that change nothing may differ
-        change = checkpoint.changed_option(
-            configs.flat(configs.from_dict(json.loads(recorded.read_text()))),
-            configs.flat(_as_launched(config)), checkpoint.MAY_CHANGE)
+        ran = json.loads(recorded.read_text())
+        may_change = checkpoint.MAY_CHANGE
+        ranks = comm.launch_size() - (config.eval_rank is not None)
+        if ran.get("run_info", {}).get("workers") != config.algorithm_class.workers(config,
+                                                                                    ranks):
+            may_change |= checkpoint.policy.RESIZE_MAY_CHANGE  # as a resized resume takes
+        change = checkpoint.changed_option(configs.flat(configs.from_dict(ran)),
+                                           configs.flat(_as_launched(config)), may_change)
         if change:
             flag = "--out" if config.out is not None else "--checkpoint-dir"
             raise UsageError(f"--resume auto: {where} holds a finished run, started {change}; "

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_job
 
-from hpctrain import checkpoint, comm, watchdog
+from hpctrain import arguments, checkpoint, cli, comm, run, watchdog
 from hpctrain.checkpoint import CorruptCheckpoint, Resize
 from hpctrain.checkpoint import checkpointer as checkpointer_module
 from hpctrain.errors import UsageError
@@ -362,6 +363,23 @@ def test_a_resized_resume_may_name_other_stragglers(tmp_path):
               run_config={**config, "slowdown": slowdown})
     with pytest.raises(UsageError, match=r"started with --slowdown 2:1.5, not 1:1.5$"):
         check(resume=str(tmp_path), ranks=3, run_config={**config, "slowdown": "1:1.5"})
+
+
+@pytest.mark.timeout(120)
+def test_a_finished_run_requeued_on_other_ranks_may_name_other_stragglers(tmp_path,
+                                                                         monkeypatch):
+    """--resume auto on a finished run compares its options as a resume does: on another
+    number of ranks --slowdown may differ (it was refused there only)."""
+    out = tmp_path / "run"
+    train = ["train", "--algo", "sgd", "--dataset", "synthetic", "--model", "mlp", "--epochs",
+             "1", "--no-progress", "--out", str(out), "--resume", "auto"]
+    assert run_job([*train, "--slowdown", "0:1.5"], np=0).returncode == 0
+    config = arguments.build(cli.build_parser().parse_args(train))
+    monkeypatch.setattr(comm, "launch_size", lambda: 2)  # two workers now, one then
+    assert run._finished(config)["workers"] == 1  # finished: nothing to train
+    monkeypatch.setattr(comm, "launch_size", lambda: 1)
+    with pytest.raises(UsageError, match="started with --slowdown 0:1.5, not without it"):
+        run._finished(config)
 
 
 def test_check_resume_with_a_changed_option(tmp_path):

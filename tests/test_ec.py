@@ -176,6 +176,11 @@ def test_a_resume_on_ranks_where_tau_never_aggregates_names_what_helps(tmp_path,
     assert str(refused.value).startswith(f"--resume on {ranks} ranks: the run's --tau never "
                                          "aggregates in its ")
     assert str(refused.value).endswith(f"tau 40 updates): {said}")
+    # --resume auto with nothing to resume is a first start: the first start's refusal
+    fresh = dataclasses.replace(config, out=str(tmp_path / "new"), checkpoint=CheckpointConfig(
+        resume="auto"))
+    with pytest.raises(UsageError, match=r"^--tau 40 never aggregates in \d+ updates per rank"):
+        config.algorithm_class.check(fresh, ranks, 2048)
 
 
 @pytest.mark.parametrize("args, np, message", [

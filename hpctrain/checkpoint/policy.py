@@ -254,6 +254,15 @@ def _changed(flag: str, old, new) -> str:
             if old is None else f"with {flag} {old}, not without it")
 
 
+def resumes(resume: str | None, checkpoint_dir: str | None, out: str | None) -> bool:
+    """Whether a run goes on from checkpoints, for checks made before :func:`check` resolves
+    ``--resume auto``: a folder given, or auto where the run's folder holds a checkpoint."""
+    if resume != AUTO:
+        return resume is not None
+    return (checkpoint_dir, out) != (None, None) and bool(listing(run_folder(checkpoint_dir,
+                                                                             out)))
+
+
 def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
     """``--resume auto``: the run's own checkpoint folder when it holds a checkpoint (a
     restarted or requeued job), else None (a first start)."""

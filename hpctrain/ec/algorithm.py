@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from hpctrain.algorithm import Algorithm, Options, Setup
+from hpctrain.checkpoint import policy
 from hpctrain.checkpoint.resize import mean_tensors
 from hpctrain.ec.averaging import ModelAveraging as Averaging
 from hpctrain.ec.averaging import broadcast_model
@@ -258,7 +259,8 @@ def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
     if tau < total:
         return
     local = samples // ranks
-    if config.checkpoint.resume:  # its --tau and --epochs are the run's: fewer ranks help
+    ck = config.checkpoint
+    if policy.resumes(ck.resume, ck.dir, config.out):  # its --tau and --epochs: fewer ranks
         fewer = [k for k in range(ranks - 1, 0, -1) if o.local_steps(
             steps_per_epoch(samples, k, batch)) < epochs * steps_per_epoch(samples, k, batch)]
         fix = f"resume it on at most {fewer[0]} ranks" if fewer else "start a new run"
