@@ -25,9 +25,7 @@ from hpctrain.errors import UsageError
 from hpctrain.switches import switch
 
 DEVICES = ("auto", "cpu", "cuda")
-_AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # on/off: override the run-time detection
-# HPCTRAIN_CHECK_COLLECTIVES's spellings (hpctrain.sync.collective_check, not importable here:
-# hpctrain.sync imports this module); empty or unset is no override.
+_AWARE_ENV = "HPCTRAIN_CUDA_AWARE_MPI"  # on/off (hpctrain.switches): override the detection
 
 
 def local_rank() -> int:

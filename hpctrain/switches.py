@@ -2,8 +2,9 @@
 
 hpctrain's own switches (``HPCTRAIN_CUDA_AWARE_MPI``, ``HPCTRAIN_CHECK_COLLECTIVES``,
 ``HPCTRAIN_DEBUG``) take the same words in any case; anything else is refused naming the value,
-since a misspelt switch otherwise kept its default without a word. Horovod's own variables
-keep Horovod's reading (:mod:`hpctrain.sync.stall`).
+since a misspelt switch otherwise kept its default without a word (``HPCTRAIN_DEBUG``, read by
+the hook that reports errors, takes it as on instead). Horovod's own variables keep Horovod's
+reading (:mod:`hpctrain.sync.stall`).
 """
 
 from __future__ import annotations

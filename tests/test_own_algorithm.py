@@ -228,8 +228,12 @@ def test_compared_and_simulated(tmp_path):
     sim = run_job(["simulate", "--algo", relative, "--workers", "4", *SMALL, "--out",
                    str(tmp_path / "sim")], np=0)
     assert sim.returncode == 0, sim.stderr
-    assert json.loads((tmp_path / "sim" / "summary.json").read_text())["workers"] == 4
+    simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
+    assert simulated["workers"] == 4
     assert json.loads((tmp_path / "sim" / "config.json").read_text())["algo"] == SIGNUM
+    # Its votes counted as a ring sends them, on ssgd's scale: 2(K-1)/K = 1.5 at 4 workers
+    params = sum(t.numel() for t in _model(tmp_path / "sim").values())
+    assert simulated["vote_bytes_per_rank"] == 3 * params * simulated["updates"]
 
 
 def test_the_reserved_flags_are_those_of_simulate_and_compare():
