@@ -220,6 +220,7 @@ class LocalBound(StalenessBound):
         self.wait_s = 0.0
         self.max_gap = 0
         self.last_gap = 0
+        self.patient, self._floor = False, None  # the watchdog's allowance (none runs here)
 
     def wait(self) -> float:
         """The real wait; the seconds it reports (and adds up) are virtual ones."""
