@@ -102,11 +102,6 @@ class StalenessBound:
             raise UsageError(f"poll_interval={poll_interval}: need poll_interval >= 0")
         MPI = hcomm.mpi()
         self.store, self.max_staleness, self.poll_interval = store, max_staleness, poll_interval
-        # The stall watchdog's allowance while waiting for the slowest worker: its first
-        # step here (and with ``patient``, the workers compiling: --compile, any step) may
-        # take minutes, so a wait then has watchdog.BUSY_S; else --stall-timeout, a frozen
-        # worker. ``_floor``: the slowest clock this process first read.
-        self.patient, self._floor = patient, None
         self.num_workers, self.is_worker = store.num_workers, store.is_worker
         self.host = store.hosts[0]
         self._slot = store.rank if store.is_worker else None  # workers are ranks 0..W-1
@@ -121,6 +116,10 @@ class StalenessBound:
         # Shared memory: slot 0's address in this process.
         self._base = self._win.Shared_query(self.host)[0].address if self.shared else 0
         store.comm.Barrier()  # every clock is 0 before anyone reads one
+        self._start(patient)
+
+    def _start(self, patient: bool) -> None:
+        """This worker's clock, statistics and buffers at the start (also the simulator's)."""
         self._clocks = np.zeros(self.num_workers, np.int64)  # the last read of all slots
         self._value = np.zeros(1, np.int64)  # what this worker publishes
         self._none = np.zeros(1, np.int64)  # NO_OP's ignored origin
@@ -130,6 +129,11 @@ class StalenessBound:
         self.wait_s = 0.0  # seconds slept in wait()
         self.max_gap = 0  # largest clock - min(running clocks) when wait() returned
         self.last_gap = 0  # the same, at the latest wait()
+        # The stall watchdog's allowance while waiting for the slowest worker: its first
+        # step here (and with ``patient``, the workers compiling: --compile, any step) may
+        # take minutes, so a wait then has watchdog.BUSY_S; else --stall-timeout, a frozen
+        # worker. ``_floor``: the slowest clock this process first read.
+        self.patient, self._floor = patient, None
 
     @property
     def clock(self) -> int:

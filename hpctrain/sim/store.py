@@ -211,16 +211,7 @@ class LocalBound(StalenessBound):
         self.num_workers, self.is_worker = store.num_workers, True
         self.host, self._slot = 0, store.rank
         self._win = store.state  # "open" (the base class checks it is not None)
-        self._clocks = np.zeros(self.num_workers, np.int64)
-        self._value = np.zeros(1, np.int64)
-        self._none = np.zeros(1, np.int64)
-        self._clock = 0
-        self._parked = False
-        self.waits = 0
-        self.wait_s = 0.0
-        self.max_gap = 0
-        self.last_gap = 0
-        self.patient, self._floor = False, None  # the watchdog's allowance (none runs here)
+        self._start(patient=False)  # no watchdog runs in the simulator
 
     def wait(self) -> float:
         """The real wait; the seconds it reports (and adds up) are virtual ones."""
