@@ -90,17 +90,15 @@ def is_compiled(model: torch.nn.Module) -> bool:
 
 def first_call(model: torch.nn.Module, *shape: object) -> bool:
     """Whether ``model`` is compiled and has not run on inputs of ``shape`` (a key such as
-    ("train", 64)) in this process: the call compiles, which a stall check must allow for."""
+    ("train", 64)): the call compiles, which a stall check must allow for. The shapes seen
+    are kept on the model (a copy starts from its original's)."""
     if not is_compiled(model):
         return False
-    key = (id(model), *shape)
-    if key in _called:
+    seen = model.__dict__.setdefault("_hpctrain_shapes_run", set())
+    if shape in seen:
         return False
-    _called.add(key)
+    seen.add(shape)
     return True
-
-
-_called: set[tuple] = set()  # first_call's (model, shape) keys
 
 
 def announce() -> None:

@@ -261,9 +261,10 @@ def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
     local = samples // ranks
     ck = config.checkpoint
     if policy.resumes(ck.resume, ck.dir, config.out):  # its --tau and --epochs: fewer ranks
-        fewer = [k for k in range(ranks - 1, 0, -1) if o.local_steps(
-            steps_per_epoch(samples, k, batch)) < epochs * steps_per_epoch(samples, k, batch)]
-        fix = f"resume it on at most {fewer[0]} ranks" if fewer else "start a new run"
+        fewer = next((k for k in range(ranks - 1, 0, -1) if o.local_steps(
+            steps_per_epoch(samples, k, batch)) < epochs * steps_per_epoch(samples, k, batch)),
+            None)
+        fix = f"resume it on at most {fewer} ranks" if fewer else "start a new run"
         raise UsageError(
             f"--resume on {ranks} ranks: the run's --tau never aggregates in its {total} "
             f"updates per rank ({epochs} epochs of {steps} batches of {batch} from {local} "
