@@ -24,10 +24,10 @@ the usual end (barrier, outputs, summary).
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
+from hpctrain.metrics import say
 from hpctrain.rank0_flag import Rank0Flag
 
 EXPLODING = 10.0
@@ -137,13 +137,11 @@ class CollapseDetector:
         self.flat = list(self.flat)
 
 
-def warn(update: int, reason: str, write=None, asked: bool = False) -> None:
-    """Rank 0's one warning line (through the progress bar's writer when there is one);
-    unless ``asked`` (--stop-on-collapse given: the run's last line says it stopped), it
-    names the flag."""
+def warn(update: int, reason: str, asked: bool = False) -> None:
+    """Rank 0's one warning line, beside its progress bar; unless ``asked``
+    (--stop-on-collapse given: the run's last line says it stopped), it names the flag."""
     hint = "" if asked else " (--stop-on-collapse ends a run there)"
-    line = f"hpctrain: warning: training collapsed at update {update}: {reason}{hint}"
-    (write or (lambda s: print(s, file=sys.stderr, flush=True)))(line)
+    say(f"hpctrain: warning: training collapsed at update {update}: {reason}{hint}")
 
 
 class StopSignal:

@@ -282,8 +282,7 @@ class Watch:
     def _collapse(self, update: int, reason: str | None) -> None:
         if reason is None:
             return
-        collapse.warn(update, reason, self.bar.write if not self.bar.disable else None,
-                      asked=self.signal.asked)
+        collapse.warn(update, reason, asked=self.signal.asked)
         self.signal.request()
 
     def stop(self, position: int) -> bool:

@@ -228,18 +228,45 @@ def _isatty(stream: TextIO | None) -> bool:
         return False
 
 
+class _Lines:
+    """The bar's stream into a file: each redraw a line of its own. tqdm redraws one line
+    with carriage returns, which a log keeps as one line, and a warning printed during the
+    run landed on the bar's line."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.encoding = getattr(stream, "encoding", None)  # tqdm draws unicode blocks by it
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r").rstrip()  # "\r<bar><padding>"; a clearing is blank
+        if text:
+            self.stream.write(text + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def say(line: str) -> None:
+    """Write ``line`` to stderr on a line of its own, around a progress bar being drawn
+    (from any thread: it takes no lock, so a watchdog thread cannot wait on a stuck one)."""
+    tqdm.write(line, file=sys.stderr, nolock=True)
+    sys.stderr.flush()
+
+
 def progress(total: int, rank: int, desc: str, enabled: bool = True, initial: int = 0) -> tqdm:
     """A progress bar shown on rank 0 only (disabled elsewhere, and when not wanted), from
     ``initial`` steps done (a resumed run: its rate counts only the steps it makes).
 
     Watched on a terminal (:func:`watching_terminal`: ``mpirun``'s too) it redraws twice a
     second; into a file (a Slurm job's output, a CI log), where every redraw stays, once a
-    minute: a day's run adds kilobytes, not megabytes.
+    minute, a line each time: a day's run adds kilobytes, not megabytes. Print beside it
+    with :func:`say`.
     """
     screen = watching_terminal(sys.stderr, sys.stdout)
     on_stderr = screen is not None and screen is sys.stderr  # tqdm follows its width
     width = None if screen is None or on_stderr else os.get_terminal_size(screen.fileno())[0]
     return tqdm(total=total, initial=initial, desc=desc, unit="step",
+                file=sys.stderr if screen is not None else _Lines(sys.stderr),
                 disable=(rank != 0 or not enabled), dynamic_ncols=on_stderr, ncols=width,
                 leave=False, mininterval=0.5 if screen is not None else 60)
 

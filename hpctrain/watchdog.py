@@ -25,10 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import threading
 import time
 from collections.abc import Iterator
+
+from hpctrain.metrics import say
 
 EXIT_STATUS = 3  # distinct from an error (1), a usage error (2) and a kill (137)
 # Until the first beat (imports, MPI and Horovod start-up, reading the data from a shared file
@@ -58,9 +59,8 @@ class _Watchdog:
         while not self._stop.wait(poll):
             if time.monotonic() - self.last > self.limit:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"
-                print(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
-                      f"{doing}); ending the job (--stall-timeout {self.timeout:g})",
-                      file=sys.stderr, flush=True)
+                say(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
+                    f"{doing}); ending the job (--stall-timeout {self.timeout:g})")
                 os._exit(EXIT_STATUS)
 
     def stop(self) -> None:

@@ -10,7 +10,7 @@ import sys
 import termios
 from collections.abc import Iterator
 
-from hpctrain.metrics import progress, summary_table, watching_terminal
+from hpctrain.metrics import progress, say, summary_table, watching_terminal
 
 
 def test_a_resumed_runs_rate_counts_only_its_own_steps(monkeypatch):
@@ -35,6 +35,24 @@ def test_into_a_file_it_redraws_once_a_minute(monkeypatch):
     monkeypatch.setattr(sys, "stderr", io.StringIO())  # not a terminal
     assert progress(10, 0, "sgd").mininterval == 60
     assert progress(10, 1, "sgd").disable  # rank 0 only
+
+
+def test_into_a_file_a_warning_during_the_bar_has_a_line_of_its_own(monkeypatch, tmp_path):
+    """tqdm redraws one line with carriage returns; the collapse warning (or the watchdog's
+    line) printed during a run landed after the bar's text on that line of the log."""
+    with (tmp_path / "log").open("w", encoding="utf-8") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        bar = progress(10, 0, "sgd")
+        bar.update(3)
+        say("hpctrain: warning: training collapsed at update 3")
+        bar.update(3)
+        bar.refresh()
+        bar.close()
+    text = (tmp_path / "log").read_text(encoding="utf-8")
+    assert "\r" not in text
+    lines = text.splitlines()
+    assert "hpctrain: warning: training collapsed at update 3" in lines
+    assert lines[0].startswith("sgd:   0%|") and lines[-1].startswith("sgd:  60%|\u2588"), lines
 
 
 @contextlib.contextmanager

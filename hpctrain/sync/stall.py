@@ -25,7 +25,6 @@ import math
 import os
 import pickle
 import re
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from typing import Any
 
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
+from hpctrain.metrics import say
 from hpctrain.watchdog import EXIT_STATUS
 
 CHECK_ENV, SHUTDOWN_ENV, DISABLE_ENV = ("HOROVOD_STALL_CHECK_TIME_SECONDS",
@@ -228,9 +228,9 @@ class _Monitor:
         ranks = ", ".join(str(r) for r in sorted(waiting_here))
         tail = (f"; ending the job (stall timeout {self.timeout_s:g} s)" if ending else
                 f"; still waiting (stall check every {self.check_s:g} s)")
-        print(f"hpctrain.sync: stall: rank {ranks} waited {waited:.0f} s in "
-              f"{w.call.describe()} (call #{w.seq + 1} on {w.channel.label}); not arrived: "
-              f"{'; '.join(absent) or 'none'}{tail}", file=sys.stderr, flush=True)
+        say(f"hpctrain.sync: stall: rank {ranks} waited {waited:.0f} s in "
+            f"{w.call.describe()} (call #{w.seq + 1} on {w.channel.label}); not arrived: "
+            f"{'; '.join(absent) or 'none'}{tail}")
 
     def stop(self, wait_s: float | None = None) -> None:
         self._stop.set()
