@@ -215,22 +215,24 @@ def test_a_compile_is_held_to_the_busy_allowance():
 
 
 # A model whose forward takes 3 s the first time it meets the short last batch (a rank's
-# share of 2048 samples in batches of 24) and the first time each copy is evaluated, as
-# --compile's compiles do
+# share of 2048 samples in batches of 24; rank 1's 6 s, so that the others wait for it) and
+# the first time each copy is evaluated, as --compile's compiles do
 # (outside the compiled graph, so the time is the same whatever Dynamo caches).
 SLOW_FIRST_TIMES = """
+import os
 import time
 import torch
 from torch import nn
 
 _seen = set()
+_RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
 
 
 @torch.compiler.disable
 def _first_time_slow(key):
     if key not in _seen:
         _seen.add(key)
-        time.sleep(3)
+        time.sleep(6 if _RANK == 1 and key[1] == "short batch" else 3)
 
 
 class SlowFirstTimes(nn.Module):
@@ -253,7 +255,8 @@ class SlowFirstTimes(nn.Module):
     ("sgd", 0, "online", "0.25"), ("sgd", 0, "after", "0.25"),
     ("ssgd", 2, "online", "0.25"),  # rank 1 waits in an allreduce while rank 0 evaluates
     ("ssgd", 3, "after", "1"),  # two snapshots: rank 2 waits for the others' scores
-    ("ssp", 2, "online", "0.25")])  # rank 1 waits for rank 0's clock
+    ("ssp", 2, "online", "0.25"),  # rank 1 waits for rank 0's clock; rank 0 at the end for
+    ("asgd", 2, "after", "1")])  # rank 1's last step (the wait to finish)
 def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, algo, np, evaluation, eval_every):
     """--compile recompiles for the short last batch and for the first evaluation: with
     --stall-timeout 1 those ended healthy runs (exit 3, the training lost), the compiling

@@ -20,11 +20,12 @@ does; ``--momentum 0`` is the paper's algorithm exactly.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data, devices, kernels, plugins
+from hpctrain import data, devices, kernels, plugins, watchdog
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_ import shm
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
@@ -253,8 +254,11 @@ class ASGD(Algorithm):
         collapse) meets those waiting at a mark in this same call, and they end with it,
         where two barriers matched each other and left them in different collectives."""
         # allgather, not an allreduce: the simulator's workers talk through a LocalComm, and
-        # the answer is the same
-        self._finished = any(self.workers_comm.allgather(mine))
+        # the answer is the same. With --compile another worker's step here may be compiling
+        # (its short last batch): the wait for it has a compile's allowance.
+        with watchdog.busy("waiting for the other workers' steps") if self.config.compile \
+                else contextlib.nullcontext():
+            self._finished = any(self.workers_comm.allgather(mine))
         return self._finished
 
     def summary(self, points: list[dict], comm) -> dict:
