@@ -172,7 +172,7 @@ class StopSignal:
             self._flag[0] = 1
             self._request = self.comm.Ibcast(self._flag, root=0)
 
-    def stop(self, position: int) -> bool:
+    def stop(self) -> bool:
         """Whether this worker ends its loop now (collective for lock-step algorithms)."""
         if self.single:
             return self.wanted

@@ -287,7 +287,7 @@ class Watch:
 
     def stop(self, position: int) -> bool:
         """Whether every worker ends its loop here (``--stop-on-collapse``)."""
-        if self.signal.stop(position):
+        if self.signal.stop():
             self.stopped = True
         return self.stopped
 

@@ -81,7 +81,7 @@ class LossScaler:
 
     INIT_SCALE, GROWTH_INTERVAL = 2.0**16, 2000
 
-    def __init__(self, choice: str, device: torch.device):
+    def __init__(self, choice: str):
         self.on = choice == "fp16"
         self._scale, self._clean = self.INIT_SCALE, 0  # clean: steps since the last change
         self.overflows = 0

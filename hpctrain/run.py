@@ -619,7 +619,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                         f"optimizer, not {type(algo.optimizer).__name__}")
     guard = algo.guard(s)
     straggler = runtime.straggler(config, rank, size)
-    scaler = precision.LossScaler(config.mixed_precision, s.device)  # fp16's; else a no-op
+    scaler = precision.LossScaler(config.mixed_precision)  # fp16's; else a no-op
     step_times = StepTimes()
     started_from = provenance.starting_weights(  # rank 0 writes config.json and checkpoints
         config.model.init_from, loaded and loaded.header) if rank == 0 else {}

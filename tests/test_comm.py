@@ -36,7 +36,7 @@ def test_a_collapse_found_after_the_loop_is_only_recorded(lock_step):
 
     MPI = comm.init("multiple")
     signal = StopSignal(MPI.COMM_WORLD, True, lock_step)
-    assert not signal.stop(0)
+    assert not signal.stop()
     signal.close()
     if comm.rank() == 0:
         signal.request()

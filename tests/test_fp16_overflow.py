@@ -56,7 +56,7 @@ def test_an_overflow_at_a_scale_above_1_is_skipped_but_not_counted_as_bad():
 def test_the_scaler_amplifies_above_1_and_keeps_its_overflow_count():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    scaler = precision.LossScaler("fp16", torch.device("cpu"))
+    scaler = precision.LossScaler("fp16")
     overflows = 0
     while scaler.amplifies():
         model.zero_grad()
@@ -66,13 +66,13 @@ def test_the_scaler_amplifies_above_1_and_keeps_its_overflow_count():
         overflows += 1
     assert overflows == 16 and scaler.get_scale() == 1.0  # 65,536 halved to 1
     assert scaler.overflows == scaler.overflow_steps() == 16
-    again = precision.LossScaler("fp16", torch.device("cpu"))
+    again = precision.LossScaler("fp16")
     again.load_state_dict(scaler.state_dict())  # a checkpoint keeps the count and the scale
     assert again.overflows == 16 and again.get_scale() == 1.0
     older = {k: v for k, v in scaler.state_dict().items() if k != "overflows"}
     again.load_state_dict(older)  # a checkpoint from before the count
     assert again.overflows == 0 and again.get_scale() == 1.0
-    off = precision.LossScaler("bf16", torch.device("cpu"))
+    off = precision.LossScaler("bf16")
     assert not off.amplifies() and off.overflow_steps() is None
 
 
@@ -158,7 +158,7 @@ def test_with_adasum_every_ranks_scale_follows_the_agreed_verdict():
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     guard = GradientGuard(model.parameters(), max_bad_steps=2, comm=comm, agree=True)
-    scaler = precision.LossScaler("fp16", torch.device("cpu"))
+    scaler = precision.LossScaler("fp16")
     for step, factor in enumerate((INF if comm.Get_rank() == 1 else 1.0, 1.0)):
         model.zero_grad()  # run.py's order of calls
         scaler.scale(model(torch.ones(2, 3)).sum() * factor).backward()

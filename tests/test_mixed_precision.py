@@ -60,7 +60,7 @@ def test_fp16_scales_the_loss_divides_it_out_and_halves_after_an_overflow():
     nn.functional.cross_entropy(model(x), y).backward()
     plain = [p.grad.clone() for p in model.parameters()]
 
-    scaler = precision.LossScaler("fp16", torch.device("cpu"))
+    scaler = precision.LossScaler("fp16")
     assert scaler.on and scaler.get_scale() == 65536.0
     model.zero_grad()
     scaler.scale(nn.functional.cross_entropy(model(x), y)).backward()
@@ -77,11 +77,11 @@ def test_fp16_scales_the_loss_divides_it_out_and_halves_after_an_overflow():
     assert not torch.isfinite(model.weight.grad).all()  # the guard skips this step
     scaler.update(skipped=True)
     assert scaler.get_scale() == 32768.0
-    again = precision.LossScaler("fp16", torch.device("cpu"))
+    again = precision.LossScaler("fp16")
     again.load_state_dict(scaler.state_dict())  # a checkpoint keeps the scale
     assert again.get_scale() == 32768.0
 
-    off = precision.LossScaler("bf16", torch.device("cpu"))
+    off = precision.LossScaler("bf16")
     loss = torch.tensor(2.0)
     assert not off.on and off.scale(loss) is loss and off.state_dict() == {}
 

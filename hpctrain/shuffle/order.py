@@ -64,7 +64,7 @@ def pad(indices: torch.Tensor, length: int) -> torch.Tensor:
     return torch.cat([indices, indices.repeat(repeats)[:length - len(indices)]])
 
 
-def partition(n: int, ranks: int, labels: torch.Tensor | None = None) -> torch.Tensor:
+def partition(n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
     """The order in which the data set is cut into ranks' blocks: file order (iid), or by label
     (stable, so ties keep file order) when ``labels`` are given (label-skew)."""
     if labels is None:

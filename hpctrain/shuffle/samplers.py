@@ -94,7 +94,7 @@ class LocalShuffleSampler(_Sampler):
         super().__init__(dataset, num_replicas, rank, shuffle, seed, drop_last)
         if labels is not None and len(labels) != self.dataset_size:
             raise UsageError(f"{len(labels)} labels for {self.dataset_size} samples")
-        self.partition = order.partition(self.dataset_size, self.num_replicas, labels)
+        self.partition = order.partition(self.dataset_size, labels)
 
     def block(self) -> torch.Tensor:
         """This rank's fixed block of ``N // K`` samples this epoch."""

@@ -40,7 +40,7 @@ class ShardedTrainData(TrainData):
         labels = None
         if spec.partition == "label-skew":
             labels = data.load_labels(self.dataset, "train", self.data_dir)
-        self.partition = order.partition(self.num_samples, self.ranks, labels)
+        self.partition = order.partition(self.num_samples, labels)
         self.held = self._initial_shard()
         self.input_shape, self.num_classes = self.held.shape, self.held.num_classes
         self._done = -1  # last epoch whose exchange this holding reflects (partial)
