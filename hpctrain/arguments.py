@@ -19,7 +19,7 @@ from hpctrain import comm, options, plugins, registry
 from hpctrain import config as configs
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError
-from hpctrain.options import dash_values, declared, flag_of
+from hpctrain.options import dash_values, declared, flag_of, parser_of
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
 
@@ -174,8 +174,8 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
     if not d.takes_value:
         kw["action"] = "store_false" if m.get("store_false") else "store_true"
     else:
-        if typed and m.get("parse") is not None:
-            kw["type"] = m["parse"]
+        if typed and (parse := parser_of(d.field)) is not None:
+            kw["type"] = parse
         if typed and m.get("clearable"):
             kw["type"] = _or_none(kw.get("type"), d.field.default)
         if m.get("choices") is not None:

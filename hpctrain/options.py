@@ -44,6 +44,12 @@ def whole(text: str) -> int:
     return _number(int, text)
 
 
+def number(text: str) -> float:
+    """A finite number (``0.5``, ``1e-3``): every option declared ``float`` without a
+    ``parse`` of its own."""
+    return _number(float, text)
+
+
 def at_least(minimum: float, kind=int):
     """A number of ``kind`` (int accepts ``1e6``) that is >= ``minimum``."""
     def parse(text: str):
@@ -193,7 +199,8 @@ def option(default, help: str, *, flag: str | None = None, parse=None, choices=N
     """A dataclass field that is also a command-line option.
 
     ``flag`` defaults to ``--`` + the field's name with dashes; ``parse`` is the argparse type
-    (a bad value fails while parsing; ``int`` means :func:`whole`, which reads ``1e3``);
+    (a bad value fails while parsing; ``int`` means :func:`whole`, which reads ``1e3``; left
+    out, the field's declared type says, see :func:`parser_of`);
     ``choices`` and ``range`` are checked again when the configuration is built, so Python
     callers get the same checks as the command line.
     ``store_false``: a boolean field set False by its flag (``--no-progress``).
@@ -210,6 +217,19 @@ def option(default, help: str, *, flag: str | None = None, parse=None, choices=N
 def flag_of(f: Field) -> str:
     """The command-line flag of a dataclass field declared with :func:`option`."""
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+# A declared type -> the parser of its flag's value when the option gives none.
+_PARSERS = {"int": whole, "float": number}
+
+
+def parser_of(f: Field):
+    """The argparse type of ``f``'s flag: its ``parse``, else its declared type's (``int``:
+    :func:`whole`, ``float``: :func:`number`, either ``| None`` too); None: the text as
+    given. A plug-in's ``every_k: int = option(2, ...)`` reads ``--every-k 3`` as 3."""
+    parse = f.metadata.get("parse")
+    return parse if parse is not None else _PARSERS.get(
+        _declared_type(f).removesuffix(" | None"))
 
 
 def declared(cls) -> list[Field]:

@@ -53,6 +53,30 @@ def test_a_reference_loads_the_class_and_its_options_become_flags():
         arguments.build(parser.parse_args(["--algo", "ssgd", "--vote", "mean"]))
 
 
+def test_an_options_flag_reads_its_declared_type_without_a_parse(tmp_path):
+    """README's plug-in options name no parse: ``--every-k 3`` was refused as "'3' must be a
+    whole number" (the flag gave the text, which the field's check then judged)."""
+    path = own(tmp_path, """
+        @dataclass(frozen=True)
+        class KOptions(Options):
+            every_k: int = option(2, "sync every k steps")
+            rate: float | None = option(None, "a rate")
+            label: str = option("x", "a name")
+
+        class K(Algorithm):
+            name = "every-k"
+            Options = KOptions
+        """)
+    registry.get(f"{path}:K")
+    parser = compare._train_parser()
+    config = arguments.build(parser.parse_args(["--algo", f"{path}:K", "--every-k", "1e3",
+                                                "--rate", "0.5", "--label", "7"]))
+    assert (config.algorithm.every_k, config.algorithm.rate) == (1000, 0.5)
+    assert config.algorithm.label == "7"
+    with pytest.raises(UsageError, match="--every-k: '2.5' is not a whole number"):
+        arguments.build(parser.parse_args(["--algo", f"{path}:K", "--every-k", "2.5"]))
+
+
 def test_a_config_files_options_stay_with_its_algorithm_spelt_otherwise(tmp_path, monkeypatch):
     """config.json records a file's reference absolute; typed relative it is the same class,
     whose options the file holds (they were dropped as another algorithm's)."""
