@@ -94,9 +94,11 @@ def load(reference: str) -> type[Algorithm]:
 def _check_attributes(what: str, cls: type[Algorithm]) -> None:
     """UsageError for class attributes the loop would misread or take silently: ``defaults``
     other than a positive ``lr`` and a ``momentum`` in [0, 1), a ``snapshots``, ``optimizers``
-    or ``thread_level`` that is none of the choices."""
+    or ``thread_level`` that is none of the choices, ``summary_fields`` that are a run's
+    own (found after training, summary.json was not written)."""
     from hpctrain.comm import THREAD_LEVELS
     from hpctrain.optimizers import OPTIMIZERS
+    from hpctrain.summary import COMMON_FIELDS
 
     defaults = cls.defaults
     if not isinstance(defaults, dict) or set(defaults) - {"lr", "momentum"}:
@@ -114,6 +116,14 @@ def _check_attributes(what: str, cls: type[Algorithm]) -> None:
             and set(cls.optimizers) <= set(OPTIMIZERS)):
         raise UsageError(f"{what}: optimizers {cls.optimizers!r}: want a tuple of some of "
                          f"{', '.join(OPTIMIZERS)}")
+    own = cls.summary_fields
+    if not (isinstance(own, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                          for k, v in own.items())):
+        raise UsageError(f"{what}: summary_fields {own!r}: want a dict of field name to "
+                         "its description")
+    if clash := sorted(own.keys() & COMMON_FIELDS.keys()):
+        raise UsageError(f"{what}: summary_fields {', '.join(clash)} are every run's own "
+                         "(docs/SUMMARY.md); name yours otherwise")
     if not isinstance(cls.lock_step, bool):
         raise UsageError(f"{what}: lock_step {cls.lock_step!r}: want True or False")
     if not cls.lock_step:

@@ -279,6 +279,10 @@ def test_the_reserved_flags_are_those_of_simulate_and_compare():
     ("thread_level = 'many'", "thread_level 'many' is none of single"),
     ("optimizers = ('sgd', 'lion')", r"optimizers \('sgd', 'lion'\): want a tuple of some of"),
     ("lock_step = 'yes'", "lock_step 'yes': want True or False"),
+    # A run's own field: refused only after training, and summary.json was never written.
+    ("summary_fields = {'wall_s': 'mine', 'votes': 'count'}",
+     r"summary_fields wall_s are every run's own \(docs/SUMMARY.md\)"),
+    ("summary_fields = {'votes': 3}", r"summary_fields \{'votes': 3\}: want a dict of"),
     # Not lock-step with lock-step's hooks: its checkpoints hung, its count was one worker's.
     ("lock_step = False\n    def claim(self, position):\n        return position",
      "lock_step = False needs its own per_epoch, progress, close_tickets, before_checkpoint, "
