@@ -189,10 +189,9 @@ def _load_file(flag: str, path_text: str):
     path = Path(path_text).expanduser().resolve()
     if not path.is_file():
         raise UsageError(f"{flag}: no file {path_text}")
-    beside = sys.modules.get(path.stem)  # imported by the script from its folder
-    for running in (sys.modules.get("__main__"), beside if _beside_script(beside) else None):
-        if getattr(running, "__file__", None) and Path(running.__file__).resolve() == path:
-            return running  # the script, or a module beside it (reference_to), not a copy
+    running = _imported_from(path)
+    if running is not None:
+        return running  # the script, or a module it imported, not a copy
     # One module per file, under a name of its own: every rank and call gets the same one,
     # until the file changes (a sweep that rewrites it between runs trains the new one).
     name = _FILE_MODULE + hashlib.sha1(str(path).encode()).hexdigest()[:12]
@@ -216,6 +215,18 @@ def _load_file(flag: str, path_text: str):
         del sys.modules[name]
         raise UsageError(f"{flag}: loading {path_text} raised {_one_line(e)}") from None
     return module
+
+
+def _imported_from(path: Path):
+    """The running script, or a module the user imported, whose file is ``path``: a reference
+    to the file names its objects, those the user holds (``from mine import Mine`` and then
+    ``--algo ./mine.py:Mine`` are one class), not a copy's. None if there is none."""
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if isinstance(file, str) and os.path.basename(file) == path.name \
+                and not module.__name__.startswith(_FILE_MODULE) and Path(file).resolve() == path:
+            return module
+    return None
 
 
 def _one_line(e: BaseException) -> str:

@@ -55,6 +55,8 @@ def get(name: str) -> type[Algorithm]:
     """The class of algorithm ``name`` (a built-in name or a reference, loaded on first use);
     UsageError naming the choices if there is none."""
     if isinstance(name, str) and plugins.is_reference(name):
+        if plugins.is_file_reference(name):  # read again: a sweep may rewrite the file
+            return load(name)  # between runs (the module is reloaded only if it changed)
         return _LOADED.get(name) or load(name)
     try:
         return ALGORITHMS[name]
@@ -83,12 +85,22 @@ def load(reference: str) -> type[Algorithm]:
         raise UsageError(f"{what}: its Options must be a dataclass subclassing "
                          "hpctrain.algorithm.Options (frozen, fields declared with "
                          "hpctrain.options.option)")
+    if _LOADED.get(reference) is cls:
+        return cls
     _check_attributes(what, cls)
-    for other, known_cls in _LOADED.items():
-        if known_cls.name == name and known_cls is not cls and other != reference:
+    for other, known_cls in list(_LOADED.items()):
+        if _same_class(known_cls, cls):  # its file changed since: the new one for them all
+            _LOADED[other] = cls
+        elif known_cls.name == name and other != reference:
             raise UsageError(f"{what}: its name {name!r} is {other}'s too; choose another")
     _LOADED[reference] = cls
     return cls
+
+
+def _same_class(old: type, new: type) -> bool:
+    """Whether ``new`` is ``old`` or ``old`` loaded again (its file rewritten: the same module
+    name and qualified name)."""
+    return old is new or (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
 
 
 def _check_attributes(what: str, cls: type[Algorithm]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import textwrap
 from pathlib import Path
 
@@ -398,3 +399,34 @@ def test_a_module_beside_the_script_is_named_by_its_file_from_its_folder(tmp_pat
     monkeypatch.setitem(sys.modules, "beside_algos", beside_algos)
     assert plugins.reference_to("--model", beside_algos.build) == \
         f"{tmp_path}/beside_algos.py:build"
+
+
+def test_a_file_rewritten_between_runs_gives_its_new_class(tmp_path, monkeypatch):
+    """A sweep rewrote its algorithm file between train() calls and ran the first class
+    again (its model file was read anew), while config.json named the rewritten file."""
+    monkeypatch.chdir(tmp_path)
+    body = "class Mine(Algorithm):\n    name = 'mine'\n    VERSION = {}\n"
+    path = own(tmp_path, body.format(1), "mine.py")
+    assert registry.get(f"{path}:Mine").VERSION == 1
+    assert registry.get("./mine.py:Mine") is registry.get(f"{path}:Mine")
+    own(tmp_path, body.format(22), "mine.py")
+    new = registry.get("./mine.py:Mine")  # not refused as another class of that name
+    assert new.VERSION == 22 and registry.get(f"{path}:Mine") is new
+    assert [cls for cls in registry.known().values() if cls.name == "mine"] == [new]
+
+
+def test_a_module_the_user_imported_is_the_class_its_file_names(tmp_path, monkeypatch):
+    """``from mine import Mine`` (from PYTHONPATH) and ``./plug/mine.py:Mine`` were refused as
+    two algorithms of one name ("choose another")."""
+    (tmp_path / "plug").mkdir()
+    own(tmp_path / "plug", "class Mine(Algorithm):\n    name = 'mine-imported'\n",
+        "mine_imported.py")
+    monkeypatch.syspath_prepend(str(tmp_path / "plug"))
+    import mine_imported
+
+    try:
+        assert registry.get("mine_imported:Mine") is mine_imported.Mine
+        assert registry.get(f"{tmp_path / 'plug' / 'mine_imported.py'}:Mine") \
+            is mine_imported.Mine
+    finally:
+        del sys.modules["mine_imported"]

@@ -306,9 +306,13 @@ def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
     assert DataConfig(dataset=nets_mod.load).dataset == "nets_mod:load"
     config = launch(model=ModelConfig(name=nets_mod.build), data=DataConfig(dataset=nets_mod.load))
     assert (config.model.name, config.data.dataset) == ("nets_mod:build", "nets_mod:load")
-    # A function of a module loaded from its file is named by the file.
-    from_file = plugins.resolve("--model", f"{nets}:build")
-    assert ModelConfig(name=from_file).name == f"{nets}:build"
+    # A function of a module loaded from its file is named by the file; one the user
+    # imported is that module's (not a copy)
+    assert plugins.resolve("--model", f"{nets}:build") is nets_mod.build
+    copy = nets.with_name("nets_copy.py")
+    copy.write_text(nets.read_text())
+    from_file = plugins.resolve("--model", f"{copy}:build")
+    assert ModelConfig(name=from_file).name == f"{copy}:build"
 
     def nested(input_shape, num_classes):
         return nets_mod.build(input_shape, num_classes)
