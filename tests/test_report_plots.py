@@ -274,3 +274,15 @@ def test_curves_below_ymin_stay_on_the_plot(tmp_path):
         ax.plot([0, 1, 2], [0.7, 0.8, 0.9], label="high")
     assert ax.get_ylim()[0] == 0.6  # --ymin as given when every point is above it
     assert imread(tmp_path / "low.png").shape[2] in (3, 4)
+
+
+def test_a_mean_over_seeds_says_how_many_runs_had_the_value():
+    """A seed's unreadable wall time (shown n/a in its own row) left the algorithm's row the
+    other seed's value alone, with no ± and nothing said: a time to a target says "in 1 of 2"."""
+    seeds = [report.Row("ma", "ok", seed=seed, summary={**SUMMARY, **extra})
+             for seed, extra in ((1, {"wall_s": 10.0, "final_test_acc": 0.5}),
+                                 (2, {"wall_s": None, "final_test_acc": 0.7}))]
+    head, _, row = report.seed_table(seeds, []).splitlines()
+    cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
+    assert cells["wall s"] == "10.0 in 1 of 2" and cells["seeds"] == "2"
+    assert cells["final acc"] == "0.6000 ± 0.1414"

@@ -491,6 +491,11 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     def values(key: str) -> list[float]:
         return [r.summary[key] for r in done if r.summary.get(key) is not None]
 
+    def over_seeds(key: str, fmt) -> str:  # and over how many, when some runs lack the value
+        got = values(key)
+        return _mean_sd(got, fmt) + (f" in {len(got)} of {len(done)}"
+                                     if 0 < len(got) < len(done) else "")
+
     reach = []
     for target in targets:
         hit = [p for p in (time_to(r.points, target) for r in done) if p is not None]
@@ -511,10 +516,10 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
              if p is not None]
     workers = sorted(set(values("workers")))
     return [name, count, "/".join(map(str, workers)) or NA,
-            _mean_sd(values("final_test_acc"), "{:.4f}".format),
-            _mean_sd(values("best_test_acc"), "{:.4f}".format),
-            _mean_sd(values("wall_s"), _seconds), *reach,
-            _mean_sd(values("samples_per_s"), "{:.0f}".format),
+            over_seeds("final_test_acc", "{:.4f}".format),
+            over_seeds("best_test_acc", "{:.4f}".format),
+            over_seeds("wall_s", _seconds), *reach,
+            over_seeds("samples_per_s", "{:.0f}".format),
             _bytes(max(peaks)) if peaks else dash, stale,
             "; ".join(f"{k} {_bytes(_mean(v))}" for k, v in sorted(moved.items())) or dash,
             status]
@@ -524,7 +529,8 @@ def seed_table(rows: list[Row], targets: list[float]) -> str:
     """A comparison with ``--seeds``: one row per algorithm, in Markdown. Accuracies, wall
     time, samples/s and each time to a target are the mean ± sample standard deviation over
     the seeds whose run finished (a time to a target: over those that reached it, and how
-    many did); peak memory is the largest; staleness and bytes are means."""
+    many did; a value some runs' summaries lack, over the others, and how many); peak
+    memory is the largest; staleness and bytes are means."""
     head = ["algorithm", "seeds", "workers", "final acc", "best acc", "wall s",
             *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
             "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
@@ -678,7 +684,8 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
         out += ["", seed_table(rows, targets), "",
                 f"Each algorithm ran once per seed ({', '.join(map(str, seeds))}): the table "
                 "gives the mean ± sample standard deviation over the seeds whose run finished "
-                "(a time to a target: over those that reached it), the largest peak memory, "
+                "(a time to a target: over those that reached it; *in 1 of 2*: the value is "
+                "in that many of them), the largest peak memory, "
                 "and the mean staleness and byte counts. Every run:"]
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
