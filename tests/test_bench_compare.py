@@ -633,6 +633,33 @@ def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path)
     assert json.loads((out / report.RECORD).read_text())["runs"] == {}  # --resume reruns it
 
 
+@pytest.mark.timeout(300)
+def test_a_compare_killed_outright_takes_its_run_with_it(tmp_path):
+    """SIGKILL (the OOM killer, a scheduler's kill -9) of bench compare left its mpirun and
+    ranks training; a --resume meanwhile started that run again and, when the orphan had
+    finished it, took it for failed."""
+    out = tmp_path / "cmp"
+    job = start_job(["bench", "compare", "--algos", "ssgd", "--workers", "2", *SYNTHETIC,
+                     "--epochs", "200", "--checkpoint-every", "0.25e", "--out", str(out)],
+                    np=0)
+    try:
+        deadline = time.monotonic() + 120
+        while not listing(out / "ssgd" / "checkpoints"):
+            if (ended := job.poll()) is not None or time.monotonic() > deadline:
+                job.kill()
+                pytest.fail(f"no checkpoint yet (exit {ended}): {job.communicate()[1]}")
+            time.sleep(0.05)
+        assert len(running(out / "ssgd")) >= 3  # mpirun and its two ranks
+    finally:
+        job.kill()
+        job.communicate()
+    deadline = time.monotonic() + 60  # each rank ends within its step and writes nothing
+    while running(out / "ssgd") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert running(out / "ssgd") == []
+    assert not (out / "ssgd" / "summary.json").exists()
+
+
 @pytest.fixture(scope="module")
 def failed(stopped, tmp_path_factory):
     """The stopped comparison resumed, in a copy: sgd goes on from its checkpoint and

@@ -590,6 +590,28 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         proc.kill()
 
 
+# A job ends with its compare even when the compare is killed outright (SIGKILL, the OOM
+# killer), not only on SIGTERM or Ctrl-C (execute's cleanup): left running, a resumed compare
+# started that run again beside it. On Linux the child asks for SIGTERM at its parent's death
+# (prctl PR_SET_PDEATHSIG, kept across exec) and then becomes the launcher, which passes it on.
+_WITH_PARENT = """\
+import ctypes, os, signal, sys
+if ctypes.CDLL(None).prctl(1, signal.SIGTERM, 0, 0, 0) == 0 and os.getppid() != int(sys.argv[1]):
+    sys.exit(143)  # the compare died before the signal was asked for
+try:
+    os.execvp(sys.argv[2], sys.argv[2:])
+except OSError as e:
+    sys.exit(f"hpctrain bench compare: cannot run {sys.argv[2]}: {e.strerror}")
+"""
+
+
+def tied(command: list[str]) -> list[str]:
+    """``command``, sent SIGTERM when this process dies (Linux; elsewhere as given)."""
+    if not sys.platform.startswith("linux"):
+        return command
+    return [sys.executable, "-c", _WITH_PARENT, str(os.getpid()), *command]
+
+
 def execute(run: Run, run_dir: Path, label: str, timeout: float,
             warning: _Warning | None = None) -> dict:
     """Run one job, showing its progress; return its record (status, error, returncode...).
@@ -606,7 +628,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "a") as log:
         if log.tell():
             log.write(f"--- continued ({time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
-        proc = subprocess.Popen(run.command, stdout=out, stderr=subprocess.PIPE, env=env)
+        proc = subprocess.Popen(tied(run.command), stdout=out, stderr=subprocess.PIPE, env=env)
         if warning is not None:
             warning.started(proc)
         expired = threading.Event()
