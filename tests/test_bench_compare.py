@@ -987,6 +987,22 @@ def test_a_wrong_typed_summary_value_is_n_a_with_a_warning(tmp_path, capsys, key
     assert all((tmp_path / name).is_file() for name in OUTPUTS)
 
 
+def test_a_report_of_a_comparison_going_on_is_refused(tmp_path):
+    """hpctrain report during a compare wrote report.md with the run going on and those to
+    come as "failed: did not run"."""
+    import fcntl
+
+    saved_runs(tmp_path)
+    with open(tmp_path / ".hpctrain.lock", "a") as lock:  # as a comparison going on holds it
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError, match=f"^{tmp_path} is in use by a comparison or run "
+                                             "going on now"):
+            report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+        assert not (tmp_path / "report.md").exists()
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))  # once it ended
+    assert (tmp_path / "report.md").is_file()
+
+
 def test_a_run_without_its_curve_is_a_failed_row(tmp_path):
     """Every finished run writes metrics.jsonl before summary.json: a run without it counted
     as ok, with no time to any target, as if it had never reached one."""

@@ -19,6 +19,9 @@ from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
+import errno
+import fcntl
 import io
 import json
 import math
@@ -919,6 +922,23 @@ def render(folder: str | Path, targets: list[float] | None = None
     return rows, targets, drawn
 
 
+def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
+    """Hold ``folder``'s lock while the report is written; UsageError if a comparison (or a
+    run) going on holds it: its report called the runs going on and to come failed. A folder
+    without the lock file is left without one."""
+    from hpctrain.run import LOCK
+
+    try:
+        handle = held.enter_context(open(folder / LOCK))
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise UsageError(f"{folder} is in use by a comparison or run going on now (it "
+                             f"holds {folder / LOCK}); bench compare writes its report.md "
+                             "as each run ends") from None
+        # none there, or a file system without locks: nothing to wait for
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", help="a comparison's --out folder, or a folder of finished runs")
     parser.add_argument("--targets", default=None,
@@ -928,8 +948,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report in ``args.dir``; print its table and where the files are."""
-    rows, targets, drawn = render(args.dir,
-                                  None if args.targets is None else parse_targets(args.targets))
+    with contextlib.ExitStack() as held:
+        _hold_unless_in_use(held, Path(args.dir))
+        rows, targets, drawn = render(args.dir, None if args.targets is None
+                                      else parse_targets(args.targets))
     print(main_table(rows, targets))
     print(f"hpctrain report: {', '.join(map(str, [Path(args.dir) / REPORT, *drawn]))}")
     if not drawn:
