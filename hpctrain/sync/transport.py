@@ -236,6 +236,8 @@ def _half_op(op: int, dtype: torch.dtype) -> Any:
     combine = _TORCH_OPS[int(op)]
 
     def reduce(inbuf, inoutbuf, datatype) -> None:
+        if not len(inoutbuf):  # Open MPI's ring and Rabenseifner allreduces hand a rank an
+            return  # empty piece when there are fewer elements than ranks
         acc = torch.frombuffer(inoutbuf, dtype=dtype)
         combine(acc, torch.frombuffer(inbuf, dtype=dtype), out=acc)
 
