@@ -404,10 +404,18 @@ def test_broadcast_parameters_and_optimizer_state(hvd):
     assert params[0].tolist() == [hvd.size() - 1.0] * 2
     if hvd.backend() != "horovod":  # which would wait for the other names: a stall
         # Names that differ copied the root's tensors into other entries.
-        with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters"):
+        # Each error names what differs: the calls read alike ("1 tensors").
+        with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters.*they "
+                           r"differ in \('w', 'torch.float32', \(2,\)\) on rank 0, \('v', "):
             hvd.broadcast_parameters({"w" if r == 0 else "v": torch.zeros(2)}, root_rank=0)
         with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters"):
             hvd.broadcast_parameters([(f"w{min(r, 1)}", torch.zeros(2))], root_rank=0)
+        model = nn.Linear(3, 2 + min(r, 1))
+        with pytest.raises(sync.CollectiveMismatchError, match=r"DistributedOptimizer.*they "
+                           r"differ in \(2, 'torch.float32'\) on rank 0, \(3, 'torch.float32'\) "
+                           "on rank 1"):
+            hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                     named_parameters=model.named_parameters())
 
 
 @mpi
