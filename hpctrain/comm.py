@@ -28,8 +28,10 @@ from hpctrain.switches import switch
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
 
 
-def init(thread_level: str = "multiple") -> ModuleType:
+def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
     """Initialise MPI at ``thread_level`` (once), install abort-on-error; return ``mpi4py.MPI``.
+    ``every_rank``: every rank of the job calls this now (else libnbc's algorithm is left to
+    a later call that they all make: see :func:`_first_use`).
 
     Raises RuntimeError when MPI was already initialised below the requested level.
     """
@@ -50,7 +52,10 @@ def init(thread_level: str = "multiple") -> ModuleType:
             "call hpctrain.comm.init() before anything imports mpi4py.MPI"
         )
     install_abort_on_error()
-    _first_use(MPI, started_here)
+    if every_rank or started_here:  # started here: the environment chose at MPI_Init
+        _first_use(MPI, started_here)
+    else:
+        _check_world_once(MPI)
     return MPI
 
 

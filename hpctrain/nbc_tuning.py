@@ -9,9 +9,10 @@ alone.
 
 Every rank must choose alike: Open MPI agrees on a new communicator's id (``Comm.Dup``,
 ``Split``) with a non-blocking allreduce, and ranks on different algorithms deadlock in it.
-So the choice is made where every process of a launch passes, hpctrain's first use of MPI
-(:func:`hpctrain.comm.init` and ``comm.mpi()``), never where a subset starts something (the
-training ranks of a run with ``--eval-rank``). MPI started by hpctrain reads it from the
+So the choice is made where every process of a launch passes, hpctrain's first
+:func:`hpctrain.comm.init` that every rank makes, never where a subset starts something (the
+training ranks of a run with ``--eval-rank``, a script's ``hpctrain.sync.init(comm=sub)`` on
+some ranks: ``init(every_rank=False)``). MPI started by hpctrain reads it from the
 environment at ``MPI_Init`` (free); MPI started before (pytest-mpi, a user's script) gets it
 through the MPI tool interface, MPI_T, which mpi4py does not wrap, hence ctypes (about 0.25 s
 in Open MPI 4.1 for ``MPI_T_init_thread``).

@@ -197,7 +197,9 @@ def test_a_run_on_some_ranks_leaves_the_world_able_to_make_communicators():
     backend used to set as it started: started on all ranks but the last (ssgd with
     --eval-rank), the next Comm.Dup of the world, whose agreement on a communicator id runs
     such an allreduce, hung on 3 and 4 ranks (a script's second hpctrain.train). Every rank
-    now chooses as hpctrain first uses MPI (nbc_tuning)."""
+    now chooses as hpctrain first uses MPI (nbc_tuning). MPI started before (as here, by
+    pytest-mpi, or by a script's mpi4py import) and the backend started on some ranks only
+    chose on those: this hung when it was the first test to start hpctrain."""
     world = comm.world()
     trainers = world.Split(0 if world.Get_rank() < world.Get_size() - 1 else 1)
     if world.Get_rank() < world.Get_size() - 1:

@@ -91,7 +91,11 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     if _world is not None:
         return
     if transport == "mpi":
-        MPI = mpicomm.init()  # every rank is here together: libnbc's algorithm is chosen
+        # libnbc's algorithm is chosen where every rank of the job is here together; a
+        # script that starts the backend on some ranks (init(comm=sub)) set it on those only,
+        # and the next new communicator of the world hung in its id's agreement
+        whole = comm is None or comm.Get_size() == mpicomm.mpi().COMM_WORLD.Get_size()
+        MPI = mpicomm.init(every_rank=whole)
         moving: Transport = MPITransport(MPI.COMM_WORLD if comm is None else comm)
         algorithm = nbc_tuning.in_effect()
     else:
