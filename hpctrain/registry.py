@@ -69,6 +69,8 @@ def load(reference: str) -> type[Algorithm]:
     :class:`~hpctrain.algorithm.Algorithm` subclass with a ``name`` of its own and options
     declared as the built-in ones' are; UsageError (one line) else."""
     cls = plugins.resolve("--algo", reference)
+    if _LOADED.get(reference) is cls:  # checked when it was first loaded
+        return cls
     what = f"--algo {reference}"
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         kind = "class" if isinstance(cls, type) else type(cls).__name__
@@ -85,8 +87,6 @@ def load(reference: str) -> type[Algorithm]:
         raise UsageError(f"{what}: its Options must be a dataclass subclassing "
                          "hpctrain.algorithm.Options (frozen, fields declared with "
                          "hpctrain.options.option)")
-    if _LOADED.get(reference) is cls:
-        return cls
     _check_attributes(what, cls)
     for other, known_cls in list(_LOADED.items()):
         if _same_class(known_cls, cls):  # its file changed since: the new one for them all

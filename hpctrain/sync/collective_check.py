@@ -166,5 +166,8 @@ def difference(a: Any, b: Any, rank_a: int, rank_b: int) -> str:
             and max(len(repr(a)), len(repr(b))) > 30:
         if len(a) != len(b):
             return f"{len(a)} entries on rank {rank_a}, {len(b)} on rank {rank_b}"
-        a, b = next((x, y) for x, y in zip(a, b, strict=True) if x != y)
+        pair = next(((x, y) for x, y in zip(a, b, strict=True) if x != y), None)
+        if pair is None:  # equal items in another container (a list, a tuple)
+            break
+        a, b = pair
     return f"{a!r} on rank {rank_a}, {b!r} on rank {rank_b}"
