@@ -386,11 +386,12 @@ def _agree(world, config: RunConfig) -> None:
     a model of the user's own, ``--resume auto``'s checkpoints) and resolved ``--device
     auto`` with its own GPUs: refuse, on every rank, a run they resolved differently, which
     would hang in its first collective, fail in it with a message that explains nothing,
-    train on mismatched data, or meet NCCL on one rank with gloo on another. One
-    allgather."""
+    train on mismatched data (of the same sizes: other labels or pixels), or meet NCCL on one
+    rank with gloo on another. One allgather."""
     d = config.data
     mine = {**configs.flat(config), "training samples": data.size(d.dataset, "train", d.data_dir),
             "test samples": data.size(d.dataset, "test", d.data_dir),
+            "the data (its labels and a few samples)": data.fingerprint(d.dataset, d.data_dir),
             _DEVICE: devices.resolve(config.device)}
     if plugins.is_reference(config.model.name):  # a built-in one is the same everywhere
         sample = data.load(d.dataset, "test", d.data_dir, 0, 1)

@@ -8,6 +8,7 @@ import json
 import re
 import sys
 
+import numpy as np
 import pytest
 from conftest import ROOT, SYNTHETIC, run_program
 
@@ -60,29 +61,40 @@ def test_a_scripts_runs_refused_on_one_rank_are_refused_on_every_rank(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path):
-    """The same --dataset npz:data.npz, 96 samples on one node and 64 on the other: the
-    ranks' allreduces fell out of step and the job hung until --stall-timeout."""
-    from test_plugins import write_npz
+@pytest.mark.parametrize("other", ["size", "labels", "pixels"])
+def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path, other):
+    """--dataset mnist from each node's own $HPCTRAIN_DATA, 96 samples on one node and 64 on
+    the other: the ranks' allreduces fell out of step and the job hung until --stall-timeout.
+    With 96 on both but other labels, or other pixels in the last sample, each rank trained
+    on its own data and nothing was said."""
+    from test_data import write_idx
 
-    for rank, n in ((0, 96), (1, 64)):
-        (tmp_path / f"node{rank}").mkdir()
-        write_npz(tmp_path / f"node{rank}" / "data.npz", n=n)
+    g = np.random.default_rng(1)
+    x, y = g.integers(0, 256, (96, 28, 28)), g.integers(0, 10, 96)
+    changed = {"size": (x[:64], y[:64]), "labels": (x, (y + 1) % 10),
+               "pixels": (np.concatenate([x[:95], 255 - x[95:]]), y)}
+    for rank, (images, labels) in ((0, (x, y)), (1, changed[other])):
+        folder = tmp_path / f"node{rank}"
+        folder.mkdir()
+        for split, xs, ys in (("train", images, labels), ("t10k", x[:20], y[:20])):
+            write_idx(folder / f"{split}-images-idx3-ubyte.gz", xs)
+            write_idx(folder / f"{split}-labels-idx1-ubyte.gz", ys)
     script = tmp_path / "job.py"
     script.write_text("import os, sys\n"
-                      "os.chdir(os.path.join(sys.argv[1], 'node' + os.environ["
-                      "'OMPI_COMM_WORLD_RANK']))\n"
+                      "os.environ['HPCTRAIN_DATA'] = os.path.join(sys.argv[1], 'node' + "
+                      "os.environ['OMPI_COMM_WORLD_RANK'])\n"
                       "from hpctrain import cli\n"
                       "cli.main(sys.argv[2:])\n")
     proc = run_program([sys.executable, str(script), str(tmp_path), "train", "--algo", "ssgd",
-                        *SYNTHETIC[2:], "--dataset", "npz:data.npz",
+                        *SYNTHETIC[2:], "--dataset", "mnist",
                         "--out", str(tmp_path / "run")], np=2, timeout=90,
                        env={"PYTHONPATH": str(ROOT)})
     errors = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain: error")]
     assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    key = "training samples" if other == "size" else "the data (its labels and a few samples)"
     assert errors[0].startswith("hpctrain: error (rank 0 of 2): the ranks resolved different "
-                                "runs: ")
-    assert "do the ranks see the same files?" in errors[0]
+                                f"runs: {key} is "), errors[0]
+    assert errors[0].endswith("; do the ranks see the same files?")
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
