@@ -157,6 +157,10 @@ def _dataset(name: str, src, split: str, rows: np.ndarray):
     if len(rows) and tuple(x.shape[1:]) != src.shape:
         raise UsageError(f"--dataset {name} {split}: samples of shape {tuple(x.shape[1:])}, "
                          f"but the training set's are {src.shape}")
+    finite = torch.isfinite(x.flatten(1)).all(dim=1) if len(rows) else torch.ones(0, dtype=bool)
+    if not finite.all():  # one NaN pixel made its batch's every step a skipped one
+        row = int(rows[int((~finite).nonzero()[0])])
+        raise UsageError(f"--dataset {name} {split}: sample {row} holds NaN or Inf")
     y = torch.from_numpy(src.labels(split)[rows])
     return Dataset(name, x.contiguous(), y, torch.from_numpy(np.asarray(rows, np.int64)),
                    src.num_classes)

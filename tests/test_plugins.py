@@ -450,6 +450,20 @@ def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
     assert torch.equal(part.images[:, 0], torch.from_numpy(x[[2, 0]].astype(np.float32)))
 
 
+def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them(tmp_path):
+    """One NaN pixel in x_train: the batch holding it was skipped as a bad step every epoch
+    and the run finished as if nothing were wrong; float64 beyond float32's range is Inf."""
+    x = np.zeros((60, 6, 6))
+    x[7, 2, 3], x[40, 0, 0] = np.nan, 1e300
+    write_npz(tmp_path / "d.npz", x_train=x)
+    name = f"npz:{tmp_path / 'd.npz'}"
+    with pytest.raises(UsageError, match=rf"^--dataset {name} train: sample 7 holds NaN or Inf$"):
+        data.load_indices(name, "train", [0, 7, 40])
+    with pytest.raises(UsageError, match="sample 40 holds NaN or Inf$"):
+        data.load(name, "train", start=8)
+    assert len(data.load_indices(name, "train", [0, 8, 59])) == 3  # a shard without them
+
+
 def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
     """A relative ./FILE.py name was loaded twice (once as given, once made absolute), and a
     loader drawing random numbers gave each rank other data."""
