@@ -84,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                               formatter_class=_HelpFormatter)
     arguments.add_arguments(simulate)
     sim_arguments.add_arguments(simulate)
+    sim_arguments.hide_refused(simulate)
     benchmarks = {name: importlib.import_module(m) for name, m in BENCHMARKS.items()}
     bench = sub.add_parser(
         "bench", help="benchmarks, each against a baseline measured in the same run",

@@ -230,6 +230,20 @@ def test_the_simulator_refuses_the_options_it_does_not_use(argv, named):
         message.endswith("): drop it")
 
 
+def test_the_simulators_help_leaves_out_trains_options_it_refuses(capsys):
+    """simulate --help offered --checkpoint-every, --eval-rank, --data-placement sharded and
+    the rest, each refused when given."""
+    helps = {}
+    for command in ("train", "simulate"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    for flag in sim_arguments.REFUSED:  # usage lists [--flag ...] for each option shown
+        assert f"[{flag} " in helps["train"] and f"[{flag} " not in helps["simulate"], flag
+    assert "".join(helps["simulate"].split()).endswith(  # wrapped, also at hyphens
+        "".join(sim_arguments.REFUSED_EPILOG.split()))
+
+
 def test_the_simulator_takes_a_real_runs_config_with_those_options():
     """From a file (a real run's config.json, simulated) they are ignored, not refused."""
     config = RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic"),

@@ -26,6 +26,24 @@ UNUSED = {
 }
 
 
+# train's flags that a simulation refuses whatever their value (:data:`UNUSED`'s, and those
+# sim.simulate checks: one process, rerun rather than resumed, data held once): off its --help.
+REFUSED = ("--stall-timeout", "--sync-backend", "--checkpoint-every", "--checkpoint-dir",
+           "--resume", "--eval-rank", "--profile", "--data-placement", "--shuffle-chunk-mb")
+REFUSED_EPILOG = ("train's " + ", ".join(REFUSED) + " are not listed: a simulation runs in one "
+                  "process, holds the data once (--data-placement replicated) and is rerun "
+                  "rather than resumed, so it refuses them; a real run's config.json given to "
+                  "--config has those but the data placement left out")
+
+
+def hide_refused(parser: argparse.ArgumentParser) -> None:
+    """Keep :data:`REFUSED` off ``parser``'s --help; typed, they are still refused by name."""
+    for action in parser._actions:
+        if set(action.option_strings) & set(REFUSED):
+            action.help = argparse.SUPPRESS
+    parser.epilog = REFUSED_EPILOG
+
+
 def options() -> list[Declared]:
     return [Declared(flag_of(f), ("sim", f.name), f) for f in declared(SimConfig)]
 
