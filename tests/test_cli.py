@@ -622,3 +622,26 @@ def test_a_sigusr1_stops_the_first_run_of_a_script_and_not_the_next(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert [line for line in proc.stdout.splitlines() if line.startswith(("first", "second"))] \
         == ["first exit 5", "second finished"], proc.stdout
+
+
+def test_more_threads_than_the_processs_cpus_are_said_before_the_run(tmp_path, capsys):
+    """Open MPI binds each of one or two ranks to one core: --threads 2 ran two threads on
+    it, no faster than one, and nothing said so (a Slurm job's --cpus-per-task 2 too)."""
+    from hpctrain import arguments, run
+
+    def warned(threads: int) -> str:
+        args = ["train", "--algo", "sgd", *SYNTHETIC, "--threads", str(threads),
+                "--out", str(tmp_path / "run")]
+        run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 1)
+        return capsys.readouterr().err
+
+    cpus = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cpus)})
+        assert warned(2) == ("hpctrain: warning: --threads 2, but this process may run on only "
+                             "1 CPU (its affinity: the launcher's binding; Open MPI's mpirun "
+                             "binds each of one or two ranks to one core: give it --bind-to "
+                             "none or --map-by slot:PE=2; srun: --cpus-per-task=2)\n")
+        assert warned(1) == ""
+    finally:
+        os.sched_setaffinity(0, cpus)

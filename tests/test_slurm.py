@@ -314,6 +314,20 @@ def test_train_sbatch_runs_a_two_task_job_with_srun(slurm):
 
 
 @pytest.mark.timeout(300)
+def test_train_sbatch_gives_a_tasks_threads_its_cpus_under_mpirun(slurm):
+    """--cpus-per-task=2 with Open MPI's mpirun: the one rank was bound to one core and its
+    two torch threads shared it (hpctrain now says so: the warning must not appear)."""
+    job, work = sbatch(slurm, "train.sbatch",
+                       ["--nodes=1", "--ntasks-per-node=1", "--cpus-per-task=2", "--time=10"],
+                       ["--algo", "sgd", *SMALL], JOB_ENV)
+    log = job_log(work, job)
+    assert "OMP_NUM_THREADS=2" in log and "launcher mpirun" in log, log
+    assert "warning: --threads" not in log, log
+    summary = json.loads((work / "runs" / f"train-{job}" / "summary.json").read_text())
+    assert summary["workers"] == 1
+
+
+@pytest.mark.timeout(300)
 def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tmp_path):
     """One torchrun per node, started by srun (multi-node torchrun on Slurm): its workers all
     inherit srun's SLURM_LOCALID=0, and the GPU each takes comes from torchrun's LOCAL_RANK."""
