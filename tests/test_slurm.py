@@ -606,13 +606,15 @@ DEFAULT_CHECKPOINTS = "runs/train-4242/checkpoints"
     (["--checkpoint-dir", "a", "--out", "o", "--checkpoint-dir=ck"], "ck", 137, True),
     (["--out", "o", "--checkpoint-dir", "ck"], "o/checkpoints", 137, False),
     (["--checkpoint-dir", "ck"], None, 5, True),  # the run's own stop after its checkpoint
+    (["--config", "ck.toml"], "ck", 137, True),  # was looked for in the default folder only
+    (["--config", "ck.toml", "--checkpoint-dir", "o"], "ck", 137, False),
 ])
 def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpoint(
         tmp_path, args, checkpoint_in, status, requeued):
     """After the warning, srun may say 128 + 9 instead of 5: the script requeues then only if
-    the run's checkpoint folder (the last --checkpoint-dir, else <last --out>/checkpoints)
-    holds a checkpoint. It looked in its own <out>/checkpoints, whatever the arguments said,
-    and took any status above 128. srun's status is this test's input: a real srun says
+    the run's checkpoint folder (the last --checkpoint-dir, else --config's, else <last
+    --out>/checkpoints) holds a checkpoint. It looked in its own <out>/checkpoints, whatever
+    the arguments said, and took any status above 128; then missed --config's folder. srun's status is this test's input: a real srun says
     128 + 9 only when a rank is killed in a race a cluster does not give on demand, so a
     stand-in srun exits with it (and scontrol logs); the real requeues run against the local
     Slurm above."""
@@ -625,9 +627,11 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
     if checkpoint_in is not None:
         (tmp_path / checkpoint_in).mkdir(parents=True)
         (tmp_path / checkpoint_in / "ckpt-000000004.pt").write_bytes(b"")
+    (tmp_path / "ck.toml").write_text('[checkpoint]\ndir = "ck"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
-               HPCTRAIN_LAUNCH="srun", HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON="python3",
+               HPCTRAIN_LAUNCH="srun", HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=sys.executable,
+               PYTHONPATH=str(ROOT),
                PATH=f"{fake}{os.pathsep}{env['PATH']}", FAKE_STATUS=str(status),
                FAKE_LOG=str(tmp_path / "scontrol.log"))
     proc = subprocess.run(["bash", str(TRAIN_SBATCH), "--algo", "ssgd", *args], env=env,
