@@ -317,7 +317,10 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
             if _has_files(name, sub):
                 return sub
     shown = ", ".join(str(p) for p in tried)
-    raise UsageError(f"no {name} files found (tried {shown}); {_HOW_TO_GET[name]}")
+    hint = _HOW_TO_GET[name] if not data_dir else "want " + (
+        "data_batch_1.bin .. data_batch_5.bin and test_batch.bin" if name == "cifar10" else
+        f"{_IDX_FILES['train'][0]}[.gz] and the other three IDX files of {name}")
+    raise UsageError(f"no {name} files found (tried {shown}); {hint}")
 
 
 def _has_files(name: str, folder: Path) -> bool:
