@@ -574,6 +574,17 @@ def test_a_batch_script_run_by_hand_says_to_submit_it(script):
         2, f"hpctrain: error: {script}.sbatch is a Slurm batch script: submit it with sbatch")
 
 
+def test_bench_sbatch_refuses_a_misspelt_benchmark_before_making_its_folder(tmp_path):
+    """bench.sbatch kernal exited 2 but left runs/bench-kernal-<id>/stdout.txt behind."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_JOB_NODELIST="node0",
+               HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "bench.sbatch"), "kernal"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "invalid choice: 'kernal'" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 # srun as the time limit's warning may leave it (--kill-on-bad-exit): once the batch script (its
 # parent) catches SIGUSR1 (SigCgt's bit 10 - 1), warn it as Slurm's --signal does, and exit
