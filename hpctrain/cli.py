@@ -72,7 +72,8 @@ STOPPED_ON_COLLAPSE = 4  # exit status of a run --stop-on-collapse ended
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="hpctrain", description=__doc__.splitlines()[0])
+    parser = Parser(prog="hpctrain", description="distributed PyTorch training over MPI: "
+                    "train, simulate many workers in one process, benchmark and compare")
     parser.add_argument("--version", action="version",
                         version=f"hpctrain {sys.modules['hpctrain'].__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)

@@ -101,6 +101,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mpi", action="store_true", help="MPI mode (the only one here)")
     parser.add_argument("--gloo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--jsrun", action="store_true", help=argparse.SUPPRESS)
+    parser.epilog = (f"horovodrun's elastic flags ({', '.join(ELASTIC_FLAGS)}) are not listed: "
+                     f"{' and '.join(ELASTIC_STARTS)}, which start its elastic mode, are refused "
+                     "(a lost worker ends the job; a restart resumes: README), and the others "
+                     "are ignored without them, as horovodrun ignores them")
     for flag in ELASTIC_FLAGS:
         aliases = [flag.replace("-np", "-num-proc")] if flag.endswith("-np") else []
         parser.add_argument(flag, *aliases, dest=_dest(flag), help=argparse.SUPPRESS,

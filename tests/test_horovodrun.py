@@ -87,6 +87,16 @@ def test_interfaces_given_once_each_or_comma_separated_are_one_list():
     assert "NCCL_SOCKET_IFNAME=eth0,ib0" in cmd and "GLOO_SOCKET_IFNAME=eth0,ib0" in cmd
 
 
+def test_help_names_the_elastic_flags_it_takes_without_listing(capsys):
+    """--max-np and --elastic-timeout were accepted (ignored, as horovodrun ignores them
+    without --min-np) but --help never said so."""
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["horovodrun", "--help"])
+    text = "".join(capsys.readouterr().out.split())  # wrapped, also at hyphens
+    assert all(f"[{flag}" not in text and flag in text for flag in horovodrun.ELASTIC_FLAGS)
+    assert "areignoredwithoutthem" in text
+
+
 def test_check_build_reports_what_torch_and_mpi4py_offer_here():
     from hpctrain import devices
 
