@@ -625,10 +625,10 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
     """After the warning, srun may say 128 + 9 instead of 5: the script requeues then only if
     the run's checkpoint folder (the last --checkpoint-dir, else --config's, else <last
     --out>/checkpoints) holds a checkpoint. It looked in its own <out>/checkpoints, whatever
-    the arguments said, and took any status above 128; then missed --config's folder. srun's status is this test's input: a real srun says
-    128 + 9 only when a rank is killed in a race a cluster does not give on demand, so a
-    stand-in srun exits with it (and scontrol logs); the real requeues run against the local
-    Slurm above."""
+    the arguments said, and took any status above 128; then missed --config's folder.
+    srun's status is this test's input: a real srun says 128 + 9 only when a rank is killed
+    in a race a cluster does not give on demand, so a stand-in srun exits with it (and
+    scontrol logs); the real requeues run against the local Slurm above."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "srun").write_text(FAKE_SRUN)
