@@ -435,14 +435,15 @@ LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held whi
 
 @contextlib.contextmanager
 def claimed(config: RunConfig, stem: str | None = None):
-    """Rank 0 holds an exclusive lock on the run's folders (``--out``, a ``--checkpoint-dir``
-    outside it) while it runs: two jobs started with the same ``--out`` at once both passed
-    the checks, then wrote over each other (one's config.json beside the other's model.pt;
-    one removed the other's temporary file and crashed it). The second is refused in one
-    line, exit 2, before MPI starts. The kernel drops the lock when the process ends, killed
-    or not, so a requeued or restarted job finds it free. Where the file system has no locks
-    (Lustre mounted without ``flock``), runs go on unlocked, as before. Where MPI already
-    runs the job (a script's later run), rank 0's refusal is raised on every rank.
+    """Rank 0 holds an exclusive lock on the run's folders (``--out``, and the checkpoint
+    folder where it has one, inside ``--out`` or not) while it runs: two jobs started with
+    the same ``--out`` at once both passed the checks, then wrote over each other (one's
+    config.json beside the other's model.pt; one removed the other's temporary file and
+    crashed it). The second is refused in one line, exit 2, before MPI starts. The kernel
+    drops the lock when the process ends, killed or not, so a requeued or restarted job
+    finds it free. Where the file system has no locks (Lustre mounted without ``flock``),
+    runs go on unlocked, as before. Where MPI already runs the job (a script's later run),
+    rank 0's refusal is raised on every rank.
 
     Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
     (``runs/<stem>-<time>``, the stem the algorithm's name unless given).
@@ -476,9 +477,12 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
         made.append(new_run_folder(stem or config.algorithm_class.name))
         config = replace(config, out=str(made[0]))
     folders = [("--out", Path(config.out))]
-    ckdir = config.checkpoint.dir
-    if ckdir is not None and Path(config.out).resolve() not in Path(ckdir).resolve().parents:
-        folders.append(("--checkpoint-dir", Path(ckdir)))
+    ck = config.checkpoint
+    if ck.dir is not None or ck.interval is not None or ck.resume is not None:
+        # Its own lock, also inside --out: a run resuming another's checkpoints (--resume DIR
+        # --out elsewhere, or --checkpoint-dir DIR/checkpoints) locked only its own folders,
+        # and the two runs wrote, and rotated away, each other's checkpoints.
+        folders.append(("the checkpoint folder", checkpoint.run_folder(ck.dir, config.out)))
     made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     for flag, folder in folders:
         lock_folder(held, flag, folder)

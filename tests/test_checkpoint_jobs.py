@@ -408,6 +408,33 @@ def test_disk_full_then_resumed_with_room_equals_uninterrupted(tmp_path, sgd_run
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("resumed", [True, False])
+def test_a_checkpoint_folder_another_run_writes_is_refused_through_any_flag(tmp_path, sgd_runs,
+                                                                          resumed):
+    """Run A locked only its --out. B, resuming A's checkpoints into another --out, or
+    naming A's <out>/checkpoints as its --checkpoint-dir before A wrote one, locked that
+    folder's own lock file, and both wrote there: B's rotation removed A's checkpoints, and
+    A's --resume auto would have found B's. A's lock is taken here as its run takes it."""
+    from hpctrain import arguments, cli, run
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    if resumed:
+        shutil.copytree(sgd_runs["killed"], a)
+    flags = ["--checkpoint-every", "1e"]
+    config = run.check_launch(arguments.build(cli.build_parser().parse_args(
+        options(a, "sgd", *flags, "--resume", "auto"))), 1)
+    with run.claimed(config):  # A, going on
+        proc = train(b, "sgd", 0, *flags, *(["--resume", str(a)] if resumed else
+                                            ["--checkpoint-dir", str(a / "checkpoints")]))
+    folder = a / "checkpoints"
+    assert proc.returncode == 2, proc.stderr
+    assert error_lines(proc) == [
+        f"hpctrain: error: the checkpoint folder {folder} is in use by another run going on now "
+        f"(it holds {folder / run.LOCK}); wait for it to end or choose another folder"]
+    assert not b.exists()
+
+
+@pytest.mark.timeout(120)
 def test_resume_refusals(tmp_path, sgd_runs):
     """Against the killed sgd run's folder (3 epochs, --checkpoint-every 1e), left as it is."""
     out = sgd_runs["killed"]

@@ -291,8 +291,9 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, held, capsys):
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UsageError) as refused:
             run.train(arguments.build(cli.build_parser().parse_args(args)))
+    flag = "--out" if held == "out" else "the checkpoint folder"
     assert str(refused.value) == (
-        f"--{held} {folder} is in use by another run going on now (it holds "
+        f"{flag} {folder} is in use by another run going on now (it holds "
         f"{folder / run.LOCK}); wait for it to end or choose another folder")
     # The other run's folder stays; the --out this run made to lock is gone with it
     assert (folder / run.LOCK).exists() and out.exists() == (held == "out")
