@@ -62,6 +62,34 @@ def test_flipped_byte_is_detected(tmp_path, where):
         checkpoint.load(path)
 
 
+def test_a_flipped_digit_in_the_headers_position_is_detected(tmp_path):
+    """The checksum covered the payload only: "updates": 32 flipped to 22 (one bit) resumed
+    the run at update 22, on samples it had trained on."""
+    path = write(tmp_path, 32)
+    blob = path.read_bytes()
+    flip(path, blob.index(b'"updates": 32') + len(b'"updates": '))
+    assert b'"updates": 22' in path.read_bytes()
+    for read in (checkpoint.read_header, checkpoint.load):
+        with pytest.raises(CorruptCheckpoint, match=r"^ckpt-000000032\.pt: header checksum "
+                                                    "mismatch$"):
+            read(path)
+
+
+def test_a_legacy_checkpoint_without_a_header_checksum_is_read(tmp_path):
+    """hpctrain-checkpoint/1 files (written before the header had a checksum of its own)."""
+    path = write(tmp_path, 7)
+    legacy(path)
+    assert checkpoint.load(path)[0]["updates"] == 7
+
+
+def legacy(path, **fields) -> None:
+    """``path`` rewritten as an hpctrain-checkpoint/1 file, ``fields`` changed in its header."""
+    line, _, body = path.read_bytes().partition(b"\n")
+    header = {k: v for k, v in json.loads(line).items() if k != "header_sha256"}
+    header.update(format="hpctrain-checkpoint/1", **fields)
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+
 def test_truncated_file_is_detected(tmp_path):
     path = write(tmp_path, 1)
     for keep in (0, 10, path.stat().st_size - 1):
@@ -108,6 +136,7 @@ def test_a_payload_that_does_not_load_is_named_in_one_line(tmp_path):
     header, _ = checkpoint.load(path)
     body = pickle.dumps(Evil(), protocol=2)  # hashes right; weights_only refuses it at length
     header.update(bytes=len(body), sha256=hashlib.sha256(body).hexdigest())
+    header["header_sha256"] = checkpoint.format._header_digest(header)
     path.write_bytes(json.dumps(header).encode() + b"\n" + body)
     with pytest.raises(CorruptCheckpoint, match="payload does not load") as e:
         checkpoint.load(path)
@@ -179,6 +208,7 @@ def test_loading_never_executes_code(tmp_path, monkeypatch):
     body = buf.getvalue()
     header = {"format": checkpoint.FORMAT, "sha256": hashlib.sha256(body).hexdigest(),
               "bytes": len(body), "updates": 1}
+    header["header_sha256"] = checkpoint.format._header_digest(header)
     path = tmp_path / "ckpt-000000001.pt"
     path.write_bytes(json.dumps(header).encode() + b"\n" + body)
     with pytest.raises(CorruptCheckpoint, match="does not load"):
@@ -535,23 +565,19 @@ def test_parse_every_bounds_epochs():
         checkpoint.parse_every("1e308e")  # x steps per epoch: no whole number of updates
 
 
-def edit_header(path, **fields) -> None:
-    line, _, body = path.read_bytes().partition(b"\n")
-    path.write_bytes(json.dumps({**json.loads(line), **fields}).encode() + b"\n" + body)
-
-
 def test_a_header_edited_by_hand_is_unusable_and_named(tmp_path):
-    """The checksum covers the payload only: header fields of the wrong type are corrupt."""
+    """A legacy file's checksum covers the payload only: header fields of the wrong type are
+    corrupt. (A current file's header checksum refuses any edit.)"""
     a_run(tmp_path)
     (path,) = checkpoint.listing(tmp_path)
-    edit_header(path, args="hand-edited")
+    legacy(path, args="hand-edited")
     with pytest.raises(CorruptCheckpoint, match="header field 'args' is 'hand-edited', not a"):
         checkpoint.read_header(path)
     with pytest.raises(UsageError) as e:
         check(resume=str(tmp_path))
     assert str(e.value) == (f"--resume {tmp_path}: no checkpoint found there that can be read "
                             f"({path.name}: header field 'args' is 'hand-edited', not a table)")
-    edit_header(path, args={}, updates="x")
+    legacy(path, args={}, updates="x")
     lines = []
     assert checkpoint.load_newest(tmp_path, lines.append) is None
     assert "header field 'updates' is 'x', not a whole number" in lines[0]
@@ -681,7 +707,8 @@ def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, caps
     for updates in (10, 20):
         snapshots.take(model, updates=updates - 10)
         ckpt.save(updates, {}, snapshots)
-    flip(tmp_path / "a" / "snapshots" / "000000.pt", 200)
+    first = tmp_path / "a" / "snapshots" / "000000.pt"
+    flip(first, first.read_bytes().index(b"\n") + 200)  # in the payload
     lines = []
     found = checkpoint.load_newest(tmp_path / "a", lines.append)
     assert found.header["updates"] == 20 and not checkpoint.corrupt(tmp_path / "a")

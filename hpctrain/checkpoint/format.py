@@ -1,9 +1,10 @@
 """The checkpoint file format: one line of JSON (the header), then a ``torch.save`` payload.
 
 Kept apart from folders and training loops so that the bytes of a file, and the rules for
-trusting them, are defined in one place: the header carries the payload's SHA-256 and length,
-and the payload is only unpickled (``weights_only=True``, so no code from the file runs) once
-both match. Everything else reads and writes checkpoints through :func:`encode` and :func:`load`.
+trusting them, are defined in one place: the header carries the payload's SHA-256 and length
+and its own SHA-256, and the payload is only unpickled (``weights_only=True``, so no code
+from the file runs) once all match. Everything else reads and writes checkpoints through
+:func:`encode` and :func:`load`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-FORMAT = "hpctrain-checkpoint/1"
+FORMAT = "hpctrain-checkpoint/2"  # /2: the header carries its own checksum too
+_LEGACY = "hpctrain-checkpoint/1"  # read as before: the payload's checksum only
 _MAX_HEADER = 1 << 20
 
 
@@ -31,7 +33,15 @@ def encode(payload: object, header: dict) -> bytes:
     body = buf.getvalue()
     head = {**header, "format": FORMAT, "sha256": hashlib.sha256(body).hexdigest(),
             "bytes": len(body)}
+    head["header_sha256"] = _header_digest(head)
     return json.dumps(head, sort_keys=True).encode() + b"\n" + body
+
+
+def _header_digest(header: dict) -> str:
+    """SHA-256 of ``header`` but its own checksum: one flipped digit in ``updates`` resumed
+    a run at another position, training on samples it had seen (or skipping some)."""
+    rest = {k: v for k, v in header.items() if k != "header_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
 def _parse_header(line: bytes, path: Path) -> dict:
@@ -39,9 +49,11 @@ def _parse_header(line: bytes, path: Path) -> dict:
         header = json.loads(line)
     except ValueError:
         raise CorruptCheckpoint(f"{path.name}: unreadable header") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
+    if not isinstance(header, dict) or header.get("format") not in (FORMAT, _LEGACY):
         raise CorruptCheckpoint(f"{path.name}: not an {FORMAT} file")
-    # The checksum covers the payload only: a header edited by hand is checked here.
+    if header["format"] == FORMAT and header.get("header_sha256") != _header_digest(header):
+        raise CorruptCheckpoint(f"{path.name}: header checksum mismatch")
+    # A legacy header has no checksum: a header edited by hand is checked here.
     for key, kind in _HEADER_TYPES.items():
         value = header.get(key)
         if key in header and (not isinstance(value, kind) or isinstance(value, bool)):
