@@ -187,7 +187,12 @@ class Watch:
         log["steps"] += 1
         log["loss"] += value
         log["last"] = position, lr, t
-        if log["steps"] >= tensorboard.LOG_EVERY:
+        every = tensorboard.LOG_EVERY
+        # Lock-step: at each multiple of LOG_EVERY updates, so that a resumed run's entries
+        # fall where the uninterrupted run's do (counted from the resume, they were 4 off).
+        # Asynchronous: every LOG_EVERY of rank 0's own steps, its positions being sparse.
+        if (position // every > log["position"] // every if self.algo.lock_step
+                else log["steps"] >= every):
             self._write_log()
 
     def _write_log(self) -> None:

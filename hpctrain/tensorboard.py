@@ -2,9 +2,12 @@
 
 Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`` package):
 
-- ``train/loss`` (rank 0's mean over the last :data:`LOG_EVERY` steps, and at the end over
-  the run's last few), ``train/lr``, ``train/samples_per_s`` (all workers, from global
-  progress since the last entry) and, for asynchronous runs, ``train/staleness`` (mean over
+- ``train/loss`` (rank 0's mean over its steps since the last entry: lock-step runs write one
+  at every multiple of :data:`LOG_EVERY` updates, so a resumed run's fall where an
+  uninterrupted run's do, the first after the resume then over fewer steps; asynchronous
+  ones every :data:`LOG_EVERY` of rank 0's steps; at the end over the run's last few),
+  ``train/lr``, ``train/samples_per_s`` (all workers, from global progress since the last
+  entry) and, for asynchronous runs, ``train/staleness`` (mean over
   rank 0's pushes since the last entry), at the global update count;
 - ``train/loss_scale`` (fp16's loss scale), at the same steps;
 - ``test/accuracy`` and ``test/loss`` per snapshot, at its update count and wall time (when

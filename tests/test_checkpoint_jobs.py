@@ -115,8 +115,9 @@ def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, sgd_runs):
 @pytest.mark.timeout(300)
 def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     """The resumed run logged the restored snapshots' scores a second time, left the killed
-    run's training entries past the checkpoint beside its own, and stamped its entries with
-    wall times in the future (shifted by the seconds trained before)."""
+    run's training entries past the checkpoint beside its own, stamped its entries with wall
+    times in the future (shifted by the seconds trained before), and wrote its training
+    entries 10 steps from the resume, not where the uninterrupted run writes them."""
     import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -133,6 +134,9 @@ def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
         assert steps == sorted(set(steps)), (tag, steps)
     assert [e.step for e in board.Scalars("test/accuracy")] == list(range(0, 97, 16))
     assert max(e.wall_time for e in board.Scalars("train/loss")) <= time.time()
+    # Where the uninterrupted run's entries are (counted from the resume at 32: 42, 52, ...)
+    assert [e.step for e in board.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60, 70, 80,
+                                                             90, 96]
 
 
 @pytest.mark.timeout(300)
