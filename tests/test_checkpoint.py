@@ -698,6 +698,22 @@ def sgd_checkpointer(folder, resume=None, comm_=None) -> checkpoint.Checkpointer
                                    header={"algo": "sgd", "ranks": 1, "args": {}})
 
 
+def test_a_model_whose_code_changed_since_its_checkpoint_is_named_in_one_line(tmp_path):
+    """Resumed after a layer was widened: load_state_dict's RuntimeError, four lines, exit 1
+    (--init-from says the same in one line, exit 2, before MPI starts)."""
+    sgd_checkpointer(tmp_path / "a").save(10, {}, Snapshots())
+    widened = checkpoint.Checkpointer(None, 10, 40, shared={"model": torch.nn.Linear(3, 4)},
+                                      every="1e", folder=tmp_path / "b",
+                                      resume=str(tmp_path / "a"),
+                                      header={"algo": "sgd", "ranks": 1, "args": {}})
+    with pytest.raises(UsageError) as refused:
+        widened.restore(Snapshots())
+    assert str(refused.value) == (
+        f"--resume: the model in {tmp_path / 'a' / 'ckpt-000000010.pt'} does not fit this "
+        "run's model (was its code changed?): weight is 2 x 3 in the file, 4 x 3 in the model "
+        "(and 1 more of another shape)")
+
+
 def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):
     """Every checkpoint lists the snapshot files before it: one flipped byte in the first
     made both kept checkpoints unusable (renamed *.corrupt, --resume refused). Now the model

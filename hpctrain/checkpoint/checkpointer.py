@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import faults, watchdog
+from hpctrain import faults, watchdog, weights
 from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.folder import (
     Loaded,
@@ -46,6 +46,18 @@ _LATE, _STOP = 1, 2  # the bits of rank 0's verdict (Checkpointer._verdict)
 # not held to rank 0's pace step by step (5% slower with --jitter 0.5 at one; BENCHMARKS.md).
 SIGNAL_EVERY = 16
 
+
+
+def _check_models_fit(path: Path, objects: dict, states: dict) -> None:
+    """UsageError on every rank (each restores the same file) naming what of a checkpoint's
+    model does not fit this run's, whose code changed since: load_state_dict's lines of
+    RuntimeError, exit 1, where --init-from's mismatch is one line, exit 2."""
+    for name, obj in objects.items():
+        if isinstance(obj, torch.nn.Module) and name in states:
+            problem = weights.mismatch(obj, states[name])
+            if problem:
+                raise UsageError(f"--resume: the model in {path} does not fit this run's "
+                                 f"model (was its code changed?): {problem}")
 
 class Checkpointer:
     """Resuming and writing checkpoints from a training loop.
@@ -145,6 +157,7 @@ class Checkpointer:
         else:
             mine, own = parts[0]
         path, header, shared, book, self.refs, first, position, self.resized = common
+        _check_models_fit(path, {**self.shared, **self.per_rank}, {**shared, **mine})
         for name, obj in self.shared.items():
             obj.load_state_dict(shared[name])
         for name, obj in self.per_rank.items():
