@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -318,6 +319,22 @@ def test_a_run_resumed_into_another_checkpoint_dir_carries_its_snapshots(tmp_pat
     found = checkpoint.newest(tmp_path / "b")
     assert found.header["updates"] == 20
     assert [s.info["updates"] for s in found.snapshots[0]] == [0, 20]
+
+
+def test_a_checkpoint_without_its_snapshots_says_so_in_one_line(tmp_path):
+    """Copied without snapshots/: one line per snapshot (97 of them), at every resume."""
+    ckpt, snapshots = sgd_checkpointer(tmp_path), Snapshots()
+    for updates in range(3):
+        snapshots.take(ckpt.shared["model"], updates=updates)
+    ckpt.save(10, {}, snapshots)
+    shutil.rmtree(tmp_path / "snapshots")
+    lines = []
+    found = checkpoint.load_newest(tmp_path, lines.append)
+    assert found.header["updates"] == 10 and found.snapshots == [[]]
+    assert lines == [f"hpctrain: 3 snapshots in {tmp_path / 'snapshots'} are unusable "
+                     "(000000.pt: No such file or directory (update 0); 000001.pt: No such file "
+                     "or directory (update 1); 000002.pt: No such file or directory (update 2)); "
+                     "the run's curve leaves out their points"]
 
 
 @pytest.mark.parametrize("every", ["1e", "600"])
@@ -738,13 +755,14 @@ def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, caps
     (tmp_path / "a" / "snapshots" / "000001.pt").unlink()
     resumed, back = sgd_checkpointer(tmp_path / "b", resume=str(tmp_path / "a")), Snapshots()
     assert resumed.restore(back) == {"updates": 20} and back == []
-    assert "000001.pt is unusable (No such file or directory); the run's curve leaves out " \
-        "its point (update 10)" in capsys.readouterr().err
+    assert "are unusable (000000.pt: checksum mismatch (update 0); 000001.pt: No such file " \
+        "or directory (update 10)); the run's curve leaves out their points" \
+        in capsys.readouterr().err
     back.take(model, updates=20)
     resumed.save(30, {}, back)
     lines = []
     found = checkpoint.load_newest(tmp_path / "b", lines.append)
-    assert found.header["updates"] == 30 and len(lines) == 2
+    assert found.header["updates"] == 30 and len(lines) == 1
     assert [s.info["updates"] for s in found.snapshots[0]] == [20]
     assert [r["file"] for r in found.payload["snapshots"][0]] == [
         "snapshots/000000.pt", "snapshots/000001.pt", "snapshots/000002.pt"]

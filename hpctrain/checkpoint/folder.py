@@ -106,16 +106,27 @@ def make_folder(folder: Path) -> None:
 def _usable_snapshots(folder: Path, refs: list[list[dict]], report: Callable[[str], None]
                       ) -> list[list[Snapshot]]:
     """The snapshots ``refs`` lists (per rank that saved them) that load and match their
-    checksums. Each other one, whatever its problem, is reported in one line and its point
+    checksums. The others, whatever their problem, are reported in one line and their points
     left out, on every rank: ma's and ec's members are scored together, point by point. The
-    file stays listed, so a good copy put back in its place counts again at the next resume."""
-    loaded = [[_snapshot(folder, ref, report) for ref in rank] for rank in refs]
-    bad = {i for rank in loaded for i, snap in enumerate(rank) if snap is None}
+    files stay listed, so a good copy put back in its place counts again at the next resume."""
+    loaded = [[_snapshot(folder, ref) for ref in rank] for rank in refs]
+    unusable = [snap for rank in loaded for snap in rank if isinstance(snap, tuple)]
+    if len(unusable) == 1:
+        (path, problem, at), = unusable
+        report(f"hpctrain: snapshot {path} is unusable ({problem}); the run's curve leaves "
+               f"out its point{at}")
+    elif unusable:  # a folder copied without snapshots/: one line, not one per snapshot
+        named = "; ".join(f"{path.name}: {problem}{at}" for path, problem, at in unusable[:3])
+        more = f"; and {len(unusable) - 3} more" if len(unusable) > 3 else ""
+        report(f"hpctrain: {len(unusable)} snapshots in {unusable[0][0].parent} are unusable "
+               f"({named}{more}); the run's curve leaves out their points")
+    bad = {i for rank in loaded for i, snap in enumerate(rank) if isinstance(snap, tuple)}
     return [[snap for i, snap in enumerate(rank) if i not in bad] for rank in loaded]
 
 
-def _snapshot(folder: Path, ref: dict, report: Callable[[str], None]) -> Snapshot | None:
-    """The snapshot file ``ref`` lists, or None (reported) when it cannot be used."""
+def _snapshot(folder: Path, ref: dict) -> Snapshot | tuple[Path, str, str]:
+    """The snapshot file ``ref`` lists, or why it cannot be used: its path, the problem and
+    the update it was taken at (`` (update N)``, or empty)."""
     path = folder / ref["file"]
     try:
         header, state = load(path)
@@ -124,9 +135,7 @@ def _snapshot(folder: Path, ref: dict, report: Callable[[str], None]) -> Snapsho
     except (CorruptCheckpoint, OSError) as e:
         problem = e.strerror if isinstance(e, OSError) else str(e).removeprefix(path.name + ": ")
         at = f" (update {ref['info']['updates']})" if "updates" in ref["info"] else ""
-        report(f"hpctrain: snapshot {path} is unusable ({problem}); the run's curve leaves "
-               f"out its point{at}")
-        return None
+        return path, problem, at
     return Snapshot(state, ref["info"])
 
 
