@@ -572,6 +572,12 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
     with pytest.raises(UsageError, match=r"^--checkpoint-dir .*/run/checkpoints holds another "
                                          r"run's checkpoints, only unusable ones"):
         check(out=str(tmp_path / "new"), every="1e", checkpoint_dir=str(folder))
+    # And --resume DIR says what auto says (it said only "no checkpoint found there")
+    with pytest.raises(UsageError) as refused:
+        check(resume=str(folder))
+    assert str(refused.value) == (f"--resume {folder}: {folder} holds only unusable "
+                                  "checkpoints (ckpt-000000005.pt.corrupt, ...): resume from a "
+                                  "good copy")
 
 
 def test_parse_every_bounds_epochs():

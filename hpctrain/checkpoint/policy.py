@@ -293,4 +293,7 @@ def _newest_header(folder: Path, given: str) -> dict:
     if problems:  # the newest one's problem: the others' is most often the same
         raise UsageError(f"--resume {given}: no checkpoint found there that can be read "
                          f"({problems[0]})")
+    if aside := corrupt(folder):  # set aside by an earlier attempt: say so, as auto does
+        raise UsageError(f"--resume {given}: {folder} holds only unusable checkpoints "
+                         f"({aside[0].name}, ...): resume from a good copy")
     raise UsageError(f"--resume {given}: no checkpoint found there")
