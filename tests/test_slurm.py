@@ -619,13 +619,17 @@ DEFAULT_CHECKPOINTS = "runs/train-4242/checkpoints"
     (["--checkpoint-dir", "ck"], None, 5, True),  # the run's own stop after its checkpoint
     (["--config", "ck.toml"], "ck", 137, True),  # was looked for in the default folder only
     (["--config", "ck.toml", "--checkpoint-dir", "o"], "ck", 137, False),
+    (["--resume", "old"], "old/checkpoints", 137, True),  # the folder it resumes writes on
+    # a note hpctrain prints on the options (on stdout) was read as part of the folder
+    (["--config", "step.toml", "--lr-schedule", "cosine"], "ck", 137, True),
 ])
 def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpoint(
         tmp_path, args, checkpoint_in, status, requeued):
     """After the warning, srun may say 128 + 9 instead of 5: the script requeues then only if
-    the run's checkpoint folder (the last --checkpoint-dir, else --config's, else <last
-    --out>/checkpoints) holds a checkpoint. It looked in its own <out>/checkpoints, whatever
-    the arguments said, and took any status above 128; then missed --config's folder.
+    the run's checkpoint folder (the last --checkpoint-dir, else --config's, else the one
+    --resume DIR continues, else <last --out>/checkpoints) holds a checkpoint. It looked in
+    its own <out>/checkpoints, whatever the arguments said, and took any status above 128;
+    then missed --config's folder and --resume's.
     srun's status is this test's input: a real srun says 128 + 9 only when a rank is killed
     in a race a cluster does not give on demand, so a stand-in srun exits with it (and
     scontrol logs); the real requeues run against the local Slurm above."""
@@ -639,6 +643,8 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
         (tmp_path / checkpoint_in).mkdir(parents=True)
         (tmp_path / checkpoint_in / "ckpt-000000004.pt").write_bytes(b"")
     (tmp_path / "ck.toml").write_text('[checkpoint]\ndir = "ck"\n')
+    (tmp_path / "step.toml").write_text('[optim]\nlr_schedule = "step"\nlr_milestones = [1]\n'
+                                        '[checkpoint]\ndir = "ck"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
                HPCTRAIN_LAUNCH="srun", HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=sys.executable,

@@ -45,7 +45,7 @@ import importlib
 _EXPORTS = {
     **dict.fromkeys(["Checkpointer"], "checkpointer"),
     **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "corrupt", "listing", "load_newest", "newest",
-                     "number", "resolve", "run_folder", "save"], "folder"),
+                     "number", "resolve", "run_folder", "save", "writes_to"], "folder"),
     **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "encode", "load", "read_header"], "format"),
     **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "changed_option", "check",
                      "parse_every", "recorded_args"],

@@ -206,3 +206,13 @@ def resolve(folder: str | Path) -> Path:
 def run_folder(checkpoint_dir: str | Path | None, out: str | Path) -> Path:
     """Where a run writes its checkpoints: ``checkpoint_dir``, else ``<out>/checkpoints``."""
     return Path(checkpoint_dir or Path(out) / SUBDIR)
+
+
+def writes_to(checkpoint_dir: str | None, resume: str | None, out: str) -> Path:
+    """Where a run given these options (not yet resolved by ``policy.check``) writes its
+    checkpoints: ``--checkpoint-dir``, else the folder ``--resume DIR`` continues, else
+    ``<out>/checkpoints`` (where ``--resume auto`` looks). train.sbatch asks, to tell a run
+    killed after its checkpoint from one that died without."""
+    if checkpoint_dir is None and resume not in (None, "auto"):
+        return resolve(resume)
+    return run_folder(checkpoint_dir, out)
