@@ -132,6 +132,13 @@ def load_indices(name: str, split: str, indices, data_dir: str | None = None):
     return ds if np.array_equal(wanted, idx) else ds.subset(torch.from_numpy(back))
 
 
+def items_fixed(name: str, data_dir: str | None = None) -> bool:
+    """Whether reading a sample twice gives the same pixels: not for a loader's map-style
+    Dataset, whose items a transform may draw at random (augmentation), on each rank its own."""
+    src = _source(name, data_dir)
+    return not isinstance(src, CallableSource) or all(map(_is_pair, src._sets.values()))
+
+
 def describe(name: str, data_dir: str | None = None) -> dict:
     """Sizes, sample shape and classes, with every label checked (before MPI starts)."""
     src = _source(name, data_dir)

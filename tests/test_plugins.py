@@ -464,6 +464,25 @@ def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them
     assert len(data.load_indices(name, "train", [0, 8, 59])) == 3  # a shard without them
 
 
+def test_the_data_fingerprint_reads_a_datasets_labels_not_its_random_items(tmp_path):
+    """Ranks compare data.fingerprint: it read items of a loader's Dataset, which a random
+    transform (augmentation) makes differ from rank to rank, and refused the run."""
+    (tmp_path / "aug.py").write_text(
+        "import torch\n\n\nclass Noisy(torch.utils.data.Dataset):\n"
+        "    def __init__(self, n):\n        self.targets = [i % 3 for i in range(n)]\n"
+        "    def __len__(self):\n        return len(self.targets)\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.randn(1, 4, 4), self.targets[i]\n\n\n"
+        "def load():\n    return Noisy(30), Noisy(9)\n")
+    name = f"{tmp_path / 'aug.py'}:load"
+    assert not userdata.items_fixed(name)
+    first = data.fingerprint(name)
+    userdata.forget()  # another rank: its own load, its own random items
+    assert data.fingerprint(name) == first
+    write_npz(tmp_path / "d.npz")
+    assert userdata.items_fixed(f"npz:{tmp_path / 'd.npz'}")
+
+
 def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
     """A relative ./FILE.py name was loaded twice (once as given, once made absolute), and a
     loader drawing random numbers gave each rank other data."""
