@@ -585,6 +585,48 @@ def test_bench_sbatch_refuses_a_misspelt_benchmark_before_making_its_folder(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+# An Open MPI mpirun that only says what it was asked to start.
+FAKE_MPIRUN = """#!/bin/bash
+if [ "$1" = --version ]; then echo "mpirun (Open MPI) 4.1.4"; exit 0; fi
+echo "$*" > "$FAKE_LOG"
+"""
+
+
+@pytest.mark.parametrize("script", ["train", "compare", "bench"])
+@pytest.mark.parametrize("cpus, args, env, unbound", [
+    ("2", "", {}, True),
+    ("1", "", {}, False),  # one core a rank: Open MPI's binding is right
+    ("2", "-x OMPI_MCA_osc=^ucx", {}, True),
+    ("2", "--bind-to core", {}, False),
+    ("2", "-map-by ppr:1:numa:PE=2", {}, False),  # Horovod's single-dash spelling
+    ("2", "--map-by=slot", {}, False),
+    ("2", "", {"OMPI_MCA_hwloc_base_binding_policy": "core"}, False),  # the site's policy
+])
+def test_open_mpi_ranks_of_several_cpus_are_unbound_unless_told(tmp_path, script, cpus, args,
+                                                                 env, unbound):
+    """--cpus-per-task 2 under mpirun: Open MPI bound each of one or two ranks to one core
+    (the real Slurm test above shows it); the scripts unbind them, but a binding the user
+    or the site chose ("-map-by ... PE=2", given the Horovod way) was overridden."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mpirun").write_text(FAKE_MPIRUN)
+    (fake / "mpirun").chmod(0o755)
+    base = {k: v for k, v in os.environ.items()
+            if not k.startswith(("SLURM_", "OMPI_MCA_hwloc", "OMPI_MCA_rmaps"))}
+    base.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
+                SLURM_CPUS_PER_TASK=cpus, HPCTRAIN_MPIRUN_ARGS=args, HPCTRAIN_RUNS="runs",
+                HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
+                FAKE_LOG=str(tmp_path / "mpirun.log"), **env)
+    if script == "compare":  # bench compare starts mpirun itself: its template is said
+        base["HPCTRAIN_PYTHON"] = "true"
+    argv = {"train": ["--algo", "ssgd"], "bench": ["store"], "compare": ["--algos", "ssgd"]}
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / f"{script}.sbatch"), *argv[script]],
+                          env=base, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    started = proc.stdout if script == "compare" else (tmp_path / "mpirun.log").read_text()
+    assert ("--bind-to none" in started) == unbound, proc.stdout + proc.stderr
+
+
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 # srun as the time limit's warning may leave it (--kill-on-bad-exit): once the batch script (its
 # parent) catches SIGUSR1 (SigCgt's bit 10 - 1), warn it as Slurm's --signal does, and exit
