@@ -164,13 +164,23 @@ def _dataset(name: str, src, split: str, rows: np.ndarray):
     if len(rows) and tuple(x.shape[1:]) != src.shape:
         raise UsageError(f"--dataset {name} {split}: samples of shape {tuple(x.shape[1:])}, "
                          f"but the training set's are {src.shape}")
-    finite = torch.isfinite(x.flatten(1)).all(dim=1) if len(rows) else torch.ones(0, dtype=bool)
-    if not finite.all():  # one NaN pixel made its batch's every step a skipped one
-        row = int(rows[int((~finite).nonzero()[0])])
-        raise UsageError(f"--dataset {name} {split}: sample {row} holds NaN or Inf")
+    bad = _first_not_finite(x)
+    if bad is not None:  # one NaN pixel made its batch's every step a skipped one
+        raise UsageError(f"--dataset {name} {split}: sample {int(rows[bad])} holds NaN or Inf")
     y = torch.from_numpy(src.labels(split)[rows])
     return Dataset(name, x.contiguous(), y, torch.from_numpy(np.asarray(rows, np.int64)),
                    src.num_classes)
+
+
+def _first_not_finite(x: torch.Tensor) -> int | None:
+    """The first row of ``x`` holding NaN or Inf, or None; checked about 16 MiB at a time, so
+    a large set costs no copy of itself (isfinite's temporaries are its input's size)."""
+    step = max(1, (1 << 22) // max(1, x[0].numel())) if len(x) else 1
+    for start in range(0, len(x), step):
+        finite = torch.isfinite(x[start:start + step].flatten(1)).all(dim=1)
+        if not finite.all():
+            return start + int((~finite).nonzero()[0])
+    return None
 
 
 def _as_float(images) -> torch.Tensor:

@@ -462,6 +462,11 @@ def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them
     with pytest.raises(UsageError, match="sample 40 holds NaN or Inf$"):
         data.load(name, "train", start=8)
     assert len(data.load_indices(name, "train", [0, 8, 59])) == 3  # a shard without them
+    # Checked in parts (isfinite's temporaries are its input's size): one past the first part
+    x = torch.zeros(300_000, 16)
+    x[290_001, 5] = float("inf")
+    assert userdata._first_not_finite(x) == 290_001
+    assert userdata._first_not_finite(x[:290_000]) is None
 
 
 def test_the_data_fingerprint_reads_a_datasets_labels_not_its_random_items(tmp_path):
