@@ -482,7 +482,9 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
         # Its own lock, also inside --out: a run resuming another's checkpoints (--resume DIR
         # --out elsewhere, or --checkpoint-dir DIR/checkpoints) locked only its own folders,
         # and the two runs wrote, and rotated away, each other's checkpoints.
-        folders.append(("the checkpoint folder", checkpoint.run_folder(ck.dir, config.out)))
+        folder = checkpoint.run_folder(ck.dir, config.out)
+        if folder.resolve() != Path(config.out).resolve():  # (--checkpoint-dir = --out)
+            folders.append(("the checkpoint folder", folder))
     made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     for flag, folder in folders:
         lock_folder(held, flag, folder)
@@ -496,6 +498,9 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle = held.enter_context(open(folder / LOCK, "a"))
+    except OSError:
+        return  # not writable: the run's writes say so (not "in use by another run")
+    try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):

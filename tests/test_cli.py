@@ -367,6 +367,18 @@ def test_runs_given_no_out_each_make_their_own_folder(tmp_path, monkeypatch):
                                   "directory); choose one with --out")
 
 
+def test_a_checkpoint_dir_that_is_the_out_folder_is_locked_once(tmp_path):
+    """--out X --checkpoint-dir X: the run took X's lock twice and refused itself as "in use
+    by another run going on now"."""
+    from hpctrain import arguments, run
+
+    args = ["train", "--algo", "sgd", *SMALL, "--checkpoint-every", "1e", "--out",
+            str(tmp_path / "x"), "--checkpoint-dir", str(tmp_path / "x")]
+    config = run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 1)
+    with run.claimed(config) as claimed:
+        assert claimed.out == str(tmp_path / "x")
+
+
 def test_resume_auto_returns_a_finished_run_only_for_its_own_options(finished_sgd):
     """A requeued job finds its run finished and returns its summary; started again with
     another --lr it returned the old summary too, as if it had trained with the new one."""
