@@ -261,7 +261,7 @@ def _kind_problem(f: Field, value) -> str | None:
     if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
         return None
     if isinstance(value, str):  # TOML's epochs = "3": the flag's text is read, a file's is not
-        return f"must be {name}, not a string (in a TOML file, write it without quotes)"
+        return f"must be {name}, not a string (in a config file, write it without quotes)"
     return f"must be {name}"
 
 

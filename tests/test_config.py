@@ -210,7 +210,7 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
      "--epochs 1e+300 must be in (0, 1e+06]"),
     # Types, as a config file or a Python caller may get them wrong.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs="5")),
-     "--epochs '5' must be a whole number, not a string (in a TOML file, write it without "
+     "--epochs '5' must be a whole number, not a string (in a config file, write it without "
      "quotes)"),
     (lambda: RunConfig(algo="sgd", threads=1.5), "--threads 1.5 must be a whole number"),
     (lambda: RunConfig(algo="sgd", seed=True), "--seed True must be a whole number"),

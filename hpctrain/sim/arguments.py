@@ -26,14 +26,16 @@ UNUSED = {
 }
 
 
-# train's flags that a simulation refuses whatever their value (:data:`UNUSED`'s, and those
-# sim.simulate checks: one process, rerun rather than resumed, data held once): off its --help.
+# train's flags that a simulation refuses (:data:`UNUSED`'s, and those sim.simulate checks:
+# one process, rerun rather than resumed, data held once; but at the values that change
+# nothing, --data-placement replicated, --checkpoint-every off): off its --help.
 REFUSED = ("--stall-timeout", "--sync-backend", "--checkpoint-every", "--checkpoint-dir",
            "--resume", "--eval-rank", "--profile", "--data-placement", "--shuffle-chunk-mb")
 REFUSED_EPILOG = ("train's " + ", ".join(REFUSED) + " are not listed: a simulation runs in one "
                   "process, holds the data once (--data-placement replicated) and is rerun "
-                  "rather than resumed, so it refuses them; a real run's config.json given to "
-                  "--config has those but the data placement left out")
+                  "rather than resumed, so it refuses them (but at the values that change "
+                  "nothing); a real run's config.json given to --config has those but the "
+                  "data placement left out")
 
 
 def hide_refused(parser: argparse.ArgumentParser) -> None:
