@@ -42,8 +42,10 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
 - Weight decay is ``wd * w_bak``: the regulariser's gradient at the model the loss gradient
   was computed at, so ``g'`` is one consistent gradient and the compensation applies to it.
 - Optional momentum (not in the paper's algorithm; ``momentum=0`` is exactly the paper): each
-  worker keeps a velocity of its own compensated steps and pushes it, as each process's torch
-  SGD does in a Hogwild run and as the authors' MXNet DCASGD optimizer does. It is fused into
+  worker keeps a velocity of its own compensated steps and pushes it, as the authors' MXNet
+  DCASGD optimizer does: the velocity holds steps, ``v = mu*v - lr*g'`` (torch's SGD in a
+  Hogwild run keeps gradients and multiplies by the current rate, the same only at a constant
+  learning rate; under a schedule the two differ). It is fused into
   the same kernel pass (+8 bytes per element). Note that M workers' velocities all act on the
   global model, each decaying only at its own worker's pace, and asynchrony adds momentum of
   its own (Mitliagkas et al., 2016): async runs want far less momentum than sync ones.

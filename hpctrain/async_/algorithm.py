@@ -14,8 +14,9 @@ same global count. Rank 0 snapshots its model (the newest global values it read)
 are scored after training.
 
 ``--momentum`` gives each worker a velocity of its own (compensated) steps, which it pushes,
-as each process's torch SGD does in a Hogwild run and as the DC-ASGD authors' MXNet optimizer
-does; ``--momentum 0`` is the paper's algorithm exactly.
+as the DC-ASGD authors' MXNet optimizer does (the learning rate inside the velocity: torch's
+SGD in a Hogwild run matches it at a constant rate only); ``--momentum 0`` is the paper's
+algorithm exactly.
 """
 
 from __future__ import annotations

@@ -51,8 +51,9 @@ def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
 class ASGD(torch.optim.Optimizer):
     """Asynchronous SGD: ``w <- w - lr * g`` applied to the store's current ``w``.
 
-    ``momentum`` > 0 keeps a velocity of this worker's own steps (``v <- momentum*v + d``) and
-    pushes it, as torch's SGD does in each process of a Hogwild run. A parameter without a
+    ``momentum`` > 0 keeps a velocity of this worker's own steps (``v <- momentum*v + d``,
+    ``d`` the step, learning rate included, as MXNet's DCASGD has it; torch's SGD keeps
+    gradients instead, the same at a constant rate only) and pushes it. A parameter without a
     gradient in a step is pushed as zeros, so weight decay and momentum still move it (as
     Horovod's optimizer, which fills a missing gradient with zeros; torch's SGD would skip it).
     Construction pulls the store's values into ``model``. ``staleness`` lists the measured

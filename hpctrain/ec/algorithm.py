@@ -60,8 +60,10 @@ class AveragingOptions(Options):
 
 @dataclass(frozen=True)
 class CompressionOptions(AveragingOptions):
-    ec_alpha: float = option(0.5, "weight of the distillation term in [0, 1]", parse=float,
-                             range=Range(0, 1))
+    ec_alpha: float = option(0.5, "weight of the distillation term in [0, 1] in the loss of "
+                             "the relabelled samples (which join each step's batch, "
+                             "distill-size / tau of them; the batch's own take plain "
+                             "cross-entropy)", parse=float, range=Range(0, 1))
     ec_temperature: float = option(2.0, "softmax temperature of the ensemble and the student",
                                    parse=float, range=Range(0, 1000, low_open=True))
     ec_distill_size: int | None = option(None, "samples per worker relabelled by the ensemble "
