@@ -597,9 +597,12 @@ echo "$*" > "$FAKE_LOG"
     ("2", "", {}, True),
     ("1", "", {}, False),  # one core a rank: Open MPI's binding is right
     ("2", "-x OMPI_MCA_osc=^ucx", {}, True),
+    ("2", "--map-by node", {}, True),  # a mapping alone still binds each rank to a core
     ("2", "--bind-to core", {}, False),
     ("2", "-map-by ppr:1:numa:PE=2", {}, False),  # Horovod's single-dash spelling
-    ("2", "--map-by=slot", {}, False),
+    ("2", "-bind-to-core", {}, False),  # (with --bind-to none too, mpirun did not start)
+    ("2", "--cpus-per-proc 2", {}, False),
+    ("2", "--mca hwloc_base_binding_policy core", {}, False),
     ("2", "", {"OMPI_MCA_hwloc_base_binding_policy": "core"}, False),  # the site's policy
 ])
 def test_open_mpi_ranks_of_several_cpus_are_unbound_unless_told(tmp_path, script, cpus, args,
@@ -664,6 +667,9 @@ DEFAULT_CHECKPOINTS = "runs/train-4242/checkpoints"
     (["--resume", "old"], "old/checkpoints", 137, True),  # the folder it resumes writes on
     # a note hpctrain prints on the options (on stdout) was read as part of the folder
     (["--config", "step.toml", "--lr-schedule", "cosine"], "ck", 137, True),
+    # the run's own arguments: the script's --resume auto wins over --config's resume
+    (["--config", "resume.toml"], DEFAULT_CHECKPOINTS, 137, True),
+    (["--config", "resume.toml"], "old/checkpoints", 137, False),
 ])
 def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpoint(
         tmp_path, args, checkpoint_in, status, requeued):
@@ -685,6 +691,7 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
         (tmp_path / checkpoint_in).mkdir(parents=True)
         (tmp_path / checkpoint_in / "ckpt-000000004.pt").write_bytes(b"")
     (tmp_path / "ck.toml").write_text('[checkpoint]\ndir = "ck"\n')
+    (tmp_path / "resume.toml").write_text('[checkpoint]\nresume = "old"\n')
     (tmp_path / "step.toml").write_text('[optim]\nlr_schedule = "step"\nlr_milestones = [1]\n'
                                         '[checkpoint]\ndir = "ck"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
