@@ -145,6 +145,35 @@ def test_the_store_takes_one_parameter_per_shard(monkeypatch):
     store.validate(parse("store", "--params", "2,1e6"))  # 2 workers, 2 shards: accepted
 
 
+def test_the_ranks_on_one_node_share_its_memory(monkeypatch):
+    """The check was per rank: bench store --params 1.2e9 on 4 ranks of a 25 GB machine
+    passed at 24 GB a rank, and the two-sided phase alone needed 53 GB."""
+    from hpctrain import bench
+
+    launched_by_open_mpi(monkeypatch, ranks=4)
+    params = bench.memory() // (4 * 5) // 2  # half the machine a rank: two ranks' worth fit
+    store.validate(parse("store", "--params", str(params)))
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_SIZE", "4")
+    with pytest.raises(UsageError, match=r"of memory per rank \(.* GB for the 4 ranks on it\); "
+                                         "this machine has "):
+        store.validate(parse("store", "--params", str(params)))
+
+
+@pytest.mark.parametrize("name", ["shuffle", "store", "allreduce"])
+def test_an_mpi_benchmark_under_torchrun_is_refused_before_mpi(monkeypatch, name):
+    """Each process ran as an MPI world of one after counting torchrun's two: shuffle divided
+    by zero, store refused itself after measuring, allreduce named an option it lacks."""
+    env = {"TORCHELASTIC_RUN_ID": "x", "RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "localhost",
+           "MASTER_PORT": "29500", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}
+    for var, value in env.items():
+        monkeypatch.setenv(var, value)
+    args = parse(name, *(["--dataset", "synthetic"] if name == "shuffle" else []))
+    with pytest.raises(UsageError) as e:
+        importlib.import_module(cli.BENCHMARKS[name]).validate(args)
+    assert str(e.value) == (f"the {name} benchmark moves data through MPI, and torchrun starts "
+                            "no MPI world: launch with mpirun, or srun with PMI/PMIx")
+
+
 def launched_by_open_mpi(monkeypatch, ranks: int) -> None:
     """This process as rank 0 of ``ranks`` started by Open MPI's mpirun (validate reads the
     launcher's variables; torchrun's are read first, so they go)."""

@@ -85,6 +85,7 @@ def add_arguments(parser) -> None:
 def validate(args: argparse.Namespace) -> None:
     """Before MPI starts: a GPU must be there for --device cuda; a bucket holds a byte at
     least; the models and batches fit in memory; 2 ranks at least, 2^m for Adasum."""
+    bench.check_mpi_launch("allreduce")
     if args.device == "cuda":
         try:
             devices.check("cuda")
@@ -98,7 +99,7 @@ def validate(args: argparse.Namespace) -> None:
     need = {p: 4 * (5 * _LAYERS * (_width(p) ** 2 + _width(p))
                     + _LAYERS * args.batch_size * _width(p)) for p in args.params}
     largest = max(need, key=need.get)
-    have, where = bench.memory(), "this machine has"
+    have, where = None, "this machine has"  # shared by the ranks on it
     if args.device == "cuda":
         have, where = torch.cuda.get_device_properties(0).total_memory, "the GPU has"
     bench.check_memory(f"--params {options.shown(largest)} with --batch-size "

@@ -115,6 +115,7 @@ def _copies(images: torch.Tensor, seed: int) -> float:
 
 def validate(args: argparse.Namespace) -> None:
     """Checks beyond the options' own, before MPI starts: the ranks and the data's files."""
+    bench.check_mpi_launch("shuffle")
     ranks = comm.env_size()
     if ranks < 2:
         raise UsageError(f"the shuffle benchmark needs >= 2 ranks (mpirun -np 4), not {ranks}")

@@ -133,6 +133,7 @@ def validate(args: argparse.Namespace) -> None:
     """Before MPI starts: at least one worker besides the server rank; every model has at
     least one parameter per shard (shards = W workers); the largest model fits in memory (the
     two-sided server holds it, a copy per worker and a gradient)."""
+    bench.check_mpi_launch("store")
     if comm.env_size() < 2:
         raise UsageError(f"the store benchmark needs mpirun -np W+1 (W >= 1 workers), not "
                          f"{comm.env_size()} rank(s)")
