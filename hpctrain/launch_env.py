@@ -257,3 +257,17 @@ def as_integer(value) -> int | None:
         return operator.index(value)
     except TypeError:
         return None
+
+
+def say_threads_beyond_cpus(threads: int) -> None:
+    """Warn (rank 0 of the launch) of more torch threads than CPUs this process may use:
+    Open MPI's mpirun binds each of one or two ranks to one core, so ``--threads 2`` ran
+    two threads on one core, as fast as one, and said nothing."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else threads
+    seat = from_launcher()
+    if threads > cpus and (seat is None or seat.rank == 0):
+        print(f"hpctrain: warning: --threads {threads}, but this process may run on only "
+              f"{cpus} CPU{'s' if cpus > 1 else ''} (its affinity: the launcher's binding; "
+              f"Open MPI's mpirun binds each of one or two ranks to one core: give it "
+              f"--bind-to none or --map-by slot:PE={threads}; srun: --cpus-per-task="
+              f"{threads})", file=sys.stderr, flush=True)

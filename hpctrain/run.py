@@ -46,6 +46,7 @@ from hpctrain import (
     data,
     devices,
     faults,
+    launch_env,
     live,
     microbatch,
     models,
@@ -89,7 +90,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
                          "launch with mpirun, or srun with PMI/PMIx")
     check_compute(config)
-    _say_threads_beyond_cpus(config.threads)
+    launch_env.say_threads_beyond_cpus(config.threads)
     sync.check_environment()  # Horovod's variables, read once collectives start
     ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
     n, sample = check_workers(config, algo.workers(config, ranks))
@@ -157,19 +158,6 @@ def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
         notes.append(f"--profile {config.profile}: {why}")
     for note in notes if comm.env_rank() == 0 else ():
         print(f"hpctrain: warning: {note}", file=sys.stderr, flush=True)
-
-
-def _say_threads_beyond_cpus(threads: int) -> None:
-    """Warn (rank 0 of the launch) of more torch threads than CPUs this process may use:
-    Open MPI's mpirun binds each of one or two ranks to one core, so ``--threads 2`` ran
-    two threads on one core, as fast as one, and said nothing."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else threads
-    if threads > cpus and comm.env_rank() == 0:
-        print(f"hpctrain: warning: --threads {threads}, but this process may run on only "
-              f"{cpus} CPU{'s' if cpus > 1 else ''} (its affinity: the launcher's binding; "
-              f"Open MPI's mpirun binds each of one or two ranks to one core: give it "
-              f"--bind-to none or --map-by slot:PE={threads}; srun: --cpus-per-task="
-              f"{threads})", file=sys.stderr, flush=True)
 
 
 # What a run writes in --out, files all: a folder of one's name is found only when it is

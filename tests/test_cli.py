@@ -651,6 +651,11 @@ def test_more_threads_than_the_processs_cpus_are_said_before_the_run(tmp_path, c
     cpus = os.sched_getaffinity(0)
     try:
         os.sched_setaffinity(0, {min(cpus)})
+        # bench kernel's --threads 1,2 measured one core twice
+        cli.main(["bench", "kernel", "--elements", "1e4", "--repeats", "1", "--threads", "1,2",
+                  "--json", str(tmp_path / "k.json")])
+        assert "warning: --threads 2, but this process may run on only 1 CPU" in \
+            capsys.readouterr().err
         assert warned(2) == ("hpctrain: warning: --threads 2, but this process may run on only "
                              "1 CPU (its affinity: the launcher's binding; Open MPI's mpirun "
                              "binds each of one or two ranks to one core: give it --bind-to "

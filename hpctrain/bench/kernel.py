@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from hpctrain import bench, comm, kernels, options
+from hpctrain import bench, comm, kernels, launch_env, options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 
@@ -64,6 +64,8 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"bench kernel measures one process's kernel: run it on one rank "
                          f"(mpirun -np 1, or srun/sbatch --ntasks-per-node=1 on one node), not "
                          f"{comm.env_size()}")
+    if args.device == "cpu":  # N threads bound to fewer cores measure those cores
+        launch_env.say_threads_beyond_cpus(max(args.threads))
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise UsageError("--device cuda: torch sees no CUDA device")
