@@ -14,10 +14,11 @@ processes:
 
 Each worker starts with a different shard; shards = W. On one node the store's windows are
 shared memory, so a ``locked`` push is one kernel pass over the shard in place; an ``atomic``
-push's kernel reads the shard in place too, then its ``Accumulate`` adds the delta through MPI
-(a second pass over the shard); every push of the two-sided server is one kernel pass too
-(the new model written into the model and the worker's ``w_bak`` at once), and moves the model
-through MPI twice (the gradient in, the model back).
+push's kernel reads the shard in place too, then its MPI ``Accumulate`` adds the delta (on one
+node through the shared memory too: a second pass over the shard); every push of the
+two-sided server is one kernel pass too (the new model written into the model and the
+worker's ``w_bak`` at once), and moves the model through MPI twice (the gradient in, the
+model back).
 """
 
 from __future__ import annotations
@@ -173,7 +174,8 @@ def run(args: argparse.Namespace) -> dict:
     spread.Free()
     if rank == 0:
         print(f"parameter store, {size - 1} workers (+1 server rank), DC-ASGD-c pushes, "
-              f"{args.seconds:g} s per case")
+              f"{args.seconds:g} s per case; pushes/s of all workers together, ms/push one "
+              f"push's median (a worker's)")
         print(f"{'params':>10} {'case':22} {'shared':>6} {'pushes/s':>9} {'ms/push':>8} "
               f"{'vs two-sided':>13}")
         for r in rows:
