@@ -261,8 +261,11 @@ def run(args: argparse.Namespace) -> dict:
         measured = [_measure_mpi(world, p, args, tuned) for p in sizes]
     finally:
         sync.shutdown()
+    group = "left out (no --torch)"
     if args.torch:
         sync.init(backend="torch")
+        # gloo, or NCCL for CUDA tensors, or gloo for those too where ranks share a GPU
+        group = torch.distributed.get_backend()
         try:
             for (medians, _), p in zip(measured, sizes, strict=True):
                 variant = _Variant(TORCH_BACKEND, p, lambda opt, named: sync.DistributedOptimizer(
@@ -300,6 +303,7 @@ def run(args: argparse.Namespace) -> dict:
               "warmup": args.warmup, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
               "zero_grad": "in place" if args.keep_grads else "set_to_none",
               "iallreduce_algorithm": tuned, "horovod": horovod_note,
+              "torch_process_group": group,
               "mpi_library": comm.library_info()["library"], "goal_mpi_over_raw": GOAL,
               "models": rows}
     if world.Get_rank() == 0:
@@ -322,7 +326,8 @@ def _table(result: dict) -> str:
     lines = [f"gradient allreduce per step, {result['ranks']} ranks on {result['device']}, batch "
              f"{result['batch_size']}, median of {result['repeats']} (after {result['warmup']} "
              f"warm-up), ms; zero_grad {result['zero_grad']}; mpi backend Iallreduce: "
-             f"{result['iallreduce_algorithm']}; {result['horovod']}",
+             f"{result['iallreduce_algorithm']}; torch backend: "
+             f"{result.get('torch_process_group', '?')}; {result['horovod']}",
              " " * width + "".join(f"{m['params'] / 1e6:>10.2f}M" for m in models)]
     lines += [f"  {name:{width - 2}}" + "".join(f"{v:>11}" for v in values)
               for name, values in rows]
