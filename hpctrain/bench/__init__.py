@@ -26,8 +26,25 @@ def at_most(parse, high: float):
 
 
 def memory() -> int:
-    """Bytes of physical memory on this machine."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    """Bytes of memory this process may use: the machine's, or its cgroup's limit where that
+    is lower (a Slurm job's --mem, a container's)."""
+    have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:  # cgroup v2: "0::/path"; v1 lines name their controllers
+        own = [line.split(":", 2)[2].strip() for line in open("/proc/self/cgroup")
+               if line.startswith("0::") or ":memory:" in line]
+    except OSError:
+        own = []
+    for path in own[:1]:
+        for limit in (f"/sys/fs/cgroup{path}/memory.max", "/sys/fs/cgroup/memory.max",
+                      f"/sys/fs/cgroup/memory{path}/memory.limit_in_bytes"):
+            try:
+                text = open(limit).read().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                have = min(have, int(text))
+            break
+    return have
 
 
 def _gb(nbytes: int | float) -> str:
@@ -38,26 +55,49 @@ def _gb(nbytes: int | float) -> str:
 
 
 def check_memory(what: str, nbytes: int | float, have: int | None = None,
-                 where: str = "this machine has") -> None:
-    """UsageError unless ``nbytes`` (what one rank allocates at least) fit in ``have`` bytes
-    (default: this machine's memory, which the ranks on it share): found after MPI started,
-    the allocation fails with a torch error on every rank, or the kernel kills the job."""
-    here = 1 if have is not None else ranks_here()  # a GPU's memory: per rank, given
+                 where: str = "this machine has", *, sharing: int | None = None,
+                 total: int | float | None = None) -> None:
+    """UsageError unless ``nbytes`` (what one rank allocates at least) fit in ``have`` bytes,
+    and ``total`` (what the ``sharing`` ranks on it allocate together, default ``nbytes``
+    each) too. Default: this machine's memory (:func:`memory`), shared by the ranks the
+    launcher put on it (:func:`ranks_here`). Found after MPI started, the allocation fails
+    with a torch error on every rank, or the kernel kills the job."""
+    if sharing is None:
+        sharing = ranks_here() if have is None else 1
     have = memory() if have is None else have
-    if nbytes * here > have:
-        each = f" ({_gb(nbytes * here)} for the {here} ranks on it)" if here > 1 else ""
+    total = nbytes * sharing if total is None else total
+    if max(nbytes, total) > have:
+        each = f" ({_gb(total)} for the {sharing} ranks on it)" if sharing > 1 else ""
         raise UsageError(f"{what} needs at least {_gb(nbytes)} of memory per rank{each}; "
                          f"{where} {_gb(have)}")
 
 
+# The launchers' count of the ranks on this node: Open MPI, Hydra (MPICH, Intel MPI),
+# MVAPICH, Cray PALS; srun's is per node in SLURM_STEP_TASKS_PER_NODE (:func:`_slurm_here`).
+_LOCAL_SIZES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE",
+                "PALS_LOCAL_SIZE")
+
+
 def ranks_here() -> int:
-    """How many of the job's ranks share this node, as the launcher says (Open MPI, Hydra,
-    srun); 1 where none does."""
-    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_STEP_TASKS_PER_NODE"):
-        digits = os.environ.get(name, "").split("(")[0].split(",")[0]
-        if digits.isdigit() and int(digits) > 0:
-            return int(digits)
-    return 1
+    """How many of the job's ranks share this node, as the launcher says; 1 where none
+    does."""
+    for name in _LOCAL_SIZES:
+        if (value := os.environ.get(name, "")).isdigit() and int(value) > 0:
+            return int(value)
+    return _slurm_here(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""),
+                       os.environ.get("SLURM_NODEID", "0"))
+
+
+def _slurm_here(spec: str, node: str) -> int:
+    """This node's entry of srun's ``2(x3),1`` (2 tasks on each of 3 nodes, then 1); 1 if
+    unreadable."""
+    counts = []
+    for part in spec.split(","):
+        count, _, times = part.partition("(x")
+        if not count.isdigit() or not (times.rstrip(")").isdigit() if times else True):
+            return 1
+        counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
+    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else 1
 
 
 def check_mpi_launch(name: str) -> None:

@@ -14,8 +14,9 @@ processes:
 
 Each worker starts with a different shard; shards = W. On one node the store's windows are
 shared memory, so a ``locked`` push is one kernel pass over the shard in place; an ``atomic``
-push's kernel reads the shard in place too, then its MPI ``Accumulate`` adds the delta (on one
-node through the shared memory too: a second pass over the shard); every push of the
+push's kernel reads the shard in place too, then adds the delta with hpctrain's own atomic
+accumulate in the shared memory (``shm.accumulate``; MPI's ``Accumulate`` across nodes): a
+second pass over the shard; every push of the
 two-sided server is one kernel pass too (the new model written into the model and the
 worker's ``w_bak`` at once), and moves the model through MPI twice (the gradient in, the
 model back).
@@ -145,7 +146,11 @@ def validate(args: argparse.Namespace) -> None:
                              f"store's {shards} shards (one per worker, -np "
                              f"{comm.env_size()}); give at least {shards}")
     largest = max(args.params)
-    bench.check_memory(f"--params {options.shown(largest)}", 4 * largest * (comm.env_size() + 1))
+    # The two-sided server holds the model, a copy per worker and a gradient; a worker its
+    # model and gradient. On a node with the server, that and the others' share.
+    server, worker, here = 4 * largest * (comm.env_size() + 1), 8 * largest, bench.ranks_here()
+    bench.check_memory(f"--params {options.shown(largest)}", server, sharing=here,
+                       total=server + worker * (here - 1))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -174,8 +179,8 @@ def run(args: argparse.Namespace) -> dict:
     spread.Free()
     if rank == 0:
         print(f"parameter store, {size - 1} workers (+1 server rank), DC-ASGD-c pushes, "
-              f"{args.seconds:g} s per case; pushes/s of all workers together, ms/push one "
-              f"push's median (a worker's)")
+              f"{args.seconds:g} s per case; pushes/s of all workers together, ms/push a "
+              f"worker's mean time per push, the median over workers")
         print(f"{'params':>10} {'case':22} {'shared':>6} {'pushes/s':>9} {'ms/push':>8} "
               f"{'vs two-sided':>13}")
         for r in rows:
