@@ -372,3 +372,8 @@ def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
 def install_abort_on_error() -> None:
     """Make an uncaught exception print one line with the rank and abort the whole MPI job."""
     sys.excepthook = _abort_hook
+
+
+def aborts_on_error() -> bool:
+    """Whether :func:`install_abort_on_error`'s hook is the process's."""
+    return sys.excepthook is _abort_hook

@@ -289,22 +289,46 @@ def train(config: RunConfig) -> dict:
     return its summary (the same on every rank).
 
     For a user's own script under ``mpirun``: ``hpctrain.train(RunConfig(algo="ssgd"))``.
-    Checks come first (ValueError/UsageError before any communication), then MPI starts at
-    the thread level the algorithm needs, unless the script started it already.
+    Checks come first (ValueError/UsageError before any training communication). Launched on
+    several ranks by mpirun or srun, MPI starts before them, at the thread level the
+    algorithm needs unless the script started it already, so that a refusal one rank finds
+    (its node lacks a folder) is raised on every rank: a sweep that catches it stays in step.
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"hpctrain.train takes a RunConfig (hpctrain.load_config reads a "
                         f"file), not {type(config).__name__}")
+    several = comm.launcher() == "mpi" and comm.env_size() > 1
+    return _train_on_world(config, mpi_first=several and comm.mpi_running() is None)
+
+
+def checked_first(config: RunConfig) -> dict:
+    """:func:`train` with its checks before MPI starts: the command line's, a process of its
+    own, which one rank's refusal ends (exit status 2) as its launcher ends the others."""
+    return _train_on_world(config, mpi_first=False)
+
+
+_script_hook = None  # the script's own excepthook, where a failed run left the abort hook
+
+
+def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
+    """:func:`train`, MPI started first or after the checks."""
+    global _script_hook
     # One rank's error ends the job, not leaves the others waiting. Once the run returned
     # (or failed in a process of its own), the script's errors are its own again: the hook
-    # ends the process at once, its files unflushed and its atexit functions not run.
-    hook = sys.excepthook
+    # ends the process at once, its files unflushed and its atexit functions not run. A
+    # run that failed on several ranks leaves it: the next run that returns gives it back.
+    hook = _script_hook if _script_hook and comm.aborts_on_error() else sys.excepthook
+    _script_hook = None
     comm.install_abort_on_error()
     try:
+        if mpi_first:
+            comm.init(config.algorithm_class.thread_level)
         summary = _checked_run(config)
     except BaseException:
         if comm.launch_size() == 1:
             sys.excepthook = hook
+        else:
+            _script_hook = hook
         raise
     sys.excepthook = hook
     return summary

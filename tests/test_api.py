@@ -3,6 +3,7 @@ command line, bad settings as ValueError before any MPI call."""
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import re
@@ -302,3 +303,47 @@ def test_a_scripts_running_backend_that_is_not_the_runs_is_refused_before_mpi_ca
         "on 3 ranks;": 3}  # rank 0's verdict on every rank (rank 2's backend has size 1)
     assert {line: proc.stdout.count(line) for line in expected} == expected, proc.stdout
     assert not any((tmp_path / name).exists() for name in ("torch", "eval", "part"))
+
+
+FIRST_RUN_REFUSED_SCRIPT = """
+import sys
+import hpctrain
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+def my_hook(*info):
+    print("the script's hook", flush=True)
+
+sys.excepthook = my_hook
+for name in ("held", "free"):  # rank 0 alone finds "held" in use: no MPI call made yet
+    config = RunConfig(algo="ssgd", seed=3, out=f"{sys.argv[1]}/{name}", progress=False,
+                       data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                       optim=OptimConfig(epochs=1))
+    try:
+        print(f"{name} trained {hpctrain.train(config)['updates']}", flush=True)
+    except ValueError as error:
+        print(f"{name} refused: {error}", flush=True)
+        print(f"hook after the refusal is the script's: {sys.excepthook is my_hook}", flush=True)
+print(f"hook at the end is the script's: {sys.excepthook is my_hook}", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_sweeps_first_run_refused_on_one_rank_is_refused_on_every_rank(tmp_path):
+    """A script's first train() checked before MPI started: rank 0 alone refused a folder
+    another run holds, and its sweep went on to the next run while rank 1 trained the first
+    (then both hung). MPI now starts first, so the refusal is every rank's; and the abort
+    hook the refusal left stayed the process's, a later successful run kept it as the
+    script's own."""
+    (tmp_path / "held").mkdir()
+    script = tmp_path / "sweep.py"
+    script.write_text(FIRST_RUN_REFUSED_SCRIPT)
+    with open(tmp_path / "held" / run.LOCK, "a") as lock:  # another run's, going on
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        proc = run_program([sys.executable, str(script), str(tmp_path)], np=2, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    said = proc.stdout.count  # mpirun may put one rank's line inside another's
+    assert said("held refused: --out") == 2 and said("is in use by another run") == 2, \
+        proc.stdout
+    assert said("hook after the refusal is the script's: False") == 2, proc.stdout
+    assert said("free trained 16") == 2, proc.stdout  # 2048 samples / (2 x 64)
+    assert said("hook at the end is the script's: True") == 2, proc.stdout
