@@ -277,11 +277,11 @@ def describe_error(exc: BaseException) -> str:
     where in the user's own code it arose (a model's forward, a loader, a script's line)."""
     if isinstance(exc, UsageError):
         return str(exc)
-    where = _user_frame(exc.__traceback__)
+    where = user_frame(exc.__traceback__)
     return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
 
 
-def _user_frame(tb) -> str:
+def user_frame(tb) -> str:
     """The innermost frame of ``tb`` outside hpctrain, the standard library and installed
     packages, as ``file:line, in function``; "" if there is none. The one line replaces
     the traceback, so without it an error in a user's model said nothing of where."""

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import models
+from hpctrain import comm, models
 from hpctrain.errors import UsageError
 
 _ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -182,7 +182,7 @@ def _import(flag: str, name: str):
         raise UsageError(f"{flag}: no module named {e.name!r} (importing {name} from the "
                          "working directory or PYTHONPATH)") from None
     except Exception as e:
-        raise UsageError(f"{flag}: importing {name} raised {_one_line(e)}") from None
+        raise UsageError(f"{flag}: importing {name} raised {one_line(e)}") from e
 
 
 def _load_file(flag: str, path_text: str):
@@ -213,7 +213,7 @@ def _load_file(flag: str, path_text: str):
         exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as e:
         del sys.modules[name]
-        raise UsageError(f"{flag}: loading {path_text} raised {_one_line(e)}") from None
+        raise UsageError(f"{flag}: loading {path_text} raised {one_line(e)}") from e
     return module
 
 
@@ -229,9 +229,13 @@ def _imported_from(path: Path):
     return None
 
 
-def _one_line(e: BaseException) -> str:
+def one_line(e: BaseException) -> str:
+    """``e`` from the user's own code (a model, a loader) in a refusal's one line: its type,
+    its message's first line and where in that code it arose, ``(at m.py:8, in forward)``."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ")
+    where = comm.user_frame(e.__traceback__)
+    return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ") + \
+        (f" (at {where})" if where else "")
 
 
 def build_model(name: str, input_shape: tuple, num_classes: int,
@@ -251,9 +255,9 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
         raise
     except Exception as e:
         extra = "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
-        raise UsageError(f"--model {name} raised {_one_line(e)} when called with "
+        raise UsageError(f"--model {name} raised {one_line(e)} when called with "
                          f"input_shape={tuple(input_shape)}, num_classes={num_classes}"
-                         f"{extra}") from None
+                         f"{extra}") from e
     if not isinstance(model, nn.Module):
         raise UsageError(f"--model {name} returned a {type(model).__name__}, not a "
                          "torch.nn.Module")
@@ -333,7 +337,7 @@ def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
                     F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
                 except Exception as e:
                     raise UsageError(f"--model {name}: the backward of its loss raised "
-                                     f"{_one_line(e)}") from None
+                                     f"{one_line(e)}") from e
         if all(p.grad is None for p in params):
             raise UsageError(f"--model {name}: its output does not depend on its parameters "
                              "(detached?); no gradient reaches them")
@@ -364,7 +368,7 @@ def _check_one_sample(name: str, model: nn.Module, input_shape: tuple, why: str)
             model(torch.zeros(1, *input_shape))
     except Exception as e:
         raise UsageError(f"--model {name} cannot train on one sample (its forward in "
-                         f"training mode raised {_one_line(e)}), and {why}") from None
+                         f"training mode raised {one_line(e)}), and {why}") from e
     finally:
         model.train(mode)
 
@@ -377,7 +381,7 @@ def _logits(name: str, model: nn.Module, input_shape: tuple, num_classes: int) -
         out = model(torch.zeros(2, *input_shape))
     except Exception as e:
         raise UsageError(f"--model {name}: its forward{mode} on a batch of shape "
-                         f"{(2, *input_shape)} raised {_one_line(e)}") from None
+                         f"{(2, *input_shape)} raised {one_line(e)}") from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise UsageError(f"--model {name}: output {got}{mode} for a batch of 2; want (2, "

@@ -494,7 +494,7 @@ class CallableSource:
         except UsageError:
             raise
         except Exception as e:
-            raise UsageError(f"--dataset {name} raised {plugins._one_line(e)}") from None
+            raise UsageError(f"--dataset {name} raised {plugins.one_line(e)}") from e
         given = None
         if isinstance(result, dict):
             missing = [k for k in SPLITS if k not in result]
@@ -601,7 +601,7 @@ def _item(what: str, part, i: int):
     except UsageError:
         raise
     except Exception as e:
-        raise UsageError(f"{what}: item {i} raised {plugins._one_line(e)}") from None
+        raise UsageError(f"{what}: item {i} raised {plugins.one_line(e)}") from e
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise UsageError(f"{what}: item {i} is {_described(item)}, not an (x, y) pair; give "
                          "(x, y) as tensors or numpy arrays, or a Dataset of (x, y) items")

@@ -80,6 +80,16 @@ class Linear(nn.Module):
         out = self.l(x.double() if self.how == "double" else x)
         return {"detached": out.detach(), "int": out.long()}.get(self.how, out)
 
+class WrongShape(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.l = nn.Linear(3, num_classes)
+    def forward(self, x):
+        return self.l(x.flatten(1))  # WrongShape: 64 features, not 3
+
+def load_fails():
+    raise OSError("the share is not mounted")  # load_fails
+
 class NoParameters(nn.Module):
     def __init__(self, input_shape, num_classes):
         super().__init__()
@@ -230,6 +240,23 @@ def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, me
         return
     with pytest.raises(UsageError, match=f"^--model {name}: {message}"):
         plugins.check_model(name, (1, 8, 8), 3, args)
+
+
+def test_a_refusal_of_the_users_own_code_says_where_in_it_the_error_arose(nets):
+    """The checks before MPI starts said what a model's forward or a loader raised, not
+    where: README's `(at m.py:8, in forward)` held only for errors met in training, and
+    a script's traceback lost the user's frames (raised from None)."""
+    def line(marker: str) -> int:
+        return NETS[:NETS.index(marker)].count("\n") + 1
+
+    with pytest.raises(UsageError) as refused:
+        plugins.check_model("nets_mod:WrongShape", (1, 8, 8), 3)
+    assert str(refused.value).endswith(f"(at {nets}:{line('# WrongShape')}, in forward)")
+    assert isinstance(refused.value.__cause__, RuntimeError)
+    with pytest.raises(UsageError) as refused:
+        userdata.describe("nets_mod:load_fails")
+    assert str(refused.value) == ("--dataset nets_mod:load_fails raised OSError: the share is "
+                                  f"not mounted (at {nets}:{line('# load_fails')}, in load_fails)")
 
 
 def test_async_models_are_checked_for_shards_and_float32(nets):
