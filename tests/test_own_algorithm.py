@@ -151,7 +151,9 @@ def test_two_algorithms_of_one_name_are_refused(tmp_path):
 ])
 def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, message):
     """Also a flag of the command lines that take algorithm options (simulate's, bench
-    compare's, argparse's) and an on/off option's other flag."""
+    compare's, argparse's) and an on/off option's other flag; when loaded, so that a
+    script's RunConfig(algo=Mine) is refused as the command line is (it trained, and its
+    config.json could not be repeated; an option `seed` hid the run's own)."""
     path = own(tmp_path, f"""
         @dataclass(frozen=True)
         class MyOptions(Options):
@@ -161,12 +163,15 @@ def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, mess
             name = 'mine'
             Options = MyOptions
         """)
-    registry.get(f"{path}:Mine")
     if message is None:
+        registry.get(f"{path}:Mine")
         assert any(d.flag == "--kompile" for d in arguments.algorithm_options())
         return
     with pytest.raises(UsageError, match=message):
-        arguments.algorithm_options()
+        registry.get(f"{path}:Mine")
+    assert registry.known() == registry.ALGORITHMS  # not loaded
+    with pytest.raises(ValueError, match=message):
+        RunConfig(algo=f"{path}:Mine")
 
 
 def test_a_subclass_of_a_built_in_shares_its_options(tmp_path):
