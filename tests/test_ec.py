@@ -79,6 +79,23 @@ def test_a_step_loss_is_the_ordinary_and_the_distilled_samples_mean():
     torch.testing.assert_close(agg.loss(x, y), expected)
 
 
+def test_own_loops_local_data_is_a_dataset():
+    """An (x, y) pair was taken: its length, 2, was "the local samples", and a TensorDataset
+    failed at the first aggregation (no attribute 'subset')."""
+    from hpctrain.data import Dataset
+    from hpctrain.ec.compression import EnsembleCompression
+
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(12, 4), torch.randint(0, 3, (12,))
+    with pytest.raises(TypeError, match="local must be an hpctrain.data.Dataset .*not tuple"):
+        EnsembleCompression(model, comm=None, tau=2, alpha=0.5, temperature=2.0,
+                            distill_size=4, local=(x, y))
+    local = Dataset("mine", x, y, torch.arange(12), num_classes=3)
+    agg = EnsembleCompression(model, comm=None, tau=2, alpha=0.5, temperature=2.0,
+                              distill_size=4, local=local)
+    assert agg.local is local
+
+
 def test_predict_logits_runs_a_model_in_its_own_dtype():
     """The ensemble's inputs are exchanged as float32: a float64 model refused them ("mat1
     and mat2 must have the same dtype") at EC's first aggregation."""

@@ -88,6 +88,10 @@ class EnsembleCompression:
 
     def set_local_data(self, local: Dataset) -> None:
         """The data this rank draws its next distillation samples from."""
+        if not isinstance(local, Dataset):  # an (x, y) pair failed at the first aggregation
+            raise TypeError("local must be an hpctrain.data.Dataset (hpctrain.data.load's, "
+                            "or Dataset(name, images, labels, ids, num_classes)), not "
+                            f"{type(local).__name__}")
         if self.distill_size > len(local):
             raise UsageError(f"--ec-distill-size {self.distill_size} exceeds the {len(local)} "
                              "local samples")
