@@ -25,9 +25,21 @@ def make_grads(model, value: float | None = None):
 
 
 def test_all_finite():
+    """As isfinite(t).all() over every tensor, which it replaces by their smallest and
+    largest elements: of every dtype without converting one (float64's 1e300 is finite),
+    complex by both parts, empty tensors skipped, a NaN anywhere among finite values."""
     assert all_finite([torch.ones(3), torch.zeros(2, 2)]) and all_finite([])
+    assert all_finite([torch.empty(0), torch.tensor([1e300], dtype=torch.float64),
+                       torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float16)])
     for bad in (float("nan"), float("inf"), -float("inf")):
         assert not all_finite([torch.ones(3), torch.tensor([1.0, bad])])
+        for dtype in (torch.float64, torch.float16, torch.bfloat16):
+            middle = torch.arange(9.0, dtype=dtype).reshape(3, 3)
+            middle[1, 1] = bad
+            assert not all_finite([torch.ones(2), middle.t()])  # not contiguous either
+        assert not all_finite([torch.ones(2), torch.tensor([1 + 1j, complex(1.0, bad)])])
+        assert not all_finite([torch.tensor([complex(bad, 0.0)])])
+    assert all_finite([torch.tensor([1 + 1j, -3j])])
 
 
 def test_sparse_gradients_are_checked_and_clipped_as_their_dense_sums():
