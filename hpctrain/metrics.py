@@ -284,7 +284,9 @@ def summary_table(summary: dict) -> str:
                                 else "")),
         ("final test accuracy", f"{summary['final_test_acc']:.4f}"),
         ("best test accuracy", f"{summary['best_test_acc']:.4f}"),
-        ("wall time", f"{summary['wall_s']:.1f} s"),
+        ("wall time", f"{summary['wall_s']:.1f} s" + (
+            f" (then {summary['scoring_s']:.1f} s scoring the curve)"
+            if summary.get("scoring_s", 0) >= 0.05 else "")),
         ("samples/s (all ranks)", f"{summary['samples_per_s']:.0f}"),
     ]
     peaks = [p for p in summary.get("peak_memory_per_worker", []) if p is not None]

@@ -840,8 +840,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         _buffers_from_rank0(model, snapshots, comm_)
     final_state = snapshots[-1].state if finished is None else finished
 
+    scoring = runtime.now()
     points = watch.curve(model, snapshots, comm_) or \
         algo.evaluate(model, snapshots, test_set, comm_)
+    scoring = runtime.now() - scoring
     watch.after(points)
     model.load_state_dict(final_state)
     with watchdog.busy("writing outputs"):  # rank 0 writes, the others wait in collectives
@@ -864,7 +866,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         algo=config.algo, algo_label=algo.label(), workers=size, model=config.model.name,
         dataset=config.data.dataset, epochs=o.epochs, updates=points[-1]["updates"],
         final_test_acc=points[-1]["test_acc"], final_test_loss=points[-1]["test_loss"],
-        best_test_acc=max(p["test_acc"] for p in points), wall_s=wall,
+        best_test_acc=max(p["test_acc"] for p in points), wall_s=wall, scoring_s=scoring,
         samples_per_s=sum(w["samples"] for w in every) / wall,
         params=models.num_parameters(model),
         samples_per_worker=[w["samples"] for w in every],

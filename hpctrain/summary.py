@@ -41,6 +41,10 @@ class RunSummary:
     wall_s: float = _doc("seconds of training, without start-up and the scoring after it "
                          "(--eval online on rank 0 scores between steps, inside this time; a "
                          "resumed run adds the time before)")
+    scoring_s: float = _doc("seconds from the end of training until the curve's snapshots were "
+                            "scored, on rank 0's clock (not in wall_s; --eval online: its last "
+                            "point only; hpctrain simulate: virtual, its collectives' modelled "
+                            "time)")
     samples_per_s: float = _doc("training samples per second, all workers together")
     params: int = _doc("parameters of the model")
     samples_per_worker: list[int] = _doc("training samples each worker consumed")

@@ -462,6 +462,7 @@ def test_outputs_follow_the_contract(finished_sgd):
     for key in ("algo", "workers", "final_test_acc", "best_test_acc", "wall_s", "samples_per_s"):
         assert key in summary
     assert summary["workers"] == 1 and 0.5 < summary["final_test_acc"] <= 1
+    assert summary["scoring_s"] > 0  # three snapshots scored after training, not in wall_s
     points = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [p["epoch"] for p in points] == [0.0, 0.5, 1.0]
     assert points[0]["t"] == 0.0 and points[-1]["t"] > 0

@@ -197,6 +197,7 @@ def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path):
     steps = summary["updates"]
     # each step: 3 x 0.02 s (worker 2's), then the allreduce
     assert summary["wall_s"] == pytest.approx(steps * (0.06 + allreduce), rel=1e-9)
+    assert 0 <= summary["scoring_s"] < 1e-3  # virtual: the scoring's collectives only
     assert summary["straggler_sleep_s_per_worker"][2] == pytest.approx(steps * 0.04)
 
 
