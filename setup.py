@@ -118,6 +118,7 @@ setup(
     description="Distributed deep-learning training on HPC clusters: DC-ASGD on MPI RMA, "
     "ensemble compression, data shuffling, Horovod-compatible synchronous SGD",
     packages=find_packages(include=["hpctrain", "hpctrain.*"]),
+    package_data={"hpctrain": ["py.typed"]},  # PEP 561: its type hints are for checkers
     python_requires=">=3.10",
     install_requires=["torch>=2.1", "mpi4py>=4.0", "numpy", "tqdm", "pyyaml", "cloudpickle",
                       "tomli; python_version < '3.11'"],

@@ -32,3 +32,8 @@ def __getattr__(name: str):
 
     module, attribute = _API[name]
     return getattr(importlib.import_module(module), attribute)
+
+
+def __dir__() -> list[str]:
+    """The lazily imported API too, for dir(hpctrain), help() and completion."""
+    return sorted({*globals(), *_API})

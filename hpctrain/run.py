@@ -293,6 +293,12 @@ def train(config: RunConfig) -> dict:
     several ranks by mpirun or srun, MPI starts before them, at the thread level the
     algorithm needs unless the script started it already, so that a refusal one rank finds
     (its node lacks a folder) is raised on every rank: a sweep that catches it stays in step.
+
+    Raises ``ValueError`` (:class:`hpctrain.errors.UsageError`) for a refused setting and
+    :class:`hpctrain.checkpoint.Stopped` after SIGUSR1's checkpoint, on every rank alike;
+    :class:`hpctrain.guard.TooManyBadSteps` when ``max_bad_steps`` steps in a row had
+    NaN/Inf gradients (with ssgd on every rank; another algorithm's worker raises it
+    alone, which ends a job of several ranks).
     """
     if not isinstance(config, RunConfig):
         raise TypeError(f"hpctrain.train takes a RunConfig (hpctrain.load_config reads a "

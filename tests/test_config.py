@@ -522,3 +522,10 @@ def test_milestones_none_undoes_a_toml_files_step_decay(tmp_path, capsys):
     config = arguments.build(train.parse_args(["--config", str(path), "--lr-milestones", "none"]))
     assert (config.optim.lr_schedule, config.optim.lr_milestones) == (None, ())
     assert "--lr-milestones none: leaving out" in capsys.readouterr().out
+
+
+def test_the_lazy_api_is_listed():
+    """dir(hpctrain) and help(hpctrain) did not list train, RunConfig or load_config (they
+    are imported on first use)."""
+    assert set(hpctrain.__all__) <= set(dir(hpctrain))
+    assert "train" in dir(hpctrain) and hpctrain.train.__module__ == "hpctrain.run"

@@ -57,6 +57,7 @@ def test_pip_install_into_a_fresh_environment_trains(tmp_path):
                tmp_path, env, 60).stdout.splitlines()
     assert where[0] == os.path.join(own_site, "hpctrain")  # the installed copy, not the checkout
     assert "_dc_update" in where[1]
+    assert os.path.isfile(os.path.join(where[0], "py.typed"))  # type checkers read its hints
     version = sh([str(venv / "bin" / "hpctrain"), "--version"], tmp_path, env, 60)
     assert version.stdout.strip().startswith("hpctrain ")
     sh([str(venv / "bin" / "hpctrain"), "train", "--algo", "dcasgd-a", "--dataset", "synthetic",
