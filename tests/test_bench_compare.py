@@ -342,6 +342,36 @@ def test_a_runs_folder_that_is_no_folder_for_it_is_refused_before_any_runs(tmp_p
     assert compare._start_record(args, compare.plan(args))["algos"] == ["sgd", "ssgd"]
 
 
+def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypatch):
+    """A comparison's record moved aside, its ssgd folder holding checkpoints: sgd ran, then
+    ssgd's run refused its folder with train's advice ("continue it with --resume DIR").
+    Now refused up front with compare's; with --resume the run continues from them."""
+    started = []
+    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    out = tmp_path / "cmp"
+    saved = out / "ssgd" / "seed-2" / "checkpoints"
+    saved.mkdir(parents=True)
+    (saved / "ckpt-8.pt").write_bytes(b"x")
+    words = ["--algos", "sgd,ssgd", "--simulate", "2", "--seeds", "1,2", *SMALL, "--out",
+             str(out)]
+    with pytest.raises(UsageError) as e:
+        compare.run(parse(*words))
+    assert str(e.value) == (
+        f"ssgd's run of seed 2: --out {out}/ssgd/seed-2 holds the checkpoints of an unfinished "
+        f"run; continue the comparison with bench compare --resume (--out {out}), or choose "
+        "another --out")
+    assert started == [] and not (out / report.RECORD).exists()
+    args = parse(*words, "--resume")
+    assert compare._start_record(args, compare.plan(args))["runs"] == {}
+    (saved / "ckpt-8.pt").rename(saved / "ckpt-8.pt.corrupt")  # which the run would refuse
+    for argv in ([], ["--resume"]):
+        with pytest.raises(UsageError, match=r"^ssgd's run of seed 2: --out \S+ holds an "
+                           r"unfinished run's checkpoints, only unusable ones \(ckpt-8.pt."
+                           r"corrupt, ...\); choose another --out$"):
+            compare.run(parse(*words, *argv))
+    assert started == []
+
+
 def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     """--resume with --algos sgd,ssgd on a comparison of sgd,ma ran ssgd and rewrote
     compare.json and report.md without ma's row (exit 0)."""

@@ -7,7 +7,8 @@ algorithms take (``--tau``, ``--lam``, ...) go only to those, and the report say
 ignored them (one that no algorithm of ``--algos`` takes is refused); the others
 (``--slowdown`` too) go to every run. Bad options, an algorithm this hpctrain does not have
 included, are refused before anything runs (one line, exit status 2), and so are a run's
-folder that is a file or holds another algorithm's run, and what one run would refuse on its
+folder that is a file or holds another algorithm's run (or, without ``--resume``, an
+unfinished run's checkpoints), and what one run would refuse on its
 processes (``hpctrain train``'s own checks, on each planned run: ``--slowdown`` of a rank it
 lacks, ``--reduce-op adasum`` on 3 workers, ``--device cuda`` without a GPU where the runs
 start on this machine; the line names the run). With ``--eval-rank``,
@@ -428,13 +429,14 @@ def _recorded_words(args: argparse.Namespace) -> list[str]:
         return []
 
 
-def _check_run_folders(out: Path, runs: list[Run]) -> None:
+def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
     """Each run's folder (``<out>/<algo>``, with ``--seeds`` ``<out>/<algo>/seed-<S>``) must
-    be one that run can make or write in, and not another algorithm's run or a comparison:
-    found when the run started, after the runs before it had run, a file there was a
-    FileExistsError (exit 1), another run's files were written over. Checked after
+    be one that run can make or write in, and not another algorithm's run or a comparison,
+    nor, without ``--resume``, an unfinished run's: found when the run started, after the
+    runs before it had run, a file there was a FileExistsError (exit 1), another run's files
+    were written over, and checkpoints got ``train``'s advice, not compare's. Checked after
     :func:`_start_record`'s own checks (finished runs; a resume's other algorithm of one
-    name); a failed run's folder is set aside on ``--resume``."""
+    name); a failed run's folder that holds a summary is set aside on ``--resume``."""
     for r in runs:
         folder, whose = out / r.name, f"{r.label}'s run" + (
             f" of seed {r.seed}" if r.seed is not None else "")
@@ -449,6 +451,17 @@ def _check_run_folders(out: Path, runs: list[Run]) -> None:
         if recorded is not None and plugins.absolute(recorded) != plugins.absolute(r.algo):
             raise UsageError(f"{whose}: --out {folder} holds a run of --algo {recorded} "
                              f"(its config.json), not {r.algo}; choose another --out")
+        if (folder / "summary.json").exists():  # finished, or set aside on --resume
+            continue
+        saved = checkpoint.SUBDIR
+        if not resume and checkpoint.listing(folder / saved):
+            raise UsageError(f"{whose}: --out {folder} holds the checkpoints of an unfinished "
+                             f"run; continue the comparison with bench compare --resume (--out "
+                             f"{out}), or choose another --out")
+        if not checkpoint.listing(folder / saved) and (aside := checkpoint.corrupt(
+                folder / saved)):  # the run would refuse them, --resume or not
+            raise UsageError(f"{whose}: --out {folder} holds an unfinished run's checkpoints, "
+                             f"only unusable ones ({aside[0].name}, ...); choose another --out")
 
 
 @dataclass(frozen=True)
@@ -748,7 +761,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
         if done:
             raise UsageError(f"--out {out} already holds finished runs ({', '.join(done)}); "
                              "choose another folder")
-    _check_run_folders(out, runs)
+    _check_run_folders(out, runs, args.resume)
     return record
 
 
