@@ -430,6 +430,44 @@ def test_a_damaged_record_is_refused_as_it_is_and_moved_aside_the_runs_are_repor
     assert set(report_cells(tmp_path)) == {"bad", "good"}
 
 
+def test_a_folder_without_its_record_reports_its_runs_not_set_aside_attempts(tmp_path):
+    """compare.json moved aside: each failed attempt --resume had set aside (good.failed-1)
+    was an algorithm of its own, "ok", and a run that started and did not end (config.json,
+    no summary) was left out."""
+    saved_runs(tmp_path)
+    shutil.copytree(tmp_path / "good", tmp_path / "good.failed-1")
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "config.json").write_text("{}")
+    (tmp_path / "notes").mkdir()  # no run's
+    report.render(tmp_path)
+    assert {name: cells["status"] for name, cells in report_cells(tmp_path).items()} == {
+        "bad": "ok", "good": "ok", "late": "unfinished"}
+    for run in ("bad", "good"):
+        shutil.rmtree(tmp_path / run)
+    with pytest.raises(UsageError, match=f"^report: {tmp_path} holds no compare.json and no "
+                                         r"finished run \(a folder with summary.json\)$"):
+        report.load(tmp_path)
+
+
+def test_a_run_the_comparison_stopped_in_is_unfinished_one_not_started_not_run(tmp_path):
+    """bench compare killed while ec ran (its folder held its logs and config.json), before
+    ma: both rows read "failed: did not run"."""
+    saved_runs(tmp_path)
+    shutil.rmtree(tmp_path / "bad")
+    (tmp_path / "ec").mkdir()
+    for name in ("stderr.log", "config.json"):
+        (tmp_path / "ec" / name).write_text("{}")
+    (tmp_path / report.RECORD).write_text(json.dumps(
+        {"algos": ["good", "ec", "ma"], "workers": 2, "train_args": [],
+         "runs": {"good": {"status": "ok"}}}))
+    report.render(tmp_path)
+    assert {name: cells["status"] for name, cells in report_cells(tmp_path).items()} == {
+        "good": "ok", "ec": "unfinished", "ma": "not run"}
+    assert ("*unfinished*: a run that started and has no summary (stopped, or still going on); "
+            "*not run*: one that has not started; `bench compare --resume` runs them.") in \
+        (tmp_path / "report.md").read_text()
+
+
 def test_targets_are_each_once():
     assert report.parse_targets("0.8,0.9,0.8") == [0.8, 0.9]
 

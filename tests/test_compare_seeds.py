@@ -4,6 +4,7 @@ spread over the seeds, and its curves with their band."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 
 import numpy as np
@@ -124,7 +125,8 @@ def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_pat
 
 def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
     """A damaged compare.json is refused, saying that moved aside the folders are reported;
-    they are then (seed 3 left no summary, so it is not found)."""
+    they are then. Seed 3, which left no summary, was left out, the row reading 2 seeds, all
+    ok, and the text that every seed ran: it is an unfinished run of the row's 3."""
     summaries = seeded_comparison(tmp_path)
     (tmp_path / report.RECORD).write_text('{"algos": ["ssgd"]')
     with pytest.raises(UsageError, match=r"; no report written: move it aside, and the report "
@@ -133,10 +135,33 @@ def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
     (tmp_path / report.RECORD).unlink()
     record, rows = report.load(tmp_path)
     assert record == {} and [(r.name, r.seed, r.status) for r in rows] == [
-        ("ssgd", 1, "ok"), ("ssgd", 2, "ok")]
+        ("ssgd", 1, "ok"), ("ssgd", 2, "ok"), ("ssgd", 3, "unfinished")]
     report.render(tmp_path)
+    text = (tmp_path / "report.md").read_text()
     mean = statistics.mean(s["final_test_acc"] for s in summaries.values())
-    assert cells((tmp_path / "report.md").read_text(), "ssgd")[3].startswith(f"{mean:.4f} ±")
+    row = cells(text, "ssgd")
+    assert row[1:3] == ["2 of 3", "2"] and row[-1] == "seed 3 unfinished"
+    assert row[3].startswith(f"{mean:.4f} ±")
+    assert cells(text, "ssgd seed 3")[-1] == "unfinished"
+    assert "Each algorithm ran once per seed (1, 2, 3)" in text
+    assert "*unfinished*: a run that started and has no summary" in text
+
+
+def test_a_folder_of_seeds_gives_each_algorithm_every_seed_and_no_set_aside_attempt(tmp_path):
+    """Without a record: an algorithm lacking a seed the others ran is a row short of it
+    (not run), not one whose every seed ran; a failed attempt that --resume set aside
+    (seed-1.failed-1) is not a run of it."""
+    seeded_comparison(tmp_path)
+    (tmp_path / report.RECORD).unlink()
+    shutil.rmtree(tmp_path / "ssgd" / "seed-3")
+    shutil.copytree(tmp_path / "ssgd" / "seed-1", tmp_path / "ma" / "seed-1")
+    shutil.copytree(tmp_path / "ssgd" / "seed-2", tmp_path / "ma" / "seed-1.failed-1")
+    _, rows = report.load(tmp_path)
+    assert [(r.name, r.seed, r.status) for r in rows] == [
+        ("ma", 1, "ok"), ("ma", 2, "not run"), ("ssgd", 1, "ok"), ("ssgd", 2, "ok")]
+    text = report.markdown({}, rows, [0.8])
+    assert cells(text, "ma")[1] == "1 of 2" and cells(text, "ma")[-1] == "seed 2 not run"
+    assert cells(text, "ssgd")[1] == "2" and cells(text, "ssgd")[-1] == "ok"
 
 
 def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):

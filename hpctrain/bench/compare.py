@@ -782,7 +782,7 @@ def _set_aside(run_dir: Path, label: str) -> None:
     if not (run_dir / "summary.json").exists():
         return
     n = 1
-    while (aside := run_dir.with_name(f"{run_dir.name}.failed-{n}")).exists():
+    while (aside := run_dir.with_name(report.set_aside_name(run_dir.name, n))).exists():
         n += 1
     run_dir.rename(aside)
     print(f"{label} the failed attempt's folder is kept as {aside}", file=sys.stderr, flush=True)

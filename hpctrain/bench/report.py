@@ -7,8 +7,11 @@ subfolders (``<algo>/seed-<S>/`` too: one algorithm's seeds), or itself, hold fi
 follow the DC-ASGD paper's figures: test error (%) against wall time and against epochs, one
 line per algorithm (with seeds: their mean, shaded from the lowest to the highest). With seeds
 the table gives each algorithm's mean and sample standard deviation over the seeds whose run
-finished, then every run. The output depends only on the saved files, so rendering twice
-gives the same bytes.
+finished, then every run. A run with no end recorded (the comparison stopped) is *unfinished*
+if its folder holds files, else *not run*; without ``compare.json``, so is a subfolder with a
+run's ``config.json`` and no summary, and a seed an algorithm lacks that others have; the
+failed attempts ``bench compare --resume`` set aside (``<run>.failed-N``) are no runs. The
+output depends only on the saved files, so rendering twice gives the same bytes.
 
 A value of the wrong type in a run's files (edited by hand, another tool's) does not end the
 report: the table shows ``n/a`` there, or the plots leave out that curve point, and one line on
@@ -52,6 +55,9 @@ STALENESS_KEYS = ("mean", "p50", "p90", "p99", "max")
 
 
 _SEED_FOLDER = re.compile(r"^seed--?[0-9]+$")  # run_name's seed-<S>
+_SET_ASIDE = re.compile(r"\.failed-[0-9]+$")  # set_aside_name's
+# A run a comparison records no end of (Row.status): started (its folder holds files), or not
+UNFINISHED, NOT_RUN = "unfinished", "not run"
 
 
 def run_name(algo: str, seed: int | None) -> str:
@@ -59,12 +65,18 @@ def run_name(algo: str, seed: int | None) -> str:
     return algo if seed is None else f"{algo}/seed-{seed}"
 
 
+def set_aside_name(folder: str, n: int) -> str:
+    """The name ``bench compare --resume`` gives the ``n``-th failed attempt of the run in
+    ``folder`` before running it again: not a run of the comparison, so no report's row."""
+    return f"{folder}.failed-{n}"
+
+
 @dataclass
 class Row:
     """One run of a report: how it ended and, if it finished, what it wrote."""
 
     name: str  # the algorithm (or the run's folder, for runs found in a folder)
-    status: str  # "ok", "failed" or "not available"
+    status: str  # "ok", "failed", UNFINISHED or NOT_RUN
     error: str | None = None
     summary: dict | None = None
     points: list[dict] = field(default_factory=list)
@@ -234,6 +246,13 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
                run_info=run_info, **record)
 
 
+def _unfinished(run_dir: Path, name: str, **record) -> Row:
+    """The row of a run with no recorded end and no summary: UNFINISHED if it started (its
+    folder holds files: its logs, config.json, checkpoints), else NOT_RUN."""
+    started = run_dir.is_dir() and any(run_dir.iterdir())
+    return Row(name, UNFINISHED if started else NOT_RUN, **record)
+
+
 def _run_info(path: Path) -> dict:
     """The ``run_info`` of a run's ``config.json`` (what it ran with); empty, with a warning
     if the file is there but unreadable, since the table does not need it."""
@@ -315,29 +334,54 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         for name in record["algos"]:
             for seed in record.get("seeds") or [None]:
                 key = run_name(name, seed)
-                run = record["runs"].get(key, {"status": "failed", "error": "did not run"})
-                extra = {"command": run.get("command"), "ignored": run.get("ignored", []),
+                run = record["runs"].get(key)
+                extra = {"command": None if run is None else run.get("command"),
+                         "ignored": [] if run is None else run.get("ignored", []),
                          "seed": seed,
                          "byte_fields": tuple(record.get("byte_fields", {}).get(name, ()))}
-                if run["status"] == "ok":
+                if run is None:  # the comparison stopped before it ended, or before it ran
+                    rows.append(_unfinished(folder / key, name, **extra))
+                elif run["status"] == "ok":
                     rows.append(_finished(folder / key, name, **extra))
                 else:
                     rows.append(Row(name, run["status"], error=run.get("error"), **extra))
         return record, rows
-    dirs = [folder] if (folder / "summary.json").is_file() else sorted(
-        d for d in folder.iterdir() if (d / "summary.json").is_file())
-    # A --seeds comparison's runs, two levels down: each algorithm's seeds make one row.
-    seeded = [] if dirs == [folder] else sorted(
-        d for d in folder.glob("*/seed-*") if _SEED_FOLDER.match(d.name)
-        and (d / "summary.json").is_file())
-    if seeded:
-        return {}, [_finished(d, d.name) for d in dirs] + [
-            _finished(d, d.parent.name, seed=int(d.name.removeprefix("seed-")))
-            for d in seeded]
-    if not dirs:
+    rows = _found(folder)
+    if all(r.status in (UNFINISHED, NOT_RUN) for r in rows):  # none with a summary.json
         raise UsageError(f"report: {folder} holds no {RECORD} and no finished run "
                          "(a folder with summary.json)")
-    return {}, [_finished(d, d.name) for d in dirs]
+    return {}, rows
+
+
+def _found(folder: Path) -> list[Row]:
+    """The runs in a folder without a record: itself, if it holds a finished run (its
+    ``summary.json``), else its subfolders that hold one, or a run's ``config.json`` (one
+    that started: UNFINISHED), then a ``--seeds`` comparison's ``<algo>/seed-<S>/`` runs,
+    each algorithm over the seeds any of them has (one that left none: NOT_RUN), if one of
+    those finished. Failed attempts ``bench compare --resume`` set aside (``*.failed-N``)
+    are not runs of it, as in a comparison's report."""
+    if (folder / "summary.json").is_file():
+        return [_finished(folder, folder.name)]
+    subfolders = sorted(d for d in folder.iterdir() if d.is_dir() and not _SET_ASIDE.search(
+        d.name))
+    rows = [_finished(d, d.name) if (d / "summary.json").is_file() else _unfinished(d, d.name)
+            for d in subfolders
+            if (d / "summary.json").is_file() or (d / "config.json").is_file()]
+    seeds = {d.name: {int(s.name.removeprefix("seed-")): s for s in d.iterdir()
+                      if s.is_dir() and _SEED_FOLDER.match(s.name)}
+             for d in subfolders if not (d / "summary.json").is_file()}
+    seeds = {algo: found for algo, found in seeds.items() if found}
+    if not any((s / "summary.json").is_file() for found in seeds.values()
+               for s in found.values()):
+        return rows
+    every = sorted({seed for found in seeds.values() for seed in found})
+    for algo, found in seeds.items():
+        for seed in every:
+            run_dir = found.get(seed, folder / run_name(algo, seed))
+            rows.append(_finished(run_dir, algo, seed=seed)
+                        if (run_dir / "summary.json").is_file()
+                        else _unfinished(run_dir, algo, seed=seed))
+    return rows
 
 
 def time_to(points: list[dict], target: float) -> dict | None:
@@ -707,6 +751,10 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
             "parameter store (`store_bytes_per_worker`, mean over workers, whether MPI or loads "
             "and stores on shared-memory windows moved it; `store_mpi_bytes_per_worker` is the "
             "part of it MPI calls moved, not more bytes)."]
+    if any(r.status in (UNFINISHED, NOT_RUN) for r in rows):
+        out.append(f"\n*{UNFINISHED}*: a run that started and has no summary (stopped, or "
+                   f"still going on); *{NOT_RUN}*: one that has not started"
+                   + ("; `bench compare --resume` runs them." if record else "."))
     ignored: dict[str, list[str]] = {}
     for r in rows:
         for flag in r.ignored:
