@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -22,6 +23,7 @@ from conftest import (
     ON_OTHER_MPIS,
     SYNTHETIC,
     mpi_env,
+    mpirun,
     refusal,
     run_job,
     start_job,
@@ -554,6 +556,29 @@ def test_a_timed_out_run_is_a_row_and_a_failed_exit(tmp_path):
     assert json.loads((out / "compare.json").read_text())["runs"]["ssgd"]["status"] == "failed"
 
 
+@pytest.mark.timeout(240)
+def test_the_report_is_written_as_each_run_ends(tmp_path):
+    """report.md came only after the last run, though `hpctrain report` of a comparison going
+    on says bench compare writes it as each run ends: each run's launcher now finds the report
+    of the runs before it (the first, none), the runs to come in it as not run."""
+    out, seen = tmp_path / "cmp", tmp_path / "seen.txt"
+    launcher = tmp_path / "launch.sh"
+    launcher.write_text(f'#!/bin/sh\nnp=$1; shift\n'
+                        f'grep "^| sgd |" {out}/report.md 2>/dev/null >> {seen} '
+                        f'|| echo none >> {seen}\n'
+                        f'exec {shlex.join(mpirun(1)[:-1])} "$np" "$@"\n')
+    launcher.chmod(0o755)
+    done = run_job(["bench", "compare", "--algos", "sgd", "--seeds", "1,2,3", *SMALL,
+                    "--launcher", f"{launcher} {{np}}", "--out", str(out)], np=0, timeout=200)
+    assert done.returncode == 0, done.stderr
+    first, second, third = seen.read_text().splitlines()
+    assert first == "none"
+    assert second.startswith("| sgd | 1 of 3 | 1 |") and second.endswith(
+        "| seed 2 not run; seed 3 not run |")
+    assert third.startswith("| sgd | 2 of 3 | 1 |") and third.endswith("| seed 3 not run |")
+    assert table_rows((out / "report.md").read_text())["sgd"][1] == "3"
+
+
 def test_default_launcher(monkeypatch):
     for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "HPCTRAIN_MPIRUN"):
         monkeypatch.delenv(var, raising=False)
@@ -640,19 +665,22 @@ def stopped(tmp_path_factory):
     stderr = warn_after_checkpoint(job, out / "sgd" / "checkpoints")
     return SimpleNamespace(out=out, status=job.returncode, stderr=stderr,
                            ssgd_started=(out / "ssgd").exists(),
-                           sgd_finished=(out / "sgd" / "summary.json").exists())
+                           sgd_finished=(out / "sgd" / "summary.json").exists(),
+                           report=(out / "report.md").read_text())
 
 
 @pytest.mark.timeout(300)
 def test_sigusr1_stops_the_comparison_after_a_checkpoint(stopped):
     """The run going on (sgd) stops after a checkpoint, ssgd does not start, exit status 5
-    (the resume that finishes it is the next fixture's)."""
+    (the resume that finishes it is the next fixture's). Its report says so."""
     assert stopped.status == 5, stopped.stderr
     assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in stopped.stderr
     assert stopped.stderr.strip().splitlines()[-1] == (
         f"hpctrain bench compare: stopped by SIGUSR1 with sgd, ssgd left to run; continue "
         f"with --resume (--out {stopped.out})")
     assert not stopped.ssgd_started and not stopped.sgd_finished
+    rows = table_rows(stopped.report)
+    assert (rows["sgd"][-1], rows["ssgd"][-1]) == ("unfinished", "not run")
 
 
 def running(folder: Path) -> list[str]:

@@ -18,7 +18,8 @@ algorithms. With ``--simulate K`` every run is ``hpctrain simulate --workers K``
 process each, no launcher, virtual times; the simulator's options pass on to every run).
 ``DIR/<algo>/`` gets each run's outputs plus its
 ``stdout.log`` and ``stderr.log``; ``DIR/compare.json`` records what ran and how it ended, and
-:mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files. SIGUSR1 (a
+:mod:`hpctrain.bench.report` renders ``report.md`` and the plots from those files as each
+run ends (the runs to come: *not run*). SIGUSR1 (a
 time limit's warning) goes on to the run going on, no run starts after it, and the command
 exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues itself).
 With ``--seeds 1,2,3`` every algorithm runs once per seed (``DIR/<algo>/seed-<S>/``, one run
@@ -842,11 +843,14 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
                   flush=True)
             record["runs"][r.name] = result
             write_json_atomic(out / report.RECORD, record)
+            if any(later.name not in record["runs"] for later in runs):  # else: below
+                _report_so_far(out)
     finally:
         warning.close()
         signal.signal(signal.SIGTERM, terminate)
     left = [r.name for r in runs if r.name not in record["runs"]]
     if left:  # SIGUSR1 stopped the comparison
+        _report_so_far(out)  # the run it stopped unfinished, those after it not run
         print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "
               f"continue with --resume (--out {out})", file=sys.stderr, flush=True)
         raise SystemExit(checkpoint.stop.EXIT_STATUS)
@@ -865,6 +869,19 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         _say_failed(failed, len(runs), f"their rows in {out / report.REPORT}")
         raise SystemExit(1)
     return record
+
+
+def _report_so_far(out: Path) -> None:
+    """report.md and the plots of the runs that have ended, the others *not run*, for whoever
+    watches a long comparison (``hpctrain report`` of it is refused while it holds the
+    folder). A problem here is one line and the runs go on: the report after the last run
+    says it in full, with the warnings this one keeps to itself (else once per run)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            report.render(out)
+    except Exception as e:  # not the runs' problem: the report after the last run raises it
+        print(f"hpctrain bench compare: report.md not updated: {e}", file=sys.stderr,
+              flush=True)
 
 
 def _say_failed(failed: list[str], total: int, where: str) -> None:

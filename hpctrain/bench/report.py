@@ -982,8 +982,8 @@ def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise UsageError(f"{folder} is in use by a comparison or run going on now (it "
-                             f"holds {folder / LOCK}); bench compare writes its report.md "
-                             "as each run ends") from None
+                             f"holds {folder / LOCK}); bench compare rewrites its "
+                             "report.md as each run ends") from None
         # none there, or a file system without locks: nothing to wait for
 
 
