@@ -226,45 +226,73 @@ def seeded_rows(points: dict[int, list[tuple]]) -> list[report.Row]:
             for seed, run in points.items()]
 
 
-def interpolated(points: dict[int, list[tuple]], key: int, at: list[float]) -> np.ndarray:
+def interpolated(points: dict[int, list[tuple]], key: int, at: list[float]
+                 ) -> np.ma.MaskedArray:
     """Each run's error (%) at ``at`` (a row each), interpolated in its ``key`` (0: epoch,
-    1: t) by numpy."""
-    return np.array([np.interp(at, [p[key] for p in run], [100 * (1 - p[2]) for p in run])
-                     for run in points.values()])
+    1: t) by numpy, masked where ``at`` lies outside the run's snapshots."""
+    errors = np.array([np.interp(at, [p[key] for p in run], [100 * (1 - p[2]) for p in run])
+                       for run in points.values()])
+    outside = np.array([[not run[0][key] <= v <= run[-1][key] for v in at]
+                        for run in points.values()])
+    return np.ma.masked_array(errors, outside)
+
+
+def assert_mean_and_band(curve: report.Curve, runs: np.ma.MaskedArray) -> None:
+    """``curve`` is the mean of ``runs`` (interpolated), its band their lowest and highest,
+    each point over the runs there."""
+    assert curve.err == pytest.approx(runs.mean(axis=0).tolist())
+    assert curve.band == (pytest.approx(runs.min(axis=0).tolist()),
+                          pytest.approx(runs.max(axis=0).tolist()))
+    assert curve.runs == runs.count(axis=0).tolist() and curve.of == len(runs)
 
 
 @pytest.mark.parametrize("x, key", [("epoch", 0), ("t", 1)])
 def test_seeds_whose_snapshots_do_not_line_up_are_averaged_at_the_same_x(x, key):
     """The k-th snapshots were averaged: the epochs curve ended at 1.7 of 2 epochs, and its
     second point averaged errors at epochs 0.28, 0.28 and 0.75. Each run's error is now
-    interpolated onto every snapshot's x, up to the run that ends first."""
+    interpolated onto every snapshot's x; against time, the runs end at other times, and the
+    curve goes on to the last, each point over the runs there."""
     (curve,) = report.curves(seeded_rows(UNEVEN), x)
-    end = min(run[-1][key] for run in UNEVEN.values())
-    assert curve.xs == sorted({p[key] for run in UNEVEN.values() for p in run if p[key] <= end})
-    assert curve.xs[-1] == end and (x == "t" or end == 2.0)
+    assert curve.xs == sorted({p[key] for run in UNEVEN.values() for p in run})
     runs = interpolated(UNEVEN, key, curve.xs)
-    assert curve.err == pytest.approx(runs.mean(axis=0))
-    assert curve.band == (pytest.approx(runs.min(axis=0)), pytest.approx(runs.max(axis=0)))
+    assert_mean_and_band(curve, runs)
     if x == "epoch":  # at 0.28125 seed 3 is between its snapshots at 0 and 0.75
         assert curve.err[1] == pytest.approx((2.0 + 1.0 + (88 - 78 * 0.28125 / 0.75)) / 3)
+        assert not curve.partial and curve.label == "asgd, M=4, mean of 3 seeds"
+    else:  # seed 2 ends at 0.269 s, seed 3 at 0.361 s, seed 1 at 0.444 s
+        assert curve.xs[-1] == 0.444 and curve.runs[-3:] == [3, 2, 1]
+        assert curve.partial and curve.label.endswith(", dashed where fewer seeds")
 
 
-def test_a_run_stopped_early_ends_the_mean_curve_at_its_last_snapshot():
-    """--stop-on-collapse: seed 3 stops after epoch 1.21875, among runs of other epochs."""
+def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
+    """--stop-on-collapse: seed 3 stops after epoch 1.21875. The mean curve and its band
+    ended there for every seed, though the others ran to epoch 2; now they go on, of the
+    two runs there (drawn dashed)."""
     short = {**UNEVEN, 3: UNEVEN[3][:3]}
-    (curve,) = report.curves(seeded_rows(short), "epoch")
-    assert curve.xs[-1] == 1.21875 and curve.xs == sorted(
-        {p[0] for run in short.values() for p in run if p[0] <= 1.21875})
-    assert curve.err == pytest.approx(interpolated(short, 0, curve.xs).mean(axis=0))
+    rows = seeded_rows(short)
+    (curve,) = report.curves(rows, "epoch")
+    assert curve.xs == sorted({p[0] for run in short.values() for p in run})
+    assert curve.xs[-1] == 2.0 and curve.runs[-4:] == [3, 2, 2, 2]
+    assert_mean_and_band(curve, interpolated(short, 0, curve.xs))
+    assert curve.label == "asgd, M=4, mean of 3 seeds, dashed where fewer seeds"
+    assert report.plot(rows, "epoch").startswith(b"\x89PNG")
 
 
 def test_seeds_whose_snapshots_line_up_keep_the_mean_of_the_kth(tmp_path):
-    """Snapshots at the same epochs, one run shorter (stopped early): as before, point k is the
-    mean of the k-th snapshots' time and error, up to the shortest, so reports do not change."""
+    """Snapshots at the same epochs: point k is the mean of the k-th snapshots' time and
+    error, so reports do not change. One run shorter (stopped early, or cut short as a
+    reviewer did): the curve ended at its end, now it goes on, of the run there."""
     lined = {1: [(0.0, 0.0, 0.1), (0.5, 2.0, 0.82), (1.0, 4.0, 0.88)],
-             2: [(0.0, 0.0, 0.1), (0.5, 3.0, 0.80)]}
+             2: [(0.0, 0.0, 0.1), (0.5, 3.0, 0.80), (1.0, 5.0, 0.86)]}
     for x, key in (("t", 1), ("epoch", 0)):
         (curve,) = report.curves(seeded_rows(lined), x)
-        assert curve.xs == [(lined[1][k][key] + lined[2][k][key]) / 2 for k in range(2)]
+        assert curve.xs == [(lined[1][k][key] + lined[2][k][key]) / 2 for k in range(3)]
         assert curve.err == [(100 * (1 - lined[1][k][2]) + 100 * (1 - lined[2][k][2])) / 2
-                             for k in range(2)]
+                             for k in range(3)]
+        assert curve.runs == [2, 2, 2] and not curve.partial
+    lined[2] = lined[2][:2]
+    for x, key in (("t", 1), ("epoch", 0)):
+        (curve,) = report.curves(seeded_rows(lined), x)
+        assert curve.xs == sorted({p[key] for run in lined.values() for p in run})
+        assert curve.xs[-1] == lined[1][-1][key] and curve.runs[-1] == 1
+        assert_mean_and_band(curve, interpolated(lined, key, curve.xs))

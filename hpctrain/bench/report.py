@@ -5,7 +5,8 @@ DIR is a comparison's folder (``compare.json`` and one ``DIR/<algo>/`` per run, 
 subfolders (``<algo>/seed-<S>/`` too: one algorithm's seeds), or itself, hold finished runs
 (``summary.json`` and ``metrics.jsonl``). The plots
 follow the DC-ASGD paper's figures: test error (%) against wall time and against epochs, one
-line per algorithm (with seeds: their mean, shaded from the lowest to the highest). With seeds
+line per algorithm (with seeds: their mean, shaded from the lowest to the highest, dashed
+where some runs have ended). With seeds
 the table gives each algorithm's mean and sample standard deviation over the seeds whose run
 finished, then every run. A run with no end recorded (the comparison stopped) is *unfinished*
 if its folder holds files, else *not run*; without ``compare.json``, so is a subfolder with a
@@ -803,26 +804,36 @@ def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
 @dataclass
 class Curve:
     """One line of a plot: test error (%) at ``xs``; with seeds, the mean over the runs and
-    the band from their lowest to their highest error."""
+    the band from their lowest to their highest error, and how many runs each point is of
+    (``runs``), out of ``of``."""
 
     name: str
     label: str
     xs: list[float]
     err: list[float]
     band: tuple[list[float], list[float]] | None = None
+    runs: list[int] | None = None
+    of: int = 1
+
+    @property
+    def partial(self) -> bool:
+        """Whether some points are of fewer runs than the curve's (drawn dashed)."""
+        return self.runs is not None and min(self.runs) < self.of
 
 
 def curves(rows: list[Row], x: str) -> list[Curve]:
     """One curve per run, or with seeds one per algorithm: the mean test error of its runs,
     with the band from the lowest to the highest, against ``x`` (``t`` or ``epoch``).
 
-    Where the runs' snapshots line up (the k-th snapshot of every run at the same epoch, up to
-    the shortest run: the same ``--eval-every`` schedule), point k is the mean of the k-th
-    snapshots' ``x`` and error. Where they do not (an async run whose rank 0 was slow skips
-    some marks, another run's epochs are other fractions), each run's error is linearly
-    interpolated in ``x`` between its snapshots onto one grid: every run's snapshot ``x``
-    from the latest first one to the earliest last one (the shortest run's end), so that
-    each point averages the runs at the same ``x``."""
+    Where the runs' snapshots line up (every run's k-th snapshot at the same epoch, and as
+    many: the same ``--eval-every`` schedule), point k is the mean of the k-th snapshots'
+    ``x`` and error. Otherwise (an async run whose rank 0 was slow skips some marks, another
+    run's epochs are other fractions, a run stopped early) each run's error is linearly
+    interpolated in ``x`` between its snapshots onto one grid, every run's snapshot ``x``,
+    so that each point averages the runs at the same ``x``: those whose snapshots span it.
+    The curve goes as far as the longest run, and a point some runs do not reach (one
+    stopped early, by ``--stop-on-collapse``) is the mean and band of the others: the mean
+    of the runs there, not of all, which the plot draws dashed."""
     out = []
     for name, runs in by_algorithm(rows).items():
         drawn = [r for r in runs if r.points]
@@ -832,23 +843,26 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
             out += [Curve(name, r.label, [p[x] for p in pts], err)
                     for r, pts, err in zip(drawn, series, errors, strict=True)]
             continue
-        n = min((len(pts) for pts in series), default=0)
-        if not n:
+        if not drawn:
             continue
         label = f"{drawn[0].label}, mean of {len(drawn)} seed{'s' if len(drawn) > 1 else ''}"
-        if all(pts[k]["epoch"] == series[0][k]["epoch"] for pts in series for k in range(n)):
+        n = len(series[0])
+        if all(len(pts) == n and all(pts[k]["epoch"] == series[0][k]["epoch"]
+                                     for k in range(n)) for pts in series):
             xs = [_mean([pts[k][x] for pts in series]) for k in range(n)]
             column = [[e[k] for e in errors] for k in range(n)]
         else:
             lines = [_deduplicated([p[x] for p in pts], err)
                      for pts, err in zip(series, errors, strict=True)]
-            start, end = max(at[0] for at, _ in lines), min(at[-1] for at, _ in lines)
-            xs = sorted({v for line, _ in lines for v in line if start <= v <= end})
-            if not xs:
-                continue  # the runs' snapshots share no stretch of x
-            column = [[_interpolate(line, err, v) for line, err in lines] for v in xs]
-        out.append(Curve(name, label, xs, [_mean(c) for c in column],
-                         ([min(c) for c in column], [max(c) for c in column])))
+            xs = sorted({v for line, _ in lines for v in line})
+            column = [[_interpolate(line, err, v) for line, err in lines
+                       if line[0] <= v <= line[-1]] for v in xs]
+        curve = Curve(name, label, xs, [_mean(c) for c in column],
+                      ([min(c) for c in column], [max(c) for c in column]),
+                      [len(c) for c in column], len(drawn))
+        if curve.partial:
+            curve.label += ", dashed where fewer seeds"
+        out.append(curve)
     return out
 
 
@@ -882,7 +896,8 @@ def x_label(rows: list[Row], x: str) -> str:
 
 def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run (with
-    seeds: per algorithm, shaded from its lowest to its highest run): a PNG."""
+    seeds: per algorithm, shaded from its lowest to its highest run, dashed where some runs
+    have ended): a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -893,7 +908,13 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     shown = _error_range([c.err for c in lines])
     for i, c in enumerate(lines):
         colour = _colour(c.name, i)
-        ax.plot(c.xs, c.err, marker=".", color=colour, label=legend_label(c, shown))
+        if c.partial:  # dashed throughout, solid over it between points of every run
+            ax.plot(c.xs, c.err, "--", marker=".", color=colour)
+            ax.plot(c.xs, [e if k == c.of else math.nan for e, k in zip(c.err, c.runs,
+                                                                        strict=True)],
+                    color=colour, label=legend_label(c, shown))
+        else:
+            ax.plot(c.xs, c.err, marker=".", color=colour, label=legend_label(c, shown))
         if c.band is not None:
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
     if shown:
