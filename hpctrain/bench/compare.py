@@ -822,6 +822,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
     write_json_atomic(out / report.RECORD, record)  # --resume's new targets, though none runs
     warning = _Warning()
     terminate = signal.signal(signal.SIGTERM, _terminated)
+    ran = False  # a run started: the report changes
     try:
         for i, r in enumerate(runs, 1):
             label = f"[{i}/{len(runs)} {r.name}]"
@@ -832,6 +833,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
                 break
             if args.resume:
                 _set_aside(out / r.name, label)
+            ran = True
             result = execute(continued(r, out / r.name) if args.resume else r, out / r.name,
                              label, args.timeout, warning)
             if warning.received and result["status"] != "ok":  # stopped, or ended by it
@@ -850,7 +852,8 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         signal.signal(signal.SIGTERM, terminate)
     left = [r.name for r in runs if r.name not in record["runs"]]
     if left:  # SIGUSR1 stopped the comparison
-        _report_so_far(out)  # the run it stopped unfinished, those after it not run
+        if ran:
+            _report_so_far(out)  # the run it stopped unfinished, those after it not run
         print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "
               f"continue with --resume (--out {out})", file=sys.stderr, flush=True)
         raise SystemExit(checkpoint.stop.EXIT_STATUS)
