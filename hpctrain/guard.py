@@ -57,7 +57,7 @@ def extremes(tensor: torch.Tensor) -> list[torch.Tensor]:
     """The smallest and largest element of ``tensor`` (dense, or sparse: an embedding's
     gradient; complex: of its real and imaginary parts), which are both finite exactly
     when every element is: a NaN propagates to both, an Inf is one of them. One pass with
-    no temporary of the tensor's size, where ``isfinite(t).all()`` writes one: 7x faster on
+    no temporary of the tensor's size, where ``isfinite(t).all()`` writes one: 4-6x faster on
     a CPU, where it was a third of a small model's step. Nothing for an empty tensor."""
     values = tensor._values() if tensor.is_sparse else tensor
     if values.is_complex():
