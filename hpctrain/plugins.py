@@ -131,8 +131,8 @@ def reference_to(flag: str, obj: str | Callable) -> str:
     if module.__name__ != "__main__" and not module.__name__.startswith(_FILE_MODULE) \
             and not _beside_script(module):
         where = module.__name__
-    elif getattr(module, "__file__", None):  # a script, a module loaded from a file or beside
-        # the script
+    elif not (getattr(module, "__file__", None) or "<").startswith("<"):  # a script, a
+        # module loaded from a file or beside the script; not `python - < x.py`'s "<stdin>"
         where = str(Path(module.__file__).resolve())
     else:
         raise UsageError(f"{flag}: {qualname} is defined in {module.__name__}, which has no "

@@ -299,6 +299,20 @@ def test_checking_a_model_leaves_a_shared_one_as_it_was(nets):
     assert nets_mod.SHARED.training
 
 
+def test_a_class_of_a_script_read_from_stdin_is_refused_for_what_it_is(monkeypatch):
+    """`python - < sweep.py`: its __main__'s file is "<stdin>", which was taken for a file
+    in the working folder ("no file .../<stdin>")."""
+    import types
+
+    script = types.ModuleType("__main__")
+    script.__file__ = "<stdin>"
+    exec("class Net:\n    pass\n", script.__dict__)
+    monkeypatch.setitem(sys.modules, "__main__", script)
+    with pytest.raises(UsageError, match="Net is defined in __main__, which has no file to "
+                                         "find it in again; define it in a module or script"):
+        plugins.reference_to("--model", script.Net)
+
+
 def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
     monkeypatch.chdir(nets.parent)
     config = launch(model=ModelConfig(name="./nets_mod.py:build"))
