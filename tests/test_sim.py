@@ -867,3 +867,18 @@ def test_a_real_runs_stragglers_are_not_applied_again_to_its_replayed_times(
     assert "leaving out" not in capsys.readouterr().err
     recorded = json.loads((tmp_path / "d" / "config.json").read_text())["stragglers"]
     assert recorded == {"slowdown": "0:3", "jitter": 0.2}
+
+
+def test_a_replay_of_the_runs_own_step_times_file_leaves_its_stragglers_out(
+        tmp_path, slowed_run, capsys):
+    """--step-time replay:RUN/step_times.json (the file, not the folder) applied the run's
+    --slowdown 0:3 and --jitter 0.2 again, silently: only the folder was compared with
+    --config's. The file form is the same replay, and leaves them out alike."""
+    from hpctrain import cli
+
+    real = steptimes.read(slowed_run).compute
+    cli.main(["simulate", "--config", str(slowed_run / "config.json"), "--step-time",
+              f"replay:{slowed_run / steptimes.FILE}", "--out", str(tmp_path / "a")])
+    assert f"leaving out {slowed_run / 'config.json'}'s --slowdown 0:3 and --jitter 0.2" in \
+        capsys.readouterr().err
+    assert steptimes.read(tmp_path / "a").compute == [pytest.approx(real[0], abs=2e-6)]

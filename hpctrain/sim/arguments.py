@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from hpctrain import config as configs
+from hpctrain import steptimes
 from hpctrain.arguments import Declared, add_option
 from hpctrain.config import StragglerConfig
 from hpctrain.errors import UsageError
@@ -110,11 +111,13 @@ def replayed_stragglers(args: argparse.Namespace, recorded: dict, step_time) -> 
     real straggler's sleep is part of its recorded steps, so applying its ``--slowdown`` and
     ``--jitter`` again would count them twice: when the replayed run is the ``--config``
     file's own (another run's times hold none of its sleeps). Options given on the command
-    line stay (a slowdown on top of the replay), as do a simulation's or a TOML file's."""
+    line stay (a slowdown on top of the replay), as do a simulation's or a TOML file's.
+    ``RUN`` is the run's folder or its ``step_times.json`` file, alike."""
     file_values = recorded.get("stragglers")
     kind, _, run = step_time.partition(":") if isinstance(step_time, str) else ("", "", "")
     if not (kind == "replay" and _real_run(recorded) and isinstance(file_values, dict)
-            and Path(run).expanduser().resolve() == Path(args.config).resolve().parent):
+            and steptimes.file_of(Path(run).expanduser()).resolve()
+            == (Path(args.config).resolve().parent / steptimes.FILE).resolve()):
         return {}
     defaults = StragglerConfig()
     return {name: file_values[name] for name in STRAGGLER_OPTIONS
