@@ -124,6 +124,11 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
     (["--algos", "asgd", "--workers", "2", "--checkpoint-every", "10", *SMALL],
      "asgd's run on 2 processes: --checkpoint-every 10: asynchronous runs checkpoint by "
      "global progress"),
+    # Simulated, the same refusals named no run ("--slowdown 1:3: rank 1 is not a worker").
+    (["--algos", "sgd,ssgd", "--simulate", "4", "--slowdown", "1:3", *SMALL],
+     "sgd's run on 1 virtual worker: --slowdown 1:3: rank 1 is not a worker (0..0)"),
+    (["--algos", "ssgd,ec", "--simulate", "4", "--tau", "1000000", *SMALL],
+     "ec's run on 4 virtual workers: --tau 1000000 never aggregates"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
     with pytest.raises(UsageError, match=re.escape(pattern)):

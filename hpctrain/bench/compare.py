@@ -505,7 +505,12 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
         if checked is None:  # what the simulator refuses, up front too (with the train
             # options typed: those it does not use are refused when typed)
             both = argparse.Namespace(**{**vars(typed), **vars(_sim_parser().parse_args(sim_args))})
-            check_simulation(config, sim_arguments.build(both))
+            sim = sim_arguments.build(both)  # --step-time and the like: every run's alike
+            try:
+                check_simulation(config, sim)
+            except UsageError as e:
+                raise UsageError(f"{algo}'s run on {np} virtual worker{'s' if np > 1 else ''}: "
+                                 f"{e}") from None
         command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
         return Run(algo, np, command, ignored, seed=seed)
     launcher = launcher_command(getattr(args, "launcher", None), np)
