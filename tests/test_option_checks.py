@@ -263,11 +263,17 @@ def test_compare_simulate_refuses_them_before_any_run(tmp_path):
 
 
 def test_simulated_sgd_is_told_to_take_one_worker():
-    args = simulate_args("--algo", "sgd", *SYNTHETIC)
-    message = one_line(lambda: check_simulation(arguments.build(args),
-                                                sim_arguments.build(args)))
-    assert message == ("--algo sgd runs on one process, not --workers 4: give --workers 1 (or "
-                       "--algo ssgd for 4 workers)")
+    """Without --workers it said "not --workers 4", a value the user never typed: now it says
+    that 4 is the default."""
+    def refusal(*argv: str) -> str:
+        args = simulate_args("--algo", "sgd", *SYNTHETIC, *argv)
+        return one_line(lambda: check_simulation(arguments.build(args),
+                                                 sim_arguments.build(args)))
+
+    assert refusal() == ("--algo sgd runs on one process, not --workers 4 (the default): give "
+                         "--workers 1 (or --algo ssgd for 4 workers)")
+    assert refusal("--workers", "8") == ("--algo sgd runs on one process, not --workers 8: "
+                                         "give --workers 1 (or --algo ssgd for 8 workers)")
     args = simulate_args("--algo", "sgd", *SYNTHETIC, "--workers", "1")
     check_simulation(arguments.build(args), sim_arguments.build(args))
 

@@ -45,6 +45,7 @@ from hpctrain.sim.steptime import StepTimeModel
 from hpctrain.sim.store import SharedStore
 from hpctrain.sync.algorithm import Sequential, Synchronous
 
+DEFAULT_WORKERS = SimConfig.__dataclass_fields__["workers"].default
 INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backward
 
 
@@ -125,8 +126,9 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
                              f"rests are not pushes; replay an asgd, dcasgd-c or dcasgd-a "
                              f"run's, or use --comm-time model")
     if issubclass(algo, Sequential) and k > 1:  # its own check names no --workers
-        raise UsageError(f"--algo sgd runs on one process, not --workers {k}: give --workers 1 "
-                         f"(or --algo ssgd for {k} workers)")
+        default = " (the default)" if k == DEFAULT_WORKERS else ""  # maybe not typed
+        raise UsageError(f"--algo sgd runs on one process, not --workers {k}{default}: give "
+                         f"--workers 1 (or --algo ssgd for {k} workers)")
     algo.check(config, ranks, n)
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
         run.initial_model(config, sample.shape, sample.num_classes)
