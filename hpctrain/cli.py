@@ -144,8 +144,9 @@ def simulate(args: argparse.Namespace) -> dict:
 def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> RunConfig:
     """A real run's ``config.json`` given to ``simulate --config`` without the settings that
     only a real run has (checkpoints: a simulation is rerun, not resumed; ``--eval-rank``'s
-    extra rank; ``--profile``'s one profiler per process), said once; typed ones are refused
-    by the simulator's checks, as without ``--config``."""
+    extra rank; ``--profile``'s one profiler per process; a ``--sync-backend`` other than
+    mpi, whose order of adding the simulation does not follow), said once; typed ones are
+    refused by the simulator's checks, as without ``--config``."""
     left = []
     if not any(hasattr(args, f"checkpoint.{name}") for name in ("every", "dir", "resume")) \
             and config.checkpoint != CheckpointConfig():
@@ -158,6 +159,13 @@ def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> R
     if left:
         print(f"hpctrain simulate: leaving out {args.config}'s {' and '.join(left)} (a real "
               "run's only)", file=sys.stderr, flush=True)
+    backend = getattr(config.algorithm, "sync_backend", "mpi")
+    if backend != "mpi" and not hasattr(args, "algorithm.sync_backend"):  # typed: refused
+        config = replace(config, algorithm=replace(config.algorithm, sync_backend="mpi"))
+        print(f"hpctrain simulate: leaving out {args.config}'s --sync-backend {backend}: the "
+              f"virtual workers add as --sync-backend mpi does, so the final model is an mpi "
+              f"run's bit for bit, and a {backend} run's to rounding only",
+              file=sys.stderr, flush=True)
     return config
 
 

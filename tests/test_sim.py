@@ -290,6 +290,24 @@ def test_a_checkpointed_runs_config_is_simulated_without_its_checkpoints(tmp_pat
                                                                else None)
 
 
+def test_a_horovod_backend_runs_config_says_the_model_is_an_mpi_runs(tmp_path, capsys):
+    """Simulated ssgd adds as the mpi backend does: a real --sync-backend horovod (or torch)
+    run's model differs from its simulation by rounding (4.5e-8), which nothing said. The
+    file's backend is left out now, said once, and the simulation records mpi."""
+    from hpctrain import cli
+
+    config = tmp_path / "config.toml"
+    config.write_text('algo = "ssgd"\n[algorithm]\nsync_backend = "horovod"\n')
+    cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--epochs", "1", "--workers",
+              "2", "--out", str(tmp_path / "sim")])
+    err = capsys.readouterr().err
+    assert f"hpctrain simulate: leaving out {config}'s --sync-backend horovod: the virtual " \
+           "workers add as --sync-backend mpi does, so the final model is an mpi run's bit " \
+           "for bit, and a horovod run's to rounding only\n" in err and err.count("\n") == 1
+    recorded = json.loads((tmp_path / "sim" / "config.json").read_text())
+    assert recorded["algorithm"]["sync_backend"] == "mpi"
+
+
 def test_simulate_stopped_on_collapse_exits_4_as_train_does(tmp_path, capsys):
     from hpctrain import cli
 
