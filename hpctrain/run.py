@@ -729,6 +729,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if comm_ is not None:
         watchdog.wait_beating(comm_, "waiting for the workers to start", starting=True)
     start = runtime.now() - done.get("elapsed", 0.0)
+    step_times.start(runtime.now())  # a replay's lead-in to the first step (steptimes)
 
     def ended_early(stopped: Exception) -> Exception:
         """``stopped``, raised on every worker, once what the loop opened is closed."""

@@ -643,7 +643,7 @@ def test_a_worker_that_made_no_step_is_left_out_of_a_replay(tmp_path):
     # an async worker whose batch exceeded its data never got a ticket: its list is empty
     (tmp_path / steptimes.FILE).write_text(json.dumps({
         "format": steptimes.FORMAT, "workers": [[], [0.5, 0.25]], "rest": [[], [0.1, 0.2]]}))
-    assert steptimes.read(tmp_path) == ([[0.5, 0.25]], [[0.1, 0.2]])
+    assert steptimes.read(tmp_path) == ([[0.5, 0.25]], [[0.1, 0.2]], None)
     m = StepTimeModel(f"replay:{tmp_path}", 2)
     assert [m.next(0), m.next(1), m.next(0)] == [0.5, 0.5, 0.25] and m.rest(0) == 0.2
     (tmp_path / steptimes.FILE).write_text(json.dumps({
@@ -654,16 +654,25 @@ def test_a_worker_that_made_no_step_is_left_out_of_a_replay(tmp_path):
 
 def test_step_times_record_each_steps_compute_and_rest(tmp_path):
     times = steptimes.StepTimes()
+    times.start(-0.25)  # the loop starts: its lead-in to the first step
     for begin, end in ((0.0, 1.0), (1.5, 2.0), (4.0, 4.25)):
         times.begin(begin)
         times.end(end)
     times.finish(5.0)
-    assert (times.seconds, times.rest) == ([1.0, 0.5, 0.25], [0.5, 2.0, 0.75])
+    assert (times.seconds, times.rest, times.lead_in) == ([1.0, 0.5, 0.25], [0.5, 2.0, 0.75],
+                                                          0.25)
     times.write(tmp_path, None, 0)
-    assert steptimes.read(tmp_path) == ([[1.0, 0.5, 0.25]], [[0.5, 2.0, 0.75]])
+    assert steptimes.read(tmp_path) == ([[1.0, 0.5, 0.25]], [[0.5, 2.0, 0.75]], [0.25])
     m = StepTimeModel(f"replay:{tmp_path}", 2)
     assert [(m.next(1), m.rest(1)) for _ in range(4)] == \
         [(1.0, 0.5), (0.5, 2.0), (0.25, 0.75), (1.0, 0.5)]
+    assert m.lead_in(1) == 0.25
+    # A file from before lead-ins were recorded: none to replay.
+    doc = json.loads((tmp_path / steptimes.FILE).read_text())
+    del doc["lead_in"]
+    (tmp_path / steptimes.FILE).write_text(json.dumps(doc))
+    assert steptimes.read(tmp_path).lead_in is None
+    assert StepTimeModel(f"replay:{tmp_path}", 2).lead_in(1) == 0.0
 
 
 def real_ssgd(reduce_op: str, out) -> list[str]:
@@ -699,12 +708,18 @@ def test_replayed_real_async_run_matches_its_staleness(tmp_path, two_rank_runs):
         assert simulated["updates"] == summary["updates"]
         # two workers: staleness is 0 or 1 almost always, in both
         assert abs(simulated["staleness"]["mean"] - summary["staleness"]["mean"]) < 0.5
-    # --comm-time replay: each virtual worker's cycle is exactly the recorded one
+    # --comm-time replay: each virtual worker's cycle is exactly the recorded one, after the
+    # recorded lead-in (from the loop's start to its first step; all workers started at 0 and
+    # the staleness early on was not the real run's)
     replayed = steptimes.read(tmp_path / "replay")
     for k in range(2):
-        for times, real_times in zip(replayed, recorded, strict=True):
+        for times, real_times in zip(replayed[:2], recorded[:2], strict=True):
             n = len(real_times[k])
             assert times[k] == [real_times[k][i % n] for i in range(len(times[k]))]
+    assert len(recorded.lead_in) == 2 and all(t > 0 for t in recorded.lead_in)
+    assert replayed.lead_in == recorded.lead_in
+    # the network model's: only the first ticket's store access
+    assert steptimes.read(tmp_path / "model").lead_in == [Network().store_latency] * 2
 
 
 @pytest.mark.timeout(200)
@@ -900,3 +915,23 @@ def test_a_replay_of_the_runs_own_step_times_file_leaves_its_stragglers_out(
     assert f"leaving out {slowed_run / 'config.json'}'s --slowdown 0:3 and --jitter 0.2" in \
         capsys.readouterr().err
     assert steptimes.read(tmp_path / "a").compute == [pytest.approx(real[0], abs=2e-6)]
+
+
+def test_comm_time_replay_on_other_workers_than_recorded_says_so(tmp_path, capsys):
+    """--comm-time replay on K workers replays the pushes and lock waits measured at the R
+    recorded, which at K != R mean nothing physical: it ran without a word. Now one line says
+    so; at K == R nothing is said. Each worker starts after its recorded lead-in."""
+    n = 40
+    (tmp_path / steptimes.FILE).write_text(json.dumps({
+        "format": steptimes.FORMAT, "workers": [[0.01] * n, [0.01] * n],
+        "rest": [[0.002] * n, [0.002] * n], "lead_in": [0.0, 0.05]}))
+    replay = {"step_time": f"replay:{tmp_path}", "comm_time": "replay"}
+    simulate(config("asgd", tmp_path / "two", eval_every=1.0), sim(2, **replay))
+    assert "--comm-time replay" not in capsys.readouterr().err
+    assert steptimes.read(tmp_path / "two").lead_in == [0.0, 0.05]
+    simulate(config("asgd", tmp_path / "three", eval_every=1.0), sim(3, **replay))
+    said = capsys.readouterr().err
+    assert "hpctrain simulate: --comm-time replay on 3 virtual workers replays the pushes, " \
+           "lock waits and lead-ins of 2 real workers (worker k: worker k mod 2's), measured " \
+           "at 2, not 3: use --comm-time model" in said and said.count("\n") == 1
+    assert steptimes.read(tmp_path / "three").lead_in == [0.0, 0.05, 0.0]

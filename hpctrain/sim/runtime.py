@@ -55,6 +55,23 @@ class SharedPartialSampler(PartialShuffleSampler):
         return self._shared[self.epoch]
 
 
+class LeadInTrainData(ReplicatedTrainData):
+    """:class:`ReplicatedTrainData` whose first epoch takes ``lead_in`` virtual seconds on
+    worker ``worker``'s clock: with ``--comm-time replay`` the real worker's recorded lead-in,
+    from the training loop's start to its first step (mostly this first epoch's data and the
+    first ticket), so that the virtual workers start as far apart as the real ones did."""
+
+    def __init__(self, full: data.Dataset, sampler, scheduler: Scheduler, worker: int,
+                 lead_in: float):
+        super().__init__(full, sampler)
+        self.scheduler, self.worker, self._lead_in = scheduler, worker, lead_in
+
+    def epoch(self, epoch: int) -> data.Dataset:
+        self.scheduler.now[self.worker] += self._lead_in
+        self._lead_in = 0.0
+        return super().epoch(epoch)
+
+
 class VirtualRuntime(Runtime):
     """Virtual worker ``worker``'s clock, straggler and data, in ``simulation``."""
 
@@ -70,14 +87,18 @@ class VirtualRuntime(Runtime):
                                 self.worker, s.factor(rank, workers), s.jitter, config.seed)
 
     def train_data(self, spec: TrainDataSpec, comm_) -> ReplicatedTrainData:
-        """The real samplers over one copy of the training set that all workers share."""
-        full = self.simulation.train_set(spec)
-        ranks = self.simulation.workers
+        """The real samplers over one copy of the training set that all workers share
+        (``--comm-time replay``: the first epoch after the replayed lead-in)."""
+        sim = self.simulation
+        full = sim.train_set(spec)
         labels = full.labels if spec.partition == "label-skew" else None
-        shared = functools.partial(SharedPartialSampler, self.simulation.holdings)
-        sampler = make_sampler(spec.shuffle, len(full), ranks, self.worker, spec.seed, labels,
-                               partial_sampler=shared)
-        return ReplicatedTrainData(full, sampler)
+        shared = functools.partial(SharedPartialSampler, sim.holdings)
+        sampler = make_sampler(spec.shuffle, len(full), sim.workers, self.worker, spec.seed,
+                               labels, partial_sampler=shared)
+        if sim.sim.comm_time != "replay":
+            return ReplicatedTrainData(full, sampler)
+        return LeadInTrainData(full, sampler, sim.scheduler, self.worker,
+                               sim.step_times.lead_in(self.worker))
 
     def peak_memory(self, device) -> None:
         return None  # the virtual workers share one process

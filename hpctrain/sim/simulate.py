@@ -14,6 +14,7 @@ real time enters the outputs.
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import replace
 
 import torch
@@ -160,6 +161,13 @@ class Simulation:
         self.scheduler = Scheduler(self.workers)
         self.network = sim.network()
         self.step_times = StepTimeModel(sim.step_time, self.workers, config.seed)
+        if sim.comm_time == "replay" and len(self.step_times.rests) != self.workers:
+            recorded = len(self.step_times.rests)
+            print(f"hpctrain simulate: --comm-time replay on {self.workers} virtual workers "
+                  f"replays the pushes, lock waits and lead-ins of {recorded} real worker"
+                  f"{'s' if recorded > 1 else ''} (worker k: worker k mod {recorded}'s), "
+                  f"measured at {recorded}, not {self.workers}: use --comm-time model to "
+                  f"model them at {self.workers}", file=sys.stderr, flush=True)
         per_sample = self.step_times.mean / config.optim.batch_size * INFERENCE_SHARE
         self.group = LocalGroup(self.scheduler, self.network, infer_s_per_sample=per_sample)
         self.group.simulation = self

@@ -16,7 +16,8 @@
   real run's ``config.json`` has its own left out, :func:`hpctrain.sim.arguments.build`). With
   ``--comm-time replay``, :meth:`StepTimeModel.rest` gives each replayed step's rest too
   (what the real worker spent between that compute and the next: its push, lock waits and
-  bookkeeping).
+  bookkeeping), and :meth:`StepTimeModel.lead_in` each worker's lead-in to its first step
+  (where recorded; else none).
 
 Draws come from one generator per worker, seeded with (seed, worker), so a simulation is
 deterministic. ``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a
@@ -84,7 +85,7 @@ class StepTimeModel:
             if not rest:
                 raise UsageError(f"--step-time {spec}: want replay:RUN_DIR (a run folder with "
                                  f"{steptimes.FILE})")
-            self.recorded, self.rests = steptimes.read(rest)
+            self.recorded, self.rests, self.lead_ins = steptimes.read(rest)
             flat = [t for w in self.recorded for t in w]
             self.mean = sum(flat) / len(flat)
 
@@ -107,6 +108,13 @@ class StepTimeModel:
             raise UsageError(f"--step-time {self.spec}: no recorded rests to replay")
         record = self.rests[k % len(self.rests)]
         return record[(self._step[k] - 1) % len(record)]
+
+    def lead_in(self, k: int) -> float:
+        """The recorded lead-in of worker ``k`` (``k mod R``), from the training loop's start
+        to its first step; 0 where none was recorded (a replay with rests only)."""
+        if self.kind != "replay" or self.rests is None:
+            raise UsageError(f"--step-time {self.spec}: no recorded rests to replay")
+        return 0.0 if self.lead_ins is None else self.lead_ins[k % len(self.lead_ins)]
 
     def describe(self) -> dict:
         return {"model": self.spec, "mean_s": self.mean}
