@@ -150,6 +150,24 @@ def _lead_ins(path: Path, values, workers: int) -> list[float]:
     return lead_in
 
 
+def recorded_inference_rate(path: str | Path) -> float | None:
+    """Seconds per sample that the EC run whose step times are at ``path`` took to run its
+    model in the ensemble's inference (rank 0's ``aggregation.inference_s`` over its
+    ``inferred_samples``, from the ``summary.json`` beside them); None where none says: not
+    an ec run, one from before the samples were counted, or no such file."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    try:
+        aggregation = json.loads((folder / "summary.json").read_text()).get("aggregation")
+        seconds, samples = aggregation["inference_s"], aggregation["inferred_samples"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        return None
+    if type(samples) is not int or samples <= 0 or not isinstance(seconds, (int, float)) \
+            or not 0 <= seconds <= HUGE:
+        return None
+    return seconds / samples
+
+
 def recorded_algo(path: str | Path) -> str | None:
     """The ``--algo`` of the run whose step times are at ``path`` (from the ``config.json``
     beside them); None where none says, as for a bare ``step_times.json``."""

@@ -75,6 +75,7 @@ def test_ensemble_probabilities_are_the_mean_of_all_models(by, shared):
     torch.testing.assert_close(out.probs, expected, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(out.probs.sum(1), torch.ones(len(rows)))
     total = sum(3 * r for r in range(ranks))
+    assert out.inferred == total  # every rank runs its model on every rank's samples
     item = 8 if by == "ids" else 4 * full.images[0].numel()
     if shared:
         assert torch.equal(out.samples[0], full.images[rows])
@@ -189,6 +190,8 @@ def test_ec_hook_relabels_with_the_ensemble_and_keeps_members_apart():
         torch.testing.assert_close(previous[2], expected, atol=1e-6, rtol=1e-5)
         assert len(previous[0]) == size
     assert ec.rounds == 3 and ec.distilled == 2 * size
+    # the samples its model inferred, whose rate a simulation replaying the run charges
+    assert ec.stats.summary()["inferred_samples"] == 3 * size * comm.Get_size()
     for _ in range(tau - 1):
         ec.after_step()
     assert not ec.after_step(final=True) and ec.rounds == 3  # nothing would distil a last round

@@ -357,6 +357,36 @@ def test_ma_and_ec_run_the_real_aggregators(tmp_path):
     assert shared["aggregation"]["bytes_per_round"] == 16 * 8 * 3 + 2 * 3 * 64 * 10 * 4 // 4
 
 
+def test_replaying_an_ec_run_charges_its_inference_rate(tmp_path):
+    """EC's inference cost a third of a step's time per sample of its batch: at batch 16
+    the MLP's simulated inference was 11x the real run's, which runs the model in batches of
+    256. Replaying an ec run that counted its inferred samples, the simulation charges that
+    run's rate (aggregation.inference_s over inferred_samples); else the step-time model."""
+    from hpctrain.ec.stats import AggregationStats
+
+    ec = algorithm_options("ec")(tau=4, ec_distill_size=16)
+    run = tmp_path / "run"
+    first = simulate(config("ec", run, algorithm=ec), sim(2, step_time="constant:0.01"))
+    samples = first["aggregation"]["inferred_samples"]
+    assert samples == first["aggregation"]["rounds"] * 16 * 2  # 16 per worker, both workers'
+    assert first["simulation"]["inference_from"] == "step time"
+    assert first["simulation"]["inference_s_per_sample"] == pytest.approx(0.01 / 32 / 3)
+    summary = json.loads((run / "summary.json").read_text())
+    summary["aggregation"]["inference_s"] = samples * 2e-6  # as a real run measured it
+    (run / "summary.json").write_text(json.dumps(summary))
+    replayed = simulate(config("ec", tmp_path / "replay", algorithm=ec),
+                        sim(2, step_time=f"replay:{run / steptimes.FILE}"))
+    assert replayed["simulation"]["inference_from"] == "replayed"
+    assert replayed["simulation"]["inference_s_per_sample"] == pytest.approx(2e-6)
+    assert replayed["aggregation"]["inference_s"] == pytest.approx(samples * 2e-6)
+    (run / "summary.json").unlink()  # none to say: the model
+    assert simulate(config("ec", tmp_path / "none", algorithm=ec), sim(
+        2, step_time=f"replay:{run}"))["simulation"]["inference_from"] == "step time"
+    stats = AggregationStats()  # a checkpoint's statistics from before the count
+    stats.load_state_dict({"bytes": [8], "seconds": [0.5], "parts": {}})
+    assert stats.inferred == 0 and "inferred_samples" not in stats.summary()
+
+
 def test_ec_default_distill_size_is_capped_at_a_workers_samples(tmp_path):
     """Workers holding fewer samples than the default 512 relabel all of them each round
     instead of being refused; a size given is checked against --train-subset's samples, not

@@ -178,6 +178,8 @@ class EnsembleCompression(ModelAveraging):
         **{k: v for k, v in ModelAveraging.summary_fields.items() if k != "final_averaged_acc"},
         "distill_size": "samples per worker relabelled each round (--ec-distill-size)",
         "distilled_samples_per_rank": "relabelled samples rank 0 trained on, in all",
+        "aggregation.inferred_samples": "samples rank 0 ran its model on for the ensemble, in "
+                                        "all (aggregation.inference_s is their time)",
     }
 
     @classmethod

@@ -171,5 +171,5 @@ class EnsembleCompression:
             self.relabelled = (chosen.images, chosen.labels, out.probs)
         self.rounds += 1
         self._round_start = self.steps
-        self.stats.record(out.bytes_sent, time.perf_counter() - start,
+        self.stats.record(out.bytes_sent, time.perf_counter() - start, inferred=out.inferred,
                           exchange=out.exchange_s, inference=out.inference_s)

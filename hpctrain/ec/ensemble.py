@@ -49,6 +49,7 @@ class EnsembleOutput:
     exchange_s: float
     inference_s: float
     samples: tuple[torch.Tensor, torch.Tensor] | None = None  # shared: (inputs, labels)
+    inferred: int = 0  # samples this rank ran its model on (every rank's: inference_s's)
 
 
 def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_classes: int, *,
@@ -111,4 +112,4 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
     t3 = time.perf_counter()
     return EnsembleOutput(torch.from_numpy(summed).view(-1, num_classes) / ranks,
                           gathered_bytes + returned_bytes, (t1 - t0) + (t3 - t2), t2 - t1,
-                          samples=(inputs, labels) if shared else None)
+                          samples=(inputs, labels) if shared else None, inferred=total)

@@ -15,26 +15,31 @@ from hpctrain.metrics import distribution
 
 
 class AggregationStats:
-    """Bytes and seconds of every aggregation round on this rank, with optional time parts."""
+    """Bytes and seconds of every aggregation round on this rank, with optional time parts,
+    and (EC) the samples its model inferred: with ``inference_s``, the rate at which this
+    machine runs the model, which a simulation replaying the run charges (sim.simulate)."""
 
     def __init__(self) -> None:
         self.bytes: list[int] = []
         self.seconds: list[float] = []
         self.parts: dict[str, float] = defaultdict(float)
+        self.inferred = 0
 
-    def record(self, nbytes: int, seconds: float, **parts: float) -> None:
+    def record(self, nbytes: int, seconds: float, inferred: int = 0, **parts: float) -> None:
         self.bytes.append(int(nbytes))
         self.seconds.append(seconds)
+        self.inferred += int(inferred)
         for name, value in parts.items():
             self.parts[name] += value
 
     def state_dict(self) -> dict:
         return {"bytes": list(self.bytes), "seconds": list(self.seconds),
-                "parts": dict(self.parts)}
+                "parts": dict(self.parts), "inferred": self.inferred}
 
     def load_state_dict(self, state: dict) -> None:
         self.bytes, self.seconds = list(state["bytes"]), list(state["seconds"])
         self.parts = defaultdict(float, state["parts"])
+        self.inferred = state.get("inferred", 0)  # a checkpoint from before it was counted
 
     def summary(self) -> dict:
         """Rounds, bytes sent per rank (total and per round), and the seconds per round."""
@@ -47,4 +52,5 @@ class AggregationStats:
             "seconds_per_round": distribution(self.seconds),
             "total_s": sum(self.seconds),
             **{f"{name}_s": value for name, value in sorted(self.parts.items())},
+            **({"inferred_samples": self.inferred} if self.inferred else {}),
         }

@@ -122,11 +122,11 @@ class VirtualAggregationStats(AggregationStats):
     def mark(self) -> None:
         self._start = (self.comm.collective_s, self.comm.inference_s)
 
-    def record(self, nbytes: int, seconds: float, **parts: float) -> None:
+    def record(self, nbytes: int, seconds: float, inferred: int = 0, **parts: float) -> None:
         spent = self.comm.collective_s - self._start[0]
         inference = self.comm.inference_s - self._start[1]
         virtual = {"exchange": spent - inference, "inference": inference} if parts else {}
-        super().record(nbytes, spent, **virtual)
+        super().record(nbytes, spent, inferred=inferred, **virtual)
 
 
 class _Aggregation:

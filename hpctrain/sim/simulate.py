@@ -152,6 +152,21 @@ def _pushes(algo: type) -> bool:
     return issubclass(algo, ASGD) and not issubclass(algo, SSP)
 
 
+def inference_rate(step_times: StepTimeModel, batch_size: int) -> tuple[float, str]:
+    """Virtual seconds an EC worker takes to run its model on one sample of the ensemble's
+    exchange, and where it comes from. Replaying a real ec run that counted its inference:
+    that run's rate (``"replayed"``: rank 0's time over its samples, in the real inference
+    batches of 256, on the real machine). Else ``"step time"``: a third of a step's time (a
+    forward's share) per sample of its batch, which takes a step's time as proportional to
+    its batch: near for a compute-bound model (LeNet), too high where a step's fixed costs
+    dominate (a small MLP at a small batch: 11x at batch 16), docs/DESIGN.md §10."""
+    if step_times.kind == "replay":
+        rate = steptimes.recorded_inference_rate(step_times.spec.partition(":")[2])
+        if rate is not None:
+            return rate, "replayed"
+    return step_times.mean / batch_size * INFERENCE_SHARE, "step time"
+
+
 class Simulation:
     """What the virtual workers of one simulation share."""
 
@@ -168,7 +183,8 @@ class Simulation:
                   f"{'s' if recorded > 1 else ''} (worker k: worker k mod {recorded}'s), "
                   f"measured at {recorded}, not {self.workers}: use --comm-time model to "
                   f"model them at {self.workers}", file=sys.stderr, flush=True)
-        per_sample = self.step_times.mean / config.optim.batch_size * INFERENCE_SHARE
+        per_sample, self.inference_from = inference_rate(self.step_times,
+                                                         config.optim.batch_size)
         self.group = LocalGroup(self.scheduler, self.network, infer_s_per_sample=per_sample)
         self.group.simulation = self
         self._train_set: data.Dataset | None = None
@@ -196,7 +212,8 @@ class Simulation:
 
     def describe(self) -> dict:
         return {**self.sim.to_dict(), "step_time_mean_s": self.step_times.mean,
-                "inference_s_per_sample": self.group.infer_s_per_sample}
+                "inference_s_per_sample": self.group.infer_s_per_sample,
+                "inference_from": self.inference_from}
 
 
 def simulate(config: RunConfig, sim: SimConfig) -> dict:
