@@ -643,6 +643,14 @@ def _buffers_from_rank0(model, snapshots: Snapshots, comm_) -> None:
         snapshot.state.update(buffers)
 
 
+def _epoch_data(train_data, epoch: int):
+    """This worker's samples of ``epoch``, under the watchdog's allowance for work that does
+    not beat: sharded placement's exchange moves a shard (minutes for tens of GB), which a
+    healthy job's --stall-timeout took for a hang."""
+    with watchdog.busy("exchanging the epoch's data", epoch):
+        return train_data.epoch(epoch)
+
+
 def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
            world=None, runtime: Runtime = REAL) -> dict | None:
     """One worker's training, evaluation and (rank 0) outputs; collective over the workers.
@@ -739,7 +747,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         ckpt.close()
         return stopped
 
-    local = train_data.epoch(epoch)
+    local = _epoch_data(train_data, epoch)
     algo.epoch_started(local)
     while True:
         index = algo.claim(position)
@@ -759,7 +767,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             break
         if i == steps:
             epoch, i = epoch + 1, 0
-            local = train_data.epoch(epoch)
+            local = _epoch_data(train_data, epoch)
             algo.epoch_started(local)
         # At the update this step makes: lock-step, the updates done; async, its ticket (the
         # worker's last push lags the global count by the pushes since, a straggler's most).

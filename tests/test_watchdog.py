@@ -33,6 +33,19 @@ def test_no_beat_ends_the_process_with_one_line():
 
 
 @pytest.mark.timeout(60)
+def test_an_epochs_data_exchange_has_the_busy_allowance():
+    """Sharded placement moves a shard between epochs (3.8 s a reshuffle of 200 MB on 4
+    ranks here, minutes for tens of GB): --stall-timeout 2 ended a healthy job there."""
+    proc = run_python("import time\nfrom hpctrain import run, watchdog\n"
+                      "class SlowExchange:\n    def epoch(self, e):\n"
+                      "        time.sleep(3)\n        return e\n"
+                      "watchdog.start(1.0, rank=0)\nwatchdog.beat('step', 7)\n"
+                      "print(run._epoch_data(SlowExchange(), 1))\n"
+                      "time.sleep(0.5)\nwatchdog.stop()")  # the timeout held again after it
+    assert (proc.returncode, proc.stdout) == (0, "1\n"), proc.stderr
+
+
+@pytest.mark.timeout(60)
 def test_beats_keep_it_quiet_and_stop_ends_watching():
     proc = run_python("import time\nfrom hpctrain import watchdog\n"
                       "watchdog.start(1.0, rank=0)\n"
