@@ -149,8 +149,10 @@ class ASGD(Algorithm):
                                  ) from None
         if config.data.data_placement != "replicated":
             raise UsageError(f"--algo {config.algo} needs --data-placement replicated: sharded "
-                             "placement exchanges data collectively each epoch, which would "
-                             "make the asynchronous workers wait for each other")
+                             "placement serves lock-step algorithms (its global and partial "
+                             "shuffles exchange data collectively each epoch, which would make "
+                             "the asynchronous workers wait for each other; its local shuffle, "
+                             "which exchanges nothing, is not supported for them either)")
 
     @classmethod
     def workers(cls, config, ranks: int) -> int:
