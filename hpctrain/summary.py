@@ -64,10 +64,15 @@ class RunSummary:
                                "checkpoint cannot hold)")
     resumed_from_updates: list[int] = _doc("updates at which the run was resumed, in order")
     bytes_moved: int = _doc("bytes: training samples this rank (rank 0) sent to others in "
-                            "reshuffles")
-    exchange_s: float = _doc("seconds rank 0 spent in data exchanges")
+                            "reshuffles (a resumed run: those of this process, see "
+                            "exchange_per_epoch)")
+    exchange_s: float = _doc("seconds rank 0 spent in data exchanges (a resumed run: in this "
+                             "process)")
     exchange_per_epoch: list[dict] = _doc("per exchange: epoch, bytes_moved (bytes), exchange_s "
-                                          "(seconds)")
+                                          "(seconds); a resumed run lists those of this "
+                                          "process: global shuffling the epochs from the one "
+                                          "it resumed in, partial every epoch from 0 (it "
+                                          "replays them to rebuild its shard)")
     eval_mode: str = _doc("what scored the curve: after (after training), online (rank 0, "
                           "between steps) or online (rank R) (a rank that did not train)",
                           default="after")
