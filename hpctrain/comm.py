@@ -16,6 +16,7 @@ import sys
 import sysconfig
 import time
 import traceback
+from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
 
@@ -301,6 +302,17 @@ def user_frame(tb) -> str:
     return where
 
 
+_before_abort: list[Callable[[], None]] = []
+
+
+def before_abort(callback: Callable[[], None]) -> None:
+    """Have the abort hook call ``callback`` before it ends the process: work an error must
+    not cut off (rank 0's write of an elastic commit). Registered rather than imported, so
+    that this module does not depend on what uses it."""
+    if callback not in _before_abort:
+        _before_abort.append(callback)
+
+
 def _abort_hook(exc_type, exc, tb) -> None:
     # The process's own stderr: torch.distributed's init_process_group wraps this hook with
     # one that points sys.stderr at a buffer and prints it after the hook returns, which
@@ -327,6 +339,9 @@ def _abort_hook(exc_type, exc, tb) -> None:
         print(f"hpctrain: interrupted{where}", file=err, flush=True)
     else:
         print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
+    for callback in _before_abort:
+        with contextlib.suppress(Exception):  # the hook must end the process regardless
+            callback()
     if initialised and MPI.COMM_WORLD.Get_size() > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)

@@ -402,12 +402,37 @@ def test_torchrun_restart_resumes_from_the_last_commit_bit_for_bit(tmp_path):
     out, proc = runs["killed"]
     first = _logs(out, "0")
     assert [len([e for e in log if "idx" in e]) for log in first] == [30, 30]
-    # Commit 8 is epoch 1's batch 4 (40 samples of it trained); if torchrun ended rank 0
-    # before its background write of it was done, commit 7 (the end of epoch 0) is the last.
-    at = {8: [1, 4, 40], 7: [1, 0, 0]}[_resumed(proc.stderr, 2)]
-    assert [log[0]["start"] for log in _logs(out, "1")] == [at] * 2
+    # Commit 8 is epoch 1's batch 4 (40 samples of it trained).
+    assert _resumed(proc.stderr, 2) == 8
+    assert [log[0]["start"] for log in _logs(out, "1")] == [[1, 4, 40]] * 2
     a, b = (torch.load(runs[n][0] / "model.pt", weights_only=True) for n in ("clean", "killed"))
     assert _same(a, b)
+
+
+LOST_COMMIT = ROOT / "tests" / "scripts" / "elastic_lost_commit.py"
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_a_failure_right_after_a_commit_keeps_it(launcher, tmp_path):
+    """Every rank made commit 2 (16 MB: rank 0 is still writing it) when rank 0 raises
+    (mpirun) or rank 1 is SIGKILLed (torchrun: rank 0 sees its lost connection, then the
+    agent's SIGTERM): the restart resumes from commit 2. The abort hook and SIGTERM used to
+    end rank 0 before its write, and the restart went back to commit 1."""
+    env = {"PYTHONPATH": str(ROOT), elastic.ENV: str(tmp_path / "commits")}
+    if launcher == "torchrun":
+        proc = torchrun(["kill1"], 2, tmp_path / "torch-logs", script=str(LOST_COMMIT),
+                        options=("--max-restarts", "1"), env=env)
+        assert proc.returncode == 0, proc.stderr
+        again = proc
+    else:
+        failed, again = (run_program([sys.executable, str(LOST_COMMIT), "raise0"], 2,
+                                     timeout=120, env={**env, "ATTEMPT": attempt})
+                         for attempt in ("0", "1"))
+        assert "ValueError: a bad batch" in failed.stderr, failed.stderr
+        assert again.returncode == 0, again.stderr
+    assert _resumed(again.stderr, 2) == 2
+    assert sorted(re.findall(r"rank \d starts at step (\d)", again.stdout))[-2:] == ["4", "4"]
 
 
 @pytest.mark.timeout(300)
@@ -421,14 +446,14 @@ def test_a_job_restarted_on_more_ranks_shares_out_the_rest_of_the_epoch(tmp_path
              for np_, attempt in ((2, "0"), (3, "1"))]
     assert procs[0].returncode != 0  # the job that lost a worker ended
     assert procs[1].returncode == 0, procs[1].stderr
-    # Commit 2 (or 1, if the job ended before rank 0's background write of it was done).
-    done = {2: 80, 1: 40}[_resumed(procs[1].stderr, 2)]
+    assert _resumed(procs[1].stderr, 2) == 2
+    done = 80
     order = list(range(240))
     random.Random(3).shuffle(order)
     second = _logs(tmp_path, "1")
     assert [log[0] for log in second] == [{"start": [0, done // 10, done], "size": 3,
                                            "lr": 0.03}] * 3
-    share = -(-(240 - done) // 3)  # 54 of the 160 left (or 67 of 200)
+    share = -(-(240 - done) // 3)  # 54 of the 160 left
     trained = [i for log in second for e in log if "idx" in e for i in e["idx"]]
     assert len(trained) == 3 * share and set(trained) == set(order[done:])
     mine = [{i for e in log if "idx" in e for i in e["idx"]} for log in second]

@@ -7,7 +7,8 @@ starts it again (``torchrun --max-restarts``, ``--nnodes MIN:MAX``, a requeued S
 new ``mpirun`` on another number of ranks) and :func:`run` brings the state back:
 
 - With ``HPCTRAIN_ELASTIC_DIR`` set, rank 0 also writes every commit to that folder, in a
-  thread while training goes on (one file per state, replaced atomically, with a checksum).
+  thread while training goes on (one file per state, replaced atomically, with a checksum);
+  an error or a SIGTERM ending rank 0 first lets that write finish (at most ``FINISH_S``).
   :func:`run` starts from it when it is there: rank 0 reads it, every rank gets it in the
   first sync, and the reset callbacks run, as after a reset in Horovod (the learning rate
   follows the new size). Without the variable commits stay in memory, as in Horovod, and a
@@ -30,6 +31,7 @@ import math
 import os
 import pickle
 import random
+import signal
 import sys
 import tempfile
 import threading
@@ -45,6 +47,7 @@ from hpctrain.metrics import write_atomic
 
 ENV = "HPCTRAIN_ELASTIC_DIR"
 _KIND = "hpctrain-elastic-state"
+FINISH_S = 30.0  # an error's wait for the last commit's write: torchrun's and Slurm's SIGKILL grace
 _created = itertools.count()  # states in creation order: the same in every run of a script
 
 
@@ -312,14 +315,19 @@ class TorchState(ObjectState):
 
 class _Writer:
     """Rank 0's commit files, written one at a time by a thread so that the ranks need not
-    wait for the disk. Not a daemon: the interpreter waits for the last write at exit."""
+    wait for the disk. Not a daemon: the interpreter waits for the last write at exit; an
+    error or a SIGTERM (the launcher ending the job) waits for it too, up to
+    :data:`FINISH_S`, so that the restart resumes from the last commit."""
 
     def __init__(self) -> None:
         self._thread: threading.Thread | None = None
         self._error: str | None = None
+        self._guarded = False
+        self._previous_sigterm: Any = None
 
     def submit(self, path: Path, snapshot: dict, header: dict) -> None:
         self.wait()
+        self._guard()
         self._thread = threading.Thread(target=self._write, args=(path, snapshot, header),
                                         name="hpctrain-elastic-commit")
         self._thread.start()
@@ -332,6 +340,44 @@ class _Writer:
         if self._error is not None:
             error, self._error = self._error, None
             raise UsageError(error)
+
+    def finish(self, timeout: float | None = None) -> None:
+        """Before the process ends on an error: the write under way, at most ``timeout``
+        seconds (:data:`FINISH_S`); past that, say the restart goes back a commit."""
+        thread = self._thread
+        if thread is None:
+            return
+        timeout = FINISH_S if timeout is None else timeout
+        thread.join(timeout)
+        if thread.is_alive():
+            print(f"hpctrain.sync.elastic: the last commit is not written after {timeout:g} "
+                  "s; a restart resumes from the one before", file=sys.__stderr__ or sys.stderr,
+                  flush=True)
+
+    def _guard(self) -> None:
+        """Once: the abort hook (an uncaught error, also a peer's lost connection) and
+        SIGTERM (mpirun, torchrun and Slurm end the other workers with it) first finish the
+        write. A handler of the script's own is kept, called after the wait."""
+        if self._guarded:
+            return
+        self._guarded = True
+        from hpctrain import comm  # here: comm imports MPI
+
+        comm.before_abort(self.finish)
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGTERM)
+            if previous not in (signal.SIG_IGN, None):
+                self._previous_sigterm = previous
+                signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: Any) -> None:
+        self.finish()
+        previous = self._previous_sigterm
+        if callable(previous):
+            previous(signum, frame)
+            return
+        signal.signal(signal.SIGTERM, previous)  # the default: end as SIGTERM would have
+        signal.raise_signal(signal.SIGTERM)
 
     def _write(self, path: Path, snapshot: dict, header: dict) -> None:
         try:
