@@ -15,6 +15,7 @@ import json
 import random
 import re
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -135,11 +136,91 @@ def test_a_commit_of_another_state_is_refused_in_one_line(hvd, monkeypatch, tmp_
         hvd.elastic.run(lambda s: None)(other)
     monkeypatch.setattr(elastic, "_created", itertools.count())
     wide = nn.Linear(5, 2)
-    wider = hvd.elastic.TorchState(wide, torch.optim.SGD(wide.parameters(), 0.1))
+    wider = hvd.elastic.TorchState(wide, torch.optim.SGD(wide.parameters(), 0.1), epoch=0)
     with pytest.raises(UsageError, match=r"cannot resume from .*state-0\.pt: .*size mismatch") \
             as e:
         hvd.elastic.run(lambda s: None)(wider)
     assert "\n" not in str(e.value)
+
+
+def test_a_value_added_to_the_state_since_the_commit_is_refused_in_one_line(
+        hvd, monkeypatch, tmp_path):
+    """It was dropped: never committed nor synced, and back to its initial value at the
+    next restart."""
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    hvd.elastic.TorchState(*_training(), epoch=0).commit()
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    added = hvd.elastic.TorchState(*_training(), epoch=0, best=0.0)
+    with pytest.raises(UsageError, match=r"cannot resume from .*state-0\.pt: its values are "
+                       r"epoch; this TorchState's are best, epoch \(a fresh folder starts "
+                       r"over\)$"):
+        hvd.elastic.run(lambda s: None)(added)
+
+
+def test_schedulers_functions_and_distributed_samplers_are_committed(hvd, monkeypatch,
+                                                                     tmp_path):
+    """Horovod's cifar10 elastic example keeps a scheduler and DistributedSamplers in its
+    TorchState: plain pickle failed on the scheduler (and on a lambda) at the first commit,
+    and a DistributedSampler wrote its whole dataset into every commit. The scheduler comes
+    back through its state_dict (bound to the live optimizer), the sampler as its epoch."""
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    data = torch.utils.data.TensorDataset(torch.zeros(100_000, 8))  # 3.2 MB
+
+    def training():
+        model, opt = _training(0)
+        opt = hvd.DistributedOptimizer(opt, named_parameters=model.named_parameters())
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        sampler = torch.utils.data.distributed.DistributedSampler(data, 1, 0)
+        return model, opt, sched, sampler
+
+    model, opt, sched, sampler = training()
+    state = hvd.elastic.TorchState(model, opt, scheduler=sched, sampler=sampler, epoch=0,
+                                   double=lambda x: 2 * x)
+    for epoch in range(1, 3):
+        _step(model, opt)
+        sched.step()
+        sampler.set_epoch(epoch)
+        state.epoch = epoch
+        state.commit()
+    elastic.flush()
+    assert (tmp_path / "state-0.pt").stat().st_size < 100_000
+
+    monkeypatch.setattr(elastic, "_created", itertools.count())
+    model2, opt2, sched2, sampler2 = training()
+    fresh = hvd.elastic.TorchState(model2, opt2, scheduler=sched2, sampler=sampler2, epoch=0,
+                                   double=None)
+    assert hvd.elastic.run(lambda s: s.double(s.epoch))(fresh) == 4
+    assert fresh.scheduler is sched2 and fresh.sampler is sampler2
+    assert sched2.last_epoch == 2 and opt2.param_groups[0]["lr"] == 0.1 * 0.5 ** 2
+    sched2.step()
+    assert opt2.param_groups[0]["lr"] == 0.1 * 0.5 ** 3  # the live optimizer's
+    assert sampler2.epoch == 2 and list(sampler2) == list(sampler)
+
+
+def test_a_value_that_cannot_be_saved_is_refused_at_the_start_naming_it(hvd, monkeypatch,
+                                                                        tmp_path):
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    state = hvd.elastic.TorchState(*_training(), epoch=0, lock=threading.Lock())
+    trained = []
+    with pytest.raises(UsageError, match=r"^\$HPCTRAIN_ELASTIC_DIR: the state's value 'lock' "
+                       r"cannot be saved \(TypeError: .*\); leave it out of the state, or "
+                       r"unset the variable$"):
+        hvd.elastic.run(lambda s: trained.append(s))(state)
+    assert trained == []
+
+
+def test_a_state_of_horovods_own_is_refused_in_one_line(hvd):
+    """What ``from horovod.common.elastic import ObjectState`` gives: not a State of ours
+    (it failed on a missing attribute)."""
+
+    class ObjectState:  # horovod.common.elastic.ObjectState's shape
+        def __init__(self, bcast_object, get_rank, **kwargs):
+            self.__dict__.update(kwargs)
+
+    with pytest.raises(UsageError, match=r"^hvd.elastic.run takes hpctrain's states, not "
+                       r".*ObjectState: use hvd.elastic.ObjectState or TorchState "
+                       r"\(hpctrain.sync.elastic\)$"):
+        hvd.elastic.run(lambda s: None)(ObjectState(hvd.broadcast_object, hvd.rank, epoch=0))
 
 
 def test_a_commit_that_cannot_be_written_stops_the_next_one(hvd, monkeypatch, tmp_path):
@@ -358,8 +439,12 @@ def test_every_rank_resumes_from_rank_0s_commit(backend, device, tmp_path, monke
 
     monkeypatch.setattr(elastic, "_created", itertools.count())  # "the restarted script"
     model2, opt2 = training(10 + hvd.rank())
-    assert hvd.elastic.run(lambda s: s.steps)(hvd.elastic.TorchState(model2, opt2, steps=0)) \
-        == 3
+    fresh = hvd.elastic.TorchState(model2, opt2, steps=0)
+    seen = []  # what the reset callback sees: the commit on every rank, as in Horovod
+    fresh.register_reset_callbacks([lambda: seen.append(
+        (fresh.steps, {k: v.cpu() for k, v in model2.state_dict().items()}))])
+    assert hvd.elastic.run(lambda s: s.steps)(fresh) == 3
+    assert seen[0][0] == 3 and _same(seen[0][1], want)
     assert _same({k: v.cpu() for k, v in model2.state_dict().items()}, want)
     buf = opt2.state[model2.weight]["momentum_buffer"]
     assert buf.device == dev and torch.equal(buf.cpu(),

@@ -44,6 +44,7 @@ import torch
 from hpctrain.checkpoint.format import CorruptCheckpoint, encode, load
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
+from hpctrain.sync.collectives import _pickled
 
 ENV = "HPCTRAIN_ELASTIC_DIR"
 _KIND = "hpctrain-elastic-state"
@@ -152,13 +153,25 @@ class ObjectState(State):
             setattr(self, name, value)
 
     def _snapshot(self) -> dict:
-        # Pickled, as broadcast_object sends them: any picklable value. Reading them back
+        # Pickled as broadcast_object sends them (cloudpickle: lambdas and the script's own
+        # classes too), so that any value sync takes is committable. Reading them back
         # unpickles them (code can run), so the folder must be as trusted as the script.
-        blob = pickle.dumps(self._saved_state)
+        kind, blob = _pickled(self._saved_state)
+        if kind == "error":
+            name, why = next(((name, why) for name, value in self._saved_state.items()
+                              for k, why in [_pickled(value)] if k == "error"), ("", blob))
+            raise UsageError(f"${ENV}: the state's value {name!r} cannot be saved ({why}); "
+                             "leave it out of the state, or unset the variable")
         return {"objects": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
 
     def _load_snapshot(self, payload: dict) -> None:
-        self._saved_state = pickle.loads(payload["objects"].numpy().tobytes())
+        saved = pickle.loads(payload["objects"].numpy().tobytes())
+        if sorted(saved) != sorted(self._saved_state):  # a value added or removed since
+            raise ValueError(f"its values are {', '.join(sorted(saved)) or 'none'}; this "
+                             f"{type(self).__name__}'s are "
+                             f"{', '.join(sorted(self._saved_state)) or 'none'} (a fresh "
+                             "folder starts over)")
+        self._saved_state = saved
 
 
 class ElasticSampler(torch.utils.data.Sampler):
@@ -246,19 +259,40 @@ class _OptimizerHandler(_Handler):
         _hvd().broadcast_optimizer_state(self.value, root_rank=0)
 
 
-class _SamplerHandler(_Handler):
+class _StateDictHandler(_Handler):
+    """An ElasticSampler or a learning-rate scheduler: its state_dict, not the object (a
+    scheduler pickled would take a copy of its optimizer along, and come back bound to it)."""
+
     def sync(self) -> None:
         self.value.load_state_dict(_hvd().broadcast_object(self.value.state_dict()))
 
 
+class _EpochHandler(_Handler):
+    """A torch DistributedSampler: its epoch (with its seed, the order), not the object, which
+    pickled would write its whole dataset into every commit."""
+
+    def save(self) -> None:
+        self.saved = {"epoch": self.value.epoch}
+
+    def restore(self) -> None:
+        self.value.set_epoch(self.saved["epoch"])
+
+    def sync(self) -> None:
+        self.value.set_epoch(_hvd().broadcast_object(self.value.epoch))
+
+
 _HANDLERS = ((torch.nn.Module, _ModelHandler), (torch.optim.Optimizer, _OptimizerHandler),
-             (ElasticSampler, _SamplerHandler))
+             (ElasticSampler, _StateDictHandler),
+             (torch.optim.lr_scheduler.LRScheduler, _StateDictHandler),
+             (torch.optim.lr_scheduler.ReduceLROnPlateau, _StateDictHandler),
+             (torch.utils.data.distributed.DistributedSampler, _EpochHandler))
 
 
 class TorchState(ObjectState):
-    """A PyTorch training's state: ``model``, ``optimizer``, ElasticSamplers and any other
-    keyword arguments, each an attribute. Modules, optimizers and samplers are kept through
-    their ``state_dict``; everything else as a picklable value."""
+    """A PyTorch training's state: ``model``, ``optimizer``, samplers, schedulers and any
+    other keyword arguments, each an attribute. Modules, optimizers, ElasticSamplers and
+    learning-rate schedulers are kept through their ``state_dict``, a DistributedSampler
+    through its epoch; everything else as a picklable value."""
 
     def __init__(self, model: torch.nn.Module | None = None,
                  optimizer: torch.optim.Optimizer | None = None, **kwargs: Any):
@@ -438,8 +472,7 @@ def _resume(state: State) -> bool:
     if folder and hvd.rank() == 0:
         path = Path(folder) / state._file
         try:
-            if type(state)._snapshot is State._snapshot:  # else refused at the first commit
-                state._snapshot()
+            state._snapshot()  # a value that cannot be saved: refused now, not mid-training
             _writable(Path(folder))
             found = _read(state, path)
         except UsageError as e:  # the last write failed
@@ -463,9 +496,17 @@ def run(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def wrapper(state: State, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(state, State):  # horovod.common.elastic's: not one run can keep
+            raise UsageError(f"hvd.elastic.run takes hpctrain's states, not "
+                             f"{type(state).__module__}.{type(state).__qualname__}: use "
+                             "hvd.elastic.ObjectState or TorchState (hpctrain.sync.elastic)")
         if not state._resumed:
             state._resumed = True
             if _resume(state):
+                # Every rank at the commit before the callbacks, as in Horovod, where each
+                # restores its own copy: only rank 0 read it here.
+                state.sync()
+                state.save()
                 state.on_reset()
         skip_sync = False
         while True:
