@@ -381,6 +381,16 @@ def test_elastic_sampler_follows_horovods_order_and_skips_what_was_trained(hvd):
     assert list(hvd.elastic.ElasticSampler(data, shuffle=False)) == data
 
 
+def test_the_horovod_backend_refuses_the_folder_it_would_not_write(monkeypatch, tmp_path):
+    """Horovod's hvd.elastic commits in memory only: with the variable set the folder stayed
+    empty, and nothing said so."""
+    monkeypatch.setenv(elastic.ENV, str(tmp_path))
+    with pytest.raises(UsageError, match=r"^HPCTRAIN_ELASTIC_DIR is set, but "
+                       r"init\(backend='horovod'\) runs Horovod's own hvd.elastic"):
+        sync.init(backend="horovod")
+    assert sync._active is None
+
+
 def test_init_under_torchrun_is_torch_and_refuses_mpi(monkeypatch):
     """Under torchrun every worker is an MPI world of its own: an MPI backend there would
     train each alone. Refused before anything starts; the default is the torch backend."""

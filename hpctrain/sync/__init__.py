@@ -131,6 +131,12 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | str | None = None, *
         raise UsageError(f"comm={comm!r}: a list of ranks is taken by the horovod backend "
                          f"only; give {backend!r} a communicator "
                          "(COMM_WORLD.Create_group(COMM_WORLD.Get_group().Incl(ranks)))")
+    if backend == "horovod" and os.environ.get("HPCTRAIN_ELASTIC_DIR"):
+        # Horovod's hvd.elastic keeps commits in memory: the folder would stay empty, and a
+        # job believed protected would restart from scratch.
+        raise UsageError("HPCTRAIN_ELASTIC_DIR is set, but init(backend='horovod') runs "
+                         "Horovod's own hvd.elastic, which writes no commits there: unset it, "
+                         "or use the mpi or torch backend")
     check_environment()
     if backend in collectives.TRANSPORTS:
         collectives.init(comm, backend, process_sets, stall_check_s=stall_check_s,
