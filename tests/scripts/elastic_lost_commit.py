@@ -31,6 +31,9 @@ def train(state):
         if state.step % 2 == 0:
             state.commit()
             if attempt == "0" and state.step == 4:
+                # every rank past its commit 2 (a commit has no collective of its own): rank
+                # 0's write is under way, not still to start, when the failure comes
+                hvd.allreduce(torch.zeros(1), name="committed")
                 if mode == "raise0" and hvd.rank() == 0:
                     raise ValueError("a bad batch")
                 if mode == "kill1" and hvd.rank() == 1:
