@@ -60,8 +60,8 @@ def extremes(tensor: torch.Tensor) -> list[torch.Tensor]:
     no temporary of the tensor's size, where ``isfinite(t).all()`` writes one: 4-6x faster on
     a CPU, where it was a third of a small model's step. Nothing for an empty tensor."""
     values = tensor._values() if tensor.is_sparse else tensor
-    if values.is_complex():
-        values = torch.view_as_real(values)
+    if values.is_complex():  # conj() leaves a bit to resolve (a copy) before the real view
+        values = torch.view_as_real(values.resolve_conj())
     return list(torch.aminmax(values)) if values.numel() else []
 
 

@@ -40,6 +40,8 @@ def test_all_finite():
         assert not all_finite([torch.ones(2), torch.tensor([1 + 1j, complex(1.0, bad)])])
         assert not all_finite([torch.tensor([complex(bad, 0.0)])])
     assert all_finite([torch.tensor([1 + 1j, -3j])])
+    assert all_finite([torch.tensor([1 + 1j, -3j]).conj()])  # a model using w.conj(): its grad
+    assert not all_finite([torch.tensor([1 + 1j, complex(1.0, float("nan"))]).conj()])
 
 
 def test_sparse_gradients_are_checked_and_clipped_as_their_dense_sums():
