@@ -328,6 +328,8 @@ def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
     comm.install_abort_on_error()
     try:
         if mpi_first:
+            if comm.env_rank() == 0:
+                provenance.commit()  # git's fork, which some networks' drivers dislike in MPI
             comm.init(config.algorithm_class.thread_level)
         summary = _checked_run(config)
     except BaseException:

@@ -347,3 +347,35 @@ def test_a_sweeps_first_run_refused_on_one_rank_is_refused_on_every_rank(tmp_pat
     assert said("hook after the refusal is the script's: False") == 2, proc.stdout
     assert said("free trained 16") == 2, proc.stdout  # 2048 samples / (2 x 64)
     assert said("hook at the end is the script's: True") == 2, proc.stdout
+
+
+GIT_BEFORE_MPI_SCRIPT = """
+import subprocess, sys
+import hpctrain
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
+
+run = subprocess.run
+
+def noted(args, *rest, **kw):  # rank 0 asks git of the checkout: before MPI starts?
+    if args and args[0] == "git":
+        mpi = sys.modules.get("mpi4py.MPI")
+        print(f"git with MPI running: {bool(mpi and mpi.Is_initialized())}", flush=True)
+    return run(args, *rest, **kw)
+
+subprocess.run = noted
+hpctrain.train(RunConfig(algo="ssgd", out=sys.argv[1], progress=False,
+                         data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"),
+                         optim=OptimConfig(epochs=1)))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_scripts_first_run_asks_git_before_mpi_starts(tmp_path):
+    """Starting MPI before a script's first run's checks moved rank 0's git fork (the
+    run's hpctrain_commit) after MPI_Init, which some networks' drivers dislike."""
+    script = tmp_path / "first.py"
+    script.write_text(GIT_BEFORE_MPI_SCRIPT)
+    proc = run_program([sys.executable, str(script), str(tmp_path / "run")], np=2, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    assert "git with MPI running: False" in proc.stdout, proc.stdout
+    assert "git with MPI running: True" not in proc.stdout, proc.stdout
