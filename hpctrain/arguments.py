@@ -58,14 +58,15 @@ COMPARE_FLAGS = ("--algos", "--workers", "--targets", "--launcher", "--timeout",
 _FLAG = re.compile(r"^--[A-Za-z0-9][A-Za-z0-9-]*$")
 
 
-def algorithm_options() -> list[Declared]:
+def algorithm_options(algorithms: dict | None = None) -> list[Declared]:
     """Each algorithm option once, with the algorithms that declare it, in registry order
     (a user's algorithm loaded by :func:`load_named_algorithms` last). UsageError for a user's
     option whose name or flags (an on/off one has two) are already another option's, declared
-    otherwise, or a flag of the command lines that take algorithm options."""
+    otherwise, or a flag of the command lines that take algorithm options. ``algorithms``:
+    those to check (name -> class), else every one loaded."""
     taken = _taken_flags()
     seen: dict[str, Declared] = {}
-    for name, cls in registry.known().items():
+    for name, cls in (registry.known() if algorithms is None else algorithms).items():
         for f in declared(cls.Options):
             d = Declared(flag_of(f), ("algorithm", f.name), f)
             earlier = seen.get(f.name)

@@ -88,20 +88,18 @@ def load(reference: str) -> type[Algorithm]:
                          "hpctrain.algorithm.Options (frozen, fields declared with "
                          "hpctrain.options.option)")
     _check_attributes(what, cls)
-    before = dict(_LOADED)
-    for other, known_cls in before.items():
+    # Its options become flags: none may be a built-in's or a command line's (the command
+    # line refused it, so a script's config.json could not be repeated); two of the user's
+    # clash only where one command line loads both (bench compare).
+    from hpctrain import arguments
+
+    arguments.algorithm_options({**ALGORITHMS, reference: cls})
+    for other, known_cls in list(_LOADED.items()):
         if _same_class(known_cls, cls):  # its file changed since: the new one for them all
             _LOADED[other] = cls
         elif known_cls.name == name and other != reference:
             raise UsageError(f"{what}: its name {name!r} is {other}'s too; choose another")
     _LOADED[reference] = cls
-    try:  # its options become flags: none may be another's (the command line refused it,
-        from hpctrain import arguments  # so a script's config.json could not be repeated)
-        arguments.algorithm_options()
-    except UsageError:
-        _LOADED.clear()
-        _LOADED.update(before)
-        raise
     return cls
 
 

@@ -174,6 +174,24 @@ def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, mess
         RunConfig(algo=f"{path}:Mine")
 
 
+def test_two_own_algorithms_may_each_declare_an_option_of_one_name(tmp_path):
+    """A script's runs of two algorithms of its own, each with its own `rate`: each run's
+    config.json loads only its own, so loading the second is not refused; a command line
+    that loads both (bench compare --algos a,b) is."""
+    paths = [own(tmp_path, f"""
+        @dataclass(frozen=True)
+        class MyOptions(Options):
+            rate: float = option({default}, 'a rate of its own', parse=float)
+
+        class Mine(Algorithm):
+            name = 'mine-{default}'
+            Options = MyOptions
+        """, name=f"algos{i}.py") for i, default in enumerate((1, 2))]
+    assert [registry.get(f"{path}:Mine").name for path in paths] == ["mine-1", "mine-2"]
+    with pytest.raises(UsageError, match=r"its option rate \(--rate\) is mine-1's --rate"):
+        arguments.algorithm_options()
+
+
 def test_a_subclass_of_a_built_in_shares_its_options(tmp_path):
     path = own(tmp_path, """
         from hpctrain.ec.algorithm import EnsembleCompression
