@@ -961,7 +961,10 @@ def test_comm_time_replay_on_other_workers_than_recorded_says_so(tmp_path, capsy
     assert steptimes.read(tmp_path / "two").lead_in == [0.0, 0.05]
     simulate(config("asgd", tmp_path / "three", eval_every=1.0), sim(3, **replay))
     said = capsys.readouterr().err
-    assert "hpctrain simulate: --comm-time replay on 3 virtual workers replays the pushes, " \
-           "lock waits and lead-ins of 2 real workers (worker k: worker k mod 2's), measured " \
-           "at 2, not 3: use --comm-time model" in said and said.count("\n") == 1
+    assert "hpctrain simulate: --comm-time replay on 3 virtual workers replays the rests " \
+           "(communication and waiting) and lead-ins 2 real workers had (worker k: worker k " \
+           "mod 2's), measured at 2, not 3: use --comm-time model" in said \
+        and said.count("\n") == 1
+    simulate(config("sgd", tmp_path / "one", eval_every=1.0), sim(1, **replay))
+    assert "--comm-time replay on 1 virtual worker replays" in capsys.readouterr().err
     assert steptimes.read(tmp_path / "three").lead_in == [0.0, 0.05, 0.0]

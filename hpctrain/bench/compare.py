@@ -462,7 +462,8 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
         if not checkpoint.listing(folder / saved) and (aside := checkpoint.corrupt(
                 folder / saved)):  # the run would refuse them, --resume or not
             raise UsageError(f"{whose}: --out {folder} holds an unfinished run's checkpoints, "
-                             f"only unusable ones ({aside[0].name}, ...); choose another --out")
+                             f"only unusable ones ({aside[0].name}, ...): remove them (or "
+                             f"{folder}) to run it again, or choose another --out")
 
 
 @dataclass(frozen=True)

@@ -167,6 +167,10 @@ def inference_rate(step_times: StepTimeModel, batch_size: int) -> tuple[float, s
     return step_times.mean / batch_size * INFERENCE_SHARE, "step time"
 
 
+def _workers(n: int, kind: str = "virtual") -> str:
+    return f"{n} {kind} worker{'s' if n != 1 else ''}"
+
+
 class Simulation:
     """What the virtual workers of one simulation share."""
 
@@ -178,9 +182,9 @@ class Simulation:
         self.step_times = StepTimeModel(sim.step_time, self.workers, config.seed)
         if sim.comm_time == "replay" and len(self.step_times.rests) != self.workers:
             recorded = len(self.step_times.rests)
-            print(f"hpctrain simulate: --comm-time replay on {self.workers} virtual workers "
-                  f"replays the pushes, lock waits and lead-ins of {recorded} real worker"
-                  f"{'s' if recorded > 1 else ''} (worker k: worker k mod {recorded}'s), "
+            print(f"hpctrain simulate: --comm-time replay on {_workers(self.workers)} "
+                  f"replays the rests (communication and waiting) and lead-ins "
+                  f"{_workers(recorded, 'real')} had (worker k: worker k mod {recorded}'s), "
                   f"measured at {recorded}, not {self.workers}: use --comm-time model to "
                   f"model them at {self.workers}", file=sys.stderr, flush=True)
         per_sample, self.inference_from = inference_rate(self.step_times,
