@@ -261,7 +261,7 @@ def test_seeds_whose_snapshots_do_not_line_up_are_averaged_at_the_same_x(x, key)
         assert not curve.partial and curve.label == "asgd, M=4, mean of 3 seeds"
     else:  # seed 2 ends at 0.269 s, seed 3 at 0.361 s, seed 1 at 0.444 s
         assert curve.xs[-1] == 0.444 and curve.runs[-3:] == [3, 2, 1]
-        assert curve.partial and curve.label.endswith(", dashed where fewer seeds")
+        assert curve.partial and curve.label.endswith(", dashed past the runs that ended")
 
 
 def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
@@ -274,7 +274,7 @@ def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
     assert curve.xs == sorted({p[0] for run in short.values() for p in run})
     assert curve.xs[-1] == 2.0 and curve.runs[-4:] == [3, 2, 2, 2]
     assert_mean_and_band(curve, interpolated(short, 0, curve.xs))
-    assert curve.label == "asgd, M=4, mean of 3 seeds, dashed where fewer seeds"
+    assert curve.label == "asgd, M=4, mean of 3 seeds, dashed past the runs that ended"
     assert report.plot(rows, "epoch").startswith(b"\x89PNG")
 
 

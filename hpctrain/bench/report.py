@@ -861,7 +861,7 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
                       ([min(c) for c in column], [max(c) for c in column]),
                       [len(c) for c in column], len(drawn))
         if curve.partial:
-            curve.label += ", dashed where fewer seeds"
+            curve.label += ", dashed past the runs that ended"
         out.append(curve)
     return out
 
