@@ -489,3 +489,15 @@ def test_check_build_needs_no_np_and_exits_0():
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("hpctrain ") and "Available Controllers:" in proc.stdout
+
+
+def test_a_stall_report_waits_for_answers_no_longer_than_the_shutdown_allows():
+    """A rank that could not answer (it died) held HOROVOD_STALL_SHUTDOWN_TIME_SECONDS=5 to
+    13 s: the check's report waited 5 s for its answer, then the ending report 5 s more."""
+    from hpctrain.sync.stall import _ANSWER_S, answer_wait
+
+    assert answer_wait(1.0, ending=False, timeout_s=0.0, poll_s=0.25) == _ANSWER_S
+    assert answer_wait(1.5, ending=False, timeout_s=5.0, poll_s=0.25) == 3.5  # to shutdown
+    assert answer_wait(6.0, ending=False, timeout_s=5.0, poll_s=0.25) == 0.0
+    assert answer_wait(5.2, ending=True, timeout_s=5.0, poll_s=0.25) == 0.5  # two polls
+    assert answer_wait(700, ending=True, timeout_s=600, poll_s=1.0) == 2.0

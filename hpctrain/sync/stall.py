@@ -112,14 +112,15 @@ class _MpiPeers:
             self._sends.append(self.comm.isend((query, status()), dest=source, tag=_REPLY))
         self._sends = [r for r in self._sends if not r.Test()]
 
-    def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
-        """The statuses of ``others`` that answer within _ANSWER_S (answering theirs)."""
+    def ask(self, others: list[int], status: Callable[[], tuple],
+            wait_s: float = _ANSWER_S) -> dict[int, tuple]:
+        """The statuses of ``others`` that answer within ``wait_s`` (answering theirs)."""
         MPI = mpicomm.mpi()
         query = (self.comm.Get_rank(), next(self._ids))
         for r in others:
             self._sends.append(self.comm.isend(query, dest=r, tag=_QUERY))
         answers: dict[int, tuple] = {}
-        deadline = time.monotonic() + _ANSWER_S
+        deadline = time.monotonic() + wait_s
         probe = MPI.Status()
         while len(answers) < len(others) and time.monotonic() < deadline:
             self.serve(status)
@@ -158,7 +159,8 @@ class _StorePeers:
         except RuntimeError:  # the store's host has gone: the job is ending
             pass
 
-    def ask(self, others: list[int], status: Callable[[], tuple]) -> dict[int, tuple]:
+    def ask(self, others: list[int], status: Callable[[], tuple],
+            wait_s: float = _ANSWER_S) -> dict[int, tuple]:
         try:
             return {r: pickle.loads(self.store.get(str(r))) for r in others
                     if self.store.add(f"{r}.posted", 0)}
@@ -167,6 +169,18 @@ class _StorePeers:
 
     def close(self) -> None:
         pass
+
+
+def answer_wait(waited: float, ending: bool, timeout_s: float, poll_s: float) -> float:
+    """How long a report waits for the other ranks' answers: at most ``_ANSWER_S``, and not
+    past the shutdown time ``timeout_s`` (a rank that could not answer held a 5 s shutdown
+    to 13 s: the check's report waited, then the ending one); the ending report two of their
+    polls (each rank's thread answers between polls of ``poll_s``)."""
+    if ending:
+        return min(_ANSWER_S, 2 * poll_s)
+    if timeout_s > 0:
+        return max(0.0, min(_ANSWER_S, timeout_s - waited))
+    return _ANSWER_S
 
 
 class _Monitor:
@@ -206,7 +220,8 @@ class _Monitor:
     def _report(self, w: _Waiting, ending: bool) -> None:
         members = [w.channel.global_rank(r) for r in range(w.channel.transport.size())]
         others = [r for r in members if r != self.rank]
-        answers = self.peers.ask(others, self.status)
+        answers = self.peers.ask(others, self.status, answer_wait(
+            time.monotonic() - w.since, ending, self.timeout_s, self._poll))
         here = (w.channel.label, w.seq)
         waiting_here = [self.rank] + [r for r, a in answers.items()
                                       if a[0] is not None and a[0][:2] == here]
