@@ -467,3 +467,18 @@ def test_resume_refusals(tmp_path, sgd_runs):
     assert [unfinished in line for line in error_lines(proc)] == [True], proc.stderr
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
     assert not (out / "summary.json").exists()
+
+
+@pytest.mark.timeout(300)
+def test_a_run_resumes_with_its_data_placed_otherwise(tmp_path, straight):
+    """Placement changes no result (sharded trains the model replicated does, bit for bit),
+    so a requeued job may switch it (its data no longer fits on every rank, or now does);
+    --resume refused the change."""
+    out = tmp_path / "run"
+    proc = run_commands([options(out, "ssgd", "--data-placement", "sharded",
+                                 "--checkpoint-every", "0.5e")], np=2, injects=["raise@0:100"])
+    assert proc.returncode != 0 and not (out / "summary.json").exists(), proc.stderr
+    resume(out, "ssgd", 2)  # replicated: the default
+    assert json.loads((out / "config.json").read_text())["data"]["data_placement"] == \
+        "replicated"
+    assert_same_run(out, straight["ssgd"])

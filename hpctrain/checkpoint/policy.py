@@ -40,7 +40,7 @@ MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
                         "stop_on_collapse", "device", "micro_batch_size",
                         "mixed_precision", "compile", "profile", "sync_backend",
-                        "cudnn_benchmark", "stall_timeout", "shuffle_chunk_mb"})
+                        "cudnn_benchmark", "stall_timeout", "shuffle_chunk_mb", "data_placement"})
 
 # And on another number of ranks: --slowdown names workers, which the resized run may lack.
 RESIZE_MAY_CHANGE = frozenset({"slowdown"})
