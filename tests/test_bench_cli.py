@@ -38,7 +38,7 @@ def parse(*argv: str):
     (["allreduce", "--params", "1e6,2"], "--params: '1e6,2': 2 is below 4"),
     (["allreduce", "--bucket-mb", "0"], "--bucket-mb: must be > 0, got 0"),
     (["allreduce", "--warmup", "-1"], "--warmup: must be >= 0, got -1"),
-    (["shuffle", "--dataset", "imagenet"], "--dataset: invalid choice: 'imagenet'"),
+    (["shuffle", "--dataset", "imagenet"], "unknown --dataset 'imagenet'; choose from"),
     (["shuffle", "--data-dir", "/no/such/folder"], "/no/such/folder is not a folder"),
     (["shuffle", "--epochs", "0"], "--epochs: must be >= 1, got 0"),
     (["shuffle", "--shuffle-chunk-mb", "nan"], "'nan' is not a finite number"),
@@ -128,6 +128,9 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
     # The folder was ignored (train refuses it).
     (2, ["shuffle", "--dataset", "synthetic", "--data-dir", "/tmp"],
      "--data-dir /tmp is not used by --dataset synthetic"),
+    # A user's data as train takes it (it was "invalid choice"), checked as train checks it.
+    (2, ["shuffle", "--dataset", "npz:/no/such.npz"], "--dataset npz:/no/such.npz: no file "
+     "/no/such.npz"),
     (2, ["kernel", "--elements", "1000"],
      "bench kernel measures one process's kernel: run it on one rank (mpirun -np 1, or "
      "srun/sbatch --ntasks-per-node=1 on one node), not 2"),

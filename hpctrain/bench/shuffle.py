@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from hpctrain import bench, comm, data, options
+from hpctrain import bench, comm, data, options, userdata
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import TrainDataSpec, make_train_data, order
@@ -41,9 +41,11 @@ _META_BYTES = 16  # int64 label and id travel with each image
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--dataset", default="fashion-mnist", choices=data.DATASETS,
-                        help="the data set whose training samples are reshuffled (synthetic "
-                             "needs no files)")
+    parser.add_argument("--dataset", default="fashion-mnist", type=userdata.dataset_name,
+                        help="the data set whose training samples are reshuffled: one of "
+                             f"{', '.join(data.DATASETS)} (synthetic needs no files), or your "
+                             "own, as train takes it (npz:FILE, imagefolder:DIR, "
+                             "MODULE:CALLABLE, ./FILE.py:CALLABLE)")
     parser.add_argument("--data-dir", type=_folder, default=None,
                         help="folder with the data set's files (default: $HPCTRAIN_DATA, then "
                              "the system folder)")
