@@ -407,6 +407,25 @@ SECTIONS = {"data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
             "checkpoint": CheckpointConfig, "stragglers": StragglerConfig}
 
 
+_SECTION_DOCS = {name: f"its {section.__name__} (see help(hpctrain.{section.__name__}))"
+                 for name, section in SECTIONS.items()}
+_SECTION_DOCS["algorithm"] = ("the algorithm's own options: hpctrain.algorithm_options(algo)"
+                              "(...) (None: its defaults)")
+
+
+def _fields_documented(cls: type) -> None:
+    """Each field's help (its command-line flag's, with the default) in the class's
+    docstring, for help(RunConfig) and an editor's hover, from the one declaration."""
+    lines = [f"    {f.name}: {options.flag_of(f)}, default {f.default!r}. {f.metadata['help']}"
+             if "help" in f.metadata else f"    {f.name}: {_SECTION_DOCS[f.name]}"
+             for f in fields(cls)]
+    cls.__doc__ = f"{cls.__doc__ or ''}\n\n    Fields:\n\n" + "\n".join(lines)
+
+
+for _section in (RunConfig, *SECTIONS.values()):
+    _fields_documented(_section)
+
+
 def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:
     """The ``optim`` values a run of ``algo`` with ``optimizer`` takes when none is given:
     SGD's rate and momentum are the algorithm's (0.05 and 0.9 unless it says otherwise), Adam's

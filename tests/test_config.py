@@ -529,3 +529,16 @@ def test_the_lazy_api_is_listed():
     are imported on first use)."""
     assert set(hpctrain.__all__) <= set(dir(hpctrain))
     assert "train" in dir(hpctrain) and hpctrain.train.__module__ == "hpctrain.run"
+
+
+def test_each_configuration_class_says_its_fields():
+    """help(RunConfig) and the other sections explained no field: a Python user had to find
+    the command line's --help. Each docstring names every field, with its flag and default."""
+    from dataclasses import fields
+
+    for cls in (hpctrain.RunConfig, *configs.SECTIONS.values()):
+        for f in fields(cls):
+            assert f"\n    {f.name}: " in cls.__doc__, (cls.__name__, f.name)
+    assert "    lr: --lr, default None." in hpctrain.OptimConfig.__doc__
+    assert "    data: its DataConfig (see help(hpctrain.DataConfig))" in \
+        hpctrain.RunConfig.__doc__
