@@ -454,13 +454,14 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
                              f"(its config.json), not {r.algo}; choose another --out")
         if (folder / "summary.json").exists():  # finished, or set aside on --resume
             continue
-        saved = checkpoint.SUBDIR
-        if not resume and checkpoint.listing(folder / saved):
+        saved = folder / checkpoint.SUBDIR
+        usable = checkpoint.listing(saved)
+        if usable and not resume:
             raise UsageError(f"{whose}: --out {folder} holds the checkpoints of an unfinished "
                              f"run; continue the comparison with bench compare --resume (--out "
                              f"{out}), or choose another --out")
-        if not checkpoint.listing(folder / saved) and (aside := checkpoint.corrupt(
-                folder / saved)):  # the run would refuse them, --resume or not
+        if not usable and (aside := checkpoint.corrupt(saved)):  # the run would refuse them,
+            # --resume or not
             raise UsageError(f"{whose}: --out {folder} holds an unfinished run's checkpoints, "
                              f"only unusable ones ({aside[0].name}, ...): remove them (or "
                              f"{folder}) to run it again, or choose another --out")
