@@ -1036,10 +1036,11 @@ GOOD_POINTS = [{"t": 0.0, "epoch": 0.0, "test_acc": 0.1},
 
 def saved_runs(folder, **bad_summary) -> dict:
     """``folder`` with two finished runs, ``good`` and ``bad`` (its summary updated with
-    ``bad_summary``); the paths of their files."""
+    ``bad_summary``), each of the algorithm its folder names; the paths of their files."""
     for name, update in (("good", {}), ("bad", bad_summary)):
         (folder / name).mkdir(parents=True)
-        (folder / name / "summary.json").write_text(json.dumps({**GOOD_SUMMARY, **update}))
+        (folder / name / "summary.json").write_text(json.dumps({**GOOD_SUMMARY, "algo": name,
+                                                                **update}))
         (folder / name / "metrics.jsonl").write_text(
             "".join(json.dumps(p) + "\n" for p in GOOD_POINTS))
     return {"summary": folder / "bad" / "summary.json", "metrics": folder / "bad" / "metrics.jsonl"}

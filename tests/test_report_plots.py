@@ -26,10 +26,12 @@ SCORED_AFTER = ("snapshots are taken every `--eval-every` epochs and scored afte
 
 
 def runs(folder, **updates: dict) -> None:
-    """``folder`` with one finished run per keyword: its name, and what its summary changes."""
+    """``folder`` with one finished run per keyword: its name (also the algorithm it ran,
+    unless the update names another), and what its summary changes."""
     for name, update in updates.items():
         (folder / name).mkdir(parents=True)
-        (folder / name / "summary.json").write_text(json.dumps({**SUMMARY, **update}))
+        (folder / name / "summary.json").write_text(json.dumps({**SUMMARY, "algo": name,
+                                                                **update}))
         (folder / name / "metrics.jsonl").write_text(
             "".join(json.dumps(p) + "\n" for p in POINTS))
 
@@ -137,6 +139,23 @@ def test_a_curve_above_the_range_says_its_limit_in_three_digits():
     curve = report.Curve("asgd", "asgd, M=4", [0.0, 1.0], [90.0, 80.0])
     assert report.legend_label(curve, (0.0, 0.5)) == "asgd, M=4 (above 0.5%)"
     assert report.legend_label(curve, (0.0, 85.0)) == "asgd, M=4"
+
+
+def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
+    """A folder's runs were named by their folders alone: the algorithm column and the
+    legend said "da, M=2" of a dcasgd-a run. Now they say the algorithm its summary (or,
+    unfinished, its config.json) names, and the folder where that is another name."""
+    runs(tmp_path, da={"algo": "dcasgd-a", "workers": 2}, sgd={}, cut={"algo": "asgd"})
+    (tmp_path / "cut" / "metrics.jsonl").unlink()  # a failed row
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "config.json").write_text(json.dumps({"algo": "ssgd"}))
+    text = report_md(tmp_path)
+    assert [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")][1:] \
+        == [["| asgd (cut)", "—"], ["| dcasgd-a (da)", "2"], ["| ssgd (late)", "—"],
+            ["| sgd", "1"]]
+    _, rows = report.load(tmp_path)
+    assert [c.label for c in report.curves(rows, "epoch")] == ["dcasgd-a (da), M=2",
+                                                              "sgd, M=1"]
 
 
 def shuffle_run(folder, epochs=(0.0, 0.5, 1.0), acc=(0.1, 0.5, 0.7), strategy="global",

@@ -87,15 +87,28 @@ class Row:
     seed: int | None = None  # a comparison with --seeds: this run's
     run_info: dict = field(default_factory=dict)  # config.json's: what the run ran with
     byte_fields: tuple[str, ...] = ()  # a user's algorithm's, as compare.json records them
+    algo: str | None = None  # a folder's run: the algorithm its summary (or config) names
+
+    @property
+    def algorithm(self) -> str:
+        """The run's name in the table's algorithm column and the legend: its algorithm, and
+        the folder it was found in where that is another name (``dcasgd-a (da)``)."""
+        return self.name if self.algo in (None, self.name) else f"{self.algo} ({self.name})"
 
     @property
     def title(self) -> str:
+        """The run's name in sentences: its folder's (or algorithm's) and seed."""
         return self.name if self.seed is None else f"{self.name} seed {self.seed}"
+
+    @property
+    def heading(self) -> str:
+        """The run's first cell in the table: :attr:`algorithm` and seed."""
+        return self.algorithm if self.seed is None else f"{self.algorithm} seed {self.seed}"
 
     @property
     def label(self) -> str:
         workers = (self.summary or {}).get("workers")
-        return f"{self.name}, M={'?' if workers is None else workers}"
+        return f"{self.algorithm}, M={'?' if workers is None else workers}"
 
 
 def _warn(message: str) -> None:
@@ -362,11 +375,10 @@ def _found(folder: Path) -> list[Row]:
     those finished. Failed attempts ``bench compare --resume`` set aside (``*.failed-N``)
     are not runs of it, as in a comparison's report."""
     if (folder / "summary.json").is_file():
-        return [_finished(folder, folder.name)]
+        return [_folder_run(folder, folder.name)]
     subfolders = sorted(d for d in folder.iterdir() if d.is_dir() and not _SET_ASIDE.search(
         d.name))
-    rows = [_finished(d, d.name) if (d / "summary.json").is_file() else _unfinished(d, d.name)
-            for d in subfolders
+    rows = [_folder_run(d, d.name) for d in subfolders
             if (d / "summary.json").is_file() or (d / "config.json").is_file()]
     seeds = {d.name: {int(s.name.removeprefix("seed-")): s for s in d.iterdir()
                       if s.is_dir() and _SEED_FOLDER.match(s.name)}
@@ -378,11 +390,27 @@ def _found(folder: Path) -> list[Row]:
     every = sorted({seed for found in seeds.values() for seed in found})
     for algo, found in seeds.items():
         for seed in every:
-            run_dir = found.get(seed, folder / run_name(algo, seed))
-            rows.append(_finished(run_dir, algo, seed=seed)
-                        if (run_dir / "summary.json").is_file()
-                        else _unfinished(run_dir, algo, seed=seed))
+            rows.append(_folder_run(found.get(seed, folder / run_name(algo, seed)), algo,
+                                    seed=seed))
     return rows
+
+
+def _folder_run(run_dir: Path, name: str, **record) -> Row:
+    """The row of a run found in a folder: named ``name`` (its folder's), finished if it holds
+    a ``summary.json``, with the algorithm it ran (:attr:`Row.algo`), since a folder's name
+    need not say it."""
+    row = _finished(run_dir, name, **record) if (run_dir / "summary.json").is_file() \
+        else _unfinished(run_dir, name, **record)
+    algo = (row.summary or {}).get("algo")
+    for file in ("summary.json", "config.json"):  # a failed or unfinished run's, if it has them
+        if isinstance(algo, str):
+            break
+        try:
+            algo = read_json(run_dir / file, "a run's file").get("algo")
+        except UsageError:
+            algo = None
+    row.algo = algo if isinstance(algo, str) and algo else None
+    return row
 
 
 def time_to(points: list[dict], target: float) -> dict | None:
@@ -425,7 +453,7 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     dash = "—"
     if row.summary is None:
         reason = row.status if not row.error else f"{row.status}: {row.error}"
-        return [row.title, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
+        return [row.heading, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
                 dash, reason.replace("|", "\\|")]
     s = row.summary
 
@@ -443,7 +471,7 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
         else dash
-    title = row.title + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
+    title = row.heading + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
     return [title, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
             shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
             shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
@@ -524,6 +552,14 @@ def by_algorithm(rows: list[Row]) -> dict[str, list[Row]]:
     return groups
 
 
+def group_name(runs: list[Row]) -> str:
+    """An algorithm's runs' (its seeds') name in the table and the legend: the
+    :attr:`Row.algorithm` they share, else their name (a comparison's algorithm, or the
+    folder they were found in)."""
+    names = dict.fromkeys(r.algorithm for r in runs if r.algo is not None)
+    return next(iter(names)) if len(names) == 1 else runs[0].name
+
+
 def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     """One algorithm's row over its seeds' runs (see :func:`seed_table`)."""
     dash = "—"
@@ -585,8 +621,8 @@ def seed_table(rows: list[Row], targets: list[float]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = _mixed(rows)  # an algorithm whose finished runs were all simulated, among real ones
     lines += ["| " + " | ".join(_seed_cells(
-        name + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs) else ""), runs,
-        targets)) + " |" for name, runs in by_algorithm(rows).items()]
+        group_name(runs) + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs) else ""),
+        runs, targets)) + " |" for runs in by_algorithm(rows).values()]
     return "\n".join(lines)
 
 
