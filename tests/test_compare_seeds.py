@@ -227,17 +227,6 @@ def seeded_rows(points: dict[int, list[tuple]]) -> list[report.Row]:
             for seed, run in points.items()]
 
 
-def interpolated(points: dict[int, list[tuple]], key: int, at: list[float]
-                 ) -> np.ma.MaskedArray:
-    """Each run's error (%) at ``at`` (a row each), interpolated in its ``key`` (0: epoch,
-    1: t) by numpy, masked where ``at`` lies outside the run's snapshots."""
-    errors = np.array([np.interp(at, [p[key] for p in run], [100 * (1 - p[2]) for p in run])
-                       for run in points.values()])
-    outside = np.array([[not run[0][key] <= v <= run[-1][key] for v in at]
-                        for run in points.values()])
-    return np.ma.masked_array(errors, outside)
-
-
 def assert_mean_and_band(curve: report.Curve, runs: np.ma.MaskedArray) -> None:
     """``curve`` is the mean of ``runs`` (interpolated), its band their lowest and highest,
     each point over the runs there."""
@@ -247,35 +236,69 @@ def assert_mean_and_band(curve: report.Curve, runs: np.ma.MaskedArray) -> None:
     assert curve.runs == runs.count(axis=0).tolist() and curve.of == len(runs)
 
 
-@pytest.mark.parametrize("x, key", [("epoch", 0), ("t", 1)])
-def test_seeds_whose_snapshots_do_not_line_up_are_averaged_at_the_same_x(x, key):
+def legend(rows: list[report.Row], x: str) -> list[str]:
+    """The texts of the legend in the plot of ``rows`` against ``x``."""
+    return [t.get_text() for t in report.figure(rows, x).axes[0].get_legend().get_texts()]
+
+
+def at_epochs(points: dict[int, list[tuple]], at: list[float]) -> tuple[np.ma.MaskedArray, ...]:
+    """Each run's time and error (%) at the epochs ``at`` (a row each), interpolated in its
+    epochs by numpy, masked where ``at`` lies outside the run's snapshots."""
+    outside = np.array([[not run[0][0] <= e <= run[-1][0] for e in at]
+                        for run in points.values()])
+    return tuple(np.ma.masked_array(np.array(
+        [np.interp(at, [p[0] for p in run], [value(p) for p in run]) for run in
+         points.values()]), outside) for value in (lambda p: p[1], lambda p: 100 * (1 - p[2])))
+
+
+@pytest.mark.parametrize("x", ["epoch", "t"])
+def test_seeds_whose_snapshots_do_not_line_up_are_averaged_at_the_same_epoch(x):
     """The k-th snapshots were averaged: the epochs curve ended at 1.7 of 2 epochs, and its
-    second point averaged errors at epochs 0.28, 0.28 and 0.75. Each run's error is now
-    interpolated onto every snapshot's x; against time, the runs end at other times, and the
-    curve goes on to the last, each point over the runs there."""
+    second point averaged errors at epochs 0.28, 0.28 and 0.75. Each run's error (and time)
+    is now interpolated onto every snapshot's epoch, each point the mean of the runs there."""
     (curve,) = report.curves(seeded_rows(UNEVEN), x)
-    assert curve.xs == sorted({p[key] for run in UNEVEN.values() for p in run})
-    runs = interpolated(UNEVEN, key, curve.xs)
-    assert_mean_and_band(curve, runs)
-    if x == "epoch":  # at 0.28125 seed 3 is between its snapshots at 0 and 0.75
-        assert curve.err[1] == pytest.approx((2.0 + 1.0 + (88 - 78 * 0.28125 / 0.75)) / 3)
-        assert not curve.partial and curve.label == "asgd, M=4, mean of 3 seeds"
-    else:  # seed 2 ends at 0.269 s, seed 3 at 0.361 s, seed 1 at 0.444 s
-        assert curve.xs[-1] == 0.444 and curve.runs[-3:] == [3, 2, 1]
-        assert curve.partial and curve.label.endswith(", dashed past the runs that ended")
+    epochs = sorted({p[0] for run in UNEVEN.values() for p in run})
+    times, errors = at_epochs(UNEVEN, epochs)
+    assert curve.xs == (epochs if x == "epoch" else pytest.approx(times.mean(axis=0).tolist()))
+    assert_mean_and_band(curve, errors)
+    # at 0.28125 seed 3 is between its snapshots at 0 and 0.75
+    assert curve.err[1] == pytest.approx((2.0 + 1.0 + (88 - 78 * 0.28125 / 0.75)) / 3)
+    assert not curve.partial and curve.label == "asgd, M=4, mean of 3 seeds"
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_the_time_plot_averages_lock_step_and_async_seeds_alike(uneven):
+    """Lock-step curves put point k at the mean time of the k-th snapshots and ended at the
+    runs' mean wall time, while async ones (snapshots at other epochs) were averaged at the
+    same time and ran on to the slowest seed, dashed past the fastest's end and labelled so,
+    though every seed ran all its epochs. Both now end at the runs' mean time, undashed,
+    with the epoch plot's errors, and no legend says "dashed"."""
+    lined = {1: [(0.0, 0.0, 0.1), (1.0, 0.2, 0.8), (2.0, 0.4, 0.9)],
+             2: [(0.0, 0.0, 0.1), (1.0, 0.3, 0.7), (2.0, 0.6, 0.8)]}
+    if uneven:  # an async run whose rank 0 took its marks late
+        lined[2] = [(0.0, 0.0, 0.1), (1.25, 0.375, 0.7), (2.0, 0.6, 0.8)]
+    rows = seeded_rows(lined)
+    (by_time,), (by_epoch,) = report.curves(rows, "t"), report.curves(rows, "epoch")
+    assert by_time.xs[-1] == pytest.approx(0.5) and by_time.err == by_epoch.err
+    assert by_time.runs == [2] * len(by_time.xs) and not by_time.partial
+    for x in ("t", "epoch"):
+        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds"]
 
 
 def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
     """--stop-on-collapse: seed 3 stops after epoch 1.21875. The mean curve and its band
     ended there for every seed, though the others ran to epoch 2; now they go on, of the
-    two runs there (drawn dashed)."""
+    two runs there, drawn dashed, which the legend says once, in both plots."""
     short = {**UNEVEN, 3: UNEVEN[3][:3]}
     rows = seeded_rows(short)
-    (curve,) = report.curves(rows, "epoch")
-    assert curve.xs == sorted({p[0] for run in short.values() for p in run})
-    assert curve.xs[-1] == 2.0 and curve.runs[-4:] == [3, 2, 2, 2]
-    assert_mean_and_band(curve, interpolated(short, 0, curve.xs))
-    assert curve.label == "asgd, M=4, mean of 3 seeds, dashed past the runs that ended"
+    epochs = sorted({p[0] for run in short.values() for p in run})
+    times, errors = at_epochs(short, epochs)
+    for x in ("epoch", "t"):
+        (curve,) = report.curves(rows, x)
+        assert curve.xs[-1] == (2.0 if x == "epoch" else pytest.approx((0.444 + 0.269) / 2))
+        assert curve.runs[-4:] == [3, 2, 2, 2] and curve.partial
+        assert_mean_and_band(curve, errors)
+        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.DASHED]
     assert report.plot(rows, "epoch").startswith(b"\x89PNG")
 
 
@@ -294,6 +317,6 @@ def test_seeds_whose_snapshots_line_up_keep_the_mean_of_the_kth(tmp_path):
     lined[2] = lined[2][:2]
     for x, key in (("t", 1), ("epoch", 0)):
         (curve,) = report.curves(seeded_rows(lined), x)
-        assert curve.xs == sorted({p[key] for run in lined.values() for p in run})
-        assert curve.xs[-1] == lined[1][-1][key] and curve.runs[-1] == 1
-        assert_mean_and_band(curve, interpolated(lined, key, curve.xs))
+        assert curve.xs == [0.0, (lined[1][1][key] + lined[2][1][key]) / 2, lined[1][2][key]]
+        assert curve.runs == [2, 2, 1]
+        assert_mean_and_band(curve, at_epochs(lined, [0.0, 0.5, 1.0])[1])

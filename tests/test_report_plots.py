@@ -143,8 +143,9 @@ def test_a_curve_above_the_range_says_its_limit_in_three_digits():
 
 def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
     """A folder's runs were named by their folders alone: the algorithm column and the
-    legend said "da, M=2" of a dcasgd-a run. Now they say the algorithm its summary (or,
-    unfinished, its config.json) names, and the folder where that is another name."""
+    legend said "da, M=2" of a dcasgd-a run, drawn in another colour than dcasgd-a's. Now
+    they say the algorithm its summary (or, unfinished, its config.json) names, and the
+    folder where that is another name."""
     runs(tmp_path, da={"algo": "dcasgd-a", "workers": 2}, sgd={}, cut={"algo": "asgd"})
     (tmp_path / "cut" / "metrics.jsonl").unlink()  # a failed row
     (tmp_path / "late").mkdir()
@@ -154,8 +155,11 @@ def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
         == [["| asgd (cut)", "—"], ["| dcasgd-a (da)", "2"], ["| ssgd (late)", "—"],
             ["| sgd", "1"]]
     _, rows = report.load(tmp_path)
-    assert [c.label for c in report.curves(rows, "epoch")] == ["dcasgd-a (da), M=2",
-                                                              "sgd, M=1"]
+    (ax,) = report.figure(rows, "epoch").axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dcasgd-a (da), M=2",
+                                                                  "sgd, M=1"]
+    # dcasgd-a's colour, as in every report
+    assert ax.get_lines()[0].get_color() == report._colour("dcasgd-a", 0)
 
 
 def shuffle_run(folder, epochs=(0.0, 0.5, 1.0), acc=(0.1, 0.5, 0.7), strategy="global",

@@ -5,8 +5,8 @@ DIR is a comparison's folder (``compare.json`` and one ``DIR/<algo>/`` per run, 
 subfolders (``<algo>/seed-<S>/`` too: one algorithm's seeds), or itself, hold finished runs
 (``summary.json`` and ``metrics.jsonl``). The plots
 follow the DC-ASGD paper's figures: test error (%) against wall time and against epochs, one
-line per algorithm (with seeds: their mean, shaded from the lowest to the highest, dashed
-where some runs have ended). With seeds
+line per algorithm (with seeds: their mean at the same epoch, shaded from the lowest to the
+highest, dashed where a run ended early). With seeds
 the table gives each algorithm's mean and sample standard deviation over the seeds whose run
 finished, then every run. A run with no end recorded (the comparison stopped) is *unfinished*
 if its folder holds files, else *not run*; without ``compare.json``, so is a subfolder with a
@@ -813,8 +813,10 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     return "\n".join(out) + "\n"
 
 
-def _colour(name: str, index: int) -> str:
-    i = _ORDER.index(name) if name in _ORDER else len(_ORDER) + index
+def _colour(algo: str | None, index: int) -> str:
+    """A curve's colour: fixed for an algorithm, so that it looks the same in every report,
+    else by its place (``algo`` None: another curve ran the same algorithm)."""
+    i = _ORDER.index(algo) if algo in _ORDER else len(_ORDER) + index
     return f"C{i % 10}"
 
 
@@ -841,7 +843,7 @@ def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
 class Curve:
     """One line of a plot: test error (%) at ``xs``; with seeds, the mean over the runs and
     the band from their lowest to their highest error, and how many runs each point is of
-    (``runs``), out of ``of``."""
+    (``runs``), out of ``of``. ``algo``: the algorithm its runs ran (its colour)."""
 
     name: str
     label: str
@@ -850,6 +852,7 @@ class Curve:
     band: tuple[list[float], list[float]] | None = None
     runs: list[int] | None = None
     of: int = 1
+    algo: str | None = None
 
     @property
     def partial(self) -> bool:
@@ -857,55 +860,65 @@ class Curve:
         return self.runs is not None and min(self.runs) < self.of
 
 
+# The legend's entry for the dashed part of mean curves, there when some curve has one
+DASHED = "dashed: past a run that ended early, the mean and band of the others"
+
+
 def curves(rows: list[Row], x: str) -> list[Curve]:
     """One curve per run, or with seeds one per algorithm: the mean test error of its runs,
     with the band from the lowest to the highest, against ``x`` (``t`` or ``epoch``).
 
-    Where the runs' snapshots line up (every run's k-th snapshot at the same epoch, and as
-    many: the same ``--eval-every`` schedule), point k is the mean of the k-th snapshots'
-    ``x`` and error. Otherwise (an async run whose rank 0 was slow skips some marks, another
-    run's epochs are other fractions, a run stopped early) each run's error is linearly
-    interpolated in ``x`` between its snapshots onto one grid, every run's snapshot ``x``,
-    so that each point averages the runs at the same ``x``: those whose snapshots span it.
-    The curve goes as far as the longest run, and a point some runs do not reach (one
-    stopped early, by ``--stop-on-collapse``) is the mean and band of the others: the mean
-    of the runs there, not of all, which the plot draws dashed."""
+    One rule for every algorithm, in both plots: the runs are averaged at the same epoch.
+    Each run's error and time are linearly interpolated in epochs between its snapshots onto
+    one grid, every run's snapshot epoch (where the runs' snapshots fall at the same epochs,
+    as lock-step runs' do, those); point k is the mean of the runs' ``x`` and error at the
+    k-th epoch and its band their lowest and highest error, over the runs whose snapshots
+    span it. So a curve against time ends at its runs' mean wall time and mean final error,
+    as the table's means, and goes as far as its longest run in epochs; past the end of one
+    stopped early (``--stop-on-collapse``) it is the mean and band of the runs left, which
+    the plot draws dashed. Averaging the errors at the same time instead left past the
+    fastest seed's end the slower seeds alone: every curve's tail jumped to their error."""
     out = []
     for name, runs in by_algorithm(rows).items():
         drawn = [r for r in runs if r.points]
-        series = [sorted(r.points, key=lambda p: p[x]) for r in drawn]
-        errors = [[100.0 * (1.0 - p["test_acc"]) for p in pts] for pts in series]
         if runs[0].seed is None:
-            out += [Curve(name, r.label, [p[x] for p in pts], err)
-                    for r, pts, err in zip(drawn, series, errors, strict=True)]
+            for r in drawn:
+                pts = sorted(r.points, key=lambda p: p[x])
+                out.append(Curve(name, r.label, [p[x] for p in pts], _errors(pts),
+                                 algo=r.algo or name))
             continue
         if not drawn:
             continue
-        label = f"{drawn[0].label}, mean of {len(drawn)} seed{'s' if len(drawn) > 1 else ''}"
-        n = len(series[0])
-        if all(len(pts) == n and all(pts[k]["epoch"] == series[0][k]["epoch"]
-                                     for k in range(n)) for pts in series):
-            xs = [_mean([pts[k][x] for pts in series]) for k in range(n)]
-            column = [[e[k] for e in errors] for k in range(n)]
-        else:
-            lines = [_deduplicated([p[x] for p in pts], err)
-                     for pts, err in zip(series, errors, strict=True)]
-            xs = sorted({v for line, _ in lines for v in line})
-            column = [[_interpolate(line, err, v) for line, err in lines
-                       if line[0] <= v <= line[-1]] for v in xs]
-        curve = Curve(name, label, xs, [_mean(c) for c in column],
-                      ([min(c) for c in column], [max(c) for c in column]),
-                      [len(c) for c in column], len(drawn))
-        if curve.partial:
-            curve.label += ", dashed past the runs that ended"
-        out.append(curve)
+        workers = (drawn[0].summary or {}).get("workers")
+        label = (f"{group_name(runs)}, M={'?' if workers is None else workers}, mean of "
+                 f"{len(drawn)} seed{'s' if len(drawn) > 1 else ''}")
+        lines = [_by_epoch(r.points, x) for r in drawn]
+        grid = sorted({e for epochs, _, _ in lines for e in epochs})
+        there = [[line for line in lines if line[0][0] <= e <= line[0][-1]] for e in grid]
+        xs = [e if x == "epoch" else _mean([_interpolate(epochs, at, e)
+                                            for epochs, at, _ in those])
+              for e, those in zip(grid, there, strict=True)]
+        column = [[_interpolate(epochs, err, e) for epochs, _, err in those]
+                  for e, those in zip(grid, there, strict=True)]
+        algos = {r.algo or name for r in drawn}
+        out.append(Curve(name, label, xs, [_mean(c) for c in column],
+                         ([min(c) for c in column], [max(c) for c in column]),
+                         [len(c) for c in column], len(drawn),
+                         algo=algos.pop() if len(algos) == 1 else None))
     return out
 
 
-def _deduplicated(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
-    """Sorted ``xs`` each once (the last point at an x wins), and their ``ys``."""
-    last = dict(zip(xs, ys, strict=True))
-    return list(last), list(last.values())
+def _errors(points: list[dict]) -> list[float]:
+    """The test error (%) of each curve point."""
+    return [100.0 * (1.0 - p["test_acc"]) for p in points]
+
+
+def _by_epoch(points: list[dict], x: str) -> tuple[list[float], list[float], list[float]]:
+    """A run's snapshot epochs, increasing and each once (the last point at an epoch wins),
+    with its ``x`` and test error (%) there."""
+    last = {p["epoch"]: p for p in sorted(points, key=lambda p: p["epoch"])}
+    kept = list(last.values())
+    return list(last), [p[x] for p in kept], _errors(kept)
 
 
 def _interpolate(xs: list[float], ys: list[float], at: float) -> float:
@@ -930,10 +943,10 @@ def x_label(rows: list[Row], x: str) -> str:
     return "virtual time (s, simulated)" if x == "t" and _all_simulated(rows) else PLOTS[x][1]
 
 
-def plot(rows: list[Row], x: str, title: str = "") -> bytes:
-    """Test error (%) against curve key ``x`` (``t`` or ``epoch``), one line per run (with
-    seeds: per algorithm, shaded from its lowest to its highest run, dashed where some runs
-    have ended): a PNG."""
+def figure(rows: list[Row], x: str, title: str = ""):
+    """The matplotlib Figure of test error (%) against curve key ``x`` (``t`` or ``epoch``),
+    one line per run (with seeds: per algorithm, shaded from its lowest to its highest run,
+    dashed where some runs have ended, which the legend then says)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -942,17 +955,21 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     ax = fig.add_subplot()
     lines = curves(rows, x)
     shown = _error_range([c.err for c in lines])
+    algos = [c.algo for c in lines]
     for i, c in enumerate(lines):
-        colour = _colour(c.name, i)
+        colour = _colour(c.algo if algos.count(c.algo) == 1 else None, i)
+        drawn = {"color": colour, "marker": "."}
         if c.partial:  # dashed throughout, solid over it between points of every run
-            ax.plot(c.xs, c.err, "--", marker=".", color=colour)
+            ax.plot(c.xs, c.err, "--", **drawn)
             ax.plot(c.xs, [e if k == c.of else math.nan for e, k in zip(c.err, c.runs,
                                                                         strict=True)],
-                    color=colour, label=legend_label(c, shown))
+                    label=legend_label(c, shown), **drawn)
         else:
-            ax.plot(c.xs, c.err, marker=".", color=colour, label=legend_label(c, shown))
+            ax.plot(c.xs, c.err, label=legend_label(c, shown), **drawn)
         if c.band is not None:
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
+    if any(c.partial for c in lines):
+        ax.plot([], [], "--", color="0.4", label=DASHED)
     if shown:
         ax.set_ylim(*shown)
         ax.legend(loc="upper right", fontsize="small")
@@ -961,8 +978,13 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
+    return fig
+
+
+def plot(rows: list[Row], x: str, title: str = "") -> bytes:
+    """:func:`figure` as a PNG."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
+    figure(rows, x, title).savefig(buf, format="png", metadata={"Software": None})
     return buf.getvalue()
 
 
