@@ -159,7 +159,22 @@ def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dcasgd-a (da), M=2",
                                                                   "sgd, M=1"]
     # dcasgd-a's colour, as in every report
-    assert ax.get_lines()[0].get_color() == report._colour("dcasgd-a", 0)
+    assert ax.get_lines()[0].get_color() == report._style("dcasgd-a", 0)[0]
+
+
+def test_curves_that_lie_on_each_other_both_show(tmp_path):
+    """ssgd's mean curve lay under ma's, drawn after it with the same marker and width: only
+    the legend showed it. Each curve now has its own hollow marker, and each drawn later is
+    narrower, so that the one under it shows at its edges."""
+    runs(tmp_path, ssgd={}, ma={}, asgd={"algo": "sgd"}, sgd={})  # the same points each
+    _, rows = report.load(tmp_path)
+    lines = report.figure(rows, "t").axes[0].get_lines()
+    assert len({line.get_marker() for line in lines}) == len(lines) == 4
+    assert all(line.get_markerfacecolor() == "none" for line in lines)
+    widths = [line.get_linewidth() for line in lines]
+    assert widths == sorted(widths, reverse=True) and len(set(widths)) == 4
+    # two runs of one algorithm (sgd): each its own colour, not sgd's for both
+    assert len({line.get_color() for line in lines}) == 4
 
 
 def shuffle_run(folder, epochs=(0.0, 0.5, 1.0), acc=(0.1, 0.5, 0.7), strategy="global",

@@ -813,11 +813,15 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     return "\n".join(out) + "\n"
 
 
-def _colour(algo: str | None, index: int) -> str:
-    """A curve's colour: fixed for an algorithm, so that it looks the same in every report,
-    else by its place (``algo`` None: another curve ran the same algorithm)."""
+# Marker of each curve (hollow, so that one under another of the same values still shows)
+MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">")
+
+
+def _style(algo: str | None, index: int) -> tuple[str, str]:
+    """A curve's colour and marker: fixed for an algorithm, so that it looks the same in every
+    report, else by its place (``algo`` None: another curve ran the same algorithm)."""
     i = _ORDER.index(algo) if algo in _ORDER else len(_ORDER) + index
-    return f"C{i % 10}"
+    return f"C{i % 10}", MARKERS[i % len(MARKERS)]
 
 
 # Percentage points of test error the plots show at least above the median final error: with
@@ -843,7 +847,7 @@ def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
 class Curve:
     """One line of a plot: test error (%) at ``xs``; with seeds, the mean over the runs and
     the band from their lowest to their highest error, and how many runs each point is of
-    (``runs``), out of ``of``. ``algo``: the algorithm its runs ran (its colour)."""
+    (``runs``), out of ``of``. ``algo``: the algorithm its runs ran (its colour and marker)."""
 
     name: str
     label: str
@@ -946,7 +950,8 @@ def x_label(rows: list[Row], x: str) -> str:
 def figure(rows: list[Row], x: str, title: str = ""):
     """The matplotlib Figure of test error (%) against curve key ``x`` (``t`` or ``epoch``),
     one line per run (with seeds: per algorithm, shaded from its lowest to its highest run,
-    dashed where some runs have ended, which the legend then says)."""
+    dashed past a run that ended early, which the legend then says). Each curve has its own
+    marker, and each drawn later is narrower, so that one lying on another still shows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -957,8 +962,10 @@ def figure(rows: list[Row], x: str, title: str = ""):
     shown = _error_range([c.err for c in lines])
     algos = [c.algo for c in lines]
     for i, c in enumerate(lines):
-        colour = _colour(c.algo if algos.count(c.algo) == 1 else None, i)
-        drawn = {"color": colour, "marker": "."}
+        colour, marker = _style(c.algo if algos.count(c.algo) == 1 else None, i)
+        width = 1.0 + 1.5 * (len(lines) - 1 - i) / max(len(lines) - 1, 1)
+        drawn = {"color": colour, "marker": marker, "markerfacecolor": "none",
+                 "linewidth": width, "markersize": 2.0 + 2.0 * width}
         if c.partial:  # dashed throughout, solid over it between points of every run
             ax.plot(c.xs, c.err, "--", **drawn)
             ax.plot(c.xs, [e if k == c.of else math.nan for e, k in zip(c.err, c.runs,
