@@ -204,9 +204,9 @@ def test_the_shuffle_plot_keeps_partitions_and_worker_counts_apart(tmp_path):
                                               "K = 8, local"]
 
 
-def ec_run(folder, acc=(0.1, 0.3, 0.5)):
+def ec_run(folder, acc=(0.1, 0.3, 0.5), **summary):
     folder.mkdir(parents=True)
-    (folder / "summary.json").write_text(json.dumps({"algo": "ma", "tau": 4}))
+    (folder / "summary.json").write_text(json.dumps({"algo": "ma", "tau": 4, **summary}))
     (folder / "config.json").write_text(json.dumps({"algorithm": {}}))
     (folder / "metrics.jsonl").write_text("".join(
         json.dumps({"t": t, "epoch": t, "test_acc": a, "averaged_acc": a}) + "\n"
@@ -275,6 +275,31 @@ def test_what_the_plots_read_wrongly_is_one_line(tmp_path, capsys):
         ec_plot.main(["--out", str(png)])
     assert capsys.readouterr().err.splitlines()[-1].startswith(
         "python -m hpctrain.ec.plot: error: the following arguments are required")
+
+
+def test_the_ec_plot_tells_runs_apart_and_says_what_their_time_holds(tmp_path):
+    """Two seeds' ma runs were both "MA tau=4 (averaged)", and the time axis said "training
+    only" of runs whose time held their evaluation (--eval online: eval_in_clock)."""
+    png = str(tmp_path / "x.png")
+
+    def drawn(*runs) -> tuple[list[str], str]:
+        ax = ec_plot.plot(list(runs), png, "t", 0.0)
+        return [t.get_text() for t in ax.get_legend().get_texts()], ax.get_xlabel()
+
+    seeds = [ec_run(tmp_path / "ma" / f"seed-{s}") for s in (1, 2)]
+    assert drawn(*seeds) == (["seed-1: MA tau=4 (averaged)", "seed-2: MA tau=4 (averaged)"],
+                             "wall time (s, training only)")
+    online = ec_run(tmp_path / "online", eval_in_clock=True)
+    assert drawn(online) == (["online: MA tau=4 (averaged)"], "wall time (s, with evaluation)")
+    assert drawn(seeds[0], online) == (
+        ["seed-1: MA tau=4 (averaged)", "online (with evaluation): MA tau=4 (averaged)"],
+        "wall time (s, training only unless marked)")
+    sim = ec_run(tmp_path / "sim", simulated=True)
+    assert drawn(sim)[1] == "virtual time (s, simulated, training only)"
+    assert drawn(seeds[0], sim)[0][1] == "sim (virtual s): MA tau=4 (averaged)"
+    again = ec_run(tmp_path / "again" / "ma" / "seed-1")  # as far back as tells them apart
+    assert drawn(seeds[0], again)[0] == [f"{tmp_path.name}/ma/seed-1: MA tau=4 (averaged)",
+                                         "again/ma/seed-1: MA tau=4 (averaged)"]
 
 
 def test_a_resumed_runs_exchange_is_per_epoch_it_made(tmp_path, capsys):
