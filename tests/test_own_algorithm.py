@@ -254,7 +254,7 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     assert config["run_info"]["byte_fields"] == ["vote_bytes_per_rank"]
     report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines()
-            if line.startswith("| whole |")]
+            if line.startswith("| signum-vote (whole) |")]
     assert rows and "vote_bytes_per_rank" in rows[0]
 
 

@@ -146,18 +146,20 @@ def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
     legend said "da, M=2" of a dcasgd-a run, drawn in another colour than dcasgd-a's. Now
     they say the algorithm its summary (or, unfinished, its config.json) names, and the
     folder where that is another name."""
-    runs(tmp_path, da={"algo": "dcasgd-a", "workers": 2}, sgd={}, cut={"algo": "asgd"})
+    runs(tmp_path, da={"algo": "dcasgd-a", "workers": 2}, sgd={}, cut={"algo": "asgd"},
+         own={"algo": "/x/vote.py:Vote", "algo_label": "vote"})  # a user's: its name
     (tmp_path / "cut" / "metrics.jsonl").unlink()  # a failed row
-    (tmp_path / "late").mkdir()
-    (tmp_path / "late" / "config.json").write_text(json.dumps({"algo": "ssgd"}))
+    for late, algo in (("late", "ssgd"), ("later", "/x/vote.py:Vote")):
+        (tmp_path / late).mkdir()
+        (tmp_path / late / "config.json").write_text(json.dumps({"algo": algo}))
     text = report_md(tmp_path)
     assert [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")][1:] \
         == [["| asgd (cut)", "—"], ["| dcasgd-a (da)", "2"], ["| ssgd (late)", "—"],
-            ["| sgd", "1"]]
+            ["| Vote (later)", "—"], ["| vote (own)", "1"], ["| sgd", "1"]]
     _, rows = report.load(tmp_path)
     (ax,) = report.figure(rows, "epoch").axes
-    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["dcasgd-a (da), M=2",
-                                                                  "sgd, M=1"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "dcasgd-a (da), M=2", "vote (own), M=1", "sgd, M=1"]
     # dcasgd-a's colour, as in every report
     assert ax.get_lines()[0].get_color() == report._style("dcasgd-a", 0)[0]
 

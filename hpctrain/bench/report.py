@@ -35,7 +35,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hpctrain import registry
+from hpctrain import plugins, registry
 from hpctrain.errors import UsageError
 from hpctrain.metrics import POINT_KEYS, read_json, read_points, write_atomic
 from hpctrain.summary import byte_fields
@@ -401,14 +401,18 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
     need not say it."""
     row = _finished(run_dir, name, **record) if (run_dir / "summary.json").is_file() \
         else _unfinished(run_dir, name, **record)
-    algo = (row.summary or {}).get("algo")
+    held = row.summary or {}
     for file in ("summary.json", "config.json"):  # a failed or unfinished run's, if it has them
-        if isinstance(algo, str):
+        if isinstance(held.get("algo"), str):
             break
         try:
-            algo = read_json(run_dir / file, "a run's file").get("algo")
+            held = read_json(run_dir / file, "a run's file")
         except UsageError:
-            algo = None
+            held = {}
+    algo = held.get("algo")
+    if isinstance(algo, str) and plugins.is_reference(algo):  # a user's, FILE:CLASS: its
+        own = held.get("algo_label")  # name (its label), not imported here, else its class's
+        algo = own if isinstance(own, str) else algo.rsplit(":", 1)[1]
     row.algo = algo if isinstance(algo, str) and algo else None
     return row
 
