@@ -143,8 +143,8 @@ class Watch:
         # resize rescales to another position) after ``elapsed`` s of training: the earlier
         # run's entries from there on are purged; of the snapshots restored with it (the
         # first ``restored``), those scored before there are kept, not logged again. ``clock``
-        # stamps entries (the checkpoint's, with its earlier attempts).
-        self.resumed, self.restored = resumed, 0
+        # stamps entries (the checkpoint's, with its earlier attempts), from started() on.
+        self.resumed, self.restored, self.elapsed = resumed, 0, elapsed
         self._seen_to = -1  # begin() sets it
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, clock=clock, rank0=self.rank == 0)
@@ -164,6 +164,10 @@ class Watch:
         self._postfix: dict[str, str] = {}
 
     # ---- during training --------------------------------------------------------------------
+
+    def started(self) -> None:
+        """The loop's clock starts now: TensorBoard's wall times are counted from here."""
+        self.board.start(self.elapsed)
 
     def step(self, position: int, local_steps: int, loss, lr: float, t: float) -> None:
         """After a step: rank 0 watches its loss, logs, and picks up scores."""

@@ -739,6 +739,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if comm_ is not None:
         watchdog.wait_beating(comm_, "waiting for the workers to start", starting=True)
     start = runtime.now() - done.get("elapsed", 0.0)
+    watch.started()  # TensorBoard's wall times: training's, not the start-up's
     step_times.start(runtime.now())  # a replay's lead-in to the first step (steptimes)
 
     def ended_early(stopped: Exception) -> Exception:

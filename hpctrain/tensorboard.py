@@ -13,6 +13,9 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
 - ``test/accuracy`` and ``test/loss`` per snapshot, at its update count and wall time (when
   it was taken, so after-training scores line up with the training curves).
 
+Wall times count from the loop's start (:class:`WallClock`), not from the start-up before it
+(scoring restored snapshots, waiting for the workers).
+
 A resumed run writes a new event file in the same folder: the earlier run's entries from
 the checkpoint's update on are purged (TensorBoard's ``purge_step``), its online scores before
 it kept, not logged twice; resumed without ``--tensorboard``, it purges them all the same (they
@@ -50,20 +53,34 @@ def check_installed() -> None:
 class WallClock:
     """The wall time of the moment ``t`` seconds into training, over a resumed run's attempts.
 
-    Each attempt counts its seconds on from those trained before it, from its own start: a
-    snapshot an earlier attempt took is stamped when it was taken, not moved by the time the
-    job was down. Checkpoints keep the attempts (:meth:`state_dict`).
+    Each attempt counts its seconds on from those trained before it, from its own start
+    (:meth:`start`, when the loop's clock starts): a snapshot an earlier attempt took is
+    stamped when it was taken, not moved by the time the job was down, nor by what an attempt
+    did before training (scoring restored snapshots, waiting for the workers). Checkpoints keep
+    the attempts (:meth:`state_dict`).
     """
 
     def __init__(self) -> None:
         self.attempts: list[tuple[float, float]] = [(0.0, time.time())]
         """Per attempt: the seconds trained before it, and the wall time of second 0 for it."""
+        self.running = False
+        """Whether this attempt's training started (:meth:`start`): until then its second 0
+        is only a guess."""
 
     def resume(self, earlier: list, elapsed: float) -> None:
-        """Go on from ``elapsed`` seconds of training, now; ``earlier``: the attempts before,
-        as :meth:`state_dict` gave them (none from a checkpoint older than this clock)."""
+        """Go on from ``elapsed`` seconds of training; ``earlier``: the attempts before, as
+        :meth:`state_dict` gave them (none from a checkpoint older than this clock)."""
         self.attempts = [*((float(a), float(b)) for a, b in earlier),
                          (elapsed, time.time() - elapsed)]
+
+    def start(self, elapsed: float = 0.0) -> None:
+        """This attempt's training starts now, ``elapsed`` seconds in (a resumed run's)."""
+        self.attempts[-1] = (elapsed, time.time() - elapsed)
+        self.running = True
+
+    def this_attempt(self, t: float) -> bool:
+        """Whether second ``t`` is this attempt's (not an earlier one's)."""
+        return t >= self.attempts[-1][0]
 
     def __call__(self, t: float) -> float:
         start = next((start for before, start in reversed(self.attempts) if before <= t),
@@ -80,14 +97,16 @@ class Board:
     A run resumed from the checkpoint of update ``resumed`` (the earlier run's count, also
     after a resize) purges the earlier run's entries from that update on (they were trained
     again), also when not ``enabled`` but ``rank0`` (the entries stay the run's), and stamps
-    its own by ``clock`` (seconds into training to wall time). A fresh run (``resumed`` 0)
-    purges every earlier entry: a failed attempt's, in a folder it left without a summary.
+    its own by ``clock`` (seconds into training to wall time); the entries of this attempt's
+    times given before :meth:`start` wait for it. A fresh run (``resumed`` 0) purges every
+    earlier entry: a failed attempt's, in a folder it left without a summary.
     """
 
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
                  clock: WallClock | None = None, rank0: bool = False) -> None:
         self.writer = None
         self.clock = clock or WallClock()
+        self._waiting: list[tuple[str, float, int, float]] = []  # until the clock starts
         folder = Path(out) / SUBDIR
         stale = rank0 and resumed and folder.is_dir() and any(folder.glob("events.*")) \
             and importlib.util.find_spec("tensorboard") is not None
@@ -106,9 +125,24 @@ class Board:
         """``value`` of ``tag`` at global update ``step`` (``t``: seconds into training)."""
         if self.writer is None or value is None:
             return
+        if t is not None and not self.clock.running and self.clock.this_attempt(t):
+            self._waiting.append((tag, value, step, t))
+            return
         self.writer.add_scalar(tag, value, step, walltime=None if t is None else self.clock(t))
+
+    def start(self, elapsed: float = 0.0) -> None:
+        """Training starts now, ``elapsed`` seconds in: its second ``elapsed`` is now, and the
+        entries that waited for it (the first snapshot's score) are written."""
+        self.clock.start(elapsed)
+        self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        for tag, value, step, t in self._waiting:
+            self.writer.add_scalar(tag, value, step, walltime=self.clock(t))
+        self._waiting = []
 
     def close(self) -> None:
         if self.writer is not None:
+            self._write_waiting()  # as the clock guesses: the run ends before training
             self.writer.close()
             self.writer = None

@@ -1,6 +1,8 @@
 """The run's TensorBoard file (hpctrain.tensorboard.Board, written by rank 0's live.Watch), read
 back by TensorBoard itself, and what the Watch tells the summary of its scoring."""
 
+import time
+
 import pytest
 import torch
 
@@ -58,6 +60,24 @@ def test_a_run_resumed_without_tensorboard_purges_what_was_trained_again(tmp_pat
     assert logged(tmp_path, "test/accuracy") == {0: 0.25, 16: 0.25}
     Board(tmp_path / "fresh", False, resumed=32, rank0=True).close()  # none to purge: none made
     assert not (tmp_path / "fresh").exists()
+
+
+def test_wall_times_count_from_the_start_of_training(tmp_path):
+    """Counted from when the checkpointer was made, a run's entries were stamped before their
+    updates by the start-up that followed (scoring restored snapshots online, waiting for the
+    workers: 36 s in a resumed run), the first snapshot's score before the file existed."""
+    online = watch(tmp_path, eval_mode="online")
+    model, snapshots = model_and_snapshots([0])
+    online.begin(model, snapshots)  # scores the first snapshot, of second 0
+    time.sleep(0.05)  # the rest of the start-up
+    started = time.time()
+    online.started()
+    online.step(10, 10, torch.tensor(0.5), 0.05, 0.01)
+    online.finish()
+    online.after([])
+    stamps = [e.wall_time for tag in ("test/accuracy", "train/loss")
+              for e in scalars(tmp_path, tag)]
+    assert len(stamps) == 2 and min(stamps) >= started
 
 
 def test_scores_of_an_earlier_attempts_snapshots_keep_their_wall_time(tmp_path):
