@@ -141,7 +141,7 @@ class Watch:
         self.algo, self.loss_scale = algo, loss_scale  # fp16's scale, read when logged
         # Resumed from the checkpoint of update ``resumed`` (the earlier run's count, which a
         # resize rescales to another position) after ``elapsed`` s of training: the earlier
-        # run's entries from there on are purged; of the snapshots restored with it (the
+        # run's entries from there on are removed; of the snapshots restored with it (the
         # first ``restored``), those scored before there are kept, not logged again. ``clock``
         # stamps entries (the checkpoint's, with its earlier attempts), from started() on.
         self.resumed, self.restored, self.elapsed = resumed, 0, elapsed

@@ -16,15 +16,15 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
 Wall times count from the loop's start (:class:`WallClock`), not from the start-up before it
 (scoring restored snapshots, waiting for the workers).
 
-A resumed run writes a new event file in the same folder: the earlier run's entries from
-the checkpoint's update on are purged (TensorBoard's ``purge_step``), its online scores before
-it kept, not logged twice; resumed without ``--tensorboard``, it purges them all the same (they
-were trained again) and writes nothing more. Scores of snapshots an earlier attempt took
+A resumed run writes a new event file in the same folder; before that, rank 0 removes from
+the earlier files the entries of the checkpoint's update on (:func:`trim`: they were trained
+again), also when resumed without ``--tensorboard``, and writes nothing more then. Its online
+scores before the checkpoint are kept, not logged twice. Scores of snapshots an earlier attempt took
 (``--eval after``) keep the wall time they were taken at (:class:`WallClock`).
 
 A run resumed on another number of workers counts its updates in epochs of another length
 (:mod:`hpctrain.checkpoint.resize`), so the step axis changes units at the checkpoint: the
-earlier entries are in the earlier run's updates, purged from the checkpoint's own count, the
+earlier entries are in the earlier run's updates, removed from the checkpoint's own count, the
 resumed run's in its own (grown, it goes on below that count, its first entries beside the
 earlier run's last).
 
@@ -34,10 +34,13 @@ earlier run's last).
 from __future__ import annotations
 
 import importlib.util
+import io
+import os
 import time
 from pathlib import Path
 
 from hpctrain.errors import UsageError
+from hpctrain.metrics import write_atomic
 
 LOG_EVERY = 10  # rank 0's steps between training entries
 SUBDIR = "tensorboard"
@@ -91,15 +94,54 @@ class WallClock:
         return [list(a) for a in self.attempts]
 
 
+STAGING = ".trimmed"  # no "tfevents" in it: TensorBoard never reads a half-written copy
+
+
+def trim(folder: Path, before: int) -> None:
+    """Rank 0, before a run writes entries: the event files in ``folder`` (earlier attempts')
+    keep only their entries of updates before ``before``.
+
+    TensorBoard's own viewer hid the rest already (``purge_step``), but readers of one file at a
+    time (tbparse, EventAccumulator on a file) showed them as the run's. Each file is replaced
+    whole (written aside, then renamed over it) or, left without entries, removed: a run
+    killed meanwhile leaves every file either as it was or trimmed, and the next resume trims
+    what is left."""
+    from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
+    def entry(event: Event) -> bool:
+        return not event.HasField("file_version")  # else the file's header, always kept
+
+    def kept(event: Event) -> bool:
+        return not entry(event) or event.step < before
+
+    for path in sorted(folder.glob("events.*")):
+        records = [(r, Event.FromString(r)) for r in RawEventFileLoader(str(path)).Load()]
+        keep = [(r, event) for r, event in records if kept(event)]
+        if len(keep) == len(records):
+            continue
+        if not any(entry(event) for _, event in keep):
+            path.unlink()
+            continue
+        trimmed = io.BytesIO()
+        writer = RecordWriter(trimmed)
+        for record, _ in keep:
+            writer.write(record)
+        write_atomic(folder / STAGING, trimmed.getvalue())
+        os.replace(folder / STAGING, path)
+
+
 class Board:
     """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked).
 
     A run resumed from the checkpoint of update ``resumed`` (the earlier run's count, also
-    after a resize) purges the earlier run's entries from that update on (they were trained
-    again), also when not ``enabled`` but ``rank0`` (the entries stay the run's), and stamps
-    its own by ``clock`` (seconds into training to wall time); the entries of this attempt's
-    times given before :meth:`start` wait for it. A fresh run (``resumed`` 0) purges every
-    earlier entry: a failed attempt's, in a folder it left without a summary.
+    after a resize) removes the earlier run's entries from that update on from their files
+    (:func:`trim`; they were trained again), also when not ``enabled`` but ``rank0`` (the
+    entries stay the run's), and stamps its own by ``clock`` (seconds into training to wall
+    time); the entries of this attempt's times given before :meth:`start` wait for it. A fresh
+    run (``resumed`` 0) removes every earlier entry: a failed attempt's, in a folder it left
+    without a summary.
     """
 
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
@@ -108,14 +150,14 @@ class Board:
         self.clock = clock or WallClock()
         self._waiting: list[tuple[str, float, int, float]] = []  # until the clock starts
         folder = Path(out) / SUBDIR
-        stale = rank0 and resumed and folder.is_dir() and any(folder.glob("events.*")) \
-            and importlib.util.find_spec("tensorboard") is not None
-        if enabled or stale:
+        if (enabled or rank0 and resumed) and folder.is_dir() \
+                and importlib.util.find_spec("tensorboard") is not None:
+            trim(folder, resumed)
+        if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            # The purge too: a TensorBoard already showing the earlier entries drops them.
             self.writer = SummaryWriter(str(folder), purge_step=resumed)
-            if not enabled:  # the purge is written as the writer opens its file
-                self.close()
 
     @property
     def enabled(self) -> bool:

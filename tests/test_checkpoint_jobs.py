@@ -115,12 +115,16 @@ def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, sgd_runs):
 @pytest.mark.timeout(300)
 def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     """The resumed run logged the restored snapshots' scores a second time, left the killed
-    run's training entries past the checkpoint beside its own, stamped its entries with wall
-    times in the future (shifted by the seconds trained before), and wrote its training
-    entries 10 steps from the resume, not where the uninterrupted run writes them."""
+    run's training entries past the checkpoint beside its own (purged for TensorBoard's
+    viewer, still in the killed run's file for readers of one file at a time), stamped its
+    entries with wall times in the future (shifted by the seconds trained before) or before
+    its start-up (counted from the checkpoint's restore: the first snapshot's score before
+    its file existed), and wrote its training entries 10 steps from the resume, not where
+    the uninterrupted run writes them."""
     import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     out = tmp_path / "run"
     flags = ("--checkpoint-every", "1e", "--tensorboard", "--eval", "online")
@@ -137,6 +141,19 @@ def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     # Where the uninterrupted run's entries are (counted from the resume at 32: 42, 52, ...)
     assert [e.step for e in board.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60, 70, 80,
                                                              90, 96]
+    earlier, resumed = sorted((out / "tensorboard").glob("events.*"))
+    opened = {}  # each file's entries by tag (as tbparse reads them), and when it was made
+    for path in (earlier, resumed):
+        events = list(EventFileLoader(str(path)).Load())
+        opened[path] = events[0].wall_time
+        for tag in ("test/accuracy", "train/loss"):
+            steps = [e.step for e in events for v in e.summary.value if v.tag == tag]
+            assert steps == sorted(steps) and (path == resumed or max(steps) < 32), steps
+        if path == earlier:  # the first snapshot's score, taken at the killed run's start
+            assert min(e.wall_time for e in events if e.summary.value) >= opened[earlier]
+    trained = [e for e in EventFileLoader(str(resumed)).Load() if e.step > 32 and any(
+        v.tag == "train/loss" for v in e.summary.value)]
+    assert min(e.wall_time for e in trained) >= opened[resumed]
 
 
 @pytest.mark.timeout(300)

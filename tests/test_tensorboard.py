@@ -28,6 +28,18 @@ def logged(out, tag: str) -> dict:
     return {e.step: e.value for e in scalars(out, tag)}
 
 
+def per_file(out, tag: str) -> list[tuple[int, float]]:
+    """``tag``'s entries as readers of one event file at a time see them (tbparse,
+    EventAccumulator on a file: no purge from the next file), every file's, in order."""
+    found = []
+    for path in sorted((out / "tensorboard").glob("events.*")):
+        board = EventAccumulator(str(path))
+        board.Reload()
+        if tag in board.Tags()["scalars"]:
+            found += [(e.step, e.value) for e in board.Scalars(tag)]
+    return found
+
+
 def attempt(out, value: float, steps, resumed: int = 0) -> None:
     board = Board(out, True, resumed=resumed)
     for step in steps:
@@ -35,19 +47,25 @@ def attempt(out, value: float, steps, resumed: int = 0) -> None:
     board.close()
 
 
-def test_a_fresh_run_hides_a_failed_attempts_entries(tmp_path):
+def test_a_fresh_run_removes_a_failed_attempts_entries(tmp_path):
     """A run into a folder an attempt left without a summary kept that attempt's entries: two
-    series on one plot."""
+    series on one plot; then only TensorBoard's viewer hid them (its purge), a reader of
+    each file showed the failed attempt's steps 48 and 64 beside the run's."""
     attempt(tmp_path, 0.25, range(0, 80, 16))
     attempt(tmp_path, 0.5, range(0, 48, 16))
     assert logged(tmp_path, "test/accuracy") == {0: 0.5, 16: 0.5, 32: 0.5}
+    assert per_file(tmp_path, "test/accuracy") == [(0, 0.5), (16, 0.5), (32, 0.5)]
+    assert len(list((tmp_path / "tensorboard").glob("events.*"))) == 1  # the failed one's went
 
 
 def test_a_resumed_run_replaces_the_entries_from_its_update_on(tmp_path):
+    """Purged for TensorBoard's viewer only, the killed attempt's entries from the checkpoint
+    on stayed in its file: a reader of each file had steps 32 and 48 twice."""
     attempt(tmp_path, 0.25, range(0, 80, 16))
     attempt(tmp_path, 0.5, range(32, 96, 16), resumed=32)
-    assert logged(tmp_path, "test/accuracy") == {0: 0.25, 16: 0.25, 32: 0.5, 48: 0.5,
-                                                 64: 0.5, 80: 0.5}
+    expected = {0: 0.25, 16: 0.25, 32: 0.5, 48: 0.5, 64: 0.5, 80: 0.5}
+    assert logged(tmp_path, "test/accuracy") == expected
+    assert per_file(tmp_path, "test/accuracy") == list(expected.items())
 
 
 def test_a_run_resumed_without_tensorboard_purges_what_was_trained_again(tmp_path):
@@ -58,8 +76,25 @@ def test_a_run_resumed_without_tensorboard_purges_what_was_trained_again(tmp_pat
     assert len(list((tmp_path / "tensorboard").glob("events.*"))) == 1
     Board(tmp_path, False, resumed=32, rank0=True).close()
     assert logged(tmp_path, "test/accuracy") == {0: 0.25, 16: 0.25}
+    assert per_file(tmp_path, "test/accuracy") == [(0, 0.25), (16, 0.25)]
+    assert len(list((tmp_path / "tensorboard").glob("events.*"))) == 1  # trimmed, none added
     Board(tmp_path / "fresh", False, resumed=32, rank0=True).close()  # none to purge: none made
     assert not (tmp_path / "fresh").exists()
+
+
+def test_trimming_replaces_a_file_whole(tmp_path):
+    """Written aside under a name TensorBoard does not read (no "tfevents" in it), then
+    renamed over the file: a trim killed midway leaves its copy beside the files, and the run
+    reads as before. The killed attempt's half-written last entry goes too."""
+    attempt(tmp_path, 0.25, range(0, 80, 16))
+    (earlier,) = (tmp_path / "tensorboard").glob("events.*")
+    earlier.write_bytes(earlier.read_bytes()[:-7])  # killed while writing its last entry
+    left = tmp_path / "tensorboard" / tensorboard.STAGING
+    left.write_bytes(earlier.read_bytes())  # a trim killed before its rename
+    assert logged(tmp_path, "test/accuracy") == {0: 0.25, 16: 0.25, 32: 0.25, 48: 0.25}
+    tensorboard.trim(tmp_path / "tensorboard", 32)
+    assert per_file(tmp_path, "test/accuracy") == [(0, 0.25), (16, 0.25)]
+    assert not left.exists()  # renamed over the file
 
 
 def test_wall_times_count_from_the_start_of_training(tmp_path):
