@@ -31,6 +31,7 @@ from collections.abc import Callable
 import numpy as np
 
 from hpctrain import collapse, compiled, tensorboard, watchdog
+from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import curve_point
@@ -128,7 +129,8 @@ class Watch:
                  loss_scale: Callable[[], float | None] = lambda: None,
                  resumed: int = 0, elapsed: float = 0.0,
                  clock: tensorboard.WallClock | None = None,
-                 detector: collapse.CollapseDetector | None = None) -> None:
+                 detector: collapse.CollapseDetector | None = None,
+                 recorded: dict | None = None) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.test_set, self.bar, self.world = test_set, bar, world
         self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
@@ -148,6 +150,9 @@ class Watch:
         self._seen_to = -1  # begin() sets it
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, clock=clock, rank0=self.rank == 0)
+        if self.board.enabled:
+            self._describe(recorded or configs.repeatable(config),
+                           comm.Get_size() if comm is not None else 1)
         self.detector = detector or collapse_detector(config, test_set.num_classes,
                                                       per_epoch, steps)
         self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
@@ -162,6 +167,15 @@ class Watch:
         self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
                         "stale": len(_staleness(algo) or ()), "last": None}
         self._postfix: dict[str, str] = {}
+
+    def _describe(self, recorded: dict, workers: int) -> None:
+        """Rank 0: the run's ``config.json`` (``recorded``) to TensorBoard, and its settings
+        as HParams: the options by their flags' names, ``workers``, ``simulated`` (and the
+        simulation's options, ``sim_*``), which tell the runs of a folder apart."""
+        sim = recorded.get("sim")  # the simulator's table (Runtime.config_tables)
+        self.board.describe(recorded, {
+            **configs.flat(configs.from_dict(recorded)), "workers": workers,
+            "simulated": sim is not None, **{f"sim_{k}": v for k, v in (sim or {}).items()}})
 
     # ---- during training --------------------------------------------------------------------
 
@@ -355,6 +369,11 @@ class Watch:
             if not self.online:  # else the check saw rank 0's member online
                 self._collapse(p["updates"], self.detector.accuracy(p["updates"],
                                                                     p["test_acc"]))
+        if points:
+            self.board.finish(points[-1]["updates"], {
+                "final_test_acc": points[-1]["test_acc"],
+                "best_test_acc": max(p["test_acc"] for p in points),
+                "final_test_loss": points[-1]["test_loss"]})
         self.board.close()
 
     def fields(self) -> dict:

@@ -141,12 +141,14 @@ class RunLog:
         self.dir = Path(out_dir)
         self.rank = rank
         self.points: list[dict] = []
+        self.config: dict | None = None  # what write_config wrote (rank 0)
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
 
     def write_config(self, config: dict) -> None:
         if self.rank == 0:
             write_json_atomic(self.dir / "config.json", config)
+            self.config = config
 
     def write_points(self, points: Iterable[dict]) -> None:
         """Record curve points (each with ``t``, ``epoch``, ``updates``, ``test_acc``, ...)."""

@@ -720,7 +720,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        world=world, loss_scale=scaler.get_scale,
                        resumed=loaded.header["updates"] if loaded else position,
                        elapsed=done.get("elapsed", 0.0), clock=ckpt.clock,
-                       detector=detector)
+                       detector=detector, recorded=log.config)
     watch.begin(model, snapshots)
     base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))

@@ -7,34 +7,41 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
   uninterrupted run's do, the first after the resume then over fewer steps; asynchronous
   ones every :data:`LOG_EVERY` of rank 0's steps; at the end over the run's last few),
   ``train/lr``, ``train/samples_per_s`` (all workers, from global progress since the last
-  entry) and, for asynchronous runs, ``train/staleness`` (mean over
-  rank 0's pushes since the last entry), at the global update count;
-- ``train/loss_scale`` (fp16's loss scale), at the same steps;
-- ``test/accuracy`` and ``test/loss`` per snapshot, at its update count and wall time (when
-  it was taken, so after-training scores line up with the training curves).
+  entry) and, for asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the
+  last entry); ``train/loss_scale`` (fp16's loss scale);
+- ``test/accuracy`` and ``test/loss`` per snapshot;
+- at the start, ``config`` (the run's ``config.json``, as text) and its settings as HParams
+  session info (:meth:`Board.describe`); at the end, ``summary/final_test_acc``,
+  ``summary/best_test_acc`` and ``summary/final_test_loss``, the HParams dashboard's metrics
+  with the other tags' last values, and the session's end.
 
-Wall times count from the loop's start (:class:`WallClock`), not from the start-up before it
-(scoring restored snapshots, waiting for the workers).
+Every entry's step is the global update count (each algorithm's: one worker's step, an
+average of K workers' gradients, a push), its wall time when that update was made or that
+snapshot taken (:class:`WallClock`, from the loop's start), so after-training scores line
+up with the training curves.
 
 A resumed run writes a new event file in the same folder; before that, rank 0 removes from
 the earlier files the entries of the checkpoint's update on (:func:`trim`: they were trained
-again), also when resumed without ``--tensorboard``, and writes nothing more then. Its online
-scores before the checkpoint are kept, not logged twice. Scores of snapshots an earlier attempt took
-(``--eval after``) keep the wall time they were taken at (:class:`WallClock`).
+again), also when resumed without ``--tensorboard``, and the earlier description (the
+resumed run writes its own). Its online scores before the checkpoint are kept, not logged
+twice; the scores of snapshots an earlier attempt took (``--eval after``) keep the wall time
+they were taken at.
 
 A run resumed on another number of workers counts its updates in epochs of another length
 (:mod:`hpctrain.checkpoint.resize`), so the step axis changes units at the checkpoint: the
-earlier entries are in the earlier run's updates, removed from the checkpoint's own count, the
-resumed run's in its own (grown, it goes on below that count, its first entries beside the
-earlier run's last).
+earlier entries are in the earlier run's updates, removed from the checkpoint's own count,
+the resumed run's in its own (grown, it goes on below that count, its first entries beside
+the earlier run's last).
 
-``tensorboard --logdir runs/`` shows every run of a folder side by side.
+``tensorboard --logdir runs/`` shows every run of a folder side by side, and its HParams
+dashboard tells them apart by their settings.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import io
+import json
 import os
 import time
 from pathlib import Path
@@ -94,12 +101,14 @@ class WallClock:
         return [list(a) for a in self.attempts]
 
 
+DESCRIPTION = ("config/", "_hparams_/")  # the tags of a run's description (Board.describe)
 STAGING = ".trimmed"  # no "tfevents" in it: TensorBoard never reads a half-written copy
 
 
-def trim(folder: Path, before: int) -> None:
+def trim(folder: Path, before: int, described: bool = False) -> None:
     """Rank 0, before a run writes entries: the event files in ``folder`` (earlier attempts')
-    keep only their entries of updates before ``before``.
+    keep only their entries of updates before ``before``; ``described``: the run writes its
+    own description (:meth:`Board.describe`), which replaces theirs.
 
     TensorBoard's own viewer hid the rest already (``purge_step``), but readers of one file at a
     time (tbparse, EventAccumulator on a file) showed them as the run's. Each file is replaced
@@ -114,7 +123,8 @@ def trim(folder: Path, before: int) -> None:
         return not event.HasField("file_version")  # else the file's header, always kept
 
     def kept(event: Event) -> bool:
-        return not entry(event) or event.step < before
+        return not entry(event) or event.step < before and not (
+            described and any(v.tag.startswith(DESCRIPTION) for v in event.summary.value))
 
     for path in sorted(folder.glob("events.*")):
         records = [(r, Event.FromString(r)) for r in RawEventFileLoader(str(path)).Load()]
@@ -130,6 +140,14 @@ def trim(folder: Path, before: int) -> None:
             writer.write(record)
         write_atomic(folder / STAGING, trimmed.getvalue())
         os.replace(folder / STAGING, path)
+
+
+def hparams(settings: dict) -> dict:
+    """``settings`` as HParams values: numbers and strings as they are, booleans and lists as
+    ``config.json`` writes them (torch's hparams would take booleans for numbers), None left
+    out (the dashboard shows no value)."""
+    return {name: json.dumps(value) if isinstance(value, bool | list | dict) else value
+            for name, value in settings.items() if value is not None}
 
 
 class Board:
@@ -152,7 +170,7 @@ class Board:
         folder = Path(out) / SUBDIR
         if (enabled or rank0 and resumed) and folder.is_dir() \
                 and importlib.util.find_spec("tensorboard") is not None:
-            trim(folder, resumed)
+            trim(folder, resumed, described=enabled)
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -182,6 +200,33 @@ class Board:
         for tag, value, step, t in self._waiting:
             self.writer.add_scalar(tag, value, step, walltime=self.clock(t))
         self._waiting = []
+
+    def describe(self, config: dict, settings: dict) -> None:
+        """The run's ``config`` (``config.json``'s content) as text, and its ``settings``
+        (flat: name to value) as HParams session info: each run its own, in its own file, so
+        that the HParams dashboard of a folder of runs lists them all, with every scalar tag's
+        last value as a metric (the experiment is made from the runs: none is written, or
+        TensorBoard would take one run's for all)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        text = "\n".join("    " + line for line in json.dumps(config, indent=2).splitlines())
+        self.writer.add_text("config", text, 0)  # indented: markdown shows it as code
+        _, session_start, _ = hparams_summaries(hparams(settings), {})
+        self.writer.file_writer.add_summary(session_start, 0)
+
+    def finish(self, step: int, metrics: dict[str, float]) -> None:
+        """The run's end at update ``step``: its ``metrics`` (summary fields) as
+        ``summary/<name>``, and the HParams session ended (successfully)."""
+        if self.writer is None:
+            return
+        from torch.utils.tensorboard.summary import hparams as hparams_summaries
+
+        for name, value in metrics.items():
+            self.scalar(f"summary/{name}", value, step)
+        _, _, session_end = hparams_summaries({}, {})
+        self.writer.file_writer.add_summary(session_end, step)
 
     def close(self) -> None:
         if self.writer is not None:

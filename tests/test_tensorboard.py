@@ -1,6 +1,7 @@
 """The run's TensorBoard file (hpctrain.tensorboard.Board, written by rank 0's live.Watch), read
 back by TensorBoard itself, and what the Watch tells the summary of its scoring."""
 
+import json
 import time
 
 import pytest
@@ -11,7 +12,7 @@ from conftest import SYNTHETIC, run_job  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from test_collapse import feed, watch_of  # noqa: E402
 
-from hpctrain import data, live, models, tensorboard  # noqa: E402
+from hpctrain import cli, data, live, models, tensorboard  # noqa: E402
 from hpctrain.config import OptimConfig, RunConfig  # noqa: E402
 from hpctrain.evaluate import Snapshots  # noqa: E402
 from hpctrain.metrics import progress as progress_bar  # noqa: E402
@@ -95,6 +96,21 @@ def test_trimming_replaces_a_file_whole(tmp_path):
     tensorboard.trim(tmp_path / "tensorboard", 32)
     assert per_file(tmp_path, "test/accuracy") == [(0, 0.25), (16, 0.25)]
     assert not left.exists()  # renamed over the file
+
+
+def test_a_resumed_runs_description_replaces_the_earlier_ones(tmp_path):
+    """Each attempt describes the run at step 0 (a run resumed on other workers differs): the
+    resumed one's is the run's, unless it writes none (resumed without --tensorboard)."""
+    for workers, resumed in ((2, 0), (1, 32)):
+        board = Board(tmp_path, True, resumed=resumed)
+        board.describe({"workers": workers}, {"workers": workers})
+        board.close()
+    Board(tmp_path, False, resumed=48, rank0=True).close()
+    board = EventAccumulator(str(tmp_path / "tensorboard"))
+    board.Reload()
+    (text,) = board.Tensors("config/text_summary")
+    assert json.loads(text.tensor_proto.string_val[0]) == {"workers": 1}
+    assert board.PluginTagToContent("hparams").keys() == {"_hparams_/session_start_info"}
 
 
 def test_wall_times_count_from_the_start_of_training(tmp_path):
@@ -228,3 +244,51 @@ def test_a_run_resumed_on_fewer_ranks_drops_what_was_trained_after_its_checkpoin
     assert "resized from 2 to 1 workers, going on at update 64" in resumed.stderr
     steps = sorted(logged(tmp_path / "run", "train/loss"))
     assert steps[:3] == [10, 20, 30] and steps[3:] == [*range(70, 128, 10), 128]
+
+
+@pytest.mark.timeout(300)
+def test_the_hparams_dashboard_tells_runs_apart(tmp_path):
+    """No settings were written: the HParams dashboard of a folder of runs was empty, and
+    nothing but folder names told an sgd run from a simulated ssgd run on 2 workers. Read
+    as TensorBoard's HParams plugin reads a logdir."""
+    from tensorboard import context
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context, metadata
+
+    common = [*SYNTHETIC, "--epochs", "1", "--tensorboard"]
+    proc = run_job(["train", "--algo", "sgd", *common, "--out", str(tmp_path / "sgd")])
+    assert proc.returncode == 0, proc.stderr
+    cli.main(["simulate", "--algo", "ssgd", "--workers", "2", *common,
+              "--out", str(tmp_path / "sim")])
+    runs = multiplexer.EventMultiplexer()
+    runs.AddRunsFromDirectory(str(tmp_path))
+    runs.Reload()
+    provider = data_provider.MultiplexerDataProvider(runs, str(tmp_path))
+    hparams = backend_context.Context(base_plugin.TBContext(
+        logdir=str(tmp_path), multiplexer=runs, data_provider=provider))
+    request = context.RequestContext()
+    found = hparams.hparams_metadata(request, "")
+    experiment = hparams.experiment_from_metadata(
+        request, "", True, found, hparams.hparams_from_data_provider(request, "", 0))
+    differ = {h.name: sorted(v.string_value or str(v.number_value)
+                             for v in h.domain_discrete.values)
+              for h in experiment.hparam_infos if h.differs}
+    assert differ["algo"] == ["sgd", "ssgd"] and differ["simulated"] == ["false", "true"]
+    assert "workers" in differ and "out" in differ
+    metrics = {m.name.tag for m in experiment.metric_infos}
+    assert {"summary/final_test_acc", "summary/best_test_acc", "test/accuracy"} <= metrics
+    for run in ("sgd", "sim"):
+        summary = json.loads((tmp_path / run / "summary.json").read_text())
+        assert logged(tmp_path / run, "summary/final_test_acc") == pytest.approx(
+            {summary["updates"]: summary["final_test_acc"]})
+        assert logged(tmp_path / run, "summary/best_test_acc") == pytest.approx(
+            {summary["updates"]: summary["best_test_acc"]})
+        ended = found[f"{run}/tensorboard"][metadata.SESSION_END_INFO_TAG]
+        assert metadata.parse_session_end_info_plugin_data(ended).status == 1  # success
+        board = EventAccumulator(str(tmp_path / run / "tensorboard"))
+        board.Reload()
+        (text,) = board.Tensors("config/text_summary")
+        assert json.loads(text.tensor_proto.string_val[0]) == \
+            json.loads((tmp_path / run / "config.json").read_text())
