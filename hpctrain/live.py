@@ -220,6 +220,7 @@ class Watch:
         position, lr, t = log["last"]
         board.scalar("train/loss", log["loss"] / log["steps"], position, t)
         board.scalar("train/lr", lr, position, t)
+        board.scalar("train/epoch", position / self.per_epoch, position, t)
         scale = self.loss_scale()
         if scale is not None:
             board.scalar("train/loss_scale", scale, position, t)

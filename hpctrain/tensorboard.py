@@ -6,9 +6,10 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
   at every multiple of :data:`LOG_EVERY` updates, so a resumed run's fall where an
   uninterrupted run's do, the first after the resume then over fewer steps; asynchronous
   ones every :data:`LOG_EVERY` of rank 0's steps; at the end over the run's last few),
-  ``train/lr``, ``train/samples_per_s`` (all workers, from global progress since the last
-  entry) and, for asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the
-  last entry); ``train/loss_scale`` (fp16's loss scale);
+  ``train/lr``, ``train/epoch`` (the update count in epochs, fractional),
+  ``train/samples_per_s`` (all workers, from global progress since the last entry) and, for
+  asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the last entry);
+  ``train/loss_scale`` (fp16's loss scale);
 - ``test/accuracy`` and ``test/loss`` per snapshot;
 - at the start, ``config`` (the run's ``config.json``, as text) and its settings as HParams
   session info (:meth:`Board.describe`); at the end, ``summary/final_test_acc``,
@@ -18,7 +19,8 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
 Every entry's step is the global update count (each algorithm's: one worker's step, an
 average of K workers' gradients, a push), its wall time when that update was made or that
 snapshot taken (:class:`WallClock`, from the loop's start), so after-training scores line
-up with the training curves.
+up with the training curves. Steps do not line up across algorithms: ``train/epoch`` says
+which epoch each step is, to compare them by.
 
 A resumed run writes a new event file in the same folder; before that, rank 0 removes from
 the earlier files the entries of the checkpoint's update on (:func:`trim`: they were trained
@@ -31,7 +33,7 @@ A run resumed on another number of workers counts its updates in epochs of anoth
 (:mod:`hpctrain.checkpoint.resize`), so the step axis changes units at the checkpoint: the
 earlier entries are in the earlier run's updates, removed from the checkpoint's own count,
 the resumed run's in its own (grown, it goes on below that count, its first entries beside
-the earlier run's last).
+the earlier run's last; ``train/epoch`` goes on).
 
 ``tensorboard --logdir runs/`` shows every run of a folder side by side, and its HParams
 dashboard tells them apart by their settings.

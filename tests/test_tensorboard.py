@@ -161,6 +161,7 @@ def test_a_runs_last_steps_reach_the_board(tmp_path):
         watch.after([])
         assert logged(out, "train/loss") == pytest.approx(entries)
         assert logged(out, "train/lr").keys() == entries.keys()
+        assert logged(out, "train/epoch") == {step: step / 32 for step in entries}
 
 
 def watch(out, algo: str = "sgd", *, resumed: int = 0, elapsed: float = 0.0,
