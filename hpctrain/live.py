@@ -111,6 +111,13 @@ def _staleness(algo: Algorithm) -> list | None:
     return stale if isinstance(stale, list) else None
 
 
+def _loss_parts(algo: Algorithm) -> dict[str, float]:
+    """The parts of the training loss an algorithm reports since its last report (ec's
+    ``loss_parts``: cross-entropy and distillation), by name."""
+    parts = getattr(algo, "loss_parts", None)
+    return parts() if callable(parts) else {}
+
+
 def collapse_detector(config, num_classes: int, per_epoch: int,
                       steps: int) -> collapse.CollapseDetector:
     """The run's collapse detector (the loop makes it before its checkpointer, which keeps
@@ -221,6 +228,8 @@ class Watch:
         board.scalar("train/loss", log["loss"] / log["steps"], position, t)
         board.scalar("train/lr", lr, position, t)
         board.scalar("train/epoch", position / self.per_epoch, position, t)
+        for part, value in _loss_parts(self.algo).items():
+            board.scalar(f"train/{part}", value, position, t)
         scale = self.loss_scale()
         if scale is not None:
             board.scalar("train/loss_scale", scale, position, t)

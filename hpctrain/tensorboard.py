@@ -9,7 +9,8 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
   ``train/lr``, ``train/epoch`` (the update count in epochs, fractional),
   ``train/samples_per_s`` (all workers, from global progress since the last entry) and, for
   asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the last entry);
-  ``train/loss_scale`` (fp16's loss scale);
+  ``train/loss_scale`` (fp16's loss scale); ec's ``train/ce_loss`` and
+  ``train/distill_loss`` (its ``train/loss`` mixes them from the first aggregation on);
 - ``test/accuracy`` and ``test/loss`` per snapshot;
 - at the start, ``config`` (the run's ``config.json``, as text) and its settings as HParams
   session info (:meth:`Board.describe`); at the end, ``summary/final_test_acc``,

@@ -79,6 +79,32 @@ def test_a_step_loss_is_the_ordinary_and_the_distilled_samples_mean():
     torch.testing.assert_close(agg.loss(x, y), expected)
 
 
+@pytest.mark.parametrize("size", [None, 5])
+def test_the_loss_parts_are_the_ordinary_and_the_relabelled_samples_means(size):
+    """ec's loss mixes the ordinary samples' cross-entropy with the relabelled ones'
+    distillation term, and its train/loss looked better than another algorithm's by that
+    alone: TensorBoard's train/ce_loss and train/distill_loss are the parts (with micro-batches
+    of ``size`` too)."""
+    from hpctrain.ec.compression import EnsembleCompression
+
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    xd, yd = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    teacher = torch.softmax(torch.randn(7, 3), dim=1)
+    agg = EnsembleCompression(model, comm=None, tau=1, alpha=0.7, temperature=2.0,
+                              distill_size=7)
+    plain = sum(agg.losses(x, y, size)).item()  # no teacher yet: cross-entropy alone
+    assert agg.take_loss_parts() == pytest.approx({"ce_loss": plain})
+    agg.relabelled = (xd, yd, teacher)
+    mixed = sum(agg.losses(x, y, size)).item()
+    ce = F.cross_entropy(model(x), y).item()
+    distilled = distillation_loss(model(xd), yd, teacher, 0.7, 2.0).item()
+    assert agg.take_loss_parts() == pytest.approx({"ce_loss": ce, "distill_loss": distilled})
+    assert mixed == pytest.approx((8 * ce + 7 * distilled) / 15)
+    assert ce == pytest.approx(plain) and agg.take_loss_parts() == {}  # taken: counted anew
+
+
 def test_own_loops_local_data_is_a_dataset():
     """An (x, y) pair was taken: its length, 2, was "the local samples", and a TensorDataset
     failed at the first aggregation (no attribute 'subset')."""
@@ -222,7 +248,8 @@ JOBS = {
     "ma-tau-32": ["--algo", "ma", *SMALL, "--tau", "32"],
     **{f"ec-{placement}-{source}": [
         "--algo", "ec", *SMALL, "--tau-epochs", "0.25", "--ec-distill-size", "40",
-        "--ec-final", "ensemble", "--data-placement", placement, "--ec-distill-from", source]
+        "--ec-final", "ensemble", "--data-placement", placement, "--ec-distill-from", source,
+        "--tensorboard"]
        for placement, source in (("replicated", "own"), ("sharded", "own"), ("sharded", "all"))},
 }
 
@@ -311,6 +338,14 @@ def test_ec_job_reports_members_and_ensemble(jobs, placement, source, item_bytes
     assert any(not torch.equal(members[0][k], members[1][k]) for k in members[0])
     rank0 = torch.load(out / "model.pt", weights_only=True)
     assert all(torch.equal(rank0[k], members[0][k]) for k in rank0)
+    # TensorBoard: train/loss's parts beside it, the distillation term's from the first
+    # round's relabelled samples on (after step 8)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    for tag in ("train/loss", "train/ce_loss", "train/distill_loss"):
+        assert [e.step for e in board.Scalars(tag)] == [10, 20, 30, 32], tag
 
 
 def test_the_plot_script_names_a_run_it_cannot_draw(tmp_path, capsys):

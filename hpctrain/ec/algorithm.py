@@ -229,6 +229,11 @@ class EnsembleCompression(ModelAveraging):
     def losses(self, x, y, size):
         return self.aggregator.losses(x, y, size)
 
+    def loss_parts(self) -> dict[str, float]:
+        """TensorBoard's ``train/ce_loss`` and ``train/distill_loss`` (see
+        :meth:`~hpctrain.ec.compression.EnsembleCompression.take_loss_parts`)."""
+        return self.aggregator.take_loss_parts()
+
     def final_model(self) -> str:
         return self.options.ec_final
 

@@ -73,6 +73,7 @@ class EnsembleCompression:
         self.relabelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.distilled = 0  # relabelled samples trained on so far
         self.stats = AggregationStats()
+        self._parts: dict[str, list] = {}  # take_loss_parts's: part -> [sum, samples]
 
     def state_dict(self) -> dict:
         """The round's position and relabelled samples, and the aggregation statistics."""
@@ -121,7 +122,11 @@ class EnsembleCompression:
         ``size`` is None)."""
         extra = self.distill_batch()
         if extra is None:
-            yield from mean_in_parts(lambda a, b: F.cross_entropy(self.model(a), b), x, y, size)
+            self._count("ce_loss", 0.0, len(x))
+            for part in mean_in_parts(lambda a, b: F.cross_entropy(self.model(a), b), x, y,
+                                      size):
+                self._count("ce_loss", part.detach() * len(x), 0)  # shares of the mean
+                yield part
             return
         xd, yd, pd = (t.to(x.device) for t in extra)
         self.distilled += len(xd)
@@ -132,10 +137,28 @@ class EnsembleCompression:
             k = min(max(n - lo, 0), len(out))  # the part's ordinary samples, then relabelled
             d = slice(max(lo - n, 0), max(lo - n, 0) + len(out) - k)
             sums = [F.cross_entropy(out[:k], y[lo:lo + k], reduction="sum")] if k else []
+            if k:
+                self._count("ce_loss", sums[0], k)
             if k < len(out):
                 sums.append(distillation_loss(out[k:], yd[d], pd[d], self.alpha,
                                               self.temperature, reduction="sum"))
+                self._count("distill_loss", sums[-1], len(out) - k)
             yield sum(sums[1:], sums[0]) / len(inputs)
+
+    def _count(self, part: str, total, samples: int) -> None:
+        kept = self._parts.setdefault(part, [0.0, 0])
+        kept[0] = kept[0] + (total.detach() if isinstance(total, torch.Tensor) else total)
+        kept[1] += samples
+
+    def take_loss_parts(self) -> dict[str, float]:
+        """The parts of the loss, each a mean over its samples of the steps since the last
+        call: ``ce_loss``, cross-entropy on the true labels of the ordinary samples (what
+        other algorithms' loss is), and from the first aggregation on ``distill_loss``,
+        :func:`~hpctrain.ec.distill.distillation_loss` of the relabelled ones. The loss
+        itself is their mean over all samples."""
+        parts, self._parts = self._parts, {}
+        return {part: float(total) / samples for part, (total, samples) in parts.items()
+                if samples}
 
     def after_step(self, final: bool = False) -> bool:
         """Count one local step; relabel with the ensemble after every ``tau`` of them, except
