@@ -11,12 +11,14 @@ options to each run, reading their owners from :func:`algorithm_options`.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hpctrain import comm, options, plugins, registry
+from hpctrain import checkpoint, comm, options, plugins, registry
 from hpctrain import config as configs
+from hpctrain.checkpoint.policy import AUTO
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of, parser_of
@@ -171,16 +173,17 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
     m = d.field.metadata
     kw = {"dest": dest or d.dest, "default": argparse.SUPPRESS,
           "help": m["help"] + (_default_text(d.field) if help_suffix else "")
-          + ("; none: not set, also over --config's value" if m.get("clearable") else "")}
+          + ("; none: not set, also over --config's value" if clearable(d) else "")}
     if not d.takes_value:
         kw["action"] = "store_false" if m.get("store_false") else "store_true"
     else:
         if typed and (parse := parser_of(d.field)) is not None:
             kw["type"] = parse
-        if typed and m.get("clearable"):
+        if typed and clearable(d):
             kw["type"] = _or_none(kw.get("type"), d.field.default)
         if m.get("choices") is not None:
-            kw["choices"] = m["choices"]
+            kw["choices"] = _OrNone(m["choices"]) if typed and clearable(d) and \
+                d.field.default is None else m["choices"]
         if m.get("metavar"):
             kw["metavar"] = m["metavar"]
         elif not m.get("choices"):
@@ -192,6 +195,23 @@ def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool
                            default=argparse.SUPPRESS, action="store_const",
                            const=not action.const, help=f"undo {d.flag} (a --config file's)")
     return action
+
+
+def clearable(d: Declared) -> bool:
+    """Whether ``d``'s flag takes ``none`` (its default, undoing a ``--config`` file's value):
+    an option declared so, and every one whose default is None (``--lr none``: the
+    algorithm's; ``--init-from none``: no weights; ``--out none``: a new folder). A folder
+    or file named none is ``./none``."""
+    return d.takes_value and (bool(d.field.metadata.get("clearable"))
+                              or d.field.default is None)
+
+
+class _OrNone(tuple):
+    """An option's choices that also hold ``none``'s None (argparse checks the parsed
+    value against them), listed without it in --help and in argparse's refusal."""
+
+    def __contains__(self, value) -> bool:
+        return value is None or tuple.__contains__(self, value)
 
 
 def _or_none(parse, unset):
@@ -330,6 +350,94 @@ def without_chunk_size(base: dict, given: dict, path: str | None) -> dict:
     return {**base, "data": {k: v for k, v in data.items() if k != "shuffle_chunk_mb"}}
 
 
+def without_partners(base: dict, given: dict, path: str | None,
+                     declared_options: list[Declared]) -> dict:
+    """``base`` (``--config``'s values) without those a typed option stands instead of, which
+    would refuse it or send it elsewhere: the other of an exclusive pair (``--tau-epochs``
+    over the file's ``tau``: ``excludes`` in :func:`hpctrain.options.option`), the model's
+    arguments under another ``--model``, the momentum under another ``--optimizer`` than
+    sgd, ``--eval-rank`` under ``--eval after``, and under ``--resume DIR`` the file's
+    ``out`` and checkpoint folder: the outputs go to DIR's run folder, also a moved or copied
+    one's. Each is said once (the output folder only where it differs)."""
+    gone: list[tuple[tuple[str, ...], str]] = []  # (the file's value's keys, what displaced it)
+
+    def typed(*keys: str) -> bool:
+        return _found(given, keys) is not _ABSENT
+
+    def filed(*keys: str):
+        value = _found(base, keys)
+        return None if value is _ABSENT else value
+
+    def displace(keys: tuple[str, ...], by: str) -> None:
+        if not typed(*keys) and filed(*keys) is not None:
+            gone.append((keys, by))
+
+    for d in declared_options:
+        for other in d.field.metadata.get("excludes", ()):
+            theirs = d.path[:-1] + (other,)
+            flag = next((o.flag for o in declared_options if o.path == theirs), other)
+            if typed(*d.path):
+                displace(theirs, d.flag)
+            if typed(*theirs):
+                displace(d.path, flag)
+    model = _found(given, ("model", "name"))
+    if model is not _ABSENT and not _same_algorithm(filed("model", "name"), model):
+        displace(("model", "args"), f"--model {model}")
+    optimizer = _found(given, ("optim", "optimizer"))
+    if optimizer not in (_ABSENT, "sgd"):
+        displace(("optim", "momentum"), f"--optimizer {optimizer}")
+    if _found(given, ("eval_mode",)) == "after":
+        displace(("eval_rank",), "--eval after")
+    resume = _found(given, ("checkpoint", "resume"))
+    if resume not in (_ABSENT, None, AUTO):
+        if not typed("out"):
+            _say_resumed_elsewhere(resume, filed("out"), path)
+        for keys in (("out",), ("checkpoint", "dir")):
+            if not typed(*keys) and filed(*keys) is not None:
+                base = _without(base, keys)
+    for keys, by in gone:
+        if comm.env_rank() == 0:
+            value = filed(*keys)
+            shown = json.dumps(value) if isinstance(value, dict) else options.shown(value)
+            print(f"hpctrain: {by}: leaving out {path}'s {'.'.join(keys)} {shown}", flush=True)
+        base = _without(base, keys)
+    return base
+
+
+_ABSENT = object()
+
+
+def _found(values: dict, keys: tuple[str, ...]):
+    """``values[keys[0]][keys[1]]...``, or :data:`_ABSENT`."""
+    for key in keys:
+        if not isinstance(values, dict) or key not in values:
+            return _ABSENT
+        values = values[key]
+    return values
+
+
+def _without(values: dict, keys: tuple[str, ...]) -> dict:
+    """``values`` without ``values[keys[0]]...[keys[-1]]`` (a copy; the tables on the way
+    copied)."""
+    if len(keys) == 1:
+        return {k: v for k, v in values.items() if k != keys[0]}
+    return {**values, keys[0]: _without(values[keys[0]], keys[1:])}
+
+
+def _say_resumed_elsewhere(resume: str, out, path: str | None) -> None:
+    """Rank 0 says where the outputs of ``--resume DIR`` go when the ``--config`` file's
+    ``out`` is another folder (the run was moved or copied): DIR's run folder."""
+    if not isinstance(out, str) or comm.env_rank() != 0:
+        return
+    try:
+        goes = checkpoint.policy.recorded_out(checkpoint.folder.resolve(resume))
+    except OSError:
+        return  # an unreadable folder: the resume check says what is wrong
+    if goes is not None and Path(goes).resolve() != Path(out).resolve():
+        print(f"hpctrain: --resume {resume}: writing the outputs to {goes}, the resumed "
+              f"run's folder, not to {path}'s out {out}", flush=True)
+
+
 def _listed(values: dict, keys: list[str]) -> str:
     return ", ".join(f"{key} {'none' if values[key] is None else options.shown(values[key])}"
                      for key in keys)
@@ -356,6 +464,7 @@ def build(args: argparse.Namespace) -> RunConfig:
             base["algo"], values["algo"]):
         base = other_algorithm(base, values["algo"], args.config)
     base = without_milestones(rederived(base, values, args.config), values, args.config)
+    base = without_partners(base, values, args.config, shared_options() + algo_options)
     values = configs.merge(without_chunk_size(base, values, args.config), values)
     algo = values.get("algo")
     if algo is None or algo == "":

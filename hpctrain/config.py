@@ -544,11 +544,13 @@ def load(path: str | Path) -> RunConfig:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """``override`` on top of ``base``, table by table."""
+    """``override`` on top of ``base``, table by table; a value inside a table is replaced
+    whole, a JSON object too (``--model-args '{"depth": 2}'`` is the model's arguments, not
+    one more of the file's)."""
     out = dict(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+            out[key] = {**out[key], **value}
         else:
             out[key] = value
     return out

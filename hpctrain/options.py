@@ -195,7 +195,7 @@ def shown(value) -> str:
 
 def option(default, help: str, *, flag: str | None = None, parse=None, choices=None,
            range: Range | None = None, metavar: str | None = None, store_false: bool = False,
-           clearable: bool = False):
+           clearable: bool = False, excludes: tuple[str, ...] = ()):
     """A dataclass field that is also a command-line option.
 
     ``flag`` defaults to ``--`` + the field's name with dashes; ``parse`` is the argparse type
@@ -205,13 +205,18 @@ def option(default, help: str, *, flag: str | None = None, parse=None, choices=N
     callers get the same checks as the command line.
     ``store_false``: a boolean field set False by its flag (``--no-progress``).
     ``clearable``: its flag takes ``none`` for the default (unset), so that a ``--config``
-    file's value can be undone on the command line (``--clip-grad-norm none``).
+    file's value can be undone on the command line (``--clip-grad-norm none``); every option
+    whose default is None takes it too.
+    ``excludes``: the fields of the same dataclass this option stands instead of (``tau_epochs``
+    excludes ``tau``; the dataclass refuses both set): typed, it makes a ``--config`` file's
+    value of theirs give way, and they its (:func:`hpctrain.arguments.build`).
     """
     if parse is int:  # one reading of whole numbers everywhere: 1e3 as in a TOML file
         parse = whole
     return field(default=default, metadata={
         "help": help, "flag": flag, "parse": parse, "choices": choices, "range": range,
-        "metavar": metavar, "store_false": store_false, "clearable": clearable})
+        "metavar": metavar, "store_false": store_false, "clearable": clearable,
+        "excludes": tuple(excludes)})
 
 
 def flag_of(f: Field) -> str:

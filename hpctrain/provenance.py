@@ -9,6 +9,7 @@ what it compared. The MPI library's own description is :func:`hpctrain.comm.libr
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import platform
 import subprocess
@@ -91,6 +92,30 @@ def process_group() -> dict:
     if dist.is_available() and dist.is_initialized():
         return {"process_group": str(dist.get_backend())}
     return {}
+
+
+def resumes(resumptions: list[dict], written: Path, info: dict) -> dict:
+    """``resumes`` for config.json's ``run_info`` (nothing for a run not resumed):
+    :func:`hpctrain.checkpoint.resumptions`, each with ``run_info``, what the attempt before
+    it recorded otherwise (its workers, device, versions), taken from config.json
+    ``written`` before this attempt writes over it (``info``: this attempt's run_info), so
+    that nothing an earlier attempt wrote there is lost."""
+    if not resumptions:
+        return {}
+    try:
+        earlier = json.loads(written.read_text()).get("run_info")
+    except (OSError, ValueError, AttributeError):  # none (another --out), or not readable
+        earlier = None
+    earlier = earlier if isinstance(earlier, dict) else {}
+    kept = earlier.get("resumes") if isinstance(earlier.get("resumes"), list) else []
+    entries = []
+    for i, entry in enumerate(resumptions[:-1]):  # as the file said, where it is that one
+        old = kept[i] if i < len(kept) and isinstance(kept[i], dict) else {}
+        same = old.get("update") == entry.get("update") and "run_info" in old
+        entries.append({**entry, **({"run_info": old["run_info"]} if same else {})})
+    before = {k: v for k, v in earlier.items() if k != "resumes" and info.get(k) != v}
+    entries.append({**resumptions[-1], **({"run_info": before} if before else {})})
+    return {"resumes": entries}
 
 
 def _nccl_version() -> str | None:

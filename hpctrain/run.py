@@ -107,7 +107,8 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
-                                may_change=checkpoint.MAY_CHANGE, resize=True)
+                                may_change=checkpoint.MAY_CHANGE, resize=True,
+                                defaults=configs.flat(configs.resolve(RunConfig(algo=config.algo))))
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
                                         every=resolved.every))
@@ -675,6 +676,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     step_times = StepTimes()
     started_from = provenance.starting_weights(  # rank 0 writes config.json and checkpoints
         config.model.init_from, loaded and loaded.header) if rank == 0 else {}
+    args = checkpoint.recorded_args(configs.flat(config))
+    resumes = checkpoint.resumptions(loaded and loaded.header, args, comm.launch_size())
     shared, per_rank = algo.checkpoint_state()
     detector = live.collapse_detector(config, test_set.num_classes, per_epoch, steps)
     ckpt = checkpoint.Checkpointer(
@@ -684,20 +687,20 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.interval,
         folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
         resume=config.checkpoint.resume,
-        header={"algo": config.algo, "ranks": comm.launch_size(),
-                "args": checkpoint.recorded_args(configs.flat(config)),
-                **started_from},
+        header={"algo": config.algo, "ranks": comm.launch_size(), "args": args,
+                **started_from, **({"resumes": resumes} if resumes else {})},
         resize=checkpoint.Resizer(num_samples=train_data.num_samples, batch_size=o.batch_size,
                                   workers=size, steps=steps, per_epoch=algo.per_epoch,
                                   resize_state=algo.resize_state),
         stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
     log = RunLog(config.out, rank)
     if rank == 0:
+        info = {"workers": size, "device": str(s.device), **runtime.run_info(),
+                **provenance.software(s.device), **provenance.process_group(), **started_from,
+                **({"byte_fields": own_byte_fields(type(algo))}
+                   if plugins.is_reference(config.algo) else {})}
         log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {
-            "workers": size, "device": str(s.device), **runtime.run_info(),
-            **provenance.software(s.device), **provenance.process_group(), **started_from,
-            **({"byte_fields": own_byte_fields(type(algo))}
-               if plugins.is_reference(config.algo) else {})}})
+            **info, **provenance.resumes(resumes, log.dir / "config.json", info)}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     if snapshotting:

@@ -438,10 +438,10 @@ def test_check_resume_with_a_changed_option(tmp_path):
                             "not 128")
     # A longer run is no resumption: say so, as users ask for it
     a_run(tmp_path / "e", epochs=2)
-    with pytest.raises(UsageError, match=r"with --epochs 2, not 4 \(--epochs shapes the "
-                                         r"learning-rate schedule, so a run cannot be made "
-                                         r"longer: start a new one, with --init-from "
-                                         r"to start from a finished run's model\)$"):
+    with pytest.raises(UsageError, match=r"with --epochs 2, not 4: --epochs shapes the "
+                                         r"learning-rate schedule, so a run keeps its length: "
+                                         r"to train longer, start a new run, with --init-from "
+                                         r"a finished run's model$"):
         check(resume=str(tmp_path / "e"), run_config={**config, "batch_size": 64, "epochs": 4})
     # Every change is named: --optimizer adam alone named the --lr its default changed.
     with pytest.raises(UsageError, match="with --batch-size 64, not 128; with --lr 0.1, not "
@@ -455,10 +455,89 @@ def test_check_resume_with_a_changed_option(tmp_path):
     # An option left at a default that the run resolves later (None), or not given.
     with pytest.raises(UsageError, match="with --batch-size 64, not without it$"):
         check(resume=str(tmp_path), run_config={**config, "batch_size": None})
-    a_run(tmp_path / "b", eval_rank=None)
-    with pytest.raises(UsageError, match=r"started without --eval-rank \(its default; leave it "
-                                         r"out\), not with --eval-rank 2$"):
-        check(resume=str(tmp_path / "b"), run_config={"eval_rank": 2})
+    a_run(tmp_path / "b", tau=None)
+    with pytest.raises(UsageError, match=r"started without --tau \(its default; leave it "
+                                         r"out\), not with --tau 2$"):
+        check(resume=str(tmp_path / "b"), run_config={"tau": 2})
+
+
+def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(tmp_path):
+    """"started with --fp16-allreduce False, not True" named no flag a user types; --epochs
+    left out (5, the default) against a 4-epoch run got "a run cannot be made longer"."""
+    a_run(tmp_path, epochs=4, fp16_allreduce=True, lr_milestones=[1, 2], model_args={"w": 2})
+    defaults = {"epochs": 5, "lr": 0.05, "fp16_allreduce": False}
+    run = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "epochs": 4,
+           "fp16_allreduce": True, "lr_milestones": [1, 2], "model_args": {"w": 2}}
+    cases = [({"epochs": 5}, "with --epochs 4, not 5 (the default): to go on, give --epochs 4"),
+             ({"fp16_allreduce": False}, "with --fp16-allreduce, not without it: to go on, "
+                                         "give --fp16-allreduce"),
+             ({"lr_milestones": [1, 3]}, "with --lr-milestones 1,2, not 1,3"),
+             ({"model_args": {"w": 3}}, """with --model-args '{"w": 2}', not '{"w": 3}'""")]
+    for changed, said in cases:
+        with pytest.raises(UsageError) as e:
+            check(resume=str(tmp_path), run_config={**run, **changed}, defaults=defaults)
+        assert str(e.value) == f"--resume {tmp_path}: the run was started {said}"
+
+
+def test_a_resume_compares_what_options_mean_not_how_they_are_written(tmp_path):
+    """--slowdown " 1:2.0" is 1:2; --eval-rank moves scoring to a rank that trains not, which
+    changes no result (--eval may change); --init-from names the weights the run started from
+    by their path, which need not exist any more (the file is not read again), or by a file
+    with their sha256 (the file moved): the old path was the only way to go on."""
+    weights = tmp_path / "w0.pt"
+    torch.save({"w": torch.ones(2)}, weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    args = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "slowdown": "1:2",
+            "eval_rank": None, "init_from": str(weights)}
+    checkpoint.save(tmp_path / "run", 5, {"x": 1}, {"algo": "sgd", "ranks": 2, "workers": 2,
+                                                    "args": args, "init_from_sha256": digest})
+    moved = tmp_path / "moved.pt"
+    weights.rename(moved)
+    for changed in ({"slowdown": " 1:2.0"}, {"eval_rank": 1}, {"init_from": str(moved)},
+                    {"init_from": str(weights)}):
+        check(resume=str(tmp_path / "run"), run_config={**args, **changed})
+    other = tmp_path / "other.pt"
+    torch.save({"w": torch.zeros(2)}, other)
+    for given in (other, tmp_path / "gone.pt"):
+        with pytest.raises(UsageError) as e:
+            check(resume=str(tmp_path / "run"), run_config={**args, "init_from": str(given)})
+        assert str(e.value) == (f"--resume {tmp_path / 'run'}: the run was started with "
+                                f"--init-from {weights}, not {given}: --init-from takes the "
+                                f"run's path, or a file of its weights (sha256 "
+                                f"{digest[:12]}...)")
+    with pytest.raises(UsageError, match="with --slowdown 1:2, not 1:3$"):
+        check(resume=str(tmp_path / "run"), run_config={**args, "slowdown": "1:3"})
+
+
+def test_each_resumption_is_recorded_with_what_it_changed(tmp_path):
+    """A resume may change some settings (--mixed-precision, the number of ranks) and
+    config.json, written anew, said only the last attempt's: the header carries each
+    resumption, and config.json's run_info keeps what the attempt before recorded."""
+    first = {"out": str(tmp_path / "a"), "checkpoint_dir": None, "resume": None,
+             "mixed_precision": "no", "lr": 0.1}
+    header = {"ranks": 2, "updates": 48, "args": first}
+    second = {**first, "out": str(tmp_path / "b"), "resume": str(tmp_path / "a"),
+              "checkpoint_dir": str(tmp_path / "a" / "checkpoints"), "mixed_precision": "bf16"}
+    resumes = checkpoint.resumptions(header, second, 4)
+    assert resumes == [{"update": 48, "changed": {
+        "--mixed-precision": ["no", "bf16"], "--out": [first["out"], second["out"]],
+        "ranks": [2, 4]}}]
+    third = checkpoint.resumptions({"ranks": 4, "updates": 64, "args": second,
+                                    "resumes": resumes}, second, 4)
+    assert third == [*resumes, {"update": 64, "changed": {}}]
+    assert checkpoint.resumptions(None, first, 2) == []
+    # config.json: what the run_info of the file written over said otherwise is kept.
+    from hpctrain import provenance
+
+    written = tmp_path / "config.json"
+    written.write_text(json.dumps({"run_info": {"workers": 2, "torch": "2.1", "resumes": [
+        {**resumes[0], "run_info": {"workers": 1}}]}}))
+    info = {"workers": 4, "torch": "2.1"}
+    assert provenance.resumes(third, written, info) == {"resumes": [
+        {**resumes[0], "run_info": {"workers": 1}},
+        {"update": 64, "changed": {}, "run_info": {"workers": 2}}]}
+    assert provenance.resumes([], written, info) == {}
+    assert provenance.resumes(resumes, tmp_path / "none.json", info) == {"resumes": resumes}
 
 
 def test_check_refuses_a_folder_of_checkpoints_without_resume(tmp_path):
@@ -678,7 +757,7 @@ def test_ssgd_resumes_under_another_launchers_backend(tmp_path):
     config = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "sync_backend": "torch"}
     resolved = check(resume=str(tmp_path), algo="ssgd", run_config=config)
     assert resolved.resume == str(tmp_path)
-    with pytest.raises(UsageError, match="with --fp16-allreduce False, not True$"):
+    with pytest.raises(UsageError, match="without --fp16-allreduce, not with it$"):
         a_run(tmp_path / "b", algo="ssgd", fp16_allreduce=False)  # that one changes values
         check(resume=str(tmp_path / "b"), algo="ssgd", run_config={"fp16_allreduce": True})
 

@@ -113,6 +113,29 @@ def test_sgd_killed_then_resumed_equals_uninterrupted(tmp_path, sgd_runs):
 
 
 @pytest.mark.timeout(300)
+def test_a_copied_run_resumed_from_its_config_json_finishes_in_the_copy(tmp_path, sgd_runs):
+    """``--config COPY/config.json --resume COPY`` took the file's out, the original folder,
+    and wrote the copy's model.pt and summary.json there. Its config.json now records the
+    resumption: at which update, and what changed (here the folder, and --max-bad-steps)."""
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    shutil.copytree(sgd_runs["killed"], original)
+    shutil.copytree(original, copy)
+    before = {p: p.read_bytes() for p in original.rglob("*") if p.is_file()}
+    proc = run_job(["train", "--config", str(copy / "config.json"), "--resume", str(copy),
+                    "--max-bad-steps", "20"], np=0, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert f"writing the outputs to {copy}, the resumed run's folder" in proc.stdout
+    assert {p: p.read_bytes() for p in original.rglob("*") if p.is_file()} == before
+    assert_same_run(copy, sgd_runs["straight"])
+    info = json.loads((copy / "config.json").read_text())["run_info"]
+    killed = str(sgd_runs["killed"])
+    [resumed] = info["resumes"]
+    assert (resumed["update"], resumed["changed"]) == (64, {
+        "--checkpoint-dir": [f"{killed}/checkpoints", f"{copy}/checkpoints"],
+        "--max-bad-steps": [10, 20], "--out": [killed, str(copy)]})
+
+
+@pytest.mark.timeout(300)
 def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     """The resumed run logged the restored snapshots' scores a second time, left the killed
     run's training entries past the checkpoint beside its own (purged for TensorBoard's

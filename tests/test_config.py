@@ -505,6 +505,72 @@ def test_none_undoes_a_config_files_optional_value(tmp_path, capsys):
     assert configs.resolve(repeat).optim.lr_schedule == "cosine"  # the step decay's gone
 
 
+def test_none_undoes_every_optional_value_of_a_file(tmp_path):
+    """README: "an optional value by none"; --eval-rank, --tau, --lr, --momentum,
+    --slowdown, --init-from and --model-args took none as a value (not a number, cannot
+    parse, a path), so a file's value had to be edited out."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "ma"\neval_mode = "online"\neval_rank = 1\nout = "o"\n'
+                    '[model]\nname = "./net.py:build"\nargs = {width = 16}\ninit_from = "w.pt"\n'
+                    '[optim]\nlr = 0.2\nmomentum = 0.5\nlr_schedule = "constant"\n'
+                    '[stragglers]\nslowdown = "1:2"\n[algorithm]\ntau = 5\n')
+    config = parse("--config", str(toml), *[w for flag in (
+        "eval-rank", "tau", "lr", "momentum", "slowdown", "init-from", "model-args", "out",
+        "lr-schedule") for w in (f"--{flag}", "none")])
+    assert config == RunConfig(algo="ma", eval_mode="online",
+                               model=configs.ModelConfig(name="./net.py:build"))
+    assert "none: not set, also over --config's value" in " ".join(
+        cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+
+
+def test_a_typed_option_wins_over_the_files_and_its_partners(tmp_path, capsys):
+    """--model-args was merged into the file's ({"width": 16} + {"depth": 2}); --model mlp
+    was refused for the file's model arguments; a file's tau refused --tau-epochs ("not
+    allowed with argument --tau", never typed), its momentum --optimizer adam, its
+    --eval-rank --eval after. The file's partner of a typed option gives way, said once."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "ma"\neval_mode = "online"\neval_rank = 1\n[model]\n'
+                    'name = "./net.py:build"\nargs = {width = 16}\n[optim]\nmomentum = 0.5\n'
+                    '[algorithm]\ntau = 5\n')
+    assert parse("--config", str(toml), "--model-args", '{"depth": 2}').model.args == \
+        {"depth": 2}
+    cases = [(["--model", "mlp"], "--model mlp", "model.args {\"width\": 16}"),
+             (["--tau-epochs", "1"], "--tau-epochs", "algorithm.tau 5"),
+             (["--optimizer", "adam"], "--optimizer adam", "optim.momentum 0.5"),
+             (["--eval", "after"], "--eval after", "eval_rank 1")]
+    for typed, by, left in cases:
+        capsys.readouterr()
+        parse("--config", str(toml), *typed)
+        assert capsys.readouterr().out == f"hpctrain: {by}: leaving out {toml}'s {left}\n"
+    config = parse("--config", str(toml), "--model", "mlp", "--tau-epochs", "1", "--optimizer",
+                   "adam", "--eval", "after")
+    assert (config.model.args, config.algorithm.tau, config.optim.momentum, config.eval_rank) \
+        == (None, None, None, None)
+    # Either way round; both typed, or both in one file, are refused.
+    epochs = tmp_path / "epochs.toml"
+    epochs.write_text('algo = "ma"\n[algorithm]\ntau_epochs = 0.5\n')
+    assert parse("--config", str(epochs), "--tau", "3").algorithm.tau_epochs is None
+    with pytest.raises(UsageError, match="--tau-epochs: not allowed with argument --tau"):
+        parse("--algo", "ma", "--tau", "3", "--tau-epochs", "1")
+    # The same model given again keeps its arguments.
+    assert parse("--config", str(toml), "--model", "./net.py:build").model.args == {"width": 16}
+
+
+def test_resume_of_a_copied_run_from_its_config_json_writes_into_the_copy(tmp_path, capsys):
+    """``--config COPY/config.json --resume COPY``: the file's out (the original folder) was
+    taken as --out, and the outputs of the copy's resumption went to the original. The
+    file's out and checkpoint folder give way to a typed --resume, as without --config."""
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**configs.repeatable(RunConfig(
+        algo="sgd", out=str(tmp_path / "original"), checkpoint=configs.CheckpointConfig(
+            every="1e", dir=str(tmp_path / "ck")))), "run_info": {}}))
+    config = parse("--config", str(saved), "--resume", str(tmp_path / "copy"))
+    assert (config.out, config.checkpoint.dir) == (None, None)
+    assert parse("--config", str(saved), "--resume", "auto").out == str(tmp_path / "original")
+    assert parse("--config", str(saved), "--resume", str(tmp_path / "copy"), "--out",
+                 str(tmp_path / "x")).out == str(tmp_path / "x")
+
+
 def test_another_schedule_leaves_out_the_files_milestones(tmp_path, capsys):
     repeat = _repeat(tmp_path, OptimConfig(epochs=4, lr_milestones=(2,), lr_gamma=0.5),
                      "--lr-schedule", "constant")

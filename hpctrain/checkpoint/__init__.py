@@ -48,7 +48,7 @@ _EXPORTS = {
                      "number", "resolve", "run_folder", "save", "writes_to"], "folder"),
     **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "encode", "load", "read_header"], "format"),
     **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "changed_option", "check",
-                     "parse_every", "recorded_args"],
+                     "parse_every", "recorded_args", "resumptions"],
                     "policy"),
     **dict.fromkeys(["Resize", "Resizer"], "resize"),
     **dict.fromkeys(["rng_state", "set_rng_state"], "rng"),

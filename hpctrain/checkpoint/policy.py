@@ -10,6 +10,7 @@ checkpoints, and says which output and checkpoint folders the run is to use.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -25,11 +26,12 @@ from hpctrain.checkpoint.folder import (
 )
 from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.errors import UsageError
-from hpctrain.options import HUGE
+from hpctrain.options import HUGE, shown
 
 # Options that may differ between a run and its resumption. Most do not change results at all
 # (folders, the checkpoint interval, when a run gives up or stops, logging and profiling, the
-# stall watchdog's timeout, the sharded exchange's round size); the others only in float
+# stall watchdog's timeout, the sharded exchange's round size, where and when snapshots are
+# scored: --eval, --eval-rank, whose rank trains not); the others only in float
 # rounding: --threads (the order of torch's sums), device, compilation, cuDNN's choice of
 # kernels, ssgd's allreduce backend, micro-batch size (except with batch norm, whose
 # statistics are then each micro-batch's) and mixed precision (the forward's). The backend
@@ -38,6 +40,7 @@ from hpctrain.options import HUGE
 # not torch", a value never given.
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
                         "no_progress", "threads", "data_dir", "tensorboard", "eval",
+                        "eval_rank",
                         "stop_on_collapse", "device", "micro_batch_size",
                         "mixed_precision", "compile", "profile", "sync_backend",
                         "cudnn_benchmark", "stall_timeout", "shuffle_chunk_mb", "data_placement"})
@@ -120,7 +123,8 @@ class Resolved:
 
 def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
           resume: str | None, out: str | None, run_config: dict,
-          may_change: frozenset[str], resize: bool = False) -> Resolved:
+          may_change: frozenset[str], resize: bool = False,
+          defaults: dict | None = None) -> Resolved:
     """Check the checkpoint options before MPI starts; for ``resume``, check that the newest
     checkpoint's run is this one (same ``algo``, ``ranks`` unless ``resize`` allows another
     number, and ``run_config`` values over the keys it also recorded, except ``may_change``);
@@ -128,7 +132,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     run's). UsageError, naming the flag, when the run must not go ahead.
 
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
-    record in their header's ``args``; keys are option names with ``_`` for ``-``).
+    record in their header's ``args``; keys are option names with ``_`` for ``-``);
+    ``defaults``: the same of a run given no option, so that a refusal says which value is
+    the default a left-out option took.
     """
     off, every = every == OFF, None if every == OFF else every  # off: not even the resumed run's
     # Without an interval the folder was made and locked, and nothing written in it. With
@@ -155,12 +161,12 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         old = header.get("args", {})
         if header.get("ranks") != ranks:
             may_change |= RESIZE_MAY_CHANGE
-        change = changed_option(old, run_config, may_change)
+        if same_weights(old.get("init_from"), run_config.get("init_from"), header):
+            may_change |= {"init_from"}
+        change = changed_option(old, run_config, may_change, defaults)
         if change:
-            longer = " (--epochs shapes the learning-rate schedule, so a run cannot be " \
-                "made longer: start a new one, with --init-from to start from a finished " \
-                "run's model)" if "with --epochs " in change else ""
-            raise UsageError(f"--resume {given}: the run was started {change}{longer}")
+            raise UsageError(f"--resume {given}: the run was started {change}"
+                             f"{_hint(old, run_config, may_change, defaults, header)}")
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
@@ -234,24 +240,145 @@ def _resumed_out(folder: Path, old: dict) -> str | None:
     return str(folder.parent) if default and folder.name == SUBDIR else out
 
 
-def changed_option(old: dict, new: dict, may_change: frozenset[str]) -> str | None:
+def resumptions(header: dict | None, args: dict, ranks: int) -> list[dict]:
+    """The run's resumptions, oldest first, this one last (None: not resumed, []): each at
+    which ``update`` and what ``changed`` there, ``{"--flag": [before, after]}`` over the
+    options of :func:`hpctrain.config.flat` (``args``, as :func:`recorded_args` records them)
+    and ``"ranks"``. Checkpoint headers carry the list, so that each resumption of the run
+    knows those before it, and config.json's ``run_info`` shows it: config.json holds the
+    last attempt's settings, with which a repeat trains throughout."""
+    if header is None:
+        return []
+    earlier = header.get("resumes")
+    before = _with_folders(header.get("args") if isinstance(header.get("args"), dict) else {})
+    after = _with_folders(args)
+    changed = {"--" + key.replace("_", "-"): [before[key], after[key]]
+               for key in sorted(before.keys() & after.keys() - {"resume"})
+               if before[key] != after[key]}
+    if header.get("ranks") != ranks:
+        changed["ranks"] = [header.get("ranks"), ranks]
+    return [*(earlier if isinstance(earlier, list) else []),
+            {"update": header.get("updates"), "changed": changed}]
+
+
+def _with_folders(args: dict) -> dict:
+    """Flat options with the checkpoint folder a run wrote to (None: ``<out>/checkpoints``),
+    as a resumption, which names it, compares it."""
+    out, own = args.get("out"), args.get("checkpoint_dir")
+    if own is None and isinstance(out, str):
+        return {**args, "checkpoint_dir": str(Path(out) / SUBDIR)}
+    return args
+
+
+def changed_option(old: dict, new: dict, may_change: frozenset[str],
+                   defaults: dict | None = None) -> str | None:
     """The options (of :func:`hpctrain.config.flat`'s, outside ``may_change``) whose values
     in ``new`` differ from ``old``'s, said as "with --lr 0.1, not 0.2"; None if none. All of
     them: a changed ``--optimizer`` changes the default ``--lr`` too, and naming only that
-    would hide the one the user changed."""
-    changes = [_changed("--" + key.replace("_", "-"), old[key], new[key])
-               for key in sorted(old.keys() & new.keys() - may_change) if old[key] != new[key]]
+    would hide the one the user changed. ``defaults`` (flat): a value that is its option's
+    default is said to be, as a flag left out gives it."""
+    changes = [_changed("--" + key.replace("_", "-"), old[key], new[key],
+                        (defaults or {}).get(key, _NONE))
+               for key in _changed_keys(old, new, may_change)]
     return "; ".join(changes) or None
 
 
-def _changed(flag: str, old, new) -> str:
-    """An option's recorded and given values, in a message (None: left to a default the run
-    resolves later, as ``--tau``, or not given at all, as ``--eval-rank``; a default is not
-    compared with a value, which may or may not be the same: leaving the flag out goes on)."""
+_NONE = object()  # no default known
+
+
+def _changed_keys(old: dict, new: dict, may_change: frozenset[str]) -> list[str]:
+    """The keys of the options whose values differ, :data:`_SAME_WHEN` judging (the
+    spelling of a ``--slowdown`` is no other value)."""
+    return [key for key in sorted(old.keys() & new.keys() - may_change)
+            if not _SAME_WHEN.get(key, _equal)(old[key], new[key])]
+
+
+def _equal(a, b) -> bool:
+    return a == b
+
+
+def _same_slowdown(a, b) -> bool:
+    """``--slowdown 1:2`` and ``" 1:2.0"`` are the same factors."""
+    from hpctrain.stragglers import parse_slowdown
+
+    try:
+        return a == b or parse_slowdown(a, 1 << 30) == parse_slowdown(b, 1 << 30)
+    except (UsageError, TypeError, AttributeError):  # a header edited by hand: compared as is
+        return False
+
+
+_SAME_WHEN = {"slowdown": _same_slowdown}
+
+
+def same_weights(recorded, given, header: dict) -> bool:
+    """Whether ``--init-from given`` names the weights a run ``recorded`` starting from: the
+    same path (a resumed run does not read the file again: it may be gone since), or a file
+    whose sha256 is the one its checkpoint's ``header`` carries (the file was moved)."""
+    if not isinstance(recorded, str) or not isinstance(given, str):
+        return False
+    digest = header.get("init_from_sha256")
+    if recorded == given:
+        return True
+    if not isinstance(digest, str):
+        return False
+    from hpctrain import provenance, weights
+
+    try:
+        return provenance.sha256_of(weights.file_of(given)) == digest
+    except (OSError, UsageError):  # no such file: not the weights the run started from
+        return False
+
+
+def _hint(old: dict, new: dict, may_change: frozenset[str], defaults: dict | None,
+          header: dict) -> str:
+    """What a resume refused for ``old`` and ``new``'s differences may do instead: give the
+    run's values of the options left out (at their defaults); the run's length cannot
+    change; ``--init-from`` names the run's weights by its path or by their hash."""
+    keys = _changed_keys(old, new, may_change)
+    left_out = [key for key in keys if defaults and key in defaults and old[key] is not None
+                and new[key] == defaults[key]]
+    notes = []
+    if left_out:
+        notes.append("to go on, give " + " ".join(_typed("--" + k.replace("_", "-"), old[k])
+                                                  for k in left_out))
+    if "epochs" in keys and "epochs" not in left_out:
+        notes.append("--epochs shapes the learning-rate schedule, so a run keeps its length: "
+                     "to train longer, start a new run, with --init-from a finished run's "
+                     "model")
+    if "init_from" in keys and isinstance(header.get("init_from_sha256"), str):
+        notes.append(f"--init-from takes the run's path, or a file of its weights (sha256 "
+                     f"{header['init_from_sha256'][:12]}...)")
+    return f": {'; '.join(notes)}" if notes else ""
+
+
+def _changed(flag: str, old, new, default=_NONE) -> str:
+    """An option's recorded and given values, in a message, as the flags a user types (an
+    on/off option by its flag alone; None: left to a default the run resolves later, as
+    ``--tau``, or not given at all, as ``--eval-rank``; a default is not compared with a
+    value, which may or may not be the same: leaving the flag out goes on)."""
+    if isinstance(old, bool) and isinstance(new, bool):
+        return f"with {flag}, not without it" if old else f"without {flag}, not with it"
+    note = " (the default)" if default is not _NONE and new == default else ""
     if old is not None and new is not None:
-        return f"with {flag} {old}, not {new}"
-    return (f"without {flag} (its default; leave it out), not with {flag} {new}"
-            if old is None else f"with {flag} {old}, not without it")
+        return f"with {_typed(flag, old)}, not {_shown(new)}{note}"
+    return (f"without {flag} (its default; leave it out), not with {_typed(flag, new)}"
+            if old is None else f"with {_typed(flag, old)}, not without it")
+
+
+def _typed(flag: str, value) -> str:
+    """``flag`` with ``value`` as typed: ``--lr 0.1``, ``--compile``, ``--lr-milestones 3,4``."""
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag.removeprefix('--')}"
+    return f"{flag} {_shown(value)}"
+
+
+def _shown(value) -> str:
+    """A recorded value as its flag takes it: a list comma-separated, a table as JSON."""
+    if isinstance(value, list | tuple):
+        return ",".join(map(_shown, value))
+    if isinstance(value, dict):
+        return f"'{json.dumps(value)}'"
+    return shown(value)
 
 
 def resumes(resume: str | None, checkpoint_dir: str | None, out: str | None) -> bool:

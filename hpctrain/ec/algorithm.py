@@ -44,7 +44,7 @@ class AveragingOptions(Options):
                              parse=int, range=Range(1))
     tau_epochs: float | None = option(None, "local epochs between aggregations, instead of "
                                       "--tau", parse=float,
-                                      range=Range(0, HUGE, low_open=True))
+                                      range=Range(0, HUGE, low_open=True), excludes=("tau",))
 
     def __post_init__(self) -> None:
         if self.tau is not None and self.tau_epochs is not None:
