@@ -141,6 +141,13 @@ class Algorithm:
         """The run's name in tables and plots (after :meth:`setup`)."""
         return self.name
 
+    def resolved_options(self) -> dict:
+        """The values this run took for its options left None (``tau`` 20, a store's
+        ``shards``), once :meth:`setup` has run: config.json records them in ``run_info``'s
+        ``resolved``, as the table keeps None (a repeat resolves them anew: ``shards``
+        follows the workers). None by default."""
+        return {}
+
     def connect(self, world: Comm, model: torch.nn.Module) -> Comm | None:
         """Set up communication (``model`` is rank 0's initial model); return the workers'
         communicator (None: one process)."""

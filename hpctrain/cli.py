@@ -36,6 +36,7 @@ from hpctrain import (
     horovodrun,
     kernels,
     launch_env,
+    provenance,
     run,
 )
 from hpctrain.bench import report as bench_report
@@ -180,11 +181,10 @@ def _exit_if_collapsed(summary: dict, rank: int) -> None:
 
 
 def info() -> None:
-    import torch
-
     # Before MPI starts, as train's devices.check: read once it runs, a misspelt override was
     # every rank's error and MPI_ABORT. Rank 0's one line speaks for all.
     devices.cuda_aware_override()
+    machine = provenance.machine()  # git's fork before MPI, as a run asks it
     MPI = comm.init("multiple")
     launched = launch_env.launch()  # as training reads it (comm.launcher)
     if launched.kind == "torchrun":  # each worker is an MPI world of its own
@@ -195,8 +195,7 @@ def info() -> None:
         placed = MPI.COMM_WORLD.gather(_placement(rank), root=0)
     if rank != 0:
         return
-    facts = {"hpctrain": sys.modules["hpctrain"].__version__, "torch": torch.__version__,
-             **devices.describe(), **comm.library_info(), "ranks": size,
+    facts = {**machine, **devices.describe(), **comm.library_info(), "ranks": size,
              "local_size": local_size,
              "launcher": launched.by,
              "placement": [where for where, _ in placed],

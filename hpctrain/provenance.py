@@ -13,13 +13,14 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from functools import cache
 from pathlib import Path
 
 import torch
 
 import hpctrain
-from hpctrain import weights
+from hpctrain import data, plugins, weights
 
 _CHUNK = 1 << 20
 _GIT_LOCATION = frozenset({"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR",
@@ -31,12 +32,35 @@ def software(device: torch.device) -> dict:
     """The versions a run trained with, and its CPU and the kernels torch chose for it (the
     same build gives another model on another CPU); on a GPU also its name and CUDA, cuDNN
     and NCCL."""
-    info = {"hpctrain": hpctrain.__version__, **commit(), "torch": torch.__version__,
-            "python": platform.python_version(), **cpu()}
+    info = {**machine(), **_horovod()}
     if device.type == "cuda":
         info.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
                     cudnn=torch.backends.cudnn.version(), nccl=_nccl_version())
     return info
+
+
+def machine() -> dict:
+    """What ``hpctrain info`` and every run's ``run_info`` say alike: the versions of
+    hpctrain (its commit in a checkout), torch and Python, and the CPU, so that a machine
+    can be compared with a run's record."""
+    return {"hpctrain": hpctrain.__version__, **commit(), "torch": torch.__version__,
+            "python": platform.python_version(), **cpu()}
+
+
+def _horovod() -> dict:
+    """``horovod``: its version where the run loaded it (``--sync-backend horovod``)."""
+    module = sys.modules.get("horovod")
+    version = getattr(module, "__version__", None)
+    return {"horovod": version} if isinstance(version, str) else {}
+
+
+def invocation() -> dict:
+    """``argv``, the command line of rank 0's process (a script's own for
+    ``hpctrain.train``), and ``launcher``, what started the processes (Open MPI's mpirun,
+    srun, torchrun, none known), as ``hpctrain info`` names it."""
+    from hpctrain import launch_env
+
+    return {"argv": list(sys.argv), "launcher": launch_env.launch().by}
 
 
 @cache
@@ -81,6 +105,37 @@ def cpu() -> dict:
     capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
     info = {"cpu": name or platform.processor() or None, "cpu_capability": capability}
     return {k: v for k, v in info.items() if v}
+
+
+def resolved(config, algorithm) -> dict:
+    """``resolved``: what this run took where its configuration left None to a default
+    resolved only as it runs: the algorithm's options (``tau``, ``lam``, ``shards``:
+    :meth:`hpctrain.algorithm.Algorithm.resolved_options`) and the folder a built-in data
+    set was read from (``$HPCTRAIN_DATA`` or the system's). The tables keep None, so a
+    repeat from config.json resolves them as before, on its own workers and machine."""
+    out = {}
+    if own := algorithm.resolved_options():
+        out["algorithm"] = own
+    name, folder = config.data.dataset, config.data.data_dir
+    if folder is None and name in data.DATASETS and name != "synthetic":
+        out["data"] = {"data_dir": str(data.find_dir(name).resolve())}
+    return {"resolved": out} if out else {}
+
+
+def code_files(config) -> dict:
+    """``model_sha256``, ``algo_sha256``: the hash of the file a model or algorithm of the
+    user's own comes from (``./net.py:build``), which config.json names by its path only: an
+    edit between two runs is seen. A module's (``mypkg.nets:build``) is left out: it is
+    an installed package's, which the run names by its module, not by a file."""
+    out = {}
+    for key, reference in (("model_sha256", config.model.name), ("algo_sha256", config.algo)):
+        if plugins.is_reference(reference) and plugins.is_file_reference(reference):
+            path = reference.rpartition(":")[0]
+            try:
+                out[key] = sha256_of(path)
+            except OSError:  # read at the launch's checks: gone since, a run's own business
+                pass
+    return out
 
 
 def process_group() -> dict:

@@ -696,7 +696,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     log = RunLog(config.out, rank)
     if rank == 0:
         info = {"workers": size, "device": str(s.device), **runtime.run_info(),
+                **provenance.invocation(),
                 **provenance.software(s.device), **provenance.process_group(), **started_from,
+                **provenance.code_files(config), **provenance.resolved(config, algo),
                 **({"byte_fields": own_byte_fields(type(algo))}
                    if plugins.is_reference(config.algo) else {})}
         log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program
 
-from hpctrain import cli, compiled, kernels
+from hpctrain import cli, compiled, kernels, provenance
 from hpctrain.errors import UsageError
 
 SMALL = [*SYNTHETIC, "--epochs", "1"]
@@ -580,6 +580,8 @@ def test_info_under_mpirun_prints_once(tmp_path):
     info, _, aware = proc.stdout.rpartition("DEVICES ")
     facts = json.loads(info)
     assert facts["ranks"] == 2 and facts["local_size"] == 2
+    # What a run's run_info says of its machine, to compare them.
+    assert facts.items() >= provenance.machine().items()
     # Where each rank runs, from the launcher that gave its rank: what a wrong binding shows.
     assert facts["launcher"] == "Open MPI"
     assert [(p["rank"], p["local_rank"], p["device"]) for p in facts["placement"]] == \

@@ -3,6 +3,7 @@ image folder, ``module:callable``), TensorBoard, online evaluation and collapse.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 from dataclasses import dataclass
@@ -171,6 +172,16 @@ def test_ssgd_trains_a_model_from_a_file_on_an_npz_file(own, runs):
     config = json.loads((out / "config.json").read_text())
     assert config["model"] == {"name": f"{own}/nets.py:build", "args": {"width": 6},
                                "init_from": None}
+    # The model's file by its hash too (an edit between two runs is seen), and the launcher.
+    assert config["run_info"]["model_sha256"] == \
+        hashlib.sha256((own / "nets.py").read_bytes()).hexdigest()
+    assert config["run_info"]["launcher"] == "Open MPI"
+    # What dcasgd-a resolved of its options left None, which its config.json keeps None.
+    dc = json.loads((runs.folders["dcasgd-a"] / "config.json").read_text())
+    assert (dc["algorithm"]["lam"], dc["algorithm"]["shards"]) == (None, None)
+    assert dc["run_info"]["resolved"]["algorithm"] == {
+        "lam": 2.0, "shards": json.loads((runs.folders["dcasgd-a"] / "summary.json")
+                                         .read_text())["shards"]}
     tb = scalars(out)
     assert {"train/loss", "train/lr", "train/samples_per_s", "test/accuracy",
             "test/loss"} <= tb.keys()

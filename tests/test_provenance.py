@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import provenance
+from hpctrain import launch_env, provenance
 
 
 def test_a_cpu_run_records_its_software():
@@ -25,6 +25,45 @@ def test_a_cpu_run_records_its_software():
     assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     if Path("/proc/cpuinfo").exists():
         assert info["cpu"] in Path("/proc/cpuinfo").read_text()
+
+
+def test_a_run_records_how_it_was_started_and_hpctrain_info_the_same_facts(monkeypatch):
+    """run_info had no command line, no launcher and no Horovod version; ``hpctrain info``
+    said none of the commit, Python and CPU that run_info has, to compare a machine with."""
+    monkeypatch.setattr("sys.argv", ["hpctrain", "train", "--algo", "sgd"])
+    said = provenance.invocation()
+    assert said["argv"] == ["hpctrain", "train", "--algo", "sgd"]
+    assert said["launcher"] == launch_env.launch().by
+    machine = provenance.machine()
+    assert {"hpctrain", "torch", "python", "cpu_capability"} <= machine.keys()
+    assert machine.items() <= provenance.software(torch.device("cpu")).items()
+    try:
+        import horovod
+    except ImportError:
+        assert "horovod" not in provenance.software(torch.device("cpu"))
+    else:
+        assert provenance.software(torch.device("cpu"))["horovod"] == horovod.__version__
+
+
+def test_what_a_run_resolved_is_recorded_beside_the_null_it_keeps(tmp_path, monkeypatch):
+    """A run that found its data through $HPCTRAIN_DATA recorded data_dir null, and a
+    model's file only by its path: the folder read and the file's hash are recorded."""
+    from hpctrain import registry
+    from hpctrain.config import DataConfig, ModelConfig, RunConfig
+
+    monkeypatch.setenv("HPCTRAIN_DATA", str(tmp_path))
+    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"")
+    net = tmp_path / "net.py"
+    net.write_text("def build(shape, classes):\n    pass\n")
+    config = RunConfig(algo="sgd", data=DataConfig(dataset="mnist"),
+                       model=ModelConfig(name=f"{net}:build"))
+    assert provenance.resolved(config, registry.get("sgd")(config)) == {
+        "resolved": {"data": {"data_dir": str(tmp_path)}}}
+    assert provenance.code_files(config) == {
+        "model_sha256": hashlib.sha256(net.read_bytes()).hexdigest()}
+    given = RunConfig(algo="sgd", data=DataConfig(dataset="mnist", data_dir=str(tmp_path)))
+    assert provenance.resolved(given, registry.get("sgd")(given)) == {}
+    assert provenance.code_files(given) == {}
 
 
 def test_a_checkout_records_its_commit():

@@ -161,6 +161,10 @@ class ASGD(Algorithm):
     def lam(self) -> float:
         return 0.0
 
+    def resolved_options(self) -> dict:
+        shards = getattr(getattr(self, "store", None), "shards", None)
+        return {"shards": shards} if self.options.shards is None and shards else {}
+
     def label(self) -> str:
         o = self.options
         return f"{self.name} ({o.consistency}, {self.store.shards} shards, {o.servers} servers)"
@@ -305,6 +309,10 @@ class DCASGDConstant(ASGD):
         if self.options.lam is not None:
             return self.options.lam
         return DEFAULT_LAM["adaptive" if self.adaptive else "constant"]
+
+    def resolved_options(self) -> dict:
+        return {**super().resolved_options(),
+                **({"lam": self.lam()} if self.options.lam is None else {})}
 
     def make_optimizer(self, model):
         o = self.config.optim

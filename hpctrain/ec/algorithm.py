@@ -111,6 +111,9 @@ class ModelAveraging(Algorithm):
     def label(self) -> str:
         return f"{self.name} (tau={self.tau})"
 
+    def resolved_options(self) -> dict:
+        return {"tau": self.tau} if self.options.tau is None else {}
+
     def setup(self, s: Setup) -> None:
         broadcast_model(s.model, s.comm)
         super().setup(s)
@@ -197,6 +200,11 @@ class EnsembleCompression(ModelAveraging):
         source = "" if o.ec_distill_from == "own" else f" from {o.ec_distill_from}"
         return (f"{self.name} (tau={self.tau}, alpha={o.ec_alpha}, T={o.ec_temperature}, "
                 f"distill={self.distill_size}{source}, final={o.ec_final})")
+
+    def resolved_options(self) -> dict:
+        return {**super().resolved_options(),
+                **({"ec_distill_size": self.distill_size}
+                   if self.options.ec_distill_size is None else {})}
 
     def make_aggregator(self, s: Setup):
         o = self.options
