@@ -455,6 +455,9 @@ def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
+    if args.config is not None and args.config.strip() and Path(args.config).is_dir():
+        raise UsageError(f"--config {args.config}: is a folder; give a TOML file or a run's "
+                         f"config.json ({Path(args.config) / 'config.json'})")
     if args.config is not None and comm.env_size() > 1 and Path(args.config).exists() \
             and not Path(args.config).is_file():  # /dev/stdin: rank 0's pipe, the others' null
         raise UsageError(f"--config {args.config} is no regular file: a pipe reaches rank 0 "

@@ -373,6 +373,9 @@ class RunConfig:
         if not isinstance(self.algo, str):
             raise UsageError(f"--algo {self.algo!r} must be a string; choose from "
                              f"{registry.choices()}")
+        if not self.algo.strip():  # RunConfig(): "unknown algorithm ''" named no field
+            raise UsageError(f"RunConfig needs algo=..., the algorithm: one of "
+                             f"{registry.choices()}, or a class of your own")
         options_cls = registry.get(self.algo).Options  # UsageError for an unknown name
         check_fields(self)
         for name, cls in SECTIONS.items():
@@ -385,8 +388,10 @@ class RunConfig:
         if self.algorithm is None:
             object.__setattr__(self, "algorithm", options_cls())
         elif type(self.algorithm) is not options_cls:
+            hint = f" (hpctrain.algorithm_options({self.algo!r})(**...) builds one from a " \
+                "dict)" if isinstance(self.algorithm, dict) else ""
             raise UsageError(f"--algo {self.algo} takes {options_cls.__name__}, not "
-                             f"{type(self.algorithm).__name__}")
+                             f"{type(self.algorithm).__name__}{hint}")
         if self.out is not None and not str(self.out).strip():  # "" would be the working folder
             raise UsageError(f"--out {self.out!r} is empty: give a folder (default "
                              "runs/<algo>-<time>)")
@@ -456,10 +461,13 @@ def repeatable(config: RunConfig) -> dict:
     """What ``config.json`` keeps: :func:`to_dict` of the effective configuration, as a fresh
     run repeats it (``--resume`` and the checkpoint folder left out, whether derived from
     ``--out`` or ``--resume`` or given: a repeat writes its own, in its ``--out``; the run's
-    folder held the run's checkpoints and refused the repeat's)."""
+    folder held the run's checkpoints and refused the repeat's); ``out`` absolute, as the
+    other paths are (``run._as_launched``), whatever folder the file is read from."""
     values = to_dict(config)
     values["checkpoint"]["resume"] = None
     values["checkpoint"]["dir"] = None
+    if isinstance(values["out"], str):
+        values["out"] = os.path.abspath(values["out"])
     return values
 
 
@@ -490,8 +498,34 @@ def from_dict(values: dict) -> RunConfig:
         elif key in {f.name for f in fields(RunConfig)}:
             kwargs[key] = value
         else:
-            raise UsageError(f"unknown configuration key {key!r}")
+            raise UsageError(f"unknown configuration key {key!r}{_close_to(key)}; the top "
+                             f"level has the keys {', '.join(_TOP_KEYS)} and the tables "
+                             f"{', '.join([*SECTIONS, 'algorithm'])}")
     return RunConfig(**kwargs)
+
+
+_TOP_KEYS = sorted(f.name for f in fields(RunConfig) if f.name not in {*SECTIONS, "algorithm"})
+
+
+def _close_to(key) -> str:
+    """Where an unknown top-level ``key`` may have been meant: the key of the flag it names
+    (``eval``: eval_mode), a table's key (``lr``: [optim] lr), an algorithm's option, or a
+    key spelt alike; else nothing."""
+    import difflib
+
+    if not isinstance(key, str):
+        return ""
+    for f in fields(RunConfig):
+        if key == options.flag_of(f).lstrip("-").replace("-", "_") and f.name in _TOP_KEYS:
+            return f" (the key of --{key.replace('_', '-')} is {f.name})"
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if key in (f.name, options.flag_of(f).lstrip("-").replace("-", "_")):
+                return f" (its place is [{section}] {f.name})"
+    if owners := registry.owners(key):
+        return f" (an option of {', '.join(owners)}: its place is [algorithm] {key})"
+    close = difflib.get_close_matches(key, [*_TOP_KEYS, *SECTIONS, "algorithm"], n=1)
+    return f" ({close[0]}?)" if close else ""
 
 
 def _build(cls, values, where: str):

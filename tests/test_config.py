@@ -133,6 +133,34 @@ def test_a_piped_configuration_with_several_ranks_is_refused(monkeypatch):
         parse("--config", "/dev/null", "--algo", "ssgd")
 
 
+def test_misplaced_keys_and_missing_parts_are_named_with_a_hint(tmp_path, monkeypatch):
+    """``eval = "online"`` got "unknown configuration key 'eval'" and no valid key (the
+    sections list theirs); --config of a folder under -np 2 "a pipe reaches rank 0 only";
+    RunConfig() "unknown algorithm ''"; RunConfig(algorithm={...}) no hint how to build
+    one, where the sections' dicts get one."""
+    cases = {"eval": "(the key of --eval is eval_mode); the top level has the keys algo, ",
+             "lr": "(its place is [optim] lr)", "tau": "its place is [algorithm] tau",
+             "progres": "(progress?)"}
+    for key, hint in cases.items():
+        with pytest.raises(UsageError) as e:
+            configs.from_dict({"algo": "sgd", key: 1})
+        assert str(e.value).startswith(f"unknown configuration key '{key}' ") and \
+            hint in str(e.value) and "eval_mode" in str(e.value)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
+    with pytest.raises(UsageError) as e:
+        parse("--config", str(tmp_path))
+    assert str(e.value) == (f"--config {tmp_path}: is a folder; give a TOML file or a run's "
+                            f"config.json ({tmp_path / 'config.json'})")
+    with pytest.raises(UsageError, match=r"^RunConfig needs algo=\.\.\., the algorithm: one "
+                                         r"of sgd, ssgd"):
+        RunConfig()
+    with pytest.raises(UsageError, match=re.escape(
+            "--algo ma takes AveragingOptions, not dict (hpctrain.algorithm_options('ma')"
+            "(**...) builds one from a dict)")):
+        RunConfig(algo="ma", algorithm={"tau": 5})
+
+
 def test_the_chunk_size_goes_with_sharded_placement(tmp_path, capsys):
     """--shuffle-chunk-mb 16 (the default) typed with replicated data was taken, and a sharded
     run's config.json with --data-placement replicated was refused for a value never typed."""
@@ -169,6 +197,14 @@ def test_flat_records_what_each_flag_says():
     (it recorded the field, progress, under the flag's name: the opposite)."""
     assert configs.flat(RunConfig(algo="sgd", progress=False))["no_progress"] is True
     assert configs.flat(RunConfig(algo="sgd"))["no_progress"] is False
+
+
+def test_config_json_records_the_output_folder_absolute(tmp_path, monkeypatch):
+    """``--out p1`` was recorded as typed, relative, where every other path is absolute: read
+    from another folder, the file named another one."""
+    monkeypatch.chdir(tmp_path)
+    assert configs.repeatable(RunConfig(algo="sgd", out="p1"))["out"] == str(tmp_path / "p1")
+    assert configs.repeatable(RunConfig(algo="sgd"))["out"] is None
 
 
 def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
