@@ -12,8 +12,10 @@ the ranks read (:mod:`hpctrain.horovod_settings`). So a script changes ``horovod
 torchrun) launch, and its elastic recovery is a restart.
 
 :func:`mpirun_command` is the whole translation, pure; :func:`run` replaces this process with
-mpirun, so its exit status and signals are the job's. ``python -m hpctrain horovodrun`` comes
-here before anything imports torch (:func:`main`): a launcher need not pay for it.
+mpirun, so its exit status and signals are the job's (Intel MPI's mpirun, a script that would
+not pass signals on, with the ``mpiexec.hydra`` it runs:
+:func:`hpctrain.mpirun.passing_signals`). ``python -m hpctrain horovodrun`` comes here before
+anything imports torch (:func:`main`): a launcher need not pay for it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 
 from hpctrain import horovod_settings
 from hpctrain.errors import Parser, UsageError
-from hpctrain.mpirun import FLAVOURS, flavour_of
+from hpctrain.mpirun import FLAVOURS, flavour_of, passing_signals
 
 # Flags of horovodrun's elastic mode (it re-forms the job itself; here a launcher restarts it).
 ELASTIC_FLAGS = ("--min-np", "--max-np", "--slots-per-host", "--host-discovery-script",
@@ -365,7 +367,7 @@ def run(args: argparse.Namespace) -> None:
         _make_output_folder(args.output_filename)
     if args.verbose:
         print(shlex.join(cmd), file=sys.stderr, flush=True)
-    os.execv(mpirun, cmd)
+    os.execv(passing_signals(mpirun), cmd)  # named mpirun still (argv[0]), as by the script
 
 
 def check_program(args: argparse.Namespace) -> None:

@@ -4,7 +4,8 @@ Open MPI's mpirun and Hydra's (MPICH's, Intel MPI's) take different flags: Open 
 to run as root without ``--allow-run-as-root`` and more ranks than cores without
 ``--oversubscribe``; Hydra knows neither flag and needs neither. Launchers that build an
 mpirun command (``hpctrain horovodrun``, ``bench compare``'s default) ask
-:func:`flavour_of`.
+:func:`flavour_of`. Those that signal it (a time limit's SIGUSR1, SIGTERM) start the program
+:func:`passing_signals` names: Intel MPI's mpirun is a script that loses them.
 Light: no torch, no MPI started.
 """
 
@@ -14,9 +15,12 @@ import functools
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 # Open MPI's, MPICH's and Intel MPI's, told apart by ``mpirun --version``.
 FLAVOURS = ("openmpi", "mpich", "intel")
+# The launchers an mpirun script may run as its child, as they are named beside it.
+_HYDRA = ("mpiexec.hydra", "mpiexec")
 
 
 def flavour_of(mpirun: str | None = None) -> str | None:
@@ -50,3 +54,35 @@ def local_flags(kind: str | None, ranks: int, cores: int) -> list[str]:
         return []
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
     return flags + (["--oversubscribe"] if ranks > cores else [])
+
+
+def passing_signals(program: str) -> str:
+    """What to start for ``program`` (a launcher's name on PATH, or its path) so that a signal
+    sent to it reaches the ranks: ``program`` itself, unless it is an ``mpirun`` that is a
+    script with an ``mpiexec.hydra`` (else ``mpiexec``) binary beside it: that binary's path.
+
+    Intel MPI's mpirun is such a script (/bin/sh): it runs ``mpiexec.hydra`` as its child
+    without exec, so SIGUSR1 or SIGTERM sent to it ended the script while Hydra and the ranks
+    went on (a warned job failed with status 138 instead of checkpointing, a stopped run's
+    ranks were orphaned). Hydra itself passes both on to every rank, and reads the batch
+    system's allocation (Slurm, PBS, LSF, ...) as the script would. Open MPI's and MPICH's
+    mpirun are the launcher itself."""
+    if Path(program).name != "mpirun":
+        return program
+    path = shutil.which(program)
+    if path is None or not _starts_with(path, b"#!"):
+        return program
+    folder = Path(os.path.realpath(path)).parent
+    for name in _HYDRA:
+        if _starts_with(folder / name, b"\x7fELF") and os.access(folder / name, os.X_OK):
+            return str(folder / name)
+    return program
+
+
+def _starts_with(path: str | Path, magic: bytes) -> bool:
+    """Whether the file at ``path`` starts with ``magic`` (False if it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False

@@ -179,6 +179,37 @@ def needs_mpi(mpi: str) -> pytest.MarkDecorator:
 ON_OTHER_MPIS = [pytest.param(mpi, marks=needs_mpi(mpi)) for mpi in OTHER_MPIS]
 
 
+# A rank standing in for hpctrain's where only signals matter: it says which one stopped it
+# (SIGUSR1: exit 5, as after a checkpoint; SIGTERM: 143) or that none did, and writes its pid
+# to $RANKS/<its rank> once it is ready for them.
+SIGNALLED_RANK = """\
+rank=${PMI_RANK:-$OMPI_COMM_WORLD_RANK}
+trap 'echo "rank $rank stopped by SIGUSR1" >&2; exit 5' USR1
+trap 'echo "rank $rank stopped by SIGTERM" >&2; exit 143' TERM
+echo $$ > "$RANKS/$rank.tmp" && mv "$RANKS/$rank.tmp" "$RANKS/$rank"
+for _ in $(seq 900); do sleep 0.1; done
+echo "rank $rank ran to its end" >&2
+"""
+
+
+def ranks_ready(folder: Path, n: int, timeout: float = 60) -> list[int]:
+    """The pids of ``n`` :data:`SIGNALLED_RANK` ranks, once each has written it in
+    ``folder``; a failure after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while len(pids := [int(f.read_text()) for f in folder.iterdir() if f.name.isdigit()]) < n:
+        assert time.monotonic() < deadline, f"{len(pids)} of {n} ranks started in {timeout} s"
+        time.sleep(0.05)
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` is running (not ended, nor a zombie waiting for its parent)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _stop(proc: subprocess.Popen, send, grace: float) -> tuple[str, str]:
     """End ``proc`` with ``send(signal)``: SIGTERM first, which lets a launcher (mpirun,
     torchrun's agent, bench compare) end what it started, SIGKILL if it has not ended after

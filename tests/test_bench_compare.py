@@ -12,7 +12,9 @@ import re
 import shlex
 import shutil
 import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,9 +23,13 @@ import pytest
 import torch
 from conftest import (
     ON_OTHER_MPIS,
+    OTHER_MPIS,
+    SIGNALLED_RANK,
     SYNTHETIC,
+    alive,
     mpi_env,
     mpirun,
+    ranks_ready,
     refusal,
     run_job,
     start_job,
@@ -611,7 +617,60 @@ def test_default_launcher_on_hydra_has_no_open_mpi_flags(mpi, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("PATH", mpi_env(mpi)["PATH"])
     many = 4 * os.cpu_count()
-    assert compare.launcher_command(None, many) == ["mpirun", "-np", str(many)]
+    # Intel MPI's mpirun, a script, gives way to the Hydra it runs (the test below says why)
+    hydra = (OTHER_MPIS[mpi] / "bin" / "mpiexec.hydra").resolve()  # beside the script itself
+    launcher = str(hydra) if mpi == "intel" else "mpirun"
+    assert compare.launcher_command(None, many) == [launcher, "-np", str(many)]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("stop", ["warning", "stop"])
+@pytest.mark.parametrize("mpi", ["openmpi", *ON_OTHER_MPIS])
+def test_the_warning_and_the_stop_reach_a_runs_ranks_under_each_mpirun(tmp_path, monkeypatch,
+                                                                        mpi, stop):
+    """SIGUSR1 passed on to the run going on (the time limit's warning) and SIGTERM (_stop:
+    --timeout, and compare's own SIGTERM or death) reach the run's ranks through its launcher
+    ``mpirun -np {np}``. Intel MPI's mpirun, a /bin/sh script that runs mpiexec.hydra as its
+    child, died of either: the warned run failed with status 138 once its ranks had run to
+    their end, and a stopped run's ranks went on, orphaned."""
+    if mpi == "openmpi":
+        template = shlex.join(mpirun(2)[:-2]) + " -np {np}"  # conftest's flags: root, cores
+    else:
+        template = "mpirun -np {np}"
+        for name, value in mpi_env(mpi).items():
+            monkeypatch.setenv(name, value)
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    monkeypatch.setenv("RANKS", str(ranks))
+    (tmp_path / "rank.sh").write_text(SIGNALLED_RANK)
+    run = compare.Run("ssgd", 2, [*compare.launcher_command(template, 2), "bash",
+                                  str(tmp_path / "rank.sh")], [])
+    if stop == "warning":  # as compare.sbatch's SIGUSR1 comes to bench compare
+        warning = compare._Warning()
+        warner = threading.Thread(target=lambda: (ranks_ready(ranks, 2),
+                                                  os.kill(os.getpid(), signal.SIGUSR1)))
+        warner.start()
+        try:
+            result = compare.execute(run, tmp_path / "ssgd", "[1/1 ssgd]", 0, warning)
+        finally:
+            warning.close()
+            warner.join()
+        returncode, said = result["returncode"], (tmp_path / "ssgd" / "stderr.log").read_text()
+    else:
+        proc = subprocess.Popen(compare.tied(run.command), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
+        try:
+            ranks_ready(ranks, 2)
+            compare._stop(proc)
+            said = proc.communicate(timeout=120)[1]
+        finally:
+            proc.kill()
+        returncode = proc.returncode
+    why = "SIGUSR1" if stop == "warning" else "SIGTERM"
+    for rank in (0, 1):
+        assert f"rank {rank} stopped by {why}" in said, said
+    assert returncode == 5 if stop == "warning" else returncode != 0, said
+    assert not any(alive(pid) for pid in ranks_ready(ranks, 2)), said
 
 
 def test_a_runs_stderr_keeps_crlf_lines_and_its_last_line(tmp_path):

@@ -4,11 +4,13 @@ a real job started with it runs a Horovod script on hpctrain's backend."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import ON_OTHER_MPIS, OTHER_MPIS, mpi_env, run_job
@@ -428,6 +430,43 @@ def test_open_mpi_mpich_and_intel_mpi_are_told_apart_by_their_mpirun():
             with pytest.MonkeyPatch.context() as patch:  # on PATH
                 patch.setenv("PATH", mpi_env(mpi)["PATH"])
                 assert mpirun.flavour_of(str(prefix / "bin" / "mpirun")) == mpi
+
+
+# Intel MPI's mpirun as it is made: a /bin/sh script that runs mpiexec.hydra as its child.
+INTEL_MPIRUN = """#!/bin/sh
+if [ "$1" = --version ]; then echo "Intel(R) MPI Library for Linux* OS, Version 2021.18"; exit; fi
+mpiexec.hydra "$@" <&0
+rc=$?
+exit $rc
+"""
+
+
+def test_an_mpirun_script_gives_way_to_the_hydra_binary_beside_it(tmp_path, monkeypatch):
+    """A signal sent to Intel MPI's mpirun (the time limit's SIGUSR1, SIGTERM) ended the
+    script, while the mpiexec.hydra it runs and the ranks went on: what starts, and is
+    signalled, is that binary (here a stand-in: any ELF file), in horovodrun's exec too. A
+    binary mpirun, a script without Hydra beside it and other launchers stay as given."""
+    folder = Path(os.path.realpath(tmp_path)) / "bin"
+    folder.mkdir()
+    (folder / "mpirun").write_text(INTEL_MPIRUN)
+    (folder / "mpirun").chmod(0o755)
+    (folder / "mpiexec.hydra").symlink_to(os.path.realpath(sys.executable))
+    hydra = str(folder / "mpiexec.hydra")
+    binary_mpirun = shutil.which("mpirun")  # Open MPI's
+    monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
+    assert mpirun.passing_signals("mpirun") == hydra
+    assert mpirun.passing_signals(str(folder / "mpirun")) == hydra
+    assert mpirun.passing_signals("mpiexec") == "mpiexec"
+    started = []
+    monkeypatch.setattr(horovodrun.os, "execv", lambda *how: started.append(how))
+    horovodrun.run(parse("-np", "2", sys.executable, "train.py"))
+    [(program, argv)] = started
+    assert (program, argv[0], argv[-2:]) == (hydra, "mpirun", [sys.executable, "train.py"])
+    (folder / "mpiexec.hydra").rename(folder / "mpiexec")  # its other name (Intel ships both)
+    assert mpirun.passing_signals("mpirun") == str(folder / "mpiexec")
+    (folder / "mpiexec").unlink()
+    assert mpirun.passing_signals("mpirun") == "mpirun"
+    assert mpirun.passing_signals(binary_mpirun) == binary_mpirun
 
 
 # What each Hydra puts in front of the program for -np 2 on this host, and its library's name.

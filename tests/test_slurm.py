@@ -22,7 +22,15 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, SYNTHETIC
+from conftest import (
+    ON_OTHER_MPIS,
+    ROOT,
+    SIGNALLED_RANK,
+    SYNTHETIC,
+    alive,
+    mpi_env,
+    ranks_ready,
+)
 
 PREFIX = "hpctrain-slurm-"
 NODE = "hpctrain-node"
@@ -707,3 +715,63 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
     assert (log.read_text() if log.exists() else "") == ("requeue 4242\n" if requeued else ""), \
         proc.stdout + proc.stderr
     assert ("requeueing job 4242" in proc.stdout) == requeued, proc.stdout
+
+
+# Each MPI's mpirun in a batch script's environment, starting its ranks on this node alone:
+# Hydra's would start them through srun (Slurm's bootstrap, taken from SLURM_JOB_ID).
+LOCAL_HYDRA = {"openmpi": {}, "mpich": {"HYDRA_LAUNCHER": "fork"},
+               "intel": {"I_MPI_HYDRA_BOOTSTRAP": "fork"}}
+
+
+@pytest.mark.timeout(200)
+@pytest.mark.parametrize("mpi", ["openmpi", *ON_OTHER_MPIS])
+def test_a_warned_train_sbatch_reaches_the_ranks_under_each_mpirun(tmp_path, mpi):
+    """The time limit's warning (SIGUSR1 to the batch script) passed on to the launcher of
+    HPCTRAIN_LAUNCH=mpirun reaches every rank, which stops (status 5), and the job requeues
+    itself. Intel MPI's mpirun is a /bin/sh script that runs mpiexec.hydra as its child: the
+    signal ended the script (status 138, no requeue) while Hydra and the ranks ran on."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n')
+    (tmp_path / "rank.sh").write_text(SIGNALLED_RANK)
+    # The script's Python: its own helpers (-c) are hpctrain's; its ranks stand-ins.
+    (fake / "python").write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} '
+                                 f'"$@"; fi\nexec bash {tmp_path / "rank.sh"}\n')
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    ranks = tmp_path / "ranks"
+    ranks.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(mpi_env(mpi) if mpi != "openmpi" else {})
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST=socket.gethostname(),
+               SLURM_TASKS_PER_NODE="2", SLURM_NNODES="1", HPCTRAIN_RUNS="runs",
+               HPCTRAIN_PYTHON=str(fake / "python"), PYTHONPATH=str(ROOT), RANKS=str(ranks),
+               PATH=f"{fake}{os.pathsep}{env['PATH']}", FAKE_LOG=str(tmp_path / "scontrol.log"),
+               **LOCAL_HYDRA[mpi])
+    job = subprocess.Popen(["bash", str(TRAIN_SBATCH), "--algo", "ssgd"], env=env,
+                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True)
+    try:
+        pids = ranks_ready(ranks, 2)
+        _catching_usr1(job.pid)
+        job.send_signal(signal.SIGUSR1)  # as #SBATCH --signal=B:USR1@300 does
+        out, err = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    for rank in (0, 1):
+        assert f"rank {rank} stopped by SIGUSR1" in err, out + err
+    assert job.returncode == 5 and "requeueing job 4242" in out, out + err
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 4242\n"
+    assert not any(alive(pid) for pid in pids), out + err
+
+
+def _catching_usr1(pid: int, timeout: float = 30) -> None:
+    """Wait until process ``pid`` catches SIGUSR1 (bit 10 - 1 of its SigCgt)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        caught = next(line.split()[1] for line in Path(f"/proc/{pid}/status").read_text()
+                      .splitlines() if line.startswith("SigCgt:"))
+        if int(caught, 16) & 1 << (signal.SIGUSR1 - 1):
+            return
+        assert time.monotonic() < deadline, f"process {pid} did not trap SIGUSR1"
+        time.sleep(0.025)

@@ -264,7 +264,10 @@ def default_launcher(np: int) -> str:
 
 
 def launcher_command(template: str | None, np: int) -> list[str]:
-    """The words that start ``np`` processes, from ``template`` (or the default)."""
+    """The words that start ``np`` processes, from ``template`` (or the default). An mpirun
+    that is a script (Intel MPI's) gives way to the Hydra binary it runs
+    (:func:`hpctrain.mpirun.passing_signals`): SIGUSR1 and SIGTERM sent to the run reach its
+    ranks, where the script died of them and left the ranks running."""
     if template is not None and not template.strip():  # not the default in disguise
         raise UsageError(f"--launcher {template!r} is empty: give a command with {{np}}, or "
                          "leave --launcher out for the default")
@@ -272,9 +275,10 @@ def launcher_command(template: str | None, np: int) -> list[str]:
     if "{np}" not in template:
         raise UsageError(f"--launcher {template!r}: no {{np}} where the process count goes")
     try:
-        return shlex.split(template.replace("{np}", str(np)))
+        words = shlex.split(template.replace("{np}", str(np)))
     except ValueError as e:  # an unclosed quote
         raise UsageError(f"--launcher {template!r}: {e}") from None
+    return [mpirun.passing_signals(words[0]), *words[1:]]  # {np} makes one word at least
 
 
 def launches_here(launcher: list[str]) -> bool:
