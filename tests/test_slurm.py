@@ -394,8 +394,7 @@ def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_alg
     does while sgd runs (after its first checkpoint): compare passes SIGUSR1 on, sgd stops
     after a checkpoint, compare exits with status 5 and the script requeues the job; the
     second attempt (--resume) continues sgd from that checkpoint and then runs ssgd."""
-    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
-               "--open-mode=append"]  # both attempts' lines in the log
+    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
     # 30 epochs keep sgd running for seconds after its first checkpoint, for the signal. A
     # --out of one's own: the requeued attempt was refused ("already holds a comparison").
     job, work = submit(slurm, "compare.sbatch", options,
@@ -408,7 +407,7 @@ def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_alg
     assert "[1/2 sgd] stopped by SIGUSR1 (--resume continues it)" in log, log
     assert "stopped by SIGUSR1 with sgd, ssgd left to run" in log, log
     assert f"requeueing job {job} to continue the comparison" in log, log
-    assert log.count(", outputs mine") == 2, log  # both attempts' headers
+    assert log.count(", outputs mine") == 2, log  # both attempts' (the script's --open-mode)
     record = json.loads((out / "compare.json").read_text())
     assert {a: r["status"] for a, r in record["runs"].items()} == {"sgd": "ok", "ssgd": "ok"}
     assert record["workers"] == 2 and (out / "report.md").is_file()
@@ -457,8 +456,7 @@ def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(sl
     passing SIGUSR1 on to the ranks test_checkpoint_jobs tests; the requeue test above runs
     mpirun (CI's time: each drill is ~35 s)."""
     launch = "srun"
-    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10",
-               "--open-mode=append"]  # both attempts' lines in the log
+    options = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=10"]
     job, work = submit(slurm, "train.sbatch", options,
                        ["--algo", "ssgd", *SYNTHETIC, "--epochs", "8", "--checkpoint-every",
                         "0.25e"], {**JOB_ENV, "HPCTRAIN_LAUNCH": launch})
@@ -466,6 +464,9 @@ def test_a_train_job_warned_of_its_time_limit_checkpoints_and_requeues_itself(sl
     again = _warn_and_wait(slurm, job, work, out / "checkpoints")
     log = job_log(work, job)
     assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
+    # The script's --open-mode=append keeps the first attempt's lines: Slurm's default emptied
+    # the log when the requeued attempt started, and why it was requeued was lost.
+    assert "(restart 0)" in log and "(restart 1)" in log, log
     stopped = re.search(r"stopped by SIGUSR1 after the checkpoint of update (\d+) of (\d+)", log)
     assert stopped and f"requeueing job {job}" in log, log
     summary = json.loads((out / "summary.json").read_text())
