@@ -388,6 +388,49 @@ def test_ssgd_under_torchrun_started_by_srun_as_slurm_md_shows(slurm, tmp_path, 
         job_log(work, job)
 
 
+def slurm_md_torchrun_script(python: str, port: int, train_args: list[str]) -> str:
+    """docs/SLURM.md's torchrun batch script, as written but for what this one node lacks: a
+    second node and GPUs (one node, two workers on its CPUs), a name that resolves (the
+    rendezvous at 127.0.0.1), a Python named python; and the training's own options."""
+    doc = (ROOT / "docs" / "SLURM.md").read_text()
+    script = doc[doc.index("## torchrun under srun"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    for old, new in [("#SBATCH --nodes=2", "#SBATCH --nodes=1"),
+                     ("#SBATCH --gpus-per-node=4\n", ""),
+                     ("#SBATCH --cpus-per-task=32", "#SBATCH --cpus-per-task=2"),
+                     ("srun python ", f"srun {python} "),
+                     ("--nproc-per-node 4", "--nproc-per-node 2"),
+                     ('"$head:29500"', f"127.0.0.1:{port}"),
+                     ("--algo ssgd --threads 8 --checkpoint-every 1e",
+                      f"--algo ssgd --threads 1 {' '.join(train_args)}")]:
+        assert old in script, f"SLURM.md's torchrun script has no {old!r}"
+        script = script.replace(old, new)
+    return script
+
+
+@pytest.mark.timeout(660)  # two attempts, the wait between them
+def test_slurm_mds_torchrun_script_warned_of_its_time_limit_requeues_itself(slurm, tmp_path):
+    """The time limit's warning to SLURM.md's torchrun script (which said torchrun could not
+    stop on it, and gave none of this): srun passes it to the workers, each stops after a
+    checkpoint, torchrun (--signals-to-handle with SIGUSR1, torch >= 2.9) waits for them and
+    exits 1, and the script requeues the job for that checkpoint; the second attempt
+    finishes the run from it."""
+    path = tmp_path / "ddp.sbatch"
+    path.write_text(slurm_md_torchrun_script(
+        sys.executable, _free_ports(1)[0],
+        [*SYNTHETIC, "--epochs", "8", "--checkpoint-every", "0.25e"]))
+    job, work = submit(slurm, str(path), ["--time=10"], [], {})
+    out = work / "runs" / f"ddp-{job}"
+    again = _warn_and_wait(slurm, job, work, out / "checkpoints")
+    log = job_log(work, job)
+    assert (again["JobState"], again["Restarts"]) == ("COMPLETED", "1"), log
+    stopped = re.search(r"stopped by SIGUSR1 after the checkpoint of update (\d+) of (\d+)", log)
+    assert stopped and f"requeueing job {job} to continue from its checkpoint" in log, log
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["resumed_from_updates"] == [int(stopped[1])], log
+    assert summary["updates"] == int(stopped[2]) > int(stopped[1])
+    assert summary["algo_label"] == "ssgd (torch backend)"
+
+
 @pytest.mark.timeout(660)  # two attempts, the wait between them
 def test_compare_sbatch_warned_of_its_time_limit_requeues_and_finishes_every_algorithm(slurm):
     """compare.sbatch runs every algorithm inside the allocation. Warned as Slurm's --signal
