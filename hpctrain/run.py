@@ -666,6 +666,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     per_epoch = algo.per_epoch(steps, size)
     total = o.epochs * per_epoch
     s = Setup(model, train_data, comm_, size, steps)
+    model.train()  # a build may hand it out in eval mode (after loading pretrained weights)
     algo.setup(s)
     if not isinstance(algo.optimizer, torch.optim.Optimizer):  # else found at the first step
         raise TypeError(f"{type(algo).__name__}.setup() must set self.optimizer to a torch "

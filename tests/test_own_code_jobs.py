@@ -49,6 +49,13 @@ def bag(input_shape, num_classes, levels=8, dim=8):
     return Bag()
 
 
+def in_eval_mode(input_shape, num_classes):
+    """A model with batch norm, handed out in eval mode (as a build that loads pretrained
+    weights often does)."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(int(np.prod(input_shape)), 8),
+                         nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, num_classes)).eval()
+
+
 def arrays():
     g = np.random.default_rng(0)
     protos = g.normal(size=(4, 1, 12, 12)).astype(np.float32)
@@ -230,6 +237,22 @@ def test_ec_trains_on_an_image_folder_of_fashion_mnist_pngs(runs):
         runs.two_ranks.stdout
     s = json.loads((runs.folders["images"] / "summary.json").read_text())
     assert s["final_test_acc"] > 0.4  # 10 classes from 400 images: far above chance
+
+
+@pytest.mark.timeout(120)
+def test_a_model_built_in_eval_mode_trains_in_training_mode(own, tmp_path):
+    """The loop never called model.train(): a model its build handed out in eval mode
+    trained so, batch norm's statistics never updated (num_batches_tracked 0 in model.pt)
+    and dropout off, where Horovod's, DDP's and torchrun's loops train in training mode."""
+    out = tmp_path / "eval-built"
+    proc = run_job(["train", "--algo", "sgd", "--model", f"{own}/nets.py:in_eval_mode",
+                    "--dataset", "synthetic", "--epochs", "1", "--batch-size", "64",
+                    "--no-progress", "--out", str(out)], np=0)
+    assert proc.returncode == 0, proc.stderr
+    state = torch.load(out / "model.pt", weights_only=True)
+    updates = json.loads((out / "summary.json").read_text())["updates"]
+    assert updates > 0 and state["2.num_batches_tracked"] == updates
+    assert state["2.running_var"].ne(1).all()
 
 
 @pytest.mark.timeout(120)
