@@ -45,6 +45,25 @@ def check(algorithm_class, optim) -> None:
                          "scaling rule does not apply; set --lr itself")
 
 
+def sparse_refusal(algorithm_class, optim) -> str | None:
+    """Why the run's optimizer cannot step on a sparse gradient (an embedding's, built with
+    ``sparse=True``), naming the option and what does; None when it can. The lock-step
+    algorithms step with torch's optimizer, which raised at the first step, after MPI
+    started: SGD adds weight decay to the gradient (torch adds no dense tensor to a sparse
+    one), and Adam and AdamW take no sparse gradient. The asynchronous algorithms' push
+    adds gradients into a dense vector, so they take them with every option."""
+    if not algorithm_class.lock_step:
+        return None
+    if optim.optimizer != "sgd":
+        kind = {"adam": "Adam", "adamw": "AdamW"}[optim.optimizer]
+        return (f"torch's {kind} (--optimizer {optim.optimizer}) takes no sparse gradient: use "
+                "--optimizer sgd")
+    if optim.weight_decay:
+        return (f"torch's SGD adds no --weight-decay ({optim.weight_decay:g}) to a sparse "
+                "gradient: leave it 0")
+    return None
+
+
 def base_lr(optim, workers: int) -> float:
     """``--lr``, times the number of workers with ``--scale-lr`` (the linear scaling rule)."""
     return optim.lr * workers if optim.scale_lr else optim.lr

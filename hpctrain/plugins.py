@@ -6,7 +6,8 @@ directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a modul
 it; :func:`check_model` builds the model once before MPI starts and runs two zero samples
 through it (and back, as one training step), so a bad reference (no module, no attribute, not
 callable, not a Module, wrong output size or type, nothing trainable, an output detached from
-the parameters) is one line, exit 2, on every rank alike, before any collective call.
+the parameters, a sparse gradient the run's optimizer cannot take) is one line, exit 2, on
+every rank alike, before any collective call.
 
 A model callable is called as ``build(input_shape, num_classes, **model_args)`` and returns a
 ``torch.nn.Module`` mapping a batch ``N x *input_shape`` to logits ``N x num_classes``.
@@ -294,7 +295,8 @@ def checked_layout(name: str, input_shape: tuple, num_classes: int,
 
 
 def check_model(name: str, input_shape: tuple, num_classes: int,
-                model_args: dict | None = None, one_sample: str | None = None) -> None:
+                model_args: dict | None = None, one_sample: str | None = None,
+                no_sparse: str | None = None) -> None:
     """Build the model once and try it on two zero samples: UsageError if it cannot be built,
     gives logits of the wrong size or type, or could not train (no trainable parameter, no
     gradient path from its output to them), which would otherwise fail only at the first
@@ -303,17 +305,22 @@ def check_model(name: str, input_shape: tuple, num_classes: int,
 
     ``one_sample``: why the run forwards a single sample in training mode (a batch or a
     micro-batch of one, :func:`hpctrain.microbatch.one_sample`); then any model, built-in
-    too, must take one there (batch norm raises), or the refusal gives that reason."""
+    too, must take one there (batch norm raises), or the refusal gives that reason.
+
+    ``no_sparse``: why the run's optimizer cannot step on a sparse gradient
+    (:func:`hpctrain.optimizers.sparse_refusal`); then a model whose check step gives one
+    (an embedding with ``sparse=True``) is refused, naming the parameter, its module and
+    that reason."""
     model = build_model(name, input_shape, num_classes, model_args)
     if is_reference(name):  # a built-in model passes these by construction
-        _check_own_model(name, model, input_shape, num_classes)
+        _check_own_model(name, model, input_shape, num_classes, no_sparse)
     if one_sample is not None:
         _check_one_sample(name, model, input_shape, one_sample)
     _checked[_key(name, input_shape, num_classes, model_args)] = layout(model)  # no lazy ones
 
 
 def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
-                     num_classes: int) -> None:
+                     num_classes: int, no_sparse: str | None) -> None:
     """:func:`check_model`'s checks of a user's model."""
     lazy = next((n for n, p in model.named_parameters()
                  if isinstance(p, nn.parameter.UninitializedParameter)), None)
@@ -341,6 +348,23 @@ def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
         if all(p.grad is None for p in params):
             raise UsageError(f"--model {name}: its output does not depend on its parameters "
                              "(detached?); no gradient reaches them")
+        if no_sparse is not None:
+            _refuse_sparse_gradients(name, model, no_sparse)
+
+
+def _refuse_sparse_gradients(name: str, model: nn.Module, why: str) -> None:
+    """UsageError naming the first parameter whose gradient the check's backward made sparse,
+    and its module, because ``why``."""
+    sparse = next((n for n, p in model.named_parameters()
+                   if p.grad is not None and p.grad.is_sparse), None)
+    if sparse is None:
+        return
+    owner, _, _ = sparse.rpartition(".")
+    module = model.get_submodule(owner)
+    built = f"{owner or 'the model'} ({type(module).__name__}, sparse=True)" \
+        if getattr(module, "sparse", False) is True else f"its module {owner or 'itself'}"
+    raise UsageError(f"--model {name}: {sparse} gets sparse gradients, and {why}, or build "
+                     f"{built} with sparse=False")
 
 
 @contextlib.contextmanager

@@ -139,7 +139,8 @@ def check_workers(config: RunConfig, workers: int,
     _say_what_the_sizes_cut(config, per_worker)
     plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
                         one_sample=microbatch.one_sample(per_worker, o.batch_size,
-                                                         o.micro_batch_size))
+                                                         o.micro_batch_size),
+                        no_sparse=optimizers.sparse_refusal(config.algorithm_class, o))
     return n, sample
 
 

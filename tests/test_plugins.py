@@ -80,6 +80,17 @@ class Linear(nn.Module):
         out = self.l(x.double() if self.how == "double" else x)
         return {"detached": out.detach(), "int": out.long()}.get(self.how, out)
 
+class Tokens(nn.Module):
+    """Pixels quantised to tokens, through an embedding whose gradients are sparse."""
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.pixels = int(np.prod(input_shape))
+        self.emb = nn.EmbeddingBag(self.pixels * 4, 4, mode="mean", sparse=True)
+        self.out = nn.Linear(4, num_classes)
+    def forward(self, x):
+        level = (torch.sigmoid(x.flatten(1)) * 4).long().clamp(0, 3)
+        return self.out(self.emb(torch.arange(self.pixels) * 4 + level))
+
 class WrongShape(nn.Module):
     def __init__(self, input_shape, num_classes):
         super().__init__()
@@ -273,6 +284,33 @@ def test_async_models_are_checked_for_shards_and_float32(nets):
     assert refusal([*args, "--model-args", '{"how": "double"}']) == (
         "--model nets_mod:Linear: parameter l.weight is torch.float64; --algo asgd keeps the "
         "model in float32 (train it in float32, with --mixed-precision for lower precision)")
+
+
+@pytest.mark.parametrize("algo, ranks, options, why", [
+    ("sgd", 1, ["--weight-decay", "0.01"], "torch's SGD adds no --weight-decay (0.01) to a "
+     "sparse gradient: leave it 0"),
+    ("ssgd", 2, ["--optimizer", "adam"], "torch's Adam (--optimizer adam) takes no sparse "
+     "gradient: use --optimizer sgd"),
+    ("ma", 2, ["--optimizer", "adamw", "--weight-decay", "0.01"], "torch's AdamW (--optimizer "
+     "adamw) takes no sparse gradient: use --optimizer sgd"),
+    ("ec", 2, ["--weight-decay", "1e-4"], "torch's SGD adds no --weight-decay (0.0001)"),
+])
+def test_sparse_gradients_an_optimizer_cannot_take_are_refused_before_mpi(nets, algo, ranks,
+                                                                          options, why):
+    """torch's optimizer raised at the first step, after MPI started (exit 1: "add(sparse,
+    dense) is not supported", "Adam does not support sparse gradients"), where the README
+    said sparse embeddings train with every algorithm."""
+    args = ["--algo", algo, "--dataset", "synthetic", "--model", "nets_mod:Tokens",
+            "--no-progress"]
+    message = refusal([*args, *options], ranks)
+    assert message.startswith(f"--model nets_mod:Tokens: emb.weight gets sparse gradients, "
+                              f"and {why}")
+    assert message.endswith("or build emb (EmbeddingBag, sparse=True) with sparse=False")
+    run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])),
+                     ranks)  # without the option it trains
+    # asgd's push adds sparse gradients densely, weight decay too
+    run.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", *args[:1], "asgd", *args[2:], "--weight-decay", "0.01"])), 2)
 
 
 def test_the_layout_ranks_compare_is_the_checked_models(nets, monkeypatch):
