@@ -131,6 +131,39 @@ def test_model_averaging_every_tau_steps_averages_buffers():
     assert ma.stats.bytes == [2 * (ranks - 1) * flat(model).numel() * 4 // ranks] * 2
 
 
+class FrozenAndTied(torch.nn.Module):
+    """A frozen first layer, and one weight shared by two layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = torch.nn.Linear(6, 4).requires_grad_(False)
+        self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+        self.b.weight = self.a.weight
+        self.bn = torch.nn.BatchNorm1d(4)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_model_averaging_leaves_frozen_parameters_and_sends_tied_ones_once():
+    """MA averaged frozen parameters into themselves (on 3 ranks rounding changed them) and
+    sent the whole frozen part every round, and a tied weight once per name."""
+    from hpctrain.ec import average_model
+    from hpctrain.summary import allreduce_bytes
+
+    comm = world()
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    torch.manual_seed(rank)  # every rank's own values, the frozen layer's too
+    model = FrozenAndTied()
+    frozen = [t.clone() for t in (model.inp.weight, model.inp.bias)]
+    sent = average_model(model, comm)
+    assert torch.equal(model.inp.weight, frozen[0]) and torch.equal(model.inp.bias, frozen[1])
+    members = [(torch.manual_seed(r), FrozenAndTied())[1] for r in range(ranks)]
+    torch.testing.assert_close(model.a.weight, torch.stack([m.a.weight for m in members]).mean(0))
+    assert model.b.weight is model.a.weight
+    # a.weight, a.bias, b.bias, the batch norm's weight, bias and two running statistics
+    assert sent == allreduce_bytes((16 + 4 + 4 + 4 * 4) * 4, ranks)
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

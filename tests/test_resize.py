@@ -127,6 +127,23 @@ def test_ma_starts_every_worker_from_the_average():
     assert [p["agg"]["stats"]["bytes"] for p in new] == [[0], [1]]
 
 
+def test_ma_keeps_frozen_parameters_as_the_members_hold_them():
+    """Resized, MA averaged frozen parameters too, as its rounds did: the members' equal
+    values came back changed by rounding."""
+    members = []
+    for r in range(3):
+        torch.manual_seed(r)
+        members.append(torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)))
+        members[-1][0].requires_grad_(False)
+    parts = [{"model": m.state_dict(), "optimizer": {}, "agg": {"steps": 5}} for m in members]
+    ma = algorithm("ma")
+    ma.model = members[0]
+    new = ma.resize_state(parts, 2, 9)[1]["model"]
+    assert list(new) == list(parts[0]["model"])
+    assert torch.equal(new["0.weight"], members[0][0].weight)  # the first member's
+    assert torch.equal(new["1.weight"], torch.stack([m[1].weight for m in members]).mean(0))
+
+
 def test_ec_keeps_or_copies_members_and_the_round():
     parts = [{"model": {"w": torch.full((2,), float(r))}, "optimizer": {"r": r},
               "agg": {"steps": 30, "round_start": 28, "rounds": 4, "relabelled": None,

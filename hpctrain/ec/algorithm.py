@@ -25,7 +25,7 @@ from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint import policy
 from hpctrain.checkpoint.resize import mean_tensors
 from hpctrain.ec.averaging import ModelAveraging as Averaging
-from hpctrain.ec.averaging import broadcast_model
+from hpctrain.ec.averaging import broadcast_model, frozen_names
 from hpctrain.ec.compression import DISTILL_FROM
 from hpctrain.ec.compression import EnsembleCompression as Compression
 from hpctrain.ec.evaluation import evaluate_members
@@ -129,9 +129,13 @@ class ModelAveraging(Algorithm):
 
     def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
         """MA resumed on another number of workers: every worker starts from the members'
-        average (an aggregation at the resume) and their averaged momentum; the aggregator
+        average (an aggregation at the resume; frozen parameters, equal on every member, are
+        the first one's, as rounds leave them) and their averaged momentum; the aggregator
         counts on from ``position`` and keeps old worker ``j mod K``'s statistics."""
-        model = mean_tensors([p["model"] for p in parts])
+        frozen = frozen_names(self.model) if self.model is not None else set()
+        first = parts[0]["model"]
+        model = {k: first[k] if k in frozen else mean_tensors([p["model"][k] for p in parts])
+                 for k in first}
         optimizer = mean_tensors([p["optimizer"] for p in parts])
         return [{"model": model, "optimizer": optimizer,
                  "agg": {**parts[j % len(parts)]["agg"], "steps": position}}

@@ -1,7 +1,9 @@
 """Model averaging (MA): every ``tau`` local steps, allreduce-average the parameters and buffers.
 
-Floating-point buffers (BatchNorm's running statistics) are averaged with the parameters;
-integer buffers (BatchNorm's step counter) are equal on every rank and left alone. Optimizer
+Floating-point buffers (BatchNorm's running statistics) are averaged with the trainable
+parameters; integer buffers (BatchNorm's step counter) are equal on every rank and left alone,
+and so are frozen parameters (``requires_grad`` False: every rank holds rank 0's, which no
+step changes). A tensor held under two names (tied weights) is sent once. Optimizer
 state (momentum) stays local, as in local SGD. Device tensors travel through
 :class:`hpctrain.devices.HostStage` (directly where MPI is CUDA-aware).
 """
@@ -21,8 +23,24 @@ from hpctrain.summary import allreduce_bytes
 
 
 def floating_state(model: nn.Module) -> list[torch.Tensor]:
-    """The model's parameters and floating-point buffers, in a fixed order."""
-    return [t for t in model.state_dict(keep_vars=True).values() if t.is_floating_point()]
+    """What model averaging averages, in ``state_dict`` order: the trainable parameters and
+    the floating-point buffers, each tensor once. A frozen parameter is equal on every rank,
+    and averaging it sent the whole frozen backbone every round and, on a rank count that is
+    not a power of two, changed it by rounding; a tied one was sent once per name."""
+    seen: set[int] = set()
+    out = []
+    for t in model.state_dict(keep_vars=True).values():
+        frozen = isinstance(t, nn.Parameter) and not t.requires_grad
+        if t.is_floating_point() and not frozen and id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+def frozen_names(model: nn.Module) -> set[str]:
+    """The ``state_dict`` names of ``model``'s frozen parameters (every name of a tied one),
+    which model averaging leaves as every rank holds them."""
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
 
 
 def check_same_layout(model: nn.Module, comm, who: str) -> None:
@@ -55,7 +73,8 @@ def check_same_layout(model: nn.Module, comm, who: str) -> None:
 
 @torch.no_grad()
 def average_model(model: nn.Module, comm) -> int:
-    """Replace ``model``'s parameters and floating buffers by their mean over ``comm``'s ranks.
+    """Replace ``model``'s trainable parameters and floating buffers (:func:`floating_state`)
+    by their mean over ``comm``'s ranks.
 
     Collective. Returns the bytes this rank sent (ring allreduce). Every rank must hold the
     same layout (:class:`ModelAveraging` checks it once; this, called every round, does not).
