@@ -313,6 +313,29 @@ def test_sparse_gradients_an_optimizer_cannot_take_are_refused_before_mpi(nets, 
         ["train", *args[:1], "asgd", *args[2:], "--weight-decay", "0.01"])), 2)
 
 
+def test_ssgds_allreduce_bytes_count_what_it_reduces():
+    """The summary's allreduce_bytes_per_rank counted every parameter at 4 bytes: 26 times
+    too many for a frozen backbone, float64 and bf16 gradients at 4 bytes, sparse ones (which
+    go by allgather) as dense."""
+    from hpctrain.sync import Compression
+    from hpctrain.sync.algorithm import reduced_bytes
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({"frozen": torch.nn.Linear(100, 10).requires_grad_(False),
+                                 "f64": torch.nn.Linear(10, 10).double(),
+                                 "bf16": torch.nn.Linear(10, 10).bfloat16(),
+                                 "a": torch.nn.Linear(10, 10, bias=False),
+                                 "b": torch.nn.Linear(10, 10, bias=False),
+                                 "emb": torch.nn.Embedding(50, 10, sparse=True)})
+    model["b"].weight = model["a"].weight  # tied: reduced once
+    dense = 110 * 8 + 110 * 2 + 100 * 4
+    assert reduced_bytes(model, Compression.none) == dense + 500 * 4  # no gradient seen yet
+    model["emb"](torch.tensor([1, 2])).sum().backward()  # its gradient comes sparse
+    assert reduced_bytes(model, Compression.none) == dense
+    assert reduced_bytes(model, Compression.none, sparse_too=True) == dense + 500 * 4  # Adasum
+    assert reduced_bytes(model, Compression.fp16) == (110 + 110 + 100) * 2
+
+
 def test_the_layout_ranks_compare_is_the_checked_models(nets, monkeypatch):
     """run._agree compares the layout of the model check_model built before MPI: no second
     build at start-up; other arguments (here --model-args) build and describe their own."""

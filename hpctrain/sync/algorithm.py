@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, replace
+from typing import Any
+
+from torch import nn
 
 import hpctrain.sync as hvd
-from hpctrain import microbatch, models
+from hpctrain import microbatch
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
@@ -64,8 +67,11 @@ class Synchronous(Algorithm):
     _started = False  # whether connect() started hpctrain.sync (close() then stops it)
     summary_fields = {"allreduce_bytes_per_rank": "bytes: what one rank sent in gradient "
                                                   "allreduces, counted as a ring's: 2(K-1)/K "
-                                                  "of the payload (fp16: 2 bytes a value; a "
-                                                  "resized run: at its last K)"}
+                                                  "of the payload, the trainable parameters' "
+                                                  "gradients in the dtype they travel in "
+                                                  "(--fp16-allreduce: 2 bytes a value; sparse "
+                                                  "ones, gathered, are not counted; a resized "
+                                                  "run: at its last K)"}
 
     @classmethod
     def for_launch(cls, config, launcher: str):
@@ -129,16 +135,20 @@ class Synchronous(Algorithm):
         if self._started:
             hvd.shutdown()
 
+    @property
+    def compression(self):
+        """How gradients travel (``--fp16-allreduce``)."""
+        return hvd.Compression.fp16 if self.options.fp16_allreduce else hvd.Compression.none
+
     def setup(self, s: Setup) -> None:
         super().setup(s)
         hvd.broadcast_parameters(s.model.state_dict(), root_rank=0)
-        compression = hvd.Compression.fp16 if self.options.fp16_allreduce \
-            else hvd.Compression.none
         o = self.config.optim
         passes = microbatch.parts(o.batch_size, o.micro_batch_size)  # its backward passes
         self.optimizer = hvd.DistributedOptimizer(
-            self.optimizer, named_parameters=s.model.named_parameters(), compression=compression,
-            backward_passes_per_step=passes, op=hvd.Adasum if self.adasum else hvd.Average)
+            self.optimizer, named_parameters=s.model.named_parameters(),
+            compression=self.compression, backward_passes_per_step=passes,
+            op=hvd.Adasum if self.adasum else hvd.Average)
 
     def guard(self, s: Setup) -> GradientGuard:
         # The allreduced gradient is the same everywhere: all ranks skip a bad step together.
@@ -164,7 +174,18 @@ class Synchronous(Algorithm):
         return True
 
     def summary(self, points: list[dict], comm) -> dict:
-        per_value = 2 if self.options.fp16_allreduce else 4
-        payload = points[-1]["updates"] * models.num_parameters(self.model) * per_value
+        step = reduced_bytes(self.model, self.compression, sparse_too=self.adasum)
         ranks = 1 if comm is None else comm.Get_size()
-        return {"allreduce_bytes_per_rank": allreduce_bytes(payload, ranks)}
+        return {"allreduce_bytes_per_rank": allreduce_bytes(points[-1]["updates"] * step, ranks)}
+
+
+def reduced_bytes(model: nn.Module, compression: Any, sparse_too: bool = False) -> int:
+    """Bytes one step allreduces for ``model``: each trainable parameter's gradient (a tied
+    one once), in the dtype ``compression`` sends it in. A gradient that came sparse (an
+    embedding's: sparse at the end of training) is gathered instead and not counted, unless
+    ``sparse_too`` (Adasum combines every parameter's change densely). Counting every
+    parameter at 4 bytes made a frozen backbone's, a float64 or bf16 model's and a sparse
+    one's figure wrong."""
+    return sum(p.numel() * compression.wire_dtype(p.dtype).itemsize
+               for p in model.parameters() if p.requires_grad
+               and (sparse_too or p.grad is None or not p.grad.is_sparse))
