@@ -265,6 +265,16 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
     return model
 
 
+def build_for_data(config) -> nn.Module:
+    """The run's model (``config``: a RunConfig) for its data set's sample shape and classes
+    (one test sample read): what an algorithm's check before MPI judges, such as its
+    parameters' dtypes."""
+    from hpctrain import data  # data imports this module
+
+    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
+    return build_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
+
+
 def layout(model: nn.Module) -> str:
     """The model's parameters and buffers in a few words, with a digest of their names,
     shapes and dtypes: what every rank must build alike (a user's model file may differ

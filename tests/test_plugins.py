@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import math
 import re
@@ -75,9 +76,11 @@ class Linear(nn.Module):
             self.unused.requires_grad_(False)
         if how == "double":
             self.l.double()
+        if how == "bf16":
+            self.l.bfloat16()
     def forward(self, x):
         x = x.flatten(1)
-        out = self.l(x.double() if self.how == "double" else x)
+        out = self.l(x.to(self.l.weight.dtype))
         return {"detached": out.detach(), "int": out.long()}.get(self.how, out)
 
 class Tokens(nn.Module):
@@ -311,6 +314,19 @@ def test_sparse_gradients_an_optimizer_cannot_take_are_refused_before_mpi(nets, 
     # asgd's push adds sparse gradients densely, weight decay too
     run.check_launch(arguments.build(cli.build_parser().parse_args(
         ["train", *args[:1], "asgd", *args[2:], "--weight-decay", "0.01"])), 2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("horovod") is None, reason="no horovod")
+def test_horovod_is_refused_a_bf16_model_before_mpi(nets):
+    """horovod.torch moves no bfloat16 tensor: broadcasting the model raised after MPI started
+    ("Tensor type torch.BFloat16Tensor is not supported"), naming neither tensor nor backend."""
+    args = ["--algo", "ssgd", "--dataset", "synthetic", "--model", "nets_mod:Linear",
+            "--model-args", '{"how": "bf16"}', "--no-progress"]
+    assert refusal([*args, "--sync-backend", "horovod"], 2) == (
+        "--sync-backend horovod: --model nets_mod:Linear's l.weight is torch.bfloat16, which "
+        "Horovod cannot broadcast or allreduce; use --sync-backend mpi or torch, or a float32 "
+        "model with --mixed-precision bf16")
+    run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 2)
 
 
 def test_ssgds_allreduce_bytes_count_what_it_reduces():

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import data, devices, kernels, plugins, watchdog
+from hpctrain import devices, kernels, plugins, watchdog
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.async_ import shm
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
@@ -81,9 +81,7 @@ def _model_size(config) -> int:
     """The number of values the store holds for the model and data set (one test sample
     read): the trainable parameters of a built-in model or the user's, which must be float32
     (the store's windows and the compensation kernel are; found after MPI started, else)."""
-    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    model = plugins.build_model(config.model.name, sample.shape, sample.num_classes,
-                                config.model.args)
+    model = plugins.build_for_data(config)
     for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             raise UsageError(f"--model {config.model.name}: parameter {name} is {p.dtype}; "

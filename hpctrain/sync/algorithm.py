@@ -15,10 +15,11 @@ import importlib.util
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 import hpctrain.sync as hvd
-from hpctrain import microbatch
+from hpctrain import microbatch, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
@@ -89,7 +90,9 @@ class Synchronous(Algorithm):
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
             raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
-        if config.algorithm.sync_backend != "horovod":
+        if config.algorithm.sync_backend == "horovod":
+            _refuse_bf16_for_horovod(config)
+        else:
             default_bucket_bytes()  # HOROVOD_FUSION_THRESHOLD sizes the buckets
         if config.algorithm.reduce_op == "adasum" and ranks & (ranks - 1):
             raise UsageError(f"--reduce-op adasum needs a power-of-2 number of workers, got "
@@ -177,6 +180,19 @@ class Synchronous(Algorithm):
         step = reduced_bytes(self.model, self.compression, sparse_too=self.adasum)
         ranks = 1 if comm is None else comm.Get_size()
         return {"allreduce_bytes_per_rank": allreduce_bytes(points[-1]["updates"] * step, ranks)}
+
+
+def _refuse_bf16_for_horovod(config) -> None:
+    """UsageError naming the model's first bfloat16 parameter or buffer: horovod.torch 0.28
+    moves no bfloat16 tensor, so broadcasting the model raised after MPI started ("Tensor
+    type torch.BFloat16Tensor is not supported", naming neither tensor nor backend)."""
+    name = next((n for n, t in plugins.build_for_data(config).state_dict().items()
+                 if t.dtype == torch.bfloat16), None)
+    if name is not None:
+        raise UsageError(f"--sync-backend horovod: --model {config.model.name}'s {name} is "
+                         "torch.bfloat16, which Horovod cannot broadcast or allreduce; use "
+                         "--sync-backend mpi or torch, or a float32 model with "
+                         "--mixed-precision bf16")
 
 
 def reduced_bytes(model: nn.Module, compression: Any, sparse_too: bool = False) -> int:
