@@ -210,14 +210,33 @@ class Algorithm:
         return position
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The mean loss of the batch ``x``, ``y``."""
+        """The mean loss of the batch ``x``, ``y``: a scalar floating-point tensor computed
+        from ``self.model``."""
         return F.cross_entropy(self.model(x), y)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor,
                size: int | None) -> Iterator[torch.Tensor]:
         """The step's loss in parts of at most ``size`` samples (``--micro-batch-size``) whose
         sum is the step's loss; the loop runs backward on each as it comes."""
-        return mean_in_parts(self.loss, x, y, size)
+        return mean_in_parts(self._scalar_loss, x, y, size)
+
+    def _scalar_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """:meth:`loss`, refused unless backward can start from it: a per-sample loss or an
+        integer stopped the first step with torch's message, which names no loss()."""
+        loss = self.loss(x, y)
+        if isinstance(loss, torch.Tensor) and loss.dim() == 0 and loss.is_floating_point() \
+                and loss.requires_grad:
+            return loss
+        if not isinstance(loss, torch.Tensor):
+            got = f"a {type(loss).__name__}"
+        elif loss.dim() != 0:
+            got = f"a tensor of shape {tuple(loss.shape)} (per-sample losses? take their mean)"
+        elif not loss.is_floating_point():
+            got = f"a {loss.dtype} tensor"
+        else:
+            got = "a tensor with no gradient path to self.model (detached?)"
+        raise TypeError(f"{type(self).__name__}.loss() must return the batch's mean loss, a "
+                        f"scalar floating-point tensor computed from self.model, not {got}")
 
     def synchronize(self) -> None:
         """Complete the gradient (ssgd: finish its allreduce) before the NaN guard sees it."""

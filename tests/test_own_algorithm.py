@@ -329,6 +329,29 @@ def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):
     assert str(refused.value) == "--optimizer adam: --algo mine keeps its own update rule; only sgd"
 
 
+def test_an_ec_subclass_whose_loss_ec_never_calls_is_refused(tmp_path):
+    """ec's step loss comes from its losses(): a subclass overriding loss() alone trained
+    with ec's own loss, silently."""
+    path = own(tmp_path, """
+        from hpctrain.ec.algorithm import EnsembleCompression
+        from torch.nn import functional as F
+
+        class SmoothEC(EnsembleCompression):
+            name = "smooth-ec"
+            def loss(self, x, y):
+                return F.cross_entropy(self.model(x), y, label_smoothing=0.1)
+        """)
+    from hpctrain import run
+
+    with pytest.raises(UsageError) as refused:
+        run.check_launch(arguments.build(compare._train_parser().parse_args(
+            ["--algo", f"{path}:SmoothEC", *SMALL])), 2)
+    assert str(refused.value) == (
+        f"--algo {path}:SmoothEC: SmoothEC.loss() would never be called: ec's step loss comes "
+        "from losses() (cross-entropy plus the distillation of relabelled samples); override "
+        "losses()")
+
+
 NOT_LOCK_STEP = """
 class Mine(Algorithm):
     name = "mine"

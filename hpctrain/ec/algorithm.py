@@ -191,6 +191,11 @@ class EnsembleCompression(ModelAveraging):
 
     @classmethod
     def check(cls, config, ranks: int, samples: int) -> None:
+        if cls.loss is not EnsembleCompression.loss and \
+                cls.losses is EnsembleCompression.losses:  # a subclass's, taken silently
+            raise UsageError(f"--algo {config.algo}: {cls.__name__}.loss() would never be "
+                             "called: ec's step loss comes from losses() (cross-entropy plus "
+                             "the distillation of relabelled samples); override losses()")
         o = config.algorithm
         local = samples // ranks  # as the loop counts them (TrainData.samples_per_rank)
         steps = steps_per_epoch(samples, ranks, config.optim.batch_size)
