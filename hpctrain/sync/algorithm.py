@@ -4,9 +4,11 @@ ssgd is what a Horovod user writes: the model broadcast from rank 0 and the opti
 in ``DistributedOptimizer``, which allreduces gradients while backward runs (or, with
 ``--reduce-op adasum``, combines each rank's update by Adasum in the step). The data order is
 the shuffle package's, so ssgd on K ranks with batch b sees, step by step, the same samples as
-sgd with batch K*b. With ``--micro-batch-size`` backward runs once per micro-batch, and the
-wrapper's ``backward_passes_per_step`` (Horovod's gradient accumulation) starts each bucket's
-allreduce after the last one.
+sgd with batch K*b, and takes the same steps, except for a parameter no rank's forward used:
+its gradient is reduced as zeros, as Horovod does (DDP leaves it None), so weight decay and
+momentum move it where sgd leaves it (README, own models). With ``--micro-batch-size``
+backward runs once per micro-batch, and the wrapper's ``backward_passes_per_step``
+(Horovod's gradient accumulation) starts each bucket's allreduce after the last one.
 """
 
 from __future__ import annotations
