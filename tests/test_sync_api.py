@@ -17,7 +17,7 @@ import threading
 
 import pytest
 import torch
-from conftest import horovod_missing
+from conftest import ROOT, horovod_missing, run_program
 from torch import nn
 from torch.nn import functional as F
 
@@ -935,3 +935,39 @@ def test_shutdown_frees_the_groups_of_every_optimizer_too():
         sync.shutdown()
     assert not torch_transport._DERIVED
     assert opt._reducer._transport.group is torch_transport._FREED
+
+
+# An optimizer made after init: torch.optim imports Dynamo, and with it
+# torch.distributed.nn.functional, whose default arguments then hold the default group, so
+# destroying it leaves its gloo workers running to exit. The job ends with collectives there.
+EXIT_AFTER_KEPT_GROUP = """
+import torch
+import hpctrain.sync as hvd
+torch.set_num_threads(1)
+hvd.init(backend="torch")
+model = torch.nn.Linear(3, 2)
+opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                               named_parameters=model.named_parameters(), op=hvd.Adasum)
+for _ in range(3):
+    opt.zero_grad()
+    model(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    hvd.allreduce(torch.ones(3))
+hvd.shutdown()
+print("done")
+"""
+
+
+@pytest.mark.timeout(240)
+def test_torch_backend_exits_cleanly_when_something_holds_the_default_group(tmp_path):
+    """shutdown() dropped the last operations' tensors once it had destroyed the groups; a
+    gloo worker of the default group, which lived on, then dropped the last reference to
+    one at interpreter exit and, wanting the GIL, aborted the process after a successful run
+    ("terminate called without an active exception"): 7 exits in 8 here."""
+    script = tmp_path / "job.py"
+    script.write_text(EXIT_AFTER_KEPT_GROUP)
+    for run in range(3):
+        proc = run_program([sys.executable, str(script)], np=2, timeout=60,
+                           env={"PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 0, f"run {run + 1}: exit {proc.returncode}\n{proc.stderr}"
+        assert proc.stdout.split() == ["done", "done"]

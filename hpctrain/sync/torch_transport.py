@@ -14,13 +14,15 @@ set's, and a spare that the set's one ``DistributedOptimizer`` takes through ``d
 
 from __future__ import annotations
 
+import atexit
 import ipaddress
 import math
 import os
 import pickle
 import socket
+import threading
+import time
 import weakref
-from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,30 +36,66 @@ from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
 
 _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
         PRODUCT: dist.ReduceOp.PRODUCT}
-# The last operations' works and tensors, of every group, kept alive until shutdown (see
-# _keep): more than gloo has worker threads (2 a group), each holding at most the one
-# operation it runs.
-_RECENT: deque = deque(maxlen=16)
 # Integer types gloo and NCCL have no type for: moved as their bytes (_raw), and reduced in
 # int64 (_wide), which holds every 16- and 32-bit value (uint64 is refused for reductions).
 # (torch.uint16 and wider came with torch 2.3.)
 _UNTYPED = tuple(getattr(torch, t) for t in ("int16", "uint16", "uint32", "uint64")
                  if hasattr(torch, t))
+# The tensors lent to each operation (_lend) that a work of torch.distributed may still hold.
+_LENT: list[tuple[torch.Tensor, ...]] = []
+_LENT_LOCK = threading.Lock()  # a CUDA parameter's gradient hook lends from autograd's thread
+# Tensor._use_count tells when no work holds a lent tensor any more; a torch without it
+# keeps the last operations' tensors instead: more than a group has worker threads (gloo's
+# two), each holding at most the one operation it runs.
+_COUNTS_USES = hasattr(torch.Tensor, "_use_count")
+_WINDOW = 16
+_SETTLE_S = 10.0  # at most this long, at shutdown and exit, for the workers to let go
 
 
-def _keep(work: Any, *tensors: Any) -> Any:
-    """Hold ``work`` and its tensors among the last few operations, so that Python, not a
-    gloo worker thread, drops the last reference to them.
+def _lend(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Aliases of ``tensors`` (sharing their memory) to hand to one torch.distributed
+    operation, which Python holds until no work holds them, so that Python's thread, not a
+    worker's, drops the last reference to them.
 
-    A tensor whose last reference goes in a worker thread needs the GIL there (its Python
-    object, or a ``frombuffer`` storage). Before torch 2.8 a gloo group's destructor (when
-    its last Python reference goes, after destroy_process_group) joins those threads holding
-    the GIL, so a worker still finishing an operation then hung the process (seen with torch
-    2.1, at shutdown and at remove_process_set). The hold is module-wide, since a group can
-    outlive its transport's ``free``.
-    """
-    _RECENT.append((work, tensors))
-    return work
+    A tensor whose last reference goes in a worker thread (gloo's runLoop) needs the GIL
+    there (its Python object, or a ``frombuffer`` storage): at interpreter exit that aborted
+    the process ("terminate called without an active exception"), and before torch 2.8 a
+    group's destructor, which joins its workers holding the GIL, hung. Destroying the groups
+    first does not end their workers where something else still holds a group:
+    torch.distributed.nn.functional, which ``torch.optim`` imports with Dynamo, takes the
+    default group as a default argument when it is imported after init. So each operation
+    gets aliases only this module knows: a use count of 1 says no work holds one any more.
+    Call it once per operation, after the previous operation was started (it forgets the
+    settled ones first)."""
+    aliases = [t.detach() for t in tensors]
+    with _LENT_LOCK:
+        _forget_settled()
+        _LENT.append(tuple(aliases))
+    return aliases
+
+
+def _forget_settled() -> None:
+    if _COUNTS_USES:
+        _LENT[:] = [lent for lent in _LENT if any(t._use_count() > 1 for t in lent)]
+    elif len(_LENT) >= _WINDOW:
+        del _LENT[:len(_LENT) - _WINDOW + 1]
+
+
+@atexit.register
+def settle(timeout_s: float = _SETTLE_S) -> None:
+    """Wait up to ``timeout_s`` until no work holds a lent tensor (at shutdown, and at exit
+    for groups the script or the training loop leave running); where the use count is
+    unknown, forget the last operations' tensors as before."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with _LENT_LOCK:
+            if _COUNTS_USES:
+                _forget_settled()
+            else:
+                _LENT.clear()
+            if not _LENT or time.monotonic() > deadline:
+                return
+        time.sleep(0.001)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
@@ -81,15 +119,14 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 def release(world: TorchTransport) -> None:
     """At shutdown: free every transport made from another (``dup``, ``split``) and not freed
     yet, then ``world`` (whose default group, if it owns it, takes every group with it), then
-    drop the operations :func:`_keep` held. A DistributedOptimizer's own transport (``dup``)
-    has no other owner to free it: its group and the group's worker threads lived on to
-    interpreter exit, where a worker that wanted the GIL aborted the process ("terminate
-    called without an active exception"). The loop's own transport under torchrun
+    wait until the workers let go of what :func:`_lend` lent them. A DistributedOptimizer's
+    own transport (``dup``) has no other owner to free it: its group and the group's worker
+    threads lived on to interpreter exit. The loop's own transport under torchrun
     (:class:`hpctrain.torch_comm.TorchComm`) is made from none and stays."""
     for transport in list(_DERIVED):
         transport.free()
     world.free()
-    _RECENT.clear()
+    settle()
 
 
 def start_process_group(comm: Any = None) -> bool:
@@ -400,12 +437,13 @@ class TorchTransport:
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
         if out.dtype in _UNTYPED:
             wide = _wide(out if send is None else send)
-            work = dist.all_reduce(wide, op=_OPS[int(op)], group=self.group, async_op=True)
-            return _Work(_keep(work, wide), lambda: out.copy_(wide))
+            work = dist.all_reduce(*_lend(wide), op=_OPS[int(op)], group=self.group,
+                                   async_op=True)
+            return _Work(work, lambda: out.copy_(wide))
         if send is not None:
             out.copy_(send)
-        work = dist.all_reduce(out, op=_OPS[int(op)], group=self.group, async_op=True)
-        return _Work(_keep(work, out))
+        return _Work(dist.all_reduce(*_lend(out), op=_OPS[int(op)], group=self.group,
+                                     async_op=True))
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
         send, out = _raw(send), _raw(out)
@@ -413,8 +451,8 @@ class TorchTransport:
         padded = send.new_zeros((most, *send.shape[1:]))
         padded[:len(send)] = send
         parts = [torch.empty_like(padded) for _ in rows]
-        work = _keep(dist.all_gather(parts, padded, group=self.group, async_op=True),
-                     parts, padded)
+        lent, *lent_parts = _lend(padded, *parts)
+        work = dist.all_gather(lent_parts, lent, group=self.group, async_op=True)
 
         def unpad() -> None:
             torch.cat([p[:r] for p, r in zip(parts, rows, strict=True)], out=out)
@@ -422,37 +460,37 @@ class TorchTransport:
         return _Work(work, unpad)
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
-        tensor = _raw(tensor)
-        work = dist.broadcast(tensor, src=self._global(root), group=self.group, async_op=True)
-        return _Work(_keep(work, tensor))
+        return _Work(dist.broadcast(*_lend(_raw(tensor)), src=self._global(root),
+                                    group=self.group, async_op=True))
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
                   recv_rows: list[int]) -> Request:
-        send, out = _raw(send), _raw(out)
-        work = dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
-                                      input_split_sizes=send_rows, group=self.group,
-                                      async_op=True)
-        return _Work(_keep(work, out, send))
+        out, send = _lend(_raw(out), _raw(send))
+        return _Work(dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
+                                            input_split_sizes=send_rows, group=self.group,
+                                            async_op=True))
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
-        peer, send, out = self._global(peer), _raw(send), _raw(out)
-        ops = [dist.P2POp(f, t, peer, self.group) for f, t in ((dist.isend, send),
-                                                                (dist.irecv, out)) if t.numel()]
-        return _Works(_keep(dist.batch_isend_irecv(ops) if ops else [], send, out))
+        peer = self._global(peer)
+        moved = [(f, t) for f, t in ((dist.isend, _raw(send)), (dist.irecv, _raw(out)))
+                 if t.numel()]
+        lent = _lend(*(t for _, t in moved))
+        ops = [dist.P2POp(f, t, peer, self.group) for (f, _), t in zip(moved, lent, strict=True)]
+        return _Works(dist.batch_isend_irecv(ops) if ops else [])
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
         if self.nccl and send.device.type != "cpu" and send.dtype not in _UNTYPED:
-            parts = list(send.split(counts))
-            work = dist.reduce_scatter(out, parts, op=_OPS[int(op)], group=self.group,
-                                       async_op=True)
-            return _Work(_keep(work, out, parts))
+            lent, *parts = _lend(out, *send.split(counts))
+            return _Work(dist.reduce_scatter(lent, parts, op=_OPS[int(op)], group=self.group,
+                                             async_op=True))
         # gloo: one allreduce of the whole vector, this rank's rows kept. gloo has no
         # reduce_scatter before torch 2.8, and from 2.8 runs one allreduce per rank.
         whole = _wide(send) if send.dtype in _UNTYPED else send.clone()
-        work = dist.all_reduce(whole, op=_OPS[int(op)], group=self.group, async_op=True)
+        work = dist.all_reduce(*_lend(whole), op=_OPS[int(op)], group=self.group,
+                               async_op=True)
         mine = whole.narrow(0, sum(counts[:self.rank()]), counts[self.rank()])
-        return _Work(_keep(work, whole), lambda: out.copy_(mine))
+        return _Work(work, lambda: out.copy_(mine))
 
     def barrier(self) -> None:
         # An allreduce of a CPU tensor: gloo's, whatever backend CUDA tensors use.
@@ -487,8 +525,9 @@ class TorchTransport:
         padded = data.new_zeros(max(rows))
         padded[:len(data)] = data
         parts = [torch.empty_like(padded) for _ in rows] if self.rank() == root else None
-        _keep(dist.gather(padded, parts, dst=self._global(root), group=self.group,
-                          async_op=True), padded, parts).wait()
+        lent, *lent_parts = _lend(padded, *(parts or []))
+        dist.gather(lent, lent_parts if parts is not None else None, dst=self._global(root),
+                    group=self.group, async_op=True).wait()
         if parts is None:
             return None
         return [pickle.loads(p[:r].numpy().tobytes()) for p, r in zip(parts, rows, strict=True)]
@@ -518,9 +557,8 @@ class TorchTransport:
 
     def free(self) -> None:
         """Destroy the groups, and drop this transport's references to them: the last one
-        going ends a group's worker threads now, while :func:`_keep` still holds what they
-        ran (a worker that dropped a tensor's last reference at interpreter exit, wanting the
-        GIL then, aborted the process: "terminate called without an active exception")."""
+        going ends a group's worker threads now, where nothing else holds the group (what
+        they ran, :func:`_lend` holds until they let go of it)."""
         if self.group is _FREED:
             return
         if self._spare is not None:
