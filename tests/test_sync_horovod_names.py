@@ -612,6 +612,38 @@ def test_timeline_is_chrome_trace_json_with_the_phases(hvd, tmp_path_factory):
 
 
 @mpi
+@pytest.mark.timeout(60)
+def test_an_optimizers_timeline_rows_do_not_grow_with_its_steps(hvd, tmp_path_factory):
+    """Its step's agreement round, unnamed, got a row of its own every step
+    (``DistributedOptimizer.step.noname.<n>``), as did the two of its construction: 20 steps
+    gave 23 rows, a long run tens of thousands. Now a row per bucket and one for each kind of
+    round, their phases repeated."""
+    path = hvd.broadcast_object(str(tmp_path_factory.mktemp("tl") / "timeline.json"))
+    hvd.start_timeline(path)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), groups=2)
+    for _ in range(5):
+        opt.zero_grad()
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+    hvd.stop_timeline()
+    if hvd.rank() != 0:
+        return
+    events = json.load(open(path))
+    rows = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name"
+            and "name" in e.get("args", {})}
+    assert sorted(rows.values()) == ["DistributedOptimizer", "DistributedOptimizer.step",
+                                     "allreduce.DistributedOptimizer.bucket0",
+                                     "allreduce.DistributedOptimizer.bucket1"]
+    phases = [(rows[e["pid"]], e["name"]) for e in events if e.get("ph") == "B"]
+    assert phases.count(("DistributedOptimizer", "NEGOTIATE_DISTRIBUTEDOPTIMIZER")) == 2
+    assert phases.count(("DistributedOptimizer.step",
+                         "NEGOTIATE_DISTRIBUTEDOPTIMIZER.STEP")) == 5
+    assert phases.count(("allreduce.DistributedOptimizer.bucket1", "ALLREDUCE")) == 5
+
+
+@mpi
 @pytest.mark.timeout(120)
 def test_resnet_with_sync_batchnorm_trains_like_one_process_on_the_union(hvd):
     """ResNet-20 with norm_layer=hvd.SyncBatchNorm, 2 steps: outputs, batch statistics and

@@ -383,7 +383,8 @@ class BucketedAllreduce:
             dims = [(i, self._sparse_dims[i]) for i in sparse]
             self._channel.agree(Call("DistributedOptimizer.step", agree=(self.plan, dims),
                                      join_plan=("step", self.key, dims),
-                                     extra=self._sparse_note(sparse)))
+                                     extra=self._sparse_note(sparse),
+                                     row="DistributedOptimizer.step"))
         self._launch_ready()
         reduced = SparseAllgather(self._transport, [
             contribution(self._params[i].grad, self._params[i], self._sparse_dims[i])

@@ -46,6 +46,8 @@ class Call:
 
     ``agree`` is what every rank must have in common; ``join_plan`` is what a joined rank
     must do to take part (None: the call cannot run while a rank has joined, as in Horovod).
+    ``row`` is the timeline row of a round hpctrain runs itself, made once and run again
+    (None: ``kind.name``, or for an unnamed call a row of its own, as Horovod gives it).
     """
 
     kind: str
@@ -56,6 +58,7 @@ class Call:
     agree: tuple = ()
     join_plan: Any = None
     extra: str = ""
+    row: str | None = None
 
     def describe(self) -> str:
         parts = [] if self.name is None else [f"name={self.name!r}"]

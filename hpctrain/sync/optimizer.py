@@ -76,7 +76,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                                   agree=("arguments", backward_passes_per_step,
                                          gradient_predivide_factor),
                                   extra=f"backward_passes_per_step={backward_passes_per_step}, "
-                                        f"gradient_predivide_factor={gradient_predivide_factor}"))
+                                        f"gradient_predivide_factor={gradient_predivide_factor}",
+                                  row="DistributedOptimizer"))
     if op is Adasum:
         cls = type(optimizer.__class__.__name__, (_AdasumOptimizer, optimizer.__class__), {})
         return cls(optimizer.param_groups, names, compression, backward_passes_per_step,
@@ -226,7 +227,8 @@ class _DistributedOptimizer:
                                               sparse_as_dense, member.channel,
                                               [names[p] for p in grads])
             member.channel.agree(Call("DistributedOptimizer", agree=(self._reducer.plan,),
-                                      extra=f"{len(self._reducer.plan)} buckets"))
+                                      extra=f"{len(self._reducer.plan)} buckets",
+                                      row="DistributedOptimizer"))
 
     @property
     def bucket_sizes(self) -> list[int]:

@@ -6,8 +6,12 @@ record, and for each call the phases ``NEGOTIATE_<OP>`` (here: the agreement rou
 collective_check), then ``<OP>`` enclosing ``MPI_<OP>`` (``TORCH_<OP>`` on the torch backend:
 from posting the transport's operation until ``synchronize`` saw it finish), the last one
 with the dtype and shape. ``DistributedOptimizer``'s fused gradients get a row per bucket
-(``allreduce.DistributedOptimizer.bucket<k>``), negotiated once per step. ``init`` starts it
-when ``HOROVOD_TIMELINE`` names a file. Open it in chrome://tracing or Perfetto.
+(``allreduce.DistributedOptimizer.bucket<k>``: from the launch, during backward, until the
+step saw it done), with no negotiation of their own: the step's one agreement round for all
+of them is on the row ``DistributedOptimizer.step``, and the two rounds of its construction
+on ``DistributedOptimizer``, however many steps and optimizers (Horovod: a row per
+gradient). ``init`` starts it when ``HOROVOD_TIMELINE`` names a file. Open it in
+chrome://tracing or Perfetto.
 ``mark_cycles`` is accepted; there are no cycles to mark.
 """
 
@@ -108,8 +112,11 @@ def _row(call: Any) -> str:
     negotiated_call, row = _by_call.pop(id(call), (None, None))
     if negotiated_call is call and row in _rows:
         return row
-    name = call.name if call.name is not None else f"noname.{next(_noname)}"
-    row = f"{call.kind}.{name}"
+    if call.row is not None:
+        row = call.row
+    else:
+        name = call.name if call.name is not None else f"noname.{next(_noname)}"
+        row = f"{call.kind}.{name}"
     if row not in _rows:
         _rows[row] = len(_rows) + 1
         _emit({"name": "process_name", "ph": "M", "pid": _rows[row], "args": {"name": row}})
