@@ -61,6 +61,39 @@ def test_every_public_horovod_name_is_in_hpctrain_sync():
     assert issubclass(sync.CollectiveMismatchError, sync.HorovodInternalError)
 
 
+# What horovod.torch.mpi_ops and .functions have that hpctrain's do not, on purpose: the
+# modules and typing names they import for themselves, and Horovod's internals.
+NOT_PORTED = {"torch", "warnings", "io", "collections", "cloudpickle", "Iterable",
+              "HorovodAllgather", "HorovodAllreduce", "HorovodAlltoall", "HorovodBroadcast",
+              "HorovodGroupedAllgather", "HorovodGroupedAllreduce",
+              "HorovodGroupedReducescatter", "HorovodReducescatter", "check_installed_version",
+              "get_average_backwards_compatibility_fun",
+              "handle_average_backwards_compatibility"}
+
+
+def test_horovods_submodules_names_import_from_hpctrains():
+    """``from horovod.torch.mpi_ops import Sum`` ported as ``from hpctrain.sync.mpi_ops
+    import Sum`` was a ModuleNotFoundError (``hvd.mpi_ops`` was the backend module, without
+    the ops or process sets), and hpctrain.sync.functions had no broadcast_object."""
+    horovod = _horovod()
+    from hpctrain.sync import functions, mpi_ops
+
+    theirs = {n for module in (horovod.mpi_ops, horovod.functions) for n in dir(module)
+              if not n.startswith("_")}
+    assert NOT_PORTED <= theirs
+    for module, ours in ((horovod.mpi_ops, mpi_ops), (horovod.functions, functions)):
+        names = [n for n in dir(module) if not n.startswith("_") and n not in NOT_PORTED]
+        assert [n for n in names if not hasattr(ours, n)] == [], module.__name__
+        assert set(names) == set(ours.__all__), module.__name__
+    assert sync.mpi_ops is mpi_ops and sync.functions is functions
+    assert mpi_ops.Sum is sync.Sum and functions.broadcast_object is sync.broadcast_object
+    assert mpi_ops.HorovodInternalError is sync.HorovodInternalError
+    assert mpi_ops.mpi_lib is None and mpi_ops.num_rank_is_power_2(4)
+    assert not mpi_ops.num_rank_is_power_2(6) and not mpi_ops.num_rank_is_power_2(0)
+    assert mpi_ops.gpu_available("torch") == torch.cuda.is_available()
+    assert not mpi_ops.gpu_available("tensorflow")
+
+
 def test_fusion_groups_and_reducescatter_rows():
     f32, f16 = torch.float32, torch.float16
     sizes = [(4, f32)] * 5
@@ -609,6 +642,17 @@ def test_timeline_is_chrome_trace_json_with_the_phases(hvd, tmp_path_factory):
         assert phase in names
     begins = sum(e.get("ph") == "B" for e in events)
     assert begins == sum(e.get("ph") == "E" for e in events)
+
+
+@mpi
+@pytest.mark.timeout(60)
+def test_mpi_ops_names_run_on_the_backend(own_backend):
+    from hpctrain.sync.functions import allgather_object
+    from hpctrain.sync.mpi_ops import Sum, allreduce, is_homogeneous
+
+    assert is_homogeneous()  # every rank on this one node
+    assert allreduce(torch.ones(2), op=Sum).tolist() == [own_backend.size()] * 2
+    assert allgather_object(own_backend.rank()) == list(range(own_backend.size()))
 
 
 @mpi

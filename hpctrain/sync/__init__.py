@@ -61,8 +61,12 @@ __all__ = [
     "grouped_reducescatter", "grouped_reducescatter_async", "join", "mpi_lib_v2", "mpi_ops",
     "reducescatter", "reducescatter_async", "remove_process_set", "rocm_built",
     "sparse_allreduce_async", "start_timeline", "stop_timeline", "sync_batch_norm",
+    # horovod.torch.mpi_ops's, and its other module of functions
+    "functions", "gpu_available", "is_homogeneous",
 ]
-_LAZY = ("HorovodInternalError", "elastic", "mpi_ops", "mpi_lib_v2")
+_LAZY = ("HorovodInternalError", "elastic", "functions", "mpi_ops", "mpi_lib_v2")
+# hpctrain's modules of horovod.torch's modules' names, on every backend (they import this one)
+_SUBMODULES = ("functions", "mpi_ops")
 
 BACKENDS = ("mpi", "torch", "horovod")
 _active: ModuleType | None = None
@@ -225,6 +229,18 @@ def cross_size() -> int:
 def cross_rank() -> int:
     """This node's index among those."""
     return _impl("cross_rank").cross_rank()
+
+
+def is_homogeneous() -> bool:
+    """Whether every node runs the same number of processes (in horovod.torch.mpi_ops)."""
+    impl = _impl("is_homogeneous")
+    return bool(impl.mpi_ops.is_homogeneous()) if _horovod() else impl.is_homogeneous()
+
+
+def gpu_available(ext_base_name: str = "torch", verbose: bool = False) -> bool:
+    """Whether Horovod's extension ``ext_base_name`` would run with a GPU: for ``torch``,
+    whether torch sees one (in horovod.torch.mpi_ops, from horovod.common.util)."""
+    return ext_base_name == "torch" and torch.cuda.is_available()
 
 
 def gloo_enabled() -> bool:
@@ -577,17 +593,18 @@ def stop_timeline() -> None:
 
 
 def __getattr__(name: str) -> Any:
-    """Horovod's exception class and modules: Horovod's own under the horovod backend."""
+    """Horovod's exception class, extension and elastic module (Horovod's own under the
+    horovod backend), and hpctrain's modules of Horovod's names."""
     if name not in _LAZY:
         raise AttributeError(f"module 'hpctrain.sync' has no attribute {name!r}")
+    if name in _SUBMODULES:
+        return importlib.import_module(f"hpctrain.sync.{name}")
     if _horovod():
         return getattr(_active, name)
     if name == "HorovodInternalError":
         from hpctrain.sync.errors import HorovodInternalError
 
         return HorovodInternalError
-    if name == "mpi_ops":
-        return mpi_backend
     if name == "elastic":  # import_module: ``from hpctrain.sync import`` would come back here
         return importlib.import_module("hpctrain.sync.elastic")
     return None  # mpi_lib_v2: Horovod's compiled extension; hpctrain's backends have none

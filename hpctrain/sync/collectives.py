@@ -62,6 +62,7 @@ class World:
     transport: Transport  # its own traffic: never matched with the user's
     iallreduce_algorithm: str | None  # mpi: the Iallreduce algorithm chosen (nbc_tuning)
     cross: tuple[int, int] = (1, 0)  # (size, rank) among the ranks of this local rank
+    homogeneous: bool = True  # every node runs as many ranks
 
 
 @dataclass
@@ -104,11 +105,13 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
         created = torch_transport.start_process_group(comm)
         moving, algorithm = torch_transport.TorchTransport(owns_default=created), None
     check_s, timeout_s = stall.settings(stall_check_s, stall_timeout_s)
-    seen = moving.allgather_object((moving.local_rank(), _must_agree(check_s, timeout_s)))
-    _refuse_disagreement([agreed for _, agreed in seen])
-    locals_ = [local for local, _ in seen]
+    seen = moving.allgather_object((moving.local_rank(), moving.local_size(),
+                                    _must_agree(check_s, timeout_s)))
+    _refuse_disagreement([agreed for _, _, agreed in seen])
+    locals_ = [local for local, _, _ in seen]
     mine = [r for r, lr in enumerate(locals_) if lr == locals_[moving.rank()]]
-    _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())))
+    _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())),
+                   len({node_size for _, node_size, _ in seen}) == 1)
     ranks_comm = _mpi_comm_of(moving, comm)
     psets.setup(moving, process_sets, ranks_comm)
     # No MPI world (torch under torchrun): the stall check goes through the group's store.
@@ -218,6 +221,11 @@ def cross_size() -> int:
 def cross_rank() -> int:
     """This node's index among those (Horovod's cross rank)."""
     return world("cross_rank").cross[1]
+
+
+def is_homogeneous() -> bool:
+    """Whether every node runs the same number of processes (Horovod's)."""
+    return world("is_homogeneous").homogeneous
 
 
 def mpi_threads_supported() -> bool:

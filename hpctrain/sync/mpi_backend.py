@@ -1,6 +1,7 @@
 """hpctrain's own backends (the mpi and torch transports) as one module with ``horovod.torch``'s
 names: what the facade dispatches to."""
 
+from hpctrain.sync.broadcast_state import broadcast_optimizer_state, broadcast_parameters
 from hpctrain.sync.collectives import (
     allgather,
     allgather_async,
@@ -30,7 +31,6 @@ from hpctrain.sync.collectives import (
     size,
     synchronize,
 )
-from hpctrain.sync.functions import broadcast_optimizer_state, broadcast_parameters
 from hpctrain.sync.optimizer import DistributedOptimizer
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
 
 # Issue 13: the rest of horovod.torch's names (kept apart from the list above for merging).
 from hpctrain.sync.alltoall import alltoall, alltoall_async  # noqa: E402
-from hpctrain.sync.collectives import cross_rank, cross_size  # noqa: E402
+from hpctrain.sync.collectives import cross_rank, cross_size, is_homogeneous  # noqa: E402
 from hpctrain.sync.grouped import (  # noqa: E402
     grouped_allgather,
     grouped_allgather_async,
@@ -64,6 +64,6 @@ __all__ += [
     "alltoall", "alltoall_async", "cross_rank", "cross_size", "grouped_allgather",
     "grouped_allgather_async", "grouped_allreduce", "grouped_allreduce_",
     "grouped_allreduce_async", "grouped_allreduce_async_", "grouped_reducescatter",
-    "grouped_reducescatter_async", "join", "reducescatter", "reducescatter_async",
-    "sparse_allreduce_async",
+    "grouped_reducescatter_async", "is_homogeneous", "join", "reducescatter",
+    "reducescatter_async", "sparse_allreduce_async",
 ]
