@@ -315,8 +315,14 @@ def _process_sets(hvd) -> dict:
     model(_value(r, 2, 3)).sum().backward()
     opt.step()
     out["optimizer"] = [p.detach().clone() for p in model.parameters()]
+    ids = [even.process_set_id, odd.process_set_id]
     out["removed"] = (hvd.remove_process_set(even), hvd.remove_process_set(odd),
                       hvd.remove_process_set(hvd.global_process_set))
+    # A removed set's id is used again, the first removed first (hpctrain's were new ones).
+    again = [hvd.add_process_set(range(1, n, 2)), hvd.add_process_set(range(0, n, 2))]
+    out["ids again"] = [ps.process_set_id for ps in again] == ids
+    for ps in again:
+        hvd.remove_process_set(ps)
     return out
 
 

@@ -93,6 +93,7 @@ _world: Transport | None = None
 _world_mpi: Any = None  # an MPI communicator with the world's ranks, where MPI runs the job
 _registered: dict[int, ProcessSet] = {}
 _next_id = 1
+_freed: list[int] = []  # ids of sets this rank removed, first removed first (used again)
 
 
 def mpicomm_rank() -> int:
@@ -110,6 +111,7 @@ def setup(world: Transport, process_sets: Sequence[ProcessSet] | None = None,
     _registered.clear()
     _registered[0] = global_process_set
     _next_id = 1
+    _freed.clear()
     for ps in process_sets or []:
         add(ps)
 
@@ -151,9 +153,10 @@ def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     n = _world.size()
     # With each rank's registered sets: a rank holds only the sets from communicators that
     # it is in, so a duplicate is found on all ranks or on none.
-    gathered = _world.allgather_object((ps.ranks, [o.ranks for o in _registered.values()]))
-    everyone = [ranks for ranks, _ in gathered]
-    registered = {tuple(r) for _, sets in gathered for r in sets}
+    gathered = _world.allgather_object((ps.ranks, [o.ranks for o in _registered.values()],
+                                        list(_registered), _freed))
+    everyone = [ranks for ranks, *_ in gathered]
+    registered = {tuple(r) for _, sets, *_ in gathered for r in sets}
     # Every verdict below is taken from everyone's lists, so every rank raises alike.
     if any(r != ps.ranks for r in everyone) and ps.mpi_comm is None:
         raise UsageError(f"add_process_set: ranks disagree between processes: {everyone}")
@@ -172,17 +175,31 @@ def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     if any(ranks in registered for ranks in sets):
         raise ValueError(f"Attempted to add a duplicate process set: {ps}")
     # One split per distinct set, in a deterministic order, so the ids agree everywhere.
+    ids = iter(_free_ids(gathered))
     for ranks in sets:
         sub = _world.split(list(ranks))
+        pid = next(ids, None)
+        if pid is None:
+            pid, _next_id = _next_id, _next_id + 1
+        elif pid in _freed:
+            _freed.remove(pid)
         if tuple(ps.ranks) == ranks:
-            ps.process_set_id = _next_id
-            _registered[_next_id] = ps
-            label = f"process set {_next_id}"
+            ps.process_set_id = pid
+            _registered[pid] = ps
+            label = f"process set {pid}"
             ps._member = None if sub is None else Member(sub, Channel(sub, label, list(ranks)))
         elif sub is not None:
             sub.free()
-        _next_id += 1
     return ps
+
+
+def _free_ids(gathered: list[tuple]) -> list[int]:
+    """The ids of removed sets that no rank still holds, first removed first (as Horovod
+    uses them again), from every rank's registered and removed ids: alike on every rank,
+    though a rank holds only the sets from communicators that it is in."""
+    in_use = {pid for *_, registered, _ in gathered for pid in registered}
+    return list(dict.fromkeys(pid for *_, freed in gathered for pid in freed
+                              if pid not in in_use))
 
 
 def remove(process_set: ProcessSet) -> bool:
@@ -194,6 +211,7 @@ def remove(process_set: ProcessSet) -> bool:
     if pid is None or pid == 0 or _registered.get(pid) is not process_set:
         return False
     del _registered[pid]
+    _freed.append(pid)
     if process_set._member is not None:
         process_set._member.transport.free()
     process_set._invalidate()
