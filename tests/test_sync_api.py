@@ -14,6 +14,7 @@ import copy
 import pickle
 import sys
 import threading
+import warnings
 
 import pytest
 import torch
@@ -43,6 +44,19 @@ def test_api_names_exist_like_horovod():
     assert sync.Compression.fp16.wire_dtype(torch.float32) == torch.float16
     assert sync.Compression.fp16.wire_dtype(torch.int64) == torch.int64
     assert sync.mpi_built() and not sync.nccl_built() and not sync.gloo_built()
+
+
+def test_average_gives_horovods_deprecation_warning_and_its_op():
+    """``average=`` was taken silently, where Horovod warns that ``op`` replaced it."""
+    from hpctrain.sync.collectives import resolve_op
+
+    for average, op in ((False, sync.Sum), (0, sync.Sum), (True, sync.Average)):
+        with pytest.warns(DeprecationWarning, match=r"^Parameter `average` has been replaced "
+                                                    r"with `op` and will be removed in v1\.0$"):
+            assert resolve_op(None, average) is op
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert resolve_op(None, None) is sync.Average and resolve_op(sync.Sum) is sync.Sum
 
 
 def test_calls_before_init_and_bad_backend_are_one_line_errors():
@@ -233,7 +247,8 @@ def test_allreduce_average_sum_min_max_and_scaling(hvd):
     total = torch.arange(4.0, dtype=torch.float64) * n + n * (n - 1) / 2
     torch.testing.assert_close(hvd.allreduce(t), total / n)
     torch.testing.assert_close(hvd.allreduce(t, op=hvd.Sum), total)
-    torch.testing.assert_close(hvd.allreduce(t, average=False), total)
+    with pytest.warns(DeprecationWarning, match=r"Parameter `average` has been replaced"):
+        torch.testing.assert_close(hvd.allreduce(t, average=False), total)
     torch.testing.assert_close(hvd.allreduce(t, op=hvd.Min), torch.arange(4.0).double())
     torch.testing.assert_close(hvd.allreduce(t, op=hvd.Max), torch.arange(4.0).double() + n - 1)
     torch.testing.assert_close(hvd.allreduce(t, op=hvd.Sum, prescale_factor=2.0,

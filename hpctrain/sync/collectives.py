@@ -20,6 +20,7 @@ import itertools
 import numbers
 import pickle
 import sys
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -271,11 +272,16 @@ def gloo_built() -> bool:
 
 
 def resolve_op(op: Any, average: bool | None = None) -> ReduceOp:
-    """``op`` as a ReduceOp, from Horovod's deprecated ``average`` when ``op`` is None."""
+    """``op`` as a ReduceOp, from Horovod's deprecated ``average`` when ``op`` is None (with
+    Horovod's DeprecationWarning)."""
     if op is not None and average is not None:
         raise UsageError("give op or the deprecated average, not both")
     if op is None:
-        return Sum if average is False else Average
+        if average is None:
+            return Average
+        warnings.warn("Parameter `average` has been replaced with `op` and will be removed in "
+                      "v1.0", DeprecationWarning, stacklevel=2)
+        return Average if average else Sum
     if not isinstance(op, int) or isinstance(op, bool):  # ReduceOp is an int; so are Horovod's
         raise UsageTypeError(f"op must be one of hpctrain.sync's Average, Sum, Adasum, Min, Max "
                              f"or Product, got {op!r}")
