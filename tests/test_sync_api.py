@@ -752,6 +752,22 @@ def test_torch_backend_starts_and_stops_again_and_again():
 
 @mpi
 @timeout
+def test_a_name_in_flight_is_refused_as_in_horovod(own_backend):
+    """A second operation under the name of one in flight was taken, where Horovod raises
+    ValueError; the name is free again once the first is synchronized."""
+    hvd = own_backend
+    first = hvd.allreduce_async(torch.ones(2), name="dup")
+    for second in (lambda: hvd.allreduce_async(torch.ones(2), name="dup"),
+                   lambda: hvd.allgather(torch.ones(1), name="dup")):
+        with pytest.raises(ValueError, match=r"^(allreduce|allgather): an operation named "
+                                             r"'dup' is still in flight on process set 0 "):
+            second()
+    assert hvd.synchronize(first).tolist() == [1.0, 1.0]
+    assert hvd.allreduce(torch.ones(2), name="dup").tolist() == [1.0, 1.0]
+
+
+@mpi
+@timeout
 def test_mpi_backend_misuse_is_a_usage_error_before_any_collective(mpi_backend):
     hvd = mpi_backend
     model = _model()

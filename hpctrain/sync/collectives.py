@@ -73,6 +73,8 @@ class _Pending:
     finish: Callable[[], Any] | None = None
     token: Any = None  # the timeline's
     keep: Any = None  # send buffers the transport reads until the requests finish
+    name: str | None = None  # the call's: taken on its process set until synchronized
+    member: Any = None
 
 
 _world: World | None = None
@@ -373,8 +375,21 @@ def register(requests: Request | list[Request], output: Any, finish=None,
     wire = "MPI" if m is None else m.transport.name.upper()
     token = timeline.started(call, wire) if call is not None else None
     listed = requests if isinstance(requests, list) else [requests]
-    _pending[handle] = _Pending(listed, output, finish, token, keep)
+    _pending[handle] = _Pending(listed, output, finish, token, keep,
+                                None if call is None else call.name, m)
     return handle
+
+
+def check_name_free(m: psets.Member, kind: str, name: Any) -> None:
+    """UsageError (a ValueError, as Horovod's) when an operation named ``name`` was started on
+    ``m``'s set and not synchronized yet: Horovod refuses a second one of the same name while
+    the first is processed. Here the name is taken until ``synchronize``, alike on every
+    rank, where Horovod's is free once the operation is done."""
+    if isinstance(name, str) and any(p.name == name and p.member is m
+                                     for p in _pending.values()):
+        raise UsageError(f"{kind}: an operation named {name!r} is still in flight on "
+                         f"{m.channel.label} (started, not synchronized); synchronize it "
+                         "first or give this one another name (Horovod refuses it too)")
 
 
 def tensor_call(kind: str, tensor: torch.Tensor, name: str | None, op: Any = None,
@@ -416,9 +431,11 @@ def rejecting(m: psets.Member, kind: str, name: Any = None) -> Iterator[None]:
     the others wait in the agreement round of a call it never makes. It runs that round for
     a "rejected" call instead: a rank with good arguments then raises CollectiveMismatchError
     naming the rejection, a rank with the same bad arguments passes it, and each bad rank
-    raises its own error. The round costs nothing when no check fails.
+    raises its own error. The round costs nothing when no check fails. The first check:
+    ``name`` is not in flight (:func:`check_name_free`).
     """
     try:
+        check_name_free(m, kind, name)
         yield
     except (TypeError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
