@@ -1001,4 +1001,4 @@ def test_torch_backend_exits_cleanly_when_something_holds_the_default_group(tmp_
         proc = run_program([sys.executable, str(script)], np=2, timeout=60,
                            env={"PYTHONPATH": str(ROOT)})
         assert proc.returncode == 0, f"run {run + 1}: exit {proc.returncode}\n{proc.stderr}"
-        assert proc.stdout.split() == ["done", "done"]
+        assert proc.stdout.count("done") == 2  # mpirun may join the ranks' lines
