@@ -81,21 +81,25 @@ def _forget_settled() -> None:
         del _LENT[:len(_LENT) - _WINDOW + 1]
 
 
-@atexit.register
 def settle(timeout_s: float = _SETTLE_S) -> None:
     """Wait up to ``timeout_s`` until no work holds a lent tensor (at shutdown, and at exit
     for groups the script or the training loop leave running); where the use count is
-    unknown, forget the last operations' tensors as before."""
+    unknown, forget the last operations' tensors, as before."""
+    if not _COUNTS_USES:
+        with _LENT_LOCK:
+            _LENT.clear()
+        return
     deadline = time.monotonic() + timeout_s
     while True:
         with _LENT_LOCK:
-            if _COUNTS_USES:
-                _forget_settled()
-            else:
-                _LENT.clear()
+            _forget_settled()
             if not _LENT or time.monotonic() > deadline:
                 return
         time.sleep(0.001)
+
+
+if _COUNTS_USES:
+    atexit.register(settle)
 
 
 def _raw(t: torch.Tensor) -> torch.Tensor:
