@@ -660,7 +660,7 @@ def test_the_warning_and_the_stop_reach_a_runs_ranks_under_each_mpirun(tmp_path,
         proc = subprocess.Popen(compare.tied(run.command), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         try:
-            ranks_ready(ranks, 2)
+            ranks_ready(ranks, 2, launcher=proc)
             compare._stop(proc)
             said = proc.communicate(timeout=120)[1]
         finally:

@@ -796,7 +796,7 @@ def test_a_warned_train_sbatch_reaches_the_ranks_under_each_mpirun(tmp_path, mpi
                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True)
     try:
-        pids = ranks_ready(ranks, 2)
+        pids = ranks_ready(ranks, 2, launcher=job)
         _catching_usr1(job.pid)
         job.send_signal(signal.SIGUSR1)  # as #SBATCH --signal=B:USR1@300 does
         out, err = job.communicate(timeout=120)
