@@ -56,20 +56,27 @@ def test_loss_mixes_linearly_and_vanishes_when_student_is_teacher():
     assert distillation_loss(logits, labels, own, 1.0, 3.0).abs() < 1e-6
 
 
-def test_a_step_loss_is_the_ordinary_and_the_distilled_samples_mean():
-    """The step's loss as the shared DESIGN writes it, in plain torch: cross-entropy on the
-    ordinary samples, (1 - alpha) CE + alpha T^2 KL(teacher || student_T) on the relabelled
-    ones, averaged over both. Swapping alpha and 1 - alpha in the aggregator passed every
-    test before this one."""
+def small_ec():
+    """A small model, an ordinary batch of 8, 7 relabelled samples with their teacher's
+    probabilities, and an aggregator (alpha 0.7, T 2) that has no teacher yet."""
     from hpctrain.ec.compression import EnsembleCompression
 
     torch.manual_seed(3)
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    xd, yd = torch.randn(7, 6), torch.randint(0, 3, (7,))
-    teacher = torch.softmax(torch.randn(7, 3), dim=1)
+    relabelled = (torch.randn(7, 6), torch.randint(0, 3, (7,)),
+                  torch.softmax(torch.randn(7, 3), dim=1))
     agg = EnsembleCompression(model, comm=None, tau=1, alpha=0.7, temperature=2.0,
                               distill_size=7)
+    return model, x, y, relabelled, agg
+
+
+def test_a_step_loss_is_the_ordinary_and_the_distilled_samples_mean():
+    """The step's loss as the shared DESIGN writes it, in plain torch: cross-entropy on the
+    ordinary samples, (1 - alpha) CE + alpha T^2 KL(teacher || student_T) on the relabelled
+    ones, averaged over both. Swapping alpha and 1 - alpha in the aggregator passed every
+    test before this one."""
+    model, x, y, (xd, yd, teacher), agg = small_ec()
     agg.relabelled = (xd, yd, teacher)
     zd = model(xd)
     student = torch.softmax(zd / 2.0, dim=1)
@@ -85,15 +92,7 @@ def test_the_loss_parts_are_the_ordinary_and_the_relabelled_samples_means(size):
     distillation term, and its train/loss looked better than another algorithm's by that
     alone: TensorBoard's train/ce_loss and train/distill_loss are the parts (with micro-batches
     of ``size`` too)."""
-    from hpctrain.ec.compression import EnsembleCompression
-
-    torch.manual_seed(3)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
-    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
-    xd, yd = torch.randn(7, 6), torch.randint(0, 3, (7,))
-    teacher = torch.softmax(torch.randn(7, 3), dim=1)
-    agg = EnsembleCompression(model, comm=None, tau=1, alpha=0.7, temperature=2.0,
-                              distill_size=7)
+    model, x, y, (xd, yd, teacher), agg = small_ec()
     plain = sum(agg.losses(x, y, size)).item()  # no teacher yet: cross-entropy alone
     assert agg.take_loss_parts() == pytest.approx({"ce_loss": plain})
     agg.relabelled = (xd, yd, teacher)
