@@ -62,7 +62,10 @@ class RunSummary:
     checkpoint_s: float = _doc("seconds spent writing checkpoints (a resumed run: all but "
                                "the write of the checkpoint it resumed from, which that "
                                "checkpoint cannot hold)")
-    resumed_from_updates: list[int] = _doc("updates at which the run was resumed, in order")
+    resumed_from_updates: list[int] = _doc("updates at which the run was resumed, in order: "
+                                           "those of the checkpoints it ended from (an "
+                                           "attempt whose checkpoints were all passed over "
+                                           "is not among them)")
     bytes_moved: int = _doc("bytes: training samples this rank (rank 0) sent to others in "
                             "reshuffles (a resumed run: those of this process, see "
                             "exchange_per_epoch)")

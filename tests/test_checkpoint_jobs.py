@@ -334,7 +334,9 @@ def test_ssgd_2_killed_writing_then_by_the_clock_then_corrupt_newest(tmp_path, s
     assert f"update {updates[1]})" in proc.stderr
     assert_same_run(out, straight["ssgd"])
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["resumed_from_updates"] == [64, updates[1]]
+    # The resumptions of the checkpoint it went on from: the second attempt's, unless that
+    # attempt's one checkpoint by the clock was the damaged one and it fell back to the first's.
+    assert summary["resumed_from_updates"] == [64] + ([updates[1]] if updates[1] > 64 else [])
 
 
 @pytest.fixture(scope="module")
