@@ -540,3 +540,19 @@ def test_a_stall_report_waits_for_answers_no_longer_than_the_shutdown_allows():
     assert answer_wait(6.0, ending=False, timeout_s=5.0, poll_s=0.25) == 0.0
     assert answer_wait(5.2, ending=True, timeout_s=5.0, poll_s=0.25) == 0.5  # two polls
     assert answer_wait(700, ending=True, timeout_s=600, poll_s=1.0) == 2.0
+
+
+def test_the_ending_report_names_what_a_silent_rank_said_at_the_check():
+    """The ending report waits two polls for answers; on a loaded node a stuck rank's thread
+    missed them and the report said "rank 1 (no answer)" where the check's report of the
+    same wait had heard its last call (CI, examples/horovod_stall_timeout.py)."""
+    from hpctrain.sync.stall import _with_earlier
+
+    heard: dict = {}
+    at_check = _with_earlier({1: (None, "allreduce(name='warmup')", 1.0),
+                              2: (None, "allreduce(name='a')", 0.5)}, heard, [1, 2])
+    assert at_check[1][1] == "allreduce(name='warmup')"
+    ending = _with_earlier({2: (None, "allreduce(name='b')", 0.1)}, heard, [1, 2, 3])
+    assert ending[2] == (None, "allreduce(name='b')", 0.1)  # its own answer now
+    assert ending[1][:2] == (None, "allreduce(name='warmup')") and ending[1][2] >= 1.0
+    assert 3 not in ending  # never heard: "no answer"

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from hpctrain import comm as mpicomm
@@ -92,6 +92,7 @@ class _Waiting:
     seq: int
     since: float
     reported: bool = False
+    heard: dict = field(default_factory=dict)  # rank -> (its answer, when): the check's
 
 
 class _MpiPeers:
@@ -171,6 +172,21 @@ class _StorePeers:
         pass
 
 
+def _with_earlier(answers: dict[int, tuple], heard: dict[int, tuple],
+                  others: list[int]) -> dict[int, tuple]:
+    """``answers``, and for a rank that gave none now (the ending report waits two polls
+    only: a loaded node's thread missed them) what it said at the check's report of the same
+    wait, its "ago" counted on to now. ``heard`` keeps this report's answers for the next."""
+    now = time.monotonic()
+    for r in others:
+        if r in answers:
+            heard[r] = (answers[r], now)
+        elif r in heard:
+            (waiting, last, ago), then = heard[r]
+            answers = {**answers, r: (waiting, last, ago + now - then)}
+    return answers
+
+
 def answer_wait(waited: float, ending: bool, timeout_s: float, poll_s: float) -> float:
     """How long a report waits for the other ranks' answers: at most ``_ANSWER_S``, and not
     past the shutdown time ``timeout_s`` (a rank that could not answer held a 5 s shutdown
@@ -222,6 +238,7 @@ class _Monitor:
         others = [r for r in members if r != self.rank]
         answers = self.peers.ask(others, self.status, answer_wait(
             time.monotonic() - w.since, ending, self.timeout_s, self._poll))
+        answers = _with_earlier(answers, w.heard, others)
         here = (w.channel.label, w.seq)
         waiting_here = [self.rank] + [r for r, a in answers.items()
                                       if a[0] is not None and a[0][:2] == here]
