@@ -49,7 +49,9 @@ _LENT_LOCK = threading.Lock()  # a CUDA parameter's gradient hook lends from aut
 # two), each holding at most the one operation it runs.
 _COUNTS_USES = hasattr(torch.Tensor, "_use_count")
 _WINDOW = 16
-_SETTLE_S = 10.0  # at most this long, at shutdown and exit, for the workers to let go
+_SETTLE_S = 1.0  # at most this long, at shutdown and exit, for the workers to let go:
+# they do within milliseconds of an operation's end; a tensor Python itself still holds (a
+# work never waited for) keeps the count up for the whole wait, and Python drops it later
 
 
 def _lend(*tensors: torch.Tensor) -> list[torch.Tensor]:
