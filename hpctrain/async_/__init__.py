@@ -43,7 +43,8 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   was computed at, so ``g'`` is one consistent gradient and the compensation applies to it.
 - Optional momentum (not in the paper's algorithm; ``momentum=0`` is exactly the paper): each
   worker keeps a velocity of its own compensated steps and pushes it, as the authors' MXNet
-  DCASGD optimizer does: the velocity holds steps, ``v = mu*v - lr*g'`` (torch's SGD in a
+  DCASGD optimizer does: the velocity holds steps, ``v = mu*v + d`` with ``d`` the
+  compensated step ``-lr*(g' + lam_t*g'^2*(w - w_bak))``, and ``v`` is pushed (torch's SGD in a
   Hogwild run keeps gradients and multiplies by the current rate, the same only at a constant
   learning rate; under a schedule the two differ). It is fused into
   the same kernel pass (+8 bytes per element). Note that M workers' velocities all act on the
