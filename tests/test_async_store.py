@@ -242,7 +242,8 @@ def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(mode):
         F.cross_entropy(model(x), y).backward()
         g = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
         opt.step()
-        log.append((rank, step, g, opt.last_push.order, opt.last_push.versions))
+        push = opt.last_push
+        log.append((rank, step, g, push.order, push.versions, push.tau))
     mine = flat_of(model)
     world.Barrier()
     final = torch.empty(store.numel)
@@ -256,8 +257,17 @@ def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(mode):
     assert any(t > 0 for t in world.allgather(max(opt.staleness)))  # workers did interleave
     # Every shard saw every push exactly once, numbered 0..pushes-1 in lock order.
     for s in range(3):
-        counts = sorted(v[o.index(s)] for _, _, _, o, v in logs)
+        counts = sorted(v[o.index(s)] for _, _, _, o, v, _ in logs)
         assert counts == list(range(pushes))
+    # A push's tau: the most other workers' pushes on any shard between this worker's
+    # previous push there (or the start) and this one, counted in each shard's lock order.
+    order = [[e[0] for e in sorted(logs, key=lambda e, s=s: e[4][e[3].index(s)])]
+             for s in range(3)]
+    for r in range(size):
+        mine = [[i for i, who in enumerate(o) if who == r] for o in order]
+        lacked = [[sum(who != r for who in o[(m[n - 1] + 1 if n else 0):m[n]])
+                   for o, m in zip(order, mine, strict=True)] for n in range(12)]
+        assert [e[5] for e in logs if e[0] == r] == [max(x) for x in lacked]
     # Replay in one process, shard by shard in lock order: each worker's w_bak is what its own
     # previous push on that shard wrote, its ms follows its own pushes.
     bounds = store.bounds
@@ -266,7 +276,7 @@ def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(mode):
     ms = {r: torch.zeros_like(initial) for r in range(size)}
     for s, (lo, hi) in enumerate(bounds):
         events = sorted(logs, key=lambda e, s=s: e[4][e[3].index(s)])
-        for r, _, g, _, _ in events:
+        for r, _, g, *_ in events:
             kernels.dc_update(replay[lo:hi], g[lo:hi], w_bak[r][lo:hi], ms[r][lo:hi], lr=0.05,
                               lam=2.0, ms_decay=0.95, weight_decay=1e-3)
             w_bak[r][lo:hi] = replay[lo:hi]

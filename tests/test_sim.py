@@ -16,6 +16,7 @@ import torch
 from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job
 
 from hpctrain import algorithm_options, kernels, run, steptimes
+from hpctrain.async_ import ParameterStore
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.guard import TooManyBadSteps
@@ -98,8 +99,9 @@ def test_local_store_applies_pushes_in_order_with_the_kernel():
         store = LocalStore(shared, k, consistency="locked", scheduler=sched, network=net)
         w, ms = torch.empty(100), torch.zeros(100)
         store.pull(w)
-        # The model and the update counter, as a real (not shared) pull reads them.
-        assert (store.bytes_read, store.mpi_bytes) == (4 * 100 + 8, 4 * 100 + 8)
+        # The model, the update counter and (locked) the 3 shard counts, as a real (not
+        # shared) pull reads them.
+        assert (store.bytes_read, store.mpi_bytes) == (4 * 100 + 8 + 3 * 8, 4 * 100 + 8 + 3 * 8)
         for i, g in enumerate(grads[k]):
             sched.now[k] += 0.01 * (k + 1)  # worker 1 is slower
             p = store.push(w, g, ms, lr=0.1, lam=2.0)
@@ -120,6 +122,76 @@ def test_local_store_applies_pushes_in_order_with_the_kernel():
     # go to worker 0. Staleness: the other's pushes since this worker's previous one.
     assert [k for _, _, k, _ in log] == [0, 0, 1, 0, 0, 1, 1, 1]
     assert [tau for _, tau, _, _ in log] == [0, 0, 2, 1, 0, 2, 0, 0]
+
+
+class Overlapping(LocalStore):
+    """A worker's store that logs every shard write (who wrote, in lock order) and can run
+    another worker's whole push right after one of its own shard writes: the overlap real
+    workers make, placed where the test wants it."""
+
+    def __init__(self, shared, rank, writes, consistency):
+        super().__init__(shared, rank, consistency=consistency, scheduler=Scheduler(1),
+                         network=Network(0.0, 1e30, 0.0, 1e30))
+        self.writes, self.then = writes, None
+
+    def _wrote(self, s: int) -> None:
+        self.writes[s].append(self.rank)
+        if self.then is not None:
+            then, self.then = self.then, None
+            then()
+
+    def _write(self, s, count, values):
+        super()._write(s, count, values)
+        self._wrote(s)
+
+    def _accumulate(self, s, delta):
+        super()._accumulate(s, delta)
+        self._wrote(s)
+
+
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_locked_staleness_is_exact_when_pushes_overlap(consistency):
+    """Worker b pushes inside a's push (after a's first shard), then a inside b's. locked: a
+    push's tau is the most updates by others any shard took between this worker's read of it
+    and this push, here counted independently from each shard's writes in lock order. The
+    count of finished pushes (what atomic reports) under-counts b's first push and a's second
+    (a shard already held the other's update when read) and over-counts b's second (a's
+    push finished in between, but on shard 1 after b had written it)."""
+    shared = SharedStore(torch.zeros(32), 2, shards=2)
+    writes: list[list[int]] = [[], []]
+    a, b = (Overlapping(shared, k, writes, consistency) for k in (0, 1))
+    assert (a.order, b.order) == ((0, 1), (1, 0))
+    models = {0: torch.zeros(32), 1: torch.zeros(32)}  # both read the initial model
+    pushes = []  # (worker, Push) in the order the pushes finished
+
+    def push(store):  # the store's own push, without the simulator's virtual time
+        pushes.append((store.rank, ParameterStore.push(store, models[store.rank],
+                                                       torch.ones(32), lr=0.1)))
+
+    a.then = lambda: push(b)
+    push(a)
+    b.then = lambda: push(a)
+    push(b)
+    assert [(k, p.index) for k, p in pushes] == [(1, 0), (0, 1), (0, 2), (1, 3)]
+    seen, counted = {0: 0, 1: 0}, []  # the finished pushes since the worker's last one
+    for k, p in pushes:
+        counted.append(p.index - seen[k])
+        seen[k] = p.index + 1
+    assert counted == [0, 1, 0, 2]
+    # Independently: push n of worker k wrote its n-th entry in each shard's write log; the
+    # others' entries since its (n-1)-th are the updates its model lacked there.
+    nth = {0: 0, 1: 0}
+    true = []
+    for k, _ in pushes:
+        nth[k] += 1
+        lacked = []
+        for log in writes:
+            mine = [i for i, w in enumerate(log) if w == k]
+            lo = mine[nth[k] - 2] + 1 if nth[k] > 1 else 0
+            lacked.append(sum(w != k for w in log[lo:mine[nth[k] - 1]]))
+        true.append(max(lacked))
+    assert true == [1, 1, 1, 1]
+    assert [p.tau for _, p in pushes] == (true if consistency == "locked" else counted)
 
 
 def test_ssgd_simulated_is_sgd_with_k_times_the_batch(tmp_path):

@@ -52,10 +52,14 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   its own (Mitliagkas et al., 2016): async runs want far less momentum than sync ones.
   Measured (LeNet, Fashion-MNIST, 4 workers, 5 epochs, dcasgd-a): momentum 0.9 with lr 0.05
   gave 0.853 test accuracy, momentum 0 with lr 0.05 0.869, momentum 0 with lr 0.1 0.885.
-- Staleness: the counter window is incremented (``Fetch_and_op``) once per push, after its
-  last shard; tau = the value fetched minus the counter just after this worker's previous
-  push (or its initial pull): the other workers' pushes completed in between. With workers in
-  lock-step taking turns, tau is exactly M-1 (first round: the worker's turn index).
+- Staleness: ``locked`` pushes read every shard's count under its lock, so tau is exact: the
+  most updates by other workers any shard took between this worker's read of it (its
+  previous push or pull) and this push. ``atomic``: the counter window is incremented
+  (``Fetch_and_op``) once per push, after its last shard; tau = the value fetched minus the
+  counter just after this worker's previous push (or its pull): the other workers' pushes
+  completed in between, off by those in flight. With workers in lock-step taking turns, tau
+  is exactly M-1 either way (first round: the worker's turn index). A run's mean tau is set
+  by the push counts (about M-1), not the timing; its tail (p90, p99, max) is what differs.
 - Progress without an MPI progress thread: hosting ranks serve inside :meth:`finish`
   (``Iprobe`` then a short sleep) until every worker has said it is done; dedicated servers
   call it at once. With ``servers=0`` across nodes without RDMA a busy worker does not serve

@@ -109,8 +109,12 @@ class ASGD(Algorithm):
                           "node), read and written without MPI calls",
         "lam": "DC-ASGD's lambda0 (0 for asgd and ssp)",
         "ms_decay": "dcasgd-a's mean-square decay (else null)",
-        "staleness": "updates: global updates between a push's read and the push (mean, p50, "
-                     "p90, p99, max, count)",
+        "staleness": "updates: per push, the other workers' updates its model lacked "
+                     "(locked: exact, the most any shard took between the worker's read of it "
+                     "and the push; atomic: the pushes finished since the worker's previous "
+                     "push or pull, off by those in flight) (mean, p50, p90, p99, max, count). "
+                     "The mean is set by the push counts, not the timing (about M-1 for M "
+                     "workers): p90, p99 and max tell runs apart",
         "pushes_per_worker": "pushes each worker made (a skipped NaN step pushes nothing)",
         "store_bytes_per_worker": "bytes: model payload a worker read from and wrote to the "
                                   "store, mean over workers (a resumed run: since its resume; "

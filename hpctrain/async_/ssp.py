@@ -27,7 +27,8 @@ Guarantee in clocks: when a running worker with clock ``c`` leaves :meth:`wait` 
 its ``(c+1)``-th gradient, every running worker's clock is at least ``c - S``.
 
 Bound in updates (the ``tau`` of :class:`~hpctrain.async_.store.Push`, M workers): a push's
-tau counts the other workers' pushes between this worker's previous push and this one. Take
+tau counts the other workers' pushes between this worker's previous push and this one
+(``locked``: on the shard that took the most of them; the argument holds shard by shard). Take
 worker p's ``(c+1)``-th push and another worker q. (1) Before its ``c``-th push p waited, with
 clock ``c-1``, until q's clock was ``>= c-1-S``; q ticks after its push is counted, so q's
 first ``c-1-S`` pushes come before p's ``c``-th and only q's pushes number ``c-S`` on can fall

@@ -5,8 +5,9 @@ Shard ``s`` lives in its own window made with ``Win.Allocate(..., comm=comm)`` o
 words used on shared memory) followed by the shard's floats. A window of its own per shard
 gives every shard its own exclusive lock. Hosts are all ranks (``servers=0``) or the last
 ``servers`` ranks, which then only host. A counter window on ``hosts[0]`` holds two int64: the
-global update count (``Fetch_and_op``; staleness comes from it) and a ticket count that loops
-use to hand out a fixed budget of pushes (:meth:`claim`; :meth:`close_tickets` stops it).
+global update count (``Fetch_and_op``; a push's index, and ``atomic``'s staleness) and a
+ticket count that loops use to hand out a fixed budget of pushes (:meth:`claim`;
+:meth:`close_tickets` stops it).
 
 ``locked``: per shard, exclusive lock, Get count and values, fused update written straight into
 the worker's model, Put both, unlock (serialisable; the counts give the lock order).
@@ -58,7 +59,7 @@ class Push:
     """What one push did: its global update number, staleness, shard order, shard counts."""
 
     index: int  # updates completed before this one (the counter's value it fetched)
-    tau: int  # global updates applied between this worker's last read and this push
+    tau: int  # staleness: other workers' updates the pushing model lacked (see ParameterStore.push)
     order: tuple[int, ...]  # shards in the order they were pushed
     versions: tuple[int, ...] | None  # locked: per shard in `order`, updates applied before
 
@@ -206,6 +207,9 @@ class ParameterStore:
         self._fetched = np.zeros(1, np.int64)
         self._none = np.zeros(1, np.float32)
         self._seen = 0  # the counter's value as of this worker's model
+        # locked: each shard's update count as of this worker's model (its last pull read it,
+        # its last push wrote it); a push's exact staleness comes from these
+        self._model_counts = [0] * shards
         # Traffic, for run summaries: payload bytes this rank read from and wrote to the store
         # (shard values, shard counts, the counters), whether MPI moved them or the process
         # did with loads and stores on shared-memory windows; ``mpi_bytes``: the part that went
@@ -256,16 +260,16 @@ class ParameterStore:
             out.copy_(stage.host)
             return seen
         seen = self.updates()
-        out_np = out.numpy()
+        locked = self.consistency == "locked"
         for s in self.order:
-            win, owner, (lo, hi) = self.windows[s], self.owners[s], self.bounds[s]
+            lo, hi = self.bounds[s]
             with self._holding(s, exclusive=False):
-                if self.shared:
-                    out[lo:hi].copy_(self._mapped[s].values)
-                else:
-                    self._read(win, owner, out_np[lo:hi])
-        self.bytes_read += 4 * self.numel
-        self.mpi_bytes += 0 if self.shared else 4 * self.numel
+                count = self._read_shard(s, out[lo:hi], count=locked)
+            if locked:
+                self._model_counts[s] = count
+        read = 4 * self.numel + (_COUNT * self.shards if locked else 0)
+        self.bytes_read += read
+        self.mpi_bytes += 0 if self.shared else read
         self._seen = seen
         return seen
 
@@ -280,6 +284,12 @@ class ParameterStore:
         is left holding the updated values this worker computed (the newest it read plus its
         own step), ``ms`` and ``v`` their new values. Tensors: 1-D float32, the store's size,
         all on the CPU or all on one GPU (then the staged path runs the CUDA kernel).
+
+        The returned ``tau`` (staleness) is, ``locked``, exact: the most updates by other
+        workers that any shard took between this worker's read of it (its previous push or
+        pull) and this push, from the counts the push reads under each shard's lock.
+        ``atomic`` has no such order, so it counts the pushes finished (the global counter)
+        since this worker's previous push or pull: off by the pushes in flight alongside.
         """
         self._check_open("push")
         if not self.is_worker:
@@ -315,7 +325,13 @@ class ParameterStore:
         self.bytes_read, self.bytes_written = self.bytes_read + read, self.bytes_written + written
         self.mpi_bytes += mpi
         index = self._fetch_add(1)
-        tau = index - self._seen
+        if versions:
+            tau = max(before - self._model_counts[s]
+                      for s, before in zip(self.order, versions, strict=True))
+            for s, before in zip(self.order, versions, strict=True):
+                self._model_counts[s] = before + 1  # this push wrote the shard
+        else:
+            tau = index - self._seen
         self._seen = index + 1
         return Push(index, tau, self.order, tuple(versions) if versions else None)
 

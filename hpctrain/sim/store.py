@@ -7,7 +7,8 @@ accumulate an add, a lock nothing at all (one virtual worker runs at a time). Ev
 else is the real store's: :meth:`push` is ``ParameterStore.push``, which runs the staged path
 (``_push_locked`` / ``_push_atomic``) and so the same fused kernel calls
 (:mod:`hpctrain.kernels`) on each worker's own ``w_bak``, mean squares and velocity, with the
-same shard order per worker, the same shard counts, the same staleness (``index - seen``)
+same shard order per worker, the same shard counts, the same staleness (``locked``: from the
+shard counts; ``atomic``: ``index - seen``; equal here, as no push runs alongside another)
 and the same traffic counters (as if across nodes: no shared memory). What the simulation
 adds is time: a push or pull waits for its turn in the event queue (pushes are applied in
 the order workers finish their steps, ties by worker id) and then costs virtual time from
@@ -88,6 +89,7 @@ class LocalStore(ParameterStore):
         self._device = None
         self._mapped = []
         self._seen = 0
+        self._model_counts = [0] * self.shards
         self.bytes_read = self.bytes_written = self.mpi_bytes = 0
         k, h = numel, _COUNT * self.shards
         if consistency == "locked":  # as ParameterStore counts it without shared memory
@@ -141,8 +143,13 @@ class LocalStore(ParameterStore):
             for s in self.order:
                 t = self._shard_time(t, s, 1, exclusive=False)
             self.scheduler.now[self.rank] = t + self.network.store_latency
-        self.bytes_read += 4 * self.numel + 8  # and the update counter, as a real pull reads
-        self.mpi_bytes += 4 * self.numel + 8
+        # The model and the update counter, and locked the shard counts, as a real pull reads.
+        read = 4 * self.numel + 8
+        if self.consistency == "locked":
+            self._model_counts = list(self.state.counts)
+            read += _COUNT * self.shards
+        self.bytes_read += read
+        self.mpi_bytes += read
         self._seen = seen
         return seen
 
