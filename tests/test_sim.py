@@ -194,6 +194,37 @@ def test_locked_staleness_is_exact_when_pushes_overlap(consistency):
     assert [p.tau for _, p in pushes] == (true if consistency == "locked" else counted)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_the_mean_of_counted_staleness_is_set_by_the_push_counts(seed):
+    """Why a run's mean staleness is no evidence (of fidelity, or of one run against
+    another): tau = index - seen, with seen = the worker's previous index + 1 (0 at its first
+    pull), so worker w's taus sum to last_w - (n_w - 1), and the mean over N pushes by M
+    workers is (M-1) - sum_w (N-1-last_w)/N, whatever the timing: about M-1. p90, p99 and the
+    maximum are what timing changes. (locked's exact tau sums, shard by shard, the same way.)"""
+    rng = random.Random(seed)
+    m, numel = 4, 64
+    shared = SharedStore(torch.zeros(numel), m, shards=m)
+    sched = Scheduler(m)
+    net = Network(0.0, 1e30, 0.0, 1e30)
+    steps = [[rng.expovariate(1.0) * (k + 1) for _ in range(rng.randint(5, 15))]
+             for k in range(m)]
+    log = []
+
+    def body(k):
+        store = LocalStore(shared, k, consistency="atomic", scheduler=sched, network=net)
+        w = torch.empty(numel)
+        store.pull(w)
+        for dt in steps[k]:
+            sched.now[k] += dt
+            p = store.push(w, torch.ones(numel), lr=0.1)
+            log.append((k, p.index, p.tau))
+
+    sched.run(body)
+    n = len(log)
+    last = [max(i for w, i, _ in log if w == k) for k in range(m)]
+    assert sum(t for *_, t in log) / n == pytest.approx((m - 1) - sum(n - 1 - x for x in last) / n)
+
+
 def test_ssgd_simulated_is_sgd_with_k_times_the_batch(tmp_path):
     optim = OptimConfig(epochs=1, batch_size=16, lr=0.05, momentum=0.0)
     a = simulate(config("ssgd", tmp_path / "ssgd", optim=optim), sim(4))

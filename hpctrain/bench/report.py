@@ -774,13 +774,16 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
                 "gives the mean ± sample standard deviation over the seeds whose run finished "
                 "(a time to a target: over those that reached it; *in 1 of 2*: the value is "
                 "in that many of them), the largest peak memory, "
-                "and the mean staleness and byte counts. Every run:"]
+                "and the staleness figures and byte counts averaged. Every run:"]
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
             f"snapshots are taken every `--eval-every` epochs and {scoring(rows)}. "
-            "Staleness (async runs) counts the global updates "
-            "between a worker's read of the model and its push. *Peak memory* is the largest "
+            "Staleness (async runs) counts, per push, the other workers' updates the worker's "
+            "model lacked (exact with `--consistency locked`; `atomic` counts the pushes "
+            "finished since the worker's last one). Its mean is set by the push counts, not "
+            "the timing (about M-1 for M workers): p90, p99 and max tell runs apart. "
+            "*Peak memory* is the largest "
             "worker's `peak_memory_per_worker` during training (the process's peak resident set "
             "on a CPU, memory torch allocated on a GPU; none in a simulation). *Bytes "
             "communicated per rank* "
