@@ -238,7 +238,8 @@ def _say_user_data(config: RunConfig) -> None:
     name = config.data.dataset
     if userdata.is_user(name):
         data.check_data_dir(name, config.data.data_dir)  # before a loader reads for nothing
-        # By the name the run uses after launch: its loader is called (and cached) once.
+        # By the name the run uses after launch (userdata spells --data-dir as it does): its
+        # loader is called (and cached) once.
         about = userdata.describe(userdata.absolute(name), config.data.data_dir)
         if comm.env_rank() == 0:
             print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
@@ -254,8 +255,7 @@ def _as_launched(config: RunConfig) -> RunConfig:
     init_from, data_dir = config.model.init_from, config.data.data_dir
     config = replace(config, algo=plugins.absolute(config.algo), data=replace(config.data,
                                           dataset=userdata.absolute(config.data.dataset),
-                                          data_dir=data_dir and str(Path(data_dir).expanduser()
-                                                                    .resolve())),
+                                          data_dir=userdata.absolute_dir(data_dir)),
                      model=replace(config.model, name=plugins.absolute(config.model.name),
                                    init_from=init_from and str(Path(init_from).expanduser()
                                                                .resolve())))

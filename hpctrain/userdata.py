@@ -103,13 +103,20 @@ def absolute(name: str) -> str:
 
 # ---- the four calls data.py makes ----------------------------------------------------------
 
+def absolute_dir(data_dir: str | None) -> str | None:
+    """``--data-dir`` in the one spelling a run uses (absolute, no trailing slash): what
+    ``config.json`` records and what a loader is called with, so that a relative or an
+    absolute spelling reads (and caches) the data once."""
+    return data_dir and str(Path(data_dir).expanduser().resolve())
+
+
 def size(name: str, split: str, data_dir: str | None = None) -> int:
-    return _source(name, data_dir).size(_split(split))
+    return _opened(name, data_dir).size(_split(split))
 
 
 def load(name: str, split: str, data_dir: str | None = None, start: int = 0,
          stop: int | None = None):
-    src = _source(name, data_dir)
+    src = _opened(name, data_dir)
     n = src.size(_split(split))
     stop = n if stop is None else stop
     if not 0 <= start <= stop <= n:
@@ -118,11 +125,11 @@ def load(name: str, split: str, data_dir: str | None = None, start: int = 0,
 
 
 def load_labels(name: str, split: str, data_dir: str | None = None) -> torch.Tensor:
-    return torch.from_numpy(_source(name, data_dir).labels(_split(split)))
+    return torch.from_numpy(_opened(name, data_dir).labels(_split(split)))
 
 
 def load_indices(name: str, split: str, indices, data_dir: str | None = None):
-    src = _source(name, data_dir)
+    src = _opened(name, data_dir)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     wanted, back = np.unique(idx, return_inverse=True)
     n = src.size(_split(split))
@@ -135,13 +142,13 @@ def load_indices(name: str, split: str, indices, data_dir: str | None = None):
 def items_fixed(name: str, data_dir: str | None = None) -> bool:
     """Whether reading a sample twice gives the same pixels: not for a loader's map-style
     Dataset, whose items a transform may draw at random (augmentation), on each rank its own."""
-    src = _source(name, data_dir)
+    src = _opened(name, data_dir)
     return not isinstance(src, CallableSource) or all(map(_is_pair, src._sets.values()))
 
 
 def describe(name: str, data_dir: str | None = None) -> dict:
     """Sizes, sample shape and classes, with every label checked (before MPI starts)."""
-    src = _source(name, data_dir)
+    src = _opened(name, data_dir)
     for split in SPLITS:
         src.labels(split)  # checks them
     return {"train": src.size("train"), "test": src.size("test"), "shape": src.shape,
@@ -262,6 +269,13 @@ def forget() -> None:
     """Drop the data sources read so far: each run (``train``, ``simulate``) reads its data
     once, and a script's next run reads a file rewritten, or a loader's new data, again."""
     _source.cache_clear()
+
+
+def _opened(name: str, data_dir: str | None):
+    """``name``'s source, read once per process: by ``data_dir``'s one spelling
+    (:func:`absolute_dir`), as the four calls' users spell it differently (a relative
+    ``--data-dir`` before launch, absolute after); a loader was called, and held, twice."""
+    return _source(name, absolute_dir(data_dir))
 
 
 @cache

@@ -179,6 +179,13 @@ class _Complex(torch.utils.data.Dataset):
 def complex_items():
     return _Complex(), _Complex()
 
+def counted(data_dir=None):
+    """Counts its calls in data_dir, and says the data_dir it was given."""
+    with open(f"{data_dir}/calls", "a") as f:
+        f.write(f"{data_dir}\\n")
+    x, y = torch.zeros(6, 1, 4, 4), torch.tensor([0, 1, 2] * 2)
+    return (x, y), (x, y)
+
 def random_split():
     """Draws from every global generator, as a loader's random split would; counts its calls
     in a file (loaded by path, this file is a module of another name)."""
@@ -623,6 +630,20 @@ def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
     again = data.load(config.data.dataset, "train").images
     assert torch.equal(first, again)
     assert (torch.rand(1), np.random.rand()) == before  # the caller's generators put back
+
+
+@pytest.mark.parametrize("spelling", ["ddir", "ddir/", "{abs}/ddir/"])
+def test_a_loader_is_called_once_whatever_the_data_dir_s_spelling(nets, monkeypatch, spelling):
+    """A relative --data-dir reached the loader as typed before launch and made absolute after:
+    it was called twice in every process, and both results held (cached by each spelling)."""
+    monkeypatch.chdir(nets.parent)
+    (nets.parent / "ddir").mkdir()
+    config = run.check_launch(RunConfig(algo="sgd", model=ModelConfig(name="mlp"), data=DataConfig(
+        dataset="nets_mod:counted", data_dir=spelling.format(abs=nets.parent))), 1)
+    assert config.data.data_dir == str(nets.parent / "ddir")
+    data.load(config.data.dataset, "test", config.data.data_dir)  # as a rank does after launch
+    assert data.size("nets_mod:counted", "train", spelling.format(abs=nets.parent)) == 6
+    assert (nets.parent / "ddir" / "calls").read_text() == f"{nets.parent / 'ddir'}\n"
 
 
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
