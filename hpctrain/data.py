@@ -70,6 +70,14 @@ class Dataset:
                        self.num_classes)
 
 
+def release(name: str, split: str, data_dir: str | None = None) -> None:
+    """This process has taken what it keeps of ``split``: a user's data set lets its whole
+    arrays go (:func:`hpctrain.userdata.release`); a built-in one keeps nothing between
+    reads."""
+    if userdata.is_user(name):
+        userdata.release(name, split, data_dir)
+
+
 def load(name: str, split: str = "train", data_dir: str | None = None,
          start: int = 0, stop: int | None = None) -> Dataset:
     """Samples ``[start, stop)`` of data set ``name``'s ``split`` ("train" or "test").

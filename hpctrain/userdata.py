@@ -143,7 +143,16 @@ def items_fixed(name: str, data_dir: str | None = None) -> bool:
     """Whether reading a sample twice gives the same pixels: not for a loader's map-style
     Dataset, whose items a transform may draw at random (augmentation), on each rank its own."""
     src = _opened(name, data_dir)
-    return not isinstance(src, CallableSource) or all(map(_is_pair, src._sets.values()))
+    return not isinstance(src, CallableSource) or src.pairs
+
+
+def release(name: str, split: str, data_dir: str | None = None) -> None:
+    """This process has taken what it keeps of ``split`` (its shard, its test set): the source
+    lets the split's whole arrays go (a compressed .npz's, read whole; a loader's returned
+    sets), keeping its labels and sizes. They stayed for the whole run, so a sharded rank held
+    all of the data anyway. A later read of the split reads them again (the file, or the
+    loader called again)."""
+    _opened(name, data_dir).release(_split(split))
 
 
 def describe(name: str, data_dir: str | None = None) -> dict:
@@ -386,13 +395,19 @@ class NpzSource:
             return shape, fortran, dtype, start, f.tell()
 
     def size(self, split: str) -> int:
-        return len(self._x[split])
+        return len(self._labels[split])
 
     def labels(self, split: str) -> np.ndarray:
         return self._labels[split]
 
     def images(self, split: str, rows: np.ndarray) -> np.ndarray:
-        return np.ascontiguousarray(self._x[split][rows])
+        x = self._x[split]
+        if x is None:  # released: read again (a memory map, or a compressed member whole)
+            x = self._member(f"x_{split}")
+        return np.ascontiguousarray(x[rows])
+
+    def release(self, split: str) -> None:
+        self._x[split] = None
 
 
 def _numbers_in(where: str, array: np.ndarray) -> np.ndarray:
@@ -465,6 +480,9 @@ class ImageFolderSource:
     def labels(self, split: str) -> np.ndarray:
         return self._files[split][1]
 
+    def release(self, split: str) -> None:
+        """Nothing to let go: an image is decoded when read, and not kept."""
+
     def images(self, split: str, rows: np.ndarray) -> np.ndarray:
         files = self._files[split][0]
         out = np.empty((len(rows), self.shape[1], self.shape[2], self.shape[0]), np.uint8)
@@ -496,34 +514,11 @@ class CallableSource:
     """Train and test sets returned by the user's ``MODULE:CALLABLE``."""
 
     def __init__(self, name: str, data_dir: str | None) -> None:
-        self.name = name
-        load = plugins.resolve("--dataset", name)
-        try:
-            takes_dir = "data_dir" in inspect.signature(load).parameters
-        except (TypeError, ValueError):
-            takes_dir = False
-        try:
-            with _seeded():
-                result = load(data_dir=data_dir) if takes_dir else load()
-        except UsageError:
-            raise
-        except Exception as e:
-            raise UsageError(f"--dataset {name} raised {plugins.one_line(e)}") from e
-        given = None
-        if isinstance(result, dict):
-            missing = [k for k in SPLITS if k not in result]
-            if missing:
-                raise UsageError(f"--dataset {name} returned a dict without {missing[0]!r}")
-            given = result.get("num_classes")
-            parts = (result["train"], result["test"])
-        elif isinstance(result, (tuple, list)) and len(result) == 2:
-            parts = tuple(result)
-        else:
-            raise UsageError(f"--dataset {name} returned a {type(result).__name__}; want "
-                             "(train, test) or {'train': ..., 'test': ...}")
+        self.name, self.data_dir = name, data_dir
+        parts, given = self._called()
         self._sets = dict(zip(SPLITS, parts, strict=True))
-        self._labels = {}
-        shapes = {}
+        self.pairs = all(map(_is_pair, parts))  # items that read alike every time
+        self._labels, shapes = {}, {}
         for split, part in self._sets.items():
             what = f"--dataset {name} {split}"
             if _is_pair(part):
@@ -554,19 +549,60 @@ class CallableSource:
         self.shape = shapes["train"]
         self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
 
+    def _called(self) -> tuple[tuple, object]:
+        """The loader's train and test sets, and the ``num_classes`` it gave (or None)."""
+        load = plugins.resolve("--dataset", self.name)
+        try:
+            takes_dir = "data_dir" in inspect.signature(load).parameters
+        except (TypeError, ValueError):
+            takes_dir = False
+        try:
+            with _seeded():
+                result = load(data_dir=self.data_dir) if takes_dir else load()
+        except UsageError:
+            raise
+        except Exception as e:
+            raise UsageError(f"--dataset {self.name} raised {plugins.one_line(e)}") from e
+        if isinstance(result, dict):
+            missing = [k for k in SPLITS if k not in result]
+            if missing:
+                raise UsageError(f"--dataset {self.name} returned a dict without "
+                                 f"{missing[0]!r}")
+            return (result["train"], result["test"]), result.get("num_classes")
+        if isinstance(result, (tuple, list)) and len(result) == 2:
+            return tuple(result), None
+        raise UsageError(f"--dataset {self.name} returned a {type(result).__name__}; want "
+                         "(train, test) or {'train': ..., 'test': ...}")
+
+    def _part(self, split: str):
+        """The loader's ``split``; after :meth:`release`, the loader is called again (its
+        arrays must then give the labels they gave: a loader with a generator of its own
+        and no seed would give other data)."""
+        part = self._sets[split]
+        if part is not None:
+            return part
+        part = self._called()[0][SPLITS.index(split)]
+        if _is_pair(part) and not np.array_equal(_numpy(part[1]), self._labels[split]):
+            raise UsageError(f"--dataset {self.name} {split}: called again, it returned other "
+                             "labels; a loader must give the same data every call")
+        return part
+
     def size(self, split: str) -> int:
         return len(self._labels[split])
 
     def labels(self, split: str) -> np.ndarray:
         return self._labels[split]
 
+    def release(self, split: str) -> None:
+        self._sets[split] = None
+
     def images(self, split: str, rows: np.ndarray):
-        part = self._sets[split]
+        part = self._part(split)
         if _is_pair(part):
             x = part[0]
             return x[torch.as_tensor(rows)] if isinstance(x, torch.Tensor) else np.asarray(x)[rows]
         what = f"--dataset {self.name} {split}"
-        items = [_numpy(self._item(what, split, int(i))) for i in rows]
+        items = [_numpy(self._item(what, part, split, int(i))) for i in rows]
         shapes = {item.shape for item in items}
         if len(shapes) > 1:
             raise UsageError(f"{what}: items of shapes {', '.join(map(str, sorted(shapes)))}; "
@@ -574,11 +610,10 @@ class CallableSource:
         x = np.stack(items)
         return x[:, None] if x.ndim == 3 else x
 
-    def _item(self, what: str, split: str, i: int):
+    def _item(self, what: str, part, split: str, i: int):
         """Item ``i``'s x, once its label is found to be the one training uses (from
         ``targets``, or read before MPI started): a ``target_transform`` that changes only
         the items' labels would otherwise go unseen."""
-        part = self._sets[split]
         x, y = _item(what, part, i)
         label, expected = _label(what, i, y), int(self._labels[split][i])
         if label != expected and getattr(part, "targets", None) is not None:

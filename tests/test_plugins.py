@@ -186,6 +186,13 @@ def counted(data_dir=None):
     x, y = torch.zeros(6, 1, 4, 4), torch.tensor([0, 1, 2] * 2)
     return (x, y), (x, y)
 
+def items_test():
+    """Its test set a Dataset (item reads in CALLS)."""
+    g = np.random.default_rng(0)
+    x = torch.from_numpy(g.normal(size=(40, 1, 8, 8)).astype(np.float32))
+    y = torch.from_numpy(g.integers(0, 3, 40))
+    return (x[:30], y[:30]), Items(x[30:], y[30:])
+
 def random_split():
     """Draws from every global generator, as a loader's random split would; counts its calls
     in a file (loaded by path, this file is a module of another name)."""
@@ -644,6 +651,38 @@ def test_a_loader_is_called_once_whatever_the_data_dir_s_spelling(nets, monkeypa
     data.load(config.data.dataset, "test", config.data.data_dir)  # as a rank does after launch
     assert data.size("nets_mod:counted", "train", spelling.format(abs=nets.parent)) == 6
     assert (nets.parent / "ddir" / "calls").read_text() == f"{nets.parent / 'ddir'}\n"
+
+
+@pytest.mark.parametrize("kind", ["compressed", "loader"])
+def test_the_whole_arrays_are_let_go_once_a_rank_took_its_part(tmp_path, nets, kind):
+    """A compressed .npz's arrays (read whole) and a loader's stayed in the cache for the whole
+    run: a sharded rank held all of the data next to its shard. Read again, they are the same."""
+    import gc
+    import weakref
+
+    if kind == "compressed":
+        write_npz(tmp_path / "d.npz", compressed=True)
+        name = f"npz:{tmp_path / 'd.npz'}"
+        whole = userdata._source(name, None)._x
+    else:
+        name = "nets_mod:items_test"  # the training set (x, y) tensors, the test set a Dataset
+        whole = {s: part[0] if s == "train" else part
+                 for s, part in userdata._source(name, None)._sets.items()}
+    train, test = weakref.ref(whole["train"]), weakref.ref(whole["test"])
+    del whole
+    before = data.load(name, "train"), data.load(name, "test")
+    spec = TrainDataSpec(seed=0, dataset=name, data_dir=None, shuffle="local",
+                         data_placement="sharded", partition="iid", shuffle_chunk_mb=1.0)
+    shard = make_train_data(spec, None).epoch(0)
+    gc.collect()
+    assert train() is None and test() is not None  # the test set is the run's to let go
+    data.release(name, "test")
+    gc.collect()
+    assert test() is None
+    assert torch.equal(shard.images, before[0].subset(shard.ids).images)
+    for split, was in zip(("train", "test"), before, strict=True):  # read again
+        again = data.load(name, split)
+        assert torch.equal(again.images, was.images) and torch.equal(again.labels, was.labels)
 
 
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):

@@ -79,7 +79,8 @@ def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: i
 
 
 def make_train_data(spec: TrainDataSpec, comm=None) -> TrainData:
-    """This rank's training data for ``spec`` (already checked when it was built).
+    """This rank's training data for ``spec`` (already checked when it was built); the data
+    set's source keeps no more of the training split than its labels (:func:`data.release`).
 
     ``comm`` is an mpi4py communicator, or None for a single process.
     """
@@ -89,8 +90,13 @@ def make_train_data(spec: TrainDataSpec, comm=None) -> TrainData:
     if spec.data_placement == "sharded":
         from hpctrain.shuffle.sharded import ShardedTrainData
 
-        return ShardedTrainData(spec, comm)
-    full = data.load(spec.dataset, "train", spec.data_dir)
-    labels = full.labels if spec.partition == "label-skew" else None
-    sampler = make_sampler(spec.shuffle, len(full), ranks, rank, spec.seed, labels)
-    return ReplicatedTrainData(full, sampler)
+        train: TrainData = ShardedTrainData(spec, comm)
+    else:
+        full = data.load(spec.dataset, "train", spec.data_dir)
+        labels = full.labels if spec.partition == "label-skew" else None
+        sampler = make_sampler(spec.shuffle, len(full), ranks, rank, spec.seed, labels)
+        train = ReplicatedTrainData(full, sampler)
+    # Taken: a compressed .npz's or a loader's whole arrays go (else held all run, the
+    # shard notwithstanding).
+    data.release(spec.dataset, "train", spec.data_dir)
+    return train

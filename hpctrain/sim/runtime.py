@@ -116,4 +116,6 @@ class VirtualRuntime(Runtime):
 
 
 def load_train_set(spec: TrainDataSpec) -> data.Dataset:
-    return data.load(spec.dataset, "train", spec.data_dir)
+    full = data.load(spec.dataset, "train", spec.data_dir)
+    data.release(spec.dataset, "train", spec.data_dir)  # as make_train_data: held once
+    return full

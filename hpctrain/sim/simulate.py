@@ -236,6 +236,7 @@ def _simulate(config: RunConfig, sim: SimConfig) -> dict:
     algo_class = simulated(config.algorithm_class)
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
+    data.release(config.data.dataset, "test", config.data.data_dir)
     initial = run.initial_model(config, test_set.shape, test_set.num_classes)
     initial.to(run.device_for(config))
 
