@@ -70,6 +70,41 @@ class Dataset:
                        self.num_classes)
 
 
+class DeferredDataset:
+    """A split known by its size, sample shape and classes, whose samples are read (as a
+    :class:`Dataset`) when first used: :meth:`read`, or ``images``, ``labels``, ``ids``. The
+    test set of a rank that may never score it (a worker while rank 0 or ``--eval-rank``
+    scores the curve, a store's server): every rank held all of it as float32 for the run."""
+
+    def __init__(self, name: str, split: str = "test", data_dir: str | None = None) -> None:
+        first = load(name, split, data_dir, 0, 1)  # one sample: its shape and the classes
+        self.name, self.shape, self.num_classes = name, first.shape, first.num_classes
+        self._size = size(name, split, data_dir)
+        self._where = name, split, data_dir
+        self._read: Dataset | None = None
+
+    def __len__(self) -> int:
+        return self._size
+
+    def read(self) -> Dataset:
+        """The samples, read now unless they were already."""
+        if self._read is None:
+            self._read = load(*self._where)
+        return self._read
+
+    @property
+    def images(self) -> torch.Tensor:
+        return self.read().images
+
+    @property
+    def labels(self) -> torch.Tensor:
+        return self.read().labels
+
+    @property
+    def ids(self) -> torch.Tensor:
+        return self.read().ids
+
+
 def release(name: str, split: str, data_dir: str | None = None) -> None:
     """This process has taken what it keeps of ``split``: a user's data set lets its whole
     arrays go (:func:`hpctrain.userdata.release`); a built-in one keeps nothing between

@@ -101,6 +101,16 @@ def eval_mode(config, algo: Algorithm) -> str:
     return "online" if config.eval_rank is None else f"online (rank {config.eval_rank})"
 
 
+def scores_test_set(config, algo: Algorithm, rank: int) -> bool:
+    """Whether worker ``rank`` (of the workers' communicator) may score the test set: every
+    worker when the curve is scored after training (the snapshots spread over the workers;
+    ma's and ec's every member, also with ``--eval online``), else rank 0 alone, between its
+    steps, and none with ``--eval-rank``, whose rank scores it."""
+    if config.eval_mode != "online" or not _curve_online(algo):
+        return True
+    return rank == 0 and config.eval_rank is None
+
+
 def _curve_online(algo: Algorithm) -> bool:
     return type(algo).evaluate is Algorithm.evaluate
 

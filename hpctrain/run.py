@@ -596,16 +596,23 @@ def device_for(config: RunConfig) -> torch.device:
 def _run(config: RunConfig, world) -> dict | None:
     algo: Algorithm = config.algorithm_class(config)
     torch.manual_seed(config.seed)
-    test_set = data.load(config.data.dataset, "test", config.data.data_dir)
+    d = config.data
+    # Its shape and classes now; its samples (float32) on the ranks that may score them.
+    test_set = data.DeferredDataset(d.dataset, "test", d.data_dir)
     model = initial_model(config, test_set.shape, test_set.num_classes)
     model.to(device_for(config))
     everyone, (world, evaluating) = world, live.split_world(world, config)
     if evaluating:  # --eval-rank: this rank scores snapshots and does not train
+        _held_data(config, test_set, scores=True, trains=False)
         return live.serve(everyone, model, test_set)
     resume = config.checkpoint.resume
     loaded = checkpoint.newest(resume) if resume and world.Get_rank() == 0 else None
     algo.restore_model(loaded)
     workers = algo.connect(world, model)
+    rank = workers.Get_rank() if workers is not None else 0
+    _held_data(config, test_set, scores=algo.is_worker() and live.scores_test_set(config, algo,
+                                                                                  rank),
+               trains=algo.is_worker())
     try:
         summary = _train(config, algo, workers, model, test_set, loaded, everyone) \
             if algo.is_worker() else None
@@ -617,6 +624,20 @@ def _run(config: RunConfig, world) -> dict | None:
         raise
     _release(algo, world, everyone)
     return summary
+
+
+def _held_data(config: RunConfig, test_set: data.DeferredDataset, scores: bool,
+               trains: bool) -> None:
+    """What this rank holds of the data: the test set read now if it ``scores`` (before
+    training, as every rank read it: a sample it cannot read ends the run before it starts),
+    else only if ever used; the data set's whole arrays let go (the training split's by
+    ``make_train_data`` if it ``trains``)."""
+    if scores:
+        test_set.read()
+    d = config.data
+    data.release(d.dataset, "test", d.data_dir)
+    if not trains:
+        data.release(d.dataset, "train", d.data_dir)
 
 
 def _release(algo: Algorithm, world, everyone) -> None:

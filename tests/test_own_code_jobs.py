@@ -303,3 +303,57 @@ def test_lock_step_workers_stop_one_update_after_rank_0_found_a_collapse(tmp_pat
     s = json.loads((out / "summary.json").read_text())
     assert s["stopped_on_collapse"] and s["updates"] == s["collapsed_at"] + 1
     assert (out / "model.pt").is_file()
+
+
+READS = '''
+import os
+
+import torch
+
+from hpctrain import comm
+
+
+class Logged(torch.utils.data.Dataset):
+    """A test set that logs which rank reads its last item (read by a whole load only)."""
+
+    def __init__(self, x, y, log):
+        self.x, self.y, self.targets, self.log = x, y, y.tolist(), log
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        if i == len(self.y) - 1:
+            with open(self.log, "a") as f:
+                f.write(f"{comm.env_rank()}\\n")
+        return self.x[i], int(self.y[i])
+
+
+def load(data_dir):
+    g = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 3, (96,), generator=g)
+    x = torch.randn(96, 1, 6, 6, generator=g) + y[:, None, None, None]
+    return (x[:64], y[:64]), Logged(x[64:], y[64:], os.path.join(data_dir, "test-reads"))
+'''
+
+
+@pytest.mark.timeout(240)
+def test_only_the_ranks_that_score_the_test_set_read_it(tmp_path):
+    """Every rank read the whole test set and held it as float32 for the run, also those that
+    never score it: with --eval online only rank 0 does."""
+    (tmp_path / "reads.py").write_text(READS)
+    common = ["--algo", "ssgd", "--dataset", f"{tmp_path}/reads.py:load", "--model", "mlp",
+              "--epochs", "1", "--batch-size", "16", "--no-progress"]
+    commands = []
+    for how in ("online", "after"):
+        (tmp_path / how).mkdir()
+        commands.append(["train", *common, "--eval", how, "--data-dir", str(tmp_path / how),
+                         "--out", str(tmp_path / how / "run")])
+    proc = run_commands(commands, np=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reads = {how: sorted((tmp_path / how / "test-reads").read_text().split())
+             for how in ("online", "after")}
+    assert reads == {"online": ["0"], "after": ["0", "1"]}  # after: the snapshots spread
+    scores = [json.loads((tmp_path / how / "run" / "summary.json").read_text())
+              for how in ("online", "after")]
+    assert scores[0]["final_test_acc"] == scores[1]["final_test_acc"]

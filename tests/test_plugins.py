@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import refusal
 
-from hpctrain import arguments, cli, collapse, data, optimizers, plugins, run, userdata
+from hpctrain import arguments, cli, collapse, data, live, optimizers, plugins, run, userdata
 from hpctrain.bench import report
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -683,6 +683,33 @@ def test_the_whole_arrays_are_let_go_once_a_rank_took_its_part(tmp_path, nets, k
     for split, was in zip(("train", "test"), before, strict=True):  # read again
         again = data.load(name, split)
         assert torch.equal(again.images, was.images) and torch.equal(again.labels, was.labels)
+
+
+def test_a_test_set_deferred_is_read_only_when_used(nets):
+    """Every rank held the whole test set as float32, also those that never score it."""
+    import nets_mod
+
+    name = "nets_mod:items_test"
+    deferred = data.DeferredDataset(name, "test")
+    assert (deferred.shape, deferred.num_classes, len(deferred)) == ((1, 8, 8), 3, 10)
+    assert set(nets_mod.CALLS) == {0}  # item 0 only: its shape
+    whole = data.load(name, "test")
+    assert torch.equal(deferred.images, whole.images) and set(nets_mod.CALLS) == set(range(10))
+    assert torch.equal(deferred.labels, whole.labels) and deferred.read() is deferred.read()
+
+
+@pytest.mark.parametrize("algo, eval_mode, eval_rank, ranks", [
+    ("ssgd", "after", None, [0, 1, 2]),  # the snapshots spread over the workers
+    ("ssgd", "online", None, [0]),  # rank 0 between its steps
+    ("ssgd", "online", 2, []),  # the evaluating rank
+    ("asgd", "online", None, [0]),
+    ("ma", "online", None, [0, 1, 2]),  # every member, after training
+    ("ec", "online", 2, [0, 1, 2]),
+])
+def test_the_workers_that_score_the_test_set_read_it(algo, eval_mode, eval_rank, ranks):
+    config = RunConfig(algo=algo, eval_mode=eval_mode, eval_rank=eval_rank)
+    algorithm = config.algorithm_class(config)
+    assert [r for r in range(3) if live.scores_test_set(config, algorithm, r)] == ranks
 
 
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
