@@ -224,6 +224,26 @@ def _sample_shape(what: str, shape: tuple) -> tuple:
     return (1, *inner) if len(inner) == 2 else inner
 
 
+def _type_name(x) -> str:
+    """The type of numbers ``x`` holds (float32, uint8, ...): one name for a tensor and an
+    array of one type, whatever the array's byte order."""
+    if isinstance(x, torch.Tensor):
+        return str(x.dtype).removeprefix("torch.")
+    return np.asarray(x).dtype.newbyteorder("=").name
+
+
+def _one_scale(what: str, types: dict[str, str]) -> None:
+    """UsageError when one split is uint8 and the other not: uint8 is scaled to [0, 1] and
+    every other type kept as given, so the test set was scored at 255 times (or 1/255 of) the
+    scale the model was trained at, and the run reported it without a word. Which scale was
+    meant is unknown, so neither is chosen."""
+    if (types["train"] == "uint8") != (types["test"] == "uint8"):
+        raise UsageError(f"{what}: the training samples are {types['train']} but the test "
+                         f"samples {types['test']}; uint8 is scaled to [0, 1] and other "
+                         "types are kept as given, so the two would differ in scale: give "
+                         "both one type")
+
+
 def _checked_labels(what: str, y, count: int) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1:
@@ -334,6 +354,7 @@ class NpzSource:
         if test_shape != self.shape:
             raise UsageError(f"--dataset {name}: x_test samples are {test_shape}, x_train's "
                              f"{self.shape}")
+        _one_scale(f"--dataset {name}", {s: _type_name(self._x[s]) for s in SPLITS})
         empty = [f"x_{s}" for s in SPLITS if len(self._x[s]) == 0]
         if empty:
             raise UsageError(f"--dataset {name}: {path} has no samples in {empty[0]}")
@@ -518,7 +539,7 @@ class CallableSource:
         parts, given = self._called()
         self._sets = dict(zip(SPLITS, parts, strict=True))
         self.pairs = all(map(_is_pair, parts))  # items that read alike every time
-        self._labels, shapes = {}, {}
+        self._labels, shapes, types = {}, {}, {}
         for split, part in self._sets.items():
             what = f"--dataset {name} {split}"
             if _is_pair(part):
@@ -543,9 +564,11 @@ class CallableSource:
             else:
                 raise UsageError(f"{what} is a {type(part).__name__}; want (x, y) or a "
                                  "map-style Dataset of (x, y)")
+            types[split] = _type_name(x)
         if shapes["test"] != shapes["train"]:
             raise UsageError(f"--dataset {name}: test samples are {shapes['test']}, training "
                              f"samples {shapes['train']}")
+        _one_scale(f"--dataset {name}", types)
         self.shape = shapes["train"]
         self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
 

@@ -193,6 +193,11 @@ def items_test():
     y = torch.from_numpy(g.integers(0, 3, 40))
     return (x[:30], y[:30]), Items(x[30:], y[30:])
 
+def mixed_scale():
+    x = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
+    y = torch.tensor([0, 1, 2] * 2)
+    return (x, y), (x.float(), y)
+
 def random_split():
     """Draws from every global generator, as a loader's random split would; counts its calls
     in a file (loaded by path, this file is a module of another name)."""
@@ -465,6 +470,8 @@ def write_npz(path, n=60, compressed=False, **override):
               "y_train": g.integers(0, 4, n), "x_test": g.integers(0, 256, (20, 6, 6),
                                                                    dtype=np.uint8),
               "y_test": g.integers(0, 4, 20)}
+    if "x_train" in override and "x_test" not in override:  # a uint8 split's partner is uint8
+        arrays["x_test"] = arrays["x_test"].astype(override["x_train"].dtype)
     arrays.update(override)
     (np.savez_compressed if compressed else np.savez)(path, **arrays)
     return arrays
@@ -710,6 +717,25 @@ def test_the_workers_that_score_the_test_set_read_it(algo, eval_mode, eval_rank,
     config = RunConfig(algo=algo, eval_mode=eval_mode, eval_rank=eval_rank)
     algorithm = config.algorithm_class(config)
     assert [r for r in range(3) if live.scores_test_set(config, algorithm, r)] == ranks
+
+
+@pytest.mark.parametrize("name, message", [
+    ("npz", "the training samples are uint8 but the test samples float32; uint8 is scaled to "
+            "[0, 1] and other types are kept as given, so the two would differ in scale"),
+    ("nets_mod:mixed_scale", "the training samples are uint8 but the test samples float32"),
+])
+def test_splits_scaled_differently_are_refused_before_mpi(tmp_path, nets, name, message):
+    """x_train uint8 and x_test the same pixels as float32: trained on [0, 1], scored on
+    [0, 255], and reported (a test loss of 0.00) without a word."""
+    if name == "npz":
+        x = write_npz(tmp_path / "d.npz")["x_test"]
+        write_npz(tmp_path / "d.npz", x_test=x.astype(np.float32))
+        name = f"npz:{tmp_path / 'd.npz'}"
+    assert refusal(["--algo", "sgd", "--dataset", name, "--model", "mlp"]).startswith(
+        f"--dataset {name}: {message}")
+    write_npz(tmp_path / "f.npz", x_train=np.zeros((60, 6, 6), np.float64),
+              x_test=np.zeros((20, 6, 6), np.float32))  # kept as given, both
+    assert userdata.describe(f"npz:{tmp_path / 'f.npz'}")["train"] == 60
 
 
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
