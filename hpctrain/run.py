@@ -137,11 +137,24 @@ def check_workers(config: RunConfig, workers: int,
     o = config.optim
     per_worker = min(subset or n, n) // max(workers, 1)
     _say_what_the_sizes_cut(config, per_worker)
+    _say_channels_last(config.data.dataset, sample.shape)
     plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
                         one_sample=microbatch.one_sample(per_worker, o.batch_size,
                                                          o.micro_batch_size),
                         no_sparse=optimizers.sparse_refusal(config.algorithm_class, o))
     return n, sample
+
+
+def _say_channels_last(dataset: str, shape: tuple) -> None:
+    """Warn (rank 0 of the launch) of samples that look channels-last: taken as C x H x W,
+    they trained as so many channels of thin images without a word (or lenet refused them
+    as too small, which hid the cause)."""
+    if userdata.channels_last(shape) and comm.env_rank() == 0:
+        c, h, w = shape
+        print(f"hpctrain: warning: --dataset {dataset}: samples of shape {c} x {h} x {w} look "
+              f"channels-last (H x W x C); they are taken as C x H x W ({c} channels of "
+              f"{h} x {w}): give them as N x C x H x W (x.transpose(0, 3, 1, 2))",
+              file=sys.stderr, flush=True)
 
 
 def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:

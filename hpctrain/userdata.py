@@ -155,6 +155,13 @@ def release(name: str, split: str, data_dir: str | None = None) -> None:
     _opened(name, data_dir).release(_split(split))
 
 
+def channels_last(shape: tuple) -> bool:
+    """Whether samples of ``shape`` look channels-last (``H x W x C``: the last dimension 1, 3
+    or 4, the first not), which would be taken as ``C x H x W`` without a word: 16 channels
+    of 16 x 3 images."""
+    return len(shape) == 3 and shape[-1] in (1, 3, 4) and shape[0] not in (1, 3, 4)
+
+
 def describe(name: str, data_dir: str | None = None) -> dict:
     """Sizes, sample shape and classes, with every label checked (before MPI starts)."""
     src = _opened(name, data_dir)

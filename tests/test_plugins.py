@@ -738,6 +738,26 @@ def test_splits_scaled_differently_are_refused_before_mpi(tmp_path, nets, name, 
     assert userdata.describe(f"npz:{tmp_path / 'f.npz'}")["train"] == 60
 
 
+def test_samples_that_look_channels_last_are_warned_of(tmp_path, nets, capsys):
+    """N x 16 x 16 x 3 trained as 16 channels of 16 x 3 images without a word (lenet refused
+    them as too small, which hid the cause)."""
+    write_npz(tmp_path / "d.npz", x_train=np.zeros((60, 16, 16, 3), np.uint8),
+              x_test=np.zeros((20, 16, 16, 3), np.uint8))
+    name = f"npz:{tmp_path / 'd.npz'}"
+    launch(data=DataConfig(dataset=name), model=ModelConfig(name="mlp"),
+           optim=OptimConfig(batch_size=10))
+    assert capsys.readouterr().err == (
+        f"hpctrain: warning: --dataset {name}: samples of shape 16 x 16 x 3 look channels-last "
+        "(H x W x C); they are taken as C x H x W (16 channels of 16 x 3): give them as "
+        "N x C x H x W (x.transpose(0, 3, 1, 2))\n")
+    write_npz(tmp_path / "d.npz", x_train=np.zeros((60, 3, 16, 16), np.uint8),
+              x_test=np.zeros((20, 3, 16, 16), np.uint8))
+    userdata.forget()
+    launch(data=DataConfig(dataset=name), model=ModelConfig(name="mlp"),
+           optim=OptimConfig(batch_size=10))
+    assert capsys.readouterr().err == ""
+
+
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
     """A script's second run reused the first's cached source: an npz rewritten between them
     gave the new images with the old labels (a loader's new data were never read)."""
