@@ -92,8 +92,10 @@ class DataConfig:
     data_placement: str = option("replicated", "replicated (every rank reads all data) or "
                                  "sharded (each rank reads its part; reshuffling moves samples "
                                  "with MPI)")
-    partition: str = option("iid", "initial split: iid (file order) or label-skew (sorted by "
-                            "label)")
+    partition: str = option("iid", "initial split: iid (the samples' order: a built-in set's "
+                            "file order; an npz file's, a loader's or an image folder's "
+                            "training samples in a fixed pseudo-random order, seed 0) or "
+                            "label-skew (sorted by label)")
     shuffle_chunk_mb: float = option(DEFAULT_CHUNK_MB, "sharded exchange: at most this many "
                                      "MiB (2^20 bytes) sent per rank per round, but one sample "
                                      "to each rank at least", parse=options.positive(float))

@@ -9,7 +9,8 @@ Formats:
 - ``npz:PATH``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (``np.savez``), and
   optionally ``num_classes``, in either byte order. Members stored uncompressed (``np.savez``)
   are memory-mapped, so a rank that holds a shard reads only its rows; compressed ones
-  (``np.savez_compressed``) are read whole.
+  (``np.savez_compressed``) are read whole, and let go once the rank took its part
+  (:func:`release`).
 - ``imagefolder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
   (PNG, JPEG, BMP, GIF, TIFF, WebP; Pillow decodes them). Classes are the sorted folder names
   of ``train``. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
@@ -17,19 +18,24 @@ Formats:
   grey (one channel) if the first one is, else RGB (16-bit grey scaled to 8 bits), and must
   all have its size (checked for the first image before MPI starts, for each as it is read).
 - ``MODULE:CALLABLE`` or ``./FILE.py:CALLABLE`` (:mod:`hpctrain.plugins`): called once per
-  process (with ``data_dir=`` if it takes that argument; torch's, numpy's and Python's global
-  random numbers seeded to 0 during the call, so every rank gets the same data) and
-  returning ``(train, test)`` or ``{"train": ..., "test": ..., "num_classes": C}``, each set
-  either ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset`` of
-  ``(x, y)`` items. A Dataset is read item by item, only the items a rank holds; its labels
+  process (with ``data_dir=``, made absolute, if it takes that argument; torch's, numpy's and
+  Python's global random numbers seeded to 0 during the call, so every rank gets the same
+  data; called again only to read a split :func:`release` let go) and returning
+  ``(train, test)`` or ``{"train": ..., "test": ..., "num_classes": C}``, each set either
+  ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset`` of ``(x, y)``
+  items. A Dataset is read item by item, only the items a rank holds; its labels
   come from its ``targets`` attribute when it has one (else every item is read once to find
   them; an item whose label is not its ``targets`` entry is refused as it is read). An item
   that raises when read, or is no ``(x, y)`` pair with an integer label, is named by its
   index.
 
-Samples are ``N x C x H x W`` (``N x H x W`` gets one channel) or any shape a model of the
-user's own takes; uint8 values are scaled to [0, 1], floats are kept as given. Labels must be
-integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one, and
+Samples are ``N x C x H x W`` (``N x H x W`` gets one channel; ``N x H x W x C`` is warned
+of, :func:`channels_last`) or any shape a model of the user's own takes; uint8 values are
+scaled to [0, 1], every other type (floats, int16, uint16, ...) is kept as given, as float32,
+so a uint8 split needs a uint8 partner. The training samples of an npz file or a loader are
+numbered in a fixed pseudo-random order (seed 0), as an image folder's are
+(:func:`_numbered`): ``--partition iid`` cuts that order into the ranks' blocks. Labels must
+be integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one, and
 either way must be one whole number from 2 to ``MAX_CLASSES``. Neither split may be empty.
 Every check fails with one line naming the data set and what is wrong.
 """
@@ -189,7 +195,8 @@ def _dataset(name: str, src, split: str, rows: np.ndarray):
                          f"but the training set's are {src.shape}")
     bad = _first_not_finite(x)
     if bad is not None:  # one NaN pixel made its batch's every step a skipped one
-        raise UsageError(f"--dataset {name} {split}: sample {int(rows[bad])} holds NaN or Inf")
+        row = int(src.file_rows(split, rows[bad:bad + 1])[0])  # the file's, not our numbering
+        raise UsageError(f"--dataset {name} {split}: sample {row} holds NaN or Inf")
     y = torch.from_numpy(src.labels(split)[rows])
     return Dataset(name, x.contiguous(), y, torch.from_numpy(np.asarray(rows, np.int64)),
                    src.num_classes)
@@ -249,6 +256,35 @@ def _one_scale(what: str, types: dict[str, str]) -> None:
                          f"samples {types['test']}; uint8 is scaled to [0, 1] and other "
                          "types are kept as given, so the two would differ in scale: give "
                          "both one type")
+
+
+def _numbered(labels: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The file rows of a split's samples in the order they are numbered (None: file order),
+    and its labels in that order. Training samples are numbered in a fixed pseudo-random
+    order (seed 0, as an image folder's files): ``--partition iid`` cuts the numbering into
+    the ranks' blocks, which for data stored class by class held one or two classes each
+    (label skew, under ``--shuffle local``). Test samples keep the file's order: the whole
+    test set is read in one pass."""
+    order = {"train": np.random.default_rng(0).permutation(len(labels["train"])), "test": None}
+    return order, {s: y if order[s] is None else y[order[s]] for s, y in labels.items()}
+
+
+def _rows_of(x, rows: np.ndarray):
+    """``x[rows]`` (an array, a memory map or a tensor) as an array or a tensor. Rows not in
+    ascending order (a shard of the training samples, numbered in a seeded order) are read in
+    ascending order, about 4 MiB at a time: a memory-mapped file is read front to back, not
+    at random, and no second copy of the rows is made."""
+    if isinstance(x, torch.Tensor):
+        return x[torch.as_tensor(rows)]
+    if np.all(rows[1:] >= rows[:-1]):
+        return np.ascontiguousarray(x[rows])
+    ascending = np.argsort(rows, kind="stable")
+    out = np.empty((len(rows), *x.shape[1:]), x.dtype)
+    step = max(1, (1 << 22) // max(1, x.dtype.itemsize * int(np.prod(x.shape[1:]))))
+    for start in range(0, len(rows), step):
+        part = ascending[start:start + step]
+        out[part] = x[rows[part]]
+    return out
 
 
 def _checked_labels(what: str, y, count: int) -> np.ndarray:
@@ -365,9 +401,10 @@ class NpzSource:
         empty = [f"x_{s}" for s in SPLITS if len(self._x[s]) == 0]
         if empty:
             raise UsageError(f"--dataset {name}: {path} has no samples in {empty[0]}")
-        self._labels = {s: _checked_labels(f"--dataset {name} y_{s}", self._labels[s],
-                                           len(self._x[s])) for s in SPLITS}
-        self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
+        labels = {s: _checked_labels(f"--dataset {name} y_{s}", self._labels[s],
+                                     len(self._x[s])) for s in SPLITS}
+        self.num_classes = _classes(f"--dataset {name}", list(labels.values()), given)
+        self._order, self._labels = _numbered(labels)
 
     def _member(self, key: str):
         """The array ``key``: memory-mapped when stored uncompressed, else read whole.
@@ -428,11 +465,15 @@ class NpzSource:
     def labels(self, split: str) -> np.ndarray:
         return self._labels[split]
 
+    def file_rows(self, split: str, rows: np.ndarray) -> np.ndarray:
+        order = self._order[split]
+        return rows if order is None else order[rows]
+
     def images(self, split: str, rows: np.ndarray) -> np.ndarray:
         x = self._x[split]
         if x is None:  # released: read again (a memory map, or a compressed member whole)
             x = self._member(f"x_{split}")
-        return np.ascontiguousarray(x[rows])
+        return _rows_of(x, self.file_rows(split, rows))
 
     def release(self, split: str) -> None:
         self._x[split] = None
@@ -508,6 +549,9 @@ class ImageFolderSource:
     def labels(self, split: str) -> np.ndarray:
         return self._files[split][1]
 
+    def file_rows(self, split: str, rows: np.ndarray) -> np.ndarray:
+        return rows  # numbered in its own seeded order already (_listing)
+
     def release(self, split: str) -> None:
         """Nothing to let go: an image is decoded when read, and not kept."""
 
@@ -546,7 +590,7 @@ class CallableSource:
         parts, given = self._called()
         self._sets = dict(zip(SPLITS, parts, strict=True))
         self.pairs = all(map(_is_pair, parts))  # items that read alike every time
-        self._labels, shapes, types = {}, {}, {}
+        labels, shapes, types = {}, {}, {}
         for split, part in self._sets.items():
             what = f"--dataset {name} {split}"
             if _is_pair(part):
@@ -555,7 +599,7 @@ class CallableSource:
                 if len(x) == 0:
                     raise UsageError(f"{what}: x has no samples")
                 _numbers_in(f"{what} x", np.empty(0, _dtype(x)))
-                self._labels[split] = _checked_labels(what, _numpy(y), len(x))
+                labels[split] = _checked_labels(what, _numpy(y), len(x))
             elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
                 n = len(part)
                 if n == 0:
@@ -567,7 +611,7 @@ class CallableSource:
                 targets = getattr(part, "targets", None)
                 if targets is None:
                     targets = [_label(what, i, _item(what, part, i)[1]) for i in range(n)]
-                self._labels[split] = _checked_labels(what, _numpy(targets), n)
+                labels[split] = _checked_labels(what, _numpy(targets), n)
             else:
                 raise UsageError(f"{what} is a {type(part).__name__}; want (x, y) or a "
                                  "map-style Dataset of (x, y)")
@@ -577,7 +621,9 @@ class CallableSource:
                              f"samples {shapes['train']}")
         _one_scale(f"--dataset {name}", types)
         self.shape = shapes["train"]
-        self.num_classes = _classes(f"--dataset {name}", list(self._labels.values()), given)
+        self.num_classes = _classes(f"--dataset {name}", list(labels.values()), given)
+        self._file_labels = labels  # by the loader's own index, as its items are checked
+        self._order, self._labels = _numbered(labels)
 
     def _called(self) -> tuple[tuple, object]:
         """The loader's train and test sets, and the ``num_classes`` it gave (or None)."""
@@ -612,7 +658,7 @@ class CallableSource:
         if part is not None:
             return part
         part = self._called()[0][SPLITS.index(split)]
-        if _is_pair(part) and not np.array_equal(_numpy(part[1]), self._labels[split]):
+        if _is_pair(part) and not np.array_equal(_numpy(part[1]), self._file_labels[split]):
             raise UsageError(f"--dataset {self.name} {split}: called again, it returned other "
                              "labels; a loader must give the same data every call")
         return part
@@ -623,14 +669,19 @@ class CallableSource:
     def labels(self, split: str) -> np.ndarray:
         return self._labels[split]
 
+    def file_rows(self, split: str, rows: np.ndarray) -> np.ndarray:
+        order = self._order[split]
+        return rows if order is None else order[rows]
+
     def release(self, split: str) -> None:
         self._sets[split] = None
 
     def images(self, split: str, rows: np.ndarray):
         part = self._part(split)
+        rows = self.file_rows(split, rows)
         if _is_pair(part):
             x = part[0]
-            return x[torch.as_tensor(rows)] if isinstance(x, torch.Tensor) else np.asarray(x)[rows]
+            return _rows_of(x if isinstance(x, torch.Tensor) else np.asarray(x), rows)
         what = f"--dataset {self.name} {split}"
         items = [_numpy(self._item(what, part, split, int(i))) for i in rows]
         shapes = {item.shape for item in items}
@@ -645,7 +696,7 @@ class CallableSource:
         ``targets``, or read before MPI started): a ``target_transform`` that changes only
         the items' labels would otherwise go unseen."""
         x, y = _item(what, part, i)
-        label, expected = _label(what, i, y), int(self._labels[split][i])
+        label, expected = _label(what, i, y), int(self._file_labels[split][i])
         if label != expected and getattr(part, "targets", None) is not None:
             raise UsageError(f"{what}: item {i}'s label is {label} but targets[{i}] is "
                              f"{expected}; hpctrain trains on targets, so make them agree")

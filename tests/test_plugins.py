@@ -20,6 +20,7 @@ from hpctrain.bench import report
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.shuffle import TrainDataSpec, make_train_data
+from hpctrain.shuffle.train_data import make_sampler
 
 NETS = '''
 import random
@@ -192,6 +193,18 @@ def items_test():
     x = torch.from_numpy(g.normal(size=(40, 1, 8, 8)).astype(np.float32))
     y = torch.from_numpy(g.integers(0, 3, 40))
     return (x[:30], y[:30]), Items(x[30:], y[30:])
+
+def sorted_classes(kind="pairs", n=40):
+    """Samples stored class by class (4 classes), each pixel its label; (x, y) arrays or a
+    Dataset of them."""
+    y = np.repeat(np.arange(4), n // 4)
+    x = np.broadcast_to(y[:, None, None, None], (n, 1, 2, 2)).astype(np.float32)
+    if kind == "pairs":
+        return (x, y), (x, y)
+    return Items(torch.from_numpy(x), torch.from_numpy(y)), (x, y)
+
+def sorted_items():
+    return sorted_classes("items")
 
 def mixed_scale():
     x = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
@@ -477,6 +490,17 @@ def write_npz(path, n=60, compressed=False, **override):
     return arrays
 
 
+def file_rows(numbers, n):
+    """The file rows (a loader's item indices) of training samples ``numbers`` of ``n``: they
+    are numbered in a fixed pseudo-random order (seed 0)."""
+    return np.random.default_rng(0).permutation(n)[numbers]
+
+
+def numbers(rows, n):
+    """The numbers of the training samples at file rows ``rows`` (of ``n``)."""
+    return np.argsort(np.random.default_rng(0).permutation(n))[rows].tolist()
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npz_rows_are_read_as_given(tmp_path, compressed):
     arrays = write_npz(tmp_path / "d.npz", compressed=compressed)
@@ -487,10 +511,14 @@ def test_npz_rows_are_read_as_given(tmp_path, compressed):
     part = data.load_indices(name, "train", [7, 3, 3])
     assert part.shape == (1, 6, 6) and part.num_classes == 4
     assert torch.equal(part.ids, torch.tensor([7, 3, 3]))
-    want = torch.from_numpy(arrays["x_train"][[7, 3, 3]]).float()[:, None] / 255
+    rows = file_rows([7, 3, 3], 60)  # training samples are numbered in a seeded order
+    want = torch.from_numpy(arrays["x_train"][rows]).float()[:, None] / 255
     assert torch.equal(part.images, want)
-    assert torch.equal(part.labels, torch.from_numpy(arrays["y_train"][[7, 3, 3]]))
-    assert torch.equal(data.load_labels(name, "test"), torch.from_numpy(arrays["y_test"]))
+    assert torch.equal(part.labels, torch.from_numpy(arrays["y_train"][rows]))
+    assert torch.equal(data.load(name, "train").images[[7, 3, 3]], want)
+    test = data.load(name, "test")  # the file's order
+    assert torch.equal(test.images, torch.from_numpy(arrays["x_test"]).float()[:, None] / 255)
+    assert torch.equal(test.labels, torch.from_numpy(arrays["y_test"]))
 
 
 @pytest.mark.parametrize("override, message", [
@@ -584,7 +612,7 @@ def test_labels_of_one_class_are_refused(tmp_path):
 def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
     x = np.arange(60 * 36).reshape(60, 6, 6).astype(dtype)
     write_npz(tmp_path / "d.npz", x_train=x)
-    part = data.load_indices(f"npz:{tmp_path / 'd.npz'}", "train", [2, 0])
+    part = data.load_indices(f"npz:{tmp_path / 'd.npz'}", "train", numbers([2, 0], 60))
     assert part.images.dtype == torch.float32
     assert torch.equal(part.images[:, 0], torch.from_numpy(x[[2, 0]].astype(np.float32)))
 
@@ -596,11 +624,12 @@ def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them
     x[7, 2, 3], x[40, 0, 0] = np.nan, 1e300
     write_npz(tmp_path / "d.npz", x_train=x)
     name = f"npz:{tmp_path / 'd.npz'}"
+    # Named by its row in the file (not the seeded order training numbers samples in)
     with pytest.raises(UsageError, match=rf"^--dataset {name} train: sample 7 holds NaN or Inf$"):
-        data.load_indices(name, "train", [0, 7, 40])
+        data.load_indices(name, "train", numbers([0, 7], 60))
     with pytest.raises(UsageError, match="sample 40 holds NaN or Inf$"):
-        data.load(name, "train", start=8)
-    assert len(data.load_indices(name, "train", [0, 8, 59])) == 3  # a shard without them
+        data.load_indices(name, "train", numbers([8, 40], 60))
+    assert len(data.load_indices(name, "train", numbers([0, 8, 59], 60))) == 3  # without them
     # Checked in parts (isfinite's temporaries are its input's size): one past the first part
     x = torch.zeros(300_000, 16)
     x[290_001, 5] = float("inf")
@@ -758,6 +787,30 @@ def test_samples_that_look_channels_last_are_warned_of(tmp_path, nets, capsys):
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("name", ["npz", "nets_mod:sorted_classes", "nets_mod:sorted_items"])
+def test_iid_blocks_of_data_stored_class_by_class_hold_every_class(tmp_path, nets, name):
+    """--partition iid cut an npz file's or a loader's file order into the ranks' blocks: data
+    stored class by class gave each rank one or two classes under --shuffle local."""
+    import nets_mod
+
+    if name == "npz":
+        (x, y), _ = nets_mod.sorted_classes()
+        np.savez(tmp_path / "d.npz", x_train=x, y_train=y, x_test=x, y_test=y)
+        name = f"npz:{tmp_path / 'd.npz'}"
+    stored = np.repeat(np.arange(4), 10)
+    full = data.load(name, "train")
+    assert torch.equal(full.images[:, 0, 0, 0], full.labels.float())  # each sample its label
+    assert torch.equal(full.labels, torch.from_numpy(stored[file_rows(np.arange(40), 40)]))
+    for rank in range(4):  # --shuffle local's fixed blocks
+        held = full.labels[make_sampler("local", 40, 4, rank, 0).indices()]
+        assert len(set(held.tolist())) >= 3
+    spec = TrainDataSpec(seed=0, dataset=name, data_dir=None, shuffle="local",
+                         data_placement="sharded", partition="iid", shuffle_chunk_mb=1.0)
+    shard = make_train_data(spec, None).epoch(0)  # read by rows: the same numbering
+    assert torch.equal(shard.images, full.subset(shard.ids).images)
+    assert torch.equal(data.load(name, "test").labels, torch.from_numpy(stored))  # file order
+
+
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
     """A script's second run reused the first's cached source: an npz rewritten between them
     gave the new images with the old labels (a loader's new data were never read)."""
@@ -773,7 +826,8 @@ def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
         summaries.append(simulate(config, SimConfig(workers=1)))
     assert [s["samples_per_worker"] for s in summaries] == [[60], [90]]
     labels = userdata.load_labels("npz:d.npz", "train")
-    assert torch.equal(labels, torch.from_numpy(write_npz(tmp_path / "d.npz", n=90)["y_train"]))
+    y = write_npz(tmp_path / "d.npz", n=90)["y_train"]
+    assert torch.equal(labels, torch.from_numpy(y[file_rows(np.arange(90), 90)]))
 
 
 def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
@@ -807,10 +861,10 @@ def test_a_dataset_item_that_raises_is_named_when_read(nets):
     assert userdata.describe("nets_mod:list_items")["shape"] == (1, 8, 8)  # x as nested lists
     assert data.load_indices("nets_mod:list_items", "train", [0, 7]).images.shape == (2, 1, 8, 8)
     assert userdata.describe("nets_mod:late")["train"] == 8  # its targets: no item 5 read yet
-    assert len(data.load_indices("nets_mod:late", "train", [0, 4, 6])) == 3
-    with pytest.raises(UsageError, match=re.escape(
+    assert len(data.load_indices("nets_mod:late", "train", numbers([0, 4, 6], 8))) == 3
+    with pytest.raises(UsageError, match=re.escape(  # by the loader's index, not our number
             "--dataset nets_mod:late train: item 5 raised KeyError: 'bad item 5'")):
-        data.load_indices("nets_mod:late", "train", [4, 5])
+        data.load_indices("nets_mod:late", "train", numbers([4, 5], 8))
 
 
 def test_a_dataset_item_whose_label_is_not_its_targets_entry_is_refused_when_read(nets):
@@ -819,7 +873,7 @@ def test_a_dataset_item_whose_label_is_not_its_targets_entry_is_refused_when_rea
     with pytest.raises(UsageError, match=re.escape(
             "--dataset nets_mod:relabelled train: item 4's label is 2 but targets[4] is 1; "
             "hpctrain trains on targets, so make them agree")):
-        data.load_indices("nets_mod:relabelled", "train", [2, 4])
+        data.load_indices("nets_mod:relabelled", "train", numbers([2, 4], 8))
 
 
 def test_an_image_folder_is_read_image_by_image(tmp_path):
@@ -916,7 +970,7 @@ def test_npz_arrays_in_the_other_byte_order_are_read(tmp_path, compressed):
     write_npz(tmp_path / "d.npz", compressed=compressed, **swapped)
     name = f"npz:{tmp_path / 'd.npz'}"
     assert userdata.describe(name)["classes"] == 4
-    part = data.load_indices(name, "train", [7, 3])
+    part = data.load_indices(name, "train", numbers([7, 3], 60))
     assert torch.equal(part.images, torch.from_numpy(native["x_train"][[7, 3]])[:, None])
     assert torch.equal(part.labels, torch.from_numpy(native["y_train"][[7, 3]]))
     assert data.load_labels(name, "test").tolist() == [i % 4 for i in range(20)]

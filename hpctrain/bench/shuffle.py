@@ -50,10 +50,12 @@ def add_arguments(parser) -> None:
                         help="folder with the data set's files (default: $HPCTRAIN_DATA, then "
                              "the system folder)")
     parser.add_argument("--partition", default="iid", choices=PARTITIONS,
-                        help="initial split over the ranks: iid (file order) or label-skew "
-                             "(sorted by label): only the first exchange, the untimed warm-up, "
-                             "starts from it (its bytes reported apart; a global shuffle moves "
-                             "about (K-1)/K of the data from any split)")
+                        help="initial split over the ranks: iid (the samples' order: a "
+                             "built-in set's file order; an npz file's, a loader's or an image "
+                             "folder's training samples in a fixed pseudo-random order, seed 0) "
+                             "or label-skew (sorted by label): only the first exchange, the "
+                             "untimed warm-up, starts from it (its bytes reported apart; a "
+                             "global shuffle moves about (K-1)/K of the data from any split)")
     parser.add_argument("--epochs", type=bench.at_most(options.at_least(1), options.HUGE),
                         default=10,
                         help="timed reshuffles (and as many raw runs), after one warm-up")

@@ -65,8 +65,10 @@ def pad(indices: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def partition(n: int, labels: torch.Tensor | None = None) -> torch.Tensor:
-    """The order in which the data set is cut into ranks' blocks: file order (iid), or by label
-    (stable, so ties keep file order) when ``labels`` are given (label-skew)."""
+    """The order in which the data set is cut into ranks' blocks: its samples' order (iid: a
+    built-in set's file order; a user's set's training samples are numbered in a seeded
+    pseudo-random order, :mod:`hpctrain.userdata`), or by label (stable, so ties keep that
+    order) when ``labels`` are given (label-skew)."""
     if labels is None:
         return torch.arange(n)
     return torch.sort(torch.as_tensor(labels), stable=True).indices

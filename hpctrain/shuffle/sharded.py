@@ -1,6 +1,6 @@
 """Sharded placement: each rank reads and stores only its part, reshuffling moves the samples.
 
-A rank reads its block of the initial partition (iid: file order; label-skew: sorted by
+A rank reads its block of the initial partition (iid: the samples' order; label-skew: sorted by
 label). Global shuffling also stores the tail of ``N % K`` samples, one on each of the first
 ranks, so every epoch can draw from the whole set; its order is the replicated one exactly.
 Partial(q) sends ``round(q * n)`` samples per rank along random derangements of the ranks,
