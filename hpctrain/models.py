@@ -1,7 +1,9 @@
-"""Models: ``mlp``, ``lenet`` and ``resnet20`` (CIFAR-style ResNet-20), for any input shape."""
+"""Models: ``mlp`` (any sample shape), ``lenet`` and ``resnet20`` (CIFAR-style ResNet-20), for
+any image size (C x H x W)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -13,8 +15,8 @@ from hpctrain.errors import UsageError
 MODELS = ("mlp", "lenet", "resnet20")
 
 
-def build(name: str, input_shape: tuple[int, int, int], num_classes: int = 10) -> nn.Module:
-    """Model ``name`` for inputs of shape (C, H, W)."""
+def build(name: str, input_shape: tuple[int, ...], num_classes: int = 10) -> nn.Module:
+    """Model ``name`` for inputs of shape (C, H, W) (``mlp``: of any shape)."""
     if name == "mlp":
         return MLP(input_shape, num_classes)
     if name == "lenet":
@@ -29,13 +31,13 @@ def num_parameters(model: nn.Module) -> int:
 
 
 class MLP(nn.Module):
-    """Two hidden layers of 256 and 128 ReLU units."""
+    """Two hidden layers of 256 and 128 ReLU units, on the flattened sample (of any shape:
+    images, or feature vectors)."""
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int = 10):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int = 10):
         super().__init__()
-        c, h, w = input_shape
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(c * h * w, 256), nn.ReLU(),
+            nn.Flatten(), nn.Linear(math.prod(input_shape), 256), nn.ReLU(),
             nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, num_classes),
         )
 

@@ -245,7 +245,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
     if not is_reference(name):
         if model_args:
             raise UsageError(f"--model-args are for a model of your own, not --model {name}")
-        if len(input_shape) != 3:
+        if len(input_shape) != 3 and name != "mlp":  # mlp flattens any shape
             raise UsageError(f"--model {name} needs samples of shape C x H x W, not "
                              f"{' x '.join(map(str, input_shape))}; use a model of your own")
         return models.build(name, tuple(input_shape), num_classes)

@@ -211,6 +211,10 @@ def mixed_scale():
     y = torch.tensor([0, 1, 2] * 2)
     return (x, y), (x.float(), y)
 
+def flat():
+    x, y = torch.randn(12, 20), torch.tensor([0, 1, 2] * 4)
+    return (x, y), (x, y)
+
 def random_split():
     """Draws from every global generator, as a loader's random split would; counts its calls
     in a file (loaded by path, this file is a module of another name)."""
@@ -809,6 +813,15 @@ def test_iid_blocks_of_data_stored_class_by_class_hold_every_class(tmp_path, net
     shard = make_train_data(spec, None).epoch(0)  # read by rows: the same numbering
     assert torch.equal(shard.images, full.subset(shard.ids).images)
     assert torch.equal(data.load(name, "test").labels, torch.from_numpy(stored))  # file order
+
+
+def test_the_built_in_mlp_takes_samples_of_any_shape(nets):
+    """It only flattens, yet refused feature vectors (N x 20); lenet and resnet20 need images."""
+    config = launch(data=DataConfig(dataset="nets_mod:flat"), model=ModelConfig(name="mlp"))
+    assert plugins.build_model("mlp", (20,), 3)(torch.zeros(2, 20)).shape == (2, 3)
+    assert config.model.name == "mlp"
+    with pytest.raises(UsageError, match="--model lenet needs samples of shape C x H x W, not 20"):
+        plugins.build_model("lenet", (20,), 3)
 
 
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
