@@ -85,7 +85,10 @@ def average_model(model: nn.Module, comm) -> int:
         flat = flat.float()
     flat = HostStage(flat).to_host()
     total = torch.empty_like(flat)
-    comm.Allreduce(mpi_buffer(flat), mpi_buffer(total))
+    # Non-blocking, as ssgd's mpi backend reduces: one order of additions for both, the one
+    # the simulator's LocalComm adds in. Open MPI 4.1's blocking Allreduce adds 4-247 KB on 3
+    # ranks in an order of its own (coll/tuned), and simulated ma then rounded otherwise.
+    comm.Iallreduce(mpi_buffer(flat), mpi_buffer(total)).Wait()
     mean = total / comm.Get_size()
     offset = 0
     for t in tensors:
