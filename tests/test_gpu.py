@@ -146,6 +146,26 @@ def test_snapshots_of_a_gpu_model_live_on_the_host():
     model.load_state_dict(snaps[0].state)
 
 
+def test_each_virtual_worker_draws_from_its_own_gpu_stream():
+    """The simulator's workers each keep the GPU generator's state too (a model's dropout on
+    the GPU draws from it): worker k's draws are one stream's from the state at the start."""
+    from hpctrain.sim.scheduler import Scheduler, WorkerStreams
+
+    torch.manual_seed(7)
+    streams = WorkerStreams(2, gpu())
+    alone = [torch.rand(1, device=gpu()).item() for _ in range(3)]
+    scheduler = Scheduler(2)
+
+    def body(k: int) -> list:
+        draws = []
+        for step in range(3):
+            draws.append(torch.rand(1, device=gpu()).item())
+            scheduler.at(k, step * (k + 1))
+        return draws
+
+    assert scheduler.run(body, streams) == [alone] * 2
+
+
 def test_nccl_in_one_process_moves_and_reduces_cuda_tensors():
     """One rank with a GPU of its own takes NCCL for CUDA tensors (ranks sharing a GPU, as
     in the MPI tests below, take gloo), so NCCL's own calls run here: all_reduce,

@@ -9,6 +9,10 @@ earliest event, ties broken by worker id. So events are applied strictly in (tim
 order, never one before an earlier one, and the run is deterministic: which thread the
 operating system would like to run never matters.
 
+Each worker draws from a torch random stream of its own (:class:`WorkerStreams`), as each
+real rank draws from its own process's: the process's one generator is swapped to the
+worker's at each hand-over, so a worker's dropout masks never depend on when the others ran.
+
 A worker waiting for others (a collective that not all have reached, an SSP bound) is
 :meth:`block`-ed outside the queue until another worker :meth:`wake`-s it at a time. When no
 event is left while some worker still waits, the simulation is stuck (a real run would hang):
@@ -22,6 +26,8 @@ import heapq
 import threading
 from collections.abc import Callable
 
+import torch
+
 
 class Aborted(Exception):
     """This worker stops because another worker failed."""
@@ -29,6 +35,33 @@ class Aborted(Exception):
 
 class SimulationStuck(RuntimeError):
     """Every remaining worker waits for something no worker will ever do."""
+
+
+class WorkerStreams:
+    """Every virtual worker's torch random state: the CPU generator's, and ``device``'s where
+    it is a GPU (what a model's dropout draws from). Each starts from the process's state at
+    construction, the state a real rank has there (after the same seeding and the same
+    draws). Python's and numpy's generators, which no real rank seeds, stay shared."""
+
+    def __init__(self, workers: int, device: torch.device | str = "cpu"):
+        device = torch.device(device)
+        self._cuda = device if device.type == "cuda" else None
+        self._states = [self._current()] * workers
+
+    def _current(self) -> tuple:
+        return (torch.get_rng_state(),
+                torch.cuda.get_rng_state(self._cuda) if self._cuda is not None else None)
+
+    def enter(self, k: int) -> None:
+        """Worker ``k`` runs from here: the process draws from its stream."""
+        cpu, cuda = self._states[k]
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, self._cuda)
+
+    def leave(self, k: int) -> None:
+        """Worker ``k`` hands over: keep where its stream is."""
+        self._states[k] = self._current()
 
 
 class Scheduler:
@@ -44,11 +77,14 @@ class Scheduler:
         self._lock = threading.Lock()  # guards the error and the exits only
         self._running = set(range(workers))
         self._error: BaseException | None = None
+        self._streams: WorkerStreams | None = None
 
-    def run(self, body: Callable[[int], object]) -> list:
+    def run(self, body: Callable[[int], object], streams: WorkerStreams | None = None) -> list:
         """Run ``body(k)`` for every worker k, each in its thread, in virtual-time order;
-        return their results (raise the first worker's exception, if any)."""
+        return their results (raise the first worker's exception, if any). ``streams``: each
+        worker's own random state, swapped in whenever it runs (None: one shared stream)."""
         results: list = [None] * self.workers
+        self._streams = streams
 
         def main(k: int) -> None:
             try:
@@ -103,6 +139,8 @@ class Scheduler:
         if self._queue and self._queue[0][1] == k:  # still the earliest: no hand-over
             heapq.heappop(self._queue)
             return
+        if self._streams is not None:
+            self._streams.leave(k)
         self._hand_over()
         self._wait_turn(k)
 
@@ -110,6 +148,8 @@ class Scheduler:
         self._go[k].acquire()
         if self._error is not None:
             raise Aborted
+        if self._streams is not None:
+            self._streams.enter(k)
 
     def _hand_over(self) -> None:
         """Start the worker with the earliest event (or stop everyone when none is left)."""

@@ -41,7 +41,7 @@ from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
 from hpctrain.sim.config import SimConfig
 from hpctrain.sim.runtime import VirtualRuntime, load_train_set
-from hpctrain.sim.scheduler import Scheduler
+from hpctrain.sim.scheduler import Scheduler, WorkerStreams
 from hpctrain.sim.steptime import StepTimeModel
 from hpctrain.sim.store import SharedStore
 from hpctrain.sync.algorithm import Sequential, Synchronous
@@ -239,6 +239,8 @@ def _simulate(config: RunConfig, sim: SimConfig) -> dict:
     data.release(config.data.dataset, "test", config.data.data_dir)
     initial = run.initial_model(config, test_set.shape, test_set.num_classes)
     initial.to(run.device_for(config))
+    # Where a real rank's own stream is as its training starts: seeded, the model drawn.
+    streams = WorkerStreams(sim.workers, run.device_for(config))
 
     def worker(k: int) -> dict | None:
         algo = algo_class(config)
@@ -251,6 +253,6 @@ def _simulate(config: RunConfig, sim: SimConfig) -> dict:
         return summary
 
     with devices.cudnn_mode(config.device, config.cudnn_benchmark):
-        summaries = simulation.scheduler.run(worker)
+        summaries = simulation.scheduler.run(worker, streams)
     return summaries[0]
 
