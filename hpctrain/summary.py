@@ -117,8 +117,9 @@ class RunSummary:
                                "empty if never", default_factory=list)
     simulated: bool = _doc("false for a run of real processes; true for `hpctrain simulate` "
                            "(times are then virtual seconds)", default=False)
-    simulation: dict | None = _doc("simulated runs: the step-time, network and EC inference "
-                                   "models used (null for real processes)", default=None)
+    simulation: dict | None = _doc("simulated runs: the step-time model and the seed of its "
+                                   "draws (timing_seed), the network and EC inference models "
+                                   "used (null for real processes)", default=None)
     algorithm_fields: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:

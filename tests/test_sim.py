@@ -663,6 +663,34 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path, monkeypatch):
         StepTimeModel("lognormal:0.02:1e308", 2)  # exp(SIGMA z) overflows
 
 
+def test_timing_seed_seeds_the_step_times_and_jitter_alone(tmp_path):
+    """--seed seeded both the model and the step-time and jitter draws, so a seed study
+    changed the staleness pattern with the model; --timing-seed seeds the draws alone
+    (default: --seed, bit for bit as before)."""
+    def run(name: str, seed: int, timing_seed: int | None = None):
+        c = config("asgd", tmp_path / name, seed=seed, stragglers=StragglerConfig(jitter=0.3))
+        summary = simulate(c, sim(3, step_time="lognormal:0.01:0.5", timing_seed=timing_seed))
+        recorded = json.loads((tmp_path / name / "config.json").read_text())["sim"]
+        return (summary, steptimes.read(tmp_path / name).compute,
+                (tmp_path / name / "model.pt").read_bytes(), recorded["timing_seed"])
+
+    default, given = run("default", 1), run("given", 1, timing_seed=1)
+    assert json.dumps({**default[0], "out": None}, sort_keys=True) == \
+        json.dumps({**given[0], "out": None}, sort_keys=True)
+    assert default[1:3] == given[1:3]
+    assert (default[3], given[3]) == (None, 1)  # as given: None follows --seed on a repeat
+    assert default[0]["simulation"]["timing_seed"] == 1  # the one in effect
+    held = run("held", 2, timing_seed=1)  # another model seed, the same timing
+    assert held[1] == default[1] and held[2] != default[2]
+    varied = run("varied", 1, timing_seed=2)  # the same model seed, another timing
+    assert varied[1] != default[1]
+    from hpctrain import cli
+    from hpctrain.sim import arguments as sim_arguments
+
+    parsed = cli.build_parser().parse_args(["simulate", "--algo", "asgd", "--timing-seed", "5"])
+    assert sim_arguments.build(parsed).timing_seed == 5
+
+
 @pytest.mark.parametrize("spec, message", [
     # Virtual times of inf, or NaN, in summary.json before (exit 0).
     ("constant:1e308", "S must be in (0, 1e+06], got 1e308"),
@@ -690,6 +718,7 @@ def test_step_times_that_overflow_or_hang_are_refused(spec, message):
     (["--bandwidth", "0"], "argument --bandwidth: must be >= 1, got 0"),
     # 309 digits in the message before.
     (["--workers", "1e308"], "--workers 1e+308 must be in [1, 1e+06]"),
+    (["--timing-seed", "2.5"], "argument --timing-seed: '2.5' is not a whole number"),
 ])
 def test_simulator_options_that_overflow_are_one_line(argv, message):
     from hpctrain import cli

@@ -48,6 +48,12 @@ class SimConfig:
                                       "(a fixed random subset, the same for every seed), for "
                                       "quick studies", parse=options.positive(int),
                                       range=Range(1))
+    # --seed's range: the two seed the same draws by default.
+    timing_seed: int | None = option(None, "seeds the step-time and --jitter draws alone "
+                                     "(default: --seed), so that a seed study can hold the "
+                                     "timing fixed while --seed varies, or vary the timing "
+                                     "alone", parse=int, range=Range(-2 ** 63, 2 ** 63 - 1),
+                                     metavar="N")
     # Not options. step_times_sha256: the hash of the step_times.json a replay reads (and of
     # its rests), recorded in config.json's sim table, so that a repeat from it replays the
     # same times or is refused (a file rewritten since: a run resumed into RUN, a copy).

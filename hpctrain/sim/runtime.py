@@ -82,9 +82,11 @@ class VirtualRuntime(Runtime):
         return self.simulation.scheduler.now[self.worker]
 
     def straggler(self, config, rank: int, workers: int) -> Straggler:
-        s = config.stragglers
-        return VirtualStraggler(self.simulation.step_times, self.simulation.scheduler,
-                                self.worker, s.factor(rank, workers), s.jitter, config.seed)
+        """--jitter draws seeded with the simulation's timing seed (``--timing-seed``, else
+        ``--seed``, as a real straggler's)."""
+        s, sim = config.stragglers, self.simulation
+        return VirtualStraggler(sim.step_times, sim.scheduler, self.worker,
+                                s.factor(rank, workers), s.jitter, sim.timing_seed)
 
     def train_data(self, spec: TrainDataSpec, comm_) -> ReplicatedTrainData:
         """The real samplers over one copy of the training set that all workers share

@@ -179,7 +179,9 @@ class Simulation:
         self.workers = sim.workers
         self.scheduler = Scheduler(self.workers)
         self.network = sim.network()
-        self.step_times = StepTimeModel(sim.step_time, self.workers, config.seed)
+        # What seeds the step-time and jitter draws: --timing-seed, else --seed.
+        self.timing_seed = config.seed if sim.timing_seed is None else sim.timing_seed
+        self.step_times = StepTimeModel(sim.step_time, self.workers, self.timing_seed)
         if sim.comm_time == "replay" and len(self.step_times.rests) != self.workers:
             recorded = len(self.step_times.rests)
             print(f"hpctrain simulate: --comm-time replay on {_workers(self.workers)} "
@@ -215,7 +217,8 @@ class Simulation:
         return self._store
 
     def describe(self) -> dict:
-        return {**self.sim.to_dict(), "step_time_mean_s": self.step_times.mean,
+        return {**self.sim.to_dict(), "timing_seed": self.timing_seed,
+                "step_time_mean_s": self.step_times.mean,
                 "inference_s_per_sample": self.group.infer_s_per_sample,
                 "inference_from": self.inference_from}
 

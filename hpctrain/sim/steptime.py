@@ -20,8 +20,9 @@
   (where recorded; else none).
 
 Draws come from one generator per worker, seeded with (seed, worker), so a simulation is
-deterministic. ``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a
-real step (:mod:`hpctrain.stragglers`).
+deterministic; the seed is ``--timing-seed`` (default ``--seed``), which seeds nothing else.
+``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a real step
+(:mod:`hpctrain.stragglers`).
 """
 
 from __future__ import annotations
