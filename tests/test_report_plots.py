@@ -125,6 +125,32 @@ def test_simulated_runs_among_real_ones_are_marked(tmp_path):
             "virtual seconds.\n") in text and "| sim |" in text
 
 
+def test_a_simulated_comparison_says_what_set_its_times(tmp_path):
+    """The header named only --workers: the step-time model, stragglers and training subset,
+    which set every time and staleness figure, were left to each run's command."""
+    simulation = {"step_time": "lognormal:0.01:0.5", "comm_time": "model", "latency": 5e-05,
+                  "bandwidth": 4e9, "store_latency": 5e-05, "store_bandwidth": 4e9,
+                  "train_subset": 6000, "inference_s_per_sample": 2e-05,
+                  "inference_from": "step time"}
+    rows = [report.Row(algo, "ok", seed=seed, summary={
+        **SUMMARY, "algo": algo, "simulated": True, "slowdown": "0:4", "jitter": 0.0,
+        "simulation": {**simulation, "timing_seed": seed}})
+        for algo in ("asgd", "ec") for seed in (1, 2)]
+    assert report.simulator_settings(rows) == (
+        "Simulator settings, which set every time and staleness figure: "
+        "`--step-time lognormal:0.01:0.5`, `--timing-seed` each run's `--seed`, "
+        "`--comm-time model`, `--latency 5e-05`, `--bandwidth 4e+09`, `--store-latency 5e-05`, "
+        "`--store-bandwidth 4e+09`, `--train-subset 6000`, `--slowdown 0:4`, `--jitter 0`, "
+        "ec's inference per sample 2e-05 s (step time).")
+    rows[0].summary["simulation"]["timing_seed"] = 7  # held fixed, but on one run
+    assert "`--timing-seed` 7 (asgd seed 1); 2 (asgd seed 2, ec seed 2); 1 (ec seed 1)" in \
+        report.simulator_settings(rows)
+    runs(tmp_path / "sim", asgd={"simulated": True, "simulation": simulation, "jitter": 0.3})
+    assert "\nSimulator settings, which set every time and staleness figure: `--step-time " \
+        "lognormal:0.01:0.5`, `--comm-time model`," in report_md(tmp_path / "sim")
+    assert report.simulator_settings([report.Row("ssgd", "ok", summary=SUMMARY)]) is None
+
+
 def test_the_error_range_leaves_room_above_runs_near_zero_error():
     """Median final error 0: the range was [0, 0.5]%, a run at 4% error off the plot."""
     low, high = report._error_range([[90.0, 0.0, 0.0], [90.0, 0.1, 0.0], [90.0, 6.0, 4.0]])

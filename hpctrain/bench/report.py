@@ -704,6 +704,61 @@ def simulated_runs(record: dict, rows: list[Row]) -> str | None:
             "times to a target are virtual seconds, not comparable with the other runs'.")
 
 
+# What sets a simulated run's times and staleness, as its summary.json records it: keys of its
+# `simulation`, then its straggler fields, with the flags that set them
+SIMULATOR_SETTINGS = (("step_time", "--step-time"), ("timing_seed", "--timing-seed"),
+                      ("comm_time", "--comm-time"), ("latency", "--latency"),
+                      ("bandwidth", "--bandwidth"), ("store_latency", "--store-latency"),
+                      ("store_bandwidth", "--store-bandwidth"),
+                      ("train_subset", "--train-subset"))
+STRAGGLER_SETTINGS = (("slowdown", "--slowdown"), ("jitter", "--jitter"))
+
+
+def simulator_settings(rows: list[Row]) -> str | None:
+    """One line on what set the simulated runs' times and staleness (their summaries': the
+    step-time model and its seed, the network model, stragglers, the training subset, ec's
+    inference rate), every setting's value or, where the runs differ, which ran with what;
+    None when no run was simulated. The header named only ``--workers``, and the step-time
+    model was left to each run's command."""
+    simulated = [r for r in rows if _simulated(r)]
+    if not simulated:
+        return None
+    missing = object()
+
+    def value(r: Row, key: str):
+        if key in dict(STRAGGLER_SETTINGS):
+            return r.summary.get(key, missing)
+        return (r.summary.get("simulation") or {}).get(key, missing)
+
+    def text(v) -> str:
+        return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
+
+    parts = []
+    for key, flag in SIMULATOR_SETTINGS + STRAGGLER_SETTINGS:
+        if all(value(r, key) is missing for r in simulated):  # a summary from before it
+            continue
+        groups = _grouped(simulated, lambda r, key=key: text(value(r, key))
+                          if value(r, key) is not missing else "?")
+        if len(groups) == 1:
+            parts.append(f"`{flag} {next(iter(groups))}`")
+        elif key == "timing_seed" and all(value(r, key) == r.seed for r in simulated):
+            parts.append(f"`{flag}` each run's `--seed`")
+        else:
+            parts.append(f"`{flag}` " + "; ".join(f"{v} ({_who(runs, simulated)})"
+                                                  for v, runs in groups.items()))
+    ec = [r for r in simulated if r.summary.get("algo") == "ec"]
+    rates = _grouped(ec, lambda r: "{:g} s ({})".format(
+        *(value(r, k) for k in ("inference_s_per_sample", "inference_from"))))
+    if rates and all(value(r, "inference_s_per_sample") is not missing for r in ec):
+        parts.append("ec's inference per sample " + "; ".join(
+            f"{v}" + (f" ({_who(runs, simulated)})" if len(rates) > 1 else "")
+            for v, runs in rates.items()))
+    if not parts:
+        return None
+    return ("Simulator settings, which set every time and staleness figure: "
+            + ", ".join(parts) + ".")
+
+
 # How a run's snapshots were scored (its summary's eval_mode) and whether evaluation is in its
 # wall time (eval_in_clock), for report.md
 SCORING = {"after": "scored after training, so evaluation is not in the clock",
@@ -761,6 +816,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     simulated = simulated_runs(record, rows)
     if simulated:
         out.append(simulated)
+    settings = simulator_settings(rows)
+    if settings:
+        out.append(settings)
     trained = setting(rows)
     if trained:
         out.append(trained)
