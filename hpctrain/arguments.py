@@ -455,6 +455,7 @@ def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
+    out_typed = "out" in values
     if args.config is not None and args.config.strip() and Path(args.config).is_dir():
         raise UsageError(f"--config {args.config}: is a folder; give a TOML file or a run's "
                          f"config.json ({Path(args.config) / 'config.json'})")
@@ -484,6 +485,10 @@ def build(args: argparse.Namespace) -> RunConfig:
         config = configs.from_dict(values)
     except TypeError as e:  # a value of the wrong type in a file
         raise UsageError(f"--config {args.config}: {e}") from None
+    if not out_typed and config.checkpoint.resume is None:  # auto: a finished run's summary
+        from hpctrain.run import refuse_finished  # (run imports the training's modules)
+
+        refuse_finished(config.out, config_file=args.config)  # its out, not one typed
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed
         raise configs.unmoved_chunk(chunk)

@@ -103,7 +103,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     algo.check(config, ranks, n)
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
         check_folder(flag, folder)
-    refuse_finished(config.out)  # before its checkpoints would call it unfinished
+    refuse_finished(config.out, ck.resume)  # before its checkpoints would call it unfinished
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
@@ -196,12 +196,39 @@ def refuse_taken_names(config: RunConfig) -> None:
                          "in a folder of that name")
 
 
-def refuse_finished(out: str | None) -> None:
-    """A finished run's folder, or a ``bench compare``'s, is not a new run's."""
-    if out and (Path(out) / "summary.json").exists():
-        raise UsageError(f"--out {out} already holds a finished run; choose another folder")
-    if out and (Path(out) / "compare.json").exists():
-        raise UsageError(f"--out {out} holds a bench compare; choose another folder")
+def refuse_finished(out: str | None, resume: str | None = None,
+                    config_file: str | None = None) -> None:
+    """A finished run's folder, or a ``bench compare``'s, is not a new run's; nor is a
+    finished run resumed. ``resume``: the folder ``--resume`` names (``auto`` returns a
+    finished run's summary instead, :func:`_finished`); ``config_file``: the ``--config``
+    file whose ``out`` named ``out``, where ``--out`` did not. The line names what the user
+    typed: "--out X" sent one who typed none to change it and train the run again."""
+    ran = _run_folder_of(resume)
+    if ran is not None and (ran / "summary.json").exists() and (
+            out is None or Path(out).resolve() == ran.resolve()):  # another --out: a copy
+        raise UsageError(f"--resume {resume}: the run has finished ({ran / 'summary.json'}); "
+                         f"there is nothing to resume: to train on from its model, start a "
+                         f"new run with --init-from {ran} and another --out")
+    if not out:
+        return
+    named = f"--out {out}" if config_file is None else f"--config {config_file}: its out {out}"
+    choose = "choose another folder" if config_file is None else \
+        "give --out another folder for a new run"
+    if (Path(out) / "summary.json").exists():
+        raise UsageError(f"{named} already holds a finished run; {choose}")
+    if (Path(out) / "compare.json").exists():
+        raise UsageError(f"{named} holds a bench compare; {choose}")
+
+
+def _run_folder_of(resume: str | None) -> Path | None:
+    """The outputs' folder of the run ``--resume`` names (as :func:`checkpoint.check` takes
+    it), or None: no folder named, ``auto``, or nothing there that says."""
+    if resume is None or resume == checkpoint.AUTO or not Path(resume).is_dir():
+        return None
+    if (Path(resume) / "summary.json").exists():  # the run's folder, checkpoints or none
+        return Path(resume)
+    out = checkpoint.policy.recorded_out(checkpoint.folder.resolve(resume))
+    return None if out is None else Path(out)
 
 
 def check_folder(flag: str, folder: str | None) -> None:

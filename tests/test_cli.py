@@ -414,12 +414,40 @@ def test_finished_run_is_never_overwritten(finished_sgd):
 def test_a_finished_run_with_checkpoints_is_called_finished(tmp_path):
     """Its checkpoints made the check call it unfinished and advise --resume, which then
     said it was finished."""
+    from hpctrain import arguments, run
+
     out = tmp_path / "run"
     args = ["--algo", "sgd", *SMALL, "--checkpoint-every", "0.5e", "--out", str(out)]
     assert run_job(["train", *args], np=0).returncode == 0
-    for extra in ([], ["--resume", str(out)]):
-        assert refusal([*args, *extra]) == (f"--out {out} already holds a finished run; choose "
-                                            "another folder")
+    assert refusal(args) == f"--out {out} already holds a finished run; choose another folder"
+    # Resumed, with or without --out (which it named though none was typed), by its folder or
+    # its checkpoints': finished, not a folder to change (a new run starts from its model).
+    resumed = (f"the run has finished ({out / 'summary.json'}); there is nothing to resume: to "
+               f"train on from its model, start a new run with --init-from {out} and another "
+               "--out")
+    for given in (out, out / "checkpoints"):
+        for extra in (["--out", str(out)], []):
+            assert refusal([*args[:-2], "--resume", str(given), *extra]) == \
+                f"--resume {given}: {resumed}"
+    copy = tmp_path / "copy"  # its checkpoint into another folder: a copy of its end
+    assert run.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", *args[:-2], "--resume", str(out), "--out", str(copy)])), 1).out == str(copy)
+
+
+def test_a_config_json_whose_out_finished_says_so_not_out(finished_sgd, tmp_path):
+    """--config of a finished run's config.json, no --out typed: "--out X already holds a
+    finished run" named an option the user never typed; the line says the file named it."""
+    from hpctrain import arguments, run
+
+    args, proc, out = finished_sgd
+    assert proc.returncode == 0, proc.stderr
+    config = out / "config.json"
+    assert refusal(["--config", str(config)]) == (
+        f"--config {config}: its out {out} already holds a finished run; give --out another "
+        "folder for a new run")
+    again = str(tmp_path / "again")  # a repeat, as README says
+    assert run.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", "--config", str(config), "--out", again])), 1).out == again
 
 
 def test_a_summary_resume_auto_cannot_read_is_named(finished_sgd, tmp_path):
