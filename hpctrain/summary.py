@@ -63,9 +63,12 @@ class RunSummary:
                                "the write of the checkpoint it resumed from, which that "
                                "checkpoint cannot hold)")
     resumed_from_updates: list[int] = _doc("updates at which the run was resumed, in order: "
-                                           "those of the checkpoints it ended from (an "
-                                           "attempt whose checkpoints were all passed over "
-                                           "is not among them)")
+                                           "those of the checkpoints it ended from, each in "
+                                           "the count of the attempt that wrote it (after a "
+                                           "resize, `resized` gives the same place in the "
+                                           "resumed run's updates; an attempt whose "
+                                           "checkpoints were all passed over is not among "
+                                           "them)")
     bytes_moved: int = _doc("bytes: training samples this rank (rank 0) sent to others in "
                             "reshuffles (a resumed run: those of this process, see "
                             "exchange_per_epoch)")

@@ -231,7 +231,8 @@ def test_checkpointer_restores_three_workers_on_one(tmp_path):
     assert ckpt.next_due == 240
     record = {"from_workers": 3, "to_workers": 1, "updates": 60, "resumed_at": 180}
     assert ckpt.summary()["resized"] == [record]
-    assert ckpt.summary()["resumed_from_updates"] == [180]
+    # The checkpoint's count, as config.json's resumes say (it held the rescaled 180)
+    assert ckpt.summary()["resumed_from_updates"] == [60]
     ckpt.save(240, {"elapsed": 1.0}, back)
     again = checkpoint.newest(folder)
     assert again.payload["book"]["resized"] == [record] and len(again.payload["ranks"]) == 1

@@ -37,7 +37,9 @@ def resized_run(out, algo: str, ranks: int, then: int, per_epoch: int) -> tuple[
 
 def check_common(out, summary: dict, record: dict) -> None:
     assert summary["workers"] == record["to_workers"] and summary["resized"] == [record]
-    assert summary["resumed_from_updates"] == [record["resumed_at"]]
+    # In the checkpoint's count, as config.json's resumes (the rescaled one is resumed_at)
+    assert summary["resumed_from_updates"] == [record["updates"]] == [
+        r["update"] for r in json.loads((out / "config.json").read_text())["run_info"]["resumes"]]
     assert sum(summary["samples_per_worker"]) == EPOCHS * SAMPLES  # every sample, once an epoch
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # Every 0.25 epoch, async ones on the first push past the mark (the one at the checkpoint

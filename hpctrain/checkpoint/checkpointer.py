@@ -167,7 +167,9 @@ class Checkpointer:
         snapshots[:] = own if self.snapshots_per_rank else first
         self.written = len(snapshots)
         self.count, self.seconds = book["checkpoints"], book["checkpoint_s"]
-        self.resumed_from = [*book["resumed_from"], position]
+        # The checkpoint's own count, as config.json's resumes and resized[].updates say
+        # (resized[].resumed_at is the same place in this run's updates).
+        self.resumed_from = [*book["resumed_from"], header["updates"]]
         self.clock.resume(book.get("clock", []), mine["counters"].get("elapsed", 0.0))
         self.next_due = (position // self.interval + 1) * self.interval \
             if self.by_progress else 0
