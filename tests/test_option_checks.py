@@ -9,6 +9,7 @@ parser, the configuration and the checks a launch runs before MPI starts.
 """
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -239,9 +240,42 @@ def test_the_simulators_help_leaves_out_trains_options_it_refuses(capsys):
             cli.build_parser().parse_args([command, "--help"])
         helps[command] = " ".join(capsys.readouterr().out.split())
     for flag in sim_arguments.REFUSED:  # usage lists [--flag ...] for each option shown
-        assert f"[{flag} " in helps["train"] and f"[{flag} " not in helps["simulate"], flag
+        shown = re.compile(rf"\[{re.escape(flag)}[ \]]")  # with a value, or on/off
+        assert shown.search(helps["train"]) and not shown.search(helps["simulate"]), flag
+    assert "[--fp16-allreduce]" not in helps["simulate"]  # listed, and always refused
     assert "".join(helps["simulate"].split()).endswith(  # wrapped, also at hyphens
         "".join(sim_arguments.REFUSED_EPILOG.split()))
+
+
+def simulation_checked(*argv: str) -> RunConfig:
+    """What ``hpctrain simulate`` checks before it starts, in this process."""
+    args = simulate_args("--algo", "ssgd", *SYNTHETIC, *argv)
+    return check_simulation(cli._without_real_run_settings(args, arguments.build(args)),
+                            sim_arguments.build(args))
+
+
+@pytest.mark.parametrize("argv", [
+    ["--checkpoint-every", "off"], ["--checkpoint-every", "none"], ["--checkpoint-dir", "none"],
+    ["--resume", "none"], ["--eval-rank", "none"], ["--profile", "none"],
+    ["--data-placement", "replicated"], ["--no-fp16-allreduce"],
+])
+def test_the_simulator_takes_the_options_its_help_leaves_out_where_they_change_nothing(argv):
+    """As simulate --help's closing note says (it said every refused option was taken so,
+    --stall-timeout 600 and --sync-backend mpi too, which are refused)."""
+    simulation_checked(*argv)
+
+
+def test_the_simulator_refuses_fp16_allreduce_saying_how_to_undo_a_files(tmp_path):
+    """simulate --help listed --fp16-allreduce, which the simulator always refuses; a real
+    run's config.json with it was refused with "drop --fp16-allreduce", not typed."""
+    config = tmp_path / "fp16.toml"
+    config.write_text('algo = "ssgd"\n[algorithm]\nfp16_allreduce = true\n')
+    for argv in (["--fp16-allreduce"], ["--config", str(config)]):
+        assert one_line(lambda: simulation_checked(*argv)) == (  # noqa: B023
+            "hpctrain simulate averages ssgd's gradients in float32: drop --fp16-allreduce "
+            "(--no-fp16-allreduce undoes a --config file's)")
+    assert not simulation_checked("--config", str(config),
+                                  "--no-fp16-allreduce").algorithm.fp16_allreduce
 
 
 def test_the_simulator_takes_a_real_runs_config_with_those_options():

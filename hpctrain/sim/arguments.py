@@ -28,15 +28,23 @@ UNUSED = {
 
 
 # train's flags that a simulation refuses (:data:`UNUSED`'s, and those sim.simulate checks:
-# one process, rerun rather than resumed, data held once; but at the values that change
-# nothing, --data-placement replicated, --checkpoint-every off): off its --help.
-REFUSED = ("--stall-timeout", "--sync-backend", "--checkpoint-every", "--checkpoint-dir",
-           "--resume", "--eval-rank", "--profile", "--data-placement", "--shuffle-chunk-mb")
+# one process, rerun rather than resumed, data held once, gradients averaged in float32): off
+# its --help. Typed, UNUSED's and --shuffle-chunk-mb are refused at any value, the others at
+# any but the one that changes nothing (IDLE).
+REFUSED = ("--stall-timeout", "--sync-backend", "--fp16-allreduce", "--checkpoint-every",
+           "--checkpoint-dir", "--resume", "--eval-rank", "--profile", "--data-placement",
+           "--shuffle-chunk-mb")
+IDLE = ("--checkpoint-every off", "none for --checkpoint-every, --checkpoint-dir, --resume, "
+        "--eval-rank and --profile", "--data-placement replicated", "--no-fp16-allreduce")
 REFUSED_EPILOG = ("train's " + ", ".join(REFUSED) + " are not listed: a simulation runs in one "
-                  "process, holds the data once (--data-placement replicated) and is rerun "
-                  "rather than resumed, so it refuses them (but at the values that change "
-                  "nothing); a real run's config.json given to --config has those but the "
-                  "data placement left out")
+                  "process, holds the data once, averages ssgd's gradients in float32 and is "
+                  "rerun rather than resumed. Given, --stall-timeout, --sync-backend and "
+                  "--shuffle-chunk-mb are refused at any value, the others at any but the one "
+                  "that changes nothing (" + "; ".join(IDLE) + "). A real run's config.json "
+                  "given to --config is simulated without its checkpoint settings, "
+                  "--eval-rank, --profile and a --sync-backend other than mpi (said once), its "
+                  "--stall-timeout unused; its --data-placement sharded and --fp16-allreduce "
+                  "are refused")
 
 
 def hide_refused(parser: argparse.ArgumentParser) -> None:

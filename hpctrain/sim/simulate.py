@@ -102,7 +102,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
                          "sees are those of the same --shuffle and --partition)")
     if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
-                         "--fp16-allreduce")
+                         "--fp16-allreduce (--no-fp16-allreduce undoes a --config file's)")
     run.check_compute(config, in_threads=True)
     faults.check_in_threads()
     live.check(config, k)
