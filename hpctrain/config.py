@@ -260,9 +260,10 @@ class CheckpointConfig:
 
     every: str | None = option(None, "write a checkpoint every N seconds, or every N epochs "
                                "with Ne (e.g. 1e); then SIGUSR1 makes the run write one "
-                               "within 32 updates and exit with status 5; off (the "
-                               "default): none, also over --config's value",
-                               flag="--checkpoint-every", parse=parse_every)
+                               "within 32 updates and exit with status 5. Not set (the "
+                               "default): none, but --resume keeps the resumed run's "
+                               "interval; off: none, not even on --resume, also over "
+                               "--config's value", flag="--checkpoint-every", parse=parse_every)
     dir: str | None = option(None, "folder for checkpoints (default <out>/checkpoints, or with "
                              "--resume the folder resumed from)", flag="--checkpoint-dir")
     resume: str | None = option(None, "continue the run whose checkpoints are in DIR (a run's "

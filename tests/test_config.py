@@ -559,6 +559,17 @@ def test_none_undoes_every_optional_value_of_a_file(tmp_path):
         cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
 
 
+def test_checkpoint_every_help_tells_off_from_none():
+    """It read "off (the default): none, also over --config's value; none: not set, also
+    over --config's value": the default is not off, and the two differ on --resume (README)."""
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    every = next(a for a in train._actions if "--checkpoint-every" in a.option_strings)
+    assert every.help.endswith(
+        "Not set (the default): none, but --resume keeps the resumed run's interval; off: "
+        "none, not even on --resume, also over --config's value; none: not set, also over "
+        "--config's value")
+
+
 def test_a_typed_option_wins_over_the_files_and_its_partners(tmp_path, capsys):
     """--model-args was merged into the file's ({"width": 16} + {"depth": 2}); --model mlp
     was refused for the file's model arguments; a file's tau refused --tau-epochs ("not
