@@ -5,7 +5,11 @@
 ``hvd.init(stall_check_s=..., stall_timeout=...)`` (or Horovod's variables
 HOROVOD_STALL_CHECK_TIME_SECONDS and HOROVOD_STALL_SHUTDOWN_TIME_SECONDS) makes a rank that
 waits in a collective print which ranks have not arrived and what they last called, then
-end the job, as ``hpctrain train --stall-timeout`` does.
+end the job, as ``hpctrain train --stall-timeout`` does. The check looks every quarter of
+the shorter time (at most every second), so rank 0 finds the wait within 0.25 s of each
+mark here: "waited 1 s ... still waiting", then "waited 3 s ... ending the job (stall
+timeout 3 s)". Each line comes once rank 1 answered what it last called (the ending one
+waits two polls for it), and the job exits with status 3, as hpctrain.watchdog's.
 """
 
 import time

@@ -542,6 +542,34 @@ def test_a_stall_report_waits_for_answers_no_longer_than_the_shutdown_allows():
     assert answer_wait(700, ending=True, timeout_s=600, poll_s=1.0) == 2.0
 
 
+def test_a_stall_report_says_the_wait_the_check_found(capfd):
+    """A 1 s check and a 3 s timeout said "waited 2 s" and "waited 4 s" (the example's
+    docstring: 1 s and 3 s): the line counted in the time spent asking the other ranks.
+    Rank 1 here is a thread's post on a store, as under torchrun."""
+    import time
+    from types import SimpleNamespace
+
+    from torch.distributed import HashStore
+
+    from hpctrain.sync import stall
+
+    store = HashStore()
+    now = time.monotonic()
+    found, since = now - 0.6, now - 1.8  # the check found 1.2 s; asking took 0.6 s
+    stall._StorePeers(store, 1).serve(lambda: (None, "allreduce(name='warmup')", 2.0))
+    monitor = stall._Monitor(stall._StorePeers(store, 0), 0, check_s=1.0, timeout_s=3.0)
+    try:
+        channel = SimpleNamespace(label="process set 0", global_rank=lambda r: r,
+                                  transport=SimpleNamespace(size=lambda: 2))
+        call = SimpleNamespace(describe=lambda: "allreduce(name='step')")
+        monitor._report(stall._Waiting(channel, call, 1, since), ending=False, found=found)
+    finally:
+        monitor.stop()
+    assert ("hpctrain.sync: stall: rank 0 waited 1 s in allreduce(name='step') (call #2 on "
+            "process set 0); not arrived: rank 1 (last called allreduce(name='warmup'), 1 s "
+            "ago); still waiting (stall check every 1 s)") in capfd.readouterr().err
+
+
 def test_the_ending_report_names_what_a_silent_rank_said_at_the_check():
     """The ending report waits two polls for answers; on a loaded node a stuck rank's thread
     missed them and the report said "rank 1 (no answer)" where the check's report of the

@@ -225,20 +225,25 @@ class _Monitor:
             w = self.waiting
             if w is None:
                 continue
-            waited = time.monotonic() - w.since
+            found = time.monotonic()
+            waited = found - w.since
             if self.timeout_s > 0 and waited > self.timeout_s:
-                self._report(w, ending=True)
+                self._report(w, ending=True, found=found)
                 os._exit(EXIT_STATUS)
             if self.check_s > 0 and waited > self.check_s and not w.reported:
                 w.reported = True
-                self._report(w, ending=False)
+                self._report(w, ending=False, found=found)
 
-    def _report(self, w: _Waiting, ending: bool) -> None:
+    def _report(self, w: _Waiting, ending: bool, found: float) -> None:
+        """Print the wait as the check ``found`` it (``time.monotonic()``), the others' last
+        calls counted back to then: asking them takes up to two polls, which the line counted
+        in ("waited 2 s" for a 1 s check, "4 s" ending at a 3 s timeout)."""
         members = [w.channel.global_rank(r) for r in range(w.channel.transport.size())]
         others = [r for r in members if r != self.rank]
         answers = self.peers.ask(others, self.status, answer_wait(
-            time.monotonic() - w.since, ending, self.timeout_s, self._poll))
+            found - w.since, ending, self.timeout_s, self._poll))
         answers = _with_earlier(answers, w.heard, others)
+        asking = time.monotonic() - found  # the answers' "ago" are counted to now
         here = (w.channel.label, w.seq)
         waiting_here = [self.rank] + [r for r, a in answers.items()
                                       if a[0] is not None and a[0][:2] == here]
@@ -252,11 +257,11 @@ class _Monitor:
                 absent.append(f"rank {r} (no answer)")
                 continue
             waiting, last, ago = answers[r]
-            text = f"rank {r} (last called {last}, {ago:.0f} s ago"
+            text = f"rank {r} (last called {last}, {max(0.0, ago - asking):.0f} s ago"
             if waiting is not None:
                 text += f"; now waits in {waiting[2]} (call #{waiting[1] + 1} on {waiting[0]})"
             absent.append(text + ")")
-        waited = time.monotonic() - w.since
+        waited = found - w.since
         ranks = ", ".join(str(r) for r in sorted(waiting_here))
         tail = (f"; ending the job (stall timeout {self.timeout_s:g} s)" if ending else
                 f"; still waiting (stall check every {self.check_s:g} s)")
