@@ -350,7 +350,8 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
     if data_dir:
         if not Path(data_dir).is_dir():
             said = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
-            raise UsageError(f"--data-dir {data_dir} {said}; {_HOW_TO_GET[name]}")
+            raise UsageError(f"--data-dir {data_dir} {said}: give the folder that holds "
+                             f"{_wanted_files(name)}")  # not "pass --data-dir": it was
         candidates = [Path(data_dir), Path(data_dir) / name]
     else:
         candidates = [SYSTEM_DIR / name]
@@ -366,10 +367,15 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
             if _has_files(name, sub):
                 return sub
     shown = ", ".join(str(p) for p in tried)
-    hint = _HOW_TO_GET[name] if not data_dir else "want " + (
-        "data_batch_1.bin .. data_batch_5.bin and test_batch.bin" if name == "cifar10" else
-        f"{_IDX_FILES['train'][0]}[.gz] and the other three IDX files of {name}")
+    hint = _HOW_TO_GET[name] if not data_dir else "want " + _wanted_files(name)
     raise UsageError(f"no {name} files found (tried {shown}); {hint}")
+
+
+def _wanted_files(name: str) -> str:
+    """The files of built-in data set ``name`` that a ``--data-dir`` holds."""
+    if name == "cifar10":
+        return "data_batch_1.bin .. data_batch_5.bin and test_batch.bin"
+    return f"{_IDX_FILES['train'][0]}[.gz] and the other three IDX files of {name}"
 
 
 def _has_files(name: str, folder: Path) -> bool:

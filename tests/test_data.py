@@ -168,3 +168,18 @@ def test_synthetic_is_deterministic_and_learnable_shape():
 def test_unknown_dataset():
     with pytest.raises(UsageError, match="unknown dataset 'imagenet'"):
         data.load("imagenet")
+
+
+def test_a_data_dir_that_is_no_folder_says_what_it_should_hold(tmp_path):
+    """It advised "... or pass --data-dir" to one who had passed it."""
+    missing, a_file = tmp_path / "none", tmp_path / "file"
+    a_file.write_text("")
+    for name, folder, said, holds in (
+            ("fashion-mnist", missing, "does not exist",
+             "train-images-idx3-ubyte[.gz] and the other three IDX files of fashion-mnist"),
+            ("cifar10", a_file, "is a file, not a folder",
+             "data_batch_1.bin .. data_batch_5.bin and test_batch.bin")):
+        with pytest.raises(UsageError) as refused:
+            data.find_dir(name, str(folder))
+        assert str(refused.value) == \
+            f"--data-dir {folder} {said}: give the folder that holds {holds}"
