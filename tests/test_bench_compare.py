@@ -1051,6 +1051,35 @@ def test_report_of_an_empty_name_or_no_folder_is_refused_naming_it(tmp_path, mon
             report.run(cli.build_parser().parse_args(["report", folder]))
 
 
+def test_report_of_one_runs_folder_goes_to_out_not_into_the_run(tmp_path):
+    """``report runs/sgd`` (for ``report runs``) wrote report.md and the plots into that
+    training run's folder, one bench compare refuses as its --out: now refused unless --out
+    names where the report goes, which must not be a run's folder either."""
+    run_dir = tmp_path / "sgd"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps(GOOD_SUMMARY))
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(p) + "\n" for p in GOOD_POINTS))
+    files = sorted(run_dir.iterdir())
+
+    def report_of(*argv: str) -> list:
+        return report.run(cli.build_parser().parse_args(["report", str(run_dir), *argv]))
+
+    for argv, says in (
+            ([], f"report {run_dir}: is one training run's folder, whose files are the run's: "
+                 f"give --out FOLDER for the report, or the folder that holds the run "
+                 f"({tmp_path})"),
+            (["--out", str(run_dir)], f"--out {run_dir} holds a training run (summary.json); "
+                                      "choose another folder")):
+        with pytest.raises(UsageError, match=f"^{re.escape(says)}$"):
+            report_of(*argv)
+    assert sorted(run_dir.iterdir()) == files  # nothing written in the run
+    assert [r.name for r in report_of("--out", str(tmp_path / "rep" / "sgd"))] == ["sgd"]
+    assert (tmp_path / "rep" / "sgd" / report.REPORT).is_file()
+    assert [r.name for r in report.run(cli.build_parser().parse_args(
+        ["report", str(tmp_path)]))] == ["sgd"]  # the folder that holds it, as before
+    assert sorted(run_dir.iterdir()) == files
+
+
 def test_report_says_what_the_bytes_column_counts():
     text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
     assert "| bytes communicated per rank |" in text

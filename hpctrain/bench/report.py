@@ -1096,17 +1096,18 @@ def _write_together(files: dict[Path, bytes | str]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-def render(folder: str | Path, targets: list[float] | None = None
-           ) -> tuple[list[Row], list, list[Path]]:
-    """Write ``report.md`` and both plots into ``folder`` from its saved outputs; return the
-    rows, the targets used (``targets``, else the comparison's, else the defaults) and the
-    plots drawn: none without matplotlib (the ``plot`` extra), where the report says so
-    rather than losing a comparison's table after its runs. Everything is read and drawn
-    before anything is written."""
+def render(folder: str | Path, targets: list[float] | None = None,
+           out: str | Path | None = None) -> tuple[list[Row], list, list[Path]]:
+    """Write ``report.md`` and both plots into ``out`` (made if missing; default ``folder``)
+    from ``folder``'s saved outputs; return the rows, the targets used (``targets``, else the
+    comparison's, else the defaults) and the plots drawn: none without matplotlib (the
+    ``plot`` extra), where the report says so rather than losing a comparison's table after
+    its runs. Everything is read and drawn before anything is written."""
     if not str(folder).strip():  # Path("") is the working folder
         raise UsageError(f"report {str(folder)!r}: give a comparison's or a run's folder")
     folder = Path(folder)
     record, rows = load(folder)
+    target = folder if out is None else Path(out)
     targets = targets or record.get("targets") or list(DEFAULT_TARGETS)
     files: dict[Path, bytes | str] = {}
     try:
@@ -1115,9 +1116,13 @@ def render(folder: str | Path, targets: list[float] | None = None
         pass
     else:
         for x, (name, _) in PLOTS.items():
-            files[folder / name] = plot(rows, x, _title(record, rows))
+            files[target / name] = plot(rows, x, _title(record, rows))
     drawn = list(files)
-    files[folder / REPORT] = markdown(record, rows, targets, plots=bool(drawn))
+    files[target / REPORT] = markdown(record, rows, targets, plots=bool(drawn))
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {target}: cannot make the folder ({e.strerror})") from None
     _write_together(files)
     return rows, targets, drawn
 
@@ -1140,20 +1145,52 @@ def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("dir", help="a comparison's --out folder, or a folder of finished runs")
+    parser.add_argument("dir", help="a comparison's --out folder, a folder of finished runs, "
+                                    "or one run's folder (with --out)")
     parser.add_argument("--targets", default=None,
                         help="test accuracies to time, e.g. 0.8,0.85 (default: the comparison's, "
                              f"else {','.join(map(str, DEFAULT_TARGETS))})")
+    parser.add_argument("--out", default=None, metavar="FOLDER",
+                        help="write report.md and the plots there (made if missing; default: "
+                             "DIR itself, but for one training run's folder, whose files are "
+                             "the run's, which needs --out)")
+
+
+def report_folder(folder: str, out: str | None) -> Path:
+    """Where the report of ``folder`` goes (``--out``, else ``folder``), checked before
+    anything is read: never into a training run's folder, whose files are the run's (bench
+    compare refuses one as its --out too; ``report runs/sgd`` for ``report runs`` left
+    report.md and the plots in the run), nor over another comparison's report."""
+    if out is None:
+        if (Path(folder) / "summary.json").is_file() and not (Path(folder) / RECORD).is_file():
+            raise UsageError(f"report {folder}: is one training run's folder, whose files are "
+                             f"the run's: give --out FOLDER for the report, or the folder that "
+                             f"holds the run ({Path(folder).resolve().parent})")
+        return Path(folder)
+    if not out.strip():
+        raise UsageError(f"--out {out!r} is empty: give a folder")
+    from hpctrain.run import check_folder
+
+    check_folder("--out", out)
+    held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
+    if held:
+        raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another folder")
+    if (Path(out) / RECORD).exists() and Path(out).resolve() != Path(folder).resolve():
+        raise UsageError(f"--out {out} holds another comparison (its {RECORD}), whose report "
+                         "this would replace; choose another folder")
+    return Path(out)
 
 
 def run(args: argparse.Namespace) -> list[Row]:
-    """Re-render the report in ``args.dir``; print its table and where the files are."""
+    """Re-render the report of ``args.dir`` (into ``args.out``, else there); print its table
+    and where the files are."""
+    out = report_folder(args.dir, args.out)
     with contextlib.ExitStack() as held:
         _hold_unless_in_use(held, Path(args.dir))
         rows, targets, drawn = render(args.dir, None if args.targets is None
-                                      else parse_targets(args.targets))
+                                      else parse_targets(args.targets), out)
     print(main_table(rows, targets))
-    print(f"hpctrain report: {', '.join(map(str, [Path(args.dir) / REPORT, *drawn]))}")
+    print(f"hpctrain report: {', '.join(map(str, [out / REPORT, *drawn]))}")
     if not drawn:
         print(f"hpctrain report: no plots: {NO_PLOTS}", file=sys.stderr)
     return rows
