@@ -2,12 +2,13 @@
 
 ``HPCTRAIN_INJECT="KIND@RANK:STEP[,KIND@RANK:STEP...]"``: at training step STEP (counted from
 0) on rank RANK, ``raise`` raises an exception, ``kill`` sends the process SIGKILL, ``hang``
-sleeps forever (alive, silent), ``nan`` and ``inf`` make the gradients NaN or Inf, and
-``killckpt`` sends SIGKILL halfway through writing the checkpoint of update STEP (rank 0
-writes them). RANK is a worker's index among the ranks that train (with ``--eval-rank R``,
-world rank r > R is worker r - 1; ``--servers`` are the last ranks and train not). Training
-loops call :func:`inject` between backward and step (or, with the loss, before backward);
-without the variable it costs one dictionary look-up.
+sleeps forever (alive, silent), ``stop`` sends it SIGSTOP (frozen whole, its watchdog thread
+too, as a node that stops scheduling it), ``nan`` and ``inf`` make the gradients NaN or Inf,
+and ``killckpt`` (``stopckpt``) sends SIGKILL (SIGSTOP) halfway through writing the
+checkpoint of update STEP (rank 0 writes them). RANK is a worker's index among the ranks that
+train (with ``--eval-rank R``, world rank r > R is worker r - 1; ``--servers`` are the last
+ranks and train not). Training loops call :func:`inject` between backward and step (or, with
+the loss, before backward); without the variable it costs one dictionary look-up.
 
 :func:`check`, before MPI starts, refuses a plan that does not parse, names one place twice or
 asks for a ``killckpt`` that cannot happen, and warns of a fault beyond the run's workers or
@@ -30,13 +31,14 @@ from hpctrain.checkpoint.policy import Every
 from hpctrain.errors import UsageError
 from hpctrain.shuffle import steps_per_epoch
 
-KINDS = ("raise", "kill", "hang", "nan", "inf", "killckpt")
+KINDS = ("raise", "kill", "hang", "stop", "nan", "inf", "killckpt", "stopckpt")
+AT_CHECKPOINT = ("killckpt", "stopckpt")  # their STEP is the update of a checkpoint
 
 
 @lru_cache(maxsize=1)
 def _plan(spec: str) -> dict[tuple[int, int, bool], str]:
-    """``{(rank, step, at a checkpoint): kind}``: killckpt's STEP is an update, the others' a
-    worker's step, so ``nan@0:5,killckpt@0:5`` are two places."""
+    """``{(rank, step, at a checkpoint): kind}``: killckpt's (stopckpt's) STEP is an update,
+    the others' a worker's step, so ``nan@0:5,killckpt@0:5`` are two places."""
     plan = {}
     items = [s.strip() for s in spec.split(",")]
     if not all(items):  # a drill whose fault went missing would pass
@@ -52,7 +54,7 @@ def _plan(spec: str) -> dict[tuple[int, int, bool], str]:
             raise UsageError(f"HPCTRAIN_INJECT: {item!r}: RANK and STEP count from 0")
         if kind not in KINDS:
             raise UsageError(f"HPCTRAIN_INJECT: unknown fault {kind!r}; choose from {KINDS}")
-        place = (rank, step, kind == "killckpt")
+        place = (rank, step, kind in AT_CHECKPOINT)
         if place in plan:  # one would never fire
             raise UsageError(f"HPCTRAIN_INJECT: {item!r} where {plan[place]}@{rank}:{step} "
                              "is already planned; one fault a place")
@@ -69,12 +71,13 @@ def check(config, workers: int) -> None:
     if not plan:
         return
     for (rank, step, _), kind in plan.items():
-        if kind == "killckpt" and config.checkpoint.interval is None:
+        if kind in AT_CHECKPOINT and config.checkpoint.interval is None:
             raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: the run writes no "
                              "checkpoint (no --checkpoint-every)")
-        if kind == "killckpt" and rank != 0:
+        if kind in AT_CHECKPOINT and rank != 0:
+            does = "kills" if kind == "killckpt" else "stops"
             raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: only rank 0 writes "
-                             f"checkpoints ({kind}@0:{step} kills it halfway through one)")
+                             f"checkpoints ({kind}@0:{step} {does} it halfway through one)")
     updates = _updates(config, workers)
     every = _checkpoint_every(config, updates)
     for (rank, step, at_checkpoint), kind in plan.items():
@@ -91,7 +94,7 @@ def check_in_threads() -> None:
     workers share one (``kill`` ended the whole simulation, ``hang`` held it for ever)."""
     spec = os.environ.get("HPCTRAIN_INJECT")
     for (rank, step, _), kind in (_plan(spec) if spec else {}).items():
-        if kind in ("kill", "hang", "killckpt"):
+        if kind in ("kill", "hang", "stop", *AT_CHECKPOINT):
             raise UsageError(f"HPCTRAIN_INJECT {kind}@{rank}:{step}: hpctrain simulate runs "
                              "its workers in one process; it simulates raise, nan and inf")
 
@@ -143,8 +146,8 @@ def inject(rank: int, step: int, model: torch.nn.Module,
     kind = _planned(rank, step)
     if kind == "raise":
         raise RuntimeError(f"injected fault at step {step}")
-    if kind == "kill":
-        os.kill(os.getpid(), signal.SIGKILL)
+    if kind in ("kill", "stop"):
+        os.kill(os.getpid(), signal.SIGKILL if kind == "kill" else signal.SIGSTOP)
     while kind == "hang":
         time.sleep(3600)
     if kind in ("nan", "inf"):
@@ -157,6 +160,8 @@ def inject(rank: int, step: int, model: torch.nn.Module,
 
 
 def during_checkpoint(rank: int, step: int) -> None:
-    """Called halfway through writing the checkpoint of update ``step``: ``killckpt``."""
-    if _planned(rank, step, at_checkpoint=True) == "killckpt":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """Called halfway through writing the checkpoint of update ``step``: ``killckpt``,
+    ``stopckpt``."""
+    kind = _planned(rank, step, at_checkpoint=True)
+    if kind in AT_CHECKPOINT:
+        os.kill(os.getpid(), signal.SIGKILL if kind == "killckpt" else signal.SIGSTOP)

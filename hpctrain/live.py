@@ -94,6 +94,15 @@ def from_rank0(world, result):
     return world.bcast(result, root=0)
 
 
+def summary_written(comm) -> None:
+    """Every worker, once rank 0 has written the summary (collective over the workers): the
+    others wait for it bounded (:func:`hpctrain.watchdog.wait_beating`), so that a rank 0
+    frozen in its last write ends the job. The evaluating rank and store servers, which wait
+    in :func:`from_rank0` through ma's and ec's scoring too, are ended with them."""
+    if comm is not None and comm.Get_size() > 1:
+        watchdog.wait_beating(comm, "waiting for rank 0's summary", bounded=True)
+
+
 def eval_mode(config, algo: Algorithm) -> str:
     """What scored the curve: ``after``, ``online`` or ``online (rank R)``."""
     if config.eval_mode != "online" or not _curve_online(algo):

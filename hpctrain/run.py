@@ -947,6 +947,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     checkpoints = ckpt.summary()
     exchange = train_data.stats()
     if rank != 0:
+        live.summary_written(comm_)
         return None
     summary = RunSummary(
         algo=config.algo, algo_label=algo.label(), workers=size, model=config.model.name,
@@ -967,4 +968,5 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         **{**watch.fields(), **runtime.summary_fields()},  # the runtime's word wins
     ).to_dict()
     log.write_summary(summary)
+    live.summary_written(comm_)
     return summary

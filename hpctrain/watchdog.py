@@ -13,10 +13,13 @@ Beats come from the training loops (each step), evaluation (each snapshot; rank 
 score the evaluating rank sends, the others while they wait for rank 0 then), a store host
 serving its windows, and every rank waiting for rank 0: before the first step (while it scores
 a resumed run's snapshots) and at the end (while it scores ma's and ec's curve and writes the
-outputs). Ranks that wait for a stalled one stop beating too, so several ranks may
-report; in asynchronous runs the others keep stepping and only the stalled rank's watchdog
-fires (or theirs, later, at the final barrier), except ssp's, which wait for the slowest
-worker: they beat while it steps, so one frozen whole (its watchdog thread too) ends the job.
+outputs). Where rank 0 writes (a checkpoint, the summary) the workers' wait has a bound, the
+write's allowance plus the timeout: a rank 0 frozen whole (SIGSTOP, a node that stops
+scheduling it) has no watchdog of its own left to end the job. Ranks that wait for a stalled
+one stop beating too, so several ranks may report; in asynchronous runs the others keep
+stepping and only the stalled rank's watchdog fires (or theirs, later, at the final barrier),
+except ssp's, which wait for the slowest worker: they beat while it steps, so one frozen whole
+(its watchdog thread too) ends the job.
 Horovod's stall check only warns by default; PyTorch's NCCL watchdog aborts after its
 collective timeout, as this does.
 """
@@ -116,20 +119,36 @@ def busy(doing: str, count: int | None = None) -> Iterator[None]:
 
 
 def wait_beating(comm, doing: str, count: int | None = None, *,
-                 starting: bool = False) -> None:
+                 starting: bool = False, bounded: bool = False) -> None:
     """A barrier over ``comm`` that beats meanwhile: the ranks waiting for rank 0 (while it
     scores snapshots or writes a checkpoint or the outputs) make no progress of their own for
     longer than --stall-timeout, but have not stalled. Rank 0 beats for each piece of its
     work, so its own watchdog still catches a stall there. ``starting``: as :func:`beat`'s.
-    A communicator without a non-blocking barrier (torchrun's, the simulator's) waits in a
-    plain one."""
+    ``bounded``: rank 0's work is a write held to :data:`BUSY_S` by its own watchdog; a rank 0
+    frozen whole (its watchdog thread too) would hold the others here for ever, so they give
+    up after :func:`wait_limit` s, ending the process as a stall does. A communicator without
+    a non-blocking barrier (torchrun's, the simulator's) waits in a plain one."""
     if not hasattr(comm, "Ibarrier"):
         comm.Barrier()
         return
     request = comm.Ibarrier()
+    active, since = _active, time.monotonic()
     while not request.Test():
         beat(doing, count, starting=starting)
+        if bounded and active is not None and time.monotonic() - since > wait_limit():
+            what = doing if count is None else f"{doing} {count}"
+            say(f"hpctrain: rank {active.rank} gave up {what} after {wait_limit():g} s: rank 0 "
+                f"made no progress (frozen, or stuck where its watchdog cannot see); ending "
+                f"the job (--stall-timeout {active.timeout:g})")
+            os._exit(EXIT_STATUS)
         time.sleep(0.005)
+
+
+def wait_limit() -> float:
+    """How long a rank waits for rank 0's write (``wait_beating(bounded=True)``): rank 0's
+    own allowance for it, :data:`BUSY_S`, then the timeout; rank 0's watchdog, if it runs,
+    ends a hung write first."""
+    return BUSY_S + (_active.timeout if _active is not None else 0.0)
 
 
 def stop() -> None:

@@ -351,3 +351,50 @@ def test_an_ssp_worker_waiting_for_anothers_first_step_is_not_stalled(tmp_path):
                     f"{tmp_path / 'slow.py'}:SlowStart", "--stall-timeout", "3", "--out",
                     str(tmp_path / "run")], np=2, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+# Each hpctrain command in its own launch, with the watchdog's write allowance (BUSY_S) short.
+SHORT_BUSY = """
+import sys
+from hpctrain import cli, watchdog
+watchdog.BUSY_S = float(sys.argv[1])
+cli.main(sys.argv[2:])
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_rank_0_frozen_in_a_checkpoint_write_ends_the_job(tmp_path):
+    """Rank 0 stopped (SIGSTOP, its watchdog thread too) halfway through a checkpoint: rank 1
+    waited for it beating, without limit, and the job hung until the time limit whatever
+    --stall-timeout was. Now the waiting rank gives up after the write's allowance (BUSY_S,
+    3 s here) plus the timeout."""
+    proc = run_program([sys.executable, "-c", SHORT_BUSY, "3", "train", "--algo", "ssgd",
+                        *SMALL, "--epochs", "2", "--checkpoint-every", "1e",
+                        "--stall-timeout", "2", "--out", str(tmp_path / "run")],
+                       np=2, timeout=150, env={"HPCTRAIN_INJECT": "stopckpt@0:128"})
+    assert proc.returncode == watchdog.EXIT_STATUS, proc.stderr
+    assert ("hpctrain: rank 1 gave up waiting for rank 0's checkpoint 128 after 5 s: rank 0 "
+            "made no progress") in proc.stderr, proc.stderr
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# Rank 0 stops itself (SIGSTOP) where it would write the summary; rank 1 waits for it there.
+FROZEN_SUMMARY = """
+import os, signal
+from mpi4py import MPI
+from hpctrain import live, watchdog
+watchdog.BUSY_S = 1.0
+watchdog.start(1.0, rank=MPI.COMM_WORLD.Get_rank())
+watchdog.beat("update", 7)
+if MPI.COMM_WORLD.Get_rank() == 0:
+    os.kill(os.getpid(), signal.SIGSTOP)
+live.summary_written(MPI.COMM_WORLD)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_0_frozen_writing_the_summary_ends_the_job():
+    proc = run_program([sys.executable, "-c", FROZEN_SUMMARY], np=2, timeout=100)
+    assert proc.returncode == watchdog.EXIT_STATUS, proc.stderr
+    assert "hpctrain: rank 1 gave up waiting for rank 0's summary after 2 s" in proc.stderr, \
+        proc.stderr

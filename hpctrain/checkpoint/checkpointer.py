@@ -288,7 +288,8 @@ class Checkpointer:
                 self._write(updates, [m for m, _ in gathered],
                             [n for _, n in gathered] if self.snapshots_per_rank else [new])
         if self.comm is not None and self.workers > 1:
-            watchdog.wait_beating(self.comm, "waiting for rank 0's checkpoint", updates)
+            watchdog.wait_beating(self.comm, "waiting for rank 0's checkpoint", updates,
+                                  bounded=True)
         if self.close_tickets is not None and self.comm is not None:
             self.stopping = self.comm.bcast(self.stopping, root=0)  # rank 0 closed the tickets
         self.next_due = (updates // self.interval + 1) * self.interval if self.by_progress else 0
