@@ -175,7 +175,8 @@ class Watch:
         self.resumed, self.restored, self.elapsed = resumed, 0, elapsed
         self._seen_to = -1  # begin() sets it
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
-                                       resumed=resumed, clock=clock, rank0=self.rank == 0)
+                                       resumed=resumed, clock=clock, rank0=self.rank == 0,
+                                       rescored=() if self.curve_online else tensorboard.CURVE)
         if self.board.enabled:
             self._describe(recorded or configs.repeatable(config),
                            comm.Get_size() if comm is not None else 1)

@@ -25,10 +25,14 @@ which epoch each step is, to compare them by.
 
 A resumed run writes a new event file in the same folder; before that, rank 0 removes from
 the earlier files the entries of the checkpoint's update on (:func:`trim`: they were trained
-again), also when resumed without ``--tensorboard``, and the earlier description (the
+again), but the training entries of that update itself (made by the steps the checkpoint
+holds: the resumed run's first is at a later update; a run checkpointed at its end has none
+to make), also when resumed without ``--tensorboard``, and the earlier description (the
 resumed run writes its own). Its online scores before the checkpoint are kept, not logged
-twice; the scores of snapshots an earlier attempt took (``--eval after``) keep the wall time
-they were taken at.
+twice; a curve scored after training (``--eval after``, ma's and ec's) is logged whole again,
+so an earlier attempt's ``test/accuracy`` and ``test/loss`` go (an attempt killed while
+writing its outputs had logged them); the scores of snapshots an earlier attempt took keep
+the wall time they were taken at.
 
 A run resumed on another number of workers counts its updates in epochs of another length
 (:mod:`hpctrain.checkpoint.resize`), so the step axis changes units at the checkpoint: the
@@ -105,13 +109,19 @@ class WallClock:
 
 
 DESCRIPTION = ("config/", "_hparams_/")  # the tags of a run's description (Board.describe)
+TRAINING = "train/"  # the training entries' tags (live.Watch)
+CURVE = ("test/accuracy", "test/loss")  # the curve's tags, logged whole after training
 STAGING = ".trimmed"  # no "tfevents" in it: TensorBoard never reads a half-written copy
 
 
-def trim(folder: Path, before: int, described: bool = False) -> None:
+def trim(folder: Path, before: int, described: bool = False,
+         rescored: tuple[str, ...] = ()) -> None:
     """Rank 0, before a run writes entries: the event files in ``folder`` (earlier attempts')
-    keep only their entries of updates before ``before``; ``described``: the run writes its
-    own description (:meth:`Board.describe`), which replaces theirs.
+    keep only their entries of updates before ``before``, and the training entries of update
+    ``before`` (> 0) itself, which a run resumed there does not make again; ``described``:
+    the run writes its own description (:meth:`Board.describe`), which replaces theirs;
+    ``rescored``: tags the run logs at every update (a curve scored after training), whose
+    earlier entries all go.
 
     TensorBoard's own viewer hid the rest already (``purge_step``), but readers of one file at a
     time (tbparse, EventAccumulator on a file) showed them as the run's. Each file is replaced
@@ -126,8 +136,14 @@ def trim(folder: Path, before: int, described: bool = False) -> None:
         return not event.HasField("file_version")  # else the file's header, always kept
 
     def kept(event: Event) -> bool:
-        return not entry(event) or event.step < before and not (
-            described and any(v.tag.startswith(DESCRIPTION) for v in event.summary.value))
+        if not entry(event):
+            return True
+        tags = [v.tag for v in event.summary.value]
+        if described and any(tag.startswith(DESCRIPTION) for tag in tags) \
+                or any(tag in rescored for tag in tags):
+            return False
+        return event.step < before or 0 < before == event.step and bool(tags) \
+            and all(tag.startswith(TRAINING) for tag in tags)
 
     for path in sorted(folder.glob("events.*")):
         records = [(r, Event.FromString(r)) for r in RawEventFileLoader(str(path)).Load()]
@@ -162,18 +178,19 @@ class Board:
     entries stay the run's), and stamps its own by ``clock`` (seconds into training to wall
     time); the entries of this attempt's times given before :meth:`start` wait for it. A fresh
     run (``resumed`` 0) removes every earlier entry: a failed attempt's, in a folder it left
-    without a summary.
+    without a summary. ``rescored``: tags this run logs whole (:func:`trim`), when enabled.
     """
 
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
-                 clock: WallClock | None = None, rank0: bool = False) -> None:
+                 clock: WallClock | None = None, rank0: bool = False,
+                 rescored: tuple[str, ...] = ()) -> None:
         self.writer = None
         self.clock = clock or WallClock()
         self._waiting: list[tuple[str, float, int, float]] = []  # until the clock starts
         folder = Path(out) / SUBDIR
         if (enabled or rank0 and resumed) and folder.is_dir() \
                 and importlib.util.find_spec("tensorboard") is not None:
-            trim(folder, resumed, described=enabled)
+            trim(folder, resumed, described=enabled, rescored=rescored if enabled else ())
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 

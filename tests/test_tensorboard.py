@@ -293,3 +293,52 @@ def test_the_hparams_dashboard_tells_runs_apart(tmp_path):
         (text,) = board.Tensors("config/text_summary")
         assert json.loads(text.tensor_proto.string_val[0]) == \
             json.loads((tmp_path / run / "config.json").read_text())
+
+
+# hpctrain <argv>, rank 0 SIGKILLed as it starts to write the summary (after the board closed).
+KILLED_WRITING_OUTPUTS = """
+import os, signal, sys
+from hpctrain import cli
+from hpctrain.metrics import RunLog
+RunLog.write_summary = lambda self, summary: os.kill(os.getpid(), signal.SIGKILL)
+cli.main(sys.argv[1:])
+"""
+
+
+def entries(out) -> dict[str, list[int]]:
+    """Every scalar tag's steps over the event files, as readers of one file at a time see
+    them, sorted (a step twice: an entry logged twice)."""
+    found: dict[str, list[int]] = {}
+    for path in sorted((out / "tensorboard").glob("events.*")):
+        board = EventAccumulator(str(path))
+        board.Reload()
+        for tag in board.Tags()["scalars"]:
+            found.setdefault(tag, []).extend(e.step for e in board.Scalars(tag))
+    return {tag: sorted(steps) for tag, steps in found.items()}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("evaluation", ["after", "online"])
+def test_a_run_killed_writing_its_outputs_has_each_entry_once_when_resumed(tmp_path,
+                                                                           evaluation):
+    """Killed after training, its last checkpoint at its end, and resumed: the curve scored
+    after training was logged again beside the killed attempt's (test/* twice at every
+    step), and the last training entry (update 64, written after that checkpoint) was trimmed
+    and never written again: the resumed run makes no step."""
+    import sys
+
+    from conftest import run_program
+    train = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
+             "--seed", "1", "--checkpoint-every", "0.5e", "--eval", evaluation,
+             "--tensorboard"]
+    straight = run_job([*train, "--out", str(tmp_path / "straight")], np=2)
+    assert straight.returncode == 0, straight.stderr
+    out = str(tmp_path / "run")
+    killed = run_program([sys.executable, "-c", KILLED_WRITING_OUTPUTS, *train, "--out", out],
+                         np=2)
+    assert killed.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()
+    resumed = run_job([*train, "--out", out, "--resume", "auto"], np=2)
+    assert resumed.returncode == 0, resumed.stderr
+    expected = entries(tmp_path / "straight")
+    assert expected["train/loss"][-1] == 64 and len(expected["test/accuracy"]) > 2
+    assert entries(tmp_path / "run") == expected
