@@ -10,6 +10,7 @@ import io
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -49,6 +50,20 @@ def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
         if e.filename is not None:
             raise
         raise OSError(e.errno, e.strerror, str(path)) from e
+
+
+# The temporary files _write_atomic makes (mkstemp's: a prefix, 8 random characters, a suffix).
+_TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete the temporary files of :func:`write_atomic` that a writer killed mid-write left
+    in ``folder`` (a kill skips the clean-up): a large model's half is gigabytes, and nothing
+    else would ever remove them. Only for a folder no other writer uses (a run's ``--out``,
+    which its lock makes its own)."""
+    for name in os.listdir(folder):
+        if _TEMPORARY.match(name) and (folder / name).is_file():
+            (folder / name).unlink(missing_ok=True)
 
 
 def _write_atomic(path: Path, content: str | bytes, durable: bool,
@@ -135,7 +150,8 @@ def new_run_folder(name: str, parent: Path = Path("runs")) -> Path:
 
 
 class RunLog:
-    """The output directory of one run. Methods are no-ops except on rank 0."""
+    """The output directory of one run. Methods are no-ops except on rank 0, which removes
+    the temporary files an earlier attempt killed mid-write left there."""
 
     def __init__(self, out_dir: str | Path, rank: int = 0):
         self.dir = Path(out_dir)
@@ -144,6 +160,7 @@ class RunLog:
         self.config: dict | None = None  # what write_config wrote (rank 0)
         if rank == 0:
             self.dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.dir)  # an earlier attempt killed writing its outputs
 
     def write_config(self, config: dict) -> None:
         if self.rank == 0:

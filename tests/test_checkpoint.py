@@ -196,6 +196,37 @@ def test_a_runs_final_files_are_fsynced_into_their_folder(tmp_path, monkeypatch)
     assert synced.count(folder) == 2
 
 
+def test_a_run_removes_the_half_written_outputs_an_earlier_attempt_left(tmp_path):
+    """A run killed while writing model.pt (or ec's ensemble.pt) left its temporary file in
+    --out for good, the checkpoints' clean-up seeing only checkpoints/: half a model, GBs for
+    a large one. The next run's rank 0 removes them; no other file goes."""
+    import subprocess
+    import sys
+
+    from hpctrain.metrics import RunLog, write_atomic
+    run = tmp_path / "run"
+    run.mkdir()
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\nfrom hpctrain.metrics import write_atomic\n"
+        "kill = lambda: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "for name in ('model.pt', 'ensemble.pt'):\n"
+        "    if os.fork() == 0:\n"
+        "        write_atomic(sys.argv[1] + '/' + name, bytes(4096), midway=kill)\n"
+        "    os.wait()\n"), str(run)], timeout=60)
+    assert killed.returncode == 0
+    left = sorted(p.name for p in run.iterdir())
+    assert len(left) == 2 and all(p.endswith(".tmp") for p in left), left
+    kept = [".hpctrain.lock", "notes.tmp", ".model.pt.tmp", "summary.json"]
+    for name in kept:
+        (run / name).write_text("mine")
+    (run / "checkpoints").mkdir()  # another folder's: its writer's clean-up
+    write_atomic(run / "checkpoints" / "ckpt.pt", b"x")
+    RunLog(run, rank=1)  # only rank 0 writes the outputs
+    assert len(list(run.glob(".*.*.tmp"))) == 3
+    RunLog(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted([*kept, "checkpoints"])
+
+
 class Evil:
     def __reduce__(self):
         return (os.system, ("touch pwned",))
