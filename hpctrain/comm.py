@@ -9,6 +9,7 @@ module level: entry points call :func:`init` first, everything else calls :func:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -333,6 +334,14 @@ def _abort_hook(exc_type, exc, tb) -> None:
         with contextlib.suppress(ValueError):  # not the main thread: no handler
             signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
+    elif n > 1 and _under_torchrun() and peer_left(exc):
+        # torchrun names the first process to end as the root cause: this one failed because
+        # another did, so that one goes first, and torchrun ends this one meanwhile.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+        time.sleep(10)
+    elif _under_torchrun():
+        _record_for_torchrun(exc_type, exc, tb)
     where = _where(r, n, initialised)
     if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no error; the shell's status, 128 + 2
         status = 130
@@ -350,6 +359,38 @@ def _abort_hook(exc_type, exc, tb) -> None:
         # reach their wait above, which exits with this status (else srun says 143).
         time.sleep(1)
     os._exit(status)
+
+
+# What a process-group transport says when a peer's process is gone (gloo's TCP pair, a
+# socket's errno text): this rank failed because another did.
+_PEER_LEFT = ("closed by peer", "reset by peer", "Broken pipe", "remote worker crashing")
+
+
+def peer_left(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective's failure because another rank's process ended."""
+    return isinstance(exc, RuntimeError | ConnectionError) and any(
+        text in str(exc) for text in _PEER_LEFT)
+
+
+def _under_torchrun() -> bool:
+    try:
+        return launcher() == "torchrun"
+    except UsageError:  # a launch refused: not a torchrun worker's error to record
+        return False
+
+
+def _record_for_torchrun(exc_type, exc, tb) -> None:
+    """The error in torchrun's error file (``$TORCHELASTIC_ERROR_FILE``, torch.distributed
+    elastic's ``record`` format), so that its report names this rank as the root cause and
+    shows the error, not the exit order's guess. Nothing where torchrun asks for none."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    with contextlib.suppress(OSError):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": describe_error(exc), "extraInfo": {
+                "py_callstack": "".join(traceback.format_exception(exc_type, exc, tb)),
+                "timestamp": str(int(time.time()))}}}, f)
 
 
 def _debugging() -> bool:

@@ -70,6 +70,25 @@ def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
+@pytest.mark.timeout(300)
+def test_torchrun_names_the_rank_that_raised_as_the_root_cause(tmp_path):
+    """Rank 1 raises; rank 0 then fails in its allreduce ("Connection closed by peer"). With
+    no error file torchrun went by exit order, and named rank 0 in 1 run of 3. Now the rank
+    that raised writes torchrun's error file, the other lets it end first (and is ended)."""
+    import re
+
+    proc = torchrun(["train", "--algo", "ssgd", *COMMON, "--batch-size", "16", "--out",
+                     str(tmp_path / "run")], 2, tmp_path / "torch-logs",
+                    env={"HPCTRAIN_INJECT": "raise@1:10"})
+    assert proc.returncode != 0
+    assert "hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 10" \
+        in proc.stderr, proc.stderr
+    root = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert re.search(r"rank\s*: 1 \(local_rank: 1\)", root), root
+    assert "error_file: <N/A>" not in root and "injected fault at step 10" in root, root
+    assert "rank 0 of 2" not in proc.stderr, proc.stderr  # ended by torchrun, quietly
+
+
 # A launcher that sets torch.distributed's env:// variables and no torchrun's (DeepSpeed's,
 # a Kubeflow PyTorchJob's): two processes of ``hpctrain <argv>`` with the port given first.
 ENV_LAUNCHER = """
