@@ -441,7 +441,7 @@ def _launched(config: RunConfig, named: bool) -> dict:
     if not named:
         config = replace(config, out=world.bcast(config.out, root=0))
     _agree(world, config)
-    watchdog.start(config.stall_timeout, world.Get_rank())
+    watchdog.start(config.stall_timeout, world.Get_rank(), world.Get_size())
     try:
         try:
             with devices.cudnn_mode(config.device, config.cudnn_benchmark):

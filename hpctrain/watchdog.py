@@ -48,8 +48,12 @@ MIN_POLL_S = 0.01
 
 
 class _Watchdog:
-    def __init__(self, timeout: float, rank: int) -> None:
+    def __init__(self, timeout: float, rank: int, ranks: int = 1) -> None:
         self.timeout, self.rank = timeout, rank
+        # A rank can tell neither whether it waits for another nor for which (the main
+        # thread may be inside MPI, at thread level serialized): the line says how to read it.
+        self.hint = "; ranks waiting for a stalled one say this too, and one frozen whole " \
+            "(its watchdog with it) says nothing" if ranks > 1 else ""
         self.limit = max(timeout, STARTUP_S)  # the timeout once the first beat came
         self.last, self.doing, self.count = time.monotonic(), "starting", None
         self._stop = threading.Event()
@@ -63,7 +67,7 @@ class _Watchdog:
             if time.monotonic() - self.last > self.limit:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"
                 say(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
-                    f"{doing}); ending the job (--stall-timeout {self.timeout:g})")
+                    f"{doing}); ending the job (--stall-timeout {self.timeout:g}){self.hint}")
                 os._exit(EXIT_STATUS)
 
     def stop(self) -> None:
@@ -74,13 +78,13 @@ class _Watchdog:
 _active: _Watchdog | None = None
 
 
-def start(timeout: float, rank: int) -> None:
-    """Watch this rank: end the process after ``timeout`` seconds without a beat (0: never;
-    before the first beat at least ``STARTUP_S``)."""
+def start(timeout: float, rank: int, ranks: int = 1) -> None:
+    """Watch this rank of ``ranks``: end the process after ``timeout`` seconds without a beat
+    (0: never; before the first beat at least ``STARTUP_S``)."""
     global _active
     stop()
     if timeout > 0:
-        _active = _Watchdog(timeout, rank)
+        _active = _Watchdog(timeout, rank, ranks)
 
 
 def beat(doing: str, count: int | None = None, *, starting: bool = False,

@@ -33,6 +33,20 @@ def test_no_beat_ends_the_process_with_one_line():
 
 
 @pytest.mark.timeout(60)
+def test_a_ranks_line_says_that_a_frozen_rank_says_nothing():
+    """A rank frozen whole (SIGSTOP) printed nothing, and the one line, a waiting rank's,
+    read as if that rank had stalled: an engineer went to the wrong node."""
+    proc = run_python("import time\nfrom hpctrain import watchdog\n"
+                      "watchdog.start(1.0, rank=0, ranks=2)\nwatchdog.beat('update', 136)\n"
+                      "time.sleep(30)")
+    assert proc.returncode == watchdog.EXIT_STATUS
+    assert proc.stderr.strip() == (
+        "hpctrain: rank 0 made no progress for 1 s (last: update 136); ending the job "
+        "(--stall-timeout 1); ranks waiting for a stalled one say this too, and one frozen "
+        "whole (its watchdog with it) says nothing"), proc.stderr
+
+
+@pytest.mark.timeout(60)
 def test_an_epochs_data_exchange_has_the_busy_allowance():
     """Sharded placement moves a shard between epochs (3.8 s a reshuffle of 200 MB on 4
     ranks here, minutes for tens of GB): --stall-timeout 2 ended a healthy job there."""
@@ -317,6 +331,9 @@ def test_a_frozen_worker_ends_an_ssp_job(tmp_path):
                     str(tmp_path / "run")], np=2, timeout=120)
     assert "hpctrain: rank 0 made no progress for 5 s (last: ssp wait" in proc.stderr, \
         proc.stderr
+    # rank 0 speaks, rank 1 (frozen) cannot: the line says how to read that
+    assert "(--stall-timeout 5); ranks waiting for a stalled one say this too, and one " \
+        "frozen whole (its watchdog with it) says nothing" in proc.stderr, proc.stderr
     assert proc.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()
 
 
