@@ -285,6 +285,10 @@ def _say_user_data(config: RunConfig) -> None:
             print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "
                   f"{about['classes']} classes", flush=True)
+            if about["untrained"]:
+                print(f"hpctrain: warning: --dataset {name}: test class(es) "
+                      f"{', '.join(map(str, about['untrained']))} have no training sample; "
+                      "their test samples count as errors", file=sys.stderr, flush=True)
 
 
 def _as_launched(config: RunConfig) -> RunConfig:

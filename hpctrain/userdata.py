@@ -169,12 +169,13 @@ def channels_last(shape: tuple) -> bool:
 
 
 def describe(name: str, data_dir: str | None = None) -> dict:
-    """Sizes, sample shape and classes, with every label checked (before MPI starts)."""
+    """Sizes, sample shape and classes, with every label checked (before MPI starts);
+    ``untrained``: the test set's classes no training sample has (no model can learn them)."""
     src = _opened(name, data_dir)
-    for split in SPLITS:
-        src.labels(split)  # checks them
+    train, test = (src.labels(split) for split in SPLITS)  # checks them
     return {"train": src.size("train"), "test": src.size("test"), "shape": src.shape,
-            "classes": src.num_classes}
+            "classes": src.num_classes,
+            "untrained": sorted(int(c) for c in np.setdiff1d(test, train))}
 
 
 # ---- shared checks and conversion ----------------------------------------------------------

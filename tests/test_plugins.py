@@ -612,6 +612,19 @@ def test_labels_of_one_class_are_refused(tmp_path):
     assert userdata.describe(f"npz:{tmp_path / 'd.npz'}")["classes"] == 2
 
 
+def test_a_test_class_no_training_sample_has_is_warned_of(tmp_path, capsys):
+    """Class 4 only in the test set: trained without a word, its samples all scored wrong."""
+    write_npz(tmp_path / "d.npz", y_train=np.arange(60) % 4, y_test=np.arange(20) % 5)
+    name = f"npz:{tmp_path / 'd.npz'}"
+    assert userdata.describe(name)["untrained"] == [4]
+    config = arguments.build(cli.build_parser().parse_args(["train", "--algo", "sgd",
+                                                                  "--dataset", name]))
+    run._say_user_data(config)
+    assert "test class(es) 4 have no training sample" in capsys.readouterr().err
+    write_npz(tmp_path / "e.npz", y_train=np.arange(60) % 5, y_test=np.arange(20) % 4)
+    assert userdata.describe(f"npz:{tmp_path / 'e.npz'}")["untrained"] == []
+
+
 @pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.longdouble])
 def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
     x = np.arange(60 * 36).reshape(60, 6, 6).astype(dtype)
