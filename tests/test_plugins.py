@@ -861,7 +861,8 @@ def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
 
     name = "nets_mod:load"
     about = userdata.describe(name)
-    assert about == {"train": 30, "test": 10, "shape": (1, 8, 8), "classes": 3}
+    assert about == {"train": 30, "test": 10, "shape": (1, 8, 8), "classes": 3,
+                     "untrained": []}
     nets_mod.CALLS.clear()
     spec = TrainDataSpec(seed=0, dataset=name, data_dir=None, shuffle="local",
                          data_placement="sharded", partition="iid", shuffle_chunk_mb=1.0)
@@ -914,7 +915,7 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
                     tmp_path / split / cls / f"{i}.png")
     name = f"imagefolder:{tmp_path}"
     assert userdata.describe(name) == {"train": 12, "test": 6, "shape": (1, 5, 7),
-                                       "classes": 3}
+                                       "classes": 3, "untrained": []}
     labels = data.load_labels(name, "train")
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     assert labels[:3].tolist() != [0, 0, 0] or labels[3:6].tolist() != [0, 1, 1]  # mixed order
