@@ -196,13 +196,16 @@ def ranks_ready(folder: Path, n: int, timeout: float = 60,
                 launcher: subprocess.Popen | None = None) -> list[int]:
     """The pids of ``n`` :data:`SIGNALLED_RANK` ranks, once each has written it in
     ``folder``; a failure after ``timeout`` seconds, or as soon as their ``launcher`` ended
-    (with what it said, when its stderr is a pipe)."""
+    (with what it said, when its stderr or stdout is a pipe)."""
     deadline = time.monotonic() + timeout
     while len(pids := [int(f.read_text()) for f in folder.iterdir() if f.name.isdigit()]) < n:
         if launcher is not None and launcher.poll() is not None:
-            said = launcher.stderr.read() if launcher.stderr else ""
+            pipe = launcher.stderr or launcher.stdout
+            said = pipe.read() if pipe else ""
+            # Open MPI's mpirun ends with status 1 and says nothing when SIGTERM or SIGINT
+            # ends it: the signal's sender is then the question
             raise AssertionError(f"the launcher ended with status {launcher.returncode} after "
-                                 f"{len(pids)} of {n} ranks started: {said}")
+                                 f"{len(pids)} of {n} ranks started: {said!r}")
         assert time.monotonic() < deadline, f"{len(pids)} of {n} ranks started in {timeout} s"
         time.sleep(0.05)
     return pids

@@ -657,12 +657,13 @@ def test_the_warning_and_the_stop_reach_a_runs_ranks_under_each_mpirun(tmp_path,
             warner.join()
         returncode, said = result["returncode"], (tmp_path / "ssgd" / "stderr.log").read_text()
     else:
-        proc = subprocess.Popen(compare.tied(run.command), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True)
+        # stdout too: a launcher that ended before its ranks started said nothing on stderr
+        proc = subprocess.Popen(compare.tied(run.command), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
         try:
             ranks_ready(ranks, 2, launcher=proc)
             compare._stop(proc)
-            said = proc.communicate(timeout=120)[1]
+            said = proc.communicate(timeout=120)[0]
         finally:
             proc.kill()
         returncode = proc.returncode
