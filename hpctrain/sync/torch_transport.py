@@ -20,6 +20,7 @@ import math
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 import weakref
@@ -66,8 +67,8 @@ def _lend(*tensors: torch.Tensor) -> list[torch.Tensor]:
     first does not end their workers where something else still holds a group:
     torch.distributed.nn.functional, which ``torch.optim`` imports with Dynamo, takes the
     default group as a default argument when it is imported after init. So each operation
-    gets aliases only this module knows: a use count of 1 says no work holds one any more.
-    Call it once per operation, after the previous operation was started (it forgets the
+    gets aliases only this module knows, which no work holds any more once :func:`_held`
+    says so. Call it once per operation, after the previous operation was started (it forgets the
     settled ones first)."""
     aliases = [t.detach() for t in tensors]
     with _LENT_LOCK:
@@ -76,9 +77,22 @@ def _lend(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return aliases
 
 
+def _held(lent: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a work may still hold one of ``lent``'s tensors: its use count, or (torch >=
+    2.9) the reference to its Python object that C++ holds while the count is above 1 and
+    gives back just after the count drops, in the worker's thread, with the GIL. A tensor
+    forgotten between the two (at exit: finalizing) aborted the process the same way."""
+    return any(t._use_count() > 1 or sys.getrefcount(t) > _FREE_REFS for t in lent)
+
+
+# What sys.getrefcount says in _held of a tensor only a tuple holds (the tuple, the loop's
+# name, the call's argument), measured the same way.
+_FREE_REFS = max(sys.getrefcount(t) for t in (torch.empty(0),))
+
+
 def _forget_settled() -> None:
     if _COUNTS_USES:
-        _LENT[:] = [lent for lent in _LENT if any(t._use_count() > 1 for t in lent)]
+        _LENT[:] = [lent for lent in _LENT if _held(lent)]
     elif len(_LENT) >= _WINDOW:
         del _LENT[:len(_LENT) - _WINDOW + 1]
 
