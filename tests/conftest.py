@@ -115,14 +115,16 @@ def _launchers(module) -> set[str]:
         found |= more
 
 
-# The files whose tests take longest (make test's --durations), longest first: under
-# --dist loadfile a long file handed out last leaves one pytest worker running it alone at
-# the end, minutes in which the other core idles.
-_LONGEST_FIRST = ("test_checkpoint_jobs.py", "test_slurm.py", "test_launchers.py",
-                  "test_cli.py", "test_api.py", "test_bench_compare.py", "test_sync_elastic.py",
-                  "test_faults.py", "test_async_train.py", "test_sim.py",
-                  "test_own_code_jobs.py", "test_compile.py", "test_other_mpis.py",
-                  "test_resize_jobs.py", "test_async_jobs.py")
+# The files whose tests take longest in all (summed from make test-unit's pytest command with
+# --durations=0), longest first: under --dist loadfile a long file handed out last leaves
+# one pytest worker running it alone at the end, minutes in which the other core idles.
+_LONGEST_FIRST = ("test_watchdog.py", "test_slurm.py", "test_checkpoint_jobs.py",
+                  "test_bench_compare.py", "test_launchers.py", "test_own_algorithm.py",
+                  "test_cli.py", "test_sync_elastic.py", "test_sim.py", "test_tensorboard.py",
+                  "test_api.py", "test_faults.py", "test_own_code_jobs.py",
+                  "test_async_train.py", "test_rank_agreement.py", "test_collapse.py",
+                  "test_bench_cli.py", "test_compile.py", "test_sync_horovod_names.py",
+                  "test_other_mpis.py", "test_resize_jobs.py", "test_compare_seeds.py")
 
 
 def pytest_collection_modifyitems(items) -> None:
