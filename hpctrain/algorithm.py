@@ -7,8 +7,9 @@ checkpoints, evaluation, outputs). A subclass declares:
 - ``name``, its ``Options`` (a frozen dataclass whose fields are declared with
   :func:`hpctrain.options.option`: flag, type, default, help, range), ``defaults`` for the
   shared optimisation options it sets differently (``lr``, ``momentum``), the MPI
-  ``thread_level`` it needs, how its ``snapshots`` are taken and the ``summary_fields`` it adds
-  (name -> unit and meaning, for ``docs/SUMMARY.md`` and the report);
+  ``thread_level`` it needs, how its ``snapshots`` are taken, whether it ``averages_updates``
+  over the workers (``--scale-lr``) and the ``summary_fields`` it adds (name -> unit and
+  meaning, for ``docs/SUMMARY.md`` and the report);
 - class-level checks that need the launch's world (:meth:`check`, before MPI starts);
 - per-run hooks, in the order the loop calls them: :meth:`restore_model` and :meth:`connect`
   (communication), :meth:`setup` (its optimizer or aggregator), :meth:`guard`,
@@ -104,6 +105,10 @@ class Algorithm:
     # Every worker makes the same updates, together (the hooks' defaults); False: workers run
     # on their own and count global progress (asynchronous algorithms, their own per_epoch).
     lock_step: ClassVar[bool] = True
+    # Each update applies the workers' gradients (or models) averaged over their batches, so
+    # that --scale-lr's linear scaling rule applies; False: every worker steps its own model
+    # on its own batch (ec's members, distilled but never averaged). Not lock-step: never.
+    averages_updates: ClassVar[bool] = True
     summary_fields: ClassVar[dict[str, str]] = {}
     optimizers: ClassVar[tuple[str, ...]] = OPTIMIZERS  # the --optimizer values it takes
 

@@ -5,7 +5,8 @@ apply them by hand (Goyal et al., 2017: lr x workers, reached linearly over the 
 sgd, ssgd, ma and ec build their optimizer here (ssgd wraps it in ``DistributedOptimizer``,
 which subclasses whatever class it is given). The asynchronous algorithms apply their update
 inside the parameter store's push, so they take only ``sgd`` (their own rule) and refuse the
-others, and ``--scale-lr``, in one line before MPI starts.
+others, in one line before MPI starts. They and ec (whose members never average their
+updates) refuse ``--scale-lr`` there too.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def check(algorithm_class, optim) -> None:
                          f"{', '.join(algorithm_class.optimizers)}")
     # The linear scaling rule makes up for a gradient averaged over K workers' batches: a
     # K-times larger batch per update. An asynchronous worker's push applies its own batch's
-    # gradient alone, so K x --lr would only make every push K times larger.
-    if optim.scale_lr and not algorithm_class.lock_step:
+    # gradient alone, and so does an ec member's step to its own model: K x --lr would only
+    # make every such step K times larger.
+    if optim.scale_lr and not (algorithm_class.lock_step and algorithm_class.averages_updates):
         raise UsageError(f"--scale-lr: --algo {algorithm_class.name} applies each worker's "
                          "gradient on its own, not averaged over the workers, so the linear "
                          "scaling rule does not apply; set --lr itself")

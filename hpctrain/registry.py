@@ -142,8 +142,10 @@ def _check_attributes(what: str, cls: type[Algorithm]) -> None:
     if clash := sorted(own.keys() & COMMON_FIELDS.keys()):
         raise UsageError(f"{what}: summary_fields {', '.join(clash)} are every run's own "
                          "(docs/SUMMARY.md); name yours otherwise")
-    if not isinstance(cls.lock_step, bool):
-        raise UsageError(f"{what}: lock_step {cls.lock_step!r}: want True or False")
+    for attribute in ("lock_step", "averages_updates"):
+        if not isinstance(getattr(cls, attribute), bool):
+            raise UsageError(f"{what}: {attribute} {getattr(cls, attribute)!r}: want True or "
+                             "False")
     if not cls.lock_step:
         from hpctrain.algorithm import Algorithm
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, run_job
+from conftest import ROOT, SYNTHETIC, refusal, run_job
 
 from hpctrain import arguments, cli, registry
 from hpctrain.bench import compare, report
@@ -303,6 +303,7 @@ def test_the_reserved_flags_are_those_of_simulate_and_compare():
     ("thread_level = 'many'", "thread_level 'many' is none of single"),
     ("optimizers = ('sgd', 'lion')", r"optimizers \('sgd', 'lion'\): want a tuple of some of"),
     ("lock_step = 'yes'", "lock_step 'yes': want True or False"),
+    ("averages_updates = 1", "averages_updates 1: want True or False"),
     # A run's own field: refused only after training, and summary.json was never written.
     ("summary_fields = {'wall_s': 'mine', 'votes': 'count'}",
      r"summary_fields wall_s are every run's own \(docs/SUMMARY.md\)"),
@@ -316,6 +317,15 @@ def test_class_attributes_the_loop_would_misread_are_refused(tmp_path, attribute
     path = own(tmp_path, f"class Mine(Algorithm):\n    name = 'mine'\n    {attributes}\n")
     with pytest.raises(UsageError, match=message):
         registry.get(f"{path}:Mine")
+
+
+def test_a_subclass_of_ec_refuses_the_linear_scaling_rule_as_ec_does(tmp_path):
+    """Its members step on their own batches, as ec's do: ``averages_updates`` is inherited."""
+    path = own(tmp_path, "from hpctrain.ec.algorithm import EnsembleCompression\n"
+                         "class MyEC(EnsembleCompression):\n    name = 'my-ec'\n")
+    assert refusal(["--algo", f"{path}:MyEC", *SYNTHETIC, "--scale-lr"], ranks=2) == (
+        "--scale-lr: --algo my-ec applies each worker's gradient on its own, not averaged over "
+        "the workers, so the linear scaling rule does not apply; set --lr itself")
 
 
 def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):

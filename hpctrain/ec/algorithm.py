@@ -181,6 +181,7 @@ class EnsembleCompression(ModelAveraging):
 
     name = "ec"
     Options = CompressionOptions
+    averages_updates = False  # each member steps on its own batches: no --scale-lr
     summary_fields = {
         **{k: v for k, v in ModelAveraging.summary_fields.items() if k != "final_averaged_acc"},
         "distill_size": "samples per worker relabelled each round (--ec-distill-size)",
