@@ -154,6 +154,46 @@ def test_ec_keeps_or_copies_members_and_the_round():
             for p in new] == [(50, 48, 0), (50, 48, 1), (50, 48, 0)]
 
 
+@pytest.mark.parametrize("saved, round_start, position", [
+    (32, 24, 22),  # 2 workers -> 3 (the next multiple of tau, 24, cut the round short)
+    (22, 14, 37),  # 3 -> 2 (the round ran on to 48: steps past tau were plain cross-entropy)
+])
+def test_ec_resized_round_keeps_its_tau_steps_and_distils_every_slice(saved, round_start,
+                                                                      position):
+    """A round saved 8 of its tau 12 steps in, resumed at ``position``, distils its slices 8
+    to 11, one a step, and the next round comes 4 steps on. Rounds fell where ``steps % tau
+    == 0`` instead, which is elsewhere in the round after a resize."""
+    from hpctrain.comm import mpi
+    from hpctrain.data import Dataset
+    from hpctrain.ec.compression import EnsembleCompression
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    local = Dataset("mine", torch.randn(24, 4), torch.randint(0, 3, (24,)), torch.arange(24),
+                    num_classes=3)
+
+    def aggregator() -> EnsembleCompression:
+        return EnsembleCompression(model, mpi().COMM_SELF, tau=12, alpha=0.5, temperature=2.0,
+                                   distill_size=12, local=local)
+
+    old = aggregator()
+    slice_of = torch.arange(12.0)[:, None].expand(12, 4)  # relabelled sample j's inputs: j
+    old.load_state_dict({"steps": saved, "rounds": 2, "round_start": round_start,
+                         "relabelled": (slice_of, torch.zeros(12), torch.full((12, 3), 1 / 3)),
+                         "distilled": 0, "stats": old.stats.state_dict()})
+    parts = [{"agg": old.state_dict()} for _ in range(2)]
+    new = aggregator()
+    new.load_state_dict(algorithm("ec").resize_state(parts, 3, position)[0]["agg"])
+    distilled = []
+    while True:
+        x, _, _ = new.distill_batch()
+        distilled += x[:, 0].int().tolist()
+        if new.after_step():
+            break
+    assert distilled == [8, 9, 10, 11] and new.steps == position + 4
+    assert new.rounds == 3 and new.distill_batch()[0].shape == (1, 4)  # the next round's first
+
+
 @pytest.mark.parametrize("name", ["asgd", "dcasgd-a", "ssp"])
 def test_async_workers_share_mean_squares_keep_velocities_and_level_clocks(name):
     adaptive = name == "dcasgd-a"

@@ -228,7 +228,10 @@ class EnsembleCompression(ModelAveraging):
         """EC resumed on another number of workers: member ``j`` is old member ``j mod K``
         (model, momentum, its round's relabelled samples and statistics), so a smaller run
         keeps the first members and a larger one copies members; the round goes on at the
-        same place relative to ``position``."""
+        same place relative to ``position``: it keeps its ``tau`` steps, so every slice of
+        its relabelled samples is distilled, and the next round follows ``tau`` steps after
+        its start (with ``--tau-epochs``, ``tau`` follows the new steps per epoch: a round
+        that already had that many steps ends at the next one)."""
         out = []
         for j in range(workers):
             part = parts[j % len(parts)]

@@ -161,10 +161,15 @@ class EnsembleCompression:
                 if samples}
 
     def after_step(self, final: bool = False) -> bool:
-        """Count one local step; relabel with the ensemble after every ``tau`` of them, except
-        on the ``final`` step of training (no round follows to distil it)."""
+        """Count one local step; relabel with the ensemble once the round has had its ``tau``
+        steps, except on the ``final`` step of training (no round follows to distil it).
+        Rounds are counted from the round's start, not as multiples of ``tau``: a run resumed
+        on another number of workers goes on within its round at another step count
+        (:meth:`hpctrain.ec.algorithm.EnsembleCompression.resize_state`), and a multiple of
+        ``tau`` cut that round short (its last slices never distilled) or let it run past
+        ``tau`` steps (plain cross-entropy, nothing left to distil)."""
         self.steps += 1
-        if self.steps % self.tau or final:
+        if self.steps - self._round_start < self.tau or final:
             return False
         self.aggregate()
         return True
