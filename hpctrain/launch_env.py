@@ -34,7 +34,7 @@ import contextlib
 import operator
 import os
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from hpctrain.errors import UsageError
@@ -129,7 +129,10 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
     - ``single``: no launcher of several processes.
 
     UsageError for ``RANK``/``WORLD_SIZE`` of several processes that are neither: each would
-    train alone, all into the same outputs."""
+    train alone, all into the same outputs; for them without torchrun where an MPI launcher
+    numbers the process otherwise (left in a shell under mpirun, they made the rank whose
+    numbers differed a torch launch, which hid MPI's own variables, and MPI_Init failed with
+    no word of why)."""
     env = os.environ if environ is None else environ
     found = seats(env)
     first = next(found, None)
@@ -139,14 +142,23 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
         return Launch("mpi", first.launcher, first)
     if "TORCHELASTIC_RUN_ID" in env and all(v in env for v in TORCH_RENDEZVOUS):
         return Launch("torchrun", "torchrun", first)
-    numbered = alike(first, found)
+    outer = readable(found)
+    numbered = alike(first, outer)
     if numbered:  # mpirun's or srun's processes, given env://'s variables by a wrapper
         return Launch("mpi", numbered[0].launcher, numbered[0])
-    missing = [v for v in (*TORCH_RENDEZVOUS, *TORCH_PLACEMENT) if v not in env]
+    torchs = (*TORCH_RENDEZVOUS, *TORCH_PLACEMENT)
+    missing = [v for v in torchs if v not in env]
+    if missing and first.size == 1:
+        return Launch("single", "none known", None)
+    mpis = next((s for s in outer if s.launcher in MPI_LAUNCHERS), None)
+    if mpis is not None:  # as detect() has it: sources that disagree are an error
+        raise UsageError(f"WORLD_SIZE={first.size}, RANK={first.rank} without torchrun (no "
+                         f"TORCHELASTIC_RUN_ID), but {mpis}: torch.distributed's env:// "
+                         "variables left from another launch? Unset "
+                         f"{', '.join(v for v in torchs if v in env)}, or start the "
+                         "processes with torchrun")
     if not missing:
         return Launch("torchrun", "torch env:// (no torchrun)", first)
-    if first.size == 1:
-        return Launch("single", "none known", None)
     raise UsageError(f"WORLD_SIZE={first.size}, RANK={first.rank} without torchrun (no "
                      "TORCHELASTIC_RUN_ID) and no MPI launcher numbering the processes the "
                      "same way: a torch.distributed env:// launch also needs "
@@ -170,16 +182,20 @@ def local_rank(environ: Mapping[str, str] | None = None) -> int:
                  if s.local_rank is not None), 0)
 
 
-def alike(first: Seat, outer: Iterator[Seat]) -> list[Seat]:
+def alike(first: Seat, outer: Iterable[Seat]) -> list[Seat]:
     """The seats of ``outer`` (launchers outside ``first``'s) that number this process as
-    ``first`` does, up to one whose values are not counts (an outer launcher's, not this
-    process's error)."""
-    same = []
+    ``first`` does, up to one whose values are not counts (:func:`readable`)."""
+    return [seat for seat in readable(outer) if (seat.size, seat.rank) == (first.size, first.rank)]
+
+
+def readable(outer: Iterable[Seat]) -> list[Seat]:
+    """The seats of ``outer`` up to one whose values are not counts: an outer launcher's, not
+    this process's error."""
+    found = []
     with contextlib.suppress(UsageError):
         for seat in outer:
-            if (seat.size, seat.rank) == (first.size, first.rank):
-                same.append(seat)
-    return same
+            found.append(seat)
+    return found
 
 
 def _local_rank(env: Mapping[str, str], names) -> int | None:

@@ -161,6 +161,22 @@ def test_an_error_line_under_torchrun_names_torchruns_rank():
         "srun\n")
 
 
+@pytest.mark.timeout(120)
+def test_envs_variables_left_under_mpirun_are_refused_before_mpi_starts():
+    """All six of torch's launch variables left in a shell under mpirun (or exported by
+    hpctrain horovodrun): rank 1, numbered rank 0 by them, took them for a torch launch, hid
+    PMIx's variables and died in MPI_Init (OPAL ERROR: Unreachable), naming no variable."""
+    refused = run_program([sys.executable, "-c", FAILS], np=2,
+                          env={**ENV_ONLY, "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"})
+    assert refused.returncode == 2, refused.stderr
+    assert "hpctrain: error: WORLD_SIZE=2, RANK=0 without torchrun (no TORCHELASTIC_RUN_ID), " \
+        "but Open MPI (OMPI_COMM_WORLD_SIZE=2, OMPI_COMM_WORLD_RANK=1) says rank 1 of 2: " \
+        "torch.distributed's env:// variables left from another launch? Unset RANK, " \
+        "WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SIZE, or start the " \
+        "processes with torchrun\n" in refused.stderr, refused.stderr
+    assert "MPI_Init" not in refused.stderr and "boom" not in refused.stderr, refused.stderr
+
+
 def test_an_error_before_mpi_on_a_rank_but_0_names_the_rank_and_host():
     """Rank 0 speaks for all before MPI starts; another rank fails alone (a file missing on
     its node: `mpirun -np 1 ... : -np 1 -x HPCTRAIN_INJECT=bogus ...` said neither)."""

@@ -132,6 +132,33 @@ def test_a_launch_by_envs_variables_that_torch_cannot_run_is_refused(missing):
             f"{missing}; set them, or launch with torchrun, mpirun or srun")
 
 
+PLACED = "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SIZE"
+
+
+@pytest.mark.unit  # the launchers named are not launched
+@pytest.mark.parametrize("torchs, mpis, unset", [
+    # left in a shell under mpirun -np 2 (exported with -x, or by hpctrain horovodrun): rank 1
+    ({**TORCH_PLACED, "WORLD_SIZE": "2", "RANK": "0"},
+     {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, PLACED),
+    ({**TORCH_PLACED, "WORLD_SIZE": "1", "RANK": "0"},  # a world of one, every variable set
+     {"PMI_SIZE": "2", "PMI_RANK": "1"}, PLACED),
+    (ENV_RENDEZVOUS, {"MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_RANK": "2"},  # some missing
+     "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"),
+], ids=["open-mpi", "pmi-world-of-1", "mvapich-some-missing"])
+def test_envs_variables_an_mpi_launcher_contradicts_are_refused(torchs, mpis, unset):
+    """The rank whose numbers differed took them for a torch launch, hid PMIx's variables,
+    and Open MPI's MPI_Init failed (OPAL ERROR: Unreachable) naming no variable."""
+    with pytest.raises(UsageError) as refused:
+        launch_env.launch({**torchs, **mpis})
+    (size_var, size), (rank_var, rank) = mpis.items()
+    name = launch_env.from_launcher(mpis).launcher
+    assert str(refused.value) == (
+        f"WORLD_SIZE={torchs['WORLD_SIZE']}, RANK={torchs['RANK']} without torchrun (no "
+        f"TORCHELASTIC_RUN_ID), but {name} ({size_var}={size}, {rank_var}={rank}) says rank "
+        f"{rank} of {size}: torch.distributed's env:// variables left from another launch? "
+        f"Unset {unset}, or start the processes with torchrun")
+
+
 @pytest.mark.unit
 def test_mvapichs_launcher_gives_the_rank():
     seat = launch_env.from_launcher({"MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_RANK": "3"})
