@@ -96,16 +96,23 @@ def seats(environ: Mapping[str, str] | None = None) -> Iterator[Seat]:
             continue
         if name == "Slurm" and not any(v in env for v in SLURM_STEP):
             continue  # a batch script: SLURM_NTASKS is the allocation's, not this process's
-        try:
-            size, rank = int(env[size_var]), int(env[rank_var])
-        except ValueError:
-            raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
-                             "not whole numbers") from None
-        if not 0 <= rank < size:  # else a process takes another's seat, or rank 0's none
-            raise UsageError(f"{size_var}={size}, {rank_var}={rank}: the rank is not in "
-                             f"[0, {size})")
-        yield Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
-                   _local_rank(env, LOCAL_RANKS[name]), name)
+        yield _seat(env, name, size_var, rank_var, LOCAL_RANKS[name])
+
+
+def _seat(env: Mapping[str, str], name: str, size_var: str, rank_var: str,
+          local_vars: tuple[str, ...]) -> Seat:
+    """The seat ``size_var`` and ``rank_var`` (both set) give; UsageError for values that are
+    not counts or a rank outside the job."""
+    try:
+        size, rank = int(env[size_var]), int(env[rank_var])
+    except ValueError:
+        raise UsageError(f"{size_var}={env[size_var]!r}, {rank_var}={env[rank_var]!r}: "
+                         "not whole numbers") from None
+    if not 0 <= rank < size:  # else a process takes another's seat, or rank 0's none
+        raise UsageError(f"{size_var}={size}, {rank_var}={rank}: the rank is not in "
+                         f"[0, {size})")
+    return Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
+                _local_rank(env, local_vars), name)
 
 
 @dataclass(frozen=True)
@@ -132,8 +139,9 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
     train alone, all into the same outputs; for them without torchrun where an MPI launcher
     numbers the process otherwise (left in a shell under mpirun, they made the rank whose
     numbers differed a torch launch, which hid MPI's own variables, and MPI_Init failed with
-    no word of why)."""
+    no word of why); and for Horovod's own launcher (:func:`refuse_horovods_own_launch`)."""
     env = os.environ if environ is None else environ
+    refuse_horovods_own_launch(env)
     found = seats(env)
     first = next(found, None)
     if first is None:
@@ -163,6 +171,32 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
                      "TORCHELASTIC_RUN_ID) and no MPI launcher numbering the processes the "
                      "same way: a torch.distributed env:// launch also needs "
                      f"{', '.join(missing)}; set them, or launch with torchrun, mpirun or srun")
+
+
+# Horovod's own launcher's numbering of the processes: horovodrun --gloo's (its elastic mode's
+# too), Ray's and Spark's runners'. horovodrun's MPI mode sets neither.
+HOROVOD_SEAT = ("HOROVOD_SIZE", "HOROVOD_RANK")
+
+
+def refuse_horovods_own_launch(environ: Mapping[str, str] | None = None) -> None:
+    """UsageError when Horovod's own launcher made this process one of several and no
+    launcher hpctrain reads numbers it so: hpctrain joins no Gloo rendezvous, so each process
+    was a world of 1 and trained alone, all into the same outputs, without a word."""
+    env = os.environ if environ is None else environ
+    size_var, rank_var = HOROVOD_SEAT
+    if size_var not in env or rank_var not in env:
+        return
+    horovods = _seat(env, "Horovod", size_var, rank_var, ())
+    launched = readable(seats(env))
+    if horovods.size == 1 or alike(horovods, launched):
+        return
+    but = f", but {launched[0]}" if launched else ""
+    raise UsageError(f"{size_var}={horovods.size}, {rank_var}={horovods.rank}: Horovod's own "
+                     f"launcher (horovodrun --gloo, Ray, Spark) started this process{but}; "
+                     "hpctrain runs under horovodrun's MPI mode, not Gloo's, so each process "
+                     "would train alone: launch with hpctrain horovodrun (or horovodrun "
+                     f"without --gloo), mpirun, srun or torchrun, or unset {size_var} and "
+                     f"{rank_var} if another launch left them")
 
 
 def local_rank(environ: Mapping[str, str] | None = None) -> int:

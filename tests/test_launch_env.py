@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ROOT
+from conftest import ROOT, SYNTHETIC, run_job
 
 from hpctrain import launch_env, shuffle
 from hpctrain.errors import UsageError
@@ -157,6 +157,51 @@ def test_envs_variables_an_mpi_launcher_contradicts_are_refused(torchs, mpis, un
         f"TORCHELASTIC_RUN_ID), but {name} ({size_var}={size}, {rank_var}={rank}) says rank "
         f"{rank} of {size}: torch.distributed's env:// variables left from another launch? "
         f"Unset {unset}, or start the processes with torchrun")
+
+
+HOROVOD_GLOO = {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1",
+                "HOROVOD_LOCAL_SIZE": "2", "HOROVOD_CROSS_RANK": "0", "HOROVOD_CROSS_SIZE": "1",
+                "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_GLOO_RENDEZVOUS_PORT": "1",
+                "HOROVOD_CONTROLLER": "gloo", "HOROVOD_CPU_OPERATIONS": "gloo"}
+HOROVODS_REFUSAL = (
+    "HOROVOD_SIZE=2, HOROVOD_RANK=1: Horovod's own launcher (horovodrun --gloo, Ray, Spark) "
+    "started this process{but}; hpctrain runs under horovodrun's MPI mode, not Gloo's, so each "
+    "process would train alone: launch with hpctrain horovodrun (or horovodrun without "
+    "--gloo), mpirun, srun or torchrun, or unset HOROVOD_SIZE and HOROVOD_RANK if another "
+    "launch left them")
+
+
+@pytest.mark.unit  # the launchers named are not launched
+def test_horovods_own_launch_is_refused():
+    """horovodrun --gloo sets only Horovod's variables: each process was a world of 1 and
+    trained alone (exit 0, 1 worker in the summary, no warning)."""
+    with pytest.raises(UsageError) as refused:
+        launch_env.launch(HOROVOD_GLOO)
+    assert str(refused.value) == HOROVODS_REFUSAL.format(but="")
+    stale = {**HOROVOD_GLOO, "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "0"}
+    with pytest.raises(UsageError) as refused:
+        launch_env.launch(stale)
+    assert str(refused.value) == HOROVODS_REFUSAL.format(
+        but=", but Open MPI (OMPI_COMM_WORLD_SIZE=2, OMPI_COMM_WORLD_RANK=0) says rank 0 of 2")
+    # numbered so by mpirun (a job whose launch exported them), or a world of one: no matter
+    alike = {**stale, "OMPI_COMM_WORLD_RANK": "1"}
+    assert launch_env.launch(alike) == launch_env.launch({"OMPI_COMM_WORLD_SIZE": "2",
+                                                          "OMPI_COMM_WORLD_RANK": "1"})
+    assert launch_env.launch({"HOROVOD_SIZE": "1", "HOROVOD_RANK": "0"}).kind == "single"
+    with pytest.raises(UsageError, match=r"^HOROVOD_SIZE=2, HOROVOD_RANK=2: the rank is not"):
+        launch_env.launch({"HOROVOD_SIZE": "2", "HOROVOD_RANK": "2"})
+
+
+@pytest.mark.timeout(120)
+def test_a_training_horovods_gloo_launcher_started_is_refused(tmp_path):
+    """horovodrun --gloo (not built here: its variables stand in) gave each process a world
+    of 1, which trained alone: finished with 1 worker, exit 0, into the one --out."""
+    out = tmp_path / "run"
+    refused = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--out", str(out)], np=0,
+                      env=HOROVOD_GLOO)
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr == f"hpctrain: error: {HOROVODS_REFUSAL.format(but='')}\n"
+    assert not out.exists()
 
 
 @pytest.mark.unit
