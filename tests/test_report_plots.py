@@ -98,6 +98,50 @@ def test_the_report_names_the_model_data_and_epochs_of_each_run_where_they_diffe
             "synthetic (a, c); mnist (b).\n") in report_md(tmp_path / "models")
 
 
+def configured(folder, optim: dict | None = None, algorithm: dict | None = None,
+               argv: tuple[str, ...] = (), **run_info) -> None:
+    """A config.json in run ``folder``: defaults but ``optim``'s and ``algorithm``'s, and
+    ``run_info`` with ``argv``, the command line after the program."""
+    (folder / "config.json").write_text(json.dumps({
+        "algo": folder.name, "out": str(folder), "progress": True, "seed": 0,
+        "model": {"name": "mlp", "args": None}, "algorithm": algorithm or {},
+        "optim": {"batch_size": 64, "epochs": 1, "lr": 0.05, "momentum": 0.9, **(optim or {})},
+        "run_info": {"argv": ["/x/hpctrain/__main__.py", *argv], **run_info}}))
+
+
+def test_the_report_names_every_training_setting_that_differs_between_runs(tmp_path):
+    """With the defaults, sgd and ssgd ran at lr 0.05 and momentum 0.9 and asgd at lr 0.1 and
+    momentum 0, but the report gave only the options typed; a folder's runs of other batch
+    sizes and lr said nothing of them, and had no commands."""
+    runs(tmp_path, sgd={}, ssgd={}, asgd={}, ma={}, ma2={"algo": "ma"})
+    for name in ("sgd", "ssgd"):
+        configured(tmp_path / name, argv=("train", "--algo", name, "--out", f"o/{name}"))
+    configured(tmp_path / "asgd", {"lr": 0.1, "momentum": 0.0}, {"shards": None},
+               resolved={"algorithm": {"shards": 2}})
+    configured(tmp_path / "ma", algorithm={"tau": None}, resolved={"algorithm": {"tau": 20}})
+    configured(tmp_path / "ma2", {"batch_size": 16}, {"tau": 5})
+    text = report_md(tmp_path)
+    assert ("\n**The runs' training settings differ** (their config.json, where a setting left "
+            "to a default is the algorithm's; —: the run has no such option):\n\n"
+            "| runs | `--batch-size` | `--lr` | `--momentum` | `--tau` |\n|---|---|---|---|---|\n"
+            "| asgd | 64 | 0.1 | 0 | — |\n"
+            "| ma | 64 | 0.05 | 0.9 | 20 |\n"
+            "| ma2 | 16 | 0.05 | 0.9 | 5 |\n"
+            "| sgd, ssgd | 64 | 0.05 | 0.9 | — |\n") in text  # shards: asgd's alone
+    assert ("\n## Commands\n\nEach run's `hpctrain` command line, as its config.json records "
+            "it (without the launcher that started its processes).\n\n"
+            "- sgd: `hpctrain train --algo sgd --out o/sgd`\n") in text
+    # What differs only in where a run wrote and what it showed, or in its seed where that is
+    # in its name, is no setting: nothing is added.
+    rows = [report.Row("sgd", "ok", seed=seed, summary=SUMMARY, config={
+        "out": f"o/{seed}", "seed": seed, "progress": seed == 1, "optim": {"lr": 0.05}})
+        for seed in (1, 2)]
+    assert report.differing_settings(rows) is None
+    for row in rows:  # runs of a folder: their seed is a setting
+        row.seed = None
+    assert "| runs | `--seed` |" in report.differing_settings(rows)
+
+
 def test_a_simulated_comparisons_time_axis_says_it_is_virtual():
     simulated = report.Row("asgd", "ok", summary={"simulated": True})
     real = report.Row("sgd", "ok", summary={})

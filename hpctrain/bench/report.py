@@ -31,6 +31,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +87,7 @@ class Row:
     unusable: list[str] = field(default_factory=list)  # summary keys shown as n/a
     seed: int | None = None  # a comparison with --seeds: this run's
     run_info: dict = field(default_factory=dict)  # config.json's: what the run ran with
+    config: dict = field(default_factory=dict)  # its config.json: what it trained with
     byte_fields: tuple[str, ...] = ()  # a user's algorithm's, as compare.json records them
     algo: str | None = None  # a folder's run: the algorithm its summary (or config) names
 
@@ -251,13 +253,15 @@ def _finished(run_dir: Path, name: str, **record) -> Row:
         return Row(name, "failed", error=str(e), **record)
     summary, unusable = _usable(summary, run_dir / "summary.json")
     points = _usable_points(points, run_dir / "metrics.jsonl")
-    run_info = _run_info(run_dir / "config.json")
+    config = _run_config(run_dir / "config.json")
+    run_info = config.get("run_info", {})
+    run_info = run_info if isinstance(run_info, dict) else {}
     if "byte_fields" not in record:  # a folder's run: a user's algorithm records its own
         own = run_info.get("byte_fields", [])
         record["byte_fields"] = tuple(k for k in own if isinstance(k, str)) \
             if isinstance(own, list) else ()
     return Row(name, "ok", summary=summary, points=points, unusable=unusable,
-               run_info=run_info, **record)
+               run_info=run_info, config=config, **record)
 
 
 def _unfinished(run_dir: Path, name: str, **record) -> Row:
@@ -267,17 +271,17 @@ def _unfinished(run_dir: Path, name: str, **record) -> Row:
     return Row(name, UNFINISHED if started else NOT_RUN, **record)
 
 
-def _run_info(path: Path) -> dict:
-    """The ``run_info`` of a run's ``config.json`` (what it ran with); empty, with a warning
-    if the file is there but unreadable, since the table does not need it."""
+def _run_config(path: Path) -> dict:
+    """A run's ``config.json`` (what it trained with; its ``run_info``, what it ran on);
+    empty, with a warning if the file is there but unreadable, since the table does not
+    need it."""
     if not path.is_file():
         return {}
     try:
-        info = read_json(path, "a run's configuration").get("run_info", {})
+        return read_json(path, "a run's configuration")
     except UsageError as e:
         _warn(str(e))
         return {}
-    return info if isinstance(info, dict) else {}
 
 
 # run_info keys the report names, with their labels, in the order it names them
@@ -398,7 +402,7 @@ def _found(folder: Path) -> list[Row]:
 def _folder_run(run_dir: Path, name: str, **record) -> Row:
     """The row of a run found in a folder: named ``name`` (its folder's), finished if it holds
     a ``summary.json``, with the algorithm it ran (:attr:`Row.algo`), since a folder's name
-    need not say it."""
+    need not say it, and, finished, its command (its config.json's ``argv``)."""
     row = _finished(run_dir, name, **record) if (run_dir / "summary.json").is_file() \
         else _unfinished(run_dir, name, **record)
     held = row.summary or {}
@@ -409,6 +413,9 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
             held = read_json(run_dir / file, "a run's file")
         except UsageError:
             held = {}
+    argv = row.run_info.get("argv")  # the command line the run recorded, as it was typed
+    if isinstance(argv, list) and len(argv) > 1 and all(isinstance(w, str) for w in argv):
+        row.command = "hpctrain " + shlex.join(argv[1:])
     algo = held.get("algo")
     if isinstance(algo, str) and plugins.is_reference(algo):  # a user's, FILE:CLASS: its
         own = held.get("algo_label")  # name (its label), not imported here, else its class's
@@ -687,6 +694,86 @@ def setting(rows: list[Row]) -> str | None:
         differ) + "."
 
 
+# config.json keys that are no training setting to compare (where the run wrote, what it
+# showed, the algorithm: the row's name), or that other lines of the report give: model, data
+# set and epochs (setting), the scoring (scoring), the simulator's (simulator_settings)
+NOT_COMPARED = frozenset({"algo", "out", "run_info", "progress", "tensorboard", "profile",
+                          "stall_timeout", "checkpoint.dir", "checkpoint.resume",
+                          "data.data_dir", "model.name", "data.dataset", "optim.epochs",
+                          "eval_mode"})
+
+
+def _flat(table: dict, prefix: str = "") -> dict:
+    """A nested configuration's values by dotted key (``optim.lr``)."""
+    out = {}
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _trained_with(row: Row) -> dict[str, str]:
+    """The training settings of ``row``'s config.json, by dotted key, each as text: a value
+    left None there is the one the run resolved (``run_info``'s ``resolved``: ma's ``tau``
+    20, a store's ``shards``); its seed is in its name where it is a comparison's seed."""
+    values = _flat({k: v for k, v in row.config.items() if k not in ("sim", "run_info")})
+    resolved = row.run_info.get("resolved")
+    for key, value in (_flat(resolved) if isinstance(resolved, dict) else {}).items():
+        if values.get(key) is None:
+            values[key] = value
+    if row.seed is not None:
+        values.pop("seed", None)
+    return {k: _value_text(v) for k, v in values.items() if k not in NOT_COMPARED}
+
+
+def _value_text(value) -> str:
+    """A setting's value as the report writes it: ``none``, ``on``/``off``, 0.05."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _flags() -> dict[str, str]:
+    """Each training option's flag by its dotted configuration key (``optim.lr``: --lr)."""
+    from hpctrain import arguments
+
+    return {d.dest: d.flag for d in arguments.shared_options() + arguments.algorithm_options()}
+
+
+def differing_settings(rows: list[Row]) -> str | None:
+    """A Markdown table of every training setting in the finished runs' config.json that
+    differs between them (lr, momentum, batch size, an algorithm's tau...), one row per set
+    of runs that share their values; None when none differs. Defaults differ by algorithm
+    (asgd's lr 0.1, ssgd's 0.05): the training options a comparison gives do not say them.
+    A setting only some runs have (an algorithm's option) differs where two of those differ,
+    and is "—" for the others."""
+    finished = [r for r in rows if r.summary is not None and r.config]
+    settings = [_trained_with(r) for r in finished]
+    keys = sorted({k for s in settings for k in s},
+                  key=lambda k: (k.startswith("algorithm."), k))
+    differ = [k for k in keys if len({s[k] for s in settings if k in s}) > 1]
+    if not differ:
+        return None
+    groups: dict[tuple[str, ...], list[Row]] = {}
+    for row, s in zip(finished, settings, strict=True):
+        groups.setdefault(tuple(s.get(k, "—") for k in differ), []).append(row)
+    flags = _flags()
+    head = ["runs", *(f"`{flags.get(k, k)}`" for k in differ)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
+                                for c in (_who(runs, finished), *values)) + " |"
+              for values, runs in groups.items()]
+    return ("**The runs' training settings differ** (their config.json, where a setting left "
+            "to a default is the algorithm's; —: the run has no such option):\n\n"
+            + "\n".join(lines))
+
+
 def simulated_runs(record: dict, rows: list[Row]) -> str | None:
     """The line saying which runs were simulated (virtual seconds), or None when none was."""
     if record.get("simulated"):
@@ -825,6 +912,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     ran_with = environment(rows)
     if ran_with:
         out.append(ran_with)
+    differing = differing_settings(rows)
+    if differing:
+        out += ["", differing]
     seeds = record.get("seeds") or sorted({r.seed for r in rows if r.seed is not None})
     if seeds:
         out += ["", seed_table(rows, targets), "",
@@ -875,6 +965,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     commands = [r for r in rows if r.command]
     if commands:
         out += ["", "## Commands", ""]
+        if not record:
+            out += ["Each run's `hpctrain` command line, as its config.json records it "
+                    "(without the launcher that started its processes).", ""]
         out += [f"- {r.title}: `{r.command}`" for r in commands]
     return "\n".join(out) + "\n"
 
