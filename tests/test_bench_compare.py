@@ -763,10 +763,13 @@ def running(folder: Path) -> list[str]:
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path, stop):
     """kill (SIGTERM) ended bench compare and left its run training on its own, which then
     finished into a folder the comparison said had not run; a second compare on the folder
-    meanwhile (--resume) took the run going on for failed and wrote its report."""
+    meanwhile (--resume) took the run going on for failed and wrote its report. Then its
+    report (its run *not run*) was not written again, and no line said it had stopped; nor
+    after Ctrl-C (SIGINT)."""
     out = tmp_path / "cmp"
     words = ["bench", "compare", "--algos", "sgd", *SYNTHETIC, "--epochs", "200",
              "--checkpoint-every", "0.25e", "--out", str(out)]
@@ -784,15 +787,20 @@ def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path)
             f"hpctrain: error: --out {out} is in use by another comparison going on now (it "
             f"holds {out / '.hpctrain.lock'}); wait for it to end or choose another folder")
     finally:
-        job.send_signal(signal.SIGTERM)  # also on a failure above: no run left behind
+        job.send_signal(stop)  # also on a failure above: no run left behind
         try:
-            job.communicate(timeout=60)
+            stderr = job.communicate(timeout=60)[1]
         finally:
             job.kill()
-    assert job.returncode == 128 + signal.SIGTERM
+    assert job.returncode == 128 + stop
     assert running(out / "sgd") == []  # the run went with it
     assert not (out / "sgd" / "summary.json").exists()
     assert json.loads((out / report.RECORD).read_text())["runs"] == {}  # --resume reruns it
+    how = "SIGTERM" if stop == signal.SIGTERM else "Ctrl-C"
+    assert (f"\nhpctrain bench compare: stopped by {how} with sgd left to run; continue with "
+            f"--resume (--out {out})\n" + ("hpctrain: interrupted\n" if how == "Ctrl-C" else "")
+            ) in stderr
+    assert table_rows((out / "report.md").read_text())["sgd"][-1] == "unfinished"
 
 
 @pytest.mark.timeout(300)

@@ -22,6 +22,8 @@ process each, no launcher, virtual times; the simulator's options pass on to eve
 run ends (the runs to come: *not run*). SIGUSR1 (a
 time limit's warning) goes on to the run going on, no run starts after it, and the command
 exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues itself).
+Ctrl-C and SIGTERM end the run going on with the comparison. Either way the report then shows
+the run it stopped *unfinished*, and a line names the runs left.
 With ``--seeds 1,2,3`` every algorithm runs once per seed (``DIR/<algo>/seed-<S>/``, one run
 after the other) and the report gives the mean and spread over the seeds.
 """
@@ -822,10 +824,14 @@ def run(args: argparse.Namespace) -> dict:
         return _compare(args, runs, out, record)
 
 
+class _Terminated(SystemExit):
+    """SIGTERM received: the compare ends with status 128 + 15, as the signal would end it."""
+
+
 def _terminated(signum: int, frame) -> None:
     """SIGTERM (``kill``, a workflow manager) ends the compare as Ctrl-C does: the run going
     on is stopped with it (``execute``'s cleanup), not left training on its own."""
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict) -> dict:
@@ -858,15 +864,17 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
             write_json_atomic(out / report.RECORD, record)
             if any(later.name not in record["runs"] for later in runs):  # else: below
                 _report_so_far(out)
+    except (KeyboardInterrupt, _Terminated) as stop:
+        # The report showed the run it stopped *not run*, as before it started, and nothing
+        # said the comparison had stopped.
+        _stopped("Ctrl-C" if isinstance(stop, KeyboardInterrupt) else "SIGTERM", ran, runs,
+                 record, out)
+        raise
     finally:
         warning.close()
         signal.signal(signal.SIGTERM, terminate)
-    left = [r.name for r in runs if r.name not in record["runs"]]
-    if left:  # SIGUSR1 stopped the comparison
-        if ran:
-            _report_so_far(out)  # the run it stopped unfinished, those after it not run
-        print(f"hpctrain bench compare: stopped by SIGUSR1 with {', '.join(left)} left to run; "
-              f"continue with --resume (--out {out})", file=sys.stderr, flush=True)
+    if any(r.name not in record["runs"] for r in runs):  # SIGUSR1 stopped the comparison
+        _stopped("SIGUSR1", ran, runs, record, out)
         raise SystemExit(checkpoint.stop.EXIT_STATUS)
     failed = [r.name for r in runs if record["runs"][r.name]["status"] != "ok"]
     try:
@@ -883,6 +891,18 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         _say_failed(failed, len(runs), f"their rows in {out / report.REPORT}")
         raise SystemExit(1)
     return record
+
+
+def _stopped(how: str, ran: bool, runs: list[Run], record: dict, out: Path) -> None:
+    """The comparison stopped (``how``: SIGUSR1, SIGTERM, Ctrl-C) with runs left: its report
+    (if a run started) shows the run it stopped *unfinished*, those after it *not run*, and
+    one line says so."""
+    if ran:
+        _report_so_far(out)
+    left = [r.name for r in runs if r.name not in record["runs"]]
+    print(f"hpctrain bench compare: stopped by {how} " + (
+        f"with {', '.join(left)} left to run; continue with --resume (--out {out})" if left
+        else "after its last run"), file=sys.stderr, flush=True)
 
 
 def _report_so_far(out: Path) -> None:
