@@ -964,6 +964,38 @@ def test_resume_takes_new_targets_and_reruns_a_failed_run_that_wrote_its_summary
 
 
 @pytest.mark.timeout(300)
+def test_resume_keeps_a_run_that_finished_as_the_comparison_stopped(resumed, tmp_path, capsys):
+    """SIGTERM as ssgd ended: its summary.json was written, its record in compare.json not
+    yet. --resume took it for a failed attempt, set it aside as ssgd.failed-1 and trained it
+    again. A folder whose run is not the one planned (other options) is still set aside."""
+    out = tmp_path / "cmp"
+    shutil.copytree(resumed.out, out)
+    for run in ("sgd", "ssgd"):  # the copy's runs, as if they had run there
+        config = out / run / "config.json"
+        config.write_text(config.read_text().replace(str(resumed.out), str(out)))
+    record = json.loads((out / report.RECORD).read_text())
+    kept = record["runs"].pop("ssgd")
+    (out / report.RECORD).write_text(json.dumps(record))
+    summary = (out / "ssgd" / "summary.json").read_bytes()
+    args = cli.build_parser().parse_args([*COMPARE, "--out", str(out), "--resume"])
+    compare.run(args)
+    assert "[2/2 ssgd] finished earlier; kept" in capsys.readouterr().err
+    assert not (out / "ssgd.failed-1").exists()
+    assert (out / "ssgd" / "summary.json").read_bytes() == summary
+    ssgd = json.loads((out / report.RECORD).read_text())["runs"]["ssgd"]
+    assert (ssgd["status"], ssgd["command"]) == (
+        "ok", kept["command"].replace(str(resumed.out), str(out)))  # its --resume too
+    assert table_rows((out / "report.md").read_text())["ssgd"][-1] == "ok"
+
+    config = json.loads((out / "sgd" / "config.json").read_text())
+    config["run_info"]["argv"][config["run_info"]["argv"].index("6")] = "5"  # --epochs
+    (out / "sgd" / "config.json").write_text(json.dumps(config))
+    record["runs"].pop("sgd")
+    (out / report.RECORD).write_text(json.dumps(record))
+    assert compare.finished_unrecorded(compare.plan(args)[0], out / "sgd") is None
+
+
+@pytest.mark.timeout(300)
 def test_report_without_matplotlib_keeps_the_table(resumed, tmp_path, monkeypatch, capsys):
     """A pip install without the plot extra: the report's table is still written, and says
     how to get the plots, instead of a comparison ending in ImportError after its runs."""

@@ -63,7 +63,7 @@ from hpctrain import run as training
 from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
-from hpctrain.metrics import write_json_atomic
+from hpctrain.metrics import read_json, read_points, write_json_atomic
 from hpctrain.options import HUGE, at_least, shown, whole
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
@@ -210,6 +210,7 @@ class Run:
     ignored: list[str]  # flags given that this algorithm does not take
     trainers: int | None = None  # of the np, the ranks that train (summary's "workers"); None: np
     seed: int | None = None  # --seeds: this run's
+    words: tuple[str, ...] = ()  # the hpctrain command it runs, after the program: train ...
 
     @property
     def label(self) -> str:
@@ -519,8 +520,9 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
             except UsageError as e:
                 raise UsageError(f"{algo}'s run on {np} virtual worker{'s' if np > 1 else ''}: "
                                  f"{e}") from None
-        command = [sys.executable, "-m", "hpctrain.cli", "simulate", *train_args, *sim_args]
-        return Run(algo, np, command, ignored, seed=seed)
+        words = ("simulate", *train_args, *sim_args)
+        return Run(algo, np, [sys.executable, "-m", "hpctrain.cli", *words], ignored, seed=seed,
+                   words=words)
     launcher = launcher_command(getattr(args, "launcher", None), np)
     if shutil.which(launcher[0]) is None:
         raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
@@ -533,8 +535,9 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
         except UsageError as e:
             raise UsageError(f"{algo}'s run on {np} process{'es' if np > 1 else ''}: {e}") \
                 from None
-    command = [*launcher, sys.executable, "-m", "hpctrain", "train", *train_args]
-    return Run(algo, np, command, ignored, trainers, seed)
+    words = ("train", *train_args)
+    return Run(algo, np, [*launcher, sys.executable, "-m", "hpctrain", *words], ignored,
+               trainers, seed, words)
 
 
 def continued(run: Run, run_dir: Path) -> Run:
@@ -770,6 +773,9 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
             raise UsageError(f"--resume: {out} was run with {was}; give the same")
         record["runs"] = {a: r for a, r in old["runs"].items()
                           if r["status"] == "ok" and (out / a / "summary.json").is_file()}
+        for r in runs:  # stopped as it ended: finished, but not yet recorded
+            if r.name not in old["runs"] and (found := finished_unrecorded(r, out / r.name)):
+                record["runs"][r.name] = found
     else:
         done = [r.name for r in runs if (out / r.name / "summary.json").exists()]
         if done:
@@ -777,6 +783,35 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
                              "choose another folder")
     _check_run_folders(out, runs, args.resume)
     return record
+
+
+def finished_unrecorded(run: Run, run_dir: Path) -> dict | None:
+    """The record of ``run`` where its folder holds it finished (its summary.json and curve),
+    though the comparison stopped (SIGTERM, Ctrl-C, SIGKILL) before recording it, else None.
+    It must be that run: its config.json's command line (``run_info``'s ``argv``) is the run's
+    command, on its ``--out`` (a continued attempt's ``--resume`` allowed), and its summary
+    has the ranks it planned. ``--resume`` took such a run for a failed attempt, set it aside
+    and trained it again."""
+    try:
+        summary = read_summary(run_dir)
+        read_points(run_dir)
+        config = read_json(run_dir / "config.json", "a run's configuration")
+        argv, out = config["run_info"]["argv"][1:], config["out"]
+    except (UsageError, KeyError, TypeError):
+        return None
+    resumed = argv[-2:] if argv[-2:-1] == ["--resume"] else []
+
+    def elsewhere(words: list[str]) -> list[str]:  # --out as spelt: the folder is compared
+        i = words.index("--out") if "--out" in words[:-1] else len(words)
+        return words[:i] + words[i + 2:]
+
+    if elsewhere(argv[:len(argv) - len(resumed)]) != elsewhere(list(run.words)) \
+            or not isinstance(out, str) or Path(out).resolve() != run_dir.resolve() \
+            or launch_problem(run, summary):
+        return None
+    return {"np": run.np, "command": shlex.join([*run.command, *resumed]),
+            "ignored": run.ignored, "returncode": None, "seconds": None, "status": "ok",
+            "error": None}
 
 
 def _own_algorithms(runs: list[Run]) -> dict:
@@ -791,8 +826,9 @@ def _own_algorithms(runs: list[Run]) -> dict:
 
 def _set_aside(run_dir: Path, label: str) -> None:
     """Before a failed run starts again (``--resume``): a folder of it that holds a summary
-    (a launch problem, a timeout as it ended) is moved to ``<name>.failed-N``, its logs kept,
-    since ``hpctrain train`` refuses an ``--out`` that holds a finished run."""
+    (a launch problem, a timeout as it ended, a run not the one planned:
+    :func:`finished_unrecorded` keeps the others) is moved to ``<name>.failed-N``, its logs
+    kept, since ``hpctrain train`` refuses an ``--out`` that holds a finished run."""
     if not (run_dir / "summary.json").exists():
         return
     n = 1
