@@ -180,7 +180,7 @@ def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     assert curve.xs == [0.0, 2.5, 5.0]
     assert curve.err == pytest.approx([90.0, 19.0, 14.0])
     assert curve.band == (pytest.approx([90.0, 18.0, 12.0]), pytest.approx([90.0, 20.0, 16.0]))
-    assert curve.label == "ssgd, M=2, mean of 2 seeds"
+    assert curve.label == "ssgd, M=2, mean of 2 of 3 seeds"  # seed 3 failed
 
 
 def test_a_comparison_over_seeds_end_to_end(tmp_path):

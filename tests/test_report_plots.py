@@ -229,9 +229,31 @@ def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
     _, rows = report.load(tmp_path)
     (ax,) = report.figure(rows, "epoch").axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
-        "dcasgd-a (da), M=2", "vote (own), M=1", "sgd, M=1"]
+        "dcasgd-a (da), M=2", "vote (own), M=1", "sgd, M=1",
+        "not drawn: asgd (cut) failed; ssgd (late) unfinished; Vote (later) unfinished"]
     # dcasgd-a's colour, as in every report
     assert ax.get_lines()[0].get_color() == report._style("dcasgd-a", 0)[0]
+
+
+def test_the_plots_name_the_runs_they_have_no_line_of():
+    """ma and dcasgd-a failed on both seeds: the plots showed sgd's line alone, and nothing
+    said the other two had failed. A mean over fewer seeds than ran says of how many."""
+    def row(name: str, seed: int | None, ok: bool = True) -> report.Row:
+        points = [{**p, "test_acc": p["test_acc"] - 0.01 * (seed or 0)} for p in POINTS]
+        return report.Row(name, "ok", summary=SUMMARY, points=points, seed=seed) if ok else \
+            report.Row(name, "failed", error="exited on signal 9", seed=seed)
+
+    rows = [row("sgd", 1), row("sgd", 2, ok=False), *(row(name, seed, ok=False)
+            for name in ("ma", "dcasgd-a") for seed in (1, 2))]
+    for x in report.PLOTS:
+        (ax,) = report.figure(rows, x).axes
+        assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+            "sgd, M=1, mean of 1 of 2 seeds", "not drawn: ma failed; dcasgd-a failed"]
+    rows = [row("sgd", None, ok=False), report.Row("ssgd", "not run"),
+            report.Row("asgd", "ok", summary=SUMMARY)]  # its curve points all unusable
+    (ax,) = report.figure(rows, "t").axes  # no line at all: the legend still says why
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "not drawn: sgd failed; ssgd not run; asgd without curve points"]
 
 
 def test_curves_that_lie_on_each_other_both_show(tmp_path):

@@ -1025,6 +1025,7 @@ class Curve:
 
 # The legend's entry for the dashed part of mean curves, there when some curve has one
 DASHED = "dashed: past a run that ended early, the mean and band of the others"
+NO_CURVE = "not drawn:"  # the legend's entry naming the runs not drawn (no_curve), and why
 
 
 def curves(rows: list[Row], x: str) -> list[Curve]:
@@ -1053,8 +1054,9 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
         if not drawn:
             continue
         workers = (drawn[0].summary or {}).get("workers")
+        of = f" of {len(runs)}" if len(drawn) < len(runs) else ""  # the others: no_curve's
         label = (f"{group_name(runs)}, M={'?' if workers is None else workers}, mean of "
-                 f"{len(drawn)} seed{'s' if len(drawn) > 1 else ''}")
+                 f"{len(drawn)}{of} seed{'s' if len(drawn) > 1 or of else ''}")
         lines = [_by_epoch(r.points, x) for r in drawn]
         grid = sorted({e for epochs, _, _ in lines for e in epochs})
         there = [[line for line in lines if line[0][0] <= e <= line[0][-1]] for e in grid]
@@ -1069,6 +1071,20 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
                          [len(c) for c in column], len(drawn),
                          algo=algos.pop() if len(algos) == 1 else None))
     return out
+
+
+def no_curve(rows: list[Row]) -> list[str]:
+    """Each run (with seeds, algorithm) the plots have no line of, with why (its status, or
+    no curve point): the plots dropped failed runs without a word, so a PNG taken on its own
+    showed one algorithm of three, none said failed."""
+    missing = []
+    for runs in by_algorithm(rows).values():
+        if not any(r.points for r in runs):
+            why = dict.fromkeys(r.status if r.status != "ok" else "without curve points"
+                                for r in runs)
+            name = group_name(runs) if runs[0].seed is not None else runs[0].heading
+            missing.append(f"{name} {', '.join(why)}")
+    return missing
 
 
 def _errors(points: list[dict]) -> list[float]:
@@ -1109,8 +1125,9 @@ def x_label(rows: list[Row], x: str) -> str:
 def figure(rows: list[Row], x: str, title: str = ""):
     """The matplotlib Figure of test error (%) against curve key ``x`` (``t`` or ``epoch``),
     one line per run (with seeds: per algorithm, shaded from its lowest to its highest run,
-    dashed past a run that ended early, which the legend then says). Each curve has its own
-    marker, and each drawn later is narrower, so that one lying on another still shows."""
+    dashed past a run that ended early, which the legend then says); the legend names the
+    runs with no line, and why (:func:`no_curve`). Each curve has its own marker, and each
+    drawn later is narrower, so that one lying on another still shows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -1136,8 +1153,12 @@ def figure(rows: list[Row], x: str, title: str = ""):
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
     if any(c.partial for c in lines):
         ax.plot([], [], "--", color="0.4", label=DASHED)
+    missing = no_curve(rows)
+    if missing:
+        ax.plot([], [], " ", label=f"{NO_CURVE} " + "; ".join(missing))
     if shown:
         ax.set_ylim(*shown)
+    if shown or missing:
         ax.legend(loc="upper right", fontsize="small")
     ax.set_title(title)
     ax.set_xlabel(x_label(rows, x))
