@@ -256,6 +256,25 @@ def test_the_plots_name_the_runs_they_have_no_line_of():
         "not drawn: sgd failed; ssgd not run; asgd without curve points"]
 
 
+def test_the_plots_say_which_line_trained_which_model_and_data(tmp_path):
+    """Runs of mlp and lenet, on synthetic and fashion-mnist: the title said "mlp, lenet on
+    synthetic, fashion-mnist" and no line said which it was."""
+    runs(tmp_path, a={"algo": "sgd"}, c={"algo": "sgd", "model": "lenet"},
+         d={"algo": "sgd", "model": "lenet", "dataset": "fashion-mnist"})
+    _, rows = report.load(tmp_path)
+    (ax,) = report.figure(rows, "t", report._title({}, rows)).axes
+    assert ax.get_title() == "each line's model and data set"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "sgd (a), M=1, mlp on synthetic", "sgd (c), M=1, lenet on synthetic",
+        "sgd (d), M=1, lenet on fashion-mnist"]
+    rows.pop()  # one data set: the title names it, each line its model
+    assert report._title({}, rows) == "each line's model on synthetic"
+    assert [c.label for c in report.curves(rows, "t")] == ["sgd (a), M=1, mlp",
+                                                           "sgd (c), M=1, lenet"]
+    assert report._title({"train_args": ["--jitter", "0.2"]}, rows[:1]) == \
+        "mlp on synthetic, --jitter 0.2"
+
+
 def test_curves_that_lie_on_each_other_both_show(tmp_path):
     """ssgd's mean curve lay under ma's, drawn after it with the same marker and width: only
     the legend showed it. Each curve now has its own hollow marker, and each drawn later is

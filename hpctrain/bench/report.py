@@ -1043,20 +1043,22 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
     the plot draws dashed. Averaging the errors at the same time instead left past the
     fastest seed's end the slower seeds alone: every curve's tail jumped to their error."""
     out = []
+    differ = _differing_trained(rows)
     for name, runs in by_algorithm(rows).items():
         drawn = [r for r in runs if r.points]
         if runs[0].seed is None:
             for r in drawn:
                 pts = sorted(r.points, key=lambda p: p[x])
-                out.append(Curve(name, r.label, [p[x] for p in pts], _errors(pts),
-                                 algo=r.algo or name))
+                out.append(Curve(name, r.label + _trained_on([r], differ), [p[x] for p in pts],
+                                 _errors(pts), algo=r.algo or name))
             continue
         if not drawn:
             continue
         workers = (drawn[0].summary or {}).get("workers")
         of = f" of {len(runs)}" if len(drawn) < len(runs) else ""  # the others: no_curve's
         label = (f"{group_name(runs)}, M={'?' if workers is None else workers}, mean of "
-                 f"{len(drawn)}{of} seed{'s' if len(drawn) > 1 or of else ''}")
+                 f"{len(drawn)}{of} seed{'s' if len(drawn) > 1 or of else ''}"
+                 + _trained_on(drawn, differ))
         lines = [_by_epoch(r.points, x) for r in drawn]
         grid = sorted({e for epochs, _, _ in lines for e in epochs})
         there = [[line for line in lines if line[0][0] <= e <= line[0][-1]] for e in grid]
@@ -1071,6 +1073,27 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
                          [len(c) for c in column], len(drawn),
                          algo=algos.pop() if len(algos) == 1 else None))
     return out
+
+
+# Summary keys of what a run trained that the plots name (title, or each line where they differ)
+TRAINED = ("model", "dataset")
+
+
+def _differing_trained(rows: list[Row]) -> tuple[str, ...]:
+    """The keys of TRAINED whose values differ between the finished runs."""
+    finished = [r.summary for r in rows if r.summary is not None]
+    return tuple(k for k in TRAINED if len({str(s.get(k, "?")) for s in finished}) > 1)
+
+
+def _trained_on(runs: list[Row], keys: tuple[str, ...]) -> str:
+    """What ``runs`` trained, of ``keys`` (:func:`_differing_trained`), for a line's legend
+    label (``, lenet on fashion-mnist``); "" for none. The title named every model and data
+    set ("mlp, lenet on synthetic, fashion-mnist"), not which line was which."""
+    if not keys:
+        return ""
+    values = [" / ".join(dict.fromkeys(str((r.summary or {}).get(k, "?")) for r in runs))
+              for k in keys]
+    return ", " + " on ".join(values)
 
 
 def no_curve(rows: list[Row]) -> list[str]:
@@ -1176,12 +1199,13 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
 
 
 def _title(record: dict, rows: list[Row]) -> str:
-    """Model and data set (each that the runs trained), and the stragglers when the comparison
-    had some."""
+    """Model and data set, where the runs share them (else the legend names each line's:
+    :func:`_trained_on`), and the stragglers when the comparison had some."""
     finished = [r.summary for r in rows if r.summary] or [{}]
-    model, dataset = (", ".join(dict.fromkeys(str(s.get(key, "?")) for s in finished))
-                      for key in ("model", "dataset"))
-    title = f"{model} on {dataset}"
+    differ = _differing_trained(rows)
+    model, dataset = (f"each line's {what}" if key in differ else str(finished[0].get(key, "?"))
+                      for key, what in zip(TRAINED, ("model", "data set"), strict=True))
+    title = "each line's model and data set" if len(differ) == 2 else f"{model} on {dataset}"
     words = record.get("train_args", [])
     for flag in ("--slowdown", "--jitter"):
         if flag in words[:-1]:
