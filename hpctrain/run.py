@@ -805,6 +805,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     next_snapshot = (covered // snapshot_every + 1) * snapshot_every
     taken_at = None  # the update of the last snapshot the loop took
     first_mark, taken = covered // snapshot_every, 0  # marks passed, snapshots taken
+    checked_at, widest = position, 0  # the most updates between two of this rank's checks
     compiled.apply(config.compile, model)  # lazily: the first step compiles
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
@@ -890,6 +891,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         watch.step(position, local_steps, loss, lr, runtime.now() - start)
         watchdog.beat("update", local_steps)
         profiler.step(local_steps)
+        widest, checked_at = max(widest, position - checked_at), position
         if position >= next_snapshot:
             if snapshotting and position < total:
                 snapshots.take(model, t=runtime.now() - start,
@@ -901,8 +903,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             break
     profiler.close()
     ckpt.close()
-    # An async rank 0 slower than the others passes several marks within one step: one
-    # snapshot for them all, none for the rest (lock-step loops take one at every mark).
+    # An async rank 0 whose step spans more updates than a mark's (many workers, or a rank
+    # 0 slower than the others) passes several marks within one step: one snapshot for them
+    # all, none for the rest (lock-step loops take one at every mark).
     missed = min(position, total - 1) // snapshot_every - first_mark - taken
     step_times.finish(runtime.now())
     busy = runtime.now() - start
@@ -913,8 +916,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     bar.close()
     if missed > 0 and algo.snapshots == "root" and rank == 0:
         print(f"hpctrain: rank 0 took the snapshots between its steps, and {missed} "
-              "--eval-every marks passed within one of them (it is slower than the other "
-              "workers): the curve has no point there", file=sys.stderr, flush=True)
+              f"--eval-every marks passed within one of them: up to {widest} updates (all "
+              f"workers' pushes) came within one step of rank 0, more than the "
+              f"{snapshot_every} between two marks; the curve has no point there",
+              file=sys.stderr, flush=True)
     # --stop-on-collapse may end the loop right after a snapshot: that one is the final
     # model already, unless the algorithm's finish changes it (async: the store's model).
     # ma's finish averages a round cut short: the snapshot's point scores that average

@@ -1035,8 +1035,23 @@ def test_a_slow_rank_0_says_its_curve_misses_marks(tmp_path, capsys):
     inside = (summary["updates"] - 1) // every  # marks before the end, each one point
     assert len(points) < inside + 2 and points[-1]["updates"] == summary["updates"]
     found = re.search(r"rank 0 took the snapshots between its steps, and (\d+) --eval-every "
-                      r"marks passed within one of them", capsys.readouterr().err)
+                      r"marks passed within one of them: up to (\d+) updates \(all workers' "
+                      r"pushes\) came within one step of rank 0, more than the (\d+) between "
+                      r"two marks; the curve has no point there\n", capsys.readouterr().err)
     assert found and int(found.group(1)) == inside - (len(points) - 2)  # first, last: no mark
+    assert int(found.group(2)) > int(found.group(3)) == every
+
+
+def test_many_workers_make_rank_0s_steps_span_marks(tmp_path, capsys):
+    """16 workers of constant step times, 2 batches each an epoch: no worker is slower, but
+    each step of rank 0 spans the 16 workers' pushes, more than the 8 updates between
+    marks. The warning said rank 0 "is slower than the other workers"."""
+    c = config("asgd", tmp_path / "a", optim=OptimConfig(epochs=2, batch_size=64))
+    simulate(c, sim(16, step_time="constant:0.01"))
+    err = capsys.readouterr().err
+    assert "slower" not in err
+    assert re.search(r"marks passed within one of them: up to 16 updates \(all workers' pushes\) "
+                     r"came within one step of rank 0, more than the 8 between two marks", err)
 
 
 def test_a_real_runs_config_is_simulated_on_its_workers(tmp_path):
