@@ -290,6 +290,12 @@ def progress(total: int, rank: int, desc: str, enabled: bool = True, initial: in
                 leave=False, mininterval=0.5 if screen is not None else 60)
 
 
+def seconds(t: float) -> str:
+    """Tenths of a second, or three digits below 10 s: a short simulation's virtual run of
+    0.03 s is not 0.0."""
+    return f"{t:.1f}" if t >= 10 else f"{t:.3g}"
+
+
 def summary_table(summary: dict) -> str:
     """A short human-readable table of a run's summary."""
     rows = [
@@ -303,8 +309,8 @@ def summary_table(summary: dict) -> str:
                                 else "")),
         ("final test accuracy", f"{summary['final_test_acc']:.4f}"),
         ("best test accuracy", f"{summary['best_test_acc']:.4f}"),
-        ("wall time", f"{summary['wall_s']:.1f} s" + (
-            f" (then {summary['scoring_s']:.1f} s scoring the curve)"
+        ("wall time", f"{seconds(summary['wall_s'])} s" + (
+            f" (then {seconds(summary['scoring_s'])} s scoring the curve)"
             if summary.get("scoring_s", 0) >= 0.05 else "")),
         ("samples/s (all ranks)", f"{summary['samples_per_s']:.0f}"),
     ]

@@ -101,3 +101,15 @@ def test_the_summary_table_says_a_stop_and_staleness_as_measured():
     rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
     assert rows["epochs / updates"].strip() == "2 / 3 (stopped on collapse)"
     assert rows["staleness mean/p99/max"].strip() == "1.85 / 4.68 / 5"
+
+
+def test_the_summary_table_keeps_three_digits_of_a_short_simulation():
+    """A 64-worker simulation's virtual wall time of 0.026 s read "0.0 s" (the report's
+    table said 0.0265)."""
+    summary = {"algo": "ma", "workers": 64, "final_test_acc": 0.1, "best_test_acc": 0.1,
+               "wall_s": 0.0265, "scoring_s": 0.0512, "samples_per_s": 10.0}
+    rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
+    assert rows["wall time"].strip() == "0.0265 s (then 0.0512 s scoring the curve)"
+    summary.update(wall_s=123.46, scoring_s=0.01)
+    rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
+    assert rows["wall time"].strip() == "123.5 s"

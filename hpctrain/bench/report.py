@@ -39,6 +39,7 @@ from pathlib import Path
 from hpctrain import plugins, registry
 from hpctrain.errors import UsageError
 from hpctrain.metrics import POINT_KEYS, read_json, read_points, write_atomic
+from hpctrain.metrics import seconds as _seconds
 from hpctrain.summary import byte_fields
 from hpctrain.summary import read as read_summary
 
@@ -487,12 +488,6 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
             shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
             shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
             _status(s)]
-
-
-def _seconds(t: float) -> str:
-    """Tenths of a second, or three digits below 10 s: a short simulation's virtual run of
-    0.03 s is not 0.0."""
-    return f"{t:.1f}" if t >= 10 else f"{t:.3g}"
 
 
 def _status(summary: dict) -> str:
