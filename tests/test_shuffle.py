@@ -299,6 +299,27 @@ def test_single_process_train_data(strategy, partition):
         assert torch.equal(sh.labels, full.labels[sh.ids])
 
 
+@pytest.mark.parametrize("placement, strategy", [("replicated", "global"),
+                                                 ("replicated", "partial:0.5"),
+                                                 ("sharded", "local"), ("sharded", "partial:0.5")])
+def test_each_epoch_reuses_the_last_ones_memory(placement, strategy):
+    """A fresh copy per epoch kept the old one alive while the next was made (the loop's
+    ``local``): one share more per rank at each switch. Now each epoch's samples go into the
+    same buffers, with the values a fresh copy had."""
+    td = shuffle.make_train_data(spec(shuffle=strategy, data_placement=placement))
+    first = td.epoch(0)
+    where = [t.data_ptr() for t in (first.images, first.labels, first.ids)]
+    full = data.load("synthetic")
+    for epoch in (1, 2):
+        now = td.epoch(epoch)
+        assert [t.data_ptr() for t in (now.images, now.labels, now.ids)] == where
+        assert torch.equal(now.images, full.images[now.ids])
+        assert torch.equal(now.labels, full.labels[now.ids])
+    if placement == "replicated":
+        td.sampler.set_epoch(2)
+        assert torch.equal(now.ids, td.sampler.indices())
+
+
 def write_idx(path, arr, compress):
     head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
     opener = gzip.open if compress else open

@@ -65,7 +65,7 @@ class ShardedTrainData(TrainData):
                 self._timed(self._partial, e)
             self._done = epoch
         perm = order.local_permutation(self.seed, epoch, self.rank, len(self.held))
-        return self.held.subset(perm)
+        return self._gather(self.held, perm)
 
     def _timed(self, step, epoch: int) -> None:
         start = time.perf_counter()

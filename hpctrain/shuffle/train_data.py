@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
+import torch
+
 from hpctrain import data
 from hpctrain.shuffle import options
 from hpctrain.shuffle.options import TrainDataSpec
@@ -27,8 +29,9 @@ class TrainData:
 
     Every rank gets ``samples_per_rank = num_samples // ranks`` samples per epoch (the tail is
     dropped). ``epoch`` is collective when data move: all ranks call it with the same epoch.
-    Its result may share memory that the next call reuses (sharded placement swaps two
-    buffers instead of allocating), so use it before asking for the next epoch.
+    Its result shares memory that the next call reuses (its samples are gathered into the
+    same buffers each epoch; sharded placement also swaps two holdings instead of
+    allocating), so use it, or copy it, before asking for the next epoch.
     """
 
     num_samples: int
@@ -38,9 +41,27 @@ class TrainData:
 
     def __init__(self) -> None:
         self._exchanges: list[dict] = []
+        self._gathered: tuple[torch.Tensor, ...] = ()  # _gather's images, labels, ids
 
     def epoch(self, epoch: int) -> data.Dataset:
         raise NotImplementedError
+
+    def _gather(self, source: data.Dataset, rows) -> data.Dataset:
+        """``source.subset(rows)``, written into the buffers the previous epoch's result used.
+
+        A fresh copy per epoch kept the old epoch's copy alive (the loop's ``local``, its
+        last batch's views) while the next was made: one share more per rank at each epoch
+        switch, the run's peak once loading no longer set it. Same values as ``subset``.
+        """
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        fields = (source.images, source.labels, source.ids)
+        wanted = [((len(rows), *t.shape[1:]), t.dtype) for t in fields]
+        if [(t.shape, t.dtype) for t in self._gathered] != wanted:
+            self._gathered = ()  # one set of buffers at a time, not two
+            self._gathered = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in wanted)
+        for out, src in zip(self._gathered, fields, strict=True):
+            torch.index_select(src, 0, rows, out=out)
+        return data.Dataset(source.name, *self._gathered, source.num_classes)
 
     def stats(self) -> dict:
         """This rank's bytes sent to other ranks and seconds spent exchanging: in total, and
@@ -62,7 +83,7 @@ class ReplicatedTrainData(TrainData):
 
     def epoch(self, epoch: int) -> data.Dataset:
         self.sampler.set_epoch(epoch)
-        return self.full.subset(self.sampler.indices())
+        return self._gather(self.full, self.sampler.indices())
 
 
 def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: int,
