@@ -6,7 +6,9 @@ newest global values it read there, plus its own step: the model the next gradie
 computed at (``w_bak``). The model's parameters become views of one flat float32 buffer, so
 the store reads into and writes from the model's memory without copies. A model on a GPU
 keeps its buffer, gradient, mean squares and velocity there; the store's staged push runs
-the CUDA kernel on them.
+the CUDA kernel on them. Their gradients are views of a second flat buffer, the one pushed:
+backward accumulates into it once :meth:`ASGD.zero_grad` has zeroed it in place, so a step
+copies no gradient (a gradient autograd or the user made anew is copied in).
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ def trainable(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def _views(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]:
+    """Each parameter's slice of ``flat``, one after another, shaped as the parameter."""
+    views, offset = [], 0
+    for p in params:
+        views.append(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+    return views
+
+
 def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     """Copy ``params`` into one new flat buffer and make each parameter a view of it.
 
@@ -39,12 +50,9 @@ def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
             raise UsageError(f"async optimizers need float32 parameters on one device, got "
                              f"{p.dtype} on {p.device} (first on {device})")
     flat = torch.empty(sum(p.numel() for p in params), device=device)
-    offset = 0
-    for p in params:
-        view = flat[offset:offset + p.numel()]
-        view.copy_(p.detach().reshape(-1))
-        p.data = view.view_as(p)
-        offset += p.numel()
+    for p, view in zip(params, _views(flat, params), strict=True):
+        view.copy_(p.detach())
+        p.data = view
     return flat
 
 
@@ -76,6 +84,7 @@ class ASGD(torch.optim.Optimizer):
             raise UsageError(f"the model has {self._flat.numel()} trainable parameters, the "
                              f"store {store.numel} (give the store trainable(model)'s)")
         self._grad = torch.zeros_like(self._flat)
+        self._grad_views = _views(self._grad, params)
         self._ms = torch.zeros_like(self._flat) if adaptive else None
         self._v = torch.zeros_like(self._flat) if momentum > 0 else None
         self.staleness: list[int] = []
@@ -89,17 +98,15 @@ class ASGD(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        offset = 0
-        for p in self.param_groups[0]["params"]:
-            part = self._grad[offset:offset + p.numel()]
-            if p.grad is None:
-                part.zero_()
-            elif p.grad.is_sparse:  # an embedding's: the store's update is dense
-                part.zero_().view_as(p).add_(p.grad)
-            else:
-                part.copy_(p.grad.reshape(-1))
-            offset += p.numel()
         group = self.param_groups[0]
+        for p, view in zip(group["params"], self._grad_views, strict=True):
+            if p.grad is None:
+                view.zero_()
+            elif p.grad.is_sparse:  # an embedding's: the store's update is dense
+                view.zero_().add_(p.grad)
+            elif p.grad.data_ptr() != view.data_ptr():  # new: set to None, or the user's
+                view.copy_(p.grad)
+                p.grad = view  # the next in-place zero_grad and backward use the buffer
         self.last_push = self.store.push(self._flat, self._grad, self._ms, self._v,
                                          lr=group["lr"], lam=group["lam"],
                                          ms_decay=group["ms_decay"],
@@ -108,6 +115,19 @@ class ASGD(torch.optim.Optimizer):
                                          else 0.0)
         self.staleness.append(self.last_push.tau)
         return loss
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place, by default: ``.grad`` views the flat buffer that
+        :meth:`step` pushes, so backward accumulates there and the step copies nothing.
+        torch's default, ``set_to_none=True`` (kept here when asked for), makes autograd
+        allocate every gradient anew and the step copy it in: 15-20 % of a DC-ASGD step."""
+        if set_to_none:
+            super().zero_grad(set_to_none=True)
+            return
+        self._grad.zero_()
+        for p, view in zip(self.param_groups[0]["params"], self._grad_views, strict=True):
+            if p.grad is not None and (p.grad.is_sparse or p.grad.data_ptr() != view.data_ptr()):
+                p.grad = view
 
     def state_dict(self) -> dict:
         """torch's optimizer state, plus this worker's mean squares, velocity and staleness."""
