@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
             module.validate(args)
         if module.THREAD_LEVEL is not None:  # None: a launcher of MPI jobs (compare)
             devices.cuda_aware_override()  # before MPI, as info and train check it
+            provenance.commit()  # git's fork before MPI: the figures' machine record
             comm.init(module.THREAD_LEVEL)
         module.run(args)
     elif args.command == "report":

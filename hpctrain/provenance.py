@@ -47,6 +47,25 @@ def machine() -> dict:
             "python": platform.python_version(), **cpu()}
 
 
+def host() -> dict:
+    """``host``: the node's name, and ``cpus``: the cores this process may run on (its
+    affinity, else the machine's count): what a benchmark's figures were measured on."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        cpus = os.cpu_count()
+    return {"host": platform.node(), "cpus": cpus}
+
+
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15-minute load averages (None where the system has none): on a shared
+    node other jobs' load decides timings more than the code does."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def _horovod() -> dict:
     """``horovod``: its version where the run loaded it (``--sync-backend horovod``)."""
     module = sys.modules.get("horovod")

@@ -4,6 +4,7 @@ Bad values are checked while parsing (one line naming the value, exit status 2, 
 starts); the jobs run the real benchmarks with tiny settings, as a user does.
 """
 
+import datetime
 import importlib
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 import torch
 from conftest import run_job
 
-from hpctrain import cli, kernels, launch_env, metrics
+from hpctrain import bench, cli, kernels, launch_env, metrics
 from hpctrain.bench import kernel, store
 from hpctrain.errors import UsageError
 
@@ -151,8 +152,6 @@ def test_the_store_takes_one_parameter_per_shard(monkeypatch):
 def test_the_ranks_on_one_node_share_its_memory(monkeypatch):
     """The check was per rank: bench store --params 1.2e9 on 4 ranks of a 25 GB machine
     passed at 24 GB a rank, and the two-sided phase alone needed 53 GB."""
-    from hpctrain import bench
-
     launched_by_open_mpi(monkeypatch, ranks=4)
     params = bench.memory() // (4 * 5) // 2  # half the machine a rank: two ranks' worth fit
     store.validate(parse("store", "--params", str(params)))
@@ -174,8 +173,6 @@ def test_the_ranks_on_one_node_share_its_memory(monkeypatch):
     ({"SLURM_STEP_TASKS_PER_NODE": "1,4(x2)", "SLURM_NODEID": "2"}, 4),
     ({}, 1)])
 def test_the_ranks_on_this_node_are_read_from_each_launcher(monkeypatch, env, here):
-    from hpctrain import bench
-
     for name in (*bench._LOCAL_SIZES, "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
@@ -347,12 +344,30 @@ def test_kernel_on_cuda_without_a_device_is_a_usage_error(tmp_path):
     (2, ["shuffle", "--dataset", "synthetic", "--epochs", "1"], "ratio"),
 ])
 def test_json_is_written_by_every_micro_benchmark(tmp_path, np, argv, key):
+    """With the machine it ran on: BENCHMARKS' figures came with a machine written by hand,
+    and the load on a shared node (which decides the figures) was nowhere."""
     path = tmp_path / "figures.json"
     proc = run_job(["bench", *argv, "--json", str(path)], np=np, timeout=240)
     assert proc.returncode == 0, proc.stderr
     figures = json.loads(path.read_text())
     assert figures["benchmark"] == argv[0] and figures[key]
     assert [p.name for p in tmp_path.iterdir()] == ["figures.json"]  # no temporary left
+    machine = figures["machine"]
+    assert {"date", "host", "cpus", "cpu", "torch", "hpctrain", "python", "load_average_start",
+            "load_average_end"} <= machine.keys()
+    assert machine["cpus"] >= 1 and len(machine["load_average_end"]) == 3
+    assert datetime.datetime.fromisoformat(machine["date"]).tzinfo is not None
+    assert "hpctrain_commit" in machine  # the tests run from a checkout
+    assert bench.header(machine) in proc.stdout.splitlines()
+
+
+def test_the_machine_line_says_what_is_unknown():
+    record = {"date": "2026-12-05T23:00:00+00:00", "host": "node7", "cpus": 16,
+              "torch": "2.13.0", "hpctrain": "0.1.0", "load_average_start": [3.5, 2, 1],
+              "load_average_end": None, "hpctrain_commit": "0123456789abcdef+dirty"}
+    assert bench.header(record) == (
+        "machine: node7, 16 CPUs (?), load 3.5 -> ? (1 min); torch 2.13.0, hpctrain 0.1.0 "
+        "(0123456789+dirty); 2026-12-05T23:00:00+00:00")
 
 
 def test_the_two_sided_server_updates_in_one_pass(monkeypatch):

@@ -8,10 +8,42 @@ MPI starts (one line naming the value, exit status 2).
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 from decimal import Decimal
 
+from hpctrain import provenance
 from hpctrain.errors import UsageError
+
+
+def started() -> dict:
+    """Where, when and with what a benchmark starts, taken before it measures: the date
+    (UTC), the host and its CPUs, the load average, and what a run's ``run_info`` records of
+    the machine (hpctrain's version and commit, torch, Python, the CPU). ``hpctrain bench``
+    asks git for the commit before MPI starts (as training does)."""
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"date": date, **provenance.host(), **provenance.machine(),
+            "load_average_start": provenance.load_average()}
+
+
+def machine(start: dict) -> dict:
+    """A benchmark's JSON ``machine``: :func:`started`'s record and the load average at the
+    end. BENCHMARKS' figures come with the machine they ran on; on a shared node the load
+    while measuring is what a reader needs most."""
+    return {**start, "load_average_end": provenance.load_average()}
+
+
+def header(record: dict) -> str:
+    """The line a benchmark prints above its table: :func:`machine`'s record in brief."""
+    def load(key: str) -> str:
+        value = record.get(key)
+        return "?" if value is None else f"{value[0]:g}"
+
+    commit = record.get("hpctrain_commit", "")
+    commit = f" ({commit[:10]}{'+dirty' if commit.endswith('+dirty') else ''})" if commit else ""
+    return (f"machine: {record['host']}, {record['cpus']} CPUs ({record.get('cpu', '?')}), "
+            f"load {load('load_average_start')} -> {load('load_average_end')} (1 min); "
+            f"torch {record['torch']}, hpctrain {record['hpctrain']}{commit}; {record['date']}")
 
 
 def at_most(parse, high: float):

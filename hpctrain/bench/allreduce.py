@@ -259,6 +259,7 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
 def run(args: argparse.Namespace) -> dict:
     """Measure every model size; rank 0 prints the table (and writes ``args.json``)."""
     sizes = args.params  # checked while parsing (hpctrain.options)
+    start = bench.started()
     world = comm.world()
     if args.device == "cuda":
         devices.choose("cuda")  # this rank's GPU
@@ -312,8 +313,9 @@ def run(args: argparse.Namespace) -> dict:
               "iallreduce_algorithm": tuned, "horovod": horovod_note,
               "torch_process_group": group,
               "mpi_library": comm.library_info()["library"], "goal_mpi_over_raw": GOAL,
-              "models": rows}
+              "models": rows, "machine": bench.machine(start)}
     if world.Get_rank() == 0:
+        print(bench.header(result["machine"]))
         print(_table(result), flush=True)
         if args.json:
             write_json_atomic(args.json, result)

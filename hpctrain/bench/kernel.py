@@ -144,10 +144,15 @@ def _measure_variant(variant: str, w, g, w_bak, m, threads: int, repeats: int, d
 def run(args: argparse.Namespace) -> dict:
     """Measure every thread count; print a table; return the figures."""
     threads = args.threads  # checked while parsing, the device in validate()
+    start = bench.started()
     rows = [r for t in threads for r in measure(args.elements, t, args.repeats, args.device)]
     openmp = bool(kernels.cpu_library().hpctrain_dc_openmp())
     built = "" if args.device != "cpu" else ", kernel built with OpenMP" if openmp else \
         ", kernel built without OpenMP (one thread, whatever thr)"
+    result = {"benchmark": "kernel", "elements": args.elements, "device": args.device,
+              "repeats": args.repeats, "openmp": openmp, "rows": rows,
+              "machine": bench.machine(start)}
+    print(bench.header(result["machine"]))
     print(f"fused DC-ASGD kernel, {args.elements} float32 elements, {args.device}, "
           f"median of {args.repeats} (GB/s of bytes touched){built}")
     print(f"{'variant':9} {'thr':>3} {'fused':>8} {'copy':>8} {'torch':>8} "
@@ -155,9 +160,6 @@ def run(args: argparse.Namespace) -> dict:
     for r in rows:
         print(f"{r['variant']:9} {r['threads']:>3} {r['fused_gb_s']:8.2f} {r['copy_gb_s']:8.2f} "
               f"{r['torch_gb_s']:8.2f} {r['vs_copy']:8.2f} {r['vs_torch']:8.1f}x", flush=True)
-    result = {"benchmark": "kernel", "elements": args.elements, "device": args.device,
-              "repeats": args.repeats,
-              "openmp": openmp, "rows": rows}
     if getattr(args, "json", None):
         write_json_atomic(args.json, result)
     return result

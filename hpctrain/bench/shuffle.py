@@ -131,6 +131,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Alternate raw and reshuffle ``args.epochs`` times; return medians and their ratio."""
+    start = bench.started()
     world = comm.world()
     ranks, me = world.Get_size(), world.Get_rank()
 
@@ -184,8 +185,10 @@ def run(args: argparse.Namespace) -> dict:
               "raw_plus_copies_mb_s_per_rank": floor_rate,
               "ratio_to_floor": shuffle_rate / floor_rate, "phases_ms": phases_ms,
               "per_rank": [dict(zip(("reshuffle_mb_s", "raw_mb_s", "raw_plus_copies_mb_s"), r,
-                                    strict=True)) for r in per_rank]}
+                                    strict=True)) for r in per_rank],
+              "machine": bench.machine(start)}
     if me == 0:
+        print(bench.header(result["machine"]))
         print(f"sharded global reshuffle, {ranks} ranks, {args.dataset} ({td.num_samples} "
               f"samples, {row_bytes} B each), {result['mb_sent_per_rank']:.1f} MB sent per "
               f"rank per epoch, median of {args.epochs}:\n"

@@ -155,6 +155,7 @@ def validate(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     """Every size and configuration; print a table on rank 0; return the figures."""
+    start = bench.started()
     world = comm.world()
     size, rank = world.Get_size(), world.Get_rank()
     spread = world.Split(0 if rank < size - 1 else 1, rank)
@@ -177,7 +178,11 @@ def run(args: argparse.Namespace) -> dict:
                              "median_push_ms": 1e3 * statistics.median(
                                  s / n for n, s, _ in parts if n)})
     spread.Free()
+    result = {"benchmark": "store", "ranks": size, "workers": size - 1,
+              "seconds": args.seconds, "mpi": comm.library_info()["library"],
+              "rows": rows if rank == 0 else None, "machine": bench.machine(start)}
     if rank == 0:
+        print(bench.header(result["machine"]))
         print(f"parameter store, {size - 1} workers (+1 server rank), DC-ASGD-c pushes, "
               f"{args.seconds:g} s per case; pushes/s of all workers together, ms/push a "
               f"worker's mean time per push, the median over workers")
@@ -187,9 +192,6 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{r['params']:>10} {r['case']:22} {str(r['shared_windows']):>6} "
                   f"{r['pushes_per_s']:9.1f} {r['median_push_ms']:8.2f} "
                   f"{r['vs_two_sided']:12.2f}x", flush=True)
-    result = {"benchmark": "store", "ranks": size, "workers": size - 1,
-              "seconds": args.seconds, "mpi": comm.library_info()["library"],
-              "rows": rows if rank == 0 else None}
     if rank == 0 and getattr(args, "json", None):
         write_json_atomic(args.json, result)
     return result
