@@ -53,7 +53,7 @@ def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
             f"MPI runs at thread level {THREAD_LEVELS[provided]!r}, {thread_level!r} is needed; "
             "call hpctrain.comm.init() before anything imports mpi4py.MPI"
         )
-    install_abort_on_error()
+    install_for_script()
     if every_rank or started_here:  # started here: the environment chose at MPI_Init
         _first_use(MPI, started_here)
     else:
@@ -314,15 +314,40 @@ def before_abort(callback: Callable[[], None]) -> None:
         _before_abort.append(callback)
 
 
+def hpctrains_own(exc: BaseException) -> bool:
+    """Whether hpctrain raised ``exc`` for the user to read, its message the whole story: a
+    UsageError, an error every rank raised alike, or one of hpctrain's own classes
+    (CollectiveMismatchError, TooManyBadSteps, ...). Another is a bug in the user's code or
+    a library's, whose traceback says where."""
+    return isinstance(exc, UsageError) or raised_on_every_rank(exc) \
+        or type(exc).__module__.partition(".")[0] == "hpctrain"
+
+
 def _abort_hook(exc_type, exc, tb) -> None:
+    """hpctrain's commands' and runs' hook: every error in one line."""
+    _end_on_error(exc_type, exc, tb, script=False)
+
+
+def _script_abort_hook(exc_type, exc, tb) -> None:
+    """A script's hook (``hvd.init()``, ``hpctrain.comm.init()``): its own errors with
+    Python's traceback, which a Horovod script's user expects; hpctrain's in one line."""
+    _end_on_error(exc_type, exc, tb, script=True)
+
+
+def _end_on_error(exc_type, exc, tb, script: bool) -> None:
+    """Say ``exc`` and end the process, and with it the job. ``script``: an error not
+    hpctrain's own (:func:`hpctrains_own`) is said by Python's traceback, and in a process
+    that is the whole job the interpreter then exits as Python does (atexit, flushed files)."""
     # The process's own stderr: torch.distributed's init_process_group wraps this hook with
     # one that points sys.stderr at a buffer and prints it after the hook returns, which
-    # this one never does (it ends the process).
+    # this one does not do unless it leaves the exit to Python.
     err = sys.__stderr__ or sys.stderr
     MPI = sys.modules.get("mpi4py.MPI")
     initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     r, n = _seat_for_error(MPI if initialised else None)
-    if _debugging():
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    full = script and not interrupted and not hpctrains_own(exc)
+    if _debugging() and not full:
         traceback.print_exception(exc_type, exc, tb, file=err)
     status = 2 if isinstance(exc, UsageError) else 1
     if r != 0 and (not initialised or raised_on_every_rank(exc)):
@@ -343,11 +368,17 @@ def _abort_hook(exc_type, exc, tb) -> None:
     elif _under_torchrun():
         _record_for_torchrun(exc_type, exc, tb)
     where = _where(r, n, initialised)
-    if isinstance(exc, KeyboardInterrupt):  # Ctrl-C: no error; the shell's status, 128 + 2
+    if interrupted:  # Ctrl-C: no error; the shell's status, 128 + 2
         status = 130
         print(f"hpctrain: interrupted{where}", file=err, flush=True)
+    elif full:  # one write: the ranks' tracebacks do not interleave line by line
+        label = f"hpctrain: error{where}:\n" if where else ""
+        print(label + "".join(traceback.format_exception(exc_type, exc, tb)), end="",
+              file=err, flush=True)
     else:
         print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
+    if full and n == 1:
+        return  # nothing else to end: Python exits with status 1, as without the hook
     for callback in _before_abort:
         with contextlib.suppress(Exception):  # the hook must end the process regardless
             callback()
@@ -425,11 +456,21 @@ def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
     return 0, 1
 
 
-def install_abort_on_error() -> None:
-    """Make an uncaught exception print one line with the rank and abort the whole MPI job."""
-    sys.excepthook = _abort_hook
+def install_abort_on_error(script: bool = False) -> None:
+    """Make an uncaught exception on one rank abort the whole MPI job, said in one line with
+    the rank (hpctrain's commands and runs: ``(at file:line)`` names the user's code). For a
+    user's own ``script``, an error that is not hpctrain's own shows Python's traceback."""
+    sys.excepthook = _script_abort_hook if script else _abort_hook
+
+
+def install_for_script() -> None:
+    """:func:`install_abort_on_error` for a user's script (``hvd.init()``, this module's
+    :func:`init`), unless the process has an abort hook already: hpctrain's command or run
+    that started MPI keeps its one line."""
+    if not aborts_on_error():
+        install_abort_on_error(script=True)
 
 
 def aborts_on_error() -> bool:
-    """Whether :func:`install_abort_on_error`'s hook is the process's."""
-    return sys.excepthook is _abort_hook
+    """Whether one of :func:`install_abort_on_error`'s hooks is the process's."""
+    return sys.excepthook in (_abort_hook, _script_abort_hook)

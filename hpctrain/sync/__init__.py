@@ -106,7 +106,8 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | str | None = None, *
         return  # as Horovod's: a second init() (a library's, say) keeps what runs
     # Before the checks below: one rank's refusal (a timeline folder missing on its node)
     # must end the job, not leave that rank in MPI_Finalize and the others in a collective.
-    mpicomm.install_abort_on_error()
+    # A script's own errors show their traceback; inside hpctrain's run (ssgd) its hook stays.
+    mpicomm.install_for_script()
     under_torchrun = comm is None and mpicomm.launcher() == "torchrun"
     if backend is None:
         backend = "torch" if under_torchrun else "mpi"
