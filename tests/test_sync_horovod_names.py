@@ -628,6 +628,38 @@ def test_stall_check_names_the_late_rank_and_its_last_call(capfd):
         assert late == [], err  # the late rank waits for nobody
 
 
+# A script that starts MPI below thread level multiple, then the backend.
+SERIALIZED = """
+import sys, hpctrain.comm, hpctrain.sync as hvd
+hpctrain.comm.init("serialized")
+hvd.init(**({"stall_check_s": 2, "stall_timeout": 5} if sys.argv[1] == "asked" else {}))
+hvd.barrier()
+print("END", hvd.rank(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("asked, env, warned", [
+    ("asked", {}, "(a report after 2 s, the job ended after 5 s)"),
+    ("default", {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "7"},
+     "(a report after 60 s, the job ended after 7 s)"),
+    ("default", {}, None),
+])
+def test_a_stall_check_asked_for_below_thread_level_multiple_is_a_warning(asked, env, warned):
+    """hvd.init(stall_check_s=2, stall_timeout=5) after comm.init("serialized") checked
+    nothing and said nothing: a stuck rank then hung for ever. Rank 0 says it once; the
+    check left to its default says nothing."""
+    proc = run_program([sys.executable, "-c", SERIALIZED, asked], np=2, env=env)
+    assert proc.returncode == 0 and proc.stdout.count("END") == 2, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "stall check" in ln]
+    if warned is None:
+        assert said == [], proc.stderr
+        return
+    assert said == [f"hpctrain.sync: warning: the stall check asked for {warned} does not "
+                    "run: it needs MPI thread level 'multiple', and MPI runs at 'serialized'; "
+                    "call hpctrain.comm.init('multiple') before anything starts MPI"]
+
+
 @mpi
 @pytest.mark.timeout(60)
 def test_timeline_is_chrome_trace_json_with_the_phases(hvd, tmp_path_factory):

@@ -11,8 +11,9 @@ its last collective and how long ago, or the collective it waits in instead.
 The other ranks are asked over a private MPI communicator where MPI runs the job (whichever
 transport moves the data): the thread answers questions while the main thread computes, so
 it needs MPI at thread level ``multiple`` (hpctrain.sync's default); below it there is no
-check. Under torchrun, where no MPI runs the job, each thread posts its rank's status on
-torch.distributed's store every poll instead, and a report reads the others' posts.
+check (rank 0 says so when the script asked for one). Under torchrun, where no MPI runs the
+job, each thread posts its rank's status on torch.distributed's store every poll instead, and
+a report reads the others' posts.
 With a stall timeout the waiting ranks print the report and end the process with the status
 of ``hpctrain.watchdog``, and the launcher ends the others.
 """
@@ -53,6 +54,13 @@ def settings(check_s: float | None, timeout_s: float | None) -> tuple[float, flo
     if timeout_s is None:
         timeout_s = _seconds(SHUTDOWN_ENV, 0.0)
     return check_s, timeout_s
+
+
+def asked(check_s: float | None, timeout_s: float | None) -> bool:
+    """Whether the script asked for a stall check (``init``'s arguments, or Horovod's
+    variables for its times) rather than left it to the default."""
+    return check_s is not None or timeout_s is not None or \
+        any(os.environ.get(v, "").strip() for v in (CHECK_ENV, SHUTDOWN_ENV))
 
 
 def _disabled() -> bool:
@@ -278,11 +286,13 @@ _monitor: _Monitor | None = None
 
 
 def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = None,
-          rank: int = 0) -> None:
+          rank: int = 0, asked_for: bool = False) -> None:
     """Watch this rank's rounds, asking the other ranks over MPI communicator ``world_comm``
     (the backend's world's ranks; collective: Dup; needs MPI thread level multiple), or
     where that is None through key-value ``store`` (a torch.distributed Store that the
-    world's ranks share; this is world rank ``rank``). Neither: no check."""
+    world's ranks share; this is world rank ``rank``). Neither: no check. Below thread
+    level multiple there is none either: said once (rank 0) if the check was ``asked_for``
+    (:func:`asked`), as a script relying on its timeout would otherwise hang unawares."""
     global _monitor
     stop()
     if check_s <= 0 and timeout_s <= 0:
@@ -290,11 +300,22 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
     if world_comm is not None:
         MPI = mpicomm.mpi()
         if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
+            if asked_for and world_comm.Get_rank() == 0:
+                _say_no_check(check_s, timeout_s)
             return
         _monitor = _Monitor(_MpiPeers(world_comm.Dup()), world_comm.Get_rank(), check_s,
                             timeout_s)
     elif store is not None:
         _monitor = _Monitor(_StorePeers(store, rank), rank, check_s, timeout_s)
+
+
+def _say_no_check(check_s: float, timeout_s: float) -> None:
+    times = [f"{what} after {s:g} s" for what, s in (("a report", check_s),
+                                                     ("the job ended", timeout_s)) if s > 0]
+    say(f"hpctrain.sync: warning: the stall check asked for ({', '.join(times)}) does not "
+        f"run: it needs MPI thread level 'multiple', and MPI runs at "
+        f"{mpicomm.thread_level()!r}; call hpctrain.comm.init('multiple') before anything "
+        "starts MPI")
 
 
 @atexit.register  # atexit handlers run before mpi4py's Py_AtExit finalizes MPI
