@@ -394,7 +394,11 @@ def _checked_run(config: RunConfig) -> dict:
     named = config.out is not None
     with _torch_kept():  # the checks build models too
         done, config, refusal = _checked(config)
-        comm.shared_refusal(refusal)  # where MPI runs already, every rank raises it
+        # where MPI runs already, every rank raises it; a rank that never calls train()
+        # would hold the others there for ever, so the watchdog's start-up bound holds
+        with watchdog.watching(config.stall_timeout, comm.env_rank(), comm.launch_size(),
+                               "waiting in hpctrain.train() for every rank to call it"):
+            comm.shared_refusal(refusal)
         if _agreed_finished(done is not None):
             return done
         with claimed(config) as config:

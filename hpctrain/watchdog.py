@@ -87,6 +87,20 @@ def start(timeout: float, rank: int, ranks: int = 1) -> None:
         _active = _Watchdog(timeout, rank, ranks)
 
 
+@contextlib.contextmanager
+def watching(timeout: float, rank: int, ranks: int, doing: str) -> Iterator[None]:
+    """:func:`start` for a wait before training (``doing``) that a rank which never comes
+    would make endless: ``hpctrain.train`` called on some ranks only. Nothing for one rank."""
+    if ranks > 1:
+        start(timeout, rank, ranks)
+        beat(doing, starting=True)
+    try:
+        yield
+    finally:
+        if ranks > 1:
+            stop()
+
+
 def beat(doing: str, count: int | None = None, *, starting: bool = False,
          compiling: bool = False) -> None:
     """Record progress: ``doing`` (and ``count``, e.g. "step", 12) name it in the message.

@@ -415,3 +415,32 @@ def test_a_rank_0_frozen_writing_the_summary_ends_the_job():
     assert proc.returncode == watchdog.EXIT_STATUS, proc.stderr
     assert "hpctrain: rank 1 gave up waiting for rank 0's summary after 2 s" in proc.stderr, \
         proc.stderr
+
+
+# hpctrain.train() on rank 0 only, MPI started by the script; rank 1 goes on to its end.
+RANK_0_ONLY = """
+import sys
+import hpctrain.comm
+from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig, train, watchdog
+watchdog.STARTUP_S = 3.0
+rank = hpctrain.comm.init("serialized").COMM_WORLD.Get_rank()
+if rank == 0:
+    train(RunConfig(algo="sgd", out=sys.argv[1], model=ModelConfig(name="mlp"),
+                    data=DataConfig(dataset="synthetic"), optim=OptimConfig(epochs=1),
+                    progress=False, stall_timeout=1))
+print("END", rank, flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_train_called_on_some_ranks_only_ends_the_job(tmp_path):
+    """Rank 0 waited for ever in train()'s first collective (before the watchdog started)
+    for a rank that never called it. Now the watchdog's start-up allowance (STARTUP_S, 3 s
+    here) ends the job, saying what rank 0 waits for."""
+    proc = run_program([sys.executable, "-c", RANK_0_ONLY, str(tmp_path / "run")], np=2,
+                       timeout=100)
+    assert proc.returncode == watchdog.EXIT_STATUS, proc.stderr
+    assert ("hpctrain: rank 0 made no progress for 3 s (last: waiting in hpctrain.train() for "
+            "every rank to call it); ending the job (--stall-timeout 1)") in proc.stderr, \
+        proc.stderr
+    assert "END 0" not in proc.stdout and not (tmp_path / "run").exists()
