@@ -8,6 +8,7 @@ into MPI for operations on it to progress.
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_program
+from conftest import ROOT, run_program
 
 TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
             "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
@@ -72,6 +73,44 @@ def test_a_worker_that_raises_ends_the_whole_job(servers, np):
     assert (f"hpctrain: error (rank 1 of {np}):\nTraceback (most recent call last):\n"
             in proc.stderr), proc.stderr
     assert "\nRuntimeError: injected failure in worker 1\n" in proc.stderr
+
+
+def readme_example(heading: str) -> str:
+    """The first Python block of README.md's section ``heading``."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index(f"\n{heading}\n"):]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start:section.index("```", start)]
+
+
+# What README's own-loop example leaves to the reader: the model, and this rank's batches.
+OWN_LOOP_DATA = """
+import os
+import torch
+import torch.nn.functional as F
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(10, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+g = torch.Generator().manual_seed(int(os.environ["OMPI_COMM_WORLD_RANK"]))
+batches = [(torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g))
+           for _ in range(20)]
+"""
+
+
+@pytest.mark.timeout(120)
+def test_readmes_own_loop_example_ends_with_one_model_on_every_rank(tmp_path):
+    """README's DC-ASGD loop ended with store.finish(); store.close(): each rank kept the
+    values it last pulled, which the others' later pushes had moved on, so the ranks'
+    models differed; opt.pull() after finish() gives every rank the final model."""
+    script = tmp_path / "own_loop.py"
+    script.write_text(OWN_LOOP_DATA
+                      + readme_example("## DC-ASGD and Ensemble-Compression in your own loop")
+                      + "import hashlib\nvalues = b''.join(p.detach().numpy().tobytes() "
+                      "for p in model.parameters())\n"
+                      "print(f'PARAMETERS {hashlib.sha256(values).hexdigest()}', flush=True)\n")
+    proc = run_program([sys.executable, str(script)], np=2, timeout=100)
+    assert proc.returncode == 0, proc.stderr
+    models = re.findall(r"PARAMETERS ([0-9a-f]{64})", proc.stdout)  # lines may run together
+    assert len(models) == 2 and models[0] == models[1], proc.stdout
 
 
 @pytest.mark.timeout(300)
