@@ -456,18 +456,36 @@ def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
     return 0, 1
 
 
+# Whether hpctrain's command or run installed the one-line hook: torch.distributed's
+# init_process_group wraps whatever hook it finds, so sys.excepthook no longer says so.
+_one_line = False
+
+
 def install_abort_on_error(script: bool = False) -> None:
     """Make an uncaught exception on one rank abort the whole MPI job, said in one line with
     the rank (hpctrain's commands and runs: ``(at file:line)`` names the user's code). For a
     user's own ``script``, an error that is not hpctrain's own shows Python's traceback."""
+    global _one_line
     sys.excepthook = _script_abort_hook if script else _abort_hook
+    _one_line = not script
+
+
+def hook_state() -> tuple:
+    """The process's hook and whether it is a command's or run's, for :func:`restore_hook`."""
+    return sys.excepthook, _one_line
+
+
+def restore_hook(state: tuple) -> None:
+    """Put back what :func:`hook_state` returned (a run that ended gives the script its own)."""
+    global _one_line
+    sys.excepthook, _one_line = state
 
 
 def install_for_script() -> None:
     """:func:`install_abort_on_error` for a user's script (``hvd.init()``, this module's
     :func:`init`), unless the process has an abort hook already: hpctrain's command or run
-    that started MPI keeps its one line."""
-    if not aborts_on_error():
+    that started MPI keeps its one line (under torchrun, wrapped by torch.distributed)."""
+    if not (_one_line or aborts_on_error()):
         install_abort_on_error(script=True)
 
 

@@ -369,7 +369,7 @@ def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
     # (or failed in a process of its own), the script's errors are its own again: the hook
     # ends the process at once, its files unflushed and its atexit functions not run. A
     # run that failed on several ranks leaves it: the next run that returns gives it back.
-    hook = _script_hook if _script_hook and comm.aborts_on_error() else sys.excepthook
+    hook = _script_hook if _script_hook and comm.aborts_on_error() else comm.hook_state()
     _script_hook = None
     comm.install_abort_on_error()
     try:
@@ -380,11 +380,11 @@ def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
         summary = _checked_run(config)
     except BaseException:
         if comm.launch_size() == 1:
-            sys.excepthook = hook
+            comm.restore_hook(hook)
         else:
             _script_hook = hook
         raise
-    sys.excepthook = hook
+    comm.restore_hook(hook)
     return summary
 
 
