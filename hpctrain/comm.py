@@ -20,6 +20,7 @@ import traceback
 from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
+from typing import Any
 
 import mpi4py
 
@@ -314,6 +315,25 @@ def before_abort(callback: Callable[[], None]) -> None:
         _before_abort.append(callback)
 
 
+def _finish_before_abort() -> None:
+    """The work :func:`before_abort` registered, done before this process ends."""
+    for callback in _before_abort:
+        with contextlib.suppress(Exception):  # the hook must end the process regardless
+            callback()
+
+
+def _exit_on_sigterm(status: int) -> None:
+    """While this rank waits to be ended: the launcher's SIGTERM exits with ``status`` (not
+    143), once the work registered with :func:`before_abort` is done. A handler that exited
+    at once cut off rank 0's write of an elastic commit and the restart lost it."""
+    def _exit(*_: Any) -> None:
+        _finish_before_abort()
+        os._exit(status)
+
+    with contextlib.suppress(ValueError):  # not the main thread: no handler
+        signal.signal(signal.SIGTERM, _exit)
+
+
 def hpctrains_own(exc: BaseException) -> bool:
     """Whether hpctrain raised ``exc`` for the user to read, its message the whole story: a
     UsageError, an error every rank raised alike, or one of hpctrain's own classes
@@ -356,14 +376,12 @@ def _end_on_error(exc_type, exc, tb, script: bool) -> None:
         # ends this rank while it waits, unless rank 0 did not fail (a file missing on this
         # node only), and then this rank must say it. Ended by the launcher's SIGTERM (srun
         # --kill-on-bad-exit once rank 0 exited), it exits with rank 0's status, not 143.
-        with contextlib.suppress(ValueError):  # not the main thread: no handler
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+        _exit_on_sigterm(status)
         time.sleep(10)  # generous: a loaded node may take seconds to end this rank
     elif n > 1 and _under_torchrun() and peer_left(exc):
         # torchrun names the first process to end as the root cause: this one failed because
         # another did, so that one goes first, and torchrun ends this one meanwhile.
-        with contextlib.suppress(ValueError):
-            signal.signal(signal.SIGTERM, lambda *_: os._exit(status))
+        _exit_on_sigterm(status)
         time.sleep(10)
     elif _under_torchrun():
         _record_for_torchrun(exc_type, exc, tb)
@@ -379,9 +397,7 @@ def _end_on_error(exc_type, exc, tb, script: bool) -> None:
         print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
     if full and n == 1:
         return  # nothing else to end: Python exits with status 1, as without the hook
-    for callback in _before_abort:
-        with contextlib.suppress(Exception):  # the hook must end the process regardless
-            callback()
+    _finish_before_abort()
     if initialised and MPI.COMM_WORLD.Get_size() > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)

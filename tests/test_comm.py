@@ -161,6 +161,32 @@ def test_an_error_line_under_torchrun_names_torchruns_rank():
         "srun\n")
 
 
+PEER_LEFT_THEN_SIGTERM = """
+import os, signal, sys, threading, time
+from hpctrain import comm
+def finish():  # rank 0's elastic commit, still being written
+    time.sleep(1)
+    open(sys.argv[1], "w").write("written")
+comm.before_abort(finish)
+comm.install_abort_on_error()
+comm.init()
+threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # torchrun's agent
+raise RuntimeError("Connection closed by peer")
+"""
+
+
+@pytest.mark.timeout(60)
+def test_the_launchers_sigterm_waits_for_work_registered_before_abort(tmp_path):
+    """A torchrun worker whose peer died waits for the agent's SIGTERM; that SIGTERM exited
+    at once, cutting off rank 0's write of the elastic commit just made, and the restart went
+    back a commit (under load, where the agent's SIGTERM came before the write ended)."""
+    done = tmp_path / "done"
+    ended = run_program([sys.executable, "-c", PEER_LEFT_THEN_SIGTERM, str(done)],
+                        env={**TORCHRUNS, "RANK": "0", "LOCAL_RANK": "0"})
+    assert ended.returncode == 1, ended.stderr
+    assert done.read_text() == "written"
+
+
 @pytest.mark.timeout(120)
 def test_envs_variables_left_under_mpirun_are_refused_before_mpi_starts():
     """All six of torch's launch variables left in a shell under mpirun (or exported by
