@@ -116,11 +116,11 @@ def test_a_users_group_without_a_cpu_backend_is_refused_in_one_line(tmp_path):
 def test_alltoall_splits_may_leave_rows_unsent_as_in_horovod():
     from hpctrain.sync.alltoall import _check_alltoall
 
-    assert _check_alltoall(torch.ones(5, 2), [1, 2], None, 2) == [1, 2]
-    assert _check_alltoall(torch.ones(5, 2), torch.tensor([0, 5]), None, 2) == [0, 5]
+    assert _check_alltoall(torch.ones(5, 2), [1, 2], None, 2, "alltoall") == [1, 2]
+    assert _check_alltoall(torch.ones(5, 2), torch.tensor([0, 5]), None, 2, "alltoall") == [0, 5]
     for bad in ([3, 3], [-1, 2], [1]):
         with pytest.raises(UsageError, match="summing to at most the 5 rows"):
-            _check_alltoall(torch.ones(5, 2), bad, None, 2)
+            _check_alltoall(torch.ones(5, 2), bad, None, 2, "alltoall")
 
 
 def test_buckets_reverse_order_split_by_size_and_dtype():
@@ -423,16 +423,78 @@ def test_broadcast_parameters_and_optimizer_state(hvd):
         # Names that differ copied the root's tensors into other entries.
         # Each error names what differs: the calls read alike ("1 tensors").
         with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters.*they "
-                           r"differ in \('w', 'torch.float32', \(2,\)\) on rank 0, \('v', "):
+                           "differ in tensor #1: 'w' on rank 0, 'v' on rank 1$"):
             hvd.broadcast_parameters({"w" if r == 0 else "v": torch.zeros(2)}, root_rank=0)
         with pytest.raises(sync.CollectiveMismatchError, match="broadcast_parameters"):
             hvd.broadcast_parameters([(f"w{min(r, 1)}", torch.zeros(2))], root_rank=0)
         model = nn.Linear(3, 2 + min(r, 1))
         with pytest.raises(sync.CollectiveMismatchError, match=r"DistributedOptimizer.*they "
-                           r"differ in \(2, 'torch.float32'\) on rank 0, \(3, 'torch.float32'\) "
-                           "on rank 1"):
+                           r"differ in 'weight': float32\[2, 3\] on rank 0, float32\[3, 3\] "
+                           "on rank 1$"):
             hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
                                      named_parameters=model.named_parameters())
+
+
+@mpi
+@timeout
+def test_a_model_built_otherwise_on_one_rank_is_named_by_its_tensor(hvd):
+    """A model whose one layer is wider on rank 1: the errors said "they differ in (16,) on
+    rank 0, (32,) on rank 1" (broadcast_parameters, narrowed past the name) and "(32,
+    'torch.float32') ..." (DistributedOptimizer: a fusion bucket's sizes), with the hint to
+    call collectives in one order, which every rank did."""
+    if hvd.backend() == "horovod":  # which would wait for the other names: a stall
+        return
+    r = hvd.rank()
+    width = 16 if r == 0 else 32
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, width),
+                          nn.Linear(width, 2))
+    with pytest.raises(sync.CollectiveMismatchError, match="^ranks called broadcast_parameters "
+                       "differently at call #\\d+ .*; they differ in '3.bias': float32\\[16\\] "
+                       "on rank 0, float32\\[32\\] on rank 1$"):
+        hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+    opt = torch.optim.Adam(model.parameters())
+    with pytest.raises(sync.CollectiveMismatchError, match="broadcast_optimizer_state.*they "
+                       "differ in exp_avg of param_groups\\[0\\]\\['params'\\]\\[4\\]: "
+                       "float32\\[16, 8\\] on rank 0, float32\\[32, 8\\] on rank 1$"):
+        hvd.broadcast_optimizer_state(opt, root_rank=0)
+    with pytest.raises(sync.CollectiveMismatchError, match="DistributedOptimizer.*they differ "
+                       "in '3.weight': float32\\[16, 8\\] on rank 0, float32\\[32, 8\\] on "
+                       "rank 1$"):
+        hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                 named_parameters=model.named_parameters())
+    # The same call with another shape: no hint of order; other calls: the hint.
+    with pytest.raises(sync.CollectiveMismatchError, match=r"^ranks called allreduce "
+                       r"differently .*float32\[3\]\)$"):
+        hvd.allreduce(torch.ones(2 + min(r, 1)), name="x")
+    with pytest.raises(sync.CollectiveMismatchError, match=r"^ranks called different "
+                       r"collectives .*\(collectives must be called in the same order on every "
+                       r"rank\)$"):
+        hvd.allreduce(torch.ones(2), name=f"n{min(r, 1)}")
+
+
+@mpi
+@timeout
+def test_an_error_names_the_function_the_user_called(hvd):
+    """hvd.allreduce([1, 2]) said "allreduce_async: expected a torch.Tensor", and
+    hvd.broadcast(t, root_rank=7) "broadcast_async_: root_rank 7 ...": helpers' names."""
+    if hvd.backend() == "horovod":
+        return
+    calls = {"allreduce": lambda: hvd.allreduce([1, 2]),
+             "allreduce_": lambda: hvd.allreduce_([1, 2]),
+             "allgather": lambda: hvd.allgather([1, 2]),
+             "broadcast": lambda: hvd.broadcast([1, 2], 0),
+             "broadcast_": lambda: hvd.broadcast_([1, 2], 0),
+             "broadcast_async": lambda: hvd.broadcast_async([1, 2], 0),
+             "alltoall": lambda: hvd.alltoall([1, 2]),
+             "grouped_allreduce_": lambda: hvd.grouped_allreduce_([[1, 2]])}
+    for name, call in calls.items():
+        with pytest.raises(TypeError, match=f"^{name}: expected a torch.Tensor, got list$"):
+            call()
+    for name in ("broadcast", "broadcast_", "broadcast_async"):
+        with pytest.raises(ValueError, match=f"^{name}: root_rank 7 is not a rank of the"):
+            getattr(hvd, name)(torch.ones(1), root_rank=7)
+    with pytest.raises(ValueError, match="^allreduce: cannot reduce torch.bool tensors"):
+        hvd.allreduce(torch.ones(1, dtype=torch.bool))
 
 
 @mpi

@@ -25,9 +25,15 @@ from hpctrain.sync.process_sets import ProcessSet, global_process_set
 def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
                    process_set: ProcessSet = global_process_set) -> int:
     """Start the exchange; ``synchronize`` returns (output, received_splits)."""
-    m = C.member(process_set, "alltoall_async")
+    return _alltoall_start(tensor, splits, name, process_set, "alltoall_async")
+
+
+def _alltoall_start(tensor: torch.Tensor, splits: Any, name: str | None,
+                    process_set: ProcessSet, caller: str) -> int:
+    """:func:`alltoall_async`, its errors naming ``caller``, the function the user called."""
+    m = C.member(process_set, caller)
     with C.rejecting(m, "alltoall", name):
-        counts = _check_alltoall(tensor, splits, name, m.transport.size())
+        counts = _check_alltoall(tensor, splits, name, m.transport.size(), caller)
     n = m.transport.size()
     src = tensor.detach().narrow(0, 0, sum(counts)).contiguous()
     call = C.tensor_call("alltoall", src, name, agree_shape=tuple(src.shape[1:]))
@@ -47,36 +53,36 @@ def alltoall_async(tensor: torch.Tensor, splits: Any = None, name: str | None = 
     return C.register(request, None, finish, call, keep=send, m=m)
 
 
-def _check_alltoall(tensor: Any, splits: Any, name: Any, n: int) -> list[int]:
+def _check_alltoall(tensor: Any, splits: Any, name: Any, n: int, caller: str) -> list[int]:
     """The rows each of the ``n`` ranks gets, or a one-line error naming the bad argument."""
-    C.check_tensor(tensor, "alltoall_async", in_place=False)
-    C.check_name(name, "alltoall_async")
+    C.check_tensor(tensor, caller, in_place=False)
+    C.check_name(name, caller)
     if tensor.dim() == 0:
-        raise UsageError("alltoall_async: needs a tensor with at least one dimension, got a "
+        raise UsageError(f"{caller}: needs a tensor with at least one dimension, got a "
                          "0-dim one")
     rows = tensor.shape[0]
     if splits is None:
         if rows % n:
-            raise UsageError(f"alltoall_async: {rows} rows do not split equally among {n} "
+            raise UsageError(f"{caller}: {rows} rows do not split equally among {n} "
                              "processes; pass splits")
         return [rows // n] * n
-    counts = _split_counts(splits)
+    counts = _split_counts(splits, caller)
     # Horovod sends the first sum(splits) rows: a buffer may have room to spare
     if len(counts) != n or any(c < 0 for c in counts) or sum(counts) > rows:
-        raise UsageError(f"alltoall_async: splits must be {n} non-negative counts summing "
+        raise UsageError(f"{caller}: splits must be {n} non-negative counts summing "
                          f"to at most the {rows} rows, got {counts}")
     return counts
 
 
-def _split_counts(splits: Any) -> list[int]:
+def _split_counts(splits: Any, caller: str) -> list[int]:
     """``splits`` (a 1-d tensor or array of integers, or a list of ints) as a list of ints."""
     if isinstance(splits, torch.Tensor | np.ndarray):
         if splits.ndim != 1 or not _integral(splits.dtype):
-            raise UsageTypeError(f"alltoall_async: splits must be a 1-d tensor of integers, "
+            raise UsageTypeError(f"{caller}: splits must be a 1-d tensor of integers, "
                                  f"got {splits.ndim}-d {splits.dtype}")
         return [int(x) for x in splits.tolist()]
     if not isinstance(splits, list | tuple) or any(C.as_integer(x) is None for x in splits):
-        raise UsageTypeError(f"alltoall_async: splits must be a list of integers or a 1-d "
+        raise UsageTypeError(f"{caller}: splits must be a list of integers or a 1-d "
                              f"integer tensor, got {splits!r}")
     return [C.as_integer(x) for x in splits]
 
@@ -98,7 +104,8 @@ def alltoall(tensor: torch.Tensor, splits: Any = None, name: str | None = None,
 class _Alltoall(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, splits, name, process_set):
-        output, received = C.synchronize(alltoall_async(tensor, splits, name, process_set))
+        output, received = C.synchronize(_alltoall_start(tensor, splits, name, process_set,
+                                                         "alltoall"))
         ctx.process_set, ctx.received, ctx.rows = process_set, received, tensor.shape[0]
         if splits is None:
             return output

@@ -8,7 +8,7 @@ import torch
 
 from hpctrain.errors import UsageError
 from hpctrain.sync import collectives
-from hpctrain.sync.collective_check import Call
+from hpctrain.sync.collective_check import Call, tensor_entry
 from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.optimizer import _AdasumOptimizer, _DistributedOptimizer
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
@@ -26,17 +26,27 @@ def broadcast_parameters(params: Any, root_rank: int,
     else:
         raise UsageError(f"broadcast_parameters: params must be a dict or a list, got "
                          f"{type(params).__name__}")
-    m = collectives.member(process_set, "broadcast_parameters")
-    with collectives.rejecting(m, "broadcast_parameters"):  # all checked before any starts
-        collectives.check_root(root_rank, "broadcast_parameters", process_set)
+    labels = [f"tensor #{i + 1}" if name is None else repr(name)
+              for i, name in enumerate(names)]
+    _broadcast_tensors(names, labels, tensors, root_rank, process_set, "broadcast_parameters")
+
+
+def _broadcast_tensors(names: Any, labels: list[str], tensors: Any, root_rank: int,
+                       process_set: ProcessSet, caller: str) -> None:
+    """Overwrite ``tensors`` with root_rank's, agreed first by their ``names`` (the user's
+    keys, or None), and by ``labels`` in an error naming the first tensor that differs."""
+    m = collectives.member(process_set, caller)
+    with collectives.rejecting(m, caller):  # all checked before any starts
+        collectives.check_root(root_rank, caller, process_set)
         for t in tensors:
-            collectives.check_tensor(t, "broadcast_parameters", in_place=True)
+            collectives.check_tensor(t, caller, in_place=True)
     # Ranks whose lists differ in length would otherwise go on calling broadcasts the others
     # never make; one round agrees on every tensor's name, dtype and shape first (names that
     # differ would copy the root's tensors into other entries: Horovod matches by name).
     shapes = tuple((str(name), str(t.dtype), tuple(t.shape)) for name, t in zip(names, tensors,
                                                                               strict=True))
-    m.channel.agree(Call("broadcast_parameters", agree=(shapes, int(root_rank)),
+    entries = tuple(tensor_entry(label, t) for label, t in zip(labels, tensors, strict=True))
+    m.channel.agree(Call(caller, agree=(shapes, int(root_rank)), entries=entries,
                          extra=f"{len(tensors)} tensors, root_rank={int(root_rank)}"))
     handles = [collectives.broadcast_async_(t, root_rank, process_set=process_set)
                for t in tensors]
@@ -68,18 +78,23 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
     if not optimizer.state:
         _initialise_state(optimizer)
     tensors: list[torch.Tensor] = []
+    labels: list[str] = []  # what an error calls each: "exp_avg of '3.bias'"
+    names = getattr(optimizer, "_parameter_names", {})  # a DistributedOptimizer's
     scalars: dict[str, Any] = {}
     for index, group in enumerate(optimizer.param_groups):
         for key, value in group.items():
             if key != "params":
                 scalars[f"group.{index}.{key}"] = value
         for j, p in enumerate(group["params"]):
+            parameter = repr(names[p]) if p in names else f"param_groups[{index}]['params'][{j}]"
             for name, value in sorted(optimizer.state.get(p, {}).items()):
                 if torch.is_tensor(value):
                     tensors.append(value)
+                    labels.append(f"{name} of {parameter}")
                 else:
                     scalars[f"state.{index}.{j}.{name}"] = value
-    broadcast_parameters(tensors, root_rank, process_set)
+    _broadcast_tensors([None] * len(tensors), labels, tensors, root_rank, process_set,
+                       "broadcast_optimizer_state")
     scalars = collectives.broadcast_object(scalars, root_rank, process_set=process_set)
     for key, value in scalars.items():
         kind, index, rest = key.split(".", 2)

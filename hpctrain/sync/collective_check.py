@@ -7,7 +7,8 @@ backends (and each ``DistributedOptimizer`` step) first runs one small blocking 
 backend), a *round*: a hash of what must agree (kind,
 name, op, dtype, shape, root), the same hash negated (so MAX also yields the minimum), and
 the join state. When the hashes differ, every rank takes part in one ``allgather`` of the
-calls' descriptions and raises :class:`CollectiveMismatchError` naming the two calls. A rank
+calls' descriptions and raises :class:`CollectiveMismatchError` naming the two calls (and
+the first tensor that differs, by name, where a call covers several: a model's). A rank
 in ``join()`` takes part in the rounds as "joined", and when any rank has joined, the lowest
 active rank broadcasts what the joined ranks must do (e.g. an allreduce of so many float32
 zeros). The cost is one latency-bound 48-byte allreduce per collective call and per optimizer
@@ -48,6 +49,9 @@ class Call:
     must do to take part (None: the call cannot run while a rank has joined, as in Horovod).
     ``row`` is the timeline row of a round hpctrain runs itself, made once and run again
     (None: ``kind.name``, or for an unnamed call a row of its own, as Horovod gives it).
+    ``entries``: the tensors ``agree`` covers, as (what the user calls it, its dtype and
+    shape) pairs, for an error that names the first that differs (a model's ``3.bias``, not
+    ``(16,)``); no part of the hash.
     """
 
     kind: str
@@ -59,6 +63,7 @@ class Call:
     join_plan: Any = None
     extra: str = ""
     row: str | None = None
+    entries: tuple = ()
 
     def describe(self) -> str:
         parts = [] if self.name is None else [f"name={self.name!r}"]
@@ -148,17 +153,46 @@ class Channel:
         return self.transport.bcast_object(mine if self.transport.rank() == root else None, root)
 
     def _raise_mismatch(self, call: Call | None) -> None:
-        mine = None if call is None else (call.key(), call.describe(), call.agree)
+        mine = None if call is None else (call.key(), call.describe(), call.agree,
+                                          call.entries, (call.kind, call.name))
         calls = self.transport.allgather_object(mine)
         active = [(r, c) for r, c in enumerate(calls) if c is not None]
-        (r0, (k0, d0, a0)) = active[0]
-        r1, (_, d1, a1) = next((r, c) for r, c in active if c[0] != k0)
+        (r0, (k0, d0, a0, e0, id0)) = active[0]
+        r1, (_, d1, a1, e1, id1) = next((r, c) for r, c in active if c[0] != k0)
         r0, r1 = self.global_rank(r0), self.global_rank(r1)
-        differ = "" if d0 != d1 else f"; they differ in {difference(a0, a1, r0, r1)}"
+        named = entry_difference(e0, e1, r0, r1)
+        differ = f"; they differ in {named}" if named else \
+            "" if d0 != d1 else f"; they differ in {difference(a0, a1, r0, r1)}"
+        # The same call with other arguments (shapes, a model built otherwise) is no
+        # matter of order: the hint only where the kinds or names differ.
+        if id0 != id1:
+            lead, order = "different collectives", (" (collectives must be called in the "
+                                                   "same order on every rank)")
+        else:
+            lead, order = f"{id0[0]} differently", ""
         raise CollectiveMismatchError(
-            f"ranks called different collectives at call #{self.seq} on {self.label}: "
-            f"rank {r0} called {d0}, rank {r1} called {d1}{differ} (collectives must be "
-            "called in the same order on every rank)")
+            f"ranks called {lead} at call #{self.seq} on {self.label}: rank {r0} called "
+            f"{d0}, rank {r1} called {d1}{differ}{order}")
+
+
+def entry_difference(a: tuple, b: tuple, rank_a: int, rank_b: int) -> str | None:
+    """The first of two calls' ``entries`` that differs, by name (``'3.bias': float32[16]
+    on rank 0, float32[32] on rank 1``); None where they are alike (or not given)."""
+    if not a or not b:
+        return None
+    for i, ((name_a, value_a), (name_b, value_b)) in enumerate(zip(a, b, strict=False)):
+        if name_a != name_b:
+            return f"tensor #{i + 1}: {name_a} on rank {rank_a}, {name_b} on rank {rank_b}"
+        if value_a != value_b:
+            return f"{name_a}: {value_a} on rank {rank_a}, {value_b} on rank {rank_b}"
+    if len(a) != len(b):
+        return f"their number of tensors: {len(a)} on rank {rank_a}, {len(b)} on rank {rank_b}"
+    return None
+
+
+def tensor_entry(label: str, tensor: Any) -> tuple[str, str]:
+    """An entry of :attr:`Call.entries`: ``label`` and ``tensor``'s ``float32[16, 8]``."""
+    return label, str(tensor.dtype).replace("torch.", "") + str(list(tensor.shape))
 
 
 def difference(a: Any, b: Any, rank_a: int, rank_b: int) -> str:

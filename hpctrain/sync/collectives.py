@@ -519,18 +519,26 @@ def allreduce_async(tensor: torch.Tensor, average: bool | None = None, name: str
                     postscale_factor: float = 1.0,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` over all processes (input unchanged); return a handle."""
-    m = member(process_set, "allreduce_async")
+    return _allreduce_copy(tensor, average, name, op, prescale_factor, postscale_factor,
+                           process_set, "allreduce_async")
+
+
+def _allreduce_copy(tensor: torch.Tensor, average: bool | None, name: str | None, op: Any,
+                    prescale_factor: float, postscale_factor: float, process_set: ProcessSet,
+                    caller: str) -> int:
+    """:func:`allreduce_async`, its errors naming ``caller``, the function the user called
+    (``allreduce`` said "allreduce_async: expected a torch.Tensor")."""
+    m = member(process_set, caller)
     with rejecting(m, "allreduce", name):
         op = check_reduction(tensor, op, average, prescale_factor, postscale_factor, name, m,
-                             "allreduce_async", in_place=False)
+                             caller, in_place=False)
     src = tensor.detach()
     if prescale_factor == 1:
         output = torch.empty_like(src, memory_format=torch.contiguous_format)
         return _start_allreduce(src.contiguous(), output, op, 1.0, postscale_factor,
-                                "allreduce_async", name, process_set)
+                                caller, name, process_set)
     return _start_allreduce(None, src.clone(memory_format=torch.contiguous_format), op,
-                            prescale_factor, postscale_factor, "allreduce_async", name,
-                            process_set)
+                            prescale_factor, postscale_factor, caller, name, process_set)
 
 
 def fused_adasum_(buffer: torch.Tensor, counts: list[int], name: str,
@@ -546,12 +554,20 @@ def allreduce_async_(tensor: torch.Tensor, average: bool | None = None, name: st
                      postscale_factor: float = 1.0,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start reducing ``tensor`` in place over all processes; return a handle."""
-    m = member(process_set, "allreduce_async_")
+    return _allreduce_in_place(tensor, average, name, op, prescale_factor, postscale_factor,
+                               process_set, "allreduce_async_")
+
+
+def _allreduce_in_place(tensor: torch.Tensor, average: bool | None, name: str | None, op: Any,
+                        prescale_factor: float, postscale_factor: float,
+                        process_set: ProcessSet, caller: str) -> int:
+    """:func:`allreduce_async_`, its errors naming ``caller``."""
+    m = member(process_set, caller)
     with rejecting(m, "allreduce", name):
         op = check_reduction(tensor, op, average, prescale_factor, postscale_factor, name, m,
-                             "allreduce_async_", in_place=True)
-    return _start_allreduce(None, tensor, op, prescale_factor, postscale_factor,
-                            "allreduce_async_", name, process_set)
+                             caller, in_place=True)
+    return _start_allreduce(None, tensor, op, prescale_factor, postscale_factor, caller, name,
+                            process_set)
 
 
 def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -559,8 +575,8 @@ def allreduce_(tensor: torch.Tensor, average: bool | None = None, name: str | No
                postscale_factor: float = 1.0,
                process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Reduce ``tensor`` in place over all processes and return it."""
-    return synchronize(allreduce_async_(tensor, average, name, op, prescale_factor,
-                                        postscale_factor, process_set))
+    return synchronize(_allreduce_in_place(tensor, average, name, op, prescale_factor,
+                                           postscale_factor, process_set, "allreduce_"))
 
 
 def allreduce(tensor: torch.Tensor, average: bool | None = None, name: str | None = None,
@@ -579,8 +595,8 @@ class _Allreduce(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, average, name, op, prescale, postscale, process_set):
         ctx.args = (average, op, prescale, postscale, process_set)
-        return synchronize(allreduce_async(tensor, average, name, op, prescale, postscale,
-                                           process_set))
+        return synchronize(_allreduce_copy(tensor, average, name, op, prescale, postscale,
+                                           process_set, "allreduce"))
 
     @staticmethod
     def backward(ctx, grad):
@@ -595,19 +611,25 @@ def allgather_async(tensor: torch.Tensor, name: str | None = None,
 
     First dimensions may differ between processes; the others must agree.
     """
-    m = member(process_set, "allgather_async")
+    return _allgather_start(tensor, name, process_set, "allgather_async")
+
+
+def _allgather_start(tensor: torch.Tensor, name: str | None, process_set: ProcessSet,
+                     caller: str) -> int:
+    """:func:`allgather_async`, its errors naming ``caller``."""
+    m = member(process_set, caller)
     with rejecting(m, "allgather", name):
-        check_tensor(tensor, "allgather_async", in_place=False)
-        check_name(name, "allgather_async")
+        check_tensor(tensor, caller, in_place=False)
+        check_name(name, caller)
         if tensor.dim() == 0:
-            raise UsageError("allgather_async: needs a tensor with at least one dimension, "
+            raise UsageError(f"{caller}: needs a tensor with at least one dimension, "
                              "got a 0-dim one")
     src = tensor.detach().contiguous()
     call = tensor_call("allgather", src, name, agree_shape=tuple(src.shape[1:]))
     m.channel.agree(call)
     shapes = m.transport.allgather_object((tuple(src.shape), src.dtype))
     if any(s[1:] != src.shape[1:] or d != src.dtype for s, d in shapes):
-        raise UsageError(f"allgather_async: shapes and dtypes must agree except in dimension 0, "
+        raise UsageError(f"{caller}: shapes and dtypes must agree except in dimension 0, "
                          f"got {[(list(s), str(d)) for s, d in shapes]}")
     rows = [s[0] for s, _ in shapes]
     output = src.new_empty((sum(rows), *src.shape[1:]))
@@ -621,7 +643,8 @@ def allgather(tensor: torch.Tensor, name: str | None = None,
               process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Concatenation of every process's ``tensor`` along dimension 0 (differentiable)."""
     if not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
-        return synchronize(allgather_async(tensor, name, process_set))  # its one-line error
+        return synchronize(_allgather_start(tensor, name, process_set, "allgather"))  # its
+        # one-line error
     return _Allgather.apply(tensor, name, process_set)
 
 
@@ -629,7 +652,7 @@ class _Allgather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, name, process_set):
         ctx.rows, ctx.process_set = tensor.shape[0], process_set
-        return synchronize(allgather_async(tensor, name, process_set))
+        return synchronize(_allgather_start(tensor, name, process_set, "allgather"))
 
     @staticmethod
     def backward(ctx, grad):
@@ -643,11 +666,17 @@ class _Allgather(torch.autograd.Function):
 def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> int:
     """Start overwriting ``tensor`` with root_rank's, in place; return a handle."""
-    m = member(process_set, "broadcast_async_")
+    return _broadcast_in_place(tensor, root_rank, name, process_set, "broadcast_async_")
+
+
+def _broadcast_in_place(tensor: torch.Tensor, root_rank: int, name: str | None,
+                        process_set: ProcessSet, caller: str) -> int:
+    """:func:`broadcast_async_`, its errors naming ``caller``."""
+    m = member(process_set, caller)
     with rejecting(m, "broadcast", name):
-        check_tensor(tensor, "broadcast_async_", in_place=True)
-        check_name(name, "broadcast_async_")
-        root = check_root(root_rank, "broadcast_async_", process_set)
+        check_tensor(tensor, caller, in_place=True)
+        check_name(name, caller)
+        root = check_root(root_rank, caller, process_set)
     call = tensor_call("broadcast", tensor, name, extra=f"root_rank={int(root_rank)}")
     m.channel.agree(call)
     moved = stage(tensor.detach(), m)
@@ -663,16 +692,23 @@ def broadcast_async_(tensor: torch.Tensor, root_rank: int, name: str | None = No
 def broadcast_async(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                     process_set: ProcessSet = global_process_set) -> int:
     """Start broadcasting root_rank's ``tensor`` into a new tensor; return a handle."""
+    return _broadcast_copy(tensor, root_rank, name, process_set, "broadcast_async")
+
+
+def _broadcast_copy(tensor: torch.Tensor, root_rank: int, name: str | None,
+                    process_set: ProcessSet, caller: str) -> int:
+    """:func:`broadcast_async`, its errors naming ``caller``."""
     if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
-        return broadcast_async_(tensor, root_rank, name, process_set)  # its one-line error
-    return broadcast_async_(tensor.detach().clone(memory_format=torch.contiguous_format),
-                            root_rank, name, process_set)
+        return _broadcast_in_place(tensor, root_rank, name, process_set, caller)  # its
+        # one-line error
+    return _broadcast_in_place(tensor.detach().clone(memory_format=torch.contiguous_format),
+                               root_rank, name, process_set, caller)
 
 
 def broadcast_(tensor: torch.Tensor, root_rank: int, name: str | None = None,
                process_set: ProcessSet = global_process_set) -> torch.Tensor:
     """Overwrite ``tensor`` with root_rank's, in place, and return it."""
-    return synchronize(broadcast_async_(tensor, root_rank, name, process_set))
+    return synchronize(_broadcast_in_place(tensor, root_rank, name, process_set, "broadcast_"))
 
 
 def broadcast(tensor: torch.Tensor, root_rank: int, name: str | None = None,
@@ -685,7 +721,7 @@ class _Broadcast(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor, root_rank, name, process_set):
         ctx.root_rank, ctx.process_set = root_rank, process_set
-        return synchronize(broadcast_async(tensor, root_rank, name, process_set))
+        return synchronize(_broadcast_copy(tensor, root_rank, name, process_set, "broadcast"))
 
     @staticmethod
     def backward(ctx, grad):

@@ -145,6 +145,8 @@ def grouped_allreduce_(tensors: Sequence[torch.Tensor], average: bool | None = N
                        postscale_factor: float = 1.0,
                        process_set: ProcessSet = global_process_set) -> tuple:
     """Reduce every tensor of the list in place; return them."""
+    _checked(tensors, "grouped_allreduce", "grouped_allreduce_", name, process_set,
+             in_place=True)  # its errors named grouped_allreduce_async_
     return C.synchronize(grouped_allreduce_async_(tensors, average, name, op, prescale_factor,
                                                   postscale_factor, process_set))
 

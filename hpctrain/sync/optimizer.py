@@ -24,7 +24,7 @@ from hpctrain import comm
 from hpctrain.errors import UsageError
 from hpctrain.sync import adasum, collectives
 from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES, BucketedAllreduce, check_unowned
-from hpctrain.sync.collective_check import Call
+from hpctrain.sync.collective_check import Call, tensor_entry
 from hpctrain.sync.collectives import Adasum, Average, ReduceOp, Sum
 from hpctrain.sync.compression import Compression, only_casts
 from hpctrain.sync.errors import UsageTypeError
@@ -228,7 +228,9 @@ class _DistributedOptimizer:
                                               [names[p] for p in grads])
             member.channel.agree(Call("DistributedOptimizer", agree=(self._reducer.plan,),
                                       extra=f"{len(self._reducer.plan)} buckets",
-                                      row="DistributedOptimizer"))
+                                      row="DistributedOptimizer",
+                                      entries=tuple(tensor_entry(repr(names[p]), p)
+                                                    for p in grads)))
 
     @property
     def bucket_sizes(self) -> list[int]:
