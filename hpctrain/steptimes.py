@@ -11,7 +11,9 @@ workers (0.07 and 0.22 s on Fashion-MNIST), and which worker starts first sets t
 staleness. ``hpctrain simulate --step-time replay:RUN`` replays the step times, so a
 simulation can take the stragglers, jitter and operating-system noise of a real run on a
 real machine; ``--comm-time replay`` replays an async run's rests and lead-ins too. Times
-are rounded to the microsecond.
+are rounded to the microsecond. A worker keeps its first :data:`KEPT_STEPS` steps (a replay
+cycles through them), so that a long run's file and rank 0's gather of it stay small; the
+file says how many steps each worker made.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from hpctrain.options import HUGE
 
 FILE = "step_times.json"
 FORMAT = "hpctrain-step-times/1"
+# 20,000 steps: 0.5 MB of JSON and about 1.3 MB held per worker; a run of 1M steps kept
+# every one, 26 MB of JSON per worker, all of it gathered to rank 0.
+KEPT_STEPS = 20_000
 
 
 class Record(NamedTuple):
@@ -44,6 +49,7 @@ class StepTimes:
         self.seconds: list[float] = []
         self.rest: list[float] = []
         self.lead_in: float | None = None  # None: :meth:`start` not called
+        self.steps = 0  # made, of which the first KEPT_STEPS are kept
         self._started: float | None = None
         self._began = 0.0
         self._ended: float | None = None
@@ -60,8 +66,10 @@ class StepTimes:
 
     def end(self, now: float) -> None:
         """The step's compute ends at ``now``."""
-        self.seconds.append(round(now - self._began, 6))
-        self._ended = now
+        self.steps += 1
+        if self.steps <= KEPT_STEPS:
+            self.seconds.append(round(now - self._began, 6))
+            self._ended = now  # its rest is kept too
 
     def finish(self, now: float) -> None:
         """Training ends at ``now``: the last step's rest ends (a worker that made no step:
@@ -77,19 +85,21 @@ class StepTimes:
 
     def write(self, out_dir: str | Path, comm, rank: int) -> None:
         """Collective over ``comm`` (None: one process); rank 0 writes ``step_times.json``."""
-        mine = (self.seconds, self.rest, self.lead_in)
+        mine = (self.seconds, self.rest, self.lead_in, self.steps)
         every = comm.gather(mine, root=0) if comm is not None else [mine]
         if rank == 0:
-            lead_ins = [lead_in for _, _, lead_in in every]
+            lead_ins = [lead_in for _, _, lead_in, _ in every]
             write_json_atomic(Path(out_dir) / FILE, {
                 "format": FORMAT, "unit": "s",
                 "what": "per worker (rank order), each step's compute: forward, backward and "
                         "straggler sleep",
-                "workers": [seconds for seconds, _, _ in every],
+                "workers": [seconds for seconds, _, _, _ in every],
+                "steps_what": f"per worker, the steps made: the first {KEPT_STEPS} are kept",
+                "steps": [steps for _, _, _, steps in every],
                 "rest_what": "per worker, from the end of each step's compute to the start of "
                              "the next one's (the last: to the end of training): "
                              "communication, waiting and bookkeeping",
-                "rest": [rest for _, rest, _ in every],
+                "rest": [rest for _, rest, _, _ in every],
                 **({"lead_in_what": "per worker, from the training loop's start to its first "
                                     "step's compute: the first epoch's data, the first ticket",
                     "lead_in": lead_ins} if None not in lead_ins else {})})

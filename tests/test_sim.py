@@ -837,6 +837,22 @@ def test_step_times_record_each_steps_compute_and_rest(tmp_path):
     assert StepTimeModel(f"replay:{tmp_path}", 2).lead_in(1) == 0.0
 
 
+def test_a_long_runs_step_times_keep_each_workers_first_steps(tmp_path, monkeypatch):
+    """Every step was kept: a run of 1M steps wrote 26 MB of JSON per worker, all of it
+    gathered to rank 0. The first KEPT_STEPS are kept, each with its rest; the file says
+    how many steps were made."""
+    monkeypatch.setattr(steptimes, "KEPT_STEPS", 2)
+    times = steptimes.StepTimes()
+    times.start(0.0)
+    for k in range(5):
+        times.begin(float(k))
+        times.end(k + 0.5)
+    times.finish(5.0)
+    times.write(tmp_path, None, 0)
+    assert steptimes.read(tmp_path) == ([[0.5, 0.5]], [[0.5, 0.5]], [0.0])
+    assert json.loads((tmp_path / steptimes.FILE).read_text())["steps"] == [5]
+
+
 def real_ssgd(reduce_op: str, out) -> list[str]:
     return ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
             "--eval-every", "1", "--seed", "3", "--reduce-op", reduce_op, "--out", str(out)]
