@@ -264,6 +264,7 @@ class BucketedAllreduce:
         sizes = [(p.numel(), w) for p, w in zip(params, wire, strict=True)]
         plan = plan_without(sizes, self._bucket_bytes, self._groups, set(self._sparse_dims))
         self.plan = [[(sizes[i][0], str(sizes[i][1])) for i in b] for b in plan]
+        self._dense_step: Call | None = None  # made by the first step on this plan
         self._slots: list[_Slot] = [_Slot(p, None, None) for p in params]
         self._buckets.clear()
         for b, members in enumerate(plan):
@@ -380,11 +381,7 @@ class BucketedAllreduce:
                 self._pack(i)
         sparse = [i for i, slot in enumerate(self._slots) if slot.sparse_now]
         if self._channel is not None:  # every rank is at this step, or a rank has joined
-            dims = [(i, self._sparse_dims[i]) for i in sparse]
-            self._channel.agree(Call("DistributedOptimizer.step", agree=(self.plan, dims),
-                                     join_plan=("step", self.key, dims),
-                                     extra=self._sparse_note(sparse),
-                                     row="DistributedOptimizer.step"))
+            self._channel.agree(self._step_call(sparse))
         self._launch_ready()
         reduced = SparseAllgather(self._transport, [
             contribution(self._params[i].grad, self._params[i], self._sparse_dims[i])
@@ -401,6 +398,19 @@ class BucketedAllreduce:
         self._clear()
         if replan:
             self._build()
+
+    def _step_call(self, sparse: list[int]) -> Call:
+        """The step's round: a step without sparse gradients makes the same Call until the
+        plan changes, and its key (a hash of the plan) is computed once."""
+        if not sparse and self._dense_step is not None:
+            return self._dense_step
+        dims = [(i, self._sparse_dims[i]) for i in sparse]
+        call = Call("DistributedOptimizer.step", agree=(self.plan, dims),
+                    join_plan=("step", self.key, dims), extra=self._sparse_note(sparse),
+                    row="DistributedOptimizer.step")
+        if not sparse:
+            self._dense_step = call
+        return call
 
     def _sparse_note(self, sparse: list[int]) -> str:
         return f"sparse gradients: {', '.join(self._names[i] for i in sparse)}" if sparse else ""
