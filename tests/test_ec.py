@@ -225,6 +225,18 @@ def test_a_resume_on_ranks_where_tau_never_aggregates_names_what_helps(tmp_path,
         config.algorithm_class.check(fresh, ranks, 2048)
 
 
+def test_ec_on_one_worker_warns_that_it_distils_the_model_into_itself(capsys):
+    """Its ensemble of one is its own model: self-distillation, which ran without a word."""
+    config = RunConfig(algo="ec", data=DataConfig(dataset="synthetic"))
+    config.algorithm_class.check(config, 2, 2048)
+    assert capsys.readouterr().err == ""
+    config.algorithm_class.check(config, 1, 2048)
+    assert capsys.readouterr().err == (
+        "hpctrain: warning: --algo ec on one worker: its ensemble is its own model, so each "
+        "round distils the model into itself (self-distillation, not ensemble compression); "
+        "give it 2 or more workers\n")
+
+
 @pytest.mark.parametrize("args, np, message", [
     (["--algo", "ec", "--ec-final", "best"], 0, "argument --ec-final: invalid choice: 'best'"),
     (["--algo", "ec", "--ec-distill-size", "1025"], 2,

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import io
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
 
+from hpctrain import comm
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint import policy
 from hpctrain.checkpoint.resize import mean_tensors
@@ -204,6 +206,11 @@ class EnsembleCompression(ModelAveraging):
             raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
                              f"training samples each of the {ranks} ranks holds")
         _check_rounds(config, samples, ranks, steps)
+        if ranks == 1 and comm.env_rank() == 0:
+            print("hpctrain: warning: --algo ec on one worker: its ensemble is its own model, "
+                  "so each round distils the model into itself (self-distillation, not "
+                  "ensemble compression); give it 2 or more workers", file=sys.stderr,
+                  flush=True)
 
     def label(self) -> str:
         o = self.options
