@@ -207,7 +207,9 @@ class Algorithm:
         return [parts[j % len(parts)] for j in range(workers)]
 
     def epoch_started(self, local: Dataset) -> None:
-        """This worker's data for the epoch that starts now (EC relabels from it)."""
+        """This worker's data for the epoch that starts now (EC relabels from it). Valid
+        until the next epoch starts: the next epoch's samples are gathered into the same
+        buffers (:class:`~hpctrain.shuffle.TrainData`), so copy what must outlive it."""
 
     def claim(self, position: int) -> int:
         """The index of the update this worker makes next (lock-step: ``position``, the
