@@ -241,8 +241,8 @@ def test_a_compile_is_held_to_the_busy_allowance():
     assert "rank 0 made no progress for 0.5 s (last: update 4)" in proc.stderr
 
 
-# A model whose forward takes 3 s the first time it meets the short last batch (a rank's
-# share of 2048 samples in batches of 24; rank 1's 6 s, so that the others wait for it) and
+# A model whose forward takes 2 s the first time it meets the short last batch (a rank's
+# share of 2048 samples in batches of 24; rank 1's 4 s, so that the others wait for it) and
 # the first time each copy is evaluated, as --compile's compiles do
 # (outside the compiled graph, so the time is the same whatever Dynamo caches).
 SLOW_FIRST_TIMES = """
@@ -259,7 +259,7 @@ _RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0
 def _first_time_slow(key):
     if key not in _seen:
         _seen.add(key)
-        time.sleep(6 if _RANK == 1 and key[1] == "short batch" else 3)
+        time.sleep(4 if _RANK == 1 and key[1] == "short batch" else 2)
 
 
 class SlowFirstTimes(nn.Module):
