@@ -18,7 +18,9 @@ With ``--stop-on-collapse`` a :class:`StopSignal` ends every worker's loop: lock
 workers get rank 0's word in a 1-byte non-blocking broadcast per update, overlapped with the
 next (all stop at the same update, one after rank 0's); asynchronous workers poll a
 non-blocking broadcast from rank 0 every step, on a communicator of its own, and go on to
-the usual end (barrier, outputs, summary).
+the usual end (barrier, outputs, summary). A collapse found where no loop is left to end (at
+the last update, or in the scores after training) ends the run all the same: its summary's
+``stopped_on_collapse`` (:meth:`hpctrain.live.Watch.fields`) gives exit status 4.
 """
 
 from __future__ import annotations

@@ -183,7 +183,7 @@ class Watch:
         self.detector = detector or collapse_detector(config, test_set.num_classes,
                                                       per_epoch, steps)
         self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
-        self.stopped = False
+        self.stopped = False  # every worker left the loop at the stop signal
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
         # Snapshots sent to the evaluating rank and not scored yet: index -> the send's request,
         # which holds the pickled snapshot until it is waited for.
@@ -408,7 +408,11 @@ class Watch:
 
     def fields(self) -> dict:
         """The summary's fields from watching: eval_mode, eval_in_clock, collapsed_at,
-        collapse_reason, stopped_on_collapse."""
+        collapse_reason, stopped_on_collapse (the run ends for its collapse, exit status 4:
+        also where no loop was left early, the collapse found at the last update, whose stop
+        word reaches lock-step workers past the end, or in the scores after training)."""
+        collapsed = self.detector.collapsed_at is not None
         return {"eval_mode": self.mode, "eval_in_clock": self.in_clock,
                 "collapsed_at": self.detector.collapsed_at,
-                "collapse_reason": self.detector.reason, "stopped_on_collapse": self.stopped}
+                "collapse_reason": self.detector.reason,
+                "stopped_on_collapse": self.signal.asked and collapsed}

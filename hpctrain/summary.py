@@ -90,8 +90,11 @@ class RunSummary:
                                     "finite, exploding or flat at ln(classes), or test "
                                     "accuracy back at chance); null: never", default=None)
     collapse_reason: str | None = _doc("why it was found collapsed (null: never)", default=None)
-    stopped_on_collapse: bool = _doc("true when --stop-on-collapse ended the run there",
-                                     default=False)
+    stopped_on_collapse: bool = _doc("true when --stop-on-collapse was given and training "
+                                     "collapsed (collapsed_at set): the run ended for it "
+                                     "with exit status 4 (its loop left early, or had ended: "
+                                     "a collapse at the last update or in the scores after "
+                                     "training)", default=False)
     clip_grad_norm: float | None = _doc("--clip-grad-norm (null: no clipping)", default=None)
     clipped_steps_per_worker: list[int] = _doc("steps whose gradient each worker scaled down "
                                                "to --clip-grad-norm", default_factory=list)

@@ -105,6 +105,25 @@ def test_the_watch_waits_for_the_warm_up_and_says_the_run_stops(tmp_path, capsys
     assert capsys.readouterr().err.strip().endswith("(--stop-on-collapse ends a run there)")
 
 
+def test_a_collapse_found_scoring_after_training_ends_the_run_for_it(tmp_path, capsys):
+    """With --eval after, the accuracy check runs on the curve once the loop is over: a
+    final point back at chance was only recorded, and the run exited 0 (stopped_on_collapse
+    false) although --stop-on-collapse was given."""
+    watch = watch_of(tmp_path, stop_on_collapse=True)
+    assert feed(watch, [1.0] * 64) is None
+    watch.finish()
+    watch.after([{"t": 1.0, "epoch": 1.0, "updates": 32, "test_acc": 0.9, "test_loss": 0.3},
+                 {"t": 2.0, "epoch": 2.0, "updates": 64, "test_acc": 0.1, "test_loss": 2.3}])
+    fields = watch.fields()
+    assert (fields["collapsed_at"], fields["stopped_on_collapse"]) == (64, True)
+    assert "--stop-on-collapse ends" not in capsys.readouterr().err  # the exit's line follows
+    unasked = watch_of(tmp_path)
+    unasked.finish()
+    unasked.after([{"t": 1.0, "epoch": 1.0, "updates": 32, "test_acc": 0.9, "test_loss": 0.3},
+                   {"t": 2.0, "epoch": 2.0, "updates": 64, "test_acc": 0.1, "test_loss": 2.3}])
+    assert unasked.fields()["collapsed_at"] == 64
+    assert unasked.fields()["stopped_on_collapse"] is False
+
 def test_the_detector_goes_on_from_its_state():
     """A checkpoint keeps the detector: a resumed run forgot a collapse found before its
     checkpoint (summary.json's collapsed_at null), and restarted the count of non-finite
@@ -140,6 +159,24 @@ def test_a_resumed_run_keeps_a_collapse_found_before_its_checkpoint(tmp_path):
     assert fields[0] == fields[1] == {"collapsed_at": 13, "collapse_reason":
                                       "training loss nan for 3 steps in a row"}
 
+
+@pytest.mark.timeout(120)
+def test_lock_step_workers_exit_4_for_a_collapse_at_the_last_update(tmp_path):
+    """ssgd on 2 workers, rank 0's loss NaN at updates 14-16 of 16: rank 0's stop word would
+    reach the others at update 17, past the end, so the run exited 0 with
+    stopped_on_collapse false (one worker, the same collapse exited 4)."""
+    out = tmp_path / "last"
+    proc = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1",
+                    "--stop-on-collapse", "--out", str(out)], np=2,
+                   env={"HPCTRAIN_INJECT": "nan@0:13,nan@0:14,nan@0:15"})
+    assert proc.returncode == 4, proc.stderr
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["collapsed_at"], s["updates"], s["stopped_on_collapse"]) == (16, 16, True)
+    lines = proc.stderr.splitlines()
+    warning = [x for x in lines if "warning: training collapsed" in x]
+    errors = [x for x in lines if x.startswith("hpctrain: error")]
+    assert len(warning) == 1 and "--stop-on-collapse ends" not in warning[0], proc.stderr
+    assert len(errors) == 1 and "collapsed at update 16" in errors[0], proc.stderr
 
 @pytest.mark.timeout(200)
 def test_a_resumed_run_finds_no_collapse_in_the_snapshots_before_its_checkpoint(tmp_path):
