@@ -299,6 +299,16 @@ def test_single_process_train_data(strategy, partition):
         assert torch.equal(sh.labels, full.labels[sh.ids])
 
 
+def test_nothing_exchanged_is_zero_seconds_as_a_float():
+    """summary.json's exchange_s, typed float seconds, was the integer 0 in every replicated
+    run (a sum of no exchanges)."""
+    td = shuffle.make_train_data(spec(data_placement="replicated"))
+    td.epoch(0)
+    stats = td.stats()
+    assert stats["exchange_per_epoch"] == [] and stats["bytes_moved"] == 0
+    assert stats["exchange_s"] == 0.0 and type(stats["exchange_s"]) is float
+
+
 @pytest.mark.parametrize("placement, strategy", [("replicated", "global"),
                                                  ("replicated", "partial:0.5"),
                                                  ("sharded", "local"), ("sharded", "partial:0.5")])

@@ -65,9 +65,10 @@ class TrainData:
 
     def stats(self) -> dict:
         """This rank's bytes sent to other ranks and seconds spent exchanging: in total, and
-        per exchange (``exchange_per_epoch``: epoch, bytes_moved, exchange_s)."""
+        per exchange (``exchange_per_epoch``: epoch, bytes_moved, exchange_s). The seconds
+        are a float also where nothing was exchanged (replicated data): summary.json's type."""
         return {"bytes_moved": sum(x["bytes_moved"] for x in self._exchanges),
-                "exchange_s": sum(x["exchange_s"] for x in self._exchanges),
+                "exchange_s": sum((x["exchange_s"] for x in self._exchanges), 0.0),
                 "exchange_per_epoch": list(self._exchanges)}
 
 
