@@ -121,6 +121,43 @@ def test_own_loops_local_data_is_a_dataset():
     assert agg.local is local
 
 
+def test_aggregation_summary_keeps_its_json_types_with_no_round():
+    """A run stopped before its first round (--stop-on-collapse) wrote total_s as the
+    integer 0 and left out EC's documented inferred_samples; bytes_per_round, a byte count,
+    was a float (399912.0) in every run."""
+    from hpctrain.ec.stats import AggregationStats
+
+    for counts_inference in (False, True):  # ma, ec
+        none = AggregationStats(counts_inference).summary()
+        assert none["rounds"] == none["bytes_per_rank"] == none["bytes_per_round"] == 0
+        assert type(none["bytes_per_round"]) is int and type(none["total_s"]) is float
+        assert ("inferred_samples" in none) is counts_inference
+    stats = AggregationStats(counts_inference=True)
+    stats.record(399912, 0.5, inferred=64, exchange=0.25, inference=0.25)
+    stats.record(399912, 0.25, inferred=64, exchange=0.125, inference=0.125)
+    summary = stats.summary()
+    assert summary["bytes_per_round"] == 399912 and type(summary["bytes_per_round"]) is int
+    assert summary["total_s"] == summary["exchange_s"] + summary["inference_s"] == 0.75
+    assert summary["inferred_samples"] == 128 and none["inferred_samples"] == 0
+    stats.record(399913, 0.5, inferred=64)  # rounds that differ: the mean, to the byte
+    assert stats.summary()["bytes_per_round"] == 399912
+    assert AggregationStats().summary().keys() == none.keys() - {"inferred_samples"}
+
+
+def test_an_inferred_count_a_checkpoint_lacked_is_not_said():
+    """Resumed from a checkpoint written before the samples were counted, the rounds after it
+    alone were said as inferred_samples, a part count against inference_s's whole time."""
+    from hpctrain.ec.stats import AggregationStats
+
+    stats = AggregationStats(counts_inference=True)
+    stats.load_state_dict({"bytes": [8], "seconds": [0.5], "parts": {"inference": 0.25}})
+    stats.record(8, 0.5, inferred=16, inference=0.25)
+    assert "inferred_samples" not in stats.summary()
+    again = AggregationStats(counts_inference=True)
+    again.load_state_dict(stats.state_dict())  # its checkpoint: still unknown
+    assert "inferred_samples" not in again.summary() and again.summary()["rounds"] == 2
+
+
 def test_predict_logits_runs_a_model_in_its_own_dtype():
     """The ensemble's inputs are exchanged as float32: a float64 model refused them ("mat1
     and mat2 must have the same dtype") at EC's first aggregation."""

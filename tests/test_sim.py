@@ -487,7 +487,7 @@ def test_replaying_an_ec_run_charges_its_inference_rate(tmp_path):
         2, step_time=f"replay:{run}"))["simulation"]["inference_from"] == "step time"
     stats = AggregationStats()  # a checkpoint's statistics from before the count
     stats.load_state_dict({"bytes": [8], "seconds": [0.5], "parts": {}})
-    assert stats.inferred == 0 and "inferred_samples" not in stats.summary()
+    assert stats.inferred is None and "inferred_samples" not in stats.summary()
 
 
 def test_ec_default_distill_size_is_capped_at_a_workers_samples(tmp_path):

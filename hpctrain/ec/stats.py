@@ -19,16 +19,20 @@ class AggregationStats:
     and (EC) the samples its model inferred: with ``inference_s``, the rate at which this
     machine runs the model, which a simulation replaying the run charges (sim.simulate)."""
 
-    def __init__(self) -> None:
+    def __init__(self, counts_inference: bool = False) -> None:
+        # EC's: inferred_samples is in every summary, 0 before a round (a schema's required
+        # field), not only once a round counted some.
+        self.counts_inference = counts_inference
         self.bytes: list[int] = []
         self.seconds: list[float] = []
         self.parts: dict[str, float] = defaultdict(float)
-        self.inferred = 0
+        self.inferred: int | None = 0  # None: unknown (resumed from a checkpoint without it)
 
     def record(self, nbytes: int, seconds: float, inferred: int = 0, **parts: float) -> None:
         self.bytes.append(int(nbytes))
         self.seconds.append(seconds)
-        self.inferred += int(inferred)
+        if self.inferred is not None:
+            self.inferred += int(inferred)
         for name, value in parts.items():
             self.parts[name] += value
 
@@ -39,18 +43,23 @@ class AggregationStats:
     def load_state_dict(self, state: dict) -> None:
         self.bytes, self.seconds = list(state["bytes"]), list(state["seconds"])
         self.parts = defaultdict(float, state["parts"])
-        self.inferred = state.get("inferred", 0)  # a checkpoint from before it was counted
+        # A checkpoint from before the count: the rounds after it alone would be a part
+        # count against inference_s's whole time (a wrong rate for a replay), so none is said.
+        self.inferred = state.get("inferred")
 
     def summary(self) -> dict:
-        """Rounds, bytes sent per rank (total and per round), and the seconds per round."""
+        """Rounds, bytes sent per rank (total, and per round: the mean to the byte, as rounds
+        differ after a resume on another number of ranks), and the seconds per round.
+        JSON types hold with no round too: bytes integers, seconds floats."""
         rounds = len(self.bytes)
         total = sum(self.bytes)
+        shown = self.inferred is not None and (self.counts_inference or self.inferred > 0)
         return {
             "rounds": rounds,
             "bytes_per_rank": total,
-            "bytes_per_round": total / rounds if rounds else 0.0,
+            "bytes_per_round": round(total / rounds) if rounds else 0,
             "seconds_per_round": distribution(self.seconds),
-            "total_s": sum(self.seconds),
+            "total_s": sum(self.seconds, 0.0),
             **{f"{name}_s": value for name, value in sorted(self.parts.items())},
-            **({"inferred_samples": self.inferred} if self.inferred else {}),
+            **({"inferred_samples": self.inferred} if shown else {}),
         }

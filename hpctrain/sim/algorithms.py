@@ -114,8 +114,8 @@ class VirtualAggregationStats(AggregationStats):
     """MA's and EC's round statistics in virtual seconds: a round's time is what this worker
     spent in the round's collectives (EC: split into exchange and inference)."""
 
-    def __init__(self, comm: LocalComm):
-        super().__init__()
+    def __init__(self, comm: LocalComm, counts_inference: bool = False):
+        super().__init__(counts_inference)
         self.comm = comm
         self.mark()
 
@@ -134,7 +134,7 @@ class _Aggregation:
 
     def setup(self, s: Setup) -> None:
         super().setup(s)
-        stats = VirtualAggregationStats(s.comm)
+        stats = VirtualAggregationStats(s.comm, self.aggregator.stats.counts_inference)
         self.aggregator.stats = stats
         aggregate = self.aggregator.aggregate
 
