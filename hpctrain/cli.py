@@ -195,8 +195,9 @@ def info() -> None:
         placed = MPI.COMM_WORLD.gather(_placement(rank), root=0)
     if rank != 0:
         return
-    facts = {**machine, **devices.describe(), **comm.library_info(), "ranks": size,
-             "local_size": local_size,
+    facts = {**machine, **devices.describe(),
+             "cuda_aware_mpi_forced_by": _cuda_aware_forced_by(),
+             **comm.library_info(), "ranks": size, "local_size": local_size,
              "launcher": launched.by,
              "placement": [where for where, _ in placed],
              "ranks_share_a_gpu": devices.shares_gpus([(w["host"], w["local_rank"], visible)
@@ -204,7 +205,6 @@ def info() -> None:
              "compile": compiled.problem(devices.resolve("auto")) or "yes",
              "kernel_cpu": _loads(kernels.cpu_library),
              "kernel_cuda": _loads(kernels.cuda_library)}
-    facts["cuda_aware_mpi"] = _cuda_aware(facts["cuda_aware_mpi"])
     try:
         import horovod
 
@@ -252,14 +252,13 @@ def _loads(library) -> str:
     return "yes"
 
 
-def _cuda_aware(value: bool) -> bool | str:
-    """``cuda_aware_mpi`` as info prints it: the library's answer (true/false), or, where
-    HPCTRAIN_CUDA_AWARE_MPI overrides it, what the variable forces and that it does."""
-    forced = devices.cuda_aware_override()  # as devices.cuda_aware_mpi reads it
-    if forced is None:
-        return value
-    return (f"{'yes' if forced else 'no'} (forced by "
-            f"{devices._AWARE_ENV}={os.environ[devices._AWARE_ENV]})")
+def _cuda_aware_forced_by() -> str | None:
+    """info's ``cuda_aware_mpi_forced_by``: the ``HPCTRAIN_CUDA_AWARE_MPI=...`` that decides
+    ``cuda_aware_mpi`` instead of the library, None where the library answers. A key of its
+    own keeps ``cuda_aware_mpi`` a bool (it was a string when forced, breaking ``is True``)."""
+    if devices.cuda_aware_override() is None:  # as devices.cuda_aware_mpi reads it
+        return None
+    return f"{devices._AWARE_ENV}={os.environ[devices._AWARE_ENV]}"
 
 
 def _check_json_path(path: str | None) -> None:

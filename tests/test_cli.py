@@ -620,8 +620,9 @@ def test_info_under_mpirun_prints_once(tmp_path):
     # Devices and transports: no GPU here, so neither CUDA-aware MPI nor NCCL is usable.
     assert facts["cuda"] is False and facts["gpus"] == [] and facts["nccl"] is False
     assert facts["gloo"] is True
-    # The library's answer (or what HPCTRAIN_CUDA_AWARE_MPI forces, as info words it).
-    assert facts["cuda_aware_mpi"] == cli._cuda_aware(json.loads(aware)), proc.stdout
+    # The library's answer (or what HPCTRAIN_CUDA_AWARE_MPI forces, and then that it does).
+    assert facts["cuda_aware_mpi"] is json.loads(aware), proc.stdout
+    assert facts["cuda_aware_mpi_forced_by"] == cli._cuda_aware_forced_by()
     assert facts["compile"] == (compiled.problem("cpu") or "yes")  # torch 2.1: a reason
     # The help promised kernel availability, and nothing said it.
     assert facts["kernel_cpu"] == "yes"  # built by make setup
@@ -629,6 +630,17 @@ def test_info_under_mpirun_prints_once(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_info_keeps_cuda_aware_mpi_a_bool_when_forced():
+    """Under HPCTRAIN_CUDA_AWARE_MPI=1 info's ``cuda_aware_mpi`` was the string "yes (forced
+    by HPCTRAIN_CUDA_AWARE_MPI=1)": a script testing it ``is True`` broke. It stays the
+    bool training acts on; ``cuda_aware_mpi_forced_by`` names the variable."""
+    proc = run_job(["info"], np=0, timeout=60, env={"HPCTRAIN_CUDA_AWARE_MPI": "1"})
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(proc.stdout)
+    assert facts["cuda_aware_mpi"] is True
+    assert facts["cuda_aware_mpi_forced_by"] == "HPCTRAIN_CUDA_AWARE_MPI=1"
+
+
 def test_info_refuses_a_misspelt_cuda_aware_override_before_mpi():
     """Read once MPI ran, it was every rank's error (interleaved) and MPI_ABORT's banner;
     train refuses it before MPI starts: rank 0's one line, exit 2."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import gpu_missing
 
-from hpctrain import cli, kernels
+from hpctrain import cli, devices, kernels
 from hpctrain.errors import UsageError
 
 ROOT = kernels._HERE.parent
@@ -320,20 +320,24 @@ def test_a_stale_library_is_a_clear_error_and_info_says_why(monkeypatch, tmp_pat
         library.cache_clear()
 
 
-@pytest.mark.parametrize("value, shown", [
-    ("1", "yes (forced by HPCTRAIN_CUDA_AWARE_MPI=1)"),
-    ("0", "no (forced by HPCTRAIN_CUDA_AWARE_MPI=0)"),
-    ("", False),  # not an override: the library's answer, as devices.cuda_aware_mpi reads it
-    (None, False),
+@pytest.mark.parametrize("value, aware, forced_by", [
+    ("1", True, "HPCTRAIN_CUDA_AWARE_MPI=1"),
+    ("off", False, "HPCTRAIN_CUDA_AWARE_MPI=off"),
+    ("", None, None),  # not an override: the library's answer, as devices.cuda_aware_mpi reads it
+    (None, None, None),
 ])
-def test_info_says_when_cuda_aware_mpi_is_forced(monkeypatch, value, shown):
+def test_info_says_when_cuda_aware_mpi_is_forced(monkeypatch, value, aware, forced_by):
     """``hpctrain info`` printed ``cuda_aware_mpi: true`` under HPCTRAIN_CUDA_AWARE_MPI=1
-    without saying the variable, not the MPI library, answered."""
+    without saying the variable, not the MPI library, answered; then it said so in that
+    key, a string in place of the bool (``"yes (forced by ...)"``). The bool stays; the
+    variable is in ``cuda_aware_mpi_forced_by``."""
     if value is None:
         monkeypatch.delenv("HPCTRAIN_CUDA_AWARE_MPI", raising=False)
     else:
         monkeypatch.setenv("HPCTRAIN_CUDA_AWARE_MPI", value)
-    assert cli._cuda_aware(False) == shown
+    if aware is not None:  # what info's cuda_aware_mpi says, from devices.describe
+        assert devices.describe()["cuda_aware_mpi"] is aware
+    assert cli._cuda_aware_forced_by() == forced_by
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: CUDA compile check "
