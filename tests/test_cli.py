@@ -7,6 +7,7 @@ import functools
 import gzip
 import json
 import os
+import re
 import shutil
 import struct
 import sys
@@ -14,9 +15,9 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import SYNTHETIC, refusal, run_commands, run_job, run_program
+from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job, run_program
 
-from hpctrain import cli, compiled, kernels, provenance
+from hpctrain import checkpoint, cli, compiled, kernels, provenance, watchdog
 from hpctrain.errors import UsageError
 
 SMALL = [*SYNTHETIC, "--epochs", "1"]
@@ -706,3 +707,15 @@ def test_more_threads_than_the_processs_cpus_are_said_before_the_run(tmp_path, c
         assert warned(1) == ""
     finally:
         os.sched_setaffinity(0, cpus)
+
+
+def test_readme_lists_every_exit_status_as_the_code_gives_it():
+    """README had no table of exit statuses, and a stall's, 3, was given neither at
+    --stall-timeout nor with the command line's errors: a job script's author, keying on the
+    status, had to find it in the Python API's section. One table lists them all."""
+    table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", (ROOT / "README.md").read_text(), re.M))
+    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 130]
+    assert "--stall-timeout" in table[str(watchdog.EXIT_STATUS)]
+    assert "--stop-on-collapse" in table[str(cli.STOPPED_ON_COLLAPSE)]
+    assert "SIGUSR1" in table[str(checkpoint.stop.EXIT_STATUS)]
+    assert "bad input" in table["2"] and "interrupted" in table["130"]
