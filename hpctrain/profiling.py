@@ -9,9 +9,11 @@ the worker's index among the ranks that train, as ``--slowdown`` counts them (wi
 the CUDA kernels are recorded too. The loop labels the algorithm's hooks
 (``hpctrain.synchronize``: ssgd's allreduce completing; ``hpctrain.apply``: the step, an async
 push; ``hpctrain.after_update``: MA's and EC's rounds), so their communication shows as time
-under the label. The profiler runs only inside the window, so the other
-steps cost nothing; start it past the first steps, whose one-off costs (a compile,
-allocations, the first collective) would otherwise dominate it.
+under the label. The profiler records only inside the window; stopping it (torch collecting
+the window's events) falls in the last profiled step, whose rest in ``step_times.json`` it
+lengthens, and the files are written after training, outside ``wall_s`` and the step times.
+Start it past the first steps, whose one-off costs (a compile, allocations, the first
+collective) would otherwise dominate it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from hpctrain import watchdog
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 
@@ -62,14 +65,17 @@ class StepProfiler:
     """Profiles one worker's steps in the ``--profile`` window; a no-op without it.
 
     The loop calls :meth:`step` before the first step and after each step with the number
-    of local steps done, and :meth:`close` after the last (a window the run did not reach the
-    end of is written as far as it got)."""
+    of local steps done, :meth:`close` after the last (stopping a window the run did not reach
+    the end of), and :meth:`write` once its clocks have stopped: exporting a large window
+    takes seconds, which inside the loop counted as training (and as a step's rest) and, with
+    a short ``--stall-timeout``, made the watchdog end a healthy run."""
 
     def __init__(self, spec: str | None, device: torch.device, out: str | Path, rank: int):
         self.start, self.count = parse(spec) if spec else (None, 0)
         self.device, self.rank = device, rank
         self.folder = Path(out) / SUBDIR
-        self._profile: torch.profiler.profile | None = None
+        self._profile: torch.profiler.profile | None = None  # recording
+        self._finished: torch.profiler.profile | None = None  # stopped, not yet written
         self.recorded, self.done = 0, 0  # the window's steps recorded; local steps made
         self.first: int | None = None  # the local step this run started at (a resume: later)
 
@@ -84,9 +90,12 @@ class StepProfiler:
             self._begin()
         elif self._profile is not None:
             self.recorded = done - self.start
-            self._profile.step()  # the last step of the window writes the files
-            if self.recorded == self.count:
-                self._stop()
+            if self.recorded < self.count:
+                self._profile.step()
+            else:  # the window's last step: the schedule stops the profiler
+                with watchdog.busy("stopping the profiler", done):
+                    self._profile.step()
+                self.close()
 
     def region(self, name: str) -> contextlib.AbstractContextManager:
         """A labelled span in the trace (an algorithm's hook: its communication shows up as
@@ -94,8 +103,30 @@ class StepProfiler:
         return torch.profiler.record_function(name) if self._profile else contextlib.nullcontext()
 
     def close(self) -> None:
-        """Stop profiling (writing what a window cut short recorded)."""
-        self._stop()
+        """Stop profiling (a window cut short; after the window's last step, the schedule
+        has); its files wait for :meth:`write`."""
+        profile, self._profile = self._profile, None
+        if profile is not None:
+            with watchdog.busy("stopping the profiler", self.done):
+                profile.stop()
+
+    def write(self) -> None:
+        """Stop profiling if still on, then write the window's files (none when no step was
+        recorded), each whole (a job killed meanwhile leaves the earlier file or none, not half
+        of one). After training: the export is no step's time."""
+        self.close()
+        profile, self._finished = self._finished, None
+        if profile is None or self.recorded == 0:
+            return
+        with watchdog.busy("writing the profile"):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            trace = self.folder / f"rank-{self.rank}.json"
+            partial = trace.with_name(f".{trace.name}.partial")
+            profile.export_chrome_trace(str(partial))
+            os.replace(partial, trace)
+            by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+            table = profile.key_averages().table(sort_by=by, row_limit=25)
+            write_atomic(self.folder / f"rank-{self.rank}.txt", f"{self._steps()}\n{table}\n")
 
     def outcome(self) -> tuple[int, int | None, int]:
         """This worker's (steps recorded, local step it started at, local steps made), which
@@ -125,12 +156,6 @@ class StepProfiler:
         return (f"worker(s) {', '.join(map(str, missed))} (among those that train) ended "
                 f"before the window; the others' files are in {self.folder}")
 
-    def _stop(self) -> None:
-        """Stop the profiler (a window cut short: its files are written now)."""
-        profile, self._profile = self._profile, None
-        if profile is not None:
-            profile.stop()
-
     def _begin(self) -> None:
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self.device.type == "cuda":
@@ -139,22 +164,12 @@ class StepProfiler:
             warnings.simplefilter("ignore", UserWarning)
             steps = torch.profiler.schedule(wait=0, warmup=0, active=self.count, repeat=1)
         self._profile = torch.profiler.profile(activities=activities, schedule=steps,
-                                               on_trace_ready=self._write, record_shapes=True)
+                                               on_trace_ready=self._keep, record_shapes=True)
         self._profile.start()
 
-    def _write(self, profile: torch.profiler.profile) -> None:
-        """The trace and the table, each written whole (a job killed meanwhile leaves the
-        earlier file or none, not half of one); none when no step was recorded."""
-        if self.recorded == 0:
-            return
-        self.folder.mkdir(parents=True, exist_ok=True)
-        trace = self.folder / f"rank-{self.rank}.json"
-        partial = trace.with_name(f".{trace.name}.partial")
-        profile.export_chrome_trace(str(partial))
-        os.replace(partial, trace)
-        by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
-        table = profile.key_averages().table(sort_by=by, row_limit=25)
-        write_atomic(self.folder / f"rank-{self.rank}.txt", f"{self._steps()}\n{table}\n")
+    def _keep(self, profile: torch.profiler.profile) -> None:
+        """The profiler has stopped: its events wait for :meth:`write`."""
+        self._finished = profile
 
     def _steps(self) -> str:
         """The table's first line: torch numbers the window's steps from 0; which local steps

@@ -821,7 +821,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
 
     def ended_early(stopped: Exception) -> Exception:
         """``stopped``, raised on every worker, once what the loop opened is closed."""
-        profiler.close()
+        profiler.write()
         watch.abandon(stopped)
         bar.close()
         ckpt.close()
@@ -945,6 +945,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     scoring = runtime.now() - scoring
     watch.after(points)
     model.load_state_dict(final_state)
+    profiler.write()  # every worker's --profile files, outside the clocks
     with watchdog.busy("writing outputs"):  # rank 0 writes, the others wait in collectives
         log.write_points(points)
         log.save_model(model)

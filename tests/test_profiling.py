@@ -53,7 +53,7 @@ def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys)
         profiler = profiling.StepProfiler("50:5", torch.device("cpu"), tmp_path, rank)
         for done in range(17):
             profiler.step(done)
-        profiler.close()
+        profiler.write()
         profiler.report([profiler.outcome()] if rank == 0 else None)
     assert capsys.readouterr().err == ("hpctrain: --profile 50:5: this run ended at local step "
                                        "16, before step 50; nothing profiled\n")
@@ -61,14 +61,15 @@ def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys)
     resumed = profiling.StepProfiler("5:2", torch.device("cpu"), tmp_path, 0)
     for done in range(64, 70):  # said it ended "before step 5"
         resumed.step(done)
-    resumed.close()
+    resumed.write()
     resumed.report([resumed.outcome()])
     assert capsys.readouterr().err == ("hpctrain: --profile 5:2: this run resumed at local step "
                                        "64, past step 5; nothing profiled\n")
 
 
 def _profile_steps(profiler: profiling.StepProfiler, steps: int) -> profiling.StepProfiler:
-    """``steps`` local steps of a little work each, as the loop reports them, then close."""
+    """``steps`` local steps of a little work each, as the loop reports them, then the files
+    written, as after training."""
     import torch
 
     x = torch.ones(8, 8)
@@ -78,7 +79,28 @@ def _profile_steps(profiler: profiling.StepProfiler, steps: int) -> profiling.St
             x = x @ x / 8
         profiler.step(done)
     profiler.close()
+    profiler.write()
     return profiler
+
+
+def test_the_files_are_written_after_training_not_in_its_last_profiled_step(tmp_path):
+    """The export ran inside the window's last step: it counted as training (wall_s, that
+    step's rest) and a --stall-timeout shorter than it ended a healthy run."""
+    import torch
+
+    profiler = profiling.StepProfiler("2:3", torch.device("cpu"), tmp_path, 1)
+    x = torch.ones(8, 8)
+    for done in range(8):
+        profiler.step(done)
+        x = x @ x / 8
+    profiler.close()
+    folder = tmp_path / profiling.SUBDIR
+    assert not folder.exists()  # the loop's clocks stop here
+    profiler.write()
+    assert sorted(p.name for p in folder.iterdir()) == ["rank-1.json", "rank-1.txt"]
+    trace = json.loads((folder / "rank-1.json").read_text())
+    assert "ProfilerStep#2" in {e.get("name") for e in trace["traceEvents"]}
+    profiler.write()  # once: nothing left to write
 
 
 def test_a_window_the_run_ends_inside_holds_only_the_steps_made(tmp_path, capsys):
