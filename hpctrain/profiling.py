@@ -2,29 +2,34 @@
 
 Each worker profiles its local steps ``START`` to ``START + COUNT - 1`` (counted from 0, as
 ``HPCTRAIN_INJECT`` counts them) and writes ``<out>/profile/rank-<r>.json``, a Chrome trace
-(chrome://tracing, Perfetto or TensorBoard's trace viewer; one ``ProfilerStep#`` span per
-step), and ``rank-<r>.txt``, torch's table of the operators that took the most time. ``r`` is
-the worker's index among the ranks that train, as ``--slowdown`` counts them (with
-``--eval-rank R``, MPI rank r > R is worker r - 1; ``--servers``' ranks train nothing). On a GPU
-the CUDA kernels are recorded too. The loop labels the algorithm's hooks
-(``hpctrain.synchronize``: ssgd's allreduce completing; ``hpctrain.apply``: the step, an async
-push; ``hpctrain.after_update``: MA's and EC's rounds), so their communication shows as time
-under the label. The profiler records only inside the window; stopping it (torch collecting
-the window's events) falls in the last profiled step, whose rest in ``step_times.json`` it
-lengthens, and the files are written after training, outside ``wall_s`` and the step times.
-Start it past the first steps, whose one-off costs (a compile, allocations, the first
-collective) would otherwise dominate it.
+(Perfetto or chrome://tracing; one ``ProfilerStep#`` span per step; Holistic Trace Analysis
+reads the folder, each file's rank from its ``distributedInfo``; TensorBoard's profiler plugin
+does not, as it loads only ``*.pt.trace.json`` files), and ``rank-<r>.txt``, torch's table of
+the operators that took the most time. ``r`` is the worker's index among the ranks that train,
+as ``--slowdown`` counts them (with ``--eval-rank R``, MPI rank r > R is worker r - 1;
+``--servers``' ranks train nothing). On a GPU the CUDA kernels are recorded too. The loop
+labels the algorithm's hooks (``hpctrain.synchronize``: ssgd's allreduce completing;
+``hpctrain.apply``: the step, an async push; ``hpctrain.after_update``: MA's and EC's
+rounds), so their communication shows as time under the label; ssgd's gradient hooks label
+each bucket's launch (``hpctrain.allreduce_bucket``) and their progress calls
+(``hpctrain.allreduce_progress``) inside backward (:func:`span`). The profiler records only
+inside the window; stopping it (torch collecting the window's events) falls in the last
+profiled step, whose rest in ``step_times.json`` it lengthens, and the files are written
+after training, outside ``wall_s`` and the step times. Start it past the first steps, whose
+one-off costs (a compile, allocations, the first collective) would otherwise dominate it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
 import torch
+from torch.autograd import profiler as autograd_profiler
 
 from hpctrain import watchdog
 from hpctrain.errors import UsageError
@@ -61,6 +66,18 @@ def beyond(spec: str | None, local_steps: int) -> str | None:
     return None
 
 
+def span(name: str) -> contextlib.AbstractContextManager:
+    """A ``record_function`` span named ``name`` while a torch profiler records (``--profile``'s
+    or a user's own), else nothing: entering one costs tens of microseconds even with no
+    profiler on, which a gradient hook (one call per parameter) would pay every step."""
+    if getattr(autograd_profiler, "_is_profiler_enabled", True):  # torch's own fast check
+        return torch.profiler.record_function(name)
+    return _NOTHING
+
+
+_NOTHING = contextlib.nullcontext()  # reusable: it holds no state
+
+
 class StepProfiler:
     """Profiles one worker's steps in the ``--profile`` window; a no-op without it.
 
@@ -68,11 +85,13 @@ class StepProfiler:
     of local steps done, :meth:`close` after the last (stopping a window the run did not reach
     the end of), and :meth:`write` once its clocks have stopped: exporting a large window
     takes seconds, which inside the loop counted as training (and as a step's rest) and, with
-    a short ``--stall-timeout``, made the watchdog end a healthy run."""
+    a short ``--stall-timeout``, made the watchdog end a healthy run. ``workers``: how many
+    train, for the trace's ``distributedInfo``."""
 
-    def __init__(self, spec: str | None, device: torch.device, out: str | Path, rank: int):
+    def __init__(self, spec: str | None, device: torch.device, out: str | Path, rank: int,
+                 workers: int = 1):
         self.start, self.count = parse(spec) if spec else (None, 0)
-        self.device, self.rank = device, rank
+        self.device, self.rank, self.workers = device, rank, workers
         self.folder = Path(out) / SUBDIR
         self._profile: torch.profiler.profile | None = None  # recording
         self._finished: torch.profiler.profile | None = None  # stopped, not yet written
@@ -99,8 +118,8 @@ class StepProfiler:
 
     def region(self, name: str) -> contextlib.AbstractContextManager:
         """A labelled span in the trace (an algorithm's hook: its communication shows up as
-        time under the label); nothing outside the window."""
-        return torch.profiler.record_function(name) if self._profile else contextlib.nullcontext()
+        time under the label); nothing while no profiler records (outside the window)."""
+        return span(name)
 
     def close(self) -> None:
         """Stop profiling (a window cut short; after the window's last step, the schedule
@@ -166,6 +185,10 @@ class StepProfiler:
         self._profile = torch.profiler.profile(activities=activities, schedule=steps,
                                                on_trace_ready=self._keep, record_shapes=True)
         self._profile.start()
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            # torch adds its own for torch.distributed's group (--sync-backend torch)
+            self._profile.add_metadata_json("distributedInfo", json.dumps(
+                {"rank": self.rank, "world_size": self.workers}))
 
     def _keep(self, profile: torch.profiler.profile) -> None:
         """The profiler has stopped: its events wait for :meth:`write`."""

@@ -811,7 +811,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     first_mark, taken = covered // snapshot_every, 0  # marks passed, snapshots taken
     checked_at, widest = position, 0  # the most updates between two of this rank's checks
     compiled.apply(config.compile, model)  # lazily: the first step compiles
-    profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank)
+    profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank, size)
     profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
     if comm_ is not None:
         watchdog.wait_beating(comm_, "waiting for the workers to start", starting=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 
@@ -85,13 +86,17 @@ def _profile_steps(profiler: profiling.StepProfiler, steps: int) -> profiling.St
 
 def test_the_files_are_written_after_training_not_in_its_last_profiled_step(tmp_path):
     """The export ran inside the window's last step: it counted as training (wall_s, that
-    step's rest) and a --stall-timeout shorter than it ended a healthy run."""
+    step's rest) and a --stall-timeout shorter than it ended a healthy run. The trace says
+    whose it is (distributedInfo, as torch's own with torch.distributed), for Holistic Trace
+    Analysis."""
     import torch
 
-    profiler = profiling.StepProfiler("2:3", torch.device("cpu"), tmp_path, 1)
+    profiler = profiling.StepProfiler("2:3", torch.device("cpu"), tmp_path, 1, workers=2)
     x = torch.ones(8, 8)
     for done in range(8):
         profiler.step(done)
+        assert profiling.span("hpctrain.apply").__class__ is (
+            torch.profiler.record_function if 2 <= done < 5 else contextlib.nullcontext)
         x = x @ x / 8
     profiler.close()
     folder = tmp_path / profiling.SUBDIR
@@ -99,6 +104,7 @@ def test_the_files_are_written_after_training_not_in_its_last_profiled_step(tmp_
     profiler.write()
     assert sorted(p.name for p in folder.iterdir()) == ["rank-1.json", "rank-1.txt"]
     trace = json.loads((folder / "rank-1.json").read_text())
+    assert trace["distributedInfo"] == {"rank": 1, "world_size": 2}
     assert "ProfilerStep#2" in {e.get("name") for e in trace["traceEvents"]}
     profiler.write()  # once: nothing left to write
 
@@ -167,8 +173,9 @@ def _trace(path) -> list[dict]:
 @pytest.mark.timeout(120)
 def test_every_rank_profiles_its_window_with_the_hooks_labelled(tmp_path):
     """ssgd on 2 ranks, steps 2-4: each rank's Chrome trace has the three steps, the
-    forward's matrix products and the allreduce completing under hpctrain.synchronize; its
-    table lists the operators."""
+    forward's matrix products, each bucket's allreduce launched in backward (the mpi backend's
+    had no span: only its completion showed, under hpctrain.synchronize) and the rank, as
+    Holistic Trace Analysis reads it; its table lists the operators."""
     proc = run_job(["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--profile", "2:3",
                     "--out", str(tmp_path)], np=2)
     assert proc.returncode == 0, proc.stderr
@@ -179,6 +186,10 @@ def test_every_rank_profiles_its_window_with_the_hooks_labelled(tmp_path):
         # One span per step (torch 2.1 leaves the last step's out), none past the window.
         assert {"ProfilerStep#0", "ProfilerStep#1"} <= names.keys()
         assert "ProfilerStep#3" not in names and names["aten::addmm"] > 0
+        assert names["hpctrain.allreduce_bucket"] == 3  # one bucket a step
+        assert names["hpctrain.allreduce_progress"] > 0
+        info = json.loads((tmp_path / "profile" / f"rank-{rank}.json").read_text())
+        assert info["distributedInfo"] == {"rank": rank, "world_size": 2}
         table = (tmp_path / "profile" / f"rank-{rank}.txt").read_text()
         assert "aten::addmm" in table
         assert table.startswith("local steps 2 to 4 (ProfilerStep#0 is local step 2)\n")

@@ -22,6 +22,10 @@ The hooks hold their reducer weakly: a dropped optimizer's reducer goes, and its
 removes its hooks and frees its transport, so a new optimizer can take the parameters over.
 While it lives, another reducer on the same parameters is refused (both would reduce them).
 
+Under a torch profiler (``--profile``, or a script's own) each launch is a
+``hpctrain.allreduce_bucket`` span and each progress call a ``hpctrain.allreduce_progress``
+one, inside the ``AccumulateGrad`` whose hook made them.
+
 Buckets live where the parameters are. A transport that cannot move them there (an MPI
 that is not CUDA-aware) gets a pinned host copy of each: filled when the bucket launches,
 copied back before unpacking.
@@ -42,6 +46,7 @@ import torch
 
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
+from hpctrain.profiling import span
 from hpctrain.sync import timeline
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.collectives import Average, ReduceOp, Sum, scale_
@@ -346,7 +351,8 @@ class BucketedAllreduce:
             bucket = self._buckets[self._next]
             if bucket.packed < len(bucket.slots):
                 return
-            bucket.request = self._transport.iallreduce(None, bucket.stage.to_host(), Sum)
+            with span("hpctrain.allreduce_bucket"):  # a profiler's label, else nothing
+                bucket.request = self._transport.iallreduce(None, bucket.stage.to_host(), Sum)
             call = Call("allreduce", name=f"DistributedOptimizer.bucket{self._next}",
                         dtype=bucket.buffer.dtype, shape=tuple(bucket.buffer.shape))
             bucket.token = timeline.started(call, self._transport.name.upper())
@@ -355,7 +361,8 @@ class BucketedAllreduce:
     def _progress(self) -> None:
         # Open MPI advances non-blocking collectives only inside MPI calls.
         if self._next:
-            test_all([b.request for b in self._buckets[:self._next]])
+            with span("hpctrain.allreduce_progress"):
+                test_all([b.request for b in self._buckets[:self._next]])
 
     def zeros_for_every_bucket(self, sparse: list[tuple[int, int]]
                                ) -> list[tuple[torch.Tensor, Request]]:
