@@ -17,6 +17,7 @@ inside the window; stopping it (torch collecting the window's events) falls in t
 profiled step, whose rest in ``step_times.json`` it lengthens, and the files are written
 after training, outside ``wall_s`` and the step times. Start it past the first steps, whose
 one-off costs (a compile, allocations, the first collective) would otherwise dominate it.
+Memory profiling, Python stacks and FLOP counts are not recorded.
 """
 
 from __future__ import annotations
