@@ -207,7 +207,8 @@ class OptimConfig:
     scale_lr: bool = option(False, "linear scaling rule: multiply --lr by the number of "
                             "workers")
     clip_grad_norm: float | None = option(None, "scale each step's gradient down to this L2 "
-                                          "norm when above it (ssgd: the reduced gradient)",
+                                          "norm when above it (ssgd: the reduced gradient; with "
+                                          "adasum, each rank's own)",
                                           parse=float, metavar="NORM",
                                           range=Range(0, low_open=True), clearable=True)
 

@@ -6,7 +6,8 @@ sgd, ssgd, ma and ec build their optimizer here (ssgd wraps it in ``DistributedO
 which subclasses whatever class it is given). The asynchronous algorithms apply their update
 inside the parameter store's push, so they take only ``sgd`` (their own rule) and refuse the
 others, in one line before MPI starts. They and ec (whose members never average their
-updates) refuse ``--scale-lr`` there too.
+updates) refuse ``--scale-lr`` there too; ssgd refuses it with ``--reduce-op adasum`` in its
+own ``check`` (Adasum adds orthogonal updates rather than averaging them).
 """
 
 from __future__ import annotations

@@ -492,6 +492,17 @@ def test_the_linear_scaling_rule_is_refused_where_no_update_is_averaged(algo):
         check_simulation(config, SimConfig(workers=2))
 
 
+# Adasum adds the workers' orthogonal updates rather than averaging them: --scale-lr made
+# each step K times larger, and was taken without a word.
+
+def test_the_linear_scaling_rule_is_refused_with_adasum():
+    args = ["--algo", "ssgd", *SYNTHETIC, "--reduce-op", "adasum", "--scale-lr"]
+    assert refusal(args, ranks=2) == (
+        "--scale-lr: --reduce-op adasum adds the workers' orthogonal updates rather than "
+        "averaging them, so the linear scaling rule does not apply; set --lr itself")
+    assert not run.check_launch(parse(*args[:-1]), 2).optim.scale_lr  # unscaled: taken
+
+
 @pytest.mark.parametrize("algo", ["ssgd", "ma"])
 def test_the_linear_scaling_rule_is_taken_where_updates_are_averaged(algo):
     config = run.check_launch(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), 2)

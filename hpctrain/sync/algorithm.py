@@ -99,6 +99,13 @@ class Synchronous(Algorithm):
         if config.algorithm.reduce_op == "adasum" and ranks & (ranks - 1):
             raise UsageError(f"--reduce-op adasum needs a power-of-2 number of workers, got "
                              f"{ranks}")
+        if config.algorithm.reduce_op == "adasum" and config.optim.scale_lr:
+            # The linear scaling rule makes up for an average over K workers; Adasum adds
+            # orthogonal updates, so K x --lr made each step K times larger (Horovod's Adasum
+            # guide: do not scale the learning rate by the number of workers).
+            raise UsageError("--scale-lr: --reduce-op adasum adds the workers' orthogonal "
+                             "updates rather than averaging them, so the linear scaling rule "
+                             "does not apply; set --lr itself")
         cls._check_running_backend(config, ranks)
 
     @staticmethod
