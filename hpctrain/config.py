@@ -202,8 +202,10 @@ class OptimConfig:
     optimizer: str = option("sgd", "the update rule of sgd, ssgd, ma and ec (adam, adamw: "
                             "default --lr 0.001, no --momentum); asynchronous algorithms keep "
                             "their own", choices=OPTIMIZERS)
-    warmup_epochs: float = option(0.0, "raise the learning rate linearly from 0 over this many "
-                                  "epochs of global progress", parse=float, range=Range(0))
+    warmup_epochs: float = option(0.0, "multiply the scheduled learning rate by a factor "
+                                  "rising linearly from 0 to 1 over this many epochs of "
+                                  "global progress (not Horovod's examples' warm-up, which "
+                                  "rises from the 1-worker --lr)", parse=float, range=Range(0))
     scale_lr: bool = option(False, "linear scaling rule: multiply --lr by the number of "
                             "workers")
     clip_grad_norm: float | None = option(None, "scale each step's gradient down to this L2 "
@@ -248,8 +250,8 @@ class OptimConfig:
                              "give --lr-milestones (e.g. 3,4) or leave --lr-gamma out")
         if self.warmup_epochs >= self.epochs:
             raise UsageError(f"--warmup-epochs {options.shown(self.warmup_epochs)} is not "
-                             f"below --epochs {options.shown(self.epochs)}: the learning rate "
-                             "would never reach --lr")
+                             f"below --epochs {options.shown(self.epochs)}: the run would end "
+                             "before its warm-up does")
         if self.optimizer != "sgd" and self.momentum is not None:
             raise UsageError(f"--momentum is SGD's; --optimizer {self.optimizer} has betas "
                              "(0.9, 0.999)")

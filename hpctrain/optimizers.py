@@ -1,6 +1,13 @@
-"""The update rule of the lock-step algorithms (``--optimizer``) and the learning rate's
-linear scaling rule and warm-up (``--scale-lr``, ``--warmup-epochs``), as Horovod's examples
-apply them by hand (Goyal et al., 2017: lr x workers, reached linearly over the first epochs).
+"""The update rule of the lock-step algorithms (``--optimizer``), the learning rate's linear
+scaling rule (``--scale-lr``: --lr x workers, Goyal et al., 2017, as Horovod's examples apply
+it by hand) and its warm-up (``--warmup-epochs``).
+
+The warm-up is not Horovod's examples' (nor Goyal's): theirs rises linearly from the
+1-worker --lr to --lr x workers and then holds that rate. This one multiplies the scheduled
+rate (cosine by default, already decaying) by a factor rising linearly from 0 (1 / (W x the
+updates per epoch) at the first update) to 1 at the end of W epochs: the rate starts near 0,
+stays below theirs all through the warm-up, and under the cosine never reaches the full
+rate. It is kept as it is so that earlier runs' results stay reproducible.
 
 sgd, ssgd, ma and ec build their optimizer here (ssgd wraps it in ``DistributedOptimizer``,
 which subclasses whatever class it is given). The asynchronous algorithms apply their update
@@ -73,8 +80,9 @@ def base_lr(optim, workers: int) -> float:
 
 
 def warmup_factor(epoch: float, warmup_epochs: float) -> float:
-    """What the scheduled learning rate is multiplied by at (fractional) ``epoch``: rising
-    linearly from 0 to 1 over ``warmup_epochs``, then 1."""
+    """What the scheduled learning rate (cosine, step or constant) is multiplied by at
+    (fractional) ``epoch``: rising linearly from 0 to 1 over ``warmup_epochs``, then 1. A
+    factor, not Horovod's ramp from the 1-worker rate (see the module docstring)."""
     if warmup_epochs <= 0 or epoch >= warmup_epochs:
         return 1.0
     return epoch / warmup_epochs
