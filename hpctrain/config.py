@@ -190,7 +190,9 @@ class OptimConfig:
     momentum: float | None = option(None, "SGD momentum (default: the algorithm's; 0.9, asgd, "
                                     "dcasgd-*, ssp: 0, the paper's algorithm)", parse=float,
                                     range=Range(0, 1, high_open=True))
-    weight_decay: float = option(0.0, "L2 penalty", parse=float, range=Range(0, options.HUGE))
+    weight_decay: float = option(0.0, "sgd, adam: an L2 penalty added to the gradient; "
+                                 "adamw: decoupled weight decay (so adamw without it is adam)",
+                                 parse=float, range=Range(0, options.HUGE))
     lr_schedule: str | None = option(None, "cosine decay to 0 over the run (default), step "
                                      "decay at --lr-milestones (default when they are given), "
                                      "or constant", choices=SCHEDULES)

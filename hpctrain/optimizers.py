@@ -19,10 +19,12 @@ own ``check`` (Adasum adds orthogonal updates rather than averaging them).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 
 import torch
 
+from hpctrain import comm
 from hpctrain.errors import UsageError
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -39,7 +41,8 @@ def make(params: Iterable, optim) -> torch.optim.Optimizer:
 
 def check(algorithm_class, optim) -> None:
     """Refuse an optimizer the algorithm cannot use, and ``--scale-lr`` where no gradient is
-    averaged over the workers (before MPI starts)."""
+    averaged over the workers; warn (rank 0) of adamw without weight decay (before MPI
+    starts)."""
     if optim.optimizer not in algorithm_class.optimizers:
         why = " (applied in the parameter store's push)" if not algorithm_class.lock_step else ""
         raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
@@ -53,6 +56,12 @@ def check(algorithm_class, optim) -> None:
         raise UsageError(f"--scale-lr: --algo {algorithm_class.name} applies each worker's "
                          "gradient on its own, not averaged over the workers, so the linear "
                          "scaling rule does not apply; set --lr itself")
+    # --weight-decay defaults to 0 for every optimizer, torch's AdamW to 0.01: adamw at the
+    # default trained bit for bit as adam, and nothing said so.
+    if optim.optimizer == "adamw" and not optim.weight_decay and comm.env_rank() == 0:
+        print("hpctrain: warning: --optimizer adamw with --weight-decay 0 (the default) is "
+              "plain Adam; give --weight-decay (torch's AdamW default is 0.01)",
+              file=sys.stderr, flush=True)
 
 
 def sparse_refusal(algorithm_class, optim) -> str | None:

@@ -507,3 +507,17 @@ def test_the_linear_scaling_rule_is_refused_with_adasum():
 def test_the_linear_scaling_rule_is_taken_where_updates_are_averaged(algo):
     config = run.check_launch(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), 2)
     assert config.optim.scale_lr
+
+
+# --weight-decay defaults to 0 for every optimizer, torch's AdamW to 0.01: --optimizer adamw
+# at the defaults trained bit for bit as adam, and nothing said so.
+
+def test_adamw_without_weight_decay_is_warned_of_as_plain_adam(capsys):
+    run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adamw"), 1)
+    assert capsys.readouterr().err == (
+        "hpctrain: warning: --optimizer adamw with --weight-decay 0 (the default) is plain "
+        "Adam; give --weight-decay (torch's AdamW default is 0.01)\n")
+    run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adamw",
+                           "--weight-decay", "0.01"), 1)
+    run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adam"), 1)
+    assert "adamw" not in capsys.readouterr().err
