@@ -255,8 +255,8 @@ class OptimConfig:
                              f"below --epochs {options.shown(self.epochs)}: the run would end "
                              "before its warm-up does")
         if self.optimizer != "sgd" and self.momentum is not None:
-            raise UsageError(f"--momentum is SGD's; --optimizer {self.optimizer} has betas "
-                             "(0.9, 0.999)")
+            raise UsageError(f"--momentum {options.shown(self.momentum)} is SGD's; --optimizer "
+                             f"{self.optimizer} has betas (0.9, 0.999)")
 
 
 @dataclass(frozen=True)
