@@ -7,7 +7,8 @@ those of the plain model; backward runs through the compiled graph's autograd, s
 hooks (ssgd's buckets) still fire per parameter, but after the whole backward graph, not
 interleaved with it. Evaluation and EC's teacher pass go through it too (in eval mode under
 ``no_grad``: one more graph). Each new input size compiles again once (then shapes are
-dynamic): the first steps, the first evaluation and a short last batch take longer.
+dynamic): the first steps, the first evaluation and a short last batch take longer, and
+EC's first round and its first step with relabelled samples (a batch of another size).
 
 Compilation happens lazily, after MPI has started, so :func:`check` tries, before MPI, what
 TorchInductor needs to be there: a torch that has ``nn.Module.compile`` (2.2), Dynamo for
@@ -99,6 +100,16 @@ def first_call(model: torch.nn.Module, *shape: object) -> bool:
         return False
     seen.add(shape)
     return True
+
+
+def met_new_shapes(model: torch.nn.Module, since: str) -> bool:
+    """Whether :func:`first_call` met a new shape on ``model`` since the last call naming
+    ``since`` (the first call: since the start): another rank may still be compiling it, and
+    one waiting for that rank in a collective must allow for it too."""
+    seen = len(model.__dict__.get("_hpctrain_shapes_run", ()))
+    marks = model.__dict__.setdefault("_hpctrain_shapes_marks", {})
+    new, marks[since] = seen != marks.get(since, 0), seen
+    return new
 
 
 def announce() -> None:

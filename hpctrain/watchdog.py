@@ -108,8 +108,9 @@ def beat(doing: str, count: int | None = None, *, starting: bool = False,
     ``starting``: progress made before the first step (a resumed run's restored snapshots
     scored, the ranks waiting for that): the clock restarts, but the start-up's allowance
     holds until the first step, whose compilation may take minutes. ``compiling``: what
-    follows compiles (``--compile`` meeting a new batch size, or its first evaluation): held
-    to at least ``BUSY_S`` until the next beat, as the first step is."""
+    follows compiles, or waits for another rank's compile (``--compile`` meeting a new batch
+    size, EC's first ensemble pass or the first evaluation; ma's and ec's round after a new
+    size): held to at least ``BUSY_S`` until the next beat, as the first step is."""
     if _active is not None:
         _active.last, _active.doing, _active.count = time.monotonic(), doing, count
         if compiling:

@@ -241,6 +241,25 @@ def test_a_compile_is_held_to_the_busy_allowance():
     assert "rank 0 made no progress for 0.5 s (last: update 4)" in proc.stderr
 
 
+@pytest.mark.timeout(60)
+def test_a_round_after_a_compile_has_the_busy_allowance():
+    """ma's and ec's rounds wait for every rank: with --compile, a rank still compiling a
+    size met since the last round (the first step's, the first with relabelled samples) had
+    the others ended in the round's collectives. A round after no new size has the timeout."""
+    proc = run_python(
+        "import time\nfrom mpi4py import MPI\nfrom torch import nn\n"
+        "from hpctrain import compiled, watchdog\n"
+        "from hpctrain.ec.averaging import ModelAveraging\n"
+        "model = nn.Linear(4, 2)\ncompiled.apply(True, model)\n"
+        "rounds = ModelAveraging(model, MPI.COMM_SELF, tau=1)\n"
+        "watchdog.start(0.5, rank=0)\ncompiled.first_call(model, 'train', 8)\n"
+        "watchdog.beat('update', 1)\nrounds.after_step()\n"
+        "time.sleep(2)\nprint('averaged')\n"  # as if another rank's compile held the round
+        "watchdog.beat('update', 2)\nrounds.after_step()\ntime.sleep(30)")
+    assert proc.stdout == "averaged\n" and proc.returncode == watchdog.EXIT_STATUS, proc.stderr
+    assert "rank 0 made no progress for 0.5 s (last: update 2)" in proc.stderr
+
+
 # A model whose forward takes 2 s the first time it meets the short last batch (a rank's
 # share of 2048 samples in batches of 24; rank 1's 4 s, so that the others wait for it) and
 # the first time each copy is evaluated, as --compile's compiles do
@@ -283,7 +302,9 @@ class SlowFirstTimes(nn.Module):
     ("ssgd", 2, "online", "0.25"),  # rank 1 waits in an allreduce while rank 0 evaluates
     ("ssgd", 3, "after", "1"),  # two snapshots: rank 2 waits for the others' scores
     ("ssp", 2, "online", "0.25"),  # rank 1 waits for rank 0's clock; rank 0 at the end for
-    ("asgd", 2, "after", "1")])  # rank 1's last step (the wait to finish)
+    ("asgd", 2, "after", "1"),  # rank 1's last step (the wait to finish)
+    ("ec", 2, "after", "1")])  # the first round's ensemble pass (eval mode) and rank 1's
+# first batch with distilled samples (a new size), which rank 0 waits for in the next round
 def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, algo, np, evaluation, eval_every):
     """--compile recompiles for the short last batch and for the first evaluation: with
     --stall-timeout 1 those ended healthy runs (exit 3, the training lost), the compiling

@@ -16,6 +16,7 @@ import time
 import torch
 from torch import nn
 
+from hpctrain import compiled, watchdog
 from hpctrain.devices import HostStage, mpi_buffer
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError, on_every_rank
@@ -150,6 +151,8 @@ class ModelAveraging:
 
     def aggregate(self) -> None:
         """Average the model now (collective)."""
+        if compiled.met_new_shapes(self.model, "round"):  # --compile: others may be compiling
+            watchdog.beat("aggregating after a compile", compiling=True)
         start = time.perf_counter()
         nbytes = average_model(self.model, self.comm)
         self.stats.record(nbytes, time.perf_counter() - start)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpctrain import compiled, watchdog
 from hpctrain.data import Dataset
 from hpctrain.ec.distill import distillation_loss
 from hpctrain.ec.ensemble import ensemble_probabilities
@@ -133,7 +134,10 @@ class EnsembleCompression:
         inputs, n = torch.cat([x, xd]), len(x)
         step = size or len(inputs)
         for lo in range(0, len(inputs), step):
-            out = self.model(inputs[lo:lo + step])
+            part = inputs[lo:lo + step]
+            if compiled.first_call(self.model, "train", len(part)):  # --compile: a new size
+                watchdog.beat("compiling for a batch of", len(part), compiling=True)
+            out = self.model(part)
             k = min(max(n - lo, 0), len(out))  # the part's ordinary samples, then relabelled
             d = slice(max(lo - n, 0), max(lo - n, 0) + len(out) - k)
             sums = [F.cross_entropy(out[:k], y[lo:lo + k], reduction="sum")] if k else []
@@ -178,6 +182,12 @@ class EnsembleCompression:
         """Pick this round's distillation samples and fetch their ensemble labels (collective)."""
         if self.local is None:
             raise RuntimeError("EnsembleCompression needs set_local_data() before aggregating")
+        # --compile: the first ensemble pass (eval mode: a graph of its own) compiles on every
+        # rank, and a rank may still be compiling a size met since the last round (the first
+        # batch with relabelled samples) while the others wait in this round's collectives.
+        compiled.first_call(self.model, "ensemble")  # a new shape, counted just below
+        if compiled.met_new_shapes(self.model, "round"):
+            watchdog.beat("aggregating after a compile", compiling=True)
         start = time.perf_counter()
         gen = generator(self.seed, self.comm.Get_rank(), self.rounds)
         chosen = self.local.subset(torch.randperm(len(self.local), generator=gen)
