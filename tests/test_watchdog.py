@@ -260,10 +260,12 @@ def test_a_round_after_a_compile_has_the_busy_allowance():
     assert "rank 0 made no progress for 0.5 s (last: update 2)" in proc.stderr
 
 
-# A model whose forward takes 2 s the first time it meets the short last batch (a rank's
-# share of 2048 samples in batches of 24; rank 1's 4 s, so that the others wait for it) and
-# the first time each copy is evaluated, as --compile's compiles do
-# (outside the compiled graph, so the time is the same whatever Dynamo caches).
+# A model whose forward takes 2 s the first time it meets each batch size but 24 and the
+# first time each copy is evaluated (ec: also its ensemble pass), as --compile's compiles do
+# (outside the compiled graph, so the time is the same whatever Dynamo caches); 4 s on one
+# rank, so that the others wait for it: rank 1 for a short last batch (a rank's share of
+# 2048 samples in batches of 24), rank 0 for ec's larger ones with relabelled samples (rank
+# 1 waits for its last in the evaluation's bcast, which rank 0, the root, leaves at once).
 SLOW_FIRST_TIMES = """
 import os
 import time
@@ -275,10 +277,10 @@ _RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0
 
 
 @torch.compiler.disable
-def _first_time_slow(key):
+def _first_time_slow(key, slow_rank=None):
     if key not in _seen:
         _seen.add(key)
-        time.sleep(4 if _RANK == 1 and key[1] == "short batch" else 2)
+        time.sleep(4 if _RANK == slow_rank else 2)
 
 
 class SlowFirstTimes(nn.Module):
@@ -288,7 +290,7 @@ class SlowFirstTimes(nn.Module):
 
     def forward(self, x):
         if x.shape[0] != 24 and self.training:
-            _first_time_slow((id(self), "short batch"))
+            _first_time_slow((id(self), x.shape[0]), slow_rank=1 if x.shape[0] < 24 else 0)
         if not self.training:  # each model object: Dynamo compiles each one
             _first_time_slow((id(self), "evaluation"))
         return self.net(x)
@@ -303,8 +305,9 @@ class SlowFirstTimes(nn.Module):
     ("ssgd", 3, "after", "1"),  # two snapshots: rank 2 waits for the others' scores
     ("ssp", 2, "online", "0.25"),  # rank 1 waits for rank 0's clock; rank 0 at the end for
     ("asgd", 2, "after", "1"),  # rank 1's last step (the wait to finish)
-    ("ec", 2, "after", "1")])  # the first round's ensemble pass (eval mode) and rank 1's
-# first batch with distilled samples (a new size), which rank 0 waits for in the next round
+    ("ec", 2, "after", "1")])  # the first round's ensemble pass (eval mode); rank 0's first
+# batches with relabelled samples (new sizes), which rank 1 waits for in the next round, and
+# its last (16 and 25 relabelled), which rank 1 waits for to evaluate
 def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, algo, np, evaluation, eval_every):
     """--compile recompiles for the short last batch and for the first evaluation: with
     --stall-timeout 1 those ended healthy runs (exit 3, the training lost), the compiling

@@ -43,12 +43,15 @@ def evaluate_members(model: nn.Module, snapshots: list[Snapshot], test_set: Data
     ``averaged_acc``/``averaged_loss``. ``model`` is scratch space and left changed.
     """
     rank, ranks = comm.Get_rank(), comm.Get_size()
+    # --compile: the first evaluation may compile on any rank (rank 0's member, scored online,
+    # has compiled before), and the others wait in its collectives meanwhile; in this bcast
+    # also for a rank whose last step compiled (ec's last may be its first with a new size).
+    watchdog.beat("evaluating snapshot", 0, compiling=compiled.is_compiled(model))
     infos = comm.bcast([s.info for s in snapshots], root=0)
     points, averaged_scores = [], {}
     for i, snap in enumerate(snapshots):
-        # --compile: the first evaluation may compile on any rank (rank 0's member, scored
-        # online, has compiled before), and the others wait in the allgather meanwhile.
-        watchdog.beat("evaluating snapshot", i, compiling=i == 0 and compiled.is_compiled(model))
+        if i:  # the first's allowance holds until this beat
+            watchdog.beat("evaluating snapshot", i)
         model.load_state_dict(snap.state)
         logits = predict_logits(model, test_set.images)
         members = comm.allgather(score_logits(logits, test_set.labels))
