@@ -142,6 +142,10 @@ def test_aggregation_summary_keeps_its_json_types_with_no_round():
     stats.record(399913, 0.5, inferred=64)  # rounds that differ: the mean, to the byte
     assert stats.summary()["bytes_per_round"] == 399912
     assert AggregationStats().summary().keys() == none.keys() - {"inferred_samples"}
+    from hpctrain.ec.compression import EnsembleCompression
+    ec = EnsembleCompression(torch.nn.Linear(2, 2), None, tau=4, alpha=0.5, temperature=2.0,
+                             distill_size=8)
+    assert ec.stats.summary()["inferred_samples"] == 0  # ec's, before any round
 
 
 def test_an_inferred_count_a_checkpoint_lacked_is_not_said():

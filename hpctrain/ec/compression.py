@@ -73,7 +73,7 @@ class EnsembleCompression:
         self._round_start = 0
         self.relabelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.distilled = 0  # relabelled samples trained on so far
-        self.stats = AggregationStats()
+        self.stats = AggregationStats(counts_inference=True)  # in every summary
         self._parts: dict[str, list] = {}  # take_loss_parts's: part -> [sum, samples]
 
     def state_dict(self) -> dict:
