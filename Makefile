@@ -32,12 +32,13 @@ lint: setup
 test-fast: setup
 	$(PY) -m pytest -q -p no:cacheprovider -m unit tests
 
-# Two pytest workers, a test file each (its module fixtures stay shared): job tests spend
-# much of their time waiting on launches and drills, so two overlap on two cores. Files go
+# Three pytest workers, a test file each (its module fixtures stay shared): job tests spend
+# much of their time waiting on launches, drills and Slurm, so three overlap on two cores
+# (a three-worker run passed whole under a load average of 10). Files go
 # out in conftest's order, the longest first (xdist's own puts the files with most tests
 # first, which left test_slurm.py's minutes for the end). The slowest 25 are listed at the
 # end: keep conftest's order true to them.
-TEST_WORKERS ?= 2
+TEST_WORKERS ?= 3
 test-unit: setup
 	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile \
 	    --no-loadscope-reorder --durations=25 tests
