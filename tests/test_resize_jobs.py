@@ -6,6 +6,7 @@ the one before, with every sample and update accounted for and the resize in the
 themselves are unit-tested in test_resize.py.)"""
 
 import json
+import math
 
 import pytest
 import torch
@@ -45,13 +46,14 @@ def check_common(out, summary: dict, record: dict) -> None:
     # Every 0.25 epoch, async ones on the first push past the mark (the one at the checkpoint
     # only if rank 0 pushed past it before the mark's barrier), then the final model. Rank 0
     # sees the mark at its own next push: with ranks on busy cores, the other's pushes in
-    # between can put it late (one CI run, 4 ranks on 2 cores: 0.289, 5 of 128 pushes late).
+    # between can put it late, by most of the way to the next mark (CI runs: 0.289 for 0.25
+    # with 4 ranks on 2 cores; 0.984 for 0.75 with 2 ranks beside two other tests' jobs).
     epochs = [p["epoch"] for p in curve]
     assert epochs[0] == 0.0 and epochs[-1] == 1.0 and epochs == sorted(epochs)
-    assert len(epochs) >= 4 and all(abs(e * 4 - round(e * 4)) <= 0.25 for e in epochs)
-    # One point a mark: the marks a resumed run's snapshots cover are counted in its own
-    # updates (the old run's put a second point at 0.5 after 2 -> 1 ranks).
-    assert len({round(e * 4) for e in epochs}) == len(epochs), epochs
+    # One point a mark, at or after it: the marks a resumed run's snapshots cover are counted
+    # in its own updates (the old run's put a second point at 0.5 after 2 -> 1 ranks).
+    marks = [math.floor(e * 4) for e in epochs[:-1]]
+    assert len(epochs) >= 4 and len(set(marks)) == len(marks) and marks[-1] < 4, epochs
     assert summary["final_test_acc"] >= 0.95  # the synthetic set is learnt within an epoch
     assert torch.load(out / "model.pt", weights_only=True).keys()
 
