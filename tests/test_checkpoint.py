@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_job
+from conftest import ROOT, run_job
 
 from hpctrain import arguments, checkpoint, cli, comm, run, watchdog
-from hpctrain.checkpoint import CorruptCheckpoint, Resize
+from hpctrain.checkpoint import CorruptCheckpoint, Resize, policy
 from hpctrain.checkpoint import checkpointer as checkpointer_module
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
@@ -1010,3 +1010,13 @@ def test_ranks_waiting_for_rank_0s_checkpoint_beat_the_watchdog(tmp_path, monkey
     if world.rank > 0:
         assert "waiting for rank 0's checkpoint" in beats
     assert checkpoint.listing(folder)  # every rank returns after the write
+
+
+def test_readme_names_every_option_a_resume_may_change():
+    # README's --resume row named 3 of the 22 (its own example changed a fourth)
+    row = next(line for line in (ROOT / "README.md").read_text().splitlines()
+               if line.startswith("| `--resume DIR`"))
+    names = (checkpoint.MAY_CHANGE | policy.RESIZE_MAY_CHANGE) - {"resume"}
+    missing = [flag for flag in ("--" + n.replace("_", "-") for n in sorted(names))
+               if f"`{flag}`" not in row]
+    assert not missing, missing
