@@ -266,6 +266,10 @@ def test_a_round_after_a_compile_has_the_busy_allowance():
 # rank, so that the others wait for it: rank 1 for a short last batch (a rank's share of
 # 2048 samples in batches of 24), rank 0 for ec's larger ones with relabelled samples (rank
 # 1 waits for its last in the evaluation's bcast, which rank 0, the root, leaves at once).
+# The others' short batch takes no extra time (a process alone: 2 s), so that asgd's and
+# ssp's rank 0 waits seconds for rank 1's last step in the agreement to finish: with 2 s of
+# its own, the ranks' unequal compile times left that wait about the timeout (1.2 s), and the
+# cases could pass without the agreement's compile allowance.
 SLOW_FIRST_TIMES = """
 import os
 import time
@@ -274,13 +278,14 @@ from torch import nn
 
 _seen = set()
 _RANK = int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("PMI_RANK", "0")))
+_ALONE = int(os.environ.get("OMPI_COMM_WORLD_SIZE", os.environ.get("PMI_SIZE", "1"))) == 1
 
 
 @torch.compiler.disable
-def _first_time_slow(key, slow_rank=None):
+def _first_time_slow(key, slow_rank=None, others=2):
     if key not in _seen:
         _seen.add(key)
-        time.sleep(4 if _RANK == slow_rank else 2)
+        time.sleep(4 if _RANK == slow_rank else others)
 
 
 class SlowFirstTimes(nn.Module):
@@ -290,7 +295,9 @@ class SlowFirstTimes(nn.Module):
 
     def forward(self, x):
         if x.shape[0] != 24 and self.training:
-            _first_time_slow((id(self), x.shape[0]), slow_rank=1 if x.shape[0] < 24 else 0)
+            short = x.shape[0] < 24
+            _first_time_slow((id(self), x.shape[0]), slow_rank=1 if short else 0,
+                             others=0 if short and not _ALONE else 2)
         if not self.training:  # each model object: Dynamo compiles each one
             _first_time_slow((id(self), "evaluation"))
         return self.net(x)
