@@ -272,13 +272,18 @@ def rederived(base: dict, given: dict, path: str | None = None) -> dict:
     except UsageError:  # an unknown algorithm: refused, with its name, by the caller
         return base
     stale = [key for key in before if key not in typed and key in optim
-             and optim[key] == before[key] and after[key] != before[key]]
+             and _same(optim[key], before[key]) and not _same(after[key], before[key])]
     if not stale:
         return base
     if comm.env_rank() == 0:
         print(f"hpctrain: {_listed(after, stale)} by default with the options given, not "
               f"{path}'s {_listed(optim, stale)}, its run's defaults", flush=True)
     return {**base, "optim": {k: v for k, v in optim.items() if k not in stale}}
+
+
+def _same(a, b) -> bool:
+    """Equal values, a JSON list (config.json's betas) as the tuple it was."""
+    return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
 
 
 def without_milestones(base: dict, given: dict, path: str | None) -> dict:
@@ -356,7 +361,8 @@ def without_partners(base: dict, given: dict, path: str | None,
     would refuse it or send it elsewhere: the other of an exclusive pair (``--tau-epochs``
     over the file's ``tau``: ``excludes`` in :func:`hpctrain.options.option`), the model's
     arguments under another ``--model``, the momentum under another ``--optimizer`` than
-    sgd, ``--eval-rank`` under ``--eval after``, and under ``--resume DIR`` the file's
+    sgd (and its Nesterov switch), Adam's betas and eps under ``--optimizer sgd``,
+    ``--eval-rank`` under ``--eval after``, and under ``--resume DIR`` the file's
     ``out`` and checkpoint folder: the outputs go to DIR's run folder, also a moved or copied
     one's. Each is said once (the output folder only where it differs)."""
     gone: list[tuple[tuple[str, ...], str]] = []  # (the file's value's keys, what displaced it)
@@ -386,6 +392,11 @@ def without_partners(base: dict, given: dict, path: str | None,
     optimizer = _found(given, ("optim", "optimizer"))
     if optimizer not in (_ABSENT, "sgd"):
         displace(("optim", "momentum"), f"--optimizer {optimizer}")
+        if filed("optim", "nesterov"):  # off is no value to leave out
+            displace(("optim", "nesterov"), f"--optimizer {optimizer}")
+    if optimizer == "sgd":
+        for key in ("betas", "eps"):
+            displace(("optim", key), "--optimizer sgd")
     if _found(given, ("eval_mode",)) == "after":
         displace(("eval_rank",), "--eval after")
     resume = _found(given, ("checkpoint", "resume"))

@@ -78,6 +78,28 @@ def unmoved_chunk(mb: float) -> UsageError:
                       "and replicated data are not moved")
 
 
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's Adam and AdamW defaults
+
+
+def _betas(text: str) -> tuple[float, float]:
+    """``"0.9,0.999"`` -> (0.9, 0.999); OptimConfig checks that each is in [0, 1)."""
+    words = text.split(",")
+    if len(words) != 2 or not all(w.strip() for w in words):
+        raise argparse.ArgumentTypeError(f"{text!r}: want two comma-separated numbers, "
+                                         "e.g. 0.9,0.999")
+    try:
+        return tuple(options.number(w) for w in words)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r}: want two comma-separated numbers, "
+                                         "e.g. 0.9,0.999") from None
+
+
+def _shown_betas(betas) -> str:
+    """Betas as ``--betas`` takes them: ``0.9,0.999``."""
+    return ",".join(map(options.shown, betas)) if isinstance(betas, (list, tuple)) \
+        else repr(betas)
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Which data, and how it is placed and reshuffled over the ranks."""
@@ -190,6 +212,8 @@ class OptimConfig:
     momentum: float | None = option(None, "SGD momentum (default: the algorithm's; 0.9, asgd, "
                                     "dcasgd-*, ssp: 0, the paper's algorithm)", parse=float,
                                     range=Range(0, 1, high_open=True))
+    nesterov: bool = option(False, "Nesterov momentum, as torch.optim.SGD(nesterov=True): "
+                            "--optimizer sgd with --momentum > 0, for sgd, ssgd, ma and ec")
     weight_decay: float = option(0.0, "sgd, adam: an L2 penalty added to the gradient; "
                                  "adamw: decoupled weight decay (so adamw without it is adam)",
                                  parse=float, range=Range(0, options.HUGE))
@@ -202,8 +226,15 @@ class OptimConfig:
     lr_gamma: float = option(0.1, "step decay factor", parse=options.positive(float),
                              range=Range(0, options.HUGE, low_open=True))
     optimizer: str = option("sgd", "the update rule of sgd, ssgd, ma and ec (adam, adamw: "
-                            "default --lr 0.001, no --momentum); asynchronous algorithms keep "
-                            "their own", choices=OPTIMIZERS)
+                            "default --lr 0.001, --betas and --eps, no --momentum); "
+                            "asynchronous algorithms keep their own", choices=OPTIMIZERS)
+    betas: tuple[float, float] | None = option(None, "adam, adamw: the decay rates of the "
+                                               "gradient's running mean and mean square, each "
+                                               "in [0, 1) (default: torch's, 0.9,0.999)",
+                                               parse=_betas, metavar="B1,B2")
+    eps: float | None = option(None, "adam, adamw: added to the square root of the mean square "
+                               "(default: torch's, 1e-08)", parse=options.positive(float),
+                               range=Range(0, low_open=True))
     warmup_epochs: float = option(0.0, "multiply the scheduled learning rate by a factor "
                                   "rising linearly from 0 to 1 over this many epochs of "
                                   "global progress (not Horovod's examples' warm-up, which "
@@ -256,7 +287,32 @@ class OptimConfig:
                              "before its warm-up does")
         if self.optimizer != "sgd" and self.momentum is not None:
             raise UsageError(f"--momentum {options.shown(self.momentum)} is SGD's; --optimizer "
-                             f"{self.optimizer} has betas (0.9, 0.999)")
+                             f"{self.optimizer} has --betas (default 0.9,0.999)")
+        if self.nesterov and self.optimizer != "sgd":
+            raise UsageError(f"--nesterov is SGD's Nesterov momentum; --optimizer "
+                             f"{self.optimizer} has none (torch's NAdam is another optimizer)")
+        self._check_adam_options()
+
+    def _check_adam_options(self) -> None:
+        """``betas`` as a tuple of two rates in [0, 1), and ``betas`` and ``eps`` refused for
+        SGD, which has neither (a Python caller's and a file's values as the flag's)."""
+        b = self.betas
+        if b is not None:
+            if hasattr(b, "tolist") and not isinstance(b, (list, tuple)):  # a numpy array
+                b = b.tolist()
+            if not isinstance(b, (list, tuple)) or len(b) != 2 or any(
+                    isinstance(v, bool) or not isinstance(v, numbers.Real) for v in b):
+                raise UsageError(f"--betas {b!r}: want two numbers, e.g. [0.9, 0.999]")
+            b = tuple(float(v) for v in b)
+            object.__setattr__(self, "betas", b)
+            if not all(0 <= v < 1 for v in b):  # NaN too
+                raise UsageError(f"--betas {_shown_betas(b)}: each must be in [0, 1)")
+        if self.optimizer == "sgd":
+            given = [f"--betas {_shown_betas(b)}"] if b is not None else []
+            given += [f"--eps {options.shown(self.eps)}"] if self.eps is not None else []
+            if given:
+                raise UsageError(f"{' and '.join(given)}: Adam's, and --optimizer sgd has "
+                                 "none; give --optimizer adam or adamw (SGD has --momentum)")
 
 
 @dataclass(frozen=True)
@@ -442,16 +498,19 @@ for _section in (RunConfig, *SECTIONS.values()):
 def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:
     """The ``optim`` values a run of ``algo`` with ``optimizer`` takes when none is given:
     SGD's rate and momentum are the algorithm's (0.05 and 0.9 unless it says otherwise), Adam's
-    rate 0.001 (its betas stand for momentum); the schedule steps where milestones are given,
-    else follows a cosine."""
+    rate 0.001 and torch's betas and eps (its betas stand for momentum; SGD has neither); the
+    schedule steps where milestones are given, else follows a cosine."""
     sgd = registry.get(algo).defaults if optimizer == "sgd" else None
     return {"lr": sgd.get("lr", 0.05) if sgd is not None else 0.001,
             "momentum": sgd.get("momentum", 0.9) if sgd is not None else None,
+            "betas": None if sgd is not None else ADAM_BETAS,
+            "eps": None if sgd is not None else ADAM_EPS,
             "lr_schedule": "step" if lr_milestones else "cosine"}
 
 
 def resolve(config: RunConfig) -> RunConfig:
-    """``config`` with the algorithm's defaults filled in (learning rate, momentum, schedule)."""
+    """``config`` with the algorithm's defaults filled in (learning rate, momentum or Adam's
+    betas and eps, schedule)."""
     o = config.optim
     d = defaults(config.algo, o.optimizer, o.lr_milestones)
     return replace(config, optim=replace(
@@ -462,6 +521,8 @@ def to_dict(config: RunConfig) -> dict:
     """The configuration as nested plain values (JSON and TOML); :func:`from_dict` inverts it."""
     out = asdict(config)
     out["optim"]["lr_milestones"] = list(config.optim.lr_milestones)
+    if config.optim.betas is not None:
+        out["optim"]["betas"] = list(config.optim.betas)
     return out
 
 

@@ -10,11 +10,13 @@ stays below theirs all through the warm-up, and under the cosine never reaches t
 rate. It is kept as it is so that earlier runs' results stay reproducible.
 
 sgd, ssgd, ma and ec build their optimizer here (ssgd wraps it in ``DistributedOptimizer``,
-which subclasses whatever class it is given). The asynchronous algorithms apply their update
-inside the parameter store's push, so they take only ``sgd`` (their own rule) and refuse the
-others, in one line before MPI starts. They and ec (whose members never average their
-updates) refuse ``--scale-lr`` there too; ssgd refuses it with ``--reduce-op adasum`` in its
-own ``check`` (Adasum adds orthogonal updates rather than averaging them).
+which subclasses whatever class it is given): torch's SGD (``--momentum``, ``--nesterov``) or
+Adam / AdamW (``--betas``, ``--eps``). The asynchronous algorithms apply their update
+inside the parameter store's push, so they take only ``sgd`` (their own rule, plain momentum)
+and refuse the others and ``--nesterov``, in one line before MPI starts. They and ec (whose
+members never average their updates) refuse ``--scale-lr`` there too; ssgd refuses it with
+``--reduce-op adasum`` in its own ``check`` (Adasum adds orthogonal updates rather than
+averaging them).
 """
 
 from __future__ import annotations
@@ -32,22 +34,39 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 
 def make(params: Iterable, optim) -> torch.optim.Optimizer:
     """The optimizer ``optim`` (an OptimConfig, resolved) names, over ``params``."""
-    if optim.optimizer == "sgd":
+    if optim.optimizer == "sgd":  # nesterov only when set: the default build is as before
         return torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum,
-                               weight_decay=optim.weight_decay)
+                               weight_decay=optim.weight_decay,
+                               **({"nesterov": True} if optim.nesterov else {}))
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[optim.optimizer]
-    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay)
+    given = {"betas": optim.betas, "eps": optim.eps}  # None: torch's (resolve fills them in)
+    return cls(params, lr=optim.lr, weight_decay=optim.weight_decay,
+               **{k: v for k, v in given.items() if v is not None})
 
 
 def check(algorithm_class, optim) -> None:
-    """Refuse an optimizer the algorithm cannot use, and ``--scale-lr`` where no gradient is
-    averaged over the workers; warn (rank 0) of adamw without weight decay (before MPI
-    starts)."""
+    """Refuse an optimizer the algorithm cannot use, ``--nesterov`` where the update is not
+    torch's SGD with momentum, and ``--scale-lr`` where no gradient is averaged over the
+    workers; warn (rank 0) of adamw without weight decay (before MPI starts). ``optim`` is
+    resolved (the algorithm's default momentum filled in)."""
     if optim.optimizer not in algorithm_class.optimizers:
         why = " (applied in the parameter store's push)" if not algorithm_class.lock_step else ""
         raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
                          f"its own update rule{why}; only "
                          f"{', '.join(algorithm_class.optimizers)}")
+    # The asynchronous algorithms' push applies plain momentum (v <- m*v + d, in the shared
+    # CPU/CUDA kernel); Nesterov's look-ahead is not theirs.
+    if optim.nesterov and not algorithm_class.lock_step:
+        raise UsageError(f"--nesterov: --algo {algorithm_class.name} keeps its own update rule "
+                         "(applied in the parameter store's push, with plain --momentum); "
+                         "leave --nesterov out")
+    # Checked here, resolved, not in OptimConfig: the default momentum is the algorithm's.
+    if optim.nesterov and not optim.momentum:  # torch's SGD refuses it too, at its build
+        default = " (the default of --algo " + algorithm_class.name + ")" \
+            if algorithm_class.defaults.get("momentum", 0.9) == 0 else ""
+        raise UsageError(f"--nesterov with --momentum {optim.momentum or 0:g}{default}: "
+                         "Nesterov momentum needs momentum > 0, as torch's SGD says; give "
+                         "--momentum")
     # The linear scaling rule makes up for a gradient averaged over K workers' batches: a
     # K-times larger batch per update. An asynchronous worker's push applies its own batch's
     # gradient alone, and so does an ec member's step to its own model: K x --lr would only
@@ -95,3 +114,4 @@ def warmup_factor(epoch: float, warmup_epochs: float) -> float:
     if warmup_epochs <= 0 or epoch >= warmup_epochs:
         return 1.0
     return epoch / warmup_epochs
+

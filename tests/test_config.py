@@ -656,3 +656,51 @@ def test_each_configuration_class_says_its_fields():
     assert "    lr: --lr, default None." in hpctrain.OptimConfig.__doc__
     assert "    data: its DataConfig (see help(hpctrain.DataConfig))" in \
         hpctrain.RunConfig.__doc__
+
+
+def test_nesterov_betas_and_eps_from_python_toml_flags_and_config_json(tmp_path, capsys):
+    """The optimisation options added later go through every way in, config.json repeats
+    them, and a config.json written before them (no such keys) still loads, as it ran."""
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "ssgd"\n[optim]\noptimizer = "adam"\nbetas = [0.8, 0.99]\n'
+                    'eps = 1e-6\n')
+    from_python = RunConfig(algo="ssgd", optim=OptimConfig(optimizer="adam", betas=(0.8, 0.99),
+                                                           eps=1e-6))
+    assert parse("--config", str(toml)) == from_python == parse(
+        "--algo", "ssgd", "--optimizer", "adam", "--betas", "0.8,0.99", "--eps", "1e-6")
+    assert parse("--config", str(toml), "--betas", "none").optim.betas is None
+    nesterov = RunConfig(algo="ma", optim=OptimConfig(nesterov=True))
+    assert parse("--algo", "ma", "--nesterov") == nesterov
+    for config in (from_python, nesterov):
+        saved = tmp_path / "config.json"
+        saved.write_text(json.dumps({**configs.repeatable(configs.resolve(config)),
+                                     "run_info": {"workers": 2}}))
+        assert configs.load(saved) == configs.resolve(config)
+    # An adam run's config.json from before: no keys; resolved, torch's defaults it ran with.
+    old = configs.repeatable(configs.resolve(RunConfig(algo="ssgd", optim=OptimConfig(
+        optimizer="adam"))))
+    old["optim"] = {k: v for k, v in old["optim"].items()
+                    if k not in ("nesterov", "betas", "eps")}
+    saved.write_text(json.dumps({**old, "run_info": {"workers": 2}}))
+    assert configs.resolve(configs.load(saved)).optim.betas == (0.9, 0.999)
+    assert configs.flat(configs.resolve(configs.load(saved))) == configs.flat(
+        configs.resolve(RunConfig(algo="ssgd", optim=OptimConfig(optimizer="adam"))))
+    # Another optimizer leaves out the file's options of the one it had, said once.
+    capsys.readouterr()
+    sgd = configs.resolve(parse("--config", str(toml), "--optimizer", "sgd")).optim
+    assert (sgd.betas, sgd.eps, sgd.momentum) == (None, None, 0.9)
+    assert capsys.readouterr().out == (f"hpctrain: --optimizer sgd: leaving out {toml}'s "
+                                       f"optim.betas [0.8, 0.99]\nhpctrain: --optimizer sgd: "
+                                       f"leaving out {toml}'s optim.eps 1e-06\n")
+    saved.write_text(json.dumps({**configs.repeatable(configs.resolve(from_python)),
+                                 "run_info": {"workers": 2}}))
+    assert configs.resolve(parse("--config", str(saved), "--optimizer", "sgd")).optim.betas \
+        is None
+    nesterov_toml = tmp_path / "nesterov.toml"
+    nesterov_toml.write_text('algo = "ssgd"\n[optim]\nnesterov = true\nmomentum = 0.5\n')
+    capsys.readouterr()
+    adam = parse("--config", str(nesterov_toml), "--optimizer", "adam").optim
+    assert (adam.nesterov, adam.momentum) == (False, None)
+    assert f"hpctrain: --optimizer adam: leaving out {nesterov_toml}'s optim.nesterov True\n" \
+        in capsys.readouterr().out
+    assert parse("--config", str(nesterov_toml), "--no-nesterov").optim.nesterov is False

@@ -521,3 +521,70 @@ def test_adamw_without_weight_decay_is_warned_of_as_plain_adam(capsys):
                            "--weight-decay", "0.01"), 1)
     run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adam"), 1)
     assert "adamw" not in capsys.readouterr().err
+
+
+# --nesterov, --betas and --eps were missing; each is refused where it would mean nothing or
+# be taken silently, in one line before MPI starts, naming the value.
+
+_OWN_RULE = ("--nesterov: --algo {} keeps its own update rule (applied in the parameter "
+             "store's push, with plain --momentum); leave --nesterov out")
+_ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw (SGD has "
+          "--momentum)")
+
+
+@pytest.mark.parametrize("args, ranks, said", [
+    (["--algo", "sgd", "--nesterov", "--momentum", "0"], 1,
+     "--nesterov with --momentum 0: Nesterov momentum needs momentum > 0, as torch's SGD "
+     "says; give --momentum"),
+    (["--algo", "ssgd", "--nesterov", "--optimizer", "adam"], 2,
+     "--nesterov is SGD's Nesterov momentum; --optimizer adam has none (torch's NAdam is "
+     "another optimizer)"),
+    (["--algo", "ma", "--nesterov", "--optimizer", "adamw", "--weight-decay", "0.01"], 2,
+     "--nesterov is SGD's Nesterov momentum; --optimizer adamw has none (torch's NAdam is "
+     "another optimizer)"),
+    (["--algo", "asgd", "--nesterov"], 3, _OWN_RULE.format("asgd")),
+    (["--algo", "dcasgd-a", "--nesterov", "--momentum", "0.5"], 3,
+     _OWN_RULE.format("dcasgd-a")),
+    (["--algo", "ssp", "--nesterov", "--momentum", "0.5"], 3, _OWN_RULE.format("ssp")),
+    (["--algo", "sgd", "--betas", "0.8,0.99"], 1, f"--betas 0.8,0.99: {_ADAMS}"),
+    (["--algo", "ec", "--eps", "1e-6"], 2, f"--eps 1e-06: {_ADAMS}"),
+    (["--algo", "sgd", "--betas", "0.8,0.99", "--eps", "0.1"], 1,
+     f"--betas 0.8,0.99 and --eps 0.1: {_ADAMS}"),
+    (["--algo", "asgd", "--betas", "0.8,0.99"], 3, f"--betas 0.8,0.99: {_ADAMS}"),
+    (["--algo", "sgd", "--optimizer", "adam", "--betas", "0.9,1"], 1,
+     "--betas 0.9,1.0: each must be in [0, 1)"),
+    (["--algo", "sgd", "--optimizer", "adam", "--betas", "-0.1,0.9"], 1,
+     "--betas -0.1,0.9: each must be in [0, 1)"),
+    (["--algo", "sgd", "--optimizer", "adam", "--betas", "0.9"], 1,
+     "argument --betas: '0.9': want two comma-separated numbers, e.g. 0.9,0.999"),
+    (["--algo", "sgd", "--optimizer", "adam", "--betas", "0.9,x"], 1,
+     "argument --betas: '0.9,x': want two comma-separated numbers, e.g. 0.9,0.999"),
+    (["--algo", "sgd", "--optimizer", "adam", "--eps", "0"], 1,
+     "argument --eps: must be > 0, got 0"),
+])
+def test_nesterov_betas_and_eps_are_refused_where_they_do_not_apply(args, ranks, said):
+    assert refusal([*args, *SYNTHETIC], ranks) == said
+
+
+def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
+    assert one_line(lambda: OptimConfig(optimizer="adam", betas=(0.9, float("nan")))) == \
+        "--betas 0.9,nan: each must be in [0, 1)"
+    assert one_line(lambda: OptimConfig(optimizer="adam", betas=[0.9])) == \
+        "--betas [0.9]: want two numbers, e.g. [0.9, 0.999]"
+    assert one_line(lambda: OptimConfig(optimizer="adam", betas=(True, 0.9))) == \
+        "--betas (True, 0.9): want two numbers, e.g. [0.9, 0.999]"
+    assert one_line(lambda: OptimConfig(optimizer="adam", eps=0.0)) == "--eps 0.0 must be > 0"
+    assert one_line(lambda: OptimConfig(optimizer="adamw", nesterov=True)).startswith(
+        "--nesterov is SGD's Nesterov momentum; --optimizer adamw has none")
+    assert OptimConfig(optimizer="adam", betas=[0, 0.5]).betas == (0.0, 0.5)  # a file's list
+    # A momentum of 0 is refused once resolved: the algorithm's default may be 0 (asgd's).
+    assert OptimConfig(momentum=0.0, nesterov=True).nesterov
+
+
+def test_a_refused_nesterov_exits_with_status_2_before_mpi():
+    proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--nesterov", "--momentum", "0"],
+                   np=0, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].endswith(
+        "--nesterov with --momentum 0: Nesterov momentum needs momentum > 0, as torch's SGD "
+        "says; give --momentum")

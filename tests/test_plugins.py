@@ -1073,6 +1073,66 @@ def test_optimizer_choice_defaults_and_refusals():
     assert optimizers.warmup_factor(0.0, 0.0) == 1.0
 
 
+def _steps(optimizer_of, steps: int = 2) -> torch.Tensor:
+    """A parameter after ``steps`` steps of the optimizer ``optimizer_of([param])`` builds on
+    one seeded quadratic."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(5))
+    opt = optimizer_of([w])
+    for _ in range(steps):
+        opt.zero_grad()
+        (w.square().sum() + w.sum()).backward()
+        opt.step()
+    return w.detach().clone()
+
+
+SYNTHETIC_DATA = DataConfig(dataset="synthetic")
+
+
+def test_nesterov_steps_as_torchs_sgd_with_nesterov():
+    """--nesterov was missing (torch.optim.SGD(nesterov=True)); without it the optimizer is
+    built as before, so default runs do not change."""
+    nesterov = run.check_launch(RunConfig(algo="sgd", data=SYNTHETIC_DATA, optim=OptimConfig(
+        nesterov=True, weight_decay=0.01)), 1).optim
+    assert arguments.build(cli.build_parser().parse_args(
+        ["train", "--algo", "sgd", "--nesterov", "--weight-decay", "0.01"])).optim == \
+        OptimConfig(nesterov=True, weight_decay=0.01)
+    ours = _steps(lambda p: optimizers.make(p, nesterov))
+    torchs = _steps(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01,
+                                              nesterov=True))
+    assert torch.equal(ours, torchs)
+    plain = run.check_launch(RunConfig(algo="sgd", data=SYNTHETIC_DATA,
+                                       optim=OptimConfig(weight_decay=0.01)), 1).optim
+    assert optimizers.make([torch.nn.Parameter(torch.zeros(1))], plain) \
+        .param_groups[0]["nesterov"] is False
+    assert not torch.equal(_steps(lambda p: optimizers.make(p, plain)), ours)
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_betas_and_eps_reach_torchs_adam(kind):
+    """--betas and --eps were missing: torch's defaults only. Left out, they resolve to
+    torch's defaults, which step bit for bit as before (torch's own defaults)."""
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
+    given = run.check_launch(RunConfig(algo="ssgd", data=SYNTHETIC_DATA, optim=OptimConfig(
+        optimizer=kind, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01)), 2).optim
+    assert (given.betas, given.eps) == ((0.8, 0.99), 1e-6)
+    group = optimizers.make([torch.nn.Parameter(torch.zeros(1))], given).param_groups[0]
+    assert (group["betas"], group["eps"]) == ((0.8, 0.99), 1e-6)
+    assert torch.equal(_steps(lambda p: optimizers.make(p, given), 3),
+                       _steps(lambda p: cls(p, lr=0.001, betas=(0.8, 0.99), eps=1e-6,
+                                            weight_decay=0.01), 3))
+    default = run.check_launch(RunConfig(algo="ssgd", data=SYNTHETIC_DATA, optim=OptimConfig(
+        optimizer=kind, weight_decay=0.01)), 2).optim
+    assert (default.betas, default.eps) == ((0.9, 0.999), 1e-8)
+    assert torch.equal(_steps(lambda p: optimizers.make(p, default), 3),
+                       _steps(lambda p: cls(p, lr=0.001, weight_decay=0.01), 3))
+    typed = arguments.build(cli.build_parser().parse_args(
+        ["train", "--algo", "ssgd", "--optimizer", kind, "--betas", "0.8,0.99", "--eps", "1e-6",
+         "--weight-decay", "0.01"]))
+    assert typed.optim == OptimConfig(optimizer=kind, betas=(0.8, 0.99), eps=1e-6,
+                                      weight_decay=0.01)
+
+
 def test_collapse_detection_fires_on_each_rule_and_not_on_learning():
     chance = math.log(10)
     healthy = collapse.CollapseDetector(10, window=20)
