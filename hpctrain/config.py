@@ -517,6 +517,20 @@ def resolve(config: RunConfig) -> RunConfig:
         o, **{key: d[key] for key in d if getattr(o, key) is None}))
 
 
+# Options added after checkpoints and config.json files were written without them: such a
+# run trained with the value :func:`before_newer_options` gives.
+NEWER_OPTIONS = ("nesterov", "betas", "eps")
+
+
+def before_newer_options(config: RunConfig) -> dict:
+    """The flat values (:func:`flat`) of :data:`NEWER_OPTIONS` that a run of ``config``'s
+    algorithm and optimizer took before they existed: torch's defaults, which it then
+    built its optimizer with (a resumption compares a checkpoint header without them so)."""
+    earlier = resolve(RunConfig(algo=config.algo,
+                                optim=OptimConfig(optimizer=config.optim.optimizer)))
+    return {key: value for key, value in flat(earlier).items() if key in NEWER_OPTIONS}
+
+
 def to_dict(config: RunConfig) -> dict:
     """The configuration as nested plain values (JSON and TOML); :func:`from_dict` inverts it."""
     out = asdict(config)

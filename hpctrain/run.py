@@ -108,7 +108,8 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True,
-                                defaults=configs.flat(configs.resolve(RunConfig(algo=config.algo))))
+                                defaults=configs.flat(configs.resolve(RunConfig(algo=config.algo))),
+                                absent=configs.before_newer_options(config))
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
                                         every=resolved.every))
@@ -614,7 +615,9 @@ def _finished(config: RunConfig) -> dict | None:
         if ran.get("run_info", {}).get("workers") != config.algorithm_class.workers(config,
                                                                                     ranks):
             may_change |= checkpoint.policy.RESIZE_MAY_CHANGE  # as a resized resume takes
-        change = checkpoint.changed_option(configs.flat(configs.from_dict(ran)),
+        # resolved: a value it has no key for (an option newer than the file) is the one
+        # it ran with, as a checkpoint header's (configs.before_newer_options)
+        change = checkpoint.changed_option(configs.flat(configs.resolve(configs.from_dict(ran))),
                                            configs.flat(_as_launched(config)), may_change)
         if change:
             flag = "--out" if config.out is not None else "--checkpoint-dir"

@@ -492,6 +492,53 @@ def test_check_resume_with_a_changed_option(tmp_path):
         check(resume=str(tmp_path / "b"), run_config={"tau": 2})
 
 
+def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, monkeypatch):
+    """A header without --nesterov, --betas or --eps (written before they existed) resumes;
+    one resumed with them set otherwise than the run trained is refused, not taken silently
+    (keys a header lacks were not compared). A finished run's config.json likewise."""
+    from hpctrain import config as configs
+    from hpctrain.config import OptimConfig, RunConfig
+
+    sgd, adam = RunConfig(algo="sgd"), RunConfig(algo="sgd", optim=OptimConfig(optimizer="adam"))
+    assert configs.before_newer_options(sgd) == {"nesterov": False, "betas": None, "eps": None}
+    assert configs.before_newer_options(adam) == {"nesterov": False, "betas": [0.9, 0.999],
+                                                  "eps": 1e-8}
+    a_run(tmp_path / "sgd")
+    given = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "nesterov": False,
+             "betas": None, "eps": None}
+    check(resume=str(tmp_path / "sgd"), run_config=given,
+          absent=configs.before_newer_options(sgd))
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path / "sgd"), run_config={**given, "nesterov": True},
+              absent=configs.before_newer_options(sgd))
+    assert str(e.value) == (f"--resume {tmp_path / 'sgd'}: the run was started without "
+                            "--nesterov, not with it")
+    a_run(tmp_path / "adam", optimizer="adam")
+    given = {**given, "optimizer": "adam", "betas": [0.9, 0.999], "eps": 1e-8}
+    check(resume=str(tmp_path / "adam"), run_config=given,
+          absent=configs.before_newer_options(adam))
+    with pytest.raises(UsageError, match=r"started with --betas 0.9,0.999, not 0.8,0.99$"):
+        check(resume=str(tmp_path / "adam"), run_config={**given, "betas": [0.8, 0.99]},
+              absent=configs.before_newer_options(adam))
+    # --resume auto on a finished adam run whose config.json has no betas: finished, as it ran.
+    out = tmp_path / "finished"
+    out.mkdir()
+    config = RunConfig(algo="sgd", out=str(out), data=configs.DataConfig(dataset="synthetic"),
+                       optim=OptimConfig(optimizer="adam"),
+                       checkpoint=configs.CheckpointConfig(resume="auto"))
+    recorded = configs.repeatable(run._as_launched(config))
+    recorded["optim"] = {k: v for k, v in recorded["optim"].items()
+                         if k not in configs.NEWER_OPTIONS}
+    (out / "config.json").write_text(json.dumps({**recorded, "run_info": {"workers": 1}}))
+    (out / "summary.json").write_text("{}")
+    monkeypatch.setattr(comm, "launch_size", lambda: 1)
+    monkeypatch.setattr(run, "read_summary", lambda folder: {"finished": str(folder)})
+    assert run._finished(config) == {"finished": str(out)}
+    with pytest.raises(UsageError, match=r"started with --betas 0.9,0.999, not 0.8,0.99; "):
+        run._finished(dataclasses.replace(config, optim=OptimConfig(optimizer="adam",
+                                                                    betas=(0.8, 0.99))))
+
+
 def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(tmp_path):
     """"started with --fp16-allreduce False, not True" named no flag a user types; --epochs
     left out (5, the default) against a 4-epoch run got "a run cannot be made longer"."""

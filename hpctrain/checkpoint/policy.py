@@ -124,7 +124,7 @@ class Resolved:
 def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
           resume: str | None, out: str | None, run_config: dict,
           may_change: frozenset[str], resize: bool = False,
-          defaults: dict | None = None) -> Resolved:
+          defaults: dict | None = None, absent: dict | None = None) -> Resolved:
     """Check the checkpoint options before MPI starts; for ``resume``, check that the newest
     checkpoint's run is this one (same ``algo``, ``ranks`` unless ``resize`` allows another
     number, and ``run_config`` values over the keys it also recorded, except ``may_change``);
@@ -134,7 +134,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``);
     ``defaults``: the same of a run given no option, so that a refusal says which value is
-    the default a left-out option took.
+    the default a left-out option took; ``absent``: the values of options newer than some
+    checkpoints, as a run whose header lacks one trained (``--nesterov`` off), so that a
+    resumption that sets one otherwise is refused too.
     """
     off, every = every == OFF, None if every == OFF else every  # off: not even the resumed run's
     # Without an interval the folder was made and locked, and nothing written in it. With
@@ -158,7 +160,7 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             raise UsageError(f"--resume {given}: its checkpoint is of --algo "
                              f"{header.get('algo')} on {header.get('ranks')} ranks, not "
                              f"--algo {algo} on {ranks}")
-        old = header.get("args", {})
+        old = {**(absent or {}), **header.get("args", {})}
         if header.get("ranks") != ranks:
             may_change |= RESIZE_MAY_CHANGE
         if same_weights(old.get("init_from"), run_config.get("init_from"), header):
