@@ -28,6 +28,7 @@ import torch
 
 from hpctrain import comm
 from hpctrain.errors import UsageError
+from hpctrain.schedule import learning_rate
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 
@@ -115,3 +116,14 @@ def warmup_factor(epoch: float, warmup_epochs: float) -> float:
         return 1.0
     return epoch / warmup_epochs
 
+
+def scheduled_lr(optim, base: float, per_epoch: int, index: int) -> float:
+    """The learning rate of update ``index`` (from 0) of a run of ``per_epoch`` updates an
+    epoch from rate ``base`` (:func:`base_lr`): the schedule at the epoch it starts at, times
+    the warm-up factor at the epoch it ends at. The loop steps with it, and each curve point
+    records that of the update before it (``lr`` in metrics.jsonl)."""
+    lr = learning_rate(base, index // per_epoch + index % per_epoch / per_epoch, optim.epochs,
+                       optim.lr_schedule, optim.lr_milestones, optim.lr_gamma)
+    if optim.warmup_epochs:
+        lr *= warmup_factor((index + 1) / per_epoch, optim.warmup_epochs)
+    return lr

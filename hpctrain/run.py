@@ -70,7 +70,7 @@ from hpctrain.evaluate import Snapshots
 from hpctrain.metrics import RunLog, new_run_folder
 from hpctrain.metrics import progress as progress_bar
 from hpctrain.runtime import REAL, Runtime
-from hpctrain.schedule import learning_rate, set_lr
+from hpctrain.schedule import set_lr
 from hpctrain.steptimes import StepTimes
 from hpctrain.stragglers import parse_slowdown
 from hpctrain.summary import RunSummary, own_byte_fields
@@ -779,8 +779,16 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             **info, **provenance.resumes(resumes, log.dir / "config.json", info)}})
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
+    base_lr = optimizers.base_lr(o, size)
+
+    def lr_before(updates: int) -> float:
+        """A curve point's ``lr`` at ``updates``: the scheduled rate of the last update
+        before it (at update 0, of the first), whichever worker's step made it: one value
+        for every point, which an async rank 0's own last rate is not."""
+        return optimizers.scheduled_lr(o, base_lr, per_epoch, max(updates - 1, 0))
+
     if snapshotting:
-        snapshots.take(model, t=0.0, epoch=0.0, updates=0)
+        snapshots.take(model, t=0.0, epoch=0.0, updates=0, lr=lr_before(0))
 
     done = ckpt.restore(snapshots, loaded)
     position = done.get("updates", 0)
@@ -801,7 +809,6 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        elapsed=done.get("elapsed", 0.0), clock=ckpt.clock,
                        detector=detector, recorded=log.config)
     watch.begin(model, snapshots)
-    base_lr = optimizers.base_lr(o, size)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
     # Marks a resumed run's snapshots cover: to its last one. Lock-step loops take a mark's
     # before the checkpoint there; an async rank 0 may not have reached it (the others'
@@ -854,10 +861,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
             algo.epoch_started(local)
         # At the update this step makes: lock-step, the updates done; async, its ticket (the
         # worker's last push lags the global count by the pushes since, a straggler's most).
-        lr = learning_rate(base_lr, index // per_epoch + index % per_epoch / per_epoch,
-                           o.epochs, o.lr_schedule, o.lr_milestones, o.lr_gamma)
-        if o.warmup_epochs:
-            lr *= optimizers.warmup_factor((index + 1) / per_epoch, o.warmup_epochs)
+        lr = optimizers.scheduled_lr(o, base_lr, per_epoch, index)
         set_lr(algo.optimizer, lr)
         x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
@@ -901,8 +905,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         widest, checked_at = max(widest, position - checked_at), position
         if position >= next_snapshot:
             if snapshotting and position < total:
-                snapshots.take(model, t=runtime.now() - start,
-                               epoch=position / per_epoch, updates=position)
+                snapshots.take(model, t=runtime.now() - start, epoch=position / per_epoch,
+                               updates=position, lr=lr_before(position))
                 watch.snapshot(model, snapshots)
                 taken_at, taken = position, taken + 1
             next_snapshot = (position // snapshot_every + 1) * snapshot_every
@@ -933,7 +937,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     # already (from its members), and model.pt takes it from the model.
     final_taken = watch.stopped and taken_at == position and algo.lock_step
     if snapshotting and not final_taken:
-        snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position)
+        snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position,
+                       lr=lr_before(position))
         watch.snapshot(model, snapshots)
     finished = _state(model) if final_taken else None
     if algo.snapshots == "root" and comm_ is not None:

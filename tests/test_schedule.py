@@ -56,3 +56,33 @@ def test_an_async_step_takes_the_rate_of_the_update_it_makes(tmp_path, monkeypat
     assert {t for t, _ in RecordingASGD.seen} == set(range(summary["updates"]))
     for ticket, lr in RecordingASGD.seen:
         assert lr == pytest.approx(0.1 if ticket < per_epoch else 0.05), ticket
+
+
+@pytest.mark.parametrize("algo, workers, optim", [
+    ("ssgd", 2, OptimConfig(epochs=2, batch_size=64, lr=0.1, warmup_epochs=0.5,
+                            scale_lr=True)),
+    ("asgd", 3, OptimConfig(epochs=2, batch_size=64, lr=0.1, lr_schedule="step",
+                            lr_milestones=(1,), lr_gamma=0.5))])
+def test_each_curve_point_records_the_rate_of_the_update_before_it(tmp_path, algo, workers,
+                                                                   optim):
+    """metrics.jsonl had no learning rate (TensorBoard's train/lr only): each point's ``lr``
+    is the scheduled rate (warm-up and --scale-lr in) of update ``updates - 1``, the one
+    the last step before it made, and at update 0 the first update's."""
+    from hpctrain.metrics import read_points
+
+    summary = simulate(config(algo, tmp_path / "run", optim=optim), sim(workers))
+    points = read_points(tmp_path / "run")
+    per_epoch = summary["updates"] // 2
+    base = optim.lr * (workers if optim.scale_lr else 1)
+    for point in points:
+        update = max(point["updates"] - 1, 0)
+        rate = learning_rate(base, update / per_epoch, 2, optim.lr_schedule or "cosine",
+                             optim.lr_milestones, optim.lr_gamma)
+        if optim.warmup_epochs:
+            rate *= min(1.0, (update + 1) / per_epoch / optim.warmup_epochs)
+        assert point["lr"] == pytest.approx(rate, rel=1e-12), point
+    assert [p["updates"] for p in points][0] == 0 and points[-1]["updates"] == 2 * per_epoch
+    last = 2 * per_epoch - 1
+    assert points[-1]["lr"] == pytest.approx(
+        0.2 * 0.5 * (1 + math.cos(math.pi * last / (2 * per_epoch))) if algo == "ssgd"
+        else 0.05)
