@@ -145,15 +145,20 @@ def wait_beating(comm, doing: str, count: int | None = None, *,
     work, so its own watchdog still catches a stall there. ``starting``: as :func:`beat`'s.
     ``bounded``: rank 0's work is a write held to :data:`BUSY_S` by its own watchdog; a rank 0
     frozen whole (its watchdog thread too) would hold the others here for ever, so they give
-    up after :func:`wait_limit` s, ending the process as a stall does. A communicator without
-    a non-blocking barrier (torchrun's, the simulator's) waits in a plain one."""
+    up after :func:`wait_limit` s, ending the process as a stall does. It beats before its
+    first look too: what the watchdog holds after the wait (what it says the rank last did,
+    its clock, its limit) must not depend on whether rank 0 was done before this rank
+    looked. A communicator without a non-blocking barrier (torchrun's, the simulator's) waits
+    in a plain one."""
     if not hasattr(comm, "Ibarrier"):
         comm.Barrier()
         return
     request = comm.Ibarrier()
     active, since = _active, time.monotonic()
-    while not request.Test():
+    while True:
         beat(doing, count, starting=starting)
+        if request.Test():
+            return
         if bounded and active is not None and time.monotonic() - since > wait_limit():
             what = doing if count is None else f"{doing} {count}"
             say(f"hpctrain: rank {active.rank} gave up {what} after {wait_limit():g} s: rank 0 "

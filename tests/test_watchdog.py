@@ -108,6 +108,34 @@ def test_zero_timeout_watches_nothing():
     assert watchdog._active is None
 
 
+class _BarrierDoneAtOnce:
+    """A communicator whose non-blocking barrier is complete at the first look, as a rank's
+    is when rank 0 was done (and the others there) before it came."""
+
+    class Done:
+        def Test(self) -> bool:
+            return True
+
+    def Ibarrier(self):
+        return self.Done()
+
+
+def test_a_wait_over_at_its_first_look_still_beats():
+    """wait_beating beat only while its barrier was incomplete: a rank that came after rank
+    0's write recorded no wait, and held what the step before it left (MPI phase:
+    tests/test_checkpoint.py, ranks waiting for rank 0's checkpoint beat)."""
+    watchdog.start(60, rank=1, ranks=2)
+    try:
+        watchdog.beat("compiling for a batch of", 8, compiling=True)
+        watchdog.wait_beating(_BarrierDoneAtOnce(), "waiting for rank 0's checkpoint", 10,
+                              bounded=True)
+        active = watchdog._active
+        assert (active.doing, active.count, active.limit) == (
+            "waiting for rank 0's checkpoint", 10, 60)
+    finally:
+        watchdog.stop()
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("algo,last", [("ssgd", "update 6"), ("dcasgd-a", "update 6")])
 def test_a_hung_rank_ends_the_job(tmp_path, algo, last):
