@@ -542,10 +542,11 @@ def test_a_stall_report_waits_for_answers_no_longer_than_the_shutdown_allows():
     assert answer_wait(700, ending=True, timeout_s=600, poll_s=1.0) == 2.0
 
 
-def test_a_stall_report_says_the_wait_the_check_found(capfd):
+def test_a_stall_report_says_the_wait_the_check_found(capfd, monkeypatch):
     """A 1 s check and a 3 s timeout said "waited 2 s" and "waited 4 s" (the example's
     docstring: 1 s and 3 s): the line counted in the time spent asking the other ranks.
-    Rank 1 here is a thread's post on a store, as under torchrun."""
+    Rank 1 here is a thread's post on a store, as under torchrun. The module's clock stands
+    still at ``now``: on the real one, a loaded machine's pause before the report made it."""
     import time
     from types import SimpleNamespace
 
@@ -553,8 +554,9 @@ def test_a_stall_report_says_the_wait_the_check_found(capfd):
 
     from hpctrain.sync import stall
 
+    now = 1000.0
+    monkeypatch.setattr(stall, "time", SimpleNamespace(monotonic=lambda: now, sleep=time.sleep))
     store = HashStore()
-    now = time.monotonic()
     found, since = now - 0.6, now - 1.8  # the check found 1.2 s; asking took 0.6 s
     stall._StorePeers(store, 1).serve(lambda: (None, "allreduce(name='warmup')", 2.0))
     monitor = stall._Monitor(stall._StorePeers(store, 0), 0, check_s=1.0, timeout_s=3.0)
