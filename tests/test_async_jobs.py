@@ -200,11 +200,16 @@ def _budget(consistency: str) -> None:
         w, g = torch.empty(numel), torch.ones(numel)
         store.pull(w)
         mine = []
-        while (ticket := store.claim()) < budget:
+        # Each worker holds its first ticket before either pushes: unordered, worker 0 could
+        # claim all 40 before worker 1's first claim, and the test wants both to push.
+        ticket = store.claim()
+        store.worker_comm.Barrier()
+        while ticket < budget:
             if rank == 1:
                 time.sleep(0.005)
             store.push(w, g, lr=1.0)
             mine.append(ticket)
+            ticket = store.claim()
         store.worker_comm.Barrier()
         traffic = {"read": store.bytes_read, "written": store.bytes_written,
                    "mpi": store.mpi_bytes}
