@@ -79,6 +79,9 @@ def unmoved_chunk(mb: float) -> UsageError:
 
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's Adam and AdamW defaults
+# Half float32's smallest positive number (2**-149): an eps at or below it rounds to 0 in the
+# optimizer's float32 arithmetic, where Adam's first step divides 0 by 0.
+FLOAT32_ZERO_AT = 2.0 ** -150
 
 
 def _betas(text: str) -> tuple[float, float]:
@@ -294,8 +297,9 @@ class OptimConfig:
         self._check_adam_options()
 
     def _check_adam_options(self) -> None:
-        """``betas`` as a tuple of two rates in [0, 1), and ``betas`` and ``eps`` refused for
-        SGD, which has neither (a Python caller's and a file's values as the flag's)."""
+        """``betas`` as a tuple of two rates in [0, 1), ``eps`` one float32 holds (not 0), and
+        ``betas`` and ``eps`` refused for SGD, which has neither (a Python caller's and a
+        file's values as the flag's)."""
         b = self.betas
         if b is not None:
             if hasattr(b, "tolist") and not isinstance(b, (list, tuple)):  # a numpy array
@@ -307,6 +311,10 @@ class OptimConfig:
             object.__setattr__(self, "betas", b)
             if not all(0 <= v < 1 for v in b):  # NaN too
                 raise UsageError(f"--betas {_shown_betas(b)}: each must be in [0, 1)")
+        if self.eps is not None and self.eps <= FLOAT32_ZERO_AT:
+            raise UsageError(f"--eps {options.shown(self.eps)} is 0 in float32, the optimizer "
+                             "state's type (its smallest positive number is 1.4e-45), and "
+                             "Adam's 0/0 then makes NaN; give at least 1.4e-45")
         if self.optimizer == "sgd":
             given = [f"--betas {_shown_betas(b)}"] if b is not None else []
             given += [f"--eps {options.shown(self.eps)}"] if self.eps is not None else []

@@ -561,6 +561,10 @@ _ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw 
      "argument --betas: '0.9,x': want two comma-separated numbers, e.g. 0.9,0.999"),
     (["--algo", "sgd", "--optimizer", "adam", "--eps", "0"], 1,
      "argument --eps: must be > 0, got 0"),
+    # float32's 0, where Adam divides 0 by 0: the run's loss went NaN at once.
+    (["--algo", "sgd", "--optimizer", "adam", "--eps", "1e-300"], 1,
+     "--eps 1e-300 is 0 in float32, the optimizer state's type (its smallest positive number "
+     "is 1.4e-45), and Adam's 0/0 then makes NaN; give at least 1.4e-45"),
 ])
 def test_nesterov_betas_and_eps_are_refused_where_they_do_not_apply(args, ranks, said):
     assert refusal([*args, *SYNTHETIC], ranks) == said
@@ -577,6 +581,9 @@ def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert one_line(lambda: OptimConfig(optimizer="adamw", nesterov=True)).startswith(
         "--nesterov is SGD's Nesterov momentum; --optimizer adamw has none")
     assert OptimConfig(optimizer="adam", betas=[0, 0.5]).betas == (0.0, 0.5)  # a file's list
+    assert OptimConfig(optimizer="adam", eps=1.4e-45).eps == 1.4e-45  # float32's smallest
+    assert one_line(lambda: OptimConfig(optimizer="adam", eps=7e-46)).startswith(
+        "--eps 7e-46 is 0 in float32")
     # A momentum of 0 is refused once resolved: the algorithm's default may be 0 (asgd's).
     assert OptimConfig(momentum=0.0, nesterov=True).nesterov
 
