@@ -31,6 +31,9 @@ from hpctrain.errors import UsageError
 from hpctrain.schedule import learning_rate
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# check sees the resolved value, not where it came from: a --config file's nesterov is undone
+# only by the switch's off form, which a refusal names too.
+_OVER_A_FILE = " (--no-nesterov over a --config file's)"
 
 
 def make(params: Iterable, optim) -> torch.optim.Optimizer:
@@ -60,14 +63,14 @@ def check(algorithm_class, optim) -> None:
     if optim.nesterov and not algorithm_class.lock_step:
         raise UsageError(f"--nesterov: --algo {algorithm_class.name} keeps its own update rule "
                          "(applied in the parameter store's push, with plain --momentum); "
-                         "leave --nesterov out")
+                         f"leave --nesterov out{_OVER_A_FILE}")
     # Checked here, resolved, not in OptimConfig: the default momentum is the algorithm's.
     if optim.nesterov and not optim.momentum:  # torch's SGD refuses it too, at its build
         default = " (the default of --algo " + algorithm_class.name + ")" \
             if algorithm_class.defaults.get("momentum", 0.9) == 0 else ""
         raise UsageError(f"--nesterov with --momentum {optim.momentum or 0:g}{default}: "
                          "Nesterov momentum needs momentum > 0, as torch's SGD says; give "
-                         "--momentum")
+                         f"--momentum above 0, or leave --nesterov out{_OVER_A_FILE}")
     # The linear scaling rule makes up for a gradient averaged over K workers' batches: a
     # K-times larger batch per update. An asynchronous worker's push applies its own batch's
     # gradient alone, and so does an ec member's step to its own model: K x --lr would only

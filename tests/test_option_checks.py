@@ -527,15 +527,17 @@ def test_adamw_without_weight_decay_is_warned_of_as_plain_adam(capsys):
 # be taken silently, in one line before MPI starts, naming the value.
 
 _OWN_RULE = ("--nesterov: --algo {} keeps its own update rule (applied in the parameter "
-             "store's push, with plain --momentum); leave --nesterov out")
+             "store's push, with plain --momentum); leave --nesterov out (--no-nesterov over a "
+             "--config file's)")
+_ABOVE_0 = ("Nesterov momentum needs momentum > 0, as torch's SGD says; give --momentum "
+            "above 0, or leave --nesterov out (--no-nesterov over a --config file's)")
 _ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw (SGD has "
           "--momentum)")
 
 
 @pytest.mark.parametrize("args, ranks, said", [
     (["--algo", "sgd", "--nesterov", "--momentum", "0"], 1,
-     "--nesterov with --momentum 0: Nesterov momentum needs momentum > 0, as torch's SGD "
-     "says; give --momentum"),
+     f"--nesterov with --momentum 0: {_ABOVE_0}"),
     (["--algo", "ssgd", "--nesterov", "--optimizer", "adam"], 2,
      "--nesterov is SGD's Nesterov momentum; --optimizer adam has none (torch's NAdam is "
      "another optimizer)"),
@@ -570,6 +572,19 @@ def test_nesterov_betas_and_eps_are_refused_where_they_do_not_apply(args, ranks,
     assert refusal([*args, *SYNTHETIC], ranks) == said
 
 
+def test_a_files_refused_nesterov_is_told_the_switch_that_undoes_it(tmp_path):
+    """A --config file's nesterov cannot be left out, only switched off: each refusal of it
+    names --no-nesterov, which then trains."""
+    toml = tmp_path / "nesterov.toml"
+    toml.write_text('algo = "ssgd"\n[optim]\nnesterov = true\n')
+    for args, said in ((["--algo", "asgd"], _OWN_RULE.format("asgd")),
+                       (["--momentum", "0"], f"--nesterov with --momentum 0: {_ABOVE_0}")):
+        assert refusal(["--config", str(toml), *args, *SYNTHETIC], 3) == said
+        config = run.check_launch(parse("--config", str(toml), *args, *SYNTHETIC,
+                                        "--no-nesterov"), 3)
+        assert not config.optim.nesterov
+
+
 def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert one_line(lambda: OptimConfig(optimizer="adam", betas=(0.9, float("nan")))) == \
         "--betas 0.9,nan: each must be in [0, 1)"
@@ -593,5 +608,4 @@ def test_a_refused_nesterov_exits_with_status_2_before_mpi():
                    np=0, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(
-        "--nesterov with --momentum 0: Nesterov momentum needs momentum > 0, as torch's SGD "
-        "says; give --momentum")
+        f"--nesterov with --momentum 0: {_ABOVE_0}")
