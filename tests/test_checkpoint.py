@@ -557,6 +557,21 @@ def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(t
         assert str(e.value) == f"--resume {tmp_path}: the run was started {said}"
 
 
+def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
+    """The defaults were sgd's: an adam run's left-out --betas and --lr were not called the
+    default, and the refusal did not say what to give."""
+    a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8)
+    typed = ["train", "--algo", "sgd", "--dataset", "synthetic", "--model", "mlp",
+             "--optimizer", "adam", "--resume", str(tmp_path)]
+    config = arguments.build(cli.build_parser().parse_args(typed))
+    with pytest.raises(UsageError) as e:
+        run.check_launch(config, 1)
+    assert str(e.value) == (
+        f"--resume {tmp_path}: the run was started with --betas 0.8,0.99, not 0.9,0.999 (the "
+        "default); with --lr 0.01, not 0.001 (the default): to go on, give --betas 0.8,0.99 "
+        "--lr 0.01")
+
+
 def test_a_resume_compares_what_options_mean_not_how_they_are_written(tmp_path):
     """--slowdown " 1:2.0" is 1:2; --eval-rank moves scoring to a rank that trains not, which
     changes no result (--eval may change); --init-from names the weights the run started from
