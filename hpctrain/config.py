@@ -297,9 +297,10 @@ class OptimConfig:
         self._check_adam_options()
 
     def _check_adam_options(self) -> None:
-        """``betas`` as a tuple of two rates in [0, 1), ``eps`` one float32 holds (not 0), and
-        ``betas`` and ``eps`` refused for SGD, which has neither (a Python caller's and a
-        file's values as the flag's)."""
+        """``betas`` as a tuple of two rates in [0, 1) and ``eps`` one float32 holds (not 0)
+        (a Python caller's and a file's values as the flag's). Under SGD, which has neither,
+        :func:`hpctrain.optimizers.check` refuses them: what to give instead depends on the
+        algorithm."""
         b = self.betas
         if b is not None:
             if hasattr(b, "tolist") and not isinstance(b, (list, tuple)):  # a numpy array
@@ -315,12 +316,6 @@ class OptimConfig:
             raise UsageError(f"--eps {options.shown(self.eps)} is 0 in float32, the optimizer "
                              "state's type (its smallest positive number is 1.4e-45), and "
                              "Adam's 0/0 then makes NaN; give at least 1.4e-45")
-        if self.optimizer == "sgd":
-            given = [f"--betas {_shown_betas(b)}"] if b is not None else []
-            given += [f"--eps {options.shown(self.eps)}"] if self.eps is not None else []
-            if given:
-                raise UsageError(f"{' and '.join(given)}: Adam's, and --optimizer sgd has "
-                                 "none; give --optimizer adam or adamw (SGD has --momentum)")
 
 
 @dataclass(frozen=True)

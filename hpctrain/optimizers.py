@@ -26,7 +26,7 @@ from collections.abc import Iterable
 
 import torch
 
-from hpctrain import comm
+from hpctrain import comm, options
 from hpctrain.errors import UsageError
 from hpctrain.schedule import learning_rate
 
@@ -48,6 +48,24 @@ def make(params: Iterable, optim) -> torch.optim.Optimizer:
                **{k: v for k, v in given.items() if v is not None})
 
 
+def _check_adam_options(algorithm_class, optim) -> None:
+    """Refuse Adam's ``betas`` and ``eps`` under SGD, which has neither: a lock-step
+    algorithm is told of ``--optimizer adam``; one that takes sgd only (the asynchronous
+    ones), which then refuses adam, that its own update rule has none."""
+    given = [f"--betas {','.join(map(options.shown, optim.betas))}"] \
+        if optim.betas is not None else []
+    given += [f"--eps {options.shown(optim.eps)}"] if optim.eps is not None else []
+    if optim.optimizer != "sgd" or not given:
+        return
+    if not {"adam", "adamw"} & set(algorithm_class.optimizers):  # asgd, dcasgd-*, ssp
+        raise UsageError(f"{' and '.join(given)}: Adam's, and --algo {algorithm_class.name} "
+                         "keeps its own update rule (SGD with --momentum), which has none; "
+                         f"leave {'them' if len(given) > 1 else 'it'} out (none over a "
+                         "--config file's)")
+    raise UsageError(f"{' and '.join(given)}: Adam's, and --optimizer sgd has none; give "
+                     "--optimizer adam or adamw (SGD has --momentum)")
+
+
 def check(algorithm_class, optim) -> None:
     """Refuse an optimizer the algorithm cannot use, ``--nesterov`` where the update is not
     torch's SGD with momentum, and ``--scale-lr`` where no gradient is averaged over the
@@ -58,6 +76,7 @@ def check(algorithm_class, optim) -> None:
         raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
                          f"its own update rule{why}; only "
                          f"{', '.join(algorithm_class.optimizers)}")
+    _check_adam_options(algorithm_class, optim)
     # The asynchronous algorithms' push applies plain momentum (v <- m*v + d, in the shared
     # CPU/CUDA kernel); Nesterov's look-ahead is not theirs.
     if optim.nesterov and not algorithm_class.lock_step:

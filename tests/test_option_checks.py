@@ -531,6 +531,8 @@ _OWN_RULE = ("--nesterov: --algo {} keeps its own update rule (applied in the pa
              "--config file's)")
 _ABOVE_0 = ("Nesterov momentum needs momentum > 0, as torch's SGD says; give --momentum "
             "above 0, or leave --nesterov out (--no-nesterov over a --config file's)")
+_OWN_SGD = ("Adam's, and --algo {} keeps its own update rule (SGD with --momentum), which has "
+            "none; leave {} out (none over a --config file's)")
 _ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw (SGD has "
           "--momentum)")
 
@@ -552,7 +554,13 @@ _ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw 
     (["--algo", "ec", "--eps", "1e-6"], 2, f"--eps 1e-06: {_ADAMS}"),
     (["--algo", "sgd", "--betas", "0.8,0.99", "--eps", "0.1"], 1,
      f"--betas 0.8,0.99 and --eps 0.1: {_ADAMS}"),
-    (["--algo", "asgd", "--betas", "0.8,0.99"], 3, f"--betas 0.8,0.99: {_ADAMS}"),
+    # An asynchronous algorithm takes sgd only: --optimizer adam was no way on.
+    (["--algo", "asgd", "--betas", "0.8,0.99"], 3,
+     f"--betas 0.8,0.99: {_OWN_SGD.format('asgd', 'it')}"),
+    (["--algo", "dcasgd-a", "--eps", "1e-6"], 3,
+     f"--eps 1e-06: {_OWN_SGD.format('dcasgd-a', 'it')}"),
+    (["--algo", "ssp", "--betas", "0.8,0.99", "--eps", "0.1"], 3,
+     f"--betas 0.8,0.99 and --eps 0.1: {_OWN_SGD.format('ssp', 'them')}"),
     (["--algo", "sgd", "--optimizer", "adam", "--betas", "0.9,1"], 1,
      "--betas 0.9,1.0: each must be in [0, 1)"),
     (["--algo", "sgd", "--optimizer", "adam", "--betas", "-0.1,0.9"], 1,
