@@ -92,9 +92,8 @@ def _betas(text: str) -> tuple[float, float]:
                                          "e.g. 0.9,0.999")
     try:
         return tuple(options.number(w) for w in words)
-    except argparse.ArgumentTypeError:
-        raise argparse.ArgumentTypeError(f"{text!r}: want two comma-separated numbers, "
-                                         "e.g. 0.9,0.999") from None
+    except argparse.ArgumentTypeError as e:  # which word, and why: "'nan' is not finite"
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def _shown_betas(betas) -> str:

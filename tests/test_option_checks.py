@@ -567,8 +567,11 @@ _ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw 
      "--betas -0.1,0.9: each must be in [0, 1)"),
     (["--algo", "sgd", "--optimizer", "adam", "--betas", "0.9"], 1,
      "argument --betas: '0.9': want two comma-separated numbers, e.g. 0.9,0.999"),
+    # The word that is no number, and why: "want two numbers" hid nan's reason.
     (["--algo", "sgd", "--optimizer", "adam", "--betas", "0.9,x"], 1,
-     "argument --betas: '0.9,x': want two comma-separated numbers, e.g. 0.9,0.999"),
+     "argument --betas: '0.9,x': 'x' is not a number"),
+    (["--algo", "sgd", "--optimizer", "adam", "--betas", "nan,0.9"], 1,
+     "argument --betas: 'nan,0.9': 'nan' is not a finite number"),
     (["--algo", "sgd", "--optimizer", "adam", "--eps", "0"], 1,
      "argument --eps: must be > 0, got 0"),
     # float32's 0, where Adam divides 0 by 0: the run's loss went NaN at once.
