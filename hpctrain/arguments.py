@@ -409,8 +409,8 @@ def without_partners(base: dict, given: dict, path: str | None,
     for keys, by in gone:
         if comm.env_rank() == 0:
             value = filed(*keys)
-            shown = json.dumps(value) if isinstance(value, dict) else options.shown(value)
-            print(f"hpctrain: {by}: leaving out {path}'s {'.'.join(keys)} {shown}", flush=True)
+            print(f"hpctrain: {by}: leaving out {path}'s {'.'.join(keys)} {_shown(value)}",
+                  flush=True)
         base = _without(base, keys)
     return base
 
@@ -450,8 +450,20 @@ def _say_resumed_elsewhere(resume: str, out, path: str | None) -> None:
 
 
 def _listed(values: dict, keys: list[str]) -> str:
-    return ", ".join(f"{key} {'none' if values[key] is None else options.shown(values[key])}"
-                     for key in keys)
+    return ", ".join(f"{key} {_shown(values[key])}" for key in keys)
+
+
+def _shown(value) -> str:
+    """A file's or a default's value in a note, a list as its flag takes it: betas were
+    ``(0.9, 0.999)`` from a default and ``[0.9, 0.999]`` from config.json, ``0.9,0.999``
+    typed."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(options.shown, value))
+    return options.shown(value)
 
 
 def _same_algorithm(recorded, typed: str) -> bool:

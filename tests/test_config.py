@@ -624,7 +624,7 @@ def test_another_schedule_leaves_out_the_files_milestones(tmp_path, capsys):
                      "--lr-schedule", "constant")
     assert (repeat.optim.lr_schedule, repeat.optim.lr_milestones) == ("constant", ())
     assert repeat.optim.lr_gamma == OptimConfig.lr_gamma
-    assert f"leaving out {tmp_path}/config.json's lr_milestones [2], lr_gamma 0.5" in \
+    assert f"leaving out {tmp_path}/config.json's lr_milestones 2, lr_gamma 0.5" in \
         capsys.readouterr().out
 
 
@@ -690,12 +690,23 @@ def test_nesterov_betas_and_eps_from_python_toml_flags_and_config_json(tmp_path,
     sgd = configs.resolve(parse("--config", str(toml), "--optimizer", "sgd")).optim
     assert (sgd.betas, sgd.eps, sgd.momentum) == (None, None, 0.9)
     assert capsys.readouterr().out == (f"hpctrain: --optimizer sgd: leaving out {toml}'s "
-                                       f"optim.betas [0.8, 0.99]\nhpctrain: --optimizer sgd: "
+                                       f"optim.betas 0.8,0.99\nhpctrain: --optimizer sgd: "
                                        f"leaving out {toml}'s optim.eps 1e-06\n")
     saved.write_text(json.dumps({**configs.repeatable(configs.resolve(from_python)),
                                  "run_info": {"workers": 2}}))
+    capsys.readouterr()
     assert configs.resolve(parse("--config", str(saved), "--optimizer", "sgd")).optim.betas \
         is None
+    # A default's betas as the file's, as --betas takes them: "(0.9, 0.999)" and "[0.9, 0.999]"
+    # were one value written two ways.
+    saved.write_text(json.dumps({**configs.repeatable(configs.resolve(RunConfig(
+        algo="ssgd", optim=OptimConfig(optimizer="adam")))), "run_info": {"workers": 2}}))
+    capsys.readouterr()
+    parse("--config", str(saved), "--optimizer", "sgd")
+    assert capsys.readouterr().out == (
+        "hpctrain: lr 0.05, momentum 0.9, betas none, eps none by default with the options "
+        f"given, not {saved}'s lr 0.001, momentum none, betas 0.9,0.999, eps 1e-08, its run's "
+        "defaults\n")
     nesterov_toml = tmp_path / "nesterov.toml"
     nesterov_toml.write_text('algo = "ssgd"\n[optim]\nnesterov = true\nmomentum = 0.5\n')
     capsys.readouterr()
