@@ -462,7 +462,7 @@ def _shown(value) -> str:
     if isinstance(value, dict):
         return json.dumps(value)
     if isinstance(value, (list, tuple)):
-        return ",".join(map(options.shown, value))
+        return options.shown_list(value)
     return options.shown(value)
 
 

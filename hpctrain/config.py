@@ -98,8 +98,7 @@ def _betas(text: str) -> tuple[float, float]:
 
 def _shown_betas(betas) -> str:
     """Betas as ``--betas`` takes them: ``0.9,0.999``."""
-    return ",".join(map(options.shown, betas)) if isinstance(betas, (list, tuple)) \
-        else repr(betas)
+    return options.shown_list(betas) if isinstance(betas, (list, tuple)) else repr(betas)
 
 
 @dataclass(frozen=True)
@@ -524,13 +523,19 @@ def resolve(config: RunConfig) -> RunConfig:
 NEWER_OPTIONS = ("nesterov", "betas", "eps")
 
 
+def left_out(config: RunConfig) -> dict:
+    """The flat values (:func:`flat`) a run of ``config``'s algorithm and optimizer takes for
+    every option left out: what a resume refusal names as the default (adam's --lr and
+    --betas are not sgd's)."""
+    return flat(resolve(RunConfig(algo=config.algo,
+                                  optim=OptimConfig(optimizer=config.optim.optimizer))))
+
+
 def before_newer_options(config: RunConfig) -> dict:
-    """The flat values (:func:`flat`) of :data:`NEWER_OPTIONS` that a run of ``config``'s
-    algorithm and optimizer took before they existed: torch's defaults, which it then
-    built its optimizer with (a resumption compares a checkpoint header without them so)."""
-    earlier = resolve(RunConfig(algo=config.algo,
-                                optim=OptimConfig(optimizer=config.optim.optimizer)))
-    return {key: value for key, value in flat(earlier).items() if key in NEWER_OPTIONS}
+    """The flat values of :data:`NEWER_OPTIONS` that a run of ``config``'s algorithm and
+    optimizer took before they existed: torch's defaults, which it then built its optimizer
+    with (a resumption compares a checkpoint header without them so)."""
+    return {key: value for key, value in left_out(config).items() if key in NEWER_OPTIONS}
 
 
 def to_dict(config: RunConfig) -> dict:

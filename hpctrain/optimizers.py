@@ -52,8 +52,7 @@ def _check_adam_options(algorithm_class, optim) -> None:
     """Refuse Adam's ``betas`` and ``eps`` under SGD, which has neither: a lock-step
     algorithm is told of ``--optimizer adam``; one that takes sgd only (the asynchronous
     ones), which then refuses adam, that its own update rule has none."""
-    given = [f"--betas {','.join(map(options.shown, optim.betas))}"] \
-        if optim.betas is not None else []
+    given = [f"--betas {options.shown_list(optim.betas)}"] if optim.betas is not None else []
     given += [f"--eps {options.shown(optim.eps)}"] if optim.eps is not None else []
     if optim.optimizer != "sgd" or not given:
         return

@@ -193,6 +193,12 @@ def shown(value) -> str:
         return f"{'-' if value < 0 else ''}1e+{int(abs(value).bit_length() * math.log10(2))}"
 
 
+def shown_list(values) -> str:
+    """Numbers in a message as a comma-list flag takes them: ``0.9,0.999`` (``--betas``),
+    whether they came as a tuple (a default), a list (config.json) or typed."""
+    return ",".join(map(shown, values))
+
+
 def option(default, help: str, *, flag: str | None = None, parse=None, choices=None,
            range: Range | None = None, metavar: str | None = None, store_false: bool = False,
            clearable: bool = False, excludes: tuple[str, ...] = ()):

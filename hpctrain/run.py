@@ -108,7 +108,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True,
-                                defaults=resume_defaults(config),
+                                defaults=configs.left_out(config),
                                 absent=configs.before_newer_options(config))
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
@@ -118,14 +118,6 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
     return config
-
-
-def resume_defaults(config: RunConfig) -> dict:
-    """The flat values (:func:`hpctrain.config.flat`) a run of ``config``'s algorithm and
-    optimizer takes for options left out, which a resume refusal names as the default: adam's
-    --lr and --betas are not sgd's."""
-    return configs.flat(configs.resolve(RunConfig(
-        algo=config.algo, optim=configs.OptimConfig(optimizer=config.optim.optimizer))))
 
 
 def check_workers(config: RunConfig, workers: int,
