@@ -142,6 +142,28 @@ def test_the_report_names_every_training_setting_that_differs_between_runs(tmp_p
     assert "| runs | `--seed` |" in report.differing_settings(rows)
 
 
+def test_a_model_args_difference_is_a_setting_that_differs():
+    """Runs with ``--model-args '{"width": 4}'`` and with the builder's default said only that
+    their seeds differed: the object was split by key, each key in one run only, and a key some
+    runs lack did not count. --model-args is compared whole; a setting (not an algorithm's
+    option) some runs' config.json lacks differs too."""
+    def row(name: str, args: dict | None, seed: int = 0, **more) -> report.Row:
+        return report.Row(name, "ok", summary=SUMMARY, config={
+            "seed": seed, "model": {"name": "nets.py:build", "args": args},
+            "optim": {"lr": 0.05}, **more})
+
+    rows = [row("w4", {"width": 4}), row("w4seed2", {"width": 4}, 2), row("w8", None)]
+    assert report.differing_settings(rows).endswith(
+        "| runs | `--model-args` | `--seed` |\n|---|---|---|\n"
+        '| w4 | {"width": 4} | 0 |\n| w4seed2 | {"width": 4} | 2 |\n| w8 | none | 0 |')
+    rows = [row("a", {"width": 4, "depth": 2}), row("b", {"width": 8, "depth": 2})]
+    assert '| a | {"width": 4, "depth": 2} |\n| b | {"width": 8, "depth": 2} |' in \
+        report.differing_settings(rows)
+    rows = [row("old", None), row("new", None, threads=1)]
+    assert report.differing_settings(rows).endswith(
+        "| runs | `--threads` |\n|---|---|\n| old | — |\n| new | 1 |")
+
+
 def test_a_simulated_comparisons_time_axis_says_it_is_virtual():
     simulated = report.Row("asgd", "ok", summary={"simulated": True})
     real = report.Row("sgd", "ok", summary={})

@@ -698,11 +698,17 @@ NOT_COMPARED = frozenset({"algo", "out", "run_info", "progress", "tensorboard", 
                           "eval_mode"})
 
 
+# config.json settings whose value is a JSON object of the user's, one option compared whole:
+# split by key, ``--model-args '{"width": 4}'`` and the builder's default (None) were keys of one
+# run each, and the report said nothing of the difference
+WHOLE = frozenset({"model.args"})
+
+
 def _flat(table: dict, prefix: str = "") -> dict:
-    """A nested configuration's values by dotted key (``optim.lr``)."""
+    """A nested configuration's values by dotted key (``optim.lr``), those of WHOLE whole."""
     out = {}
     for key, value in table.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and f"{prefix}{key}" not in WHOLE:
             out.update(_flat(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
@@ -746,13 +752,15 @@ def differing_settings(rows: list[Row]) -> str | None:
     differs between them (lr, momentum, batch size, an algorithm's tau...), one row per set
     of runs that share their values; None when none differs. Defaults differ by algorithm
     (asgd's lr 0.1, ssgd's 0.05): the training options a comparison gives do not say them.
-    A setting only some runs have (an algorithm's option) differs where two of those differ,
-    and is "—" for the others."""
+    An algorithm's option only some runs have differs where two of those differ; any other
+    setting some runs lack (a config.json of an older hpctrain) differs. Either is "—" for
+    the runs without it."""
     finished = [r for r in rows if r.summary is not None and r.config]
     settings = [_trained_with(r) for r in finished]
     keys = sorted({k for s in settings for k in s},
                   key=lambda k: (k.startswith("algorithm."), k))
-    differ = [k for k in keys if len({s[k] for s in settings if k in s}) > 1]
+    differ = [k for k in keys if len({s.get(k) for s in settings
+                                      if k in s or not k.startswith("algorithm.")}) > 1]
     if not differ:
         return None
     groups: dict[tuple[str, ...], list[Row]] = {}
