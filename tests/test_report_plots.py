@@ -164,6 +164,14 @@ def test_a_model_args_difference_is_a_setting_that_differs():
         "| runs | `--threads` |\n|---|---|\n| old | — |\n| new | 1 |")
 
 
+def test_the_training_options_line_can_be_pasted_into_a_shell():
+    """It wrote ``--model-args {"width": 4}`` unquoted, as the Commands section does not."""
+    record = {"algos": ["ssgd"], "workers": 2, "runs": {},
+              "train_args": ["--model-args", '{"width": 4}', "--epochs", "1"]}
+    assert "Training options: `--model-args '{\"width\": 4}' --epochs 1` (each run" in \
+        report.markdown(record, [], [])
+
+
 def test_a_simulated_comparisons_time_axis_says_it_is_virtual():
     simulated = report.Row("asgd", "ok", summary={"simulated": True})
     real = report.Row("sgd", "ok", summary={})

@@ -892,7 +892,7 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     """The whole ``report.md`` (``plots``: whether the PNGs it shows were drawn)."""
     out = ["# Algorithm comparison", ""]
     if record:
-        options = " ".join(record.get("train_args", [])) or "(defaults)"
+        options = shlex.join(record.get("train_args", [])) or "(defaults)"  # pasteable
         evaluating = "--eval-rank" in record.get("train_args", [])
         per_run = "processes per run, one of them evaluating" if evaluating else \
             "workers per run"
