@@ -234,6 +234,26 @@ def test_the_error_range_leaves_room_above_runs_near_zero_error():
         == (9.0, 31.0)
 
 
+def test_the_error_range_holds_the_seeds_bands():
+    """Sized by the mean curves alone, the axis showed 60.5-68% while one seed ended at 47.7%
+    and the other stayed at 74%: the band covered the plot. The untrained start still stays
+    out, and a diverged seed above the cap still does not stretch the axis."""
+    mean = [[80.1, 67.6, 64.1, 60.9], [80.1, 67.2, 65.9, 60.9]]
+    bands = [[74.2, 60.9, 53.9, 47.7], [85.9, 74.2, 74.2, 74.2],
+             [74.2, 60.2, 57.7, 47.7], [85.9, 74.2, 74.2, 74.2]]
+    assert report._error_range(mean) == pytest.approx((60.4, 68.1))  # as it was
+    low, high = report._error_range(mean, bands)
+    assert 45.0 < low < 47.7 and 74.2 < high < 80.0
+    converging = [[90.0, 30.0, 12.0], [90.0, 40.0, 20.0], [90.0, 25.0, 10.0]]
+    assert report._error_range(converging, [[90.0, 5.0, 4.0], [90.0, 95.0, 90.0]]) == \
+        pytest.approx((2.7, 31.3))  # to 2.5 times the median, 12
+    rows = [report.Row("ssgd", "ok", summary=SUMMARY, seed=seed, points=[
+        {"t": 0.0, "epoch": 0.0, "test_acc": 0.1}, {"t": 1.0, "epoch": 1.0, "test_acc": acc}])
+        for seed, acc in ((1, 0.55), (2, 0.25))]  # the band 45-75%, its mean 60%
+    low, high = report.figure(rows, "epoch").axes[0].get_ylim()
+    assert low < 45.0 and high > 75.0
+
+
 def test_a_curve_above_the_range_says_its_limit_in_three_digits():
     """It said "(above 0%)" of a limit of 0.5%."""
     curve = report.Curve("asgd", "asgd, M=4", [0.0, 1.0], [90.0, 80.0])

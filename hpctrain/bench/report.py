@@ -991,11 +991,14 @@ def _style(algo: str | None, index: int) -> tuple[str, str]:
 ERROR_ROOM = 5.0
 
 
-def _error_range(curves: list[list[float]]) -> tuple[float, float] | None:
+def _error_range(curves: list[list[float]], bands: list[list[float]] = ()
+                 ) -> tuple[float, float] | None:
     """Test error range (%) that shows how the runs converge: from just below the lowest error
     to 2.5 times the median final error, or that median plus ERROR_ROOM points if higher (the
-    untrained start and diverged runs lie above)."""
-    later = [e for c in curves for e in c[1:]]
+    untrained start and diverged runs lie above). ``bands``: the edges of the seeds' min-max
+    bands, in range as the curves are but not in the median (sized by the mean curves alone,
+    the axis showed none of a band around them: its best seed fell below)."""
+    later = [e for c in [*curves, *bands] for e in c[1:]]
     if not later:
         return None
     finals = sorted(c[-1] for c in curves)
@@ -1161,7 +1164,7 @@ def figure(rows: list[Row], x: str, title: str = ""):
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     lines = curves(rows, x)
-    shown = _error_range([c.err for c in lines])
+    shown = _error_range([c.err for c in lines], [b for c in lines for b in c.band or ()])
     algos = [c.algo for c in lines]
     for i, c in enumerate(lines):
         colour, marker = _style(c.algo if algos.count(c.algo) == 1 else None, i)
