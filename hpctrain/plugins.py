@@ -1,7 +1,8 @@
 """Users' own code by reference: ``--model my_pkg.nets:build`` or ``--model ./nets.py:build``.
 
 A reference names a callable as ``MODULE:ATTRIBUTE`` (a module importable from the working
-directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a module of its own).
+directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a module of its own,
+its folder importable as under ``python FILE``: it may import a module beside it).
 :func:`check_form` judges the text alone (at construction, no import); :func:`resolve` imports
 it; :func:`check_model` builds the model once before MPI starts and runs two zero samples
 through it (and back, as one training step), so a bad reference (no module, no attribute, not
@@ -207,6 +208,7 @@ def _load_file(flag: str, path_text: str):
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     module.__hpctrain_content__ = content
+    _importable_beside(path)
     sys.modules[name] = module
     try:
         # Compiled from what was read: the loader's cached bytecode, keyed by the file's
@@ -216,6 +218,19 @@ def _load_file(flag: str, path_text: str):
         del sys.modules[name]
         raise UsageError(f"{flag}: loading {path_text} raised {one_line(e)}") from e
     return module
+
+
+def _importable_beside(path: Path) -> None:
+    """Put the folder of ``path`` on ``sys.path``, so that its file imports a module beside
+    it (``from blocks import head``) as under ``python FILE``, on every rank and in every
+    process that loads it. At the end, not first as ``python FILE`` puts it: a module of the
+    folder named as an installed or standard one (``random.py``) then shadows
+    nothing hpctrain, torch or the user's other code imports later; such a name imports the
+    installed module (whose path the ImportError names). Kept after loading: a function of
+    the file may import its neighbour only when called."""
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.append(folder)
 
 
 def _imported_from(path: Path):

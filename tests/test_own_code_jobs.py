@@ -358,3 +358,58 @@ def test_only_the_ranks_that_score_the_test_set_read_it(tmp_path):
     scores = [json.loads((tmp_path / how / "run" / "summary.json").read_text())
               for how in ("online", "after")]
     assert scores[0]["final_test_acc"] == scores[1]["final_test_acc"]
+
+
+BESIDE = {
+    "blocks.py": '''
+from torch import nn
+
+def head(features, num_classes):
+    return nn.Linear(features, num_classes)
+''',
+    "net2.py": '''
+import numpy as np
+from torch import nn
+from blocks import head
+
+def build(input_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), head(int(np.prod(input_shape)), num_classes))
+''',
+    "shapes.py": '''
+import numpy as np
+
+def make(n, seed):
+    r = np.random.default_rng(seed)
+    y = r.integers(0, 3, n)
+    return (r.normal(size=(n, 1, 4, 4)) + y[:, None, None, None]).astype(np.float32), y
+''',
+    "data2.py": '''
+from shapes import make
+
+def load():
+    return make(64, 1), make(32, 2)
+''',
+}
+
+
+@pytest.mark.timeout(240)
+def test_a_model_and_loader_file_import_the_modules_beside_them(tmp_path):
+    """A model or loader file that imports a module beside it (``from blocks import head``),
+    as it may under ``python FILE``, was refused: "No module named 'blocks'" on every rank
+    (the console script puts no folder of the user's on the path). Run from another folder,
+    on 2 ranks, and repeated from its config.json."""
+    own = tmp_path / "own"
+    own.mkdir()
+    for name, text in BESIDE.items():
+        (own / name).write_text(text)
+    out = tmp_path / "run"
+    proc = run_job(["train", "--algo", "ssgd", "--model", f"{own}/net2.py:build",
+                    "--dataset", f"{own}/data2.py:load", "--epochs", "1", "--batch-size", "16",
+                    "--no-progress", "--out", str(out)], np=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "64 training and 32 test samples of shape 1 x 4 x 4, 3 classes" in proc.stdout
+    again = run_job(["train", "--config", str(out / "config.json"), "--out",
+                     str(tmp_path / "again")], np=2)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert torch.equal(torch.load(out / "model.pt", weights_only=True)["1.weight"],
+                       torch.load(tmp_path / "again" / "model.pt", weights_only=True)["1.weight"])

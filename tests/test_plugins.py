@@ -450,6 +450,25 @@ def test_a_file_loads_once_until_it_changes(tmp_path):
     assert plugins.resolve("--model", f"{path}:build")() == 5
 
 
+def test_a_file_imports_a_module_beside_it_and_shadows_no_installed_one(tmp_path,
+                                                                        monkeypatch):
+    """A file reference ran without its folder on the path: ``from blocks_s66 import WIDTH``
+    beside it raised ModuleNotFoundError. Its folder goes last on the path, so a module
+    there named as a standard one (``tabnanny.py``) hides nothing imported by name later."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "blocks_s66.py").write_text("WIDTH = 7\n")
+    (tmp_path / "tabnanny.py").write_text("HIDDEN = True\n")
+    (tmp_path / "net.py").write_text("from blocks_s66 import WIDTH\n"
+                                     "def build():\n    import tabnanny\n"
+                                     "    return WIDTH, hasattr(tabnanny, 'check')\n")
+    try:
+        assert plugins.resolve("--model", f"{tmp_path}/net.py:build")() == (7, True)
+    finally:
+        sys.modules.pop("blocks_s66", None)
+        sys.modules.pop("tabnanny", None)
+    assert sys.path[-1] == str(tmp_path) and sys.path.count(str(tmp_path)) == 1
+
+
 def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
     import nets_mod
 
