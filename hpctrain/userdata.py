@@ -7,10 +7,11 @@ the same four calls as the built-in sets: ``size``, ``load``, ``load_labels``, `
 Formats:
 
 - ``npz:PATH``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (``np.savez``), and
-  optionally ``num_classes``, in either byte order. Members stored uncompressed (``np.savez``)
-  are memory-mapped, so a rank that holds a shard reads only its rows; compressed ones
-  (``np.savez_compressed``) are read whole, and let go once the rank took its part
-  (:func:`release`).
+  optionally ``num_classes``, in either byte order; other arrays are not read, and one named
+  almost as one of these (``n_classes``, ``X_train``: :func:`_misspelt`) is refused. Members
+  stored uncompressed (``np.savez``) are memory-mapped, so a rank that holds a shard reads
+  only its rows; compressed ones (``np.savez_compressed``) are read whole, and let go once the
+  rank took its part (:func:`release`).
 - ``imagefolder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
   (PNG, JPEG, BMP, GIF, TIFF, WebP; Pillow decodes them). Classes are the sorted folder names
   of ``train``. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
@@ -21,9 +22,9 @@ Formats:
   process (with ``data_dir=``, made absolute, if it takes that argument; torch's, numpy's and
   Python's global random numbers seeded to 0 during the call, so every rank gets the same
   data; called again only to read a split :func:`release` let go) and returning
-  ``(train, test)`` or ``{"train": ..., "test": ..., "num_classes": C}``, each set either
-  ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset`` of ``(x, y)``
-  items. A Dataset is read item by item, only the items a rank holds; its labels
+  ``(train, test)`` or ``{"train": ..., "test": ..., "num_classes": C}`` (no other key),
+  each set either ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset``
+  of ``(x, y)`` items. A Dataset is read item by item, only the items a rank holds; its labels
   come from its ``targets`` attribute when it has one (else every item is read once to find
   them; an item whose label is not its ``targets`` entry is refused as it is read). An item
   that raises when read, or is no ``(x, y)`` pair with an integer label, is named by its
@@ -44,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import inspect
 import random
 import reprlib
@@ -364,10 +366,19 @@ def _source(name: str, data_dir: str | None):
 
 # ---- npz -------------------------------------------------------------------------------------
 
+def _misspelt(name: str, known: tuple[str, ...]) -> str | None:
+    """The name of ``known`` that ``name`` is close to (a typo: ``n_classes``, ``X_train``),
+    or None: an array or key of that name was ignored, and the run trained on a class count
+    or data the user did not mean, without a word."""
+    close = difflib.get_close_matches(name.lower(), known, n=1, cutoff=0.8)
+    return close[0] if close else None
+
+
 class NpzSource:
     """``x_train``, ``y_train``, ``x_test``, ``y_test`` in one ``.npz`` file."""
 
     KEYS = ("x_train", "y_train", "x_test", "y_test")
+    READ = (*KEYS, "num_classes")
 
     def __init__(self, name: str, path: Path) -> None:
         self.name, self.path = name, path
@@ -380,6 +391,7 @@ class NpzSource:
                                  f"of {', '.join(self.KEYS)} (save them with np.savez)")
             with z:
                 missing = [k for k in self.KEYS if k not in z.files]
+                typos = [(k, _misspelt(k, self.READ)) for k in z.files if k not in self.READ]
                 given = z["num_classes"] if "num_classes" in z.files else None
                 self._labels = {s: z[f"y_{s}"] for s in SPLITS} if not missing else {}
         except UsageError:
@@ -392,6 +404,11 @@ class NpzSource:
         if missing:
             raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
                              f"{', '.join(z.files) or 'nothing'})")
+        for key, meant in typos:
+            if meant is not None:
+                raise UsageError(f"--dataset {name}: {path} has an array {key!r}, which is not "
+                                 f"read; did you mean {meant!r}? (it reads "
+                                 f"{', '.join(self.READ)})")
         self._x = {s: self._member(f"x_{s}") for s in SPLITS}
         self.shape = _sample_shape(f"--dataset {name} x_train", self._x["train"].shape)
         test_shape = _sample_shape(f"--dataset {name} x_test", self._x["test"].shape)
@@ -645,6 +662,13 @@ class CallableSource:
             if missing:
                 raise UsageError(f"--dataset {self.name} returned a dict without "
                                  f"{missing[0]!r}")
+            keys = (*SPLITS, "num_classes")
+            for key in result:
+                if key not in keys:
+                    meant = _misspelt(str(key), keys)
+                    raise UsageError(f"--dataset {self.name} returned a dict with key {key!r}"
+                                     f"{f' (did you mean {meant!r}?)' if meant else ''}; it "
+                                     f"takes {', '.join(map(repr, keys))}")
             return (result["train"], result["test"]), result.get("num_classes")
         if isinstance(result, (tuple, list)) and len(result) == 2:
             return tuple(result), None

@@ -1004,6 +1004,45 @@ def test_a_num_classes_given_with_the_data_is_one_whole_number(tmp_path, nets, k
         userdata.describe(name)
 
 
+@pytest.mark.parametrize("extra, message", [
+    ({"n_classes": 10}, "has an array 'n_classes', which is not read; did you mean "
+                        "'num_classes'?"),
+    ({"X_train": np.zeros((60, 6, 6))}, "has an array 'X_train', which is not read; did you "
+                                         "mean 'x_train'?"),
+    ({"class_names": np.array(list("abcd")), "mean": 0.5}, None),  # the user's own: not read
+])
+def test_an_npz_array_named_almost_as_one_read_is_refused(tmp_path, extra, message):
+    """``n_classes=10`` beside labels 0..3 trained with 4 classes, without a word."""
+    write_npz(tmp_path / "d.npz", **extra)
+    args = ["--algo", "ssgd", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--model", "mlp"]
+    if message is None:
+        assert run.check_launch(arguments.build(cli.build_parser().parse_args(
+            ["train", *args])), 1).data.dataset.startswith("npz:")
+    else:
+        assert message in refusal(args, ranks=2)
+
+
+@pytest.mark.parametrize("key, message", [
+    ("n_classes", "returned a dict with key 'n_classes' (did you mean 'num_classes'?); it "
+                  "takes 'train', 'test', 'num_classes'"),
+    ("validation", "returned a dict with key 'validation'; it takes 'train', 'test', "
+                   "'num_classes'"),
+])
+def test_a_loaders_dict_with_a_key_it_does_not_take_is_refused(tmp_path, key, message):
+    """``{"train": ..., "test": ..., "n_classes": 10}`` trained with 3 classes, silently."""
+    (tmp_path / "keyed.py").write_text(
+        "import torch\n"
+        "def load():\n"
+        "    x, y = torch.zeros(6, 1, 8, 8), torch.tensor([0, 1, 2] * 2)\n"
+        f"    return {{'train': (x, y), 'test': (x, y), {key!r}: 10}}\n")
+    userdata._source.cache_clear()
+    try:
+        assert message in refusal(["--algo", "ssgd", "--dataset", f"{tmp_path}/keyed.py:load",
+                                   "--model", "mlp"], ranks=2)
+    finally:
+        userdata._source.cache_clear()
+
+
 @pytest.mark.parametrize("compressed", [False, True])
 def test_npz_arrays_in_the_other_byte_order_are_read(tmp_path, compressed):
     """Big-endian arrays (as saved on such a machine) gave exit 1: torch takes only the
