@@ -476,7 +476,7 @@ def _agree(world, config: RunConfig) -> None:
     d = config.data
     mine = {**configs.flat(config), "training samples": data.size(d.dataset, "train", d.data_dir),
             "test samples": data.size(d.dataset, "test", d.data_dir),
-            "the data (its labels and a few samples)": data.fingerprint(d.dataset, d.data_dir),
+            _DATA: data.fingerprint(d.dataset, d.data_dir),
             _DEVICE: devices.resolve(config.device)}
     if plugins.is_reference(config.model.name):  # a built-in one is the same everywhere
         sample = data.load(d.dataset, "test", d.data_dir, 0, 1)
@@ -486,6 +486,7 @@ def _agree(world, config: RunConfig) -> None:
 
 
 _DEVICE = "the device (--device auto)"
+_DATA = "the data (its labels and a few samples)"
 
 
 def _refuse_different(every: list[dict]) -> None:
@@ -494,8 +495,15 @@ def _refuse_different(every: list[dict]) -> None:
     if found is None:
         return
     key, other = found
-    hint = "does every node see a GPU (CUDA_VISIBLE_DEVICES)? --device cpu or cuda says " \
-        "which" if key == _DEVICE else "do the ranks see the same files?"
+    hint = "do the ranks see the same files?"
+    if key == _DEVICE:
+        hint = "does every node see a GPU (CUDA_VISIBLE_DEVICES)? --device cpu or cuda says " \
+            "which"
+    elif key in ("training samples", "test samples", _DATA) \
+            and userdata.is_loader(str(every[0].get("dataset", ""))):
+        # A loader's own generator without a seed gives each rank other data, files alike.
+        hint = "do the ranks see the same files, and does the loader draw random numbers " \
+            "without a fixed seed (np.random.default_rng() with no seed: give it one)?"
     raise on_every_rank(UsageError(
         f"the ranks resolved different runs: {key} is {every[0][key]!r} on rank 0 but "
         f"{every[other][key]!r} on rank {other}; {hint}"))

@@ -74,6 +74,11 @@ def is_user(name: str) -> bool:
     return ":" in name
 
 
+def is_loader(name: str) -> bool:
+    """Whether ``--dataset name`` is the user's loader (``MODULE:CALLABLE``, a file's)."""
+    return is_user(name) and name.partition(":")[0] not in FORMATS
+
+
 def check_form(name: str) -> None:
     """The name alone (no file opened): UsageError if it is no form this module reads."""
     kind, _, rest = name.partition(":")

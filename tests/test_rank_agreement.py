@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, SYNTHETIC, run_program
+from conftest import ROOT, SYNTHETIC, run_job, run_program
 
 # A script that started MPI itself, then three things a sweep does, each rank writing what
 # it saw to its own file (mpirun may merge ranks' lines).
@@ -95,6 +95,30 @@ def test_ranks_that_read_different_data_are_refused_in_one_line(tmp_path, other)
     assert errors[0].startswith("hpctrain: error (rank 0 of 2): the ranks resolved different "
                                 f"runs: {key} is "), errors[0]
     assert errors[0].endswith("; do the ranks see the same files?")
+    assert not (tmp_path / "run" / "model.pt").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_loader_drawing_unseeded_random_numbers_is_refused_naming_that_cause(tmp_path):
+    """A loader with a generator of its own and no seed (README: refused once MPI runs) was
+    refused with "do the ranks see the same files?", which sent the user to the file
+    system, not to the generator."""
+    (tmp_path / "unseeded.py").write_text(
+        "import numpy as np\n"
+        "def load():\n"
+        "    g = np.random.default_rng()\n"
+        "    x = g.normal(size=(64, 1, 4, 4)).astype(np.float32)\n"
+        "    return (x[:48], g.integers(0, 3, 48)), (x[48:], g.integers(0, 3, 16))\n")
+    proc = run_job(["train", "--algo", "ssgd", "--model", "mlp", "--dataset",
+                    f"{tmp_path}/unseeded.py:load", "--epochs", "1", "--no-progress",
+                    "--out", str(tmp_path / "run")], np=2, timeout=90)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("hpctrain: error")]
+    assert proc.returncode == 2 and len(errors) == 1, proc.stderr
+    assert "the ranks resolved different runs: the data (its labels and a few samples) is " \
+        in errors[0], errors[0]
+    assert errors[0].endswith("; do the ranks see the same files, and does the loader draw "
+                              "random numbers without a fixed seed (np.random.default_rng() "
+                              "with no seed: give it one)?"), errors[0]
     assert not (tmp_path / "run" / "model.pt").exists()
 
 
