@@ -168,7 +168,8 @@ def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
     notes = []
     if o.batch_size > per_worker:
         notes.append(f"--batch-size {o.batch_size}: each worker has {per_worker} training "
-                     "samples an epoch, so its batches hold that many")
+                     f"sample{'s' if per_worker != 1 else ''} an epoch, so its batches hold "
+                     "that many")
     why = profiling.beyond(config.profile, o.epochs * math.ceil(per_worker / o.batch_size))
     if why:
         notes.append(f"--profile {config.profile}: {why}")

@@ -10,7 +10,7 @@ import pytest
 from conftest import SYNTHETIC, run_job
 
 from hpctrain import profiling
-from hpctrain.config import DataConfig, ModelConfig, RunConfig
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim import SimConfig, simulate
 
@@ -45,6 +45,16 @@ def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys)
     assert capsys.readouterr().err == (f"hpctrain: warning: --batch-size {n}: each worker has "
                                        f"{n // 2} training samples an epoch, so its batches "
                                        "hold that many\n")
+
+
+def test_a_lone_sample_an_epoch_is_said_in_the_singular(capsys):
+    """2 ranks on 3 samples: "each worker has 1 training samples an epoch"."""
+    from hpctrain import run
+
+    run._say_what_the_sizes_cut(RunConfig(algo="ssgd", optim=OptimConfig(batch_size=8)), 1)
+    assert capsys.readouterr().err == ("hpctrain: warning: --batch-size 8: each worker has 1 "
+                                       "training sample an epoch, so its batches hold that "
+                                       "many\n")
 
 
 def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys):
