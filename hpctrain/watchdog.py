@@ -19,7 +19,9 @@ scheduling it) has no watchdog of its own left to end the job. Ranks that wait f
 one stop beating too, so several ranks may report; in asynchronous runs the others keep
 stepping and only the stalled rank's watchdog fires (or theirs, later, at the final barrier),
 except ssp's, which wait for the slowest worker: they beat while it steps, so one frozen whole
-(its watchdog thread too) ends the job.
+(its watchdog thread too) ends the job. A process stopped and continued (mpirun's SIGCONT
+before its SIGTERM, ``fg`` after Ctrl-Z) restarts its clock rather than blaming itself
+(:func:`stopped_after`): a frozen rank stays the one without a line.
 Horovod's stall check only warns by default; PyTorch's NCCL watchdog aborts after its
 collective timeout, as this does.
 """
@@ -47,6 +49,23 @@ BUSY_S = 600.0
 MIN_POLL_S = 0.01
 
 
+def stopped_after(timeout: float) -> float:
+    """How late a look (beyond its poll) shows that the process itself was stopped (SIGSTOP,
+    Ctrl-Z, a node that stops scheduling it), not its rank stuck: half the timeout.
+
+    The monotonic clock runs on while a process is stopped, and Open MPI's mpirun ends a
+    job's ranks with SIGCONT before SIGTERM: a rank frozen whole woke with its time past the
+    limit and blamed itself before the SIGTERM landed, so the frozen rank was not the one
+    without a line. It was stopped at least about the timeout (the waiting ranks' watchdogs
+    end the job that long after its last beat), well over half. A loaded machine's late
+    look (a fraction of a second, a second) is not taken for a stop once the timeout is a
+    few seconds; below that (train's least is 1 s) one is, which only restarts the clock:
+    a stall's end comes that much later, a healthy run is not ended. A look the main thread
+    kept waiting by holding the GIL counts as a stop too: the watchdog cannot see inside
+    such a call either way."""
+    return timeout / 2
+
+
 class _Watchdog:
     def __init__(self, timeout: float, rank: int, ranks: int = 1) -> None:
         self.timeout, self.rank = timeout, rank
@@ -63,8 +82,13 @@ class _Watchdog:
 
     def _watch(self) -> None:
         poll = min(1.0, max(self.timeout / 10, MIN_POLL_S))
+        looked = time.monotonic()
         while not self._stop.wait(poll):
-            if time.monotonic() - self.last > self.limit:
+            now = time.monotonic()
+            if now - looked - poll > stopped_after(self.timeout):
+                self.last = now  # the process was stopped, not stuck: the clock restarts
+            looked = now
+            if now - self.last > self.limit:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"
                 say(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
                     f"{doing}); ending the job (--stall-timeout {self.timeout:g}){self.hint}")

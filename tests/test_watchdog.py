@@ -3,13 +3,15 @@
 import json
 import pickle
 import re
+import signal
 import subprocess
 import sys
+import time
 import tracemalloc
 
 import pytest
 import torch
-from conftest import run_job, run_program
+from conftest import ROOT, run_job, run_program
 from test_collapse import watch_of
 
 from hpctrain import compiled, data, live, models, watchdog
@@ -45,6 +47,56 @@ def test_a_ranks_line_says_that_a_frozen_rank_says_nothing():
         "hpctrain: rank 0 made no progress for 1 s (last: update 136); ending the job "
         "(--stall-timeout 1); ranks waiting for a stalled one say this too, and one frozen "
         "whole (its watchdog with it) says nothing"), proc.stderr
+
+
+# Rank 2 of a job: its last beat, then a wait on the test (stdin) for its next step.
+WAITS_FOR_A_STEP = """
+import sys
+from hpctrain import watchdog
+watchdog.start(3.0, rank=2, ranks=3)
+watchdog.beat("update", 30)
+print("ready", flush=True)
+sys.stdin.readline()
+watchdog.beat("update", 31)
+watchdog.stop()
+print("done")
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("then", ["step", "sigterm", "nothing"])
+def test_a_stopped_rank_does_not_blame_itself(then):
+    """A rank stopped (SIGSTOP) for longer than the timeout woke with its time past the limit
+    and said it made no progress: under mpirun, whose SIGCONT comes before its SIGTERM, the
+    frozen rank printed the line the docs say it lacks, and a run stopped by Ctrl-Z was ended
+    at fg. Now the stop restarts the clock: continued, the run goes on ("step"); ended, it
+    says nothing ("sigterm"); a rank still stuck after it is ended a timeout later."""
+    child = subprocess.Popen([sys.executable, "-c", WAITS_FOR_A_STEP], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT)
+    try:
+        assert child.stdout.readline() == "ready\n", child.stderr.read()
+        child.send_signal(signal.SIGSTOP)
+        time.sleep(5)  # past the timeout (3 s): awake, its watchdog looks at once
+        child.send_signal(signal.SIGCONT)
+        time.sleep(0.5)  # as mpirun's SIGTERM can come: a look (0.3 s) sooner
+        if then == "step":
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        elif then == "sigterm":
+            child.send_signal(signal.SIGTERM)
+        status = child.wait(timeout=30)
+        said = child.stderr.read()
+    finally:
+        child.kill()
+    if then == "step":
+        assert (status, child.stdout.read(), said) == (0, "done\n", "")
+    elif then == "sigterm":
+        assert (status, said) == (-signal.SIGTERM, "")
+    else:
+        assert status == watchdog.EXIT_STATUS
+        assert said.startswith("hpctrain: rank 2 made no progress for 3 s (last: update 30)"), \
+            said
 
 
 @pytest.mark.timeout(60)
