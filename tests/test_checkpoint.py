@@ -896,6 +896,22 @@ def test_a_run_resumed_on_more_workers_retires_the_old_runs_later_checkpoints(tm
     assert kept == [(world.size, 64)]
 
 
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_every_rank_resumes_on_rank_0s_clock(tmp_path):
+    """Each rank went on from its own saved elapsed time, a few ms apart: rank r scores every
+    size-th snapshot with its own t, and the resumed run's curve went back in time between
+    neighbours. Every rank now restarts from rank 0's, as the snapshots it restores do."""
+    world = comm.mpi().COMM_WORLD
+    folder = Path(world.bcast(str(tmp_path))) / "ck"
+    ckpt = sgd_checkpointer(folder, comm_=world)
+    ckpt.save(10, {"elapsed": 2.5 + 0.001 * world.rank}, Snapshots())
+    world.Barrier()
+    resumed = sgd_checkpointer(folder, resume=str(folder), comm_=world)
+    assert resumed.restore(Snapshots()) == {"elapsed": 2.5, "updates": 10}
+    assert resumed.clock.attempts[-1][0] == 2.5
+
 def sgd_checkpointer(folder, resume=None, comm_=None) -> checkpoint.Checkpointer:
     """A Checkpointer of a tiny model, every epoch of 10 updates."""
     torch.manual_seed(0)

@@ -128,7 +128,8 @@ class Checkpointer:
     def restore(self, snapshots: list, found: Loaded | None = None) -> dict:
         """With ``resume``: load the newest valid checkpoint (``found``: what rank 0 already
         loaded with :func:`~hpctrain.checkpoint.folder.newest`) into the registered objects and
-        ``snapshots``; return this rank's counters (``updates``, ``elapsed``, ...), else ``{}``."""
+        ``snapshots``; return this rank's counters (``updates``, ...), else ``{}``; ``elapsed``
+        is rank 0's on every rank, so that the ranks' snapshots share one clock."""
         if self.resume_dir is None:
             return {}
         common = parts = None
@@ -147,8 +148,12 @@ class Checkpointer:
                 # numbers than this run's next ones, and would be taken as newer.
                 self._retire = [p for p in listing(self.folder) if number(p) > position]
             self._carry_snapshots(loaded.path.parent, refs)
+            # One clock: every rank goes on from rank 0's elapsed time (each rank's own, a few
+            # ms apart, made the curve's t go back where another rank scored the next point).
+            elapsed = ranks[0]["counters"].get("elapsed", 0.0)
             common = (loaded.path, loaded.header, payload["shared"], payload["book"], refs,
-                      None if self.snapshots_per_rank else restored[0], position, resized)
+                      None if self.snapshots_per_rank else restored[0], position, resized,
+                      elapsed)
             parts = [(ranks[r], restored[r] if self.snapshots_per_rank else None)
                      for r in range(self.workers)]
         if self.comm is not None:
@@ -156,7 +161,9 @@ class Checkpointer:
             mine, own = self.comm.scatter(parts, root=0)
         else:
             mine, own = parts[0]
-        path, header, shared, book, self.refs, first, position, self.resized = common
+        path, header, shared, book, self.refs, first, position, self.resized, elapsed = common
+        counters = {**mine["counters"], **({"elapsed": elapsed} if "elapsed" in
+                                           mine["counters"] else {})}
         _check_models_fit(path, {**self.shared, **self.per_rank}, {**shared, **mine})
         for name, obj in self.shared.items():
             obj.load_state_dict(shared[name])
@@ -170,7 +177,7 @@ class Checkpointer:
         # The checkpoint's own count, as config.json's resumes and resized[].updates say
         # (resized[].resumed_at is the same place in this run's updates).
         self.resumed_from = [*book["resumed_from"], header["updates"]]
-        self.clock.resume(book.get("clock", []), mine["counters"].get("elapsed", 0.0))
+        self.clock.resume(book.get("clock", []), counters.get("elapsed", 0.0))
         self.next_due = (position // self.interval + 1) * self.interval \
             if self.by_progress else 0
         if self.rank == 0:
@@ -179,7 +186,7 @@ class Checkpointer:
             print(f"hpctrain: resuming from {path} (update {header['updates']}{resized})",
                   file=sys.stderr, flush=True)
         self.last = time.perf_counter()
-        return mine["counters"]
+        return counters
 
     def _carry_snapshots(self, source: Path, refs: list[list[dict]]) -> None:
         """Rank 0, resuming from another folder than it writes to (``--checkpoint-dir``):
