@@ -110,6 +110,7 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 may_change=checkpoint.MAY_CHANGE, resize=True,
                                 defaults=configs.left_out(config),
                                 absent=configs.before_newer_options(config))
+    check_resumed_folders(ck.resume, config.out, ck.dir, resolved)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
                                         every=resolved.every))
@@ -236,24 +237,50 @@ def _run_folder_of(resume: str | None) -> Path | None:
 def check_folder(flag: str, folder: str | None) -> None:
     """A folder the run will write must be one it can create, or write in: otherwise that is
     found only at the first write, after MPI started (exit 1). Nothing is left behind."""
-    if folder is None:
+    problem = folder and _unwritable(Path(folder))
+    if problem:
+        raise UsageError(f"{flag} {folder}: {problem}")
+
+
+def check_resumed_folders(resume: str | None, out: str | None, checkpoint_dir: str | None,
+                          resolved: checkpoint.Resolved) -> None:
+    """:func:`check_folder` for the folders a resume writes in without their flags: the
+    resumed run's folder (no ``--out``) and, where it goes on checkpointing, the checkpoint
+    folder resumed from (no ``--checkpoint-dir``). A read-only one was found at the first
+    write, after MPI started (exit 1, naming a temporary file)."""
+    if resolved.resume is None:
         return
-    missing = _missing(Path(folder))
+    derived = []
+    if out is None and resolved.out is not None:
+        derived.append(("the run's folder", resolved.out, "--out",
+                        "give --out a folder for this attempt's outputs"))
+    if checkpoint_dir is None and resolved.every is not None:
+        derived.append(("its checkpoint folder", resolved.checkpoint_dir, "--checkpoint-dir",
+                        "give --checkpoint-dir a folder for the new checkpoints, or "
+                        "--checkpoint-every off"))
+    for what, folder, flag, remedy in derived:
+        if problem := _unwritable(Path(folder)):
+            raise UsageError(f"--resume {resume}: {what} {folder}, written to without "
+                             f"{flag}: {problem}; {remedy}")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why the run cannot create or write in ``folder``, or None."""
+    missing = _missing(folder)
     for path in missing:
         if os.path.islink(path):
-            raise UsageError(f"{flag} {folder}: {path} is a link to {os.readlink(path)}, "
-                             "which does not exist")
-    path = missing[-1].parent if missing else Path(folder)  # the nearest that exists
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+    path = missing[-1].parent if missing else folder  # the nearest that exists
     if not path.is_dir():
-        raise UsageError(f"{flag} {folder}: {path} is a file, not a folder")
+        return f"{path} is a file, not a folder"
     limit = os.pathconf(path, "PC_NAME_MAX")
     if any(len(os.fsencode(p.name)) > limit for p in missing):
-        raise UsageError(f"{flag} {folder}: a folder name in it is longer than {limit} bytes")
+        return f"a folder name in it is longer than {limit} bytes"
     try:  # the one test that holds on every file system: create a folder there
         os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
     except OSError as error:
-        raise UsageError(f"{flag} {folder}: cannot create a folder in {path} "
-                         f"({error.strerror})") from None
+        return f"cannot create a folder in {path} ({error.strerror})"
+    return None
 
 
 def _missing(folder: Path) -> list[Path]:

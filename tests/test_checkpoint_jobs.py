@@ -453,6 +453,45 @@ def test_disk_full_then_resumed_with_room_equals_uninterrupted(tmp_path, sgd_run
         subprocess.run(["umount", str(disk)], check=True)
 
 
+@pytest.mark.timeout(180)
+def test_a_resume_that_would_write_in_a_read_only_folder_is_refused_before_mpi(tmp_path,
+                                                                              sgd_runs):
+    """--resume of a run on a read-only file system (an archive, a snapshot): it started, then
+    ended at its first write with exit 1 naming a temporary file; given another --out, it
+    trained, then died writing a checkpoint in the folder resumed from. The folders a resume
+    writes in without their flags are checked before MPI starts, as --out's is."""
+    from hpctrain import arguments, cli, run
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if not mount_tmpfs(disk, 16 * 1024):
+        pytest.skip("cannot mount a tmpfs (needs root) to make read-only")
+    try:
+        old = disk / "run"
+        shutil.copytree(sgd_runs["killed"], old)
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)]).returncode == 0
+        flags = ["--algo", "sgd", *SMALL, "--resume", str(old)]
+        ro = "(Read-only file system)"
+        assert refusal(flags) == (
+            f"--resume {old}: the run's folder {old}, written to without --out: cannot create "
+            f"a folder in {old} {ro}; give --out a folder for this attempt's outputs")
+        new = tmp_path / "new"
+        assert refusal([*flags, "--out", str(new)]) == (
+            f"--resume {old}: its checkpoint folder {old / 'checkpoints'}, written to without "
+            f"--checkpoint-dir: cannot create a folder in {old / 'checkpoints'} {ro}; give "
+            "--checkpoint-dir a folder for the new checkpoints, or --checkpoint-every off")
+        for more in (["--checkpoint-dir", str(tmp_path / "ck")], ["--checkpoint-every", "off"]):
+            config = run.check_launch(arguments.build(cli.build_parser().parse_args(
+                ["train", *flags, "--out", str(new), *more])), 1)
+            assert config.checkpoint.resume == str(old / "checkpoints")
+        proc = run_job(["train", *flags], np=0, timeout=120)  # a job: one line, exit 2
+        assert proc.returncode == 2, proc.stderr
+        assert [line.startswith(f"hpctrain: error: --resume {old}: the run's folder")
+                for line in error_lines(proc)] == [True], proc.stderr
+        assert not new.exists()
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("resumed", [True, False])
 def test_a_checkpoint_folder_another_run_writes_is_refused_through_any_flag(tmp_path, sgd_runs,
