@@ -739,7 +739,7 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
         check(resume="auto")
     for path in checkpoint.listing(folder):
         path.write_bytes(b"torn")  # a checkpoint that cannot be read: refused, not restarted
-    with pytest.raises(UsageError, match="no checkpoint found there"):
+    with pytest.raises(UsageError, match="none of the checkpoints there can be read"):
         check(resume="auto", out=str(out), every="1e")
     # The attempt that found them unusable set them aside: the next one found no checkpoint
     # and started the run afresh, over their snapshots, config.json and metrics.
@@ -781,13 +781,49 @@ def test_a_header_edited_by_hand_is_unusable_and_named(tmp_path):
         checkpoint.read_header(path)
     with pytest.raises(UsageError) as e:
         check(resume=str(tmp_path))
-    assert str(e.value) == (f"--resume {tmp_path}: no checkpoint found there that can be read "
-                            f"({path.name}: header field 'args' is 'hand-edited', not a table)")
+    assert str(e.value).startswith(f"--resume {tmp_path}: none of the checkpoints there can be "
+                                   f"read ({path.name}: header field 'args' is 'hand-edited', "
+                                   "not a table): ")
     legacy(path, args={}, updates="x")
     lines = []
     assert checkpoint.load_newest(tmp_path, lines.append) is None
     assert "header field 'updates' is 'x', not a whole number" in lines[0]
 
+
+
+def test_a_run_whose_checkpoints_all_cut_short_is_told_what_to_do(tmp_path):
+    """Every checkpoint unreadable: --resume named only the newest's problem, and a new run in
+    the folder was told to resume it, which had just been refused. A zero-byte file was a
+    "truncated header" to the run and an "unreadable header" to the check before it."""
+    folder = tmp_path / "run" / "checkpoints"
+    a_run(folder)
+    (folder / "ckpt-000000005.pt").rename(folder / "ckpt-000000010.pt")
+    a_run(folder)
+    newest, older = checkpoint.listing(folder)
+    newest.write_bytes(b"")
+    older.write_bytes(older.read_bytes()[:100])  # cut inside the header
+    problems = "ckpt-000000010.pt: truncated header; ckpt-000000005.pt: truncated header"
+    todo = ("to go on, put back a good copy of one; to start anew, choose another {}, or "
+            "first move them out of the folder")
+    for given in (str(tmp_path / "run"), str(folder)):
+        with pytest.raises(UsageError) as refused:
+            check(resume=given)
+        assert str(refused.value) == (f"--resume {given}: none of the checkpoints there can "
+                                      f"be read ({problems}): {todo.format('--out')}")
+    with pytest.raises(UsageError) as refused:
+        check(out=str(tmp_path / "run"))
+    assert str(refused.value) == (f"--out {tmp_path / 'run'} holds the checkpoints of an "
+                                  f"unfinished run, none of which can be read ({problems}): "
+                                  f"{todo.format('--out')}")
+    with pytest.raises(UsageError) as refused:
+        check(out=str(tmp_path / "new"), every="1e", checkpoint_dir=str(folder))
+    assert str(refused.value) == (f"--checkpoint-dir {folder} holds another run's "
+                                  f"checkpoints, none of which can be read ({problems}): "
+                                  f"{todo.format('--checkpoint-dir')}")
+    assert checkpoint.listing(folder) == [newest, older]  # nothing set aside before MPI
+    lines = []
+    assert checkpoint.load_newest(folder, lines.append) is None
+    assert [line.split(" (")[1].split(")")[0] for line in lines] == problems.split("; ")
 
 def test_a_folder_named_as_a_checkpoint_is_skipped(tmp_path):
     write(tmp_path, 1)

@@ -72,7 +72,10 @@ def read_header(path: str | Path) -> dict:
     """The header of a checkpoint file, without reading or checking the payload."""
     path = Path(path)
     with open(path, "rb") as f:
-        return _parse_header(f.readline(_MAX_HEADER), path)
+        line = f.readline(_MAX_HEADER)
+    if not line.endswith(b"\n") and len(line) < _MAX_HEADER:  # as load() says it
+        raise CorruptCheckpoint(f"{path.name}: truncated header")
+    return _parse_header(line, path)
 
 
 def load(path: str | Path) -> tuple[dict, object]:

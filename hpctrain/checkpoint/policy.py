@@ -177,6 +177,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         if every is None and not off and isinstance(recorded, str) and recorded != OFF:
             every = recorded
         resume = str(folder)
+    if resume is None and out is not None and (problems := _unreadable(Path(out) / SUBDIR)):
+        raise UsageError(f"--out {out} holds the checkpoints of an unfinished run, none of "
+                         f"which can be read ({_listed(problems)}): {_none_read('--out')}")
     if resume is None and out is not None and listing(Path(out) / SUBDIR):
         raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
                          f"continue it with --resume {out} or choose another folder")
@@ -190,6 +193,10 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
                          f"continue that run with --resume {out} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
         folder = run_folder(checkpoint_dir, out)
+        if resume is None and (problems := _unreadable(folder)):
+            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints, "
+                             f"none of which can be read ({_listed(problems)}): "
+                             f"{_none_read('--checkpoint-dir')}")
         if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
             raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
                              "resume it with --resume or choose another folder")
@@ -408,20 +415,52 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
     return None
 
 
-def _newest_header(folder: Path, given: str) -> dict:
-    """The newest checkpoint's header, skipping the ones
-    :func:`hpctrain.checkpoint.folder.load_newest` would set aside; one it cannot read (an
-    I/O error, permissions) is refused here, before MPI, in the line rank 0 would raise
-    (taking the older one's header instead let the run start)."""
+def _none_read(flag: str) -> str:
+    """What to do with a folder of checkpoints none of which can be read: no resume goes on
+    from them (nor are they set aside as *.corrupt here: a resume does that, once MPI runs),
+    and a new run (a new ``flag``) would mix its checkpoints with theirs."""
+    return (f"to go on, put back a good copy of one; to start anew, choose another {flag}, "
+            "or first move them out of the folder")
+
+
+def _header_or_problems(folder: Path) -> dict | list[str]:
+    """The newest checkpoint's header in ``folder`` that can be read, else each one's
+    problem (CorruptCheckpoint's line: ``ckpt-...pt: truncated header``), newest first; one
+    it cannot read (an I/O error, permissions) is a UsageError, in the line rank 0 would
+    raise."""
     problems = []
     for path in listing(folder):
         try:
             return checkpoint_header(path)
         except CorruptCheckpoint as e:
             problems.append(str(e))
-    if problems:  # the newest one's problem: the others' is most often the same
-        raise UsageError(f"--resume {given}: no checkpoint found there that can be read "
-                         f"({problems[0]})")
+    return problems
+
+
+def _unreadable(folder: Path) -> list[str]:
+    """Each checkpoint's problem in ``folder`` when it holds some and none can be read;
+    else []."""
+    found = _header_or_problems(folder)
+    return found if isinstance(found, list) else []
+
+
+def _listed(problems: list[str]) -> str:
+    """Unreadable checkpoints' problems in a message: the first three, and how many more."""
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+    return "; ".join(problems[:3]) + more
+
+
+def _newest_header(folder: Path, given: str) -> dict:
+    """The newest checkpoint's header, skipping the ones
+    :func:`hpctrain.checkpoint.folder.load_newest` would set aside; one it cannot read (an
+    I/O error, permissions) is refused here, before MPI, in the line rank 0 would raise
+    (taking the older one's header instead let the run start)."""
+    found = _header_or_problems(folder)
+    if isinstance(found, dict):
+        return found
+    if found:  # each one's problem: what a user must act on is there, file by file
+        raise UsageError(f"--resume {given}: none of the checkpoints there can be read "
+                         f"({_listed(found)}): {_none_read('--out')}")
     if aside := corrupt(folder):  # set aside by an earlier attempt: say so, as auto does
         raise UsageError(f"--resume {given}: {folder} holds only unusable checkpoints "
                          f"({aside[0].name}, ...): resume from a good copy")
