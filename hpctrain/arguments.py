@@ -476,6 +476,13 @@ def _same_algorithm(recorded, typed: str) -> bool:
 
 def build(args: argparse.Namespace) -> RunConfig:
     """The run's configuration from ``--config`` and the options given; UsageError if bad."""
+    return build_given(args)[0]
+
+
+def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
+    """:func:`build`, and the options set, typed or in the ``--config`` file, by their
+    :func:`hpctrain.config.flat` names: the others were left out, and took their defaults
+    (a resume refusal says so of those only, not of a typed value equal to a default)."""
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
     out_typed = "out" in values
@@ -515,4 +522,20 @@ def build(args: argparse.Namespace) -> RunConfig:
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed
         raise configs.unmoved_chunk(chunk)
-    return config
+    return config, frozenset(_flat_name(d.flag) for d in shared_options() + algo_options
+                             if _holds(values, d.path))
+
+
+def _flat_name(flag: str) -> str:
+    """An option's name in :func:`hpctrain.config.flat`: its flag's (``--no-progress``:
+    ``no_progress``)."""
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def _holds(values: dict, path: tuple[str, ...]) -> bool:
+    """Whether nested ``values`` (:func:`given`'s, merged with a file's) set ``path``."""
+    for key in path:
+        if not isinstance(values, dict) or key not in values:
+            return False
+        values = values[key]
+    return True

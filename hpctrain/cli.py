@@ -119,7 +119,7 @@ def train(args: argparse.Namespace) -> dict:
     if not checkpoint.stop.installed():  # the entry points have, before importing torch
         checkpoint.stop.install()  # SIGUSR1: a checkpoint and a stop where it can, else nothing
     try:
-        summary = run.checked_first(arguments.build(args))
+        summary = run.checked_first(*arguments.build_given(args))
     except checkpoint.Stopped as stopped:  # every worker, after the same checkpoint
         checkpoint.stop.forget()  # acted on: a script's next main() starts without it
         if rank == 0:

@@ -78,9 +78,14 @@ from hpctrain.summary import read as read_summary
 from hpctrain.torch_comm import TorchComm
 
 
-def check_launch(config: RunConfig, ranks: int) -> RunConfig:
+def check_launch(config: RunConfig, ranks: int,
+                 given: frozenset[str] | None = None) -> RunConfig:
     """Check ``config`` against the world it starts in (``ranks`` processes, data files,
-    checkpoint folders) before MPI starts; return it with every default resolved."""
+    checkpoint folders) before MPI starts; return it with every default resolved.
+
+    ``given``: the options the user set (:func:`hpctrain.arguments.build_given`), so that a
+    resume refusal calls a value the default only where its option was left out; None (a
+    script's RunConfig): any value equal to its default counts as left out."""
     _say_user_data(config)
     config = _as_launched(config)
     algo = config.algorithm_class
@@ -108,7 +113,9 @@ def check_launch(config: RunConfig, ranks: int) -> RunConfig:
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
                                 may_change=checkpoint.MAY_CHANGE, resize=True,
-                                defaults=configs.left_out(config),
+                                defaults={key: value for key, value in
+                                          configs.left_out(config).items()
+                                          if given is None or key not in given},
                                 absent=configs.before_newer_options(config))
     check_resumed_folders(ck.resume, config.out, ck.dir, resolved)
     config = replace(config, out=resolved.out,
@@ -382,16 +389,18 @@ def train(config: RunConfig) -> dict:
     return _train_on_world(config, mpi_first=several and comm.mpi_running() is None)
 
 
-def checked_first(config: RunConfig) -> dict:
+def checked_first(config: RunConfig, given: frozenset[str] | None = None) -> dict:
     """:func:`train` with its checks before MPI starts: the command line's, a process of its
-    own, which one rank's refusal ends (exit status 2) as its launcher ends the others."""
-    return _train_on_world(config, mpi_first=False)
+    own, which one rank's refusal ends (exit status 2) as its launcher ends the others
+    (``given``: the options set, as :func:`check_launch` takes them)."""
+    return _train_on_world(config, mpi_first=False, given=given)
 
 
 _script_hook = None  # the script's own excepthook, where a failed run left the abort hook
 
 
-def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
+def _train_on_world(config: RunConfig, mpi_first: bool,
+                    given: frozenset[str] | None = None) -> dict:
     """:func:`train`, MPI started first or after the checks."""
     global _script_hook
     # One rank's error ends the job, not leaves the others waiting. Once the run returned
@@ -406,7 +415,7 @@ def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
             if comm.env_rank() == 0:
                 provenance.commit()  # git's fork, which some networks' drivers dislike in MPI
             comm.init(config.algorithm_class.thread_level)
-        summary = _checked_run(config)
+        summary = _checked_run(config, given)
     except BaseException:
         if comm.launch_size() == 1:
             comm.restore_hook(hook)
@@ -417,12 +426,12 @@ def _train_on_world(config: RunConfig, mpi_first: bool) -> dict:
     return summary
 
 
-def _checked_run(config: RunConfig) -> dict:
+def _checked_run(config: RunConfig, given: frozenset[str] | None = None) -> dict:
     """:func:`train`'s checks and run, with the abort hook installed."""
     auto = config.checkpoint.resume == checkpoint.AUTO
     named = config.out is not None
     with _torch_kept():  # the checks build models too
-        done, config, refusal = _checked(config)
+        done, config, refusal = _checked(config, given)
         # where MPI runs already, every rank raises it; a rank that never calls train()
         # would hold the others there for ever, so the watchdog's start-up bound holds
         with watchdog.watching(config.stall_timeout, comm.env_rank(), comm.launch_size(),
@@ -441,7 +450,8 @@ def _checked_run(config: RunConfig) -> dict:
             return _launched(config, named)
 
 
-def _checked(config: RunConfig) -> tuple[dict | None, RunConfig, UsageError | None]:
+def _checked(config: RunConfig, given: frozenset[str] | None = None
+             ) -> tuple[dict | None, RunConfig, UsageError | None]:
     """:func:`train`'s checks on this rank: a finished run's summary (``--resume auto``), or
     the checked configuration, or the refusal (shared with the other ranks by the caller)."""
     try:
@@ -449,7 +459,7 @@ def _checked(config: RunConfig) -> tuple[dict | None, RunConfig, UsageError | No
         if done is not None:
             return done, config, None
         userdata.forget()  # a script's earlier run read them: they may have changed since
-        return None, check_launch(config, comm.launch_size()), None
+        return None, check_launch(config, comm.launch_size(), given), None
     except UsageError as refused:
         return None, config, refused
 

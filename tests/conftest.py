@@ -386,7 +386,8 @@ def refusal(args: list[str], ranks: int = 1) -> str:
     from hpctrain.errors import UsageError
 
     with pytest.raises(UsageError) as refused:
-        run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), ranks)
+        config, given = arguments.build_given(cli.build_parser().parse_args(["train", *args]))
+        run.check_launch(config, ranks, given)
     message = str(refused.value)
     assert "\n" not in message  # printed as one line
     return message

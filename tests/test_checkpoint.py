@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, run_job
+from conftest import ROOT, refusal, run_job
 
 from hpctrain import arguments, checkpoint, cli, comm, run, watchdog
 from hpctrain.checkpoint import CorruptCheckpoint, Resize, policy
@@ -571,6 +571,30 @@ def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
         "default); with --lr 0.01, not 0.001 (the default): to go on, give --betas 0.8,0.99 "
         "--lr 0.01")
 
+
+
+def test_a_resume_refusal_calls_only_a_left_out_value_the_default(tmp_path):
+    """--model lenet typed against an mlp run was "not lenet (the default)": any value equal
+    to its default was called one. Now only an option left out is, typed or set in --config
+    (a file's value is the user's too); the hint names those left out only."""
+    a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8,
+          model="mlp")
+    typed = ["--algo", "sgd", "--dataset", "synthetic", "--optimizer", "adam",
+             "--resume", str(tmp_path), "--lr", "0.001"]
+    said = (f"--resume {tmp_path}: the run was started with --betas 0.8,0.99, not 0.9,0.999 "
+            "(the default); with --lr 0.01, not 0.001; with --model mlp, not lenet: to go on, "
+            "give --betas 0.8,0.99")
+    assert refusal([*typed, "--model", "lenet"]) == said
+    toml = tmp_path / "run.toml"
+    toml.write_text('[model]\nname = "lenet"\n')
+    assert refusal([*typed, "--config", str(toml)]) == said
+    assert refusal(typed) == said.replace("not lenet", "not lenet (the default)") + \
+        " --model mlp"
+    # A script's RunConfig does not say what was given: a default's value is called one.
+    with pytest.raises(UsageError) as e:
+        run.check_launch(arguments.build(cli.build_parser().parse_args(
+            ["train", *typed, "--model", "lenet"])), 1)
+    assert "not lenet (the default)" in str(e.value)
 
 def test_a_resume_compares_what_options_mean_not_how_they_are_written(tmp_path):
     """--slowdown " 1:2.0" is 1:2; --eval-rank moves scoring to a rank that trains not, which
