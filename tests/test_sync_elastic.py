@@ -569,3 +569,29 @@ def test_the_example_goes_on_from_its_last_epoch_on_another_number_of_ranks(tmp_
     assert "resuming from commit 3 of a 2-rank job" in done[1].stderr  # batches 10, 20; epoch
     assert "epoch 1" not in done[1].stdout
     assert "epoch 2: test accuracy" in done[1].stdout and "on 1 ranks, lr 0.01" in done[1].stdout
+
+
+SCHEDULER = ROOT / "tests" / "scripts" / "elastic_scheduler.py"
+
+
+@pytest.mark.timeout(300)
+def test_a_scheduler_on_the_wrapped_optimizer_keeps_working_after_a_resume(tmp_path):
+    """StepLR built on the optimizer that DistributedOptimizer wraps (they share the
+    param_groups dicts); rank 1 is lost in epoch 1 and the job resumes. Restoring on rank 0
+    alone used to give its optimizer new dicts: its learning rate stayed put at every
+    sched.step() after the resume, and the ranks' models drifted apart, with no error."""
+    procs = {attempt: run_program([sys.executable, str(SCHEDULER), str(tmp_path)], 2,
+                                  timeout=150, env={"PYTHONPATH": str(ROOT), "ATTEMPT": attempt,
+                                                    elastic.ENV: str(tmp_path / folder)})
+             for attempt, folder in (("0", "commits"), ("1", "commits"), ("clean", "clean"))}
+    assert procs["0"].returncode != 0  # the job that lost a worker ended
+    for attempt in ("1", "clean"):
+        assert procs[attempt].returncode == 0, procs[attempt].stderr
+    assert "resuming from commit" in procs["1"].stderr
+    assert "resuming" not in procs["clean"].stderr
+    lrs = [[json.loads(line) for line in (tmp_path / f"lr-1-{r}.jsonl").read_text().splitlines()]
+           for r in range(2)]
+    assert lrs == [[{"epoch": 2, "lr": 0.05}, {"epoch": 3, "lr": 0.025}]] * 2
+    models = [torch.load(tmp_path / f"model-{a}-{r}.pt", weights_only=True)
+              for a in ("1", "clean") for r in range(2)]
+    assert all(_same(models[0], m) for m in models[1:])  # as the run that lost nobody

@@ -255,6 +255,21 @@ class _ModelHandler(_Handler):
 
 
 class _OptimizerHandler(_Handler):
+    def restore(self) -> None:
+        # load_state_dict puts new dicts in param_groups, where sync()'s broadcast on the
+        # other ranks writes into the old ones. What holds those (a scheduler built on the
+        # optimizer a DistributedOptimizer wraps: they share them) would drive this
+        # optimizer on those ranks only, and after a resume (rank 0 alone restores) the
+        # ranks would drift apart: the loaded values go into the dicts it had.
+        groups = self.value.param_groups
+        kept = list(groups)
+        super().restore()
+        for mine, loaded in zip(kept, self.value.param_groups, strict=True):
+            values = dict(loaded)
+            mine.clear()
+            mine.update(values)
+        self.value.param_groups = groups
+
     def sync(self) -> None:
         _hvd().broadcast_optimizer_state(self.value, root_rank=0)
 
