@@ -70,6 +70,25 @@ def test_calls_before_init_and_bad_backend_are_one_line_errors():
     assert not sync.is_initialized()
 
 
+def test_collectives_before_init_and_after_shutdown_raise_horovods_error_too():
+    """Horovod 0.28 raises HorovodInternalError from a collective before init() or after
+    shutdown() (ValueError from size()): a ported script's ``except`` of it missed hpctrain's
+    UsageError. The error is both, so ``except ValueError`` still catches it."""
+    for phase in ("before", "after"):
+        for call in (lambda: sync.allreduce(torch.ones(2)), lambda: sync.broadcast_object(1),
+                     lambda: sync.add_process_set([0]),
+                     lambda: sync.allgather(torch.ones(2), process_set=sync.global_process_set),
+                     sync.size):
+            with pytest.raises(sync.HorovodInternalError, match="called before") as e:
+                call()
+            assert isinstance(e.value, UsageError) and isinstance(e.value, ValueError)
+            assert isinstance(e.value, RuntimeError)
+        if phase == "before":
+            sync.init(backend="mpi")
+            assert sync.allreduce(torch.ones(2), op=sync.Sum).tolist() == [1.0, 1.0]
+            sync.shutdown()
+
+
 def test_horovod_backend_without_horovod_says_make_setup(monkeypatch):
     # A None entry in sys.modules is Python's own way to make an import fail.
     monkeypatch.setitem(sys.modules, "horovod.torch", None)

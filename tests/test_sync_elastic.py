@@ -363,6 +363,22 @@ def test_hosts_updated_interrupt_resets_and_runs_again(hvd):
     assert calls == [0, 0, 1] and resets == [1, 2]
 
 
+def test_a_collective_after_shutdown_in_run_is_raised_not_retried(hvd):
+    """It is a HorovodInternalError (as in Horovod), which Horovod's run restores and retries
+    on: here run lets it through, once, so a shutdown() inside the function cannot loop."""
+    calls = []
+
+    @hvd.elastic.run
+    def train(state):
+        calls.append(state.steps)
+        hvd.shutdown()
+        return hvd.allreduce(torch.ones(1))
+
+    with pytest.raises(hvd.HorovodInternalError, match=r"allreduce\(\) called before"):
+        train(hvd.elastic.ObjectState(hvd.broadcast_object, hvd.rank, steps=0))
+    assert calls == [0]
+
+
 def test_elastic_sampler_follows_horovods_order_and_skips_what_was_trained(hvd):
     data = list(range(23))
     sampler = hvd.elastic.ElasticSampler(data, shuffle=True, seed=4)

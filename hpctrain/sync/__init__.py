@@ -39,7 +39,7 @@ from hpctrain.sync import process_sets as _psets
 from hpctrain.sync.buckets import default_bucket_bytes
 from hpctrain.sync.collectives import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hpctrain.sync.compression import Compression
-from hpctrain.sync.errors import CollectiveMismatchError, UsageTypeError
+from hpctrain.sync.errors import CollectiveMismatchError, UsageTypeError, not_initialized
 from hpctrain.sync.optimizer import parameter_names
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.sync_batch_norm import SyncBatchNorm
@@ -75,7 +75,7 @@ _active_name: str | None = None
 
 def _impl(caller: str, tensor: torch.Tensor | None = None) -> ModuleType:
     if _active is None:
-        raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+        raise not_initialized(caller)
     if _active is not mpi_backend and isinstance(tensor, torch.Tensor) and tensor.is_cuda \
             and not _active.cuda_built():
         raise UsageError(f"hpctrain.sync.{caller}(): Horovod here was built without GPU "

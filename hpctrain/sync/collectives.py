@@ -38,7 +38,7 @@ from hpctrain.sync import adasum, collective_check, stall, timeline
 from hpctrain.sync import process_sets as psets
 from hpctrain.sync.collective_check import Call
 from hpctrain.sync.compression import Compression, NoneCompressor
-from hpctrain.sync.errors import HorovodInternalError, UsageTypeError
+from hpctrain.sync.errors import HorovodInternalError, UsageTypeError, not_initialized
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.transport import MPITransport, Request, Transport, wait_all
 
@@ -197,7 +197,7 @@ def pending() -> bool:
 def world(caller: str = "world") -> World:
     """The running backend's world; UsageError naming ``caller`` before :func:`init`."""
     if _world is None:
-        raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+        raise not_initialized(caller)
     return _world
 
 

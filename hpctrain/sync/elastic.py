@@ -16,8 +16,9 @@ new ``mpirun`` on another number of ranks) and :func:`run` brings the state back
 - ``commit()`` never raises ``HostsUpdatedInterrupt``: hosts do not change inside a job.
   :func:`run` still handles one the script raises, as Horovod's does.
 - :class:`~hpctrain.sync.errors.HorovodInternalError` is not caught: here it is a usage error
-  (collectives called in different orders) that a retry would repeat, not a lost worker. An
-  MPI or torch.distributed failure ends the job; the restart resumes from the last commit.
+  (collectives called in different orders, or after ``shutdown()``) that a retry would
+  repeat, not a lost worker. An MPI or torch.distributed failure ends the job; the restart
+  resumes from the last commit.
 
 The same script runs on Horovod: with ``init(backend="horovod")`` ``hvd.elastic`` is Horovod's.
 """

@@ -9,6 +9,16 @@ class HorovodInternalError(RuntimeError):
     """A collective failed (Horovod's name; its elastic mode treats it as recoverable)."""
 
 
+class NotInitializedError(UsageError, HorovodInternalError):
+    """A call before init() or after shutdown(). Horovod raises HorovodInternalError from its
+    collectives there and ValueError from size() and rank(): this is both, so that a ported
+    script's ``except hvd.HorovodInternalError`` catches it, as ``except ValueError`` does."""
+
+
+def not_initialized(caller: str) -> NotInitializedError:
+    return NotInitializedError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+
+
 class CollectiveMismatchError(HorovodInternalError):
     """Ranks called different collectives at the same point: raised on every rank, not a hang."""
 

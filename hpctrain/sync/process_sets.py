@@ -19,7 +19,7 @@ from typing import Any
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync.collective_check import Channel
-from hpctrain.sync.errors import UsageTypeError
+from hpctrain.sync.errors import UsageTypeError, not_initialized
 from hpctrain.sync.transport import Transport
 
 
@@ -146,7 +146,7 @@ def add(process_set: ProcessSet | Sequence[int]) -> ProcessSet:
     """Register a set on every rank (collective over all ranks); return it."""
     global _next_id
     if _world is None:
-        raise UsageError("hpctrain.sync.add_process_set() called before hpctrain.sync.init()")
+        raise not_initialized("add_process_set")
     ps = process_set if isinstance(process_set, ProcessSet) else ProcessSet(process_set)
     if ps.ranks is None:  # from a communicator: this rank's set may differ from another's
         ps.ranks = _ranks_of_comm(ps.mpi_comm)
@@ -243,7 +243,7 @@ def _registered_set(process_set: ProcessSet | None, caller: str) -> ProcessSet:
                          f"{type(ps).__name__}")
     if ps.process_set_id is None or _registered.get(ps.process_set_id) is not ps:
         if _world is None:
-            raise UsageError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+            raise not_initialized(caller)
         raise UsageError(f"{caller}: {ps} is not registered; pass it to init(process_sets=...) "
                          "or add_process_set() first")
     return ps
