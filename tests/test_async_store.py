@@ -5,6 +5,7 @@ Single-process tests use a one-rank store on COMM_SELF; the ``mpi`` tests run un
 whatever thread level the test process started it (shared-memory windows work at any).
 """
 
+import copy
 import io
 import random
 import time
@@ -15,7 +16,8 @@ import torch
 from torch.nn import functional as F
 
 from hpctrain import comm, kernels
-from hpctrain.async_ import ASGD, DCASGD, ParameterStore, shard_bounds
+from hpctrain.async_ import ASGD, DCASGD, ParameterStore, flatten_parameters, shard_bounds
+from hpctrain.async_ import trainable as trainable_of
 from hpctrain.async_.store import CLOSED, default_shards
 from hpctrain.errors import UsageError
 
@@ -248,6 +250,119 @@ def test_optimizer_rejects_a_model_of_another_size():
         with pytest.raises(UsageError, match="has 256 trainable parameters, the store 10"):
             ASGD(small_model(), store, lr=0.1)
         store.finish()
+
+
+def test_a_model_loaded_after_building_the_optimizer_stops_the_next_step():
+    """torch's usual resume order (build model and optimizer, then load_state_dict) lost the
+    checkpoint silently: the store kept the values it was built from, the step's push landed
+    on them and its pull overwrote the loaded model. Now the next step raises; loading the
+    values already there (hpctrain's own resume), loading into a copy of the model, or a
+    pull() after the load does not stop it, and loading before building the store resumes."""
+    saved = small_model(seed=1).state_dict()
+    model = small_model()
+    with ParameterStore(trainable_of(model), self_comm(), shards=2) as store:
+        opt = DCASGD(model, store, **HYPER)
+        train(model, opt, batches(0, 2))
+        model.load_state_dict(model.state_dict())  # the same values: harmless
+        copy.deepcopy(model).load_state_dict(saved)  # another model's load
+        train(model, opt, batches(1, 1))
+        model.load_state_dict(saved)
+        assert torch.equal(flat_of(model), flat_of(small_model(seed=1)))  # loaded, for now
+        with pytest.raises(UsageError, match=r"^DCASGD\.step\(\): load_state_dict changed the "
+                                             "model's parameters after the optimizer was built"):
+            train(model, opt, batches(1, 1))
+        opt.pull()  # back to the store's values: the user chose them
+        train(model, opt, batches(1, 1))
+        model[2].load_state_dict(small_model(seed=1)[2].state_dict())  # a submodule's own load
+        with pytest.raises(UsageError, match="load the model before building the ParameterStore"):
+            opt.step()
+        opt.pull()
+        model.load_state_dict(model.state_dict(), assign=True)  # new tensors, not the buffer
+        with pytest.raises(UsageError, match="load_state_dict changed"):
+            opt.step()
+        store.finish()
+    model = small_model()
+    model.load_state_dict(saved)  # the order that works: load, then build the store
+    with ParameterStore(trainable_of(model), self_comm()) as store:
+        opt = DCASGD(model, store, **HYPER)
+        assert torch.equal(flat_of(model), flat_of(small_model(seed=1)))
+        train(model, opt, batches(1, 1))
+        store.finish()
+
+
+def test_parameter_groups_are_refused():
+    """DCASGD([{...}, {...}], store) ended in AttributeError: 'list' object has no attribute
+    'parameters', and add_param_group was accepted and then ignored (its parameters never
+    updated, their gradients never zeroed): the store updates one flat vector."""
+    model = small_model()
+    with ParameterStore(trainable_of(model), self_comm()) as store:
+        groups = [{"params": [model[0].weight], "weight_decay": 1e-2},
+                  {"params": [model[0].bias], "weight_decay": 0.0}]
+        with pytest.raises(TypeError, match=r"^DCASGD\(\) takes the model \(an nn.Module\), not "
+                                            "list"):
+            DCASGD(groups, store, lr=0.1)
+        opt = DCASGD(model, store, lr=0.1)
+        with pytest.raises(TypeError, match="DCASGD takes one parameter group"):
+            opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(3))]})
+        assert len(opt.param_groups) == 1
+        store.finish()
+
+
+@pytest.mark.parametrize("switch", ["unfreeze", "freeze"])
+def test_switching_requires_grad_after_building_stops_the_next_step(switch):
+    """The store holds the parameters that required grad at construction: one unfrozen later
+    was never updated, one frozen later kept moving (zeros pushed, weight decay applied),
+    both without a word."""
+    model = small_model()
+    if switch == "unfreeze":
+        model[0].requires_grad_(False)  # a frozen backbone, to unfreeze after warm-up
+    with ParameterStore(trainable_of(model), self_comm()) as store:
+        opt = DCASGD(model, store, **HYPER)
+        (x, y), = batches(0, 1)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        model[0].requires_grad_(switch == "unfreeze")
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        with pytest.raises(UsageError, match=r"^DCASGD\.step\(\): requires_grad changed on a "
+                                             "parameter after the optimizer was built"):
+            opt.step()
+        store.finish()
+
+
+def test_a_store_compares_the_shapes_it_knows_with_the_optimizers_model():
+    """A store made of a model's parameters (a list, or flatten_parameters's vector) knows
+    their shapes: an optimizer on a model of the same size but other shapes is refused."""
+    for values in ([torch.zeros(6, 4), torch.zeros(6)],
+                   flatten_parameters(trainable_of(torch.nn.Linear(4, 6)))):
+        with ParameterStore(values, self_comm()) as store:
+            assert store.shapes == ((6, 4), (6,))
+            with pytest.raises(UsageError, match=r"shapes \(5, 5\) \(5,\), the store's "
+                                                 r"\(6, 4\) \(6,\)"):
+                ASGD(torch.nn.Linear(5, 5), store, lr=0.1)
+            ASGD(torch.nn.Linear(4, 6), store, lr=0.1)
+            store.finish()
+    with ParameterStore(torch.zeros(30), self_comm()) as store:  # a plain vector: sizes only
+        assert store.shapes is None
+        ASGD(torch.nn.Linear(5, 5), store, lr=0.1)
+        store.finish()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_push_after_finish_is_refused(mode):
+    """finish() says every rank's pushes are in; a push after it was applied without a word
+    (and across ranks raced the others' final pull). pull() still reads the final model."""
+    model = small_model()
+    with ParameterStore(trainable_of(model), self_comm(), **MODES[mode]) as store:
+        opt = ASGD(model, store, lr=0.1)
+        train(model, opt, batches(0, 1))
+        store.finish()
+        before = flat_of(model)
+        with pytest.raises(UsageError, match=r"^ParameterStore\.push\(\): finish\(\) ran"):
+            train(model, opt, batches(0, 1))
+        assert opt.pull() == 1 and store.updates() == 1
+        assert torch.equal(flat_of(model), before)
 
 
 def worker_setup(world, consistency, shards, adaptive, mode="auto"):
@@ -513,7 +628,7 @@ def test_a_worker_at_a_checkpoint_mark_ends_with_one_that_stopped(algo):
 
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("differs", ["size", "dtype", "servers"])
+@pytest.mark.parametrize("differs", ["size", "dtype", "servers", "shapes"])
 def test_ranks_that_disagree_on_the_store_all_raise_one_error(differs):
     """A rank whose vector (or arguments) differs: shard sizes and the initial Bcast came from
     each rank's own, so 8586 floats on rank 0 and 4426 on rank 1 ended in a glibc abort, and a
@@ -524,11 +639,16 @@ def test_ranks_that_disagree_on_the_store_all_raise_one_error(differs):
     last = rank == world.Get_size() - 1
     values = torch.zeros(4426 if last and differs == "size" else 8586,
                          dtype=torch.float64 if last and differs == "dtype" else torch.float32)
+    if differs == "shapes":  # as many values, other layers: rank 0 Linear(4, 6), the last (5, 5)
+        values = flatten_parameters(trainable_of(torch.nn.Linear(5, 5) if last
+                                                 else torch.nn.Linear(4, 6)))
     servers = 1 if last and differs == "servers" else 0
     expected = {"size": "ranks hold vectors of different sizes: rank 0 8586, rank {r} 4426",
                 "dtype": "ranks hold vectors of different types: rank 0 torch.float32 (8586,), "
                          "rank {r} torch.float64 (8586,)",
-                "servers": "ranks give different servers: rank 0 servers=0, rank {r} servers=1"}
+                "servers": "ranks give different servers: rank 0 servers=0, rank {r} servers=1",
+                "shapes": "ranks hold parameters of different shapes: rank 0 (6, 4) (6,), "
+                          "rank {r} (5, 5) (5,)"}
     with pytest.raises(UsageError) as err:
         ParameterStore(values, world, servers=servers)
     assert str(err.value) == "ParameterStore: " + expected[differs].format(r=world.Get_size() - 1)

@@ -3,12 +3,15 @@
 Use from your own loop, as with Horovod (MPI at thread level ``serialized``)::
 
     MPI = hpctrain.comm.init("serialized")
-    store = ParameterStore(flat_initial_values, servers=0, consistency="locked")
+    store = ParameterStore(trainable(model), servers=0, consistency="locked")  # model loaded
     if store.is_worker:
         opt = DCASGD(model, store, lr=0.05, adaptive=True)
         for x, y in batches:
             opt.zero_grad(); F.cross_entropy(model(x), y).backward(); opt.step()
-    store.finish(); store.close()
+    store.finish()
+    if store.is_worker:
+        opt.pull()  # the final parameters (buffers stay each worker's own)
+    store.close()
 
 Design choices (DESIGN.md's "The async store on RMA windows", with these decisions):
 

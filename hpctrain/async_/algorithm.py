@@ -181,9 +181,8 @@ class ASGD(Algorithm):
         loaded = getattr(self, "_loaded", None)
         if loaded is not None:  # the store starts from rank 0's values: the checkpoint's
             model.load_state_dict(loaded.payload["shared"]["model"])
-        values = torch.cat([p.detach().reshape(-1) for p in trainable(model)])
         o = self.options
-        self.store = ParameterStore(values, world, servers=o.servers, shards=o.shards,
+        self.store = ParameterStore(trainable(model), world, servers=o.servers, shards=o.shards,
                                     consistency=o.consistency)
         return self.store.worker_comm
 

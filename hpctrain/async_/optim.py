@@ -9,15 +9,23 @@ keeps its buffer, gradient, mean squares and velocity there; the store's staged 
 the CUDA kernel on them. Their gradients are views of a second flat buffer, the one pushed:
 backward accumulates into it once :meth:`ASGD.zero_grad` has zeroed it in place, so a step
 copies no gradient (a gradient autograd or the user made anew is copied in).
+
+The store, not the model, holds the shared values, so what the user changes in the model
+after building the optimizer would be lost at the next step: a ``load_state_dict`` that
+changed its trainable parameters, or a ``requires_grad`` switched (the store holds the
+parameters that required grad at the start). :meth:`ASGD.step` refuses to run after either,
+with an error that says what to do, and one parameter group is all the optimizers take.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import nn
 
 from hpctrain import kernels
-from hpctrain.async_.store import ParameterStore, Push
+from hpctrain.async_.store import SHAPES_TAG, ParameterStore, Push, shapes_text
 from hpctrain.errors import UsageError
 
 DEFAULT_LAM = {"constant": 0.04, "adaptive": 2.0}  # DC-ASGD paper: lam0 for -c and -a
@@ -43,7 +51,8 @@ def _views(flat: torch.Tensor, params: list[nn.Parameter]) -> list[torch.Tensor]
 def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     """Copy ``params`` into one new flat buffer and make each parameter a view of it.
 
-    The buffer is where the parameters are (the CPU or one GPU)."""
+    The buffer is where the parameters are (the CPU or one GPU). It records the parameters'
+    shapes, which a :class:`ParameterStore` built from it compares across ranks."""
     device = params[0].device if params else torch.device("cpu")
     for p in params:
         if p.dtype != torch.float32 or p.device != device:
@@ -53,7 +62,63 @@ def flatten_parameters(params: list[nn.Parameter]) -> torch.Tensor:
     for p, view in zip(params, _views(flat, params), strict=True):
         view.copy_(p.detach())
         p.data = view
+    setattr(flat, SHAPES_TAG, tuple(tuple(p.shape) for p in params))
     return flat
+
+
+class _LoadWatch:
+    """``load_state_dict`` hooks on a module that owns trainable parameters: they mark the
+    optimizer when a load changed one of them (other values, or ``assign=True``'s new
+    tensors), since its next step would overwrite them with the store's values. Only the
+    loading is marked, not refused: loading a snapshot to evaluate it, then :meth:`ASGD.pull`,
+    is fine. Loading the values already there (hpctrain's own resume) marks nothing. A copy
+    of the model (deepcopy, pickle) gets an inert watch."""
+
+    def __init__(self, opt: ASGD | None, owned: list[tuple[str, nn.Parameter]]):
+        self._opt = None if opt is None else weakref.ref(opt)
+        self._owned = [(name, p, p.data_ptr()) for name, p in owned]
+
+    def _mark(self) -> None:
+        opt = None if self._opt is None else self._opt()
+        if opt is not None:
+            opt._loaded_after = True
+
+    def before(self, module: nn.Module, state_dict, prefix: str, *_) -> None:
+        for name, p, _ptr in self._owned:
+            value = state_dict.get(prefix + name)
+            if isinstance(value, torch.Tensor) and module._parameters.get(name) is p \
+                    and (value.shape != p.shape
+                         or not torch.equal(value.to(p.device, p.dtype), p.detach())):
+                self._mark()
+
+    def after(self, module: nn.Module, _incompatible) -> None:
+        if any(module._parameters.get(name) is not p or p.data_ptr() != ptr
+               for name, p, ptr in self._owned):
+            self._mark()
+
+    def __reduce__(self):
+        return _LoadWatch, (None, [])
+
+
+def _watch_loads(opt: ASGD, model: nn.Module, params: list[nn.Parameter]) -> None:
+    """A :class:`_LoadWatch` on every module of ``model`` that owns some of ``params``: a
+    submodule's own ``load_state_dict`` is caught too. Removed with the optimizer."""
+    ids, handles = {id(p) for p in params}, []
+    for module in model.modules():
+        owned = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) in ids]
+        if not owned:
+            continue
+        watch = _LoadWatch(opt, owned)
+        pre = getattr(module, "register_load_state_dict_pre_hook", None)  # public: torch 2.5
+        handles.append(pre(watch.before) if pre is not None else
+                       module._register_load_state_dict_pre_hook(watch.before, with_module=True))
+        handles.append(module.register_load_state_dict_post_hook(watch.after))
+    weakref.finalize(opt, _remove, handles)
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 class ASGD(torch.optim.Optimizer):
@@ -66,11 +131,18 @@ class ASGD(torch.optim.Optimizer):
     Horovod's optimizer, which fills a missing gradient with zeros; torch's SGD would skip it).
     Construction pulls the store's values into ``model``. ``staleness`` lists the measured
     tau of every push; ``last_push`` describes the latest (:class:`Push`).
+
+    One parameter group, ``model``'s trainable parameters: the store's kernel updates them as
+    one flat vector with one ``lr`` and ``weight_decay`` (a scheduler changes group 0's).
     """
 
     def __init__(self, model: nn.Module, store: ParameterStore, lr: float,
                  momentum: float = 0.0, weight_decay: float = 0.0, *, lam: float = 0.0,
                  adaptive: bool = False, ms_decay: float = 0.95):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}() takes the model (an nn.Module), not "
+                            f"{type(model).__name__}: it updates the model's trainable parameters "
+                            "as one group (no parameter groups)")
         kernels.check_rates(lr=lr, lam=lam, weight_decay=weight_decay)
         kernels.check_decays(ms=adaptive, v=True, ms_decay=ms_decay, momentum=momentum)
         params = trainable(model)
@@ -83,6 +155,16 @@ class ASGD(torch.optim.Optimizer):
         if self._flat.numel() != store.numel:
             raise UsageError(f"the model has {self._flat.numel()} trainable parameters, the "
                              f"store {store.numel} (give the store trainable(model)'s)")
+        shapes = getattr(self._flat, SHAPES_TAG)
+        if store.shapes is not None and store.shapes != shapes:
+            raise UsageError(f"the model's trainable parameters have shapes {shapes_text(shapes)}"
+                             f", the store's {shapes_text(store.shapes)} (give the store "
+                             "trainable(model))")
+        # What step() checks the model against (_check_model): the parameters that did not
+        # require grad then, and whether a load_state_dict changed the trainable ones since.
+        self._frozen = [p for p in model.parameters() if not p.requires_grad]
+        self._loaded_after = False
+        _watch_loads(self, model, params)
         self._grad = torch.zeros_like(self._flat)
         self._grad_views = _views(self._grad, params)
         self._ms = torch.zeros_like(self._flat) if adaptive else None
@@ -91,9 +173,39 @@ class ASGD(torch.optim.Optimizer):
         self.last_push: Push | None = None
         store.pull(self._flat)
 
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, for the one group construction makes; another is refused: the store
+        updates one flat vector with one set of hyperparameters (and step() pushed only the
+        first group's parameters, leaving the added ones untouched)."""
+        if self.param_groups:
+            raise TypeError(f"{type(self).__name__} takes one parameter group (the model's "
+                            "trainable parameters, the store's vector): add_param_group is "
+                            "not supported")
+        super().add_param_group(param_group)
+
+    def _check_model(self) -> None:
+        """UsageError if the model changed under the optimizer in a way a step would undo or
+        ignore: a load_state_dict of other parameter values (the step's pull overwrote them
+        with the store's) or a ``requires_grad`` switched (the store holds the parameters that
+        required grad at construction). One flag and a pass over the flags: cheap per step."""
+        name = type(self).__name__
+        if self._loaded_after:
+            raise UsageError(f"{name}.step(): load_state_dict changed the model's parameters "
+                             "after the optimizer was built, and the step would replace them "
+                             "with the store's values: load the model before building the "
+                             "ParameterStore (its values start the shared model), or pull() "
+                             "to go on from the store's")
+        if any(not p.requires_grad for p in self.param_groups[0]["params"]) \
+                or any(p.requires_grad for p in self._frozen):
+            raise UsageError(f"{name}.step(): requires_grad changed on a parameter after the "
+                             "optimizer was built (the store holds the parameters that required "
+                             "grad then): build a new ParameterStore and optimizer after "
+                             "freezing or unfreezing")
+
     @torch.no_grad()
     def step(self, closure=None):
         """Push this worker's update; the model then holds the newest values it read."""
+        self._check_model()
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -149,8 +261,12 @@ class ASGD(torch.optim.Optimizer):
 
     @torch.no_grad()
     def pull(self) -> int:
-        """Refresh the model with the store's newest values; return the update count seen."""
-        return self.store.pull(self._flat)
+        """Refresh the model with the store's newest values; return the update count seen.
+        The model's trainable parameters are the store's again: a load_state_dict before it
+        no longer stops :meth:`step`."""
+        seen = self.store.pull(self._flat)
+        self._loaded_after = False
+        return seen
 
 
 class DCASGD(ASGD):

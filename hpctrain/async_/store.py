@@ -34,7 +34,9 @@ memory is not something every MPI library's RMA component does.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,13 +66,45 @@ class Push:
     versions: tuple[int, ...] | None  # locked: per shard in `order`, updates applied before
 
 
-def _agree(comm, values: torch.Tensor, **arguments) -> None:
-    """UsageError on every rank unless all of ``comm`` give the same vector size, type and
-    arguments. Before any window: a rank's shard sizes and the initial Bcast come from its own
-    vector, so ranks that differ wrote past their buffers (a glibc abort) or met different
-    collectives. One allgather of a few words; every rank judges the same list."""
+Shapes = tuple[tuple[int, ...], ...]
+SHAPES_TAG = "_hpctrain_shapes"  # flatten_parameters's vector carries its parameters' shapes
+
+
+def _flat_values(values: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor,
+                                                                          Shapes | None]:
+    """The store's 1-D vector and, where known, the shapes of the parameters it holds: a
+    sequence of tensors is concatenated (its shapes known); a vector is taken as it is (its
+    shapes known if :func:`~hpctrain.async_.optim.flatten_parameters` made it)."""
+    if isinstance(values, torch.Tensor):
+        return values, getattr(values, SHAPES_TAG, None)
+    values = list(values)
+    shapes = tuple(tuple(t.shape) for t in values)
+    flat = torch.cat([t.detach().reshape(-1) for t in values]) if values else torch.empty(0)
+    return flat, shapes
+
+
+def shapes_text(shapes: Shapes | None) -> str:
+    """``shapes`` for an error message: listed when short, else counted with a digest (the
+    allgather that compares them stays a few words per rank)."""
+    if shapes is None:
+        return "unknown (a flat vector)"
+    text = " ".join(str(s) for s in shapes)
+    if len(text) <= 120:
+        return text
+    digest = hashlib.sha1(text.encode()).hexdigest()[:12]
+    return f"{len(shapes)} tensors, sha1 {digest}"
+
+
+def _agree(comm, values: torch.Tensor, shapes: Shapes | None, **arguments) -> None:
+    """UsageError on every rank unless all of ``comm`` give the same vector size, type,
+    parameter shapes and arguments. Before any window: a rank's shard sizes and the initial
+    Bcast come from its own vector, so ranks that differ wrote past their buffers (a glibc
+    abort) or met different collectives; ranks whose layers differ in shape but not in size
+    trained on each other's values as garbage. One allgather of a few words; every rank judges
+    the same list."""
     mine = {"ranks hold vectors of different sizes": str(values.numel()),
             "ranks hold vectors of different types": f"{values.dtype} {tuple(values.shape)}",
+            "ranks hold parameters of different shapes": shapes_text(shapes),
             **{f"ranks give different {k}": f"{k}={v!r}" for k, v in arguments.items()}}
     every = comm.allgather(mine)
     found = hcomm.first_difference(every)
@@ -131,9 +165,12 @@ def default_shards(workers: int, hosts: int) -> int:
 class ParameterStore:
     """A flat float32 vector sharded over RMA windows; collective over ``comm`` to create.
 
-    ``values``: a 1-D float32 tensor of the model's size on every rank; the store starts from
-    rank ``root``'s values. Ranks whose sizes or arguments differ raise one UsageError each
-    (:func:`_agree`); a closed store's methods raise one too (:meth:`_check_open`).
+    ``values``: the trainable parameters (``trainable(model)``; concatenated), or a 1-D
+    float32 tensor of the model's size, on every rank; the store starts from rank ``root``'s
+    values. Ranks whose sizes, parameter shapes (known from a list, or from
+    :func:`~hpctrain.async_.optim.flatten_parameters`'s vector) or arguments differ raise one
+    UsageError each (:func:`_agree`); a closed store's methods raise one too
+    (:meth:`_check_open`), and a push after :meth:`finish` does.
     ``servers``: 0 (every rank hosts shards and works) or N (the last N ranks only host; they
     call :meth:`finish` right away and poll for progress there).
     ``shards``: number of shards (default :func:`default_shards`). ``poll_interval``: seconds a
@@ -145,16 +182,21 @@ class ParameterStore:
     compute and write back (the staged path GPU workers always take).
     """
 
-    def __init__(self, values: torch.Tensor, comm=None, *, servers: int = 0,
+    shapes: Shapes | None = None  # of the parameters held, where known (a class default:
+    _finished = False  # the simulator's LocalStore does not run this __init__)
+
+    def __init__(self, values: torch.Tensor | Sequence[torch.Tensor], comm=None, *,
+                 servers: int = 0,
                  shards: int | None = None, consistency: str = "locked", root: int = 0,
                  poll_interval: float = 2e-4, shared_memory: bool | None = None,
                  in_place: bool = True):
         MPI = hcomm.mpi()
         comm = MPI.COMM_WORLD if comm is None else comm
         size, rank = comm.Get_size(), comm.Get_rank()
+        values, self.shapes = _flat_values(values)
         numel = values.numel()
-        _agree(comm, values, servers=servers, shards=shards, consistency=consistency,
-               root=root, shared_memory=shared_memory)
+        _agree(comm, values, self.shapes, servers=servers, shards=shards,
+               consistency=consistency, root=root, shared_memory=shared_memory)
         if consistency not in CONSISTENCIES:
             raise UsageError(f"unknown consistency {consistency!r}; choose from "
                              f"{', '.join(CONSISTENCIES)}")
@@ -292,6 +334,9 @@ class ParameterStore:
         since this worker's previous push or pull: off by the pushes in flight alongside.
         """
         self._check_open("push")
+        if self._finished:
+            raise UsageError("ParameterStore.push(): finish() ran, which says every rank's pushes "
+                             "are in: push before finish() (pull() reads the final model)")
         if not self.is_worker:
             raise RuntimeError(f"rank {self.rank} is a server of this store; only workers push")
         for name, t in (("w_bak", w_bak), ("g", g), ("ms", ms), ("v", v)):
@@ -555,6 +600,7 @@ class ParameterStore:
         its windows progress where no hardware does it for them.
         """
         self._check_open("finish")
+        self._finished = True
         MPI = hcomm.mpi()
         requests = [self._ctl.Isend([self._none, 0, MPI.FLOAT], host, _TAG_DONE)
                     for host in (self.hosts if self.is_worker else [])]
