@@ -2,7 +2,8 @@
 
 A reference names a callable as ``MODULE:ATTRIBUTE`` (a module importable from the working
 directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a module of its own,
-its folder importable as under ``python FILE``: it may import a module beside it).
+its folder put last on the path: it may import a module beside it, refused where Python
+takes that name from elsewhere).
 :func:`check_form` judges the text alone (at construction, no import); :func:`resolve` imports
 it; :func:`check_model` builds the model once before MPI starts and runs two zero samples
 through it (and back, as one training step), so a bad reference (no module, no attribute, not
@@ -17,6 +18,7 @@ A model callable is called as ``build(input_shape, num_classes, **model_args)`` 
 from __future__ import annotations
 
 import argparse
+import ast
 import contextlib
 import hashlib
 import importlib
@@ -38,6 +40,7 @@ from hpctrain.errors import UsageError
 _ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MODULE = _ATTRIBUTE
 _FILE_MODULE = "hpctrain_user_"  # name prefix of the modules loaded from files
+_APPENDED: set[str] = set()  # folders _importable_beside put on sys.path
 
 
 def is_reference(text: str) -> bool:
@@ -217,20 +220,81 @@ def _load_file(flag: str, path_text: str):
     except Exception as e:
         del sys.modules[name]
         raise UsageError(f"{flag}: loading {path_text} raised {one_line(e)}") from e
+    clash = _neighbour_elsewhere(path, source)
+    if clash is not None:
+        del sys.modules[name]
+        neighbour, found, hint = clash
+        raise UsageError(f"{flag}: {path_text} imports {neighbour} beside it, but {neighbour} "
+                         f"is {found} instead; {hint}")
     return module
 
 
 def _importable_beside(path: Path) -> None:
     """Put the folder of ``path`` on ``sys.path``, so that its file imports a module beside
-    it (``from blocks import head``) as under ``python FILE``, on every rank and in every
-    process that loads it. At the end, not first as ``python FILE`` puts it: a module of the
-    folder named as an installed or standard one (``random.py``) then shadows
-    nothing hpctrain, torch or the user's other code imports later; such a name imports the
-    installed module (whose path the ImportError names). Kept after loading: a function of
-    the file may import its neighbour only when called."""
+    it (``from blocks import head``) on every rank and in every process that loads it. At
+    the end, not first as ``python FILE`` puts it: a module of the folder named as an
+    installed or standard one (``random.py``) then shadows nothing hpctrain, torch or the
+    user's other code imports; the file's import of it is refused
+    (:func:`_neighbour_elsewhere`). Kept after loading: a function of the file may import
+    its neighbour only when called."""
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.append(folder)
+    _APPENDED.add(folder)
+
+
+def _neighbour_elsewhere(path: Path, source: bytes) -> tuple[str, str, str] | None:
+    """A module the file at ``path`` imports by a top-level name (anywhere in it, absolute
+    imports only) that its folder holds, but which Python takes from elsewhere: (the name,
+    where it comes from, what to do), or None. Python keeps one module per name in a process,
+    and the appended folder is searched last, so a second file's ``blocks.py`` gets the first
+    one's, the running script's folder wins over the file's, and a name of a standard or
+    installed module gets that one: each a different model or algorithm, without a word, and
+    another for ``--config`` from another folder."""
+    folder = path.parent
+    names = set()
+    for node in ast.walk(ast.parse(source, str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.partition(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    for neighbour in sorted(names):
+        own = next((f.resolve() for f in (folder / f"{neighbour}.py",
+                                          folder / neighbour / "__init__.py") if f.is_file()),
+                   None)
+        found = _origin(neighbour)
+        if own is None or found == own:
+            continue
+        if found is None:
+            if neighbour not in sys.builtin_module_names:
+                continue  # cannot be told
+            return neighbour, "a built-in module", f"rename {_display(own)}"
+        beside = found.parent.parent if found.name == "__init__.py" else found.parent
+        if str(beside) in {str(Path(p).resolve()) for p in _APPENDED}:
+            return neighbour, f"imported from {found}", (
+                "give the modules beside different files different names, or run them in "
+                "separate processes")
+        return neighbour, f"imported from {found}", f"rename {_display(own)}"
+    return None
+
+
+def _display(own: Path) -> str:
+    return str(own.parent) if own.name == "__init__.py" else str(own)
+
+
+def _origin(name: str) -> Path | None:
+    """The file (resolved) module ``name`` is, or would be imported from now (not importing
+    it); None for a built-in one, a namespace package or one not found."""
+    module = sys.modules.get(name)
+    if module is not None:
+        file = getattr(module, "__file__", None)
+    else:
+        try:
+            spec = importlib.util.find_spec(name)
+        except (ImportError, ValueError):
+            spec = None
+        file = spec.origin if spec is not None and spec.has_location else None
+    return Path(file).resolve() if file else None
 
 
 def _imported_from(path: Path):

@@ -7,8 +7,10 @@ import importlib.util
 import io
 import math
 import re
+import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -450,23 +452,85 @@ def test_a_file_loads_once_until_it_changes(tmp_path):
     assert plugins.resolve("--model", f"{path}:build")() == 5
 
 
-def test_a_file_imports_a_module_beside_it_and_shadows_no_installed_one(tmp_path,
-                                                                        monkeypatch):
+def test_a_file_imports_a_module_beside_it(tmp_path, monkeypatch):
     """A file reference ran without its folder on the path: ``from blocks_s66 import WIDTH``
-    beside it raised ModuleNotFoundError. Its folder goes last on the path, so a module
-    there named as a standard one (``tabnanny.py``) hides nothing imported by name later."""
+    beside it raised ModuleNotFoundError. Its folder goes last on the path, so it hides
+    nothing imported by name later."""
     monkeypatch.setattr(sys, "path", list(sys.path))
-    (tmp_path / "blocks_s66.py").write_text("WIDTH = 7\n")
-    (tmp_path / "tabnanny.py").write_text("HIDDEN = True\n")
     (tmp_path / "net.py").write_text("from blocks_s66 import WIDTH\n"
-                                     "def build():\n    import tabnanny\n"
-                                     "    return WIDTH, hasattr(tabnanny, 'check')\n")
+                                     "def build():\n    import blocks_s66.x\n"
+                                     "    return WIDTH\n")
+    (tmp_path / "blocks_s66").mkdir()  # a package: blocks_s66.x is of the same name
+    (tmp_path / "blocks_s66" / "__init__.py").write_text("WIDTH = 7\n")
+    (tmp_path / "blocks_s66" / "x.py").write_text("")
     try:
-        assert plugins.resolve("--model", f"{tmp_path}/net.py:build")() == (7, True)
+        assert plugins.resolve("--model", f"{tmp_path}/net.py:build")() == 7
     finally:
         sys.modules.pop("blocks_s66", None)
-        sys.modules.pop("tabnanny", None)
+        sys.modules.pop("blocks_s66.x", None)
     assert sys.path[-1] == str(tmp_path) and sys.path.count(str(tmp_path)) == 1
+
+
+def test_two_files_whose_neighbours_share_a_name_are_refused_the_second(tmp_path,
+                                                                        monkeypatch):
+    """A sweep trained a/net.py then b/net.py, each ``from blocks_s66 import WIDTH`` beside
+    it: b's run used a's blocks (Python keeps one module per name), a different model
+    without a word."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for folder, width in [("a", 8), ("b", 4)]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "blocks_s66.py").write_text(f"WIDTH = {width}\n")
+        (tmp_path / folder / "net.py").write_text(
+            "def build():\n    from blocks_s66 import WIDTH\n    return WIDTH\n")
+    try:
+        assert plugins.resolve("--model", f"{tmp_path}/a/net.py:build")() == 8
+        with pytest.raises(UsageError, match=re.escape(
+                f"--model: {tmp_path}/b/net.py imports blocks_s66 beside it, but blocks_s66 is "
+                f"imported from {tmp_path.resolve()}/a/blocks_s66.py instead; give the modules "
+                "beside different files different names, or run them in separate processes")):
+            plugins.resolve("--model", f"{tmp_path}/b/net.py:build")
+        assert plugins.resolve("--model", f"{tmp_path}/a/net.py:build")() == 8  # a still runs
+    finally:
+        sys.modules.pop("blocks_s66", None)
+
+
+def test_a_file_importing_a_neighbour_named_as_a_standard_module_is_refused(tmp_path,
+                                                                            monkeypatch):
+    """``import tabnanny`` with tabnanny.py beside the file imported the standard one (the
+    appended folder comes last), not the file's."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    (tmp_path / "tabnanny.py").write_text("HIDDEN = True\n")
+    (tmp_path / "net.py").write_text("def build():\n    import tabnanny\n"
+                                     "    return hasattr(tabnanny, 'HIDDEN')\n")
+    import tabnanny
+
+    with pytest.raises(UsageError, match=re.escape(
+            f"--model: {tmp_path}/net.py imports tabnanny beside it, but tabnanny is imported "
+            f"from {Path(tabnanny.__file__).resolve()} instead; rename "
+            f"{tmp_path.resolve()}/tabnanny.py")):
+        plugins.resolve("--model", f"{tmp_path}/net.py:build")
+    assert getattr(sys.modules["tabnanny"], "HIDDEN", False) is False  # the standard one kept
+
+
+def test_a_file_whose_neighbour_the_running_scripts_folder_hides_is_refused(tmp_path):
+    """A Python-API script in folder b trained a/net.py, which imported b's blocks.py (the
+    script's folder comes first); ``--config`` from another folder then built a's: two
+    models for one config.json."""
+    for folder, width in [("a", 8), ("b", 4)]:
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "blocks_s66.py").write_text(f"WIDTH = {width}\n")
+    (tmp_path / "a" / "net.py").write_text("from blocks_s66 import WIDTH\n"
+                                           "def build(): return WIDTH\n")
+    (tmp_path / "b" / "one.py").write_text(
+        "import sys\nfrom hpctrain import plugins\nfrom hpctrain.errors import UsageError\n"
+        "try:\n    plugins.resolve('--model', sys.argv[1])\n"
+        "except UsageError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, str(tmp_path / "b" / "one.py"),
+                          f"{tmp_path}/a/net.py:build"], capture_output=True, text=True,
+                         timeout=120, check=True).stdout
+    assert out == (f"--model: {tmp_path}/a/net.py imports blocks_s66 beside it, but "
+                   f"blocks_s66 is imported from {tmp_path.resolve()}/b/blocks_s66.py instead; "
+                   f"rename {tmp_path.resolve()}/a/blocks_s66.py\n")
 
 
 def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
