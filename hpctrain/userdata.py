@@ -8,7 +8,8 @@ Formats:
 
 - ``npz:PATH``: arrays ``x_train``, ``y_train``, ``x_test``, ``y_test`` (``np.savez``), and
   optionally ``num_classes``, in either byte order; other arrays are not read, and one named
-  almost as one of these (``n_classes``, ``X_train``: :func:`_misspelt`) is refused. Members
+  almost as one of these that the file lacks (``n_classes`` without ``num_classes``,
+  ``X_train`` without ``x_train``: :func:`_npz_typos`) is refused as its likely typo. Members
   stored uncompressed (``np.savez``) are memory-mapped, so a rank that holds a shard reads
   only its rows; compressed ones (``np.savez_compressed``) are read whole, and let go once the
   rank took its part (:func:`release`).
@@ -379,6 +380,15 @@ def _misspelt(name: str, known: tuple[str, ...]) -> str | None:
     return close[0] if close else None
 
 
+def _npz_typos(files: list[str], read: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(array, the name it is likely a typo of) for the arrays of ``files`` named almost as
+    one of ``read`` that the file lacks (``X_train`` without ``x_train``, ``n_classes``
+    without ``num_classes``). Not where that name is there too: ``x_test_c`` beside
+    ``x_test`` is the user's own array (a corrupted test set), not a typo."""
+    close = ((k, _misspelt(k, read)) for k in files if k not in read)
+    return [(k, meant) for k, meant in close if meant is not None and meant not in files]
+
+
 class NpzSource:
     """``x_train``, ``y_train``, ``x_test``, ``y_test`` in one ``.npz`` file."""
 
@@ -396,7 +406,7 @@ class NpzSource:
                                  f"of {', '.join(self.KEYS)} (save them with np.savez)")
             with z:
                 missing = [k for k in self.KEYS if k not in z.files]
-                typos = [(k, _misspelt(k, self.READ)) for k in z.files if k not in self.READ]
+                typos = _npz_typos(z.files, self.READ)
                 given = z["num_classes"] if "num_classes" in z.files else None
                 self._labels = {s: z[f"y_{s}"] for s in SPLITS} if not missing else {}
         except UsageError:
@@ -407,13 +417,13 @@ class NpzSource:
                                  f"{', '.join(self.KEYS)} saved with np.savez)") from None
             raise UsageError(f"--dataset {name}: cannot read {path} as .npz ({e})") from None
         if missing:
+            likely = "".join(f"; {key!r} is likely a typo of {meant!r}" for key, meant in typos)
             raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
-                             f"{', '.join(z.files) or 'nothing'})")
+                             f"{', '.join(z.files) or 'nothing'}{likely})")
         for key, meant in typos:
-            if meant is not None:
-                raise UsageError(f"--dataset {name}: {path} has an array {key!r}, which is not "
-                                 f"read; did you mean {meant!r}? (it reads "
-                                 f"{', '.join(self.READ)})")
+            raise UsageError(f"--dataset {name}: {path} has an array {key!r}, which is not "
+                             f"read; did you mean {meant!r}? (it reads "
+                             f"{', '.join(self.READ)})")
         self._x = {s: self._member(f"x_{s}") for s in SPLITS}
         self.shape = _sample_shape(f"--dataset {name} x_train", self._x["train"].shape)
         test_shape = _sample_shape(f"--dataset {name} x_test", self._x["test"].shape)

@@ -1071,13 +1071,22 @@ def test_a_num_classes_given_with_the_data_is_one_whole_number(tmp_path, nets, k
 @pytest.mark.parametrize("extra, message", [
     ({"n_classes": 10}, "has an array 'n_classes', which is not read; did you mean "
                         "'num_classes'?"),
-    ({"X_train": np.zeros((60, 6, 6))}, "has an array 'X_train', which is not read; did you "
-                                         "mean 'x_train'?"),
+    ({"nclasses": 10}, "has an array 'nclasses', which is not read; did you mean "
+                       "'num_classes'?"),
+    ({"X_train": np.zeros((60, 6, 6)), "x_train": None},
+     "has no x_train (it has y_train, x_test, y_test, X_train; 'X_train' is likely a typo of "
+     "'x_train')"),
     ({"class_names": np.array(list("abcd")), "mean": 0.5}, None),  # the user's own: not read
+    # Named almost as an array the file has: the user's own, not a typo (these were refused)
+    ({"x_test_c": np.zeros((20, 6, 6)), "y_test_c": np.zeros(20)}, None),
+    ({"x_train0": 0, "x_train_c": 0, "x_tests": 0, "y_trains": 0, "x_testing": 0}, None),
+    ({"num_classes": 4, "num_classes_": 4}, None),
 ])
-def test_an_npz_array_named_almost_as_one_read_is_refused(tmp_path, extra, message):
-    """``n_classes=10`` beside labels 0..3 trained with 4 classes, without a word."""
-    write_npz(tmp_path / "d.npz", **extra)
+def test_an_npz_array_named_almost_as_one_it_lacks_is_refused(tmp_path, extra, message):
+    """``n_classes=10`` beside labels 0..3 trained with 4 classes, without a word; but
+    ``x_test_c`` beside ``x_test`` (a corrupted test set) was refused as a typo too."""
+    arrays = write_npz(tmp_path / "d.npz", **{k: v for k, v in extra.items() if v is not None})
+    np.savez(tmp_path / "d.npz", **{k: v for k, v in arrays.items() if extra.get(k, 0) is not None})
     args = ["--algo", "ssgd", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--model", "mlp"]
     if message is None:
         assert run.check_launch(arguments.build(cli.build_parser().parse_args(
