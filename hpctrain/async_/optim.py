@@ -14,7 +14,9 @@ The store, not the model, holds the shared values, so what the user changes in t
 after building the optimizer would be lost at the next step: a ``load_state_dict`` that
 changed its trainable parameters, or a ``requires_grad`` switched (the store holds the
 parameters that required grad at the start). :meth:`ASGD.step` refuses to run after either,
-with an error that says what to do, and one parameter group is all the optimizers take.
+with an error that says what to do, and one parameter group is all the optimizers take. A load
+that replaced the parameters (``assign=True``) is refused by :meth:`ASGD.pull` too: the model
+no longer holds the tensors the store reads into, so only a new store and optimizer can train it.
 """
 
 from __future__ import annotations
@@ -70,18 +72,22 @@ class _LoadWatch:
     """``load_state_dict`` hooks on a module that owns trainable parameters: they mark the
     optimizer when a load changed one of them (other values, or ``assign=True``'s new
     tensors), since its next step would overwrite them with the store's values. Only the
-    loading is marked, not refused: loading a snapshot to evaluate it, then :meth:`ASGD.pull`,
-    is fine. Loading the values already there (hpctrain's own resume) marks nothing. A copy
-    of the model (deepcopy, pickle) gets an inert watch."""
+    loading is marked, not refused: loading a snapshot of values to evaluate it, then
+    :meth:`ASGD.pull`, is fine. A load that replaced a parameter (another tensor object, or
+    one no longer in the flat buffer) is marked for good: a pull would fill the old tensors,
+    which the model no longer uses, and step() would train them. Loading the values already
+    there (hpctrain's own resume) marks nothing. A copy of the model (deepcopy, pickle) gets
+    an inert watch."""
 
     def __init__(self, opt: ASGD | None, owned: list[tuple[str, nn.Parameter]]):
         self._opt = None if opt is None else weakref.ref(opt)
         self._owned = [(name, p, p.data_ptr()) for name, p in owned]
 
-    def _mark(self) -> None:
+    def _mark(self, replaced: bool = False) -> None:
         opt = None if self._opt is None else self._opt()
         if opt is not None:
             opt._loaded_after = True
+            opt._replaced = opt._replaced or replaced
 
     def before(self, module: nn.Module, state_dict, prefix: str, *_) -> None:
         for name, p, _ptr in self._owned:
@@ -94,7 +100,7 @@ class _LoadWatch:
     def after(self, module: nn.Module, _incompatible) -> None:
         if any(module._parameters.get(name) is not p or p.data_ptr() != ptr
                for name, p, ptr in self._owned):
-            self._mark()
+            self._mark(replaced=True)
 
     def __reduce__(self):
         return _LoadWatch, (None, [])
@@ -161,9 +167,11 @@ class ASGD(torch.optim.Optimizer):
                              f", the store's {shapes_text(store.shapes)} (give the store "
                              "trainable(model))")
         # What step() checks the model against (_check_model): the parameters that did not
-        # require grad then, and whether a load_state_dict changed the trainable ones since.
+        # require grad then, and whether a load_state_dict changed the trainable ones since
+        # (their values: pull() clears it; or the tensors themselves: for good).
         self._frozen = [p for p in model.parameters() if not p.requires_grad]
         self._loaded_after = False
+        self._replaced = False
         _watch_loads(self, model, params)
         self._grad = torch.zeros_like(self._flat)
         self._grad_views = _views(self._grad, params)
@@ -189,6 +197,7 @@ class ASGD(torch.optim.Optimizer):
         with the store's) or a ``requires_grad`` switched (the store holds the parameters that
         required grad at construction). One flag and a pass over the flags: cheap per step."""
         name = type(self).__name__
+        self._check_not_replaced("step")
         if self._loaded_after:
             raise UsageError(f"{name}.step(): load_state_dict changed the model's parameters "
                              "after the optimizer was built, and the step would replace them "
@@ -201,6 +210,17 @@ class ASGD(torch.optim.Optimizer):
                              "optimizer was built (the store holds the parameters that required "
                              "grad then): build a new ParameterStore and optimizer after "
                              "freezing or unfreezing")
+
+    def _check_not_replaced(self, call: str) -> None:
+        """UsageError if a load_state_dict replaced trainable parameters (``assign=True``):
+        the model's new tensors are not views of the flat buffer the store reads into and
+        the kernel updates, so a pull would not reach them and a step would train the old
+        ones. No pull undoes that; a new store and optimizer take the new tensors."""
+        if self._replaced:
+            raise UsageError(f"{type(self).__name__}.{call}(): load_state_dict replaced the "
+                             "model's parameters (assign=True) after the optimizer was built, "
+                             "so it no longer updates the tensors the model uses: build a new "
+                             "ParameterStore and optimizer after the load")
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -262,8 +282,10 @@ class ASGD(torch.optim.Optimizer):
     @torch.no_grad()
     def pull(self) -> int:
         """Refresh the model with the store's newest values; return the update count seen.
-        The model's trainable parameters are the store's again: a load_state_dict before it
-        no longer stops :meth:`step`."""
+        The model's trainable parameters are the store's again: a load_state_dict of other
+        values before it no longer stops :meth:`step`. One that replaced the parameters
+        (``assign=True``) raises here too: the pull would not reach the model."""
+        self._check_not_replaced("pull")
         seen = self.store.pull(self._flat)
         self._loaded_after = False
         return seen
