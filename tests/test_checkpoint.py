@@ -785,6 +785,14 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
     assert str(refused.value) == (f"--resume {folder}: {folder} holds only unusable "
                                   "checkpoints (ckpt-000000005.pt.corrupt, ...): resume from a "
                                   "good copy")
+    # ... and so does --resume RUN, the run's --out: resolve() took RUN itself, whose
+    # checkpoints/ held only *.corrupt files, and the line was "no checkpoint found there".
+    assert checkpoint.resolve(out) == folder
+    with pytest.raises(UsageError) as refused:
+        check(resume=str(out))
+    assert str(refused.value) == (f"--resume {out}: {folder} holds only unusable "
+                                  "checkpoints (ckpt-000000005.pt.corrupt, ...): resume from a "
+                                  "good copy")
 
 
 def test_parse_every_bounds_epochs():

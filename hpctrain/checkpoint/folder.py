@@ -198,9 +198,16 @@ def corrupt(folder: str | Path) -> list[Path]:
 
 
 def resolve(folder: str | Path) -> Path:
-    """The checkpoint folder meant by ``--resume DIR``: DIR itself or ``DIR/checkpoints``."""
+    """The checkpoint folder meant by ``--resume DIR``: DIR itself or ``DIR/checkpoints``.
+
+    Checkpoints an earlier resume set aside (``*.corrupt``) count as the folder's too: once
+    all of a run's were, ``--resume RUN`` must look in ``RUN/checkpoints`` to say so, as
+    ``--resume RUN/checkpoints`` does (RUN itself only held "no checkpoint")."""
     folder = Path(folder)
-    return folder if listing(folder) or not listing(folder / SUBDIR) else folder / SUBDIR
+    if listing(folder) or corrupt(folder):
+        return folder
+    inner = folder / SUBDIR
+    return inner if listing(inner) or corrupt(inner) else folder
 
 
 def run_folder(checkpoint_dir: str | Path | None, out: str | Path) -> Path:
