@@ -79,7 +79,8 @@ def test_collectives_before_init_and_after_shutdown_raise_horovods_error_too():
                      lambda: sync.add_process_set([0]),
                      lambda: sync.allgather(torch.ones(2), process_set=sync.global_process_set),
                      sync.size):
-            with pytest.raises(sync.HorovodInternalError, match="called before") as e:
+            with pytest.raises(sync.HorovodInternalError, match=r"called before hpctrain\.sync"
+                               r"\.init\(\) or after hpctrain\.sync\.shutdown\(\)$") as e:
                 call()
             assert isinstance(e.value, UsageError) and isinstance(e.value, ValueError)
             assert isinstance(e.value, RuntimeError)

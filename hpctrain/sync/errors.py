@@ -16,7 +16,8 @@ class NotInitializedError(UsageError, HorovodInternalError):
 
 
 def not_initialized(caller: str) -> NotInitializedError:
-    return NotInitializedError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init()")
+    return NotInitializedError(f"hpctrain.sync.{caller}() called before hpctrain.sync.init() "
+                               "or after hpctrain.sync.shutdown()")
 
 
 class CollectiveMismatchError(HorovodInternalError):
