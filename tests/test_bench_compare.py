@@ -411,6 +411,28 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     assert compare._start_record(turned, compare.plan(turned))["algos"] == ["ma", "sgd"]
 
 
+def test_resume_refusals_quote_the_options_to_give_again(tmp_path):
+    """The options a --resume refusal says to give again were joined with spaces:
+    ``--model-args {"width": 4}`` and a replayed file's path with a space were not pasteable."""
+    out = tmp_path / "cmp"
+    out.mkdir()
+    args = parse("--algos", "sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
+    record = compare._start_record(args, compare.plan(args))
+    given = record["train_args"]
+    compare.write_json_atomic(out / report.RECORD, {
+        **record, "train_args": [*given, "--model-args", '{"width": 4}']})
+    with pytest.raises(UsageError) as e:
+        compare._start_record(args, compare.plan(args))
+    assert str(e.value).endswith(f"options {shlex.join(given)} --model-args '{{\"width\": 4}}'; "
+                                 "give the same")
+    compare.write_json_atomic(out / report.RECORD, {
+        **record, "sim_args": ["--step-time", "replay:/x/my run"]})
+    with pytest.raises(UsageError) as e:
+        compare._start_record(args, compare.plan(args))
+    assert str(e.value) == (f"--resume: {out} was run with --simulate 2 --step-time "
+                            "'replay:/x/my run'; give the same")
+
+
 def test_a_comparison_started_with_an_option_no_run_takes_can_still_be_resumed(tmp_path):
     """Started before such options were refused (--tau with sgd,ssgd), a comparison must be
     resumed with the same options, which the refusal then forbade: one refusal or the other."""

@@ -122,7 +122,8 @@ def test_the_report_names_every_training_setting_that_differs_between_runs(tmp_p
     configured(tmp_path / "ma2", {"batch_size": 16}, {"tau": 5})
     text = report_md(tmp_path)
     assert ("\n**The runs' training settings differ** (their config.json, where a setting left "
-            "to a default is the algorithm's; —: the run has no such option):\n\n"
+            "to a default is the algorithm's; —: the run has no such setting (another "
+            "algorithm's option, or a config.json from an older hpctrain)):\n\n"
             "| runs | `--batch-size` | `--lr` | `--momentum` | `--tau` |\n|---|---|---|---|---|\n"
             "| asgd | 64 | 0.1 | 0 | — |\n"
             "| ma | 64 | 0.05 | 0.9 | 20 |\n"
@@ -157,8 +158,11 @@ def test_a_model_args_difference_is_a_setting_that_differs():
         "| runs | `--model-args` | `--seed` |\n|---|---|---|\n"
         '| w4 | {"width": 4} | 0 |\n| w4seed2 | {"width": 4} | 2 |\n| w8 | none | 0 |')
     rows = [row("a", {"width": 4, "depth": 2}), row("b", {"width": 8, "depth": 2})]
-    assert '| a | {"width": 4, "depth": 2} |\n| b | {"width": 8, "depth": 2} |' in \
+    assert '| a | {"depth": 2, "width": 4} |\n| b | {"depth": 2, "width": 8} |' in \
         report.differing_settings(rows)
+    # The same object in another key order is the same setting (json.dumps keeps the order)
+    rows = [row("ab", {"a": 1, "b": 2}), row("ba", {"b": 2, "a": 1})]
+    assert report.differing_settings(rows) is None
     rows = [row("old", None), row("new", None, threads=1)]
     assert report.differing_settings(rows).endswith(
         "| runs | `--threads` |\n|---|---|\n| old | — |\n| new | 1 |")

@@ -750,13 +750,13 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
         if (old["train_args"], old["workers"]) != (train_args, args.workers):
             flag = "--simulate" if old.get("simulated") else "--workers"
             raise UsageError(f"--resume: {out} was run with {flag} {old['workers']} and "
-                             f"options {' '.join(old['train_args']) or '(none)'}; give the same")
+                             f"options {shlex.join(old['train_args']) or '(none)'}; give the same")
         # Simulated and real runs, or simulations of other networks, are not one comparison.
         # (A record from before "sim_args" was kept says nothing of them.)
         old_simulated = old.get("simulated", False)
         old_sim_args = old.get("sim_args", sim_args if old_simulated == simulated else None)
         if (old_simulated, old_sim_args) != (simulated, sim_args):
-            was = (f"--simulate {old['workers']} " + " ".join(old_sim_args or [])).strip() \
+            was = (f"--simulate {old['workers']} " + shlex.join(old_sim_args or [])).strip() \
                 if old_simulated else "real jobs (no --simulate)"
             raise UsageError(f"--resume: {out} was run with {was}; give the same")
         for label, reference in old.get("references", {}).items():

@@ -730,14 +730,15 @@ def _trained_with(row: Row) -> dict[str, str]:
 
 
 def _value_text(value) -> str:
-    """A setting's value as the report writes it: ``none``, ``on``/``off``, 0.05."""
+    """A setting's value as the report writes it: ``none``, ``on``/``off``, 0.05; an object's
+    keys sorted, so that ``{"a": 1, "b": 2}`` and ``{"b": 2, "a": 1}`` are one setting."""
     if value is None:
         return "none"
     if isinstance(value, bool):
         return "on" if value else "off"
     if isinstance(value, float):
         return f"{value:g}"
-    return value if isinstance(value, str) else json.dumps(value)
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
 
 
 def _flags() -> dict[str, str]:
@@ -773,7 +774,8 @@ def differing_settings(rows: list[Row]) -> str | None:
                                 for c in (_who(runs, finished), *values)) + " |"
               for values, runs in groups.items()]
     return ("**The runs' training settings differ** (their config.json, where a setting left "
-            "to a default is the algorithm's; —: the run has no such option):\n\n"
+            "to a default is the algorithm's; —: the run has no such setting (another "
+            "algorithm's option, or a config.json from an older hpctrain)):\n\n"
             + "\n".join(lines))
 
 
