@@ -262,8 +262,10 @@ def _neighbour_elsewhere(path: Path, source: bytes) -> tuple[str, str, str] | No
         own = next((f.resolve() for f in (folder / f"{neighbour}.py",
                                           folder / neighbour / "__init__.py") if f.is_file()),
                    None)
+        if own is None:  # not a neighbour: no find_spec for torch, numpy, ...
+            continue
         found = _origin(neighbour)
-        if own is None or found == own:
+        if found == own:
             continue
         if found is None:
             if neighbour not in sys.builtin_module_names:

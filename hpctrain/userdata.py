@@ -420,7 +420,8 @@ class NpzSource:
             likely = "".join(f"; {key!r} is likely a typo of {meant!r}" for key, meant in typos)
             raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
                              f"{', '.join(z.files) or 'nothing'}{likely})")
-        for key, meant in typos:
+        if typos:
+            key, meant = typos[0]
             raise UsageError(f"--dataset {name}: {path} has an array {key!r}, which is not "
                              f"read; did you mean {meant!r}? (it reads "
                              f"{', '.join(self.READ)})")
@@ -673,17 +674,18 @@ class CallableSource:
         except Exception as e:
             raise UsageError(f"--dataset {self.name} raised {plugins.one_line(e)}") from e
         if isinstance(result, dict):
+            # A key it does not take first: {"Train": ...} is a typo, not only a missing key
+            keys = (*SPLITS, "num_classes")
+            unknown = [key for key in result if key not in keys]
+            if unknown:
+                meant = _misspelt(str(unknown[0]), keys)
+                raise UsageError(f"--dataset {self.name} returned a dict with key "
+                                 f"{unknown[0]!r}{f' (did you mean {meant!r}?)' if meant else ''}"
+                                 f"; it takes {', '.join(map(repr, keys))}")
             missing = [k for k in SPLITS if k not in result]
             if missing:
                 raise UsageError(f"--dataset {self.name} returned a dict without "
                                  f"{missing[0]!r}")
-            keys = (*SPLITS, "num_classes")
-            for key in result:
-                if key not in keys:
-                    meant = _misspelt(str(key), keys)
-                    raise UsageError(f"--dataset {self.name} returned a dict with key {key!r}"
-                                     f"{f' (did you mean {meant!r}?)' if meant else ''}; it "
-                                     f"takes {', '.join(map(repr, keys))}")
             return (result["train"], result["test"]), result.get("num_classes")
         if isinstance(result, (tuple, list)) and len(result) == 2:
             return tuple(result), None

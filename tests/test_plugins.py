@@ -1095,19 +1095,24 @@ def test_an_npz_array_named_almost_as_one_it_lacks_is_refused(tmp_path, extra, m
         assert message in refusal(args, ranks=2)
 
 
-@pytest.mark.parametrize("key, message", [
-    ("n_classes", "returned a dict with key 'n_classes' (did you mean 'num_classes'?); it "
-                  "takes 'train', 'test', 'num_classes'"),
-    ("validation", "returned a dict with key 'validation'; it takes 'train', 'test', "
-                   "'num_classes'"),
+@pytest.mark.parametrize("entries, message", [
+    ("'train': (x, y), 'test': (x, y), 'n_classes': 10",
+     "returned a dict with key 'n_classes' (did you mean 'num_classes'?); it takes 'train', "
+     "'test', 'num_classes'"),
+    ("'train': (x, y), 'test': (x, y), 'validation': 10",
+     "returned a dict with key 'validation'; it takes 'train', 'test', 'num_classes'"),
+    # a typo of a key it needs: said only "without 'train'", not the key it has instead
+    ("'Train': (x, y), 'test': (x, y)",
+     "returned a dict with key 'Train' (did you mean 'train'?); it takes 'train', 'test', "
+     "'num_classes'"),
 ])
-def test_a_loaders_dict_with_a_key_it_does_not_take_is_refused(tmp_path, key, message):
+def test_a_loaders_dict_with_a_key_it_does_not_take_is_refused(tmp_path, entries, message):
     """``{"train": ..., "test": ..., "n_classes": 10}`` trained with 3 classes, silently."""
     (tmp_path / "keyed.py").write_text(
         "import torch\n"
         "def load():\n"
         "    x, y = torch.zeros(6, 1, 8, 8), torch.tensor([0, 1, 2] * 2)\n"
-        f"    return {{'train': (x, y), 'test': (x, y), {key!r}: 10}}\n")
+        f"    return {{{entries}}}\n")
     userdata._source.cache_clear()
     try:
         assert message in refusal(["--algo", "ssgd", "--dataset", f"{tmp_path}/keyed.py:load",
