@@ -192,6 +192,16 @@ def test_bad_store_arguments_rejected():
         ParameterStore(v, MPI.COMM_SELF, shards=11)
     with pytest.raises(UsageError, match="float64"):
         ParameterStore(v.double(), MPI.COMM_SELF)
+    # A list is the model's parameters: a float64 model's were refused as a "vector" the user
+    # never passed, and a float16 tensor among float32 ones was promoted by torch.cat silently
+    model = torch.nn.Linear(3, 2)
+    for params, odd in ((list(model.double().parameters()), "tensor 0 of 2 is torch.float64"),
+                        ([torch.zeros(3), torch.zeros(2, dtype=torch.float16)],
+                         "tensor 1 of 2 is torch.float16")):
+        with pytest.raises(UsageError) as e:
+            ParameterStore(params, MPI.COMM_SELF)
+        assert str(e.value) == (f"the store holds float32 parameters; {odd} (model.float() "
+                                "converts a model)")
 
 
 @pytest.mark.timeout(60)

@@ -194,8 +194,9 @@ class ASGD(torch.optim.Optimizer):
     def _check_model(self) -> None:
         """UsageError if the model changed under the optimizer in a way a step would undo or
         ignore: a load_state_dict of other parameter values (the step's pull overwrote them
-        with the store's) or a ``requires_grad`` switched (the store holds the parameters that
-        required grad at construction). One flag and a pass over the flags: cheap per step."""
+        with the store's), a ``requires_grad`` switched (the store holds the parameters that
+        required grad at construction), or a load that replaced them (``assign=True``:
+        :meth:`_check_not_replaced`). One flag and a pass over the flags: cheap per step."""
         name = type(self).__name__
         self._check_not_replaced("step")
         if self._loaded_after:

@@ -70,17 +70,22 @@ Shapes = tuple[tuple[int, ...], ...]
 SHAPES_TAG = "_hpctrain_shapes"  # flatten_parameters's vector carries its parameters' shapes
 
 
-def _flat_values(values: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor,
-                                                                          Shapes | None]:
-    """The store's 1-D vector and, where known, the shapes of the parameters it holds: a
-    sequence of tensors is concatenated (its shapes known); a vector is taken as it is (its
-    shapes known if :func:`~hpctrain.async_.optim.flatten_parameters` made it)."""
+def _flat_values(values: torch.Tensor | Sequence[torch.Tensor]
+                 ) -> tuple[torch.Tensor, Shapes | None, str | None]:
+    """The store's 1-D vector, where known the shapes of the parameters it holds, and the
+    first listed tensor that is not float32 (or None): a sequence of tensors is concatenated
+    (its shapes known), which would promote a float16 tensor among float32 ones silently and
+    make a float64 model's parameters a float64 "vector" the user never passed; a vector is
+    taken as it is (its shapes known if :func:`~hpctrain.async_.optim.flatten_parameters`
+    made it)."""
     if isinstance(values, torch.Tensor):
-        return values, getattr(values, SHAPES_TAG, None)
+        return values, getattr(values, SHAPES_TAG, None), None
     values = list(values)
     shapes = tuple(tuple(t.shape) for t in values)
+    odd = next((f"tensor {i} of {len(values)} is {t.dtype}" for i, t in enumerate(values)
+                if t.dtype != torch.float32), None)
     flat = torch.cat([t.detach().reshape(-1) for t in values]) if values else torch.empty(0)
-    return flat, shapes
+    return flat, shapes, odd
 
 
 def shapes_text(shapes: Shapes | None) -> str:
@@ -95,15 +100,18 @@ def shapes_text(shapes: Shapes | None) -> str:
     return f"{len(shapes)} tensors, sha1 {digest}"
 
 
-def _agree(comm, values: torch.Tensor, shapes: Shapes | None, **arguments) -> None:
-    """UsageError on every rank unless all of ``comm`` give the same vector size, type,
-    parameter shapes and arguments. Before any window: a rank's shard sizes and the initial
+def _agree(comm, values: torch.Tensor, shapes: Shapes | None, odd: str | None = None,
+           **arguments) -> None:
+    """UsageError on every rank unless all of ``comm`` give the same vector size, type (or
+    ``odd``, a listed tensor not float32: :func:`_flat_values`), parameter shapes and
+    arguments. Before any window: a rank's shard sizes and the initial
     Bcast come from its own vector, so ranks that differ wrote past their buffers (a glibc
     abort) or met different collectives; ranks whose layers differ in shape but not in size
     trained on each other's values as garbage. One allgather of a few words; every rank judges
     the same list."""
     mine = {"ranks hold vectors of different sizes": str(values.numel()),
-            "ranks hold vectors of different types": f"{values.dtype} {tuple(values.shape)}",
+            "ranks hold vectors of different types":
+                f"{odd or values.dtype} {tuple(values.shape)}",
             "ranks hold parameters of different shapes": shapes_text(shapes),
             **{f"ranks give different {k}": f"{k}={v!r}" for k, v in arguments.items()}}
     every = comm.allgather(mine)
@@ -193,9 +201,9 @@ class ParameterStore:
         MPI = hcomm.mpi()
         comm = MPI.COMM_WORLD if comm is None else comm
         size, rank = comm.Get_size(), comm.Get_rank()
-        values, self.shapes = _flat_values(values)
+        values, self.shapes, odd = _flat_values(values)
         numel = values.numel()
-        _agree(comm, values, self.shapes, servers=servers, shards=shards,
+        _agree(comm, values, self.shapes, odd, servers=servers, shards=shards,
                consistency=consistency, root=root, shared_memory=shared_memory)
         if consistency not in CONSISTENCIES:
             raise UsageError(f"unknown consistency {consistency!r}; choose from "
@@ -203,6 +211,9 @@ class ParameterStore:
         if not 0 <= servers < size:
             raise UsageError(f"servers={servers} with {size} ranks: need 0 <= servers < ranks "
                              "(at least one worker)")
+        if odd is not None:  # the same on every rank (agreed): all raise
+            raise UsageError(f"the store holds float32 parameters; {odd} (model.float() "
+                             "converts a model)")
         if values.dtype != torch.float32 or values.dim() != 1 or numel == 0:
             raise UsageError("the store holds a non-empty 1-D float32 vector, got "
                              f"{values.dtype} of shape {tuple(values.shape)}")
