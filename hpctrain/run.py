@@ -244,7 +244,9 @@ def _run_folder_of(resume: str | None) -> Path | None:
 def check_folder(flag: str, folder: str | None) -> None:
     """A folder the run will write must be one it can create, or write in: otherwise that is
     found only at the first write, after MPI started (exit 1). Nothing is left behind."""
-    problem = folder and _unwritable(Path(folder))
+    if folder is None:
+        return
+    problem = _unwritable(Path(folder))  # "" is the working folder, as Path("") is
     if problem:
         raise UsageError(f"{flag} {folder}: {problem}")
 

@@ -345,6 +345,16 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
 
 
+def test_an_empty_output_folder_is_the_working_folder_and_checked(monkeypatch):
+    """``--out ""`` writes in the working folder, which was not checked: "" passed as None."""
+    from hpctrain import run
+
+    run.check_folder("--out", None)  # no folder given: nothing to check
+    monkeypatch.chdir("/proc")
+    with pytest.raises(UsageError, match=r"^--out : cannot create a folder in \. \("):
+        run.check_folder("--out", "")
+
+
 def test_runs_given_no_out_each_make_their_own_folder(tmp_path, monkeypatch):
     """Given no --out, two runs started in the same second shared runs/<algo>-<time>, one's
     outputs over the other's, and a file named runs ended the job after MPI started (exit 1).
