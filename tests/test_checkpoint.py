@@ -763,7 +763,9 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
         check(resume="auto")
     for path in checkpoint.listing(folder):
         path.write_bytes(b"torn")  # a checkpoint that cannot be read: refused, not restarted
-    with pytest.raises(UsageError, match="none of the checkpoints there can be read"):
+    # named as typed, with the folder it found (it named the folder as if typed)
+    with pytest.raises(UsageError, match=r"^--resume auto \(.*/run/checkpoints\): none of "
+                                         "the checkpoints there can be read"):
         check(resume="auto", out=str(out), every="1e")
     # The attempt that found them unusable set them aside: the next one found no checkpoint
     # and started the run afresh, over their snapshots, config.json and metrics.

@@ -144,20 +144,22 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     if checkpoint_dir is not None and every is None and resume is None:
         raise UsageError(f"--checkpoint-dir {checkpoint_dir} needs --checkpoint-every: without "
                          "it no checkpoint is written")
+    typed = resume
     if resume == AUTO:
         resume = _auto(checkpoint_dir, out)
     if resume is not None:
         given = resume
+        shown = f"auto ({given})" if typed == AUTO else given  # as the user typed it
         if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
-            raise UsageError(f"--resume {given}: is a file; give the folder that holds it "
+            raise UsageError(f"--resume {shown}: is a file; give the folder that holds it "
                              f"({Path(given).parent}): --resume takes its newest valid "
                              "checkpoint")
         if not Path(given).is_dir():
-            raise UsageError(f"--resume {given}: no such folder")
+            raise UsageError(f"--resume {shown}: no such folder")
         folder = resolve(given)
-        header = _newest_header(folder, given)
+        header = _newest_header(folder, shown)
         if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
-            raise UsageError(f"--resume {given}: its checkpoint is of --algo "
+            raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
                              f"{header.get('algo')} on {header.get('ranks')} ranks, not "
                              f"--algo {algo} on {ranks}")
         old = {**(absent or {}), **header.get("args", {})}
@@ -167,7 +169,7 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             may_change |= {"init_from"}
         change = changed_option(old, run_config, may_change, defaults)
         if change:
-            raise UsageError(f"--resume {given}: the run was started {change}"
+            raise UsageError(f"--resume {shown}: the run was started {change}"
                              f"{_hint(old, run_config, may_change, defaults, header)}")
         if out is None:
             out = _resumed_out(folder, old)
