@@ -11,7 +11,22 @@ The Python API, for a script launched with ``mpirun``::
 ``import hpctrain.sync as hvd`` stays light.
 """
 
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and editors
+    from hpctrain.config import (
+        CheckpointConfig,
+        DataConfig,
+        ModelConfig,
+        OptimConfig,
+        RunConfig,
+        StragglerConfig,
+    )
+    from hpctrain.config import load as load_config
+    from hpctrain.registry import options_of as algorithm_options
+    from hpctrain.run import train
 
 # Public name -> (module, attribute), imported on first use.
 _API = {
@@ -22,7 +37,10 @@ _API = {
     "load_config": ("hpctrain.config", "load"),
     "algorithm_options": ("hpctrain.registry", "options_of"),
 }
-__all__ = [*_API, "__version__"]
+# Written out (not [*_API]) so that type checkers and ruff see what the package exports.
+__all__ = ["train", "RunConfig", "DataConfig", "ModelConfig", "OptimConfig",
+           "CheckpointConfig", "StragglerConfig", "load_config", "algorithm_options",
+           "__version__"]
 
 
 def __getattr__(name: str):

@@ -440,7 +440,8 @@ class RunConfig:
                              f"{registry.choices()}")
         if not self.algo.strip():  # RunConfig(): "unknown algorithm ''" named no field
             raise UsageError(f"RunConfig needs algo=..., the algorithm: one of "
-                             f"{registry.choices()}, or a class of your own")
+                             f"{', '.join(registry.names())}, or your own as MODULE:CLASS, "
+                             "./FILE.py:CLASS or the class itself")
         options_cls = registry.get(self.algo).Options  # UsageError for an unknown name
         check_fields(self)
         for name, cls in SECTIONS.items():
@@ -483,17 +484,8 @@ _SECTION_DOCS["algorithm"] = ("the algorithm's own options: hpctrain.algorithm_o
                               "(...) (None: its defaults)")
 
 
-def _fields_documented(cls: type) -> None:
-    """Each field's help (its command-line flag's, with the default) in the class's
-    docstring, for help(RunConfig) and an editor's hover, from the one declaration."""
-    lines = [f"    {f.name}: {options.flag_of(f)}, default {f.default!r}. {f.metadata['help']}"
-             if "help" in f.metadata else f"    {f.name}: {_SECTION_DOCS[f.name]}"
-             for f in fields(cls)]
-    cls.__doc__ = f"{cls.__doc__ or ''}\n\n    Fields:\n\n" + "\n".join(lines)
-
-
 for _section in (RunConfig, *SECTIONS.values()):
-    _fields_documented(_section)
+    options.document_fields(_section, _SECTION_DOCS)
 
 
 def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:

@@ -14,7 +14,7 @@ import math
 import numbers
 import os
 import re
-from dataclasses import Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
 from hpctrain.errors import UsageError
@@ -232,6 +232,21 @@ def flag_of(f: Field) -> str:
 
 # A declared type -> the parser of its flag's value when the option gives none.
 _PARSERS = {"int": whole, "float": number}
+
+
+def document_fields(cls: type, others: dict[str, str] | None = None) -> None:
+    """Each field's help (its command-line flag's, with the default) appended to ``cls``'s
+    docstring, for ``help()`` and an editor's hover, from the one declaration; ``others``:
+    the words for fields declared without :func:`option`."""
+    lines = []  # none for a class without fields: its docstring says so
+    for f in fields(cls):
+        if "help" in f.metadata:
+            default = f.default if f.default_factory is MISSING else f.default_factory()
+            lines.append(f"    {f.name}: {flag_of(f)}, default {default!r}. {f.metadata['help']}")
+        else:
+            lines.append(f"    {f.name}: {(others or {}).get(f.name, '')}".rstrip())
+    if lines:
+        cls.__doc__ = f"{cls.__doc__ or ''}\n\n    Fields:\n\n" + "\n".join(lines)
 
 
 def parser_of(f: Field):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import is_dataclass
 
-from hpctrain import plugins
+from hpctrain import options, plugins
 from hpctrain.algorithm import Algorithm, Options
 from hpctrain.async_.algorithm import ASGD, SSP, DCASGDAdaptive, DCASGDConstant
 from hpctrain.ec.algorithm import EnsembleCompression, ModelAveraging
@@ -25,6 +25,10 @@ from hpctrain.sync.algorithm import Sequential, Synchronous
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
     Sequential, Synchronous, ASGD, DCASGDConstant, DCASGDAdaptive, SSP,
     ModelAveraging, EnsembleCompression)}
+
+# help(hpctrain.algorithm_options("ec")) lists each option's meaning, as help(RunConfig) does
+for _options in {a.Options: None for a in ALGORITHMS.values()}:
+    options.document_fields(_options)
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a user's algorithm's: a folder name,
 # with no dot: none of a comparison's files (compare.json, report.md, the plots)
