@@ -135,6 +135,7 @@ def simulate(args: argparse.Namespace) -> dict:
     """``hpctrain simulate``: the same options as train, plus the simulator's; no MPI."""
     from hpctrain.sim import simulate as run_simulation
 
+    sim_arguments.refuse_real_run_only(args)
     summary = run_simulation(_without_real_run_settings(args, arguments.build(args)),
                              sim_arguments.build(args))
     print(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}", flush=True)

@@ -94,6 +94,12 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
      "--workers 1e+20 but only 2048 training samples in synthetic"),
     (["--algos", "sgd", "--simulate", "1e308"],
      "--simulate 1e+308: must be in [1, 1e+06] virtual workers"),
+    # Each ran with 4 virtual workers, saying nothing of the 8 processes or the launcher.
+    (["--algos", "ssgd", "--simulate", "4", "--workers", "8"],
+     "--workers 8 with --simulate 4: each simulated run has --simulate's virtual workers, in "
+     "one process without a launcher; drop --workers"),
+    (["--algos", "ssgd", "--simulate", "4", "--launcher", "srun -n {np}"],
+     "--launcher 'srun -n {np}' with --simulate 4: "),
     # A ValueError (exit 1) before; and '' was the default launcher.
     (["--algos", "sgd", "--launcher", "mpirun -np {np} '"],
      "--launcher \"mpirun -np {np} '\": No closing quotation"),

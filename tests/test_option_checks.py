@@ -265,6 +265,21 @@ def test_the_simulator_takes_the_options_its_help_leaves_out_where_they_change_n
     simulation_checked(*argv)
 
 
+@pytest.mark.parametrize("argv", [["--eval-rank", "0"], ["--eval-rank", "1"],
+                                  ["--eval", "after", "--eval-rank", "2"], ["--profile", "x"],
+                                  ["--profile", "20:5"]])
+def test_a_typed_real_run_option_is_refused_as_the_simulators_first(argv):
+    """--eval-rank 0 said "must be >= 1", --eval-rank 1 "needs --eval online", and only a
+    third try that the simulator takes none; --profile x a format error first."""
+    flag, value = argv[-2:]
+    said = one_line(lambda: cli.simulate(simulate_args("--algo", "ssgd", *SYNTHETIC, *argv)))
+    assert said == (f"hpctrain simulate scores snapshots on worker 0 (--eval online): drop "
+                    f"--eval-rank {value}, which needs a real run's extra rank"
+                    if flag == "--eval-rank" else
+                    "hpctrain simulate runs every worker in one process, which one profiler "
+                    "cannot tell apart: drop --profile (profile a real run)")
+
+
 def test_the_simulator_refuses_fp16_allreduce_saying_how_to_undo_a_files(tmp_path):
     """simulate --help listed --fp16-allreduce, which the simulator always refuses; a real
     run's config.json with it was refused with "drop --fp16-allreduce", not typed."""

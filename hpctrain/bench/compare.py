@@ -78,6 +78,7 @@ DESCRIPTION = (
     "(final and best test accuracy, wall time, time to each --targets accuracy, samples/s, "
     "staleness, bytes communicated) and PNG plots of test error against wall time and epochs; "
     "exits 1 if any run failed.")
+WORKERS = 4  # processes per run unless --workers says
 THREAD_LEVEL = None  # a launcher of MPI jobs: it never initialises MPI itself
 
 SEQUENTIAL = ("sgd",)  # algorithms that train on one process whatever --workers says
@@ -125,10 +126,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
                                  "dcasgd-a,ma,ec (this hpctrain has: "
                                  f"{registry.choices()})"),
-        parser.add_argument("--workers", type=at_least(1), default=4,
-                            help="processes per run (sgd trains on one); with "
-                                 "--eval-rank one of them only evaluates (sgd's run: two, "
-                                 "one training, one evaluating)"),
+        parser.add_argument("--workers", type=at_least(1), default=None,
+                            help=f"processes per run (default {WORKERS}; sgd trains on one); "
+                                 "with --eval-rank one of them only evaluates (sgd's run: "
+                                 "two, one training, one evaluating)"),
         parser.add_argument("--targets", default="0.8,0.85",
                             help="test accuracies whose time to reach the report gives"),
         parser.add_argument("--launcher", default=argparse.SUPPRESS,
@@ -153,7 +154,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--simulate", type=at_least(1), default=None, metavar="K",
                             help="simulate every run with K virtual workers in one process "
                                  "(hpctrain simulate; sgd: one) instead of launching jobs; "
-                                 "--workers and --launcher are then not used"),
+                                 "--workers and --launcher are then refused"),
     ]
     skip = {*_PER_RUN, *(flag for action in mine for flag in action.option_strings)}
     options: list[TrainOption] = []
@@ -378,17 +379,27 @@ def parse_algos(text: str) -> list[str]:
 def plan(args: argparse.Namespace) -> list[Run]:
     """Check compare's options and build every run's command; raise UsageError if bad."""
     algos = parse_algos(args.algos)
-    if args.workers < 1:  # checked while parsing too; a Python caller's namespace here
-        raise UsageError(f"--workers {args.workers}: must be >= 1")
+    if args.workers is not None and args.workers < 1:  # checked while parsing too; a
+        raise UsageError(f"--workers {args.workers}: must be >= 1")  # Python caller's here
     simulate = args.simulate is not None
     if simulate and not 1 <= args.simulate <= HUGE:  # SimConfig's range, named as given here
         raise UsageError(f"--simulate {shown(args.simulate)}: must be in [1, {HUGE:g}] virtual "
                          "workers")
     sim_words = simulator_words(args)
     if simulate:
+        launcher = getattr(args, "launcher", None)
+        for flag, typed in (("--workers", args.workers not in (None, args.simulate)
+                             and f"--workers {shown(args.workers)}"),
+                            ("--launcher", launcher is not None and f"--launcher {launcher!r}")):
+            if typed:  # else it went unused, unsaid
+                raise UsageError(f"{typed} with --simulate {args.simulate}: each simulated "
+                                 f"run has --simulate's virtual workers, in one process "
+                                 f"without a launcher; drop {flag}")
         args.workers = args.simulate
     elif sim_words:
         raise UsageError(f"{sim_words[0]} is an option of the simulator: give --simulate K")
+    elif args.workers is None:
+        args.workers = WORKERS
     # A timer of more than threading.TIMEOUT_MAX (9.2e9 s) fails in its thread: no timeout.
     if not (math.isfinite(args.timeout) and 0 <= args.timeout <= HUGE):
         raise UsageError(f"--timeout {args.timeout:g}: must be in [0, {HUGE:g}] "

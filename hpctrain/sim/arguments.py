@@ -13,7 +13,7 @@ from hpctrain.arguments import Declared, add_option
 from hpctrain.config import StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of, shown
-from hpctrain.sim.config import STRAGGLER_OPTIONS, SimConfig
+from hpctrain.sim.config import REAL_RUN_ONLY, STRAGGLER_OPTIONS, SimConfig
 
 # train's options the simulator has no use for (their argparse dests), and why. Typed on the
 # command line they are refused, whatever the value; from a file (a real run's config.json,
@@ -53,6 +53,14 @@ def hide_refused(parser: argparse.ArgumentParser) -> None:
         if set(action.option_strings) & set(REFUSED):
             action.help = argparse.SUPPRESS
     parser.epilog = REFUSED_EPILOG
+
+
+def refuse_real_run_only(args: argparse.Namespace) -> None:
+    """A typed --eval-rank or --profile (but none) refused first, as the simulator refuses
+    them: not after the checks of a value it never uses (``--eval-rank 0 must be >= 1``)."""
+    for dest, (_, refusal) in REAL_RUN_ONLY.items():
+        if getattr(args, dest, None) is not None:
+            raise UsageError(refusal.format(getattr(args, dest)))
 
 
 def options() -> list[Declared]:

@@ -39,7 +39,7 @@ from hpctrain.config import RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
-from hpctrain.sim.config import SimConfig
+from hpctrain.sim.config import REAL_RUN_ONLY, SimConfig
 from hpctrain.sim.runtime import VirtualRuntime, load_train_set
 from hpctrain.sim.scheduler import Scheduler, WorkerStreams
 from hpctrain.sim.steptime import StepTimeModel
@@ -89,13 +89,9 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if ck.interval is not None or ck.resume is not None or ck.dir is not None:
         raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
                          "--checkpoint-dir, --resume): a simulation is rerun, not resumed")
-    if config.eval_rank is not None:  # the real run's extra rank; no such worker here
-        raise UsageError(f"hpctrain simulate scores snapshots on worker 0 (--eval online): "
-                         f"drop --eval-rank {config.eval_rank}, which needs a real run's "
-                         f"extra rank")
-    if config.profile is not None:
-        raise UsageError("hpctrain simulate runs every worker in one process, which one "
-                         "profiler cannot tell apart: drop --profile (profile a real run)")
+    for name, (_, refusal) in REAL_RUN_ONLY.items():  # the extra rank; one profiler a process
+        if (value := getattr(config, name)) is not None:
+            raise UsageError(refusal.format(value))
     if config.data.data_placement != "replicated":
         raise UsageError("hpctrain simulate holds one copy of the data for all virtual "
                          "workers: use --data-placement replicated (the samples each worker "
