@@ -11,4 +11,4 @@ ARGS=(--algo "$ALGO" --model lenet --dataset fashion-mnist --epochs 3 --batch-si
 echo "demo: mpirun -np 4 hpctrain train ${ARGS[*]}"
 OMP_NUM_THREADS=1 mpirun --oversubscribe $ROOT_FLAG -x OMPI_MCA_osc=^ucx -np 4 \
   .venv/bin/hpctrain train "${ARGS[@]}"
-echo "demo: outputs in $OUT (config.json, metrics.jsonl, summary.json, model.pt)"
+echo "demo: outputs in $OUT (config.json, metrics.jsonl, summary.json, model.pt, step_times.json)"

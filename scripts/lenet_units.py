@@ -25,7 +25,13 @@ test = data.load("fashion-mnist", "test", None)
 x = test.images[:2000]
 for path in sys.argv[1:]:
     m = models.build("lenet", (1, 28, 28), 10)
-    m.load_state_dict(torch.load(path, weights_only=True))
+    try:
+        m.load_state_dict(torch.load(path, weights_only=True))
+    except (OSError, RuntimeError) as e:  # another model, or not a model.pt
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), e)
+        print(f"{path}: not a LeNet model.pt of Fashion-MNIST (1x28x28, 10 classes): {first}",
+              file=sys.stderr)
+        sys.exit(2)
     with torch.no_grad():
         conv1 = F.relu(m.conv1(x))
         conv2 = F.relu(m.conv2(F.max_pool2d(conv1, 2)))
