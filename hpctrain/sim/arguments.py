@@ -58,7 +58,7 @@ def hide_refused(parser: argparse.ArgumentParser) -> None:
 def refuse_real_run_only(args: argparse.Namespace) -> None:
     """A typed --eval-rank or --profile (but none) refused first, as the simulator refuses
     them: not after the checks of a value it never uses (``--eval-rank 0 must be >= 1``)."""
-    for dest, (_, refusal) in REAL_RUN_ONLY.items():
+    for dest, refusal in REAL_RUN_ONLY.items():
         if getattr(args, dest, None) is not None:
             raise UsageError(refusal.format(getattr(args, dest)))
 

@@ -16,11 +16,10 @@ COMM_TIMES = ("model", "replay")
 # A real run's options a simulation refuses at every value but none, and why (typed: said
 # before the checks of their values, which a simulation never uses; from a file: sim.simulate)
 REAL_RUN_ONLY = {
-    "eval_rank": ("--eval-rank", "hpctrain simulate scores snapshots on worker 0 (--eval "
-                                 "online): drop --eval-rank {}, which needs a real run's extra "
-                                 "rank"),
-    "profile": ("--profile", "hpctrain simulate runs every worker in one process, which one "
-                             "profiler cannot tell apart: drop --profile (profile a real run)"),
+    "eval_rank": "hpctrain simulate scores snapshots on worker 0 (--eval online): drop "
+                 "--eval-rank {}, which needs a real run's extra rank",
+    "profile": "hpctrain simulate runs every worker in one process, which one profiler cannot "
+               "tell apart: drop --profile (profile a real run)",
 }
 STRAGGLER_OPTIONS = ("slowdown", "jitter")  # StragglerConfig's: a real straggler's delays
 

@@ -89,7 +89,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if ck.interval is not None or ck.resume is not None or ck.dir is not None:
         raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
                          "--checkpoint-dir, --resume): a simulation is rerun, not resumed")
-    for name, (_, refusal) in REAL_RUN_ONLY.items():  # the extra rank; one profiler a process
+    for name, refusal in REAL_RUN_ONLY.items():  # the extra rank; one profiler a process
         if (value := getattr(config, name)) is not None:
             raise UsageError(refusal.format(value))
     if config.data.data_placement != "replicated":
