@@ -388,13 +388,12 @@ def plan(args: argparse.Namespace) -> list[Run]:
     sim_words = simulator_words(args)
     if simulate:
         launcher = getattr(args, "launcher", None)
-        for flag, typed in (("--workers", args.workers not in (None, args.simulate)
-                             and f"--workers {shown(args.workers)}"),
-                            ("--launcher", launcher is not None and f"--launcher {launcher!r}")):
-            if typed:  # else it went unused, unsaid
-                raise UsageError(f"{typed} with --simulate {args.simulate}: each simulated "
-                                 f"run has --simulate's virtual workers, in one process "
-                                 f"without a launcher; drop {flag}")
+        unused = ("--workers", shown(args.workers)) if args.workers not in (None, args.simulate) \
+            else ("--launcher", repr(launcher)) if launcher is not None else None
+        if unused:  # else it went unused, unsaid
+            raise UsageError(f"{' '.join(unused)} with --simulate {args.simulate}: each "
+                             f"simulated run has --simulate's virtual workers, in one process "
+                             f"without a launcher; drop {unused[0]}")
         args.workers = args.simulate
     elif sim_words:
         raise UsageError(f"{sim_words[0]} is an option of the simulator: give --simulate K")
