@@ -95,14 +95,18 @@ class WallClock:
         self.attempts[-1] = (elapsed, time.time() - elapsed)
         self.running = True
 
+    def _attempt_of(self, t: float) -> int:
+        """The attempt that second ``t`` is of: the last to start before it (an attempt's
+        last second, its checkpoint's, is its own: the next goes on after it); the first
+        for second 0."""
+        return max((i for i, (before, _) in enumerate(self.attempts) if before < t), default=0)
+
     def this_attempt(self, t: float) -> bool:
         """Whether second ``t`` is this attempt's (not an earlier one's)."""
-        return t >= self.attempts[-1][0]
+        return self._attempt_of(t) == len(self.attempts) - 1
 
     def __call__(self, t: float) -> float:
-        start = next((start for before, start in reversed(self.attempts) if before <= t),
-                     self.attempts[0][1])
-        return start + t
+        return self.attempts[self._attempt_of(t)][1] + t
 
     def state_dict(self) -> list[list[float]]:
         return [list(a) for a in self.attempts]
@@ -194,8 +198,9 @@ class Board:
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            # The purge too: a TensorBoard already showing the earlier entries drops them.
-            self.writer = SummaryWriter(str(folder), purge_step=resumed)
+            # The purge too: a TensorBoard already showing the earlier entries drops them,
+            # those trim keeps excepted (a viewer reading the folder afresh purges too).
+            self.writer = SummaryWriter(str(folder), purge_step=resumed + 1 if resumed else 0)
 
     @property
     def enabled(self) -> bool:

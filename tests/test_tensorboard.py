@@ -69,6 +69,23 @@ def test_a_resumed_run_replaces_the_entries_from_its_update_on(tmp_path):
     assert per_file(tmp_path, "test/accuracy") == list(expected.items())
 
 
+def test_the_training_entries_of_the_checkpoints_update_stay_in_tensorboards_view(tmp_path):
+    """trim keeps the killed attempt's training entries of the checkpoint's update (the
+    resumed run does not make them again), but the resumed run's purge step was that update:
+    TensorBoard, reading the folder, dropped them (one point of each train/ tag per resume)."""
+    board = Board(tmp_path, True)
+    for step in range(10, 50, 10):
+        board.scalar("train/loss", step / 100, step)
+    board.close()
+    board = Board(tmp_path, True, resumed=30)
+    for step in (40, 50):
+        board.scalar("train/loss", 1 + step / 100, step)
+    board.close()
+    expected = {10: 0.1, 20: 0.2, 30: 0.3, 40: 1.4, 50: 1.5}
+    assert logged(tmp_path, "train/loss") == pytest.approx(expected)
+    assert dict(per_file(tmp_path, "train/loss")) == pytest.approx(expected)
+
+
 def test_a_run_resumed_without_tensorboard_purges_what_was_trained_again(tmp_path):
     """Its entries from the checkpoint on stayed, the killed attempt's, looking like the run's;
     a rank other than 0 writes nothing."""
@@ -139,6 +156,8 @@ def test_scores_of_an_earlier_attempts_snapshots_keep_their_wall_time(tmp_path):
     clock.resume(clock.state_dict(), elapsed=20.0)  # down for a while, 20 s trained
     now = clock.attempts[1][1] + 20.0
     assert clock(5.0) == 1005.0 and clock(25.0) == pytest.approx(now + 5.0)
+    assert clock(20.0) == 1020.0  # the checkpoint's second: its snapshot is the first's
+    assert clock.this_attempt(20.5) and not clock.this_attempt(20.0)
     board = Board(tmp_path, True, resumed=16, clock=clock)
     board.scalar("test/accuracy", 0.5, 8, t=5.0)
     board.scalar("test/accuracy", 0.75, 24, t=25.0)
