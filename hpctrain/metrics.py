@@ -321,6 +321,10 @@ def summary_table(summary: dict) -> str:
         s = summary["staleness"]
         stale = f"{s['mean']:.2f} / {s['p99']:.2f} / {s['max']:.0f}"  # p99 interpolates
         rows.append(("staleness mean/p99/max", stale))
+    if skipped := summary.get("skipped_steps"):  # a log read alone shows the steps lost
+        rows.append(("skipped steps (NaN/Inf)", skipped))  # fp16's overflows among them
+    if clipped := sum(summary.get("clipped_steps_per_worker", [])):
+        rows.append(("clipped steps (all workers)", clipped))
     if summary.get("collapsed_at") is not None:
         rows.append(("COLLAPSED at update", f"{summary['collapsed_at']}: "
                                             f"{summary.get('collapse_reason')}"))

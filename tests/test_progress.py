@@ -103,6 +103,19 @@ def test_the_summary_table_says_a_stop_and_staleness_as_measured():
     assert rows["staleness mean/p99/max"].strip() == "1.85 / 4.68 / 5"
 
 
+def test_the_summary_table_says_skipped_and_clipped_steps():
+    """30 of 32 updates skipped for NaN gradients showed only as the collapse line: a log read
+    alone did not say that the steps were lost."""
+    summary = {"algo": "ssgd", "workers": 2, "final_test_acc": 0.1, "best_test_acc": 0.1,
+               "wall_s": 1.0, "samples_per_s": 10.0, "skipped_steps": 30,
+               "clipped_steps_per_worker": [3, 2]}
+    rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
+    assert rows["skipped steps (NaN/Inf)"].strip() == "30"
+    assert rows["clipped steps (all workers)"].strip() == "5"
+    summary.update(skipped_steps=0, clipped_steps_per_worker=[0, 0])
+    assert "steps" not in summary_table(summary)
+
+
 def test_the_summary_table_keeps_three_digits_of_a_short_simulation():
     """A 64-worker simulation's virtual wall time of 0.026 s read "0.0 s" (the report's
     table said 0.0265)."""
