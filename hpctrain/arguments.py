@@ -253,6 +253,23 @@ def given(args: argparse.Namespace, options: list[Declared]) -> dict:
     return out
 
 
+def note_other_workers(path: str | None, config: RunConfig) -> None:
+    """Rank 0's line when a run's ``config.json`` is repeated (not resumed: a resize says its
+    own) on another number of workers than it ran on: the same settings train otherwise
+    there (each worker's part of the data, ssgd's samples per update), and nothing in the
+    file's options says so."""
+    if path is None or config.checkpoint.resume is not None or comm.env_rank() != 0 \
+            or not Path(path).is_file():  # a pipe was read once, by build_given
+        return
+    had = configs.read_file(path).get("run_info", {}).get("workers")
+    now = config.algorithm_class.workers(
+        config, comm.launch_size() - (config.eval_rank is not None))
+    if isinstance(had, int) and had != now:
+        print(f"hpctrain: {path}'s run had {had} workers, this one has {now}: it trains "
+              f"otherwise (each worker's data, the samples per update); launch {had} ranks "
+              "to repeat it", flush=True)
+
+
 def rederived(base: dict, given: dict, path: str | None = None) -> dict:
     """A run's ``config.json`` (``base``) without the ``optim`` values it took by default
     where the options they follow from are given anew (``--algo``, ``--optimizer``,

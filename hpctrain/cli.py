@@ -119,7 +119,9 @@ def train(args: argparse.Namespace) -> dict:
     if not checkpoint.stop.installed():  # the entry points have, before importing torch
         checkpoint.stop.install()  # SIGUSR1: a checkpoint and a stop where it can, else nothing
     try:
-        summary = run.checked_first(*arguments.build_given(args))
+        config, given = arguments.build_given(args)
+        arguments.note_other_workers(args.config, config)
+        summary = run.checked_first(config, given)
     except checkpoint.Stopped as stopped:  # every worker, after the same checkpoint
         checkpoint.stop.forget()  # acted on: a script's next main() starts without it
         if rank == 0:

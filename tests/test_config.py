@@ -621,6 +621,23 @@ def test_resume_of_a_copied_run_from_its_config_json_writes_into_the_copy(tmp_pa
                  str(tmp_path / "x")).out == str(tmp_path / "x")
 
 
+def test_a_repeat_on_another_number_of_workers_says_so(tmp_path, capsys):
+    """config.json is how a run is repeated, but a 3-rank run's file launched on 1 rank
+    trained otherwise (each worker's data, ssgd's samples per update) and said nothing."""
+    saved = tmp_path / "config.json"
+    for workers, said in ((3, True), (1, False)):
+        saved.write_text(json.dumps({**configs.repeatable(RunConfig(algo="ssgd")),
+                                     "run_info": {"workers": workers}}))
+        config = parse("--config", str(saved))
+        arguments.note_other_workers(str(saved), config)
+        expected = f"hpctrain: {saved}'s run had 3 workers, this one has 1: it trains otherwise"
+        assert (expected in capsys.readouterr().out) == said
+    arguments.note_other_workers(str(saved), parse("--config", str(saved), "--resume", "auto"))
+    saved.write_text(saved.read_text().replace('"workers": 1', '"workers": 2'))
+    arguments.note_other_workers(str(saved), parse("--config", str(saved), "--resume", "auto"))
+    assert capsys.readouterr().out == ""  # a resize says its own
+
+
 def test_another_schedule_leaves_out_the_files_milestones(tmp_path, capsys):
     repeat = _repeat(tmp_path, OptimConfig(epochs=4, lr_milestones=(2,), lr_gamma=0.5),
                      "--lr-schedule", "constant")
