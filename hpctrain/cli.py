@@ -44,6 +44,7 @@ from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
 from hpctrain.options import dash_values
+from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 from hpctrain.sim import arguments as sim_arguments
 
 # Benchmark name -> module with DESCRIPTION, THREAD_LEVEL, add_arguments, run (and optionally
@@ -148,9 +149,10 @@ def simulate(args: argparse.Namespace) -> dict:
 def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> RunConfig:
     """A real run's ``config.json`` given to ``simulate --config`` without the settings that
     only a real run has (checkpoints: a simulation is rerun, not resumed; ``--eval-rank``'s
-    extra rank; ``--profile``'s one profiler per process; a ``--sync-backend`` other than
-    mpi, whose order of adding the simulation does not follow), said once; typed ones are
-    refused by the simulator's checks, as without ``--config``."""
+    extra rank; ``--profile``'s one profiler per process; sharded data, whose samples and
+    order are replicated data's; a ``--sync-backend`` other than mpi, whose order of adding
+    the simulation does not follow), said once; typed ones are refused by the simulator's
+    checks, as without ``--config``."""
     left = []
     if not any(hasattr(args, f"checkpoint.{name}") for name in ("every", "dir", "resume")) \
             and config.checkpoint != CheckpointConfig():
@@ -160,6 +162,11 @@ def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> R
         if not hasattr(args, name) and getattr(config, name) is not None:
             config = replace(config, **{name: None})
             left.append(f"--{name.replace('_', '-')}")
+    if not hasattr(args, "data.data_placement") and config.data.data_placement == "sharded":
+        # each rank's part of the data: the same samples, in the same order, as replicated
+        config = replace(config, data=replace(config.data, data_placement="replicated",
+                                              shuffle_chunk_mb=DEFAULT_CHUNK_MB))
+        left.append("--data-placement sharded")
     if left:
         print(f"hpctrain simulate: leaving out {args.config}'s {' and '.join(left)} (a real "
               "run's only)", file=sys.stderr, flush=True)

@@ -393,6 +393,27 @@ def test_a_checkpointed_runs_config_is_simulated_without_its_checkpoints(tmp_pat
                                                                else None)
 
 
+def test_a_sharded_runs_config_is_simulated_as_replicated(tmp_path, capsys):
+    """Sharded data holds each rank's part, in the same order as replicated data: a real
+    sharded run's config.json was refused ("use --data-placement replicated"), unlike its
+    other real-run-only settings. Left out now (its chunk size with it), said once; typed,
+    still refused."""
+    from hpctrain import cli
+
+    config = tmp_path / "config.toml"
+    config.write_text('algo = "ma"\n[data]\ndata_placement = "sharded"\nshuffle = "local"\n'
+                      'shuffle_chunk_mb = 0.5\n')
+    cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--epochs", "1", "--workers",
+              "2", "--out", str(tmp_path / "sim")])
+    assert f"leaving out {config}'s --data-placement sharded (a real run's only)" in \
+        capsys.readouterr().err
+    recorded = json.loads((tmp_path / "sim" / "config.json").read_text())["data"]
+    assert (recorded["data_placement"], recorded["shuffle"]) == ("replicated", "local")
+    with pytest.raises(UsageError, match="use --data-placement replicated"):
+        cli.main(["simulate", "--config", str(config), *SYNTHETIC, "--data-placement",
+                  "sharded", "--out", str(tmp_path / "typed")])
+
+
 def test_a_horovod_backend_runs_config_says_the_model_is_an_mpi_runs(tmp_path, capsys):
     """Simulated ssgd adds as the mpi backend does: a real --sync-backend horovod (or torch)
     run's model differs from its simulation by rounding (4.5e-8), which nothing said. The

@@ -42,9 +42,9 @@ REFUSED_EPILOG = ("train's " + ", ".join(REFUSED) + " are not listed: a simulati
                   "--shuffle-chunk-mb are refused at any value, the others at any but the one "
                   "that changes nothing (" + "; ".join(IDLE) + "). A real run's config.json "
                   "given to --config is simulated without its checkpoint settings, "
-                  "--eval-rank, --profile and a --sync-backend other than mpi (said once), its "
-                  "--stall-timeout unused; its --data-placement sharded and --fp16-allreduce "
-                  "are refused")
+                  "--eval-rank, --profile, --data-placement sharded (the same samples) and a "
+                  "--sync-backend other than mpi (said once), its --stall-timeout unused; its "
+                  "--fp16-allreduce is refused")
 
 
 def hide_refused(parser: argparse.ArgumentParser) -> None:
