@@ -92,7 +92,8 @@ def local_permutation(seed: int, epoch: int, rank: int, n: int) -> torch.Tensor:
 
 
 def moved_count(q: float, n: int, ranks: int) -> int:
-    """Samples each rank sends away per epoch under partial(q): ``round(q * n)``, 0 alone."""
+    """Samples each rank sends away per epoch under partial(q): ``q * n`` rounded half up
+    (not Python's ``round``, which rounds half to even), 0 alone."""
     return 0 if ranks == 1 else int(np.floor(q * n + 0.5))
 
 
