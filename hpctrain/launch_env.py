@@ -14,8 +14,9 @@ every process would take all the data. :func:`replicas` asks every source there 
    MPI's ``OMPI_COMM_WORLD_SIZE``/``OMPI_COMM_WORLD_RANK``, PMI's ``PMI_SIZE``/``PMI_RANK``
    (Hydra's for MPICH and Intel MPI, Cray PALS's, Flux's, Slurm's pmi2), MVAPICH's
    ``MV2_COMM_WORLD_SIZE``/``MV2_COMM_WORLD_RANK``, and Slurm's
-   ``SLURM_NTASKS``/``SLURM_PROCID`` inside a job step (``SLURM_STEP_ID`` set: a batch
-   script's own environment describes the allocation, not the process);
+   ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``)/``SLURM_PROCID`` inside a job step
+   (``SLURM_STEP_ID`` set: a batch script's own environment describes the allocation, not
+   the process);
 4. the MPI world, if MPI is running with more than one process (a singleton world, what every
    process under torchrun gets when it starts MPI, says nothing about the job); when no other
    source answers, MPI is started and asked, as before this module existed.
@@ -58,6 +59,9 @@ LOCAL_RANKS = {
 }
 # A Slurm job step (srun): without one, a batch script's SLURM_NTASKS is the allocation's.
 SLURM_STEP = ("SLURM_STEP_ID", "SLURM_STEPID")
+# The step's own task count, which srun sets for every step: its SLURM_NTASKS is the step's
+# too, but the allocation's where inherited (srun --preserve-env, salloc's interactive step).
+SLURM_STEP_SIZE = "SLURM_STEP_NUM_TASKS"
 MPI_LAUNCHERS = ("Open MPI", "PMI", "MVAPICH")  # LAUNCHERS' names of MPI's own launchers
 # torch.distributed's env:// rendezvous, which torchrun gives every worker.
 TORCH_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -92,10 +96,12 @@ def seats(environ: Mapping[str, str] | None = None) -> Iterator[Seat]:
     read as they are asked for: a bad value is an error only where it is read."""
     env = os.environ if environ is None else environ
     for name, size_var, rank_var in LAUNCHERS:
+        if name == "Slurm":
+            if not any(v in env for v in SLURM_STEP):
+                continue  # a batch script: SLURM_NTASKS is the allocation's, not this process's
+            size_var = SLURM_STEP_SIZE if SLURM_STEP_SIZE in env else size_var
         if size_var not in env or rank_var not in env:
             continue
-        if name == "Slurm" and not any(v in env for v in SLURM_STEP):
-            continue  # a batch script: SLURM_NTASKS is the allocation's, not this process's
         yield _seat(env, name, size_var, rank_var, LOCAL_RANKS[name])
 
 

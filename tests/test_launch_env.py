@@ -24,6 +24,12 @@ TORCHRUN = ROOT / ".venv" / "bin" / "torchrun"
     ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, (2, 1, "Open MPI")),
     ({"PMI_SIZE": "3", "PMI_RANK": "2"}, (3, 2, "PMI")),
     ({"SLURM_NTASKS": "8", "SLURM_PROCID": "5", "SLURM_STEP_ID": "0"}, (8, 5, "Slurm")),
+    # salloc's interactive step (a shell, one task) and srun --preserve-env inherit the
+    # allocation's SLURM_NTASKS; the step's own count is SLURM_STEP_NUM_TASKS.
+    ({"SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "1", "SLURM_PROCID": "0",
+      "SLURM_STEP_ID": "4294967290"}, (1, 0, "Slurm (SLURM_STEP_NUM_TASKS=1")),
+    ({"SLURM_NTASKS": "4", "SLURM_STEP_NUM_TASKS": "2", "SLURM_PROCID": "1",
+      "SLURM_STEP_ID": "3"}, (2, 1, "Slurm")),
     # A batch script's own environment (no step) describes the allocation: not a launch.
     ({"SLURM_NTASKS": "8", "SLURM_PROCID": "0"}, None),
     # The innermost launcher wins: torchrun under srun, mpirun inside an allocation.
