@@ -626,6 +626,7 @@ def test_info_under_mpirun_prints_once(tmp_path):
     assert [(p["rank"], p["local_rank"], p["device"]) for p in facts["placement"]] == \
         [(0, 0, "cpu"), (1, 1, "cpu")]
     assert len({p["host"] for p in facts["placement"]}) == 1
+    assert all(1 <= p["cpus"] <= os.cpu_count() for p in facts["placement"])  # its binding
     assert facts["ranks_share_a_gpu"] is False
     assert facts["library"].isprintable()
     # Devices and transports: no GPU here, so neither CUDA-aware MPI nor NCCL is usable.
