@@ -62,7 +62,12 @@ def extremes(tensor: torch.Tensor) -> list[torch.Tensor]:
     values = tensor._values() if tensor.is_sparse else tensor
     if values.is_complex():  # conj() leaves a bit to resolve (a copy) before the real view
         values = torch.view_as_real(values.resolve_conj())
-    return list(torch.aminmax(values)) if values.numel() else []
+    if not values.numel():
+        return []
+    try:
+        return list(torch.aminmax(values))
+    except RuntimeError:  # torch 2.1's CPU aminmax takes no float16: min and max do
+        return [values.min(), values.max()]
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> bool:

@@ -115,7 +115,8 @@ def test_the_files_are_written_after_training_not_in_its_last_profiled_step(tmp_
     assert sorted(p.name for p in folder.iterdir()) == ["rank-1.json", "rank-1.txt"]
     trace = json.loads((folder / "rank-1.json").read_text())
     assert trace["distributedInfo"] == {"rank": 1, "world_size": 2}
-    assert "ProfilerStep#2" in {e.get("name") for e in trace["traceEvents"]}
+    # the window's three steps (torch 2.1 labels them #0, #0, #1; later ones #0 to #2)
+    assert sum(str(e.get("name")).startswith("ProfilerStep#") for e in trace["traceEvents"]) == 3
     profiler.write()  # once: nothing left to write
 
 
@@ -132,7 +133,7 @@ def test_a_window_the_run_ends_inside_holds_only_the_steps_made(tmp_path, capsys
                             "ended after local step 31, and the last ProfilerStep span is the "
                             "loop's exit; ProfilerStep#0 is local step 30)\n")
     names = Counter(e.get("name") for e in _trace(folder / "rank-0.json"))
-    assert names["ProfilerStep#0"] == names["ProfilerStep#1"] == 1
+    assert sum(n for name, n in names.items() if str(name).startswith("ProfilerStep#")) == 3
     assert names["hpctrain.apply"] == 2
     assert capsys.readouterr().err == ""  # it profiled: nothing to say
     # Ended right where the window starts: no step recorded, no files, and said so.
