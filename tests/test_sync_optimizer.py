@@ -243,6 +243,7 @@ def test_parameters_the_hooks_do_not_reduce_are_refused_at_step(own_backend):
     model, opt = _linear(hvd)
     extra = nn.Parameter(torch.ones(4))
     opt.add_param_group({"params": [extra]})
+    assert opt.param_groups[-1]["lr"] == 0.0  # the user's optimizer's (SGD's own: 1e-3)
     _backward(hvd, model)
     _one_line(UsageError, r"1 trainable parameter\(s\) were added .*make a new "
               "DistributedOptimizer", opt.step)

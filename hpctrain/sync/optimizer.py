@@ -80,12 +80,18 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                                   row="DistributedOptimizer"))
     if op is Adasum:
         cls = type(optimizer.__class__.__name__, (_AdasumOptimizer, optimizer.__class__), {})
-        return cls(optimizer.param_groups, names, compression, backward_passes_per_step,
-                   process_set)
-    cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__), {})
-    return cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
-               gradient_predivide_factor, bucket_bytes, group_indices, bool(sparse_as_dense),
-               process_set)
+        wrapped = cls(optimizer.param_groups, names, compression, backward_passes_per_step,
+                      process_set)
+    else:
+        cls = type(optimizer.__class__.__name__, (_DistributedOptimizer, optimizer.__class__),
+                   {})
+        wrapped = cls(optimizer.param_groups, names, compression, backward_passes_per_step, op,
+                      gradient_predivide_factor, bucket_bytes, group_indices,
+                      bool(sparse_as_dense), process_set)
+    # The class was built from the groups alone: add_param_group's defaults are the user's
+    # (SGD(lr=0.0)'s 0.0, not the class's 1e-3, a required lr on torch 2.1; Horovod: the class's).
+    wrapped.defaults = dict(optimizer.defaults)
+    return wrapped
 
 
 def check_hook_thread(level: str) -> None:

@@ -42,6 +42,10 @@ _OPS = {SUM: dist.ReduceOp.SUM, MIN: dist.ReduceOp.MIN, MAX: dist.ReduceOp.MAX,
 # (torch.uint16 and wider came with torch 2.3.)
 _UNTYPED = tuple(getattr(torch, t) for t in ("int16", "uint16", "uint32", "uint64")
                  if hasattr(torch, t))
+# gloo took bfloat16 from torch 2.2 (torch 2.1: "Invalid scalar type"): moved as its bytes
+# and reduced in float32 before that.
+if torch.torch_version.TorchVersion(torch.__version__) < "2.2":
+    _UNTYPED += (torch.bfloat16,)
 # The tensors lent to each operation (_lend) that a work of torch.distributed may still hold.
 _LENT: list[tuple[torch.Tensor, ...]] = []
 _LENT_LOCK = threading.Lock()  # a CUDA parameter's gradient hook lends from autograd's thread
@@ -129,11 +133,11 @@ def _raw(t: torch.Tensor) -> torch.Tensor:
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
-    """An int64 copy of ``t``, to reduce an untyped dtype in."""
+    """A copy of ``t`` to reduce an untyped dtype in: int64, float32 for bfloat16."""
     if t.dtype == getattr(torch, "uint64", None):
         raise UsageError("backend 'torch': reducing torch.uint64 tensors is not supported "
                          "(gloo and NCCL have no such type); use the mpi backend")
-    return t.to(torch.int64)
+    return t.to(torch.float32 if t.is_floating_point() else torch.int64)
 
 
 def release(world: TorchTransport) -> None:
