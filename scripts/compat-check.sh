@@ -33,10 +33,14 @@ fi
 SRC=/tmp/hpctrain-compat-src-$PYV-$TORCH
 rm -rf "$SRC" && mkdir -p "$SRC"
 git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$SRC"
-ln -s "$VENV" "$SRC/.venv"
 cd "$SRC"
-git init -q  # test_pip_install copies the tree it lists with git ls-files
-.venv/bin/python -m pip install -q --no-build-isolation --no-deps -e . || exit 2
+# test_pip_install copies the tree it lists with git ls-files; run_info's hpctrain_commit is
+# its commit (made before the venv's link, which is no source)
+git init -q && git add -A && git -c user.name=compat -c user.email=compat@localhost \
+  commit -q -m "compat-check's copy" || exit 2
+ln -s "$VENV" .venv
+# With its dependencies (install_requires: PyYAML, cloudpickle, ...), as pip install . does.
+.venv/bin/python -m pip install -q --no-build-isolation -e . || exit 2
 .venv/bin/python -c 'import sys, torch, mpi4py, numpy
 print(f"compat-check: Python {sys.version.split()[0]}, torch {torch.__version__}, "
       f"mpi4py {mpi4py.__version__}, numpy {numpy.__version__}")'
