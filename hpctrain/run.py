@@ -848,7 +848,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         epoch, i = epoch + 1, 0
     algo.start(position)
     if config.compile and rank == 0:
-        compiled.announce()
+        compiled.announce(s.device.type)
     bar = progress_bar(total, rank, algo.name, enabled=config.progress, initial=position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,

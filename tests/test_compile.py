@@ -140,6 +140,7 @@ def two_rank_runs(tmp_path_factory) -> dict:
     proc = run_commands([[*SSGD_TWO_RANKS, *extra, "--out", str(root / name)]
                          for name, extra in runs.items()], np=2)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count(compiled.CPU_GRADIENTS) == len(runs) - 1  # rank 0, each compiled
     return {name: root / name for name in runs}
 
 
