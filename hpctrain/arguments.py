@@ -378,7 +378,8 @@ def without_partners(base: dict, given: dict, path: str | None,
     would refuse it or send it elsewhere: the other of an exclusive pair (``--tau-epochs``
     over the file's ``tau``: ``excludes`` in :func:`hpctrain.options.option`), the model's
     arguments under another ``--model``, the momentum under another ``--optimizer`` than
-    sgd (and its Nesterov switch), Adam's betas and eps under ``--optimizer sgd``,
+    sgd (and its Nesterov switch, also under an asynchronous ``--algo`` or ``--momentum 0``),
+    Adam's betas and eps under ``--optimizer sgd``,
     ``--eval-rank`` under ``--eval after``, and under ``--resume DIR`` the file's
     ``out`` and checkpoint folder: the outputs go to DIR's run folder, also a moved or copied
     one's. Each is said once (the output folder only where it differs)."""
@@ -414,6 +415,13 @@ def without_partners(base: dict, given: dict, path: str | None,
     if optimizer == "sgd":
         for key in ("betas", "eps"):
             displace(("optim", key), "--optimizer sgd")
+    if filed("optim", "nesterov"):  # Nesterov's look-ahead needs momentum and torch's SGD
+        algo = _found(given, ("algo",))
+        if algo is not _ABSENT and not _same_algorithm(filed("algo"), algo) \
+                and not _lock_step(algo):  # the async push: plain momentum only
+            displace(("optim", "nesterov"), f"--algo {algo}")
+        if _found(given, ("optim", "momentum")) == 0:
+            displace(("optim", "nesterov"), "--momentum 0")
     if _found(given, ("eval_mode",)) == "after":
         displace(("eval_rank",), "--eval after")
     resume = _found(given, ("checkpoint", "resume"))
@@ -433,6 +441,15 @@ def without_partners(base: dict, given: dict, path: str | None,
 
 
 _ABSENT = object()
+
+
+def _lock_step(algo) -> bool:
+    """Whether algorithm ``algo`` steps in lock-step (an unknown one counts: it is refused
+    by name later)."""
+    try:
+        return registry.get(algo).lock_step
+    except (UsageError, TypeError):
+        return True
 
 
 def _found(values: dict, keys: tuple[str, ...]):

@@ -638,6 +638,24 @@ def test_a_repeat_on_another_number_of_workers_says_so(tmp_path, capsys):
     assert capsys.readouterr().out == ""  # a resize says its own
 
 
+def test_a_nesterov_runs_config_repeats_under_an_async_algo_or_no_momentum(tmp_path, capsys):
+    """README's --config run/config.json --algo asgd: an ma run's file with --nesterov was
+    refused ("--nesterov: --algo asgd keeps its own update rule"), and --momentum 0 beside
+    it named --nesterov, which nobody typed. The file's switch gives way, said once."""
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps({**configs.repeatable(configs.resolve(RunConfig(
+        algo="ma", optim=OptimConfig(nesterov=True)))), "run_info": {"workers": 2}}))
+    capsys.readouterr()
+    for typed, by in ((("--algo", "asgd"), "--algo asgd"), (("--momentum", "0"), "--momentum 0")):
+        config = configs.resolve(parse("--config", str(saved), *typed))
+        assert config.optim.nesterov is False
+        assert f"hpctrain: {by}: leaving out {saved}'s optim.nesterov True\n" in \
+            capsys.readouterr().out
+    assert configs.resolve(parse("--config", str(saved), "--algo", "ssgd")).optim.nesterov
+    typed = parse("--config", str(saved), "--algo", "asgd", "--nesterov")
+    assert typed.optim.nesterov is True  # typed: kept, for the launch check to refuse
+
+
 def test_another_schedule_leaves_out_the_files_milestones(tmp_path, capsys):
     repeat = _repeat(tmp_path, OptimConfig(epochs=4, lr_milestones=(2,), lr_gamma=0.5),
                      "--lr-schedule", "constant")
