@@ -848,7 +848,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         epoch, i = epoch + 1, 0
     algo.start(position)
     if config.compile and rank == 0:
-        compiled.announce(s.device.type)
+        compiled.announce()
     bar = progress_bar(total, rank, algo.name, enabled=config.progress, initial=position)
     watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
                        samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
@@ -915,6 +915,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
         if compiled.first_call(model, "train", len(y)):  # --compile: a new size compiles
             watchdog.beat("compiling for a batch of", len(y), compiling=True)
+            if config.mixed_precision == "no":  # autocast's rounding is no compiler's error
+                compiled.verify(model, x[:o.micro_batch_size or len(x)], rank)
         algo.optimizer.zero_grad()
         computing = runtime.now()
         step_times.begin(computing)

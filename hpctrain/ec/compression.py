@@ -137,6 +137,7 @@ class EnsembleCompression:
             part = inputs[lo:lo + step]
             if compiled.first_call(self.model, "train", len(part)):  # --compile: a new size
                 watchdog.beat("compiling for a batch of", len(part), compiling=True)
+                compiled.verify(self.model, part, self.comm.Get_rank())
             out = self.model(part)
             k = min(max(n - lo, 0), len(out))  # the part's ordinary samples, then relabelled
             d = slice(max(lo - n, 0), max(lo - n, 0) + len(out) - k)
