@@ -598,17 +598,19 @@ def test_nesterov_betas_and_eps_are_refused_where_they_do_not_apply(args, ranks,
     assert refusal([*args, *SYNTHETIC], ranks) == said
 
 
-def test_a_files_refused_nesterov_is_told_the_switch_that_undoes_it(tmp_path):
-    """A --config file's nesterov cannot be left out, only switched off: each refusal of it
-    names --no-nesterov, which then trains."""
+def test_a_files_nesterov_gives_way_to_an_async_algo_or_no_momentum(tmp_path, capsys):
+    """A --config file's nesterov was refused beside --algo asgd or --momentum 0 (naming
+    --no-nesterov); it gives way now, said once, as to another --optimizer. Typed, it is
+    refused still, and --no-nesterov switches it off as before."""
     toml = tmp_path / "nesterov.toml"
     toml.write_text('algo = "ssgd"\n[optim]\nnesterov = true\n')
     for args, said in ((["--algo", "asgd"], _OWN_RULE.format("asgd")),
                        (["--momentum", "0"], f"--nesterov with --momentum 0: {_ABOVE_0}")):
-        assert refusal(["--config", str(toml), *args, *SYNTHETIC], 3) == said
-        config = run.check_launch(parse("--config", str(toml), *args, *SYNTHETIC,
-                                        "--no-nesterov"), 3)
-        assert not config.optim.nesterov
+        for more in ([], ["--no-nesterov"]):
+            config = run.check_launch(parse("--config", str(toml), *args, *SYNTHETIC, *more), 3)
+            assert not config.optim.nesterov
+        assert "leaving out" in capsys.readouterr().out
+        assert refusal(["--config", str(toml), *args, "--nesterov", *SYNTHETIC], 3) == said
 
 
 def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
