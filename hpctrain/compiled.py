@@ -9,6 +9,9 @@ interleaved with it. Evaluation and EC's teacher pass go through it too (in eval
 ``no_grad``: one more graph). Each new input size compiles again once (then shapes are
 dynamic): the first steps, the first evaluation and a short last batch take longer, and
 EC's first round and its first step with relabelled samples (a batch of another size).
+Each training batch size's first step also checks the compiled gradients against the plain
+forward's (:func:`verify`): a rank whose compiled model computes them wrong (torch 2.13's
+Inductor did, for LeNet on the CPU) trains uncompiled from there, and says so.
 
 Compilation happens lazily, after MPI has started, so :func:`check` tries, before MPI, what
 TorchInductor needs to be there: a torch that has ``nn.Module.compile`` (2.2), Dynamo for
@@ -185,12 +188,15 @@ def _autocast(device_type: str) -> bool:
 
 
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """How far ``b`` is from ``a``: the norm of their difference over ``a``'s, all tensors
+    together, in float64."""
     diff = sum(float((u.double() - v.double()).pow(2).sum()) for u, v in zip(a, b, strict=True))
     norm = sum(float(u.double().pow(2).sum()) for u in a)
     return (diff / norm) ** 0.5 if norm else diff ** 0.5
 
 
 def _rng_state(devices: list) -> tuple:
+    """The CPU's random generator state and each of ``devices``' (GPUs)."""
     return torch.get_rng_state(), [torch.cuda.get_rng_state(d) for d in devices]
 
 
