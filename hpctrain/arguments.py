@@ -261,7 +261,8 @@ def note_other_workers(path: str | None, config: RunConfig) -> None:
     if path is None or config.checkpoint.resume is not None or comm.env_rank() != 0 \
             or not Path(path).is_file():  # a pipe was read once, by build_given
         return
-    had = configs.read_file(path).get("run_info", {}).get("workers")
+    info = configs.read_file(path).get("run_info")
+    had = info.get("workers") if isinstance(info, dict) else None  # a TOML file has none
     now = config.algorithm_class.workers(
         config, comm.launch_size() - (config.eval_rank is not None))
     if isinstance(had, int) and had != now:
