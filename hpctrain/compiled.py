@@ -142,20 +142,26 @@ def verify(model: torch.nn.Module, x: torch.Tensor, rank: int = 0) -> bool:
         return True  # under autocast, its rounding is no compiler's error
     buffers = {name: b.clone() for name, b in model.named_buffers()}
     devices = [x.device] if x.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        state = _rng_state(devices)
-        eager = _gradients(model.forward, x, params)  # forward: the plain module, not compiled
-        _restore(model, buffers, devices, state)
-        compiled = _gradients(model, x, params)
-        _restore(model, buffers, devices, state)
-        if eager is None or compiled is None:
-            return True
-        off = _relative(eager, compiled)
-        if off <= TOLERANCE:
-            return True
-        torch.manual_seed(torch.initial_seed() + 1)  # other draws: is the forward random?
-        again = _gradients(model.forward, x, params)
-        _restore(model, buffers, devices, state)
+    state = _rng_state(devices)
+
+    def gradients(forward, seed: int | None = None) -> list[torch.Tensor] | None:
+        """``forward``'s gradients on ``x`` from the buffers and generators the step found,
+        which each call puts back."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        try:
+            return _gradients(forward, x, params)
+        finally:
+            _restore(model, buffers, devices, state)
+
+    eager = gradients(model.forward)  # forward: the plain module, not the compiled call
+    compiled = gradients(model)
+    if eager is None or compiled is None:
+        return True
+    off = _relative(eager, compiled)
+    if off <= TOLERANCE:
+        return True
+    again = gradients(model.forward, seed=torch.initial_seed() + 1)  # is the forward random?
     if again is None or _relative(eager, again) > TOLERANCE:
         return True  # dropout: compiled draws differ from eager ones, nothing to compare
     model._compiled_call_impl = None  # nn.Module.compile's: the plain forward from here
