@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -84,29 +85,46 @@ def test_the_compiled_model_computes_the_plain_one_and_keeps_its_state_names():
     assert torch.count_nonzero(other(x)) == 0 and torch.count_nonzero(model(x)) > 0
 
 
+def _compiling() -> bool:
+    return getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
+
+
 class CompiledOtherwise(nn.Module):
     """Computes otherwise when compiled, as a wrong kernel does: torch 2.13's Inductor got
-    LeNet's CPU convolution gradients 10-25% wrong at some batch sizes, and a run trained on
-    them, silently (sgd, batch 32: 0.58 against 0.998)."""
+    LeNet's CPU convolution gradients 0.39 off at some batch sizes, and a run trained on
+    them, silently (sgd, batch 32: 0.58 against 0.998). ``float32_inside``: its forward
+    makes float32 of its input, so it cannot run in float64."""
 
-    def __init__(self, dropout: float = 0.0):
+    def __init__(self, dropout: float = 0.0, float32_inside: bool = False):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Dropout(dropout),
                                  nn.Linear(5, 3))
+        self.float32_inside = float32_inside
 
     def forward(self, x):
-        compiling = getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
-        return self.net(x) * (1.5 if compiling else 1.0)
+        return self.net(x.float() if self.float32_inside else x) * (1.5 if _compiling() else 1)
+
+
+class RoundsInFloat32(nn.Module):
+    """Off float64 by 3e-2 uncompiled in float32, as a deep model's rounding can be (float32
+    leaves ResNet-20's gradients 4e-3 off float64's at its start), and right compiled."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
+
+    def forward(self, x):
+        y = self.net(x)
+        return y * 1.03 if y.dtype == torch.float32 and not _compiling() else y
 
 
 def test_a_compiled_model_whose_gradients_are_wrong_trains_uncompiled(capsys):
     torch.manual_seed(0)
     right = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Linear(5, 3))
-    compiled.apply(True, right)
-    wrong = CompiledOtherwise()
-    compiled.apply(True, wrong)
     x = torch.randn(8, 6)
-    for model, kept in ((right, True), (wrong, False)):
+    for model, kept in ((right, True), (RoundsInFloat32(), True), (CompiledOtherwise(), False),
+                        (CompiledOtherwise(float32_inside=True), False)):
+        compiled.apply(True, model)
         before, rng = copy.deepcopy(model.state_dict()), torch.get_rng_state()
         assert compiled.verify(model, x, rank=1) is kept and compiled.is_compiled(model) is kept
         # nothing changed: batch norm's statistics, the generator, the gradients
@@ -114,10 +132,17 @@ def test_a_compiled_model_whose_gradients_are_wrong_trains_uncompiled(capsys):
             assert torch.equal(v, before[k]), k
         assert torch.equal(torch.get_rng_state(), rng)
         assert all(p.grad is None for p in model.parameters())
-    err = capsys.readouterr().err
-    assert err.startswith("hpctrain: rank 1: --compile: the compiled model's gradients for a "
-                          "batch of 8 differ from its uncompiled ones by ") and err.count("\n") == 1
-    assert not compiled.first_call(wrong, "train", 16)  # plain from here: nothing compiles
+        if not kept:
+            assert not compiled.first_call(model, "train", 16)  # plain from here: no compiling
+    # Held to float64's where the model runs in float64, else to the uncompiled ones.
+    said = capsys.readouterr().err.splitlines()
+    start = "hpctrain: rank 1: --compile: the compiled model's gradients for a batch of 8 differ "
+    assert [line[:len(start)] for line in said] == [start, start]
+    assert re.search(r"from float64's by 0\.5 \(relative\), its uncompiled ones' by [0-9.e-]+: "
+                     r"TorchInductor computed them wrong, so this rank trains uncompiled from "
+                     r"here$", said[0]), said[0]
+    assert re.search(r"from its uncompiled ones by 0\.5 \(relative; allowed: 0\.01\): ",
+                     said[1]), said[1]
     # Dropout draws otherwise compiled: nothing to compare, left compiled and unsaid.
     random = CompiledOtherwise(dropout=0.5)
     compiled.apply(True, random)
@@ -158,7 +183,7 @@ def test_a_run_whose_compiled_gradients_are_wrong_trains_as_the_plain_one(tmp_pa
 
     plain, fixed = run("plain", False), run("compiled", True)
     assert all(torch.equal(plain[k], fixed[k]) for k in plain)
-    assert capsys.readouterr().err.count("differ from its uncompiled ones") == 1
+    assert capsys.readouterr().err.count("TorchInductor computed them wrong") == 1
 
 
 def test_the_simulator_refuses_a_torch_whose_dynamo_crashes_in_threads(monkeypatch):
