@@ -753,18 +753,19 @@ def _state(model) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
 
-def _buffers_from_rank0(model, snapshots: Snapshots, comm_) -> None:
+def _from_rank0(model, snapshots: Snapshots, comm_) -> None:
     """Lock-step workers hold the same parameters, but each its own buffers (BatchNorm's
-    running statistics, from its own batches). Every snapshot takes rank 0's, so that the
-    curve and the summary score the model ``model.pt`` holds, whichever rank scores a
-    snapshot (collective; the buffers only: a few values per layer)."""
+    running statistics, from its own batches) and its own clock (started at one barrier,
+    milliseconds apart). Every snapshot takes rank 0's buffers and info (t, epoch, ...), so
+    that the curve and the summary score the model ``model.pt`` holds, on rank 0's time axis
+    (``wall_s``'s), whichever rank scores a snapshot: a curve scored by two ranks went back
+    in time between neighbours (collective; the buffers and a few numbers per snapshot)."""
     names = [name for name, _ in model.named_buffers()]
-    if not names:
-        return
-    ours = comm_.bcast([{k: s.state[k] for k in names if k in s.state} for s in snapshots],
-                       root=0)
-    for snapshot, buffers in zip(snapshots, ours, strict=True):
+    ours = comm_.bcast([({k: s.state[k] for k in names if k in s.state}, s.info)
+                        for s in snapshots], root=0)
+    for snapshot, (buffers, info) in zip(snapshots, ours, strict=True):
         snapshot.state.update(buffers)
+        snapshot.info = info
 
 
 def _epoch_data(train_data, epoch: int):
@@ -994,7 +995,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     if algo.snapshots == "root" and comm_ is not None:
         snapshots = comm_.bcast(snapshots, root=0)
     elif algo.snapshots == "replicated" and comm_ is not None:
-        _buffers_from_rank0(model, snapshots, comm_)
+        _from_rank0(model, snapshots, comm_)
     final_state = snapshots[-1].state if finished is None else finished
 
     scoring = runtime.now()

@@ -982,6 +982,23 @@ def test_every_rank_resumes_on_rank_0s_clock(tmp_path):
     assert resumed.restore(Snapshots()) == {"elapsed": 2.5, "updates": 10}
     assert resumed.clock.attempts[-1][0] == 2.5
 
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_every_rank_scores_lock_step_snapshots_on_rank_0s_clock():
+    """Each lock-step rank takes its snapshots on its own clock, and rank r scores every
+    size-th: ssgd's curve went back in time between neighbours (4.5551 s, then 4.5543 s) and
+    its last point came after wall_s. The snapshots take rank 0's info, as its buffers."""
+    world = comm.mpi().COMM_WORLD
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    snapshots = Snapshots()
+    for i in range(3):
+        model[1].running_mean.fill_(world.rank + i)
+        snapshots.take(model, t=1.0 + i + 0.001 * world.rank, updates=10 * i)
+    run._from_rank0(model, snapshots, world)
+    assert [s.info for s in snapshots] == [{"t": 1.0 + i, "updates": 10 * i} for i in range(3)]
+    assert [float(s.state["1.running_mean"][0]) for s in snapshots] == [0.0, 1.0, 2.0]
+
 def sgd_checkpointer(folder, resume=None, comm_=None) -> checkpoint.Checkpointer:
     """A Checkpointer of a tiny model, every epoch of 10 updates."""
     torch.manual_seed(0)
