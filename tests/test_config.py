@@ -383,6 +383,24 @@ def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
             visit(m, [])
 
 
+
+def test_the_libraries_import_each_other_only_for_the_seeded_generator():
+    """The library parts of sync/, ec/, async_/ and shuffle/ (all but each <pkg>/algorithm.py,
+    the run layer's adapter) import none of the others, but ec.compression takes
+    shuffle.order.generator (DESIGN §1)."""
+    packages = ("sync", "ec", "async_", "shuffle")
+    allowed = {("hpctrain.ec.compression", "hpctrain.shuffle.order")}
+
+    def package(m: str) -> str | None:
+        parts = m.split(".")
+        return parts[1] if len(parts) > 1 and parts[1] in packages else None
+
+    found = set()
+    for module, deps in _module_graph().items():
+        if package(module) and not module.endswith(".algorithm"):
+            found |= {(module, d) for d in deps if package(d) not in (None, package(module))}
+    assert found == allowed
+
 @pytest.mark.parametrize("build, message", [
     # Nested configurations: their own classes, not dicts, lists or None.
     (lambda: RunConfig(algo="sgd", optim={"lr": 0.1}),

@@ -243,6 +243,11 @@ def test_the_simulators_help_leaves_out_trains_options_it_refuses(capsys):
         shown = re.compile(rf"\[{re.escape(flag)}[ \]]")  # with a value, or on/off
         assert shown.search(helps["train"]) and not shown.search(helps["simulate"]), flag
     assert "[--fp16-allreduce]" not in helps["simulate"]  # listed, and always refused
+    # its undoing flag stays, for a --config file's, saying so (it read as train's "undo
+    # --fp16-allreduce (a --config file's)", beside no --fp16-allreduce)
+    assert "--no-fp16-allreduce undo a --config file's --fp16-allreduce, which hpctrain " \
+           "simulate refuses (it averages ssgd's gradients in float32)" in helps["simulate"]
+    assert "--no-fp16-allreduce undo --fp16-allreduce (a --config file's)" in helps["train"]
     assert "".join(helps["simulate"].split()).endswith(  # wrapped, also at hyphens
         "".join(sim_arguments.REFUSED_EPILOG.split()))
 

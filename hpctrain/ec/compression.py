@@ -167,7 +167,11 @@ class EnsembleCompression:
 
     def after_step(self, final: bool = False) -> bool:
         """Count one local step; relabel with the ensemble once the round has had its ``tau``
-        steps, except on the ``final`` step of training (no round follows to distil it).
+        steps, except on the ``final`` step of training (no step follows to distil it).
+        Only that one is skipped: a round with fewer than ``tau`` steps left after it runs,
+        and since its distillation is spread over the next ``tau`` steps and the run ends
+        first, it distils only the slices of the steps left (``--tau 3 --ec-distill-size 12``
+        over 64 steps: the 21st round, after step 63, distils 4 of its 12 samples).
         Rounds are counted from the round's start, not as multiples of ``tau``: a run resumed
         on another number of workers goes on within its round at another step count
         (:meth:`hpctrain.ec.algorithm.EnsembleCompression.resize_state`), and a multiple of

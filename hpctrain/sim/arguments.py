@@ -44,14 +44,22 @@ REFUSED_EPILOG = ("train's " + ", ".join(REFUSED) + " are not listed: a simulati
                   "given to --config is simulated without its checkpoint settings, "
                   "--eval-rank, --profile, --data-placement sharded (the same samples) and a "
                   "--sync-backend other than mpi (said once), its --stall-timeout unused; its "
-                  "--fp16-allreduce is refused")
+                  "--fp16-allreduce is refused (--no-fp16-allreduce undoes it)")
+# The undoing flags of REFUSED on/off options, listed with the simulator's own help: shown as
+# train's "undo --fp16-allreduce (a --config file's)" beside no --fp16-allreduce, they read as
+# the flag of an option the simulator takes.
+UNDOING = {"--no-fp16-allreduce": "undo a --config file's --fp16-allreduce, which hpctrain "
+                                  "simulate refuses (it averages ssgd's gradients in float32)"}
 
 
 def hide_refused(parser: argparse.ArgumentParser) -> None:
-    """Keep :data:`REFUSED` off ``parser``'s --help; typed, they are still refused by name."""
+    """Keep :data:`REFUSED` off ``parser``'s --help; typed, they are still refused by name.
+    Their undoing flags stay, to undo a ``--config`` file's value, with :data:`UNDOING`'s help."""
     for action in parser._actions:
         if set(action.option_strings) & set(REFUSED):
             action.help = argparse.SUPPRESS
+        for flag in set(action.option_strings) & set(UNDOING):
+            action.help = UNDOING[flag]
     parser.epilog = REFUSED_EPILOG
 
 
