@@ -383,7 +383,6 @@ def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
             visit(m, [])
 
 
-
 def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     """The library parts of sync/, ec/, async_/ and shuffle/ (all but each <pkg>/algorithm.py,
     the run layer's adapter) import none of the others, but ec.compression takes
@@ -400,6 +399,7 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
         if package(module) and not module.endswith(".algorithm"):
             found |= {(module, d) for d in deps if package(d) not in (None, package(module))}
     assert found == allowed
+
 
 @pytest.mark.parametrize("build, message", [
     # Nested configurations: their own classes, not dicts, lists or None.
