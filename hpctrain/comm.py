@@ -386,15 +386,18 @@ def _end_on_error(exc_type, exc, tb, script: bool) -> None:
     elif _under_torchrun():
         _record_for_torchrun(exc_type, exc, tb)
     where = _where(r, n, initialised)
+    # Each in one write, its newline included: print's two (the text, then "\n") let
+    # mpirun put another rank's line between them, two errors on one line.
     if interrupted:  # Ctrl-C: no error; the shell's status, 128 + 2
         status = 130
-        print(f"hpctrain: interrupted{where}", file=err, flush=True)
-    elif full:  # one write: the ranks' tracebacks do not interleave line by line
+        said = f"hpctrain: interrupted{where}\n"
+    elif full:  # the ranks' tracebacks do not interleave line by line
         label = f"hpctrain: error{where}:\n" if where else ""
-        print(label + "".join(traceback.format_exception(exc_type, exc, tb)), end="",
-              file=err, flush=True)
+        said = label + "".join(traceback.format_exception(exc_type, exc, tb))
     else:
-        print(f"hpctrain: error{where}: {describe_error(exc)}", file=err, flush=True)
+        said = f"hpctrain: error{where}: {describe_error(exc)}\n"
+    err.write(said)
+    err.flush()
     if full and n == 1:
         return  # nothing else to end: Python exits with status 1, as without the hook
     _finish_before_abort()

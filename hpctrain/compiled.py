@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from hpctrain.errors import UsageError
+from hpctrain.metrics import say
 
 # The simulator's workers are threads. With torch 2.11 (2.13 is fine) Dynamo crashed with a
 # segmentation fault when one of them traced a graph again for a new input size after another
@@ -187,9 +188,9 @@ def verify(model: torch.nn.Module, x: torch.Tensor, rank: int = 0) -> bool:
     else:
         said = f"its uncompiled ones by {off:.2g} (relative; allowed: {TOLERANCE:g})"
     model._compiled_call_impl = None  # nn.Module.compile's: the plain forward from here
-    print(f"hpctrain: rank {rank}: --compile: the compiled model's gradients for a batch of "
-          f"{len(x)} differ from {said}: TorchInductor computed them wrong, so this rank "
-          "trains uncompiled from here", file=sys.stderr, flush=True)
+    say(f"hpctrain: rank {rank}: --compile: the compiled model's gradients for a batch of "
+        f"{len(x)} differ from {said}: TorchInductor computed them wrong, so this rank "
+        "trains uncompiled from here")
     return False
 
 

@@ -267,8 +267,10 @@ class _Lines:
 
 def say(line: str) -> None:
     """Write ``line`` to stderr on a line of its own, around a progress bar being drawn
-    (from any thread: it takes no lock, so a watchdog thread cannot wait on a stuck one)."""
-    tqdm.write(line, file=sys.stderr, nolock=True)
+    (from any thread: it takes no lock, so a watchdog thread cannot wait on a stuck one).
+    One write, its newline included: two (tqdm's default) let mpirun put another rank's
+    line between them."""
+    tqdm.write(line + "\n", file=sys.stderr, end="", nolock=True)
     sys.stderr.flush()
 
 

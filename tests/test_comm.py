@@ -2,6 +2,7 @@
 
 import contextlib
 import fcntl
+import json
 import os
 import re
 import socket
@@ -201,6 +202,43 @@ def test_envs_variables_left_under_mpirun_are_refused_before_mpi_starts():
         "WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SIZE, or start the " \
         "processes with torchrun\n" in refused.stderr, refused.stderr
     assert "MPI_Init" not in refused.stderr and "boom" not in refused.stderr, refused.stderr
+
+
+# Records each write to the process's stderr, one JSON line a call, and raises argv[2].
+_WRITES = """
+import json, sys
+from hpctrain import comm
+from hpctrain.errors import UsageError
+
+
+class Writes:
+    def __init__(self, path):
+        self.file = open(path, "a", buffering=1)
+
+    def write(self, text):
+        self.file.write(json.dumps(text) + "\\n")
+        return len(text)
+
+    def flush(self):
+        pass
+
+
+sys.__stderr__ = Writes(sys.argv[1])
+sys.excepthook = comm._abort_hook
+raise {"usage": UsageError("--lr 'x' is not a number"), "ctrl-c": KeyboardInterrupt()}[sys.argv[2]]
+"""
+
+
+@pytest.mark.parametrize("raised, said", [("usage", "hpctrain: error: --lr 'x' is not a number\n"),
+                                          ("ctrl-c", "hpctrain: interrupted\n")])
+def test_an_error_line_is_one_write_with_its_newline(tmp_path, raised, said):
+    """print's two writes (the text, then its newline) let mpirun put another rank's error
+    between them: two ranks' lines on one (3 runs of 6 of examples/horovod_mismatch.py)."""
+    (tmp_path / "raise.py").write_text(_WRITES)
+    done = run_program([sys.executable, str(tmp_path / "raise.py"), str(tmp_path / "w"), raised])
+    assert done.returncode == (2 if raised == "usage" else 130), done.stderr
+    writes = [json.loads(line) for line in (tmp_path / "w").read_text().splitlines()]
+    assert writes == [said]
 
 
 def test_an_error_before_mpi_on_a_rank_but_0_names_the_rank_and_host():

@@ -55,6 +55,26 @@ def test_into_a_file_a_warning_during_the_bar_has_a_line_of_its_own(monkeypatch,
     assert lines[0].startswith("sgd:   0%|") and lines[-1].startswith("sgd:  60%|\u2588"), lines
 
 
+class _Writes(io.StringIO):
+    """A stderr that keeps each write apart."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def write(self, text: str) -> int:
+        self.calls.append(text)
+        return super().write(text)
+
+
+def test_a_warning_is_one_write_with_its_newline(monkeypatch):
+    """tqdm.write's two writes (the text, then its newline) let mpirun put another rank's
+    line between them: two ranks' warnings on one line."""
+    monkeypatch.setattr(sys, "stderr", _Writes())
+    say("hpctrain: rank 1: --compile: ...")
+    assert [c for c in sys.stderr.calls if c] == ["hpctrain: rank 1: --compile: ...\n"]
+
+
 @contextlib.contextmanager
 def _pty(columns: int) -> Iterator[io.TextIOWrapper]:
     """A real terminal (a pty's slave end) ``columns`` wide; 0: one that says no width, as
