@@ -56,11 +56,12 @@ if [ -n "$TESTS" ] && { [ ! -f "$test_stamp" ] || [ scripts/setup.sh -nt "$test_
 fi
 if [ -n "$deps" ]; then
   # torch pinned: the CPU build lies on disk; an unpinned torch pulls a multi-GB CUDA build.
+  # ruff pinned: `make test` lints first, and a new release's rules would fail CI unchanged.
   # Bytecode only for what a run imports (about a quarter of the venv, below): pip compiles
   # every file one at a time, and compileall over the whole venv took 38 s.
   $VPIP install -q --no-compile torch==2.13.0
   $VPIP install -q --no-compile "mpi4py>=4.0" numpy pytest pytest-mpi pytest-timeout \
-    pytest-xdist tqdm matplotlib ruff cmake packaging wheel setuptools tensorboard pillow
+    pytest-xdist tqdm matplotlib ruff==0.17.6 cmake packaging wheel setuptools tensorboard pillow
   $VPIP install -q --no-compile --no-build-isolation -e ".[test,plot,tensorboard]"
   env -u PYTHONDONTWRITEBYTECODE .venv/bin/python -c \
     "import torch._dynamo, torch.distributed, hpctrain.cli, hpctrain.run, hpctrain.sync" || true
