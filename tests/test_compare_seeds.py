@@ -173,6 +173,36 @@ def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):
         "| seed 1 failed; seed 2 failed |")
 
 
+def test_the_staleness_max_over_seeds_is_the_largest_and_the_rest_say_they_are_means():
+    """dcasgd-a's seeds had staleness max 15 and 57: the row showed 36, a mean no run had,
+    under a header that did not say which figures were averaged."""
+    rows = [report.Row("dcasgd-a", "ok", seed=seed, summary={"workers": 2, "staleness": {
+        "mean": mean, "p50": 1.0, "p90": p90, "p99": p99, "max": top, "count": 9}})
+        for seed, mean, p90, p99, top in ((1, 1.0, 3.0, 10.0, 15.0), (2, 2.0, 4.0, 13.0, 57.0))]
+    head, _, row = report.seed_table(rows, [0.8]).splitlines()
+    column = [c.strip() for c in head.strip("|").split(" | ")].index(report.SEED_STALENESS)
+    assert [c.strip() for c in row.strip("|").split(" | ")][column] == "1.50 / 1 / 3.5 / 11.5 / 57"
+    assert report.SEED_STALENESS.endswith("p99 (each averaged over seeds) / max (largest)")
+    text = report.markdown({"algos": ["dcasgd-a"], "workers": 2, "seeds": [1, 2]}, rows, [0.8])
+    assert "the largest peak memory and staleness max of any seed's run, and the other " \
+        "staleness figures (each run's mean, p50, p90 and p99: a mean of" in text
+    assert "| 1.00 / 1 / 3 / 10 / 15 |" in text  # each run's own row: its own figures
+
+
+def test_report_md_says_the_shade_is_the_seeds_range_not_a_standard_deviation(tmp_path):
+    """The table gives mean ± sample sd; the plots' shade (lowest to highest run) was said
+    nowhere, and read as ± sd."""
+    seeded_comparison(tmp_path)
+    report.render(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert report.BAND_NOTE in text
+    assert text.index(report.BAND_NOTE) < text.index("![test error against wall time]")
+    _, rows = report.load(tmp_path)
+    assert legend(rows, "t") == ["ssgd, M=2, mean of 2 of 3 seeds", report.BAND]
+    rows = [report.Row("sgd", "ok", summary={"workers": 1})]  # no seeds: no shade to explain
+    assert report.BAND_NOTE not in report.markdown({}, rows, [0.8])
+
+
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
     _, rows = report.load(tmp_path)
@@ -282,7 +312,7 @@ def test_the_time_plot_averages_lock_step_and_async_seeds_alike(uneven):
     assert by_time.xs[-1] == pytest.approx(0.5) and by_time.err == by_epoch.err
     assert by_time.runs == [2] * len(by_time.xs) and not by_time.partial
     for x in ("t", "epoch"):
-        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds"]
+        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds", report.BAND]
 
 
 def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
@@ -298,7 +328,7 @@ def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
         assert curve.xs[-1] == (2.0 if x == "epoch" else pytest.approx((0.444 + 0.269) / 2))
         assert curve.runs[-4:] == [3, 2, 2, 2] and curve.partial
         assert_mean_and_band(curve, errors)
-        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.DASHED]
+        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.BAND, report.DASHED]
     assert report.plot(rows, "epoch").startswith(b"\x89PNG")
 
 

@@ -595,9 +595,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
         reach.append(text + (f" in {len(hit)} of {len(done)}" if 0 < len(hit) < len(done)
                              else ""))
     stale = [r.summary["staleness"] for r in done if r.summary.get("staleness")]
-    stale = dash if not stale else " / ".join(
-        f"{_mean([d[k] for d in stale]):.2f}" if k == "mean" else
-        _updates(_mean([d[k] for d in stale])) for k in STALENESS_KEYS)
+    stale = dash if not stale else _seed_staleness(stale)
     moved: dict[str, list[float]] = {}
     for r in done:
         for key, value in _byte_counts(r.summary, r.byte_fields):
@@ -615,15 +613,29 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
             status]
 
 
+# The seed table's staleness column: which figures are means over the seeds, which the largest
+SEED_STALENESS = "staleness mean / p50 / p90 / p99 (each averaged over seeds) / max (largest)"
+
+
+def _seed_staleness(runs: list[dict]) -> str:
+    """The seed table's staleness cell of the runs' distributions: the mean of each run's
+    mean, p50, p90 and p99, and the largest max. The max was averaged too: seeds with max 15
+    and 57 showed 36, which no run had."""
+    means = [_mean([d[k] for d in runs]) for k in STALENESS_KEYS[:-1]]
+    return " / ".join([f"{means[0]:.2f}", *map(_updates, means[1:]),
+                       _updates(max(d["max"] for d in runs))])
+
+
 def seed_table(rows: list[Row], targets: list[float]) -> str:
     """A comparison with ``--seeds``: one row per algorithm, in Markdown. Accuracies, wall
     time, samples/s and each time to a target are the mean ± sample standard deviation over
     the seeds whose run finished (a time to a target: over those that reached it, and how
     many did; a value some runs' summaries lack, over the others, and how many); peak
-    memory is the largest; staleness and bytes are means."""
+    memory and staleness max are the largest; the other staleness figures and bytes are
+    means (:data:`SEED_STALENESS` says which)."""
     head = ["algorithm", "seeds", "workers", "final acc", "best acc", "wall s",
             *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
-            "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
+            SEED_STALENESS, "bytes communicated per rank", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = _mixed(rows)  # an algorithm whose finished runs were all simulated, among real ones
     lines += ["| " + " | ".join(_seed_cells(
@@ -926,8 +938,10 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
                 f"Each algorithm ran once per seed ({', '.join(map(str, seeds))}): the table "
                 "gives the mean ± sample standard deviation over the seeds whose run finished "
                 "(a time to a target: over those that reached it; *in 1 of 2*: the value is "
-                "in that many of them), the largest peak memory, "
-                "and the staleness figures and byte counts averaged. Every run:"]
+                "in that many of them), the largest peak memory and staleness max of any "
+                "seed's run, and the other staleness figures (each run's mean, p50, p90 and "
+                "p99: a mean of the runs' percentiles, not a percentile of all their pushes) "
+                "and byte counts averaged. Every run:"]
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
@@ -963,6 +977,8 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
         out.append(f"\n`{flag}` was not given to {', '.join(names)}: "
                    f"{'it does' if len(names) == 1 else 'they do'} not take it.")
     if plots:
+        if seeds:
+            out += ["", BAND_NOTE]
         out += ["", "![test error against wall time](error_vs_time.png)",
                 "![test error against epochs](error_vs_epochs.png)"]
     else:
@@ -1033,6 +1049,12 @@ class Curve:
 
 # The legend's entry for the dashed part of mean curves, there when some curve has one
 DASHED = "dashed: past a run that ended early, the mean and band of the others"
+# The legend's entry for the seeds' shade, there when some curve is of several runs, and
+# report.md's words on it: the table gives ± a standard deviation, the shade is not one
+BAND = "shaded: the seeds' range, lowest to highest run"
+BAND_NOTE = ("In the plots each algorithm's line is the mean of its seeds' runs at the same "
+             "epoch, and its shade the range over them, from the lowest to the highest run's "
+             "test error there (not ± a standard deviation, as in the table).")
 NO_CURVE = "not drawn:"  # the legend's entry naming the runs not drawn (no_curve), and why
 
 
@@ -1156,7 +1178,8 @@ def x_label(rows: list[Row], x: str) -> str:
 def figure(rows: list[Row], x: str, title: str = ""):
     """The matplotlib Figure of test error (%) against curve key ``x`` (``t`` or ``epoch``),
     one line per run (with seeds: per algorithm, shaded from its lowest to its highest run,
-    dashed past a run that ended early, which the legend then says); the legend names the
+    dashed past a run that ended early, which the legend then says, as it says what the
+    shade is: unsaid, it read as the table's ± a standard deviation); the legend names the
     runs with no line, and why (:func:`no_curve`). Each curve has its own marker, and each
     drawn later is narrower, so that one lying on another still shows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1182,6 +1205,8 @@ def figure(rows: list[Row], x: str, title: str = ""):
             ax.plot(c.xs, c.err, label=legend_label(c, shown), **drawn)
         if c.band is not None:
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
+    if any(c.band is not None and c.of > 1 for c in lines):
+        ax.fill_between([], [], color="0.4", alpha=0.2, linewidth=0, label=BAND)
     if any(c.partial for c in lines):
         ax.plot([], [], "--", color="0.4", label=DASHED)
     missing = no_curve(rows)
