@@ -203,6 +203,49 @@ def test_report_md_says_the_shade_is_the_seeds_range_not_a_standard_deviation(tm
     assert report.BAND_NOTE not in report.markdown({}, rows, [0.8])
 
 
+MISSED = ("hpctrain: rank 0 took the snapshots between its steps, and 2 --eval-every marks "
+          "passed within one of them: up to 9 updates (all workers' pushes) came within one "
+          "step of rank 0, more than the 4 between two marks; the curve has no point there")
+
+
+def test_report_md_lists_what_each_run_printed_once_and_not_a_failure_s_error(tmp_path,
+                                                                              capsys):
+    """A run's warnings (a curve with fewer points than --eval-every asked for) stayed in its
+    stderr.log: report.md now lists hpctrain's own lines of each run, once each, a few a run,
+    without progress bars, other libraries' warnings or a failed run's error lines."""
+    seeded_comparison(tmp_path)
+    logs = {1: ["ssgd:   0%|          | 0/32 [00:00<?, ?step/s]", MISSED,
+                "/x/torch/nn.py:12: UserWarning: something is deprecated", MISSED,
+                "--- continued (2026-01-01 00:00:00) ---", f"  {MISSED}"],
+            2: [f"hpctrain: warning: note {i}" for i in range(5)],
+            3: ["hpctrain: warning: --batch-size 64: each worker has 50 training samples",
+                "hpctrain: error: boom", "hpctrain: error: rank 1: boom too", "boom"]}
+    for seed, lines in logs.items():
+        (tmp_path / "ssgd" / f"seed-{seed}" / "stderr.log").write_text("\n".join(lines) + "\n")
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    text = (tmp_path / "report.md").read_text()
+    listed = [line for line in text.splitlines() if line.startswith("- ssgd seed")]
+    assert listed[:-2] == [
+        f"- ssgd seed 1: `{MISSED}`",
+        "- ssgd seed 2: `hpctrain: warning: note 0`", "- ssgd seed 2: `hpctrain: warning: note 1`",
+        "- ssgd seed 2: `hpctrain: warning: note 2`", "- ssgd seed 2: 2 more in its stderr.log",
+        "- ssgd seed 3: `hpctrain: warning: --batch-size 64: each worker has 50 training "
+        "samples`"]
+    assert text.index("**The runs printed**") < text.index("![test error against wall time]")
+    assert "ssgd seed 1, ssgd seed 2, ssgd seed 3 printed warnings or notes on their stderr " \
+        "(stderr.log); report.md lists them" in capsys.readouterr().err
+    for seed in logs:
+        (tmp_path / "ssgd" / f"seed-{seed}" / "stderr.log").unlink()
+    report.render(tmp_path)
+    assert "**The runs printed**" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_note_with_backticks_stays_one_code_span():
+    assert report._code("hpctrain: use `--eval online`") == \
+        "`` hpctrain: use `--eval online` ``"
+    assert report._code("plain") == "`plain`"
+
+
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
     _, rows = report.load(tmp_path)

@@ -929,6 +929,8 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         _say_failed(failed, len(runs), f"their records in {out / report.RECORD}")
         raise
     print(report.main_table(rows, targets))
+    if line := report.notes_line(rows):
+        print(f"hpctrain bench compare: {line}", file=sys.stderr, flush=True)
     print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
     if not drawn:
         print(f"hpctrain bench compare: no plots: {report.NO_PLOTS}", file=sys.stderr,

@@ -17,6 +17,8 @@ output depends only on the saved files, so rendering twice gives the same bytes.
 A value of the wrong type in a run's files (edited by hand, another tool's) does not end the
 report: the table shows ``n/a`` there, or the plots leave out that curve point, and one line on
 stderr names the file and key. ``report.md`` and the plots are written together or not at all.
+The lines hpctrain printed on a run's stderr (``stderr.log`` in its folder, kept by ``bench
+compare``) are listed under the tables, since a warning there can explain a figure.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Row:
     config: dict = field(default_factory=dict)  # its config.json: what it trained with
     byte_fields: tuple[str, ...] = ()  # a user's algorithm's, as compare.json records them
     algo: str | None = None  # a folder's run: the algorithm its summary (or config) names
+    notes: list[str] = field(default_factory=list)  # hpctrain's lines in its stderr.log
 
     @property
     def algorithm(self) -> str:
@@ -364,6 +367,7 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
                     rows.append(_finished(folder / key, name, **extra))
                 else:
                     rows.append(Row(name, run["status"], error=run.get("error"), **extra))
+                rows[-1].notes = run_notes(folder / key, rows[-1])
         return record, rows
     rows = _found(folder)
     if all(r.status in (UNFINISHED, NOT_RUN) for r in rows):  # none with a summary.json
@@ -422,7 +426,58 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
         own = held.get("algo_label")  # name (its label), not imported here, else its class's
         algo = own if isinstance(own, str) else algo.rsplit(":", 1)[1]
     row.algo = algo if isinstance(algo, str) and algo else None
+    row.notes = run_notes(run_dir, row)
     return row
+
+
+LOG = "stderr.log"  # bench compare's copy of a run's stderr, in the run's folder
+NOTES_SHOWN = 3  # of a run's notes, report.md lists this many, then says how many more
+
+
+def run_notes(run_dir: Path, row: Row) -> list[str]:
+    """The distinct lines hpctrain itself printed on the run's stderr (``hpctrain: ...``, in
+    its folder's stderr.log, which ``bench compare`` keeps), in order: a warning there (the
+    snapshots ``--eval-every`` asked for that an async rank 0 missed) explains a figure of the
+    run, and stayed in that file alone. Not progress bars nor other libraries' warnings, and
+    of a failed run not its error lines, which its row gives as why it failed."""
+    try:
+        text = (run_dir / LOG).read_text(errors="replace")
+    except OSError:  # none (a train run's folder), or unreadable: nothing to say
+        return []
+    failed = row.status == "failed"
+    lines = (line.strip() for line in text.splitlines())
+    return list(dict.fromkeys(
+        line for line in lines if line.startswith("hpctrain: ") and not (failed and (
+            line.startswith("hpctrain: error") or (row.error and row.error in line)))))
+
+
+def notes(rows: list[Row]) -> str | None:
+    """report.md's list of what the runs printed (:func:`run_notes`), at most NOTES_SHOWN
+    lines a run; None when none printed any."""
+    noted = [r for r in rows if r.notes]
+    if not noted:
+        return None
+    out = ["**The runs printed** (hpctrain's own lines on their stderr, in each run's "
+           f"{LOG}; they may explain a figure of that run):", ""]
+    for r in noted:
+        out += [f"- {r.title}: {_code(line)}" for line in r.notes[:NOTES_SHOWN]]
+        if len(r.notes) > NOTES_SHOWN:
+            out.append(f"- {r.title}: {len(r.notes) - NOTES_SHOWN} more in its {LOG}")
+    return "\n".join(out)
+
+
+def notes_line(rows: list[Row]) -> str | None:
+    """One line for the console naming the runs that printed notes, which report.md lists."""
+    noted = [r.title for r in rows if r.notes]
+    return None if not noted else (f"{', '.join(noted)} printed warnings or notes on their "
+                                   f"stderr ({LOG}); {REPORT} lists them")
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span, which may hold backticks."""
+    fence = "`" * (max((len(m) for m in re.findall("`+", text)), default=0) + 1)
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def time_to(points: list[dict], target: float) -> dict | None:
@@ -976,6 +1031,9 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     for flag, names in ignored.items():
         out.append(f"\n`{flag}` was not given to {', '.join(names)}: "
                    f"{'it does' if len(names) == 1 else 'they do'} not take it.")
+    printed = notes(rows)
+    if printed:
+        out += ["", printed]
     if plots:
         if seeds:
             out += ["", BAND_NOTE]
@@ -1361,6 +1419,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows, targets, drawn = render(args.dir, None if args.targets is None
                                       else parse_targets(args.targets), out)
     print(main_table(rows, targets))
+    if line := notes_line(rows):
+        print(f"hpctrain report: {line}", file=sys.stderr)
     print(f"hpctrain report: {', '.join(map(str, [out / REPORT, *drawn]))}")
     if not drawn:
         print(f"hpctrain report: no plots: {NO_PLOTS}", file=sys.stderr)
