@@ -140,8 +140,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "MPI's: with --allow-run-as-root and --oversubscribe only "
                                  "where needed)"),
         parser.add_argument("--timeout", type=at_most(at_least(0, float), HUGE), default=0.0,
-                            help="seconds after which a run is stopped and reported failed "
-                                 "(0: none)"),
+                            help="seconds after which a run is stopped and reported failed, "
+                                 "counted from its launch: the launcher's and Python's "
+                                 "start-up, loading the data, training, scoring the snapshots "
+                                 "and writing the outputs all count; a run stopped once it had "
+                                 "written its summary.json (its last output) is kept as "
+                                 "finished (0: none)"),
         parser.add_argument("--resume", action="store_true",
                             help="finish a comparison already in --out: keep its finished runs, "
                                  "continue those that left checkpoints, run the others"),
@@ -707,6 +711,11 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     record = {"np": run.np, "command": shlex.join(run.command), "ignored": run.ignored,
               "returncode": returncode, "seconds": round(seconds, 1)}
     if expired.is_set():
+        # Rank 0 writes summary.json last: a run stopped after it (in MPI's teardown) has
+        # all its outputs, and was a failed row (its start-up counts towards the timeout).
+        if finished_unrecorded(run, run_dir) is not None:
+            return {**record, "status": "ok", "error": None,
+                    "note": f"the {timeout:g} s timeout stopped it after it wrote its outputs"}
         return {**record, "status": "failed", "error": f"stopped after the {timeout:g} s timeout"}
     try:
         summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
@@ -797,7 +806,8 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
 
 def finished_unrecorded(run: Run, run_dir: Path) -> dict | None:
     """The record of ``run`` where its folder holds it finished (its summary.json and curve),
-    though the comparison stopped (SIGTERM, Ctrl-C, SIGKILL) before recording it, else None.
+    though the comparison stopped (SIGTERM, Ctrl-C, SIGKILL) before recording it, or
+    ``--timeout`` stopped the run after it wrote them (:func:`execute`), else None.
     It must be that run: its config.json's command line (``run_info``'s ``argv``) is the run's
     command, on its ``--out`` (a continued attempt's ``--resume`` allowed), and its summary
     has the ranks it planned. ``--resume`` took such a run for a failed attempt, set it aside
@@ -836,7 +846,7 @@ def _own_algorithms(runs: list[Run]) -> dict:
 
 def _set_aside(run_dir: Path, label: str) -> None:
     """Before a failed run starts again (``--resume``): a folder of it that holds a summary
-    (a launch problem, a timeout as it ended, a run not the one planned:
+    (a launch problem, a run not the one planned:
     :func:`finished_unrecorded` keeps the others) is moved to ``<name>.failed-N``, its logs
     kept, since ``hpctrain train`` refuses an ``--out`` that holds a finished run."""
     if not (run_dir / "summary.json").exists():
@@ -904,7 +914,8 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
                       flush=True)
                 break
             print(f"{label} {result['status']}" +
-                  (f": {result['error']}" if result["error"] else ""), file=sys.stderr,
+                  (f": {result['error']}" if result["error"] else "") +
+                  (f" ({result['note']})" if result.get("note") else ""), file=sys.stderr,
                   flush=True)
             record["runs"][r.name] = result
             write_json_atomic(out / report.RECORD, record)
