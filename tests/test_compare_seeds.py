@@ -246,6 +246,53 @@ def test_a_note_with_backticks_stays_one_code_span():
     assert report._code("plain") == "`plain`"
 
 
+@pytest.mark.parametrize("seeds, epochs", [([1, 2], 3), ([1, 3], 3), ([1, 4], 3), ([5, 2], 2),
+                                           ([100, 200, 300], 5), ([1, 2], 1), ([7, 1, 3], 4)])
+def test_the_seeds_said_to_share_data_orders_are_those_whose_orders_coincide(seeds, epochs):
+    """Global shuffling seeds epoch e with seed + e: the pairs said to share orders are those
+    whose epochs' permutations are the same, found by drawing them."""
+    from hpctrain.shuffle.order import global_permutation
+
+    def orders(seed: int) -> list[list[int]]:
+        return [global_permutation(seed, e, 50).tolist() for e in range(epochs)]
+
+    drawn = [(s, t) for s in sorted(seeds) for t in sorted(seeds)
+             if s < t and any(o in orders(t) for o in orders(s))]
+    assert report.shared_orders(seeds, epochs, "global") == drawn
+    assert report.shared_orders(seeds, epochs, "local") == []
+    note = report.shared_orders_note(seeds, epochs, "global")
+    assert (note is None) == (not drawn)
+    if drawn:
+        apart = [int(s) for s in note.split("`--seeds ")[1].split("`")[0].split(",")]
+        assert len(apart) == len(seeds) and report.shared_orders(apart, epochs, "global") == []
+
+
+def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
+    """README said that seed 2's orders are seed 1's one epoch later, so the ± understates
+    the spread; neither report.md nor compare did."""
+    seeded_comparison(tmp_path)
+    for shuffle, epochs, said in (("global", 3, True), ("global", 1, False),
+                                  ("local", 3, False)):
+        for seed in (1, 2):
+            (tmp_path / "ssgd" / f"seed-{seed}" / "config.json").write_text(json.dumps(
+                {"seed": seed, "data": {"shuffle": shuffle}, "optim": {"epochs": epochs}}))
+        report.render(tmp_path)
+        text = (tmp_path / "report.md").read_text()
+        assert ("**Seeds that share data orders:** `--shuffle global` seeds each epoch's data "
+                "order with seed + epoch: over 3 epochs seed 2's orders are seed 1's, 1 epoch "
+                "later, so the ± over the seeds understates the spread; for orders of their "
+                "own take seeds at least 3 apart (`--seeds 1,4,7`)." in text) == said
+    for seeds, argv, said in (("1,2", ["--epochs", "3"], True), ("1,2", ["--epochs", "1"], False),
+                              ("1,2", ["--epochs", "3", "--shuffle", "local"], False),
+                              ("10,20", ["--epochs", "3"], False)):
+        note = compare.orders_note(compare.plan(parse(
+            "--algos", "sgd,ssgd", "--simulate", "2", "--seeds", seeds, *SYNTHETIC, *argv,
+            "--out", str(tmp_path / "cmp"))))
+        assert (note is not None) == said
+        if said:
+            assert note == report.shared_orders_note([1, 2], 3, "global")
+
+
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
     _, rows = report.load(tmp_path)

@@ -25,7 +25,8 @@ exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues i
 Ctrl-C and SIGTERM end the run going on with the comparison. Either way the report then shows
 the run it stopped *unfinished*, and a line names the runs left.
 With ``--seeds 1,2,3`` every algorithm runs once per seed (``DIR/<algo>/seed-<S>/``, one run
-after the other) and the report gives the mean and spread over the seeds.
+after the other) and the report gives the mean and spread over the seeds; seeds closer than
+the epochs share data orders (global shuffling), which a line at the start and the report say.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from hpctrain import (
@@ -154,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="LIST",
                             help="comma-separated seeds, e.g. 1,2,3: every algorithm runs once "
                                  "per seed (DIR/<algo>/seed-<S>/) and the report gives the mean "
-                                 "and spread over them; instead of --seed"),
+                                 "and spread over them (with --shuffle global, seeds closer "
+                                 "than --epochs share data orders, which it says); instead "
+                                 "of --seed"),
         parser.add_argument("--simulate", type=at_least(1), default=None, metavar="K",
                             help="simulate every run with K virtual workers in one process "
                                  "(hpctrain simulate; sgd: one) instead of launching jobs; "
@@ -216,6 +219,7 @@ class Run:
     trainers: int | None = None  # of the np, the ranks that train (summary's "workers"); None: np
     seed: int | None = None  # --seeds: this run's
     words: tuple[str, ...] = ()  # the hpctrain command it runs, after the program: train ...
+    config: RunConfig | None = field(default=None, repr=False, compare=False)  # as planned
 
     @property
     def label(self) -> str:
@@ -536,7 +540,7 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
                                  f"{e}") from None
         words = ("simulate", *train_args, *sim_args)
         return Run(algo, np, [sys.executable, "-m", "hpctrain.cli", *words], ignored, seed=seed,
-                   words=words)
+                   words=words, config=config)
     launcher = launcher_command(getattr(args, "launcher", None), np)
     if shutil.which(launcher[0]) is None:
         raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
@@ -551,7 +555,7 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
                 from None
     words = ("train", *train_args)
     return Run(algo, np, [*launcher, sys.executable, "-m", "hpctrain", *words], ignored,
-               trainers, seed, words)
+               trainers, seed, words, config)
 
 
 def continued(run: Run, run_dir: Path) -> Run:
@@ -893,6 +897,8 @@ def _terminated(signum: int, frame) -> None:
 def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict) -> dict:
     """:func:`run`'s comparison, in the folder it holds."""
     write_json_atomic(out / report.RECORD, record)  # --resume's new targets, though none runs
+    if note := orders_note(runs):
+        print(f"hpctrain bench compare: note: {note}", file=sys.stderr, flush=True)
     warning = _Warning()
     terminate = signal.signal(signal.SIGTERM, _terminated)
     ran = False  # a run started: the report changes
@@ -950,6 +956,18 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         _say_failed(failed, len(runs), f"their rows in {out / report.REPORT}")
         raise SystemExit(1)
     return record
+
+
+def orders_note(runs: list[Run]) -> str | None:
+    """The line saying which of the planned runs' seeds share data orders
+    (:func:`hpctrain.bench.report.shared_orders_note`), which report.md repeats; None where
+    none do or the runs have no ``--seeds``."""
+    seeds = [r.seed for r in runs if r.seed is not None]
+    for config in dict.fromkeys((r.config.optim.epochs, r.config.data.shuffle) for r in runs
+                                if r.config is not None):
+        if seeds and (note := report.shared_orders_note(seeds, *config)):
+            return note
+    return None
 
 
 def _stopped(how: str, ran: bool, runs: list[Run], record: dict, out: Path) -> None:

@@ -699,6 +699,58 @@ def seed_table(rows: list[Row], targets: list[float]) -> str:
     return "\n".join(lines)
 
 
+def shared_orders(seeds: list[int], epochs: int, shuffle: str) -> list[tuple[int, int]]:
+    """The pairs of ``seeds`` (s < t) whose runs of ``epochs`` epochs train on some of the
+    same data orders: ``--shuffle global`` seeds epoch e's order with seed + e
+    (:func:`hpctrain.shuffle.order.global_permutation`), so seed t's epochs are seed s's
+    t - s epochs later, shared where t - s < epochs. Local and partial shuffling draw from
+    streams of their own (seed, epoch, rank)."""
+    if shuffle != "global":
+        return []
+    ordered = sorted(set(seeds))
+    return [(s, t) for i, s in enumerate(ordered) for t in ordered[i + 1:] if t - s < epochs]
+
+
+def shared_orders_note(seeds: list[int], epochs: int, shuffle: str,
+                       every: list[int] | None = None) -> str | None:
+    """One line saying which seeds share data orders (:func:`shared_orders`), so that the ±
+    over them understates the spread, and as many seeds (``every``: the comparison's, else
+    ``seeds``) that do not; None where none do. README said it, the report and the console
+    did not."""
+    pairs = shared_orders(seeds, epochs, shuffle)
+    if not pairs:
+        return None
+    s, t = pairs[0]
+    more = f" (and {len(pairs) - 1} more pair{'s' if len(pairs) > 2 else ''})" \
+        if len(pairs) > 1 else ""
+    every = sorted(set(every or seeds))
+    apart = ",".join(str(every[0] + i * epochs) for i in range(len(every)))
+    return (f"`--shuffle global` seeds each epoch's data order with seed + epoch: over "
+            f"{epochs} epochs seed {t}'s orders are seed {s}'s, {t - s} epoch"
+            f"{'s' if t - s > 1 else ''} later{more}, so the ± over the seeds understates the "
+            f"spread; for orders of their own take seeds at least {epochs} apart "
+            f"(`--seeds {apart}`).")
+
+
+def seed_orders(rows: list[Row]) -> str | None:
+    """:func:`shared_orders_note` of the finished runs, for report.md: each algorithm's
+    seeds, with the shuffle and epochs their config.json records (compared with those of
+    its other seeds that ran alike)."""
+    every = [r.seed for r in rows if r.seed is not None]
+    for runs in by_algorithm(rows).values():
+        alike: dict[tuple, list[int]] = {}
+        for r in runs:
+            flat = _flat(r.config)
+            how = (flat.get("data.shuffle"), flat.get("optim.epochs"))
+            if r.summary is not None and r.seed is not None and isinstance(how[0], str) and \
+                    _is_count(how[1]):
+                alike.setdefault(how, []).append(r.seed)
+        for (shuffle, epochs), seeds in alike.items():
+            if note := shared_orders_note(seeds, epochs, shuffle, every):
+                return note
+    return None
+
+
 def main_table(rows: list[Row], targets: list[float]) -> str:
     """The table a report leads with: per algorithm over seeds if the runs have seeds, else
     one row per run."""
@@ -997,6 +1049,8 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
                 "seed's run, and the other staleness figures (each run's mean, p50, p90 and "
                 "p99: a mean of the runs' percentiles, not a percentile of all their pushes) "
                 "and byte counts averaged. Every run:"]
+        if orders := seed_orders(rows):
+            out[-1:-1] = [f"**Seeds that share data orders:** {orders}", ""]
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
