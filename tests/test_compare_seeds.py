@@ -293,6 +293,23 @@ def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
             assert note == report.shared_orders_note([1, 2], 3, "global")
 
 
+def test_a_row_whose_seeds_trained_with_other_settings_says_so(tmp_path):
+    """A seed's run with another --lr was flagged in the settings table, yet averaged into its
+    algorithm's mean ± sd with an "ok" status."""
+    seeded_comparison(tmp_path)
+    for lr2, marked in ((0.05, False), (0.1, True)):
+        for seed, lr in ((1, 0.05), (2, lr2)):
+            (tmp_path / "ssgd" / f"seed-{seed}" / "config.json").write_text(json.dumps(
+                {"seed": seed, "optim": {"lr": lr}, "out": f"o/{seed}"}))
+        report.render(tmp_path)
+        text = (tmp_path / "report.md").read_text()
+        status = cells(text, "ssgd")[-1]
+        assert status == "seed 3 failed" + (f"; {report.DIFFERING_SEEDS}" if marked else "")
+        assert ("| ssgd seed 2 | 0.1 |" in text) == marked  # the table it points to
+        if marked:
+            assert text.index("| ssgd seed 2 | 0.1 |") < text.index("| ssgd | 2 of 3 |")
+
+
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
     _, rows = report.load(tmp_path)

@@ -621,6 +621,12 @@ def group_name(runs: list[Row]) -> str:
     return next(iter(names)) if len(names) == 1 else runs[0].name
 
 
+# The seed table's status of an algorithm whose seeds' runs trained with other settings
+# (differing_settings' table says which): its means were of other trainings, unsaid
+DIFFERING_SEEDS = ("**its seeds' training settings differ** (the table above says how); "
+                   "averaged all the same")
+
+
 def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     """One algorithm's row over its seeds' runs (see :func:`seed_table`)."""
     dash = "—"
@@ -628,6 +634,8 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     problems = [f"seed {r.seed} {r.status}" for r in runs if not r.summary]
     problems += [f"seed {r.seed} **collapsed**" for r in done
                  if r.summary.get("collapsed_at") is not None]
+    if len({tuple(sorted(_trained_with(r).items())) for r in done if r.config}) > 1:
+        problems.append(DIFFERING_SEEDS)
     status = "; ".join(problems) or "ok"
     count = str(len(runs)) if len(done) == len(runs) else f"{len(done)} of {len(runs)}"
     if not done:
