@@ -717,6 +717,39 @@ def test_a_runs_stderr_keeps_crlf_lines_and_its_last_line(tmp_path):
         "first", "ValueError: bad shape", "hpctrain: error: the end"]
 
 
+# A job that puts a finished run's files in place at once, then hangs (as in MPI's teardown)
+_WRITES_THEN_HANGS = """\
+import shutil, sys, time
+shutil.copytree(sys.argv[1], sys.argv[2], dirs_exist_ok=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_run_the_timeout_stops_after_its_summary_is_kept_as_finished(tmp_path):
+    """--timeout counts from the launch: a run with ~3 s of start-up and a 1-2 s wall_s was
+    "failed: stopped after the 3.5 s timeout", though it may have written its outputs, the
+    summary last. A run stopped after writing them is kept, saying so; one stopped before
+    is failed."""
+    out = tmp_path / "cmp"
+    (run,) = compare.plan(cli.build_parser().parse_args([
+        "bench", "compare", "--algos", "sgd", "--simulate", "1", *SYNTHETIC, "--epochs", "1",
+        "--out", str(out)]))
+    done = subprocess.run(run.command, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr
+    shutil.move(out / "sgd", tmp_path / "finished")  # its config.json names out/sgd
+    hangs = compare.Run("sgd", 1, [sys.executable, "-c", _WRITES_THEN_HANGS,
+                                   str(tmp_path / "finished"), str(out / "sgd")], [],
+                        words=run.words)
+    result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=5)
+    assert (result["status"], result["error"]) == ("ok", None)
+    assert result["note"] == "the 5 s timeout stopped it after it wrote its outputs"
+    shutil.rmtree(out / "sgd")  # stopped before it wrote its summary: failed
+    hangs.command = [sys.executable, "-c", "import time; time.sleep(600)"]
+    result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=1)
+    assert (result["status"], result["error"]) == ("failed", "stopped after the 1 s timeout")
+
+
 def test_last_error_prefers_hpctrain_line_over_mpirun_banner():
     lines = ["hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 2",
              "-" * 70, "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD",

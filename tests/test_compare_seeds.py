@@ -173,6 +173,143 @@ def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):
         "| seed 1 failed; seed 2 failed |")
 
 
+def test_the_staleness_max_over_seeds_is_the_largest_and_the_rest_say_they_are_means():
+    """dcasgd-a's seeds had staleness max 15 and 57: the row showed 36, a mean no run had,
+    under a header that did not say which figures were averaged."""
+    rows = [report.Row("dcasgd-a", "ok", seed=seed, summary={"workers": 2, "staleness": {
+        "mean": mean, "p50": 1.0, "p90": p90, "p99": p99, "max": top, "count": 9}})
+        for seed, mean, p90, p99, top in ((1, 1.0, 3.0, 10.0, 15.0), (2, 2.0, 4.0, 13.0, 57.0))]
+    head, _, row = report.seed_table(rows, [0.8]).splitlines()
+    column = [c.strip() for c in head.strip("|").split(" | ")].index(report.SEED_STALENESS)
+    assert [c.strip() for c in row.strip("|").split(" | ")][column] == "1.50 / 1 / 3.5 / 11.5 / 57"
+    assert report.SEED_STALENESS.endswith("p99 (each averaged over seeds) / max (largest)")
+    text = report.markdown({"algos": ["dcasgd-a"], "workers": 2, "seeds": [1, 2]}, rows, [0.8])
+    assert "the largest peak memory and staleness max of any seed's run, and the other " \
+        "staleness figures (each run's mean, p50, p90 and p99: a mean of" in text
+    assert "| 1.00 / 1 / 3 / 10 / 15 |" in text  # each run's own row: its own figures
+
+
+def test_report_md_says_the_shade_is_the_seeds_range_not_a_standard_deviation(tmp_path):
+    """The table gives mean ± sample sd; the plots' shade (lowest to highest run) was said
+    nowhere, and read as ± sd."""
+    seeded_comparison(tmp_path)
+    report.render(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    assert report.BAND_NOTE in text
+    assert text.index(report.BAND_NOTE) < text.index("![test error against wall time]")
+    _, rows = report.load(tmp_path)
+    assert legend(rows, "t") == ["ssgd, M=2, mean of 2 of 3 seeds", report.BAND]
+    rows = [report.Row("sgd", "ok", summary={"workers": 1})]  # no seeds: no shade to explain
+    assert report.BAND_NOTE not in report.markdown({}, rows, [0.8])
+
+
+MISSED = ("hpctrain: rank 0 took the snapshots between its steps, and 2 --eval-every marks "
+          "passed within one of them: up to 9 updates (all workers' pushes) came within one "
+          "step of rank 0, more than the 4 between two marks; the curve has no point there")
+
+
+def test_report_md_lists_what_each_run_printed_once_and_not_a_failure_s_error(tmp_path,
+                                                                              capsys):
+    """A run's warnings (a curve with fewer points than --eval-every asked for) stayed in its
+    stderr.log: report.md now lists hpctrain's own lines of each run, once each, a few a run,
+    without progress bars, other libraries' warnings or a failed run's error lines."""
+    seeded_comparison(tmp_path)
+    logs = {1: ["ssgd:   0%|          | 0/32 [00:00<?, ?step/s]", MISSED,
+                "/x/torch/nn.py:12: UserWarning: something is deprecated", MISSED,
+                "--- continued (2026-01-01 00:00:00) ---", f"  {MISSED}"],
+            2: [f"hpctrain: warning: note {i}" for i in range(5)],
+            3: ["hpctrain: warning: --batch-size 64: each worker has 50 training samples",
+                "hpctrain: error: boom", "hpctrain: error: rank 1: boom too", "boom"]}
+    for seed, lines in logs.items():
+        (tmp_path / "ssgd" / f"seed-{seed}" / "stderr.log").write_text("\n".join(lines) + "\n")
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    text = (tmp_path / "report.md").read_text()
+    listed = [line for line in text.splitlines() if line.startswith("- ssgd seed")]
+    assert listed[:-2] == [
+        f"- ssgd seed 1: `{MISSED}`",
+        "- ssgd seed 2: `hpctrain: warning: note 0`", "- ssgd seed 2: `hpctrain: warning: note 1`",
+        "- ssgd seed 2: `hpctrain: warning: note 2`", "- ssgd seed 2: 2 more in its stderr.log",
+        "- ssgd seed 3: `hpctrain: warning: --batch-size 64: each worker has 50 training "
+        "samples`"]
+    assert text.index("**The runs printed**") < text.index("![test error against wall time]")
+    assert "ssgd seed 1, ssgd seed 2, ssgd seed 3 printed warnings or notes on their stderr " \
+        "(stderr.log); report.md lists them" in capsys.readouterr().err
+    for seed in logs:
+        (tmp_path / "ssgd" / f"seed-{seed}" / "stderr.log").unlink()
+    report.render(tmp_path)
+    assert "**The runs printed**" not in (tmp_path / "report.md").read_text()
+
+
+def test_a_note_with_backticks_stays_one_code_span():
+    assert report._code("hpctrain: use `--eval online`") == \
+        "`` hpctrain: use `--eval online` ``"
+    assert report._code("plain") == "`plain`"
+
+
+@pytest.mark.parametrize("seeds, epochs", [([1, 2], 3), ([1, 3], 3), ([1, 4], 3), ([5, 2], 2),
+                                           ([100, 200, 300], 5), ([1, 2], 1), ([7, 1, 3], 4)])
+def test_the_seeds_said_to_share_data_orders_are_those_whose_orders_coincide(seeds, epochs):
+    """Global shuffling seeds epoch e with seed + e: the pairs said to share orders are those
+    whose epochs' permutations are the same, found by drawing them."""
+    from hpctrain.shuffle.order import global_permutation
+
+    def orders(seed: int) -> list[list[int]]:
+        return [global_permutation(seed, e, 50).tolist() for e in range(epochs)]
+
+    drawn = [(s, t) for s in sorted(seeds) for t in sorted(seeds)
+             if s < t and any(o in orders(t) for o in orders(s))]
+    assert report.shared_orders(seeds, epochs, "global") == drawn
+    assert report.shared_orders(seeds, epochs, "local") == []
+    note = report.shared_orders_note(seeds, epochs, "global")
+    assert (note is None) == (not drawn)
+    if drawn:
+        apart = [int(s) for s in note.split("`--seeds ")[1].split("`")[0].split(",")]
+        assert len(apart) == len(seeds) and report.shared_orders(apart, epochs, "global") == []
+
+
+def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
+    """README said that seed 2's orders are seed 1's one epoch later, so the ± understates
+    the spread; neither report.md nor compare did."""
+    seeded_comparison(tmp_path)
+    for shuffle, epochs, said in (("global", 3, True), ("global", 1, False),
+                                  ("local", 3, False)):
+        for seed in (1, 2):
+            (tmp_path / "ssgd" / f"seed-{seed}" / "config.json").write_text(json.dumps(
+                {"seed": seed, "data": {"shuffle": shuffle}, "optim": {"epochs": epochs}}))
+        report.render(tmp_path)
+        text = (tmp_path / "report.md").read_text()
+        assert ("**Seeds that share data orders:** `--shuffle global` seeds each epoch's data "
+                "order with seed + epoch: over 3 epochs seed 2's orders are seed 1's, 1 epoch "
+                "later, so the ± over the seeds understates the spread; for orders of their "
+                "own take seeds at least 3 apart (`--seeds 1,4,7`)." in text) == said
+    for seeds, argv, said in (("1,2", ["--epochs", "3"], True), ("1,2", ["--epochs", "1"], False),
+                              ("1,2", ["--epochs", "3", "--shuffle", "local"], False),
+                              ("10,20", ["--epochs", "3"], False)):
+        note = compare.orders_note(compare.plan(parse(
+            "--algos", "sgd,ssgd", "--simulate", "2", "--seeds", seeds, *SYNTHETIC, *argv,
+            "--out", str(tmp_path / "cmp"))))
+        assert (note is not None) == said
+        if said:
+            assert note == report.shared_orders_note([1, 2], 3, "global")
+
+
+def test_a_row_whose_seeds_trained_with_other_settings_says_so(tmp_path):
+    """A seed's run with another --lr was flagged in the settings table, yet averaged into its
+    algorithm's mean ± sd with an "ok" status."""
+    seeded_comparison(tmp_path)
+    for lr2, marked in ((0.05, False), (0.1, True)):
+        for seed, lr in ((1, 0.05), (2, lr2)):
+            (tmp_path / "ssgd" / f"seed-{seed}" / "config.json").write_text(json.dumps(
+                {"seed": seed, "optim": {"lr": lr}, "out": f"o/{seed}"}))
+        report.render(tmp_path)
+        text = (tmp_path / "report.md").read_text()
+        status = cells(text, "ssgd")[-1]
+        assert status == "seed 3 failed" + (f"; {report.DIFFERING_SEEDS}" if marked else "")
+        assert ("| ssgd seed 2 | 0.1 |" in text) == marked  # the table it points to
+        if marked:
+            assert text.index("| ssgd seed 2 | 0.1 |") < text.index("| ssgd | 2 of 3 |")
+
+
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
     _, rows = report.load(tmp_path)
@@ -282,7 +419,7 @@ def test_the_time_plot_averages_lock_step_and_async_seeds_alike(uneven):
     assert by_time.xs[-1] == pytest.approx(0.5) and by_time.err == by_epoch.err
     assert by_time.runs == [2] * len(by_time.xs) and not by_time.partial
     for x in ("t", "epoch"):
-        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds"]
+        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds", report.BAND]
 
 
 def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
@@ -298,7 +435,7 @@ def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
         assert curve.xs[-1] == (2.0 if x == "epoch" else pytest.approx((0.444 + 0.269) / 2))
         assert curve.runs[-4:] == [3, 2, 2, 2] and curve.partial
         assert_mean_and_band(curve, errors)
-        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.DASHED]
+        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.BAND, report.DASHED]
     assert report.plot(rows, "epoch").startswith(b"\x89PNG")
 
 

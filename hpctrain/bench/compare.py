@@ -25,7 +25,8 @@ exits with status 5: ``--resume`` continues (``slurm/compare.sbatch`` requeues i
 Ctrl-C and SIGTERM end the run going on with the comparison. Either way the report then shows
 the run it stopped *unfinished*, and a line names the runs left.
 With ``--seeds 1,2,3`` every algorithm runs once per seed (``DIR/<algo>/seed-<S>/``, one run
-after the other) and the report gives the mean and spread over the seeds.
+after the other) and the report gives the mean and spread over the seeds; seeds closer than
+the epochs share data orders (global shuffling), which a line at the start and the report say.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from hpctrain import (
@@ -140,8 +141,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "MPI's: with --allow-run-as-root and --oversubscribe only "
                                  "where needed)"),
         parser.add_argument("--timeout", type=at_most(at_least(0, float), HUGE), default=0.0,
-                            help="seconds after which a run is stopped and reported failed "
-                                 "(0: none)"),
+                            help="seconds after which a run is stopped and reported failed, "
+                                 "counted from its launch: the launcher's and Python's "
+                                 "start-up, loading the data, training, scoring the snapshots "
+                                 "and writing the outputs all count; a run stopped once it had "
+                                 "written its summary.json (its last output) is kept as "
+                                 "finished (0: none)"),
         parser.add_argument("--resume", action="store_true",
                             help="finish a comparison already in --out: keep its finished runs, "
                                  "continue those that left checkpoints, run the others"),
@@ -150,7 +155,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--seeds", type=parse_seeds, default=None, metavar="LIST",
                             help="comma-separated seeds, e.g. 1,2,3: every algorithm runs once "
                                  "per seed (DIR/<algo>/seed-<S>/) and the report gives the mean "
-                                 "and spread over them; instead of --seed"),
+                                 "and spread over them (with --shuffle global, seeds closer "
+                                 "than --epochs share data orders, which it says); instead "
+                                 "of --seed"),
         parser.add_argument("--simulate", type=at_least(1), default=None, metavar="K",
                             help="simulate every run with K virtual workers in one process "
                                  "(hpctrain simulate; sgd: one) instead of launching jobs; "
@@ -212,6 +219,7 @@ class Run:
     trainers: int | None = None  # of the np, the ranks that train (summary's "workers"); None: np
     seed: int | None = None  # --seeds: this run's
     words: tuple[str, ...] = ()  # the hpctrain command it runs, after the program: train ...
+    config: RunConfig | None = field(default=None, repr=False, compare=False)  # as planned
 
     @property
     def label(self) -> str:
@@ -532,7 +540,7 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
                                  f"{e}") from None
         words = ("simulate", *train_args, *sim_args)
         return Run(algo, np, [sys.executable, "-m", "hpctrain.cli", *words], ignored, seed=seed,
-                   words=words)
+                   words=words, config=config)
     launcher = launcher_command(getattr(args, "launcher", None), np)
     if shutil.which(launcher[0]) is None:
         raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
@@ -547,7 +555,7 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
                 from None
     words = ("train", *train_args)
     return Run(algo, np, [*launcher, sys.executable, "-m", "hpctrain", *words], ignored,
-               trainers, seed, words)
+               trainers, seed, words, config)
 
 
 def continued(run: Run, run_dir: Path) -> Run:
@@ -707,6 +715,11 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     record = {"np": run.np, "command": shlex.join(run.command), "ignored": run.ignored,
               "returncode": returncode, "seconds": round(seconds, 1)}
     if expired.is_set():
+        # Rank 0 writes summary.json last: a run stopped after it (in MPI's teardown) has
+        # all its outputs, and was a failed row (its start-up counts towards the timeout).
+        if finished_unrecorded(run, run_dir) is not None:
+            return {**record, "status": "ok", "error": None,
+                    "note": f"the {timeout:g} s timeout stopped it after it wrote its outputs"}
         return {**record, "status": "failed", "error": f"stopped after the {timeout:g} s timeout"}
     try:
         summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
@@ -797,7 +810,8 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
 
 def finished_unrecorded(run: Run, run_dir: Path) -> dict | None:
     """The record of ``run`` where its folder holds it finished (its summary.json and curve),
-    though the comparison stopped (SIGTERM, Ctrl-C, SIGKILL) before recording it, else None.
+    though the comparison stopped (SIGTERM, Ctrl-C, SIGKILL) before recording it, or
+    ``--timeout`` stopped the run after it wrote them (:func:`execute`), else None.
     It must be that run: its config.json's command line (``run_info``'s ``argv``) is the run's
     command, on its ``--out`` (a continued attempt's ``--resume`` allowed), and its summary
     has the ranks it planned. ``--resume`` took such a run for a failed attempt, set it aside
@@ -836,7 +850,7 @@ def _own_algorithms(runs: list[Run]) -> dict:
 
 def _set_aside(run_dir: Path, label: str) -> None:
     """Before a failed run starts again (``--resume``): a folder of it that holds a summary
-    (a launch problem, a timeout as it ended, a run not the one planned:
+    (a launch problem, a run not the one planned:
     :func:`finished_unrecorded` keeps the others) is moved to ``<name>.failed-N``, its logs
     kept, since ``hpctrain train`` refuses an ``--out`` that holds a finished run."""
     if not (run_dir / "summary.json").exists():
@@ -883,6 +897,8 @@ def _terminated(signum: int, frame) -> None:
 def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict) -> dict:
     """:func:`run`'s comparison, in the folder it holds."""
     write_json_atomic(out / report.RECORD, record)  # --resume's new targets, though none runs
+    if note := orders_note(runs):
+        print(f"hpctrain bench compare: note: {note}", file=sys.stderr, flush=True)
     warning = _Warning()
     terminate = signal.signal(signal.SIGTERM, _terminated)
     ran = False  # a run started: the report changes
@@ -904,7 +920,8 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
                       flush=True)
                 break
             print(f"{label} {result['status']}" +
-                  (f": {result['error']}" if result["error"] else ""), file=sys.stderr,
+                  (f": {result['error']}" if result["error"] else "") +
+                  (f" ({result['note']})" if result.get("note") else ""), file=sys.stderr,
                   flush=True)
             record["runs"][r.name] = result
             write_json_atomic(out / report.RECORD, record)
@@ -929,6 +946,8 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         _say_failed(failed, len(runs), f"their records in {out / report.RECORD}")
         raise
     print(report.main_table(rows, targets))
+    if line := report.notes_line(rows):
+        print(f"hpctrain bench compare: {line}", file=sys.stderr, flush=True)
     print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
     if not drawn:
         print(f"hpctrain bench compare: no plots: {report.NO_PLOTS}", file=sys.stderr,
@@ -937,6 +956,18 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         _say_failed(failed, len(runs), f"their rows in {out / report.REPORT}")
         raise SystemExit(1)
     return record
+
+
+def orders_note(runs: list[Run]) -> str | None:
+    """The line saying which of the planned runs' seeds share data orders
+    (:func:`hpctrain.bench.report.shared_orders_note`), which report.md repeats; None where
+    none do or the runs have no ``--seeds``."""
+    seeds = [r.seed for r in runs if r.seed is not None]
+    for config in dict.fromkeys((r.config.optim.epochs, r.config.data.shuffle) for r in runs
+                                if r.config is not None):
+        if seeds and (note := report.shared_orders_note(seeds, *config)):
+            return note
+    return None
 
 
 def _stopped(how: str, ran: bool, runs: list[Run], record: dict, out: Path) -> None:

@@ -17,6 +17,8 @@ output depends only on the saved files, so rendering twice gives the same bytes.
 A value of the wrong type in a run's files (edited by hand, another tool's) does not end the
 report: the table shows ``n/a`` there, or the plots leave out that curve point, and one line on
 stderr names the file and key. ``report.md`` and the plots are written together or not at all.
+The lines hpctrain printed on a run's stderr (``stderr.log`` in its folder, kept by ``bench
+compare``) are listed under the tables, since a warning there can explain a figure.
 """
 
 from __future__ import annotations
@@ -91,6 +93,7 @@ class Row:
     config: dict = field(default_factory=dict)  # its config.json: what it trained with
     byte_fields: tuple[str, ...] = ()  # a user's algorithm's, as compare.json records them
     algo: str | None = None  # a folder's run: the algorithm its summary (or config) names
+    notes: list[str] = field(default_factory=list)  # hpctrain's lines in its stderr.log
 
     @property
     def algorithm(self) -> str:
@@ -364,6 +367,7 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
                     rows.append(_finished(folder / key, name, **extra))
                 else:
                     rows.append(Row(name, run["status"], error=run.get("error"), **extra))
+                rows[-1].notes = run_notes(folder / key, rows[-1])
         return record, rows
     rows = _found(folder)
     if all(r.status in (UNFINISHED, NOT_RUN) for r in rows):  # none with a summary.json
@@ -422,7 +426,58 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
         own = held.get("algo_label")  # name (its label), not imported here, else its class's
         algo = own if isinstance(own, str) else algo.rsplit(":", 1)[1]
     row.algo = algo if isinstance(algo, str) and algo else None
+    row.notes = run_notes(run_dir, row)
     return row
+
+
+LOG = "stderr.log"  # bench compare's copy of a run's stderr, in the run's folder
+NOTES_SHOWN = 3  # of a run's notes, report.md lists this many, then says how many more
+
+
+def run_notes(run_dir: Path, row: Row) -> list[str]:
+    """The distinct lines hpctrain itself printed on the run's stderr (``hpctrain: ...``, in
+    its folder's stderr.log, which ``bench compare`` keeps), in order: a warning there (the
+    snapshots ``--eval-every`` asked for that an async rank 0 missed) explains a figure of the
+    run, and stayed in that file alone. Not progress bars nor other libraries' warnings, and
+    of a failed run not its error lines, which its row gives as why it failed."""
+    try:
+        text = (run_dir / LOG).read_text(errors="replace")
+    except OSError:  # none (a train run's folder), or unreadable: nothing to say
+        return []
+    failed = row.status == "failed"
+    lines = (line.strip() for line in text.splitlines())
+    return list(dict.fromkeys(
+        line for line in lines if line.startswith("hpctrain: ") and not (failed and (
+            line.startswith("hpctrain: error") or (row.error and row.error in line)))))
+
+
+def notes(rows: list[Row]) -> str | None:
+    """report.md's list of what the runs printed (:func:`run_notes`), at most NOTES_SHOWN
+    lines a run; None when none printed any."""
+    noted = [r for r in rows if r.notes]
+    if not noted:
+        return None
+    out = ["**The runs printed** (hpctrain's own lines on their stderr, in each run's "
+           f"{LOG}; they may explain a figure of that run):", ""]
+    for r in noted:
+        out += [f"- {r.title}: {_code(line)}" for line in r.notes[:NOTES_SHOWN]]
+        if len(r.notes) > NOTES_SHOWN:
+            out.append(f"- {r.title}: {len(r.notes) - NOTES_SHOWN} more in its {LOG}")
+    return "\n".join(out)
+
+
+def notes_line(rows: list[Row]) -> str | None:
+    """One line for the console naming the runs that printed notes, which report.md lists."""
+    noted = [r.title for r in rows if r.notes]
+    return None if not noted else (f"{', '.join(noted)} printed warnings or notes on their "
+                                   f"stderr ({LOG}); {REPORT} lists them")
+
+
+def _code(text: str) -> str:
+    """``text`` as a Markdown code span, which may hold backticks."""
+    fence = "`" * (max((len(m) for m in re.findall("`+", text)), default=0) + 1)
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def time_to(points: list[dict], target: float) -> dict | None:
@@ -566,6 +621,12 @@ def group_name(runs: list[Row]) -> str:
     return next(iter(names)) if len(names) == 1 else runs[0].name
 
 
+# The seed table's status of an algorithm whose seeds' runs trained with other settings
+# (differing_settings' table says which): its means were of other trainings, unsaid
+DIFFERING_SEEDS = ("**its seeds' training settings differ** (the table above says how); "
+                   "averaged all the same")
+
+
 def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     """One algorithm's row over its seeds' runs (see :func:`seed_table`)."""
     dash = "—"
@@ -573,6 +634,8 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     problems = [f"seed {r.seed} {r.status}" for r in runs if not r.summary]
     problems += [f"seed {r.seed} **collapsed**" for r in done
                  if r.summary.get("collapsed_at") is not None]
+    if len({tuple(sorted(_trained_with(r).items())) for r in done if r.config}) > 1:
+        problems.append(DIFFERING_SEEDS)
     status = "; ".join(problems) or "ok"
     count = str(len(runs)) if len(done) == len(runs) else f"{len(done)} of {len(runs)}"
     if not done:
@@ -595,9 +658,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
         reach.append(text + (f" in {len(hit)} of {len(done)}" if 0 < len(hit) < len(done)
                              else ""))
     stale = [r.summary["staleness"] for r in done if r.summary.get("staleness")]
-    stale = dash if not stale else " / ".join(
-        f"{_mean([d[k] for d in stale]):.2f}" if k == "mean" else
-        _updates(_mean([d[k] for d in stale])) for k in STALENESS_KEYS)
+    stale = dash if not stale else _seed_staleness(stale)
     moved: dict[str, list[float]] = {}
     for r in done:
         for key, value in _byte_counts(r.summary, r.byte_fields):
@@ -615,21 +676,87 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
             status]
 
 
+# The seed table's staleness column: which figures are means over the seeds, which the largest
+SEED_STALENESS = "staleness mean / p50 / p90 / p99 (each averaged over seeds) / max (largest)"
+
+
+def _seed_staleness(runs: list[dict]) -> str:
+    """The seed table's staleness cell of the runs' distributions: the mean of each run's
+    mean, p50, p90 and p99, and the largest max. The max was averaged too: seeds with max 15
+    and 57 showed 36, which no run had."""
+    means = [_mean([d[k] for d in runs]) for k in STALENESS_KEYS[:-1]]
+    return " / ".join([f"{means[0]:.2f}", *map(_updates, means[1:]),
+                       _updates(max(d["max"] for d in runs))])
+
+
 def seed_table(rows: list[Row], targets: list[float]) -> str:
     """A comparison with ``--seeds``: one row per algorithm, in Markdown. Accuracies, wall
     time, samples/s and each time to a target are the mean ± sample standard deviation over
     the seeds whose run finished (a time to a target: over those that reached it, and how
     many did; a value some runs' summaries lack, over the others, and how many); peak
-    memory is the largest; staleness and bytes are means."""
+    memory and staleness max are the largest; the other staleness figures and bytes are
+    means (:data:`SEED_STALENESS` says which)."""
     head = ["algorithm", "seeds", "workers", "final acc", "best acc", "wall s",
             *(f"time to {t:g}" for t in targets), "samples/s", "peak memory",
-            "staleness mean / p50 / p90 / p99 / max", "bytes communicated per rank", "status"]
+            SEED_STALENESS, "bytes communicated per rank", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = _mixed(rows)  # an algorithm whose finished runs were all simulated, among real ones
     lines += ["| " + " | ".join(_seed_cells(
         group_name(runs) + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs) else ""),
         runs, targets)) + " |" for runs in by_algorithm(rows).values()]
     return "\n".join(lines)
+
+
+def shared_orders(seeds: list[int], epochs: int, shuffle: str) -> list[tuple[int, int]]:
+    """The pairs of ``seeds`` (s < t) whose runs of ``epochs`` epochs train on some of the
+    same data orders: ``--shuffle global`` seeds epoch e's order with seed + e
+    (:func:`hpctrain.shuffle.order.global_permutation`), so seed t's epochs are seed s's
+    t - s epochs later, shared where t - s < epochs. Local and partial shuffling draw from
+    streams of their own (seed, epoch, rank)."""
+    if shuffle != "global":
+        return []
+    ordered = sorted(set(seeds))
+    return [(s, t) for i, s in enumerate(ordered) for t in ordered[i + 1:] if t - s < epochs]
+
+
+def shared_orders_note(seeds: list[int], epochs: int, shuffle: str,
+                       every: list[int] | None = None) -> str | None:
+    """One line saying which seeds share data orders (:func:`shared_orders`), so that the ±
+    over them understates the spread, and as many seeds (``every``: the comparison's, else
+    ``seeds``) that do not; None where none do. README said it, the report and the console
+    did not."""
+    pairs = shared_orders(seeds, epochs, shuffle)
+    if not pairs:
+        return None
+    s, t = pairs[0]
+    more = f" (and {len(pairs) - 1} more pair{'s' if len(pairs) > 2 else ''})" \
+        if len(pairs) > 1 else ""
+    every = sorted(set(every or seeds))
+    apart = ",".join(str(every[0] + i * epochs) for i in range(len(every)))
+    return (f"`--shuffle global` seeds each epoch's data order with seed + epoch: over "
+            f"{epochs} epochs seed {t}'s orders are seed {s}'s, {t - s} epoch"
+            f"{'s' if t - s > 1 else ''} later{more}, so the ± over the seeds understates the "
+            f"spread; for orders of their own take seeds at least {epochs} apart "
+            f"(`--seeds {apart}`).")
+
+
+def seed_orders(rows: list[Row]) -> str | None:
+    """:func:`shared_orders_note` of the finished runs, for report.md: each algorithm's
+    seeds, with the shuffle and epochs their config.json records (compared with those of
+    its other seeds that ran alike)."""
+    every = [r.seed for r in rows if r.seed is not None]
+    for runs in by_algorithm(rows).values():
+        alike: dict[tuple, list[int]] = {}
+        for r in runs:
+            flat = _flat(r.config)
+            how = (flat.get("data.shuffle"), flat.get("optim.epochs"))
+            if r.summary is not None and r.seed is not None and isinstance(how[0], str) and \
+                    _is_count(how[1]):
+                alike.setdefault(how, []).append(r.seed)
+        for (shuffle, epochs), seeds in alike.items():
+            if note := shared_orders_note(seeds, epochs, shuffle, every):
+                return note
+    return None
 
 
 def main_table(rows: list[Row], targets: list[float]) -> str:
@@ -926,8 +1053,12 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
                 f"Each algorithm ran once per seed ({', '.join(map(str, seeds))}): the table "
                 "gives the mean ± sample standard deviation over the seeds whose run finished "
                 "(a time to a target: over those that reached it; *in 1 of 2*: the value is "
-                "in that many of them), the largest peak memory, "
-                "and the staleness figures and byte counts averaged. Every run:"]
+                "in that many of them), the largest peak memory and staleness max of any "
+                "seed's run, and the other staleness figures (each run's mean, p50, p90 and "
+                "p99: a mean of the runs' percentiles, not a percentile of all their pushes) "
+                "and byte counts averaged. Every run:"]
+        if orders := seed_orders(rows):
+            out[-1:-1] = [f"**Seeds that share data orders:** {orders}", ""]
     out += ["", table(rows, targets), "",
             "Accuracies are fractions of the test set. *Time to* a target is the wall time (and "
             "the epochs of data consumed) at the first snapshot whose test accuracy reaches it; "
@@ -962,7 +1093,12 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     for flag, names in ignored.items():
         out.append(f"\n`{flag}` was not given to {', '.join(names)}: "
                    f"{'it does' if len(names) == 1 else 'they do'} not take it.")
+    printed = notes(rows)
+    if printed:
+        out += ["", printed]
     if plots:
+        if seeds:
+            out += ["", BAND_NOTE]
         out += ["", "![test error against wall time](error_vs_time.png)",
                 "![test error against epochs](error_vs_epochs.png)"]
     else:
@@ -1033,6 +1169,12 @@ class Curve:
 
 # The legend's entry for the dashed part of mean curves, there when some curve has one
 DASHED = "dashed: past a run that ended early, the mean and band of the others"
+# The legend's entry for the seeds' shade, there when some curve is of several runs, and
+# report.md's words on it: the table gives ± a standard deviation, the shade is not one
+BAND = "shaded: the seeds' range, lowest to highest run"
+BAND_NOTE = ("In the plots each algorithm's line is the mean of its seeds' runs at the same "
+             "epoch, and its shade the range over them, from the lowest to the highest run's "
+             "test error there (not ± a standard deviation, as in the table).")
 NO_CURVE = "not drawn:"  # the legend's entry naming the runs not drawn (no_curve), and why
 
 
@@ -1156,7 +1298,8 @@ def x_label(rows: list[Row], x: str) -> str:
 def figure(rows: list[Row], x: str, title: str = ""):
     """The matplotlib Figure of test error (%) against curve key ``x`` (``t`` or ``epoch``),
     one line per run (with seeds: per algorithm, shaded from its lowest to its highest run,
-    dashed past a run that ended early, which the legend then says); the legend names the
+    dashed past a run that ended early, which the legend then says, as it says what the
+    shade is: unsaid, it read as the table's ± a standard deviation); the legend names the
     runs with no line, and why (:func:`no_curve`). Each curve has its own marker, and each
     drawn later is narrower, so that one lying on another still shows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -1182,6 +1325,8 @@ def figure(rows: list[Row], x: str, title: str = ""):
             ax.plot(c.xs, c.err, label=legend_label(c, shown), **drawn)
         if c.band is not None:
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
+    if any(c.band is not None and c.of > 1 for c in lines):
+        ax.fill_between([], [], color="0.4", alpha=0.2, linewidth=0, label=BAND)
     if any(c.partial for c in lines):
         ax.plot([], [], "--", color="0.4", label=DASHED)
     missing = no_curve(rows)
@@ -1336,6 +1481,8 @@ def run(args: argparse.Namespace) -> list[Row]:
         rows, targets, drawn = render(args.dir, None if args.targets is None
                                       else parse_targets(args.targets), out)
     print(main_table(rows, targets))
+    if line := notes_line(rows):
+        print(f"hpctrain report: {line}", file=sys.stderr)
     print(f"hpctrain report: {', '.join(map(str, [out / REPORT, *drawn]))}")
     if not drawn:
         print(f"hpctrain report: no plots: {NO_PLOTS}", file=sys.stderr)
