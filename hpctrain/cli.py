@@ -245,9 +245,8 @@ def _placement(rank: int) -> tuple[dict, list[str]]:
     """This rank's host, local rank, the CPUs it may run on (its affinity: the launcher's
     binding) and the device ``--device auto`` gives it (a GPU: its index and identity), with
     the GPUs it sees: what a wrong binding shows up in."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    where = {"rank": rank, "host": socket.gethostname(),
-             "local_rank": devices.local_rank(), "cpus": cpus, "device": "cpu"}
+    where = {"rank": rank, "host": socket.gethostname(), "local_rank": devices.local_rank(),
+             "cpus": launch_env.usable_cpus(), "device": "cpu"}
     visible = devices.visible_gpus()
     if devices.resolve("auto") == "cuda":
         gpu = devices.local_gpu()

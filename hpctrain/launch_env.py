@@ -315,11 +315,20 @@ def as_integer(value) -> int | None:
         return None
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (the launcher's binding, a Slurm
+    step's cpus), else, where there is none (not Linux), the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def say_threads_beyond_cpus(threads: int) -> None:
     """Warn (rank 0 of the launch) of more torch threads than CPUs this process may use:
     Open MPI's mpirun binds each of one or two ranks to one core, so ``--threads 2`` ran
     two threads on one core, as fast as one, and said nothing."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else threads
+    cpus = usable_cpus()
     seat = from_launcher()
     if threads > cpus and (seat is None or seat.rank == 0):
         print(f"hpctrain: warning: --threads {threads}, but this process may run on only "

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import hpctrain
-from hpctrain import data, plugins, weights
+from hpctrain import data, launch_env, plugins, weights
 
 _CHUNK = 1 << 20
 _GIT_LOCATION = frozenset({"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR",
@@ -50,11 +50,7 @@ def machine() -> dict:
 def host() -> dict:
     """``host``: the node's name, and ``cpus``: the cores this process may run on (its
     affinity, else the machine's count): what a benchmark's figures were measured on."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not Linux
-        cpus = os.cpu_count()
-    return {"host": platform.node(), "cpus": cpus}
+    return {"host": platform.node(), "cpus": launch_env.usable_cpus()}
 
 
 def load_average() -> list[float] | None:
