@@ -137,7 +137,13 @@ def synchronize(device: torch.device) -> None:
 
 def local_gpu() -> torch.device:
     """The GPU this rank takes: ``local_rank % device_count`` (see the module docstring)."""
-    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cuda", gpu_index(local_rank(), torch.cuda.device_count()))
+
+
+def gpu_index(local: int, count: int) -> int:
+    """Which of ``count`` visible GPUs the process of local rank ``local`` takes: ranks go
+    round the GPUs, so that more ranks than GPUs share them evenly."""
+    return local % count
 
 
 def visible_gpus() -> list[str]:
@@ -167,7 +173,8 @@ def shares_gpus(seen: list[tuple[str, int, list[str]]]) -> bool:
     may land on one GPU while others stay idle. The torch backend chooses gloo then; ``hpctrain
     info`` says so.
     """
-    taken = [(node, visible[local % len(visible)]) for node, local, visible in seen if visible]
+    taken = [(node, visible[gpu_index(local, len(visible))]) for node, local, visible in seen
+             if visible]
     return len(set(taken)) < len(taken)
 
 
