@@ -82,6 +82,19 @@ def test_two_local_ranks_take_two_gpus(monkeypatch):
     assert chosen[0] != chosen[1] and chosen[0].index == 0 and chosen[1].index == 1
 
 
+def test_a_direct_stage_leaves_the_wait_to_the_transport():
+    """HostStage.to_host() hands a direct CUDA buffer over without waiting for the stream
+    (NCCL's stream waits for the current one itself, and a wait there blocked every bucket's
+    gradient hook); mpi_buffer, MPI's only way to device memory, does wait."""
+    dev = gpu()
+    t = torch.ones(1024, device=dev)
+    stream = torch.cuda.current_stream(dev)
+    torch.cuda._sleep(10**9)  # GPU cycles: about half a second of queued work
+    stage = devices.HostStage(t, direct=True)
+    assert stage.to_host() is t and not stream.query()  # still queued: not waited for
+    assert devices.mpi_buffer(t) is t and stream.query()
+
+
 def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):
     """cudnn_mode() asks cuDNN for deterministic algorithms while a run trains: a second run
     of the same seed (convolutions' weight gradients included) ends with the same weights,
