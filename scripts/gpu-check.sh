@@ -300,6 +300,8 @@ for dev in dict.fromkeys((device, "cpu")):
             print(f"- {m['params'] / 1e6:.1f}M params: " + ", ".join(
                 f"{k} {v:.2f}" for k, v in m["ms"].items() if "alone" not in k))
 EOF
+# A traceback above leaves results.md cut short: without this the check would still pass.
+[ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=(results)
 
 echo "gpu-check: $(( $(date +%s) - START )) s; failed: ${FAILED[*]:-none}" | tee -a "$LOG"
 [ ${#FAILED[@]} -eq 0 ]
