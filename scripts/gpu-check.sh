@@ -16,7 +16,8 @@
 # algorithm training LeNet on Fashion-MNIST for one epoch on cuda and on cpu (2 ranks; sgd 1)
 # side by side, ssgd on the torch backend on one rank too (NCCL), and sgd and ssgd again with
 # --micro-batch-size 16, --mixed-precision bf16 and fp16, and --compile; bench allreduce on
-# cpu and cuda (mpi and torch backends);
+# cpu and cuda (mpi and torch backends; its two ranks share the one GPU, so the torch backend
+# is gloo there, CUDA tensors staged through pinned host memory: results.md names the group);
 # a results table (accuracy, time, peak memory: GPU memory torch allocated, or the CPU run's
 # resident set). GPU_CHECK_DEVICE=cpu runs the same steps without a GPU (a dry run of this
 # script; GPU_CHECK_TRAIN="--dataset synthetic --model mlp" and GPU_CHECK_SMALL=1 make it
@@ -210,7 +211,8 @@ shopt -s nullglob
 for f in "$RUNS_DIR"/*.log; do cat "$f" >> "$LOG"; done
 for f in "$RUNS_DIR"/*.failed; do FAILED+=("train-$(basename "$f" .failed)"); done
 
-# --- the allreduce benchmarks, with what is left (the issue's accuracy lines come first)
+# --- the allreduce benchmarks, with what is left (the issue's accuracy lines come first;
+# the torch backend's row on cuda is gloo's, not NCCL's: the two ranks share the GPU)
 for dev in "${DEVICES[@]}"; do
   step "bench-allreduce-$dev" 240 "${MPIRUN[@]}" -np 2 "${HP[@]}" bench allreduce --device "$dev" \
     --params "$PARAMS" --repeats 20 --torch --adasum --no-horovod --json "$OUT/allreduce-$dev.json"
@@ -295,10 +297,17 @@ for dev in dict.fromkeys((device, "cpu")):
     f = out / f"allreduce-{dev}.json"
     if f.exists():
         res = json.loads(f.read_text())
+        # The torch backend's process group for this device's tensors: gloo where the two
+        # ranks share the one GPU (CUDA tensors staged through pinned host memory), so its
+        # row is not NCCL's; "cpu:gloo,cuda:nccl" names one per device type.
+        group = dict(part.split(":", 1) for part in res.get("torch_process_group", "")
+                     .split(",") if ":" in part).get(dev, res.get("torch_process_group", "?"))
+        staged = " through pinned host memory" if dev == "cuda" and group == "gloo" else ""
+        label = {"torch backend": f"torch backend ({group}{staged})"}
         print(f"\nallreduce per step on {dev}, ms (2 ranks):")
         for m in res["models"]:
             print(f"- {m['params'] / 1e6:.1f}M params: " + ", ".join(
-                f"{k} {v:.2f}" for k, v in m["ms"].items() if "alone" not in k))
+                f"{label.get(k, k)} {v:.2f}" for k, v in m["ms"].items() if "alone" not in k))
 EOF
 # A traceback above leaves results.md cut short: without this the check would still pass.
 [ "${PIPESTATUS[0]}" -eq 0 ] || FAILED+=(results)
