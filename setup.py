@@ -11,6 +11,9 @@ when nvcc is found (CUDA_HOME, CUDA_PATH, PATH or /usr/local/cuda), and a failed
 a warning, not a failed install; HPCTRAIN_BUILD_CUDA=1 makes it required, HPCTRAIN_BUILD_CUDA=0
 skips it.
 HPCTRAIN_CUDA_ARCH overrides the GPU architectures (nvcc -gencode list, comma-separated sm_XY).
+Where torch is importable here, an nvcc whose CUDA major version differs from torch's is a
+warning (the library links its own CUDA runtime: built by a CUDA newer than the node's driver,
+it loads and then fails at its first call).
 
 ``pip install .`` into any environment with torch and an MPI library (mpi4py built against
 it) is the cluster install; ``make setup`` the one-command set-up of a fresh Debian machine.
@@ -69,12 +72,39 @@ def _nvcc() -> str | None:
     return shutil.which("nvcc") or (str(default) if default.is_file() else None)
 
 
-def _nvcc_threads(nvcc: str) -> list[str]:
-    """``--threads 0`` (one architecture per core) where nvcc has it (CUDA >= 11.5): the
-    architectures otherwise compile one after another."""
+def _nvcc_release(nvcc: str) -> tuple[int, int] | None:
+    """nvcc's CUDA version (``release 13.0``), or None where it does not say."""
     out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     found = re.search(r"release (\d+)\.(\d+)", out)
-    return ["--threads", "0"] if found and tuple(map(int, found.groups())) >= (11, 5) else []
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def _nvcc_threads(release: tuple[int, int] | None) -> list[str]:
+    """``--threads 0`` (one architecture per core) where nvcc has it (CUDA >= 11.5): the
+    architectures otherwise compile one after another."""
+    return ["--threads", "0"] if release and release >= (11, 5) else []
+
+
+def _torch_cuda() -> str | None:
+    """The CUDA version torch was built with, where torch is importable here (not in pip's
+    isolated build environment) and built with CUDA."""
+    try:
+        import torch
+    except Exception:  # noqa: BLE001 (a broken torch install raises anything)
+        return None
+    return torch.version.cuda
+
+
+def cuda_mismatch(release: tuple[int, int] | None, torch_cuda: str | None) -> str | None:
+    """A warning when nvcc's CUDA major version differs from torch's: the kernel library
+    links its own CUDA runtime, so one built by a CUDA newer than the node's driver builds and
+    loads, then fails at its first call ("CUDA driver version is insufficient")."""
+    if release is None or not torch_cuda or release[0] == int(torch_cuda.split(".")[0]):
+        return None
+    return (f"hpctrain: warning: nvcc is CUDA {release[0]}.{release[1]}, torch was built with "
+            f"CUDA {torch_cuda}: where the driver is older than nvcc's CUDA the kernel fails at "
+            f"its first call; set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]} toolkit to "
+            "build it with torch's")
 
 
 class BuildKernels(build_ext):
@@ -99,6 +129,10 @@ class BuildKernels(build_ext):
         package_dir = Path(self.get_ext_fullpath("hpctrain._dc_update")).parent
         package_dir.mkdir(parents=True, exist_ok=True)
         archs = _cuda_archs()
+        release = _nvcc_release(nvcc)
+        warning = cuda_mismatch(release, _torch_cuda())
+        if warning:
+            print(warning, file=sys.stderr)
         gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
         last = archs[-1][3:]
         gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")  # PTX for newer GPUs
@@ -107,7 +141,7 @@ class BuildKernels(build_ext):
         # library of the new ones.
         target.unlink(missing_ok=True)
         cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode,
-               *_nvcc_threads(nvcc), "kernels/dc_update.cu", "-o", str(target)]
+               *_nvcc_threads(release), "kernels/dc_update.cu", "-o", str(target)]
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
 

@@ -137,7 +137,13 @@ def synchronize(device: torch.device) -> None:
 
 def local_gpu() -> torch.device:
     """The GPU this rank takes: ``local_rank % device_count`` (see the module docstring)."""
-    return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cuda", gpu_index(local_rank(), torch.cuda.device_count()))
+
+
+def gpu_index(local: int, count: int) -> int:
+    """Which of ``count`` visible GPUs the process of local rank ``local`` takes: ranks go
+    round the GPUs, so that more ranks than GPUs share them evenly."""
+    return local % count
 
 
 def visible_gpus() -> list[str]:
@@ -167,7 +173,8 @@ def shares_gpus(seen: list[tuple[str, int, list[str]]]) -> bool:
     may land on one GPU while others stay idle. The torch backend chooses gloo then; ``hpctrain
     info`` says so.
     """
-    taken = [(node, visible[local % len(visible)]) for node, local, visible in seen if visible]
+    taken = [(node, visible[gpu_index(local, len(visible))]) for node, local, visible in seen
+             if visible]
     return len(set(taken)) < len(taken)
 
 
@@ -242,10 +249,15 @@ def describe() -> dict:
 class HostStage:
     """Host memory MPI can read and write for a tensor that may live on a GPU.
 
-    For a CPU tensor, or a CUDA tensor when MPI is CUDA-aware, :attr:`buffer` is the tensor
-    itself and the copies are no-ops; otherwise (or with ``direct=False``) it is a host copy
-    of the same shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the
-    device) and :meth:`to_device` copies it back.
+    For a CPU tensor, or a CUDA tensor when MPI is CUDA-aware (or ``direct=True``: a
+    transport that moves it where it is, NCCL), :attr:`buffer` is the tensor itself and the
+    copies are no-ops; otherwise (or with ``direct=False``) it is a host copy of the same
+    shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the device) and
+    :meth:`to_device` copies it back.
+
+    A direct CUDA buffer is handed over without waiting for the device: NCCL's stream waits
+    for the current stream when a collective is queued (ProcessGroupNCCL's stream sync), and
+    MPI gets device memory only through :func:`mpi_buffer`, which waits for the stream then.
     """
 
     def __init__(self, tensor: torch.Tensor, *, direct: bool | None = None):
@@ -257,11 +269,9 @@ class HostStage:
                                   pin_memory=tensor.is_cuda) if self.staged else tensor
 
     def to_host(self) -> torch.Tensor:
-        """The tensor's current values where MPI can read them."""
+        """The tensor's current values where the transport reads them (see the class)."""
         if self.staged:
             self.buffer.copy_(self.tensor)
-        else:
-            synchronize(self.tensor.device)
         return self.buffer
 
     def to_device(self) -> torch.Tensor:

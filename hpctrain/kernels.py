@@ -131,9 +131,27 @@ def _step(outputs: dict, d_out, w_out, w_out2, w, g, w_bak, ms, v, hyper: tuple,
             err = lib.hpctrain_dc_step_cuda(*ptrs, w.numel(), *hyper, stream)
             if err != 0:
                 message = lib.hpctrain_cuda_error_string(err).decode()
-                raise RuntimeError(f"hpctrain CUDA kernel: {message}")
+                raise RuntimeError(f"hpctrain CUDA kernel: {message}{cuda_error_advice(err)}")
     else:
         cpu_library().hpctrain_dc_step(*ptrs, w.numel(), *hyper, threads)
+
+
+# CUDA runtime errors a build for the wrong machine gives at the kernel's first call.
+_TOO_NEW = (35, 222)  # cudaErrorInsufficientDriver, cudaErrorUnsupportedPtxVersion
+_NO_IMAGE = 209  # cudaErrorNoKernelImageForDevice
+
+
+def cuda_error_advice(err: int) -> str:
+    """What to do about CUDA runtime error ``err`` from the kernel library, or "" when the
+    error is not one of a build that does not fit this machine."""
+    if err in _TOO_NEW:
+        return (f" (error {err}): the kernel library was built by an nvcc newer than this "
+                f"node's driver runs; rebuild it with the CUDA toolkit torch was built with "
+                f"(CUDA {torch.version.cuda}: CUDA_HOME=that toolkit, then {_REBUILD})")
+    if err == _NO_IMAGE:
+        return (f" (error {err}): the kernel library was built for other GPU architectures; "
+                f"rebuild it for this GPU's (HPCTRAIN_CUDA_ARCH=sm_XY, then {_REBUILD})")
+    return ""
 
 
 def _check(outputs: dict, inputs: dict, n: int, ms_decay: float, momentum: float) -> None:

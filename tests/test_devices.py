@@ -11,20 +11,43 @@ from hpctrain import devices, launch_env
 from hpctrain.errors import UsageError
 
 
-def test_the_local_rank_comes_from_the_launchers_environment(monkeypatch):
-    """The rules are launch_env.local_rank's (tests/test_launch_env.py); here, that the GPU
-    choice reads this process's environment through them."""
+def clear_launchers(monkeypatch):
     for _, size_var, rank_var in launch_env.LAUNCHERS:
         monkeypatch.delenv(size_var, raising=False)
         monkeypatch.delenv(rank_var, raising=False)
     for names in launch_env.LOCAL_RANKS.values():
         for var in names:
             monkeypatch.delenv(var, raising=False)
+    for var in launch_env.SLURM_STEP:
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("placed", [
+    {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3",
+     "OMPI_COMM_WORLD_LOCAL_RANK": "{local}", "LOCAL_RANK": "0"},  # mpirun (a stray LOCAL_RANK)
+    {"WORLD_SIZE": "4", "RANK": "3", "LOCAL_RANK": "{local}"},  # torchrun
+    {"SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_STEP_ID": "0",
+     "SLURM_LOCALID": "{local}"},  # srun
+], ids=["mpirun", "torchrun", "srun"])
+def test_the_local_rank_comes_from_the_launchers_environment(monkeypatch, placed):
+    """The rules are launch_env.local_rank's (tests/test_launch_env.py); here, that the GPU
+    choice reads this process's environment through them: each launcher's local-rank
+    variable, whichever value it holds (a choice that ignored it would give 0 throughout)."""
+    clear_launchers(monkeypatch)
     assert devices.local_rank() == 0
-    for var, value in (("OMPI_COMM_WORLD_SIZE", "4"), ("OMPI_COMM_WORLD_RANK", "3"),
-                       ("OMPI_COMM_WORLD_LOCAL_RANK", "1"), ("LOCAL_RANK", "0")):
-        monkeypatch.setenv(var, value)
-    assert devices.local_rank() == 1
+    for local in (1, 2, 3):
+        for var, value in placed.items():
+            monkeypatch.setenv(var, value.format(local=local))
+        assert devices.local_rank() == local
+
+
+def test_ranks_go_round_the_gpus():
+    """local_gpu's mapping, the one shares_gpus assumes: rank k takes GPU k % count, so two
+    local ranks take two GPUs where there are two (tests/test_gpu.py checks the device that
+    choose gives against it)."""
+    assert [devices.gpu_index(local, 1) for local in range(3)] == [0, 0, 0]
+    assert [devices.gpu_index(local, 2) for local in range(5)] == [0, 1, 0, 1, 0]
+    assert [devices.gpu_index(local, 4) for local in range(6)] == [0, 1, 2, 3, 0, 1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")

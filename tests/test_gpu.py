@@ -47,17 +47,52 @@ def gpu() -> torch.device:
 
 # ---------------------------------------------------------------- single process
 
-def test_device_choice_follows_the_local_rank(monkeypatch):
-    count = torch.cuda.device_count()
+def local_ranks_of_mpirun(monkeypatch):
+    """Set this process's environment as mpirun -np 3 would for each rank in turn: yields
+    each local rank."""
     for _, *variables in launch_env.LAUNCHERS:
         for var in variables:
             monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")  # as mpirun -np 3 would, for each rank
+    for names in launch_env.LOCAL_RANKS.values():
+        for var in names:
+            monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")
     for local in range(3):
         monkeypatch.setenv("OMPI_COMM_WORLD_RANK", str(local))
         monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", str(local))
-        assert devices.choose("cuda") == torch.device("cuda", local % count)
+        yield local
+
+
+def test_device_choice_follows_the_local_rank(monkeypatch):
+    """choose("cuda") takes gpu_index(local rank, GPUs). With one GPU every rank gets cuda:0
+    whatever it reads, so this alone would pass with the local rank ignored: the local-rank
+    reading and the mapping are tests/test_devices.py's (no GPU needed), and two GPUs'
+    distinct devices the next test's."""
+    count = torch.cuda.device_count()
+    for local in local_ranks_of_mpirun(monkeypatch):
+        assert devices.local_rank() == local
+        assert devices.choose("cuda") == torch.device("cuda", devices.gpu_index(local, count))
+        assert torch.cuda.current_device() == devices.gpu_index(local, count)
     assert devices.choose("auto").type == "cuda" and devices.choose("cpu").type == "cpu"
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_two_local_ranks_take_two_gpus(monkeypatch):
+    chosen = [devices.choose("cuda") for _ in local_ranks_of_mpirun(monkeypatch)]
+    assert chosen[0] != chosen[1] and chosen[0].index == 0 and chosen[1].index == 1
+
+
+def test_a_direct_stage_leaves_the_wait_to_the_transport():
+    """HostStage.to_host() hands a direct CUDA buffer over without waiting for the stream
+    (NCCL's stream waits for the current one itself, and a wait there blocked every bucket's
+    gradient hook); mpi_buffer, MPI's only way to device memory, does wait."""
+    dev = gpu()
+    t = torch.ones(1024, device=dev)
+    stream = torch.cuda.current_stream(dev)
+    torch.cuda._sleep(10**9)  # GPU cycles: about half a second of queued work
+    stage = devices.HostStage(t, direct=True)
+    assert stage.to_host() is t and not stream.query()  # still queued: not waited for
+    assert devices.mpi_buffer(t) is t and stream.query()
 
 
 def test_a_seeded_convolution_trains_to_the_same_weights_twice(monkeypatch):

@@ -358,6 +358,30 @@ def test_cuda_kernel_compiles_and_links(tmp_path):
     assert cuda.hpctrain_cuda_error_string(0) == b"no error"
 
 
+def test_a_kernel_built_for_another_machine_says_what_to_do():
+    """An nvcc newer than the driver builds a library that loads and then fails at its first
+    call with CUDA's bare "CUDA driver version is insufficient": the error names the fix."""
+    for err in (35, 222):  # insufficient driver, unsupported PTX version
+        assert "newer than this node's driver" in kernels.cuda_error_advice(err)
+        assert "CUDA_HOME" in kernels.cuda_error_advice(err)
+    assert "HPCTRAIN_CUDA_ARCH" in kernels.cuda_error_advice(209)  # no kernel image
+    assert kernels.cuda_error_advice(2) == ""  # out of memory: nothing about the build
+
+
+def test_setup_warns_when_nvcc_and_torchs_cuda_differ(monkeypatch):
+    import runpy
+
+    import setuptools
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)  # its definitions only
+    mismatch = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_module")["cuda_mismatch"]
+    warning = mismatch((13, 0), "12.8")
+    assert "nvcc is CUDA 13.0, torch was built with CUDA 12.8" in warning
+    assert "CUDA_HOME to a CUDA 12 toolkit" in warning
+    assert mismatch((12, 4), "12.8") is None  # the same major version
+    assert mismatch((13, 0), None) is None and mismatch(None, "12.8") is None  # unknown
+
+
 @pytest.mark.skipif(gpu_missing() is not None, reason=str(gpu_missing()))
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -104,7 +104,8 @@ def validate(args: argparse.Namespace) -> None:
     if args.device == "cuda":  # ranks beyond the GPUs share them (rank k on GPU k % GPUs)
         gpus = torch.cuda.device_count()
         here = bench.ranks_here()
-        have = torch.cuda.get_device_properties(devices.local_rank() % gpus).total_memory
+        mine = devices.gpu_index(devices.local_rank(), gpus)
+        have = torch.cuda.get_device_properties(mine).total_memory
         where, sharing = "the GPU has", -(-here // gpus)
     bench.check_memory(f"--params {options.shown(largest)} with --batch-size "
                        f"{options.shown(args.batch_size)}", need[largest], have, where,
