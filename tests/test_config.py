@@ -391,8 +391,9 @@ _LAYERS = {
                     "hpctrain.horovod_settings", "hpctrain.mpirun", "hpctrain.ec.plot",
                     "hpctrain.shuffle.plot"),
     "simulator": ("hpctrain.sim",),
-    "run": ("hpctrain.run", "hpctrain.runtime", "hpctrain.steptimes", "hpctrain.config",
-            "hpctrain.registry", "hpctrain.algorithm", "hpctrain.summary", "hpctrain.live",
+    "run": ("hpctrain.run", "hpctrain.launch_checks", "hpctrain.run_folders",
+            "hpctrain.runtime", "hpctrain.steptimes", "hpctrain.config", "hpctrain.registry",
+            "hpctrain.algorithm", "hpctrain.summary", "hpctrain.live",
             "hpctrain.sync.algorithm", "hpctrain.ec.algorithm", "hpctrain.async_.algorithm"),
 }
 
