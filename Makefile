@@ -1,4 +1,13 @@
-# hpctrain: make setup | demo | test | test-fast | lint | clean
+# hpctrain's make targets, and what each runs:
+#   setup            .venv, pinned torch, mpi4py, Horovod (idempotent; test targets add --tests)
+#   demo             dcasgd-a on 4 ranks, LeNet on Fashion-MNIST, then its results table
+#   lint             ruff check .
+#   test-fast        the unit tests only (-m unit: one process, no job launched)
+#   test-unit        every single-process test, unit and job (TEST_WORKERS pytest workers)
+#   test-mpi         the mpi tests inside mpirun -np 2, then -np 4 (Open MPI)
+#   test-other-mpis  the mpi tests inside mpirun -np 2 of MPICH and of Intel MPI (OTHER_MPIS)
+#   test             lint, test-unit, test-mpi, then test-other-mpis on MPICH only
+#   clean            removes .venv, build, *.egg-info and runs
 SHELL := /bin/bash
 PY := .venv/bin/python
 # Root needs --allow-run-as-root; more ranks than cores need --oversubscribe.

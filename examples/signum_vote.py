@@ -20,9 +20,9 @@ from dataclasses import dataclass
 import torch
 
 from hpctrain.algorithm import Algorithm, Options, Setup
+from hpctrain.comm import allreduce_bytes
 from hpctrain.errors import UsageError
 from hpctrain.options import option
-from hpctrain.summary import allreduce_bytes
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,7 @@ from hpctrain.checkpoint.policy import AUTO
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import dash_values, declared, flag_of, parser_of
+from hpctrain.run_folders import refuse_finished
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
 
@@ -551,8 +552,6 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     except TypeError as e:  # a value of the wrong type in a file
         raise UsageError(f"--config {args.config}: {e}") from None
     if not out_typed and config.checkpoint.resume is None:  # auto: a finished run's summary
-        from hpctrain.run import refuse_finished  # (run imports the training's modules)
-
         refuse_finished(config.out, config_file=args.config)  # its out, not one typed
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed

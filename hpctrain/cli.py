@@ -276,9 +276,10 @@ def _check_json_path(path: str | None) -> None:
     """A benchmark's ``--json`` file must be writable where asked before it measures: a missing
     folder, or one where no file can be made (``/proc``, read-only), found at the end would
     lose the figures. The file is written to a temporary one beside it, then renamed, so the
-    test is making a file in its folder (:func:`hpctrain.run.check_folder` makes a folder). A
-    symbolic link is followed (its target is written, in the target's folder); what is there
-    already must be a regular file: the rename would replace a FIFO or a device node."""
+    test is making a file in its folder (:func:`hpctrain.run_folders.check_folder` makes a
+    folder). A symbolic link is followed (its target is written, in the target's folder);
+    what is there already must be a regular file: the rename would replace a FIFO or a
+    device node."""
     if path is None:
         return
     if not str(path).strip():  # "" was the working folder: "--json : is a folder"

@@ -1,5 +1,8 @@
 """The MPI world: initialisation at a chosen thread level, rank/size helpers, abort on error.
 
+It also holds how many bytes a rank sends in an allreduce (:func:`allreduce_bytes`), the
+one count of traffic that every algorithm's byte fields use.
+
 mpi4py initialises MPI when ``mpi4py.MPI`` is first imported, at the thread level in
 ``mpi4py.rc.thread_level``. Async runs need ``serialized`` (Open MPI 4's osc/pt2pt refuses
 MULTIPLE) while Horovod needs ``multiple``, so nothing in hpctrain imports ``mpi4py.MPI`` at
@@ -176,6 +179,13 @@ def size() -> int:
 
 
 @lru_cache(maxsize=1)
+def allreduce_bytes(nbytes: int, ranks: int) -> int:
+    """Bytes one rank sends in an allreduce of ``nbytes`` among ``ranks``, counted as a ring's
+    (2(K-1)/K of the payload): the scale of every byte field, so that ssgd's gradients,
+    ma/ec's aggregations and a plug-in's messages compare whatever algorithm MPI picks."""
+    return 2 * (ranks - 1) * nbytes // ranks
+
+
 def _node_comm():
     MPI = mpi()
     return world().Split_type(MPI.COMM_TYPE_SHARED, key=rank())

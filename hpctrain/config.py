@@ -10,9 +10,10 @@ command-line option (:func:`hpctrain.options.option`). Bad values raise ``ValueE
 arguments; the CLI prints that as one line with exit status 2.
 
 Two kinds of checks: the values alone (ranges, names; at construction) and against the world
-a run starts in (ranks, data files, checkpoint folders; :func:`hpctrain.run.check_launch`,
-before MPI starts). ``config.json`` in every run folder holds :func:`to_dict` of the effective
-configuration, which :func:`load` reads back to repeat the run.
+a run starts in (ranks, data files, checkpoint folders;
+:func:`hpctrain.launch_checks.check_launch`, before MPI starts). ``config.json`` in every run
+folder holds :func:`to_dict` of the effective configuration, which :func:`load` reads back to
+repeat the run.
 """
 
 from __future__ import annotations
@@ -544,7 +545,7 @@ def repeatable(config: RunConfig) -> dict:
     run repeats it (``--resume`` and the checkpoint folder left out, whether derived from
     ``--out`` or ``--resume`` or given: a repeat writes its own, in its ``--out``; the run's
     folder held the run's checkpoints and refused the repeat's); ``out`` absolute, as the
-    other paths are (``run._as_launched``), whatever folder the file is read from."""
+    other paths are (``launch_checks._as_launched``), whatever folder the file is read from."""
     values = to_dict(config)
     values["checkpoint"]["resume"] = None
     values["checkpoint"]["dir"] = None

@@ -21,21 +21,18 @@ plugs in at fixed points. One step, on every worker::
 Snapshots are evaluated after training, so the time axis excludes evaluation, unless
 ``--eval online`` (:mod:`hpctrain.live`, which also writes TensorBoard and watches for a
 collapse).
+
+:func:`train` runs the checks before MPI starts (:mod:`hpctrain.launch_checks`), has rank 0
+claim and lock the run's folders (:mod:`hpctrain.run_folders`), then, with MPI started,
+makes the ranks agree on what they checked (:func:`_agree`) and runs the loop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
-import json
 import math
-import os
-import shutil
 import sys
-import tempfile
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -46,314 +43,38 @@ from hpctrain import (
     data,
     devices,
     faults,
-    launch_env,
+    launch_checks,
     live,
-    microbatch,
     models,
     optimizers,
     plugins,
     precision,
     profiling,
     provenance,
-    steptimes,
-    sync,
-    tensorboard,
+    run_folders,
     userdata,
     watchdog,
-    weights,
 )
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
 from hpctrain.evaluate import Snapshots
-from hpctrain.metrics import RunLog, new_run_folder
+from hpctrain.launch_checks import check_launch, finished_run, initial_model
+from hpctrain.metrics import RunLog
 from hpctrain.metrics import progress as progress_bar
+from hpctrain.run_folders import claimed
 from hpctrain.runtime import REAL, Runtime
 from hpctrain.schedule import set_lr
 from hpctrain.steptimes import StepTimes
-from hpctrain.stragglers import parse_slowdown
 from hpctrain.summary import RunSummary, own_byte_fields
-from hpctrain.summary import read as read_summary
 from hpctrain.torch_comm import TorchComm
 
-
-def check_launch(config: RunConfig, ranks: int,
-                 given: frozenset[str] | None = None) -> RunConfig:
-    """Check ``config`` against the world it starts in (``ranks`` processes, data files,
-    checkpoint folders) before MPI starts; return it with every default resolved.
-
-    ``given``: the options the user set (:func:`hpctrain.arguments.build_given`), so that a
-    resume refusal calls a value the default only where its option was left out; None (a
-    script's RunConfig): any value equal to its default counts as left out."""
-    _say_user_data(config)
-    config = _as_launched(config)
-    algo = config.algorithm_class
-    launcher = comm.launcher()
-    what = _needs_mpi(config) if launcher == "torchrun" else None
-    if what:
-        raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
-                         "launch with mpirun, or srun with PMI/PMIx")
-    check_compute(config)
-    launch_env.say_threads_beyond_cpus(config.threads)
-    sync.check_environment()  # Horovod's variables, read once collectives start
-    ranks_all, ranks = ranks, live.check(config, ranks)  # --eval-rank: one rank does not train
-    n, sample = check_workers(config, algo.workers(config, ranks))
-    if ranks > n:
-        raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")
-    ck = config.checkpoint
-    if not algo.lock_step and ck.interval is not None and not ck.interval.endswith("e"):
-        raise UsageError(f"--checkpoint-every {ck.interval}: asynchronous runs checkpoint by "
-                         "global progress; give epochs, e.g. 1e")
-    algo.check(config, ranks, n)
-    for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
-        check_folder(flag, folder)
-    refuse_finished(config.out, ck.resume)  # before its checkpoints would call it unfinished
-    resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
-                                checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
-                                run_config=configs.flat(config),
-                                may_change=checkpoint.MAY_CHANGE, resize=True,
-                                defaults={key: value for key, value in
-                                          configs.left_out(config).items()
-                                          if given is None or key not in given},
-                                absent=configs.before_newer_options(config))
-    check_resumed_folders(ck.resume, config.out, ck.dir, resolved)
-    config = replace(config, out=resolved.out,
-                     checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
-                                        every=resolved.every))
-    refuse_finished(config.out)
-    refuse_taken_names(config)
-    if config.model.init_from:  # its file fits the model (else no second build here)
-        initial_model(config, sample.shape, sample.num_classes)
-    return config
-
-
-def check_workers(config: RunConfig, workers: int,
-                  subset: int | None = None) -> tuple[int, data.Dataset]:
-    """What ``train`` and ``simulate`` check alike before ``workers`` training workers start
-    (one list, so that neither lacks a check the other has): the optimizer the algorithm
-    takes, the fault plan, the stragglers, the data set's files and the model on one of its
-    samples (and on a lone one, when a batch or micro-batch holds one: every worker gets
-    ``n // workers`` samples per epoch, TrainData.samples_per_rank; ``subset``: the
-    simulator's ``--train-subset``, the samples it trains on). Returns the number of training
-    samples (all of them) and that test sample."""
-    optimizers.check(config.algorithm_class, config.optim)
-    faults.check(config, workers)  # $HPCTRAIN_INJECT, read at the first step
-    parse_slowdown(config.stragglers.slowdown, workers)
-    data.check(config.data.dataset, config.data.data_dir)
-    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    n = data.size(config.data.dataset, "train", config.data.data_dir)
-    o = config.optim
-    per_worker = min(subset or n, n) // max(workers, 1)
-    _say_what_the_sizes_cut(config, per_worker)
-    _say_channels_last(config.data.dataset, sample.shape)
-    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
-                        one_sample=microbatch.one_sample(per_worker, o.batch_size,
-                                                         o.micro_batch_size),
-                        no_sparse=optimizers.sparse_refusal(config.algorithm_class, o))
-    return n, sample
-
-
-def _say_channels_last(dataset: str, shape: tuple) -> None:
-    """Warn (rank 0 of the launch) of samples that look channels-last: taken as C x H x W,
-    they trained as so many channels of thin images without a word (or lenet refused them
-    as too small, which hid the cause)."""
-    if userdata.channels_last(shape) and comm.env_rank() == 0:
-        c, h, w = shape
-        print(f"hpctrain: warning: --dataset {dataset}: samples of shape {c} x {h} x {w} look "
-              f"channels-last (H x W x C); they are taken as C x H x W ({c} channels of "
-              f"{h} x {w}): give them as N x C x H x W (x.transpose(0, 3, 1, 2))",
-              file=sys.stderr, flush=True)
-
-
-def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
-    """Warn (rank 0 of the launch) of a batch larger than a worker's share of an epoch, and
-    of a ``--profile`` window past the run's steps: both ran, and said so only after.
-    Nothing when a worker has no samples at all: the caller refuses that run."""
-    if per_worker == 0:
-        return
-    o = config.optim
-    notes = []
-    if o.batch_size > per_worker:
-        notes.append(f"--batch-size {o.batch_size}: each worker has {per_worker} training "
-                     f"sample{'s' if per_worker != 1 else ''} an epoch, so its batches hold "
-                     "that many")
-    why = profiling.beyond(config.profile, o.epochs * math.ceil(per_worker / o.batch_size))
-    if why:
-        notes.append(f"--profile {config.profile}: {why}")
-    for note in notes if comm.env_rank() == 0 else ():
-        print(f"hpctrain: warning: {note}", file=sys.stderr, flush=True)
-
-
-# What a run writes in --out, files all: a folder of one's name is found only when it is
-# written, after training (the model then lost).
-OUTPUT_FILES = ("config.json", "metrics.jsonl", "model.pt", "summary.json", steptimes.FILE,
-                "ensemble.pt")
-
-
-def refuse_taken_names(config: RunConfig) -> None:
-    """``--out``'s files must be free for files, its TensorBoard folder free for a folder."""
-    if config.out is None:
-        return
-    out = Path(config.out)
-    for name in OUTPUT_FILES:
-        if (out / name).is_dir():
-            raise UsageError(f"--out {config.out}: {out / name} is a folder; the run writes "
-                             f"its {name} there")
-    board = out / tensorboard.SUBDIR
-    if config.tensorboard and board.exists() and not board.is_dir():
-        raise UsageError(f"--tensorboard: {board} is a file; the run writes its event files "
-                         "in a folder of that name")
-
-
-def refuse_finished(out: str | None, resume: str | None = None,
-                    config_file: str | None = None) -> None:
-    """A finished run's folder, or a ``bench compare``'s, is not a new run's; nor is a
-    finished run resumed. ``resume``: the folder ``--resume`` names (``auto`` returns a
-    finished run's summary instead, :func:`_finished`); ``config_file``: the ``--config``
-    file whose ``out`` named ``out``, where ``--out`` did not. The line names what the user
-    typed: "--out X" sent one who typed none to change it and train the run again."""
-    ran = _run_folder_of(resume)
-    if ran is not None and (ran / "summary.json").exists() and (
-            out is None or Path(out).resolve() == ran.resolve()):  # another --out: a copy
-        raise UsageError(f"--resume {resume}: the run has finished ({ran / 'summary.json'}); "
-                         f"there is nothing to resume: to train on from its model, start a "
-                         f"new run with --init-from {ran} and another --out")
-    if not out:
-        return
-    named = f"--out {out}" if config_file is None else f"--config {config_file}: its out {out}"
-    choose = "choose another folder" if config_file is None else \
-        "give --out another folder for a new run"
-    if (Path(out) / "summary.json").exists():
-        raise UsageError(f"{named} already holds a finished run; {choose}")
-    if (Path(out) / "compare.json").exists():
-        raise UsageError(f"{named} holds a bench compare; {choose}")
-
-
-def _run_folder_of(resume: str | None) -> Path | None:
-    """The outputs' folder of the run ``--resume`` names (as :func:`checkpoint.check` takes
-    it), or None: no folder named, ``auto``, or nothing there that says."""
-    if resume is None or resume == checkpoint.AUTO or not Path(resume).is_dir():
-        return None
-    if (Path(resume) / "summary.json").exists():  # the run's folder, checkpoints or none
-        return Path(resume)
-    out = checkpoint.policy.recorded_out(checkpoint.folder.resolve(resume))
-    return None if out is None else Path(out)
-
-
-def check_folder(flag: str, folder: str | None) -> None:
-    """A folder the run will write must be one it can create, or write in: otherwise that is
-    found only at the first write, after MPI started (exit 1). Nothing is left behind."""
-    if folder is None:
-        return
-    problem = _unwritable(Path(folder))  # "" is the working folder, as Path("") is
-    if problem:
-        raise UsageError(f"{flag} {folder}: {problem}")
-
-
-def check_resumed_folders(resume: str | None, out: str | None, checkpoint_dir: str | None,
-                          resolved: checkpoint.Resolved) -> None:
-    """:func:`check_folder` for the folders a resume writes in without their flags: the
-    resumed run's folder (no ``--out``) and, where it goes on checkpointing, the checkpoint
-    folder resumed from (no ``--checkpoint-dir``). A read-only one was found at the first
-    write, after MPI started (exit 1, naming a temporary file)."""
-    if resolved.resume is None:
-        return
-    derived = []
-    if out is None and resolved.out is not None:
-        derived.append(("the run's folder", resolved.out, "--out",
-                        "give --out a folder for this attempt's outputs"))
-    if checkpoint_dir is None and resolved.every is not None:
-        derived.append(("its checkpoint folder", resolved.checkpoint_dir, "--checkpoint-dir",
-                        "give --checkpoint-dir a folder for the new checkpoints, or "
-                        "--checkpoint-every off"))
-    for what, folder, flag, remedy in derived:
-        if problem := _unwritable(Path(folder)):
-            raise UsageError(f"--resume {resume}: {what} {folder}, written to without "
-                             f"{flag}: {problem}; {remedy}")
-
-
-def _unwritable(folder: Path) -> str | None:
-    """Why the run cannot create or write in ``folder``, or None."""
-    missing = _missing(folder)
-    for path in missing:
-        if os.path.islink(path):
-            return f"{path} is a link to {os.readlink(path)}, which does not exist"
-    path = missing[-1].parent if missing else folder  # the nearest that exists
-    if not path.is_dir():
-        return f"{path} is a file, not a folder"
-    limit = os.pathconf(path, "PC_NAME_MAX")
-    if any(len(os.fsencode(p.name)) > limit for p in missing):
-        return f"a folder name in it is longer than {limit} bytes"
-    try:  # the one test that holds on every file system: create a folder there
-        os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
-    except OSError as error:
-        return f"cannot create a folder in {path} ({error.strerror})"
-    return None
-
-
-def _missing(folder: Path) -> list[Path]:
-    """The folders of ``folder``'s path that do not exist, innermost first: what making it
-    (with its parents) creates. ``os.path.exists``: False too for a name too long."""
-    missing = []
-    while not os.path.exists(folder):
-        missing.append(folder)
-        folder = folder.parent
-    return missing
-
-
-def check_compute(config: RunConfig, in_threads: bool = False) -> None:
-    """What this machine must have for ``--device``, ``--mixed-precision`` and ``--compile``
-    (UsageError before MPI; the simulator, whose workers are threads, checks the same)."""
-    devices.check(config.device)
-    device_type = devices.resolve(config.device)
-    precision.check(config.mixed_precision, device_type)
-    compiled.check(config.compile, device_type, in_threads)
-
-
-def _say_user_data(config: RunConfig) -> None:
-    """A user's data set checked and its sizes said (rank 0) before MPI starts."""
-    name = config.data.dataset
-    if userdata.is_user(name):
-        data.check_data_dir(name, config.data.data_dir)  # before a loader reads for nothing
-        # By the name the run uses after launch (userdata spells --data-dir as it does): its
-        # loader is called (and cached) once.
-        about = userdata.describe(userdata.absolute(name), config.data.data_dir)
-        if comm.env_rank() == 0:
-            print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
-                  f"samples of shape {' x '.join(map(str, about['shape']))}, "
-                  f"{about['classes']} classes", flush=True)
-            if about["untrained"]:
-                print(f"hpctrain: warning: --dataset {name}: test class(es) "
-                      f"{', '.join(map(str, about['untrained']))} have no training sample; "
-                      "their test samples count as errors", file=sys.stderr, flush=True)
-
-
-def _as_launched(config: RunConfig) -> RunConfig:
-    """``config`` as this launch runs it: the algorithm's defaults filled in, file references
-    of a user's algorithm, model and data and ``--data-dir`` made absolute, adapted to the
-    launcher (ssgd under torchrun: ``--sync-backend torch``)."""
-    config = configs.resolve(config)
-    init_from, data_dir = config.model.init_from, config.data.data_dir
-    config = replace(config, algo=plugins.absolute(config.algo), data=replace(config.data,
-                                          dataset=userdata.absolute(config.data.dataset),
-                                          data_dir=userdata.absolute_dir(data_dir)),
-                     model=replace(config.model, name=plugins.absolute(config.model.name),
-                                   init_from=init_from and str(Path(init_from).expanduser()
-                                                               .resolve())))
-    return config.algorithm_class.for_launch(config, comm.launcher())
-
-
-def _needs_mpi(config: RunConfig) -> str | None:
-    """The option that needs an MPI world (RMA windows, buffer collectives, Split), if any."""
-    if config.algorithm_class.needs_mpi(config):
-        backend = getattr(config.algorithm, "sync_backend", None)
-        return f"--algo {config.algo}" + (f" --sync-backend {backend}" if backend else "")
-    if config.eval_rank is not None:
-        return "--eval-rank"
-    if config.data.data_placement == "sharded":
-        return "--data-placement sharded"
-    return None
+# hpctrain.bench takes these through this module; their homes are launch_checks and
+# run_folders, and these lines go once bench imports them from there.
+check_compute = launch_checks.check_compute
+check_folder, lock_folder = run_folders.check_folder, run_folders.lock_folder
+LOCK = run_folders.LOCK
 
 
 @contextlib.contextmanager
@@ -457,7 +178,7 @@ def _checked(config: RunConfig, given: frozenset[str] | None = None
     """:func:`train`'s checks on this rank: a finished run's summary (``--resume auto``), or
     the checked configuration, or the refusal (shared with the other ranks by the caller)."""
     try:
-        done = _finished(config)
+        done = finished_run(config)
         if done is not None:
             return done, config, None
         userdata.forget()  # a script's earlier run read them: they may have changed since
@@ -547,144 +268,6 @@ def _refuse_different(every: list[dict]) -> None:
     raise on_every_rank(UsageError(
         f"the ranks resolved different runs: {key} is {every[0][key]!r} on rank 0 but "
         f"{every[other][key]!r} on rank {other}; {hint}"))
-
-
-LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held while a run writes
-
-
-@contextlib.contextmanager
-def claimed(config: RunConfig, stem: str | None = None):
-    """Rank 0 holds an exclusive lock on the run's folders (``--out``, and the checkpoint
-    folder where it has one, inside ``--out`` or not) while it runs: two jobs started with
-    the same ``--out`` at once both passed the checks, then wrote over each other (one's
-    config.json beside the other's model.pt; one removed the other's temporary file and
-    crashed it). The second is refused in one line, exit 2, before MPI starts. The kernel
-    drops the lock when the process ends, killed or not, so a requeued or restarted job
-    finds it free. Where the file system has no locks (Lustre mounted without ``flock``),
-    runs go on unlocked, as before. Where MPI already runs the job (a script's later run),
-    rank 0's refusal is raised on every rank.
-
-    Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
-    (``runs/<stem>-<time>``, the stem the algorithm's name unless given).
-    """
-    if comm.env_rank() != 0:
-        comm.shared_refusal(None)  # where MPI runs, rank 0's refusal is raised here too
-        yield config
-        return
-    made: list[Path] = []
-    try:
-        with contextlib.ExitStack() as held:
-            refusal = None
-            try:
-                config = _claim(held, config, stem, made)
-            except UsageError as refused:
-                refusal = refused
-            comm.shared_refusal(refusal)  # raised here, and where MPI runs on every rank
-            yield config
-    except BaseException:
-        for top in made:  # refused, or failed before writing anything: no folder left behind
-            if all(name == LOCK for _, _, files in os.walk(top) for name in files):
-                shutil.rmtree(top, ignore_errors=True)
-        raise
-
-
-def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
-           made: list[Path]) -> RunConfig:
-    """Rank 0's part of :func:`claimed`: make a run folder if none is given, lock the run's
-    folders in ``held`` and check them again; the folders it made go into ``made``."""
-    if config.out is None:
-        made.append(new_run_folder(stem or config.algorithm_class.name))
-        config = replace(config, out=str(made[0]))
-    folders = [("--out", Path(config.out))]
-    ck = config.checkpoint
-    if ck.dir is not None or ck.interval is not None or ck.resume is not None:
-        # Its own lock, also inside --out: a run resuming another's checkpoints (--resume DIR
-        # --out elsewhere, or --checkpoint-dir DIR/checkpoints) locked only its own folders,
-        # and the two runs wrote, and rotated away, each other's checkpoints.
-        folder = checkpoint.run_folder(ck.dir, config.out)
-        if folder.resolve() != Path(config.out).resolve():  # (--checkpoint-dir = --out)
-            folders.append(("the checkpoint folder", folder))
-    made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
-    for flag, folder in folders:
-        lock_folder(held, flag, folder)
-    _check_unchanged(config)
-    return config
-
-
-def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str = "run") -> None:
-    """Hold ``folder``'s lock file until ``held`` closes; UsageError if another ``what`` (a
-    run, a comparison) holds it."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = held.enter_context(open(folder / LOCK, "a"))
-    except OSError:
-        return  # not writable: the run's writes say so (not "in use by another run")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return  # no locks on this file system: the writes say what is wrong
-        raise UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
-                         f"{folder / LOCK}); wait for it to end or choose another folder") \
-            from None
-
-
-def _check_unchanged(config: RunConfig) -> None:
-    """What the launch checks saw may have changed while another run held the folder."""
-    if (Path(config.out) / "summary.json").exists():
-        raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
-                         "this one started); choose another folder")
-    if config.checkpoint.resume is None and checkpoint.listing(
-            checkpoint.run_folder(config.checkpoint.dir, config.out)):
-        raise UsageError(f"--out {config.out} holds the checkpoints of a run that wrote "
-                         "them while this one started; choose another folder")
-
-
-def _finished(config: RunConfig) -> dict | None:
-    """With ``--resume auto``, a run whose ``--out`` holds its summary (a job restarted or
-    requeued after it finished): that summary, and nothing is trained; a UsageError if the
-    options differ from its ``config.json`` where resumption would refuse them. Given no
-    ``--out`` but a ``--checkpoint-dir`` that holds checkpoints, the run's outputs are where
-    its newest checkpoint says (as ``--resume`` without ``--out`` takes them)."""
-    ck = config.checkpoint
-    if ck.resume != checkpoint.AUTO:
-        return None
-    out, where = config.out, f"--out {config.out}"
-    if out is None and ck.dir is not None:
-        out = checkpoint.policy.recorded_out(ck.dir)
-        where = f"{out} (the run of --checkpoint-dir {ck.dir})"
-    if out is None or not (Path(out) / "summary.json").exists():
-        return None
-    recorded = Path(out) / "config.json"
-    if recorded.exists():  # its options, as it ran; those that change nothing may differ
-        ran = json.loads(recorded.read_text())
-        may_change = checkpoint.MAY_CHANGE
-        ranks = comm.launch_size() - (config.eval_rank is not None)
-        if ran.get("run_info", {}).get("workers") != config.algorithm_class.workers(config,
-                                                                                    ranks):
-            may_change |= checkpoint.policy.RESIZE_MAY_CHANGE  # as a resized resume takes
-        # resolved: a value it has no key for (an option newer than the file) is the one
-        # it ran with, as a checkpoint header's (configs.before_newer_options)
-        change = checkpoint.changed_option(configs.flat(configs.resolve(configs.from_dict(ran))),
-                                           configs.flat(_as_launched(config)), may_change)
-        if change:
-            flag = "--out" if config.out is not None else "--checkpoint-dir"
-            raise UsageError(f"--resume auto: {where} holds a finished run, started {change}; "
-                             f"choose another {flag} for a new run")
-    done = read_summary(out)
-    if comm.env_rank() == 0:
-        print(f"hpctrain: {where} holds a finished run; nothing to train (--resume auto)",
-              flush=True)
-    return done
-
-
-def initial_model(config: RunConfig, input_shape: tuple, num_classes: int) -> torch.nn.Module:
-    """The model a run starts from (the caller seeds torch first): built, and given the
-    weights of ``--init-from`` unless the run resumes from its own checkpoint."""
-    model = plugins.build_model(config.model.name, input_shape, num_classes, config.model.args)
-    if config.model.init_from and config.checkpoint.resume is None:
-        weights.load_into(model, config.model.init_from, config.model.name)
-    return model
 
 
 def device_for(config: RunConfig) -> torch.device:

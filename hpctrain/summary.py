@@ -158,13 +158,6 @@ def read(run_dir: str | Path) -> dict:
     return read_json(Path(run_dir) / "summary.json", "a run's summary", READ_KEYS)
 
 
-def allreduce_bytes(nbytes: int, ranks: int) -> int:
-    """Bytes one rank sends in an allreduce of ``nbytes`` among ``ranks``, counted as a ring's
-    (2(K-1)/K of the payload): the scale of every byte field, so that ssgd's gradients,
-    ma/ec's aggregations and a plug-in's messages compare whatever algorithm MPI picks."""
-    return 2 * (ranks - 1) * nbytes // ranks
-
-
 def byte_fields(algorithm_classes) -> list[str]:
     """Summary fields whose unit is bytes (common ones and those of ``algorithm_classes``),
     in a fixed order: what the report's traffic column adds up."""

@@ -4,7 +4,7 @@ Under ``torchrun`` every process is its own MPI singleton, so the loop's rank, s
 barriers and object collectives come from torch.distributed's default group instead
 (:class:`TorchComm`, the few mpi4py ``Intracomm`` methods the loop calls, with mpi4py's
 names). Algorithms that move buffers through MPI (RMA windows, Alltoallv, Allreduce of
-numpy arrays) need an MPI launch; :func:`hpctrain.run.check_launch` refuses them here.
+numpy arrays) need an MPI launch; :func:`hpctrain.launch_checks.check_launch` refuses them here.
 """
 
 from __future__ import annotations

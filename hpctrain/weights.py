@@ -4,9 +4,9 @@ wrote, or from a user's own ``torch.save(model.state_dict(), f)``.
 A run cannot be made longer by resuming it (``--epochs`` shapes its learning-rate schedule);
 this starts a new run, with its own schedule, optimizer state and outputs, from those weights.
 The file is read with ``weights_only=True`` (no code from it runs) and checked against the
-model before MPI starts (:func:`hpctrain.run.check_launch`), so a file that does not fit is
-one line, not a failure on every rank. Names that DDP (``module.``) or ``torch.compile``
-(``_orig_mod.``) put in front of every key are taken off.
+model before MPI starts (:func:`hpctrain.launch_checks.check_launch`), so a file that does
+not fit is one line, not a failure on every rank. Names that DDP (``module.``) or
+``torch.compile`` (``_orig_mod.``) put in front of every key are taken off.
 """
 
 from __future__ import annotations

@@ -52,19 +52,21 @@ def build(input_shape, num_classes):
 
 # What starts a job or another program, read from the syntax tree (not the text, where a
 # docstring or an expected message may name a launcher): a reference to one of conftest's
-# launch helpers, a call of ``subprocess`` (or os.system, os.exec*, os.spawn*), or an argv list
-# (not one an assert compares with) that starts with a launcher or sys.executable.
+# launch helpers, a call of ``subprocess`` or ``multiprocessing`` (or os.system, os.exec*,
+# os.spawn*, os.fork*), or an argv list (not one an assert compares with) that starts with a
+# launcher or sys.executable.
 _LAUNCH_HELPERS = frozenset({"run_job", "start_job", "run_commands", "run_program", "mpirun",
                              "torchrun", "TORCHRUN"})
 _LAUNCHER_WORDS = frozenset({"mpirun", "mpiexec", "srun", "sbatch", "salloc", "torchrun"})
-_OS_SPAWNS = ("system", "popen", "exec", "spawn", "posix_spawn")
+_OS_SPAWNS = ("system", "popen", "exec", "spawn", "posix_spawn", "fork")
+_SPAWNING_MODULES = frozenset({"subprocess", "multiprocessing"})
 
 
 def _starts_program(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
     if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
             and isinstance(node.func.value, ast.Name):
         module, name = node.func.value.id, node.func.attr
-        return module == "subprocess" or (module == "os" and name.startswith(_OS_SPAWNS))
+        return module in _SPAWNING_MODULES or (module == "os" and name.startswith(_OS_SPAWNS))
     if isinstance(node, (ast.List, ast.Tuple)) and node.elts \
             and not isinstance(parents.get(node), ast.Compare):
         first = node.elts[0]
@@ -81,7 +83,7 @@ def _launchers(module) -> set[str]:
     tree = ast.parse(Path(module.__file__).read_text(), module.__file__)
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     bodies: dict[str, list[ast.AST]] = {}  # each top-level name: the nodes its use runs
-    subprocess_names = set()  # from subprocess import run (as ...)
+    subprocess_names = set()  # from subprocess (or multiprocessing) import run (as ...)
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             bodies.setdefault(node.name, []).extend(node.body)
@@ -93,7 +95,7 @@ def _launchers(module) -> set[str]:
             for target in getattr(node, "targets", [getattr(node, "target", None)]):
                 if isinstance(target, ast.Name):
                     bodies.setdefault(target.id, []).append(node.value)
-        elif isinstance(node, ast.ImportFrom) and node.module == "subprocess":
+        elif isinstance(node, ast.ImportFrom) and node.module in _SPAWNING_MODULES:
             subprocess_names |= {alias.asname or alias.name for alias in node.names}
     refers: dict[str, set[str]] = {}
     direct = set()
@@ -382,12 +384,12 @@ def refusal(args: list[str], ranks: int = 1) -> str:
     """What ``hpctrain train`` refuses before MPI starts on ``ranks`` ranks, checked in this
     process: the same parser, configuration and launch check a job runs, so one real job per
     kind of refusal shows the exit status and the one line; the rest need no launch."""
-    from hpctrain import arguments, cli, run
+    from hpctrain import arguments, cli, launch_checks
     from hpctrain.errors import UsageError
 
     with pytest.raises(UsageError) as refused:
         config, given = arguments.build_given(cli.build_parser().parse_args(["train", *args]))
-        run.check_launch(config, ranks, given)
+        launch_checks.check_launch(config, ranks, given)
     message = str(refused.value)
     assert "\n" not in message  # printed as one line
     return message

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, run_commands, run_job, run_program
 
-from hpctrain import arguments, cli, run
+from hpctrain import arguments, cli, launch_checks, run_folders
 
 SCRIPT = """
 import json, sys
@@ -125,7 +125,8 @@ def test_a_script_trains_as_the_command_line_does(scripts_and_commands):
     args = cli.build_parser().parse_args(["train", "--config", str(api / "config.json"),
                                           "--out", again])
     script_config = runpy.run_path(str(script))["make_config"](again)
-    assert run.check_launch(arguments.build(args), 2) == run.check_launch(script_config, 2)
+    assert launch_checks.check_launch(arguments.build(args), 2) == \
+        launch_checks.check_launch(script_config, 2)
 
 
 SWEEP_SCRIPT = """
@@ -337,7 +338,7 @@ def test_a_sweeps_first_run_refused_on_one_rank_is_refused_on_every_rank(tmp_pat
     (tmp_path / "held").mkdir()
     script = tmp_path / "sweep.py"
     script.write_text(FIRST_RUN_REFUSED_SCRIPT)
-    with open(tmp_path / "held" / run.LOCK, "a") as lock:  # another run's, going on
+    with open(tmp_path / "held" / run_folders.LOCK, "a") as lock:  # another run's, going on
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         proc = run_program([sys.executable, str(script), str(tmp_path)], np=2, timeout=100)
     assert proc.returncode == 0, proc.stderr

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import ROOT, refusal, run_job
 
-from hpctrain import arguments, checkpoint, cli, comm, run, watchdog
+from hpctrain import arguments, checkpoint, cli, comm, launch_checks, run, watchdog
 from hpctrain.checkpoint import CorruptCheckpoint, Resize, policy
 from hpctrain.checkpoint import checkpointer as checkpointer_module
 from hpctrain.errors import UsageError
@@ -454,10 +454,10 @@ def test_a_finished_run_requeued_on_other_ranks_may_name_other_stragglers(tmp_pa
     assert run_job([*train, "--slowdown", "0:1.5"], np=0).returncode == 0
     config = arguments.build(cli.build_parser().parse_args(train))
     monkeypatch.setattr(comm, "launch_size", lambda: 2)  # two workers now, one then
-    assert run._finished(config)["workers"] == 1  # finished: nothing to train
+    assert launch_checks.finished_run(config)["workers"] == 1  # finished: nothing to train
     monkeypatch.setattr(comm, "launch_size", lambda: 1)
     with pytest.raises(UsageError, match="started with --slowdown 0:1.5, not without it"):
-        run._finished(config)
+        launch_checks.finished_run(config)
 
 
 def test_check_resume_with_a_changed_option(tmp_path):
@@ -526,17 +526,17 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
     config = RunConfig(algo="sgd", out=str(out), data=configs.DataConfig(dataset="synthetic"),
                        optim=OptimConfig(optimizer="adam"),
                        checkpoint=configs.CheckpointConfig(resume="auto"))
-    recorded = configs.repeatable(run._as_launched(config))
+    recorded = configs.repeatable(launch_checks._as_launched(config))
     recorded["optim"] = {k: v for k, v in recorded["optim"].items()
                          if k not in configs.NEWER_OPTIONS}
     (out / "config.json").write_text(json.dumps({**recorded, "run_info": {"workers": 1}}))
     (out / "summary.json").write_text("{}")
     monkeypatch.setattr(comm, "launch_size", lambda: 1)
-    monkeypatch.setattr(run, "read_summary", lambda folder: {"finished": str(folder)})
-    assert run._finished(config) == {"finished": str(out)}
+    monkeypatch.setattr(launch_checks, "read_summary", lambda folder: {"finished": str(folder)})
+    assert launch_checks.finished_run(config) == {"finished": str(out)}
     with pytest.raises(UsageError, match=r"started with --betas 0.9,0.999, not 0.8,0.99; "):
-        run._finished(dataclasses.replace(config, optim=OptimConfig(optimizer="adam",
-                                                                    betas=(0.8, 0.99))))
+        launch_checks.finished_run(dataclasses.replace(config, optim=OptimConfig(optimizer="adam",
+                                                                                betas=(0.8, 0.99))))
 
 
 def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(tmp_path):
@@ -565,7 +565,7 @@ def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
              "--optimizer", "adam", "--resume", str(tmp_path)]
     config = arguments.build(cli.build_parser().parse_args(typed))
     with pytest.raises(UsageError) as e:
-        run.check_launch(config, 1)
+        launch_checks.check_launch(config, 1)
     assert str(e.value) == (
         f"--resume {tmp_path}: the run was started with --betas 0.8,0.99, not 0.9,0.999 (the "
         "default); with --lr 0.01, not 0.001 (the default): to go on, give --betas 0.8,0.99 "
@@ -592,7 +592,7 @@ def test_a_resume_refusal_calls_only_a_left_out_value_the_default(tmp_path):
         " --model mlp"
     # A script's RunConfig does not say what was given: a default's value is called one.
     with pytest.raises(UsageError) as e:
-        run.check_launch(arguments.build(cli.build_parser().parse_args(
+        launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
             ["train", *typed, "--model", "lenet"])), 1)
     assert "not lenet (the default)" in str(e.value)
 

@@ -460,7 +460,7 @@ def test_a_resume_that_would_write_in_a_read_only_folder_is_refused_before_mpi(t
     ended at its first write with exit 1 naming a temporary file; given another --out, it
     trained, then died writing a checkpoint in the folder resumed from. The folders a resume
     writes in without their flags are checked before MPI starts, as --out's is."""
-    from hpctrain import arguments, cli, run
+    from hpctrain import arguments, cli, launch_checks
 
     disk = tmp_path / "disk"
     disk.mkdir()
@@ -481,7 +481,7 @@ def test_a_resume_that_would_write_in_a_read_only_folder_is_refused_before_mpi(t
             f"--checkpoint-dir: cannot create a folder in {old / 'checkpoints'} {ro}; give "
             "--checkpoint-dir a folder for the new checkpoints, or --checkpoint-every off")
         for more in (["--checkpoint-dir", str(tmp_path / "ck")], ["--checkpoint-every", "off"]):
-            config = run.check_launch(arguments.build(cli.build_parser().parse_args(
+            config = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
                 ["train", *flags, "--out", str(new), *more])), 1)
             assert config.checkpoint.resume == str(old / "checkpoints")
         proc = run_job(["train", *flags], np=0, timeout=120)  # a job: one line, exit 2
@@ -500,22 +500,22 @@ def test_a_checkpoint_folder_another_run_writes_is_refused_through_any_flag(tmp_
     naming A's <out>/checkpoints as its --checkpoint-dir before A wrote one, locked that
     folder's own lock file, and both wrote there: B's rotation removed A's checkpoints, and
     A's --resume auto would have found B's. A's lock is taken here as its run takes it."""
-    from hpctrain import arguments, cli, run
+    from hpctrain import arguments, cli, launch_checks, run_folders
 
     a, b = tmp_path / "a", tmp_path / "b"
     if resumed:
         shutil.copytree(sgd_runs["killed"], a)
     flags = ["--checkpoint-every", "1e"]
-    config = run.check_launch(arguments.build(cli.build_parser().parse_args(
+    config = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
         options(a, "sgd", *flags, "--resume", "auto"))), 1)
-    with run.claimed(config):  # A, going on
+    with run_folders.claimed(config):  # A, going on
         proc = train(b, "sgd", 0, *flags, *(["--resume", str(a)] if resumed else
                                             ["--checkpoint-dir", str(a / "checkpoints")]))
     folder = a / "checkpoints"
     assert proc.returncode == 2, proc.stderr
     assert error_lines(proc) == [
         f"hpctrain: error: the checkpoint folder {folder} is in use by another run going on now "
-        f"(it holds {folder / run.LOCK}); wait for it to end or choose another folder"]
+        f"(it holds {folder / run_folders.LOCK}); wait for it to end or choose another folder"]
     assert not b.exists()
 
 

@@ -281,23 +281,23 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, held, capsys):
     runs; the second is refused before MPI starts. The lock goes with the run."""
     import fcntl
 
-    from hpctrain import arguments, run
+    from hpctrain import arguments, run, run_folders
 
     out, ckdir = tmp_path / "run", tmp_path / "ckpts"
     args = ["train", "--algo", "sgd", *SMALL, "--out", str(out), "--checkpoint-every", "1e",
             "--checkpoint-dir", str(ckdir), "--resume", "auto"]
     folder = out if held == "out" else ckdir
     folder.mkdir()
-    with open(folder / run.LOCK, "a") as other:  # another run's, going on
+    with open(folder / run_folders.LOCK, "a") as other:  # another run's, going on
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UsageError) as refused:
             run.train(arguments.build(cli.build_parser().parse_args(args)))
     flag = "--out" if held == "out" else "the checkpoint folder"
     assert str(refused.value) == (
         f"{flag} {folder} is in use by another run going on now (it holds "
-        f"{folder / run.LOCK}); wait for it to end or choose another folder")
+        f"{folder / run_folders.LOCK}); wait for it to end or choose another folder")
     # The other run's folder stays; the --out this run made to lock is gone with it
-    assert (folder / run.LOCK).exists() and out.exists() == (held == "out")
+    assert (folder / run_folders.LOCK).exists() and out.exists() == (held == "out")
     assert not (out / "config.json").exists()
     assert "--resume auto" not in capsys.readouterr().out  # the refusal is the one line
 
@@ -347,12 +347,12 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path)
 
 def test_an_empty_output_folder_is_the_working_folder_and_checked(monkeypatch):
     """``--out ""`` writes in the working folder, which was not checked: "" passed as None."""
-    from hpctrain import run
+    from hpctrain import run_folders
 
-    run.check_folder("--out", None)  # no folder given: nothing to check
+    run_folders.check_folder("--out", None)  # no folder given: nothing to check
     monkeypatch.chdir("/proc")
     with pytest.raises(UsageError, match=r"^--out : cannot create a folder in \. \("):
-        run.check_folder("--out", "")
+        run_folders.check_folder("--out", "")
 
 
 def test_runs_given_no_out_each_make_their_own_folder(tmp_path, monkeypatch):
@@ -381,12 +381,12 @@ def test_runs_given_no_out_each_make_their_own_folder(tmp_path, monkeypatch):
 def test_a_checkpoint_dir_that_is_the_out_folder_is_locked_once(tmp_path):
     """--out X --checkpoint-dir X: the run took X's lock twice and refused itself as "in use
     by another run going on now"."""
-    from hpctrain import arguments, run
+    from hpctrain import arguments, launch_checks, run_folders
 
     args = ["train", "--algo", "sgd", *SMALL, "--checkpoint-every", "1e", "--out",
             str(tmp_path / "x"), "--checkpoint-dir", str(tmp_path / "x")]
-    config = run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 1)
-    with run.claimed(config) as claimed:
+    config = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 1)
+    with run_folders.claimed(config) as claimed:
         assert claimed.out == str(tmp_path / "x")
 
 
@@ -425,7 +425,7 @@ def test_finished_run_is_never_overwritten(finished_sgd):
 def test_a_finished_run_with_checkpoints_is_called_finished(tmp_path):
     """Its checkpoints made the check call it unfinished and advise --resume, which then
     said it was finished."""
-    from hpctrain import arguments, run
+    from hpctrain import arguments, launch_checks
 
     out = tmp_path / "run"
     args = ["--algo", "sgd", *SMALL, "--checkpoint-every", "0.5e", "--out", str(out)]
@@ -441,14 +441,14 @@ def test_a_finished_run_with_checkpoints_is_called_finished(tmp_path):
             assert refusal([*args[:-2], "--resume", str(given), *extra]) == \
                 f"--resume {given}: {resumed}"
     copy = tmp_path / "copy"  # its checkpoint into another folder: a copy of its end
-    assert run.check_launch(arguments.build(cli.build_parser().parse_args(
+    assert launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
         ["train", *args[:-2], "--resume", str(out), "--out", str(copy)])), 1).out == str(copy)
 
 
 def test_a_config_json_whose_out_finished_says_so_not_out(finished_sgd, tmp_path):
     """--config of a finished run's config.json, no --out typed: "--out X already holds a
     finished run" named an option the user never typed; the line says the file named it."""
-    from hpctrain import arguments, run
+    from hpctrain import arguments, launch_checks
 
     args, proc, out = finished_sgd
     assert proc.returncode == 0, proc.stderr
@@ -457,7 +457,7 @@ def test_a_config_json_whose_out_finished_says_so_not_out(finished_sgd, tmp_path
         f"--config {config}: its out {out} already holds a finished run; give --out another "
         "folder for a new run")
     again = str(tmp_path / "again")  # a repeat, as README says
-    assert run.check_launch(arguments.build(cli.build_parser().parse_args(
+    assert launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
         ["train", "--config", str(config), "--out", again])), 1).out == again
 
 
@@ -695,12 +695,12 @@ def test_a_sigusr1_stops_the_first_run_of_a_script_and_not_the_next(tmp_path):
 def test_more_threads_than_the_processs_cpus_are_said_before_the_run(tmp_path, capsys):
     """Open MPI binds each of one or two ranks to one core: --threads 2 ran two threads on
     it, no faster than one, and nothing said so (a Slurm job's --cpus-per-task 2 too)."""
-    from hpctrain import arguments, run
+    from hpctrain import arguments, launch_checks
 
     def warned(threads: int) -> str:
         args = ["train", "--algo", "sgd", *SYNTHETIC, "--threads", str(threads),
                 "--out", str(tmp_path / "run")]
-        run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 1)
+        launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 1)
         return capsys.readouterr().err
 
     cpus = os.sched_getaffinity(0)

@@ -257,7 +257,7 @@ def test_rank_0s_refusal_of_a_scripts_later_run_is_every_ranks(tmp_path_factory)
     """MPI already runs (a script's earlier run): a folder another run holds, or one that
     has a finished run, is refused on every rank, so that a script catching ValueError and
     going on keeps its ranks in step (rank 1 trained while rank 0 skipped)."""
-    from hpctrain import RunConfig, run
+    from hpctrain import RunConfig, run_folders
 
     def ssgd(out: str) -> RunConfig:
         return RunConfig(algo="ssgd", out=out)
@@ -274,12 +274,12 @@ def test_rank_0s_refusal_of_a_scripts_later_run_is_every_ranks(tmp_path_factory)
         os.makedirs(held)
     with contextlib.ExitStack() as other_run:
         if world.Get_rank() == 0:  # holds the lock, as a run going on does
-            lock = other_run.enter_context(open(os.path.join(held, run.LOCK), "a"))
+            lock = other_run.enter_context(open(os.path.join(held, run_folders.LOCK), "a"))
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         for out, said in ((held, "is in use by another run"),
                           (done, "already holds a finished run")):
-            with pytest.raises(UsageError, match=said), run.claimed(ssgd(out)):
+            with pytest.raises(UsageError, match=said), run_folders.claimed(ssgd(out)):
                 pass
-    with run.claimed(ssgd(os.path.join(top, "free"))) as config:
+    with run_folders.claimed(ssgd(os.path.join(top, "free"))) as config:
         assert config.out == os.path.join(top, "free")  # and no rank refused
     world.Barrier()

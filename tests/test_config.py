@@ -383,6 +383,39 @@ def test_import_graph_has_no_cycle_and_the_library_imports_no_entry_point():
             visit(m, [])
 
 
+# DESIGN §1's layers above the libraries, top first; a name covers its package's modules, and
+# a module takes the first row that covers it. Every module not covered here is a library.
+_LAYERS = {
+    "entry point": ("hpctrain.cli", "hpctrain.__main__", "hpctrain.arguments",
+                    "hpctrain.sim.arguments", "hpctrain.bench", "hpctrain.horovodrun",
+                    "hpctrain.horovod_settings", "hpctrain.mpirun", "hpctrain.ec.plot",
+                    "hpctrain.shuffle.plot"),
+    "simulator": ("hpctrain.sim",),
+    "run": ("hpctrain.run", "hpctrain.launch_checks", "hpctrain.run_folders",
+            "hpctrain.runtime", "hpctrain.steptimes", "hpctrain.config", "hpctrain.registry",
+            "hpctrain.algorithm", "hpctrain.summary", "hpctrain.live",
+            "hpctrain.sync.algorithm", "hpctrain.ec.algorithm", "hpctrain.async_.algorithm"),
+}
+
+
+def _layer(module: str) -> str:
+    for layer, names in _LAYERS.items():
+        if any(module == name or module.startswith(name + ".") for name in names):
+            return layer
+    return "library"
+
+
+def test_the_libraries_import_nothing_of_the_run_or_the_entry_points():
+    """Imports go down only (DESIGN §1): no library module imports one of the run layer, the
+    simulator or the entry points at module level."""
+    graph = _module_graph()
+    assert all(name in graph for names in _LAYERS.values() for name in names)  # no stale row
+    upward = {(module, d) for module, deps in graph.items() if _layer(module) == "library"
+              for d in deps if _layer(d) != "library"}
+    assert not upward, "library modules import from above: " + ", ".join(
+        f"{m} -> {d} ({_layer(d)})" for m, d in sorted(upward))
+
+
 def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     """The library parts of sync/, ec/, async_/ and shuffle/ (all but each <pkg>/algorithm.py,
     the run layer's adapter) import none of the others, but ec.compression takes

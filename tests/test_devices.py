@@ -98,7 +98,8 @@ def test_the_cuda_aware_override_takes_hpctrains_on_off_spellings(monkeypatch, v
 
 
 def test_a_misspelt_cuda_aware_override_is_refused_before_mpi(monkeypatch):
-    """``run.check_compute`` calls devices.check before MPI starts, whatever the device."""
+    """``launch_checks.check_compute`` calls devices.check before MPI starts, whatever the
+    device."""
     monkeypatch.setenv(devices._AWARE_ENV, "maybe")
     message = "HPCTRAIN_CUDA_AWARE_MPI must be 1 or 0 (true/false, yes/no, on/off), got 'maybe'"
     with pytest.raises(UsageError, match=re.escape(message)):

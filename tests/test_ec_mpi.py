@@ -147,8 +147,8 @@ class FrozenAndTied(torch.nn.Module):
 def test_model_averaging_leaves_frozen_parameters_and_sends_tied_ones_once():
     """MA averaged frozen parameters into themselves (on 3 ranks rounding changed them) and
     sent the whole frozen part every round, and a tied weight once per name."""
+    from hpctrain.comm import allreduce_bytes
     from hpctrain.ec import average_model
-    from hpctrain.summary import allreduce_bytes
 
     comm = world()
     rank, ranks = comm.Get_rank(), comm.Get_size()

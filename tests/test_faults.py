@@ -168,7 +168,7 @@ def test_inject_refuses_bad_plans(monkeypatch):
 def test_a_fault_that_cannot_fire_is_refused_or_said(monkeypatch, capsys):
     """raise@5:3 on 2 ranks, killckpt without checkpoints, raise@2:3 beside --eval-rank 1 (there
     world rank 2 is worker 1): accepted, never fired, and the drill passed."""
-    from hpctrain import arguments, cli, run
+    from hpctrain import arguments, cli, launch_checks
 
     ssgd = ["--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16"]  # 64 steps
     for plan, flags, refused in (
@@ -183,7 +183,7 @@ def test_a_fault_that_cannot_fire_is_refused_or_said(monkeypatch, capsys):
     monkeypatch.setenv("HPCTRAIN_INJECT", "raise@2:3,nan@0:63,inf@1:64,killckpt@0:64,"
                                           "killckpt@0:65,killckpt@0:40,killckpt@0:0")
     args = [*ssgd, "--eval", "online", "--eval-rank", "1", "--checkpoint-every", "0.5e"]
-    run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 3)
+    launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 3)
     will_not = "hpctrain: warning: HPCTRAIN_INJECT {} will not fire: {}"
     assert capsys.readouterr().err.splitlines() == [
         will_not.format("raise@2:3", "the run's workers are 0..1 (RANK is a worker's index; "

@@ -17,7 +17,7 @@ import torch
 from conftest import SYNTHETIC, run_job, run_program, torchrun
 
 import hpctrain
-from hpctrain import comm, run
+from hpctrain import comm, launch_checks
 from hpctrain.config import DataConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sync.torch_transport import rendezvous_host
@@ -248,8 +248,8 @@ def test_launch_check_under_torchrun_environment(monkeypatch, algo, extra, named
     data = DataConfig(dataset="synthetic", **{k: v for k, v in extra.items()
                                               if k == "data_placement"})
     with pytest.raises(UsageError, match=named + ".*mpirun"):
-        run.check_launch(RunConfig(algo=algo, data=data, algorithm=algorithm), 2)
-    ok = run.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic")), 2)
+        launch_checks.check_launch(RunConfig(algo=algo, data=data, algorithm=algorithm), 2)
+    ok = launch_checks.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic")), 2)
     assert ok.algorithm.sync_backend == "torch"
 
 

@@ -12,7 +12,7 @@ from conftest import SYNTHETIC, refusal, run_commands
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import arguments, cli, devices, run
+from hpctrain import arguments, cli, devices, launch_checks
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec.compression import EnsembleCompression
 from hpctrain.errors import UsageError
@@ -106,8 +106,9 @@ def test_a_batch_norm_model_is_refused_before_mpi_where_it_would_meet_one_sample
     message = refusal([*common, "--batch-size", "63", "--micro-batch-size", "2"])
     assert "--micro-batch-size 2 splits a batch of 63 (--batch-size 63)" in message
     # On 2 ranks each holds 1,024: 89 leaves a last batch of 45, which trains.
-    run.check_launch(parse(["--algo", "ssgd", *common[2:], "--batch-size", "89"]), 2)
-    run.check_launch(parse(["--algo", "sgd", *SYNTHETIC, "--batch-size", "89"]), 1)  # no BN
+    launch_checks.check_launch(parse(["--algo", "ssgd", *common[2:], "--batch-size", "89"]), 2)
+    # no BN
+    launch_checks.check_launch(parse(["--algo", "sgd", *SYNTHETIC, "--batch-size", "89"]), 1)
 
 
 def test_a_batch_norm_model_trains_in_micro_batches_that_left_one_sample(tmp_path):

@@ -17,7 +17,7 @@ import pytest
 from conftest import SYNTHETIC, refusal, run_job
 
 import hpctrain
-from hpctrain import arguments, checkpoint, cli, options, run
+from hpctrain import arguments, checkpoint, cli, launch_checks, options, run
 from hpctrain import config as configs
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
@@ -65,11 +65,11 @@ def test_a_checkpoint_folder_without_an_interval_is_refused(tmp_path):
         "written")
     assert not folder.exists()
     # With --resume it is the folder resumed from; --resume auto looks there (a requeued job).
-    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--checkpoint-dir", str(folder),
-                                    "--resume", "auto"), 1)
+    config = launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--checkpoint-dir",
+                                              str(folder), "--resume", "auto"), 1)
     assert config.checkpoint.dir == str(folder) and config.checkpoint.resume is None
-    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--checkpoint-dir", str(folder),
-                                    "--checkpoint-every", "1e"), 1)
+    config = launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--checkpoint-dir",
+                                              str(folder), "--checkpoint-every", "1e"), 1)
     assert config.checkpoint.dir == str(folder)
 
 
@@ -137,8 +137,9 @@ def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders, capsys):
                     "--data-dir", folder]) == \
         f"--data-dir {folder} is not used by --dataset {name} (it takes no data_dir argument)"
     assert "hpctrain: data" not in capsys.readouterr().out  # refused before the loader ran
-    config = run.check_launch(parse("--algo", "sgd", "--dataset", f"{loaders}:with_dir",
-                                    "--model", "mlp", "--no-progress", "--data-dir", folder), 1)
+    config = launch_checks.check_launch(parse("--algo", "sgd", "--dataset", f"{loaders}:with_dir",
+                                              "--model", "mlp", "--no-progress", "--data-dir",
+                                              folder), 1)
     assert config.data.data_dir == folder
     DataConfig(dataset="mnist", data_dir=folder)  # a built-in set's files: checked at launch
 
@@ -147,14 +148,15 @@ def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders, capsys):
 
 def test_config_json_repeats_a_run_that_had_a_checkpoint_folder_of_its_own(tmp_path):
     first, ck = tmp_path / "first", tmp_path / "ck"
-    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--out", str(first),
-                                    "--checkpoint-every", "1e", "--checkpoint-dir", str(ck)), 1)
+    config = launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--out", str(first),
+                                              "--checkpoint-every", "1e", "--checkpoint-dir",
+                                              str(ck)), 1)
     checkpoint.save(ck, 32, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
                                        "args": configs.flat(config)})  # the run's, left there
     first.mkdir()
     (first / "config.json").write_text(json.dumps(configs.repeatable(config)))
-    again = run.check_launch(parse("--config", str(first / "config.json"), "--out",
-                                   str(tmp_path / "again")), 1)
+    again = launch_checks.check_launch(parse("--config", str(first / "config.json"), "--out",
+                                             str(tmp_path / "again")), 1)
     assert again.checkpoint.dir is None and again.checkpoint.every == "1e"  # its own folder
 
 
@@ -165,12 +167,13 @@ def test_a_relative_out_is_resumed_from_another_working_folder(tmp_path, monkeyp
     (tmp_path / "b").mkdir()
     monkeypatch.chdir(tmp_path / "a")
     ck = tmp_path / "ck"
-    config = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--out", "runs/x",
-                                    "--checkpoint-every", "1e", "--checkpoint-dir", str(ck)), 1)
+    config = launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--out", "runs/x",
+                                              "--checkpoint-every", "1e", "--checkpoint-dir",
+                                              str(ck)), 1)
     checkpoint.save(ck, 32, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1, "args":
                                        checkpoint.recorded_args(configs.flat(config))})
     monkeypatch.chdir(tmp_path / "b")
-    again = run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--resume", str(ck)), 1)
+    again = launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--resume", str(ck)), 1)
     assert again.out == str(tmp_path / "a" / "runs" / "x")
 
 
@@ -414,7 +417,7 @@ def finished_run(tmp_path: Path, *extra: str) -> tuple[RunConfig, Path, Path]:
     out, ck = tmp_path / "run", tmp_path / "ck"
     flags = ("--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--checkpoint-every", "0.5e",
              "--checkpoint-dir", str(ck), "--resume", "auto", *extra)
-    ran = run._as_launched(replace(parse(*flags), out=str(out)))
+    ran = launch_checks._as_launched(replace(parse(*flags), out=str(out)))
     checkpoint.save(ck, 32, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
                                        "args": configs.flat(ran)})
     out.mkdir()
@@ -520,12 +523,12 @@ def test_the_linear_scaling_rule_is_refused_with_adasum():
     assert refusal(args, ranks=2) == (
         "--scale-lr: --reduce-op adasum adds the workers' orthogonal updates rather than "
         "averaging them, so the linear scaling rule does not apply; set --lr itself")
-    assert not run.check_launch(parse(*args[:-1]), 2).optim.scale_lr  # unscaled: taken
+    assert not launch_checks.check_launch(parse(*args[:-1]), 2).optim.scale_lr  # unscaled: taken
 
 
 @pytest.mark.parametrize("algo", ["ssgd", "ma"])
 def test_the_linear_scaling_rule_is_taken_where_updates_are_averaged(algo):
-    config = run.check_launch(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), 2)
+    config = launch_checks.check_launch(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), 2)
     assert config.optim.scale_lr
 
 
@@ -533,13 +536,13 @@ def test_the_linear_scaling_rule_is_taken_where_updates_are_averaged(algo):
 # at the defaults trained bit for bit as adam, and nothing said so.
 
 def test_adamw_without_weight_decay_is_warned_of_as_plain_adam(capsys):
-    run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adamw"), 1)
+    launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adamw"), 1)
     assert capsys.readouterr().err == (
         "hpctrain: warning: --optimizer adamw with --weight-decay 0 (the default) is plain "
         "Adam; give --weight-decay (torch's AdamW default is 0.01)\n")
-    run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adamw",
-                           "--weight-decay", "0.01"), 1)
-    run.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adam"), 1)
+    launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adamw",
+                                     "--weight-decay", "0.01"), 1)
+    launch_checks.check_launch(parse("--algo", "sgd", *SYNTHETIC, "--optimizer", "adam"), 1)
     assert "adamw" not in capsys.readouterr().err
 
 
@@ -612,7 +615,8 @@ def test_a_files_nesterov_gives_way_to_an_async_algo_or_no_momentum(tmp_path, ca
     for args, said in ((["--algo", "asgd"], _OWN_RULE.format("asgd")),
                        (["--momentum", "0"], f"--nesterov with --momentum 0: {_ABOVE_0}")):
         for more in ([], ["--no-nesterov"]):
-            config = run.check_launch(parse("--config", str(toml), *args, *SYNTHETIC, *more), 3)
+            config = launch_checks.check_launch(parse("--config", str(toml), *args, *SYNTHETIC,
+                                                      *more), 3)
             assert not config.optim.nesterov
         assert "leaving out" in capsys.readouterr().out
         assert refusal(["--config", str(toml), *args, "--nesterov", *SYNTHETIC], 3) == said

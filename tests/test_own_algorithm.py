@@ -331,10 +331,10 @@ def test_a_subclass_of_ec_refuses_the_linear_scaling_rule_as_ec_does(tmp_path):
 def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):
     path = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n    optimizers = ('sgd',)\n")
     parser = compare._train_parser()
-    from hpctrain import run
+    from hpctrain import launch_checks
 
     with pytest.raises(UsageError) as refused:
-        run.check_launch(arguments.build(parser.parse_args(
+        launch_checks.check_launch(arguments.build(parser.parse_args(
             ["--algo", f"{path}:Mine", "--optimizer", "adam", *SYNTHETIC])), 1)
     assert str(refused.value) == "--optimizer adam: --algo mine keeps its own update rule; only sgd"
 
@@ -351,10 +351,10 @@ def test_an_ec_subclass_whose_loss_ec_never_calls_is_refused(tmp_path):
             def loss(self, x, y):
                 return F.cross_entropy(self.model(x), y, label_smoothing=0.1)
         """)
-    from hpctrain import run
+    from hpctrain import launch_checks
 
     with pytest.raises(UsageError) as refused:
-        run.check_launch(arguments.build(compare._train_parser().parse_args(
+        launch_checks.check_launch(arguments.build(compare._train_parser().parse_args(
             ["--algo", f"{path}:SmoothEC", *SMALL])), 2)
     assert str(refused.value) == (
         f"--algo {path}:SmoothEC: SmoothEC.loss() would never be called: ec's step loss comes "
@@ -373,12 +373,12 @@ class Mine(Algorithm):
 def test_a_class_not_lock_step_checkpoints_by_progress(tmp_path):
     """A user's class not lock-step wrote no checkpoint with an interval in seconds (the
     built-in async ones refused it; the refusal is the loop's now)."""
-    from hpctrain import run
+    from hpctrain import launch_checks
 
     path = own(tmp_path, NOT_LOCK_STEP)
 
     def launched(every: str):
-        return run.check_launch(arguments.build(compare._train_parser().parse_args(
+        return launch_checks.check_launch(arguments.build(compare._train_parser().parse_args(
             ["--algo", f"{path}:Mine", "--checkpoint-every", every, *SYNTHETIC, "--out",
              str(tmp_path / "out")])), 2)
 

@@ -17,7 +17,17 @@ import pytest
 import torch
 from conftest import refusal
 
-from hpctrain import arguments, cli, collapse, data, live, optimizers, plugins, run, userdata
+from hpctrain import (
+    arguments,
+    cli,
+    collapse,
+    data,
+    launch_checks,
+    live,
+    optimizers,
+    plugins,
+    userdata,
+)
 from hpctrain.bench import report
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -241,7 +251,7 @@ def nets(tmp_path, monkeypatch):
 
 def launch(**kw) -> RunConfig:
     kw.setdefault("data", DataConfig(dataset="synthetic"))
-    return run.check_launch(RunConfig(algo="sgd", **kw), 1)
+    return launch_checks.check_launch(RunConfig(algo="sgd", **kw), 1)
 
 
 @pytest.mark.parametrize("name, message", [
@@ -318,7 +328,7 @@ def test_async_models_are_checked_for_shards_and_float32(nets):
             "--no-progress"]
     assert "--shards 3000 is outside [1, 2576]: at most one shard per parameter of " \
            "nets_mod:Linear (2576 parameters)" in refusal([*args, "--shards", "3000"])
-    config = run.check_launch(arguments.build(cli.build_parser().parse_args(
+    config = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
         ["train", *args, "--shards", "2"])), 1)
     assert config.algorithm.shards == 2
     # A float64 model: the store is float32 (it was refused after MPI started, unnamed)
@@ -347,10 +357,10 @@ def test_sparse_gradients_an_optimizer_cannot_take_are_refused_before_mpi(nets, 
     assert message.startswith(f"--model nets_mod:Tokens: emb.weight gets sparse gradients, "
                               f"and {why}")
     assert message.endswith("or build emb (EmbeddingBag, sparse=True) with sparse=False")
-    run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])),
-                     ranks)  # without the option it trains
+    launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])),
+                               ranks)  # without the option it trains
     # asgd's push adds sparse gradients densely, weight decay too
-    run.check_launch(arguments.build(cli.build_parser().parse_args(
+    launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
         ["train", *args[:1], "asgd", *args[2:], "--weight-decay", "0.01"])), 2)
 
 
@@ -364,7 +374,7 @@ def test_horovod_is_refused_a_bf16_model_before_mpi(nets):
         "--sync-backend horovod: --model nets_mod:Linear's l.weight is torch.bfloat16, which "
         "Horovod cannot broadcast or allreduce; use --sync-backend mpi or torch, or a float32 "
         "model with --mixed-precision bf16")
-    run.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 2)
+    launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(["train", *args])), 2)
 
 
 def test_ssgds_allreduce_bytes_count_what_it_reduces():
@@ -434,7 +444,7 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
     assert config.model.name == f"{nets}:build"
     (nets.parent / "data").mkdir()  # --data-dir too: it was recorded as given (relative)
     # (given as the run would record it: synthetic data reads no folder, and refuses one)
-    config = run._as_launched(RunConfig(algo="sgd", data=DataConfig(data_dir="data")))
+    config = launch_checks._as_launched(RunConfig(algo="sgd", data=DataConfig(data_dir="data")))
     assert config.data.data_dir == str(nets.parent / "data")
     with pytest.raises(UsageError, match="want MODULE:CALLABLE"):
         ModelConfig(name="nets_mod:")
@@ -702,7 +712,7 @@ def test_a_test_class_no_training_sample_has_is_warned_of(tmp_path, capsys):
     assert userdata.describe(name)["untrained"] == [4]
     config = arguments.build(cli.build_parser().parse_args(["train", "--algo", "sgd",
                                                                   "--dataset", name]))
-    run._say_user_data(config)
+    launch_checks._say_user_data(config)
     assert "test class(es) 4 have no training sample" in capsys.readouterr().err
     write_npz(tmp_path / "e.npz", y_train=np.arange(60) % 5, y_test=np.arange(20) % 4)
     assert userdata.describe(f"npz:{tmp_path / 'e.npz'}")["untrained"] == []
@@ -760,8 +770,9 @@ def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
     """A relative ./FILE.py name was loaded twice (once as given, once made absolute), and a
     loader drawing random numbers gave each rank other data."""
     monkeypatch.chdir(nets.parent)
-    config = run.check_launch(RunConfig(algo="sgd", model=ModelConfig(name="mlp"), data=DataConfig(
-        dataset="./nets_mod.py:random_split")), 1)
+    config = launch_checks.check_launch(RunConfig(
+        algo="sgd", model=ModelConfig(name="mlp"),
+        data=DataConfig(dataset="./nets_mod.py:random_split")), 1)
     assert (nets.parent / "nets_mod.py.calls").read_text() == "1"
     first = data.load(config.data.dataset, "train").images
     torch.manual_seed(5)
@@ -781,8 +792,9 @@ def test_a_loader_is_called_once_whatever_the_data_dir_s_spelling(nets, monkeypa
     it was called twice in every process, and both results held (cached by each spelling)."""
     monkeypatch.chdir(nets.parent)
     (nets.parent / "ddir").mkdir()
-    config = run.check_launch(RunConfig(algo="sgd", model=ModelConfig(name="mlp"), data=DataConfig(
-        dataset="nets_mod:counted", data_dir=spelling.format(abs=nets.parent))), 1)
+    config = launch_checks.check_launch(RunConfig(
+        algo="sgd", model=ModelConfig(name="mlp"),
+        data=DataConfig(dataset="nets_mod:counted", data_dir=spelling.format(abs=nets.parent))), 1)
     assert config.data.data_dir == str(nets.parent / "ddir")
     data.load(config.data.dataset, "test", config.data.data_dir)  # as a rank does after launch
     assert data.size("nets_mod:counted", "train", spelling.format(abs=nets.parent)) == 6
@@ -1089,7 +1101,7 @@ def test_an_npz_array_named_almost_as_one_it_lacks_is_refused(tmp_path, extra, m
     np.savez(tmp_path / "d.npz", **{k: v for k, v in arrays.items() if extra.get(k, 0) is not None})
     args = ["--algo", "ssgd", "--dataset", f"npz:{tmp_path / 'd.npz'}", "--model", "mlp"]
     if message is None:
-        assert run.check_launch(arguments.build(cli.build_parser().parse_args(
+        assert launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
             ["train", *args])), 1).data.dataset.startswith("npz:")
     else:
         assert message in refusal(args, ranks=2)
@@ -1192,8 +1204,8 @@ def test_a_loader_of_samples_that_are_no_real_numbers_is_refused(nets, loader, m
 
 
 def test_optimizer_choice_defaults_and_refusals():
-    adam = run.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic"),
-                                      optim=OptimConfig(optimizer="adamw")), 2)
+    adam = launch_checks.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic"),
+                                                optim=OptimConfig(optimizer="adamw")), 2)
     assert adam.optim.lr == 0.001 and adam.optim.momentum is None
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert type(optimizers.make(params, adam.optim)) is torch.optim.AdamW
@@ -1201,7 +1213,8 @@ def test_optimizer_choice_defaults_and_refusals():
     with pytest.raises(UsageError, match=r"^--momentum 0\.5 is SGD's; --optimizer adam has"):
         OptimConfig(optimizer="adam", momentum=0.5)
     with pytest.raises(UsageError, match="--algo dcasgd-a keeps its own update rule"):
-        run.check_launch(RunConfig(algo="dcasgd-a", optim=OptimConfig(optimizer="adam")), 2)
+        launch_checks.check_launch(RunConfig(algo="dcasgd-a",
+                                             optim=OptimConfig(optimizer="adam")), 2)
     assert optimizers.base_lr(OptimConfig(lr=0.1, scale_lr=True), 4) == pytest.approx(0.4)
     assert optimizers.base_lr(OptimConfig(lr=0.1), 4) == 0.1
     assert [optimizers.warmup_factor(e, 2.0) for e in (0.5, 1.0, 2.0, 3.0)] == \
@@ -1228,8 +1241,9 @@ SYNTHETIC_DATA = DataConfig(dataset="synthetic")
 def test_nesterov_steps_as_torchs_sgd_with_nesterov():
     """--nesterov was missing (torch.optim.SGD(nesterov=True)); without it the optimizer is
     built as before, so default runs do not change."""
-    nesterov = run.check_launch(RunConfig(algo="sgd", data=SYNTHETIC_DATA, optim=OptimConfig(
-        nesterov=True, weight_decay=0.01)), 1).optim
+    nesterov = launch_checks.check_launch(RunConfig(
+        algo="sgd", data=SYNTHETIC_DATA,
+        optim=OptimConfig(nesterov=True, weight_decay=0.01)), 1).optim
     assert arguments.build(cli.build_parser().parse_args(
         ["train", "--algo", "sgd", "--nesterov", "--weight-decay", "0.01"])).optim == \
         OptimConfig(nesterov=True, weight_decay=0.01)
@@ -1237,8 +1251,8 @@ def test_nesterov_steps_as_torchs_sgd_with_nesterov():
     torchs = _steps(lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=0.01,
                                               nesterov=True))
     assert torch.equal(ours, torchs)
-    plain = run.check_launch(RunConfig(algo="sgd", data=SYNTHETIC_DATA,
-                                       optim=OptimConfig(weight_decay=0.01)), 1).optim
+    plain = launch_checks.check_launch(RunConfig(algo="sgd", data=SYNTHETIC_DATA,
+                                                 optim=OptimConfig(weight_decay=0.01)), 1).optim
     assert optimizers.make([torch.nn.Parameter(torch.zeros(1))], plain) \
         .param_groups[0]["nesterov"] is False
     assert not torch.equal(_steps(lambda p: optimizers.make(p, plain)), ours)
@@ -1249,16 +1263,18 @@ def test_betas_and_eps_reach_torchs_adam(kind):
     """--betas and --eps were missing: torch's defaults only. Left out, they resolve to
     torch's defaults, which step bit for bit as before (torch's own defaults)."""
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[kind]
-    given = run.check_launch(RunConfig(algo="ssgd", data=SYNTHETIC_DATA, optim=OptimConfig(
-        optimizer=kind, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01)), 2).optim
+    given = launch_checks.check_launch(RunConfig(
+        algo="ssgd", data=SYNTHETIC_DATA,
+        optim=OptimConfig(optimizer=kind, betas=(0.8, 0.99), eps=1e-6, weight_decay=0.01)), 2).optim
     assert (given.betas, given.eps) == ((0.8, 0.99), 1e-6)
     group = optimizers.make([torch.nn.Parameter(torch.zeros(1))], given).param_groups[0]
     assert (group["betas"], group["eps"]) == ((0.8, 0.99), 1e-6)
     assert torch.equal(_steps(lambda p: optimizers.make(p, given), 3),
                        _steps(lambda p: cls(p, lr=0.001, betas=(0.8, 0.99), eps=1e-6,
                                             weight_decay=0.01), 3))
-    default = run.check_launch(RunConfig(algo="ssgd", data=SYNTHETIC_DATA, optim=OptimConfig(
-        optimizer=kind, weight_decay=0.01)), 2).optim
+    default = launch_checks.check_launch(RunConfig(
+        algo="ssgd", data=SYNTHETIC_DATA,
+        optim=OptimConfig(optimizer=kind, weight_decay=0.01)), 2).optim
     assert (default.betas, default.eps) == ((0.9, 0.999), 1e-8)
     assert torch.equal(_steps(lambda p: optimizers.make(p, default), 3),
                        _steps(lambda p: cls(p, lr=0.001, weight_decay=0.01), 3))

@@ -25,7 +25,7 @@ def test_the_window_is_parsed_and_checked():
 
 def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys):
     """It was said only after training; a batch larger than a worker's share, never."""
-    from hpctrain import arguments, cli, data, run
+    from hpctrain import arguments, cli, data, launch_checks
 
     n = data.size("synthetic", "train", None)
     steps = -(-(n // 2) // 64)  # 2 workers, batches of 64, one epoch
@@ -36,12 +36,12 @@ def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys)
                          ("0:2", None)):
         args = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "64",
                 "--profile", window, "--out", str(tmp_path / "run")]
-        run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
+        launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
         err = capsys.readouterr().err
         assert (f"warning: --profile {window}: " in err and said in err) if said else not err
     args = ["train", "--algo", "ssgd", *SYNTHETIC, "--batch-size", str(n), "--out",
             str(tmp_path / "run")]
-    run.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
+    launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
     assert capsys.readouterr().err == (f"hpctrain: warning: --batch-size {n}: each worker has "
                                        f"{n // 2} training samples an epoch, so its batches "
                                        "hold that many\n")
@@ -49,9 +49,10 @@ def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys)
 
 def test_a_lone_sample_an_epoch_is_said_in_the_singular(capsys):
     """2 ranks on 3 samples: "each worker has 1 training samples an epoch"."""
-    from hpctrain import run
+    from hpctrain import launch_checks
 
-    run._say_what_the_sizes_cut(RunConfig(algo="ssgd", optim=OptimConfig(batch_size=8)), 1)
+    launch_checks._say_what_the_sizes_cut(RunConfig(algo="ssgd",
+                                                    optim=OptimConfig(batch_size=8)), 1)
     assert capsys.readouterr().err == ("hpctrain: warning: --batch-size 8: each worker has 1 "
                                        "training sample an epoch, so its batches hold that "
                                        "many\n")

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job
 
-from hpctrain import algorithm_options, kernels, run, steptimes
+from hpctrain import algorithm_options, kernels, run_folders, steptimes
 from hpctrain.async_ import ParameterStore
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
@@ -582,11 +582,11 @@ def test_what_train_refuses_before_mpi_the_simulator_refuses_too(tmp_path, monke
         simulate(config("asgd", tmp_path / "file" / "run"), sim(2))
     held = tmp_path / "held"
     held.mkdir()
-    with open(held / run.LOCK, "a") as other:  # another run's, going on
+    with open(held / run_folders.LOCK, "a") as other:  # another run's, going on
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UsageError, match="is in use by another run going on now"):
             simulate(config("asgd", held), sim(2))
-    assert sorted(p.name for p in held.iterdir()) == [run.LOCK]
+    assert sorted(p.name for p in held.iterdir()) == [run_folders.LOCK]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError, match="more hosts of the store"):
         simulate(config("asgd", None, algorithm=algorithm_options("asgd")(servers=10**20)),

@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, refusal, run_commands
 
-from hpctrain import data, plugins, run, weights
+from hpctrain import data, launch_checks, plugins, weights
 from hpctrain.checkpoint import format as checkpoint_format
 from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -133,7 +133,7 @@ def test_an_empty_path_is_refused():
 def test_config_json_records_the_absolute_path(tmp_path, monkeypatch):
     saved(tmp_path, mlp().state_dict())
     monkeypatch.chdir(tmp_path)
-    launched = run.check_launch(config(tmp_path / "out", init_from="w.pt"), 1)
+    launched = launch_checks.check_launch(config(tmp_path / "out", init_from="w.pt"), 1)
     assert launched.model.init_from == str(tmp_path / "w.pt")
 
 
@@ -145,7 +145,7 @@ def test_the_initial_model_has_the_weights_unless_the_run_resumes(tmp_path):
 
     def initial(c: RunConfig) -> dict:
         torch.manual_seed(c.seed)
-        return run.initial_model(c, sample.shape, sample.num_classes).state_dict()
+        return launch_checks.initial_model(c, sample.shape, sample.num_classes).state_dict()
 
     given = initial(config(tmp_path / "a", init_from=path))
     assert all(torch.equal(given[k], wanted[k]) for k in wanted)

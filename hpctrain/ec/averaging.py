@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from hpctrain import compiled, watchdog
+from hpctrain.comm import allreduce_bytes
 from hpctrain.devices import HostStage, mpi_buffer
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError, on_every_rank
-from hpctrain.summary import allreduce_bytes
 
 
 def floating_state(model: nn.Module) -> list[torch.Tensor]:

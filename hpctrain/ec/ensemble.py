@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hpctrain.comm import allreduce_bytes
 from hpctrain.data import Dataset
-from hpctrain.summary import allreduce_bytes
 
 
 @torch.no_grad()

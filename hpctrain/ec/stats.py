@@ -2,7 +2,7 @@
 
 Bytes are the payload volume a rank sends under the bandwidth-optimal (ring) algorithms, so
 they do not depend on which algorithm the MPI library picks: an allreduce of ``B`` bytes sends
-``2 (K-1)/K B`` per rank (:func:`hpctrain.summary.allreduce_bytes`), an allgather sends the
+``2 (K-1)/K B`` per rank (:func:`hpctrain.comm.allreduce_bytes`), an allgather sends the
 rank's own block to ``K-1`` peers, and a reduce-scatter sends the rows that belong to the other
 ranks.
 """

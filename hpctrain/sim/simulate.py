@@ -24,12 +24,14 @@ from hpctrain import (
     data,
     devices,
     faults,
+    launch_checks,
     launch_env,
     live,
     options,
     plugins,
     registry,
     run,
+    run_folders,
     steptimes,
     userdata,
 )
@@ -55,8 +57,8 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     every default resolved."""
     check_one_process()
     config = check_options(config, sim)
-    run.check_folder("--out", config.out)
-    run.refuse_finished(config.out)  # a finished run's, or a bench compare's
+    run_folders.check_folder("--out", config.out)
+    run_folders.refuse_finished(config.out)  # a finished run's, or a bench compare's
     checkpoint.check(algo=config.algo, ranks=sim.workers, every=None, checkpoint_dir=None,
                      resume=None, out=config.out, run_config=configs.flat(config),
                      may_change=checkpoint.MAY_CHANGE)  # nor an unfinished run's
@@ -78,8 +80,8 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     with it up front); return ``config`` with every default resolved (and without the
     straggler options a replay leaves out)."""
     config = configs.resolve(without_replayed_stragglers(config, sim))
-    # References recorded absolute, as a real run's (run._as_launched): config.json repeats
-    # the simulation from any folder.
+    # References recorded absolute, as a real run's (launch_checks._as_launched): config.json
+    # repeats the simulation from any folder.
     config = replace(config, algo=plugins.absolute(config.algo),
                      model=replace(config.model, name=plugins.absolute(config.model.name)),
                      data=replace(config.data, dataset=userdata.absolute(config.data.dataset)))
@@ -99,12 +101,12 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce (--no-fp16-allreduce undoes a --config file's)")
-    run.check_compute(config, in_threads=True)
+    launch_checks.check_compute(config, in_threads=True)
     faults.check_in_threads()
     live.check(config, k)
     servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
-    n, sample = run.check_workers(config, k, sim.train_subset)
+    n, sample = launch_checks.check_workers(config, k, sim.train_subset)
     if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained
         raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
                          f"{n} training samples in {config.data.dataset}")
@@ -128,7 +130,7 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
                          f"--workers 1 (or --algo ssgd for {k} workers)")
     algo.check(config, ranks, n)
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
-        run.initial_model(config, sample.shape, sample.num_classes)
+        launch_checks.initial_model(config, sample.shape, sample.num_classes)
     return config  # SimConfig checked --step-time (and read a replay's file)
 
 
@@ -225,7 +227,7 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
     userdata.forget()  # as train: a script's earlier run read them
     config = check(config, sim)
     # Locked as train's --out, or made for the run: a second run into it is refused.
-    with run.claimed(config, f"{config.algorithm_class.name}-sim{sim.workers}") as config:
+    with run_folders.claimed(config, f"{config.algorithm_class.name}-sim{sim.workers}") as config:
         return _simulate(config, sim)
 
 
@@ -236,7 +238,7 @@ def _simulate(config: RunConfig, sim: SimConfig) -> dict:
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
     data.release(config.data.dataset, "test", config.data.data_dir)
-    initial = run.initial_model(config, test_set.shape, test_set.num_classes)
+    initial = launch_checks.initial_model(config, test_set.shape, test_set.num_classes)
     initial.to(run.device_for(config))
     # Where a real rank's own stream is as its training starts: seeded, the model drawn.
     streams = WorkerStreams(sim.workers, run.device_for(config))

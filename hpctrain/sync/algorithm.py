@@ -23,10 +23,10 @@ from torch import nn
 import hpctrain.sync as hvd
 from hpctrain import microbatch, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
+from hpctrain.comm import allreduce_bytes
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
 from hpctrain.options import option
-from hpctrain.summary import allreduce_bytes
 from hpctrain.sync.buckets import default_bucket_bytes
 
 

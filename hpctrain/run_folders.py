@@ -1,0 +1,234 @@
+"""A run's folders: checked before MPI starts, then claimed and locked while the run writes.
+
+Before MPI starts (:func:`hpctrain.launch_checks.check_launch`, ``simulate``, ``bench``), the
+folders a run will write must be ones it can create or write in, not a finished run's or a
+bench compare's, and free for the files it writes there: found later, each was an error
+after MPI started, or after training. Once checked, rank 0 claims them (:func:`claimed`): it
+makes ``runs/<stem>-<time>`` when no ``--out`` is given and holds a lock file
+(:data:`LOCK`) in each folder, so that two jobs started with the same ``--out`` at once do
+not write over each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from hpctrain import checkpoint, comm, steptimes, tensorboard
+from hpctrain.config import RunConfig
+from hpctrain.errors import UsageError
+from hpctrain.metrics import new_run_folder
+
+# What a run writes in --out, files all: a folder of one's name is found only when it is
+# written, after training (the model then lost).
+OUTPUT_FILES = ("config.json", "metrics.jsonl", "model.pt", "summary.json", steptimes.FILE,
+                "ensemble.pt")
+
+
+def refuse_taken_names(config: RunConfig) -> None:
+    """``--out``'s files must be free for files, its TensorBoard folder free for a folder."""
+    if config.out is None:
+        return
+    out = Path(config.out)
+    for name in OUTPUT_FILES:
+        if (out / name).is_dir():
+            raise UsageError(f"--out {config.out}: {out / name} is a folder; the run writes "
+                             f"its {name} there")
+    board = out / tensorboard.SUBDIR
+    if config.tensorboard and board.exists() and not board.is_dir():
+        raise UsageError(f"--tensorboard: {board} is a file; the run writes its event files "
+                         "in a folder of that name")
+
+
+def refuse_finished(out: str | None, resume: str | None = None,
+                    config_file: str | None = None) -> None:
+    """A finished run's folder, or a ``bench compare``'s, is not a new run's; nor is a
+    finished run resumed. ``resume``: the folder ``--resume`` names (``auto`` returns a
+    finished run's summary instead, :func:`_finished`); ``config_file``: the ``--config``
+    file whose ``out`` named ``out``, where ``--out`` did not. The line names what the user
+    typed: "--out X" sent one who typed none to change it and train the run again."""
+    ran = _run_folder_of(resume)
+    if ran is not None and (ran / "summary.json").exists() and (
+            out is None or Path(out).resolve() == ran.resolve()):  # another --out: a copy
+        raise UsageError(f"--resume {resume}: the run has finished ({ran / 'summary.json'}); "
+                         f"there is nothing to resume: to train on from its model, start a "
+                         f"new run with --init-from {ran} and another --out")
+    if not out:
+        return
+    named = f"--out {out}" if config_file is None else f"--config {config_file}: its out {out}"
+    choose = "choose another folder" if config_file is None else \
+        "give --out another folder for a new run"
+    if (Path(out) / "summary.json").exists():
+        raise UsageError(f"{named} already holds a finished run; {choose}")
+    if (Path(out) / "compare.json").exists():
+        raise UsageError(f"{named} holds a bench compare; {choose}")
+
+
+def _run_folder_of(resume: str | None) -> Path | None:
+    """The outputs' folder of the run ``--resume`` names (as :func:`checkpoint.check` takes
+    it), or None: no folder named, ``auto``, or nothing there that says."""
+    if resume is None or resume == checkpoint.AUTO or not Path(resume).is_dir():
+        return None
+    if (Path(resume) / "summary.json").exists():  # the run's folder, checkpoints or none
+        return Path(resume)
+    out = checkpoint.policy.recorded_out(checkpoint.folder.resolve(resume))
+    return None if out is None else Path(out)
+
+
+def check_folder(flag: str, folder: str | None) -> None:
+    """A folder the run will write must be one it can create, or write in: otherwise that is
+    found only at the first write, after MPI started (exit 1). Nothing is left behind."""
+    if folder is None:
+        return
+    problem = _unwritable(Path(folder))  # "" is the working folder, as Path("") is
+    if problem:
+        raise UsageError(f"{flag} {folder}: {problem}")
+
+
+def check_resumed_folders(resume: str | None, out: str | None, checkpoint_dir: str | None,
+                          resolved: checkpoint.Resolved) -> None:
+    """:func:`check_folder` for the folders a resume writes in without their flags: the
+    resumed run's folder (no ``--out``) and, where it goes on checkpointing, the checkpoint
+    folder resumed from (no ``--checkpoint-dir``). A read-only one was found at the first
+    write, after MPI started (exit 1, naming a temporary file)."""
+    if resolved.resume is None:
+        return
+    derived = []
+    if out is None and resolved.out is not None:
+        derived.append(("the run's folder", resolved.out, "--out",
+                        "give --out a folder for this attempt's outputs"))
+    if checkpoint_dir is None and resolved.every is not None:
+        derived.append(("its checkpoint folder", resolved.checkpoint_dir, "--checkpoint-dir",
+                        "give --checkpoint-dir a folder for the new checkpoints, or "
+                        "--checkpoint-every off"))
+    for what, folder, flag, remedy in derived:
+        if problem := _unwritable(Path(folder)):
+            raise UsageError(f"--resume {resume}: {what} {folder}, written to without "
+                             f"{flag}: {problem}; {remedy}")
+
+
+def _unwritable(folder: Path) -> str | None:
+    """Why the run cannot create or write in ``folder``, or None."""
+    missing = _missing(folder)
+    for path in missing:
+        if os.path.islink(path):
+            return f"{path} is a link to {os.readlink(path)}, which does not exist"
+    path = missing[-1].parent if missing else folder  # the nearest that exists
+    if not path.is_dir():
+        return f"{path} is a file, not a folder"
+    limit = os.pathconf(path, "PC_NAME_MAX")
+    if any(len(os.fsencode(p.name)) > limit for p in missing):
+        return f"a folder name in it is longer than {limit} bytes"
+    try:  # the one test that holds on every file system: create a folder there
+        os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
+    except OSError as error:
+        return f"cannot create a folder in {path} ({error.strerror})"
+    return None
+
+
+def _missing(folder: Path) -> list[Path]:
+    """The folders of ``folder``'s path that do not exist, innermost first: what making it
+    (with its parents) creates. ``os.path.exists``: False too for a name too long."""
+    missing = []
+    while not os.path.exists(folder):
+        missing.append(folder)
+        folder = folder.parent
+    return missing
+
+
+LOCK = ".hpctrain.lock"  # in --out (and a --checkpoint-dir elsewhere): held while a run writes
+
+
+@contextlib.contextmanager
+def claimed(config: RunConfig, stem: str | None = None):
+    """Rank 0 holds an exclusive lock on the run's folders (``--out``, and the checkpoint
+    folder where it has one, inside ``--out`` or not) while it runs: two jobs started with
+    the same ``--out`` at once both passed the checks, then wrote over each other (one's
+    config.json beside the other's model.pt; one removed the other's temporary file and
+    crashed it). The second is refused in one line, exit 2, before MPI starts. The kernel
+    drops the lock when the process ends, killed or not, so a requeued or restarted job
+    finds it free. Where the file system has no locks (Lustre mounted without ``flock``),
+    runs go on unlocked, as before. Where MPI already runs the job (a script's later run),
+    rank 0's refusal is raised on every rank.
+
+    Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
+    (``runs/<stem>-<time>``, the stem the algorithm's name unless given).
+    """
+    if comm.env_rank() != 0:
+        comm.shared_refusal(None)  # where MPI runs, rank 0's refusal is raised here too
+        yield config
+        return
+    made: list[Path] = []
+    try:
+        with contextlib.ExitStack() as held:
+            refusal = None
+            try:
+                config = _claim(held, config, stem, made)
+            except UsageError as refused:
+                refusal = refused
+            comm.shared_refusal(refusal)  # raised here, and where MPI runs on every rank
+            yield config
+    except BaseException:
+        for top in made:  # refused, or failed before writing anything: no folder left behind
+            if all(name == LOCK for _, _, files in os.walk(top) for name in files):
+                shutil.rmtree(top, ignore_errors=True)
+        raise
+
+
+def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
+           made: list[Path]) -> RunConfig:
+    """Rank 0's part of :func:`claimed`: make a run folder if none is given, lock the run's
+    folders in ``held`` and check them again; the folders it made go into ``made``."""
+    if config.out is None:
+        made.append(new_run_folder(stem or config.algorithm_class.name))
+        config = replace(config, out=str(made[0]))
+    folders = [("--out", Path(config.out))]
+    ck = config.checkpoint
+    if ck.dir is not None or ck.interval is not None or ck.resume is not None:
+        # Its own lock, also inside --out: a run resuming another's checkpoints (--resume DIR
+        # --out elsewhere, or --checkpoint-dir DIR/checkpoints) locked only its own folders,
+        # and the two runs wrote, and rotated away, each other's checkpoints.
+        folder = checkpoint.run_folder(ck.dir, config.out)
+        if folder.resolve() != Path(config.out).resolve():  # (--checkpoint-dir = --out)
+            folders.append(("the checkpoint folder", folder))
+    made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
+    for flag, folder in folders:
+        lock_folder(held, flag, folder)
+    _check_unchanged(config)
+    return config
+
+
+def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str = "run") -> None:
+    """Hold ``folder``'s lock file until ``held`` closes; UsageError if another ``what`` (a
+    run, a comparison) holds it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = held.enter_context(open(folder / LOCK, "a"))
+    except OSError:
+        return  # not writable: the run's writes say so (not "in use by another run")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return  # no locks on this file system: the writes say what is wrong
+        raise UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
+                         f"{folder / LOCK}); wait for it to end or choose another folder") \
+            from None
+
+
+def _check_unchanged(config: RunConfig) -> None:
+    """What the launch checks saw may have changed while another run held the folder."""
+    if (Path(config.out) / "summary.json").exists():
+        raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
+                         "this one started); choose another folder")
+    if config.checkpoint.resume is None and checkpoint.listing(
+            checkpoint.run_folder(config.checkpoint.dir, config.out)):
+        raise UsageError(f"--out {config.out} holds the checkpoints of a run that wrote "
+                         "them while this one started; choose another folder")
+
