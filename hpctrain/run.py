@@ -43,7 +43,6 @@ from hpctrain import (
     data,
     devices,
     faults,
-    launch_checks,
     live,
     models,
     optimizers,
@@ -51,7 +50,6 @@ from hpctrain import (
     precision,
     profiling,
     provenance,
-    run_folders,
     userdata,
     watchdog,
 )
@@ -69,12 +67,6 @@ from hpctrain.schedule import set_lr
 from hpctrain.steptimes import StepTimes
 from hpctrain.summary import RunSummary, own_byte_fields
 from hpctrain.torch_comm import TorchComm
-
-# hpctrain.bench takes these through this module; their homes are launch_checks and
-# run_folders, and these lines go once bench imports them from there.
-check_compute = launch_checks.check_compute
-check_folder, lock_folder = run_folders.check_folder, run_folders.lock_folder
-LOCK = run_folders.LOCK
 
 
 @contextlib.contextmanager

@@ -52,15 +52,16 @@ from hpctrain import (
     arguments,
     checkpoint,
     data,
+    launch_checks,
     launch_env,
     live,
     mpirun,
     plugins,
     provenance,
     registry,
+    run_folders,
     steptimes,
 )
-from hpctrain import run as training
 from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
@@ -326,7 +327,7 @@ def _check_out(out: str) -> None:
     run's (found when the first run starts, after the others were planned)."""
     if not out.strip():
         raise UsageError(f"--out {out!r} is empty: give a folder")
-    training.check_folder("--out", out)
+    run_folders.check_folder("--out", out)
     held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
     if held:  # a train run's folder: the comparison's files would go in beside its own
         raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another "
@@ -335,7 +336,7 @@ def _check_out(out: str) -> None:
 
 def check_run(config: RunConfig, np: int, here: bool = False) -> int:
     """Check one planned run as ``hpctrain train`` checks itself before MPI starts
-    (:func:`hpctrain.run.check_launch`) on ``np`` processes; return how many of them train
+    (:func:`hpctrain.launch_checks.check_launch`) on ``np`` processes; return how many of them train
     (``--eval-rank``'s rank and ``--servers`` do not). Its folders are compare's to check.
     What depends on the machine (``--device``, ``--mixed-precision``, ``--compile``) is
     refused here when the run starts on this machine (``here``, :func:`launches_here`), and
@@ -343,14 +344,14 @@ def check_run(config: RunConfig, np: int, here: bool = False) -> int:
     steps onto GPU nodes leaves that to the runs."""
     config = replace(config, out=None)  # --out, its checkpoints and --resume: compare's
     try:
-        training.check_compute(config)
+        launch_checks.check_compute(config)
     except UsageError:
         if here:  # every run would start, then fail the same way
             raise
         config = replace(config, device="cpu", mixed_precision="no", compile=False)
     # A user's data set, a fault that will not fire, ...: said by the run itself, not twice.
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        config = training.check_launch(config, np)
+        config = launch_checks.check_launch(config, np)
     return config.algorithm_class.workers(config, live.check(config, np))
 
 
@@ -467,7 +468,7 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
         folder, whose = out / r.name, f"{r.label}'s run" + (
             f" of seed {r.seed}" if r.seed is not None else "")
         try:
-            training.check_folder("--out", str(folder))
+            run_folders.check_folder("--out", str(folder))
         except UsageError as e:
             raise UsageError(f"{whose}: {e}; choose another --out") from None
         if (folder / report.RECORD).exists():
@@ -880,7 +881,7 @@ def run(args: argparse.Namespace) -> dict:
     with contextlib.ExitStack() as held:
         # A second compare on the folder (--resume while this one runs) took the runs this
         # one was training for failed, and wrote its report over this one's record.
-        training.lock_folder(held, "--out", out, "comparison")
+        run_folders.lock_folder(held, "--out", out, "comparison")
         return _compare(args, runs, out, record)
 
 

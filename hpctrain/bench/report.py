@@ -1422,7 +1422,7 @@ def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
     """Hold ``folder``'s lock while the report is written; UsageError if a comparison (or a
     run) going on holds it: its report called the runs going on and to come failed. A folder
     without the lock file is left without one."""
-    from hpctrain.run import LOCK
+    from hpctrain.run_folders import LOCK
 
     try:
         handle = held.enter_context(open(folder / LOCK))
@@ -1460,7 +1460,7 @@ def report_folder(folder: str, out: str | None) -> Path:
         return Path(folder)
     if not out.strip():
         raise UsageError(f"--out {out!r} is empty: give a folder")
-    from hpctrain.run import check_folder
+    from hpctrain.run_folders import check_folder
 
     check_folder("--out", out)
     held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
