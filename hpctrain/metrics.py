@@ -6,9 +6,12 @@ job never leaves a half-written output behind. Only rank 0 writes.
 
 from __future__ import annotations
 
+import bisect
 import io
 import itertools
 import json
+import math
+import operator
 import os
 import re
 import sys
@@ -224,6 +227,111 @@ def distribution(values: Sequence[float]) -> dict:
     p50, p90, p99 = np.percentile(v, [50, 90, 99])
     return {"mean": float(v.mean()), "p50": float(p50), "p90": float(p90), "p99": float(p99),
             "max": float(v.max()), "count": int(v.size)}
+
+
+# The percentiles of a distribution, as fractions (numpy's ``percentile`` divides by 100 too).
+_QUANTILES = (50 / 100, 90 / 100, 99 / 100)
+
+
+class Tally:
+    """How many times each integer value came, with their count and sum: the
+    :func:`distribution` of a long stream of small integers (an async run's staleness, one per
+    push) in memory, checkpoints and gathers the size of its distinct values, not of the stream.
+
+    :meth:`distribution` is exactly ``distribution`` of the values, expanded: numpy's mean
+    (exact while the sum is below 2**53) and its default, linearly interpolated percentiles.
+    """
+
+    __slots__ = ("counts", "count", "total")
+
+    def __init__(self, counts: dict[int, int] | None = None):
+        self.counts: dict[int, int] = {}
+        self.count = 0  # values added
+        self.total = 0  # their sum
+        for value, n in (counts or {}).items():
+            self.add(value, n)
+
+    def add(self, value: int, times: int = 1) -> None:
+        """Count ``value`` (an integer) ``times`` more times."""
+        try:
+            if isinstance(value, bool) or isinstance(times, bool):
+                raise TypeError
+            value, times = operator.index(value), operator.index(times)  # no float
+        except TypeError:
+            raise TypeError(f"Tally.add({value!r}, {times!r}): need integers") from None
+        if times < 0:
+            raise ValueError(f"Tally.add({value!r}, {times!r}): a negative count")
+        if times:
+            self.counts[value] = self.counts.get(value, 0) + times
+            self.count += times
+            self.total += value * times
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tally) and self.counts == other.counts
+
+    __hash__ = None  # mutable
+
+    def __repr__(self) -> str:
+        return f"Tally({dict(sorted(self.counts.items()))})"
+
+    def merge(self, other: Tally) -> None:
+        """Add ``other``'s values to these."""
+        for value, n in other.counts.items():
+            self.add(value, n)
+
+    @classmethod
+    def merged(cls, tallies: Iterable[Tally]) -> Tally:
+        """One tally of the values of all ``tallies``."""
+        out = cls()
+        for t in tallies:
+            out.merge(t)
+        return out
+
+    def state(self) -> dict[int, int]:
+        """The checkpoint form: value -> count, plain ints (``torch.load(weights_only=True)``
+        reads it), one entry per distinct value however many were added."""
+        return dict(sorted(self.counts.items()))
+
+    @classmethod
+    def of(cls, state: dict[int, int] | Sequence[int]) -> Tally:
+        """A tally from :meth:`state`'s form, or from the list of every value that
+        checkpoints written before tallies held (a resumed old run counts its old pushes)."""
+        if isinstance(state, dict):
+            return cls(state)
+        out = cls()
+        for value in state:
+            out.add(value)
+        return out
+
+    def distribution(self) -> dict:
+        """:func:`distribution` of the values, computed from the counts."""
+        if not self.count:
+            return distribution(())
+        values = sorted(self.counts)
+        ends = list(itertools.accumulate(self.counts[v] for v in values))  # past each value
+
+        def nth(i: int) -> float:  # the i-th smallest value (from 0)
+            return float(values[bisect.bisect_right(ends, i)])
+
+        last = self.count - 1
+        percentiles = []
+        for q in _QUANTILES:
+            # numpy's 'linear' method: virtual index (n-1)q between its neighbours, and
+            # _lerp's two formulas (the second from the upper neighbour, when t >= 0.5).
+            at = last * q
+            if at >= last:
+                percentiles.append(nth(last))
+                continue
+            below = math.floor(at)
+            t = at - below
+            a, b = nth(below), nth(below + 1)
+            percentiles.append(b - (b - a) * (1 - t) if t >= 0.5 else a + (b - a) * t)
+        p50, p90, p99 = percentiles
+        return {"mean": float(self.total) / self.count, "p50": p50, "p90": p90, "p99": p99,
+                "max": float(values[-1]), "count": self.count}
 
 
 def watching_terminal(err: TextIO | None, out: TextIO | None) -> TextIO | None:
