@@ -28,13 +28,12 @@ import math
 import time
 from collections.abc import Callable
 
-import numpy as np
-
 from hpctrain import collapse, compiled, tensorboard, watchdog
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import curve_point
+from hpctrain.metrics import Tally
 
 _SNAPSHOT, _SCORE = 7301, 7302  # tags of the messages to and from the evaluating rank
 BAR_EVERY = 50  # rank 0's steps between progress-bar loss updates
@@ -124,10 +123,17 @@ def _curve_online(algo: Algorithm) -> bool:
     return type(algo).evaluate is Algorithm.evaluate
 
 
-def _staleness(algo: Algorithm) -> list | None:
-    """The staleness of each of this worker's pushes (async optimizers keep it), or None."""
+def _staleness(algo: Algorithm) -> Tally | None:
+    """The tally of this worker's pushes' staleness (async optimizers keep one), or None."""
     stale = getattr(getattr(algo, "optimizer", None), "staleness", None)
-    return stale if isinstance(stale, list) else None
+    return stale if isinstance(stale, Tally) else None
+
+
+def _stale_mark(algo: Algorithm) -> tuple[int, int]:
+    """How many pushes this worker's tally holds and their staleness sum: the cursor from
+    which the next TensorBoard entry's mean is taken (the difference of two marks)."""
+    stale = _staleness(algo)
+    return (0, 0) if stale is None else (stale.count, stale.total)
 
 
 def _loss_parts(algo: Algorithm) -> dict[str, float]:
@@ -192,7 +198,7 @@ class Watch:
         # the last step's (position, lr, t).
         # The staleness cursor starts past the pushes a checkpoint restored (logged before).
         self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
-                        "stale": len(_staleness(algo) or ()), "last": None}
+                        "stale": _stale_mark(algo), "last": None}
         self._postfix: dict[str, str] = {}
 
     def _describe(self, recorded: dict, workers: int) -> None:
@@ -256,10 +262,11 @@ class Watch:
         if t > log["t"]:
             rate = (position - log["position"]) / self.per_epoch * self.samples_per_epoch
             board.scalar("train/samples_per_s", rate / (t - log["t"]), position, t)
-        stale = _staleness(self.algo)
-        if stale is not None and len(stale) > log["stale"]:
-            board.scalar("train/staleness", float(np.mean(stale[log["stale"]:])), position, t)
-            log["stale"] = len(stale)
+        (count, total), (count0, total0) = _stale_mark(self.algo), log["stale"]
+        if count > count0:
+            board.scalar("train/staleness", float(total - total0) / (count - count0),
+                         position, t)
+            log["stale"] = (count, total)
         log.update(steps=0, loss=0.0, position=position, t=t)
 
     def begin(self, model, snapshots) -> None:

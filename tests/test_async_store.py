@@ -20,6 +20,7 @@ from hpctrain.async_ import ASGD, DCASGD, ParameterStore, flatten_parameters, sh
 from hpctrain.async_ import trainable as trainable_of
 from hpctrain.async_.store import CLOSED, default_shards
 from hpctrain.errors import UsageError
+from hpctrain.metrics import Tally
 
 HYPER = {"lr": 0.05, "weight_decay": 1e-3}
 
@@ -89,7 +90,7 @@ def test_one_worker_matches_sequential_sgd_and_compensation_is_zero(consistency,
             else:
                 opt = DCASGD(model, store, lam=5.0, adaptive=name == "dcasgd-a", **HYPER)
             train(model, opt, data)
-            assert opt.staleness == [0] * 25
+            assert opt.staleness.counts == {0: 25}
             global_model = torch.empty(store.numel)
             assert store.pull(global_model) == 25
             assert torch.equal(global_model, flat_of(model))
@@ -179,6 +180,50 @@ def test_optimizer_state_round_trip_continues_the_same_run():
                 {**opt.state_dict(), "worker": {**opt.state_dict()["worker"], "v": None}})
         store.finish()
     torch.testing.assert_close(flat_of(model), flat_of(whole), rtol=0, atol=0)
+
+
+def saved(state: dict) -> bytes:
+    """``state`` as a checkpoint holds it (torch.save)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def test_a_checkpoints_staleness_stays_the_same_size_as_pushes_grow():
+    """The optimizer's state held every push's staleness (a list): ~2 bytes a push in every
+    checkpoint, GBs in a week-long run. Its tally holds one count per value: 10 pushes and
+    10000 save (near enough) the same bytes."""
+    sizes = {}
+    for pushes in (10, 10000):
+        model = small_model()
+        with ParameterStore(flat_of(model), self_comm()) as store:
+            opt = ASGD(model, store, lr=0.01)
+            for _ in range(pushes):
+                opt.step()  # no gradients: zeros pushed, a push all the same
+            store.finish()
+        assert len(opt.staleness) == pushes and opt.staleness.counts == {0: pushes}
+        assert opt.state_dict()["worker"]["staleness"] == {0: pushes}
+        sizes[pushes] = len(saved(opt.state_dict()))
+    assert sizes[10000] - sizes[10] <= 128, sizes  # torch.save aligns records to 64 bytes
+
+
+def test_an_old_checkpoints_staleness_list_is_read_as_a_tally():
+    """A run resumed from a checkpoint written before tallies (its worker state lists every
+    push's staleness) counts those pushes and its own, and saves the new form."""
+    data = batches(4, 6)
+    model = small_model()
+    with ParameterStore(flat_of(model), self_comm()) as store:
+        opt = DCASGD(model, store, adaptive=True, **HYPER)
+        train(model, opt, data[:2])
+        old = opt.state_dict()
+        old["worker"] = {**old["worker"], "staleness": [3, 1, 3, 0]}  # as such a run saved it
+        resumed = DCASGD(model, store, adaptive=True, **HYPER)
+        resumed.load_state_dict(torch.load(io.BytesIO(saved(old)), weights_only=True))
+        assert resumed.staleness.counts == {0: 1, 1: 1, 3: 2}
+        train(model, resumed, data[2:])
+        store.finish()
+    assert resumed.staleness.counts == {0: 5, 1: 1, 3: 2} and len(resumed.staleness) == 8
+    assert resumed.state_dict()["worker"]["staleness"] == {0: 5, 1: 1, 3: 2}
 
 
 def test_bad_store_arguments_rejected():
@@ -440,7 +485,7 @@ def test_locked_pushes_replayed_in_lock_order_give_the_identical_model(mode):
     store.close()
 
     pushes = size * 12
-    assert any(t > 0 for t in world.allgather(max(opt.staleness)))  # workers did interleave
+    assert any(t > 0 for t in world.allgather(max(opt.staleness.counts)))  # did interleave
     # Every shard saw every push exactly once, numbered 0..pushes-1 in lock order.
     for s in range(3):
         counts = sorted(v[o.index(s)] for _, _, _, o, v, _ in logs)
@@ -524,16 +569,18 @@ def test_staleness_in_lock_step(consistency):
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
     model, store, opt, _ = worker_setup(world, consistency, shards=size, adaptive=False)
-    rounds = 5
+    rounds, taus = 5, []
     for x, y in batches(300 + rank, rounds):
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         for turn in range(size):  # workers push one after another, then the next round
             if turn == rank:
                 opt.step()
+                taus.append(opt.last_push.tau)
             world.Barrier()
     # First round: the workers before me pushed since my pull; then every other worker once.
-    assert opt.staleness == [rank] + [size - 1] * (rounds - 1)
+    assert taus == [rank] + [size - 1] * (rounds - 1)
+    assert opt.staleness == Tally.of(taus)  # the tally counts each push's
     assert store.updates() == rounds * size
     store.finish()
     store.close()
@@ -589,7 +636,7 @@ def test_dedicated_server_serves_one_worker_like_sequential_sgd(shared):
         if store.is_worker:
             opt = DCASGD(model, store, lam=2.0, adaptive=True, **HYPER)
             train(model, opt, data)
-            assert opt.staleness == [0] * 20
+            assert opt.staleness.counts == {0: 20}
             ref_model = small_model()
             train(ref_model, torch.optim.SGD(ref_model.parameters(), **HYPER), data)
             torch.testing.assert_close(flat_of(model), flat_of(ref_model), rtol=1e-5, atol=1e-6)

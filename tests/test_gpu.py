@@ -160,7 +160,7 @@ def test_one_gpu_worker_pushes_like_a_cpu_worker(consistency):
         finals[str(device)], staleness[str(device)] = global_model, opt.staleness
     cpu, cuda = finals.pop("cpu"), next(iter(finals.values()))
     torch.testing.assert_close(cuda, cpu, rtol=1e-4, atol=1e-5)
-    assert all(s == [0] * 20 for s in staleness.values())
+    assert all(s.counts == {0: 20} for s in staleness.values())
 
 
 def test_pull_into_gpu_memory_and_cuda_kernel_library():

@@ -11,7 +11,7 @@ from hpctrain.checkpoint import resize
 from hpctrain.checkpoint.format import _header_of, encode
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
-from hpctrain.metrics import write_atomic
+from hpctrain.metrics import Tally, write_atomic
 
 
 def part(r: int, **own) -> dict:
@@ -194,13 +194,18 @@ def test_ec_resized_round_keeps_its_tau_steps_and_distils_every_slice(saved, rou
     assert new.rounds == 3 and new.distill_batch()[0].shape == (1, 4)  # the next round's first
 
 
+@pytest.mark.parametrize("form", ["tally", "list"])
 @pytest.mark.parametrize("name", ["asgd", "dcasgd-a", "ssp"])
-def test_async_workers_share_mean_squares_keep_velocities_and_level_clocks(name):
+def test_async_workers_share_mean_squares_keep_velocities_and_level_clocks(name, form):
+    """``form``: the staleness as checkpoints hold it (a tally's counts), or as those written
+    before tallies did (every push's, a list): both fold into tallies."""
     adaptive = name == "dcasgd-a"
     parts = []
     for r in range(2):
+        stale = [r] * (r + 1) + [5] * r
         worker = {"ms": torch.full((3,), float(r + 1)) if adaptive else None,
-                  "v": torch.full((3,), 10.0 + r), "staleness": [r] * (r + 1)}
+                  "v": torch.full((3,), 10.0 + r),
+                  "staleness": Tally.of(stale).state() if form == "tally" else stale}
         parts.append({"opt": {"state": {}, "param_groups": [{"lr": 0.1}], "worker": worker}})
         if name == "ssp":
             parts[-1]["ssp"] = {"clock": 40 + r, "waits": r, "wait_s": 0.5, "max_gap": r + 1}
@@ -211,7 +216,9 @@ def test_async_workers_share_mean_squares_keep_velocities_and_level_clocks(name)
     else:
         assert all(w["ms"] is None for w in workers)
     assert [w["v"].tolist() for w in workers] == [[10.0] * 3, [11.0] * 3, [0.0] * 3]
-    assert [w["staleness"] for w in workers] == [[0], [1, 1], []]
+    assert [w["staleness"] for w in workers] == [{0: 1}, {1: 2, 5: 1}, {}]
+    shrunk = algorithm(name).resize_state(parts, 1, 80)  # one worker counts every push
+    assert shrunk[0]["opt"]["worker"]["staleness"] == {0: 1, 1: 2, 5: 1}
     if name == "ssp":
         assert [p["ssp"] for p in new] == [
             {"clock": 40, "waits": 0, "wait_s": 0.5, "max_gap": 1},

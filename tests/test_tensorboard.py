@@ -15,6 +15,7 @@ from test_collapse import feed, watch_of  # noqa: E402
 from hpctrain import cli, data, live, models, tensorboard  # noqa: E402
 from hpctrain.config import OptimConfig, RunConfig  # noqa: E402
 from hpctrain.evaluate import Snapshots  # noqa: E402
+from hpctrain.metrics import Tally  # noqa: E402
 from hpctrain.metrics import progress as progress_bar  # noqa: E402
 from hpctrain.tensorboard import Board  # noqa: E402
 
@@ -193,7 +194,7 @@ def watch(out, algo: str = "sgd", *, resumed: int = 0, elapsed: float = 0.0,
     chosen = config.algorithm_class(config)
     if pushes is not None:  # an async optimizer's record of its pushes, as restored
         chosen.optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-        chosen.optimizer.staleness = list(pushes)
+        chosen.optimizer.staleness = Tally.of(pushes)
     return live.Watch(config, chosen, None, test_set=data.load("synthetic", "test"),
                       per_epoch=32, steps=32, samples_per_epoch=512,
                       bar=progress_bar(256, 0, "sgd", enabled=False), resumed=resumed,
@@ -204,7 +205,7 @@ def test_a_resumed_async_runs_first_staleness_entry_is_of_its_own_pushes(tmp_pat
     """It averaged the pushes the checkpoint restored with the run's first ten: 14.7."""
     resumed = watch(tmp_path, "asgd", resumed=32, pushes=[40] * 5)
     for update in range(33, 33 + 2 * tensorboard.LOG_EVERY):
-        resumed.algo.optimizer.staleness.append(2 if update < 43 else 3)
+        resumed.algo.optimizer.staleness.add(2 if update < 43 else 3)
         resumed.step(update, update, torch.tensor(0.5), 0.05, update * 0.01)
     resumed.finish()
     resumed.after([])

@@ -37,7 +37,7 @@ from hpctrain.async_.store import CLOSED, CONSISTENCIES, MAX_SHARDS, ParameterSt
 from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
-from hpctrain.metrics import distribution
+from hpctrain.metrics import Tally
 from hpctrain.options import HUGE, Range, option, shown
 
 
@@ -208,18 +208,19 @@ class ASGD(Algorithm):
         """Resumed on another number of workers: DC-ASGD-a's mean squares (each an estimate of
         the same gradient statistics) are averaged for every worker; a worker keeps the
         velocity of the old worker of its rank (its own steps, all pushed), a new one starts
-        at rest; the staleness records are folded so that the summary counts every push."""
+        at rest; the staleness tallies are folded (merged) so that the summary counts every
+        push. A checkpoint from before tallies holds lists: they are read as tallies."""
         opts = [p["opt"] for p in parts]
         ms = [o["worker"]["ms"] for o in opts]
         mean_ms = None if ms[0] is None else mean_tensors(ms)
-        staleness = fold([o["worker"]["staleness"] for o in opts], workers)
+        staleness = fold([Tally.of(o["worker"]["staleness"]) for o in opts], workers)
         out = []
         for j in range(workers):
             opt = opts[j % len(opts)]
             v = opt["worker"]["v"]
             if v is not None and j >= len(opts):
                 v = torch.zeros_like(v)
-            worker = {"ms": mean_ms, "v": v, "staleness": [t for s in staleness[j] for t in s]}
+            worker = {"ms": mean_ms, "v": v, "staleness": Tally.merged(staleness[j]).state()}
             out.append({**parts[j % len(parts)], "opt": {**opt, "worker": worker}})
         return out
 
@@ -271,13 +272,15 @@ class ASGD(Algorithm):
 
     def summary(self, points: list[dict], comm) -> dict:
         store, opt = self.store, self.optimizer
-        mine = {"staleness": opt.staleness, "traffic": {"read": store.bytes_read,
-                                                        "written": store.bytes_written,
-                                                        "mpi": store.mpi_bytes}}
+        # The tally's counts, not every push's: a long run's gather stays small.
+        mine = {"staleness": opt.staleness.state(),
+                "traffic": {"read": store.bytes_read, "written": store.bytes_written,
+                            "mpi": store.mpi_bytes}}
         every = comm.gather(mine, root=0)
         if comm.Get_rank() != 0:
             return {}
         size = len(every)
+        stale = [Tally.of(w["staleness"]) for w in every]
         o = self.options
         return {
             "servers": o.servers,
@@ -286,8 +289,8 @@ class ASGD(Algorithm):
             "shared_windows": store.shared,
             "lam": self.lam(),
             "ms_decay": getattr(o, "ms_decay", None),
-            "staleness": distribution([t for w in every for t in w["staleness"]]),
-            "pushes_per_worker": [len(w["staleness"]) for w in every],
+            "staleness": Tally.merged(stale).distribution(),
+            "pushes_per_worker": [len(t) for t in stale],
             "store_bytes_per_worker": round(sum(w["traffic"]["read"] + w["traffic"]["written"]
                                                 for w in every) / size),
             "store_mpi_bytes_per_worker": round(sum(w["traffic"]["mpi"] for w in every) / size),

@@ -29,6 +29,7 @@ from torch import nn
 from hpctrain import kernels
 from hpctrain.async_.store import SHAPES_TAG, ParameterStore, Push, shapes_text
 from hpctrain.errors import UsageError
+from hpctrain.metrics import Tally
 
 DEFAULT_LAM = {"constant": 0.04, "adaptive": 2.0}  # DC-ASGD paper: lam0 for -c and -a
 
@@ -135,8 +136,9 @@ class ASGD(torch.optim.Optimizer):
     gradients instead, the same at a constant rate only) and pushes it. A parameter without a
     gradient in a step is pushed as zeros, so weight decay and momentum still move it (as
     Horovod's optimizer, which fills a missing gradient with zeros; torch's SGD would skip it).
-    Construction pulls the store's values into ``model``. ``staleness`` lists the measured
-    tau of every push; ``last_push`` describes the latest (:class:`Push`).
+    Construction pulls the store's values into ``model``. ``staleness`` tallies the measured
+    tau of every push (a :class:`~hpctrain.metrics.Tally`: counts per value, so a long run's
+    record stays small); ``last_push`` describes the latest (:class:`Push`).
 
     One parameter group, ``model``'s trainable parameters: the store's kernel updates them as
     one flat vector with one ``lr`` and ``weight_decay`` (a scheduler changes group 0's).
@@ -177,7 +179,7 @@ class ASGD(torch.optim.Optimizer):
         self._grad_views = _views(self._grad, params)
         self._ms = torch.zeros_like(self._flat) if adaptive else None
         self._v = torch.zeros_like(self._flat) if momentum > 0 else None
-        self.staleness: list[int] = []
+        self.staleness = Tally()
         self.last_push: Push | None = None
         store.pull(self._flat)
 
@@ -246,7 +248,7 @@ class ASGD(torch.optim.Optimizer):
                                          weight_decay=group["weight_decay"],
                                          momentum=group["momentum"] if self._v is not None
                                          else 0.0)
-        self.staleness.append(self.last_push.tau)
+        self.staleness.add(self.last_push.tau)
         return loss
 
     def zero_grad(self, set_to_none: bool = False) -> None:
@@ -263,9 +265,10 @@ class ASGD(torch.optim.Optimizer):
                 p.grad = view
 
     def state_dict(self) -> dict:
-        """torch's optimizer state, plus this worker's mean squares, velocity and staleness."""
+        """torch's optimizer state, plus this worker's mean squares, velocity and staleness
+        (its tally's state: value -> count)."""
         state = super().state_dict()
-        state["worker"] = {"ms": self._ms, "v": self._v, "staleness": list(self.staleness)}
+        state["worker"] = {"ms": self._ms, "v": self._v, "staleness": self.staleness.state()}
         return state
 
     @torch.no_grad()
@@ -278,7 +281,7 @@ class ASGD(torch.optim.Optimizer):
                                  f" {name!r}: adaptive/momentum differ from the saved run's")
             if mine is not None:
                 mine.copy_(worker[name])
-        self.staleness = list(worker["staleness"])
+        self.staleness = Tally.of(worker["staleness"])  # or an older checkpoint's list
 
     @torch.no_grad()
     def pull(self) -> int:
