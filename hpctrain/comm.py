@@ -178,7 +178,6 @@ def size() -> int:
     return world().Get_size()
 
 
-@lru_cache(maxsize=1)
 def allreduce_bytes(nbytes: int, ranks: int) -> int:
     """Bytes one rank sends in an allreduce of ``nbytes`` among ``ranks``, counted as a ring's
     (2(K-1)/K of the payload): the scale of every byte field, so that ssgd's gradients,
@@ -186,7 +185,10 @@ def allreduce_bytes(nbytes: int, ranks: int) -> int:
     return 2 * (ranks - 1) * nbytes // ranks
 
 
+@lru_cache(maxsize=1)
 def _node_comm():
+    """This node's processes (one collective Split_type, made once: a later call that only
+    some ranks reach must not be a collective)."""
     MPI = mpi()
     return world().Split_type(MPI.COMM_TYPE_SHARED, key=rank())
 

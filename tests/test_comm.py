@@ -23,6 +23,10 @@ def test_world_matches_launcher():
     assert comm.rank() == MPI.COMM_WORLD.Get_rank() == comm.env_rank()
     # One node here: local rank and size equal the world's.
     assert (comm.local_rank(), comm.local_size()) == (comm.rank(), comm.size())
+    # The node's communicator is made once: a collective Split_type per call leaked one, and
+    # a call on some ranks only would hang.
+    if comm.rank() == 0:
+        assert comm.local_rank() == 0 and comm._node_comm() is comm._node_comm()
     ranks = MPI.COMM_WORLD.allgather(comm.rank())
     assert ranks == list(range(comm.size()))
 
