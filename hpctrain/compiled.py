@@ -213,11 +213,11 @@ def _float64_gradients(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Te
     in float64 (a forward that makes float32 tensors of its own) or the copy does not fit in
     memory."""
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
-    wide = {n: t.detach().double() if t.is_floating_point() else t.detach().clone()
-            for n, t in [*model.named_parameters(), *model.named_buffers()]}
-    params = [wide[n].requires_grad_() for n in trained]
     impl, model._compiled_call_impl = model._compiled_call_impl, None  # the plain call
     try:
+        wide = {n: t.detach().double() if t.is_floating_point() else t.detach().clone()
+                for n, t in [*model.named_parameters(), *model.named_buffers()]}
+        params = [wide[n].requires_grad_() for n in trained]
         return _gradients(lambda v: torch.func.functional_call(model, wide, (v,)),
                           x.double() if x.is_floating_point() else x, params)
     except Exception:  # noqa: BLE001 - no reference to be had; the plain gradients serve
@@ -238,8 +238,9 @@ def _autocast(device_type: str) -> bool:
 def _relative(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     """How far ``b`` is from ``a``: the norm of their difference over ``a``'s, all tensors
     together, in float64."""
-    diff = sum(float((u.double() - v.double()).pow(2).sum()) for u, v in zip(a, b, strict=True))
-    norm = sum(float(u.double().pow(2).sum()) for u in a)
+    wide = torch.float64
+    diff = sum(float((u.to(wide) - v.to(wide)).pow(2).sum()) for u, v in zip(a, b, strict=True))
+    norm = sum(float(u.to(wide).pow(2).sum()) for u in a)
     return (diff / norm) ** 0.5 if norm else diff ** 0.5
 
 

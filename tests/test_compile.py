@@ -150,6 +150,22 @@ def test_a_compiled_model_whose_gradients_are_wrong_trains_uncompiled(capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_a_float64_copy_that_does_not_fit_falls_back_to_the_plain_gradients(monkeypatch,
+                                                                              capsys):
+    """Out of memory making the float64 copy (a full GPU) ended the rank mid-training;
+    verify then judges by the plain gradients alone (an OOM cannot be made here: stubbed)."""
+    torch.manual_seed(0)
+    model = CompiledOtherwise()
+    compiled.apply(True, model)
+
+    def out_of_memory(self):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(torch.Tensor, "double", out_of_memory)
+    assert compiled.verify(model, torch.randn(8, 6), rank=0) is False
+    assert "differ from its uncompiled ones by 0.5" in capsys.readouterr().err
+
+
 SCALED_WHEN_COMPILED = """
 import torch
 from torch import nn
