@@ -50,8 +50,9 @@ def refuse_finished(out: str | None, resume: str | None = None,
                     config_file: str | None = None) -> None:
     """A finished run's folder, or a ``bench compare``'s, is not a new run's; nor is a
     finished run resumed. ``resume``: the folder ``--resume`` names (``auto`` returns a
-    finished run's summary instead, :func:`_finished`); ``config_file``: the ``--config``
-    file whose ``out`` named ``out``, where ``--out`` did not. The line names what the user
+    finished run's summary instead, :func:`hpctrain.launch_checks.finished_run`);
+    ``config_file``: the ``--config`` file whose ``out`` named ``out``, where ``--out`` did
+    not. The line names what the user
     typed: "--out X" sent one who typed none to change it and train the run again."""
     ran = _run_folder_of(resume)
     if ran is not None and (ran / "summary.json").exists() and (

@@ -212,11 +212,16 @@ def test_report_md_lists_what_each_run_printed_once_and_not_a_failure_s_error(tm
                                                                               capsys):
     """A run's warnings (a curve with fewer points than --eval-every asked for) stayed in its
     stderr.log: report.md now lists hpctrain's own lines of each run, once each, a few a run,
-    without progress bars, other libraries' warnings or a failed run's error lines."""
+    without progress bars, other libraries' warnings, a failed run's error lines or an
+    earlier attempt's."""
     seeded_comparison(tmp_path)
-    logs = {1: ["ssgd:   0%|          | 0/32 [00:00<?, ?step/s]", MISSED,
+    # Seed 1 was continued by --resume: its first attempt's lines (why it stopped) are not
+    # the finished run's; only the last attempt's are listed.
+    logs = {1: ["hpctrain: error: RuntimeError: injected fault at step 40",
+                "--- continued (2026-01-01 00:00:00) ---",
+                "ssgd:   0%|          | 0/32 [00:00<?, ?step/s]", MISSED,
                 "/x/torch/nn.py:12: UserWarning: something is deprecated", MISSED,
-                "--- continued (2026-01-01 00:00:00) ---", f"  {MISSED}"],
+                f"  {MISSED}"],
             2: [f"hpctrain: warning: note {i}" for i in range(5)],
             3: ["hpctrain: warning: --batch-size 64: each worker has 50 training samples",
                 "hpctrain: error: boom", "hpctrain: error: rank 1: boom too", "boom"]}

@@ -676,7 +676,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     # Appended: a run continued by --resume keeps the earlier attempt's logs (why it stopped).
     with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "a") as log:
         if log.tell():
-            log.write(f"--- continued ({time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
+            log.write(f"{report.CONTINUED}{time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
         proc = subprocess.Popen(tied(run.command), stdout=out, stderr=subprocess.PIPE, env=env)
         if warning is not None:
             warning.started(proc)

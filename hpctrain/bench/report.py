@@ -431,6 +431,7 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
 
 
 LOG = "stderr.log"  # bench compare's copy of a run's stderr, in the run's folder
+CONTINUED = "--- continued ("  # how LOG marks where a --resume's attempt starts
 NOTES_SHOWN = 3  # of a run's notes, report.md lists this many, then says how many more
 
 
@@ -438,14 +439,16 @@ def run_notes(run_dir: Path, row: Row) -> list[str]:
     """The distinct lines hpctrain itself printed on the run's stderr (``hpctrain: ...``, in
     its folder's stderr.log, which ``bench compare`` keeps), in order: a warning there (the
     snapshots ``--eval-every`` asked for that an async rank 0 missed) explains a figure of the
-    run, and stayed in that file alone. Not progress bars nor other libraries' warnings, and
-    of a failed run not its error lines, which its row gives as why it failed."""
+    run, and stayed in that file alone. Only the last attempt's (``--resume``: the lines
+    after the last :data:`CONTINUED` mark); not progress bars nor other libraries' warnings,
+    and of a failed run not its error lines, which its row gives as why it failed."""
     try:
         text = (run_dir / LOG).read_text(errors="replace")
     except OSError:  # none (a train run's folder), or unreadable: nothing to say
         return []
     failed = row.status == "failed"
-    lines = (line.strip() for line in text.splitlines())
+    last = text.split(f"\n{CONTINUED}")[-1]  # a continued run: its last attempt's lines
+    lines = (line.strip() for line in last.splitlines())
     return list(dict.fromkeys(
         line for line in lines if line.startswith("hpctrain: ") and not (failed and (
             line.startswith("hpctrain: error") or (row.error and row.error in line)))))
