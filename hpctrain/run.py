@@ -616,6 +616,5 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         **{**watch.fields(), **runtime.summary_fields()},  # the runtime's word wins
     ).to_dict()
     log.write_summary(summary)
-    ckpt.drop_snapshots()
     live.summary_written(comm_)
     return summary

@@ -1023,25 +1023,6 @@ def test_a_model_whose_code_changed_since_its_checkpoint_is_named_in_one_line(tm
         "(and 1 more of another shape)")
 
 
-def test_a_finished_run_drops_its_snapshot_files_and_keeps_its_checkpoints(tmp_path):
-    """Kept without bound after the run had scored them: 534 files (207 MB) of an MLP's
-    snapshots at --eval-every 0.1 over 50 epochs. A file not of the run's making stays."""
-    ckpt, snapshots = sgd_checkpointer(tmp_path), Snapshots()
-    for updates in (10, 20, 30):
-        snapshots.take(ckpt.shared["model"], updates=updates - 10)
-        ckpt.save(updates, {}, snapshots)
-    assert len(list((tmp_path / "snapshots").iterdir())) == 3
-    ckpt.drop_snapshots()
-    assert not (tmp_path / "snapshots").exists()
-    assert [checkpoint.read_header(p)["updates"] for p in checkpoint.listing(tmp_path)] == [30, 20]
-    again, mine = sgd_checkpointer(tmp_path / "b"), Snapshots()
-    mine.take(again.shared["model"], updates=0)
-    again.save(10, {}, mine)
-    (tmp_path / "b" / "snapshots" / "notes.txt").write_text("the user's")
-    again.drop_snapshots()
-    assert [p.name for p in (tmp_path / "b" / "snapshots").iterdir()] == ["notes.txt"]
-
-
 def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):
     """Every checkpoint lists the snapshot files before it: one flipped byte in the first
     made both kept checkpoints unusable (renamed *.corrupt, --resume refused). Now the model

@@ -13,7 +13,6 @@ asynchronous worker keeps its own position among its per-rank counters).
 
 from __future__ import annotations
 
-import contextlib
 import sys
 import time
 from collections.abc import Callable
@@ -332,17 +331,6 @@ class Checkpointer:
         save(self.folder, updates, payload, header,
              midway=lambda: faults.during_checkpoint(self.rank, updates), retire=self._retire)
         self._retire = []
-
-    def drop_snapshots(self) -> None:
-        """Rank 0, once the run's outputs are written: the snapshot files go (those its
-        checkpoints list), as they served only the scoring after training, which is done,
-        and a finished run is not resumed; they were a model's size each, without bound
-        (534 of an MLP's at ``--eval-every 0.1`` over 50 epochs, 207 MB). The checkpoints
-        stay, listing them."""
-        for ref in (ref for refs in self.refs for ref in refs):
-            (self.folder / ref["file"]).unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # not empty: files of another's making stay
-            (self.folder / "snapshots").rmdir()
 
     def summary(self) -> dict:
         """Checkpoints written (over the whole run), seconds spent writing, resume points and

@@ -9,7 +9,7 @@ Snapshots of the model are files of their own in ``snapshots/``, listed with the
 each checkpoint, so that checkpoints stay small however long the run. A snapshot is only a
 curve point: a bad or missing one is reported and left out, and its checkpoint stays usable
 (every later checkpoint lists the same file, so one bad snapshot would otherwise make them all
-unusable). A finished run removes them (``Checkpointer.drop_snapshots``).
+unusable).
 """
 
 from __future__ import annotations
