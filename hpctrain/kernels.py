@@ -31,9 +31,23 @@ import torch
 from hpctrain.errors import UsageError
 
 _HERE = Path(__file__).resolve().parent
-_REBUILD = "reinstall hpctrain (pip install -e . or make setup)"
+_REBUILD = "reinstall hpctrain (pip install . from its checkout; make setup in a development one)"
 _P, _F, _I64, _INT = ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_int
 _HYPER = [_I64, _F, _F, _F, _F, _F]
+
+
+def rebuild_hint(package_dir: Path | None = None) -> str:
+    """How to get a library built. From a source tree (a setup.py beside the package, as in a
+    checkout) the cause is rarely a bad install: after ``pip install .``, ``python -m
+    hpctrain`` run in the checkout imports the checkout's unbuilt copy (the current directory
+    comes first on sys.path), and reinstalling changes nothing."""
+    package_dir = _HERE if package_dir is None else package_dir
+    if (package_dir.parent / "setup.py").is_file():
+        return (f"hpctrain is imported from its source tree {package_dir.parent} (after "
+                "pip install . the current directory comes ahead of the installed copy on "
+                "sys.path): run from another directory, or build it in place: pip install -e . "
+                "(make setup in a development checkout)")
+    return _REBUILD
 
 
 def extension(stem: str) -> ctypes.CDLL:
@@ -42,7 +56,7 @@ def extension(stem: str) -> ctypes.CDLL:
         path = _HERE / f"_{stem}{suffix}"
         if path.is_file():
             return ctypes.CDLL(str(path))
-    raise RuntimeError(f"hpctrain's library _{stem} is not built in {_HERE}; {_REBUILD}")
+    raise RuntimeError(f"hpctrain's library _{stem} is not built in {_HERE}; {rebuild_hint()}")
 
 
 def symbols(lib: ctypes.CDLL, what: str, *names: str) -> dict:
@@ -52,7 +66,7 @@ def symbols(lib: ctypes.CDLL, what: str, *names: str) -> dict:
     missing = [name for name in names if not hasattr(lib, name)]
     if missing:
         raise RuntimeError(f"hpctrain's {what} library {lib._name} has no "
-                           f"{', '.join(missing)} (built from older sources?); {_REBUILD}")
+                           f"{', '.join(missing)} (built from older sources?); {rebuild_hint()}")
     return {name: getattr(lib, name) for name in names}
 
 
@@ -73,8 +87,8 @@ def cuda_library() -> ctypes.CDLL:
     path = _HERE / "_dc_update_cuda.so"
     if not path.is_file():
         raise RuntimeError(
-            f"hpctrain's CUDA kernel library was not built ({path} missing); install torch with "
-            f"CUDA and nvcc, then {_REBUILD} (HPCTRAIN_BUILD_CUDA=1 forces the build)")
+            f"hpctrain's CUDA kernel library was not built ({path} missing): its build needs "
+            f"nvcc (HPCTRAIN_BUILD_CUDA=1 makes it required); {rebuild_hint()}")
     lib = ctypes.CDLL(str(path))
     fn = symbols(lib, "CUDA kernel", "hpctrain_dc_step_cuda", "hpctrain_cuda_error_string")
     fn["hpctrain_dc_step_cuda"].argtypes = [_P] * 8 + _HYPER + [_P]
@@ -147,10 +161,10 @@ def cuda_error_advice(err: int) -> str:
     if err in _TOO_NEW:
         return (f" (error {err}): the kernel library was built by an nvcc newer than this "
                 f"node's driver runs; rebuild it with the CUDA toolkit torch was built with "
-                f"(CUDA {torch.version.cuda}: CUDA_HOME=that toolkit, then {_REBUILD})")
+                f"(CUDA {torch.version.cuda}: CUDA_HOME=that toolkit); {rebuild_hint()}")
     if err == _NO_IMAGE:
         return (f" (error {err}): the kernel library was built for other GPU architectures; "
-                f"rebuild it for this GPU's (HPCTRAIN_CUDA_ARCH=sm_XY, then {_REBUILD})")
+                f"rebuild it for this GPU's (HPCTRAIN_CUDA_ARCH=sm_XY); {rebuild_hint()}")
     return ""
 
 

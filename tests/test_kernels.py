@@ -248,6 +248,24 @@ def stale_library(path, *symbols: str) -> None:
                    timeout=60)
 
 
+def test_a_missing_library_in_a_source_tree_names_the_source_tree(monkeypatch, tmp_path):
+    """After ``pip install .``, ``python -m hpctrain`` run in the checkout imports the checkout's
+    unbuilt copy; the error said to reinstall, which changes nothing."""
+    tree = tmp_path / "checkout"
+    (tree / "hpctrain").mkdir(parents=True)
+    assert kernels.rebuild_hint(tree / "hpctrain").startswith("reinstall hpctrain (pip install .")
+    (tree / "setup.py").write_text("")
+    hint = kernels.rebuild_hint(tree / "hpctrain")
+    assert hint.startswith(f"hpctrain is imported from its source tree {tree} (after pip "
+                           "install . the current directory comes ahead of the installed copy")
+    assert "run from another directory, or build it in place: pip install -e ." in hint
+    monkeypatch.setattr(kernels, "_HERE", tree / "hpctrain")
+    with pytest.raises(RuntimeError) as e:
+        kernels.extension("dc_update")
+    assert str(e.value) == (f"hpctrain's library _dc_update is not built in {tree / 'hpctrain'}; "
+                            f"{hint}")
+
+
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler to build a stale library")
 def test_a_stale_shared_memory_library_is_a_clear_error(monkeypatch, tmp_path):
     """The locks' library was bound without the check the kernel libraries have: an older
@@ -314,7 +332,7 @@ def test_a_stale_library_is_a_clear_error_and_info_says_why(monkeypatch, tmp_pat
         assert str(e.value) == (
             f"hpctrain's {'CUDA' if which == 'cuda_library' else 'CPU'} kernel library "
             f"{tmp_path / name} has no {missing} (built from older sources?); reinstall "
-            f"hpctrain (pip install -e . or make setup)")
+            f"hpctrain (pip install . from its checkout; make setup in a development one)")
         assert cli._loads(library) == str(e.value)  # info's kernel_cpu / kernel_cuda line
     finally:
         library.cache_clear()
