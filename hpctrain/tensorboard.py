@@ -64,7 +64,8 @@ def check_installed() -> None:
     """UsageError (before MPI starts) when ``--tensorboard`` cannot write."""
     if importlib.util.find_spec("tensorboard") is None:
         raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
-                         "(make setup installs it)")
+                         "(or pip install \"hpctrain[tensorboard]\"; in a checkout, make setup "
+                         "installs it)")
 
 
 class WallClock:

@@ -90,13 +90,29 @@ def test_collectives_before_init_and_after_shutdown_raise_horovods_error_too():
             sync.shutdown()
 
 
-def test_horovod_backend_without_horovod_says_make_setup(monkeypatch):
+def test_horovod_backend_without_horovod_says_how_to_build_it(monkeypatch):
     # A None entry in sys.modules is Python's own way to make an import fail.
     monkeypatch.setitem(sys.modules, "horovod.torch", None)
-    with pytest.raises(UsageError, match="not importable.*make setup") as e:
+    with pytest.raises(UsageError, match="not importable.*build Horovod 0.28.1 with "
+                       "PyTorch and MPI .*build_horovod.sh .*make setup") as e:
         sync.init(backend="horovod")
     assert "\n" not in str(e.value)
     assert sync.backend() is None
+
+
+def test_ssgd_horovod_without_horovod_is_refused_with_how_to_build_it(monkeypatch):
+    """The refusal before MPI starts said only "run make setup", which a cluster user who
+    installed hpctrain with pip has no use for."""
+    import hpctrain
+    from hpctrain.sync.algorithm import Synchronous
+
+    monkeypatch.setitem(sys.modules, "horovod", None)  # find_spec: None, as if not installed
+    options = hpctrain.algorithm_options("ssgd")
+    config = hpctrain.RunConfig(algo="ssgd", algorithm=options(sync_backend="horovod"))
+    with pytest.raises(UsageError, match="--sync-backend horovod: horovod is not installed; "
+                                         "build Horovod 0.28.1 with PyTorch and MPI .*"
+                                         "build_horovod.sh .*make setup"):
+        Synchronous.check(config, 2, 64)
 
 
 def test_objects_are_pickled_by_value_as_horovod_does(monkeypatch):

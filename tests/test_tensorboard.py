@@ -14,6 +14,7 @@ from test_collapse import feed, watch_of  # noqa: E402
 
 from hpctrain import cli, data, live, models, tensorboard  # noqa: E402
 from hpctrain.config import OptimConfig, RunConfig  # noqa: E402
+from hpctrain.errors import UsageError  # noqa: E402
 from hpctrain.evaluate import Snapshots  # noqa: E402
 from hpctrain.metrics import Tally  # noqa: E402
 from hpctrain.metrics import progress as progress_bar  # noqa: E402
@@ -362,3 +363,15 @@ def test_a_run_killed_writing_its_outputs_has_each_entry_once_when_resumed(tmp_p
     expected = entries(tmp_path / "straight")
     assert expected["train/loss"][-1] == 64 and len(expected["test/accuracy"]) > 2
     assert entries(tmp_path / "run") == expected
+
+
+def test_tensorboard_missing_names_pip_first(monkeypatch):
+    """The refusal named ``make setup``, which a cluster user who installed with pip has no
+    use for, as the way to get the package."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec: None, as if not installed
+    with pytest.raises(UsageError) as e:
+        tensorboard.check_installed()
+    assert str(e.value).startswith("--tensorboard needs the tensorboard package: pip install "
+                                   'tensorboard (or pip install "hpctrain[tensorboard]"')

@@ -27,6 +27,7 @@ from hpctrain.comm import allreduce_bytes
 from hpctrain.errors import UsageError
 from hpctrain.guard import GradientGuard
 from hpctrain.options import option
+from hpctrain.sync import horovod_backend
 from hpctrain.sync.buckets import default_bucket_bytes
 
 
@@ -91,7 +92,8 @@ class Synchronous(Algorithm):
     def check(cls, config, ranks: int, samples: int) -> None:
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
-            raise UsageError("--sync-backend horovod: horovod is not installed (run make setup)")
+            raise UsageError(f"--sync-backend horovod: horovod is not installed; "
+                             f"{horovod_backend.INSTALL}")
         if config.algorithm.sync_backend == "horovod":
             _refuse_bf16_for_horovod(config)
         else:

@@ -11,6 +11,11 @@ from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
+# setup.py's horovod extra alone does not build against torch >= 2.1: the sdist asks for C++14.
+INSTALL = ("build Horovod 0.28.1 with PyTorch and MPI (HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1) "
+           "into this environment, its sdist patched to C++17 for torch >= 2.1 as "
+           "scripts/build_horovod.sh does (in a checkout, make setup runs that script)")
+
 
 def load() -> ModuleType:
     """``horovod.torch``; UsageError saying why when it cannot be imported."""
@@ -19,10 +24,10 @@ def load() -> ModuleType:
     except Exception as e:  # ImportError, or OSError from a mismatched compiled extension
         reason = (str(e).strip().splitlines() or [""])[0]
         raise UsageError(f"backend 'horovod' needs Horovod, which is not importable here "
-                         f"({type(e).__name__}: {reason}); run `make setup` to build it") from e
+                         f"({type(e).__name__}: {reason}); {INSTALL}") from e
     if not hasattr(hvd, "init"):
-        raise UsageError("backend 'horovod': Horovod was built without its MPI library; "
-                         "run `make setup` to rebuild it")
+        raise UsageError(f"backend 'horovod': Horovod was built without its MPI library; "
+                         f"{INSTALL}")
     return hvd
 
 
