@@ -113,6 +113,10 @@ class BuildKernels(build_ext):
     def run(self):
         super().run()
         want = _want_cuda()
+        # The library an earlier build left (build/lib..., or the package itself in place) is of
+        # older sources: packaged beside a CPU library of the new ones when this build skips
+        # CUDA (HPCTRAIN_BUILD_CUDA=0, no nvcc) or fails, it would be loaded. Built now, or none.
+        self._cuda_target().unlink(missing_ok=True)
         if want == "required":
             self._build_cuda()
         elif want == "optional":
@@ -122,12 +126,16 @@ class BuildKernels(build_ext):
                 print(f"hpctrain: warning: the CUDA kernel was not built ({e}); CPU only. "
                       "HPCTRAIN_BUILD_CUDA=1 makes its build required", file=sys.stderr)
 
+    def _cuda_target(self) -> Path:
+        """Where the CUDA library goes: beside the CPU extension."""
+        return Path(self.get_ext_fullpath("hpctrain._dc_update")).parent / CUDA_LIB
+
     def _build_cuda(self):
         nvcc = _nvcc()
         if nvcc is None:
             sys.exit("HPCTRAIN_BUILD_CUDA=1 but nvcc was not found (set CUDA_HOME or PATH)")
-        package_dir = Path(self.get_ext_fullpath("hpctrain._dc_update")).parent
-        package_dir.mkdir(parents=True, exist_ok=True)
+        target = self._cuda_target()
+        target.parent.mkdir(parents=True, exist_ok=True)
         archs = _cuda_archs()
         release = _nvcc_release(nvcc)
         warning = cuda_mismatch(release, _torch_cuda())
@@ -136,10 +144,6 @@ class BuildKernels(build_ext):
         gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
         last = archs[-1][3:]
         gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")  # PTX for newer GPUs
-        target = package_dir / CUDA_LIB
-        # A failed build must not leave the library of older sources to be loaded beside a CPU
-        # library of the new ones.
-        target.unlink(missing_ok=True)
         cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode,
                *_nvcc_threads(release), "kernels/dc_update.cu", "-o", str(target)]
         print(" ".join(cmd))

@@ -28,6 +28,17 @@ def sh(cmd: list[str], cwd, env, timeout: float) -> subprocess.CompletedProcess:
     return proc
 
 
+def clean_copy(source) -> None:
+    """The tracked files (and untracked, not ignored ones) into ``source``, as a fresh clone has
+    them: no build/, no built kernel."""
+    tracked = sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT,
+                 None, 30).stdout.split("\0")
+    for name in filter(None, tracked):
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+
+
 @pytest.mark.job
 @pytest.mark.timeout(300)
 def test_pip_install_into_a_fresh_environment_trains(tmp_path):
@@ -41,14 +52,8 @@ def test_pip_install_into_a_fresh_environment_trains(tmp_path):
         f.write("\n".join(site.getsitepackages()) + "\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env.update(HPCTRAIN_BUILD_CUDA="0", OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
-    # A clean copy of the tracked files, as a fresh clone has them: no build/, no built kernel.
     source = tmp_path / "source"
-    tracked = sh(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], ROOT,
-                 None, 30).stdout.split("\0")
-    for name in filter(None, tracked):
-        if (ROOT / name).is_file():
-            (source / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, source / name)
+    clean_copy(source)
     assert not list((source / "hpctrain").glob("*.so"))
     sh([str(py), "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", str(source)],
        tmp_path, env, 240)
@@ -64,3 +69,30 @@ def test_pip_install_into_a_fresh_environment_trains(tmp_path):
         "--model", "mlp", "--epochs", "1", "--no-progress", "--out", "run"], tmp_path, env, 120)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["algo"] == "dcasgd-a" and summary["final_test_acc"] > 0.5
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("build_cuda", ["0", "1"])
+def test_a_build_that_does_not_build_cuda_drops_an_earlier_cuda_library(tmp_path, build_cuda):
+    """A _dc_update_cuda.so that an earlier build left in build/lib... was packaged and
+    installed when the CUDA build was skipped (HPCTRAIN_BUILD_CUDA=0, or nvcc not found) or
+    failed: a library of older sources beside a CPU library of the new ones. ``1`` with an
+    architecture nvcc does not have is a failed build, with or without nvcc."""
+    built = [lib for lib in (ROOT / "hpctrain").glob("_*.so") if lib.name != "_dc_update_cuda.so"]
+    if len(built) < 2:
+        pytest.skip("the CPU libraries are not built in place (pip install -e .)")
+    source = tmp_path / "source"
+    clean_copy(source)
+    lib = tmp_path / "lib" / "hpctrain"
+    lib.mkdir(parents=True)
+    for so in built:  # newer than their sources: build_ext does not compile them again
+        shutil.copy(so, lib / so.name)
+    (lib / "_dc_update_cuda.so").write_bytes(b"built from older sources")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HPCTRAIN_BUILD_CUDA=build_cuda, HPCTRAIN_CUDA_ARCH="sm_none")
+    proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib",
+                           str(tmp_path / "lib")], cwd=source, env=env, capture_output=True,
+                          text=True, timeout=100)
+    assert proc.returncode == (0 if build_cuda == "0" else 1), proc.stderr
+    assert not (lib / "_dc_update_cuda.so").exists()
+    assert {so.name for so in lib.iterdir()} == {so.name for so in built}
