@@ -6,6 +6,9 @@ The fresh venv sees this checkout's virtualenv only as a path for its dependenci
 files, and so the editable install there, are not processed. ``--no-index`` keeps pip off the
 network (every dependency must already be there); the CUDA kernel is skipped to keep the test
 short (HPCTRAIN_BUILD_CUDA=0). A job test: ``make test-fast`` skips it.
+
+Also what setup.py builds and packages: no CUDA library of an earlier build in a build that
+does not build one, and an sdist that holds every source a build needs (MANIFEST.in).
 """
 
 from __future__ import annotations
@@ -96,3 +99,26 @@ def test_a_build_that_does_not_build_cuda_drops_an_earlier_cuda_library(tmp_path
     assert proc.returncode == (0 if build_cuda == "0" else 1), proc.stderr
     assert not (lib / "_dc_update_cuda.so").exists()
     assert {so.name for so in lib.iterdir()} == {so.name for so in built}
+
+
+@pytest.mark.timeout(120)
+def test_the_sdist_holds_what_building_and_testing_it_need(tmp_path):
+    """Without MANIFEST.in the sdist left out kernels/dc_update.cu (setup.py hands it to nvcc
+    itself, unseen by setuptools), so a wheel built from it had no CUDA kernel and
+    HPCTRAIN_BUILD_CUDA=1 failed; and the tests' conftest and scripts, which its tests need."""
+    import tarfile
+
+    source = tmp_path / "source"
+    clean_copy(source)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    sh([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path / "dist")], source, env,
+       100)
+    (sdist,) = (tmp_path / "dist").glob("hpctrain-*.tar.gz")
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    tracked = sh(["git", "ls-files"], ROOT, None, 30).stdout.split()
+    wanted = [name for name in tracked if name.split("/")[0] in (
+        "hpctrain", "kernels", "docs", "examples", "slurm", "scripts", "tests")]
+    assert "kernels/dc_update.cu" in names and "tests/conftest.py" in names
+    assert sorted(set(wanted) - names) == []
+    assert not [name for name in names if "__pycache__" in name or name.endswith(".so")]
