@@ -27,7 +27,9 @@ from hpctrain.errors import UsageError
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 SYSTEM_DIR = Path("/usr/share/datasets")
 _HOW_TO_GET = {
-    "fashion-mnist": "install Debian's dataset-fashion-mnist (make setup does) or pass --data-dir",
+    "fashion-mnist": "install Debian's dataset-fashion-mnist (make setup does), or put its four "
+                     "*-ubyte.gz files in a folder and pass --data-dir (or set HPCTRAIN_DATA); "
+                     "--dataset synthetic needs no files",
     "mnist": "put the four MNIST *-ubyte.gz files in a folder and pass --data-dir",
     "cifar10": "unpack CIFAR-10's binary version (cifar-10-binary.tar.gz) and pass --data-dir",
 }
