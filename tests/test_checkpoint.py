@@ -999,6 +999,7 @@ def test_every_rank_scores_lock_step_snapshots_on_rank_0s_clock():
     assert [s.info for s in snapshots] == [{"t": 1.0 + i, "updates": 10 * i} for i in range(3)]
     assert [float(s.state["1.running_mean"][0]) for s in snapshots] == [0.0, 1.0, 2.0]
 
+
 def sgd_checkpointer(folder, resume=None, comm_=None) -> checkpoint.Checkpointer:
     """A Checkpointer of a tiny model, every epoch of 10 updates."""
     torch.manual_seed(0)

@@ -35,10 +35,13 @@ def test_the_local_rank_comes_from_the_launchers_environment(monkeypatch, placed
     variable, whichever value it holds (a choice that ignored it would give 0 throughout)."""
     clear_launchers(monkeypatch)
     assert devices.local_rank() == 0
+    # Four GPUs (none here: their count stubbed), so that the choice shows the local rank.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     for local in (1, 2, 3):
         for var, value in placed.items():
             monkeypatch.setenv(var, value.format(local=local))
         assert devices.local_rank() == local
+        assert devices.local_gpu() == torch.device("cuda", local)
 
 
 def test_ranks_go_round_the_gpus():
