@@ -116,9 +116,10 @@ def test_the_sdist_holds_what_building_and_testing_it_need(tmp_path):
     (sdist,) = (tmp_path / "dist").glob("hpctrain-*.tar.gz")
     with tarfile.open(sdist) as tar:
         names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    tracked = sh(["git", "ls-files"], ROOT, None, 30).stdout.split()
-    wanted = [name for name in tracked if name.split("/")[0] in (
-        "hpctrain", "kernels", "docs", "examples", "slurm", "scripts", "tests")]
+    tracked = sh(["git", "ls-files", "-z"], ROOT, None, 30).stdout.split("\0")
+    wanted = [name for name in tracked if name.split("/")[0] in (  # those the copy holds
+        "hpctrain", "kernels", "docs", "examples", "slurm", "scripts", "tests")
+        and (source / name).is_file()]
     assert "kernels/dc_update.cu" in names and "tests/conftest.py" in names
     assert sorted(set(wanted) - names) == []
     assert not [name for name in names if "__pycache__" in name or name.endswith(".so")]
