@@ -52,21 +52,23 @@ def build(input_shape, num_classes):
 
 # What starts a job or another program, read from the syntax tree (not the text, where a
 # docstring or an expected message may name a launcher): a reference to one of conftest's
-# launch helpers, a call of ``subprocess`` or ``multiprocessing`` (or os.system, os.exec*,
-# os.spawn*, os.fork*), or an argv list (not one an assert compares with) that starts with a
-# launcher or sys.executable.
+# launch helpers, a call of ``subprocess``, ``multiprocessing`` or ``concurrent.futures``
+# (under any name they are imported as; or os.system, os.exec*, os.spawn*, os.fork*), or an
+# argv list (not one an assert compares with) that starts with a launcher or sys.executable.
 _LAUNCH_HELPERS = frozenset({"run_job", "start_job", "run_commands", "run_program", "mpirun",
                              "torchrun", "TORCHRUN"})
 _LAUNCHER_WORDS = frozenset({"mpirun", "mpiexec", "srun", "sbatch", "salloc", "torchrun"})
 _OS_SPAWNS = ("system", "popen", "exec", "spawn", "posix_spawn", "fork")
-_SPAWNING_MODULES = frozenset({"subprocess", "multiprocessing"})
+_SPAWNING_MODULES = frozenset({"subprocess", "multiprocessing", "concurrent.futures"})
 
 
-def _starts_program(node: ast.AST, parents: dict[ast.AST, ast.AST]) -> bool:
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) \
-            and isinstance(node.func.value, ast.Name):
-        module, name = node.func.value.id, node.func.attr
-        return module in _SPAWNING_MODULES or (module == "os" and name.startswith(_OS_SPAWNS))
+def _starts_program(node: ast.AST, parents: dict[ast.AST, ast.AST],
+                    spawning: set[str]) -> bool:
+    """Whether ``node`` starts a program; ``spawning``: the names the spawning modules have
+    in this file (``mp`` for ``import multiprocessing as mp``)."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        module, name = ast.unparse(node.func.value), node.func.attr
+        return module in spawning or (module == "os" and name.startswith(_OS_SPAWNS))
     if isinstance(node, (ast.List, ast.Tuple)) and node.elts \
             and not isinstance(parents.get(node), ast.Compare):
         first = node.elts[0]
@@ -84,6 +86,13 @@ def _launchers(module) -> set[str]:
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     bodies: dict[str, list[ast.AST]] = {}  # each top-level name: the nodes its use runs
     subprocess_names = set()  # from subprocess (or multiprocessing) import run (as ...)
+    spawning = set(_SPAWNING_MODULES)  # the modules' own names and those they are imported as
+    for node in ast.walk(tree):  # imports inside functions too
+        if isinstance(node, ast.Import):
+            spawning |= {alias.asname for alias in node.names
+                         if alias.asname and alias.name in _SPAWNING_MODULES}
+        elif isinstance(node, ast.ImportFrom) and node.module in _SPAWNING_MODULES:
+            subprocess_names |= {alias.asname or alias.name for alias in node.names}
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             bodies.setdefault(node.name, []).extend(node.body)
@@ -95,8 +104,6 @@ def _launchers(module) -> set[str]:
             for target in getattr(node, "targets", [getattr(node, "target", None)]):
                 if isinstance(target, ast.Name):
                     bodies.setdefault(target.id, []).append(node.value)
-        elif isinstance(node, ast.ImportFrom) and node.module in _SPAWNING_MODULES:
-            subprocess_names |= {alias.asname or alias.name for alias in node.names}
     refers: dict[str, set[str]] = {}
     direct = set()
     for name, nodes in bodies.items():
@@ -107,7 +114,7 @@ def _launchers(module) -> set[str]:
         used = {n.id for n in inside if isinstance(n, ast.Name)
                 and not isinstance(parents.get(n), ast.Attribute)}
         if _LAUNCH_HELPERS & used or subprocess_names & refers[name] \
-                or any(_starts_program(n, parents) for n in inside):
+                or any(_starts_program(n, parents, spawning) for n in inside):
             direct.add(name)
     found = direct
     while True:
