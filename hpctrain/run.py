@@ -351,6 +351,55 @@ def _epoch_data(train_data, epoch: int):
         return train_data.epoch(epoch)
 
 
+def _write_config(log: RunLog, config: RunConfig, algo: Algorithm, device: torch.device,
+                  size: int, runtime: Runtime, started_from: dict, resumes: list) -> None:
+    """Rank 0: ``config.json``, the run's settings as ``--config`` repeats them, with
+    ``run_info``: where, what and from which weights it ran, and its earlier attempts."""
+    info = {"workers": size, "device": str(device), **runtime.run_info(),
+            **provenance.invocation(),
+            **provenance.software(device), **provenance.process_group(), **started_from,
+            **provenance.code_files(config), **provenance.resolved(config, algo),
+            **({"byte_fields": own_byte_fields(type(algo))}
+               if plugins.is_reference(config.algo) else {})}
+    log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {
+        **info, **provenance.resumes(resumes, log.dir / "config.json", info)}})
+
+
+def _resumed_at(done: dict, steps: int) -> tuple[int, int, int, int]:
+    """Where a restored checkpoint's counters (``{}``: a fresh start) put the loop: the
+    global updates, this worker's steps, its epoch and its batch within the epoch."""
+    position = done.get("updates", 0)
+    # A lock-step checkpoint from before the one loop has no position of its own: derive it.
+    local_steps = done.get("local_steps", done.get("pushes", position))
+    epoch, i = done.get("local_epoch", position // steps), done.get("i", position % steps)
+    if i == steps:  # saved at the end of an epoch
+        epoch, i = epoch + 1, 0
+    return position, local_steps, epoch, i
+
+
+def _marks_covered(snapshots: Snapshots, position: int, per_epoch: int, every: int) -> int:
+    """The --eval-every marks a resumed run's snapshots cover: to its last one. Lock-step
+    loops take a mark's before the checkpoint there; an async rank 0 may not have reached
+    it (the others' pushes did), and the point was lost when the count at the checkpoint
+    said it passed. By its epoch: a run resumed on other workers counts other updates
+    (resize.py)."""
+    last = snapshots[-1].info.get("epoch") if snapshots else None
+    covered = position if last is None else min(position, round(last * per_epoch))
+    return covered // every
+
+
+def _per_worker(every: list[dict], wall: float) -> dict:
+    """The summary's fields gathered from every worker: its samples, busy time, straggler
+    sleep, peak memory, fp16 loss scale and overflows; the samples per second of them all."""
+    return {"samples_per_s": sum(w["samples"] for w in every) / wall,
+            "samples_per_worker": [w["samples"] for w in every],
+            "busy_s_per_worker": [w["busy_s"] for w in every],
+            "straggler_sleep_s_per_worker": [w["slept_s"] for w in every],
+            "peak_memory_per_worker": [w["peak"] for w in every],
+            "loss_scale_per_worker": [w["scale"] for w in every],
+            "overflow_steps_per_worker": [w["overflows"] for w in every]}
+
+
 def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
            world=None, runtime: Runtime = REAL) -> dict | None:
     """One worker's training, evaluation and (rank 0) outputs; collective over the workers.
@@ -393,14 +442,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
     log = RunLog(config.out, rank)
     if rank == 0:
-        info = {"workers": size, "device": str(s.device), **runtime.run_info(),
-                **provenance.invocation(),
-                **provenance.software(s.device), **provenance.process_group(), **started_from,
-                **provenance.code_files(config), **provenance.resolved(config, algo),
-                **({"byte_fields": own_byte_fields(type(algo))}
-                   if plugins.is_reference(config.algo) else {})}
-        log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {
-            **info, **provenance.resumes(resumes, log.dir / "config.json", info)}})
+        _write_config(log, config, algo, s.device, size, runtime, started_from, resumes)
     snapshots = Snapshots()
     snapshotting = algo.snapshots != "root" or rank == 0
     base_lr = optimizers.base_lr(o, size)
@@ -415,13 +457,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         snapshots.take(model, t=0.0, epoch=0.0, updates=0, lr=lr_before(0))
 
     done = ckpt.restore(snapshots, loaded)
-    position = done.get("updates", 0)
+    position, local_steps, epoch, i = _resumed_at(done, steps)
     samples = done.get("samples", 0)
-    # A lock-step checkpoint from before the one loop has no position of its own: derive it.
-    local_steps = done.get("local_steps", done.get("pushes", position))
-    epoch, i = done.get("local_epoch", position // steps), done.get("i", position % steps)
-    if i == steps:  # saved at the end of an epoch
-        epoch, i = epoch + 1, 0
     algo.start(position)
     if config.compile and rank == 0:
         compiled.announce()
@@ -434,15 +471,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        detector=detector, recorded=log.config)
     watch.begin(model, snapshots)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
-    # Marks a resumed run's snapshots cover: to its last one. Lock-step loops take a mark's
-    # before the checkpoint there; an async rank 0 may not have reached it (the others'
-    # pushes did), and the point was lost when the count at the checkpoint said it passed.
-    # By its epoch: a run resumed on other workers counts other updates (resize.py).
-    last = snapshots[-1].info.get("epoch") if snapshots else None
-    covered = position if last is None else min(position, round(last * per_epoch))
-    next_snapshot = (covered // snapshot_every + 1) * snapshot_every
-    taken_at = None  # the update of the last snapshot the loop took
-    first_mark, taken = covered // snapshot_every, 0  # marks passed, snapshots taken
+    first_mark = _marks_covered(snapshots, position, per_epoch, snapshot_every)
+    next_snapshot = (first_mark + 1) * snapshot_every
+    taken_at, taken = None, 0  # the update of the last snapshot the loop took; how many
     checked_at, widest = position, 0  # the most updates between two of this rank's checks
     compiled.apply(config.compile, model)  # lazily: the first step compiles
     profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank, size)
@@ -602,14 +633,8 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         dataset=config.data.dataset, epochs=o.epochs, updates=points[-1]["updates"],
         final_test_acc=points[-1]["test_acc"], final_test_loss=points[-1]["test_loss"],
         best_test_acc=max(p["test_acc"] for p in points), wall_s=wall, scoring_s=scoring,
-        samples_per_s=sum(w["samples"] for w in every) / wall,
-        params=models.num_parameters(model),
-        samples_per_worker=[w["samples"] for w in every],
-        busy_s_per_worker=[w["busy_s"] for w in every],
-        straggler_sleep_s_per_worker=[w["slept_s"] for w in every],
-        peak_memory_per_worker=[w["peak"] for w in every],
-        loss_scale_per_worker=[w["scale"] for w in every], device=s.device.type,
-        overflow_steps_per_worker=[w["overflows"] for w in every],
+        params=models.num_parameters(model), **_per_worker(every, wall),
+        device=s.device.type,
         gpu=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
         slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
         **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
