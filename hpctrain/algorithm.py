@@ -96,7 +96,7 @@ class Algorithm:
     """Base class and protocol of a training algorithm (see the module docstring)."""
 
     name: ClassVar[str]
-    Options: ClassVar[type] = NoOptions
+    Options: ClassVar[type[Options]] = NoOptions
     thread_level: ClassVar[str] = "serialized"  # MPI thread level (Horovod needs "multiple")
     defaults: ClassVar[dict] = {}  # shared optimisation options it sets differently
     # "replicated": every rank holds the same model and snapshots it; "per_rank": each its own

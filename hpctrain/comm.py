@@ -23,13 +23,16 @@ import traceback
 from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mpi4py
 
 from hpctrain import launch_env, nbc_tuning
 from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
 from hpctrain.switches import switch
+
+if TYPE_CHECKING:  # not at run time: importing it starts MPI (see above)
+    from mpi4py import MPI
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
 
@@ -165,7 +168,7 @@ def _thread_level_index(MPI: ModuleType, level: int) -> int:
     return order.index(level)
 
 
-def world():
+def world() -> MPI.Intracomm:
     """``MPI.COMM_WORLD``."""
     return mpi().COMM_WORLD
 

@@ -23,8 +23,10 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Any
 
 try:
     import tomllib
@@ -42,6 +44,7 @@ from hpctrain import (
     registry,
     userdata,
 )
+from hpctrain.algorithm import Algorithm, Options  # at run time: get_type_hints(RunConfig)
 from hpctrain.checkpoint import parse_every
 from hpctrain.checkpoint.policy import OFF
 from hpctrain.errors import UsageError
@@ -106,10 +109,11 @@ def _shown_betas(betas) -> str:
 class DataConfig:
     """Which data, and how it is placed and reshuffled over the ranks."""
 
-    dataset: str = option("fashion-mnist", "one of: " + ", ".join(data.DATASETS) + "; or your "
-                          "own: npz:FILE, imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE",
-                          parse=userdata.dataset_name)
-    data_dir: str | None = option(None, "folder with the data set's files")
+    # A Python caller may give the loading function itself (see __post_init__).
+    dataset: str | os.PathLike[str] | Callable[..., Any] = option(
+        "fashion-mnist", "one of: " + ", ".join(data.DATASETS) + "; or your own: npz:FILE, "
+        "imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE", parse=userdata.dataset_name)
+    data_dir: str | os.PathLike[str] | None = option(None, "folder with the data set's files")
     shuffle: str = option("global", "global (fresh permutation of all data each epoch), local "
                           "(each rank reshuffles its fixed part) or partial:Q (each rank also "
                           "sends a fraction Q in [0, 1] of its samples to other ranks)")
@@ -152,16 +156,18 @@ class DataConfig:
 class ModelConfig:
     """The network trained."""
 
-    name: str = option("lenet", "one of: " + ", ".join(models.MODELS) + "; or your own: "
-                       "MODULE:CALLABLE or ./FILE.py:CALLABLE, called as CALLABLE(input_shape, "
-                       "num_classes, **model_args)", flag="--model", parse=plugins.model_name)
+    # A Python caller may give the model's function or class itself (see __post_init__).
+    name: str | os.PathLike[str] | Callable[..., Any] = option(
+        "lenet", "one of: " + ", ".join(models.MODELS) + "; or your own: MODULE:CALLABLE or "
+        "./FILE.py:CALLABLE, called as CALLABLE(input_shape, num_classes, **model_args)",
+        flag="--model", parse=plugins.model_name)
     args: dict | None = option(None, "keyword arguments for a model of your own, as a JSON "
                                "object", flag="--model-args", parse=plugins.json_object,
                                metavar="JSON")
-    init_from: str | None = option(None, "start from these weights: an earlier run's folder "
-                                   "(its model.pt) or a file of torch.save(model.state_dict()); "
-                                   "a new run, with its own schedule and optimizer state",
-                                   flag="--init-from", metavar="PATH")
+    init_from: str | os.PathLike[str] | None = option(
+        None, "start from these weights: an earlier run's folder (its model.pt) or a file of "
+        "torch.save(model.state_dict()); a new run, with its own schedule and optimizer state",
+        flag="--init-from", metavar="PATH")
 
     def __post_init__(self) -> None:
         # The Python API may give the function or class itself: kept as its reference.
@@ -327,14 +333,14 @@ class CheckpointConfig:
                                "default): none, but --resume keeps the resumed run's "
                                "interval; off: none, not even on --resume, also over "
                                "--config's value", flag="--checkpoint-every", parse=parse_every)
-    dir: str | None = option(None, "folder for checkpoints (default <out>/checkpoints, or with "
-                             "--resume the folder resumed from)", flag="--checkpoint-dir")
-    resume: str | None = option(None, "continue the run whose checkpoints are in DIR (a run's "
-                                "--out or its checkpoint folder) from its newest valid "
-                                "checkpoint, with its --checkpoint-every unless given; "
-                                "auto: this run's own (--out or --checkpoint-dir) if it has "
-                                "any, else start it (for restarted and requeued jobs)",
-                                metavar="DIR|auto")
+    dir: str | os.PathLike[str] | None = option(
+        None, "folder for checkpoints (default <out>/checkpoints, or with --resume the folder "
+        "resumed from)", flag="--checkpoint-dir")
+    resume: str | os.PathLike[str] | None = option(
+        None, "continue the run whose checkpoints are in DIR (a run's --out or its checkpoint "
+        "folder) from its newest valid checkpoint, with its --checkpoint-every unless given; "
+        "auto: this run's own (--out or --checkpoint-dir) if it has any, else start it (for "
+        "restarted and requeued jobs)", metavar="DIR|auto")
 
     @property
     def interval(self) -> str | None:
@@ -385,10 +391,11 @@ class RunConfig:
     """One training run. ``algorithm`` holds the algorithm's own options (its ``Options``
     dataclass; None: its defaults)."""
 
-    algo: str = option("", "one of: " + registry.choices())
+    algo: str | type[Algorithm] = option("", "one of: " + registry.choices())
     seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int,
                        range=Range(-2 ** 63, 2 ** 63 - 1))  # torch's generators take 64 bits
-    out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
+    out: str | os.PathLike[str] | None = option(None, "output directory (default "
+                                                "runs/<algo>-<time>)")
     eval_every: float = option(0.25, "epochs between snapshots of the model (scored after "
                                "training, or with --eval online while it runs)",
                                parse=options.positive(float),
@@ -430,7 +437,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stragglers: StragglerConfig = field(default_factory=StragglerConfig)
-    algorithm: object = None
+    algorithm: Options | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.algo, type):  # the Python API's RunConfig(algo=Mine)
@@ -471,7 +478,8 @@ class RunConfig:
             profiling.parse(self.profile)
 
     @property
-    def algorithm_class(self):
+    def algorithm_class(self) -> type[Algorithm]:
+        """The class that trains this run (``algo``'s, a built-in's or one's own)."""
         return registry.get(self.algo)
 
 
@@ -622,7 +630,7 @@ def _build(cls, values, where: str):
     return cls(**values)
 
 
-def read_file(path: str | Path) -> dict:
+def read_file(path: str | os.PathLike[str]) -> dict:
     """The nested values of a TOML file, or of a run's ``config.json``."""
     if not isinstance(path, (str, os.PathLike)) or isinstance(path, bytes):
         raise TypeError(f"hpctrain.load_config takes a file's path, not "
@@ -655,7 +663,7 @@ def read_file(path: str | Path) -> dict:
     return values
 
 
-def load(path: str | Path) -> RunConfig:
+def load(path: str | os.PathLike[str]) -> RunConfig:
     """The configuration in a TOML file or a run's ``config.json``."""
     return from_dict(read_file(path))
 

@@ -15,6 +15,7 @@ import hashlib
 import inspect
 import os
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,7 +67,7 @@ class Dataset:
     def shape(self) -> tuple[int, int, int]:
         return tuple(self.images.shape[1:])
 
-    def subset(self, indices) -> Dataset:
+    def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> Dataset:
         idx = torch.as_tensor(indices, dtype=torch.long)
         return Dataset(self.name, self.images[idx], self.labels[idx], self.ids[idx],
                        self.num_classes)
@@ -255,7 +256,8 @@ def load_labels(name: str, split: str = "train", data_dir: str | None = None) ->
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def load_indices(name: str, split: str, indices, data_dir: str | None = None) -> Dataset:
+def load_indices(name: str, split: str, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                 data_dir: str | None = None) -> Dataset:
     """The samples at ``indices`` (any order), in that order, with their ids.
 
     Streams through the files once and keeps only the wanted samples, so a rank holding an

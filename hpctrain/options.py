@@ -268,9 +268,30 @@ _KINDS = {"int": ((int,), "a whole number"), "float": ((int, float), "a number")
           "str": ((str,), "a string"), "bool": ((bool,), "true or false")}
 
 
+# Alternatives a field's type may name beside the type it holds: what a Python caller may
+# give instead, which the dataclass makes a string of before :func:`check_fields` runs
+# (``ModelConfig(name=Net)``, ``RunConfig(out=Path(...))``).
+_GIVEN_AS = frozenset({"PathLike", "type", "Callable"})
+
+
 def _declared_type(f: Field) -> str:
-    """``f``'s declared type as written: "int | None" (a string under postponed annotations)."""
-    return f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    """``f``'s declared type as written (a string under postponed annotations), less the
+    alternatives only a caller gives: "str | os.PathLike[str] | None" is "str | None"."""
+    text = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    held = [t for t in _alternatives(text)
+            if t.split("[", 1)[0].rsplit(".", 1)[-1] not in _GIVEN_AS]
+    return " | ".join(held)
+
+
+def _alternatives(text: str) -> list[str]:
+    """The alternatives of a union written ``A | B[C | D]``: ["A", "B[C | D]"]."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += (c == "[") - (c == "]")
+        if c == "|" and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
 
 
 def _kind_problem(f: Field, value) -> str | None:

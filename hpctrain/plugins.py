@@ -29,6 +29,7 @@ import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +37,9 @@ from torch.nn import functional as F
 
 from hpctrain import comm, models
 from hpctrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from hpctrain.config import RunConfig
 
 _ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 _MODULE = _ATTRIBUTE
@@ -112,7 +116,7 @@ def absolute(text: str) -> str:
     return f"{Path(where).expanduser().resolve()}:{attribute}"
 
 
-def reference_to(flag: str, obj: str | Callable) -> str:
+def reference_to(flag: str, obj: str | os.PathLike[str] | Callable[..., Any]) -> str:
     """The reference that names ``obj``, a module-level function or class (the Python API's
     ``ModelConfig(name=build)``); a string is returned as given.
 
@@ -346,7 +350,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
     return model
 
 
-def build_for_data(config) -> nn.Module:
+def build_for_data(config: RunConfig) -> nn.Module:
     """The run's model (``config``: a RunConfig) for its data set's sample shape and classes
     (one test sample read): what an algorithm's check before MPI judges, such as its
     parameters' dtypes."""

@@ -184,7 +184,7 @@ def owners(field_name: str) -> list[str]:
             if field_name in {f.name for f in fields(a.Options)}]
 
 
-def options_of(name: str | type[Algorithm]) -> type:
+def options_of(name: str | type[Algorithm]) -> type[Options]:
     """The options dataclass of algorithm ``name`` (``hpctrain.algorithm_options("ec")(tau=5)``;
     a class of one's own: its ``Options``)."""
     if isinstance(name, type) and issubclass(name, Algorithm):

@@ -53,14 +53,19 @@ import reprlib
 import struct
 import zipfile
 import zlib
+from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from hpctrain import plugins
 from hpctrain.errors import UsageError
+
+if TYPE_CHECKING:
+    from hpctrain.data import Dataset
 
 FORMATS = ("npz", "imagefolder")
 MAX_CLASSES = 1_000_000  # more is a typo or a wrong array: the last layer alone would not fit
@@ -129,7 +134,7 @@ def size(name: str, split: str, data_dir: str | None = None) -> int:
 
 
 def load(name: str, split: str, data_dir: str | None = None, start: int = 0,
-         stop: int | None = None):
+         stop: int | None = None) -> Dataset:
     src = _opened(name, data_dir)
     n = src.size(_split(split))
     stop = n if stop is None else stop
@@ -142,7 +147,8 @@ def load_labels(name: str, split: str, data_dir: str | None = None) -> torch.Ten
     return torch.from_numpy(_opened(name, data_dir).labels(_split(split)))
 
 
-def load_indices(name: str, split: str, indices, data_dir: str | None = None):
+def load_indices(name: str, split: str, indices: Sequence[int] | np.ndarray | torch.Tensor,
+                 data_dir: str | None = None) -> Dataset:
     src = _opened(name, data_dir)
     idx = np.asarray(indices, dtype=np.int64).reshape(-1)
     wanted, back = np.unique(idx, return_inverse=True)
@@ -194,7 +200,7 @@ def _split(split: str) -> str:
     return split
 
 
-def _dataset(name: str, src, split: str, rows: np.ndarray):
+def _dataset(name: str, src, split: str, rows: np.ndarray) -> Dataset:
     from hpctrain.data import Dataset
 
     images = src.images(split, rows) if len(rows) else np.empty((0, *src.shape), np.float32)

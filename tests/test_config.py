@@ -7,6 +7,7 @@ import ast
 import dataclasses
 import json
 import re
+import typing
 from pathlib import Path
 
 import pytest
@@ -520,6 +521,26 @@ def test_numpy_numbers_and_paths_are_taken_as_plain_values(tmp_path):
                          (lambda: OptimConfig(lr=np.float64("nan")), "^--lr nan must be in")):
         with pytest.raises(UsageError, match=message):
             bad()
+
+
+def test_a_field_typed_with_what_a_caller_may_give_is_checked_as_the_string_it_holds():
+    """The annotations name what a Python caller may give (``out: str | os.PathLike[str] |
+    None``, ``algo: str | type[Algorithm]``, a model's function): the checks and the flags
+    read the type the field holds, a string, as when they were annotated ``str``."""
+    held = {f"{cls.__name__}.{f.name}": options._declared_type(f)
+            for cls in (RunConfig, *configs.SECTIONS.values()) for f in dataclasses.fields(cls)}
+    assert {key: held[key] for key in ("RunConfig.algo", "RunConfig.out", "DataConfig.dataset",
+                                       "DataConfig.data_dir", "ModelConfig.name",
+                                       "CheckpointConfig.resume")} == {
+        "RunConfig.algo": "str", "RunConfig.out": "str | None", "DataConfig.dataset": "str",
+        "DataConfig.data_dir": "str | None", "ModelConfig.name": "str",
+        "CheckpointConfig.resume": "str | None"}
+    with pytest.raises(UsageError, match=r"^--out 3 must be a string$"):
+        RunConfig(algo="sgd", out=3)
+    with pytest.raises(UsageError, match=r"^--checkpoint-dir 3 must be a string$"):
+        configs.CheckpointConfig(dir=3)
+    for cls in (RunConfig, *configs.SECTIONS.values()):  # their names resolve at run time
+        typing.get_type_hints(cls)
 
 
 DEEP = "[" * 100_000 + "]" * 100_000

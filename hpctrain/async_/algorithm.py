@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from hpctrain import devices, kernels, plugins, watchdog
-from hpctrain.algorithm import Algorithm, Options, Setup
+from hpctrain.algorithm import Algorithm, Comm, Options, Setup
 from hpctrain.async_ import shm
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
@@ -39,6 +40,10 @@ from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
 from hpctrain.metrics import Tally
 from hpctrain.options import HUGE, Range, option, shown
+
+if TYPE_CHECKING:
+    from hpctrain.checkpoint.folder import Loaded
+    from hpctrain.config import RunConfig
 
 
 @dataclass(frozen=True)
@@ -125,7 +130,7 @@ class ASGD(Algorithm):
     }
 
     @classmethod
-    def check(cls, config, ranks: int, samples: int) -> None:
+    def check(cls, config: RunConfig, ranks: int, samples: int) -> None:
         o = config.algorithm
         if not 0 <= o.servers < ranks:
             raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "
@@ -157,7 +162,7 @@ class ASGD(Algorithm):
                              "which exchanges nothing, is not supported for them either)")
 
     @classmethod
-    def workers(cls, config, ranks: int) -> int:
+    def workers(cls, config: RunConfig, ranks: int) -> int:
         return ranks - config.algorithm.servers
 
     def lam(self) -> float:
@@ -174,10 +179,10 @@ class ASGD(Algorithm):
     def per_epoch(self, steps: int, workers: int) -> int:
         return steps * workers  # every worker's push is a global update
 
-    def restore_model(self, loaded) -> None:
+    def restore_model(self, loaded: Loaded | None) -> None:
         self._loaded = loaded
 
-    def connect(self, world, model):
+    def connect(self, world: Comm, model: torch.nn.Module) -> Comm | None:
         loaded = getattr(self, "_loaded", None)
         if loaded is not None:  # the store starts from rank 0's values: the checkpoint's
             model.load_state_dict(loaded.payload["shared"]["model"])
@@ -189,7 +194,7 @@ class ASGD(Algorithm):
     def is_worker(self) -> bool:
         return self.store.is_worker
 
-    def make_optimizer(self, model):
+    def make_optimizer(self, model: torch.nn.Module) -> ASGDOptimizer:
         o = self.config.optim
         return ASGDOptimizer(model, self.store, lr=o.lr, momentum=o.momentum,
                              weight_decay=o.weight_decay)
@@ -318,7 +323,7 @@ class DCASGDConstant(ASGD):
         return {**super().resolved_options(),
                 **({"lam": self.lam()} if self.options.lam is None else {})}
 
-    def make_optimizer(self, model):
+    def make_optimizer(self, model: torch.nn.Module) -> DCASGDOptimizer:
         o = self.config.optim
         return DCASGDOptimizer(model, self.store, lr=o.lr, lam=self.lam(),
                                adaptive=self.adaptive,
@@ -352,7 +357,7 @@ class SSP(ASGD):
     def label(self) -> str:
         return f"{self.name} (S={self.options.max_staleness}, {self.options.consistency})"
 
-    def connect(self, world, model):
+    def connect(self, world: Comm, model: torch.nn.Module) -> Comm | None:
         workers = super().connect(world, model)
         self.bound = StalenessBound(self.store, self.options.max_staleness,
                                     patient=self.config.compile)
