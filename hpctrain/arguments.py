@@ -167,13 +167,12 @@ def on_off_flags(d: Declared) -> tuple[str, str]:
     return d.flag, "--no-" + d.flag.removeprefix("--")
 
 
-def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool = True,
-               typed: bool = True):
+def add_option(group, d: Declared, *, dest: str | None = None, typed: bool = True):
     """Declare ``d`` on an argparse group (an on/off option's undoing flag too, see
     :func:`on_off_flags`); its value is absent unless given. Returns ``d``'s own action."""
     m = d.field.metadata
     kw = {"dest": dest or d.dest, "default": argparse.SUPPRESS,
-          "help": m["help"] + (_default_text(d.field) if help_suffix else "")
+          "help": m["help"] + _default_text(d.field)
           + ("; none: not set, also over --config's value" if clearable(d) else "")}
     if not d.takes_value:
         kw["action"] = "store_false" if m.get("store_false") else "store_true"
