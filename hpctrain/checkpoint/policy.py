@@ -10,7 +10,6 @@ checkpoints, and says which output and checkpoint folders the run is to use.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from hpctrain.checkpoint.folder import (
 )
 from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.errors import UsageError
-from hpctrain.options import HUGE, shown
+from hpctrain.options import HUGE, as_typed, flag_of_key
 
 # Options that may differ between a run and its resumption. Most do not change results at all
 # (folders, the checkpoint interval, when a run gives up or stops, logging and profiling, the
@@ -263,7 +262,7 @@ def resumptions(header: dict | None, args: dict, ranks: int) -> list[dict]:
     earlier = header.get("resumes")
     before = _with_folders(header.get("args") if isinstance(header.get("args"), dict) else {})
     after = _with_folders(args)
-    changed = {"--" + key.replace("_", "-"): [before[key], after[key]]
+    changed = {flag_of_key(key): [before[key], after[key]]
                for key in sorted(before.keys() & after.keys() - {"resume"})
                if before[key] != after[key]}
     if header.get("ranks") != ranks:
@@ -288,7 +287,7 @@ def changed_option(old: dict, new: dict, may_change: frozenset[str],
     them: a changed ``--optimizer`` changes the default ``--lr`` too, and naming only that
     would hide the one the user changed. ``defaults`` (flat): a value that is its option's
     default is said to be, as a flag left out gives it."""
-    changes = [_changed("--" + key.replace("_", "-"), old[key], new[key],
+    changes = [_changed(flag_of_key(key), old[key], new[key],
                         (defaults or {}).get(key, _NONE))
                for key in _changed_keys(old, new, may_change)]
     return "; ".join(changes) or None
@@ -350,7 +349,7 @@ def _hint(old: dict, new: dict, may_change: frozenset[str], defaults: dict | Non
                 and new[key] == defaults[key]]
     notes = []
     if left_out:
-        notes.append("to go on, give " + " ".join(_typed("--" + k.replace("_", "-"), old[k])
+        notes.append("to go on, give " + " ".join(_typed(flag_of_key(k), old[k])
                                                   for k in left_out))
     if "epochs" in keys and "epochs" not in left_out:
         notes.append("--epochs shapes the learning-rate schedule, so a run keeps its length: "
@@ -371,7 +370,7 @@ def _changed(flag: str, old, new, default=_NONE) -> str:
         return f"with {flag}, not without it" if old else f"without {flag}, not with it"
     note = " (the default)" if default is not _NONE and new == default else ""
     if old is not None and new is not None:
-        return f"with {_typed(flag, old)}, not {_shown(new)}{note}"
+        return f"with {_typed(flag, old)}, not {_value(new)}{note}"
     return (f"without {flag} (its default; leave it out), not with {_typed(flag, new)}"
             if old is None else f"with {_typed(flag, old)}, not without it")
 
@@ -380,16 +379,12 @@ def _typed(flag: str, value) -> str:
     """``flag`` with ``value`` as typed: ``--lr 0.1``, ``--compile``, ``--lr-milestones 3,4``."""
     if isinstance(value, bool):
         return flag if value else f"--no-{flag.removeprefix('--')}"
-    return f"{flag} {_shown(value)}"
+    return f"{flag} {_value(value)}"
 
 
-def _shown(value) -> str:
-    """A recorded value as its flag takes it: a list comma-separated, a table as JSON."""
-    if isinstance(value, list | tuple):
-        return ",".join(map(_shown, value))
-    if isinstance(value, dict):
-        return f"'{json.dumps(value)}'"
-    return shown(value)
+def _value(value) -> str:
+    """A value as its flag takes it, a table in quotes: a refusal says what to type."""
+    return as_typed(value, quote="'")
 
 
 def resumes(resume: str | None, checkpoint_dir: str | None, out: str | None) -> bool:
