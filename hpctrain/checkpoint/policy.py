@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,29 +148,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     if resume == AUTO:
         resume = _auto(checkpoint_dir, out)
     if resume is not None:
-        given = resume
-        shown = f"auto ({given})" if typed == AUTO else given  # as the user typed it
-        if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
-            raise UsageError(f"--resume {shown}: is a file; give the folder that holds it "
-                             f"({Path(given).parent}): --resume takes its newest valid "
-                             "checkpoint")
-        if not Path(given).is_dir():
-            raise UsageError(f"--resume {shown}: no such folder")
-        folder = resolve(given)
-        header = _newest_header(folder, shown)
-        if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
-            raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
-                             f"{header.get('algo')} on {header.get('ranks')} ranks, not "
-                             f"--algo {algo} on {ranks}")
-        old = {**(absent or {}), **header.get("args", {})}
-        if header.get("ranks") != ranks:
-            may_change |= RESIZE_MAY_CHANGE
-        if same_weights(old.get("init_from"), run_config.get("init_from"), header):
-            may_change |= {"init_from"}
-        change = changed_option(old, run_config, may_change, defaults)
-        if change:
-            raise UsageError(f"--resume {shown}: the run was started {change}"
-                             f"{_hint(old, run_config, may_change, defaults, header)}")
+        folder, old = _resumed_run(resume, f"auto ({resume})" if typed == AUTO else resume,
+                                   algo=algo, ranks=ranks, resize=resize, run_config=run_config,
+                                   may_change=may_change, defaults=defaults, absent=absent)
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
@@ -178,42 +159,99 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         if every is None and not off and isinstance(recorded, str) and recorded != OFF:
             every = recorded
         resume = str(folder)
-    if resume is None and out is not None and (problems := _unreadable(Path(out) / SUBDIR)):
-        raise UsageError(f"--out {out} holds the checkpoints of an unfinished run, none of "
-                         f"which can be read ({_listed(problems)}): {_none_read('--out')}")
-    if resume is None and out is not None and listing(Path(out) / SUBDIR):
-        raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
-                         f"continue it with --resume {out} or choose another folder")
-    if resume is None and out is not None and (aside := corrupt(Path(out) / SUBDIR)):
-        raise UsageError(f"--out {out} holds an unfinished run's checkpoints, only unusable "
-                         f"ones ({aside[0].name}, ...): resume from a good copy, or choose "
-                         "another folder for a new run")
+    if resume is None and out is not None:
+        _refuse_theirs(
+            Path(out) / SUBDIR,
+            lambda problems: f"--out {out} holds the checkpoints of an unfinished run, none "
+                             f"of which can be read ({problems}): {_none_read('--out')}",
+            f"--out {out} holds the checkpoints of an unfinished run; continue it with "
+            f"--resume {out} or choose another folder",
+            lambda aside: f"--out {out} holds an unfinished run's checkpoints, only unusable "
+                          f"ones {aside}, or choose another folder for a new run")
     if out is not None and listing(out) and (resume is None or
                                              Path(out).resolve() != Path(resume).resolve()):
         raise UsageError(f"--out {out} is a folder of checkpoints (a run's --checkpoint-dir); "
                          f"continue that run with --resume {out} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
-        folder = run_folder(checkpoint_dir, out)
-        if resume is None and (problems := _unreadable(folder)):
-            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints, "
-                             f"none of which can be read ({_listed(problems)}): "
-                             f"{_none_read('--checkpoint-dir')}")
-        if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
-            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
-                             "resume it with --resume or choose another folder")
-        if resume is None and (aside := corrupt(folder)):  # a new run would write over theirs
-            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints, "
-                             f"only unusable ones ({aside[0].name}, ...): resume from a good "
-                             "copy, or choose another folder")
-        own = [Path(f).resolve() for f in (out, resume) if f is not None]
-        if folder.resolve() not in own and ((folder / "config.json").exists()
-                                             or listing(folder / SUBDIR)):
-            raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
-                             "choose another folder")
-        if (folder / "compare.json").exists():
-            raise UsageError(f"--checkpoint-dir {folder} holds a bench compare; choose "
-                             "another folder")
+        _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume)
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
+
+
+def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
+                 run_config: dict, may_change: frozenset[str], defaults: dict | None,
+                 absent: dict | None) -> tuple[Path, dict]:
+    """The checkpoint folder ``--resume given`` (``shown`` as the user typed it) resolves to,
+    and the options its newest checkpoint records, once that is found to be this run's (see
+    :func:`check`); UsageError, naming what differs, otherwise."""
+    if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
+        raise UsageError(f"--resume {shown}: is a file; give the folder that holds it "
+                         f"({Path(given).parent}): --resume takes its newest valid "
+                         "checkpoint")
+    if not Path(given).is_dir():
+        raise UsageError(f"--resume {shown}: no such folder")
+    folder = resolve(given)
+    header = _newest_header(folder, shown)
+    if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
+        raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
+                         f"{header.get('algo')} on {header.get('ranks')} ranks, not "
+                         f"--algo {algo} on {ranks}")
+    old = {**(absent or {}), **header.get("args", {})}
+    if header.get("ranks") != ranks:
+        may_change |= RESIZE_MAY_CHANGE
+    if same_weights(old.get("init_from"), run_config.get("init_from"), header):
+        may_change |= {"init_from"}
+    change = changed_option(old, run_config, may_change, defaults)
+    if change:
+        raise UsageError(f"--resume {shown}: the run was started {change}"
+                         f"{_hint(old, run_config, may_change, defaults, header)}")
+    return folder, old
+
+
+def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None) -> None:
+    """Refuse a checkpoint folder that holds another run's checkpoints (but the ones
+    resumed), is another run's ``--out`` or holds a bench compare: the run's would mix
+    with theirs."""
+    held = (f"--checkpoint-dir {folder} holds another run's checkpoints; resume it with "
+            "--resume or choose another folder")
+    if resume is None:  # a new run would mix its checkpoints with theirs, or write over them
+        _refuse_theirs(
+            folder,
+            lambda problems: f"--checkpoint-dir {folder} holds another run's checkpoints, "
+                             f"none of which can be read ({problems}): "
+                             f"{_none_read('--checkpoint-dir')}",
+            held,
+            lambda aside: f"--checkpoint-dir {folder} holds another run's checkpoints, only "
+                          f"unusable ones {aside}, or choose another folder")
+    elif listing(folder) and folder.resolve() != Path(resume).resolve():
+        raise UsageError(held)
+    own = [Path(f).resolve() for f in (out, resume) if f is not None]
+    if folder.resolve() not in own and ((folder / "config.json").exists()
+                                         or listing(folder / SUBDIR)):
+        raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
+                         "choose another folder")
+    if (folder / "compare.json").exists():
+        raise UsageError(f"--checkpoint-dir {folder} holds a bench compare; choose "
+                         "another folder")
+
+
+def _refuse_theirs(folder: Path, unreadable: Callable[[str], str], held: str,
+                   unusable: Callable[[str], str]) -> None:
+    """Refuse a new run's checkpoints in ``folder`` when another run's are there: none
+    readable (``unreadable`` of their problems), some (``held``), or only unusable ones set
+    aside (``unusable`` of :func:`_unusable`'s words). One order of checks for ``--out``'s
+    checkpoints and ``--checkpoint-dir``, so that a folder is judged alike under either."""
+    if problems := _unreadable(folder):
+        raise UsageError(unreadable(_listed(problems)))
+    if listing(folder):
+        raise UsageError(held)
+    if aside := corrupt(folder):
+        raise UsageError(unusable(_unusable(aside)))
+
+
+def _unusable(aside: list[Path]) -> str:
+    """Checkpoints set aside as unusable (``*.corrupt``), in a refusal: the first's name,
+    and the one way to go on from them."""
+    return f"({aside[0].name}, ...): resume from a good copy"
 
 
 def recorded_out(checkpoint_dir: str | Path) -> str | None:
@@ -407,8 +445,7 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
         return str(folder)
     if aside := corrupt(folder):  # a fresh start would write over their run
         raise UsageError(f"--resume auto: {folder} holds only unusable checkpoints "
-                         f"({aside[0].name}, ...): resume from a good copy, or choose "
-                         "another folder for a new run")
+                         f"{_unusable(aside)}, or choose another folder for a new run")
     return None
 
 
@@ -460,5 +497,5 @@ def _newest_header(folder: Path, given: str) -> dict:
                          f"({_listed(found)}): {_none_read('--out')}")
     if aside := corrupt(folder):  # set aside by an earlier attempt: say so, as auto does
         raise UsageError(f"--resume {given}: {folder} holds only unusable checkpoints "
-                         f"({aside[0].name}, ...): resume from a good copy")
+                         f"{_unusable(aside)}")
     raise UsageError(f"--resume {given}: no checkpoint found there")
