@@ -11,17 +11,16 @@ options to each run, reading their owners from :func:`algorithm_options`.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
-from hpctrain import checkpoint, comm, options, plugins, registry
+from hpctrain import checkpoint, comm, plugins, registry
 from hpctrain import config as configs
 from hpctrain.checkpoint.policy import AUTO
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError
-from hpctrain.options import dash_values, declared, flag_of, parser_of
+from hpctrain.options import as_typed, dash_values, declared, flag_of, flat_key, parser_of
 from hpctrain.run_folders import refuse_finished
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
@@ -167,13 +166,12 @@ def on_off_flags(d: Declared) -> tuple[str, str]:
     return d.flag, "--no-" + d.flag.removeprefix("--")
 
 
-def add_option(group, d: Declared, *, dest: str | None = None, help_suffix: bool = True,
-               typed: bool = True):
+def add_option(group, d: Declared, *, dest: str | None = None, typed: bool = True):
     """Declare ``d`` on an argparse group (an on/off option's undoing flag too, see
     :func:`on_off_flags`); its value is absent unless given. Returns ``d``'s own action."""
     m = d.field.metadata
     kw = {"dest": dest or d.dest, "default": argparse.SUPPRESS,
-          "help": m["help"] + (_default_text(d.field) if help_suffix else "")
+          "help": m["help"] + _default_text(d.field)
           + ("; none: not set, also over --config's value" if clearable(d) else "")}
     if not d.takes_value:
         kw["action"] = "store_false" if m.get("store_false") else "store_true"
@@ -436,7 +434,7 @@ def without_partners(base: dict, given: dict, path: str | None,
     for keys, by in gone:
         if comm.env_rank() == 0:
             value = filed(*keys)
-            print(f"hpctrain: {by}: leaving out {path}'s {'.'.join(keys)} {_shown(value)}",
+            print(f"hpctrain: {by}: leaving out {path}'s {'.'.join(keys)} {as_typed(value)}",
                   flush=True)
         base = _without(base, keys)
     return base
@@ -486,20 +484,10 @@ def _say_resumed_elsewhere(resume: str, out, path: str | None) -> None:
 
 
 def _listed(values: dict, keys: list[str]) -> str:
-    return ", ".join(f"{key} {_shown(values[key])}" for key in keys)
-
-
-def _shown(value) -> str:
-    """A file's or a default's value in a note, a list as its flag takes it: betas were
+    """A file's or a default's values in a note, each as its flag takes it: betas were
     ``(0.9, 0.999)`` from a default and ``[0.9, 0.999]`` from config.json, ``0.9,0.999``
     typed."""
-    if value is None:
-        return "none"
-    if isinstance(value, dict):
-        return json.dumps(value)
-    if isinstance(value, (list, tuple)):
-        return options.shown_list(value)
-    return options.shown(value)
+    return ", ".join(f"{key} {as_typed(values[key])}" for key in keys)
 
 
 def _same_algorithm(recorded, typed: str) -> bool:
@@ -556,20 +544,5 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     chunk = getattr(args, "data.shuffle_chunk_mb", None)
     if chunk is not None and config.data.data_placement == "replicated":  # the default typed
         raise configs.unmoved_chunk(chunk)
-    return config, frozenset(_flat_name(d.flag) for d in shared_options() + algo_options
-                             if _holds(values, d.path))
-
-
-def _flat_name(flag: str) -> str:
-    """An option's name in :func:`hpctrain.config.flat`: its flag's (``--no-progress``:
-    ``no_progress``)."""
-    return flag.removeprefix("--").replace("-", "_")
-
-
-def _holds(values: dict, path: tuple[str, ...]) -> bool:
-    """Whether nested ``values`` (:func:`given`'s, merged with a file's) set ``path``."""
-    for key in path:
-        if not isinstance(values, dict) or key not in values:
-            return False
-        values = values[key]
-    return True
+    return config, frozenset(flat_key(d.flag) for d in shared_options() + algo_options
+                             if _found(values, d.path) is not _ABSENT)

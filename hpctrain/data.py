@@ -299,13 +299,17 @@ def load_indices(name: str, split: str, indices: Sequence[int] | np.ndarray | to
     return ds if np.array_equal(wanted, idx) else ds.subset(torch.from_numpy(back))
 
 
-def _read_rows(f, path: Path, wanted: np.ndarray, row: int, keep: slice = slice(None),
-               chunk_bytes: int = 1 << 22) -> np.ndarray:
+# The bytes _read_rows reads at a time: few reads, and little memory beyond the rows kept.
+_CHUNK_BYTES = 1 << 22
+
+
+def _read_rows(f, path: Path, wanted: np.ndarray, row: int,
+               keep: slice = slice(None)) -> np.ndarray:
     """Rows ``wanted`` (sorted, unique) of ``row`` bytes each from ``f``'s current position on,
     read in chunks so that only the wanted rows stay in memory; ``keep`` selects their bytes."""
     width = len(range(row)[keep])
     out = np.empty((len(wanted), width), np.uint8)
-    per = max(1, chunk_bytes // row)
+    per = max(1, _CHUNK_BYTES // row)
     base, done = f.tell(), 0
     stop = int(wanted[-1]) + 1 if len(wanted) else 0
     for lo in range(0, stop, per):

@@ -131,7 +131,7 @@ def _jsonable(x):
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
 
 
-def new_run_folder(name: str, parent: Path = Path("runs")) -> Path:
+def new_run_folder(name: str) -> Path:
     """Make ``runs/<name>-<date>-<time>``, the folder of a run given no ``--out``.
 
     Made exclusively, with ``-2``, ``-3``, ... when another run took the name in the same
@@ -140,7 +140,7 @@ def new_run_folder(name: str, parent: Path = Path("runs")) -> Path:
     """
     stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
     for n in itertools.count(1):
-        path = parent / (stem if n == 1 else f"{stem}-{n}")
+        path = Path("runs") / (stem if n == 1 else f"{stem}-{n}")
         try:
             path.mkdir(parents=True)
             return path
@@ -149,7 +149,6 @@ def new_run_folder(name: str, parent: Path = Path("runs")) -> Path:
         except OSError as e:
             raise UsageError(f"cannot make the run's folder {path} ({e.strerror}); choose one "
                              "with --out") from None
-    raise AssertionError("unreachable")
 
 
 class RunLog:

@@ -10,6 +10,7 @@ so the command line, TOML files and Python callers share one declaration and one
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import numbers
 import os
@@ -199,6 +200,20 @@ def shown_list(values) -> str:
     return ",".join(map(shown, values))
 
 
+def as_typed(value, *, quote: str = "") -> str:
+    """A value in a message as its flag takes it: a list comma-separated (:func:`shown_list`),
+    a table as JSON, ``quote``d where the message is a command line to type (``'{"a": 1}'``),
+    None as ``none``. One spelling, for the notes on a ``--config`` file's values and the
+    refusals of a resume alike."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return f"{quote}{json.dumps(value)}{quote}"
+    if isinstance(value, (list, tuple)):
+        return shown_list(value)
+    return shown(value)
+
+
 def option(default, help: str, *, flag: str | None = None, parse=None, choices=None,
            range: Range | None = None, metavar: str | None = None, store_false: bool = False,
            clearable: bool = False, excludes: tuple[str, ...] = ()):
@@ -227,7 +242,19 @@ def option(default, help: str, *, flag: str | None = None, parse=None, choices=N
 
 def flag_of(f: Field) -> str:
     """The command-line flag of a dataclass field declared with :func:`option`."""
-    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+    return f.metadata.get("flag") or flag_of_key(f.name)
+
+
+def flag_of_key(key: str) -> str:
+    """The flag a :func:`hpctrain.config.flat` key stands for (``lr_milestones``:
+    ``--lr-milestones``), as a message names it."""
+    return "--" + key.replace("_", "-")
+
+
+def flat_key(flag: str) -> str:
+    """An option's :func:`hpctrain.config.flat` key, its flag's words (``--no-progress``:
+    ``no_progress``), the inverse of :func:`flag_of_key`."""
+    return flag.removeprefix("--").replace("-", "_")
 
 
 # A declared type -> the parser of its flag's value when the option gives none.

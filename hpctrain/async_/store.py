@@ -239,8 +239,7 @@ class ParameterStore:
         self.windows = [
             allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)
             for (lo, hi), owner in zip(self.bounds, self.owners, strict=True)]
-        self._counter = (MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate)(
-            16 if rank == self.hosts[0] else 0, 8, comm=comm)
+        self._counter = allocate(16 if rank == self.hosts[0] else 0, 8, comm=comm)
         self._initialize(values, root)
         # Shared memory: every shard's header and values, and the counters, mapped here.
         self._mapped = [_map(win.Shared_query(owner)[0]) if self.shared else None

@@ -10,9 +10,9 @@ checkpoints, and says which output and checkpoint folders the run is to use.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from hpctrain.checkpoint.folder import (
 )
 from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.errors import UsageError
-from hpctrain.options import HUGE, shown
+from hpctrain.options import HUGE, as_typed, flag_of_key
 
 # Options that may differ between a run and its resumption. Most do not change results at all
 # (folders, the checkpoint interval, when a run gives up or stops, logging and profiling, the
@@ -148,29 +148,9 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     if resume == AUTO:
         resume = _auto(checkpoint_dir, out)
     if resume is not None:
-        given = resume
-        shown = f"auto ({given})" if typed == AUTO else given  # as the user typed it
-        if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
-            raise UsageError(f"--resume {shown}: is a file; give the folder that holds it "
-                             f"({Path(given).parent}): --resume takes its newest valid "
-                             "checkpoint")
-        if not Path(given).is_dir():
-            raise UsageError(f"--resume {shown}: no such folder")
-        folder = resolve(given)
-        header = _newest_header(folder, shown)
-        if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
-            raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
-                             f"{header.get('algo')} on {header.get('ranks')} ranks, not "
-                             f"--algo {algo} on {ranks}")
-        old = {**(absent or {}), **header.get("args", {})}
-        if header.get("ranks") != ranks:
-            may_change |= RESIZE_MAY_CHANGE
-        if same_weights(old.get("init_from"), run_config.get("init_from"), header):
-            may_change |= {"init_from"}
-        change = changed_option(old, run_config, may_change, defaults)
-        if change:
-            raise UsageError(f"--resume {shown}: the run was started {change}"
-                             f"{_hint(old, run_config, may_change, defaults, header)}")
+        folder, old = _resumed_run(resume, f"auto ({resume})" if typed == AUTO else resume,
+                                   algo=algo, ranks=ranks, resize=resize, run_config=run_config,
+                                   may_change=may_change, defaults=defaults, absent=absent)
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
@@ -179,42 +159,99 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
         if every is None and not off and isinstance(recorded, str) and recorded != OFF:
             every = recorded
         resume = str(folder)
-    if resume is None and out is not None and (problems := _unreadable(Path(out) / SUBDIR)):
-        raise UsageError(f"--out {out} holds the checkpoints of an unfinished run, none of "
-                         f"which can be read ({_listed(problems)}): {_none_read('--out')}")
-    if resume is None and out is not None and listing(Path(out) / SUBDIR):
-        raise UsageError(f"--out {out} holds the checkpoints of an unfinished run; "
-                         f"continue it with --resume {out} or choose another folder")
-    if resume is None and out is not None and (aside := corrupt(Path(out) / SUBDIR)):
-        raise UsageError(f"--out {out} holds an unfinished run's checkpoints, only unusable "
-                         f"ones ({aside[0].name}, ...): resume from a good copy, or choose "
-                         "another folder for a new run")
+    if resume is None and out is not None:
+        _refuse_theirs(
+            Path(out) / SUBDIR,
+            lambda problems: f"--out {out} holds the checkpoints of an unfinished run, none "
+                             f"of which can be read ({problems}): {_none_read('--out')}",
+            f"--out {out} holds the checkpoints of an unfinished run; continue it with "
+            f"--resume {out} or choose another folder",
+            lambda aside: f"--out {out} holds an unfinished run's checkpoints, only unusable "
+                          f"ones {aside}, or choose another folder for a new run")
     if out is not None and listing(out) and (resume is None or
                                              Path(out).resolve() != Path(resume).resolve()):
         raise UsageError(f"--out {out} is a folder of checkpoints (a run's --checkpoint-dir); "
                          f"continue that run with --resume {out} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
-        folder = run_folder(checkpoint_dir, out)
-        if resume is None and (problems := _unreadable(folder)):
-            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints, "
-                             f"none of which can be read ({_listed(problems)}): "
-                             f"{_none_read('--checkpoint-dir')}")
-        if listing(folder) and (resume is None or folder.resolve() != Path(resume).resolve()):
-            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints; "
-                             "resume it with --resume or choose another folder")
-        if resume is None and (aside := corrupt(folder)):  # a new run would write over theirs
-            raise UsageError(f"--checkpoint-dir {folder} holds another run's checkpoints, "
-                             f"only unusable ones ({aside[0].name}, ...): resume from a good "
-                             "copy, or choose another folder")
-        own = [Path(f).resolve() for f in (out, resume) if f is not None]
-        if folder.resolve() not in own and ((folder / "config.json").exists()
-                                             or listing(folder / SUBDIR)):
-            raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
-                             "choose another folder")
-        if (folder / "compare.json").exists():
-            raise UsageError(f"--checkpoint-dir {folder} holds a bench compare; choose "
-                             "another folder")
+        _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume)
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
+
+
+def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
+                 run_config: dict, may_change: frozenset[str], defaults: dict | None,
+                 absent: dict | None) -> tuple[Path, dict]:
+    """The checkpoint folder ``--resume given`` (``shown`` as the user typed it) resolves to,
+    and the options its newest checkpoint records, once that is found to be this run's (see
+    :func:`check`); UsageError, naming what differs, otherwise."""
+    if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
+        raise UsageError(f"--resume {shown}: is a file; give the folder that holds it "
+                         f"({Path(given).parent}): --resume takes its newest valid "
+                         "checkpoint")
+    if not Path(given).is_dir():
+        raise UsageError(f"--resume {shown}: no such folder")
+    folder = resolve(given)
+    header = _newest_header(folder, shown)
+    if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
+        raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
+                         f"{header.get('algo')} on {header.get('ranks')} ranks, not "
+                         f"--algo {algo} on {ranks}")
+    old = {**(absent or {}), **header.get("args", {})}
+    if header.get("ranks") != ranks:
+        may_change |= RESIZE_MAY_CHANGE
+    if same_weights(old.get("init_from"), run_config.get("init_from"), header):
+        may_change |= {"init_from"}
+    change = changed_option(old, run_config, may_change, defaults)
+    if change:
+        raise UsageError(f"--resume {shown}: the run was started {change}"
+                         f"{_hint(old, run_config, may_change, defaults, header)}")
+    return folder, old
+
+
+def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None) -> None:
+    """Refuse a checkpoint folder that holds another run's checkpoints (but the ones
+    resumed), is another run's ``--out`` or holds a bench compare: the run's would mix
+    with theirs."""
+    held = (f"--checkpoint-dir {folder} holds another run's checkpoints; resume it with "
+            "--resume or choose another folder")
+    if resume is None:  # a new run would mix its checkpoints with theirs, or write over them
+        _refuse_theirs(
+            folder,
+            lambda problems: f"--checkpoint-dir {folder} holds another run's checkpoints, "
+                             f"none of which can be read ({problems}): "
+                             f"{_none_read('--checkpoint-dir')}",
+            held,
+            lambda aside: f"--checkpoint-dir {folder} holds another run's checkpoints, only "
+                          f"unusable ones {aside}, or choose another folder")
+    elif listing(folder) and folder.resolve() != Path(resume).resolve():
+        raise UsageError(held)
+    own = [Path(f).resolve() for f in (out, resume) if f is not None]
+    if folder.resolve() not in own and ((folder / "config.json").exists()
+                                         or listing(folder / SUBDIR)):
+        raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
+                         "choose another folder")
+    if (folder / "compare.json").exists():
+        raise UsageError(f"--checkpoint-dir {folder} holds a bench compare; choose "
+                         "another folder")
+
+
+def _refuse_theirs(folder: Path, unreadable: Callable[[str], str], held: str,
+                   unusable: Callable[[str], str]) -> None:
+    """Refuse a new run's checkpoints in ``folder`` when another run's are there: none
+    readable (``unreadable`` of their problems), some (``held``), or only unusable ones set
+    aside (``unusable`` of :func:`_unusable`'s words). One order of checks for ``--out``'s
+    checkpoints and ``--checkpoint-dir``, so that a folder is judged alike under either."""
+    if problems := _unreadable(folder):
+        raise UsageError(unreadable(_listed(problems)))
+    if listing(folder):
+        raise UsageError(held)
+    if aside := corrupt(folder):
+        raise UsageError(unusable(_unusable(aside)))
+
+
+def _unusable(aside: list[Path]) -> str:
+    """Checkpoints set aside as unusable (``*.corrupt``), in a refusal: the first's name,
+    and the one way to go on from them."""
+    return f"({aside[0].name}, ...): resume from a good copy"
 
 
 def recorded_out(checkpoint_dir: str | Path) -> str | None:
@@ -263,7 +300,7 @@ def resumptions(header: dict | None, args: dict, ranks: int) -> list[dict]:
     earlier = header.get("resumes")
     before = _with_folders(header.get("args") if isinstance(header.get("args"), dict) else {})
     after = _with_folders(args)
-    changed = {"--" + key.replace("_", "-"): [before[key], after[key]]
+    changed = {flag_of_key(key): [before[key], after[key]]
                for key in sorted(before.keys() & after.keys() - {"resume"})
                if before[key] != after[key]}
     if header.get("ranks") != ranks:
@@ -288,7 +325,7 @@ def changed_option(old: dict, new: dict, may_change: frozenset[str],
     them: a changed ``--optimizer`` changes the default ``--lr`` too, and naming only that
     would hide the one the user changed. ``defaults`` (flat): a value that is its option's
     default is said to be, as a flag left out gives it."""
-    changes = [_changed("--" + key.replace("_", "-"), old[key], new[key],
+    changes = [_changed(flag_of_key(key), old[key], new[key],
                         (defaults or {}).get(key, _NONE))
                for key in _changed_keys(old, new, may_change)]
     return "; ".join(changes) or None
@@ -350,7 +387,7 @@ def _hint(old: dict, new: dict, may_change: frozenset[str], defaults: dict | Non
                 and new[key] == defaults[key]]
     notes = []
     if left_out:
-        notes.append("to go on, give " + " ".join(_typed("--" + k.replace("_", "-"), old[k])
+        notes.append("to go on, give " + " ".join(_typed(flag_of_key(k), old[k])
                                                   for k in left_out))
     if "epochs" in keys and "epochs" not in left_out:
         notes.append("--epochs shapes the learning-rate schedule, so a run keeps its length: "
@@ -371,7 +408,7 @@ def _changed(flag: str, old, new, default=_NONE) -> str:
         return f"with {flag}, not without it" if old else f"without {flag}, not with it"
     note = " (the default)" if default is not _NONE and new == default else ""
     if old is not None and new is not None:
-        return f"with {_typed(flag, old)}, not {_shown(new)}{note}"
+        return f"with {_typed(flag, old)}, not {_value(new)}{note}"
     return (f"without {flag} (its default; leave it out), not with {_typed(flag, new)}"
             if old is None else f"with {_typed(flag, old)}, not without it")
 
@@ -380,16 +417,12 @@ def _typed(flag: str, value) -> str:
     """``flag`` with ``value`` as typed: ``--lr 0.1``, ``--compile``, ``--lr-milestones 3,4``."""
     if isinstance(value, bool):
         return flag if value else f"--no-{flag.removeprefix('--')}"
-    return f"{flag} {_shown(value)}"
+    return f"{flag} {_value(value)}"
 
 
-def _shown(value) -> str:
-    """A recorded value as its flag takes it: a list comma-separated, a table as JSON."""
-    if isinstance(value, list | tuple):
-        return ",".join(map(_shown, value))
-    if isinstance(value, dict):
-        return f"'{json.dumps(value)}'"
-    return shown(value)
+def _value(value) -> str:
+    """A value as its flag takes it, a table in quotes: a refusal says what to type."""
+    return as_typed(value, quote="'")
 
 
 def resumes(resume: str | None, checkpoint_dir: str | None, out: str | None) -> bool:
@@ -412,8 +445,7 @@ def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
         return str(folder)
     if aside := corrupt(folder):  # a fresh start would write over their run
         raise UsageError(f"--resume auto: {folder} holds only unusable checkpoints "
-                         f"({aside[0].name}, ...): resume from a good copy, or choose "
-                         "another folder for a new run")
+                         f"{_unusable(aside)}, or choose another folder for a new run")
     return None
 
 
@@ -465,5 +497,5 @@ def _newest_header(folder: Path, given: str) -> dict:
                          f"({_listed(found)}): {_none_read('--out')}")
     if aside := corrupt(folder):  # set aside by an earlier attempt: say so, as auto does
         raise UsageError(f"--resume {given}: {folder} holds only unusable checkpoints "
-                         f"({aside[0].name}, ...): resume from a good copy")
+                         f"{_unusable(aside)}")
     raise UsageError(f"--resume {given}: no checkpoint found there")

@@ -23,9 +23,9 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def empty_like(d: Dataset, n: int | None = None) -> Dataset:
-    """An uninitialised Dataset shaped like ``d`` with ``n`` (default ``len(d)``) samples."""
-    n = len(d) if n is None else n
+def empty_like(d: Dataset) -> Dataset:
+    """An uninitialised Dataset shaped like ``d``, with as many samples."""
+    n = len(d)
     return Dataset(d.name, torch.empty((n, *d.shape), dtype=d.images.dtype),
                    torch.empty(n, dtype=torch.long), torch.empty(n, dtype=torch.long),
                    d.num_classes)
