@@ -173,10 +173,11 @@ def test_half_precision_models_are_broadcast_and_averaged(dtype):
     from hpctrain.ec import average_model
 
     comm = world()
+    root = comm.Get_size() - 1  # broadcast_model(root=...), a public parameter
     model = member(comm.Get_rank()).to(dtype)
-    broadcast_model(model, comm)
+    broadcast_model(model, comm, root=root)
     assert torch.equal(torch.cat([t.reshape(-1) for t in floating_state(model)]),
-                       torch.cat([t.reshape(-1) for t in floating_state(member(0).to(dtype))]))
+                       torch.cat([t.reshape(-1) for t in floating_state(member(root).to(dtype))]))
     model = member(comm.Get_rank()).to(dtype)
     average_model(model, comm)
     members = [member(r).to(dtype) for r in range(comm.Get_size())]

@@ -99,13 +99,13 @@ def average_model(model: nn.Module, comm) -> int:
 
 
 @torch.no_grad()
-def broadcast_model(model: nn.Module, comm) -> None:
-    """Give every rank rank 0's parameters and buffers (collective); UsageError on every
+def broadcast_model(model: nn.Module, comm, root: int = 0) -> None:
+    """Give every rank ``root``'s parameters and buffers (collective); UsageError on every
     rank if the ranks' models differ (:func:`check_same_layout`)."""
     check_same_layout(model, comm, "broadcast_model")
     for t in model.state_dict(keep_vars=True).values():
         stage = HostStage(_exact(t.detach()))
-        comm.Bcast(mpi_buffer(stage.to_host()), root=0)
+        comm.Bcast(mpi_buffer(stage.to_host()), root=root)
         stage.to_device()
 
 
