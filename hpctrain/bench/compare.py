@@ -322,18 +322,6 @@ def replayed_sha256(sim_words: list[str]) -> str | None:
     return provenance.sha256_of(steptimes.file_of(run))
 
 
-def _check_out(out: str) -> None:
-    """``--out`` must be a folder that can be made: not "" (the working folder), and as a
-    run's (found when the first run starts, after the others were planned)."""
-    if not out.strip():
-        raise UsageError(f"--out {out!r} is empty: give a folder")
-    run_folders.check_folder("--out", out)
-    held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
-    if held:  # a train run's folder: the comparison's files would go in beside its own
-        raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another "
-                         "folder")
-
-
 def check_run(config: RunConfig, np: int, here: bool = False) -> int:
     """Check one planned run as ``hpctrain train`` checks itself before MPI starts
     (:func:`hpctrain.launch_checks.check_launch`) on ``np`` processes; return how many of them train
@@ -413,7 +401,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         raise UsageError(f"--timeout {args.timeout:g}: must be in [0, {HUGE:g}] "
                          "(0: none)")
     report.parse_targets(args.targets)
-    _check_out(args.out)
+    report.check_out_folder(args.out)  # else found as the first run starts, all planned
     given = given_options(args)
     _check_owned(given, algos, args.algos, _recorded_words(args))
     seeds = getattr(args, "seeds", None)

@@ -1450,6 +1450,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the run's, which needs --out)")
 
 
+def check_out_folder(out: str) -> None:
+    """An ``--out`` that report.md (of ``report`` or ``bench compare``) may go in: not ""
+    (the working folder), one that can be made or written in, and not a training run's
+    folder, whose files would get the report's beside them."""
+    if not out.strip():
+        raise UsageError(f"--out {out!r} is empty: give a folder")
+    from hpctrain.run_folders import check_folder
+
+    check_folder("--out", out)
+    held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
+    if held:
+        raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another folder")
+
+
 def report_folder(folder: str, out: str | None) -> Path:
     """Where the report of ``folder`` goes (``--out``, else ``folder``), checked before
     anything is read: never into a training run's folder, whose files are the run's (bench
@@ -1461,14 +1475,7 @@ def report_folder(folder: str, out: str | None) -> Path:
                              f"the run's: give --out FOLDER for the report, or the folder that "
                              f"holds the run ({Path(folder).resolve().parent})")
         return Path(folder)
-    if not out.strip():
-        raise UsageError(f"--out {out!r} is empty: give a folder")
-    from hpctrain.run_folders import check_folder
-
-    check_folder("--out", out)
-    held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
-    if held:
-        raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another folder")
+    check_out_folder(out)
     if (Path(out) / RECORD).exists() and Path(out).resolve() != Path(folder).resolve():
         raise UsageError(f"--out {out} holds another comparison (its {RECORD}), whose report "
                          "this would replace; choose another folder")
