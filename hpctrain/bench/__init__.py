@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import statistics
 from decimal import Decimal
 
 from hpctrain import provenance
@@ -44,6 +45,15 @@ def header(record: dict) -> str:
     return (f"machine: {record['host']}, {record['cpus']} CPUs ({record.get('cpu', '?')}), "
             f"load {load('load_average_start')} -> {load('load_average_end')} (1 min); "
             f"torch {record['torch']}, hpctrain {record['hpctrain']}{commit}; {record['date']}")
+
+
+def mean_over_ranks(world, medians: dict[str, float]) -> tuple[dict[str, float],
+                                                                  list[dict[str, float]]]:
+    """The mean over the ranks of each of this rank's ``medians`` (its own median of each
+    figure), and every rank's medians: a rank's median drops its outliers (a preempted
+    iteration), the mean then weighs every rank alike. Collective: every rank calls it."""
+    per_rank = world.allgather(medians)
+    return {k: statistics.fmean(r[k] for r in per_rank) for k in medians}, per_rank
 
 
 def at_most(parse, high: float):

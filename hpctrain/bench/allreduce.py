@@ -241,8 +241,8 @@ def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str) -> tu
 
 
 def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
-    per_rank = world.allgather(medians)  # per-rank medians, averaged over the ranks
-    ms = {k: 1e3 * statistics.fmean(r[k] for r in per_rank) for k in medians}
+    means, _ = bench.mean_over_ranks(world, medians)
+    ms = {k: 1e3 * mean for k, mean in means.items()}
     width = _width(params)
     n_params = _LAYERS * (width * width + width)
     compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, TORCH_BACKEND, HOROVOD, MPI_ADASUM,

@@ -47,6 +47,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import TextIO
 
 from hpctrain import (
     arguments,
@@ -322,18 +323,6 @@ def replayed_sha256(sim_words: list[str]) -> str | None:
     return provenance.sha256_of(steptimes.file_of(run))
 
 
-def _check_out(out: str) -> None:
-    """``--out`` must be a folder that can be made: not "" (the working folder), and as a
-    run's (found when the first run starts, after the others were planned)."""
-    if not out.strip():
-        raise UsageError(f"--out {out!r} is empty: give a folder")
-    run_folders.check_folder("--out", out)
-    held = [name for name in ("summary.json", "config.json") if (Path(out) / name).exists()]
-    if held:  # a train run's folder: the comparison's files would go in beside its own
-        raise UsageError(f"--out {out} holds a training run ({held[0]}); choose another "
-                         "folder")
-
-
 def check_run(config: RunConfig, np: int, here: bool = False) -> int:
     """Check one planned run as ``hpctrain train`` checks itself before MPI starts
     (:func:`hpctrain.launch_checks.check_launch`) on ``np`` processes; return how many of them train
@@ -413,7 +402,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         raise UsageError(f"--timeout {args.timeout:g}: must be in [0, {HUGE:g}] "
                          "(0: none)")
     report.parse_targets(args.targets)
-    _check_out(args.out)
+    report.check_out_folder(args.out)  # else found as the first run starts, all planned
     given = given_options(args)
     _check_owned(given, algos, args.algos, _recorded_words(args))
     seeds = getattr(args, "seeds", None)
@@ -685,25 +674,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
         if timer:
             timer.start()
         try:
-            pending = b""
-            while chunk := proc.stderr.read1(65536):
-                buf = pending + chunk
-                held = buf.endswith(b"\r")  # a "\r\n" may be cut between two reads
-                # Lines end with "\n" ("\r\n" too); a lone "\r" ends a progress bar's update.
-                *pieces, pending = re.split(rb"(?<=\n)|(?<=\r)(?!\n)", buf[:-1] if held else buf)
-                pending += b"\r" if held else b""
-                for piece in pieces:
-                    text = piece.decode(errors="replace").rstrip()
-                    if piece.endswith(b"\n"):
-                        lines.append(text)
-                        log.write(text + "\n")
-                        display.line(text)
-                    elif text.strip():
-                        display.progress(text.strip())
-            if last := pending.decode(errors="replace").strip():  # no newline at the end
-                lines.append(last)
-                log.write(last + "\n")
-                display.line(last)
+            _relay_stderr(proc, log, display, lines)
             returncode = proc.wait()
         finally:
             if warning is not None:
@@ -715,26 +686,62 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     seconds = time.monotonic() - start
     record = {"np": run.np, "command": shlex.join(run.command), "ignored": run.ignored,
               "returncode": returncode, "seconds": round(seconds, 1)}
-    if expired.is_set():
+    return {**record, **_verdict(run, run_dir, returncode, list(lines),
+                                 timeout if expired.is_set() else None)}
+
+
+def _relay_stderr(proc: subprocess.Popen, log: TextIO, display: _Display,
+                  lines: deque[str]) -> None:
+    """Pass ``proc``'s stderr on as it comes until it ends: each line to the run's ``log``,
+    the ``display`` and ``lines`` (the last ones name why a failed run failed), and each
+    update of a progress bar (ended by a lone carriage return) to the display only."""
+    def emit(text: str) -> None:
+        lines.append(text)
+        log.write(text + "\n")
+        display.line(text)
+
+    pending = b""
+    while chunk := proc.stderr.read1(65536):
+        buf = pending + chunk
+        held = buf.endswith(b"\r")  # a "\r\n" may be cut between two reads
+        # Lines end with "\n" ("\r\n" too); a lone "\r" ends a progress bar's update.
+        *pieces, pending = re.split(rb"(?<=\n)|(?<=\r)(?!\n)", buf[:-1] if held else buf)
+        pending += b"\r" if held else b""
+        for piece in pieces:
+            text = piece.decode(errors="replace").rstrip()
+            if piece.endswith(b"\n"):
+                emit(text)
+            elif text.strip():
+                display.progress(text.strip())
+    if last := pending.decode(errors="replace").strip():  # no newline at the end
+        emit(last)
+
+
+def _verdict(run: Run, run_dir: Path, returncode: int, lines: list[str],
+             timed_out: float | None) -> dict:
+    """How a run that ended with ``returncode`` went, from that and what it left in
+    ``run_dir``: its ``status``, ``error`` and, where the timeout (``timed_out``, else None)
+    stopped it after it wrote its outputs, a ``note``. Its row fails, not the comparison."""
+    if timed_out is not None:
         # Rank 0 writes summary.json last: a run stopped after it (in MPI's teardown) has
         # all its outputs, and was a failed row (its start-up counts towards the timeout).
         if finished_unrecorded(run, run_dir) is not None:
-            return {**record, "status": "ok", "error": None,
-                    "note": f"the {timeout:g} s timeout stopped it after it wrote its outputs"}
-        return {**record, "status": "failed", "error": f"stopped after the {timeout:g} s timeout"}
+            return {"status": "ok", "error": None,
+                    "note": f"the {timed_out:g} s timeout stopped it after it wrote its outputs"}
+        return {"status": "failed", "error": f"stopped after the {timed_out:g} s timeout"}
     try:
         summary = read_summary(run_dir) if (run_dir / "summary.json").is_file() else None
     except UsageError as e:  # this run's row fails, not the comparison
-        return {**record, "status": "failed", "error": str(e)}
+        return {"status": "failed", "error": str(e)}
     stopped = summary is not None and summary.get("stopped_on_collapse")
     if returncode != 0 and not stopped:  # a collapse-stopped run is a row (marked), not a failure
-        return {**record, "status": "failed", "error": last_error(list(lines), returncode)}
+        return {"status": "failed", "error": last_error(lines, returncode)}
     if summary is None:
-        return {**record, "status": "failed", "error": "exited 0 without writing summary.json"}
+        return {"status": "failed", "error": "exited 0 without writing summary.json"}
     problem = launch_problem(run, summary)
     if problem:
-        return {**record, "status": "failed", "error": problem}
-    return {**record, "status": "ok", "error": None}
+        return {"status": "failed", "error": problem}
+    return {"status": "ok", "error": None}
 
 
 def launch_problem(run: Run, summary: dict) -> str | None:

@@ -38,6 +38,7 @@ DESCRIPTION = ("Sharded global reshuffle, MB/s per rank, against a raw Alltoallv
                "and scatter of the same rows; run with mpirun -np 2 or more.")
 THREAD_LEVEL = "serialized"
 _META_BYTES = 16  # int64 label and id travel with each image
+_RATES = ("reshuffle_mb_s", "raw_mb_s", "raw_plus_copies_mb_s")  # a rank's per_rank entry
 
 
 def add_arguments(parser) -> None:
@@ -168,12 +169,11 @@ def run(args: argparse.Namespace) -> dict:
         floor_mbs.append(sent / (raw_s + copies_s) / 1e6)
         shuffle_mbs.append(sent / total_s / 1e6)
         sent_mb.append(sent / 1e6)
-    # Per-rank medians, then the mean over ranks.
-    per_rank = world.allgather([statistics.median(x) for x in (shuffle_mbs, raw_mbs, floor_mbs)])
-    shuffle_rate, raw_rate, floor_rate = (statistics.fmean(r[i] for r in per_rank)
-                                          for i in range(3))
-    medians = world.allgather({p: statistics.median(v) * 1e3 for p, v in phase_s.items()})
-    phases_ms = {p: statistics.fmean(m[p] for m in medians) for p in phase_s}
+    rates, per_rank = bench.mean_over_ranks(world, dict(zip(
+        _RATES, map(statistics.median, (shuffle_mbs, raw_mbs, floor_mbs)), strict=True)))
+    shuffle_rate, raw_rate, floor_rate = (rates[k] for k in _RATES)
+    phases_ms, _ = bench.mean_over_ranks(
+        world, {p: statistics.median(v) * 1e3 for p, v in phase_s.items()})
     result = {"benchmark": "shuffle", "ranks": ranks, "dataset": args.dataset,
               "partition": args.partition, "samples": td.num_samples,
               "btl": os.environ.get("OMPI_MCA_btl", "default"),
@@ -184,8 +184,7 @@ def run(args: argparse.Namespace) -> dict:
               "ratio": shuffle_rate / raw_rate,
               "raw_plus_copies_mb_s_per_rank": floor_rate,
               "ratio_to_floor": shuffle_rate / floor_rate, "phases_ms": phases_ms,
-              "per_rank": [dict(zip(("reshuffle_mb_s", "raw_mb_s", "raw_plus_copies_mb_s"), r,
-                                    strict=True)) for r in per_rank],
+              "per_rank": per_rank,
               "machine": bench.machine(start)}
     if me == 0:
         print(bench.header(result["machine"]))
