@@ -177,6 +177,19 @@ def rank() -> int:
     return world().Get_rank()
 
 
+def large_messages(comm_):
+    """``comm_`` for pickled messages past 2 GiB (a run's snapshots together, a checkpoint's
+    gathering): MPI-3 libraries such as Open MPI 4 refuse one (``MPI_ERR_ARG``), and
+    mpi4py's ``pkl5`` sends it in parts. Its ``bcast``, ``gather`` and ``scatter`` are
+    collectives every rank makes through it. Another communicator (torchrun's, the
+    simulator's) is returned as it is."""
+    if not type(comm_).__module__.startswith("mpi4py"):  # importing mpi4py.MPI starts MPI
+        return comm_
+    from mpi4py.util import pkl5
+
+    return pkl5.Intracomm(comm_)
+
+
 def size() -> int:
     return world().Get_size()
 

@@ -336,11 +336,17 @@ def _from_rank0(model, snapshots: Snapshots, comm_) -> None:
     (``wall_s``'s), whichever rank scores a snapshot: a curve scored by two ranks went back
     in time between neighbours (collective; the buffers and a few numbers per snapshot)."""
     names = [name for name, _ in model.named_buffers()]
-    ours = comm_.bcast([({k: s.state[k] for k in names if k in s.state}, s.info)
-                        for s in snapshots], root=0)
+    ours = _rank0s([({k: s.state[k] for k in names if k in s.state}, s.info)
+                    for s in snapshots], comm_)
     for snapshot, (buffers, info) in zip(snapshots, ours, strict=True):
         snapshot.state.update(buffers)
         snapshot.info = info
+
+
+def _rank0s(items: list | None, comm_) -> list:
+    """Rank 0's ``items`` (its snapshots, or their buffers) on every rank (collective; the
+    others' are not used): together they may pass 2 GiB."""
+    return comm.large_messages(comm_).bcast(items, root=0)
 
 
 def _epoch_data(train_data, epoch: int):
@@ -599,7 +605,7 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
         watch.snapshot(model, snapshots)
     finished = _state(model) if final_taken else None
     if algo.snapshots == "root" and comm_ is not None:
-        snapshots = comm_.bcast(snapshots, root=0)
+        snapshots = _rank0s(snapshots, comm_)  # spread their scoring over the workers
     elif algo.snapshots == "replicated" and comm_ is not None:
         _from_rank0(model, snapshots, comm_)
     final_state = snapshots[-1].state if finished is None else finished

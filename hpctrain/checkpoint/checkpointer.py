@@ -35,6 +35,7 @@ from hpctrain.checkpoint.format import _header_of, encode
 from hpctrain.checkpoint.policy import OFF, Every
 from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
+from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 from hpctrain.rank0_flag import Rank0Flag
@@ -156,9 +157,9 @@ class Checkpointer:
                       elapsed)
             parts = [(ranks[r], restored[r] if self.snapshots_per_rank else None)
                      for r in range(self.workers)]
-        if self.comm is not None:
-            common = self.comm.bcast(common, root=0)
-            mine, own = self.comm.scatter(parts, root=0)
+        if self.comm is not None:  # the snapshots together may pass 2 GiB
+            common = large_messages(self.comm).bcast(common, root=0)
+            mine, own = large_messages(self.comm).scatter(parts, root=0)
         else:
             mine, own = parts[0]
         path, header, shared, book, self.refs, first, position, self.resized, elapsed = common
@@ -289,7 +290,7 @@ class Checkpointer:
         self.written = len(snapshots)
         gathered = [(mine, new)]
         if self.comm is not None:
-            gathered = self.comm.gather((mine, new), root=0)
+            gathered = large_messages(self.comm).gather((mine, new), root=0)
         if self.rank == 0:  # a long write is progress, not a stall
             with watchdog.busy("writing checkpoint", updates):
                 self._write(updates, [m for m, _ in gathered],

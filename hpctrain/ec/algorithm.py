@@ -26,6 +26,7 @@ from hpctrain import comm
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint import policy
 from hpctrain.checkpoint.resize import mean_tensors
+from hpctrain.comm import large_messages
 from hpctrain.ec.averaging import ModelAveraging as Averaging
 from hpctrain.ec.averaging import broadcast_model, frozen_names
 from hpctrain.ec.compression import DISTILL_FROM
@@ -272,7 +273,7 @@ class EnsembleCompression(ModelAveraging):
     def write_outputs(self, log, snapshots, comm) -> None:
         if self.final_model() != "ensemble":
             return
-        members = comm.gather(snapshots[-1].state, root=0)
+        members = large_messages(comm).gather(snapshots[-1].state, root=0)  # K models
         if log.rank == 0:
             buf = io.BytesIO()
             torch.save({"members": members}, buf)
