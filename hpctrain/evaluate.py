@@ -66,6 +66,27 @@ class Snapshots(list):
         self.append(Snapshot(state, info))
 
 
+def state_bytes(model: nn.Module) -> int:
+    """The bytes one snapshot of ``model`` holds: its state dict's tensors."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def footprint_warning(each: int, count: int, copies: int, available: int | None,
+                      where: str) -> str | None:
+    """A warning where ``copies`` of ``count`` snapshots of ``each`` bytes (one per worker) take
+    more than half of the ``available`` bytes (None: not known) ``where`` (this node's
+    memory, a checkpoint folder's disk), or None. They are kept to the run's end, so too
+    many end a long run hours in."""
+    need = each * count * copies
+    if available is None or 2 * need <= available:
+        return None
+    workers = f" for each of {copies} workers" if copies > 1 else ""
+    return (f"hpctrain: warning: the run's snapshots will take about {need / 1e9:.1f} GB "
+            f"{where} ({count} of {each / 1e6:.1f} MB{workers}, kept to the end of the "
+            f"run), more than half of its {available / 1e9:.1f} GB available: raise "
+            f"--eval-every for fewer")
+
+
 def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Dataset,
                        comm=None) -> list[dict]:
     """Score every snapshot on ``test_set``: one curve point per snapshot, in order.

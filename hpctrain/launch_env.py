@@ -315,6 +315,18 @@ def as_integer(value) -> int | None:
         return None
 
 
+# Each launcher's count of its processes on this node (Slurm's per-node counts are a list).
+LOCAL_SIZES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
+               "PALS_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+
+
+def local_size(environ: Mapping[str, str] | None = None) -> int | None:
+    """The launch's processes on this node, where its launcher says (without MPI: the
+    count is wanted before a collective can be made); None where none does."""
+    env = os.environ if environ is None else environ
+    return next((int(env[v]) for v in LOCAL_SIZES if env.get(v, "").isdigit()), None)
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on: its affinity (the launcher's binding, a Slurm
     step's cpus), else, where there is none (not Linux), the machine's count."""

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 from dataclasses import replace
 
@@ -57,7 +58,7 @@ from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm, Setup
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
-from hpctrain.evaluate import Snapshots
+from hpctrain.evaluate import Snapshots, footprint_warning, state_bytes
 from hpctrain.launch_checks import check_launch, finished_run, initial_model
 from hpctrain.metrics import RunLog
 from hpctrain.metrics import progress as progress_bar
@@ -394,6 +395,31 @@ def _marks_covered(snapshots: Snapshots, position: int, per_epoch: int, every: i
     return covered // every
 
 
+def _say_footprint(model, count: int, copies: int, size: int,
+                   ckpt: checkpoint.Checkpointer) -> None:
+    """Rank 0: warn where the run's ``count`` snapshots will not fit in half of this node's
+    available memory (``copies`` of them there), or of the checkpoint folder's disk (their
+    files: one set, or each of the ``size`` workers')."""
+    each = state_bytes(model)
+    said = [footprint_warning(each, count, copies, _available_memory(), "of this node's memory")]
+    if ckpt.enabled:
+        folder = next(p for p in (ckpt.folder, *ckpt.folder.parents) if p.exists())
+        said.append(footprint_warning(each, count, size if ckpt.snapshots_per_rank else 1,
+                                      shutil.disk_usage(folder).free, f"in {ckpt.folder}"))
+    for line in filter(None, said):
+        print(line, file=sys.stderr, flush=True)
+
+
+def _available_memory() -> int | None:
+    """This node's available memory in bytes (Linux's MemAvailable), or None."""
+    try:
+        with open("/proc/meminfo") as lines:
+            kib = next(line.split()[1] for line in lines if line.startswith("MemAvailable:"))
+        return int(kib) * 1024
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
 def _per_worker(every: list[dict], wall: float) -> dict:
     """The summary's fields gathered from every worker: its samples, busy time, straggler
     sleep, peak memory, fp16 loss scale and overflows; the samples per second of them all."""
@@ -477,6 +503,9 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        detector=detector, recorded=log.config)
     watch.begin(model, snapshots)
     snapshot_every = max(1, round(config.eval_every * per_epoch))
+    if rank == 0 and snapshotting:
+        copies = runtime.snapshot_copies(size, root_only=algo.snapshots == "root")
+        _say_footprint(model, total // snapshot_every + 2, copies, size, ckpt)
     first_mark = _marks_covered(snapshots, position, per_epoch, snapshot_every)
     next_snapshot = (first_mark + 1) * snapshot_every
     taken_at, taken = None, 0  # the update of the last snapshot the loop took; how many

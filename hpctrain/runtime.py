@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from hpctrain import comm, devices
+from hpctrain import comm, devices, launch_env
 from hpctrain.shuffle import TrainData, TrainDataSpec, make_train_data
 from hpctrain.stragglers import Straggler
 
@@ -39,6 +39,12 @@ class Runtime:
     def peak_memory(self, device: torch.device) -> int | None:
         """The most memory this worker has held, in bytes (:func:`hpctrain.devices.peak_memory`)."""
         return devices.peak_memory(device)
+
+    def snapshot_copies(self, workers: int, root_only: bool) -> int:
+        """The copies of the run's snapshots this node's memory holds: one per worker on it
+        (1 where the launcher does not say), also where rank 0 alone takes them
+        (``root_only``: they reach every worker to be scored)."""
+        return launch_env.local_size() or 1
 
     def run_info(self) -> dict:
         """What ran the job, for ``config.json``'s ``run_info``."""

@@ -105,6 +105,9 @@ class VirtualRuntime(Runtime):
     def peak_memory(self, device) -> None:
         return None  # the virtual workers share one process
 
+    def snapshot_copies(self, workers: int, root_only: bool) -> int:
+        return 1 if root_only else workers  # the virtual workers share rank 0's
+
     def run_info(self) -> dict:
         return {"simulator": "hpctrain simulate", "virtual_workers": self.simulation.workers}
 
