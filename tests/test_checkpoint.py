@@ -153,6 +153,25 @@ def test_keeps_the_last_two_and_removes_stale_temporaries(tmp_path):
     assert names == ["ckpt-000000003.pt", "ckpt-000000004.pt"]
 
 
+def test_checkpoints_are_ordered_by_their_number_not_their_name(tmp_path):
+    """Past 999,999,999 updates the name has ten digits: "ckpt-1000000000.pt" sorts before
+    "ckpt-999999999.pt" as text, and the pruning would delete the newest."""
+    write(tmp_path, 999_999_999)
+    newest = write(tmp_path, 1_000_000_000)
+    assert checkpoint.listing(tmp_path)[0] == newest
+    write(tmp_path, 1_000_000_001)
+    assert [checkpoint.folder.number(p) for p in checkpoint.listing(tmp_path)] == [
+        1_000_000_001, 1_000_000_000]
+
+
+def test_a_save_retires_every_file_it_is_given_but_the_one_it_wrote(tmp_path):
+    """A resized run's first checkpoint retires the old run's (whose numbers would outrank
+    it): all of them, and not the file just written when it has the same name."""
+    old = [write(tmp_path, 7), write(tmp_path, 9), tmp_path / "ckpt-000000005.pt"]
+    kept = checkpoint.save(tmp_path, 5, payload(5), {"algo": "sgd"}, retire=old)
+    assert checkpoint.listing(tmp_path) == [kept] and kept.name == "ckpt-000000005.pt"
+
+
 def test_a_refused_write_names_the_file_and_keeps_the_one_before(tmp_path):
     """The kernel refuses the write (a file-size limit here, as a full disk or a quota would):
     the error names the checkpoint, the one before is untouched, no temporary file is left,
@@ -255,7 +274,8 @@ def test_loading_never_executes_code(tmp_path, monkeypatch):
 @pytest.mark.parametrize("text, ok", [("600", "600"), ("2e", "2e"), ("0.5e", "0.5e"),
                                       ("off", "off"),
                                       ("0", None), ("-1e", None), ("e", None), ("10s", None),
-                                      ("infe", None), ("1e400e", None), ("nan", None)])
+                                      ("infe", None), ("1e400e", None), ("nan", None),
+                                      ("2ee", None)])  # one "e" is taken off, not all
 def test_parse_every(text, ok):
     import argparse
 
@@ -280,6 +300,9 @@ def test_every_parses_the_normalised_text():
     assert checkpoint.Every.parse("600") == checkpoint.Every(by_progress=False, amount=600.0)
     assert checkpoint.Every.parse("0.3e").interval_updates(100) == 30
     assert checkpoint.Every.parse("0.001e").interval_updates(100) == 1  # at least one update
+    assert checkpoint.Every.parse("0.29e").interval_updates(10) == 3  # rounded, not cut to 2
+    with pytest.raises(ValueError, match="^--checkpoint-every off is no interval$"):
+        checkpoint.Every.parse("off")
     with pytest.raises(ValueError):
         checkpoint.Every.parse("600").interval_updates(100)  # seconds are no update count
 
@@ -693,6 +716,9 @@ def test_check_resolves_the_folders_and_the_interval(tmp_path):
     assert check(out=str(fresh), every="600") == checkpoint.Resolved(str(fresh), None, None,
                                                                      "600")
     assert check() == checkpoint.Resolved(None, None, None, None)
+    quiet = tmp_path / "quiet"  # a run given --checkpoint-every off goes on without
+    a_run(quiet / "checkpoints", out=str(quiet), checkpoint_every="off")
+    assert check(resume=str(quiet)).every is None
 
 
 def _writer(folder, first: int, saved) -> None:
@@ -823,6 +849,20 @@ def test_a_header_edited_by_hand_is_unusable_and_named(tmp_path):
     assert checkpoint.load_newest(tmp_path, lines.append) is None
     assert "header field 'updates' is 'x', not a whole number" in lines[0]
 
+
+
+@pytest.mark.parametrize("count, more", [(3, ""), (4, "; and 1 more")])
+def test_a_refusal_lists_three_unreadable_checkpoints_and_counts_the_rest(tmp_path, count,
+                                                                           more):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for i in range(count):  # empty files: a save would keep only the last two
+        (folder / f"ckpt-{i + 1:09d}.pt").write_bytes(b"")
+    problems = "; ".join(f"ckpt-{i:09d}.pt: truncated header" for i in (count, count - 1,
+                                                                         count - 2))
+    with pytest.raises(UsageError, match="^--resume .*: none of the checkpoints there can be "
+                                         rf"read \({problems}{more}\): to go on"):
+        check(resume=str(folder))
 
 
 def test_a_run_whose_checkpoints_all_cut_short_is_told_what_to_do(tmp_path):

@@ -640,6 +640,25 @@ def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert OptimConfig(momentum=0.0, nesterov=True).nesterov
 
 
+
+def test_a_python_callers_choices_and_range_ends_are_checked_as_the_flags_are():
+    """A config file or a Python caller reaches check_fields, not argparse: a choice not
+    offered, the open end of a range, infinity past a lower bound alone, and the range's
+    note are each said; an on/off option set False by its flag is named by its key."""
+    assert one_line(lambda: OptimConfig(lr_schedule="bogus")) == \
+        "unknown --lr-schedule 'bogus'; choose from cosine, step, constant"
+    assert one_line(lambda: OptimConfig(momentum=1.0)) == "--momentum 1.0 must be in [0, 1)"
+    assert OptimConfig(momentum=0.0).momentum == 0.0  # the closed end
+    assert one_line(lambda: RunConfig(algo="sgd", stall_timeout=-1.0)) == \
+        "--stall-timeout -1.0 must be >= 0 (0: never)"
+    assert one_line(lambda: RunConfig(algo="sgd", stall_timeout=float("inf"))) == \
+        "--stall-timeout inf must be a finite number >= 0 (0: never)"
+    assert one_line(lambda: RunConfig(algo="sgd", progress="yes")).startswith(
+        "progress 'yes' must be true or false")
+    assert options.Range(high=1, high_open=True).problem(1) == "must be < 1"
+    assert options.Range(high=1).problem(1) is None and options.Range(high=1).problem(2) == \
+        "must be <= 1"
+
 def test_a_refused_nesterov_exits_with_status_2_before_mpi():
     proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--nesterov", "--momentum", "0"],
                    np=0, timeout=120)

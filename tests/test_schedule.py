@@ -3,12 +3,13 @@
 import math
 
 import pytest
+import torch
 from test_sim import config, sim
 
 from hpctrain import algorithm_options, registry
 from hpctrain.async_.algorithm import ASGD
 from hpctrain.config import OptimConfig, StragglerConfig
-from hpctrain.schedule import learning_rate
+from hpctrain.schedule import learning_rate, set_lr
 from hpctrain.sim import simulate
 
 
@@ -27,6 +28,15 @@ def test_step_multiplies_by_gamma_at_each_milestone_reached(epoch, expected):
 def test_constant_keeps_the_base_rate():
     assert learning_rate(0.2, 3.5, 4, "constant", (1,), 0.5) == 0.2
 
+
+
+def test_set_lr_sets_every_parameter_group():
+    """A model with its own groups (weights and biases apart, as a script's optimizer may
+    have) must follow the schedule in all of them, not in the first alone."""
+    w, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(1))
+    optimizer = torch.optim.SGD([{"params": [w]}, {"params": [b], "lr": 0.5}], lr=0.1)
+    set_lr(optimizer, 0.02)
+    assert [g["lr"] for g in optimizer.param_groups] == [0.02, 0.02]
 
 class RecordingASGD(ASGD):
     """asgd, recording each applied step's ticket and learning rate."""

@@ -207,6 +207,93 @@ def test_partial_routes_are_derangements():
     assert torch.equal(routes, order.partial_routes(1, 2, 5, 300))
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_few_partial_routes_are_derangements_too(seed):
+    """A fixed point in the first draw must be drawn again even when no row is the identity:
+    with m = 1 or 2 rows that is the common case, not the rare one."""
+    for ranks, m in ((2, 1), (3, 1), (3, 2), (4, 2)):
+        routes = order.partial_routes(seed, 0, ranks, m)
+        assert not (routes == torch.arange(ranks)).any(), (ranks, m, routes)
+
+
+def test_seeds_are_reduced_mod_2_64_and_the_orders_they_give_stay_put():
+    """Seeds take any sign (--seed -1): -1 and 1 must not share their local orders (abs()
+    would), and a seed's orders are pinned: a run repeated or resumed by a later version
+    trains on the same samples in the same order."""
+    assert order.generator(1, 2, 3).initial_seed() == 6498626229777268288
+    assert order.generator(-1).initial_seed() == 6295558014972089990
+    assert order.generator(-1).initial_seed() != order.generator(1).initial_seed()
+    assert order.generator(-1).initial_seed() == order.generator(2**64 - 1).initial_seed()
+    assert order.local_permutation(7, 0, 0, 10).tolist() == [7, 0, 2, 1, 8, 3, 6, 9, 4, 5]
+
+
+def test_the_random_streams_differ_by_rank_and_by_use():
+    """Each rank reorders and selects with its own stream (the same one would give every
+    rank the same pattern), and the selection is not the local order's head (the stream tags
+    keep the uses apart)."""
+    n, m = 50, 10
+    assert not torch.equal(order.local_permutation(3, 1, 0, n), order.local_permutation(3, 1, 1, n))
+    assert not torch.equal(order.partial_selection(3, 1, 0, n, m),
+                           order.partial_selection(3, 1, 1, n, m))
+    assert not torch.equal(order.partial_selection(3, 1, 0, n, m),
+                           order.local_permutation(3, 1, 0, n)[:m])
+
+
+@pytest.mark.parametrize("q, n, ranks, expected", [
+    (0.5, 5, 2, 3), (0.25, 10, 3, 3), (0.1, 15, 4, 2), (0.3, 10, 2, 3), (1.0, 7, 2, 7),
+    (0.5, 5, 1, 0)])
+def test_moved_count_rounds_half_up(q, n, ranks, expected):
+    """2.5 samples is 3, not Python's round-half-even 2; one rank sends nothing."""
+    assert order.moved_count(q, n, ranks) == expected
+
+
+def test_a_partial_step_keeps_order_and_appends_by_source_rank():
+    """A rank keeps its unselected samples in their order and appends what it receives by
+    source rank then route row: the order the sharded ranks receive them in, which the
+    replicated samplers must match. One sample moved (m = 1) is an exchange too."""
+    ranks, n = 4, 40
+    before = [torch.arange(r * n, (r + 1) * n) for r in range(ranks)]
+    for q in (1 / n, 0.3):
+        m = order.moved_count(q, n, ranks)
+        after = order.partial_step(before, 5, 2, q)
+        routes = order.partial_routes(5, 2, ranks, m)
+        for d in range(ranks):
+            sel = order.partial_selection(5, 2, d, n, m)
+            keep = torch.ones(n, dtype=torch.bool)
+            keep[sel] = False
+            assert torch.equal(after[d][:n - m], before[d][keep])
+            sources = after[d][n - m:] // n
+            assert torch.equal(sources, sources.sort().values) and (sources != d).all()
+            received = [before[s][order.partial_selection(5, 2, s, n, m)][routes[:, s] == d]
+                        for s in range(ranks)]
+            assert torch.equal(after[d][n - m:], torch.cat(received))
+
+
+@pytest.mark.parametrize("n, ranks", [(103, 4), (100, 4), (7, 3)])
+def test_global_destinations_name_the_rank_that_consumes_each_sample(n, ranks):
+    """Sharded global shuffling moves each sample to the rank whose global_indices hold it;
+    the tail not consumed this epoch goes one per rank from rank 0 on."""
+    seed, epoch = 2, 3
+    dest, pos = order.global_destinations(seed, epoch, n, ranks, torch.arange(n))
+    perm = order.global_permutation(seed, epoch, n)
+    assert torch.equal(perm[pos], torch.arange(n))
+    for r in range(ranks):
+        mine = order.global_indices(seed, epoch, n, ranks, r)
+        assert (dest[mine] == r).all()
+    tail = perm[n // ranks * ranks:]
+    assert dest[tail].tolist() == list(range(n % ranks))
+    assert torch.equal(torch.bincount(dest, minlength=ranks),
+                       torch.tensor([n // ranks + (r < n % ranks) for r in range(ranks)]))
+
+
+def test_a_label_skew_partition_keeps_the_file_order_within_a_label():
+    """The sort by label is stable: ties keep their order, so the blocks are the same on
+    every machine and torch version (an unstable sort shuffles them)."""
+    labels = torch.arange(1000) % 10
+    got = order.partition(1000, labels)
+    assert torch.equal(got, torch.tensor(sorted(range(1000), key=lambda i: (i % 10, i))))
+
+
 def test_partial_sampler_replays_any_epoch():
     s = make_sampler("partial:0.2", 500, 2, 1, 7)
     seq = []

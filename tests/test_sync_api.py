@@ -173,6 +173,9 @@ def test_scale_factors_follow_horovod_average_split():
     assert scale_factors(sync.Average, 1.0, 4, cast=False) == (0.25, 1.0)
     assert scale_factors(sync.Average, 1.0, 4, cast=True) == (1.0, 0.25)
     assert scale_factors(sync.Average, 2.0, 4, cast=False) == (0.5, 0.5)
+    for op in (sync.Min, sync.Max, sync.Product, sync.Adasum):  # no scaling makes them right
+        with pytest.raises(UsageError, match=f"op=Average or op=Sum, got {op.name}$"):
+            scale_factors(op, 1.0, 4, cast=False)
 
 
 # ---------------------------------------------------------------- helpers for MPI tests
@@ -798,7 +801,8 @@ def test_many_buckets_give_the_same_gradients_as_one(mpi_backend):
 def test_horovod_fusion_threshold_sets_the_default_bucket_size(monkeypatch):
     monkeypatch.delenv(FUSION_ENV, raising=False)
     assert default_bucket_bytes() == 25 * 2**20
-    for raw, value in (("67108864", 2**26), (" 1000 ", 1000), ("0", 1)):  # 0: no fusion
+    for raw, value in (("67108864", 2**26), (" 1000 ", 1000), ("0", 1),  # 0: no fusion
+                       (" ", 25 * 2**20)):  # set blank in a job script: as if unset
         monkeypatch.setenv(FUSION_ENV, raw)
         assert default_bucket_bytes() == value
     for bad in ("64MB", "-1", "1.5"):

@@ -100,6 +100,7 @@ def test_fusion_groups_and_reducescatter_rows():
     sizes = [(4, f32)] * 5
     # explicit groups are buckets; the rest are bucketed by size; last parameters go first
     assert plan_groups(sizes, 10**6, [[0, 3]]) == [[4, 2, 1], [3, 0]]
+    assert plan_groups(sizes, 10**6, [[0, 4]]) == [[4, 0], [3, 2, 1]]  # by last, not first
     assert plan_groups(sizes, 16, [[1, 2]]) == [[4], [3], [2, 1], [0]]
     assert plan_groups([(4, f32), (4, f16), (4, f32)], 10**6, [[0, 1, 2]]) == [[2], [1], [0]]
     assert scatter_rows(3, 2) == [2, 1] and scatter_rows(10, 4) == [3, 3, 2, 2]
@@ -107,6 +108,8 @@ def test_fusion_groups_and_reducescatter_rows():
     assert plan_without(sizes, 32, None, {1, 3}) == [[4, 2], [0]]
     assert plan_without(sizes, 10**6, [[0, 3], [1]], {1, 3}) == [[4, 2], [0]]
     assert plan_without(sizes, 10**6, [[1, 3]], set()) == plan_groups(sizes, 10**6, [[1, 3]])
+    # a group's members past a skipped parameter are renumbered, then numbered back
+    assert plan_without(sizes, 10**6, [[2, 4]], {1}) == [[4, 2], [3, 0]]
 
 
 def test_calls_describe_themselves_and_agree_by_key():

@@ -4,6 +4,7 @@ summary's distribution of the values themselves, in a state that does not grow w
 import io
 import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -36,12 +37,22 @@ def test_the_upper_lerp_formula_is_the_one_numpy_takes():
     assert p90 != 1.0 + (b - 1.0) * ((4 - 1) * 0.9 - 2)  # the lower formula's 700000000000002.6
 
 
+def test_at_exactly_half_way_numpy_takes_the_upper_formula_too():
+    """t = 0.5 (the p50 of two values) is the upper formula's: the lower one's result is a
+    unit in the last place higher here."""
+    a, b = 228786638423745, 10086808620262996
+    p50 = Tally.of([a, b]).distribution()["p50"]
+    assert p50 == distribution([a, b])["p50"] == 5157797629343370.0
+    assert p50 != a + (float(b) - a) * 0.5
+
+
 def test_merged_tallies_are_the_tally_of_all_values_and_empty_is_zeros():
     parts = [[3, 1, 3], [], [0, 7]]
     merged = Tally.merged(Tally.of(p) for p in parts)
     assert merged == Tally.of([3, 1, 3, 0, 7]) and merged.counts == {0: 1, 1: 1, 3: 2, 7: 1}
     assert merged.distribution() == distribution([3, 1, 3, 0, 7])
     assert Tally().distribution() == distribution([]) and len(Tally()) == 0
+    assert distribution(np.array([3, 1, 3])) == distribution([3, 1, 3])  # arrays as lists
 
 
 def test_a_tallys_state_is_plain_ints_that_do_not_grow_with_the_values():
@@ -73,3 +84,29 @@ def test_an_old_list_state_is_read_and_non_integers_are_refused():
             Tally().add(bad)
     with pytest.raises(ValueError, match="negative"):
         Tally().add(1, -1)
+    with pytest.raises(TypeError, match="need integers"):
+        Tally().add(1, True)  # a count that is a flag is a mistake, not once
+
+
+def test_a_count_of_zero_adds_nothing_not_even_its_value():
+    """``add(v, 0)`` leaves no entry: one with count 0 would show in the state, break ==, and
+    be the max of a distribution that never saw it."""
+    tally = Tally.of([1, 2])
+    tally.add(9, 0)
+    assert tally == Tally.of([1, 2]) and tally.state() == {1: 1, 2: 1}
+    assert tally.distribution() == distribution([1, 2])
+
+
+def test_a_tally_is_equal_only_to_a_tally_unhashable_and_shown_sorted():
+    """Compared with anything else it is unequal (no AttributeError); being mutable it has
+    no hash; its repr and its checkpoint state list the values in order, and the state is
+    a copy that the caller may change."""
+    tally = Tally.of([3, 1, 3])
+    assert tally != {1: 1, 3: 2} and tally != None  # noqa: E711 (== None must not raise)
+    with pytest.raises(TypeError, match="unhashable"):
+        hash(tally)
+    assert repr(tally) == "Tally({1: 1, 3: 2})"
+    state = tally.state()
+    assert list(state) == [1, 3]
+    state[5] = 1
+    assert tally.state() == {1: 1, 3: 2}
