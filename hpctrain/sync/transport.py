@@ -199,10 +199,11 @@ class MPITransport:
         self.comm.Barrier()
 
     def bcast_object(self, obj: Any, root: int) -> Any:
-        return self.comm.bcast(obj, root=root)
+        # In parts (pkl5): a pickle past 2 GiB is refused whole by MPI-3 libraries.
+        return mpicomm.large_messages(self.comm).bcast(obj, root=root)
 
     def allgather_object(self, obj: Any) -> list:
-        return self.comm.allgather(obj)
+        return mpicomm.large_messages(self.comm).allgather(obj)
 
     def dup(self) -> MPITransport:
         return MPITransport(self.comm)
