@@ -28,6 +28,7 @@ _MPI_OPS = {SUM: "SUM", MIN: "MIN", MAX: "MAX", PRODUCT: "PROD"}
 _TORCH_OPS = {SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: torch.mul}
 HALF_TYPES = (torch.float16, torch.bfloat16)
 _SENDRECV_TAG = 7  # isendrecv's messages; nothing else sends point to point on a transport
+PIECE_BYTES = 2**30  # ibcast and isendrecv send a tensor in pieces up to this (MPI-3: < 2 GiB)
 
 
 class Request(Protocol):
@@ -167,27 +168,24 @@ class MPITransport:
         return _MPIRequest(self.comm.Iallreduce(send_buf, out_buf, mpi_op))
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
-        MPI = mpicomm.mpi()
-        row_bytes = math.prod(send.shape[1:]) * send.element_size()
-        counts = [r * row_bytes for r in rows]
-        return _MPIRequest(self.comm.Iallgatherv(_bytes(send),
-                                                 [_bytes(out), counts, _displs(counts), MPI.BYTE]))
+        row = _row_bytes(send)
+        return _MPIRequest(self.comm.Iallgatherv(
+            [_bytes(send), len(send) if row else 0, _row_type(row)], _rows(out, rows, row)))
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
-        return _MPIRequest(self.comm.Ibcast(_bytes(tensor), root=root))
+        return _MPIRequests([self.comm.Ibcast(piece, root=root) for piece in _pieces(tensor)])
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
                   recv_rows: list[int]) -> Request:
-        MPI = mpicomm.mpi()
-        row_bytes = math.prod(send.shape[1:]) * send.element_size()
-        sends = [r * row_bytes for r in send_rows]
-        recvs = [r * row_bytes for r in recv_rows]
-        return _MPIRequest(self.comm.Ialltoallv([_bytes(send), sends, _displs(sends), MPI.BYTE],
-                                                [_bytes(out), recvs, _displs(recvs), MPI.BYTE]))
+        row = _row_bytes(send)
+        return _MPIRequest(self.comm.Ialltoallv(_rows(send, send_rows, row),
+                                                _rows(out, recv_rows, row)))
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
-        return _MPIRequests([self.comm.Irecv(_bytes(out), source=peer, tag=_SENDRECV_TAG),
-                             self.comm.Isend(_bytes(send), dest=peer, tag=_SENDRECV_TAG)])
+        # The peer's pieces mirror these; one tag's messages are matched in the order posted.
+        return _MPIRequests(
+            [self.comm.Irecv(piece, source=peer, tag=_SENDRECV_TAG) for piece in _pieces(out)]
+            + [self.comm.Isend(piece, dest=peer, tag=_SENDRECV_TAG) for piece in _pieces(send)])
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
@@ -252,3 +250,30 @@ def _displs(counts: list[int]) -> list[int]:
 def _bytes(tensor: torch.Tensor) -> Any:
     """A contiguous tensor's memory as bytes, for MPI."""
     return mpi_buffer(tensor.detach().reshape(-1).view(torch.uint8))
+
+
+def _pieces(tensor: torch.Tensor) -> list:
+    """A contiguous tensor's bytes in pieces of at most :data:`PIECE_BYTES` (one, maybe empty,
+    below that): each piece's count stays a C int, which MPI-3 counts are."""
+    flat = _bytes(tensor)
+    return [flat[i:i + PIECE_BYTES] for i in range(0, max(len(flat), 1), PIECE_BYTES)]
+
+
+def _row_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of one row (dimension 0) of ``tensor``."""
+    return math.prod(tensor.shape[1:]) * tensor.element_size()
+
+
+def _rows(tensor: torch.Tensor, rows: list[int], row_bytes: int) -> list:
+    """mpi4py's ``[buffer, counts, displacements, datatype]`` for ``rows[r]`` rows per rank,
+    counted in rows: in bytes, a total past 2**31 - 1 would not fit MPI-3's C int counts."""
+    counts = rows if row_bytes else [0] * len(rows)
+    return [_bytes(tensor), counts, _displs(counts), _row_type(row_bytes)]
+
+
+@functools.cache
+def _row_type(row_bytes: int) -> Any:
+    """The MPI datatype of a row of ``row_bytes`` bytes: made once per size (a run has a few)
+    and kept, never freed under an operation that still uses it."""
+    MPI = mpicomm.mpi()
+    return MPI.BYTE if row_bytes <= 1 else MPI.BYTE.Create_contiguous(row_bytes).Commit()

@@ -1,0 +1,112 @@
+"""hpctrain.sync's mpi transport and MPI-3's C int counts: a broadcast of one tensor past 2 GiB
+(a 152k x 4096 embedding is 2.3 GiB), and the row counts and pieces that keep every count
+under 2**31.
+
+MPI tests: mpirun -np 2|4 python -m pytest --with-mpi -m mpi tests/test_sync_large.py
+The tensor past 2 GiB runs on two ranks of an MPI-3 library only (Open MPI 4 refused it with
+``MPI_ERR_ARG``; MPI-4 libraries such as MPICH take it whole): each rank holds 2 GiB and the
+broadcast takes tens of seconds.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import hpctrain.sync as sync
+from hpctrain import comm
+from hpctrain.sync import transport
+from hpctrain.sync.transport import MPITransport
+
+mpi = pytest.mark.mpi(min_size=2)
+
+
+def _pattern(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Distinct small values for each rank, row and column (every dtype holds them)."""
+    return ((torch.arange(math.prod(shape)) * 7 + seed) % 97).reshape(shape).to(dtype)
+
+
+@pytest.fixture
+def world_transport():
+    t = MPITransport(comm.world())
+    yield t
+    t.free()
+
+
+@mpi
+@pytest.mark.timeout(300)
+def test_broadcast_parameters_of_one_tensor_past_2_gib():
+    """One tensor of 2**31 + 4 bytes (one Ibcast of MPI_BYTE before: MPI_ERR_ARG); the values
+    on both sides of each 1 GiB piece's edge and the last 4 bytes are rank 0's."""
+    MPI = comm.mpi()
+    if MPI.COMM_WORLD.size != 2 or MPI.Get_version() >= (4, 0):
+        pytest.skip("gigabytes per rank: two ranks of an MPI-3 library only")
+    n = 2**29 + 1  # float32: 2**31 + 4 bytes
+    edges = [2**28 - 1, 2**28, 2**29 - 1, 2**29]  # pieces end at 2**30 and 2**31 bytes
+    sync.init(backend="mpi")
+    try:
+        if sync.rank() == 0:
+            table = torch.full((n,), 1.5)
+            table[edges] = torch.tensor([2.0, 3.0, 4.0, 5.0])
+        else:
+            table = torch.zeros(n)
+        sync.broadcast_parameters({"table": table}, root_rank=0)
+        assert table[edges].tolist() == [2.0, 3.0, 4.0, 5.0]
+        assert int((table == 1.5).sum()) == n - len(edges)
+    finally:
+        sync.shutdown()
+
+
+@mpi
+@pytest.mark.timeout(120)
+def test_allgather_counts_rows_of_odd_byte_sizes(world_transport):
+    """Counts in rows of one datatype per row size (3, 6, 10 bytes; 0-byte rows), where some
+    ranks give no rows."""
+    t, r, n = world_transport, world_transport.rank(), world_transport.size()
+    rows = [k % 3 for k in range(n)]  # rank 0 gives none
+    for dtype, tail in ((torch.uint8, (3,)), (torch.int16, (3, 1)), (torch.int16, (5,)),
+                        (torch.float64, ()), (torch.int32, (0,))):
+        mine = _pattern(rows[r], *tail, dtype=dtype, seed=r)
+        out = torch.empty(sum(rows), *tail, dtype=dtype)
+        t.iallgather(mine, out, rows).wait()
+        expected = torch.cat([_pattern(rows[k], *tail, dtype=dtype, seed=k) for k in range(n)])
+        assert torch.equal(out, expected), (dtype, tail)
+
+
+@mpi
+@pytest.mark.timeout(120)
+def test_alltoall_counts_rows_with_empty_parts(world_transport):
+    """Rank r sends (r + k) % 3 rows of 6 bytes to rank k: some parts are empty."""
+    t, r, n = world_transport, world_transport.rank(), world_transport.size()
+    send_rows = [(r + k) % 3 for k in range(n)]
+    recv_rows = [(k + r) % 3 for k in range(n)]
+    send = torch.cat([_pattern(send_rows[k], 3, dtype=torch.int16, seed=10 * r + k)
+                      for k in range(n)])
+    out = torch.full((sum(recv_rows), 3), -1, dtype=torch.int16)
+    t.ialltoall(send, out, send_rows, recv_rows).wait()
+    expected = torch.cat([_pattern(recv_rows[k], 3, dtype=torch.int16, seed=10 * k + r)
+                          for k in range(n)])
+    assert torch.equal(out, expected)
+
+
+@mpi
+@pytest.mark.timeout(120)
+def test_broadcast_and_sendrecv_in_pieces(world_transport, monkeypatch):
+    """Pieces of 7 bytes stand for 1 GiB ones: several outstanding Ibcasts, and Isends and
+    Irecvs of one tag, each matched with the peer's piece in the order posted."""
+    monkeypatch.setattr(transport, "PIECE_BYTES", 7)
+    t, r, n = world_transport, world_transport.rank(), world_transport.size()
+    root = n - 1
+    for size in (15, 3, 0):  # 30 bytes (5 pieces), one piece, an empty one
+        tensor = _pattern(size, dtype=torch.int16, seed=r)
+        t.ibcast(tensor, root).wait()
+        assert torch.equal(tensor, _pattern(size, dtype=torch.int16, seed=root)), size
+    peer = r ^ 1
+    if peer < n:
+        for length in (lambda k: (k + 1) * 5, lambda k: 4 * (k % 2), lambda k: 0):
+            send = _pattern(length(r), dtype=torch.int16, seed=r)  # the peer's sizes mirror
+            out = torch.empty(length(peer), dtype=torch.int16)  # these
+            t.isendrecv(send, out, peer).wait()
+            assert torch.equal(out, _pattern(length(peer), dtype=torch.int16, seed=peer))
