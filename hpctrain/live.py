@@ -11,12 +11,15 @@ few steps); no step communicates, except the stop broadcast of ``--stop-on-colla
 holds no evaluation. ``--eval online`` scores each snapshot when it is taken: on rank 0
 between two steps (its time is then in the clock), or with ``--eval-rank R`` on rank R, which
 does not train: rank 0 sends it each snapshot (a non-blocking send) and picks the scores up
-between steps. Either way a snapshot's score is the same as after training (the same state,
-the same test set and batches), so a deterministic run's curve and final accuracy do not
-change. Online scores make the curve of sgd, ssgd and the asynchronous algorithms; ma and ec
-score rank 0's member online for the progress bar, collapse detection and TensorBoard (as
-``test/member_*``), while their curve (members, ensemble, average: all ranks' models) is
-still scored after training, and reaches TensorBoard's ``test/*`` then.
+between steps. Every message between the two goes through
+:func:`hpctrain.comm.large_messages`, so that a snapshot past 2 GiB (half a billion fp32
+values) reaches the evaluating rank under an MPI-3 library too. Either way a snapshot's
+score is the same as after training (the same state, the same test set and batches), so a
+deterministic run's curve and final accuracy do not change. Online scores make the curve of
+sgd, ssgd and the asynchronous algorithms; ma and ec score rank 0's member online for the
+progress bar, collapse detection and TensorBoard (as ``test/member_*``), while their curve
+(members, ensemble, average: all ranks' models) is still scored after training, and reaches
+TensorBoard's ``test/*`` then.
 The summary's ``eval_mode`` says which produced the curve, its ``eval_in_clock`` whether rank 0
 scored anything between its steps (ma and ec online too: their wall time holds it).
 """
@@ -31,6 +34,7 @@ from collections.abc import Callable
 from hpctrain import collapse, compiled, tensorboard, watchdog
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm
+from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import curve_point
 from hpctrain.metrics import Tally
@@ -67,13 +71,14 @@ def split_world(world, config):
 def serve(world, model, test_set) -> None:
     """The evaluating rank: score each snapshot rank 0 sends, send the score back, until
     rank 0 says it is done, or sends the exception that stopped the run to raise here too."""
-    scored = 0
+    channel, scored = large_messages(world), 0
     while True:
-        if not world.Iprobe(source=0, tag=_SNAPSHOT):
+        incoming = channel.improbe(source=0, tag=_SNAPSHOT)
+        if incoming is None:
             watchdog.beat("waiting for snapshots", scored)
             time.sleep(0.005)
             continue
-        message = world.recv(source=0, tag=_SNAPSHOT)
+        message = incoming.recv()
         if message is None:
             return
         if isinstance(message, Exception):  # the run stopped before its end, as here
@@ -81,7 +86,7 @@ def serve(world, model, test_set) -> None:
         index, state, info = message
         watchdog.beat("evaluating snapshot", index)
         model.load_state_dict(state)
-        world.send((index, curve_point(model, test_set, info)), dest=0, tag=_SCORE)
+        channel.send((index, curve_point(model, test_set, info)), dest=0, tag=_SCORE)
         scored += 1
 
 
@@ -164,7 +169,10 @@ class Watch:
                  detector: collapse.CollapseDetector | None = None,
                  recorded: dict | None = None) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
-        self.test_set, self.bar, self.world = test_set, bar, world
+        self.test_set, self.bar = test_set, bar
+        # To and from the evaluating rank: a message in parts past 2 GiB (pkl5), each probed
+        # and received whole through it too (a raw probe or receive may match one part).
+        self.channel = large_messages(world) if world is not None else None
         self.per_epoch, self.samples_per_epoch = per_epoch, samples_per_epoch
         self.online = config.eval_mode == "online"
         self.eval_rank = config.eval_rank
@@ -301,7 +309,7 @@ class Watch:
             self.in_clock = self.in_clock or self._training  # else before or after the clock
             self._scored(index, curve_point(model, self.test_set, snapshots[index].info))
             return
-        self._unscored[index] = self.world.isend(
+        self._unscored[index] = self.channel.isend(
             (index, snapshots[index].state, snapshots[index].info), dest=self.eval_rank,
             tag=_SNAPSHOT)
         self._receive(block=False)
@@ -309,9 +317,12 @@ class Watch:
     def _receive(self, block: bool) -> None:
         """Rank 0: the scores the evaluating rank has sent (``block``: all still due). A scored
         snapshot's send is complete: its request, and the pickled snapshot it holds, go."""
-        while self._unscored and (block or self.world.Iprobe(source=self.eval_rank,
-                                                              tag=_SCORE)):
-            index, point = self.world.recv(source=self.eval_rank, tag=_SCORE)
+        probe = self.channel.mprobe if block else self.channel.improbe
+        while self._unscored:
+            incoming = probe(source=self.eval_rank, tag=_SCORE)
+            if incoming is None:
+                return
+            index, point = incoming.recv()
             self._unscored.pop(index).wait()
             watchdog.beat("waiting for scores", len(self.scores))
             self._scored(index, point)
@@ -375,7 +386,7 @@ class Watch:
         """Rank 0: the evaluating rank's scores still on their way, then its last message."""
         if self.rank == 0 and self.eval_rank is not None:
             self._receive(block=True)
-            self.world.send(stopped, dest=self.eval_rank, tag=_SNAPSHOT)
+            self.channel.send(stopped, dest=self.eval_rank, tag=_SNAPSHOT)
 
     def curve(self, model, snapshots, comm) -> list[dict] | None:
         """The curve scored online (every worker gets it), or None: score after training.

@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, write_json_atomic
 from hpctrain.options import HUGE
@@ -84,9 +85,12 @@ class StepTimes:
             self._ended = None
 
     def write(self, out_dir: str | Path, comm, rank: int) -> None:
-        """Collective over ``comm`` (None: one process); rank 0 writes ``step_times.json``."""
+        """Collective over ``comm`` (None: one process); rank 0 writes ``step_times.json``.
+        The gather goes in parts past 2 GiB (:func:`hpctrain.comm.large_messages`): each
+        worker's kept steps pickle to ~0.4 MB, past 2 GiB in all on ~6,000 workers, which
+        an MPI-3 library refuses whole."""
         mine = (self.seconds, self.rest, self.lead_in, self.steps)
-        every = comm.gather(mine, root=0) if comm is not None else [mine]
+        every = large_messages(comm).gather(mine, root=0) if comm is not None else [mine]
         if rank == 0:
             lead_ins = [lead_in for _, _, lead_in, _ in every]
             write_json_atomic(Path(out_dir) / FILE, {

@@ -247,3 +247,20 @@ def test_a_score_on_its_way_at_the_checkpoint_is_judged_after_the_resume(tmp_pat
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["collapsed_at"] == 64, summary["collapse_reason"]
+
+
+def test_a_long_stretch_at_chance_keeps_at_most_four_windows_of_losses():
+    """The losses at chance go into every checkpoint (``flat``): a run sitting there for
+    100 windows without collapsing (its snapshots score above chance) judges and clears them
+    every four windows (an epoch's steps), and one that never learned is stopped there, so
+    the checkpoint holds at most four windows' losses, not the whole stretch's."""
+    detector = CollapseDetector(10, WINDOW)
+    assert detector.accuracy(0, 0.3) is None
+    kept = []
+    for update, value in enumerate(noisy([CHANCE] * 100 * WINDOW), 1):
+        assert detector.loss(update, value) is None
+        kept.append(len(detector.state_dict()["flat"]))
+    assert max(kept) == 4 * WINDOW - 1 and kept.count(0) == 25
+    dead = CollapseDetector(10, WINDOW)
+    assert first_collapse(dead, [CHANCE] * 100 * WINDOW) == 4 * WINDOW
+    assert len(dead.state_dict()["flat"]) == 4 * WINDOW  # and no more after the collapse
