@@ -4,6 +4,7 @@ whole ``--algo ma|ec`` jobs started through mpirun (their outputs and one-line e
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 from conftest import refusal, run_commands, run_job
@@ -14,9 +15,13 @@ from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, OptimConf
 from hpctrain.ec import distillation_loss, plot
 from hpctrain.ec.algorithm import AveragingOptions
 from hpctrain.ec.compression import check_options
+from hpctrain.ec.ensemble import allgather_rows, allreduce_rows, reduce_scatter_rows
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import evaluate
 from hpctrain.sim import SimConfig, simulate
+from hpctrain.sim.comm import LocalGroup
+from hpctrain.sim.network import Network
+from hpctrain.sim.scheduler import Scheduler
 
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--epochs", "1", "--batch-size", "32",
          "--no-progress"]
@@ -28,6 +33,29 @@ def logits_labels_teacher(n=12, classes=10, temperature=3.0):
     labels = torch.randint(0, classes, (n,), generator=g)
     teacher = F.softmax(torch.randn(n, classes, generator=g) / temperature, dim=1)
     return logits, labels, teacher
+
+
+@pytest.mark.parametrize("limit", [2**31 - 1, 30], ids=["one-call", "in-parts"])
+def test_row_collectives_on_the_simulators_communicator(limit):
+    """The simulator's communicator takes the row collectives' flat arrays: 3 virtual
+    workers, rows of 7 floats, uneven counts (worker 0 none), whole numbers (exact sums)."""
+    counts, width = [0, 5, 2], 7
+    group = LocalGroup(Scheduler(3), Network(0.0, 1e30, 0.0, 1e30))
+
+    def rows(k: int, n: int) -> np.ndarray:
+        return np.random.default_rng(k).integers(-50, 50, (n, width)).astype(np.float32)
+
+    def body(k: int) -> tuple:
+        comm = group.comms[k]
+        return (allgather_rows(comm, rows(k, counts[k]), counts),
+                reduce_scatter_rows(comm, rows(10 + k, 7), counts, limit),
+                allreduce_rows(comm, rows(10 + k, 7), limit))
+
+    total = sum(rows(10 + k, 7) for k in range(3))
+    for k, (gathered, mine, summed) in enumerate(group.scheduler.run(body)):
+        assert np.array_equal(gathered, np.concatenate([rows(j, c) for j, c in enumerate(counts)]))
+        assert np.array_equal(mine, total[sum(counts[:k]):sum(counts[:k + 1])])
+        assert np.array_equal(summed, total)
 
 
 def test_loss_at_alpha_0_is_cross_entropy():

@@ -3,6 +3,7 @@
 Run: mpirun -np 4 python -m pytest --with-mpi -m mpi tests/test_ec_mpi.py
 """
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -16,6 +17,7 @@ from hpctrain.ec import (
     evaluate_members,
 )
 from hpctrain.ec.averaging import floating_state
+from hpctrain.ec.ensemble import MAX_COUNT, allgather_rows, allreduce_rows, reduce_scatter_rows
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshots
 
@@ -86,6 +88,31 @@ def test_ensemble_probabilities_are_the_mean_of_all_models(by, shared):
     else:
         assert out.samples is None
         assert out.bytes_sent == n * item * (ranks - 1) + (total - n) * 10 * 4
+
+
+def whole_rows(rank: int, rows: int, width: int = 7) -> np.ndarray:
+    """Rank ``rank``'s float32 rows for the row collectives: small whole numbers, whose sums
+    are exact in any order of adding."""
+    return np.random.default_rng(rank).integers(-50, 50, (rows, width)).astype(np.float32)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("limit", [MAX_COUNT, 30], ids=["one-call", "in-parts"])
+def test_row_collectives_move_whole_rows_of_an_odd_width(limit):
+    """Rows of 7 floats, uneven counts (rank 0 none); a limit of 30 floats sums the rows in
+    parts (2 rows of each block a round on 2 ranks, 1 on more; 4 rows an allreduce call)."""
+    comm = world()
+    rank, ranks = comm.Get_rank(), comm.Get_size()
+    counts = [(0, 5, 2, 9)[r % 4] for r in range(ranks)]
+    gathered = allgather_rows(comm, whole_rows(rank, counts[rank]), counts)
+    assert np.array_equal(gathered, np.concatenate([whole_rows(r, c)
+                                                    for r, c in enumerate(counts)]))
+    everyone = [whole_rows(100 + r, sum(counts)) for r in range(ranks)]
+    total, start = sum(everyone), sum(counts[:rank])
+    mine = reduce_scatter_rows(comm, everyone[rank], counts, limit)
+    assert np.array_equal(mine, total[start:start + counts[rank]])
+    assert np.array_equal(allreduce_rows(comm, everyone[rank], limit), total)
 
 
 @pytest.mark.mpi(min_size=2)

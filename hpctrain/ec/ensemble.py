@@ -6,6 +6,10 @@ evaluates its own model on all of them, and a reduce-scatter returns to each ran
 all models' probabilities on its own samples, which it divides by the number of ranks.
 Shared (``--ec-distill-from all``), an allreduce gives every rank the probabilities of all
 ranks' samples instead, and the samples come back with them, labels included.
+
+An MPI-3 library (Open MPI 4) takes a count or displacement up to 2**31 - 1 only: images go
+out in rows of a sample's floats, and the sums, which a predefined op refuses to take in rows,
+go in calls of at most that many elements.
 """
 
 from __future__ import annotations
@@ -20,6 +24,78 @@ from torch.nn import functional as F
 
 from hpctrain.comm import allreduce_bytes
 from hpctrain.data import Dataset
+
+MAX_COUNT = 2**31 - 1  # an MPI-3 count or displacement is a C int
+
+
+def _is_mpi(comm) -> bool:
+    """Whether ``comm`` is mpi4py's, not the simulator's (asked without importing
+    ``mpi4py.MPI``, which starts MPI)."""
+    return type(comm).__module__.startswith("mpi4py")
+
+
+def allgather_rows(comm, send: np.ndarray, counts: list[int]) -> np.ndarray:
+    """Every rank's rows of the 2-D float32 ``send`` (``counts[r]`` from rank r), stacked in
+    rank order (collective).
+
+    Counted in rows of a contiguous datatype, not in floats: Open MPI 4 refuses a
+    displacement past 2**31 - 1 (``MPI_ERR_ARG``), which sharded ImageNet's images reach
+    (56 ranks' 256 samples of 3x224x224 before the last rank's); in rows, 2**31 samples.
+    The simulator's communicator takes the flat arrays.
+    """
+    width = send.shape[1]
+    out = np.empty((sum(counts), width), np.float32)
+    if not _is_mpi(comm):
+        comm.Allgatherv(send.reshape(-1), [out.reshape(-1), [c * width for c in counts]])
+        return out
+    from mpi4py import MPI
+
+    row = MPI.FLOAT.Create_contiguous(width).Commit()
+    try:
+        comm.Allgatherv([send, len(send), row], [out, counts, row])
+    finally:
+        row.Free()
+    return out
+
+
+def allreduce_rows(comm, send: np.ndarray, limit: int = MAX_COUNT) -> np.ndarray:
+    """The sum over ranks of the 2-D float32 ``send``, the same shape on every rank
+    (collective).
+
+    In slices of whole rows of at most ``limit`` floats: a count is a C int, and MPI_SUM
+    refuses a row datatype (``MPI_ERR_OP``). A sum that fits is one call, as it was, so
+    its rounding is unchanged.
+    """
+    out = np.empty_like(send)
+    per = max(1, limit // max(1, send.shape[1]))  # rows per call
+    for lo in range(0, max(len(send), 1), per):
+        comm.Allreduce(send[lo:lo + per].reshape(-1), out[lo:lo + per].reshape(-1))
+    return out
+
+
+def reduce_scatter_rows(comm, send: np.ndarray, counts: list[int],
+                        limit: int = MAX_COUNT) -> np.ndarray:
+    """This rank's block of the sum over ranks of the 2-D float32 ``send``, whose rows are
+    the ranks' blocks of ``counts[r]`` rows in rank order (collective).
+
+    Open MPI adds the counts in a C int, and MPI_SUM refuses a row datatype: a message of
+    more than ``limit`` floats goes in rounds, each a copy of up to ``limit // (width *
+    ranks)`` rows of every block. A message that fits is one call, as it was, so its
+    rounding is unchanged.
+    """
+    width, me = send.shape[1], comm.Get_rank()
+    out = np.empty((counts[me], width), np.float32)
+    if sum(counts) * width <= limit:
+        comm.Reduce_scatter(send.reshape(-1), out.reshape(-1), [c * width for c in counts])
+        return out
+    per = max(1, limit // (width * len(counts)))  # rows of each block per round
+    starts = np.cumsum([0, *counts[:-1]]).tolist()
+    for lo in range(0, max(counts), per):
+        taken = [min(max(c - lo, 0), per) for c in counts]
+        part = np.concatenate([send[s + lo:s + lo + n] for s, n in zip(starts, taken, strict=True)])
+        comm.Reduce_scatter(part.reshape(-1), out[lo:lo + taken[me]].reshape(-1),
+                            [n * width for n in taken])
+    return out
 
 
 @torch.no_grad()
@@ -82,12 +158,10 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
         if shared:
             labels = lookup.labels[rows]
     else:
-        shape = tuple(images.shape[1:])
-        item = int(np.prod(shape))
-        send = images.to(torch.float32).contiguous().numpy().reshape(-1)
-        everyone = np.empty(total * item, np.float32)
-        comm.Allgatherv(send, [everyone, [c * item for c in counts]])
-        inputs = torch.from_numpy(everyone).view(total, *shape)
+        shape = tuple(images.shape[1:])  # by its size, not -1: a rank may send 0 rows
+        send = images.to(torch.float32).contiguous().numpy().reshape(len(images),
+                                                                     int(np.prod(shape)))
+        inputs = torch.from_numpy(allgather_rows(comm, send, counts)).view(total, *shape)
     gathered_bytes = send.nbytes * (ranks - 1)
     if shared and images is not None:
         mine_labels = labels.to(torch.int64).contiguous().numpy()
@@ -101,15 +175,12 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
         probs = F.softmax(predict_logits(model, inputs) / temperature, dim=1).to(torch.float32)
     t2 = time.perf_counter()
     if shared:
-        summed = np.empty(total * num_classes, np.float32)
-        comm.Allreduce(probs.contiguous().numpy().reshape(-1), summed)
+        summed = allreduce_rows(comm, probs.contiguous().numpy())
         returned_bytes = allreduce_bytes(summed.nbytes, ranks)
     else:
-        summed = np.empty(mine * num_classes, np.float32)
-        comm.Reduce_scatter(probs.contiguous().numpy().reshape(-1), summed,
-                            [c * num_classes for c in counts])
+        summed = reduce_scatter_rows(comm, probs.contiguous().numpy(), counts)
         returned_bytes = (total - mine) * num_classes * 4
     t3 = time.perf_counter()
-    return EnsembleOutput(torch.from_numpy(summed).view(-1, num_classes) / ranks,
+    return EnsembleOutput(torch.from_numpy(summed) / ranks,
                           gathered_bytes + returned_bytes, (t1 - t0) + (t3 - t2), t2 - t1,
                           samples=(inputs, labels) if shared else None, inferred=total)

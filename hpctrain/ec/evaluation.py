@@ -8,7 +8,6 @@ snapshot's parameters gives the averaged model, scored by one rank per snapshot 
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -16,7 +15,7 @@ from torch.nn import functional as F
 from hpctrain import compiled, watchdog
 from hpctrain.data import Dataset
 from hpctrain.ec.averaging import average_model
-from hpctrain.ec.ensemble import predict_logits
+from hpctrain.ec.ensemble import allreduce_rows, predict_logits
 from hpctrain.evaluate import Snapshot, loss_or_none
 
 
@@ -56,8 +55,7 @@ def evaluate_members(model: nn.Module, snapshots: list[Snapshot], test_set: Data
         logits = predict_logits(model, test_set.images)
         members = comm.allgather(score_logits(logits, test_set.labels))
         probs = F.softmax(logits, dim=1).to(torch.float32).contiguous().numpy()
-        total = np.empty_like(probs)
-        comm.Allreduce(probs, total)
+        total = allreduce_rows(comm, probs)  # in parts past 2**31 - 1 floats
         ens_acc, ens_loss = score_probs(torch.from_numpy(total) / ranks, test_set.labels)
         points.append({**infos[i], "member_acc": members[0][0],
                        "member_loss": loss_or_none(members[0][1]),
