@@ -177,13 +177,19 @@ def rank() -> int:
     return world().Get_rank()
 
 
+def is_mpi4py(comm_) -> bool:
+    """Whether ``comm_`` is mpi4py's (not torchrun's or the simulator's), asked without
+    importing ``mpi4py.MPI``, which starts MPI."""
+    return type(comm_).__module__.startswith("mpi4py")
+
+
 def large_messages(comm_):
     """``comm_`` for pickled messages past 2 GiB (a run's snapshots together, a checkpoint's
     gathering): MPI-3 libraries such as Open MPI 4 refuse one (``MPI_ERR_ARG``), and
     mpi4py's ``pkl5`` sends it in parts. Its ``bcast``, ``gather`` and ``scatter`` are
     collectives every rank makes through it. Another communicator (torchrun's, the
     simulator's) is returned as it is."""
-    if not type(comm_).__module__.startswith("mpi4py"):  # importing mpi4py.MPI starts MPI
+    if not is_mpi4py(comm_):
         return comm_
     from mpi4py.util import pkl5
 

@@ -22,16 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain.comm import allreduce_bytes
+from hpctrain.comm import allreduce_bytes, is_mpi4py
 from hpctrain.data import Dataset
 
 MAX_COUNT = 2**31 - 1  # an MPI-3 count or displacement is a C int
-
-
-def _is_mpi(comm) -> bool:
-    """Whether ``comm`` is mpi4py's, not the simulator's (asked without importing
-    ``mpi4py.MPI``, which starts MPI)."""
-    return type(comm).__module__.startswith("mpi4py")
 
 
 def allgather_rows(comm, send: np.ndarray, counts: list[int]) -> np.ndarray:
@@ -45,7 +39,7 @@ def allgather_rows(comm, send: np.ndarray, counts: list[int]) -> np.ndarray:
     """
     width = send.shape[1]
     out = np.empty((sum(counts), width), np.float32)
-    if not _is_mpi(comm):
+    if not is_mpi4py(comm):
         comm.Allgatherv(send.reshape(-1), [out.reshape(-1), [c * width for c in counts]])
         return out
     from mpi4py import MPI
