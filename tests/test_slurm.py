@@ -342,9 +342,10 @@ def test_torchrun_started_by_srun_gives_each_worker_its_own_local_rank(slurm, tm
     """One torchrun per node, started by srun (multi-node torchrun on Slurm): its workers all
     inherit srun's SLURM_LOCALID=0, and the GPU each takes comes from torchrun's LOCAL_RANK."""
     worker = tmp_path / "worker.py"
+    # One write per line (print's pieces interleaved between the two workers: "seenseen 0 0 0")
     worker.write_text("import os\nfrom hpctrain import devices\n"
-                      "print('seen', os.environ['SLURM_LOCALID'], os.environ['LOCAL_RANK'], "
-                      "devices.local_rank(), flush=True)\n")
+                      "os.write(1, f\"seen {os.environ['SLURM_LOCALID']} "
+                      "{os.environ['LOCAL_RANK']} {devices.local_rank()}\\n\".encode())\n")
     job, work = script_job(slurm, tmp_path / "torchrun.sbatch",
                            f"srun --ntasks=1 {sys.executable} -m torch.distributed.run "
                            f"--standalone --nproc-per-node 2 --log-dir {tmp_path / 'torch-logs'} "
