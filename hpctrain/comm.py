@@ -186,6 +186,17 @@ def is_mpi4py(comm_) -> bool:
     return type(comm_).__module__.startswith("mpi4py")
 
 
+COUNT_PIECE = 2**30  # elements (or bytes) one MPI call here counts at most: see count_pieces
+
+
+def count_pieces(n: int, piece: int | None = None) -> list[slice]:
+    """Slices of ``n`` elements, at most ``piece`` (:data:`COUNT_PIECE`) each, one MPI call
+    each: an MPI-3 library such as Open MPI 4 takes no count past 2**31 - 1. One slice, maybe
+    empty, below that, so that what fits is the one call it was."""
+    piece = piece or COUNT_PIECE
+    return [slice(i, i + piece) for i in range(0, max(n, 1), piece)]
+
+
 def large_messages(comm_):
     """``comm_`` for pickled messages past 2 GiB (a run's snapshots together, a checkpoint's
     gathering): MPI-3 libraries such as Open MPI 4 refuse one (``MPI_ERR_ARG``), and

@@ -735,3 +735,19 @@ def test_ranks_that_disagree_on_the_store_all_raise_one_error(differs):
         ParameterStore(values, world, servers=servers)
     assert str(err.value) == "ParameterStore: " + expected[differs].format(r=world.Get_size() - 1)
     world.Barrier()  # every rank got here: none is left in a collective
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_the_roots_values_reach_the_store_in_pieces(monkeypatch):
+    """Pieces of 7 floats stand for 2**30 ones (a model past 2**31 floats was one Bcast
+    before, which MPI-3 libraries refuse): every rank pulls the root's values."""
+    monkeypatch.setattr(comm, "COUNT_PIECE", 7)
+    world = comm.world()
+    root = world.Get_size() - 1
+    values = torch.arange(50, dtype=torch.float32) * (world.Get_rank() + 1)
+    with ParameterStore(values, world, shards=3, root=root) as store:
+        pulled = torch.empty(50)
+        store.pull(pulled)
+        world.Barrier()
+    assert torch.equal(pulled, torch.arange(50, dtype=torch.float32) * (root + 1))

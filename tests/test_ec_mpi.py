@@ -158,6 +158,22 @@ def test_model_averaging_every_tau_steps_averages_buffers():
     assert ma.stats.bytes == [2 * (ranks - 1) * flat(model).numel() * 4 // ranks] * 2
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+def test_model_averaging_in_pieces_is_the_mean(monkeypatch):
+    """Pieces of 7 elements stand for 2**30 ones (a model past 2**31 elements was one
+    Iallreduce before, which MPI-3 libraries refuse)."""
+    from hpctrain import comm as hcomm
+    from hpctrain.ec import average_model
+
+    monkeypatch.setattr(hcomm, "COUNT_PIECE", 7)
+    comm = world()
+    model = member(comm.Get_rank())
+    expected = torch.stack(comm.allgather(flat(model))).mean(0)
+    average_model(model, comm)
+    torch.testing.assert_close(flat(model), expected)
+
+
 class FrozenAndTied(torch.nn.Module):
     """A frozen first layer, and one weight shared by two layers."""
 

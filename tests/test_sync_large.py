@@ -110,3 +110,46 @@ def test_broadcast_and_sendrecv_in_pieces(world_transport, monkeypatch):
             out = torch.empty(length(peer), dtype=torch.int16)  # these
             t.isendrecv(send, out, peer).wait()
             assert torch.equal(out, _pattern(length(peer), dtype=torch.int16, seed=peer))
+
+
+@mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("in_place", [True, False], ids=["in-place", "send-buffer"])
+def test_allreduce_in_pieces(world_transport, monkeypatch, in_place):
+    """Pieces of 7 elements stand for 2**30 ones: several outstanding Iallreduces, each
+    reducing its piece with the others' (every op, a 16-bit float reduced on the host)."""
+    monkeypatch.setattr(transport, "PIECE_ELEMENTS", 7)
+    t, r, n = world_transport, world_transport.rank(), world_transport.size()
+    for op, combine in ((sync.Sum, torch.add), (sync.Min, torch.minimum),
+                        (sync.Max, torch.maximum), (sync.Product, torch.mul)):
+        for dtype, shape in ((torch.int32, (5, 6)), (torch.float16, (16,)), (torch.int64, (3,)),
+                             (torch.float32, (0,))):
+            mine = _pattern(*shape, dtype=dtype, seed=r) % 5 + 1  # products stay exact
+            out = mine.clone() if in_place else torch.empty_like(mine)
+            t.iallreduce(None if in_place else mine, out, op).wait()
+            expected = _pattern(*shape, dtype=dtype, seed=0) % 5 + 1
+            for k in range(1, n):
+                expected = combine(expected, _pattern(*shape, dtype=dtype, seed=k) % 5 + 1)
+            assert torch.equal(out, expected), (op, dtype, shape)
+
+
+@mpi
+@pytest.mark.timeout(300)
+def test_allreduce_of_one_tensor_past_2_31_elements():
+    """2**31 + 8 int8 elements (one Iallreduce before: MPI_ERR_ARG); the sums on both sides of
+    each piece's edge and at the end are both ranks'."""
+    MPI = comm.mpi()
+    if MPI.COMM_WORLD.size != 2 or MPI.Get_version() >= (4, 0):
+        pytest.skip("gigabytes per rank: two ranks of an MPI-3 library only")
+    n = 2**31 + 8
+    edges = [2**30 - 1, 2**30, 2**31 - 1, 2**31, n - 1]
+    sync.init(backend="mpi")
+    try:
+        counts = torch.ones(n, dtype=torch.int8)
+        counts[edges] = torch.tensor([2, 3, 4, 5, 6], dtype=torch.int8) * (sync.rank() + 1)
+        sync.allreduce_(counts, op=sync.Sum)
+        assert counts[edges].tolist() == [6, 9, 12, 15, 18]
+        counts[edges] = 2
+        assert bool((counts == 2).all())  # not .sum(): a bool sum counts in int64 (16 GB)
+    finally:
+        sync.shutdown()

@@ -286,7 +286,8 @@ class ParameterStore:
     def _initialize(self, values: torch.Tensor, root: int) -> None:
         MPI = hcomm.mpi()
         start = np.array(values.detach().cpu().numpy(), dtype=np.float32)  # a copy: Bcast fills it
-        self.comm.Bcast([start, MPI.FLOAT], root=root)
+        for piece in hcomm.count_pieces(len(start)):  # MPI-3 counts are C ints
+            self.comm.Bcast([start[piece], MPI.FLOAT], root=root)
         for win, owner, (lo, hi) in zip(self.windows, self.owners, self.bounds, strict=True):
             if owner == self.rank:
                 win.Lock(self.rank, MPI.LOCK_EXCLUSIVE)

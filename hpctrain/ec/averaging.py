@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hpctrain import compiled, watchdog
-from hpctrain.comm import allreduce_bytes
+from hpctrain.comm import allreduce_bytes, count_pieces
 from hpctrain.devices import HostStage, mpi_buffer
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError, on_every_rank
@@ -89,7 +89,11 @@ def average_model(model: nn.Module, comm) -> int:
     # Non-blocking, as ssgd's mpi backend reduces: one order of additions for both, the one
     # the simulator's LocalComm adds in. Open MPI 4.1's blocking Allreduce adds 4-247 KB on 3
     # ranks in an order of its own (coll/tuned), and simulated ma then rounded otherwise.
-    comm.Iallreduce(mpi_buffer(flat), mpi_buffer(total)).Wait()
+    # In pieces past COUNT_PIECE elements (MPI-3's counts are C ints): a model that fits is
+    # the one call it was.
+    for request in [comm.Iallreduce(mpi_buffer(flat[piece]), mpi_buffer(total[piece]))
+                    for piece in count_pieces(flat.numel())]:
+        request.Wait()
     mean = total / comm.Get_size()
     offset = 0
     for t in tensors:

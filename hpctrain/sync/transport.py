@@ -29,6 +29,7 @@ _TORCH_OPS = {SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: t
 HALF_TYPES = (torch.float16, torch.bfloat16)
 _SENDRECV_TAG = 7  # isendrecv's messages; nothing else sends point to point on a transport
 PIECE_BYTES = 2**30  # ibcast and isendrecv send a tensor in pieces up to this (MPI-3: < 2 GiB)
+PIECE_ELEMENTS = 2**30  # iallreduce reduces a tensor in pieces of up to this many elements
 
 
 class Request(Protocol):
@@ -161,11 +162,15 @@ class MPITransport:
         return self.local_comm.Get_rank()
 
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
+        # In pieces of elements, matched in the order posted (MPI-3 counts are C ints).
         MPI = mpicomm.mpi()
-        out_buf, mpi_op = reduce_spec(out.detach().reshape(-1), op)
-        send_buf = MPI.IN_PLACE if send is None else \
-            reduce_spec(send.detach().reshape(-1), op)[0]
-        return _MPIRequest(self.comm.Iallreduce(send_buf, out_buf, mpi_op))
+        requests = []
+        for piece in mpicomm.count_pieces(out.numel(), PIECE_ELEMENTS):
+            out_buf, mpi_op = reduce_spec(out.detach().reshape(-1)[piece], op)
+            send_buf = MPI.IN_PLACE if send is None else \
+                reduce_spec(send.detach().reshape(-1)[piece], op)[0]
+            requests.append(self.comm.Iallreduce(send_buf, out_buf, mpi_op))
+        return _MPIRequests(requests) if len(requests) > 1 else _MPIRequest(requests[0])
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
         row = _row_bytes(send)
@@ -256,7 +261,7 @@ def _pieces(tensor: torch.Tensor) -> list:
     """A contiguous tensor's bytes in pieces of at most :data:`PIECE_BYTES` (one, maybe empty,
     below that): each piece's count stays a C int, which MPI-3 counts are."""
     flat = _bytes(tensor)
-    return [flat[i:i + PIECE_BYTES] for i in range(0, max(len(flat), 1), PIECE_BYTES)]
+    return [flat[piece] for piece in mpicomm.count_pieces(len(flat), PIECE_BYTES)]
 
 
 def _row_bytes(tensor: torch.Tensor) -> int:
