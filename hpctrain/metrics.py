@@ -37,14 +37,16 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
-def write_atomic(path: str | Path, content: str | bytes, durable: bool = False,
-                 midway: Callable[[], None] | None = None) -> None:
+def write_atomic(path: str | Path, content: str | bytes | Sequence[bytes | memoryview],
+                 durable: bool = False, midway: Callable[[], None] | None = None) -> None:
     """Write ``content`` to ``path`` through a flushed and fsynced temporary file and a rename.
 
+    ``content``: text, bytes, or byte chunks written one after another (a checkpoint's header
+    line and a view of its payload: joining them would copy the payload).
     ``durable``: also fsync the folder, so that the rename itself survives a crash (checkpoints).
-    ``midway`` runs when half is written (fault injection). A failed write (a full disk, a
-    quota) leaves ``path`` as it was and raises the OSError with ``path`` in its message: the
-    write itself only knows a file descriptor.
+    ``midway`` runs when half of the bytes are written (fault injection). A failed write (a full
+    disk, a quota) leaves ``path`` as it was and raises the OSError with ``path`` in its
+    message: the write itself only knows a file descriptor.
     """
     path = Path(path)
     try:
@@ -69,18 +71,19 @@ def remove_stale_temporaries(folder: Path) -> None:
             (folder / name).unlink(missing_ok=True)
 
 
-def _write_atomic(path: Path, content: str | bytes, durable: bool,
-                  midway: Callable[[], None] | None) -> None:
-    data = memoryview(content.encode() if isinstance(content, str) else content)
+def _write_atomic(path: Path, content: str | bytes | Sequence[bytes | memoryview],
+                  durable: bool, midway: Callable[[], None] | None) -> None:
+    first, second = _halves(content)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it; mkstemp gives 0600
         with os.fdopen(fd, "wb") as f:
-            half = len(data) // 2
-            f.write(data[:half])
+            for chunk in first:
+                f.write(chunk)
             if midway is not None:
                 midway()
-            f.write(data[half:])
+            for chunk in second:
+                f.write(chunk)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -93,6 +96,23 @@ def _write_atomic(path: Path, content: str | bytes, durable: bool,
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _halves(content: str | bytes | Sequence[bytes | memoryview]
+            ) -> tuple[list[memoryview], list[memoryview]]:
+    """``content``'s bytes cut at half their total, as views of its chunks (nothing copied)."""
+    if isinstance(content, str):
+        content = content.encode()
+    chunks = [memoryview(c).cast("B") for c in
+              ([content] if isinstance(content, (bytes, bytearray, memoryview)) else content)]
+    left = sum(c.nbytes for c in chunks) // 2
+    first, second = [], []
+    for chunk in chunks:
+        take = min(left, chunk.nbytes)
+        first.append(chunk[:take])
+        second.append(chunk[take:])
+        left -= take
+    return first, second
 
 
 def write_json_atomic(path: str | Path, obj, durable: bool = False) -> None:

@@ -46,6 +46,37 @@ def test_round_trip(tmp_path):
     assert checkpoint.read_header(path) == header
 
 
+def test_a_file_is_its_json_header_line_then_torch_saves_bytes(tmp_path):
+    """Written from a view of torch.save's buffer (no copy of the payload) and read back with
+    one read of the body, a file keeps the bytes it had when they were joined: the JSON header,
+    a newline, torch.save's bytes. A header longer than a read buffer (8 KiB) included."""
+    state, header = payload(3, numel=5000), {"algo": "sgd", "workers": 1,
+                                            "args": {"note": "x" * 20000}}
+    path = checkpoint.save(tmp_path, 3, state, header)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    body = buf.getvalue()
+    head = {**header, "updates": 3, "format": "hpctrain-checkpoint/2",
+            "sha256": hashlib.sha256(body).hexdigest(), "bytes": len(body)}
+    head["header_sha256"] = hashlib.sha256(json.dumps(head, sort_keys=True).encode()).hexdigest()
+    line = json.dumps(head, sort_keys=True).encode() + b"\n"
+    assert len(line) > 20000 and path.read_bytes() == line + body
+    assert checkpoint.format.encode(state, {**header, "updates": 3}) == line + body
+    assert checkpoint.load(path)[0] == head and checkpoint.read_header(path) == head
+    assert torch.equal(checkpoint.load(path)[1]["w"], state["w"])
+
+
+def test_write_atomic_writes_chunks_in_order_with_midway_at_half_their_bytes(tmp_path):
+    from hpctrain.metrics import _halves, write_atomic
+    chunks = [b"ab", memoryview(b"cdef"), bytearray(b"ghij"), torch.arange(3).numpy()]
+    write_atomic(tmp_path / "f", chunks)
+    joined = b"abcdefghij" + torch.arange(3).numpy().tobytes()
+    assert (tmp_path / "f").read_bytes() == joined
+    first, second = _halves(chunks)
+    assert b"".join(first) == joined[:17] and b"".join(second) == joined[17:]
+    assert [b"".join(half) for half in _halves("abc")] == [b"a", b"bc"]  # as before: text
+
+
 def flip(path, offset: int) -> None:
     blob = bytearray(path.read_bytes())
     blob[offset] ^= 0x01

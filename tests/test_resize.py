@@ -8,7 +8,7 @@ import torch
 
 from hpctrain import checkpoint
 from hpctrain.checkpoint import resize
-from hpctrain.checkpoint.format import _header_of, encode
+from hpctrain.checkpoint.format import encode_parts
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.metrics import Tally, write_atomic
@@ -246,9 +246,9 @@ def test_checkpointer_restores_three_workers_on_one(tmp_path):
     (folder / "snapshots").mkdir(parents=True)
     refs = []
     for r in range(3):
-        blob = encode({"w": torch.full((2,), float(r))}, {"info": {"updates": 0}})
-        write_atomic(folder / f"snapshots/000000-r{r}.pt", blob)
-        refs.append([{"file": f"snapshots/000000-r{r}.pt", "sha256": _header_of(blob)["sha256"],
+        head, parts = encode_parts({"w": torch.full((2,), float(r))}, {"info": {"updates": 0}})
+        write_atomic(folder / f"snapshots/000000-r{r}.pt", parts)
+        refs.append([{"file": f"snapshots/000000-r{r}.pt", "sha256": head["sha256"],
                       "info": {"updates": 0}}])
     payload = {"shared": {}, "ranks": [{**part(r, agg={"r": r}), "rng": checkpoint.rng_state()}
                                        for r in range(3)],

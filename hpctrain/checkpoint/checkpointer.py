@@ -31,7 +31,7 @@ from hpctrain.checkpoint.folder import (
     remove_stale,
     save,
 )
-from hpctrain.checkpoint.format import _header_of, encode
+from hpctrain.checkpoint.format import encode_parts
 from hpctrain.checkpoint.policy import OFF, Every
 from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
@@ -316,9 +316,9 @@ class Checkpointer:
             for snap in snaps:
                 rank = f"-r{r}" if self.snapshots_per_rank else ""
                 name = f"snapshots/{len(self.refs[r]):06d}{rank}.pt"
-                blob = encode(snap.state, {"info": snap.info})
-                write_atomic(self.folder / name, blob, durable=True)
-                self.refs[r].append({"file": name, "sha256": _header_of(blob)["sha256"],
+                head, parts = encode_parts(snap.state, {"info": snap.info})
+                write_atomic(self.folder / name, parts, durable=True)
+                self.refs[r].append({"file": name, "sha256": head["sha256"],
                                      "info": snap.info})
         payload = {
             "shared": to_host({name: obj.state_dict() for name, obj in self.shared.items()}),

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from hpctrain.checkpoint.format import CorruptCheckpoint, encode, load, read_header
+from hpctrain.checkpoint.format import CorruptCheckpoint, encode_parts, load, read_header
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshot
 from hpctrain.metrics import write_atomic
@@ -72,7 +72,7 @@ def save(folder: str | Path, updates: int, payload: dict, header: dict,
     make_folder(folder)
     remove_stale(folder)
     path = folder / f"ckpt-{updates:09d}.pt"
-    write_atomic(path, encode(payload, {**header, "updates": updates}), durable=True,
+    write_atomic(path, encode_parts(payload, {**header, "updates": updates})[1], durable=True,
                  midway=midway)
     for old in retire:
         if old.name != path.name:  # the same name: just replaced by this checkpoint

@@ -4,7 +4,7 @@ Kept apart from folders and training loops so that the bytes of a file, and the 
 trusting them, are defined in one place: the header carries the payload's SHA-256 and length
 and its own SHA-256, and the payload is only unpickled (``weights_only=True``, so no code
 from the file runs) once all match. Everything else reads and writes checkpoints through
-:func:`encode` and :func:`load`.
+:func:`encode_parts` (or :func:`encode`, its bytes joined) and :func:`load`.
 """
 
 from __future__ import annotations
@@ -28,13 +28,21 @@ class CorruptCheckpoint(Exception):
 
 def encode(payload: object, header: dict) -> bytes:
     """The bytes of a checkpoint file: ``header`` (plus checksum and length) and ``payload``."""
+    return b"".join(encode_parts(payload, header)[1])
+
+
+def encode_parts(payload: object, header: dict) -> tuple[dict, list[bytes | memoryview]]:
+    """The header :func:`encode` writes, and the file's bytes as its two parts (the header
+    line, then a view of ``torch.save``'s own buffer): :func:`~hpctrain.metrics.write_atomic`
+    writes them one after another, without the copy of the whole payload that joining them
+    into one ``bytes`` costs (rank 0's memory: twice a large model's size, not once)."""
     buf = io.BytesIO()
     torch.save(payload, buf)
-    body = buf.getvalue()
+    body = buf.getbuffer()
     head = {**header, "format": FORMAT, "sha256": hashlib.sha256(body).hexdigest(),
-            "bytes": len(body)}
+            "bytes": body.nbytes}
     head["header_sha256"] = _header_digest(head)
-    return json.dumps(head, sort_keys=True).encode() + b"\n" + body
+    return head, [json.dumps(head, sort_keys=True).encode() + b"\n", body]
 
 
 def _header_digest(header: dict) -> str:
@@ -81,9 +89,8 @@ def read_header(path: str | Path) -> dict:
 def load(path: str | Path) -> tuple[dict, object]:
     """``(header, payload)`` of a checkpoint file; CorruptCheckpoint unless its checksum holds."""
     path = Path(path)
-    blob = path.read_bytes()
-    line, sep, body = blob.partition(b"\n")
-    if not sep:
+    line, body = _read_parts(path)
+    if not line.endswith(b"\n"):
         raise CorruptCheckpoint(f"{path.name}: truncated header")
     header = _parse_header(line, path)
     if len(body) != header.get("bytes"):
@@ -91,7 +98,7 @@ def load(path: str | Path) -> tuple[dict, object]:
                                 f"{header.get('bytes')} (truncated?)")
     if hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
-    try:
+    try:  # BytesIO shares ``body`` (bytes): no copy
         payload = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
     except Exception as e:  # a payload that hashes right but does not load: wrong writer
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0]  # torch's: lines
@@ -99,6 +106,11 @@ def load(path: str | Path) -> tuple[dict, object]:
     return header, payload
 
 
-def _header_of(blob: bytes) -> dict:
-    """The header of bytes that :func:`encode` just made (trusted: no checks)."""
-    return json.loads(blob.partition(b"\n")[0])
+def _read_parts(path: Path) -> tuple[bytes, bytes]:
+    """The first line of ``path`` (with its newline, if it has one) and the rest, each read
+    once. The rest comes from the unbuffered file: a buffered ``read()`` after ``readline()``
+    joins what it had buffered to it, a copy of the whole payload."""
+    with open(path, "rb") as f:
+        line = f.readline()
+        f.raw.seek(len(line))
+        return line, f.raw.readall()

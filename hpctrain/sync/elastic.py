@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from hpctrain.checkpoint.format import CorruptCheckpoint, encode, load
+from hpctrain.checkpoint.format import CorruptCheckpoint, encode_parts, load
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 from hpctrain.sync.collectives import _pickled
@@ -434,7 +434,7 @@ class _Writer:
             path.parent.mkdir(parents=True, exist_ok=True)
             for stale in path.parent.glob(f".{path.name}.*.tmp"):
                 stale.unlink(missing_ok=True)  # left by a writer that was killed
-            write_atomic(path, encode(snapshot, header), durable=True)
+            write_atomic(path, encode_parts(snapshot, header)[1], durable=True)
         except Exception as e:  # noqa: BLE001 - reported by the next commit, on rank 0
             self._error = f"${ENV}: cannot write the commit {path}: {e}"
 
