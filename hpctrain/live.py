@@ -200,7 +200,7 @@ class Watch:
         self.stopped = False  # every worker left the loop at the stop signal
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
         # Snapshots sent to the evaluating rank and not scored yet: index -> the send's request,
-        # which holds the pickled snapshot until it is waited for.
+        # which holds the snapshot's memory (sent out of band, not copied) until waited for.
         self._unscored: dict[int, object] = {}
         # TensorBoard's training entries: what the steps since the last entry added up to, and
         # the last step's (position, lr, t).
@@ -316,7 +316,7 @@ class Watch:
 
     def _receive(self, block: bool) -> None:
         """Rank 0: the scores the evaluating rank has sent (``block``: all still due). A scored
-        snapshot's send is complete: its request, and the pickled snapshot it holds, go."""
+        snapshot's send is complete: its request, and its hold on the snapshot, go."""
         probe = self.channel.mprobe if block else self.channel.improbe
         while self._unscored:
             incoming = probe(source=self.eval_rank, tag=_SCORE)
