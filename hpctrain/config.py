@@ -406,6 +406,9 @@ class RunConfig:
     eval_rank: int | None = option(None, "with --eval online: this rank (not 0) only scores "
                                    "snapshots and does not train", parse=int, range=Range(1))
     tensorboard: bool = option(False, "write TensorBoard event files to <out>/tensorboard")
+    log_every: int = option(10, "with --tensorboard, updates between training entries (an "
+                            "asynchronous run: rank 0's own steps)",
+                            parse=options.positive(int), range=Range(1))
     stop_on_collapse: bool = option(False, "end the run (exit status 4, outputs kept) when "
                                     "training has collapsed")
     device: str = option("auto", "where each rank computes: cuda takes GPU (local rank mod GPUs) "

@@ -188,6 +188,7 @@ class Watch:
         # stamps entries (the checkpoint's, with its earlier attempts), from started() on.
         self.resumed, self.restored, self.elapsed = resumed, 0, elapsed
         self._seen_to = -1  # begin() sets it
+        self.log_every = config.log_every
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, clock=clock, rank0=self.rank == 0,
                                        rescored=() if self.curve_online else tensorboard.CURVE)
@@ -246,17 +247,17 @@ class Watch:
         log["steps"] += 1
         log["loss"] += value
         log["last"] = position, lr, t
-        every = tensorboard.LOG_EVERY
-        # Lock-step: at each multiple of LOG_EVERY updates, so that a resumed run's entries
+        every = self.log_every
+        # Lock-step: at each multiple of --log-every updates, so that a resumed run's entries
         # fall where the uninterrupted run's do (counted from the resume, they were 4 off).
-        # Asynchronous: every LOG_EVERY of rank 0's own steps, its positions being sparse.
+        # Asynchronous: every --log-every of rank 0's own steps, its positions being sparse.
         if (position // every > log["position"] // every if self.algo.lock_step
                 else log["steps"] >= every):
             self._write_log()
 
     def _write_log(self) -> None:
-        """Rank 0: one training entry for the steps logged since the last (LOG_EVERY of them,
-        or the last few of the run)."""
+        """Rank 0: one training entry for the steps logged since the last (--log-every of
+        them, or the last few of the run)."""
         log, board = self._logged, self.board
         position, lr, t = log["last"]
         board.scalar("train/loss", log["loss"] / log["steps"], position, t)
@@ -366,7 +367,7 @@ class Watch:
 
     def finish(self) -> None:
         """After the loop, on every worker: the stop signal completes; rank 0's training
-        entries since the last LOG_EVERY steps reach TensorBoard."""
+        entries since the last --log-every steps reach TensorBoard."""
         self._training = False
         self.signal.close()
         if self.rank == 0 and self.board.enabled and self._logged["steps"]:

@@ -3,9 +3,9 @@
 Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`` package):
 
 - ``train/loss`` (rank 0's mean over its steps since the last entry: lock-step runs write one
-  at every multiple of :data:`LOG_EVERY` updates, so a resumed run's fall where an
+  at every multiple of ``--log-every`` updates, so a resumed run's fall where an
   uninterrupted run's do, the first after the resume then over fewer steps; asynchronous
-  ones every :data:`LOG_EVERY` of rank 0's steps; at the end over the run's last few),
+  ones every ``--log-every`` of rank 0's steps; at the end over the run's last few),
   ``train/lr``, ``train/epoch`` (the update count in epochs, fractional),
   ``train/samples_per_s`` (all workers, from global progress since the last entry) and, for
   asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the last entry);
@@ -56,7 +56,6 @@ from pathlib import Path
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 
-LOG_EVERY = 10  # rank 0's steps between training entries
 SUBDIR = "tensorboard"
 
 

@@ -172,7 +172,7 @@ def test_scores_of_an_earlier_attempts_snapshots_keep_their_wall_time(tmp_path):
 
 
 def test_a_runs_last_steps_reach_the_board(tmp_path):
-    """Training entries came every LOG_EVERY (10) steps only: never the last few steps of a
+    """Training entries came every --log-every (10) steps only: never the last few steps of a
     run, and none at all of a run that collapsed within ten."""
     for steps, entries in ((25, {10: 0.95, 20: 1.95, 25: 2.7}), (4, {4: 0.65})):
         out = tmp_path / str(steps)
@@ -205,12 +205,26 @@ def watch(out, algo: str = "sgd", *, resumed: int = 0, elapsed: float = 0.0,
 def test_a_resumed_async_runs_first_staleness_entry_is_of_its_own_pushes(tmp_path):
     """It averaged the pushes the checkpoint restored with the run's first ten: 14.7."""
     resumed = watch(tmp_path, "asgd", resumed=32, pushes=[40] * 5)
-    for update in range(33, 33 + 2 * tensorboard.LOG_EVERY):
+    for update in range(33, 33 + 2 * resumed.log_every):
         resumed.algo.optimizer.staleness.add(2 if update < 43 else 3)
         resumed.step(update, update, torch.tensor(0.5), 0.05, update * 0.01)
     resumed.finish()
     resumed.after([])
     assert logged(tmp_path, "train/staleness") == {42: 2.0, 52: 3.0}
+
+
+@pytest.mark.parametrize("algo, resumed, entries", [
+    ("sgd", 0, [4, 8, 12, 14]),  # at multiples of 4, and the last step
+    ("sgd", 5, [8, 12, 14]),  # resumed at 5 (entries of 4 before): still at multiples
+    ("asgd", 5, [9, 13, 14])])  # every 4 of rank 0's own steps, and the last
+def test_log_every_sets_the_training_entries_steps(tmp_path, algo, resumed, entries):
+    board = watch(tmp_path, algo, resumed=resumed, pushes=[] if algo == "asgd" else None,
+                  log_every=4)
+    for update in range(resumed + 1, 15):
+        board.step(update, update, torch.tensor(0.5), 0.05, update * 0.01)
+    board.finish()
+    board.after([])
+    assert sorted(logged(tmp_path, "train/loss")) == entries
 
 
 def model_and_snapshots(updates) -> tuple[torch.nn.Module, Snapshots]:
@@ -257,15 +271,16 @@ def test_a_grown_runs_snapshots_below_the_checkpoints_count_are_logged(tmp_path)
 def test_a_run_resumed_on_fewer_ranks_drops_what_was_trained_after_its_checkpoint(tmp_path):
     """ssgd on 2 ranks (64 updates an epoch), checkpointed at update 32 and killed at 45,
     resumed on 1 (128 an epoch) at update 64: the killed run's entries from 32 on were
-    purged from 64 only, so its loss at 40, trained again, stayed on the plot."""
+    purged from 64 only, so its loss at 40, trained again, stayed on the plot. The resumed
+    run logs at another --log-every (an option a resume may change)."""
     out = str(tmp_path / "run")
     train = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
              "--checkpoint-every", "0.5e", "--tensorboard", "--out", out]
     assert run_job(train, np=2, env={"HPCTRAIN_INJECT": "kill@0:45"}).returncode != 0
-    resumed = run_job([*train, "--resume", out], np=1)
+    resumed = run_job([*train, "--resume", out, "--log-every", "15"], np=1)
     assert "resized from 2 to 1 workers, going on at update 64" in resumed.stderr
     steps = sorted(logged(tmp_path / "run", "train/loss"))
-    assert steps[:3] == [10, 20, 30] and steps[3:] == [*range(70, 128, 10), 128]
+    assert steps[:3] == [10, 20, 30] and steps[3:] == [75, 90, 105, 120, 128]
 
 
 @pytest.mark.timeout(300)

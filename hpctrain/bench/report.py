@@ -825,7 +825,8 @@ def setting(rows: list[Row]) -> str | None:
 # config.json keys that are no training setting to compare (where the run wrote, what it
 # showed, the algorithm: the row's name), or that other lines of the report give: model, data
 # set and epochs (setting), the scoring (scoring), the simulator's (simulator_settings)
-NOT_COMPARED = frozenset({"algo", "out", "run_info", "progress", "tensorboard", "profile",
+NOT_COMPARED = frozenset({"algo", "out", "run_info", "progress", "tensorboard", "log_every",
+                          "profile",
                           "stall_timeout", "checkpoint.dir", "checkpoint.resume",
                           "data.data_dir", "model.name", "data.dataset", "optim.epochs",
                           "eval_mode"})

@@ -39,7 +39,7 @@ from hpctrain.options import HUGE, as_typed, flag_of_key
 # mpirun run could not go on under torchrun, told it was started "with --sync-backend mpi,
 # not torch", a value never given.
 MAY_CHANGE = frozenset({"out", "resume", "checkpoint_every", "checkpoint_dir", "max_bad_steps",
-                        "no_progress", "threads", "data_dir", "tensorboard", "eval",
+                        "no_progress", "threads", "data_dir", "tensorboard", "log_every", "eval",
                         "eval_rank",
                         "stop_on_collapse", "device", "micro_batch_size",
                         "mixed_precision", "compile", "profile", "sync_backend",
