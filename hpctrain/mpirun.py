@@ -49,11 +49,14 @@ def _flavour(mpirun: str) -> str | None:
 def local_flags(kind: str | None, ranks: int, cores: int) -> list[str]:
     """What ``kind``'s mpirun needs to start ``ranks`` ranks on this machine of ``cores``
     cores: Open MPI's root and oversubscription flags where they apply (also when the kind
-    is unknown: Open MPI is the common case); Hydra needs none."""
+    is unknown: Open MPI is the common case), and ``--bind-to none``: Open MPI binds each
+    of one or two ranks to a core, the same first cores for every job, so two jobs at once
+    shared one core while the others idled (horovodrun passes ``-bind-to none`` too).
+    Hydra needs none (MPICH binds nothing unless asked)."""
     if kind in ("mpich", "intel"):
         return []
     flags = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    return flags + (["--oversubscribe"] if ranks > cores else [])
+    return flags + (["--oversubscribe"] if ranks > cores else []) + ["--bind-to", "none"]
 
 
 def passing_signals(program: str) -> str:

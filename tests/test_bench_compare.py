@@ -626,6 +626,7 @@ def test_default_launcher(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     plain = compare.launcher_command(None, 1)
     assert plain[0] == "mpirun" and plain[-2:] == ["-np", "1"]
+    assert plain[-4:-2] == ["--bind-to", "none"]  # Open MPI's binding put every job on core 0
     assert ("--allow-run-as-root" in plain) == (os.geteuid() == 0)
     assert "--oversubscribe" not in plain
     assert "--oversubscribe" in compare.launcher_command(None, 4 * os.cpu_count())

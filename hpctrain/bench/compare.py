@@ -140,8 +140,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  "number, e.g. 'mpirun -np {np}' or 'srun --mpi=pmix -n {np}'; "
                                  "default: $HPCTRAIN_LAUNCHER, else srun inside a Slurm "
                                  "allocation, else $HPCTRAIN_MPIRUN -np {np}, else mpirun (Open "
-                                 "MPI's: with --allow-run-as-root and --oversubscribe only "
-                                 "where needed)"),
+                                 "MPI's: with --bind-to none, and --allow-run-as-root and "
+                                 "--oversubscribe only where needed)"),
         parser.add_argument("--timeout", type=at_most(at_least(0, float), HUGE), default=0.0,
                             help="seconds after which a run is stopped and reported failed, "
                                  "counted from its launch: the launcher's and Python's "
