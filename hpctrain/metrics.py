@@ -360,11 +360,18 @@ def watching_terminal(err: TextIO | None, out: TextIO | None) -> TextIO | None:
     Open MPI's ``mpirun`` gives each rank's stdout a pty and its stderr a pipe, and sizes the
     pty like ``mpirun``'s own terminal: 0 columns when ``mpirun`` writes to a file (a batch
     job's output), so the width tells a watched run from a logged one."""
-    if _isatty(err):
+    if redraws(err):
         return err
-    if _isatty(out) and os.get_terminal_size(out.fileno()).columns > 0:
+    if redraws(out) and os.get_terminal_size(out.fileno()).columns > 0:
         return out
     return None
+
+
+def redraws(stream: TextIO | None) -> bool:
+    """Whether a line may be redrawn on ``stream`` (carriage returns, erasing codes): a
+    terminal, but not one that says it cannot (``TERM=dumb``: an editor's shell buffer,
+    which showed each redraw's ``^M^[[K``)."""
+    return _isatty(stream) and os.environ.get("TERM") != "dumb"
 
 
 def _isatty(stream: TextIO | None) -> bool:
@@ -406,9 +413,10 @@ def progress(total: int, rank: int, desc: str, enabled: bool = True, initial: in
     ``initial`` steps done (a resumed run: its rate counts only the steps it makes).
 
     Watched on a terminal (:func:`watching_terminal`: ``mpirun``'s too) it redraws twice a
-    second; into a file (a Slurm job's output, a CI log), where every redraw stays, once a
-    minute, a line each time: a day's run adds kilobytes, not megabytes. Print beside it
-    with :func:`say`.
+    second and is cleared at the end; into a file (a Slurm job's output, a CI log), where
+    every redraw stays, once a minute, a line each time: a day's run adds kilobytes, not
+    megabytes; there its last state is a last line (a run shorter than a minute showed only
+    its 0%). Print beside it with :func:`say`.
     """
     screen = watching_terminal(sys.stderr, sys.stdout)
     on_stderr = screen is not None and screen is sys.stderr  # tqdm follows its width
@@ -416,7 +424,7 @@ def progress(total: int, rank: int, desc: str, enabled: bool = True, initial: in
     return tqdm(total=total, initial=initial, desc=desc, unit="step",
                 file=sys.stderr if screen is not None else _Lines(sys.stderr),
                 disable=(rank != 0 or not enabled), dynamic_ncols=on_stderr, ncols=width,
-                leave=False, mininterval=0.5 if screen is not None else 60)
+                leave=screen is None, mininterval=0.5 if screen is not None else 60)
 
 
 def seconds(t: float) -> str:

@@ -67,6 +67,34 @@ class _Writes(io.StringIO):
         return super().write(text)
 
 
+def test_into_a_file_the_bar_ends_with_its_last_state(monkeypatch, tmp_path):
+    """A run shorter than the minute between lines left only its "sgd:   0%" in the log: the
+    work it did was never shown done."""
+    with (tmp_path / "log").open("w", encoding="utf-8") as log:
+        monkeypatch.setattr(sys, "stderr", log)
+        bar = progress(10, 0, "sgd")
+        bar.update(10)
+        bar.close()
+    lines = (tmp_path / "log").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 2 and lines[0].startswith("sgd:   0%|"), lines
+    assert lines[1].startswith("sgd: 100%|") and " 10/10 " in lines[1], lines
+
+
+def test_on_a_terminal_the_bar_is_cleared_at_the_end(monkeypatch):
+    with _pty(80) as err:
+        monkeypatch.setattr(sys, "stderr", err)
+        assert not progress(10, 0, "sgd").leave
+
+
+def test_a_dumb_terminal_gets_lines_not_redraws(monkeypatch):
+    """TERM=dumb cannot redraw a line: its bar is a line now and then, as into a file."""
+    monkeypatch.setenv("TERM", "dumb")
+    with _pty(80) as err, _pty(80) as out:
+        assert watching_terminal(err, out) is None
+        monkeypatch.setattr(sys, "stderr", err)
+        assert progress(10, 0, "sgd").mininterval == 60
+
+
 def test_a_warning_is_one_write_with_its_newline(monkeypatch):
     """tqdm.write's two writes (the text, then its newline) let mpirun put another rank's
     line between them: two ranks' warnings on one line."""

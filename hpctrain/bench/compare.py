@@ -66,7 +66,7 @@ from hpctrain import (
 from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
-from hpctrain.metrics import read_json, read_points, write_json_atomic
+from hpctrain.metrics import read_json, read_points, redraws, write_json_atomic
 from hpctrain.options import HUGE, at_least, shown, whole
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
@@ -572,7 +572,7 @@ class _Display:
 
     def __init__(self, label: str, stream=None):
         self.label, self.stream = label, stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.tty = redraws(self.stream)  # else a line each _PROGRESS_EVERY_S
         self.shown = 0.0
 
     def progress(self, text: str) -> None:
