@@ -17,6 +17,7 @@ if __name__ == "__main__":
     stop.install_for(sys.argv[1:])
 
 import argparse
+import codecs
 import importlib
 import json
 import os
@@ -313,7 +314,23 @@ _FILE_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device",
                stat.S_IFBLK: "a block device", stat.S_IFSOCK: "a socket"}
 
 
+def _console_safe() -> None:
+    """Let stdout and stderr write any text where their encoding is not a UTF one (a Latin-1
+    or C locale): what cannot be encoded is written as ``\\u2014`` escapes instead of a
+    UnicodeEncodeError that failed a finished comparison's table (its "—") with exit 1.
+    Files hpctrain writes (report.md, JSON) are UTF-8 whatever the locale."""
+    for stream in (sys.stdout, sys.stderr):
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        try:
+            utf = codecs.lookup(encoding).name.startswith("utf")
+        except LookupError:
+            utf = False
+        if not utf and hasattr(stream, "reconfigure"):  # a TextIOWrapper (not a test's io)
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> None:
+    _console_safe()
     comm.install_abort_on_error()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["train"], ["simulate"]) or argv[:2] == ["bench", "compare"]:

@@ -5,7 +5,10 @@ command line, as a user does; the pure parts (planning, error lines, targets) ar
 directly.
 """
 
+import contextlib
+import gc
 import importlib
+import io
 import json
 import os
 import re
@@ -16,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,7 +41,7 @@ from conftest import (
 )
 from matplotlib.image import imread
 
-from hpctrain import cli, provenance, registry, steptimes
+from hpctrain import cli, provenance, registry, run_folders, steptimes
 from hpctrain.bench import compare, report
 from hpctrain.checkpoint import listing
 from hpctrain.errors import UsageError
@@ -1400,3 +1404,85 @@ def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, m
     report.render(tmp_path)
     assert all((tmp_path / name).read_bytes() != b"old" for name in OUTPUTS)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
+
+
+def test_a_staged_file_that_cannot_be_removed_does_not_hide_why_the_write_failed(tmp_path):
+    """The clean-up's own OSError (on a read-only mount unlink fails even for a missing file)
+    replaced the one-line refusal: exit 1 with an OSError naming a temporary file."""
+    saved_runs(tmp_path)
+    (tmp_path / f".report.md.{os.getpid()}.new").mkdir()  # neither replaced nor unlinked
+    with pytest.raises(UsageError, match=re.escape(
+            f"report: cannot write {tmp_path / 'report.md'}: Is a directory")):
+        report.render(tmp_path)
+    assert not (tmp_path / "report.md").exists()
+
+
+def test_the_console_takes_the_table_in_any_locale(tmp_path, monkeypatch):
+    """Under a Latin-1 or C locale the table's dashes ended a report written in full with a
+    UnicodeEncodeError (exit 1); report.md stays UTF-8."""
+    saved_runs(tmp_path)
+    for name in ("stdout", "stderr"):
+        monkeypatch.setattr(sys, name, io.TextIOWrapper(io.BytesIO(), encoding="latin-1"))
+    cli.main(["report", str(tmp_path)])
+    sys.stdout.flush()
+    shown = sys.stdout.buffer.getvalue().decode("latin-1")
+    assert "| good | 1 | 0.9000 |" in shown and "\\u2014" in shown
+    assert "| — |" in (tmp_path / "report.md").read_text(encoding="utf-8")
+
+
+def test_run_names_are_shown_as_typed_in_the_reports_markdown(tmp_path):
+    """A run's folder named lr=0.1|b*x_ gave its row a column too many, and one named with a
+    backtick broke its command's code span."""
+    saved_runs(tmp_path)
+    for old, new in (("good", "lr=0.1|b*x_"), ("bad", "run`q")):
+        (tmp_path / old).rename(tmp_path / new)
+        argv = ["hpctrain", "train", "--out", f"runs/{new}"]
+        (tmp_path / new / "config.json").write_text(json.dumps({"run_info": {"argv": argv}}))
+    report.render(tmp_path)
+    text = (tmp_path / "report.md").read_text()
+    cells = report_cells(tmp_path)
+    assert set(cells) == {r"good (lr=0.1\|b\*x\_)", r"bad (run\`q)"}  # and no column more
+    assert r"- lr=0.1\|b\*x\_: `hpctrain train --out 'runs/lr=0.1|b*x_'`" in text
+    assert "- run\\`q: `` hpctrain train --out 'runs/run`q' ``" in text
+
+
+def test_a_comparison_going_on_is_said_first(tmp_path):
+    """Started into a folder a comparison was running into, compare said "already holds a
+    comparison; pass --resume to finish it", and --resume then said it was in use."""
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / report.RECORD).write_text(json.dumps(
+        {"algos": ["sgd"], "workers": 2, "train_args": [], "runs": {}}))
+    with contextlib.ExitStack() as held:
+        run_folders.lock_folder(held, "--out", out, "comparison")
+        for resume in ([], ["--resume"]):
+            with pytest.raises(UsageError, match=f"^--out {out} is in use by another "
+                                                 "comparison going on now"):
+                compare.run(parse("--algos", "sgd", *SMALL, "--out", str(out), *resume))
+    assert (out / report.RECORD).read_text().startswith('{"algos": ["sgd"]')
+
+
+def test_progress_is_not_redrawn_on_a_dumb_terminal(monkeypatch):
+    """TERM=dumb (an editor's shell) showed each redraw's ^M^[[K: there it is a line now
+    and then, as into a file."""
+    main, side = os.openpty()
+    with os.fdopen(main, "rb") as screen, open(side, "w") as term:
+        monkeypatch.setenv("TERM", "dumb")
+        display = compare._Display("[1/1 sgd]", term)  # noqa: SLF001
+        display.progress("sgd:  50%|#####     | 5/10")
+        display.line("hpctrain: note")
+        shown = os.read(screen.fileno(), 4096)
+        assert b"\x1b" not in shown and b"[1/1 sgd] hpctrain: note" in shown, shown
+        monkeypatch.setenv("TERM", "xterm")
+        assert compare._Display("[1/1 sgd]", term).tty  # noqa: SLF001
+
+
+def test_a_runs_stderr_pipe_is_closed_when_it_ends(tmp_path):
+    """Each run left its stderr pipe to the garbage collector: a ResourceWarning per run
+    (an error line under PYTHONWARNINGS=error)."""
+    run = compare.Run("sgd", 1, [sys.executable, "-c", "import sys; sys.stderr.write('x')"], [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        compare.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []

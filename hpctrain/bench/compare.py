@@ -683,6 +683,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
                 timer.cancel()
             if proc.poll() is None:
                 _stop(proc)
+            proc.stderr.close()  # else a ResourceWarning per run
     seconds = time.monotonic() - start
     record = {"np": run.np, "command": shlex.join(run.command), "ignored": run.ignored,
               "returncode": returncode, "seconds": round(seconds, 1)}
@@ -880,6 +881,7 @@ def run(args: argparse.Namespace) -> dict:
                          "srun or torchrun around it")
     runs = plan(args)
     out = Path(args.out)
+    _refuse_if_in_use(out)  # before _start_record's "already holds a comparison"
     record = _start_record(args, runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -890,6 +892,15 @@ def run(args: argparse.Namespace) -> dict:
         # one was training for failed, and wrote its report over this one's record.
         run_folders.lock_folder(held, "--out", out, "comparison")
         return _compare(args, runs, out, record)
+
+
+def _refuse_if_in_use(out: Path) -> None:
+    """UsageError if a comparison going on holds ``out``'s lock: its record there was
+    refused as one to finish with --resume, which then said the folder was in use. The lock
+    is taken and let go at once (:func:`run` takes it for good once the checks pass)."""
+    if (out / run_folders.LOCK).is_file():
+        with contextlib.ExitStack() as probe:
+            run_folders.lock_folder(probe, "--out", out, "comparison")
 
 
 class _Terminated(SystemExit):

@@ -463,9 +463,9 @@ def notes(rows: list[Row]) -> str | None:
     out = ["**The runs printed** (hpctrain's own lines on their stderr, in each run's "
            f"{LOG}; they may explain a figure of that run):", ""]
     for r in noted:
-        out += [f"- {r.title}: {_code(line)}" for line in r.notes[:NOTES_SHOWN]]
+        out += [f"- {_plain(r.title)}: {_code(line)}" for line in r.notes[:NOTES_SHOWN]]
         if len(r.notes) > NOTES_SHOWN:
-            out.append(f"- {r.title}: {len(r.notes) - NOTES_SHOWN} more in its {LOG}")
+            out.append(f"- {_plain(r.title)}: {len(r.notes) - NOTES_SHOWN} more in its {LOG}")
     return "\n".join(out)
 
 
@@ -474,6 +474,14 @@ def notes_line(rows: list[Row]) -> str | None:
     noted = [r.title for r in rows if r.notes]
     return None if not noted else (f"{', '.join(noted)} printed warnings or notes on their "
                                    f"stderr ({LOG}); {REPORT} lists them")
+
+
+def _plain(text: str) -> str:
+    """``text`` (a run's name: its folder's, which may be any) shown as itself in a Markdown
+    table cell or list item: ``|`` split a cell in two, and ``*``, ``_``, a backtick or a
+    bracket turned into emphasis, code or a link; a line break ended the table row."""
+    text = " ".join(str(text).splitlines())
+    return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", text)
 
 
 def _code(text: str) -> str:
@@ -526,8 +534,8 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     dash = "—"
     if row.summary is None:
         reason = row.status if not row.error else f"{row.status}: {row.error}"
-        return [row.heading, dash, dash, dash, dash, *(dash for _ in targets), dash, dash, dash,
-                dash, reason.replace("|", "\\|")]
+        return [_plain(row.heading), dash, dash, dash, dash, *(dash for _ in targets), dash,
+                dash, dash, dash, reason.replace("|", "\\|")]
     s = row.summary
 
     def shown(key: str, text) -> str:  # n/a for a value _usable left out
@@ -544,7 +552,7 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
         else dash
-    title = row.heading + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
+    title = _plain(row.heading) + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
     return [title, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
             shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
             shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
@@ -708,7 +716,8 @@ def seed_table(rows: list[Row], targets: list[float]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = _mixed(rows)  # an algorithm whose finished runs were all simulated, among real ones
     lines += ["| " + " | ".join(_seed_cells(
-        group_name(runs) + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs) else ""),
+        _plain(group_name(runs)) + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs)
+                                    else ""),
         runs, targets)) + " |" for runs in by_algorithm(rows).values()]
     return "\n".join(lines)
 
@@ -904,8 +913,8 @@ def differing_settings(rows: list[Row]) -> str | None:
     flags = _flags()
     head = ["runs", *(f"`{flags.get(k, k)}`" for k in differ)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(c.replace("|", "\\|").replace("\n", " ")
-                                for c in (_who(runs, finished), *values)) + " |"
+    lines += ["| " + " | ".join([_plain(_who(runs, finished)), *(
+                  c.replace("|", "\\|").replace("\n", " ") for c in values)]) + " |"
               for values, runs in groups.items()]
     return ("**The runs' training settings differ** (their config.json, where a setting left "
             "to a default is the algorithm's; —: the run has no such setting (another "
@@ -1064,7 +1073,7 @@ def _intro_lines(record: dict, rows: list[Row]) -> list[str]:
         sgd = "" if "sgd" not in record["algos"] else \
             ", sgd on one process and one evaluating (its --eval-rank 1)" if evaluating else \
             ", sgd on one process"
-        out = [f"Training options: `{options}` (each run gets those its algorithm takes); "
+        out = [f"Training options: {_code(options)} (each run gets those its algorithm takes); "
                f"{record['workers']} {per_run}{sgd}."]
     else:
         out = ["Runs found in this folder."]
@@ -1119,7 +1128,7 @@ def _commands_section(rows: list[Row], record: dict) -> list[str]:
     if not record:
         out += ["Each run's `hpctrain` command line, as its config.json records it "
                 "(without the launcher that started its processes).", ""]
-    return out + [f"- {r.title}: `{r.command}`" for r in commands]
+    return out + [f"- {_plain(r.title)}: {_code(r.command)}" for r in commands]
 
 
 def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = True) -> str:
@@ -1409,8 +1418,9 @@ def _write_together(files: dict[Path, bytes | str]) -> None:
     except OSError as e:
         raise UsageError(f"report: cannot write {path}: {e.strerror or e}") from None
     finally:
-        for tmp in staged.values():
-            tmp.unlink(missing_ok=True)
+        for tmp in staged.values():  # never in place of the error above: on a read-only
+            with contextlib.suppress(OSError):  # mount unlink fails even for a missing file
+                tmp.unlink(missing_ok=True)
 
 
 def render(folder: str | Path, targets: list[float] | None = None,
