@@ -45,6 +45,7 @@ from hpctrain.run_folders import (
     check_folder,
     check_resumed_folders,
     refuse_finished,
+    refuse_in_use,
     refuse_taken_names,
 )
 from hpctrain.stragglers import parse_slowdown
@@ -81,6 +82,8 @@ def check_launch(config: RunConfig, ranks: int,
     algo.check(config, ranks, n)
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
         check_folder(flag, folder)
+    if comm.env_rank() == 0:  # the rank that claims them: another may find its rank 0's lock
+        refuse_in_use(config.out, ck.dir, ck.resume)  # a live run's, before what it holds
     refuse_finished(config.out, ck.resume)  # before its checkpoints would call it unfinished
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,

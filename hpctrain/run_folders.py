@@ -213,14 +213,56 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
         handle = held.enter_context(open(folder / LOCK, "a"))
     except OSError:
         return  # not writable: the run's writes say so (not "in use by another run")
+    if not _locked(handle, fcntl.LOCK_EX):
+        raise _in_use(flag, folder, what)
+
+
+def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | None) -> None:
+    """Refuse, before the launch checks judge them, the folders a run going on now holds
+    (its lock, probed and not kept): ``--out``, the checkpoint folder (given, resumed from,
+    or ``<out>/checkpoints``) and ``--resume``'s. Judged first by what they hold, a live
+    run's folder was called an unfinished run's, to go on with ``--resume``, which was
+    refused next as in use: this line is the one true of it. Rank 0's check, as the lock is
+    its: another rank may check after its own rank 0 took it (rank 0's refusal ends the
+    job, and speaks for every rank)."""
+    resumed = resume is not None and resume != checkpoint.AUTO
+    kept = checkpoint_dir or (checkpoint.folder.resolve(resume) if resumed else
+                              out and checkpoint.run_folder(None, out))
+    seen = set()
+    for flag, folder in (("--out", out), ("the checkpoint folder", kept),
+                         ("--resume", resume if resumed else None)):
+        if folder is None or os.path.abspath(folder) in seen:
+            continue
+        seen.add(os.path.abspath(folder))
+        if _held(Path(folder)):
+            raise _in_use(flag, Path(folder), "run")
+
+
+def _held(folder: Path) -> bool:
+    """Whether a process holds ``folder``'s lock now. A shared lock, taken and let go at
+    once, tests it: it conflicts with a run's exclusive one, and a file opened for reading
+    takes it (on NFS too), so that no lock file is made where there is none."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(folder / LOCK) as handle:
+            return not _locked(handle, fcntl.LOCK_SH)  # closed: the lock goes with it
+    except OSError:  # no lock file, or none to read: no run holds it
+        return False
+
+
+def _locked(handle, kind: int) -> bool:
+    """Take lock ``kind`` on ``handle`` without waiting: False if another process holds one
+    that conflicts; True too where the file system has no locks (the writes say what is
+    wrong there)."""
+    try:
+        fcntl.flock(handle, kind | fcntl.LOCK_NB)
     except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return  # no locks on this file system: the writes say what is wrong
-        raise UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
-                         f"{folder / LOCK}); wait for it to end or choose another folder") \
-            from None
+        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    return True
+
+
+def _in_use(flag: str, folder: Path, what: str) -> UsageError:
+    return UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
+                      f"{folder / LOCK}); wait for it to end or choose another folder")
 
 
 def _check_unchanged(config: RunConfig) -> None:
