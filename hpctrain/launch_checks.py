@@ -43,6 +43,7 @@ from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.run_folders import (
     check_folder,
+    check_length,
     check_resumed_folders,
     refuse_finished,
     refuse_in_use,
@@ -224,6 +225,8 @@ def finished_run(config: RunConfig) -> dict | None:
     ck = config.checkpoint
     if ck.resume != checkpoint.AUTO:
         return None
+    for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
+        check_length(flag, folder)  # before looking in them
     out, where = config.out, f"--out {config.out}"
     if out is None and ck.dir is not None:
         out = checkpoint.policy.recorded_out(ck.dir)

@@ -126,11 +126,42 @@ def _unwritable(folder: Path) -> str | None:
     limit = os.pathconf(path, "PC_NAME_MAX")
     if any(len(os.fsencode(p.name)) > limit for p in missing):
         return f"a folder name in it is longer than {limit} bytes"
+    if problem := _too_long(folder, path):
+        return problem
     try:  # the one test that holds on every file system: create a folder there
         os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
     except OSError as error:
         return f"cannot create a folder in {path} ({error.strerror})"
     return None
+
+
+# The room the run's own paths take below a folder it writes in: the longest is TensorBoard's
+# tensorboard/events.out.tfevents.<time>.<host>.<pid>.<n> (about 120 bytes with a 64-byte
+# host name); checkpoints/snapshots/ and the temporary files' names are shorter.
+ROOM = 160
+
+
+def check_length(flag: str, folder: str | None) -> None:
+    """:func:`check_folder`'s test of the path's length alone, for what looks in a folder
+    before it is checked (``--resume auto``'s finished run): the look raised OSError."""
+    if folder is None:
+        return
+    missing = _missing(Path(folder))
+    if problem := _too_long(Path(folder), missing[-1].parent if missing else Path(folder)):
+        raise UsageError(f"{flag} {folder}: {problem}")
+
+
+def _too_long(folder: Path, existing: Path) -> str | None:
+    """Why the paths the run writes in ``folder`` would pass the system's PATH_MAX (counted
+    from ``/``; ``existing``: ``folder`` or the nearest folder above it that exists, which
+    says it), or None: the file system's ENAMETOOLONG came as an OSError, before MPI from a
+    check or after it from the first write (exit 1)."""
+    limit = os.pathconf(existing, "PC_PATH_MAX")
+    length = len(os.fsencode(os.path.abspath(folder)))
+    if length + ROOM <= limit:
+        return None
+    return (f"the path is too long ({length} bytes from /; the files the run writes in it "
+            f"need it at most {limit - ROOM} bytes long, the system's limit being {limit})")
 
 
 def _missing(folder: Path) -> list[Path]:

@@ -381,6 +381,33 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
 
 
+def test_an_output_path_too_long_is_refused_before_mpi(tmp_path):
+    """A folder path of 4090 bytes (each name short enough): the checkpoint checks'
+    Path.exists() raised OSError (ENAMETOOLONG), exit 1; without checkpoints, the first
+    write did, after MPI started. --resume auto looked in it first."""
+    from hpctrain import arguments, launch_checks, run_folders
+
+    long = str(tmp_path)
+    while len(long) < 4090 - 201:
+        long += "/" + "a" * 200
+    long += "/" + "b" * (4090 - len(long) - 1)
+    assert len(long) == 4090
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX")
+    says = (f"the path is too long (4090 bytes from /; the files the run writes in it need "
+            f"it at most {limit - run_folders.ROOM} bytes long, the system's limit being "
+            f"{limit})")
+    for flag, flags in (("--out", ["--out", long, "--checkpoint-every", "1e"]),
+                        ("--out", ["--out", long]),
+                        ("--checkpoint-dir", ["--out", str(tmp_path / "run"),
+                                              "--checkpoint-dir", long, "--checkpoint-every",
+                                              "1e"])):
+        assert refusal(["--algo", "sgd", *SMALL, *flags]) == f"{flag} {long}: {says}", flags
+        with pytest.raises(UsageError, match=f"^{flag} .*: the path is too long"):
+            launch_checks.finished_run(arguments.build(cli.build_parser().parse_args(
+                ["train", "--algo", "sgd", *SMALL, *flags, "--resume", "auto"])))
+    assert os.listdir(tmp_path) == []
+
+
 def test_an_empty_output_folder_is_the_working_folder_and_checked(monkeypatch):
     """``--out ""`` writes in the working folder, which was not checked: "" passed as None."""
     from hpctrain import run_folders
