@@ -194,13 +194,14 @@ def _as_launched(config: RunConfig) -> RunConfig:
     of a user's algorithm, model and data and ``--data-dir`` made absolute, adapted to the
     launcher (ssgd under torchrun: ``--sync-backend torch``)."""
     config = configs.resolve(config)
-    init_from, data_dir = config.model.init_from, config.data.data_dir
-    config = replace(config, algo=plugins.absolute(config.algo), data=replace(config.data,
-                                          dataset=userdata.absolute(config.data.dataset),
-                                          data_dir=userdata.absolute_dir(data_dir)),
-                     model=replace(config.model, name=plugins.absolute(config.model.name),
-                                   init_from=init_from and str(Path(init_from).expanduser()
-                                                               .resolve())))
+    init_from = config.model.init_from
+    data_config = replace(config.data, dataset=userdata.absolute(config.data.dataset),
+                          data_dir=userdata.absolute_dir(config.data.data_dir))
+    model_config = replace(config.model, name=plugins.absolute(config.model.name, "--model"),
+                           init_from=init_from and str(Path(plugins.home_expanded(
+                               init_from, "--init-from")).resolve()))
+    config = replace(config, algo=plugins.absolute(config.algo, "--algo"), data=data_config,
+                     model=model_config)
     return config.algorithm_class.for_launch(config, comm.launcher())
 
 
