@@ -360,6 +360,8 @@ class CheckpointConfig:
         for flag, folder in (("--checkpoint-dir", self.dir), ("--resume", self.resume)):
             if folder is not None and not folder.strip():  # "" would be the working folder
                 raise UsageError(f"{flag} {folder!r} is empty: give a folder")
+        object.__setattr__(self, "dir", _expanded(self.dir, "--checkpoint-dir"))
+        object.__setattr__(self, "resume", _expanded(self.resume, "--resume"))
 
 
 @dataclass(frozen=True)
@@ -472,6 +474,7 @@ class RunConfig:
         if self.out is not None and not str(self.out).strip():  # "" would be the working folder
             raise UsageError(f"--out {self.out!r} is empty: give a folder (default "
                              "runs/<algo>-<time>)")
+        object.__setattr__(self, "out", _expanded(self.out, "--out"))
         if 0 < self.stall_timeout < MIN_STALL_TIMEOUT:  # see MIN_STALL_TIMEOUT
             raise UsageError(f"--stall-timeout {options.shown(self.stall_timeout)} must be 0 "
                              f"(never) or >= {MIN_STALL_TIMEOUT:g} (seconds)")
@@ -498,6 +501,13 @@ _SECTION_DOCS["algorithm"] = ("the algorithm's own options: hpctrain.algorithm_o
 
 for _section in (RunConfig, *SECTIONS.values()):
     options.document_fields(_section, _SECTION_DOCS)
+
+
+def _expanded(folder: str | None, flag: str) -> str | None:
+    """A folder option with ``~`` expanded where it is taken (:func:`plugins.home_expanded`,
+    as for every path option): the run's files, its summary and config.json then name the
+    real folder, not a ``~`` made in the working folder."""
+    return None if folder is None else plugins.home_expanded(folder, flag)
 
 
 def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:

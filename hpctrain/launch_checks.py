@@ -43,8 +43,10 @@ from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.run_folders import (
     check_folder,
+    check_length,
     check_resumed_folders,
     refuse_finished,
+    refuse_in_use,
     refuse_taken_names,
 )
 from hpctrain.stragglers import parse_slowdown
@@ -81,6 +83,8 @@ def check_launch(config: RunConfig, ranks: int,
     algo.check(config, ranks, n)
     for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
         check_folder(flag, folder)
+    if comm.env_rank() == 0:  # the rank that claims them: another may find its rank 0's lock
+        refuse_in_use(config.out, ck.dir, ck.resume)  # a live run's, before what it holds
     refuse_finished(config.out, ck.resume)  # before its checkpoints would call it unfinished
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
@@ -190,13 +194,14 @@ def _as_launched(config: RunConfig) -> RunConfig:
     of a user's algorithm, model and data and ``--data-dir`` made absolute, adapted to the
     launcher (ssgd under torchrun: ``--sync-backend torch``)."""
     config = configs.resolve(config)
-    init_from, data_dir = config.model.init_from, config.data.data_dir
-    config = replace(config, algo=plugins.absolute(config.algo), data=replace(config.data,
-                                          dataset=userdata.absolute(config.data.dataset),
-                                          data_dir=userdata.absolute_dir(data_dir)),
-                     model=replace(config.model, name=plugins.absolute(config.model.name),
-                                   init_from=init_from and str(Path(init_from).expanduser()
-                                                               .resolve())))
+    init_from = config.model.init_from
+    data_config = replace(config.data, dataset=userdata.absolute(config.data.dataset),
+                          data_dir=userdata.absolute_dir(config.data.data_dir))
+    model_config = replace(config.model, name=plugins.absolute(config.model.name, "--model"),
+                           init_from=init_from and str(Path(plugins.home_expanded(
+                               init_from, "--init-from")).resolve()))
+    config = replace(config, algo=plugins.absolute(config.algo, "--algo"), data=data_config,
+                     model=model_config)
     return config.algorithm_class.for_launch(config, comm.launcher())
 
 
@@ -221,6 +226,8 @@ def finished_run(config: RunConfig) -> dict | None:
     ck = config.checkpoint
     if ck.resume != checkpoint.AUTO:
         return None
+    for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
+        check_length(flag, folder)  # before looking in them
     out, where = config.out, f"--out {config.out}"
     if out is None and ck.dir is not None:
         out = checkpoint.policy.recorded_out(ck.dir)

@@ -107,13 +107,29 @@ def json_object(text: str) -> dict:
     return value
 
 
-def absolute(text: str) -> str:
+def home_expanded(path: str | os.PathLike[str], flag: str | None = None) -> str:
+    """``path`` with a leading ``~`` or ``~user`` expanded, as a shell expands it unquoted.
+
+    Every path option takes it alike: ``--out "~/o"`` (or a file's ``out = "~/o"``) made a
+    folder named ``~`` in the working folder where ``--model "~/m.py:Net"`` read the home
+    folder's file. A ``~user`` with no home is refused, naming it (``flag``: the option),
+    where Path.expanduser's RuntimeError was a traceback."""
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):  # os.path.expanduser leaves an unknown user's as typed
+        named = f"{flag} {text}" if flag else text
+        raise UsageError(f"{named}: no home folder for {text.split(os.sep, 1)[0]}")
+    return expanded
+
+
+def absolute(text: str, flag: str | None = None) -> str:
     """A file reference with its path made absolute (what config.json records), so that the
-    run repeats from any folder; other references unchanged."""
+    run repeats from any folder; other references unchanged. ``flag``: the option, named
+    in a refusal."""
     if not is_reference(text) or not is_file_reference(text):
         return text
     where, _, attribute = text.rpartition(":")
-    return f"{Path(where).expanduser().resolve()}:{attribute}"
+    return f"{Path(home_expanded(where, flag)).resolve()}:{attribute}"
 
 
 def reference_to(flag: str, obj: str | os.PathLike[str] | Callable[..., Any]) -> str:
@@ -195,7 +211,7 @@ def _import(flag: str, name: str):
 
 
 def _load_file(flag: str, path_text: str):
-    path = Path(path_text).expanduser().resolve()
+    path = Path(home_expanded(path_text, flag)).resolve()
     if not path.is_file():
         raise UsageError(f"{flag}: no file {path_text}")
     running = _imported_from(path)

@@ -126,11 +126,42 @@ def _unwritable(folder: Path) -> str | None:
     limit = os.pathconf(path, "PC_NAME_MAX")
     if any(len(os.fsencode(p.name)) > limit for p in missing):
         return f"a folder name in it is longer than {limit} bytes"
+    if problem := _too_long(folder, path):
+        return problem
     try:  # the one test that holds on every file system: create a folder there
         os.rmdir(tempfile.mkdtemp(prefix=".hpctrain-check-", dir=path))
     except OSError as error:
         return f"cannot create a folder in {path} ({error.strerror})"
     return None
+
+
+# The room the run's own paths take below a folder it writes in: the longest is TensorBoard's
+# tensorboard/events.out.tfevents.<time>.<host>.<pid>.<n> (about 120 bytes with a 64-byte
+# host name); checkpoints/snapshots/ and the temporary files' names are shorter.
+ROOM = 160
+
+
+def check_length(flag: str, folder: str | None) -> None:
+    """:func:`check_folder`'s test of the path's length alone, for what looks in a folder
+    before it is checked (``--resume auto``'s finished run): the look raised OSError."""
+    if folder is None:
+        return
+    missing = _missing(Path(folder))
+    if problem := _too_long(Path(folder), missing[-1].parent if missing else Path(folder)):
+        raise UsageError(f"{flag} {folder}: {problem}")
+
+
+def _too_long(folder: Path, existing: Path) -> str | None:
+    """Why the paths the run writes in ``folder`` would pass the system's PATH_MAX (counted
+    from ``/``; ``existing``: ``folder`` or the nearest folder above it that exists, which
+    says it), or None: the file system's ENAMETOOLONG came as an OSError, before MPI from a
+    check or after it from the first write (exit 1)."""
+    limit = os.pathconf(existing, "PC_PATH_MAX")
+    length = len(os.fsencode(os.path.abspath(folder)))
+    if length + ROOM <= limit:
+        return None
+    return (f"the path is too long ({length} bytes from /; the files the run writes in it "
+            f"need it at most {limit - ROOM} bytes long, the system's limit being {limit})")
 
 
 def _missing(folder: Path) -> list[Path]:
@@ -213,14 +244,56 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
         handle = held.enter_context(open(folder / LOCK, "a"))
     except OSError:
         return  # not writable: the run's writes say so (not "in use by another run")
+    if not _locked(handle, fcntl.LOCK_EX):
+        raise _in_use(flag, folder, what)
+
+
+def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | None) -> None:
+    """Refuse, before the launch checks judge them, the folders a run going on now holds
+    (its lock, probed and not kept): ``--out``, the checkpoint folder (given, resumed from,
+    or ``<out>/checkpoints``) and ``--resume``'s. Judged first by what they hold, a live
+    run's folder was called an unfinished run's, to go on with ``--resume``, which was
+    refused next as in use: this line is the one true of it. Rank 0's check, as the lock is
+    its: another rank may check after its own rank 0 took it (rank 0's refusal ends the
+    job, and speaks for every rank)."""
+    resumed = resume is not None and resume != checkpoint.AUTO
+    kept = checkpoint_dir or (checkpoint.folder.resolve(resume) if resumed else
+                              out and checkpoint.run_folder(None, out))
+    seen = set()
+    for flag, folder in (("--out", out), ("the checkpoint folder", kept),
+                         ("--resume", resume if resumed else None)):
+        if folder is None or os.path.abspath(folder) in seen:
+            continue
+        seen.add(os.path.abspath(folder))
+        if _held(Path(folder)):
+            raise _in_use(flag, Path(folder), "run")
+
+
+def _held(folder: Path) -> bool:
+    """Whether a process holds ``folder``'s lock now. A shared lock, taken and let go at
+    once, tests it: it conflicts with a run's exclusive one, and a file opened for reading
+    takes it (on NFS too), so that no lock file is made where there is none."""
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with open(folder / LOCK) as handle:
+            return not _locked(handle, fcntl.LOCK_SH)  # closed: the lock goes with it
+    except OSError:  # no lock file, or none to read: no run holds it
+        return False
+
+
+def _locked(handle, kind: int) -> bool:
+    """Take lock ``kind`` on ``handle`` without waiting: False if another process holds one
+    that conflicts; True too where the file system has no locks (the writes say what is
+    wrong there)."""
+    try:
+        fcntl.flock(handle, kind | fcntl.LOCK_NB)
     except OSError as e:
-        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            return  # no locks on this file system: the writes say what is wrong
-        raise UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
-                         f"{folder / LOCK}); wait for it to end or choose another folder") \
-            from None
+        return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+    return True
+
+
+def _in_use(flag: str, folder: Path, what: str) -> UsageError:
+    return UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
+                      f"{folder / LOCK}); wait for it to end or choose another folder")
 
 
 def _check_unchanged(config: RunConfig) -> None:

@@ -116,8 +116,8 @@ def absolute(name: str) -> str:
     """Paths made absolute (what config.json records), so the run repeats from any folder."""
     kind, _, rest = name.partition(":")
     if kind in FORMATS:
-        return f"{kind}:{Path(rest).expanduser().resolve()}"
-    return plugins.absolute(name)
+        return f"{kind}:{Path(plugins.home_expanded(rest, '--dataset')).resolve()}"
+    return plugins.absolute(name, "--dataset")
 
 
 # ---- the four calls data.py makes ----------------------------------------------------------
@@ -126,7 +126,7 @@ def absolute_dir(data_dir: str | None) -> str | None:
     """``--data-dir`` in the one spelling a run uses (absolute, no trailing slash): what
     ``config.json`` records and what a loader is called with, so that a relative or an
     absolute spelling reads (and caches) the data once."""
-    return data_dir and str(Path(data_dir).expanduser().resolve())
+    return data_dir and str(Path(plugins.home_expanded(data_dir, "--data-dir")).resolve())
 
 
 def size(name: str, split: str, data_dir: str | None = None) -> int:
@@ -370,9 +370,9 @@ def _source(name: str, data_dir: str | None):
     check_form(name)
     kind, _, rest = name.partition(":")
     if kind == "npz":
-        return NpzSource(name, Path(rest).expanduser())
+        return NpzSource(name, Path(plugins.home_expanded(rest, "--dataset")))
     if kind == "imagefolder":
-        return ImageFolderSource(name, Path(rest).expanduser())
+        return ImageFolderSource(name, Path(plugins.home_expanded(rest, "--dataset")))
     return CallableSource(name, data_dir)
 
 

@@ -303,6 +303,42 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, held, capsys):
     assert "--resume auto" not in capsys.readouterr().out  # the refusal is the one line
 
 
+def test_a_live_runs_folders_are_refused_as_in_use_before_what_they_hold_is_judged(tmp_path):
+    """Once a live run had written a checkpoint, a second run naming its folder was told to
+    go on with --resume (--out X "holds the checkpoints of an unfinished run", --checkpoint-dir
+    X/checkpoints "holds another run's checkpoints"), which was then refused as in use: the
+    launch checks judged the folders before the run's lock was taken. The lock is probed
+    first, through each flag that names one of the live run's folders."""
+    from hpctrain import arguments, launch_checks, run_folders
+    from hpctrain import config as configs
+
+    x, ck = tmp_path / "x", tmp_path / "x" / "checkpoints"
+    live = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", "--algo", "sgd", *SMALL, "--out", str(x), "--checkpoint-every", "1e"])), 1)
+
+    def in_use(flag, folder):
+        return (f"{flag} {folder} is in use by another run going on now (it holds "
+                f"{folder / run_folders.LOCK}); wait for it to end or choose another folder")
+
+    other, every = str(tmp_path / "y"), ["--checkpoint-every", "1e"]
+    with run_folders.claimed(live):  # the live run's locks, as it takes them
+        checkpoint.save(ck, 5, {"x": 1}, {"algo": "sgd", "ranks": 1, "workers": 1,
+                                          "args": checkpoint.recorded_args(configs.flat(live))})
+        for flags, said in ((["--out", str(x)], in_use("--out", x)),
+                            (["--out", other, "--checkpoint-dir", str(ck), *every],
+                             in_use("the checkpoint folder", ck)),
+                            (["--out", other, "--checkpoint-dir", str(x), *every],
+                             in_use("the checkpoint folder", x)),
+                            (["--resume", str(x)], in_use("the checkpoint folder", ck)),
+                            (["--out", str(ck), *every], in_use("--out", ck))):
+            assert refusal(["--algo", "sgd", *SMALL, *flags]) == said, flags
+    assert not (tmp_path / "y").exists()
+    # Ended (its lock files left behind): what the folder holds is judged, as before
+    assert refusal(["--algo", "sgd", *SMALL, "--out", str(x)]) == (
+        f"--out {x} holds the checkpoints of an unfinished run; continue it with --resume {x} "
+        "or choose another folder")
+
+
 def test_an_output_folder_that_is_a_file_is_refused_before_mpi(tmp_path):
     """Found only at the first write, after MPI started, it ended the job with exit 1."""
     (tmp_path / "f").write_text("not a folder")
@@ -344,6 +380,33 @@ def test_an_output_folder_that_cannot_be_created_is_refused_before_mpi(tmp_path)
                       ["--checkpoint-every", "1e", "--checkpoint-dir", folder]):
             assert says in refusal(["--algo", "sgd", *SYNTHETIC, *flags]), flags
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gone"]
+
+
+def test_an_output_path_too_long_is_refused_before_mpi(tmp_path):
+    """A folder path of 4090 bytes (each name short enough): the checkpoint checks'
+    Path.exists() raised OSError (ENAMETOOLONG), exit 1; without checkpoints, the first
+    write did, after MPI started. --resume auto looked in it first."""
+    from hpctrain import arguments, launch_checks, run_folders
+
+    long = str(tmp_path)
+    while len(long) < 4090 - 201:
+        long += "/" + "a" * 200
+    long += "/" + "b" * (4090 - len(long) - 1)
+    assert len(long) == 4090
+    limit = os.pathconf(tmp_path, "PC_PATH_MAX")
+    says = (f"the path is too long (4090 bytes from /; the files the run writes in it need "
+            f"it at most {limit - run_folders.ROOM} bytes long, the system's limit being "
+            f"{limit})")
+    for flag, flags in (("--out", ["--out", long, "--checkpoint-every", "1e"]),
+                        ("--out", ["--out", long]),
+                        ("--checkpoint-dir", ["--out", str(tmp_path / "run"),
+                                              "--checkpoint-dir", long, "--checkpoint-every",
+                                              "1e"])):
+        assert refusal(["--algo", "sgd", *SMALL, *flags]) == f"{flag} {long}: {says}", flags
+        with pytest.raises(UsageError, match=f"^{flag} .*: the path is too long"):
+            launch_checks.finished_run(arguments.build(cli.build_parser().parse_args(
+                ["train", "--algo", "sgd", *SMALL, *flags, "--resume", "auto"])))
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_empty_output_folder_is_the_working_folder_and_checked(monkeypatch):

@@ -210,6 +210,36 @@ def test_config_json_records_the_output_folder_absolute(tmp_path, monkeypatch):
     assert configs.repeatable(RunConfig(algo="sgd"))["out"] is None
 
 
+def test_every_path_option_expands_a_home_folder_alike(tmp_path, monkeypatch):
+    """--model, --dataset, --data-dir and --init-from expanded ``~``, but --out,
+    --checkpoint-dir and --resume (typed quoted, or a file's ``out = "~/o"``) made a folder
+    named ``~`` in the working folder, which the summary printed as ``~/o``, the home's."""
+    from hpctrain import launch_checks
+    from hpctrain.config import CheckpointConfig
+
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    config = parse("--algo", "sgd", "--dataset", "synthetic", "--model", "mlp", "--out", "~/o",
+                   "--checkpoint-dir", "~/ck", "--checkpoint-every", "1e", "--resume", "~/r")
+    assert (config.out, config.checkpoint.dir, config.checkpoint.resume) == (
+        str(home / "o"), str(home / "ck"), str(home / "r"))
+    toml = tmp_path / "run.toml"
+    toml.write_text('algo = "sgd"\nout = "~/x"\n')
+    assert configs.load(toml).out == str(home / "x")
+    assert RunConfig(algo="sgd", checkpoint=CheckpointConfig(resume="auto")).checkpoint.resume \
+        == "auto"
+    # A user without a home: one line naming the option, not Path.expanduser's RuntimeError
+    nobody = "~hpctrain-no-such-user"
+    with pytest.raises(UsageError, match=rf"^--out {nobody}/o: no home folder for {nobody}$"):
+        RunConfig(algo="sgd", out=f"{nobody}/o")
+    for flags in (["--init-from", f"{nobody}/w.pt"], ["--model", f"{nobody}/m.py:Net"]):
+        with pytest.raises(UsageError, match=rf"^{flags[0]} {nobody}/.*: no home folder for "):
+            launch_checks.check_launch(parse("--algo", "sgd", "--dataset", "synthetic",
+                                             "--model", "mlp", *flags), 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]  # no ~ made here
+
+
 def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     """Resumed into another --out, a run writes its checkpoints beside the ones it resumed
     (the folder check_launch resolves); config.json recorded that folder as if given, and a

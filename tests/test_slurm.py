@@ -394,20 +394,42 @@ def test_ssgd_under_torchrun_started_by_srun_as_slurm_md_shows(slurm, tmp_path, 
 def slurm_md_torchrun_script(python: str, port: int, train_args: list[str]) -> str:
     """docs/SLURM.md's torchrun batch script, as written but for what this one node lacks: a
     second node and GPUs (one node, two workers on its CPUs), a name that resolves (the
-    rendezvous at 127.0.0.1), a Python named python; and the training's own options."""
-    doc = (ROOT / "docs" / "SLURM.md").read_text()
-    script = doc[doc.index("## torchrun under srun"):].split("```bash\n", 1)[1].split("```", 1)[0]
+    rendezvous at 127.0.0.1, on a port free here), a Python named python; and the training's
+    own options."""
+    script = _slurm_md_script()
     for old, new in [("#SBATCH --nodes=2", "#SBATCH --nodes=1"),
                      ("#SBATCH --gpus-per-node=4\n", ""),
                      ("#SBATCH --cpus-per-task=32", "#SBATCH --cpus-per-task=2"),
                      ("srun python ", f"srun {python} "),
                      ("--nproc-per-node 4", "--nproc-per-node 2"),
-                     ('"$head:29500"', f"127.0.0.1:{port}"),
+                     ("port=$((29500 + SLURM_JOB_ID % 10000))", f"port={port}"),
+                     ('"$head:$port"', '127.0.0.1:"$port"'),
                      ("--algo ssgd --threads 8 --checkpoint-every 1e",
                       f"--algo ssgd --threads 1 {' '.join(train_args)}")]:
         assert old in script, f"SLURM.md's torchrun script has no {old!r}"
         script = script.replace(old, new)
     return script
+
+
+def _slurm_md_script() -> str:
+    """docs/SLURM.md's torchrun batch script, as written."""
+    doc = (ROOT / "docs" / "SLURM.md").read_text()
+    return doc[doc.index("## torchrun under srun"):].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def test_slurm_mds_torchrun_script_takes_its_rendezvous_port_from_the_job_id():
+    """The script's rendezvous was at a fixed port (29500): of two such jobs sharing a head
+    node, the second's torchrun joined the first's c10d store as a client and died when the
+    first ended, its --max-restarts no help. Each job's port now comes from its id (a
+    requeued attempt, the same id, takes its own port again once the old store is gone)."""
+    script = _slurm_md_script()
+    endpoint = re.search(r'--rdzv-endpoint "\$head:\$(\w+)"', script)
+    assert endpoint, "SLURM.md's torchrun script has a fixed --rdzv-endpoint port"
+    assigned = re.search(rf"^{endpoint[1]}=\$\(\((\d+) \+ SLURM_JOB_ID % (\d+)\)\)$", script,
+                         re.MULTILINE)
+    assert assigned, f"SLURM.md's torchrun script takes ${endpoint[1]} from no job id"
+    base, spread = int(assigned[1]), int(assigned[2])
+    assert 1024 <= base and base + spread <= 65536 and spread > 1  # ports, one per job
 
 
 @pytest.mark.timeout(660)  # two attempts, the wait between them
