@@ -28,13 +28,13 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import mpi4py
-import torch
 
 from hpctrain import launch_env, nbc_tuning
 from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
 from hpctrain.switches import switch
 
 if TYPE_CHECKING:  # not at run time: importing it starts MPI (see above)
+    import torch
     from mpi4py import MPI
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
@@ -263,8 +263,12 @@ class _TensorPickler(pickle.Pickler):
     other object (a parameter, a sparse tensor, one that needs its gradient) as torch does."""
 
     def reducer_override(self, obj):
-        if (type(obj) is not torch.Tensor or obj.device.type != "cpu" or obj.requires_grad
-                or obj.layout != torch.strided or obj.is_quantized or obj.is_nested):
+        # torch as imported already: launchers (horovodrun) import this module without it,
+        # and where it is not imported there is no tensor to pickle
+        torch = sys.modules.get("torch")
+        if (torch is None or type(obj) is not torch.Tensor or obj.device.type != "cpu"
+                or obj.requires_grad or obj.layout != torch.strided or obj.is_quantized
+                or obj.is_nested):
             return NotImplemented
         flat = obj.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
         memory = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
@@ -276,6 +280,8 @@ def _tensor(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Te
     for one pickled in band) is the tensor's memory; the sender's own (``pickle.loads`` on a
     broadcast's root) is copied, so that what comes back never shares memory with what was
     sent."""
+    import torch
+
     if isinstance(buffer, pickle.PickleBuffer):
         buffer = bytearray(buffer)
     if not memoryview(buffer).nbytes:
