@@ -265,8 +265,14 @@ def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | Non
         if folder is None or os.path.abspath(folder) in seen:
             continue
         seen.add(os.path.abspath(folder))
-        if _held(Path(folder)):
-            raise _in_use(flag, Path(folder), "run")
+        refuse_held(flag, Path(folder))
+
+
+def refuse_held(flag: str, folder: Path, what: str = "run") -> None:
+    """UsageError, as :func:`lock_folder` says it, if another ``what`` holds ``folder``'s
+    lock now (probed, not kept, no lock file made)."""
+    if _held(folder):
+        raise _in_use(flag, folder, what)
 
 
 def _held(folder: Path) -> bool:

@@ -881,7 +881,9 @@ def run(args: argparse.Namespace) -> dict:
                          "srun or torchrun around it")
     runs = plan(args)
     out = Path(args.out)
-    _refuse_if_in_use(out)  # before _start_record's "already holds a comparison"
+    # A comparison going on there: "in use", before _start_record called its record one to
+    # finish with --resume (which was then refused as in use).
+    run_folders.refuse_held("--out", out, "comparison")
     record = _start_record(args, runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -892,15 +894,6 @@ def run(args: argparse.Namespace) -> dict:
         # one was training for failed, and wrote its report over this one's record.
         run_folders.lock_folder(held, "--out", out, "comparison")
         return _compare(args, runs, out, record)
-
-
-def _refuse_if_in_use(out: Path) -> None:
-    """UsageError if a comparison going on holds ``out``'s lock: its record there was
-    refused as one to finish with --resume, which then said the folder was in use. The lock
-    is taken and let go at once (:func:`run` takes it for good once the checks pass)."""
-    if (out / run_folders.LOCK).is_file():
-        with contextlib.ExitStack() as probe:
-            run_folders.lock_folder(probe, "--out", out, "comparison")
 
 
 class _Terminated(SystemExit):
