@@ -22,6 +22,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from hpctrain import plugins
 from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, write_json_atomic
@@ -112,8 +113,14 @@ class StepTimes:
 def file_of(path: str | Path) -> Path:
     """The ``step_times.json`` a run folder or a file path names: what :func:`read` reads, and
     what a simulation that replays it hashes (``step_times_sha256``)."""
-    path = Path(path)
+    path = Path(expanded(path))
     return path / FILE if path.is_dir() else path
+
+
+def expanded(path: str | Path) -> str:
+    """A replayed run's path with ``~`` expanded, as in every path option
+    (``--step-time replay:~/runs/x``)."""
+    return plugins.home_expanded(path, "--step-time")
 
 
 def read(path: str | Path) -> Record:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hpctrain import plugins
 from hpctrain.errors import UsageError
 
 FLAG = "--init-from"
@@ -26,7 +27,7 @@ _WRAPPERS = ("module.", "_orig_mod.")  # DDP's and torch.compile's prefixes
 
 def file_of(path: str) -> Path:
     """The weights file ``path`` names: the file, or a run folder's ``model.pt``."""
-    p = Path(path).expanduser()
+    p = Path(plugins.home_expanded(path, FLAG))
     if p.is_dir():
         if not (p / MODEL_FILE).is_file():
             raise UsageError(f"{FLAG} {path}: the folder has no {MODEL_FILE} (a run writes it "

@@ -680,6 +680,8 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path, monkeypatch):
         sim(3, comm_time="replay")
     monkeypatch.chdir(tmp_path.parent)  # a relative RUN: config.json keeps it absolute
     assert sim(3, step_time=f"replay:{tmp_path.name}").step_time == f"replay:{tmp_path}"
+    monkeypatch.setenv("HOME", str(tmp_path.parent))  # ~ as in every path option (a ./~ before)
+    assert sim(3, step_time=f"replay:~/{tmp_path.name}").step_time == f"replay:{tmp_path}"
     with pytest.raises(UsageError, match=re.escape("SIGMA must be in [0, 5], got 1e308")):
         StepTimeModel("lognormal:0.02:1e308", 2)  # exp(SIGMA z) overflows
 

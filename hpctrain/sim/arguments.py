@@ -140,7 +140,7 @@ def replayed_stragglers(args: argparse.Namespace, recorded: dict, step_time) -> 
     file_values = recorded.get("stragglers")
     kind, _, run = step_time.partition(":") if isinstance(step_time, str) else ("", "", "")
     if not (kind == "replay" and _real_run(recorded) and isinstance(file_values, dict)
-            and steptimes.file_of(Path(run).expanduser()).resolve()
+            and steptimes.file_of(run).resolve()
             == (Path(args.config).resolve().parent / steptimes.FILE).resolve()):
         return {}
     defaults = StragglerConfig()

@@ -75,7 +75,7 @@ class SimConfig:
         check_fields(self)
         model = StepTimeModel(self.step_time, 1)  # its form (and a replay's file)
         if model.kind == "replay":  # config.json repeats the run from any folder
-            run = os.path.abspath(self.step_time.partition(":")[2])
+            run = os.path.abspath(steptimes.expanded(self.step_time.partition(":")[2]))
             object.__setattr__(self, "step_time", f"replay:{run}")
         object.__setattr__(self, "step_times_sha256", self._replayed_sha256(model.kind))
         object.__setattr__(self, "replayed_stragglers", self._straggler_names())
