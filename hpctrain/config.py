@@ -327,12 +327,12 @@ class OptimConfig:
 class CheckpointConfig:
     """When checkpoints are written, where, and which run to continue."""
 
-    every: str | None = option(None, "write a checkpoint every N seconds, or every N epochs "
-                               "with Ne (e.g. 1e); then SIGUSR1 makes the run write one "
-                               "within 32 updates and exit with status 5. Not set (the "
-                               "default): none, but --resume keeps the resumed run's "
-                               "interval; off: none, not even on --resume, also over "
-                               "--config's value", flag="--checkpoint-every", parse=parse_every)
+    every: str | float | None = option(
+        None, "write a checkpoint every N seconds, or every N epochs with Ne (e.g. 1e); then "
+        "SIGUSR1 makes the run write one within 32 updates and exit with status 5. Not set "
+        "(the default): none, but --resume keeps the resumed run's interval; off: none, not "
+        "even on --resume, also over --config's value", flag="--checkpoint-every",
+        parse=parse_every)
     dir: str | os.PathLike[str] | None = option(
         None, "folder for checkpoints (default <out>/checkpoints, or with --resume the folder "
         "resumed from)", flag="--checkpoint-dir")
@@ -345,7 +345,7 @@ class CheckpointConfig:
     @property
     def interval(self) -> str | None:
         """The interval checkpoints are written at (``every``), None for none (also ``off``)."""
-        return None if self.every in (None, OFF) else self.every
+        return None if self.every in (None, OFF) else str(self.every)  # a str once checked
 
     def __post_init__(self) -> None:
         if self.every is not None:

@@ -47,6 +47,7 @@ from hpctrain import (
     live,
     models,
     optimizers,
+    options,
     plugins,
     precision,
     profiling,
@@ -395,6 +396,24 @@ def _marks_covered(snapshots: Snapshots, position: int, per_epoch: int, every: i
     return covered // every
 
 
+def snapshot_interval(eval_every: float, per_epoch: int) -> int:
+    """The updates between two snapshots: ``--eval-every`` rounded to whole updates, at
+    least one (a snapshot is taken between steps)."""
+    return max(1, round(eval_every * per_epoch))
+
+
+def rounding_note(eval_every: float, per_epoch: int) -> str | None:
+    """A line for rank 0 where rounding to whole updates moves ``--eval-every`` by more than
+    a quarter (few updates an epoch), so that a curve's spacing is no surprise; else None."""
+    every = snapshot_interval(eval_every, per_epoch)
+    if abs(every / per_epoch - eval_every) <= eval_every / 4:
+        return None
+    return (f"hpctrain: --eval-every {options.shown(eval_every)} snapshots every {every} "
+            f"update{'s' if every > 1 else ''} here, {every / per_epoch:.3g} "
+            f"epochs: {per_epoch} update{'s' if per_epoch > 1 else ''} an epoch, and "
+            f"snapshots fall between updates")
+
+
 def _say_footprint(model, count: int, copies: int, size: int,
                    ckpt: checkpoint.Checkpointer) -> None:
     """Rank 0: warn where the run's ``count`` snapshots will not fit in half of this node's
@@ -502,8 +521,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
                        elapsed=done.get("elapsed", 0.0), clock=ckpt.clock,
                        detector=detector, recorded=log.config)
     watch.begin(model, snapshots)
-    snapshot_every = max(1, round(config.eval_every * per_epoch))
+    snapshot_every = snapshot_interval(config.eval_every, per_epoch)
     if rank == 0 and snapshotting:
+        if (note := rounding_note(config.eval_every, per_epoch)) is not None:
+            print(note, file=sys.stderr, flush=True)
         copies = runtime.snapshot_copies(size, root_only=algo.snapshots == "root")
         _say_footprint(model, total // snapshot_every + 2, copies, size, ckpt)
     first_mark = _marks_covered(snapshots, position, per_epoch, snapshot_every)

@@ -675,6 +675,15 @@ def test_checkpoint_every_help_tells_off_from_none():
         "--config's value")
 
 
+def test_checkpoint_every_is_typed_as_the_seconds_it_takes():
+    """``CheckpointConfig(every=600)`` runs (600 seconds), but the field was annotated
+    ``str | None``: a type checker refused what the docs show."""
+    hint = typing.get_type_hints(configs.CheckpointConfig)["every"]
+    assert float in typing.get_args(hint)
+    every = configs.CheckpointConfig(every=600)
+    assert every.every == "600" and every.interval == "600"
+
+
 def test_a_typed_option_wins_over_the_files_and_its_partners(tmp_path, capsys):
     """--model-args was merged into the file's ({"width": 16} + {"depth": 2}); --model mlp
     was refused for the file's model arguments; a file's tau refused --tau-epochs ("not

@@ -59,3 +59,14 @@ def test_a_run_whose_snapshots_cannot_fit_is_warned_of_at_its_start(tmp_path, ca
                                   folder=tmp_path, header={})
     run._say_footprint(model, 2, 1, 1, off)  # 8 MB
     assert capsys.readouterr().err == ""
+
+
+def test_eval_every_rounded_far_from_asked_says_so():
+    """--eval-every is rounded to whole updates: with 2 updates an epoch 0.25 snapshots every
+    update (0.5 epochs). The run said nothing, and the curve's spacing surprised."""
+    assert run.snapshot_interval(0.25, 2) == 1 and run.snapshot_interval(0.3, 16) == 5
+    note = run.rounding_note(0.25, 2)
+    assert note == ("hpctrain: --eval-every 0.25 snapshots every 1 update here, 0.5 epochs: "
+                    "2 updates an epoch, and snapshots fall between updates")
+    assert run.rounding_note(0.3, 16) is None  # 5 updates are 0.3125 epochs: close enough
+    assert run.rounding_note(0.25, 16) is None and run.rounding_note(4, 3) is None
