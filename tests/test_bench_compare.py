@@ -1380,6 +1380,16 @@ def test_an_output_that_is_a_folder_is_one_line_and_nothing_is_written(tmp_path,
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
 
 
+def test_a_report_into_a_folder_it_cannot_write_in_suggests_out():
+    """A read-only DIR (an archive, a snapshot): the refusal named a plot it could not write,
+    not --out, the way to a report of it. Refused before anything is read; /proc, where no
+    file can be made by any user, stands for it."""
+    with pytest.raises(UsageError) as e:
+        report.run(cli.build_parser().parse_args(["report", "/proc"]))
+    assert str(e.value).startswith("report /proc: cannot write in /proc (")
+    assert str(e.value).endswith("); give --out FOLDER to write report.md and the plots there")
+
+
 def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, monkeypatch):
     """A write that fails (a full disk, a read-only folder) left new plots beside the old
     report.md, and an OSError traceback: now every file is as it was, no temporary file is

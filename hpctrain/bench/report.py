@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1507,12 +1508,29 @@ def report_folder(folder: str, out: str | None) -> Path:
             raise UsageError(f"report {folder}: is one training run's folder, whose files are "
                              f"the run's: give --out FOLDER for the report, or the folder that "
                              f"holds the run ({Path(folder).resolve().parent})")
+        _check_writable(folder)
         return Path(folder)
     check_out_folder(out)
     if (Path(out) / RECORD).exists() and Path(out).resolve() != Path(folder).resolve():
         raise UsageError(f"--out {out} holds another comparison (its {RECORD}), whose report "
                          "this would replace; choose another folder")
     return Path(out)
+
+
+def _check_writable(folder: str) -> None:
+    """A report going into ``folder`` itself must be one it can write in: on a read-only one
+    (an archive, a snapshot) the refusal named a plot it could not write, not ``--out``, the
+    way to a report of it. Tested by making a file there, as the report does; a folder that
+    is not there is left to :func:`load` to say."""
+    if not Path(folder).is_dir():
+        return
+    try:
+        handle, name = tempfile.mkstemp(prefix=".hpctrain-check-", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as e:
+        raise UsageError(f"report {folder}: cannot write in {folder} ({e.strerror}); give "
+                         "--out FOLDER to write report.md and the plots there") from None
 
 
 def run(args: argparse.Namespace) -> list[Row]:
