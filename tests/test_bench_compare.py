@@ -293,6 +293,22 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_p
         assert str(e.value) == message
 
 
+def test_a_tilde_in_out_is_the_home_folder_as_in_train(tmp_path, monkeypatch):
+    """--out=~/cmp (no shell expands a ~ after "="): bench compare and report made a folder
+    named ~ in the working folder, while each run's --out, expanded by train, went home."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    args = parse("--algos", "sgd", *SYNTHETIC, "--out=~/cmp")
+    (run,) = compare.plan(args)
+    assert args.out == str(home / "cmp")
+    assert run.command[run.command.index("--out") + 1] == str(home / "cmp" / "sgd")
+    saved_runs(home / "runs")
+    report.run(cli.build_parser().parse_args(["report", "~/runs", "--out=~/r"]))
+    assert (home / "r" / "report.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
 def test_a_training_runs_folder_and_a_comparisons_are_not_each_others(tmp_path):
     """bench compare wrote its files into a finished train run's folder, and train wrote a
     run's beside a comparison's compare.json (both exit 0)."""

@@ -1535,11 +1535,14 @@ def _check_writable(folder: str) -> None:
 
 def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report of ``args.dir`` (into ``args.out``, else there); print its table
-    and where the files are."""
-    out = report_folder(args.dir, args.out)
+    and where the files are. A ``~`` in DIR or ``--out`` (``--out=~/r``, which the shell
+    leaves) is expanded, as in every path option (:func:`plugins.home_expanded`)."""
+    folder = plugins.home_expanded(args.dir, "report")
+    out = report_folder(folder, None if args.out is None
+                        else plugins.home_expanded(args.out, "--out"))
     with contextlib.ExitStack() as held:
-        _hold_unless_in_use(held, Path(args.dir))
-        rows, targets, drawn = render(args.dir, None if args.targets is None
+        _hold_unless_in_use(held, Path(folder))
+        rows, targets, drawn = render(folder, None if args.targets is None
                                       else parse_targets(args.targets), out)
     print(main_table(rows, targets))
     if line := notes_line(rows):
