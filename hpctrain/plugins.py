@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import errno
 import hashlib
 import importlib
 import importlib.util
@@ -116,10 +117,46 @@ def home_expanded(path: str | os.PathLike[str], flag: str | None = None) -> str:
     where Path.expanduser's RuntimeError was a traceback."""
     text = os.fspath(path)
     expanded = os.path.expanduser(text)
+    named = f"{flag} {shortened(text)}" if flag else shortened(text)
     if expanded.startswith("~"):  # os.path.expanduser leaves an unknown user's as typed
-        named = f"{flag} {text}" if flag else text
         raise UsageError(f"{named}: no home folder for {text.split(os.sep, 1)[0]}")
+    if problem := too_long(expanded):
+        raise UsageError(f"{named}: {problem}")
     return expanded
+
+
+def shortened(path: str, most: int = 200) -> str:
+    """``path`` as a one-line refusal shows it: whole up to ``most`` characters, else its
+    start and end (a path of 5000 bytes filled the terminal with one message)."""
+    if len(path) <= most:
+        return path
+    return f"{path[:most // 2]}...{path[-most // 4:]} ({len(os.fsencode(path))} bytes)"
+
+
+def too_long(path: str) -> str | None:
+    """Why no file can have ``path`` (a name in it over the file system's NAME_MAX, or the
+    whole over PATH_MAX), or None. Each option that reads a path (``--resume``,
+    ``--init-from``, ``--step-time replay:``, the files of ``--model`` and ``--dataset``)
+    raised the system's OSError (ENAMETOOLONG) at its first look, exit 1, naming no option;
+    the system is asked, as it alone knows its limits."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno != errno.ENAMETOOLONG:
+            return None
+    except ValueError:  # a NUL in it: what reads it says so
+        return None
+    else:
+        return None
+    length, limit = len(os.fsencode(path)), os.pathconf("/", "PC_PATH_MAX")
+    if length >= limit:
+        return f"the path is too long ({length} bytes; the system's limit is {limit - 1})"
+    parent = Path(path).parent
+    while not os.path.isdir(parent):  # the nearest folder that exists says its limit
+        parent = parent.parent
+    name_max = os.pathconf(parent, "PC_NAME_MAX")
+    longest = max(len(os.fsencode(part)) for part in Path(path).parts)
+    return f"a name in it is longer than {name_max} bytes ({longest} bytes)"
 
 
 def absolute(text: str, flag: str | None = None) -> str:

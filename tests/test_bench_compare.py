@@ -293,6 +293,22 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_p
         assert str(e.value) == message
 
 
+def test_a_tilde_in_out_is_the_home_folder_as_in_train(tmp_path, monkeypatch):
+    """--out=~/cmp (no shell expands a ~ after "="): bench compare and report made a folder
+    named ~ in the working folder, while each run's --out, expanded by train, went home."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    args = parse("--algos", "sgd", *SYNTHETIC, "--out=~/cmp")
+    (run,) = compare.plan(args)
+    assert args.out == str(home / "cmp")
+    assert run.command[run.command.index("--out") + 1] == str(home / "cmp" / "sgd")
+    saved_runs(home / "runs")
+    report.run(cli.build_parser().parse_args(["report", "~/runs", "--out=~/r"]))
+    assert (home / "r" / "report.md").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+
+
 def test_a_training_runs_folder_and_a_comparisons_are_not_each_others(tmp_path):
     """bench compare wrote its files into a finished train run's folder, and train wrote a
     run's beside a comparison's compare.json (both exit 0)."""
@@ -1378,6 +1394,16 @@ def test_an_output_that_is_a_folder_is_one_line_and_nothing_is_written(tmp_path,
         report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     assert all((tmp_path / other).read_bytes() == b"old" for other in OUTPUTS if other != name)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
+
+
+def test_a_report_into_a_folder_it_cannot_write_in_suggests_out():
+    """A read-only DIR (an archive, a snapshot): the refusal named a plot it could not write,
+    not --out, the way to a report of it. Refused before anything is read; /proc, where no
+    file can be made by any user, stands for it."""
+    with pytest.raises(UsageError) as e:
+        report.run(cli.build_parser().parse_args(["report", "/proc"]))
+    assert str(e.value).startswith("report /proc: cannot write in /proc (")
+    assert str(e.value).endswith("); give --out FOLDER to write report.md and the plots there")
 
 
 def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, monkeypatch):

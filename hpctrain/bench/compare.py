@@ -402,6 +402,9 @@ def plan(args: argparse.Namespace) -> list[Run]:
         raise UsageError(f"--timeout {args.timeout:g}: must be in [0, {HUGE:g}] "
                          "(0: none)")
     report.parse_targets(args.targets)
+    # --out=~/x (the shell expands no ~ after "="): as every train path option takes it,
+    # not a folder named ~ in the working folder beside runs that train's --out put in home.
+    args.out = plugins.home_expanded(args.out, "--out")
     report.check_out_folder(args.out)  # else found as the first run starts, all planned
     given = given_options(args)
     _check_owned(given, algos, args.algos, _recorded_words(args))

@@ -35,6 +35,7 @@ import os
 import re
 import shlex
 import sys
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -1507,6 +1508,7 @@ def report_folder(folder: str, out: str | None) -> Path:
             raise UsageError(f"report {folder}: is one training run's folder, whose files are "
                              f"the run's: give --out FOLDER for the report, or the folder that "
                              f"holds the run ({Path(folder).resolve().parent})")
+        _check_writable(folder)
         return Path(folder)
     check_out_folder(out)
     if (Path(out) / RECORD).exists() and Path(out).resolve() != Path(folder).resolve():
@@ -1515,13 +1517,32 @@ def report_folder(folder: str, out: str | None) -> Path:
     return Path(out)
 
 
+def _check_writable(folder: str) -> None:
+    """A report going into ``folder`` itself must be one it can write in: on a read-only one
+    (an archive, a snapshot) the refusal named a plot it could not write, not ``--out``, the
+    way to a report of it. Tested by making a file there, as the report does; a folder that
+    is not there is left to :func:`load` to say."""
+    if not Path(folder).is_dir():
+        return
+    try:
+        handle, name = tempfile.mkstemp(prefix=".hpctrain-check-", dir=folder)
+        os.close(handle)
+        os.unlink(name)
+    except OSError as e:
+        raise UsageError(f"report {folder}: cannot write in {folder} ({e.strerror}); give "
+                         "--out FOLDER to write report.md and the plots there") from None
+
+
 def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report of ``args.dir`` (into ``args.out``, else there); print its table
-    and where the files are."""
-    out = report_folder(args.dir, args.out)
+    and where the files are. A ``~`` in DIR or ``--out`` (``--out=~/r``, which the shell
+    leaves) is expanded, as in every path option (:func:`plugins.home_expanded`)."""
+    folder = plugins.home_expanded(args.dir, "report")
+    out = report_folder(folder, None if args.out is None
+                        else plugins.home_expanded(args.out, "--out"))
     with contextlib.ExitStack() as held:
-        _hold_unless_in_use(held, Path(args.dir))
-        rows, targets, drawn = render(args.dir, None if args.targets is None
+        _hold_unless_in_use(held, Path(folder))
+        rows, targets, drawn = render(folder, None if args.targets is None
                                       else parse_targets(args.targets), out)
     print(main_table(rows, targets))
     if line := notes_line(rows):

@@ -1,0 +1,73 @@
+"""Paths the options name: one no file can have (too long) is refused in one line naming the
+option, before anything reads it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from conftest import SYNTHETIC, refusal
+
+from hpctrain import cli, plugins, steptimes
+from hpctrain.bench import report
+from hpctrain.errors import UsageError
+
+
+def too_long(tmp_path, whole: bool, suffix: str = "") -> tuple[str, str]:
+    """A path under ``tmp_path`` ending in ``suffix`` with a name over NAME_MAX, or
+    (``whole``) over PATH_MAX with each name short enough; and why the system refuses it."""
+    if whole:
+        path = str(tmp_path) + ("/" + "b" * 200) * 25 + suffix
+        limit = os.pathconf("/", "PC_PATH_MAX")
+        return path, f"the path is too long ({len(path)} bytes; the system's limit is {limit - 1})"
+    path = str(tmp_path / ("a" * 300)) + suffix
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    return path, f"a name in it is longer than {limit} bytes ({300 + len(suffix)} bytes)"
+
+
+def shown(flag: str, path: str, why: str) -> str:
+    """The refusal, the path cut to its start and end."""
+    return f"{flag} {path[:100]}...{path[-50:]} ({len(path)} bytes): {why}"
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["name", "path"])
+@pytest.mark.parametrize("flag, before, after, more", [
+    ("--resume", "", "", []),
+    ("--init-from", "", "", []),
+    ("--model", "", ".py:Net", []),
+    ("--dataset", "npz:", "", []),
+    ("--checkpoint-dir", "", "", ["--checkpoint-every", "1e"]),
+    ("--out", "", "", []),
+])
+def test_a_path_too_long_to_exist_is_refused_naming_its_option(tmp_path, whole, flag, before,
+                                                               after, more):
+    """--resume, --init-from and the files of --model and --dataset raised the system's
+    OSError (ENAMETOOLONG) at their first look: exit 1, naming no option, with a path of
+    thousands of bytes. The folders a run writes were refused already; now alike, shortened."""
+    ext, _, attribute = after.rpartition(":")  # --model's attribute is no part of the path
+    path, why = too_long(tmp_path, whole, ext)
+    typed = before + path + (f":{attribute}" if attribute else "")
+    assert refusal(["--algo", "sgd", *SYNTHETIC, *more, flag, typed]) == shown(flag, path, why)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["name", "path"])
+def test_a_replay_and_a_report_too_long_to_exist_are_refused_alike(tmp_path, whole):
+    """``--step-time replay:PATH`` and ``hpctrain report DIR`` (or its ``--out``) read the
+    path they name: the same OSError, exit 1."""
+    path, why = too_long(tmp_path, whole)
+    with pytest.raises(UsageError) as e:
+        steptimes.file_of(path)
+    assert str(e.value) == shown("--step-time", path, why)
+    with pytest.raises(UsageError) as e:
+        report.run(cli.build_parser().parse_args(["report", path]))
+    assert str(e.value) == shown("report", path, why)
+    with pytest.raises(UsageError) as e:
+        report.run(cli.build_parser().parse_args(["report", str(tmp_path), "--out", path]))
+    assert str(e.value) == shown("--out", path, why)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_short_path_is_shown_whole():
+    assert plugins.shortened("/runs/x") == "/runs/x"
+    assert plugins.too_long("/runs/x") is None  # missing, not too long: what reads it says
