@@ -259,20 +259,29 @@ class OutOfBand:
 
 
 class _TensorPickler(pickle.Pickler):
-    """A plain CPU tensor's memory pickled as one buffer (shape and dtype beside it); any
-    other object (a parameter, a sparse tensor, one that needs its gradient) as torch does."""
+    """A plain CPU tensor's memory pickled as one buffer (:func:`tensor_reduction`); any
+    other object as it pickles itself."""
 
     def reducer_override(self, obj):
-        # torch as imported already: launchers (horovodrun) import this module without it,
-        # and where it is not imported there is no tensor to pickle
-        torch = sys.modules.get("torch")
-        if (torch is None or type(obj) is not torch.Tensor or obj.device.type != "cpu"
-                or obj.requires_grad or obj.layout != torch.strided or obj.is_quantized
-                or obj.is_nested):
-            return NotImplemented
-        flat = obj.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-        memory = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
-        return _tensor, (memory, obj.dtype, tuple(obj.shape))
+        return tensor_reduction(obj)
+
+
+def tensor_reduction(obj: Any) -> Any:
+    """A pickler's ``reducer_override`` for tensors: a plain CPU tensor's memory as one
+    ``PickleBuffer`` (out of band under protocol 5 with a ``buffer_callback``), shape and
+    dtype beside it, its elements contiguous and apart from any other tensor's; NotImplemented
+    for anything else (a parameter, a sparse tensor, one that needs its gradient: torch's
+    pickling keeps what they are). Shared with hpctrain.sync's object collectives."""
+    # torch as imported already: launchers (horovodrun) import this module without it,
+    # and where it is not imported there is no tensor to pickle
+    torch = sys.modules.get("torch")
+    if (torch is None or type(obj) is not torch.Tensor or obj.device.type != "cpu"
+            or obj.requires_grad or obj.layout != torch.strided or obj.is_quantized
+            or obj.is_nested):
+        return NotImplemented
+    flat = obj.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
+    memory = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
+    return _tensor, (memory, obj.dtype, tuple(obj.shape))
 
 
 def _tensor(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -122,7 +122,7 @@ def test_objects_are_pickled_by_value_as_horovod_does(monkeypatch):
 
     offset = 3
     kind, data = collectives._pickled(lambda x: x + offset)
-    assert kind == "ok" and pickle.loads(data)(1) == 4
+    assert kind == "ok" and data.loads()(1) == 4
     monkeypatch.setitem(sys.modules, "cloudpickle", None)  # as if not installed
     kind, why = collectives._pickled(lambda x: x + offset)
     assert kind == "error" and why.endswith("(plain pickle: cloudpickle, which sends "
@@ -176,6 +176,87 @@ def test_scale_factors_follow_horovod_average_split():
     for op in (sync.Min, sync.Max, sync.Product, sync.Adasum):  # no scaling makes them right
         with pytest.raises(UsageError, match=f"op=Average or op=Sum, got {op.name}$"):
             scale_factors(op, 1.0, 4, cast=False)
+
+
+def _object_tensors() -> dict:
+    """Tensors of every kind broadcast_object meets: those comm's tensor reducer sends beside
+    the pickle and those it leaves to torch's pickling."""
+    base = torch.arange(20.0)
+    return {"matrix": torch.arange(10.0).reshape(2, 5),
+            "transposed": torch.arange(12.0).reshape(3, 4).t(),
+            "view": base[5:9], "whole": base,  # share memory; arrive apart, as before
+            "scalar": torch.tensor(3.5, dtype=torch.float64),
+            "empty": torch.zeros(0, 3),
+            "bf16": torch.tensor([1.5, -2.0], dtype=torch.bfloat16),
+            "flags": torch.tensor([True, False, True]),
+            "conj": torch.tensor([1 + 2j, 3 - 1j]).conj(),
+            "parameter": nn.Parameter(torch.ones(2)),
+            "needs_grad": torch.ones(2, requires_grad=True),
+            "sparse": torch.eye(3).to_sparse()}
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    dense = (lambda t: t.to_dense()) if a.layout != torch.strided else (lambda t: t)
+    return (type(a) is type(b) and a.dtype == b.dtype and a.shape == b.shape
+            and a.layout == b.layout and a.requires_grad == b.requires_grad
+            and torch.equal(dense(a), dense(b)))
+
+
+def _sent(payload, protocol: int):
+    """``payload`` as a transport delivers it: protocol 5 with its buffers out of band (pkl5,
+    the mpi transport; received into new memory), or the torch transport's plain pickle."""
+    buffers = []
+    data = pickle.dumps(payload, protocol=protocol,
+                        buffer_callback=buffers.append if protocol >= 5 else None)
+    return pickle.loads(data, buffers=[bytearray(b) for b in buffers])
+
+
+def test_object_collectives_send_tensor_memory_beside_the_pickle():
+    """broadcast_object's pickle holds no tensor's memory: the state_dict's 4 MiB are
+    buffers (pkl5 sends them as they are), not bytes torch pickled into it."""
+    from hpctrain.sync import collectives
+
+    state = nn.Linear(1024, 1024).state_dict()
+    kind, data = collectives._pickled({"model": state, "step": 3})
+    assert kind == "ok" and len(data.data) < 2048
+    assert sum(memoryview(b).nbytes for b in data.buffers) == 4 * (1024 * 1024 + 1024)
+
+
+@pytest.mark.parametrize("protocol", [5, pickle.DEFAULT_PROTOCOL], ids=["pkl5", "torch-transport"])
+def test_objects_with_tensors_come_back_the_same(protocol):
+    """What the object collectives send, through either transport's pickling: every kind of
+    tensor back as it was (type, dtype, shape, requires_grad, values), one object sent twice
+    back as one, tensors apart from the sender's, a closure by value."""
+    from hpctrain.sync import collectives
+
+    tensors, offset = _object_tensors(), 3
+    sent = {"state": tensors, "again": tensors["matrix"], "f": lambda x: x + offset}
+    kind, data = collectives._pickled(sent)
+    assert kind == "ok"
+    back = _sent(("ok", data), protocol)[1].loads()
+    assert set(back["state"]) == set(tensors) and back["f"](1) == 4
+    for name, tensor in tensors.items():
+        assert _same_tensor(tensor, back["state"][name]), name
+    assert back["again"] is back["state"]["matrix"]
+    back["state"]["whole"].zero_()  # never the sender's memory, nor each other's
+    assert tensors["whole"].sum() == 190 and back["state"]["view"].tolist() == [5, 6, 7, 8]
+    own = data.loads()  # unpickled from the sender's own buffers: copied
+    own["state"]["matrix"].zero_()
+    assert tensors["matrix"].sum() == 45
+
+
+def test_elastic_commits_hold_tensors_in_their_one_blob():
+    """ObjectState's commit pickles as broadcast_object does, its tensors inside the blob."""
+    from hpctrain.sync import elastic
+
+    values = {"weights": torch.arange(6.0).reshape(2, 3), "epoch": 2}
+    state = elastic.ObjectState(lambda obj: obj, lambda: 0, **values)
+    payload = state._snapshot()
+    assert payload["objects"].numel() > 6 * 4
+    state.weights, state.epoch = None, 0
+    state._load_snapshot(payload)
+    state.restore()
+    assert torch.equal(state.weights, values["weights"]) and state.epoch == 2
 
 
 # ---------------------------------------------------------------- helpers for MPI tests
@@ -431,6 +512,18 @@ def test_broadcast_variants_and_objects(hvd):
     assert got == {"from": root, "list": [root] * 3}
     assert (got is mine) == (r == root)  # the root's own object, as Horovod returns it
     assert hvd.allgather_object(("rank", r)) == [("rank", k) for k in range(n)]
+    tensors = _object_tensors()
+    mine = {"from": r, "tensors": tensors, "again": tensors["bf16"],
+            "model": nn.Linear(3, 2).state_dict()}
+    got = hvd.broadcast_object(mine, root_rank=root)
+    everyone = hvd.allgather_object(mine)
+    for theirs in [got, *everyone]:
+        for name, tensor in tensors.items():
+            assert _same_tensor(tensor, theirs["tensors"][name]), name
+        assert theirs["again"] is theirs["tensors"]["bf16"]
+    assert [t["from"] for t in everyone] == list(range(n)) and got["from"] == root
+    models = hvd.allgather_object(mine["model"])  # every rank's own weights, rank by rank
+    assert all(torch.equal(models[r][k], v) for k, v in mine["model"].items())
 
 
 @mpi

@@ -16,6 +16,8 @@ when the call returns its handle, and works on any process set of 2^m ranks.
 
 from __future__ import annotations
 
+import functools
+import io
 import itertools
 import numbers
 import pickle
@@ -756,7 +758,7 @@ def barrier(process_set: ProcessSet = global_process_set) -> None:
 
 def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> Any:
-    """root_rank's ``obj`` (pickled) on every process.
+    """root_rank's ``obj`` (pickled, its CPU tensors' memory out of band) on every process.
 
     The root pickles before anything moves and sends its bytes, or why it could not: an
     object it cannot pickle is then an error on every rank, not a root that leaves while
@@ -774,13 +776,14 @@ def broadcast_object(obj: Any, root_rank: int = 0, name: str | None = None,
     if kind == "error":
         who = "" if m.transport.rank() == root else f"root_rank {root_rank}: "
         raise UsageTypeError(f"broadcast_object: {who}cannot pickle the object: {data}")
-    return obj if m.transport.rank() == root else pickle.loads(data)  # the root's own, as Horovod
+    return obj if m.transport.rank() == root else data.loads()  # the root's own, as Horovod
 
 
 def allgather_object(obj: Any, name: str | None = None,
                      process_set: ProcessSet = global_process_set) -> list:
-    """Every process's ``obj`` (pickled), in rank order; an object some rank cannot pickle is
-    an error on every rank (each sends its bytes or why it has none)."""
+    """Every process's ``obj`` (pickled, as :func:`broadcast_object`'s), in rank order; an
+    object some rank cannot pickle is an error on every rank (each sends its bytes or why it
+    has none)."""
     m = member(process_set, "allgather_object")
     with rejecting(m, "allgather_object", name):
         check_name(name, "allgather_object")
@@ -791,21 +794,66 @@ def allgather_object(obj: Any, name: str | None = None,
         r, why = failed[0]
         raise UsageTypeError(f"allgather_object: rank {m.channel.global_rank(r)} cannot pickle "
                              f"its object: {why}")
-    return [pickle.loads(data) for _, data in parts]
+    return [data.loads() for _, data in parts]
 
 
-def _pickled(obj: Any) -> tuple[str, Any]:
-    """("ok", the pickled bytes) or ("error", why ``obj`` cannot be pickled). Pickled by
+class Pickled:
+    """An object's pickle and its tensors' memory beside it (``PickleBuffer``s: see
+    :func:`_pickled`). Pickled again at protocol 5 (the mpi transport: ``pkl5``), the
+    buffers go out of band, sent as they are; below 5 (the torch transport's plain
+    ``pickle.dumps``), in band, as bytes."""
+
+    __slots__ = ("data", "buffers")
+
+    def __init__(self, data: bytes, *buffers: Any) -> None:
+        self.data, self.buffers = data, list(buffers)
+
+    def __reduce_ex__(self, protocol: int) -> tuple:
+        buffers = self.buffers if protocol >= 5 else [bytearray(b) for b in self.buffers]
+        return Pickled, (self.data, *buffers)
+
+    def loads(self) -> Any:
+        """The object: its tensors use the buffers received (the sender's own are copied)."""
+        return pickle.loads(self.data, buffers=self.buffers)
+
+
+def _pickled(obj: Any, out_of_band: bool = True) -> tuple[str, Any]:
+    """("ok", :class:`Pickled`) or ("error", why ``obj`` cannot be pickled). Pickled by
     cloudpickle where installed, as Horovod does, so that lambdas and the classes and functions
-    of a user's script travel by value (any rank can load them: they load with pickle)."""
+    of a user's script travel by value (any rank can load them: they load with pickle). Plain
+    CPU tensors' memory goes beside the pickle (``hpctrain.comm.tensor_reduction``): torch's
+    own pickling of it was most of a large object's time. ``out_of_band`` False: inside it
+    (one blob: an elastic commit)."""
     try:
-        import cloudpickle as pickler
+        import cloudpickle
+
+        base = cloudpickle.Pickler
     except ImportError:
-        pickler = pickle
+        base = pickle.Pickler
+    buffers: list[pickle.PickleBuffer] = []
+    data = io.BytesIO()
     try:
-        return "ok", pickler.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+        _pickler(base)(data, protocol=5,
+                       buffer_callback=buffers.append if out_of_band else None).dump(obj)
     except Exception as err:  # pickling runs the object's own code: anything may come
         why = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-        if pickler is pickle:
+        if base is pickle.Pickler:
             why += " (plain pickle: cloudpickle, which sends functions by value, is missing)"
         return "error", why
+    return "ok", Pickled(data.getvalue(), *buffers)
+
+
+@functools.cache
+def _pickler(base: type) -> type:
+    """``base`` (cloudpickle's Pickler or pickle's) with comm's tensor reducer first: one
+    pass, tensors out of band and the rest as ``base`` pickles it."""
+    chained = base is not pickle.Pickler  # cloudpickle's own: functions and classes by value
+
+    class ObjectPickler(base):
+        def reducer_override(self, obj: Any) -> Any:
+            reduced = mpicomm.tensor_reduction(obj)
+            if reduced is NotImplemented and chained:
+                return super().reducer_override(obj)
+            return reduced
+
+    return ObjectPickler

@@ -155,15 +155,16 @@ class ObjectState(State):
 
     def _snapshot(self) -> dict:
         # Pickled as broadcast_object sends them (cloudpickle: lambdas and the script's own
-        # classes too), so that any value sync takes is committable. Reading them back
-        # unpickles them (code can run), so the folder must be as trusted as the script.
-        kind, blob = _pickled(self._saved_state)
+        # classes too), so that any value sync takes is committable; its tensors' memory in
+        # the one blob. Reading them back unpickles them (code can run), so the folder must
+        # be as trusted as the script.
+        kind, blob = _pickled(self._saved_state, out_of_band=False)
         if kind == "error":
             name, why = next(((name, why) for name, value in self._saved_state.items()
                               for k, why in [_pickled(value)] if k == "error"), ("", blob))
             raise UsageError(f"${ENV}: the state's value {name!r} cannot be saved ({why}); "
                              "leave it out of the state, or unset the variable")
-        return {"objects": torch.frombuffer(bytearray(blob), dtype=torch.uint8)}
+        return {"objects": torch.frombuffer(bytearray(blob.data), dtype=torch.uint8)}
 
     def _load_snapshot(self, payload: dict) -> None:
         saved = pickle.loads(payload["objects"].numpy().tobytes())
