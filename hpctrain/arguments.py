@@ -11,6 +11,7 @@ options to each run, reading their owners from :func:`algorithm_options`.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -140,7 +141,8 @@ def load_named_algorithms(argv: list[str]) -> None:
     named = [w.strip() for w in (known.algos or "").split(",")] if compare else []
     if not compare and known.algo is not None:
         named.append(known.algo)
-    elif known.config is not None and Path(known.config).is_file():  # a pipe is read once
+    # a pipe is read once; a path no file can have is refused where the configuration is built
+    elif known.config is not None and os.path.isfile(os.path.expanduser(known.config)):
         try:
             named.append(configs.read_file(known.config).get("algo"))
         except (UsageError, TypeError, AttributeError):
@@ -510,6 +512,8 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     algo_options = algorithm_options()
     values = given(args, shared_options() + algo_options)
     out_typed = "out" in values
+    if args.config is not None and args.config.strip():  # --config=~/x: no shell expands it
+        args.config = plugins.home_expanded(args.config, "--config")
     if args.config is not None and args.config.strip() and Path(args.config).is_dir():
         raise UsageError(f"--config {args.config}: is a folder; give a TOML file or a run's "
                          f"config.json ({Path(args.config) / 'config.json'})")

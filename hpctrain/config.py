@@ -653,7 +653,7 @@ def read_file(path: str | os.PathLike[str]) -> dict:
     if not str(path).strip():  # "" would read the working folder, or nothing
         raise UsageError(f"--config {str(path)!r} is empty: give a TOML file or a run's "
                          "config.json")
-    path = Path(path)
+    path = Path(plugins.home_expanded(path, "--config"))
     if path.suffix in (".yaml", ".yml"):
         raise UsageError(f"--config {path}: YAML is not read; give a TOML file or a run's "
                          "config.json")

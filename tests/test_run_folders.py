@@ -8,9 +8,12 @@ import os
 import pytest
 from conftest import SYNTHETIC, refusal
 
-from hpctrain import cli, plugins, steptimes
+import hpctrain
+from hpctrain import arguments, cli, plugins, steptimes
 from hpctrain.bench import report
 from hpctrain.errors import UsageError
+
+pytestmark = pytest.mark.unit
 
 
 def too_long(tmp_path, whole: bool, suffix: str = "") -> tuple[str, str]:
@@ -71,3 +74,22 @@ def test_a_replay_and_a_report_too_long_to_exist_are_refused_alike(tmp_path, who
 def test_a_short_path_is_shown_whole():
     assert plugins.shortened("/runs/x") == "/runs/x"
     assert plugins.too_long("/runs/x") is None  # missing, not too long: what reads it says
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["name", "path"])
+def test_a_config_file_too_long_to_exist_is_refused_alike(tmp_path, whole):
+    """``--config PATH`` looked at the file before the configuration was built (for a user's
+    algorithm named in it): the system's OSError, exit 1."""
+    path, why = too_long(tmp_path, whole, ".toml")
+    with pytest.raises(UsageError) as e:
+        cli.main(["train", "--config", path])
+    assert str(e.value) == shown("--config", path, why)
+
+
+def test_a_config_file_in_home_is_read_after_an_equals_sign(tmp_path, monkeypatch):
+    """``--config=~/run.toml``: no shell expands a ``~`` after ``=``; it read ./~/run.toml."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "run.toml").write_text('algo = "ma"\n')
+    config = arguments.build(cli.build_parser().parse_args(["train", "--config=~/run.toml"]))
+    assert config.algo == "ma"
+    assert hpctrain.load_config("~/run.toml").algo == "ma"
