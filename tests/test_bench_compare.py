@@ -1406,6 +1406,17 @@ def test_a_report_into_a_folder_it_cannot_write_in_suggests_out():
     assert str(e.value).endswith("); give --out FOLDER to write report.md and the plots there")
 
 
+def test_a_report_of_a_folder_with_subfolders_it_cannot_look_at_says_it_holds_no_run(
+        tmp_path):
+    """``report /proc --out X``: looking for runs in /proc/1's subfolders (/proc/1/cwd: no
+    permission even for root in a container) was a PermissionError traceback."""
+    with pytest.raises(UsageError) as e:
+        report.run(cli.build_parser().parse_args(["report", "/proc", "--out",
+                                                  str(tmp_path / "r")]))
+    assert str(e.value) == ("report: /proc holds no compare.json and no finished run (a "
+                            "folder with summary.json)")
+
+
 def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, monkeypatch):
     """A write that fails (a full disk, a read-only folder) left new plots beside the old
     report.md, and an OSError traceback: now every file is as it was, no temporary file is

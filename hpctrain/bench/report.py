@@ -384,17 +384,20 @@ def _found(folder: Path) -> list[Row]:
     each algorithm over the seeds any of them has (one that left none: NOT_RUN), if one of
     those finished. Failed attempts ``bench compare --resume`` set aside (``*.failed-N``)
     are not runs of it, as in a comparison's report."""
-    if (folder / "summary.json").is_file():
+    if _is_file(folder / "summary.json"):
         return [_folder_run(folder, folder.name)]
-    subfolders = sorted(d for d in folder.iterdir() if d.is_dir() and not _SET_ASIDE.search(
-        d.name))
+    try:
+        subfolders = [d for d in _subfolders(folder, strict=True)
+                      if not _SET_ASIDE.search(d.name)]
+    except OSError as e:
+        raise UsageError(f"report: cannot read {folder} ({e.strerror})") from None
     rows = [_folder_run(d, d.name) for d in subfolders
-            if (d / "summary.json").is_file() or (d / "config.json").is_file()]
-    seeds = {d.name: {int(s.name.removeprefix("seed-")): s for s in d.iterdir()
-                      if s.is_dir() and _SEED_FOLDER.match(s.name)}
-             for d in subfolders if not (d / "summary.json").is_file()}
+            if _is_file(d / "summary.json") or _is_file(d / "config.json")]
+    seeds = {d.name: {int(s.name.removeprefix("seed-")): s for s in _subfolders(d)
+                      if _SEED_FOLDER.match(s.name)}
+             for d in subfolders if not _is_file(d / "summary.json")}
     seeds = {algo: found for algo, found in seeds.items() if found}
-    if not any((s / "summary.json").is_file() for found in seeds.values()
+    if not any(_is_file(s / "summary.json") for found in seeds.values()
                for s in found.values()):
         return rows
     every = sorted({seed for found in seeds.values() for seed in found})
@@ -403,6 +406,25 @@ def _found(folder: Path) -> list[Row]:
             rows.append(_folder_run(found.get(seed, folder / run_name(algo, seed)), algo,
                                     seed=seed))
     return rows
+
+
+def _subfolders(folder: Path, strict: bool = False) -> list[Path]:
+    """``folder``'s subfolders by name; one that cannot be looked at (no permission, as
+    ``/proc/1/cwd``) holds no run, nor does a folder that cannot be listed (``strict``: an
+    OSError, for the folder the user named)."""
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        if strict:
+            raise
+        return []
+    return sorted(d for d in entries if os.path.isdir(d))  # False where it cannot look
+
+
+def _is_file(path: Path) -> bool:
+    """Whether ``path`` is a file, False where it cannot be looked at (Path.is_file raises
+    PermissionError there)."""
+    return os.path.isfile(path)
 
 
 def _folder_run(run_dir: Path, name: str, **record) -> Row:
