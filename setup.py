@@ -28,6 +28,7 @@ from pathlib import Path
 
 from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.command.build_py import build_py
 
 CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wextra"]
 CUDA_ARCHS = "sm_75,sm_80,sm_90"
@@ -107,6 +108,35 @@ def cuda_mismatch(release: tuple[int, int] | None, torch_cuda: str | None) -> st
             "build it with torch's")
 
 
+def _commit() -> str | None:
+    """The git commit of the checkout this builds from, ``+dirty`` if its tracked files differ
+    from it; None outside a checkout (an sdist) or without git."""
+    here = Path(__file__).resolve().parent
+    if not (here / ".git").exists():
+        return None
+    try:
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(here), "diff", "--quiet", "HEAD", "--"],
+                               capture_output=True, timeout=10).returncode == 1
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty else "") if head.returncode == 0 else None
+
+
+class BuildWithCommit(build_py):
+    """build_py plus ``hpctrain/_build.py``, naming the commit built from: an installed copy
+    has no checkout to ask, and its runs record the commit as a checkout's do
+    (provenance.commit)."""
+
+    def run(self):
+        super().run()
+        commit = _commit()
+        if commit is not None:
+            target = Path(self.build_lib) / "hpctrain" / "_build.py"
+            target.write_text(f'"""Written by setup.py."""\n\nCOMMIT = "{commit}"\n')
+
+
 class BuildKernels(build_ext):
     """build_ext plus the CUDA library, placed next to the CPU extension."""
 
@@ -176,6 +206,6 @@ setup(
         Extension("hpctrain._shm_sync", sources=["kernels/shm_sync.cpp"], language="c++",
                   extra_compile_args=CPU_FLAGS),
     ],
-    cmdclass={"build_ext": BuildKernels},
+    cmdclass={"build_ext": BuildKernels, "build_py": BuildWithCommit},
     entry_points={"console_scripts": ["hpctrain=hpctrain.__main__:main"]},
 )

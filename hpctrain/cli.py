@@ -74,11 +74,26 @@ class _HelpFormatter(argparse.HelpFormatter):
 STOPPED_ON_COLLAPSE = 4  # exit status of a run --stop-on-collapse ended
 
 
+class _Version(argparse.Action):
+    """``--version``: hpctrain's version and, where known, the commit it runs from or was
+    built from (what a run's config.json records as ``hpctrain_commit``): the version alone
+    does not tell two builds apart."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show hpctrain's version (and commit) and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        commit = provenance.commit().get("hpctrain_commit")
+        print(f"hpctrain {sys.modules['hpctrain'].__version__}"
+              + (f" (commit {commit})" if commit else ""))
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="hpctrain", description="distributed PyTorch training over MPI: "
                     "train, simulate many workers in one process, benchmark and compare")
-    parser.add_argument("--version", action="version",
-                        version=f"hpctrain {sys.modules['hpctrain'].__version__}")
+    parser.add_argument("--version", action=_Version)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     train = sub.add_parser("train", help="train a model with one algorithm",
                            formatter_class=_HelpFormatter)

@@ -81,11 +81,16 @@ def invocation() -> dict:
 @cache
 def commit() -> dict:
     """``hpctrain_commit``: the git commit of the checkout hpctrain runs from (an editable
-    install), ``+dirty`` if its tracked files differ from it; nothing for an installed copy.
-    Asked of git once per process (:func:`before_mpi`)."""
+    install), ``+dirty`` if its tracked files differ from it; for an installed copy, the one
+    it was built from (setup.py's ``hpctrain/_build.py``), if built from a checkout. Asked of
+    git once per process (:func:`before_mpi`)."""
     source = Path(hpctrain.__file__).resolve().parent.parent
     if not (source / ".git").exists():
-        return {}
+        try:
+            from hpctrain._build import COMMIT  # type: ignore[import-not-found]
+        except ImportError:
+            return {}
+        return {"hpctrain_commit": COMMIT}
     # The checkout's own repository (a hook's GIT_DIR or GIT_INDEX_FILE names another; the
     # GIT_CONFIG_* ones, say a CI's safe.directory, stay); read only: never the index lock.
     env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION}

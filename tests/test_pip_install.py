@@ -58,6 +58,10 @@ def test_pip_install_into_a_fresh_environment_trains(tmp_path):
     source = tmp_path / "source"
     clean_copy(source)
     assert not list((source / "hpctrain").glob("*.so"))
+    for git in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t",
+                                                "commit", "-q", "-m", "the cluster's clone"]):
+        sh(["git", *git], source, None, 60)  # a clone: the install names its commit
+    built_from = sh(["git", "rev-parse", "HEAD"], source, None, 30).stdout.strip()
     sh([str(py), "-m", "pip", "install", "-q", "--no-index", "--no-build-isolation", str(source)],
        tmp_path, env, 240)
     where = sh([str(py), "-c", "import hpctrain, glob, os; d = os.path.dirname(hpctrain.__file__);"
@@ -67,11 +71,14 @@ def test_pip_install_into_a_fresh_environment_trains(tmp_path):
     assert "_dc_update" in where[1]
     assert os.path.isfile(os.path.join(where[0], "py.typed"))  # type checkers read its hints
     version = sh([str(venv / "bin" / "hpctrain"), "--version"], tmp_path, env, 60)
-    assert version.stdout.strip().startswith("hpctrain ")
+    assert version.stdout.startswith("hpctrain ")
+    assert version.stdout.endswith(f" (commit {built_from})\n")  # no checkout to ask: the build's
     sh([str(venv / "bin" / "hpctrain"), "train", "--algo", "dcasgd-a", "--dataset", "synthetic",
         "--model", "mlp", "--epochs", "1", "--no-progress", "--out", "run"], tmp_path, env, 120)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["algo"] == "dcasgd-a" and summary["final_test_acc"] > 0.5
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["run_info"]
+    assert recorded["hpctrain_commit"] == built_from
 
 
 @pytest.mark.timeout(120)

@@ -1329,4 +1329,8 @@ def test_the_cli_says_its_version(capsys):
 
     with pytest.raises(SystemExit) as stop:
         cli.build_parser().parse_args(["--version"])
-    assert stop.value.code == 0 and capsys.readouterr().out.strip() == "hpctrain 0.1.0"
+    from hpctrain import __version__, provenance
+
+    commit = provenance.commit().get("hpctrain_commit")  # a checkout's: git's
+    assert stop.value.code == 0 and capsys.readouterr().out == (
+        f"hpctrain {__version__}" + (f" (commit {commit})" if commit else "") + "\n")
