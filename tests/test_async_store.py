@@ -751,3 +751,53 @@ def test_the_roots_values_reach_the_store_in_pieces(monkeypatch):
         store.pull(pulled)
         world.Barrier()
     assert torch.equal(pulled, torch.arange(50, dtype=torch.float32) * (root + 1))
+
+
+class _CountingWindow:
+    """A store's real window, passed through, noting the count of each RMA call's target."""
+
+    def __init__(self, win, counts: list[int]):
+        self._win, self._counts = win, counts
+
+    def __getattr__(self, name):
+        call = getattr(self._win, name)
+        if name not in ("Get", "Put", "Accumulate", "Get_accumulate"):
+            return call
+
+        def noted(*args, target, **kwargs):
+            self._counts.append(target[1])
+            return call(*args, target=target, **kwargs)
+        return noted
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_each_shard_moves_in_pieces(consistency, mode, monkeypatch):
+    """Pieces of 7 floats stand for 2**30 ones: a shard past 2**31 floats was one Get, Put,
+    Accumulate or Get_accumulate, which MPI-3 libraries refuse (``--servers 1`` with one
+    worker makes the whole model one shard). Integer steps: the sums are exact."""
+    monkeypatch.setattr(comm, "COUNT_PIECE", 7)
+    world = comm.world()
+    rank, size = world.Get_rank(), world.Get_size()
+    numel, steps = 50, 4
+    start = torch.arange(numel, dtype=torch.float32)
+    counts: list[int] = []
+    with ParameterStore(start, world, shards=3, consistency=consistency,
+                        **MODES[mode]) as store:
+        store.windows = [_CountingWindow(w, counts) for w in store.windows]
+        w = torch.empty(numel)
+        store.pull(w)
+        world.Barrier()
+        for _ in range(steps):
+            store.push(w, torch.full((numel,), float(rank + 1)), lr=1.0)
+        world.Barrier()
+        final = torch.empty(numel)
+        store.pull(final)
+        assert store.shard_updates() == [steps * size] * 3
+        store.finish()
+    total = steps * sum(r + 1 for r in range(size))
+    assert torch.equal(start - final, torch.full((numel,), float(total)))
+    assert max(counts, default=0) <= 7
+    assert bool(counts) == (not store.shared)  # shared memory: no RMA call moves a shard

@@ -151,6 +151,16 @@ def _map(buffer) -> _Mapped:
                    buffer.address)
 
 
+def _pieces(n: int) -> list[tuple[slice, tuple]]:
+    """A shard's ``n`` floats in pieces of at most :data:`hpctrain.comm.COUNT_PIECE`, each
+    with its target in the window (bytes past the header): one RMA call per piece, since an
+    MPI-3 library such as Open MPI 4 refuses a count past 2**31 - 1 (a model that size in
+    one shard: ``--servers 1`` with one worker)."""
+    MPI = hcomm.mpi()
+    return [(p, (_HEADER + 4 * p.start, len(range(n)[p]), MPI.FLOAT))
+            for p in hcomm.count_pieces(n)]
+
+
 def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
     """``shards`` contiguous ``[lo, hi)`` ranges covering ``numel``, 16-float aligned if it can."""
     align = _ALIGN if numel >= _ALIGN * shards else 1
@@ -185,7 +195,8 @@ class ParameterStore:
     hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
     windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
     reads work on the shard's memory in place (None: when all ranks share one node and the
-    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put). ``in_place``: CPU
+    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put, in pieces of
+    at most :data:`hpctrain.comm.COUNT_PIECE` floats). ``in_place``: CPU
     workers on shared memory run the kernel on the shard itself; False makes them read,
     compute and write back (the staged path GPU workers always take).
     """
@@ -487,7 +498,9 @@ class ParameterStore:
         win, owner = self.windows[s], self.owners[s]
         self._count[1] = count
         win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
-        win.Put([values.numpy(), MPI.FLOAT], owner, target=(_HEADER, len(values), MPI.FLOAT))
+        buf = values.numpy()
+        for piece, target in _pieces(len(buf)):
+            win.Put([buf[piece], MPI.FLOAT], owner, target=target)
 
     def _accumulate(self, s: int, delta: torch.Tensor) -> None:
         """Add ``delta`` to shard ``s`` and one to its count, element-wise atomically."""
@@ -497,8 +510,9 @@ class ParameterStore:
             return
         MPI = hcomm.mpi()
         win, owner = self.windows[s], self.owners[s]
-        win.Accumulate([delta.numpy(), MPI.FLOAT], owner,
-                       target=(_HEADER, len(delta), MPI.FLOAT), op=MPI.SUM)
+        buf = delta.numpy()
+        for piece, target in _pieces(len(buf)):
+            win.Accumulate([buf[piece], MPI.FLOAT], owner, target=target, op=MPI.SUM)
         win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
 
     def _stage(self, device: torch.device) -> _DeviceStage | None:
@@ -513,15 +527,16 @@ class ParameterStore:
         return self._device
 
     def _read(self, win, owner: int, buf: np.ndarray) -> None:
-        """Read a shard's values through MPI (not shared memory); atomic mode reads with an
+        """Read a shard's values through MPI (not shared memory), in pieces (:func:`_pieces`)
+        that the caller's one Flush completes before any Put; atomic mode reads with an
         accumulate (writers accumulate)."""
         MPI = hcomm.mpi()
-        target = (_HEADER, len(buf), MPI.FLOAT)
-        if self.consistency == "atomic":
-            win.Get_accumulate([self._none, 0, MPI.FLOAT], [buf, MPI.FLOAT], owner,
-                               target=target, op=MPI.NO_OP)
-        else:
-            win.Get([buf, MPI.FLOAT], owner, target=target)
+        for piece, target in _pieces(len(buf)):
+            if self.consistency == "atomic":
+                win.Get_accumulate([self._none, 0, MPI.FLOAT], [buf[piece], MPI.FLOAT], owner,
+                                   target=target, op=MPI.NO_OP)
+            else:
+                win.Get([buf[piece], MPI.FLOAT], owner, target=target)
 
     def _fetch_add(self, value: int, slot: int = 0) -> int:
         self.bytes_read += 8
