@@ -18,7 +18,7 @@ from torch.nn import functional as F
 from hpctrain import comm, kernels
 from hpctrain.async_ import ASGD, DCASGD, ParameterStore, flatten_parameters, shard_bounds
 from hpctrain.async_ import trainable as trainable_of
-from hpctrain.async_.store import CLOSED, default_shards
+from hpctrain.async_.store import CLOSED, _shared_model, default_shards, shares_memory
 from hpctrain.errors import UsageError
 from hpctrain.metrics import Tally
 
@@ -66,6 +66,16 @@ def test_shard_bounds_cover_and_align():
     assert default_shards(workers=4, hosts=4) == 4
     assert default_shards(workers=3, hosts=1) == 3
     assert default_shards(workers=5, hosts=2) == 6
+
+
+def test_shared_windows_only_in_the_unified_memory_model():
+    """Ranks read and write each other's window memory with no Win_sync, which MPI defines
+    only in the unified memory model: under MPI_WIN_SEPARATE the store takes Get/Put."""
+    assert shares_memory(one_node=True, model="unified")
+    assert not shares_memory(one_node=True, model="separate")
+    assert not shares_memory(one_node=True, model=None)  # no shared window (osc/pt2pt)
+    assert not shares_memory(one_node=False, model="unified")
+    assert _shared_model(self_comm()) == "unified"  # this MPI's: the store shares here
 
 
 # How a push reaches the windows: shared memory where it can (CPU kernel on the shard in

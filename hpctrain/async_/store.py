@@ -14,7 +14,8 @@ the worker's model, Put both, unlock (serialisable; the counts give the lock ord
 ``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read, fused delta,
 ``Accumulate(SUM)``; element-wise atomic, no lost update, no order between workers.
 
-When all ranks share one node the windows are shared memory (``Win.Allocate_shared``) and no
+When all ranks share one node, and MPI's shared-memory windows there are in its unified memory
+model (:func:`shares_memory`), the windows are shared memory (``Win.Allocate_shared``) and no
 MPI call touches them after set-up: the locks are hpctrain's own (:mod:`hpctrain.async_.shm`,
 a reader-writer lock word in each shard's header), since MPICH and Intel MPI grant MPI's
 locks on shared memory only when the owner calls MPI. ``locked`` runs the fused update on the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,18 +124,43 @@ def _agree(comm, values: torch.Tensor, shapes: Shapes | None, odd: str | None = 
                                        f"rank {other} {every[other][key]}"))
 
 
+def shares_memory(one_node: bool, model: str | None) -> bool:
+    """Whether the store may read and write its windows in place: all ranks on one node, a
+    shared-memory window made there (``model`` its memory model: "unified", "separate"; None
+    if none could be made), and the unified model. Loads and stores on another rank's window
+    memory, with no ``Win_sync`` between them, are well defined only there (MPI-3.1 11.4,
+    Example 11.21); under ``MPI_WIN_SEPARATE`` they may read stale values."""
+    return one_node and model == "unified"
+
+
+def _shared_model(comm) -> str | None:
+    """The memory model of a shared-memory window made over ``comm`` (collective), or None
+    where MPI makes none (e.g. Open MPI's osc/pt2pt)."""
+    MPI = hcomm.mpi()
+    try:
+        win = MPI.Win.Allocate_shared(8 if comm.Get_rank() == 0 else 0, 1, comm=comm)
+    except MPI.Exception:
+        return None
+    model = "unified" if win.Get_attr(MPI.WIN_MODEL) == MPI.WIN_UNIFIED else "separate"
+    win.Free()
+    return model
+
+
 def _can_share(comm) -> bool:
-    """Whether all of ``comm`` is on one node and shared-memory windows can be made there."""
+    """:func:`shares_memory` for ``comm``, the same answer on every rank; rank 0 says why
+    not where only the memory model stands in the way."""
     MPI = hcomm.mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    ok = node.Get_size() == comm.Get_size()
+    one_node = node.Get_size() == comm.Get_size()
     node.Free()
-    if ok:  # the same answer on every rank: all on one node
-        try:
-            MPI.Win.Allocate_shared(8 if comm.Get_rank() == 0 else 0, 1, comm=comm).Free()
-        except MPI.Exception:  # e.g. Open MPI's osc/pt2pt has no shared windows
-            ok = False
-    return comm.allreduce(ok, op=MPI.LAND)
+    model = _shared_model(comm) if one_node else None  # the same test on every rank
+    ok = comm.allreduce(shares_memory(one_node, model), op=MPI.LAND)
+    if one_node and model == "separate" and comm.Get_rank() == 0:
+        print("hpctrain: note: this MPI's shared-memory windows use the separate memory "
+              "model (MPI_WIN_SEPARATE), where reading them in place is not defined: the "
+              "parameter store moves its shards with Get and Put instead",
+              file=sys.stderr, flush=True)
+    return ok
 
 
 @dataclass(frozen=True)
@@ -195,8 +222,8 @@ class ParameterStore:
     hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
     windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
     reads work on the shard's memory in place (None: when all ranks share one node and the
-    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put, in pieces of
-    at most :data:`hpctrain.comm.COUNT_PIECE` floats). ``in_place``: CPU
+    MPI's one-sided component can, in the unified memory model; otherwise ``Win.Allocate`` and
+    Get/Put, in pieces of at most :data:`hpctrain.comm.COUNT_PIECE` floats). ``in_place``: CPU
     workers on shared memory run the kernel on the shard itself; False makes them read,
     compute and write back (the staged path GPU workers always take).
     """
