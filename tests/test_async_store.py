@@ -18,7 +18,14 @@ from torch.nn import functional as F
 from hpctrain import comm, kernels
 from hpctrain.async_ import ASGD, DCASGD, ParameterStore, flatten_parameters, shard_bounds
 from hpctrain.async_ import trainable as trainable_of
-from hpctrain.async_.store import CLOSED, _shared_model, default_shards, shares_memory
+from hpctrain.async_.store import (
+    CLOSED,
+    MPICH_MAX_SHARDS,
+    _shared_model,
+    default_shards,
+    max_shards,
+    shares_memory,
+)
 from hpctrain.errors import UsageError
 from hpctrain.metrics import Tally
 
@@ -66,6 +73,33 @@ def test_shard_bounds_cover_and_align():
     assert default_shards(workers=4, hosts=4) == 4
     assert default_shards(workers=3, hosts=1) == 3
     assert default_shards(workers=5, hosts=2) == 6
+
+
+def test_shards_stop_before_mpichs_context_ids_run_out():
+    """MPICH and the libraries built on it give every window one of about 2048 context ids:
+    MPICH 5.0.2 segfaulted, with no message, making a store of 2100 shards. There shards stop
+    at 2000 however many ranks, and the default (one per worker) stays within it; Open MPI
+    and Intel MPI (4200 windows made) keep 4096 or one per rank."""
+    mpich = "MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 20:00:00 CDT 2025\n"
+    most, why = max_shards(mpich, ranks=2100)
+    assert most == MPICH_MAX_SHARDS == 2000
+    assert why == ("each is an RMA window, and this MPI (MPICH Version: 5.0.2) runs out of "
+                   "communicator context ids, one per window, past about 2040 of them")
+    for built_on in ("MVAPICH2 Version     :\t2.3.7", "MPI VERSION    : CRAY MPICH version 8"):
+        assert max_shards(built_on, ranks=8)[0] == 2000
+    for other in ("Open MPI v4.1.4, package: Debian OpenMPI",
+                  "Intel(R) MPI Library 2021.10 for Linux* OS", None):
+        assert max_shards(other, ranks=8) == (4096, "each is an RMA window")
+        assert max_shards(other, ranks=5000)[0] == 5000
+    assert default_shards(workers=2100, hosts=2100, most=2000) == 2000
+    assert default_shards(workers=3000, hosts=3, most=2000) == 1998  # the same on every host
+    assert default_shards(workers=1500, hosts=1500, most=2000) == 1500
+    # The store refuses past the limit of the MPI it runs on, before any window (it made
+    # them all before: on MPICH, a segfault).
+    most, why = max_shards(comm.library_version(), ranks=1)
+    with pytest.raises(UsageError) as e:
+        ParameterStore(torch.zeros(10_000), self_comm(), shards=most + 1)
+    assert str(e.value) == f"shards={most + 1}: at most {most} ({why})"
 
 
 def test_shared_windows_only_in_the_unified_memory_model():

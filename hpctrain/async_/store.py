@@ -200,11 +200,41 @@ def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
 # store of 70,000 shards failed in MPI's shared-memory set-up) and one lock a push takes in
 # turn; far fewer already make pushes lock-bound. --shards stops at this, or one per rank.
 MAX_SHARDS = 4096
+# MPICH and the libraries built on it (MVAPICH, Cray MPICH) give every communicator, and so
+# every window, one of about 2048 context ids: MPICH 5.0.2 segfaulted making its 2047th
+# window. The store's counter window, its Dup and worker_comm, ssp's clock window and the
+# run's own communicators need some too: shards stop here there, however many ranks.
+MPICH_MAX_SHARDS = 2000
 
 
-def default_shards(workers: int, hosts: int) -> int:
-    """At least one shard per worker (fewer lock convoys), the same number on every host."""
-    return hosts * -(-max(workers, hosts) // hosts)
+def context_id_bound(library: str | None) -> bool:
+    """Whether ``library`` (MPI's version string, None if unknown) is MPICH or built on it,
+    so that its pool of communicator context ids bounds the store's windows (Open MPI and
+    Intel MPI made 4200 and more)."""
+    name = (library or "").upper()
+    return "MPICH" in name or "MVAPICH" in name
+
+
+def max_shards(library: str | None, ranks: int) -> tuple[int, str]:
+    """The most shards a store over ``ranks`` ranks may make on ``library`` (MPI's version
+    string, None if unknown), and why, for a refusal."""
+    if context_id_bound(library):
+        name = " ".join(library.splitlines()[0].split())
+        return MPICH_MAX_SHARDS, (f"each is an RMA window, and this MPI ({name}) runs out "
+                                  "of communicator context ids, one per window, past about "
+                                  "2040 of them")
+    return max(MAX_SHARDS, ranks), "each is an RMA window"
+
+
+def default_shards(workers: int, hosts: int, most: int | None = None) -> int:
+    """At least one shard per worker (fewer lock convoys), the same number on every host;
+    at most ``most`` (:func:`max_shards`): then as many as split evenly over the hosts, or
+    ``most`` if they outnumber it (workers then share first shards, which the store
+    allows)."""
+    shards = hosts * -(-max(workers, hosts) // hosts)
+    if most is None or shards <= most:
+        return shards
+    return hosts * (most // hosts) or most
 
 
 class ParameterStore:
@@ -257,9 +287,13 @@ class ParameterStore:
                              f"{values.dtype} of shape {tuple(values.shape)}")
         workers = size - servers
         self.hosts = list(range(workers, size)) if servers else list(range(size))
-        shards = default_shards(workers, len(self.hosts)) if shards is None else shards
+        most, why = max_shards(hcomm.library_name(MPI), size)
+        if shards is None:
+            shards = default_shards(workers, len(self.hosts), most)
         if not 1 <= shards <= numel:
             raise UsageError(f"shards={shards}: need 1 <= shards <= {numel} (the model's size)")
+        if shards > most:
+            raise UsageError(f"shards={shards}: at most {most} ({why})")
         if not 0 <= root < workers:
             raise UsageError(f"root={root} is not a worker rank (0..{workers - 1})")
 
