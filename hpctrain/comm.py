@@ -12,6 +12,7 @@ module level: entry points call :func:`init` first, everything else calls :func:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import io
 import json
 import os
@@ -403,6 +404,25 @@ def first_difference(seen: list[dict]) -> tuple[str, int] | None:
 def library_name(MPI: ModuleType) -> str:
     """The first line of the MPI library's version string (``Open MPI v4.1.4, ...``)."""
     return MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
+
+
+@lru_cache(maxsize=1)
+def library_version() -> str | None:
+    """The MPI library's version string, before MPI starts too (checks that refuse a run
+    then): ``MPI_Get_library_version`` may be called before ``MPI_Init``, here on the
+    libmpi that mpi4py loads, found as mpi4py finds it. None where it cannot be read."""
+    if "mpi4py.MPI" in sys.modules:
+        return sys.modules["mpi4py.MPI"].Get_library_version()
+    try:
+        from mpi4py import _mpiabi
+
+        lib = _mpiabi._dlopen_libmpi(_mpiabi.LIBMPI or os.environ.get("MPI4PY_LIBMPI"))
+        text, length = ctypes.create_string_buffer(8192), ctypes.c_int(0)
+        if lib.MPI_Get_library_version(text, ctypes.byref(length)) != 0:
+            return None
+    except (ImportError, AttributeError, OSError, RuntimeError):
+        return None
+    return text.value.decode(errors="replace")
 
 
 def library_info() -> dict:

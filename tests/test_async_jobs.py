@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_program
+from conftest import ROOT, SYNTHETIC, needs_mpi, run_job, run_program
 
 TCP_ONLY = ["-x", "OMPI_MCA_btl=self,tcp", "-x", "OMPI_MCA_osc=pt2pt",
             "--mca", "btl", "self,tcp", "--mca", "osc", "pt2pt"]
@@ -94,6 +94,22 @@ g = torch.Generator().manual_seed(int(os.environ["OMPI_COMM_WORLD_RANK"]))
 batches = [(torch.randn(8, 10, generator=g), torch.randint(0, 3, (8,), generator=g))
            for _ in range(20)]
 """
+
+
+@pytest.mark.timeout(120)
+@needs_mpi("mpich")
+def test_more_shards_than_mpichs_context_ids_are_refused_before_mpi_starts(tmp_path):
+    """MPICH gives every window one of about 2048 context ids: 2100 shards segfaulted (rc 11,
+    no message) while the store was built. Now one line names the value, the limit and why;
+    the library is read before MPI starts, so no window, folder or traceback comes first."""
+    out = tmp_path / "run"
+    done = run_job(["train", "--algo", "asgd", "--shards", "2100", *SYNTHETIC, "--epochs", "1",
+                    "--out", str(out)], np=1, mpi="mpich")
+    assert done.returncode == 2, done.stderr[-2000:]
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("hpctrain: error")]
+    assert refusals and all("--shards 2100 is outside [1, 2000]" in line and "MPICH" in line
+                            and "context ids" in line for line in refusals), done.stderr
+    assert "Traceback" not in done.stderr and not out.exists()
 
 
 @pytest.mark.timeout(120)

@@ -18,7 +18,14 @@ from torch.nn import functional as F
 from hpctrain import comm, kernels
 from hpctrain.async_ import ASGD, DCASGD, ParameterStore, flatten_parameters, shard_bounds
 from hpctrain.async_ import trainable as trainable_of
-from hpctrain.async_.store import CLOSED, default_shards
+from hpctrain.async_.store import (
+    CLOSED,
+    MPICH_MAX_SHARDS,
+    _shared_model,
+    default_shards,
+    max_shards,
+    shares_memory,
+)
 from hpctrain.errors import UsageError
 from hpctrain.metrics import Tally
 
@@ -66,6 +73,43 @@ def test_shard_bounds_cover_and_align():
     assert default_shards(workers=4, hosts=4) == 4
     assert default_shards(workers=3, hosts=1) == 3
     assert default_shards(workers=5, hosts=2) == 6
+
+
+def test_shards_stop_before_mpichs_context_ids_run_out():
+    """MPICH and the libraries built on it give every window one of about 2048 context ids:
+    MPICH 5.0.2 segfaulted, with no message, making a store of 2100 shards. There shards stop
+    at 2000 however many ranks, and the default (one per worker) stays within it; Open MPI
+    and Intel MPI (4200 windows made) keep 4096 or one per rank."""
+    mpich = "MPICH Version:      5.0.2\nMPICH Release date: Fri Sep 25 20:00:00 CDT 2025\n"
+    most, why = max_shards(mpich, ranks=2100)
+    assert most == MPICH_MAX_SHARDS == 2000
+    assert why == ("each is an RMA window, and this MPI (MPICH Version: 5.0.2) runs out of "
+                   "communicator context ids, one per window, past about 2040 of them")
+    for built_on in ("MVAPICH2 Version     :\t2.3.7", "MPI VERSION    : CRAY MPICH version 8"):
+        assert max_shards(built_on, ranks=8)[0] == 2000
+    for other in ("Open MPI v4.1.4, package: Debian OpenMPI",
+                  "Intel(R) MPI Library 2021.10 for Linux* OS", None):
+        assert max_shards(other, ranks=8) == (4096, "each is an RMA window")
+        assert max_shards(other, ranks=5000)[0] == 5000
+    assert default_shards(workers=2100, hosts=2100, most=2000) == 2000
+    assert default_shards(workers=3000, hosts=3, most=2000) == 1998  # the same on every host
+    assert default_shards(workers=1500, hosts=1500, most=2000) == 1500
+    # The store refuses past the limit of the MPI it runs on, before any window (it made
+    # them all before: on MPICH, a segfault).
+    most, why = max_shards(comm.library_version(), ranks=1)
+    with pytest.raises(UsageError) as e:
+        ParameterStore(torch.zeros(10_000), self_comm(), shards=most + 1)
+    assert str(e.value) == f"shards={most + 1}: at most {most} ({why})"
+
+
+def test_shared_windows_only_in_the_unified_memory_model():
+    """Ranks read and write each other's window memory with no Win_sync, which MPI defines
+    only in the unified memory model: under MPI_WIN_SEPARATE the store takes Get/Put."""
+    assert shares_memory(one_node=True, model="unified")
+    assert not shares_memory(one_node=True, model="separate")
+    assert not shares_memory(one_node=True, model=None)  # no shared window (osc/pt2pt)
+    assert not shares_memory(one_node=False, model="unified")
+    assert _shared_model(self_comm()) == "unified"  # this MPI's: the store shares here
 
 
 # How a push reaches the windows: shared memory where it can (CPU kernel on the shard in
@@ -751,3 +795,53 @@ def test_the_roots_values_reach_the_store_in_pieces(monkeypatch):
         store.pull(pulled)
         world.Barrier()
     assert torch.equal(pulled, torch.arange(50, dtype=torch.float32) * (root + 1))
+
+
+class _CountingWindow:
+    """A store's real window, passed through, noting the count of each RMA call's target."""
+
+    def __init__(self, win, counts: list[int]):
+        self._win, self._counts = win, counts
+
+    def __getattr__(self, name):
+        call = getattr(self._win, name)
+        if name not in ("Get", "Put", "Accumulate", "Get_accumulate"):
+            return call
+
+        def noted(*args, target, **kwargs):
+            self._counts.append(target[1])
+            return call(*args, target=target, **kwargs)
+        return noted
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("consistency", ["locked", "atomic"])
+def test_each_shard_moves_in_pieces(consistency, mode, monkeypatch):
+    """Pieces of 7 floats stand for 2**30 ones: a shard past 2**31 floats was one Get, Put,
+    Accumulate or Get_accumulate, which MPI-3 libraries refuse (``--servers 1`` with one
+    worker makes the whole model one shard). Integer steps: the sums are exact."""
+    monkeypatch.setattr(comm, "COUNT_PIECE", 7)
+    world = comm.world()
+    rank, size = world.Get_rank(), world.Get_size()
+    numel, steps = 50, 4
+    start = torch.arange(numel, dtype=torch.float32)
+    counts: list[int] = []
+    with ParameterStore(start, world, shards=3, consistency=consistency,
+                        **MODES[mode]) as store:
+        store.windows = [_CountingWindow(w, counts) for w in store.windows]
+        w = torch.empty(numel)
+        store.pull(w)
+        world.Barrier()
+        for _ in range(steps):
+            store.push(w, torch.full((numel,), float(rank + 1)), lr=1.0)
+        world.Barrier()
+        final = torch.empty(numel)
+        store.pull(final)
+        assert store.shard_updates() == [steps * size] * 3
+        store.finish()
+    total = steps * sum(r + 1 for r in range(size))
+    assert torch.equal(start - final, torch.full((numel,), float(total)))
+    assert max(counts, default=0) <= 7
+    assert bool(counts) == (not store.shared)  # shared memory: no RMA call moves a shard

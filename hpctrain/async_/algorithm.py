@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from hpctrain import comm as hcomm
 from hpctrain import devices, kernels, plugins, watchdog
 from hpctrain.algorithm import Algorithm, Comm, Options, Setup
 from hpctrain.async_ import shm
@@ -34,7 +35,7 @@ from hpctrain.async_.optim import ASGD as ASGDOptimizer
 from hpctrain.async_.optim import DCASGD as DCASGDOptimizer
 from hpctrain.async_.optim import DEFAULT_LAM, trainable
 from hpctrain.async_.ssp import StalenessBound
-from hpctrain.async_.store import CLOSED, CONSISTENCIES, MAX_SHARDS, ParameterStore
+from hpctrain.async_.store import CLOSED, CONSISTENCIES, ParameterStore, max_shards
 from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError
@@ -137,12 +138,11 @@ class ASGD(Algorithm):
                              "ranks (at least one worker)")
         numel = _model_size(config)
         if o.shards is not None:
-            most = max(MAX_SHARDS, ranks)
+            most, why = max_shards(hcomm.library_version(), ranks)
             if not 1 <= o.shards <= min(numel, most):
                 raise UsageError(f"--shards {o.shards} is outside [1, {min(numel, most)}]: at "
                                  f"most one shard per parameter of {config.model.name} "
-                                 f"({numel} parameters), and {most} in all (each is an RMA "
-                                 "window)")
+                                 f"({numel} parameters), and {most} in all ({why})")
         # The compiled libraries a push needs: CPU workers' kernel and the shared-memory locks
         # (on one node), GPU workers' CUDA kernel.
         needed = [kernels.cpu_library, shm.library]

@@ -14,7 +14,8 @@ the worker's model, Put both, unlock (serialisable; the counts give the lock ord
 ``atomic``: per shard, shared lock, ``Get_accumulate(NO_OP)`` read, fused delta,
 ``Accumulate(SUM)``; element-wise atomic, no lost update, no order between workers.
 
-When all ranks share one node the windows are shared memory (``Win.Allocate_shared``) and no
+When all ranks share one node, and MPI's shared-memory windows there are in its unified memory
+model (:func:`shares_memory`), the windows are shared memory (``Win.Allocate_shared``) and no
 MPI call touches them after set-up: the locks are hpctrain's own (:mod:`hpctrain.async_.shm`,
 a reader-writer lock word in each shard's header), since MPICH and Intel MPI grant MPI's
 locks on shared memory only when the owner calls MPI. ``locked`` runs the fused update on the
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -122,18 +124,43 @@ def _agree(comm, values: torch.Tensor, shapes: Shapes | None, odd: str | None = 
                                        f"rank {other} {every[other][key]}"))
 
 
+def shares_memory(one_node: bool, model: str | None) -> bool:
+    """Whether the store may read and write its windows in place: all ranks on one node, a
+    shared-memory window made there (``model`` its memory model: "unified", "separate"; None
+    if none could be made), and the unified model. Loads and stores on another rank's window
+    memory, with no ``Win_sync`` between them, are well defined only there (MPI-3.1 11.4,
+    Example 11.21); under ``MPI_WIN_SEPARATE`` they may read stale values."""
+    return one_node and model == "unified"
+
+
+def _shared_model(comm) -> str | None:
+    """The memory model of a shared-memory window made over ``comm`` (collective), or None
+    where MPI makes none (e.g. Open MPI's osc/pt2pt)."""
+    MPI = hcomm.mpi()
+    try:
+        win = MPI.Win.Allocate_shared(8 if comm.Get_rank() == 0 else 0, 1, comm=comm)
+    except MPI.Exception:
+        return None
+    model = "unified" if win.Get_attr(MPI.WIN_MODEL) == MPI.WIN_UNIFIED else "separate"
+    win.Free()
+    return model
+
+
 def _can_share(comm) -> bool:
-    """Whether all of ``comm`` is on one node and shared-memory windows can be made there."""
+    """:func:`shares_memory` for ``comm``, the same answer on every rank; rank 0 says why
+    not where only the memory model stands in the way."""
     MPI = hcomm.mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    ok = node.Get_size() == comm.Get_size()
+    one_node = node.Get_size() == comm.Get_size()
     node.Free()
-    if ok:  # the same answer on every rank: all on one node
-        try:
-            MPI.Win.Allocate_shared(8 if comm.Get_rank() == 0 else 0, 1, comm=comm).Free()
-        except MPI.Exception:  # e.g. Open MPI's osc/pt2pt has no shared windows
-            ok = False
-    return comm.allreduce(ok, op=MPI.LAND)
+    model = _shared_model(comm) if one_node else None  # the same test on every rank
+    ok = comm.allreduce(shares_memory(one_node, model), op=MPI.LAND)
+    if one_node and model == "separate" and comm.Get_rank() == 0:
+        print("hpctrain: note: this MPI's shared-memory windows use the separate memory "
+              "model (MPI_WIN_SEPARATE), where reading them in place is not defined: the "
+              "parameter store moves its shards with Get and Put instead",
+              file=sys.stderr, flush=True)
+    return ok
 
 
 @dataclass(frozen=True)
@@ -151,6 +178,16 @@ def _map(buffer) -> _Mapped:
                    buffer.address)
 
 
+def _pieces(n: int) -> list[tuple[slice, tuple]]:
+    """A shard's ``n`` floats in pieces of at most :data:`hpctrain.comm.COUNT_PIECE`, each
+    with its target in the window (bytes past the header): one RMA call per piece, since an
+    MPI-3 library such as Open MPI 4 refuses a count past 2**31 - 1 (a model that size in
+    one shard: ``--servers 1`` with one worker)."""
+    MPI = hcomm.mpi()
+    return [(p, (_HEADER + 4 * p.start, len(range(n)[p]), MPI.FLOAT))
+            for p in hcomm.count_pieces(n)]
+
+
 def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
     """``shards`` contiguous ``[lo, hi)`` ranges covering ``numel``, 16-float aligned if it can."""
     align = _ALIGN if numel >= _ALIGN * shards else 1
@@ -163,11 +200,41 @@ def shard_bounds(numel: int, shards: int) -> list[tuple[int, int]]:
 # store of 70,000 shards failed in MPI's shared-memory set-up) and one lock a push takes in
 # turn; far fewer already make pushes lock-bound. --shards stops at this, or one per rank.
 MAX_SHARDS = 4096
+# MPICH and the libraries built on it (MVAPICH, Cray MPICH) give every communicator, and so
+# every window, one of about 2048 context ids: MPICH 5.0.2 segfaulted making its 2047th
+# window. The store's counter window, its Dup and worker_comm, ssp's clock window and the
+# run's own communicators need some too: shards stop here there, however many ranks.
+MPICH_MAX_SHARDS = 2000
 
 
-def default_shards(workers: int, hosts: int) -> int:
-    """At least one shard per worker (fewer lock convoys), the same number on every host."""
-    return hosts * -(-max(workers, hosts) // hosts)
+def context_id_bound(library: str | None) -> bool:
+    """Whether ``library`` (MPI's version string, None if unknown) is MPICH or built on it,
+    so that its pool of communicator context ids bounds the store's windows (Open MPI and
+    Intel MPI made 4200 and more)."""
+    name = (library or "").upper()
+    return "MPICH" in name or "MVAPICH" in name
+
+
+def max_shards(library: str | None, ranks: int) -> tuple[int, str]:
+    """The most shards a store over ``ranks`` ranks may make on ``library`` (MPI's version
+    string, None if unknown), and why, for a refusal."""
+    if context_id_bound(library):
+        name = " ".join(library.splitlines()[0].split())
+        return MPICH_MAX_SHARDS, (f"each is an RMA window, and this MPI ({name}) runs out "
+                                  "of communicator context ids, one per window, past about "
+                                  "2040 of them")
+    return max(MAX_SHARDS, ranks), "each is an RMA window"
+
+
+def default_shards(workers: int, hosts: int, most: int | None = None) -> int:
+    """At least one shard per worker (fewer lock convoys), the same number on every host;
+    at most ``most`` (:func:`max_shards`): then as many as split evenly over the hosts, or
+    ``most`` if they outnumber it (workers then share first shards, which the store
+    allows)."""
+    shards = hosts * -(-max(workers, hosts) // hosts)
+    if most is None or shards <= most:
+        return shards
+    return hosts * (most // hosts) or most
 
 
 class ParameterStore:
@@ -185,7 +252,8 @@ class ParameterStore:
     hosting rank sleeps between progress polls in :meth:`finish`. ``shared_memory``: make the
     windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
     reads work on the shard's memory in place (None: when all ranks share one node and the
-    MPI's one-sided component can; otherwise ``Win.Allocate`` and Get/Put). ``in_place``: CPU
+    MPI's one-sided component can, in the unified memory model; otherwise ``Win.Allocate`` and
+    Get/Put, in pieces of at most :data:`hpctrain.comm.COUNT_PIECE` floats). ``in_place``: CPU
     workers on shared memory run the kernel on the shard itself; False makes them read,
     compute and write back (the staged path GPU workers always take).
     """
@@ -219,9 +287,13 @@ class ParameterStore:
                              f"{values.dtype} of shape {tuple(values.shape)}")
         workers = size - servers
         self.hosts = list(range(workers, size)) if servers else list(range(size))
-        shards = default_shards(workers, len(self.hosts)) if shards is None else shards
+        most, why = max_shards(hcomm.library_name(MPI), size)
+        if shards is None:
+            shards = default_shards(workers, len(self.hosts), most)
         if not 1 <= shards <= numel:
             raise UsageError(f"shards={shards}: need 1 <= shards <= {numel} (the model's size)")
+        if shards > most:
+            raise UsageError(f"shards={shards}: at most {most} ({why})")
         if not 0 <= root < workers:
             raise UsageError(f"root={root} is not a worker rank (0..{workers - 1})")
 
@@ -487,7 +559,9 @@ class ParameterStore:
         win, owner = self.windows[s], self.owners[s]
         self._count[1] = count
         win.Put([self._count[1:], MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T))
-        win.Put([values.numpy(), MPI.FLOAT], owner, target=(_HEADER, len(values), MPI.FLOAT))
+        buf = values.numpy()
+        for piece, target in _pieces(len(buf)):
+            win.Put([buf[piece], MPI.FLOAT], owner, target=target)
 
     def _accumulate(self, s: int, delta: torch.Tensor) -> None:
         """Add ``delta`` to shard ``s`` and one to its count, element-wise atomically."""
@@ -497,8 +571,9 @@ class ParameterStore:
             return
         MPI = hcomm.mpi()
         win, owner = self.windows[s], self.owners[s]
-        win.Accumulate([delta.numpy(), MPI.FLOAT], owner,
-                       target=(_HEADER, len(delta), MPI.FLOAT), op=MPI.SUM)
+        buf = delta.numpy()
+        for piece, target in _pieces(len(buf)):
+            win.Accumulate([buf[piece], MPI.FLOAT], owner, target=target, op=MPI.SUM)
         win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
 
     def _stage(self, device: torch.device) -> _DeviceStage | None:
@@ -513,15 +588,16 @@ class ParameterStore:
         return self._device
 
     def _read(self, win, owner: int, buf: np.ndarray) -> None:
-        """Read a shard's values through MPI (not shared memory); atomic mode reads with an
+        """Read a shard's values through MPI (not shared memory), in pieces (:func:`_pieces`)
+        that the caller's one Flush completes before any Put; atomic mode reads with an
         accumulate (writers accumulate)."""
         MPI = hcomm.mpi()
-        target = (_HEADER, len(buf), MPI.FLOAT)
-        if self.consistency == "atomic":
-            win.Get_accumulate([self._none, 0, MPI.FLOAT], [buf, MPI.FLOAT], owner,
-                               target=target, op=MPI.NO_OP)
-        else:
-            win.Get([buf, MPI.FLOAT], owner, target=target)
+        for piece, target in _pieces(len(buf)):
+            if self.consistency == "atomic":
+                win.Get_accumulate([self._none, 0, MPI.FLOAT], [buf[piece], MPI.FLOAT], owner,
+                                   target=target, op=MPI.NO_OP)
+            else:
+                win.Get([buf[piece], MPI.FLOAT], owner, target=target)
 
     def _fetch_add(self, value: int, slot: int = 0) -> int:
         self.bytes_read += 8
