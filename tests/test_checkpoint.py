@@ -122,6 +122,44 @@ def legacy(path, **fields) -> None:
     path.write_bytes(json.dumps(header).encode() + b"\n" + body)
 
 
+def reformatted(path, tag: str) -> None:
+    """``path``'s header with format ``tag``, its own checksum recomputed (a valid file of a
+    format this hpctrain does not write)."""
+    line, _, body = path.read_bytes().partition(b"\n")
+    header = {**json.loads(line), "format": tag}
+    header["header_sha256"] = checkpoint.format._header_digest(header)
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+
+def test_a_checkpoint_a_newer_hpctrain_wrote_is_refused_and_left_alone(tmp_path):
+    """hpctrain-checkpoint/3 was "not an hpctrain-checkpoint/2 file": renamed *.corrupt, and
+    the run went back to the checkpoint before it without a word; with all of them /3, "none
+    can be read ... put back a good copy" (they were newer, not bad). Now one line, before MPI,
+    the folder as it was; a tag that is not hpctrain's at all is still a corrupt file's."""
+    write(tmp_path, 10)
+    newest = write(tmp_path, 20)
+    reformatted(newest, "hpctrain-checkpoint/3")
+    said = (f"checkpoint {newest} is hpctrain-checkpoint/3, written by a newer hpctrain: this "
+            "one reads hpctrain-checkpoint/1 and /2 only; go on with the hpctrain that wrote it")
+    before = sorted(os.listdir(tmp_path))
+    for read in (checkpoint.read_header, checkpoint.load, checkpoint.load_newest):
+        with pytest.raises(checkpoint.NewerCheckpoint) as e:
+            read(newest if read is not checkpoint.load_newest else tmp_path)
+        assert str(e.value) == said and isinstance(e.value, UsageError)  # exit 2
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path))
+    assert str(e.value) == said
+    assert sorted(os.listdir(tmp_path)) == before  # nothing renamed
+    for tag in ("hpctrain-checkpoint/x", "hpctrain-checkpoint/0", "other-format/3"):
+        reformatted(newest, tag)
+        with pytest.raises(CorruptCheckpoint, match="not an hpctrain-checkpoint/2 file"):
+            checkpoint.read_header(newest)
+    reformatted(newest, "hpctrain-checkpoint/2")  # /2 flipped to /3 by one bit: corrupt
+    flip(newest, newest.read_bytes().index(b"checkpoint/2") + len(b"checkpoint/"))
+    with pytest.raises(CorruptCheckpoint, match="not an hpctrain-checkpoint/2 file"):
+        checkpoint.read_header(newest)
+
+
 def test_truncated_file_is_detected(tmp_path):
     path = write(tmp_path, 1)
     for keep in (0, 10, path.stat().st_size - 1):

@@ -4,9 +4,10 @@ Rank 0 writes ``ckpt-<updates>.pt`` through a temporary file, fsyncs it, renames
 and fsyncs the folder; only then does it delete checkpoints older than the last :data:`KEEP`.
 A writer killed at any moment therefore leaves the previous good checkpoint (and at worst a
 temporary file, removed by the next writer). Reading takes the newest checkpoint that passes its
-checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and skipped.
-Snapshots of the model are files of their own in ``snapshots/``, listed with their checksums in
-each checkpoint, so that checkpoints stay small however long the run. A snapshot is only a
+checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and skipped
+(one in a newer hpctrain's format is refused: it is not corrupt). Snapshots of the model are
+files of their own in ``snapshots/``, listed with their checksums in each checkpoint, so that
+checkpoints stay small however long the run. A snapshot is only a
 curve point: a bad or missing one is reported and left out, and its checkpoint stays usable
 (every later checkpoint lists the same file, so one bad snapshot would otherwise make them all
 unusable).
@@ -162,8 +163,11 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
     """The newest usable checkpoint in ``folder``, with its snapshots; None if none is usable.
 
     Each unusable one on the way is reported in one line (by default to stderr), renamed
-    ``*.corrupt`` (so that it leaves the rotation) and skipped. Its model and optimizer state
-    decide: a bad snapshot it lists is reported and left out (:func:`_usable_snapshots`).
+    ``*.corrupt`` (so that it leaves the rotation) and skipped; one in a newer hpctrain's
+    format is no corrupt file: NewerCheckpoint (a UsageError), the folder left as it is
+    (skipping it went back to an older checkpoint, silently undoing the newer run's). Its
+    model and optimizer state decide: a bad snapshot it lists is reported and left out
+    (:func:`_usable_snapshots`).
     """
     folder = Path(folder)
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))

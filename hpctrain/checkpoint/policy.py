@@ -460,8 +460,8 @@ def _none_read(flag: str) -> str:
 def _header_or_problems(folder: Path) -> dict | list[str]:
     """The newest checkpoint's header in ``folder`` that can be read, else each one's
     problem (CorruptCheckpoint's line: ``ckpt-...pt: truncated header``), newest first; one
-    it cannot read (an I/O error, permissions) is a UsageError, in the line rank 0 would
-    raise."""
+    it cannot read (an I/O error, permissions) or in a newer hpctrain's format
+    (NewerCheckpoint) is a UsageError, in the line rank 0 would raise."""
     problems = []
     for path in listing(folder):
         try:
