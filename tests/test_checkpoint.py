@@ -23,6 +23,7 @@ import torch
 from conftest import ROOT, refusal, run_job
 
 from hpctrain import arguments, checkpoint, cli, comm, launch_checks, run, watchdog
+from hpctrain import config as configs
 from hpctrain.checkpoint import CorruptCheckpoint, Resize, policy
 from hpctrain.checkpoint import checkpointer as checkpointer_module
 from hpctrain.errors import UsageError
@@ -592,9 +593,11 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
     from hpctrain.config import OptimConfig, RunConfig
 
     sgd, adam = RunConfig(algo="sgd"), RunConfig(algo="sgd", optim=OptimConfig(optimizer="adam"))
-    assert configs.before_newer_options(sgd) == {"nesterov": False, "betas": None, "eps": None}
-    assert configs.before_newer_options(adam) == {"nesterov": False, "betas": [0.9, 0.999],
-                                                  "eps": 1e-8}
+    newer = ("nesterov", "betas", "eps")
+    assert {k: configs.before_newer_options(sgd)[k] for k in newer} == \
+        {"nesterov": False, "betas": None, "eps": None}
+    assert {k: configs.before_newer_options(adam)[k] for k in newer} == \
+        {"nesterov": False, "betas": [0.9, 0.999], "eps": 1e-8}
     a_run(tmp_path / "sgd")
     given = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "nesterov": False,
              "betas": None, "eps": None}
@@ -620,7 +623,7 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
                        checkpoint=configs.CheckpointConfig(resume="auto"))
     recorded = configs.repeatable(launch_checks._as_launched(config))
     recorded["optim"] = {k: v for k, v in recorded["optim"].items()
-                         if k not in configs.NEWER_OPTIONS}
+                         if k not in newer}
     (out / "config.json").write_text(json.dumps({**recorded, "run_info": {"workers": 1}}))
     (out / "summary.json").write_text("{}")
     monkeypatch.setattr(comm, "launch_size", lambda: 1)
@@ -629,6 +632,49 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
     with pytest.raises(UsageError, match=r"started with --betas 0.9,0.999, not 0.8,0.99; "):
         launch_checks.finished_run(dataclasses.replace(config, optim=OptimConfig(optimizer="adam",
                                                                                 betas=(0.8, 0.99))))
+
+
+def test_every_option_newer_than_a_checkpoint_counts_as_its_default(tmp_path):
+    """A header without --clip-grad-norm, --warmup-epochs, --scale-lr and --reduce-op (as one
+    from before they existed looks) resumed with them set without a word: only --nesterov,
+    --betas and --eps were filled in. Every option a header lacks is now the default the run
+    trained with, refused when set otherwise (one that may change stays free), and an option
+    this hpctrain does not know (a newer one's) is refused, naming it and its value."""
+    typed = ["--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp"]
+    first = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", *typed, "--out", str(tmp_path / "run"), "--checkpoint-every", "1e"])), 2)
+    recorded = checkpoint.recorded_args(configs.flat(first))  # as run.py records them
+    assert {"clip_grad_norm", "warmup_epochs", "scale_lr", "reduce_op"} <= recorded.keys()
+
+    def resumed(args: dict, *flags: str) -> str | None:
+        folder = tmp_path / "run" / "checkpoints"
+        shutil.rmtree(folder, ignore_errors=True)
+        checkpoint.save(folder, 5, {"x": 1}, {"algo": "ssgd", "ranks": 2, "workers": 2,
+                                              "args": args})
+        given = [*typed, "--resume", str(tmp_path / "run"), *flags]
+        try:
+            launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
+                ["train", *given])), 2)
+        except UsageError:
+            return refusal(given, ranks=2)
+        return None
+
+    changed = ("--clip-grad-norm", "1.0", "--warmup-epochs", "2", "--reduce-op", "adasum")
+    said = resumed(recorded, *changed)
+    assert said == (f"--resume {tmp_path / 'run'}: the run was started without "
+                    "--clip-grad-norm (its default; leave it out), not with --clip-grad-norm "
+                    "1.0; with --reduce-op average, not adasum; with --warmup-epochs 0.0, not "
+                    "2.0")
+    older = {k: v for k, v in recorded.items()
+             if k not in ("clip_grad_norm", "warmup_epochs", "scale_lr", "reduce_op",
+                          "stall_timeout")}
+    assert resumed(older, *changed) == said
+    assert resumed(older, "--scale-lr").endswith("started without --scale-lr, not with it")
+    assert resumed(older, "--stall-timeout", "300") is None  # may change: as before
+    assert resumed({**recorded, "label_smoothing": 0.1}) == (
+        f"--resume {tmp_path / 'run'}: its checkpoint records --label-smoothing 0.1, an option "
+        "this hpctrain does not know (a newer hpctrain wrote it); whether the run can go on "
+        "without it cannot be told: go on with the hpctrain that wrote the checkpoint")
 
 
 def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(tmp_path):
@@ -652,7 +698,8 @@ def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(t
 def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
     """The defaults were sgd's: an adam run's left-out --betas and --lr were not called the
     default, and the refusal did not say what to give."""
-    a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8)
+    a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8,
+          dataset="synthetic", model="mlp")  # a header lacking them: the defaults' run
     typed = ["train", "--algo", "sgd", "--dataset", "synthetic", "--model", "mlp",
              "--optimizer", "adam", "--resume", str(tmp_path)]
     config = arguments.build(cli.build_parser().parse_args(typed))
@@ -670,7 +717,7 @@ def test_a_resume_refusal_calls_only_a_left_out_value_the_default(tmp_path):
     to its default was called one. Now only an option left out is, typed or set in --config
     (a file's value is the user's too); the hint names those left out only."""
     a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8,
-          model="mlp")
+          model="mlp", dataset="synthetic")
     typed = ["--algo", "sgd", "--dataset", "synthetic", "--optimizer", "adam",
              "--resume", str(tmp_path), "--lr", "0.001"]
     said = (f"--resume {tmp_path}: the run was started with --betas 0.8,0.99, not 0.9,0.999 "
