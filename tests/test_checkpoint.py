@@ -1180,6 +1180,34 @@ def test_a_model_whose_code_changed_since_its_checkpoint_is_named_in_one_line(tm
         "(and 1 more of another shape)")
 
 
+def test_a_payload_of_another_layout_is_named_in_one_line(tmp_path):
+    """A checkpoint that passes its checksum but lacks what a resume reads (re-encoded
+    without book["resumed_from"]) was "error (rank 1 of 2): KeyError: 'resumed_from'", no file
+    named; a shared state this run keeps and the file lacks, a KeyError on every rank."""
+    sgd_checkpointer(tmp_path).save(10, {}, Snapshots())
+    path = tmp_path / "ckpt-000000010.pt"
+    header, payload = checkpoint.load(path)
+    del payload["book"]["resumed_from"]
+    path.write_bytes(checkpoint.encode(payload, header))
+    with pytest.raises(UsageError) as refused:
+        sgd_checkpointer(tmp_path / "b", resume=str(tmp_path)).restore(Snapshots())
+    assert str(refused.value) == (
+        f"--resume: checkpoint {path} has no payload['book']['resumed_from']: not the layout "
+        "this hpctrain reads (another version's or program's file); resume it with the "
+        "hpctrain that wrote it")
+    payload["book"]["resumed_from"] = []
+    path.write_bytes(checkpoint.encode(payload, header))
+    more = checkpoint.Checkpointer(None, 10, 40, shared={"model": torch.nn.Linear(3, 2),
+                                                         "ema": torch.nn.Linear(3, 2)},
+                                   every="1e", folder=tmp_path / "c", resume=str(tmp_path),
+                                   header={"algo": "sgd", "ranks": 1, "args": {}})
+    with pytest.raises(UsageError, match=r"has no payload\['shared'\]\['ema'\]: not the "):
+        more.restore(Snapshots())
+    assert checkpoint.folder.layout_gap({"header": {"updates": 1, "workers": 1},
+                                         "payload": {**payload, "ranks": [{}]}}) == \
+        "no payload['ranks'][0]['counters']"
+
+
 def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):
     """Every checkpoint lists the snapshot files before it: one flipped byte in the first
     made both kept checkpoints unusable (renamed *.corrupt, --resume refused). Now the model

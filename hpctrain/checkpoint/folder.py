@@ -50,6 +50,45 @@ class Loaded:
     still lists every file."""
 
 
+# What a resume reads of a checkpoint, by place: a table's keys ({...}), each item of a list
+# ([shape]), anything (None). A file of another layout (another version's or program's, its
+# checksum right) is named in one line, where a KeyError on some rank ended the job.
+_LAYOUT = {
+    "header": {"updates": None, "workers": None},
+    "payload": {"shared": {}, "ranks": [{"counters": {}, "rng": None}],
+                "snapshots": [[{"file": None, "sha256": None, "info": {}}]],
+                "book": {"checkpoints": None, "checkpoint_s": None, "resumed_from": []}},
+}
+
+
+def layout_gap(value, shape=_LAYOUT, where: str = "") -> str | None:
+    """What of ``shape`` (by default a checkpoint's ``{"header": ..., "payload": ...}``)
+    ``value``, found at ``where``, lacks, as its place: ``no payload['book']['resumed_from']``,
+    ``no list at payload['ranks']``; None when it lacks nothing."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"no table at {where}"
+        for key, inner in shape.items():
+            place = f"{where}[{key!r}]" if where else key
+            if key not in value:
+                return f"no {place}"
+            if gap := layout_gap(value[key], inner, place):
+                return gap
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"no list at {where}"
+        return next((gap for i, item in enumerate(value)
+                     if (gap := layout_gap(item, shape[0], f"{where}[{i}]"))), None)
+    return None
+
+
+def other_layout(path: Path, gap: str) -> UsageError:
+    """The refusal of checkpoint ``path``, which passed its checksum but has ``gap``."""
+    return UsageError(f"--resume: checkpoint {path} has {gap}: not the layout this hpctrain "
+                      "reads (another version's or program's file); resume it with the "
+                      "hpctrain that wrote it")
+
+
 def number(path: Path) -> int:
     """The update count in a checkpoint's name (``ckpt-<updates>.pt``)."""
     return int(_NAME.match(path.name).group(1))
