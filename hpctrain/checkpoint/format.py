@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -121,11 +122,21 @@ def load(path: str | Path) -> tuple[dict, object]:
     if hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
     try:  # BytesIO shares ``body`` (bytes): no copy
-        payload = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+        payload = load_weights_only(io.BytesIO(body))
     except Exception as e:  # a payload that hashes right but does not load: wrong writer
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0]  # torch's: lines
         raise CorruptCheckpoint(f"{path.name}: payload does not load ({first})") from None
     return header, payload
+
+
+def load_weights_only(source) -> object:
+    """``torch.load(source, weights_only=True)`` onto the CPU, no code from it run. torch
+    2.1's weights-only loader warns "TypedStorage is deprecated" at every file, torch's own
+    too (each resume and --init-from, once per rank): that warning alone is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated",
+                                category=UserWarning)
+        return torch.load(source, weights_only=True, map_location="cpu")
 
 
 def _read_parts(path: Path) -> tuple[bytes, bytes]:
