@@ -1381,3 +1381,16 @@ def test_readme_names_every_option_a_resume_may_change():
     missing = [flag for flag in ("--" + n.replace("_", "-") for n in sorted(names))
                if f"`{flag}`" not in row]
     assert not missing, missing
+
+
+def test_the_docs_say_the_elastic_folder_must_be_trusted():
+    """Elastic commits are unpickled when read back (a __reduce__ payload with valid
+    checksums ran its code), unlike checkpoints: the docs said nothing of it."""
+    import inspect
+
+    from hpctrain.sync import elastic
+
+    assert "pickle.loads" in inspect.getsource(elastic.ObjectState._load_snapshot)
+    for doc in ("README.md", "docs/DESIGN.md"):
+        text = " ".join((ROOT / doc).read_text().split())
+        assert "the folder must be as trusted as the script" in text, doc
