@@ -532,11 +532,6 @@ def resolve(config: RunConfig) -> RunConfig:
         o, **{key: d[key] for key in d if getattr(o, key) is None}))
 
 
-# Options added after checkpoints and config.json files were written without them: such a
-# run trained with the value :func:`before_newer_options` gives.
-NEWER_OPTIONS = ("nesterov", "betas", "eps")
-
-
 def left_out(config: RunConfig) -> dict:
     """The flat values (:func:`flat`) a run of ``config``'s algorithm and optimizer takes for
     every option left out: what a resume refusal names as the default (adam's --lr and
@@ -546,10 +541,12 @@ def left_out(config: RunConfig) -> dict:
 
 
 def before_newer_options(config: RunConfig) -> dict:
-    """The flat values of :data:`NEWER_OPTIONS` that a run of ``config``'s algorithm and
-    optimizer took before they existed: torch's defaults, which it then built its optimizer
-    with (a resumption compares a checkpoint header without them so)."""
-    return {key: value for key, value in left_out(config).items() if key in NEWER_OPTIONS}
+    """Every option's flat value that a run of ``config``'s algorithm and optimizer took
+    before the option existed: its default (:func:`left_out`; torch's for ``betas`` and
+    ``eps``), as the run trained without it. A resumption compares a checkpoint header that
+    lacks an option so (``--clip-grad-norm``, ``--warmup-epochs``: any of them, not a list
+    kept by hand, which missed those), and refuses a header option outside it."""
+    return left_out(config)
 
 
 def to_dict(config: RunConfig) -> dict:

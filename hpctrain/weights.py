@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from hpctrain import plugins
+from hpctrain.checkpoint.format import load_weights_only
 from hpctrain.errors import UsageError
 
 FLAG = "--init-from"
@@ -51,7 +52,7 @@ def read(path: str) -> dict[str, torch.Tensor]:
         raise UsageError(f"{FLAG} {path}: an hpctrain checkpoint, not a model's weights; "
                          "--resume continues its run, or give the finished run's model.pt")
     try:
-        state = torch.load(f, map_location="cpu", weights_only=True)
+        state = load_weights_only(f)
     except pickle.UnpicklingError:
         raise UsageError(f"{FLAG} {path}: holds objects that torch.load does not read with "
                          "weights_only=True (a whole module saved?); save "

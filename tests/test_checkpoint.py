@@ -23,6 +23,7 @@ import torch
 from conftest import ROOT, refusal, run_job
 
 from hpctrain import arguments, checkpoint, cli, comm, launch_checks, run, watchdog
+from hpctrain import config as configs
 from hpctrain.checkpoint import CorruptCheckpoint, Resize, policy
 from hpctrain.checkpoint import checkpointer as checkpointer_module
 from hpctrain.errors import UsageError
@@ -120,6 +121,44 @@ def legacy(path, **fields) -> None:
     header = {k: v for k, v in json.loads(line).items() if k != "header_sha256"}
     header.update(format="hpctrain-checkpoint/1", **fields)
     path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+
+def reformatted(path, tag: str) -> None:
+    """``path``'s header with format ``tag``, its own checksum recomputed (a valid file of a
+    format this hpctrain does not write)."""
+    line, _, body = path.read_bytes().partition(b"\n")
+    header = {**json.loads(line), "format": tag}
+    header["header_sha256"] = checkpoint.format._header_digest(header)
+    path.write_bytes(json.dumps(header).encode() + b"\n" + body)
+
+
+def test_a_checkpoint_a_newer_hpctrain_wrote_is_refused_and_left_alone(tmp_path):
+    """hpctrain-checkpoint/3 was "not an hpctrain-checkpoint/2 file": renamed *.corrupt, and
+    the run went back to the checkpoint before it without a word; with all of them /3, "none
+    can be read ... put back a good copy" (they were newer, not bad). Now one line, before MPI,
+    the folder as it was; a tag that is not hpctrain's at all is still a corrupt file's."""
+    write(tmp_path, 10)
+    newest = write(tmp_path, 20)
+    reformatted(newest, "hpctrain-checkpoint/3")
+    said = (f"checkpoint {newest} is hpctrain-checkpoint/3, written by a newer hpctrain: this "
+            "one reads hpctrain-checkpoint/1 and /2 only; go on with the hpctrain that wrote it")
+    before = sorted(os.listdir(tmp_path))
+    for read in (checkpoint.read_header, checkpoint.load, checkpoint.load_newest):
+        with pytest.raises(checkpoint.NewerCheckpoint) as e:
+            read(newest if read is not checkpoint.load_newest else tmp_path)
+        assert str(e.value) == said and isinstance(e.value, UsageError)  # exit 2
+    with pytest.raises(UsageError) as e:
+        check(resume=str(tmp_path))
+    assert str(e.value) == said
+    assert sorted(os.listdir(tmp_path)) == before  # nothing renamed
+    for tag in ("hpctrain-checkpoint/x", "hpctrain-checkpoint/0", "other-format/3"):
+        reformatted(newest, tag)
+        with pytest.raises(CorruptCheckpoint, match="not an hpctrain-checkpoint/2 file"):
+            checkpoint.read_header(newest)
+    reformatted(newest, "hpctrain-checkpoint/2")  # /2 flipped to /3 by one bit: corrupt
+    flip(newest, newest.read_bytes().index(b"checkpoint/2") + len(b"checkpoint/"))
+    with pytest.raises(CorruptCheckpoint, match="not an hpctrain-checkpoint/2 file"):
+        checkpoint.read_header(newest)
 
 
 def test_truncated_file_is_detected(tmp_path):
@@ -554,9 +593,11 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
     from hpctrain.config import OptimConfig, RunConfig
 
     sgd, adam = RunConfig(algo="sgd"), RunConfig(algo="sgd", optim=OptimConfig(optimizer="adam"))
-    assert configs.before_newer_options(sgd) == {"nesterov": False, "betas": None, "eps": None}
-    assert configs.before_newer_options(adam) == {"nesterov": False, "betas": [0.9, 0.999],
-                                                  "eps": 1e-8}
+    newer = ("nesterov", "betas", "eps")
+    assert {k: configs.before_newer_options(sgd)[k] for k in newer} == \
+        {"nesterov": False, "betas": None, "eps": None}
+    assert {k: configs.before_newer_options(adam)[k] for k in newer} == \
+        {"nesterov": False, "betas": [0.9, 0.999], "eps": 1e-8}
     a_run(tmp_path / "sgd")
     given = {"lr": 0.1, "batch_size": 64, "optimizer": "sgd", "nesterov": False,
              "betas": None, "eps": None}
@@ -582,7 +623,7 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
                        checkpoint=configs.CheckpointConfig(resume="auto"))
     recorded = configs.repeatable(launch_checks._as_launched(config))
     recorded["optim"] = {k: v for k, v in recorded["optim"].items()
-                         if k not in configs.NEWER_OPTIONS}
+                         if k not in newer}
     (out / "config.json").write_text(json.dumps({**recorded, "run_info": {"workers": 1}}))
     (out / "summary.json").write_text("{}")
     monkeypatch.setattr(comm, "launch_size", lambda: 1)
@@ -591,6 +632,49 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
     with pytest.raises(UsageError, match=r"started with --betas 0.9,0.999, not 0.8,0.99; "):
         launch_checks.finished_run(dataclasses.replace(config, optim=OptimConfig(optimizer="adam",
                                                                                 betas=(0.8, 0.99))))
+
+
+def test_every_option_newer_than_a_checkpoint_counts_as_its_default(tmp_path):
+    """A header without --clip-grad-norm, --warmup-epochs, --scale-lr and --reduce-op (as one
+    from before they existed looks) resumed with them set without a word: only --nesterov,
+    --betas and --eps were filled in. Every option a header lacks is now the default the run
+    trained with, refused when set otherwise (one that may change stays free), and an option
+    this hpctrain does not know (a newer one's) is refused, naming it and its value."""
+    typed = ["--algo", "ssgd", "--dataset", "synthetic", "--model", "mlp"]
+    first = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
+        ["train", *typed, "--out", str(tmp_path / "run"), "--checkpoint-every", "1e"])), 2)
+    recorded = checkpoint.recorded_args(configs.flat(first))  # as run.py records them
+    assert {"clip_grad_norm", "warmup_epochs", "scale_lr", "reduce_op"} <= recorded.keys()
+
+    def resumed(args: dict, *flags: str) -> str | None:
+        folder = tmp_path / "run" / "checkpoints"
+        shutil.rmtree(folder, ignore_errors=True)
+        checkpoint.save(folder, 5, {"x": 1}, {"algo": "ssgd", "ranks": 2, "workers": 2,
+                                              "args": args})
+        given = [*typed, "--resume", str(tmp_path / "run"), *flags]
+        try:
+            launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
+                ["train", *given])), 2)
+        except UsageError:
+            return refusal(given, ranks=2)
+        return None
+
+    changed = ("--clip-grad-norm", "1.0", "--warmup-epochs", "2", "--reduce-op", "adasum")
+    said = resumed(recorded, *changed)
+    assert said == (f"--resume {tmp_path / 'run'}: the run was started without "
+                    "--clip-grad-norm (its default; leave it out), not with --clip-grad-norm "
+                    "1.0; with --reduce-op average, not adasum; with --warmup-epochs 0.0, not "
+                    "2.0")
+    older = {k: v for k, v in recorded.items()
+             if k not in ("clip_grad_norm", "warmup_epochs", "scale_lr", "reduce_op",
+                          "stall_timeout")}
+    assert resumed(older, *changed) == said
+    assert resumed(older, "--scale-lr").endswith("started without --scale-lr, not with it")
+    assert resumed(older, "--stall-timeout", "300") is None  # may change: as before
+    assert resumed({**recorded, "label_smoothing": 0.1}) == (
+        f"--resume {tmp_path / 'run'}: its checkpoint records --label-smoothing 0.1, an option "
+        "this hpctrain does not know (a newer hpctrain wrote it); whether the run can go on "
+        "without it cannot be told: go on with the hpctrain that wrote the checkpoint")
 
 
 def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(tmp_path):
@@ -614,7 +698,8 @@ def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(t
 def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
     """The defaults were sgd's: an adam run's left-out --betas and --lr were not called the
     default, and the refusal did not say what to give."""
-    a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8)
+    a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8,
+          dataset="synthetic", model="mlp")  # a header lacking them: the defaults' run
     typed = ["train", "--algo", "sgd", "--dataset", "synthetic", "--model", "mlp",
              "--optimizer", "adam", "--resume", str(tmp_path)]
     config = arguments.build(cli.build_parser().parse_args(typed))
@@ -632,7 +717,7 @@ def test_a_resume_refusal_calls_only_a_left_out_value_the_default(tmp_path):
     to its default was called one. Now only an option left out is, typed or set in --config
     (a file's value is the user's too); the hint names those left out only."""
     a_run(tmp_path, ranks=1, optimizer="adam", lr=0.01, betas=[0.8, 0.99], eps=1e-8,
-          model="mlp")
+          model="mlp", dataset="synthetic")
     typed = ["--algo", "sgd", "--dataset", "synthetic", "--optimizer", "adam",
              "--resume", str(tmp_path), "--lr", "0.001"]
     said = (f"--resume {tmp_path}: the run was started with --betas 0.8,0.99, not 0.9,0.999 "
@@ -1095,6 +1180,34 @@ def test_a_model_whose_code_changed_since_its_checkpoint_is_named_in_one_line(tm
         "(and 1 more of another shape)")
 
 
+def test_a_payload_of_another_layout_is_named_in_one_line(tmp_path):
+    """A checkpoint that passes its checksum but lacks what a resume reads (re-encoded
+    without book["resumed_from"]) was "error (rank 1 of 2): KeyError: 'resumed_from'", no file
+    named; a shared state this run keeps and the file lacks, a KeyError on every rank."""
+    sgd_checkpointer(tmp_path).save(10, {}, Snapshots())
+    path = tmp_path / "ckpt-000000010.pt"
+    header, payload = checkpoint.load(path)
+    del payload["book"]["resumed_from"]
+    path.write_bytes(checkpoint.encode(payload, header))
+    with pytest.raises(UsageError) as refused:
+        sgd_checkpointer(tmp_path / "b", resume=str(tmp_path)).restore(Snapshots())
+    assert str(refused.value) == (
+        f"--resume: checkpoint {path} has no payload['book']['resumed_from']: not the layout "
+        "this hpctrain reads (another version's or program's file); resume it with the "
+        "hpctrain that wrote it")
+    payload["book"]["resumed_from"] = []
+    path.write_bytes(checkpoint.encode(payload, header))
+    more = checkpoint.Checkpointer(None, 10, 40, shared={"model": torch.nn.Linear(3, 2),
+                                                         "ema": torch.nn.Linear(3, 2)},
+                                   every="1e", folder=tmp_path / "c", resume=str(tmp_path),
+                                   header={"algo": "sgd", "ranks": 1, "args": {}})
+    with pytest.raises(UsageError, match=r"has no payload\['shared'\]\['ema'\]: not the "):
+        more.restore(Snapshots())
+    assert checkpoint.folder.layout_gap({"header": {"updates": 1, "workers": 1},
+                                         "payload": {**payload, "ranks": [{}]}}) == \
+        "no payload['ranks'][0]['counters']"
+
+
 def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):
     """Every checkpoint lists the snapshot files before it: one flipped byte in the first
     made both kept checkpoints unusable (renamed *.corrupt, --resume refused). Now the model
@@ -1268,3 +1381,16 @@ def test_readme_names_every_option_a_resume_may_change():
     missing = [flag for flag in ("--" + n.replace("_", "-") for n in sorted(names))
                if f"`{flag}`" not in row]
     assert not missing, missing
+
+
+def test_the_docs_say_the_elastic_folder_must_be_trusted():
+    """Elastic commits are unpickled when read back (a __reduce__ payload with valid
+    checksums ran its code), unlike checkpoints: the docs said nothing of it."""
+    import inspect
+
+    from hpctrain.sync import elastic
+
+    assert "pickle.loads" in inspect.getsource(elastic.ObjectState._load_snapshot)
+    for doc in ("README.md", "docs/DESIGN.md"):
+        text = " ".join((ROOT / doc).read_text().split())
+        assert "the folder must be as trusted as the script" in text, doc

@@ -11,10 +11,11 @@ fsyncs the folder; only then does it delete checkpoints older than the last :dat
 writer killed at any moment therefore leaves the previous good checkpoint (and at worst a
 temporary file, removed by the next writer). Resuming takes the newest checkpoint that passes
 its checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and
-skipped. Snapshots of the model (the curve points, evaluated after training) are written once
-each to ``snapshots/`` and listed with their checksums in every later checkpoint, so
-checkpoints stay small however long the run; a bad or missing one costs only its curve point
-(reported in one line), not the checkpoints that list it.
+skipped (one a newer hpctrain wrote is refused, and left as it is). Snapshots of the model
+(the curve points, evaluated after training) are written once each to ``snapshots/`` and
+listed with their checksums in every later checkpoint, so checkpoints stay small however
+long the run; a bad or missing one costs only its curve point (reported in one line), not
+the checkpoints that list it.
 
 The position in the data is the update count: epoch ``updates // steps`` at step
 ``updates % steps``, whose order the shuffle package derives from (seed, epoch) alone (an
@@ -23,7 +24,7 @@ asynchronous worker keeps its own position among its per-rank counters).
 By concern:
 
 - :mod:`~hpctrain.checkpoint.format`: the bytes of one file (:func:`encode`, :func:`load`,
-  :func:`read_header`, :class:`CorruptCheckpoint`);
+  :func:`read_header`, :class:`CorruptCheckpoint`, :class:`NewerCheckpoint`);
 - :mod:`~hpctrain.checkpoint.folder`: a folder of them (:func:`save` with rotation,
   :func:`listing`, :func:`number`, :func:`corrupt`, :func:`load_newest`/:func:`newest`
   giving a :class:`Loaded`, :func:`resolve`);
@@ -46,7 +47,8 @@ _EXPORTS = {
     **dict.fromkeys(["Checkpointer"], "checkpointer"),
     **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "corrupt", "listing", "load_newest", "newest",
                      "number", "resolve", "run_folder", "save", "writes_to"], "folder"),
-    **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "encode", "load", "read_header"], "format"),
+    **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "NewerCheckpoint", "encode", "load",
+                     "read_header"], "format"),
     **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "changed_option", "check",
                      "parse_every", "recorded_args", "resumptions"],
                     "policy"),

@@ -24,10 +24,12 @@ from hpctrain import faults, watchdog, weights
 from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.folder import (
     Loaded,
+    layout_gap,
     listing,
     make_folder,
     newest,
     number,
+    other_layout,
     remove_stale,
     save,
 )
@@ -137,6 +139,13 @@ class Checkpointer:
         if self.rank == 0:
             loaded = found or newest(self.resume_dir)
             payload, restored = loaded.payload, loaded.snapshots
+            # Named here, on rank 0, in one line: a part the file lacks (another version's
+            # or program's layout, a state this algorithm keeps) was a KeyError on some rank.
+            gap = layout_gap({"header": loaded.header, "payload": payload}) or next(
+                (f"no payload['shared'][{name!r}]" for name in self.shared
+                 if name not in payload["shared"]), None)
+            if gap:
+                raise other_layout(loaded.path, gap)
             ranks, refs, position = payload["ranks"], payload["snapshots"], \
                 loaded.header["updates"]
             resized = list(payload["book"].get("resized", []))

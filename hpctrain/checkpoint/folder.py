@@ -4,9 +4,10 @@ Rank 0 writes ``ckpt-<updates>.pt`` through a temporary file, fsyncs it, renames
 and fsyncs the folder; only then does it delete checkpoints older than the last :data:`KEEP`.
 A writer killed at any moment therefore leaves the previous good checkpoint (and at worst a
 temporary file, removed by the next writer). Reading takes the newest checkpoint that passes its
-checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and skipped.
-Snapshots of the model are files of their own in ``snapshots/``, listed with their checksums in
-each checkpoint, so that checkpoints stay small however long the run. A snapshot is only a
+checksum; a corrupt or truncated one is reported in one line, renamed ``*.corrupt`` and skipped
+(one in a newer hpctrain's format is refused: it is not corrupt). Snapshots of the model are
+files of their own in ``snapshots/``, listed with their checksums in each checkpoint, so that
+checkpoints stay small however long the run. A snapshot is only a
 curve point: a bad or missing one is reported and left out, and its checkpoint stays usable
 (every later checkpoint lists the same file, so one bad snapshot would otherwise make them all
 unusable).
@@ -47,6 +48,45 @@ class Loaded:
     """The usable snapshots it lists, one list per rank that saved them (just rank 0 when
     shared; a point with a bad file left out of every rank's); ``payload["snapshots"]``
     still lists every file."""
+
+
+# What a resume reads of a checkpoint, by place: a table's keys ({...}), each item of a list
+# ([shape]), anything (None). A file of another layout (another version's or program's, its
+# checksum right) is named in one line, where a KeyError on some rank ended the job.
+_LAYOUT = {
+    "header": {"updates": None, "workers": None},
+    "payload": {"shared": {}, "ranks": [{"counters": {}, "rng": None}],
+                "snapshots": [[{"file": None, "sha256": None, "info": {}}]],
+                "book": {"checkpoints": None, "checkpoint_s": None, "resumed_from": []}},
+}
+
+
+def layout_gap(value, shape=_LAYOUT, where: str = "") -> str | None:
+    """What of ``shape`` (by default a checkpoint's ``{"header": ..., "payload": ...}``)
+    ``value``, found at ``where``, lacks, as its place: ``no payload['book']['resumed_from']``,
+    ``no list at payload['ranks']``; None when it lacks nothing."""
+    if isinstance(shape, dict):
+        if not isinstance(value, dict):
+            return f"no table at {where}"
+        for key, inner in shape.items():
+            place = f"{where}[{key!r}]" if where else key
+            if key not in value:
+                return f"no {place}"
+            if gap := layout_gap(value[key], inner, place):
+                return gap
+    elif isinstance(shape, list):
+        if not isinstance(value, list):
+            return f"no list at {where}"
+        return next((gap for i, item in enumerate(value)
+                     if (gap := layout_gap(item, shape[0], f"{where}[{i}]"))), None)
+    return None
+
+
+def other_layout(path: Path, gap: str) -> UsageError:
+    """The refusal of checkpoint ``path``, which passed its checksum but has ``gap``."""
+    return UsageError(f"--resume: checkpoint {path} has {gap}: not the layout this hpctrain "
+                      "reads (another version's or program's file); resume it with the "
+                      "hpctrain that wrote it")
 
 
 def number(path: Path) -> int:
@@ -162,8 +202,11 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
     """The newest usable checkpoint in ``folder``, with its snapshots; None if none is usable.
 
     Each unusable one on the way is reported in one line (by default to stderr), renamed
-    ``*.corrupt`` (so that it leaves the rotation) and skipped. Its model and optimizer state
-    decide: a bad snapshot it lists is reported and left out (:func:`_usable_snapshots`).
+    ``*.corrupt`` (so that it leaves the rotation) and skipped; one in a newer hpctrain's
+    format is no corrupt file: NewerCheckpoint (a UsageError), the folder left as it is
+    (skipping it went back to an older checkpoint, silently undoing the newer run's). Its
+    model and optimizer state decide: a bad snapshot it lists is reported and left out
+    (:func:`_usable_snapshots`).
     """
     folder = Path(folder)
     report = report or (lambda line: print(line, file=sys.stderr, flush=True))

@@ -13,17 +13,26 @@ import hashlib
 import io
 import json
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
+from hpctrain.errors import UsageError
+
 FORMAT = "hpctrain-checkpoint/2"  # /2: the header carries its own checksum too
 _LEGACY = "hpctrain-checkpoint/1"  # read as before: the payload's checksum only
+_TAG = re.compile(r"hpctrain-checkpoint/([0-9]+)")  # a format of hpctrain's, by its number
 _MAX_HEADER = 1 << 20
 
 
 class CorruptCheckpoint(Exception):
     """A checkpoint file that cannot be used (truncated, checksum mismatch, bad format)."""
+
+
+class NewerCheckpoint(UsageError):
+    """A checkpoint file in a format a newer hpctrain writes: not corrupt, so never set aside
+    as such (that sent a run back to an older checkpoint); this hpctrain cannot read it."""
 
 
 def encode(payload: object, header: dict) -> bytes:
@@ -57,6 +66,10 @@ def _parse_header(line: bytes, path: Path) -> dict:
         header = json.loads(line)
     except ValueError:
         raise CorruptCheckpoint(f"{path.name}: unreadable header") from None
+    if isinstance(header, dict) and _newer(header):
+        raise NewerCheckpoint(f"checkpoint {path} is {header['format']}, written by a newer "
+                              f"hpctrain: this one reads {_LEGACY} and /2 only; go on with "
+                              "the hpctrain that wrote it")
     if not isinstance(header, dict) or header.get("format") not in (FORMAT, _LEGACY):
         raise CorruptCheckpoint(f"{path.name}: not an {FORMAT} file")
     if header["format"] == FORMAT and header.get("header_sha256") != _header_digest(header):
@@ -68,6 +81,16 @@ def _parse_header(line: bytes, path: Path) -> dict:
             raise CorruptCheckpoint(f"{path.name}: header field {key!r} is {value!r}, not "
                                     f"{_KIND_NAMES[kind]}")
     return header
+
+
+def _newer(header: dict) -> bool:
+    """Whether ``header`` is of a format of hpctrain's later than :data:`FORMAT`. Not so a
+    tag that is not hpctrain's at all, nor a /2 header whose tag had a bit flipped (/2 to /3:
+    its checksum is a /2 header's): both are corrupt files."""
+    tag = header.get("format")
+    found = _TAG.fullmatch(tag) if isinstance(tag, str) else None
+    return (found is not None and int(found.group(1)) > int(FORMAT.rsplit("/", 1)[1])
+            and header.get("header_sha256") != _header_digest({**header, "format": FORMAT}))
 
 
 # What the header's fields must be where a file has them (a snapshot file has no "args").
@@ -99,11 +122,21 @@ def load(path: str | Path) -> tuple[dict, object]:
     if hashlib.sha256(body).hexdigest() != header.get("sha256"):
         raise CorruptCheckpoint(f"{path.name}: checksum mismatch")
     try:  # BytesIO shares ``body`` (bytes): no copy
-        payload = torch.load(io.BytesIO(body), weights_only=True, map_location="cpu")
+        payload = load_weights_only(io.BytesIO(body))
     except Exception as e:  # a payload that hashes right but does not load: wrong writer
         first = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().split("\n")[0]  # torch's: lines
         raise CorruptCheckpoint(f"{path.name}: payload does not load ({first})") from None
     return header, payload
+
+
+def load_weights_only(source) -> object:
+    """``torch.load(source, weights_only=True)`` onto the CPU, no code from it run. torch
+    2.1's weights-only loader warns "TypedStorage is deprecated" at every file, torch's own
+    too (each resume and --init-from, once per rank): that warning alone is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated",
+                                category=UserWarning)
+        return torch.load(source, weights_only=True, map_location="cpu")
 
 
 def _read_parts(path: Path) -> tuple[bytes, bytes]:

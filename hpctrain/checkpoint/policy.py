@@ -134,9 +134,10 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     ``run_config``: the run's effective configuration, flat and JSON-able (what its checkpoints
     record in their header's ``args``; keys are option names with ``_`` for ``-``);
     ``defaults``: the same of a run given no option, so that a refusal says which value is
-    the default a left-out option took; ``absent``: the values of options newer than some
-    checkpoints, as a run whose header lacks one trained (``--nesterov`` off), so that a
-    resumption that sets one otherwise is refused too.
+    the default a left-out option took; ``absent``: every option this hpctrain knows, with
+    the value a run whose header lacks it trained with (its default: the option did not exist
+    then), so that a resumption that sets one otherwise is refused too, and a header option
+    outside it (a newer hpctrain's) is refused. None: the header's keys only are compared.
     """
     off, every = every == OFF, None if every == OFF else every  # off: not even the resumed run's
     # Without an interval the folder was made and locked, and nothing written in it. With
@@ -195,7 +196,7 @@ def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
         raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
                          f"{header.get('algo')} on {header.get('ranks')} ranks, not "
                          f"--algo {algo} on {ranks}")
-    old = {**(absent or {}), **header.get("args", {})}
+    old = _as_trained(header.get("args", {}), absent, shown)
     if header.get("ranks") != ranks:
         may_change |= RESIZE_MAY_CHANGE
     if same_weights(old.get("init_from"), run_config.get("init_from"), header):
@@ -205,6 +206,26 @@ def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
         raise UsageError(f"--resume {shown}: the run was started {change}"
                          f"{_hint(old, run_config, may_change, defaults, header)}")
     return folder, old
+
+
+def _as_trained(recorded: dict, absent: dict | None, shown: str) -> dict:
+    """The options a checkpoint's run trained with: those its header ``recorded``, and for
+    each option it lacks (newer than the checkpoint) the ``absent`` value, its default. An
+    option it records that this hpctrain does not know is refused: a newer hpctrain wrote
+    it, and whether its value is what a run without the option does cannot be told, so the
+    run's update rule could not be kept."""
+    if absent is None:
+        return dict(recorded)
+    unknown = [key for key in sorted(recorded) if key not in absent]
+    if unknown:
+        named = ", ".join(_typed(flag_of_key(key), recorded[key]) for key in unknown)
+        them = "them" if len(unknown) > 1 else "it"
+        raise UsageError(f"--resume {shown}: its checkpoint records {named}, "
+                         f"{'options' if len(unknown) > 1 else 'an option'} this hpctrain "
+                         f"does not know (a newer hpctrain wrote {them}); whether the run can "
+                         f"go on without {them} cannot be told: go on with the hpctrain that "
+                         "wrote the checkpoint")
+    return {**absent, **recorded}
 
 
 def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None) -> None:
@@ -460,8 +481,8 @@ def _none_read(flag: str) -> str:
 def _header_or_problems(folder: Path) -> dict | list[str]:
     """The newest checkpoint's header in ``folder`` that can be read, else each one's
     problem (CorruptCheckpoint's line: ``ckpt-...pt: truncated header``), newest first; one
-    it cannot read (an I/O error, permissions) is a UsageError, in the line rank 0 would
-    raise."""
+    it cannot read (an I/O error, permissions) or in a newer hpctrain's format
+    (NewerCheckpoint) is a UsageError, in the line rank 0 would raise."""
     problems = []
     for path in listing(folder):
         try:
