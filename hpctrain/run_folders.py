@@ -16,6 +16,7 @@ import errno
 import fcntl
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import replace
 from pathlib import Path
@@ -238,13 +239,17 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
 
 def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str = "run") -> None:
     """Hold ``folder``'s lock file until ``held`` closes; UsageError if another ``what`` (a
-    run, a comparison) holds it."""
+    run, a comparison) holds it, or if the lock file is unusable (:func:`open_lock`)."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        handle = held.enter_context(open(folder / LOCK, "a"))
     except OSError:
         return  # not writable: the run's writes say so (not "in use by another run")
-    if not _locked(handle, fcntl.LOCK_EX):
+    try:
+        fd = open_lock(flag, folder, create=True)
+    except OSError as e:
+        raise _unopened(flag, folder, e) from None
+    held.callback(os.close, fd)
+    if not _locked(fd, fcntl.LOCK_EX):
         raise _in_use(flag, folder, what)
 
 
@@ -270,31 +275,92 @@ def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | Non
 
 def refuse_held(flag: str, folder: Path, what: str = "run") -> None:
     """UsageError, as :func:`lock_folder` says it, if another ``what`` holds ``folder``'s
-    lock now (probed, not kept, no lock file made)."""
-    if _held(folder):
+    lock now (probed, not kept, no lock file made), or if its lock file is unusable."""
+    if _held(flag, folder):
         raise _in_use(flag, folder, what)
 
 
-def _held(folder: Path) -> bool:
+def _held(flag: str, folder: Path) -> bool:
     """Whether a process holds ``folder``'s lock now. A shared lock, taken and let go at
     once, tests it: it conflicts with a run's exclusive one, and a file opened for reading
-    takes it (on NFS too), so that no lock file is made where there is none."""
+    takes it (on NFS too), so that no lock file is made where there is none. UsageError, as
+    :func:`lock_folder` would say it, where the lock file is unusable: before MPI starts."""
     try:
-        with open(folder / LOCK) as handle:
-            return not _locked(handle, fcntl.LOCK_SH)  # closed: the lock goes with it
-    except OSError:  # no lock file, or none to read: no run holds it
+        fd = open_lock(flag, folder, create=False)
+    except OSError as e:
+        raise _unopened(flag, folder, e) from None
+    if fd is None:  # no lock file: no run holds it
         return False
+    try:
+        return not _locked(fd, fcntl.LOCK_SH)
+    finally:
+        os.close(fd)  # the lock goes with it
 
 
-def _locked(handle, kind: int) -> bool:
-    """Take lock ``kind`` on ``handle`` without waiting: False if another process holds one
+# Never through a symbolic link (in a folder other users can write in, one made a run create
+# or append to a file of their choosing), nor waiting for a writer (a FIFO hung the run).
+_SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def open_lock(flag: str, folder: Path, create: bool) -> int | None:
+    """A file descriptor of ``folder``'s lock file, to flock; None where there is none and
+    not ``create``. Opened for writing (made if missing, with ``create``: an exclusive flock
+    on NFS needs it), else read-only: another user's lock file, read-only to this one, was
+    skipped, and two runs wrote over each other (flock takes a lock on a file opened for
+    reading). UsageError naming it if it is a symbolic link or not a regular file; the
+    OSError of the first open if it cannot be opened at all."""
+    lock = folder / LOCK
+    writing = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+    refused = None
+    for how in (writing, os.O_RDONLY) if create else (os.O_RDONLY, writing):
+        try:
+            fd = os.open(lock, how | _SAFE, 0o666)
+        except OSError as e:
+            refused = refused or e
+            continue
+        try:
+            refuse_unlike_file(f"{flag} {folder}: its lock file", lock, os.fstat(fd).st_mode)
+        except UsageError:
+            os.close(fd)
+            raise
+        return fd
+    if refused.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) and not create:
+        return None  # (a path no folder can have: the folder's own checks name it)
+    with contextlib.suppress(OSError):  # a link (ELOOP), or a FIFO with no reader (ENXIO)
+        refuse_unlike_file(f"{flag} {folder}: its lock file", lock, os.lstat(lock).st_mode)
+    raise refused
+
+
+def refuse_unlike_file(what: str, path: Path, mode: int) -> None:
+    """UsageError unless ``mode`` (an lstat's, or an fstat's of a file opened without
+    following links) is a regular file's: ``what`` (``path``) is a link hpctrain never made,
+    or a FIFO, folder, socket or device, which it must not write to nor wait on."""
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISLNK(mode):
+        raise UsageError(f"{what} {path} is a symbolic link, which hpctrain never makes nor "
+                         "follows there (another user's?); remove it, or choose another folder")
+    kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode)
+            else "a socket" if stat.S_ISSOCK(mode) else "a device")
+    raise UsageError(f"{what} {path} is {kind}, not a regular file; remove it, or choose "
+                     "another folder")
+
+
+def _locked(fd: int, kind: int) -> bool:
+    """Take lock ``kind`` on ``fd`` without waiting: False if another process holds one
     that conflicts; True too where the file system has no locks (the writes say what is
     wrong there)."""
     try:
-        fcntl.flock(handle, kind | fcntl.LOCK_NB)
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except OSError as e:
         return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
     return True
+
+
+def _unopened(flag: str, folder: Path, e: OSError) -> UsageError:
+    return UsageError(f"{flag} {folder}: cannot open its lock file {folder / LOCK} "
+                      f"({e.strerror}), which keeps two runs from writing there at once; fix "
+                      "its permissions, or choose another folder")
 
 
 def _in_use(flag: str, folder: Path, what: str) -> UsageError:

@@ -1480,18 +1480,28 @@ def render(folder: str | Path, targets: list[float] | None = None,
 def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
     """Hold ``folder``'s lock while the report is written; UsageError if a comparison (or a
     run) going on holds it: its report called the runs going on and to come failed. A folder
-    without the lock file is left without one."""
-    from hpctrain.run_folders import LOCK
+    without the lock file is left without one. A lock file this user cannot open (another
+    user's comparison, its lock mode 600) was called in use though nothing ran: the report,
+    which only reads the runs, goes on unlocked, and says so."""
+    from hpctrain.run_folders import LOCK, open_lock
 
     try:
-        handle = held.enter_context(open(folder / LOCK))
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = open_lock("report", folder, create=False)
+    except OSError as e:
+        print(f"hpctrain report: note: cannot open {folder / LOCK} ({e.strerror}): going on "
+              "without it, so a comparison going on there now is not seen", file=sys.stderr)
+        return
+    if fd is None:
+        return
+    held.callback(os.close, fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise UsageError(f"{folder} is in use by a comparison or run going on now (it "
                              f"holds {folder / LOCK}); bench compare rewrites its "
                              "report.md as each run ends") from None
-        # none there, or a file system without locks: nothing to wait for
+        # a file system without locks: nothing to wait for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,145 @@
+"""Folders other users can write in (a group's project folder): what another user planted
+there (a symbolic link, a FIFO, a lock file of theirs) must not send hpctrain's writes to a
+file of their choosing, hang it, or drop its lock; and its files get the umask of now."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import stat
+import sys
+
+import pytest
+from conftest import run_program
+
+from hpctrain import run_folders
+from hpctrain.bench import report
+from hpctrain.errors import UsageError
+
+LINK = ("is a symbolic link, which hpctrain never makes nor follows there (another user's?); "
+        "remove it, or choose another folder")
+
+
+def planted_link(tmp_path, at):
+    """A link at ``at`` to a file in a private folder (missing, to see it is not made)."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700, exist_ok=True)
+    os.symlink(private / "target", at)
+    return private / "target"
+
+
+def refused(call) -> str:
+    with pytest.raises(UsageError) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_a_symlinked_lock_file_is_refused_never_followed(tmp_path):
+    """The lock's open followed a link another user planted: the run made (or locked) a file
+    where the link pointed, in a folder of the run's user that was private."""
+    out = tmp_path / "out"
+    out.mkdir()
+    target = planted_link(tmp_path, out / run_folders.LOCK)
+    with contextlib.ExitStack() as held:
+        assert refused(lambda: run_folders.lock_folder(held, "--out", out)) == (
+            f"--out {out}: its lock file {out / run_folders.LOCK} {LINK}")
+    assert refused(lambda: run_folders.refuse_held("--out", out)) == (
+        f"--out {out}: its lock file {out / run_folders.LOCK} {LINK}")
+    assert not target.exists()
+    target.write_text("theirs")  # there now: neither written nor locked through the link
+    with contextlib.ExitStack() as held:
+        refused(lambda: run_folders.lock_folder(held, "--out", out))
+    assert target.read_text() == "theirs"
+
+
+def test_a_fifo_as_lock_file_is_refused_without_waiting(tmp_path):
+    """A FIFO named .hpctrain.lock: its open waited for a writer, and the run hung silently
+    (the probe before MPI, then the lock; the report's probe alike)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    os.mkfifo(out / run_folders.LOCK)
+    why = (f"its lock file {out / run_folders.LOCK} is a FIFO, not a regular file; remove it, "
+           "or choose another folder")
+    assert refused(lambda: run_folders.refuse_held("--out", out)) == f"--out {out}: {why}"
+    with contextlib.ExitStack() as held:
+        assert refused(lambda: run_folders.lock_folder(held, "--out", out)) == (
+            f"--out {out}: {why}")
+        assert refused(lambda: report._hold_unless_in_use(held, out)) == f"report {out}: {why}"
+    (out / run_folders.LOCK).unlink()
+    (out / run_folders.LOCK).mkdir()
+    assert refused(lambda: run_folders.refuse_held("--out", out)).endswith(
+        "is a folder, not a regular file; remove it, or choose another folder")
+
+
+def test_the_locks_still_exclude_each_other(tmp_path):
+    """flock's locks conflict between two opens of the file, in one process as in two."""
+    out = tmp_path / "out"
+    with contextlib.ExitStack() as first:
+        run_folders.lock_folder(first, "--out", out)
+        assert stat.S_ISREG(os.lstat(out / run_folders.LOCK).st_mode)
+        with contextlib.ExitStack() as second:
+            assert "is in use by another run going on now" in refused(
+                lambda: run_folders.lock_folder(second, "--out", out))
+        assert "in use" in refused(lambda: run_folders.refuse_held("--out", out))
+        with contextlib.ExitStack() as third:
+            assert "in use" in refused(lambda: report._hold_unless_in_use(third, out))
+    run_folders.refuse_held("--out", out)  # let go
+
+
+# Run without the powers that let root open any file: as the reviewer's victim was.
+_AS_ANOTHER_USER = """
+import contextlib, sys
+from pathlib import Path
+from hpctrain import run_folders
+from hpctrain.bench import report
+from hpctrain.errors import UsageError
+
+def refusal(call):
+    try:
+        call()
+    except UsageError as e:
+        return str(e)
+    return "went on"
+
+root = Path(sys.argv[1])
+with contextlib.ExitStack() as first:  # the lock file is read-only to this process
+    print(refusal(lambda: run_folders.lock_folder(first, "--out", root / "shared")))
+    with contextlib.ExitStack() as second:
+        print(refusal(lambda: run_folders.lock_folder(second, "--out", root / "shared")))
+print(refusal(lambda: run_folders.refuse_held("--out", root / "closed")))
+with contextlib.ExitStack() as held:
+    print(refusal(lambda: run_folders.lock_folder(held, "--out", root / "closed")))
+    print(refusal(lambda: report._hold_unless_in_use(held, root / "closed")))
+"""
+_DROP = "--drop=cap_dac_override,cap_dac_read_search,cap_fowner"
+
+
+def test_another_users_lock_file_still_locks_or_is_refused(tmp_path):
+    """Another user's lock file, read-only to this one: the lock was skipped silently, and
+    two runs on one --out both ran, writing over each other. One this user cannot open at
+    all is refused naming it, except by ``report``, which reads and goes on saying so (it
+    called the comparison in use though nothing ran)."""
+    prefix = []
+    if os.geteuid() == 0:  # root opens any file: run as root without those powers
+        if shutil.which("capsh") is None:
+            pytest.skip("running as root, and no capsh to drop CAP_DAC_OVERRIDE")
+        prefix = ["capsh", _DROP, "--", "-c", 'exec "$0" "$@"']
+    for name, mode in (("shared", 0o444), ("closed", 0o000)):
+        (tmp_path / name).mkdir(mode=0o777)
+        (tmp_path / name / run_folders.LOCK).touch(mode=mode)
+    done = run_program([*prefix, sys.executable, "-c", _AS_ANOTHER_USER, str(tmp_path)])
+    assert done.returncode == 0, done.stderr
+    shared, closed = tmp_path / "shared", tmp_path / "closed"
+    cannot = (f"--out {closed}: cannot open its lock file {closed / run_folders.LOCK} "
+              "(Permission denied), which keeps two runs from writing there at once; fix its "
+              "permissions, or choose another folder")
+    assert done.stdout.splitlines() == [
+        "went on",
+        f"--out {shared} is in use by another run going on now (it holds "
+        f"{shared / run_folders.LOCK}); wait for it to end or choose another folder",
+        cannot, cannot, "went on"]
+    assert done.stderr.splitlines()[-1] == (
+        f"hpctrain report: note: cannot open {closed / run_folders.LOCK} (Permission denied): "
+        "going on without it, so a comparison going on there now is not seen")
