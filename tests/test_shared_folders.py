@@ -11,10 +11,11 @@ import stat
 import sys
 
 import pytest
-from conftest import run_program
+from conftest import SYNTHETIC, run_program
 
 from hpctrain import run_folders
-from hpctrain.bench import report
+from hpctrain.bench import compare, report
+from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
 
 LINK = ("is a symbolic link, which hpctrain never makes nor follows there (another user's?); "
@@ -143,3 +144,29 @@ def test_another_users_lock_file_still_locks_or_is_refused(tmp_path):
     assert done.stderr.splitlines()[-1] == (
         f"hpctrain report: note: cannot open {closed / run_folders.LOCK} (Permission denied): "
         "going on without it, so a comparison going on there now is not seen")
+
+
+def test_bench_compare_never_appends_its_logs_through_a_link(tmp_path):
+    """``<out>/sgd/stdout.log`` a link another user planted: the run's output was appended
+    to the file it named (``stderr.log``'s made one in a private folder). Refused in the
+    planning checks, before any run; and by the open itself, should one appear after."""
+    out = tmp_path / "cmp"
+    (out / "sgd").mkdir(parents=True)
+    target = planted_link(tmp_path, out / "sgd" / "stderr.log")
+    args = build_parser().parse_args(["bench", "compare", "--algos", "sgd", *SYNTHETIC,
+                                      "--epochs", "1", "--out", str(out)])
+    assert refused(lambda: compare._start_record(args, compare.plan(args))) == (
+        f"sgd's run: its log {out / 'sgd' / 'stderr.log'} {LINK}")
+    assert refused(lambda: compare.open_log(out / "sgd" / "stderr.log")) == (
+        f"bench compare: the log {out / 'sgd' / 'stderr.log'} {LINK}")
+    assert not target.exists()
+    target.write_text("theirs\n")
+    refused(lambda: compare.open_log(out / "sgd" / "stderr.log"))
+    assert target.read_text() == "theirs\n"
+    os.mkfifo(out / "sgd" / "stdout.log")
+    assert refused(lambda: compare.open_log(out / "sgd" / "stdout.log")).endswith(
+        "is a FIFO, not a regular file; remove it, or choose another folder")
+    fd = compare.open_log(out / "sgd" / "new.log")  # a file of its own: appended to
+    os.write(fd, b"x")
+    os.close(fd)
+    assert (out / "sgd" / "new.log").read_bytes() == b"x"

@@ -89,6 +89,7 @@ SEQUENTIAL = ("sgd",)  # algorithms that train on one process whatever --workers
 _PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
 _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
+LOGS = ("stdout.log", report.LOG)  # a run's output, appended in its folder (open_log)
 _MPI_LAUNCHERS = frozenset({"mpirun", "mpiexec", "mpiexec.hydra", "orterun", "prterun"})
 # Their options that place ranks on other machines (Open MPI's, then Hydra's: MPICH, Intel).
 _HOST_OPTIONS = frozenset({"-H", "--host", "-host", "--hostfile", "-hostfile", "--machinefile",
@@ -463,6 +464,10 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
             run_folders.check_folder("--out", str(folder))
         except UsageError as e:
             raise UsageError(f"{whose}: {e}; choose another --out") from None
+        for log in LOGS:  # as open_log refuses them, before any run starts
+            with contextlib.suppress(OSError):  # none yet
+                run_folders.refuse_unlike_file(f"{whose}: its log", folder / log,
+                                               os.lstat(folder / log).st_mode)
         if (folder / report.RECORD).exists():
             raise UsageError(f"{whose}: --out {folder} holds a bench compare; choose another "
                              "--out")
@@ -666,7 +671,8 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     lines: deque[str] = deque(maxlen=500)
     start = time.monotonic()
     # Appended: a run continued by --resume keeps the earlier attempt's logs (why it stopped).
-    with open(run_dir / "stdout.log", "ab") as out, open(run_dir / "stderr.log", "a") as log:
+    with open(open_log(run_dir / LOGS[0]), "ab") as out, open(open_log(run_dir / LOGS[1]),
+                                                              "a") as log:
         if log.tell():
             log.write(f"{report.CONTINUED}{time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
         proc = subprocess.Popen(tied(run.command), stdout=out, stderr=subprocess.PIPE, env=env)
@@ -692,6 +698,27 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
               "returncode": returncode, "seconds": round(seconds, 1)}
     return {**record, **_verdict(run, run_dir, returncode, list(lines),
                                  timeout if expired.is_set() else None)}
+
+
+def open_log(path: Path) -> int:
+    """``path`` opened to append a run's output to (made if missing), never through a symbolic
+    link: one another user planted in a shared ``--out`` had the output appended to a file of
+    their choosing. UsageError naming it if it is a link, not a regular file (a FIFO: opened
+    without waiting for a reader), or cannot be opened."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
+                     os.O_NONBLOCK | os.O_CLOEXEC, 0o666)  # (no effect on a regular file)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # a link (ELOOP), a FIFO with no reader (ENXIO)
+            run_folders.refuse_unlike_file("bench compare: the log", path,
+                                           os.lstat(path).st_mode)
+        raise UsageError(f"bench compare: cannot open the log {path} ({e.strerror})") from None
+    try:
+        run_folders.refuse_unlike_file("bench compare: the log", path, os.fstat(fd).st_mode)
+    except UsageError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _relay_stderr(proc: subprocess.Popen, log: TextIO, display: _Display,
