@@ -7,6 +7,7 @@ job never leaves a half-written output behind. Only rank 0 writes.
 from __future__ import annotations
 
 import bisect
+import errno
 import io
 import itertools
 import json
@@ -14,8 +15,8 @@ import math
 import operator
 import os
 import re
+import secrets
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -26,15 +27,6 @@ import torch
 from tqdm import tqdm
 
 from hpctrain.errors import UsageError
-
-
-def _read_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it; done once, at import, before any thread
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _read_umask()
 
 
 def write_atomic(path: str | Path, content: str | bytes | Sequence[bytes | memoryview],
@@ -57,7 +49,8 @@ def write_atomic(path: str | Path, content: str | bytes | Sequence[bytes | memor
         raise OSError(e.errno, e.strerror, str(path)) from e
 
 
-# The temporary files _write_atomic makes (mkstemp's: a prefix, 8 random characters, a suffix).
+# The temporary files _write_atomic makes (a prefix, 8 random characters, a suffix: as
+# mkstemp's were).
 _TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
@@ -74,9 +67,8 @@ def remove_stale_temporaries(folder: Path) -> None:
 def _write_atomic(path: Path, content: str | bytes | Sequence[bytes | memoryview],
                   durable: bool, midway: Callable[[], None] | None) -> None:
     first, second = _halves(content)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temporary(path)
     try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # as open() would create it; mkstemp gives 0600
         with os.fdopen(fd, "wb") as f:
             for chunk in first:
                 f.write(chunk)
@@ -96,6 +88,20 @@ def _write_atomic(path: Path, content: str | bytes | Sequence[bytes | memoryview
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _new_temporary(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path`` (a random name :data:`_TEMPORARY` matches), open for
+    writing, its mode as open() would give it: 0666 less the umask of now, which the kernel
+    applies. mkstemp's 0600 was widened from a umask read once at import, and a process that
+    set a stricter one later (os.umask(0o077)) got files others could read."""
+    for _ in range(100):  # as mkstemp tries
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def _halves(content: str | bytes | Sequence[bytes | memoryview]

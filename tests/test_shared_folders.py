@@ -13,7 +13,7 @@ import sys
 import pytest
 from conftest import SYNTHETIC, run_program
 
-from hpctrain import run_folders
+from hpctrain import metrics, run_folders
 from hpctrain.bench import compare, report
 from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
@@ -170,3 +170,19 @@ def test_bench_compare_never_appends_its_logs_through_a_link(tmp_path):
     os.write(fd, b"x")
     os.close(fd)
     assert (out / "sgd" / "new.log").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("mask", [0o077, 0o002])
+def test_write_atomic_uses_the_umask_of_the_write(tmp_path, mask):
+    """The umask was read once, at import: a script that set 077 afterwards got checkpoints,
+    model.pt and config.json others could read, where its own open() made them 0600."""
+    old = os.umask(mask)
+    try:
+        metrics.write_atomic(tmp_path / "model.pt", b"weights")
+        with open(tmp_path / "plain", "w"):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "model.pt").st_mode) == 0o666 & ~mask
+    assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o666 & ~mask
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "plain"]
