@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import torch
@@ -31,6 +31,7 @@ from hpctrain import (
     live,
     microbatch,
     optimizers,
+    options,
     plugins,
     precision,
     profiling,
@@ -41,6 +42,7 @@ from hpctrain import (
 from hpctrain import config as configs
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
+from hpctrain.metrics import read_json
 from hpctrain.run_folders import (
     check_folder,
     check_length,
@@ -236,16 +238,20 @@ def finished_run(config: RunConfig) -> dict | None:
         return None
     recorded = Path(out) / "config.json"
     if recorded.exists():  # its options, as it ran; those that change nothing may differ
-        ran = json.loads(recorded.read_text())
+        ran = read_json(recorded, "a run's config.json", ("algo",))
         may_change = checkpoint.MAY_CHANGE
         ranks = comm.launch_size() - (config.eval_rank is not None)
-        if ran.get("run_info", {}).get("workers") != config.algorithm_class.workers(config,
-                                                                                    ranks):
+        info = ran.get("run_info")
+        if (info if isinstance(info, dict) else {}).get("workers") != \
+                config.algorithm_class.workers(config, ranks):
             may_change |= checkpoint.policy.RESIZE_MAY_CHANGE  # as a resized resume takes
+        launched = _as_launched(config)
+        change, ran = _other_code(ran, launched, may_change)  # before building it imports
         # resolved: a value it has no key for (an option newer than the file) is the one
         # it ran with, as a checkpoint header's (configs.before_newer_options)
-        change = checkpoint.changed_option(configs.flat(configs.resolve(configs.from_dict(ran))),
-                                           configs.flat(_as_launched(config)), may_change)
+        change = change or checkpoint.changed_option(
+            configs.flat(configs.resolve(configs.from_dict(ran))), configs.flat(launched),
+            may_change)
         if change:
             flag = "--out" if config.out is not None else "--checkpoint-dir"
             raise UsageError(f"--resume auto: {where} holds a finished run, started {change}; "
@@ -255,6 +261,53 @@ def finished_run(config: RunConfig) -> dict | None:
         print(f"hpctrain: {where} holds a finished run; nothing to train (--resume auto)",
               flush=True)
     return done
+
+
+def _other_code(ran: dict, launched: RunConfig,
+                may_change: frozenset[str]) -> tuple[str | None, dict]:
+    """Where config.json ``ran`` names other code than ``launched`` does (an algorithm, model
+    or data loader: ``FILE.py:NAME``, ``MODULE:NAME``), that change, said as
+    :func:`checkpoint.changed_option` says one; and ``ran`` with the launched code named
+    where an option naming it may change. Found by comparing the names: building ``ran``
+    would import what it names, and a run's folder is data, which anyone who can write it
+    (a group-writable project folder) may have edited: only code the command names runs."""
+    new = configs.flat(launched)
+    other, kept = {}, json.loads(json.dumps(ran))  # a copy, its tables too
+    for key, path, value in _code_names(ran, launched):
+        if value == new.get(key):
+            continue
+        if key not in may_change:
+            other[key] = value
+        else:  # may differ (none that names code does today): built as launched
+            (kept if len(path) == 1 else kept[path[0]])[path[-1]] = new.get(key)
+    return checkpoint.changed_option(other, new, may_change), kept
+
+
+def _code_names(ran: dict, launched: RunConfig) -> list[tuple[str, tuple[str, ...], str]]:
+    """The values of config.json ``ran`` that name code (:func:`plugins.check_form`'s
+    form), each with its :func:`configs.flat` key and its place in ``ran``; an algorithm's
+    own options read as ``launched``'s algorithm declares them."""
+    tables = {**configs.SECTIONS, "algorithm": type(launched.algorithm)}
+    found = []
+    for f in fields(RunConfig):
+        table, value = tables.get(f.name), ran.get(f.name)
+        places = [(g, (f.name, g.name), value.get(g.name)) for g in fields(table)] \
+            if table is not None and isinstance(value, dict) else [(f, (f.name,), value)]
+        found += [(options.flat_key(options.flag_of(g)), path, v) for g, path, v in places
+                  if _names_code(v)]
+    return found
+
+
+def _names_code(value) -> bool:
+    """Whether ``value`` reads as a reference to code, which building a configuration of it
+    may import (``npz:FILE``, ``partial:0.5`` do not)."""
+    if not isinstance(value, str) or not plugins.is_reference(value):
+        return False
+    try:
+        plugins.check_form("--algo", value)
+    except UsageError:
+        return False
+    return True
 
 
 def initial_model(config: RunConfig, input_shape: tuple, num_classes: int) -> torch.nn.Module:

@@ -402,7 +402,7 @@ def slurm_md_torchrun_script(python: str, port: int, train_args: list[str]) -> s
                      ("#SBATCH --cpus-per-task=32", "#SBATCH --cpus-per-task=2"),
                      ("srun python ", f"srun {python} "),
                      ("--nproc-per-node 4", "--nproc-per-node 2"),
-                     ("port=$((29500 + SLURM_JOB_ID % 10000))", f"port={port}"),
+                     ("port=$((20000 + SLURM_JOB_ID % 9500))", f"port={port}"),
                      ('"$head:$port"', '127.0.0.1:"$port"'),
                      ("--algo ssgd --threads 8 --checkpoint-every 1e",
                       f"--algo ssgd --threads 1 {' '.join(train_args)}")]:
@@ -421,7 +421,10 @@ def test_slurm_mds_torchrun_script_takes_its_rendezvous_port_from_the_job_id():
     """The script's rendezvous was at a fixed port (29500): of two such jobs sharing a head
     node, the second's torchrun joined the first's c10d store as a client and died when the
     first ended, its --max-restarts no help. Each job's port now comes from its id (a
-    requeued attempt, the same id, takes its own port again once the old store is gone)."""
+    requeued attempt, the same id, takes its own port again once the old store is gone),
+    below torchrun's default port and Linux's ephemeral range (32768 up: 29500 + id % 10000
+    was there for two ids in three), where another process's connection may hold it, which
+    hung torchrun without a word."""
     script = _slurm_md_script()
     endpoint = re.search(r'--rdzv-endpoint "\$head:\$(\w+)"', script)
     assert endpoint, "SLURM.md's torchrun script has a fixed --rdzv-endpoint port"
@@ -429,7 +432,8 @@ def test_slurm_mds_torchrun_script_takes_its_rendezvous_port_from_the_job_id():
                          re.MULTILINE)
     assert assigned, f"SLURM.md's torchrun script takes ${endpoint[1]} from no job id"
     base, spread = int(assigned[1]), int(assigned[2])
-    assert 1024 <= base and base + spread <= 65536 and spread > 1  # ports, one per job
+    assert 1024 <= base and base + spread <= 32768 and spread > 1  # ports, one per job
+    assert not base <= 29500 < base + spread  # torchrun's default, other users' jobs
 
 
 @pytest.mark.timeout(660)  # two attempts, the wait between them
