@@ -1206,6 +1206,10 @@ def test_a_payload_of_another_layout_is_named_in_one_line(tmp_path):
     assert checkpoint.folder.layout_gap({"header": {"updates": 1, "workers": 1},
                                          "payload": {**payload, "ranks": [{}]}}) == \
         "no payload['ranks'][0]['counters']"
+    # A run resumed before lists where from: any list (it was an IndexError on rank 0).
+    twice = {**payload, "book": {**payload["book"], "resumed_from": [10, 20]}}
+    assert checkpoint.folder.layout_gap({"header": {"updates": 1, "workers": 1},
+                                         "payload": twice}) is None
 
 
 def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):

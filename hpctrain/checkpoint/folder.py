@@ -51,8 +51,9 @@ class Loaded:
 
 
 # What a resume reads of a checkpoint, by place: a table's keys ({...}), each item of a list
-# ([shape]), anything (None). A file of another layout (another version's or program's, its
-# checksum right) is named in one line, where a KeyError on some rank ended the job.
+# ([shape]), a list of anything ([]), anything (None). A file of another layout (another
+# version's or program's, its checksum right) is named in one line, where a KeyError on
+# some rank ended the job.
 _LAYOUT = {
     "header": {"updates": None, "workers": None},
     "payload": {"shared": {}, "ranks": [{"counters": {}, "rng": None}],
@@ -77,6 +78,8 @@ def layout_gap(value, shape=_LAYOUT, where: str = "") -> str | None:
     elif isinstance(shape, list):
         if not isinstance(value, list):
             return f"no list at {where}"
+        if not shape:  # a list of anything (the updates resumed from)
+            return None
         return next((gap for i, item in enumerate(value)
                      if (gap := layout_gap(item, shape[0], f"{where}[{i}]"))), None)
     return None
