@@ -309,26 +309,37 @@ def open_lock(flag: str, folder: Path, create: bool) -> int | None:
     skipped, and two runs wrote over each other (flock takes a lock on a file opened for
     reading). UsageError naming it if it is a symbolic link or not a regular file; the
     OSError of the first open if it cannot be opened at all."""
-    lock = folder / LOCK
+    lock, what = folder / LOCK, f"{flag} {folder}: its lock file"
     writing = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
     refused = None
     for how in (writing, os.O_RDONLY) if create else (os.O_RDONLY, writing):
         try:
-            fd = os.open(lock, how | _SAFE, 0o666)
+            return open_regular(what, lock, how)
         except OSError as e:
             refused = refused or e
-            continue
-        try:
-            refuse_unlike_file(f"{flag} {folder}: its lock file", lock, os.fstat(fd).st_mode)
-        except UsageError:
-            os.close(fd)
-            raise
-        return fd
     if refused.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) and not create:
         return None  # (a path no folder can have: the folder's own checks name it)
-    with contextlib.suppress(OSError):  # a link (ELOOP), or a FIFO with no reader (ENXIO)
-        refuse_unlike_file(f"{flag} {folder}: its lock file", lock, os.lstat(lock).st_mode)
     raise refused
+
+
+def open_regular(what: str, path: Path, how: int) -> int:
+    """``path`` opened with ``how`` (``os.open``'s flags; made 0666 less the umask where
+    ``O_CREAT`` makes it), never through a symbolic link nor waiting on a FIFO's writer or
+    reader: in a folder other users can write in, a planted link had hpctrain append to or
+    create a file of their choosing. UsageError naming it (``what``) where it is no regular
+    file; the open's OSError where it cannot be opened otherwise."""
+    try:
+        fd = os.open(path, how | _SAFE, 0o666)
+    except OSError:
+        with contextlib.suppress(OSError):  # a link (ELOOP), or a FIFO with no reader (ENXIO)
+            refuse_unlike_file(what, path, os.lstat(path).st_mode)
+        raise
+    try:
+        refuse_unlike_file(what, path, os.fstat(fd).st_mode)
+    except UsageError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def refuse_unlike_file(what: str, path: Path, mode: int) -> None:

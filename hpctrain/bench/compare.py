@@ -702,23 +702,14 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
 
 def open_log(path: Path) -> int:
     """``path`` opened to append a run's output to (made if missing), never through a symbolic
-    link: one another user planted in a shared ``--out`` had the output appended to a file of
-    their choosing. UsageError naming it if it is a link, not a regular file (a FIFO: opened
-    without waiting for a reader), or cannot be opened."""
+    link (:func:`run_folders.open_regular`): one another user planted in a shared ``--out``
+    had the output appended to a file of their choosing. UsageError naming it if it is a
+    link, not a regular file, or cannot be opened."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW |
-                     os.O_NONBLOCK | os.O_CLOEXEC, 0o666)  # (no effect on a regular file)
+        return run_folders.open_regular("bench compare: the log", path,
+                                        os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     except OSError as e:
-        with contextlib.suppress(OSError):  # a link (ELOOP), a FIFO with no reader (ENXIO)
-            run_folders.refuse_unlike_file("bench compare: the log", path,
-                                           os.lstat(path).st_mode)
         raise UsageError(f"bench compare: cannot open the log {path} ({e.strerror})") from None
-    try:
-        run_folders.refuse_unlike_file("bench compare: the log", path, os.fstat(fd).st_mode)
-    except UsageError:
-        os.close(fd)
-        raise
-    return fd
 
 
 def _relay_stderr(proc: subprocess.Popen, log: TextIO, display: _Display,
