@@ -384,7 +384,8 @@ def _found(folder: Path) -> list[Row]:
     each algorithm over the seeds any of them has (one that left none: NOT_RUN), if one of
     those finished. Failed attempts ``bench compare --resume`` set aside (``*.failed-N``)
     are not runs of it, as in a comparison's report."""
-    if _is_file(folder / "summary.json"):
+    # os.path.isfile: False where it cannot look (Path.is_file raised PermissionError)
+    if os.path.isfile(folder / "summary.json"):
         return [_folder_run(folder, folder.name)]
     try:
         subfolders = [d for d in _subfolders(folder, strict=True)
@@ -392,12 +393,12 @@ def _found(folder: Path) -> list[Row]:
     except OSError as e:
         raise UsageError(f"report: cannot read {folder} ({e.strerror})") from None
     rows = [_folder_run(d, d.name) for d in subfolders
-            if _is_file(d / "summary.json") or _is_file(d / "config.json")]
+            if os.path.isfile(d / "summary.json") or os.path.isfile(d / "config.json")]
     seeds = {d.name: {int(s.name.removeprefix("seed-")): s for s in _subfolders(d)
                       if _SEED_FOLDER.match(s.name)}
-             for d in subfolders if not _is_file(d / "summary.json")}
+             for d in subfolders if not os.path.isfile(d / "summary.json")}
     seeds = {algo: found for algo, found in seeds.items() if found}
-    if not any(_is_file(s / "summary.json") for found in seeds.values()
+    if not any(os.path.isfile(s / "summary.json") for found in seeds.values()
                for s in found.values()):
         return rows
     every = sorted({seed for found in seeds.values() for seed in found})
@@ -419,12 +420,6 @@ def _subfolders(folder: Path, strict: bool = False) -> list[Path]:
             raise
         return []
     return sorted(d for d in entries if os.path.isdir(d))  # False where it cannot look
-
-
-def _is_file(path: Path) -> bool:
-    """Whether ``path`` is a file, False where it cannot be looked at (Path.is_file raises
-    PermissionError there)."""
-    return os.path.isfile(path)
 
 
 def _folder_run(run_dir: Path, name: str, **record) -> Row:
