@@ -12,6 +12,7 @@ import io
 import json
 import os
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -1499,6 +1500,14 @@ def test_a_comparison_going_on_is_said_first(tmp_path):
     assert (out / report.RECORD).read_text().startswith('{"algos": ["sgd"]')
 
 
+def _read_until(fd: int, end: bytes, timeout: float = 30.0) -> bytes:
+    """What a pty shows until ``end``: one read may return the first write alone (CI did)."""
+    shown = b""
+    while end not in shown and select.select([fd], [], [], timeout)[0]:
+        shown += os.read(fd, 4096)
+    return shown
+
+
 def test_progress_is_not_redrawn_on_a_dumb_terminal(monkeypatch):
     """TERM=dumb (an editor's shell) showed each redraw's ^M^[[K: there it is a line now
     and then, as into a file."""
@@ -1508,7 +1517,7 @@ def test_progress_is_not_redrawn_on_a_dumb_terminal(monkeypatch):
         display = compare._Display("[1/1 sgd]", term)  # noqa: SLF001
         display.progress("sgd:  50%|#####     | 5/10")
         display.line("hpctrain: note")
-        shown = os.read(screen.fileno(), 4096)
+        shown = _read_until(screen.fileno(), b"note")
         assert b"\x1b" not in shown and b"[1/1 sgd] hpctrain: note" in shown, shown
         monkeypatch.setenv("TERM", "xterm")
         assert compare._Display("[1/1 sgd]", term).tty  # noqa: SLF001
