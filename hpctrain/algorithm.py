@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 from torch.nn import functional as F
@@ -61,6 +61,15 @@ class Comm(Protocol):
     def Get_rank(self) -> int: ...  # noqa: N802 (mpi4py's names)
 
     def Get_size(self) -> int: ...  # noqa: N802
+
+    # The object collectives each of them has (checkpoints, summaries, agreements).
+    def Barrier(self) -> None: ...  # noqa: N802
+
+    def bcast(self, obj: Any, root: int = 0) -> Any: ...
+
+    def gather(self, obj: Any, root: int = 0) -> list | None: ...
+
+    def allgather(self, obj: Any) -> list: ...
 
 
 @dataclass(frozen=True)
@@ -138,7 +147,11 @@ class Algorithm:
     # ---- one run ----------------------------------------------------------------------------
 
     def __init__(self, config: RunConfig) -> None:
-        self.config, self.options = config, config.algorithm
+        assert config.algorithm is not None  # RunConfig.__post_init__ fills in the defaults
+        self.config = config
+        # This run's instance of ``Options``: a subclass redeclares the attribute with its own
+        # class (``options: StoreOptions``), so that reading its fields type-checks.
+        self.options: Options = config.algorithm
         self.optimizer: torch.optim.Optimizer | None = None
         self.model: torch.nn.Module | None = None
 
@@ -219,6 +232,7 @@ class Algorithm:
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The mean loss of the batch ``x``, ``y``: a scalar floating-point tensor computed
         from ``self.model``."""
+        assert self.model is not None  # setup() set it
         return F.cross_entropy(self.model(x), y)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor,
@@ -251,6 +265,7 @@ class Algorithm:
     def apply(self) -> bool:
         """Take the step (the guard found the gradient finite); False where it was not
         applied after all (ssgd with Adasum: the combined update was not finite)."""
+        assert self.optimizer is not None  # setup() set it
         self.optimizer.step()
         return True
 

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 
@@ -101,6 +101,11 @@ class ASGD(Algorithm):
 
     name = "asgd"
     Options = StoreOptions
+    options: StoreOptions
+    # Set by setup(), on the workers only, before the hooks that read them run.
+    optimizer: ASGDOptimizer
+    workers_comm: Comm
+    ticket: int | None  # the update claimed and not yet pushed
     # Momentum hurts here (each worker's velocity keeps acting on the shared model, and
     # asynchrony adds momentum of its own); the DC-ASGD paper's algorithm has none.
     defaults = {"lr": 0.1, "momentum": 0.0}
@@ -132,7 +137,7 @@ class ASGD(Algorithm):
 
     @classmethod
     def check(cls, config: RunConfig, ranks: int, samples: int) -> None:
-        o = config.algorithm
+        o = cast(StoreOptions, config.algorithm)  # cls.Options's
         if not 0 <= o.servers < ranks:
             raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "
                              "ranks (at least one worker)")
@@ -163,7 +168,7 @@ class ASGD(Algorithm):
 
     @classmethod
     def workers(cls, config: RunConfig, ranks: int) -> int:
-        return ranks - config.algorithm.servers
+        return ranks - cast(StoreOptions, config.algorithm).servers
 
     def lam(self) -> float:
         return 0.0
@@ -202,6 +207,7 @@ class ASGD(Algorithm):
     def setup(self, s: Setup) -> None:
         self.model = s.model
         self.optimizer = self.make_optimizer(s.model)
+        assert s.comm is not None  # a worker's: the store's worker_comm
         self.workers_comm = s.comm
         self.base, self.ticket, self._finished = 0, None, False
         self.total = self.config.optim.epochs * self.per_epoch(s.steps, s.workers)  # the loop's
@@ -312,6 +318,7 @@ class DCASGDConstant(ASGD):
 
     name = "dcasgd-c"
     Options = ConstantOptions
+    options: ConstantOptions
     adaptive = False
 
     def lam(self) -> float:
@@ -336,6 +343,7 @@ class DCASGDAdaptive(DCASGDConstant):
 
     name = "dcasgd-a"
     Options = AdaptiveOptions
+    options: AdaptiveOptions
     adaptive = True
 
 
@@ -345,6 +353,7 @@ class SSP(ASGD):
 
     name = "ssp"
     Options = SSPOptions
+    options: SSPOptions
     summary_fields = {
         **ASGD.summary_fields,
         "max_staleness": "the bound S, in clocks (pushes)",

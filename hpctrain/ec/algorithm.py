@@ -92,6 +92,7 @@ class ModelAveraging(Algorithm):
 
     name = "ma"
     Options = AveragingOptions
+    options: AveragingOptions
     snapshots = "per_rank"
     summary_fields = {
         "tau": "local steps between aggregations",
@@ -184,6 +185,7 @@ class EnsembleCompression(ModelAveraging):
 
     name = "ec"
     Options = CompressionOptions
+    options: CompressionOptions
     averages_updates = False  # each member steps on its own batches: no --scale-lr
     summary_fields = {
         **{k: v for k, v in ModelAveraging.summary_fields.items() if k != "final_averaged_acc"},

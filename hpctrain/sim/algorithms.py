@@ -23,10 +23,11 @@ it is connected (:func:`simulated`):
 from __future__ import annotations
 
 from functools import cache
+from typing import TYPE_CHECKING, cast
 
 import torch
 
-from hpctrain.algorithm import Algorithm, Setup
+from hpctrain.algorithm import Algorithm, Comm, Setup
 from hpctrain.async_.algorithm import ASGD, SSP
 from hpctrain.async_.optim import trainable
 from hpctrain.ec.algorithm import ModelAveraging
@@ -37,11 +38,19 @@ from hpctrain.sync.algorithm import Synchronous
 from hpctrain.sync.buckets import scale_factors
 from hpctrain.sync.collectives import Average
 
+if TYPE_CHECKING:  # what each mixin goes in front of (simulated()), for the checker's sake
+    _StoreBase = ASGD
+    _SyncBase = Synchronous
+    _AggregationBase = ModelAveraging
+else:
+    _StoreBase = _SyncBase = _AggregationBase = object
 
-class _Store:
+
+class _Store(_StoreBase):
     """asgd family: the shared in-process store instead of RMA windows."""
 
-    def connect(self, world: LocalComm, model):
+    def connect(self, world: Comm, model: torch.nn.Module) -> Comm | None:
+        world = cast(LocalComm, world)  # simulate() connects every worker to its LocalComm
         values = torch.cat([p.detach().reshape(-1) for p in trainable(model)])
         sim = world.group.simulation
         self.store = LocalStore(sim.shared_store(values, self.options), world.Get_rank(),
@@ -53,8 +62,11 @@ class _Store:
         return world
 
 
-class _Sync:
+class _Sync(_SyncBase):
     """ssgd: the gradient averaged through the local communicator (see the module docstring)."""
+
+    comm: LocalComm  # set by setup(), as Algorithm.setup's torch optimizer is
+    optimizer: torch.optim.Optimizer
 
     def connect(self, world, model):
         return world
@@ -64,7 +76,7 @@ class _Sync:
 
     def setup(self, s: Setup) -> None:
         Algorithm.setup(self, s)  # torch's SGD; the virtual workers start from one model
-        self.comm = s.comm
+        self.comm = cast(LocalComm, s.comm)  # the simulated worker's
         self.params = [p for p in s.model.parameters() if p.requires_grad]
         self.scale = scale_factors(Average, 1.0, s.workers, False)
 
@@ -129,12 +141,13 @@ class VirtualAggregationStats(AggregationStats):
         super().record(nbytes, spent, inferred=inferred, **virtual)
 
 
-class _Aggregation:
+class _Aggregation(_AggregationBase):
     """ma, ec: the real aggregator; its statistics in virtual seconds."""
 
     def setup(self, s: Setup) -> None:
         super().setup(s)
-        stats = VirtualAggregationStats(s.comm, self.aggregator.stats.counts_inference)
+        stats = VirtualAggregationStats(cast(LocalComm, s.comm),  # the simulated worker's
+                                        self.aggregator.stats.counts_inference)
         self.aggregator.stats = stats
         aggregate = self.aggregator.aggregate
 
@@ -148,6 +161,7 @@ class _Aggregation:
 @cache
 def simulated(cls: type[Algorithm]) -> type[Algorithm]:
     """``cls`` as the simulator runs it (the real class with its connection replaced)."""
+    mixin: type
     if issubclass(cls, ASGD):
         mixin = _Store
     elif issubclass(cls, Synchronous):

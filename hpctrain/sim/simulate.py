@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import sys
 from dataclasses import replace
+from typing import cast
 
 import torch
 
@@ -36,7 +37,7 @@ from hpctrain import (
     userdata,
 )
 from hpctrain import config as configs
-from hpctrain.async_.algorithm import ASGD, SSP
+from hpctrain.async_.algorithm import ASGD, SSP, StoreOptions
 from hpctrain.config import RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
@@ -46,7 +47,7 @@ from hpctrain.sim.runtime import VirtualRuntime, load_train_set
 from hpctrain.sim.scheduler import Scheduler, WorkerStreams
 from hpctrain.sim.steptime import StepTimeModel
 from hpctrain.sim.store import SharedStore
-from hpctrain.sync.algorithm import Sequential, Synchronous
+from hpctrain.sync.algorithm import Sequential, Synchronous, SynchronousOptions
 
 DEFAULT_WORKERS = SimConfig.__dataclass_fields__["workers"].default
 INFERENCE_SHARE = 1 / 3  # a forward pass is about a third of forward plus backward
@@ -98,13 +99,14 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError("hpctrain simulate holds one copy of the data for all virtual "
                          "workers: use --data-placement replicated (the samples each worker "
                          "sees are those of the same --shuffle and --partition)")
-    if issubclass(algo, Synchronous) and config.algorithm.fp16_allreduce:
+    if issubclass(algo, Synchronous) and cast(SynchronousOptions,
+                                              config.algorithm).fp16_allreduce:
         raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
                          "--fp16-allreduce (--no-fp16-allreduce undoes a --config file's)")
     launch_checks.check_compute(config, in_threads=True)
     faults.check_in_threads()
     live.check(config, k)
-    servers = config.algorithm.servers if issubclass(algo, ASGD) else 0
+    servers = cast(StoreOptions, config.algorithm).servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     n, sample = launch_checks.check_workers(config, k, sim.train_subset)
     if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained

@@ -67,6 +67,7 @@ class Synchronous(Algorithm):
 
     name = "ssgd"
     Options = SynchronousOptions
+    options: SynchronousOptions
     thread_level = "multiple"  # Horovod's MPI controller needs MPI_THREAD_MULTIPLE
     _started = False  # whether connect() started hpctrain.sync (close() then stops it)
     summary_fields = {"allreduce_bytes_per_rank": "bytes: what one rank sent in gradient "
