@@ -15,6 +15,7 @@ import os
 import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from hpctrain import checkpoint, comm, plugins, registry
 from hpctrain import config as configs
@@ -25,6 +26,9 @@ from hpctrain.options import as_typed, dash_values, declared, flag_of, flat_key,
 from hpctrain.run_folders import refuse_finished
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
+if TYPE_CHECKING:
+    from dataclasses import Field
+
 
 @dataclass(frozen=True)
 class Declared:
@@ -32,7 +36,7 @@ class Declared:
 
     flag: str
     path: tuple[str, ...]
-    field: object
+    field: Field[Any]
     owners: tuple[str, ...] | None = None  # algorithms that take it; None: every algorithm
 
     @property

@@ -38,6 +38,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from hpctrain import plugins, registry
 from hpctrain.errors import UsageError
@@ -538,7 +539,7 @@ def _byte_counts(summary: dict, own: tuple[str, ...] = ()) -> list[tuple[str, fl
     user's algorithm's (:attr:`Row.byte_fields`), sorted by name."""
     found = []
     for name in sorted({*byte_fields(registry.ALGORITHMS.values()), *own}):
-        value = summary
+        value: Any = summary
         for key in name.split("."):
             value = value.get(key) if isinstance(value, dict) else None
         if _is_number(value) and value:

@@ -207,6 +207,7 @@ class EnsembleCompression:
                                          self.local.num_classes, images=chosen.images,
                                          labels=chosen.labels, shared=shared)
         if shared:  # this rank's share of everyone's draw, from the same generator
+            assert out.samples is not None  # shared: everyone's samples come back
             x, y = out.samples
             pick = torch.randperm(len(x), generator=gen)[:self.distill_size]
             self.relabelled = (x[pick], y[pick], out.probs[pick])

@@ -140,10 +140,12 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
         raise ValueError("shared images need their labels")
     ranks = comm.Get_size()
     t0 = time.perf_counter()
+    assert ids is not None or images is not None  # the checks above: exactly one is given
     counts = comm.allgather(len(ids) if ids is not None else len(images))
     total = sum(counts)
     mine = counts[comm.Get_rank()]
     if ids is not None:
+        assert lookup is not None  # the checks above: ids come with their lookup
         send = ids.to(torch.int64).contiguous().numpy()
         everyone = np.empty(total, np.int64)
         comm.Allgatherv(send, [everyone, counts])
@@ -152,12 +154,14 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
         if shared:
             labels = lookup.labels[rows]
     else:
+        assert images is not None  # the checks above: exactly one is given
         shape = tuple(images.shape[1:])  # by its size, not -1: a rank may send 0 rows
         send = images.to(torch.float32).contiguous().numpy().reshape(len(images),
                                                                      int(np.prod(shape)))
         inputs = torch.from_numpy(allgather_rows(comm, send, counts)).view(total, *shape)
     gathered_bytes = send.nbytes * (ranks - 1)
     if shared and images is not None:
+        assert labels is not None  # the checks above: shared images come with labels
         mine_labels = labels.to(torch.int64).contiguous().numpy()
         every_label = np.empty(total, np.int64)
         comm.Allgatherv(mine_labels, [every_label, counts])

@@ -23,6 +23,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -30,6 +31,9 @@ import torch
 from hpctrain.sim.network import Network
 from hpctrain.sim.scheduler import Scheduler
 from hpctrain.sync import adasum
+
+if TYPE_CHECKING:
+    from hpctrain.sim.simulate import Simulation
 
 
 @dataclass
@@ -50,6 +54,8 @@ class LocalGroup:
     """What the K virtual workers' communicators share: the scheduler, the network model,
     and the collective in progress. ``infer_s_per_sample``: virtual seconds a worker takes to
     run its model on one sample in an EC exchange (0: free)."""
+
+    simulation: Simulation  # the Simulation that made it sets it (a dup takes it along)
 
     def __init__(self, scheduler: Scheduler, network: Network, infer_s_per_sample: float = 0.0):
         self.scheduler, self.network = scheduler, network

@@ -210,6 +210,8 @@ class LocalStore(ParameterStore):
 class LocalBound(StalenessBound):
     """SSP's bound for virtual worker ``store.rank`` (see the module docstring)."""
 
+    store: LocalStore
+
     def __init__(self, store: LocalStore, max_staleness: int):
         if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) \
                 or max_staleness < 0:
