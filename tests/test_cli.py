@@ -260,6 +260,32 @@ def test_ctrl_c_is_an_interruption_not_an_error():
     assert (proc.returncode, proc.stderr.strip()) == (130, "hpctrain: interrupted")
 
 
+# Started first by Python (sitecustomize): SIGINT to the process as it begins to import torch.
+CTRL_C_AT_TORCH = """
+import os, signal, sys
+
+class CtrlC:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+
+
+sys.meta_path.insert(0, CtrlC())
+"""
+
+
+def test_ctrl_c_while_torch_loads_is_an_interruption_not_a_traceback(tmp_path):
+    """Ctrl-C in the command's first second (torch's import) printed Python's traceback of
+    importlib's frames; it is the one line and 130 of an interruption later on."""
+    (tmp_path / "sitecustomize.py").write_text(CTRL_C_AT_TORCH)
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    proc = run_job(["train", "--algo", "sgd", *SMALL, "--out", str(tmp_path / "run")], np=0,
+                   timeout=60, env={"PYTHONPATH": path})
+    assert (proc.returncode, proc.stderr.strip()) == (130, "hpctrain: interrupted")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def finished_sgd(tmp_path_factory):
     """One finished sgd run (under umask 027, evaluated every half epoch), read by several
