@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, refusal, run_job
+from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import arguments, cli, registry
 from hpctrain.bench import compare, report
@@ -224,7 +224,15 @@ def _model(folder: Path) -> dict:
 def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     train = ["train", "--algo", SIGNUM, "--vote", "mean", *SMALL]
     whole, cut, again = tmp_path / "whole", tmp_path / "cut", tmp_path / "again"
-    assert run_job([*train, "--out", str(whole)], np=2).returncode == 0
+    # Two launches (conftest.run_commands: the CLI's main() for each command in turn, one
+    # start-up): the whole run, then one killed after a checkpoint (which ends its launch);
+    # the resume, then a repeat of the whole run from its config.json.
+    # Killed after a checkpoint, then resumed: the same model and count of bytes sent (each
+    # rank's momentum and count are in the checkpoint).
+    killed = run_commands([[*train, "--out", str(whole)],
+                           [*train, "--out", str(cut), "--checkpoint-every", "0.25e"]],
+                          np=2, injects=[None, "kill@1:25"])
+    assert (whole / "summary.json").exists(), killed.stderr  # the whole run ended
     config = json.loads((whole / "config.json").read_text())
     assert config["algo"] == SIGNUM and config["algorithm"] == {"vote": "mean"}
     assert config["optim"]["lr"] == 0.0005  # the algorithm's own default
@@ -234,17 +242,14 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     # int16 votes; a ring of two ranks sends each its whole payload (2(K-1)/K = 1)
     assert summary["vote_bytes_per_rank"] == 2 * params * summary["updates"]
     assert summary["final_test_acc"] > 0.9
-    # Killed after a checkpoint, then resumed: the same model and count of bytes sent (each
-    # rank's momentum and count are in the checkpoint).
-    killed = run_job([*train, "--out", str(cut), "--checkpoint-every", "0.25e"], np=2,
-                     env={"HPCTRAIN_INJECT": "kill@1:25"})
     assert killed.returncode != 0 and not (cut / "model.pt").exists()
-    resumed = run_job([*train, "--resume", str(cut)], np=2)
-    assert resumed.returncode == 0 and "resuming from" in resumed.stdout + resumed.stderr
-    # --config of its config.json, from another working folder: the same run again.
-    repeat = run_job(["train", "--config", str(whole / "config.json"), "--out", str(again)],
-                     np=2)
-    assert repeat.returncode == 0, repeat.stderr
+    # The resume, then --config of the whole run's config.json, from another working folder:
+    # the same run again.
+    resumed = run_commands([[*train, "--resume", str(cut)],
+                            ["train", "--config", str(whole / "config.json"), "--out",
+                             str(again)]], np=2)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stdout + resumed.stderr
     assert json.loads((cut / "summary.json").read_text())["vote_bytes_per_rank"] == \
         summary["vote_bytes_per_rank"]
     for other in (cut, again):

@@ -331,13 +331,17 @@ def test_the_hparams_dashboard_tells_runs_apart(tmp_path):
             json.loads((tmp_path / run / "config.json").read_text())
 
 
-# hpctrain <argv>, rank 0 SIGKILLed as it starts to write the summary (after the board closed).
+# hpctrain <argv> for each argv in turn (conftest.run_commands' way, one launch), the last with
+# rank 0 SIGKILLed as it starts to write the summary (after the board closed).
 KILLED_WRITING_OUTPUTS = """
-import os, signal, sys
+import json, os, signal, sys
 from hpctrain import cli
 from hpctrain.metrics import RunLog
+*first, last = json.loads(sys.argv[1])
+for argv in first:
+    cli.main(argv)
 RunLog.write_summary = lambda self, summary: os.kill(os.getpid(), signal.SIGKILL)
-cli.main(sys.argv[1:])
+cli.main(last)
 """
 
 
@@ -353,31 +357,51 @@ def entries(out) -> dict[str, list[int]]:
     return {tag: sorted(steps) for tag, steps in found.items()}
 
 
-@pytest.mark.timeout(300)
+@pytest.fixture(scope="module")
+def killed_and_resumed(tmp_path_factory):
+    """For --eval after and online: ssgd on 2 ranks straight ("straight"), and killed writing
+    its outputs then resumed ("run"), in three launches (a killed one ends its launch):
+    (the runs' root, [the launches' processes: straights and after's kill, online's kill,
+    the resumes], {evaluation: whether the killed run had a summary before its resume})."""
+    import sys
+
+    from conftest import run_commands, run_program
+    root = tmp_path_factory.mktemp("killed")
+
+    def train(evaluation: str, run: str) -> list[str]:
+        return ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
+                "--seed", "1", "--checkpoint-every", "0.5e", "--eval", evaluation,
+                "--tensorboard", "--out", str(root / evaluation / run)]
+
+    launches = [run_program([sys.executable, "-c", KILLED_WRITING_OUTPUTS, json.dumps(
+        [train(e, "straight") for e in ("after", "online")] + [train("after", "run")])],
+        np=2, timeout=200)]
+    launches.append(run_program([sys.executable, "-c", KILLED_WRITING_OUTPUTS,
+                                 json.dumps([train("online", "run")])], np=2))
+    summarized = {e: (root / e / "run" / "summary.json").exists() for e in ("after", "online")}
+    launches.append(run_commands([[*train(e, "run"), "--resume", "auto"]
+                                  for e in ("after", "online")], np=2, timeout=200))
+    return root, launches, summarized
+
+
+@pytest.mark.timeout(400)
 @pytest.mark.parametrize("evaluation", ["after", "online"])
-def test_a_run_killed_writing_its_outputs_has_each_entry_once_when_resumed(tmp_path,
+def test_a_run_killed_writing_its_outputs_has_each_entry_once_when_resumed(killed_and_resumed,
                                                                            evaluation):
     """Killed after training, its last checkpoint at its end, and resumed: the curve scored
     after training was logged again beside the killed attempt's (test/* twice at every
     step), and the last training entry (update 64, written after that checkpoint) was trimmed
     and never written again: the resumed run makes no step."""
-    import sys
-
-    from conftest import run_program
-    train = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "16",
-             "--seed", "1", "--checkpoint-every", "0.5e", "--eval", evaluation,
-             "--tensorboard"]
-    straight = run_job([*train, "--out", str(tmp_path / "straight")], np=2)
-    assert straight.returncode == 0, straight.stderr
-    out = str(tmp_path / "run")
-    killed = run_program([sys.executable, "-c", KILLED_WRITING_OUTPUTS, *train, "--out", out],
-                         np=2)
-    assert killed.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()
-    resumed = run_job([*train, "--out", out, "--resume", "auto"], np=2)
+    root, (first, killed_online, resumed), summarized = killed_and_resumed
+    killed = first if evaluation == "after" else killed_online
+    straight, run = root / evaluation / "straight", root / evaluation / "run"
+    # the straight runs ended (a failed command ends the launch before the killed one)
+    assert (straight / "summary.json").exists(), first.stderr
+    assert killed.returncode != 0 and not summarized[evaluation], killed.stderr
     assert resumed.returncode == 0, resumed.stderr
-    expected = entries(tmp_path / "straight")
+    expected = entries(straight)
     assert expected["train/loss"][-1] == 64 and len(expected["test/accuracy"]) > 2
-    assert entries(tmp_path / "run") == expected
+    assert entries(run) == expected
 
 
 def test_tensorboard_missing_names_pip_first(monkeypatch):

@@ -8,10 +8,11 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, run_job, run_program
+from conftest import ROOT, run_commands, run_job, run_program
 from test_collapse import watch_of
 
 from hpctrain import compiled, data, live, models, watchdog
@@ -390,29 +391,60 @@ class SlowFirstTimes(nn.Module):
 """
 
 
-@pytest.mark.timeout(200)
-@pytest.mark.skipif(compiled.problem("cpu") is not None, reason="--compile cannot run here")
-@pytest.mark.parametrize("algo, np, evaluation, eval_every", [
+# The cases: (algo, ranks (0: a plain process), --eval, --eval-every).
+COMPILE_CASES = [
     ("sgd", 0, "online", "0.25"), ("sgd", 0, "after", "0.25"),
     ("ssgd", 2, "online", "0.25"),  # rank 1 waits in an allreduce while rank 0 evaluates
     ("ssgd", 3, "after", "1"),  # two snapshots: rank 2 waits for the others' scores
     ("ssp", 2, "online", "0.25"),  # rank 1 waits for rank 0's clock; rank 0 at the end for
     ("asgd", 2, "after", "1"),  # rank 1's last step (the wait to finish)
-    ("ec", 2, "after", "1")])  # the first round's ensemble pass (eval mode); rank 0's first
+    ("ec", 2, "after", "1")]  # the first round's ensemble pass (eval mode); rank 0's first
 # batches with relabelled samples (new sizes), which rank 1 waits for in the next round, and
 # its last (16 and 25 relabelled), which rank 1 waits for to evaluate
-def test_compiling_a_new_batch_size_is_not_a_stall(tmp_path, algo, np, evaluation, eval_every):
+
+
+@pytest.fixture(scope="module")
+def compiled_runs(tmp_path_factory):
+    """The cases of one size (ranks) in one launch, as conftest.run_commands runs commands
+    (each with its own copy of SLOW_FIRST_TIMES, a module of its own: its own first times,
+    its own forward for Dynamo to compile): a cold start of torch.compile a size, not a case.
+    Called with a case, it gives (its run's folder, the launch's process)."""
+    root = tmp_path_factory.mktemp("compiling")
+    launches: dict[int, subprocess.CompletedProcess] = {}
+
+    def folder(case: tuple) -> Path:
+        return root / "-".join(map(str, case))
+
+    def run(case: tuple) -> tuple[Path, subprocess.CompletedProcess]:
+        np = case[1]
+        if np not in launches:
+            commands = []
+            for algo, _, evaluation, eval_every in (c for c in COMPILE_CASES if c[1] == np):
+                here = folder((algo, np, evaluation, eval_every))
+                here.mkdir()
+                (here / "slow.py").write_text(SLOW_FIRST_TIMES)
+                commands.append(["train", "--algo", algo, "--dataset", "synthetic", "--model",
+                                 f"{here / 'slow.py'}:SlowFirstTimes", "--epochs", "1",
+                                 "--batch-size", "24", "--compile", "--stall-timeout", "1",
+                                 "--eval", evaluation, "--eval-every", eval_every,
+                                 "--no-progress", "--out", str(here / "run")])
+            launches[np] = run_commands(commands, np=np, timeout=300)
+        return folder(case), launches[np]
+
+    return run
+
+
+@pytest.mark.timeout(360)
+@pytest.mark.skipif(compiled.problem("cpu") is not None, reason="--compile cannot run here")
+@pytest.mark.parametrize("algo, np, evaluation, eval_every", COMPILE_CASES)
+def test_compiling_a_new_batch_size_is_not_a_stall(compiled_runs, algo, np, evaluation,
+                                                   eval_every):
     """--compile recompiles for the short last batch and for the first evaluation: with
     --stall-timeout 1 those ended healthy runs (exit 3, the training lost), the compiling
     rank's or one waiting for it."""
-    (tmp_path / "slow.py").write_text(SLOW_FIRST_TIMES)
-    proc = run_job(["train", "--algo", algo, "--dataset", "synthetic", "--model",
-                    f"{tmp_path / 'slow.py'}:SlowFirstTimes", "--epochs", "1", "--batch-size",
-                    "24", "--compile", "--stall-timeout", "1", "--eval", evaluation,
-                    "--eval-every", eval_every, "--no-progress", "--out",
-                    str(tmp_path / "run")], np=np, timeout=150)
+    folder, proc = compiled_runs((algo, np, evaluation, eval_every))
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "run" / "summary.json").exists()
+    assert (folder / "run" / "summary.json").exists(), proc.stderr[-3000:]
 
 
 # Rank 1 stops itself (SIGSTOP) at its 6th training forward: its own watchdog thread stops
