@@ -22,6 +22,11 @@ Snapshots are evaluated after training, so the time axis excludes evaluation, un
 ``--eval online`` (:mod:`hpctrain.live`, which also writes TensorBoard and watches for a
 collapse).
 
+:func:`_train` runs one worker's loop, a :class:`_Training`, in three parts: set up (its
+constructor), the steps above (:meth:`_Training.loop`), the end (:meth:`_Training.finish`:
+the final snapshot, the curve, the outputs, the summary). The simulator calls it with a
+virtual ``runtime``.
+
 :func:`train` runs the checks before MPI starts (:mod:`hpctrain.launch_checks`), has rank 0
 claim and lock the run's folders (:mod:`hpctrain.run_folders`), then, with MPI started,
 makes the ranks agree on what they checked (:func:`_agree`) and runs the loop.
@@ -33,7 +38,7 @@ import contextlib
 import math
 import shutil
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -373,16 +378,26 @@ def _write_config(log: RunLog, config: RunConfig, algo: Algorithm, device: torch
         **info, **provenance.resumes(resumes, log.dir / "config.json", info)}})
 
 
-def _resumed_at(done: dict, steps: int) -> tuple[int, int, int, int]:
-    """Where a restored checkpoint's counters (``{}``: a fresh start) put the loop: the
-    global updates, this worker's steps, its epoch and its batch within the epoch."""
+@dataclass
+class _Counters:
+    """Where this worker's loop is: what a checkpoint saves and a resumed run restores."""
+
+    position: int  # the global updates
+    local_steps: int  # this worker's steps
+    epoch: int  # its local epoch
+    i: int  # its batch within the epoch
+    samples: int  # the samples it trained on
+
+
+def _resumed_at(done: dict, steps: int) -> _Counters:
+    """Where a restored checkpoint's counters (``{}``: a fresh start) put the loop."""
     position = done.get("updates", 0)
     # A lock-step checkpoint from before the one loop has no position of its own: derive it.
     local_steps = done.get("local_steps", done.get("pushes", position))
     epoch, i = done.get("local_epoch", position // steps), done.get("i", position % steps)
     if i == steps:  # saved at the end of an epoch
         epoch, i = epoch + 1, 0
-    return position, local_steps, epoch, i
+    return _Counters(position, local_steps, epoch, i, samples=done.get("samples", 0))
 
 
 def _marks_covered(snapshots: Snapshots, position: int, per_epoch: int, every: int) -> int:
@@ -394,6 +409,25 @@ def _marks_covered(snapshots: Snapshots, position: int, per_epoch: int, every: i
     last = snapshots[-1].info.get("epoch") if snapshots else None
     covered = position if last is None else min(position, round(last * per_epoch))
     return covered // every
+
+
+@dataclass
+class _Marks:
+    """The --eval-every marks the loop snapshots at, and what it saw of them: the final
+    note on the marks an async rank 0 passed within one step needs it."""
+
+    every: int  # the updates between two marks (snapshot_interval)
+    first: int  # the marks a resumed run's snapshots cover already
+    next: int  # the update of the next mark
+    taken_at: int | None = None  # the update of the last snapshot the loop took
+    taken: int = 0  # how many it took
+    checked_at: int = 0  # the updates at this rank's last check
+    widest: int = 0  # the most updates between two of this rank's checks
+
+    def missed(self, position: int, total: int) -> int:
+        """The marks up to ``position`` (below ``total``: the final snapshot is apart) that
+        got no snapshot of their own."""
+        return min(position, total - 1) // self.every - self.first - self.taken
 
 
 def snapshot_interval(eval_every: float, per_epoch: int) -> int:
@@ -456,246 +490,350 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     """One worker's training, evaluation and (rank 0) outputs; collective over the workers.
 
     ``runtime``: the clock, stragglers and data (the simulator passes a virtual one)."""
-    rank, size = (comm_.Get_rank(), comm_.Get_size()) if comm_ is not None else (0, 1)
-    o = config.optim
-    train_data = runtime.train_data(config.data.spec(config.seed), comm_)
-    steps = math.ceil(train_data.samples_per_rank / o.batch_size)  # one epoch of local data
-    per_epoch = algo.per_epoch(steps, size)
-    total = o.epochs * per_epoch
-    s = Setup(model, train_data, comm_, size, steps)
-    model.train()  # a build may hand it out in eval mode (after loading pretrained weights)
-    algo.setup(s)
-    if not isinstance(algo.optimizer, torch.optim.Optimizer):  # else found at the first step
-        raise TypeError(f"{type(algo).__name__}.setup() must set self.optimizer to a torch "
-                        f"optimizer, not {type(algo.optimizer).__name__}")
-    guard = algo.guard(s)
-    straggler = runtime.straggler(config, rank, size)
-    scaler = precision.LossScaler(config.mixed_precision)  # fp16's; else a no-op
-    step_times = StepTimes()
-    started_from = provenance.starting_weights(  # rank 0 writes config.json and checkpoints
-        config.model.init_from, loaded and loaded.header) if rank == 0 else {}
-    args = checkpoint.recorded_args(configs.flat(config))
-    resumes = checkpoint.resumptions(loaded and loaded.header, args, comm.launch_size())
-    shared, per_rank = algo.checkpoint_state()
-    detector = live.collapse_detector(config, test_set.num_classes, per_epoch, steps)
-    ckpt = checkpoint.Checkpointer(
-        comm_, per_epoch, total, shared=shared,
-        per_rank={**per_rank, "guard": guard, "straggler": straggler, "collapse": detector,
-                  **({"scaler": scaler} if scaler.on else {})},
-        per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.interval,
-        folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
-        resume=config.checkpoint.resume,
-        header={"algo": config.algo, "ranks": comm.launch_size(), "args": args,
-                **started_from, **({"resumes": resumes} if resumes else {})},
-        resize=checkpoint.Resizer(num_samples=train_data.num_samples, batch_size=o.batch_size,
-                                  workers=size, steps=steps, per_epoch=algo.per_epoch,
-                                  resize_state=algo.resize_state),
-        stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
-    log = RunLog(config.out, rank)
-    if rank == 0:
-        _write_config(log, config, algo, s.device, size, runtime, started_from, resumes)
-    snapshots = Snapshots()
-    snapshotting = algo.snapshots != "root" or rank == 0
-    base_lr = optimizers.base_lr(o, size)
+    training = _Training(config, algo, comm_, model, test_set, loaded, world, runtime)
+    training.loop()
+    return training.finish()
 
-    def lr_before(updates: int) -> float:
+
+class _Training:
+    """One worker's run of :func:`_train`: set up (``__init__``), the steps (:meth:`loop`),
+    the end (:meth:`finish`). It holds what set-up made, which the steps and the end share,
+    and the counters the steps move; every worker makes its collective calls in one order."""
+
+    def __init__(self, config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
+                 world, runtime: Runtime) -> None:
+        """Set-up: the data and its sizes, the algorithm, the step's helpers, the checkpointer
+        and config.json; then :meth:`_start` (``loaded``: the checkpoint rank 0 resumes)."""
+        rank, size = (comm_.Get_rank(), comm_.Get_size()) if comm_ is not None else (0, 1)
+        o = config.optim
+        train_data = runtime.train_data(config.data.spec(config.seed), comm_)
+        steps = math.ceil(train_data.samples_per_rank / o.batch_size)  # one epoch of local data
+        per_epoch = algo.per_epoch(steps, size)
+        total = o.epochs * per_epoch
+        s = Setup(model, train_data, comm_, size, steps)
+        self.config, self.algo, self.comm_, self.model, self.setup = config, algo, comm_, model, s
+        self.test_set, self.runtime, self.rank, self.size = test_set, runtime, rank, size
+        self.train_data, self.steps = train_data, steps
+        self.per_epoch, self.total = per_epoch, total
+        model.train()  # a build may hand it out in eval mode (after loading pretrained weights)
+        algo.setup(s)
+        if not isinstance(algo.optimizer, torch.optim.Optimizer):  # else found at the first step
+            raise TypeError(f"{type(algo).__name__}.setup() must set self.optimizer to a torch "
+                            f"optimizer, not {type(algo.optimizer).__name__}")
+        self.guard = guard = algo.guard(s)
+        self.straggler = straggler = runtime.straggler(config, rank, size)
+        self.scaler = scaler = precision.LossScaler(config.mixed_precision)  # fp16's; else a no-op
+        self.step_times = StepTimes()
+        started_from = provenance.starting_weights(  # rank 0 writes config.json and checkpoints
+            config.model.init_from, loaded and loaded.header) if rank == 0 else {}
+        args = checkpoint.recorded_args(configs.flat(config))
+        resumes = checkpoint.resumptions(loaded and loaded.header, args, comm.launch_size())
+        shared, per_rank = algo.checkpoint_state()
+        self.detector = live.collapse_detector(config, test_set.num_classes, per_epoch, steps)
+        self.ckpt = checkpoint.Checkpointer(
+            comm_, per_epoch, total, shared=shared,
+            per_rank={**per_rank, "guard": guard, "straggler": straggler,
+                      "collapse": self.detector, **({"scaler": scaler} if scaler.on else {})},
+            per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.interval,
+            folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
+            resume=config.checkpoint.resume,
+            header={"algo": config.algo, "ranks": comm.launch_size(), "args": args,
+                    **started_from, **({"resumes": resumes} if resumes else {})},
+            resize=checkpoint.Resizer(num_samples=train_data.num_samples,
+                                      batch_size=o.batch_size, workers=size, steps=steps,
+                                      per_epoch=algo.per_epoch, resize_state=algo.resize_state),
+            stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
+        self.log = RunLog(config.out, rank)
+        if rank == 0:
+            _write_config(self.log, config, algo, s.device, size, runtime, started_from, resumes)
+        self.snapshots = Snapshots()
+        self.snapshotting = algo.snapshots != "root" or rank == 0
+        self.base_lr = optimizers.base_lr(o, size)
+        self._start(loaded, world)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is, and where batches go (:class:`Setup`'s)."""
+        return self.setup.device
+
+    def _start(self, loaded, world) -> None:
+        """Set-up's second half: snapshot 0, the counters a checkpoint restores, the watch,
+        the --eval-every marks and the profiler; then the workers' barrier and the clock."""
+        config, algo, model, rank, size = self.config, self.algo, self.model, self.rank, self.size
+        if self.snapshotting:
+            self.snapshots.take(model, t=0.0, epoch=0.0, updates=0, lr=self._lr_before(0))
+        done = self.ckpt.restore(self.snapshots, loaded)
+        self.at = _resumed_at(done, self.steps)
+        position = self.at.position
+        algo.start(position)
+        if config.compile and rank == 0:
+            compiled.announce()
+        self.bar = progress_bar(self.total, rank, algo.name, enabled=config.progress,
+                                initial=position)
+        self.watch = live.Watch(
+            config, algo, self.comm_, test_set=self.test_set, per_epoch=self.per_epoch,
+            steps=self.steps, samples_per_epoch=self.train_data.samples_per_rank * size,
+            bar=self.bar, world=world, loss_scale=self.scaler.get_scale,
+            resumed=loaded.header["updates"] if loaded else position,
+            elapsed=done.get("elapsed", 0.0), clock=self.ckpt.clock,
+            detector=self.detector, recorded=self.log.config)
+        self.watch.begin(model, self.snapshots)
+        every = snapshot_interval(config.eval_every, self.per_epoch)
+        if rank == 0 and self.snapshotting:
+            if (note := rounding_note(config.eval_every, self.per_epoch)) is not None:
+                print(note, file=sys.stderr, flush=True)
+            copies = self.runtime.snapshot_copies(size, root_only=algo.snapshots == "root")
+            _say_footprint(model, self.total // every + 2, copies, size, self.ckpt)
+        first = _marks_covered(self.snapshots, position, self.per_epoch, every)
+        self.marks = _Marks(every, first, next=(first + 1) * every, checked_at=position)
+        compiled.apply(config.compile, model)  # lazily: the first step compiles
+        self.profiler = profiling.StepProfiler(config.profile, self.device, self.log.dir, rank,
+                                               size)
+        self.profiler.step(self.at.local_steps)  # --profile from step 0 (or where a resumed run is)
+        if self.comm_ is not None:
+            watchdog.wait_beating(self.comm_, "waiting for the workers to start", starting=True)
+        self.start = self.runtime.now() - done.get("elapsed", 0.0)
+        self.watch.started()  # TensorBoard's wall times: training's, not the start-up's
+        # a replay's lead-in to the first step (steptimes)
+        self.step_times.start(self.runtime.now())
+
+    def _lr_before(self, updates: int) -> float:
         """A curve point's ``lr`` at ``updates``: the scheduled rate of the last update
         before it (at update 0, of the first), whichever worker's step made it: one value
         for every point, which an async rank 0's own last rate is not."""
-        return optimizers.scheduled_lr(o, base_lr, per_epoch, max(updates - 1, 0))
+        return optimizers.scheduled_lr(self.config.optim, self.base_lr, self.per_epoch,
+                                       max(updates - 1, 0))
 
-    if snapshotting:
-        snapshots.take(model, t=0.0, epoch=0.0, updates=0, lr=lr_before(0))
+    def loop(self) -> None:
+        """The steps, as the module docstring lists them: to the budget, a worker that is
+        finishing (async), or --stop-on-collapse's stop."""
+        at, algo = self.at, self.algo
+        local = _epoch_data(self.train_data, at.epoch)
+        algo.epoch_started(local)
+        while True:
+            index = algo.claim(at.position)
+            if self.ckpt.due(index):
+                if not self._checkpoint():  # another worker is finishing: this one ends too
+                    break
+                continue  # an async worker's ticket may be past the next mark too
+            if index >= self.total:
+                break
+            if at.i == self.steps:
+                at.epoch, at.i = at.epoch + 1, 0
+                local = _epoch_data(self.train_data, at.epoch)
+                algo.epoch_started(local)
+            # At the update this step makes: lock-step, the updates done; async, its ticket (the
+            # worker's last push lags the global count by the pushes since, a straggler's most).
+            lr = optimizers.scheduled_lr(self.config.optim, self.base_lr, self.per_epoch, index)
+            set_lr(algo.optimizer, lr)
+            x, y = self._batch(local)
+            loss = self._backward(x, y)
+            applied = self._update(loss)
+            at.position = algo.progress(at.position, applied)
+            at.local_steps, at.samples, at.i = at.local_steps + 1, at.samples + len(y), at.i + 1
+            with self.profiler.region("hpctrain.after_update"):
+                algo.after_update(final=at.position >= self.total)
+            self._report_update(loss, lr)
+            self._snapshot_at_mark()
+            if self.watch.stop(at.position):
+                break
 
-    done = ckpt.restore(snapshots, loaded)
-    position, local_steps, epoch, i = _resumed_at(done, steps)
-    samples = done.get("samples", 0)
-    algo.start(position)
-    if config.compile and rank == 0:
-        compiled.announce()
-    bar = progress_bar(total, rank, algo.name, enabled=config.progress, initial=position)
-    watch = live.Watch(config, algo, comm_, test_set=test_set, per_epoch=per_epoch, steps=steps,
-                       samples_per_epoch=train_data.samples_per_rank * size, bar=bar,
-                       world=world, loss_scale=scaler.get_scale,
-                       resumed=loaded.header["updates"] if loaded else position,
-                       elapsed=done.get("elapsed", 0.0), clock=ckpt.clock,
-                       detector=detector, recorded=log.config)
-    watch.begin(model, snapshots)
-    snapshot_every = snapshot_interval(config.eval_every, per_epoch)
-    if rank == 0 and snapshotting:
-        if (note := rounding_note(config.eval_every, per_epoch)) is not None:
-            print(note, file=sys.stderr, flush=True)
-        copies = runtime.snapshot_copies(size, root_only=algo.snapshots == "root")
-        _say_footprint(model, total // snapshot_every + 2, copies, size, ckpt)
-    first_mark = _marks_covered(snapshots, position, per_epoch, snapshot_every)
-    next_snapshot = (first_mark + 1) * snapshot_every
-    taken_at, taken = None, 0  # the update of the last snapshot the loop took; how many
-    checked_at, widest = position, 0  # the most updates between two of this rank's checks
-    compiled.apply(config.compile, model)  # lazily: the first step compiles
-    profiler = profiling.StepProfiler(config.profile, s.device, log.dir, rank, size)
-    profiler.step(local_steps)  # --profile from step 0 (or where a resumed run is)
-    if comm_ is not None:
-        watchdog.wait_beating(comm_, "waiting for the workers to start", starting=True)
-    start = runtime.now() - done.get("elapsed", 0.0)
-    watch.started()  # TensorBoard's wall times: training's, not the start-up's
-    step_times.start(runtime.now())  # a replay's lead-in to the first step (steptimes)
+    def _checkpoint(self) -> bool:
+        """The checkpoint due at this step (after SIGUSR1's, stop); False, and none, where
+        another worker is finishing."""
+        at = self.at
+        seen = self.algo.before_checkpoint(at.position)
+        if seen is None:
+            return False
+        at.position = seen
+        self.ckpt.save(at.position, {"samples": at.samples, "local_steps": at.local_steps,
+                                     "local_epoch": at.epoch, "i": at.i,
+                                     "elapsed": self.runtime.now() - self.start}, self.snapshots)
+        if self.ckpt.stopping:  # SIGUSR1: a requeued job goes on from this checkpoint
+            raise self._ended_early(self.ckpt.stopped(at.position))
+        self.algo.after_checkpoint()
+        return True
 
-    def ended_early(stopped: Exception) -> Exception:
+    def _ended_early(self, stopped: Exception) -> Exception:
         """``stopped``, raised on every worker, once what the loop opened is closed."""
-        profiler.write()
-        watch.abandon(stopped)
-        bar.close()
-        ckpt.close()
+        self.profiler.write()
+        self.watch.abandon(stopped)
+        self.bar.close()
+        self.ckpt.close()
         return stopped
 
-    local = _epoch_data(train_data, epoch)
-    algo.epoch_started(local)
-    while True:
-        index = algo.claim(position)
-        if ckpt.due(index):
-            seen = algo.before_checkpoint(position)
-            if seen is None:  # another worker is finishing: this one ends too
-                break
-            position = seen
-            ckpt.save(position, {"samples": samples, "local_steps": local_steps,
-                                 "local_epoch": epoch, "i": i,
-                                 "elapsed": runtime.now() - start}, snapshots)
-            if ckpt.stopping:  # SIGUSR1: a requeued job goes on from this checkpoint
-                raise ended_early(ckpt.stopped(position))
-            algo.after_checkpoint()
-            continue  # an async worker's ticket may be past the next mark too
-        if index >= total:
-            break
-        if i == steps:
-            epoch, i = epoch + 1, 0
-            local = _epoch_data(train_data, epoch)
-            algo.epoch_started(local)
-        # At the update this step makes: lock-step, the updates done; async, its ticket (the
-        # worker's last push lags the global count by the pushes since, a straggler's most).
-        lr = optimizers.scheduled_lr(o, base_lr, per_epoch, index)
-        set_lr(algo.optimizer, lr)
-        x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
-        y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(s.device)
-        if compiled.first_call(model, "train", len(y)):  # --compile: a new size compiles
+    def _batch(self, local) -> tuple[torch.Tensor, torch.Tensor]:
+        """Batch ``i`` of this worker's epoch (the last may be partial), on the device: with
+        --compile a new batch size compiles, and is checked against the plain forward."""
+        b, i = self.config.optim.batch_size, self.at.i
+        x = local.images[i * b:(i + 1) * b].to(self.device)
+        y = local.labels[i * b:(i + 1) * b].to(self.device)
+        if compiled.first_call(self.model, "train", len(y)):  # --compile: a new size compiles
             watchdog.beat("compiling for a batch of", len(y), compiling=True)
-            if config.mixed_precision == "no":  # autocast's rounding is no compiler's error
-                compiled.verify(model, x[:o.micro_batch_size or len(x)], rank)
-        algo.optimizer.zero_grad()
-        computing = runtime.now()
-        step_times.begin(computing)
+            if self.config.mixed_precision == "no":  # autocast's rounding is no compiler's error
+                compiled.verify(self.model, x[:self.config.optim.micro_batch_size or len(x)],
+                                self.rank)
+        return x, y
+
+    def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
+        """The batch's gradient, and its loss: its parts' forward and backward, timed as the
+        step's compute, which an injected straggler pads."""
+        self.algo.optimizer.zero_grad()
+        computing = self.runtime.now()
+        self.step_times.begin(computing)
         loss = 0.0
-        parts = algo.losses(x, y, o.micro_batch_size)  # one, or each micro-batch's
-        for part in precision.each_under(config.mixed_precision, s.device, parts):
-            part = faults.inject(rank, local_steps, model, part)
-            scaler.scale(part).backward()
+        micro = self.config.optim.micro_batch_size
+        parts = self.algo.losses(x, y, micro)  # one, or each micro-batch's
+        for part in precision.each_under(self.config.mixed_precision, self.device, parts):
+            part = faults.inject(self.rank, self.at.local_steps, self.model, part)
+            self.scaler.scale(part).backward()
             loss += part.detach()
-        devices.synchronize(s.device)  # a GPU's backward is done, not only queued
-        straggler.pad(runtime.now() - computing)  # the others wait for it, or run on
-        step_times.end(runtime.now())
-        with profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
-            algo.synchronize()
-        scaler.unscale(algo.optimizer)
+        devices.synchronize(self.device)  # a GPU's backward is done, not only queued
+        self.straggler.pad(self.runtime.now() - computing)  # the others wait for it, or run on
+        self.step_times.end(self.runtime.now())
+        return loss
+
+    def _update(self, loss) -> bool:
+        """Whether the step's update was applied: its gradient synchronized and unscaled, and
+        applied unless NaN/Inf (the guard; too many bad steps end the run)."""
+        guard, scaler, steps = self.guard, self.scaler, self.at.local_steps
+        with self.profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
+            self.algo.synchronize()
+        scaler.unscale(self.algo.optimizer)
         try:
-            applied = guard.check(local_steps, amplified=scaler.amplifies, loss=loss)
+            applied = guard.check(steps, amplified=scaler.amplifies, loss=loss)
             if applied:
-                with profiler.region("hpctrain.apply"):
-                    applied = algo.apply()
+                with self.profiler.region("hpctrain.apply"):
+                    applied = self.algo.apply()
                 if not applied:  # Adasum's combined update was not finite
-                    guard.reject(local_steps)
+                    guard.reject(steps)
         except Exception as error:  # too many bad steps, on every worker alike or on this one
             if raised_on_every_rank(error):
-                ended_early(error)
+                self._ended_early(error)
             raise
         scaler.update(not applied, guard.overflowed)  # fp16: an overflow is counted apart
-        position = algo.progress(position, applied)
-        local_steps, samples, i = local_steps + 1, samples + len(y), i + 1
-        with profiler.region("hpctrain.after_update"):
-            algo.after_update(final=position >= total)
-        bar.update(min(position, total) - bar.n)
-        watch.step(position, local_steps, loss, lr, runtime.now() - start)
-        watchdog.beat("update", local_steps)
-        profiler.step(local_steps)
-        widest, checked_at = max(widest, position - checked_at), position
-        if position >= next_snapshot:
-            if snapshotting and position < total:
-                snapshots.take(model, t=runtime.now() - start, epoch=position / per_epoch,
-                               updates=position, lr=lr_before(position))
-                watch.snapshot(model, snapshots)
-                taken_at, taken = position, taken + 1
-            next_snapshot = (position // snapshot_every + 1) * snapshot_every
-        if watch.stop(position):
-            break
-    profiler.close()
-    ckpt.close()
-    # An async rank 0 whose step spans more updates than a mark's (many workers, or a rank
-    # 0 slower than the others) passes several marks within one step: one snapshot for them
-    # all, none for the rest (lock-step loops take one at every mark).
-    missed = min(position, total - 1) // snapshot_every - first_mark - taken
-    step_times.finish(runtime.now())
-    busy = runtime.now() - start
-    peak = runtime.peak_memory(s.device)  # training's, before evaluation
-    watch.finish()
-    position = algo.finish(position)
-    wall = runtime.now() - start
-    bar.close()
-    if missed > 0 and algo.snapshots == "root" and rank == 0:
-        print(f"hpctrain: rank 0 took the snapshots between its steps, and {missed} "
-              f"--eval-every marks passed within one of them: up to {widest} updates (all "
-              f"workers' pushes) came within one step of rank 0, more than the "
-              f"{snapshot_every} between two marks; the curve has no point there",
-              file=sys.stderr, flush=True)
-    # --stop-on-collapse may end the loop right after a snapshot: that one is the final
-    # model already, unless the algorithm's finish changes it (async: the store's model).
-    # ma's finish averages a round cut short: the snapshot's point scores that average
-    # already (from its members), and model.pt takes it from the model.
-    final_taken = watch.stopped and taken_at == position and algo.lock_step
-    if snapshotting and not final_taken:
-        snapshots.take(model, t=wall, epoch=position / per_epoch, updates=position,
-                       lr=lr_before(position))
-        watch.snapshot(model, snapshots)
-    finished = _state(model) if final_taken else None
-    if algo.snapshots == "root" and comm_ is not None:
-        snapshots = _rank0s(snapshots, comm_)  # spread their scoring over the workers
-    elif algo.snapshots == "replicated" and comm_ is not None:
-        _from_rank0(model, snapshots, comm_)
-    final_state = snapshots[-1].state if finished is None else finished
+        return applied
 
-    scoring = runtime.now()
-    points = watch.curve(model, snapshots, comm_) or \
-        algo.evaluate(model, snapshots, test_set, comm_)
-    scoring = runtime.now() - scoring
-    watch.after(points)
-    model.load_state_dict(final_state)
-    profiler.write()  # every worker's --profile files, outside the clocks
-    with watchdog.busy("writing outputs"):  # rank 0 writes, the others wait in collectives
-        log.write_points(points)
-        log.save_model(model)
-        algo.write_outputs(log, snapshots, comm_)
-        step_times.write(log.dir, comm_, rank)
-    own = algo.summary(points, comm_)
-    mine = {"samples": samples, "busy_s": busy, "slept_s": straggler.slept, "peak": peak,
-            "scale": scaler.get_scale(), "overflows": scaler.overflow_steps(),
-            "profiled": profiler.outcome()}
-    every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
-    profiler.report([w["profiled"] for w in every] if rank == 0 else None)
-    guarded = guard.summary()
-    checkpoints = ckpt.summary()
-    exchange = train_data.stats()
-    if rank != 0:
+    def _report_update(self, loss, lr: float) -> None:
+        """An update told to the bar, the watch (TensorBoard, the collapse detector), the
+        watchdog and the profiler."""
+        at = self.at
+        self.bar.update(min(at.position, self.total) - self.bar.n)
+        self.watch.step(at.position, at.local_steps, loss, lr, self.runtime.now() - self.start)
+        watchdog.beat("update", at.local_steps)
+        self.profiler.step(at.local_steps)
+
+    def _snapshot_at_mark(self) -> None:
+        """A snapshot where the updates passed the next --eval-every mark (below the budget:
+        the final one is taken after the loop), scored online by the watch."""
+        marks, position = self.marks, self.at.position
+        marks.widest, marks.checked_at = max(marks.widest, position - marks.checked_at), position
+        if position < marks.next:
+            return
+        if self.snapshotting and position < self.total:
+            self.snapshots.take(self.model, t=self.runtime.now() - self.start,
+                                epoch=position / self.per_epoch, updates=position,
+                                lr=self._lr_before(position))
+            self.watch.snapshot(self.model, self.snapshots)
+            marks.taken_at, marks.taken = position, marks.taken + 1
+        marks.next = (position // marks.every + 1) * marks.every
+
+    def finish(self) -> dict | None:
+        """The end: the clocks stopped, the final snapshot, the curve scored (outside
+        ``wall_s``), the outputs written; rank 0's summary, None on the others."""
+        busy, peak, wall = self._stopped()
+        snapshots, final_state = self._final_snapshot(wall)
+        scoring = self.runtime.now()
+        points = self.watch.curve(self.model, snapshots, self.comm_) or \
+            self.algo.evaluate(self.model, snapshots, self.test_set, self.comm_)
+        scoring = self.runtime.now() - scoring
+        self.watch.after(points)
+        self.model.load_state_dict(final_state)
+        return self._written(points, snapshots, busy=busy, peak=peak, wall=wall, scoring=scoring)
+
+    def _stopped(self) -> tuple[float, int | None, float]:
+        """The loop's tools closed and its clocks read: ``busy_s`` (training's), the peak
+        memory (before evaluation) and ``wall_s`` (with the algorithm's finish)."""
+        self.profiler.close()
+        self.ckpt.close()
+        # An async rank 0 whose step spans more updates than a mark's (many workers, or a rank
+        # 0 slower than the others) passes several marks within one step: one snapshot for them
+        # all, none for the rest (lock-step loops take one at every mark).
+        missed = self.marks.missed(self.at.position, self.total)
+        self.step_times.finish(self.runtime.now())
+        busy = self.runtime.now() - self.start
+        peak = self.runtime.peak_memory(self.device)  # training's, before evaluation
+        self.watch.finish()
+        self.at.position = self.algo.finish(self.at.position)
+        wall = self.runtime.now() - self.start
+        self.bar.close()
+        if missed > 0 and self.algo.snapshots == "root" and self.rank == 0:
+            print(f"hpctrain: rank 0 took the snapshots between its steps, and {missed} "
+                  f"--eval-every marks passed within one of them: up to {self.marks.widest} "
+                  f"updates (all workers' pushes) came within one step of rank 0, more than "
+                  f"the {self.marks.every} between two marks; the curve has no point there",
+                  file=sys.stderr, flush=True)
+        return busy, peak, wall
+
+    def _final_snapshot(self, wall: float) -> tuple[Snapshots, dict]:
+        """The snapshots to score, the final one taken, as every worker scores them; and the
+        final model's state, which ``model.pt`` holds."""
+        model, position, comm_ = self.model, self.at.position, self.comm_
+        # --stop-on-collapse may end the loop right after a snapshot: that one is the final
+        # model already, unless the algorithm's finish changes it (async: the store's model).
+        # ma's finish averages a round cut short: the snapshot's point scores that average
+        # already (from its members), and model.pt takes it from the model.
+        final_taken = self.watch.stopped and self.marks.taken_at == position \
+            and self.algo.lock_step
+        snapshots = self.snapshots
+        if self.snapshotting and not final_taken:
+            snapshots.take(model, t=wall, epoch=position / self.per_epoch, updates=position,
+                           lr=self._lr_before(position))
+            self.watch.snapshot(model, snapshots)
+        finished = _state(model) if final_taken else None
+        if self.algo.snapshots == "root" and comm_ is not None:
+            snapshots = _rank0s(snapshots, comm_)  # spread their scoring over the workers
+        elif self.algo.snapshots == "replicated" and comm_ is not None:
+            _from_rank0(model, snapshots, comm_)
+        return snapshots, snapshots[-1].state if finished is None else finished
+
+    def _written(self, points: list[dict], snapshots: Snapshots, *, busy: float,
+                 peak: int | None, wall: float, scoring: float) -> dict | None:
+        """The run's files (rank 0 writes them) and summary, from every worker's counts:
+        rank 0's summary, None on the others."""
+        config, algo, comm_, rank, model = self.config, self.algo, self.comm_, self.rank, self.model
+        self.profiler.write()  # every worker's --profile files, outside the clocks
+        with watchdog.busy("writing outputs"):  # rank 0 writes, the others wait in collectives
+            self.log.write_points(points)
+            self.log.save_model(model)
+            algo.write_outputs(self.log, snapshots, comm_)
+            self.step_times.write(self.log.dir, comm_, rank)
+        own = algo.summary(points, comm_)
+        mine = {"samples": self.at.samples, "busy_s": busy, "slept_s": self.straggler.slept,
+                "peak": peak, "scale": self.scaler.get_scale(),
+                "overflows": self.scaler.overflow_steps(), "profiled": self.profiler.outcome()}
+        every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
+        self.profiler.report([w["profiled"] for w in every] if rank == 0 else None)
+        guarded = self.guard.summary()
+        checkpoints = self.ckpt.summary()
+        exchange = self.train_data.stats()
+        if rank != 0:
+            live.summary_written(comm_)
+            return None
+        device = self.device
+        summary = RunSummary(
+            algo=config.algo, algo_label=algo.label(), workers=self.size, model=config.model.name,
+            dataset=config.data.dataset, epochs=config.optim.epochs,
+            updates=points[-1]["updates"], final_test_acc=points[-1]["test_acc"],
+            final_test_loss=points[-1]["test_loss"],
+            best_test_acc=max(p["test_acc"] for p in points), wall_s=wall, scoring_s=scoring,
+            params=models.num_parameters(model), **_per_worker(every, wall),
+            device=device.type,
+            gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
+            **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
+            **{**self.watch.fields(), **self.runtime.summary_fields()},  # the runtime's word wins
+        ).to_dict()
+        self.log.write_summary(summary)
         live.summary_written(comm_)
-        return None
-    summary = RunSummary(
-        algo=config.algo, algo_label=algo.label(), workers=size, model=config.model.name,
-        dataset=config.data.dataset, epochs=o.epochs, updates=points[-1]["updates"],
-        final_test_acc=points[-1]["test_acc"], final_test_loss=points[-1]["test_loss"],
-        best_test_acc=max(p["test_acc"] for p in points), wall_s=wall, scoring_s=scoring,
-        params=models.num_parameters(model), **_per_worker(every, wall),
-        device=s.device.type,
-        gpu=torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else None,
-        slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
-        **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
-        **{**watch.fields(), **runtime.summary_fields()},  # the runtime's word wins
-    ).to_dict()
-    log.write_summary(summary)
-    live.summary_written(comm_)
-    return summary
+        return summary
