@@ -300,7 +300,7 @@ def _run(config: RunConfig, world) -> dict | None:
     except checkpoint.Stopped as stopped:  # SIGUSR1, after the checkpoint, on every worker
         summary = stopped
     except Exception as error:
-        if raised_on_every_rank(error):  # a script that catches it may train again
+        if raised_on_every_rank(error) or everyone.Get_size() == 1:  # a script may go on
             _release(algo, world, everyone)
         raise
     _release(algo, world, everyone)
@@ -491,7 +491,12 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
 
     ``runtime``: the clock, stragglers and data (the simulator passes a virtual one)."""
     training = _Training(config, algo, comm_, model, test_set, loaded, world, runtime)
-    training.loop()
+    try:
+        training.loop()
+    except BaseException as error:
+        if not (raised_on_every_rank(error) or isinstance(error, checkpoint.Stopped)):
+            training.let_go()  # those two closed every worker's loop already
+        raise
     return training.finish()
 
 
@@ -661,6 +666,17 @@ class _Training:
         self.bar.close()
         self.ckpt.close()
         return stopped
+
+    def let_go(self) -> None:
+        """This rank alone raised in the loop (a bug in the model, Ctrl-C, sgd's too many bad
+        steps): what the loop holds of this process let go, so that a script that goes on
+        trains afresh (SIGUSR1's handler, TensorBoard's writer thread, the profiler). No
+        collective: the others may be mid-step (under MPI the abort hook ends the job)."""
+        self.profiler.close()
+        self.bar.close()
+        if self.rank == 0:
+            self.watch.board.close()
+        self.ckpt.release_signal()
 
     def _batch(self, local) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``i`` of this worker's epoch (the last may be partial), on the device: with

@@ -380,3 +380,60 @@ def test_a_scripts_first_run_asks_git_before_mpi_starts(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "git with MPI running: False" in proc.stdout, proc.stdout
     assert "git with MPI running: True" not in proc.stdout, proc.stdout
+
+
+BROKEN_THEN_GOOD_SCRIPT = """
+import json, signal, sys, threading
+import torch
+from torch import nn
+import hpctrain
+from hpctrain import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
+
+class Breaks(nn.Module):
+    # A user's model with a bug: its fifth forward raises.
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(256, num_classes))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls == 5:
+            raise RuntimeError("the model's own bug")
+        return self.body(x)
+
+def run(name, model):
+    return hpctrain.train(RunConfig(
+        algo="sgd", seed=1, out=f"{sys.argv[1]}/{name}", progress=False, tensorboard=True,
+        profile="2:10", data=DataConfig(dataset="synthetic"), model=ModelConfig(name=model),
+        optim=OptimConfig(epochs=1), checkpoint=CheckpointConfig(every="1e")))
+
+def held():
+    return {"sigusr1": str(signal.getsignal(signal.SIGUSR1)),
+            "threads": sorted(t.name for t in threading.enumerate()),
+            "profiling": torch.autograd._profiler_enabled()}
+
+before = held()
+try:
+    run("broken", Breaks)
+except RuntimeError as error:
+    print("caught:", error, flush=True)
+after = held()
+after["threads"] = [t for t in after["threads"] if t not in ("tqdm_monitor",)]
+print(json.dumps({"before": before, "after": after,
+                  "good": run("good", "mlp")["final_test_acc"]}), flush=True)
+"""
+
+
+@pytest.mark.timeout(200)
+def test_a_run_raising_on_its_own_lets_go_of_what_it_held(tmp_path):
+    """A run that raised on its rank alone (a bug in the user's model, Ctrl-C in a notebook,
+    sgd's too many bad steps) left SIGUSR1's handler installed (the script's next signal was
+    swallowed), TensorBoard's writer thread running (one more per failed run) and the
+    profiler recording everything the script did next."""
+    script = tmp_path / "broken.py"
+    script.write_text(BROKEN_THEN_GOOD_SCRIPT)
+    proc = run_program([sys.executable, str(script), str(tmp_path)], timeout=150)
+    assert proc.returncode == 0 and "caught: the model's own bug" in proc.stdout, proc.stderr
+    held = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert held["after"] == held["before"] and held["good"] > 0, held

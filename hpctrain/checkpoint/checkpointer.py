@@ -280,6 +280,11 @@ class Checkpointer:
         """After the loop (or before raising :meth:`stopped`): the last verdict received and
         SIGUSR1's handler as it was."""
         self._flag.close()
+        self.release_signal()
+
+    def release_signal(self) -> None:
+        """SIGUSR1's handler as it was (this rank only, no collective): also where this rank
+        alone raised, so that a script's next run, or its own handler, gets the signal."""
         stop.restore(self._handler)
         self._handler = None
 
