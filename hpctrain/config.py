@@ -203,9 +203,11 @@ class OptimConfig:
     ``lr`` and ``momentum`` left None take the algorithm's defaults (:func:`resolve`).
     """
 
-    epochs: int = option(5, "passes over the data", parse=options.positive(int),
+    epochs: int = option(5, "passes over the data, all workers together",
+                         parse=options.positive(int),
                          range=Range(0, options.HUGE, low_open=True))
-    batch_size: int = option(64, "per worker", parse=options.positive(int),
+    batch_size: int = option(64, "per worker (ssgd's update: the workers' batches "
+                             "averaged)", parse=options.positive(int),
                              range=Range(0, low_open=True))
     micro_batch_size: int | None = option(None, "forward and backward a batch in near-equal "
                                           "parts of at most N samples, their gradients "
@@ -214,16 +216,20 @@ class OptimConfig:
                                           "part)",
                                           parse=options.positive(int), metavar="N",
                                           range=Range(0, low_open=True), clearable=True)
-    lr: float | None = option(None, "base learning rate (default: the algorithm's; 0.05, "
-                              "asgd, dcasgd-*, ssp: 0.1)", parse=options.positive(float),
+    lr: float | None = option(None, "each update's learning rate, not scaled by the "
+                              "number of workers (DDP's convention; --scale-lr: Horovod's "
+                              "examples') (default: the algorithm's; 0.05, asgd, dcasgd-*, "
+                              "ssp: 0.1)", parse=options.positive(float),
                               range=Range(0, options.HUGE, low_open=True))
     momentum: float | None = option(None, "SGD momentum (default: the algorithm's; 0.9, asgd, "
                                     "dcasgd-*, ssp: 0, the paper's algorithm)", parse=float,
                                     range=Range(0, 1, high_open=True))
     nesterov: bool = option(False, "Nesterov momentum, as torch.optim.SGD(nesterov=True): "
                             "--optimizer sgd with --momentum > 0, for sgd, ssgd, ma and ec")
-    weight_decay: float = option(0.0, "sgd, adam: an L2 penalty added to the gradient; "
-                                 "adamw: decoupled weight decay (so adamw without it is adam)",
+    weight_decay: float = option(0.0, "sgd, adam: an L2 penalty added to the gradient "
+                                 "(ssgd's averaged one); adamw: decoupled weight decay (so "
+                                 "adamw without it is adam); asgd, dcasgd-*, ssp: an L2 "
+                                 "penalty added in the push",
                                  parse=float, range=Range(0, options.HUGE))
     lr_schedule: str | None = option(None, "cosine decay to 0 over the run (default), step "
                                      "decay at --lr-milestones (default when they are given), "

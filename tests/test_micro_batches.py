@@ -149,6 +149,25 @@ def test_ec_splits_its_relabelled_samples_across_the_parts():
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_ec_parts_are_near_equal_so_batch_norm_never_sees_one_sample():
+    """EC cut its batch and relabelled samples into parts of exactly --micro-batch-size and a
+    remainder: 8 + 7 samples in parts of 14 made a last part of 1, on which BatchNorm1d
+    raises in training mode, after MPI started (the launch check sees the ordinary batch
+    only). Near-equal parts, as for the other algorithms: 8 and 7, the same gradient."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    xd, yd = torch.randn(7, 6), torch.randint(0, 3, (7,))
+    agg = EnsembleCompression(model, comm=None, tau=1, alpha=0.7, temperature=2.0,
+                              distill_size=7)
+    agg.relabelled = (xd, yd, torch.softmax(torch.randn(7, 3), dim=1))
+    sizes = []
+    model.register_forward_pre_hook(lambda _, args: sizes.append(len(args[0])))
+    parts = list(agg.losses(x, y, 14))
+    _grads(model, parts)
+    assert sizes == [8, 7] and agg.distilled == 7
+
+
 def test_peak_memory_on_the_cpu_is_the_resident_peak():
     before = devices.peak_memory(torch.device("cpu"))
     block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written, so resident

@@ -29,7 +29,7 @@ from hpctrain.ec.distill import distillation_loss
 from hpctrain.ec.ensemble import ensemble_probabilities
 from hpctrain.ec.stats import AggregationStats
 from hpctrain.errors import UsageError
-from hpctrain.microbatch import mean_in_parts
+from hpctrain.microbatch import mean_in_parts, parts
 from hpctrain.shuffle.order import generator
 
 DISTILL_FROM = ("own", "all")
@@ -118,9 +118,9 @@ class EnsembleCompression:
 
     def losses(self, x: torch.Tensor, y: torch.Tensor,
                size: int | None = None) -> Iterator[torch.Tensor]:
-        """:meth:`loss` in parts of at most ``size`` samples, relabelled ones included; the
-        parts add up to it, so a backward of each accumulates its gradient (one part when
-        ``size`` is None)."""
+        """:meth:`loss` in near-equal parts of at most ``size`` samples, relabelled ones
+        included (:func:`~hpctrain.microbatch.parts` of them); the parts add up to it, so a
+        backward of each accumulates its gradient (one part when ``size`` is None)."""
         extra = self.distill_batch()
         if extra is None:
             self._count("ce_loss", 0.0, len(x))
@@ -132,9 +132,8 @@ class EnsembleCompression:
         xd, yd, pd = (t.to(x.device) for t in extra)
         self.distilled += len(xd)
         inputs, n = torch.cat([x, xd]), len(x)
-        step = size or len(inputs)
-        for lo in range(0, len(inputs), step):
-            part = inputs[lo:lo + step]
+        lo = 0  # near-equal parts, as mean_in_parts's: a remainder of 1 broke batch norm
+        for part in inputs.tensor_split(parts(len(inputs), size)):
             if compiled.first_call(self.model, "train", len(part)):  # --compile: a new size
                 watchdog.beat("compiling for a batch of", len(part), compiling=True)
                 compiled.verify(self.model, part, self.comm.Get_rank())
@@ -149,6 +148,7 @@ class EnsembleCompression:
                                               self.temperature, reduction="sum"))
                 self._count("distill_loss", sums[-1], len(out) - k)
             yield sum(sums[1:], sums[0]) / len(inputs)
+            lo += len(part)
 
     def _count(self, part: str, total, samples: int) -> None:
         kept = self._parts.setdefault(part, [0.0, 0])
