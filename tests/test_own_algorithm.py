@@ -265,9 +265,12 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
 
 def test_compared_and_simulated(tmp_path):
     relative = f"./{EXAMPLE.relative_to(ROOT)}:SignumVote"  # jobs run in the checkout
-    job = run_job(["bench", "compare", "--algos", f"ssgd,{relative}", "--workers", "2",
-                   *SMALL[:-1], "--vote", "mean", "--out", str(tmp_path / "cmp")], np=0,
-                  timeout=240)
+    # One process (conftest.run_commands: one start-up): the comparison (its runs, mpiruns of
+    # their own), then the simulation.
+    job = run_commands([["bench", "compare", "--algos", f"ssgd,{relative}", "--workers", "2",
+                         *SMALL[:-1], "--vote", "mean", "--out", str(tmp_path / "cmp")],
+                        ["simulate", "--algo", relative, "--workers", "4", *SMALL, "--out",
+                         str(tmp_path / "sim")]], np=0, timeout=280)
     assert job.returncode == 0, job.stderr
     record = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert record["algos"] == ["ssgd", "signum-vote"]
@@ -278,9 +281,6 @@ def test_compared_and_simulated(tmp_path):
     assert "vote_bytes_per_rank" in row  # its own byte count, in the traffic column
     assert record["byte_fields"] == {"signum-vote": ["vote_bytes_per_rank"]}  # report imports
     # nothing
-    sim = run_job(["simulate", "--algo", relative, "--workers", "4", *SMALL, "--out",
-                   str(tmp_path / "sim")], np=0)
-    assert sim.returncode == 0, sim.stderr
     simulated = json.loads((tmp_path / "sim" / "summary.json").read_text())
     assert simulated["workers"] == 4
     assert json.loads((tmp_path / "sim" / "config.json").read_text())["algo"] == SIGNUM

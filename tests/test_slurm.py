@@ -263,6 +263,7 @@ def submit(cluster: LocalSlurm, script: str, options: list[str], args: list[str]
 
 
 RUNNING_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED")
+POLL_S = 0.2  # between looks at a job's state: each change is seen that much later
 
 
 def job_fields(cluster: LocalSlurm, job: str) -> dict:
@@ -281,7 +282,7 @@ def wait(cluster: LocalSlurm, job: str, timeout: float = 240) -> dict:
         if time.monotonic() > deadline:
             cluster.run("scancel", job, check=False)
             pytest.fail(f"job {job} not done in {timeout}s: {fields['JobState']}")
-        time.sleep(0.5)
+        time.sleep(POLL_S)
 
 
 def sbatch(cluster: LocalSlurm, script: str, options: list[str], args: list[str],
@@ -553,10 +554,13 @@ def _warn_and_wait(cluster: LocalSlurm, job: str, work: Path, checkpoints: Path)
     """Once ``checkpoints`` holds one, warn ``job`` as Slurm's ``--signal`` does (SIGUSR1 to
     the batch script); its fields once the attempt it requeued itself for has ended."""
     deadline = time.monotonic() + 240
+    looked = 0.0  # when the job's state was last asked for (an scontrol each time)
     while not list(checkpoints.glob("ckpt-*")):
-        assert job_fields(cluster, job)["JobState"] in RUNNING_STATES, job_log(work, job)
+        if time.monotonic() - looked >= POLL_S:
+            assert job_fields(cluster, job)["JobState"] in RUNNING_STATES, job_log(work, job)
+            looked = time.monotonic()
         assert time.monotonic() < deadline, cluster.diagnosis(work, job)
-        time.sleep(0.05)
+        time.sleep(0.02)
     cluster.run("scancel", "--batch", "--signal=USR1", job)
     return _wait_for_attempt(cluster, job, work, "(restart 1)", "after SIGUSR1")
 
@@ -569,7 +573,7 @@ def _requeue_and_wait(cluster: LocalSlurm, job: str, work: Path, started: str) -
     # before step completely launched", seen once under load).
     deadline = time.monotonic() + 120
     while (node := _node_state(cluster)) != "idle" and time.monotonic() < deadline:
-        time.sleep(0.5)
+        time.sleep(POLL_S)
     cluster.run("scontrol", "requeue", job)
     return _wait_for_attempt(cluster, job, work, started, f"node {node!r} at the requeue")
 
@@ -603,7 +607,7 @@ def _wait_for_attempt(cluster: LocalSlurm, job: str, work: Path, started: str,
             return again
         assert time.monotonic() < deadline, \
             f"requeued job not done in 240 s ({note}): {again}\n{cluster.diagnosis(work, job)}"
-        time.sleep(0.5)
+        time.sleep(POLL_S)
 
 
 ELASTIC_JOB = """#!/bin/bash

@@ -595,16 +595,20 @@ def test_a_scheduler_on_the_wrapped_optimizer_keeps_working_after_a_resume(tmp_p
     """StepLR built on the optimizer that DistributedOptimizer wraps (they share the
     param_groups dicts); rank 1 is lost in epoch 1 and the job resumes. Restoring on rank 0
     alone used to give its optimizer new dicts: its learning rate stayed put at every
-    sched.step() after the resume, and the ranks' models drifted apart, with no error."""
-    procs = {attempt: run_program([sys.executable, str(SCHEDULER), str(tmp_path)], 2,
-                                  timeout=150, env={"PYTHONPATH": str(ROOT), "ATTEMPT": attempt,
-                                                    elastic.ENV: str(tmp_path / folder)})
-             for attempt, folder in (("0", "commits"), ("1", "commits"), ("clean", "clean"))}
+    sched.step() after the resume, and the ranks' models drifted apart, with no error.
+    Two launches: the job that loses rank 1, then the resumed one and, after it in the same
+    launch, the run that loses nobody (from scratch, with a commit folder of its own)."""
+    procs = {attempts: run_program([sys.executable, str(SCHEDULER), str(tmp_path)], 2,
+                                   timeout=150, env={"PYTHONPATH": str(ROOT), "ATTEMPT": attempts,
+                                                     elastic.ENV: str(tmp_path / "commits")})
+             for attempts in ("0", "1,clean")}
     assert procs["0"].returncode != 0  # the job that lost a worker ended
-    for attempt in ("1", "clean"):
-        assert procs[attempt].returncode == 0, procs[attempt].stderr
-    assert "resuming from commit" in procs["1"].stderr
-    assert "resuming" not in procs["clean"].stderr
+    again = procs["1,clean"]
+    assert again.returncode == 0, again.stderr
+    # once, by the resumed run: the clean one, after it, resumed nothing
+    assert again.stderr.count("resuming") == 1 and "resuming from commit" in again.stderr
+    assert not list((tmp_path / "commits").glob("state-1.pt"))  # the clean one's is its own
+    assert (tmp_path / "clean" / "state-1.pt").is_file()
     lrs = [[json.loads(line) for line in (tmp_path / f"lr-1-{r}.jsonl").read_text().splitlines()]
            for r in range(2)]
     assert lrs == [[{"epoch": 2, "lr": 0.05}, {"epoch": 3, "lr": 0.025}]] * 2
