@@ -25,9 +25,13 @@ def make_grads(model, value: float | None = None):
 
 
 def test_all_finite():
-    """As isfinite(t).all() over every tensor, which it replaces by their smallest and
-    largest elements: of every dtype without converting one (float64's 1e300 is finite),
-    complex by both parts, empty tensors skipped, a NaN anywhere among finite values."""
+    """As isfinite(t).all() over every tensor, which it replaces by their sums, and where a
+    sum is not finite by their smallest and largest elements: of every dtype without
+    converting one (float64's 1e300 is finite), finite values whose sum overflows finite
+    (float16's 6e4 + 6e4), complex by both parts, empty tensors skipped, a NaN anywhere
+    among finite values."""
+    assert all_finite([torch.tensor([6e4, 6e4], dtype=torch.float16)])
+    assert all_finite([torch.tensor([3e38, 3e38]), torch.tensor([-3e38, -3e38])])
     assert all_finite([torch.ones(3), torch.zeros(2, 2)]) and all_finite([])
     assert all_finite([torch.empty(0), torch.tensor([1e300], dtype=torch.float64),
                        torch.ones(2, dtype=torch.bfloat16), torch.ones(2, dtype=torch.float16)])
