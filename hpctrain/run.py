@@ -299,7 +299,7 @@ def _run(config: RunConfig, world) -> dict | None:
             if algo.is_worker() else None
     except checkpoint.Stopped as stopped:  # SIGUSR1, after the checkpoint, on every worker
         summary = stopped
-    except Exception as error:
+    except BaseException as error:  # Ctrl-C's KeyboardInterrupt too, in a notebook
         if raised_on_every_rank(error) or everyone.Get_size() == 1:  # a script may go on
             _release(algo, world, everyone)
         raise
