@@ -551,13 +551,18 @@ class _Training:
                                       batch_size=o.batch_size, workers=size, steps=steps,
                                       per_epoch=algo.per_epoch, resize_state=algo.resize_state),
             stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
-        self.log = RunLog(config.out, rank)
-        if rank == 0:
-            _write_config(self.log, config, algo, self.device, size, runtime, started_from, resumes)
-        self.snapshots = Snapshots()
-        self.snapshotting = algo.snapshots != "root" or rank == 0
-        self.base_lr = optimizers.base_lr(o, size)
-        self._start(loaded, world)
+        try:  # the checkpointer holds SIGUSR1 from here: an error below lets go of it
+            self.log = RunLog(config.out, rank)
+            if rank == 0:
+                _write_config(self.log, config, algo, self.device, size, runtime, started_from,
+                              resumes)
+            self.snapshots = Snapshots()
+            self.snapshotting = algo.snapshots != "root" or rank == 0
+            self.base_lr = optimizers.base_lr(o, size)
+            self._start(loaded, world)
+        except BaseException:
+            self.let_go()
+            raise
 
     def _start(self, loaded, world) -> None:
         """Set-up's second half: snapshot 0, the counters a checkpoint restores, the watch,
@@ -667,12 +672,14 @@ class _Training:
 
     def let_go(self) -> None:
         """This rank alone raised in the loop (a bug in the model, Ctrl-C, sgd's too many bad
-        steps): what the loop holds of this process let go, so that a script that goes on
-        trains afresh (SIGUSR1's handler, TensorBoard's writer thread, the profiler). No
-        collective: the others may be mid-step (under MPI the abort hook ends the job)."""
-        self.profiler.close()
-        self.bar.close()
-        if self.rank == 0:
+        steps), or any error came in set-up: what the run holds of this process let go, so
+        that a script that goes on trains afresh (SIGUSR1's handler, TensorBoard's writer
+        thread, the profiler), of what set-up got to make. No collective: the others may be
+        mid-step (under MPI the abort hook ends the job)."""
+        for name in ("profiler", "bar"):
+            if hasattr(self, name):
+                getattr(self, name).close()
+        if self.rank == 0 and hasattr(self, "watch"):
             self.watch.board.close()
         self.ckpt.release_signal()
 

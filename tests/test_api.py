@@ -403,6 +403,12 @@ class Breaks(nn.Module):
             raise KeyboardInterrupt  # Ctrl-C in a notebook, mid-step
         return self.body(x)
 
+class StartFails(RunConfig(algo="sgd").algorithm_class):
+    name = "start-fails"  # a user's algorithm whose start (in set-up) has a bug
+
+    def start(self, position):
+        raise RuntimeError("start's own bug")
+
 def run(name, model, algo):
     return hpctrain.train(RunConfig(
         algo=algo, seed=1, out=f"{sys.argv[1]}/{name}", progress=False, tensorboard=True,
@@ -420,6 +426,10 @@ try:
     run("broken", Breaks, "ssgd")
 except KeyboardInterrupt:
     print("caught: interrupted", flush=True)
+try:
+    run("start", "mlp", StartFails)
+except RuntimeError as error:
+    print("caught:", error, flush=True)
 after = held()
 after["threads"] = [t for t in after["threads"] if t not in ("tqdm_monitor",)]
 print(json.dumps({"before": before, "after": after,
@@ -433,10 +443,12 @@ def test_a_run_raising_on_its_own_lets_go_of_what_it_held(tmp_path):
     sgd's too many bad steps) left SIGUSR1's handler installed (the script's next signal was
     swallowed), TensorBoard's writer thread running (one more per failed run), the profiler
     recording everything the script did next and (KeyboardInterrupt, in one process) the
-    hpctrain.sync backend ssgd started up."""
+    hpctrain.sync backend ssgd started up; an error in set-up (an algorithm's start) left
+    SIGUSR1's handler too."""
     script = tmp_path / "broken.py"
     script.write_text(BROKEN_THEN_GOOD_SCRIPT)
     proc = run_program([sys.executable, str(script), str(tmp_path)], timeout=150)
-    assert proc.returncode == 0 and "caught: interrupted" in proc.stdout, proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    assert "caught: interrupted" in proc.stdout and "caught: start's own bug" in proc.stdout
     held = json.loads(proc.stdout.strip().splitlines()[-1])
     assert held["after"] == held["before"] and held["good"] > 0, held
