@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import horovod_missing
+from conftest import SYNTHETIC, horovod_missing, run_commands
 from torch import nn
 from torch.nn import functional as F
 
@@ -82,6 +82,20 @@ def test_tree_in_one_process_is_the_reference_per_tensor():
         torch.testing.assert_close(got[offset:offset + c], torch.from_numpy(_tree(parts)))
         offset += c
     assert tree(vectors[:1], counts) is not vectors[0]
+
+
+def test_ssgd_adasum_runs_on_horovods_own_optimizer(tmp_path):
+    """ssgd --sync-backend horovod --reduce-op adasum: Horovod's optimizer has no
+    ``update_applied`` (it applies every combined update), which the step read (AttributeError).
+    One plain process: Horovod then wraps with its averaging optimizer, as at any size 1."""
+    why = horovod_missing()
+    if why:
+        pytest.skip(why)
+    proc = run_commands([["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1",
+                          "--batch-size", "64", "--sync-backend", "horovod",
+                          "--reduce-op", "adasum", "--out", str(tmp_path / "run")]], np=0)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "run" / "summary.json").exists()
 
 
 def test_ssgd_reduce_op_adasum_is_refused_on_3_workers_before_mpi():

@@ -183,7 +183,9 @@ class Synchronous(Algorithm):
     def apply(self) -> bool:
         if self.adasum:  # the update is reduced inside step()
             self.optimizer.step()
-            return self.optimizer.update_applied
+            # hpctrain's Adasum optimizer may drop a non-finite combined update; Horovod's
+            # (and any optimizer at size 1) applies every one and has no such attribute.
+            return getattr(self.optimizer, "update_applied", True)
         with self.optimizer.skip_synchronize():  # synchronize() already waited
             self.optimizer.step()
         return True
