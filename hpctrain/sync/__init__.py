@@ -21,7 +21,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -43,6 +43,9 @@ from hpctrain.sync.errors import CollectiveMismatchError, UsageTypeError, not_in
 from hpctrain.sync.optimizer import parameter_names
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.sync_batch_norm import SyncBatchNorm
+
+if TYPE_CHECKING:  # a type only: what DistributedOptimizer returns
+    from hpctrain.sync.optimizer import HorovodOptimizer as HorovodOptimizer
 
 __all__ = [
     "BACKENDS", "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min",
@@ -620,8 +623,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, named_parameters: Any
                          op: Any = Average, gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
                          process_set: PS = global_process_set, *,
-                         bucket_bytes: int | None = None) -> torch.optim.Optimizer:
+                         bucket_bytes: int | None = None) -> HorovodOptimizer:
     """``optimizer`` whose ``step()`` applies gradients allreduced over all processes.
+
+    Typed as :class:`~hpctrain.sync.optimizer.HorovodOptimizer` (the user's optimizer with
+    Horovod's ``synchronize``, ``skip_synchronize``, ``set_backward_passes_per_step``).
 
     ``bucket_bytes`` (hpctrain's backends: mpi, torch) is the fusion bucket size; without
     it, ``HOROVOD_FUSION_THRESHOLD`` where set (as Horovod's own fusion buffer is set, before

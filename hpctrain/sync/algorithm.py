@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
@@ -29,6 +29,9 @@ from hpctrain.guard import GradientGuard
 from hpctrain.options import option
 from hpctrain.sync import horovod_backend
 from hpctrain.sync.buckets import default_bucket_bytes
+
+if TYPE_CHECKING:
+    from hpctrain.sync.optimizer import HorovodOptimizer
 
 
 class Sequential(Algorithm):
@@ -157,6 +160,7 @@ class Synchronous(Algorithm):
 
     def setup(self, s: Setup) -> None:
         super().setup(s)
+        assert self.optimizer is not None  # super().setup() made it
         hvd.broadcast_parameters(s.model.state_dict(), root_rank=0)
         o = self.config.optim
         passes = microbatch.parts(o.batch_size, o.micro_batch_size)  # its backward passes
@@ -177,20 +181,26 @@ class Synchronous(Algorithm):
             return {"model": self.model}, {"optimizer": self.optimizer}
         return super().checkpoint_state()
 
+    @property
+    def _synced(self) -> HorovodOptimizer:
+        """The DistributedOptimizer that setup() wrapped ``self.optimizer`` in."""
+        return cast("HorovodOptimizer", self.optimizer)
+
     def synchronize(self) -> None:
-        self.optimizer.synchronize()
+        self._synced.synchronize()
 
     def apply(self) -> bool:
         if self.adasum:  # the update is reduced inside step()
-            self.optimizer.step()
+            self._synced.step()
             # hpctrain's Adasum optimizer may drop a non-finite combined update; Horovod's
-            # (and any optimizer at size 1) applies every one and has no such attribute.
+            # (its averaging one at size 1 too) applies every one and has no such attribute.
             return getattr(self.optimizer, "update_applied", True)
-        with self.optimizer.skip_synchronize():  # synchronize() already waited
-            self.optimizer.step()
+        with self._synced.skip_synchronize():  # synchronize() already waited
+            self._synced.step()
         return True
 
     def summary(self, points: list[dict], comm) -> dict:
+        assert self.model is not None  # setup() set it
         step = reduced_bytes(self.model, self.compression, sparse_too=self.adasum)
         ranks = 1 if comm is None else comm.Get_size()
         return {"allreduce_bytes_per_rank": allreduce_bytes(points[-1]["updates"] * step, ranks)}

@@ -15,8 +15,8 @@ import math
 import warnings
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -30,6 +30,27 @@ from hpctrain.sync.compression import Compression, only_casts
 from hpctrain.sync.errors import UsageTypeError
 from hpctrain.sync.process_sets import ProcessSet, global_process_set, included_member
 
+if TYPE_CHECKING:
+    class HorovodOptimizer(torch.optim.Optimizer):
+        """What ``DistributedOptimizer`` returns, for the type checker only: the user's
+        optimizer (an instance of a subclass of its class, made on the fly; Horovod's own with
+        ``backend="horovod"``) plus Horovod's methods, so ``opt.synchronize()`` and
+        ``with opt.skip_synchronize():`` check in a script, and ``opt`` still goes to LR
+        schedulers and ``GradScaler``, which take a ``torch.optim.Optimizer`` (a Protocol
+        would not; typing has no intersection of the user's class with these). Annotate
+        with it under ``if TYPE_CHECKING:``; at run time it does not exist."""
+
+        backward_passes_per_step: int
+
+        def __init__(self, params: Any, *args: Any, **kwargs: Any) -> None: ...
+        def synchronize(self) -> None: ...
+        def skip_synchronize(self) -> AbstractContextManager[None]: ...
+        def set_backward_passes_per_step(self, passes: int) -> None: ...
+
+    _Mixin = HorovodOptimizer
+else:
+    _Mixin = object  # the user's optimizer class comes after the mixins, at run time
+
 
 def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          named_parameters: Iterable[tuple[str, torch.Tensor]] | None = None,
@@ -37,7 +58,8 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
                          op: Any = Average, gradient_predivide_factor: float = 1.0,
                          num_groups: int = 0, groups: Any = None, sparse_as_dense: bool = False,
                          process_set: ProcessSet = global_process_set, *,
-                         bucket_bytes: int = DEFAULT_BUCKET_BYTES) -> torch.optim.Optimizer:
+                         bucket_bytes: int = DEFAULT_BUCKET_BYTES
+                         ) -> _DistributedOptimizer | _AdasumOptimizer:
     """Wrap ``optimizer`` so that ``step()`` applies gradients allreduced over all processes.
 
     Horovod's arguments and semantics; ``bucket_bytes`` is the fusion bucket size. ``groups``
@@ -198,7 +220,7 @@ def _check_passes(passes: Any) -> None:
         raise UsageError(f"backward_passes_per_step must be an integer >= 1, got {passes!r}")
 
 
-class _DistributedOptimizer:
+class _DistributedOptimizer(_Mixin):
     """Mixed in before the user's optimizer class; ``super()`` is that class."""
 
     def __init__(self, params: list[dict], names: dict[torch.Tensor, str], compression: Any,
@@ -257,6 +279,7 @@ class _DistributedOptimizer:
     def synchronize(self) -> None:
         """Wait until every gradient is allreduced and written to its ``.grad``."""
         if self._reducer:
+            assert self._member is not None  # a reducer is made for a member only
             with collectives.rejecting(self._member, "DistributedOptimizer.step"):
                 self._check_reduced()
             self._reducer.synchronize()
@@ -324,7 +347,7 @@ class _DistributedOptimizer:
         super().load_state_dict(state_dict)
 
 
-class _AdasumOptimizer:
+class _AdasumOptimizer(_Mixin):
     """Mixed in before the user's optimizer class for ``op=Adasum``, as Horovod's
     ``_DistributedAdasumOptimizer``: every rank steps on its own gradients and the changes of
     the parameters, not the gradients, are combined by Adasum (for plain SGD these are -lr·g;
@@ -355,7 +378,7 @@ class _AdasumOptimizer:
     def synchronize(self) -> None:
         """Nothing to wait for: the update is reduced inside ``step()`` (as in Horovod)."""
 
-    def skip_synchronize(self) -> Iterator[None]:
+    def skip_synchronize(self) -> NoReturn:
         raise UsageError("skip_synchronize() does not apply to op=Adasum: the update, not the "
                          "gradient, is reduced inside step() (as in Horovod)")
 
