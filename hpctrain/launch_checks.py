@@ -17,6 +17,7 @@ import math
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from typing import TypeGuard
 
 import torch
 
@@ -83,11 +84,12 @@ def check_launch(config: RunConfig, ranks: int,
         raise UsageError(f"--checkpoint-every {ck.interval}: asynchronous runs checkpoint by "
                          "global progress; give epochs, e.g. 1e")
     algo.check(config, ranks, n)
-    for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
+    out, ck_dir, resume = (options.text_or_none(v) for v in (config.out, ck.dir, ck.resume))
+    for flag, folder in (("--out", out), ("--checkpoint-dir", ck_dir)):
         check_folder(flag, folder)
     if comm.env_rank() == 0:  # the rank that claims them: another may find its rank 0's lock
-        refuse_in_use(config.out, ck.dir, ck.resume)  # a live run's, before what it holds
-    refuse_finished(config.out, ck.resume)  # before its checkpoints would call it unfinished
+        refuse_in_use(out, ck_dir, resume)  # a live run's, before what it holds
+    refuse_finished(out, resume)  # before its checkpoints would call it unfinished
     resolved = checkpoint.check(algo=config.algo, ranks=ranks_all, every=ck.every,
                                 checkpoint_dir=ck.dir, resume=ck.resume, out=config.out,
                                 run_config=configs.flat(config),
@@ -96,11 +98,11 @@ def check_launch(config: RunConfig, ranks: int,
                                           configs.left_out(config).items()
                                           if given is None or key not in given},
                                 absent=configs.before_newer_options(config))
-    check_resumed_folders(ck.resume, config.out, ck.dir, resolved)
+    check_resumed_folders(resume, out, ck_dir, resolved)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
                                         every=resolved.every))
-    refuse_finished(config.out)
+    refuse_finished(options.text_or_none(config.out))
     refuse_taken_names(config)
     if config.model.init_from:  # its file fits the model (else no second build here)
         initial_model(config, sample.shape, sample.num_classes)
@@ -119,14 +121,17 @@ def check_workers(config: RunConfig, workers: int,
     optimizers.check(config.algorithm_class, config.optim)
     faults.check(config, workers)  # $HPCTRAIN_INJECT, read at the first step
     parse_slowdown(config.stragglers.slowdown, workers)
-    data.check(config.data.dataset, config.data.data_dir)
-    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    n = data.size(config.data.dataset, "train", config.data.data_dir)
+    dataset = options.text(config.data.dataset)
+    data_dir = options.text_or_none(config.data.data_dir)
+    data.check(dataset, data_dir)
+    sample = data.load(dataset, "test", data_dir, 0, 1)
+    n = data.size(dataset, "train", data_dir)
     o = config.optim
     per_worker = min(subset or n, n) // max(workers, 1)
     _say_what_the_sizes_cut(config, per_worker)
-    _say_channels_last(config.data.dataset, sample.shape)
-    plugins.check_model(config.model.name, sample.shape, sample.num_classes, config.model.args,
+    _say_channels_last(dataset, sample.shape)
+    plugins.check_model(options.text(config.model.name), sample.shape, sample.num_classes,
+                        config.model.args,
                         one_sample=microbatch.one_sample(per_worker, o.batch_size,
                                                          o.micro_batch_size),
                         no_sparse=optimizers.sparse_refusal(config.algorithm_class, o))
@@ -175,12 +180,13 @@ def check_compute(config: RunConfig, in_threads: bool = False) -> None:
 
 def _say_user_data(config: RunConfig) -> None:
     """A user's data set checked and its sizes said (rank 0) before MPI starts."""
-    name = config.data.dataset
+    name = options.text(config.data.dataset)
+    data_dir = options.text_or_none(config.data.data_dir)
     if userdata.is_user(name):
-        data.check_data_dir(name, config.data.data_dir)  # before a loader reads for nothing
+        data.check_data_dir(name, data_dir)  # before a loader reads for nothing
         # By the name the run uses after launch (userdata spells --data-dir as it does): its
         # loader is called (and cached) once.
-        about = userdata.describe(userdata.absolute(name), config.data.data_dir)
+        about = userdata.describe(userdata.absolute(name), data_dir)
         if comm.env_rank() == 0:
             print(f"hpctrain: data {name}: {about['train']} training and {about['test']} test "
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "
@@ -197,12 +203,16 @@ def _as_launched(config: RunConfig) -> RunConfig:
     launcher (ssgd under torchrun: ``--sync-backend torch``)."""
     config = configs.resolve(config)
     init_from = config.model.init_from
-    data_config = replace(config.data, dataset=userdata.absolute(config.data.dataset),
-                          data_dir=userdata.absolute_dir(config.data.data_dir))
-    model_config = replace(config.model, name=plugins.absolute(config.model.name, "--model"),
+    dataset, data_dir = options.text(config.data.dataset), options.text_or_none(
+        config.data.data_dir)
+    data_config = replace(config.data, dataset=userdata.absolute(dataset),
+                          data_dir=userdata.absolute_dir(data_dir))
+    model_config = replace(config.model, name=plugins.absolute(options.text(config.model.name),
+                                                               "--model"),
                            init_from=init_from and str(Path(plugins.home_expanded(
                                init_from, "--init-from")).resolve()))
-    config = replace(config, algo=plugins.absolute(config.algo, "--algo"), data=data_config,
+    config = replace(config, algo=plugins.absolute(options.text(config.algo), "--algo"),
+                     data=data_config,
                      model=model_config)
     return config.algorithm_class.for_launch(config, comm.launcher())
 
@@ -228,12 +238,13 @@ def finished_run(config: RunConfig) -> dict | None:
     ck = config.checkpoint
     if ck.resume != checkpoint.AUTO:
         return None
-    for flag, folder in (("--out", config.out), ("--checkpoint-dir", ck.dir)):
+    out, ck_dir = options.text_or_none(config.out), options.text_or_none(ck.dir)
+    for flag, folder in (("--out", out), ("--checkpoint-dir", ck_dir)):
         check_length(flag, folder)  # before looking in them
-    out, where = config.out, f"--out {config.out}"
-    if out is None and ck.dir is not None:
-        out = checkpoint.policy.recorded_out(ck.dir)
-        where = f"{out} (the run of --checkpoint-dir {ck.dir})"
+    where = f"--out {out}"
+    if out is None and ck_dir is not None:
+        out = checkpoint.policy.recorded_out(ck_dir)
+        where = f"{out} (the run of --checkpoint-dir {ck_dir})"
     if out is None or not (Path(out) / "summary.json").exists():
         return None
     recorded = Path(out) / "config.json"
@@ -288,7 +299,7 @@ def _code_names(ran: dict, launched: RunConfig) -> list[tuple[str, tuple[str, ..
     form), each with its :func:`configs.flat` key and its place in ``ran``; an algorithm's
     own options read as ``launched``'s algorithm declares them."""
     tables = {**configs.SECTIONS, "algorithm": type(launched.algorithm)}
-    found = []
+    found: list[tuple[str, tuple[str, ...], str]] = []
     for f in fields(RunConfig):
         table, value = tables.get(f.name), ran.get(f.name)
         places = [(g, (f.name, g.name), value.get(g.name)) for g in fields(table)] \
@@ -298,7 +309,7 @@ def _code_names(ran: dict, launched: RunConfig) -> list[tuple[str, tuple[str, ..
     return found
 
 
-def _names_code(value) -> bool:
+def _names_code(value: object) -> TypeGuard[str]:
     """Whether ``value`` reads as a reference to code, which building a configuration of it
     may import (``npz:FILE``, ``partial:0.5`` do not)."""
     if not isinstance(value, str) or not plugins.is_reference(value):
@@ -313,8 +324,9 @@ def _names_code(value) -> bool:
 def initial_model(config: RunConfig, input_shape: tuple, num_classes: int) -> torch.nn.Module:
     """The model a run starts from (the caller seeds torch first): built, and given the
     weights of ``--init-from`` unless the run resumes from its own checkpoint."""
-    model = plugins.build_model(config.model.name, input_shape, num_classes, config.model.args)
+    name = options.text(config.model.name)
+    model = plugins.build_model(name, input_shape, num_classes, config.model.args)
     if config.model.init_from and config.checkpoint.resume is None:
-        weights.load_into(model, config.model.init_from, config.model.name)
+        weights.load_into(model, options.text(config.model.init_from), name)
     return model
 

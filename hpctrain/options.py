@@ -374,6 +374,20 @@ def plain_numbers(value):
     return value.item() if _numpy_scalar(value) else value
 
 
+def text(value: object) -> str:
+    """A path or code option of a built configuration, as the type checker should see it:
+    :func:`check_fields` (each configuration's ``__post_init__``) made it a string, where
+    its field's wider type is what the constructor takes (a path, the Python API's class)."""
+    assert isinstance(value, str), value
+    return value
+
+
+def text_or_none(value: object) -> str | None:
+    """:func:`text` for an option that may be left out (None)."""
+    assert value is None or isinstance(value, str), value
+    return value
+
+
 def check_fields(obj) -> None:
     """Check a configuration dataclass's option values (types, choices, ranges); UsageError
     naming the flag and the bad value on the first that is wrong. None means "not given"
