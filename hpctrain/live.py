@@ -30,6 +30,7 @@ import copy
 import math
 import time
 from collections.abc import Callable
+from typing import Any, TypedDict
 
 from hpctrain import collapse, compiled, tensorboard, watchdog
 from hpctrain import config as configs
@@ -158,6 +159,17 @@ def collapse_detector(config, num_classes: int, per_epoch: int,
     return collapse.CollapseDetector(num_classes, max(20, steps // 4), warmup=warmup)
 
 
+class _Logged(TypedDict):
+    """What TensorBoard's next training entry adds up (:meth:`Watch._log`)."""
+
+    steps: int  # since the last entry
+    loss: float  # their losses' sum
+    position: int | None  # the last entry's (None: no step of this process yet)
+    t: float
+    stale: tuple[int, int]  # the staleness cursor (_stale_mark)
+    last: tuple[int, float, float] | None  # the last step's (position, lr, t)
+
+
 class Watch:
     """One worker's view of the run as it happens (see the module docstring)."""
 
@@ -202,11 +214,11 @@ class Watch:
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
         # Snapshots sent to the evaluating rank and not scored yet: index -> the send's request,
         # which holds the snapshot's memory (sent out of band, not copied) until waited for.
-        self._unscored: dict[int, object] = {}
+        self._unscored: dict[int, Any] = {}  # an mpi4py request's
         # TensorBoard's training entries: what the steps since the last entry added up to, and
         # the last step's (position, lr, t).
         # The staleness cursor starts past the pushes a checkpoint restored (logged before).
-        self._logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
+        self._logged: _Logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
                         "stale": _stale_mark(algo), "last": None}
         self._postfix: dict[str, str] = {}
 
@@ -259,6 +271,7 @@ class Watch:
         """Rank 0: one training entry for the steps logged since the last (--log-every of
         them, or the last few of the run)."""
         log, board = self._logged, self.board
+        assert log["last"] is not None and log["position"] is not None  # a step was logged
         position, lr, t = log["last"]
         board.scalar("train/loss", log["loss"] / log["steps"], position, t)
         board.scalar("train/lr", lr, position, t)
@@ -276,7 +289,7 @@ class Watch:
             board.scalar("train/staleness", float(total - total0) / (count - count0),
                          position, t)
             log["stale"] = (count, total)
-        log.update(steps=0, loss=0.0, position=position, t=t)
+        log.update({"steps": 0, "loss": 0.0, "position": position, "t": t})
 
     def begin(self, model, snapshots) -> None:
         """Before the first step: score the snapshots there are already (the first, and those
@@ -310,6 +323,7 @@ class Watch:
             self.in_clock = self.in_clock or self._training  # else before or after the clock
             self._scored(index, curve_point(model, self.test_set, snapshots[index].info))
             return
+        assert self.channel is not None  # made whenever there is an evaluating rank
         self._unscored[index] = self.channel.isend(
             (index, snapshots[index].state, snapshots[index].info), dest=self.eval_rank,
             tag=_SNAPSHOT)
@@ -318,6 +332,7 @@ class Watch:
     def _receive(self, block: bool) -> None:
         """Rank 0: the scores the evaluating rank has sent (``block``: all still due). A scored
         snapshot's send is complete: its request, and its hold on the snapshot, go."""
+        assert self.channel is not None  # made whenever there is an evaluating rank
         probe = self.channel.mprobe if block else self.channel.improbe
         while self._unscored:
             incoming = probe(source=self.eval_rank, tag=_SCORE)
@@ -387,6 +402,7 @@ class Watch:
         """Rank 0: the evaluating rank's scores still on their way, then its last message."""
         if self.rank == 0 and self.eval_rank is not None:
             self._receive(block=True)
+            assert self.channel is not None  # made whenever there is an evaluating rank
             self.channel.send(stopped, dest=self.eval_rank, tag=_SNAPSHOT)
 
     def curve(self, model, snapshots, comm) -> list[dict] | None:
