@@ -27,6 +27,7 @@ import tempfile
 import textwrap
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from hpctrain import (
     arguments,
@@ -176,7 +177,8 @@ def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> R
         left.append("checkpoint settings")
     for name in ("eval_rank", "profile"):
         if not hasattr(args, name) and getattr(config, name) is not None:
-            config = replace(config, **{name: None})
+            cleared: dict[str, Any] = {name: None}
+            config = replace(config, **cleared)
             left.append(f"--{name.replace('_', '-')}")
     if not hasattr(args, "data.data_placement") and config.data.data_placement == "sharded":
         # each rank's part of the data: the same samples, in the same order, as replicated
@@ -188,7 +190,9 @@ def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> R
               "run's only)", file=sys.stderr, flush=True)
     backend = getattr(config.algorithm, "sync_backend", "mpi")
     if backend != "mpi" and not hasattr(args, "algorithm.sync_backend"):  # typed: refused
-        config = replace(config, algorithm=replace(config.algorithm, sync_backend="mpi"))
+        assert config.algorithm is not None  # RunConfig fills in its algorithm's defaults
+        mpi: dict[str, Any] = {"sync_backend": "mpi"}  # a field of some algorithms' options
+        config = replace(config, algorithm=replace(config.algorithm, **mpi))
         print(f"hpctrain simulate: leaving out {args.config}'s --sync-backend {backend}: the "
               f"virtual workers add as --sync-backend mpi does, so the final model is an mpi "
               f"run's bit for bit, and a {backend} run's to rounding only",
@@ -221,6 +225,7 @@ def info() -> None:
         placed = MPI.COMM_WORLD.gather(_placement(rank), root=0)
     if rank != 0:
         return
+    assert placed is not None  # gathered on rank 0
     facts = {**machine, **devices.describe(),
              "cuda_aware_mpi_forced_by": _cuda_aware_forced_by(),
              **comm.library_info(), "ranks": size, "local_size": local_size,
