@@ -153,7 +153,8 @@ def _release(ref: weakref.ref, handles: list, transport: Transport, buckets: lis
     """A dropped reducer's finalizer: unhook it, forget it, free its transport."""
     for handle in handles:
         handle.remove()
-    for registry in (_owners, _reducers):
+    registries: tuple[dict[Any, weakref.ref], ...] = (_owners, _reducers)
+    for registry in registries:
         for key in [k for k, v in registry.items() if v is ref]:
             del registry[key]
     if any(b.request is not None for b in buckets):  # launched, not synchronized
@@ -227,6 +228,15 @@ class _Bucket:
     packed: int = 0
     request: Request | None = None
     token: Any = None  # its timeline phase, while the timeline runs
+
+
+def _requests(buckets: list[_Bucket]) -> list[Request]:
+    """The requests of ``buckets``, every one launched (launching sets its request)."""
+    requests = []
+    for b in buckets:
+        assert b.request is not None  # launched
+        requests.append(b.request)
+    return requests
 
 
 class BucketedAllreduce:
@@ -325,6 +335,7 @@ class BucketedAllreduce:
             slot.sparse_now = True
             return
         bucket, view = self._buckets[slot.bucket], slot.view
+        assert view is not None  # a bucket's slot has its slice
         bucket.packed += 1
         if grad is None:
             view.zero_()
@@ -362,7 +373,7 @@ class BucketedAllreduce:
         # Open MPI advances non-blocking collectives only inside MPI calls.
         if self._next:
             with span("hpctrain.allreduce_progress"):
-                test_all([b.request for b in self._buckets[:self._next]])
+                test_all(_requests(self._buckets[:self._next]))
 
     def zeros_for_every_bucket(self, sparse: list[tuple[int, int]]
                                ) -> list[tuple[torch.Tensor, Request]]:
@@ -393,7 +404,7 @@ class BucketedAllreduce:
         reduced = SparseAllgather(self._transport, [
             contribution(self._params[i].grad, self._params[i], self._sparse_dims[i])
             for i in sparse], average=self._op is Average) if sparse else None
-        wait_all([b.request for b in self._buckets])
+        wait_all(_requests(self._buckets))
         for bucket in self._buckets:
             timeline.finished(bucket.token)  # from posting it until seen done, as Horovod's
             bucket.stage.to_device()
@@ -427,20 +438,23 @@ class BucketedAllreduce:
         if not bucket.cast:
             scale_(bucket.buffer, bucket.post)
             for slot in dense:  # .grad views the buffer unless reassigned since packing
+                assert slot.view is not None  # a bucket's slot has its slice
                 if slot.param.grad is None or slot.param.grad.data_ptr() != slot.view.data_ptr():
                     slot.param.grad = slot.view
         else:
             for slot in dense:
+                assert slot.view is not None  # a bucket's slot has its slice
                 if slot.param.grad is None or slot.param.grad.is_sparse:
                     slot.param.grad = torch.empty_like(slot.param)
                 torch.mul(slot.view, bucket.post, out=slot.param.grad)
         for slot in dense:
             if slot.densified is not None:
+                assert slot.param.grad is not None  # written just above
                 slot.param.grad = slot.param.grad.to_sparse(slot.densified)
 
     def reset(self) -> None:
         """Wait for launched buckets and forget this step's gradients (for load_state_dict)."""
-        wait_all([b.request for b in self._buckets[:self._next]])
+        wait_all(_requests(self._buckets[:self._next]))
         self._clear()
 
     def _clear(self) -> None:

@@ -86,7 +86,8 @@ def _held(lent: tuple[torch.Tensor, ...]) -> bool:
     2.9) the reference to its Python object that C++ holds while the count is above 1 and
     gives back just after the count drops, in the worker's thread, with the GIL. A tensor
     forgotten between the two (at exit: finalizing) aborted the process the same way."""
-    return any(t._use_count() > 1 or sys.getrefcount(t) > _FREE_REFS for t in lent)
+    return any(t._use_count() > 1  # type: ignore[attr-defined]  # private, not in the stubs
+               or sys.getrefcount(t) > _FREE_REFS for t in lent)
 
 
 # What sys.getrefcount says in _held of a tensor only a tuple holds (the tuple, the loop's
@@ -186,7 +187,7 @@ def start_process_group(comm: Any = None) -> bool:
     if first is not None:  # every rank, before any of them makes the group
         where = f" (found on rank {first})" if first else ""
         raise on_every_rank(UsageError(seen[first][1] + where))
-    address = None
+    address: str | UsageError | None = None
     if rank == 0:
         try:
             host = _rendezvous_host(node, nodes)
@@ -243,6 +244,7 @@ def rendezvous_host(node: str, nodes: int, resolved: str | None, outward: str | 
         return resolved
     reachable = outward is not None and not ipaddress.ip_address(outward).is_loopback
     if reachable and environ.get("GLOO_SOCKET_IFNAME"):
+        assert outward is not None  # reachable says so
         return outward
     such = f", such as {outward}," if reachable else ""
     raise UsageError(f"--sync-backend torch on {nodes} nodes: rank 0's host {node} resolves to "
@@ -289,6 +291,7 @@ def _bindings(host: str) -> dict[str, str | None] | str:
         return getattr(e, "strerror", None) or str(e)
     bindings: dict[str, str | None] = {}
     for family, kind, proto, _, where in found:
+        assert isinstance(where[0], str)  # an IPv4 or IPv6 address: a host's only families
         try:
             with socket.socket(family, kind, proto) as s:
                 s.bind(where)
@@ -461,13 +464,13 @@ class TorchTransport:
     def iallreduce(self, send: torch.Tensor | None, out: torch.Tensor, op: int) -> Request:
         if out.dtype in _UNTYPED:
             wide = _wide(out if send is None else send)
-            work = dist.all_reduce(*_lend(wide), op=_OPS[int(op)], group=self.group,
-                                   async_op=True)
+            (lent,) = _lend(wide)
+            work = dist.all_reduce(lent, op=_OPS[int(op)], group=self.group, async_op=True)
             return _Work(work, lambda: out.copy_(wide))
         if send is not None:
             out.copy_(send)
-        return _Work(dist.all_reduce(*_lend(out), op=_OPS[int(op)], group=self.group,
-                                     async_op=True))
+        (lent,) = _lend(out)
+        return _Work(dist.all_reduce(lent, op=_OPS[int(op)], group=self.group, async_op=True))
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
         send, out = _raw(send), _raw(out)
@@ -484,8 +487,9 @@ class TorchTransport:
         return _Work(work, unpad)
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
-        return _Work(dist.broadcast(*_lend(_raw(tensor)), src=self._global(root),
-                                    group=self.group, async_op=True))
+        (lent,) = _lend(_raw(tensor))
+        return _Work(dist.broadcast(lent, src=self._global(root), group=self.group,
+                                    async_op=True))
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
                   recv_rows: list[int]) -> Request:
@@ -511,8 +515,8 @@ class TorchTransport:
         # gloo: one allreduce of the whole vector, this rank's rows kept. gloo has no
         # reduce_scatter before torch 2.8, and from 2.8 runs one allreduce per rank.
         whole = _wide(send) if send.dtype in _UNTYPED else send.clone()
-        work = dist.all_reduce(*_lend(whole), op=_OPS[int(op)], group=self.group,
-                               async_op=True)
+        (lent,) = _lend(whole)
+        work = dist.all_reduce(lent, op=_OPS[int(op)], group=self.group, async_op=True)
         mine = whole.narrow(0, sum(counts[:self.rank()]), counts[self.rank()])
         return _Work(work, lambda: out.copy_(mine))
 
