@@ -21,7 +21,7 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from hpctrain import checkpoint, comm, steptimes, tensorboard
+from hpctrain import checkpoint, comm, options, steptimes, tensorboard
 from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.metrics import new_run_folder
@@ -221,14 +221,15 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
     if config.out is None:
         made.append(new_run_folder(stem or config.algorithm_class.name))
         config = replace(config, out=str(made[0]))
-    folders = [("--out", Path(config.out))]
+    out = options.text(config.out)
+    folders = [("--out", Path(out))]
     ck = config.checkpoint
     if ck.dir is not None or ck.interval is not None or ck.resume is not None:
         # Its own lock, also inside --out: a run resuming another's checkpoints (--resume DIR
         # --out elsewhere, or --checkpoint-dir DIR/checkpoints) locked only its own folders,
         # and the two runs wrote, and rotated away, each other's checkpoints.
-        folder = checkpoint.run_folder(ck.dir, config.out)
-        if folder.resolve() != Path(config.out).resolve():  # (--checkpoint-dir = --out)
+        folder = checkpoint.run_folder(ck.dir, out)
+        if folder.resolve() != Path(out).resolve():  # (--checkpoint-dir = --out)
             folders.append(("the checkpoint folder", folder))
     made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     for flag, folder in folders:
@@ -248,6 +249,7 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
         fd = open_lock(flag, folder, create=True)
     except OSError as e:
         raise _unopened(flag, folder, e) from None
+    assert fd is not None  # create: opened, or raised
     held.callback(os.close, fd)
     if not _locked(fd, fcntl.LOCK_EX):
         raise _in_use(flag, folder, what)
@@ -262,7 +264,8 @@ def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | Non
     its: another rank may check after its own rank 0 took it (rank 0's refusal ends the
     job, and speaks for every rank)."""
     resumed = resume is not None and resume != checkpoint.AUTO
-    kept = checkpoint_dir or (checkpoint.folder.resolve(resume) if resumed else
+    kept = checkpoint_dir or (checkpoint.folder.resolve(resume)
+                              if resumed and resume is not None else
                               out and checkpoint.run_folder(None, out))
     seen = set()
     for flag, folder in (("--out", out), ("the checkpoint folder", kept),
@@ -311,12 +314,13 @@ def open_lock(flag: str, folder: Path, create: bool) -> int | None:
     OSError of the first open if it cannot be opened at all."""
     lock, what = folder / LOCK, f"{flag} {folder}: its lock file"
     writing = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
-    refused = None
+    refused: OSError | None = None
     for how in (writing, os.O_RDONLY) if create else (os.O_RDONLY, writing):
         try:
             return open_regular(what, lock, how)
         except OSError as e:
             refused = refused or e
+    assert refused is not None  # every open raised
     if refused.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG) and not create:
         return None  # (a path no folder can have: the folder's own checks name it)
     raise refused
@@ -381,7 +385,7 @@ def _in_use(flag: str, folder: Path, what: str) -> UsageError:
 
 def _check_unchanged(config: RunConfig) -> None:
     """What the launch checks saw may have changed while another run held the folder."""
-    if (Path(config.out) / "summary.json").exists():
+    if (Path(options.text(config.out)) / "summary.json").exists():
         raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
                          "this one started); choose another folder")
     if config.checkpoint.resume is None and checkpoint.listing(
