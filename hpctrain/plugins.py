@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import comm, models
+from hpctrain import comm, models, options
 from hpctrain.errors import UsageError
 
 if TYPE_CHECKING:
@@ -195,6 +195,7 @@ def reference_to(flag: str, obj: str | os.PathLike[str] | Callable[..., Any]) ->
         where = module.__name__
     elif not (getattr(module, "__file__", None) or "<").startswith("<"):  # a script, a
         # module loaded from a file or beside the script; not `python - < x.py`'s "<stdin>"
+        assert module.__file__ is not None  # just checked
         where = str(Path(module.__file__).resolve())
     else:
         raise UsageError(f"{flag}: {qualname} is defined in {module.__name__}, which has no "
@@ -266,8 +267,10 @@ def _load_file(flag: str, path_text: str):
     if loaded is not None and getattr(loaded, "__hpctrain_content__", None) == content:
         return loaded
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:  # no loader for its suffix: Python imports .py files only
+        raise UsageError(f"{flag}: {path_text} is not a Python file; want FILE.py")
     module = importlib.util.module_from_spec(spec)
-    module.__hpctrain_content__ = content
+    module.__dict__["__hpctrain_content__"] = content
     _importable_beside(path)
     sys.modules[name] = module
     try:
@@ -309,7 +312,7 @@ def _neighbour_elsewhere(path: Path, source: bytes) -> tuple[str, str, str] | No
     installed module gets that one: each a different model or algorithm, without a word, and
     another for ``--config`` from another folder."""
     folder = path.parent
-    names = set()
+    names: set[str] = set()
     for node in ast.walk(ast.parse(source, str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name.partition(".")[0] for alias in node.names)
@@ -409,8 +412,10 @@ def build_for_data(config: RunConfig) -> nn.Module:
     parameters' dtypes."""
     from hpctrain import data  # data imports this module
 
-    sample = data.load(config.data.dataset, "test", config.data.data_dir, 0, 1)
-    return build_model(config.model.name, sample.shape, sample.num_classes, config.model.args)
+    sample = data.load(options.text(config.data.dataset), "test",
+                       options.text_or_none(config.data.data_dir), 0, 1)
+    return build_model(options.text(config.model.name), sample.shape, sample.num_classes,
+                       config.model.args)
 
 
 def layout(model: nn.Module) -> str:

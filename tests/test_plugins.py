@@ -462,6 +462,16 @@ def test_a_file_loads_once_until_it_changes(tmp_path):
     assert plugins.resolve("--model", f"{path}:build")() == 5
 
 
+def test_a_file_that_python_cannot_import_is_one_line(tmp_path):
+    """A file reference need not end in .py (``./model:build`` reads as one by its slash),
+    but Python imports only .py files: its None spec crashed (AttributeError: 'NoneType'
+    object has no attribute 'loader')."""
+    path = tmp_path / "net.txt"
+    path.write_text("def build(): return 3\n")
+    with pytest.raises(UsageError, match=r"--model: .*net\.txt is not a Python file"):
+        plugins.resolve("--model", f"{path}:build")
+
+
 def test_a_file_imports_a_module_beside_it(tmp_path, monkeypatch):
     """A file reference ran without its folder on the path: ``from blocks_s66 import WIDTH``
     beside it raised ModuleNotFoundError. Its folder goes last on the path, so it hides
