@@ -184,12 +184,14 @@ class StopSignal:
             # Rank 0's word from the step before (rank0_flag): every worker stops at the same
             # update, one after rank 0's, well before --max-bad-steps NaN steps end a
             # diverging run.
+            assert self._word is not None  # made when enabled and lock-step
             stop = bool(self._word.receive())
             if not stop:
                 self._word.post(self.wanted)
             return stop
         if self.comm.Get_rank() == 0:
             return self.wanted
+        assert self._request is not None  # the other ranks' receive, posted at the start
         return bool(self._request.Test() and self._flag[0])
 
     def close(self) -> None:
@@ -198,9 +200,11 @@ class StopSignal:
             return
         self.closed = True
         if self.lock_step:
+            assert self._word is not None  # made when enabled and lock-step
             self._word.close()
             return
         if self.comm.Get_rank() == 0 and self._request is None:
             self._request = self.comm.Ibcast(self._flag, root=0)  # "go on": nobody stopped
+        assert self._request is not None  # the broadcast, posted on every rank by now
         self._request.Wait()
         self.comm.Free()
