@@ -23,6 +23,7 @@ Memory profiling, Python stacks and FLOP counts are not recorded.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -77,6 +78,25 @@ def span(name: str) -> contextlib.AbstractContextManager:
 
 
 _NOTHING = contextlib.nullcontext()  # reusable: it holds no state
+
+
+def _not_exported(trace: Path, partial: Path) -> OSError:
+    """Why torch's exporter wrote no ``partial`` (of ``trace``), as an OSError naming
+    ``trace``: it says only "Failed to write to log file!" and leaves its half-written
+    ``<partial>.tmp``, removed here once a write to it has met the file system's own error (a
+    full disk, a quota)."""
+    leftover = partial.with_name(partial.name + ".tmp")
+    try:
+        with open(leftover, "ab") as f:  # a new page: room in the last one would not tell
+            f.write(bytes(1 << 16))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return OSError(e.errno, e.strerror, str(trace))
+    finally:
+        with contextlib.suppress(OSError):  # a read-only mount refuses even a missing file's
+            leftover.unlink(missing_ok=True)
+    return OSError(errno.EIO, "torch's profiler could not write it", str(trace))
 
 
 class StepProfiler:
@@ -143,6 +163,8 @@ class StepProfiler:
             trace = self.folder / f"rank-{self.rank}.json"
             partial = trace.with_name(f".{trace.name}.partial")
             profile.export_chrome_trace(str(partial))
+            if not partial.is_file():
+                raise _not_exported(trace, partial)
             os.replace(partial, trace)
             by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = profile.key_averages().table(sort_by=by, row_limit=25)

@@ -46,15 +46,19 @@ dashboard tells them apart by their settings.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import json
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
+from hpctrain.switches import switch
 
 SUBDIR = "tensorboard"
 
@@ -173,6 +177,30 @@ def hparams(settings: dict) -> dict:
             for name, value in settings.items() if value is not None}
 
 
+_hook: list = []  # the threading.excepthook _quiet replaced, while a Board writes
+
+
+def _quiet(args: threading.ExceptHookArgs) -> None:
+    """threading.excepthook while a Board writes: the OSError of TensorBoard's writer thread (a
+    full disk) is not printed as its traceback, since the writer raises it again at its next
+    call, where the run says it in one line (``HPCTRAIN_DEBUG``: printed too); else as before."""
+    if not issubclass(args.exc_type, OSError) \
+            or not type(args.thread).__module__.startswith("tensorboard.") \
+            or switch("HPCTRAIN_DEBUG", default=False):
+        _hook[0](args)
+
+
+def _hush(on: bool) -> None:
+    """Install :func:`_quiet` (``on``), or give back the hook it replaced."""
+    if on and not _hook:
+        _hook.append(threading.excepthook)
+        threading.excepthook = _quiet
+    elif not on and _hook:
+        if threading.excepthook is _quiet:  # else another replaced it since: theirs stays
+            threading.excepthook = _hook[0]
+        _hook.clear()
+
+
 class Board:
     """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked).
 
@@ -192,15 +220,35 @@ class Board:
         self.clock = clock or WallClock()
         self._waiting: list[tuple[str, float, int, float]] = []  # until the clock starts
         folder = Path(out) / SUBDIR
+        self._file = folder  # the event file, once the writer made it (errors name it)
         if (enabled or rank0 and resumed) and folder.is_dir() \
                 and importlib.util.find_spec("tensorboard") is not None:
             trim(folder, resumed, described=enabled, rescored=rescored if enabled else ())
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
+            _hush(True)
             # The purge too: a TensorBoard already showing the earlier entries drops them,
             # those trim keeps excepted (a viewer reading the folder afresh purges too).
-            self.writer = SummaryWriter(str(folder), purge_step=resumed + 1 if resumed else 0)
+            try:
+                with self._writing():
+                    self.writer = SummaryWriter(str(folder),
+                                                purge_step=resumed + 1 if resumed else 0)
+            except BaseException:
+                _hush(False)
+                raise
+            self._file = getattr(self.writer.file_writer.event_writer, "_file_name", folder)
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[None]:
+        """The writer's OSError (a full disk, a quota: met by its thread, raised at the next
+        call) with the event file's name, which its own message lacks."""
+        try:
+            yield
+        except OSError as e:
+            if e.filename is not None:
+                raise
+            raise OSError(e.errno, e.strerror, str(self._file)) from e
 
     @property
     def enabled(self) -> bool:
@@ -213,7 +261,9 @@ class Board:
         if t is not None and not self.clock.running and self.clock.this_attempt(t):
             self._waiting.append((tag, value, step, t))
             return
-        self.writer.add_scalar(tag, value, step, walltime=None if t is None else self.clock(t))
+        with self._writing():
+            self.writer.add_scalar(tag, value, step,
+                                   walltime=None if t is None else self.clock(t))
 
     def start(self, elapsed: float = 0.0) -> None:
         """Training starts now, ``elapsed`` seconds in: its second ``elapsed`` is now, and the
@@ -222,8 +272,9 @@ class Board:
         self._write_waiting()
 
     def _write_waiting(self) -> None:
-        for tag, value, step, t in self._waiting:
-            self.writer.add_scalar(tag, value, step, walltime=self.clock(t))
+        with self._writing():
+            for tag, value, step, t in self._waiting:
+                self.writer.add_scalar(tag, value, step, walltime=self.clock(t))
         self._waiting = []
 
     def describe(self, config: dict, settings: dict) -> None:
@@ -237,9 +288,10 @@ class Board:
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         text = "\n".join("    " + line for line in json.dumps(config, indent=2).splitlines())
-        self.writer.add_text("config", text, 0)  # indented: markdown shows it as code
         _, session_start, _ = hparams_summaries(hparams(settings), {})
-        self.writer.file_writer.add_summary(session_start, 0)
+        with self._writing():
+            self.writer.add_text("config", text, 0)  # indented: markdown shows it as code
+            self.writer.file_writer.add_summary(session_start, 0)
 
     def finish(self, step: int, metrics: dict[str, float]) -> None:
         """The run's end at update ``step``: its ``metrics`` (summary fields) as
@@ -251,10 +303,24 @@ class Board:
         for name, value in metrics.items():
             self.scalar(f"summary/{name}", value, step)
         _, _, session_end = hparams_summaries({}, {})
-        self.writer.file_writer.add_summary(session_end, step)
+        with self._writing():
+            self.writer.file_writer.add_summary(session_end, step)
 
-    def close(self) -> None:
-        if self.writer is not None:
+    def close(self, raising: bool = True) -> None:
+        """What waits written, and the file closed. Flushed first: the writer's close drops
+        the error its thread met (the last entries lost without a word). ``raising`` False:
+        on the way out of another error, which this one (the same full disk's) would hide."""
+        if self.writer is None:
+            return
+        try:
             self._write_waiting()  # as the clock guesses: the run ends before training
-            self.writer.close()
-            self.writer = None
+            with self._writing():
+                self.writer.flush()
+        except OSError:
+            if raising:
+                raise
+        finally:
+            writer, self.writer = self.writer, None
+            with contextlib.suppress(OSError):  # flushed, or its thread ended with the error
+                writer.close()
+            _hush(False)

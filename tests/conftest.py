@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import ctypes
+import errno
 import json
 import os
 import shlex
@@ -385,6 +387,36 @@ def horovod_missing() -> str | None:
     except Exception as e:  # noqa: BLE001 (a failed build raises anything)
         return f"horovod.torch is not importable ({type(e).__name__}: {e}); run make setup"
     return None
+
+
+@contextlib.contextmanager
+def full_disk(folder: Path, kib: int = 64):
+    """``folder`` (made) a tmpfs of ``kib`` KiB for the body, which :func:`fill` fills: then
+    the next write that needs a new page fails with ENOSPC, as on a full disk or a spent
+    quota. Skips unless root can mount (a container without CAP_SYS_ADMIN). Through
+    mount(2), not mount(8): a test that starts no program stays a unit test."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0 or libc.mount(b"tmpfs", bytes(folder), b"tmpfs", 0,
+                                       f"size={kib}k".encode()) != 0:
+        pytest.skip("cannot mount a small tmpfs (needs root) to fill up")
+    try:
+        yield folder
+    finally:
+        libc.umount2(bytes(folder), 2)  # MNT_DETACH: also with a file still open
+
+
+def fill(folder: Path) -> None:
+    """Take what is left of ``folder``'s file system, in ``folder/filler``."""
+    fd = os.open(folder / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        while True:
+            os.write(fd, bytes(65536))
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
 
 
 def refusal(args: list[str], ranks: int = 1) -> str:

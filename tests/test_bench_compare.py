@@ -6,6 +6,7 @@ directly.
 """
 
 import contextlib
+import errno
 import gc
 import importlib
 import io
@@ -32,6 +33,8 @@ from conftest import (
     SIGNALLED_RANK,
     SYNTHETIC,
     alive,
+    fill,
+    full_disk,
     mpi_env,
     mpirun,
     ranks_ready,
@@ -739,6 +742,18 @@ def test_a_runs_stderr_keeps_crlf_lines_and_its_last_line(tmp_path):
     assert (result["status"], result["error"]) == ("failed", "hpctrain: error: the end")
     assert (tmp_path / "sgd" / "stderr.log").read_text().splitlines() == [
         "first", "ValueError: bad shape", "hpctrain: error: the end"]
+
+
+def test_a_log_the_disk_has_no_room_for_is_named(tmp_path):
+    """A run's stderr copied to its stderr.log on a full disk: the comparison ended with an
+    OSError naming no file (two, the log's close failing again), exit 1."""
+    lines = "import sys\nfor _ in range(400): sys.stderr.write('x' * 99 + '\\n')"  # 40 kB
+    run = compare.Run("sgd", 1, [sys.executable, "-c", lines], [])
+    with full_disk(tmp_path / "disk") as disk:
+        fill(disk)
+        with pytest.raises(OSError) as e:
+            compare.execute(run, disk / "sgd", "[1/1 sgd]", timeout=0)
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(disk / "sgd" / "stderr.log"))
 
 
 # A job that puts a finished run's files in place at once, then hangs (as in MPI's teardown)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 from collections import Counter
 
 import pytest
-from conftest import SYNTHETIC, run_job
+from conftest import SYNTHETIC, fill, full_disk, run_job
 
 from hpctrain import profiling
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
@@ -119,6 +120,24 @@ def test_the_files_are_written_after_training_not_in_its_last_profiled_step(tmp_
     # the window's three steps (torch 2.1 labels them #0, #0, #1; later ones #0 to #2)
     assert sum(str(e.get("name")).startswith("ProfilerStep#") for e in trace["traceEvents"]) == 3
     profiler.write()  # once: nothing left to write
+
+
+def test_a_full_disk_is_one_error_naming_the_trace(tmp_path):
+    """torch's exporter said only "Failed to write to log file!" and left its half-written
+    ``.rank-0.json.partial.tmp``; the run then failed renaming the trace it had not written,
+    a FileNotFoundError naming the partial file. Now the line says why, naming the trace,
+    and nothing half-written is left."""
+    import torch
+
+    with full_disk(tmp_path / "disk") as disk:
+        profiler = profiling.StepProfiler("0:3", torch.device("cpu"), disk, 0)
+        (disk / profiling.SUBDIR).mkdir()
+        fill(disk)
+        with pytest.raises(OSError) as e:
+            _profile_steps(profiler, 3)
+        assert (e.value.errno, e.value.filename) == (
+            errno.ENOSPC, str(disk / profiling.SUBDIR / "rank-0.json"))
+        assert list((disk / profiling.SUBDIR).iterdir()) == []
 
 
 def test_a_window_the_run_ends_inside_holds_only_the_steps_made(tmp_path, capsys):

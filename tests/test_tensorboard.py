@@ -1,14 +1,16 @@
 """The run's TensorBoard file (hpctrain.tensorboard.Board, written by rank 0's live.Watch), read
 back by TensorBoard itself, and what the Watch tells the summary of its scoring."""
 
+import errno
 import json
+import threading
 import time
 
 import pytest
 import torch
 
 pytest.importorskip("tensorboard")
-from conftest import SYNTHETIC, run_job  # noqa: E402
+from conftest import SYNTHETIC, fill, full_disk, run_job  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from test_collapse import feed, watch_of  # noqa: E402
 
@@ -414,3 +416,24 @@ def test_tensorboard_missing_names_pip_first(monkeypatch):
         tensorboard.check_installed()
     assert str(e.value).startswith("--tensorboard needs the tensorboard package: pip install "
                                    'tensorboard (or pip install "hpctrain[tensorboard]"')
+
+
+def test_a_full_disk_is_one_error_naming_the_event_file(tmp_path, monkeypatch):
+    """The writer's thread met the full disk: its traceback was printed, the run's line named
+    no file, and where the writer was closed next, close() dropped the error: the last
+    entries lost without a word. Now close (or the next entry) raises it, naming the file."""
+    seen = []
+    monkeypatch.setattr(threading, "excepthook", seen.append)  # pytest's own hook, else
+    with full_disk(tmp_path / "disk") as disk:
+        board = Board(disk, True)
+        fill(disk)
+        with pytest.raises(OSError) as e:  # at an entry, or at close (the thread's pace)
+            for step in range(500):  # more than the event file's first page holds
+                board.scalar("train/loss", 1.0, step)
+            board.close()
+        board.close(raising=False)  # as the run lets go after an error: no second one
+        assert not board.enabled
+    assert e.value.errno == errno.ENOSPC
+    assert e.value.filename.startswith(str(disk / tensorboard.SUBDIR / "events.out.tfevents."))
+    assert seen == []  # no traceback of the writer's thread
+    assert threading.excepthook == seen.append  # given back at close

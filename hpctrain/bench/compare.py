@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TextIO
@@ -671,8 +672,8 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     lines: deque[str] = deque(maxlen=500)
     start = time.monotonic()
     # Appended: a run continued by --resume keeps the earlier attempt's logs (why it stopped).
-    with open(open_log(run_dir / LOGS[0]), "ab") as out, open(open_log(run_dir / LOGS[1]),
-                                                              "a") as log:
+    with _naming(run_dir / LOGS[1]), open(open_log(run_dir / LOGS[0]), "ab") as out, \
+            open(open_log(run_dir / LOGS[1]), "a") as log:
         if log.tell():
             log.write(f"{report.CONTINUED}{time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
         proc = subprocess.Popen(tied(run.command), stdout=out, stderr=subprocess.PIPE, env=env)
@@ -698,6 +699,18 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
               "returncode": returncode, "seconds": round(seconds, 1)}
     return {**record, **_verdict(run, run_dir, returncode, list(lines),
                                  timeout if expired.is_set() else None)}
+
+
+@contextlib.contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An OSError that names no file, raised inside, given ``path``'s name: the log's write and
+    close (a full disk) say only "No space left on device"."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from e
 
 
 def open_log(path: Path) -> int:
