@@ -204,12 +204,16 @@ class Watch:
         self.board = tensorboard.Board(config.out, config.tensorboard and self.rank == 0,
                                        resumed=resumed, clock=clock, rank0=self.rank == 0,
                                        rescored=() if self.curve_online else tensorboard.CURVE)
-        if self.board.enabled:
-            self._describe(recorded or configs.repeatable(config),
-                           comm.Get_size() if comm is not None else 1)
-        self.detector = detector or collapse_detector(config, test_set.num_classes,
-                                                      per_epoch, steps)
-        self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
+        try:  # the board's writer thread runs from here: an error below closes it
+            if self.board.enabled:
+                self._describe(recorded or configs.repeatable(config),
+                               comm.Get_size() if comm is not None else 1)
+            self.detector = detector or collapse_detector(config, test_set.num_classes,
+                                                          per_epoch, steps)
+            self.signal = collapse.StopSignal(comm, config.stop_on_collapse, algo.lock_step)
+        except BaseException:
+            self.board.close(raising=False)  # the error raised says it (a full disk's)
+            raise
         self.stopped = False  # every worker left the loop at the stop signal
         self.scores: dict[int, dict] = {}  # snapshot index -> curve point (rank 0, online)
         # Snapshots sent to the evaluating rank and not scored yet: index -> the send's request,
@@ -219,7 +223,7 @@ class Watch:
         # the last step's (position, lr, t).
         # The staleness cursor starts past the pushes a checkpoint restored (logged before).
         self._logged: _Logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
-                        "stale": _stale_mark(algo), "last": None}
+                                 "stale": _stale_mark(algo), "last": None}
         self._postfix: dict[str, str] = {}
 
     def _describe(self, recorded: dict, workers: int) -> None:

@@ -301,7 +301,8 @@ def _run(config: RunConfig, world) -> dict | None:
         summary = stopped
     except BaseException as error:  # Ctrl-C's KeyboardInterrupt too, in a notebook
         if raised_on_every_rank(error) or everyone.Get_size() == 1:  # a script may go on
-            _release(algo, world, everyone)
+            with contextlib.suppress(Exception):  # the run's error is the one to see
+                _release(algo, world, everyone)
         raise
     _release(algo, world, everyone)
     return summary
@@ -493,11 +494,10 @@ def _train(config: RunConfig, algo: Algorithm, comm_, model, test_set, loaded,
     training = _Training(config, algo, comm_, model, test_set, loaded, world, runtime)
     try:
         training.loop()
-    except BaseException as error:
-        if not (raised_on_every_rank(error) or isinstance(error, checkpoint.Stopped)):
-            training.let_go()  # those two closed every worker's loop already
+        return training.finish()
+    except BaseException:
+        training.let_go()  # what is still open (an error every worker raised closed the loop)
         raise
-    return training.finish()
 
 
 class _Training:
@@ -671,17 +671,19 @@ class _Training:
         return stopped
 
     def let_go(self) -> None:
-        """This rank alone raised in the loop (a bug in the model, Ctrl-C, sgd's too many bad
-        steps), or any error came in set-up: what the run holds of this process let go, so
-        that a script that goes on trains afresh (SIGUSR1's handler, TensorBoard's writer
-        thread, the profiler), of what set-up got to make. No collective: the others may be
-        mid-step (under MPI the abort hook ends the job)."""
-        for name in ("profiler", "bar"):
-            if hasattr(self, name):
-                getattr(self, name).close()
+        """The run raised (this rank alone: a bug in the model, Ctrl-C, sgd's too many bad
+        steps; or anything in set-up or at the end): what it still holds of this process let
+        go, of what set-up got to make, so that a script that goes on trains afresh (SIGUSR1's
+        handler, TensorBoard's writer thread, the profiler). No collective: the others may be
+        mid-step (under MPI the abort hook ends the job). Raises nothing: the run's error is
+        the one to see (a profiler interrupted mid-step may fail to stop)."""
+        self.ckpt.release_signal()
+        closing = [getattr(self, name, None) for name in ("profiler", "bar")]
+        for thing in filter(None, closing):
+            with contextlib.suppress(Exception):
+                thing.close()
         if self.rank == 0 and hasattr(self, "watch"):
             self.watch.board.close(raising=False)  # the error the run raises says it
-        self.ckpt.release_signal()
 
     def _batch(self, local) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``i`` of this worker's epoch (the last may be partial), on the device: with

@@ -409,6 +409,12 @@ class StartFails(RunConfig(algo="sgd").algorithm_class):
     def start(self, position):
         raise RuntimeError("start's own bug")
 
+class EvalFails(RunConfig(algo="sgd").algorithm_class):
+    name = "eval-fails"  # one whose scoring, after training, has a bug
+
+    def evaluate(self, *args, **kwargs):
+        raise RuntimeError("evaluate's own bug")
+
 def run(name, model, algo):
     return hpctrain.train(RunConfig(
         algo=algo, seed=1, out=f"{sys.argv[1]}/{name}", progress=False, tensorboard=True,
@@ -426,10 +432,11 @@ try:
     run("broken", Breaks, "ssgd")
 except KeyboardInterrupt:
     print("caught: interrupted", flush=True)
-try:
-    run("start", "mlp", StartFails)
-except RuntimeError as error:
-    print("caught:", error, flush=True)
+for algo in (StartFails, EvalFails):
+    try:
+        run(algo.name, "mlp", algo)
+    except RuntimeError as error:
+        print("caught:", error, flush=True)
 after = held()
 after["threads"] = [t for t in after["threads"] if t not in ("tqdm_monitor",)]
 print(json.dumps({"before": before, "after": after,
@@ -444,11 +451,12 @@ def test_a_run_raising_on_its_own_lets_go_of_what_it_held(tmp_path):
     swallowed), TensorBoard's writer thread running (one more per failed run), the profiler
     recording everything the script did next and (KeyboardInterrupt, in one process) the
     hpctrain.sync backend ssgd started up; an error in set-up (an algorithm's start) left
-    SIGUSR1's handler too."""
+    SIGUSR1's handler too, and one in scoring after training TensorBoard's writer."""
     script = tmp_path / "broken.py"
     script.write_text(BROKEN_THEN_GOOD_SCRIPT)
     proc = run_program([sys.executable, str(script), str(tmp_path)], timeout=150)
     assert proc.returncode == 0, proc.stderr
-    assert "caught: interrupted" in proc.stdout and "caught: start's own bug" in proc.stdout
+    for caught in ("interrupted", "start's own bug", "evaluate's own bug"):
+        assert f"caught: {caught}" in proc.stdout, proc.stdout
     held = json.loads(proc.stdout.strip().splitlines()[-1])
     assert held["after"] == held["before"] and held["good"] > 0, held
