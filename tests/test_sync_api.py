@@ -14,6 +14,7 @@ import copy
 import pickle
 import sys
 import threading
+import typing
 import warnings
 
 import pytest
@@ -44,6 +45,13 @@ def test_api_names_exist_like_horovod():
     assert sync.Compression.fp16.wire_dtype(torch.float32) == torch.float16
     assert sync.Compression.fp16.wire_dtype(torch.int64) == torch.int64
     assert sync.mpi_built() and not sync.nccl_built() and not sync.gloo_built()
+
+
+def test_distributed_optimizers_annotations_resolve_at_run_time():
+    """Its return type, ``HorovodOptimizer``, existed for the type checker only: IDEs and
+    ``typing.get_type_hints`` (Sphinx's autodoc) met a NameError."""
+    hints = typing.get_type_hints(sync.DistributedOptimizer)
+    assert hints["return"] is sync.HorovodOptimizer is torch.optim.Optimizer
 
 
 def test_average_gives_horovods_deprecation_warning_and_its_op():

@@ -21,7 +21,7 @@ import importlib
 import os
 import sys
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
@@ -40,12 +40,10 @@ from hpctrain.sync.buckets import default_bucket_bytes
 from hpctrain.sync.collectives import Adasum, Average, Max, Min, Product, ReduceOp, Sum
 from hpctrain.sync.compression import Compression
 from hpctrain.sync.errors import CollectiveMismatchError, UsageTypeError, not_initialized
+from hpctrain.sync.optimizer import HorovodOptimizer as HorovodOptimizer  # DistributedOptimizer's
 from hpctrain.sync.optimizer import parameter_names
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 from hpctrain.sync.sync_batch_norm import SyncBatchNorm
-
-if TYPE_CHECKING:  # a type only: what DistributedOptimizer returns
-    from hpctrain.sync.optimizer import HorovodOptimizer as HorovodOptimizer
 
 __all__ = [
     "BACKENDS", "Adasum", "Average", "Compression", "DistributedOptimizer", "Max", "Min",

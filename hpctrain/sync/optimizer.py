@@ -38,7 +38,8 @@ if TYPE_CHECKING:
         ``with opt.skip_synchronize():`` check in a script, and ``opt`` still goes to LR
         schedulers and ``GradScaler``, which take a ``torch.optim.Optimizer`` (a Protocol
         would not; typing has no intersection of the user's class with these). Annotate
-        with it under ``if TYPE_CHECKING:``; at run time it does not exist."""
+        with it; at run time the name is ``torch.optim.Optimizer`` itself (so annotations
+        resolve, ``typing.get_type_hints`` included)."""
 
         backward_passes_per_step: int
 
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 
     _Mixin = HorovodOptimizer
 else:
+    HorovodOptimizer = torch.optim.Optimizer  # what it is at run time: annotations resolve
     _Mixin = object  # the user's optimizer class comes after the mixins, at run time
 
 
