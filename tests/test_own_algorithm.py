@@ -243,6 +243,8 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
     assert summary["vote_bytes_per_rank"] == 2 * params * summary["updates"]
     assert summary["final_test_acc"] > 0.9
     assert killed.returncode != 0 and not (cut / "model.pt").exists()
+    # the whole run returned (a failure ends the launch): the killed one ran, to a checkpoint
+    assert any((cut / "checkpoints").glob("*.pt")), killed.stderr
     # The resume, then --config of the whole run's config.json, from another working folder:
     # the same run again.
     resumed = run_commands([[*train, "--resume", str(cut)],

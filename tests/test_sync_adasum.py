@@ -8,6 +8,8 @@ checks that the reference is Horovod's behaviour.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -85,17 +87,20 @@ def test_tree_in_one_process_is_the_reference_per_tensor():
 
 
 def test_ssgd_adasum_runs_on_horovods_own_optimizer(tmp_path):
-    """ssgd --sync-backend horovod --reduce-op adasum: Horovod's optimizer has no
-    ``update_applied`` (it applies every combined update), which the step read (AttributeError).
-    One plain process: Horovod then wraps with its averaging optimizer, as at any size 1."""
+    """ssgd --sync-backend horovod --reduce-op adasum: Horovod's Adasum optimizer has no
+    ``update_applied`` (it applies every combined update), which the step read (AttributeError),
+    on 2 ranks; in one process Horovod wraps with its averaging optimizer, which has none
+    either."""
     why = horovod_missing()
     if why:
         pytest.skip(why)
-    proc = run_commands([["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1",
-                          "--batch-size", "64", "--sync-backend", "horovod",
-                          "--reduce-op", "adasum", "--out", str(tmp_path / "run")]], np=0)
-    assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "run" / "summary.json").exists()
+    for ranks in (2, 0):
+        out = tmp_path / f"np{ranks}"
+        proc = run_commands([["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1",
+                              "--batch-size", "64", "--sync-backend", "horovod",
+                              "--reduce-op", "adasum", "--out", str(out)]], np=ranks)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads((out / "summary.json").read_text())["workers"] == max(ranks, 1)
 
 
 def test_ssgd_reduce_op_adasum_is_refused_on_3_workers_before_mpi():

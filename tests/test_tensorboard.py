@@ -341,7 +341,8 @@ from hpctrain import cli
 from hpctrain.metrics import RunLog
 *first, last = json.loads(sys.argv[1])
 for argv in first:
-    cli.main(argv)
+    cli.main(argv)  # a failure raises: the launch ends
+    print("returned:", argv[-1], flush=True)
 RunLog.write_summary = lambda self, summary: os.kill(os.getpid(), signal.SIGKILL)
 cli.main(last)
 """
@@ -397,8 +398,9 @@ def test_a_run_killed_writing_its_outputs_has_each_entry_once_when_resumed(kille
     root, (first, killed_online, resumed), summarized = killed_and_resumed
     killed = first if evaluation == "after" else killed_online
     straight, run = root / evaluation / "straight", root / evaluation / "run"
-    # the straight runs ended (a failed command ends the launch before the killed one)
+    # the straight runs returned (a failed command ends the launch before the killed one)
     assert (straight / "summary.json").exists(), first.stderr
+    assert f"returned: {straight}" in first.stdout, first.stderr
     assert killed.returncode != 0 and not summarized[evaluation], killed.stderr
     assert resumed.returncode == 0, resumed.stderr
     expected = entries(straight)
