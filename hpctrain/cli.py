@@ -146,7 +146,7 @@ def train(args: argparse.Namespace) -> dict:
             print(f"hpctrain: {stopped}", file=sys.stderr, flush=True)
         sys.exit(checkpoint.stop.EXIT_STATUS)
     if rank == 0:
-        print(f"hpctrain train: finished\n{summary_table(summary)}", flush=True)
+        say_out(f"hpctrain train: finished\n{summary_table(summary)}")
     _exit_if_collapsed(summary, rank)
     return summary
 
@@ -158,7 +158,7 @@ def simulate(args: argparse.Namespace) -> dict:
     sim_arguments.refuse_real_run_only(args)
     summary = run_simulation(_without_real_run_settings(args, arguments.build(args)),
                              sim_arguments.build(args))
-    print(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}", flush=True)
+    say_out(f"hpctrain simulate: finished (virtual times)\n{summary_table(summary)}")
     _exit_if_collapsed(summary, 0)
     return summary
 
@@ -198,6 +198,17 @@ def _without_real_run_settings(args: argparse.Namespace, config: RunConfig) -> R
               f"run's bit for bit, and a {backend} run's to rounding only",
               file=sys.stderr, flush=True)
     return config
+
+
+def say_out(text: str) -> None:
+    """``text`` on stdout. A stdout that cannot take it (``> log`` on a full disk, the run's
+    outputs already written) is named in the error, which said only "No space left"."""
+    try:
+        print(text, flush=True)
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, "<stdout>") from None
 
 
 def _exit_if_collapsed(summary: dict, rank: int) -> None:

@@ -3,6 +3,8 @@
 Bad input must give one line naming the bad value, exit status 2, and no hang.
 """
 
+import contextlib
+import errno
 import functools
 import gzip
 import json
@@ -15,7 +17,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job, run_program
+from conftest import (
+    ROOT,
+    SYNTHETIC,
+    fill,
+    full_disk,
+    refusal,
+    run_commands,
+    run_job,
+    run_program,
+)
 
 from hpctrain import checkpoint, cli, compiled, kernels, provenance, watchdog
 from hpctrain.errors import UsageError
@@ -821,3 +832,18 @@ def test_readme_lists_every_exit_status_as_the_code_gives_it():
     assert "SIGUSR1" in table[str(checkpoint.stop.EXIT_STATUS)]
     assert "bad input" in table["2"] and "interrupted" in table["130"]
     assert "SIGTERM" in table["143"]  # a single process's, which no handler turns into a line
+
+
+def test_a_summary_the_disk_has_no_room_for_names_stdout(tmp_path, monkeypatch):
+    """`hpctrain train > log` with the log's disk full: the run's outputs were written, and
+    its last line said "No space left on device" naming nothing."""
+    with full_disk(tmp_path / "disk") as disk:
+        log = open(disk / "log", "w")  # closed below: its close fails as the print did
+        fill(disk)
+        monkeypatch.setattr(sys, "stdout", log)
+        with pytest.raises(OSError) as e:
+            cli.say_out("hpctrain train: finished\n" + "x" * 10_000)
+        monkeypatch.setattr(sys, "stdout", sys.__stdout__)
+        with contextlib.suppress(OSError):
+            log.close()
+    assert (e.value.errno, e.value.filename) == (errno.ENOSPC, "<stdout>")
