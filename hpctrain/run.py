@@ -678,10 +678,9 @@ class _Training:
         mid-step (under MPI the abort hook ends the job). Raises nothing: the run's error is
         the one to see (a profiler interrupted mid-step may fail to stop)."""
         self.ckpt.release_signal()
-        closing = [getattr(self, name, None) for name in ("profiler", "bar")]
-        for thing in filter(None, closing):
-            with contextlib.suppress(Exception):
-                thing.close()
+        for name in ("profiler", "bar"):
+            with contextlib.suppress(Exception):  # AttributeError: set-up did not make it
+                getattr(self, name).close()
         if self.rank == 0 and hasattr(self, "watch"):
             self.watch.board.close(raising=False)  # the error the run raises says it
 
