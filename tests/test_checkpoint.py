@@ -161,6 +161,40 @@ def test_a_checkpoint_a_newer_hpctrain_wrote_is_refused_and_left_alone(tmp_path)
         checkpoint.read_header(newest)
 
 
+def test_a_snapshot_a_newer_hpctrain_wrote_is_refused_before_mpi(tmp_path):
+    """The launch checks read the checkpoint's header only: a snapshot in a newer format
+    was found by rank 0 once MPI ran, the job ended there, and called the file a
+    checkpoint. Now one line naming it, before MPI, the folder as it was; whether the
+    checkpoint lists it or not (written after it: the resume would write over it)."""
+    ckpt, snapshots = sgd_checkpointer(tmp_path), Snapshots()
+    for updates in range(3):
+        snapshots.take(ckpt.shared["model"], updates=updates)
+    ckpt.save(10, {}, snapshots)
+    resume = {"resume": str(tmp_path), "ranks": 1, "run_config": {}}
+    assert check(**resume).resume == str(tmp_path)  # as written: goes on
+    listed = tmp_path / "snapshots" / "000001.pt"
+    reformatted(listed, "hpctrain-checkpoint/3")
+    said = (f"snapshot {listed} is hpctrain-checkpoint/3, written by a newer hpctrain: this "
+            "one reads hpctrain-checkpoint/1 and /2 only; go on with the hpctrain that wrote it")
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(checkpoint.NewerCheckpoint) as e:
+        check(**resume)
+    assert str(e.value) == said and isinstance(e.value, UsageError)  # exit 2
+    with pytest.raises(checkpoint.NewerCheckpoint) as e:  # rank 0's read, as MPI runs
+        checkpoint.load_newest(tmp_path)
+    assert str(e.value) == said
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in tmp_path.rglob("*")) == before
+    reformatted(listed, "hpctrain-checkpoint/2")
+    unlisted = tmp_path / "snapshots" / "000003.pt"
+    shutil.copy(listed, unlisted)
+    reformatted(unlisted, "hpctrain-checkpoint/4")
+    with pytest.raises(checkpoint.NewerCheckpoint, match=f"^snapshot {unlisted} is "):
+        check(**resume)
+    unlisted.unlink()
+    flip(listed, listed.read_bytes().index(b"checkpoint/2") + len(b"checkpoint/"))  # /3
+    assert check(**resume).resume == str(tmp_path)  # corrupt: load_newest leaves it out
+
+
 def test_truncated_file_is_detected(tmp_path):
     path = write(tmp_path, 1)
     for keep in (0, 10, path.stat().st_size - 1):

@@ -172,7 +172,7 @@ def _snapshot(folder: Path, ref: dict) -> Snapshot | tuple[Path, str, str]:
     the update it was taken at (`` (update N)``, or empty)."""
     path = folder / ref["file"]
     try:
-        header, state = load(path)
+        header, state = load(path, kind="snapshot")
         if header["sha256"] != ref["sha256"]:
             raise CorruptCheckpoint("not the file the checkpoint lists")
     except (CorruptCheckpoint, OSError) as e:
@@ -180,6 +180,26 @@ def _snapshot(folder: Path, ref: dict) -> Snapshot | tuple[Path, str, str]:
         at = f" (update {ref['info']['updates']})" if "updates" in ref["info"] else ""
         return path, problem, at
     return Snapshot(state, ref["info"])
+
+
+def refuse_newer_snapshots(folder: Path) -> None:
+    """NewerCheckpoint naming the first file in ``folder``'s ``snapshots/`` that a newer
+    hpctrain wrote, if any: for :func:`~hpctrain.checkpoint.policy.check`, before MPI starts.
+    Listed by the checkpoint resumed, it ended the run on rank 0 once MPI ran; not listed
+    (written after that checkpoint), this run would write over it. Only headers are read,
+    a line per file; a file that cannot be read is left for :func:`load_newest` to judge."""
+    shots = folder / "snapshots"
+    try:
+        names = sorted(os.listdir(shots))
+    except OSError:  # none, or not listable: the resume's own reads say what is wrong
+        return
+    for name in names:
+        if name.startswith(".") or not name.endswith(".pt"):
+            continue  # a killed writer's temporary file
+        try:
+            read_header(shots / name, kind="snapshot")
+        except (CorruptCheckpoint, OSError):  # NewerCheckpoint goes on up
+            continue
 
 
 def _read(path: Path, reader: Callable[[Path], object] = load):

@@ -61,13 +61,13 @@ def _header_digest(header: dict) -> str:
     return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
 
 
-def _parse_header(line: bytes, path: Path) -> dict:
+def _parse_header(line: bytes, path: Path, kind: str = "checkpoint") -> dict:
     try:
         header = json.loads(line)
     except ValueError:
         raise CorruptCheckpoint(f"{path.name}: unreadable header") from None
     if isinstance(header, dict) and _newer(header):
-        raise NewerCheckpoint(f"checkpoint {path} is {header['format']}, written by a newer "
+        raise NewerCheckpoint(f"{kind} {path} is {header['format']}, written by a newer "
                               f"hpctrain: this one reads {_LEGACY} and /2 only; go on with "
                               "the hpctrain that wrote it")
     if not isinstance(header, dict) or header.get("format") not in (FORMAT, _LEGACY):
@@ -99,23 +99,25 @@ _HEADER_TYPES = {"sha256": str, "bytes": int, "algo": str, "ranks": int, "worker
 _KIND_NAMES = {str: "a string", int: "a whole number", dict: "a table"}
 
 
-def read_header(path: str | Path) -> dict:
-    """The header of a checkpoint file, without reading or checking the payload."""
+def read_header(path: str | Path, kind: str = "checkpoint") -> dict:
+    """The header of a checkpoint file, without reading or checking the payload; ``kind``
+    names the file in a NewerCheckpoint (``snapshot``: a snapshot file, of this format too)."""
     path = Path(path)
     with open(path, "rb") as f:
         line = f.readline(_MAX_HEADER)
     if not line.endswith(b"\n") and len(line) < _MAX_HEADER:  # as load() says it
         raise CorruptCheckpoint(f"{path.name}: truncated header")
-    return _parse_header(line, path)
+    return _parse_header(line, path, kind)
 
 
-def load(path: str | Path) -> tuple[dict, object]:
-    """``(header, payload)`` of a checkpoint file; CorruptCheckpoint unless its checksum holds."""
+def load(path: str | Path, kind: str = "checkpoint") -> tuple[dict, object]:
+    """``(header, payload)`` of a checkpoint file; CorruptCheckpoint unless its checksum holds
+    (``kind``: as :func:`read_header` takes it)."""
     path = Path(path)
     line, body = _read_parts(path)
     if not line.endswith(b"\n"):
         raise CorruptCheckpoint(f"{path.name}: truncated header")
-    header = _parse_header(line, path)
+    header = _parse_header(line, path, kind)
     if len(body) != header.get("bytes"):
         raise CorruptCheckpoint(f"{path.name}: {len(body)} payload bytes, header says "
                                 f"{header.get('bytes')} (truncated?)")

@@ -21,6 +21,7 @@ from hpctrain.checkpoint.folder import (
     checkpoint_header,
     corrupt,
     listing,
+    refuse_newer_snapshots,
     resolve,
     run_folder,
 )
@@ -192,6 +193,7 @@ def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
         raise UsageError(f"--resume {shown}: no such folder")
     folder = resolve(given)
     header = _newest_header(folder, shown)
+    refuse_newer_snapshots(folder)
     if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
         raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
                          f"{header.get('algo')} on {header.get('ranks')} ranks, not "
