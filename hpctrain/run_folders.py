@@ -187,8 +187,10 @@ def claimed(config: RunConfig, stem: str | None = None):
     crashed it). The second is refused in one line, exit 2, before MPI starts. The kernel
     drops the lock when the process ends, killed or not, so a requeued or restarted job
     finds it free. Where the file system has no locks (Lustre mounted without ``flock``),
-    runs go on unlocked, as before. Where MPI already runs the job (a script's later run),
-    rank 0's refusal is raised on every rank.
+    runs go on unlocked, as before; where it refuses one for the way the lock file could be
+    opened (NFS, another user's read-only lock file), the run is refused (``_locked``).
+    Where MPI already runs the job (a script's later run), rank 0's refusal is raised on
+    every rank.
 
     Yields ``config``; on rank 0 given no ``out``, with the new folder it made for the run
     (``runs/<stem>-<time>``, the stem the algorithm's name unless given).
@@ -251,7 +253,10 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
         raise _unopened(flag, folder, e) from None
     assert fd is not None  # create: opened, or raised
     held.callback(os.close, fd)
-    if not _locked(fd, fcntl.LOCK_EX):
+    got = _locked(fd, fcntl.LOCK_EX)
+    if got is None:
+        raise _untold(flag, folder, fd, what)
+    if not got:
         raise _in_use(flag, folder, what)
 
 
@@ -279,11 +284,11 @@ def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | Non
 def refuse_held(flag: str, folder: Path, what: str = "run") -> None:
     """UsageError, as :func:`lock_folder` says it, if another ``what`` holds ``folder``'s
     lock now (probed, not kept, no lock file made), or if its lock file is unusable."""
-    if _held(flag, folder):
+    if _held(flag, folder, what):
         raise _in_use(flag, folder, what)
 
 
-def _held(flag: str, folder: Path) -> bool:
+def _held(flag: str, folder: Path, what: str) -> bool:
     """Whether a process holds ``folder``'s lock now. A shared lock, taken and let go at
     once, tests it: it conflicts with a run's exclusive one, and a file opened for reading
     takes it (on NFS too), so that no lock file is made where there is none. UsageError, as
@@ -295,7 +300,10 @@ def _held(flag: str, folder: Path) -> bool:
     if fd is None:  # no lock file: no run holds it
         return False
     try:
-        return not _locked(fd, fcntl.LOCK_SH)
+        got = _locked(fd, fcntl.LOCK_SH)
+        if got is None:
+            raise _untold(flag, folder, fd, what)
+        return not got
     finally:
         os.close(fd)  # the lock goes with it
 
@@ -361,13 +369,18 @@ def refuse_unlike_file(what: str, path: Path, mode: int) -> None:
                      "another folder")
 
 
-def _locked(fd: int, kind: int) -> bool:
+def _locked(fd: int, kind: int) -> bool | None:
     """Take lock ``kind`` on ``fd`` without waiting: False if another process holds one
     that conflicts; True too where the file system has no locks (the writes say what is
-    wrong there)."""
+    wrong there); None where it refuses the lock for the way ``fd`` is open (EBADF: NFS
+    takes flock as an fcntl lock, whose exclusive kind needs the file open for writing,
+    its shared kind for reading). Whether another run holds it then cannot be told:
+    taken as unlocked, two runs wrote in one folder at once."""
     try:
         fcntl.flock(fd, kind | fcntl.LOCK_NB)
     except OSError as e:
+        if e.errno == errno.EBADF:
+            return None
         return e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
     return True
 
@@ -376,6 +389,19 @@ def _unopened(flag: str, folder: Path, e: OSError) -> UsageError:
     return UsageError(f"{flag} {folder}: cannot open its lock file {folder / LOCK} "
                       f"({e.strerror}), which keeps two runs from writing there at once; fix "
                       "its permissions, or choose another folder")
+
+
+def _untold(flag: str, folder: Path, fd: int, what: str) -> UsageError:
+    """The refusal where ``_locked`` cannot tell (NFS, and a lock file this user may open
+    only one way: another user's, read-only to this one)."""
+    how = {os.O_RDONLY: "read-only", os.O_WRONLY: "write-only"}.get(
+        fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE, "for reading and writing")
+    return UsageError(f"{flag} {folder}: its lock file {folder / LOCK} cannot be locked "
+                      f"open {how}, as this user may open it, on this file system (NFS locks "
+                      "a file only as it is open: an exclusive lock needs writing, a shared "
+                      f"one reading), so whether another {what} writes there cannot be told; "
+                      "make it readable and writable for this user, remove it while no run "
+                      "uses the folder, or choose another folder")
 
 
 def _in_use(flag: str, folder: Path, what: str) -> UsageError:

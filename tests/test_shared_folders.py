@@ -5,6 +5,7 @@ file of their choosing, hang it, or drop its lock; and its files get the umask o
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import stat
@@ -87,6 +88,41 @@ def test_the_locks_still_exclude_each_other(tmp_path):
         with contextlib.ExitStack() as third:
             assert "in use" in refused(lambda: report._hold_unless_in_use(third, out))
     run_folders.refuse_held("--out", out)  # let go
+
+
+def test_a_lock_refused_for_how_its_file_is_open_is_no_lock_skipped(tmp_path, monkeypatch):
+    """On NFS flock is an fcntl lock, which an exclusive lock takes only on a file open for
+    writing: another user's lock file, open read-only, failed with EBADF, taken as a file
+    system without locks, and two runs wrote in one --out at once. Refused now, naming the
+    file. An O_PATH descriptor, which flock refuses with EBADF here too, stands in for the
+    read-only one on NFS (no NFS mount here)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / run_folders.LOCK).touch()
+    fd = os.open(out / run_folders.LOCK, os.O_PATH)
+    try:
+        assert run_folders._locked(fd, fcntl.LOCK_EX) is None  # cannot tell: not True
+        assert run_folders._locked(fd, fcntl.LOCK_SH) is None
+    finally:
+        os.close(fd)
+    opened = []
+
+    def as_on_nfs(flag, folder, create):
+        opened.append(os.open(folder / run_folders.LOCK, os.O_PATH))
+        return opened[-1]
+
+    monkeypatch.setattr(run_folders, "open_lock", as_on_nfs)
+    said = (f"its lock file {out / run_folders.LOCK} cannot be locked open read-only, as this "
+            "user may open it, on this file system (NFS locks a file only as it is open: an "
+            "exclusive lock needs writing, a shared one reading), so whether another {} "
+            "writes there cannot be told; make it readable and writable for this user, "
+            "remove it while no run uses the folder, or choose another folder")
+    with contextlib.ExitStack() as held:
+        assert refused(lambda: run_folders.lock_folder(held, "--out", out)) == (
+            f"--out {out}: " + said.format("run"))
+    assert refused(lambda: run_folders.refuse_held("--out", out, "comparison")) == (
+        f"--out {out}: " + said.format("comparison"))
+    assert len(opened) == 2 and os.listdir(out) == [run_folders.LOCK]
 
 
 # Run without the powers that let root open any file: as the reviewer's victim was.
