@@ -80,11 +80,38 @@ def span(name: str) -> contextlib.AbstractContextManager:
 _NOTHING = contextlib.nullcontext()  # reusable: it holds no state
 
 
+def _exported(profile: torch.profiler.profile, trace: Path, partial: Path) -> bool:
+    """Export ``profile``'s trace to ``partial``; whether it is whole. A recent torch writes
+    ``<partial>.tmp`` and renames it over ``partial`` once written; torch 2.1 writes
+    ``partial`` in place and says nothing when the disk fills, which left a cut-off trace
+    under the final name. A placeholder made first tells them apart: still the same file
+    after the export, it was written in place, and only reading it as JSON shows it whole
+    (a recent torch's export, taken as it is, costs no second read)."""
+    try:
+        placeholder = open(partial, "wb")  # noqa: SIM115 (closed below)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(trace)) from None
+    with placeholder:
+        profile.export_chrome_trace(str(partial))
+        try:
+            in_place = os.path.samestat(os.fstat(placeholder.fileno()), os.stat(partial))
+        except FileNotFoundError:
+            return False
+    if not in_place:
+        return True
+    try:
+        with open(partial, "rb") as f:
+            json.load(f)
+    except ValueError:  # cut off (or empty: a recent torch that failed left the placeholder)
+        return False
+    return True
+
+
 def _not_exported(trace: Path, partial: Path) -> OSError:
-    """Why torch's exporter wrote no ``partial`` (of ``trace``), as an OSError naming
-    ``trace``: it says only "Failed to write to log file!" and leaves its half-written
-    ``<partial>.tmp``, removed here once a write to it has met the file system's own error (a
-    full disk, a quota)."""
+    """Why torch's exporter wrote no whole ``partial`` (of ``trace``), as an OSError naming
+    ``trace``: it says only "Failed to write to log file!" (torch 2.1: nothing) and leaves its
+    half-written ``<partial>.tmp``, removed here once a write to it has met the file system's
+    own error (a full disk, a quota)."""
     leftover = partial.with_name(partial.name + ".tmp")
     try:
         with open(leftover, "ab") as f:  # a new page: room in the last one would not tell
@@ -162,9 +189,13 @@ class StepProfiler:
             self.folder.mkdir(parents=True, exist_ok=True)
             trace = self.folder / f"rank-{self.rank}.json"
             partial = trace.with_name(f".{trace.name}.partial")
-            profile.export_chrome_trace(str(partial))
-            if not partial.is_file():
-                raise _not_exported(trace, partial)
+            try:
+                if not _exported(profile, trace, partial):
+                    raise _not_exported(trace, partial)  # asked while the partial holds its room
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    partial.unlink(missing_ok=True)
+                raise
             os.replace(partial, trace)
             by = "self_cuda_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
             table = profile.key_averages().table(sort_by=by, row_limit=25)

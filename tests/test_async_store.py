@@ -112,6 +112,39 @@ def test_shared_windows_only_in_the_unified_memory_model():
     assert _shared_model(self_comm()) == "unified"  # this MPI's: the store shares here
 
 
+NOT_SHARED = {None: "this MPI makes no shared-memory window here",
+              "separate": "this MPI's shared-memory windows use the separate memory model "
+                          "(MPI_WIN_SEPARATE), where reading them in place is not defined"}
+
+
+def _refused_shared_memory(world, monkeypatch) -> None:
+    """``shared_memory=True`` where the ranks cannot share is one UsageError on every rank
+    naming it and why (an MPI with no shared window or the separate model, which do not run
+    here: this MPI's answer replaced); it was taken on trust. Before any window: the ranks'
+    collectives still match afterwards, and where they can share it is taken."""
+    from hpctrain.async_ import store as store_module
+
+    for model, why in NOT_SHARED.items():
+        with monkeypatch.context() as patch:
+            patch.setattr(store_module, "_shared_model", lambda comm, model=model: model)
+            with pytest.raises(UsageError) as e:
+                ParameterStore(torch.zeros(100), world, shared_memory=True)
+        assert str(e.value) == (f"ParameterStore: shared_memory=True, but {why}; leave it "
+                                "None to share memory where the ranks can")
+        assert getattr(e.value, "on_every_rank", False)
+    world.Barrier()
+    with ParameterStore(torch.ones(100), world, shared_memory=True) as store:
+        assert store.shared
+        out = torch.zeros(100)
+        store.pull(out)
+        assert out.tolist() == [1.0] * 100
+        store.finish()
+
+
+def test_shared_memory_true_is_checked(monkeypatch):
+    _refused_shared_memory(self_comm(), monkeypatch)
+
+
 # How a push reaches the windows: shared memory where it can (CPU kernel on the shard in
 # place), Get/Put, or the staged path GPU workers take (read, kernel, write back) on the CPU.
 MODES = {"auto": {}, "get-put": {"shared_memory": False}, "staged": {"in_place": False}}
@@ -628,6 +661,12 @@ def test_staleness_in_lock_step(consistency):
     assert store.updates() == rounds * size
     store.finish()
     store.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(60)
+def test_shared_memory_true_is_checked_on_every_rank(monkeypatch):
+    _refused_shared_memory(comm.mpi().COMM_WORLD, monkeypatch)
 
 
 @pytest.mark.mpi(min_size=2)

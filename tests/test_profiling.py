@@ -228,3 +228,43 @@ def test_every_rank_profiles_its_window_with_the_hooks_labelled(tmp_path):
         "rank-0.json", "rank-0.txt", "rank-1.json", "rank-1.txt"]  # no partial file left
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["profile"] == "2:3"
+
+
+def _in_place_like_torch_2_1(monkeypatch, scratch):
+    """torch 2.1's exporter, which cannot run beside this torch: it wrote the trace into the
+    path it was given through a C++ stream, which stops writing at the first error and says
+    nothing. This torch exports the trace to ``scratch``; it is then written in place so."""
+    import torch
+
+    export = torch.profiler.profile.export_chrome_trace
+
+    def in_place(self, path):
+        export(self, str(scratch))
+        data = scratch.read_bytes()
+        with contextlib.suppress(OSError), open(path, "wb", buffering=0) as f:
+            for at in range(0, len(data), 8192):
+                f.write(data[at:at + 8192])
+
+    monkeypatch.setattr(torch.profiler.profile, "export_chrome_trace", in_place)
+
+
+def test_a_trace_written_in_place_on_a_full_disk_is_not_taken_as_whole(tmp_path, monkeypatch):
+    """torch 2.1 wrote the trace in place: on a full disk, the cut-off trace was renamed to
+    ``rank-0.json`` and the run went on as if it were whole. Now it is read back when written
+    in place: one error naming the trace, nothing left; a whole one is kept."""
+    import torch
+
+    _in_place_like_torch_2_1(monkeypatch, tmp_path / "scratch.json")
+    _profile_steps(profiling.StepProfiler("0:3", torch.device("cpu"), tmp_path / "ok", 0), 3)
+    assert len(_trace(tmp_path / "ok" / profiling.SUBDIR / "rank-0.json")) > 0
+    with full_disk(tmp_path / "disk") as disk:
+        profiler = profiling.StepProfiler("0:3", torch.device("cpu"), disk, 0)
+        (disk / profiling.SUBDIR).mkdir()
+        (disk / "room").write_bytes(bytes(8192))  # two pages: part of a trace gets written
+        fill(disk)
+        (disk / "room").unlink()
+        with pytest.raises(OSError) as e:
+            _profile_steps(profiler, 3)
+        assert (e.value.errno, e.value.filename) == (
+            errno.ENOSPC, str(disk / profiling.SUBDIR / "rank-0.json"))
+        assert list((disk / profiling.SUBDIR).iterdir()) == []

@@ -146,15 +146,27 @@ def _shared_model(comm) -> str | None:
     return model
 
 
-def _can_share(comm) -> bool:
-    """:func:`shares_memory` for ``comm``, the same answer on every rank; rank 0 says why
-    not where only the memory model stands in the way."""
+def _can_share(comm, asked: bool | None = None) -> bool:
+    """:func:`shares_memory` for ``comm``, the same answer on every rank. ``asked``: the
+    store's ``shared_memory``; True where they cannot is one UsageError on every rank, before
+    any window (taken on trust, the windows were made with ``Allocate_shared`` across nodes,
+    or read in place under the separate model). None: rank 0 says why not where only the
+    memory model stands in the way."""
     MPI = hcomm.mpi()
     node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
     one_node = node.Get_size() == comm.Get_size()
     node.Free()
     model = _shared_model(comm) if one_node else None  # the same test on every rank
     ok = comm.allreduce(shares_memory(one_node, model), op=MPI.LAND)
+    if asked and not ok:
+        why = ("its ranks are on more than one node" if not one_node else
+               "this MPI makes no shared-memory window here" if model is None else
+               "this MPI's shared-memory windows use the separate memory model "
+               "(MPI_WIN_SEPARATE), where reading them in place is not defined"
+               if model == "separate" else "not every rank can map the others' memory")
+        raise on_every_rank(UsageError(
+            f"ParameterStore: shared_memory=True, but {why}; leave it None to share memory "
+            "where the ranks can"))
     if one_node and model == "separate" and comm.Get_rank() == 0:
         print("hpctrain: note: this MPI's shared-memory windows use the separate memory "
               "model (MPI_WIN_SEPARATE), where reading them in place is not defined: the "
@@ -253,7 +265,8 @@ class ParameterStore:
     windows with ``Win.Allocate_shared`` so that pulls, ``locked`` pushes and ``atomic`` pushes'
     reads work on the shard's memory in place (None: when all ranks share one node and the
     MPI's one-sided component can, in the unified memory model; otherwise ``Win.Allocate`` and
-    Get/Put, in pieces of at most :data:`hpctrain.comm.COUNT_PIECE` floats). ``in_place``: CPU
+    Get/Put, in pieces of at most :data:`hpctrain.comm.COUNT_PIECE` floats; True where the
+    ranks cannot is a UsageError on every rank). ``in_place``: CPU
     workers on shared memory run the kernel on the shard itself; False makes them read,
     compute and write back (the staged path GPU workers always take).
     """
@@ -297,6 +310,8 @@ class ParameterStore:
         if not 0 <= root < workers:
             raise UsageError(f"root={root} is not a worker rank (0..{workers - 1})")
 
+        self.shared = shared_memory is not False and _can_share(comm, shared_memory)
+
         self.comm, self.rank, self.numel = comm, rank, numel
         self.consistency, self.poll_interval = consistency, poll_interval
         self.num_workers, self.is_worker = workers, rank < workers
@@ -306,7 +321,6 @@ class ParameterStore:
         self._ctl = comm.Dup()
         workers_comm = comm.Split(0 if self.is_worker else MPI.UNDEFINED, rank)
         self.worker_comm = workers_comm if self.is_worker else None
-        self.shared = _can_share(comm) if shared_memory is None else shared_memory
         allocate = MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate
         self.windows = [
             allocate(_HEADER + 4 * (hi - lo) if owner == rank else 0, 1, comm=comm)

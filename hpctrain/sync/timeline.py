@@ -13,13 +13,20 @@ on ``DistributedOptimizer``, however many steps and optimizers (Horovod: a row p
 gradient). ``init`` starts it when ``HOROVOD_TIMELINE`` names a file. Open it in
 chrome://tracing or Perfetto.
 ``mark_cycles`` is accepted; there are no cycles to mark.
+A write that fails (a full disk, a spent quota) stops the timeline as Horovod's writer does:
+one line on stderr naming the file, and training goes on (only rank 0 writes, and an error
+there would end it alone while the other ranks wait in a collective). The file keeps every
+whole event: a complete JSON array where room is left for its closing ``]``, else cut after
+its last whole event, which chrome://tracing and Perfetto read as they are.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -30,6 +37,7 @@ from hpctrain.errors import UsageError
 
 _lock = threading.Lock()
 _file: IO[str] | None = None
+_path = ""  # the file _file writes
 _t0 = 0.0
 _rows: dict[str, int] = {}
 _noname = itertools.count(1)
@@ -69,11 +77,12 @@ def check_path(path: str, what: str = "HOROVOD_TIMELINE") -> None:
 
 def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
     """Start writing ``path`` (on rank 0; other ranks record nothing)."""
-    global _file, _t0
+    global _file, _path, _t0
     stop()
     if rank != 0:
         return
-    with _lock:
+    with _lock, _guarded():
+        _path = path
         _file = open(path, "w")  # noqa: SIM115 (closed by stop())
         _file.write("[\n")
         _t0 = time.perf_counter()
@@ -86,12 +95,67 @@ def start(path: str, mark_cycles: bool = False, rank: int = 0) -> None:
 def stop() -> None:
     """Finish the file (a complete JSON array)."""
     global _file
-    with _lock:
+    with _lock, _guarded():
         if _file is None:
             return
         _file.write("{}]\n")
-        _file.close()
+        _file.close()  # a failure keeps _file, closed, for _give_up
         _file = None
+
+
+@contextlib.contextmanager
+def _guarded():
+    """Under ``_lock``: a failed write or open (OSError) stops the timeline (:func:`_give_up`)
+    instead of raising into the collective that recorded it."""
+    try:
+        yield
+    except OSError as e:
+        _give_up(e)
+
+
+def _give_up(error: OSError) -> None:
+    """Close the file, keep its whole events (:func:`_end_whole`) and say so in one line."""
+    global _file
+    f, _file = _file, None
+    if f is None:  # it could not be opened
+        kept = "no timeline is written"
+    else:
+        with contextlib.suppress(OSError):  # its flush fails again; the descriptor is closed
+            f.close()
+        try:
+            kept = _end_whole(_path)
+        except OSError as e:  # gone, or unreadable: nothing more to keep
+            kept = f"nothing more could be kept ({e.strerror})"
+    print(f"hpctrain: timeline {_path}: {error.strerror or error}; the timeline stops here, "
+          f"{kept}", file=sys.stderr, flush=True)
+
+
+def _end_whole(path: str) -> str:
+    """Cut ``path`` after its last whole event (each is one line: JSON has no raw newline)
+    and close the array where room is left (a truncate needs none); what it holds now."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        end = os.fstat(fd).st_size
+        while end > 0:
+            chunk = os.pread(fd, min(end, 1 << 16), end - min(end, 1 << 16))
+            if b"\n" in chunk:
+                end = end - len(chunk) + chunk.rindex(b"\n") + 1
+                break
+            end -= len(chunk)
+        os.ftruncate(fd, end)
+        if end >= 4 and os.pread(fd, 4, end - 4) == b"{}]\n":  # its close alone failed
+            return "the file keeps its events up to now, a complete JSON array"
+        closing = b"{}]\n" if end else b"[]\n"
+        try:
+            if os.pwrite(fd, closing, end) == len(closing):
+                return "the file keeps its events up to now, a complete JSON array"
+        except OSError:
+            pass
+        os.ftruncate(fd, end)  # not half a closing
+        return ("the file is cut off after its last whole event, without the JSON array's "
+                "closing ']' (chrome://tracing and Perfetto read it so)")
+    finally:
+        os.close(fd)
 
 
 def _emit(event: dict) -> None:
@@ -129,7 +193,7 @@ def negotiated(call: Any, t0: float) -> None:
     """Record ``call``'s agreement round, from ``t0`` until now."""
     if _file is None:
         return
-    with _lock:
+    with _lock, _guarded():
         if _file is None:
             return
         row = _row(call)
@@ -149,14 +213,17 @@ def started(call: Any, wire: str = "MPI") -> Token | None:
         return None
     dtype = str(call.dtype).replace("torch.", "")
     shape = str(list(call.shape or ()))
-    with _lock:
-        return Token(_row(call), call.kind.upper(), wire, time.perf_counter(), dtype, shape)
+    with _lock, _guarded():
+        if _file is not None:
+            return Token(_row(call), call.kind.upper(), wire, time.perf_counter(), dtype,
+                         shape)
+    return None
 
 
 def finished(token: Token | None) -> None:
     if token is None or _file is None:
         return
-    with _lock:
+    with _lock, _guarded():
         if _file is None or token.row not in _rows:
             return
         pid, end = _rows[token.row], _us(time.perf_counter())
