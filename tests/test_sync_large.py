@@ -1,6 +1,6 @@
 """hpctrain.sync's mpi transport and MPI-3's C int counts: a broadcast of one tensor past 2 GiB
-(a 152k x 4096 embedding is 2.3 GiB), and the row counts and pieces that keep every count
-under 2**31.
+(a 152k x 4096 embedding is 2.3 GiB), and the row counts, pieces and windows (parts.py) that
+keep every count under 2**31.
 
 MPI tests: mpirun -np 2|4 python -m pytest --with-mpi -m mpi tests/test_sync_large.py
 The tensor past 2 GiB runs on two ranks of an MPI-3 library only (Open MPI 4 refused it with
@@ -10,6 +10,7 @@ broadcast takes tens of seconds.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -17,7 +18,8 @@ import torch
 
 import hpctrain.sync as sync
 from hpctrain import comm
-from hpctrain.sync import transport
+from hpctrain.sync import grouped, parts, transport
+from hpctrain.sync.parts import Part, window_parts
 from hpctrain.sync.transport import MPITransport
 
 mpi = pytest.mark.mpi(min_size=2)
@@ -151,5 +153,113 @@ def test_allreduce_of_one_tensor_past_2_31_elements():
         assert counts[edges].tolist() == [6, 9, 12, 15, 18]
         counts[edges] = 2
         assert bool((counts == 2).all())  # not .sum(): a bool sum counts in int64 (16 GB)
+    finally:
+        sync.shutdown()
+
+
+def _check_windows(counts: list[int], plan: list[Part]) -> None:
+    """Windows tile the buffer in order, and each rank's units in them tile its block."""
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    assert [p.start for p in plan] == [0, *[p.stop for p in plan[:-1]]]
+    assert plan[-1].stop == sum(counts)
+    for r, (start, count) in enumerate(zip(starts, counts, strict=True)):
+        got = [(p.offsets[r], p.counts[r]) for p in plan if p.counts[r]]
+        assert [o for o, _ in got] == list(itertools.accumulate([0, *[c for _, c in got]]))[:-1]
+        assert sum(c for _, c in got) == count
+        for p in plan:
+            assert 0 <= p.offsets[r] <= count
+            if p.counts[r]:  # the window's units of rank r are its block's, where they lie
+                assert p.start + p.displs[r] == start + p.offsets[r]
+
+
+def test_window_parts_one_call_up_to_the_limit_exactly():
+    """A total of exactly the limit is the one call it was: counts and displacements as given."""
+    assert window_parts([3, 0, 4], limit=7, piece=2) == [Part(0, 7, (3, 0, 4), (0, 3, 3),
+                                                              (0, 0, 0))]
+    assert window_parts([0, 0], limit=7, piece=2) == [Part(0, 0, (0, 0), (0, 0), (0, 0))]
+    assert window_parts([], limit=7, piece=2) == [Part(0, 0, (), (), ())]
+
+
+def test_window_parts_one_over_the_limit_is_windows_of_a_piece():
+    plan = window_parts([3, 0, 5], limit=7, piece=3)
+    assert plan == [Part(0, 3, (3, 0, 0), (0, 3, 3), (0, 0, 0)),
+                    Part(3, 6, (0, 0, 3), (0, 0, 0), (3, 0, 0)),
+                    Part(6, 8, (0, 0, 2), (0, 0, 0), (3, 0, 3))]
+    _check_windows([3, 0, 5], plan)
+
+
+@pytest.mark.parametrize("counts", [[10, 1, 0, 7], [0, 0, 9], [25, 0], [1] * 12, [0, 30, 0]])
+@pytest.mark.parametrize("piece", [1, 4, 7])
+def test_window_parts_keep_every_count_and_displacement_within_a_piece(counts, piece):
+    """Displacements past the limit in the whole buffer are counted from each window's start."""
+    plan = window_parts(counts, limit=8, piece=piece)
+    assert len(plan) == -(-sum(counts) // piece)
+    for p in plan:
+        assert p.stop - p.start == sum(p.counts) <= piece
+        assert all(0 <= d <= piece and d + c <= piece
+                   for d, c in zip(p.displs, p.counts, strict=True))
+    _check_windows(counts, plan)
+
+
+def test_window_parts_at_mpi_3s_limit():
+    """A rank's share of 2**31 - 1 fits one call; one more, or a total past it, does not."""
+    assert len(window_parts([2**31 - 1, 0], transport.MAX_COUNT, 2**30)) == 1
+    assert len(window_parts([2**31, 0], transport.MAX_COUNT, 2**30)) == 2
+    plan = window_parts([2**30, 2**30, 8], transport.MAX_COUNT, 2**30)
+    assert [p.counts for p in plan] == [(2**30, 0, 0), (0, 2**30, 0), (0, 0, 8)]
+
+
+def test_window_parts_bad_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match="piece must be in"):
+        window_parts([1], limit=4, piece=5)
+    with pytest.raises(ValueError, match=r"counts must be >= 0, got \[1, -1\]"):
+        window_parts([1, -1], limit=4, piece=2)
+
+
+def _grouped_results(tensors: list[torch.Tensor]) -> list:
+    """grouped_allgather (rows differ by rank), grouped_reducescatter (Sum, Average, a
+    float16) and an uneven reducescatter."""
+    r, n = sync.rank(), sync.size()
+    same = [_pattern(2 * n + 1, 3, dtype=torch.float16, seed=r + 1),
+            _pattern(n, 0, dtype=torch.float32, seed=r),  # zero-size rows
+            _pattern(n + 2, dtype=torch.float64, seed=2 * r)]
+    return [*sync.grouped_allgather(tensors),
+            *sync.grouped_reducescatter(same, op=sync.Sum),
+            *sync.grouped_reducescatter(same, op=sync.Average),
+            sync.reducescatter(_pattern(3 * n + 1, 4, dtype=torch.int64, seed=r), op=sync.Sum)]
+
+
+@mpi
+@pytest.mark.timeout(120)
+def test_grouped_collectives_in_windows_match_one_call(monkeypatch):
+    """A limit of 11 units stands for 2**31 - 1 (windows of 5): grouped_allgather's byte buffer,
+    grouped_reducescatter's blocks and an uneven reducescatter move in several calls, each
+    result bit-for-bit the one call's."""
+    sync.init(backend="mpi")
+    try:
+        r, n = sync.rank(), sync.size()
+        tensors = [_pattern(r + 3, 2, dtype=torch.int32, seed=r),
+                   _pattern(2 * n + 1, 3, dtype=torch.float16, seed=r + 1),
+                   _pattern(n, 0, dtype=torch.float32, seed=r),  # zero-size rows
+                   _pattern(n + 2, dtype=torch.float64, seed=2 * r)]
+        whole = _grouped_results(tensors)
+        calls = []
+        real = MPITransport.ireducescatter
+
+        def counting(self, send, out, counts, op):
+            calls.append(len(parts.window_parts(counts, transport.MAX_COUNT,
+                                                transport.PIECE_ELEMENTS)))
+            return real(self, send, out, counts, op)
+
+        monkeypatch.setattr(MPITransport, "ireducescatter", counting)
+        monkeypatch.setattr(transport, "MAX_COUNT", 11)
+        monkeypatch.setattr(transport, "PIECE_ELEMENTS", 5)
+        windowed = _grouped_results(tensors)
+        assert max(calls) > 1  # the windows were taken
+        for a, b in zip(whole, windowed, strict=True):
+            assert a.dtype == b.dtype and torch.equal(a, b)
+        assert torch.equal(whole[0], torch.cat([_pattern(k + 3, 2, dtype=torch.int32, seed=k)
+                                                for k in range(n)]))
+        assert grouped.scatter_rows(3 * n + 1, n)[r] == whole[-1].shape[0]
     finally:
         sync.shutdown()

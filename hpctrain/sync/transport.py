@@ -21,6 +21,7 @@ import torch
 from hpctrain import comm as mpicomm
 from hpctrain.devices import cuda_aware_mpi, mpi_buffer
 from hpctrain.errors import UsageError
+from hpctrain.sync import parts
 
 # Reductions a transport sums with: the ReduceOp values (Average is Sum, scaled by the caller).
 SUM, MIN, MAX, PRODUCT = 1, 3, 4, 5
@@ -29,7 +30,10 @@ _TORCH_OPS = {SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: t
 HALF_TYPES = (torch.float16, torch.bfloat16)
 _SENDRECV_TAG = 7  # isendrecv's messages; nothing else sends point to point on a transport
 PIECE_BYTES = 2**30  # ibcast and isendrecv send a tensor in pieces up to this (MPI-3: < 2 GiB)
-PIECE_ELEMENTS = 2**30  # iallreduce reduces a tensor in pieces of up to this many elements
+PIECE_ELEMENTS = 2**30  # iallreduce reduces a tensor in pieces of up to this many elements,
+# and ireducescatter and iallgather move windows of up to this many (rows, for iallgather)
+# where the whole would count past MAX_COUNT (tests lower both to part small tensors)
+MAX_COUNT = 2**31 - 1  # a C int: the most one MPI-3 call counts, displaces or reduce-scatters
 
 
 class Request(Protocol):
@@ -170,12 +174,20 @@ class MPITransport:
             send_buf = MPI.IN_PLACE if send is None else \
                 reduce_spec(send.detach().reshape(-1)[piece], op)[0]
             requests.append(self.comm.Iallreduce(send_buf, out_buf, mpi_op))
-        return _MPIRequests(requests) if len(requests) > 1 else _MPIRequest(requests[0])
+        return _requests(requests)
 
     def iallgather(self, send: torch.Tensor, out: torch.Tensor, rows: list[int]) -> Request:
         row = _row_bytes(send)
-        return _MPIRequest(self.comm.Iallgatherv(
-            [_bytes(send), len(send) if row else 0, _row_type(row)], _rows(out, rows, row)))
+        plan = parts.window_parts(rows if row else [0] * len(rows), MAX_COUNT, PIECE_ELEMENTS)
+        if len(plan) == 1:
+            return _MPIRequest(self.comm.Iallgatherv(
+                [_bytes(send), len(send) if row else 0, _row_type(row)], _rows(out, rows, row)))
+        # Windows of out's rows (parts.py): counts and displacements within each window.
+        me, row_type = self.rank(), _row_type(row)
+        return _requests([self.comm.Iallgatherv(
+            [_bytes(send[p.offsets[me]:p.offsets[me] + p.counts[me]]), p.counts[me], row_type],
+            [_bytes(out[p.start:p.stop]), list(p.counts), list(p.displs), row_type])
+            for p in plan])
 
     def ibcast(self, tensor: torch.Tensor, root: int) -> Request:
         return _MPIRequests([self.comm.Ibcast(piece, root=root) for piece in _pieces(tensor)])
@@ -194,9 +206,21 @@ class MPITransport:
 
     def ireducescatter(self, send: torch.Tensor, out: torch.Tensor, counts: list[int],
                        op: int) -> Request:
-        send_buf, mpi_op = reduce_spec(send.detach().reshape(-1), op)
-        out_buf, _ = reduce_spec(out.detach().reshape(-1), op)
-        return _MPIRequest(self.comm.Ireduce_scatter(send_buf, out_buf, counts, mpi_op))
+        flat_send, flat_out = send.detach().reshape(-1), out.detach().reshape(-1)
+        plan = parts.window_parts(counts, MAX_COUNT, PIECE_ELEMENTS)
+        if len(plan) == 1:
+            send_buf, mpi_op = reduce_spec(flat_send, op)
+            out_buf, _ = reduce_spec(flat_out, op)
+            return _MPIRequest(self.comm.Ireduce_scatter(send_buf, out_buf, counts, mpi_op))
+        # Windows of send (parts.py): this rank's share of each is the next part of out.
+        me, requests = self.rank(), []
+        for p in plan:
+            send_buf, mpi_op = reduce_spec(flat_send[p.start:p.stop], op)
+            out_buf, _ = reduce_spec(
+                flat_out[p.offsets[me]:p.offsets[me] + p.counts[me]], op)
+            requests.append(self.comm.Ireduce_scatter(send_buf, out_buf, list(p.counts),
+                                                      mpi_op))
+        return _requests(requests)
 
     def barrier(self) -> None:
         self.comm.Barrier()
@@ -224,6 +248,11 @@ class MPITransport:
     def free(self) -> None:
         self.local_comm.Free()
         self.comm.Free()
+
+
+def _requests(requests: list) -> Request:
+    """One request for the calls of one operation."""
+    return _MPIRequests(requests) if len(requests) > 1 else _MPIRequest(requests[0])
 
 
 def reduce_spec(flat: torch.Tensor, op: int) -> tuple[Any, Any]:
