@@ -353,6 +353,20 @@ def test_summary_round_trips_and_refuses_shadowed_fields():
         summary.RunSummary(**fields, algorithm_fields={"workers": 1}).to_dict()
 
 
+def test_the_typed_summary_train_returns_is_the_summarys_schema():
+    """``hpctrain.train`` returns a plain dict typed as ``hpctrain.Summary``: the keys every
+    run has are RunSummary's fields, in order, with their types; the NotRequired ones are
+    the built-in algorithms' own (a dotted summary field lies inside its table)."""
+    typed = typing.get_type_hints(hpctrain.Summary)
+    held = typing.get_type_hints(summary.RunSummary)
+    del held["algorithm_fields"]
+    assert hpctrain.Summary.__required_keys__ == set(held)
+    assert {k: typed[k] for k in held} == held and list(typed)[:len(held)] == list(held)
+    own = {k for cls in registry.ALGORITHMS.values() for k in cls.summary_fields if "." not in k}
+    assert hpctrain.Summary.__optional_keys__ == own
+    assert typing.get_type_hints(hpctrain.train)["return"] is hpctrain.Summary
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The hpctrain modules ``path`` imports at module level (imports inside functions are
     deliberate and lazy: MPI's thread level, optional packages; TYPE_CHECKING ones are for
