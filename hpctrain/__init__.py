@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # what __getattr__ imports, for type checkers and editors
     )
     from hpctrain.config import load as load_config
     from hpctrain.registry import options_of as algorithm_options
+    from hpctrain.result import Summary
     from hpctrain.run import train
 
 # Public name -> (module, attribute), imported on first use.
@@ -36,11 +37,12 @@ _API = {
         "StragglerConfig")},
     "load_config": ("hpctrain.config", "load"),
     "algorithm_options": ("hpctrain.registry", "options_of"),
+    "Summary": ("hpctrain.result", "Summary"),
 }
 # Written out (not [*_API]) so that type checkers and ruff see what the package exports.
 __all__ = ["train", "RunConfig", "DataConfig", "ModelConfig", "OptimConfig",
            "CheckpointConfig", "StragglerConfig", "load_config", "algorithm_options",
-           "__version__"]
+           "Summary", "__version__"]
 
 
 def __getattr__(name: str):

@@ -25,6 +25,7 @@ import socket
 import stat
 import tempfile
 import textwrap
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
 from hpctrain.options import dash_values
+from hpctrain.result import Summary
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 from hpctrain.sim import arguments as sim_arguments
 
@@ -131,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def train(args: argparse.Namespace) -> dict:
+def train(args: argparse.Namespace) -> Summary:
     """``hpctrain train``: the configuration from the options, checked before MPI starts."""
     rank = comm.env_rank()  # the launcher's rank: under torchrun MPI would say 0 everywhere
     if not checkpoint.stop.installed():  # the entry points have, before importing torch
@@ -211,7 +213,7 @@ def say_out(text: str) -> None:
         raise OSError(e.errno, e.strerror, "<stdout>") from None
 
 
-def _exit_if_collapsed(summary: dict, rank: int) -> None:
+def _exit_if_collapsed(summary: Mapping[str, Any], rank: int) -> None:
     """Every rank of a run --stop-on-collapse ended: a non-zero exit (its outputs are kept)."""
     if summary.get("stopped_on_collapse"):
         if rank == 0:

@@ -14,6 +14,12 @@ a run starts in (ranks, data files, checkpoint folders;
 :func:`hpctrain.launch_checks.check_launch`, before MPI starts). ``config.json`` in every run
 folder holds :func:`to_dict` of the effective configuration, which :func:`load` reads back to
 repeat the run.
+
+Typed twice: a field is annotated with what it holds once built (``out: str | None``), so
+that readers need no narrowing; a section whose constructor takes more (a ``pathlib.Path``,
+the Python API's model function or algorithm class, ``every=600``) declares that
+``__init__`` for type checkers only (``if TYPE_CHECKING``), and ``__post_init__`` makes
+each such value the string its field holds. A unit test keeps the two in step.
 """
 
 from __future__ import annotations
@@ -23,14 +29,15 @@ import json
 import math
 import numbers
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-try:
+if sys.version_info >= (3, 11):
     import tomllib
-except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (install_requires)
+else:  # Python 3.10: the same parser, from PyPI (install_requires)
     import tomli as tomllib
 
 from hpctrain import (
@@ -95,7 +102,7 @@ def _betas(text: str) -> tuple[float, float]:
         raise argparse.ArgumentTypeError(f"{text!r}: want two comma-separated numbers, "
                                          "e.g. 0.9,0.999")
     try:
-        return tuple(options.number(w) for w in words)
+        return options.number(words[0]), options.number(words[1])
     except argparse.ArgumentTypeError as e:  # which word, and why: "'nan' is not finite"
         raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
@@ -109,11 +116,10 @@ def _shown_betas(betas) -> str:
 class DataConfig:
     """Which data, and how it is placed and reshuffled over the ranks."""
 
-    # A Python caller may give the loading function itself (see __post_init__).
-    dataset: str | os.PathLike[str] | Callable[..., Any] = option(
+    dataset: str = option(
         "fashion-mnist", "one of: " + ", ".join(data.DATASETS) + "; or your own: npz:FILE, "
         "imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE", parse=userdata.dataset_name)
-    data_dir: str | os.PathLike[str] | None = option(None, "folder with the data set's files")
+    data_dir: str | None = option(None, "folder with the data set's files")
     shuffle: str = option("global", "global (fresh permutation of all data each epoch), local "
                           "(each rank reshuffles its fixed part) or partial:Q (each rank also "
                           "sends a fraction Q in [0, 1] of its samples to other ranks)")
@@ -127,6 +133,12 @@ class DataConfig:
     shuffle_chunk_mb: float = option(DEFAULT_CHUNK_MB, "sharded exchange: at most this many "
                                      "MiB (2^20 bytes) sent per rank per round, but one sample "
                                      "to each rank at least", parse=options.positive(float))
+
+    if TYPE_CHECKING:  # what a caller may give: see "Typed twice" above
+        def __init__(self, dataset: str | os.PathLike[str] | Callable[..., Any] = ...,
+                     data_dir: str | os.PathLike[str] | None = ..., shuffle: str = ...,
+                     data_placement: str = ..., partition: str = ...,
+                     shuffle_chunk_mb: float = ...) -> None: ...
 
     def __post_init__(self) -> None:
         # The Python API may give the loading function itself: kept as its reference.
@@ -156,18 +168,22 @@ class DataConfig:
 class ModelConfig:
     """The network trained."""
 
-    # A Python caller may give the model's function or class itself (see __post_init__).
-    name: str | os.PathLike[str] | Callable[..., Any] = option(
+    name: str = option(
         "lenet", "one of: " + ", ".join(models.MODELS) + "; or your own: MODULE:CALLABLE or "
         "./FILE.py:CALLABLE, called as CALLABLE(input_shape, num_classes, **model_args)",
         flag="--model", parse=plugins.model_name)
     args: dict | None = option(None, "keyword arguments for a model of your own, as a JSON "
                                "object", flag="--model-args", parse=plugins.json_object,
                                metavar="JSON")
-    init_from: str | os.PathLike[str] | None = option(
+    init_from: str | None = option(
         None, "start from these weights: an earlier run's folder (its model.pt) or a file of "
         "torch.save(model.state_dict()); a new run, with its own schedule and optimizer state",
         flag="--init-from", metavar="PATH")
+
+    if TYPE_CHECKING:  # what a caller may give: see "Typed twice" above
+        def __init__(self, name: str | os.PathLike[str] | Callable[..., Any] = ...,
+                     args: dict | None = ...,
+                     init_from: str | os.PathLike[str] | None = ...) -> None: ...
 
     def __post_init__(self) -> None:
         # The Python API may give the function or class itself: kept as its reference.
@@ -319,7 +335,7 @@ class OptimConfig:
             if not isinstance(b, (list, tuple)) or len(b) != 2 or any(
                     isinstance(v, bool) or not isinstance(v, numbers.Real) for v in b):
                 raise UsageError(f"--betas {b!r}: want two numbers, e.g. [0.9, 0.999]")
-            b = tuple(float(v) for v in b)
+            b = float(b[0]), float(b[1])
             object.__setattr__(self, "betas", b)
             if not all(0 <= v < 1 for v in b):  # NaN too
                 raise UsageError(f"--betas {_shown_betas(b)}: each must be in [0, 1)")
@@ -333,25 +349,30 @@ class OptimConfig:
 class CheckpointConfig:
     """When checkpoints are written, where, and which run to continue."""
 
-    every: str | float | None = option(
+    every: str | None = option(
         None, "write a checkpoint every N seconds, or every N epochs with Ne (e.g. 1e); then "
         "SIGUSR1 makes the run write one within 32 updates and exit with status 5. Not set "
         "(the default): none, but --resume keeps the resumed run's interval; off: none, not "
         "even on --resume, also over --config's value", flag="--checkpoint-every",
         parse=parse_every)
-    dir: str | os.PathLike[str] | None = option(
+    dir: str | None = option(
         None, "folder for checkpoints (default <out>/checkpoints, or with --resume the folder "
         "resumed from)", flag="--checkpoint-dir")
-    resume: str | os.PathLike[str] | None = option(
+    resume: str | None = option(
         None, "continue the run whose checkpoints are in DIR (a run's --out or its checkpoint "
         "folder) from its newest valid checkpoint, with its --checkpoint-every unless given; "
         "auto: this run's own (--out or --checkpoint-dir) if it has any, else start it (for "
         "restarted and requeued jobs)", metavar="DIR|auto")
 
+    if TYPE_CHECKING:  # what a caller may give (every=600: seconds): see "Typed twice"
+        def __init__(self, every: str | float | None = ...,
+                     dir: str | os.PathLike[str] | None = ...,
+                     resume: str | os.PathLike[str] | None = ...) -> None: ...
+
     @property
     def interval(self) -> str | None:
         """The interval checkpoints are written at (``every``), None for none (also ``off``)."""
-        return None if self.every in (None, OFF) else str(self.every)  # a str once checked
+        return None if self.every in (None, OFF) else self.every
 
     def __post_init__(self) -> None:
         if self.every is not None:
@@ -399,11 +420,10 @@ class RunConfig:
     """One training run. ``algorithm`` holds the algorithm's own options (its ``Options``
     dataclass; None: its defaults)."""
 
-    algo: str | type[Algorithm] = option("", "one of: " + registry.choices())
+    algo: str = option("", "one of: " + registry.choices())
     seed: int = option(0, "seeds the model, the data order and injected stragglers", parse=int,
                        range=Range(-2 ** 63, 2 ** 63 - 1))  # torch's generators take 64 bits
-    out: str | os.PathLike[str] | None = option(None, "output directory (default "
-                                                "runs/<algo>-<time>)")
+    out: str | None = option(None, "output directory (default runs/<algo>-<time>)")
     eval_every: float = option(0.25, "epochs between snapshots of the model (scored after "
                                "training, or with --eval online while it runs)",
                                parse=options.positive(float),
@@ -449,6 +469,19 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     stragglers: StragglerConfig = field(default_factory=StragglerConfig)
     algorithm: Options | None = None
+
+    if TYPE_CHECKING:  # what a caller may give: see "Typed twice" above
+        def __init__(
+                self, algo: str | type[Algorithm] = ..., seed: int = ...,
+                out: str | os.PathLike[str] | None = ..., eval_every: float = ...,
+                eval_mode: str = ..., eval_rank: int | None = ..., tensorboard: bool = ...,
+                log_every: int = ..., stop_on_collapse: bool = ..., device: str = ...,
+                mixed_precision: str = ..., cudnn_benchmark: bool = ..., compile: bool = ...,
+                profile: str | None = ..., threads: int = ..., progress: bool = ...,
+                max_bad_steps: int = ..., stall_timeout: float = ...,
+                data: DataConfig = ..., model: ModelConfig = ..., optim: OptimConfig = ...,
+                checkpoint: CheckpointConfig = ..., stragglers: StragglerConfig = ...,
+                algorithm: Options | None = ...) -> None: ...
 
     def __post_init__(self) -> None:
         if isinstance(self.algo, type):  # the Python API's RunConfig(algo=Mine)

@@ -18,9 +18,9 @@ import re
 import secrets
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 import torch
@@ -439,7 +439,7 @@ def seconds(t: float) -> str:
     return f"{t:.1f}" if t >= 10 else f"{t:.3g}"
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: Mapping[str, Any]) -> str:
     """A short human-readable table of a run's summary."""
     rows = [
         ("algorithm", summary.get("algo_label", summary["algo"])),

@@ -190,8 +190,9 @@ def shown(value) -> str:
         return str(value)
     try:
         return f"{value:g}"
-    except OverflowError:  # a whole number past a float's range
-        return f"{'-' if value < 0 else ''}1e+{int(abs(value).bit_length() * math.log10(2))}"
+    except OverflowError:  # a whole number past a float's range (an int: a float has one)
+        digits = int(abs(int(value)).bit_length() * math.log10(2))
+        return f"{'-' if value < 0 else ''}1e+{digits}"
 
 
 def shown_list(values) -> str:
@@ -375,9 +376,9 @@ def plain_numbers(value):
 
 
 def text(value: object) -> str:
-    """A path or code option of a built configuration, as the type checker should see it:
-    :func:`check_fields` (each configuration's ``__post_init__``) made it a string, where
-    its field's wider type is what the constructor takes (a path, the Python API's class)."""
+    """A path or code option's value as the string :func:`check_fields` made it (each
+    configuration's ``__post_init__``). The built-in sections' fields are typed as that
+    string already (:mod:`hpctrain.config`); this narrows a value typed wider."""
     assert isinstance(value, str), value
     return value
 

@@ -39,6 +39,7 @@ import math
 import shutil
 import sys
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 
@@ -68,6 +69,7 @@ from hpctrain.evaluate import Snapshots, footprint_warning, state_bytes
 from hpctrain.launch_checks import check_launch, finished_run, initial_model
 from hpctrain.metrics import RunLog
 from hpctrain.metrics import progress as progress_bar
+from hpctrain.result import Summary
 from hpctrain.run_folders import claimed
 from hpctrain.runtime import REAL, Runtime
 from hpctrain.schedule import set_lr
@@ -88,9 +90,10 @@ def _torch_kept():
         torch.set_num_threads(threads)
 
 
-def train(config: RunConfig) -> dict:
+def train(config: RunConfig) -> Summary:
     """Train as ``config`` says, on every rank of the MPI world; write the run's outputs;
-    return its summary (the same on every rank).
+    return its summary (the same on every rank): a dict, typed as
+    :class:`hpctrain.result.Summary`.
 
     For a user's own script under ``mpirun``: ``hpctrain.train(RunConfig(algo="ssgd"))``.
     Checks come first (ValueError/UsageError before any training communication). Launched on
@@ -111,7 +114,7 @@ def train(config: RunConfig) -> dict:
     return _train_on_world(config, mpi_first=several and comm.mpi_running() is None)
 
 
-def checked_first(config: RunConfig, given: frozenset[str] | None = None) -> dict:
+def checked_first(config: RunConfig, given: frozenset[str] | None = None) -> Summary:
     """:func:`train` with its checks before MPI starts: the command line's, a process of its
     own, which one rank's refusal ends (exit status 2) as its launcher ends the others
     (``given``: the options set, as :func:`check_launch` takes them)."""
@@ -122,7 +125,7 @@ _script_hook = None  # the script's own excepthook, where a failed run left the 
 
 
 def _train_on_world(config: RunConfig, mpi_first: bool,
-                    given: frozenset[str] | None = None) -> dict:
+                    given: frozenset[str] | None = None) -> Summary:
     """:func:`train`, MPI started first or after the checks."""
     global _script_hook
     # One rank's error ends the job, not leaves the others waiting. Once the run returned
@@ -145,7 +148,7 @@ def _train_on_world(config: RunConfig, mpi_first: bool,
             _script_hook = hook
         raise
     comm.restore_hook(hook)
-    return summary
+    return cast(Summary, summary)  # RunSummary.to_dict()'s, or a finished run's summary.json
 
 
 def _checked_run(config: RunConfig, given: frozenset[str] | None = None) -> dict:

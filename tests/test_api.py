@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, run_commands, run_job, run_program
 
-from hpctrain import arguments, cli, launch_checks, run_folders
+from hpctrain import Summary, arguments, cli, launch_checks, run_folders
 
 SCRIPT = """
 import json, sys
@@ -30,7 +30,8 @@ def make_config(out):
 
 if __name__ == "__main__":
     summary = hpctrain.train(make_config(sys.argv[1]))
-    print(json.dumps({"acc": summary["final_test_acc"], "tau": summary["tau"]}))
+    print(json.dumps({"acc": summary["final_test_acc"], "tau": summary["tau"],
+                      "type": type(summary).__name__, "keys": sorted(summary)}))
 """
 
 
@@ -66,6 +67,16 @@ if __name__ == "__main__":
     summary = hpctrain.train(config)
     print(f"acc {summary['final_test_acc']}", flush=True)  # one write: ranks share stdout
 """
+
+
+def assert_typed_summary(printed: dict) -> None:
+    """What a script's ``hpctrain.train`` returned (its type's name and keys) is a plain dict
+    with the keys ``hpctrain.Summary`` requires, and none it does not know."""
+    required, optional = Summary.__required_keys__, Summary.__optional_keys__
+    keys = set(printed["keys"])
+    assert printed["type"] == "dict"
+    assert required <= keys, sorted(required - keys)
+    assert keys <= required | optional, sorted(keys - required - optional)
 
 
 def same_model(a, b) -> bool:
@@ -114,6 +125,8 @@ def test_a_script_trains_as_the_command_line_does(scripts_and_commands):
     script, proc, api, cli_out = scripts_and_commands["mine"]
     printed = printed_results(proc.stdout)
     assert len(printed) == 2 and printed[0] == printed[1]  # every rank gets the summary
+    assert_typed_summary(printed[0])
+    assert "tau" in printed[0]["keys"] and "allreduce_bytes_per_rank" not in printed[0]["keys"]
     a = json.loads((api / "summary.json").read_text())
     b = json.loads((cli_out / "summary.json").read_text())
     assert a["final_test_acc"] == b["final_test_acc"] == printed[0]["acc"]
@@ -202,7 +215,7 @@ class Net(nn.Module):
 """
 
 SWEEP = """
-import atexit, math, sys
+import atexit, json, math, sys
 import numpy as np
 import hpctrain
 from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig
@@ -216,6 +229,8 @@ summary = hpctrain.train(RunConfig(
     model=ModelConfig(name=Net, args={"width": np.int64(8)}),
     optim=OptimConfig(epochs=np.int64(1), batch_size=32)))
 rows.write(f"{summary['final_test_acc']}\\n")
+print(json.dumps({"acc": summary["final_test_acc"], "type": type(summary).__name__,
+                  "keys": sorted(summary)}), flush=True)
 {}["mean"]  # the sweep's own bug, after the run
 """
 
@@ -235,6 +250,7 @@ def test_a_sweeps_own_error_after_a_run_is_its_own(tmp_path):
     assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "KeyError: 'mean'"
     assert "atexit ran" in proc.stdout and float((tmp_path / "rows.txt").read_text()) > 0
+    assert_typed_summary(printed_results(proc.stdout)[0])  # sgd's, one rank
     recorded = json.loads((tmp_path / "run" / "config.json").read_text())["model"]
     assert recorded["name"] == f"{folder / 'nets.py'}:Net" and recorded["args"] == {"width": 8}
     again = run_job(["train", "--config", str(tmp_path / "run" / "config.json"), "--out",

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import json
 import re
+import textwrap
 import typing
 from pathlib import Path
 
@@ -351,6 +353,20 @@ def test_summary_round_trips_and_refuses_shadowed_fields():
         summary.RunSummary(**fields, algorithm_fields={"workers": 1}).to_dict()
 
 
+def test_the_typed_summary_train_returns_is_the_summarys_schema():
+    """``hpctrain.train`` returns a plain dict typed as ``hpctrain.Summary``: the keys every
+    run has are RunSummary's fields, in order, with their types; the NotRequired ones are
+    the built-in algorithms' own (a dotted summary field lies inside its table)."""
+    typed = typing.get_type_hints(hpctrain.Summary)
+    held = typing.get_type_hints(summary.RunSummary)
+    del held["algorithm_fields"]
+    assert hpctrain.Summary.__required_keys__ == set(held)
+    assert {k: typed[k] for k in held} == held and list(typed)[:len(held)] == list(held)
+    own = {k for cls in registry.ALGORITHMS.values() for k in cls.summary_fields if "." not in k}
+    assert hpctrain.Summary.__optional_keys__ == own
+    assert typing.get_type_hints(hpctrain.train)["return"] is hpctrain.Summary
+
+
 def _imports(path: Path, modules: set[str]) -> set[str]:
     """The hpctrain modules ``path`` imports at module level (imports inside functions are
     deliberate and lazy: MPI's thread level, optional packages; TYPE_CHECKING ones are for
@@ -675,11 +691,51 @@ def test_checkpoint_every_help_tells_off_from_none():
         "--config's value")
 
 
+def _typed_init(cls) -> dict[str, str]:
+    """The parameters of ``cls``'s ``__init__`` declared for type checkers only (``if
+    TYPE_CHECKING``), in order, with their annotations as written."""
+    for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(cls)))):
+        if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
+            init = next(d for d in node.body if isinstance(d, ast.FunctionDef))
+            assert init.name == "__init__"
+            assert all(isinstance(d, ast.Constant) and d.value is Ellipsis
+                       for d in init.args.defaults)
+            return {a.arg: ast.unparse(a.annotation) for a in init.args.args[1:]}
+    return {}
+
+
+TYPED_TWICE = {RunConfig: {"algo", "out"}, configs.DataConfig: {"dataset", "data_dir"},
+               configs.ModelConfig: {"name", "init_from"},
+               configs.CheckpointConfig: {"every", "dir", "resume"}}
+
+
+@pytest.mark.parametrize("cls", [RunConfig, *configs.SECTIONS.values()])
+def test_a_constructor_typed_for_callers_keeps_in_step_with_the_fields(cls):
+    """A field is typed as what it holds (``out: str | None``), so readers need no
+    narrowing; the ``__init__`` that type checkers see takes what a caller may give (a path,
+    the class itself, ``every=600``): every field in order, each with the field's type or a
+    wider one; only the fields that widen declare it so."""
+    typed = _typed_init(cls)
+    if cls not in TYPED_TWICE:
+        assert typed == {}
+        return
+    held = {f.name: f.type for f in dataclasses.fields(cls)}
+    assert list(typed) == list(held)  # a field added to one and not the other: here
+    wider = set()
+    for name, given in typed.items():
+        alternatives = options._alternatives(given)
+        assert set(options._alternatives(held[name])) <= set(alternatives), name
+        if len(alternatives) > len(options._alternatives(held[name])):
+            wider.add(name)
+    assert wider == TYPED_TWICE[cls]
+
+
 def test_checkpoint_every_is_typed_as_the_seconds_it_takes():
     """``CheckpointConfig(every=600)`` runs (600 seconds), but the field was annotated
-    ``str | None``: a type checker refused what the docs show."""
-    hint = typing.get_type_hints(configs.CheckpointConfig)["every"]
-    assert float in typing.get_args(hint)
+    ``str | None``: a type checker refused what the docs show. Its constructor takes the
+    number; the field holds the string it becomes."""
+    assert "float" in options._alternatives(_typed_init(configs.CheckpointConfig)["every"])
+    assert typing.get_type_hints(configs.CheckpointConfig)["every"] == str | None
     every = configs.CheckpointConfig(every=600)
     assert every.every == "600" and every.interval == "600"
 

@@ -17,6 +17,7 @@ from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.ec.compression import EnsembleCompression
 from hpctrain.errors import UsageError
 from hpctrain.microbatch import mean_in_parts, one_sample, parts
+from hpctrain.result import Summary
 from hpctrain.sim import SimConfig, simulate
 
 
@@ -199,6 +200,8 @@ def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
     workers = 1 if algo == "sgd" else 4
     (plain, a), (micro, b) = run("plain", None), run("micro", 10)
     assert plain["updates"] == micro["updates"] > 0
+    typed = Summary.__required_keys__  # train()'s type: the keys every run and algo has
+    assert typed <= plain.keys() <= typed | Summary.__optional_keys__
     assert plain["samples_per_worker"] == micro["samples_per_worker"]
     assert micro["peak_memory_per_worker"] == [None] * workers  # one process for them all
     for k in a:

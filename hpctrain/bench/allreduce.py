@@ -99,7 +99,7 @@ def validate(args: argparse.Namespace) -> None:
     # buffer of the raw Allreduce, and each layer's activations of the batch.
     need = {p: 4 * (5 * _LAYERS * (_width(p) ** 2 + _width(p))
                     + _LAYERS * args.batch_size * _width(p)) for p in args.params}
-    largest = max(need, key=need.get)
+    largest = max(need, key=lambda p: need[p])
     have, where, sharing = None, "this machine has", None  # shared by the ranks on it
     if args.device == "cuda":  # ranks beyond the GPUs share them (rank k on GPU k % GPUs)
         gpus = torch.cuda.device_count()
@@ -122,7 +122,7 @@ def _width(params: int) -> int:
     return max(1, round(math.sqrt(params / _LAYERS)))
 
 
-def mlp(params: int) -> nn.Module:
+def mlp(params: int) -> nn.Sequential:
     """``_LAYERS`` square ReLU layers with about ``params`` parameters (deterministic)."""
     width = _width(params)
     torch.manual_seed(0)
@@ -190,7 +190,7 @@ def _phase(world, params: int, args: argparse.Namespace, phase: str,
            variants: list[_Variant], with_raw: bool = False) -> dict[str, float]:
     """Interleave backward alone, ``variants`` (and the raw Allreduce); this rank's medians."""
     base = _Variant("backward alone", params, device=args.device)
-    width = base.model[0].in_features
+    width = _width(params)  # the model's: see mlp
     x = torch.randn(args.batch_size, width,
                     generator=torch.Generator().manual_seed(world.rank)).to(args.device)
     flat = devices.HostStage(torch.ones(sum(p.numel() for p in base.model.parameters()),
@@ -219,7 +219,8 @@ def _phase(world, params: int, args: argparse.Namespace, phase: str,
     return medians
 
 
-def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str) -> tuple[dict, int]:
+def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str | None
+                 ) -> tuple[dict, int]:
     """The mpi backend's phases for one size; also its bucket count."""
     def wrap(opt, named):
         return sync.DistributedOptimizer(opt, named, bucket_bytes=int(args.bucket_mb * 2**20))
@@ -237,6 +238,7 @@ def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str) -> tu
         medians.update(_phase(world, params, args, "Adasum", [_Variant(
             MPI_ADASUM, params, lambda opt, named: sync.DistributedOptimizer(
                 opt, named, op=sync.Adasum), device=args.device, adasum=True)]))
+    assert mpi.optimizer is not None  # wrap made it
     return medians, len(mpi.optimizer.bucket_sizes)
 
 

@@ -415,7 +415,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
         raise UsageError("--seeds and --seed: give one (--seeds runs each algorithm once per "
                          "seed)")
     shared = _Shared(args, given, _train_parser(), sim_words)
-    runs = []
+    runs: list[Run] = []
     for algo in algos:
         for seed in seeds or [None]:
             runs.append(_planned(shared, algo, seed,
@@ -537,9 +537,9 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
             except UsageError as e:
                 raise UsageError(f"{algo}'s run on {np} virtual worker{'s' if np > 1 else ''}: "
                                  f"{e}") from None
-        words = ("simulate", *train_args, *sim_args)
-        return Run(algo, np, [sys.executable, "-m", "hpctrain.cli", *words], ignored, seed=seed,
-                   words=words, config=config)
+        command_words = ("simulate", *train_args, *sim_args)
+        return Run(algo, np, [sys.executable, "-m", "hpctrain.cli", *command_words], ignored,
+                   seed=seed, words=command_words, config=config)
     launcher = launcher_command(getattr(args, "launcher", None), np)
     if shutil.which(launcher[0]) is None:
         raise UsageError(f"launcher {launcher[0]!r} not found (--launcher, "
@@ -552,9 +552,9 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
         except UsageError as e:
             raise UsageError(f"{algo}'s run on {np} process{'es' if np > 1 else ''}: {e}") \
                 from None
-    words = ("train", *train_args)
-    return Run(algo, np, [*launcher, sys.executable, "-m", "hpctrain", *words], ignored,
-               trainers, seed, words, config)
+    command_words = ("train", *train_args)
+    return Run(algo, np, [*launcher, sys.executable, "-m", "hpctrain", *command_words], ignored,
+               trainers, seed, command_words, config)
 
 
 def continued(run: Run, run_dir: Path) -> Run:
@@ -677,14 +677,21 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
         if log.tell():
             log.write(f"{report.CONTINUED}{time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
         proc = subprocess.Popen(tied(run.command), stdout=out, stderr=subprocess.PIPE, env=env)
+        stderr = proc.stderr
+        assert isinstance(stderr, io.BufferedReader)  # a pipe, binary and buffered (Popen's)
         if warning is not None:
             warning.started(proc)
         expired = threading.Event()
-        timer = threading.Timer(timeout, lambda: (expired.set(), _stop(proc))) if timeout else None
+
+        def expire() -> None:
+            expired.set()
+            _stop(proc)
+
+        timer = threading.Timer(timeout, expire) if timeout else None
         if timer:
             timer.start()
         try:
-            _relay_stderr(proc, log, display, lines)
+            _relay_stderr(stderr, log, display, lines)
             returncode = proc.wait()
         finally:
             if warning is not None:
@@ -693,7 +700,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
                 timer.cancel()
             if proc.poll() is None:
                 _stop(proc)
-            proc.stderr.close()  # else a ResourceWarning per run
+            stderr.close()  # else a ResourceWarning per run
     seconds = time.monotonic() - start
     record = {"np": run.np, "command": shlex.join(run.command), "ignored": run.ignored,
               "returncode": returncode, "seconds": round(seconds, 1)}
@@ -725,9 +732,9 @@ def open_log(path: Path) -> int:
         raise UsageError(f"bench compare: cannot open the log {path} ({e.strerror})") from None
 
 
-def _relay_stderr(proc: subprocess.Popen, log: TextIO, display: _Display,
+def _relay_stderr(stderr: io.BufferedReader, log: TextIO, display: _Display,
                   lines: deque[str]) -> None:
-    """Pass ``proc``'s stderr on as it comes until it ends: each line to the run's ``log``,
+    """Pass a run's ``stderr`` on as it comes until it ends: each line to the run's ``log``,
     the ``display`` and ``lines`` (the last ones name why a failed run failed), and each
     update of a progress bar (ended by a lone carriage return) to the display only."""
     def emit(text: str) -> None:
@@ -736,7 +743,7 @@ def _relay_stderr(proc: subprocess.Popen, log: TextIO, display: _Display,
         display.line(text)
 
     pending = b""
-    while chunk := proc.stderr.read1(65536):
+    while chunk := stderr.read1(65536):
         buf = pending + chunk
         held = buf.endswith(b"\r")  # a "\r\n" may be cut between two reads
         # Lines end with "\n" ("\r\n" too); a lone "\r" ends a progress bar's update.

@@ -18,6 +18,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import TypedDict
 
 import torch
 
@@ -31,7 +32,18 @@ DESCRIPTION = ("Fused DC-ASGD update kernel against a memory copy of the same by
                "torch expressions the same update as a user writes it; all measured in the "
                "same run.")
 THREAD_LEVEL = "single"  # no MPI
-HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
+
+
+class _Hyper(TypedDict):
+    """The update's keywords: typed, as a dict of floats would hide which they are."""
+
+    lr: float
+    lam: float
+    ms_decay: float
+    weight_decay: float
+
+
+HYPER: _Hyper = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-4}
 BYTES_PER_ELEMENT = {"dcasgd-c": 16, "dcasgd-a": 24}
 # Bytes per element allocated at once at the peak: w, g, w_bak and ms (16), dcasgd-a's copy
 # pair (24; each variant's pair is freed before the next is allocated) and the unfused torch

@@ -36,6 +36,7 @@ import re
 import shlex
 import sys
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,14 @@ class Row:
     def heading(self) -> str:
         """The run's first cell in the table: :attr:`algorithm` and seed."""
         return self.algorithm if self.seed is None else f"{self.algorithm} seed {self.seed}"
+
+    @property
+    def finished(self) -> dict:
+        """The summary of a run that finished, where the caller kept only those (``if
+        r.summary``): typed without the None of a run that did not."""
+        if self.summary is None:
+            raise ValueError(f"{self.title} has no summary")
+        return self.summary
 
     @property
     def label(self) -> str:
@@ -666,7 +675,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     done = [r for r in runs if r.summary]
     problems = [f"seed {r.seed} {r.status}" for r in runs if not r.summary]
     problems += [f"seed {r.seed} **collapsed**" for r in done
-                 if r.summary.get("collapsed_at") is not None]
+                 if r.finished.get("collapsed_at") is not None]
     if len({tuple(sorted(_trained_with(r).items())) for r in done if r.config}) > 1:
         problems.append(DIFFERING_SEEDS)
     status = "; ".join(problems) or "ok"
@@ -675,7 +684,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
         return [name, count, *(dash for _ in range(8 + len(targets))), status]
 
     def values(key: str) -> list[float]:
-        return [r.summary[key] for r in done if r.summary.get(key) is not None]
+        return [r.finished[key] for r in done if r.finished.get(key) is not None]
 
     def over_seeds(key: str, fmt) -> str:  # and over how many, when some runs lack the value
         got = values(key)
@@ -690,13 +699,12 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
             f"({_mean([p['epoch'] for p in hit]):.2f} ep)")
         reach.append(text + (f" in {len(hit)} of {len(done)}" if 0 < len(hit) < len(done)
                              else ""))
-    stale = [r.summary["staleness"] for r in done if r.summary.get("staleness")]
-    stale = dash if not stale else _seed_staleness(stale)
+    stale = [r.finished["staleness"] for r in done if r.finished.get("staleness")]
     moved: dict[str, list[float]] = {}
     for r in done:
-        for key, value in _byte_counts(r.summary, r.byte_fields):
+        for key, value in _byte_counts(r.finished, r.byte_fields):
             moved.setdefault(key, []).append(value)
-    peaks = [p for r in done for p in r.summary.get("peak_memory_per_worker") or ()
+    peaks = [p for r in done for p in r.finished.get("peak_memory_per_worker") or ()
              if p is not None]
     workers = sorted(set(values("workers")))
     return [name, count, "/".join(map(str, workers)) or NA,
@@ -704,7 +712,7 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
             over_seeds("best_test_acc", "{:.4f}".format),
             over_seeds("wall_s", _seconds), *reach,
             over_seeds("samples_per_s", "{:.0f}".format),
-            _bytes(max(peaks)) if peaks else dash, stale,
+            _bytes(max(peaks)) if peaks else dash, _seed_staleness(stale) if stale else dash,
             "; ".join(f"{k} {_bytes(_mean(v))}" for k, v in sorted(moved.items())) or dash,
             status]
 
@@ -981,8 +989,8 @@ def simulator_settings(rows: list[Row]) -> str | None:
 
     def value(r: Row, key: str):
         if key in dict(STRAGGLER_SETTINGS):
-            return r.summary.get(key, missing)
-        return (r.summary.get("simulation") or {}).get(key, missing)
+            return r.finished.get(key, missing)
+        return (r.finished.get("simulation") or {}).get(key, missing)
 
     def text(v) -> str:
         return "none" if v is None else f"{v:g}" if isinstance(v, float) else str(v)
@@ -1000,7 +1008,7 @@ def simulator_settings(rows: list[Row]) -> str | None:
         else:
             parts.append(f"`{flag}` " + "; ".join(f"{v} ({_who(runs, simulated)})"
                                                   for v, runs in groups.items()))
-    ec = [r for r in simulated if r.summary.get("algo") == "ec"]
+    ec = [r for r in simulated if r.finished.get("algo") == "ec"]
     rates = _grouped(ec, lambda r: "{:g} s ({})".format(
         *(value(r, k) for k in ("inference_s_per_sample", "inference_from"))))
     if rates and all(value(r, "inference_s_per_sample") is not missing for r in ec):
@@ -1140,14 +1148,14 @@ def _plots_section(plots: bool, seeds: list) -> list[str]:
 def _commands_section(rows: list[Row], record: dict) -> list[str]:
     """The command line of each run that has one; outside a comparison (no ``record``),
     said to be the one its config.json records."""
-    commands = [r for r in rows if r.command]
+    commands = [(r.title, r.command) for r in rows if r.command]
     if not commands:
         return []
     out = ["", "## Commands", ""]
     if not record:
         out += ["Each run's `hpctrain` command line, as its config.json records it "
                 "(without the launcher that started its processes).", ""]
-    return out + [f"- {_plain(r.title)}: {_code(r.command)}" for r in commands]
+    return out + [f"- {_plain(title)}: {_code(command)}" for title, command in commands]
 
 
 def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = True) -> str:
@@ -1183,7 +1191,7 @@ def _style(algo: str | None, index: int) -> tuple[str, str]:
 ERROR_ROOM = 5.0
 
 
-def _error_range(curves: list[list[float]], bands: list[list[float]] = ()
+def _error_range(curves: list[list[float]], bands: Sequence[list[float]] = ()
                  ) -> tuple[float, float] | None:
     """Test error range (%) that shows how the runs converge: from just below the lowest error
     to 2.5 times the median final error, or that median plus ERROR_ROOM points if higher (the
@@ -1340,8 +1348,9 @@ def _interpolate(xs: list[float], ys: list[float], at: float) -> float:
 def legend_label(curve: Curve, shown: tuple[float, float] | None) -> str:
     """The curve's label in the legend, saying so when the whole curve lies above the error
     range ``shown`` (three digits: an upper limit of 0.5% is not "0%")."""
-    above = shown is not None and min(curve.err) > shown[1]
-    return curve.label + (f" (above {shown[1]:.3g}%)" if above else "")
+    if shown is None or min(curve.err) <= shown[1]:
+        return curve.label
+    return f"{curve.label} (above {shown[1]:.3g}%)"
 
 
 def x_label(rows: list[Row], x: str) -> str:
@@ -1368,9 +1377,10 @@ def figure(rows: list[Row], x: str, title: str = ""):
     for i, c in enumerate(lines):
         colour, marker = _style(c.algo if algos.count(c.algo) == 1 else None, i)
         width = 1.0 + 1.5 * (len(lines) - 1 - i) / max(len(lines) - 1, 1)
-        drawn = {"color": colour, "marker": marker, "markerfacecolor": "none",
-                 "linewidth": width, "markersize": 2.0 + 2.0 * width}
-        if c.partial:  # dashed throughout, solid over it between points of every run
+        drawn: dict[str, Any] = {"color": colour, "marker": marker, "markerfacecolor": "none",
+                                 "linewidth": width, "markersize": 2.0 + 2.0 * width}
+        # partial: dashed throughout, solid over it between points of every run
+        if c.partial and c.runs is not None:
             ax.plot(c.xs, c.err, "--", **drawn)
             ax.plot(c.xs, [e if k == c.of else math.nan for e, k in zip(c.err, c.runs,
                                                                         strict=True)],

@@ -30,6 +30,7 @@ from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import TrainDataSpec, make_train_data, order
 from hpctrain.shuffle.exchange import PHASES
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, PARTITIONS
+from hpctrain.shuffle.sharded import ShardedTrainData
 
 DESCRIPTION = ("Sharded global reshuffle, MB/s per rank, against a raw Alltoallv of the same "
                "bytes. The reshuffle moves a data set's samples between the ranks (chunked "
@@ -140,11 +141,15 @@ def run(args: argparse.Namespace) -> dict:
                          shuffle="global", data_placement="sharded", partition=args.partition,
                          shuffle_chunk_mb=args.shuffle_chunk_mb)
     td = make_train_data(spec, world)
+    assert isinstance(td, ShardedTrainData)  # data_placement sharded
+    exchanger = td.exchanger
+    assert exchanger is not None  # with a communicator
     row_bytes = 4 * int(np.prod(td.input_shape)) + _META_BYTES
     td.epoch(0)  # warm-up: allocates the exchange's buffers; deals the --partition split
     first = world.allgather(td.stats()["bytes_moved"])  # what dealing that split moved
     shuffle_mbs, raw_mbs, floor_mbs, sent_mb = [], [], [], []
-    phase_s = {p: [] for p in (*PHASES, "planning", "raw")}  # planning: the rest (destinations)
+    # planning: the rest (destinations)
+    phase_s: dict[str, list[float]] = {p: [] for p in (*PHASES, "planning", "raw")}
     for epoch in range(1, args.epochs + 1):
         dest, _ = order.global_destinations(args.seed, epoch, td.num_samples, ranks, td.held.ids)
         mine = torch.bincount(dest, minlength=ranks).numpy().astype(np.int64)
@@ -154,12 +159,12 @@ def run(args: argparse.Namespace) -> dict:
         raw_s = _raw_alltoallv(world, counts, row_bytes)
         world.Barrier()
         copies_s = _copies(td.held.images, epoch)
-        before, seconds = td.stats(), dict(td.exchanger.seconds)
+        before, seconds = td.stats(), dict(exchanger.seconds)
         world.Barrier()
         td.epoch(epoch)
         after = td.stats()
         for p in PHASES:
-            phase_s[p].append(td.exchanger.seconds[p] - seconds[p])
+            phase_s[p].append(exchanger.seconds[p] - seconds[p])
         total_s = after["exchange_s"] - before["exchange_s"]
         phase_s["planning"].append(total_s - sum(phase_s[p][-1] for p in PHASES))
         phase_s["raw"].append(raw_s)

@@ -28,6 +28,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import TypedDict
 
 import torch
 
@@ -42,7 +43,16 @@ DESCRIPTION = ("RMA parameter store pushes per second against a two-sided Send/R
                "dedicated server rank); the Send/Recv server applies the same update; all "
                "measured in the same run; run with mpirun -np W+1 (W >= 1).")
 THREAD_LEVEL = "serialized"
-HYPER = {"lr": 1e-3, "lam": 0.04}
+
+
+class _Hyper(TypedDict):
+    """The update's keywords: typed, as a dict of floats would hide which they are."""
+
+    lr: float
+    lam: float
+
+
+HYPER: _Hyper = {"lr": 1e-3, "lam": 0.04}
 _GRAD, _STOP = 1, 2
 
 
@@ -71,8 +81,9 @@ def _push_loop(push, seconds: float, world) -> tuple[int, float]:
     return n, time.perf_counter() - start
 
 
-def _rma(world, numel: int, consistency: str, servers: int, seconds: float) -> dict:
-    """One RMA case on ``world``; per-rank (pushes, seconds) gathered on rank 0."""
+def _rma(world, numel: int, consistency: str, servers: int, seconds: float) -> list | None:
+    """One RMA case on ``world``; per-rank (pushes, seconds, shared) gathered on rank 0
+    (None on the others)."""
     workers = world.Get_size() - servers
     store = ParameterStore(torch.zeros(numel), world, servers=servers, shards=workers,
                            consistency=consistency)
@@ -86,8 +97,9 @@ def _rma(world, numel: int, consistency: str, servers: int, seconds: float) -> d
     return world.gather((*result, store.shared), root=0)
 
 
-def _two_sided(world, numel: int, seconds: float) -> list:
-    """The baseline: the last rank serves gradients with Recv/update/Send."""
+def _two_sided(world, numel: int, seconds: float) -> list | None:
+    """The baseline: the last rank serves gradients with Recv/update/Send; gathered as
+    :func:`_rma`'s."""
     MPI = comm.mpi()
     size, rank = world.Get_size(), world.Get_rank()
     server = size - 1
@@ -161,15 +173,16 @@ def run(args: argparse.Namespace) -> dict:
     spread = world.Split(0 if rank < size - 1 else 1, rank)
     rows = []
     for numel in args.params:
-        cases = {"two-sided": _two_sided(world, numel, args.seconds)}
+        cases: dict[str, list | None] = {"two-sided": _two_sided(world, numel, args.seconds)}
         for consistency in args.consistency:
             parts = _rma(spread, numel, consistency, 0, args.seconds) if rank < size - 1 else None
             cases[f"rma-{consistency}-spread"] = parts
             world.Barrier()
             cases[f"rma-{consistency}-server"] = _rma(world, numel, consistency, 1, args.seconds)
-        if rank == 0:
-            base = _rate(cases["two-sided"])
-            for name, parts in cases.items():
+        if rank == 0:  # every case gathered here
+            gathered = {name: parts for name, parts in cases.items() if parts is not None}
+            base = _rate(gathered["two-sided"])
+            for name, parts in gathered.items():
                 rate = _rate(parts)
                 rows.append({"params": numel, "workers": size - 1, "case": name,
                              "shared_windows": parts[0][2], "pushes_per_s": rate,
