@@ -105,7 +105,8 @@ class StalenessBound:
         self.store, self.max_staleness, self.poll_interval = store, max_staleness, poll_interval
         self.num_workers, self.is_worker = store.num_workers, store.is_worker
         self.host = store.hosts[0]
-        self._slot = store.rank if store.is_worker else None  # workers are ranks 0..W-1
+        # This worker's slot (workers are ranks 0..W-1); a server has none.
+        self._slot: int | None = store.rank if store.is_worker else None
         size = 8 * self.num_workers if store.rank == self.host else 0
         self.shared = store.shared
         allocate = MPI.Win.Allocate_shared if self.shared else MPI.Win.Allocate
@@ -134,7 +135,8 @@ class StalenessBound:
         # step here (and with ``patient``, the workers compiling: --compile, any step) may
         # take minutes, so a wait then has watchdog.BUSY_S; else --stall-timeout, a frozen
         # worker. ``_floor``: the slowest clock this process first read.
-        self.patient, self._floor = patient, None
+        self.patient = patient
+        self._floor: int | None = None
 
     @property
     def clock(self) -> int:
@@ -159,7 +161,7 @@ class StalenessBound:
         start = seen = None
         while True:
             slowest = self._slowest()
-            self._floor = slowest if self._floor is None else self._floor
+            floor = self._floor = slowest if self._floor is None else self._floor
             gap = self._clock - slowest
             if gap <= self.max_staleness:
                 break
@@ -169,7 +171,7 @@ class StalenessBound:
             if slowest != seen:  # the job makes progress while the slowest worker steps; a
                 seen = slowest   # frozen one ends it after the allowance (beating every
                 watchdog.beat("ssp wait", self._clock,  # poll, nothing ever did)
-                              compiling=self.patient or slowest <= self._floor)
+                              compiling=self.patient or slowest <= floor)
             time.sleep(self.poll_interval)
         waited = 0.0 if start is None else time.perf_counter() - start
         self.wait_s += waited
@@ -256,6 +258,7 @@ class StalenessBound:
 
     def _publish(self) -> None:
         """Write this worker's clock (plus ``PARKED`` when parked) into its slot."""
+        assert self._slot is not None, "only workers publish (_check)"
         self._value[0] = self._clock + (PARKED if self._parked else 0)
         if self.shared:
             shm.store(self._base + 8 * self._slot, int(self._value[0]))

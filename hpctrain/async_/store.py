@@ -230,7 +230,7 @@ def context_id_bound(library: str | None) -> bool:
 def max_shards(library: str | None, ranks: int) -> tuple[int, str]:
     """The most shards a store over ``ranks`` ranks may make on ``library`` (MPI's version
     string, None if unknown), and why, for a refusal."""
-    if context_id_bound(library):
+    if library is not None and context_id_bound(library):
         name = " ".join(library.splitlines()[0].split())
         return MPICH_MAX_SHARDS, (f"each is an RMA window, and this MPI ({name}) runs out "
                                   "of communicator context ids, one per window, past about "
@@ -327,9 +327,11 @@ class ParameterStore:
             for (lo, hi), owner in zip(self.bounds, self.owners, strict=True)]
         self._counter = allocate(16 if rank == self.hosts[0] else 0, 8, comm=comm)
         self._initialize(values, root)
-        # Shared memory: every shard's header and values, and the counters, mapped here.
-        self._mapped = [_map(win.Shared_query(owner)[0]) if self.shared else None
-                        for win, owner in zip(self.windows, self.owners, strict=True)]
+        # Shared memory: every shard's header and values, and the counters, mapped here
+        # (none otherwise: only the shared-memory paths read them).
+        self._mapped = [_map(win.Shared_query(owner)[0])
+                        for win, owner in zip(self.windows, self.owners, strict=True)] \
+            if self.shared else []
         self._counter_base = self._counter.Shared_query(self.hosts[0])[0].address \
             if self.shared else 0
         # This worker's first shard: workers spread over the shards to avoid lock convoys.
@@ -394,7 +396,7 @@ class ParameterStore:
         self._check_open("pull")
         self._check_buffer("out", out)
         if out.device.type != "cpu":  # through host memory
-            stage = self._stage(out.device)
+            stage = self._device_stage(out.device)
             seen = self.pull(stage.host)
             out.copy_(stage.host)
             return seen
@@ -451,18 +453,18 @@ class ParameterStore:
         # worker is a thread that torch.set_num_threads did not reach.
         hyper = {"lr": lr, "lam": lam, "ms_decay": ms_decay, "weight_decay": weight_decay,
                  "momentum": momentum, "threads": torch.get_num_threads()}
-        versions = []
+        locked = self.consistency == "locked"
+        push_locked = self._push_locked if staged else self._push_locked_in_place
+        push_atomic = self._push_atomic if staged else self._push_atomic_in_place
+        versions: list[int] = []
         for s in self.order:
             lo, hi = self.bounds[s]
-            part = (w_bak[lo:hi], g[lo:hi], *(None if t is None else t[lo:hi] for t in (ms, v)))
-            if not staged:
-                push = self._push_locked_in_place if self.consistency == "locked" \
-                    else self._push_atomic_in_place
+            part = (w_bak[lo:hi], g[lo:hi], None if ms is None else ms[lo:hi],
+                    None if v is None else v[lo:hi])
+            if locked:
+                versions.append(push_locked(s, *part, hyper, stage))
             else:
-                push = self._push_locked if self.consistency == "locked" else self._push_atomic
-            version = push(s, *part, hyper, stage)
-            if self.consistency == "locked":
-                versions.append(version)
+                push_atomic(s, *part, hyper, stage)
         read, written, mpi = self._push_traffic
         self.bytes_read, self.bytes_written = self.bytes_read + read, self.bytes_written + written
         self.mpi_bytes += mpi
@@ -489,7 +491,7 @@ class ParameterStore:
     def _push_atomic_in_place(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Shared memory, CPU worker: the kernel reads the shard in place, one pass fewer."""
         lo, hi = self.bounds[s]
-        delta = self._delta[lo:hi]
+        delta = self._atomic_delta()[lo:hi]
         with self._holding(s, exclusive=False):
             kernels.dc_delta(self._mapped[s].values, g, w_bak, ms, v, out=delta, w_out=w_bak,
                              **hyper)
@@ -511,7 +513,7 @@ class ParameterStore:
     def _push_atomic(self, s: int, w_bak, g, ms, v, hyper, stage) -> None:
         """Staged, under a shared lock: read the shard, delta where w_bak is, Accumulate it."""
         lo, hi = self.bounds[s]
-        host, delta = self._cur[lo:hi], self._delta[lo:hi]
+        host, delta = self._cur[lo:hi], self._atomic_delta()[lo:hi]
         with self._holding(s, exclusive=False):
             self._read_shard(s, host)
             if stage is None:
@@ -590,10 +592,17 @@ class ParameterStore:
             win.Accumulate([buf[piece], MPI.FLOAT], owner, target=target, op=MPI.SUM)
         win.Accumulate([self._one, MPI.INT64_T], owner, target=(0, 1, MPI.INT64_T), op=MPI.SUM)
 
+    def _atomic_delta(self) -> torch.Tensor:
+        """``atomic``'s host delta buffer, which an ``atomic`` store always has."""
+        assert self._delta is not None, "only an atomic store accumulates a delta"
+        return self._delta
+
     def _stage(self, device: torch.device) -> _DeviceStage | None:
         """A GPU worker's device buffers and pinned host buffer (None on the CPU)."""
-        if device.type == "cpu":
-            return None
+        return None if device.type == "cpu" else self._device_stage(device)
+
+    def _device_stage(self, device: torch.device) -> _DeviceStage:
+        """:meth:`_stage` for ``device``, a GPU."""
         if self._device is None or self._device.values.device != device:
             self._device = _DeviceStage(self.numel, device, self.consistency == "atomic")
             self._cur = self._cur.pin_memory()

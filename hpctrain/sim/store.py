@@ -239,8 +239,8 @@ class LocalBound(StalenessBound):
         slowest = super()._slowest()
         if self._clock - slowest > self.max_staleness:
             # Where the real bound sleeps and polls: wait for the next published clock.
-            self.store.state.clock_waiters.add(self._slot)
-            self.store.scheduler.block(self._slot)
+            self.store.state.clock_waiters.add(self.store.rank)  # its slot
+            self.store.scheduler.block(self.store.rank)
         return slowest
 
     def _publish(self) -> None:
