@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 from functools import lru_cache
+from typing import overload
 
 import torch
 
@@ -39,7 +40,7 @@ AT_CHECKPOINT = ("killckpt", "stopckpt")  # their STEP is the update of a checkp
 def _plan(spec: str) -> dict[tuple[int, int, bool], str]:
     """``{(rank, step, at a checkpoint): kind}``: killckpt's (stopckpt's) STEP is an update,
     the others' a worker's step, so ``nan@0:5,killckpt@0:5`` are two places."""
-    plan = {}
+    plan: dict[tuple[int, int, bool], str] = {}
     items = [s.strip() for s in spec.split(",")]
     if not all(items):  # a drill whose fault went missing would pass
         raise UsageError(f"HPCTRAIN_INJECT {spec!r}: an empty entry; want KIND@RANK:STEP[,...]")
@@ -135,6 +136,10 @@ def _planned(rank: int, step: int, at_checkpoint: bool = False) -> str | None:
     return _plan(spec).get((rank, step, at_checkpoint)) if spec else None
 
 
+@overload
+def inject(rank: int, step: int, model: torch.nn.Module, loss: torch.Tensor) -> torch.Tensor: ...
+@overload
+def inject(rank: int, step: int, model: torch.nn.Module, loss: None = None) -> None: ...
 def inject(rank: int, step: int, model: torch.nn.Module,
            loss: torch.Tensor | None = None) -> torch.Tensor | None:
     """Apply the fault planned for (rank, step), if any; return ``loss``.

@@ -39,7 +39,7 @@ import math
 import shutil
 import sys
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import TypedDict, TypeVar, cast, overload
 
 import torch
 
@@ -162,7 +162,7 @@ def _checked_run(config: RunConfig, given: frozenset[str] | None = None) -> dict
         with watchdog.watching(config.stall_timeout, comm.env_rank(), comm.launch_size(),
                                "waiting in hpctrain.train() for every rank to call it"):
             comm.shared_refusal(refusal)
-        if _agreed_finished(done is not None):
+        if (done := _agreed_finished(done)) is not None:
             return done
         with claimed(config) as config:
             if auto and comm.env_rank() == 0:  # said once the folder is this run's
@@ -189,16 +189,18 @@ def _checked(config: RunConfig, given: frozenset[str] | None = None
         return None, config, refused
 
 
-def _agreed_finished(finished: bool) -> bool:
-    """Whether the run has finished, as every rank sees it where MPI already runs (their
-    files may differ: ``--out`` on node-local storage); a UsageError if they disagree."""
+def _agreed_finished(done: dict | None) -> dict | None:
+    """``done``, a finished run's summary (None: the run has not finished), once every rank
+    agrees whether the run has finished where MPI already runs (their files may differ:
+    ``--out`` on node-local storage); a UsageError if they disagree."""
+    finished = done is not None
     MPI = comm.mpi_running()
     seen = MPI.COMM_WORLD.allgather(finished) if MPI is not None else [finished]
     if len(set(seen)) > 1:
         raise on_every_rank(UsageError(
             f"--resume auto: rank(s) {_ranks(seen, True)} find a finished run and rank(s) "
             f"{_ranks(seen, False)} do not; do the ranks share the run's folder?"))
-    return finished
+    return done
 
 
 def _ranks(seen: list, value) -> str:
@@ -288,7 +290,8 @@ def _run(config: RunConfig, world) -> dict | None:
     everyone, (world, evaluating) = world, live.split_world(world, config)
     if evaluating:  # --eval-rank: this rank scores snapshots and does not train
         _held_data(config, test_set, scores=True, trains=False)
-        return live.serve(everyone, model, test_set)
+        live.serve(everyone, model, test_set)
+        return None
     resume = config.checkpoint.resume
     loaded = checkpoint.newest(resume) if resume and world.Get_rank() == 0 else None
     algo.restore_model(loaded)
@@ -354,6 +357,13 @@ def _from_rank0(model, snapshots: Snapshots, comm_) -> None:
         snapshot.info = info
 
 
+_Items = TypeVar("_Items", bound=list)
+
+
+@overload
+def _rank0s(items: _Items, comm_) -> _Items: ...
+@overload
+def _rank0s(items: None, comm_) -> list: ...
 def _rank0s(items: list | None, comm_) -> list:
     """Rank 0's ``items`` (its snapshots, or their buffers) on every rank (collective; the
     others' are not used): together they may pass 2 GiB."""
@@ -477,7 +487,19 @@ def _available_memory() -> int | None:
         return None
 
 
-def _per_worker(every: list[dict], wall: float) -> dict:
+class _WorkerCounts(TypedDict):
+    """One worker's counts that rank 0 gathers for the summary (:func:`_per_worker`)."""
+
+    samples: int
+    busy_s: float
+    slept_s: float
+    peak: int | None
+    scale: float | None
+    overflows: int | None
+    profiled: tuple[int, int | None, int]  # Profiler.outcome()
+
+
+def _per_worker(every: list[_WorkerCounts], wall: float) -> dict:
     """The summary's fields gathered from every worker: its samples, busy time, straggler
     sleep, peak memory, fp16 loss scale and overflows; the samples per second of them all."""
     return {"samples_per_s": sum(w["samples"] for w in every) / wall,
@@ -555,6 +577,8 @@ class _Training:
                                       per_epoch=algo.per_epoch, resize_state=algo.resize_state),
             stop_on_signal=True, close_tickets=None if algo.lock_step else algo.close_tickets)
         try:  # the checkpointer holds SIGUSR1 from here: an error below lets go of it
+            # claimed() gave the run its folder, which _launched told every rank
+            assert config.out is not None
             self.log = RunLog(config.out, rank)
             if rank == 0:
                 _write_config(self.log, config, algo, self.device, size, runtime, started_from,
@@ -566,6 +590,12 @@ class _Training:
         except BaseException:
             self.let_go()
             raise
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        """The algorithm's optimizer, which __init__ checked its setup() made."""
+        assert self.algo.optimizer is not None
+        return self.algo.optimizer
 
     def _start(self, loaded, world) -> None:
         """Set-up's second half: snapshot 0, the counters a checkpoint restores, the watch,
@@ -636,7 +666,7 @@ class _Training:
             # At the update this step makes: lock-step, the updates done; async, its ticket (the
             # worker's last push lags the global count by the pushes since, a straggler's most).
             lr = optimizers.scheduled_lr(self.config.optim, self.base_lr, self.per_epoch, index)
-            set_lr(algo.optimizer, lr)
+            set_lr(self.optimizer, lr)
             x, y = self._batch(local)
             loss = self._backward(x, y)
             applied = self._update(loss)
@@ -703,10 +733,10 @@ class _Training:
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:
         """The batch's gradient, and its loss: its parts' forward and backward, timed as the
         step's compute, which an injected straggler pads."""
-        self.algo.optimizer.zero_grad()
+        self.optimizer.zero_grad()
         computing = self.runtime.now()
         self.step_times.begin(computing)
-        loss = 0.0
+        loss: torch.Tensor | float = 0.0
         micro = self.config.optim.micro_batch_size
         parts = self.algo.losses(x, y, micro)  # one, or each micro-batch's
         for part in precision.each_under(self.config.mixed_precision, self.device, parts):
@@ -724,7 +754,7 @@ class _Training:
         guard, scaler, steps = self.guard, self.scaler, self.at.local_steps
         with self.profiler.region("hpctrain.synchronize"):  # --profile's labels for the hooks
             self.algo.synchronize()
-        scaler.unscale(self.algo.optimizer)
+        scaler.unscale(self.optimizer)
         try:
             applied = guard.check(steps, amplified=scaler.amplifies, loss=loss)
             if applied:
@@ -834,10 +864,12 @@ class _Training:
             algo.write_outputs(self.log, snapshots, comm_)
             self.step_times.write(self.log.dir, comm_, rank)
         own = algo.summary(points, comm_)
-        mine = {"samples": self.at.samples, "busy_s": busy, "slept_s": self.straggler.slept,
-                "peak": peak, "scale": self.scaler.get_scale(),
-                "overflows": self.scaler.overflow_steps(), "profiled": self.profiler.outcome()}
-        every = comm_.gather(mine, root=0) if comm_ is not None else [mine]
+        mine: _WorkerCounts = {
+            "samples": self.at.samples, "busy_s": busy, "slept_s": self.straggler.slept,
+            "peak": peak, "scale": self.scaler.get_scale(),
+            "overflows": self.scaler.overflow_steps(), "profiled": self.profiler.outcome()}
+        every: list[_WorkerCounts] = comm_.gather(mine, root=0) if comm_ is not None \
+            else [mine]
         self.profiler.report([w["profiled"] for w in every] if rank == 0 else None)
         guarded = self.guard.summary()
         checkpoints = self.ckpt.summary()

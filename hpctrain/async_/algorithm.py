@@ -201,6 +201,8 @@ class ASGD(Algorithm):
 
     def make_optimizer(self, model: torch.nn.Module) -> ASGDOptimizer:
         o = self.config.optim
+        # The run's config is resolved (config.resolve) and sgd's, the one optimizer here.
+        assert o.lr is not None and o.momentum is not None
         return ASGDOptimizer(model, self.store, lr=o.lr, momentum=o.momentum,
                              weight_decay=o.weight_decay)
 
@@ -252,7 +254,9 @@ class ASGD(Algorithm):
         if not applied:  # a skipped step pushes nothing: the ticket stays for the next batch
             return self.base + self.store.updates()
         self.ticket = None
-        return self.base + self.optimizer.last_push.index + 1
+        push = self.optimizer.last_push
+        assert push is not None  # an applied step pushed
+        return self.base + push.index + 1
 
     def before_checkpoint(self, position: int) -> int | None:
         # Every ticket below the mark is claimed, each by a worker that pushes it before it
@@ -332,6 +336,8 @@ class DCASGDConstant(ASGD):
 
     def make_optimizer(self, model: torch.nn.Module) -> DCASGDOptimizer:
         o = self.config.optim
+        # The run's config is resolved (config.resolve) and sgd's, the one optimizer here.
+        assert o.lr is not None and o.momentum is not None
         return DCASGDOptimizer(model, self.store, lr=o.lr, lam=self.lam(),
                                adaptive=self.adaptive,
                                ms_decay=getattr(self.options, "ms_decay", 0.95),
