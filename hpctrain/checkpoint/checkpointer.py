@@ -39,6 +39,7 @@ from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
+from hpctrain.evaluate import Snapshot
 from hpctrain.metrics import write_atomic
 from hpctrain.rank0_flag import Rank0Flag
 from hpctrain.tensorboard import WallClock
@@ -103,12 +104,13 @@ class Checkpointer:
         self.shared, self.per_rank = shared, per_rank or {}
         self.resume_dir = resume
         self.header = {**header, "workers": self.workers}
-        self.enabled = every not in (None, OFF)
+        self.enabled = every is not None and every != OFF
         self.folder = Path(folder)
-        schedule = Every.parse(every) if self.enabled else None
+        schedule = Every.parse(every) if every is not None and self.enabled else None
         self.by_progress = schedule is not None and schedule.by_progress
         self.every = schedule.amount if schedule is not None else 0.0
-        self.interval = schedule.interval_updates(steps) if self.by_progress else 0
+        self.interval = schedule.interval_updates(steps) \
+            if schedule is not None and schedule.by_progress else 0
         self.next_due = self.interval
         self.written = 0      # snapshots (of each rank) already in snapshots/
         self.refs: list[list[dict]] = []  # their files, per rank that saves them
@@ -135,7 +137,8 @@ class Checkpointer:
         is rank 0's on every rank, so that the ranks' snapshots share one clock."""
         if self.resume_dir is None:
             return {}
-        common = parts = None
+        common: tuple | None = None  # rank 0's, then every rank's
+        parts: list[tuple[dict, list[Snapshot] | None]] | None = None  # rank 0's, per rank
         if self.rank == 0:
             loaded = found or newest(self.resume_dir)
             payload, restored = loaded.payload, loaded.snapshots
@@ -170,7 +173,9 @@ class Checkpointer:
             common = large_messages(self.comm).bcast(common, root=0)
             mine, own = large_messages(self.comm).scatter(parts, root=0)
         else:
+            assert parts is not None  # one process: rank 0, which read them
             mine, own = parts[0]
+        assert common is not None  # rank 0 read it, the others have its broadcast
         path, header, shared, book, self.refs, first, position, self.resized, elapsed = common
         counters = {**mine["counters"], **({"elapsed": elapsed} if "elapsed" in
                                            mine["counters"] else {})}
@@ -181,7 +186,8 @@ class Checkpointer:
             if name in mine:  # a state the run did not keep before (fp16's scaler) starts anew
                 obj.load_state_dict(mine[name])
         set_rng_state(mine["rng"])
-        snapshots[:] = own if self.snapshots_per_rank else first
+        # own: this rank's, where each rank saved its own (then never None)
+        snapshots[:] = first if own is None else own
         self.written = len(snapshots)
         self.count, self.seconds = book["checkpoints"], book["checkpoint_s"]
         # The checkpoint's own count, as config.json's resumes and resized[].updates say
@@ -191,9 +197,9 @@ class Checkpointer:
         self.next_due = (position // self.interval + 1) * self.interval \
             if self.by_progress else 0
         if self.rank == 0:
-            resized = f"; resized from {header['workers']} to {self.workers} workers, going " \
-                      f"on at update {position}" if header["workers"] != self.workers else ""
-            print(f"hpctrain: resuming from {path} (update {header['updates']}{resized})",
+            note = f"; resized from {header['workers']} to {self.workers} workers, going " \
+                   f"on at update {position}" if header["workers"] != self.workers else ""
+            print(f"hpctrain: resuming from {path} (update {header['updates']}{note})",
                   file=sys.stderr, flush=True)
         self.last = time.perf_counter()
         return counters
@@ -233,7 +239,7 @@ class Checkpointer:
         # it would keep some of them waiting at the checkpoint's barrier.
         marked = self.by_progress and self.next_due <= self.total and updates >= self.next_due
         if self.close_tickets is not None:
-            return self._ticket_due(updates) or marked
+            return self._ticket_due(updates, self.close_tickets) or marked
         if self.by_progress and not self.on_signal:
             return marked
         verdict = self._verdict(updates)
@@ -259,13 +265,13 @@ class Checkpointer:
             self._flag.post(self._rank0_verdict() if self.rank == 0 and not verdict else 0)
         return verdict
 
-    def _ticket_due(self, ticket: int) -> bool:
+    def _ticket_due(self, ticket: int, close_tickets: Callable[[], bool]) -> bool:
         """Asynchronous workers: whether ``ticket`` was claimed after rank 0 closed the
         tickets on SIGUSR1, which rank 0 does here. Whether to stop after the checkpoint is
         rank 0's word, given in :meth:`save` (a worker waiting at a mark claims nothing)."""
         if self.on_signal and self.rank == 0 and not self._closing and stop.received():
             self._closing = True
-            self.stopping = self.close_tickets()
+            self.stopping = close_tickets()
         return ticket >= stop.CLOSED
 
     def _rank0_verdict(self) -> int:
