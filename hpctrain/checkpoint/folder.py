@@ -19,9 +19,10 @@ import itertools
 import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from hpctrain.checkpoint.format import CorruptCheckpoint, encode_parts, load, read_header
 from hpctrain.errors import UsageError
@@ -94,7 +95,9 @@ def other_layout(path: Path, gap: str) -> UsageError:
 
 def number(path: Path) -> int:
     """The update count in a checkpoint's name (``ckpt-<updates>.pt``)."""
-    return int(_NAME.match(path.name).group(1))
+    m = _NAME.match(path.name)
+    assert m is not None, f"{path.name}: not a checkpoint's name (listing() finds those)"
+    return int(m.group(1))
 
 
 def listing(folder: str | Path) -> list[Path]:
@@ -107,7 +110,7 @@ def listing(folder: str | Path) -> list[Path]:
 
 
 def save(folder: str | Path, updates: int, payload: dict, header: dict,
-         midway: Callable[[], None] | None = None, retire: list[Path] = ()) -> Path:
+         midway: Callable[[], None] | None = None, retire: Sequence[Path] = ()) -> Path:
     """Write checkpoint ``ckpt-<updates>.pt`` in ``folder``, then delete ``retire`` (files of
     the run before a resize, whose numbers would outrank this one's) and keep only the
     newest KEEP."""
@@ -164,7 +167,8 @@ def _usable_snapshots(folder: Path, refs: list[list[dict]], report: Callable[[st
         report(f"hpctrain: {len(unusable)} snapshots in {unusable[0][0].parent} are unusable "
                f"({named}{more}); the run's curve leaves out their points")
     bad = {i for rank in loaded for i, snap in enumerate(rank) if isinstance(snap, tuple)}
-    return [[snap for i, snap in enumerate(rank) if i not in bad] for rank in loaded]
+    return [[snap for i, snap in enumerate(rank) if i not in bad and isinstance(snap, Snapshot)]
+            for rank in loaded]
 
 
 def _snapshot(folder: Path, ref: dict) -> Snapshot | tuple[Path, str, str]:
@@ -179,7 +183,8 @@ def _snapshot(folder: Path, ref: dict) -> Snapshot | tuple[Path, str, str]:
         problem = e.strerror if isinstance(e, OSError) else str(e).removeprefix(path.name + ": ")
         at = f" (update {ref['info']['updates']})" if "updates" in ref["info"] else ""
         return path, problem, at
-    return Snapshot(state, ref["info"])
+    # the checksum the checkpoint lists holds: the state dict the run wrote
+    return Snapshot(cast(dict, state), ref["info"])
 
 
 def refuse_newer_snapshots(folder: Path) -> None:
