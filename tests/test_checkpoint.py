@@ -1305,6 +1305,21 @@ def test_a_members_bad_snapshot_leaves_its_point_out_for_every_member(tmp_path):
     assert len(lines) == 1 and "000000-r1.pt is unusable (No such file or directory)" in lines[0]
 
 
+def test_a_snapshot_unreadable_without_an_errno_is_named_with_its_message(tmp_path,
+                                                                         monkeypatch):
+    """An OSError raised with a message alone has no strerror: the line said the snapshot
+    was unusable "(None)"."""
+    from hpctrain.checkpoint import folder
+
+    def unreadable(path, kind):
+        raise OSError("stale file handle on the shared file system")
+
+    monkeypatch.setattr(folder, "load", unreadable)
+    path, problem, at = folder._snapshot(tmp_path, {"file": "snapshots/000000.pt",
+                                                    "sha256": "x", "info": {"updates": 10}})
+    assert problem == "stale file handle on the shared file system" and at == " (update 10)"
+
+
 def test_the_update_just_saved_is_not_written_again(tmp_path):
     """After a checkpoint the loop asks due() again at the same update; on several ranks
     SIGUSR1's verdict could arrive then, and the same checkpoint was written twice (counted

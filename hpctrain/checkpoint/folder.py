@@ -180,7 +180,9 @@ def _snapshot(folder: Path, ref: dict) -> Snapshot | tuple[Path, str, str]:
         if header["sha256"] != ref["sha256"]:
             raise CorruptCheckpoint("not the file the checkpoint lists")
     except (CorruptCheckpoint, OSError) as e:
-        problem = e.strerror if isinstance(e, OSError) else str(e).removeprefix(path.name + ": ")
+        # an OSError raised with a message alone has no strerror
+        problem = (e.strerror or str(e)) if isinstance(e, OSError) \
+            else str(e).removeprefix(path.name + ": ")
         at = f" (update {ref['info']['updates']})" if "updates" in ref["info"] else ""
         return path, problem, at
     # the checksum the checkpoint lists holds: the state dict the run wrote
