@@ -283,9 +283,13 @@ def resolve(folder: str | Path) -> Path:
     return inner if listing(inner) or corrupt(inner) else folder
 
 
-def run_folder(checkpoint_dir: str | Path | None, out: str | Path) -> Path:
-    """Where a run writes its checkpoints: ``checkpoint_dir``, else ``<out>/checkpoints``."""
-    return Path(checkpoint_dir or Path(out) / SUBDIR)
+def run_folder(checkpoint_dir: str | Path | None, out: str | Path | None) -> Path:
+    """Where a run writes its checkpoints: ``checkpoint_dir``, else ``<out>/checkpoints``
+    (the callers give one of them)."""
+    if checkpoint_dir:
+        return Path(checkpoint_dir)
+    assert out is not None, "run_folder: neither a checkpoint folder nor an --out"
+    return Path(out) / SUBDIR
 
 
 def writes_to(checkpoint_dir: str | None, resume: str | None, out: str) -> Path:

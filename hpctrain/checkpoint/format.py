@@ -15,6 +15,7 @@ import json
 import re
 import warnings
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -75,11 +76,11 @@ def _parse_header(line: bytes, path: Path, kind: str = "checkpoint") -> dict:
     if header["format"] == FORMAT and header.get("header_sha256") != _header_digest(header):
         raise CorruptCheckpoint(f"{path.name}: header checksum mismatch")
     # A legacy header has no checksum: a header edited by hand is checked here.
-    for key, kind in _HEADER_TYPES.items():
+    for key, expected in _HEADER_TYPES.items():
         value = header.get(key)
-        if key in header and (not isinstance(value, kind) or isinstance(value, bool)):
+        if key in header and (not isinstance(value, expected) or isinstance(value, bool)):
             raise CorruptCheckpoint(f"{path.name}: header field {key!r} is {value!r}, not "
-                                    f"{_KIND_NAMES[kind]}")
+                                    f"{_KIND_NAMES[expected]}")
     return header
 
 
@@ -147,5 +148,6 @@ def _read_parts(path: Path) -> tuple[bytes, bytes]:
     joins what it had buffered to it, a copy of the whole payload."""
     with open(path, "rb") as f:
         line = f.readline()
-        f.raw.seek(len(line))
-        return line, f.raw.readall()
+        raw = cast(io.FileIO, f.raw)  # open()'s binary file buffers a FileIO
+        raw.seek(len(line))
+        return line, raw.readall()

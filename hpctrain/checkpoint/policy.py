@@ -321,7 +321,8 @@ def resumptions(header: dict | None, args: dict, ranks: int) -> list[dict]:
     if header is None:
         return []
     earlier = header.get("resumes")
-    before = _with_folders(header.get("args") if isinstance(header.get("args"), dict) else {})
+    old = header.get("args")
+    before = _with_folders(old if isinstance(old, dict) else {})
     after = _with_folders(args)
     changed = {flag_of_key(key): [before[key], after[key]]
                for key in sorted(before.keys() & after.keys() - {"resume"})

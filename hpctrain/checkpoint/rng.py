@@ -13,7 +13,9 @@ import torch
 
 def rng_state() -> dict:
     """This process's torch and numpy random-number states, as plain tensors."""
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    legacy = np.random.get_state()
+    assert isinstance(legacy, tuple)  # the global generator is MT19937: its legacy tuple
+    kind, keys, pos, has_gauss, cached = legacy
     state = {"torch": torch.get_rng_state(),
              "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
                        "has_gauss": int(has_gauss), "cached": float(cached)}}

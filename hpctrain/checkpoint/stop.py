@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import signal
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, TypeAlias
 
 SIGNAL = signal.SIGUSR1
 EXIT_STATUS = 5  # hpctrain train stopped on SIGNAL after a checkpoint: requeue to go on
@@ -27,7 +29,11 @@ COMMANDS = (("train",), ("bench", "compare"))  # the command lines that act on S
 _received = False
 
 
-def install() -> object:
+# A signal handler as signal.signal takes and returns it (typeshed's _HANDLER).
+Handler: TypeAlias = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+
+def install() -> Handler:
     """Record SIGNAL from now on (not the default: ending the process), forgetting one recorded
     before; return the handler it replaced, for :func:`restore`. Only the main thread may
     handle signals: elsewhere (``hpctrain.train`` called in a thread) nothing is installed and
@@ -53,7 +59,7 @@ def installed() -> bool:
     return signal.getsignal(SIGNAL) is _record
 
 
-def restore(previous: object) -> None:
+def restore(previous: Handler) -> None:
     """Put back the handler :func:`install` replaced."""
     if previous is not None:
         signal.signal(SIGNAL, previous)
