@@ -1553,30 +1553,40 @@ def render(folder: str | Path, targets: list[float] | None = None,
 
 
 def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
-    """Hold ``folder``'s lock while the report is written; UsageError if a comparison (or a
-    run) going on holds it: its report called the runs going on and to come failed. A folder
+    """Hold ``folder``'s lock, shared, while the report is written; UsageError if a
+    comparison (or a run) going on holds it: its report called the runs going on and to come
+    failed. Shared, as a reader's: it conflicts with a comparison's exclusive lock (one that
+    starts meanwhile is refused), and NFS, which takes flock as an fcntl lock, grants it on
+    the lock file open read-only, as the report opens it; the exclusive lock it took there
+    failed (EBADF), taken as a file system without locks, so it never locked on NFS. Two
+    reports at once share it: each writes its files together, the same plots. A folder
     without the lock file is left without one. A lock file this user cannot open (another
-    user's comparison, its lock mode 600) was called in use though nothing ran: the report,
-    which only reads the runs, goes on unlocked, and says so."""
+    user's comparison, its lock mode 600), or cannot lock as it may open it (write-only, on
+    NFS), was called in use though nothing ran: the report, which only reads the runs, goes
+    on unlocked, and says so."""
     from hpctrain.run_folders import LOCK, open_lock
 
+    unlocked = "going on without it, so a comparison going on there now is not seen"
     try:
         fd = open_lock("report", folder, create=False)
     except OSError as e:
-        print(f"hpctrain report: note: cannot open {folder / LOCK} ({e.strerror}): going on "
-              "without it, so a comparison going on there now is not seen", file=sys.stderr)
+        print(f"hpctrain report: note: cannot open {folder / LOCK} ({e.strerror}): {unlocked}",
+              file=sys.stderr)
         return
     if fd is None:
         return
     held.callback(os.close, fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise UsageError(f"{folder} is in use by a comparison or run going on now (it "
                              f"holds {folder / LOCK}); bench compare rewrites its "
                              "report.md as each run ends") from None
-        # a file system without locks: nothing to wait for
+        if e.errno == errno.EBADF:  # NFS: a shared lock needs the file open for reading
+            print(f"hpctrain report: note: cannot lock {folder / LOCK} as this user may open "
+                  f"it (not for reading) on this file system: {unlocked}", file=sys.stderr)
+        # else a file system without locks: nothing to wait for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
