@@ -45,11 +45,19 @@ class RunSummary:
                             "scored, on rank 0's clock (not in wall_s; --eval online: its last "
                             "point only; hpctrain simulate: virtual, its collectives' modelled "
                             "time)")
-    samples_per_s: float = _doc("training samples per second, all workers together")
+    samples_per_s: float = _doc("training samples per second, all workers together: "
+                                "samples_per_worker's sum over wall_s (ec: its batches' own "
+                                "samples, not the relabelled ones distilled beside them, "
+                                "--ec-distill-size / --tau more a step)")
     params: int = _doc("parameters of the model")
-    samples_per_worker: list[int] = _doc("training samples each worker consumed")
+    samples_per_worker: list[int] = _doc("training samples each worker consumed (ec: its "
+                                         "batches' own, not the relabelled ones distilled "
+                                         "beside them)")
     busy_s_per_worker: list[float] = _doc("seconds each worker trained before waiting for the "
-                                          "others at the end")
+                                          "others at the end, each timed by its own rank's "
+                                          "clock from its own start (wall_s is rank 0's, to "
+                                          "after the algorithm's finish), so one may exceed "
+                                          "wall_s slightly")
     straggler_sleep_s_per_worker: list[float] = _doc("seconds each worker slept to emulate a "
                                                      "straggler")
     slowdown: str | None = _doc("--slowdown (null: none)")

@@ -1339,6 +1339,38 @@ def test_a_report_of_a_comparison_going_on_is_refused(tmp_path):
     assert (tmp_path / "report.md").is_file()
 
 
+def test_a_report_takes_a_readers_lock_nfs_grants_or_says_it_goes_on_without(
+        tmp_path, monkeypatch, capsys):
+    """The report took an exclusive lock on the lock file it opened read-only: on NFS (flock
+    as an fcntl lock) that fails with EBADF, taken as no locks there, so it never locked. Now
+    a shared lock, which NFS grants on a read-only file: it still keeps a comparison out, and
+    two reports hold it at once. Where even that is refused for how the file is open, it
+    goes on and says so: an O_PATH descriptor, which flock refuses with EBADF here too, stands
+    in for such a file on NFS (no NFS mount here)."""
+    saved_runs(tmp_path)
+    lock = tmp_path / run_folders.LOCK
+    lock.touch()
+    with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
+        report._hold_unless_in_use(first, tmp_path)
+        report._hold_unless_in_use(second, tmp_path)  # a reader's lock: both hold it
+        with contextlib.ExitStack() as compare_lock, pytest.raises(UsageError, match="in use"):
+            run_folders.lock_folder(compare_lock, "--out", tmp_path, "comparison")
+    assert capsys.readouterr().err == ""
+
+    opened = []
+
+    def as_on_nfs(flag, folder, create):
+        opened.append(os.open(folder / run_folders.LOCK, os.O_PATH))
+        return opened[-1]
+
+    monkeypatch.setattr(run_folders, "open_lock", as_on_nfs)
+    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    assert (tmp_path / "report.md").is_file() and len(opened) == 1
+    assert f"hpctrain report: note: cannot lock {lock} as this user may open it (not for " \
+           "reading) on this file system: going on without it, so a comparison going on " \
+           "there now is not seen\n" in capsys.readouterr().err
+
+
 def test_a_run_without_its_curve_is_a_failed_row(tmp_path):
     """Every finished run writes metrics.jsonl before summary.json: a run without it counted
     as ok, with no time to any target, as if it had never reached one."""

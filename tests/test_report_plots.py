@@ -516,3 +516,51 @@ def test_a_mean_over_seeds_says_how_many_runs_had_the_value():
     cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
     assert cells["wall s"] == "10.0 in 1 of 2" and cells["seeds"] == "2"
     assert cells["final acc"] == "0.6000 ± 0.1414"
+
+
+EC = {"algo": "ec", "final_model": "member", "best_test_acc": 0.6}
+
+
+def test_ecs_accuracy_says_it_is_rank_0s_member_beside_the_members_mean(tmp_path):
+    """ec's final acc (``--ec-final member``, the default) is rank 0's member's, one of M
+    models: over three seeds it was 0.484, 0.457 and 0.598 where the members' mean was 0.426,
+    0.484 and 0.544, and the table showed it as ma's average is shown. Its cells now say whose
+    it is, the members' mean and the ensemble beside it (over seeds: mean ± sample sd), and a
+    line under the first table says why; ma's cells are as they were."""
+    seeds = [report.Row("ec", "ok", seed=seed, summary={
+                 **SUMMARY, **EC, "final_test_acc": acc, "final_mean_member_acc": mean,
+                 "final_ensemble_acc": ensemble})
+             for seed, acc, mean, ensemble in ((0, 0.484, 0.426, 0.5), (1, 0.457, 0.484, 0.52),
+                                               (2, 0.598, 0.544, 0.6))]
+    seeds += [report.Row("ma", "ok", seed=seed, summary={
+                  **SUMMARY, "algo": "ma", "final_model": "averaged",
+                  "final_mean_member_acc": 0.5}) for seed in (0, 1)]
+    head, _, ec, ma = report.seed_table(seeds, []).splitlines()
+    ec_cells, ma_cells = (dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "),
+                                   strict=True)) for row in (ec, ma))
+    assert ec_cells["final acc"] == ("0.5130 ± 0.0748 (rank 0's member; members' mean "
+                                     "0.4847 ± 0.0590, ensemble 0.5400 ± 0.0529)")
+    assert ec_cells["best acc"] == "0.6000 ± 0.0000 (rank 0's member)"
+    assert (ma_cells["final acc"], ma_cells["best acc"]) == ("0.9000 ± 0.0000", "0.9000 ± 0.0000")
+    note = report.final_models_note(seeds)
+    assert note.startswith("**The final and best acc of ec are rank 0's member's**")
+    assert note.endswith("each over seeds a mean ± sample standard deviation, as the others.")
+
+    runs(tmp_path, ec={**EC, "final_mean_member_acc": 0.426, "final_ensemble_acc": "x"},
+         whole={**EC, "final_model": "ensemble", "final_test_acc": 0.5,
+                "final_mean_member_acc": 0.426, "final_ensemble_acc": 0.5},
+         old={"algo": "ec"}, ma={"final_model": "averaged", "final_mean_member_acc": 0.5})
+    text = report_md(tmp_path)
+    cells = {line.split(" | ")[0]: line.split(" | ")[2:4] for line in text.splitlines()
+             if line.startswith("| ") and not line.startswith("| algorithm")}
+    assert cells == {
+        "| ec": ["0.9000 (rank 0's member; members' mean 0.4260, ensemble n/a)",
+                 "0.6000 (rank 0's member)"],  # a wrong-typed one n/a, as in every cell
+        "| ec (whole)": ["0.5000 (ensemble; members' mean 0.4260)", "0.6000 (ensemble)"],
+        "| ec (old)": ["0.9000 (rank 0's member)", "0.9000 (rank 0's member)"],  # before both
+        "| ma": ["0.9000", "0.9000"]}
+    table_end = text.index("\n\n", text.index("| ma "))
+    assert text[table_end:].startswith(
+        "\n\n**The final and best acc of ec, old are rank 0's member's** (ec's "
+        "`--ec-final member`, the default)")
+    assert "The final and best acc of whole are the ensemble's" in text

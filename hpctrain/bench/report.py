@@ -157,9 +157,10 @@ def _is_peaks(value) -> bool:
 
 
 # The summary fields the table formats: what each must be, and the test for it. The first
-# five are always there (summary.READ_KEYS); the last two only in some runs (None: not).
+# five are always there (summary.READ_KEYS); the others only in some runs (None: not).
 _FIELDS = {"workers": ("a positive whole number", _is_count),
-           **dict.fromkeys(("final_test_acc", "best_test_acc", "wall_s", "samples_per_s"),
+           **dict.fromkeys(("final_test_acc", "best_test_acc", "wall_s", "samples_per_s",
+                            "final_mean_member_acc", "final_ensemble_acc"),
                            ("a number", _is_number)),
            "staleness": (f"an object with numbers {', '.join(STALENESS_KEYS)}", _is_distribution),
            "peak_memory_per_worker": ("a list of byte counts", _is_peaks)}
@@ -556,6 +557,63 @@ def _byte_counts(summary: dict, own: tuple[str, ...] = ()) -> list[tuple[str, fl
     return found
 
 
+# An ec run's final model (its summary's final_model, which --ec-final sets): what its final
+# and best accuracies score, as the table says it beside them
+FINAL_MODELS = {"member": "rank 0's member", "ensemble": "ensemble"}
+# The other final scores an ec run's summary holds, shown beside its final accuracy
+OTHER_FINALS = (("final_mean_member_acc", "members' mean"), ("final_ensemble_acc", "ensemble"))
+
+
+def final_model(summary: dict) -> str | None:
+    """What an ec run's accuracies score, a key of FINAL_MODELS (a summary from before
+    ``final_model`` was recorded: the default, rank 0's member); None for the other
+    algorithms, whose accuracies score their one model (ma's: the members' average)."""
+    model = summary.get("final_model", "member" if summary.get("algo") == "ec" else None)
+    return model if model in FINAL_MODELS else None
+
+
+def _final_cells(summaries: list[dict], acc: str, best: str, over) -> tuple[str, str]:
+    """The final and best acc cells of runs (one run's, or an algorithm's seeds') whose
+    summaries are ``summaries``, given as text ``acc`` and ``best``: for ec's (one final
+    model in all) saying what they score, and beside the final one the other scores its
+    runs recorded, each as ``over(key)`` gives it. Rank 0's member is one of M models
+    trained alike: its luck alone moved the figure as much as the algorithms differ."""
+    models = {final_model(s) for s in summaries}
+    model = models.pop() if len(models) == 1 else None
+    if model is None:
+        return acc, best
+    others = [f"{label} {over(key)}" for key, label in OTHER_FINALS
+              if key != f"final_{model}_acc" and any(key in s for s in summaries)]
+    said = FINAL_MODELS[model]
+    return (f"{acc} ({said}" + (f"; {', '.join(others)})" if others else ")"),
+            f"{best} ({said})")
+
+
+def final_models_note(rows: list[Row]) -> str | None:
+    """report.md's line under its first table on what ec's accuracies score (rank 0's
+    member, by default) and what stands beside them; None without ec runs."""
+    finished = [r for r in rows if r.summary is not None]
+    member = [r for r in finished if final_model(r.finished) == "member"]
+    ensemble = [r for r in finished if final_model(r.finished) == "ensemble"]
+    if not member and not ensemble:
+        return None
+    out = []
+    if member:
+        out.append(f"**The final and best acc of {_plain(_who(member, finished))} are rank 0's "
+                   "member's** (ec's `--ec-final member`, the default), one of the run's "
+                   "models, trained alike but not the same: one member's luck can be as large "
+                   "as the differences compared (ma's score the members' parameter average).")
+    if ensemble:
+        out.append(f"The final and best acc of {_plain(_who(ensemble, finished))} are the "
+                   "ensemble's (`--ec-final ensemble`: the members' averaged softmax).")
+    out.append("Beside ec's final acc, *members' mean* is the mean of every member's test "
+               "accuracy at the end (summary.json's `final_mean_member_acc`) and *ensemble* "
+               "that of their averaged softmax (`final_ensemble_acc`)" + (
+                   ", each over seeds a mean ± sample standard deviation, as the others."
+                   if any(r.seed is not None for r in finished) else "."))
+    return " ".join(out)
+
+
 def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     """One run's row; ``mark``: say in its first cell whether it was simulated (the table
     mixes simulated runs with real ones)."""
@@ -581,8 +639,11 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
         else dash
     title = _plain(row.heading) + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
-    return [title, shown("workers", str), shown("final_test_acc", "{:.4f}".format),
-            shown("best_test_acc", "{:.4f}".format), shown("wall_s", _seconds), *reach,
+    accuracy = "{:.4f}".format
+    final, best = _final_cells([s], shown("final_test_acc", accuracy),
+                               shown("best_test_acc", accuracy),
+                               lambda key: shown(key, accuracy))
+    return [title, shown("workers", str), final, best, shown("wall_s", _seconds), *reach,
             shown("samples_per_s", "{:.0f}".format), peak, stale, "; ".join(moved) or dash,
             _status(s)]
 
@@ -707,9 +768,12 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     peaks = [p for r in done for p in r.finished.get("peak_memory_per_worker") or ()
              if p is not None]
     workers = sorted(set(values("workers")))
-    return [name, count, "/".join(map(str, workers)) or NA,
-            over_seeds("final_test_acc", "{:.4f}".format),
-            over_seeds("best_test_acc", "{:.4f}".format),
+    accuracy = "{:.4f}".format
+    final, best = _final_cells([r.finished for r in done],
+                               over_seeds("final_test_acc", accuracy),
+                               over_seeds("best_test_acc", accuracy),
+                               lambda key: over_seeds(key, accuracy))
+    return [name, count, "/".join(map(str, workers)) or NA, final, best,
             over_seeds("wall_s", _seconds), *reach,
             over_seeds("samples_per_s", "{:.0f}".format),
             _bytes(max(peaks)) if peaks else dash, _seed_staleness(stale) if stale else dash,
@@ -1075,7 +1139,9 @@ TABLE_NOTE = ("Accuracies are fractions of the test set. *Time to* a target is t
               "model lacked (exact with `--consistency locked`; `atomic` counts the pushes "
               "finished since the worker's last one). Its mean is all but set by the push "
               "counts, not the timing (about M-1 for M workers): p90, p99 and max tell runs "
-              "apart. *Peak memory* is the largest worker's `peak_memory_per_worker` during "
+              "apart. *Samples/s* counts training samples (ec's batches' own, not the "
+              "relabelled samples distilled beside them). *Peak memory* is the largest "
+              "worker's `peak_memory_per_worker` during "
               "training (the process's peak resident set on a CPU, memory torch allocated on a "
               "GPU; none in a simulation). *Bytes communicated per rank* are the byte counts a "
               "run's summary.json holds, each what a rank sent, an allreduce counted as a "
@@ -1117,6 +1183,8 @@ def _seed_section(seeds: list, rows: list[Row], targets: list[float]) -> list[st
     if not seeds:
         return []
     out = ["", seed_table(rows, targets), ""]
+    if models := final_models_note(rows):
+        out += [models, ""]
     if orders := seed_orders(rows):
         out += [f"**Seeds that share data orders:** {orders}", ""]
     return out + [SEEDS_NOTE.format(seeds=", ".join(map(str, seeds)))]
@@ -1163,7 +1231,10 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     seeds = record.get("seeds") or sorted({r.seed for r in rows if r.seed is not None})
     out = ["# Algorithm comparison", "", *_intro_lines(record, rows),
            *_seed_section(seeds, rows, targets),
-           "", table(rows, targets), "", TABLE_NOTE.format(scoring=scoring(rows))]
+           "", table(rows, targets), ""]
+    if not seeds and (models := final_models_note(rows)):  # under the first table
+        out += [models, ""]
+    out.append(TABLE_NOTE.format(scoring=scoring(rows)))
     if any(r.status in (UNFINISHED, NOT_RUN) for r in rows):
         out.append(f"\n*{UNFINISHED}*: a run that started and has no summary (stopped, or "
                    f"still going on); *{NOT_RUN}*: one that has not started"
@@ -1484,30 +1555,40 @@ def render(folder: str | Path, targets: list[float] | None = None,
 
 
 def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
-    """Hold ``folder``'s lock while the report is written; UsageError if a comparison (or a
-    run) going on holds it: its report called the runs going on and to come failed. A folder
+    """Hold ``folder``'s lock, shared, while the report is written; UsageError if a
+    comparison (or a run) going on holds it: its report called the runs going on and to come
+    failed. Shared, as a reader's: it conflicts with a comparison's exclusive lock (one that
+    starts meanwhile is refused), and NFS, which takes flock as an fcntl lock, grants it on
+    the lock file open read-only, as the report opens it; the exclusive lock it took there
+    failed (EBADF), taken as a file system without locks, so it never locked on NFS. Two
+    reports at once share it: each writes its files together, the same plots. A folder
     without the lock file is left without one. A lock file this user cannot open (another
-    user's comparison, its lock mode 600) was called in use though nothing ran: the report,
-    which only reads the runs, goes on unlocked, and says so."""
+    user's comparison, its lock mode 600), or cannot lock as it may open it (write-only, on
+    NFS), was called in use though nothing ran: the report, which only reads the runs, goes
+    on unlocked, and says so."""
     from hpctrain.run_folders import LOCK, open_lock
 
+    unlocked = "going on without it, so a comparison going on there now is not seen"
     try:
         fd = open_lock("report", folder, create=False)
     except OSError as e:
-        print(f"hpctrain report: note: cannot open {folder / LOCK} ({e.strerror}): going on "
-              "without it, so a comparison going on there now is not seen", file=sys.stderr)
+        print(f"hpctrain report: note: cannot open {folder / LOCK} ({e.strerror}): {unlocked}",
+              file=sys.stderr)
         return
     if fd is None:
         return
     held.callback(os.close, fd)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError as e:
         if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             raise UsageError(f"{folder} is in use by a comparison or run going on now (it "
                              f"holds {folder / LOCK}); bench compare rewrites its "
                              "report.md as each run ends") from None
-        # a file system without locks: nothing to wait for
+        if e.errno == errno.EBADF:  # NFS: a shared lock needs the file open for reading
+            print(f"hpctrain report: note: cannot lock {folder / LOCK} as this user may open "
+                  f"it (not for reading) on this file system: {unlocked}", file=sys.stderr)
+        # else a file system without locks: nothing to wait for
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
