@@ -1447,3 +1447,14 @@ def test_the_docs_say_the_elastic_folder_must_be_trusted():
     for doc in ("README.md", "docs/DESIGN.md"):
         text = " ".join((ROOT / doc).read_text().split())
         assert "the folder must be as trusted as the script" in text, doc
+
+
+@pytest.mark.parametrize("content", [b"", b"{}\n", b"{}\nrest", b"x" * 5000 + b"\nrest",
+                                     b"no end", b"y" * (checkpoint.format._MAX_HEADER + 10)])
+def test_a_header_is_read_as_readline_reads_it(tmp_path, content):
+    """The header's first line, read a page at a time, is what readline gave: up to its
+    newline, or to the end, or _MAX_HEADER bytes."""
+    path = tmp_path / "c.pt"
+    path.write_bytes(content)
+    with open(path, "rb") as f:
+        assert checkpoint.format._first_line(path) == f.readline(checkpoint.format._MAX_HEADER)

@@ -104,11 +104,25 @@ def read_header(path: str | Path, kind: str = "checkpoint") -> dict:
     """The header of a checkpoint file, without reading or checking the payload; ``kind``
     names the file in a NewerCheckpoint (``snapshot``: a snapshot file, of this format too)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        line = f.readline(_MAX_HEADER)
+    line = _first_line(path)
     if not line.endswith(b"\n") and len(line) < _MAX_HEADER:  # as load() says it
         raise CorruptCheckpoint(f"{path.name}: truncated header")
     return _parse_header(line, path, kind)
+
+
+def _first_line(path: Path) -> bytes:
+    """``path``'s first line, up to ``_MAX_HEADER`` bytes, in reads of a page: a buffered
+    open reads a block of the file system's size (megabytes on Lustre) for a header of a
+    few hundred bytes, and a resume reads the header of every snapshot."""
+    line = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        while len(line) < _MAX_HEADER:
+            chunk = f.read(min(4096, _MAX_HEADER - len(line)))
+            end = chunk.find(b"\n") + 1
+            line += chunk[:end] if end else chunk
+            if end or not chunk:
+                break
+    return bytes(line)
 
 
 def load(path: str | Path, kind: str = "checkpoint") -> tuple[dict, object]:

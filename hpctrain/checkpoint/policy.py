@@ -26,6 +26,7 @@ from hpctrain.checkpoint.folder import (
     run_folder,
 )
 from hpctrain.checkpoint.format import CorruptCheckpoint
+from hpctrain.comm import env_rank
 from hpctrain.errors import UsageError
 from hpctrain.options import HUGE, as_typed, flag_of_key
 
@@ -193,7 +194,8 @@ def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
         raise UsageError(f"--resume {shown}: no such folder")
     folder = resolve(given)
     header = _newest_header(folder, shown)
-    refuse_newer_snapshots(folder)
+    if env_rank() == 0:  # one rank opens them all (hundreds, on a shared file system); its
+        refuse_newer_snapshots(folder)  # refusal before MPI ends the job, as refuse_in_use's
     if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
         raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
                          f"{header.get('algo')} on {header.get('ranks')} ranks, not "
