@@ -85,8 +85,8 @@ def _exported(profile: torch.profiler.profile, trace: Path, partial: Path) -> bo
     ``<partial>.tmp`` and renames it over ``partial`` once written; torch 2.1 writes
     ``partial`` in place and says nothing when the disk fills, which left a cut-off trace
     under the final name. A placeholder made first tells them apart: still the same file
-    after the export, it was written in place, and only reading it as JSON shows it whole
-    (a recent torch's export, taken as it is, costs no second read)."""
+    after the export, it was written in place, and whole only if it ends as a trace does
+    (:func:`_ends_whole`; a recent torch's export is taken as it is)."""
     try:
         placeholder = open(partial, "wb")  # noqa: SIM115 (closed below)
     except OSError as e:
@@ -97,14 +97,19 @@ def _exported(profile: torch.profiler.profile, trace: Path, partial: Path) -> bo
             in_place = os.path.samestat(os.fstat(placeholder.fileno()), os.stat(partial))
         except FileNotFoundError:
             return False
-    if not in_place:
-        return True
-    try:
-        with open(partial, "rb") as f:
-            json.load(f)
-    except ValueError:  # cut off (or empty: a recent torch that failed left the placeholder)
-        return False
-    return True
+    return not in_place or _ends_whole(partial)
+
+
+def _ends_whole(trace: Path) -> bool:
+    """Whether a trace torch wrote in place reached its end: its last key, ``traceName``,
+    then the closing brace. torch's stream stops at the first failed write, so what it left
+    is a prefix, and its tail tells (``json.load`` of a trace of hundreds of megabytes took
+    gigabytes, on every rank of a node at once). Empty: a recent torch that failed left the
+    placeholder."""
+    with open(trace, "rb") as f:
+        f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+        tail = f.read()
+    return b'"traceName"' in tail and tail.rstrip().endswith(b"}")
 
 
 def _not_exported(trace: Path, partial: Path) -> OSError:
