@@ -11,6 +11,7 @@ import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch.nn import functional as F
@@ -139,6 +140,10 @@ def _refused_shared_memory(world, monkeypatch) -> None:
         store.pull(out)
         assert out.tolist() == [1.0] * 100
         store.finish()
+    for no in (False, 0, np.False_):  # each a plain no, none of them "as the ranks can"
+        with ParameterStore(torch.ones(100), world, shared_memory=no) as store:
+            assert not store.shared
+            store.finish()
 
 
 def test_shared_memory_true_is_checked(monkeypatch):

@@ -310,7 +310,9 @@ class ParameterStore:
         if not 0 <= root < workers:
             raise UsageError(f"root={root} is not a worker rank (0..{workers - 1})")
 
-        self.shared = shared_memory is not False and _can_share(comm, shared_memory)
+        # None: as the ranks can; else its truth (a 0 or numpy False as False, not None)
+        self.shared = (shared_memory is None or bool(shared_memory)) and \
+            _can_share(comm, None if shared_memory is None else True)
 
         self.comm, self.rank, self.numel = comm, rank, numel
         self.consistency, self.poll_interval = consistency, poll_interval
