@@ -543,6 +543,8 @@ def test_ecs_accuracy_says_it_is_rank_0s_member_beside_the_members_mean(tmp_path
     assert ec_cells["best acc"] == "0.6000 ± 0.0000 (rank 0's member)"
     assert (ma_cells["final acc"], ma_cells["best acc"]) == ("0.9000 ± 0.0000", "0.9000 ± 0.0000")
     note = report.final_models_note(seeds)
+    for odd in (["member"], {"a": 1}, 3, "averaged"):  # unhashable ones raised TypeError
+        assert report.final_model({"algo": "ec", "final_model": odd}) is None
     assert note.startswith("**The final and best acc of ec are rank 0's member's**")
     assert note.endswith("each over seeds a mean ± sample standard deviation, as the others.")
 

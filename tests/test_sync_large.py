@@ -243,19 +243,25 @@ def test_grouped_collectives_in_windows_match_one_call(monkeypatch):
                    _pattern(n, 0, dtype=torch.float32, seed=r),  # zero-size rows
                    _pattern(n + 2, dtype=torch.float64, seed=2 * r)]
         whole = _grouped_results(tensors)
-        calls = []
-        real = MPITransport.ireducescatter
+        calls: dict[str, list[int]] = {"ireducescatter": [], "iallgather": []}
 
-        def counting(self, send, out, counts, op):
-            calls.append(len(parts.window_parts(counts, transport.MAX_COUNT,
-                                                transport.PIECE_ELEMENTS)))
-            return real(self, send, out, counts, op)
+        def counting(name):  # the real call, its windows counted as it plans them
+            real = getattr(MPITransport, name)
 
-        monkeypatch.setattr(MPITransport, "ireducescatter", counting)
+            def call(self, send, out, counts, *rest):
+                rows = counts if name == "ireducescatter" or transport._row_bytes(send) \
+                    else [0] * len(counts)
+                calls[name].append(len(parts.window_parts(rows, transport.MAX_COUNT,
+                                                          transport.PIECE_ELEMENTS)))
+                return real(self, send, out, counts, *rest)
+            return call
+
+        for name in calls:
+            monkeypatch.setattr(MPITransport, name, counting(name))
         monkeypatch.setattr(transport, "MAX_COUNT", 11)
         monkeypatch.setattr(transport, "PIECE_ELEMENTS", 5)
         windowed = _grouped_results(tensors)
-        assert max(calls) > 1  # the windows were taken
+        assert max(calls["ireducescatter"]) > 1 and max(calls["iallgather"]) > 1  # windows
         for a, b in zip(whole, windowed, strict=True):
             assert a.dtype == b.dtype and torch.equal(a, b)
         assert torch.equal(whole[0], torch.cat([_pattern(k + 3, 2, dtype=torch.int32, seed=k)

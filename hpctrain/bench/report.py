@@ -569,7 +569,7 @@ def final_model(summary: dict) -> str | None:
     ``final_model`` was recorded: the default, rank 0's member); None for the other
     algorithms, whose accuracies score their one model (ma's: the members' average)."""
     model = summary.get("final_model", "member" if summary.get("algo") == "ec" else None)
-    return model if model in FINAL_MODELS else None
+    return model if isinstance(model, str) and model in FINAL_MODELS else None
 
 
 def _final_cells(summaries: list[dict], acc: str, best: str, over) -> tuple[str, str]:
@@ -1561,11 +1561,12 @@ def _hold_unless_in_use(held: contextlib.ExitStack, folder: Path) -> None:
     starts meanwhile is refused), and NFS, which takes flock as an fcntl lock, grants it on
     the lock file open read-only, as the report opens it; the exclusive lock it took there
     failed (EBADF), taken as a file system without locks, so it never locked on NFS. Two
-    reports at once share it: each writes its files together, the same plots. A folder
-    without the lock file is left without one. A lock file this user cannot open (another
-    user's comparison, its lock mode 600), or cannot lock as it may open it (write-only, on
-    NFS), was called in use though nothing ran: the report, which only reads the runs, goes
-    on unlocked, and says so."""
+    reports at once share it, each writing its files together (with other --targets, their
+    files may mix: the last written wins), and a comparison refused meanwhile is told that
+    a comparison or run holds the folder. A folder without the lock file is left without
+    one. A lock file this user cannot open (another user's comparison, its lock mode 600),
+    or cannot lock as it may open it (write-only, on NFS), was called in use though nothing
+    ran: the report, which only reads the runs, goes on unlocked, and says so."""
     from hpctrain.run_folders import LOCK, open_lock
 
     unlocked = "going on without it, so a comparison going on there now is not seen"

@@ -148,6 +148,7 @@ def _end_whole(path: str) -> str:
         closing = b"{}]\n" if end else b"[]\n"
         try:
             if os.pwrite(fd, closing, end) == len(closing):
+                os.fsync(fd)  # NFS may say a write failed only here (or at close)
                 return "the file keeps its events up to now, a complete JSON array"
         except OSError:
             pass
