@@ -253,11 +253,26 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
         raise _unopened(flag, folder, e) from None
     assert fd is not None  # create: opened, or raised
     held.callback(os.close, fd)
+    _open_as_folder(fd, folder)
     got = _locked(fd, fcntl.LOCK_EX)
     if got is None:
         raise _untold(flag, folder, fd, what)
     if not got:
         raise _in_use(flag, folder, what)
+
+
+def _open_as_folder(fd: int, folder: Path) -> None:
+    """Let whoever may write in ``folder`` write this user's lock file ``fd`` too (read and
+    write for its group and others as the folder gives them write): a colleague's run in a
+    shared, group-writable folder on NFS can lock it only open for writing, and was refused
+    where the umask left it 0644. No more than they had: they may replace the file anyway,
+    and it holds nothing. Where permissions cannot be changed, left as it is."""
+    with contextlib.suppress(OSError):
+        shared = folder.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+        wanted = (shared << 1) | shared  # each write bit, and its read bit beside it
+        held = os.fstat(fd)
+        if held.st_uid == os.geteuid() and held.st_mode & wanted != wanted:
+            os.fchmod(fd, stat.S_IMODE(held.st_mode) | wanted)
 
 
 def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | None) -> None:

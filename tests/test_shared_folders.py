@@ -222,3 +222,30 @@ def test_write_atomic_uses_the_umask_of_the_write(tmp_path, mask):
     assert stat.S_IMODE(os.stat(tmp_path / "model.pt").st_mode) == 0o666 & ~mask
     assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == 0o666 & ~mask
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "plain"]
+
+
+@pytest.mark.parametrize("folder_mode, lock_bits", [
+    (0o2775, 0o060), (0o777, 0o066), (0o755, 0o000), (0o1757, 0o006)])
+def test_a_lock_file_is_writable_by_whoever_may_write_its_folder(tmp_path, folder_mode,
+                                                                 lock_bits):
+    """The lock file a run makes is read-write for the group and others the folder lets
+    write (on NFS a colleague's run could not lock a 0644 one); no more: a folder only its
+    owner writes keeps the umask's mode. Another user's lock file is left as it is."""
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(folder_mode)
+    old = os.umask(0o022)
+    try:
+        with contextlib.ExitStack() as held:
+            run_folders.lock_folder(held, "--out", out)
+    finally:
+        os.umask(old)
+    lock = out / run_folders.LOCK
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o644 | lock_bits
+    if os.geteuid() != 0:
+        return  # only root can give the file to a colleague
+    lock.chmod(0o644)
+    os.chown(lock, 12345, -1)  # a colleague's
+    with contextlib.ExitStack() as held:
+        run_folders.lock_folder(held, "--out", out)
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o644
