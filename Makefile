@@ -2,6 +2,7 @@
 #   setup            .venv, pinned torch, mpi4py, Horovod (idempotent; test targets add --tests)
 #   demo             dcasgd-a on 4 ranks, LeNet on Fashion-MNIST, then its results table
 #   lint             ruff check .
+#   typecheck        mypy on hpctrain, with pyproject.toml's [tool.mypy] settings
 #   test-fast        the unit tests only (-m unit: one process, no job launched)
 #   test-unit        every single-process test, unit and job (TEST_WORKERS pytest workers)
 #   test-mpi         the mpi tests inside mpirun -np 2, then -np 4 (Open MPI)
@@ -23,7 +24,7 @@ export OMP_NUM_THREADS := 1
 unexport PYTHONDONTWRITEBYTECODE
 export HPCTRAIN_MPIRUN := $(MPIRUN)
 
-.PHONY: setup demo test test-fast test-unit test-mpi test-other-mpis lint clean
+.PHONY: setup demo test test-fast test-unit test-mpi test-other-mpis lint typecheck clean
 
 # The test targets set up what only the suite needs as well (setup.sh --tests: a one-node
 # Slurm, MPICH's and Intel MPI's wheels); a target-specific value reaches its prerequisites.
@@ -36,6 +37,11 @@ demo: setup
 
 lint: setup
 	$(PY) -m ruff check .
+
+# mypy comes pinned with the test extra (setup.py), as ruff does; its settings and the
+# third-party modules it reads without types are pyproject.toml's [tool.mypy].
+typecheck: setup
+	$(PY) -m mypy
 
 # Unit tests only (one process, no job launched): what to run while working.
 test-fast: setup

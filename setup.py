@@ -192,7 +192,8 @@ setup(
                       "tomli; python_version < '3.11'"],
     extras_require={
         "test": ["pytest", "pytest-mpi", "pytest-timeout", "pytest-xdist",
-                 "ruff==0.17.6"],  # the rules CI lints with: a new release adds some
+                 "ruff==0.17.6",  # the rules CI lints with: a new release adds some
+                 "mypy==2.4.1"],  # make typecheck's: hpctrain checks clean with it
         "plot": ["matplotlib"],
         "tensorboard": ["tensorboard"],
         "images": ["pillow"],

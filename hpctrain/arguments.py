@@ -240,10 +240,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         add_option(parser, d)
     groups: dict[tuple[str, ...], argparse._ArgumentGroup] = {}
     for d in algorithm_options():
-        if d.owners not in groups:
-            groups[d.owners] = parser.add_argument_group(
-                f"options of {', '.join(map(registry.display_name, d.owners))}")
-        add_option(groups[d.owners], d)
+        owners = d.owners
+        assert owners is not None  # algorithm_options names every option's algorithms
+        if owners not in groups:
+            groups[owners] = parser.add_argument_group(
+                f"options of {', '.join(map(registry.display_name, owners))}")
+        add_option(groups[owners], d)
 
 
 def given(args: argparse.Namespace, options: list[Declared]) -> dict:
@@ -434,6 +436,7 @@ def without_partners(base: dict, given: dict, path: str | None,
     if resume not in (_ABSENT, None, AUTO):
         if not typed("out"):
             _say_resumed_elsewhere(resume, filed("out"), path)
+        keys: tuple[str, ...]
         for keys in (("out",), ("checkpoint", "dir")):
             if not typed(*keys) and filed(*keys) is not None:
                 base = _without(base, keys)
@@ -540,6 +543,7 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
                          f"{registry.choices()}")
     registry.get(algo)  # an unknown name is refused before the options are judged
     for d in algo_options:
+        assert d.owners is not None  # algorithm_options names every option's algorithms
         if hasattr(args, d.dest) and algo not in d.owners:
             raise UsageError(f"{d.flag} is an option of {', '.join(d.owners)}, not of --algo "
                              f"{algo}")

@@ -416,7 +416,9 @@ def library_version() -> str | None:
     try:
         from mpi4py import _mpiabi
 
-        lib = _mpiabi._dlopen_libmpi(_mpiabi.LIBMPI or os.environ.get("MPI4PY_LIBMPI"))
+        # mpi4py's stubs leave out its private _mpiabi module's loader.
+        lib = _mpiabi._dlopen_libmpi(  # type: ignore[attr-defined]
+            _mpiabi.LIBMPI or os.environ.get("MPI4PY_LIBMPI"))
         text, length = ctypes.create_string_buffer(8192), ctypes.c_int(0)
         if lib.MPI_Get_library_version(text, ctypes.byref(length)) != 0:
             return None
@@ -527,8 +529,10 @@ def _end_on_error(exc_type, exc, tb, script: bool) -> None:
     # this one does not do unless it leaves the exit to Python.
     err = sys.__stderr__ or sys.stderr
     MPI = sys.modules.get("mpi4py.MPI")
-    initialised = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
-    r, n = _seat_for_error(MPI if initialised else None)
+    if MPI is not None and (not MPI.Is_initialized() or MPI.Is_finalized()):
+        MPI = None  # imported, but not running
+    initialised = MPI is not None
+    r, n = _seat_for_error(MPI)
     interrupted = isinstance(exc, KeyboardInterrupt)
     full = script and not interrupted and not hpctrains_own(exc)
     if _debugging() and not full:
@@ -565,7 +569,7 @@ def _end_on_error(exc_type, exc, tb, script: bool) -> None:
     if full and n == 1:
         return  # nothing else to end: Python exits with status 1, as without the hook
     _finish_before_abort()
-    if initialised and MPI.COMM_WORLD.Get_size() > 1:
+    if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
         # Ends every rank, including those waiting in a collective for this one.
         MPI.COMM_WORLD.Abort(status)
     if r == 0 and n > 1 and not initialised and "SLURM_STEP_ID" in os.environ:

@@ -58,6 +58,7 @@ def problem(device_type: str, in_threads: bool = False) -> str | None:
     if not supported():
         return (f"cannot run on this Python: torch {torch.__version__}'s "
                 "torch._dynamo.is_dynamo_supported() is false")
+    defaults: tuple[str, ...]
     if device_type == "cuda":
         if not _has_triton():
             return (f"on a GPU needs Triton (pip install triton, the version torch "

@@ -64,7 +64,7 @@ class Dataset:
         return len(self.labels)
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> tuple[int, ...]:
         return tuple(self.images.shape[1:])
 
     def subset(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> Dataset:

@@ -20,13 +20,17 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)  # printed as "hpctrain: error: <message>"
 
 
+# The mark :func:`on_every_rank` puts on any exception (not only hpctrain's own classes).
+_ON_EVERY_RANK = "on_every_rank"
+
+
 def on_every_rank(error: BaseException) -> BaseException:
     """Mark ``error`` as raised on every rank alike (the ranks share its verdict, as ssgd's
     workers share the reduced gradient): rank 0 alone says it as the job ends, and the run
     releases what it holds first, so a script that catches it may train again."""
-    error.on_every_rank = True
+    setattr(error, _ON_EVERY_RANK, True)
     return error
 
 
 def raised_on_every_rank(error: BaseException) -> bool:
-    return getattr(error, "on_every_rank", False)
+    return getattr(error, _ON_EVERY_RANK, False)

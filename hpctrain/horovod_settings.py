@@ -126,6 +126,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for s in SETTINGS:
         note = "" if s.here else " (backend='horovod' only)"
         if s.kind is bool:
+            assert s.off_flag is not None  # _bool gives every on/off setting its off flag
             pair = parser.add_mutually_exclusive_group()
             pair.add_argument(s.flag, dest=s.name, action="store_const", const=True,
                               help=s.help + note)

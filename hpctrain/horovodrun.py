@@ -111,7 +111,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         aliases = [flag.replace("-np", "-num-proc")] if flag.endswith("-np") else []
         parser.add_argument(flag, *aliases, dest=_dest(flag), help=argparse.SUPPRESS,
                             nargs=2 if flag == "--blacklist-cooldown-range" else None,
-                            type=None if flag == "--host-discovery-script" else int)
+                            type=str if flag == "--host-discovery-script" else int)
     parser.add_argument("program", nargs=argparse.REMAINDER, metavar="command",
                         help="the program and its arguments, e.g. python train.py")
 
@@ -359,7 +359,7 @@ def run(args: argparse.Namespace) -> None:
     # Built before the refusal below, so that the command line's and the config file's
     # mistakes are reported first.
     cmd = mpirun_command(args, os.environ, root=os.geteuid() == 0, flavour=kind or "openmpi")
-    if kind is None:
+    if kind is None or mpirun is None:
         raise UsageError("hpctrain horovodrun needs Open MPI's, MPICH's or Intel MPI's mpirun "
                          f"on PATH ({mpirun or 'none found'})")
     check_program(args)

@@ -37,6 +37,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from hpctrain.errors import UsageError
 
@@ -130,6 +131,12 @@ class Launch:
     seat: Seat | None  # its seat: under "mpi" the MPI launcher's (or srun's), for check_world
 
 
+def _named(seat: Seat) -> str:
+    """The launcher's name of a seat that :func:`seats` read."""
+    assert seat.launcher is not None  # seats() names every seat's launcher
+    return seat.launcher
+
+
 def launch(environ: Mapping[str, str] | None = None) -> Launch:
     """How this process was started, from ``environ`` (default ``os.environ``):
 
@@ -153,13 +160,13 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
     if first is None:
         return Launch("single", "none known", None)
     if first.launcher != "torchrun":
-        return Launch("mpi", first.launcher, first)
+        return Launch("mpi", _named(first), first)
     if "TORCHELASTIC_RUN_ID" in env and all(v in env for v in TORCH_RENDEZVOUS):
         return Launch("torchrun", "torchrun", first)
     outer = readable(found)
     numbered = alike(first, outer)
     if numbered:  # mpirun's or srun's processes, given env://'s variables by a wrapper
-        return Launch("mpi", numbered[0].launcher, numbered[0])
+        return Launch("mpi", _named(numbered[0]), numbered[0])
     torchs = (*TORCH_RENDEZVOUS, *TORCH_PLACEMENT)
     missing = [v for v in torchs if v not in env]
     if missing and first.size == 1:
@@ -251,12 +258,19 @@ def from_torch_distributed() -> Seat | None:
     return Seat(size, rank, f"torch.distributed (world size {size}, rank {rank})")
 
 
+@overload
+def from_mpi(start: Literal[True]) -> Seat: ...
+
+
+@overload
+def from_mpi(start: bool = False) -> Seat | None: ...
+
+
 def from_mpi(start: bool = False) -> Seat | None:
     """MPI's world, if MPI is running with more than one process; with ``start``, start MPI
     when it is not running and give its world whatever its size."""
     MPI = sys.modules.get("mpi4py.MPI")
-    running = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
-    if not running:
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized():
         if not start:
             return None
         from hpctrain import comm

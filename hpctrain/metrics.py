@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeGuard
 
 import numpy as np
 import torch
@@ -165,13 +165,14 @@ def new_run_folder(name: str) -> Path:
     the folder, when it cannot be made.
     """
     stem = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    for n in itertools.count(1):
+    n = 1
+    while True:
         path = Path("runs") / (stem if n == 1 else f"{stem}-{n}")
         try:
             path.mkdir(parents=True)
             return path
         except FileExistsError:
-            continue
+            n += 1
         except OSError as e:
             raise UsageError(f"cannot make the run's folder {path} ({e.strerror}); choose one "
                              "with --out") from None
@@ -294,10 +295,10 @@ class Tally:
     def __len__(self) -> int:
         return self.count
 
+    # Unhashable (it is mutable): a class that defines __eq__ and no __hash__ gets
+    # __hash__ = None from Python.
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tally) and self.counts == other.counts
-
-    __hash__ = None  # mutable
 
     def __repr__(self) -> str:
         return f"Tally({dict(sorted(self.counts.items()))})"
@@ -373,7 +374,7 @@ def watching_terminal(err: TextIO | None, out: TextIO | None) -> TextIO | None:
     return None
 
 
-def redraws(stream: TextIO | None) -> bool:
+def redraws(stream: TextIO | None) -> TypeGuard[TextIO]:
     """Whether a line may be redrawn on ``stream`` (carriage returns, erasing codes): a
     terminal, but not one that says it cannot (``TERM=dumb``: an editor's shell buffer,
     which showed each redraw's ``^M^[[K``)."""

@@ -48,9 +48,9 @@ class MLP(nn.Module):
 class LeNet(nn.Module):
     """LeNet-5 with ReLU and max pooling; padding keeps 28x28 inputs at the classic 5x5x16."""
 
-    def __init__(self, input_shape: tuple[int, int, int], num_classes: int = 10):
+    def __init__(self, input_shape: tuple[int, ...], num_classes: int = 10):
         super().__init__()
-        c, h, w = input_shape
+        c, h, w = input_shape  # (C, H, W)
         pad = 2 if h < 32 else 0
         self.conv1 = nn.Conv2d(c, 6, 5, padding=pad)
         self.conv2 = nn.Conv2d(6, 16, 5)

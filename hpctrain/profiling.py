@@ -143,6 +143,7 @@ class StepProfiler:
 
     def __init__(self, spec: str | None, device: torch.device, out: str | Path, rank: int,
                  workers: int = 1):
+        self.start: int | None
         self.start, self.count = parse(spec) if spec else (None, 0)
         self.device, self.rank, self.workers = device, rank, workers
         self.folder = Path(out) / SUBDIR
@@ -214,22 +215,23 @@ class StepProfiler:
 
     def report(self, every: list[tuple[int, int | None, int]] | None) -> None:
         """Rank 0, given every worker's :meth:`outcome`: say which profiled nothing, and why."""
-        note = self._missed(every) if self.rank == 0 and self.start is not None else None
+        note = self._missed(every, self.start) if self.rank == 0 and every is not None \
+            and self.start is not None else None
         if note:
             print(f"hpctrain: --profile {self.start}:{self.count}: {note}", file=sys.stderr,
                   flush=True)
 
-    def _missed(self, every: list[tuple[int, int | None, int]]) -> str | None:
+    def _missed(self, every: list[tuple[int, int | None, int]], start: int) -> str | None:
         """Rank 0's note on the workers (``every``'s (recorded, first, done)) that profiled
-        nothing; None when all profiled."""
+        nothing in the window from local step ``start``; None when all profiled."""
         missed = [w for w, (recorded, _, _) in enumerate(every) if not recorded]
         if not missed:
             return None
         if len(missed) == len(every):
             first, done = every[0][1:]
-            why = (f"resumed at local step {first}, past step {self.start}"
-                   if first is not None and first > self.start else
-                   f"ended at local step {done}, before step {self.start}")
+            why = (f"resumed at local step {first}, past step {start}"
+                   if first is not None and first > start else
+                   f"ended at local step {done}, before step {start}")
             return f"this run {why}; nothing profiled"
         return (f"worker(s) {', '.join(map(str, missed))} (among those that train) ended "
                 f"before the window; the others' files are in {self.folder}")
@@ -256,6 +258,7 @@ class StepProfiler:
     def _steps(self) -> str:
         """The table's first line: torch numbers the window's steps from 0; which local steps
         they are, and whether the run ended inside the window."""
+        assert self.start is not None  # a window was asked for: there is a trace
         last = self.start + self.recorded - 1
         cut = (f"the window {self.start}:{self.count} was cut short: the run ended after local "
                f"step {last}, and the last ProfilerStep span is the loop's exit; "

@@ -182,7 +182,8 @@ def resumes(resumptions: list[dict], written: Path, info: dict) -> dict:
     except (OSError, ValueError, AttributeError):  # none (another --out), or not readable
         earlier = None
     earlier = earlier if isinstance(earlier, dict) else {}
-    kept = earlier.get("resumes") if isinstance(earlier.get("resumes"), list) else []
+    resumes = earlier.get("resumes")
+    kept = resumes if isinstance(resumes, list) else []
     entries = []
     for i, entry in enumerate(resumptions[:-1]):  # as the file said, where it is that one
         old = kept[i] if i < len(kept) and isinstance(kept[i], dict) else {}

@@ -10,10 +10,19 @@ reading (:mod:`hpctrain.sync.stall`).
 from __future__ import annotations
 
 import os
+from typing import overload
 
 from hpctrain.errors import UsageError
 
 ON, OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+@overload
+def switch(variable: str, default: bool) -> bool: ...
+
+
+@overload
+def switch(variable: str, default: None = None) -> bool | None: ...
 
 
 def switch(variable: str, default: bool | None = None) -> bool | None:

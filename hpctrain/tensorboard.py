@@ -55,10 +55,14 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 from hpctrain.switches import switch
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard.writer import FileWriter, SummaryWriter
 
 SUBDIR = "tensorboard"
 
@@ -201,6 +205,13 @@ def _hush(on: bool) -> None:
         _hook.clear()
 
 
+def _file_writer(writer: SummaryWriter) -> FileWriter:
+    """``writer``'s event file writer."""
+    # torch's SummaryWriter.__init__ sets file_writer to None before _get_file_writer makes
+    # it, so its declared type is None: a gap in torch's annotations, not a None here.
+    return writer.file_writer  # type: ignore[return-value]
+
+
 class Board:
     """The run's event file; every method is a no-op unless ``enabled`` (rank 0 asked).
 
@@ -216,7 +227,7 @@ class Board:
     def __init__(self, out: str | Path, enabled: bool, resumed: int = 0,
                  clock: WallClock | None = None, rank0: bool = False,
                  rescored: tuple[str, ...] = ()) -> None:
-        self.writer = None
+        self.writer: SummaryWriter | None = None
         self.clock = clock or WallClock()
         self._waiting: list[tuple[str, float, int, float]] = []  # until the clock starts
         folder = Path(out) / SUBDIR
@@ -237,7 +248,7 @@ class Board:
             except BaseException:
                 _hush(False)
                 raise
-            self._file = getattr(self.writer.file_writer.event_writer, "_file_name", folder)
+            self._file = getattr(_file_writer(self.writer).event_writer, "_file_name", folder)
 
     @contextlib.contextmanager
     def _writing(self) -> Iterator[None]:
@@ -272,9 +283,11 @@ class Board:
         self._write_waiting()
 
     def _write_waiting(self) -> None:
+        writer = self.writer
         with self._writing():
             for tag, value, step, t in self._waiting:
-                self.writer.add_scalar(tag, value, step, walltime=self.clock(t))
+                assert writer is not None  # entries wait only where there is a writer
+                writer.add_scalar(tag, value, step, walltime=self.clock(t))
         self._waiting = []
 
     def describe(self, config: dict, settings: dict) -> None:
@@ -291,7 +304,7 @@ class Board:
         _, session_start, _ = hparams_summaries(hparams(settings), {})
         with self._writing():
             self.writer.add_text("config", text, 0)  # indented: markdown shows it as code
-            self.writer.file_writer.add_summary(session_start, 0)
+            _file_writer(self.writer).add_summary(session_start, 0)
 
     def finish(self, step: int, metrics: dict[str, float]) -> None:
         """The run's end at update ``step``: its ``metrics`` (summary fields) as
@@ -304,7 +317,7 @@ class Board:
             self.scalar(f"summary/{name}", value, step)
         _, _, session_end = hparams_summaries({}, {})
         with self._writing():
-            self.writer.file_writer.add_summary(session_end, step)
+            _file_writer(self.writer).add_summary(session_end, step)
 
     def close(self, raising: bool = True) -> None:
         """What waits written, and the file closed. Flushed first: the writer's close drops

@@ -74,6 +74,7 @@ class _Watchdog:
         self.hint = "; ranks waiting for a stalled one say this too, and one frozen whole " \
             "(its watchdog with it) says nothing" if ranks > 1 else ""
         self.limit = max(timeout, STARTUP_S)  # the timeout once the first beat came
+        self.count: int | None
         self.last, self.doing, self.count = time.monotonic(), "starting", None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hpctrain-watchdog",

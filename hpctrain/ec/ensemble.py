@@ -140,8 +140,9 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
         raise ValueError("shared images need their labels")
     ranks = comm.Get_size()
     t0 = time.perf_counter()
-    assert ids is not None or images is not None  # the checks above: exactly one is given
-    counts = comm.allgather(len(ids) if ids is not None else len(images))
+    given = ids if ids is not None else images
+    assert given is not None  # the checks above: exactly one is given
+    counts = comm.allgather(len(given))
     total = sum(counts)
     mine = counts[comm.Get_rank()]
     if ids is not None:
@@ -179,6 +180,10 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
         summed = reduce_scatter_rows(comm, probs.contiguous().numpy(), counts)
         returned_bytes = (total - mine) * num_classes * 4
     t3 = time.perf_counter()
+    samples = None
+    if shared:
+        assert labels is not None  # the lookup's, or the shared images' gathered above
+        samples = (inputs, labels)
     return EnsembleOutput(torch.from_numpy(summed) / ranks,
                           gathered_bytes + returned_bytes, (t1 - t0) + (t3 - t2), t2 - t1,
-                          samples=(inputs, labels) if shared else None, inferred=total)
+                          samples=samples, inferred=total)

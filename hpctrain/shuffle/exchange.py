@@ -53,11 +53,12 @@ class Exchanger:
         return now
 
     def _round_buffers(self, rows: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        old = self._buffers
-        if old is None or old[0].shape[0] < rows or old[0].shape[1:] != like.shape[1:] \
-                or old[0].dtype != like.dtype:
-            self._buffers = tuple(like.new_empty((rows, *like.shape[1:])) for _ in range(2))
-        return self._buffers
+        buffers = self._buffers
+        if buffers is None or buffers[0].shape[0] < rows \
+                or buffers[0].shape[1:] != like.shape[1:] or buffers[0].dtype != like.dtype:
+            shape = (rows, *like.shape[1:])
+            buffers = self._buffers = (like.new_empty(shape), like.new_empty(shape))
+        return buffers
 
     def move(self, source: Dataset, rows: torch.Tensor, dest: torch.Tensor, out: Dataset,
              place: Callable[[torch.Tensor], torch.Tensor]) -> int:

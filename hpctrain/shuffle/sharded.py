@@ -30,6 +30,8 @@ class ShardedTrainData(TrainData):
     def __init__(self, spec: TrainDataSpec, comm) -> None:
         super().__init__()
         self.comm = comm
+        self.ranks: int
+        self.rank: int
         self.ranks, self.rank = (1, 0) if comm is None else (comm.Get_size(), comm.Get_rank())
         self.strategy, self.q = parse_strategy(spec.shuffle)
         self.seed = spec.seed
@@ -88,7 +90,7 @@ class ShardedTrainData(TrainData):
             sent = 0
         else:
             sent = self.exchanger.move(self.held, rows, dest, self._back_holding(), place)
-        self.held, self._back = self._back, self.held
+        self.held, self._back = self._back_holding(), self.held  # made above
         return sent
 
     def _global(self, epoch: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TypedDict
 
 import torch
 
@@ -61,7 +62,8 @@ class TrainData:
             self._gathered = tuple(torch.empty(shape, dtype=dtype) for shape, dtype in wanted)
         for out, src in zip(self._gathered, fields, strict=True):
             torch.index_select(src, 0, rows, out=out)
-        return data.Dataset(source.name, *self._gathered, source.num_classes)
+        images, labels, ids = self._gathered
+        return data.Dataset(source.name, images, labels, ids, source.num_classes)
 
     def stats(self) -> dict:
         """This rank's bytes sent to other ranks and seconds spent exchanging: in total, and
@@ -87,12 +89,21 @@ class ReplicatedTrainData(TrainData):
         return self._gather(self.full, self.sampler.indices())
 
 
+class _SamplerArgs(TypedDict):
+    """The keywords every sampler of :func:`make_sampler` is given."""
+
+    num_replicas: int
+    rank: int
+    seed: int
+    drop_last: bool
+
+
 def make_sampler(strategy: str, num_samples: int, ranks: int, rank: int, seed: int,
                  labels=None, partial_sampler: Callable = PartialShuffleSampler):
     """The sampler for ``--shuffle strategy`` (labels given: label-skew partition).
     ``partial_sampler``: partial:Q's class (the simulator's shares holdings between workers)."""
     name, q = options.parse_strategy(strategy)
-    common = {"num_replicas": ranks, "rank": rank, "seed": seed, "drop_last": True}
+    common = _SamplerArgs(num_replicas=ranks, rank=rank, seed=seed, drop_last=True)
     if name == "global":
         return GlobalShuffleSampler(num_samples, **common)
     if name == "local":

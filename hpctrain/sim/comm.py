@@ -241,6 +241,7 @@ class LocalComm:
                 comm.inference_s += inferred
                 sched.wake(j, done)
             sched.block(k)  # woken above: continues in (time, worker) order
+        assert c.results is not None  # the last to arrive combined them before waking any
         return c.results[k]
 
 
@@ -259,6 +260,7 @@ class _Request:
         posted = g.posted.get(self.n)
         if posted is None or posted[0] > sched.now[k]:  # not sent, or not arrived by now
             return False
+        assert self.buf is not None  # done from the start without one (root's)
         np.copyto(self.buf, posted[1])
         self.done = True
         return True

@@ -56,7 +56,7 @@ class WorkerStreams:
         """Worker ``k`` runs from here: the process draws from its stream."""
         cpu, cuda = self._states[k]
         torch.set_rng_state(cpu)
-        if cuda is not None:
+        if self._cuda is not None:  # then _current took its state
             torch.cuda.set_rng_state(cuda, self._cuda)
 
     def leave(self, k: int) -> None:

@@ -182,8 +182,10 @@ class Simulation:
         # What seeds the step-time and jitter draws: --timing-seed, else --seed.
         self.timing_seed = config.seed if sim.timing_seed is None else sim.timing_seed
         self.step_times = StepTimeModel(sim.step_time, self.workers, self.timing_seed)
-        if sim.comm_time == "replay" and len(self.step_times.rests) != self.workers:
-            recorded = len(self.step_times.rests)
+        # A replay's rests, recorded (SimConfig checks); other models have none.
+        rests = self.step_times.rests if sim.comm_time == "replay" else None
+        if rests is not None and len(rests) != self.workers:
+            recorded = len(rests)
             print(f"hpctrain simulate: --comm-time replay on {_workers(self.workers)} "
                   f"replays the rests (communication and waiting) and lead-ins "
                   f"{_workers(recorded, 'real')} had (worker k: worker k mod {recorded}'s), "
@@ -236,7 +238,9 @@ def simulate(config: RunConfig, sim: SimConfig) -> dict:
 def _simulate(config: RunConfig, sim: SimConfig) -> dict:
     torch.set_num_threads(config.threads)
     simulation = Simulation(config, sim)
-    algo_class = simulated(config.algorithm_class)
+    # mypy takes type[Algorithm] for a non-Hashable instance at functools.cache's call
+    # (its __hash__ looked up as an instance's): a class is hashable.
+    algo_class = simulated(config.algorithm_class)  # type: ignore[arg-type]
     torch.manual_seed(config.seed)
     test_set = data.load(config.data.dataset, "test", config.data.data_dir)
     data.release(config.data.dataset, "test", config.data.data_dir)

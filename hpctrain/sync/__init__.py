@@ -247,24 +247,29 @@ def gpu_available(ext_base_name: str = "torch", verbose: bool = False) -> bool:
 
 def gloo_enabled() -> bool:
     """Whether collectives go through gloo (Horovod's, or the torch backend's)."""
-    return bool(_active.gloo_enabled()) if _horovod() else collectives.gloo_built()
+    hvd = _horovod_module()
+    return bool(hvd.gloo_enabled()) if hvd is not None else collectives.gloo_built()
 
 
 def cuda_built() -> bool:
     """Whether CUDA tensors can be given (hpctrain's backends: with a CUDA build of torch)."""
-    return bool(_active.cuda_built()) if _horovod() else torch.version.cuda is not None
+    hvd = _horovod_module()
+    return bool(hvd.cuda_built()) if hvd is not None else torch.version.cuda is not None
 
 
 def rocm_built() -> bool:
-    return bool(_active.rocm_built()) if _horovod() else False
+    hvd = _horovod_module()
+    return bool(hvd.rocm_built()) if hvd is not None else False
 
 
 def ccl_built() -> bool:
-    return bool(_active.ccl_built()) if _horovod() else False
+    hvd = _horovod_module()
+    return bool(hvd.ccl_built()) if hvd is not None else False
 
 
 def ddl_built() -> bool:
-    return bool(_active.ddl_built()) if _horovod() else False
+    hvd = _horovod_module()
+    return bool(hvd.ddl_built()) if hvd is not None else False
 
 
 def check_extension(ext_name: str, ext_env_var: str, pkg_path: str, *args: Any) -> None:
@@ -276,7 +281,12 @@ def check_extension(ext_name: str, ext_env_var: str, pkg_path: str, *args: Any) 
 
 
 def _horovod() -> bool:
-    return _active is not None and _active is not mpi_backend
+    return _horovod_module() is not None
+
+
+def _horovod_module() -> ModuleType | None:
+    """The running backend where it is Horovod's, else None."""
+    return _active if _active is not None and _active is not mpi_backend else None
 
 
 def _ps(process_set: Any) -> dict:

@@ -81,10 +81,12 @@ def _split_counts(splits: Any, caller: str) -> list[int]:
             raise UsageTypeError(f"{caller}: splits must be a 1-d tensor of integers, "
                                  f"got {splits.ndim}-d {splits.dtype}")
         return [int(x) for x in splits.tolist()]
-    if not isinstance(splits, list | tuple) or any(C.as_integer(x) is None for x in splits):
-        raise UsageTypeError(f"{caller}: splits must be a list of integers or a 1-d "
-                             f"integer tensor, got {splits!r}")
-    return [C.as_integer(x) for x in splits]
+    if isinstance(splits, list | tuple):
+        counts = [n for n in map(C.as_integer, splits) if n is not None]
+        if len(counts) == len(splits):
+            return counts
+    raise UsageTypeError(f"{caller}: splits must be a list of integers or a 1-d "
+                         f"integer tensor, got {splits!r}")
 
 
 def _integral(dtype: Any) -> bool:

@@ -22,7 +22,7 @@ def broadcast_parameters(params: Any, root_rank: int,
         names, tensors = zip(*sorted(params.items()), strict=True) if params else ((), ())
     elif isinstance(params, list):
         names = tuple(p[0] if isinstance(p, tuple) else None for p in params)
-        tensors = [p[1] if isinstance(p, tuple) else p for p in params]
+        tensors = tuple(p[1] if isinstance(p, tuple) else p for p in params)
     else:
         raise UsageError(f"broadcast_parameters: params must be a dict or a list, got "
                          f"{type(params).__name__}")
@@ -97,13 +97,13 @@ def broadcast_optimizer_state(optimizer: torch.optim.Optimizer, root_rank: int,
                        "broadcast_optimizer_state")
     scalars = collectives.broadcast_object(scalars, root_rank, process_set=process_set)
     for key, value in scalars.items():
-        kind, index, rest = key.split(".", 2)
-        group = optimizer.param_groups[int(index)]
+        kind, at, rest = key.split(".", 2)
+        group = optimizer.param_groups[int(at)]
         if kind == "group":
             group[rest] = value
         else:
-            j, name = rest.split(".", 1)
-            optimizer.state[group["params"][int(j)]][name] = value
+            row, name = rest.split(".", 1)
+            optimizer.state[group["params"][int(row)]][name] = value
 
 
 def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
@@ -117,9 +117,13 @@ def _initialise_state(optimizer: torch.optim.Optimizer) -> None:
         p.grad = torch.zeros_like(p).to_sparse() if sparse else torch.zeros_like(p)
     try:
         # The wrapped step would reduce, and not every rank may be here with a fresh state.
-        wrapped = next((c for c in (_DistributedOptimizer, _AdasumOptimizer)
-                        if isinstance(optimizer, c)), None)
-        (super(wrapped, optimizer).step if wrapped else optimizer.step)()
+        if isinstance(optimizer, _DistributedOptimizer):
+            step = super(_DistributedOptimizer, optimizer).step
+        elif isinstance(optimizer, _AdasumOptimizer):
+            step = super(_AdasumOptimizer, optimizer).step
+        else:
+            step = optimizer.step
+        step()
     finally:
         with torch.no_grad():
             for p, (value, grad) in zip(trained, kept, strict=True):

@@ -20,6 +20,7 @@ import functools
 import io
 import itertools
 import numbers
+import operator
 import pickle
 import sys
 import warnings
@@ -27,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, SupportsIndex
 
 import torch
 
@@ -181,7 +182,9 @@ def shutdown() -> None:
     if _world.transport.name == "torch":  # every group (optimizers' too), then what they ran
         from hpctrain.sync import torch_transport
 
-        torch_transport.release(_world.transport)
+        transport = _world.transport
+        assert isinstance(transport, torch_transport.TorchTransport)  # the one named "torch"
+        torch_transport.release(transport)
     else:
         _world.transport.free()
     _world = None
@@ -808,8 +811,9 @@ class Pickled:
     def __init__(self, data: bytes, *buffers: Any) -> None:
         self.data, self.buffers = data, list(buffers)
 
-    def __reduce_ex__(self, protocol: int) -> tuple:
-        buffers = self.buffers if protocol >= 5 else [bytearray(b) for b in self.buffers]
+    def __reduce_ex__(self, protocol: SupportsIndex) -> tuple:
+        buffers = self.buffers if operator.index(protocol) >= 5 \
+            else [bytearray(b) for b in self.buffers]
         return Pickled, (self.data, *buffers)
 
     def loads(self) -> Any:

@@ -11,23 +11,28 @@ each one, so it takes only compressors that cast (:func:`only_casts`): ``Compres
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import torch
 
+Ctx = TypeVar("Ctx")
 
-class Compressor:
-    """Horovod's interface for compressing a tensor and decompressing it again."""
+
+class Compressor(Generic[Ctx]):
+    """Horovod's interface for compressing a tensor and decompressing it again; ``Ctx``:
+    what compress gives decompress."""
 
     @staticmethod
-    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, object]:
+    def compress(tensor: torch.Tensor) -> tuple[torch.Tensor, Ctx]:
         """The tensor to send, and what :meth:`decompress` needs to undo it."""
         raise NotImplementedError
 
     @staticmethod
-    def decompress(tensor: torch.Tensor, ctx: object) -> torch.Tensor:
+    def decompress(tensor: torch.Tensor, ctx: Ctx) -> torch.Tensor:
         raise NotImplementedError
 
 
-class NoneCompressor(Compressor):
+class NoneCompressor(Compressor[None]):
     """No compression (the default)."""
 
     @staticmethod
@@ -43,7 +48,7 @@ class NoneCompressor(Compressor):
         return dtype
 
 
-class CastCompressor(Compressor):
+class CastCompressor(Compressor[torch.dtype]):
     """Tensors travel in ``wire_dtype(dtype)`` and come back in their own dtype; a subclass
     chooses the wire dtype (e.g. bfloat16) by overriding ``wire_dtype`` alone."""
 

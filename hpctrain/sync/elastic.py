@@ -38,7 +38,7 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -250,6 +250,10 @@ class _Handler:
         self.value = value
         self.save()
 
+    def sync(self) -> None:
+        """Make every rank's value rank 0's (each kind of handler its own way)."""
+        raise NotImplementedError
+
 
 class _ModelHandler(_Handler):
     def sync(self) -> None:
@@ -456,7 +460,8 @@ def _read(state: State, path: Path) -> dict | None:
     header, payload = load(path)
     if header.get("kind") != _KIND:
         raise CorruptCheckpoint(f"{path.name}: not an elastic state")
-    state._load_snapshot(payload)
+    # The checksum holds and the header says elastic: the dict a commit wrote.
+    state._load_snapshot(cast(dict, payload))
     state.restore()
     n = _hvd().size()
     print(f"hpctrain.sync.elastic: resuming from commit {header['commits']} of a "

@@ -40,9 +40,11 @@ class SyncBatchNorm(_BatchNorm):
                 0.0, self.eps)
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
+            tracked = self.num_batches_tracked
+            assert tracked is not None  # _NormBase registers it with track_running_stats
+            tracked.add_(1)
             if self.momentum is None:  # cumulative moving average
-                momentum = 1.0 / float(self.num_batches_tracked)
+                momentum = 1.0 / float(tracked)
         from hpctrain import sync as hvd  # the facade: either backend
 
         if hvd.size() == 1:

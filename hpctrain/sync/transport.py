@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -26,7 +27,8 @@ from hpctrain.sync import parts
 # Reductions a transport sums with: the ReduceOp values (Average is Sum, scaled by the caller).
 SUM, MIN, MAX, PRODUCT = 1, 3, 4, 5
 _MPI_OPS = {SUM: "SUM", MIN: "MIN", MAX: "MAX", PRODUCT: "PROD"}
-_TORCH_OPS = {SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: torch.mul}
+_TORCH_OPS: dict[int, Callable[..., torch.Tensor]] = {
+    SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: torch.mul}
 HALF_TYPES = (torch.float16, torch.bfloat16)
 _SENDRECV_TAG = 7  # isendrecv's messages; nothing else sends point to point on a transport
 PIECE_BYTES = 2**30  # ibcast and isendrecv send a tensor in pieces up to this (MPI-3: < 2 GiB)
