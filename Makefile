@@ -7,7 +7,7 @@
 #   test-unit        every single-process test, unit and job (TEST_WORKERS pytest workers)
 #   test-mpi         the mpi tests inside mpirun -np 2, then -np 4 (Open MPI)
 #   test-other-mpis  the mpi tests inside mpirun -np 2 of MPICH and of Intel MPI (OTHER_MPIS)
-#   test             lint, test-unit, test-mpi, then test-other-mpis on MPICH only
+#   test             lint, typecheck, test-unit, test-mpi, then test-other-mpis on MPICH only
 #   clean            removes .venv, build, *.egg-info and runs
 SHELL := /bin/bash
 PY := .venv/bin/python
@@ -80,7 +80,7 @@ test-other-mpis: setup
 	    $(PYTEST_MPI) $(MPI_TEST_FILES); s=$$?; [ $$s -eq 0 ] || [ $$s -eq 5 ] || exit $$s; \
 	done
 
-test: lint test-unit test-mpi test-other-mpis
+test: lint typecheck test-unit test-mpi test-other-mpis
 test: OTHER_MPIS := mpich
 
 clean:
