@@ -332,8 +332,8 @@ class Board:
         except OSError:
             if raising:
                 raise
-        finally:
-            writer, self.writer = self.writer, None
+        finally:  # closed: what still waits (its write failed) goes with the writer
+            writer, self.writer, self._waiting = self.writer, None, []
             with contextlib.suppress(OSError):  # flushed, or its thread ended with the error
                 writer.close()
             _hush(False)

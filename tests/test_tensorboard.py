@@ -428,6 +428,7 @@ def test_a_full_disk_is_one_error_naming_the_event_file(tmp_path, monkeypatch):
     monkeypatch.setattr(threading, "excepthook", seen.append)  # pytest's own hook, else
     with full_disk(tmp_path / "disk") as disk:
         board = Board(disk, True)
+        board.scalar("test/acc", 0.5, 0, t=0.0)  # waits for training's clock to start
         fill(disk)
         with pytest.raises(OSError) as e:  # at an entry, or at close (the thread's pace)
             for step in range(500):  # more than the event file's first page holds
@@ -435,6 +436,7 @@ def test_a_full_disk_is_one_error_naming_the_event_file(tmp_path, monkeypatch):
             board.close()
         board.close(raising=False)  # as the run lets go after an error: no second one
         assert not board.enabled
+        board.start()  # closed: what waited went with the writer (it asserted a writer)
     assert e.value.errno == errno.ENOSPC
     assert e.value.filename.startswith(str(disk / tensorboard.SUBDIR / "events.out.tfevents."))
     assert seen == []  # no traceback of the writer's thread
