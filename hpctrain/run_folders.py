@@ -265,8 +265,9 @@ def _open_as_folder(fd: int, folder: Path) -> None:
     """Let whoever may write in ``folder`` write this user's lock file ``fd`` too (read and
     write for its group and others as the folder gives them write): a colleague's run in a
     shared, group-writable folder on NFS can lock it only open for writing, and was refused
-    where the umask left it 0644. No more than they had: they may replace the file anyway,
-    and it holds nothing. Where permissions cannot be changed, left as it is."""
+    where the umask left it 0644. Nothing more to them than a file of their own there: it
+    is empty, and no one reads it (and on a local file system any reader may flock it
+    already). Where permissions cannot be changed, left as it is."""
     with contextlib.suppress(OSError):
         shared = folder.stat().st_mode & (stat.S_IWGRP | stat.S_IWOTH)
         wanted = (shared << 1) | shared  # each write bit, and its read bit beside it
