@@ -19,7 +19,7 @@ import torch
 import hpctrain.sync as sync
 from hpctrain import comm
 from hpctrain.sync import grouped, parts, transport
-from hpctrain.sync.parts import Part, window_parts
+from hpctrain.sync.parts import Part, block_pieces, window_parts
 from hpctrain.sync.transport import MPITransport
 
 mpi = pytest.mark.mpi(min_size=2)
@@ -79,15 +79,21 @@ def test_allgather_counts_rows_of_odd_byte_sizes(world_transport):
 
 @mpi
 @pytest.mark.timeout(120)
-def test_alltoall_counts_rows_with_empty_parts(world_transport):
-    """Rank r sends (r + k) % 3 rows of 6 bytes to rank k: some parts are empty."""
+@pytest.mark.parametrize("pieces", [False, True], ids=["one-call", "in-pieces"])
+def test_alltoall_counts_rows_with_empty_parts(world_transport, monkeypatch, pieces):
+    """Rank r sends (r + k) % 3 rows of 6 bytes to rank k: some parts are empty. In pieces: a
+    limit of 1 row, and pieces of 7 bytes (one row each, the row past the byte cap)."""
     t, r, n = world_transport, world_transport.rank(), world_transport.size()
+    if pieces:
+        monkeypatch.setattr(transport, "MAX_COUNT", 1)
+        monkeypatch.setattr(transport, "PIECE_BYTES", 7)
     send_rows = [(r + k) % 3 for k in range(n)]
     recv_rows = [(k + r) % 3 for k in range(n)]
     send = torch.cat([_pattern(send_rows[k], 3, dtype=torch.int16, seed=10 * r + k)
                       for k in range(n)])
     out = torch.full((sum(recv_rows), 3), -1, dtype=torch.int16)
-    t.ialltoall(send, out, send_rows, recv_rows).wait()
+    total = sum((j + k) % 3 for j in range(n) for k in range(n))
+    t.ialltoall(send, out, send_rows, recv_rows, total=total).wait()
     expected = torch.cat([_pattern(recv_rows[k], 3, dtype=torch.int16, seed=10 * k + r)
                           for k in range(n)])
     assert torch.equal(out, expected)
@@ -267,5 +273,122 @@ def test_grouped_collectives_in_windows_match_one_call(monkeypatch):
         assert torch.equal(whole[0], torch.cat([_pattern(k + 3, 2, dtype=torch.int32, seed=k)
                                                 for k in range(n)]))
         assert grouped.scatter_rows(3 * n + 1, n)[r] == whole[-1].shape[0]
+    finally:
+        sync.shutdown()
+
+
+def test_block_pieces_cut_each_block_from_its_start():
+    assert block_pieces([3, 0, 5], piece=2) == [(0, 0, 2), (0, 2, 3), (2, 3, 5), (2, 5, 7),
+                                                (2, 7, 8)]
+    assert block_pieces([0, 0], piece=2) == []
+    assert block_pieces([], piece=2) == []
+
+
+@pytest.mark.parametrize("rows", [[10, 1, 0, 7], [0, 0, 9], [25, 0], [1] * 5, [0, 30, 0]])
+@pytest.mark.parametrize("piece", [1, 4, 7, 100])
+def test_block_pieces_tile_every_block_in_order(rows, piece):
+    """Each block's pieces follow one another from its start to its end, none past ``piece``;
+    a sender and a receiver of one block (other offsets) cut it at the same rows."""
+    plan = block_pieces(rows, piece)
+    starts = [sum(rows[:r]) for r in range(len(rows))]
+    for r, (start, count) in enumerate(zip(starts, rows, strict=True)):
+        mine = [(a, b) for k, a, b in plan if k == r]
+        assert [a for a, _ in mine] == [start, *[b for _, b in mine[:-1]]][:len(mine)]
+        assert sum(b - a for a, b in mine) == count
+        assert all(0 < b - a <= piece for a, b in mine)
+        other = block_pieces([5] * r + [count], piece)  # the same block elsewhere
+        assert [(a - start, b - start) for a, b in mine] == \
+            [(a - 5 * r, b - 5 * r) for k, a, b in other if k == r]
+    assert [k for k, _, _ in plan] == sorted(k for k, _, _ in plan)
+
+
+def test_block_pieces_bad_arguments_are_one_line_errors():
+    with pytest.raises(ValueError, match="piece must be >= 1, got 0"):
+        block_pieces([1], piece=0)
+    with pytest.raises(ValueError, match=r"rows must be >= 0, got \[1, -1\]"):
+        block_pieces([1, -1], piece=2)
+
+
+_ALLTOALL_TAILS = [(torch.int16, (3, 2)), (torch.float16, ()), (torch.float64, (3,)),
+                   (torch.uint8, (5,)), (torch.int64, (0,))]  # 2-D rows, ..., zero-size rows
+
+
+def _splits(sender: int, receiver: int) -> int:
+    """Rows ``sender`` sends ``receiver``: uneven, some blocks empty."""
+    return (sender + 2 * receiver) % 4
+
+
+def _alltoall_results() -> list:
+    """alltoall with uneven splits (and a row left unsent) of every dtype and row shape in
+    _ALLTOALL_TAILS, and one of equal parts without splits."""
+    r, n = sync.rank(), sync.size()
+    splits = [_splits(r, k) for k in range(n)]
+    results: list = []
+    for dtype, tail in _ALLTOALL_TAILS:
+        send = torch.cat([*[_pattern(splits[k], *tail, dtype=dtype, seed=10 * r + k)
+                            for k in range(n)], _pattern(1, *tail, dtype=dtype, seed=99)])
+        results += sync.alltoall(send, splits=splits)
+    results.append(sync.alltoall(_pattern(2 * n, 3, dtype=torch.int32, seed=r)))
+    return results
+
+
+def _received_weights(r: int, n: int) -> torch.Tensor:
+    """A weight per row rank r receives: 1000 * its sender + 1 + its place in the block."""
+    return torch.cat([1000.0 * k + 1 + torch.arange(float(_splits(k, r))) for k in range(n)])
+
+
+@mpi
+@pytest.mark.timeout(120)
+def test_alltoall_in_pieces_matches_one_call(monkeypatch):
+    """A limit of 3 rows stands for 2**31 - 1 (pieces of 2): alltoalls whose rows all ranks
+    move pass it go point to point, each result and received split bit-for-bit the one
+    call's; one that stays under it is still one call; the backward goes in pieces too."""
+    sync.init(backend="mpi")
+    try:
+        r, n = sync.rank(), sync.size()
+        whole = _alltoall_results()
+        calls = []
+        real = MPITransport._alltoall_in_pieces
+
+        def counting(self, send, out, send_rows, recv_rows, row):
+            calls.append((send.dtype, tuple(send.shape[1:])))
+            return real(self, send, out, send_rows, recv_rows, row)
+
+        monkeypatch.setattr(MPITransport, "_alltoall_in_pieces", counting)
+        monkeypatch.setattr(transport, "MAX_COUNT", 3)
+        monkeypatch.setattr(transport, "PIECE_ELEMENTS", 2)
+        in_pieces = _alltoall_results()
+        # In pieces: each count exchange (n * n rows of two int64), the four uneven calls of
+        # rows with bytes (6 rows or more at n >= 2) and the equal parts (2 * n * n rows);
+        # zero-size rows have nothing to count: one call.
+        counts = (torch.int64, (2,))
+        assert calls == [counts, (torch.int16, (3, 2)), counts, (torch.float16, ()), counts,
+                         (torch.float64, (3,)), counts, (torch.uint8, (5,)), counts, counts,
+                         (torch.int32, (3,))]
+        for a, b in zip(whole, in_pieces, strict=True):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+        expected_splits = [_splits(k, r) for k in range(n)]
+        for (dtype, tail), out, received in zip(_ALLTOALL_TAILS, in_pieces[0:-1:2],
+                                                in_pieces[1::2], strict=True):
+            assert received.dtype == torch.int32 and received.tolist() == expected_splits
+            assert torch.equal(out, torch.cat([_pattern(_splits(k, r), *tail, dtype=dtype,
+                                                        seed=10 * k + r) for k in range(n)]))
+        assert torch.equal(in_pieces[-1], torch.cat([_pattern(2 * n, 3, dtype=torch.int32,
+                                                              seed=k)[2 * r:2 * r + 2]
+                                                     for k in range(n)]))
+
+        calls.clear()
+        sync.alltoall(torch.ones(n, 2), splits=[1] + [0] * (n - 1))  # n rows: under 3 at n < 4
+        assert calls == [counts] + [(torch.float32, (2,))] * (n > 3)
+
+        calls.clear()
+        x = torch.ones(sum(_splits(r, k) for k in range(n)) + 1, 3, dtype=torch.float64,
+                       requires_grad=True)
+        y, _ = sync.alltoall(x, splits=[_splits(r, k) for k in range(n)])
+        (y * _received_weights(r, n)[:, None]).sum().backward()
+        assert calls == [counts, (torch.float64, (3,))] * 2  # forward and backward
+        expected = torch.cat([*[1000.0 * r + 1 + torch.arange(float(_splits(r, k)))
+                                for k in range(n)], torch.zeros(1)])  # the unsent row: 0
+        assert torch.equal(x.grad, expected[:, None].expand(-1, 3).to(torch.float64))
     finally:
         sync.shutdown()

@@ -2,9 +2,11 @@
 
 ``splits[r]`` rows go to rank r (without ``splits``: equal parts, which must divide the
 rows); rows past ``sum(splits)`` are not sent, as in Horovod. After the agreement round the
-counts are exchanged with a blocking all-to-all of one int64 per rank, and the rows with one
-non-blocking all-to-all of the transport's
-(``Ialltoallv`` of bytes on MPI, ``all_to_all_single`` on torch.distributed). ``synchronize``
+counts are exchanged with a blocking all-to-all of two int64 per rank (the rows for it and the
+sender's total, so that every rank knows the rows all ranks move), and the rows with one
+non-blocking all-to-all of the transport's (on MPI one ``Ialltoallv`` of rows, or where the
+total passes MPI-3's C int count, ``Isend``s and ``Irecv``s of pieces; ``all_to_all_single``
+on torch.distributed). ``synchronize``
 returns (rows received, splits received), as in Horovod; ``alltoall`` returns the rows alone
 when no ``splits`` was given.
 """
@@ -38,14 +40,17 @@ def _alltoall_start(tensor: torch.Tensor, splits: Any, name: str | None,
     src = tensor.detach().narrow(0, 0, sum(counts)).contiguous()
     call = C.tensor_call("alltoall", src, name, agree_shape=tuple(src.shape[1:]))
     m.channel.agree(call)
-    received = torch.empty(n, dtype=torch.int64)
-    m.transport.ialltoall(torch.tensor(counts, dtype=torch.int64), received, [1] * n,
-                          [1] * n).wait()
+    # Each peer gets its rows and this rank's total: every rank then knows the same total
+    # of rows moved, and so takes the same path past MPI-3's count (transport.ialltoall).
+    mine = torch.tensor([[c, sum(counts)] for c in counts], dtype=torch.int64)
+    exchanged = torch.empty((n, 2), dtype=torch.int64)
+    m.transport.ialltoall(mine, exchanged, [1] * n, [1] * n, total=n * n).wait()
+    received, total = exchanged[:, 0], int(exchanged[:, 1].sum())
     recv_rows = received.tolist()
     output = src.new_empty((sum(recv_rows), *src.shape[1:]))
     moved = C.stage(output, m)
     send = src if not moved.staged else src.cpu()
-    request = m.transport.ialltoall(send, moved.buffer, counts, recv_rows)
+    request = m.transport.ialltoall(send, moved.buffer, counts, recv_rows, total=total)
 
     def finish() -> tuple:
         return moved.to_device(), received.to(torch.int32)

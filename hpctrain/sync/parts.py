@@ -6,7 +6,8 @@ receive buffer are every rank's block in rank order; where their total passes th
 call is made once per window of at most ``piece`` units of that buffer: each rank's count in
 a window is its block's overlap with it, and every displacement is counted from the window's
 start, so no count, displacement or total of one call passes ``piece``. What fits is one part,
-the call it was.
+the call it was. An alltoall's blocks past the limit go point to point, each in pieces of
+rows (:func:`block_pieces`).
 """
 
 from __future__ import annotations
@@ -49,3 +50,20 @@ def window_parts(counts: list[int], limit: int, piece: int) -> list[Part]:
                           tuple(min(max(lo - s, 0), c)
                                 for lo, s, c in zip(lows, starts, counts, strict=True))))
     return parts
+
+
+def block_pieces(rows: list[int], piece: int) -> list[tuple[int, int, int]]:
+    """``(rank, start, stop)``: the rows of a buffer that holds ``rows[r]`` rows for each rank r
+    in rank order, in pieces of at most ``piece`` rows (a rank with none has no piece).
+
+    An alltoall past the limit sends each block point to point in these pieces: the sender
+    (planning its send rows) and the receiver (its receive rows) cut a block of the same size
+    at the same rows, since both count from the block's start."""
+    if piece < 1:
+        raise ValueError(f"piece must be >= 1, got {piece}")
+    if any(c < 0 for c in rows):
+        raise ValueError(f"rows must be >= 0, got {rows}")
+    starts = itertools.accumulate([0, *rows])  # one more than rows: the total, unused
+    return [(r, a, min(a + piece, start + count))
+            for r, (start, count) in enumerate(zip(starts, rows, strict=False))
+            for a in range(start, start + count, piece)]

@@ -492,7 +492,8 @@ class TorchTransport:
                                     async_op=True))
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
-                  recv_rows: list[int]) -> Request:
+                  recv_rows: list[int], *, total: int) -> Request:
+        # One call whatever ``total``: torch.distributed takes split sizes as int64.
         out, send = _lend(_raw(out), _raw(send))
         return _Work(dist.all_to_all_single(out, send, output_split_sizes=recv_rows,
                                             input_split_sizes=send_rows, group=self.group,

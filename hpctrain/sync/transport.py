@@ -30,11 +30,15 @@ _MPI_OPS = {SUM: "SUM", MIN: "MIN", MAX: "MAX", PRODUCT: "PROD"}
 _TORCH_OPS: dict[int, Callable[..., torch.Tensor]] = {
     SUM: torch.add, MIN: torch.minimum, MAX: torch.maximum, PRODUCT: torch.mul}
 HALF_TYPES = (torch.float16, torch.bfloat16)
-_SENDRECV_TAG = 7  # isendrecv's messages; nothing else sends point to point on a transport
+# The point-to-point messages on a transport's communicator, a tag each: isendrecv's, and an
+# alltoall's past MAX_COUNT (pkl5's object messages go on a communicator of mpi4py's own).
+_SENDRECV_TAG = 7
+_ALLTOALL_TAG = 8
 PIECE_BYTES = 2**30  # ibcast and isendrecv send a tensor in pieces up to this (MPI-3: < 2 GiB)
 PIECE_ELEMENTS = 2**30  # iallreduce reduces a tensor in pieces of up to this many elements,
-# and ireducescatter and iallgather move windows of up to this many (rows, for iallgather)
-# where the whole would count past MAX_COUNT (tests lower both to part small tensors)
+# ireducescatter and iallgather move windows of up to this many (rows, for iallgather), and
+# ialltoall pieces of up to this many rows (and PIECE_BYTES bytes, a row at least) where the
+# whole would count past MAX_COUNT (tests lower them to part small tensors)
 MAX_COUNT = 2**31 - 1  # a C int: the most one MPI-3 call counts, displaces or reduce-scatters
 
 
@@ -68,9 +72,10 @@ class Transport(Protocol):
         """Overwrite contiguous ``tensor`` with ``root``'s."""
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
-                  recv_rows: list[int]) -> Request:
+                  recv_rows: list[int], *, total: int) -> Request:
         """Send ``send_rows[r]`` rows of ``send`` (dimension 0, in order) to rank r; receive
-        ``recv_rows[r]`` rows from rank r into ``out``, in rank order."""
+        ``recv_rows[r]`` rows from rank r into ``out``, in rank order. ``total``: the rows all
+        ranks send, the same on every rank, so that each chooses the same way to move them."""
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
         """Send contiguous ``send`` to rank ``peer`` and receive its into contiguous ``out``
@@ -195,10 +200,34 @@ class MPITransport:
         return _MPIRequests([self.comm.Ibcast(piece, root=root) for piece in _pieces(tensor)])
 
     def ialltoall(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
-                  recv_rows: list[int]) -> Request:
+                  recv_rows: list[int], *, total: int) -> Request:
+        # No rank's count, displacement or total of rows passes ``total``: what it keeps under
+        # MAX_COUNT is one Ialltoallv; past it every rank (the same total) goes point to point.
         row = _row_bytes(send)
-        return _MPIRequest(self.comm.Ialltoallv(_rows(send, send_rows, row),
-                                                _rows(out, recv_rows, row)))
+        if not row or total <= MAX_COUNT:
+            return _MPIRequest(self.comm.Ialltoallv(_rows(send, send_rows, row),
+                                                    _rows(out, recv_rows, row)))
+        return self._alltoall_in_pieces(send, out, send_rows, recv_rows, row)
+
+    def _alltoall_in_pieces(self, send: torch.Tensor, out: torch.Tensor, send_rows: list[int],
+                            recv_rows: list[int], row: int) -> Request:
+        """An alltoall past MPI-3's count: each peer's block in pieces of rows (parts.py's
+        ``block_pieces``), one ``Irecv`` or ``Isend`` of the row datatype each; this rank's own
+        block is copied. Messages of one tag between two ranks are matched in the order
+        posted, and alltoalls start in the same order on every rank, as collectives do, so
+        no piece meets another's receive, of this alltoall or the next; collectives never
+        match point-to-point messages."""
+        me, row_type = self.rank(), _row_type(row)
+        piece = max(1, min(PIECE_ELEMENTS, PIECE_BYTES // row))
+        requests = [self.comm.Irecv([_bytes(out[a:b]), b - a, row_type], source=peer,
+                                    tag=_ALLTOALL_TAG)
+                    for peer, a, b in parts.block_pieces(recv_rows, piece) if peer != me]
+        requests += [self.comm.Isend([_bytes(send[a:b]), b - a, row_type], dest=peer,
+                                     tag=_ALLTOALL_TAG)
+                     for peer, a, b in parts.block_pieces(send_rows, piece) if peer != me]
+        own = send_rows[me]
+        out.narrow(0, sum(recv_rows[:me]), own).copy_(send.narrow(0, sum(send_rows[:me]), own))
+        return _MPIRequests(requests)
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
         # The peer's pieces mirror these; one tag's messages are matched in the order posted.
