@@ -392,3 +392,16 @@ def test_alltoall_in_pieces_matches_one_call(monkeypatch):
         assert torch.equal(x.grad, expected[:, None].expand(-1, 3).to(torch.float64))
     finally:
         sync.shutdown()
+
+
+def test_received_splits_are_int32_unless_one_passes_it():
+    """Horovod's int32, but a peer's 2**31 rows wrapped to a negative split (its backward
+    refused), 2**32 to 0 (its gradients moved wrong): those stay int64."""
+    from hpctrain.sync.alltoall import received_splits
+
+    small = received_splits(torch.tensor([3, 0, 2**31 - 1], dtype=torch.int64))
+    assert small.dtype == torch.int32 and small.tolist() == [3, 0, 2**31 - 1]
+    for big in (2**31, 2**32):
+        wide = received_splits(torch.tensor([1, big], dtype=torch.int64))
+        assert wide.dtype == torch.int64 and wide.tolist() == [1, big]
+    assert received_splits(torch.zeros(0, dtype=torch.int64)).dtype == torch.int32
