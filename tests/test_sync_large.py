@@ -394,14 +394,20 @@ def test_alltoall_in_pieces_matches_one_call(monkeypatch):
         sync.shutdown()
 
 
-def test_received_splits_are_int32_unless_one_passes_it():
+def test_received_splits_are_int32_unless_the_total_passes_it():
     """Horovod's int32, but a peer's 2**31 rows wrapped to a negative split (its backward
-    refused), 2**32 to 0 (its gradients moved wrong): those stay int64."""
+    refused), 2**32 to 0 (its gradients moved wrong): past int32 in all ranks' total they are
+    int64, on every rank alike (chosen by the total, which they share), never a view of the
+    exchange's buffer."""
     from hpctrain.sync.alltoall import received_splits
 
-    small = received_splits(torch.tensor([3, 0, 2**31 - 1], dtype=torch.int64))
-    assert small.dtype == torch.int32 and small.tolist() == [3, 0, 2**31 - 1]
-    for big in (2**31, 2**32):
-        wide = received_splits(torch.tensor([1, big], dtype=torch.int64))
-        assert wide.dtype == torch.int64 and wide.tolist() == [1, big]
-    assert received_splits(torch.zeros(0, dtype=torch.int64)).dtype == torch.int32
+    exchanged = torch.tensor([[3, 9], [0, 9], [2, 9]], dtype=torch.int64)
+    small = received_splits(exchanged[:, 0], 2**31 - 1)
+    assert small.dtype == torch.int32 and small.tolist() == [3, 0, 2]
+    for total in (2**31, 2**33):
+        wide = received_splits(exchanged[:, 0], total)  # a rank that itself got few rows
+        assert wide.dtype == torch.int64 and wide.tolist() == [3, 0, 2]
+        assert wide.is_contiguous() and wide.data_ptr() != exchanged.data_ptr()
+    big = torch.tensor([1, 2**32], dtype=torch.int64)
+    assert received_splits(big, 2**32 + 1).tolist() == [1, 2**32]
+    assert received_splits(torch.zeros(0, dtype=torch.int64), 0).dtype == torch.int32

@@ -53,17 +53,20 @@ def _alltoall_start(tensor: torch.Tensor, splits: Any, name: str | None,
     request = m.transport.ialltoall(send, moved.buffer, counts, recv_rows, total=total)
 
     def finish() -> tuple:
-        return moved.to_device(), received_splits(received)
+        return moved.to_device(), received_splits(received, total)
 
     return C.register(request, None, finish, call, keep=send, m=m)
 
 
-def received_splits(counts: torch.Tensor) -> torch.Tensor:
-    """The rows each peer sent, int32 as Horovod gives them; int64 where one passes int32
-    (2**31 rows and more from a peer), which wrapped: its backward's splits then were
-    refused, or past 2**32 rows moved the gradients wrong without a word."""
-    wide = counts.numel() > 0 and int(counts.max()) > torch.iinfo(torch.int32).max
-    return counts if wide else counts.to(torch.int32)
+def received_splits(counts: torch.Tensor, total: int) -> torch.Tensor:
+    """The rows each peer sent (a tensor of its own), int32 as Horovod gives them; int64
+    where ``total``, the rows all ranks moved, passes int32, so that a peer's count cannot
+    wrap (its backward's splits were refused, or past 2**32 rows moved the gradients wrong
+    without a word). ``total`` is the same on every rank, and so is the dtype: splits
+    gathered or reduced between ranks mismatched where each rank chose by its own."""
+    wide = total > torch.iinfo(torch.int32).max
+    return counts.to(torch.int64 if wide else torch.int32, memory_format=torch.contiguous_format,
+                     copy=True)
 
 
 def _check_alltoall(tensor: Any, splits: Any, name: Any, n: int, caller: str) -> list[int]:

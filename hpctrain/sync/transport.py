@@ -216,17 +216,19 @@ class MPITransport:
         block is copied. Messages of one tag between two ranks are matched in the order
         posted, and alltoalls start in the same order on every rank, as collectives do, so
         no piece meets another's receive, of this alltoall or the next; collectives never
-        match point-to-point messages."""
+        match point-to-point messages. Every buffer is made and the own block copied before
+        the first is posted: nothing of this rank's can fail between its receives and its
+        sends (posted receives left behind took the next alltoall's pieces, its peers hung)."""
         me, row_type = self.rank(), _row_type(row)
         piece = max(1, min(PIECE_ELEMENTS, PIECE_BYTES // row))
-        requests = [self.comm.Irecv([_bytes(out[a:b]), b - a, row_type], source=peer,
-                                    tag=_ALLTOALL_TAG)
-                    for peer, a, b in parts.block_pieces(recv_rows, piece) if peer != me]
-        requests += [self.comm.Isend([_bytes(send[a:b]), b - a, row_type], dest=peer,
-                                     tag=_ALLTOALL_TAG)
-                     for peer, a, b in parts.block_pieces(send_rows, piece) if peer != me]
+        recvs = [(peer, [_bytes(out[a:b]), b - a, row_type])
+                 for peer, a, b in parts.block_pieces(recv_rows, piece) if peer != me]
+        sends = [(peer, [_bytes(send[a:b]), b - a, row_type])
+                 for peer, a, b in parts.block_pieces(send_rows, piece) if peer != me]
         own = send_rows[me]
         out.narrow(0, sum(recv_rows[:me]), own).copy_(send.narrow(0, sum(send_rows[:me]), own))
+        requests = [self.comm.Irecv(buf, source=peer, tag=_ALLTOALL_TAG) for peer, buf in recvs]
+        requests += [self.comm.Isend(buf, dest=peer, tag=_ALLTOALL_TAG) for peer, buf in sends]
         return _MPIRequests(requests)
 
     def isendrecv(self, send: torch.Tensor, out: torch.Tensor, peer: int) -> Request:
