@@ -26,4 +26,8 @@ found["loader"] = [int(x) for (batch,) in DataLoader(data, batch_size=100, sampl
 found["local"] = shuffle.LocalShuffleSampler(1000, seed=3, drop_last=True).indices().tolist()
 found["seat"] = [sampler.num_replicas, sampler.rank]
 (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(found))
+# Gloo's mesh may be whole on one rank before the other: a rank that destroyed the group
+# then closed the socket its slower peer was still connecting (CI: "Connection closed by
+# peer" on rank 1, rank 0 finished). A barrier needs the whole mesh on every rank.
+dist.barrier()
 dist.destroy_process_group()
