@@ -18,7 +18,7 @@ import torch
 
 import hpctrain.sync as sync
 from hpctrain import comm
-from hpctrain.sync import grouped, parts, transport
+from hpctrain.sync import adasum, grouped, parts, transport
 from hpctrain.sync.parts import Part, block_pieces, window_parts
 from hpctrain.sync.transport import MPITransport
 
@@ -411,3 +411,135 @@ def test_received_splits_are_int32_unless_the_total_passes_it():
     big = torch.tensor([1, 2**32], dtype=torch.int64)
     assert received_splits(big, 2**32 + 1).tolist() == [1, 2**32]
     assert received_splits(torch.zeros(0, dtype=torch.int64), 0).dtype == torch.int32
+
+
+def _lower_to_pieces(monkeypatch) -> list:
+    """Limits that put the tests' small alltoalls on the point-to-point path (3 rows stand for
+    2**31 - 1, pieces of 2 rows) and isendrecv in 8-byte pieces; the parted alltoalls are
+    listed by their rows' dtype as they start."""
+    calls: list = []
+    real = MPITransport._alltoall_in_pieces
+
+    def counting(self, send, out, send_rows, recv_rows, row):
+        calls.append(send.dtype)
+        return real(self, send, out, send_rows, recv_rows, row)
+
+    monkeypatch.setattr(MPITransport, "_alltoall_in_pieces", counting)
+    monkeypatch.setattr(transport, "MAX_COUNT", 3)
+    monkeypatch.setattr(transport, "PIECE_ELEMENTS", 2)
+    monkeypatch.setattr(transport, "PIECE_BYTES", 8)
+    return calls
+
+
+# Two alltoalls: the same splits and rows (a swap of their messages changes only values), or
+# other splits and row sizes (blocks empty in one call and not the other, 3 rows: 2 + 1).
+_TWO_ALLTOALLS = {
+    "same": ((torch.int16, (3, 2), _splits), (torch.int16, (3, 2), _splits)),
+    "crossed": ((torch.int16, (3, 2), _splits),
+                (torch.float64, (3,), lambda s, r: (3 * s + r + 1) % 4 if s != r else 3)),
+}
+
+
+def _alltoall_send(r: int, n: int, which: int, dtype, tail, splits) -> tuple:
+    """Rank r's rows for alltoall ``which`` and its splits (one row past them, unsent)."""
+    counts = [splits(r, k) for k in range(n)]
+    rows = [_pattern(counts[k], *tail, dtype=dtype, seed=10 * r + k + 50 * which)
+            for k in range(n)]
+    return torch.cat([*rows, _pattern(1, *tail, dtype=dtype, seed=99)]), counts
+
+
+@mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("pattern", sorted(_TWO_ALLTOALLS))
+def test_two_alltoalls_in_pieces_synchronized_in_reverse_order(monkeypatch, pattern):
+    """Both in flight at once, on one tag between the same ranks (the second's count exchange
+    too): messages are matched in the order posted, so each result, synchronized last one
+    first, is bit-for-bit the one call's."""
+    sync.init(backend="mpi")
+    try:
+        r, n = sync.rank(), sync.size()
+        sends = [_alltoall_send(r, n, i, *spec) for i, spec in enumerate(_TWO_ALLTOALLS[pattern])]
+        whole = [sync.alltoall(x, splits=s) for x, s in sends]
+        calls = _lower_to_pieces(monkeypatch)
+        handles = [sync.alltoall_async(x, splits=s) for x, s in sends]
+        in_pieces = [sync.synchronize(h) for h in reversed(handles)][::-1]
+        assert [c for c in calls if c != torch.int64] == [x.dtype for x, _ in sends]
+        for i, ((out, received), (w_out, w_received)) in enumerate(
+                zip(in_pieces, whole, strict=True)):
+            dtype, tail, splits = _TWO_ALLTOALLS[pattern][i]
+            assert out.dtype == w_out.dtype and torch.equal(out, w_out)
+            assert torch.equal(received, w_received)
+            assert received.tolist() == [splits(k, r) for k in range(n)]
+            assert torch.equal(out, torch.cat([
+                _pattern(splits(k, r), *tail, dtype=dtype, seed=10 * k + r + 50 * i)
+                for k in range(n)]))
+    finally:
+        sync.shutdown()
+
+
+@mpi
+@pytest.mark.timeout(120)
+def test_alltoall_in_pieces_in_flight_with_adasum(monkeypatch):
+    """A blocking Adasum allreduce (isendrecv swaps in 8-byte pieces, small allreduces)
+    while an alltoall's pieces are in flight between the same ranks: each result is the one
+    it gets alone, bit for bit."""
+    n = comm.mpi().COMM_WORLD.size
+    if n & (n - 1):
+        pytest.skip("Adasum needs a power-of-2 number of ranks")
+    sync.init(backend="mpi")
+    try:
+        r = sync.rank()
+        x, splits = _alltoall_send(r, n, 0, torch.float64, (3,), _splits)
+        whole = sync.alltoall(x, splits=splits)
+        # Small integers: every dot product is exact, whatever order the ranks add them in.
+        grads = [_pattern(11, dtype=torch.float64, seed=k) - 40 for k in range(n)]
+        calls = _lower_to_pieces(monkeypatch)
+        alone = sync.allreduce(grads[r], op=sync.Adasum)
+        handle = sync.alltoall_async(x, splits=splits)
+        together = sync.allreduce(grads[r], op=sync.Adasum)
+        out, received = sync.synchronize(handle)
+        assert calls[-1] == torch.float64  # the alltoall went in pieces
+        assert torch.equal(out, whole[0]) and torch.equal(received, whole[1])
+        assert torch.equal(together, alone)
+        assert torch.allclose(together, adasum.tree(grads, [11]), rtol=1e-12, atol=0)
+    finally:
+        sync.shutdown()
+
+
+@mpi
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("first", ["lower", "higher"])
+def test_alltoall_in_pieces_in_flight_with_isendrecv(world_transport, monkeypatch, first):
+    """The transport's two point-to-point operations in flight at once between the same
+    ranks, r and r ^ 1: the ``first`` rank of the pair posts the alltoall first, its peer
+    the isendrecv (a rank without a peer only alltoalls), each waits in reverse. Their own
+    tags keep each operation's messages apart (one tag: the pieces met the other's receives,
+    truncated or wrong)."""
+    _lower_to_pieces(monkeypatch)
+    t, r, n = world_transport, world_transport.rank(), world_transport.size()
+    send_rows = [_splits(r, k) for k in range(n)]
+    recv_rows = [_splits(k, r) for k in range(n)]
+    total = sum(_splits(s, k) for s in range(n) for k in range(n))
+    assert total > transport.MAX_COUNT
+    send = torch.cat([_pattern(c, 3, dtype=torch.int32, seed=10 * r + k)
+                      for k, c in enumerate(send_rows)])
+    out = torch.empty(sum(recv_rows), 3, dtype=torch.int32)
+    peer = r ^ 1
+    mine = _pattern(5 + r, dtype=torch.float64, seed=r)  # 40 + 8r bytes: 5 pieces or more
+    theirs = torch.empty(5 + peer, dtype=torch.float64)
+
+    def alltoall():
+        return t.ialltoall(send, out, send_rows, recv_rows, total=total)
+
+    def sendrecv():
+        return t.isendrecv(mine, theirs, peer)
+
+    starts = [alltoall] if peer >= n else \
+        [alltoall, sendrecv] if (r < peer) == (first == "lower") else [sendrecv, alltoall]
+    posted = [start() for start in starts]
+    for request in reversed(posted):
+        request.wait()
+    assert torch.equal(out, torch.cat([_pattern(_splits(k, r), 3, dtype=torch.int32,
+                                                seed=10 * k + r) for k in range(n)]))
+    if peer < n:
+        assert torch.equal(theirs, _pattern(5 + peer, dtype=torch.float64, seed=peer))
