@@ -821,6 +821,9 @@ class _Training:
         self.watch.finish()
         self.at.position = self.algo.finish(self.at.position)
         wall = self.runtime.now() - self.start
+        # An async rank 0's last step saw the count before the others' last pushes, which
+        # finish() collected: the bar ends at the run's count, not 937 of 938.
+        self.bar.update(min(self.at.position, self.total) - self.bar.n)
         self.bar.close()
         if missed > 0 and self.algo.snapshots == "root" and self.rank == 0:
             print(f"hpctrain: rank 0 took the snapshots between its steps, and {missed} "

@@ -10,6 +10,7 @@ import math
 import random
 import re
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -325,6 +326,18 @@ def test_staleness_of_lockstep_workers_is_m_minus_1(tmp_path):
     st = summary["staleness"]
     assert st["max"] == 7 and st["p50"] == 7
     assert summary["pushes_per_worker"] == [summary["updates"] // 8] * 8
+
+
+def test_the_bar_ends_at_every_workers_updates(tmp_path, monkeypatch):
+    """Worker 0's last step saw the count before the others' last pushes: its bar ended at
+    57 of 64 updates (8 workers) though all 64 were made."""
+    with (tmp_path / "log").open("w", encoding="utf-8") as log:
+        monkeypatch.setattr("sys.stderr", log)
+        summary = simulate(replace(config("dcasgd-a", tmp_path / "a"), progress=True), sim(8))
+    bars = [line for line in (tmp_path / "log").read_text(encoding="utf-8").splitlines()
+            if line.startswith("dcasgd-a:")]
+    n = summary["updates"]
+    assert bars[-1].startswith("dcasgd-a: 100%|") and f" {n}/{n} " in bars[-1], bars
 
 
 def test_ssp_bound_holds_and_waits_in_virtual_time(tmp_path):
