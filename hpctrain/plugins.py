@@ -225,27 +225,56 @@ def resolve(flag: str, text: str) -> Callable:
     """The callable ``text`` refers to; UsageError (one line) if it cannot be had."""
     check_form(flag, text)
     where, _, attribute = text.rpartition(":")
-    module = _load_file(flag, where) if is_file_reference(text) else _import(flag, where)
+    module = _load_file(flag, where) if is_file_reference(text) else _import(flag, text)
     obj = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise UsageError(f"{flag} {text}: {where} has no attribute {attribute!r}")
+            file = "" if is_file_reference(text) else \
+                f" (it is {getattr(module, '__file__', None) or 'a module with no file'})"
+            raise UsageError(f"{flag} {text}: {where} has no attribute {attribute!r}{file}")
         obj = getattr(obj, part)
     if not callable(obj):
         raise UsageError(f"{flag} {text}: {attribute} is a {type(obj).__name__}, not callable")
     return obj
 
 
-def _import(flag: str, name: str):
+def _import(flag: str, text: str):
+    """The module of reference ``text`` (``MODULE:ATTRIBUTE``), imported."""
+    name = text.rpartition(":")[0]
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
-        sys.path.append(str(Path.cwd()))  # as `python -m` does; the console script does not
+        # Last, not first as `python -m` puts it (the console script puts it nowhere): a user
+        # file named as a module hpctrain or torch imports (types.py) must not replace it.
+        # A module the folder holds but Python takes from elsewhere is refused instead.
+        sys.path.append(str(Path.cwd()))
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ModuleNotFoundError as e:
+        if (top := sys.modules.get(name.partition(".")[0])) is not None:
+            _refuse_shadowed(flag, text, top)  # my_pkg.nets where my_pkg is another's
         raise UsageError(f"{flag}: no module named {e.name!r} (importing {name} from the "
                          "working directory or PYTHONPATH)") from None
     except Exception as e:
         raise UsageError(f"{flag}: importing {name} raised {one_line(e)}") from e
+    _refuse_shadowed(flag, text, sys.modules.get(name.partition(".")[0], module))
+    return module
+
+
+def _refuse_shadowed(flag: str, text: str, top) -> None:
+    """UsageError when the working folder holds ``NAME.py`` or a package ``NAME/`` but
+    ``import NAME`` (``top``) gave another module: a standard or installed one (``test``,
+    ``code``) comes first on the path, and its missing attribute blamed the user's file."""
+    folder = Path.cwd()
+    own = next((f for f in (folder / f"{top.__name__}.py", folder / top.__name__ / "__init__.py")
+                if f.is_file()), None)
+    file = getattr(top, "__file__", None)
+    if own is None or (file and Path(file).resolve() == own.resolve()):
+        return
+    shown = f"./{top.__name__}/" if own.name == "__init__.py" else f"./{top.__name__}.py"
+    found = f"the module {file}" if file else "a module with no file (built in, or a namespace)"
+    where, _, attribute = text.rpartition(":")
+    hint = f"give the file as {shown}:{attribute} or rename it" \
+        if where == top.__name__ and shown.endswith(".py") else "rename it"
+    raise UsageError(f"{flag} {text}: `{top.__name__}` is {found}, not {shown}; {hint}")
 
 
 def _load_file(flag: str, path_text: str):

@@ -472,6 +472,37 @@ def test_a_file_that_python_cannot_import_is_one_line(tmp_path):
         plugins.resolve("--model", f"{path}:build")
 
 
+def test_a_module_of_the_working_folder_named_as_a_standard_one_is_refused(tmp_path,
+                                                                           monkeypatch):
+    """``--model code:build`` with code.py in the working folder imported the standard
+    module (the folder goes last on the path) and blamed the user's file: "code has no
+    attribute 'build'"."""
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "code.py").write_text("def build(): return 3\n")
+    import code
+
+    with pytest.raises(UsageError, match=re.escape(
+            f"--model code:build: `code` is the module {code.__file__}, not ./code.py; give "
+            "the file as ./code.py:build or rename it")):
+        plugins.resolve("--model", "code:build")
+    (tmp_path / "code.py").unlink()
+    (tmp_path / "email").mkdir()  # a package too, also under a dotted name
+    (tmp_path / "email" / "__init__.py").write_text("")
+    with pytest.raises(UsageError, match=r"`email` is the module .*email/__init__\.py, not "
+                       r"\./email/; rename it$"):
+        plugins.resolve("--model", "email.nets:build")
+    # A module of its own the folder does not hide: its file named where an attribute lacks.
+    with pytest.raises(UsageError, match=re.escape(
+            f"--model code:nothing: code has no attribute 'nothing' (it is {code.__file__})")):
+        plugins.resolve("--model", "code:nothing")
+    (tmp_path / "mine_s77.py").write_text("def build(): return 3\n")  # not hidden: taken
+    try:
+        assert plugins.resolve("--model", "mine_s77:build")() == 3
+    finally:
+        sys.modules.pop("mine_s77", None)
+
+
 def test_a_file_imports_a_module_beside_it(tmp_path, monkeypatch):
     """A file reference ran without its folder on the path: ``from blocks_s66 import WIDTH``
     beside it raised ModuleNotFoundError. Its folder goes last on the path, so it hides
