@@ -62,7 +62,7 @@ def shared_options() -> list[Declared]:
 COMMAND_FLAGS = ("-h", "--help", "--config")
 COMPARE_FLAGS = ("--algos", "--workers", "--targets", "--launcher", "--timeout", "--seeds",
                  "--simulate")
-_FLAG = re.compile(r"^--[A-Za-z0-9][A-Za-z0-9-]*$")
+_FLAG = re.compile(r"--[A-Za-z0-9][A-Za-z0-9-]*")  # fullmatch: "$" takes a final "\n"
 
 
 def algorithm_options(algorithms: dict | None = None) -> list[Declared]:
@@ -81,11 +81,12 @@ def algorithm_options(algorithms: dict | None = None) -> list[Declared]:
                 continue  # the same option (inherited): one flag, owners from registry.owners
             flags = (d.flag,) if d.takes_value else on_off_flags(d)
             clash = next((flag for flag in flags if flag in taken), None)
-            problem = ("is no flag (want --words-with-dashes)" if not all(map(_FLAG.match, flags))
+            problem = ("is no flag (want --words-with-dashes)"
+                       if not all(map(_FLAG.fullmatch, flags))
                        else f"is {_whose(earlier.field)} {earlier.flag} already" if earlier
                        else f"is {_whose(taken[clash])} {clash} already" if clash else None)
             if problem:
-                shown = d.flag if _FLAG.match(d.flag) else repr(d.flag)
+                shown = d.flag if _FLAG.fullmatch(d.flag) else repr(d.flag)
                 raise UsageError(f"--algo {name}: its option {f.name} ({shown}) {problem}; "
                                  "name it otherwise")
             seen[f.name] = replace(d, owners=tuple(registry.owners(f.name)))

@@ -42,7 +42,8 @@ from hpctrain.errors import UsageError
 if TYPE_CHECKING:
     from hpctrain.config import RunConfig
 
-_ATTRIBUTE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+# Used with fullmatch: re.match's "$" also matches before a final newline ("build\n").
+_ATTRIBUTE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 _MODULE = _ATTRIBUTE
 _FILE_MODULE = "hpctrain_user_"  # name prefix of the modules loaded from files
 _APPENDED: set[str] = set()  # folders _importable_beside put on sys.path
@@ -61,10 +62,10 @@ def is_file_reference(text: str) -> bool:
 def check_form(flag: str, text: str) -> None:
     """UsageError unless ``text`` reads as ``MODULE:ATTRIBUTE`` or ``FILE.py:ATTRIBUTE``."""
     where, _, attribute = text.rpartition(":")
-    if not where or not _ATTRIBUTE.match(attribute):
+    if not where or not _ATTRIBUTE.fullmatch(attribute):
         what = "CLASS" if flag == "--algo" else "CALLABLE"
         raise UsageError(f"{flag} {text!r}: want MODULE:{what} or ./FILE.py:{what}")
-    if not is_file_reference(text) and not _MODULE.match(where):
+    if not is_file_reference(text) and not _MODULE.fullmatch(where):
         raise UsageError(f"{flag} {text!r}: {where!r} is neither a module name nor a .py file")
 
 

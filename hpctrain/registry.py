@@ -30,8 +30,9 @@ ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
 for _options in {a.Options: None for a in ALGORITHMS.values()}:
     options.document_fields(_options)
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # a user's algorithm's: a folder name,
-# with no dot: none of a comparison's files (compare.json, report.md, the plots)
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")  # a user's algorithm's: a folder name,
+# with no dot: none of a comparison's files (compare.json, report.md, the plots); fullmatch,
+# as re.match's "$" also matches before a final newline ("mine\n")
 # The users' algorithms loaded in this process: reference -> class (see :func:`load`).
 _LOADED: dict[str, type[Algorithm]] = {}
 
@@ -80,7 +81,7 @@ def load(reference: str) -> type[Algorithm]:
         kind = "class" if isinstance(cls, type) else type(cls).__name__
         raise UsageError(f"{what}: a {kind}, not a subclass of hpctrain.algorithm.Algorithm")
     name = cls.__dict__.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise UsageError(f"{what}: the class needs a name of its own (name = \"mine\": its "
                          "runs' label and folder name; letters, digits, '_', '-'), not "
                          f"{cls.__dict__.get('name', getattr(cls, 'name', None))!r}")

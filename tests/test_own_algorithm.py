@@ -116,6 +116,8 @@ def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, 
     ("class Nameless(Algorithm): pass\n", "Nameless", "needs a name of its own"),
     ("class Slashed(Algorithm):\n    name = 'a/b'\n", "Slashed", "needs a name of its own"),
     ("class Dotted(Algorithm):\n    name = 'report.md'\n", "Dotted", "needs a name of its own"),
+    # re.match's "$" took a final newline: a folder name ending in one
+    ("class Newline(Algorithm):\n    name = 'mine\\n'\n", "Newline", "needs a name of its own"),
     ("class Clash(Algorithm):\n    name = 'ssgd'\n", "Clash", "is a built-in algorithm's"),
     ("class Loose(Algorithm):\n    name = 'loose'\n    Options = dict\n", "Loose",
      "its Options must be a dataclass subclassing hpctrain.algorithm.Options"),
@@ -148,6 +150,7 @@ def test_two_algorithms_of_one_name_are_refused(tmp_path):
     ("kompile: bool = option(False, 'c', flag='--no-compile')",
      r"\(--no-compile\) is every run's --no-compile"),
     ("odd: str = option('x', 'o', flag='xx')", r"its option odd \('xx'\) is no flag"),
+    ("odd: str = option('x', 'o', flag='--xx\\n')", r"its option odd \('--xx\\n'\) is no flag"),
 ])
 def test_an_option_that_is_another_options_flag_is_refused(tmp_path, field, message):
     """Also a flag of the command lines that take algorithm options (simulate's, bench

@@ -452,6 +452,13 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
         ModelConfig(name="mlp", args={"width": 3})  # at construction, as every value check
 
 
+@pytest.mark.parametrize("text", ["nets:build\n", "nets\n:build"])
+def test_a_reference_ending_in_a_newline_is_refused_by_its_form(text):
+    """re.match's "$" matches before a final newline: "nets:build\\n" passed the form check."""
+    with pytest.raises(UsageError, match="want MODULE:CALLABLE|is neither a module name"):
+        plugins.check_form("--model", text)
+
+
 def test_a_file_loads_once_until_it_changes(tmp_path):
     """A sweep that rewrote its model file between runs in one process trained the first."""
     path = tmp_path / "widths.py"
