@@ -551,7 +551,8 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     try:
         config = configs.from_dict(values)
     except TypeError as e:  # a value of the wrong type in a file
-        raise UsageError(f"--config {args.config}: {e}") from None
+        where = f"--config {args.config}" if args.config is not None else "the options given"
+        raise UsageError(f"{where}: {e}") from None
     if not out_typed and config.checkpoint.resume is None:  # auto: a finished run's summary
         refuse_finished(config.out, config_file=args.config)  # its out, not one typed
     chunk = getattr(args, "data.shuffle_chunk_mb", None)

@@ -13,7 +13,7 @@ built-in ones (:func:`known`), its options flags like theirs.
 from __future__ import annotations
 
 import re
-from dataclasses import is_dataclass
+from dataclasses import MISSING, fields, is_dataclass
 
 from hpctrain import options, plugins
 from hpctrain.algorithm import Algorithm, Options
@@ -92,6 +92,7 @@ def load(reference: str) -> type[Algorithm]:
         raise UsageError(f"{what}: its Options must be a dataclass subclassing "
                          "hpctrain.algorithm.Options (frozen, fields declared with "
                          "hpctrain.options.option)")
+    _check_option_fields(what, cls.Options)
     _check_attributes(what, cls)
     # Its options become flags: none may be a built-in's or a command line's (the command
     # line refused it, so a script's config.json could not be repeated); two of the user's
@@ -112,6 +113,21 @@ def _same_class(old: type, new: type) -> bool:
     """Whether ``new`` is ``old`` or ``old`` loaded again (its file rewritten: the same module
     name and qualified name)."""
     return old is new or (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
+
+
+def _check_option_fields(what: str, opts: type[Options]) -> None:
+    """UsageError for a field of ``opts`` without a default (the run builds the options from
+    the flags given, so it failed later, blaming a --config never given) or not declared
+    with :func:`hpctrain.options.option` (it had no flag, no place in config.json and no
+    resume check: a value the run could not record or repeat)."""
+    for f in fields(opts):
+        if f.default is MISSING and f.default_factory is MISSING:
+            raise UsageError(f"{what}: {opts.__qualname__}.{f.name} has no default; give it "
+                             "one with hpctrain.options.option(default, help)")
+        if "help" not in f.metadata:  # what option() marks its fields by (options.declared)
+            raise UsageError(f"{what}: {opts.__qualname__}.{f.name} is not declared with "
+                             "hpctrain.options.option, so it would be no flag and not in "
+                             "config.json; declare it so")
 
 
 def _check_attributes(what: str, cls: type[Algorithm]) -> None:

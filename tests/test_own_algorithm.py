@@ -121,12 +121,40 @@ def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, 
     ("class Clash(Algorithm):\n    name = 'ssgd'\n", "Clash", "is a built-in algorithm's"),
     ("class Loose(Algorithm):\n    name = 'loose'\n    Options = dict\n", "Loose",
      "its Options must be a dataclass subclassing hpctrain.algorithm.Options"),
+    # Loaded, then its run failed blaming a "--config None" never given.
+    ("@dataclass(frozen=True)\nclass O(Options):\n    k: int\n"
+     "class Bare(Algorithm):\n    name = 'bare'\n    Options = O\n", "Bare",
+     r"^--algo .*:Bare: O\.k has no default; give it one with hpctrain\.options\.option"),
+    # Taken silently: no flag, not in config.json, not checked on resume.
+    ("@dataclass(frozen=True)\nclass O(Options):\n    k: int = 3\n"
+     "class Plain(Algorithm):\n    name = 'plain'\n    Options = O\n", "Plain",
+     r"^--algo .*:Plain: O\.k is not declared with hpctrain\.options\.option"),
 ])
 def test_a_class_that_is_no_algorithm_is_refused_in_one_line(tmp_path, body, attribute,
                                                                message):
     path = own(tmp_path, body)
     with pytest.raises(UsageError, match=message):
         registry.get(f"{path}:{attribute}")
+
+
+def test_options_that_fail_to_build_do_not_blame_a_config_never_given(tmp_path):
+    """A TypeError building the options said "--config None: ..." with no --config given."""
+    path = own(tmp_path, """
+        @dataclass(frozen=True)
+        class Picky(Options):
+            k: int = option(3, "k", parse=int)
+
+            def __post_init__(self):
+                raise TypeError("k must be odd")
+
+        class Mine(Algorithm):
+            name = 'mine'
+            Options = Picky
+        """)
+    registry.get(f"{path}:Mine")
+    parser = compare._train_parser()
+    with pytest.raises(UsageError, match=r"^the options given: .*k must be odd"):
+        arguments.build(parser.parse_args(["--algo", f"{path}:Mine", *SMALL]))
 
 
 def test_two_algorithms_of_one_name_are_refused(tmp_path):
@@ -400,6 +428,7 @@ def test_a_class_not_lock_step_checkpoints_by_progress(tmp_path):
 
 def test_built_in_algorithms_pass_the_checks_a_users_does():
     for cls in registry.ALGORITHMS.values():
+        registry._check_option_fields(cls.name, cls.Options)
         registry._check_attributes(cls.name, cls)
 
 
