@@ -308,17 +308,17 @@ def _checked_labels(what: str, y, count: int) -> np.ndarray:
         raise UsageError(f"{what}: labels must be one integer per sample, got shape {y.shape}")
     if len(y) != count:
         raise UsageError(f"{what}: {count} samples but {len(y)} labels")
-    if y.dtype.kind not in "iu":
-        if y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y)):
-            y = y.astype(np.int64)
-        else:
-            raise UsageError(f"{what}: labels must be integers, not {y.dtype}")
+    if y.dtype.kind not in "iu" and not (
+            y.dtype.kind == "f" and np.all(np.isfinite(y)) and np.all(y == np.round(y))):
+        raise UsageError(f"{what}: labels must be integers, not {y.dtype}")
+    # The range before int64, and each value as given: a uint64 above 2**63 wraps negative,
+    # a float 1e20 becomes -2**63 (and numpy warns of an invalid cast).
     if y.size and y.min() < 0:
-        raise UsageError(f"{what}: label {int(y.min())} is negative; labels are class indices "
-                         "0, 1, ...")
-    if y.size and y.max() >= MAX_CLASSES:  # before int64: a uint64 above 2**63 wraps negative
-        raise UsageError(f"{what}: label {int(y.max())} is too large; labels are class indices "
-                         f"below {MAX_CLASSES}")
+        raise UsageError(f"{what}: label {y.min().item()} is negative; labels are class "
+                         "indices 0, 1, ...")
+    if y.size and y.max() >= MAX_CLASSES:
+        raise UsageError(f"{what}: label {y.max().item()} is too large; labels are class "
+                         f"indices below {MAX_CLASSES}")
     return y.astype(np.int64)
 
 
@@ -796,6 +796,9 @@ def _label(what: str, i: int, y) -> int:
     if v.size != 1 or v.dtype.kind not in "iuf" or not float(v.item()).is_integer():
         raise UsageError(f"{what}: item {i}'s label is {_described(y)}; want an integer "
                          "class index")
+    if not 0 <= v.item() < MAX_CLASSES:  # 1e20 would be no int64, and numpy's labels no ints
+        raise UsageError(f"{what}: item {i}'s label {v.item()} is outside [0, {MAX_CLASSES}); "
+                         "labels are class indices 0, 1, ...")
     return int(v.item())
 
 

@@ -159,6 +159,9 @@ def list_items():
 def float_label():
     return late(label=1.5)
 
+def huge_label():
+    return late(label=1e20)
+
 def vector_label():
     return late(label=torch.tensor([0, 1]))
 
@@ -676,6 +679,9 @@ def test_npz_rows_are_read_as_given(tmp_path, compressed):
     ({"y_train": np.full(60, 10**10)}, "label 10000000000 is too large; labels are class "
                                        "indices below 1000000"),
     ({"y_test": np.full(20, 2**63 + 5, np.uint64)}, "label 9223372036854775813 is too large"),
+    # Cast to int64 first: "label -9223372036854775808 is negative", and a numpy warning.
+    ({"y_train": np.full(60, 1e20)}, r"label 1e\+20 is too large; labels are class indices"),
+    ({"y_train": np.full(60, -2.0)}, "label -2.0 is negative"),
 ])
 def test_npz_labels_and_shapes_are_checked(tmp_path, override, message):
     write_npz(tmp_path / "d.npz", **override)
@@ -1021,6 +1027,7 @@ def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
     ("late_labels", "train: item 5 raised KeyError: 'bad item 5'"),  # labels read item by item
     ("float_label", "train: item 0's label is a float (1.5); want an integer class index"),
     ("vector_label", "train: item 0's label is a Tensor of shape (2,) (torch.int64)"),
+    ("huge_label", "train: item 0's label 1e+20 is outside [0, 1000000)"),
 ])
 def test_a_dataset_of_no_x_y_items_is_refused_naming_the_item(nets, name, message):
     with pytest.raises(UsageError, match=re.escape(f"--dataset nets_mod:{name} {message}")):
