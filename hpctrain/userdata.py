@@ -15,7 +15,8 @@ Formats:
   rank took its part (:func:`release`).
 - ``imagefolder:PATH``: ``PATH/train/<class>/<image>`` and ``PATH/test/<class>/<image>``
   (PNG, JPEG, BMP, GIF, TIFF, WebP; Pillow decodes them). Classes are the sorted folder names
-  of ``train``. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
+  of ``train``, each holding an image; hidden folders and files (``.ipynb_checkpoints``) are
+  skipped. Samples are numbered in a fixed pseudo-random order (seed 0), so blocks in
   "file order" are not one class each; a rank decodes only the images it holds. Images are
   grey (one channel) if the first one is, else RGB (16-bit grey scaled to 8 bits), and must
   all have its size (checked for the first image before MPI starts, for each as it is read).
@@ -539,7 +540,7 @@ class ImageFolderSource:
             if not (root / split).is_dir():
                 raise UsageError(f"--dataset {name}: no folder {root / split} (want "
                                  f"{root}/train/<class>/ and {root}/test/<class>/)")
-        self.classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        self.classes = [p.name for p in _visible(root / "train") if p.is_dir()]
         if len(self.classes) < 2:
             raise UsageError(f"--dataset {name}: {root / 'train'} has {len(self.classes)} "
                              "class folders; want at least 2")
@@ -549,6 +550,11 @@ class ImageFolderSource:
             if not self._files[split][0]:
                 raise UsageError(f"--dataset {name}: no images under {root / split} (want "
                                  f"{root / split}/<class>/<image>)")
+        counts = np.bincount(self._files["train"][1], minlength=self.num_classes)
+        if (counts == 0).any():  # a class no sample has: no model learns it, nor is told
+            empty = root / "train" / self.classes[int(np.argmin(counts))]
+            raise UsageError(f"--dataset {name}: class folder {empty} holds no images "
+                             f"({', '.join(IMAGE_SUFFIXES)}); add them or remove the folder")
         self.first = self._files["train"][0][0]
         first = self._open(self.first)
         self.mode = "L" if first.mode in ("L", "1", "LA", *_WIDE_GREY) else "RGB"
@@ -558,12 +564,12 @@ class ImageFolderSource:
 
     def _listing(self, split: str) -> tuple[list[Path], np.ndarray]:
         files, labels = [], []
-        folders = sorted(p for p in (self.root / split).iterdir() if p.is_dir())
+        folders = [p for p in _visible(self.root / split) if p.is_dir()]
         for folder in folders:
             if folder.name not in self.classes:
                 raise UsageError(f"--dataset {self.name}: {folder} is a class the training set "
                                  f"does not have ({', '.join(self.classes)})")
-            mine = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            mine = [p for p in _visible(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
             files += mine
             labels += [self.classes.index(folder.name)] * len(mine)
         order = np.random.default_rng(0).permutation(len(files))
@@ -618,6 +624,14 @@ class ImageFolderSource:
                              "bits; save 8- or 16-bit images, or the arrays as npz:PATH")
         grey = np.rint(a / 257.0).astype(np.uint8)
         return grey if self.mode == "L" else np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _visible(folder: Path) -> list[Path]:
+    """The entries of ``folder`` not hidden (a name starting with "."), sorted: an editor's or
+    a tool's (``.ipynb_checkpoints``, ``.git``, macOS's ``._img.png``) is no class or image.
+    torchvision's ImageFolder takes a hidden folder as a class, and then refuses it as empty
+    (or, allowed empty, trains a class no sample has)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
 
 
 # ---- the user's own loader -------------------------------------------------------------------

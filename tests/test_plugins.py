@@ -1082,6 +1082,33 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
         data.load(name, "train")
 
 
+def test_an_image_folders_hidden_entries_and_empty_classes(tmp_path):
+    """``.ipynb_checkpoints`` beside the class folders became a class (and in the test split
+    "a class the training set does not have"); an empty training class folder became a
+    class no sample has, silently."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for cls in ("cat", "dog", ".ipynb_checkpoints"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            if not cls.startswith("."):
+                Image.fromarray(np.zeros((5, 7), np.uint8)).save(tmp_path / split / cls / "0.png")
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"macOS resource fork")  # no image
+    name = f"imagefolder:{tmp_path}"
+    assert userdata.describe(name)["classes"] == 2
+    assert data.load(name, "train").images.shape == (2, 1, 5, 7)  # ._0.png not read
+    (tmp_path / "train" / "emu").mkdir()
+    userdata._source.cache_clear()
+    with pytest.raises(UsageError, match=re.escape(
+            f"--dataset {name}: class folder {tmp_path / 'train' / 'emu'} holds no images")):
+        userdata.describe(name)
+    (tmp_path / "train" / "emu").rmdir()
+    (tmp_path / "test" / "emu").mkdir()  # an empty test class folder is no class of its own
+    userdata._source.cache_clear()
+    with pytest.raises(UsageError, match="emu is a class the training set does not have"):
+        userdata.describe(name)
+
+
 def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     """Pillow's convert("L") clipped them: every pixel above 255 became white."""
     from PIL import Image
