@@ -28,7 +28,8 @@ Formats:
   each set either ``(x, y)`` (tensors or arrays) or a map-style ``torch.utils.data.Dataset``
   of ``(x, y)`` items. A Dataset is read item by item, only the items a rank holds; its labels
   come from its ``targets`` attribute when it has one (else every item is read once to find
-  them; an item whose label is not its ``targets`` entry is refused as it is read). An item
+  them; an item whose label is not its ``targets`` entry is refused as it is read, item 0
+  before MPI starts). An item
   that raises when read, or is no ``(x, y)`` pair with an integer label, is named by its
   index.
 
@@ -659,13 +660,15 @@ class CallableSource:
                 if n == 0:
                     raise UsageError(f"{what}: the Dataset is empty")
                 x, y = _item(what, part, 0)
-                _label(what, 0, y)
+                first = _label(what, 0, y)
                 _numbers_in(f"{what} item 0's x", np.empty(0, _dtype(x)))
                 shapes[split] = _sample_shape(what, (n, *np.shape(_numpy(x))))
                 targets = getattr(part, "targets", None)
                 if targets is None:
                     targets = [_label(what, i, _item(what, part, i)[1]) for i in range(n)]
                 labels[split] = _checked_labels(what, _numpy(targets), n)
+                if first != labels[split][0]:  # as _item refuses it, but before MPI starts
+                    raise _not_targets(what, 0, first, int(labels[split][0]))
             else:
                 raise UsageError(f"{what} is a {type(part).__name__}; want (x, y) or a "
                                  "map-style Dataset of (x, y)")
@@ -760,12 +763,16 @@ class CallableSource:
         x, y = _item(what, part, i)
         label, expected = _label(what, i, y), int(self._file_labels[split][i])
         if label != expected and getattr(part, "targets", None) is not None:
-            raise UsageError(f"{what}: item {i}'s label is {label} but targets[{i}] is "
-                             f"{expected}; hpctrain trains on targets, so make them agree")
+            raise _not_targets(what, i, label, expected)
         if label != expected:
             raise UsageError(f"{what}: item {i}'s label is {label}, not the {expected} it "
                              "gave before training; a label must not change between reads")
         return x
+
+
+def _not_targets(what: str, i: int, label: int, target: int) -> UsageError:
+    return UsageError(f"{what}: item {i}'s label is {label} but targets[{i}] is {target}; "
+                      "hpctrain trains on targets, so make them agree")
 
 
 @contextlib.contextmanager

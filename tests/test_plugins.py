@@ -166,6 +166,9 @@ def vector_label():
     return late(label=torch.tensor([0, 1]))
 
 def relabelled():  # as a target_transform does: the items' labels are not their targets
+    return late(label=0)  # but item 0's, read before MPI starts
+
+def relabelled_first():
     return late(label=2)
 
 NUM_CLASSES = 3  # what given_classes returns; a test sets it
@@ -1048,9 +1051,14 @@ def test_a_dataset_item_whose_label_is_not_its_targets_entry_is_refused_when_rea
     """Training takes the labels from targets: an item saying another went unseen."""
     assert userdata.describe("nets_mod:relabelled")["train"] == 8
     with pytest.raises(UsageError, match=re.escape(
-            "--dataset nets_mod:relabelled train: item 4's label is 2 but targets[4] is 1; "
+            "--dataset nets_mod:relabelled train: item 4's label is 0 but targets[4] is 1; "
             "hpctrain trains on targets, so make them agree")):
-        data.load_indices("nets_mod:relabelled", "train", numbers([2, 4], 8))
+        data.load_indices("nets_mod:relabelled", "train", numbers([3, 4], 8))
+    # Item 0 is read before MPI starts: its mismatch is one line then, not each rank's abort.
+    with pytest.raises(UsageError, match=re.escape(
+            "--dataset nets_mod:relabelled_first train: item 0's label is 2 but targets[0] is "
+            "0; hpctrain trains on targets, so make them agree")):
+        userdata.describe("nets_mod:relabelled_first")
 
 
 def test_an_image_folder_is_read_image_by_image(tmp_path):
