@@ -36,8 +36,9 @@ Formats:
 Samples are ``N x C x H x W`` (``N x H x W`` gets one channel; ``N x H x W x C`` is warned
 of, :func:`channels_last`) or any shape a model of the user's own takes; uint8 values are
 scaled to [0, 1], every other type (floats, int16, uint16, ...) is kept as given, as float32,
-so a uint8 split needs a uint8 partner. The training samples of an npz file or a loader are
-numbered in a fixed pseudo-random order (seed 0), as an image folder's are
+so a uint8 split needs a uint8 partner; an integer beyond 2**24 in magnitude, which float32
+would round, is refused (:func:`_exact_in_float32`). The training samples of an npz file or
+a loader are numbered in a fixed pseudo-random order (seed 0), as an image folder's are
 (:func:`_numbered`): ``--partition iid`` cuts that order into the ranks' blocks. Labels must
 be integers in ``[0, num_classes)``; ``num_classes`` defaults to the largest label plus one, and
 either way must be one whole number from 2 to ``MAX_CLASSES``. Neither split may be empty.
@@ -206,6 +207,9 @@ def _dataset(name: str, src, split: str, rows: np.ndarray) -> Dataset:
     from hpctrain.data import Dataset
 
     images = src.images(split, rows) if len(rows) else np.empty((0, *src.shape), np.float32)
+    if isinstance(src, CallableSource) and not src.pairs:  # the others checked before MPI
+        _exact_in_float32(f"--dataset {name} {split}", images,
+                          lambda j: int(src.file_rows(split, rows[j:j + 1])[0]))
     x = _as_float(images)
     if len(rows) and tuple(x.shape[1:]) != src.shape:
         raise UsageError(f"--dataset {name} {split}: samples of shape {tuple(x.shape[1:])}, "
@@ -228,6 +232,32 @@ def _first_not_finite(x: torch.Tensor) -> int | None:
         if not finite.all():
             return start + int((~finite).nonzero()[0])
     return None
+
+
+_EXACT = 1 << 24  # float32 holds every integer up to 2**24 in magnitude, not all above it
+
+
+def _exact_in_float32(what: str, x, row_of=None) -> None:
+    """UsageError naming the first sample (its row in ``x``, or ``row_of(row)``: the file's)
+    and value of integer samples ``x`` that float32, which training reads them as, would
+    round (above 2**24 in magnitude): 16777217 trained as 16777216, without a word. One pass
+    of max and min over ``x``; rows are searched only when one is out of range."""
+    v = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    if v.dtype.kind not in "iu" or v.dtype.itemsize < 4 or not v.size:  # int16 fits
+        return
+    if v.max() <= _EXACT and (v.dtype.kind == "u" or v.min() >= -_EXACT):
+        return
+    step = max(1, (1 << 20) // max(1, v[0].size))
+    for start in range(0, len(v), step):
+        block = v[start:start + step].reshape(min(step, len(v) - start), -1)
+        bad = block > _EXACT if v.dtype.kind == "u" else (block > _EXACT) | (block < -_EXACT)
+        if bad.any():
+            j, k = (int(i[0]) for i in np.nonzero(bad))
+            row = start + j if row_of is None else row_of(start + j)
+            raise UsageError(f"{what}: sample {row} holds the integer {block[j, k].item()}, "
+                             "which float32 (what training reads) would round: it holds "
+                             f"integers exactly only up to 2**24 = {_EXACT} in magnitude; "
+                             "scale the samples")
 
 
 def _as_float(images) -> torch.Tensor:
@@ -443,6 +473,8 @@ class NpzSource:
         empty = [f"x_{s}" for s in SPLITS if len(self._x[s]) == 0]
         if empty:
             raise UsageError(f"--dataset {name}: {path} has no samples in {empty[0]}")
+        for s in SPLITS:
+            _exact_in_float32(f"--dataset {name} x_{s}", self._x[s])
         labels = {s: _checked_labels(f"--dataset {name} y_{s}", self._labels[s],
                                      len(self._x[s])) for s in SPLITS}
         self.num_classes = _classes(f"--dataset {name}", list(labels.values()), given)
@@ -654,6 +686,7 @@ class CallableSource:
                 if len(x) == 0:
                     raise UsageError(f"{what}: x has no samples")
                 _numbers_in(f"{what} x", np.empty(0, _dtype(x)))
+                _exact_in_float32(f"{what} x", x)
                 labels[split] = _checked_labels(what, _numpy(y), len(x))
             elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
                 n = len(part)
@@ -662,6 +695,7 @@ class CallableSource:
                 x, y = _item(what, part, 0)
                 first = _label(what, 0, y)
                 _numbers_in(f"{what} item 0's x", np.empty(0, _dtype(x)))
+                _exact_in_float32(what, _numpy(x)[None])
                 shapes[split] = _sample_shape(what, (n, *np.shape(_numpy(x))))
                 targets = getattr(part, "targets", None)
                 if targets is None:

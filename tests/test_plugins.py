@@ -784,6 +784,52 @@ def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
     assert torch.equal(part.images[:, 0], torch.from_numpy(x[[2, 0]].astype(np.float32)))
 
 
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint64])
+def test_integer_samples_float32_would_round_are_refused_before_mpi(tmp_path, dtype,
+                                                                    compressed):
+    """16777217 trained as 16777216: float32 holds integers exactly only up to 2**24."""
+    x = np.zeros((60, 6, 6), dtype)
+    x[:, 0, 0] = 2 ** 24  # exact: taken
+    write_npz(tmp_path / "d.npz", compressed=compressed, x_train=x)
+    assert userdata.describe(f"npz:{tmp_path / 'd.npz'}")["train"] == 60
+    x[41, 3, 2] = 2 ** 24 + 1
+    write_npz(tmp_path / "e.npz", compressed=compressed, x_train=x)
+    with pytest.raises(UsageError, match=re.escape(
+            f"--dataset npz:{tmp_path / 'e.npz'} x_train: sample 41 holds the integer 16777217, "
+            "which float32 (what training reads) would round: it holds integers exactly only "
+            "up to 2**24 = 16777216 in magnitude")):
+        userdata.describe(f"npz:{tmp_path / 'e.npz'}")
+
+
+def test_a_loaders_integer_samples_float32_would_round_are_refused(nets):
+    """Arrays before MPI starts; a Dataset's items (but item 0's) as they are read."""
+    nets.write_text(nets.read_text() + """
+BIG = torch.zeros(8, 1, 8, 8, dtype=torch.int64)
+BIG[5, 0, 0, 0] = -(2 ** 24) - 3
+
+def big_pairs():
+    return (BIG, torch.tensor([0, 1] * 4)), (BIG[:2], torch.tensor([0, 1]))
+
+class BigItems(torch.utils.data.Dataset):
+    targets = [0, 1] * 4
+    def __len__(self):
+        return 8
+    def __getitem__(self, i):
+        return BIG[i], self.targets[i]
+
+def big_items():
+    return BigItems(), (BIG[:2], torch.tensor([0, 1]))
+""")
+    with pytest.raises(UsageError, match=re.escape(
+            "--dataset nets_mod:big_pairs train x: sample 5 holds the integer -16777219")):
+        userdata.describe("nets_mod:big_pairs")
+    assert userdata.describe("nets_mod:big_items")["train"] == 8
+    with pytest.raises(UsageError, match=re.escape(  # by the loader's index
+            "--dataset nets_mod:big_items train: sample 5 holds the integer -16777219")):
+        data.load_indices("nets_mod:big_items", "train", numbers([3, 5], 8))
+
+
 def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them(tmp_path):
     """One NaN pixel in x_train: the batch holding it was skipped as a bad step every epoch
     and the run finished as if nothing were wrong; float64 beyond float32's range is Inf."""
