@@ -280,6 +280,10 @@ def _refuse_shadowed(flag: str, text: str, top) -> None:
 
 def _load_file(flag: str, path_text: str):
     path = Path(home_expanded(path_text, flag)).resolve()
+    if path.is_dir():  # ./pkg:build: a package is imported by name, not as a path
+        raise UsageError(f"{flag}: {path_text} is a folder; give a package as MODULE:NAME "
+                         f"({path.name}.module:NAME, from its parent folder or PYTHONPATH) or "
+                         f"a file as {path_text.rstrip('/')}/FILE.py:NAME")
     if not path.is_file():
         raise UsageError(f"{flag}: no file {path_text}")
     running = _imported_from(path)

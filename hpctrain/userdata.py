@@ -688,6 +688,10 @@ class CallableSource:
                 _numbers_in(f"{what} x", np.empty(0, _dtype(x)))
                 _exact_in_float32(f"{what} x", x)
                 labels[split] = _checked_labels(what, _numpy(y), len(x))
+            elif isinstance(part, dict):  # read as a Dataset, its item 0 "raised KeyError: 0"
+                raise UsageError(f"{what} is {_described(part)} ({', '.join(map(repr, part))})"
+                                 "; want (x, y) as two tensors or numpy arrays, or a map-style "
+                                 "Dataset of (x, y) items")
             elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
                 n = len(part)
                 if n == 0:

@@ -162,6 +162,10 @@ def float_label():
 def huge_label():
     return late(label=1e20)
 
+def dict_set():
+    x, y = np.zeros((4, 1, 8, 8), np.float32), np.array([0, 1, 0, 1])
+    return {"x": x, "y": y}, (x, y)
+
 def vector_label():
     return late(label=torch.tensor([0, 1]))
 
@@ -473,6 +477,15 @@ def test_a_file_loads_once_until_it_changes(tmp_path):
     assert first() == 3 and plugins.resolve("--model", f"{path}:build") is first  # one module
     path.write_text("WIDTH = 5\ndef build(): return WIDTH\n")
     assert plugins.resolve("--model", f"{path}:build")() == 5
+
+
+def test_a_package_folder_given_as_a_file_names_the_module_form(tmp_path):
+    """``./pkg:build`` said "no file ./pkg"."""
+    (tmp_path / "pkg").mkdir()
+    with pytest.raises(UsageError, match=re.escape(
+            f"--model: {tmp_path}/pkg is a folder; give a package as MODULE:NAME (pkg.module:NAME, "
+            f"from its parent folder or PYTHONPATH) or a file as {tmp_path}/pkg/FILE.py:NAME")):
+        plugins.resolve("--model", f"{tmp_path}/pkg:build")
 
 
 def test_a_file_that_python_cannot_import_is_one_line(tmp_path):
@@ -1077,6 +1090,8 @@ def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
     ("float_label", "train: item 0's label is a float (1.5); want an integer class index"),
     ("vector_label", "train: item 0's label is a Tensor of shape (2,) (torch.int64)"),
     ("huge_label", "train: item 0's label 1e+20 is outside [0, 1000000)"),
+    ("dict_set", "train is a dict of 2 elements ('x', 'y'); want (x, y) as two tensors or "
+                 "numpy arrays, or a map-style Dataset of (x, y) items"),  # was KeyError: 0
 ])
 def test_a_dataset_of_no_x_y_items_is_refused_naming_the_item(nets, name, message):
     with pytest.raises(UsageError, match=re.escape(f"--dataset nets_mod:{name} {message}")):
