@@ -21,7 +21,7 @@ from hpctrain import checkpoint, comm, plugins, registry
 from hpctrain import config as configs
 from hpctrain.checkpoint.policy import AUTO
 from hpctrain.config import OptimConfig, RunConfig
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.options import as_typed, dash_values, declared, flag_of, flat_key, parser_of
 from hpctrain.run_folders import refuse_finished
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
@@ -274,8 +274,9 @@ def note_other_workers(path: str | None, config: RunConfig) -> None:
     now = config.algorithm_class.workers(
         config, comm.launch_size() - (config.eval_rank is not None))
     if isinstance(had, int) and had != now:
-        print(f"hpctrain: {path}'s run had {had} workers, this one has {now}: it trains "
-              f"otherwise (each worker's data, the samples per update); launch {had} ranks "
+        print(f"hpctrain: {path}'s run had {plural(had, 'worker')}, this one has {now}: it "
+              f"trains otherwise (each worker's data, the samples per update); launch "
+              f"{plural(had, 'rank')} "
               "to repeat it", flush=True)
 
 

@@ -13,6 +13,12 @@ class UsageError(ValueError):
     """
 
 
+def plural(n: int, word: str, many: str | None = None) -> str:
+    """``n word`` with the plural a count other than one takes (``many``, else ``word + s``),
+    so that a message about one rank does not say "1 ranks"."""
+    return f"{n} {word if n == 1 else many or word + 's'}"
+
+
 class Parser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are UsageErrors: one line, exit 2, rank 0 speaking."""
 

@@ -313,7 +313,7 @@ def test_bad_store_arguments_rejected():
     v = torch.zeros(10)
     with pytest.raises(UsageError, match="consistency 'eventual'"):
         ParameterStore(v, MPI.COMM_SELF, consistency="eventual")
-    with pytest.raises(UsageError, match="servers=1 with 1 ranks"):
+    with pytest.raises(UsageError, match="servers=1 with 1 rank:"):
         ParameterStore(v, MPI.COMM_SELF, servers=1)
     with pytest.raises(UsageError, match="shards=11"):
         ParameterStore(v, MPI.COMM_SELF, shards=11)

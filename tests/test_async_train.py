@@ -103,7 +103,7 @@ def test_dedicated_server_over_tcp_with_a_straggler(server_run):
 
 
 @pytest.mark.parametrize("extra, np, pattern", [
-    (["--servers", "1"], 0, "--servers 1 with 1 ranks"),
+    (["--servers", "1"], 0, "--servers 1 with 1 rank:"),
     (["--shards", "0"], 0, "--shards 0"),
     (["--slowdown", "3:2"], 0, "rank 3 is not a worker"),
     (["--slowdown=-1:2"], 0, "rank -1 is not a worker (ranks count from 0)"),

@@ -261,6 +261,11 @@ def error_lines(proc) -> list[str]:
      "--tau 20 (the default) never aggregates in 16 updates per rank"),
     (["--algo", "ec", "--ec-final", "ensemble", "--tau", "64"], 0,
      "--tau 64 never aggregates in 64 updates per rank"),
+    # One rank: "on 1 rank", not "on 1 ranks" (a user trial's --tau 100000).
+    (["--algo", "ec", "--tau", "100000"], 1,
+     "2048 samples per rank on 1 rank; ec's rounds"),
+    (["--algo", "ec", "--ec-distill-size", "2049"], 1,
+     "--ec-distill-size 2049 exceeds the 2048 training samples the one rank holds"),
     # One update per rank: no tau can help (it said "give --tau below 1")
     (["--algo", "ec", "--batch-size", "1024"], 2,
      "last): give more --epochs or a smaller --batch-size"),

@@ -66,7 +66,7 @@ def test_hpctrains_own_error_in_a_script_stays_one_line(debug):
               "hvd.broadcast_object(1, root_rank=5)\n")
     proc = run_program([sys.executable, "-c", script],
                        env={"HPCTRAIN_DEBUG": debug} if debug else None)
-    line = "hpctrain: error: broadcast_object: root_rank 5 is not a rank of the 1 processes"
+    line = "hpctrain: error: broadcast_object: root_rank 5 is not a rank of the 1 process"
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines()[-1] == line
     assert ("Traceback (most recent call last)" in proc.stderr) == bool(debug), proc.stderr

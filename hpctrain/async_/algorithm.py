@@ -38,7 +38,7 @@ from hpctrain.async_.ssp import StalenessBound
 from hpctrain.async_.store import CLOSED, CONSISTENCIES, ParameterStore, max_shards
 from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.resize import fold, mean_tensors
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.metrics import Tally
 from hpctrain.options import HUGE, Range, option, shown
 
@@ -139,8 +139,8 @@ class ASGD(Algorithm):
     def check(cls, config: RunConfig, ranks: int, samples: int) -> None:
         o = cast(StoreOptions, config.algorithm)  # cls.Options's
         if not 0 <= o.servers < ranks:
-            raise UsageError(f"--servers {o.servers} with {ranks} ranks: need 0 <= servers < "
-                             "ranks (at least one worker)")
+            raise UsageError(f"--servers {o.servers} with {plural(ranks, 'rank')}: need 0 <= "
+                             "servers < ranks (at least one worker)")
         numel = _model_size(config)
         if o.shards is not None:
             most, why = max_shards(hcomm.library_version(), ranks)

@@ -47,7 +47,7 @@ import torch
 from hpctrain import comm as hcomm
 from hpctrain import kernels, watchdog
 from hpctrain.async_ import shm
-from hpctrain.errors import UsageError, on_every_rank
+from hpctrain.errors import UsageError, on_every_rank, plural
 
 CONSISTENCIES = ("locked", "atomic")
 _HEADER = 64  # bytes in front of each shard: its update count (int64), then the lock words
@@ -290,8 +290,8 @@ class ParameterStore:
             raise UsageError(f"unknown consistency {consistency!r}; choose from "
                              f"{', '.join(CONSISTENCIES)}")
         if not 0 <= servers < size:
-            raise UsageError(f"servers={servers} with {size} ranks: need 0 <= servers < ranks "
-                             "(at least one worker)")
+            raise UsageError(f"servers={servers} with {plural(size, 'rank')}: need 0 <= "
+                             "servers < ranks (at least one worker)")
         if odd is not None:  # the same on every rank (agreed): all raise
             raise UsageError(f"the store holds float32 parameters; {odd} (model.float() "
                              "converts a model)")

@@ -38,7 +38,7 @@ from hpctrain.checkpoint.policy import OFF, Every
 from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
 from hpctrain.comm import large_messages
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.evaluate import Snapshot
 from hpctrain.metrics import write_atomic
 from hpctrain.rank0_flag import Rank0Flag
@@ -222,8 +222,9 @@ class Checkpointer:
         """The checkpoint's per-worker states, snapshot references and snapshots for this
         run's workers (per-rank snapshots: new worker ``j`` takes old worker ``j mod K``'s)."""
         if self.resize is None:
-            raise UsageError(f"--resume {self.resume_dir}: the checkpoint is of {len(ranks)} "
-                             f"workers, not {self.workers}, and this run cannot be resized")
+            raise UsageError(f"--resume {self.resume_dir}: the checkpoint is of "
+                             f"{plural(len(ranks), 'worker')}, not {self.workers}, and this run "
+                             "cannot be resized")
         ranks, record = self.resize(header, ranks)
         if self.snapshots_per_rank:
             refs = [list(refs[j % len(refs)]) for j in range(self.workers)]

@@ -32,7 +32,7 @@ from hpctrain.ec.averaging import broadcast_model, frozen_names
 from hpctrain.ec.compression import DISTILL_FROM
 from hpctrain.ec.compression import EnsembleCompression as Compression
 from hpctrain.ec.evaluation import evaluate_members
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.metrics import write_atomic
 from hpctrain.options import HUGE, Range, option
 from hpctrain.shuffle import ReplicatedTrainData, steps_per_epoch
@@ -206,8 +206,9 @@ class EnsembleCompression(ModelAveraging):
         local = samples // ranks  # as the loop counts them (TrainData.samples_per_rank)
         steps = steps_per_epoch(samples, ranks, config.optim.batch_size)
         if o.ec_distill_size is not None and o.ec_distill_size > local:
+            holder = "the one rank" if ranks == 1 else f"each of the {ranks} ranks"
             raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
-                             f"training samples each of the {ranks} ranks holds")
+                             f"training samples {holder} holds")
         _check_rounds(config, samples, ranks, steps)
         if ranks == 1 and comm.env_rank() == 0:
             print("hpctrain: warning: --algo ec on one worker: its ensemble is its own model, "
@@ -304,9 +305,9 @@ def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
         fewer = next((k for k in range(ranks - 1, 0, -1) if o.local_steps(
             steps_per_epoch(samples, k, batch)) < epochs * steps_per_epoch(samples, k, batch)),
             None)
-        fix = f"resume it on at most {fewer} ranks" if fewer else "start a new run"
+        fix = f"resume it on at most {plural(fewer, 'rank')}" if fewer else "start a new run"
         raise UsageError(
-            f"--resume on {ranks} ranks: the run's --tau never aggregates in its {total} "
+            f"--resume on {plural(ranks, 'rank')}: the run's --tau never aggregates in its {total} "
             f"updates per rank ({epochs} epochs of {steps} batches of {batch} from {local} "
             f"samples per rank, tau {tau} updates): {fix}")
     if o.tau_epochs is not None:
@@ -318,7 +319,7 @@ def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
     fix = f"{fix} or more --epochs" if total > 1 else "more --epochs or a smaller --batch-size"
     raise UsageError(
         f"{given} never aggregates in {total} updates per rank (--epochs {epochs} x "
-        f"{steps} batches of {batch} from {local} samples per rank on {ranks} ranks; "
+        f"{steps} batches of {batch} from {local} samples per rank on {plural(ranks, 'rank')}; "
         f"ec's rounds come after every tau updates but the last): give {fix}")
 
 

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sized
 import torch
 
 from hpctrain import launch_env
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.shuffle import order
 
 
@@ -49,7 +49,8 @@ class _Sampler(torch.utils.data.Sampler[int]):
         num_samples = dataset if isinstance(dataset, int) else len(dataset)
         self.num_replicas, self.rank = launch_env.replicas(num_replicas, rank)
         if num_samples < self.num_replicas:
-            raise UsageError(f"{num_samples} samples cannot feed {self.num_replicas} ranks")
+            raise UsageError(f"{plural(num_samples, 'sample')} cannot feed "
+                             f"{plural(self.num_replicas, 'rank')}")
         self.dataset, self.dataset_size = dataset, num_samples
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.num_samples = (num_samples // self.num_replicas if drop_last

@@ -24,7 +24,7 @@ import hpctrain.sync as hvd
 from hpctrain import microbatch, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.comm import allreduce_bytes
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.guard import GradientGuard
 from hpctrain.options import option
 from hpctrain.sync import horovod_backend
@@ -131,7 +131,7 @@ class Synchronous(Algorithm):
                              f"{running!r} backend; {stop}, or give --sync-backend {running}")
         if hvd.size() != ranks:
             raise UsageError(f"the script's running hpctrain.sync backend has size "
-                             f"{hvd.size()}, the run trains on {ranks} ranks; {stop}")
+                             f"{hvd.size()}, the run trains on {plural(ranks, 'rank')}; {stop}")
 
     @property
     def adasum(self) -> bool:

@@ -35,7 +35,7 @@ import torch
 from hpctrain import comm as mpicomm
 from hpctrain import nbc_tuning
 from hpctrain.devices import HostStage
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.launch_env import as_integer
 from hpctrain.sync import adasum, collective_check, stall, timeline
 from hpctrain.sync import process_sets as psets
@@ -358,7 +358,8 @@ def check_root(root_rank: Any, caller: str, process_set: ProcessSet | None = Non
     if root is None:
         raise UsageTypeError(f"{caller}: root_rank must be an integer rank, got {root_rank!r}")
     if not 0 <= root < n:
-        raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the {n} processes")
+        raise UsageError(f"{caller}: root_rank {root_rank!r} is not a rank of the "
+                         f"{plural(n, 'process', 'processes')}")
     return psets.set_rank(process_set, root, caller)
 
 
