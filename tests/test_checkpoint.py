@@ -549,13 +549,27 @@ def test_check_resume_of_a_missing_or_empty_folder(tmp_path):
                             f"({tmp_path / 'run'}): --resume takes its newest valid checkpoint")
 
 
-@pytest.mark.parametrize("algo, ranks", [("ssgd", 2), ("sgd", 4)])
-def test_check_resume_of_another_algorithm_or_ranks(tmp_path, algo, ranks):
+@pytest.mark.parametrize("algo, ranks, resize, said", [
+    ("ssgd", 2, False, "--algo sgd, not --algo ssgd"),
+    ("ssgd", 1, True, "--algo sgd, not --algo ssgd"),  # the ranks are no problem: resizable
+    ("sgd", 4, False, "2 ranks, not 4, and this run cannot be resized"),
+    ("ssgd", 1, False, "--algo sgd on 2 ranks, not --algo ssgd on 1, and this run cannot be "
+                       "resized")])
+def test_check_resume_of_another_algorithm_or_ranks(tmp_path, algo, ranks, resize, said):
     a_run(tmp_path / "run" / "checkpoints")
     with pytest.raises(UsageError) as e:
-        check(resume=str(tmp_path / "run"), algo=algo, ranks=ranks)
-    assert str(e.value) == (f"--resume {tmp_path / 'run'}: its checkpoint is of --algo sgd on "
-                            f"2 ranks, not --algo {algo} on {ranks}")
+        check(resume=str(tmp_path / "run"), algo=algo, ranks=ranks, resize=resize)
+    assert str(e.value) == f"--resume {tmp_path / 'run'}: its checkpoint is of {said}"
+
+
+def test_a_resume_with_another_algorithm_names_only_the_algorithm(tmp_path):
+    """A user trial: --algo dcasgd-a resuming a 2-rank ma run on one process said "of --algo
+    ma on 2 ranks, not --algo dcasgd-a on 1", as if the ranks were refused too; train
+    resizes, so only the algorithm is."""
+    a_run(tmp_path, algo="ma", ranks=2, dataset="synthetic")
+    assert refusal(["--algo", "dcasgd-a", "--dataset", "synthetic", "--resume",
+                    str(tmp_path)]) == (
+        f"--resume {tmp_path}: its checkpoint is of --algo ma, not --algo dcasgd-a")
 
 
 def test_a_resized_resume_may_name_other_stragglers(tmp_path):

@@ -27,7 +27,7 @@ from hpctrain.checkpoint.folder import (
 )
 from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.comm import env_rank
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, plural
 from hpctrain.options import HUGE, as_typed, flag_of_key
 
 # Options that may differ between a run and its resumption. Most do not change results at all
@@ -196,10 +196,9 @@ def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
     header = _newest_header(folder, shown)
     if env_rank() == 0:  # one rank opens them all (hundreds, on a shared file system); its
         refuse_newer_snapshots(folder)  # refusal before MPI ends the job, as refuse_in_use's
-    if header.get("algo") != algo or (header.get("ranks") != ranks and not resize):
-        raise UsageError(f"--resume {shown}: its checkpoint is of --algo "
-                         f"{header.get('algo')} on {header.get('ranks')} ranks, not "
-                         f"--algo {algo} on {ranks}")
+    refused = _other_run(header, algo, ranks, resize)
+    if refused:
+        raise UsageError(f"--resume {shown}: its checkpoint is of {refused}")
     old = _as_trained(header.get("args", {}), absent, shown)
     if header.get("ranks") != ranks:
         may_change |= RESIZE_MAY_CHANGE
@@ -210,6 +209,21 @@ def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
         raise UsageError(f"--resume {shown}: the run was started {change}"
                          f"{_hint(old, run_config, may_change, defaults, header)}")
     return folder, old
+
+
+def _other_run(header: dict, algo: str, ranks: int, resize: bool) -> str:
+    """What of the checkpoint's run this one may not go on from (``"--algo ma, not --algo
+    sgd"``), else "": the ranks are named only where they are refused too (``resize``
+    False), since a resumption on another number of ranks is otherwise allowed."""
+    old_algo, old_ranks = header.get("algo"), header.get("ranks")
+    other_algo, other_ranks = old_algo != algo, old_ranks != ranks and not resize
+    if not other_ranks:
+        return f"--algo {old_algo}, not --algo {algo}" if other_algo else ""
+    had = plural(old_ranks, "rank") if isinstance(old_ranks, int) else f"{old_ranks} ranks"
+    cannot = "and this run cannot be resized"
+    if not other_algo:
+        return f"{had}, not {ranks}, {cannot}"
+    return f"--algo {old_algo} on {had}, not --algo {algo} on {ranks}, {cannot}"
 
 
 def _as_trained(recorded: dict, absent: dict | None, shown: str) -> dict:
