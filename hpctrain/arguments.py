@@ -131,6 +131,19 @@ class _PreParser(argparse.ArgumentParser):
         raise argparse.ArgumentError(None, message)
 
 
+def unknown_option_hint(parsed: dict[str, object]) -> str:
+    """Said with an unknown flag of ``train`` or ``simulate``: a user's algorithm's options
+    are flags only once its ``--algo`` loaded it (another ``--algo``'s command line does
+    not know them), and ``--help`` lists the known ones."""
+    algo = parsed.get("algo")
+    command = f"hpctrain {parsed.get('command', 'train')}"
+    if isinstance(algo, str) and plugins.is_reference(algo):  # loaded: not one of its own
+        return f"neither {command}'s nor --algo {algo}'s; {command} --algo {algo} --help " \
+               "lists those it knows"
+    return ("an option of a user's algorithm is known only with its --algo MODULE:CLASS or "
+            f"./FILE.py:CLASS; {command} --help lists those it knows")
+
+
 def load_named_algorithms(argv: list[str]) -> None:
     """Load the users' algorithms ``argv`` names (``--algo MODULE:CLASS``, ``algo`` in a
     ``--config`` file, a reference among ``bench compare --algos``) before the command line's

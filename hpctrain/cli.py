@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     arguments.add_arguments(simulate)
     sim_arguments.add_arguments(simulate)
     sim_arguments.hide_refused(simulate)
+    for each in (train, simulate):  # an unknown flag there may be a user algorithm's
+        assert isinstance(each, Parser)
+        each.unknown_hint = arguments.unknown_option_hint
     benchmarks = {name: importlib.import_module(m) for name, m in BENCHMARKS.items()}
     bench = sub.add_parser(
         "bench", help="benchmarks, each against a baseline measured in the same run",

@@ -18,7 +18,7 @@ import re
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, did_you_mean
 
 
 def _number(kind, text: str):
@@ -105,7 +105,7 @@ def name_list(choices: tuple[str, ...]):
         if not any(words) or bad:
             raise argparse.ArgumentTypeError(
                 f"{text!r}: {'unknown ' + repr(bad[0]) if bad else 'empty'}; choose from "
-                f"{', '.join(choices)}")
+                f"{', '.join(choices)}{did_you_mean(bad[0], choices) if bad else ''}")
         if not all(words):
             raise argparse.ArgumentTypeError(f"{text!r}: an empty entry")
         return list(dict.fromkeys(words))
@@ -411,6 +411,7 @@ def check_fields(obj) -> None:
                 raise UsageError(f"{flag_of(f)} {shown(value)} is too large") from None
         choices, bounds = f.metadata["choices"], f.metadata["range"]
         if choices is not None and value not in choices:
-            raise UsageError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices)}")
+            raise UsageError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices)}"
+                             f"{did_you_mean(value, choices)}")
         if bounds is not None and (problem := bounds.problem(value)) is not None:
             raise UsageError(f"{flag_of(f)} {shown(value)} {problem}")

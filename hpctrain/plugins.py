@@ -37,7 +37,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hpctrain import comm, models, options
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
     from hpctrain.config import RunConfig
@@ -75,7 +75,7 @@ def model_name(text: str, error: type[Exception] = argparse.ArgumentTypeError) -
         return text
     if not is_reference(text):
         raise error(f"unknown --model {text!r}; choose from {', '.join(models.MODELS)}, or "
-                    "MODULE:CALLABLE, ./FILE.py:CALLABLE")
+                    f"MODULE:CALLABLE, ./FILE.py:CALLABLE{did_you_mean(text, models.MODELS)}")
     try:
         check_form("--model", text)
     except UsageError as e:

@@ -19,7 +19,7 @@ from hpctrain import options, plugins
 from hpctrain.algorithm import Algorithm, Options
 from hpctrain.async_.algorithm import ASGD, SSP, DCASGDAdaptive, DCASGDConstant
 from hpctrain.ec.algorithm import EnsembleCompression, ModelAveraging
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, did_you_mean
 from hpctrain.sync.algorithm import Sequential, Synchronous
 
 ALGORITHMS: dict[str, type[Algorithm]] = {a.name: a for a in (
@@ -66,7 +66,8 @@ def get(name: str) -> type[Algorithm]:
     try:
         return ALGORITHMS[name]
     except (KeyError, TypeError):  # TypeError: a list or dict, which no name is
-        raise UsageError(f"unknown algorithm {name!r}; choose from {choices()}") from None
+        raise UsageError(f"unknown algorithm {name!r}; choose from {choices()}"
+                         f"{did_you_mean(name, ALGORITHMS)}") from None
 
 
 def load(reference: str) -> type[Algorithm]:

@@ -65,7 +65,7 @@ import numpy as np
 import torch
 
 from hpctrain import plugins
-from hpctrain.errors import UsageError
+from hpctrain.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
     from hpctrain.data import Dataset
@@ -107,7 +107,8 @@ def dataset_name(text: str, error: type[Exception] = argparse.ArgumentTypeError)
         return text
     if not is_user(text):
         raise error(f"unknown --dataset {text!r}; choose from {', '.join(DATASETS)}, or "
-                    "npz:FILE, imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE")
+                    "npz:FILE, imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE"
+                    f"{did_you_mean(text, DATASETS)}")
     try:
         check_form(text)
     except UsageError as e:

@@ -54,6 +54,37 @@ def test_a_reference_loads_the_class_and_its_options_become_flags():
         arguments.build(parser.parse_args(["--algo", "ssgd", "--vote", "mean"]))
 
 
+def test_a_user_algorithms_option_with_another_algo_says_where_options_come_from(tmp_path):
+    """A user trial: ``--algo sgd --vote mean`` (signum_vote.py's option, not loaded) was
+    argparse's bare "unrecognized arguments: --vote mean", while a built-in's option is said
+    to be an option of ma, ec. hpctrain cannot know --vote then; it says where options come
+    from. With the user's algorithm loaded, a flag of neither is said to be neither."""
+    out = ["--out", str(tmp_path / "run")]
+    assert refusal(["--algo", "sgd", "--vote", "mean", *out]) == (
+        "unrecognized arguments: --vote mean (an option of a user's algorithm is known only "
+        "with its --algo MODULE:CLASS or ./FILE.py:CLASS; hpctrain train --help lists those "
+        "it knows)")
+    argv = ["train", "--algo", SIGNUM, "--vote", "mean", "--bogus", "1", *out]
+    arguments.load_named_algorithms(argv)  # as cli.main does before its parser is built
+    with pytest.raises(UsageError) as refused:
+        cli.build_parser().parse_args(argv)
+    assert str(refused.value) == (
+        f"unrecognized arguments: --bogus 1 (neither hpctrain train's nor --algo {SIGNUM}'s; "
+        f"hpctrain train --algo {SIGNUM} --help lists those it knows)")
+
+
+@pytest.mark.timeout(60)
+def test_an_unknown_option_is_one_line_with_exit_status_2(tmp_path):
+    proc = run_job(["train", "--algo", "sgd", "--vote", "mean", "--out", str(tmp_path / "run")],
+                   np=0, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.startswith("hpctrain")] == [
+        "hpctrain: error: unrecognized arguments: --vote mean (an option of a user's algorithm "
+        "is known only with its --algo MODULE:CLASS or ./FILE.py:CLASS; hpctrain train --help "
+        "lists those it knows)"], proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_options_flag_reads_its_declared_type_without_a_parse(tmp_path):
     """README's plug-in options name no parse: ``--every-k 3`` was refused as "'3' must be a
     whole number" (the flag gave the text, which the field's check then judged)."""
