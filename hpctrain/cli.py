@@ -242,7 +242,8 @@ def info() -> None:
     if rank != 0:
         return
     assert placed is not None  # gathered on rank 0
-    facts = {**machine, **devices.describe(),
+    described = devices.describe()
+    facts = {**machine, **described,
              "cuda_aware_mpi_forced_by": _cuda_aware_forced_by(),
              **comm.library_info(), "ranks": size, "local_size": local_size,
              "launcher": launched.by,
@@ -250,8 +251,7 @@ def info() -> None:
              "ranks_share_a_gpu": devices.shares_gpus([(w["host"], w["local_rank"], visible)
                                                        for w, visible in placed]),
              "compile": compiled.problem(devices.resolve("auto")) or "yes",
-             "kernel_cpu": _loads(kernels.cpu_library),
-             "kernel_cuda": _loads(kernels.cuda_library)}
+             **kernel_facts(described["cuda"])}
     try:
         import horovod
 
@@ -289,6 +289,16 @@ def _placement(rank: int) -> tuple[dict, list[str]]:
         gpu = devices.local_gpu()
         where.update(device=str(gpu), gpu=visible[gpu.index])
     return where, visible
+
+
+def kernel_facts(gpu: bool) -> dict[str, str | bool]:
+    """info's kernel keys: ``kernel_cpu`` and ``kernel_cuda``, ``yes`` where the library was
+    built (and loads), else why not; and ``kernel_cuda_usable``, whether this machine can
+    run the CUDA one (built, and ``gpu``: torch sees one). A key of its own: ``kernel_cuda:
+    "yes"`` beside ``cuda: false`` read as usable, and its value stays what the docs say."""
+    cuda = _loads(kernels.cuda_library)
+    return {"kernel_cpu": _loads(kernels.cpu_library), "kernel_cuda": cuda,
+            "kernel_cuda_usable": cuda == "yes" and gpu}
 
 
 def _loads(library) -> str:

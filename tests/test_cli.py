@@ -764,6 +764,16 @@ def test_info_under_mpirun_prints_once(tmp_path):
     # The help promised kernel availability, and nothing said it.
     assert facts["kernel_cpu"] == "yes"  # built by make setup
     assert facts["kernel_cuda"] == cli._loads(kernels.cuda_library)  # "yes" or why not
+    assert facts["kernel_cuda_usable"] is False  # built or not, no GPU here
+
+
+def test_info_says_whether_the_cuda_kernel_is_usable_apart_from_built():
+    """A user trial: info's ``kernel_cuda: "yes"`` beside ``cuda: false`` read as usable; it
+    says built (README: "yes", or why not). ``kernel_cuda_usable`` says whether it can run."""
+    built = cli._loads(kernels.cuda_library)
+    assert cli.kernel_facts(False) == {"kernel_cpu": "yes", "kernel_cuda": built,
+                                       "kernel_cuda_usable": False}
+    assert cli.kernel_facts(True)["kernel_cuda_usable"] is (built == "yes")
 
 
 @pytest.mark.timeout(120)
