@@ -222,7 +222,7 @@ def _exit_if_collapsed(summary: Mapping[str, Any], rank: int) -> None:
         if rank == 0:
             print(f"hpctrain: error: stopped (--stop-on-collapse): training collapsed at update "
                   f"{summary['collapsed_at']}: {summary['collapse_reason']}; outputs in "
-                  f"{summary['out']}", file=sys.stderr, flush=True)
+                  f"{os.path.abspath(summary['out'])}", file=sys.stderr, flush=True)
         sys.exit(STOPPED_ON_COLLAPSE)
 
 

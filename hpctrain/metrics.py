@@ -472,7 +472,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     if summary.get("collapsed_at") is not None:
         rows.append(("COLLAPSED at update", f"{summary['collapsed_at']}: "
                                             f"{summary.get('collapse_reason')}"))
-    if summary.get("out"):
-        rows.append(("outputs", summary["out"]))
+    if summary.get("out"):  # absolute, as config.json's out and the run's messages say it
+        rows.append(("outputs", os.path.abspath(summary["out"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -164,6 +164,16 @@ def test_the_summary_table_says_skipped_and_clipped_steps():
     assert "steps" not in summary_table(summary)
 
 
+def test_the_summary_table_names_the_output_folder_absolute(tmp_path, monkeypatch):
+    """A user trial: ``--out ec1`` showed "outputs  ec1" while the run's other messages (and
+    config.json's out) name the folder absolute."""
+    monkeypatch.chdir(tmp_path)
+    summary = {"algo": "ec", "workers": 1, "final_test_acc": 0.1, "best_test_acc": 0.1,
+               "wall_s": 1.0, "samples_per_s": 10.0, "out": "ec1"}
+    rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
+    assert rows["outputs"].strip() == str(tmp_path / "ec1")
+
+
 def test_the_summary_table_keeps_three_digits_of_a_short_simulation():
     """A 64-worker simulation's virtual wall time of 0.026 s read "0.0 s" (the report's
     table said 0.0265)."""
