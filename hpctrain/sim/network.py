@@ -12,10 +12,11 @@ use the bandwidth-optimal algorithms MPI libraries pick for large messages, on K
 
 The parameter store (asgd, dcasgd-c/-a, ssp) has its own pair, ``store_latency`` and
 ``store_bandwidth``: one shard access (a read, or a write) takes ``store_latency +
-shard_bytes / store_bandwidth``, and a worker's accesses to a shard queue behind the lock of
-any earlier push to that shard. A locked push reads and writes each shard; an atomic push
-reads and accumulates it without an exclusive lock; a pull reads every shard; counters
-(tickets, the update count) cost one ``store_latency``.
+shard_bytes / store_bandwidth``. A locked push holds each shard's exclusive lock for a read
+and a write, taking the shards one after another; a worker asking for a shard waits for
+the push that holds it then, if any (:mod:`hpctrain.sim.store`). An atomic push reads and
+accumulates each shard without an exclusive lock; a pull reads every shard, after the hold
+on it at that moment; counters (tickets, the update count) cost one ``store_latency``.
 
 The defaults are fitted to this project's development VM (docs/BENCHMARKS.md, "Simulator"):
 ``hpctrain bench allreduce`` on 2 ranks for latency and bandwidth, ``hpctrain bench store``

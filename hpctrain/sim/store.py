@@ -12,7 +12,12 @@ shard counts; ``atomic``: ``index - seen``; equal here, as no push runs alongsid
 and the same traffic counters (as if across nodes: no shared memory). What the simulation
 adds is time: a push or pull waits for its turn in the event queue (pushes are applied in
 the order workers finish their steps, ties by worker id) and then costs virtual time from
-the network model, queueing on each shard behind earlier pushes (:mod:`hpctrain.sim.network`).
+the network model (:mod:`hpctrain.sim.network`). A push's values are applied whole at its
+start; its time runs shard by shard in its rotated order, and (locked) each shard's request
+is an event of its own, made when the push gets there, so requests reach each shard's lock
+in virtual-time order and wait for the hold at that moment only, as real locks are granted.
+So the order of updates on a shard is the push order, which differs from the order the
+locks were held in by at most the pushes that overlap; staleness counts the push order.
 With ``--comm-time replay`` a push instead takes the rest its replayed real step recorded
 (:mod:`hpctrain.steptimes`), which holds that push's lock waits already, and every other
 store operation takes no time.
@@ -111,8 +116,16 @@ class LocalStore(ParameterStore):
             self.scheduler.now[self.rank] += self.network.store_latency
 
     def _shard_time(self, t: float, s: int, accesses: int, exclusive: bool) -> float:
-        """When ``accesses`` to shard ``s`` starting at ``t`` end: after any earlier push's
-        exclusive lock on it; an exclusive lock holds the shard until then."""
+        """When ``accesses`` to shard ``s``, requested at ``t``, end: after the exclusive lock
+        that holds the shard at ``t``, if any; an exclusive access then holds it itself.
+
+        Locked, each request is an event of its own: a push or pull asks for a shard when it
+        gets there in virtual time, not when it was applied, so requests reach each lock in
+        time order and ``free_at`` (the end of the latest hold) is that of the hold at ``t``.
+        (Booked all at the push's start, a push's later shards held off pushes that came for
+        them while they were free.) Atomic, nothing is exclusive and nothing waits."""
+        if self.consistency == "locked":
+            self.scheduler.at(self.rank, t)
         lo, hi = self.bounds[s]
         t = max(t, self.state.free_at[s]) + accesses * self.network.shard(4 * (hi - lo))
         if exclusive:
