@@ -125,6 +125,47 @@ def test_local_store_applies_pushes_in_order_with_the_kernel():
     assert [tau for _, tau, _, _ in log] == [0, 0, 2, 1, 0, 2, 0, 0]
 
 
+def push_end_times(starts: list[float], net: Network) -> list[float]:
+    """Two workers on a 64-float store of 2 equal shards pull at 0, then each pushes once at
+    its start time: when each push ends, in virtual seconds."""
+    shared = SharedStore(torch.zeros(64), 2, shards=2)
+    sched = Scheduler(2)
+    ends = [0.0, 0.0]
+
+    def body(k):
+        store = LocalStore(shared, k, consistency="locked", scheduler=sched, network=net)
+        w = torch.empty(64)
+        store.pull(w)
+        sched.now[k] = starts[k]
+        store.push(w, torch.ones(64), lr=0.1)
+        ends[k] = sched.now[k]
+
+    sched.run(body)
+    return ends
+
+
+def test_pushes_on_rotated_shards_at_once_run_side_by_side():
+    """Both push at once: worker 0 holds shard 0 then 1, worker 1 shard 1 then 0, as real
+    locks let them, so neither waits (each push booked its later shard when applied; the
+    other's first hold fits before it). A push: 2 shards of a read and a write, and the
+    update counter."""
+    net = Network(0.0, 1e30, 0.004, 1e9)
+    hold = 2 * net.shard(4 * 32)
+    t = 0.02615
+    assert push_end_times([t, t], net) == pytest.approx([t + 2 * hold + net.store_latency] * 2)
+
+
+def test_a_push_wanting_a_held_shard_waits_one_hold():
+    """Worker 1 comes one hold later, when worker 0 moves to shard 1, worker 1's first: it
+    waits for that hold, then takes shard 0, free by then."""
+    net = Network(0.0, 1e30, 0.004, 1e9)
+    hold = 2 * net.shard(4 * 32)
+    t = 0.02615
+    ends = push_end_times([t, t + hold], net)
+    assert ends == pytest.approx([t + 2 * hold + net.store_latency,
+                                  t + hold + hold + 2 * hold + net.store_latency])
+
+
 class Overlapping(LocalStore):
     """A worker's store that logs every shard write (who wrote, in lock order) and can run
     another worker's whole push right after one of its own shard writes: the overlap real
