@@ -15,6 +15,7 @@ from hpctrain.errors import UsageError
 ROOT = kernels._HERE.parent
 SIZES = [1, 7, 1000003]
 HYPER = {"lr": 0.1, "lam": 0.04, "ms_decay": 0.95, "weight_decay": 1e-3, "momentum": 0.9}
+FLT_MAX = torch.finfo(torch.float32).max
 VARIANTS = {"dcasgd-c": (False, False), "dcasgd-a": (True, False),
             "dcasgd-c+momentum": (False, True), "dcasgd-a+momentum": (True, True)}
 
@@ -24,8 +25,10 @@ def reference(w, g, w_bak, ms, v=None, *, lr, lam, ms_decay, weight_decay, momen
     gd = g + weight_decay * w_bak
     new_ms = None
     if ms is not None:
-        new_ms = ms_decay * ms + (1 - ms_decay) * gd * gd
-        lam = lam / torch.sqrt(new_ms + 1e-7)
+        # g'^2 first, and the stored ms clamped, as the kernel does: g'^2 overflows above 1.8e19
+        s = ms_decay * ms + (1 - ms_decay) * (gd * gd)
+        new_ms = s.clamp(max=FLT_MAX)
+        lam = lam / torch.sqrt(s + 1e-7)
     d = -lr * (gd + lam * gd * gd * (w - w_bak))
     if v is not None:
         d = momentum * v + d
@@ -168,6 +171,29 @@ def test_a_huge_finite_gradient_gives_no_nan(lam, adaptive):
     assert torch.isfinite(out[:2]).all(), out
     if lam == 0:
         assert torch.equal(out, w - 0.1 * g)
+
+
+def test_an_overflowing_mean_square_is_clamped_and_decays_back():
+    """DC-ASGD-a's ms = m * ms + (1 - m) * g'^2 overflowed to inf for |g'| > 1.8e19, and inf
+    never decays: lam_t = lam / sqrt(ms) stayed 0 for that element for the rest of the run
+    (silently plain ASGD). It is clamped to FLT_MAX and decays back as a mean square should."""
+    w, w_bak = torch.tensor([1.0, 1.0]), torch.tensor([0.5, 0.5])
+    ms = torch.zeros(2)
+    kernels.dc_update(w.clone(), torch.tensor([2e19, 1.0]), w_bak, ms, lr=0.1, lam=2.0)
+    assert ms[0] == FLT_MAX, ms  # finite: the true (1 - m) * g'^2 is of that order
+    want = reference(w, torch.tensor([2e19, 1.0]), w_bak, torch.zeros(2), lr=0.1, lam=2.0,
+                     ms_decay=0.95, weight_decay=0.0, momentum=0.0)[2]
+    assert want[0] == FLT_MAX, want
+    g = torch.ones(2)
+    for _ in range(2000):  # 0.95^2000 * FLT_MAX is ~1e-6: ms is back at g'^2 = 1
+        out = kernels.dc_update(w.clone(), g, w_bak, ms, lr=0.1, lam=2.0)
+    torch.testing.assert_close(ms, torch.ones(2))
+    plain = w - 0.1 * g
+    assert (out < plain).all(), (out, plain)  # compensated again: lam_t > 0
+    # an inf ms (a checkpoint written before the clamp) heals at the next push; a NaN stays
+    ms = torch.tensor([float("inf"), float("nan")])
+    kernels.dc_update(w.clone(), g, w_bak, ms, lr=0.1, lam=2.0)
+    assert ms[0] == FLT_MAX and ms[1].isnan(), ms
 
 
 @pytest.mark.parametrize("case, pattern", [
