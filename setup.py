@@ -30,7 +30,12 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
-CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall", "-Wextra"]
+# -ffp-contract=off (here) and nvcc's --fmad=false (_build_cuda): no fused multiply-adds, so the
+# kernel gives the same bits on CPU and GPU workers, as the replay tests and the simulator
+# assume. nvcc fuses by default, and so does GCC where FMA is in the baseline (aarch64); on
+# x86-64 without -mfma there is no FMA to fuse into, so these CPU results do not change.
+CPU_FLAGS = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-Wall",
+             "-Wextra"]
 CUDA_ARCHS = "sm_75,sm_80,sm_90"
 CUDA_LIB = "_dc_update_cuda.so"
 
@@ -174,7 +179,8 @@ class BuildKernels(build_ext):
         gencode = [f"-gencode=arch=compute_{a[3:]},code={a}" for a in archs]
         last = archs[-1][3:]
         gencode.append(f"-gencode=arch=compute_{last},code=compute_{last}")  # PTX for newer GPUs
-        cmd = [nvcc, "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", *gencode,
+        cmd = [nvcc, "-O3", "-std=c++17", "--fmad=false", "-shared", "-Xcompiler", "-fPIC",
+               *gencode,
                *_nvcc_threads(release), "kernels/dc_update.cu", "-o", str(target)]
         print(" ".join(cmd))
         subprocess.run(cmd, check=True)
