@@ -272,3 +272,25 @@ def test_dedicated_server_hosts_the_clocks():
     assert max(tau for _, tau, _, _ in logs[0] + logs[1]) <= tau_bound(s, 2)
     check_order(logs[:2], s, range(steps))
     assert all_stats[0]["ssp_waits"] > 0
+
+
+def test_ssp_waits_after_a_checkpoint_before_its_held_ticket():
+    """A worker's last wait before a checkpoint mark may pass while a slower one is parked at
+    the checkpoint (left out of the minimum); the ticket it then claimed at the mark is held
+    across the checkpoint and computed without a wait in claim: S + 1 clocks ahead. SSP
+    waits once more after the checkpoint's save (not before it: the save is collective and
+    the slower worker's push that ends the wait follows it)."""
+    from hpctrain.async_.algorithm import SSP
+
+    class Bound:
+        def __init__(self):
+            self.calls = []
+
+        def wait(self):
+            self.calls.append("wait")
+            return 0.0
+
+    algo = SSP.__new__(SSP)  # the hook alone: no store, no MPI
+    algo.bound = Bound()
+    algo.after_checkpoint()
+    assert algo.bound.calls == ["wait"]

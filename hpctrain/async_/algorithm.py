@@ -404,6 +404,16 @@ class SSP(ASGD):
         self.workers_comm.Barrier()  # all unparked before anyone steps: the bound holds again
         return seen
 
+    def after_checkpoint(self) -> None:
+        # A worker may hold a ticket across the checkpoint, claimed without waiting: its last
+        # wait passed while a slower worker was parked at the barrier (left out of the
+        # minimum), so it could now push S + 1 clocks ahead of that one. Wait here, not in
+        # before_checkpoint: the save after it is collective, and the slower worker's push
+        # that ends this wait comes after the save. Every worker is unparked (Barrier above)
+        # and the slowest passes at once, so the minimum moves on: no deadlock.
+        super().after_checkpoint()
+        self.bound.wait()
+
     def finish(self, position: int) -> int:
         if not self.bound.parked:  # stopped early (--stop-on-collapse): not parked in claim
             self.bound.park()
