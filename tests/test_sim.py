@@ -538,6 +538,18 @@ def test_ma_and_ec_run_the_real_aggregators(tmp_path):
     assert shared["aggregation"]["bytes_per_round"] == 16 * 8 * 3 + 2 * 3 * 64 * 10 * 4 // 4
 
 
+def test_ec_counts_no_relabelled_samples_of_a_dropped_step(tmp_path, monkeypatch):
+    """A step the NaN guard drops trains on nothing, its slice of the round's relabelled
+    samples included (the next step takes the next slice): it was counted in
+    distilled_samples_per_rank all the same."""
+    ec = algorithm_options("ec")(tau=8, ec_distill_size=40)  # slices of 5 over 8 steps
+    plain = simulate(config("ec", tmp_path / "plain", algorithm=ec), sim(2))
+    monkeypatch.setenv("HPCTRAIN_INJECT", "nan@0:10")  # rank 0, within the first round's slices
+    dropped = simulate(config("ec", tmp_path / "nan", algorithm=ec), sim(2))
+    assert dropped["skipped_steps"] == 1
+    assert dropped["distilled_samples_per_rank"] == plain["distilled_samples_per_rank"] - 5
+
+
 def test_replaying_an_ec_run_charges_its_inference_rate(tmp_path):
     """EC's inference cost a third of a step's time per sample of its batch: at batch 16
     the MLP's simulated inference was 11x the real run's, which runs the model in batches of

@@ -255,6 +255,10 @@ class EnsembleCompression(ModelAveraging):
     def epoch_started(self, local) -> None:
         self.aggregator.set_local_data(local)
 
+    def progress(self, position: int, applied: bool) -> int:
+        self.aggregator.step_made(applied)
+        return super().progress(position, applied)
+
     def loss(self, x, y):
         return self.aggregator.loss(x, y)
 
