@@ -217,6 +217,22 @@ def test_corrupt_newest_falls_back_to_previous(tmp_path):
     assert checkpoint.listing(tmp_path) == [found.path]
 
 
+def test_a_corrupt_checkpoint_that_cannot_be_set_aside_is_left_and_passed(tmp_path):
+    """A read-only copy resumed with --out elsewhere: renaming the corrupt newest one raised,
+    and the run ended though the previous one was good. (Here the name it would take is a
+    folder already; a read-only mount refuses the rename the same way.)"""
+    write(tmp_path, 10)
+    newest = write(tmp_path, 20)
+    flip(newest, newest.stat().st_size // 2)
+    (tmp_path / "ckpt-000000020.pt.corrupt" / "x").mkdir(parents=True)
+    lines = []
+    found = checkpoint.load_newest(tmp_path, lines.append)
+    assert found is not None and found.header["updates"] == 10
+    assert len(lines) == 2 and "falling back to the previous one" in lines[0]
+    assert "ckpt-000000020.pt is left in place" in lines[1]
+    assert newest.exists()
+
+
 def test_nothing_usable(tmp_path):
     flip(write(tmp_path, 1), 100)
     lines = []
@@ -391,12 +407,18 @@ def test_parse_every(text, ok):
 
 
 def test_rng_state_round_trip(tmp_path):
+    """Python's random too: a user's model or data code drawing from it went on from another
+    state after a resume."""
+    random.gauss(0, 1)  # a cached second normal in the state
     state = checkpoint.rng_state()
     path = checkpoint.save(tmp_path, 1, {"rng": state}, {})
-    a = (torch.rand(3), np.random.rand(3))
+    a = (torch.rand(3), np.random.rand(3), [random.random(), random.gauss(0, 1)])
     checkpoint.set_rng_state(checkpoint.load(path)[1]["rng"])  # through the file, weights-only
-    b = (torch.rand(3), np.random.rand(3))
-    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    b = (torch.rand(3), np.random.rand(3), [random.random(), random.gauss(0, 1)])
+    assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+    older = {k: v for k, v in state.items() if k != "python"}  # a checkpoint from before
+    checkpoint.set_rng_state(older)
+    assert torch.equal(torch.rand(3), a[0])
 
 
 def test_every_parses_the_normalised_text():
