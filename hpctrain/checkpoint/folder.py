@@ -248,7 +248,11 @@ def load_newest(folder: str | Path, report: Callable[[str], None] | None = None
             then = "falling back to the previous one" if i + 1 < len(paths) else \
                 "no older one is left"
             report(f"hpctrain: checkpoint {folder / path.name} is unusable ({e}); {then}")
-            path.rename(path.with_name(path.name + ".corrupt"))
+            try:
+                path.rename(path.with_name(path.name + ".corrupt"))
+            except OSError as refused:  # a read-only copy (resumed with --out elsewhere)
+                report(f"hpctrain: {folder / path.name} is left in place, not set aside as "
+                       f"*.corrupt ({refused.strerror})")
             continue
         snapshots = _usable_snapshots(folder, payload.get("snapshots", []), report)
         return Loaded(path=path, header=head, payload=payload, snapshots=snapshots)
