@@ -73,7 +73,7 @@ class EnsembleCompression:
         self._round_start = 0
         self.relabelled: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.distilled = 0  # relabelled samples trained on so far
-        self._fed = 0  # this step's relabelled samples: trained on once the step is applied
+        self._fed = 0  # this step's relabelled samples, uncounted if the step is dropped
         self.stats = AggregationStats(counts_inference=True)  # in every summary
         self._parts: dict[str, list] = {}  # take_loss_parts's: part -> [sum, samples]
 
@@ -131,6 +131,7 @@ class EnsembleCompression:
                 yield part
             return
         xd, yd, pd = (t.to(x.device) for t in extra)
+        self.distilled += len(xd)
         self._fed = len(xd)
         inputs, n = torch.cat([x, xd]), len(x)
         lo = 0  # near-equal parts, as mean_in_parts's: a remainder of 1 broke batch norm
@@ -152,11 +153,12 @@ class EnsembleCompression:
             lo += len(part)
 
     def step_made(self, applied: bool) -> None:
-        """Count this step's relabelled samples as trained on, unless the step was dropped (a
-        NaN/Inf gradient, an fp16 overflow): its slice of the round is then never learned, as
-        the next step takes the next one."""
-        if applied:
-            self.distilled += self._fed
+        """Told by the loop after each step: a dropped step (a NaN/Inf gradient, an fp16
+        overflow) trained on nothing, and its slice of the round is never learned, as the
+        next step takes the next one, so its relabelled samples are uncounted. (A loop of
+        one's own that applies every step need not call it.)"""
+        if not applied:
+            self.distilled -= self._fed
         self._fed = 0
 
     def _count(self, part: str, total, samples: int) -> None:
