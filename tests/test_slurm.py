@@ -662,6 +662,50 @@ def test_a_batch_script_run_by_hand_says_to_submit_it(script):
         2, f"hpctrain: error: {script}.sbatch is a Slurm batch script: submit it with sbatch")
 
 
+SCRIPT_ARGS = {"train": ["--algo", "ssgd"], "bench": ["store"], "compare": ["--algos", "ssgd"]}
+
+
+@pytest.fixture(scope="module")
+def python_without_mpi4py(tmp_path_factory) -> str:
+    """A real Python with nothing installed: hpctrain comes from PYTHONPATH, mpi4py from
+    nowhere (the trial's HPCTRAIN_PYTHON=python3)."""
+    venv = tmp_path_factory.mktemp("bare") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    return str(venv / "bin" / "python")
+
+
+@pytest.mark.parametrize("script", ["train", "compare", "bench"])
+@pytest.mark.parametrize("case", ["no mpi4py", "no python", "no mpirun", "no srun"])
+def test_a_batch_script_checks_its_python_and_launcher_before_starting(
+        tmp_path, python_without_mpi4py, script, case):
+    """A Python lacking mpi4py had every rank print a traceback (two glued onto one line) and
+    the job exit 1; a missing mpirun said only "line 108: mpirun: command not found" (127).
+    Now one line names the Python or the launcher and the variable that sets it, exit 2."""
+    empty = tmp_path / "empty-path"  # a PATH with no mpirun or srun on it
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
+               HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    if case == "no mpi4py":
+        env["HPCTRAIN_PYTHON"] = python_without_mpi4py
+        want = (f"HPCTRAIN_PYTHON={python_without_mpi4py} (the Python with hpctrain, mpi4py "
+                "and torch): ModuleNotFoundError: No module named 'mpi4py'")
+    elif case == "no python":
+        env["HPCTRAIN_PYTHON"] = "python3-hpctrain-missing"
+        want = ("HPCTRAIN_PYTHON=python3-hpctrain-missing (the Python with hpctrain, mpi4py "
+                "and torch): not found")
+    else:
+        launcher = case.split()[1]
+        env.update(HPCTRAIN_LAUNCH=launcher, PATH=str(empty))
+        want = (f"HPCTRAIN_LAUNCH={launcher}: {launcher} is not on PATH (load the site's MPI, "
+                "see 'module load' above, or set HPCTRAIN_LAUNCH)")
+    proc = subprocess.run([shutil.which("bash") or "/bin/bash",
+                           str(ROOT / "slurm" / f"{script}.sbatch"), *SCRIPT_ARGS[script]],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stderr) == (2, f"hpctrain: error: {want}\n"), proc.stderr
+    assert proc.stdout == "" and not (tmp_path / "runs").exists()
+
+
 def test_bench_sbatch_refuses_a_misspelt_benchmark_before_making_its_folder(tmp_path):
     """bench.sbatch kernal exited 2 but left runs/bench-kernal-<id>/stdout.txt behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
