@@ -717,6 +717,27 @@ def test_bench_sbatch_refuses_a_misspelt_benchmark_before_making_its_folder(tmp_
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.timeout(200)
+def test_a_failed_benchmark_leaves_its_output_in_its_folder_across_requeues(tmp_path):
+    """bench.sbatch kernel on 2 tasks (refused by every rank) left an empty stdout.txt: the
+    error went to stderr, the Slurm log only; and a requeued attempt's tee emptied the last
+    attempt's file though the log was appended. Run by hand twice, as Slurm would requeue."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
+               HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+               HPCTRAIN_MPIRUN_ARGS="--oversubscribe -x OMPI_MCA_osc=^ucx")
+    refusal = "hpctrain: error: bench kernel measures one process's kernel"
+    for restart in ("0", "1"):
+        proc = subprocess.run(["bash", str(ROOT / "slurm" / "bench.sbatch"), "kernel"],
+                              env={**env, "SLURM_RESTART_COUNT": restart}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and refusal in proc.stderr, proc.stdout + proc.stderr
+    out = tmp_path / "runs" / "bench-kernel-4242"
+    assert [line.split(" on ")[0] for line in (out / "stdout.txt").read_text().splitlines()] \
+        == ["hpctrain: job 4242 (restart 0)", "hpctrain: job 4242 (restart 1)"]
+    assert (out / "stderr.txt").read_text().count(refusal) == 2
+
+
 # An Open MPI mpirun that only says what it was asked to start.
 FAKE_MPIRUN = """#!/bin/bash
 if [ "$1" = --version ]; then echo "mpirun (Open MPI) 4.1.4"; exit 0; fi
