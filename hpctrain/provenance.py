@@ -48,9 +48,13 @@ def machine() -> dict:
 
 
 def host() -> dict:
-    """``host``: the node's name, and ``cpus``: the cores this process may run on (its
-    affinity, else the machine's count): what a benchmark's figures were measured on."""
-    return {"host": platform.node(), "cpus": launch_env.usable_cpus()}
+    """``host``: the node's name; ``machine_cpus``: its CPUs; ``rank_cpus``: those this
+    process may run on (its affinity, else the machine's count): what a benchmark's figures
+    were measured on. Under mpirun a rank bound to one core said "1 CPUs" of a larger node.
+    ``cpus``: ``rank_cpus`` under its old name, for the readers of older records."""
+    rank_cpus = launch_env.usable_cpus()
+    return {"host": platform.node(), "machine_cpus": os.cpu_count() or rank_cpus,
+            "rank_cpus": rank_cpus, "cpus": rank_cpus}
 
 
 def load_average() -> list[float] | None:

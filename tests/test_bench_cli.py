@@ -356,6 +356,12 @@ def test_json_is_written_by_every_micro_benchmark(tmp_path, np, argv, key):
     assert {"date", "host", "cpus", "cpu", "torch", "hpctrain", "python", "load_average_start",
             "load_average_end"} <= machine.keys()
     assert machine["cpus"] >= 1 and len(machine["load_average_end"]) == 3
+    # The machine's CPUs, not rank 0's: under mpirun a rank bound to one core said "1 CPUs"
+    # of this 2-CPU machine. cpus stays, rank 0's, for older readers.
+    assert machine["machine_cpus"] == os.cpu_count()
+    assert 1 <= machine["rank_cpus"] == machine["cpus"] <= machine["machine_cpus"]
+    cpus = os.cpu_count()
+    assert f"machine: {machine['host']}, {cpus} CPU{'s' if cpus != 1 else ''} (" in proc.stdout
     assert datetime.datetime.fromisoformat(machine["date"]).tzinfo is not None
     assert "hpctrain_commit" in machine  # the tests run from a checkout
     assert bench.header(machine) in proc.stdout.splitlines()
@@ -368,6 +374,16 @@ def test_the_machine_line_says_what_is_unknown():
     assert bench.header(record) == (
         "machine: node7, 16 CPUs (?), load 3.5 -> ? (1 min); torch 2.13.0, hpctrain 0.1.0 "
         "(0123456789+dirty); 2026-12-05T23:00:00+00:00")
+
+
+def test_the_machine_line_names_the_machines_cpus_and_rank_0s_where_they_differ():
+    record = {"date": "2026-12-05T23:00:00+00:00", "host": "vm", "machine_cpus": 2,
+              "rank_cpus": 1, "cpus": 1, "cpu": "AMD EPYC", "torch": "2.13.0",
+              "hpctrain": "0.1.0", "load_average_start": [1.34], "load_average_end": [1.34]}
+    assert bench.header(record).startswith(
+        "machine: vm, 2 CPUs (AMD EPYC), rank 0 may run on 1, load 1.34 -> 1.34 (1 min); ")
+    assert bench.header({**record, "rank_cpus": 2, "cpus": 2}).startswith(
+        "machine: vm, 2 CPUs (AMD EPYC), load")
 
 
 def test_the_two_sided_server_updates_in_one_pass(monkeypatch):

@@ -19,9 +19,10 @@ from hpctrain.errors import UsageError
 
 def started() -> dict:
     """Where, when and with what a benchmark starts, taken before it measures: the date
-    (UTC), the host and its CPUs, the load average, and what a run's ``run_info`` records of
-    the machine (hpctrain's version and commit, torch, Python, the CPU). ``hpctrain bench``
-    asks git for the commit before MPI starts (as training does)."""
+    (UTC), the host, its CPUs and those this rank may run on, the load average, and what a
+    run's ``run_info`` records of the machine (hpctrain's version and commit, torch, Python,
+    the CPU). ``hpctrain bench`` asks git for the commit before MPI starts (as training
+    does)."""
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"date": date, **provenance.host(), **provenance.machine(),
             "load_average_start": provenance.load_average()}
@@ -42,7 +43,12 @@ def header(record: dict) -> str:
 
     commit = record.get("hpctrain_commit", "")
     commit = f" ({commit[:10]}{'+dirty' if commit.endswith('+dirty') else ''})" if commit else ""
-    return (f"machine: {record['host']}, {record['cpus']} CPUs ({record.get('cpu', '?')}), "
+    # A record before machine_cpus has only cpus (what rank 0 might run on).
+    cpus = record.get("machine_cpus", record["cpus"])
+    rank = record.get("rank_cpus", cpus)
+    bound = f", rank 0 may run on {rank}" if rank != cpus else ""
+    return (f"machine: {record['host']}, {cpus} CPU{'s' if cpus != 1 else ''} "
+            f"({record.get('cpu', '?')}){bound}, "
             f"load {load('load_average_start')} -> {load('load_average_end')} (1 min); "
             f"torch {record['torch']}, hpctrain {record['hpctrain']}{commit}; {record['date']}")
 
