@@ -860,12 +860,14 @@ def test_readme_lists_every_exit_status_as_the_code_gives_it():
     --stall-timeout nor with the command line's errors: a job script's author, keying on the
     status, had to find it in the Python API's section. One table lists them all."""
     table = dict(re.findall(r"^\| (\d+) \| (.+) \|$", (ROOT / "README.md").read_text(), re.M))
-    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 130, 143]
+    assert sorted(map(int, table)) == [0, 1, 2, 3, 4, 5, 130, 137, 143]
     assert "--stall-timeout" in table[str(watchdog.EXIT_STATUS)]
     assert "--stop-on-collapse" in table[str(cli.STOPPED_ON_COLLAPSE)]
     assert "SIGUSR1" in table[str(checkpoint.stop.EXIT_STATUS)]
     assert "bad input" in table["2"] and "interrupted" in table["130"]
     assert "SIGTERM" in table["143"]  # a single process's, which no handler turns into a line
+    # A rank killed (the OOM killer): only docs/RELIABILITY.md named mpirun's 137.
+    assert "SIGKILL" in table["137"] and "no hpctrain line" in table["137"]
 
 
 def test_a_summary_the_disk_has_no_room_for_names_stdout(tmp_path, monkeypatch):
