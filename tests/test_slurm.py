@@ -783,6 +783,26 @@ def test_open_mpi_ranks_of_several_cpus_are_unbound_unless_told(tmp_path, script
     assert ("--bind-to none" in started) == unbound, proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("args", ["", "  -x OMPI_MCA_osc=^ucx   --mca btl self,tcp "])
+def test_compare_sbatch_names_its_launcher_template_cleanly(tmp_path, args):
+    """With HPCTRAIN_MPIRUN_ARGS empty the line said "launcher mpirun -np {np}
+    --allow-run-as-root , outputs ...": the template's trailing space before the comma."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mpirun").write_text(FAKE_MPIRUN)
+    (fake / "mpirun").chmod(0o755)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("SLURM_", "OMPI_MCA_hwloc", "OMPI_MCA_rmaps"))}
+    env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
+               HPCTRAIN_MPIRUN_ARGS=args, HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON="true",
+               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "compare.sbatch"), "--algos", "ssgd"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    template = " ".join(["mpirun -np {np}", *(["--allow-run-as-root"] if os.getuid() == 0
+                                              else []), *args.split()])
+    assert f', launcher "{template}", outputs runs/compare-4242' in proc.stdout, proc.stdout
+
+
 TRAIN_SBATCH = ROOT / "slurm" / "train.sbatch"
 # srun as the time limit's warning may leave it (--kill-on-bad-exit): once the batch script (its
 # parent) catches SIGUSR1 (SigCgt's bit 10 - 1), warn it as Slurm's --signal does, and exit
