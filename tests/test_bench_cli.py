@@ -365,6 +365,13 @@ def test_json_is_written_by_every_micro_benchmark(tmp_path, np, argv, key):
     assert datetime.datetime.fromisoformat(machine["date"]).tzinfo is not None
     assert "hpctrain_commit" in machine  # the tests run from a checkout
     assert bench.header(machine) in proc.stdout.splitlines()
+    # The goal's line says whether this run met it (the reader compared the figures by hand).
+    verdict = {True: "met", False: "NOT met"}
+    if argv[0] == "allreduce":
+        met = all(m["ratio_to_raw"]["mpi backend"] <= 1.1 for m in figures["models"])
+        assert f"goal: mpi backend / raw <= 1.1: {verdict[met]}" in proc.stdout.splitlines()
+    if argv[0] == "shuffle":
+        assert f"(goal >= 0.8: {verdict[figures['ratio'] >= 0.8]})" in proc.stdout
 
 
 def test_the_machine_line_says_what_is_unknown():

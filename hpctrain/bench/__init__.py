@@ -53,6 +53,12 @@ def header(record: dict) -> str:
             f"torch {record['torch']}, hpctrain {record['hpctrain']}{commit}; {record['date']}")
 
 
+def goal(text: str, met: bool) -> str:
+    """``text``, a benchmark's goal, and whether this run met it: printed alone ("goal >=
+    0.8" beside "ratio 0.15"), it left the reader to compare them."""
+    return f"{text}: {'met' if met else 'NOT met'}"
+
+
 def mean_over_ranks(world, medians: dict[str, float]) -> tuple[dict[str, float],
                                                                   list[dict[str, float]]]:
     """The mean over the ranks of each of this rank's ``medians`` (its own median of each
