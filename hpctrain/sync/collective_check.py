@@ -88,6 +88,9 @@ class Call:
         return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big") >> 2
 
 
+JOINED_CALL = Call("join")  # what a rank in join() waits in, as the stall report names it
+
+
 @dataclass
 class Round:
     """What a round told every rank."""
@@ -141,10 +144,12 @@ class Channel:
     def _exchange(self, call: Call | None) -> None:
         request = self.transport.iallreduce(None, torch.from_numpy(self._vec), MAX)
         if call is None:
-            # A joined rank waits for the others by design: no stall report, and it polls
-            # gently so as not to take a core from a rank that still computes.
-            while not request.test():
-                time.sleep(0.0005)
+            # A joined rank polls gently so as not to take a core from a rank that still
+            # computes, watched as any round: a rank that never joins (it returned, or hangs)
+            # is reported, and the stall timeout ends the job as Horovod's does.
+            with stall.watching(self, JOINED_CALL):
+                while not request.test():
+                    time.sleep(0.0005)
         else:
             stall.wait(request, self, call)
         self.seq += 1

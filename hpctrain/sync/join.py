@@ -10,7 +10,9 @@ while a rank has joined), so the sum is the active ranks' and Average still divi
 the full size, as Horovod 0.28.1 does (Adasum combines a zero vector with its tree
 neighbour into that neighbour unchanged); other collectives (allgather, broadcast, alltoall,
 reducescatter) raise ``HorovodInternalError`` on the active ranks while a rank has joined,
-as in Horovod. When every rank has joined, all return the rank that joined last.
+as in Horovod. When every rank has joined, all return the rank that joined last. Its
+rounds are watched by the stall check as any: a rank that never joins is reported, and the
+stall timeout ends the job instead of a joined rank hanging for ever.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ of ``hpctrain.watchdog``, and the launcher ends the others.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import math
 import os
@@ -28,7 +29,7 @@ import pickle
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -337,13 +338,21 @@ def stop() -> None:
 
 def wait(request: Any, channel: Any, call: Any) -> None:
     """``request.wait()`` for ``call``'s round on ``channel``, watched by the monitor."""
+    with watching(channel, call):
+        request.wait()
+
+
+@contextlib.contextmanager
+def watching(channel: Any, call: Any) -> Iterator[None]:
+    """A wait for ``call``'s round on ``channel`` however the caller waits (a joined rank
+    polls): reported after the check time, ended after the stall timeout."""
     m = _monitor
     if m is None:
-        request.wait()
+        yield
         return
     m.waiting = _Waiting(channel, call, channel.seq, time.monotonic())
     try:
-        request.wait()
+        yield
     finally:
         m.waiting = None
         m.last = f"{call.describe()} (call #{channel.seq + 1} on {channel.label})"
