@@ -31,3 +31,27 @@ def test_a_rank_in_join_that_the_others_never_join_is_ended_by_the_stall_timeout
     ending = [ln for ln in proc.stderr.splitlines() if "ending the job" in ln]
     assert ending and "hpctrain.sync: stall: rank 0 waited" in ending[0], proc.stderr
     assert " in join() (call #2 on process set 0); not arrived: rank 1 " in ending[0]
+
+
+# A stall check asked for, or left to its default, with the collective check's rounds off.
+NO_ROUNDS = """
+import sys, hpctrain.sync as hvd
+hvd.init(**({"stall_check_s": 1, "stall_timeout": 3} if sys.argv[1] == "asked" else {}))
+hvd.barrier()
+print("END", hvd.rank(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("asked", ["asked", "default"])
+def test_a_stall_check_asked_for_without_the_collective_check_is_a_warning(asked):
+    """HPCTRAIN_CHECK_COLLECTIVES=0 turned the stall check off without a word: the monitor
+    watches the rounds only. Rank 0 says it once; a check left to its default says nothing."""
+    proc = run_program([sys.executable, "-c", NO_ROUNDS, asked], np=2,
+                       env={"HPCTRAIN_CHECK_COLLECTIVES": "0"})
+    assert proc.returncode == 0 and proc.stdout.count("END") == 2, proc.stderr
+    said = [ln for ln in proc.stderr.splitlines() if "stall check" in ln]
+    assert said == ([] if asked == "default" else [
+        "hpctrain.sync: warning: the stall check asked for (a report after 1 s, the job ended "
+        "after 3 s) does not run: it watches the collective check's rounds, which "
+        "HPCTRAIN_CHECK_COLLECTIVES=0 turns off; unset it"]), proc.stderr

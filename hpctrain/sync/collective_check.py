@@ -13,7 +13,8 @@ in ``join()`` takes part in the rounds as "joined", and when any rank has joined
 active rank broadcasts what the joined ranks must do (e.g. an allreduce of so many float32
 zeros). The cost is one latency-bound 48-byte allreduce per collective call and per optimizer
 step. ``HPCTRAIN_CHECK_COLLECTIVES=0`` turns the rounds off (mismatches then hang as in MPI,
-and ``join`` is unavailable); the tests run with it on, the default.
+``join`` is unavailable, and the stall check, which watches the rounds, does not run); the
+tests run with it on, the default.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     # No MPI world (torch under torchrun): the stall check goes through the group's store.
     store = torch_transport.stall_store() if ranks_comm is None else None
     stall.start(ranks_comm, check_s, timeout_s, store=store, rank=moving.rank(),
-                asked_for=stall.asked(stall_check_s, stall_timeout_s))
+                asked_for=stall.asked(stall_check_s, stall_timeout_s),
+                rounds=collective_check.enabled() or moving.size() == 1)
 
 
 def _must_agree(check_s: float, timeout_s: float) -> dict:

@@ -11,7 +11,8 @@ its last collective and how long ago, or the collective it waits in instead.
 The other ranks are asked over a private MPI communicator where MPI runs the job (whichever
 transport moves the data): the thread answers questions while the main thread computes, so
 it needs MPI at thread level ``multiple`` (hpctrain.sync's default); below it there is no
-check (rank 0 says so when the script asked for one). Under torchrun, where no MPI runs the
+check (rank 0 says so when the script asked for one), nor without the rounds
+(``HPCTRAIN_CHECK_COLLECTIVES=0``). Under torchrun, where no MPI runs the
 job, each thread posts its rank's status on torch.distributed's store every poll instead, and
 a report reads the others' posts.
 With a stall timeout the waiting ranks print the report and end the process with the status
@@ -287,22 +288,31 @@ _monitor: _Monitor | None = None
 
 
 def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = None,
-          rank: int = 0, asked_for: bool = False) -> None:
+          rank: int = 0, asked_for: bool = False, rounds: bool = True) -> None:
     """Watch this rank's rounds, asking the other ranks over MPI communicator ``world_comm``
     (the backend's world's ranks; collective: Dup; needs MPI thread level multiple), or
     where that is None through key-value ``store`` (a torch.distributed Store that the
     world's ranks share; this is world rank ``rank``). Neither: no check. Below thread
-    level multiple there is none either: said once (rank 0) if the check was ``asked_for``
-    (:func:`asked`), as a script relying on its timeout would otherwise hang unawares."""
+    level multiple, or without ``rounds`` to watch (``HPCTRAIN_CHECK_COLLECTIVES=0``), there
+    is none either: said once (rank 0) if the check was ``asked_for`` (:func:`asked`), as a
+    script relying on its timeout would otherwise hang unawares."""
     global _monitor
     stop()
     if check_s <= 0 and timeout_s <= 0:
+        return
+    if not rounds:
+        if asked_for and rank == 0:
+            _say_no_check(check_s, timeout_s, "it watches the collective check's rounds, "
+                          "which HPCTRAIN_CHECK_COLLECTIVES=0 turns off; unset it")
         return
     if world_comm is not None:
         MPI = mpicomm.mpi()
         if MPI.Query_thread() != MPI.THREAD_MULTIPLE:
             if asked_for and world_comm.Get_rank() == 0:
-                _say_no_check(check_s, timeout_s)
+                _say_no_check(check_s, timeout_s, (
+                    "it needs MPI thread level 'multiple', and MPI runs at "
+                    f"{mpicomm.thread_level()!r}; call hpctrain.comm.init('multiple') before "
+                    "anything starts MPI"))
             return
         _monitor = _Monitor(_MpiPeers(world_comm.Dup()), world_comm.Get_rank(), check_s,
                             timeout_s)
@@ -310,13 +320,11 @@ def start(world_comm: Any, check_s: float, timeout_s: float, *, store: Any = Non
         _monitor = _Monitor(_StorePeers(store, rank), rank, check_s, timeout_s)
 
 
-def _say_no_check(check_s: float, timeout_s: float) -> None:
+def _say_no_check(check_s: float, timeout_s: float, why: str) -> None:
     times = [f"{what} after {s:g} s" for what, s in (("a report", check_s),
                                                      ("the job ended", timeout_s)) if s > 0]
     say(f"hpctrain.sync: warning: the stall check asked for ({', '.join(times)}) does not "
-        f"run: it needs MPI thread level 'multiple', and MPI runs at "
-        f"{mpicomm.thread_level()!r}; call hpctrain.comm.init('multiple') before anything "
-        "starts MPI")
+        f"run: {why}")
 
 
 @atexit.register  # atexit handlers run before mpi4py's Py_AtExit finalizes MPI
