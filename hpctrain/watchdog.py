@@ -30,9 +30,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import NoReturn
 
 from hpctrain.metrics import say
 
@@ -47,6 +49,19 @@ BUSY_S = 600.0
 # The shortest wait between two looks (a tenth of the timeout, at most a second): a tiny timeout
 # from Python (train's --stall-timeout is 0 or >= 1) must not spin the thread.
 MIN_POLL_S = 0.01
+
+
+def end_job() -> NoReturn:
+    """End this process with :data:`EXIT_STATUS` (the launcher then ends the others), once
+    the work registered with ``hpctrain.comm.before_abort`` is done, as the abort hook does:
+    rank 0's elastic commit still being written, each waited for at most its own bound
+    (``elastic.FINISH_S``). The callbacks only join threads that need nothing from the one
+    stalled, so a watch thread may run them. Without ``hpctrain.comm`` imported none are
+    registered."""
+    comm = sys.modules.get("hpctrain.comm")
+    if comm is not None:
+        comm._finish_before_abort()
+    os._exit(EXIT_STATUS)
 
 
 def stopped_after(timeout: float) -> float:
@@ -93,7 +108,7 @@ class _Watchdog:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"
                 say(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
                     f"{doing}); ending the job (--stall-timeout {self.timeout:g}){self.hint}")
-                os._exit(EXIT_STATUS)
+                end_job()
 
     def stop(self) -> None:
         self._stop.set()
@@ -189,7 +204,7 @@ def wait_beating(comm, doing: str, count: int | None = None, *,
             say(f"hpctrain: rank {active.rank} gave up {what} after {wait_limit():g} s: rank 0 "
                 f"made no progress (frozen, or stuck where its watchdog cannot see); ending "
                 f"the job (--stall-timeout {active.timeout:g})")
-            os._exit(EXIT_STATUS)
+            end_job()
         time.sleep(0.005)
 
 

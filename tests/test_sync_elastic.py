@@ -547,6 +547,23 @@ def test_a_failure_right_after_a_commit_keeps_it(launcher, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_a_stall_timeout_right_after_a_commit_keeps_it(tmp_path):
+    """Rank 1 stops after commit 2, and rank 0's stall timeout ends the job while it writes
+    that commit: the restart resumes from commit 2. The stall exit used to skip the wait for
+    the write (the abort hook's), and the restart went back to commit 1."""
+    from hpctrain.watchdog import EXIT_STATUS
+
+    env = {"PYTHONPATH": str(ROOT), elastic.ENV: str(tmp_path / "commits")}
+    stalled, again = (run_program([sys.executable, str(LOST_COMMIT), "stall1"], 2,
+                                  timeout=120, env={**env, "ATTEMPT": attempt})
+                      for attempt in ("0", "1"))
+    assert stalled.returncode == EXIT_STATUS, stalled.stderr
+    assert "ending the job (stall timeout 3 s)" in stalled.stderr
+    assert again.returncode == 0, again.stderr
+    assert _resumed(again.stderr, 2) == 2
+
+
+@pytest.mark.timeout(300)
 def test_a_job_restarted_on_more_ranks_shares_out_the_rest_of_the_epoch(tmp_path):
     """2 ranks, rank 1 dies at step 10 (last commit: 8 batches, 80 samples); the same script
     on 3 ranks resumes there at 3/2 the learning rate and trains the other 160 samples of

@@ -8,7 +8,8 @@ new ``mpirun`` on another number of ranks) and :func:`run` brings the state back
 
 - With ``HPCTRAIN_ELASTIC_DIR`` set, rank 0 also writes every commit to that folder, in a
   thread while training goes on (one file per state, replaced atomically, with a checksum);
-  an error or a SIGTERM ending rank 0 first lets that write finish (at most ``FINISH_S``).
+  an error, a stall timeout or a SIGTERM ending rank 0 first lets that write finish (at most
+  ``FINISH_S``).
   :func:`run` starts from it when it is there: rank 0 reads it, every rank gets it in the
   first sync, and the reset callbacks run, as after a reset in Horovod (the learning rate
   follows the new size). Without the variable commits stay in memory, as in Horovod, and a
@@ -371,7 +372,7 @@ class TorchState(ObjectState):
 class _Writer:
     """Rank 0's commit files, written one at a time by a thread so that the ranks need not
     wait for the disk. Not a daemon: the interpreter waits for the last write at exit; an
-    error or a SIGTERM (the launcher ending the job) waits for it too, up to
+    error, a stall timeout or a SIGTERM (the launcher ending the job) waits for it too, up to
     :data:`FINISH_S`, so that the restart resumes from the last commit."""
 
     def __init__(self) -> None:

@@ -16,7 +16,8 @@ check (rank 0 says so when the script asked for one), nor without the rounds
 job, each thread posts its rank's status on torch.distributed's store every poll instead, and
 a report reads the others' posts.
 With a stall timeout the waiting ranks print the report and end the process with the status
-of ``hpctrain.watchdog``, and the launcher ends the others.
+of ``hpctrain.watchdog``, and the launcher ends the others; rank 0 first finishes writing an
+elastic commit under way (``watchdog.end_job``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from typing import Any
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
 from hpctrain.metrics import say
-from hpctrain.watchdog import EXIT_STATUS
+from hpctrain.watchdog import end_job
 
 CHECK_ENV, SHUTDOWN_ENV, DISABLE_ENV = ("HOROVOD_STALL_CHECK_TIME_SECONDS",
                                         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS",
@@ -239,7 +240,7 @@ class _Monitor:
             waited = found - w.since
             if self.timeout_s > 0 and waited > self.timeout_s:
                 self._report(w, ending=True, found=found)
-                os._exit(EXIT_STATUS)
+                end_job()
             if self.check_s > 0 and waited > self.check_s and not w.reported:
                 w.reported = True
                 self._report(w, ending=False, found=found)
