@@ -55,3 +55,50 @@ def test_a_stall_check_asked_for_without_the_collective_check_is_a_warning(asked
         "hpctrain.sync: warning: the stall check asked for (a report after 1 s, the job ended "
         "after 3 s) does not run: it watches the collective check's rounds, which "
         "HPCTRAIN_CHECK_COLLECTIVES=0 turns off; unset it"]), proc.stderr
+
+
+# Horovod's own stall check from init's arguments: rank 1 comes 20 s late.
+HOROVOD_LATE = """
+import sys, time, torch, hpctrain.sync as hvd
+hvd.init(backend="horovod", stall_check_s=0, stall_timeout=0.5)
+hvd.allreduce(torch.ones(1), name="a")
+if hvd.rank() == 1:
+    time.sleep(20)
+try:
+    hvd.allreduce(torch.ones(1), name="b")
+    print("DONE", hvd.rank(), flush=True)
+except hvd.HorovodInternalError:
+    print("SHUT DOWN", hvd.rank(), flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_stall_settings_on_the_horovod_backend_mean_what_they_mean_on_the_others():
+    """int() made stall_timeout=0.5 Horovod's "0" (never) and stall_check_s=0 its report
+    every cycle (here: none): rank 0 waited out the late rank with a flood of warnings.
+    Rounded up, and a check of 0 with a timeout its check time, Horovod shuts down."""
+    from conftest import horovod_missing
+
+    if why := horovod_missing():
+        pytest.skip(why)
+    proc = run_program([sys.executable, "-c", HOROVOD_LATE], np=2, timeout=90)
+    assert "SHUT DOWN 0" in proc.stdout and "DONE" not in proc.stdout, proc.stderr
+    assert proc.stderr.count("One or more tensors were submitted") <= 2, proc.stderr
+
+
+@pytest.mark.parametrize("check_s, timeout_s, env", [
+    (0, None, {"HOROVOD_STALL_CHECK_DISABLE": "1"}),
+    (None, 0.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "1"}),
+    (None, 2.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "3"}),
+    (1.5, 0, {"HOROVOD_STALL_CHECK_TIME_SECONDS": "2", "HOROVOD_STALL_CHECK_DISABLE": "0",
+              "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "0"}),
+    (0, 2.5, {"HOROVOD_STALL_CHECK_TIME_SECONDS": "3", "HOROVOD_STALL_CHECK_DISABLE": "0",
+              "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "3"}),
+])
+def test_horovods_stall_variables_from_inits_arguments(monkeypatch, check_s, timeout_s, env):
+    from hpctrain.sync.horovod_backend import stall_environment
+
+    for name in ("HOROVOD_STALL_CHECK_DISABLE", "HOROVOD_STALL_CHECK_TIME_SECONDS",
+                 "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"):
+        monkeypatch.delenv(name, raising=False)
+    assert stall_environment(check_s, timeout_s) == env

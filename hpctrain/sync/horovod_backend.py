@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import math
 import os
 from types import ModuleType
 from typing import Any
 
 from hpctrain import comm as mpicomm
 from hpctrain.errors import UsageError
+from hpctrain.sync import stall
 from hpctrain.sync.process_sets import ProcessSet, global_process_set
 
 # setup.py's horovod extra alone does not build against torch >= 2.1: the sdist asks for C++14.
@@ -38,7 +40,7 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None,
     Process sets may also be added after init and the timeline started at any time, as on
     the mpi backend (Horovod needs HOROVOD_DYNAMIC_PROCESS_SETS=1 and HOROVOD_TIMELINE=DYNAMIC
     for that; they are set here unless the user set them). The stall settings become
-    Horovod's HOROVOD_STALL_* variables.
+    Horovod's HOROVOD_STALL_* variables (:func:`stall_environment`).
     """
     hvd = load()
     MPI = mpicomm.init("multiple")
@@ -47,10 +49,7 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None,
                          "started at a lower level; call hpctrain.comm.init('multiple') first")
     os.environ.setdefault("HOROVOD_DYNAMIC_PROCESS_SETS", "1")
     os.environ.setdefault("HOROVOD_TIMELINE", "DYNAMIC")
-    if stall_check_s is not None:
-        os.environ["HOROVOD_STALL_CHECK_TIME_SECONDS"] = str(int(stall_check_s))
-    if stall_timeout_s is not None:
-        os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] = str(int(stall_timeout_s))
+    os.environ.update(stall_environment(stall_check_s, stall_timeout_s))
     sets = list(process_sets or [])
     natives = [hvd.ProcessSet(ps.ranks if ps.ranks is not None else ps.mpi_comm) for ps in sets]
     hvd.init(comm=MPI.COMM_WORLD if comm is None else comm, process_sets=natives or None)
@@ -59,6 +58,25 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | None = None,
     for ps, native in zip(sets, natives, strict=True):
         _adopt(ps, native)
     return hvd
+
+
+def stall_environment(check_s: float | None, timeout_s: float | None) -> dict[str, str]:
+    """Horovod's variables for ``init``'s stall arguments, meaning what they mean on the mpi
+    and torch backends. Horovod takes whole seconds (``int`` made 0.5 s "0", never, and 2.5
+    s 2): a fraction rounds up. It reads a check time of 0 as a report every cycle (here:
+    none), and shuts down only from its check: a check of 0 is HOROVOD_STALL_CHECK_DISABLE=1,
+    or with a timeout in effect a check time of the timeout (its one report comes then)."""
+    env: dict[str, str] = {}
+    if timeout_s is not None:
+        env[stall.SHUTDOWN_ENV] = str(math.ceil(timeout_s))
+    if check_s is not None:
+        _, timeout = stall.settings(check_s, timeout_s)  # the argument's, else the variable's
+        every = check_s if check_s > 0 else timeout
+        if every > 0:
+            env[stall.CHECK_ENV], env[stall.DISABLE_ENV] = str(math.ceil(every)), "0"
+        else:
+            env[stall.DISABLE_ENV] = "1"
+    return env
 
 
 _adopted: list[ProcessSet] = []  # ours that stand for one of Horovod's, until shutdown
