@@ -102,3 +102,39 @@ def test_horovods_stall_variables_from_inits_arguments(monkeypatch, check_s, tim
                  "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"):
         monkeypatch.delenv(name, raising=False)
     assert stall_environment(check_s, timeout_s) == env
+
+
+@pytest.mark.timeout(60)
+def test_the_stall_report_is_repeated_every_check_time(monkeypatch):
+    """It said "still waiting (stall check every N s)" but came once per wait; Horovod's
+    comes every check time while the wait lasts."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from hpctrain.sync import stall
+
+    said: list[str] = []
+    two = threading.Event()
+
+    def say(line: str) -> None:
+        said.append(line)
+        if len(said) >= 2:
+            two.set()
+
+    monkeypatch.setattr(stall, "say", say)
+    peers = SimpleNamespace(serve=lambda status: None, close=lambda: None,
+                            ask=lambda others, status, wait_s: {})
+    channel = SimpleNamespace(label="process set 0", transport=SimpleNamespace(size=lambda: 2),
+                              global_rank=lambda r: r)
+    call = SimpleNamespace(describe=lambda: "allreduce(name='late')")
+    monitor = stall._Monitor(peers, 0, check_s=0.05, timeout_s=0)  # type: ignore[arg-type]
+    try:
+        monitor.waiting = stall._Waiting(channel, call, 0, time.monotonic())
+        assert two.wait(30), said
+    finally:
+        monitor.stop()
+    assert all(ln.startswith("hpctrain.sync: stall: rank 0 waited ") and
+               ln.endswith("in allreduce(name='late') (call #1 on process set 0); not arrived: "
+                           "rank 1 (no answer); still waiting (stall check every 0.05 s)")
+               for ln in said[:2]), said

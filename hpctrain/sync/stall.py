@@ -5,8 +5,9 @@ Horovod's coordinator warns when some ranks have submitted a tensor and others h
 ``HOROVOD_STALL_SHUTDOWN_TIME_SECONDS`` (0: never). Here the wait is the agreement round
 (collective_check) that starts every collective: a daemon thread per rank watches it. After
 the check time it asks every other rank of the process set what it is doing, and the lowest
-waiting rank prints one report: the call it waits in, and for each rank that has not arrived
-its last collective and how long ago, or the collective it waits in instead.
+waiting rank prints a report, again every check time while the wait lasts (as Horovod's):
+the call it waits in, and for each rank that has not arrived its last collective and how
+long ago, or the collective it waits in instead.
 
 The other ranks are asked over a private MPI communicator where MPI runs the job (whichever
 transport moves the data): the thread answers questions while the main thread computes, so
@@ -102,7 +103,7 @@ class _Waiting:
     call: Any
     seq: int
     since: float
-    reported: bool = False
+    report_after: float = 0.0  # waited seconds; the next report once past them (as Horovod's)
     heard: dict = field(default_factory=dict)  # rank -> (its answer, when): the check's
 
 
@@ -241,9 +242,9 @@ class _Monitor:
             if self.timeout_s > 0 and waited > self.timeout_s:
                 self._report(w, ending=True, found=found)
                 end_job()
-            if self.check_s > 0 and waited > self.check_s and not w.reported:
-                w.reported = True
+            if self.check_s > 0 and waited > max(w.report_after, self.check_s):
                 self._report(w, ending=False, found=found)
+                w.report_after = time.monotonic() - w.since + self.check_s
 
     def _report(self, w: _Waiting, ending: bool, found: float) -> None:
         """Print the wait as the check ``found`` it (``time.monotonic()``), the others' last
