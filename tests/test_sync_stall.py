@@ -88,8 +88,15 @@ def test_stall_settings_on_the_horovod_backend_mean_what_they_mean_on_the_others
 
 @pytest.mark.parametrize("check_s, timeout_s, env", [
     (0, None, {"HOROVOD_STALL_CHECK_DISABLE": "1"}),
-    (None, 0.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "1"}),
-    (None, 2.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "3"}),
+    # Horovod never shuts down with a timeout below its check time (60 s by default)
+    (None, 0.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "1",
+                 "HOROVOD_STALL_CHECK_TIME_SECONDS": "1", "HOROVOD_STALL_CHECK_DISABLE": "0"}),
+    (None, 2.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "3",
+                 "HOROVOD_STALL_CHECK_TIME_SECONDS": "3", "HOROVOD_STALL_CHECK_DISABLE": "0"}),
+    (30, 5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "5",
+             "HOROVOD_STALL_CHECK_TIME_SECONDS": "5", "HOROVOD_STALL_CHECK_DISABLE": "0"}),
+    (2.5, 0.5, {"HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "1",
+                "HOROVOD_STALL_CHECK_TIME_SECONDS": "1", "HOROVOD_STALL_CHECK_DISABLE": "0"}),
     (1.5, 0, {"HOROVOD_STALL_CHECK_TIME_SECONDS": "2", "HOROVOD_STALL_CHECK_DISABLE": "0",
               "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "0"}),
     (0, 2.5, {"HOROVOD_STALL_CHECK_TIME_SECONDS": "3", "HOROVOD_STALL_CHECK_DISABLE": "0",

@@ -64,18 +64,22 @@ def stall_environment(check_s: float | None, timeout_s: float | None) -> dict[st
     """Horovod's variables for ``init``'s stall arguments, meaning what they mean on the mpi
     and torch backends. Horovod takes whole seconds (``int`` made 0.5 s "0", never, and 2.5
     s 2): a fraction rounds up. It reads a check time of 0 as a report every cycle (here:
-    none), and shuts down only from its check: a check of 0 is HOROVOD_STALL_CHECK_DISABLE=1,
-    or with a timeout in effect a check time of the timeout (its one report comes then)."""
+    none), shuts down only from its check, and never when the timeout is below the check
+    time (stall_inspector.cc: "will not shutdown"), where the other backends end the job at
+    the timeout whatever the check time: with a timeout in effect the check time is at most
+    the timeout (a check of 0, or HOROVOD_STALL_CHECK_DISABLE=1: the timeout, its one report
+    coming then); without one a check of 0 is HOROVOD_STALL_CHECK_DISABLE=1."""
+    if check_s is None and timeout_s is None:
+        return {}  # Horovod's own variables, as the user set them
+    check, timeout = stall.settings(check_s, timeout_s)  # the arguments', else the variables'
     env: dict[str, str] = {}
     if timeout_s is not None:
         env[stall.SHUTDOWN_ENV] = str(math.ceil(timeout_s))
-    if check_s is not None:
-        _, timeout = stall.settings(check_s, timeout_s)  # the argument's, else the variable's
-        every = check_s if check_s > 0 else timeout
-        if every > 0:
-            env[stall.CHECK_ENV], env[stall.DISABLE_ENV] = str(math.ceil(every)), "0"
-        else:
-            env[stall.DISABLE_ENV] = "1"
+    every = (min(check, timeout) if check > 0 else timeout) if timeout > 0 else check
+    if every > 0:
+        env[stall.CHECK_ENV], env[stall.DISABLE_ENV] = str(math.ceil(every)), "0"
+    else:
+        env[stall.DISABLE_ENV] = "1"
     return env
 
 
