@@ -230,8 +230,10 @@ def resolve(flag: str, text: str) -> Callable:
     obj = module
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            file = "" if is_file_reference(text) else \
-                f" (it is {getattr(module, '__file__', None) or 'a module with no file'})"
+            file = ""
+            if not is_file_reference(text):
+                _refuse_shadowed(flag, text, sys.modules.get(where.partition(".")[0], module))
+                file = f" (it is {getattr(module, '__file__', None) or 'a module with no file'})"
             raise UsageError(f"{flag} {text}: {where} has no attribute {attribute!r}{file}")
         obj = getattr(obj, part)
     if not callable(obj):
@@ -245,7 +247,8 @@ def _import(flag: str, text: str):
     if "" not in sys.path and str(Path.cwd()) not in sys.path:
         # Last, not first as `python -m` puts it (the console script puts it nowhere): a user
         # file named as a module hpctrain or torch imports (types.py) must not replace it.
-        # A module the folder holds but Python takes from elsewhere is refused instead.
+        # A module the folder holds but Python takes from elsewhere is named where what the
+        # reference wants is missing from it (the same package installed is no error).
         sys.path.append(str(Path.cwd()))
     try:
         module = importlib.import_module(name)
@@ -256,14 +259,15 @@ def _import(flag: str, text: str):
                          "working directory or PYTHONPATH)") from None
     except Exception as e:
         raise UsageError(f"{flag}: importing {name} raised {one_line(e)}") from e
-    _refuse_shadowed(flag, text, sys.modules.get(name.partition(".")[0], module))
     return module
 
 
 def _refuse_shadowed(flag: str, text: str, top) -> None:
     """UsageError when the working folder holds ``NAME.py`` or a package ``NAME/`` but
-    ``import NAME`` (``top``) gave another module: a standard or installed one (``test``,
-    ``code``) comes first on the path, and its missing attribute blamed the user's file."""
+    ``import NAME`` (``top``) gave another module, which lacks what the reference wants: a
+    standard or installed one (``test``, ``code``) comes first on the path, and its missing
+    attribute blamed the user's file. Called only then: a package's own checkout beside
+    its installed copy imports the installed one, which has it."""
     folder = Path.cwd()
     own = next((f for f in (folder / f"{top.__name__}.py", folder / top.__name__ / "__init__.py")
                 if f.is_file()), None)

@@ -527,6 +527,20 @@ def test_a_module_of_the_working_folder_named_as_a_standard_one_is_refused(tmp_p
         assert plugins.resolve("--model", "mine_s77:build")() == 3
     finally:
         sys.modules.pop("mine_s77", None)
+    # A package's checkout beside its installed copy (or one on PYTHONPATH): the installed
+    # one is imported, and it has what the reference wants, so it is no error.
+    site = tmp_path / "site" / "pkg_s77"
+    site.mkdir(parents=True)
+    (site / "__init__.py").write_text("def build(): return 4\n")
+    (tmp_path / "pkg_s77").mkdir()
+    (tmp_path / "pkg_s77" / "__init__.py").write_text("def build(): return 5\n")
+    monkeypatch.syspath_prepend(str(site.parent))
+    try:
+        assert plugins.resolve("--model", "pkg_s77:build")() == 4
+        with pytest.raises(UsageError, match=r"`pkg_s77` is the module .*site/pkg_s77/"):
+            plugins.resolve("--model", "pkg_s77:other")  # missing there: the folder's named
+    finally:
+        sys.modules.pop("pkg_s77", None)
 
 
 def test_a_file_imports_a_module_beside_it(tmp_path, monkeypatch):
