@@ -145,3 +145,39 @@ def test_the_stall_report_is_repeated_every_check_time(monkeypatch):
                ln.endswith("in allreduce(name='late') (call #1 on process set 0); not arrived: "
                            "rank 1 (no answer); still waiting (stall check every 0.05 s)")
                for ln in said[:2]), said
+
+
+def test_a_rank_a_lower_one_reports_for_stops_asking(monkeypatch):
+    """Every waiting rank asked every other at each check time, though only the lowest
+    waiting one prints: N^2 messages a check time through a long hang on many ranks. Once a
+    lower rank is seen waiting in the same call, this one asks again only to end the job."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from hpctrain.sync import stall
+
+    said: list[str] = []
+    monkeypatch.setattr(stall, "say", said.append)
+    asked = threading.Event()
+    asks: list[float] = []
+    here = ("process set 0", 0, "allreduce(name='late')", 0.0)  # rank 0 waits there too
+
+    def ask(others, status, wait_s):
+        asks.append(time.monotonic())
+        asked.set()
+        return {0: (here, "nothing yet", 0.0)}
+
+    peers = SimpleNamespace(serve=lambda status: None, close=lambda: None, ask=ask)
+    channel = SimpleNamespace(label="process set 0", transport=SimpleNamespace(size=lambda: 3),
+                              global_rank=lambda r: r)
+    call = SimpleNamespace(describe=lambda: "allreduce(name='late')")
+    monitor = stall._Monitor(peers, 1, check_s=0.02, timeout_s=0)  # type: ignore[arg-type]
+    try:
+        waiting = stall._Waiting(channel, call, 0, time.monotonic())
+        monitor.waiting = waiting
+        assert asked.wait(30)
+        time.sleep(0.5)  # many check times
+    finally:
+        monitor.stop()
+    assert waiting.quiet and len(asks) == 1 and said == [], (asks, said)

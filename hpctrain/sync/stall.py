@@ -105,6 +105,9 @@ class _Waiting:
     since: float
     report_after: float = 0.0  # waited seconds; the next report once past them (as Horovod's)
     heard: dict = field(default_factory=dict)  # rank -> (its answer, when): the check's
+    # A lower rank waits in this call too and prints its reports: this one asks no more until
+    # the ending one (every waiting rank asking every other at each check: N^2 messages).
+    quiet: bool = False
 
 
 class _MpiPeers:
@@ -250,6 +253,8 @@ class _Monitor:
         """Print the wait as the check ``found`` it (``time.monotonic()``), the others' last
         calls counted back to then: asking them takes up to two polls, which the line counted
         in ("waited 2 s" for a 1 s check, "4 s" ending at a 3 s timeout)."""
+        if w.quiet and not ending:
+            return
         members = [w.channel.global_rank(r) for r in range(w.channel.transport.size())]
         others = [r for r in members if r != self.rank]
         answers = self.peers.ask(others, self.status, answer_wait(
@@ -260,6 +265,7 @@ class _Monitor:
         waiting_here = [self.rank] + [r for r, a in answers.items()
                                       if a[0] is not None and a[0][:2] == here]
         if min(waiting_here) != self.rank and not ending:
+            w.quiet = True
             return  # a lower rank waiting in the same call prints the report
         absent = []
         for r in others:
