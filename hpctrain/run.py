@@ -18,6 +18,10 @@ plugs in at fixed points. One step, on every worker::
     position = algo.progress(...); algo.after_update(final)   # MA/EC aggregate here
     bar, watchdog beat, snapshot every --eval-every epochs of global progress
 
+The update (synchronize to scaler.update), after_update, before_checkpoint and the
+algorithm's finish, where the ranks wait for each other, run inside
+``watchdog.waiting_for_others``: a rank stalled elsewhere speaks first.
+
 Snapshots are evaluated after training, so the time axis excludes evaluation, unless
 ``--eval online`` (:mod:`hpctrain.live`, which also writes TensorBoard and watches for a
 collapse).
@@ -669,10 +673,13 @@ class _Training:
             set_lr(self.optimizer, lr)
             x, y = self._batch(local)
             loss = self._backward(x, y)
-            applied = self._update(loss)
+            # Where the ranks wait for each other: a rank stalled elsewhere speaks first.
+            with watchdog.waiting_for_others("the step's update"):
+                applied = self._update(loss)
             at.position = algo.progress(at.position, applied)
             at.local_steps, at.samples, at.i = at.local_steps + 1, at.samples + len(y), at.i + 1
-            with self.profiler.region("hpctrain.after_update"):
+            with self.profiler.region("hpctrain.after_update"), \
+                    watchdog.waiting_for_others("the round after the update"):
                 algo.after_update(final=at.position >= self.total)
             self._report_update(loss, lr)
             self._snapshot_at_mark()
@@ -683,7 +690,8 @@ class _Training:
         """The checkpoint due at this step (after SIGUSR1's, stop); False, and none, where
         another worker is finishing."""
         at = self.at
-        seen = self.algo.before_checkpoint(at.position)
+        with watchdog.waiting_for_others("the checkpoint's agreement"):
+            seen = self.algo.before_checkpoint(at.position)
         if seen is None:
             return False
         at.position = seen
@@ -819,7 +827,8 @@ class _Training:
         busy = self.runtime.now() - self.start
         peak = self.runtime.peak_memory(self.device)  # training's, before evaluation
         self.watch.finish()
-        self.at.position = self.algo.finish(self.at.position)
+        with watchdog.waiting_for_others("the end of training"):  # async: the others' pushes
+            self.at.position = self.algo.finish(self.at.position)
         wall = self.runtime.now() - self.start
         # An async rank 0's last step saw the count before the others' last pushes, which
         # finish() collected: the bar ends at the run's count, not 937 of 938.

@@ -16,12 +16,17 @@ a resumed run's snapshots) and at the end (while it scores ma's and ec's curve a
 outputs). Where rank 0 writes (a checkpoint, the summary) the workers' wait has a bound, the
 write's allowance plus the timeout: a rank 0 frozen whole (SIGSTOP, a node that stops
 scheduling it) has no watchdog of its own left to end the job. Ranks that wait for a stalled
-one stop beating too, so several ranks may report; in asynchronous runs the others keep
-stepping and only the stalled rank's watchdog fires (or theirs, later, at the final barrier),
-except ssp's, which wait for the slowest worker: they beat while it steps, so one frozen whole
-(its watchdog thread too) ends the job. A process stopped and continued (mpirun's SIGCONT
-before its SIGTERM, ``fg`` after Ctrl-Z) restarts its clock rather than blaming itself
-(:func:`stopped_after`): a frozen rank stays the one without a line.
+one stop beating too, so several ranks may report. Where a rank knows it waits for the others
+(the step's gradient sync and update, ma's and ec's round, the agreement at a checkpoint
+mark and at the end: :func:`waiting_for_others`), its watchdog gives the stalled rank a
+grace (:func:`grace`) to speak first, and its own line says what it was waiting in: the
+first line names the rank stuck outside such a wait (its compute, its data). In
+asynchronous runs the others keep stepping and only the stalled rank's watchdog fires (or
+theirs, a grace later, at the end of training), except ssp's, which wait for the slowest
+worker: they beat while it steps, so one frozen whole (its watchdog thread too) ends the
+job. A process stopped and continued (mpirun's SIGCONT before its SIGTERM, ``fg`` after
+Ctrl-Z) restarts its clock rather than blaming itself (:func:`stopped_after`): a frozen rank
+stays the one without a line.
 Horovod's stall check only warns by default; PyTorch's NCCL watchdog aborts after its
 collective timeout, as this does.
 """
@@ -46,6 +51,8 @@ STARTUP_S = 600.0
 # model, the ranks waiting in a collective meanwhile) at least this long: a slow file system is
 # not a stall, a hung one still is.
 BUSY_S = 600.0
+# The most a rank waiting for the others is given beyond the timeout (see grace()).
+GRACE_MAX_S = 60.0
 # The shortest wait between two looks (a tenth of the timeout, at most a second): a tiny timeout
 # from Python (train's --stall-timeout is 0 or >= 1) must not spin the thread.
 MIN_POLL_S = 0.01
@@ -81,16 +88,31 @@ def stopped_after(timeout: float) -> float:
     return timeout / 2
 
 
+def grace(timeout: float) -> float:
+    """How much longer than its limit a rank inside :func:`waiting_for_others` waits before
+    it ends the job: half the timeout, at most :data:`GRACE_MAX_S`.
+
+    The stalled rank and those waiting for it beat last at about the same time (the end of
+    the step before, the lock-step collectives' skew apart), so without a grace whichever
+    watchdog looked first spoke, often a waiting one. The stalled rank's line comes within a
+    poll (a tenth of the timeout, at most 1 s) of its limit, and mpirun ends the others about
+    a second after it exits: half the timeout is five polls; a stall inside the wait itself
+    (a hung network) still ends the job, that much later, and never more than a minute."""
+    return min(timeout / 2, GRACE_MAX_S)
+
+
 class _Watchdog:
     def __init__(self, timeout: float, rank: int, ranks: int = 1) -> None:
-        self.timeout, self.rank = timeout, rank
-        # A rank can tell neither whether it waits for another nor for which (the main
-        # thread may be inside MPI, at thread level serialized): the line says how to read it.
-        self.hint = "; ranks waiting for a stalled one say this too, and one frozen whole " \
-            "(its watchdog with it) says nothing" if ranks > 1 else ""
+        self.timeout, self.rank, self.grace = timeout, rank, grace(timeout)
+        # A rank cannot tell for which rank it waits (the main thread may be inside MPI, at
+        # thread level serialized), nor always whether it waits (ssp's clock, the final
+        # barrier, rank 0's evaluation): the line says how to read it.
+        self.hint = "; ranks waiting for a stalled one may say this too, and one frozen " \
+            "whole (its watchdog with it) says nothing" if ranks > 1 else ""
         self.limit = max(timeout, STARTUP_S)  # the timeout once the first beat came
         self.count: int | None
         self.last, self.doing, self.count = time.monotonic(), "starting", None
+        self.waiting: str | None = None  # set by waiting_for_others()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="hpctrain-watchdog",
                                         daemon=True)
@@ -104,10 +126,16 @@ class _Watchdog:
             if now - looked - poll > stopped_after(self.timeout):
                 self.last = now  # the process was stopped, not stuck: the clock restarts
             looked = now
-            if now - self.last > self.limit:
+            waiting = self.waiting  # read once: the main thread may clear it meanwhile
+            limit = self.limit if waiting is None else self.limit + self.grace
+            if now - self.last > limit:
                 doing = self.doing if self.count is None else f"{self.doing} {self.count}"
-                say(f"hpctrain: rank {self.rank} made no progress for {self.limit:g} s (last: "
-                    f"{doing}); ending the job (--stall-timeout {self.timeout:g}){self.hint}")
+                said = self.hint if waiting is None else (
+                    f"; waiting for the other ranks in {waiting}: a rank stalled outside such "
+                    f"a wait had {self.grace:g} s more to speak first; one frozen whole (its "
+                    f"watchdog with it) says nothing")
+                say(f"hpctrain: rank {self.rank} made no progress for {limit:g} s (last: "
+                    f"{doing}); ending the job (--stall-timeout {self.timeout:g}){said}")
                 end_job()
 
     def stop(self) -> None:
@@ -157,6 +185,31 @@ def beat(doing: str, count: int | None = None, *, starting: bool = False,
             _active.limit = max(_active.limit, BUSY_S)
         elif not starting:
             _active.limit = _active.timeout
+
+
+class waiting_for_others:  # noqa: N801 - used as a function, like contextlib's
+    """Around the part of a step that waits for the other ranks (the lock-step update's
+    collectives, ma's and ec's round, a push waiting for others' locks): the watchdog holds
+    this rank to :func:`grace` beyond its limit there and its line says ``what`` it waited in,
+    so that the rank that stalled elsewhere speaks first. It sets and clears one attribute, a
+    class rather than a generator for the cost of a step's two calls; nothing when not
+    watching."""
+
+    __slots__ = ("what", "active", "before")
+    active: _Watchdog | None
+    before: str | None
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        self.active = active = _active  # the one to clear, should watching restart inside
+        if active is not None:
+            self.before, active.waiting = active.waiting, self.what
+
+    def __exit__(self, *exc: object) -> None:
+        if self.active is not None:
+            self.active.waiting = self.before
 
 
 @contextlib.contextmanager

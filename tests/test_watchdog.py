@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -46,8 +47,8 @@ def test_a_ranks_line_says_that_a_frozen_rank_says_nothing():
     assert proc.returncode == watchdog.EXIT_STATUS
     assert proc.stderr.strip() == (
         "hpctrain: rank 0 made no progress for 1 s (last: update 136); ending the job "
-        "(--stall-timeout 1); ranks waiting for a stalled one say this too, and one frozen "
-        "whole (its watchdog with it) says nothing"), proc.stderr
+        "(--stall-timeout 1); ranks waiting for a stalled one may say this too, and one "
+        "frozen whole (its watchdog with it) says nothing"), proc.stderr
 
 
 # Rank 2 of a job: its last beat, then a wait on the test (stdin) for its next step.
@@ -162,6 +163,46 @@ def test_zero_timeout_watches_nothing():
     assert watchdog._active is None
 
 
+@pytest.mark.timeout(60)
+def test_a_rank_waiting_for_the_others_lets_the_stalled_one_speak_first(monkeypatch):
+    """Ranks 0 and 1 beat last at once; rank 1 stalls in its compute, rank 0 waits for it in
+    the step's update. Both watchdogs fired within a poll, and rank 0's line (the one mpirun
+    let through, on 3 and 4 ranks mostly) sent the engineer to an innocent node. Now rank 0
+    fires only after a grace, saying what it waited in."""
+    said: list[str] = []
+    monkeypatch.setattr(watchdog, "say", said.append)
+    released = threading.Event()
+    monkeypatch.setattr(watchdog, "end_job", released.wait)  # holds the thread, as exit would
+
+    watchdog.start(1.0, rank=0, ranks=2)
+    waiting, stalled = watchdog._active, watchdog._Watchdog(1.0, rank=1, ranks=2)
+    try:
+        with watchdog.waiting_for_others("the step's update"):
+            watchdog.beat("update", 6)
+            stalled.last, stalled.doing, stalled.count = waiting.last, "update", 6
+            stalled.limit = stalled.timeout
+            while len(said) < 2:
+                time.sleep(0.01)
+        assert waiting.waiting is None  # the wait's end clears the mark
+    finally:
+        waiting._stop.set()
+        stalled._stop.set()
+        released.set()
+        watchdog.stop()
+        stalled.stop()
+    assert said[0] == ("hpctrain: rank 1 made no progress for 1 s (last: update 6); ending the "
+                       "job (--stall-timeout 1); ranks waiting for a stalled one may say this "
+                       "too, and one frozen whole (its watchdog with it) says nothing")
+    assert said[1] == ("hpctrain: rank 0 made no progress for 1.5 s (last: update 6); ending "
+                       "the job (--stall-timeout 1); waiting for the other ranks in the step's "
+                       "update: a rank stalled outside such a wait had 0.5 s more to speak "
+                       "first; one frozen whole (its watchdog with it) says nothing")
+
+
+def test_the_grace_is_half_the_timeout_at_most_a_minute():
+    assert (watchdog.grace(1), watchdog.grace(8), watchdog.grace(600)) == (0.5, 4, 60)
+
+
 class _BarrierDoneAtOnce:
     """A communicator whose non-blocking barrier is complete at the first look, as a rank's
     is when rank 0 was done (and the others there) before it came."""
@@ -191,20 +232,23 @@ def test_a_wait_over_at_its_first_look_still_beats():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("algo,reporting,last", [("ssgd", "[01]", "update 6"),
-                                                  ("dcasgd-a", "1", "update 6")])
-def test_a_hung_rank_ends_the_job(tmp_path, algo, reporting, last):
+@pytest.mark.parametrize("algo", ["ssgd", "dcasgd-a"])
+def test_a_hung_rank_ends_the_job(tmp_path, algo):
     """Rank 1 hangs (alive, silent) after its 6th update: without the watchdog the other rank
     would wait in its next collective (ssgd) or the final barrier (async) forever.
 
-    ssgd's rank 0 stops beating at the same update, waiting for rank 1: both watchdogs fire
-    within a poll of each other, and mpirun ends the other rank about 1 s after the first
-    exits, so either line may be the only one. dcasgd-a's rank 0 keeps stepping."""
+    ssgd's rank 0 stops beating at the same update, waiting for rank 1 in the step's
+    allreduce: its watchdog fired within a poll of rank 1's, and the first line (or the
+    only one) often named rank 0, an innocent node. Now the wait gives rank 1 a grace to
+    speak first. dcasgd-a's rank 0 keeps stepping, to the budget's end, then waits for rank
+    1's push in the end's agreement, which has the grace too (1 in 3 first lines were its)."""
     proc = run_job(["train", "--algo", algo, *SMALL, "--stall-timeout", "8", "--out",
                     str(tmp_path)], np=2, timeout=100, env={"HPCTRAIN_INJECT": "hang@1:6"})
     assert proc.returncode != 0
-    assert re.search(f"hpctrain: rank {reporting} made no progress for 8 s "
-                     + re.escape(f"(last: {last}); ending the job"), proc.stderr), proc.stderr
+    assert "hpctrain: rank 1 made no progress for 8 s (last: update 6); ending the job" \
+        in proc.stderr, proc.stderr
+    assert re.findall(r"hpctrain: rank (\d+) made no progress", proc.stderr)[0] == "1", \
+        proc.stderr
     assert not (tmp_path / "summary.json").exists()
 
 
@@ -481,8 +525,8 @@ def test_a_frozen_worker_ends_an_ssp_job(tmp_path):
     assert "hpctrain: rank 0 made no progress for 5 s (last: ssp wait" in proc.stderr, \
         proc.stderr
     # rank 0 speaks, rank 1 (frozen) cannot: the line says how to read that
-    assert "(--stall-timeout 5); ranks waiting for a stalled one say this too, and one " \
-        "frozen whole (its watchdog with it) says nothing" in proc.stderr, proc.stderr
+    assert "(--stall-timeout 5); ranks waiting for a stalled one may say this too, and " \
+        "one frozen whole (its watchdog with it) says nothing" in proc.stderr, proc.stderr
     assert proc.returncode != 0 and not (tmp_path / "run" / "summary.json").exists()
 
 
