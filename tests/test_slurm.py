@@ -763,17 +763,9 @@ def test_open_mpi_ranks_of_several_cpus_are_unbound_unless_told(tmp_path, script
     """--cpus-per-task 2 under mpirun: Open MPI bound each of one or two ranks to one core
     (the real Slurm test above shows it); the scripts unbind them, but a binding the user
     or the site chose ("-map-by ... PE=2", given the Horovod way) was overridden."""
-    fake = tmp_path / "bin"
-    fake.mkdir()
-    (fake / "mpirun").write_text(FAKE_MPIRUN)
-    (fake / "mpirun").chmod(0o755)
-    base = {k: v for k, v in os.environ.items()
-            if not k.startswith(("SLURM_", "OMPI_MCA_hwloc", "OMPI_MCA_rmaps"))}
-    base.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
-                SLURM_CPUS_PER_TASK=cpus, HPCTRAIN_MPIRUN_ARGS=args, HPCTRAIN_RUNS="runs",
-                HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT),
-                PATH=f"{fake}{os.pathsep}{os.environ['PATH']}",
-                FAKE_LOG=str(tmp_path / "mpirun.log"), **env)
+    base = _under_fake_mpirun(tmp_path, SLURM_CPUS_PER_TASK=cpus, HPCTRAIN_MPIRUN_ARGS=args,
+                              HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                              FAKE_LOG=str(tmp_path / "mpirun.log"), **env)
     if script == "compare":  # bench compare starts mpirun itself: its template is said
         base["HPCTRAIN_PYTHON"] = "true"
     argv = {"train": ["--algo", "ssgd"], "bench": ["store"], "compare": ["--algos", "ssgd"]}
@@ -783,10 +775,10 @@ def test_open_mpi_ranks_of_several_cpus_are_unbound_unless_told(tmp_path, script
     assert ("--bind-to none" in started) == unbound, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("args", ["", "  -x OMPI_MCA_osc=^ucx   --mca btl self,tcp "])
-def test_compare_sbatch_names_its_launcher_template_cleanly(tmp_path, args):
-    """With HPCTRAIN_MPIRUN_ARGS empty the line said "launcher mpirun -np {np}
-    --allow-run-as-root , outputs ...": the template's trailing space before the comma."""
+def _under_fake_mpirun(tmp_path, **variables: str) -> dict[str, str]:
+    """The environment of a script run by hand as a 2-task, one-node Slurm job whose mpirun
+    is :data:`FAKE_MPIRUN` (first on PATH), the caller's Slurm and binding settings left
+    out, with ``variables`` added."""
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "mpirun").write_text(FAKE_MPIRUN)
@@ -794,8 +786,16 @@ def test_compare_sbatch_names_its_launcher_template_cleanly(tmp_path, args):
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("SLURM_", "OMPI_MCA_hwloc", "OMPI_MCA_rmaps"))}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
-               HPCTRAIN_MPIRUN_ARGS=args, HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON="true",
-               PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+               HPCTRAIN_RUNS="runs", PATH=f"{fake}{os.pathsep}{os.environ['PATH']}")
+    env.update(variables)
+    return env
+
+
+@pytest.mark.parametrize("args", ["", "  -x OMPI_MCA_osc=^ucx   --mca btl self,tcp "])
+def test_compare_sbatch_names_its_launcher_template_cleanly(tmp_path, args):
+    """With HPCTRAIN_MPIRUN_ARGS empty the line said "launcher mpirun -np {np}
+    --allow-run-as-root , outputs ...": the template's trailing space before the comma."""
+    env = _under_fake_mpirun(tmp_path, HPCTRAIN_MPIRUN_ARGS=args, HPCTRAIN_PYTHON="true")
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "compare.sbatch"), "--algos", "ssgd"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     template = " ".join(["mpirun -np {np}", *(["--allow-run-as-root"] if os.getuid() == 0
