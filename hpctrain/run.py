@@ -781,10 +781,14 @@ class _Training:
         """An update told to the bar, the watch (TensorBoard, the collapse detector), the
         watchdog and the profiler."""
         at = self.at
-        self.bar.update(min(at.position, self.total) - self.bar.n)
+        self._bar_to_position()
         self.watch.step(at.position, at.local_steps, loss, lr, self.runtime.now() - self.start)
         watchdog.beat("update", at.local_steps)
         self.profiler.step(at.local_steps)
+
+    def _bar_to_position(self) -> None:
+        """The bar at the run's global progress (updates, at most the budget)."""
+        self.bar.update(min(self.at.position, self.total) - self.bar.n)
 
     def _snapshot_at_mark(self) -> None:
         """A snapshot where the updates passed the next --eval-every mark (below the budget:
@@ -832,7 +836,7 @@ class _Training:
         wall = self.runtime.now() - self.start
         # An async rank 0's last step saw the count before the others' last pushes, which
         # finish() collected: the bar ends at the run's count, not 937 of 938.
-        self.bar.update(min(self.at.position, self.total) - self.bar.n)
+        self._bar_to_position()
         self.bar.close()
         if missed > 0 and self.algo.snapshots == "root" and self.rank == 0:
             print(f"hpctrain: rank 0 took the snapshots between its steps, and {missed} "
