@@ -17,16 +17,16 @@ outputs). Where rank 0 writes (a checkpoint, the summary) the workers' wait has 
 write's allowance plus the timeout: a rank 0 frozen whole (SIGSTOP, a node that stops
 scheduling it) has no watchdog of its own left to end the job. Ranks that wait for a stalled
 one stop beating too, so several ranks may report. Where a rank knows it waits for the others
-(the step's gradient sync and update, ma's and ec's round, the agreement at a checkpoint
-mark and at the end: :func:`waiting_for_others`), its watchdog gives the stalled rank a
-grace (:func:`grace`) to speak first, and its own line says what it was waiting in: the
-first line names the rank stuck outside such a wait (its compute, its data). In
-asynchronous runs the others keep stepping and only the stalled rank's watchdog fires (or
-theirs, a grace later, at the end of training), except ssp's, which wait for the slowest
-worker: they beat while it steps, so one frozen whole (its watchdog thread too) ends the
-job. A process stopped and continued (mpirun's SIGCONT before its SIGTERM, ``fg`` after
-Ctrl-Z) restarts its clock rather than blaming itself (:func:`stopped_after`): a frozen rank
-stays the one without a line.
+(the step's gradient sync and update, ma's and ec's round, ssp's wait for the slowest worker,
+the agreement at a checkpoint mark and at the end: :func:`waiting_for_others`), its watchdog
+gives the stalled rank a grace (:func:`grace`) to speak first, and its own line says what it
+was waiting in: the first line names the rank stuck outside such a wait (its compute, its
+data). In asynchronous runs the others keep stepping and only the stalled rank's watchdog fires
+(or theirs, a grace later, at the end of training), except ssp's, which wait for the slowest
+worker (a grace later too): they beat while it steps, so one frozen whole (its watchdog thread
+too) ends the job. A process stopped and continued (mpirun's SIGCONT before its SIGTERM, ``fg``
+after Ctrl-Z) restarts its clock rather than blaming itself (:func:`stopped_after`): a frozen
+rank stays the one without a line.
 Horovod's stall check only warns by default; PyTorch's NCCL watchdog aborts after its
 collective timeout, as this does.
 """
@@ -105,8 +105,8 @@ class _Watchdog:
     def __init__(self, timeout: float, rank: int, ranks: int = 1) -> None:
         self.timeout, self.rank, self.grace = timeout, rank, grace(timeout)
         # A rank cannot tell for which rank it waits (the main thread may be inside MPI, at
-        # thread level serialized), nor always whether it waits (ssp's clock, the final
-        # barrier, rank 0's evaluation): the line says how to read it.
+        # thread level serialized), nor always whether it waits (the final barrier,
+        # rank 0's evaluation): the line says how to read it.
         self.hint = "; ranks waiting for a stalled one may say this too, and one frozen " \
             "whole (its watchdog with it) says nothing" if ranks > 1 else ""
         self.limit = max(timeout, STARTUP_S)  # the timeout once the first beat came

@@ -232,7 +232,7 @@ def test_a_wait_over_at_its_first_look_still_beats():
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("algo", ["ssgd", "dcasgd-a"])
+@pytest.mark.parametrize("algo", ["ssgd", "dcasgd-a", "ssp"])
 def test_a_hung_rank_ends_the_job(tmp_path, algo):
     """Rank 1 hangs (alive, silent) after its 6th update: without the watchdog the other rank
     would wait in its next collective (ssgd) or the final barrier (async) forever.
@@ -241,7 +241,9 @@ def test_a_hung_rank_ends_the_job(tmp_path, algo):
     allreduce: its watchdog fired within a poll of rank 1's, and the first line (or the
     only one) often named rank 0, an innocent node. Now the wait gives rank 1 a grace to
     speak first. dcasgd-a's rank 0 keeps stepping, to the budget's end, then waits for rank
-    1's push in the end's agreement, which has the grace too (1 in 3 first lines were its)."""
+    1's push in the end's agreement, which has the grace too (1 in 3 first lines were its).
+    ssp's rank 0 runs S clocks ahead, then waits for rank 1 in the staleness bound, its
+    last beat a few ms after rank 1's: that wait has the grace too."""
     proc = run_job(["train", "--algo", algo, *SMALL, "--stall-timeout", "8", "--out",
                     str(tmp_path)], np=2, timeout=100, env={"HPCTRAIN_INJECT": "hang@1:6"})
     assert proc.returncode != 0

@@ -159,20 +159,22 @@ class StalenessBound:
         if self._parked:
             raise RuntimeError("StalenessBound.wait() on a parked worker: unpark() first")
         start = seen = None
-        while True:
-            slowest = self._slowest()
-            floor = self._floor = slowest if self._floor is None else self._floor
-            gap = self._clock - slowest
-            if gap <= self.max_staleness:
-                break
-            if start is None:
-                start = time.perf_counter()
-                self.waits += 1
-            if slowest != seen:  # the job makes progress while the slowest worker steps; a
-                seen = slowest   # frozen one ends it after the allowance (beating every
-                watchdog.beat("ssp wait", self._clock,  # poll, nothing ever did)
-                              compiling=self.patient or slowest <= floor)
-            time.sleep(self.poll_interval)
+        # A wait for the others: a frozen slowest worker's own watchdog speaks first.
+        with watchdog.waiting_for_others("the staleness bound's wait for the slowest worker"):
+            while True:
+                slowest = self._slowest()
+                floor = self._floor = slowest if self._floor is None else self._floor
+                gap = self._clock - slowest
+                if gap <= self.max_staleness:
+                    break
+                if start is None:
+                    start = time.perf_counter()
+                    self.waits += 1
+                if slowest != seen:  # the job makes progress while the slowest worker steps;
+                    seen = slowest   # a frozen one ends it after the allowance (beating
+                    watchdog.beat("ssp wait", self._clock,  # every poll, nothing ever did)
+                                  compiling=self.patient or slowest <= floor)
+                time.sleep(self.poll_interval)
         waited = 0.0 if start is None else time.perf_counter() - start
         self.wait_s += waited
         self.last_gap = gap
