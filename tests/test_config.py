@@ -440,7 +440,7 @@ _LAYERS = {
     "simulator": ("hpctrain.sim",),
     "run": ("hpctrain.run", "hpctrain.launch_checks", "hpctrain.run_folders",
             "hpctrain.runtime", "hpctrain.steptimes", "hpctrain.config", "hpctrain.registry",
-            "hpctrain.algorithm", "hpctrain.summary", "hpctrain.live",
+            "hpctrain.algorithm", "hpctrain.summary", "hpctrain.result", "hpctrain.live",
             "hpctrain.sync.algorithm", "hpctrain.ec.algorithm", "hpctrain.async_.algorithm"),
 }
 
