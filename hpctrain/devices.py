@@ -3,8 +3,9 @@
 One rule for every algorithm (``--device``): ``cpu``; ``cuda`` takes GPU
 ``local_rank % device_count`` (several ranks may share one GPU; a ``CUDA_VISIBLE_DEVICES``
 set by Slurm or the user narrows what torch sees); ``auto`` is ``cuda`` when torch sees a GPU.
-MPI moves device memory only when the library is CUDA-aware (:func:`cuda_aware_mpi`); else
-data go through :class:`HostStage`, a pinned host copy.
+MPI moves device memory only when the library is CUDA-aware (:func:`cuda_aware_mpi`) and takes
+it in the non-blocking collectives hpctrain calls (:func:`mpi_takes_device_memory`: not Open
+MPI's); else data go through :class:`HostStage`, a pinned host copy.
 """
 
 from __future__ import annotations
@@ -206,6 +207,31 @@ def cuda_aware_mpi() -> bool:
     return _library_cuda_aware()
 
 
+def mpi_takes_device_memory() -> bool:
+    """Whether hpctrain hands device memory to MPI (:class:`HostStage`'s default, the mpi
+    transport's): :func:`cuda_aware_mpi`, unless the library is Open MPI
+    (:func:`device_memory_in_nonblocking`)."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    return cuda_aware_mpi() and device_memory_in_nonblocking(
+        _library_version() if MPI is not None else None)
+
+
+def device_memory_in_nonblocking(library: str | None) -> bool:
+    """Whether the MPI library ``library`` (its version string; None: not known) takes device
+    memory in non-blocking collectives, once it is CUDA-aware. hpctrain moves tensors with
+    them (Iallreduce, Iallgatherv, Ibcast, Ialltoallv, Ireduce_scatter), and Open MPI's CUDA
+    support covers point-to-point calls and blocking collectives only: its non-blocking ones
+    (libnbc) reduce and copy in host code, which faults on a device pointer (open-mpi/ompi
+    issues 9845 and 12045). There device tensors are staged through pinned host memory, as
+    for a library that is not CUDA-aware; MPICH's GPU support covers them."""
+    return "OPEN MPI" not in (library or "").upper()
+
+
+@lru_cache(maxsize=1)
+def _library_version() -> str:
+    return str(sys.modules["mpi4py.MPI"].Get_library_version())
+
+
 def cuda_aware_override() -> bool | None:
     """What ``HPCTRAIN_CUDA_AWARE_MPI`` forces: 1 or 0 (true/false, yes/no, on/off), None when
     unset or empty. UsageError for anything else: a misspelt override left the library's
@@ -249,7 +275,8 @@ def describe() -> dict:
 class HostStage:
     """Host memory MPI can read and write for a tensor that may live on a GPU.
 
-    For a CPU tensor, or a CUDA tensor when MPI is CUDA-aware (or ``direct=True``: a
+    For a CPU tensor, or a CUDA tensor when MPI takes device memory
+    (:func:`mpi_takes_device_memory`; or ``direct=True``: a
     transport that moves it where it is, NCCL), :attr:`buffer` is the tensor itself and the
     copies are no-ops; otherwise (or with ``direct=False``) it is a host copy of the same
     shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the device) and
@@ -263,7 +290,7 @@ class HostStage:
     def __init__(self, tensor: torch.Tensor, *, direct: bool | None = None):
         self.tensor = tensor
         if direct is None:
-            direct = tensor.device.type == "cpu" or cuda_aware_mpi()
+            direct = tensor.device.type == "cpu" or mpi_takes_device_memory()
         self.staged = not direct
         self.buffer = torch.empty(tensor.shape, dtype=tensor.dtype,
                                   pin_memory=tensor.is_cuda) if self.staged else tensor

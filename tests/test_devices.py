@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from hpctrain import devices, launch_env
+from hpctrain import comm, devices, launch_env
 from hpctrain.errors import UsageError
+from hpctrain.sync.transport import MPITransport
 
 
 def clear_launchers(monkeypatch):
@@ -109,6 +110,32 @@ def test_a_misspelt_cuda_aware_override_is_refused_before_mpi(monkeypatch):
         devices.check("cpu")
     with pytest.raises(UsageError, match=re.escape(message)):
         devices.cuda_aware_mpi()
+
+
+def test_open_mpi_gets_no_device_memory_in_non_blocking_collectives(monkeypatch):
+    """Open MPI's CUDA support covers point-to-point calls and blocking collectives only; its
+    non-blocking collectives, which the mpi transport and model averaging move tensors with,
+    reduce and copy in host code and fault on device pointers (open-mpi/ompi#9845): there a
+    device tensor is staged through host memory even where the library is CUDA-aware."""
+    assert not devices.device_memory_in_nonblocking("Open MPI v4.1.5, package: Debian")
+    assert devices.device_memory_in_nonblocking("MPICH Version:      4.2.0")
+    assert devices.device_memory_in_nonblocking("Intel(R) MPI Library 2021.12")
+    # This job's MPI, as CUDA-aware: a device tensor (a meta one stands for it here) goes to
+    # MPI directly unless the library is Open MPI, by HostStage and by the transport alike.
+    MPI = comm.mpi()
+    monkeypatch.setenv(devices._AWARE_ENV, "1")
+    direct = "Open MPI" not in MPI.Get_library_version()
+    device_tensor = torch.empty(4, device="meta")
+    assert devices.mpi_takes_device_memory() is direct
+    assert devices.HostStage(device_tensor).staged is not direct
+    transport = MPITransport(MPI.COMM_SELF)
+    try:
+        assert transport.takes(device_tensor) is direct
+        assert transport.takes(torch.empty(4))  # host memory: always
+    finally:
+        transport.free()
+    monkeypatch.setenv(devices._AWARE_ENV, "0")
+    assert not devices.mpi_takes_device_memory() and devices.HostStage(device_tensor).staged
 
 
 def test_ranks_share_a_gpu_when_two_of_a_node_would_take_the_same_one():

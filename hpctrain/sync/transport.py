@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from hpctrain import comm as mpicomm
-from hpctrain.devices import cuda_aware_mpi, mpi_buffer
+from hpctrain.devices import mpi_buffer, mpi_takes_device_memory
 from hpctrain.errors import UsageError
 from hpctrain.sync import parts
 
@@ -140,7 +140,8 @@ class _MPIRequests:
 class MPITransport:
     """mpi4py non-blocking collectives on a private duplicate of ``comm``.
 
-    Device memory goes to MPI directly when the library is CUDA-aware (asked at run time);
+    Device memory goes to MPI directly when the library is CUDA-aware (asked at run time) and
+    takes it in non-blocking collectives (not Open MPI: :func:`mpi_takes_device_memory`);
     16-bit floats are reduced by a torch operation on the host, since MPI has no such type.
     """
 
@@ -153,7 +154,7 @@ class MPITransport:
                              f"{type(comm).__name__}")
         self.comm = comm.Dup()
         self.local_comm = self.comm.Split_type(MPI.COMM_TYPE_SHARED, key=self.comm.Get_rank())
-        self.device_memory = cuda_aware_mpi()
+        self.device_memory = mpi_takes_device_memory()
 
     def takes(self, tensor: torch.Tensor) -> bool:
         # The 16-bit reduction runs on the host; so must its buffers.
