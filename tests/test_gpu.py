@@ -1,10 +1,11 @@
 """GPU paths against their CPU twins: skipped, with the reason, where torch sees no GPU.
 
-Single process: the device choice, the store's staged push with the CUDA kernel, snapshots.
+Single process: the device choice, the store's staged push with the CUDA kernel, snapshots,
+a GPU run's checkpoint loaded on the host.
 MPI (``mpirun -np 2 python -m pytest --with-mpi -m mpi tests/test_gpu.py``; the ranks may
 share one GPU): CUDA tensors through the mpi backend (staged through pinned host memory
 unless MPI is CUDA-aware) and the torch backend, DistributedOptimizer on a GPU model, model
-averaging, and GPU workers pushing into one store. scripts/gpu-check.sh runs these.
+averaging, ec's ensemble, and GPU workers pushing into one store. scripts/gpu-check.sh runs these.
 """
 
 from __future__ import annotations
@@ -138,15 +139,18 @@ def test_a_gpu_run_records_the_gpu_and_its_libraries():
     assert info["cuda"] == torch.version.cuda and info["cudnn"] is not None
 
 
+@pytest.mark.parametrize("shared_memory", [None, False], ids=["shared", "get-put"])
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_one_gpu_worker_pushes_like_a_cpu_worker(consistency):
-    """The staged push (read shard, CUDA kernel, write back) gives the CPU path's model."""
+def test_one_gpu_worker_pushes_like_a_cpu_worker(consistency, shared_memory):
+    """The staged push (read shard, CUDA kernel, write back) gives the CPU path's model, with
+    the shards in shared memory and read and written through MPI (Get and Put or Accumulate
+    into the pinned host buffers)."""
     data = batches(7, 20)
     finals, staleness = {}, {}
     for device in ("cpu", gpu()):
         model = small_model().to(device)
         with ParameterStore(flat_of(model), comm.mpi().COMM_SELF, shards=3,
-                            consistency=consistency) as store:
+                            consistency=consistency, shared_memory=shared_memory) as store:
             opt = DCASGD(model, store, lr=0.05, lam=2.0, adaptive=True, momentum=0.9,
                          weight_decay=1e-3)
             for x, y in data:
@@ -179,6 +183,55 @@ def test_snapshots_of_a_gpu_model_live_on_the_host():
     snaps.take(model, t=0.0)
     assert all(t.device.type == "cpu" for t in snaps[0].state.values())
     model.load_state_dict(snaps[0].state)
+
+
+def tensors_in(obj) -> list[torch.Tensor]:
+    """Every tensor in nested dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in tensors_in(item)]
+    return []
+
+
+def test_a_gpu_runs_checkpoint_holds_host_tensors_and_resumes_anywhere(tmp_path):
+    """A checkpoint written from a GPU model and optimizer holds host tensors only (the model,
+    the momentum buffers, the GPU generator's state), so that a reader without a GPU loads
+    it; it resumes a CPU model and a GPU one alike (the optimizer's state on the parameters'
+    device), and the GPU generator draws again what it drew after the checkpoint."""
+    from hpctrain import checkpoint
+
+    dev = gpu()
+    model = small_model().to(dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = batches(3, 1)[0]
+    F.cross_entropy(model(x.to(dev)), y.to(dev)).backward()
+    opt.step()
+    snaps = Snapshots()
+    snaps.take(model, updates=1)
+    header = {"algo": "sgd", "ranks": 1, "args": {}}
+    ckpt = checkpoint.Checkpointer(None, 10, 40, shared={"model": model}, per_rank={"opt": opt},
+                                   every="1e", folder=tmp_path, resume=None, header=header)
+    ckpt.save(1, {}, snaps)
+    after = torch.rand(3, device=dev)  # drawn from the state the checkpoint holds
+    found = checkpoint.load_newest(tmp_path)
+    assert isinstance(found, checkpoint.Loaded)
+    held = tensors_in(found.payload)
+    assert held and all(t.device.type == "cpu" for t in held)
+    assert "cuda" in found.payload["ranks"][0]["rng"]
+    for device in (torch.device("cpu"), dev):
+        fresh = small_model(seed=1).to(device)
+        fresh_opt = torch.optim.SGD(fresh.parameters(), lr=0.1, momentum=0.9)
+        resumed = checkpoint.Checkpointer(None, 10, 40, shared={"model": fresh},
+                                          per_rank={"opt": fresh_opt}, every="1e",
+                                          folder=tmp_path, resume=str(tmp_path), header=header)
+        assert resumed.restore(Snapshots(), found)["updates"] == 1
+        assert torch.equal(flat_of(fresh), flat_of(model))
+        momentum = [fresh_opt.state[p]["momentum_buffer"] for p in fresh.parameters()]
+        assert all(b.device == device for b in momentum)
+        assert torch.equal(torch.rand(3, device=dev), after)
 
 
 def test_each_virtual_worker_draws_from_its_own_gpu_stream():
@@ -349,13 +402,36 @@ def test_model_averaging_of_gpu_models():
 
 @mpi
 @timeout
+@pytest.mark.parametrize("shared", [False, True])
+def test_ensemble_probabilities_of_gpu_models(shared):
+    """ec's ensemble of GPU members (each rank's own model and number of samples): the same
+    probabilities as of the CPU members, in host memory."""
+    from hpctrain.ec.ensemble import ensemble_probabilities
+
+    world = comm.world()
+    r = world.Get_rank()
+    x = torch.randn(5 + r, 16, generator=torch.Generator().manual_seed(r))
+    y = torch.randint(0, 4, (5 + r,), generator=torch.Generator().manual_seed(r))
+    probs = {}
+    for device in ("cpu", str(gpu())):
+        out = ensemble_probabilities(small_model(seed=r).to(device), world, 2.0, 4, images=x,
+                                     labels=y, shared=shared)
+        assert out.probs.device.type == "cpu"
+        probs[device] = out.probs
+    torch.testing.assert_close(probs[str(gpu())], probs["cpu"])
+
+
+@mpi
+@timeout
+@pytest.mark.parametrize("shared_memory", [None, False], ids=["shared", "get-put"])
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_gpu_workers_lose_no_update(consistency):
+def test_gpu_workers_lose_no_update(consistency, shared_memory):
     """Integer steps from every GPU worker: the store's final values count each one."""
     world = comm.world()
     numel, steps = 3000, 15
     start = torch.arange(numel, dtype=torch.float32)
-    with ParameterStore(start, world, shards=3, consistency=consistency) as store:
+    with ParameterStore(start, world, shards=3, consistency=consistency,
+                        shared_memory=shared_memory) as store:
         w = torch.empty(numel, device=gpu())
         store.pull(w)
         world.Barrier()
