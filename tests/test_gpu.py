@@ -423,15 +423,13 @@ def test_ensemble_probabilities_of_gpu_models(shared):
 
 @mpi
 @timeout
-@pytest.mark.parametrize("shared_memory", [None, False], ids=["shared", "get-put"])
 @pytest.mark.parametrize("consistency", ["locked", "atomic"])
-def test_gpu_workers_lose_no_update(consistency, shared_memory):
+def test_gpu_workers_lose_no_update(consistency):
     """Integer steps from every GPU worker: the store's final values count each one."""
     world = comm.world()
     numel, steps = 3000, 15
     start = torch.arange(numel, dtype=torch.float32)
-    with ParameterStore(start, world, shards=3, consistency=consistency,
-                        shared_memory=shared_memory) as store:
+    with ParameterStore(start, world, shards=3, consistency=consistency) as store:
         w = torch.empty(numel, device=gpu())
         store.pull(w)
         world.Barrier()
