@@ -152,7 +152,9 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
     train alone, all into the same outputs; for them without torchrun where an MPI launcher
     numbers the process otherwise (left in a shell under mpirun, they made the rank whose
     numbers differed a torch launch, which hid MPI's own variables, and MPI_Init failed with
-    no word of why); and for Horovod's own launcher (:func:`refuse_horovods_own_launch`)."""
+    no word of why), ``WORLD_SIZE=1`` too where mpirun or srun started several (each took
+    itself for a single run: rank 0 of 1, all into the same outputs); and for Horovod's own
+    launcher (:func:`refuse_horovods_own_launch`)."""
     env = os.environ if environ is None else environ
     refuse_horovods_own_launch(env)
     found = seats(env)
@@ -169,9 +171,11 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
         return Launch("mpi", _named(numbered[0]), numbered[0])
     torchs = (*TORCH_RENDEZVOUS, *TORCH_PLACEMENT)
     missing = [v for v in torchs if v not in env]
-    if missing and first.size == 1:
-        return Launch("single", "none known", None)
     mpis = next((s for s in outer if s.launcher in MPI_LAUNCHERS), None)
+    if missing and first.size == 1:  # a world of one, unless a launcher started several
+        mpis = next((s for s in outer if s.size > 1), None)  # (srun's too: each alone)
+        if mpis is None:
+            return Launch("single", "none known", None)
     if mpis is not None:  # as detect() has it: sources that disagree are an error
         raise UsageError(f"WORLD_SIZE={first.size}, RANK={first.rank} without torchrun (no "
                          f"TORCHELASTIC_RUN_ID), but {mpis}: torch.distributed's env:// "

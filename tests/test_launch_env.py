@@ -150,7 +150,11 @@ PLACED = "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SI
      {"PMI_SIZE": "2", "PMI_RANK": "1"}, PLACED),
     (ENV_RENDEZVOUS, {"MV2_COMM_WORLD_SIZE": "4", "MV2_COMM_WORLD_RANK": "2"},  # some missing
      "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT"),
-], ids=["open-mpi", "pmi-world-of-1", "mvapich-some-missing"])
+    # a bare WORLD_SIZE=1 RANK=0 left in the shell under mpirun -np 2: each rank took itself
+    # for a single run, rank 0 of 1, and both claimed the same --out
+    ({"WORLD_SIZE": "1", "RANK": "0"}, {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"},
+     "RANK, WORLD_SIZE"),
+], ids=["open-mpi", "pmi-world-of-1", "mvapich-some-missing", "open-mpi-bare-world-of-1"])
 def test_envs_variables_an_mpi_launcher_contradicts_are_refused(torchs, mpis, unset):
     """The rank whose numbers differed took them for a torch launch, hid PMIx's variables,
     and Open MPI's MPI_Init failed (OPAL ERROR: Unreachable) naming no variable."""
@@ -163,6 +167,23 @@ def test_envs_variables_an_mpi_launcher_contradicts_are_refused(torchs, mpis, un
         f"TORCHELASTIC_RUN_ID), but {name} ({size_var}={size}, {rank_var}={rank}) says rank "
         f"{rank} of {size}: torch.distributed's env:// variables left from another launch? "
         f"Unset {unset}, or start the processes with torchrun")
+
+
+@pytest.mark.unit  # the launcher named is not launched
+def test_a_bare_world_of_one_under_srun_of_several_is_refused():
+    """srun -n 2 with WORLD_SIZE=1 RANK=0 left in the shell: each task trained alone."""
+    slurm = {"SLURM_NTASKS": "2", "SLURM_PROCID": "1", "SLURM_STEP_ID": "0"}
+    with pytest.raises(UsageError) as refused:
+        launch_env.launch({"WORLD_SIZE": "1", "RANK": "0", **slurm})
+    assert str(refused.value).startswith(
+        "WORLD_SIZE=1, RANK=0 without torchrun (no TORCHELASTIC_RUN_ID), but Slurm "
+        "(SLURM_NTASKS=2, SLURM_PROCID=1) says rank 1 of 2: ")
+    # no refusal for a task of one (srun -n 1), nor without a step (a batch script's shell)
+    kinds = []
+    for outer in ({**slurm, "SLURM_NTASKS": "1", "SLURM_PROCID": "0"},
+                  {k: v for k, v in slurm.items() if k != "SLURM_STEP_ID"}):
+        kinds.append(launch_env.launch({"WORLD_SIZE": "1", "RANK": "0", **outer}).kind)
+    assert kinds == ["mpi", "single"]
 
 
 HOROVOD_GLOO = {"HOROVOD_RANK": "1", "HOROVOD_SIZE": "2", "HOROVOD_LOCAL_RANK": "1",
