@@ -723,6 +723,9 @@ def merge(base: dict, override: dict) -> dict:
     one more of the file's)."""
     out = dict(base)
     for key, value in override.items():
+        if isinstance(value, dict) and out.get(key) is not None \
+                and not isinstance(out[key], dict):  # else a bad table went unseen
+            raise UsageError(f"configuration [{key}] must be a table, not {out[key]!r}")
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = {**out[key], **value}
         else:

@@ -620,6 +620,19 @@ def test_bad_config_files_are_one_line_naming_the_value(tmp_path, name, text, me
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("text, typed, message", [
+    ('algo = "sgd"\noptim = 3\n', ("--epochs", "1"), "[optim] must be a table, not 3"),
+    ('algo = "ma"\nalgorithm = false\n', ("--tau", "5"),
+     "[algorithm] must be a table, not False"),
+])
+def test_a_files_bad_table_is_refused_also_where_an_option_of_it_is_typed(
+        tmp_path, text, typed, message):
+    """The typed option's table took the file's value's place, and the run went on."""
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(UsageError, match=re.escape(message)):
+        parse("--config", str(tmp_path / "bad.toml"), *typed)
+
+
 def test_a_toml_file_may_start_with_a_byte_order_mark_and_config_may_not_be_empty(tmp_path):
     (tmp_path / "bom.toml").write_bytes(b'\xef\xbb\xbfalgo = "ma"\n')
     assert parse("--config", str(tmp_path / "bom.toml")).algo == "ma"
