@@ -119,7 +119,7 @@ def _seat(env: Mapping[str, str], name: str, size_var: str, rank_var: str,
         raise UsageError(f"{size_var}={size}, {rank_var}={rank}: the rank is not in "
                          f"[0, {size})")
     return Seat(size, rank, f"{name} ({size_var}={size}, {rank_var}={rank})",
-                _local_rank(env, local_vars), name)
+                _first_count(env, local_vars), name)
 
 
 @dataclass(frozen=True)
@@ -228,7 +228,7 @@ def local_rank(environ: Mapping[str, str] | None = None) -> int:
     found = seats(env)
     first = next(found, None)
     if first is None:
-        return _local_rank(env, [v for names in LOCAL_RANKS.values() for v in names]) or 0
+        return _first_count(env, [v for names in LOCAL_RANKS.values() for v in names]) or 0
     return next((s.local_rank for s in [first, *alike(first, found)]
                  if s.local_rank is not None), 0)
 
@@ -249,7 +249,7 @@ def readable(outer: Iterable[Seat]) -> list[Seat]:
     return found
 
 
-def _local_rank(env: Mapping[str, str], names) -> int | None:
+def _first_count(env: Mapping[str, str], names) -> int | None:
     return next((int(env[v]) for v in names if env.get(v, "").isdigit()), None)
 
 
@@ -334,15 +334,29 @@ def as_integer(value) -> int | None:
 
 
 # Each launcher's count of its processes on this node (Slurm's per-node counts are a list).
-LOCAL_SIZES = ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS",
-               "PALS_LOCAL_SIZE", "MV2_COMM_WORLD_LOCAL_SIZE")
+LOCAL_SIZES_OF = {
+    "torchrun": ("LOCAL_WORLD_SIZE",),
+    "Open MPI": ("OMPI_COMM_WORLD_LOCAL_SIZE",),
+    "PMI": ("MPI_LOCALNRANKS", "PALS_LOCAL_SIZE"),
+    "MVAPICH": ("MV2_COMM_WORLD_LOCAL_SIZE",),
+    "Slurm": (),
+}
+LOCAL_SIZES = tuple(v for names in LOCAL_SIZES_OF.values() for v in names)
 
 
 def local_size(environ: Mapping[str, str] | None = None) -> int | None:
     """The launch's processes on this node, where its launcher says (without MPI: the
-    count is wanted before a collective can be made); None where none does."""
+    count is wanted before a collective can be made); None where none does. As
+    :func:`local_rank`, the launcher's that gave the rank (or an outer one numbering the
+    process alike): a ``LOCAL_WORLD_SIZE`` left in a batch script under mpirun is not read.
+    With no known launcher, the first count set, innermost launcher first."""
     env = os.environ if environ is None else environ
-    return next((int(env[v]) for v in LOCAL_SIZES if env.get(v, "").isdigit()), None)
+    found = seats(env)
+    first = next(found, None)
+    if first is None:
+        return _first_count(env, LOCAL_SIZES)
+    return next((size for s in [first, *alike(first, found)]
+                 if (size := _first_count(env, LOCAL_SIZES_OF[_named(s)])) is not None), None)
 
 
 def usable_cpus() -> int:

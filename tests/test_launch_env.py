@@ -87,6 +87,28 @@ def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
     assert launch_env.local_rank(env) == local
 
 
+@pytest.mark.unit  # the launchers named are not launched
+@pytest.mark.parametrize("env, size", [
+    ({}, None),
+    ({"LOCAL_WORLD_SIZE": "3"}, 3),  # no launcher known: the first count set
+    # a LOCAL_WORLD_SIZE left in a batch script under mpirun is not the node's count
+    ({"LOCAL_WORLD_SIZE": "8", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 2),
+    ({"LOCAL_WORLD_SIZE": "8", "PMI_SIZE": "4", "PMI_RANK": "1", "MPI_LOCALNRANKS": "4"}, 4),
+    ({"LOCAL_WORLD_SIZE": "8", "PMI_SIZE": "4", "PMI_RANK": "1"}, None),  # PMI says none
+    # torchrun's own count (torchrun started by mpirun), and a wrapper's env:// variables
+    # numbering the process as mpirun does: mpirun's count
+    ({"WORLD_SIZE": "4", "RANK": "1", "LOCAL_WORLD_SIZE": "2", "OMPI_COMM_WORLD_SIZE": "8",
+      "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 2),
+    ({"WORLD_SIZE": "2", "RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 2),
+])
+def test_the_local_size_is_the_launchers_that_gave_the_rank(env, size):
+    """A stale LOCAL_WORLD_SIZE=8 under mpirun -np 2 was read first: the run's memory note
+    counted 8 copies of the snapshots on the node."""
+    assert launch_env.local_size(env) == size
+
+
 ENV_RENDEZVOUS = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500", "WORLD_SIZE": "4",
                   "RANK": "3"}
 TORCH_PLACED = {**ENV_RENDEZVOUS, "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
