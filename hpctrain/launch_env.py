@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -333,7 +334,8 @@ def as_integer(value) -> int | None:
         return None
 
 
-# Each launcher's count of its processes on this node (Slurm's per-node counts are a list).
+# Each launcher's count of its processes on this node (Slurm's per-node counts are a list:
+# :func:`slurm_local_size`).
 LOCAL_SIZES_OF = {
     "torchrun": ("LOCAL_WORLD_SIZE",),
     "Open MPI": ("OMPI_COMM_WORLD_LOCAL_SIZE",),
@@ -342,6 +344,21 @@ LOCAL_SIZES_OF = {
     "Slurm": (),
 }
 LOCAL_SIZES = tuple(v for names in LOCAL_SIZES_OF.values() for v in names)
+
+
+def slurm_local_size(env: Mapping[str, str]) -> int | None:
+    """A Slurm step's tasks on this node: ``SLURM_NODEID``'s entry of the step's
+    ``SLURM_STEP_TASKS_PER_NODE`` (``2(x3),1``: 2 tasks on each of 3 nodes, then 1); None
+    where either is missing or unreadable."""
+    spec, node = env.get("SLURM_STEP_TASKS_PER_NODE", ""), env.get("SLURM_NODEID", "")
+    counts: list[int] = []
+    for part in spec.split(","):
+        m = re.fullmatch(r"([0-9]+)(?:\(x([0-9]+)\))?", part.strip())
+        if m is None:
+            return None
+        counts += [int(m[1])] * int(m[2] or 1)
+    here = int(node) if node.isdigit() and int(node) < len(counts) else None
+    return counts[here] if here is not None and counts[here] > 0 else None
 
 
 def local_size(environ: Mapping[str, str] | None = None) -> int | None:
@@ -356,7 +373,8 @@ def local_size(environ: Mapping[str, str] | None = None) -> int | None:
     if first is None:
         return _first_count(env, LOCAL_SIZES)
     return next((size for s in [first, *alike(first, found)]
-                 if (size := _first_count(env, LOCAL_SIZES_OF[_named(s)])) is not None), None)
+                 if (size := slurm_local_size(env) if s.launcher == "Slurm"
+                     else _first_count(env, LOCAL_SIZES_OF[_named(s)])) is not None), None)
 
 
 def usable_cpus() -> int:

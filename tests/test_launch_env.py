@@ -87,6 +87,10 @@ def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
     assert launch_env.local_rank(env) == local
 
 
+SRUN_STEP = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "7", "SLURM_PROCID": "2",
+             "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"}
+
+
 @pytest.mark.unit  # the launchers named are not launched
 @pytest.mark.parametrize("env, size", [
     ({}, None),
@@ -102,6 +106,11 @@ def test_the_local_rank_is_the_launchers_that_gave_the_rank(env, local):
       "OMPI_COMM_WORLD_RANK": "5", "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 2),
     ({"WORLD_SIZE": "2", "RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1",
       "OMPI_COMM_WORLD_LOCAL_SIZE": "2"}, 2),
+    # srun's: this node's entry of the step's tasks per node (none said it: 1 was taken)
+    ({**SRUN_STEP, "SLURM_NODEID": "3"}, 1),
+    ({**SRUN_STEP, "SLURM_NODEID": "1"}, 2),
+    ({**SRUN_STEP, "SLURM_NODEID": "9"}, None),  # no such node
+    ({**SRUN_STEP, "SLURM_NODEID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x"}, None),
 ])
 def test_the_local_size_is_the_launchers_that_gave_the_rank(env, size):
     """A stale LOCAL_WORLD_SIZE=8 under mpirun -np 2 was read first: the run's memory note
