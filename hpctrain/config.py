@@ -93,6 +93,9 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's Adam and AdamW defaults
 # Half float32's smallest positive number (2**-149): an eps at or below it rounds to 0 in the
 # optimizer's float32 arithmetic, where Adam's first step divides 0 by 0.
 FLOAT32_ZERO_AT = 2.0 ** -150
+# The least number that rounds to infinity in float32 (its largest, 3.4e38, and half a step
+# more): an eps there made every Adam step 0/inf, and the run trained nothing, without a word.
+FLOAT32_INF_AT = 2.0 ** 128 - 2.0 ** 103
 
 
 def _betas(text: str) -> tuple[float, float]:
@@ -343,6 +346,10 @@ class OptimConfig:
             raise UsageError(f"--eps {options.shown(self.eps)} is 0 in float32, the optimizer "
                              "state's type (its smallest positive number is 1.4e-45), and "
                              "Adam's 0/0 then makes NaN; give at least 1.4e-45")
+        if self.eps is not None and self.eps >= FLOAT32_INF_AT:
+            raise UsageError(f"--eps {options.shown(self.eps)} is infinite in float32, the "
+                             "optimizer state's type (its largest number is 3.4e+38), and "
+                             "every Adam step is then 0: nothing trains; give at most 3.4e+38")
 
 
 @dataclass(frozen=True)

@@ -601,6 +601,10 @@ _ADAMS = ("Adam's, and --optimizer sgd has none; give --optimizer adam or adamw 
     (["--algo", "sgd", "--optimizer", "adam", "--eps", "1e-300"], 1,
      "--eps 1e-300 is 0 in float32, the optimizer state's type (its smallest positive number "
      "is 1.4e-45), and Adam's 0/0 then makes NaN; give at least 1.4e-45"),
+    # float32's infinity: every step m / inf was 0, and the run trained nothing
+    (["--algo", "sgd", "--optimizer", "adamw", "--eps", "1e300"], 1,
+     "--eps 1e+300 is infinite in float32, the optimizer state's type (its largest number is "
+     "3.4e+38), and every Adam step is then 0: nothing trains; give at most 3.4e+38"),
 ])
 def test_nesterov_betas_and_eps_are_refused_where_they_do_not_apply(args, ranks, said):
     assert refusal([*args, *SYNTHETIC], ranks) == said
@@ -636,6 +640,10 @@ def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert OptimConfig(optimizer="adam", eps=1.4e-45).eps == 1.4e-45  # float32's smallest
     assert one_line(lambda: OptimConfig(optimizer="adam", eps=7e-46)).startswith(
         "--eps 7e-46 is 0 in float32")
+    largest = 3.4028234663852886e38  # float32's largest: held, as a file may give it
+    assert OptimConfig(optimizer="adam", eps=largest).eps == largest
+    assert one_line(lambda: OptimConfig(optimizer="adam", eps=configs.FLOAT32_INF_AT)) \
+        .startswith("--eps 3.40282e+38 is infinite in float32")
     # A momentum of 0 is refused once resolved: the algorithm's default may be 0 (asgd's).
     assert OptimConfig(momentum=0.0, nesterov=True).nesterov
 
