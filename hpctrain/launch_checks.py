@@ -68,6 +68,7 @@ def check_launch(config: RunConfig, ranks: int,
     config = _as_launched(config)
     algo = config.algorithm_class
     launcher = comm.launcher()
+    launch_env.refuse_mpirun_around_torchrun()  # before its MPI_Init dies naming nothing
     what = _needs_mpi(config) if launcher == "torchrun" else None
     if what:
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "

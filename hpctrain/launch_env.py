@@ -217,6 +217,29 @@ def refuse_horovods_own_launch(environ: Mapping[str, str] | None = None) -> None
                      f"{rank_var} if another launch left them")
 
 
+def refuse_mpirun_around_torchrun(environ: Mapping[str, str] | None = None) -> None:
+    """UsageError, before MPI starts, for a torch launch whose workers Open MPI's mpirun
+    started (``mpirun -np 1 torchrun --nproc-per-node 2``): each worker must start MPI as a
+    world of its own, and under mpirun's variables Open MPI's MPI_Init died (``OPAL ERROR:
+    Unreachable``), naming no cause. Not where mpirun numbers the workers as torchrun does,
+    several of them (one torchrun per node, ``--node-rank`` mpirun's rank): MPI's world is
+    then theirs, and it starts (:func:`hpctrain.comm.init`)."""
+    env = os.environ if environ is None else environ
+    if launch(env).kind != "torchrun":
+        return
+    found = seats(env)
+    first = next(found)  # torchrun's, as launch() found it
+    outer = readable(found)
+    ompi = next((s for s in outer if s.launcher == "Open MPI"), None)
+    if ompi is None or first.size > 1 and any(s.launcher in MPI_LAUNCHERS
+                                              for s in alike(first, outer)):
+        return
+    raise UsageError(f"torchrun's worker (WORLD_SIZE={first.size}, RANK={first.rank}) under "
+                     f"Open MPI's mpirun ({ompi}): its workers cannot start MPI there (Open "
+                     "MPI's MPI_Init fails); start torchrun otherwise (srun, ssh), or launch "
+                     "hpctrain with mpirun alone")
+
+
 def local_rank(environ: Mapping[str, str] | None = None) -> int:
     """This process's rank on its node, from the launcher that gave its rank
     (:func:`from_launcher`), so that a variable another launcher left (a ``LOCAL_RANK``

@@ -169,6 +169,47 @@ def test_a_launch_by_envs_variables_that_torch_cannot_run_is_refused(missing):
             f"{missing}; set them, or launch with torchrun, mpirun or srun")
 
 
+TORCHRUNS = {**TORCH_PLACED, "TORCHELASTIC_RUN_ID": "7"}  # rank 3 of 4, local rank 1 of 2
+
+
+@pytest.mark.unit  # the launchers named are not launched
+@pytest.mark.parametrize("torchs, ompi, refused", [
+    # mpirun -np 1 torchrun --nproc-per-node 4: MPI_Init died, OPAL ERROR: Unreachable
+    (TORCHRUNS, {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}, True),
+    ({**TORCHRUNS, "WORLD_SIZE": "1", "RANK": "0"},  # one worker: died alike
+     {"OMPI_COMM_WORLD_SIZE": "1", "OMPI_COMM_WORLD_RANK": "0"}, True),
+    # mpirun -np 4 starting a torchrun per node, --node-rank its rank: MPI's world is theirs
+    (TORCHRUNS, {"OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_RANK": "3"}, False),
+    (TORCHRUNS, {}, False),  # torchrun alone, or under srun or Hydra (their variables hidden)
+    (TORCHRUNS, {"PMI_SIZE": "1", "PMI_RANK": "0"}, False),
+    # mpirun's processes given env://'s variables by a wrapper: an MPI launch, not torch's
+    ({**TORCH_PLACED, "WORLD_SIZE": "2", "RANK": "1"},
+     {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"}, False),
+])
+def test_torchrun_started_by_open_mpis_mpirun_is_refused(torchs, ompi, refused):
+    env = {**torchs, **ompi}
+    if not refused:
+        launch_env.refuse_mpirun_around_torchrun(env)
+        return
+    with pytest.raises(UsageError) as e:
+        launch_env.refuse_mpirun_around_torchrun(env)
+    assert str(e.value) == (
+        f"torchrun's worker (WORLD_SIZE={torchs['WORLD_SIZE']}, RANK={torchs['RANK']}) under "
+        "Open MPI's mpirun (Open MPI (OMPI_COMM_WORLD_SIZE=1, OMPI_COMM_WORLD_RANK=0) says "
+        "rank 0 of 1): its workers cannot start MPI there (Open MPI's MPI_Init fails); start "
+        "torchrun otherwise (srun, ssh), or launch hpctrain with mpirun alone")
+
+
+def test_train_refuses_torchrun_under_mpirun_before_mpi_starts(monkeypatch):
+    from conftest import refusal
+
+    for name, value in {**TORCHRUNS, "OMPI_COMM_WORLD_SIZE": "1",
+                        "OMPI_COMM_WORLD_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    assert refusal(["--algo", "ssgd", *SYNTHETIC], 4).startswith(
+        "torchrun's worker (WORLD_SIZE=4, RANK=3) under Open MPI's mpirun")
+
+
 PLACED = "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SIZE"
 
 
