@@ -274,6 +274,7 @@ def readable(outer: Iterable[Seat]) -> list[Seat]:
 
 
 def _first_count(env: Mapping[str, str], names) -> int | None:
+    """The first of the variables ``names`` set to a whole number, as an int; else None."""
     return next((int(env[v]) for v in names if env.get(v, "").isdigit()), None)
 
 
