@@ -1048,6 +1048,13 @@ def test_bad_arguments_are_one_line_type_and_value_errors(own_backend):
         # Averaging [200, 100] over 2 ranks gave [72, 100]: the uint8 sum wrapped around
         _one_line(ValueError, "op=Average of a torch.uint8 tensor would sum in uint8 and wrap",
                   lambda r=reduce: r(t.to(torch.uint8), op=hvd.Average))
+    # Horovod's reducescatter takes Average and Sum only (HorovodInternalError at synchronize);
+    # Min, Max and Product were reduced here, a script that then failed on Horovod.
+    for op in (hvd.Min, hvd.Max, hvd.Product):
+        for scatter in (hvd.reducescatter, lambda x, **k: hvd.grouped_reducescatter([x], **k),
+                        lambda x, **k: hvd.synchronize(hvd.reducescatter_async(x, **k))):
+            _one_line(ValueError, f"op must be Average or Sum, got {op.name}",
+                      lambda s=scatter, o=op: s(t, op=o))
     for op in ("sum", 1.0, True):
         _one_line(TypeError, f"op must be one of .* got {op!r}", lambda o=op: hvd.allreduce(
             t, op=o))

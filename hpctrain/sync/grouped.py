@@ -271,6 +271,9 @@ def _reducescatter_start(tensors: Sequence[torch.Tensor], name: str | None, op: 
         op = C.resolve_op(op)
         if op is C.Adasum:
             raise UsageError(f"{caller}: op=Adasum is an allreduce only (as in Horovod)")
+        if op not in (C.Average, C.Sum):  # Horovod: "only supports AVERAGE and SUM"
+            raise UsageError(f"{caller}: op must be Average or Sum, got {op.name} (as in "
+                             "Horovod; allreduce takes Min, Max and Product)")
         C.check_scale(prescale, "prescale_factor", caller)
         C.check_scale(postscale, "postscale_factor", caller)
         for t in tensors:
