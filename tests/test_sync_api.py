@@ -11,6 +11,7 @@ when horovod.torch cannot be imported.
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import sys
 import threading
@@ -1013,6 +1014,21 @@ def test_sparse_allreduce_async_gives_the_dense_sum_and_average(own_backend):
         got = hvd.sparse_allreduce_async(mine, "emb", op)()
         assert got.is_sparse and got._nnz() == 2 * (n - 1)
         torch.testing.assert_close(got.to_dense(), want)
+    # synchronize() of its function is None, as Horovod's (not one of its handles); the
+    # function dropped then freed the receive buffers of allgathers still in flight: MPI
+    # wrote into freed memory, and the job died (SIGSEGV, SIGABRT) at the next collectives.
+    for k in range(3):
+        rows = torch.sparse_coo_tensor(torch.arange(1000).unsqueeze(0),
+                                       torch.ones(1000, 64) * (hvd.rank() + 1), (1000, 64),
+                                       check_invariants=True)
+        handle = hvd.sparse_allreduce_async(rows, f"dropped{k}", hvd.Sum)
+        assert hvd.synchronize(handle) is None
+        del handle
+        gc.collect()
+        kept = [torch.full((1000, 64), 7.0) for _ in range(4)]
+        summed = hvd.allreduce(torch.ones(1000, 64), op=hvd.Sum, name=f"after{k}")
+        assert torch.equal(summed, torch.full((1000, 64), float(n)))
+        assert all(torch.equal(t, torch.full((1000, 64), 7.0)) for t in kept)
 
 
 def _one_line(error: type, match: str, call) -> None:

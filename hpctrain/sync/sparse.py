@@ -119,4 +119,17 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
     m.channel.agree(tensor_call("allgather", tensor, name, op=op))
     reduction = SparseAllgather(m.transport, [tensor], average=op is Average,
                                 names=[str(name)])
-    return lambda: reduction.results()[0]
+    # Kept until its function is called: a function dropped uncalled (``synchronize`` of it
+    # is None, as in Horovod) would free the buffers of allgathers MPI is still filling.
+    _unfinished[id(reduction)] = reduction
+
+    def result() -> torch.Tensor:
+        _unfinished.pop(id(reduction), None)
+        return reduction.results()[0]
+
+    return result
+
+
+# sparse_allreduce_async's reductions whose function has not been called (Horovod too keeps
+# its handles until they are synchronized).
+_unfinished: dict[int, SparseAllgather] = {}
