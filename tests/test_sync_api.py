@@ -560,6 +560,11 @@ def test_broadcast_parameters_and_optimizer_state(hvd):
     params = [nn.Parameter(torch.full((2,), float(r)))]
     hvd.broadcast_parameters(params, root_rank=hvd.size() - 1)
     assert params[0].tolist() == [hvd.size() - 1.0] * 2
+    # An optimizer without state after the zero step (SGD without momentum): Horovod
+    # returns with nothing broadcast, hpctrain still broadcasts the root's lr (README).
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1 * (r + 1))
+    hvd.broadcast_optimizer_state(sgd, root_rank=0)
+    assert sgd.param_groups[0]["lr"] == (0.1 * (r + 1) if hvd.backend() == "horovod" else 0.1)
     if hvd.backend() != "horovod":  # which would wait for the other names: a stall
         # Names that differ copied the root's tensors into other entries.
         # Each error names what differs: the calls read alike ("1 tensors").
