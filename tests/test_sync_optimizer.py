@@ -220,6 +220,18 @@ def test_gradient_predivide_factors_that_differ_between_ranks_are_a_mismatch(own
 
 @mpi
 @timeout
+def test_num_groups_gives_horovods_deprecation_warning(own_backend):
+    """It was a UserWarning of other words, shown wherever the call was, where Horovod's
+    is a DeprecationWarning (hidden outside ``__main__``); num_groups still groups."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 1))
+    with pytest.warns(DeprecationWarning, match="^Parameter `num_groups` has been replaced "
+                                                "by `groups` and will be removed in v0.23.0.$"):
+        opt = _wrap(own_backend, model, num_groups=2)
+    assert len(opt.bucket_sizes) == 2
+
+
+@mpi
+@timeout
 def test_set_backward_passes_per_step_while_accumulating_counts_anew(own_backend):
     """As Horovod, the counts restart: one pass of 3, then 2 of the new 2, then the step
     (the old count made the third pass "more than backward_passes_per_step")."""

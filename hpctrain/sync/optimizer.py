@@ -76,7 +76,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         raise UsageTypeError(f"DistributedOptimizer: process_set must be an "
                              f"hpctrain.sync.ProcessSet, got {type(process_set).__name__}")
     if num_groups:
-        warnings.warn("num_groups is deprecated (as in Horovod); use groups", stacklevel=2)
+        # Horovod's words and category (a UserWarning was shown wherever it was called from)
+        warnings.warn("Parameter `num_groups` has been replaced by `groups` and will be "
+                      "removed in v0.23.0.", DeprecationWarning, stacklevel=2)
         groups = num_groups if groups is None else groups
     member = included_member(process_set, "DistributedOptimizer")
     # A rank whose arguments are bad tells the set's others, which would otherwise wait in
