@@ -411,7 +411,11 @@ class BucketedAllreduce:
             self._unpack(bucket)
         if reduced is not None:
             for i, grad in zip(sparse, reduced.results(), strict=True):
-                self._params[i].grad = grad
+                own = self._params[i].grad
+                if own is not None and own.is_sparse:  # into it, as Horovod: a reference
+                    own.zero_().add_(grad)  # kept since backward sees the reduction
+                else:
+                    self._params[i].grad = grad
         replan = any(self._slots[i].bucket is not None for i in sparse)
         self._clear()
         if replan:
