@@ -174,6 +174,38 @@ def test_model_averaging_in_pieces_is_the_mean(monkeypatch):
     torch.testing.assert_close(flat(model), expected)
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_averaging_staged_brings_the_mean_back_in_one_copy(monkeypatch, dtype):
+    """The staged path (a GPU's tensors through pinned host memory; forced here on the host)
+    averages bit for bit as the direct one, and the mean goes back through the stage's buffer
+    in one copy: it went back one tensor at a time, each a synchronous copy from pageable
+    host memory."""
+    from hpctrain import devices
+    from hpctrain.ec import averaging
+
+    comm = world()
+    direct = member(comm.Get_rank()).to(dtype)
+    averaging.average_model(direct, comm)
+    copies = []
+
+    class Staged(devices.HostStage):
+        def __init__(self, tensor):
+            super().__init__(tensor, direct=False)
+
+        def to_device(self):
+            copies.append(self.tensor.numel())
+            return super().to_device()
+
+    monkeypatch.setattr(averaging, "HostStage", Staged)
+    staged = member(comm.Get_rank()).to(dtype)
+    averaging.average_model(staged, comm)
+    for a, b in zip(floating_state(direct), floating_state(staged), strict=True):
+        assert a.dtype == b.dtype == dtype and torch.equal(a, b)
+    assert copies == [sum(t.numel() for t in floating_state(staged))]
+
+
 class FrozenAndTied(torch.nn.Module):
     """A frozen first layer, and one weight shared by two layers."""
 

@@ -84,7 +84,8 @@ def average_model(model: nn.Module, comm) -> int:
     flat = torch.cat([t.detach().reshape(-1) for t in tensors])
     if flat.element_size() < 4:  # no MPI sum for fp16/bf16 (numpy has no bf16): sum in fp32
         flat = flat.float()
-    flat = HostStage(flat).to_host()
+    stage = HostStage(flat)
+    flat = stage.to_host()
     total = torch.empty_like(flat)
     # Non-blocking, as ssgd's mpi backend reduces: one order of additions for both, the one
     # the simulator's LocalComm adds in. Open MPI 4.1's blocking Allreduce adds 4-247 KB on 3
@@ -94,7 +95,11 @@ def average_model(model: nn.Module, comm) -> int:
     for request in [comm.Iallreduce(mpi_buffer(flat[piece]), mpi_buffer(total[piece]))
                     for piece in count_pieces(flat.numel())]:
         request.Wait()
-    mean = total / comm.Get_size()
+    # The mean into the stage's (pinned) buffer, and back to the device in one copy: each
+    # tensor copied from a host tensor of its own was a synchronous copy from pageable memory.
+    # On the host (or CUDA-aware MPI) the buffer is ``flat``, a scratch copy.
+    torch.div(total, comm.Get_size(), out=flat)
+    mean = stage.to_device()
     offset = 0
     for t in tensors:
         t.copy_(mean[offset:offset + t.numel()].view_as(t))
