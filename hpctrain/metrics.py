@@ -1,7 +1,9 @@
 """Run outputs (``config.json``, ``metrics.jsonl``, ``summary.json``), progress bar, summaries.
 
 Every file is written whole to a temporary name, flushed, and renamed into place, so a killed
-job never leaves a half-written output behind. Only rank 0 writes.
+job never leaves a half-written output behind. Only rank 0 writes. A float that is not
+finite (NaN, Infinity) is written as ``null``: JSON has no token for it, and strict parsers
+(``JSON.parse``, ``jq``, most languages') refused the file that Python's ``NaN`` made.
 """
 
 from __future__ import annotations
@@ -128,8 +130,8 @@ def write_json_atomic(path: str | Path, obj, durable: bool = False) -> None:
     missing) and the link stays, where a rename onto the link would replace the link."""
     if Path(path).is_symlink():
         path = os.path.realpath(path)
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n",
-                 durable)
+    write_atomic(path, json.dumps(_finite(obj), indent=2, sort_keys=True, default=_jsonable,
+                                  allow_nan=False) + "\n", durable)
 
 
 def read_json(path: str | Path, what: str, keys: Iterable[str] = ()) -> dict:
@@ -149,9 +151,21 @@ def read_json(path: str | Path, what: str, keys: Iterable[str] = ()) -> dict:
     return value
 
 
+def _finite(x):
+    """``x`` with every float that is not finite (at any depth of its dicts, lists and
+    tuples) replaced by None, which JSON writes as ``null``."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
+
+
 def _jsonable(x):
     if isinstance(x, (np.integer, np.floating)):
-        return x.item()
+        return _finite(x.item())
     if isinstance(x, Path):
         return str(x)
     raise TypeError(f"cannot write {type(x).__name__} to JSON")
@@ -200,8 +214,8 @@ class RunLog:
         """Record curve points (each with ``t``, ``epoch``, ``updates``, ``test_acc``, ...)."""
         self.points.extend(points)
         if self.rank == 0:
-            lines = "".join(json.dumps(p, sort_keys=True, default=_jsonable) + "\n"
-                            for p in self.points)
+            lines = "".join(json.dumps(_finite(p), sort_keys=True, default=_jsonable,
+                                       allow_nan=False) + "\n" for p in self.points)
             write_atomic(self.dir / "metrics.jsonl", lines)
 
     def save_model(self, model: torch.nn.Module) -> None:
