@@ -11,7 +11,8 @@ Rank 0 writes, through torch's ``SummaryWriter`` (which needs the ``tensorboard`
   asynchronous runs, ``train/staleness`` (mean over rank 0's pushes since the last entry);
   ``train/loss_scale`` (fp16's loss scale); ec's ``train/ce_loss`` and
   ``train/distill_loss`` (its ``train/loss`` mixes them from the first aggregation on);
-- ``test/accuracy`` and ``test/loss`` per snapshot;
+- ``test/accuracy`` and ``test/loss`` per snapshot (a test loss that is not finite, a diverged
+  model's, ``null`` in ``metrics.jsonl``, is left out: the curve has a gap there);
 - at the start, ``config`` (the run's ``config.json``, as text) and its settings as HParams
   session info (:meth:`Board.describe`); at the end, ``summary/final_test_acc``,
   ``summary/best_test_acc`` and ``summary/final_test_loss``, the HParams dashboard's metrics
