@@ -159,11 +159,26 @@ def collapse_detector(config, num_classes: int, per_epoch: int,
     return collapse.CollapseDetector(num_classes, max(20, steps // 4), warmup=warmup)
 
 
-class _Logged(TypedDict):
-    """What TensorBoard's next training entry adds up (:meth:`Watch._log`)."""
+class LossSinceEntry:
+    """Rank 0's training losses since its last TensorBoard entry: how many, and their sum.
+    A per-rank state of the checkpoint (the loop makes it before its checkpointer), so that
+    a resumed run's first entry averages the steps the uninterrupted run's does, not only
+    those since the resume."""
 
-    steps: int  # since the last entry
-    loss: float  # their losses' sum
+    def __init__(self) -> None:
+        self.steps, self.loss = 0, 0.0
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "loss": self.loss}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps, self.loss = int(state["steps"]), float(state["loss"])
+
+
+class _Logged(TypedDict):
+    """What TensorBoard's next training entry adds up (:meth:`Watch._log`), besides the
+    losses (:class:`LossSinceEntry`)."""
+
     position: int | None  # the last entry's (None: no step of this process yet)
     t: float
     stale: tuple[int, int]  # the staleness cursor (_stale_mark)
@@ -179,6 +194,7 @@ class Watch:
                  resumed: int = 0, elapsed: float = 0.0,
                  clock: tensorboard.WallClock | None = None,
                  detector: collapse.CollapseDetector | None = None,
+                 losses: LossSinceEntry | None = None,
                  recorded: dict | None = None) -> None:
         self.rank = comm.Get_rank() if comm is not None else 0
         self.test_set, self.bar = test_set, bar
@@ -219,10 +235,11 @@ class Watch:
         # Snapshots sent to the evaluating rank and not scored yet: index -> the send's request,
         # which holds the snapshot's memory (sent out of band, not copied) until waited for.
         self._unscored: dict[int, Any] = {}  # an mpi4py request's
-        # TensorBoard's training entries: what the steps since the last entry added up to, and
-        # the last step's (position, lr, t).
+        # TensorBoard's training entries: the losses since the last entry (restored with a
+        # checkpoint), and the last step's (position, lr, t).
         # The staleness cursor starts past the pushes a checkpoint restored (logged before).
-        self._logged: _Logged = {"steps": 0, "loss": 0.0, "position": None, "t": elapsed,
+        self.losses = losses or LossSinceEntry()
+        self._logged: _Logged = {"position": None, "t": elapsed,
                                  "stale": _stale_mark(algo), "last": None}
         self._postfix: dict[str, str] = {}
 
@@ -260,15 +277,16 @@ class Watch:
         log = self._logged
         if log["position"] is None:  # the first step of this process: t from its start
             log["position"] = position - 1
-        log["steps"] += 1
-        log["loss"] += value
+        losses = self.losses
+        losses.steps += 1
+        losses.loss += value
         log["last"] = position, lr, t
         every = self.log_every
         # Lock-step: at each multiple of --log-every updates, so that a resumed run's entries
         # fall where the uninterrupted run's do (counted from the resume, they were 4 off).
         # Asynchronous: every --log-every of rank 0's own steps, its positions being sparse.
         if (position // every > log["position"] // every if self.algo.lock_step
-                else log["steps"] >= every):
+                else losses.steps >= every):
             self._write_log()
 
     def _write_log(self) -> None:
@@ -277,7 +295,7 @@ class Watch:
         log, board = self._logged, self.board
         assert log["last"] is not None and log["position"] is not None  # a step was logged
         position, lr, t = log["last"]
-        board.scalar("train/loss", log["loss"] / log["steps"], position, t)
+        board.scalar("train/loss", self.losses.loss / self.losses.steps, position, t)
         board.scalar("train/lr", lr, position, t)
         board.scalar("train/epoch", position / self.per_epoch, position, t)
         for part, value in _loss_parts(self.algo).items():
@@ -293,7 +311,8 @@ class Watch:
             board.scalar("train/staleness", float(total - total0) / (count - count0),
                          position, t)
             log["stale"] = (count, total)
-        log.update({"steps": 0, "loss": 0.0, "position": position, "t": t})
+        self.losses.steps, self.losses.loss = 0, 0.0
+        log.update({"position": position, "t": t})
 
     def begin(self, model, snapshots) -> None:
         """Before the first step: score the snapshots there are already (the first, and those
@@ -389,7 +408,8 @@ class Watch:
         entries since the last --log-every steps reach TensorBoard."""
         self._training = False
         self.signal.close()
-        if self.rank == 0 and self.board.enabled and self._logged["steps"]:
+        if self.rank == 0 and self.board.enabled and self._logged["last"] is not None \
+                and self.losses.steps:
             self._write_log()
 
     def abandon(self, stopped: Exception) -> None:

@@ -567,10 +567,12 @@ class _Training:
         resumes = checkpoint.resumptions(loaded and loaded.header, args, comm.launch_size())
         shared, per_rank = algo.checkpoint_state()
         self.detector = live.collapse_detector(config, test_set.num_classes, per_epoch, steps)
+        self.losses = live.LossSinceEntry()  # TensorBoard's next training entry's
         self.ckpt = checkpoint.Checkpointer(
             comm_, per_epoch, total, shared=shared,
             per_rank={**per_rank, "guard": guard, "straggler": straggler,
-                      "collapse": self.detector, **({"scaler": scaler} if scaler.on else {})},
+                      "collapse": self.detector, "train_losses": self.losses,
+                      **({"scaler": scaler} if scaler.on else {})},
             per_rank_snapshots=algo.snapshots == "per_rank", every=config.checkpoint.interval,
             folder=checkpoint.run_folder(config.checkpoint.dir, config.out),
             resume=config.checkpoint.resume,
@@ -621,7 +623,7 @@ class _Training:
             bar=self.bar, world=world, loss_scale=self.scaler.get_scale,
             resumed=loaded.header["updates"] if loaded else position,
             elapsed=done.get("elapsed", 0.0), clock=self.ckpt.clock,
-            detector=self.detector, recorded=self.log.config)
+            detector=self.detector, losses=self.losses, recorded=self.log.config)
         self.watch.begin(model, self.snapshots)
         every = snapshot_interval(config.eval_every, self.per_epoch)
         if rank == 0 and self.snapshotting:

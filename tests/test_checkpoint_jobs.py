@@ -142,16 +142,18 @@ def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     viewer, still in the killed run's file for readers of one file at a time), stamped its
     entries with wall times in the future (shifted by the seconds trained before) or before
     its start-up (counted from the checkpoint's restore: the first snapshot's score before
-    its file existed), and wrote its training entries 10 steps from the resume, not where
-    the uninterrupted run writes them."""
+    its file existed), wrote its training entries 10 steps from the resume, not where
+    the uninterrupted run writes them, and averaged in its first one only the steps since
+    the resume (the losses since the last entry are now in the checkpoint)."""
     import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-    out = tmp_path / "run"
+    out, straight = tmp_path / "run", tmp_path / "straight"
     flags = ("--checkpoint-every", "1e", "--tensorboard", "--eval", "online")
-    proc = run_commands([options(out, "sgd", *flags)], np=0, injects=["kill@0:45"])
+    proc = run_commands([options(straight, "sgd", *flags), options(out, "sgd", *flags)], np=0,
+                        injects=[None, "kill@0:45"])
     assert proc.returncode != 0 and not (out / "summary.json").exists(), proc.stderr
     resume(out, "sgd", 0, *flags)
     board = EventAccumulator(str(out / "tensorboard"))
@@ -164,6 +166,11 @@ def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     # Where the uninterrupted run's entries are (counted from the resume at 32: 42, 52, ...)
     assert [e.step for e in board.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60, 70, 80,
                                                              90, 96]
+    uninterrupted = EventAccumulator(str(straight / "tensorboard"))
+    uninterrupted.Reload()
+    for tag in ("train/loss", "test/accuracy"):  # the entry at 40 too: steps 31 to 40
+        assert [(e.step, e.value) for e in board.Scalars(tag)] == [
+            (e.step, e.value) for e in uninterrupted.Scalars(tag)], tag
     earlier, resumed = sorted((out / "tensorboard").glob("events.*"))
     opened = {}  # each file's entries by tag (as tbparse reads them), and when it was made
     for path in (earlier, resumed):

@@ -40,7 +40,9 @@ import torch
 from hpctrain.shuffle import steps_per_epoch
 
 # Per-worker entries the training loop itself registers (the rest are the algorithm's).
-LOOP_ENTRIES = ("guard", "straggler", "rng", "counters", "collapse", "scaler")
+# (train_losses, TensorBoard's partial entry, is not carried across a resize: the resized
+# run's updates are rescaled, and its entries fall elsewhere.)
+LOOP_ENTRIES = ("guard", "straggler", "rng", "counters", "collapse", "scaler", "train_losses")
 
 
 @dataclass(frozen=True)
