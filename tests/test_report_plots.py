@@ -129,8 +129,9 @@ def test_the_report_names_every_training_setting_that_differs_between_runs(tmp_p
             "| ma | 64 | 0.05 | 0.9 | 20 |\n"
             "| ma2 | 16 | 0.05 | 0.9 | 5 |\n"
             "| sgd, ssgd | 64 | 0.05 | 0.9 | — |\n") in text  # shards: asgd's alone
-    assert ("\n## Commands\n\nEach run's `hpctrain` command line, as its config.json records "
-            "it (without the launcher that started its processes).\n\n"
+    assert ("\n## Commands\n\nEach run's command line, as its config.json records it "
+            "(without the launcher that started its processes: mpirun, srun, torchrun; a "
+            "script's with `python` before it).\n\n"
             "- sgd: `hpctrain train --algo sgd --out o/sgd`\n") in text
     # What differs only in where a run wrote and what it showed, or in its seed where that is
     # in its name, is no setting: nothing is added.
@@ -141,6 +142,31 @@ def test_the_report_names_every_training_setting_that_differs_between_runs(tmp_p
     for row in rows:  # runs of a folder: their seed is a setting
         row.seed = None
     assert "| runs | `--seed` |" in report.differing_settings(rows)
+
+
+def test_a_run_started_from_a_script_is_given_the_scripts_command(tmp_path):
+    """A run of hpctrain.train in ``train_py.py runs/py1`` (under mpirun or torchrun) was
+    listed as ``hpctrain runs/py1``: the script's arguments after ``hpctrain``, which fail
+    when pasted; one of ``python my_script.py`` alone had no command."""
+    runs(tmp_path, py1={"algo": "ssgd"}, mine={"algo": "ssgd"}, cli={"algo": "ssgd"},
+         shell={"algo": "ssgd"})
+    for name, argv in (("py1", ["train_py.py", "runs/py1", "a b"]), ("mine", ["my_script.py"]),
+                       ("cli", ["/venv/bin/hpctrain", "train", "--out", "o"]),
+                       ("shell", ["-c"])):
+        configured(tmp_path / name)
+        config = json.loads((tmp_path / name / "config.json").read_text())
+        config["run_info"] = {"argv": argv, "launcher": "torchrun"}
+        (tmp_path / name / "config.json").write_text(json.dumps(config))
+    text = report_md(tmp_path)
+    assert "- py1: `python train_py.py runs/py1 'a b'`\n" in text
+    assert "- mine: `python my_script.py`\n" in text
+    assert "- cli: `hpctrain train --out o`\n" in text
+    assert f"- shell: {report.FROM_PYTHON}\n" in text
+    assert report.recorded_command(["/x/hpctrain/__main__.py", "train"]) == "hpctrain train"
+    assert report.recorded_command(["/k/ipykernel_launcher.py", "-f", "k.json"]) == \
+        report.FROM_PYTHON
+    assert report.recorded_command(["/venv/bin/hpctrain"]) is None  # no command of its own
+    assert report.recorded_command([]) is None and report.recorded_command("x") is None
 
 
 def test_a_model_args_difference_is_a_setting_that_differs():
@@ -327,6 +353,26 @@ def test_the_plots_say_which_line_trained_which_model_and_data(tmp_path):
                                                            "sgd (c), M=1, lenet"]
     assert report._title({"train_args": ["--jitter", "0.2"]}, rows[:1]) == \
         "mlp on synthetic, --jitter 0.2"
+
+
+def test_a_title_of_a_users_paths_names_their_files_and_fits_the_figure():
+    """A run of ``/tmp/trial-researcher/mynet.py:build`` on ``imagefolder:/tmp/...``: the
+    title held both absolute paths on one line and ran past the figure's edges."""
+    long = "/tmp/trial-researcher/" + "a-long-folder-name/" * 3
+    summary = {**SUMMARY, "model": f"{long}mynet.py:build", "dataset": f"imagefolder:{long}imgs/"}
+    rows = [report.Row("ssgd", "ok", summary=summary, points=POINTS)]
+    title = report._title({"train_args": ["--jitter", "0.2", "--slowdown", "0:2,1:3,2:4"]}, rows)
+    assert title == "mynet.py:build on imagefolder:imgs, --slowdown 0:2,1:3,2:4, --jitter 0.2"
+    fig = report.figure(rows, "t", title + ", and a few more words to take it past one line")
+    (ax,) = fig.axes
+    assert ax.get_title() == ("mynet.py:build on imagefolder:imgs, --slowdown\n0:2,1:3,2:4, "
+                              "--jitter 0.2, and a few more words to\ntake it past one line")
+    fig.canvas.draw()
+    drawn = ax.title.get_window_extent()
+    assert 0 <= drawn.x0 and drawn.x1 <= fig.bbox.width
+    other = report.Row("sgd", "ok", summary={**summary, "model": "lenet"}, points=POINTS)
+    assert [c.label for c in report.curves([*rows, other], "t")] == [
+        "ssgd, M=1, mynet.py:build", "sgd, M=1, lenet"]  # each line's model, by its file
 
 
 def test_curves_that_lie_on_each_other_both_show(tmp_path):

@@ -36,6 +36,7 @@ import re
 import shlex
 import sys
 import tempfile
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -447,9 +448,7 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
             held = read_json(run_dir / file, "a run's file")
         except UsageError:
             held = {}
-    argv = row.run_info.get("argv")  # the command line the run recorded, as it was typed
-    if isinstance(argv, list) and len(argv) > 1 and all(isinstance(w, str) for w in argv):
-        row.command = "hpctrain " + shlex.join(argv[1:])
+    row.command = recorded_command(row.run_info.get("argv"))
     algo = held.get("algo")
     if isinstance(algo, str) and plugins.is_reference(algo):  # a user's, FILE:CLASS: its
         own = held.get("algo_label")  # name (its label), not imported here, else its class's
@@ -457,6 +456,29 @@ def _folder_run(run_dir: Path, name: str, **record) -> Row:
     row.algo = algo if isinstance(algo, str) and algo else None
     row.notes = run_notes(run_dir, row)
     return row
+
+
+FROM_PYTHON = "started from Python (hpctrain.train in `python -c` or an interactive session): " \
+    "no command to repeat"
+_INTERACTIVE = ("", "-c", "-")  # sys.argv[0] of python -c, of stdin and of the REPL
+
+
+def recorded_command(argv: object) -> str | None:
+    """The command that started a run, from its config.json's ``argv`` (rank 0's
+    ``sys.argv``, :func:`hpctrain.provenance.invocation`), without the launcher: the
+    ``hpctrain`` command's (``hpctrain`` or ``python -m hpctrain``'s ``.../hpctrain/__main__.py``
+    first), a script's with ``python`` before it (``hpctrain.train`` in ``my_script.py``,
+    also under torchrun), :data:`FROM_PYTHON` where no script was run (``python -c``, a
+    notebook), and None where nothing usable was recorded. Every script's command was
+    given as ``hpctrain`` and the script's arguments (``hpctrain runs/py1``)."""
+    if not isinstance(argv, list) or not argv or not all(isinstance(w, str) for w in argv):
+        return None
+    program = argv[0].replace("\\", "/")
+    if program.rsplit("/", 1)[-1] == "hpctrain" or program.endswith("hpctrain/__main__.py"):
+        return "hpctrain " + shlex.join(argv[1:]) if len(argv) > 1 else None
+    if program in _INTERACTIVE or program.rsplit("/", 1)[-1] == "ipykernel_launcher.py":
+        return FROM_PYTHON
+    return "python " + shlex.join(argv)
 
 
 LOG = "stderr.log"  # bench compare's copy of a run's stderr, in the run's folder
@@ -1221,9 +1243,12 @@ def _commands_section(rows: list[Row], record: dict) -> list[str]:
         return []
     out = ["", "## Commands", ""]
     if not record:
-        out += ["Each run's `hpctrain` command line, as its config.json records it "
-                "(without the launcher that started its processes).", ""]
-    return out + [f"- {_plain(title)}: {_code(command)}" for title, command in commands]
+        out += ["Each run's command line, as its config.json records it (without the "
+                "launcher that started its processes: mpirun, srun, torchrun; a script's "
+                "with `python` before it).", ""]
+    return out + [f"- {_plain(title)}: "
+                  f"{command if command == FROM_PYTHON else _code(command)}"
+                  for title, command in commands]
 
 
 def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = True) -> str:
@@ -1374,9 +1399,18 @@ def _trained_on(runs: list[Row], keys: tuple[str, ...]) -> str:
     set ("mlp, lenet on synthetic, fashion-mnist"), not which line was which."""
     if not keys:
         return ""
-    values = [" / ".join(dict.fromkeys(str((r.summary or {}).get(k, "?")) for r in runs))
-              for k in keys]
+    values = [" / ".join(dict.fromkeys(short_name(str((r.summary or {}).get(k, "?")))
+                                       for r in runs)) for k in keys]
     return ", " + " on ".join(values)
+
+
+def short_name(name: str) -> str:
+    """A model's or data set's name as the plots show it: each path in it by its last part
+    (``/home/me/mynet.py:build``: ``mynet.py:build``; ``imagefolder:/data/imgs/``:
+    ``imagefolder:imgs``), as the absolute paths a summary records ran past the figure's
+    edge."""
+    return ":".join(Path(part).name or part if "/" in part else part
+                    for part in name.split(":"))
 
 
 def no_curve(rows: list[Row]) -> list[str]:
@@ -1471,12 +1505,15 @@ def figure(rows: list[Row], x: str, title: str = ""):
         ax.set_ylim(*shown)
     if shown or missing:
         ax.legend(loc="upper right", fontsize="small")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, TITLE_WIDTH)))
     ax.set_xlabel(x_label(rows, x))
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+TITLE_WIDTH = 50  # characters a line of a plot's title holds within the figure's width
 
 
 def plot(rows: list[Row], x: str, title: str = "") -> bytes:
@@ -1491,7 +1528,8 @@ def _title(record: dict, rows: list[Row]) -> str:
     :func:`_trained_on`), and the stragglers when the comparison had some."""
     finished = [r.summary for r in rows if r.summary] or [{}]
     differ = _differing_trained(rows)
-    model, dataset = (f"each line's {what}" if key in differ else str(finished[0].get(key, "?"))
+    model, dataset = (f"each line's {what}" if key in differ
+                      else short_name(str(finished[0].get(key, "?")))
                       for key, what in zip(TRAINED, ("model", "data set"), strict=True))
     title = "each line's model and data set" if len(differ) == 2 else f"{model} on {dataset}"
     words = record.get("train_args", [])
