@@ -10,6 +10,7 @@ import re
 import runpy
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -140,6 +141,30 @@ def test_a_script_trains_as_the_command_line_does(scripts_and_commands):
     script_config = runpy.run_path(str(script))["make_config"](again)
     assert launch_checks.check_launch(arguments.build(args), 2) == \
         launch_checks.check_launch(script_config, 2)
+
+
+@pytest.mark.timeout(200)
+def test_readmes_script_prints_its_accuracy_once(tmp_path):
+    """README's "Training from Python" printed the summary on every rank: ``0.8890.889`` on
+    two. Its script, on synthetic data for one epoch, on 2 ranks: one line, rank 0's."""
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    section = text[text.index("\n## Training from Python\n"):]
+    start = section.index("```python\n") + len("```python\n")
+    script = section[start:section.index("```", start)]
+    out = tmp_path / "mine"
+    for old, new in (("from hpctrain import OptimConfig, RunConfig",
+                      "from hpctrain import DataConfig, ModelConfig, OptimConfig, RunConfig"),
+                     ('out="runs/mine",', f'out={str(out)!r}, progress=False, data=DataConfig('
+                      'dataset="synthetic"), model=ModelConfig(name="mlp"),'),
+                     ("epochs=3", "epochs=1")):
+        assert old in script, old  # README's script changed: change what this test swaps
+        script = script.replace(old, new)
+    (tmp_path / "my_script.py").write_text(script)
+    proc = run_program([sys.executable, str(tmp_path / "my_script.py")], np=2, timeout=150)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    acc = json.loads((out / "summary.json").read_text())["final_test_acc"]
+    printed = [line for line in proc.stdout.splitlines() if not line.startswith("hpctrain")]
+    assert printed == [str(acc)], proc.stdout
 
 
 SWEEP_SCRIPT = """
