@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import hpctrain
-from hpctrain import data, launch_env, plugins, weights
+from hpctrain import data, launch_env, plugins, userdata, weights
 
 _CHUNK = 1 << 20
 _GIT_LOCATION = frozenset({"GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_COMMON_DIR",
@@ -160,6 +160,18 @@ def code_files(config) -> dict:
             except OSError:  # read at the launch's checks: gone since, a run's own business
                 pass
     return out
+
+
+def classes(config) -> dict:
+    """``classes``: the names of the data's classes in label order, where the data name them
+    (an image folder's class folders, a loader's Dataset's ``classes``:
+    :func:`hpctrain.userdata.class_names`), so that ``model.pt``'s outputs can be read as
+    names (torchvision's ``classes``); nothing where they name none."""
+    name = config.data.dataset
+    if not isinstance(name, str) or not userdata.is_user(name):
+        return {}
+    names = userdata.class_names(name, config.data.data_dir)
+    return {"classes": names} if names else {}
 
 
 def process_group() -> dict:

@@ -389,7 +389,8 @@ def _write_config(log: RunLog, config: RunConfig, algo: Algorithm, device: torch
     info = {"workers": size, "device": str(device), **runtime.run_info(),
             **provenance.invocation(),
             **provenance.software(device), **provenance.process_group(), **started_from,
-            **provenance.code_files(config), **provenance.resolved(config, algo),
+            **provenance.code_files(config), **provenance.classes(config),
+            **provenance.resolved(config, algo),
             **({"byte_fields": own_byte_fields(type(algo))}
                if plugins.is_reference(config.algo) else {})}
     log.write_config({**configs.repeatable(config), **runtime.config_tables(), "run_info": {

@@ -179,6 +179,15 @@ def release(name: str, split: str, data_dir: str | None = None) -> None:
     _opened(name, data_dir).release(_split(split))
 
 
+def class_names(name: str, data_dir: str | None = None) -> list[str] | None:
+    """The classes' names in label order, where the data name them: an image folder's class
+    folders (label i: the i-th in sorted order, as torchvision's ``classes``), a loader's
+    training Dataset's ``classes`` (torchvision's data sets have one), one name a class; None
+    where they name none (an npz file, arrays). A model saved without them was scored with
+    a user's own label order."""
+    return getattr(_opened(name, data_dir), "class_names", None)
+
+
 def channels_last(shape: tuple) -> bool:
     """Whether samples of ``shape`` look channels-last (``H x W x C``: the last dimension 1, 3
     or 4, the first not), which would be taken as ``C x H x W`` without a word: 16 channels
@@ -579,6 +588,7 @@ class ImageFolderSource:
             raise UsageError(f"--dataset {name}: {root / 'train'} has {len(self.classes)} "
                              "class folders; want at least 2")
         self.num_classes = len(self.classes)
+        self.class_names = list(self.classes)
         self._files = {s: self._listing(s) for s in SPLITS}
         for split in SPLITS:
             if not self._files[split][0]:
@@ -720,6 +730,10 @@ class CallableSource:
         self.num_classes = _classes(f"--dataset {name}", list(labels.values()), given)
         self._file_labels = labels  # by the loader's own index, as its items are checked
         self._order, self._labels = _numbered(labels)
+        names = getattr(self._sets["train"], "classes", None)  # a Dataset's (torchvision's)
+        self.class_names = [*names] if isinstance(names, list | tuple) \
+            and len(names) == self.num_classes and all(isinstance(n, str) for n in names) \
+            else None
 
     def _called(self) -> tuple[tuple, object]:
         """The loader's train and test sets, and the ``num_classes`` it gave (or None)."""

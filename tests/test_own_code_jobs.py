@@ -238,6 +238,11 @@ def test_ec_trains_on_an_image_folder_of_fashion_mnist_pngs(runs):
         runs.two_ranks.stdout
     s = json.loads((runs.folders["images"] / "summary.json").read_text())
     assert s["final_test_acc"] > 0.4  # 10 classes from 400 images: far above chance
+    # Which folder is which of model.pt's outputs: no output said so.
+    run_info = json.loads((runs.folders["images"] / "config.json").read_text())["run_info"]
+    assert run_info["classes"] == [f"class{i}" for i in range(10)]
+    npz = json.loads((runs.folders["npz"] / "config.json").read_text())["run_info"]
+    assert "classes" not in npz  # an npz file names no classes
 
 
 @pytest.mark.timeout(120)

@@ -74,6 +74,14 @@ def load():
     y = torch.from_numpy(g.integers(0, 3, 40))
     return {"train": Items(x[:30], y[:30]), "test": (x[30:], y[30:]), "num_classes": 3}
 
+def named(names=("ant", "bee", "cow")):
+    sets = load()
+    sets["train"].classes = list(names)  # as torchvision's data sets name theirs
+    return sets
+
+def miscounted():
+    return named(("ant", "bee"))
+
 def float_labels():
     x = torch.zeros(4, 1, 8, 8)
     return (x, torch.tensor([0.0, 1.5, 1.0, 0.0])), (x, torch.tensor([0, 1, 1, 0]))
@@ -1097,6 +1105,14 @@ def test_sharded_placement_reads_only_its_part_of_a_dataset(nets):
         userdata.describe("nets_mod:float_labels")
 
 
+def test_a_loaders_dataset_names_its_classes_where_it_has_one_name_a_class(nets):
+    """A loader's Dataset with torchvision's ``classes``: no output recorded them, so a user
+    scoring model.pt had to know the label order some other way."""
+    assert userdata.class_names("nets_mod:named") == ["ant", "bee", "cow"]
+    assert userdata.class_names("nets_mod:miscounted") is None  # 2 names for 3 classes
+    assert userdata.class_names("nets_mod:load") is None  # no classes attribute
+
+
 @pytest.mark.parametrize("name, message", [
     ("lists", "train: item 0 is a list of 6 elements, not an (x, y) pair; give (x, y) as "
               "tensors or numpy arrays"),
@@ -1149,6 +1165,7 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
     name = f"imagefolder:{tmp_path}"
     assert userdata.describe(name) == {"train": 12, "test": 6, "shape": (1, 5, 7),
                                        "classes": 3, "untrained": []}
+    assert userdata.class_names(name) == ["cat", "dog", "emu"]  # label i: the i-th folder
     labels = data.load_labels(name, "train")
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     assert labels[:3].tolist() != [0, 0, 0] or labels[3:6].tolist() != [0, 1, 1]  # mixed order
