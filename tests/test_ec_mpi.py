@@ -67,7 +67,9 @@ def test_ensemble_probabilities_are_the_mean_of_all_models(by, shared):
         out = ensemble_probabilities(model, comm, temperature, 10, ids=ids, lookup=full,
                                      shared=shared)
     else:
-        out = ensemble_probabilities(model, comm, temperature, 10, images=full.images[ids],
+        # Images a user's own loop made with autograd on (its .numpy() raised): used as data.
+        out = ensemble_probabilities(model, comm, temperature, 10,
+                                     images=full.images[ids].requires_grad_(),
                                      labels=full.labels[ids], shared=shared)
     rows = torch.cat(draws) if shared else ids  # shared: every rank's samples, in rank order
     with torch.no_grad():

@@ -405,7 +405,8 @@ def test_model_averaging_of_gpu_models():
 @pytest.mark.parametrize("shared", [False, True])
 def test_ensemble_probabilities_of_gpu_models(shared):
     """ec's ensemble of GPU members (each rank's own model and number of samples): the same
-    probabilities as of the CPU members, in host memory."""
+    probabilities as of the CPU members, in host memory; samples given on the GPU (a user's
+    own loop's) too."""
     from hpctrain.ec.ensemble import ensemble_probabilities
 
     world = comm.world()
@@ -419,6 +420,9 @@ def test_ensemble_probabilities_of_gpu_models(shared):
         assert out.probs.device.type == "cpu"
         probs[device] = out.probs
     torch.testing.assert_close(probs[str(gpu())], probs["cpu"])
+    on_gpu = ensemble_probabilities(small_model(seed=r).to(gpu()), world, 2.0, 4,
+                                    images=x.to(gpu()), labels=y.to(gpu()), shared=shared)
+    torch.testing.assert_close(on_gpu.probs, probs["cpu"])
 
 
 @mpi

@@ -147,7 +147,7 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
     mine = counts[comm.Get_rank()]
     if ids is not None:
         assert lookup is not None  # the checks above: ids come with their lookup
-        send = ids.to(torch.int64).contiguous().numpy()
+        send = ids.detach().to("cpu", torch.int64).contiguous().numpy()
         everyone = np.empty(total, np.int64)
         comm.Allgatherv(send, [everyone, counts])
         rows = torch.from_numpy(everyone)
@@ -157,13 +157,13 @@ def ensemble_probabilities(model: nn.Module, comm, temperature: float, num_class
     else:
         assert images is not None  # the checks above: exactly one is given
         shape = tuple(images.shape[1:])  # by its size, not -1: a rank may send 0 rows
-        send = images.to(torch.float32).contiguous().numpy().reshape(len(images),
-                                                                     int(np.prod(shape)))
+        send = images.detach().to("cpu", torch.float32).contiguous().numpy().reshape(
+            len(images), int(np.prod(shape)))
         inputs = torch.from_numpy(allgather_rows(comm, send, counts)).view(total, *shape)
     gathered_bytes = send.nbytes * (ranks - 1)
     if shared and images is not None:
         assert labels is not None  # the checks above: shared images come with labels
-        mine_labels = labels.to(torch.int64).contiguous().numpy()
+        mine_labels = labels.detach().to("cpu", torch.int64).contiguous().numpy()
         every_label = np.empty(total, np.int64)
         comm.Allgatherv(mine_labels, [every_label, counts])
         labels = torch.from_numpy(every_label)
