@@ -64,15 +64,16 @@ def check_launch(config: RunConfig, ranks: int,
     ``given``: the options the user set (:func:`hpctrain.arguments.build_given`), so that a
     resume refusal calls a value the default only where its option was left out; None (a
     script's RunConfig): any value equal to its default counts as left out."""
-    _say_user_data(config)
-    config = _as_launched(config)
-    algo = config.algorithm_class
+    launched = _as_launched(config)
+    algo = launched.algorithm_class
     launcher = comm.launcher()
     launch_env.refuse_mpirun_around_torchrun()  # before its MPI_Init dies naming nothing
-    what = _needs_mpi(config) if launcher == "torchrun" else None
-    if what:
+    what = _needs_mpi(launched) if launcher == "torchrun" else None
+    if what:  # before a user's data set is read (its loader may take minutes)
         raise UsageError(f"{what} moves data through MPI, and torchrun starts no MPI world: "
                          "launch with mpirun, or srun with PMI/PMIx")
+    _say_user_data(config)
+    config = launched
     check_compute(config)
     launch_env.say_threads_beyond_cpus(config.threads)
     sync.check_environment()  # Horovod's variables, read once collectives start

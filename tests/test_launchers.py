@@ -14,10 +14,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import SYNTHETIC, run_job, run_program, torchrun
+from conftest import ROOT, SYNTHETIC, refusal, run_job, run_program, torchrun
 
 import hpctrain
-from hpctrain import comm, launch_checks
+from hpctrain import arguments, cli, comm, launch_checks, registry
 from hpctrain.config import DataConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sync.torch_transport import rendezvous_host
@@ -252,6 +252,40 @@ def test_launch_check_under_torchrun_environment(monkeypatch, algo, extra, named
         launch_checks.check_launch(RunConfig(algo=algo, data=data, algorithm=algorithm), 2)
     ok = launch_checks.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic")), 2)
     assert ok.algorithm.sync_backend == "torch"
+
+
+# A user's loader that says when it is called: the refusal must come before it.
+LOADER = """
+import pathlib, torch
+def load():
+    pathlib.Path(__file__).with_name("loaded").touch()
+    return ((torch.rand(8, 1, 4, 4), torch.arange(8) % 2),
+            (torch.rand(4, 1, 4, 4), torch.arange(4) % 2))
+"""
+# README's "Launchers": what torchrun runs (sgd, ssgd) and what it refuses.
+_UNDER_TORCHRUN = {"sgd": True, "ssgd": True, "asgd": False, "dcasgd-c": False,
+                   "dcasgd-a": False, "ssp": False, "ma": False, "ec": False}
+
+
+@pytest.mark.parametrize("algo", [*_UNDER_TORCHRUN,
+                                  f"{ROOT / 'examples' / 'signum_vote.py'}:SignumVote"])
+def test_torchrun_refuses_an_mpi_algorithm_before_reading_the_data(monkeypatch, tmp_path, algo):
+    """``--algo ma`` under torchrun was refused after a user's data set was loaded (and its
+    sizes said): its loader ran, for minutes on a real data set, before the one line."""
+    for k, v in TORCHRUN_ENV.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(registry, "_LOADED", dict(registry._LOADED))  # the user's: this test's
+    assert set(_UNDER_TORCHRUN) == set(registry.names())  # a new one: say which it is
+    (tmp_path / "loader.py").write_text(LOADER)
+    args = ["--algo", algo, "--dataset", f"{tmp_path / 'loader.py'}:load", "--model", "mlp"]
+    if _UNDER_TORCHRUN.get(algo):  # sgd: on one process
+        ok = launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
+            ["train", *args])), 1 if algo == "sgd" else 2)
+        assert ok.algo == algo and (tmp_path / "loaded").exists()
+        return
+    said = refusal(args, 2)
+    assert f"{algo.split('/')[-1]} moves data through MPI" in said and "mpirun" in said
+    assert not (tmp_path / "loaded").exists()
 
 
 # How MPI starts in a process torchrun's variables describe (hpctrain.comm.init): its world
