@@ -600,15 +600,20 @@ def _under_torchrun() -> bool:
 def _record_for_torchrun(exc_type, exc, tb) -> None:
     """The error in torchrun's error file (``$TORCHELASTIC_ERROR_FILE``, torch.distributed
     elastic's ``record`` format), so that its report names this rank as the root cause and
-    shows the error, not the exit order's guess. Nothing where torchrun asks for none."""
+    shows the error, not the exit order's guess. Nothing where torchrun asks for none.
+    Its report shows ``py_callstack`` as the traceback: for bad input and hpctrain's other
+    own errors (:func:`hpctrains_own`) the one line, as the rank said it (Python's traceback
+    under ``HPCTRAIN_DEBUG``); for any other, Python's."""
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
+    line = describe_error(exc)
+    shown = line if hpctrains_own(exc) and not _debugging() else \
+        "".join(traceback.format_exception(exc_type, exc, tb))
     with contextlib.suppress(OSError):
         with open(path, "w") as f:
-            json.dump({"message": {"message": describe_error(exc), "extraInfo": {
-                "py_callstack": "".join(traceback.format_exception(exc_type, exc, tb)),
-                "timestamp": str(int(time.time()))}}}, f)
+            json.dump({"message": {"message": line, "extraInfo": {
+                "py_callstack": shown, "timestamp": str(int(time.time()))}}}, f)
 
 
 def _debugging() -> bool:

@@ -68,6 +68,11 @@ def test_an_algorithm_that_needs_mpi_is_refused_under_torchrun(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("hpctrain: error")]
     assert lines and "--algo ma" in lines[0] and "mpirun" in lines[0], proc.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
+    # torchrun's report names the line as the root cause, not hpctrain's traceback (it
+    # showed the error file's py_callstack: 30 lines from runpy to check_launch)
+    root = proc.stderr[proc.stderr.index("Root Cause"):]
+    assert f"traceback : {lines[0].removeprefix('hpctrain: error: ')}\n" in root, root
+    assert "Traceback" not in root and "File " not in root, root
 
 
 @pytest.mark.timeout(300)
