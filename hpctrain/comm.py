@@ -46,12 +46,16 @@ def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
     ``every_rank``: every rank of the job calls this now (else libnbc's algorithm is left to
     a later call that they all make: see :func:`_first_use`).
 
-    Raises RuntimeError when MPI was already initialised below the requested level.
+    Raises RuntimeError when MPI was already initialised below the requested level, and a
+    UsageError, before MPI starts, for torchrun's worker under Open MPI's mpirun
+    (:func:`hpctrain.launch_env.refuse_mpirun_around_torchrun`).
     """
     if thread_level not in THREAD_LEVELS:
         raise UsageError(f"unknown MPI thread level {thread_level!r}; choose from {THREAD_LEVELS}")
     started_here = "mpi4py.MPI" not in sys.modules
     if started_here:
+        install_for_script()  # the refusal below: one line, a script's too
+        launch_env.refuse_mpirun_around_torchrun()  # before its MPI_Init dies naming nothing
         mpi4py.rc.thread_level = thread_level
         with _outer_launch_hidden(), nbc_tuning.preferred_at_start():
             from mpi4py import MPI

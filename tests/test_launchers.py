@@ -339,6 +339,21 @@ def test_a_script_under_mpirun_given_torchruns_variables_keeps_its_world(tmp_pat
 
 
 @pytest.mark.timeout(120)
+def test_a_script_of_torchruns_worker_under_mpirun_is_refused_before_mpi_init(tmp_path):
+    """``mpirun -np 1 torchrun ...`` running a script that starts MPI itself (the library's
+    ``comm.init``, as ``hpctrain.sync.init(backend="mpi")`` does): Open MPI's MPI_Init died
+    in "OPAL ERROR: Unreachable"; now hpctrain's one line, exit status 2, as ``train`` says."""
+    script = tmp_path / "start.py"
+    script.write_text(MPI_START)
+    proc = run_program([sys.executable, str(script), str(tmp_path)], np=1, timeout=60,
+                       env=TORCHRUN_ENV)
+    assert proc.returncode == 2, proc.stderr
+    assert "hpctrain: error: torchrun's worker (WORLD_SIZE=2, RANK=0) under Open MPI's " \
+        "mpirun" in proc.stderr and "OPAL ERROR" not in proc.stderr, proc.stderr
+    assert not (tmp_path / "0.json").exists()
+
+
+@pytest.mark.timeout(120)
 def test_info_under_torchrun_prints_every_workers_placement_once(tmp_path):
     """Each worker is an MPI world of its own: info gathers over torch.distributed instead."""
     proc = torchrun(["info"], 2, tmp_path / "torch-logs")
