@@ -165,15 +165,24 @@ def test_the_ranks_on_one_node_share_its_memory(monkeypatch):
     store.validate(parse("store", "--params", str(bench.memory() // 150)))
 
 
+SRUN_TASK = {"SLURM_STEP_ID": "0", "SLURM_NTASKS": "7", "SLURM_PROCID": "2"}
+
+
 @pytest.mark.parametrize("env, here", [
     ({"OMPI_COMM_WORLD_LOCAL_SIZE": "3"}, 3), ({"MPI_LOCALNRANKS": "5"}, 5),
     ({"MV2_COMM_WORLD_LOCAL_SIZE": "8"}, 8), ({"PALS_LOCAL_SIZE": "8"}, 8),
-    ({"SLURM_STEP_TASKS_PER_NODE": "2(x3)", "SLURM_NODEID": "2"}, 2),
-    ({"SLURM_STEP_TASKS_PER_NODE": "2,3", "SLURM_NODEID": "1"}, 3),  # it read the first node's
-    ({"SLURM_STEP_TASKS_PER_NODE": "1,4(x2)", "SLURM_NODEID": "2"}, 4),
+    ({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "2(x3),1", "SLURM_NODEID": "2"}, 2),
+    ({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "2,3(x2)", "SLURM_NODEID": "1"}, 3),
+    ({**SRUN_TASK, "SLURM_STEP_TASKS_PER_NODE": "1,4(x2)", "SLURM_NODEID": "2"}, 4),
+    # the launcher that gave the rank (Hydra's), not a count Open MPI left: it read that
+    ({"PMI_SIZE": "2", "PMI_RANK": "1", "MPI_LOCALNRANKS": "2",
+      "OMPI_COMM_WORLD_LOCAL_SIZE": "8"}, 2),
     ({}, 1)])
 def test_the_ranks_on_this_node_are_read_from_each_launcher(monkeypatch, env, here):
-    for name in (*bench._LOCAL_SIZES, "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID"):
+    """As :func:`hpctrain.launch_env.local_size` reads them (test_launch_env has the rest)."""
+    for name in [*launch_env.LOCAL_SIZES, *launch_env.SLURM_STEP, launch_env.SLURM_STEP_SIZE,
+                 "SLURM_STEP_TASKS_PER_NODE", "SLURM_NODEID",
+                 *(v for _, size, rank in launch_env.LAUNCHERS for v in (size, rank))]:
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

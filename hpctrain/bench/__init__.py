@@ -13,7 +13,7 @@ import os
 import statistics
 from decimal import Decimal
 
-from hpctrain import provenance
+from hpctrain import launch_env, provenance
 from hpctrain.errors import UsageError
 
 
@@ -126,32 +126,11 @@ def check_memory(what: str, nbytes: int | float, have: int | None = None,
                          f"{where} {_gb(have)}")
 
 
-# The launchers' count of the ranks on this node: Open MPI, Hydra (MPICH, Intel MPI),
-# MVAPICH, Cray PALS; srun's is per node in SLURM_STEP_TASKS_PER_NODE (:func:`_slurm_here`).
-_LOCAL_SIZES = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE",
-                "PALS_LOCAL_SIZE")
-
-
 def ranks_here() -> int:
-    """How many of the job's ranks share this node, as the launcher says; 1 where none
+    """How many of the job's ranks share this node, as the launcher that gave the rank says
+    (:func:`hpctrain.launch_env.local_size`: srun's from its tasks per node); 1 where none
     does."""
-    for name in _LOCAL_SIZES:
-        if (value := os.environ.get(name, "")).isdigit() and int(value) > 0:
-            return int(value)
-    return _slurm_here(os.environ.get("SLURM_STEP_TASKS_PER_NODE", ""),
-                       os.environ.get("SLURM_NODEID", "0"))
-
-
-def _slurm_here(spec: str, node: str) -> int:
-    """This node's entry of srun's ``2(x3),1`` (2 tasks on each of 3 nodes, then 1); 1 if
-    unreadable."""
-    counts = []
-    for part in spec.split(","):
-        count, _, times = part.partition("(x")
-        if not count.isdigit() or not (times.rstrip(")").isdigit() if times else True):
-            return 1
-        counts += [int(count)] * (int(times.rstrip(")")) if times else 1)
-    return counts[int(node)] if node.isdigit() and int(node) < len(counts) else 1
+    return launch_env.local_size() or 1
 
 
 def check_mpi_launch(name: str) -> None:
