@@ -3,7 +3,10 @@ else in float32.
 
 Each part of a step's loss (:meth:`hpctrain.algorithm.Algorithm.losses`) is computed under
 ``torch.autocast`` (:func:`each_under`): matrix products and convolutions run in the half
-type, and autocast keeps the losses, softmaxes and reductions in float32. Backward runs
+type, and autocast keeps the losses (``cross_entropy``, ``nll_loss``, ``mse_loss``) in float32;
+on a GPU also softmaxes and sums, but on the CPU torch's autocast leaves ``softmax``,
+``log_softmax``, ``sum`` and ``mean`` in the half type when their input is (a model's own
+``log_softmax`` runs in bfloat16 there: cast to float32 first where that matters). Backward runs
 outside the context, as torch advises, so the gradients, the parameters, the optimizer
 state, the allreduce and the asynchronous store all stay float32, and every algorithm takes
 it alike. Evaluation runs in float32.
@@ -115,7 +118,7 @@ class LossScaler:
             self._scale, self._clean = self._scale * 0.5, 0
             return
         self._clean += 1
-        if self._clean == self.GROWTH_INTERVAL:
+        if self._clean >= self.GROWTH_INTERVAL:  # past it: a GradScaler's longer interval
             grown = self._scale * 2.0
             self._scale = grown if math.isfinite(grown) else self._scale
             self._clean = 0

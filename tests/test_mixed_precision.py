@@ -133,3 +133,44 @@ def test_fp16_from_the_command_line_skips_an_overflowing_step(tmp_path):
     board.Reload()
     logged = [e.value for e in board.Scalars("train/loss_scale")]  # rank 0's, as it went
     assert logged and logged[-1] == scales[0] and max(logged) <= 65536.0
+
+
+@needs_fp16
+def test_the_scaler_follows_torchs_grad_scaler_step_for_step():
+    """The same scale as ``torch.amp.GradScaler`` after every step (growth interval shortened
+    on both), overflows at random places, and its state dict under the same names."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    theirs = torch.amp.GradScaler("cpu", growth_interval=5)
+    ours = precision.LossScaler("fp16")
+    ours.GROWTH_INTERVAL = 5
+    overflows = torch.rand(120) < 0.15
+    for bad in overflows.tolist():
+        opt.zero_grad()
+        theirs.scale(model(torch.randn(4, 3)).sum()).backward()
+        if bad:
+            model.weight.grad[0, 0] = float("inf")
+        theirs.unscale_(opt)
+        theirs.step(opt)
+        theirs.update()
+        ours.update(skipped=bad)
+        assert ours.get_scale() == theirs.get_scale()
+    assert ours.get_scale() != 65536.0  # it moved
+    mine = ours.state_dict()
+    assert {k: mine[k] for k in theirs.state_dict()} == theirs.state_dict()
+
+
+@needs_fp16
+def test_a_grad_scaler_state_past_the_growth_interval_still_grows():
+    """Read from a ``GradScaler`` with a longer growth interval (5,000 here), whose count of
+    clean steps is past this scaler's 2,000: the scale doubles at the next clean step. It
+    compared the count for equality and never grew again."""
+    theirs = torch.amp.GradScaler("cpu", growth_interval=5000)
+    state = {**theirs.state_dict(), "_growth_tracker": 2100}
+    ours = precision.LossScaler("fp16")
+    ours.load_state_dict(state)
+    ours.update(skipped=False)
+    assert ours.get_scale() == 2 * 65536.0
+    ours.update(skipped=False)
+    assert ours.get_scale() == 2 * 65536.0  # the count starts again
