@@ -32,6 +32,14 @@ judges by the scale alone, at no cost: every rank's scaler saw the same reduced 
 the scales agree, while each rank's loss is its own. With Adasum the ranks agree on it in the
 verdict's allgather: an overflow when every bad rank's is one.
 
+A step skipped for its gradient leaves the parameters and the optimizer's state (momentum,
+Adam's moments and its step count) as they were: the loop calls no ``optimizer.step()``, as
+``GradScaler`` skips it (an Adasum update that :meth:`GradientGuard.reject` counts comes after
+each rank's local step, which has moved its optimizer's state). Under the lock-step
+algorithms it still counts as an update (``Algorithm.progress``), so the learning-rate
+schedule and the run's length move on, as a script's ``scheduler.step()`` after a skipped
+``optimizer.step()``; an asynchronous worker keeps its ticket instead.
+
 Clipping (``clip_norm``) scales a finite gradient whose L2 norm over all parameters exceeds
 the bound down to it, as ``torch.nn.utils.clip_grad_norm_`` does, just before the step: for
 synchronous SGD the reduced gradient, as a Horovod or DDP user clips after ``synchronize()``

@@ -6,7 +6,9 @@ r - 1; ``--servers`` are the last ranks and train not);
 ``--jitter SIGMA`` multiplies every worker's step by a log-normal factor ``exp(SIGMA * z)``,
 ``z ~ N(0, 1)``, drawn per step from a generator seeded with (seed, rank). A step that should
 take ``f`` times its measured time ``t`` is padded with a sleep of ``(f - 1) * t`` (no sleep
-when ``f <= 1``: a step cannot be made faster).
+when ``f <= 1``: a step cannot be made faster). The pad follows the measured time, so the
+machine's own noise in ``t`` (a loaded node) is multiplied by ``f`` too: one run's times
+compare noisily with another's, and there is no fixed-delay mode.
 """
 
 from __future__ import annotations
