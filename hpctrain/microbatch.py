@@ -20,6 +20,14 @@ def parts(batch: int, size: int | None) -> int:
     return 1 if size is None or size >= batch else -(-batch // size)
 
 
+def part_sizes(batch: int, size: int | None) -> list[int]:
+    """The sizes of :func:`mean_in_parts`' parts of a batch of ``batch`` samples, each once,
+    largest first (``tensor_split``'s: the first ``batch % k`` of the k parts have one more):
+    the input sizes the model runs on, which ``--compile`` compiles and checks."""
+    k = parts(batch, size)
+    return [batch // k + 1, batch // k] if batch % k else [batch // k]
+
+
 def mean_in_parts(loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                   x: torch.Tensor, y: torch.Tensor, size: int | None) -> Iterator[torch.Tensor]:
     """``loss(x, y)``, a mean over the samples, in near-equal parts of at most ``size``

@@ -55,6 +55,7 @@ from hpctrain import (
     devices,
     faults,
     live,
+    microbatch,
     models,
     optimizers,
     options,
@@ -730,15 +731,16 @@ class _Training:
 
     def _batch(self, local) -> tuple[torch.Tensor, torch.Tensor]:
         """Batch ``i`` of this worker's epoch (the last may be partial), on the device: with
-        --compile a new batch size compiles, and is checked against the plain forward."""
-        b, i = self.config.optim.batch_size, self.at.i
-        x = local.images[i * b:(i + 1) * b].to(self.device)
-        y = local.labels[i * b:(i + 1) * b].to(self.device)
-        if compiled.first_call(self.model, "train", len(y)):  # --compile: a new size compiles
-            watchdog.beat("compiling for a batch of", len(y), compiling=True)
-            if self.config.mixed_precision == "no":  # autocast's rounding is no compiler's error
-                compiled.verify(self.model, x[:self.config.optim.micro_batch_size or len(x)],
-                                self.rank)
+        --compile a new input size (the batch's, or its micro-batches') compiles, and is
+        checked against the plain forward."""
+        o, i = self.config.optim, self.at.i
+        x = local.images[i * o.batch_size:(i + 1) * o.batch_size].to(self.device)
+        y = local.labels[i * o.batch_size:(i + 1) * o.batch_size].to(self.device)
+        for size in microbatch.part_sizes(len(y), o.micro_batch_size):  # what the model runs
+            if compiled.first_call(self.model, "train", size):  # --compile: it compiles
+                watchdog.beat("compiling for a batch of", size, compiling=True)
+                if self.config.mixed_precision == "no":  # autocast's rounding: no compiler's
+                    compiled.verify(self.model, x[:size], self.rank)
         return x, y
 
     def _backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | float:

@@ -13,7 +13,7 @@ from conftest import SYNTHETIC, horovod_missing, run_commands
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import compiled
+from hpctrain import compiled, microbatch
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim import SimConfig, simulate
@@ -180,6 +180,46 @@ class ScaledWhenCompiled(nn.Module):
         compiling = getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
         return self.net(x) * (1.5 if compiling else 1.0)
 """
+
+
+WRONG_AT_EIGHT = """
+import torch
+from torch import nn
+
+
+class WrongAtEight(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, num_classes))
+
+    def forward(self, x):
+        compiling = getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
+        return self.net(x) * (1.5 if compiling and x.shape[0] == 8 else 1.0)
+"""
+
+
+@pytest.mark.skipif(IN_THREADS is not None, reason=f"--compile {IN_THREADS}")
+def test_micro_batches_are_checked_at_the_size_the_model_runs(tmp_path, capsys):
+    """Batches of 24 in micro-batches of at most 10 are three parts of 8: the check ran the
+    model on 10 samples, a size training never used, so a compiled model wrong at 8 trained
+    wrong until the last batch (8 samples) was checked."""
+    (tmp_path / "eight.py").write_text(WRONG_AT_EIGHT)
+    assert microbatch.part_sizes(24, 10) == [8] and microbatch.part_sizes(64, 30) == [22, 21]
+    assert microbatch.part_sizes(24, None) == [24] == microbatch.part_sizes(24, 24)
+
+    def run(name: str, on: bool) -> dict:
+        config = RunConfig(algo="sgd", seed=3, out=str(tmp_path / name), progress=False,
+                           data=DataConfig(dataset="synthetic"), optim=OptimConfig(
+                               epochs=1, batch_size=24, micro_batch_size=10), compile=on,
+                           model=ModelConfig(name=f"{tmp_path / 'eight.py'}:WrongAtEight"))
+        simulate(config, SimConfig(workers=1, step_time="constant:0.01"))
+        return torch.load(tmp_path / name / "model.pt", weights_only=True)
+
+    plain, fixed = run("plain", False), run("compiled", True)
+    assert all(torch.equal(plain[k], fixed[k]) for k in plain)
+    said = capsys.readouterr().err
+    assert said.count("TorchInductor computed them wrong") == 1
+    assert "gradients for a batch of 8 differ" in said
 
 
 @pytest.mark.skipif(IN_THREADS is not None, reason=f"--compile {IN_THREADS}")
