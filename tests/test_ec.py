@@ -75,6 +75,18 @@ def test_loss_at_alpha_1_is_the_distillation_term(temperature):
     assert loss > 0.1  # a term that really depends on the teacher
 
 
+def test_the_distillation_term_of_bf16_logits_is_computed_in_float32():
+    """Under CPU autocast (--mixed-precision bf16) log_softmax ran in bfloat16: the term of
+    bfloat16 logits was some 1e-3 off (relative) the float32 one of the same logits."""
+    logits, labels, teacher = logits_labels_teacher(temperature=2.0)
+    low = logits.to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = distillation_loss(low, labels, teacher, alpha=1.0, temperature=2.0)
+    wide = distillation_loss(low.float(), labels, teacher, alpha=1.0, temperature=2.0)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, wide, rtol=1e-6, atol=1e-6)
+
+
 def test_loss_mixes_linearly_and_vanishes_when_student_is_teacher():
     logits, labels, teacher = logits_labels_teacher()
     parts = [distillation_loss(logits, labels, teacher, a, 3.0, reduction="none")

@@ -12,10 +12,13 @@ def distillation_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch
 
     ``teacher`` holds the ensemble's probabilities at temperature ``T`` (rows sum to 1). The
     ``T^2`` keeps the distillation gradient's scale independent of ``T`` (Hinton et al.).
-    ``reduction`` is "mean", "sum" or "none".
+    ``reduction`` is "mean", "sum" or "none". The distillation term is computed in float32
+    at least, as the cross-entropy is: under CPU autocast (``--mixed-precision bf16``) a
+    bfloat16 ``log_softmax`` ran in bfloat16, its 8-bit mantissa in the KL's difference.
     """
     ce = F.cross_entropy(logits, labels, reduction="none")
-    log_student = F.log_softmax(logits / temperature, dim=1)
+    wide = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+    log_student = F.log_softmax(wide / temperature, dim=1)
     kl = (torch.special.xlogy(teacher, teacher) - teacher * log_student).sum(dim=1)
     per_sample = (1.0 - alpha) * ce + alpha * temperature ** 2 * kl
     if reduction == "mean":
