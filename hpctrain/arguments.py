@@ -22,7 +22,15 @@ from hpctrain import config as configs
 from hpctrain.checkpoint.policy import AUTO
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.errors import UsageError, plural
-from hpctrain.options import as_typed, dash_values, declared, flag_of, flat_key, parser_of
+from hpctrain.options import (
+    as_typed,
+    command_line,
+    dash_values,
+    declared,
+    flag_of,
+    flat_key,
+    parser_of,
+)
 from hpctrain.run_folders import refuse_finished
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 
@@ -527,6 +535,7 @@ def build(args: argparse.Namespace) -> RunConfig:
     return build_given(args)[0]
 
 
+@command_line()  # its refusals name the flags typed (--lr -1), not Python's fields
 def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     """:func:`build`, and the options set, typed or in the ``--config`` file, by their
     :func:`hpctrain.config.flat` names: the others were left out, and took their defaults

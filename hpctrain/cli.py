@@ -46,7 +46,7 @@ from hpctrain.bench import report as bench_report
 from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table
-from hpctrain.options import dash_values
+from hpctrain.options import command_line, dash_values
 from hpctrain.result import Summary
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB
 from hpctrain.sim import arguments as sim_arguments
@@ -375,6 +375,7 @@ def _console_safe() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+@command_line()  # refusals name the flags typed (--lr -1), the Python API's its fields
 def main(argv: list[str] | None = None) -> None:
     _console_safe()
     comm.install_abort_on_error()

@@ -88,7 +88,7 @@ def check_launch(config: RunConfig, ranks: int,
     algo.check(config, ranks, n)
     out, ck_dir, resume = (options.text_or_none(v) for v in (config.out, ck.dir, ck.resume))
     for flag, folder in (("--out", out), ("--checkpoint-dir", ck_dir)):
-        check_folder(flag, folder)
+        check_folder(flag, folder, run_option=True)  # named as its field from Python
     if comm.env_rank() == 0:  # the rank that claims them: another may find its rank 0's lock
         refuse_in_use(out, ck_dir, resume)  # a live run's, before what it holds
     refuse_finished(out, resume)  # before its checkpoints would call it unfinished

@@ -15,6 +15,9 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 
@@ -322,6 +325,52 @@ def _alternatives(text: str) -> list[str]:
     return [*parts, text[start:].strip()]
 
 
+# ----------------------------------------------------------------------------------------------
+# Naming an option in a refusal: by its flag on the command line, by its field from Python
+
+# True while the command line builds and checks its configuration (:func:`command_line`).
+_COMMAND_LINE: ContextVar[bool] = ContextVar("hpctrain_command_line", default=False)
+
+
+@contextmanager
+def command_line() -> Iterator[None]:
+    """Within it, a refusal names an option by the flag the command line's user typed
+    (``--lr -1``); outside it, by the field a Python caller gave (``OptimConfig.lr=-1``),
+    who typed no flag. :func:`hpctrain.cli.main` and :func:`hpctrain.arguments.build_given`
+    build and check the command line's configuration in it; ``hpctrain.train(config)`` and
+    the config classes built from Python are outside it."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
+
+
+def on_command_line() -> bool:
+    """Whether a refusal now speaks to the command line's user (see :func:`command_line`)."""
+    return _COMMAND_LINE.get()
+
+
+_NOTHING = object()
+
+
+def named(typed: str, owner: str, name: str, value=_NOTHING) -> str:
+    """How a refusal names an option and its value: ``typed``, the command line's words
+    (``--lr -1``), within :func:`command_line`; else the Python field ``owner.name``, with
+    ``=value`` where a value is given (``OptimConfig.lr=-1``, ``RunConfig.out='runs/a'``)."""
+    if on_command_line():
+        return typed
+    return f"{owner}.{name}" if value is _NOTHING else f"{owner}.{name}={python_shown(value)}"
+
+
+def python_shown(value) -> str:
+    """A value in a message as Python writes it: a number as :func:`shown` (a huge one
+    short), anything else as its repr (a string quoted)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return shown(value)
+    return repr(value)
+
+
 def _kind_problem(f: Field, value) -> str | None:
     """Why ``value`` does not have ``f``'s declared type (a config file or a Python caller
     can give any), or None; a bool is no number. Other types (tuples, dicts) are the fields'
@@ -336,7 +385,8 @@ def _kind_problem(f: Field, value) -> str | None:
     if isinstance(value, types) and (bool in types or not isinstance(value, bool)):
         return None
     if isinstance(value, str):  # TOML's epochs = "3": the flag's text is read, a file's is not
-        return f"must be {name}, not a string (in a config file, write it without quotes)"
+        where = " (in a config file, write it without quotes)" if on_command_line() else ""
+        return f"must be {name}, not a string{where}"
     return f"must be {name}"
 
 
@@ -391,8 +441,10 @@ def text_or_none(value: object) -> str | None:
 
 def check_fields(obj) -> None:
     """Check a configuration dataclass's option values (types, choices, ranges); UsageError
-    naming the flag and the bad value on the first that is wrong. None means "not given"
-    where the field allows it."""
+    naming the option and the bad value on the first that is wrong: by its flag on the
+    command line, by its field from Python (:func:`named`). None means "not given" where
+    the field allows it."""
+    owner = type(obj).__name__
     for f in declared(type(obj)):
         value = getattr(obj, f.name)
         if (plain := _plain(f, value)) is not value:
@@ -400,18 +452,22 @@ def check_fields(obj) -> None:
             object.__setattr__(obj, f.name, value)
         if (problem := _kind_problem(f, value)) is not None:  # from a file or Python: a
             # store_false flag (--no-progress) cannot give it, so the key is named (progress)
-            named = f.name if f.metadata.get("store_false") else flag_of(f)
-            raise UsageError(f"{named} {value!r} {problem}")
+            key = f.name if f.metadata.get("store_false") else flag_of(f)
+            raise UsageError(f"{named(f'{key} {value!r}', owner, f.name, value)} {problem}")
         if value is None:
             continue
         if isinstance(value, int) and not isinstance(value, bool):
             try:
                 float(value)  # what the run computes with it (rates, ratios, the progress bar)
             except OverflowError:
-                raise UsageError(f"{flag_of(f)} {shown(value)} is too large") from None
+                raise UsageError(f"{named(f'{flag_of(f)} {shown(value)}', owner, f.name, value)}"
+                                 " is too large") from None
         choices, bounds = f.metadata["choices"], f.metadata["range"]
         if choices is not None and value not in choices:
-            raise UsageError(f"unknown {flag_of(f)} {value!r}; choose from {', '.join(choices)}"
-                             f"{did_you_mean(value, choices)}")
+            listed = f"choose from {', '.join(choices)}{did_you_mean(value, choices)}"
+            if on_command_line():
+                raise UsageError(f"unknown {flag_of(f)} {value!r}; {listed}")
+            raise UsageError(f"{named('', owner, f.name, value)} is unknown; {listed}")
         if bounds is not None and (problem := bounds.problem(value)) is not None:
-            raise UsageError(f"{flag_of(f)} {shown(value)} {problem}")
+            raise UsageError(f"{named(f'{flag_of(f)} {shown(value)}', owner, f.name, value)} "
+                             f"{problem}")

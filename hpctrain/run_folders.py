@@ -39,12 +39,25 @@ def refuse_taken_names(config: RunConfig) -> None:
     out = Path(config.out)
     for name in OUTPUT_FILES:
         if (out / name).is_dir():
-            raise UsageError(f"--out {config.out}: {out / name} is a folder; the run writes "
-                             f"its {name} there")
+            raise UsageError(f"{_named('--out', config.out)}: {out / name} is a folder; the "
+                             f"run writes its {name} there")
     board = out / tensorboard.SUBDIR
     if config.tensorboard and board.exists() and not board.is_dir():
         raise UsageError(f"--tensorboard: {board} is a file; the run writes its event files "
                          "in a folder of that name")
+
+
+# The run's folder options -> the Python fields that give them, for :func:`_named`.
+_FIELDS = {"--out": "RunConfig.out", "--checkpoint-dir": "CheckpointConfig.dir",
+           "--resume": "CheckpointConfig.resume"}
+
+
+def _named(flag: str, folder: object) -> str:
+    """A run's folder option in a refusal as its user gave it: ``--out runs/a`` on the
+    command line, ``RunConfig.out='runs/a'`` from Python (:func:`hpctrain.options.named`).
+    For the run's options only: ``bench compare --out`` is no RunConfig's."""
+    owner, name = _FIELDS[flag].split(".")
+    return options.named(f"{flag} {folder}", owner, name, str(folder))
 
 
 def refuse_finished(out: str | None, resume: str | None = None,
@@ -58,12 +71,14 @@ def refuse_finished(out: str | None, resume: str | None = None,
     ran = _run_folder_of(resume)
     if ran is not None and (ran / "summary.json").exists() and (
             out is None or Path(out).resolve() == ran.resolve()):  # another --out: a copy
-        raise UsageError(f"--resume {resume}: the run has finished ({ran / 'summary.json'}); "
-                         f"there is nothing to resume: to train on from its model, start a "
-                         f"new run with --init-from {ran} and another --out")
+        raise UsageError(f"{_named('--resume', resume)}: the run has finished "
+                         f"({ran / 'summary.json'}); there is nothing to resume: to train on "
+                         f"from its model, start a new run with --init-from {ran} and another "
+                         "--out")
     if not out:
         return
-    named = f"--out {out}" if config_file is None else f"--config {config_file}: its out {out}"
+    named = _named("--out", out) if config_file is None else \
+        f"--config {config_file}: its out {out}"
     choose = "choose another folder" if config_file is None else \
         "give --out another folder for a new run"
     if (Path(out) / "summary.json").exists():
@@ -83,14 +98,17 @@ def _run_folder_of(resume: str | None) -> Path | None:
     return None if out is None else Path(out)
 
 
-def check_folder(flag: str, folder: str | None) -> None:
+def check_folder(flag: str, folder: str | None, run_option: bool = False) -> None:
     """A folder the run will write must be one it can create, or write in: otherwise that is
-    found only at the first write, after MPI started (exit 1). Nothing is left behind."""
+    found only at the first write, after MPI started (exit 1). Nothing is left behind.
+    ``run_option``: ``flag`` is a run's (``--out``), named as its Python field from Python
+    (:func:`_named`)."""
     if folder is None:
         return
     problem = _unwritable(Path(folder))  # "" is the working folder, as Path("") is
     if problem:
-        raise UsageError(f"{flag} {folder}: {problem}")
+        raise UsageError(f"{_named(flag, folder) if run_option else f'{flag} {folder}'}: "
+                         f"{problem}")
 
 
 def check_resumed_folders(resume: str | None, out: str | None, checkpoint_dir: str | None,
@@ -111,7 +129,7 @@ def check_resumed_folders(resume: str | None, out: str | None, checkpoint_dir: s
                         "--checkpoint-every off"))
     for what, folder, flag, remedy in derived:
         if problem := _unwritable(Path(folder)):
-            raise UsageError(f"--resume {resume}: {what} {folder}, written to without "
+            raise UsageError(f"{_named('--resume', resume)}: {what} {folder}, written to without "
                              f"{flag}: {problem}; {remedy}")
 
 
@@ -428,10 +446,10 @@ def _in_use(flag: str, folder: Path, what: str) -> UsageError:
 def _check_unchanged(config: RunConfig) -> None:
     """What the launch checks saw may have changed while another run held the folder."""
     if (Path(options.text(config.out)) / "summary.json").exists():
-        raise UsageError(f"--out {config.out} already holds a finished run (it ended while "
-                         "this one started); choose another folder")
+        raise UsageError(f"{_named('--out', config.out)} already holds a finished run (it "
+                         "ended while this one started); choose another folder")
     if config.checkpoint.resume is None and checkpoint.listing(
             checkpoint.run_folder(config.checkpoint.dir, config.out)):
-        raise UsageError(f"--out {config.out} holds the checkpoints of a run that wrote "
-                         "them while this one started; choose another folder")
+        raise UsageError(f"{_named('--out', config.out)} holds the checkpoints of a run that "
+                         "wrote them while this one started; choose another folder")
 

@@ -423,10 +423,10 @@ def refusal(args: list[str], ranks: int = 1) -> str:
     """What ``hpctrain train`` refuses before MPI starts on ``ranks`` ranks, checked in this
     process: the same parser, configuration and launch check a job runs, so one real job per
     kind of refusal shows the exit status and the one line; the rest need no launch."""
-    from hpctrain import arguments, cli, launch_checks
+    from hpctrain import arguments, cli, launch_checks, options
     from hpctrain.errors import UsageError
 
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():  # as cli.main names
         config, given = arguments.build_given(cli.build_parser().parse_args(["train", *args]))
         launch_checks.check_launch(config, ranks, given)
     message = str(refused.value)

@@ -210,7 +210,7 @@ def test_a_bad_setting_in_a_script_is_a_value_error_before_mpi(tmp_path):
                       "    print('mpi4py.MPI' in sys.modules)\n")
     proc = run_program([sys.executable, str(script)], timeout=100)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.splitlines() == ["--momentum 1.5 must be in [0, 1)", "False"]
+    assert proc.stdout.splitlines() == ["OptimConfig.momentum=1.5 must be in [0, 1)", "False"]
 
 
 @pytest.mark.timeout(300)

@@ -264,9 +264,11 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
 @pytest.mark.parametrize("build, message", [
     (lambda: RunConfig(algo="nope"), "unknown algorithm 'nope'"),
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(momentum=1.5)),
-     "--momentum 1.5 must be in [0, 1)"),
-    (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)), "--lr 0.0 must be in (0, 1e+06]"),
-    (lambda: RunConfig(algo="sgd", stall_timeout=-1.0), "--stall-timeout -1.0 must be >= 0"),
+     "OptimConfig.momentum=1.5 must be in [0, 1)"),
+    (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=0.0)),
+     "OptimConfig.lr=0.0 must be in (0, 1e+06]"),
+    (lambda: RunConfig(algo="sgd", stall_timeout=-1.0),
+     "RunConfig.stall_timeout=-1.0 must be >= 0"),
     # Accepted, and the rate never got past 4% of --lr. (The refusal once said the rate
     # "would never reach --lr": under the default cosine no warm-up ever does.)
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs=2, warmup_epochs=50)),
@@ -274,25 +276,27 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     (lambda: RunConfig(algo="sgd", out=""), "--out '' is empty"),  # not the working folder
     # In range once overflowed at the first step, in float32 or as a whole number.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=1e308)),
-     "--lr 1e+308 must be in (0, 1e+06]"),
-    (lambda: RunConfig(algo="sgd", eval_every=1e308), "--eval-every 1e+308 must be in (0, 1e+06]"),
-    (lambda: RunConfig(algo="sgd", threads=10 ** 308), "--threads 1e+308 must be in [1, 4096]"),
+     "OptimConfig.lr=1e+308 must be in (0, 1e+06]"),
+    (lambda: RunConfig(algo="sgd", eval_every=1e308),
+     "RunConfig.eval_every=1e+308 must be in (0, 1e+06]"),
+    (lambda: RunConfig(algo="sgd", threads=10 ** 308),
+     "RunConfig.threads=1e+308 must be in [1, 4096]"),
     # Past 2^62 updates an asynchronous run's tickets would read as closed (checkpoint.stop).
     (lambda: RunConfig(algo="asgd", optim=OptimConfig(epochs=10 ** 300)),
-     "--epochs 1e+300 must be in (0, 1e+06]"),
+     "OptimConfig.epochs=1e+300 must be in (0, 1e+06]"),
     # Types, as a config file or a Python caller may get them wrong.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs="5")),
-     "--epochs '5' must be a whole number, not a string (in a config file, write it without "
-     "quotes)"),
-    (lambda: RunConfig(algo="sgd", threads=1.5), "--threads 1.5 must be a whole number"),
-    (lambda: RunConfig(algo="sgd", seed=True), "--seed True must be a whole number"),
+     "OptimConfig.epochs='5' must be a whole number, not a string"),
+    (lambda: RunConfig(algo="sgd", threads=1.5), "RunConfig.threads=1.5 must be a whole number"),
+    (lambda: RunConfig(algo="sgd", seed=True), "RunConfig.seed=True must be a whole number"),
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(momentum="0.5")),
-     "--momentum '0.5' must be a number"),
-    (lambda: RunConfig(algo="sgd", tensorboard="no"), "--tensorboard 'no' must be true or false"),
-    (lambda: RunConfig(algo="sgd", threads=None), "--threads None needs a value"),
+     "OptimConfig.momentum='0.5' must be a number"),
+    (lambda: RunConfig(algo="sgd", tensorboard="no"),
+     "RunConfig.tensorboard='no' must be true or false"),
+    (lambda: RunConfig(algo="sgd", threads=None), "RunConfig.threads=None needs a value"),
     (lambda: hpctrain.train("sgd"), "hpctrain.train takes a RunConfig"),
     (lambda: RunConfig(algo="ma", algorithm=registry.get("ma").Options(tau=0)),
-     "--tau 0 must be >= 1"),
+     "AveragingOptions.tau=0 must be >= 1"),
     (lambda: RunConfig(algo="ma", algorithm=registry.get("ec").Options()),
      "--algo ma takes AveragingOptions, not CompressionOptions"),
     (lambda: configs.from_dict({"algo": "sgd", "optim": {"lrr": 1}}),
@@ -305,7 +309,7 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     (lambda: configs.from_dict({"algo": "ma", "algorithm": {"taux": 5}}),
      "unknown configuration key algorithm.taux; algorithm has the keys tau, tau_epochs"),
     (lambda: configs.from_dict({"algo": "sgd", "progress": "false"}),
-     "progress 'false' must be true or false"),
+     "RunConfig.progress='false' must be true or false"),
 ])
 def test_library_raises_value_errors_naming_the_value(build, message):
     # README: a sweep catches ValueError (train(), given no RunConfig at all: TypeError)
@@ -492,8 +496,8 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
      "RunConfig(stragglers=...) takes StragglerConfig, not OptimConfig"),
     (lambda: RunConfig(algo=["sgd"]), "--algo ['sgd'] must be a string; choose from sgd, "),
     # Whole numbers past a float's range, and seeds past torch's 64 bits.
-    (lambda: OptimConfig(epochs=10 ** 400), "--epochs 1e+400 is too large"),
-    (lambda: OptimConfig(lr=10 ** 400), "--lr 1e+400 is too large"),
+    (lambda: OptimConfig(epochs=10 ** 400), "OptimConfig.epochs=1e+400 is too large"),
+    (lambda: OptimConfig(lr=10 ** 400), "OptimConfig.lr=1e+400 is too large"),
     (lambda: RunConfig(algo="sgd", seed=2 ** 64 - 1),
      "must be in [-9223372036854775808, 9223372036854775807]"),
     (lambda: OptimConfig(micro_batch_size=10 ** 300),
@@ -512,7 +516,7 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     (lambda: hpctrain.algorithm_options(["ma"]), "unknown algorithm ['ma']; choose from sgd"),
     (lambda: configs.DataConfig(data_dir=""), "--data-dir '' is empty: give a folder"),
     # Checkpoint folders: strings, not empty (the working folder).
-    (lambda: configs.CheckpointConfig(dir=3), "--checkpoint-dir 3 must be a string"),
+    (lambda: configs.CheckpointConfig(dir=3), "CheckpointConfig.dir=3 must be a string"),
     (lambda: configs.CheckpointConfig(resume=""), "--resume '' is empty: give a folder"),
     (lambda: configs.CheckpointConfig(dir=" "), "--checkpoint-dir ' ' is empty"),
     (lambda: configs.CheckpointConfig(every=True), "--checkpoint-every True must be seconds"),
@@ -561,10 +565,11 @@ def test_numpy_numbers_and_paths_are_taken_as_plain_values(tmp_path):
     assert type(model.args["width"]) is int and type(model.args["sizes"][0]) is float
     assert RunConfig(algo="sgd", tensorboard=np.bool_(True)).tensorboard is True
     for bad, message in ((lambda: RunConfig(algo="sgd", seed=np.bool_(True)),
-                          "^--seed .*True.* must be a whole number$"),
+                          r"^RunConfig\.seed=.*True.* must be a whole number$"),
                          (lambda: OptimConfig(epochs=np.float64(1.5)),
-                          "^--epochs .*1.5.* must be a whole number$"),
-                         (lambda: OptimConfig(lr=np.float64("nan")), "^--lr nan must be in")):
+                          r"^OptimConfig\.epochs=.*1.5.* must be a whole number$"),
+                         (lambda: OptimConfig(lr=np.float64("nan")),
+                          r"^OptimConfig\.lr=nan must be in")):
         with pytest.raises(UsageError, match=message):
             bad()
 
@@ -581,9 +586,9 @@ def test_a_field_typed_with_what_a_caller_may_give_is_checked_as_the_string_it_h
         "RunConfig.algo": "str", "RunConfig.out": "str | None", "DataConfig.dataset": "str",
         "DataConfig.data_dir": "str | None", "ModelConfig.name": "str",
         "CheckpointConfig.resume": "str | None"}
-    with pytest.raises(UsageError, match=r"^--out 3 must be a string$"):
+    with pytest.raises(UsageError, match=r"^RunConfig\.out=3 must be a string$"):
         RunConfig(algo="sgd", out=3)
-    with pytest.raises(UsageError, match=r"^--checkpoint-dir 3 must be a string$"):
+    with pytest.raises(UsageError, match=r"^CheckpointConfig\.dir=3 must be a string$"):
         configs.CheckpointConfig(dir=3)
     for cls in (RunConfig, *configs.SECTIONS.values()):  # their names resolve at run time
         typing.get_type_hints(cls)

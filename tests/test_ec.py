@@ -219,14 +219,16 @@ def test_predict_logits_runs_a_model_in_its_own_dtype():
 
 
 @pytest.mark.parametrize("values, message", [
-    ((0, 0.5, 2.0, 10), "--tau 0 must be >= 1"),
-    ((5, 1.5, 2.0, 10), "--ec-alpha 1.5 must be in [0, 1]"),
-    ((5, -0.1, 2.0, 10), "--ec-alpha -0.1 must be in [0, 1]"),
-    ((5, 0.5, 0.0, 10), "--ec-temperature 0.0 must be in (0, 1000]"),
-    ((5, 0.5, float("nan"), 10), "--ec-temperature nan must be in (0, 1000]"),
-    ((5, 0.5, 5000.0, 10), "--ec-temperature 5000.0 must be in (0, 1000]"),  # was taken
-    ((5, 0.5, 2.0, 0), "--ec-distill-size 0 must be >= 1"),
-    ((5, 0.5, 2.0, 10, "mine"), "unknown --ec-distill-from 'mine'; choose from own, all"),
+    ((0, 0.5, 2.0, 10), "CompressionOptions.tau=0 must be >= 1"),
+    ((5, 1.5, 2.0, 10), "CompressionOptions.ec_alpha=1.5 must be in [0, 1]"),
+    ((5, -0.1, 2.0, 10), "CompressionOptions.ec_alpha=-0.1 must be in [0, 1]"),
+    ((5, 0.5, 0.0, 10), "CompressionOptions.ec_temperature=0.0 must be in (0, 1000]"),
+    ((5, 0.5, float("nan"), 10), "CompressionOptions.ec_temperature=nan must be in (0, 1000]"),
+    ((5, 0.5, 5000.0, 10),  # was taken
+     "CompressionOptions.ec_temperature=5000.0 must be in (0, 1000]"),
+    ((5, 0.5, 2.0, 0), "CompressionOptions.ec_distill_size=0 must be >= 1"),
+    ((5, 0.5, 2.0, 10, "mine"),
+     "CompressionOptions.ec_distill_from='mine' is unknown; choose from own, all"),
 ])
 def test_check_options(values, message):
     """The own-loop API's checks are the command line's (5000 was taken by one, not the

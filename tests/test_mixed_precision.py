@@ -87,7 +87,7 @@ def test_fp16_scales_the_loss_divides_it_out_and_halves_after_an_overflow():
 
 
 def test_an_unknown_precision_is_refused():
-    with pytest.raises(ValueError, match="--mixed-precision"):
+    with pytest.raises(ValueError, match="RunConfig.mixed_precision='fp8' is unknown"):
         RunConfig(algo="sgd", mixed_precision="fp8")
 
 

@@ -633,7 +633,8 @@ def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
         "--betas [0.9]: want two numbers, e.g. [0.9, 0.999]"
     assert one_line(lambda: OptimConfig(optimizer="adam", betas=(True, 0.9))) == \
         "--betas (True, 0.9): want two numbers, e.g. [0.9, 0.999]"
-    assert one_line(lambda: OptimConfig(optimizer="adam", eps=0.0)) == "--eps 0.0 must be > 0"
+    assert one_line(lambda: OptimConfig(optimizer="adam", eps=0.0)) == \
+        "OptimConfig.eps=0.0 must be > 0"
     assert one_line(lambda: OptimConfig(optimizer="adamw", nesterov=True)).startswith(
         "--nesterov is SGD's Nesterov momentum; --optimizer adamw has none")
     assert OptimConfig(optimizer="adam", betas=[0, 0.5]).betas == (0.0, 0.5)  # a file's list
@@ -654,15 +655,16 @@ def test_a_python_callers_choices_and_range_ends_are_checked_as_the_flags_are():
     offered, the open end of a range, infinity past a lower bound alone, and the range's
     note are each said; an on/off option set False by its flag is named by its key."""
     assert one_line(lambda: OptimConfig(lr_schedule="bogus")) == \
-        "unknown --lr-schedule 'bogus'; choose from cosine, step, constant"
-    assert one_line(lambda: OptimConfig(momentum=1.0)) == "--momentum 1.0 must be in [0, 1)"
+        "OptimConfig.lr_schedule='bogus' is unknown; choose from cosine, step, constant"
+    assert one_line(lambda: OptimConfig(momentum=1.0)) == \
+        "OptimConfig.momentum=1.0 must be in [0, 1)"
     assert OptimConfig(momentum=0.0).momentum == 0.0  # the closed end
     assert one_line(lambda: RunConfig(algo="sgd", stall_timeout=-1.0)) == \
-        "--stall-timeout -1.0 must be >= 0 (0: never)"
+        "RunConfig.stall_timeout=-1.0 must be >= 0 (0: never)"
     assert one_line(lambda: RunConfig(algo="sgd", stall_timeout=float("inf"))) == \
-        "--stall-timeout inf must be a finite number >= 0 (0: never)"
+        "RunConfig.stall_timeout=inf must be a finite number >= 0 (0: never)"
     assert one_line(lambda: RunConfig(algo="sgd", progress="yes")).startswith(
-        "progress 'yes' must be true or false")
+        "RunConfig.progress='yes' must be true or false")
     assert options.Range(high=1, high_open=True).problem(1) == "must be < 1"
     assert options.Range(high=1).problem(1) is None and options.Range(high=1).problem(2) == \
         "must be <= 1"
@@ -673,3 +675,44 @@ def test_a_refused_nesterov_exits_with_status_2_before_mpi():
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines()[-1].endswith(
         f"--nesterov with --momentum 0: {_ABOVE_0}")
+
+
+def test_a_python_caller_is_told_the_field_it_gave_and_the_command_line_the_flag(tmp_path):
+    """A user trial of the Python API: ``OptimConfig(lr=-1)`` was refused as "--lr -1 must be
+    in ...", a flag the caller never typed, and a finished ``RunConfig(out=...)`` as "--out
+    ... already holds a finished run". From Python the refusal names the class and field;
+    the command line's (flags typed, or a --config file's keys) are as they were."""
+    assert one_line(lambda: OptimConfig(lr=-1)) == "OptimConfig.lr=-1 must be in (0, 1e+06]"
+    assert one_line(lambda: RunConfig(algo="sgd", threads=0)) == \
+        "RunConfig.threads=0 must be in [1, 4096]"
+    assert one_line(lambda: RunConfig(algo="sgd", eval_every="x")) == \
+        "RunConfig.eval_every='x' must be a number, not a string"  # no config file's advice
+    assert one_line(lambda: OptimConfig(optimizer="adm")) == (
+        "OptimConfig.optimizer='adm' is unknown; choose from sgd, adam, adamw; did you mean "
+        "'adam'?")
+    finished = tmp_path / "done"
+    finished.mkdir()
+    (finished / "summary.json").write_text("{}")
+    config = RunConfig(algo="sgd", out=str(finished), data=DataConfig(dataset="synthetic"),
+                       model=ModelConfig(name="mlp"))
+    assert one_line(lambda: launch_checks.check_launch(config, 1)) == \
+        f"RunConfig.out={str(finished)!r} already holds a finished run; choose another folder"
+    # The command line: the same values, typed or in a --config file.
+    assert refusal(["--algo", "sgd", "--lr", "-1"]) == "argument --lr: must be > 0, got -1"
+    assert refusal(["--algo", "sgd", "--lr", "1e7"]) == "--lr 10000000.0 must be in (0, 1e+06]"
+    assert refusal(["--algo", "sgd", "--optimizer", "adm"]).startswith(
+        "argument --optimizer: invalid choice: 'adm'")
+    assert refusal(["--algo", "sgd", *SYNTHETIC, "--out", str(finished)]) == \
+        f"--out {finished} already holds a finished run; choose another folder"
+    file = tmp_path / "run.toml"
+    file.write_text('algo = "sgd"\neval_every = "x"\n[optim]\nlr = -1\noptimizer = "adm"\n')
+    assert refusal(["--config", str(file)]) == "--lr -1 must be in (0, 1e+06]"
+    file.write_text('algo = "sgd"\nthreads = 0\n')
+    assert refusal(["--config", str(file)]) == "--threads 0 must be in [1, 4096]"
+    file.write_text('algo = "sgd"\neval_every = "x"\n')
+    assert refusal(["--config", str(file)]) == ("--eval-every 'x' must be a number, not a "
+                                                "string (in a config file, write it without "
+                                                "quotes)")
+    file.write_text('algo = "sgd"\n[optim]\noptimizer = "adm"\n')
+    assert refusal(["--config", str(file)]) == (
+        "unknown --optimizer 'adm'; choose from sgd, adam, adamw; did you mean 'adam'?")

@@ -556,3 +556,35 @@ def test_a_module_the_user_imported_is_the_class_its_file_names(tmp_path, monkey
             is mine_imported.Mine
     finally:
         del sys.modules["mine_imported"]
+
+
+def test_a_user_algorithms_bad_option_names_its_field_from_python_and_its_flag_typed(tmp_path):
+    """A user trial: ``algorithm_options(TopK)(keep_frac="x")`` was refused naming the flag
+    --keep-frac and advising on a config file's quotes, neither of which the Python caller
+    had; the command line's refusal is as it was."""
+    import hpctrain
+
+    path = own(tmp_path, """
+        from hpctrain.options import Range
+
+        @dataclass(frozen=True)
+        class KOptions(Options):
+            keep_frac: float = option(0.1, "fraction kept", range=Range(0, 1, low_open=True))
+
+        class K(Algorithm):
+            name = "keep-k"
+            Options = KOptions
+        """)
+    cls = registry.get(f"{path}:K")
+    with pytest.raises(UsageError) as refused:
+        hpctrain.algorithm_options(cls)(keep_frac="x")
+    assert str(refused.value) == "KOptions.keep_frac='x' must be a number, not a string"
+    with pytest.raises(UsageError) as refused:
+        RunConfig(algo=cls, algorithm=hpctrain.algorithm_options(cls)(keep_frac=2))
+    assert str(refused.value) == "KOptions.keep_frac=2 must be in (0, 1]"
+    file = tmp_path / "run.toml"
+    file.write_text(f'algo = "{path}:K"\n[algorithm]\nkeep_frac = "x"\n')
+    assert refusal(["--config", str(file)]) == ("--keep-frac 'x' must be a number, not a string "
+                                                "(in a config file, write it without quotes)")
+    assert refusal(["--algo", f"{path}:K", "--keep-frac", "2"]) == \
+        "--keep-frac 2.0 must be in (0, 1]"

@@ -55,7 +55,7 @@ def test_a_scripts_runs_refused_on_one_rank_are_refused_on_every_rank(tmp_path):
     assert proc.returncode == 0, proc.stderr
     seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert seen[0] == seen[1]  # every rank the same verdicts, and then the same run
-    assert seen[0]["a"] == "--out a: a is a file, not a folder (found on rank 1)"
+    assert seen[0]["a"] == "RunConfig.out='a': a is a file, not a folder (found on rank 1)"
     assert seen[0]["None"].startswith("cannot make the run's folder runs/ssgd-")
     assert isinstance(seen[0]["b"], float)
 

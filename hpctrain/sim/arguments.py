@@ -12,7 +12,7 @@ from hpctrain import steptimes
 from hpctrain.arguments import Declared, add_option
 from hpctrain.config import StragglerConfig
 from hpctrain.errors import UsageError
-from hpctrain.options import dash_values, declared, flag_of, shown
+from hpctrain.options import command_line, dash_values, declared, flag_of, shown
 from hpctrain.sim.config import REAL_RUN_ONLY, STRAGGLER_OPTIONS, SimConfig
 
 # train's options the simulator has no use for (their argparse dests), and why. Typed on the
@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, dest_prefix: str = "",
             if d.flag not in exclude]
 
 
+@command_line()  # its refusals name the flags typed, as hpctrain.arguments.build's
 def build(args: argparse.Namespace) -> SimConfig:
     """The simulator's configuration from ``--config``'s ``sim`` table (a simulated run's
     ``config.json`` has one) and the options given, which win; the rest default. A train
