@@ -6,8 +6,10 @@ options (a dataclass the algorithm declares, see :mod:`hpctrain.algorithm`). It 
 Python (``RunConfig(algo="ssgd", optim=OptimConfig(lr=0.1))``), from a TOML or JSON file
 (:func:`load`), or from the command line (:mod:`hpctrain.arguments`), and each field is also a
 command-line option (:func:`hpctrain.options.option`). Bad values raise ``ValueError`` (or
-:class:`hpctrain.errors.UsageError`, a ValueError) naming the flag, as torch does for bad
-arguments; the CLI prints that as one line with exit status 2.
+:class:`hpctrain.errors.UsageError`, a ValueError) naming the value, as torch does for bad
+arguments, and the option as its user gave it (:func:`hpctrain.options.named`): the field
+from Python (``OptimConfig.lr=-1``), the flag on the command line (``--lr``), which prints
+that as one line with exit status 2.
 
 Two kinds of checks: the values alone (ranges, names; at construction) and against the world
 a run starts in (ranks, data files, checkpoint folders;
@@ -148,7 +150,9 @@ class DataConfig:
         object.__setattr__(self, "dataset", plugins.reference_to("--dataset", self.dataset))
         check_fields(self)
         if self.data_dir is not None and not self.data_dir.strip():  # "": the search path
-            raise UsageError(f"--data-dir {self.data_dir!r} is empty: give a folder")
+            what = options.named(f'--data-dir {self.data_dir!r}', "DataConfig", "data_dir",
+                                 self.data_dir)
+            raise UsageError(f"{what} is empty: give a folder")
         userdata.dataset_name(self.dataset, UsageError)
         object.__setattr__(self, "shuffle", canonical_strategy(self.shuffle))
         data.check_data_dir(self.dataset, self.data_dir, loaders=False)  # a loader's: at launch
@@ -193,11 +197,14 @@ class ModelConfig:
         object.__setattr__(self, "name", plugins.reference_to("--model", self.name))
         check_fields(self)
         if self.init_from is not None and not self.init_from.strip():
-            raise UsageError(f"--init-from {self.init_from!r} is empty: give a run's folder or "
+            what = options.named(f'--init-from {self.init_from!r}', "ModelConfig", "init_from",
+                                 self.init_from)
+            raise UsageError(f"{what} is empty: give a run's folder or "
                              "a weights file")
         plugins.model_name(self.name, UsageError)
         if self.args is not None and not isinstance(self.args, dict):
-            raise UsageError(f"--model-args {self.args!r}: want a JSON object")
+            what = options.named(f'--model-args {self.args!r}', "ModelConfig", "args", self.args)
+            raise UsageError(f"{what}: want a JSON object")
         if self.args and not plugins.is_reference(self.name):
             raise UsageError(f"--model-args are for a model of your own, not --model "
                              f"{self.name}")
@@ -285,10 +292,12 @@ class OptimConfig:
         if hasattr(m, "tolist") and not isinstance(m, (list, tuple)):  # a numpy array
             m = m.tolist()
         if not isinstance(m, (list, tuple)):
-            raise UsageError(f"--lr-milestones {m!r} must be a list of epochs, e.g. [3, 4]")
+            what = options.named(f'--lr-milestones {m!r}', "OptimConfig", "lr_milestones", m)
+            raise UsageError(f"{what} must be a list of epochs, e.g. [3, 4]")
         bad = [v for v in m if isinstance(v, bool) or not isinstance(v, numbers.Real)]
         if bad:
-            raise UsageError(f"--lr-milestones {list(m)!r}: {bad[0]!r} is not a number of "
+            what = options.named(f'--lr-milestones {list(m)!r}', "OptimConfig", "lr_milestones", m)
+            raise UsageError(f"{what}: {bad[0]!r} is not a number of "
                              "epochs")
         # numpy's numbers as Python's (np.arange gives them): JSON and TOML write those only.
         object.__setattr__(self, "lr_milestones",
@@ -337,17 +346,21 @@ class OptimConfig:
                 b = b.tolist()
             if not isinstance(b, (list, tuple)) or len(b) != 2 or any(
                     isinstance(v, bool) or not isinstance(v, numbers.Real) for v in b):
-                raise UsageError(f"--betas {b!r}: want two numbers, e.g. [0.9, 0.999]")
+                what = options.named(f'--betas {b!r}', "OptimConfig", "betas", b)
+                raise UsageError(f"{what}: want two numbers, e.g. [0.9, 0.999]")
             b = float(b[0]), float(b[1])
             object.__setattr__(self, "betas", b)
             if not all(0 <= v < 1 for v in b):  # NaN too
-                raise UsageError(f"--betas {_shown_betas(b)}: each must be in [0, 1)")
+                what = options.named(f'--betas {_shown_betas(b)}', "OptimConfig", "betas", b)
+                raise UsageError(f"{what}: each must be in [0, 1)")
         if self.eps is not None and self.eps <= FLOAT32_ZERO_AT:
-            raise UsageError(f"--eps {options.shown(self.eps)} is 0 in float32, the optimizer "
+            what = options.named(f'--eps {options.shown(self.eps)}', "OptimConfig", "eps", self.eps)
+            raise UsageError(f"{what} is 0 in float32, the optimizer "
                              "state's type (its smallest positive number is 1.4e-45), and "
                              "Adam's 0/0 then makes NaN; give at least 1.4e-45")
         if self.eps is not None and self.eps >= FLOAT32_INF_AT:
-            raise UsageError(f"--eps {options.shown(self.eps)} is infinite in float32, the "
+            what = options.named(f'--eps {options.shown(self.eps)}', "OptimConfig", "eps", self.eps)
+            raise UsageError(f"{what} is infinite in float32, the "
                              "optimizer state's type (its largest number is 3.4e+38), and "
                              "every Adam step is then 0: nothing trains; give at most 3.4e+38")
 
@@ -384,16 +397,22 @@ class CheckpointConfig:
     def __post_init__(self) -> None:
         if self.every is not None:
             if isinstance(self.every, bool) or not isinstance(self.every, (str, numbers.Real)):
-                raise UsageError(f"--checkpoint-every {self.every!r} must be seconds (600) or "
+                what = options.named(f"--checkpoint-every {self.every!r}", "CheckpointConfig",
+                                     "every", self.every)
+                raise UsageError(f"{what} must be seconds (600) or "
                                  "epochs (\"2e\")")
             try:
                 object.__setattr__(self, "every", parse_every(str(self.every)))
             except argparse.ArgumentTypeError as e:
-                raise UsageError(f"--checkpoint-every {self.every}: {e}") from None
+                what = options.named(f"--checkpoint-every {self.every}", "CheckpointConfig",
+                                     "every", self.every)
+                raise UsageError(f"{what}: {e}") from None
         check_fields(self)
-        for flag, folder in (("--checkpoint-dir", self.dir), ("--resume", self.resume)):
+        for flag, key, folder in (("--checkpoint-dir", "dir", self.dir),
+                                  ("--resume", "resume", self.resume)):
             if folder is not None and not folder.strip():  # "" would be the working folder
-                raise UsageError(f"{flag} {folder!r} is empty: give a folder")
+                what = options.named(f'{flag} {folder!r}', "CheckpointConfig", key, folder)
+                raise UsageError(f"{what} is empty: give a folder")
         object.__setattr__(self, "dir", _expanded(self.dir, "--checkpoint-dir"))
         object.__setattr__(self, "resume", _expanded(self.resume, "--resume"))
 
@@ -413,7 +432,9 @@ class StragglerConfig:
     def __post_init__(self) -> None:
         check_fields(self)
         if self.slowdown is not None and not self.slowdown.replace(",", "").strip():
-            raise UsageError(f"--slowdown {self.slowdown!r} is empty: give RANK:FACTOR[,...], "
+            what = options.named(f'--slowdown {self.slowdown!r}', "StragglerConfig", "slowdown",
+                                 self.slowdown)
+            raise UsageError(f"{what} is empty: give RANK:FACTOR[,...], "
                              "or leave it out for none")
         parse_slowdown(self.slowdown, 1 << 30)  # its form; the ranks are checked at launch
 
@@ -495,7 +516,8 @@ class RunConfig:
             builtin = next((n for n, a in registry.ALGORITHMS.items() if a is self.algo), None)
             object.__setattr__(self, "algo", builtin or plugins.reference_to("--algo", self.algo))
         if not isinstance(self.algo, str):
-            raise UsageError(f"--algo {self.algo!r} must be a string; choose from "
+            what = options.named(f'--algo {self.algo!r}', "RunConfig", "algo", self.algo)
+            raise UsageError(f"{what} must be a string; choose from "
                              f"{registry.choices()}")
         if not self.algo.strip():  # RunConfig(): "unknown algorithm ''" named no field
             raise UsageError(f"RunConfig needs algo=..., the algorithm: one of "
@@ -518,11 +540,14 @@ class RunConfig:
             raise UsageError(f"--algo {self.algo} takes {options_cls.__name__}, not "
                              f"{type(self.algorithm).__name__}{hint}")
         if self.out is not None and not str(self.out).strip():  # "" would be the working folder
-            raise UsageError(f"--out {self.out!r} is empty: give a folder (default "
+            what = options.named(f'--out {self.out!r}', "RunConfig", "out", self.out)
+            raise UsageError(f"{what} is empty: give a folder (default "
                              "runs/<algo>-<time>)")
         object.__setattr__(self, "out", _expanded(self.out, "--out"))
         if 0 < self.stall_timeout < MIN_STALL_TIMEOUT:  # see MIN_STALL_TIMEOUT
-            raise UsageError(f"--stall-timeout {options.shown(self.stall_timeout)} must be 0 "
+            what = options.named(f"--stall-timeout {options.shown(self.stall_timeout)}",
+                                 "RunConfig", "stall_timeout", self.stall_timeout)
+            raise UsageError(f"{what} must be 0 "
                              f"(never) or >= {MIN_STALL_TIMEOUT:g} (seconds)")
         if self.eval_rank is not None and self.eval_mode != "online":
             raise UsageError(f"--eval-rank {self.eval_rank} needs --eval online")

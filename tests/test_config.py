@@ -273,7 +273,7 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     # "would never reach --lr": under the default cosine no warm-up ever does.)
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs=2, warmup_epochs=50)),
      "--warmup-epochs 50 is not below --epochs 2: the run would end before its warm-up does"),
-    (lambda: RunConfig(algo="sgd", out=""), "--out '' is empty"),  # not the working folder
+    (lambda: RunConfig(algo="sgd", out=""), "RunConfig.out='' is empty"),  # not the working folder
     # In range once overflowed at the first step, in float32 or as a whole number.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=1e308)),
      "OptimConfig.lr=1e+308 must be in (0, 1e+06]"),
@@ -494,7 +494,8 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     (lambda: RunConfig(algo="sgd", checkpoint=[1]), "takes CheckpointConfig, not list"),
     (lambda: dataclasses.replace(RunConfig(algo="sgd"), stragglers=OptimConfig()),
      "RunConfig(stragglers=...) takes StragglerConfig, not OptimConfig"),
-    (lambda: RunConfig(algo=["sgd"]), "--algo ['sgd'] must be a string; choose from sgd, "),
+    (lambda: RunConfig(algo=["sgd"]),
+     "RunConfig.algo=['sgd'] must be a string; choose from sgd, "),
     # Whole numbers past a float's range, and seeds past torch's 64 bits.
     (lambda: OptimConfig(epochs=10 ** 400), "OptimConfig.epochs=1e+400 is too large"),
     (lambda: OptimConfig(lr=10 ** 400), "OptimConfig.lr=1e+400 is too large"),
@@ -503,9 +504,12 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     (lambda: OptimConfig(micro_batch_size=10 ** 300),
      "--micro-batch-size 1e+300 exceeds --batch-size 64"),
     # --lr-milestones: a list of finite epochs.
-    (lambda: OptimConfig(lr_milestones=None), "--lr-milestones None must be a list of epochs"),
-    (lambda: OptimConfig(lr_milestones="3,4"), "--lr-milestones '3,4' must be a list of epochs"),
-    (lambda: OptimConfig(lr_milestones=[1, "a"]), "--lr-milestones [1, 'a']: 'a' is not a number"),
+    (lambda: OptimConfig(lr_milestones=None),
+     "OptimConfig.lr_milestones=None must be a list of epochs"),
+    (lambda: OptimConfig(lr_milestones="3,4"),
+     "OptimConfig.lr_milestones='3,4' must be a list of epochs"),
+    (lambda: OptimConfig(lr_milestones=[1, "a"]),
+     "OptimConfig.lr_milestones=[1, 'a']: 'a' is not a number"),
     (lambda: OptimConfig(lr_milestones=[True]), "True is not a number of epochs"),
     (lambda: OptimConfig(lr_milestones=[1, float("inf")]),
      "--lr-milestones 1,inf: milestones must be increasing finite epochs > 0"),
@@ -514,12 +518,14 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     (lambda: OptimConfig(lr_milestones=[3, 3]),  # gamma applied twice at epoch 3
      "--lr-milestones 3,3: milestones must be increasing"),
     (lambda: hpctrain.algorithm_options(["ma"]), "unknown algorithm ['ma']; choose from sgd"),
-    (lambda: configs.DataConfig(data_dir=""), "--data-dir '' is empty: give a folder"),
+    (lambda: configs.DataConfig(data_dir=""), "DataConfig.data_dir='' is empty: give a folder"),
     # Checkpoint folders: strings, not empty (the working folder).
     (lambda: configs.CheckpointConfig(dir=3), "CheckpointConfig.dir=3 must be a string"),
-    (lambda: configs.CheckpointConfig(resume=""), "--resume '' is empty: give a folder"),
-    (lambda: configs.CheckpointConfig(dir=" "), "--checkpoint-dir ' ' is empty"),
-    (lambda: configs.CheckpointConfig(every=True), "--checkpoint-every True must be seconds"),
+    (lambda: configs.CheckpointConfig(resume=""),
+     "CheckpointConfig.resume='' is empty: give a folder"),
+    (lambda: configs.CheckpointConfig(dir=" "), "CheckpointConfig.dir=' ' is empty"),
+    (lambda: configs.CheckpointConfig(every=True),
+     "CheckpointConfig.every=True must be seconds"),
     # --model-args: what config.json can record and a model can take by name.
     (lambda: configs.ModelConfig(name="m:build", args={1: 2}), "--model-args: key 1 is not a"),
     (lambda: configs.ModelConfig(name="m:build", args={"w": object()}),

@@ -479,7 +479,7 @@ def test_a_stall_timeout_under_a_second_is_refused(value):
 def test_a_stall_timeout_of_0_or_a_second_is_taken():
     assert RunConfig(algo="sgd", stall_timeout=0).stall_timeout == 0
     assert RunConfig(algo="sgd", stall_timeout=1).stall_timeout == 1.0
-    with pytest.raises(UsageError, match="^--stall-timeout 0.5 must be 0 .never. or >= 1"):
+    with pytest.raises(UsageError, match="^RunConfig.stall_timeout=0.5 must be 0 .never. or >= 1"):
         RunConfig(algo="sgd", stall_timeout=0.5)
 
 
@@ -628,11 +628,11 @@ def test_a_files_nesterov_gives_way_to_an_async_algo_or_no_momentum(tmp_path, ca
 
 def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert one_line(lambda: OptimConfig(optimizer="adam", betas=(0.9, float("nan")))) == \
-        "--betas 0.9,nan: each must be in [0, 1)"
+        "OptimConfig.betas=(0.9, nan): each must be in [0, 1)"
     assert one_line(lambda: OptimConfig(optimizer="adam", betas=[0.9])) == \
-        "--betas [0.9]: want two numbers, e.g. [0.9, 0.999]"
+        "OptimConfig.betas=[0.9]: want two numbers, e.g. [0.9, 0.999]"
     assert one_line(lambda: OptimConfig(optimizer="adam", betas=(True, 0.9))) == \
-        "--betas (True, 0.9): want two numbers, e.g. [0.9, 0.999]"
+        "OptimConfig.betas=(True, 0.9): want two numbers, e.g. [0.9, 0.999]"
     assert one_line(lambda: OptimConfig(optimizer="adam", eps=0.0)) == \
         "OptimConfig.eps=0.0 must be > 0"
     assert one_line(lambda: OptimConfig(optimizer="adamw", nesterov=True)).startswith(
@@ -640,11 +640,11 @@ def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert OptimConfig(optimizer="adam", betas=[0, 0.5]).betas == (0.0, 0.5)  # a file's list
     assert OptimConfig(optimizer="adam", eps=1.4e-45).eps == 1.4e-45  # float32's smallest
     assert one_line(lambda: OptimConfig(optimizer="adam", eps=7e-46)).startswith(
-        "--eps 7e-46 is 0 in float32")
+        "OptimConfig.eps=7e-46 is 0 in float32")
     largest = 3.4028234663852886e38  # float32's largest: held, as a file may give it
     assert OptimConfig(optimizer="adam", eps=largest).eps == largest
     assert one_line(lambda: OptimConfig(optimizer="adam", eps=configs.FLOAT32_INF_AT)) \
-        .startswith("--eps 3.40282e+38 is infinite in float32")
+        .startswith("OptimConfig.eps=3.40282e+38 is infinite in float32")
     # A momentum of 0 is refused once resolved: the algorithm's default may be 0 (asgd's).
     assert OptimConfig(momentum=0.0, nesterov=True).nesterov
 

@@ -143,7 +143,7 @@ def test_a_truncated_file_is_refused(tmp_path):
 
 
 def test_an_empty_path_is_refused():
-    with pytest.raises(UsageError, match="--init-from ' ' is empty"):
+    with pytest.raises(UsageError, match="ModelConfig.init_from=' ' is empty"):
         ModelConfig(init_from=" ")
 
 
