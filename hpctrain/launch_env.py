@@ -173,9 +173,9 @@ def launch(environ: Mapping[str, str] | None = None) -> Launch:
     torchs = (*TORCH_RENDEZVOUS, *TORCH_PLACEMENT)
     missing = [v for v in torchs if v not in env]
     mpis = next((s for s in outer if s.launcher in MPI_LAUNCHERS), None)
-    if missing and first.size == 1:  # a world of one, unless a launcher started several
-        mpis = next((s for s in outer if s.size > 1), None)  # (srun's too: each alone)
-        if mpis is None:
+    if first.size == 1:  # a world of one, unless a launcher started several (srun's too:
+        mpis = next((s for s in outer if s.size > 1), None)  # each alone), all variables
+        if mpis is None and missing:                          # given or not
             return Launch("single", "none known", None)
     if mpis is not None:  # as detect() has it: sources that disagree are an error
         raise UsageError(f"WORLD_SIZE={first.size}, RANK={first.rank} without torchrun (no "

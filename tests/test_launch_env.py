@@ -226,13 +226,19 @@ PLACED = "RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, LOCAL_RANK, LOCAL_WORLD_SI
     # for a single run, rank 0 of 1, and both claimed the same --out
     ({"WORLD_SIZE": "1", "RANK": "0"}, {"OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_RANK": "1"},
      "RANK, WORLD_SIZE"),
-], ids=["open-mpi", "pmi-world-of-1", "mvapich-some-missing", "open-mpi-bare-world-of-1"])
+    # every env:// variable of a one-process debug set-up left under srun -n 4: each task
+    # was a torch launch of one (srun is no MPI launcher to the rule before)
+    ({**TORCH_PLACED, "WORLD_SIZE": "1", "RANK": "0"},
+     {"SLURM_NTASKS": "4", "SLURM_PROCID": "2"}, PLACED),
+], ids=["open-mpi", "pmi-world-of-1", "mvapich-some-missing", "open-mpi-bare-world-of-1",
+        "srun-world-of-1"])
 def test_envs_variables_an_mpi_launcher_contradicts_are_refused(torchs, mpis, unset):
     """The rank whose numbers differed took them for a torch launch, hid PMIx's variables,
     and Open MPI's MPI_Init failed (OPAL ERROR: Unreachable) naming no variable."""
+    mpis = {**mpis, **({"SLURM_STEP_ID": "0"} if "SLURM_NTASKS" in mpis else {})}  # a step
     with pytest.raises(UsageError) as refused:
         launch_env.launch({**torchs, **mpis})
-    (size_var, size), (rank_var, rank) = mpis.items()
+    (size_var, size), (rank_var, rank) = list(mpis.items())[:2]
     name = launch_env.from_launcher(mpis).launcher
     assert str(refused.value) == (
         f"WORLD_SIZE={torchs['WORLD_SIZE']}, RANK={torchs['RANK']} without torchrun (no "
