@@ -32,6 +32,7 @@ from hpctrain.sync import (
     collectives,
     horovod_backend,
     mpi_backend,
+    sparse,
     stall,
     timeline,
 )
@@ -172,6 +173,7 @@ def shutdown() -> None:
     """Stop the running backend (MPI itself stays up); init() may be called again."""
     global _active, _active_name
     if _active is not None:
+        sparse.finish_unfinished()  # allgathers whose function was dropped uncalled
         _active.shutdown()
         if _horovod():
             horovod_backend.forget_process_sets()

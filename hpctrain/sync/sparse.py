@@ -58,6 +58,10 @@ class _Gather:
         call = Call("allgather", name=name, dtype=send.dtype, shape=tuple(self.output.shape))
         self._token = timeline.started(call, transport.name.upper())
 
+    def done(self) -> bool:
+        """Whether MPI is done with the buffers (a look that also lets it progress)."""
+        return self._request is None or self._request.test()
+
     def wait(self) -> torch.Tensor:
         if self._request is not None:
             self._request.wait()
@@ -85,6 +89,10 @@ class SparseAllgather:
                           _Gather(transport, g._values().contiguous(), rows[j],
                                   f"{names[j]}.values"))
                          for j, g in enumerate(grads)]
+
+    def done(self) -> bool:
+        """Whether every allgather has completed (MPI holds none of its buffers)."""
+        return all(indices.done() and values.done() for indices, values in self._gathers)
 
     def results(self) -> list[torch.Tensor]:
         """The reduced tensors, uncoalesced, in the order of ``grads``."""
@@ -117,6 +125,7 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
             raise UsageError(f"sparse_allreduce_async: op={op.name} needs dense tensors; "
                              "sparse ones take Sum or Average")
     m.channel.agree(tensor_call("allgather", tensor, name, op=op))
+    _forget_completed()
     reduction = SparseAllgather(m.transport, [tensor], average=op is Average,
                                 names=[str(name)])
     # Kept until its function is called: a function dropped uncalled (``synchronize`` of it
@@ -131,5 +140,19 @@ def sparse_allreduce_async(tensor: torch.Tensor, name: str, op: int,
 
 
 # sparse_allreduce_async's reductions whose function has not been called (Horovod too keeps
-# its handles until they are synchronized).
+# its handles until they are synchronized), until MPI is done with them.
 _unfinished: dict[int, SparseAllgather] = {}
+
+
+def _forget_completed() -> None:
+    """Drop the kept reductions MPI is done with: a function called later still has its own,
+    and one dropped uncalled no longer holds memory for the life of the process."""
+    for key in [k for k, r in _unfinished.items() if r.done()]:
+        del _unfinished[key]
+
+
+def finish_unfinished() -> None:
+    """Wait for the kept reductions and drop them, before the backend frees its
+    communicators (:func:`hpctrain.sync.shutdown`): every rank started them alike."""
+    while _unfinished:
+        _unfinished.popitem()[1].results()
