@@ -14,8 +14,8 @@ import pytest
 import torch
 from conftest import run_job
 
-from hpctrain import bench, cli, kernels, launch_env, metrics
-from hpctrain.bench import kernel, store
+from hpctrain import bench, cli, comm, kernels, launch_env, metrics
+from hpctrain.bench import allreduce, kernel, shuffle, store
 from hpctrain.errors import UsageError
 
 
@@ -381,6 +381,65 @@ def test_json_is_written_by_every_micro_benchmark(tmp_path, np, argv, key):
         assert f"goal: mpi backend / raw <= 1.1: {verdict[met]}" in proc.stdout.splitlines()
     if argv[0] == "shuffle":
         assert f"(goal >= 0.8: {verdict[figures['ratio'] >= 0.8]})" in proc.stdout
+    # The command that measured it (a figure without it could not be measured again).
+    assert f"bench {argv[0]} " in machine["command"] and str(path) in machine["command"]
+    # Repeats' spread, not one figure: min <= median <= max, the median the one shown.
+    if argv[0] == "allreduce":
+        model = figures["models"][0]
+        for name, ms in model["ms"].items():
+            spread = model["spread_ms"][name]
+            assert spread["min"] <= spread["median"] == ms <= spread["max"]
+        assert model["raw_busbw_gb_s"] == pytest.approx(model["raw_algbw_gb_s"])  # 2 ranks
+        assert model["raw_algbw_gb_s"] == pytest.approx(
+            model["bytes"] / model["ms"]["raw Allreduce"] / 1e6)
+        assert "each iteration's slowest rank" in proc.stdout
+    if argv[0] == "kernel":
+        row = figures["rows"][0]
+        for name in ("fused", "copy", "torch"):
+            spread = row["spread_gb_s"][name]
+            assert spread["min"] <= spread["median"] == pytest.approx(row[f"{name}_gb_s"])
+            assert spread["median"] <= spread["max"]
+    if argv[0] == "shuffle":
+        spread = figures["spread_mb_s_per_rank"]["reshuffle_mb_s"]
+        assert spread["min"] <= spread["median"] == figures["reshuffle_mb_s_per_rank"]
+        assert spread["median"] <= spread["max"]
+        assert len(figures["per_rank"]) == 2
+
+
+def test_a_collective_takes_its_slowest_ranks_time():
+    """allreduce and shuffle reported the mean over the ranks of each rank's median: a rank
+    that always waited (4 ms against 1) counted half, as if the step took 2.5 ms."""
+    per_rank = [{"step": [1.0, 1.0, 9.0], "raw": [2.0, 0.5, 0.5]},
+                {"step": [4.0, 4.0, 4.0], "raw": [1.0, 1.0, 1.0]}]
+    assert bench.slowest(per_rank) == {"step": [4.0, 4.0, 9.0], "raw": [2.0, 1.0, 1.0]}
+    assert bench.slowest_over_ranks(comm.mpi().COMM_SELF, per_rank[0]) == per_rank[0]
+
+
+def test_the_spread_of_the_repeats():
+    assert bench.spread([3.0, 1.0, 2.0, 10.0], 1e3) == {"min": 1e3, "median": 2.5e3,
+                                                         "max": 1e4}
+
+
+@pytest.mark.parametrize("ranks, busbw", [(2, 2.0), (4, 3.0), (8, 3.5)])
+def test_allreduce_bandwidths_are_nccl_tests(ranks, busbw):
+    """algbw = bytes / time, busbw = algbw * 2(n-1)/n (nccl-tests' PERFORMANCE.md): 4 GB of
+    float32 gradients in 2 s."""
+    assert allreduce.bandwidth(4 * 10**9, 2.0, ranks) == pytest.approx((2.0, busbw))
+
+
+def test_the_shuffles_mb_per_rank_is_each_epochs_mean_over_the_ranks():
+    """It was rank 0's alone."""
+    assert shuffle.per_epoch_mean([[1.0, 2.0, 3.0], [3.0, 4.0, 5.0]]) == [2.0, 3.0, 4.0]
+
+
+def test_a_store_push_loop_warms_up_untimed():
+    """The first push, timed, mapped the windows' pages and started the kernel's threads: with
+    --seconds 0.1 one slow push in a few hundred."""
+    calls = []
+    pushes, seconds = store._push_loop(lambda: calls.append(1), 1e-9,
+                                       comm.mpi().COMM_SELF)
+    assert pushes == 1 and seconds > 0
+    assert len(calls) == pushes + store.WARMUP_PUSHES
 
 
 def test_the_machine_line_says_what_is_unknown():
@@ -441,14 +500,10 @@ def test_a_raw_allreduce_after_backward_within_noise_has_no_ratio():
     0.008 ms (against a 0.17 ms backward) of 39 and 95."""
     from hpctrain.bench import allreduce
 
-    class World:  # one rank's allgather
-        def allgather(self, x):
-            return [x]
-
     def row(after_ms: float) -> dict:
-        medians = {"backward alone, mpi phase": 0.17e-3, allreduce.RAW: 0.02e-3,
-                   allreduce.RAW_AFTER: after_ms * 1e-3, allreduce.MPI_BACKEND: 0.3e-3}
-        return allreduce._row(World(), 400, medians, 1)
+        seconds = {"backward alone, mpi phase": [0.17e-3], allreduce.RAW: [0.02e-3],
+                   allreduce.RAW_AFTER: [after_ms * 1e-3], allreduce.MPI_BACKEND: [0.3e-3]}
+        return allreduce._row(2, 400, seconds, 1)
 
     for after in (-0.02, 0.008):
         assert row(after)["ratio_to_raw_after_backward"] == {allreduce.MPI_BACKEND: None}

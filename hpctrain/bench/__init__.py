@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import shlex
 import statistics
+import sys
 from decimal import Decimal
 
 from hpctrain import launch_env, provenance
@@ -21,10 +23,12 @@ def started() -> dict:
     """Where, when and with what a benchmark starts, taken before it measures: the date
     (UTC), the host, its CPUs and those this rank may run on, the load average, and what a
     run's ``run_info`` records of the machine (hpctrain's version and commit, torch, Python,
-    the CPU). ``hpctrain bench`` asks git for the commit before MPI starts (as training
+    the CPU), and this process's command line (``command``: a figure without it could not be
+    measured again). ``hpctrain bench`` asks git for the commit before MPI starts (as training
     does)."""
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"date": date, **provenance.host(), **provenance.machine(),
+            "command": shlex.join(sys.argv),
             "load_average_start": provenance.load_average()}
 
 
@@ -66,6 +70,27 @@ def mean_over_ranks(world, medians: dict[str, float]) -> tuple[dict[str, float],
     iteration), the mean then weighs every rank alike. Collective: every rank calls it."""
     per_rank = world.allgather(medians)
     return {k: statistics.fmean(r[k] for r in per_rank) for k in medians}, per_rank
+
+
+def slowest(per_rank: list[dict[str, list[float]]]) -> dict[str, list[float]]:
+    """Each iteration's time of each figure as the slowest rank took it: ``per_rank`` is every
+    rank's seconds per iteration (the same keys and lengths on each). After a barrier a
+    collective ends when its last rank is done, so its time is the maximum over the ranks (as
+    nccl-tests and the OSU benchmarks report it); a mean over ranks hides the slowest."""
+    return {k: [max(r[k][i] for r in per_rank) for i in range(len(per_rank[0][k]))]
+            for k in per_rank[0]}
+
+
+def slowest_over_ranks(world, seconds: dict[str, list[float]]) -> dict[str, list[float]]:
+    """:func:`slowest` of every rank's ``seconds``. Collective: every rank calls it."""
+    return slowest(world.allgather(seconds))
+
+
+def spread(values: list[float], scale: float = 1.0) -> dict[str, float]:
+    """The min, median and max of ``values`` (times ``scale``): one figure hides whether the
+    repeats agreed."""
+    return {"min": scale * min(values), "median": scale * statistics.median(values),
+            "max": scale * max(values)}
 
 
 def at_most(parse, high: float):

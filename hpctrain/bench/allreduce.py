@@ -4,9 +4,13 @@ Each phase interleaves, iteration by iteration and after a barrier each, the mod
 alone and backward plus a gradient exchange; a variant's time is its backward+exchange minus
 the same iteration's backward alone: everything distribution adds to a step (hooks, packing,
 communication, averaging, waiting for the slowest rank), with any overlap with backward
-credited to it. Variants: the mpi backend's DistributedOptimizer (Iallreduce algorithm as
-hpctrain selects it; in a phase of its own, Open MPI's default); Horovod's (in a phase of its
-own: its background thread polls MPI and would slow the others); and the baselines, one
+credited to it. Every rank's time of an iteration is gathered and the slowest rank's kept (a
+step, like a collective, ends when its last rank is done); the table shows the median over the
+iterations, the JSON also their min and max (``spread_ms``), and the raw Allreduce's algorithm
+and bus bandwidth as nccl-tests define them (:func:`bandwidth`). Variants: the mpi backend's
+DistributedOptimizer (Iallreduce algorithm as hpctrain selects it; in a phase of its own,
+Open MPI's default); Horovod's (in a phase of its own: its background thread polls MPI and
+would slow the others); and the baselines, one
 in-place ``Allreduce`` of a flat float32 buffer of the same bytes, alone after a barrier, and
 after the backward (so that it waits for the slowest rank like a step does). ``--torch`` adds
 the torch backend (torch.distributed: gloo on CPU, NCCL for CUDA tensors where each rank has
@@ -40,8 +44,9 @@ from hpctrain.sync.buckets import DEFAULT_BUCKET_BYTES
 DESCRIPTION = ("Gradient allreduce per training step, hpctrain's mpi backend and Horovod against "
                "a raw mpi4py Allreduce of the same bytes. 1M- and 10M-parameter MLPs; the mpi "
                "backend allreduces fused buckets during backward, the raw Allreduce one flat "
-               "float32 buffer; all measured in the same run (median over repeats); the goal is "
-               "the mpi backend at most 10% slower than the raw Allreduce.")
+               "float32 buffer; all measured in the same run (each iteration's slowest rank, "
+               "median over repeats); the goal is the mpi backend at most 10% slower than the "
+               "raw Allreduce.")
 THREAD_LEVEL = "multiple"
 GOAL = 1.1
 RAW, RAW_AFTER = "raw Allreduce", "raw Allreduce after backward"
@@ -187,8 +192,11 @@ def _raw_allreduce(world, stage: devices.HostStage) -> float:
 
 
 def _phase(world, params: int, args: argparse.Namespace, phase: str,
-           variants: list[_Variant], with_raw: bool = False) -> dict[str, float]:
-    """Interleave backward alone, ``variants`` (and the raw Allreduce); this rank's medians."""
+           variants: list[_Variant], with_raw: bool = False) -> dict[str, list[float]]:
+    """Interleave backward alone, ``variants`` (and the raw Allreduce); each figure's seconds
+    per timed iteration as the slowest rank took them (:func:`hpctrain.bench.slowest`), a
+    variant's the difference of the iteration's slowest backward+exchange and slowest
+    backward alone. Collective: every rank runs every phase."""
     base = _Variant("backward alone", params, device=args.device)
     width = _width(params)  # the model's: see mlp
     x = torch.randn(args.batch_size, width,
@@ -207,16 +215,20 @@ def _phase(world, params: int, args: argparse.Namespace, phase: str,
             seconds = _raw_allreduce(world, flat)
             if timed:
                 raw.append(seconds)
-    medians = {f"backward alone, {phase} phase": statistics.median(base.seconds)}
-    if with_raw:
-        medians[RAW] = statistics.median(raw)
+    alone = f"backward alone, {phase} phase"
+    mine = {alone: base.seconds, **({RAW: raw} if with_raw else {})}
+    calls = {}
     for v in variants:
-        medians[v.name] = statistics.median(t - b for t, b in
-                                            zip(v.seconds, base.seconds, strict=True))
+        mine[v.name] = v.seconds
         if v.optimizer is not None:
             call = "step()" if v.exchange == v.optimizer.step else "synchronize()"
-            medians[f"{v.name}: {call} alone"] = statistics.median(v.waits)
-    return medians
+            calls[v.name] = f"{v.name}: {call} alone"
+            mine[calls[v.name]] = v.waits
+    slow = bench.slowest_over_ranks(world, mine)
+    for v in variants:
+        slow[v.name] = [t - b for t, b in zip(slow[v.name], slow[alone], strict=True)]
+    return {k: slow[k] for k in (alone, *([RAW] if with_raw else []),
+                                 *(k for v in variants for k in (v.name, calls.get(v.name)) if k))}
 
 
 def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str | None
@@ -226,25 +238,33 @@ def _measure_mpi(world, params: int, args: argparse.Namespace, tuned: str | None
         return sync.DistributedOptimizer(opt, named, bucket_bytes=int(args.bucket_mb * 2**20))
 
     mpi = _Variant(MPI_BACKEND, params, wrap, device=args.device)
-    medians = _phase(world, params, args, "mpi", [mpi], with_raw=True)
+    seconds = _phase(world, params, args, "mpi", [mpi], with_raw=True)
     if tuned in nbc_tuning.ALGORITHMS:  # hpctrain chose the algorithm: show Open MPI's own
         nbc_tuning.set_iallreduce_algorithm("ignore")
         try:
-            medians.update(_phase(world, params, args, "Open MPI default",
+            seconds.update(_phase(world, params, args, "Open MPI default",
                                   [_Variant(MPI_DEFAULT, params, wrap, device=args.device)]))
         finally:
             nbc_tuning.set_iallreduce_algorithm(tuned)
     if args.adasum:
-        medians.update(_phase(world, params, args, "Adasum", [_Variant(
+        seconds.update(_phase(world, params, args, "Adasum", [_Variant(
             MPI_ADASUM, params, lambda opt, named: sync.DistributedOptimizer(
                 opt, named, op=sync.Adasum), device=args.device, adasum=True)]))
     assert mpi.optimizer is not None  # wrap made it
-    return medians, len(mpi.optimizer.bucket_sizes)
+    return seconds, len(mpi.optimizer.bucket_sizes)
 
 
-def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
-    means, _ = bench.mean_over_ranks(world, medians)
-    ms = {k: 1e3 * mean for k, mean in means.items()}
+def bandwidth(nbytes: int, seconds: float, ranks: int) -> tuple[float, float]:
+    """An Allreduce's algorithm and bus bandwidth (GB/s, 10^9 bytes) as nccl-tests define them:
+    algbw = bytes / time, busbw = algbw * 2(n-1)/n, what each rank's link carries in a ring (or
+    any bandwidth-optimal) allreduce: comparable with the link's peak whatever the ranks."""
+    algbw = nbytes / seconds / 1e9
+    return algbw, algbw * 2 * (ranks - 1) / ranks
+
+
+def _row(ranks: int, params: int, seconds: dict[str, list[float]], buckets: int) -> dict:
+    """One model's figures from its seconds per iteration (each the slowest rank's)."""
+    ms = {k: 1e3 * statistics.median(v) for k, v in seconds.items()}
     width = _width(params)
     n_params = _LAYERS * (width * width + width)
     compared = [k for k in (MPI_BACKEND, MPI_DEFAULT, TORCH_BACKEND, HOROVOD, MPI_ADASUM,
@@ -252,8 +272,10 @@ def _row(world, params: int, medians: dict[str, float], buckets: int) -> dict:
     # A difference of two timed backward passes: below a tenth of one, within their noise
     # (-0.02 ms gave ratios of -10.3, 0.008 ms of 39 and 95)
     after = ms[RAW_AFTER] if ms[RAW_AFTER] > NOISE * ms["backward alone, mpi phase"] else None
+    algbw, busbw = bandwidth(4 * n_params, ms[RAW] / 1e3, ranks)
     return {"params": n_params, "bytes": 4 * n_params, "width": width, "buckets": buckets,
-            "ms": ms,
+            "ms": ms, "spread_ms": {k: bench.spread(v, 1e3) for k, v in seconds.items()},
+            "raw_algbw_gb_s": algbw, "raw_busbw_gb_s": busbw,
             "ratio_to_raw": {k: ms[k] / ms[RAW] for k in compared},
             "ratio_to_raw_after_backward": {k: ms[k] / after if after else None
                                             for k in compared}}
@@ -278,10 +300,10 @@ def run(args: argparse.Namespace) -> dict:
         # gloo, or NCCL for CUDA tensors, or gloo for those too where ranks share a GPU
         group = torch.distributed.get_backend()
         try:
-            for (medians, _), p in zip(measured, sizes, strict=True):
+            for (seconds, _), p in zip(measured, sizes, strict=True):
                 variant = _Variant(TORCH_BACKEND, p, lambda opt, named: sync.DistributedOptimizer(
                     opt, named, bucket_bytes=int(args.bucket_mb * 2**20)), device=args.device)
-                medians.update(_phase(world, p, args, "torch", [variant]))
+                seconds.update(_phase(world, p, args, "torch", [variant]))
         finally:
             sync.shutdown()
     horovod_note = "left out (--no-horovod)"
@@ -296,19 +318,19 @@ def run(args: argparse.Namespace) -> dict:
         else:
             horovod_note = "horovod " + sys.modules["horovod"].__version__
             try:
-                for (medians, _), p in zip(measured, sizes, strict=True):
+                for (seconds, _), p in zip(measured, sizes, strict=True):
                     variant = _Variant(HOROVOD, p, lambda opt, named:
                                        hvd.DistributedOptimizer(opt, named_parameters=named),
                                        device=args.device)
-                    medians.update(_phase(world, p, args, "horovod", [variant]))
+                    seconds.update(_phase(world, p, args, "horovod", [variant]))
                     if args.adasum:
-                        medians.update(_phase(world, p, args, "horovod Adasum", [_Variant(
+                        seconds.update(_phase(world, p, args, "horovod Adasum", [_Variant(
                             HOROVOD_ADASUM, p, lambda opt, named: hvd.DistributedOptimizer(
                                 opt, named_parameters=named, op=hvd.Adasum),
                             device=args.device, adasum=True)]))
             finally:
                 hvd.shutdown()
-    rows = [_row(world, p, m, b) for p, (m, b) in zip(sizes, measured, strict=True)]
+    rows = [_row(world.Get_size(), p, m, b) for p, (m, b) in zip(sizes, measured, strict=True)]
     result = {"benchmark": "allreduce", "ranks": world.Get_size(), "device": args.device,
               "batch_size": args.batch_size,
               "warmup": args.warmup, "repeats": args.repeats, "bucket_mb": args.bucket_mb,
@@ -329,6 +351,8 @@ def _table(result: dict) -> str:
     models = result["models"]
     rows = [("buckets (mpi backend)", [f"{m['buckets']:d}" for m in models])]
     rows += [(name, [f"{m['ms'][name]:.2f}" for m in models]) for name in models[0]["ms"]]
+    rows += [(f"{RAW}: {label} (GB/s)", [f"{m[key]:.2f}" for m in models])
+             for key, label in (("raw_algbw_gb_s", "algbw"), ("raw_busbw_gb_s", "busbw"))]
     for key, label in (("ratio_to_raw", "raw"), ("ratio_to_raw_after_backward",
                                                    "raw after backward")):
         rows += [(f"{name} / {label}", ["n/a" if m[key][name] is None else
@@ -336,8 +360,9 @@ def _table(result: dict) -> str:
                  for name in models[0][key]]
     width = max(len(name) for name, _ in rows) + 2
     lines = [f"gradient allreduce per step, {result['ranks']} ranks on {result['device']}, batch "
-             f"{result['batch_size']}, median of {result['repeats']} (after {result['warmup']} "
-             f"warm-up), ms; zero_grad {result['zero_grad']}; mpi backend Iallreduce: "
+             f"{result['batch_size']}, ms: each iteration's slowest rank, median of "
+             f"{result['repeats']} (after {result['warmup']} warm-up; min and max in the "
+             f"JSON); zero_grad {result['zero_grad']}; mpi backend Iallreduce: "
              f"{result['iallreduce_algorithm']}; torch backend: "
              f"{result.get('torch_process_group', '?')}; {result['horovod']}",
              " " * width + "".join(f"{m['params'] / 1e6:>10.2f}M" for m in models)]

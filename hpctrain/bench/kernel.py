@@ -5,7 +5,8 @@ and writes ms: 24 bytes. The baselines, measured in the same run and alternating
 kernel: a plain memory copy touching the same number of bytes (torch ``copy_`` of 8 or 12
 bytes per element: read plus write), and the same formula as unfused torch expressions. GB/s
 counts bytes touched (GB = 10^9 bytes); for unfused torch it counts the kernel's bytes, so the
-ratio of the two is the speed-up.
+ratio of the two is the speed-up. The table shows the median over ``--repeats`` samples; the
+JSON also their min and max (``spread_gb_s``).
 
 On a GPU each sample times :data:`CUDA_CALLS` calls between two synchronisations, so that a
 call's Python and launch cost (some 30 us) overlaps the kernels queued before it, as in
@@ -150,6 +151,8 @@ def _measure_variant(variant: str, w, g, w_bak, m, threads: int, repeats: int, d
     gbs = {k: touched / statistics.median(v) / 1e9 for k, v in times.items()}
     return {"variant": variant, "threads": threads, "bytes_per_element": per_elem,
             "fused_gb_s": gbs["fused"], "copy_gb_s": gbs["copy"], "torch_gb_s": gbs["torch"],
+            "spread_gb_s": {k: bench.spread([touched / t / 1e9 for t in v])
+                            for k, v in times.items()},
             "vs_copy": gbs["fused"] / gbs["copy"], "vs_torch": gbs["fused"] / gbs["torch"]}
 
 

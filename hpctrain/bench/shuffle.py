@@ -11,6 +11,14 @@ through its holding (gather) and arrive interleaved with other ranks' (scatter).
 also times that floor, the raw Alltoallv plus a gather and a scatter of the rank's whole
 holding (same rows, reused buffers), and reports the reshuffle against it too, with the
 reshuffle's time split into its phases (``Exchanger.PHASES``) next to the raw Alltoallv's.
+
+Every epoch moves the same data: the samples' destinations are a pure function of ``--seed``
+and the epoch, so a rerun with the same options sends the same bytes between the same ranks.
+An epoch's MB/s per rank is the MB a rank sent (the mean over the ranks) over the time the
+slowest rank took (each timed from a barrier: a collective ends when its last rank is done);
+the figures are the median over the epochs, the JSON has their min and max too
+(``spread_mb_s_per_rank``), each rank's own medians (``per_rank``), and the phases' ms (the
+mean over the ranks of each rank's median).
 """
 
 from __future__ import annotations
@@ -107,6 +115,11 @@ def _raw_alltoallv(world, counts: np.ndarray, row_bytes: int) -> float:
         row.Free()
 
 
+def per_epoch_mean(per_rank: list[list[float]]) -> list[float]:
+    """Each epoch's mean over the ranks of ``per_rank[rank][epoch]`` (the MB a rank sent)."""
+    return [statistics.fmean(epoch) for epoch in zip(*per_rank, strict=True)]
+
+
 def _copies(images: torch.Tensor, seed: int) -> float:
     """Seconds to gather all rows of ``images`` in a random order and scatter them back in
     another: the local data movement a reshuffle needs beyond the Alltoallv."""
@@ -149,6 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     td.epoch(0)  # warm-up: allocates the exchange's buffers; deals the --partition split
     first = world.allgather(td.stats()["bytes_moved"])  # what dealing that split moved
     shuffle_mbs, raw_mbs, floor_mbs, sent_mb = [], [], [], []
+    times: dict[str, list[float]] = {"reshuffle": [], "raw": [], "floor": []}  # s per epoch
     # planning: the rest (destinations)
     phase_s: dict[str, list[float]] = {p: [] for p in (*PHASES, "planning", "raw")}
     for epoch in range(1, args.epochs + 1):
@@ -175,28 +189,38 @@ def run(args: argparse.Namespace) -> dict:
         floor_mbs.append(sent / (raw_s + copies_s) / 1e6)
         shuffle_mbs.append(sent / total_s / 1e6)
         sent_mb.append(sent / 1e6)
-    rates, per_rank = bench.mean_over_ranks(world, dict(zip(
+        for key, value in zip(times, (total_s, raw_s, raw_s + copies_s), strict=True):
+            times[key].append(value)
+    # Each rank's own medians, for the JSON's per_rank; the figures are each epoch's MB sent
+    # per rank (the mean over the ranks) over the epoch's slowest rank's time.
+    _, per_rank = bench.mean_over_ranks(world, dict(zip(
         _RATES, map(statistics.median, (shuffle_mbs, raw_mbs, floor_mbs)), strict=True)))
-    shuffle_rate, raw_rate, floor_rate = (rates[k] for k in _RATES)
+    slow = bench.slowest_over_ranks(world, times)
+    sent_epoch = per_epoch_mean(world.allgather(sent_mb))
+    spreads = {rate: bench.spread([mb / t for mb, t in zip(sent_epoch, slow[key], strict=True)])
+               for rate, key in zip(_RATES, times, strict=True)}
+    shuffle_rate, raw_rate, floor_rate = (spreads[k]["median"] for k in _RATES)
     phases_ms, _ = bench.mean_over_ranks(
         world, {p: statistics.median(v) * 1e3 for p, v in phase_s.items()})
     result = {"benchmark": "shuffle", "ranks": ranks, "dataset": args.dataset,
               "partition": args.partition, "samples": td.num_samples,
               "btl": os.environ.get("OMPI_MCA_btl", "default"),
               "sample_bytes": row_bytes, "chunk_mb": args.shuffle_chunk_mb,
-              "epochs": args.epochs, "mb_sent_per_rank": statistics.fmean(sent_mb),
+              "epochs": args.epochs, "mb_sent_per_rank": statistics.fmean(sent_epoch),
               "first_mb_sent_per_rank": statistics.fmean(first) / 1e6,
               "reshuffle_mb_s_per_rank": shuffle_rate, "raw_alltoallv_mb_s_per_rank": raw_rate,
               "ratio": shuffle_rate / raw_rate,
               "raw_plus_copies_mb_s_per_rank": floor_rate,
-              "ratio_to_floor": shuffle_rate / floor_rate, "phases_ms": phases_ms,
+              "ratio_to_floor": shuffle_rate / floor_rate, "spread_mb_s_per_rank": spreads,
+              "phases_ms": phases_ms,
               "per_rank": per_rank,
               "machine": bench.machine(start)}
     if me == 0:
         print(bench.header(result["machine"]))
         print(f"sharded global reshuffle, {ranks} ranks, {args.dataset} ({td.num_samples} "
               f"samples, {row_bytes} B each), {result['mb_sent_per_rank']:.1f} MB sent per "
-              f"rank per epoch, median of {args.epochs}:\n"
+              f"rank per epoch (mean over ranks), median of {args.epochs} epochs, each timed "
+              f"by its slowest rank:\n"
               f"  reshuffle {shuffle_rate:9.1f} MB/s per rank\n"
               f"  raw       {raw_rate:9.1f} MB/s per rank\n"
               f"  ratio     {result['ratio']:9.2f}  "

@@ -70,8 +70,16 @@ def add_arguments(parser) -> None:
                         help="also write the figures to this JSON file (rank 0)")
 
 
+WARMUP_PUSHES = 1  # per worker and case, untimed
+
+
 def _push_loop(push, seconds: float, world) -> tuple[int, float]:
-    """Push until ``seconds`` have passed; (pushes, elapsed)."""
+    """:data:`WARMUP_PUSHES` untimed pushes (the first maps the windows' pages, makes the
+    connections, starts the kernel's threads), a barrier so that the workers start together,
+    then push until ``seconds`` have passed; (timed pushes, elapsed). A push returns when its
+    epochs are closed (each shard's ``Unlock``), so the pushes counted are complete."""
+    for _ in range(WARMUP_PUSHES):
+        push()
     world.Barrier()
     start = time.perf_counter()
     n = 0
