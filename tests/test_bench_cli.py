@@ -513,3 +513,22 @@ def test_a_raw_allreduce_after_backward_within_noise_has_no_ratio():
                               "zero_grad": "set_to_none", "iallreduce_algorithm": "default",
                               "horovod": "left out"})
     assert table.splitlines()[-3].split()[-1] == "n/a" and "within their noise" in table
+
+
+def test_an_allreduce_step_on_a_gpu_waits_for_its_forward_before_the_clock(monkeypatch):
+    """The forward's kernels were queued, not finished, when the barrier let the clock start:
+    each rank's backward (and backward alone) counted what was left of its forward, and the
+    ranks did not start together on the GPU. No GPU here: the model runs on the CPU, and what
+    is checked is the order of the calls (scripts/gpu-check.sh runs the benchmark on one)."""
+    events: list[str] = []
+
+    class World:
+        def Barrier(self):
+            events.append("barrier")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: events.append("synchronize"))
+    variant = allreduce._Variant("backward alone", 100)
+    variant._cuda = True
+    variant.step(World(), torch.ones(2, allreduce._width(100)), timed=True, set_to_none=True)
+    assert events == ["synchronize", "barrier", "synchronize"]
+    assert len(variant.seconds) == 1
