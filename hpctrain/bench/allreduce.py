@@ -177,6 +177,14 @@ class _Variant:
             self.waits.append(end - backward_done)
 
 
+def raw_buffer(numel: int, device: str) -> devices.HostStage:
+    """The raw baselines' flat buffer: zeros, which an in-place sum over any number of ranks
+    leaves as they are. It was ones: every Allreduce multiplied them by the ranks (two per
+    iteration), so that on 4 ranks the default 35 iterations overflowed float32 to inf after
+    32, each iteration summing other values."""
+    return devices.HostStage(torch.zeros(numel, device=device))
+
+
 def _raw_exchange(world, stage: devices.HostStage) -> None:
     """One Allreduce of the gradients' bytes as the backends must move them from the device:
     through pinned host memory when MPI cannot read a GPU's, so the baseline pays the copies
@@ -203,8 +211,7 @@ def _phase(world, params: int, args: argparse.Namespace, phase: str,
     width = _width(params)  # the model's: see mlp
     x = torch.randn(args.batch_size, width,
                     generator=torch.Generator().manual_seed(world.rank)).to(args.device)
-    flat = devices.HostStage(torch.ones(sum(p.numel() for p in base.model.parameters()),
-                                        device=args.device))
+    flat = raw_buffer(sum(p.numel() for p in base.model.parameters()), args.device)
     if with_raw:
         variants = [_Variant(RAW_AFTER, params, device=args.device,
                              exchange=lambda: _raw_exchange(world, flat)), *variants]
