@@ -540,3 +540,11 @@ def test_the_raw_allreduce_sums_the_same_values_every_iteration():
     buffer = allreduce.raw_buffer(1000, "cpu").tensor
     for ranks in (2, 4, 1024):
         assert torch.equal(buffer * ranks, buffer)
+
+
+def test_the_kernels_figure_is_the_median_its_spread_shows():
+    """At an even --repeats (10, the default) the GB/s of the median time was not the median
+    of the GB/s the JSON's spread_gb_s gives beside it."""
+    for row in kernel.measure(1000, threads=1, repeats=2, device="cpu"):
+        for name in ("fused", "copy", "torch"):
+            assert row[f"{name}_gb_s"] == row["spread_gb_s"][name]["median"]

@@ -16,7 +16,6 @@ training, instead of counting against a kernel of a quarter of a millisecond.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from typing import TypedDict
@@ -148,11 +147,11 @@ def _measure_variant(variant: str, w, g, w_bak, m, threads: int, repeats: int, d
         for name, fn in runs.items():
             times[name].append(timed(fn))
     touched = per_elem * n
-    gbs = {k: touched / statistics.median(v) / 1e9 for k, v in times.items()}
+    spread = {k: bench.spread([touched / t / 1e9 for t in v]) for k, v in times.items()}
+    gbs = {k: s["median"] for k, s in spread.items()}
     return {"variant": variant, "threads": threads, "bytes_per_element": per_elem,
             "fused_gb_s": gbs["fused"], "copy_gb_s": gbs["copy"], "torch_gb_s": gbs["torch"],
-            "spread_gb_s": {k: bench.spread([touched / t / 1e9 for t in v])
-                            for k, v in times.items()},
+            "spread_gb_s": spread,
             "vs_copy": gbs["fused"] / gbs["copy"], "vs_torch": gbs["fused"] / gbs["torch"]}
 
 
