@@ -373,6 +373,14 @@ def test_a_title_of_a_users_paths_names_their_files_and_fits_the_figure():
     other = report.Row("sgd", "ok", summary={**summary, "model": "lenet"}, points=POINTS)
     assert [c.label for c in report.curves([*rows, other], "t")] == [
         "ssgd, M=1, mynet.py:build", "sgd, M=1, lenet"]  # each line's model, by its file
+    # Two data sets of one folder name stay two (they were one once shortened), and a name
+    # with a hyphen is not broken there.
+    elsewhere = report.Row("sgd", "ok", points=POINTS,
+                           summary={**summary, "dataset": "imagefolder:/data/imgs"})
+    assert report._trained_on([*rows, elsewhere], ("dataset",)) == \
+        ", imagefolder:imgs / imagefolder:imgs"
+    (ax,) = report.figure(rows, "t", "x" * 45 + " fashion-mnist").axes
+    assert ax.get_title() == "x" * 45 + "\nfashion-mnist"
 
 
 def test_curves_that_lie_on_each_other_both_show(tmp_path):

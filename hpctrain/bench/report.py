@@ -1399,8 +1399,8 @@ def _trained_on(runs: list[Row], keys: tuple[str, ...]) -> str:
     set ("mlp, lenet on synthetic, fashion-mnist"), not which line was which."""
     if not keys:
         return ""
-    values = [" / ".join(dict.fromkeys(short_name(str((r.summary or {}).get(k, "?")))
-                                       for r in runs)) for k in keys]
+    values = [" / ".join(short_name(name) for name in dict.fromkeys(  # distinct in full:
+        str((r.summary or {}).get(k, "?")) for r in runs)) for k in keys]  # /a/x, /b/x twice
     return ", " + " on ".join(values)
 
 
@@ -1505,7 +1505,7 @@ def figure(rows: list[Row], x: str, title: str = ""):
         ax.set_ylim(*shown)
     if shown or missing:
         ax.legend(loc="upper right", fontsize="small")
-    ax.set_title("\n".join(textwrap.wrap(title, TITLE_WIDTH)))
+    ax.set_title("\n".join(textwrap.wrap(title, TITLE_WIDTH, break_on_hyphens=False)))
     ax.set_xlabel(x_label(rows, x))
     ax.set_ylabel("test error (%)")
     ax.grid(True, alpha=0.3)
