@@ -166,22 +166,6 @@ def test_a_float64_copy_that_does_not_fit_falls_back_to_the_plain_gradients(monk
     assert "differ from its uncompiled ones by 0.5" in capsys.readouterr().err
 
 
-SCALED_WHEN_COMPILED = """
-import torch
-from torch import nn
-
-
-class ScaledWhenCompiled(nn.Module):
-    def __init__(self, input_shape, num_classes):
-        super().__init__()
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16 * 16, num_classes))
-
-    def forward(self, x):
-        compiling = getattr(torch.compiler, "is_compiling", torch._dynamo.is_compiling)()
-        return self.net(x) * (1.5 if compiling else 1.0)
-"""
-
-
 WRONG_AT_EIGHT = """
 import torch
 from torch import nn
@@ -199,10 +183,12 @@ class WrongAtEight(nn.Module):
 
 
 @pytest.mark.skipif(IN_THREADS is not None, reason=f"--compile {IN_THREADS}")
-def test_micro_batches_are_checked_at_the_size_the_model_runs(tmp_path, capsys):
-    """Batches of 24 in micro-batches of at most 10 are three parts of 8: the check ran the
-    model on 10 samples, a size training never used, so a compiled model wrong at 8 trained
-    wrong until the last batch (8 samples) was checked."""
+def test_a_run_whose_compiled_gradients_are_wrong_trains_as_the_plain_one(tmp_path, capsys):
+    """The loop checks each new input size's compiled gradients: a wrong compiled model
+    trains uncompiled from its first step, the plain run's model bit for bit, and says so
+    once. In micro-batches, at the parts' size: batches of 24 in parts of at most 10 are
+    three parts of 8, and the check ran the model on 10 samples, a size training never
+    used, so a compiled model wrong at 8 trained wrong until the last batch (8) was checked."""
     (tmp_path / "eight.py").write_text(WRONG_AT_EIGHT)
     assert microbatch.part_sizes(24, 10) == [8] and microbatch.part_sizes(64, 30) == [22, 21]
     assert microbatch.part_sizes(24, None) == [24] == microbatch.part_sizes(24, 24)
@@ -220,26 +206,6 @@ def test_micro_batches_are_checked_at_the_size_the_model_runs(tmp_path, capsys):
     said = capsys.readouterr().err
     assert said.count("TorchInductor computed them wrong") == 1
     assert "gradients for a batch of 8 differ" in said
-
-
-@pytest.mark.skipif(IN_THREADS is not None, reason=f"--compile {IN_THREADS}")
-def test_a_run_whose_compiled_gradients_are_wrong_trains_as_the_plain_one(tmp_path, capsys):
-    """The loop checks each new batch size's compiled gradients (24, then the last batch's
-    8): a wrong compiled model trains uncompiled from its first step, the plain run's model
-    bit for bit, and says so once."""
-    (tmp_path / "scaled.py").write_text(SCALED_WHEN_COMPILED)
-
-    def run(name: str, on: bool) -> dict:
-        config = RunConfig(algo="sgd", seed=3, out=str(tmp_path / name), progress=False,
-                           data=DataConfig(dataset="synthetic"), optim=OptimConfig(
-                               epochs=1, batch_size=24), compile=on, model=ModelConfig(
-                               name=f"{tmp_path / 'scaled.py'}:ScaledWhenCompiled"))
-        simulate(config, SimConfig(workers=1, step_time="constant:0.01"))
-        return torch.load(tmp_path / name / "model.pt", weights_only=True)
-
-    plain, fixed = run("plain", False), run("compiled", True)
-    assert all(torch.equal(plain[k], fixed[k]) for k in plain)
-    assert capsys.readouterr().err.count("TorchInductor computed them wrong") == 1
 
 
 def test_the_simulator_refuses_a_torch_whose_dynamo_crashes_in_threads(monkeypatch):
