@@ -635,6 +635,10 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
     with pytest.raises(UsageError, match="^--train-subset 2049 is more than the 2048 training "
                                          "samples in synthetic$"):  # was trained on 2048
         simulate(config("ssgd", tmp_path / "g"), sim(2, train_subset=2049))
+    # The subset is what is too small, not synthetic's 2048 samples (the line named those).
+    with pytest.raises(UsageError, match=r"^--workers 64 but only 10 training samples "
+                                         r"\(--train-subset 10\)$"):
+        simulate(config("asgd", tmp_path / "g"), sim(64, train_subset=10))
     assert not any((tmp_path / d).exists() for d in "abcdefg")
 
 

@@ -113,9 +113,10 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
         raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
                          f"{n} training samples in {config.data.dataset}")
     n = sim.train_subset or n
-    if k > n:
-        raise UsageError(f"--workers {k} but only {n} training samples in "
-                         f"{config.data.dataset}")
+    if k > n:  # a subset's size named as such: the data set itself may have enough
+        held = (f"(--train-subset {n})" if sim.train_subset is not None
+                else f"in {config.data.dataset}")
+        raise UsageError(f"--workers {k} but only {n} training samples {held}")
     if sim.comm_time == "replay" and not _pushes(algo) and not issubclass(algo, Sequential):
         raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
                          f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
