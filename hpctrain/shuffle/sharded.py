@@ -3,7 +3,8 @@
 A rank reads its block of the initial partition (iid: the samples' order; label-skew: sorted by
 label). Global shuffling also stores the tail of ``N % K`` samples, one on each of the first
 ranks, so every epoch can draw from the whole set; its order is the replicated one exactly.
-Partial(q) sends ``round(q * n)`` samples per rank along random derangements of the ranks,
+Partial(q) sends ``floor(q * n + 1/2)`` samples per rank (q n rounded half up, not Python's
+``round``: :func:`order.moved_count`) along random derangements of the ranks,
 so every rank receives as many as it sends. Local shuffling moves nothing.
 """
 
@@ -104,7 +105,7 @@ class ShardedTrainData(TrainData):
                               lambda ids: row[ids])
 
     def _partial(self, epoch: int) -> int:
-        """Send ``round(q n)`` random samples along the epoch's routes; the kept ones stay in
+        """Send ``floor(q n + 1/2)`` random samples along the epoch's routes; the kept ones stay in
         order at the front, the arrivals follow."""
         n = len(self.held)
         m = order.moved_count(self.q, n, self.ranks)
