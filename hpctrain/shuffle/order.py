@@ -127,6 +127,11 @@ def partial_step(holdings: list[torch.Tensor], seed: int, epoch: int,
 
     A rank keeps its unselected samples in their order and appends what it receives, ordered
     by source rank then route row: the order in which sharded ranks receive them.
+
+    Every rank sends ``m`` and, each route row being a permutation, receives ``m``: the
+    arrivals are all ranks' outgoing samples, in (source, row) order, sorted stably by
+    destination, ``m`` for each. (Picked out per (destination, source) pair, K * K masks,
+    a replicated rank or the simulator spent 17 s an epoch on it at K = 1024, 78 s at 2048.)
     """
     ranks, n = len(holdings), len(holdings[0])
     m = moved_count(q, n, ranks)
@@ -140,5 +145,7 @@ def partial_step(holdings: list[torch.Tensor], seed: int, epoch: int,
         keep[sel] = False
         kept.append(held[keep])
         outgoing.append(held[sel])
-    return [torch.cat([kept[d]] + [outgoing[s][routes[:, s] == d] for s in range(ranks)])
-            for d in range(ranks)]
+    sent = torch.stack(outgoing)  # (source, row)
+    by_dest = torch.sort(routes.t().reshape(-1), stable=True).indices
+    arrivals = sent.reshape(-1)[by_dest].view(ranks, m)  # row d: what rank d receives
+    return [torch.cat([kept[d], arrivals[d]]) for d in range(ranks)]
