@@ -27,6 +27,7 @@ each such value the string its field holds. A unit test keeps the two in step.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import numbers
@@ -87,8 +88,12 @@ def _milestones(text: str) -> tuple[float, ...]:
 def unmoved_chunk(mb: float) -> UsageError:
     """The refusal of a chunk size for data that are not moved (replicated): from a value
     here, from a typed flag in :func:`hpctrain.arguments.build`, where the default counts."""
-    return UsageError(f"--shuffle-chunk-mb {mb:g} sizes the rounds of the sharded exchange, "
-                      "and replicated data are not moved")
+    if options.on_command_line():
+        return UsageError(f"--shuffle-chunk-mb {mb:g} sizes the rounds of the sharded "
+                          "exchange, and replicated data are not moved")
+    return UsageError(f"DataConfig.shuffle_chunk_mb={options.shown(mb)} sizes the rounds of "
+                      "the sharded exchange, and replicated data (DataConfig.data_placement="
+                      "'replicated') are not moved")
 
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8  # torch's Adam and AdamW defaults
@@ -159,9 +164,12 @@ class DataConfig:
         self.spec(0)  # the shuffle package's own checks
         if self.partition == "label-skew" and self.data_placement == "replicated" and \
                 parse_strategy(self.shuffle)[0] == "global":  # every epoch: all data, permuted
-            raise UsageError("--partition label-skew with --shuffle global trains on iid data "
-                             "(each epoch deals a fresh permutation of all of it): use --shuffle "
-                             "local|partial:Q")
+            d = functools.partial(options.setting, DataConfig)
+            use = "--shuffle local|partial:Q" if options.on_command_line() else \
+                "DataConfig.shuffle='local' or 'partial:Q'"
+            raise UsageError(f"{d('partition', 'label-skew')} with {d('shuffle', 'global')} "
+                             "trains on iid data (each epoch deals a fresh permutation of all "
+                             f"of it): use {use}")
         if self.data_placement == "replicated" and \
                 self.shuffle_chunk_mb != DEFAULT_CHUNK_MB:
             raise unmoved_chunk(self.shuffle_chunk_mb)
@@ -206,8 +214,9 @@ class ModelConfig:
             what = options.named(f'--model-args {self.args!r}', "ModelConfig", "args", self.args)
             raise UsageError(f"{what}: want a JSON object")
         if self.args and not plugins.is_reference(self.name):
-            raise UsageError(f"--model-args are for a model of your own, not --model "
-                             f"{self.name}")
+            m = functools.partial(options.setting, ModelConfig)
+            raise UsageError(f"{m('args')} are for a model of your own, not "
+                             f"{m('name', self.name)}")
         if self.args is not None:
             object.__setattr__(self, "args", options.plain_numbers(self.args))
             # config.json records them (after MPI started): keyword names, JSON values.
@@ -303,36 +312,43 @@ class OptimConfig:
         object.__setattr__(self, "lr_milestones",
                            tuple(v.item() if hasattr(v, "item") else v for v in m))
         check_fields(self)
+        o = functools.partial(options.setting, OptimConfig)  # a flag, or a field from Python
         if self.micro_batch_size is not None and self.micro_batch_size > self.batch_size:
-            raise UsageError(f"--micro-batch-size {options.shown(self.micro_batch_size)} "
-                             f"exceeds --batch-size {options.shown(self.batch_size)}")
+            raise UsageError(f"{o('micro_batch_size', self.micro_batch_size)} "
+                             f"exceeds {o('batch_size', self.batch_size)}")
         m = self.lr_milestones
         if any(not 0 < v < math.inf for v in m) or list(m) != sorted(set(m)):
-            raise UsageError(f"--lr-milestones {','.join(map(options.shown, m))}: milestones "
+            raise UsageError(f"{o('lr_milestones', m)}: milestones "
                              "must be increasing finite epochs > 0")
         if m and m[-1] >= self.epochs:  # training ends before the epoch of that milestone
-            raise UsageError(f"--lr-milestones {','.join(map(options.shown, m))}: "
-                             f"{options.shown(m[-1])} is not before --epochs "
-                             f"{options.shown(self.epochs)}, so the rate never changes there")
+            raise UsageError(f"{o('lr_milestones', m)}: "
+                             f"{options.shown(m[-1])} is not before {o('epochs', self.epochs)}, "
+                             "so the rate never changes there")
         if self.lr_milestones and self.lr_schedule not in (None, "step"):
-            raise UsageError(f"--lr-milestones need --lr-schedule step, not {self.lr_schedule}")
+            need, other = ("--lr-schedule step", self.lr_schedule) if options.on_command_line() \
+                else ("OptimConfig.lr_schedule='step'", repr(self.lr_schedule))
+            raise UsageError(f"{o('lr_milestones')} need {need}, not {other}")
         if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate
-            raise UsageError("--lr-schedule step needs --lr-milestones, the epochs at which the "
-                             "learning rate is multiplied by --lr-gamma (e.g. 3,4)")
+            raise UsageError(f"{o('lr_schedule', 'step')} needs {o('lr_milestones')}, the "
+                             f"epochs at which the learning rate is multiplied by "
+                             f"{o('lr_gamma')} (e.g. 3,4)")
         if self.lr_gamma != OptimConfig.lr_gamma and not self.lr_milestones:  # its default
-            raise UsageError(f"--lr-gamma {options.shown(self.lr_gamma)} is the step decay at "
-                             "--lr-milestones, and none are given: it would change nothing; "
-                             "give --lr-milestones (e.g. 3,4) or leave --lr-gamma out")
+            raise UsageError(f"{o('lr_gamma', self.lr_gamma)} is the step decay at "
+                             f"{o('lr_milestones')}, and none are given: it would change "
+                             f"nothing; give {o('lr_milestones')} (e.g. 3,4) or leave "
+                             f"{o('lr_gamma')} out")
         if self.warmup_epochs >= self.epochs:
-            raise UsageError(f"--warmup-epochs {options.shown(self.warmup_epochs)} is not "
-                             f"below --epochs {options.shown(self.epochs)}: the run would end "
+            raise UsageError(f"{o('warmup_epochs', self.warmup_epochs)} is not "
+                             f"below {o('epochs', self.epochs)}: the run would end "
                              "before its warm-up does")
         if self.optimizer != "sgd" and self.momentum is not None:
-            raise UsageError(f"--momentum {options.shown(self.momentum)} is SGD's; --optimizer "
-                             f"{self.optimizer} has --betas (default 0.9,0.999)")
+            raise UsageError(f"{o('momentum', self.momentum)} is SGD's; "
+                             f"{o('optimizer', self.optimizer)} has {o('betas')} "
+                             "(default 0.9,0.999)")
         if self.nesterov and self.optimizer != "sgd":
-            raise UsageError(f"--nesterov is SGD's Nesterov momentum; --optimizer "
-                             f"{self.optimizer} has none (torch's NAdam is another optimizer)")
+            raise UsageError(f"{o('nesterov')} is SGD's Nesterov momentum; "
+                             f"{o('optimizer', self.optimizer)} has none (torch's NAdam is "
+                             "another optimizer)")
         self._check_adam_options()
 
     def _check_adam_options(self) -> None:
@@ -537,7 +553,9 @@ class RunConfig:
         elif type(self.algorithm) is not options_cls:
             hint = f" (hpctrain.algorithm_options({self.algo!r})(**...) builds one from a " \
                 "dict)" if isinstance(self.algorithm, dict) else ""
-            raise UsageError(f"--algo {self.algo} takes {options_cls.__name__}, not "
+            takes = f"--algo {self.algo}" if options.on_command_line() else \
+                f"RunConfig(algo={self.algo!r}, algorithm=...)"
+            raise UsageError(f"{takes} takes {options_cls.__name__}, not "
                              f"{type(self.algorithm).__name__}{hint}")
         if self.out is not None and not str(self.out).strip():  # "" would be the working folder
             what = options.named(f'--out {self.out!r}', "RunConfig", "out", self.out)
@@ -550,7 +568,9 @@ class RunConfig:
             raise UsageError(f"{what} must be 0 "
                              f"(never) or >= {MIN_STALL_TIMEOUT:g} (seconds)")
         if self.eval_rank is not None and self.eval_mode != "online":
-            raise UsageError(f"--eval-rank {self.eval_rank} needs --eval online")
+            r = functools.partial(options.setting, RunConfig)
+            raise UsageError(f"{r('eval_rank', self.eval_rank)} needs "
+                             f"{r('eval_mode', 'online')}")
         if self.profile is not None:
             profiling.parse(self.profile)
 

@@ -41,7 +41,7 @@ from hpctrain import (
     weights,
 )
 from hpctrain import config as configs
-from hpctrain.config import RunConfig
+from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json
 from hpctrain.run_folders import (
@@ -243,10 +243,11 @@ def finished_run(config: RunConfig) -> dict | None:
     out, ck_dir = options.text_or_none(config.out), options.text_or_none(ck.dir)
     for flag, folder in (("--out", out), ("--checkpoint-dir", ck_dir)):
         check_length(flag, folder)  # before looking in them
-    where = f"--out {out}"
+    auto = options.setting(CheckpointConfig, "resume", checkpoint.AUTO)
+    where = options.setting(RunConfig, "out", out)
     if out is None and ck_dir is not None:
         out = checkpoint.policy.recorded_out(ck_dir)
-        where = f"{out} (the run of --checkpoint-dir {ck_dir})"
+        where = f"{out} (the run of {options.setting(CheckpointConfig, 'dir', ck_dir)})"
     if out is None or not (Path(out) / "summary.json").exists():
         return None
     recorded = Path(out) / "config.json"
@@ -266,12 +267,13 @@ def finished_run(config: RunConfig) -> dict | None:
             configs.flat(configs.resolve(configs.from_dict(ran))), configs.flat(launched),
             may_change)
         if change:
-            flag = "--out" if config.out is not None else "--checkpoint-dir"
-            raise UsageError(f"--resume auto: {where} holds a finished run, started {change}; "
+            flag = options.setting(RunConfig, "out") if config.out is not None else \
+                options.setting(CheckpointConfig, "dir")
+            raise UsageError(f"{auto}: {where} holds a finished run, started {change}; "
                              f"choose another {flag} for a new run")
     done = read_summary(out)
     if comm.env_rank() == 0:
-        print(f"hpctrain: {where} holds a finished run; nothing to train (--resume auto)",
+        print(f"hpctrain: {where} holds a finished run; nothing to train ({auto})",
               flush=True)
     return done
 

@@ -351,16 +351,53 @@ def on_command_line() -> bool:
     return _COMMAND_LINE.get()
 
 
+# Set while a Python class of the own-loop API checks its arguments through an options
+# dataclass (:func:`arguments_of`): (the dataclass, the class called, field -> argument).
+_ARGUMENTS: ContextVar[tuple[str, str, dict[str, str]] | None] = ContextVar(
+    "hpctrain_arguments", default=None)
+
+
+@contextmanager
+def arguments_of(owner: str, called: str, names: dict[str, str]) -> Iterator[None]:
+    """Within it, a refusal from Python names a field of the dataclass ``owner`` that
+    ``names`` maps as the argument of ``called`` the caller typed:
+    ``EnsembleCompression(alpha=1.5)``, not ``CompressionOptions.ec_alpha=1.5``, which
+    a caller of ``EnsembleCompression(..., alpha=1.5)`` never wrote."""
+    token = _ARGUMENTS.set((owner, called, names))
+    try:
+        yield
+    finally:
+        _ARGUMENTS.reset(token)
+
+
 _NOTHING = object()
 
 
 def named(typed: str, owner: str, name: str, value=_NOTHING) -> str:
     """How a refusal names an option and its value: ``typed``, the command line's words
     (``--lr -1``), within :func:`command_line`; else the Python field ``owner.name``, with
-    ``=value`` where a value is given (``OptimConfig.lr=-1``, ``RunConfig.out='runs/a'``)."""
+    ``=value`` where a value is given (``OptimConfig.lr=-1``, ``RunConfig.out='runs/a'``),
+    or within :func:`arguments_of` the argument given (``EnsembleCompression(alpha=1.5)``)."""
     if on_command_line():
         return typed
-    return f"{owner}.{name}" if value is _NOTHING else f"{owner}.{name}={python_shown(value)}"
+    given = "" if value is _NOTHING else f"={python_shown(value)}"
+    arguments = _ARGUMENTS.get()
+    if arguments is not None and arguments[0] == owner and name in arguments[2]:
+        return f"{arguments[1]}({arguments[2][name]}{given})"
+    return f"{owner}.{name}{given}"
+
+
+def setting(cls: type, name: str, value=_NOTHING, typed: str | None = None) -> str:
+    """Field ``name`` of configuration class ``cls`` in a refusal that weighs it against
+    another (:func:`named`): its flag, followed by ``typed`` (else the value as the flag takes
+    it, :func:`as_typed`) on the command line (``--epochs 2``); ``Cls.name=value`` from
+    Python (``OptimConfig.epochs=2``). Without a value, the flag or the field alone."""
+    f = next(f for f in fields(cls) if f.name == name)
+    flag = flag_of(f)
+    if value is _NOTHING:
+        return named(flag, cls.__name__, name)
+    shown_typed = typed if typed is not None else as_typed(value)
+    return named(f"{flag} {shown_typed}", cls.__name__, name, value)
 
 
 def python_shown(value) -> str:

@@ -74,7 +74,9 @@ def model_name(text: str, error: type[Exception] = argparse.ArgumentTypeError) -
     if text in models.MODELS:
         return text
     if not is_reference(text):
-        raise error(f"unknown --model {text!r}; choose from {', '.join(models.MODELS)}, or "
+        flagged = error is not UsageError or options.on_command_line()
+        what = f"unknown --model {text!r}" if flagged else f"ModelConfig.name={text!r} is unknown"
+        raise error(f"{what}; choose from {', '.join(models.MODELS)}, or "
                     f"MODULE:CALLABLE, ./FILE.py:CALLABLE{did_you_mean(text, models.MODELS)}")
     try:
         check_form("--model", text)

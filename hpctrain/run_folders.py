@@ -60,6 +60,13 @@ def _named(flag: str, folder: object) -> str:
     return options.named(f"{flag} {folder}", owner, name, str(folder))
 
 
+def _where(flag: str, folder: object, what: str = "run") -> str:
+    """A folder in a lock's refusal: a run's folder option as its user gave it
+    (:func:`_named`), anything else (``the checkpoint folder``, a comparison's ``--out``)
+    as ``flag folder``."""
+    return _named(flag, folder) if what == "run" and flag in _FIELDS else f"{flag} {folder}"
+
+
 def refuse_finished(out: str | None, resume: str | None = None,
                     config_file: str | None = None) -> None:
     """A finished run's folder, or a ``bench compare``'s, is not a new run's; nor is a
@@ -266,9 +273,9 @@ def lock_folder(held: contextlib.ExitStack, flag: str, folder: Path, what: str =
     except OSError:
         return  # not writable: the run's writes say so (not "in use by another run")
     try:
-        fd = open_lock(flag, folder, create=True)
+        fd = open_lock(flag, folder, create=True, what=what)
     except OSError as e:
-        raise _unopened(flag, folder, e) from None
+        raise _unopened(flag, folder, e, what) from None
     assert fd is not None  # create: opened, or raised
     held.callback(os.close, fd)
     _open_as_folder(fd, folder)
@@ -328,9 +335,9 @@ def _held(flag: str, folder: Path, what: str) -> bool:
     takes it (on NFS too), so that no lock file is made where there is none. UsageError, as
     :func:`lock_folder` would say it, where the lock file is unusable: before MPI starts."""
     try:
-        fd = open_lock(flag, folder, create=False)
+        fd = open_lock(flag, folder, create=False, what=what)
     except OSError as e:
-        raise _unopened(flag, folder, e) from None
+        raise _unopened(flag, folder, e, what) from None
     if fd is None:  # no lock file: no run holds it
         return False
     try:
@@ -347,19 +354,20 @@ def _held(flag: str, folder: Path, what: str) -> bool:
 _SAFE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
-def open_lock(flag: str, folder: Path, create: bool) -> int | None:
+def open_lock(flag: str, folder: Path, create: bool, what: str = "run") -> int | None:
     """A file descriptor of ``folder``'s lock file, to flock; None where there is none and
     not ``create``. Opened for writing (made if missing, with ``create``: an exclusive flock
     on NFS needs it), else read-only: another user's lock file, read-only to this one, was
     skipped, and two runs wrote over each other (flock takes a lock on a file opened for
     reading). UsageError naming it if it is a symbolic link or not a regular file; the
-    OSError of the first open if it cannot be opened at all."""
-    lock, what = folder / LOCK, f"{flag} {folder}: its lock file"
+    OSError of the first open if it cannot be opened at all. ``what``: whose lock (a
+    run's folder option is named as its Python field from Python, :func:`_where`)."""
+    lock, named = folder / LOCK, f"{_where(flag, folder, what)}: its lock file"
     writing = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
     refused: OSError | None = None
     for how in (writing, os.O_RDONLY) if create else (os.O_RDONLY, writing):
         try:
-            return open_regular(what, lock, how)
+            return open_regular(named, lock, how)
         except OSError as e:
             refused = refused or e
     assert refused is not None  # every open raised
@@ -419,8 +427,8 @@ def _locked(fd: int, kind: int) -> bool | None:
     return True
 
 
-def _unopened(flag: str, folder: Path, e: OSError) -> UsageError:
-    return UsageError(f"{flag} {folder}: cannot open its lock file {folder / LOCK} "
+def _unopened(flag: str, folder: Path, e: OSError, what: str) -> UsageError:
+    return UsageError(f"{_where(flag, folder, what)}: cannot open its lock file {folder / LOCK} "
                       f"({e.strerror}), which keeps two runs from writing there at once; fix "
                       "its permissions, or choose another folder")
 
@@ -430,17 +438,18 @@ def _untold(flag: str, folder: Path, fd: int, what: str) -> UsageError:
     only one way: another user's, read-only to this one)."""
     how = {os.O_RDONLY: "read-only", os.O_WRONLY: "write-only"}.get(
         fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE, "for reading and writing")
-    return UsageError(f"{flag} {folder}: its lock file {folder / LOCK} cannot be locked "
-                      f"open {how}, as this user may open it, on this file system (NFS locks "
-                      "a file only as it is open: an exclusive lock needs writing, a shared "
+    return UsageError(f"{_where(flag, folder, what)}: its lock file {folder / LOCK} cannot be "
+                      f"locked open {how}, as this user may open it, on this file system (NFS "
+                      "locks a file only as it is open: an exclusive lock needs writing, a shared "
                       f"one reading), so whether another {what} writes there cannot be told; "
                       "make it readable and writable for this user, remove it while no run "
                       "uses the folder, or choose another folder")
 
 
 def _in_use(flag: str, folder: Path, what: str) -> UsageError:
-    return UsageError(f"{flag} {folder} is in use by another {what} going on now (it holds "
-                      f"{folder / LOCK}); wait for it to end or choose another folder")
+    return UsageError(f"{_where(flag, folder, what)} is in use by another {what} going on "
+                      f"now (it holds {folder / LOCK}); wait for it to end or choose another "
+                      "folder")
 
 
 def _check_unchanged(config: RunConfig) -> None:

@@ -64,7 +64,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from hpctrain import plugins
+from hpctrain import options, plugins
 from hpctrain.errors import UsageError, did_you_mean
 
 if TYPE_CHECKING:
@@ -106,7 +106,10 @@ def dataset_name(text: str, error: type[Exception] = argparse.ArgumentTypeError)
     if text in DATASETS:
         return text
     if not is_user(text):
-        raise error(f"unknown --dataset {text!r}; choose from {', '.join(DATASETS)}, or "
+        flagged = error is not UsageError or options.on_command_line()
+        what = f"unknown --dataset {text!r}" if flagged else \
+            f"DataConfig.dataset={text!r} is unknown"
+        raise error(f"{what}; choose from {', '.join(DATASETS)}, or "
                     "npz:FILE, imagefolder:DIR, MODULE:CALLABLE, ./FILE.py:CALLABLE"
                     f"{did_you_mean(text, DATASETS)}")
     try:

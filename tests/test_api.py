@@ -384,7 +384,8 @@ def test_a_sweeps_first_run_refused_on_one_rank_is_refused_on_every_rank(tmp_pat
         proc = run_program([sys.executable, str(script), str(tmp_path)], np=2, timeout=100)
     assert proc.returncode == 0, proc.stderr
     said = proc.stdout.count  # mpirun may put one rank's line inside another's
-    assert said("held refused: --out") == 2 and said("is in use by another run") == 2, \
+    # named by the field the script gave (RunConfig.out=...), not a flag it never typed
+    assert said("held refused: RunConfig.out=") == 2 and said("is in use by another run") == 2, \
         proc.stdout
     assert said("hook after the refusal is the script's: False") == 2, proc.stdout
     assert said("free trained 16") == 2, proc.stdout  # 2048 samples / (2 x 64)

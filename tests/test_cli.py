@@ -28,7 +28,7 @@ from conftest import (
     run_program,
 )
 
-from hpctrain import checkpoint, cli, compiled, kernels, provenance, watchdog
+from hpctrain import checkpoint, cli, compiled, kernels, options, provenance, watchdog
 from hpctrain.errors import UsageError
 
 SMALL = [*SYNTHETIC, "--epochs", "1"]
@@ -352,7 +352,7 @@ def test_a_folder_another_run_is_writing_is_refused(tmp_path, held, capsys):
     folder.mkdir()
     with open(folder / run_folders.LOCK, "a") as other:  # another run's, going on
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(UsageError) as refused:
+        with pytest.raises(UsageError) as refused, options.command_line():  # as cli.main
             run.train(arguments.build(cli.build_parser().parse_args(args)))
     flag = "--out" if held == "out" else "the checkpoint folder"
     assert str(refused.value) == (
@@ -524,9 +524,10 @@ def test_resume_auto_returns_a_finished_run_only_for_its_own_options(finished_sg
     assert proc.returncode == 0, proc.stderr
 
     def again(*extra: str) -> dict:
-        options = cli.build_parser().parse_args([*args, "--out", str(out), "--resume", "auto",
-                                                 *extra])
-        return run.train(arguments.build(options))
+        parsed = cli.build_parser().parse_args([*args, "--out", str(out), "--resume", "auto",
+                                                *extra])
+        with options.command_line():  # as hpctrain train runs it
+            return run.train(arguments.build(parsed))
 
     summary = json.loads((out / "summary.json").read_text())
     assert again() == again("--threads", "2", "--eval", "online") == summary

@@ -18,7 +18,7 @@ from conftest import ROOT
 import hpctrain
 from hpctrain import arguments, cli, options, registry, summary
 from hpctrain import config as configs
-from hpctrain.config import OptimConfig, RunConfig
+from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 
 pytestmark = pytest.mark.unit
@@ -161,7 +161,8 @@ def test_misplaced_keys_and_missing_parts_are_named_with_a_hint(tmp_path, monkey
                             f"{', '.join(registry.names())}, or your own as MODULE:CLASS, "
                             "./FILE.py:CLASS or the class itself")  # each said once
     with pytest.raises(UsageError, match=re.escape(
-            "--algo ma takes AveragingOptions, not dict (hpctrain.algorithm_options('ma')"
+            "RunConfig(algo='ma', algorithm=...) takes AveragingOptions, not dict "
+            "(hpctrain.algorithm_options('ma')"
             "(**...) builds one from a dict)")):
         RunConfig(algo="ma", algorithm={"tau": 5})
 
@@ -272,7 +273,8 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     # Accepted, and the rate never got past 4% of --lr. (The refusal once said the rate
     # "would never reach --lr": under the default cosine no warm-up ever does.)
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(epochs=2, warmup_epochs=50)),
-     "--warmup-epochs 50 is not below --epochs 2: the run would end before its warm-up does"),
+     "OptimConfig.warmup_epochs=50 is not below OptimConfig.epochs=2: the run would end "
+     "before its warm-up does"),
     (lambda: RunConfig(algo="sgd", out=""), "RunConfig.out='' is empty"),  # not the working folder
     # In range once overflowed at the first step, in float32 or as a whole number.
     (lambda: RunConfig(algo="sgd", optim=OptimConfig(lr=1e308)),
@@ -298,7 +300,7 @@ def test_config_json_leaves_out_the_checkpoint_folder_a_resume_chose():
     (lambda: RunConfig(algo="ma", algorithm=registry.get("ma").Options(tau=0)),
      "AveragingOptions.tau=0 must be >= 1"),
     (lambda: RunConfig(algo="ma", algorithm=registry.get("ec").Options()),
-     "--algo ma takes AveragingOptions, not CompressionOptions"),
+     "RunConfig(algo='ma', algorithm=...) takes AveragingOptions, not CompressionOptions"),
     (lambda: configs.from_dict({"algo": "sgd", "optim": {"lrr": 1}}),
      "unknown configuration key optim.lrr"),
     # A file's messages: "algorithm has: " (no list) for sgd, and the flag for a key
@@ -502,7 +504,7 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
     (lambda: RunConfig(algo="sgd", seed=2 ** 64 - 1),
      "must be in [-9223372036854775808, 9223372036854775807]"),
     (lambda: OptimConfig(micro_batch_size=10 ** 300),
-     "--micro-batch-size 1e+300 exceeds --batch-size 64"),
+     "OptimConfig.micro_batch_size=1e+300 exceeds OptimConfig.batch_size=64"),
     # --lr-milestones: a list of finite epochs.
     (lambda: OptimConfig(lr_milestones=None),
      "OptimConfig.lr_milestones=None must be a list of epochs"),
@@ -512,11 +514,12 @@ def test_the_libraries_import_each_other_only_for_the_seeded_generator():
      "OptimConfig.lr_milestones=[1, 'a']: 'a' is not a number"),
     (lambda: OptimConfig(lr_milestones=[True]), "True is not a number of epochs"),
     (lambda: OptimConfig(lr_milestones=[1, float("inf")]),
-     "--lr-milestones 1,inf: milestones must be increasing finite epochs > 0"),
+     "OptimConfig.lr_milestones=(1, inf): milestones must be increasing finite epochs > 0"),
     (lambda: OptimConfig(epochs=4, lr_milestones=[2, 4]),  # the run ends before epoch 4
-     "--lr-milestones 2,4: 4 is not before --epochs 4, so the rate never changes there"),
+     "OptimConfig.lr_milestones=(2, 4): 4 is not before OptimConfig.epochs=4, so the rate "
+     "never changes there"),
     (lambda: OptimConfig(lr_milestones=[3, 3]),  # gamma applied twice at epoch 3
-     "--lr-milestones 3,3: milestones must be increasing"),
+     "OptimConfig.lr_milestones=(3, 3): milestones must be increasing"),
     (lambda: hpctrain.algorithm_options(["ma"]), "unknown algorithm ['ma']; choose from sgd"),
     (lambda: configs.DataConfig(data_dir=""), "DataConfig.data_dir='' is empty: give a folder"),
     # Checkpoint folders: strings, not empty (the working folder).
@@ -958,3 +961,44 @@ def test_nesterov_betas_and_eps_from_python_toml_flags_and_config_json(tmp_path,
     assert f"hpctrain: --optimizer adam: leaving out {nesterov_toml}'s optim.nesterov True\n" \
         in capsys.readouterr().out
     assert parse("--config", str(nesterov_toml), "--no-nesterov").optim.nesterov is False
+
+
+@pytest.mark.parametrize("build, python, typed", [
+    (lambda: OptimConfig(epochs=2, warmup_epochs=50),
+     "OptimConfig.warmup_epochs=50 is not below OptimConfig.epochs=2",
+     "--warmup-epochs 50 is not below --epochs 2"),
+    (lambda: OptimConfig(batch_size=8, micro_batch_size=9),
+     "OptimConfig.micro_batch_size=9 exceeds OptimConfig.batch_size=8",
+     "--micro-batch-size 9 exceeds --batch-size 8"),
+    (lambda: OptimConfig(lr_schedule="step"),
+     "OptimConfig.lr_schedule='step' needs OptimConfig.lr_milestones, the epochs at which "
+     "the learning rate is multiplied by OptimConfig.lr_gamma",
+     "--lr-schedule step needs --lr-milestones, the epochs at which the learning rate is "
+     "multiplied by --lr-gamma (e.g. 3,4)"),
+    (lambda: OptimConfig(lr_milestones=[1], lr_schedule="constant"),
+     "OptimConfig.lr_milestones need OptimConfig.lr_schedule='step', not 'constant'",
+     "--lr-milestones need --lr-schedule step, not constant"),
+    (lambda: DataConfig(shuffle_chunk_mb=8),
+     "DataConfig.shuffle_chunk_mb=8 sizes the rounds of the sharded exchange, and replicated "
+     "data (DataConfig.data_placement='replicated') are not moved",
+     "--shuffle-chunk-mb 8 sizes the rounds of the sharded exchange, and replicated data "
+     "are not moved"),
+    (lambda: DataConfig(dataset="fashion-mnst"),
+     "DataConfig.dataset='fashion-mnst' is unknown; choose from ",
+     "unknown --dataset 'fashion-mnst'; choose from "),
+    (lambda: ModelConfig(name="lenett"), "ModelConfig.name='lenett' is unknown; choose from ",
+     "unknown --model 'lenett'; choose from "),
+    (lambda: RunConfig(algo="sgd", eval_rank=1),
+     "RunConfig.eval_rank=1 needs RunConfig.eval_mode='online'",
+     "--eval-rank 1 needs --eval online"),
+])
+def test_checks_weighing_settings_name_the_fields_a_script_gave(build, python, typed):
+    """Checks that weigh one setting against another, and unknown model and data names,
+    named the flags (--warmup-epochs 50 is not below --epochs 2) to a script that typed
+    none: they name its fields now, and the command line's flags as before."""
+    with pytest.raises(UsageError) as refused:
+        build()
+    assert str(refused.value).startswith(python)
+    with pytest.raises(UsageError) as refused, options.command_line():
+        build()
+    assert str(refused.value).startswith(typed)

@@ -177,7 +177,9 @@ def test_peak_memory_on_the_cpu_is_the_resident_peak():
 
 
 def test_a_micro_batch_larger_than_the_batch_is_refused():
-    with pytest.raises(UsageError, match="--micro-batch-size 65 exceeds --batch-size 64"):
+    # From Python the fields the caller gave (the command line's flags: test_option_checks)
+    with pytest.raises(UsageError, match="^OptimConfig.micro_batch_size=65 exceeds "
+                       "OptimConfig.batch_size=64$"):
         OptimConfig(batch_size=64, micro_batch_size=65)
     with pytest.raises(ValueError, match="OptimConfig.micro_batch_size=0 must be"):
         OptimConfig(micro_batch_size=0)

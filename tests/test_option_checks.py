@@ -78,7 +78,10 @@ def test_a_checkpoint_folder_without_an_interval_is_refused(tmp_path):
 def test_label_skew_with_global_shuffling_of_replicated_data_is_refused():
     message = ("--partition label-skew with --shuffle global trains on iid data (each epoch "
                "deals a fresh permutation of all of it): use --shuffle local|partial:Q")
-    assert one_line(lambda: DataConfig(partition="label-skew")) == message
+    assert one_line(lambda: DataConfig(partition="label-skew")) == (  # from Python: fields
+        "DataConfig.partition='label-skew' with DataConfig.shuffle='global' trains on iid "
+        "data (each epoch deals a fresh permutation of all of it): use "
+        "DataConfig.shuffle='local' or 'partial:Q'")
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--partition", "label-skew"]) == message
     for shuffle, placement in (("local", "replicated"), ("partial:0.1", "replicated"),
                                ("global", "sharded")):
@@ -432,16 +435,27 @@ def test_resume_auto_of_a_finished_run_by_its_checkpoint_folder_trains_nothing(t
                                                                                capsys):
     config, out, ck = finished_run(tmp_path)
     assert config.out is None
-    done = run.train(config)  # returns before anything starts: no MPI in this process
+    with options.command_line():  # as hpctrain train runs it
+        done = run.train(config)  # returns before anything starts: no MPI in this process
     assert done == json.loads((out / "summary.json").read_text())
     assert capsys.readouterr().out == (f"hpctrain: {out} (the run of --checkpoint-dir {ck}) "
                                        "holds a finished run; nothing to train (--resume "
                                        "auto)\n")
     changed = parse("--algo", "sgd", *SYNTHETIC, "--epochs", "1", "--checkpoint-every", "0.5e",
                     "--checkpoint-dir", str(ck), "--resume", "auto", "--lr", "0.3")
+    with options.command_line():
+        assert one_line(lambda: run.train(changed)) == (
+            f"--resume auto: {out} (the run of --checkpoint-dir {ck}) holds a finished run, "
+            "started with --lr 0.05, not 0.3; choose another --checkpoint-dir for a new run")
+    # hpctrain.train(config) from Python: the fields the script gave, not flags it never typed
+    assert run.train(config) == done
+    assert capsys.readouterr().out == (
+        f"hpctrain: {out} (the run of CheckpointConfig.dir={str(ck)!r}) holds a finished run; "
+        "nothing to train (CheckpointConfig.resume='auto')\n")
     assert one_line(lambda: run.train(changed)) == (
-        f"--resume auto: {out} (the run of --checkpoint-dir {ck}) holds a finished run, "
-        "started with --lr 0.05, not 0.3; choose another --checkpoint-dir for a new run")
+        f"CheckpointConfig.resume='auto': {out} (the run of CheckpointConfig.dir={str(ck)!r}) "
+        "holds a finished run, started with --lr 0.05, not 0.3; choose another "
+        "CheckpointConfig.dir for a new run")
 
 
 # 11. The benchmarks' --device cuda hint and --json file.
@@ -490,8 +504,12 @@ def test_a_step_decay_factor_without_milestones_is_refused(extra):
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--lr-gamma", "0.5", *extra]) == (
         "--lr-gamma 0.5 is the step decay at --lr-milestones, and none are given: it would "
         "change nothing; give --lr-milestones (e.g. 3,4) or leave --lr-gamma out")
-    with pytest.raises(UsageError, match="^--lr-gamma 0.5 is the step decay"):
-        OptimConfig(lr_gamma=0.5)  # from Python or a file as from the command line
+    with pytest.raises(UsageError) as refused:  # from Python: the fields the caller gave
+        OptimConfig(lr_gamma=0.5)
+    assert str(refused.value) == (
+        "OptimConfig.lr_gamma=0.5 is the step decay at OptimConfig.lr_milestones, and none "
+        "are given: it would change nothing; give OptimConfig.lr_milestones (e.g. 3,4) or "
+        "leave OptimConfig.lr_gamma out")
 
 
 def test_a_step_decay_factor_with_milestones_is_taken():
@@ -636,7 +654,8 @@ def test_a_python_callers_betas_and_eps_are_checked_as_the_flags_are():
     assert one_line(lambda: OptimConfig(optimizer="adam", eps=0.0)) == \
         "OptimConfig.eps=0.0 must be > 0"
     assert one_line(lambda: OptimConfig(optimizer="adamw", nesterov=True)).startswith(
-        "--nesterov is SGD's Nesterov momentum; --optimizer adamw has none")
+        "OptimConfig.nesterov is SGD's Nesterov momentum; OptimConfig.optimizer='adamw' has "
+        "none")
     assert OptimConfig(optimizer="adam", betas=[0, 0.5]).betas == (0.0, 0.5)  # a file's list
     assert OptimConfig(optimizer="adam", eps=1.4e-45).eps == 1.4e-45  # float32's smallest
     assert one_line(lambda: OptimConfig(optimizer="adam", eps=7e-46)).startswith(

@@ -466,7 +466,8 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
     assert config.data.data_dir == str(nets.parent / "data")
     with pytest.raises(UsageError, match="want MODULE:CALLABLE"):
         ModelConfig(name="nets_mod:")
-    with pytest.raises(UsageError, match="--model-args are for a model of your own"):
+    with pytest.raises(UsageError, match="^ModelConfig.args are for a model of your own, not "
+                       "ModelConfig.name='mlp'$"):
         ModelConfig(name="mlp", args={"width": 3})  # at construction, as every value check
 
 
@@ -1392,7 +1393,8 @@ def test_optimizer_choice_defaults_and_refusals():
     params = [torch.nn.Parameter(torch.zeros(2))]
     assert type(optimizers.make(params, adam.optim)) is torch.optim.AdamW
     # It once said "--momentum is SGD's", not naming the value as the other refusals do.
-    with pytest.raises(UsageError, match=r"^--momentum 0\.5 is SGD's; --optimizer adam has"):
+    with pytest.raises(UsageError, match=r"^OptimConfig.momentum=0\.5 is SGD's; "
+                       r"OptimConfig.optimizer='adam' has OptimConfig.betas"):
         OptimConfig(optimizer="adam", momentum=0.5)
     with pytest.raises(UsageError, match="--algo dcasgd-a keeps its own update rule"):
         launch_checks.check_launch(RunConfig(algo="dcasgd-a",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hpctrain import launch_checks
+from hpctrain import launch_checks, options
 from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, RunConfig
 from hpctrain.errors import UsageError
 
@@ -60,13 +60,19 @@ def test_a_rewritten_config_json_names_code_that_is_never_imported(tmp_path, pla
     out = tmp_path / "run"
     config = requeued(out)
     finished(out, config, **{place: f"{code}:Evil"})
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():  # the requeued command
         launch_checks.finished_run(config)
     assert not marker.exists()
     launched = {"--algo": "ssgd", "--model": "mlp", "--dataset": "synthetic"}[flag]
     assert str(refused.value) == (
         f"--resume auto: --out {out} holds a finished run, started with {flag} {code}:Evil, "
         f"not {launched}; choose another --out for a new run")
+    with pytest.raises(UsageError) as refused:  # a script's: the fields it gave
+        launch_checks.finished_run(config)
+    assert str(refused.value).startswith(
+        f"CheckpointConfig.resume='auto': RunConfig.out={str(out)!r} holds a finished run, "
+        f"started with {flag} {code}:Evil")
+    assert str(refused.value).endswith("; choose another RunConfig.out for a new run")
 
 
 def test_a_finished_run_of_ones_own_code_is_still_finished(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from conftest import SYNTHETIC, refusal
 
 import hpctrain
-from hpctrain import arguments, cli, plugins, steptimes
+from hpctrain import arguments, cli, options, plugins, run_folders, steptimes
 from hpctrain.bench import report
 from hpctrain.errors import UsageError
 
@@ -93,3 +93,36 @@ def test_a_config_file_in_home_is_read_after_an_equals_sign(tmp_path, monkeypatc
     config = arguments.build(cli.build_parser().parse_args(["train", "--config=~/run.toml"]))
     assert config.algo == "ma"
     assert hpctrain.load_config("~/run.toml").algo == "ma"
+
+
+def test_a_scripts_run_folder_in_use_is_named_by_its_field(tmp_path):
+    """From Python the lock's refusals named the flags (``--out DIR is in use``), which a
+    script never typed: they name the field it gave, as the other folder checks do; the
+    command line's words are as they were."""
+    import contextlib
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    config = hpctrain.RunConfig(algo="sgd", out=str(out))
+    with open(out / run_folders.LOCK, "a") as other:  # another run's, going on
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        said = (f" is in use by another run going on now (it holds {out / run_folders.LOCK}); "
+                "wait for it to end or choose another folder")
+        with pytest.raises(UsageError) as refused, run_folders.claimed(config):
+            pass
+        assert str(refused.value) == f"RunConfig.out={str(out)!r}{said}"
+        with pytest.raises(UsageError) as refused:
+            run_folders.refuse_in_use(str(out), None, None)  # the launch checks' probe
+        assert str(refused.value) == f"RunConfig.out={str(out)!r}{said}"
+        with pytest.raises(UsageError) as refused, options.command_line():
+            run_folders.refuse_in_use(str(out), None, None)
+        assert str(refused.value) == f"--out {out}{said}"
+        with pytest.raises(UsageError) as refused, contextlib.ExitStack() as held:
+            run_folders.lock_folder(held, "--out", out, "comparison")  # bench compare's
+        assert str(refused.value).startswith(f"--out {out} is in use by another comparison")
+    (out / run_folders.LOCK).unlink()
+    os.mkfifo(out / run_folders.LOCK)
+    with pytest.raises(UsageError) as refused:
+        run_folders.refuse_held("--out", out)
+    assert str(refused.value).startswith(f"RunConfig.out={str(out)!r}: its lock file ")

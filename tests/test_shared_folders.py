@@ -14,7 +14,7 @@ import sys
 import pytest
 from conftest import SYNTHETIC, run_program
 
-from hpctrain import metrics, run_folders
+from hpctrain import metrics, options, run_folders
 from hpctrain.bench import compare, report
 from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
@@ -32,7 +32,9 @@ def planted_link(tmp_path, at):
 
 
 def refused(call) -> str:
-    with pytest.raises(UsageError) as e:
+    """The one line ``call`` refuses with, as the command line words it (``--out DIR``; from
+    Python a run's folder is named by its field: test_run_folders)."""
+    with pytest.raises(UsageError) as e, options.command_line():
         call()
     assert "\n" not in str(e.value)
     return str(e.value)
@@ -107,7 +109,7 @@ def test_a_lock_refused_for_how_its_file_is_open_is_no_lock_skipped(tmp_path, mo
         os.close(fd)
     opened = []
 
-    def as_on_nfs(flag, folder, create):
+    def as_on_nfs(flag, folder, create, what="run"):
         opened.append(os.open(folder / run_folders.LOCK, os.O_PATH))
         return opened[-1]
 

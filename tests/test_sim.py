@@ -590,8 +590,8 @@ def test_ec_default_distill_size_is_capped_at_a_workers_samples(tmp_path):
     assert summary["distill_size"] == 100  # 400 samples over 4 workers
     assert "distill=100" in summary["algo_label"]
     assert summary["distilled_samples_per_rank"] > 0
-    with pytest.raises(UsageError, match="--ec-distill-size 101 exceeds the 100 training "
-                                         "samples each of the 4 ranks holds"):
+    with pytest.raises(UsageError, match="^CompressionOptions.ec_distill_size=101 exceeds the "
+                                         "100 training samples each of the 4 ranks holds"):
         simulate(config("ec", tmp_path / "b", algorithm=ec(tau=2, ec_distill_size=101)),
                  sim(4, train_subset=400))
     assert not (tmp_path / "b").exists()

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hpctrain import comm
+from hpctrain import comm, options
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint import policy
 from hpctrain.checkpoint.resize import mean_tensors
@@ -207,8 +207,9 @@ class EnsembleCompression(ModelAveraging):
         steps = steps_per_epoch(samples, ranks, config.optim.batch_size)
         if o.ec_distill_size is not None and o.ec_distill_size > local:
             holder = "the one rank" if ranks == 1 else f"each of the {ranks} ranks"
-            raise UsageError(f"--ec-distill-size {o.ec_distill_size} exceeds the {local} "
-                             f"training samples {holder} holds")
+            given = options.named(f"--ec-distill-size {o.ec_distill_size}",
+                                  "CompressionOptions", "ec_distill_size", o.ec_distill_size)
+            raise UsageError(f"{given} exceeds the {local} training samples {holder} holds")
         _check_rounds(config, samples, ranks, steps)
         if ranks == 1 and comm.env_rank() == 0:
             print("hpctrain: warning: --algo ec on one worker: its ensemble is its own model, "
