@@ -219,23 +219,49 @@ def test_predict_logits_runs_a_model_in_its_own_dtype():
 
 
 @pytest.mark.parametrize("values, message", [
-    ((0, 0.5, 2.0, 10), "CompressionOptions.tau=0 must be >= 1"),
-    ((5, 1.5, 2.0, 10), "CompressionOptions.ec_alpha=1.5 must be in [0, 1]"),
-    ((5, -0.1, 2.0, 10), "CompressionOptions.ec_alpha=-0.1 must be in [0, 1]"),
-    ((5, 0.5, 0.0, 10), "CompressionOptions.ec_temperature=0.0 must be in (0, 1000]"),
-    ((5, 0.5, float("nan"), 10), "CompressionOptions.ec_temperature=nan must be in (0, 1000]"),
+    ((0, 0.5, 2.0, 10), "EnsembleCompression(tau=0) must be >= 1"),
+    ((5, 1.5, 2.0, 10), "EnsembleCompression(alpha=1.5) must be in [0, 1]"),
+    ((5, -0.1, 2.0, 10), "EnsembleCompression(alpha=-0.1) must be in [0, 1]"),
+    ((5, 0.5, 0.0, 10), "EnsembleCompression(temperature=0.0) must be in (0, 1000]"),
+    ((5, 0.5, float("nan"), 10), "EnsembleCompression(temperature=nan) must be in (0, 1000]"),
     ((5, 0.5, 5000.0, 10),  # was taken
-     "CompressionOptions.ec_temperature=5000.0 must be in (0, 1000]"),
-    ((5, 0.5, 2.0, 0), "CompressionOptions.ec_distill_size=0 must be >= 1"),
+     "EnsembleCompression(temperature=5000.0) must be in (0, 1000]"),
+    ((5, 0.5, 2.0, 0), "EnsembleCompression(distill_size=0) must be >= 1"),
     ((5, 0.5, 2.0, 10, "mine"),
-     "CompressionOptions.ec_distill_from='mine' is unknown; choose from own, all"),
+     "EnsembleCompression(distill_from='mine') is unknown; choose from own, all"),
 ])
 def test_check_options(values, message):
     """The own-loop API's checks are the command line's (5000 was taken by one, not the
-    other)."""
+    other), naming the argument the caller gave (alpha=, not CompressionOptions.ec_alpha)."""
     with pytest.raises(UsageError) as err:
         check_options(*values)
     assert str(err.value) == message
+
+
+def test_the_own_loop_class_names_the_arguments_given():
+    """EnsembleCompression(alpha=1.5) said "CompressionOptions.ec_alpha=1.5 must be in
+    [0, 1]", a field its caller never wrote; and a draw larger than the local data named
+    the flag --ec-distill-size. The options class itself names its own fields still."""
+    from hpctrain import options
+    from hpctrain.ec import EnsembleCompression
+    from hpctrain.ec.algorithm import CompressionOptions
+
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(UsageError) as err:
+        EnsembleCompression(model, None, tau=5, alpha=1.5, temperature=2.0, distill_size=10)
+    assert str(err.value) == "EnsembleCompression(alpha=1.5) must be in [0, 1]"
+    with pytest.raises(UsageError) as err:
+        CompressionOptions(ec_alpha=1.5)
+    assert str(err.value) == "CompressionOptions.ec_alpha=1.5 must be in [0, 1]"
+    ec = EnsembleCompression(model, None, tau=5, alpha=0.5, temperature=2.0, distill_size=10)
+    few = data.Dataset("few", torch.zeros(3, 4), torch.zeros(3, dtype=torch.long),
+                       torch.arange(3), 2)
+    with pytest.raises(UsageError) as err:
+        ec.set_local_data(few)
+    assert str(err.value) == "EnsembleCompression(distill_size=10) exceeds the 3 local samples"
+    with pytest.raises(UsageError) as err, options.command_line():
+        ec.set_local_data(few)
+    assert str(err.value) == "--ec-distill-size 10 exceeds the 3 local samples"
 
 
 def error_lines(proc) -> list[str]:

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import compiled, watchdog
+from hpctrain import compiled, options, watchdog
 from hpctrain.data import Dataset
 from hpctrain.ec.distill import distillation_loss
 from hpctrain.ec.ensemble import ensemble_probabilities
@@ -42,8 +42,16 @@ def check_options(tau: int, alpha: float, temperature: float, distill_size: int,
     and ``--algo ec`` take the same values (this had no upper bound on the temperature)."""
     from hpctrain.ec.algorithm import CompressionOptions  # it imports this module
 
-    CompressionOptions(tau=tau, ec_alpha=alpha, ec_temperature=temperature,
-                       ec_distill_size=distill_size, ec_distill_from=distill_from)
+    # A refusal names the argument the caller gave (EnsembleCompression(alpha=1.5)), not the
+    # options field it is checked as (CompressionOptions.ec_alpha), which the caller never wrote.
+    with options.arguments_of("CompressionOptions", "EnsembleCompression", _ARGUMENTS):
+        CompressionOptions(tau=tau, ec_alpha=alpha, ec_temperature=temperature,
+                           ec_distill_size=distill_size, ec_distill_from=distill_from)
+
+
+# CompressionOptions' fields -> EnsembleCompression's arguments.
+_ARGUMENTS = {"tau": "tau", "ec_alpha": "alpha", "ec_temperature": "temperature",
+              "ec_distill_size": "distill_size", "ec_distill_from": "distill_from"}
 
 
 class EnsembleCompression:
@@ -96,8 +104,9 @@ class EnsembleCompression:
                             "or Dataset(name, images, labels, ids, num_classes)), not "
                             f"{type(local).__name__}")
         if self.distill_size > len(local):
-            raise UsageError(f"--ec-distill-size {self.distill_size} exceeds the {len(local)} "
-                             "local samples")
+            given = f"--ec-distill-size {self.distill_size}" if options.on_command_line() \
+                else f"EnsembleCompression(distill_size={self.distill_size})"
+            raise UsageError(f"{given} exceeds the {len(local)} local samples")
         self.local = local
 
     def distill_batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
