@@ -1308,3 +1308,39 @@ def test_comm_time_replay_on_other_workers_than_recorded_says_so(tmp_path, capsy
     simulate(config("sgd", tmp_path / "one", eval_every=1.0), sim(1, **replay))
     assert "--comm-time replay on 1 virtual worker replays" in capsys.readouterr().err
     assert steptimes.read(tmp_path / "three").lead_in == [0.0, 0.05, 0.0]
+
+
+_NAMED_CLASSES = '''
+import torch
+
+
+class Named(torch.utils.data.Dataset):
+    classes = ["cat", "dog"]
+
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 8, generator=g)
+        self.y = torch.arange(n) % 2
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], int(self.y[i])
+
+
+def load():
+    return {"train": Named(64, 0), "test": Named(32, 1), "num_classes": 2}
+'''
+
+
+def test_a_simulation_records_the_datas_class_names_as_a_run_does(tmp_path):
+    """config.json's run_info.classes, model.pt's outputs by name: a simulation trains
+    through the run's loop and writes config.json as hpctrain train does, so it records
+    them too where the data name them."""
+    (tmp_path / "named.py").write_text(_NAMED_CLASSES)
+    data = DataConfig(dataset=f"{tmp_path / 'named.py'}:load")
+    simulate(config("ssgd", tmp_path / "out", data=data,
+                    optim=OptimConfig(epochs=1, batch_size=16)), sim(2))
+    info = json.loads((tmp_path / "out" / "config.json").read_text())["run_info"]
+    assert info["classes"] == ["cat", "dog"] and info["simulator"] == "hpctrain simulate"
