@@ -52,17 +52,38 @@ def _check_adam_options(algorithm_class, optim) -> None:
     """Refuse Adam's ``betas`` and ``eps`` under SGD, which has neither: a lock-step
     algorithm is told of ``--optimizer adam``; one that takes sgd only (the asynchronous
     ones), which then refuses adam, that its own update rule has none."""
-    given = [f"--betas {options.shown_list(optim.betas)}"] if optim.betas is not None else []
-    given += [f"--eps {options.shown(optim.eps)}"] if optim.eps is not None else []
+    given = [_named("betas", optim.betas, options.shown_list(optim.betas))] \
+        if optim.betas is not None else []
+    given += [_named("eps", optim.eps)] if optim.eps is not None else []
     if optim.optimizer != "sgd" or not given:
         return
+    typed = options.on_command_line()
     if not {"adam", "adamw"} & set(algorithm_class.optimizers):  # asgd, dcasgd-*, ssp
-        raise UsageError(f"{' and '.join(given)}: Adam's, and --algo {algorithm_class.name} "
-                         "keeps its own update rule (SGD with --momentum), which has none; "
-                         f"leave {'them' if len(given) > 1 else 'it'} out (none over a "
-                         "--config file's)")
-    raise UsageError(f"{' and '.join(given)}: Adam's, and --optimizer sgd has none; give "
-                     "--optimizer adam or adamw (SGD has --momentum)")
+        raise UsageError(f"{' and '.join(given)}: Adam's, and {_algo(algorithm_class)} "
+                         f"keeps its own update rule (SGD with {_named('momentum')}), which "
+                         f"has none; leave {'them' if len(given) > 1 else 'it'} out"
+                         + (" (none over a --config file's)" if typed else ""))
+    remedy = "--optimizer adam or adamw" if typed else "OptimConfig.optimizer='adam' or 'adamw'"
+    raise UsageError(f"{' and '.join(given)}: Adam's, and {_named('optimizer', 'sgd')} has "
+                     f"none; give {remedy} (SGD has {_named('momentum')})")
+
+
+def _named(field: str, value=None, typed: str | None = None) -> str:
+    """OptimConfig's ``field`` in a refusal: its flag (with ``typed``, else the value as
+    :func:`options.shown` writes it) on the command line, the field from Python
+    (:func:`options.named`); no value given: the flag or field alone."""
+    flag = "--" + field.replace("_", "-")
+    if value is None:
+        return options.named(flag, "OptimConfig", field)
+    return options.named(f"{flag} {typed if typed is not None else options.shown(value)}",
+                         "OptimConfig", field, value)
+
+
+def _algo(algorithm_class) -> str:
+    """The run's algorithm in a refusal: ``--algo NAME``, or from Python ``the algorithm
+    NAME`` (a script's RunConfig.algo may be the class itself, or a reference)."""
+    name = algorithm_class.name
+    return f"--algo {name}" if options.on_command_line() else f"the algorithm {name}"
 
 
 def check(algorithm_class, optim) -> None:
@@ -72,31 +93,35 @@ def check(algorithm_class, optim) -> None:
     resolved (the algorithm's default momentum filled in)."""
     if optim.optimizer not in algorithm_class.optimizers:
         why = " (applied in the parameter store's push)" if not algorithm_class.lock_step else ""
-        raise UsageError(f"--optimizer {optim.optimizer}: --algo {algorithm_class.name} keeps "
-                         f"its own update rule{why}; only "
+        raise UsageError(f"{_named('optimizer', optim.optimizer)}: {_algo(algorithm_class)} "
+                         f"keeps its own update rule{why}; only "
                          f"{', '.join(algorithm_class.optimizers)}")
     _check_adam_options(algorithm_class, optim)
     # The asynchronous algorithms' push applies plain momentum (v <- m*v + d, in the shared
     # CPU/CUDA kernel); Nesterov's look-ahead is not theirs.
+    over_a_file = _OVER_A_FILE if options.on_command_line() else ""
     if optim.nesterov and not algorithm_class.lock_step:
-        raise UsageError(f"--nesterov: --algo {algorithm_class.name} keeps its own update rule "
-                         "(applied in the parameter store's push, with plain --momentum); "
-                         f"leave --nesterov out{_OVER_A_FILE}")
+        raise UsageError(f"{_named('nesterov')}: {_algo(algorithm_class)} keeps its own update "
+                         "rule (applied in the parameter store's push, with plain "
+                         f"{_named('momentum')}); leave {_named('nesterov')} out{over_a_file}")
     # Checked here, resolved, not in OptimConfig: the default momentum is the algorithm's.
     if optim.nesterov and not optim.momentum:  # torch's SGD refuses it too, at its build
-        default = " (the default of --algo " + algorithm_class.name + ")" \
+        default = f" (the default of {_algo(algorithm_class)})" \
             if algorithm_class.defaults.get("momentum", 0.9) == 0 else ""
-        raise UsageError(f"--nesterov with --momentum {optim.momentum or 0:g}{default}: "
-                         "Nesterov momentum needs momentum > 0, as torch's SGD says; give "
-                         f"--momentum above 0, or leave --nesterov out{_OVER_A_FILE}")
+        momentum = optim.momentum or 0
+        given = _named("momentum", momentum, f"{momentum:g}")
+        raise UsageError(f"{_named('nesterov')} with {given}{default}: Nesterov momentum "
+                         "needs momentum > 0, as torch's SGD says; give "
+                         f"{_named('momentum')} above 0, or leave {_named('nesterov')} "
+                         f"out{over_a_file}")
     # The linear scaling rule makes up for a gradient averaged over K workers' batches: a
     # K-times larger batch per update. An asynchronous worker's push applies its own batch's
     # gradient alone, and so does an ec member's step to its own model: K x --lr would only
     # make every such step K times larger.
     if optim.scale_lr and not (algorithm_class.lock_step and algorithm_class.averages_updates):
-        raise UsageError(f"--scale-lr: --algo {algorithm_class.name} applies each worker's "
-                         "gradient on its own, not averaged over the workers, so the linear "
-                         "scaling rule does not apply; set --lr itself")
+        raise UsageError(f"{_named('scale_lr')}: {_algo(algorithm_class)} applies each "
+                         "worker's gradient on its own, not averaged over the workers, so the "
+                         f"linear scaling rule does not apply; set {_named('lr')} itself")
     # --weight-decay defaults to 0 for every optimizer, torch's AdamW to 0.01: adamw at the
     # default trained bit for bit as adam, and nothing said so.
     if optim.optimizer == "adamw" and not optim.weight_decay and comm.env_rank() == 0:

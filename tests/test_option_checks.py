@@ -529,7 +529,8 @@ def test_the_linear_scaling_rule_is_refused_where_no_update_is_averaged(algo):
         f"--scale-lr: --algo {algo} applies each worker's gradient on its own, not averaged "
         "over the workers, so the linear scaling rule does not apply; set --lr itself")
     config = replace(parse("--algo", algo, *SYNTHETIC, "--scale-lr"), out=None)
-    with pytest.raises(UsageError, match="^--scale-lr: --algo"):  # the simulator's check too
+    with pytest.raises(UsageError, match="^OptimConfig.scale_lr: the algorithm"):  # the
+        # simulator's check too, called from Python: the fields
         check_simulation(config, SimConfig(workers=2))
 
 
@@ -735,3 +736,26 @@ def test_a_python_caller_is_told_the_field_it_gave_and_the_command_line_the_flag
     file.write_text('algo = "sgd"\n[optim]\noptimizer = "adm"\n')
     assert refusal(["--config", str(file)]) == (
         "unknown --optimizer 'adm'; choose from sgd, adam, adamw; did you mean 'adam'?")
+
+
+def test_an_optimizer_the_algorithm_cannot_use_is_named_by_fields_from_python():
+    """optimizers.check, at the launch checks, named flags to a script that typed none
+    (``--optimizer adam: --algo asgd keeps its own update rule``); the command line's
+    words are as they were (the refusal() tests above)."""
+    def said(algo: str, **optim) -> str:
+        return one_line(lambda: launch_checks.check_launch(
+            RunConfig(algo=algo, data=DataConfig(dataset="synthetic"),
+                      optim=OptimConfig(**optim)), 2))
+
+    assert said("asgd", optimizer="adam") == (
+        "OptimConfig.optimizer='adam': the algorithm asgd keeps its own update rule "
+        "(applied in the parameter store's push); only sgd")
+    assert said("ssgd", eps=1e-6) == (
+        "OptimConfig.eps=1e-06: Adam's, and OptimConfig.optimizer='sgd' has none; give "
+        "OptimConfig.optimizer='adam' or 'adamw' (SGD has OptimConfig.momentum)")
+    assert said("ssgd", nesterov=True, momentum=0) == (
+        "OptimConfig.nesterov with OptimConfig.momentum=0: Nesterov momentum needs momentum "
+        "> 0, as torch's SGD says; give OptimConfig.momentum above 0, or leave "
+        "OptimConfig.nesterov out")
+    assert said("asgd", scale_lr=True).startswith(
+        "OptimConfig.scale_lr: the algorithm asgd applies each worker's gradient")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job
 
-from hpctrain import arguments, cli, registry
+from hpctrain import arguments, cli, options, registry
 from hpctrain.bench import compare, report
 from hpctrain.config import RunConfig, from_dict, to_dict
 from hpctrain.errors import UsageError
@@ -402,7 +402,7 @@ def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):
     parser = compare._train_parser()
     from hpctrain import launch_checks
 
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():  # as cli.main
         launch_checks.check_launch(arguments.build(parser.parse_args(
             ["--algo", f"{path}:Mine", "--optimizer", "adam", *SYNTHETIC])), 1)
     assert str(refused.value) == "--optimizer adam: --algo mine keeps its own update rule; only sgd"

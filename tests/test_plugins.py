@@ -1396,7 +1396,7 @@ def test_optimizer_choice_defaults_and_refusals():
     with pytest.raises(UsageError, match=r"^OptimConfig.momentum=0\.5 is SGD's; "
                        r"OptimConfig.optimizer='adam' has OptimConfig.betas"):
         OptimConfig(optimizer="adam", momentum=0.5)
-    with pytest.raises(UsageError, match="--algo dcasgd-a keeps its own update rule"):
+    with pytest.raises(UsageError, match="the algorithm dcasgd-a keeps its own update rule"):
         launch_checks.check_launch(RunConfig(algo="dcasgd-a",
                                              optim=OptimConfig(optimizer="adam")), 2)
     assert optimizers.base_lr(OptimConfig(lr=0.1, scale_lr=True), 4) == pytest.approx(0.4)

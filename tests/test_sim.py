@@ -648,7 +648,8 @@ def test_what_train_refuses_before_mpi_the_simulator_refuses_too(tmp_path, monke
     two runs' files mixed. More store hosts than parameters left the folder it made."""
     from hpctrain.config import OptimConfig
 
-    with pytest.raises(UsageError, match="^--optimizer adam: --algo asgd keeps its own"):
+    with pytest.raises(UsageError, match="^OptimConfig.optimizer='adam': the algorithm asgd "
+                       "keeps its own"):
         simulate(config("asgd", tmp_path / "a", optim=OptimConfig(optimizer="adam")), sim(2))
     (tmp_path / "file").write_text("")
     with pytest.raises(UsageError, match="is a file, not a folder$"):
