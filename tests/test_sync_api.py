@@ -93,9 +93,13 @@ def test_collectives_before_init_and_after_shutdown_raise_horovods_error_too():
                 call()
             assert isinstance(e.value, UsageError) and isinstance(e.value, ValueError)
             assert isinstance(e.value, RuntimeError)
+        # Horovod's mpi_enabled() is False until init() (it said True: under torchrun,
+        # where init() picks the torch backend, wrongly so).
+        assert sync.mpi_enabled() is False
         if phase == "before":
             sync.init(backend="mpi")
             assert sync.allreduce(torch.ones(2), op=sync.Sum).tolist() == [1.0, 1.0]
+            assert sync.mpi_enabled() is True
             sync.shutdown()
 
 

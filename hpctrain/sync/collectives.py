@@ -251,8 +251,9 @@ def _transport_name() -> str | None:
 
 
 def mpi_enabled() -> bool:
-    """Whether collectives go through MPI (the mpi transport)."""
-    return _transport_name() in (None, "mpi")
+    """Whether collectives go through MPI (the mpi transport); False before ``init()`` and
+    after ``shutdown()``, as Horovod's (which backend ``init`` picks is not known yet)."""
+    return _transport_name() == "mpi"
 
 
 def mpi_built() -> bool:
