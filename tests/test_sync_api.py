@@ -526,6 +526,7 @@ def test_broadcast_variants_and_objects(hvd):
     assert (got is mine) == (r == root)  # the root's own object, as Horovod returns it
     if hvd.backend() != "horovod":  # README: Horovod's default name, the type's, stalls there
         assert hvd.broadcast_object(mine if r == root else None, root_rank=root) == got
+        assert hvd.allgather_object(r or None) == [None, *range(1, n)]
     assert hvd.allgather_object(("rank", r)) == [("rank", k) for k in range(n)]
     tensors = _object_tensors()
     mine = {"from": r, "tensors": tensors, "again": tensors["bf16"],
