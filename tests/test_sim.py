@@ -389,9 +389,22 @@ def test_ssp_bound_holds_and_waits_in_virtual_time(tmp_path):
                algorithm=algorithm_options("ssp")(max_staleness=1))
     summary = simulate(c, sim(4, step_time="constant:0.01"))
     assert summary["ssp_max_gap"] <= 1
-    assert summary["staleness"]["max"] <= 2 * (1 + 1) * (4 - 1)
+    assert summary["staleness"]["max"] <= (2 * 1 + 1) * (4 - 1)  # async_/ssp.py's bound
     assert sum(summary["ssp_waits_per_worker"]) > 0
     assert max(summary["ssp_wait_s_per_worker"]) > 0.01  # virtual seconds, waiting for worker 0
+
+
+def test_ssp_workers_read_the_store_after_the_bound(tmp_path):
+    """SSP's read guarantee (Ho et al. 2013): a worker with clock c computes its gradient at a
+    model holding every running worker's first c - S pushes. With S = 0 the workers take
+    turns in rounds and a worker reads after the others' pushes of its round, so a push lacks
+    at most one push of each other worker: M - 1. A worker that went on computing at the
+    model of its own last push lacked up to 2 (M - 1) = 6 (also where it pulled only after
+    a wait that slept)."""
+    c = config("ssp", tmp_path / "s", algorithm=algorithm_options("ssp")(max_staleness=0))
+    summary = simulate(c, sim(4, step_time="lognormal:0.01:0.5"))
+    assert summary["ssp_max_gap"] == 0
+    assert summary["staleness"]["max"] == 4 - 1
 
 
 @pytest.mark.parametrize("algo", ["asgd", "ssp"])
@@ -505,12 +518,15 @@ def test_ssp_worker_out_of_budget_holds_nobody_back(tmp_path, workers, slowdown)
     # Worker 0 ends S+1 pushes ahead of slow worker 1 (17 to 15 on two workers); worker 1,
     # out of tickets, waited for rank 0's --stop-on-collapse signal before parking while
     # rank 0 waited for worker 1's clock: stuck (a hang in a real run). It parks at once.
+    # No store time: worker 0's read after each wait would then put its claims after worker
+    # 1's at the same instant, and both would end with 16 pushes.
     def once(name, stop):
         c = config("ssp", tmp_path / name, stop_on_collapse=stop,
                    stragglers=StragglerConfig(slowdown=slowdown),
                    optim=OptimConfig(epochs=1, batch_size=64),
                    algorithm=algorithm_options("ssp")(max_staleness=1))
-        return simulate(c, sim(workers, step_time="constant:0.01"))
+        return simulate(c, sim(workers, step_time="constant:0.01", store_latency=0.0,
+                               store_bandwidth=1e30))
 
     stopping, plain = once("stop", True), once("plain", False)
     assert stopping["stopped_on_collapse"] is False

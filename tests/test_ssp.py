@@ -30,7 +30,8 @@ def batch(seed: int):
 
 
 def tau_bound(s: int, workers: int) -> int:
-    """The module's bound on a push's staleness in updates: 2 (S + 1) (M - 1)."""
+    """The module's bound on a push's staleness in updates for the loop of these tests, which
+    reads the store only at its pushes (no pull after the wait): 2 (S + 1) (M - 1)."""
     return 2 * (s + 1) * (workers - 1)
 
 
@@ -283,6 +284,8 @@ def test_ssp_waits_after_a_checkpoint_before_its_held_ticket():
     from hpctrain.async_.algorithm import SSP
 
     class Bound:
+        clock = last_gap = 0  # no pull follows the wait: nothing is missing at clock 0
+
         def __init__(self):
             self.calls = []
 
@@ -291,6 +294,6 @@ def test_ssp_waits_after_a_checkpoint_before_its_held_ticket():
             return 0.0
 
     algo = SSP.__new__(SSP)  # the hook alone: no store, no MPI
-    algo.bound = Bound()
+    algo.bound, algo.options, algo._covered = Bound(), SSP.Options(), 0
     algo.after_checkpoint()
     assert algo.bound.calls == ["wait"]

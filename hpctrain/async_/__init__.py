@@ -83,7 +83,8 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
 - Bounded staleness (SSP, :mod:`hpctrain.async_.ssp`): :class:`StalenessBound` keeps every
   worker's clock (its pushes) in a window on the counter's host; a worker more than S clocks
   ahead of the slowest running one waits before its next gradient, which bounds a push's tau
-  by 2(S+1)(M-1); S = 0 runs in rounds of one push per worker. Stopped or barrier-bound
+  by 2(S+1)(M-1), and by (2S+1)(M-1) where the worker then reads the store as SSP promises
+  (hpctrain's ssp does); S = 0 runs in rounds of one push per worker. Stopped or barrier-bound
   workers ``park()`` so that they hold nobody back.
 """
 

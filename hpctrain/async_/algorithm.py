@@ -378,9 +378,29 @@ class SSP(ASGD):
                                     patient=self.config.compile)
         return workers
 
+    def setup(self, s: Setup) -> None:
+        super().setup(s)
+        # Every running worker's first ``_covered`` pushes are in this worker's model: those
+        # counted when it last left a wait, which its push or pull after that read (_wait).
+        self._covered = 0
+
+    def _wait(self) -> None:
+        """The bound's wait, then SSP's read guarantee (Ho et al. 2013): a worker with clock
+        ``c`` computes its next gradient at a model holding every running worker's first
+        ``c - S`` pushes. The wait makes them all counted; the model from this worker's last
+        push holds those counted when it left its previous wait (``_covered``), so it is read
+        again from the store (``pull``: the model, w_bak and the staleness baseline) when that
+        falls short: after a wait that slept, or after a previous wait left at the full lead
+        S (with S = 0, every step; with S large, never)."""
+        bound = self.bound
+        bound.wait()
+        if self._covered < bound.clock - self.options.max_staleness:
+            self.optimizer.pull()
+        self._covered = bound.clock - bound.last_gap  # the slowest running clock just read
+
     def claim(self, position: int) -> int:
         if self.ticket is None:  # wait before claiming: a held ticket never waits on others
-            self.bound.wait()
+            self._wait()
         ticket = super().claim(position)
         if ticket >= self.total and not self.bound.parked:
             # Out of budget: this worker pushes no more, so it parks now, not in finish().
@@ -412,7 +432,7 @@ class SSP(ASGD):
         # that ends this wait comes after the save. Every worker is unparked (Barrier above)
         # and the slowest passes at once, so the minimum moves on: no deadlock.
         super().after_checkpoint()
-        self.bound.wait()
+        self._wait()
 
     def finish(self, position: int) -> int:
         if not self.bound.parked:  # stopped early (--stop-on-collapse): not parked in claim

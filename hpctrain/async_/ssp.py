@@ -15,6 +15,8 @@ The loop (:class:`StalenessBound` is collective over the store's comm, servers i
     if store.is_worker:
         for x, y in batches:
             bound.wait()                 # block while clock - min(running clocks) > S
+            opt.pull()                   # SSP's read (below); hpctrain's ssp skips it when
+                                         # the model already holds what it must
             opt.zero_grad(); loss(model(x), y).backward(); opt.step()   # push
             bound.tick()                 # clock = pushes made
         bound.park()                     # stopped: hold nobody back
@@ -26,7 +28,26 @@ pushes whose counter increment (:meth:`ParameterStore.push`'s ``Fetch_and_op``) 
 Guarantee in clocks: when a running worker with clock ``c`` leaves :meth:`wait` to compute
 its ``(c+1)``-th gradient, every running worker's clock is at least ``c - S``.
 
-Bound in updates (the ``tau`` of :class:`~hpctrain.async_.store.Push`, M workers): a push's
+SSP's read guarantee (Ho et al.): that gradient is computed at a model holding every running
+worker's first ``c - S`` pushes. Counted is not read: the model a worker's ``c``-th push left
+it holds only the pushes counted when it left its previous wait, so it reads the store after
+the wait (:meth:`ASGDOptimizer.pull <hpctrain.async_.optim.ASGD.pull>`: the model, ``w_bak``
+and the staleness baseline). hpctrain's ``ssp`` (``SSP._wait``) reads only when that model
+falls short: when the previous wait read a slowest clock below ``c - S`` (a wait that slept,
+or one left at the full lead S; with ``S = 0`` every step, with S large never). Without the
+read, 4 workers at ``S = 0`` measured a staleness of 6 = 2(M - 1); with it, at most M - 1.
+
+Bound in updates (the ``tau`` of :class:`~hpctrain.async_.store.Push`, M workers), with the
+read: the model holds every other worker q's first ``c - S`` pushes, and q's pushes numbered
+``c + S + 2`` on wait for this worker's ``(c+1)``-th (see (2) below), so at most ``2S + 1`` of
+q's pushes fall between the read and the push::
+
+    tau <= (2 S + 1) (M - 1)        (the first push: (S + 1) (M - 1))
+
+tight with M = 2 when q is exactly S behind at the read and makes 2S + 1 pushes while this
+worker computes. ``S = 0``: M - 1, one push per other worker.
+
+Without the read (the bare loop above minus ``pull``), a push's
 tau counts the other workers' pushes between this worker's previous push and this one
 (``locked``: on the shard that took the most of them; the argument holds shard by shard). Take
 worker p's ``(c+1)``-th push and another worker q. (1) Before its ``c``-th push p waited, with
@@ -47,8 +68,9 @@ bounded by it.
 ``S = 0``: workers take turns in rounds. Leaving :meth:`wait` with clock ``c`` needs every
 running worker's clock ``>= c``, i.e. its ``c``-th push counted, so in update order every
 worker's ``c``-th push comes before any ``(c+1)``-th (one push per worker per round; the order
-inside a round is free, hence tau <= 2(M-1), M-1 when the order repeats). In general every
-``(c+1)``-th push comes after every running worker's ``(c-S)``-th. ``S`` large (at least the
+inside a round is free, hence tau <= 2(M-1) without the read, M-1 with it or when the
+order repeats). In general every ``(c+1)``-th push comes after every running worker's
+``(c-S)``-th. ``S`` large (at least the
 run's pushes) never waits and behaves like ASGD, at one small read per step.
 
 Parking: a worker that waits at a checkpoint barrier, or has stopped (its budget reached), must
