@@ -763,14 +763,21 @@ def test_open_mpi_ranks_of_several_cpus_are_unbound_unless_told(tmp_path, script
     """--cpus-per-task 2 under mpirun: Open MPI bound each of one or two ranks to one core
     (the real Slurm test above shows it); the scripts unbind them, but a binding the user
     or the site chose ("-map-by ... PE=2", given the Horovod way) was overridden."""
+    # The script's Python is a stand-in but for train's helper naming the launcher (hpctrain's
+    # mpirun.passing_signals): its check (import torch) and bench's --help took 2 to 5 s a
+    # case, and are test_a_batch_script_checks_its_python_and_launcher_before_starting's;
+    # the fake mpirun starts no rank. bench compare starts mpirun itself: its template is said.
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/bash\ncase "$2" in *passing_signals*) exec {sys.executable} '
+                      f'"$@" ;; esac\n')
+    python.chmod(0o755)
     base = _under_fake_mpirun(tmp_path, SLURM_CPUS_PER_TASK=cpus, HPCTRAIN_MPIRUN_ARGS=args,
-                              HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+                              HPCTRAIN_PYTHON=str(python), PYTHONPATH=str(ROOT),
                               FAKE_LOG=str(tmp_path / "mpirun.log"), **env)
-    if script == "compare":  # bench compare starts mpirun itself: its template is said
-        base["HPCTRAIN_PYTHON"] = "true"
     argv = {"train": ["--algo", "ssgd"], "bench": ["store"], "compare": ["--algos", "ssgd"]}
     proc = subprocess.run(["bash", str(ROOT / "slurm" / f"{script}.sbatch"), *argv[script]],
                           env=base, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     started = proc.stdout if script == "compare" else (tmp_path / "mpirun.log").read_text()
     assert ("--bind-to none" in started) == unbound, proc.stdout + proc.stderr
 
@@ -858,6 +865,11 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
     fake.mkdir()
     (fake / "srun").write_text(FAKE_SRUN)
     (fake / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n')
+    # The script's Python, but that its check (import torch: 2 s a case) is answered yes: the
+    # check is test_a_batch_script_checks_its_python_and_launcher_before_starting's; the
+    # checkpoint folder the script looks in is still the real Python's answer.
+    (fake / "python").write_text('#!/bin/bash\n[ "$1 $2" = "-c import hpctrain, mpi4py, torch" ]'
+                                 f' && exit 0\nexec {sys.executable} "$@"\n')
     for tool in fake.iterdir():
         tool.chmod(0o755)
     if checkpoint_in is not None:
@@ -869,7 +881,7 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
                                         '[checkpoint]\ndir = "ck"\n')
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
-               HPCTRAIN_LAUNCH="srun", HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=sys.executable,
+               HPCTRAIN_LAUNCH="srun", HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=str(fake / "python"),
                PYTHONPATH=str(ROOT),
                PATH=f"{fake}{os.pathsep}{env['PATH']}", FAKE_STATUS=str(status),
                FAKE_LOG=str(tmp_path / "scontrol.log"))
