@@ -706,11 +706,26 @@ def test_a_batch_script_checks_its_python_and_launcher_before_starting(
     assert proc.stdout == "" and not (tmp_path / "runs").exists()
 
 
+# The batch scripts' check of their Python (-c 'import hpctrain, mpi4py, torch').
+PYTHON_CHECK = "import hpctrain, mpi4py, torch"
+
+
+def _python_past_its_check(path: Path, then: str = f'exec {sys.executable} "$@"') -> str:
+    """Write at ``path`` the Python of a batch script whose check (:data:`PYTHON_CHECK`,
+    2 s of importing torch a start) is answered yes and which runs ``then`` otherwise (the
+    real Python); its path. The check is
+    test_a_batch_script_checks_its_python_and_launcher_before_starting's."""
+    path.write_text(f'#!/bin/bash\n[ "$1 $2" = "-c {PYTHON_CHECK}" ] && exit 0\n{then}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
 def test_bench_sbatch_refuses_a_misspelt_benchmark_before_making_its_folder(tmp_path):
     """bench.sbatch kernal exited 2 but left runs/bench-kernal-<id>/stdout.txt behind."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="1", SLURM_JOB_NODELIST="node0",
-               HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+               HPCTRAIN_PYTHON=_python_past_its_check(tmp_path.parent / f"{tmp_path.name}-python"),
+               PYTHONPATH=str(ROOT))
     proc = subprocess.run(["bash", str(ROOT / "slurm" / "bench.sbatch"), "kernal"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "invalid choice: 'kernal'" in proc.stderr, proc.stderr
@@ -724,7 +739,8 @@ def test_a_failed_benchmark_leaves_its_output_in_its_folder_across_requeues(tmp_
     attempt's file though the log was appended. Run by hand twice, as Slurm would requeue."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env.update(SLURM_JOB_ID="4242", SLURM_NTASKS="2", SLURM_JOB_NODELIST="node0",
-               HPCTRAIN_RUNS="runs", HPCTRAIN_PYTHON=sys.executable, PYTHONPATH=str(ROOT),
+               HPCTRAIN_RUNS="runs", PYTHONPATH=str(ROOT),
+               HPCTRAIN_PYTHON=_python_past_its_check(tmp_path.parent / f"{tmp_path.name}-python"),
                HPCTRAIN_MPIRUN_ARGS="--oversubscribe -x OMPI_MCA_osc=^ucx")
     refusal = "hpctrain: error: bench kernel measures one process's kernel"
     for restart in ("0", "1"):
@@ -865,11 +881,8 @@ def test_a_warned_train_sbatch_requeues_on_128_plus_9_only_with_the_runs_checkpo
     fake.mkdir()
     (fake / "srun").write_text(FAKE_SRUN)
     (fake / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n')
-    # The script's Python, but that its check (import torch: 2 s a case) is answered yes: the
-    # check is test_a_batch_script_checks_its_python_and_launcher_before_starting's; the
-    # checkpoint folder the script looks in is still the real Python's answer.
-    (fake / "python").write_text('#!/bin/bash\n[ "$1 $2" = "-c import hpctrain, mpi4py, torch" ]'
-                                 f' && exit 0\nexec {sys.executable} "$@"\n')
+    # The checkpoint folder the script looks in is still the real Python's answer.
+    _python_past_its_check(fake / "python")
     for tool in fake.iterdir():
         tool.chmod(0o755)
     if checkpoint_in is not None:
@@ -911,9 +924,10 @@ def test_a_warned_train_sbatch_reaches_the_ranks_under_each_mpirun(tmp_path, mpi
     fake.mkdir()
     (fake / "scontrol").write_text('#!/bin/bash\necho "$*" >> "$FAKE_LOG"\n')
     (tmp_path / "rank.sh").write_text(SIGNALLED_RANK)
-    # The script's Python: its own helpers (-c) are hpctrain's; its ranks stand-ins.
-    (fake / "python").write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then exec {sys.executable} '
-                                 f'"$@"; fi\nexec bash {tmp_path / "rank.sh"}\n')
+    # The script's Python: its check answered yes, its own helpers (-c) hpctrain's, its
+    # ranks stand-ins.
+    _python_past_its_check(fake / "python", f'if [ "$1" = -c ]; then exec {sys.executable} '
+                           f'"$@"; fi\nexec bash {tmp_path / "rank.sh"}')
     for tool in fake.iterdir():
         tool.chmod(0o755)
     ranks = tmp_path / "ranks"
