@@ -694,9 +694,10 @@ def test_a_batch_script_checks_its_python_and_launcher_before_starting(
         env["HPCTRAIN_PYTHON"] = "python3-hpctrain-missing"
         want = ("HPCTRAIN_PYTHON=python3-hpctrain-missing (the Python with hpctrain, mpi4py "
                 "and torch): not found")
-    else:
+    else:  # a Python that passes the check (the real one's pass is every Slurm job's above)
         launcher = case.split()[1]
-        env.update(HPCTRAIN_LAUNCH=launcher, PATH=str(empty))
+        env.update(HPCTRAIN_LAUNCH=launcher, PATH=str(empty),
+                   HPCTRAIN_PYTHON=_python_past_its_check(tmp_path / "python"))
         want = (f"HPCTRAIN_LAUNCH={launcher}: {launcher} is not on PATH (load the site's MPI, "
                 "see 'module load' above, or set HPCTRAIN_LAUNCH)")
     proc = subprocess.run([shutil.which("bash") or "/bin/bash",
