@@ -780,10 +780,11 @@ def test_a_run_the_timeout_stops_after_its_summary_is_kept_as_finished(tmp_path)
     hangs = compare.Run("sgd", 1, [sys.executable, "-c", _WRITES_THEN_HANGS,
                                    str(tmp_path / "finished"), str(out / "sgd")], [],
                         words=run.words)
-    # 15 s: ample for the child's start and copy on a loaded machine (the test waits it out).
-    result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=15)
+    # 8 s: ample for the child's start (no torch) and copy on a loaded machine (the test
+    # waits it out).
+    result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=8)
     assert (result["status"], result["error"]) == ("ok", None)
-    assert result["note"] == "the 15 s timeout stopped it after it wrote its outputs"
+    assert result["note"] == "the 8 s timeout stopped it after it wrote its outputs"
     shutil.rmtree(out / "sgd")  # stopped before it wrote its summary: failed
     hangs.command = [sys.executable, "-c", "import time; time.sleep(600)"]
     result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=1)
