@@ -12,6 +12,7 @@ and the loop and the simulator build again. The folders' own checks and locks ar
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -83,8 +84,10 @@ def check_launch(config: RunConfig, ranks: int,
         raise UsageError(f"{ranks} ranks but only {n} training samples in {config.data.dataset}")
     ck = config.checkpoint
     if not algo.lock_step and ck.interval is not None and not ck.interval.endswith("e"):
-        raise UsageError(f"--checkpoint-every {ck.interval}: asynchronous runs checkpoint by "
-                         "global progress; give epochs, e.g. 1e")
+        every = functools.partial(options.setting, CheckpointConfig, "every")
+        example = "1e" if options.on_command_line() else every("1e")
+        raise UsageError(f"{every(ck.interval)}: asynchronous runs checkpoint by global "
+                         f"progress; give epochs, e.g. {example}")
     algo.check(config, ranks, n)
     out, ck_dir, resume = (options.text_or_none(v) for v in (config.out, ck.dir, ck.resume))
     for flag, folder in (("--out", out), ("--checkpoint-dir", ck_dir)):

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypedDict
 
-from hpctrain import collapse, compiled, tensorboard, watchdog
+from hpctrain import collapse, compiled, options, tensorboard, watchdog
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm
 from hpctrain.comm import large_messages
@@ -52,7 +52,8 @@ def check(config, ranks: int) -> int:
     if config.eval_rank is None:
         return ranks
     if config.eval_rank >= ranks:
-        raise UsageError(f"--eval-rank {config.eval_rank}: the job has ranks 0..{ranks - 1}")
+        given = options.setting(type(config), "eval_rank", config.eval_rank)
+        raise UsageError(f"{given}: the job has ranks 0..{ranks - 1}")
     return ranks - 1
 
 

@@ -337,10 +337,11 @@ def test_a_scripts_running_backend_that_is_not_the_runs_is_refused_before_mpi_ca
     proc = run_program([sys.executable, str(script), str(tmp_path)], np=3, timeout=100)
     assert proc.returncode == 0, proc.stderr
     expected = {  # each line: on how many ranks
-        "torch refused: --sync-backend torch: the script's hpctrain.sync runs the 'mpi' "
-        "backend; call hpctrain.sync.shutdown() before train()": 3,
-        "eval refused: --eval-rank 2: the script's running hpctrain.sync backend spans the "
-        "evaluating rank; call hpctrain.sync.shutdown() before train()": 3,
+        "torch refused: SynchronousOptions.sync_backend='torch': the script's hpctrain.sync "
+        "runs the 'mpi' backend; call hpctrain.sync.shutdown() before train(), or give "
+        "SynchronousOptions.sync_backend='mpi'": 3,  # the fields the script gave
+        "eval refused: RunConfig.eval_rank=2: the script's running hpctrain.sync backend spans "
+        "the evaluating rank; call hpctrain.sync.shutdown() before train()": 3,
         "part refused: the script's running hpctrain.sync backend has size 2, the run trains "
         "on 3 ranks;": 3}  # rank 0's verdict on every rank (rank 2's backend has size 1)
     assert {line: proc.stdout.count(line) for line in expected} == expected, proc.stdout

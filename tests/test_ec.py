@@ -329,13 +329,15 @@ def test_a_resume_on_ranks_where_tau_never_aggregates_names_what_helps(tmp_path,
     config.algorithm_class.check(config, 2, 2048)  # the run as started
     with pytest.raises(UsageError) as refused:
         config.algorithm_class.check(config, ranks, 2048)
-    assert str(refused.value).startswith(f"--resume on {ranks} ranks: the run's --tau never "
-                                         "aggregates in its ")
+    assert str(refused.value).startswith(  # from Python: the fields given
+        f"CheckpointConfig.resume on {ranks} ranks: the run's CompressionOptions.tau never "
+        "aggregates in its ")
     assert str(refused.value).endswith(f"tau 40 updates): {said}")
     # --resume auto with nothing to resume is a first start: the first start's refusal
     fresh = dataclasses.replace(config, out=str(tmp_path / "new"), checkpoint=CheckpointConfig(
         resume="auto"))
-    with pytest.raises(UsageError, match=r"^--tau 40 never aggregates in \d+ updates per rank"):
+    with pytest.raises(UsageError, match=r"^CompressionOptions.tau=40 never aggregates in \d+ "
+                                         r"updates per rank \(OptimConfig.epochs=4 x"):
         config.algorithm_class.check(fresh, ranks, 2048)
 
 

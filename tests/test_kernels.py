@@ -329,7 +329,8 @@ def test_an_async_run_without_its_libraries_is_refused_before_mpi(monkeypatch, t
     config = hpctrain.RunConfig(algo="asgd", algorithm=hpctrain.algorithm_options("asgd")(),
                                 device="cpu")
     try:
-        with pytest.raises(UsageError, match=rf"--algo asgd with --device cpu: hpctrain's "
+        with pytest.raises(UsageError, match=rf"^RunConfig.algo='asgd' with "  # from Python
+                                             rf"RunConfig.device='cpu': hpctrain's "
                                              rf"library {missing} is not built"):
             ASGD.check(config, 2, 64)
     finally:

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, SYNTHETIC, refusal, run_job, run_program, torchrun
 
 import hpctrain
-from hpctrain import arguments, cli, comm, launch_checks, registry
+from hpctrain import arguments, cli, comm, launch_checks, options, registry
 from hpctrain.config import DataConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sync.torch_transport import rendezvous_host
@@ -386,10 +386,15 @@ def test_rank_0s_rendezvous_address_on_several_nodes_is_one_they_reach(env, reso
     ({"GLOO_SOCKET_IFNAME": "eth0"}, "127.0.0.1", ""),
 ])
 def test_a_rendezvous_address_the_other_nodes_cannot_reach_is_refused(env, outward, such):
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():  # hpctrain train's
         rendezvous_host("node0", 3, "127.0.1.1", outward, env)
-    assert str(refused.value) == (
+    said = (
         "--sync-backend torch on 3 nodes: rank 0's host node0 resolves to 127.0.1.1, which the "
         f"other nodes cannot reach: set MASTER_ADDR to an address of node0 they reach{such} "
         "and GLOO_SOCKET_IFNAME to its network interface (gloo binds to the host name's "
         "address otherwise)")
+    assert str(refused.value) == said
+    with pytest.raises(UsageError) as refused:  # a script's: it typed no flag
+        rendezvous_host("node0", 3, "127.0.1.1", outward, env)
+    assert str(refused.value) == said.replace("--sync-backend torch",
+                                              "hpctrain.sync's torch backend")

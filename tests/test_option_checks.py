@@ -104,7 +104,8 @@ def test_lam_stops_at_the_largest_factor():
     assert refusal(["--algo", "dcasgd-a", *SYNTHETIC, "--lam", "1e300"], 2) == \
         "--lam 1e+300 must be in [0, 1e+06]"
     assert hpctrain.algorithm_options("dcasgd-c")(lam=options.HUGE).lam == options.HUGE
-    with pytest.raises(UsageError, match=r"^--lam 1000001.0 must be in \[0, 1e\+06\]$"):
+    with pytest.raises(UsageError, match=r"^ConstantOptions.lam=1000001.0 must be in "
+                                         r"\[0, 1e\+06\]$"):  # from Python: the field
         hpctrain.algorithm_options("dcasgd-c")(lam=options.HUGE + 1)
 
 
@@ -759,3 +760,51 @@ def test_an_optimizer_the_algorithm_cannot_use_is_named_by_fields_from_python():
         "OptimConfig.nesterov out")
     assert said("asgd", scale_lr=True).startswith(
         "OptimConfig.scale_lr: the algorithm asgd applies each worker's gradient")
+
+
+def test_an_algorithms_launch_checks_name_a_python_callers_fields():
+    """The algorithms' own checks at launch (sync/, async_/, ec/, live, launch_checks) named
+    flags to hpctrain.train(config) from Python, e.g. ``--scale-lr: --reduce-op adasum``, a
+    script typed neither; it is told the fields it gave (the command line's words: the
+    refusal() tests, unchanged)."""
+    synthetic = DataConfig(dataset="synthetic")
+
+    def said(ranks: int, algo: str, algorithm: dict | None = None, **run) -> str:
+        options_of = hpctrain.algorithm_options(algo)
+        return one_line(lambda: launch_checks.check_launch(RunConfig(
+            algo=algo, data=run.pop("data", synthetic),
+            algorithm=options_of(**(algorithm or {})), **run), ranks))
+
+    assert said(2, "sgd") == ("RunConfig.algo='sgd' runs on one process, not 2; use "
+                              "RunConfig.algo='ssgd'")
+    assert said(2, "ssgd", {"reduce_op": "adasum"}, optim=OptimConfig(scale_lr=True)) == (
+        "OptimConfig.scale_lr: SynchronousOptions.reduce_op='adasum' adds the workers' "
+        "orthogonal updates rather than averaging them, so the linear scaling rule does not "
+        "apply; set OptimConfig.lr itself")
+    assert said(3, "ssgd", {"reduce_op": "adasum"}) == (
+        "SynchronousOptions.reduce_op='adasum' needs a power-of-2 number of workers, got 3")
+    assert said(2, "asgd", {"servers": 2}) == (
+        "StoreOptions.servers=2 with 2 ranks: need 0 <= servers < ranks (at least one worker)")
+    assert said(2, "asgd", data=DataConfig(dataset="synthetic", data_placement="sharded")
+                ).startswith("RunConfig.algo='asgd' needs DataConfig.data_placement="
+                             "'replicated': sharded placement serves lock-step algorithms")
+    assert said(2, "asgd", checkpoint=configs.CheckpointConfig(every="10")) == (
+        "CheckpointConfig.every='10': asynchronous runs checkpoint by global progress; give "
+        "epochs, e.g. CheckpointConfig.every='1e'")
+    assert said(2, "ssgd", eval_rank=2, eval_mode="online") == (
+        "RunConfig.eval_rank=2: the job has ranks 0..1")
+    assert re.match(r"CompressionOptions.tau=1000 never aggregates in \d+ updates per rank "
+                    r"\(OptimConfig.epochs=5 x .*: give CompressionOptions.tau below \d+ or "
+                    r"more OptimConfig.epochs$", said(2, "ec", {"tau": 1000}))
+    with pytest.raises(UsageError) as refused:  # ma's options built from Python
+        hpctrain.algorithm_options("ma")(tau=3, tau_epochs=1.0)
+    assert str(refused.value) == ("AveragingOptions.tau_epochs=1.0 is not allowed with "
+                                  "AveragingOptions.tau=3: give one")
+    # the command line's words, as before
+    assert refusal(["--algo", "ssgd", *SYNTHETIC, "--reduce-op", "adasum", "--scale-lr"],
+                   2).startswith("--scale-lr: --reduce-op adasum adds the workers' ")
+    assert refusal(["--algo", "asgd", *SYNTHETIC, "--servers", "2"], 2) == (
+        "--servers 2 with 2 ranks: need 0 <= servers < ranks (at least one worker)")
+    assert re.match(r"--tau 1000 never aggregates in \d+ updates per rank \(--epochs 5 x .*: "
+                    r"give --tau below \d+ or more --epochs$",
+                    refusal(["--algo", "ec", *SYNTHETIC, "--tau", "1000"], 2))

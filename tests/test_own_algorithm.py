@@ -16,7 +16,7 @@ from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import arguments, cli, options, registry
 from hpctrain.bench import compare, report
-from hpctrain.config import RunConfig, from_dict, to_dict
+from hpctrain.config import CheckpointConfig, DataConfig, RunConfig, from_dict, to_dict
 from hpctrain.errors import UsageError
 
 EXAMPLE = ROOT / "examples" / "signum_vote.py"
@@ -422,7 +422,7 @@ def test_an_ec_subclass_whose_loss_ec_never_calls_is_refused(tmp_path):
         """)
     from hpctrain import launch_checks
 
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():
         launch_checks.check_launch(arguments.build(compare._train_parser().parse_args(
             ["--algo", f"{path}:SmoothEC", *SMALL])), 2)
     assert str(refused.value) == (
@@ -447,14 +447,22 @@ def test_a_class_not_lock_step_checkpoints_by_progress(tmp_path):
     path = own(tmp_path, NOT_LOCK_STEP)
 
     def launched(every: str):
-        return launch_checks.check_launch(arguments.build(compare._train_parser().parse_args(
-            ["--algo", f"{path}:Mine", "--checkpoint-every", every, *SYNTHETIC, "--out",
-             str(tmp_path / "out")])), 2)
+        with options.command_line():  # the flags typed: the words a command line is told
+            return launch_checks.check_launch(arguments.build(
+                compare._train_parser().parse_args(["--algo", f"{path}:Mine",
+                                                    "--checkpoint-every", every, *SYNTHETIC,
+                                                    "--out", str(tmp_path / "out")])), 2)
 
     with pytest.raises(UsageError, match="^--checkpoint-every 10: asynchronous runs "
                                          "checkpoint by global progress; give epochs, e.g. 1e$"):
         launched("10")
     assert launched("1e").checkpoint.interval == "1e"
+    config = RunConfig(algo=f"{path}:Mine", data=DataConfig(dataset="synthetic"),
+                       checkpoint=CheckpointConfig(every=10), out=str(tmp_path / "py"))
+    with pytest.raises(UsageError, match=r"^CheckpointConfig.every='10': asynchronous runs "
+                                         r"checkpoint by global progress; give epochs, e.g. "
+                                         r"CheckpointConfig.every='1e'$"):  # from Python
+        launch_checks.check_launch(config, 2)
 
 
 def test_built_in_algorithms_pass_the_checks_a_users_does():

@@ -110,8 +110,8 @@ def test_ssgd_reduce_op_adasum_is_refused_on_3_workers_before_mpi():
     options = hpctrain.algorithm_options("ssgd")
     config = hpctrain.RunConfig(algo="ssgd", algorithm=options(reduce_op="adasum"))
     Synchronous.check(config, 4, 64)
-    with pytest.raises(UsageError, match="--reduce-op adasum needs a power-of-2 number of "
-                                         "workers, got 3"):
+    with pytest.raises(UsageError, match="^SynchronousOptions.reduce_op='adasum' needs a "
+                                         "power-of-2 number of workers, got 3$"):
         Synchronous.check(config, 3, 64)
     with pytest.raises(UsageError, match="'sum'"):
         options(reduce_op="sum")

@@ -122,7 +122,8 @@ def test_ssgd_horovod_without_horovod_is_refused_with_how_to_build_it(monkeypatc
     monkeypatch.setitem(sys.modules, "horovod", None)  # find_spec: None, as if not installed
     options = hpctrain.algorithm_options("ssgd")
     config = hpctrain.RunConfig(algo="ssgd", algorithm=options(sync_backend="horovod"))
-    with pytest.raises(UsageError, match="--sync-backend horovod: horovod is not installed; "
+    with pytest.raises(UsageError, match="^SynchronousOptions.sync_backend='horovod': horovod "
+                                         "is not installed; "
                                          "build Horovod 0.28.1 with PyTorch and MPI .*"
                                          "build_horovod.sh .*make setup"):
         Synchronous.check(config, 2, 64)

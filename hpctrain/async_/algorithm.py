@@ -22,13 +22,14 @@ algorithm exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 import torch
 
 from hpctrain import comm as hcomm
-from hpctrain import devices, kernels, plugins, watchdog
+from hpctrain import devices, kernels, options, plugins, watchdog
 from hpctrain.algorithm import Algorithm, Comm, Options, Setup
 from hpctrain.async_ import shm
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
@@ -40,7 +41,7 @@ from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.resize import fold, mean_tensors
 from hpctrain.errors import UsageError, plural
 from hpctrain.metrics import Tally
-from hpctrain.options import HUGE, Range, option, shown
+from hpctrain.options import HUGE, Range, option
 
 if TYPE_CHECKING:
     from hpctrain.checkpoint.folder import Loaded
@@ -68,7 +69,8 @@ class ConstantOptions(StoreOptions):
         # A factor, so at most HUGE as the others: 1e300 reached the float32 kernel as inf.
         # (Not in the Range: its "must be >= 0" for a negative or NaN lambda is kept.)
         if self.lam is not None and self.lam > HUGE:
-            raise UsageError(f"--lam {shown(self.lam)} must be in [0, {HUGE:g}]")
+            raise UsageError(f"{options.setting(type(self), 'lam', self.lam)} must be in "
+                             f"[0, {HUGE:g}]")
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,12 @@ def _model_size(config) -> int:
     model = plugins.build_for_data(config)
     for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
-            raise UsageError(f"--model {config.model.name}: parameter {name} is {p.dtype}; "
-                             f"--algo {config.algo} keeps the model in float32 (train it in "
-                             "float32, with --mixed-precision for lower precision)")
+            run = functools.partial(options.setting, type(config))
+            given = options.setting(type(config.model), "name", config.model.name)
+            raise UsageError(f"{given}: parameter {name} is {p.dtype}; "
+                             f"{run('algo', config.algo)} keeps the model in float32 (train "
+                             f"it in float32, with {run('mixed_precision')} for lower "
+                             "precision)")
     return sum(p.numel() for p in trainable(model))
 
 
@@ -138,14 +143,18 @@ class ASGD(Algorithm):
     @classmethod
     def check(cls, config: RunConfig, ranks: int, samples: int) -> None:
         o = cast(StoreOptions, config.algorithm)  # cls.Options's
+        # Each option named by its flag on the command line, by its field from Python.
+        given = functools.partial(options.setting, type(o))
+        run = functools.partial(options.setting, type(config))
         if not 0 <= o.servers < ranks:
-            raise UsageError(f"--servers {o.servers} with {plural(ranks, 'rank')}: need 0 <= "
-                             "servers < ranks (at least one worker)")
+            raise UsageError(f"{given('servers', o.servers)} with {plural(ranks, 'rank')}: "
+                             "need 0 <= servers < ranks (at least one worker)")
         numel = _model_size(config)
         if o.shards is not None:
             most, why = max_shards(hcomm.library_version(), ranks)
             if not 1 <= o.shards <= min(numel, most):
-                raise UsageError(f"--shards {o.shards} is outside [1, {min(numel, most)}]: at "
+                raise UsageError(f"{given('shards', o.shards)} is outside "
+                                 f"[1, {min(numel, most)}]: at "
                                  f"most one shard per parameter of {config.model.name} "
                                  f"({numel} parameters), and {most} in all ({why})")
         # The compiled libraries a push needs: CPU workers' kernel and the shared-memory locks
@@ -157,10 +166,11 @@ class ASGD(Algorithm):
             try:
                 library()
             except (RuntimeError, OSError) as e:
-                raise UsageError(f"--algo {config.algo} with --device {config.device}: {e}"
-                                 ) from None
+                raise UsageError(f"{run('algo', config.algo)} with "
+                                 f"{run('device', config.device)}: {e}") from None
         if config.data.data_placement != "replicated":
-            raise UsageError(f"--algo {config.algo} needs --data-placement replicated: sharded "
+            placement = options.setting(type(config.data), "data_placement", "replicated")
+            raise UsageError(f"{run('algo', config.algo)} needs {placement}: sharded "
                              "placement serves lock-step algorithms (its global and partial "
                              "shuffles exchange data collectively each epoch, which would make "
                              "the asynchronous workers wait for each other; its local shuffle, "

@@ -68,7 +68,7 @@ from hpctrain.bench import at_most, report
 from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import read_json, read_points, redraws, write_json_atomic
-from hpctrain.options import HUGE, at_least, shown, whole
+from hpctrain.options import HUGE, at_least, command_line, shown, whole
 from hpctrain.sim import arguments as sim_arguments
 from hpctrain.sim.simulate import check_options as check_simulation
 from hpctrain.summary import own_byte_fields
@@ -376,6 +376,7 @@ def parse_algos(text: str) -> list[str]:
     return words
 
 
+@command_line()  # a comparison's runs are command lines: their refusals name the flags
 def plan(args: argparse.Namespace) -> list[Run]:
     """Check compare's options and build every run's command; raise UsageError if bad."""
     algos = parse_algos(args.algos)

@@ -15,6 +15,7 @@ that would be independent training reported as EC).
 
 from __future__ import annotations
 
+import functools
 import io
 import math
 import sys
@@ -51,7 +52,11 @@ class AveragingOptions(Options):
 
     def __post_init__(self) -> None:
         if self.tau is not None and self.tau_epochs is not None:
-            raise UsageError("argument --tau-epochs: not allowed with argument --tau")
+            if options.on_command_line():  # argparse's words, as for two flags typed
+                raise UsageError("argument --tau-epochs: not allowed with argument --tau")
+            given = functools.partial(options.setting, type(self))
+            raise UsageError(f"{given('tau_epochs', self.tau_epochs)} is not allowed with "
+                             f"{given('tau', self.tau)}: give one")
         super().__post_init__()
 
     def local_steps(self, steps_per_epoch: int) -> int:
@@ -199,7 +204,8 @@ class EnsembleCompression(ModelAveraging):
     def check(cls, config, ranks: int, samples: int) -> None:
         if cls.loss is not EnsembleCompression.loss and \
                 cls.losses is EnsembleCompression.losses:  # a subclass's, taken silently
-            raise UsageError(f"--algo {config.algo}: {cls.__name__}.loss() would never be "
+            algo = options.setting(type(config), "algo", config.algo)
+            raise UsageError(f"{algo}: {cls.__name__}.loss() would never be "
                              "called: ec's step loss comes from losses() (cross-entropy plus "
                              "the distillation of relabelled samples); override losses()")
         o = config.algorithm
@@ -300,6 +306,9 @@ def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
     epoch of a rank's ``samples // ranks`` samples.
     """
     o, epochs, batch = config.algorithm, config.optim.epochs, config.optim.batch_size
+    # Each option named by its flag on the command line, by its field from Python.
+    a = functools.partial(options.setting, type(o))
+    optim = functools.partial(options.setting, type(config.optim))
     total = epochs * steps
     tau = o.local_steps(steps)
     if tau < total:
@@ -311,19 +320,21 @@ def _check_rounds(config, samples: int, ranks: int, steps: int) -> None:
             steps_per_epoch(samples, k, batch)) < epochs * steps_per_epoch(samples, k, batch)),
             None)
         fix = f"resume it on at most {plural(fewer, 'rank')}" if fewer else "start a new run"
+        resume = options.setting(type(ck), "resume")
         raise UsageError(
-            f"--resume on {plural(ranks, 'rank')}: the run's --tau never aggregates in its {total} "
-            f"updates per rank ({epochs} epochs of {steps} batches of {batch} from {local} "
+            f"{resume} on {plural(ranks, 'rank')}: the run's {a('tau')} never aggregates in its "
+            f"{total} updates per rank ({epochs} epochs of {steps} batches of {batch} from {local} "
             f"samples per rank, tau {tau} updates): {fix}")
     if o.tau_epochs is not None:
-        given, fix = (f"--tau-epochs {o.tau_epochs} ({tau} local steps)",
-                      f"--tau-epochs of at most {_floor4((total - 1) / steps):g}")
+        given, fix = (f"{a('tau_epochs', o.tau_epochs)} ({tau} local steps)",
+                      f"{a('tau_epochs')} of at most {_floor4((total - 1) / steps):g}")
     else:
-        given = f"--tau {tau}" + (" (the default)" if o.tau is None else "")
-        fix = f"--tau below {total}"
-    fix = f"{fix} or more --epochs" if total > 1 else "more --epochs or a smaller --batch-size"
+        given = a("tau", tau) + (" (the default)" if o.tau is None else "")
+        fix = f"{a('tau')} below {total}"
+    fix = f"{fix} or more {optim('epochs')}" if total > 1 else \
+        f"more {optim('epochs')} or a smaller {optim('batch_size')}"
     raise UsageError(
-        f"{given} never aggregates in {total} updates per rank (--epochs {epochs} x "
+        f"{given} never aggregates in {total} updates per rank ({optim('epochs', epochs)} x "
         f"{steps} batches of {batch} from {local} samples per rank on {plural(ranks, 'rank')}; "
         f"ec's rounds come after every tau updates but the last): give {fix}")
 

@@ -13,6 +13,7 @@ backward runs once per micro-batch, and the wrapper's ``backward_passes_per_step
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, cast
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 import hpctrain.sync as hvd
-from hpctrain import microbatch, plugins
+from hpctrain import microbatch, options, plugins
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.comm import allreduce_bytes
 from hpctrain.errors import UsageError, plural
@@ -42,7 +43,9 @@ class Sequential(Algorithm):
     @classmethod
     def check(cls, config, ranks: int, samples: int) -> None:
         if ranks > 1:
-            raise UsageError(f"--algo sgd runs on one process, not {ranks}; use --algo ssgd")
+            algo = functools.partial(options.setting, type(config), "algo")
+            raise UsageError(f"{algo(config.algo)} runs on one process, not {ranks}; use "
+                             f"{algo('ssgd')}")
 
     @classmethod
     def needs_mpi(cls, config) -> bool:
@@ -94,24 +97,27 @@ class Synchronous(Algorithm):
 
     @classmethod
     def check(cls, config, ranks: int, samples: int) -> None:
+        # Each option named by its flag on the command line, by its field from Python.
+        o = functools.partial(options.setting, type(config.algorithm))
         if config.algorithm.sync_backend == "horovod" and importlib.util.find_spec("horovod") \
                 is None:
-            raise UsageError(f"--sync-backend horovod: horovod is not installed; "
+            raise UsageError(f"{o('sync_backend', 'horovod')}: horovod is not installed; "
                              f"{horovod_backend.INSTALL}")
         if config.algorithm.sync_backend == "horovod":
             _refuse_bf16_for_horovod(config)
         else:
             default_bucket_bytes()  # HOROVOD_FUSION_THRESHOLD sizes the buckets
         if config.algorithm.reduce_op == "adasum" and ranks & (ranks - 1):
-            raise UsageError(f"--reduce-op adasum needs a power-of-2 number of workers, got "
-                             f"{ranks}")
+            raise UsageError(f"{o('reduce_op', 'adasum')} needs a power-of-2 number of "
+                             f"workers, got {ranks}")
         if config.algorithm.reduce_op == "adasum" and config.optim.scale_lr:
             # The linear scaling rule makes up for an average over K workers; Adasum adds
             # orthogonal updates, so K x --lr made each step K times larger (Horovod's Adasum
             # guide: do not scale the learning rate by the number of workers).
-            raise UsageError("--scale-lr: --reduce-op adasum adds the workers' orthogonal "
-                             "updates rather than averaging them, so the linear scaling rule "
-                             "does not apply; set --lr itself")
+            optim = functools.partial(options.setting, type(config.optim))
+            raise UsageError(f"{optim('scale_lr')}: {o('reduce_op', 'adasum')} adds the "
+                             "workers' orthogonal updates rather than averaging them, so the "
+                             f"linear scaling rule does not apply; set {optim('lr')} itself")
         cls._check_running_backend(config, ranks)
 
     @staticmethod
@@ -123,12 +129,14 @@ class Synchronous(Algorithm):
             return
         running, wanted = hvd.backend(), config.algorithm.sync_backend
         stop = "call hpctrain.sync.shutdown() before train()"
+        o = functools.partial(options.setting, type(config.algorithm), "sync_backend")
         if config.eval_rank is not None:
-            raise UsageError(f"--eval-rank {config.eval_rank}: the script's running "
-                             f"hpctrain.sync backend spans the evaluating rank; {stop}")
+            given = options.setting(type(config), "eval_rank", config.eval_rank)
+            raise UsageError(f"{given}: the script's running hpctrain.sync backend spans the "
+                             f"evaluating rank; {stop}")
         if running != wanted:
-            raise UsageError(f"--sync-backend {wanted}: the script's hpctrain.sync runs the "
-                             f"{running!r} backend; {stop}, or give --sync-backend {running}")
+            raise UsageError(f"{o(wanted)}: the script's hpctrain.sync runs the {running!r} "
+                             f"backend; {stop}, or give {o(running)}")
         if hvd.size() != ranks:
             raise UsageError(f"the script's running hpctrain.sync backend has size "
                              f"{hvd.size()}, the run trains on {plural(ranks, 'rank')}; {stop}")
@@ -213,10 +221,14 @@ def _refuse_bf16_for_horovod(config) -> None:
     name = next((n for n, t in plugins.build_for_data(config).state_dict().items()
                  if t.dtype == torch.bfloat16), None)
     if name is not None:
-        raise UsageError(f"--sync-backend horovod: --model {config.model.name}'s {name} is "
-                         "torch.bfloat16, which Horovod cannot broadcast or allreduce; use "
-                         "--sync-backend mpi or torch, or a float32 model with "
-                         "--mixed-precision bf16")
+        backend = functools.partial(options.setting, type(config.algorithm), "sync_backend")
+        model = options.setting(type(config.model), "name", config.model.name)
+        others = "--sync-backend mpi or torch" if options.on_command_line() else \
+            f"{backend()}='mpi' or 'torch'"
+        bf16 = options.setting(type(config), "mixed_precision", "bf16")
+        raise UsageError(f"{backend('horovod')}: {model}'s {name} is torch.bfloat16, which "
+                         f"Horovod cannot broadcast or allreduce; use {others}, or a float32 "
+                         f"model with {bf16}")
 
 
 def reduced_bytes(model: nn.Module, compression: Any, sparse_too: bool = False) -> int:

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from hpctrain import comm as mpicomm
+from hpctrain import options
 from hpctrain.devices import local_rank, nccl_available, shares_gpus, visible_gpus
 from hpctrain.errors import UsageError, on_every_rank
 from hpctrain.sync.transport import MAX, MIN, PRODUCT, SUM, Request
@@ -154,12 +155,20 @@ def release(world: TorchTransport) -> None:
     settle()
 
 
+def _backend() -> str:
+    """This backend in a refusal: the flag typed on the command line; from Python, where a
+    RunConfig's ``sync_backend`` or a script's own ``hpctrain.sync.init(backend="torch")``
+    chose it, the backend."""
+    return "--sync-backend torch" if options.on_command_line() else \
+        "hpctrain.sync's torch backend"
+
+
 def start_process_group(comm: Any = None) -> bool:
     """Initialise torch.distributed's default group on the ranks of MPI ``comm`` (None: the
     world, or torchrun's environment when MPI runs one process); return whether this call
     created it (False: it existed already)."""
     if not dist.is_available():
-        raise UsageError("--sync-backend torch: this torch was built without torch.distributed")
+        raise UsageError(f"{_backend()}: this torch was built without torch.distributed")
     if dist.is_initialized():
         backend = str(dist.get_backend())
         if not moves_cpu(backend):
@@ -247,7 +256,7 @@ def rendezvous_host(node: str, nodes: int, resolved: str | None, outward: str | 
         assert outward is not None  # reachable says so
         return outward
     such = f", such as {outward}," if reachable else ""
-    raise UsageError(f"--sync-backend torch on {nodes} nodes: rank 0's host {node} resolves to "
+    raise UsageError(f"{_backend()} on {nodes} nodes: rank 0's host {node} resolves to "
                      f"{resolved or 'no address'}, which the other nodes cannot reach: set "
                      f"MASTER_ADDR to an address of {node} they reach{such} and "
                      "GLOO_SOCKET_IFNAME to its network interface (gloo binds to the host "
