@@ -797,3 +797,18 @@ def flat(config: RunConfig) -> dict:
             v = not v if g.metadata.get("store_false") else v
             out[options.flag_of(g).lstrip("-").replace("-", "_")] = v
     return json.loads(json.dumps(out, default=str))
+
+
+def flat_fields(config: RunConfig) -> dict[str, tuple[str, str, bool]]:
+    """Each :func:`flat` key's field, as a refusal names it to a Python caller
+    (:func:`hpctrain.options.named`): ``lr`` -> ``("OptimConfig", "lr", False)``, ``tau`` ->
+    its algorithm's options class's; True where the key is the field negated, as its flag
+    (``no_progress``: ``RunConfig.progress``)."""
+    out = {}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        for owner, g in ([(type(value).__name__, g) for g in fields(value)]
+                         if is_dataclass(value) else [(type(config).__name__, f)]):
+            key = options.flag_of(g).lstrip("-").replace("-", "_")
+            out[key] = (owner, g.name, bool(g.metadata.get("store_false")))
+    return out

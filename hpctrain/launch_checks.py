@@ -102,7 +102,8 @@ def check_launch(config: RunConfig, ranks: int,
                                 defaults={key: value for key, value in
                                           configs.left_out(config).items()
                                           if given is None or key not in given},
-                                absent=configs.before_newer_options(config))
+                                absent=configs.before_newer_options(config),
+                                names=configs.flat_fields(config))
     check_resumed_folders(resume, out, ck_dir, resolved)
     config = replace(config, out=resolved.out,
                      checkpoint=replace(ck, dir=resolved.checkpoint_dir, resume=resolved.resume,
@@ -268,7 +269,7 @@ def finished_run(config: RunConfig) -> dict | None:
         # it ran with, as a checkpoint header's (configs.before_newer_options)
         change = change or checkpoint.changed_option(
             configs.flat(configs.resolve(configs.from_dict(ran))), configs.flat(launched),
-            may_change)
+            may_change, names=configs.flat_fields(launched))
         if change:
             flag = options.setting(RunConfig, "out") if config.out is not None else \
                 options.setting(CheckpointConfig, "dir")
@@ -298,7 +299,8 @@ def _other_code(ran: dict, launched: RunConfig,
             other[key] = value
         else:  # may differ (none that names code does today): built as launched
             (kept if len(path) == 1 else kept[path[0]])[path[-1]] = new.get(key)
-    return checkpoint.changed_option(other, new, may_change), kept
+    return checkpoint.changed_option(other, new, may_change,
+                                     names=configs.flat_fields(launched)), kept
 
 
 def _code_names(ran: dict, launched: RunConfig) -> list[tuple[str, tuple[str, ...], str]]:

@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import ROOT, refusal, run_job
 
-from hpctrain import arguments, checkpoint, cli, comm, launch_checks, run, watchdog
+from hpctrain import arguments, checkpoint, cli, comm, launch_checks, options, run, watchdog
 from hpctrain import config as configs
 from hpctrain.checkpoint import CorruptCheckpoint, Resize, policy
 from hpctrain.checkpoint import checkpointer as checkpointer_module
@@ -699,7 +699,8 @@ def test_a_checkpoint_from_before_an_option_is_compared_as_it_trained(tmp_path, 
     monkeypatch.setattr(comm, "launch_size", lambda: 1)
     monkeypatch.setattr(launch_checks, "read_summary", lambda folder: {"finished": str(folder)})
     assert launch_checks.finished_run(config) == {"finished": str(out)}
-    with pytest.raises(UsageError, match=r"started with --betas 0.9,0.999, not 0.8,0.99; "):
+    with pytest.raises(UsageError, match=r"started with OptimConfig.betas=\[0.9, 0.999\], "
+                                         r"not \[0.8, 0.99\]; "):  # from Python: the fields
         launch_checks.finished_run(dataclasses.replace(config, optim=OptimConfig(optimizer="adam",
                                                                                 betas=(0.8, 0.99))))
 
@@ -765,6 +766,54 @@ def test_a_resume_refusal_says_the_flags_as_typed_and_which_value_is_a_default(t
         assert str(e.value) == f"--resume {tmp_path}: the run was started {said}"
 
 
+def test_a_resume_refusal_names_a_python_callers_fields_not_flags(tmp_path):
+    """hpctrain.train(config) was told "started with --lr 0.05, not 0.3" and "its checkpoint
+    is of --algo ssgd", flags a script never typed; it is told the fields it gave, and the
+    command line the flags, as before."""
+    a_run(tmp_path / "run", ranks=1, lr=0.05, epochs=4, dataset="synthetic", model="mlp")
+    def given(algo: str) -> configs.RunConfig:
+        return configs.RunConfig(
+            algo=algo, data=configs.DataConfig(dataset="synthetic"),
+            model=configs.ModelConfig(name="mlp"), optim=configs.OptimConfig(lr=0.3),
+            checkpoint=configs.CheckpointConfig(resume=str(tmp_path / "run")))
+
+    config = given("sgd")
+    with pytest.raises(UsageError) as e:
+        launch_checks.check_launch(config, 1)
+    assert str(e.value) == (
+        f"CheckpointConfig.resume={str(tmp_path / 'run')!r}: the run was started with "
+        "OptimConfig.epochs=4, not 5 (the default); with OptimConfig.lr=0.05, not 0.3: to go "
+        "on, give OptimConfig.epochs=4")
+    with pytest.raises(UsageError) as e:
+        launch_checks.check_launch(given("ssgd"), 1)
+    assert str(e.value) == (f"CheckpointConfig.resume={str(tmp_path / 'run')!r}: its "
+                            "checkpoint is of RunConfig.algo='sgd', not RunConfig.algo='ssgd'")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UsageError) as e:
+        launch_checks.check_launch(dataclasses.replace(config, checkpoint=configs.CheckpointConfig(
+            resume=str(tmp_path / "empty"))), 1)
+    assert str(e.value) == (f"CheckpointConfig.resume={str(tmp_path / 'empty')!r}: no "
+                            "checkpoint found there")
+    with pytest.raises(UsageError) as e:  # the checks of the folders too
+        launch_checks.check_launch(dataclasses.replace(config, out=str(tmp_path / "run"),
+                                                       checkpoint=configs.CheckpointConfig()), 1)
+    assert str(e.value) == (f"RunConfig.out={str(tmp_path / 'run')!r} is a folder of "
+                            "checkpoints (a run's CheckpointConfig.dir); continue that run with "
+                            f"CheckpointConfig.resume={str(tmp_path / 'run')!r} or choose "
+                            "another folder")
+    # the command line's words, unchanged: flags
+    assert refusal(["--algo", "sgd", "--dataset", "synthetic", "--model", "mlp", "--lr", "0.3",
+                    "--resume", str(tmp_path / "run")]) == (
+        f"--resume {tmp_path / 'run'}: the run was started with --epochs 4, not 5 (the "
+        "default); with --lr 0.05, not 0.3: to go on, give --epochs 4")
+    # a key that is its field negated (--no-progress): the field's own values
+    names = configs.flat_fields(config)
+    assert policy.changed_option({"no_progress": True}, {"no_progress": False}, frozenset(),
+                                 names=names) == "with RunConfig.progress=False, not True"
+    assert policy.changed_option({"no_progress": True}, {"no_progress": False},
+                                 frozenset()) == "with --no-progress, not without it"
+
+
 def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
     """The defaults were sgd's: an adam run's left-out --betas and --lr were not called the
     default, and the refusal did not say what to give."""
@@ -773,7 +822,7 @@ def test_a_resume_refusal_names_the_defaults_of_the_runs_optimizer(tmp_path):
     typed = ["train", "--algo", "sgd", "--dataset", "synthetic", "--model", "mlp",
              "--optimizer", "adam", "--resume", str(tmp_path)]
     config = arguments.build(cli.build_parser().parse_args(typed))
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UsageError) as e, options.command_line():  # the flags typed
         launch_checks.check_launch(config, 1)
     assert str(e.value) == (
         f"--resume {tmp_path}: the run was started with --betas 0.8,0.99, not 0.9,0.999 (the "
@@ -803,7 +852,7 @@ def test_a_resume_refusal_calls_only_a_left_out_value_the_default(tmp_path):
     with pytest.raises(UsageError) as e:
         launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(
             ["train", *typed, "--model", "lenet"])), 1)
-    assert "not lenet (the default)" in str(e.value)
+    assert "ModelConfig.name='mlp', not 'lenet' (the default)" in str(e.value)
 
 def test_a_resume_compares_what_options_mean_not_how_they_are_written(tmp_path):
     """--slowdown " 1:2.0" is 1:2; --eval-rank moves scoring to a rank that trains not, which

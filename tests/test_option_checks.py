@@ -455,7 +455,7 @@ def test_resume_auto_of_a_finished_run_by_its_checkpoint_folder_trains_nothing(t
         "nothing to train (CheckpointConfig.resume='auto')\n")
     assert one_line(lambda: run.train(changed)) == (
         f"CheckpointConfig.resume='auto': {out} (the run of CheckpointConfig.dir={str(ck)!r}) "
-        "holds a finished run, started with --lr 0.05, not 0.3; choose another "
+        "holds a finished run, started with OptimConfig.lr=0.05, not 0.3; choose another "
         "CheckpointConfig.dir for a new run")
 
 

@@ -69,9 +69,12 @@ def test_a_rewritten_config_json_names_code_that_is_never_imported(tmp_path, pla
         f"not {launched}; choose another --out for a new run")
     with pytest.raises(UsageError) as refused:  # a script's: the fields it gave
         launch_checks.finished_run(config)
-    assert str(refused.value).startswith(
+    field = {"--algo": "RunConfig.algo", "--model": "ModelConfig.name",
+             "--dataset": "DataConfig.dataset"}[flag]
+    assert str(refused.value) == (
         f"CheckpointConfig.resume='auto': RunConfig.out={str(out)!r} holds a finished run, "
-        f"started with {flag} {code}:Evil")
+        f"started with {field}='{code}:Evil', not {launched!r}; choose another RunConfig.out "
+        "for a new run")
     assert str(refused.value).endswith("; choose another RunConfig.out for a new run")
 
 

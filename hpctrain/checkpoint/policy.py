@@ -28,7 +28,7 @@ from hpctrain.checkpoint.folder import (
 from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.comm import env_rank
 from hpctrain.errors import UsageError, plural
-from hpctrain.options import HUGE, as_typed, flag_of_key
+from hpctrain.options import HUGE, as_typed, flag_of_key, on_command_line, python_shown
 
 # Options that may differ between a run and its resumption. Most do not change results at all
 # (folders, the checkpoint interval, when a run gives up or stops, logging and profiling, the
@@ -126,7 +126,8 @@ class Resolved:
 def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | None,
           resume: str | None, out: str | None, run_config: dict,
           may_change: frozenset[str], resize: bool = False,
-          defaults: dict | None = None, absent: dict | None = None) -> Resolved:
+          defaults: dict | None = None, absent: dict | None = None,
+          names: Fields | None = None) -> Resolved:
     """Check the checkpoint options before MPI starts; for ``resume``, check that the newest
     checkpoint's run is this one (same ``algo``, ``ranks`` unless ``resize`` allows another
     number, and ``run_config`` values over the keys it also recorded, except ``may_change``);
@@ -140,20 +141,25 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     the value a run whose header lacks it trained with (its default: the option did not exist
     then), so that a resumption that sets one otherwise is refused too, and a header option
     outside it (a newer hpctrain's) is refused. None: the header's keys only are compared.
+    ``names``: each option's field (:data:`Fields`): outside the command line the refusals
+    name the options by them, as a Python caller gave them (``OptimConfig.lr=0.1``); None:
+    by their flags.
     """
     off, every = every == OFF, None if every == OFF else every  # off: not even the resumed run's
     # Without an interval the folder was made and locked, and nothing written in it. With
     # --resume (auto too: a requeued job looks there) it is the folder resumed from.
     if checkpoint_dir is not None and every is None and resume is None:
-        raise UsageError(f"--checkpoint-dir {checkpoint_dir} needs --checkpoint-every: without "
-                         "it no checkpoint is written")
+        raise UsageError(f"{_given('checkpoint_dir', checkpoint_dir, names)} needs "
+                         f"{_named('checkpoint_every', names)}: without it no checkpoint is "
+                         "written")
     typed = resume
     if resume == AUTO:
-        resume = _auto(checkpoint_dir, out)
+        resume = _auto(checkpoint_dir, out, names)
     if resume is not None:
         folder, old = _resumed_run(resume, f"auto ({resume})" if typed == AUTO else resume,
                                    algo=algo, ranks=ranks, resize=resize, run_config=run_config,
-                                   may_change=may_change, defaults=defaults, absent=absent)
+                                   may_change=may_change, defaults=defaults, absent=absent,
+                                   names=names)
         if out is None:
             out = _resumed_out(folder, old)
         if checkpoint_dir is None:
@@ -163,82 +169,95 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             every = recorded
         resume = str(folder)
     if resume is None and out is not None:
+        given_out = _given("out", out, names)
         _refuse_theirs(
             Path(out) / SUBDIR,
-            lambda problems: f"--out {out} holds the checkpoints of an unfinished run, none "
-                             f"of which can be read ({problems}): {_none_read('--out')}",
-            f"--out {out} holds the checkpoints of an unfinished run; continue it with "
-            f"--resume {out} or choose another folder",
-            lambda aside: f"--out {out} holds an unfinished run's checkpoints, only unusable "
+            lambda problems: f"{given_out} holds the checkpoints of an unfinished run, none "
+                             f"of which can be read ({problems}): "
+                             f"{_none_read(_named('out', names))}",
+            f"{given_out} holds the checkpoints of an unfinished run; continue it with "
+            f"{_given('resume', out, names)} or choose another folder",
+            lambda aside: f"{given_out} holds an unfinished run's checkpoints, only unusable "
                           f"ones {aside}, or choose another folder for a new run")
     if out is not None and listing(out) and (resume is None or
                                              Path(out).resolve() != Path(resume).resolve()):
-        raise UsageError(f"--out {out} is a folder of checkpoints (a run's --checkpoint-dir); "
-                         f"continue that run with --resume {out} or choose another folder")
+        raise UsageError(f"{_given('out', out, names)} is a folder of checkpoints (a run's "
+                         f"{_named('checkpoint_dir', names)}); continue that run with "
+                         f"{_given('resume', out, names)} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
-        _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume)
+        _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume, names)
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
 
 
 def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
                  run_config: dict, may_change: frozenset[str], defaults: dict | None,
-                 absent: dict | None) -> tuple[Path, dict]:
+                 absent: dict | None, names: Fields | None = None) -> tuple[Path, dict]:
     """The checkpoint folder ``--resume given`` (``shown`` as the user typed it) resolves to,
     and the options its newest checkpoint records, once that is found to be this run's (see
     :func:`check`); UsageError, naming what differs, otherwise."""
+    said = f"--resume {shown}"  # the option resumed from, as typed
+    if (resume := _field("resume", names)) is not None:  # a Python caller's field
+        said = f"{resume[0]}='{AUTO}' ({given})" if shown.startswith(f"{AUTO} (") else \
+            f"{resume[0]}={given!r}"
     if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
-        raise UsageError(f"--resume {shown}: is a file; give the folder that holds it "
-                         f"({Path(given).parent}): --resume takes its newest valid "
-                         "checkpoint")
+        raise UsageError(f"{said}: is a file; give the folder that holds it "
+                         f"({Path(given).parent}): {_named('resume', names)} takes its newest "
+                         "valid checkpoint")
     if not Path(given).is_dir():
-        raise UsageError(f"--resume {shown}: no such folder")
+        raise UsageError(f"{said}: no such folder")
     folder = resolve(given)
-    header = _newest_header(folder, shown)
+    header = _newest_header(folder, said, names)
     if env_rank() == 0:  # one rank opens them all (hundreds, on a shared file system); its
         refuse_newer_snapshots(folder)  # refusal before MPI ends the job, as refuse_in_use's
-    refused = _other_run(header, algo, ranks, resize)
+    refused = _other_run(header, algo, ranks, resize, names)
     if refused:
-        raise UsageError(f"--resume {shown}: its checkpoint is of {refused}")
-    old = _as_trained(header.get("args", {}), absent, shown)
+        raise UsageError(f"{said}: its checkpoint is of {refused}")
+    old = _as_trained(header.get("args", {}), absent, said)
     if header.get("ranks") != ranks:
         may_change |= RESIZE_MAY_CHANGE
     if same_weights(old.get("init_from"), run_config.get("init_from"), header):
         may_change |= {"init_from"}
-    change = changed_option(old, run_config, may_change, defaults)
+    change = changed_option(old, run_config, may_change, defaults, names)
     if change:
-        raise UsageError(f"--resume {shown}: the run was started {change}"
-                         f"{_hint(old, run_config, may_change, defaults, header)}")
+        raise UsageError(f"{said}: the run was started {change}"
+                         f"{_hint(old, run_config, may_change, defaults, header, names)}")
     return folder, old
 
 
-def _other_run(header: dict, algo: str, ranks: int, resize: bool) -> str:
+def _other_run(header: dict, algo: str, ranks: int, resize: bool,
+               names: Fields | None = None) -> str:
     """What of the checkpoint's run this one may not go on from (``"--algo ma, not --algo
     sgd"``), else "": the ranks are named only where they are refused too (``resize``
     False), since a resumption on another number of ranks is otherwise allowed."""
     old_algo, old_ranks = header.get("algo"), header.get("ranks")
     other_algo, other_ranks = old_algo != algo, old_ranks != ranks and not resize
+    field = _field("algo", names)
+
+    def named(value) -> str:  # --algo ma, or from Python RunConfig.algo='ma'
+        return f"--algo {value}" if field is None else f"{field[0]}={python_shown(value)}"
+
     if not other_ranks:
-        return f"--algo {old_algo}, not --algo {algo}" if other_algo else ""
+        return f"{named(old_algo)}, not {named(algo)}" if other_algo else ""
     had = plural(old_ranks, "rank") if isinstance(old_ranks, int) else f"{old_ranks} ranks"
     cannot = "and this run cannot be resized"
     if not other_algo:
         return f"{had}, not {ranks}, {cannot}"
-    return f"--algo {old_algo} on {had}, not --algo {algo} on {ranks}, {cannot}"
+    return f"{named(old_algo)} on {had}, not {named(algo)} on {ranks}, {cannot}"
 
 
-def _as_trained(recorded: dict, absent: dict | None, shown: str) -> dict:
+def _as_trained(recorded: dict, absent: dict | None, said: str) -> dict:
     """The options a checkpoint's run trained with: those its header ``recorded``, and for
     each option it lacks (newer than the checkpoint) the ``absent`` value, its default. An
     option it records that this hpctrain does not know is refused: a newer hpctrain wrote
     it, and whether its value is what a run without the option does cannot be told, so the
-    run's update rule could not be kept."""
+    run's update rule could not be kept. ``said``: the resume option, as refusals name it."""
     if absent is None:
         return dict(recorded)
     unknown = [key for key in sorted(recorded) if key not in absent]
     if unknown:
         named = ", ".join(_typed(flag_of_key(key), recorded[key]) for key in unknown)
         them = "them" if len(unknown) > 1 else "it"
-        raise UsageError(f"--resume {shown}: its checkpoint records {named}, "
+        raise UsageError(f"{said}: its checkpoint records {named}, "
                          f"{'options' if len(unknown) > 1 else 'an option'} this hpctrain "
                          f"does not know (a newer hpctrain wrote {them}); whether the run can "
                          f"go on without {them} cannot be told: go on with the hpctrain that "
@@ -246,31 +265,32 @@ def _as_trained(recorded: dict, absent: dict | None, shown: str) -> dict:
     return {**absent, **recorded}
 
 
-def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None) -> None:
+def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None,
+                          names: Fields | None = None) -> None:
     """Refuse a checkpoint folder that holds another run's checkpoints (but the ones
     resumed), is another run's ``--out`` or holds a bench compare: the run's would mix
-    with theirs."""
-    held = (f"--checkpoint-dir {folder} holds another run's checkpoints; resume it with "
-            "--resume or choose another folder")
+    with theirs. ``names``: see :func:`check`."""
+    given = _given("checkpoint_dir", str(folder), names)
+    held = (f"{given} holds another run's checkpoints; resume it with "
+            f"{_named('resume', names)} or choose another folder")
     if resume is None:  # a new run would mix its checkpoints with theirs, or write over them
         _refuse_theirs(
             folder,
-            lambda problems: f"--checkpoint-dir {folder} holds another run's checkpoints, "
+            lambda problems: f"{given} holds another run's checkpoints, "
                              f"none of which can be read ({problems}): "
-                             f"{_none_read('--checkpoint-dir')}",
+                             f"{_none_read(_named('checkpoint_dir', names))}",
             held,
-            lambda aside: f"--checkpoint-dir {folder} holds another run's checkpoints, only "
+            lambda aside: f"{given} holds another run's checkpoints, only "
                           f"unusable ones {aside}, or choose another folder")
     elif listing(folder) and folder.resolve() != Path(resume).resolve():
         raise UsageError(held)
     own = [Path(f).resolve() for f in (out, resume) if f is not None]
     if folder.resolve() not in own and ((folder / "config.json").exists()
                                          or listing(folder / SUBDIR)):
-        raise UsageError(f"--checkpoint-dir {folder} is another run's --out folder; "
+        raise UsageError(f"{given} is another run's {_named('out', names)} folder; "
                          "choose another folder")
     if (folder / "compare.json").exists():
-        raise UsageError(f"--checkpoint-dir {folder} holds a bench compare; choose "
-                         "another folder")
+        raise UsageError(f"{given} holds a bench compare; choose another folder")
 
 
 def _refuse_theirs(folder: Path, unreadable: Callable[[str], str], held: str,
@@ -301,7 +321,7 @@ def recorded_out(checkpoint_dir: str | Path) -> str | None:
     if not listing(folder):
         return None
     try:
-        header = _newest_header(folder, str(folder))
+        header = _newest_header(folder, f"--resume {folder}")
     except UsageError:  # unreadable: what check() says about the folder is the line to see
         return None
     args = header.get("args")
@@ -358,17 +378,49 @@ def _with_folders(args: dict) -> dict:
     return args
 
 
+# A :func:`hpctrain.config.flat` key -> the field it stands for: its class's name, the
+# field's, and whether the key is the field negated, as its flag (``no_progress``:
+# ``RunConfig.progress``); :func:`hpctrain.config.flat_fields` makes it.
+Fields = dict[str, tuple[str, str, bool]]
+
+
 def changed_option(old: dict, new: dict, may_change: frozenset[str],
-                   defaults: dict | None = None) -> str | None:
+                   defaults: dict | None = None, names: Fields | None = None) -> str | None:
     """The options (of :func:`hpctrain.config.flat`'s, outside ``may_change``) whose values
     in ``new`` differ from ``old``'s, said as "with --lr 0.1, not 0.2"; None if none. All of
     them: a changed ``--optimizer`` changes the default ``--lr`` too, and naming only that
     would hide the one the user changed. ``defaults`` (flat): a value that is its option's
-    default is said to be, as a flag left out gives it."""
-    changes = [_changed(flag_of_key(key), old[key], new[key],
-                        (defaults or {}).get(key, _NONE))
+    default is said to be, as a flag left out gives it. ``names``: outside the command line
+    (:func:`hpctrain.options.on_command_line`), the options are said as the fields a Python
+    caller gave ("with OptimConfig.lr=0.1, not 0.2")."""
+    changes = [_changed(key, old[key], new[key], (defaults or {}).get(key, _NONE), names)
                for key in _changed_keys(old, new, may_change)]
     return "; ".join(changes) or None
+
+
+def _field(key: str, names: Fields | None) -> tuple[str, bool] | None:
+    """``key``'s field as a Python caller names it (``OptimConfig.lr``) and whether the key
+    is it negated, where ``names`` knows it and no command line is being checked; else None:
+    its flag names it."""
+    if names is None or key not in names or on_command_line():
+        return None
+    owner, name, negated = names[key]
+    return f"{owner}.{name}", negated
+
+
+def _named(key: str, names: Fields | None) -> str:
+    """``key``'s option in a refusal: its field from Python (:func:`_field`), else its flag."""
+    field = _field(key, names)
+    return flag_of_key(key) if field is None else field[0]
+
+
+def _given(key: str, value, names: Fields | None) -> str:
+    """``key``'s option with ``value``, as typed: ``--lr 0.1``, or ``OptimConfig.lr=0.1``."""
+    field = _field(key, names)
+    if field is None:
+        return _typed(flag_of_key(key), value)
+    name, negated = field
+    return f"{name}={python_shown(not value if negated else value)}"
 
 
 _NONE = object()  # no default known
@@ -418,7 +470,7 @@ def same_weights(recorded, given, header: dict) -> bool:
 
 
 def _hint(old: dict, new: dict, may_change: frozenset[str], defaults: dict | None,
-          header: dict) -> str:
+          header: dict, names: Fields | None = None) -> str:
     """What a resume refused for ``old`` and ``new``'s differences may do instead: give the
     run's values of the options left out (at their defaults); the run's length cannot
     change; ``--init-from`` names the run's weights by its path or by their hash."""
@@ -427,26 +479,36 @@ def _hint(old: dict, new: dict, may_change: frozenset[str], defaults: dict | Non
                 and new[key] == defaults[key]]
     notes = []
     if left_out:
-        notes.append("to go on, give " + " ".join(_typed(flag_of_key(k), old[k])
-                                                  for k in left_out))
+        notes.append("to go on, give " + " ".join(_given(k, old[k], names) for k in left_out))
     if "epochs" in keys and "epochs" not in left_out:
-        notes.append("--epochs shapes the learning-rate schedule, so a run keeps its length: "
-                     "to train longer, start a new run, with --init-from a finished run's "
-                     "model")
+        notes.append(f"{_named('epochs', names)} shapes the learning-rate schedule, so a run "
+                     "keeps its length: to train longer, start a new run, with "
+                     f"{_named('init_from', names)} a finished run's model")
     if "init_from" in keys and isinstance(header.get("init_from_sha256"), str):
-        notes.append(f"--init-from takes the run's path, or a file of its weights (sha256 "
-                     f"{header['init_from_sha256'][:12]}...)")
+        notes.append(f"{_named('init_from', names)} takes the run's path, or a file of its "
+                     f"weights (sha256 {header['init_from_sha256'][:12]}...)")
     return f": {'; '.join(notes)}" if notes else ""
 
 
-def _changed(flag: str, old, new, default=_NONE) -> str:
+def _changed(key: str, old, new, default=_NONE, names: Fields | None = None) -> str:
     """An option's recorded and given values, in a message, as the flags a user types (an
     on/off option by its flag alone; None: left to a default the run resolves later, as
     ``--tau``, or not given at all, as ``--eval-rank``; a default is not compared with a
-    value, which may or may not be the same: leaving the flag out goes on)."""
+    value, which may or may not be the same: leaving the flag out goes on). From Python
+    (:func:`_field`), as the fields given: ``with OptimConfig.lr=0.1, not 0.2``."""
+    note = " (the default)" if default is not _NONE and new == default else ""
+    if (field := _field(key, names)) is not None:
+        name, negated = field
+        old, new = ((not v if negated and isinstance(v, bool) else v) for v in (old, new))
+        if old is None:
+            return f"without {name} (its default; leave it out), not with " \
+                   f"{name}={python_shown(new)}"
+        if new is None:
+            return f"with {name}={python_shown(old)}, not without it"
+        return f"with {name}={python_shown(old)}, not {python_shown(new)}{note}"
+    flag = flag_of_key(key)
     if isinstance(old, bool) and isinstance(new, bool):
         return f"with {flag}, not without it" if old else f"without {flag}, not with it"
-    note = " (the default)" if default is not _NONE and new == default else ""
     if old is not None and new is not None:
         return f"with {_typed(flag, old)}, not {_value(new)}{note}"
     return (f"without {flag} (its default; leave it out), not with {_typed(flag, new)}"
@@ -474,17 +536,20 @@ def resumes(resume: str | None, checkpoint_dir: str | None, out: str | None) -> 
                                                                              out)))
 
 
-def _auto(checkpoint_dir: str | None, out: str | None) -> str | None:
+def _auto(checkpoint_dir: str | None, out: str | None,
+          names: Fields | None = None) -> str | None:
     """``--resume auto``: the run's own checkpoint folder when it holds a checkpoint (a
     restarted or requeued job), else None (a first start)."""
+    auto = _given("resume", AUTO, names)
     if checkpoint_dir is None and out is None:
-        raise UsageError("--resume auto needs --out or --checkpoint-dir: the folder a "
-                         "restarted job looks in for its checkpoints")
+        raise UsageError(f"{auto} needs {_named('out', names)} or "
+                         f"{_named('checkpoint_dir', names)}: the folder a restarted job looks "
+                         "in for its checkpoints")
     folder = run_folder(checkpoint_dir, out)
     if listing(folder):
         return str(folder)
     if aside := corrupt(folder):  # a fresh start would write over their run
-        raise UsageError(f"--resume auto: {folder} holds only unusable checkpoints "
+        raise UsageError(f"{auto}: {folder} holds only unusable checkpoints "
                          f"{_unusable(aside)}, or choose another folder for a new run")
     return None
 
@@ -524,18 +589,19 @@ def _listed(problems: list[str]) -> str:
     return "; ".join(problems[:3]) + more
 
 
-def _newest_header(folder: Path, given: str) -> dict:
+def _newest_header(folder: Path, said: str, names: Fields | None = None) -> dict:
     """The newest checkpoint's header, skipping the ones
     :func:`hpctrain.checkpoint.folder.load_newest` would set aside; one it cannot read (an
     I/O error, permissions) is refused here, before MPI, in the line rank 0 would raise
-    (taking the older one's header instead let the run start)."""
+    (taking the older one's header instead let the run start). ``said``: the resume option
+    as a refusal names it (``--resume DIR``); ``names``: see :func:`check`."""
     found = _header_or_problems(folder)
     if isinstance(found, dict):
         return found
     if found:  # each one's problem: what a user must act on is there, file by file
-        raise UsageError(f"--resume {given}: none of the checkpoints there can be read "
-                         f"({_listed(found)}): {_none_read('--out')}")
+        raise UsageError(f"{said}: none of the checkpoints there can be read "
+                         f"({_listed(found)}): {_none_read(_named('out', names))}")
     if aside := corrupt(folder):  # set aside by an earlier attempt: say so, as auto does
-        raise UsageError(f"--resume {given}: {folder} holds only unusable checkpoints "
+        raise UsageError(f"{said}: {folder} holds only unusable checkpoints "
                          f"{_unusable(aside)}")
-    raise UsageError(f"--resume {given}: no checkpoint found there")
+    raise UsageError(f"{said}: no checkpoint found there")
