@@ -619,7 +619,8 @@ def test_a_finished_run_requeued_on_other_ranks_may_name_other_stragglers(tmp_pa
     monkeypatch.setattr(comm, "launch_size", lambda: 2)  # two workers now, one then
     assert launch_checks.finished_run(config)["workers"] == 1  # finished: nothing to train
     monkeypatch.setattr(comm, "launch_size", lambda: 1)
-    with pytest.raises(UsageError, match="started with --slowdown 0:1.5, not without it"):
+    with pytest.raises(UsageError, match="started with --slowdown 0:1.5, not without it"), \
+            options.command_line():  # as `hpctrain train` checks it
         launch_checks.finished_run(config)
 
 
