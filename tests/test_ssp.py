@@ -280,20 +280,27 @@ def test_ssp_waits_after_a_checkpoint_before_its_held_ticket():
     the checkpoint (left out of the minimum); the ticket it then claimed at the mark is held
     across the checkpoint and computed without a wait in claim: S + 1 clocks ahead. SSP
     waits once more after the checkpoint's save (not before it: the save is collective and
-    the slower worker's push that ends the wait follows it)."""
+    the slower worker's push that ends the wait follows it), and reads the store after it."""
     from hpctrain.async_.algorithm import SSP
 
-    class Bound:
-        clock = last_gap = 0  # no pull follows the wait: nothing is missing at clock 0
+    calls = []
 
-        def __init__(self):
-            self.calls = []
+    class Bound:
+        clock, last_gap = 5, 0
 
         def wait(self):
-            self.calls.append("wait")
+            calls.append("wait")
             return 0.0
 
+    class Optimizer:
+        def pull(self):
+            calls.append("pull")
+
     algo = SSP.__new__(SSP)  # the hook alone: no store, no MPI
-    algo.bound, algo.options, algo._covered = Bound(), SSP.Options(), 0
+    # The last wait left the parked worker out and took clock 5 as covered; the model is the
+    # mark's pull, which lacks that worker's push after the save: read after the wait.
+    algo.bound, algo.optimizer, algo.options, algo._covered = Bound(), Optimizer(), \
+        SSP.Options(max_staleness=0), 5
     algo.after_checkpoint()
-    assert algo.bound.calls == ["wait"]
+    assert calls == ["wait", "pull"]
+    assert algo._covered == 5

@@ -441,7 +441,11 @@ class SSP(ASGD):
         # before_checkpoint: the save after it is collective, and the slower worker's push
         # that ends this wait comes after the save. Every worker is unparked (Barrier above)
         # and the slowest passes at once, so the minimum moves on: no deadlock.
+        # ``_covered`` came from that last wait, which left the parked worker out: the model
+        # (the mark's pull) may lack its pushes, so none is taken as covered, and the wait
+        # reads the store again wherever the bound asks for a push (clock > S).
         super().after_checkpoint()
+        self._covered = 0
         self._wait()
 
     def finish(self, position: int) -> int:
