@@ -1580,3 +1580,29 @@ def test_a_runs_stderr_pipe_is_closed_when_it_ends(tmp_path):
         compare.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
         gc.collect()
     assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
+def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
+    """A stopped comparison said "continue with --resume (--out DIR)", but `bench compare
+    --resume --out DIR` stopped at argparse's "the following arguments are required: --algos":
+    a resume checks the same --algos and options, so the refusal now gives them, as a
+    command that (pasted) continues the comparison."""
+    out = tmp_path / "my cmp"
+    first = parse("--algos", "sgd,ma", "--simulate", "2", "--seeds", "1,2", "--targets",
+                  "0.5,0.7", *SMALL, "--tau", "4", "--out", str(out))
+    out.mkdir()
+    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+        first, compare.plan(first)))
+    with pytest.raises(UsageError) as e:
+        compare.run(parse("--resume", "--out", str(out)))
+    message = str(e.value)
+    assert message.startswith("--resume needs the comparison's --algos and options again")
+    command = message.split(": ", 1)[1]
+    assert command.startswith("hpctrain bench compare --algos sgd,ma --simulate 2 --seeds 1,2 "
+                              "--targets 0.5,0.7 "), command
+    assert command.endswith(f" --resume --out {shlex.quote(str(out))}"), command
+    again = parse(*shlex.split(command)[3:])
+    assert compare._start_record(again, compare.plan(again))["algos"] == ["sgd", "ma"]
+    with pytest.raises(UsageError) as e:  # no comparison there: what --algos is
+        compare.run(parse("--out", str(tmp_path / "new")))
+    assert str(e.value).startswith("--algos is required: the algorithms to compare (sgd, ")

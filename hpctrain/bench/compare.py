@@ -127,7 +127,8 @@ def _sim_parser() -> argparse.ArgumentParser:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     mine = [
-        parser.add_argument("--algos", required=True, default=argparse.SUPPRESS,
+        # Not required=True: a --resume without it says which command to repeat (plan).
+        parser.add_argument("--algos", default=argparse.SUPPRESS,
                             help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
                                  "dcasgd-a,ma,ec (this hpctrain has: "
                                  f"{registry.choices()})"),
@@ -379,6 +380,8 @@ def parse_algos(text: str) -> list[str]:
 @command_line()  # a comparison's runs are command lines: their refusals name the flags
 def plan(args: argparse.Namespace) -> list[Run]:
     """Check compare's options and build every run's command; raise UsageError if bad."""
+    if not hasattr(args, "algos"):
+        raise UsageError(_algos_missing(args))
     algos = parse_algos(args.algos)
     if args.workers is not None and args.workers < 1:  # checked while parsing too; a
         raise UsageError(f"--workers {args.workers}: must be >= 1")  # Python caller's here
@@ -439,6 +442,34 @@ def _check_owned(given: list[tuple[TrainOption, list[str]]], algos: list[str],
             raise UsageError(f"{flag} is an option of "
                              f"{', '.join(map(registry.display_name, opt.owners))}, not of "
                              f"{which}--algos {text}")
+
+
+def _algos_missing(args: argparse.Namespace) -> str:
+    """The line refusing a compare without --algos: with --resume of a recorded comparison
+    (whose stop said "continue with --resume"), the command that continues it, since a resume
+    takes the same --algos and options and reads none of them from the record."""
+    out = getattr(args, "out", None)
+    if args.resume and out is not None and (Path(out) / report.RECORD).is_file():
+        try:
+            old = report.read_record(out)
+        except UsageError:  # a damaged record: the plain refusal below
+            old = None
+        if old is not None:
+            references = old.get("references") or {}
+            algos = ",".join(references.get(a, a) for a in old["algos"])
+            words = ["hpctrain", "bench", "compare", "--algos", algos]
+            if old.get("simulated"):
+                words += ["--simulate", str(old["workers"]), *(old.get("sim_args") or [])]
+            elif old["workers"] is not None:
+                words += ["--workers", str(old["workers"])]
+            if old.get("seeds"):
+                words += ["--seeds", ",".join(map(str, old["seeds"]))]
+            if old.get("targets"):  # a record from before targets were kept lacks them
+                words += ["--targets", ",".join(f"{t:g}" for t in old["targets"])]
+            words += [*old["train_args"], "--resume", "--out", str(out)]
+            return (f"--resume needs the comparison's --algos and options again (it checks "
+                    f"them against {Path(out) / report.RECORD}): {shlex.join(words)}")
+    return f"--algos is required: the algorithms to compare ({registry.choices()})"
 
 
 def _recorded_words(args: argparse.Namespace) -> list[str]:
