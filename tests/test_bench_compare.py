@@ -1606,3 +1606,18 @@ def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
     with pytest.raises(UsageError) as e:  # no comparison there: what --algos is
         compare.run(parse("--out", str(tmp_path / "new")))
     assert str(e.value).startswith("--algos is required: the algorithms to compare (sgd, ")
+
+
+def test_a_report_of_a_folder_of_comparisons_says_how_to_report_them_together(tmp_path):
+    """``report PARENT`` of two comparisons' --out folders side by side said PARENT "holds no
+    compare.json and no finished run", not that it holds comparisons nor how to put their
+    runs in one report."""
+    for name in ("before", "after"):
+        (tmp_path / name / "ssgd").mkdir(parents=True)
+        (tmp_path / name / report.RECORD).write_text(json.dumps(
+            {"algos": ["ssgd"], "runs": {}, "workers": 2, "train_args": []}))
+    with pytest.raises(UsageError) as e:
+        report.load(tmp_path)
+    assert str(e.value).startswith(f"report: {tmp_path} holds comparisons (after, before), "
+                                   "not runs: report each, or to see their runs in one report "
+                                   "gather the runs' folders"), e.value

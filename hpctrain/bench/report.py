@@ -384,6 +384,15 @@ def load(folder: str | Path) -> tuple[dict, list[Row]]:
         return record, rows
     rows = _found(folder)
     if all(r.status in (UNFINISHED, NOT_RUN) for r in rows):  # none with a summary.json
+        # A folder of comparisons (two --out folders side by side) was refused as holding
+        # no run, saying nothing of how to report two comparisons' runs together.
+        held = [d.name for d in _subfolders(folder) if os.path.isfile(d / RECORD)]
+        if held:
+            raise UsageError(
+                f"report: {folder} holds comparisons ({', '.join(held)}), not runs: report "
+                f"each, or to see their runs in one report gather the runs' folders "
+                f"(<comparison>/<algo>, with --seeds holding seed-<S>/) under one folder, "
+                f"each with a name of its own, and report that folder")
         raise UsageError(f"report: {folder} holds no {RECORD} and no finished run "
                          "(a folder with summary.json)")
     return {}, rows
