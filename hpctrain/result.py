@@ -63,6 +63,9 @@ class Summary(TypedDict):
     peak_memory_per_worker: list[int | None]
     device: str | None
     gpu: str | None
+    load_average_start: float | None
+    load_average_end: float | None
+    machine_cpus: int | None
     loss_scale_per_worker: list[float | None]
     overflow_steps_per_worker: list[int | None]
     out: str | None

@@ -383,6 +383,13 @@ def _epoch_data(train_data, epoch: int):
         return train_data.epoch(epoch)
 
 
+def _one_minute_load() -> float | None:
+    """The node's 1-minute load average (None where the system has none): a loaded machine
+    explains a spread in wall times (load 5.7 on 2 cores gave 40% between seeds)."""
+    loads = provenance.load_average()
+    return None if loads is None else loads[0]
+
+
 def _write_config(log: RunLog, config: RunConfig, algo: Algorithm, device: torch.device,
                   size: int, runtime: Runtime, started_from: dict, resumes: list) -> None:
     """Rank 0: ``config.json``, the run's settings as ``--config`` repeats them, with
@@ -642,6 +649,7 @@ class _Training:
         if self.comm_ is not None:
             watchdog.wait_beating(self.comm_, "waiting for the workers to start", starting=True)
         self.start = self.runtime.now() - done.get("elapsed", 0.0)
+        self.loads = [_one_minute_load()]  # the summary's: at the start, then at the end
         self.watch.started()  # TensorBoard's wall times: training's, not the start-up's
         # a replay's lead-in to the first step (steptimes)
         self.step_times.start(self.runtime.now())
@@ -839,6 +847,7 @@ class _Training:
         with watchdog.waiting_for_others("the end of training"):  # async: the others' pushes
             self.at.position = self.algo.finish(self.at.position)
         wall = self.runtime.now() - self.start
+        self.loads.append(_one_minute_load())
         # An async rank 0's last step saw the count before the others' last pushes, which
         # finish() collected: the bar ends at the run's count, not 937 of 938.
         self._bar_to_position()
@@ -908,6 +917,8 @@ class _Training:
             params=models.num_parameters(model), **_per_worker(every, wall),
             device=device.type,
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            load_average_start=self.loads[0], load_average_end=self.loads[-1],
+            machine_cpus=provenance.host()["machine_cpus"],
             slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
             **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
             **{**self.watch.fields(), **self.runtime.summary_fields()},  # the runtime's word wins

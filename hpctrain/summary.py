@@ -117,6 +117,15 @@ class RunSummary:
                               default=None)
     gpu: str | None = _doc("rank 0's GPU (torch.cuda.get_device_name; null on the CPU)",
                            default=None)
+    load_average_start: float | None = _doc(
+        "the 1-minute load average of rank 0's node as training started (a resumed run: as "
+        "this attempt's did; null where the system has none): above machine_cpus, the workers "
+        "shared cores with other work, which slows and spreads wall times", default=None)
+    load_average_end: float | None = _doc(
+        "the 1-minute load average of rank 0's node as training ended, before the scoring "
+        "(null where the system has none)", default=None)
+    machine_cpus: int | None = _doc("CPUs of rank 0's node (os.cpu_count), which the load "
+                                    "averages are of", default=None)
     loss_scale_per_worker: list[float | None] = _doc(
         "--mixed-precision fp16: each worker's loss scale at the end (it halves after an "
         "overflow, doubles after 2,000 clean steps); each null otherwise", default_factory=list)

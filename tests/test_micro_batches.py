@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 
 import pytest
 import torch
@@ -206,6 +207,9 @@ def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
     assert typed <= plain.keys() <= typed | Summary.__optional_keys__
     assert plain["samples_per_worker"] == micro["samples_per_worker"]
     assert micro["peak_memory_per_worker"] == [None] * workers  # one process for them all
+    # the node's load as training started and ended, and its CPUs (the report's load line)
+    assert isinstance(plain["load_average_start"], float) and \
+        isinstance(plain["load_average_end"], float) and plain["machine_cpus"] == os.cpu_count()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     if algo == "ec":  # relabelled samples rode along, split into the parts
