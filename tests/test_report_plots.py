@@ -620,3 +620,53 @@ def test_ecs_accuracy_says_it_is_rank_0s_member_beside_the_members_mean(tmp_path
         "\n\n**The final and best acc of ec, old are rank 0's member's** (ec's "
         "`--ec-final member`, the default)")
     assert "The final and best acc of whole are the ensemble's" in text
+
+
+def test_the_wall_time_plot_shows_the_seeds_spread_in_time():
+    """ssgd's wall time was 25.6 ± 10.7 s over seeds, yet its shade (the error's spread only)
+    looked tight. Each line of several seeds now ends in a bar from its fastest to its
+    slowest run's end time, at its final mean error, which the legend names; against
+    epochs, and for a line of one run, there is none."""
+    def seeds(name: str, ends: tuple[float, ...], acc: float = 0.8) -> list[report.Row]:
+        return [report.Row(name, "ok", summary={**SUMMARY, "algo": name}, seed=seed, points=[
+            {"t": 0.0, "epoch": 0.0, "test_acc": 0.1},
+            {"t": end / 2, "epoch": 0.5, "test_acc": 0.5},
+            {"t": end, "epoch": 1.0, "test_acc": acc + 0.01 * seed}])
+            for seed, end in enumerate(ends, 1)]
+    rows = [*seeds("ssgd", (15.0, 36.3, 25.5)), *seeds("asgd", (10.0, 11.0), 0.7),
+            *seeds("ma", (20.0,), 0.6)]  # ma: one seed, no spread to show
+    ax = report.figure(rows, "t").axes[0]
+    bars = {tuple(line.get_xdata()): (list(line.get_ydata()), line.get_color())
+            for line in ax.get_lines() if line.get_gid() == report.TIME_SPREAD}
+    means = {c.name: c for c in report.curves(rows, "t")}
+    assert bars == {(15.0, 36.3): ([means["ssgd"].err[-1]] * 2, report._style("ssgd", 0)[0]),
+                    (10.0, 11.0): ([means["asgd"].err[-1]] * 2, report._style("asgd", 0)[0])}
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert report.TIME_BAR in labels and report.BAND in labels
+    epochs = report.figure(rows, "epoch").axes[0]
+    assert not [line for line in epochs.get_lines() if line.get_gid() == report.TIME_SPREAD]
+    assert report.TIME_BAR not in [t.get_text() for t in epochs.get_legend().get_texts()]
+
+
+def test_the_report_says_the_machines_load_and_warns_above_its_cpus(tmp_path):
+    """A loaded machine explains a wall-time spread (load 5.7 on 2 cores: 40% between seeds),
+    yet the report did not say the load. Runs now record the 1-minute load average at start
+    and end and their node's CPUs; the report says the largest, and names the runs whose load
+    exceeded their CPUs. Runs from before recorded none: they still report, without a line."""
+    runs(tmp_path / "old", ssgd={}, asgd={})
+    old = report_md(tmp_path / "old")
+    assert "Machine load" not in old and "| ssgd" in old
+    loads = {"load_average_start": 1.5, "load_average_end": 5.7, "machine_cpus": 2}
+    runs(tmp_path / "new", ssgd=loads, ma={**loads, "load_average_end": 1.0},
+         big={**loads, "machine_cpus": 8, "algo": "asgd"}, old={}, sim={**loads,
+                                                                      "simulated": True})
+    line = next(t for t in report_md(tmp_path / "new").splitlines() if "Machine load" in t)
+    assert "at most 5.7 (big, at its end) on 2-8 CPUs." in line
+    assert "**The load exceeded the CPUs in** ssgd (5.7 on 2):" in line  # not big (8)
+    assert "ma" not in line.split("exceeded")[1].split(":")[0]  # 1.5 on 2: not above
+    assert line.endswith("(1 run recorded no load.)")  # old; sim's times are virtual
+    _, rows = report.load(tmp_path / "new")
+    quiet = [r for r in rows if r.name == "ma"]
+    assert report.machine_load(quiet) == (
+        "Machine load (1-minute load average of rank 0's node at each run's start and end): "
+        "at most 1.5 (ma, at its start) on 2 CPUs.")

@@ -6,7 +6,9 @@ subfolders (``<algo>/seed-<S>/`` too: one algorithm's seeds), or itself, hold fi
 (``summary.json`` and ``metrics.jsonl``). The plots
 follow the DC-ASGD paper's figures: test error (%) against wall time and against epochs, one
 line per algorithm (with seeds: their mean at the same epoch, shaded from the lowest to the
-highest, dashed where a run ended early). With seeds
+highest, dashed where a run ended early; against wall time a bar at its end from the
+fastest to the slowest seed's end time). Under the table, the machine's load as the runs'
+summaries recorded it. With seeds
 the table gives each algorithm's mean and sample standard deviation over the seeds whose run
 finished, then every run. A run with no end recorded (the comparison stopped) is *unfinished*
 if its folder holds files, else *not run*; without ``compare.json``, so is a subfolder with a
@@ -349,6 +351,47 @@ def environment(rows: list[Row]) -> str | None:
     line = "Ran with " + ", ".join(same) + "." if same else ""
     if differ:
         line += (" " if line else "") + "**The runs differ in** " + "; and ".join(differ) + "."
+    return line
+
+
+def machine_load(rows: list[Row]) -> str | None:
+    """One line on the load of the machine the finished runs ran on: the largest 1-minute
+    load average their summaries recorded (rank 0's node, at each run's start and end), on
+    how many CPUs, and a warning naming the runs whose load exceeded their node's CPUs (load
+    5.7 on 2 cores gave 40% between seeds' wall times). None when no run recorded it (runs
+    before hpctrain did, simulated runs: their times are virtual)."""
+    seen: list[tuple[float, int | None, str, str]] = []  # load, CPUs, run, when
+    unrecorded = 0
+    for r in rows:
+        s = r.summary
+        if s is None or _simulated(r):
+            continue
+        cpus = s.get("machine_cpus") if _is_count(s.get("machine_cpus")) else None
+        loads = [(float(s[key]), cpus, r.title, when)
+                 for key, when in (("load_average_start", "start"), ("load_average_end", "end"))
+                 if _is_number(s.get(key))]
+        seen += loads
+        unrecorded += not loads
+    if not seen:
+        return None
+    top, _, title, when = max(seen, key=lambda s: s[0])
+    counts = sorted({c for _, c, _, _ in seen if c is not None})
+    on = "" if not counts else f" on {counts[0]}" if len(counts) == 1 else \
+        f" on {counts[0]}-{counts[-1]}"
+    line = (f"Machine load (1-minute load average of rank 0's node at each run's start and "
+            f"end): at most {top:g} ({_plain(title)}, at its {when}){on}"
+            f"{' CPUs' if on else ''}.")
+    over: dict[str, tuple[float, int]] = {}
+    for load_, c, name, _ in seen:
+        if c is not None and load_ > c and load_ > over.get(name, (0.0, c))[0]:
+            over[name] = (load_, c)
+    if over:
+        line += (" **The load exceeded the CPUs in** " + ", ".join(
+            f"{_plain(name)} ({load_:g} on {c})" for name, (load_, c) in over.items())
+            + ": those runs shared cores with other work, which slows and spreads their "
+              "wall times.")
+    if unrecorded:
+        line += f" ({unrecorded} run{'s' if unrecorded > 1 else ''} recorded no load.)"
     return line
 
 
@@ -1269,6 +1312,8 @@ def markdown(record: dict, rows: list[Row], targets: list[float], plots: bool = 
     if not seeds and (models := final_models_note(rows)):  # under the first table
         out += [models, ""]
     out.append(TABLE_NOTE.format(scoring=scoring(rows)))
+    if loaded := machine_load(rows):
+        out += ["", loaded]
     if any(r.status in (UNFINISHED, NOT_RUN) for r in rows):
         out.append(f"\n*{UNFINISHED}*: a run that started and has no summary (stopped, or "
                    f"still going on); *{NOT_RUN}*: one that has not started"
@@ -1327,6 +1372,7 @@ class Curve:
     runs: list[int] | None = None
     of: int = 1
     algo: str | None = None
+    ends: tuple[float, float] | None = None  # against time, seeds: the fastest, slowest end
 
     @property
     def partial(self) -> bool:
@@ -1341,7 +1387,12 @@ DASHED = "dashed: past a run that ended early, the mean and band of the others"
 BAND = "shaded: the seeds' range, lowest to highest run"
 BAND_NOTE = ("In the plots each algorithm's line is the mean of its seeds' runs at the same "
              "epoch, and its shade the range over them, from the lowest to the highest run's "
-             "test error there (not ± a standard deviation, as in the table).")
+             "test error there (not ± a standard deviation, as in the table). Against wall "
+             "time the shade is of the error only: the bar at a line's end spans its seeds' "
+             "end times, from the fastest to the slowest run.")
+# The legend's entry for the wall-time bar at the end of a line of several seeds
+TIME_BAR = "bar at a line's end: its seeds' end times, fastest to slowest"
+TIME_SPREAD = "time-spread"  # the gid of those bars (Line2D), which tests find them by
 NO_CURVE = "not drawn:"  # the legend's entry naming the runs not drawn (no_curve), and why
 
 
@@ -1385,10 +1436,12 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
         column = [[_interpolate(epochs, err, e) for epochs, _, err in those]
                   for e, those in zip(grid, there, strict=True)]
         algos = {r.algo or name for r in drawn}
+        ends = [at[-1] for _, at, _ in lines]  # each run's time at its last snapshot
         out.append(Curve(name, label, xs, [_mean(c) for c in column],
                          ([min(c) for c in column], [max(c) for c in column]),
                          [len(c) for c in column], len(drawn),
-                         algo=algos.pop() if len(algos) == 1 else None))
+                         algo=algos.pop() if len(algos) == 1 else None,
+                         ends=(min(ends), max(ends)) if x == "t" and len(drawn) > 1 else None))
     return out
 
 
@@ -1475,7 +1528,9 @@ def x_label(rows: list[Row], x: str) -> str:
 def figure(rows: list[Row], x: str, title: str = ""):
     """The matplotlib Figure of test error (%) against curve key ``x`` (``t`` or ``epoch``),
     one line per run (with seeds: per algorithm, shaded from its lowest to its highest run,
-    dashed past a run that ended early, which the legend then says, as it says what the
+    against time a bar at its end from its fastest to its slowest run's end time (a wall
+    time of 25.6 ± 10.7 s looked tight under an error shade), dashed past a run that ended
+    early, which the legend then says, as it says what the
     shade is: unsaid, it read as the table's ± a standard deviation); the legend names the
     runs with no line, and why (:func:`no_curve`). Each curve has its own marker, and each
     drawn later is narrower, so that one lying on another still shows."""
@@ -1503,8 +1558,13 @@ def figure(rows: list[Row], x: str, title: str = ""):
             ax.plot(c.xs, c.err, label=legend_label(c, shown), **drawn)
         if c.band is not None:
             ax.fill_between(c.xs, *c.band, color=colour, alpha=0.2, linewidth=0)
+        if c.ends is not None:  # the seeds' spread in time, which the shade does not show
+            ax.plot(c.ends, [c.err[-1]] * 2, "|-", color=colour, linewidth=1.2, markersize=9,
+                    gid=TIME_SPREAD)
     if any(c.band is not None and c.of > 1 for c in lines):
         ax.fill_between([], [], color="0.4", alpha=0.2, linewidth=0, label=BAND)
+    if any(c.ends is not None for c in lines):
+        ax.plot([], [], "|-", color="0.4", markersize=9, label=TIME_BAR)
     if any(c.partial for c in lines):
         ax.plot([], [], "--", color="0.4", label=DASHED)
     missing = no_curve(rows)
