@@ -198,7 +198,8 @@ def test_report_md_says_the_shade_is_the_seeds_range_not_a_standard_deviation(tm
     assert report.BAND_NOTE in text
     assert text.index(report.BAND_NOTE) < text.index("![test error against wall time]")
     _, rows = report.load(tmp_path)
-    assert legend(rows, "t") == ["ssgd, M=2, mean of 2 of 3 seeds", report.BAND]
+    assert legend(rows, "t") == ["ssgd, M=2, mean of 2 of 3 seeds", report.BAND,
+                                 report.TIME_BAR]
     rows = [report.Row("sgd", "ok", summary={"workers": 1})]  # no seeds: no shade to explain
     assert report.BAND_NOTE not in report.markdown({}, rows, [0.8])
 
@@ -424,7 +425,8 @@ def test_the_time_plot_averages_lock_step_and_async_seeds_alike(uneven):
     assert by_time.xs[-1] == pytest.approx(0.5) and by_time.err == by_epoch.err
     assert by_time.runs == [2] * len(by_time.xs) and not by_time.partial
     for x in ("t", "epoch"):
-        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds", report.BAND]
+        bar = [report.TIME_BAR] if x == "t" else []  # the seeds' end times: a time plot's
+        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds", report.BAND, *bar]
 
 
 def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
@@ -440,7 +442,9 @@ def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
         assert curve.xs[-1] == (2.0 if x == "epoch" else pytest.approx((0.444 + 0.269) / 2))
         assert curve.runs[-4:] == [3, 2, 2, 2] and curve.partial
         assert_mean_and_band(curve, errors)
-        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.BAND, report.DASHED]
+        bar = [report.TIME_BAR] if x == "t" else []
+        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.BAND, *bar,
+                                   report.DASHED]
     assert report.plot(rows, "epoch").startswith(b"\x89PNG")
 
 
