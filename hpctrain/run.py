@@ -917,11 +917,11 @@ class _Training:
             params=models.num_parameters(model), **_per_worker(every, wall),
             device=device.type,
             gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            load_average_start=self.loads[0], load_average_end=self.loads[-1],
             machine_cpus=provenance.host()["machine_cpus"],
             slowdown=config.stragglers.slowdown, jitter=config.stragglers.jitter,
             **guarded, **checkpoints, **exchange, out=config.out, algorithm_fields=own,
-            **{**self.watch.fields(), **self.runtime.summary_fields()},  # the runtime's word wins
+            **{"load_average_start": self.loads[0], "load_average_end": self.loads[-1],
+               **self.watch.fields(), **self.runtime.summary_fields()},  # the runtime's word wins
         ).to_dict()
         self.log.write_summary(summary)
         live.summary_written(comm_)

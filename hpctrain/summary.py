@@ -119,11 +119,12 @@ class RunSummary:
                            default=None)
     load_average_start: float | None = _doc(
         "the 1-minute load average of rank 0's node as training started (a resumed run: as "
-        "this attempt's did; null where the system has none): above machine_cpus, the workers "
-        "shared cores with other work, which slows and spreads wall times", default=None)
+        "this attempt's did; null where the system has none, and in a simulation, whose times "
+        "are virtual): above machine_cpus, the workers shared cores with other work, which "
+        "slows and spreads wall times", default=None)
     load_average_end: float | None = _doc(
         "the 1-minute load average of rank 0's node as training ended, before the scoring "
-        "(null where the system has none)", default=None)
+        "(null where the system has none, and in a simulation)", default=None)
     machine_cpus: int | None = _doc("CPUs of rank 0's node (os.cpu_count), which the load "
                                     "averages are of", default=None)
     loss_scale_per_worker: list[float | None] = _doc(

@@ -530,6 +530,10 @@ def test_resume_auto_returns_a_finished_run_only_for_its_own_options(finished_sg
             return run.train(arguments.build(parsed))
 
     summary = json.loads((out / "summary.json").read_text())
+    # the node's load as training started and ended, and its CPUs (the report's load line)
+    assert isinstance(summary["load_average_start"], float) and \
+        isinstance(summary["load_average_end"], float)
+    assert summary["machine_cpus"] == os.cpu_count()
     assert again() == again("--threads", "2", "--eval", "online") == summary
     with pytest.raises(UsageError) as refused:
         again("--lr", "0.2")

@@ -207,9 +207,10 @@ def test_every_algorithm_takes_the_same_steps_in_micro_batches(tmp_path, algo):
     assert typed <= plain.keys() <= typed | Summary.__optional_keys__
     assert plain["samples_per_worker"] == micro["samples_per_worker"]
     assert micro["peak_memory_per_worker"] == [None] * workers  # one process for them all
-    # the node's load as training started and ended, and its CPUs (the report's load line)
-    assert isinstance(plain["load_average_start"], float) and \
-        isinstance(plain["load_average_end"], float) and plain["machine_cpus"] == os.cpu_count()
+    # a simulation's times are virtual: no load recorded (it made two summaries differ);
+    # the node's CPUs are (a real run's load: test_cli's finished run)
+    assert plain["load_average_start"] is plain["load_average_end"] is None
+    assert plain["machine_cpus"] == os.cpu_count()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
     if algo == "ec":  # relabelled samples rode along, split into the parts
