@@ -60,11 +60,22 @@ def _named(flag: str, folder: object) -> str:
     return options.named(f"{flag} {folder}", owner, name, str(folder))
 
 
+# The checkpoint folder in a lock's refusal (:func:`_where`): one given
+# (``--checkpoint-dir``), or one derived (``<out>/checkpoints``, or the folder resumed from).
+_CHECKPOINTS, _GIVEN_CHECKPOINTS = "the checkpoint folder", "--checkpoint-dir"
+
+
 def _where(flag: str, folder: object, what: str = "run") -> str:
     """A folder in a lock's refusal: a run's folder option as its user gave it
-    (:func:`_named`), anything else (``the checkpoint folder``, a comparison's ``--out``)
-    as ``flag folder``."""
-    return _named(flag, folder) if what == "run" and flag in _FIELDS else f"{flag} {folder}"
+    (:func:`_named`), anything else (a derived checkpoint folder, a comparison's ``--out``)
+    as ``flag folder``. A checkpoint folder given (:data:`_GIVEN_CHECKPOINTS`) is ``the
+    checkpoint folder DIR`` on the command line, as a derived one, and from Python the field
+    that gave it, ``CheckpointConfig.dir='DIR'`` (``the checkpoint folder DIR`` named none)."""
+    if what != "run":
+        return f"{flag} {folder}"
+    if flag == _GIVEN_CHECKPOINTS and options.on_command_line():
+        return f"{_CHECKPOINTS} {folder}"
+    return _named(flag, folder) if flag in _FIELDS else f"{flag} {folder}"
 
 
 def refuse_finished(out: str | None, resume: str | None = None,
@@ -257,7 +268,7 @@ def _claim(held: contextlib.ExitStack, config: RunConfig, stem: str | None,
         # and the two runs wrote, and rotated away, each other's checkpoints.
         folder = checkpoint.run_folder(ck.dir, out)
         if folder.resolve() != Path(out).resolve():  # (--checkpoint-dir = --out)
-            folders.append(("the checkpoint folder", folder))
+            folders.append((_GIVEN_CHECKPOINTS if ck.dir else _CHECKPOINTS, folder))
     made += [missing[-1] for _, folder in folders if (missing := _missing(folder))]
     for flag, folder in folders:
         lock_folder(held, flag, folder)
@@ -314,7 +325,8 @@ def refuse_in_use(out: str | None, checkpoint_dir: str | None, resume: str | Non
                               if resumed and resume is not None else
                               out and checkpoint.run_folder(None, out))
     seen = set()
-    for flag, folder in (("--out", out), ("the checkpoint folder", kept),
+    given = _GIVEN_CHECKPOINTS if checkpoint_dir else _CHECKPOINTS
+    for flag, folder in (("--out", out), (given, kept),
                          ("--resume", resume if resumed else None)):
         if folder is None or os.path.abspath(folder) in seen:
             continue

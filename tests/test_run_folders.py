@@ -126,3 +126,39 @@ def test_a_scripts_run_folder_in_use_is_named_by_its_field(tmp_path):
     with pytest.raises(UsageError) as refused:
         run_folders.refuse_held("--out", out)
     assert str(refused.value).startswith(f"RunConfig.out={str(out)!r}: its lock file ")
+
+
+def test_a_scripts_checkpoint_folder_in_use_is_named_by_its_field(tmp_path):
+    """From Python a given checkpoint folder's lock refusals said ``the checkpoint folder
+    DIR is in use``, where the script gave ``CheckpointConfig.dir``: they name the field, as
+    ``RunConfig.out``'s do; the command line's words are as they were, and a derived
+    checkpoint folder (``<out>/checkpoints``), which no field gave, is named as before."""
+    import fcntl
+
+    out, ck = tmp_path / "out", tmp_path / "lk"
+    ck.mkdir()
+    config = hpctrain.RunConfig(algo="sgd", out=str(out),
+                                checkpoint=hpctrain.CheckpointConfig(dir=str(ck)))
+    said = (f" is in use by another run going on now (it holds {ck / run_folders.LOCK}); "
+            "wait for it to end or choose another folder")
+    with open(ck / run_folders.LOCK, "a") as other:  # another run's, going on
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError) as refused, run_folders.claimed(config):
+            pass
+        assert str(refused.value) == f"CheckpointConfig.dir={str(ck)!r}{said}"
+        with pytest.raises(UsageError) as refused:
+            run_folders.refuse_in_use(str(out), str(ck), None)  # the launch checks' probe
+        assert str(refused.value) == f"CheckpointConfig.dir={str(ck)!r}{said}"
+        with pytest.raises(UsageError) as refused, options.command_line():
+            run_folders.refuse_in_use(str(out), str(ck), None)
+        assert str(refused.value) == f"the checkpoint folder {ck}{said}"
+    derived = out / "checkpoints"
+    derived.mkdir(parents=True)
+    with open(derived / run_folders.LOCK, "a") as other:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UsageError) as refused:
+            run_folders.refuse_in_use(str(tmp_path / "elsewhere"), str(derived), None)
+        assert str(refused.value).startswith(f"CheckpointConfig.dir={str(derived)!r} is in use")
+        with pytest.raises(UsageError) as refused:
+            run_folders.refuse_in_use(str(out), None, None)  # <out>/checkpoints: no field's
+        assert str(refused.value).startswith(f"the checkpoint folder {derived} is in use")
