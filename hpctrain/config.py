@@ -331,11 +331,12 @@ class OptimConfig:
         if self.lr_schedule == "step" and not self.lr_milestones:  # else a constant rate
             raise UsageError(f"{o('lr_schedule', 'step')} needs {o('lr_milestones')}, the "
                              f"epochs at which the learning rate is multiplied by "
-                             f"{o('lr_gamma')} (e.g. 3,4)")
+                             f"{o('lr_gamma')} (e.g. {options.example((3, 4))})")
         if self.lr_gamma != OptimConfig.lr_gamma and not self.lr_milestones:  # its default
             raise UsageError(f"{o('lr_gamma', self.lr_gamma)} is the step decay at "
                              f"{o('lr_milestones')}, and none are given: it would change "
-                             f"nothing; give {o('lr_milestones')} (e.g. 3,4) or leave "
+                             f"nothing; give {o('lr_milestones')} (e.g. "
+                             f"{options.example((3, 4))}) or leave "
                              f"{o('lr_gamma')} out")
         if self.warmup_epochs >= self.epochs:
             raise UsageError(f"{o('warmup_epochs', self.warmup_epochs)} is not "
@@ -344,7 +345,7 @@ class OptimConfig:
         if self.optimizer != "sgd" and self.momentum is not None:
             raise UsageError(f"{o('momentum', self.momentum)} is SGD's; "
                              f"{o('optimizer', self.optimizer)} has {o('betas')} "
-                             "(default 0.9,0.999)")
+                             f"(default {options.example(ADAM_BETAS)})")
         if self.nesterov and self.optimizer != "sgd":
             raise UsageError(f"{o('nesterov')} is SGD's Nesterov momentum; "
                              f"{o('optimizer', self.optimizer)} has none (torch's NAdam is "

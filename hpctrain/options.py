@@ -400,6 +400,13 @@ def setting(cls: type, name: str, value=_NOTHING, typed: str | None = None) -> s
     return named(f"{flag} {shown_typed}", cls.__name__, name, value)
 
 
+def example(value) -> str:
+    """A value a refusal gives as an example or a default, as its user writes it: as the
+    flag takes it on the command line (``3,4``, :func:`as_typed`), as Python writes it from
+    Python (``(3, 4)``, :func:`python_shown`), which passes no ``3,4``."""
+    return as_typed(value) if on_command_line() else python_shown(value)
+
+
 def python_shown(value) -> str:
     """A value in a message as Python writes it: a number as :func:`shown` (a huge one
     short), anything else as its repr (a string quoted)."""

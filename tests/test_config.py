@@ -970,11 +970,15 @@ def test_nesterov_betas_and_eps_from_python_toml_flags_and_config_json(tmp_path,
     (lambda: OptimConfig(batch_size=8, micro_batch_size=9),
      "OptimConfig.micro_batch_size=9 exceeds OptimConfig.batch_size=8",
      "--micro-batch-size 9 exceeds --batch-size 8"),
-    (lambda: OptimConfig(lr_schedule="step"),
+    (lambda: OptimConfig(lr_schedule="step"),  # an example as the caller writes one
      "OptimConfig.lr_schedule='step' needs OptimConfig.lr_milestones, the epochs at which "
-     "the learning rate is multiplied by OptimConfig.lr_gamma",
+     "the learning rate is multiplied by OptimConfig.lr_gamma (e.g. (3, 4))",
      "--lr-schedule step needs --lr-milestones, the epochs at which the learning rate is "
      "multiplied by --lr-gamma (e.g. 3,4)"),
+    (lambda: OptimConfig(optimizer="adam", momentum=0.5),  # a default as the caller writes one
+     "OptimConfig.momentum=0.5 is SGD's; OptimConfig.optimizer='adam' has OptimConfig.betas "
+     "(default (0.9, 0.999))",
+     "--momentum 0.5 is SGD's; --optimizer adam has --betas (default 0.9,0.999)"),
     (lambda: OptimConfig(lr_milestones=[1], lr_schedule="constant"),
      "OptimConfig.lr_milestones need OptimConfig.lr_schedule='step', not 'constant'",
      "--lr-milestones need --lr-schedule step, not constant"),

@@ -509,8 +509,8 @@ def test_a_step_decay_factor_without_milestones_is_refused(extra):
         OptimConfig(lr_gamma=0.5)
     assert str(refused.value) == (
         "OptimConfig.lr_gamma=0.5 is the step decay at OptimConfig.lr_milestones, and none "
-        "are given: it would change nothing; give OptimConfig.lr_milestones (e.g. 3,4) or "
-        "leave OptimConfig.lr_gamma out")
+        "are given: it would change nothing; give OptimConfig.lr_milestones (e.g. (3, 4)) "
+        "or leave OptimConfig.lr_gamma out")  # the example as Python writes it, not 3,4
 
 
 def test_a_step_decay_factor_with_milestones_is_taken():
