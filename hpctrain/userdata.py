@@ -51,6 +51,7 @@ import argparse
 import contextlib
 import difflib
 import inspect
+import mmap
 import random
 import reprlib
 import struct
@@ -254,11 +255,14 @@ def _exact_in_float32(what: str, x, row_of=None) -> None:
     """UsageError naming the first sample (its row in ``x``, or ``row_of(row)``: the file's)
     and value of integer samples ``x`` that float32, which training reads them as, would
     round (above 2**24 in magnitude): 16777217 trained as 16777216, without a word. One pass
-    of max and min over ``x``; rows are searched only when one is out of range."""
-    v = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+    of max and min over ``x`` (a memory map's read from its file: :func:`_extremes`); rows are
+    searched only when one is out of range."""
+    v = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else \
+        np.asanyarray(x)  # a memory map kept one (_extremes)
     if v.dtype.kind not in "iu" or v.dtype.itemsize < 4 or not v.size:  # int16 fits
         return
-    if v.max() <= _EXACT and (v.dtype.kind == "u" or v.min() >= -_EXACT):
+    low, high = _extremes(v)
+    if high <= _EXACT and (v.dtype.kind == "u" or low >= -_EXACT):
         return
     step = max(1, (1 << 20) // max(1, v[0].size))
     for start in range(0, len(v), step):
@@ -271,6 +275,31 @@ def _exact_in_float32(what: str, x, row_of=None) -> None:
                              "which float32 (what training reads) would round: it holds "
                              f"integers exactly only up to 2**24 = {_EXACT} in magnitude; "
                              "scale the samples")
+
+
+def _extremes(v: np.ndarray) -> tuple:
+    """The smallest and the largest value of ``v``. A memory map of a whole file member (an
+    uncompressed .npz's samples, C or Fortran order) is read from the file about 16 MiB at a
+    time, not through the map: max and min over the map paged all of it into the process,
+    which then held the whole member (every rank, before MPI starts: a 2 GB x_train of int32
+    cost each rank 2.2 GB of resident memory); read into one buffer, 16 MiB."""
+    if not (isinstance(v, np.memmap) and isinstance(v.base, mmap.mmap) and v.filename
+            and (v.flags.c_contiguous or v.flags.f_contiguous)):
+        return v.min(), v.max()
+    step = max(1, (1 << 24) // v.dtype.itemsize)
+    buffer = np.empty(min(step, v.size), v.dtype)
+    low, high, left = None, None, v.size
+    with open(str(v.filename), "rb", buffering=0) as f:
+        f.seek(v.offset)
+        while left:
+            part = buffer[:min(step, left)]
+            got = f.readinto(part.view(np.uint8)) or 0
+            if got < part.nbytes:  # the file changed since its header was checked
+                return v.min(), v.max()  # as the map reads it
+            low = part.min() if low is None else min(low, part.min())
+            high = part.max() if high is None else max(high, part.max())
+            left -= len(part)
+    return low, high
 
 
 def _as_float(images) -> torch.Tensor:

@@ -838,6 +838,33 @@ def test_integer_samples_float32_would_round_are_refused_before_mpi(tmp_path, dt
         userdata.describe(f"npz:{tmp_path / 'e.npz'}")
 
 
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="Linux's /proc only")
+def test_npz_samples_are_checked_without_paging_them_in(tmp_path):
+    """Every rank checks an uncompressed x_train's integers before MPI starts: max and min
+    over its memory map paged the whole member into each rank (8 copies of a 2 GB x_train on
+    a node of 8 ranks). Read from the file instead, the map's pages stay untouched."""
+    path = tmp_path / "d.npz"
+    x = np.zeros((1024, 32, 32), np.int32)  # 4 MiB
+    x[-1, -1, -1] = 2 ** 24
+    write_npz(path, n=len(x), x_train=x, x_test=x[:20])
+
+    def resident_kib() -> int:  # of this process's maps of the file
+        lines = Path("/proc/self/smaps").read_text().splitlines()
+        total, mine = 0, False
+        for line in lines:
+            fields = line.split()
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+                mine = fields[-1] == str(path)
+            elif mine and fields[0] == "Rss:":
+                total += int(fields[1])
+        return total
+
+    assert userdata.describe(f"npz:{path}")["train"] == len(x)
+    assert resident_kib() < x.nbytes // 1024 // 8
+    data.load_indices(f"npz:{path}", "train", list(range(len(x))))  # what the check counts
+    assert resident_kib() >= x.nbytes // 1024
+
+
 def test_a_loaders_integer_samples_float32_would_round_are_refused(nets):
     """Arrays before MPI starts; a Dataset's items (but item 0's) as they are read."""
     nets.write_text(nets.read_text() + """
