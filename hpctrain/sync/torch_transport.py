@@ -5,7 +5,9 @@ rendezvous address that rank 0 broadcasts over MPI), or from torchrun's environm
 (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``) when there is none; a group the user's script
 initialised already is used as it is. CUDA tensors go through NCCL and CPU tensors through
 gloo (``cpu:gloo,cuda:nccl``), unless two ranks on one node share a GPU, which one NCCL
-communicator cannot hold: then gloo takes both (it copies device memory itself).
+communicator cannot hold (NCCL >= 2.5: "Duplicate GPU detected"): then the group is gloo
+alone, and :meth:`TorchTransport.takes` declines CUDA tensors, which the caller stages
+through pinned host memory (:class:`hpctrain.devices.HostStage`) as for a host-only MPI.
 
 torch.distributed makes a group on every rank of the job at once (``new_group``), so
 :meth:`TorchTransport.split` (a process set, registered by every rank) makes two groups: the
