@@ -400,6 +400,54 @@ def setting(cls: type, name: str, value=_NOTHING, typed: str | None = None) -> s
     return named(f"{flag} {shown_typed}", cls.__name__, name, value)
 
 
+# A :func:`hpctrain.config.flat` key (an option by its flag's words: ``lr``, ``no_progress``)
+# -> the field it stands for: its class's name, the field's, and whether the key is the field
+# negated, as its flag (``no_progress``: ``RunConfig.progress``); made by
+# :func:`hpctrain.config.flat_fields`. What :func:`keyed` names a key by from Python.
+Fields = dict[str, tuple[str, str, bool]]
+
+
+def field_of_key(key: str, names: Fields | None) -> tuple[str, str, bool] | None:
+    """``key``'s field (``names[key]``) where a refusal names it so: outside
+    :func:`command_line`, and ``names`` knows the key; else None, its flag names it."""
+    if names is None or key not in names or on_command_line():
+        return None
+    return names[key]
+
+
+def keyed(key: str, names: Fields | None, value=_NOTHING, typed: str | None = None) -> str:
+    """A :func:`hpctrain.config.flat` key's option in a refusal, as :func:`setting` names a
+    dataclass's field (checkpoint headers and config.json hold flat keys, not fields): on
+    the command line, or where ``names`` (:data:`Fields`) lacks the key, its flag followed
+    by ``typed``, else by ``value`` as the flag takes it (:func:`typed_flag`: ``--lr 0.1``,
+    ``--no-progress``, ``--model-args '{"depth": 2}'``); from Python its field, with
+    ``=value`` (``OptimConfig.lr=0.1``; a negated key's on/off value turned over, as the
+    field holds it: ``RunConfig.progress=False``). Without a value, the flag or the field
+    alone."""
+    flag = flag_of_key(key)
+    if value is _NOTHING:
+        said = flag
+    else:
+        said = f"{flag} {typed}" if typed is not None else typed_flag(flag, value)
+    field = field_of_key(key, names)
+    if field is None:
+        return said
+    owner, name, negated = field
+    if negated and isinstance(value, bool):
+        value = not value
+    return named(said, owner, name, value)
+
+
+def typed_flag(flag: str, value) -> str:
+    """``flag`` with ``value`` as the command line's user types it: ``--lr 0.1``,
+    ``--lr-milestones 3,4``, a table in quotes (``--model-args '{"depth": 2}'``), an on/off
+    option by its flag alone (``--compile``, ``--no-compile``)."""
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag.removeprefix('--')}"
+    text = as_typed(value, quote="'")
+    return f"{flag} {text}"
+
+
 def example(value) -> str:
     """A value a refusal gives as an example or a default, as its user writes it: as the
     flag takes it on the command line (``3,4``, :func:`as_typed`), as Python writes it from

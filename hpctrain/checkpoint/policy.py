@@ -28,7 +28,16 @@ from hpctrain.checkpoint.folder import (
 from hpctrain.checkpoint.format import CorruptCheckpoint
 from hpctrain.comm import env_rank
 from hpctrain.errors import UsageError, plural
-from hpctrain.options import HUGE, as_typed, flag_of_key, on_command_line, python_shown
+from hpctrain.options import (
+    HUGE,
+    Fields,
+    as_typed,
+    field_of_key,
+    flag_of_key,
+    keyed,
+    python_shown,
+    typed_flag,
+)
 
 # Options that may differ between a run and its resumption. Most do not change results at all
 # (folders, the checkpoint interval, when a run gives up or stops, logging and profiling, the
@@ -149,15 +158,15 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
     # Without an interval the folder was made and locked, and nothing written in it. With
     # --resume (auto too: a requeued job looks there) it is the folder resumed from.
     if checkpoint_dir is not None and every is None and resume is None:
-        raise UsageError(f"{_given('checkpoint_dir', checkpoint_dir, names)} needs "
-                         f"{_named('checkpoint_every', names)}: without it no checkpoint is "
+        raise UsageError(f"{keyed('checkpoint_dir', names, checkpoint_dir)} needs "
+                         f"{keyed('checkpoint_every', names)}: without it no checkpoint is "
                          "written")
     typed = resume
     if resume == AUTO:
         resume = _auto(checkpoint_dir, out, names)
     if resume is not None:
-        folder, old = _resumed_run(resume, f"auto ({resume})" if typed == AUTO else resume,
-                                   algo=algo, ranks=ranks, resize=resize, run_config=run_config,
+        folder, old = _resumed_run(resume, typed == AUTO, algo=algo, ranks=ranks,
+                                   resize=resize, run_config=run_config,
                                    may_change=may_change, defaults=defaults, absent=absent,
                                    names=names)
         if out is None:
@@ -169,39 +178,38 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
             every = recorded
         resume = str(folder)
     if resume is None and out is not None:
-        given_out = _given("out", out, names)
+        given_out = keyed("out", names, out)
         _refuse_theirs(
             Path(out) / SUBDIR,
             lambda problems: f"{given_out} holds the checkpoints of an unfinished run, none "
                              f"of which can be read ({problems}): "
-                             f"{_none_read(_named('out', names))}",
+                             f"{_none_read(keyed('out', names))}",
             f"{given_out} holds the checkpoints of an unfinished run; continue it with "
-            f"{_given('resume', out, names)} or choose another folder",
+            f"{keyed('resume', names, out)} or choose another folder",
             lambda aside: f"{given_out} holds an unfinished run's checkpoints, only unusable "
                           f"ones {aside}, or choose another folder for a new run")
     if out is not None and listing(out) and (resume is None or
                                              Path(out).resolve() != Path(resume).resolve()):
-        raise UsageError(f"{_given('out', out, names)} is a folder of checkpoints (a run's "
-                         f"{_named('checkpoint_dir', names)}); continue that run with "
-                         f"{_given('resume', out, names)} or choose another folder")
+        raise UsageError(f"{keyed('out', names, out)} is a folder of checkpoints (a run's "
+                         f"{keyed('checkpoint_dir', names)}); continue that run with "
+                         f"{keyed('resume', names, out)} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
         _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume, names)
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
 
 
-def _resumed_run(given: str, shown: str, *, algo: str, ranks: int, resize: bool,
+def _resumed_run(given: str, auto: bool, *, algo: str, ranks: int, resize: bool,
                  run_config: dict, may_change: frozenset[str], defaults: dict | None,
                  absent: dict | None, names: Fields | None = None) -> tuple[Path, dict]:
-    """The checkpoint folder ``--resume given`` (``shown`` as the user typed it) resolves to,
-    and the options its newest checkpoint records, once that is found to be this run's (see
-    :func:`check`); UsageError, naming what differs, otherwise."""
-    said = f"--resume {shown}"  # the option resumed from, as typed
-    if (resume := _field("resume", names)) is not None:  # a Python caller's field
-        said = f"{resume[0]}='{AUTO}' ({given})" if shown.startswith(f"{AUTO} (") else \
-            f"{resume[0]}={given!r}"
+    """The checkpoint folder ``--resume given`` (``auto``: found by ``--resume auto``)
+    resolves to, and the options its newest checkpoint records, once that is found to be
+    this run's (see :func:`check`); UsageError, naming what differs, otherwise."""
+    # the option resumed from, as typed: --resume DIR, --resume auto (DIR); from Python
+    # CheckpointConfig.resume='DIR'
+    said = f"{keyed('resume', names, AUTO)} ({given})" if auto else keyed("resume", names, given)
     if Path(given).is_file():  # a checkpoint file: "no such folder" said it was not there
         raise UsageError(f"{said}: is a file; give the folder that holds it "
-                         f"({Path(given).parent}): {_named('resume', names)} takes its newest "
+                         f"({Path(given).parent}): {keyed('resume', names)} takes its newest "
                          "valid checkpoint")
     if not Path(given).is_dir():
         raise UsageError(f"{said}: no such folder")
@@ -231,10 +239,9 @@ def _other_run(header: dict, algo: str, ranks: int, resize: bool,
     False), since a resumption on another number of ranks is otherwise allowed."""
     old_algo, old_ranks = header.get("algo"), header.get("ranks")
     other_algo, other_ranks = old_algo != algo, old_ranks != ranks and not resize
-    field = _field("algo", names)
 
     def named(value) -> str:  # --algo ma, or from Python RunConfig.algo='ma'
-        return f"--algo {value}" if field is None else f"{field[0]}={python_shown(value)}"
+        return keyed("algo", names, value, typed=str(value))
 
     if not other_ranks:
         return f"{named(old_algo)}, not {named(algo)}" if other_algo else ""
@@ -255,7 +262,7 @@ def _as_trained(recorded: dict, absent: dict | None, said: str) -> dict:
         return dict(recorded)
     unknown = [key for key in sorted(recorded) if key not in absent]
     if unknown:
-        named = ", ".join(_typed(flag_of_key(key), recorded[key]) for key in unknown)
+        named = ", ".join(typed_flag(flag_of_key(key), recorded[key]) for key in unknown)
         them = "them" if len(unknown) > 1 else "it"
         raise UsageError(f"{said}: its checkpoint records {named}, "
                          f"{'options' if len(unknown) > 1 else 'an option'} this hpctrain "
@@ -270,15 +277,15 @@ def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None,
     """Refuse a checkpoint folder that holds another run's checkpoints (but the ones
     resumed), is another run's ``--out`` or holds a bench compare: the run's would mix
     with theirs. ``names``: see :func:`check`."""
-    given = _given("checkpoint_dir", str(folder), names)
+    given = keyed("checkpoint_dir", names, str(folder))
     held = (f"{given} holds another run's checkpoints; resume it with "
-            f"{_named('resume', names)} or choose another folder")
+            f"{keyed('resume', names)} or choose another folder")
     if resume is None:  # a new run would mix its checkpoints with theirs, or write over them
         _refuse_theirs(
             folder,
             lambda problems: f"{given} holds another run's checkpoints, "
                              f"none of which can be read ({problems}): "
-                             f"{_none_read(_named('checkpoint_dir', names))}",
+                             f"{_none_read(keyed('checkpoint_dir', names))}",
             held,
             lambda aside: f"{given} holds another run's checkpoints, only "
                           f"unusable ones {aside}, or choose another folder")
@@ -287,7 +294,7 @@ def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None,
     own = [Path(f).resolve() for f in (out, resume) if f is not None]
     if folder.resolve() not in own and ((folder / "config.json").exists()
                                          or listing(folder / SUBDIR)):
-        raise UsageError(f"{given} is another run's {_named('out', names)} folder; "
+        raise UsageError(f"{given} is another run's {keyed('out', names)} folder; "
                          "choose another folder")
     if (folder / "compare.json").exists():
         raise UsageError(f"{given} holds a bench compare; choose another folder")
@@ -378,12 +385,6 @@ def _with_folders(args: dict) -> dict:
     return args
 
 
-# A :func:`hpctrain.config.flat` key -> the field it stands for: its class's name, the
-# field's, and whether the key is the field negated, as its flag (``no_progress``:
-# ``RunConfig.progress``); :func:`hpctrain.config.flat_fields` makes it.
-Fields = dict[str, tuple[str, str, bool]]
-
-
 def changed_option(old: dict, new: dict, may_change: frozenset[str],
                    defaults: dict | None = None, names: Fields | None = None) -> str | None:
     """The options (of :func:`hpctrain.config.flat`'s, outside ``may_change``) whose values
@@ -396,31 +397,6 @@ def changed_option(old: dict, new: dict, may_change: frozenset[str],
     changes = [_changed(key, old[key], new[key], (defaults or {}).get(key, _NONE), names)
                for key in _changed_keys(old, new, may_change)]
     return "; ".join(changes) or None
-
-
-def _field(key: str, names: Fields | None) -> tuple[str, bool] | None:
-    """``key``'s field as a Python caller names it (``OptimConfig.lr``) and whether the key
-    is it negated, where ``names`` knows it and no command line is being checked; else None:
-    its flag names it."""
-    if names is None or key not in names or on_command_line():
-        return None
-    owner, name, negated = names[key]
-    return f"{owner}.{name}", negated
-
-
-def _named(key: str, names: Fields | None) -> str:
-    """``key``'s option in a refusal: its field from Python (:func:`_field`), else its flag."""
-    field = _field(key, names)
-    return flag_of_key(key) if field is None else field[0]
-
-
-def _given(key: str, value, names: Fields | None) -> str:
-    """``key``'s option with ``value``, as typed: ``--lr 0.1``, or ``OptimConfig.lr=0.1``."""
-    field = _field(key, names)
-    if field is None:
-        return _typed(flag_of_key(key), value)
-    name, negated = field
-    return f"{name}={python_shown(not value if negated else value)}"
 
 
 _NONE = object()  # no default known
@@ -479,13 +455,13 @@ def _hint(old: dict, new: dict, may_change: frozenset[str], defaults: dict | Non
                 and new[key] == defaults[key]]
     notes = []
     if left_out:
-        notes.append("to go on, give " + " ".join(_given(k, old[k], names) for k in left_out))
+        notes.append("to go on, give " + " ".join(keyed(k, names, old[k]) for k in left_out))
     if "epochs" in keys and "epochs" not in left_out:
-        notes.append(f"{_named('epochs', names)} shapes the learning-rate schedule, so a run "
+        notes.append(f"{keyed('epochs', names)} shapes the learning-rate schedule, so a run "
                      "keeps its length: to train longer, start a new run, with "
-                     f"{_named('init_from', names)} a finished run's model")
+                     f"{keyed('init_from', names)} a finished run's model")
     if "init_from" in keys and isinstance(header.get("init_from_sha256"), str):
-        notes.append(f"{_named('init_from', names)} takes the run's path, or a file of its "
+        notes.append(f"{keyed('init_from', names)} takes the run's path, or a file of its "
                      f"weights (sha256 {header['init_from_sha256'][:12]}...)")
     return f": {'; '.join(notes)}" if notes else ""
 
@@ -495,36 +471,23 @@ def _changed(key: str, old, new, default=_NONE, names: Fields | None = None) -> 
     on/off option by its flag alone; None: left to a default the run resolves later, as
     ``--tau``, or not given at all, as ``--eval-rank``; a default is not compared with a
     value, which may or may not be the same: leaving the flag out goes on). From Python
-    (:func:`_field`), as the fields given: ``with OptimConfig.lr=0.1, not 0.2``."""
+    (:func:`hpctrain.options.keyed`), as the fields given: ``with OptimConfig.lr=0.1, not
+    0.2``."""
     note = " (the default)" if default is not _NONE and new == default else ""
-    if (field := _field(key, names)) is not None:
-        name, negated = field
-        old, new = ((not v if negated and isinstance(v, bool) else v) for v in (old, new))
-        if old is None:
-            return f"without {name} (its default; leave it out), not with " \
-                   f"{name}={python_shown(new)}"
-        if new is None:
-            return f"with {name}={python_shown(old)}, not without it"
-        return f"with {name}={python_shown(old)}, not {python_shown(new)}{note}"
-    flag = flag_of_key(key)
-    if isinstance(old, bool) and isinstance(new, bool):
+    field = field_of_key(key, names)
+    if field is None and isinstance(old, bool) and isinstance(new, bool):
+        flag = flag_of_key(key)
         return f"with {flag}, not without it" if old else f"without {flag}, not with it"
-    if old is not None and new is not None:
-        return f"with {_typed(flag, old)}, not {_value(new)}{note}"
-    return (f"without {flag} (its default; leave it out), not with {_typed(flag, new)}"
-            if old is None else f"with {_typed(flag, old)}, not without it")
-
-
-def _typed(flag: str, value) -> str:
-    """``flag`` with ``value`` as typed: ``--lr 0.1``, ``--compile``, ``--lr-milestones 3,4``."""
-    if isinstance(value, bool):
-        return flag if value else f"--no-{flag.removeprefix('--')}"
-    return f"{flag} {_value(value)}"
-
-
-def _value(value) -> str:
-    """A value as its flag takes it, a table in quotes: a refusal says what to type."""
-    return as_typed(value, quote="'")
+    if old is None:
+        return f"without {keyed(key, names)} (its default; leave it out), not with " \
+               f"{keyed(key, names, new)}"
+    if new is None:
+        return f"with {keyed(key, names, old)}, not without it"
+    if field is None:  # as its flag takes it, a table in quotes: what to type
+        value = as_typed(new, quote="'")
+    else:  # as the field holds it
+        value = python_shown(not new if field[2] and isinstance(new, bool) else new)
+    return f"with {keyed(key, names, old)}, not {value}{note}"
 
 
 def resumes(resume: str | None, checkpoint_dir: str | None, out: str | None) -> bool:
@@ -540,10 +503,10 @@ def _auto(checkpoint_dir: str | None, out: str | None,
           names: Fields | None = None) -> str | None:
     """``--resume auto``: the run's own checkpoint folder when it holds a checkpoint (a
     restarted or requeued job), else None (a first start)."""
-    auto = _given("resume", AUTO, names)
+    auto = keyed("resume", names, AUTO)
     if checkpoint_dir is None and out is None:
-        raise UsageError(f"{auto} needs {_named('out', names)} or "
-                         f"{_named('checkpoint_dir', names)}: the folder a restarted job looks "
+        raise UsageError(f"{auto} needs {keyed('out', names)} or "
+                         f"{keyed('checkpoint_dir', names)}: the folder a restarted job looks "
                          "in for its checkpoints")
     folder = run_folder(checkpoint_dir, out)
     if listing(folder):
@@ -600,7 +563,7 @@ def _newest_header(folder: Path, said: str, names: Fields | None = None) -> dict
         return found
     if found:  # each one's problem: what a user must act on is there, file by file
         raise UsageError(f"{said}: none of the checkpoints there can be read "
-                         f"({_listed(found)}): {_none_read(_named('out', names))}")
+                         f"({_listed(found)}): {_none_read(keyed('out', names))}")
     if aside := corrupt(folder):  # set aside by an earlier attempt: say so, as auto does
         raise UsageError(f"{said}: {folder} holds only unusable checkpoints "
                          f"{_unusable(aside)}")
