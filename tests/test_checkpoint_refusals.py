@@ -52,8 +52,8 @@ EXPECTED = {
         "--checkpoint-dir ROOT/ck holds another run's checkpoints; resume it with --resume or"
         ' choose another folder'
     ),
-    'cli:dir_held_slash': (
-        "--checkpoint-dir ROOT/ck holds another run's checkpoints; resume it with --resume or"
+    'cli:dir_held_slash': (  # as typed, not as a Path writes it
+        "--checkpoint-dir ROOT/ck/ holds another run's checkpoints; resume it with --resume or"
         ' choose another folder'
     ),
     'cli:dir_unreadable': (
@@ -171,8 +171,8 @@ EXPECTED = {
         "CheckpointConfig.dir='ROOT/ck' holds another run's checkpoints; resume it with "
         'CheckpointConfig.resume or choose another folder'
     ),
-    'python:dir_held_slash': (
-        "CheckpointConfig.dir='ROOT/ck' holds another run's checkpoints; resume it with "
+    'python:dir_held_slash': (  # the value given: no other
+        "CheckpointConfig.dir='ROOT/ck/' holds another run's checkpoints; resume it with "
         'CheckpointConfig.resume or choose another folder'
     ),
     'python:dir_unreadable': (

@@ -194,7 +194,8 @@ def check(*, algo: str, ranks: int, every: str | None, checkpoint_dir: str | Non
                          f"{keyed('checkpoint_dir', names)}); continue that run with "
                          f"{keyed('resume', names, out)} or choose another folder")
     if every is not None and (out is not None or checkpoint_dir is not None):
-        _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume, names)
+        _check_checkpoint_dir(run_folder(checkpoint_dir, out), out, resume, names,
+                              checkpoint_dir)
     return Resolved(out=out, checkpoint_dir=checkpoint_dir, resume=resume, every=every)
 
 
@@ -273,11 +274,12 @@ def _as_trained(recorded: dict, absent: dict | None, said: str) -> dict:
 
 
 def _check_checkpoint_dir(folder: Path, out: str | None, resume: str | None,
-                          names: Fields | None = None) -> None:
+                          names: Fields | None = None, typed: str | None = None) -> None:
     """Refuse a checkpoint folder that holds another run's checkpoints (but the ones
     resumed), is another run's ``--out`` or holds a bench compare: the run's would mix
-    with theirs. ``names``: see :func:`check`."""
-    given = keyed("checkpoint_dir", names, str(folder))
+    with theirs. ``names``: see :func:`check`; ``typed``: the folder as given (``ck/``,
+    which ``folder``, a Path, writes ``ck``), None where none was (``<out>/checkpoints``)."""
+    given = keyed("checkpoint_dir", names, str(folder) if typed is None else typed)
     held = (f"{given} holds another run's checkpoints; resume it with "
             f"{keyed('resume', names)} or choose another folder")
     if resume is None:  # a new run would mix its checkpoints with theirs, or write over them
