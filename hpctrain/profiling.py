@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch.autograd import profiler as autograd_profiler
 
-from hpctrain import watchdog
+from hpctrain import options, watchdog
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 
@@ -45,11 +45,19 @@ def parse(spec: str) -> tuple[int, int]:
     try:
         start, count = (int(part) for part in str(spec).split(":"))
     except ValueError:
-        raise UsageError(f"--profile {spec!r}: want START:COUNT, the first local step to "
-                         "profile and how many (e.g. 20:5)") from None
+        raise UsageError(f"{_named(f'--profile {spec!r}', spec)}: want START:COUNT, the first "
+                         f"local step to profile and how many (e.g. {options.example('20:5')})"
+                         ) from None
     if start < 0 or count < 1:
-        raise UsageError(f"--profile {spec}: START must be >= 0 and COUNT >= 1")
+        raise UsageError(f"{_named(f'--profile {spec}', spec)}: START must be >= 0 and "
+                         "COUNT >= 1")
     return start, count
+
+
+def _named(typed: str, spec: str) -> str:
+    """``--profile``'s value in a refusal: as typed on the command line, as the field given
+    from Python (``RunConfig.profile='20'``, :func:`hpctrain.options.named`)."""
+    return options.named(typed, "RunConfig", "profile", spec)
 
 
 def beyond(spec: str | None, local_steps: int) -> str | None:

@@ -20,8 +20,29 @@ def test_the_window_is_parsed_and_checked():
     assert profiling.parse("20:5") == (20, 5)
     assert profiling.parse("0:1") == (0, 1)
     for bad in ("5", "a:b", "3:0", "-1:2", "1:2:3"):
-        with pytest.raises(UsageError, match="--profile"):
+        with pytest.raises(UsageError, match="RunConfig.profile="):
             RunConfig(algo="sgd", profile=bad)
+
+
+def test_a_bad_window_is_named_as_typed_or_as_given():
+    """The command line's --profile, and from Python the field given: it said --profile to a
+    Python caller too, who typed no flag (and "e.g. 20:5", not the string the field takes)."""
+    from hpctrain import options
+
+    with pytest.raises(UsageError) as e:
+        RunConfig(algo="sgd", profile="a:b")
+    assert str(e.value) == ("RunConfig.profile='a:b': want START:COUNT, the first local step "
+                            "to profile and how many (e.g. '20:5')")
+    with pytest.raises(UsageError) as e:
+        RunConfig(algo="sgd", profile="-1:2")
+    assert str(e.value) == "RunConfig.profile='-1:2': START must be >= 0 and COUNT >= 1"
+    with pytest.raises(UsageError) as e, options.command_line():
+        RunConfig(algo="sgd", profile="a:b")
+    assert str(e.value) == ("--profile 'a:b': want START:COUNT, the first local step to "
+                            "profile and how many (e.g. 20:5)")
+    with pytest.raises(UsageError) as e, options.command_line():
+        RunConfig(algo="sgd", profile="-1:2")
+    assert str(e.value) == "--profile -1:2: START must be >= 0 and COUNT >= 1"
 
 
 def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys):
