@@ -94,8 +94,9 @@ def check_form(name: str) -> None:
     kind, _, rest = name.partition(":")
     if kind in FORMATS:
         if not rest:
-            raise UsageError(f"--dataset {name}: give the path, e.g. {kind}:data/mine"
-                             f"{'.npz' if kind == 'npz' else ''}")
+            what = options.named(f"--dataset {name}", "DataConfig", "dataset", name)
+            example = options.example(f"{kind}:data/mine{'.npz' if kind == 'npz' else ''}")
+            raise UsageError(f"{what}: give the path, e.g. {example}")
         return
     plugins.check_form("--dataset", name)
 

@@ -471,6 +471,19 @@ def test_a_relative_file_reference_is_recorded_absolute(nets, monkeypatch):
         ModelConfig(name="mlp", args={"width": 3})  # at construction, as every value check
 
 
+@pytest.mark.parametrize("kind, example", [("npz", "npz:data/mine.npz"),
+                                           ("imagefolder", "imagefolder:data/mine")])
+def test_a_format_without_its_path_is_named_as_typed_or_as_given(kind, example):
+    """``--dataset npz:`` names the flag on the command line; from Python it said the same
+    to a caller of ``DataConfig(dataset="npz:")``, who typed no flag: the field now, with
+    the example as the field takes it."""
+    with pytest.raises(UsageError) as e:
+        DataConfig(dataset=f"{kind}:")
+    assert str(e.value) == f"DataConfig.dataset='{kind}:': give the path, e.g. '{example}'"
+    assert refusal(["--algo", "sgd", "--dataset", f"{kind}:"]) == (
+        f"argument --dataset: --dataset {kind}:: give the path, e.g. {example}")
+
+
 @pytest.mark.parametrize("text", ["nets:build\n", "nets\n:build"])
 def test_a_reference_ending_in_a_newline_is_refused_by_its_form(text):
     """re.match's "$" matches before a final newline: "nets:build\\n" passed the form check."""
