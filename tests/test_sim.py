@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job
 
-from hpctrain import algorithm_options, kernels, run_folders, steptimes
+from hpctrain import algorithm_options, checkpoint, kernels, run_folders, steptimes
 from hpctrain.async_ import ParameterStore
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
@@ -723,6 +723,49 @@ def test_an_out_of_a_compare_or_of_checkpoints_is_refused(tmp_path):
     assert sorted(p.name for p in ckpts.iterdir()) == ["ckpt-00000004.pt"]
 
 
+def test_simulates_folder_refusals_name_the_fields_given_from_python(tmp_path):
+    """From Python, simulate's checks of its folder and of the checkpoint options said the
+    command line's flags (--out, --resume, --checkpoint-dir) to a caller who typed none;
+    the command line's words are unchanged."""
+    from hpctrain import cli
+    from hpctrain.config import CheckpointConfig
+
+    for given, named in ((CheckpointConfig(every="1e"), "CheckpointConfig.every='1e'"),
+                         (CheckpointConfig(dir="ck/", resume="ck"),
+                          "CheckpointConfig.dir='ck/', CheckpointConfig.resume='ck'")):
+        with pytest.raises(UsageError) as e:
+            simulate(config("ma", tmp_path / "a", checkpoint=given), sim(2))
+        assert str(e.value) == (f"hpctrain simulate takes no checkpoints ({named}): a "
+                                "simulation is rerun, not resumed")
+    with pytest.raises(UsageError) as e:
+        cli.main(["simulate", "--algo", "ma", *SYNTHETIC, "--checkpoint-every", "1e", "--out",
+                  str(tmp_path / "a")])
+    assert str(e.value) == ("hpctrain simulate takes no checkpoints (--checkpoint-every, "
+                            "--checkpoint-dir, --resume): a simulation is rerun, not resumed")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    checkpoint.save(run / "checkpoints", 5, {"x": 1}, {"algo": "ma", "ranks": 2,
+                                                       "workers": 2, "args": {}})
+    with pytest.raises(UsageError) as e:
+        simulate(config("ma", run), sim(2))
+    assert str(e.value) == (f"RunConfig.out={str(run)!r} holds the checkpoints of an "
+                            "unfinished run; continue it with "
+                            f"CheckpointConfig.resume={str(run)!r} or choose another folder")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UsageError) as e:
+        simulate(config("ma", tmp_path / "file" / "sim"), sim(2))
+    assert str(e.value) == (f"RunConfig.out={str(tmp_path / 'file' / 'sim')!r}: "
+                            f"{tmp_path / 'file'} is a file, not a folder")
+    for out, said in ((run, f"--out {run} holds the checkpoints of an unfinished run; "
+                            f"continue it with --resume {run} or choose another folder"),
+                      (tmp_path / "file" / "sim", f"--out {tmp_path / 'file' / 'sim'}: "
+                                                  f"{tmp_path / 'file'} is a file, not a folder")):
+        with pytest.raises(UsageError) as e:
+            cli.main(["simulate", "--algo", "ma", *SYNTHETIC, "--out", str(out)])
+        assert str(e.value) == said
+
+
 def test_simulate_launched_as_several_processes_is_refused(tmp_path, monkeypatch):
     """mpirun -np 2 hpctrain simulate: without --out rank 1 failed after simulating
     (TypeError), with it both simulated into one folder, rank 1 without its lock."""
@@ -859,8 +902,8 @@ def test_train_options_the_simulator_has_no_worker_for_are_refused(tmp_path):
         simulate(config("ssgd", tmp_path / "a", eval_mode="online", eval_rank=1), sim(2))
     assert str(e.value) == ("hpctrain simulate scores snapshots on worker 0 (--eval online): "
                             "drop --eval-rank 1, which needs a real run's extra rank")
-    with pytest.raises(UsageError, match=re.escape("(--checkpoint-every, --checkpoint-dir, "
-                                                   "--resume)")):
+    with pytest.raises(UsageError, match=re.escape(  # from Python: the field given
+            f"(CheckpointConfig.dir={str(tmp_path / 'ck')!r})")):
         simulate(config("ssgd", tmp_path / "b",
                         checkpoint=CheckpointConfig(dir=str(tmp_path / "ck"))), sim(2))
     assert not any((tmp_path / d).exists() for d in ("a", "b", "ck"))

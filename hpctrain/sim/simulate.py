@@ -38,7 +38,7 @@ from hpctrain import (
 )
 from hpctrain import config as configs
 from hpctrain.async_.algorithm import ASGD, SSP, StoreOptions
-from hpctrain.config import RunConfig, StragglerConfig
+from hpctrain.config import CheckpointConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
@@ -58,11 +58,12 @@ def check(config: RunConfig, sim: SimConfig) -> RunConfig:
     every default resolved."""
     check_one_process()
     config = check_options(config, sim)
-    run_folders.check_folder("--out", config.out)
+    run_folders.check_folder("--out", config.out, run_option=True)  # RunConfig.out, from Python
     run_folders.refuse_finished(config.out)  # a finished run's, or a bench compare's
     checkpoint.check(algo=config.algo, ranks=sim.workers, every=None, checkpoint_dir=None,
                      resume=None, out=config.out, run_config=configs.flat(config),
-                     may_change=checkpoint.MAY_CHANGE)  # nor an unfinished run's
+                     may_change=checkpoint.MAY_CHANGE,  # nor an unfinished run's
+                     names=configs.flat_fields(config))  # its fields, from Python
     return config
 
 
@@ -90,8 +91,12 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     k = sim.workers
     ck = config.checkpoint
     if ck.interval is not None or ck.resume is not None or ck.dir is not None:
-        raise UsageError("hpctrain simulate takes no checkpoints (--checkpoint-every, "
-                         "--checkpoint-dir, --resume): a simulation is rerun, not resumed")
+        given = "--checkpoint-every, --checkpoint-dir, --resume" if options.on_command_line() \
+            else ", ".join(options.setting(CheckpointConfig, name, value) for name, value in
+                           (("every", ck.interval), ("dir", ck.dir), ("resume", ck.resume))
+                           if value is not None)  # from Python: the fields given
+        raise UsageError(f"hpctrain simulate takes no checkpoints ({given}): a simulation is "
+                         "rerun, not resumed")
     for name, refusal in REAL_RUN_ONLY.items():  # the extra rank; one profiler a process
         if (value := getattr(config, name)) is not None:
             raise UsageError(refusal.format(value))
