@@ -61,9 +61,10 @@ Design choices (DESIGN.md's "The async store on RMA windows", with these decisio
   (``Fetch_and_op``) once per push, after its last shard; tau = the value fetched minus the
   counter just after this worker's previous push (or its pull): the other workers' pushes
   completed in between, off by those in flight. With workers in lock-step taking turns, tau
-  is exactly M-1 either way (first round: the worker's turn index). A run's mean tau is all
-  but set by the push counts (about M-1), not the timing; its tail (p90, p99, max) is what
-  differs.
+  is exactly M-1 either way (first round: the worker's turn index). ``atomic``'s mean tau
+  over a run is set by the push counts (about M-1, never above), not the timing; ``locked``'s
+  exceeds it by what pushes overlapping shard by shard add (docs/DESIGN.md §5); the tail
+  (p90, p99, max) is what differs.
 - Progress without an MPI progress thread: hosting ranks serve inside :meth:`finish`
   (``Iprobe`` then a short sleep) until every worker has said it is done; dedicated servers
   call it at once. With ``servers=0`` across nodes without RDMA a busy worker does not serve

@@ -129,8 +129,9 @@ class ASGD(Algorithm):
                      "(locked: exact, the most any shard took between the worker's read of it "
                      "and the push; atomic: the pushes finished since the worker's previous "
                      "push or pull, off by those in flight) (mean, p50, p90, p99, max, count). "
-                     "The mean is (atomic) or all but is (locked) set by the push counts, not "
-                     "the timing (about M-1 for M workers): p90, p99 and max tell runs apart",
+                     "The mean is (atomic) set by the push counts, not the timing (about, "
+                     "never above, M-1 for M workers); locked's exceeds that where pushes "
+                     "overlapped shard by shard: p90, p99 and max tell runs apart",
         "pushes_per_worker": "pushes each worker made (a skipped NaN step pushes nothing)",
         "store_bytes_per_worker": "bytes: model payload a worker read from and wrote to the "
                                   "store, mean over workers (a resumed run: since its resume; "
