@@ -63,7 +63,7 @@ from hpctrain.options import Range, check_fields, option
 from hpctrain.schedule import SCHEDULES
 from hpctrain.shuffle import TrainDataSpec
 from hpctrain.shuffle.options import DEFAULT_CHUNK_MB, canonical_strategy, parse_strategy
-from hpctrain.stragglers import MAX_SIGMA, parse_slowdown
+from hpctrain.stragglers import MAX_SIGMA, Slowdown, parse_slowdown
 
 EVAL_MODES = ("after", "online")
 # The shortest --stall-timeout but 0 (never): the watchdog looks every tenth of it, and a rank
@@ -439,25 +439,41 @@ class StragglerConfig:
     """Injected stragglers: fixed slowdowns of some workers, and seeded per-step jitter."""
 
     slowdown: str | None = option(None, "injected straggler: worker RANK's steps take FACTOR "
-                                  "times as long (RANK counts the ranks that train: with "
-                                  "--eval-rank R, rank r > R is worker r - 1)",
-                                  metavar="RANK:FACTOR[,...]")
+                                  "times as long (0:3), or a fixed DELAY longer (0:+20ms, "
+                                  "1:+0.5s; ms or s, at most 1 hour), or both (0:2+10ms); RANK "
+                                  "counts the ranks that train: with --eval-rank R, rank r > R "
+                                  "is worker r - 1",
+                                  metavar="RANK:FACTOR|RANK:+DELAY[,...]")
     jitter: float = option(0.0, "injected noise: every step takes max(1, exp(SIGMA*z)) times "
-                           "as long, seeded", parse=float, metavar="SIGMA",
-                           range=Range(0, MAX_SIGMA))
+                           "as long (a --slowdown DELAY included), seeded", parse=float,
+                           metavar="SIGMA", range=Range(0, MAX_SIGMA))
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.slowdown is not None and not self.slowdown.replace(",", "").strip():
-            what = options.named(f'--slowdown {self.slowdown!r}', "StragglerConfig", "slowdown",
-                                 self.slowdown)
-            raise UsageError(f"{what} is empty: give RANK:FACTOR[,...], "
-                             "or leave it out for none")
-        parse_slowdown(self.slowdown, 1 << 30)  # its form; the ranks are checked at launch
+            raise UsageError(f"{self._named()} is empty: give RANK:FACTOR or RANK:+DELAY"
+                             "[,...], or leave it out for none")
+        self.slowdowns(1 << 30)  # its form; the ranks are checked at launch
+
+    def _named(self) -> str:
+        """``--slowdown`` as a refusal names it: the flag typed, or the field from Python."""
+        text = self.slowdown
+        blank = text is not None and not text.replace(",", "").strip()  # shown quoted
+        return options.named(f"--slowdown {text!r}" if blank else f"--slowdown {text}",
+                             "StragglerConfig", "slowdown", text)
+
+    def slowdowns(self, workers: int) -> dict[int, Slowdown]:
+        """Each slowed worker's factor and delay, for a run of ``workers`` training workers
+        (refused, naming ``--slowdown`` or ``StragglerConfig.slowdown``, where bad)."""
+        return parse_slowdown(self.slowdown, workers, self._named())
 
     def factor(self, rank: int, workers: int) -> float:
         """Worker ``rank``'s fixed slowdown factor (1: none)."""
-        return parse_slowdown(self.slowdown, workers).get(rank, 1.0)
+        return self.slowdown_of(rank, workers).factor
+
+    def slowdown_of(self, rank: int, workers: int) -> Slowdown:
+        """Worker ``rank``'s factor and fixed delay (1 and 0: none)."""
+        return self.slowdowns(workers).get(rank, Slowdown())
 
 
 @dataclass(frozen=True)

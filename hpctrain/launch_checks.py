@@ -53,7 +53,6 @@ from hpctrain.run_folders import (
     refuse_in_use,
     refuse_taken_names,
 )
-from hpctrain.stragglers import parse_slowdown
 from hpctrain.summary import read as read_summary
 
 
@@ -126,7 +125,7 @@ def check_workers(config: RunConfig, workers: int,
     samples (all of them) and that test sample."""
     optimizers.check(config.algorithm_class, config.optim)
     faults.check(config, workers)  # $HPCTRAIN_INJECT, read at the first step
-    parse_slowdown(config.stragglers.slowdown, workers)
+    config.stragglers.slowdowns(workers)  # its ranks, named as typed or as the field
     dataset = options.text(config.data.dataset)
     data_dir = options.text_or_none(config.data.data_dir)
     data.check(dataset, data_dir)

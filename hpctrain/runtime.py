@@ -30,7 +30,8 @@ class Runtime:
     def straggler(self, config, rank: int, workers: int) -> Straggler:
         """This worker's injected straggler (``--slowdown``, ``--jitter``)."""
         s = config.stragglers
-        return Straggler(s.factor(rank, workers), s.jitter, config.seed, rank)
+        factor, delay = s.slowdown_of(rank, workers)
+        return Straggler(factor, s.jitter, config.seed, rank, delay=delay)
 
     def train_data(self, spec: TrainDataSpec, comm_) -> TrainData:
         """This worker's training data (collective when data move)."""

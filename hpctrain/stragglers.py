@@ -1,20 +1,33 @@
-"""Straggler injection: make a worker's steps take FACTOR times as long, with seeded jitter.
+"""Straggler injection: make a worker's steps take FACTOR times as long, or DELAY longer, with
+seeded jitter.
 
-``--slowdown RANK:FACTOR[,RANK:FACTOR...]`` slows given workers by a fixed factor (RANK is a
-worker's index among the ranks that train: with ``--eval-rank R``, world rank r > R is worker
-r - 1; ``--servers`` are the last ranks and train not);
+``--slowdown RANK:SPEC[,RANK:SPEC...]`` slows given workers (RANK is a worker's index among
+the ranks that train: with ``--eval-rank R``, world rank r > R is worker r - 1; ``--servers``
+are the last ranks and train not). SPEC is one of
+
+- ``FACTOR`` (``0:3``): a step that took ``t`` takes ``FACTOR * t``: it is padded with a sleep
+  of ``(FACTOR - 1) * t``. The pad follows the measured time, so the machine's own noise in
+  ``t`` (a loaded node) is multiplied by FACTOR too, and one run's times compare noisily with
+  another's;
+- ``+DELAY`` (``0:+20ms``, ``1:+0.5s``; unit ``ms`` or ``s``, at most one hour): a fixed
+  sleep of DELAY after every step, whatever the step took: a straggler that is the same on a
+  quiet node and a loaded one;
+- ``FACTOR+DELAY`` (``0:2+10ms``): both, ``FACTOR * t + DELAY``.
+
 ``--jitter SIGMA`` multiplies every worker's step by a log-normal factor ``exp(SIGMA * z)``,
-``z ~ N(0, 1)``, drawn per step from a generator seeded with (seed, rank). A step that should
-take ``f`` times its measured time ``t`` is padded with a sleep of ``(f - 1) * t`` (no sleep
-when ``f <= 1``: a step cannot be made faster). The pad follows the measured time, so the
-machine's own noise in ``t`` (a loaded node) is multiplied by ``f`` too: one run's times
-compare noisily with another's, and there is no fixed-delay mode.
+``z ~ N(0, 1)``, drawn per step from a generator seeded with (seed, rank): the step then takes
+``draw * (FACTOR * t + DELAY)`` (the delay jitters with the step), and the sleep is that less
+``t``. No sleep when that is not above ``t``: a step cannot be made faster.
+:func:`parse_slowdown` is the one reader of every form.
 """
 
 from __future__ import annotations
 
+import math
 import random
+import re
 import time
+from typing import NamedTuple
 
 from hpctrain.errors import UsageError
 
@@ -22,56 +35,124 @@ from hpctrain.errors import UsageError
 # already e^5 (148x) at one standard deviation; far beyond it the draws overflow.
 MAX_SIGMA = 5.0
 MAX_FACTOR = 1e6  # the largest --slowdown factor: a 10 ms step then sleeps for hours
+MAX_DELAY_S = 3600.0  # the largest --slowdown +DELAY: an hour's sleep per step
+DELAY_UNITS = {"ms": 1e-3, "s": 1.0}  # longest first: "20ms" is not "20m" seconds
+FORMS = "RANK:FACTOR, RANK:+DELAY or RANK:FACTOR+DELAY (DELAY in ms or s, e.g. 0:+20ms)"
 
 
-def parse_slowdown(text: str | None, workers: int) -> dict[int, float]:
-    """``"0:3,2:1.5"`` -> {0: 3.0, 2: 1.5}; ranks must be workers, factors in [1, 1e6]."""
-    factors: dict[int, float] = {}
+class Slowdown(NamedTuple):
+    """One worker's slowdown: a step of ``t`` seconds takes ``factor * t + delay``."""
+
+    factor: float = 1.0
+    delay: float = 0.0  # seconds
+
+
+def _split(spec: str) -> tuple[str, str | None]:
+    """``"2+10ms"`` -> ("2", "10ms"); the ``+`` of an exponent (``1e+3``) splits nothing."""
+    for i, char in enumerate(spec):
+        if char == "+" and not (i > 0 and spec[i - 1] in "eE"):
+            return spec[:i].strip(), spec[i + 1:].strip()
+    return spec.strip(), None
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _delay(text: str, what: str, item: str) -> float:
+    """``"20ms"`` -> 0.02: a number and a unit of :data:`DELAY_UNITS`, in [0, 1 h]."""
+    letters = re.search(r"[^\W\d_]*$", text)
+    tail = letters.group() if letters else ""
+    unit = next((u for u in DELAY_UNITS
+                 if tail.endswith(u) and _number(text[:-len(u)]) is not None), None)
+    if unit is None:
+        why = ("has no unit" if not tail or _number(text) is not None
+               else f"has an unknown unit {tail!r}")
+        raise UsageError(f"{what}: delay {text!r} of {item!r} {why}; give ms or s "
+                         "(e.g. +20ms, +0.5s)")
+    seconds = float(text[:-len(unit)]) * DELAY_UNITS[unit]
+    if math.isnan(seconds) or not 0.0 <= seconds <= MAX_DELAY_S:
+        raise UsageError(f"{what}: delay {text!r} of {item!r} must be in [0, 3600s] "
+                         "(an hour)")
+    return seconds
+
+
+def parse_slowdown(text: str | None, workers: int,
+                   what: str | None = None) -> dict[int, Slowdown]:
+    """``"0:3,2:+20ms,3:2+1s"`` -> {0: (3, 0), 2: (1, 0.02), 3: (2, 1)}; ranks must be
+    workers, factors in [1, 1e6], delays in [0, 1 h]. The one reader of ``--slowdown``'s
+    forms. ``what`` names the option in a refusal (the flag and its value on the command
+    line, the config field from Python: :func:`hpctrain.options.named`); default the flag."""
+    what = what if what is not None else f"--slowdown {text}"
+    slowdowns: dict[int, Slowdown] = {}
     items = [s.strip() for s in text.split(",")] if text else []
     if not all(items):  # refused as --seeds refuses one, not skipped
-        raise UsageError(f"--slowdown {text}: an empty entry; want RANK:FACTOR[,...]")
+        raise UsageError(f"{what}: an empty entry; want RANK:FACTOR|RANK:+DELAY[,...]")
     for item in items:
         try:
-            rank_text, factor_text = item.split(":")
-            rank, factor = int(rank_text), float(factor_text)
+            rank_text, spec = item.split(":")
+            rank = int(rank_text)
         except ValueError:
-            raise UsageError(f"--slowdown {text}: cannot parse {item!r}; want RANK:FACTOR") \
-                from None
+            raise UsageError(f"{what}: cannot parse {item!r}; want {FORMS}") from None
+        factor_text, delay_text = _split(spec)
+        if (not factor_text and delay_text is None) or delay_text == "":
+            raise UsageError(f"{what}: cannot parse {item!r}; want {FORMS}")
+        try:
+            factor = float(factor_text) if factor_text else 1.0
+        except ValueError:
+            raise UsageError(f"{what}: cannot parse {item!r}; want {FORMS}") from None
         if not 0 <= rank < workers:
             among = "ranks count from 0" if rank < 0 else f"0..{workers - 1}"
-            raise UsageError(f"--slowdown {text}: rank {rank} is not a worker ({among}); RANK "
+            raise UsageError(f"{what}: rank {rank} is not a worker ({among}); RANK "
                              "is a worker's index among the ranks that train: with "
                              "--eval-rank R, world rank r > R is worker r - 1")
         if not 1.0 <= factor <= MAX_FACTOR:  # False for NaN
-            raise UsageError(f"--slowdown {text}: factor {factor_text} must be in [1, "
+            raise UsageError(f"{what}: factor {factor_text} must be in [1, "
                              f"{MAX_FACTOR:g}]")
-        if rank in factors:
-            raise UsageError(f"--slowdown {text}: rank {rank} given twice")
-        factors[rank] = factor
-    return factors
+        delay = 0.0 if delay_text is None else _delay(delay_text, what, item)
+        if rank in slowdowns:
+            raise UsageError(f"{what}: rank {rank} given twice")
+        slowdowns[rank] = Slowdown(factor, delay)
+    return slowdowns
 
 
 class Straggler:
-    """Pads each step of one worker to ``factor`` (times a jitter draw) times its length."""
+    """Pads each step of one worker to ``factor`` times its length plus ``delay`` seconds,
+    the whole times a jitter draw."""
 
-    def __init__(self, factor: float = 1.0, jitter: float = 0.0, seed: int = 0, rank: int = 0):
-        self.factor, self.jitter = factor, jitter
+    def __init__(self, factor: float = 1.0, jitter: float = 0.0, seed: int = 0, rank: int = 0,
+                 delay: float = 0.0):
+        self.factor, self.jitter, self.delay = factor, jitter, delay
         self._rng = random.Random(f"straggler:{seed}:{rank}")
         self.slept = 0.0
 
     @property
     def active(self) -> bool:
-        return self.factor != 1.0 or self.jitter > 0.0
+        return self.factor != 1.0 or self.delay > 0.0 or self.jitter > 0.0
+
+    def draw(self) -> float:
+        """The next step's jitter draw, ``exp(SIGMA z)`` (1 without jitter)."""
+        return self._rng.lognormvariate(0.0, self.jitter) if self.jitter else 1.0
 
     def step_factor(self) -> float:
-        """The slowdown of the next step."""
-        return self.factor * (self._rng.lognormvariate(0.0, self.jitter) if self.jitter else 1.0)
+        """The slowdown factor of the next step (the fixed delay aside)."""
+        return self.factor * self.draw()
+
+    def stretched(self, step_seconds: float) -> float:
+        """How long the next step, which took ``step_seconds``, is to take:
+        ``draw * (factor * t + delay)``, never less than ``t``."""
+        draw = self.draw()
+        return max(step_seconds, step_seconds * (self.factor * draw) + self.delay * draw)
 
     def pad(self, step_seconds: float) -> float:
-        """Sleep so a step that took ``step_seconds`` takes its factor times as long."""
+        """Sleep so a step that took ``step_seconds`` takes as long as :meth:`stretched`
+        says; returns the sleep requested (also added to ``slept``)."""
         if not self.active:
             return 0.0
-        extra = (self.step_factor() - 1.0) * step_seconds
+        extra = self.stretched(step_seconds) - step_seconds
         if extra > 0:
             time.sleep(extra)
             self.slept += extra

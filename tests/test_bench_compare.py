@@ -120,6 +120,8 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
     (["--algos", "sgd", "--seeds", "1,,2"], "--seeds: '1,,2': an empty entry"),
     (["--algos", "ssgd", "--workers", "2", "--slowdown", "0:2,", *SMALL],
      "--slowdown 0:2,: an empty entry"),
+    (["--algos", "ssgd", "--workers", "2", "--slowdown", "0:+20", *SMALL],
+     "--slowdown 0:+20: delay '20' of '0:+20' has no unit"),
     (["--algos", "sgd", "--targets", "0.8,85"], "--targets '0.8,85'"),
     (["--algos", "sgd", "--launcher", "mpirun -n 4"], "no {np}"),
     # An option none of the algorithms takes: exit 0, and the report only said it was not
@@ -198,8 +200,9 @@ def test_what_this_machine_cannot_run_is_left_to_runs_started_elsewhere(tmp_path
         monkeypatch.setenv("SLURM_JOB_ID", job)
     argv = ["--algos", "ssgd", "--workers", "2", "--device", "cuda", *SMALL,
             "--launcher", launcher, "--out", str(tmp_path / "cmp")]
-    (run,) = compare.plan(parse(*argv))
+    (run,) = compare.plan(parse(*argv, "--slowdown", "1:+20ms"))
     assert run.command[run.command.index("--device") + 1] == "cuda"
+    assert run.command[run.command.index("--slowdown") + 1] == "1:+20ms"  # passed through
     with pytest.raises(UsageError, match=re.escape("--slowdown 2:3: rank 2 is not a worker")):
         compare.plan(parse(*argv, "--slowdown", "2:3"))
 

@@ -406,10 +406,11 @@ def test_the_other_parsers_take_values_starting_with_a_minus(tmp_path):
 @pytest.mark.parametrize("value", ["", " ", ","])
 def test_an_empty_slowdown_is_refused_as_an_empty_out_is(value):
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--slowdown", value]) == \
-        f"--slowdown {value!r} is empty: give RANK:FACTOR[,...], or leave it out for none"
+        f"--slowdown {value!r} is empty: give RANK:FACTOR or RANK:+DELAY[,...], or leave it " \
+        "out for none"
     assert StragglerConfig(slowdown=None).factor(0, 1) == 1.0
     assert refusal(["--algo", "ssgd", *SYNTHETIC, "--slowdown", "0:2,,1:3"], 2) == \
-        "--slowdown 0:2,,1:3: an empty entry; want RANK:FACTOR[,...]"  # was skipped
+        "--slowdown 0:2,,1:3: an empty entry; want RANK:FACTOR|RANK:+DELAY[,...]"  # was skipped
 
 
 # 10. --resume auto --checkpoint-dir without --out, the run finished: "trains nothing and

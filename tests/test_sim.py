@@ -333,10 +333,13 @@ def test_async_workers_leave_frozen_parameters_as_they_were(tmp_path, algo):
     assert not torch.equal(before["head.weight"], after["head.weight"])
 
 
-def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path):
+@pytest.mark.parametrize("slowdown", ["2:3", "2:+40ms", "2:2+20ms"])
+def test_ssgd_time_is_the_slowest_worker_plus_the_allreduce(tmp_path, slowdown):
+    """Worker 2's 0.02 s steps take 0.06 s: three times as long, 40 ms longer (a fixed
+    delay, added to the simulated step as a real straggler sleeps it), or both."""
     s = sim(4, step_time="constant:0.02", latency=1e-4, bandwidth=1e9)
     summary = simulate(config("ssgd", tmp_path / "x",
-                              stragglers=StragglerConfig(slowdown="2:3")), s)
+                              stragglers=StragglerConfig(slowdown=slowdown)), s)
     params = summary["params"]
     allreduce = Network(1e-4, 1e9).allreduce(4 * params, 4)
     steps = summary["updates"]

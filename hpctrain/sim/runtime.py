@@ -17,20 +17,21 @@ MIN_STEP_S = 1e-9  # the shortest virtual step: no real one takes less than a na
 
 
 class VirtualStraggler(Straggler):
-    """A step's time from the step-time model, times ``--slowdown``'s factor and
-    ``--jitter``'s draw (the real :class:`Straggler`'s), added to the worker's virtual clock
-    instead of slept. ``slept`` counts the part the factor and jitter added."""
+    """A step's time from the step-time model, stretched as the real :class:`Straggler`
+    stretches a measured one (``--slowdown``'s factor and fixed delay, ``--jitter``'s draw:
+    ``draw * (factor * t + delay)``), added to the worker's virtual clock instead of slept.
+    ``slept`` counts the part the slowdown and jitter added."""
 
     def __init__(self, model: StepTimeModel, scheduler: Scheduler, worker: int, factor: float,
-                 jitter: float, seed: int):
-        super().__init__(factor, jitter, seed, worker)
+                 jitter: float, seed: int, delay: float = 0.0):
+        super().__init__(factor, jitter, seed, worker, delay=delay)
         self.model, self.scheduler, self.worker = model, scheduler, worker
 
     def pad(self, step_seconds: float) -> float:
         # At least MIN_STEP_S: a step takes time (a zero draw made the run's time 0), and
         # never faster than drawn (a real straggler only pads, :meth:`Straggler.pad`).
         base = max(self.model.next(self.worker), MIN_STEP_S)
-        step = base * (max(1.0, self.step_factor()) if self.active else 1.0)
+        step = self.stretched(base) if self.active else base
         self.scheduler.now[self.worker] += step
         extra = max(0.0, step - base)
         self.slept += extra
@@ -85,8 +86,9 @@ class VirtualRuntime(Runtime):
         """--jitter draws seeded with the simulation's timing seed (``--timing-seed``, else
         ``--seed``, as a real straggler's)."""
         s, sim = config.stragglers, self.simulation
-        return VirtualStraggler(sim.step_times, sim.scheduler, self.worker,
-                                s.factor(rank, workers), s.jitter, sim.timing_seed)
+        factor, delay = s.slowdown_of(rank, workers)
+        return VirtualStraggler(sim.step_times, sim.scheduler, self.worker, factor, s.jitter,
+                                sim.timing_seed, delay=delay)
 
     def train_data(self, spec: TrainDataSpec, comm_) -> ReplicatedTrainData:
         """The real samplers over one copy of the training set that all workers share
