@@ -7,9 +7,10 @@ algorithm of the registry as K workers would, deterministically, in virtual time
   worker runs the one training loop (:func:`hpctrain.run._train`) in a thread of its own,
   one at a time, in (virtual time, worker id) order.
 - :mod:`~hpctrain.sim.steptime` and :mod:`~hpctrain.sim.network`: how long a step takes
-  (constant, log-normal, gamma, or replayed from a real run's ``step_times.json``, times the
-  real ``--slowdown``/``--jitter``) and how long communication takes (latency and bandwidth;
-  ring collectives; per-shard store accesses with lock queueing).
+  (constant, log-normal, gamma, or replayed from a real run's ``step_times.json``, stretched
+  by the real ``--slowdown``/``--jitter``: factor, fixed delay, draw) and how long
+  communication takes (latency and bandwidth; ring collectives; per-shard store accesses with
+  lock queueing).
 - :mod:`~hpctrain.sim.comm` and :mod:`~hpctrain.sim.store`: in-process stand-ins with the
   interfaces of an mpi4py communicator, of :class:`~hpctrain.async_.store.ParameterStore`
   and of :class:`~hpctrain.async_.ssp.StalenessBound`, so the real aggregators, optimizers and

@@ -21,8 +21,8 @@
 
 Draws come from one generator per worker, seeded with (seed, worker), so a simulation is
 deterministic; the seed is ``--timing-seed`` (default ``--seed``), which seeds nothing else.
-``--slowdown`` and ``--jitter`` multiply the drawn time exactly as they pad a real step
-(:mod:`hpctrain.stragglers`).
+``--slowdown`` (its factor and fixed ``+DELAY``) and ``--jitter`` stretch the drawn time exactly
+as they pad a real step (:mod:`hpctrain.stragglers`, ``Straggler.stretched``).
 """
 
 from __future__ import annotations
