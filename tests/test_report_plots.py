@@ -355,6 +355,27 @@ def test_the_plots_say_which_line_trained_which_model_and_data(tmp_path):
         "mlp on synthetic, --jitter 0.2"
 
 
+def test_an_ec_line_says_which_of_its_models_it_scores():
+    """A comparison of ma and ec: ec's line read "ec, M=4" alone, though its points are rank
+    0's member (the default) or the ensemble; only report.md's text said which."""
+    def row(algo: str, final: str | None, seed: int | None = None) -> report.Row:
+        summary = {**SUMMARY, "algo": algo, "workers": 4}
+        if final is not None:
+            summary["final_model"] = final
+        return report.Row(algo, "ok", seed=seed, summary=summary, points=POINTS)
+
+    rows = [row("ma", "averaged"), row("ec", "member")]
+    assert [c.label for c in report.curves(rows, "t")] == [
+        "ma, M=4", "ec, M=4, rank 0's member"]
+    (ax,) = report.figure(rows, "epoch", "t").axes
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == [
+        "ma, M=4", "ec, M=4, rank 0's member"]
+    seeds = [row("ec", "ensemble", 1), row("ec", "ensemble", 2)]
+    assert [c.label for c in report.curves(seeds, "epoch")] == [
+        "ec, M=4, mean of 2 seeds, ensemble"]
+    assert report.curves([row("ec", None)], "t")[0].label == "ec, M=4, rank 0's member"
+
+
 def test_a_title_of_a_users_paths_names_their_files_and_fits_the_figure():
     """A run of ``/tmp/trial-researcher/mynet.py:build`` on ``imagefolder:/tmp/...``: the
     title held both absolute paths on one line and ran past the figure's edges."""

@@ -1417,7 +1417,8 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
         if runs[0].seed is None:
             for r in drawn:
                 pts = sorted(r.points, key=lambda p: p[x])
-                out.append(Curve(name, r.label + _trained_on([r], differ), [p[x] for p in pts],
+                out.append(Curve(name, r.label + _trained_on([r], differ) + _scores([r]),
+                                 [p[x] for p in pts],
                                  _errors(pts), algo=r.algo or name))
             continue
         if not drawn:
@@ -1426,7 +1427,7 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
         of = f" of {len(runs)}" if len(drawn) < len(runs) else ""  # the others: no_curve's
         label = (f"{group_name(runs)}, M={'?' if workers is None else workers}, mean of "
                  f"{len(drawn)}{of} seed{'s' if len(drawn) > 1 or of else ''}"
-                 + _trained_on(drawn, differ))
+                 + _trained_on(drawn, differ) + _scores(drawn))
         lines = [_by_epoch(r.points, x) for r in drawn]
         grid = sorted({e for epochs, _, _ in lines for e in epochs})
         there = [[line for line in lines if line[0][0] <= e <= line[0][-1]] for e in grid]
@@ -1443,6 +1444,15 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
                          algo=algos.pop() if len(algos) == 1 else None,
                          ends=(min(ends), max(ends)) if x == "t" and len(drawn) > 1 else None))
     return out
+
+
+def _scores(runs: list[Row]) -> str:
+    """Which of its models an ec line scores, for its legend label (``, rank 0's member``,
+    as :func:`final_model`); "" for the other algorithms, whose one model it is. The line
+    said "ec, M=4" alone, though its points are rank 0's member (or, with ``--ec-final
+    ensemble``, the ensemble), which only report.md's text said."""
+    models = dict.fromkeys(m for r in runs if (m := final_model(r.summary or {})) is not None)
+    return ", " + " / ".join(FINAL_MODELS[m] for m in models) if models else ""
 
 
 # Summary keys of what a run trained that the plots name (title, or each line where they differ)
