@@ -81,11 +81,14 @@ class Wrapping(torch.nn.Module):
 def test_a_models_own_prefix_is_kept(tmp_path, build):
     """--init-from refused a run's own model.pt when the model's names start with a wrapper's
     prefix (read took it off blindly); a plain file fits such a model too."""
-    model = build()
-    own = model.state_dict()
-    weights.load_into(model, str(saved(tmp_path, own)), "mine")
-    plain = {k.split(".", 1)[1]: v for k, v in own.items()}
-    weights.load_into(build(), str(saved(tmp_path, plain)), "mine")
+    own = build().state_dict()
+    for state in (own, {k.split(".", 1)[1]: v for k, v in own.items()}):  # the plain file's
+        model = build()  # initialised afresh: other values than the file's
+        assert any(not torch.equal(v, own[k]) for k, v in model.state_dict().items())
+        weights.load_into(model, str(saved(tmp_path, state)), "mine")
+        loaded = model.state_dict()
+        assert loaded.keys() == own.keys()
+        assert all(torch.equal(loaded[k], own[k]) for k in own)
 
 
 def test_a_prefix_only_some_keys_have_stays():
