@@ -816,8 +816,10 @@ def test_time_to_target_and_targets():
     assert report.time_to(points, 0.84)["epoch"] == 1
     assert report.time_to(points, 0.9) is None
     assert report.parse_targets("0.8, 0.85") == [0.8, 0.85]
-    for bad in ("", "x", "0", "1.5"):
-        with pytest.raises(UsageError):
+    for bad, why in (("", "want accuracies in (0, 1]"), ("0.8,,0.9", "an empty entry"),
+                     ("x", "not a comma-separated list of numbers"),
+                     ("0", "want accuracies in (0, 1]"), ("0.8,1.5", "want accuracies in (0, 1]")):
+        with pytest.raises(UsageError, match=re.escape(f"--targets {bad!r}: {why}")):
             report.parse_targets(bad)
 
 
