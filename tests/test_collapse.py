@@ -4,6 +4,7 @@ still is; and what rank 0's Watch says about it. The rules one by one: test_plug
 import json
 import math
 import random
+import signal
 
 import pytest
 import torch
@@ -187,10 +188,13 @@ def test_a_resumed_run_finds_no_collapse_in_the_snapshots_before_its_checkpoint(
     train = ["train", "--algo", "sgd", *SYNTHETIC, "--epochs", "3", "--batch-size", "16",
              "--checkpoint-every", "1e", "--eval", "online", "--stop-on-collapse",
              "--out", out]
-    assert run_job(train, np=0, env={"HPCTRAIN_INJECT": "kill@0:300"}).returncode != 0
+    killed = run_job(train, np=0, env={"HPCTRAIN_INJECT": "kill@0:300"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
     resumed = run_job([*train, "--resume", "auto"], np=0)
     assert resumed.returncode == 0 and "collapsed" not in resumed.stderr, resumed.stderr
     summary = json.loads((tmp_path / "cut" / "summary.json").read_text())
+    # resumed from the checkpoint at epoch 2 (128 steps an epoch), not started afresh
+    assert summary["resumed_from_updates"] == [256], summary["resumed_from_updates"]
     assert summary["collapsed_at"] is None and summary["final_test_acc"] > 0.9
     points = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").open()]
     assert points[0]["test_acc"] < 0.2 and points[-1]["epoch"] == 3  # chance, then learned
