@@ -111,6 +111,9 @@ def test_what_does_not_fit_is_named():
     assert weights.mismatch(model, shaped) == (
         f"{first} is 3 x 2 in the file, {' x '.join(map(str, state[first].shape))} in the "
         "model")
+    second = rest[0]
+    assert weights.mismatch(model, {**shaped, second: torch.tensor(1.0)}).endswith(
+        "in the model (and 1 more of another shape)")
 
 
 def _checkpoint(tmp_path: Path) -> Path:
