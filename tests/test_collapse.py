@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, run_job
 
-from hpctrain import data, live
+from hpctrain import collapse, data, live
 from hpctrain.collapse import CollapseDetector
 from hpctrain.config import OptimConfig, RunConfig
 from hpctrain.metrics import progress as progress_bar
@@ -62,6 +62,24 @@ def test_a_flat_loss_is_not_a_collapse_while_snapshots_score_above_chance():
     assert detector.accuracy(300, 0.11) is None  # not the "back at chance" rule: never 0.28
     # Now a collapse, at the end of the stretch judged afresh at update 256.
     assert first_collapse(detector, [CHANCE] * 200, start=301) == 256 + 4 * WINDOW
+
+
+# Ten classes: a score of at least 0.1 + LEARNED x 0.9 = 0.28 was learning, and a later one
+# of at most 0.1 + CHANCE_MARGIN = 0.12 is back at chance (both bounds as the detector sums).
+LEARNT, AT_CHANCE = 0.1 + collapse.LEARNED * (1 - 0.1), 0.1 + collapse.CHANCE_MARGIN
+
+
+@pytest.mark.parametrize("best, then, collapsed", [
+    (LEARNT - 1e-4, 0.1, False), (LEARNT, AT_CHANCE + 1e-4, False), (LEARNT, AT_CHANCE, True),
+    (0.9, 0.05, True)])
+def test_a_snapshot_back_at_chance_after_learning_is_a_collapse_at_the_bounds(best, then,
+                                                                               collapsed):
+    detector = CollapseDetector(10, WINDOW)
+    assert detector.accuracy(16, best) is None
+    said = detector.accuracy(32, then)
+    assert (detector.collapsed_at, said) == ((32, f"test accuracy {then:.4f} back at chance "
+                                              f"(1/10) after {best:.4f}") if collapsed
+                                             else (None, None))
 
 
 def test_a_collapse_after_learning_is_caught_as_fast_during_warm_up():
