@@ -839,7 +839,7 @@ def test_a_sigusr1_stops_the_first_run_of_a_script_and_not_the_next(tmp_path):
 def test_more_threads_than_the_processs_cpus_are_said_before_the_run(tmp_path, capsys):
     """Open MPI binds each of one or two ranks to one core: --threads 2 ran two threads on
     it, no faster than one, and nothing said so (a Slurm job's --cpus-per-task 2 too)."""
-    from hpctrain import arguments, launch_checks
+    from hpctrain import arguments, launch_checks, launch_env
 
     def warned(threads: int) -> str:
         args = ["train", "--algo", "sgd", *SYNTHETIC, "--threads", str(threads),
@@ -860,6 +860,13 @@ def test_more_threads_than_the_processs_cpus_are_said_before_the_run(tmp_path, c
                              "binds each of one or two ranks to one core: give it --bind-to "
                              "none or --map-by slot:PE=2; srun: --cpus-per-task=2)\n")
         assert warned(1) == ""
+        # said once for the launch, by its rank 0: not by each of an Open MPI job's ranks
+        for rank, said in (("1", False), ("0", True)):
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+                patch.setenv("OMPI_COMM_WORLD_RANK", rank)
+                launch_env.say_threads_beyond_cpus(2)
+            assert ("--threads 2, but" in capsys.readouterr().err) == said, rank
     finally:
         os.sched_setaffinity(0, cpus)
 
