@@ -430,8 +430,8 @@ class CheckpointConfig:
             if folder is not None and not folder.strip():  # "" would be the working folder
                 what = options.named(f'{flag} {folder!r}', "CheckpointConfig", key, folder)
                 raise UsageError(f"{what} is empty: give a folder")
-        object.__setattr__(self, "dir", _expanded(self.dir, "--checkpoint-dir"))
-        object.__setattr__(self, "resume", _expanded(self.resume, "--resume"))
+        object.__setattr__(self, "dir", _expanded(self.dir, "--checkpoint-dir", "dir"))
+        object.__setattr__(self, "resume", _expanded(self.resume, "--resume", "resume"))
 
 
 @dataclass(frozen=True)
@@ -578,7 +578,7 @@ class RunConfig:
             what = options.named(f'--out {self.out!r}', "RunConfig", "out", self.out)
             raise UsageError(f"{what} is empty: give a folder (default "
                              "runs/<algo>-<time>)")
-        object.__setattr__(self, "out", _expanded(self.out, "--out"))
+        object.__setattr__(self, "out", _expanded(self.out, "--out", "out"))
         if 0 < self.stall_timeout < MIN_STALL_TIMEOUT:  # see MIN_STALL_TIMEOUT
             what = options.named(f"--stall-timeout {options.shown(self.stall_timeout)}",
                                  "RunConfig", "stall_timeout", self.stall_timeout)
@@ -611,11 +611,13 @@ for _section in (RunConfig, *SECTIONS.values()):
     options.document_fields(_section, _SECTION_DOCS)
 
 
-def _expanded(folder: str | None, flag: str) -> str | None:
+def _expanded(folder: str | None, flag: str, name: str) -> str | None:
     """A folder option with ``~`` expanded where it is taken (:func:`plugins.home_expanded`,
     as for every path option): the run's files, its summary and config.json then name the
-    real folder, not a ``~`` made in the working folder."""
-    return None if folder is None else plugins.home_expanded(folder, flag)
+    real folder, not a ``~`` made in the working folder. ``name``: its field (RunConfig's
+    ``out``, else CheckpointConfig's), which a refusal names from Python."""
+    owner = "RunConfig" if name == "out" else "CheckpointConfig"
+    return None if folder is None else plugins.home_expanded(folder, flag, (owner, name))
 
 
 def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:

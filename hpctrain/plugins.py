@@ -59,14 +59,33 @@ def is_file_reference(text: str) -> bool:
     return where.endswith(".py") or "/" in where
 
 
+# The options that name code or a file -> the Python field that gives each, as a refusal
+# names it to a Python caller (:func:`said`); this library sits below hpctrain.config.
+FIELDS = {"--model": ("ModelConfig", "name"), "--dataset": ("DataConfig", "dataset"),
+          "--algo": ("RunConfig", "algo"), "--init-from": ("ModelConfig", "init_from"),
+          "--data-dir": ("DataConfig", "data_dir")}
+
+
+def said(flag: str, *value: object, typed: str | None = None,
+         field: tuple[str, str] | None = None) -> str:
+    """Option ``flag`` in a refusal: on the command line as typed (``typed``, else the flag
+    alone: ``--model 'x:'``); from Python as the field that gives it (``field``, else
+    :data:`FIELDS`'), with ``=value`` where one is given (``ModelConfig.name='x:'``,
+    :func:`hpctrain.options.named`), who typed no flag. An option of neither: as typed."""
+    shown = flag if typed is None else typed
+    field = field or FIELDS.get(flag)
+    return shown if field is None else options.named(shown, *field, *value)
+
+
 def check_form(flag: str, text: str) -> None:
     """UsageError unless ``text`` reads as ``MODULE:ATTRIBUTE`` or ``FILE.py:ATTRIBUTE``."""
     where, _, attribute = text.rpartition(":")
+    given = said(flag, text, typed=f"{flag} {text!r}")
     if not where or not _ATTRIBUTE.fullmatch(attribute):
         what = "CLASS" if flag == "--algo" else "CALLABLE"
-        raise UsageError(f"{flag} {text!r}: want MODULE:{what} or ./FILE.py:{what}")
+        raise UsageError(f"{given}: want MODULE:{what} or ./FILE.py:{what}")
     if not is_file_reference(text) and not _MODULE.fullmatch(where):
-        raise UsageError(f"{flag} {text!r}: {where!r} is neither a module name nor a .py file")
+        raise UsageError(f"{given}: {where!r} is neither a module name nor a .py file")
 
 
 def model_name(text: str, error: type[Exception] = argparse.ArgumentTypeError) -> str:
@@ -111,16 +130,19 @@ def json_object(text: str) -> dict:
     return value
 
 
-def home_expanded(path: str | os.PathLike[str], flag: str | None = None) -> str:
+def home_expanded(path: str | os.PathLike[str], flag: str | None = None,
+                  field: tuple[str, str] | None = None) -> str:
     """``path`` with a leading ``~`` or ``~user`` expanded, as a shell expands it unquoted.
 
     Every path option takes it alike: ``--out "~/o"`` (or a file's ``out = "~/o"``) made a
     folder named ``~`` in the working folder where ``--model "~/m.py:Net"`` read the home
     folder's file. A ``~user`` with no home is refused, naming it (``flag``: the option),
-    where Path.expanduser's RuntimeError was a traceback."""
+    where Path.expanduser's RuntimeError was a traceback; from Python, the field that gives
+    it (``field``, else :data:`FIELDS`', :func:`said`)."""
     text = os.fspath(path)
     expanded = os.path.expanduser(text)
-    named = f"{flag} {shortened(text)}" if flag else shortened(text)
+    named = said(flag, typed=f"{flag} {shortened(text)}", field=field) if flag \
+        else shortened(text)
     if expanded.startswith("~"):  # os.path.expanduser leaves an unknown user's as typed
         raise UsageError(f"{named}: no home folder for {text.split(os.sep, 1)[0]}")
     if problem := too_long(expanded):
@@ -188,10 +210,10 @@ def reference_to(flag: str, obj: str | os.PathLike[str] | Callable[..., Any]) ->
     qualname = getattr(obj, "__qualname__", None)
     module = sys.modules.get(getattr(obj, "__module__", None) or "")
     if not callable(obj) or qualname is None or module is None:
-        raise UsageError(f"{flag}: want a name, a reference or a module-level function or "
+        raise UsageError(f"{said(flag)}: want a name, a reference or a module-level function or "
                          f"class, not a {type(obj).__name__}")
     if "<" in qualname:
-        raise UsageError(f"{flag}: {qualname} cannot be found again by name (by other ranks, "
+        raise UsageError(f"{said(flag)}: {qualname} cannot be found again by name (by other ranks, "
                          "or from config.json); define it at module level")
     if module.__name__ != "__main__" and not module.__name__.startswith(_FILE_MODULE) \
             and not _beside_script(module):
@@ -201,11 +223,11 @@ def reference_to(flag: str, obj: str | os.PathLike[str] | Callable[..., Any]) ->
         assert module.__file__ is not None  # just checked
         where = str(Path(module.__file__).resolve())
     else:
-        raise UsageError(f"{flag}: {qualname} is defined in {module.__name__}, which has no "
+        raise UsageError(f"{said(flag)}: {qualname} is defined in {module.__name__}, which has no "
                          "file to find it in again; define it in a module or script")
     reference = f"{where}:{qualname}"
     if resolve(flag, reference) is not obj:
-        raise UsageError(f"{flag}: {reference} names another object than the one given; "
+        raise UsageError(f"{said(flag)}: {reference} names another object than the one given; "
                          "define it once, at module level")
     return reference
 
@@ -236,11 +258,18 @@ def resolve(flag: str, text: str) -> Callable:
             if not is_file_reference(text):
                 _refuse_shadowed(flag, text, sys.modules.get(where.partition(".")[0], module))
                 file = f" (it is {getattr(module, '__file__', None) or 'a module with no file'})"
-            raise UsageError(f"{flag} {text}: {where} has no attribute {attribute!r}{file}")
+            raise UsageError(f"{_typed(flag, text)}: {where} has no attribute "
+                             f"{attribute!r}{file}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise UsageError(f"{flag} {text}: {attribute} is a {type(obj).__name__}, not callable")
+        raise UsageError(f"{_typed(flag, text)}: {attribute} is a {type(obj).__name__}, "
+                         "not callable")
     return obj
+
+
+def _typed(flag: str, text: str) -> str:
+    """``flag text`` in a refusal, unquoted, from Python the field given (:func:`said`)."""
+    return said(flag, text, typed=f"{flag} {text}")
 
 
 def _import(flag: str, text: str):
@@ -257,10 +286,10 @@ def _import(flag: str, text: str):
     except ModuleNotFoundError as e:
         if (top := sys.modules.get(name.partition(".")[0])) is not None:
             _refuse_shadowed(flag, text, top)  # my_pkg.nets where my_pkg is another's
-        raise UsageError(f"{flag}: no module named {e.name!r} (importing {name} from the "
+        raise UsageError(f"{said(flag)}: no module named {e.name!r} (importing {name} from the "
                          "working directory or PYTHONPATH)") from None
     except Exception as e:
-        raise UsageError(f"{flag}: importing {name} raised {one_line(e)}") from e
+        raise UsageError(f"{said(flag)}: importing {name} raised {one_line(e)}") from e
     return module
 
 
@@ -281,17 +310,18 @@ def _refuse_shadowed(flag: str, text: str, top) -> None:
     where, _, attribute = text.rpartition(":")
     hint = f"give the file as {shown}:{attribute} or rename it" \
         if where == top.__name__ and shown.endswith(".py") else "rename it"
-    raise UsageError(f"{flag} {text}: `{top.__name__}` is {found}, not {shown}; {hint}")
+    raise UsageError(f"{_typed(flag, text)}: `{top.__name__}` is {found}, not {shown}; "
+                     f"{hint}")
 
 
 def _load_file(flag: str, path_text: str):
     path = Path(home_expanded(path_text, flag)).resolve()
     if path.is_dir():  # ./pkg:build: a package is imported by name, not as a path
-        raise UsageError(f"{flag}: {path_text} is a folder; give a package as MODULE:NAME "
+        raise UsageError(f"{said(flag)}: {path_text} is a folder; give a package as MODULE:NAME "
                          f"({path.name}.module:NAME, from its parent folder or PYTHONPATH) or "
                          f"a file as {path_text.rstrip('/')}/FILE.py:NAME")
     if not path.is_file():
-        raise UsageError(f"{flag}: no file {path_text}")
+        raise UsageError(f"{said(flag)}: no file {path_text}")
     running = _imported_from(path)
     if running is not None:
         return running  # the script, or a module it imported, not a copy
@@ -301,14 +331,14 @@ def _load_file(flag: str, path_text: str):
     try:
         source = path.read_bytes()
     except OSError as e:
-        raise UsageError(f"{flag}: cannot read {path_text} ({e.strerror})") from None
+        raise UsageError(f"{said(flag)}: cannot read {path_text} ({e.strerror})") from None
     content = hashlib.sha1(source).hexdigest()
     loaded = sys.modules.get(name)
     if loaded is not None and getattr(loaded, "__hpctrain_content__", None) == content:
         return loaded
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None:  # no loader for its suffix: Python imports .py files only
-        raise UsageError(f"{flag}: {path_text} is not a Python file; want FILE.py")
+        raise UsageError(f"{said(flag)}: {path_text} is not a Python file; want FILE.py")
     module = importlib.util.module_from_spec(spec)
     module.__dict__["__hpctrain_content__"] = content
     _importable_beside(path)
@@ -319,13 +349,13 @@ def _load_file(flag: str, path_text: str):
         exec(compile(source, str(path), "exec"), module.__dict__)
     except Exception as e:
         del sys.modules[name]
-        raise UsageError(f"{flag}: loading {path_text} raised {one_line(e)}") from e
+        raise UsageError(f"{said(flag)}: loading {path_text} raised {one_line(e)}") from e
     clash = _neighbour_elsewhere(path, source)
     if clash is not None:
         del sys.modules[name]
         neighbour, found, hint = clash
-        raise UsageError(f"{flag}: {path_text} imports {neighbour} beside it, but {neighbour} "
-                         f"is {found} instead; {hint}")
+        raise UsageError(f"{said(flag)}: {path_text} imports {neighbour} beside it, but "
+                         f"{neighbour} is {found} instead; {hint}")
     return module
 
 
@@ -420,14 +450,20 @@ def one_line(e: BaseException) -> str:
         (f" (at {where})" if where else "")
 
 
+def _model(name: str) -> str:
+    """``--model NAME`` in a refusal, from Python ``ModelConfig.name='NAME'`` (:func:`said`)."""
+    return said("--model", name, typed=f"--model {name}")
+
+
 def build_model(name: str, input_shape: tuple, num_classes: int,
                 model_args: dict | None = None) -> nn.Module:
     """Built-in model ``name`` or the user's ``MODULE:CALLABLE`` for this data."""
     if not is_reference(name):
         if model_args:
-            raise UsageError(f"--model-args are for a model of your own, not --model {name}")
+            raise UsageError(f"{said('--model-args', field=('ModelConfig', 'args'))} are for a "
+                             f"model of your own, not {_model(name)}")
         if len(input_shape) != 3 and name != "mlp":  # mlp flattens any shape
-            raise UsageError(f"--model {name} needs samples of shape C x H x W, not "
+            raise UsageError(f"{_model(name)} needs samples of shape C x H x W, not "
                              f"{' x '.join(map(str, input_shape))}; use a model of your own")
         return models.build(name, tuple(input_shape), num_classes)
     build = resolve("--model", name)
@@ -437,11 +473,11 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
         raise
     except Exception as e:
         extra = "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
-        raise UsageError(f"--model {name} raised {one_line(e)} when called with "
+        raise UsageError(f"{_model(name)} raised {one_line(e)} when called with "
                          f"input_shape={tuple(input_shape)}, num_classes={num_classes}"
                          f"{extra}") from e
     if not isinstance(model, nn.Module):
-        raise UsageError(f"--model {name} returned a {type(model).__name__}, not a "
+        raise UsageError(f"{_model(name)} returned a {type(model).__name__}, not a "
                          "torch.nn.Module")
     return model
 
@@ -518,7 +554,7 @@ def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
     lazy = next((n for n, p in model.named_parameters()
                  if isinstance(p, nn.parameter.UninitializedParameter)), None)
     if lazy is not None:  # sized by a first forward on each rank: none of the run's checks see it
-        raise UsageError(f"--model {name}: its parameter {lazy} is lazy (nn.Lazy* modules); "
+        raise UsageError(f"{_model(name)}: its parameter {lazy} is lazy (nn.Lazy* modules); "
                          "give the layer its input size")
     model.eval()
     with torch.no_grad():
@@ -526,7 +562,7 @@ def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
     params = list(model.parameters())
     if not any(p.requires_grad for p in params):
         what = "no parameter that requires grad (all frozen)" if params else "no parameters"
-        raise UsageError(f"--model {name}: it has {what}; there is nothing to train")
+        raise UsageError(f"{_model(name)}: it has {what}; there is nothing to train")
     # One training step's forward and backward, as training takes them.
     with _as_it_was(model):
         model.train()
@@ -536,10 +572,10 @@ def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
                 try:
                     F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
                 except Exception as e:
-                    raise UsageError(f"--model {name}: the backward of its loss raised "
+                    raise UsageError(f"{_model(name)}: the backward of its loss raised "
                                      f"{one_line(e)}") from e
         if all(p.grad is None for p in params):
-            raise UsageError(f"--model {name}: its output does not depend on its parameters "
+            raise UsageError(f"{_model(name)}: its output does not depend on its parameters "
                              "(detached?); no gradient reaches them")
         if no_sparse is not None:
             _refuse_sparse_gradients(name, model, no_sparse)
@@ -556,7 +592,7 @@ def _refuse_sparse_gradients(name: str, model: nn.Module, why: str) -> None:
     module = model.get_submodule(owner)
     built = f"{owner or 'the model'} ({type(module).__name__}, sparse=True)" \
         if getattr(module, "sparse", False) is True else f"its module {owner or 'itself'}"
-    raise UsageError(f"--model {name}: {sparse} gets sparse gradients, and {why}, or build "
+    raise UsageError(f"{_model(name)}: {sparse} gets sparse gradients, and {why}, or build "
                      f"{built} with sparse=False")
 
 
@@ -584,7 +620,7 @@ def _check_one_sample(name: str, model: nn.Module, input_shape: tuple, why: str)
             model.train()
             model(torch.zeros(1, *input_shape))
     except Exception as e:
-        raise UsageError(f"--model {name} cannot train on one sample (its forward in "
+        raise UsageError(f"{_model(name)} cannot train on one sample (its forward in "
                          f"training mode raised {one_line(e)}), and {why}") from e
     finally:
         model.train(mode)
@@ -597,13 +633,13 @@ def _logits(name: str, model: nn.Module, input_shape: tuple, num_classes: int) -
     try:
         out = model(torch.zeros(2, *input_shape))
     except Exception as e:
-        raise UsageError(f"--model {name}: its forward{mode} on a batch of shape "
+        raise UsageError(f"{_model(name)}: its forward{mode} on a batch of shape "
                          f"{(2, *input_shape)} raised {one_line(e)}") from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UsageError(f"--model {name}: output {got}{mode} for a batch of 2; want (2, "
+        raise UsageError(f"{_model(name)}: output {got}{mode} for a batch of 2; want (2, "
                          f"{num_classes}): one logit per class")
     if not out.is_floating_point():
-        raise UsageError(f"--model {name}: output of dtype {out.dtype}; want floating-point "
+        raise UsageError(f"{_model(name)}: output of dtype {out.dtype}; want floating-point "
                          "logits")
     return out

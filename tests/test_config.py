@@ -234,12 +234,19 @@ def test_every_path_option_expands_a_home_folder_alike(tmp_path, monkeypatch):
         == "auto"
     # A user without a home: one line naming the option, not Path.expanduser's RuntimeError
     nobody = "~hpctrain-no-such-user"
-    with pytest.raises(UsageError, match=rf"^--out {nobody}/o: no home folder for {nobody}$"):
+    # (from Python the field, who typed no flag: it said --out there too)
+    with pytest.raises(UsageError, match=rf"^RunConfig.out: no home folder for {nobody}$"):
         RunConfig(algo="sgd", out=f"{nobody}/o")
-    for flags in (["--init-from", f"{nobody}/w.pt"], ["--model", f"{nobody}/m.py:Net"]):
-        with pytest.raises(UsageError, match=rf"^{flags[0]} {nobody}/.*: no home folder for "):
-            launch_checks.check_launch(parse("--algo", "sgd", "--dataset", "synthetic",
-                                             "--model", "mlp", *flags), 1)
+    with pytest.raises(UsageError, match=rf"^--out {nobody}/o: no home folder for {nobody}$"):
+        parse("--algo", "sgd", "--out", f"{nobody}/o")
+    for flags, field in ((["--init-from", f"{nobody}/w.pt"], "ModelConfig.init_from"),
+                         (["--model", f"{nobody}/m.py:Net"], "ModelConfig.name")):
+        config = parse("--algo", "sgd", "--dataset", "synthetic", "--model", "mlp", *flags)
+        with pytest.raises(UsageError, match=rf"^{flags[0]} {nobody}/.*: no home folder for "), \
+                options.command_line():
+            launch_checks.check_launch(config, 1)
+        with pytest.raises(UsageError, match=rf"^{field}: no home folder for {nobody}$"):
+            launch_checks.check_launch(config, 1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]  # no ~ made here
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import io
 import math
@@ -25,6 +26,7 @@ from hpctrain import (
     launch_checks,
     live,
     optimizers,
+    options,
     plugins,
     userdata,
 )
@@ -315,10 +317,14 @@ def test_a_model_reference_is_checked_before_mpi(nets, name, message):
      r"its output does not depend on its parameters \(detached\?\)"),
 ])
 def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, message):
+    """Named as typed on the command line; from Python it said --model too, to a caller of
+    ModelConfig(name=...), who typed no flag: the field now."""
     if message is None:
         plugins.check_model(name, (1, 8, 8), 3, args)
         return
-    with pytest.raises(UsageError, match=f"^--model {name}: {message}"):
+    with pytest.raises(UsageError, match=f"^ModelConfig.name='{name}': {message}"):
+        plugins.check_model(name, (1, 8, 8), 3, args)
+    with pytest.raises(UsageError, match=f"^--model {name}: {message}"), options.command_line():
         plugins.check_model(name, (1, 8, 8), 3, args)
 
 
@@ -484,6 +490,27 @@ def test_a_format_without_its_path_is_named_as_typed_or_as_given(kind, example):
         f"argument --dataset: --dataset {kind}:: give the path, e.g. {example}")
 
 
+@pytest.mark.parametrize("flag, build, field, text, said", [
+    ("--dataset", lambda t: DataConfig(dataset=t), "DataConfig.dataset", "x:",
+     "want MODULE:CALLABLE or ./FILE.py:CALLABLE"),
+    ("--model", lambda t: ModelConfig(name=t), "ModelConfig.name", "a-b:c",
+     "'a-b' is neither a module name nor a .py file"),
+    ("--algo", lambda t: RunConfig(algo=t), "RunConfig.algo", "x:",
+     "want MODULE:CLASS or ./FILE.py:CLASS"),
+])
+def test_a_reference_of_a_bad_form_is_named_as_typed_or_as_given(flag, build, field, text,
+                                                                 said):
+    """plugins.check_form said ``--dataset 'x:': want MODULE:CALLABLE...`` to a Python caller
+    of ``DataConfig(dataset="x:")`` too, who typed no flag: the field given now; the command
+    line's words unchanged."""
+    with pytest.raises(UsageError) as e:
+        build(text)
+    assert str(e.value) == f"{field}={text!r}: {said}"
+    args = ["--algo", "sgd", flag, text] if flag != "--algo" else [flag, text]
+    prefix = f"argument {flag}: " if flag != "--algo" else ""  # argparse's own, before it
+    assert refusal(args) == f"{prefix}{flag} {text!r}: {said}"
+
+
 @pytest.mark.parametrize("text", ["nets:build\n", "nets\n:build"])
 def test_a_reference_ending_in_a_newline_is_refused_by_its_form(text):
     """re.match's "$" matches before a final newline: "nets:build\\n" passed the form check."""
@@ -504,9 +531,11 @@ def test_a_file_loads_once_until_it_changes(tmp_path):
 def test_a_package_folder_given_as_a_file_names_the_module_form(tmp_path):
     """``./pkg:build`` said "no file ./pkg"."""
     (tmp_path / "pkg").mkdir()
-    with pytest.raises(UsageError, match=re.escape(
-            f"--model: {tmp_path}/pkg is a folder; give a package as MODULE:NAME (pkg.module:NAME, "
-            f"from its parent folder or PYTHONPATH) or a file as {tmp_path}/pkg/FILE.py:NAME")):
+    said = (f"{tmp_path}/pkg is a folder; give a package as MODULE:NAME (pkg.module:NAME, "
+            f"from its parent folder or PYTHONPATH) or a file as {tmp_path}/pkg/FILE.py:NAME")
+    with pytest.raises(UsageError, match=re.escape(f"ModelConfig.name: {said}")):
+        plugins.resolve("--model", f"{tmp_path}/pkg:build")  # from Python: the field
+    with pytest.raises(UsageError, match=re.escape(f"--model: {said}")), options.command_line():
         plugins.resolve("--model", f"{tmp_path}/pkg:build")
 
 
@@ -516,7 +545,7 @@ def test_a_file_that_python_cannot_import_is_one_line(tmp_path):
     object has no attribute 'loader')."""
     path = tmp_path / "net.txt"
     path.write_text("def build(): return 3\n")
-    with pytest.raises(UsageError, match=r"--model: .*net\.txt is not a Python file"):
+    with pytest.raises(UsageError, match=r"ModelConfig.name: .*net\.txt is not a Python file"):
         plugins.resolve("--model", f"{path}:build")
 
 
@@ -531,8 +560,8 @@ def test_a_module_of_the_working_folder_named_as_a_standard_one_is_refused(tmp_p
     import code
 
     with pytest.raises(UsageError, match=re.escape(
-            f"--model code:build: `code` is the module {code.__file__}, not ./code.py; give "
-            "the file as ./code.py:build or rename it")):
+            f"ModelConfig.name='code:build': `code` is the module {code.__file__}, not "
+            "./code.py; give the file as ./code.py:build or rename it")):
         plugins.resolve("--model", "code:build")
     (tmp_path / "code.py").unlink()
     (tmp_path / "email").mkdir()  # a package too, also under a dotted name
@@ -541,9 +570,12 @@ def test_a_module_of_the_working_folder_named_as_a_standard_one_is_refused(tmp_p
                        r"\./email/; rename it$"):
         plugins.resolve("--model", "email.nets:build")
     # A module of its own the folder does not hide: its file named where an attribute lacks.
-    with pytest.raises(UsageError, match=re.escape(
-            f"--model code:nothing: code has no attribute 'nothing' (it is {code.__file__})")):
-        plugins.resolve("--model", "code:nothing")
+    for said, typed in (("ModelConfig.name='code:nothing'", False),  # from Python: the field
+                        ("--model code:nothing", True)):
+        with pytest.raises(UsageError, match=re.escape(
+                f"{said}: code has no attribute 'nothing' (it is {code.__file__})")), \
+                options.command_line() if typed else contextlib.nullcontext():
+            plugins.resolve("--model", "code:nothing")
     (tmp_path / "mine_s77.py").write_text("def build(): return 3\n")  # not hidden: taken
     try:
         assert plugins.resolve("--model", "mine_s77:build")() == 3
@@ -598,9 +630,10 @@ def test_two_files_whose_neighbours_share_a_name_are_refused_the_second(tmp_path
     try:
         assert plugins.resolve("--model", f"{tmp_path}/a/net.py:build")() == 8
         with pytest.raises(UsageError, match=re.escape(
-                f"--model: {tmp_path}/b/net.py imports blocks_s66 beside it, but blocks_s66 is "
-                f"imported from {tmp_path.resolve()}/a/blocks_s66.py instead; give the modules "
-                "beside different files different names, or run them in separate processes")):
+                f"ModelConfig.name: {tmp_path}/b/net.py imports blocks_s66 beside it, but "
+                f"blocks_s66 is imported from {tmp_path.resolve()}/a/blocks_s66.py instead; "
+                "give the modules beside different files different names, or run them in "
+                "separate processes")):
             plugins.resolve("--model", f"{tmp_path}/b/net.py:build")
         assert plugins.resolve("--model", f"{tmp_path}/a/net.py:build")() == 8  # a still runs
     finally:
@@ -618,8 +651,8 @@ def test_a_file_importing_a_neighbour_named_as_a_standard_module_is_refused(tmp_
     import tabnanny
 
     with pytest.raises(UsageError, match=re.escape(
-            f"--model: {tmp_path}/net.py imports tabnanny beside it, but tabnanny is imported "
-            f"from {Path(tabnanny.__file__).resolve()} instead; rename "
+            f"ModelConfig.name: {tmp_path}/net.py imports tabnanny beside it, but tabnanny is "
+            f"imported from {Path(tabnanny.__file__).resolve()} instead; rename "
             f"{tmp_path.resolve()}/tabnanny.py")):
         plugins.resolve("--model", f"{tmp_path}/net.py:build")
     assert getattr(sys.modules["tabnanny"], "HIDDEN", False) is False  # the standard one kept
@@ -671,9 +704,9 @@ def test_the_python_api_takes_functions_and_classes_as_their_references(nets):
                          (lambda s, c: None, ".*<lambda> cannot be found again by name"),
                          (torch.nn.Linear(2, 2), "want a name, .* or class, not a Linear"),
                          (3, ".*not a int")]:
-        with pytest.raises(UsageError, match=f"^--model: {message}"):
+        with pytest.raises(UsageError, match=f"^ModelConfig.name: {message}"):
             ModelConfig(name=bad)
-    with pytest.raises(UsageError, match="^--dataset: .*not a list"):
+    with pytest.raises(UsageError, match="^DataConfig.dataset: .*not a list"):
         DataConfig(dataset=[1, 2])
 
 
@@ -1107,7 +1140,11 @@ def test_the_built_in_mlp_takes_samples_of_any_shape(nets):
     config = launch(data=DataConfig(dataset="nets_mod:flat"), model=ModelConfig(name="mlp"))
     assert plugins.build_model("mlp", (20,), 3)(torch.zeros(2, 20)).shape == (2, 3)
     assert config.model.name == "mlp"
-    with pytest.raises(UsageError, match="--model lenet needs samples of shape C x H x W, not 20"):
+    with pytest.raises(UsageError, match="^ModelConfig.name='lenet' needs samples of shape C x "
+                                         "H x W, not 20"):
+        plugins.build_model("lenet", (20,), 3)  # from Python: the field; typed: the flag
+    with pytest.raises(UsageError, match="^--model lenet needs samples of shape C x H x W, "
+                                         "not 20"), options.command_line():
         plugins.build_model("lenet", (20,), 3)
 
 
