@@ -282,9 +282,12 @@ def test_the_simulator_takes_the_options_its_help_leaves_out_where_they_change_n
                                   ["--profile", "20:5"]])
 def test_a_typed_real_run_option_is_refused_as_the_simulators_first(argv):
     """--eval-rank 0 said "must be >= 1", --eval-rank 1 "needs --eval online", and only a
-    third try that the simulator takes none; --profile x a format error first."""
+    third try that the simulator takes none; --profile x a format error first. (Named as
+    typed: from Python, by the field given, tests/test_sim.py.)"""
     flag, value = argv[-2:]
-    said = one_line(lambda: cli.simulate(simulate_args("--algo", "ssgd", *SYNTHETIC, *argv)))
+    with options.command_line():  # as cli.main calls it
+        said = one_line(lambda: cli.simulate(simulate_args("--algo", "ssgd", *SYNTHETIC,
+                                                           *argv)))
     assert said == (f"hpctrain simulate scores snapshots on worker 0 (--eval online): drop "
                     f"--eval-rank {value}, which needs a real run's extra rank"
                     if flag == "--eval-rank" else

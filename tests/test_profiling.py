@@ -213,7 +213,7 @@ def test_rank_0_names_the_workers_that_profiled(tmp_path, capsys):
 def test_the_simulator_refuses_it(tmp_path):
     config = RunConfig(algo="ssgd", profile="1:2", out=str(tmp_path), progress=False,
                        data=DataConfig(dataset="synthetic"), model=ModelConfig(name="mlp"))
-    with pytest.raises(UsageError, match="drop --profile"):
+    with pytest.raises(UsageError, match=r"drop RunConfig\.profile='1:2' \("):  # from Python
         simulate(config, SimConfig(workers=2))
 
 

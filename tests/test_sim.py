@@ -898,13 +898,21 @@ def test_online_scoring_is_outside_the_virtual_clock(tmp_path):
 
 def test_train_options_the_simulator_has_no_worker_for_are_refused(tmp_path):
     """--eval-rank was an AttributeError after training started (exit 1); --checkpoint-dir
-    was taken and no checkpoint written."""
+    was taken and no checkpoint written. From Python the fields given are named (it said
+    --eval-rank and --profile there too, to a caller who typed no flag); the command line's
+    words: tests/test_option_checks.py."""
     from hpctrain.config import CheckpointConfig
 
     with pytest.raises(UsageError) as e:
         simulate(config("ssgd", tmp_path / "a", eval_mode="online", eval_rank=1), sim(2))
-    assert str(e.value) == ("hpctrain simulate scores snapshots on worker 0 (--eval online): "
-                            "drop --eval-rank 1, which needs a real run's extra rank")
+    assert str(e.value) == ("hpctrain simulate scores snapshots on worker 0 "
+                            "(RunConfig.eval_mode='online'): drop RunConfig.eval_rank=1, which "
+                            "needs a real run's extra rank")
+    with pytest.raises(UsageError) as e:
+        simulate(config("ssgd", tmp_path / "a", profile="20:5"), sim(2))
+    assert str(e.value) == ("hpctrain simulate runs every worker in one process, which one "
+                            "profiler cannot tell apart: drop RunConfig.profile='20:5' (profile "
+                            "a real run)")
     with pytest.raises(UsageError, match=re.escape(  # from Python: the field given
             f"(CheckpointConfig.dir={str(tmp_path / 'ck')!r})")):
         simulate(config("ssgd", tmp_path / "b",

@@ -13,7 +13,7 @@ from hpctrain.arguments import Declared, add_option
 from hpctrain.config import StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import command_line, dash_values, declared, flag_of, shown
-from hpctrain.sim.config import REAL_RUN_ONLY, STRAGGLER_OPTIONS, SimConfig
+from hpctrain.sim.config import REAL_RUN_ONLY, STRAGGLER_OPTIONS, SimConfig, real_run_only
 
 # train's options the simulator has no use for (their argparse dests), and why. Typed on the
 # command line they are refused, whatever the value; from a file (a real run's config.json,
@@ -66,9 +66,9 @@ def hide_refused(parser: argparse.ArgumentParser) -> None:
 def refuse_real_run_only(args: argparse.Namespace) -> None:
     """A typed --eval-rank or --profile (but none) refused first, as the simulator refuses
     them: not after the checks of a value it never uses (``--eval-rank 0 must be >= 1``)."""
-    for dest, refusal in REAL_RUN_ONLY.items():
+    for dest in REAL_RUN_ONLY:
         if getattr(args, dest, None) is not None:
-            raise UsageError(refusal.format(getattr(args, dest)))
+            raise UsageError(real_run_only(dest, getattr(args, dest)))
 
 
 def options() -> list[Declared]:

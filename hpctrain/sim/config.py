@@ -6,6 +6,7 @@ import os
 from dataclasses import asdict, dataclass, field
 
 from hpctrain import options, provenance, steptimes
+from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import Range, check_fields, option
 from hpctrain.sim.network import BANDWIDTH, LATENCY_S, STORE_BANDWIDTH, STORE_LATENCY_S, Network
@@ -14,13 +15,24 @@ from hpctrain.sim.steptime import StepTimeModel
 DEFAULT_STEP_TIME = "constant:0.01"
 COMM_TIMES = ("model", "replay")
 # A real run's options a simulation refuses at every value but none, and why (typed: said
-# before the checks of their values, which a simulation never uses; from a file: sim.simulate)
+# before the checks of their values, which a simulation never uses; from a file: sim.simulate),
+# in :func:`real_run_only`'s words: ``{given}`` the option, ``{online}`` --eval online.
 REAL_RUN_ONLY = {
-    "eval_rank": "hpctrain simulate scores snapshots on worker 0 (--eval online): drop "
-                 "--eval-rank {}, which needs a real run's extra rank",
+    "eval_rank": "hpctrain simulate scores snapshots on worker 0 ({online}): drop {given}, "
+                 "which needs a real run's extra rank",
     "profile": "hpctrain simulate runs every worker in one process, which one profiler cannot "
-               "tell apart: drop --profile (profile a real run)",
+               "tell apart: drop {given} (profile a real run)",
 }
+
+
+def real_run_only(name: str, value: object) -> str:
+    """:data:`REAL_RUN_ONLY`'s refusal of RunConfig field ``name`` given ``value``: by its
+    flag on the command line (``--eval-rank 1``, ``--profile``), from Python by the field
+    given (``RunConfig.eval_rank=1``, ``RunConfig.profile='20:5'``), who typed no flag."""
+    given = options.setting(RunConfig, name, value) if name == "eval_rank" else \
+        options.named(options.setting(RunConfig, name), "RunConfig", name, value)  # no value
+    return REAL_RUN_ONLY[name].format(given=given,
+                                      online=options.setting(RunConfig, "eval_mode", "online"))
 STRAGGLER_OPTIONS = ("slowdown", "jitter")  # StragglerConfig's: a real straggler's delays
 
 

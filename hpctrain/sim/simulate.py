@@ -42,7 +42,7 @@ from hpctrain.config import CheckpointConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
-from hpctrain.sim.config import REAL_RUN_ONLY, SimConfig
+from hpctrain.sim.config import REAL_RUN_ONLY, SimConfig, real_run_only
 from hpctrain.sim.runtime import VirtualRuntime, load_train_set
 from hpctrain.sim.scheduler import Scheduler, WorkerStreams
 from hpctrain.sim.steptime import StepTimeModel
@@ -97,9 +97,9 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
                            if value is not None)  # from Python: the fields given
         raise UsageError(f"hpctrain simulate takes no checkpoints ({given}): a simulation is "
                          "rerun, not resumed")
-    for name, refusal in REAL_RUN_ONLY.items():  # the extra rank; one profiler a process
+    for name in REAL_RUN_ONLY:  # the extra rank; one profiler a process
         if (value := getattr(config, name)) is not None:
-            raise UsageError(refusal.format(value))
+            raise UsageError(real_run_only(name, value))
     if config.data.data_placement != "replicated":
         raise UsageError("hpctrain simulate holds one copy of the data for all virtual "
                          "workers: use --data-placement replicated (the samples each worker "
