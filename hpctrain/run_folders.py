@@ -22,7 +22,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hpctrain import checkpoint, comm, options, steptimes, tensorboard
-from hpctrain.config import RunConfig
+from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.metrics import new_run_folder
 
@@ -43,8 +43,9 @@ def refuse_taken_names(config: RunConfig) -> None:
                              f"run writes its {name} there")
     board = out / tensorboard.SUBDIR
     if config.tensorboard and board.exists() and not board.is_dir():
-        raise UsageError(f"--tensorboard: {board} is a file; the run writes its event files "
-                         "in a folder of that name")
+        said = options.named("--tensorboard", "RunConfig", "tensorboard", True)
+        raise UsageError(f"{said}: {board} is a file; the run writes its event files in a "
+                         "folder of that name")
 
 
 # The run's folder options -> the Python fields that give them, for :func:`_named`.
@@ -58,6 +59,13 @@ def _named(flag: str, folder: object) -> str:
     For the run's options only: ``bench compare --out`` is no RunConfig's."""
     owner, name = _FIELDS[flag].split(".")
     return options.named(f"{flag} {folder}", owner, name, str(folder))
+
+
+def _option(flag: str) -> str:
+    """A run's folder option named alone, as :func:`_named` names it with its value:
+    ``--out`` on the command line, ``RunConfig.out`` from Python."""
+    owner, name = _FIELDS[flag].split(".")
+    return options.named(flag, owner, name)
 
 
 # The checkpoint folder in a lock's refusal (:func:`_where`): one given
@@ -89,10 +97,11 @@ def refuse_finished(out: str | None, resume: str | None = None,
     ran = _run_folder_of(resume)
     if ran is not None and (ran / "summary.json").exists() and (
             out is None or Path(out).resolve() == ran.resolve()):  # another --out: a copy
+        init = options.named(f"--init-from {ran}", "ModelConfig", "init_from", str(ran))
         raise UsageError(f"{_named('--resume', resume)}: the run has finished "
                          f"({ran / 'summary.json'}); there is nothing to resume: to train on "
-                         f"from its model, start a new run with --init-from {ran} and another "
-                         "--out")
+                         f"from its model, start a new run with {init} and another "
+                         f"{_option('--out')}")
     if not out:
         return
     named = _named("--out", out) if config_file is None else \
@@ -140,15 +149,16 @@ def check_resumed_folders(resume: str | None, out: str | None, checkpoint_dir: s
     derived = []
     if out is None and resolved.out is not None:
         derived.append(("the run's folder", resolved.out, "--out",
-                        "give --out a folder for this attempt's outputs"))
+                        f"give {_option('--out')} a folder for this attempt's outputs"))
     if checkpoint_dir is None and resolved.every is not None:
+        off = options.setting(CheckpointConfig, "every", checkpoint.policy.OFF)
         derived.append(("its checkpoint folder", resolved.checkpoint_dir, "--checkpoint-dir",
-                        "give --checkpoint-dir a folder for the new checkpoints, or "
-                        "--checkpoint-every off"))
-    for what, folder, flag, remedy in derived:
+                        f"give {_option('--checkpoint-dir')} a folder for the new checkpoints, "
+                        f"or {off}"))
+    for what, folder, flag, remedy in derived:  # named as typed, or from Python as fields
         if problem := _unwritable(Path(folder)):
             raise UsageError(f"{_named('--resume', resume)}: {what} {folder}, written to without "
-                             f"{flag}: {problem}; {remedy}")
+                             f"{_option(flag)}: {problem}; {remedy}")
 
 
 def _unwritable(folder: Path) -> str | None:
@@ -185,7 +195,7 @@ def check_length(flag: str, folder: str | None) -> None:
         return
     missing = _missing(Path(folder))
     if problem := _too_long(Path(folder), missing[-1].parent if missing else Path(folder)):
-        raise UsageError(f"{flag} {folder}: {problem}")
+        raise UsageError(f"{_named(flag, folder)}: {problem}")  # --out, --checkpoint-dir
 
 
 def _too_long(folder: Path, existing: Path) -> str | None:

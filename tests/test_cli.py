@@ -464,9 +464,14 @@ def test_an_output_path_too_long_is_refused_before_mpi(tmp_path):
                                               "--checkpoint-dir", long, "--checkpoint-every",
                                               "1e"])):
         assert refusal(["--algo", "sgd", *SMALL, *flags]) == f"{flag} {long}: {says}", flags
-        with pytest.raises(UsageError, match=f"^{flag} .*: the path is too long"):
-            launch_checks.finished_run(arguments.build(cli.build_parser().parse_args(
-                ["train", "--algo", "sgd", *SMALL, *flags, "--resume", "auto"])))
+        config = arguments.build(cli.build_parser().parse_args(
+            ["train", "--algo", "sgd", *SMALL, *flags, "--resume", "auto"]))
+        with pytest.raises(UsageError, match=f"^{flag} .*: the path is too long"), \
+                options.command_line():  # as typed; from Python (it said the flag): the field
+            launch_checks.finished_run(config)
+        field = "RunConfig.out" if flag == "--out" else "CheckpointConfig.dir"
+        with pytest.raises(UsageError, match=f"^{field}='.*': the path is too long"):
+            launch_checks.finished_run(config)
     assert os.listdir(tmp_path) == []
 
 

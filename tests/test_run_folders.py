@@ -162,3 +162,66 @@ def test_a_scripts_checkpoint_folder_in_use_is_named_by_its_field(tmp_path):
         with pytest.raises(UsageError) as refused:
             run_folders.refuse_in_use(str(out), None, None)  # <out>/checkpoints: no field's
         assert str(refused.value).startswith(f"the checkpoint folder {derived} is in use")
+
+
+def test_a_resumes_derived_folders_name_the_fields_from_python(tmp_path):
+    """The folders a resume writes in without their options: from Python the refusal said
+    ``written to without --out ...; give --out a folder`` (and ``--checkpoint-dir``,
+    ``--checkpoint-every off``) to a caller who typed no flag: the fields now; the command
+    line's words are as they were."""
+    from hpctrain import checkpoint
+
+    (tmp_path / "file").write_text("")
+    bad, resume = str(tmp_path / "file" / "run"), str(tmp_path / "old")
+    why = f"{tmp_path / 'file'} is a file, not a folder"
+    for resolved, python, typed in (
+            (checkpoint.Resolved(out=bad, checkpoint_dir=None, resume=resume, every=None),
+             f"CheckpointConfig.resume={resume!r}: the run's folder {bad}, written to without "
+             f"RunConfig.out: {why}; give RunConfig.out a folder for this attempt's outputs",
+             f"--resume {resume}: the run's folder {bad}, written to without --out: {why}; "
+             "give --out a folder for this attempt's outputs"),
+            (checkpoint.Resolved(out=str(tmp_path), checkpoint_dir=bad, resume=resume,
+                                 every="1e"),
+             f"CheckpointConfig.resume={resume!r}: its checkpoint folder {bad}, written to "
+             f"without CheckpointConfig.dir: {why}; give CheckpointConfig.dir a folder for the "
+             "new checkpoints, or CheckpointConfig.every='off'",
+             f"--resume {resume}: its checkpoint folder {bad}, written to without "
+             f"--checkpoint-dir: {why}; give --checkpoint-dir a folder for the new "
+             "checkpoints, or --checkpoint-every off")):
+        out = None if resolved.every is None else str(tmp_path)
+        with pytest.raises(UsageError) as e:
+            run_folders.check_resumed_folders(resume, out, None, resolved)
+        assert str(e.value) == python
+        with pytest.raises(UsageError) as e, options.command_line():
+            run_folders.check_resumed_folders(resume, out, None, resolved)
+        assert str(e.value) == typed
+
+
+def test_a_finished_run_resumed_and_a_tensorboard_file_name_fields_from_python(tmp_path):
+    """From Python, a finished run resumed was told to start anew "with --init-from DIR and
+    another --out", and a file where the TensorBoard folder goes was "--tensorboard: ...":
+    flags a script never typed; the fields now, the command line's words as they were."""
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    (ran / "summary.json").write_text("{}")
+    said = (f": the run has finished ({ran / 'summary.json'}); there is nothing to resume: to "
+            "train on from its model, start a new run with ")
+    with pytest.raises(UsageError) as e:
+        run_folders.refuse_finished(None, str(ran))
+    assert str(e.value) == (f"CheckpointConfig.resume={str(ran)!r}{said}"
+                            f"ModelConfig.init_from={str(ran)!r} and another RunConfig.out")
+    with pytest.raises(UsageError) as e, options.command_line():
+        run_folders.refuse_finished(None, str(ran))
+    assert str(e.value) == f"--resume {ran}{said}--init-from {ran} and another --out"
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "tensorboard").write_text("")
+    config = hpctrain.RunConfig(algo="sgd", out=str(out), tensorboard=True)
+    said = f": {out / 'tensorboard'} is a file; the run writes its event files in a folder of " \
+        "that name"
+    with pytest.raises(UsageError) as e:
+        run_folders.refuse_taken_names(config)
+    assert str(e.value) == f"RunConfig.tensorboard=True{said}"
+    with pytest.raises(UsageError) as e, options.command_line():
+        run_folders.refuse_taken_names(config)
+    assert str(e.value) == f"--tensorboard{said}"
