@@ -13,7 +13,8 @@ import pytest
 import torch
 from conftest import run_commands, run_job
 
-from hpctrain import data, shuffle
+from hpctrain import data, options, shuffle
+from hpctrain.config import DataConfig
 from hpctrain.errors import UsageError
 from hpctrain.shuffle import order
 from hpctrain.shuffle.train_data import make_sampler
@@ -45,17 +46,30 @@ def rank_indices(strategy, n, ranks, epoch, labels=None, seed=7):
     ("random", "unknown --shuffle 'random'; choose from global, local, partial:Q"),
 ])
 def test_bad_strategy_is_one_line(value, message):
-    with pytest.raises(UsageError) as err:
+    with pytest.raises(UsageError) as err, options.command_line():  # as typed
         spec(shuffle=value)
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+    with pytest.raises(UsageError) as err:  # from Python it said --shuffle too: the field
+        DataConfig(dataset="synthetic", shuffle=value)
+    field = f"DataConfig.shuffle={value!r}"
+    assert str(err.value).startswith(field + (" is unknown; " if "unknown" in message else ":"))
 
 
-@pytest.mark.parametrize("field, value", [
-    ("data_placement", "everywhere"), ("partition", "by-colour"), ("shuffle_chunk_mb", 0.0)])
-def test_bad_placement_partition_chunk(field, value):
-    with pytest.raises(UsageError, match=str(value)):
+@pytest.mark.parametrize("field, value, typed", [
+    ("data_placement", "everywhere", "unknown --data-placement 'everywhere'; choose from "
+                                     "replicated, sharded"),
+    ("partition", "by-colour", "unknown --partition 'by-colour'; choose from iid, label-skew"),
+    ("shuffle_chunk_mb", 0.0, "--shuffle-chunk-mb 0.0 must be in (0, 1e+06]")])
+def test_bad_placement_partition_chunk(field, value, typed):
+    """Named as typed on the command line; from Python by DataConfig's field, which said
+    the flag too (``unknown --partition 'by-colour'``) to a caller who typed none."""
+    with pytest.raises(UsageError) as err, options.command_line():
         spec(**{field: value})
+    assert str(err.value) == typed
+    with pytest.raises(UsageError) as err:
+        spec(**{field: value})
+    assert str(err.value).startswith(f"DataConfig.{field}={value!r} ")
 
 
 def test_spec_defaults_frozen_and_required():

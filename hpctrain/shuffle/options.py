@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hpctrain import options
 from hpctrain.errors import UsageError
 from hpctrain.options import HUGE
 
@@ -26,11 +27,29 @@ def parse_strategy(text: str) -> tuple[str, float]:
         try:
             q = float(value)
         except ValueError:
-            raise UsageError(f"--shuffle {text}: {value!r} is not a number") from None
+            raise UsageError(f"{_named('shuffle', text)}: {value!r} is not a number") from None
         if not 0.0 <= q <= 1.0:
-            raise UsageError(f"--shuffle {text}: fraction {value} outside [0, 1]")
+            raise UsageError(f"{_named('shuffle', text)}: fraction {value} outside [0, 1]")
         return name, q
-    raise UsageError(f"unknown --shuffle {text!r}; choose from {', '.join(STRATEGIES)}")
+    raise _unknown("shuffle", text, STRATEGIES)
+
+
+def _named(name: str, value: object) -> str:
+    """DataConfig field ``name`` with ``value`` in a refusal: as typed on the command line
+    (``--shuffle partial:x``), from Python as the field given (``DataConfig.shuffle=...``,
+    :func:`hpctrain.options.named`), who typed no flag."""
+    flag = "--" + name.replace("_", "-")
+    return options.named(f"{flag} {value}", "DataConfig", name, value)
+
+
+def _unknown(name: str, value: object, choices: tuple[str, ...]) -> UsageError:
+    """The refusal of an unknown value, worded as :func:`hpctrain.options.check_fields`
+    words one: ``unknown --shuffle 'x'; ...`` typed, ``DataConfig.shuffle='x' is unknown;
+    ...`` from Python."""
+    listed = f"choose from {', '.join(choices)}"
+    if options.on_command_line():
+        return UsageError(f"unknown --{name.replace('_', '-')} {value!r}; {listed}")
+    return UsageError(f"{options.named('', 'DataConfig', name, value)} is unknown; {listed}")
 
 
 def canonical_strategy(text: str) -> str:
@@ -45,7 +64,8 @@ class TrainDataSpec:
     """The training set to load and how to shuffle it over the ranks.
 
     Checked on construction (no MPI needed), so a bad value fails with a one-line UsageError
-    before any rank starts loading; the messages name the command-line options.
+    before any rank starts loading; the messages name the command-line options, and from
+    Python DataConfig's fields, which build it.
     """
 
     dataset: str = "fashion-mnist"
@@ -59,11 +79,9 @@ class TrainDataSpec:
     def __post_init__(self) -> None:
         parse_strategy(self.shuffle)
         if self.data_placement not in PLACEMENTS:
-            raise UsageError(f"unknown --data-placement {self.data_placement!r}; choose from "
-                             f"{', '.join(PLACEMENTS)}")
+            raise _unknown("data_placement", self.data_placement, PLACEMENTS)
         if self.partition not in PARTITIONS:
-            raise UsageError(f"unknown --partition {self.partition!r}; choose from "
-                             f"{', '.join(PARTITIONS)}")
+            raise _unknown("partition", self.partition, PARTITIONS)
         if not 0 < self.shuffle_chunk_mb <= HUGE:  # also rejects NaN; MiB x 2**20 is an int
-            raise UsageError(f"--shuffle-chunk-mb {self.shuffle_chunk_mb} must be in (0, "
-                             f"{HUGE:g}]")
+            raise UsageError(f"{_named('shuffle_chunk_mb', self.shuffle_chunk_mb)} must be in "
+                             f"(0, {HUGE:g}]")
