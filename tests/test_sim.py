@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job
 
-from hpctrain import algorithm_options, checkpoint, kernels, run_folders, steptimes
+from hpctrain import algorithm_options, checkpoint, kernels, options, run_folders, steptimes
 from hpctrain.async_ import ParameterStore
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
@@ -644,9 +644,9 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
     recorded.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.1]],
                                     "rest": [[0.2]]}))
     ssgd_torch = algorithm_options("ssgd")(sync_backend="torch")  # no MPI, still collectives
-    for algo, options in (("ssp", None), ("ma", None), ("ssgd", ssgd_torch)):
+    for algo, given in (("ssp", None), ("ma", None), ("ssgd", ssgd_torch)):
         with pytest.raises(UsageError, match=f"not --algo {algo}"):
-            simulate(config(algo, tmp_path / "e", algorithm=options),
+            simulate(config(algo, tmp_path / "e", algorithm=given),
                      sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
     (tmp_path / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # who recorded them
     with pytest.raises(UsageError, match="is an --algo ssgd run, whose rests are not pushes"):
@@ -813,8 +813,16 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path, monkeypatch):
         m.rest(0)
     with pytest.raises(UsageError, match="recorded its rests"):
         sim(3, step_time=f"replay:{tmp_path}", comm_time="replay")
-    with pytest.raises(UsageError, match="--comm-time replay needs"):
+    with pytest.raises(UsageError) as e:  # from Python it said the flags: the fields
         sim(3, comm_time="replay")
+    assert str(e.value) == ("SimConfig.comm_time='replay' needs SimConfig.step_time='replay:RUN' "
+                            "of a run that recorded its rests (step_times.json with \"rest\"); "
+                            "got SimConfig.step_time='constant:0.01'")
+    with pytest.raises(UsageError) as e, options.command_line():
+        sim(3, comm_time="replay")
+    assert str(e.value) == ("--comm-time replay needs --step-time replay:RUN of a run that "
+                            "recorded its rests (step_times.json with \"rest\"); got "
+                            "--step-time constant:0.01")
     monkeypatch.chdir(tmp_path.parent)  # a relative RUN: config.json keeps it absolute
     assert sim(3, step_time=f"replay:{tmp_path.name}").step_time == f"replay:{tmp_path}"
     monkeypatch.setenv("HOME", str(tmp_path.parent))  # ~ as in every path option (a ./~ before)
@@ -862,9 +870,14 @@ def test_timing_seed_seeds_the_step_times_and_jitter_alone(tmp_path):
     ("constant:-1", "S must be in (0, 1e+06], got -1"),
 ])
 def test_step_times_that_overflow_or_hang_are_refused(spec, message):
-    with pytest.raises(UsageError) as e:
+    """Named as typed on the command line; from Python (it said --step-time there too) by
+    the field given."""
+    with pytest.raises(UsageError) as e, options.command_line():
         StepTimeModel(spec, 2)
     assert str(e.value) == f"--step-time {spec}: {message}"
+    with pytest.raises(UsageError) as e:
+        sim(2, step_time=spec)
+    assert str(e.value) == f"SimConfig.step_time={spec!r}: {message}"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -10,7 +10,7 @@ from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.options import Range, check_fields, option
 from hpctrain.sim.network import BANDWIDTH, LATENCY_S, STORE_BANDWIDTH, STORE_LATENCY_S, Network
-from hpctrain.sim.steptime import StepTimeModel
+from hpctrain.sim.steptime import StepTimeModel, named
 
 DEFAULT_STEP_TIME = "constant:0.01"
 COMM_TIMES = ("model", "replay")
@@ -92,9 +92,11 @@ class SimConfig:
         object.__setattr__(self, "step_times_sha256", self._replayed_sha256(model.kind))
         object.__setattr__(self, "replayed_stragglers", self._straggler_names())
         if self.comm_time == "replay" and (model.kind != "replay" or model.rests is None):
-            raise UsageError(f"--comm-time replay needs --step-time replay:RUN of a run that "
-                             f"recorded its rests (step_times.json with \"rest\"); got "
-                             f"--step-time {self.step_time}")
+            replay = options.named("--comm-time replay", "SimConfig", "comm_time", "replay")
+            example = options.named("--step-time replay:RUN", "SimConfig", "step_time",
+                                    "replay:RUN")
+            raise UsageError(f"{replay} needs {example} of a run that recorded its rests "
+                             f"(step_times.json with \"rest\"); got {named(self.step_time)}")
 
     def _straggler_names(self) -> tuple[str, ...]:
         """``replayed_stragglers`` as a tuple of StragglerConfig's field names (one name: a
@@ -113,14 +115,14 @@ class SimConfig:
         if kind != "replay":
             if recorded is not None:
                 raise UsageError(f"step_times_sha256 {recorded!r} hashes a replayed run's "
-                                 f"step times, not --step-time {self.step_time}: drop it")
+                                 f"step times, not {named(self.step_time)}: drop it")
             return None
         path = steptimes.file_of(self.step_time.partition(":")[2])
         digest = provenance.sha256_of(path)
         if recorded is not None and recorded != digest:
-            raise UsageError(f"--step-time {self.step_time}: {path} changed since it was "
+            raise UsageError(f"{named(self.step_time)}: {path} changed since it was "
                              f"replayed (now sha256 {digest}, recorded {recorded}): give "
-                             f"--step-time {self.step_time} anew to replay it as it is now")
+                             f"{named(self.step_time)} anew to replay it as it is now")
         return digest
 
     def network(self) -> Network:

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import random
 
-from hpctrain import steptimes
+from hpctrain import options, steptimes
 from hpctrain.errors import UsageError
 from hpctrain.options import HUGE, Range
 from hpctrain.stragglers import MAX_SIGMA
@@ -45,18 +45,24 @@ _BOUNDS = {"S": Range(0, HUGE, low_open=True), "MEAN": Range(0, HUGE, low_open=T
            "SIGMA": Range(0, MAX_SIGMA), "SHAPE": Range(1 / HUGE, HUGE)}
 
 
+def named(spec: str) -> str:
+    """``--step-time SPEC`` in a refusal: as typed on the command line, from Python the field
+    given (``SimConfig.step_time='x'``, :func:`hpctrain.options.named`), who typed no flag."""
+    return options.named(f"--step-time {spec}", "SimConfig", "step_time", spec)
+
+
 def _numbers(spec: str, parts: list[str], names: tuple[str, ...]) -> list[float]:
     if len(parts) != len(names):
         kind = spec.partition(":")[0]
-        raise UsageError(f"--step-time {spec}: want {kind}:{':'.join(names)}")
+        raise UsageError(f"{named(spec)}: want {kind}:{':'.join(names)}")
     values = []
     for name, text in zip(names, parts, strict=True):
         try:
             value = float(text)
         except ValueError:
-            raise UsageError(f"--step-time {spec}: {name} {text!r} is not a number") from None
+            raise UsageError(f"{named(spec)}: {name} {text!r} is not a number") from None
         if (problem := _BOUNDS[name].problem(value)) is not None:
-            raise UsageError(f"--step-time {spec}: {name} {problem}, got {text}")
+            raise UsageError(f"{named(spec)}: {name} {problem}, got {text}")
         values.append(value)
     return values
 
@@ -68,7 +74,7 @@ class StepTimeModel:
         self.spec = spec
         kind, _, rest = spec.partition(":")
         if kind not in KINDS:
-            raise UsageError(f"--step-time {spec}: unknown model {kind!r}; choose from "
+            raise UsageError(f"{named(spec)}: unknown model {kind!r}; choose from "
                              f"{', '.join(KINDS)} (e.g. constant:0.01, lognormal:0.01:0.3, "
                              "gamma:0.01:4, replay:RUN_DIR)")
         self.kind = kind
@@ -84,7 +90,7 @@ class StepTimeModel:
             self.mean, self.shape = _numbers(spec, parts, ("MEAN", "SHAPE"))
         else:
             if not rest:
-                raise UsageError(f"--step-time {spec}: want replay:RUN_DIR (a run folder with "
+                raise UsageError(f"{named(spec)}: want replay:RUN_DIR (a run folder with "
                                  f"{steptimes.FILE})")
             self.recorded, self.rests, self.lead_ins = steptimes.read(rest)
             flat = [t for w in self.recorded for t in w]
@@ -106,7 +112,7 @@ class StepTimeModel:
     def rest(self, k: int) -> float:
         """The recorded rest of worker ``k``'s latest step (a replay with rests only)."""
         if self.kind != "replay" or self.rests is None:
-            raise UsageError(f"--step-time {self.spec}: no recorded rests to replay")
+            raise UsageError(f"{named(self.spec)}: no recorded rests to replay")
         record = self.rests[k % len(self.rests)]
         return record[(self._step[k] - 1) % len(record)]
 
@@ -114,7 +120,7 @@ class StepTimeModel:
         """The recorded lead-in of worker ``k`` (``k mod R``), from the training loop's start
         to its first step; 0 where none was recorded (a replay with rests only)."""
         if self.kind != "replay" or self.rests is None:
-            raise UsageError(f"--step-time {self.spec}: no recorded rests to replay")
+            raise UsageError(f"{named(self.spec)}: no recorded rests to replay")
         return 0.0 if self.lead_ins is None else self.lead_ins[k % len(self.lead_ins)]
 
     def describe(self) -> dict:
