@@ -301,9 +301,16 @@ def test_the_simulator_refuses_fp16_allreduce_saying_how_to_undo_a_files(tmp_pat
     config = tmp_path / "fp16.toml"
     config.write_text('algo = "ssgd"\n[algorithm]\nfp16_allreduce = true\n')
     for argv in (["--fp16-allreduce"], ["--config", str(config)]):
-        assert one_line(lambda: simulation_checked(*argv)) == (  # noqa: B023
-            "hpctrain simulate averages ssgd's gradients in float32: drop --fp16-allreduce "
-            "(--no-fp16-allreduce undoes a --config file's)")
+        with options.command_line():  # as cli.main checks it
+            assert one_line(lambda: simulation_checked(*argv)) == (  # noqa: B023
+                "hpctrain simulate averages ssgd's gradients in float32: drop --fp16-allreduce "
+                "(--no-fp16-allreduce undoes a --config file's)")
+    # From Python it said the flags too, to a caller who typed none (and has no --config)
+    fp16 = hpctrain.algorithm_options("ssgd")(fp16_allreduce=True)
+    assert one_line(lambda: check_simulation(
+        RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic"), algorithm=fp16),
+        SimConfig(workers=2))) == ("hpctrain simulate averages ssgd's gradients in float32: "
+                                   "drop SynchronousOptions.fp16_allreduce=True")
     assert not simulation_checked("--config", str(config),
                                   "--no-fp16-allreduce").algorithm.fp16_allreduce
 

@@ -926,6 +926,13 @@ def test_train_options_the_simulator_has_no_worker_for_are_refused(tmp_path):
     assert str(e.value) == ("hpctrain simulate runs every worker in one process, which one "
                             "profiler cannot tell apart: drop RunConfig.profile='20:5' (profile "
                             "a real run)")
+    with pytest.raises(UsageError) as e:
+        simulate(config("ssgd", tmp_path / "a",
+                        data=DataConfig(dataset="synthetic", data_placement="sharded")), sim(2))
+    assert str(e.value) == ("hpctrain simulate holds one copy of the data for all virtual "
+                            "workers: use DataConfig.data_placement='replicated' (the samples "
+                            "each worker sees are those of the same DataConfig.shuffle and "
+                            "DataConfig.partition)")  # typed: test_a_sharded_runs_config_...
     with pytest.raises(UsageError, match=re.escape(  # from Python: the field given
             f"(CheckpointConfig.dir={str(tmp_path / 'ck')!r})")):
         simulate(config("ssgd", tmp_path / "b",

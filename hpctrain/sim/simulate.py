@@ -14,6 +14,7 @@ real time enters the outputs.
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 from dataclasses import replace
 from typing import cast
@@ -38,7 +39,7 @@ from hpctrain import (
 )
 from hpctrain import config as configs
 from hpctrain.async_.algorithm import ASGD, SSP, StoreOptions
-from hpctrain.config import CheckpointConfig, RunConfig, StragglerConfig
+from hpctrain.config import CheckpointConfig, DataConfig, RunConfig, StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim.algorithms import simulated
 from hpctrain.sim.comm import LocalGroup
@@ -100,14 +101,18 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     for name in REAL_RUN_ONLY:  # the extra rank; one profiler a process
         if (value := getattr(config, name)) is not None:
             raise UsageError(real_run_only(name, value))
+    d = functools.partial(options.setting, DataConfig)  # flags typed, fields from Python
     if config.data.data_placement != "replicated":
         raise UsageError("hpctrain simulate holds one copy of the data for all virtual "
-                         "workers: use --data-placement replicated (the samples each worker "
-                         "sees are those of the same --shuffle and --partition)")
+                         f"workers: use {d('data_placement', 'replicated')} (the samples each "
+                         f"worker sees are those of the same {d('shuffle')} and "
+                         f"{d('partition')})")
     if issubclass(algo, Synchronous) and cast(SynchronousOptions,
                                               config.algorithm).fp16_allreduce:
-        raise UsageError("hpctrain simulate averages ssgd's gradients in float32: drop "
-                         "--fp16-allreduce (--no-fp16-allreduce undoes a --config file's)")
+        drop = "--fp16-allreduce (--no-fp16-allreduce undoes a --config file's)" \
+            if options.on_command_line() else \
+            f"{type(config.algorithm).__name__}.fp16_allreduce=True"
+        raise UsageError(f"hpctrain simulate averages ssgd's gradients in float32: drop {drop}")
     launch_checks.check_compute(config, in_threads=True)
     faults.check_in_threads()
     live.check(config, k)
