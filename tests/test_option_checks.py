@@ -338,8 +338,9 @@ def test_simulated_sgd_is_told_to_take_one_worker():
     that 4 is the default."""
     def refusal(*argv: str) -> str:
         args = simulate_args("--algo", "sgd", *SYNTHETIC, *argv)
-        return one_line(lambda: check_simulation(arguments.build(args),
-                                                 sim_arguments.build(args)))
+        with options.command_line():  # as cli.main checks it
+            return one_line(lambda: check_simulation(arguments.build(args),
+                                                     sim_arguments.build(args)))
 
     assert refusal() == ("--algo sgd runs on one process, not --workers 4 (the default): give "
                          "--workers 1 (or --algo ssgd for 4 workers)")
@@ -347,6 +348,11 @@ def test_simulated_sgd_is_told_to_take_one_worker():
                                          "give --workers 1 (or --algo ssgd for 8 workers)")
     args = simulate_args("--algo", "sgd", *SYNTHETIC, "--workers", "1")
     check_simulation(arguments.build(args), sim_arguments.build(args))
+    # From Python it said the flags too, to a caller who typed none: the fields given
+    assert one_line(lambda: check_simulation(
+        RunConfig(algo="sgd", data=DataConfig(dataset="synthetic")), SimConfig(workers=3))) == (
+        "RunConfig.algo='sgd' runs on one process, not SimConfig.workers=3: give "
+        "SimConfig.workers=1 (or RunConfig.algo='ssgd' for 3 workers)")
 
 
 # 8. Whole numbers: the command line read --seed 1e3 as no int, a TOML file as 1000.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import heapq
@@ -631,7 +632,8 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
                                                               data_placement="sharded")), sim(2))
     with pytest.raises(UsageError, match="unknown model 'weibull'"):
         simulate(config("asgd", tmp_path / "b"), sim(2, step_time="weibull:1"))
-    with pytest.raises(UsageError, match="sgd runs on one process"):
+    with pytest.raises(UsageError, match="^RunConfig.algo='sgd' runs on one process, not "
+                                         "SimConfig.workers=2"):  # from Python: the fields
         simulate(config("sgd", tmp_path / "c"), sim(2))
     with pytest.raises(UsageError, match="checkpoints"):
         from hpctrain.config import CheckpointConfig
@@ -645,20 +647,29 @@ def test_bad_input_is_one_line_before_anything_runs(tmp_path):
                                     "rest": [[0.2]]}))
     ssgd_torch = algorithm_options("ssgd")(sync_backend="torch")  # no MPI, still collectives
     for algo, given in (("ssp", None), ("ma", None), ("ssgd", ssgd_torch)):
-        with pytest.raises(UsageError, match=f"not --algo {algo}"):
+        with pytest.raises(UsageError, match=f"not RunConfig.algo='{algo}': use "
+                                             "SimConfig.comm_time='model'$"):  # from Python
             simulate(config(algo, tmp_path / "e", algorithm=given),
                      sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
     (tmp_path / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # who recorded them
     with pytest.raises(UsageError, match="is an --algo ssgd run, whose rests are not pushes"):
         simulate(config("asgd", tmp_path / "e"),
                  sim(2, step_time=f"replay:{recorded}", comm_time="replay"))
-    with pytest.raises(UsageError, match="^--train-subset 2049 is more than the 2048 training "
-                                         "samples in synthetic$"):  # was trained on 2048
-        simulate(config("ssgd", tmp_path / "g"), sim(2, train_subset=2049))
+    # Named as typed on the command line; from Python (it said the flags too) the fields.
+    for typed, said in ((True, "^--train-subset 2049 is more than"),
+                        (False, "^SimConfig.train_subset=2049 is more than")):
+        with pytest.raises(UsageError, match=f"{said} the 2048 training samples in "
+                                             "synthetic$"), \
+                options.command_line() if typed else contextlib.nullcontext():
+            simulate(config("ssgd", tmp_path / "g"), sim(2, train_subset=2049))  # trained 2048
     # The subset is what is too small, not synthetic's 2048 samples (the line named those).
-    with pytest.raises(UsageError, match=r"^--workers 64 but only 10 training samples "
-                                         r"\(--train-subset 10\)$"):
-        simulate(config("asgd", tmp_path / "g"), sim(64, train_subset=10))
+    for typed, said in ((True, r"^--workers 64 but only 10 training samples "
+                               r"\(--train-subset 10\)$"),
+                        (False, r"^SimConfig.workers=64 but only 10 training samples "
+                                r"\(SimConfig.train_subset=10\)$")):
+        with pytest.raises(UsageError, match=said), \
+                options.command_line() if typed else contextlib.nullcontext():
+            simulate(config("asgd", tmp_path / "g"), sim(64, train_subset=10))
     assert not any((tmp_path / d).exists() for d in "abcdefg")
 
 

@@ -119,28 +119,32 @@ def check_options(config: RunConfig, sim: SimConfig) -> RunConfig:
     servers = cast(StoreOptions, config.algorithm).servers if issubclass(algo, ASGD) else 0
     ranks = k + servers
     n, sample = launch_checks.check_workers(config, k, sim.train_subset)
+    s = functools.partial(options.setting, SimConfig)  # flags typed, fields from Python
+    r = functools.partial(options.setting, RunConfig)
     if sim.train_subset is not None and sim.train_subset > n:  # else recorded, not trained
-        raise UsageError(f"--train-subset {options.shown(sim.train_subset)} is more than the "
+        raise UsageError(f"{s('train_subset', sim.train_subset)} is more than the "
                          f"{n} training samples in {config.data.dataset}")
     n = sim.train_subset or n
     if k > n:  # a subset's size named as such: the data set itself may have enough
-        held = (f"(--train-subset {n})" if sim.train_subset is not None
+        held = (f"({s('train_subset', n)})" if sim.train_subset is not None
                 else f"in {config.data.dataset}")
-        raise UsageError(f"--workers {k} but only {n} training samples {held}")
+        raise UsageError(f"{s('workers', k)} but only {n} training samples {held}")
     if sim.comm_time == "replay" and not _pushes(algo) and not issubclass(algo, Sequential):
-        raise UsageError(f"--comm-time replay replays the pushes of asgd, dcasgd-c and "
-                         f"dcasgd-a, not --algo {config.algo}: use --comm-time model")
+        raise UsageError(f"{s('comm_time', 'replay')} replays the pushes of asgd, dcasgd-c and "
+                         f"dcasgd-a, not {r('algo', config.algo)}: use "
+                         f"{s('comm_time', 'model')}")
     if sim.comm_time == "replay" and _pushes(algo):
         run_dir = sim.step_time.partition(":")[2]
         source = steptimes.recorded_algo(run_dir)
         if source in registry.names() and not _pushes(registry.get(source)):
-            raise UsageError(f"--comm-time replay: {run_dir} is an --algo {source} run, whose "
-                             f"rests are not pushes; replay an asgd, dcasgd-c or dcasgd-a "
-                             f"run's, or use --comm-time model")
+            raise UsageError(f"{s('comm_time', 'replay')}: {run_dir} is an --algo {source} "
+                             f"run, whose rests are not pushes; replay an asgd, dcasgd-c or "
+                             f"dcasgd-a run's, or use {s('comm_time', 'model')}")
     if issubclass(algo, Sequential) and k > 1:  # its own check names no --workers
         default = " (the default)" if k == DEFAULT_WORKERS else ""  # maybe not typed
-        raise UsageError(f"--algo sgd runs on one process, not --workers {k}{default}: give "
-                         f"--workers 1 (or --algo ssgd for {k} workers)")
+        raise UsageError(f"{r('algo', 'sgd')} runs on one process, not {s('workers', k)}"
+                         f"{default}: give {s('workers', 1)} (or {r('algo', 'ssgd')} for {k} "
+                         "workers)")
     algo.check(config, ranks, n)
     if config.model.init_from:  # its file fits the model (compare --simulate: every run)
         launch_checks.initial_model(config, sample.shape, sample.num_classes)
