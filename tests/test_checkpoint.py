@@ -91,7 +91,8 @@ def test_flipped_byte_is_detected(tmp_path, where):
     offset = {"header": head // 2, "payload start": head + 1, "middle": size // 2,
               "last byte": size - 1}[where]
     flip(path, offset)
-    with pytest.raises(CorruptCheckpoint):
+    said = "header checksum mismatch" if where == "header" else "checksum mismatch"  # sha256's
+    with pytest.raises(CorruptCheckpoint, match=f"^{path.name}: {said}$"):
         checkpoint.load(path)
 
 
@@ -197,10 +198,13 @@ def test_a_snapshot_a_newer_hpctrain_wrote_is_refused_before_mpi(tmp_path):
 
 def test_truncated_file_is_detected(tmp_path):
     path = write(tmp_path, 1)
-    for keep in (0, 10, path.stat().st_size - 1):
+    size, body = path.stat().st_size, path.stat().st_size - path.read_bytes().index(b"\n") - 1
+    for keep in (0, 10, size - 1):
         blob = path.read_bytes()
         path.write_bytes(blob[:keep])
-        with pytest.raises(CorruptCheckpoint):
+        said = ("truncated header" if keep < size - 1 else  # the payload's length, then:
+                rf"{body - 1} payload bytes, header says {body} \(truncated\?\)")
+        with pytest.raises(CorruptCheckpoint, match=f"^{path.name}: {said}$"):
             checkpoint.load(path)
         path.write_bytes(blob)
 
@@ -385,8 +389,8 @@ def test_loading_never_executes_code(tmp_path, monkeypatch):
     with pytest.raises(CorruptCheckpoint, match="does not load"):
         checkpoint.load(path)
     assert not (tmp_path / "pwned").exists()
-    path.write_bytes(pickle.dumps(Evil()))  # a bare pickle is not even read
-    with pytest.raises(CorruptCheckpoint):
+    path.write_bytes(pickle.dumps(Evil()))  # a bare pickle is not even read: no header line
+    with pytest.raises(CorruptCheckpoint, match=f"^{path.name}: truncated header$"):
         checkpoint.load(path)
     assert not (tmp_path / "pwned").exists()
 
@@ -429,7 +433,7 @@ def test_every_parses_the_normalised_text():
     assert checkpoint.Every.parse("0.29e").interval_updates(10) == 3  # rounded, not cut to 2
     with pytest.raises(ValueError, match="^--checkpoint-every off is no interval$"):
         checkpoint.Every.parse("off")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^every 600 seconds is no number of updates$"):
         checkpoint.Every.parse("600").interval_updates(100)  # seconds are no update count
 
 
