@@ -9,6 +9,7 @@ tested in test_launchers.py).
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -99,13 +100,48 @@ def _ipv6_loopback() -> bool:
     return isinstance(bindings, dict) and bindings.get("::1", "") is None
 
 
+# hpctrain's training on each rank, which writes to $SEEN/<rank> what the process group it
+# made met at: the init_method rank 0 published, the store's host and port, and whether a
+# connection to that port at ::1 was up (/proc/net/tcp6: ::1, remote port, ESTABLISHED).
+MET_AT = """\
+import json, os, sys
+from pathlib import Path
+import torch.distributed as dist
+made = dist.init_process_group
+def observed(*args, **kwargs):
+    made(*args, **kwargs)
+    store = dist.distributed_c10d._get_default_store()
+    while hasattr(store, "underlying_store"):  # PrefixStore's
+        store = store.underlying_store
+    remote = f"{'0' * 24}01000000:{store.port:04X}"
+    up = any(f.split()[2] == remote and f.split()[3] == "01"
+             for f in Path("/proc/net/tcp6").read_text().splitlines()[1:])
+    Path(os.environ["SEEN"], os.environ["OMPI_COMM_WORLD_RANK"]).write_text(json.dumps(
+        {"init_method": kwargs.get("init_method"), "store": [store.host, store.port],
+         "connected_at_ipv6_loopback": up}))
+dist.init_process_group = observed
+from hpctrain import cli
+cli.main(sys.argv[1:])
+"""
+
+
 @pytest.mark.timeout(200)
 @pytest.mark.skipif(not _ipv6_loopback(), reason="this host cannot bind its IPv6 loopback ::1")
 def test_ranks_meet_at_an_ipv6_master_addr(tmp_path):
-    proc = run_job([*TRAIN, "--out", str(tmp_path / "run")], np=2, timeout=120,
-                   env={"MASTER_ADDR": "::1"})
+    """The store rank 0 published at tcp://[::1]:port is where both ranks met, over ::1 (a
+    run that fell back to 127.0.0.1, or to a default address, trained as well)."""
+    seen = tmp_path / "seen"
+    seen.mkdir()
+    proc = run_program([sys.executable, "-c", MET_AT, *TRAIN, "--out", str(tmp_path / "run")],
+                       np=2, timeout=120, env={"MASTER_ADDR": "::1", "SEEN": str(seen),
+                                               "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "run" / "summary.json").exists()
+    met = [json.loads((seen / str(rank)).read_text()) for rank in range(2)]
+    port = met[0]["store"][1]
+    assert met[0]["init_method"] == f"tcp://[::1]:{port}", met
+    assert all(m == {"init_method": f"tcp://[::1]:{port}", "store": ["::1", port],
+                     "connected_at_ipv6_loopback": True} for m in met), met
 
 
 HERE = ["lo", "eth0", "ib0"]
