@@ -4,10 +4,12 @@ by the same code as a built-in one (``examples/signum_vote.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,10 +125,31 @@ def test_a_config_files_options_stay_with_its_algorithm_spelt_otherwise(tmp_path
     assert config.algorithm.vote == "mean"
 
 
+@pytest.mark.timeout(60)
 def test_a_config_that_is_a_pipe_is_read_once(tmp_path):
+    """Looking for an algorithm in --config leaves a pipe unopened for the configuration's
+    one read. Opened, it waits for a writer: the wait is bounded here, and then a writer
+    lets it go on, so the failure says why instead of the suite's timeout."""
     fifo = tmp_path / "config.toml"
-    os.mkfifo(fifo)  # opened for reading, it would wait for a writer
-    arguments.load_named_algorithms(["train", "--config", str(fifo)])
+    os.mkfifo(fifo)
+    raised: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            arguments.load_named_algorithms(["train", "--config", str(fifo)])
+        except BaseException as e:  # noqa: BLE001 (the test's thread says what it raised)
+            raised.append(e)
+
+    loading = threading.Thread(target=load, daemon=True)
+    loading.start()
+    loading.join(20)
+    opened = loading.is_alive()
+    if opened:  # its reader waits: a writer that closes at once gives it an empty file
+        with contextlib.suppress(OSError):  # ENXIO: it waits elsewhere
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        loading.join(20)
+    assert not opened, f"load_named_algorithms opened the pipe {fifo} (waited 20 s for a writer)"
+    assert raised == []
 
 
 def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, monkeypatch):
