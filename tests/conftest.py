@@ -232,6 +232,46 @@ def alive(pid: int) -> bool:
         return False
 
 
+def _processes() -> dict[int, tuple[int, int]]:
+    """Each process's (parent, process group), from /proc."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            found[int(stat.parent.name)] = (int(fields[1]), int(fields[2]))
+        except (OSError, IndexError, ValueError):  # ended meanwhile
+            continue
+    return found
+
+
+def _group_of(proc: subprocess.Popen, table: dict[int, tuple[int, int]]) -> set[int]:
+    """The processes of ``proc``'s process group (started in a session of its own)."""
+    return {pid for pid, (_, group) in table.items() if group == proc.pid}
+
+
+def _signal_job(proc: subprocess.Popen, sig: int) -> None:
+    """``sig`` to the process group of ``proc`` (started in a session of its own), while its
+    id is still the job's (``proc`` not reaped yet, or a process of the group running);
+    SIGKILL also to every process the launcher started, outside its group too: Open MPI's
+    mpirun starts each rank in a session of its own, and torchrun's agent each worker
+    (SIGTERM reaches them through the launcher, which passes it on)."""
+    table = _processes()
+    unreaped = proc.returncode is None
+    if unreaped or _group_of(proc, table):
+        with contextlib.suppress(ProcessLookupError):  # the group has ended
+            os.killpg(proc.pid, sig)
+    if sig == signal.SIGKILL and unreaped:
+        tree, parents = set(), [proc.pid]
+        while parents:
+            children = {pid for pid, (ppid, _) in table.items() if ppid == parents[-1]}
+            parents.pop()
+            parents.extend(children - tree)
+            tree |= children
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def _stop(proc: subprocess.Popen, send, grace: float) -> tuple[str, str]:
     """End ``proc`` with ``send(signal)``: SIGTERM first, which lets a launcher (mpirun,
     torchrun's agent, bench compare) end what it started, SIGKILL if it has not ended after
@@ -283,8 +323,7 @@ def _launch(program: list[str], np: int, timeout: float, env: dict | None,
                             cwd=ROOT, start_new_session=True)
 
     def send(sig: int) -> None:
-        with contextlib.suppress(ProcessLookupError):  # the group has ended
-            os.killpg(proc.pid, sig)
+        _signal_job(proc, sig)
 
     return _wait(proc, cmd, timeout, send, "job", grace=5)  # mpirun ends its ranks in ~1 s
 
@@ -297,13 +336,58 @@ def run_job(args: list[str], np: int = 1, timeout: float = 120, env: dict | None
     return _launch(HPCTRAIN + args, np, timeout, env, mpi_args, mpi)
 
 
+# start_job's jobs, oldest first: :func:`_no_job_left` ends (:func:`end_job`) each that a test
+# started once the test is over, and the session's end those that a fixture shared by several
+# tests started.
+_STARTED: list[subprocess.Popen] = []
+
+
 def start_job(args: list[str], np: int, env: dict | None = None) -> subprocess.Popen:
     """``hpctrain <args>`` on ``np`` ranks of Open MPI (a plain process if np == 0) with
     ``env`` added to the environment, started and left running (to signal it); the caller
-    waits for it with a timeout, and kills it in a ``finally``."""
-    return subprocess.Popen((mpirun(np) if np else []) + HPCTRAIN + args, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    waits for it with a timeout, and kills it in a ``finally``. It runs in a session of its
+    own: a signal the test sends (``job.send_signal``, ``job.kill()``) reaches the launcher
+    alone, as a scheduler's does, and whatever of the job is left when the test ends (the
+    launcher, its group: bench compare's runs; mpirun's ranks) is ended then (:func:`end_job`)."""
+    job = subprocess.Popen((mpirun(np) if np else []) + HPCTRAIN + args, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    _STARTED.append(job)
+    return job
+
+
+def end_job(job: subprocess.Popen, grace: float = 5) -> str:
+    """End what is left of :func:`start_job` ``job`` as a timeout ends a ``run_job`` launch
+    (:func:`_stop`: SIGTERM to its group, which mpirun passes on to its ranks; SIGKILL to the
+    group and the launcher's tree if it has not ended after ``grace`` seconds), then SIGKILL
+    to any of its group still running: nothing it started outlives a test. Its stderr, as
+    far as it can be read."""
+    def send(sig: int) -> None:
+        _signal_job(job, sig)
+
+    if job.returncode is None or _group_of(job, _processes()):
+        said = _stop(job, send, grace)[1]
+        send(signal.SIGKILL)  # what the launcher left in its group, if it ended on SIGTERM
+        return said
+    try:  # ended and reaped already: what it wrote that is still unread
+        return job.communicate(timeout=grace)[1]
+    except subprocess.TimeoutExpired:
+        return "(not read: a process it left holds its output open)"
+
+
+@pytest.fixture(autouse=True)
+def _no_job_left():
+    """Every :func:`start_job` job a test started ends with the test, passed or failed."""
+    first = len(_STARTED)
+    yield
+    while len(_STARTED) > first:
+        end_job(_STARTED.pop())
+
+
+def pytest_sessionfinish() -> None:
+    """The jobs that fixtures shared by several tests started end with the session."""
+    while _STARTED:
+        end_job(_STARTED.pop())
 
 
 def warn_after_checkpoint(job: subprocess.Popen, folder: Path, timeout: float = 120) -> str:
@@ -316,14 +400,16 @@ def warn_after_checkpoint(job: subprocess.Popen, folder: Path, timeout: float = 
         deadline = time.monotonic() + timeout
         while not listing(folder):
             if (ended := job.poll()) is not None or time.monotonic() > deadline:
-                job.kill()  # its output, without waiting for a hung job to end
                 said = f"ended, exit {ended}" if ended is not None else f"after {timeout} s"
-                pytest.fail(f"no checkpoint in {folder} ({said}): {job.communicate()[1]}")
+                pytest.fail(f"no checkpoint in {folder} ({said}): {end_job(job)}")
             time.sleep(0.01)
         job.send_signal(signal.SIGUSR1)
-        return job.communicate(timeout=timeout)[1]
+        try:
+            return job.communicate(timeout=timeout)[1]
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"still running {timeout} s after SIGUSR1: {end_job(job)}")
     finally:
-        job.kill()
+        end_job(job)  # the rest of its group, if it left any
 
 
 def run_program(program: list[str], np: int = 0, timeout: float = 120, env: dict | None = None,
@@ -441,13 +527,18 @@ def torchrun(args: list[str], nproc: int, log_dir: Path, timeout: float = 180,
     ``script <args>``), outside this process's MPI job; fail on timeout. ``log_dir`` (under
     the test's tmp_path) keeps torch's logs out of a /tmp/torchelastic_* folder of their own.
     On a timeout the agent is sent SIGTERM, which ends its workers (each in a session of its
-    own, so a SIGKILL of the agent alone would leave them running), then SIGKILL."""
+    own), then SIGKILL, to the agent and every process it started."""
     cmd = [*TORCHRUN, "--nproc-per-node", str(nproc), "--log-dir", str(log_dir), *options,
            *([script] if script else ["-m", "hpctrain"]), *args]
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**clean, "OMP_NUM_THREADS": "1", **(env or {})})
-    return _wait(proc, cmd, timeout, proc.send_signal, "torchrun", grace=20)
+                            env={**clean, "OMP_NUM_THREADS": "1", **(env or {})},
+                            start_new_session=True)
+
+    def send(sig: int) -> None:
+        _signal_job(proc, sig)
+
+    return _wait(proc, cmd, timeout, send, "torchrun", grace=20)
 
 
 @pytest.fixture(params=["mpi", "torch"])
