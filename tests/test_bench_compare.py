@@ -932,7 +932,7 @@ def test_a_compare_killed_outright_takes_its_run_with_it(tmp_path):
         assert len(running(out / "ssgd")) >= 3  # mpirun and its two ranks
     finally:
         job.kill()
-        job.communicate()
+        job.communicate(timeout=60)  # bounded: its runs write to files, not to these pipes
     deadline = time.monotonic() + 60  # each rank ends within its step and writes nothing
     while running(out / "ssgd") and time.monotonic() < deadline:
         time.sleep(0.1)
