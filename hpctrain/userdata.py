@@ -129,6 +129,15 @@ def absolute(name: str) -> str:
     return plugins.absolute(name, "--dataset")
 
 
+def _given(name: str, part: str = "") -> str:
+    """Data set ``name`` in a refusal, followed by ``part`` (a split, an array) where one is
+    named: as typed on the command line (``--dataset npz:x.npz x_train``), from Python as
+    the field given (``DataConfig.dataset='npz:x.npz' x_train``), who typed no flag
+    (:func:`hpctrain.plugins.said`)."""
+    said = plugins.said("--dataset", name, typed=f"--dataset {name}")
+    return f"{said} {part}" if part else said
+
+
 # ---- the four calls data.py makes ----------------------------------------------------------
 
 def absolute_dir(data_dir: str | None) -> str | None:
@@ -223,16 +232,16 @@ def _dataset(name: str, src, split: str, rows: np.ndarray) -> Dataset:
 
     images = src.images(split, rows) if len(rows) else np.empty((0, *src.shape), np.float32)
     if isinstance(src, CallableSource) and not src.pairs:  # the others checked before MPI
-        _exact_in_float32(f"--dataset {name} {split}", images,
+        _exact_in_float32(_given(name, split), images,
                           lambda j: int(src.file_rows(split, rows[j:j + 1])[0]))
     x = _as_float(images)
     if len(rows) and tuple(x.shape[1:]) != src.shape:
-        raise UsageError(f"--dataset {name} {split}: samples of shape {tuple(x.shape[1:])}, "
+        raise UsageError(f"{_given(name, split)}: samples of shape {tuple(x.shape[1:])}, "
                          f"but the training set's are {src.shape}")
     bad = _first_not_finite(x)
     if bad is not None:  # one NaN pixel made its batch's every step a skipped one
         row = int(src.file_rows(split, rows[bad:bad + 1])[0])  # the file's, not our numbering
-        raise UsageError(f"--dataset {name} {split}: sample {row} holds NaN or Inf")
+        raise UsageError(f"{_given(name, split)}: sample {row} holds NaN or Inf")
     y = torch.from_numpy(src.labels(split)[rows])
     return Dataset(name, x.contiguous(), y, torch.from_numpy(np.asarray(rows, np.int64)),
                    src.num_classes)
@@ -479,11 +488,11 @@ class NpzSource:
     def __init__(self, name: str, path: Path) -> None:
         self.name, self.path = name, path
         if not path.is_file():
-            raise UsageError(f"--dataset {name}: no file {path}")
+            raise UsageError(f"{_given(name)}: no file {path}")
         try:
             z = np.load(path, mmap_mode="r", allow_pickle=False)  # mmap: a .npy is not read
             if isinstance(z, np.ndarray):
-                raise UsageError(f"--dataset {name}: {path} is a .npy array, not an .npz archive "
+                raise UsageError(f"{_given(name)}: {path} is a .npy array, not an .npz archive "
                                  f"of {', '.join(self.KEYS)} (save them with np.savez)")
             with z:
                 missing = [k for k in self.KEYS if k not in z.files]
@@ -494,40 +503,40 @@ class NpzSource:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
             if not zipfile.is_zipfile(path):  # numpy took it for a pickle: say what it is not
-                raise UsageError(f"--dataset {name}: {path} is not an .npz archive (a zip of "
+                raise UsageError(f"{_given(name)}: {path} is not an .npz archive (a zip of "
                                  f"{', '.join(self.KEYS)} saved with np.savez)") from None
-            raise UsageError(f"--dataset {name}: cannot read {path} as .npz ({e})") from None
+            raise UsageError(f"{_given(name)}: cannot read {path} as .npz ({e})") from None
         if missing:
             likely = "".join(f"; {key!r} is likely a typo of {meant!r}" for key, meant in typos)
-            raise UsageError(f"--dataset {name}: {path} has no {', '.join(missing)} (it has "
+            raise UsageError(f"{_given(name)}: {path} has no {', '.join(missing)} (it has "
                              f"{', '.join(z.files) or 'nothing'}{likely})")
         if typos:
             key, meant = typos[0]
-            raise UsageError(f"--dataset {name}: {path} has an array {key!r}, which is not "
+            raise UsageError(f"{_given(name)}: {path} has an array {key!r}, which is not "
                              f"read; did you mean {meant!r}? (it reads "
                              f"{', '.join(self.READ)})")
         self._x = {s: self._member(f"x_{s}") for s in SPLITS}
-        self.shape = _sample_shape(f"--dataset {name} x_train", self._x["train"].shape)
-        test_shape = _sample_shape(f"--dataset {name} x_test", self._x["test"].shape)
+        self.shape = _sample_shape(_given(name, "x_train"), self._x["train"].shape)
+        test_shape = _sample_shape(_given(name, "x_test"), self._x["test"].shape)
         if test_shape != self.shape:
-            raise UsageError(f"--dataset {name}: x_test samples are {test_shape}, x_train's "
+            raise UsageError(f"{_given(name)}: x_test samples are {test_shape}, x_train's "
                              f"{self.shape}")
-        _one_scale(f"--dataset {name}", {s: _type_name(self._x[s]) for s in SPLITS})
+        _one_scale(_given(name), {s: _type_name(self._x[s]) for s in SPLITS})
         empty = [f"x_{s}" for s in SPLITS if len(self._x[s]) == 0]
         if empty:
-            raise UsageError(f"--dataset {name}: {path} has no samples in {empty[0]}")
+            raise UsageError(f"{_given(name)}: {path} has no samples in {empty[0]}")
         for s in SPLITS:
-            _exact_in_float32(f"--dataset {name} x_{s}", self._x[s])
-        labels = {s: _checked_labels(f"--dataset {name} y_{s}", self._labels[s],
+            _exact_in_float32(_given(name, f"x_{s}"), self._x[s])
+        labels = {s: _checked_labels(_given(name, f"y_{s}"), self._labels[s],
                                      len(self._x[s])) for s in SPLITS}
-        self.num_classes = _classes(f"--dataset {name}", list(labels.values()), given)
+        self.num_classes = _classes(_given(name), list(labels.values()), given)
         self._order, self._labels = _numbered(labels)
 
     def _member(self, key: str):
         """The array ``key``: memory-mapped when stored uncompressed, else read whole.
         UsageError naming it when it is no numpy array, holds Python objects or is cut short
         (a memory map would read on into the next member)."""
-        where = f"--dataset {self.name}: {key} in {self.path}"
+        where = f"{_given(self.name)}: {key} in {self.path}"
         with zipfile.ZipFile(self.path) as zf:
             try:
                 info = zf.getinfo(key + ".npy")
@@ -614,23 +623,23 @@ class ImageFolderSource:
         self.name, self.root = name, root
         for split in SPLITS:
             if not (root / split).is_dir():
-                raise UsageError(f"--dataset {name}: no folder {root / split} (want "
+                raise UsageError(f"{_given(name)}: no folder {root / split} (want "
                                  f"{root}/train/<class>/ and {root}/test/<class>/)")
         self.classes = [p.name for p in _visible(root / "train") if p.is_dir()]
         if len(self.classes) < 2:
-            raise UsageError(f"--dataset {name}: {root / 'train'} has {len(self.classes)} "
+            raise UsageError(f"{_given(name)}: {root / 'train'} has {len(self.classes)} "
                              "class folders; want at least 2")
         self.num_classes = len(self.classes)
         self.class_names = list(self.classes)
         self._files = {s: self._listing(s) for s in SPLITS}
         for split in SPLITS:
             if not self._files[split][0]:
-                raise UsageError(f"--dataset {name}: no images under {root / split} (want "
+                raise UsageError(f"{_given(name)}: no images under {root / split} (want "
                                  f"{root / split}/<class>/<image>)")
         counts = np.bincount(self._files["train"][1], minlength=self.num_classes)
         if (counts == 0).any():  # a class no sample has: no model learns it, nor is told
             empty = root / "train" / self.classes[int(np.argmin(counts))]
-            raise UsageError(f"--dataset {name}: class folder {empty} holds no images "
+            raise UsageError(f"{_given(name)}: class folder {empty} holds no images "
                              f"({', '.join(IMAGE_SUFFIXES)}); add them or remove the folder")
         self.first = self._files["train"][0][0]
         first = self._open(self.first)
@@ -644,7 +653,7 @@ class ImageFolderSource:
         folders = [p for p in _visible(self.root / split) if p.is_dir()]
         for folder in folders:
             if folder.name not in self.classes:
-                raise UsageError(f"--dataset {self.name}: {folder} is a class the training set "
+                raise UsageError(f"{_given(self.name)}: {folder} is a class the training set "
                                  f"does not have ({', '.join(self.classes)})")
             mine = [p for p in _visible(folder) if p.suffix.lower() in IMAGE_SUFFIXES]
             files += mine
@@ -656,7 +665,7 @@ class ImageFolderSource:
         try:
             from PIL import Image, UnidentifiedImageError
         except ImportError:
-            raise UsageError(f"--dataset {self.name}: image folders need Pillow (pip install "
+            raise UsageError(f"{_given(self.name)}: image folders need Pillow (pip install "
                              "pillow)") from None
 
         try:
@@ -664,7 +673,7 @@ class ImageFolderSource:
             img.load()
             return img
         except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:
-            raise UsageError(f"--dataset {self.name}: cannot read image {path} ({e})") from None
+            raise UsageError(f"{_given(self.name)}: cannot read image {path} ({e})") from None
 
     def size(self, split: str) -> int:
         return len(self._files[split][0])
@@ -684,7 +693,7 @@ class ImageFolderSource:
         for j, i in enumerate(rows):
             img = self._open(files[i])
             if img.size != self.size_wh:
-                raise UsageError(f"--dataset {self.name}: {files[i]} is {img.size[0]}x"
+                raise UsageError(f"{_given(self.name)}: {files[i]} is {img.size[0]}x"
                                  f"{img.size[1]}, the first image ({self.first}) "
                                  f"{self.size_wh[0]}x{self.size_wh[1]}; all must have one size")
             out[j] = self._pixels(img, files[i]).reshape(out.shape[1:])
@@ -697,7 +706,7 @@ class ImageFolderSource:
             return np.asarray(img.convert(self.mode))
         a = np.asarray(img)
         if img.mode == "F" or a.size and (a.min() < 0 or a.max() > 65535):
-            raise UsageError(f"--dataset {self.name}: {path} has {img.mode} pixels beyond 16 "
+            raise UsageError(f"{_given(self.name)}: {path} has {img.mode} pixels beyond 16 "
                              "bits; save 8- or 16-bit images, or the arrays as npz:PATH")
         grey = np.rint(a / 257.0).astype(np.uint8)
         return grey if self.mode == "L" else np.repeat(grey[..., None], 3, axis=-1)
@@ -723,7 +732,7 @@ class CallableSource:
         self.pairs = all(map(_is_pair, parts))  # items that read alike every time
         labels, shapes, types = {}, {}, {}
         for split, part in self._sets.items():
-            what = f"--dataset {name} {split}"
+            what = _given(name, split)
             if _is_pair(part):
                 x, y = part
                 shapes[split] = _sample_shape(what, tuple(np.shape(x)))
@@ -756,11 +765,11 @@ class CallableSource:
                                  "map-style Dataset of (x, y)")
             types[split] = _type_name(x)
         if shapes["test"] != shapes["train"]:
-            raise UsageError(f"--dataset {name}: test samples are {shapes['test']}, training "
+            raise UsageError(f"{_given(name)}: test samples are {shapes['test']}, training "
                              f"samples {shapes['train']}")
-        _one_scale(f"--dataset {name}", types)
+        _one_scale(_given(name), types)
         self.shape = shapes["train"]
-        self.num_classes = _classes(f"--dataset {name}", list(labels.values()), given)
+        self.num_classes = _classes(_given(name), list(labels.values()), given)
         self._file_labels = labels  # by the loader's own index, as its items are checked
         self._order, self._labels = _numbered(labels)
         names = getattr(self._sets["train"], "classes", None)  # a Dataset's (torchvision's)
@@ -781,24 +790,24 @@ class CallableSource:
         except UsageError:
             raise
         except Exception as e:
-            raise UsageError(f"--dataset {self.name} raised {plugins.one_line(e)}") from e
+            raise UsageError(f"{_given(self.name)} raised {plugins.one_line(e)}") from e
         if isinstance(result, dict):
             # A key it does not take first: {"Train": ...} is a typo, not only a missing key
             keys = (*SPLITS, "num_classes")
             unknown = [key for key in result if key not in keys]
             if unknown:
                 meant = _misspelt(str(unknown[0]), keys)
-                raise UsageError(f"--dataset {self.name} returned a dict with key "
+                raise UsageError(f"{_given(self.name)} returned a dict with key "
                                  f"{unknown[0]!r}{f' (did you mean {meant!r}?)' if meant else ''}"
                                  f"; it takes {', '.join(map(repr, keys))}")
             missing = [k for k in SPLITS if k not in result]
             if missing:
-                raise UsageError(f"--dataset {self.name} returned a dict without "
+                raise UsageError(f"{_given(self.name)} returned a dict without "
                                  f"{missing[0]!r}")
             return (result["train"], result["test"]), result.get("num_classes")
         if isinstance(result, (tuple, list)) and len(result) == 2:
             return tuple(result), None
-        raise UsageError(f"--dataset {self.name} returned a {type(result).__name__}; want "
+        raise UsageError(f"{_given(self.name)} returned a {type(result).__name__}; want "
                          "(train, test) or {'train': ..., 'test': ...}")
 
     def _part(self, split: str):
@@ -810,7 +819,7 @@ class CallableSource:
             return part
         part = self._called()[0][SPLITS.index(split)]
         if _is_pair(part) and not np.array_equal(_numpy(part[1]), self._file_labels[split]):
-            raise UsageError(f"--dataset {self.name} {split}: called again, it returned other "
+            raise UsageError(f"{_given(self.name, split)}: called again, it returned other "
                              "labels; a loader must give the same data every call")
         return part
 
@@ -833,7 +842,7 @@ class CallableSource:
         if _is_pair(part):
             x = part[0]
             return _rows_of(x if isinstance(x, torch.Tensor) else np.asarray(x), rows)
-        what = f"--dataset {self.name} {split}"
+        what = _given(self.name, split)
         items = [_numpy(self._item(what, part, split, int(i))) for i in rows]
         shapes = {item.shape for item in items}
         if len(shapes) > 1:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import run_job
 
-from hpctrain import bench, cli, comm, kernels, launch_env, metrics
+from hpctrain import bench, cli, comm, kernels, launch_env, metrics, options
 from hpctrain.bench import allreduce, kernel, shuffle, store
 from hpctrain.errors import UsageError
 
@@ -139,7 +139,7 @@ def test_a_benchmark_on_too_few_ranks_is_refused_before_mpi(monkeypatch, argv, m
 def test_what_the_ranks_cannot_run_is_refused_before_mpi(monkeypatch, ranks, argv, message):
     launched_by_open_mpi(monkeypatch, ranks=ranks)
     args = parse(*argv)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UsageError) as e, options.command_line():  # as cli.main runs it
         importlib.import_module(cli.BENCHMARKS[args.benchmark]).validate(args)
     assert str(e.value) == message
 

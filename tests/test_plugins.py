@@ -269,6 +269,15 @@ def nets(tmp_path, monkeypatch):
     userdata._source.cache_clear()
 
 
+@pytest.fixture
+def typed():
+    """Refusals worded for the command line, within options.command_line() as cli.main runs
+    the library: the tests that use it check the words typed (``--dataset NAME ...``); from
+    Python the same refusals name DataConfig.dataset (test_a_user_datas_refusals_...)."""
+    with options.command_line():
+        yield
+
+
 def launch(**kw) -> RunConfig:
     kw.setdefault("data", DataConfig(dataset="synthetic"))
     return launch_checks.check_launch(RunConfig(algo="sgd", **kw), 1)
@@ -328,6 +337,7 @@ def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, me
         plugins.check_model(name, (1, 8, 8), 3, args)
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_refusal_of_the_users_own_code_says_where_in_it_the_error_arose(nets):
     """The checks before MPI starts said what a model's forward or a loader raised, not
     where: README's `(at m.py:8, in forward)` held only for errors met in training, and
@@ -868,6 +878,7 @@ def test_npz_samples_of_types_torch_lacks_are_read_as_float32(tmp_path, dtype):
 
 @pytest.mark.parametrize("compressed", [False, True])
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.uint32, np.uint64])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_integer_samples_float32_would_round_are_refused_before_mpi(tmp_path, dtype,
                                                                     compressed):
     """16777217 trained as 16777216: float32 holds integers exactly only up to 2**24."""
@@ -911,6 +922,7 @@ def test_npz_samples_are_checked_without_paging_them_in(tmp_path):
     assert resident_kib() >= x.nbytes // 1024
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_loaders_integer_samples_float32_would_round_are_refused(nets):
     """Arrays before MPI starts; a Dataset's items (but item 0's) as they are read."""
     nets.write_text(nets.read_text() + """
@@ -939,6 +951,7 @@ def big_items():
         data.load_indices("nets_mod:big_items", "train", numbers([3, 5], 8))
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them(tmp_path):
     """One NaN pixel in x_train: the batch holding it was skipped as a bad step every epoch
     and the run finished as if nothing were wrong; float64 beyond float32's range is Inf."""
@@ -1201,11 +1214,13 @@ def test_a_loaders_dataset_names_its_classes_where_it_has_one_name_a_class(nets)
     ("dict_set", "train is a dict of 2 elements ('x', 'y'); want (x, y) as two tensors or "
                  "numpy arrays, or a map-style Dataset of (x, y) items"),  # was KeyError: 0
 ])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_dataset_of_no_x_y_items_is_refused_naming_the_item(nets, name, message):
     with pytest.raises(UsageError, match=re.escape(f"--dataset nets_mod:{name} {message}")):
         userdata.describe(f"nets_mod:{name}")
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_dataset_item_that_raises_is_named_when_read(nets):
     assert userdata.describe("nets_mod:list_items")["shape"] == (1, 8, 8)  # x as nested lists
     assert data.load_indices("nets_mod:list_items", "train", [0, 7]).images.shape == (2, 1, 8, 8)
@@ -1216,6 +1231,7 @@ def test_a_dataset_item_that_raises_is_named_when_read(nets):
         data.load_indices("nets_mod:late", "train", numbers([4, 5], 8))
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_dataset_item_whose_label_is_not_its_targets_entry_is_refused_when_read(nets):
     """Training takes the labels from targets: an item saying another went unseen."""
     assert userdata.describe("nets_mod:relabelled")["train"] == 8
@@ -1260,6 +1276,7 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
         data.load(name, "train")
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_an_image_folders_hidden_entries_and_empty_classes(tmp_path):
     """``.ipynb_checkpoints`` beside the class folders became a class (and in the test split
     "a class the training set does not have"); an empty training class folder became a
@@ -1320,6 +1337,7 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
     (4.0, 4),  # a whole number stored as a float: taken
     (np.int32(5), 5),
 ])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_num_classes_given_with_the_data_is_one_whole_number(tmp_path, nets, kind, given,
                                                                shown):
     """Every path takes num_classes through one check; a bad one gave exit 1 with int()'s
@@ -1421,6 +1439,7 @@ def test_npz_arrays_in_the_other_byte_order_are_read(tmp_path, compressed):
     (b"x_train,y_train\n1,2\n", "{path} is not an .npz archive (a zip of x_train, y_train, "
                                   "x_test, y_test saved with np.savez)"),
 ])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_file_that_is_no_npz_archive_is_named(tmp_path, content, message):
     path = tmp_path / "d.npz"
     with open(path, "wb") as f:
@@ -1433,6 +1452,7 @@ def test_a_file_that_is_no_npz_archive_is_named(tmp_path, content, message):
         userdata.describe(f"npz:{path}")
 
 
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_an_empty_test_split_is_named_before_mpi(tmp_path, nets):
     """An image folder's empty test split, or a loader's, was found only by check_launch's
     first read: "range [0, 1) outside its 0 samples"."""
@@ -1456,6 +1476,7 @@ def test_an_empty_test_split_is_named_before_mpi(tmp_path, nets):
     ("complex_x", "train x holds complex64, not numbers"),
     ("complex_items", "train item 0's x holds complex64, not numbers"),
     ("empty_samples", "train: samples of shape (0,) hold no values")])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_loader_of_samples_that_are_no_real_numbers_is_refused(nets, loader, message):
     """Complex samples lost their imaginary part with a warning, and empty samples built a
     model of no inputs."""
@@ -1595,3 +1616,57 @@ def test_the_cli_says_its_version(capsys):
     commit = provenance.commit().get("hpctrain_commit")  # a checkout's: git's
     assert stop.value.code == 0 and capsys.readouterr().out == (
         f"hpctrain {__version__}" + (f" (commit {commit})" if commit else "") + "\n")
+
+
+def _npy_named_npz(t: Path) -> str:
+    with open(t / "d.npz", "wb") as f:  # a path's name would get .npy added
+        np.save(f, np.zeros((4, 1, 8, 8), np.float32))
+    return f"npz:{t / 'd.npz'}"
+
+
+def _flat_samples(t: Path) -> str:
+    write_npz(t / "d.npz", x_train=np.zeros(60))
+    return f"npz:{t / 'd.npz'}"
+
+
+def _a_nan_sample(t: Path) -> str:
+    x = np.zeros((60, 6, 6))
+    x[7, 2, 3] = np.nan
+    write_npz(t / "d.npz", x_train=x)
+    return f"npz:{t / 'd.npz'}"
+
+
+@pytest.mark.parametrize("make, read, said", [
+    (lambda t: f"npz:{t / 'absent.npz'}", False, ": no file {t}/absent.npz"),
+    (_npy_named_npz, False, ": {t}/d.npz is a .npy array, not an .npz archive of x_train, "
+                            "y_train, x_test, y_test (save them with np.savez)"),
+    (_flat_samples, False, " x_train: want samples of shape N x ... (at least 2 dimensions), "
+                           "got (60,)"),
+    (lambda t: f"imagefolder:{t}", False, ": no folder {t}/train (want {t}/train/<class>/ "
+                                          "and {t}/test/<class>/)"),
+    (lambda t: "nets_mod:load_fails", False, " raised OSError: the share is not mounted"),
+    (lambda t: "nets_mod:dict_set", False, " train is a dict of 2 elements ('x', 'y'); want "
+                                           "(x, y) as two tensors or numpy arrays, or a "
+                                           "map-style Dataset of (x, y) items"),
+    (_a_nan_sample, True, " train: sample 7 holds NaN or Inf"),  # read after launch
+])
+def test_a_user_datas_refusals_name_the_field_from_python(tmp_path, nets, make, read, said):
+    """A user's data refused (its file, its folder, what its loader returned, a sample read
+    in training) said ``--dataset npz:... ...`` to a Python caller of
+    ``DataConfig(dataset=...)``, who typed no flag: the field now, with its value; the command
+    line's words are as they were."""
+    name = make(tmp_path)
+    said = said.format(t=tmp_path).split(" (at ")[0]  # a loader's error: where it arose
+
+    def refused() -> str:
+        userdata.forget()  # read afresh: a refusal is not kept, but a source read is
+        with pytest.raises(UsageError) as e:
+            if read:
+                data.load_indices(name, "train", numbers([0, 7], 60))
+            else:
+                launch(data=DataConfig(dataset=name), model=ModelConfig(name="mlp"))
+        return str(e.value).split(" (at ")[0]
+
+    assert refused() == f"DataConfig.dataset={name!r}{said}"
+    with options.command_line():
+        assert refused() == f"--dataset {name}{said}"
