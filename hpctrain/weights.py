@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpctrain import plugins
+from hpctrain import options, plugins
 from hpctrain.checkpoint.format import load_weights_only
 from hpctrain.errors import UsageError
 
@@ -26,16 +26,27 @@ MODEL_FILE = "model.pt"  # what a finished run writes (:meth:`hpctrain.metrics.R
 _WRAPPERS = ("module.", "_orig_mod.")  # DDP's and torch.compile's prefixes
 
 
+def _given(path: str) -> str:
+    """``--init-from PATH`` in a refusal: as typed on the command line, from Python the field
+    given (``ModelConfig.init_from='PATH'``, :func:`hpctrain.plugins.said`)."""
+    return plugins.said(FLAG, path, typed=f"{FLAG} {path}")
+
+
+def _resume() -> str:
+    """The option that continues a run, as :func:`_given` names options."""
+    return options.named("--resume", "CheckpointConfig", "resume")
+
+
 def file_of(path: str) -> Path:
     """The weights file ``path`` names: the file, or a run folder's ``model.pt``."""
     p = Path(plugins.home_expanded(path, FLAG))
     if p.is_dir():
         if not (p / MODEL_FILE).is_file():
-            raise UsageError(f"{FLAG} {path}: the folder has no {MODEL_FILE} (a run writes it "
-                             "when it finishes; --resume continues an unfinished one)")
+            raise UsageError(f"{_given(path)}: the folder has no {MODEL_FILE} (a run writes it "
+                             f"when it finishes; {_resume()} continues an unfinished one)")
         return p / MODEL_FILE
     if not p.exists():
-        raise UsageError(f"{FLAG} {path}: no such file or folder")
+        raise UsageError(f"{_given(path)}: no such file or folder")
     return p
 
 
@@ -47,28 +58,28 @@ def read(path: str) -> dict[str, torch.Tensor]:
         with open(f, "rb") as stream:
             head = stream.readline(1 << 20)  # a checkpoint's is its JSON header
     except OSError as e:
-        raise UsageError(f"{FLAG} {path}: cannot read it ({e.strerror})") from None
+        raise UsageError(f"{_given(path)}: cannot read it ({e.strerror})") from None
     if head.startswith(b"{") and b"hpctrain-checkpoint" in head:
-        raise UsageError(f"{FLAG} {path}: an hpctrain checkpoint, not a model's weights; "
-                         "--resume continues its run, or give the finished run's model.pt")
+        raise UsageError(f"{_given(path)}: an hpctrain checkpoint, not a model's weights; "
+                         f"{_resume()} continues its run, or give the finished run's model.pt")
     try:
         state = load_weights_only(f)
     except pickle.UnpicklingError:
-        raise UsageError(f"{FLAG} {path}: holds objects that torch.load does not read with "
+        raise UsageError(f"{_given(path)}: holds objects that torch.load does not read with "
                          "weights_only=True (a whole module saved?); save "
                          "model.state_dict()") from None
     except Exception as e:  # noqa: BLE001 (whatever the bytes make torch.load raise)
         first = (str(e).strip().splitlines() or [""])[0][:160]
-        raise UsageError(f"{FLAG} {path}: not a file torch.load reads ({type(e).__name__}"
+        raise UsageError(f"{_given(path)}: not a file torch.load reads ({type(e).__name__}"
                          f"{': ' + first if first else ''})") from None
     if not isinstance(state, dict) or not state:
-        raise UsageError(f"{FLAG} {path}: holds a {type(state).__name__}"
+        raise UsageError(f"{_given(path)}: holds a {type(state).__name__}"
                          f"{' (empty)' if isinstance(state, dict) else ''}, not a state dict "
                          "of named tensors; save model.state_dict()")
     bad = next((k for k, v in state.items()
                 if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise UsageError(f"{FLAG} {path}: entry {bad!r} is not a named tensor; save "
+        raise UsageError(f"{_given(path)}: entry {bad!r} is not a named tensor; save "
                          "model.state_dict()")
     return state
 
@@ -127,7 +138,8 @@ def load_into(model: nn.Module, path: str, model_name: str) -> None:
     state = aligned(model, read(path))
     problem = mismatch(model, state)
     if problem:
-        raise UsageError(f"{FLAG} {path}: its weights do not fit --model {model_name}: "
+        model_said = plugins.said("--model", model_name, typed=f"--model {model_name}")
+        raise UsageError(f"{_given(path)}: its weights do not fit {model_said}: "
                          f"{problem}")
     model.load_state_dict(state, strict=True)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, refusal, run_commands
 
-from hpctrain import data, launch_checks, plugins, weights
+from hpctrain import data, launch_checks, options, plugins, weights
 from hpctrain.checkpoint import format as checkpoint_format
 from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -123,7 +123,8 @@ def _checkpoint(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("make, said", [
+# A file or folder that cannot start a run -> what its refusal says after the option.
+FILES = [
     (lambda t: t / "absent.pt", "no such file or folder"),
     (lambda t: t, "the folder has no model.pt"),
     (lambda t: saved(t, torch.nn.Linear(2, 2)), "a whole module saved?"),
@@ -135,10 +136,42 @@ def _checkpoint(tmp_path: Path) -> Path:
     (_checkpoint, "an hpctrain checkpoint, not a model's weights"),
     (lambda t: saved(t, {"layer.weight": torch.zeros(2, 2)}),
      "its weights do not fit --model mlp: the model's"),
-])
+]
+
+
+@pytest.mark.parametrize("make, said", FILES)
 def test_a_file_that_cannot_start_the_run_is_refused_before_mpi(tmp_path, make, said):
     message = refusal(["--algo", "sgd", *SYNTHETIC, "--init-from", str(make(tmp_path))])
     assert message.startswith("--init-from ") and said in message
+
+
+@pytest.mark.parametrize("make, said", FILES)
+def test_a_file_that_cannot_start_the_run_names_the_field_from_python(tmp_path, make, said):
+    """From Python (hpctrain.train(RunConfig(model=ModelConfig(init_from=...)))) the
+    refusal said "--init-from PATH: ...", "--resume continues ..." and "--model mlp", flags
+    a script never typed: the fields given now."""
+    path = str(make(tmp_path))
+    with pytest.raises(UsageError) as refused:
+        launch_checks.check_launch(config(tmp_path / "out", init_from=path), 1)
+    message = str(refused.value)
+    assert message.startswith(f"ModelConfig.init_from={path!r}: "), message
+    assert said.replace("--model mlp", "ModelConfig.name='mlp'") in message
+    assert "--" not in message.removeprefix(f"ModelConfig.init_from={path!r}"), message
+
+
+def test_the_hint_to_resume_instead_is_the_field_from_python(tmp_path):
+    """A run folder without model.pt, or a checkpoint given as weights, pointed to --resume,
+    from Python too: CheckpointConfig.resume there; --resume on the command line."""
+    for path, said in ((tmp_path, "(a run writes it when it finishes; {} continues an "
+                                  "unfinished one)"),
+                       (_checkpoint(tmp_path), "{} continues its run, or give the finished "
+                                               "run's model.pt")):
+        with pytest.raises(UsageError) as refused:
+            weights.read(str(path))
+        assert str(refused.value).endswith(said.format("CheckpointConfig.resume"))
+        with pytest.raises(UsageError) as refused, options.command_line():
+            weights.read(str(path))
+        assert str(refused.value).endswith(said.format("--resume"))
 
 
 def test_a_truncated_file_is_refused(tmp_path):
