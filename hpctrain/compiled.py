@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from hpctrain import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import say
 
@@ -42,7 +43,7 @@ def check(on: bool, device_type: str, in_threads: bool = False) -> None:
     ``in_threads``: for the simulator, whose workers are threads."""
     why = problem(device_type, in_threads) if on else None
     if why:
-        raise UsageError(f"--compile {why}")
+        raise UsageError(f"{options.named('--compile', 'RunConfig', 'compile', True)} {why}")
 
 
 def problem(device_type: str, in_threads: bool = False) -> str | None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import launch_env
+from hpctrain import launch_env, options
 from hpctrain.errors import UsageError
 from hpctrain.switches import switch
 
@@ -47,7 +47,10 @@ def check(choice: str) -> None:
         where = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else ""
         built = "torch was built without CUDA" if torch.version.cuda is None \
             else "torch sees no GPU"
-        raise UsageError(f"--device cuda: {built}{where}; use --device cpu or auto")
+        given = options.named("--device cuda", "RunConfig", "device", "cuda")
+        other = "--device cpu or auto" if options.on_command_line() else \
+            "RunConfig.device='cpu' or 'auto'"
+        raise UsageError(f"{given}: {built}{where}; use {other}")
 
 
 def peak_memory(device: torch.device) -> int:

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 
 import torch
 
-from hpctrain import devices
+from hpctrain import devices, options
 from hpctrain.errors import UsageError
 
 CHOICES = ("no", "bf16", "fp16")
@@ -40,17 +40,24 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def check(choice: str, device_type: str) -> None:
     """UsageError (before MPI) when ``choice`` cannot run on ``device_type`` here."""
     if choice not in CHOICES:
-        raise UsageError(f"--mixed-precision {choice!r}: choose from {', '.join(CHOICES)}")
+        raise UsageError(f"{_given(choice, repr(choice))}: choose from {', '.join(CHOICES)}")
     # Native bfloat16 starts with Ampere (8.0); torch would emulate it, slowly, before that.
     gpu = devices.local_gpu() if device_type == "cuda" else None  # this rank's, as it will run
     if choice == "bf16" and gpu is not None and torch.cuda.get_device_capability(gpu) < (8, 0):
         major, minor = torch.cuda.get_device_capability(gpu)
-        raise UsageError(f"--mixed-precision bf16: {torch.cuda.get_device_name(gpu)} (compute "
+        raise UsageError(f"{_given('bf16')}: {torch.cuda.get_device_name(gpu)} (compute "
                          f"capability {major}.{minor}) has no native bfloat16; use "
-                         "--mixed-precision fp16")
+                         f"{_given('fp16')}")
     if choice == "fp16" and device_type == "cpu" and not hasattr(torch.amp, "GradScaler"):
-        raise UsageError(f"--mixed-precision fp16 on the CPU needs torch >= 2.3, not "
-                         f"{torch.__version__}; use bf16")
+        raise UsageError(f"{_given('fp16')} on the CPU needs torch >= 2.3, not "
+                         f"{torch.__version__}; use {options.example('bf16')}")
+
+
+def _given(choice: str, typed: str | None = None) -> str:
+    """``--mixed-precision CHOICE`` (``typed``: the choice as written there) in a refusal;
+    from Python the field given, ``RunConfig.mixed_precision='CHOICE'``."""
+    return options.named(f"--mixed-precision {typed or choice}", "RunConfig",
+                         "mixed_precision", choice)
 
 
 def each_under(choice: str, device: torch.device,

@@ -58,6 +58,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from hpctrain import options
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_atomic
 from hpctrain.switches import switch
@@ -71,7 +72,8 @@ SUBDIR = "tensorboard"
 def check_installed() -> None:
     """UsageError (before MPI starts) when ``--tensorboard`` cannot write."""
     if importlib.util.find_spec("tensorboard") is None:
-        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard "
+        given = options.named("--tensorboard", "RunConfig", "tensorboard", True)
+        raise UsageError(f"{given} needs the tensorboard package: pip install tensorboard "
                          "(or pip install \"hpctrain[tensorboard]\"; in a checkout, make setup "
                          "installs it)")
 

@@ -13,7 +13,7 @@ from conftest import SYNTHETIC, horovod_missing, run_commands
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import compiled, microbatch
+from hpctrain import compiled, microbatch, options
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim import SimConfig, simulate
@@ -29,7 +29,8 @@ def test_check_refuses_a_cpu_without_a_cxx_compiler(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler on PATH
     monkeypatch.delenv("CXX", raising=False)
     compiled.check(False, "cpu")  # nothing is asked without --compile
-    with pytest.raises(UsageError, match="--compile on the CPU needs a C\\+\\+ compiler"):
+    with pytest.raises(UsageError, match="^--compile on the CPU needs a C\\+\\+ compiler"), \
+            options.command_line():  # as typed (tests/test_devices.py: from Python too)
         compiled.check(True, "cpu")
     assert "C++ compiler" in compiled.problem("cpu")  # what hpctrain info says
 
@@ -61,7 +62,8 @@ def test_check_refuses_a_gpu_without_a_c_compiler_for_triton(tmp_path, monkeypat
     assert compiled.problem("cuda") is None  # gcc and Python's headers are here
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv("CC", raising=False)
-    with pytest.raises(UsageError, match="--compile on a GPU needs a C compiler .*Triton"):
+    with pytest.raises(UsageError, match="^--compile on a GPU needs a C compiler .*Triton"), \
+            options.command_line():
         compiled.check(True, "cuda")
 
 
@@ -213,7 +215,8 @@ def test_the_simulator_refuses_a_torch_whose_dynamo_crashes_in_threads(monkeypat
     simulator checks the version before it starts (scripts/compat-check.sh 3.12 2.11.0)."""
     assert compiled.problem("cpu", in_threads=False) is None
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
-    with pytest.raises(UsageError, match=r"--compile in the simulator needs torch >= 2\.13.*"
+    with pytest.raises(UsageError, match=r"^RunConfig\.compile=True in the simulator needs "
+                       r"torch >= 2\.13.*"
                        r"torch 2\.11\.0\+cu130 here"):
         simulate(RunConfig(algo="sgd", compile=True, data=DataConfig(dataset="synthetic"),
                            model=ModelConfig(name="mlp")), SimConfig(workers=2))

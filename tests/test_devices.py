@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from hpctrain import comm, devices, launch_env
+from hpctrain import comm, compiled, devices, launch_checks, launch_env, options, precision
+from hpctrain.config import RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sync.transport import MPITransport
 
@@ -56,7 +57,8 @@ def test_ranks_go_round_the_gpus():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here")
 def test_without_a_gpu_cuda_is_refused_and_auto_is_the_cpu():
-    with pytest.raises(UsageError, match="--device cuda: .*; use --device cpu or auto"):
+    with pytest.raises(UsageError, match="^--device cuda: .*; use --device cpu or auto$"), \
+            options.command_line():  # as typed; from Python the field (test below)
         devices.check("cuda")
     with pytest.raises(UsageError, match="unknown device 'gpu'"):
         devices.check("gpu")
@@ -166,3 +168,65 @@ def test_a_runs_peak_memory_counts_from_its_start_not_the_processs():
     del earlier  # an earlier run's memory, given back (munmap)
     devices.choose("cpu")  # a run's start
     assert devices.peak_memory(cpu) < held - 128 * 2**20
+
+
+def _no_gpu() -> RunConfig:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    return RunConfig(algo="sgd", device="cuda")
+
+
+def _no_cxx(monkeypatch, tmp_path) -> RunConfig:
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder: no compiler on PATH
+    monkeypatch.delenv("CXX", raising=False)
+    return RunConfig(algo="sgd", device="cpu", compile=True)
+
+
+def _old_torch(monkeypatch) -> RunConfig:
+    """torch < 2.3 (no CPU loss scaler): the real one under scripts/compat-check.sh's 2.1."""
+    if hasattr(torch.amp, "GradScaler"):
+        monkeypatch.delattr(torch.amp, "GradScaler")
+    return RunConfig(algo="sgd", device="cpu", mixed_precision="fp16")
+
+
+def _old_gpu(monkeypatch) -> RunConfig:
+    """A V100 (compute capability 7.0) as this rank's GPU: none here, so stubbed."""
+    monkeypatch.setattr(devices, "local_gpu", lambda: torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda gpu=None: (7, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda gpu=None: "Tesla V100")
+    return RunConfig(algo="sgd", mixed_precision="bf16")
+
+
+@pytest.mark.parametrize("case", ["device", "compile", "fp16_cpu", "bf16_old_gpu"])
+def test_what_this_machine_lacks_names_the_fields_from_python(monkeypatch, tmp_path, case):
+    """The checks of what this machine can run (RunConfig's device, mixed_precision and
+    compile, checked before MPI starts) said "--device cuda: ...; use --device cpu or auto",
+    "--mixed-precision fp16 on the CPU ...", "--compile on the CPU needs ..." to a caller of
+    hpctrain.train(RunConfig(...)), who typed no flag: the fields now; the command line's
+    words are as they were."""
+    if case == "device":
+        config = _no_gpu()
+        python = r"RunConfig\.device='cuda': .+; use RunConfig\.device='cpu' or 'auto'"
+        typed = r"--device cuda: .+; use --device cpu or auto"
+    elif case == "compile":
+        config = _no_cxx(monkeypatch, tmp_path)
+        why = re.escape(str(compiled.problem("cpu")))
+        python, typed = rf"RunConfig\.compile=True {why}", rf"--compile {why}"
+    elif case == "fp16_cpu":
+        config = _old_torch(monkeypatch)
+        said = re.escape(f" on the CPU needs torch >= 2.3, not {torch.__version__}; use ")
+        python = rf"RunConfig\.mixed_precision='fp16'{said}'bf16'"
+        typed = rf"--mixed-precision fp16{said}bf16"
+    else:
+        config = _old_gpu(monkeypatch)
+        said = re.escape(": Tesla V100 (compute capability 7.0) has no native bfloat16; use ")
+        python = rf"RunConfig\.mixed_precision='bf16'{said}RunConfig\.mixed_precision='fp16'"
+        typed = rf"--mixed-precision bf16{said}--mixed-precision fp16"
+    check = (lambda: precision.check(config.mixed_precision, "cuda")) if case == "bf16_old_gpu" \
+        else (lambda: launch_checks.check_compute(config))
+    with pytest.raises(UsageError) as refused:
+        check()
+    assert re.fullmatch(python, str(refused.value)), str(refused.value)
+    with pytest.raises(UsageError) as refused, options.command_line():
+        check()
+    assert re.fullmatch(typed, str(refused.value)), str(refused.value)

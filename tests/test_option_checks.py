@@ -486,7 +486,8 @@ def test_bench_allreduce_without_a_gpu_names_its_own_device_choice():
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     args = cli.build_parser().parse_args(["bench", "allreduce", "--device", "cuda"])
-    message = one_line(lambda: allreduce.validate(args))
+    with options.command_line():  # as cli.main runs it (from Python: RunConfig.device)
+        message = one_line(lambda: allreduce.validate(args))
     assert message.startswith("--device cuda: ") and message.endswith("; use --device cpu")
 
 

@@ -14,7 +14,7 @@ from conftest import SYNTHETIC, fill, full_disk, run_job  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 from test_collapse import feed, watch_of  # noqa: E402
 
-from hpctrain import cli, data, live, models, tensorboard  # noqa: E402
+from hpctrain import cli, data, live, models, options, tensorboard  # noqa: E402
 from hpctrain.config import OptimConfig, RunConfig  # noqa: E402
 from hpctrain.errors import UsageError  # noqa: E402
 from hpctrain.evaluate import Snapshots  # noqa: E402
@@ -414,10 +414,14 @@ def test_tensorboard_missing_names_pip_first(monkeypatch):
     import sys
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # find_spec: None, as if not installed
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UsageError) as e, options.command_line():  # as typed
         tensorboard.check_installed()
     assert str(e.value).startswith("--tensorboard needs the tensorboard package: pip install "
                                    'tensorboard (or pip install "hpctrain[tensorboard]"')
+    # From Python (hpctrain.train(RunConfig(tensorboard=True))): the field given, not a flag
+    with pytest.raises(UsageError) as e:
+        tensorboard.check_installed()
+    assert str(e.value).startswith("RunConfig.tensorboard=True needs the tensorboard package: ")
 
 
 def test_a_full_disk_is_one_error_naming_the_event_file(tmp_path, monkeypatch):
