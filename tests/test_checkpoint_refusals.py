@@ -376,3 +376,18 @@ def test_without_names_python_is_told_the_flags(folders):
         checkpoint.check(algo="sgd", ranks=2, every=None, resume=None, out=None, run_config={},
                          may_change=checkpoint.MAY_CHANGE, **given["dir_needs_every"])
     assert str(e.value).replace(str(root), "ROOT") == EXPECTED["cli:dir_needs_every"]
+
+
+def test_a_folder_of_no_usable_checkpoint_at_the_resume_names_the_field_from_python(tmp_path):
+    """checkpoint.newest (rank 0's read at the resume, after the checks before launch) said
+    ``--resume DIR: no usable checkpoint`` to a caller of hpctrain.train, who typed no flag:
+    the field given from Python, the flag on the command line."""
+    broken(tmp_path)
+    said = ": no usable checkpoint (each one's problem is said above; they are kept as *.corrupt)"
+    with pytest.raises(UsageError) as e, options.command_line():
+        checkpoint.newest(tmp_path)
+    assert str(e.value) == f"--resume {tmp_path}{said}"
+    broken(tmp_path)  # set aside as *.corrupt by the first read
+    with pytest.raises(UsageError) as e:
+        checkpoint.newest(tmp_path)
+    assert str(e.value) == f"CheckpointConfig.resume={str(tmp_path)!r}{said}"

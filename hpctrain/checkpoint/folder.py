@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
+from hpctrain import options
 from hpctrain.checkpoint.format import CorruptCheckpoint, encode_parts, load, read_header
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import Snapshot
@@ -263,7 +264,8 @@ def newest(folder: str | Path) -> Loaded:
     """:func:`load_newest` for ``--resume``: UsageError when nothing in ``folder`` is usable."""
     found = load_newest(folder)
     if found is None:
-        raise UsageError(f"--resume {folder}: no usable checkpoint (each one's problem is "
+        given = options.named(f"--resume {folder}", "CheckpointConfig", "resume", str(folder))
+        raise UsageError(f"{given}: no usable checkpoint (each one's problem is "
                          "said above; they are kept as *.corrupt)")
     return found
 
