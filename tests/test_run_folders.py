@@ -59,9 +59,12 @@ def test_a_replay_and_a_report_too_long_to_exist_are_refused_alike(tmp_path, who
     """``--step-time replay:PATH`` and ``hpctrain report DIR`` (or its ``--out``) read the
     path they name: the same OSError, exit 1."""
     path, why = too_long(tmp_path, whole)
-    with pytest.raises(UsageError) as e:
+    with pytest.raises(UsageError) as e, options.command_line():  # as cli.main reads it
         steptimes.file_of(path)
     assert str(e.value) == shown("--step-time", path, why)
+    with pytest.raises(UsageError) as e:  # from Python (SimConfig(step_time=...)): the field
+        steptimes.file_of(path)
+    assert str(e.value) == f"SimConfig.step_time: {why}"
     with pytest.raises(UsageError) as e:
         report.run(cli.build_parser().parse_args(["report", path]))
     assert str(e.value) == shown("report", path, why)

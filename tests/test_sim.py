@@ -838,6 +838,13 @@ def test_step_time_models_are_seeded_and_have_their_mean(tmp_path, monkeypatch):
     assert sim(3, step_time=f"replay:{tmp_path.name}").step_time == f"replay:{tmp_path}"
     monkeypatch.setenv("HOME", str(tmp_path.parent))  # ~ as in every path option (a ./~ before)
     assert sim(3, step_time=f"replay:~/{tmp_path.name}").step_time == f"replay:{tmp_path}"
+    nobody = "~hpctrain-no-such-user"  # from Python it said --step-time: the field
+    with pytest.raises(UsageError) as e:
+        sim(3, step_time=f"replay:{nobody}/run")
+    assert str(e.value) == f"SimConfig.step_time: no home folder for {nobody}"
+    with pytest.raises(UsageError) as e, options.command_line():
+        sim(3, step_time=f"replay:{nobody}/run")
+    assert str(e.value) == f"--step-time {nobody}/run: no home folder for {nobody}"
     with pytest.raises(UsageError, match=re.escape("SIGMA must be in [0, 5], got 1e308")):
         StepTimeModel("lognormal:0.02:1e308", 2)  # exp(SIGMA z) overflows
 
