@@ -684,7 +684,8 @@ def test_a_file_whose_neighbour_the_running_scripts_folder_hides_is_refused(tmp_
     out = subprocess.run([sys.executable, str(tmp_path / "b" / "one.py"),
                           f"{tmp_path}/a/net.py:build"], capture_output=True, text=True,
                          timeout=120, check=True).stdout
-    assert out == (f"--model: {tmp_path}/a/net.py imports blocks_s66 beside it, but "
+    # A script calling the library: the field (``--model:`` was a flag it never typed)
+    assert out == (f"ModelConfig.name: {tmp_path}/a/net.py imports blocks_s66 beside it, but "
                    f"blocks_s66 is imported from {tmp_path.resolve()}/b/blocks_s66.py instead; "
                    f"rename {tmp_path.resolve()}/a/blocks_s66.py\n")
 
