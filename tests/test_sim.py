@@ -1328,8 +1328,11 @@ def test_a_repeat_whose_replayed_step_times_changed_is_refused(tmp_path, two_ran
     assert json.loads((tmp_path / "c" / "config.json").read_text())["sim"] == {
         **json.loads((tmp_path / "a" / "config.json").read_text())["sim"],
         "step_times_sha256": now}
-    with pytest.raises(UsageError, match="step_times_sha256 'abc' hashes a replayed run's "
-                                         "step times, not --step-time constant:0.01"):
+    said = "step_times_sha256 'abc' hashes a replayed run's step times, not "
+    with pytest.raises(UsageError, match=re.escape(f"{said}SimConfig.step_time='constant:0.01'")):
+        sim(2, step_times_sha256="abc")  # from Python: the field (747fff9), typed no flag
+    with pytest.raises(UsageError, match=re.escape(f"{said}--step-time constant:0.01")), \
+            options.command_line():
         sim(2, step_times_sha256="abc")
 
 
