@@ -9,9 +9,9 @@ are the last ranks and train not). SPEC is one of
   of ``(FACTOR - 1) * t``. The pad follows the measured time, so the machine's own noise in
   ``t`` (a loaded node) is multiplied by FACTOR too, and one run's times compare noisily with
   another's;
-- ``+DELAY`` (``0:+20ms``, ``1:+0.5s``; unit ``ms`` or ``s``, at most one hour): a fixed
-  sleep of DELAY after every step, whatever the step took: a straggler that is the same on a
-  quiet node and a loaded one;
+- ``+DELAY`` (``0:+20ms``, ``1:+0.5s``; an unsigned number, unit ``ms`` or ``s``, at most one
+  hour; ``9ms`` is the same float as ``0.009s``): a fixed sleep of DELAY after every step,
+  whatever the step took: a straggler that is the same on a quiet node and a loaded one;
 - ``FACTOR+DELAY`` (``0:2+10ms``): both, ``FACTOR * t + DELAY``.
 
 ``--jitter SIGMA`` multiplies every worker's step by a log-normal factor ``exp(SIGMA * z)``,
@@ -27,6 +27,7 @@ import math
 import random
 import re
 import time
+from decimal import Decimal, InvalidOperation, localcontext
 from typing import NamedTuple
 
 from hpctrain.errors import UsageError
@@ -36,7 +37,7 @@ from hpctrain.errors import UsageError
 MAX_SIGMA = 5.0
 MAX_FACTOR = 1e6  # the largest --slowdown factor: a 10 ms step then sleeps for hours
 MAX_DELAY_S = 3600.0  # the largest --slowdown +DELAY: an hour's sleep per step
-DELAY_UNITS = {"ms": 1e-3, "s": 1.0}  # longest first: "20ms" is not "20m" seconds
+DELAY_UNITS = {"ms": -3, "s": 0}  # powers of ten; longest first: "20ms" is not "20m" seconds
 FORMS = "RANK:FACTOR, RANK:+DELAY or RANK:FACTOR+DELAY (DELAY in ms or s, e.g. 0:+20ms)"
 
 
@@ -62,18 +63,50 @@ def _number(text: str) -> float | None:
         return None
 
 
-def _delay(text: str, what: str, item: str) -> float:
-    """``"20ms"`` -> 0.02: a number and a unit of :data:`DELAY_UNITS`, in [0, 1 h]."""
+def _decimal(text: str) -> Decimal | None:
+    """``text`` as an exact decimal (what :func:`float` reads, but sNaN), None if no number."""
+    with localcontext() as context:
+        context.traps[InvalidOperation] = True  # a syntax error raises, not a NaN
+        try:
+            return Decimal(text)
+        except (InvalidOperation, ValueError):
+            return None
+
+
+def _delay(text: str, what: str, item: str, rank: int, factor_text: str) -> float:
+    """``"20ms"`` -> 0.02: an unsigned number and a unit of :data:`DELAY_UNITS`, in
+    [0, 1 h]. The number is scaled as a decimal, then made a float once: ``9ms`` is the float
+    of ``0.009s``, as a resume compares them (``1e-3 * 9.0`` is not)."""
     letters = re.search(r"[^\W\d_]*$", text)
     tail = letters.group() if letters else ""
-    unit = next((u for u in DELAY_UNITS
-                 if tail.endswith(u) and _number(text[:-len(u)]) is not None), None)
+    unit = next((u for u in DELAY_UNITS if tail.endswith(u)
+                 and _decimal(text[:-len(u)]) is not None), None)
     if unit is None:
-        why = ("has no unit" if not tail or _number(text) is not None
-               else f"has an unknown unit {tail!r}")
-        raise UsageError(f"{what}: delay {text!r} of {item!r} {why}; give ms or s "
-                         "(e.g. +20ms, +0.5s)")
-    seconds = float(text[:-len(unit)]) * DELAY_UNITS[unit]
+        unit = tail if tail in DELAY_UNITS else None
+        alone = _number(text)  # 20, nan: a number without a unit
+        if unit is not None:
+            why = f"has no number before {unit}; give one"
+        elif alone is not None and math.isfinite(alone):
+            as_factor = ("" if factor_text
+                         else f"; a factor is written without '+', as {rank}:{text}")
+            raise UsageError(f"{what}: delay {text!r} of {item!r} has no unit: write "
+                             f"{rank}:{factor_text}+{text}ms or {rank}:{factor_text}+{text}s "
+                             f"for a delay{as_factor}")
+        elif alone is not None or not tail:
+            why = ("has no unit; give ms or s" if alone is not None
+                   else "is not a number with ms or s")
+        else:
+            why = f"has an unknown unit {tail!r}; give ms or s"
+        raise UsageError(f"{what}: delay {text!r} of {item!r} {why} (e.g. +20ms, +0.5s)")
+    if text[:1] in "+-":
+        raise UsageError(f"{what}: delay {text!r} of {item!r} has a sign; write the number "
+                         f"alone after the one '+' (e.g. {rank}:{factor_text}+20ms)")
+    number = _decimal(text[:-len(unit)])
+    assert number is not None  # the unit was taken only before a number
+    if number.is_finite():  # the exponent moved: exact, whatever the precision
+        sign, digits, exponent = number.as_tuple()
+        number = Decimal((sign, digits, int(exponent) + DELAY_UNITS[unit]))
+    seconds = math.nan if number.is_nan() else float(number)
     if math.isnan(seconds) or not 0.0 <= seconds <= MAX_DELAY_S:
         raise UsageError(f"{what}: delay {text!r} of {item!r} must be in [0, 3600s] "
                          "(an hour)")
@@ -112,7 +145,8 @@ def parse_slowdown(text: str | None, workers: int,
         if not 1.0 <= factor <= MAX_FACTOR:  # False for NaN
             raise UsageError(f"{what}: factor {factor_text} must be in [1, "
                              f"{MAX_FACTOR:g}]")
-        delay = 0.0 if delay_text is None else _delay(delay_text, what, item)
+        delay = (0.0 if delay_text is None
+                 else _delay(delay_text, what, item, rank, factor_text))
         if rank in slowdowns:
             raise UsageError(f"{what}: rank {rank} given twice")
         slowdowns[rank] = Slowdown(factor, delay)

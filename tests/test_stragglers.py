@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, refusal
 
+from hpctrain.checkpoint import policy
 from hpctrain.config import StragglerConfig
 from hpctrain.errors import UsageError
 from hpctrain.stragglers import Slowdown, Straggler, parse_slowdown
@@ -87,12 +88,30 @@ def test_a_fixed_delay_is_read_in_ms_or_s_alone_or_after_a_factor():
 
 
 @pytest.mark.parametrize("value, why", [
-    ("0:+-5ms", "delay '-5ms' of '0:+-5ms' must be in [0, 3600s] (an hour)"),
+    ("0:+-5ms", "delay '-5ms' of '0:+-5ms' has a sign; write the number alone after the "
+     "one '+' (e.g. 0:+20ms)"),
+    # float('+20') reads: both were taken as 20 ms.
+    ("0:++20ms", "delay '+20ms' of '0:++20ms' has a sign; write the number alone after the "
+     "one '+' (e.g. 0:+20ms)"),
+    ("0:2++20ms", "delay '+20ms' of '0:2++20ms' has a sign; write the number alone after "
+     "the one '+' (e.g. 0:2+20ms)"),
+    # Said "an unknown unit 'ms'": the unit is known, the number is missing.
+    ("0:+ms", "delay 'ms' of '0:+ms' has no number before ms; give one (e.g. +20ms, +0.5s)"),
+    ("0:+s", "delay 's' of '0:+s' has no number before s; give one (e.g. +20ms, +0.5s)"),
+    ("0:+20ms+5ms", "delay '20ms+5ms' of '0:+20ms+5ms' has no number before ms; give one "
+     "(e.g. +20ms, +0.5s)"),
+    ("0:+e3ms", "delay 'e3ms' of '0:+e3ms' has no number before ms; give one "
+     "(e.g. +20ms, +0.5s)"),
+    ("0:+20.5.3", "delay '20.5.3' of '0:+20.5.3' is not a number with ms or s "
+     "(e.g. +20ms, +0.5s)"),
     ("0:+nanms", "delay 'nanms' of '0:+nanms' must be in [0, 3600s] (an hour)"),
     ("0:+infs", "delay 'infs' of '0:+infs' must be in [0, 3600s] (an hour)"),
     ("0:+3601s", "delay '3601s' of '0:+3601s' must be in [0, 3600s] (an hour)"),
     ("0:+3600001ms", "delay '3600001ms' of '0:+3600001ms' must be in [0, 3600s] (an hour)"),
-    ("0:+20", "delay '20' of '0:+20' has no unit; give ms or s (e.g. +20ms, +0.5s)"),
+    # Before --slowdown took delays, 0:+20 was factor 20 (float('+20')): say how to write each.
+    ("0:+20", "delay '20' of '0:+20' has no unit: write 0:+20ms or 0:+20s for a delay; a "
+     "factor is written without '+', as 0:20"),
+    ("0:2+20", "delay '20' of '0:2+20' has no unit: write 0:2+20ms or 0:2+20s for a delay"),
     ("0:+nan", "delay 'nan' of '0:+nan' has no unit; give ms or s (e.g. +20ms, +0.5s)"),
     ("0:+20us", "delay '20us' of '0:+20us' has an unknown unit 'us'; give ms or s "
      "(e.g. +20ms, +0.5s)"),
@@ -147,3 +166,20 @@ def test_jitter_multiplies_the_delay_with_the_step():
         draw = twin.draw()
         assert straggler.pad(t) == pytest.approx(max(0.0, draw * (1.5 * t + 0.001) - t))
     assert straggler.stretched(1.0) >= 1.0
+
+
+def test_a_delay_in_ms_is_the_float_of_the_same_delay_in_s():
+    """``9 * 1e-3`` is not ``float("0.009")``: 2674 of the delays 1..20000 ms read in ms were
+    another float than in s, and a resume refused ``--slowdown 0:+9ms`` for a run started
+    with ``0:+0.009s`` (docs/DESIGN.md: ``0:+20ms`` is ``0:+0.02s``)."""
+    for ms in range(1, 20001):
+        seconds = f"{ms // 1000}.{ms % 1000:03d}"
+        assert parse_slowdown(f"0:+{ms}ms", 1) == {0: Slowdown(1.0, float(seconds))}, ms
+        assert parse_slowdown(f"0:+{seconds}s", 1) == {0: Slowdown(1.0, float(seconds))}, ms
+    assert parse_slowdown("0:+1e-2s,1:+1E1ms,2:+0.5e+1ms,3:+12_5ms", 4) == {
+        0: Slowdown(1.0, 0.01), 1: Slowdown(1.0, 0.01), 2: Slowdown(1.0, 0.005),
+        3: Slowdown(1.0, 0.125)}
+    assert policy.changed_option({"slowdown": "0:+9ms"}, {"slowdown": "0:+0.009s"},
+                                 frozenset()) is None
+    assert policy.changed_option({"slowdown": "0:+9ms"}, {"slowdown": "0:+0.0091s"},
+                                 frozenset()) == "with --slowdown 0:+9ms, not 0:+0.0091s"
