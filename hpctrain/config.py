@@ -444,8 +444,9 @@ class StragglerConfig:
                                   "counts the ranks that train: with --eval-rank R, rank r > R "
                                   "is worker r - 1",
                                   metavar="RANK:FACTOR|RANK:+DELAY[,...]")
-    jitter: float = option(0.0, "injected noise: every step takes max(1, exp(SIGMA*z)) times "
-                           "as long (a --slowdown DELAY included), seeded", parse=float,
+    jitter: float = option(0.0, "injected noise: a step of t takes exp(SIGMA*z) times "
+                           "(FACTOR*t + DELAY) of its --slowdown (FACTOR 1, DELAY 0 without), "
+                           "but no less than t; z ~ N(0,1) drawn per step, seeded", parse=float,
                            metavar="SIGMA", range=Range(0, MAX_SIGMA))
 
     def __post_init__(self) -> None:

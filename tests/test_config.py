@@ -20,6 +20,7 @@ from hpctrain import arguments, cli, options, registry, summary
 from hpctrain import config as configs
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
+from hpctrain.stragglers import Straggler
 
 pytestmark = pytest.mark.unit
 
@@ -723,6 +724,23 @@ def test_checkpoint_every_help_tells_off_from_none():
         "Not set (the default): none, but --resume keeps the resumed run's interval; off: "
         "none, not even on --resume, also over --config's value; none: not set, also over "
         "--config's value")
+
+
+def test_jitter_help_says_a_draw_below_1_shortens_the_delay():
+    """It said a step takes max(1, exp(SIGMA*z)) times as long, "a --slowdown DELAY
+    included"; ``Straggler.stretched`` takes max(t, draw * (FACTOR t + DELAY)): a draw below 1
+    shortens the delay, and only t bounds the step from below."""
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    jitter = next(a for a in train._actions if "--jitter" in a.option_strings)
+    assert jitter.help.startswith(
+        "injected noise: a step of t takes exp(SIGMA*z) times (FACTOR*t + DELAY) of its "
+        "--slowdown (FACTOR 1, DELAY 0 without), but no less than t; z ~ N(0,1) drawn per "
+        "step, seeded")
+    straggler = Straggler(factor=2.0, delay=1.0, jitter=1.0, seed=0)
+    draws = Straggler(jitter=1.0, seed=0)
+    for _ in range(20):
+        draw = draws.draw()
+        assert straggler.stretched(0.5) == pytest.approx(max(0.5, draw * (2.0 * 0.5 + 1.0)))
 
 
 def _typed_init(cls) -> dict[str, str]:
