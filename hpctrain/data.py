@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hpctrain import plugins, userdata
+from hpctrain import options, plugins, userdata
 from hpctrain.errors import UsageError
 
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
@@ -190,7 +190,15 @@ def check_data_dir(name: str, data_dir: str | None, loaders: bool = True) -> Non
         if not takes:
             why = " (it takes no data_dir argument)"
     if why is not None:
-        raise UsageError(f"--data-dir {data_dir} is not used by --dataset {name}{why}")
+        raise UsageError(f"{_named('data_dir', data_dir)} is not used by "
+                         f"{_named('dataset', name)}{why}")
+
+
+def _named(name: str, value: str) -> str:
+    """DataConfig field ``name`` with ``value`` in a refusal: as typed on the command line
+    (``--data-dir /tmp``), from Python as the field given (``DataConfig.data_dir='/tmp'``,
+    :func:`hpctrain.options.named`)."""
+    return options.named(f"--{name.replace('_', '-')} {value}", "DataConfig", name, value)
 
 
 def _idx_split(folder: Path, split: str) -> tuple[Path, Path, tuple[int, ...]]:
@@ -365,7 +373,7 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
     if data_dir:
         if not Path(data_dir).is_dir():
             said = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
-            raise UsageError(f"--data-dir {data_dir} {said}: give the folder that holds "
+            raise UsageError(f"{_named('data_dir', data_dir)} {said}: give the folder that holds "
                              f"{_wanted_files(name)}")  # not "pass --data-dir": it was
         candidates = [Path(data_dir), Path(data_dir) / name]
     else:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hpctrain import data
+from hpctrain import data, options
 from hpctrain.errors import UsageError
 
 FMNIST = data.SYSTEM_DIR / "fashion-mnist"
@@ -76,7 +76,7 @@ def test_missing_dir_names_paths(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="does not exist"):
         data.load("mnist", data_dir=str(tmp_path / "nope"))
     (tmp_path / "file").write_text("")
-    with pytest.raises(UsageError, match="file is a file, not a folder"):
+    with pytest.raises(UsageError, match="/file' is a file, not a folder"):  # from Python
         data.load("mnist", data_dir=str(tmp_path / "file"))
     monkeypatch.setenv("HPCTRAIN_DATA", str(tmp_path / "nope"))  # not the system's copy unseen
     with pytest.raises(UsageError, match=f"^HPCTRAIN_DATA {tmp_path}/nope is not a folder$"):
@@ -202,7 +202,11 @@ def test_a_data_dir_that_is_no_folder_says_what_it_should_hold(tmp_path):
              "train-images-idx3-ubyte[.gz] and the other three IDX files of fashion-mnist"),
             ("cifar10", a_file, "is a file, not a folder",
              "data_batch_1.bin .. data_batch_5.bin and test_batch.bin")):
-        with pytest.raises(UsageError) as refused:
+        with pytest.raises(UsageError) as refused, options.command_line():
             data.find_dir(name, str(folder))
         assert str(refused.value) == \
             f"--data-dir {folder} {said}: give the folder that holds {holds}"
+        with pytest.raises(UsageError) as refused:  # from Python: the field, not a flag
+            data.find_dir(name, str(folder))
+        assert str(refused.value) == \
+            f"DataConfig.data_dir={str(folder)!r} {said}: give the folder that holds {holds}"

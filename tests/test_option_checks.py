@@ -134,8 +134,15 @@ def test_a_data_folder_no_data_set_reads_is_refused(tmp_path, loaders, capsys):
     assert refusal(["--algo", "sgd", *SYNTHETIC, "--data-dir", folder]) == \
         f"--data-dir {folder} is not used by --dataset synthetic"
     for name in (f"npz:{tmp_path / 'x.npz'}", f"imagefolder:{tmp_path}"):
+        with options.command_line():
+            assert one_line(lambda name=name: DataConfig(dataset=name, data_dir=folder)) == \
+                f"--data-dir {folder} is not used by --dataset {name} (the path is in its name)"
+        # From Python it named the flags, which the caller never typed.
         assert one_line(lambda name=name: DataConfig(dataset=name, data_dir=folder)) == \
-            f"--data-dir {folder} is not used by --dataset {name} (the path is in its name)"
+            (f"DataConfig.data_dir={folder!r} is not used by DataConfig.dataset={name!r} (the "
+             "path is in its name)")
+    assert one_line(lambda: DataConfig(dataset="synthetic", data_dir="/tmp")) == \
+        "DataConfig.data_dir='/tmp' is not used by DataConfig.dataset='synthetic'"
     name = f"{loaders}:plain"
     assert refusal(["--algo", "sgd", "--dataset", name, "--model", "mlp", "--no-progress",
                     "--data-dir", folder]) == \
