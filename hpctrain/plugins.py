@@ -138,10 +138,13 @@ def home_expanded(path: str | os.PathLike[str], flag: str | None = None,
     folder named ``~`` in the working folder where ``--model "~/m.py:Net"`` read the home
     folder's file. A ``~user`` with no home is refused, naming it (``flag``: the option),
     where Path.expanduser's RuntimeError was a traceback; from Python, the field that gives
-    it (``field``, else :data:`FIELDS`', :func:`said`)."""
+    it (:func:`said`): ``field``, whose whole value ``path`` is, with it
+    (``RunConfig.out='~x/o'``, a long one shortened), else :data:`FIELDS`' field of ``flag``
+    alone (``path`` may be a part of its value: ``--model``'s file)."""
     text = os.fspath(path)
     expanded = os.path.expanduser(text)
-    named = said(flag, typed=f"{flag} {shortened(text)}", field=field) if flag \
+    value = (_Shortened(text),) if field else ()
+    named = said(flag, *value, typed=f"{flag} {shortened(text)}", field=field) if flag \
         else shortened(text)
     if expanded.startswith("~"):  # os.path.expanduser leaves an unknown user's as typed
         raise UsageError(f"{named}: no home folder for {text.split(os.sep, 1)[0]}")
@@ -156,6 +159,20 @@ def shortened(path: str, most: int = 200) -> str:
     if len(path) <= most:
         return path
     return f"{path[:most // 2]}...{path[-most // 4:]} ({len(os.fsencode(path))} bytes)"
+
+
+class _Shortened:
+    """A path as a Python value in a refusal (``RunConfig.out='~x/o'``): quoted whole up to
+    200 characters, else its start and end quoted, as :func:`shortened` shows it typed."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __repr__(self) -> str:
+        path = self.path
+        if len(path) <= 200:
+            return repr(path)
+        return f"{path[:100]!r}...{path[-50:]!r} ({len(os.fsencode(path))} bytes)"
 
 
 def too_long(path: str) -> str | None:

@@ -235,9 +235,20 @@ def test_every_path_option_expands_a_home_folder_alike(tmp_path, monkeypatch):
         == "auto"
     # A user without a home: one line naming the option, not Path.expanduser's RuntimeError
     nobody = "~hpctrain-no-such-user"
-    # (from Python the field, who typed no flag: it said --out there too)
-    with pytest.raises(UsageError, match=rf"^RunConfig.out: no home folder for {nobody}$"):
+    # (from Python the field, who typed no flag: it said --out there too; then the field
+    # without its value)
+    with pytest.raises(UsageError, match=rf"^RunConfig.out='{nobody}/o': no home folder for "
+                                         rf"{nobody}$"):
         RunConfig(algo="sgd", out=f"{nobody}/o")
+    long = f"{nobody}/" + "b" * 400  # its start and end, as the command line's words show it
+    with pytest.raises(UsageError) as refused:
+        RunConfig(algo="sgd", out=long)
+    assert str(refused.value) == (f"RunConfig.out={long[:100]!r}...{long[-50:]!r} "
+                                  f"({len(long)} bytes): no home folder for {nobody}")
+    with pytest.raises(UsageError) as refused, options.command_line():
+        RunConfig(algo="sgd", out=long)
+    assert str(refused.value) == (f"--out {long[:100]}...{long[-50:]} ({len(long)} bytes): no "
+                                  f"home folder for {nobody}")
     with pytest.raises(UsageError, match=rf"^--out {nobody}/o: no home folder for {nobody}$"):
         parse("--algo", "sgd", "--out", f"{nobody}/o")
     for flags, field in ((["--init-from", f"{nobody}/w.pt"], "ModelConfig.init_from"),
@@ -248,6 +259,10 @@ def test_every_path_option_expands_a_home_folder_alike(tmp_path, monkeypatch):
             launch_checks.check_launch(config, 1)
         with pytest.raises(UsageError, match=rf"^{field}: no home folder for {nobody}$"):
             launch_checks.check_launch(config, 1)
+    for name in ("dir", "resume"):  # their whole value, as RunConfig.out's
+        with pytest.raises(UsageError, match=rf"^CheckpointConfig.{name}='{nobody}/c': no "
+                                             rf"home folder for {nobody}$"):
+            CheckpointConfig(**{name: f"{nobody}/c"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run.toml"]  # no ~ made here
 
 
