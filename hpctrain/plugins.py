@@ -63,7 +63,8 @@ def is_file_reference(text: str) -> bool:
 # names it to a Python caller (:func:`said`); this library sits below hpctrain.config.
 FIELDS = {"--model": ("ModelConfig", "name"), "--dataset": ("DataConfig", "dataset"),
           "--algo": ("RunConfig", "algo"), "--init-from": ("ModelConfig", "init_from"),
-          "--data-dir": ("DataConfig", "data_dir")}
+          "--data-dir": ("DataConfig", "data_dir"),
+          "--step-time": ("SimConfig", "step_time")}  # replay:PATH: a path is a part of it
 
 
 def said(flag: str, *value: object, typed: str | None = None,

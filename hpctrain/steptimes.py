@@ -120,7 +120,7 @@ def file_of(path: str | Path) -> Path:
 def expanded(path: str | Path) -> str:
     """A replayed run's path with ``~`` expanded, as in every path option
     (``--step-time replay:~/runs/x``; from Python the field, ``SimConfig.step_time``)."""
-    return plugins.home_expanded(path, "--step-time", ("SimConfig", "step_time"))
+    return plugins.home_expanded(path, "--step-time")  # the path is a part of the value
 
 
 def read(path: str | Path) -> Record:
