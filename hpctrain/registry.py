@@ -77,7 +77,8 @@ def load(reference: str) -> type[Algorithm]:
     cls = plugins.resolve("--algo", reference)
     if _LOADED.get(reference) is cls:  # checked when it was first loaded
         return cls
-    what = f"--algo {reference}"
+    what = plugins.said("--algo", reference, typed=f"--algo {reference}")  # from Python:
+    # RunConfig.algo='./mine.py:Mine', the field given
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         kind = "class" if isinstance(cls, type) else type(cls).__name__
         raise UsageError(f"{what}: a {kind}, not a subclass of hpctrain.algorithm.Algorithm")

@@ -187,8 +187,24 @@ def test_the_python_api_takes_the_class_and_config_json_its_reference(tmp_path, 
 def test_a_class_that_is_no_algorithm_is_refused_in_one_line(tmp_path, body, attribute,
                                                                message):
     path = own(tmp_path, body)
-    with pytest.raises(UsageError, match=message):
+    with pytest.raises(UsageError, match=message), options.command_line():  # as cli.main
         registry.get(f"{path}:{attribute}")
+
+
+@pytest.mark.parametrize("body, attribute", [
+    ("class Plain: pass\n", "Plain"),
+    ("@dataclass(frozen=True)\nclass O(Options):\n    k: int = 3\n"
+     "class Plain(Algorithm):\n    name = 'plain'\n    Options = O\n", "Plain"),
+])
+def test_a_class_that_is_no_algorithm_names_the_field_from_python(tmp_path, body, attribute):
+    """RunConfig(algo='./x.py:Plain') was refused as "--algo ./x.py:Plain: ...", a flag
+    the script never typed: the field given now."""
+    reference = f"{own(tmp_path, body)}:{attribute}"
+    with pytest.raises(UsageError) as refused:
+        RunConfig(algo=reference)
+    message = str(refused.value)
+    assert message.startswith(f"RunConfig.algo={reference!r}: "), message
+    assert "--algo" not in message, message
 
 
 def test_options_that_fail_to_build_do_not_blame_a_config_never_given(tmp_path):
