@@ -1296,7 +1296,7 @@ def test_a_model_whose_code_changed_since_its_checkpoint_is_named_in_one_line(tm
                                       every="1e", folder=tmp_path / "b",
                                       resume=str(tmp_path / "a"),
                                       header={"algo": "sgd", "ranks": 1, "args": {}})
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():  # as cli.main runs it
         widened.restore(Snapshots())
     assert str(refused.value) == (
         f"--resume: the model in {tmp_path / 'a' / 'ckpt-000000010.pt'} does not fit this "
@@ -1313,7 +1313,7 @@ def test_a_payload_of_another_layout_is_named_in_one_line(tmp_path):
     header, payload = checkpoint.load(path)
     del payload["book"]["resumed_from"]
     path.write_bytes(checkpoint.encode(payload, header))
-    with pytest.raises(UsageError) as refused:
+    with pytest.raises(UsageError) as refused, options.command_line():  # as cli.main runs it
         sgd_checkpointer(tmp_path / "b", resume=str(tmp_path)).restore(Snapshots())
     assert str(refused.value) == (
         f"--resume: checkpoint {path} has no payload['book']['resumed_from']: not the layout "
@@ -1334,6 +1334,43 @@ def test_a_payload_of_another_layout_is_named_in_one_line(tmp_path):
     twice = {**payload, "book": {**payload["book"], "resumed_from": [10, 20]}}
     assert checkpoint.folder.layout_gap({"header": {"updates": 1, "workers": 1},
                                          "payload": twice}) is None
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_field_from_python(tmp_path):
+    """hpctrain.train(RunConfig(checkpoint=CheckpointConfig(resume=...))) restores outside
+    the command line: a model whose code changed, a payload of another layout and a
+    checkpoint of more workers than a run that cannot resize were refused as "--resume ...",
+    a flag the script never typed; CheckpointConfig.resume now."""
+    sgd_checkpointer(tmp_path / "a").save(10, {}, Snapshots())
+    file = tmp_path / "a" / "ckpt-000000010.pt"
+    widened = checkpoint.Checkpointer(None, 10, 40, shared={"model": torch.nn.Linear(3, 4)},
+                                      every="1e", folder=tmp_path / "b",
+                                      resume=str(tmp_path / "a"),
+                                      header={"algo": "sgd", "ranks": 1, "args": {}})
+    with pytest.raises(UsageError) as refused:
+        widened.restore(Snapshots())
+    assert str(refused.value).startswith(
+        f"CheckpointConfig.resume: the model in {file} does not fit this run's model")
+    header, payload = checkpoint.load(file)
+    del payload["book"]["resumed_from"]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / file.name).write_bytes(checkpoint.encode(payload, header))
+    with pytest.raises(UsageError) as refused:
+        sgd_checkpointer(tmp_path / "d", resume=str(tmp_path / "c")).restore(Snapshots())
+    assert str(refused.value).startswith(
+        f"CheckpointConfig.resume: checkpoint {tmp_path / 'c' / file.name} has no ")
+    wider = tmp_path / "e"
+    checkpoint.save(wider, 10, {**payload, "book": {**payload["book"], "resumed_from": []},
+                                "ranks": payload["ranks"] * 3},
+                    {**header, "workers": 3})
+    with pytest.raises(UsageError) as refused:
+        sgd_checkpointer(tmp_path / "f", resume=str(wider)).restore(Snapshots())
+    assert str(refused.value) == (
+        f"CheckpointConfig.resume={str(wider)!r}: the checkpoint is of 3 workers, not 1, and "
+        "this run cannot be resized")
+    with pytest.raises(UsageError) as refused, options.command_line():
+        sgd_checkpointer(tmp_path / "f", resume=str(wider)).restore(Snapshots())
+    assert str(refused.value).startswith(f"--resume {wider}: the checkpoint is of 3 workers")
 
 
 def test_a_bad_snapshot_costs_its_curve_point_not_the_checkpoints(tmp_path, capsys):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hpctrain import faults, watchdog, weights
+from hpctrain import faults, options, watchdog, weights
 from hpctrain.checkpoint import stop
 from hpctrain.checkpoint.folder import (
     Loaded,
@@ -31,6 +31,7 @@ from hpctrain.checkpoint.folder import (
     number,
     other_layout,
     remove_stale,
+    resumed,
     save,
 )
 from hpctrain.checkpoint.format import encode_parts
@@ -60,7 +61,7 @@ def _check_models_fit(path: Path, objects: dict, states: dict) -> None:
         if isinstance(obj, torch.nn.Module) and name in states:
             problem = weights.mismatch(obj, states[name])
             if problem:
-                raise UsageError(f"--resume: the model in {path} does not fit this run's "
+                raise UsageError(f"{resumed()}: the model in {path} does not fit this run's "
                                  f"model (was its code changed?): {problem}")
 
 class Checkpointer:
@@ -222,7 +223,9 @@ class Checkpointer:
         """The checkpoint's per-worker states, snapshot references and snapshots for this
         run's workers (per-rank snapshots: new worker ``j`` takes old worker ``j mod K``'s)."""
         if self.resize is None:
-            raise UsageError(f"--resume {self.resume_dir}: the checkpoint is of "
+            given = options.named(f"--resume {self.resume_dir}", "CheckpointConfig", "resume",
+                                  self.resume_dir)
+            raise UsageError(f"{given}: the checkpoint is of "
                              f"{plural(len(ranks), 'worker')}, not {self.workers}, and this run "
                              "cannot be resized")
         ranks, record = self.resize(header, ranks)

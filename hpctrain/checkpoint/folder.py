@@ -87,9 +87,15 @@ def layout_gap(value, shape=_LAYOUT, where: str = "") -> str | None:
     return None
 
 
+def resumed() -> str:
+    """The option that resumes a run, in a refusal of what it resumed from: ``--resume`` on
+    the command line, ``CheckpointConfig.resume`` from Python (:func:`options.named`)."""
+    return options.named("--resume", "CheckpointConfig", "resume")
+
+
 def other_layout(path: Path, gap: str) -> UsageError:
     """The refusal of checkpoint ``path``, which passed its checksum but has ``gap``."""
-    return UsageError(f"--resume: checkpoint {path} has {gap}: not the layout this hpctrain "
+    return UsageError(f"{resumed()}: checkpoint {path} has {gap}: not the layout this hpctrain "
                       "reads (another version's or program's file); resume it with the "
                       "hpctrain that wrote it")
 
