@@ -42,7 +42,7 @@ from hpctrain import (
     weights,
 )
 from hpctrain import config as configs
-from hpctrain.config import CheckpointConfig, RunConfig
+from hpctrain.config import CheckpointConfig, DataConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json
 from hpctrain.run_folders import (
@@ -197,7 +197,8 @@ def _say_user_data(config: RunConfig) -> None:
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "
                   f"{about['classes']} classes", flush=True)
             if about["untrained"]:
-                print(f"hpctrain: warning: --dataset {name}: test class(es) "
+                given = plugins.said("--dataset", name, typed=f"--dataset {name}")
+                print(f"hpctrain: warning: {given}: test class(es) "
                       f"{', '.join(map(str, about['untrained']))} have no training sample; "
                       "their test samples count as errors", file=sys.stderr, flush=True)
 
@@ -223,14 +224,17 @@ def _as_launched(config: RunConfig) -> RunConfig:
 
 
 def _needs_mpi(config: RunConfig) -> str | None:
-    """The option that needs an MPI world (RMA windows, buffer collectives, Split), if any."""
+    """The option that needs an MPI world (RMA windows, buffer collectives, Split), if any:
+    as typed on the command line (``--algo ma``), from Python the field (``RunConfig.algo``)."""
     if config.algorithm_class.needs_mpi(config):
         backend = getattr(config.algorithm, "sync_backend", None)
-        return f"--algo {config.algo}" + (f" --sync-backend {backend}" if backend else "")
+        algo = options.setting(RunConfig, "algo", config.algo)
+        return algo + (f" {options.setting(type(config.algorithm), 'sync_backend', backend)}"
+                       if backend else "")
     if config.eval_rank is not None:
-        return "--eval-rank"
+        return options.setting(RunConfig, "eval_rank")
     if config.data.data_placement == "sharded":
-        return "--data-placement sharded"
+        return options.setting(DataConfig, "data_placement", "sharded")
     return None
 
 

@@ -249,11 +249,12 @@ def test_launch_check_under_torchrun_environment(monkeypatch, algo, extra, named
     for k, v in TORCHRUN_ENV.items():
         monkeypatch.setenv(k, v)
     assert comm.launcher() == "torchrun" and comm.launch_size() == 2
-    options = hpctrain.algorithm_options(algo)()
-    algorithm = replace(options, **{k: v for k, v in extra.items() if hasattr(options, k)})
+    given = hpctrain.algorithm_options(algo)()
+    algorithm = replace(given, **{k: v for k, v in extra.items() if hasattr(given, k)})
     data = DataConfig(dataset="synthetic", **{k: v for k, v in extra.items()
                                               if k == "data_placement"})
-    with pytest.raises(UsageError, match=named + ".*mpirun"):
+    with pytest.raises(UsageError, match=named + ".*mpirun"), \
+            options.command_line():  # the flags typed; from Python: test_launch_checks
         launch_checks.check_launch(RunConfig(algo=algo, data=data, algorithm=algorithm), 2)
     ok = launch_checks.check_launch(RunConfig(algo="ssgd", data=DataConfig(dataset="synthetic")), 2)
     assert ok.algorithm.sync_backend == "torch"
