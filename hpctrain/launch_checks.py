@@ -42,7 +42,7 @@ from hpctrain import (
     weights,
 )
 from hpctrain import config as configs
-from hpctrain.config import CheckpointConfig, DataConfig, RunConfig
+from hpctrain.config import CheckpointConfig, DataConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json
 from hpctrain.run_folders import (
@@ -149,7 +149,8 @@ def _say_channels_last(dataset: str, shape: tuple) -> None:
     as too small, which hid the cause)."""
     if userdata.channels_last(shape) and comm.env_rank() == 0:
         c, h, w = shape
-        print(f"hpctrain: warning: --dataset {dataset}: samples of shape {c} x {h} x {w} look "
+        given = plugins.said("--dataset", dataset, typed=f"--dataset {dataset}")
+        print(f"hpctrain: warning: {given}: samples of shape {c} x {h} x {w} look "
               f"channels-last (H x W x C); they are taken as C x H x W ({c} channels of "
               f"{h} x {w}): give them as N x C x H x W (x.transpose(0, 3, 1, 2))",
               file=sys.stderr, flush=True)
@@ -164,12 +165,13 @@ def _say_what_the_sizes_cut(config: RunConfig, per_worker: int) -> None:
     o = config.optim
     notes = []
     if o.batch_size > per_worker:
-        notes.append(f"--batch-size {o.batch_size}: each worker has {per_worker} training "
+        batch = options.setting(OptimConfig, "batch_size", o.batch_size)
+        notes.append(f"{batch}: each worker has {per_worker} training "
                      f"sample{'s' if per_worker != 1 else ''} an epoch, so its batches hold "
                      "that many")
     why = profiling.beyond(config.profile, o.epochs * math.ceil(per_worker / o.batch_size))
     if why:
-        notes.append(f"--profile {config.profile}: {why}")
+        notes.append(f"{options.setting(RunConfig, 'profile', config.profile)}: {why}")
     for note in notes if comm.env_rank() == 0 else ():
         print(f"hpctrain: warning: {note}", file=sys.stderr, flush=True)
 

@@ -1114,7 +1114,8 @@ def test_samples_that_look_channels_last_are_warned_of(tmp_path, nets, capsys):
     launch(data=DataConfig(dataset=name), model=ModelConfig(name="mlp"),
            optim=OptimConfig(batch_size=10))
     assert capsys.readouterr().err == (
-        f"hpctrain: warning: --dataset {name}: samples of shape 16 x 16 x 3 look channels-last "
+        f"hpctrain: warning: DataConfig.dataset={name!r}: samples of shape 16 x 16 x 3 look "
+        "channels-last "
         "(H x W x C); they are taken as C x H x W (16 channels of 16 x 3): give them as "
         "N x C x H x W (x.transpose(0, 3, 1, 2))\n")
     write_npz(tmp_path / "d.npz", x_train=np.zeros((60, 3, 16, 16), np.uint8),

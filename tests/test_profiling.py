@@ -10,7 +10,7 @@ from collections import Counter
 import pytest
 from conftest import SYNTHETIC, fill, full_disk, run_job
 
-from hpctrain import profiling
+from hpctrain import options, profiling
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.sim import SimConfig, simulate
@@ -27,7 +27,6 @@ def test_the_window_is_parsed_and_checked():
 def test_a_bad_window_is_named_as_typed_or_as_given():
     """The command line's --profile, and from Python the field given: it said --profile to a
     Python caller too, who typed no flag (and "e.g. 20:5", not the string the field takes)."""
-    from hpctrain import options
 
     with pytest.raises(UsageError) as e:
         RunConfig(algo="sgd", profile="a:b")
@@ -58,12 +57,14 @@ def test_a_window_past_the_runs_steps_is_said_before_it_starts(tmp_path, capsys)
                          ("0:2", None)):
         args = ["train", "--algo", "ssgd", *SYNTHETIC, "--epochs", "1", "--batch-size", "64",
                 "--profile", window, "--out", str(tmp_path / "run")]
-        launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
+        with options.command_line():  # as cli.main checks it
+            launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
         err = capsys.readouterr().err
         assert (f"warning: --profile {window}: " in err and said in err) if said else not err
     args = ["train", "--algo", "ssgd", *SYNTHETIC, "--batch-size", str(n), "--out",
             str(tmp_path / "run")]
-    launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
+    with options.command_line():
+        launch_checks.check_launch(arguments.build(cli.build_parser().parse_args(args)), 2)
     assert capsys.readouterr().err == (f"hpctrain: warning: --batch-size {n}: each worker has "
                                        f"{n // 2} training samples an epoch, so its batches "
                                        "hold that many\n")
@@ -73,11 +74,18 @@ def test_a_lone_sample_an_epoch_is_said_in_the_singular(capsys):
     """2 ranks on 3 samples: "each worker has 1 training samples an epoch"."""
     from hpctrain import launch_checks
 
-    launch_checks._say_what_the_sizes_cut(RunConfig(algo="ssgd",
-                                                    optim=OptimConfig(batch_size=8)), 1)
-    assert capsys.readouterr().err == ("hpctrain: warning: --batch-size 8: each worker has 1 "
-                                       "training sample an epoch, so its batches hold that "
-                                       "many\n")
+    config = RunConfig(algo="ssgd", optim=OptimConfig(batch_size=8), profile="5:2")
+    with options.command_line():
+        launch_checks._say_what_the_sizes_cut(config, 1)
+    assert capsys.readouterr().err == (
+        "hpctrain: warning: --batch-size 8: each worker has 1 training sample an epoch, so "
+        "its batches hold that many\nhpctrain: warning: --profile 5:2: a worker makes 5 "
+        "local steps (0..4); nothing would be profiled\n")
+    launch_checks._say_what_the_sizes_cut(config, 1)  # from Python: the fields
+    assert capsys.readouterr().err == (
+        "hpctrain: warning: OptimConfig.batch_size=8: each worker has 1 training sample an "
+        "epoch, so its batches hold that many\nhpctrain: warning: RunConfig.profile='5:2': "
+        "a worker makes 5 local steps (0..4); nothing would be profiled\n")
 
 
 def test_a_window_the_run_never_reached_is_said_once_by_rank_0(tmp_path, capsys):

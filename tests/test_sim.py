@@ -718,7 +718,8 @@ def test_the_train_subset_is_what_the_sample_checks_see(tmp_path, capsys):
     assert not (tmp_path / "a").exists()
     simulate(config("ma", tmp_path / "b", optim=OptimConfig(epochs=1, batch_size=64)),
              sim(2, train_subset=40))
-    assert "--batch-size 64: each worker has 20 training samples" in capsys.readouterr().err
+    assert ("OptimConfig.batch_size=64: each worker has 20 training samples"  # from Python
+            in capsys.readouterr().err)
 
 
 def test_an_out_of_a_compare_or_of_checkpoints_is_refused(tmp_path):
