@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import statistics
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from matplotlib.image import imread
 from hpctrain import cli
 from hpctrain.bench import compare, report
 from hpctrain.errors import UsageError
+from hpctrain.metrics import seconds
 
 
 def parse(*argv: str):
@@ -99,15 +99,13 @@ def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_pat
     summaries = seeded_comparison(tmp_path)
     report.render(tmp_path)
     text = (tmp_path / "report.md").read_text()
+    # final acc 0.88 and 0.84: 0.86 ± 0.02828; wall 4 and 6 s: 5 ± 1.414
+    assert [(s["final_test_acc"], s["wall_s"]) for s in summaries.values()] == [(0.88, 4.0),
+                                                                                 (0.84, 6.0)]
 
-    def spread(key, fmt):
-        values = [s[key] for s in summaries.values()]
-        return f"{fmt(statistics.mean(values))} ± {fmt(statistics.stdev(values))}"
-
-    row = cells(text, "ssgd")
-    assert row[:6] == ["ssgd", "2 of 3", "2", spread("final_test_acc", "{:.4f}".format),
-                       spread("best_test_acc", "{:.4f}".format), spread("wall_s", "{:.3g}".format)]
-    assert row[6] == "2.5 ± 0.707 s (0.50 ep)"  # 0.8: both finished runs reach it
+    row = cells(text, "ssgd")  # the sd to 2 significant figures, the mean to its decimal place
+    assert row[:6] == ["ssgd", "2 of 3", "2", "0.860 ± 0.028", "0.860 ± 0.028", "5.0 ± 1.4"]
+    assert row[6] == "2.50 ± 0.71 s (0.50 ep)"  # 0.8: both finished runs reach it (2 and 3 s)
     assert row[7] == "4 s (1.00 ep) in 1 of 2"  # 0.85: seed 1 only
     assert row[8] == "150 ± 71"
     assert row[9] == "3.0 MiB" and row[11] == "allreduce_bytes_per_rank 1.0 MiB"
@@ -121,6 +119,36 @@ def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_pat
     assert "- ssgd seed 2: `train --seed 2`" in text
     assert report.main_table(report.load(tmp_path)[1], [0.8]).startswith(
         "| algorithm | seeds |")
+
+
+def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_place():
+    """The mean and sd were written with the column's one format: "2.5 ± 0.707 s" gave the
+    sd more digits than the mean. Now the sd has two significant figures and the mean as
+    many decimals, but the digits the column's format shows are kept where the sd is small,
+    a large sd leaves the mean its leading digit, and equal values read as before."""
+    acc, count = "{:.4f}".format, "{:.0f}".format
+    cases = [
+        ([2.0, 3.0], seconds, "2.50 ± 0.71"),  # a time below 10 s (fmt .3g: 2.5 ± 0.707)
+        ([18.0, 33.2], seconds, "26 ± 11"),  # 25.6 ± 10.7 s: the tenths are noise
+        ([120.3, 125.1], seconds, "122.7 ± 3.4"),  # a small sd keeps fmt's tenths
+        ([0.8918, 0.8942], acc, "0.8930 ± 0.0017"),  # a small sd: fmt's 4 decimals kept
+        ([0.8930, 0.8930 + 1e-6], acc, "0.89300050 ± 0.00000071"),  # a tiny sd: more digits
+        ([0.881, 0.905], acc, "0.893 ± 0.017"),  # an sd of 10 units of fmt's last digit
+        ([0.1, 0.7, 0.9], acc, "0.57 ± 0.42"),  # a large sd
+        ([0.0996, 0.2404], acc, "0.17 ± 0.10"),  # an sd of 0.09956 is 0.10: 2 decimals, not 3
+        ([100.0, 200.0], count, "150 ± 71"),  # counts (samples/s)
+        ([3.0, 1500.0], count, "752 ± 1059"),  # an sd of 100 or more is whole, not 1100
+        ([-0.3, 0.308], acc, "0.004 ± 0.430"),  # not 0.00 ± 0.43: the mean's leading digit
+        ([-3.0, -1.5], count, "-2.2 ± 1.1"),  # negative values (no column has them yet)
+        ([0.3, -0.1, -0.2], acc, "0.00 ± 0.26"),  # a mean of -9e-18: zero, unsigned
+        ([0.6, 0.6], acc, "0.6000 ± 0.0000"),  # a zero sd: fmt's, as before
+        ([150.0, 150.0, 150.0], count, "150 ± 0"),
+        ([2.5, 2.5], seconds, "2.5 ± 0"),
+        ([0.8930], acc, "0.8930"),  # one value: fmt's alone
+        ([], acc, report.NA),
+    ]
+    for values, fmt, want in cases:
+        assert report._mean_sd(values, fmt) == want, values
 
 
 def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
@@ -138,10 +166,10 @@ def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
         ("ssgd", 1, "ok"), ("ssgd", 2, "ok"), ("ssgd", 3, "unfinished")]
     report.render(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    mean = statistics.mean(s["final_test_acc"] for s in summaries.values())
+    accs = [s["final_test_acc"] for s in summaries.values()]
     row = cells(text, "ssgd")
     assert row[1:3] == ["2 of 3", "2"] and row[-1] == "seed 3 unfinished"
-    assert row[3].startswith(f"{mean:.4f} ±")
+    assert row[3] == report._mean_sd(accs, "{:.4f}".format) == "0.860 ± 0.028"
     assert cells(text, "ssgd seed 3")[-1] == "unfinished"
     assert "Each algorithm ran once per seed (1, 2, 3)" in text
     assert "*unfinished*: a run that started and has no summary" in text

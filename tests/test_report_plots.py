@@ -590,7 +590,7 @@ def test_a_mean_over_seeds_says_how_many_runs_had_the_value():
     head, _, row = report.seed_table(seeds, []).splitlines()
     cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
     assert cells["wall s"] == "10.0 in 1 of 2" and cells["seeds"] == "2"
-    assert cells["final acc"] == "0.6000 ± 0.1414"
+    assert cells["final acc"] == "0.60 ± 0.14"
 
 
 EC = {"algo": "ec", "final_model": "member", "best_test_acc": 0.6}
@@ -613,8 +613,8 @@ def test_ecs_accuracy_says_it_is_rank_0s_member_beside_the_members_mean(tmp_path
     head, _, ec, ma = report.seed_table(seeds, []).splitlines()
     ec_cells, ma_cells = (dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "),
                                    strict=True)) for row in (ec, ma))
-    assert ec_cells["final acc"] == ("0.5130 ± 0.0748 (rank 0's member; members' mean "
-                                     "0.4847 ± 0.0590, ensemble 0.5400 ± 0.0529)")
+    assert ec_cells["final acc"] == ("0.513 ± 0.075 (rank 0's member; members' mean "
+                                     "0.485 ± 0.059, ensemble 0.540 ± 0.053)")
     assert ec_cells["best acc"] == "0.6000 ± 0.0000 (rank 0's member)"
     assert (ma_cells["final acc"], ma_cells["best acc"]) == ("0.9000 ± 0.0000", "0.9000 ± 0.0000")
     note = report.final_models_note(seeds)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import bisect
 import contextlib
+import decimal
 import errno
 import fcntl
 import io
@@ -776,10 +777,41 @@ def _mean(values: list[float]) -> float:
 
 
 def _mean_sd(values: list[float], fmt) -> str:
+    """``values``' mean ± sample standard deviation as a scientist writes it: the sd to two
+    significant figures and the mean to the same decimal place (2.50 ± 0.71, 0.8930 ±
+    0.0012, 26 ± 11, 150 ± 71), never rounded past the units (an sd of 100 or more is whole:
+    752 ± 1059) nor so far that the mean loses the leading digit that ``fmt``, the column's
+    format of one value, shows (0.004 ± 0.430, not 0.00 ± 0.43). The mean so keeps every
+    digit ``fmt`` shows unless the sd is 10 or more units of ``fmt``'s last one, a digit the
+    spread makes noise (0.893 ± 0.017 for accuracies, ``fmt`` ``{:.4f}``). One value is
+    ``fmt(mean)``, equal values (an sd of 0) ``fmt(mean) ± fmt(0)``. Both were ``fmt``'s:
+    "2.5 ± 0.707 s" gave the sd more digits than the mean."""
     if not values:
         return NA
     mean, sd = _spread(values)
-    return fmt(mean) if len(values) == 1 else f"{fmt(mean)} ± {fmt(sd)}"
+    if len(values) == 1:
+        return fmt(mean)
+    if sd == 0 or not math.isfinite(sd + mean):  # an overflow of huge values too: as fmt has it
+        return f"{fmt(mean)} ± {fmt(sd)}"
+    rounded = float(f"{sd:.1e}")  # two significant figures: 0.0996 is 0.10, its place 2
+    place = max(1 - math.floor(math.log10(rounded)), 0)
+    if mean != 0:  # the place of the mean's leading digit, as far as fmt shows one
+        place = max(place, min(-math.floor(math.log10(abs(mean))), _places(fmt(mean))))
+    shown = f"{mean:.{place}f}"
+    if float(shown) == 0:  # -0.00: a mean rounded to zero has no sign
+        shown = f"{0:.{place}f}"
+    return f"{shown} ± {sd:.{place}f}"
+
+
+def _places(text: str) -> int:
+    """The decimal places a formatted number shows: 4 for 0.8930, 0 for 150, 5 for 5e-05;
+    0 for a zero (-0.0000: float noise of a mean of zero) and anything not a number."""
+    try:
+        number = decimal.Decimal(text)
+    except decimal.InvalidOperation:
+        return 0
+    exponent = number.as_tuple().exponent
+    return max(-exponent, 0) if number and isinstance(exponent, int) else 0
 
 
 def by_algorithm(rows: list[Row]) -> dict[str, list[Row]]:
@@ -1200,7 +1232,8 @@ def scoring(rows: list[Row]) -> str:
 
 # What report.md says under the seeds' table: how it summarises a run per seed
 SEEDS_NOTE = ("Each algorithm ran once per seed ({seeds}): the table gives the mean ± sample "
-              "standard deviation over the seeds whose run finished (a time to a target: over "
+              "standard deviation over the seeds whose run finished (the deviation to two "
+              "significant figures, the mean to the same decimal place; a time to a target: over "
               "those that reached it; *in 1 of 2*: the value is in that many of them), the "
               "largest peak memory and staleness max of any seed's run, and the other staleness "
               "figures (each run's mean, p50, p90 and p99: a mean of the runs' percentiles, not "
