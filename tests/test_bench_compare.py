@@ -33,6 +33,7 @@ from conftest import (
     SIGNALLED_RANK,
     SYNTHETIC,
     alive,
+    end_job,
     fill,
     full_disk,
     mpi_env,
@@ -888,8 +889,7 @@ def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path,
         deadline = time.monotonic() + 120
         while not listing(out / "sgd" / "checkpoints"):
             if (ended := job.poll()) is not None or time.monotonic() > deadline:
-                job.kill()  # its output, without waiting for a hung job to end
-                pytest.fail(f"no checkpoint yet (exit {ended}): {job.communicate()[1]}")
+                pytest.fail(f"no checkpoint yet (exit {ended}): {end_job(job)}")  # bounded
             time.sleep(0.05)
         second = run_job([*words, "--resume"], np=0)
         assert second.returncode == 2, second.stderr
@@ -926,8 +926,7 @@ def test_a_compare_killed_outright_takes_its_run_with_it(tmp_path):
         deadline = time.monotonic() + 120
         while not listing(out / "ssgd" / "checkpoints"):
             if (ended := job.poll()) is not None or time.monotonic() > deadline:
-                job.kill()
-                pytest.fail(f"no checkpoint yet (exit {ended}): {job.communicate()[1]}")
+                pytest.fail(f"no checkpoint yet (exit {ended}): {end_job(job)}")
             time.sleep(0.05)
         assert len(running(out / "ssgd")) >= 3  # mpirun and its two ranks
     finally:
