@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 import torch
 from torch.nn import functional as F
 
+from hpctrain.checkpoint import resize
 from hpctrain.evaluate import Snapshot, evaluate_snapshots
 from hpctrain.guard import GradientGuard
 from hpctrain.microbatch import mean_in_parts
@@ -51,6 +52,11 @@ if TYPE_CHECKING:
     from hpctrain.data import Dataset
     from hpctrain.metrics import RunLog
     from hpctrain.shuffle import TrainData
+
+
+def _defined_by(cls: type, attribute: str) -> type:
+    """The class in ``cls``'s method resolution order that defines ``attribute``."""
+    return next(c for c in cls.__mro__ if attribute in vars(c))
 
 
 class Comm(Protocol):
@@ -216,7 +222,23 @@ class Algorithm:
         :meth:`checkpoint_state` that the checkpoint's ``len(parts)`` workers saved, made into
         ``workers`` states for a run that goes on at global progress ``position``
         (:mod:`hpctrain.checkpoint.resize` has the loop's own rules). By default new worker
-        ``j`` takes old worker ``j mod len(parts)``'s."""
+        ``j`` takes old worker ``j mod len(parts)``'s: growing copies a worker's state to
+        others, shrinking drops workers ``workers..len(parts)-1``'s. Override it for state that
+        must be neither copied nor dropped (an error-feedback residual, applied once per copy;
+        a count). A user's class that keeps this default while its per-rank states differ
+        gets one warning line on rank 0 saying what happened
+        (:func:`hpctrain.checkpoint.resize.default_rule_warning`)."""
+        cls = type(self)
+        # Quiet for the built-in algorithms that keep the default, which is right for them:
+        # sgd runs on one process (never resized); ssgd's per-rank state is none, or with
+        # Adasum each worker's optimizer momentum, which a new worker may start from a copy
+        # of (a running mean of gradients like any worker's, not a debt paid once as a
+        # residual is). So it warns only where checkpoint_state is a user's (a user's
+        # subclass of ssgd that adds no per-rank state of its own is quiet too); an
+        # override that calls this one has a rule of its own and is quiet as well.
+        if _defined_by(cls, "resize_state") is Algorithm and \
+                not _defined_by(cls, "checkpoint_state").__module__.startswith("hpctrain."):
+            resize.warn_default_rule(cls.__name__, parts, workers)
         return [parts[j % len(parts)] for j in range(workers)]
 
     def epoch_started(self, local: Dataset) -> None:

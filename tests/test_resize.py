@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hpctrain import checkpoint
+from hpctrain.algorithm import Algorithm
 from hpctrain.checkpoint import resize
 from hpctrain.checkpoint.format import encode_parts
 from hpctrain.config import RunConfig
@@ -291,3 +292,68 @@ def test_checkpointer_restores_three_workers_on_one(tmp_path):
     with pytest.raises(UsageError, match="checkpoint is of 3 workers, not 1, and this run "
                                          "cannot be resized"):
         refused.restore([])
+
+
+class Residual(Algorithm):
+    """A user's algorithm with per-worker state that must not be duplicated (error feedback)
+    and no resize_state of its own."""
+
+    name = "residual"
+
+    def checkpoint_state(self):
+        shared, _ = super().checkpoint_state()
+        return shared, {"feedback": self.model}
+
+
+class ResidualSplit(Residual):
+    name = "residual-split"
+
+    def resize_state(self, parts, workers, position):  # a rule of its own, built on the default
+        return super().resize_state(parts, workers, position)
+
+
+def residuals(k: int, same: bool = False) -> list[dict]:
+    return [{"feedback": {"e": torch.full((2,), 0.0 if same else float(r))}} for r in range(k)]
+
+
+def test_a_users_default_rule_warns_when_it_copies_or_drops_per_worker_state(capsys):
+    """A user's class relying on the default rule: 2 -> 4 workers copied each residual to two
+    workers (applied twice, silently); 3 -> 2 dropped worker 2's. One line each, on stderr."""
+    algo = Residual(RunConfig(algo=Residual))
+    grown = algo.resize_state(residuals(2), 4, 10)
+    assert [float(p["feedback"]["e"][0]) for p in grown] == [0.0, 1.0, 0.0, 1.0]
+    assert capsys.readouterr().err == (
+        "hpctrain: warning: resized from 2 to 4 workers, and Residual has no resize_state of "
+        "its own: new worker j took old worker j mod 2's per-worker state, so workers 2..3 "
+        "hold copies; state that must not be duplicated (an error-feedback residual, a count) "
+        "needs one (README, \"An algorithm of your own\"; docs/DESIGN.md §7)\n")
+    algo.resize_state(residuals(3), 2, 10)
+    err = capsys.readouterr().err
+    assert err.startswith("hpctrain: warning: resized from 3 to 2 workers, and Residual ") \
+        and "old worker 2's was dropped; state that must not be lost" in err \
+        and err.count("\n") == 1
+    algo.resize_state(residuals(1), 2, 10)  # one worker's state: a copy cannot be told apart
+    assert "1 to 2 workers" in capsys.readouterr().err
+    # Quiet: nothing that differs (empty, or the same on every worker), the same count, a
+    # class with a rule of its own (even one calling the default), the built-ins.
+    algo.resize_state(residuals(2, same=True), 4, 10)
+    algo.resize_state([{"feedback": {}}, {"feedback": {"e": None}}], 4, 10)
+    algo.resize_state(residuals(2), 2, 10)
+    ResidualSplit(RunConfig(algo=ResidualSplit)).resize_state(residuals(2), 4, 10)
+    for name in ("sgd", "ssgd"):  # the built-ins on the default (ssgd: Adasum's momentum)
+        algorithm(name).resize_state(residuals(2), 4, 10)
+    assert capsys.readouterr().err == ""
+
+
+def test_the_resizer_warns_once_for_a_users_default_rule(capsys):
+    """Through the resize path the loop builds (Resizer with the algorithm's rule): 2 -> 3."""
+    resizer = resize.Resizer(num_samples=2048, batch_size=16, workers=3, steps=2048 // 3 // 16,
+                             per_epoch=lambda s, w: s,
+                             resize_state=Residual(RunConfig(algo=Residual)).resize_state)
+    parts, _ = resizer({"updates": 64, "workers": 2},
+                       [part(r, **residuals(2)[r]) for r in range(2)])
+    assert [float(p["feedback"]["e"][0]) for p in parts] == [0.0, 1.0, 0.0]
+    err = capsys.readouterr().err.splitlines()
+    assert err == [line for line in err if line.startswith("hpctrain: warning: resized from 2 "
+                                                           "to 3 workers, and Residual ")] \
+        and len(err) == 1 and "so worker 2 holds a copy;" in err[0]

@@ -64,6 +64,7 @@ def test_ssgd_on_2_ranks_goes_on_on_1(tmp_path):
     out = tmp_path / "run"
     summary, stderr = resized_run(out, "ssgd", 2, 1, 64)
     assert "resized from 2 to 1 workers, going on at update 64" in stderr
+    assert "warning" not in stderr  # ssgd keeps the default rule, rightly: no user's warning
     assert summary["updates"] == 128 and summary["checkpoints"] == 2
     check_common(out, summary, {"from_workers": 2, "to_workers": 1, "updates": 32,
                                 "resumed_at": 64})
@@ -75,6 +76,7 @@ def test_dcasgd_a_on_1_rank_goes_on_on_2(tmp_path):
     out = tmp_path / "run"
     summary, stderr = resized_run(out, "dcasgd-a", 1, 2, 128)
     assert "resized from 1 to 2 workers, going on at update 64" in stderr
+    assert "warning" not in stderr  # a rule of its own
     assert summary["updates"] == 128
     assert len(summary["pushes_per_worker"]) == 2
     assert sum(summary["pushes_per_worker"]) == summary["staleness"]["count"] == 128

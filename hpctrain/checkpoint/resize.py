@@ -25,15 +25,19 @@ over unchanged; the rules for per-worker state are:
   default new worker ``j`` takes old worker ``j mod K``'s; MA averages the members' models
   and momentum; EC keeps members ``0..K'-1`` (a grown run copies members); the async
   algorithms average DC-ASGD-a's mean squares, keep each remaining worker's velocity (new
-  workers start at rest) and level ssp's clocks.
+  workers start at rest) and level ssp's clocks. A user's algorithm that keeps the default
+  while its per-worker states differ gets one warning line on rank 0
+  (:func:`default_rule_warning`): growing copies such state, shrinking drops some.
 
 The resumed run's summary lists each resize (``resized``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -72,6 +76,68 @@ def fold(values: list, workers: int) -> list[list]:
 def source(parts: list, workers: int) -> list:
     """New worker ``j``'s inherited part: old worker ``j mod K``'s."""
     return [parts[j % len(parts)] for j in range(workers)]
+
+
+def _workers(first: int, last: int) -> str:
+    return f"worker {first}" if first == last else f"workers {first}..{last}"
+
+
+def _empty(state: Any) -> bool:
+    """Whether ``state`` holds nothing (dicts, lists and tuples of nothing or None)."""
+    if isinstance(state, dict):
+        return all(_empty(v) for v in state.values())
+    if isinstance(state, list | tuple):
+        return all(_empty(v) for v in state)
+    return state is None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Whether two saved states are equal, tensors element by element."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
+            and a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except (TypeError, ValueError, RuntimeError):  # an array's == is element-wise
+        return False
+
+
+def default_rule_warning(name: str, parts: list[dict], workers: int) -> str | None:
+    """The warning for algorithm class ``name`` whose per-worker states ``parts`` (the
+    algorithm's own entries, one per old worker) the default rule (new worker ``j`` takes old
+    worker ``j mod K``'s) makes into ``workers`` states; None where nothing is copied or
+    dropped that differs: the same worker count, per-worker state that is empty, or the same
+    on every old worker (a copy of shared state; with one old worker that cannot be told, so
+    only empty state is quiet there).
+
+    Growing copies states (a residual of error feedback would be applied twice), shrinking
+    drops old workers ``workers..K-1``'s (a residual's pending update, a count, lost)."""
+    old = len(parts)
+    if workers == old or all(_empty(p) for p in parts) or \
+            (old > 1 and all(_same(p, parts[0]) for p in parts[1:])):
+        return None
+    if workers > old:
+        copies = "holds a copy" if workers - old == 1 else "hold copies"
+        happened = (f"new worker j took old worker j mod {old}'s per-worker state, so "
+                    f"{_workers(old, workers - 1)} {copies}; state that must not be "
+                    "duplicated")
+    else:
+        happened = (f"new worker j took old worker j's per-worker state, and old "
+                    f"{_workers(workers, old - 1)}'s was dropped; state that must not be lost")
+    return (f"hpctrain: warning: resized from {old} to {workers} workers, and {name} has no "
+            f"resize_state of its own: {happened} (an error-feedback residual, a count) "
+            "needs one (README, \"An algorithm of your own\"; docs/DESIGN.md §7)")
+
+
+def warn_default_rule(name: str, parts: list[dict], workers: int) -> None:
+    """Print :func:`default_rule_warning`'s line, if any, on stderr (rank 0 resizes)."""
+    line = default_rule_warning(name, parts, workers)
+    if line:
+        print(line, file=sys.stderr, flush=True)
 
 
 def rescale(updates: int, old_per_epoch: int, new_per_epoch: int) -> int:
