@@ -80,6 +80,14 @@ class SignumVote(Algorithm):
     def checkpoint_state(self) -> tuple[dict, dict]:
         return {"model": self.model, "optimizer": self.optimizer}, {"worker": self.state}
 
+    def resize_state(self, parts: list[dict], workers: int, position: int) -> list[dict]:
+        """Resumed on more workers: a new one starts from an old one's momentum (a running
+        mean of gradients like any worker's) but has sent no votes; on fewer, the workers
+        left keep their own (the default would copy the byte count and warn of it)."""
+        return [{"worker": {**parts[j % len(parts)]["worker"],
+                            **({"sent": 0} if j >= len(parts) else {})}}
+                for j in range(workers)]
+
     def apply(self) -> bool:
         signs = []
         for p, m in zip(self.params, self.state.buffers, strict=True):

@@ -635,3 +635,15 @@ def test_a_user_algorithms_bad_option_names_its_field_from_python_and_its_flag_t
                                                 "(in a config file, write it without quotes)")
     assert refusal(["--algo", f"{path}:K", "--keep-frac", "2"]) == \
         "--keep-frac 2.0 must be in (0, 1]"
+
+
+def test_the_examples_resize_gives_new_workers_a_momentum_and_no_votes_sent(capsys):
+    """The default rule copied a worker's byte count to the new ones (and warned of it)."""
+    cls = registry.get(SIGNUM)
+    parts = [{"worker": {"buffers": [torch.full((2,), float(k))], "sent": 100 * (k + 1)}}
+             for k in range(2)]
+    grown = cls.resize_state(object.__new__(cls), parts, 3, position=10)
+    assert [p["worker"]["sent"] for p in grown] == [100, 200, 0]
+    assert [p["worker"]["buffers"][0][0].item() for p in grown] == [0.0, 1.0, 0.0]
+    shrunk = cls.resize_state(object.__new__(cls), parts, 1, position=10)
+    assert shrunk == [parts[0]] and capsys.readouterr().err == ""
