@@ -176,10 +176,17 @@ def trim(folder: Path, before: int, described: bool = False,
         os.replace(folder / STAGING, path)
 
 
-def hparams(settings: dict) -> dict:
+def hparams(settings: dict, config: dict | None = None) -> dict:
     """``settings`` as HParams values: numbers and strings as they are, booleans and lists as
-    ``config.json`` writes them (torch's hparams would take booleans for numbers), None left
-    out (the dashboard shows no value)."""
+    ``config.json`` writes them (torch's hparams would take booleans for numbers); an option
+    left None takes what the run resolved it to (``config``'s ``run_info`` ``resolved``: ma's
+    ``tau`` 20, a store's ``lam`` and ``shards``), else is left out (the dashboard shows no
+    value)."""
+    resolved = ((config or {}).get("run_info") or {}).get("resolved") or {}
+    took = {name: value for part in resolved.values() if isinstance(part, dict)
+            for name, value in part.items()}
+    settings = {name: took.get(name) if value is None else value
+                for name, value in settings.items()}
     return {name: json.dumps(value) if isinstance(value, bool | list | dict) else value
             for name, value in settings.items() if value is not None}
 
@@ -295,7 +302,8 @@ class Board:
 
     def describe(self, config: dict, settings: dict) -> None:
         """The run's ``config`` (``config.json``'s content) as text, and its ``settings``
-        (flat: name to value) as HParams session info: each run its own, in its own file, so
+        (flat: name to value; those left None as ``config`` resolved them) as HParams
+        session info: each run its own, in its own file, so
         that the HParams dashboard of a folder of runs lists them all, with every scalar tag's
         last value as a metric (the experiment is made from the runs: none is written, or
         TensorBoard would take one run's for all)."""
@@ -304,7 +312,7 @@ class Board:
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         text = "\n".join("    " + line for line in json.dumps(config, indent=2).splitlines())
-        _, session_start, _ = hparams_summaries(hparams(settings), {})
+        _, session_start, _ = hparams_summaries(hparams(settings, config), {})
         with self._writing():
             self.writer.add_text("config", text, 0)  # indented: markdown shows it as code
             _file_writer(self.writer).add_summary(session_start, 0)

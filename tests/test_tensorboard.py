@@ -134,6 +134,24 @@ def test_a_resumed_runs_description_replaces_the_earlier_ones(tmp_path):
     assert board.PluginTagToContent("hparams").keys() == {"_hparams_/session_start_info"}
 
 
+def test_the_hparams_show_the_values_a_run_resolved(tmp_path):
+    """ma's tau, dcasgd's lam and shards are None in the options (resolved as the run starts,
+    into config.json's run_info resolved): the HParams dashboard showed no tau for ma runs
+    that differed by it. An option left None and not resolved stays out."""
+    from tensorboard.plugins.hparams import metadata
+
+    board = Board(tmp_path, True)
+    board.describe({"run_info": {"resolved": {"algorithm": {"tau": 20}}}},
+                   {"algo": "ma", "tau": None, "tau_epochs": None, "lr": 0.05})
+    board.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    content = events.PluginTagToContent("hparams")[metadata.SESSION_START_INFO_TAG]
+    start = metadata.parse_session_start_info_plugin_data(content)
+    assert {k: v.number_value or v.string_value for k, v in start.hparams.items()} == {
+        "algo": "ma", "tau": 20, "lr": 0.05}
+
+
 def test_wall_times_count_from_the_start_of_training(tmp_path):
     """Counted from when the checkpointer was made, a run's entries were stamped before their
     updates by the start-up that followed (scoring restored snapshots online, waiting for the
