@@ -470,7 +470,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
         ("wall time", f"{seconds(summary['wall_s'])} s" + (
             f" (then {seconds(summary['scoring_s'])} s scoring the curve)"
             if summary.get("scoring_s", 0) >= 0.05 else "")),
-        ("samples/s (all ranks)", f"{summary['samples_per_s']:.0f}"),
+        ("samples/s (all workers)", f"{summary['samples_per_s']:.0f}"),
     ]
     peaks = [p for p in summary.get("peak_memory_per_worker", []) if p is not None]
     if peaks:

@@ -151,6 +151,16 @@ def test_the_summary_table_says_a_stop_and_staleness_as_measured():
     assert rows["staleness mean/p99/max"].strip() == "1.85 / 4.68 / 5"
 
 
+def test_the_summary_table_counts_the_samples_of_the_workers():
+    """A user trial: "samples/s (all ranks)" beside a dcasgd run's 2 workers on 3 ranks (one
+    a --servers rank, which trains nothing); summary.json's samples_per_s is the workers'."""
+    summary = {"algo": "dcasgd-a", "workers": 2, "final_test_acc": 0.1, "best_test_acc": 0.1,
+               "wall_s": 2.0, "samples_per_s": 50.0, "samples_per_worker": [60, 40]}
+    rows = dict(line.strip().split("  ", 1) for line in summary_table(summary).splitlines())
+    assert rows["samples/s (all workers)"].strip() == "50"
+    assert not any("ranks" in row for row in rows)
+
+
 def test_the_summary_table_says_skipped_and_clipped_steps():
     """30 of 32 updates skipped for NaN gradients showed only as the collapse line: a log read
     alone did not say that the steps were lost."""
