@@ -42,9 +42,10 @@ class RunSummary:
                          "(--eval online on rank 0 scores between steps, inside this time; a "
                          "resumed run adds the time before)")
     scoring_s: float = _doc("seconds from the end of training until the curve's snapshots were "
-                            "scored, on rank 0's clock (not in wall_s; --eval online: its last "
-                            "point only; hpctrain simulate: virtual, its collectives' modelled "
-                            "time)")
+                            "scored, on rank 0's clock (not in wall_s; eval_mode online: its "
+                            "last point only; ma and ec score their whole curve after training, "
+                            "--eval online or not; hpctrain simulate: virtual, its collectives' "
+                            "modelled time)")
     samples_per_s: float = _doc("training samples per second, all workers together: "
                                 "samples_per_worker's sum over wall_s (ec: its batches' own "
                                 "samples, not the relabelled ones distilled beside them, "
