@@ -126,6 +126,7 @@ class WallClock:
 DESCRIPTION = ("config/", "_hparams_/")  # the tags of a run's description (Board.describe)
 TRAINING = "train/"  # the training entries' tags (live.Watch)
 CURVE = ("test/accuracy", "test/loss")  # the curve's tags, logged whole after training
+SESSION_END = "_hparams_/session_end_info"  # a failed attempt's end: the run goes on
 STAGING = ".trimmed"  # no "tfevents" in it: TensorBoard never reads a half-written copy
 
 
@@ -136,7 +137,8 @@ def trim(folder: Path, before: int, described: bool = False,
     ``before`` (> 0) itself, which a run resumed there does not make again; ``described``:
     the run writes its own description (:meth:`Board.describe`), which replaces theirs;
     ``rescored``: tags the run logs at every update (a curve scored after training), whose
-    earlier entries all go.
+    earlier entries all go. An earlier attempt's HParams session end (failed: it raised)
+    goes too, the run going on (also resumed without TensorBoard, which ends none).
 
     TensorBoard's own viewer hid the rest already (``purge_step``), but readers of one file at a
     time (tbparse, EventAccumulator on a file) showed them as the run's. Each file is replaced
@@ -155,7 +157,7 @@ def trim(folder: Path, before: int, described: bool = False,
             return True
         tags = [v.tag for v in event.summary.value]
         if described and any(tag.startswith(DESCRIPTION) for tag in tags) \
-                or any(tag in rescored for tag in tags):
+                or any(tag in rescored or tag == SESSION_END for tag in tags):
             return False
         return event.step < before or 0 < before == event.step and bool(tags) \
             and all(tag.startswith(TRAINING) for tag in tags)
@@ -189,6 +191,18 @@ def hparams(settings: dict, config: dict | None = None) -> dict:
                 for name, value in settings.items()}
     return {name: json.dumps(value) if isinstance(value, bool | list | dict) else value
             for name, value in settings.items() if value is not None}
+
+
+def _session_failed():
+    """The HParams session's end as failed (torch's ``hparams`` writes success only)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    data = plugin_data_pb2.HParamsPluginData(
+        session_end_info=plugin_data_pb2.SessionEndInfo(status=api_pb2.STATUS_FAILURE),
+        version=metadata.PLUGIN_DATA_VERSION)
+    return Summary(value=[Summary.Value(tag=metadata.SESSION_END_INFO_TAG,
+                                        metadata=metadata.create_summary_metadata(data))])
 
 
 _hook: list = []  # the threading.excepthook _quiet replaced, while a Board writes
@@ -240,6 +254,8 @@ class Board:
         self.writer: SummaryWriter | None = None
         self.clock = clock or WallClock()
         self._waiting: list[tuple[str, float, int, float]] = []  # until the clock starts
+        # The HParams session: started (describe) at step 0; the last step logged since.
+        self._session: int | None = None
         folder = Path(out) / SUBDIR
         self._file = folder  # the event file, once the writer made it (errors name it)
         if (enabled or rank0 and resumed) and folder.is_dir() \
@@ -279,6 +295,8 @@ class Board:
         """``value`` of ``tag`` at global update ``step`` (``t``: seconds into training)."""
         if self.writer is None or value is None:
             return
+        if self._session is not None:
+            self._session = max(self._session, step)
         if t is not None and not self.clock.running and self.clock.this_attempt(t):
             self._waiting.append((tag, value, step, t))
             return
@@ -316,6 +334,7 @@ class Board:
         with self._writing():
             self.writer.add_text("config", text, 0)  # indented: markdown shows it as code
             _file_writer(self.writer).add_summary(session_start, 0)
+        self._session = 0
 
     def finish(self, step: int, metrics: dict[str, float]) -> None:
         """The run's end at update ``step``: its ``metrics`` (summary fields) as
@@ -329,15 +348,22 @@ class Board:
         _, _, session_end = hparams_summaries({}, {})
         with self._writing():
             _file_writer(self.writer).add_summary(session_end, step)
+        self._session = None
 
     def close(self, raising: bool = True) -> None:
         """What waits written, and the file closed. Flushed first: the writer's close drops
         the error its thread met (the last entries lost without a word). ``raising`` False:
-        on the way out of another error, which this one (the same full disk's) would hide."""
+        on the way out of another error, which this one (the same full disk's) would hide:
+        the run raised (Ctrl-C in one process, an error on rank 0), so a session described
+        and not finished ends as failed at the last step logged, which the HParams dashboard
+        shows (without, it was a run going on, its last training entries its metrics)."""
         if self.writer is None:
             return
         try:
             self._write_waiting()  # as the clock guesses: the run ends before training
+            if not raising and self._session is not None:
+                with self._writing():
+                    _file_writer(self.writer).add_summary(_session_failed(), self._session)
             with self._writing():
                 self.writer.flush()
         except OSError:

@@ -152,6 +152,40 @@ def test_the_hparams_show_the_values_a_run_resolved(tmp_path):
         "algo": "ma", "tau": 20, "lr": 0.05}
 
 
+@pytest.mark.parametrize("raised", [True, False])
+def test_a_run_that_raised_ends_its_hparams_session_as_failed(tmp_path, raised):
+    """A user trial: a run stopped by Ctrl-C (one process) left its HParams session open, so
+    the dashboard listed it as a run going on, its last training entries as its metrics.
+    Closed on the way out of an error it ends failed at its last step; closed otherwise
+    (a SIGUSR1 stop, to be resumed) it stays open, and the resumed run ends it."""
+    from tensorboard.plugins.hparams import api_pb2, metadata
+
+    board = Board(tmp_path, True)
+    board.describe({}, {"algo": "sgd"})
+    for step in (10, 20, 30):
+        board.scalar("train/loss", 1.0, step)
+    board.close(raising=not raised)
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    ended = events.PluginTagToContent("hparams").get(metadata.SESSION_END_INFO_TAG)
+    if not raised:
+        assert ended is None
+        return
+    assert metadata.parse_session_end_info_plugin_data(ended).status == api_pb2.STATUS_FAILURE
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    (path,) = (tmp_path / "tensorboard").glob("events.*")
+    steps = [e.step for e in EventFileLoader(str(path)).Load()
+             if any(v.tag == metadata.SESSION_END_INFO_TAG for v in e.summary.value)]
+    assert steps == [30]
+    # resumed from a checkpoint past the last entry, without --tensorboard: the run goes on
+    Board(tmp_path, False, resumed=34, rank0=True).close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert metadata.SESSION_END_INFO_TAG not in events.PluginTagToContent("hparams")
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20, 30]
+
+
 def test_wall_times_count_from_the_start_of_training(tmp_path):
     """Counted from when the checkpointer was made, a run's entries were stamped before their
     updates by the start-up that followed (scoring restored snapshots online, waiting for the
