@@ -565,10 +565,13 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     if not isinstance(algo, str):
         raise UsageError(f"--config {args.config}: algo {algo!r} must be a string; choose from "
                          f"{registry.choices()}")
-    registry.get(algo)  # an unknown name is refused before the options are judged
+    cls = registry.get(algo)  # an unknown name is refused before the options are judged
+    # Owners are named by the reference each class was first loaded by: compare classes, as
+    # ./mine.py:Mine, its absolute path and an imported mine:Mine are one algorithm.
+    known = registry.known()
     for d in algo_options:
         assert d.owners is not None  # algorithm_options names every option's algorithms
-        if hasattr(args, d.dest) and algo not in d.owners:
+        if hasattr(args, d.dest) and not any(known.get(o) is cls for o in d.owners):
             raise UsageError(f"{d.flag} is an option of {', '.join(d.owners)}, not of --algo "
                              f"{algo}")
     try:

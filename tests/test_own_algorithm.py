@@ -647,3 +647,28 @@ def test_the_examples_resize_gives_new_workers_a_momentum_and_no_votes_sent(caps
     assert [p["worker"]["buffers"][0][0].item() for p in grown] == [0.0, 1.0, 0.0]
     shrunk = cls.resize_state(object.__new__(cls), parts, 1, position=10)
     assert shrunk == [parts[0]] and capsys.readouterr().err == ""
+
+
+def test_an_option_is_its_class_s_under_any_spelling_of_the_class(tmp_path, monkeypatch):
+    """A user trial: one process (a test file, run_commands' launch) that loaded the class as
+    ``./mine.py:Mine`` (or imported it, ``mine:Mine``) refused ``--algo /abs/mine.py:Mine
+    --every 2``: "--every is an option of ./mine.py:Mine, not of --algo /abs/mine.py:Mine"
+    (the owners were compared by spelling, not by class)."""
+    path = own(tmp_path, """
+        @dataclass(frozen=True)
+        class EveryOptions(Options):
+            every: int = option(1, "sync every k steps")
+
+        class Mine(Algorithm):
+            name = "mine-spelt"
+            Options = EveryOptions
+        """, "mine_spelt.py")
+    monkeypatch.chdir(tmp_path)
+    for spelt in ("./mine_spelt.py:Mine", f"{path}:Mine"):
+        registry.get(spelt)  # as the command line loads it before parsing
+        parser = compare._train_parser()
+        config = arguments.build(parser.parse_args(["--algo", spelt, "--every", "2"]))
+        assert config.algorithm.every == 2
+    with pytest.raises(UsageError, match="--every is an option of ./mine_spelt.py:Mine, not of "
+                                         "--algo ssgd"):
+        arguments.build(parser.parse_args(["--algo", "ssgd", "--every", "2"]))
