@@ -136,6 +136,10 @@ class BuildWithCommit(build_py):
 
     def run(self):
         super().run()
+        # An editable install copies nothing (setuptools >= 64): the package is the
+        # checkout, whose commit provenance asks git for; build_lib has no hpctrain/ to write in.
+        if getattr(self, "editable_mode", False):
+            return
         commit = _commit()
         if commit is not None:
             target = Path(self.build_lib) / "hpctrain" / "_build.py"

@@ -427,6 +427,26 @@ def test_setup_warns_when_nvcc_and_torchs_cuda_differ(monkeypatch):
     assert mismatch((13, 0), None) is None and mismatch(None, "12.8") is None  # unknown
 
 
+def test_an_editable_install_builds_without_a_traceback(monkeypatch, tmp_path):
+    """A user trial: ``make setup``'s ``pip install -e .`` printed setuptools' "Customization
+    incompatible with editable install" and a FileNotFoundError traceback: build_py copies
+    nothing in editable mode, so ``<build_lib>/hpctrain/_build.py`` had no folder. An editable
+    copy is the checkout, whose commit provenance asks git for: nothing to write."""
+    import runpy
+
+    import setuptools
+    from setuptools.dist import Distribution
+
+    monkeypatch.setattr(setuptools, "setup", lambda **kwargs: None)  # its definitions only
+    build_py = runpy.run_path(str(ROOT / "setup.py"), run_name="setup_module")["BuildWithCommit"]
+    cmd = build_py(Distribution({"name": "hpctrain", "packages": ["hpctrain"]}))
+    cmd.initialize_options()
+    cmd.finalize_options()
+    cmd.editable_mode, cmd.build_lib = True, str(tmp_path)
+    cmd.run()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.skipif(gpu_missing() is not None, reason=str(gpu_missing()))
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("variant", VARIANTS)
