@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ALGO=${ALGO:-dcasgd-a}
 OUT=runs/demo-$(date +%Y%m%d-%H%M%S)
-ROOT_FLAG=""; [ "$(id -u)" -eq 0 ] && ROOT_FLAG="--allow-run-as-root"
-ARGS=(--algo "$ALGO" --model lenet --dataset fashion-mnist --epochs 3 --batch-size 32 --out "$OUT")
-echo "demo: mpirun -np 4 hpctrain train ${ARGS[*]}"
-OMP_NUM_THREADS=1 mpirun --oversubscribe $ROOT_FLAG -x OMPI_MCA_osc=^ucx -np 4 \
-  .venv/bin/hpctrain train "${ARGS[@]}"
+MPIRUN=(mpirun --oversubscribe); [ "$(id -u)" -eq 0 ] && MPIRUN+=(--allow-run-as-root)
+CMD=("${MPIRUN[@]}" -x OMPI_MCA_osc=^ucx -np 4 .venv/bin/hpctrain train --algo "$ALGO"
+  --model lenet --dataset fashion-mnist --epochs 3 --batch-size 32 --out "$OUT")
+# The command as run, so that it can be typed again (README's "Training" says why each flag).
+echo "demo: OMP_NUM_THREADS=1 ${CMD[*]}"
+OMP_NUM_THREADS=1 "${CMD[@]}"
 echo "demo: outputs in $OUT (config.json, metrics.jsonl, summary.json, model.pt, step_times.json)"

@@ -672,3 +672,37 @@ def test_an_option_is_its_class_s_under_any_spelling_of_the_class(tmp_path, monk
     with pytest.raises(UsageError, match="--every is an option of ./mine_spelt.py:Mine, not of "
                                          "--algo ssgd"):
         arguments.build(parser.parse_args(["--algo", "ssgd", "--every", "2"]))
+
+
+def test_readmes_single_process_test_of_an_algorithm_runs(tmp_path, monkeypatch):
+    """README's "An algorithm of your own" shows how to test one in one process: its snippet,
+    run as written on a ``mine.py`` of one option (it failed at ``main``: the class imported
+    as ``mine:Mine`` made ``--every`` another algorithm's than ``./mine.py:Mine``'s)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("\n## An algorithm of your own\n"):]
+    start = section.index("```python\n") + len("```python\n")
+    snippet = section[start:section.index("```", start)]
+    own(tmp_path, """
+        @dataclass(frozen=True)
+        class MineOptions(Options):
+            every: int = option(1, "sync every k steps")
+
+        class Mine(Algorithm):
+            name = "mine-readme"
+            Options = MineOptions
+            summary_fields = {"every_taken": "its --every"}
+
+            def summary(self, points, comm):
+                return {"every_taken": self.options.every}
+        """, "mine.py")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mine", raising=False)
+    scope: dict = {}
+    try:
+        exec(compile(snippet, "README.md", "exec"), scope)
+    finally:
+        sys.modules.pop("mine", None)
+    assert scope["summary"]["every_taken"] == 2
+    simulated = json.loads((tmp_path / "runs" / "t2" / "summary.json").read_text())
+    assert simulated["workers"] == 2 and simulated["every_taken"] == 2
