@@ -672,6 +672,10 @@ def test_an_option_is_its_class_s_under_any_spelling_of_the_class(tmp_path, monk
     with pytest.raises(UsageError, match="--every is an option of ./mine_spelt.py:Mine, not of "
                                          "--algo ssgd"):
         arguments.build(parser.parse_args(["--algo", "ssgd", "--every", "2"]))
+    d = next(d for d in arguments.algorithm_options() if d.flag == "--every")
+    every = compare.TrainOption(d.flag, d.dest, d.takes_value, d.owners)
+    assert [every.given_to(a) for a in ("./mine_spelt.py:Mine", f"{path}:Mine", "ssgd")] == \
+        [True, True, False]  # bench compare passed it to the first spelling alone
 
 
 def test_readmes_single_process_test_of_an_algorithm_runs(tmp_path, monkeypatch):

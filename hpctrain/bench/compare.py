@@ -108,7 +108,13 @@ class TrainOption:
     on_off: tuple[str, str] | None = None  # an on/off option's flags for True and for False
 
     def given_to(self, algo: str) -> bool:
-        return self.owners is None or algo in self.owners
+        """Whether ``algo`` takes it: by class, as ``./mine.py:Mine``, its absolute path and
+        ``mine:Mine`` are one algorithm (owners are named by the reference each class was
+        first loaded by)."""
+        if self.owners is None or algo in self.owners:
+            return True
+        known, cls = registry.known(), registry.get(algo)
+        return any(known.get(owner) is cls for owner in self.owners)
 
 
 def _train_parser() -> argparse.ArgumentParser:
