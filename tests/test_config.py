@@ -25,6 +25,16 @@ from hpctrain.stragglers import Straggler
 pytestmark = pytest.mark.unit
 
 
+def _train_parser():
+    """``hpctrain train``'s own parser, as the command line builds it."""
+    return cli.build_parser()._subparsers._group_actions[0].choices["train"]
+
+
+def _action(flag: str):
+    """``hpctrain train``'s argparse action of ``flag``: its help as ``--help`` shows it."""
+    return next(a for a in _train_parser()._actions if flag in a.option_strings)
+
+
 def parse(*argv: str):
     return arguments.build(cli.build_parser().parse_args(["train", *argv]))
 
@@ -351,7 +361,7 @@ def test_an_option_of_another_algorithm_is_refused():
 
 
 def test_help_lists_every_algorithms_options_from_the_registry():
-    text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    text = _train_parser().format_help()
     for cls in registry.ALGORITHMS.values():
         assert cls.name in text
         for f in dataclasses.fields(cls.Options):
@@ -698,7 +708,7 @@ def _repeat(tmp_path: Path, optim: OptimConfig, *typed: str):
     config = configs.resolve(RunConfig(algo="sgd", optim=optim))
     path = tmp_path / "config.json"
     path.write_text(json.dumps({**configs.to_dict(config), "run_info": {"workers": 1}}))
-    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    train = _train_parser()
     return arguments.build(train.parse_args(["--config", str(path), *typed]))
 
 
@@ -727,14 +737,13 @@ def test_none_undoes_every_optional_value_of_a_file(tmp_path):
     assert config == RunConfig(algo="ma", eval_mode="online",
                                model=configs.ModelConfig(name="./net.py:build"))
     assert "none: not set, also over --config's value" in " ".join(
-        cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+        _train_parser().format_help().split())
 
 
 def test_checkpoint_every_help_tells_off_from_none():
     """It read "off (the default): none, also over --config's value; none: not set, also
     over --config's value": the default is not off, and the two differ on --resume (README)."""
-    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    every = next(a for a in train._actions if "--checkpoint-every" in a.option_strings)
+    every = _action("--checkpoint-every")
     assert every.help.endswith(
         "Not set (the default): none, but --resume keeps the resumed run's interval; off: "
         "none, not even on --resume, also over --config's value; none: not set, also over "
@@ -745,8 +754,7 @@ def test_jitter_help_says_a_draw_below_1_shortens_the_delay():
     """It said a step takes max(1, exp(SIGMA*z)) times as long, "a --slowdown DELAY
     included"; ``Straggler.stretched`` takes max(t, draw * (FACTOR t + DELAY)): a draw below 1
     shortens the delay, and only t bounds the step from below."""
-    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
-    jitter = next(a for a in train._actions if "--jitter" in a.option_strings)
+    jitter = _action("--jitter")
     assert jitter.help.startswith(
         "injected noise: a step of t takes exp(SIGMA*z) times (FACTOR*t + DELAY) of its "
         "--slowdown (FACTOR 1, DELAY 0 without), but no less than t; z ~ N(0,1) drawn per "
@@ -903,7 +911,7 @@ def test_milestones_none_undoes_a_toml_files_step_decay(tmp_path, capsys):
     path = tmp_path / "step.toml"
     path.write_text('algo = "sgd"\n[optim]\nepochs = 4\nlr_schedule = "step"\n'
                     'lr_milestones = [2]\nlr_gamma = 0.5\n')
-    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    train = _train_parser()
     config = arguments.build(train.parse_args(["--config", str(path), "--lr-milestones", "none"]))
     assert (config.optim.lr_schedule, config.optim.lr_milestones) == (None, ())
     assert "--lr-milestones none: leaving out" in capsys.readouterr().out
