@@ -4,6 +4,7 @@ spread over the seeds, and its curves with their band."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -144,6 +145,8 @@ def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_
         ([0.6, 0.6], acc, "0.6000 ± 0.0000"),  # a zero sd: fmt's, as before
         ([150.0, 150.0, 150.0], count, "150 ± 0"),
         ([2.5, 2.5], seconds, "2.5 ± 0"),
+        ([0.5, math.nan], acc, "nan ± nan"),  # a NaN's sd was 0: nan ± 0.0000
+        ([1e308, -1e308], acc, "0.0000 ± inf"),  # (1e308 - 0) ** 2 raised OverflowError
         ([0.8930], acc, "0.8930"),  # one value: fmt's alone
         ([], acc, report.NA),
     ]

@@ -768,8 +768,10 @@ def _spread(values: list[float]) -> tuple[float, float]:
     mean = _mean(values)
     if len(values) < 2:
         return mean, 0.0
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return mean, sd if sd > 1e-12 * abs(mean) else 0.0  # equal values summed in another order
+    # x * x, not x ** 2: a float's ** raises OverflowError where * gives inf
+    sd = math.sqrt(sum((v - mean) * (v - mean) for v in values) / (len(values) - 1))
+    # 0 for equal values summed in another order; a NaN stays NaN (nan ± nan, not nan ± 0)
+    return mean, 0.0 if sd <= 1e-12 * abs(mean) else sd
 
 
 def _mean(values: list[float]) -> float:
@@ -1233,32 +1235,32 @@ def scoring(rows: list[Row]) -> str:
 # What report.md says under the seeds' table: how it summarises a run per seed
 SEEDS_NOTE = ("Each algorithm ran once per seed ({seeds}): the table gives the mean ± sample "
               "standard deviation over the seeds whose run finished (the deviation to two "
-              "significant figures, the mean to the same decimal place; a time to a target: over "
-              "those that reached it; *in 1 of 2*: the value is in that many of them), the "
-              "largest peak memory and staleness max of any seed's run, and the other staleness "
-              "figures (each run's mean, p50, p90 and p99: a mean of the runs' percentiles, not "
-              "a percentile of all their pushes) and byte counts averaged. Every run:")
+              "significant figures, whole from 100 up, the mean to the same decimal place; a time"
+              " to a target: over those that reached it; *in 1 of 2*: the value is in that many "
+              "of them), the largest peak memory and staleness max of any seed's run, and the "
+              "other staleness figures (each run's mean, p50, p90 and p99: a mean of the runs' "
+              "percentiles, not a percentile of all their pushes) and byte counts averaged. Every"
+              " run:")
 # What report.md says under the runs' table: what each of its columns measures, and how
-TABLE_NOTE = ("Accuracies are fractions of the test set. *Time to* a target is the wall time "
-              "(and the epochs of data consumed) at the first snapshot whose test accuracy "
-              "reaches it; snapshots are taken every `--eval-every` epochs and {scoring}. "
-              "Staleness (async runs) counts, per push, the other workers' updates the worker's "
-              "model lacked (exact with `--consistency locked`; `atomic` counts the pushes "
-              "finished since the worker's last one). Its mean is all but set by the push "
-              "counts, not the timing (about M-1 for M workers): p90, p99 and max tell runs "
-              "apart. *Samples/s* counts training samples (ec's batches' own, not the "
-              "relabelled samples distilled beside them). *Peak memory* is the largest "
-              "worker's `peak_memory_per_worker` during "
-              "training (the process's peak resident set on a CPU, memory torch allocated on a "
-              "GPU; none in a simulation). *Bytes communicated per rank* are the byte counts a "
-              "run's summary.json holds, each what a rank sent, an allreduce counted as a "
-              "ring's 2(K-1)/K of its payload whatever algorithm MPI picked: gradient allreduce "
-              "(`allreduce_bytes_per_rank`), model aggregation or exchange of ma/ec "
-              "(`aggregation.*`), the sharded data exchange (`bytes_moved`) and, for async "
-              "runs, the model payload a worker read from and wrote to the parameter store "
-              "(`store_bytes_per_worker`, mean over workers, whether MPI or loads and stores "
-              "on shared-memory windows moved it; `store_mpi_bytes_per_worker` is the part of "
-              "it MPI calls moved, not more bytes).")
+TABLE_NOTE = ("Accuracies are fractions of the test set. *Time to* a target is the wall time (and"
+              " the epochs of data consumed) at the first snapshot whose test accuracy reaches "
+              "it; snapshots are taken every `--eval-every` epochs and {scoring}. Staleness "
+              "(async runs) counts, per push, the other workers' updates the worker's model "
+              "lacked (exact with `--consistency locked`; `atomic` counts the pushes finished "
+              "since the worker's last one). Its mean is set by the push counts more than the "
+              "timing (about M-1 for M workers; `locked`'s a little above on a loaded machine): "
+              "p90, p99 and max tell runs apart. *Samples/s* counts training samples (ec's "
+              "batches' own, not the relabelled samples distilled beside them). *Peak memory* is "
+              "the largest worker's `peak_memory_per_worker` during training (the process's peak "
+              "resident set on a CPU, memory torch allocated on a GPU; none in a simulation). "
+              "*Bytes communicated per rank* are the byte counts a run's summary.json holds, each"
+              " what a rank sent, an allreduce counted as a ring's 2(K-1)/K of its payload "
+              "whatever algorithm MPI picked: gradient allreduce (`allreduce_bytes_per_rank`), "
+              "model aggregation or exchange of ma/ec (`aggregation.*`), the sharded data "
+              "exchange (`bytes_moved`) and, for async runs, the model payload a worker read from"
+              " and wrote to the parameter store (`store_bytes_per_worker`, mean over workers, "
+              "whether MPI or loads and stores on shared-memory windows moved it; "
+              "`store_mpi_bytes_per_worker` is the part of it MPI calls moved, not more bytes).")
 
 
 def _intro_lines(record: dict, rows: list[Row]) -> list[str]:
