@@ -3,6 +3,7 @@ loop's rules for progress and counts, each algorithm's rule for its own per-work
 back into the real objects), and a Checkpointer restoring a 3-worker checkpoint on 1 worker.
 The whole jobs (4 ranks resumed on 2) are in test_resize_jobs.py."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -357,3 +358,24 @@ def test_the_resizer_warns_once_for_a_users_default_rule(capsys):
     assert err == [line for line in err if line.startswith("hpctrain: warning: resized from 2 "
                                                            "to 3 workers, and Residual ")] \
         and len(err) == 1 and "so worker 2 holds a copy;" in err[0]
+
+
+def test_the_default_rules_warning_never_stops_a_resume():
+    """Its comparison of the old workers' states raised through the resume: sparse and meta
+    tensors (aten::equal has no kernel), an object whose == raises, a state holding itself.
+    Such states now count as differing (a warning); equal NumPy arrays as equal."""
+    from hpctrain.checkpoint import resize
+
+    class Odd:
+        def __eq__(self, other):
+            raise KeyError("no")
+
+    looped: dict = {}
+    looped["self"] = looped
+    sparse = torch.eye(2).to_sparse()
+    for state in (sparse, torch.empty(2, device="meta"), Odd(), looped):
+        assert resize.default_rule_warning("Mine", [{"s": state}, {"s": state}], 4)
+    arrays = [{"s": np.arange(3)}, {"s": np.arange(3)}]
+    assert resize.default_rule_warning("Mine", arrays, 4) is None
+    arrays[1]["s"] = np.arange(1, 4)
+    assert resize.default_rule_warning("Mine", arrays, 4)

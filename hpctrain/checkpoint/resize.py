@@ -39,6 +39,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from hpctrain.shuffle import steps_per_epoch
@@ -91,19 +92,31 @@ def _empty(state: Any) -> bool:
     return state is None
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Whether two saved states are equal, tensors element by element."""
+def _alike(parts: list[dict]) -> bool:
+    """Whether the old workers' states are all empty or all equal, so that the default rule
+    copies or drops nothing that differs; False where that cannot be told (sparse or meta
+    tensors, an ``==`` that raises, a state holding itself): the warning it decides must
+    never stop a resume."""
+    try:
+        return all(_empty(p) for p in parts) or \
+            (len(parts) > 1 and all(_equal(p, parts[0]) for p in parts[1:]))
+    except Exception:  # noqa: BLE001 - any error of a user's state: taken as differing
+        return False
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """Whether two saved states are equal, tensors and arrays element by element."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
     if isinstance(a, list | tuple) and isinstance(b, list | tuple):
-        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+        return type(a) is type(b) and len(a) == len(b) and all(map(_equal, a, b))
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) \
             and a.dtype == b.dtype and a.shape == b.shape and bool(torch.equal(a, b))
-    try:
-        return type(a) is type(b) and bool(a == b)
-    except (TypeError, ValueError, RuntimeError):  # an array's == is element-wise
-        return False
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) \
+            and a.dtype == b.dtype and np.array_equal(a, b)
+    return type(a) is type(b) and bool(a == b)
 
 
 def default_rule_warning(name: str, parts: list[dict], workers: int) -> str | None:
@@ -117,8 +130,7 @@ def default_rule_warning(name: str, parts: list[dict], workers: int) -> str | No
     Growing copies states (a residual of error feedback would be applied twice), shrinking
     drops old workers ``workers..K-1``'s (a residual's pending update, a count, lost)."""
     old = len(parts)
-    if workers == old or all(_empty(p) for p in parts) or \
-            (old > 1 and all(_same(p, parts[0]) for p in parts[1:])):
+    if workers == old or _alike(parts):
         return None
     if workers > old:
         copies = "holds a copy" if workers - old == 1 else "hold copies"
