@@ -375,19 +375,34 @@ def end_job(job: subprocess.Popen, grace: float = 5) -> str:
         return "(not read: a process it left holds its output open)"
 
 
+def _end_left(job: subprocess.Popen) -> None:
+    """End ``job`` (:func:`end_job`) and, if it was still running, print what it wrote: the
+    test's report shows it (captured at teardown), where the test's own ``finally`` may have
+    killed the launcher alone and read nothing."""
+    running = job.poll() is None
+    said = end_job(job)
+    if running:
+        print(f"a job left running was ended: {shlex.join(map(str, job.args))}\n{said}",
+              file=sys.stderr)
+
+
 @pytest.fixture(autouse=True)
 def _no_job_left():
     """Every :func:`start_job` job a test started ends with the test, passed or failed."""
     first = len(_STARTED)
     yield
     while len(_STARTED) > first:
-        end_job(_STARTED.pop())
+        _end_left(_STARTED.pop())
 
 
 def pytest_sessionfinish() -> None:
-    """The jobs that fixtures shared by several tests started end with the session."""
+    """The jobs that fixtures shared by several tests started, and that still run, end with
+    the session. One reaped long ago is left: its process group's id may have been reused by
+    then (pid_max is 32768 here), and another job's group would be signalled."""
     while _STARTED:
-        end_job(_STARTED.pop())
+        job = _STARTED.pop()
+        if job.poll() is None:
+            _end_left(job)
 
 
 def warn_after_checkpoint(job: subprocess.Popen, folder: Path, timeout: float = 120) -> str:

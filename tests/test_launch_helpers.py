@@ -56,3 +56,27 @@ def test_end_job_ends_the_launcher_and_what_it_started_in_sessions_of_their_own(
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
             job.communicate(timeout=10)
+
+
+@pytest.mark.timeout(60)
+def test_a_job_left_running_is_ended_and_what_it_wrote_shown(capsys):
+    """What a job the test left running wrote went unread when the fixture ended it: the
+    report of a test whose own ``finally`` killed the launcher alone said nothing of why."""
+    from conftest import _end_left
+
+    job = subprocess.Popen(["bash", "-c", "echo stuck at step 7 >&2; exec sleep 300"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30  # until bash has written its line and exec'd sleep
+        while not Path(f"/proc/{job.pid}/cmdline").read_bytes().startswith(b"sleep"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        _end_left(job)
+        err = capsys.readouterr().err
+        assert job.poll() is not None and "a job left running was ended: bash -c" in err \
+            and "stuck at step 7" in err
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+            job.communicate(timeout=10)
