@@ -137,7 +137,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--algos", default=argparse.SUPPRESS,
                             help="comma-separated algorithms, e.g. sgd,ssgd,asgd,dcasgd-c,"
                                  "dcasgd-a,ma,ec (this hpctrain has: "
-                                 f"{registry.choices()})"),
+                                 f"{registry.choices()}); required, with --resume too "
+                                 "(which repeats the comparison's command: given none, it "
+                                 "prints that command)"),
         parser.add_argument("--workers", type=at_least(1), default=None,
                             help=f"processes per run (default {WORKERS}; sgd trains on one); "
                                  "with --eval-rank one of them only evaluates (sgd's run: "
