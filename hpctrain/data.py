@@ -29,11 +29,22 @@ DATASETS = ("fashion-mnist", "mnist", "cifar10", "synthetic")
 SYSTEM_DIR = Path("/usr/share/datasets")
 _HOW_TO_GET = {
     "fashion-mnist": "install Debian's dataset-fashion-mnist (make setup does), or put its four "
-                     "*-ubyte.gz files in a folder and pass --data-dir (or set HPCTRAIN_DATA); "
-                     "--dataset synthetic needs no files",
-    "mnist": "put the four MNIST *-ubyte.gz files in a folder and pass --data-dir",
-    "cifar10": "unpack CIFAR-10's binary version (cifar-10-binary.tar.gz) and pass --data-dir",
+                     "*-ubyte.gz files in a folder and {give} (or set HPCTRAIN_DATA); "
+                     "{synthetic} needs no files",
+    "mnist": "put the four MNIST *-ubyte.gz files in a folder and {give}",
+    "cifar10": "unpack CIFAR-10's binary version (cifar-10-binary.tar.gz) and {give}",
 }
+
+
+def _how_to_get(name: str) -> str:
+    """How to get built-in data set ``name``'s files, naming the options as the caller gives
+    them: ``pass --data-dir`` on the command line, ``set DataConfig.data_dir`` from Python."""
+    typed = options.on_command_line()
+    return _HOW_TO_GET[name].format(
+        give="pass --data-dir" if typed else "set DataConfig.data_dir",
+        synthetic="--dataset synthetic" if typed else "DataConfig.dataset='synthetic'")
+
+
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -390,7 +401,7 @@ def find_dir(name: str, data_dir: str | None = None) -> Path:
             if _has_files(name, sub):
                 return sub
     shown = ", ".join(str(p) for p in tried)
-    hint = _HOW_TO_GET[name] if not data_dir else "want " + _wanted_files(name)
+    hint = _how_to_get(name) if not data_dir else "want " + _wanted_files(name)
     raise UsageError(f"no {name} files found (tried {shown}); {hint}")
 
 
@@ -472,7 +483,7 @@ def read_idx(path: Path, start: int = 0, stop: int | None = None) -> np.ndarray:
 
 def _cifar_records(path: Path) -> int:
     if not path.is_file():
-        raise UsageError(f"missing {path}; {_HOW_TO_GET['cifar10']}")
+        raise UsageError(f"missing {path}; {_how_to_get('cifar10')}")
     nbytes = path.stat().st_size
     if nbytes % _CIFAR_RECORD:
         raise UsageError(f"{path} is truncated: {nbytes} bytes is not a whole number of records")

@@ -210,3 +210,21 @@ def test_a_data_dir_that_is_no_folder_says_what_it_should_hold(tmp_path):
             data.find_dir(name, str(folder))
         assert str(refused.value) == \
             f"DataConfig.data_dir={str(folder)!r} {said}: give the folder that holds {holds}"
+
+
+def test_how_to_get_a_data_set_names_the_options_as_the_caller_gives_them(tmp_path,
+                                                                           monkeypatch):
+    """From Python it advised "pass --data-dir" and "--dataset synthetic" to a script that
+    types no flag: there it names DataConfig's fields."""
+    monkeypatch.setenv("HPCTRAIN_DATA", str(tmp_path))  # empty: nothing found there
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path)  # nor the system's copy
+    with pytest.raises(UsageError) as typed, options.command_line():
+        data.load("fashion-mnist")
+    assert str(typed.value).endswith(
+        "or put its four *-ubyte.gz files in a folder and pass --data-dir (or set "
+        "HPCTRAIN_DATA); --dataset synthetic needs no files")
+    with pytest.raises(UsageError) as python:
+        data.load("fashion-mnist")
+    assert str(python.value).endswith(
+        "or put its four *-ubyte.gz files in a folder and set DataConfig.data_dir (or set "
+        "HPCTRAIN_DATA); DataConfig.dataset='synthetic' needs no files")
