@@ -444,6 +444,7 @@ class _Marks:
     note on the marks an async rank 0 passed within one step needs it."""
 
     every: int  # the updates between two marks (snapshot_interval)
+    count: int  # the marks the run snapshots at (marks_taken): the last at count * every
     first: int  # the marks a resumed run's snapshots cover already
     next: int  # the update of the next mark
     taken_at: int | None = None  # the update of the last snapshot the loop took
@@ -451,16 +452,44 @@ class _Marks:
     checked_at: int = 0  # the updates at this rank's last check
     widest: int = 0  # the most updates between two of this rank's checks
 
-    def missed(self, position: int, total: int) -> int:
-        """The marks up to ``position`` (below ``total``: the final snapshot is apart) that
-        got no snapshot of their own."""
-        return min(position, total - 1) // self.every - self.first - self.taken
+    @classmethod
+    def of_run(cls, total: int, every: int, snapshots: Snapshots, position: int,
+               per_epoch: int) -> _Marks:
+        """A run's marks, from ``position`` on (0, or where a resumed run is, its restored
+        ``snapshots`` covering the marks before)."""
+        first = _marks_covered(snapshots, position, per_epoch, every)
+        return cls(every, marks_taken(total, every), first, next=(first + 1) * every,
+                   checked_at=position)
+
+    def passed(self, position: int, total: int) -> bool:
+        """Whether a snapshot is due at ``position``, the updates after this rank's step:
+        it passed the next mark, one the run snapshots at (below ``total``, and not one the
+        final snapshot stands for); the next mark is then the first past ``position``."""
+        self.widest, self.checked_at = max(self.widest, position - self.checked_at), position
+        if position < self.next:
+            return False
+        due = self.next <= self.count * self.every and position < total
+        self.next = (position // self.every + 1) * self.every
+        return due
+
+    def missed(self, position: int) -> int:
+        """The marks up to ``position`` (of those the run snapshots at) that got no
+        snapshot of their own."""
+        return min(position // self.every, self.count) - self.first - self.taken
 
 
 def snapshot_interval(eval_every: float, per_epoch: int) -> int:
     """The updates between two snapshots: ``--eval-every`` rounded to whole updates, at
     least one (a snapshot is taken between steps)."""
     return max(1, round(eval_every * per_epoch))
+
+
+def marks_taken(total: int, every: int) -> int:
+    """The --eval-every marks a run of ``total`` updates snapshots at: one every ``every``
+    updates, but for one closer to the end than half an interval, for which the final
+    snapshot stands (with 469 updates an epoch, 0.25 snapshots every 117: a mark at 468
+    gave two points one update apart, and one more pass over the test set)."""
+    return max(0, (2 * total - every) // (2 * every))
 
 
 def rounding_note(eval_every: float, per_epoch: int) -> str | None:
@@ -639,9 +668,9 @@ class _Training:
             if (note := rounding_note(config.eval_every, self.per_epoch)) is not None:
                 print(note, file=sys.stderr, flush=True)
             copies = self.runtime.snapshot_copies(size, root_only=algo.snapshots == "root")
-            _say_footprint(model, self.total // every + 2, copies, size, self.ckpt)
-        first = _marks_covered(self.snapshots, position, self.per_epoch, every)
-        self.marks = _Marks(every, first, next=(first + 1) * every, checked_at=position)
+            # the first snapshot, one at each mark, the final one
+            _say_footprint(model, marks_taken(self.total, every) + 2, copies, size, self.ckpt)
+        self.marks = _Marks.of_run(self.total, every, self.snapshots, position, self.per_epoch)
         compiled.apply(config.compile, model)  # lazily: the first step compiles
         self.profiler = profiling.StepProfiler(config.profile, self.device, self.log.dir, rank,
                                                size)
@@ -804,19 +833,16 @@ class _Training:
         self.bar.update(min(self.at.position, self.total) - self.bar.n)
 
     def _snapshot_at_mark(self) -> None:
-        """A snapshot where the updates passed the next --eval-every mark (below the budget:
-        the final one is taken after the loop), scored online by the watch."""
+        """A snapshot where the updates passed the next --eval-every mark (below the budget,
+        and not within half an interval of it: the final one, taken after the loop, stands
+        for that mark), scored online by the watch."""
         marks, position = self.marks, self.at.position
-        marks.widest, marks.checked_at = max(marks.widest, position - marks.checked_at), position
-        if position < marks.next:
-            return
-        if self.snapshotting and position < self.total:
+        if marks.passed(position, self.total) and self.snapshotting:
             self.snapshots.take(self.model, t=self.runtime.now() - self.start,
                                 epoch=position / self.per_epoch, updates=position,
                                 lr=self._lr_before(position))
             self.watch.snapshot(self.model, self.snapshots)
             marks.taken_at, marks.taken = position, marks.taken + 1
-        marks.next = (position // marks.every + 1) * marks.every
 
     def finish(self) -> dict | None:
         """The end: the clocks stopped, the final snapshot, the curve scored (outside
@@ -839,7 +865,7 @@ class _Training:
         # An async rank 0 whose step spans more updates than a mark's (many workers, or a rank
         # 0 slower than the others) passes several marks within one step: one snapshot for them
         # all, none for the rest (lock-step loops take one at every mark).
-        missed = self.marks.missed(self.at.position, self.total)
+        missed = self.marks.missed(self.at.position)
         self.step_times.finish(self.runtime.now())
         busy = self.runtime.now() - self.start
         peak = self.runtime.peak_memory(self.device)  # training's, before evaluation

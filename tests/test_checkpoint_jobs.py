@@ -144,14 +144,16 @@ def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     its start-up (counted from the checkpoint's restore: the first snapshot's score before
     its file existed), wrote its training entries 10 steps from the resume, not where
     the uninterrupted run writes them, and averaged in its first one only the steps since
-    the resume (the losses since the last entry are now in the checkpoint)."""
+    the resume (the losses since the last entry are now in the checkpoint). --eval-every 0.6
+    (every 19 updates of 96): the mark at 95 is the final snapshot's, in both runs."""
     import time
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
     out, straight = tmp_path / "run", tmp_path / "straight"
-    flags = ("--checkpoint-every", "1e", "--tensorboard", "--eval", "online")
+    flags = ("--checkpoint-every", "1e", "--tensorboard", "--eval", "online", "--eval-every",
+             "0.6")
     proc = run_commands([options(straight, "sgd", *flags), options(out, "sgd", *flags)], np=0,
                         injects=[None, "kill@0:45"])
     assert proc.returncode != 0 and not (out / "summary.json").exists(), proc.stderr
@@ -161,7 +163,8 @@ def test_a_resumed_runs_tensorboard_has_each_entry_once(tmp_path):
     for tag in ("test/accuracy", "train/loss", "train/samples_per_s"):
         steps = [e.step for e in board.Scalars(tag)]
         assert steps == sorted(set(steps)), (tag, steps)
-    assert [e.step for e in board.Scalars("test/accuracy")] == list(range(0, 97, 16))
+    assert [e.step for e in board.Scalars("test/accuracy")] == [0, 19, 38, 57, 76, 96]
+    assert curve(out) == curve(straight)
     assert max(e.wall_time for e in board.Scalars("train/loss")) <= time.time()
     # Where the uninterrupted run's entries are (counted from the resume at 32: 42, 52, ...)
     assert [e.step for e in board.Scalars("train/loss")] == [10, 20, 30, 40, 50, 60, 70, 80,

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hpctrain import checkpoint, launch_env, run
-from hpctrain.evaluate import footprint_warning, state_bytes
+from hpctrain.evaluate import Snapshots, footprint_warning, state_bytes
 from hpctrain.runtime import REAL
 
 pytestmark = pytest.mark.unit
@@ -70,3 +70,75 @@ def test_eval_every_rounded_far_from_asked_says_so():
                     "2 updates an epoch, and snapshots fall between updates")
     assert run.rounding_note(0.3, 16) is None  # 5 updates are 0.3125 epochs: close enough
     assert run.rounding_note(0.25, 16) is None and run.rounding_note(4, 3) is None
+
+
+def lock_step_curve(total: int, every: int, per_epoch: int, resumed_at: int = 0,
+                    restored: Snapshots | None = None) -> list[int]:
+    """The updates of a lock-step run's curve points, as the loop takes its snapshots: the
+    first, one at each mark it passes, the final one; from ``resumed_at`` with the
+    checkpoint's ``restored`` snapshots where resumed."""
+    snapshots = Snapshots() if restored is None else restored
+    if restored is None:
+        snapshots.take(MODEL, epoch=0.0, updates=0)
+    marks = run._Marks.of_run(total, every, snapshots, resumed_at, per_epoch)
+    for position in range(resumed_at + 1, total + 1):
+        if marks.passed(position, total):
+            snapshots.take(MODEL, epoch=position / per_epoch, updates=position)
+            marks.taken_at, marks.taken = position, marks.taken + 1
+    assert marks.missed(total) == 0  # lock-step: a snapshot at every mark it takes
+    return [s.info["updates"] for s in snapshots] + [total]
+
+
+MODEL = torch.nn.Linear(1, 1)
+
+
+@pytest.mark.parametrize("epochs, eval_every, per_epoch, points", [
+    # Fashion-MNIST, batch 128 on one rank: 117 updates a mark; the one at 468 came one
+    # update before the final snapshot at 469 (two markers at the curve's end, one more
+    # pass over the test set).
+    (1, 0.25, 469, [0, 117, 234, 351, 469]),
+    # Two epochs: the mark at 468, by the end of epoch 1, stays; the one at 936 goes.
+    (2, 0.25, 469, [0, 117, 234, 351, 468, 585, 702, 819, 938]),
+    (0.3, 0.25, 469, [0, 141]),  # --epochs 0.3: the mark at 117 is 24 updates from the end
+    (3, 0.5, 32, [0, 16, 32, 48, 64, 80, 96]),  # a mark at the end: the final snapshot, once
+    (1, 0.4, 10, [0, 4, 8, 10]),  # half an interval from the end: taken
+    (1, 0.4, 9, [0, 4, 9]),
+    (1, 2, 32, [0, 32]),  # --eval-every past the run: its ends only
+    (1, 1, 1, [0, 1]),
+])
+def test_a_mark_within_half_an_interval_of_the_end_is_left_to_the_final_snapshot(
+        epochs, eval_every, per_epoch, points):
+    total = round(epochs * per_epoch)
+    every = run.snapshot_interval(eval_every, per_epoch)
+    assert lock_step_curve(total, every, per_epoch) == points
+    assert run.marks_taken(total, every) + 2 == len(points)  # the footprint's count
+
+
+@pytest.mark.parametrize("total, every", [(469, 117), (938, 117), (96, 16), (96, 19), (10, 4)])
+def test_a_run_resumed_anywhere_has_the_uninterrupted_runs_curve(total, every):
+    """Resumed from a checkpoint at any update (its snapshots restored): the same points as
+    the run that went straight through, past the mark the final snapshot stands for too."""
+    per_epoch = 469 if total in (469, 938) else total
+    straight = lock_step_curve(total, every, per_epoch)
+    for at in range(1, total + 1):
+        restored = Snapshots()
+        restored.take(MODEL, epoch=0.0, updates=0)
+        for updates in straight[1:-1]:
+            if updates <= at:  # a mark's snapshot is taken before the checkpoint there
+                restored.take(MODEL, epoch=updates / per_epoch, updates=updates)
+        assert lock_step_curve(total, every, per_epoch, at, restored) == straight, at
+
+
+def test_an_async_rank_0_passing_marks_within_a_step_counts_only_those_the_run_takes():
+    """Rank 0 of an async run checks the marks between its own steps, the global count
+    jumping by the others' pushes: the mark at 468 of 469 is the final snapshot's, not a
+    missed one, and a step from within half an interval of the end to past it takes none."""
+    marks = run._Marks.of_run(469, 117, Snapshots(), 0, 469)
+    taken = [p for p in (100, 240, 300, 470) if marks.passed(p, 469)]
+    assert taken == [240]  # 117 and 234 passed within one step: one snapshot for both
+    marks.taken = len(taken)
+    assert marks.missed(470) == 2  # 117 (or 234) and 351; not 468
+    marks = run._Marks.of_run(469, 117, Snapshots(), 0, 469)
+    assert [p for p in (351, 420, 468, 469) if marks.passed(p, 469)] == [351]
+    marks.taken = 1
+    assert marks.missed(469) == 2 and marks.widest == 351
