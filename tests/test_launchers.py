@@ -177,8 +177,12 @@ import time
 import torch
 import torch.distributed as dist
 import hpctrain.sync as hvd
+from hpctrain.sync import torch_transport
 
 hvd.init(backend="torch", stall_check_s=0.5)
+# The group's backend was chosen from both workers' views, posted on torchrun's store
+views = torch_transport.views_seen()
+assert [local for _, local, _, _ in views] == [0, 1] and views[0][0] == views[1][0], views
 dist.barrier()  # untimed: the ranks start the timed collectives together
 hvd.allreduce(torch.ones(1), name="before")
 if hvd.rank() == 1:
@@ -190,7 +194,8 @@ hvd.shutdown()
 
 @pytest.mark.timeout(120)
 def test_the_stall_check_under_torchrun_names_the_late_rank(tmp_path):
-    """No MPI world under torchrun: the ranks' statuses go through torch's store."""
+    """No MPI world under torchrun: the ranks' statuses go through torch's store (as the
+    views of their GPUs did, which every rank chose the group's backend from)."""
     script = tmp_path / "stall.py"
     script.write_text(STALL_SCRIPT)
     proc = torchrun([], 2, tmp_path / "torch-logs", script=str(script))

@@ -4,7 +4,8 @@ Rank 0 runs torch's store at ``MASTER_ADDR``: one that did not resolve, or was n
 host's, kept every rank retrying until the stall check ended the job, naming neither. An
 unknown ``GLOO_SOCKET_IFNAME`` failed in gloo on the ranks of the host that lacked it. Both are
 refused in one line on every rank alike, exit status 2 (the multi-node loopback refusal is
-tested in test_launchers.py).
+tested in test_launchers.py). The group's backend is chosen from every rank's view of its
+GPUs alike on every rank; under torchrun the views go through torch's rendezvous store.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from conftest import ROOT, SYNTHETIC, run_job, run_program
 from hpctrain.errors import UsageError
 from hpctrain.sync import torch_transport
 from hpctrain.sync.torch_transport import (
+    backend_for,
     gloo_interface_refusal,
     master_addr_refusal,
     rendezvous_host,
@@ -83,6 +85,76 @@ def test_rank_0_checks_master_addr_and_the_loopback_refusal_stands(monkeypatch):
     monkeypatch.setattr(torch_transport, "_outward_address", lambda peer: None)
     with pytest.raises(UsageError, match="rank 0's host node0 resolves to 127.0.1.1, which"):
         torch_transport._rendezvous_host("node0", ["node0", "node1"])
+
+
+def node(name: str, workers: int, gpus: int, nccl: bool = True) -> list:
+    """The views of a node's ``workers`` ranks (torch_transport.backend_for's), each seeing
+    all of its ``gpus`` GPUs."""
+    seen = [f"{name}:GPU{i}" for i in range(gpus)]
+    return [(name, local, seen, nccl) for local in range(workers)]
+
+
+NCCL = "cpu:gloo,cuda:nccl"
+
+
+def test_every_rank_chooses_the_backend_from_every_nodes_view():
+    """torchrun on a node with 4 GPUs for its 4 workers and one with 2 GPUs for 4: each node
+    judged by itself (LOCAL_WORLD_SIZE against its GPUs), the first node's ranks made
+    NCCL-capable groups and the second's gloo ones, a hang or an error at the first
+    collective of a CUDA tensor. Every rank decides from all the views alike: gloo."""
+    roomy, crowded = node("a", 4, 4), node("b", 4, 2)
+    assert backend_for(roomy) == NCCL and backend_for(crowded) == "gloo"  # each by itself
+    assert backend_for(roomy + crowded) == backend_for(crowded + roomy) == "gloo"
+    assert backend_for(roomy + node("b", 4, 4)) == NCCL  # nodes alike: NCCL
+    # A rank where NCCL cannot run (a node without GPUs) makes the group gloo too
+    assert backend_for(roomy + node("c", 2, 0, nccl=False)) == "gloo"
+    # Each rank seeing only its own GPU as device 0 (Slurm's --gpus-per-task): NCCL
+    own = [("a", r, [f"a:GPU{r}"], True) for r in range(2)]
+    assert backend_for(own + [("b", r, [f"b:GPU{r}"], True) for r in range(2)]) == NCCL
+
+
+@pytest.fixture
+def agent_store(monkeypatch):
+    """torchrun's agent store on one node of 2 workers, in its second attempt (a TCPStore
+    here, which the workers' env:// rendezvous reaches as torchrun's do), with a short
+    timeout."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", 0, 1, True, timeout=timedelta(seconds=30))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(store.port))
+    for var, value in {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
+                       "TORCHELASTIC_USE_AGENT_STORE": "True",
+                       "TORCHELASTIC_RESTART_COUNT": "1"}.items():
+        monkeypatch.setenv(var, value)
+
+    def worker(rank: int):
+        monkeypatch.setenv("RANK", str(rank))
+        client, seat, size = torch_transport._torchrun_store()
+        assert (seat, size) == (rank, 2)
+        client.set_timeout(timedelta(seconds=1))
+        return client
+
+    return store, worker
+
+
+def test_a_restarted_worker_waits_for_this_attempts_views_and_names_a_missing_rank(
+        agent_store):
+    """The agent's store outlives an attempt: rank 1's view from the first attempt is not
+    read in the second, where rank 0 waits for rank 1 the store's timeout, then says so;
+    once rank 1 posts, both read this attempt's two views."""
+    import json
+
+    store, worker = agent_store
+    earlier = ("old-node", 1, ["G9"], True)
+    store.set("hpctrain/attempt_0/hpctrain.backend/1", json.dumps(earlier))  # attempt 0's
+    views = node("a", 2, 2)
+    with pytest.raises(RuntimeError, match=r"^torch.distributed under torchrun: rank 0 "
+                       r"waited 0:00:01 for rank 1 to post which GPUs they see"):
+        torch_transport.exchange_views(worker(0), 0, 2, views[0])
+    assert torch_transport.exchange_views(worker(1), 1, 2, views[1]) == views
 
 
 @pytest.mark.parametrize("given", ["::1", "[::1]"])

@@ -5,8 +5,10 @@ rendezvous address that rank 0 broadcasts over MPI), or from torchrun's environm
 (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``) when there is none; a group the user's script
 initialised already is used as it is. CUDA tensors go through NCCL and CPU tensors through
 gloo (``cpu:gloo,cuda:nccl``), unless two ranks on one node share a GPU, which one NCCL
-communicator cannot hold (NCCL >= 2.5: "Duplicate GPU detected"): then the group is gloo
-alone, and :meth:`TorchTransport.takes` declines CUDA tensors, which the caller stages
+communicator cannot hold (NCCL >= 2.5: "Duplicate GPU detected"), or a rank cannot use NCCL:
+then the group is gloo alone (:func:`backend_for`, on every rank's view of its node and GPUs,
+gathered over MPI or, under torchrun, through torch's rendezvous store, so that every rank
+chooses alike), and :meth:`TorchTransport.takes` declines CUDA tensors, which the caller stages
 through pinned host memory (:class:`hpctrain.devices.HostStage`) as for a host-only MPI.
 
 torch.distributed makes a group on every rank of the job at once (``new_group``), so
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
+import json
 import math
 import os
 import pickle
@@ -188,7 +191,9 @@ def start_process_group(comm: Any = None) -> bool:
     if comm is None and mpicomm.launcher() == "torchrun":
         if refusal:  # each worker its own: torchrun's agent ends the others
             raise UsageError(refusal)
-        dist.init_process_group(_backend_string(_shared_gpu_env()), **_torchrun_rendezvous())
+        store, rank, size = _torchrun_store()
+        _SEEN[:] = exchange_views(store, rank, size, _view())
+        dist.init_process_group(backend_for(_SEEN), store=store, rank=rank, world_size=size)
         return True
     comm = mpicomm.world() if comm is None else comm
     rank, size = comm.Get_rank(), comm.Get_size()
@@ -211,9 +216,9 @@ def start_process_group(comm: Any = None) -> bool:
     address = comm.bcast(address, root=0)
     if isinstance(address, UsageError):  # every rank: a script that catches it stays in step
         raise on_every_rank(address)
-    shared = shares_gpus(comm.allgather((node, local_rank(), visible_gpus())))
-    dist.init_process_group(_backend_string(shared), init_method=f"tcp://{address}",
-                            rank=rank, world_size=size)
+    _SEEN[:] = comm.allgather(_view())
+    dist.init_process_group(backend_for(_SEEN), init_method=f"tcp://{address}", rank=rank,
+                            world_size=size)
     return True
 
 
@@ -362,21 +367,83 @@ def _outward_address(peer: str) -> str | None:
         return None
 
 
-def _torchrun_rendezvous() -> dict:
-    """``init_process_group``'s rendezvous under torchrun. Its agent keeps one store for all of
-    a job's restarts (``--max-restarts``), so a restarted worker may read the addresses its
-    predecessor posted there and fail to connect (pytorch#135712). On one node every worker
-    has the same ``TORCHELASTIC_RESTART_COUNT``, so the group's keys go under that attempt's
-    prefix; across nodes the counts may differ (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for
-    torchrun avoids the shared store there)."""
+def _torchrun_store() -> tuple[Any, int, int]:
+    """The default group's store under torchrun, this worker's rank and the job's size, from
+    torch's env:// rendezvous (as ``init_method="env://"`` would get them, with its timeout;
+    the agent's store where ``TORCHELASTIC_USE_AGENT_STORE`` says so). The agent keeps one
+    store for all of a job's restarts (``--max-restarts``), so a restarted worker may read
+    what its predecessor posted there (the views of :func:`exchange_views`, the group's
+    addresses: pytorch#135712). On one node every worker has the same
+    ``TORCHELASTIC_RESTART_COUNT``, so everything goes under that attempt's prefix; across
+    nodes the counts may differ (an agent whose own workers did not fail restarts them without
+    counting), and a prefix that differs would leave the nodes waiting for each other, so it
+    is torch's own ``default_pg`` prefix there (``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for
+    torchrun gives each attempt a store of its own)."""
     env = os.environ
-    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
-            env.get("LOCAL_WORLD_SIZE") != env.get("WORLD_SIZE"):
-        return {"init_method": "env://"}
     store, rank, size = next(dist.rendezvous("env://"))
-    attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return {"store": dist.PrefixStore(f"hpctrain/attempt_{attempt}/", store), "rank": rank,
-            "world_size": size}
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and \
+            env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
+        attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        return dist.PrefixStore(f"hpctrain/attempt_{attempt}/", store), rank, size
+    return dist.PrefixStore("default_pg", store), rank, size
+
+
+View = tuple[str, int, list[str], bool]  # a rank's node, local rank, GPUs, NCCL usable
+
+
+def _view() -> View:
+    """What this rank brings to :func:`backend_for`."""
+    return socket.gethostname(), local_rank(), visible_gpus(), nccl_available()
+
+
+def backend_for(views: list[View]) -> str:
+    """The default group's backend, from every rank's view (its node, local rank, the GPUs it
+    sees, whether NCCL is usable there): ``cpu:gloo,cuda:nccl`` where every rank can use NCCL
+    and no two ranks of a node will take one GPU (:func:`hpctrain.devices.shares_gpus`), else
+    gloo. Every rank decides from the same list, so all choose alike: one node's own view
+    (more workers than GPUs on one node, not on another) gave NCCL on some ranks and gloo
+    on the others, which hang or fail at the first collective of a CUDA tensor."""
+    if views and all(nccl for *_, nccl in views) and \
+            not shares_gpus([(node, local, gpus) for node, local, gpus, _ in views]):
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
+
+
+_VIEWS = "hpctrain.backend/"  # exchange_views's keys: this, then the rank
+_SEEN: list[View] = []  # the views the last default group made here was chosen from
+
+
+def views_seen() -> list[View]:
+    """Every rank's view that the default group's backend was chosen from, where this
+    process made the group (:func:`start_process_group`; empty where it did not)."""
+    return list(_SEEN)
+
+
+def exchange_views(store: Any, rank: int, size: int, view: View) -> list[View]:
+    """Every rank's view, through ``store`` (torchrun's, before the group exists): this rank
+    posts ``view``, then reads the ``size`` ranks'. A rank that never posts (it died, or
+    never started) is an error naming it once the store's timeout has passed."""
+    store.set(f"{_VIEWS}{rank}", json.dumps(view))
+    keys = [f"{_VIEWS}{r}" for r in range(size)]
+    try:
+        store.wait(keys)
+    except RuntimeError as e:  # torch's DistStoreError: "wait timeout"
+        try:  # which (a TCPStore client may be out of step after a timed-out wait)
+            missing = [str(r) for r, key in enumerate(keys) if not store.check([key])]
+        except RuntimeError:
+            missing = []
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if missing \
+            else "the other ranks"
+        waited = getattr(store, "timeout", None)
+        raise RuntimeError(f"torch.distributed under torchrun: rank {rank} waited "
+                           f"{'the store timeout' if waited is None else waited} for {who} "
+                           "to post which GPUs they see (every rank chooses the group's "
+                           "backend from all of them); none came") from e
+    views: list[View] = []
+    for key in keys:
+        node, local, gpus, nccl = json.loads(store.get(key))
+        views.append((node, local, gpus, nccl))
+    return views
 
 
 def stall_store() -> Any:
@@ -394,16 +461,6 @@ def moves_cpu(backend: str) -> bool:
     if ":" in backend:
         return any(part.split(":")[0].strip() == "cpu" for part in backend.split(","))
     return backend != "nccl"
-
-
-def _shared_gpu_env() -> bool:
-    """Under torchrun: whether more ranks than GPUs run on this node."""
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return torch.cuda.is_available() and local > torch.cuda.device_count()
-
-
-def _backend_string(shared_gpu: bool) -> str:
-    return "cpu:gloo,cuda:nccl" if nccl_available() and not shared_gpu else "gloo"
 
 
 class _Work:
