@@ -152,7 +152,7 @@ def test_a_restarted_worker_waits_for_this_attempts_views_and_names_a_missing_ra
     store.set("hpctrain/attempt_0/hpctrain.backend/1", json.dumps(earlier))  # attempt 0's
     views = node("a", 2, 2)
     with pytest.raises(RuntimeError, match=r"^torch.distributed under torchrun: rank 0 "
-                       r"waited 0:00:01 for rank 1 to post which GPUs they see"):
+                       r"waited 0:00:01 for rank 1 to post which GPUs it sees"):
         torch_transport.exchange_views(worker(0), 0, 2, views[0])
     assert torch_transport.exchange_views(worker(1), 1, 2, views[1]) == views
 

@@ -422,23 +422,19 @@ def views_seen() -> list[View]:
 def exchange_views(store: Any, rank: int, size: int, view: View) -> list[View]:
     """Every rank's view, through ``store`` (torchrun's, before the group exists): this rank
     posts ``view``, then reads the ``size`` ranks'. A rank that never posts (it died, or
-    never started) is an error naming it once the store's timeout has passed."""
+    never started) is an error naming it once the store's timeout has passed (from the
+    post before it, waited for in rank order)."""
     store.set(f"{_VIEWS}{rank}", json.dumps(view))
     keys = [f"{_VIEWS}{r}" for r in range(size)]
-    try:
-        store.wait(keys)
-    except RuntimeError as e:  # torch's DistStoreError: "wait timeout"
-        try:  # which (a TCPStore client may be out of step after a timed-out wait)
-            missing = [str(r) for r, key in enumerate(keys) if not store.check([key])]
-        except RuntimeError:
-            missing = []
-        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if missing \
-            else "the other ranks"
-        waited = getattr(store, "timeout", None)
-        raise RuntimeError(f"torch.distributed under torchrun: rank {rank} waited "
-                           f"{'the store timeout' if waited is None else waited} for {who} "
-                           "to post which GPUs they see (every rank chooses the group's "
-                           "backend from all of them); none came") from e
+    for r, key in enumerate(keys):  # one at a time, to name the first that never came
+        try:
+            store.wait([key])
+        except RuntimeError as e:  # torch's DistStoreError: "wait timeout"
+            waited = getattr(store, "timeout", None)
+            raise RuntimeError(f"torch.distributed under torchrun: rank {rank} waited "
+                               f"{'the store timeout' if waited is None else waited} for "
+                               f"rank {r} to post which GPUs it sees (every rank chooses the "
+                               "group's backend from all of them); none came") from e
     views: list[View] = []
     for key in keys:
         node, local, gpus, nccl = json.loads(store.get(key))
