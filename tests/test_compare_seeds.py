@@ -126,14 +126,24 @@ def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_
     """The mean and sd were written with the column's one format: "2.5 ± 0.707 s" gave the
     sd more digits than the mean. Now the sd has two significant figures and the mean as
     many decimals, but the digits the column's format shows are kept where the sd is small,
-    a large sd leaves the mean its leading digit, and equal values read as before."""
+    a large sd leaves the mean its leading digit, and equal values read as before. A tiny
+    sd showed digits no value carries (0.89300050 ± 0.00000071): now neither is written
+    finer than the column's format writes a value, the sd below that place ``<`` a unit."""
     acc, count = "{:.4f}".format, "{:.0f}".format
     cases = [
         ([2.0, 3.0], seconds, "2.50 ± 0.71"),  # a time below 10 s (fmt .3g: 2.5 ± 0.707)
         ([18.0, 33.2], seconds, "26 ± 11"),  # 25.6 ± 10.7 s: the tenths are noise
         ([120.3, 125.1], seconds, "122.7 ± 3.4"),  # a small sd keeps fmt's tenths
         ([0.8918, 0.8942], acc, "0.8930 ± 0.0017"),  # a small sd: fmt's 4 decimals kept
-        ([0.8930, 0.8930 + 1e-6], acc, "0.89300050 ± 0.00000071"),  # a tiny sd: more digits
+        # a tiny sd: no finer than a value is written (was 0.89300050 ± 0.00000071), and
+        # not ± 0.0000, which equal values read
+        ([0.8930, 0.8930 + 1e-6], acc, "0.8930 ± <0.0001"),
+        ([0.8930, 0.8932], acc, "0.8931 ± 0.0001"),  # an sd of 0.00014: fmt's 4 decimals
+        ([100.0, 100.0001], seconds, "100.0 ± <0.1"),  # seconds' tenths from 10 s up
+        ([2.5, 2.5000001], seconds, "2.50 ± <0.01"),  # .3g below 10 s: 2.50, not 2.5000000
+        ([0.03, 0.0300002], seconds, "0.0300 ± <0.0001"),
+        ([150.0, 150.001], count, "150 ± <1"),
+        ([1e-9, -1e-9], acc, "0.0000 ± <0.0001"),  # a mean of 0: fmt's decimals of it
         ([0.881, 0.905], acc, "0.893 ± 0.017"),  # an sd of 10 units of fmt's last digit
         ([0.1, 0.7, 0.9], acc, "0.57 ± 0.42"),  # a large sd
         ([0.0996, 0.2404], acc, "0.17 ± 0.10"),  # an sd of 0.09956 is 0.10: 2 decimals, not 3

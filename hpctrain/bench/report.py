@@ -787,7 +787,12 @@ def _mean_sd(values: list[float], fmt) -> str:
     digit ``fmt`` shows unless the sd is 10 or more units of ``fmt``'s last one, a digit the
     spread makes noise (0.893 ± 0.017 for accuracies, ``fmt`` ``{:.4f}``). One value is
     ``fmt(mean)``, equal values (an sd of 0) ``fmt(mean) ± fmt(0)``. Both were ``fmt``'s:
-    "2.5 ± 0.707 s" gave the sd more digits than the mean."""
+    "2.5 ± 0.707 s" gave the sd more digits than the mean. Nor is either written finer than
+    a value carries: the decimals ``fmt`` shows of the mean, or the mean's third significant
+    figure where ``fmt`` drops zeros (2.50 s, :func:`hpctrain.metrics.seconds`'s ``.3g``);
+    an sd that rounds to zero there reads ``<`` one unit of that place (0.8930 ± <0.0001,
+    not 0.89300050 ± 0.00000071: digits no run's value shows; not ± 0.0000, which says the
+    seeds' values are equal)."""
     if not values:
         return NA
     mean, sd = _spread(values)
@@ -797,12 +802,29 @@ def _mean_sd(values: list[float], fmt) -> str:
         return f"{fmt(mean)} ± {fmt(sd)}"
     rounded = float(f"{sd:.1e}")  # two significant figures: 0.0996 is 0.10, its place 2
     place = max(1 - math.floor(math.log10(rounded)), 0)
+    finest = _decimals(fmt(mean))  # the finest place a value is written to
     if mean != 0:  # the place of the mean's leading digit, as far as fmt shows one
-        place = max(place, min(-math.floor(math.log10(abs(mean))), _places(fmt(mean))))
+        lead = -math.floor(math.log10(abs(mean)))
+        place = max(place, min(lead, _places(fmt(mean))))
+        finest = max(finest, lead + 2)
+    place = min(place, finest)
     shown = f"{mean:.{place}f}"
     if float(shown) == 0:  # -0.00: a mean rounded to zero has no sign
         shown = f"{0:.{place}f}"
-    return f"{shown} ± {sd:.{place}f}"
+    spread = f"{sd:.{place}f}"
+    if float(spread) == 0:  # below the last place shown: less than one unit of it
+        spread = f"<{10.0 ** -place:.{place}f}"
+    return f"{shown} ± {spread}"
+
+
+def _decimals(text: str) -> int:
+    """The decimal places ``text`` is written to, a zero's too (4 for -0.0000, 0 for 150);
+    0 for anything not a number."""
+    try:
+        exponent = decimal.Decimal(text).as_tuple().exponent
+    except decimal.InvalidOperation:
+        return 0
+    return max(-exponent, 0) if isinstance(exponent, int) else 0
 
 
 def _places(text: str) -> int:
@@ -1235,7 +1257,9 @@ def scoring(rows: list[Row]) -> str:
 # What report.md says under the seeds' table: how it summarises a run per seed
 SEEDS_NOTE = ("Each algorithm ran once per seed ({seeds}): the table gives the mean ± sample "
               "standard deviation over the seeds whose run finished (the deviation to two "
-              "significant figures, whole from 100 up, the mean to the same decimal place; a time"
+              "significant figures, whole from 100 up, the mean to the same decimal place, neither "
+              "finer than one run's value is written: *± <0.0001*, a deviation below that "
+              "place; a time"
               " to a target: over those that reached it; *in 1 of 2*: the value is in that many "
               "of them), the largest peak memory and staleness max of any seed's run, and the "
               "other staleness figures (each run's mean, p50, p90 and p99: a mean of the runs' "
