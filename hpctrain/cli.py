@@ -42,7 +42,7 @@ from hpctrain import (
     provenance,
     run,
 )
-from hpctrain.bench import report as bench_report
+from hpctrain.bench.report import rendering as bench_report
 from hpctrain.config import CheckpointConfig, RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import summary_table

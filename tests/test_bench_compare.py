@@ -46,8 +46,9 @@ from conftest import (
 )
 from matplotlib.image import imread
 
-from hpctrain import cli, provenance, registry, run_folders, steptimes
-from hpctrain.bench import compare, report
+from hpctrain import cli, metrics, provenance, registry, run_folders, steptimes
+from hpctrain.bench import compare
+from hpctrain.bench.report import document, plotting, reading, remarks, rendering
 from hpctrain.checkpoint import listing
 from hpctrain.errors import UsageError
 
@@ -312,7 +313,7 @@ def test_a_tilde_in_out_is_the_home_folder_as_in_train(tmp_path, monkeypatch):
     assert args.out == str(home / "cmp")
     assert run.command[run.command.index("--out") + 1] == str(home / "cmp" / "sgd")
     saved_runs(home / "runs")
-    report.run(cli.build_parser().parse_args(["report", "~/runs", "--out=~/r"]))
+    rendering.run(cli.build_parser().parse_args(["report", "~/runs", "--out=~/r"]))
     assert (home / "r" / "report.md").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
 
@@ -379,11 +380,11 @@ def test_a_runs_folder_that_is_no_folder_for_it_is_refused_before_any_runs(tmp_p
     assert refused("--simulate", "2") == (f"ssgd's run: --out {out}/ssgd holds a run of --algo "
                                           "ma (its config.json), not ssgd; choose another --out")
     (out / "ssgd" / "config.json").unlink()
-    (out / "ssgd" / report.RECORD).write_text("{}")
+    (out / "ssgd" / reading.RECORD).write_text("{}")
     assert refused("--simulate", "2") == (f"ssgd's run: --out {out}/ssgd holds a bench "
                                           "compare; choose another --out")
     assert started == [] and sorted(p.name for p in out.rglob("*")) == ["compare.json", "ssgd"]
-    (out / "ssgd" / report.RECORD).unlink()
+    (out / "ssgd" / reading.RECORD).unlink()
     (out / "ssgd" / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # its own: goes on
     args = parse("--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--out", str(out))
     assert compare._start_record(args, compare.plan(args))["algos"] == ["sgd", "ssgd"]
@@ -407,7 +408,7 @@ def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypa
         f"ssgd's run of seed 2: --out {out}/ssgd/seed-2 holds the checkpoints of an unfinished "
         f"run; continue the comparison with bench compare --resume (--out {out}), or choose "
         "another --out")
-    assert started == [] and not (out / report.RECORD).exists()
+    assert started == [] and not (out / reading.RECORD).exists()
     args = parse(*words, "--resume")
     assert compare._start_record(args, compare.plan(args))["runs"] == {}
     (saved / "ckpt-8.pt").rename(saved / "ckpt-8.pt.corrupt")  # which the run would refuse
@@ -428,17 +429,17 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     first = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
         first, compare.plan(first)))
-    before = (out / report.RECORD).read_bytes()
+    before = (out / reading.RECORD).read_bytes()
     for algos in ("sgd,ssgd", "sgd", "sgd,ma,ssgd"):
         args = parse("--algos", algos, "--simulate", "2", *SMALL, "--resume", "--out", str(out))
         with pytest.raises(UsageError) as e:
             compare.run(args)
         assert str(e.value) == (f"--resume: {out} was run with --algos sgd,ma, not {algos}; "
                                 "give the same")
-    assert started == [] and (out / report.RECORD).read_bytes() == before
-    assert sorted(p.name for p in out.iterdir()) == [report.RECORD]
+    assert started == [] and (out / reading.RECORD).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == [reading.RECORD]
     again = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
     assert compare._start_record(again, compare.plan(again))["algos"] == ["sgd", "ma"]
     turned = parse("--algos", "ma,sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
@@ -453,13 +454,13 @@ def test_resume_refusals_quote_the_options_to_give_again(tmp_path):
     args = parse("--algos", "sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
     record = compare._start_record(args, compare.plan(args))
     given = record["train_args"]
-    compare.write_json_atomic(out / report.RECORD, {
+    compare.write_json_atomic(out / reading.RECORD, {
         **record, "train_args": [*given, "--model-args", '{"width": 4}']})
     with pytest.raises(UsageError) as e:
         compare._start_record(args, compare.plan(args))
     assert str(e.value).endswith(f"options {shlex.join(given)} --model-args '{{\"width\": 4}}'; "
                                  "give the same")
-    compare.write_json_atomic(out / report.RECORD, {
+    compare.write_json_atomic(out / reading.RECORD, {
         **record, "sim_args": ["--step-time", "replay:/x/my run"]})
     with pytest.raises(UsageError) as e:
         compare._start_record(args, compare.plan(args))
@@ -472,7 +473,7 @@ def test_a_comparison_started_with_an_option_no_run_takes_can_still_be_resumed(t
     resumed with the same options, which the refusal then forbade: one refusal or the other."""
     out = tmp_path / "cmp"
     out.mkdir()
-    (out / report.RECORD).write_text(json.dumps({
+    (out / reading.RECORD).write_text(json.dumps({
         "algos": ["sgd", "ssgd"], "workers": 2, "train_args": [*SMALL, "--tau", "3"],
         "simulated": True, "sim_args": [], "runs": {}}))
     words = ["--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--tau", "3", "--out", str(out)]
@@ -486,17 +487,17 @@ def test_a_damaged_record_is_refused_as_it_is_and_moved_aside_the_runs_are_repor
     """The line said the record was "moved aside" and the runs reported; the file was left
     as it was and nothing written. It now says so; moved aside by hand, the runs are shown."""
     saved_runs(tmp_path)
-    (tmp_path / report.RECORD).write_text('{"algos": [')
+    (tmp_path / reading.RECORD).write_text('{"algos": [')
     with pytest.raises(UsageError) as e:
-        report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+        rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     assert str(e.value).startswith(f"cannot read a comparison's record from "
-                                   f"{tmp_path / report.RECORD}: ")
+                                   f"{tmp_path / reading.RECORD}: ")
     assert str(e.value).endswith(f"; no report written: move it aside, and the report shows "
                                  f"the runs found in {tmp_path}")
-    assert (tmp_path / report.RECORD).read_text() == '{"algos": ['
+    assert (tmp_path / reading.RECORD).read_text() == '{"algos": ['
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "compare.json", "good"]
-    (tmp_path / report.RECORD).rename(tmp_path / "compare.json.damaged")
-    report.render(tmp_path)
+    (tmp_path / reading.RECORD).rename(tmp_path / "compare.json.damaged")
+    rendering.render(tmp_path)
     assert set(report_cells(tmp_path)) == {"bad", "good"}
 
 
@@ -509,14 +510,14 @@ def test_a_folder_without_its_record_reports_its_runs_not_set_aside_attempts(tmp
     (tmp_path / "late").mkdir()
     (tmp_path / "late" / "config.json").write_text("{}")
     (tmp_path / "notes").mkdir()  # no run's
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     assert {name: cells["status"] for name, cells in report_cells(tmp_path).items()} == {
         "bad": "ok", "good": "ok", "late": "unfinished"}
     for run in ("bad", "good"):
         shutil.rmtree(tmp_path / run)
     with pytest.raises(UsageError, match=f"^report: {tmp_path} holds no compare.json and no "
                                          r"finished run \(a folder with summary.json\)$"):
-        report.load(tmp_path)
+        reading.load(tmp_path)
 
 
 def test_a_run_the_comparison_stopped_in_is_unfinished_one_not_started_not_run(tmp_path):
@@ -527,10 +528,10 @@ def test_a_run_the_comparison_stopped_in_is_unfinished_one_not_started_not_run(t
     (tmp_path / "ec").mkdir()
     for name in ("stderr.log", "config.json"):
         (tmp_path / "ec" / name).write_text("{}")
-    (tmp_path / report.RECORD).write_text(json.dumps(
+    (tmp_path / reading.RECORD).write_text(json.dumps(
         {"algos": ["good", "ec", "ma"], "workers": 2, "train_args": [],
          "runs": {"good": {"status": "ok"}}}))
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     assert {name: cells["status"] for name, cells in report_cells(tmp_path).items()} == {
         "good": "ok", "ec": "unfinished", "ma": "not run"}
     assert ("*unfinished*: a run that started and has no summary (stopped, or still going on); "
@@ -539,7 +540,7 @@ def test_a_run_the_comparison_stopped_in_is_unfinished_one_not_started_not_run(t
 
 
 def test_targets_are_each_once():
-    assert report.parse_targets("0.8,0.9,0.8") == [0.8, 0.9]
+    assert rendering.parse_targets("0.8,0.9,0.8") == [0.8, 0.9]
 
 
 def test_resume_refuses_other_simulator_options(tmp_path):
@@ -548,7 +549,7 @@ def test_resume_refuses_other_simulator_options(tmp_path):
     out = tmp_path / "cmp"
     simulated = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
         simulated, compare.plan(simulated)))
     for argv, given in ((["--simulate", "2", "--latency", "1"], "simulate"),
                         (["--workers", "2"], "real")):
@@ -573,7 +574,7 @@ def test_resume_refuses_replayed_step_times_that_changed(tmp_path):
              str(out))
     first = parse(*words)
     out.mkdir()
-    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
         first, compare.plan(first)))
     before = provenance.sha256_of(times)
     times.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.3, 0.4]]}))
@@ -620,7 +621,7 @@ def test_a_timed_out_run_is_a_row_and_a_failed_exit(tmp_path):
         f"{out / 'compare.json'} say why)",
         f"hpctrain: error: report: cannot write {out / 'error_vs_time.png'}: it is a folder"]
     (out / "error_vs_time.png").rmdir()
-    report.run(cli.build_parser().parse_args(["report", str(out)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(out)]))
     rows = table_rows((out / "report.md").read_text())
     assert rows["ssgd"][-1] == "failed: stopped after the 1 s timeout"
     assert json.loads((out / "compare.json").read_text())["runs"]["ssgd"]["status"] == "failed"
@@ -813,15 +814,15 @@ def test_last_error_prefers_hpctrain_line_over_mpirun_banner():
 def test_time_to_target_and_targets():
     points = [{"t": 0.0, "epoch": 0, "test_acc": 0.1}, {"t": 2.0, "epoch": 1, "test_acc": 0.84},
               {"t": 1.0, "epoch": 0.5, "test_acc": 0.81}]
-    assert report.time_to(points, 0.8)["t"] == 1.0
-    assert report.time_to(points, 0.84)["epoch"] == 1
-    assert report.time_to(points, 0.9) is None
-    assert report.parse_targets("0.8, 0.85") == [0.8, 0.85]
+    assert reading.time_to(points, 0.8)["t"] == 1.0
+    assert reading.time_to(points, 0.84)["epoch"] == 1
+    assert reading.time_to(points, 0.9) is None
+    assert rendering.parse_targets("0.8, 0.85") == [0.8, 0.85]
     for bad, why in (("", "want accuracies in (0, 1]"), ("0.8,,0.9", "an empty entry"),
                      ("x", "not a comma-separated list of numbers"),
                      ("0", "want accuracies in (0, 1]"), ("0.8,1.5", "want accuracies in (0, 1]")):
         with pytest.raises(UsageError, match=re.escape(f"--targets {bad!r}: {why}")):
-            report.parse_targets(bad)
+            rendering.parse_targets(bad)
 
 
 # sgd on one process and ssgd on two (16 steps an epoch, a checkpoint every 4: sgd stops
@@ -905,7 +906,7 @@ def test_sigterm_ends_the_run_going_on_and_a_second_compare_is_refused(tmp_path,
     assert job.returncode == 128 + stop
     assert running(out / "sgd") == []  # the run went with it
     assert not (out / "sgd" / "summary.json").exists()
-    assert json.loads((out / report.RECORD).read_text())["runs"] == {}  # --resume reruns it
+    assert json.loads((out / reading.RECORD).read_text())["runs"] == {}  # --resume reruns it
     how = "SIGTERM" if stop == signal.SIGTERM else "Ctrl-C"
     assert (f"\nhpctrain bench compare: stopped by {how} with sgd left to run; continue with "
             f"--resume (--out {out})\n" + ("hpctrain: interrupted\n" if how == "Ctrl-C" else "")
@@ -1046,7 +1047,7 @@ def test_report_rerenders_a_comparison(resumed, tmp_path):
     assert again.returncode == 0, again.stderr
     assert {name: (out / name).read_bytes() for name in OUTPUTS} == saved
 
-    report.run(cli.build_parser().parse_args(["report", str(out), "--targets", "0.3"]))
+    rendering.run(cli.build_parser().parse_args(["report", str(out), "--targets", "0.3"]))
     assert "time to 0.3 |" in (out / "report.md").read_text()
 
 
@@ -1082,16 +1083,16 @@ def test_resume_keeps_a_run_that_finished_as_the_comparison_stopped(resumed, tmp
     for run in ("sgd", "ssgd"):  # the copy's runs, as if they had run there
         config = out / run / "config.json"
         config.write_text(config.read_text().replace(str(resumed.out), str(out)))
-    record = json.loads((out / report.RECORD).read_text())
+    record = json.loads((out / reading.RECORD).read_text())
     kept = record["runs"].pop("ssgd")
-    (out / report.RECORD).write_text(json.dumps(record))
+    (out / reading.RECORD).write_text(json.dumps(record))
     summary = (out / "ssgd" / "summary.json").read_bytes()
     args = cli.build_parser().parse_args([*COMPARE, "--out", str(out), "--resume"])
     compare.run(args)
     assert "[2/2 ssgd] finished earlier; kept" in capsys.readouterr().err
     assert not (out / "ssgd.failed-1").exists()
     assert (out / "ssgd" / "summary.json").read_bytes() == summary
-    ssgd = json.loads((out / report.RECORD).read_text())["runs"]["ssgd"]
+    ssgd = json.loads((out / reading.RECORD).read_text())["runs"]["ssgd"]
     assert (ssgd["status"], ssgd["command"]) == (
         "ok", kept["command"].replace(str(resumed.out), str(out)))  # its --resume too
     assert table_rows((out / "report.md").read_text())["ssgd"][-1] == "ok"
@@ -1100,7 +1101,7 @@ def test_resume_keeps_a_run_that_finished_as_the_comparison_stopped(resumed, tmp
     config["run_info"]["argv"][config["run_info"]["argv"].index("6")] = "5"  # --epochs
     (out / "sgd" / "config.json").write_text(json.dumps(config))
     record["runs"].pop("sgd")
-    (out / report.RECORD).write_text(json.dumps(record))
+    (out / reading.RECORD).write_text(json.dumps(record))
     assert compare.finished_unrecorded(compare.plan(args)[0], out / "sgd") is None
 
 
@@ -1113,7 +1114,7 @@ def test_report_without_matplotlib_keeps_the_table(resumed, tmp_path, monkeypatc
     for name in OUTPUTS:
         (out / name).unlink()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: ImportError
-    report.run(cli.build_parser().parse_args(["report", str(out)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(out)]))
     text = (out / "report.md").read_text()
     assert set(table_rows(text)) == {"sgd", "ssgd"} and ".png" not in text
     assert 'matplotlib is not installed (pip install "hpctrain[plot]"' in text
@@ -1131,7 +1132,7 @@ def test_files_that_are_not_a_runs_are_named_not_a_traceback(resumed, tmp_path):
     (out / "ssgd" / "summary.json").write_text('{"algo": "ssgd"')
     with open(out / "sgd" / "metrics.jsonl", "a") as f:
         f.write('{"t": 1.0}\n')
-    report.run(cli.build_parser().parse_args(["report", str(out)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(out)]))
     rows = table_rows((out / "report.md").read_text())
     assert rows["ssgd"][-1].startswith(f"failed: cannot read a run's summary from "
                                        f"{out / 'ssgd' / 'summary.json'}: ")
@@ -1143,7 +1144,7 @@ def test_files_that_are_not_a_runs_are_named_not_a_traceback(resumed, tmp_path):
         with pytest.raises(UsageError, match=f"{out / 'compare.json'} is not a comparison's "
                                              "record: it has no 'runs'"):
             args = cli.build_parser().parse_args(argv)
-            (report if argv[0] == "report" else compare).run(args)
+            (rendering if argv[0] == "report" else compare).run(args)
     assert (out / "compare.json").read_text() == '{"algos": ["sgd"], "workers": 2}'
 
 
@@ -1159,7 +1160,7 @@ def test_a_run_record_edited_by_hand_is_named_not_a_traceback(tmp_path, field, v
     (tmp_path / "compare.json").write_text(json.dumps(
         {"algos": ["sgd"], "workers": 1, "train_args": [], "runs": {"sgd": run}}))
     with pytest.raises(UsageError, match=re.escape(f"{tmp_path / 'compare.json'}: {message}")):
-        report.read_record(tmp_path)
+        reading.read_record(tmp_path)
 
 
 def test_bench_help_gives_every_benchmark_description(capsys):
@@ -1173,21 +1174,21 @@ def test_bench_help_gives_every_benchmark_description(capsys):
 
 def test_seconds_keep_three_digits_for_a_short_simulation():
     """A simulated run's virtual wall time of 0.03 s read 0.0."""
-    assert [report._seconds(t) for t in (0.0312, 0.0, 9.876, 123.46)] == \
+    assert [metrics.seconds(t) for t in (0.0312, 0.0, 9.876, 123.46)] == \
         ["0.0312", "0", "9.88", "123.5"]
 
 
 def test_plot_range_leaves_out_the_start_and_diverged_runs():
     converging = [[90.0, 30.0, 15.0, 11.0], [90.0, 40.0, 20.0, 13.0], [90.0, 25.0, 12.0, 10.0]]
-    low, high = report._error_range([*converging, [90.0, 90.0, 90.0, 90.0]])
+    low, high = plotting._error_range([*converging, [90.0, 90.0, 90.0, 90.0]])
     assert 8.0 <= low < 10.0 and 2.5 * 11.0 <= high < 40.0
-    assert report._error_range([[90.0]]) is None
+    assert plotting._error_range([[90.0]]) is None
 
 
 def test_bytes_communicated_come_from_totals_at_two_levels():
     summary = {"allreduce_bytes_per_rank": 4096, "bytes_moved": 0, "workers": 4,
                "aggregation": {"bytes_per_rank": 2048, "bytes_per_round": 512.0, "rounds": 4}}
-    assert report._byte_counts(summary) == [("aggregation.bytes_per_rank", 2048),
+    assert reading._byte_counts(summary) == [("aggregation.bytes_per_rank", 2048),
                                             ("allreduce_bytes_per_rank", 4096)]
 
 
@@ -1198,7 +1199,7 @@ def test_report_of_an_empty_name_or_no_folder_is_refused_naming_it(tmp_path, mon
                          (" ", "report ' ': give a comparison's or a run's folder"),
                          (str(tmp_path / "no"), f"report: {tmp_path / 'no'} is not a folder")):
         with pytest.raises(UsageError, match=f"^{re.escape(says)}$"):
-            report.run(cli.build_parser().parse_args(["report", folder]))
+            rendering.run(cli.build_parser().parse_args(["report", folder]))
 
 
 def test_report_of_one_runs_folder_goes_to_out_not_into_the_run(tmp_path):
@@ -1212,7 +1213,7 @@ def test_report_of_one_runs_folder_goes_to_out_not_into_the_run(tmp_path):
     files = sorted(run_dir.iterdir())
 
     def report_of(*argv: str) -> list:
-        return report.run(cli.build_parser().parse_args(["report", str(run_dir), *argv]))
+        return rendering.run(cli.build_parser().parse_args(["report", str(run_dir), *argv]))
 
     for argv, says in (
             ([], f"report {run_dir}: is one training run's folder, whose files are the run's: "
@@ -1224,14 +1225,14 @@ def test_report_of_one_runs_folder_goes_to_out_not_into_the_run(tmp_path):
             report_of(*argv)
     assert sorted(run_dir.iterdir()) == files  # nothing written in the run
     assert [r.name for r in report_of("--out", str(tmp_path / "rep" / "sgd"))] == ["sgd"]
-    assert (tmp_path / "rep" / "sgd" / report.REPORT).is_file()
-    assert [r.name for r in report.run(cli.build_parser().parse_args(
+    assert (tmp_path / "rep" / "sgd" / reading.REPORT).is_file()
+    assert [r.name for r in rendering.run(cli.build_parser().parse_args(
         ["report", str(tmp_path)]))] == ["sgd"]  # the folder that holds it, as before
     assert sorted(run_dir.iterdir()) == files
 
 
 def test_report_says_what_the_bytes_column_counts():
-    text = report.markdown({}, [report.Row("asgd", "failed", error="boom")], [0.8])
+    text = document.markdown({}, [reading.Row("asgd", "failed", error="boom")], [0.8])
     assert "| bytes communicated per rank |" in text
     assert "`store_mpi_bytes_per_worker` is the part of it MPI calls moved" in text
 
@@ -1247,20 +1248,20 @@ def test_the_report_names_what_the_runs_ran_with_and_where_they_differ(tmp_path)
         (tmp_path / name / "config.json").write_text(json.dumps({"run_info": {
             "device": device, "torch": "2.11.0", "library": "Open MPI v5.0.8, package: x",
             **gpu}}))
-    _, rows = report.load(tmp_path)
-    assert report.environment(rows) == (
+    _, rows = reading.load(tmp_path)
+    assert remarks.environment(rows) == (
         "Ran with GPU NVIDIA H200 (the GPU runs), MPI Open MPI v5.0.8, torch 2.11.0. **The "
         "runs differ in** device cpu (cpu-run); cuda (gpu-run, gpu-run-2).")
     (tmp_path / "cpu-run" / "config.json").unlink()  # a run from before run_info said more
-    _, rows = report.load(tmp_path)
-    assert report.environment(rows) == (
+    _, rows = reading.load(tmp_path)
+    assert remarks.environment(rows) == (
         "Ran with GPU NVIDIA H200 (the GPU runs). "
         "**The runs differ in** device not recorded (cpu-run); cuda (gpu-run, gpu-run-2); "
         "and MPI not recorded (cpu-run); Open MPI v5.0.8 (gpu-run, gpu-run-2); and torch not "
         "recorded (cpu-run); 2.11.0 (gpu-run, gpu-run-2).")
     for name in ("gpu-run", "gpu-run-2"):
         (tmp_path / name / "config.json").unlink()
-    assert report.environment(report.load(tmp_path)[1]) is None
+    assert remarks.environment(reading.load(tmp_path)[1]) is None
 
 
 # ``hpctrain report`` on files edited by hand or written by another tool: no MPI, no runs.
@@ -1316,7 +1317,7 @@ def test_a_wrong_typed_summary_value_is_n_a_with_a_warning(tmp_path, capsys, key
     ValueError) after the plots were redrawn: now that cell is n/a, one warning names the file
     and key, and every other cell and run is reported."""
     bad = saved_runs(tmp_path, **{key: value})
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     cells = report_cells(tmp_path)
     assert cells["bad"][column] == "n/a"
     assert {k: v for k, v in cells["bad"].items() if k not in ("algorithm", column)} == \
@@ -1338,9 +1339,9 @@ def test_a_report_of_a_comparison_going_on_is_refused(tmp_path):
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UsageError, match=f"^{tmp_path} is in use by a comparison or run "
                                              "going on now"):
-            report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+            rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
         assert not (tmp_path / "report.md").exists()
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))  # once it ended
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))  # once it ended
     assert (tmp_path / "report.md").is_file()
 
 
@@ -1356,8 +1357,8 @@ def test_a_report_takes_a_readers_lock_nfs_grants_or_says_it_goes_on_without(
     lock = tmp_path / run_folders.LOCK
     lock.touch()
     with contextlib.ExitStack() as first, contextlib.ExitStack() as second:
-        report._hold_unless_in_use(first, tmp_path)
-        report._hold_unless_in_use(second, tmp_path)  # a reader's lock: both hold it
+        rendering._hold_unless_in_use(first, tmp_path)
+        rendering._hold_unless_in_use(second, tmp_path)  # a reader's lock: both hold it
         with contextlib.ExitStack() as compare_lock, pytest.raises(UsageError, match="in use"):
             run_folders.lock_folder(compare_lock, "--out", tmp_path, "comparison")
     assert capsys.readouterr().err == ""
@@ -1369,7 +1370,7 @@ def test_a_report_takes_a_readers_lock_nfs_grants_or_says_it_goes_on_without(
         return opened[-1]
 
     monkeypatch.setattr(run_folders, "open_lock", as_on_nfs)
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     assert (tmp_path / "report.md").is_file() and len(opened) == 1
     assert f"hpctrain report: note: cannot lock {lock} as this user may open it (not for " \
            "reading) on this file system: going on without it, so a comparison going on " \
@@ -1381,23 +1382,23 @@ def test_a_run_without_its_curve_is_a_failed_row(tmp_path):
     as ok, with no time to any target, as if it had never reached one."""
     bad = saved_runs(tmp_path)
     bad["metrics"].unlink()
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     cells = report_cells(tmp_path)
     assert cells["bad"]["status"] == "failed: no metrics.jsonl" and cells["good"]["status"] == "ok"
     bad["metrics"].write_text("")  # a finished run scored its last model: an "ok" row read
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))  # acc 1.0, no target
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))  # acc 1.0, no target
     assert report_cells(tmp_path)["bad"]["status"] == \
         f"failed: {bad['metrics']} holds no curve point"
 
 
 def test_the_report_says_sgd_ran_on_one_process_only_when_it_ran():
     record = {"algos": ["ssgd"], "workers": 4, "train_args": [], "runs": {}}
-    assert "4 workers per run." in report.markdown(record, [], [])
+    assert "4 workers per run." in document.markdown(record, [], [])
     record["algos"].append("sgd")
-    assert "4 workers per run, sgd on one process." in report.markdown(record, [], [])
+    assert "4 workers per run, sgd on one process." in document.markdown(record, [], [])
     record["train_args"] = ["--eval", "online", "--eval-rank", "3"]  # sgd's: 1, on two
     assert "4 processes per run, one of them evaluating, sgd on one process and one " \
-        "evaluating (its --eval-rank 1)." in report.markdown(record, [], [])
+        "evaluating (its --eval-rank 1)." in document.markdown(record, [], [])
 
 
 def test_a_curve_point_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, capsys):
@@ -1406,7 +1407,8 @@ def test_a_curve_point_of_the_wrong_type_is_left_out_with_a_warning(tmp_path, ca
     with open(bad["metrics"], "a") as f:
         f.write('\n{"t": "x", "epoch": 1.0, "test_acc": 0.99}\n{"t": 13, "epoch": NaN, '
                 '"test_acc": 0.99}\n')
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path), "--targets", "0.85,0.95"]))
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path), "--targets",
+                                                "0.85,0.95"]))
     cells = report_cells(tmp_path)
     assert cells["bad"]["time to 0.85"] == "6 s (0.50 ep)" == cells["good"]["time to 0.85"]
     assert cells["bad"]["time to 0.95"] == "not reached"  # the left-out points reached it
@@ -1421,15 +1423,15 @@ def test_a_comparison_record_of_the_wrong_type_is_one_line(tmp_path):
     saved_runs(tmp_path)
     record = {"algos": ["good"], "runs": {"good": {"status": "ok"}}, "workers": 1,
               "train_args": [], "targets": "0.8"}
-    (tmp_path / report.RECORD).write_text(json.dumps(record))
+    (tmp_path / reading.RECORD).write_text(json.dumps(record))
     with pytest.raises(UsageError, match=re.escape(
-            f"{tmp_path / report.RECORD}: targets is \"0.8\", not a list of accuracies")):
-        report.render(tmp_path)
-    (tmp_path / report.RECORD).write_text(json.dumps({**record, "targets": [0.8],
+            f"{tmp_path / reading.RECORD}: targets is \"0.8\", not a list of accuracies")):
+        rendering.render(tmp_path)
+    (tmp_path / reading.RECORD).write_text(json.dumps({**record, "targets": [0.8],
                                                       "train_args": ["--epochs", 1]}))
     with pytest.raises(UsageError, match=re.escape(
-            f"{tmp_path / report.RECORD}: train_args is [\"--epochs\", 1], not a list of words")):
-        report.render(tmp_path)
+            f"{tmp_path / reading.RECORD}: train_args is [\"--epochs\", 1], not a list of words")):
+        rendering.render(tmp_path)
     assert not any((tmp_path / name).exists() for name in OUTPUTS)
 
 
@@ -1444,7 +1446,7 @@ def test_an_output_that_is_a_folder_is_one_line_and_nothing_is_written(tmp_path,
     (tmp_path / name).mkdir()
     with pytest.raises(UsageError, match=re.escape(
             f"report: cannot write {tmp_path / name}: it is a folder")):
-        report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+        rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     assert all((tmp_path / other).read_bytes() == b"old" for other in OUTPUTS if other != name)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
 
@@ -1454,7 +1456,7 @@ def test_a_report_into_a_folder_it_cannot_write_in_suggests_out():
     not --out, the way to a report of it. Refused before anything is read; /proc, where no
     file can be made by any user, stands for it."""
     with pytest.raises(UsageError) as e:
-        report.run(cli.build_parser().parse_args(["report", "/proc"]))
+        rendering.run(cli.build_parser().parse_args(["report", "/proc"]))
     assert str(e.value).startswith("report /proc: cannot write in /proc (")
     assert str(e.value).endswith("); give --out FOLDER to write report.md and the plots there")
 
@@ -1464,7 +1466,7 @@ def test_a_report_of_a_folder_with_subfolders_it_cannot_look_at_says_it_holds_no
     """``report /proc --out X``: looking for runs in /proc/1's subfolders (/proc/1/cwd: no
     permission even for root in a container) was a PermissionError traceback."""
     with pytest.raises(UsageError) as e:
-        report.run(cli.build_parser().parse_args(["report", "/proc", "--out",
+        rendering.run(cli.build_parser().parse_args(["report", "/proc", "--out",
                                                   str(tmp_path / "r")]))
     assert str(e.value) == ("report: /proc holds no compare.json and no finished run (a "
                             "folder with summary.json)")
@@ -1477,7 +1479,7 @@ def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, m
     saved_runs(tmp_path)
     for name in OUTPUTS:
         (tmp_path / name).write_bytes(b"old")
-    real, written = report.write_atomic, []
+    real, written = rendering.write_atomic, []
 
     def full_disk(path, content, **kwargs):
         if len(written) == len(OUTPUTS) - 1:  # the last of the three
@@ -1485,13 +1487,13 @@ def test_the_report_and_its_plots_are_written_together_or_not_at_all(tmp_path, m
         real(path, content, **kwargs)
         written.append(path)
 
-    monkeypatch.setattr(report, "write_atomic", full_disk)
+    monkeypatch.setattr(rendering, "write_atomic", full_disk)
     with pytest.raises(UsageError, match="^report: cannot write .*: No space left on device$"):
-        report.render(tmp_path)
+        rendering.render(tmp_path)
     assert all((tmp_path / name).read_bytes() == b"old" for name in OUTPUTS)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
-    monkeypatch.setattr(report, "write_atomic", real)
-    report.render(tmp_path)
+    monkeypatch.setattr(rendering, "write_atomic", real)
+    rendering.render(tmp_path)
     assert all((tmp_path / name).read_bytes() != b"old" for name in OUTPUTS)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bad", "good", *OUTPUTS])
 
@@ -1503,7 +1505,7 @@ def test_a_staged_file_that_cannot_be_removed_does_not_hide_why_the_write_failed
     (tmp_path / f".report.md.{os.getpid()}.new").mkdir()  # neither replaced nor unlinked
     with pytest.raises(UsageError, match=re.escape(
             f"report: cannot write {tmp_path / 'report.md'}: Is a directory")):
-        report.render(tmp_path)
+        rendering.render(tmp_path)
     assert not (tmp_path / "report.md").exists()
 
 
@@ -1528,7 +1530,7 @@ def test_run_names_are_shown_as_typed_in_the_reports_markdown(tmp_path):
         (tmp_path / old).rename(tmp_path / new)
         argv = ["hpctrain", "train", "--out", f"runs/{new}"]
         (tmp_path / new / "config.json").write_text(json.dumps({"run_info": {"argv": argv}}))
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     text = (tmp_path / "report.md").read_text()
     cells = report_cells(tmp_path)
     assert set(cells) == {r"good (lr=0.1\|b\*x\_)", r"bad (run\`q)"}  # and no column more
@@ -1541,7 +1543,7 @@ def test_a_comparison_going_on_is_said_first(tmp_path):
     comparison; pass --resume to finish it", and --resume then said it was in use."""
     out = tmp_path / "cmp"
     out.mkdir()
-    (out / report.RECORD).write_text(json.dumps(
+    (out / reading.RECORD).write_text(json.dumps(
         {"algos": ["sgd"], "workers": 2, "train_args": [], "runs": {}}))
     with contextlib.ExitStack() as held:
         run_folders.lock_folder(held, "--out", out, "comparison")
@@ -1549,7 +1551,7 @@ def test_a_comparison_going_on_is_said_first(tmp_path):
             with pytest.raises(UsageError, match=f"^--out {out} is in use by another "
                                                  "comparison going on now"):
                 compare.run(parse("--algos", "sgd", *SMALL, "--out", str(out), *resume))
-    assert (out / report.RECORD).read_text().startswith('{"algos": ["sgd"]')
+    assert (out / reading.RECORD).read_text().startswith('{"algos": ["sgd"]')
 
 
 def _read_until(fd: int, end: bytes, timeout: float = 30.0) -> bytes:
@@ -1595,7 +1597,7 @@ def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
     first = parse("--algos", "sgd,ma", "--simulate", "2", "--seeds", "1,2", "--targets",
                   "0.5,0.7", *SMALL, "--tau", "4", "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / report.RECORD, compare._start_record(
+    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
         first, compare.plan(first)))
     with pytest.raises(UsageError) as e:
         compare.run(parse("--resume", "--out", str(out)))
@@ -1618,10 +1620,10 @@ def test_a_report_of_a_folder_of_comparisons_says_how_to_report_them_together(tm
     runs in one report."""
     for name in ("before", "after"):
         (tmp_path / name / "ssgd").mkdir(parents=True)
-        (tmp_path / name / report.RECORD).write_text(json.dumps(
+        (tmp_path / name / reading.RECORD).write_text(json.dumps(
             {"algos": ["ssgd"], "runs": {}, "workers": 2, "train_args": []}))
     with pytest.raises(UsageError) as e:
-        report.load(tmp_path)
+        reading.load(tmp_path)
     assert str(e.value).startswith(f"report: {tmp_path} holds comparisons (after, before), "
                                    "not runs: report each, or to see their runs in one report "
                                    "gather the runs' folders"), e.value

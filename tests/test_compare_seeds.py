@@ -14,7 +14,16 @@ from conftest import SYNTHETIC, run_job
 from matplotlib.image import imread
 
 from hpctrain import cli
-from hpctrain.bench import compare, report
+from hpctrain.bench import compare
+from hpctrain.bench.report import (
+    document,
+    formatting,
+    plotting,
+    reading,
+    remarks,
+    rendering,
+    tables,
+)
 from hpctrain.errors import UsageError
 from hpctrain.metrics import seconds
 
@@ -51,7 +60,7 @@ def test_resume_refuses_other_seeds(tmp_path):
     out = tmp_path / "cmp"
     first = parse("--algos", "sgd", "--simulate", "2", "--seeds", "1,2", "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / report.RECORD,
+    compare.write_json_atomic(out / reading.RECORD,
                               compare._start_record(first, compare.plan(first)))
     for argv, was in ((["--seeds", "1,3"], "--seeds 1,2"), ([], "--seeds 1,2")):
         args = parse("--algos", "sgd", "--simulate", "2", *argv, "--resume", "--out", str(out))
@@ -85,7 +94,7 @@ def seeded_comparison(folder) -> dict[int, dict]:
         run.joinpath("summary.json").write_text(json.dumps(summaries[seed]))
     runs = {f"ssgd/seed-{s}": {"status": "ok", "command": f"train --seed {s}"} for s in (1, 2)}
     runs["ssgd/seed-3"] = {"status": "failed", "error": "boom"}
-    folder.joinpath(report.RECORD).write_text(json.dumps(
+    folder.joinpath(reading.RECORD).write_text(json.dumps(
         {"algos": ["ssgd"], "seeds": [1, 2, 3], "workers": 2, "train_args": [],
          "targets": [0.8, 0.85], "runs": runs}))
     return summaries
@@ -98,7 +107,7 @@ def cells(text: str, first: str) -> list[str]:
 
 def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_path):
     summaries = seeded_comparison(tmp_path)
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     text = (tmp_path / "report.md").read_text()
     # final acc 0.88 and 0.84: 0.86 ± 0.02828; wall 4 and 6 s: 5 ± 1.414
     assert [(s["final_test_acc"], s["wall_s"]) for s in summaries.values()] == [(0.88, 4.0),
@@ -118,7 +127,7 @@ def test_the_table_gives_mean_and_sample_sd_over_the_seeds_that_finished(tmp_pat
     assert cells(text, "ssgd seed 3")[-1] == "failed: boom"
     assert "Each algorithm ran once per seed (1, 2, 3)" in text
     assert "- ssgd seed 2: `train --seed 2`" in text
-    assert report.main_table(report.load(tmp_path)[1], [0.8]).startswith(
+    assert tables.main_table(reading.load(tmp_path)[1], [0.8]).startswith(
         "| algorithm | seeds |")
 
 
@@ -158,10 +167,10 @@ def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_
         ([0.5, math.nan], acc, "nan ± nan"),  # a NaN's sd was 0: nan ± 0.0000
         ([1e308, -1e308], acc, "0.0000 ± inf"),  # (1e308 - 0) ** 2 raised OverflowError
         ([0.8930], acc, "0.8930"),  # one value: fmt's alone
-        ([], acc, report.NA),
+        ([], acc, reading.NA),
     ]
     for values, fmt, want in cases:
-        assert report._mean_sd(values, fmt) == want, values
+        assert formatting._mean_sd(values, fmt) == want, values
 
 
 def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
@@ -169,20 +178,20 @@ def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
     they are then. Seed 3, which left no summary, was left out, the row reading 2 seeds, all
     ok, and the text that every seed ran: it is an unfinished run of the row's 3."""
     summaries = seeded_comparison(tmp_path)
-    (tmp_path / report.RECORD).write_text('{"algos": ["ssgd"]')
+    (tmp_path / reading.RECORD).write_text('{"algos": ["ssgd"]')
     with pytest.raises(UsageError, match=r"; no report written: move it aside, and the report "
                        r"shows the runs found in "):
-        report.load(tmp_path)
-    (tmp_path / report.RECORD).unlink()
-    record, rows = report.load(tmp_path)
+        reading.load(tmp_path)
+    (tmp_path / reading.RECORD).unlink()
+    record, rows = reading.load(tmp_path)
     assert record == {} and [(r.name, r.seed, r.status) for r in rows] == [
         ("ssgd", 1, "ok"), ("ssgd", 2, "ok"), ("ssgd", 3, "unfinished")]
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     text = (tmp_path / "report.md").read_text()
     accs = [s["final_test_acc"] for s in summaries.values()]
     row = cells(text, "ssgd")
     assert row[1:3] == ["2 of 3", "2"] and row[-1] == "seed 3 unfinished"
-    assert row[3] == report._mean_sd(accs, "{:.4f}".format) == "0.860 ± 0.028"
+    assert row[3] == formatting._mean_sd(accs, "{:.4f}".format) == "0.860 ± 0.028"
     assert cells(text, "ssgd seed 3")[-1] == "unfinished"
     assert "Each algorithm ran once per seed (1, 2, 3)" in text
     assert "*unfinished*: a run that started and has no summary" in text
@@ -193,22 +202,22 @@ def test_a_folder_of_seeds_gives_each_algorithm_every_seed_and_no_set_aside_atte
     (not run), not one whose every seed ran; a failed attempt that --resume set aside
     (seed-1.failed-1) is not a run of it."""
     seeded_comparison(tmp_path)
-    (tmp_path / report.RECORD).unlink()
+    (tmp_path / reading.RECORD).unlink()
     shutil.rmtree(tmp_path / "ssgd" / "seed-3")
     shutil.copytree(tmp_path / "ssgd" / "seed-1", tmp_path / "ma" / "seed-1")
     shutil.copytree(tmp_path / "ssgd" / "seed-2", tmp_path / "ma" / "seed-1.failed-1")
-    _, rows = report.load(tmp_path)
+    _, rows = reading.load(tmp_path)
     assert [(r.name, r.seed, r.status) for r in rows] == [
         ("ma", 1, "ok"), ("ma", 2, "not run"), ("ssgd", 1, "ok"), ("ssgd", 2, "ok")]
-    text = report.markdown({}, rows, [0.8])  # ma/ holds a copy of an ssgd run: it says so
+    text = document.markdown({}, rows, [0.8])  # ma/ holds a copy of an ssgd run: it says so
     assert cells(text, "ssgd (ma)")[1] == "1 of 2"
     assert cells(text, "ssgd (ma)")[-1] == "seed 2 not run"
     assert cells(text, "ssgd")[1] == "2" and cells(text, "ssgd")[-1] == "ok"
 
 
 def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):
-    rows = [report.Row("asgd", "failed", error="boom", seed=s) for s in (1, 2)]
-    head, _, row = report.seed_table(rows, [0.8, 0.9]).splitlines()
+    rows = [reading.Row("asgd", "failed", error="boom", seed=s) for s in (1, 2)]
+    head, _, row = tables.seed_table(rows, [0.8, 0.9]).splitlines()
     assert row.count(" | ") == head.count(" | ")
     assert row.startswith("| asgd | 0 of 2 | — |") and row.endswith(
         "| seed 1 failed; seed 2 failed |")
@@ -217,14 +226,14 @@ def test_an_algorithm_whose_every_seed_failed_is_a_row_of_the_table(tmp_path):
 def test_the_staleness_max_over_seeds_is_the_largest_and_the_rest_say_they_are_means():
     """dcasgd-a's seeds had staleness max 15 and 57: the row showed 36, a mean no run had,
     under a header that did not say which figures were averaged."""
-    rows = [report.Row("dcasgd-a", "ok", seed=seed, summary={"workers": 2, "staleness": {
+    rows = [reading.Row("dcasgd-a", "ok", seed=seed, summary={"workers": 2, "staleness": {
         "mean": mean, "p50": 1.0, "p90": p90, "p99": p99, "max": top, "count": 9}})
         for seed, mean, p90, p99, top in ((1, 1.0, 3.0, 10.0, 15.0), (2, 2.0, 4.0, 13.0, 57.0))]
-    head, _, row = report.seed_table(rows, [0.8]).splitlines()
-    column = [c.strip() for c in head.strip("|").split(" | ")].index(report.SEED_STALENESS)
+    head, _, row = tables.seed_table(rows, [0.8]).splitlines()
+    column = [c.strip() for c in head.strip("|").split(" | ")].index(tables.SEED_STALENESS)
     assert [c.strip() for c in row.strip("|").split(" | ")][column] == "1.50 / 1 / 3.5 / 11.5 / 57"
-    assert report.SEED_STALENESS.endswith("p99 (each averaged over seeds) / max (largest)")
-    text = report.markdown({"algos": ["dcasgd-a"], "workers": 2, "seeds": [1, 2]}, rows, [0.8])
+    assert tables.SEED_STALENESS.endswith("p99 (each averaged over seeds) / max (largest)")
+    text = document.markdown({"algos": ["dcasgd-a"], "workers": 2, "seeds": [1, 2]}, rows, [0.8])
     assert "the largest peak memory and staleness max of any seed's run, and the other " \
         "staleness figures (each run's mean, p50, p90 and p99: a mean of" in text
     assert "| 1.00 / 1 / 3 / 10 / 15 |" in text  # each run's own row: its own figures
@@ -234,15 +243,15 @@ def test_report_md_says_the_shade_is_the_seeds_range_not_a_standard_deviation(tm
     """The table gives mean ± sample sd; the plots' shade (lowest to highest run) was said
     nowhere, and read as ± sd."""
     seeded_comparison(tmp_path)
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     text = (tmp_path / "report.md").read_text()
-    assert report.BAND_NOTE in text
-    assert text.index(report.BAND_NOTE) < text.index("![test error against wall time]")
-    _, rows = report.load(tmp_path)
-    assert legend(rows, "t") == ["ssgd, M=2, mean of 2 of 3 seeds", report.BAND,
-                                 report.TIME_BAR]
-    rows = [report.Row("sgd", "ok", summary={"workers": 1})]  # no seeds: no shade to explain
-    assert report.BAND_NOTE not in report.markdown({}, rows, [0.8])
+    assert plotting.BAND_NOTE in text
+    assert text.index(plotting.BAND_NOTE) < text.index("![test error against wall time]")
+    _, rows = reading.load(tmp_path)
+    assert legend(rows, "t") == ["ssgd, M=2, mean of 2 of 3 seeds", plotting.BAND,
+                                 plotting.TIME_BAR]
+    rows = [reading.Row("sgd", "ok", summary={"workers": 1})]  # no seeds: no shade to explain
+    assert plotting.BAND_NOTE not in document.markdown({}, rows, [0.8])
 
 
 MISSED = ("hpctrain: rank 0 took the snapshots between its steps, and 2 --eval-every marks "
@@ -269,7 +278,7 @@ def test_report_md_lists_what_each_run_printed_once_and_not_a_failure_s_error(tm
                 "hpctrain: error: boom", "hpctrain: error: rank 1: boom too", "boom"]}
     for seed, lines in logs.items():
         (tmp_path / "ssgd" / f"seed-{seed}" / "stderr.log").write_text("\n".join(lines) + "\n")
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     text = (tmp_path / "report.md").read_text()
     listed = [line for line in text.splitlines() if line.startswith("- ssgd seed")]
     assert listed[:-2] == [
@@ -283,14 +292,14 @@ def test_report_md_lists_what_each_run_printed_once_and_not_a_failure_s_error(tm
         "(stderr.log); report.md lists them" in capsys.readouterr().err
     for seed in logs:
         (tmp_path / "ssgd" / f"seed-{seed}" / "stderr.log").unlink()
-    report.render(tmp_path)
+    rendering.render(tmp_path)
     assert "**The runs printed**" not in (tmp_path / "report.md").read_text()
 
 
 def test_a_note_with_backticks_stays_one_code_span():
-    assert report._code("hpctrain: use `--eval online`") == \
+    assert formatting._code("hpctrain: use `--eval online`") == \
         "`` hpctrain: use `--eval online` ``"
-    assert report._code("plain") == "`plain`"
+    assert formatting._code("plain") == "`plain`"
 
 
 @pytest.mark.parametrize("seeds, epochs", [([1, 2], 3), ([1, 3], 3), ([1, 4], 3), ([5, 2], 2),
@@ -305,13 +314,13 @@ def test_the_seeds_said_to_share_data_orders_are_those_whose_orders_coincide(see
 
     drawn = [(s, t) for s in sorted(seeds) for t in sorted(seeds)
              if s < t and any(o in orders(t) for o in orders(s))]
-    assert report.shared_orders(seeds, epochs, "global") == drawn
-    assert report.shared_orders(seeds, epochs, "local") == []
-    note = report.shared_orders_note(seeds, epochs, "global")
+    assert remarks.shared_orders(seeds, epochs, "global") == drawn
+    assert remarks.shared_orders(seeds, epochs, "local") == []
+    note = remarks.shared_orders_note(seeds, epochs, "global")
     assert (note is None) == (not drawn)
     if drawn:
         apart = [int(s) for s in note.split("`--seeds ")[1].split("`")[0].split(",")]
-        assert len(apart) == len(seeds) and report.shared_orders(apart, epochs, "global") == []
+        assert len(apart) == len(seeds) and remarks.shared_orders(apart, epochs, "global") == []
 
 
 def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
@@ -323,7 +332,7 @@ def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
         for seed in (1, 2):
             (tmp_path / "ssgd" / f"seed-{seed}" / "config.json").write_text(json.dumps(
                 {"seed": seed, "data": {"shuffle": shuffle}, "optim": {"epochs": epochs}}))
-        report.render(tmp_path)
+        rendering.render(tmp_path)
         text = (tmp_path / "report.md").read_text()
         assert ("**Seeds that share data orders:** `--shuffle global` seeds each epoch's data "
                 "order with seed + epoch: over 3 epochs seed 2's orders are seed 1's, 1 epoch "
@@ -337,7 +346,7 @@ def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
             "--out", str(tmp_path / "cmp"))))
         assert (note is not None) == said
         if said:
-            assert note == report.shared_orders_note([1, 2], 3, "global")
+            assert note == remarks.shared_orders_note([1, 2], 3, "global")
 
 
 def test_a_row_whose_seeds_trained_with_other_settings_says_so(tmp_path):
@@ -348,10 +357,10 @@ def test_a_row_whose_seeds_trained_with_other_settings_says_so(tmp_path):
         for seed, lr in ((1, 0.05), (2, lr2)):
             (tmp_path / "ssgd" / f"seed-{seed}" / "config.json").write_text(json.dumps(
                 {"seed": seed, "optim": {"lr": lr}, "out": f"o/{seed}"}))
-        report.render(tmp_path)
+        rendering.render(tmp_path)
         text = (tmp_path / "report.md").read_text()
         status = cells(text, "ssgd")[-1]
-        assert status == "seed 3 failed" + (f"; {report.DIFFERING_SEEDS}" if marked else "")
+        assert status == "seed 3 failed" + (f"; {tables.DIFFERING_SEEDS}" if marked else "")
         assert ("| ssgd seed 2 | 0.1 |" in text) == marked  # the table it points to
         if marked:
             assert text.index("| ssgd seed 2 | 0.1 |") < text.index("| ssgd | 2 of 3 |")
@@ -359,8 +368,8 @@ def test_a_row_whose_seeds_trained_with_other_settings_says_so(tmp_path):
 
 def test_the_curve_is_the_mean_of_the_seeds_with_their_band(tmp_path):
     seeded_comparison(tmp_path)
-    _, rows = report.load(tmp_path)
-    (curve,) = report.curves(rows, "t")
+    _, rows = reading.load(tmp_path)
+    (curve,) = plotting.curves(rows, "t")
     assert curve.xs == [0.0, 2.5, 5.0]
     assert curve.err == pytest.approx([90.0, 19.0, 14.0])
     assert curve.band == (pytest.approx([90.0, 18.0, 12.0]), pytest.approx([90.0, 20.0, 16.0]))
@@ -386,13 +395,13 @@ def test_a_comparison_over_seeds_end_to_end(tmp_path):
     assert any(not torch.equal(models[0][k], models[1][k]) for k in models[0])
     samples = [s["samples_per_s"] for s in summaries.values()]
     text = (out / "report.md").read_text()
-    assert cells(text, "ssgd")[8] == report._mean_sd(samples, "{:.0f}".format)
+    assert cells(text, "ssgd")[8] == formatting._mean_sd(samples, "{:.0f}".format)
     assert "| ssgd | 2 | 2 |" in done.stdout  # the printed table is the per-algorithm one
     for png in ("error_vs_time.png", "error_vs_epochs.png"):
         assert imread(out / png).shape[2] in (3, 4)
     before = {p: (out / p).read_bytes() for p in ("report.md", "error_vs_time.png")}
     # hpctrain report, in this process (no start-up): what its main() runs
-    report.run(cli.build_parser().parse_args(["report", str(out)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(out)]))
     assert {p: (out / p).read_bytes() for p in before} == before
 
 
@@ -405,13 +414,13 @@ UNEVEN = {1: [(0.0, 0.0, 0.1), (0.28125, 0.031, 0.98), (0.75, 0.093, 1.0), (1.37
           3: [(0.0, 0.0, 0.12), (0.75, 0.113, 0.9), (1.21875, 0.159, 0.95), (2.0, 0.361, 1.0)]}
 
 
-def seeded_rows(points: dict[int, list[tuple]]) -> list[report.Row]:
-    return [report.Row("asgd", "ok", seed=seed, summary={"workers": 4},
+def seeded_rows(points: dict[int, list[tuple]]) -> list[reading.Row]:
+    return [reading.Row("asgd", "ok", seed=seed, summary={"workers": 4},
                        points=[{"epoch": e, "t": t, "test_acc": a} for e, t, a in run])
             for seed, run in points.items()]
 
 
-def assert_mean_and_band(curve: report.Curve, runs: np.ma.MaskedArray) -> None:
+def assert_mean_and_band(curve: plotting.Curve, runs: np.ma.MaskedArray) -> None:
     """``curve`` is the mean of ``runs`` (interpolated), its band their lowest and highest,
     each point over the runs there."""
     assert curve.err == pytest.approx(runs.mean(axis=0).tolist())
@@ -420,9 +429,9 @@ def assert_mean_and_band(curve: report.Curve, runs: np.ma.MaskedArray) -> None:
     assert curve.runs == runs.count(axis=0).tolist() and curve.of == len(runs)
 
 
-def legend(rows: list[report.Row], x: str) -> list[str]:
+def legend(rows: list[reading.Row], x: str) -> list[str]:
     """The texts of the legend in the plot of ``rows`` against ``x``."""
-    return [t.get_text() for t in report.figure(rows, x).axes[0].get_legend().get_texts()]
+    return [t.get_text() for t in plotting.figure(rows, x).axes[0].get_legend().get_texts()]
 
 
 def at_epochs(points: dict[int, list[tuple]], at: list[float]) -> tuple[np.ma.MaskedArray, ...]:
@@ -440,7 +449,7 @@ def test_seeds_whose_snapshots_do_not_line_up_are_averaged_at_the_same_epoch(x):
     """The k-th snapshots were averaged: the epochs curve ended at 1.7 of 2 epochs, and its
     second point averaged errors at epochs 0.28, 0.28 and 0.75. Each run's error (and time)
     is now interpolated onto every snapshot's epoch, each point the mean of the runs there."""
-    (curve,) = report.curves(seeded_rows(UNEVEN), x)
+    (curve,) = plotting.curves(seeded_rows(UNEVEN), x)
     epochs = sorted({p[0] for run in UNEVEN.values() for p in run})
     times, errors = at_epochs(UNEVEN, epochs)
     assert curve.xs == (epochs if x == "epoch" else pytest.approx(times.mean(axis=0).tolist()))
@@ -462,12 +471,12 @@ def test_the_time_plot_averages_lock_step_and_async_seeds_alike(uneven):
     if uneven:  # an async run whose rank 0 took its marks late
         lined[2] = [(0.0, 0.0, 0.1), (1.25, 0.375, 0.7), (2.0, 0.6, 0.8)]
     rows = seeded_rows(lined)
-    (by_time,), (by_epoch,) = report.curves(rows, "t"), report.curves(rows, "epoch")
+    (by_time,), (by_epoch,) = plotting.curves(rows, "t"), plotting.curves(rows, "epoch")
     assert by_time.xs[-1] == pytest.approx(0.5) and by_time.err == by_epoch.err
     assert by_time.runs == [2] * len(by_time.xs) and not by_time.partial
     for x in ("t", "epoch"):
-        bar = [report.TIME_BAR] if x == "t" else []  # the seeds' end times: a time plot's
-        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds", report.BAND, *bar]
+        bar = [plotting.TIME_BAR] if x == "t" else []  # the seeds' end times: a time plot's
+        assert legend(rows, x) == ["asgd, M=4, mean of 2 seeds", plotting.BAND, *bar]
 
 
 def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
@@ -479,14 +488,14 @@ def test_a_run_stopped_early_leaves_the_others_their_whole_curve():
     epochs = sorted({p[0] for run in short.values() for p in run})
     times, errors = at_epochs(short, epochs)
     for x in ("epoch", "t"):
-        (curve,) = report.curves(rows, x)
+        (curve,) = plotting.curves(rows, x)
         assert curve.xs[-1] == (2.0 if x == "epoch" else pytest.approx((0.444 + 0.269) / 2))
         assert curve.runs[-4:] == [3, 2, 2, 2] and curve.partial
         assert_mean_and_band(curve, errors)
-        bar = [report.TIME_BAR] if x == "t" else []
-        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", report.BAND, *bar,
-                                   report.DASHED]
-    assert report.plot(rows, "epoch").startswith(b"\x89PNG")
+        bar = [plotting.TIME_BAR] if x == "t" else []
+        assert legend(rows, x) == ["asgd, M=4, mean of 3 seeds", plotting.BAND, *bar,
+                                   plotting.DASHED]
+    assert plotting.plot(rows, "epoch").startswith(b"\x89PNG")
 
 
 def test_seeds_whose_snapshots_line_up_keep_the_mean_of_the_kth(tmp_path):
@@ -496,14 +505,14 @@ def test_seeds_whose_snapshots_line_up_keep_the_mean_of_the_kth(tmp_path):
     lined = {1: [(0.0, 0.0, 0.1), (0.5, 2.0, 0.82), (1.0, 4.0, 0.88)],
              2: [(0.0, 0.0, 0.1), (0.5, 3.0, 0.80), (1.0, 5.0, 0.86)]}
     for x, key in (("t", 1), ("epoch", 0)):
-        (curve,) = report.curves(seeded_rows(lined), x)
+        (curve,) = plotting.curves(seeded_rows(lined), x)
         assert curve.xs == [(lined[1][k][key] + lined[2][k][key]) / 2 for k in range(3)]
         assert curve.err == [(100 * (1 - lined[1][k][2]) + 100 * (1 - lined[2][k][2])) / 2
                              for k in range(3)]
         assert curve.runs == [2, 2, 2] and not curve.partial
     lined[2] = lined[2][:2]
     for x, key in (("t", 1), ("epoch", 0)):
-        (curve,) = report.curves(seeded_rows(lined), x)
+        (curve,) = plotting.curves(seeded_rows(lined), x)
         assert curve.xs == [0.0, (lined[1][1][key] + lined[2][1][key]) / 2, lined[1][2][key]]
         assert curve.runs == [2, 2, 1]
         assert_mean_and_band(curve, at_epochs(lined, [0.0, 0.5, 1.0])[1])

@@ -17,7 +17,8 @@ import torch
 from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import arguments, cli, options, registry
-from hpctrain.bench import compare, report
+from hpctrain.bench import compare
+from hpctrain.bench.report import rendering
 from hpctrain.config import CheckpointConfig, DataConfig, RunConfig, from_dict, to_dict
 from hpctrain.errors import UsageError
 
@@ -360,7 +361,7 @@ def test_trains_resumes_and_repeats_as_a_built_in_does(tmp_path):
                                                      _model(other).values(), strict=True))
     # The report of the runs' folder (no compare.json) counts its bytes from config.json.
     assert config["run_info"]["byte_fields"] == ["vote_bytes_per_rank"]
-    report.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
+    rendering.run(cli.build_parser().parse_args(["report", str(tmp_path)]))
     rows = [line for line in (tmp_path / "report.md").read_text().splitlines()
             if line.startswith("| signum-vote (whole) |")]
     assert rows and "vote_bytes_per_rank" in rows[0]

@@ -30,7 +30,7 @@ from hpctrain import (
     plugins,
     userdata,
 )
-from hpctrain.bench import report
+from hpctrain.bench.report import reading, tables
 from hpctrain.config import DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
 from hpctrain.shuffle import TrainDataSpec, make_train_data
@@ -1598,12 +1598,12 @@ def test_the_report_marks_a_collapsed_row():
             "samples_per_s": 10.0}
     collapsed = {"collapsed_at": 40, "collapse_reason": "test accuracy 0.1 back at chance",
                  "stopped_on_collapse": True}
-    row = report.Row("asgd", "ok", summary={**base, **collapsed})
-    cells = report.table([row, report.Row("ssgd", "ok", summary=base)], [])
+    row = reading.Row("asgd", "ok", summary={**base, **collapsed})
+    cells = tables.table([row, reading.Row("ssgd", "ok", summary=base)], [])
     lines = cells.splitlines()
     assert "**collapsed** at update 40" in lines[2] and "stopped there" in lines[2]
     assert lines[3].endswith("| ok |")
-    peak = report.table([report.Row("ssgd", "ok", summary={
+    peak = tables.table([reading.Row("ssgd", "ok", summary={
         **base, "peak_memory_per_worker": [300 * 2**20, 512 * 2**20]})], [])
     assert "| peak memory |" in peak and "| 512.0 MiB |" in peak  # the largest worker's
 

@@ -12,7 +12,7 @@ import pytest
 from matplotlib.image import imread
 
 from hpctrain import plots
-from hpctrain.bench import report
+from hpctrain.bench.report import document, plotting, reading, remarks, rendering, tables
 from hpctrain.ec import plot as ec_plot
 from hpctrain.shuffle import plot as shuffle_plot
 
@@ -37,7 +37,7 @@ def runs(folder, **updates: dict) -> None:
 
 
 def report_md(folder) -> str:
-    report.render(folder)
+    rendering.render(folder)
     return (folder / "report.md").read_text()
 
 
@@ -66,8 +66,8 @@ def test_the_report_says_how_each_run_was_scored(tmp_path):
             "evaluation is not in the clock (a, d); scored while training, on rank 0 between "
             "steps, so evaluation is in the clock (b); scored while training, on a rank that "
             "does not train (`--eval-rank`), so evaluation is not in the clock (c).") in text
-    rows = [report.Row("x", "ok", summary={"eval_mode": mode}) for mode in ("after", 3)]
-    assert report.scoring(rows).endswith("; scored in a way the summary's `eval_mode` does not "
+    rows = [reading.Row("x", "ok", summary={"eval_mode": mode}) for mode in ("after", 3)]
+    assert remarks.scoring(rows).endswith("; scored in a way the summary's `eval_mode` does not "
                                          "name (x)")
 
 
@@ -84,8 +84,8 @@ def test_the_report_says_whether_evaluation_is_in_each_runs_clock(tmp_path):
             "is in the clock (ma); scored while training, on rank 0 between steps, so "
             "evaluation is in the clock (old, ssgd); scored on rank 0 before and after "
             "training, none between steps, so evaluation is not in the clock (sgd).") in text
-    rows = [report.Row("x", "ok", summary={"eval_mode": "after", "eval_in_clock": False})]
-    assert report.scoring(rows) == report.SCORING["after"]
+    rows = [reading.Row("x", "ok", summary={"eval_mode": "after", "eval_in_clock": False})]
+    assert remarks.scoring(rows) == remarks.SCORING["after"]
 
 
 def test_the_report_names_the_model_data_and_epochs_of_each_run_where_they_differ(tmp_path):
@@ -135,13 +135,13 @@ def test_the_report_names_every_training_setting_that_differs_between_runs(tmp_p
             "- sgd: `hpctrain train --algo sgd --out o/sgd`\n") in text
     # What differs only in where a run wrote and what it showed, or in its seed where that is
     # in its name, is no setting: nothing is added.
-    rows = [report.Row("sgd", "ok", seed=seed, summary=SUMMARY, config={
+    rows = [reading.Row("sgd", "ok", seed=seed, summary=SUMMARY, config={
         "out": f"o/{seed}", "seed": seed, "progress": seed == 1, "optim": {"lr": 0.05}})
         for seed in (1, 2)]
-    assert report.differing_settings(rows) is None
+    assert remarks.differing_settings(rows) is None
     for row in rows:  # runs of a folder: their seed is a setting
         row.seed = None
-    assert "| runs | `--seed` |" in report.differing_settings(rows)
+    assert "| runs | `--seed` |" in remarks.differing_settings(rows)
 
 
 def test_a_run_started_from_a_script_is_given_the_scripts_command(tmp_path):
@@ -161,12 +161,12 @@ def test_a_run_started_from_a_script_is_given_the_scripts_command(tmp_path):
     assert "- py1: `python train_py.py runs/py1 'a b'`\n" in text
     assert "- mine: `python my_script.py`\n" in text
     assert "- cli: `hpctrain train --out o`\n" in text
-    assert f"- shell: {report.FROM_PYTHON}\n" in text
-    assert report.recorded_command(["/x/hpctrain/__main__.py", "train"]) == "hpctrain train"
-    assert report.recorded_command(["/k/ipykernel_launcher.py", "-f", "k.json"]) == \
-        report.FROM_PYTHON
-    assert report.recorded_command(["/venv/bin/hpctrain"]) is None  # no command of its own
-    assert report.recorded_command([]) is None and report.recorded_command("x") is None
+    assert f"- shell: {reading.FROM_PYTHON}\n" in text
+    assert reading.recorded_command(["/x/hpctrain/__main__.py", "train"]) == "hpctrain train"
+    assert reading.recorded_command(["/k/ipykernel_launcher.py", "-f", "k.json"]) == \
+        reading.FROM_PYTHON
+    assert reading.recorded_command(["/venv/bin/hpctrain"]) is None  # no command of its own
+    assert reading.recorded_command([]) is None and reading.recorded_command("x") is None
 
 
 def test_a_model_args_difference_is_a_setting_that_differs():
@@ -174,23 +174,23 @@ def test_a_model_args_difference_is_a_setting_that_differs():
     their seeds differed: the object was split by key, each key in one run only, and a key some
     runs lack did not count. --model-args is compared whole; a setting (not an algorithm's
     option) some runs' config.json lacks differs too."""
-    def row(name: str, args: dict | None, seed: int = 0, **more) -> report.Row:
-        return report.Row(name, "ok", summary=SUMMARY, config={
+    def row(name: str, args: dict | None, seed: int = 0, **more) -> reading.Row:
+        return reading.Row(name, "ok", summary=SUMMARY, config={
             "seed": seed, "model": {"name": "nets.py:build", "args": args},
             "optim": {"lr": 0.05}, **more})
 
     rows = [row("w4", {"width": 4}), row("w4seed2", {"width": 4}, 2), row("w8", None)]
-    assert report.differing_settings(rows).endswith(
+    assert remarks.differing_settings(rows).endswith(
         "| runs | `--model-args` | `--seed` |\n|---|---|---|\n"
         '| w4 | {"width": 4} | 0 |\n| w4seed2 | {"width": 4} | 2 |\n| w8 | none | 0 |')
     rows = [row("a", {"width": 4, "depth": 2}), row("b", {"width": 8, "depth": 2})]
     assert '| a | {"depth": 2, "width": 4} |\n| b | {"depth": 2, "width": 8} |' in \
-        report.differing_settings(rows)
+        remarks.differing_settings(rows)
     # The same object in another key order is the same setting (json.dumps keeps the order)
     rows = [row("ab", {"a": 1, "b": 2}), row("ba", {"b": 2, "a": 1})]
-    assert report.differing_settings(rows) is None
+    assert remarks.differing_settings(rows) is None
     rows = [row("old", None), row("new", None, threads=1)]
-    assert report.differing_settings(rows).endswith(
+    assert remarks.differing_settings(rows).endswith(
         "| runs | `--threads` |\n|---|---|\n| old | — |\n| new | 1 |")
 
 
@@ -199,15 +199,15 @@ def test_the_training_options_line_can_be_pasted_into_a_shell():
     record = {"algos": ["ssgd"], "workers": 2, "runs": {},
               "train_args": ["--model-args", '{"width": 4}', "--epochs", "1"]}
     assert "Training options: `--model-args '{\"width\": 4}' --epochs 1` (each run" in \
-        report.markdown(record, [], [])
+        document.markdown(record, [], [])
 
 
 def test_a_simulated_comparisons_time_axis_says_it_is_virtual():
-    simulated = report.Row("asgd", "ok", summary={"simulated": True})
-    real = report.Row("sgd", "ok", summary={})
-    assert report.x_label([simulated], "t") == "virtual time (s, simulated)"
-    assert report.x_label([simulated, real], "t") == "wall time (s)"  # marked in the report
-    assert report.x_label([simulated], "epoch") == report.PLOTS["epoch"][1]
+    simulated = reading.Row("asgd", "ok", summary={"simulated": True})
+    real = reading.Row("sgd", "ok", summary={})
+    assert plotting.x_label([simulated], "t") == "virtual time (s, simulated)"
+    assert plotting.x_label([simulated, real], "t") == "wall time (s)"  # marked in the report
+    assert plotting.x_label([simulated], "epoch") == plotting.PLOTS["epoch"][1]
 
 
 def test_simulated_runs_among_real_ones_are_marked(tmp_path):
@@ -219,9 +219,9 @@ def test_simulated_runs_among_real_ones_are_marked(tmp_path):
             "seconds, not comparable with the other runs'.\n") in text
     rows = [line.split(" | ")[0] for line in text.splitlines() if line.startswith("| ")]
     assert rows[1:] == ["| real", "| sim (simulated)"]
-    seeds = [report.Row(name, "ok", seed=seed, summary={**SUMMARY, "simulated": simulated})
+    seeds = [reading.Row(name, "ok", seed=seed, summary={**SUMMARY, "simulated": simulated})
              for name, simulated in (("asgd", True), ("ssgd", False)) for seed in (1, 2)]
-    assert [line.split(" | ")[0] for line in report.seed_table(seeds, [0.8]).splitlines()[2:]] \
+    assert [line.split(" | ")[0] for line in tables.seed_table(seeds, [0.8]).splitlines()[2:]] \
         == ["| asgd (simulated)", "| ssgd"]
     runs(tmp_path / "all", sim={"simulated": True})
     text = report_md(tmp_path / "all")
@@ -236,11 +236,11 @@ def test_a_simulated_comparison_says_what_set_its_times(tmp_path):
                   "bandwidth": 4e9, "store_latency": 5e-05, "store_bandwidth": 4e9,
                   "train_subset": 6000, "inference_s_per_sample": 2e-05,
                   "inference_from": "step time"}
-    rows = [report.Row(algo, "ok", seed=seed, summary={
+    rows = [reading.Row(algo, "ok", seed=seed, summary={
         **SUMMARY, "algo": algo, "simulated": True, "slowdown": "0:4", "jitter": 0.0,
         "simulation": {**simulation, "timing_seed": seed}})
         for algo in ("asgd", "ec") for seed in (1, 2)]
-    assert report.simulator_settings(rows) == (
+    assert remarks.simulator_settings(rows) == (
         "Simulator settings, which set every time and staleness figure: "
         "`--step-time lognormal:0.01:0.5`, `--timing-seed` each run's `--seed`, "
         "`--comm-time model`, `--latency 5e-05`, `--bandwidth 4e+09`, `--store-latency 5e-05`, "
@@ -248,19 +248,19 @@ def test_a_simulated_comparison_says_what_set_its_times(tmp_path):
         "ec's inference per sample 2e-05 s (step time).")
     rows[0].summary["simulation"]["timing_seed"] = 7  # held fixed, but on one run
     assert "`--timing-seed` 7 (asgd seed 1); 2 (asgd seed 2, ec seed 2); 1 (ec seed 1)" in \
-        report.simulator_settings(rows)
+        remarks.simulator_settings(rows)
     runs(tmp_path / "sim", asgd={"simulated": True, "simulation": simulation, "jitter": 0.3})
     assert "\nSimulator settings, which set every time and staleness figure: `--step-time " \
         "lognormal:0.01:0.5`, `--comm-time model`," in report_md(tmp_path / "sim")
-    assert report.simulator_settings([report.Row("ssgd", "ok", summary=SUMMARY)]) is None
+    assert remarks.simulator_settings([reading.Row("ssgd", "ok", summary=SUMMARY)]) is None
 
 
 def test_the_error_range_leaves_room_above_runs_near_zero_error():
     """Median final error 0: the range was [0, 0.5]%, a run at 4% error off the plot."""
-    low, high = report._error_range([[90.0, 0.0, 0.0], [90.0, 0.1, 0.0], [90.0, 6.0, 4.0]])
+    low, high = plotting._error_range([[90.0, 0.0, 0.0], [90.0, 0.1, 0.0], [90.0, 6.0, 4.0]])
     assert low == 0.0 and 4.0 < high <= 10.0
     # 2.5 times the median still rules where it is the larger (the plots do not change).
-    assert report._error_range([[90.0, 30.0, 12.0], [90.0, 40.0, 20.0], [90.0, 25.0, 10.0]]) \
+    assert plotting._error_range([[90.0, 30.0, 12.0], [90.0, 40.0, 20.0], [90.0, 25.0, 10.0]]) \
         == (9.0, 31.0)
 
 
@@ -271,24 +271,24 @@ def test_the_error_range_holds_the_seeds_bands():
     mean = [[80.1, 67.6, 64.1, 60.9], [80.1, 67.2, 65.9, 60.9]]
     bands = [[74.2, 60.9, 53.9, 47.7], [85.9, 74.2, 74.2, 74.2],
              [74.2, 60.2, 57.7, 47.7], [85.9, 74.2, 74.2, 74.2]]
-    assert report._error_range(mean) == pytest.approx((60.4, 68.1))  # as it was
-    low, high = report._error_range(mean, bands)
+    assert plotting._error_range(mean) == pytest.approx((60.4, 68.1))  # as it was
+    low, high = plotting._error_range(mean, bands)
     assert 45.0 < low < 47.7 and 74.2 < high < 80.0
     converging = [[90.0, 30.0, 12.0], [90.0, 40.0, 20.0], [90.0, 25.0, 10.0]]
-    assert report._error_range(converging, [[90.0, 5.0, 4.0], [90.0, 95.0, 90.0]]) == \
+    assert plotting._error_range(converging, [[90.0, 5.0, 4.0], [90.0, 95.0, 90.0]]) == \
         pytest.approx((2.7, 31.3))  # to 2.5 times the median, 12
-    rows = [report.Row("ssgd", "ok", summary=SUMMARY, seed=seed, points=[
+    rows = [reading.Row("ssgd", "ok", summary=SUMMARY, seed=seed, points=[
         {"t": 0.0, "epoch": 0.0, "test_acc": 0.1}, {"t": 1.0, "epoch": 1.0, "test_acc": acc}])
         for seed, acc in ((1, 0.55), (2, 0.25))]  # the band 45-75%, its mean 60%
-    low, high = report.figure(rows, "epoch").axes[0].get_ylim()
+    low, high = plotting.figure(rows, "epoch").axes[0].get_ylim()
     assert low < 45.0 and high > 75.0
 
 
 def test_a_curve_above_the_range_says_its_limit_in_three_digits():
     """It said "(above 0%)" of a limit of 0.5%."""
-    curve = report.Curve("asgd", "asgd, M=4", [0.0, 1.0], [90.0, 80.0])
-    assert report.legend_label(curve, (0.0, 0.5)) == "asgd, M=4 (above 0.5%)"
-    assert report.legend_label(curve, (0.0, 85.0)) == "asgd, M=4"
+    curve = plotting.Curve("asgd", "asgd, M=4", [0.0, 1.0], [90.0, 80.0])
+    assert plotting.legend_label(curve, (0.0, 0.5)) == "asgd, M=4 (above 0.5%)"
+    assert plotting.legend_label(curve, (0.0, 85.0)) == "asgd, M=4"
 
 
 def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
@@ -306,32 +306,32 @@ def test_a_folders_runs_are_named_by_their_algorithm_and_folder(tmp_path):
     assert [line.split(" | ")[:2] for line in text.splitlines() if line.startswith("| ")][1:] \
         == [["| asgd (cut)", "—"], ["| dcasgd-a (da)", "2"], ["| ssgd (late)", "—"],
             ["| Vote (later)", "—"], ["| vote (own)", "1"], ["| sgd", "1"]]
-    _, rows = report.load(tmp_path)
-    (ax,) = report.figure(rows, "epoch").axes
+    _, rows = reading.load(tmp_path)
+    (ax,) = plotting.figure(rows, "epoch").axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "dcasgd-a (da), M=2", "vote (own), M=1", "sgd, M=1",
         "not drawn: asgd (cut) failed; ssgd (late) unfinished; Vote (later) unfinished"]
     # dcasgd-a's colour, as in every report
-    assert ax.get_lines()[0].get_color() == report._style("dcasgd-a", 0)[0]
+    assert ax.get_lines()[0].get_color() == plotting._style("dcasgd-a", 0)[0]
 
 
 def test_the_plots_name_the_runs_they_have_no_line_of():
     """ma and dcasgd-a failed on both seeds: the plots showed sgd's line alone, and nothing
     said the other two had failed. A mean over fewer seeds than ran says of how many."""
-    def row(name: str, seed: int | None, ok: bool = True) -> report.Row:
+    def row(name: str, seed: int | None, ok: bool = True) -> reading.Row:
         points = [{**p, "test_acc": p["test_acc"] - 0.01 * (seed or 0)} for p in POINTS]
-        return report.Row(name, "ok", summary=SUMMARY, points=points, seed=seed) if ok else \
-            report.Row(name, "failed", error="exited on signal 9", seed=seed)
+        return reading.Row(name, "ok", summary=SUMMARY, points=points, seed=seed) if ok else \
+            reading.Row(name, "failed", error="exited on signal 9", seed=seed)
 
     rows = [row("sgd", 1), row("sgd", 2, ok=False), *(row(name, seed, ok=False)
             for name in ("ma", "dcasgd-a") for seed in (1, 2))]
-    for x in report.PLOTS:
-        (ax,) = report.figure(rows, x).axes
+    for x in plotting.PLOTS:
+        (ax,) = plotting.figure(rows, x).axes
         assert [t.get_text() for t in ax.get_legend().get_texts()] == [
             "sgd, M=1, mean of 1 of 2 seeds", "not drawn: ma failed; dcasgd-a failed"]
-    rows = [row("sgd", None, ok=False), report.Row("ssgd", "not run"),
-            report.Row("asgd", "ok", summary=SUMMARY)]  # its curve points all unusable
-    (ax,) = report.figure(rows, "t").axes  # no line at all: the legend still says why
+    rows = [row("sgd", None, ok=False), reading.Row("ssgd", "not run"),
+            reading.Row("asgd", "ok", summary=SUMMARY)]  # its curve points all unusable
+    (ax,) = plotting.figure(rows, "t").axes  # no line at all: the legend still says why
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "not drawn: sgd failed; ssgd not run; asgd without curve points"]
 
@@ -341,39 +341,39 @@ def test_the_plots_say_which_line_trained_which_model_and_data(tmp_path):
     synthetic, fashion-mnist" and no line said which it was."""
     runs(tmp_path, a={"algo": "sgd"}, c={"algo": "sgd", "model": "lenet"},
          d={"algo": "sgd", "model": "lenet", "dataset": "fashion-mnist"})
-    _, rows = report.load(tmp_path)
-    (ax,) = report.figure(rows, "t", report._title({}, rows)).axes
+    _, rows = reading.load(tmp_path)
+    (ax,) = plotting.figure(rows, "t", plotting._title({}, rows)).axes
     assert ax.get_title() == "each line's model and data set"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "sgd (a), M=1, mlp on synthetic", "sgd (c), M=1, lenet on synthetic",
         "sgd (d), M=1, lenet on fashion-mnist"]
     rows.pop()  # one data set: the title names it, each line its model
-    assert report._title({}, rows) == "each line's model on synthetic"
-    assert [c.label for c in report.curves(rows, "t")] == ["sgd (a), M=1, mlp",
+    assert plotting._title({}, rows) == "each line's model on synthetic"
+    assert [c.label for c in plotting.curves(rows, "t")] == ["sgd (a), M=1, mlp",
                                                            "sgd (c), M=1, lenet"]
-    assert report._title({"train_args": ["--jitter", "0.2"]}, rows[:1]) == \
+    assert plotting._title({"train_args": ["--jitter", "0.2"]}, rows[:1]) == \
         "mlp on synthetic, --jitter 0.2"
 
 
 def test_an_ec_line_says_which_of_its_models_it_scores():
     """A comparison of ma and ec: ec's line read "ec, M=4" alone, though its points are rank
     0's member (the default) or the ensemble; only report.md's text said which."""
-    def row(algo: str, final: str | None, seed: int | None = None) -> report.Row:
+    def row(algo: str, final: str | None, seed: int | None = None) -> reading.Row:
         summary = {**SUMMARY, "algo": algo, "workers": 4}
         if final is not None:
             summary["final_model"] = final
-        return report.Row(algo, "ok", seed=seed, summary=summary, points=POINTS)
+        return reading.Row(algo, "ok", seed=seed, summary=summary, points=POINTS)
 
     rows = [row("ma", "averaged"), row("ec", "member")]
-    assert [c.label for c in report.curves(rows, "t")] == [
+    assert [c.label for c in plotting.curves(rows, "t")] == [
         "ma, M=4", "ec, M=4, rank 0's member"]
-    (ax,) = report.figure(rows, "epoch", "t").axes
+    (ax,) = plotting.figure(rows, "epoch", "t").axes
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "ma, M=4", "ec, M=4, rank 0's member"]
     seeds = [row("ec", "ensemble", 1), row("ec", "ensemble", 2)]
-    assert [c.label for c in report.curves(seeds, "epoch")] == [
+    assert [c.label for c in plotting.curves(seeds, "epoch")] == [
         "ec, M=4, mean of 2 seeds, ensemble"]
-    assert report.curves([row("ec", None)], "t")[0].label == "ec, M=4, rank 0's member"
+    assert plotting.curves([row("ec", None)], "t")[0].label == "ec, M=4, rank 0's member"
 
 
 def test_a_title_of_a_users_paths_names_their_files_and_fits_the_figure():
@@ -381,26 +381,26 @@ def test_a_title_of_a_users_paths_names_their_files_and_fits_the_figure():
     title held both absolute paths on one line and ran past the figure's edges."""
     long = "/tmp/trial-researcher/" + "a-long-folder-name/" * 3
     summary = {**SUMMARY, "model": f"{long}mynet.py:build", "dataset": f"imagefolder:{long}imgs/"}
-    rows = [report.Row("ssgd", "ok", summary=summary, points=POINTS)]
-    title = report._title({"train_args": ["--jitter", "0.2", "--slowdown", "0:2,1:3,2:4"]}, rows)
+    rows = [reading.Row("ssgd", "ok", summary=summary, points=POINTS)]
+    title = plotting._title({"train_args": ["--jitter", "0.2", "--slowdown", "0:2,1:3,2:4"]}, rows)
     assert title == "mynet.py:build on imagefolder:imgs, --slowdown 0:2,1:3,2:4, --jitter 0.2"
-    fig = report.figure(rows, "t", title + ", and a few more words to take it past one line")
+    fig = plotting.figure(rows, "t", title + ", and a few more words to take it past one line")
     (ax,) = fig.axes
     assert ax.get_title() == ("mynet.py:build on imagefolder:imgs, --slowdown\n0:2,1:3,2:4, "
                               "--jitter 0.2, and a few more words to\ntake it past one line")
     fig.canvas.draw()
     drawn = ax.title.get_window_extent()
     assert 0 <= drawn.x0 and drawn.x1 <= fig.bbox.width
-    other = report.Row("sgd", "ok", summary={**summary, "model": "lenet"}, points=POINTS)
-    assert [c.label for c in report.curves([*rows, other], "t")] == [
+    other = reading.Row("sgd", "ok", summary={**summary, "model": "lenet"}, points=POINTS)
+    assert [c.label for c in plotting.curves([*rows, other], "t")] == [
         "ssgd, M=1, mynet.py:build", "sgd, M=1, lenet"]  # each line's model, by its file
     # Two data sets of one folder name stay two (they were one once shortened), and a name
     # with a hyphen is not broken there.
-    elsewhere = report.Row("sgd", "ok", points=POINTS,
+    elsewhere = reading.Row("sgd", "ok", points=POINTS,
                            summary={**summary, "dataset": "imagefolder:/data/imgs"})
-    assert report._trained_on([*rows, elsewhere], ("dataset",)) == \
+    assert plotting._trained_on([*rows, elsewhere], ("dataset",)) == \
         ", imagefolder:imgs / imagefolder:imgs"
-    (ax,) = report.figure(rows, "t", "x" * 45 + " fashion-mnist").axes
+    (ax,) = plotting.figure(rows, "t", "x" * 45 + " fashion-mnist").axes
     assert ax.get_title() == "x" * 45 + "\nfashion-mnist"
 
 
@@ -409,8 +409,8 @@ def test_curves_that_lie_on_each_other_both_show(tmp_path):
     the legend showed it. Each curve now has its own hollow marker, and each drawn later is
     narrower, so that the one under it shows at its edges."""
     runs(tmp_path, ssgd={}, ma={}, asgd={"algo": "sgd"}, sgd={})  # the same points each
-    _, rows = report.load(tmp_path)
-    lines = report.figure(rows, "t").axes[0].get_lines()
+    _, rows = reading.load(tmp_path)
+    lines = plotting.figure(rows, "t").axes[0].get_lines()
     assert len({line.get_marker() for line in lines}) == len(lines) == 4
     assert all(line.get_markerfacecolor() == "none" for line in lines)
     widths = [line.get_linewidth() for line in lines]
@@ -584,10 +584,10 @@ def test_curves_below_ymin_stay_on_the_plot(tmp_path):
 def test_a_mean_over_seeds_says_how_many_runs_had_the_value():
     """A seed's unreadable wall time (shown n/a in its own row) left the algorithm's row the
     other seed's value alone, with no ± and nothing said: a time to a target says "in 1 of 2"."""
-    seeds = [report.Row("ma", "ok", seed=seed, summary={**SUMMARY, **extra})
+    seeds = [reading.Row("ma", "ok", seed=seed, summary={**SUMMARY, **extra})
              for seed, extra in ((1, {"wall_s": 10.0, "final_test_acc": 0.5}),
                                  (2, {"wall_s": None, "final_test_acc": 0.7}))]
-    head, _, row = report.seed_table(seeds, []).splitlines()
+    head, _, row = tables.seed_table(seeds, []).splitlines()
     cells = dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "), strict=True))
     assert cells["wall s"] == "10.0 in 1 of 2" and cells["seeds"] == "2"
     assert cells["final acc"] == "0.60 ± 0.14"
@@ -602,24 +602,24 @@ def test_ecs_accuracy_says_it_is_rank_0s_member_beside_the_members_mean(tmp_path
     0.484 and 0.544, and the table showed it as ma's average is shown. Its cells now say whose
     it is, the members' mean and the ensemble beside it (over seeds: mean ± sample sd), and a
     line under the first table says why; ma's cells are as they were."""
-    seeds = [report.Row("ec", "ok", seed=seed, summary={
+    seeds = [reading.Row("ec", "ok", seed=seed, summary={
                  **SUMMARY, **EC, "final_test_acc": acc, "final_mean_member_acc": mean,
                  "final_ensemble_acc": ensemble})
              for seed, acc, mean, ensemble in ((0, 0.484, 0.426, 0.5), (1, 0.457, 0.484, 0.52),
                                                (2, 0.598, 0.544, 0.6))]
-    seeds += [report.Row("ma", "ok", seed=seed, summary={
+    seeds += [reading.Row("ma", "ok", seed=seed, summary={
                   **SUMMARY, "algo": "ma", "final_model": "averaged",
                   "final_mean_member_acc": 0.5}) for seed in (0, 1)]
-    head, _, ec, ma = report.seed_table(seeds, []).splitlines()
+    head, _, ec, ma = tables.seed_table(seeds, []).splitlines()
     ec_cells, ma_cells = (dict(zip(head.strip("| ").split(" | "), row.strip("| ").split(" | "),
                                    strict=True)) for row in (ec, ma))
     assert ec_cells["final acc"] == ("0.513 ± 0.075 (rank 0's member; members' mean "
                                      "0.485 ± 0.059, ensemble 0.540 ± 0.053)")
     assert ec_cells["best acc"] == "0.6000 ± 0.0000 (rank 0's member)"
     assert (ma_cells["final acc"], ma_cells["best acc"]) == ("0.9000 ± 0.0000", "0.9000 ± 0.0000")
-    note = report.final_models_note(seeds)
+    note = remarks.final_models_note(seeds)
     for odd in (["member"], {"a": 1}, 3, "averaged"):  # unhashable ones raised TypeError
-        assert report.final_model({"algo": "ec", "final_model": odd}) is None
+        assert reading.final_model({"algo": "ec", "final_model": odd}) is None
     assert note.startswith("**The final and best acc of ec are rank 0's member's**")
     assert note.endswith("each over seeds a mean ± sample standard deviation, as the others.")
 
@@ -648,25 +648,25 @@ def test_the_wall_time_plot_shows_the_seeds_spread_in_time():
     looked tight. Each line of several seeds now ends in a bar from its fastest to its
     slowest run's end time, at its final mean error, which the legend names; against
     epochs, and for a line of one run, there is none."""
-    def seeds(name: str, ends: tuple[float, ...], acc: float = 0.8) -> list[report.Row]:
-        return [report.Row(name, "ok", summary={**SUMMARY, "algo": name}, seed=seed, points=[
+    def seeds(name: str, ends: tuple[float, ...], acc: float = 0.8) -> list[reading.Row]:
+        return [reading.Row(name, "ok", summary={**SUMMARY, "algo": name}, seed=seed, points=[
             {"t": 0.0, "epoch": 0.0, "test_acc": 0.1},
             {"t": end / 2, "epoch": 0.5, "test_acc": 0.5},
             {"t": end, "epoch": 1.0, "test_acc": acc + 0.01 * seed}])
             for seed, end in enumerate(ends, 1)]
     rows = [*seeds("ssgd", (15.0, 36.3, 25.5)), *seeds("asgd", (10.0, 11.0), 0.7),
             *seeds("ma", (20.0,), 0.6)]  # ma: one seed, no spread to show
-    ax = report.figure(rows, "t").axes[0]
+    ax = plotting.figure(rows, "t").axes[0]
     bars = {tuple(line.get_xdata()): (list(line.get_ydata()), line.get_color())
-            for line in ax.get_lines() if line.get_gid() == report.TIME_SPREAD}
-    means = {c.name: c for c in report.curves(rows, "t")}
-    assert bars == {(15.0, 36.3): ([means["ssgd"].err[-1]] * 2, report._style("ssgd", 0)[0]),
-                    (10.0, 11.0): ([means["asgd"].err[-1]] * 2, report._style("asgd", 0)[0])}
+            for line in ax.get_lines() if line.get_gid() == plotting.TIME_SPREAD}
+    means = {c.name: c for c in plotting.curves(rows, "t")}
+    assert bars == {(15.0, 36.3): ([means["ssgd"].err[-1]] * 2, plotting._style("ssgd", 0)[0]),
+                    (10.0, 11.0): ([means["asgd"].err[-1]] * 2, plotting._style("asgd", 0)[0])}
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert report.TIME_BAR in labels and report.BAND in labels
-    epochs = report.figure(rows, "epoch").axes[0]
-    assert not [line for line in epochs.get_lines() if line.get_gid() == report.TIME_SPREAD]
-    assert report.TIME_BAR not in [t.get_text() for t in epochs.get_legend().get_texts()]
+    assert plotting.TIME_BAR in labels and plotting.BAND in labels
+    epochs = plotting.figure(rows, "epoch").axes[0]
+    assert not [line for line in epochs.get_lines() if line.get_gid() == plotting.TIME_SPREAD]
+    assert plotting.TIME_BAR not in [t.get_text() for t in epochs.get_legend().get_texts()]
 
 
 def test_the_report_says_the_machines_load_and_warns_above_its_cpus(tmp_path):
@@ -686,8 +686,8 @@ def test_the_report_says_the_machines_load_and_warns_above_its_cpus(tmp_path):
     assert "**The load exceeded the CPUs in** ssgd (5.7 on 2):" in line  # not big (8)
     assert "ma" not in line.split("exceeded")[1].split(":")[0]  # 1.5 on 2: not above
     assert line.endswith("(1 run recorded no load.)")  # old; sim's times are virtual
-    _, rows = report.load(tmp_path / "new")
+    _, rows = reading.load(tmp_path / "new")
     quiet = [r for r in rows if r.name == "ma"]
-    assert report.machine_load(quiet) == (
+    assert remarks.machine_load(quiet) == (
         "Machine load (1-minute load average of rank 0's node at each run's start and end): "
         "at most 1.5 (ma, at its start) on 2 CPUs.")

@@ -10,7 +10,7 @@ from conftest import SYNTHETIC, refusal
 
 import hpctrain
 from hpctrain import arguments, cli, options, plugins, run_folders, steptimes
-from hpctrain.bench import report
+from hpctrain.bench.report import rendering
 from hpctrain.errors import UsageError
 
 pytestmark = pytest.mark.unit
@@ -66,10 +66,10 @@ def test_a_replay_and_a_report_too_long_to_exist_are_refused_alike(tmp_path, who
         steptimes.file_of(path)
     assert str(e.value) == f"SimConfig.step_time: {why}"
     with pytest.raises(UsageError) as e:
-        report.run(cli.build_parser().parse_args(["report", path]))
+        rendering.run(cli.build_parser().parse_args(["report", path]))
     assert str(e.value) == shown("report", path, why)
     with pytest.raises(UsageError) as e:
-        report.run(cli.build_parser().parse_args(["report", str(tmp_path), "--out", path]))
+        rendering.run(cli.build_parser().parse_args(["report", str(tmp_path), "--out", path]))
     assert str(e.value) == shown("--out", path, why)
     assert os.listdir(tmp_path) == []
 

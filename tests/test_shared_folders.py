@@ -15,7 +15,8 @@ import pytest
 from conftest import SYNTHETIC, run_program
 
 from hpctrain import metrics, options, run_folders
-from hpctrain.bench import compare, report
+from hpctrain.bench import compare
+from hpctrain.bench.report import rendering
 from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
 
@@ -70,7 +71,7 @@ def test_a_fifo_as_lock_file_is_refused_without_waiting(tmp_path):
     with contextlib.ExitStack() as held:
         assert refused(lambda: run_folders.lock_folder(held, "--out", out)) == (
             f"--out {out}: {why}")
-        assert refused(lambda: report._hold_unless_in_use(held, out)) == f"report {out}: {why}"
+        assert refused(lambda: rendering._hold_unless_in_use(held, out)) == f"report {out}: {why}"
     (out / run_folders.LOCK).unlink()
     (out / run_folders.LOCK).mkdir()
     assert refused(lambda: run_folders.refuse_held("--out", out)).endswith(
@@ -88,7 +89,7 @@ def test_the_locks_still_exclude_each_other(tmp_path):
                 lambda: run_folders.lock_folder(second, "--out", out))
         assert "in use" in refused(lambda: run_folders.refuse_held("--out", out))
         with contextlib.ExitStack() as third:
-            assert "in use" in refused(lambda: report._hold_unless_in_use(third, out))
+            assert "in use" in refused(lambda: rendering._hold_unless_in_use(third, out))
     run_folders.refuse_held("--out", out)  # let go
 
 
@@ -132,7 +133,7 @@ _AS_ANOTHER_USER = """
 import contextlib, sys
 from pathlib import Path
 from hpctrain import options, run_folders
-from hpctrain.bench import report
+from hpctrain.bench.report import rendering
 from hpctrain.errors import UsageError
 
 def refusal(call):
@@ -151,7 +152,7 @@ with contextlib.ExitStack() as first:  # the lock file is read-only to this proc
 print(refusal(lambda: run_folders.refuse_held("--out", root / "closed")))
 with contextlib.ExitStack() as held:
     print(refusal(lambda: run_folders.lock_folder(held, "--out", root / "closed")))
-    print(refusal(lambda: report._hold_unless_in_use(held, root / "closed")))
+    print(refusal(lambda: rendering._hold_unless_in_use(held, root / "closed")))
 """
 _DROP = "--drop=cap_dac_override,cap_dac_read_search,cap_fowner"
 

@@ -64,7 +64,8 @@ from hpctrain import (
     run_folders,
     steptimes,
 )
-from hpctrain.bench import at_most, report
+from hpctrain.bench import at_most
+from hpctrain.bench.report import plotting, reading, remarks, rendering, tables
 from hpctrain.config import RunConfig
 from hpctrain.errors import Parser, UsageError
 from hpctrain.metrics import read_json, read_points, redraws, write_json_atomic
@@ -90,7 +91,7 @@ SEQUENTIAL = ("sgd",)  # algorithms that train on one process whatever --workers
 _PER_RUN = ("--algo", "--out", "--resume", "--checkpoint-dir")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")  # algorithm names become folder names
 _PROGRESS_EVERY_S = 30.0  # progress lines when stderr is not a terminal
-LOGS = ("stdout.log", report.LOG)  # a run's output, appended in its folder (open_log)
+LOGS = ("stdout.log", reading.LOG)  # a run's output, appended in its folder (open_log)
 _MPI_LAUNCHERS = frozenset({"mpirun", "mpiexec", "mpiexec.hydra", "orterun", "prterun"})
 # Their options that place ranks on other machines (Open MPI's, then Hydra's: MPICH, Intel).
 _HOST_OPTIONS = frozenset({"-H", "--host", "-host", "--hostfile", "-hostfile", "--machinefile",
@@ -242,7 +243,7 @@ class Run:
     @property
     def name(self) -> str:
         """Its folder in the comparison and its key in compare.json."""
-        return report.run_name(self.label, self.seed)
+        return reading.run_name(self.label, self.seed)
 
 
 def given_options(args: argparse.Namespace) -> list[tuple[TrainOption, list[str]]]:
@@ -415,11 +416,11 @@ def plan(args: argparse.Namespace) -> list[Run]:
     if not (math.isfinite(args.timeout) and 0 <= args.timeout <= HUGE):
         raise UsageError(f"--timeout {args.timeout:g}: must be in [0, {HUGE:g}] "
                          "(0: none)")
-    report.parse_targets(args.targets)
+    rendering.parse_targets(args.targets)
     # --out=~/x (the shell expands no ~ after "="): as every train path option takes it,
     # not a folder named ~ in the working folder beside runs that train's --out put in home.
     args.out = plugins.home_expanded(args.out, "--out")
-    report.check_out_folder(args.out)  # else found as the first run starts, all planned
+    rendering.check_out_folder(args.out)  # else found as the first run starts, all planned
     given = given_options(args)
     _check_owned(given, algos, args.algos, _recorded_words(args))
     seeds = getattr(args, "seeds", None)
@@ -457,9 +458,9 @@ def _algos_missing(args: argparse.Namespace) -> str:
     (whose stop said "continue with --resume"), the command that continues it, since a resume
     takes the same --algos and options and reads none of them from the record."""
     out = getattr(args, "out", None)
-    if args.resume and out is not None and (Path(out) / report.RECORD).is_file():
+    if args.resume and out is not None and (Path(out) / reading.RECORD).is_file():
         try:
-            old = report.read_record(out)
+            old = reading.read_record(out)
         except UsageError:  # a damaged record: the plain refusal below
             old = None
         if old is not None:
@@ -476,16 +477,16 @@ def _algos_missing(args: argparse.Namespace) -> str:
                 words += ["--targets", ",".join(f"{t:g}" for t in old["targets"])]
             words += [*old["train_args"], "--resume", "--out", str(out)]
             return (f"--resume needs the comparison's --algos and options again (it checks "
-                    f"them against {Path(out) / report.RECORD}): {shlex.join(words)}")
+                    f"them against {Path(out) / reading.RECORD}): {shlex.join(words)}")
     return f"--algos is required: the algorithms to compare ({registry.choices()})"
 
 
 def _recorded_words(args: argparse.Namespace) -> list[str]:
     """The training options of the comparison ``--resume`` continues; none to read: []."""
-    if not args.resume or not (Path(args.out) / report.RECORD).exists():
+    if not args.resume or not (Path(args.out) / reading.RECORD).exists():
         return []
     try:
-        return list(report.read_record(args.out)["train_args"])
+        return list(reading.read_record(args.out)["train_args"])
     except UsageError:  # refused, naming the file, where the record is read for the resume
         return []
 
@@ -509,7 +510,7 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
             with contextlib.suppress(OSError):  # none yet
                 run_folders.refuse_unlike_file(f"{whose}: its log", folder / log,
                                                os.lstat(folder / log).st_mode)
-        if (folder / report.RECORD).exists():
+        if (folder / reading.RECORD).exists():
             raise UsageError(f"{whose}: --out {folder} holds a bench compare; choose another "
                              "--out")
         recorded = steptimes.recorded_algo(folder / "config.json")  # None: the run says
@@ -557,7 +558,7 @@ def _planned(shared: _Shared, algo: str, seed: int | None, checked: Run | None) 
     if seed is not None:
         words = [*words, "--seed", str(seed)]
     train_args = ["--algo", algo, *words, "--out",
-                  str(Path(args.out) / report.run_name(registry.display_name(algo), seed))]
+                  str(Path(args.out) / reading.run_name(registry.display_name(algo), seed))]
     typed = shared.train_parser.parse_args(train_args)
     config = arguments.build(typed)  # bad values here
     ignored = [opt.flag for opt, _ in given if not opt.given_to(algo)]
@@ -715,7 +716,7 @@ def execute(run: Run, run_dir: Path, label: str, timeout: float,
     with _naming(run_dir / LOGS[1]), open(open_log(run_dir / LOGS[0]), "ab") as out, \
             open(open_log(run_dir / LOGS[1]), "a") as log:
         if log.tell():
-            log.write(f"{report.CONTINUED}{time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
+            log.write(f"{reading.CONTINUED}{time.strftime('%Y-%m-%d %H:%M:%S')}) ---\n")
         proc = subprocess.Popen(tied(run.command), stdout=out, stderr=subprocess.PIPE, env=env)
         stderr = proc.stderr
         assert isinstance(stderr, io.BufferedReader)  # a pipe, binary and buffered (Popen's)
@@ -842,13 +843,13 @@ def launch_problem(run: Run, summary: dict) -> str | None:
 def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     out = Path(args.out)
     train_args = [w for _, ws in given_options(args) for w in ws]
-    path = out / report.RECORD
+    path = out / reading.RECORD
     simulated = args.simulate is not None
     sim_args = simulator_words(args)
     seeds = getattr(args, "seeds", None)
     sha = replayed_sha256(sim_args) if simulated else None
     record = {"algos": list(dict.fromkeys(r.label for r in runs)), "workers": args.workers,
-              "targets": report.parse_targets(args.targets), "train_args": train_args,
+              "targets": rendering.parse_targets(args.targets), "train_args": train_args,
               "simulated": simulated, "sim_args": sim_args, "runs": {},
               **({"step_times_sha256": sha} if sha else {}),
               **({"seeds": seeds} if seeds else {}), **_own_algorithms(runs)}
@@ -856,7 +857,7 @@ def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
         if not args.resume:
             raise UsageError(f"--out {out} already holds a comparison; pass --resume to finish "
                              "it, or choose another folder")
-        old = report.read_record(out)
+        old = reading.read_record(out)
         if sorted(old["algos"]) != sorted(record["algos"]):  # the report would lose rows
             raise UsageError(f"--resume: {out} was run with --algos {','.join(old['algos'])}, "
                              f"not {','.join(record['algos'])}; give the same")
@@ -946,7 +947,7 @@ def _set_aside(run_dir: Path, label: str) -> None:
     if not (run_dir / "summary.json").exists():
         return
     n = 1
-    while (aside := run_dir.with_name(report.set_aside_name(run_dir.name, n))).exists():
+    while (aside := run_dir.with_name(reading.set_aside_name(run_dir.name, n))).exists():
         n += 1
     run_dir.rename(aside)
     print(f"{label} the failed attempt's folder is kept as {aside}", file=sys.stderr, flush=True)
@@ -989,7 +990,7 @@ def _terminated(signum: int, frame) -> None:
 
 def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict) -> dict:
     """:func:`run`'s comparison, in the folder it holds."""
-    write_json_atomic(out / report.RECORD, record)  # --resume's new targets, though none runs
+    write_json_atomic(out / reading.RECORD, record)  # --resume's new targets, though none runs
     if note := orders_note(runs):
         print(f"hpctrain bench compare: note: {note}", file=sys.stderr, flush=True)
     warning = _Warning()
@@ -1017,7 +1018,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
                   (f" ({result['note']})" if result.get("note") else ""), file=sys.stderr,
                   flush=True)
             record["runs"][r.name] = result
-            write_json_atomic(out / report.RECORD, record)
+            write_json_atomic(out / reading.RECORD, record)
             if any(later.name not in record["runs"] for later in runs):  # else: below
                 _report_so_far(out)
     except (KeyboardInterrupt, _Terminated) as stop:
@@ -1034,31 +1035,31 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
         raise SystemExit(checkpoint.stop.EXIT_STATUS)
     failed = [r.name for r in runs if record["runs"][r.name]["status"] != "ok"]
     try:
-        rows, targets, drawn = report.render(out)
+        rows, targets, drawn = rendering.render(out)
     except BaseException:  # the report's own error follows; the failed runs are named first
-        _say_failed(failed, len(runs), f"their records in {out / report.RECORD}")
+        _say_failed(failed, len(runs), f"their records in {out / reading.RECORD}")
         raise
-    print(report.main_table(rows, targets))
-    if line := report.notes_line(rows):
+    print(tables.main_table(rows, targets))
+    if line := remarks.notes_line(rows):
         print(f"hpctrain bench compare: {line}", file=sys.stderr, flush=True)
-    print(f"hpctrain bench compare: {out / report.REPORT}", flush=True)
+    print(f"hpctrain bench compare: {out / reading.REPORT}", flush=True)
     if not drawn:
-        print(f"hpctrain bench compare: no plots: {report.NO_PLOTS}", file=sys.stderr,
+        print(f"hpctrain bench compare: no plots: {plotting.NO_PLOTS}", file=sys.stderr,
               flush=True)
     if failed:
-        _say_failed(failed, len(runs), f"their rows in {out / report.REPORT}")
+        _say_failed(failed, len(runs), f"their rows in {out / reading.REPORT}")
         raise SystemExit(1)
     return record
 
 
 def orders_note(runs: list[Run]) -> str | None:
     """The line saying which of the planned runs' seeds share data orders
-    (:func:`hpctrain.bench.report.shared_orders_note`), which report.md repeats; None where
+    (:func:`hpctrain.bench.report.remarks.shared_orders_note`), which report.md repeats; None where
     none do or the runs have no ``--seeds``."""
     seeds = [r.seed for r in runs if r.seed is not None]
     for config in dict.fromkeys((r.config.optim.epochs, r.config.data.shuffle) for r in runs
                                 if r.config is not None):
-        if seeds and (note := report.shared_orders_note(seeds, *config)):
+        if seeds and (note := remarks.shared_orders_note(seeds, *config)):
             return note
     return None
 
@@ -1082,7 +1083,7 @@ def _report_so_far(out: Path) -> None:
     says it in full, with the warnings this one keeps to itself (else once per run)."""
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            report.render(out)
+            rendering.render(out)
     except Exception as e:  # not the runs' problem: the report after the last run raises it
         print(f"hpctrain bench compare: report.md not updated: {e}", file=sys.stderr,
               flush=True)
