@@ -8,6 +8,7 @@ through --sync-backend torch. Algorithms that need MPI are refused in one line.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import sys
 from dataclasses import replace
@@ -209,6 +210,71 @@ def test_the_stall_check_under_torchrun_names_the_late_rank(tmp_path):
                            for r in reports), proc.stderr
     assert "not arrived: rank 1 (last called allreduce(name='before', op=Average, " \
            "float32[1])" in reports[0]
+
+
+# Two torchrun agents on this host as two nodes (c10d rendezvous, each attempt a store of
+# its own, as README says to start torchrun across nodes), --max-restarts 1: node a's worker
+# fails in its first attempt, so its agent counts a restart (TORCHELASTIC_RESTART_COUNT=1)
+# and node b's, whose worker was healthy, restarts it without counting (0).
+TWO_AGENTS = """
+import os, subprocess, sys
+port, script, folder = sys.argv[1:]
+env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI"))}
+agents = [subprocess.Popen(
+    [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+     "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two",
+     "--max-restarts", "1", "--monitor-interval", "0.1", "--log-dir", f"{folder}/logs-{node}",
+     script, folder],
+    env={**env, "NODE": node, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}) for node in "ab"]
+sys.exit(max(a.wait() for a in agents))
+"""
+RESTARTED_STALL_SCRIPT = """
+import os, sys, time
+import torch
+import hpctrain.sync as hvd
+
+node, folder = os.environ["NODE"], sys.argv[1]
+first = not os.path.exists(f"{folder}/{node}.started")
+open(f"{folder}/{node}.started", "w").close()
+hvd.init(backend="torch", stall_check_s=0.5)
+print(f"node {node}: rank {hvd.rank()}, restart count "
+      f"{os.environ['TORCHELASTIC_RESTART_COUNT']}", file=sys.stderr, flush=True)
+hvd.allreduce(torch.ones(1), name="first" if first else "before")
+if first:
+    time.sleep(1)  # its thread posts on the store
+    if node == "a":
+        os._exit(1)
+    time.sleep(120)  # ended by its agent, which restarts it
+if node == "b":
+    time.sleep(3)
+hvd.allreduce(torch.ones(2), name="late")
+hvd.shutdown()
+"""
+
+
+@pytest.mark.timeout(180)
+def test_the_stall_check_after_a_restart_on_two_nodes_hears_every_rank(tmp_path):
+    """After node a's restart its agent's count was 1, node b's 0: the stall check's keys on
+    the store were under the restart count, and every report said "rank 1 (no answer)" of a
+    rank that was alive and posting. Now under a token rank 0 draws at each start."""
+    (tmp_path / "launch.py").write_text(TWO_AGENTS)
+    (tmp_path / "stall.py").write_text(RESTARTED_STALL_SCRIPT)
+    with socket.socket() as s:  # a free port, released for the rendezvous's store
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = run_program([sys.executable, str(tmp_path / "launch.py"), str(port),
+                        str(tmp_path / "stall.py"), str(tmp_path)], timeout=150)
+    assert proc.returncode == 0, proc.stderr
+    counts = re.findall(r"node (a|b): rank (\d), restart count (\d)", proc.stderr)
+    assert sorted((node, count) for node, _, count in counts) == \
+        [("a", "0"), ("a", "1"), ("b", "0"), ("b", "0")], proc.stderr  # the counts differ
+    reports = [ln for ln in proc.stderr.splitlines()
+               if "hpctrain.sync: stall:" in ln and "allreduce(name='late'" in ln]
+    assert reports, proc.stderr
+    # node b's rank of the second attempt, alive: its last call, not "no answer"
+    b = next(rank for node, rank, count in counts[::-1] if node == "b")
+    assert all(f"not arrived: rank {b} (last called allreduce(name='before', op=Average, "
+               "float32[1])" in r for r in reports), reports
 
 
 EXIT_SCRIPT = """

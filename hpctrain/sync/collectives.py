@@ -22,6 +22,7 @@ import itertools
 import numbers
 import operator
 import pickle
+import secrets
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -111,17 +112,19 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
         created = torch_transport.start_process_group(comm)
         moving, algorithm = torch_transport.TorchTransport(owns_default=created), None
     check_s, timeout_s = stall.settings(stall_check_s, stall_timeout_s)
+    # Rank 0's token: the stall check's keys on the group's store (below) for this start alone
+    token = secrets.token_hex(8) if moving.rank() == 0 else None
     seen = moving.allgather_object((moving.local_rank(), moving.local_size(),
-                                    _must_agree(check_s, timeout_s)))
-    _refuse_disagreement([agreed for _, _, agreed in seen])
-    locals_ = [local for local, _, _ in seen]
+                                    _must_agree(check_s, timeout_s), token))
+    _refuse_disagreement([agreed for _, _, agreed, _ in seen])
+    locals_ = [local for local, _, _, _ in seen]
     mine = [r for r, lr in enumerate(locals_) if lr == locals_[moving.rank()]]
     _world = World(moving, algorithm, (len(mine), mine.index(moving.rank())),
-                   len({node_size for _, node_size, _ in seen}) == 1)
+                   len({node_size for _, node_size, _, _ in seen}) == 1)
     ranks_comm = _mpi_comm_of(moving, comm)
     psets.setup(moving, process_sets, ranks_comm)
     # No MPI world (torch under torchrun): the stall check goes through the group's store.
-    store = torch_transport.stall_store() if ranks_comm is None else None
+    store = torch_transport.stall_store(seen[0][3]) if ranks_comm is None else None
     stall.start(ranks_comm, check_s, timeout_s, store=store, rank=moving.rank(),
                 asked_for=stall.asked(stall_check_s, stall_timeout_s),
                 rounds=collective_check.enabled() or moving.size() == 1)

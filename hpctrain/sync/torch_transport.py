@@ -442,11 +442,16 @@ def exchange_views(store: Any, rank: int, size: int, view: View) -> list[View]:
     return views
 
 
-def stall_store() -> Any:
+def stall_store(token: str) -> Any:
     """The default group's store, under a prefix of the stall check's own (stall.py) and of
-    torchrun's restart, so that a restarted job does not read its predecessor's posts."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    return dist.PrefixStore(f"hpctrain.stall/{attempt}/",
+    ``token``, which every rank must give alike and each start of the collectives anew
+    (collectives.init: rank 0's random one), so that a restarted job does not read its
+    predecessor's posts on a store torchrun's agent keeps across restarts (nor a second
+    ``init`` the first's). Not torchrun's ``TORCHELASTIC_RESTART_COUNT``: across nodes the
+    agents' counts differ after a restart (an agent whose own workers did not fail restarts
+    them without counting), and the ranks of different counts never read each other's posts
+    (every report said "no answer" for the ranks of the other nodes)."""
+    return dist.PrefixStore(f"hpctrain.stall/{token}/",
                             dist.distributed_c10d._get_default_store())
 
 
