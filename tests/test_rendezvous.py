@@ -113,6 +113,20 @@ def test_every_rank_chooses_the_backend_from_every_nodes_view():
     assert backend_for(own + [("b", r, [f"b:GPU{r}"], True) for r in range(2)]) == NCCL
 
 
+def test_rank_0_warns_where_nodes_share_the_agents_store_across_restarts():
+    """Across nodes torchrun's shared store makes a restart fail to connect (pytorch#135712),
+    which README answers with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; a job that may restart
+    and lacks it hears so at its start, not after its first failure."""
+    several = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3",
+               "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
+    warning = torch_transport.shared_store_warning(several)
+    assert warning is not None and "--max-restarts 3" in warning
+    assert warning.endswith("start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
+    for quiet in ({"LOCAL_WORLD_SIZE": "8"}, {"TORCHELASTIC_MAX_RESTARTS": "0"},
+                  {"TORCHELASTIC_USE_AGENT_STORE": "False"}):  # one node, no restarts, unshared
+        assert torch_transport.shared_store_warning({**several, **quiet}) is None
+
+
 @pytest.fixture
 def agent_store(monkeypatch):
     """torchrun's agent store on one node of 2 workers, in its second attempt (a TCPStore

@@ -385,7 +385,27 @@ def _torchrun_store() -> tuple[Any, int, int]:
             env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
         attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
         return dist.PrefixStore(f"hpctrain/attempt_{attempt}/", store), rank, size
+    if rank == 0 and (warning := shared_store_warning(env)) is not None:
+        print(warning, file=sys.stderr, flush=True)
     return dist.PrefixStore("default_pg", store), rank, size
+
+
+def shared_store_warning(env: Mapping[str, str]) -> str | None:
+    """A line for rank 0 where torchrun's workers on several nodes share the agent's store
+    and may restart (``--max-restarts``): a restart would then read its predecessor's group
+    addresses and fail to connect (pytorch#135712), only after the first failure; else
+    None."""
+    try:
+        restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    except ValueError:
+        return None
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or restarts <= 0 or \
+            env.get("LOCAL_WORLD_SIZE") == env.get("WORLD_SIZE"):
+        return None
+    return ("hpctrain: warning: torchrun on several nodes with --max-restarts "
+            f"{restarts} keeps one rendezvous store for every restart, where a restarted "
+            "worker reads its predecessor's addresses and fails to connect (pytorch#135712): "
+            "start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
 
 
 View = tuple[str, int, list[str], bool]  # a rank's node, local rank, GPUs, NCCL usable
