@@ -47,7 +47,10 @@ from conftest import (
 from matplotlib.image import imread
 
 from hpctrain import cli, metrics, provenance, registry, run_folders, steptimes
-from hpctrain.bench import compare
+from hpctrain.bench.compare import command as compare_command
+from hpctrain.bench.compare import execution, planning
+from hpctrain.bench.compare import launcher as compare_launcher
+from hpctrain.bench.compare import record as compare_record
 from hpctrain.bench.report import document, plotting, reading, remarks, rendering
 from hpctrain.checkpoint import listing
 from hpctrain.errors import UsageError
@@ -70,7 +73,7 @@ def table_rows(report_md: str) -> dict[str, list[str]]:
 
 
 def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
-    runs = compare.plan(parse("--algos", "sgd,ma,ssgd,ec", "--workers", "3", "--tau", "5",
+    runs = planning.plan(parse("--algos", "sgd,ma,ssgd,ec", "--workers", "3", "--tau", "5",
                               "--ec-alpha", "0.3", "--sync-backend", "mpi", "--lr", "0.1",
                               "--out", str(tmp_path)))
     sgd, ma, ssgd, ec = runs
@@ -156,7 +159,7 @@ def test_plan_passes_each_algorithm_only_the_options_it_takes(tmp_path):
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
     with pytest.raises(UsageError, match=re.escape(pattern)):
-        compare.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
+        planning.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()
 
 
@@ -165,11 +168,11 @@ def test_a_run_that_would_refuse_its_options_stops_the_comparison_before_any_run
     """sgd ran (minutes, on real data) before ssgd refused adasum on 3 workers; now nothing
     starts, and the line (exit status 2, as every UsageError) names the run."""
     started = []
-    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    monkeypatch.setattr(compare_command, "execute", lambda run, *a, **k: started.append(run.algo))
     args = parse("--algos", "sgd,ssgd", "--workers", "3", "--reduce-op", "adasum", *SMALL,
                  "--out", str(tmp_path / "cmp"))
     with pytest.raises(UsageError, match="^ssgd's run on 3 processes: --reduce-op adasum"):
-        compare.run(args)
+        compare_command.run(args)
     assert started == [] and not (tmp_path / "cmp").exists()
 
 
@@ -180,7 +183,7 @@ def test_a_comparison_started_as_several_processes_is_refused(tmp_path, monkeypa
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "1")
     with pytest.raises(UsageError, match=r"^hpctrain bench compare starts each run's processes "
                        r"itself: run it as one process, not 2 \(Open MPI"):
-        compare.run(parse("--algos", "sgd", *SMALL, "--out", str(tmp_path / "cmp")))
+        compare_command.run(parse("--algos", "sgd", *SMALL, "--out", str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()
 
 
@@ -202,11 +205,11 @@ def test_what_this_machine_cannot_run_is_left_to_runs_started_elsewhere(tmp_path
         monkeypatch.setenv("SLURM_JOB_ID", job)
     argv = ["--algos", "ssgd", "--workers", "2", "--device", "cuda", *SMALL,
             "--launcher", launcher, "--out", str(tmp_path / "cmp")]
-    (run,) = compare.plan(parse(*argv, "--slowdown", "1:+20ms"))
+    (run,) = planning.plan(parse(*argv, "--slowdown", "1:+20ms"))
     assert run.command[run.command.index("--device") + 1] == "cuda"
     assert run.command[run.command.index("--slowdown") + 1] == "1:+20ms"  # passed through
     with pytest.raises(UsageError, match=re.escape("--slowdown 2:3: rank 2 is not a worker")):
-        compare.plan(parse(*argv, "--slowdown", "2:3"))
+        planning.plan(parse(*argv, "--slowdown", "2:3"))
 
 
 @pytest.mark.parametrize("launcher", [None, "mpirun -np {np}"], ids=["default", "mpirun"])
@@ -221,7 +224,7 @@ def test_a_device_this_machine_lacks_is_refused_when_the_runs_start_here(tmp_pat
     args = parse("--algos", "sgd,ssgd", "--workers", "2", "--device", "cuda", *SMALL, *chosen,
                  "--out", str(tmp_path / "cmp"))
     with pytest.raises(UsageError) as refused:
-        compare.plan(args)
+        planning.plan(args)
     assert str(refused.value) == ("sgd's run on 1 process: "
                                   + refusal(["--algo", "sgd", "--device", "cuda", *SMALL], 1))
     assert str(refused.value).endswith("; use --device cpu or auto")
@@ -239,9 +242,9 @@ def test_a_device_this_machine_lacks_is_refused_when_the_runs_start_here(tmp_pat
 ])
 def test_launches_here(monkeypatch, words, here):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
-    assert compare.launches_here(words) is here
+    assert compare_launcher.launches_here(words) is here
     monkeypatch.setenv("SLURM_JOB_ID", "1")  # mpirun inside an allocation uses its nodes
-    assert compare.launches_here(words) is False
+    assert compare_launcher.launches_here(words) is False
 
 
 # What a real run wrote (bench compare --algos ssgd --workers 2 --eval online --eval-rank 1,
@@ -254,10 +257,10 @@ EVAL_RANK_SUMMARY = {"algo": "ssgd", "workers": 1, "eval_mode": "online (rank 1)
 def test_an_eval_rank_run_is_ok_with_one_rank_fewer_training(tmp_path):
     """It was a failed row: "ran as 1 process(es), not 2: the launcher started separate
     jobs"."""
-    (run,) = compare.plan(parse("--algos", "ssgd", "--workers", "2", "--eval", "online",
+    (run,) = planning.plan(parse("--algos", "ssgd", "--workers", "2", "--eval", "online",
                                 "--eval-rank", "1", *SMALL, "--out", str(tmp_path)))
     assert (run.np, run.trainers) == (2, 1)
-    assert compare.launch_problem(run, EVAL_RANK_SUMMARY) is None
+    assert compare_record.launch_problem(run, EVAL_RANK_SUMMARY) is None
 
 
 @pytest.mark.parametrize("argv, np, trainers", [
@@ -274,16 +277,16 @@ def test_an_eval_rank_run_is_ok_with_one_rank_fewer_training(tmp_path):
 def test_a_run_is_checked_against_the_ranks_that_train(tmp_path, argv, np, trainers):
     """A summary's workers are the ranks that trained: not --eval-rank's, not the servers.
     Fewer than that is still a launcher that started separate jobs."""
-    (run,) = compare.plan(parse(*argv, *SMALL, "--out", str(tmp_path)))
+    (run,) = planning.plan(parse(*argv, *SMALL, "--out", str(tmp_path)))
     assert (run.np, run.trainers) == (np, trainers)
     if "--eval-rank" in argv:  # rank 3 of sgd's two processes is its rank 1
         given = int(argv[argv.index("--eval-rank") + 1])
         assert run.command[run.command.index("--eval-rank") + 1] == str(min(given, np - 1))
     summary = {**EVAL_RANK_SUMMARY, "algo": run.algo, "workers": trainers}
-    assert compare.launch_problem(run, summary) is None
+    assert compare_record.launch_problem(run, summary) is None
     if trainers > 1:  # one trainer: separate jobs would each refuse the --eval-rank
         of = f" of {np} processes" if trainers != np else ""
-        assert compare.launch_problem(run, {**summary, "workers": 1}) == (
+        assert compare_record.launch_problem(run, {**summary, "workers": 1}) == (
             f"1 rank(s) trained, not {trainers}{of}: the launcher started separate jobs "
             "(inside Slurm try --launcher 'srun --mpi=pmix -n {np}' or 'mpirun -np {np}')")
 
@@ -298,7 +301,7 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(tmp_p
                          ("/proc/cmp", "--out /proc/cmp: cannot create a folder in /proc (No "
                                        "such file or directory)")):
         with pytest.raises(UsageError) as e:
-            compare.plan(parse("--algos", "sgd", "--out", out))
+            planning.plan(parse("--algos", "sgd", "--out", out))
         assert str(e.value) == message
 
 
@@ -309,7 +312,7 @@ def test_a_tilde_in_out_is_the_home_folder_as_in_train(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.chdir(tmp_path)
     args = parse("--algos", "sgd", *SYNTHETIC, "--out=~/cmp")
-    (run,) = compare.plan(args)
+    (run,) = planning.plan(args)
     assert args.out == str(home / "cmp")
     assert run.command[run.command.index("--out") + 1] == str(home / "cmp" / "sgd")
     saved_runs(home / "runs")
@@ -326,7 +329,7 @@ def test_a_training_runs_folder_and_a_comparisons_are_not_each_others(tmp_path):
     for name in ("summary.json", "config.json"):
         (tmp_path / name).write_text("{}")
         with pytest.raises(UsageError, match=f"--out {tmp_path} holds a training run \\({name}"):
-            compare.plan(parse("--algos", "sgd", "--out", str(tmp_path)))
+            planning.plan(parse("--algos", "sgd", "--out", str(tmp_path)))
         (tmp_path / name).unlink()
     (tmp_path / "compare.json").write_text("{}")
     assert refusal(["--algo", "sgd", "--dataset", "synthetic", "--model", "mlp", "--out",
@@ -341,11 +344,11 @@ def test_an_option_some_algorithms_take_is_judged_as_train_judges_it(tmp_path):
         "--tau is an option of ma, ec, not of --algo ssgd"
     for algos, flag, value in (("ssgd,ma", "--tau", "0"), ("sgd,ec", "--ec-alpha", "5")):
         with pytest.raises(UsageError) as e:
-            compare.plan(parse("--algos", algos, "--workers", "2", flag, value, *SMALL, "--out",
+            planning.plan(parse("--algos", algos, "--workers", "2", flag, value, *SMALL, "--out",
                                str(tmp_path / "cmp")))
         owner = algos.split(",")[1]
         assert str(e.value) == refusal(["--algo", owner, flag, value, *SMALL], 2)
-    sgd, ec = compare.plan(parse("--algos", "sgd,ec", "--workers", "2", "--ec-alpha", "0.5",
+    sgd, ec = planning.plan(parse("--algos", "sgd,ec", "--workers", "2", "--ec-alpha", "0.5",
                                  "--tau", "4", *SMALL, "--out", str(tmp_path / "cmp")))
     assert sgd.ignored == ["--tau", "--ec-alpha"] and "--ec-alpha" not in sgd.command
     assert ec.command[ec.command.index("--ec-alpha") + 1] == "0.5"
@@ -357,13 +360,13 @@ def test_a_runs_folder_that_is_no_folder_for_it_is_refused_before_any_runs(tmp_p
     """<out>/ssgd a file: sgd ran, then ssgd's run failed on a FileExistsError (exit 1). A
     folder holding another algorithm's run, or a comparison, was written into."""
     started = []
-    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    monkeypatch.setattr(compare_command, "execute", lambda run, *a, **k: started.append(run.algo))
     out = tmp_path / "cmp"
     out.mkdir()
 
     def refused(*argv: str) -> str:
         with pytest.raises(UsageError) as e:
-            compare.run(parse("--algos", "sgd,ssgd", *argv, *SMALL, "--out", str(out)))
+            compare_command.run(parse("--algos", "sgd,ssgd", *argv, *SMALL, "--out", str(out)))
         assert "\n" not in str(e.value)
         return str(e.value)
 
@@ -387,7 +390,7 @@ def test_a_runs_folder_that_is_no_folder_for_it_is_refused_before_any_runs(tmp_p
     (out / "ssgd" / reading.RECORD).unlink()
     (out / "ssgd" / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # its own: goes on
     args = parse("--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--out", str(out))
-    assert compare._start_record(args, compare.plan(args))["algos"] == ["sgd", "ssgd"]
+    assert compare_record._start_record(args, planning.plan(args))["algos"] == ["sgd", "ssgd"]
 
 
 def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypatch):
@@ -395,7 +398,7 @@ def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypa
     ssgd's run refused its folder with train's advice ("continue it with --resume DIR").
     Now refused up front with compare's; with --resume the run continues from them."""
     started = []
-    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    monkeypatch.setattr(compare_command, "execute", lambda run, *a, **k: started.append(run.algo))
     out = tmp_path / "cmp"
     saved = out / "ssgd" / "seed-2" / "checkpoints"
     saved.mkdir(parents=True)
@@ -403,21 +406,21 @@ def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypa
     words = ["--algos", "sgd,ssgd", "--simulate", "2", "--seeds", "1,2", *SMALL, "--out",
              str(out)]
     with pytest.raises(UsageError) as e:
-        compare.run(parse(*words))
+        compare_command.run(parse(*words))
     assert str(e.value) == (
         f"ssgd's run of seed 2: --out {out}/ssgd/seed-2 holds the checkpoints of an unfinished "
         f"run; continue the comparison with bench compare --resume (--out {out}), or choose "
         "another --out")
     assert started == [] and not (out / reading.RECORD).exists()
     args = parse(*words, "--resume")
-    assert compare._start_record(args, compare.plan(args))["runs"] == {}
+    assert compare_record._start_record(args, planning.plan(args))["runs"] == {}
     (saved / "ckpt-8.pt").rename(saved / "ckpt-8.pt.corrupt")  # which the run would refuse
     for argv in ([], ["--resume"]):
         with pytest.raises(UsageError, match=r"^ssgd's run of seed 2: --out \S+ holds an "
                            r"unfinished run's checkpoints, only unusable ones \(ckpt-8.pt."
                            r"corrupt, ...\): remove them \(or \S+\) to run it again, or "
                            r"choose another --out$"):
-            compare.run(parse(*words, *argv))
+            compare_command.run(parse(*words, *argv))
     assert started == []
 
 
@@ -425,25 +428,25 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     """--resume with --algos sgd,ssgd on a comparison of sgd,ma ran ssgd and rewrote
     compare.json and report.md without ma's row (exit 0)."""
     started = []
-    monkeypatch.setattr(compare, "execute", lambda run, *a, **k: started.append(run.algo))
+    monkeypatch.setattr(compare_command, "execute", lambda run, *a, **k: started.append(run.algo))
     out = tmp_path / "cmp"
     first = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
-        first, compare.plan(first)))
+    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+        first, planning.plan(first)))
     before = (out / reading.RECORD).read_bytes()
     for algos in ("sgd,ssgd", "sgd", "sgd,ma,ssgd"):
         args = parse("--algos", algos, "--simulate", "2", *SMALL, "--resume", "--out", str(out))
         with pytest.raises(UsageError) as e:
-            compare.run(args)
+            compare_command.run(args)
         assert str(e.value) == (f"--resume: {out} was run with --algos sgd,ma, not {algos}; "
                                 "give the same")
     assert started == [] and (out / reading.RECORD).read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == [reading.RECORD]
     again = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
-    assert compare._start_record(again, compare.plan(again))["algos"] == ["sgd", "ma"]
+    assert compare_record._start_record(again, planning.plan(again))["algos"] == ["sgd", "ma"]
     turned = parse("--algos", "ma,sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
-    assert compare._start_record(turned, compare.plan(turned))["algos"] == ["ma", "sgd"]
+    assert compare_record._start_record(turned, planning.plan(turned))["algos"] == ["ma", "sgd"]
 
 
 def test_resume_refusals_quote_the_options_to_give_again(tmp_path):
@@ -452,18 +455,18 @@ def test_resume_refusals_quote_the_options_to_give_again(tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
     args = parse("--algos", "sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
-    record = compare._start_record(args, compare.plan(args))
+    record = compare_record._start_record(args, planning.plan(args))
     given = record["train_args"]
-    compare.write_json_atomic(out / reading.RECORD, {
+    metrics.write_json_atomic(out / reading.RECORD, {
         **record, "train_args": [*given, "--model-args", '{"width": 4}']})
     with pytest.raises(UsageError) as e:
-        compare._start_record(args, compare.plan(args))
+        compare_record._start_record(args, planning.plan(args))
     assert str(e.value).endswith(f"options {shlex.join(given)} --model-args '{{\"width\": 4}}'; "
                                  "give the same")
-    compare.write_json_atomic(out / reading.RECORD, {
+    metrics.write_json_atomic(out / reading.RECORD, {
         **record, "sim_args": ["--step-time", "replay:/x/my run"]})
     with pytest.raises(UsageError) as e:
-        compare._start_record(args, compare.plan(args))
+        compare_record._start_record(args, planning.plan(args))
     assert str(e.value) == (f"--resume: {out} was run with --simulate 2 --step-time "
                             "'replay:/x/my run'; give the same")
 
@@ -478,9 +481,9 @@ def test_a_comparison_started_with_an_option_no_run_takes_can_still_be_resumed(t
         "simulated": True, "sim_args": [], "runs": {}}))
     words = ["--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--tau", "3", "--out", str(out)]
     with pytest.raises(UsageError, match="--tau is an option of ma, ec, not of any of"):
-        compare.plan(parse(*words))  # a new comparison: refused
+        planning.plan(parse(*words))  # a new comparison: refused
     args = parse(*words, "--resume")
-    assert [r.algo for r in compare.plan(args)] == ["sgd", "ssgd"]
+    assert [r.algo for r in planning.plan(args)] == ["sgd", "ssgd"]
 
 
 def test_a_damaged_record_is_refused_as_it_is_and_moved_aside_the_runs_are_reported(tmp_path):
@@ -549,18 +552,19 @@ def test_resume_refuses_other_simulator_options(tmp_path):
     out = tmp_path / "cmp"
     simulated = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
-        simulated, compare.plan(simulated)))
+    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+        simulated, planning.plan(simulated)))
     for argv, given in ((["--simulate", "2", "--latency", "1"], "simulate"),
                         (["--workers", "2"], "real")):
         args = parse("--algos", "sgd", *argv, "--resume", "--out", str(out))
         with pytest.raises(UsageError) as e:
-            compare._start_record(args, compare.plan(args))
+            compare_record._start_record(args, planning.plan(args))
         assert str(e.value) == f"--resume: {out} was run with --simulate 2 --latency 1e-5; " \
             "give the same", given
     again = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--resume", "--out",
                   str(out))
-    assert compare._start_record(again, compare.plan(again))["sim_args"] == ["--latency", "1e-5"]
+    assert compare_record._start_record(again, planning.plan(again))["sim_args"] == [
+        "--latency", "1e-5"]
 
 
 def test_resume_refuses_replayed_step_times_that_changed(tmp_path):
@@ -574,13 +578,13 @@ def test_resume_refuses_replayed_step_times_that_changed(tmp_path):
              str(out))
     first = parse(*words)
     out.mkdir()
-    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
-        first, compare.plan(first)))
+    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+        first, planning.plan(first)))
     before = provenance.sha256_of(times)
     times.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.3, 0.4]]}))
     again = parse(*words, "--resume")
     with pytest.raises(UsageError) as e:
-        compare._start_record(again, compare.plan(again))
+        compare_record._start_record(again, planning.plan(again))
     assert str(e.value) == (f"--resume: the step times {out}'s runs replayed have changed since "
                             f"(now sha256 {provenance.sha256_of(times)}, recorded {before}); "
                             "its runs would replay other times")
@@ -653,20 +657,20 @@ def test_the_report_is_written_as_each_run_ends(tmp_path):
 def test_default_launcher(monkeypatch):
     for var in ("HPCTRAIN_LAUNCHER", "SLURM_JOB_ID", "SLURM_CPUS_PER_TASK", "HPCTRAIN_MPIRUN"):
         monkeypatch.delenv(var, raising=False)
-    plain = compare.launcher_command(None, 1)
+    plain = compare_launcher.launcher_command(None, 1)
     assert plain[0] == "mpirun" and plain[-2:] == ["-np", "1"]
     assert plain[-4:-2] == ["--bind-to", "none"]  # Open MPI's binding put every job on core 0
     assert ("--allow-run-as-root" in plain) == (os.geteuid() == 0)
     assert "--oversubscribe" not in plain
-    assert "--oversubscribe" in compare.launcher_command(None, 4 * os.cpu_count())
+    assert "--oversubscribe" in compare_launcher.launcher_command(None, 4 * os.cpu_count())
     monkeypatch.setenv("SLURM_JOB_ID", "17")
-    assert compare.launcher_command(None, 4) == ["srun", "--mpi=pmix", "--kill-on-bad-exit=1",
-                                                       "--ntasks=4"]
+    assert compare_launcher.launcher_command(None, 4) == [
+        "srun", "--mpi=pmix", "--kill-on-bad-exit=1", "--ntasks=4"]
     monkeypatch.setenv("SLURM_CPUS_PER_TASK", "8")  # srun takes it only when told (>= 22.05)
-    assert compare.launcher_command(None, 4)[-1] == "--cpus-per-task=8"
+    assert compare_launcher.launcher_command(None, 4)[-1] == "--cpus-per-task=8"
     monkeypatch.setenv("HPCTRAIN_LAUNCHER", "mpiexec -n {np} --bind-to core")
-    assert compare.launcher_command(None, 2) == ["mpiexec", "-n", "2", "--bind-to", "core"]
-    assert compare.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]
+    assert compare_launcher.launcher_command(None, 2) == ["mpiexec", "-n", "2", "--bind-to", "core"]
+    assert compare_launcher.launcher_command("srun -n {np}", 8) == ["srun", "-n", "8"]
 
 
 @pytest.mark.parametrize("mpi", ON_OTHER_MPIS)
@@ -680,7 +684,7 @@ def test_default_launcher_on_hydra_has_no_open_mpi_flags(mpi, monkeypatch):
     # Intel MPI's mpirun, a script, gives way to the Hydra it runs (the test below says why)
     hydra = (OTHER_MPIS[mpi] / "bin" / "mpiexec.hydra").resolve()  # beside the script itself
     launcher = str(hydra) if mpi == "intel" else "mpirun"
-    assert compare.launcher_command(None, many) == [launcher, "-np", str(many)]
+    assert compare_launcher.launcher_command(None, many) == [launcher, "-np", str(many)]
 
 
 @pytest.mark.timeout(300)
@@ -706,26 +710,26 @@ def test_the_warning_and_the_stop_reach_a_runs_ranks_under_each_mpirun(tmp_path,
     ranks.mkdir()
     monkeypatch.setenv("RANKS", str(ranks))
     (tmp_path / "rank.sh").write_text(SIGNALLED_RANK)
-    run = compare.Run("ssgd", 2, [*compare.launcher_command(template, 2), "bash",
+    run = planning.Run("ssgd", 2, [*compare_launcher.launcher_command(template, 2), "bash",
                                   str(tmp_path / "rank.sh")], [])
     if stop == "warning":  # as compare.sbatch's SIGUSR1 comes to bench compare
-        warning = compare._Warning()
+        warning = execution._Warning()
         warner = threading.Thread(target=lambda: (ranks_ready(ranks, 2),
                                                   os.kill(os.getpid(), signal.SIGUSR1)))
         warner.start()
         try:
-            result = compare.execute(run, tmp_path / "ssgd", "[1/1 ssgd]", 0, warning)
+            result = execution.execute(run, tmp_path / "ssgd", "[1/1 ssgd]", 0, warning)
         finally:
             warning.close()
             warner.join()
         returncode, said = result["returncode"], (tmp_path / "ssgd" / "stderr.log").read_text()
     else:
         # stdout too: a launcher that ended before its ranks started said nothing on stderr
-        proc = subprocess.Popen(compare.tied(run.command), stdout=subprocess.PIPE,
+        proc = subprocess.Popen(execution.tied(run.command), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         try:
             ranks_ready(ranks, 2, launcher=proc)
-            compare._stop(proc)
+            execution._stop(proc)
             said = proc.communicate(timeout=120)[0]
         finally:
             proc.kill()
@@ -741,9 +745,9 @@ def test_a_runs_stderr_keeps_crlf_lines_and_its_last_line(tmp_path):
     """Lines ending in "\\r\\n" were taken for progress bars (neither logged nor read for the
     error), and a last line without a newline was dropped."""
     text = "first\r\n12%|#  \r50%|##### \rValueError: bad shape\r\nhpctrain: error: the end"
-    run = compare.Run("sgd", 1, [sys.executable, "-c",
+    run = planning.Run("sgd", 1, [sys.executable, "-c",
                                  f"import sys; sys.stderr.write({text!r}); sys.exit(3)"], [])
-    result = compare.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
+    result = execution.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
     assert (result["status"], result["error"]) == ("failed", "hpctrain: error: the end")
     assert (tmp_path / "sgd" / "stderr.log").read_text().splitlines() == [
         "first", "ValueError: bad shape", "hpctrain: error: the end"]
@@ -753,11 +757,11 @@ def test_a_log_the_disk_has_no_room_for_is_named(tmp_path):
     """A run's stderr copied to its stderr.log on a full disk: the comparison ended with an
     OSError naming no file (two, the log's close failing again), exit 1."""
     lines = "import sys\nfor _ in range(400): sys.stderr.write('x' * 99 + '\\n')"  # 40 kB
-    run = compare.Run("sgd", 1, [sys.executable, "-c", lines], [])
+    run = planning.Run("sgd", 1, [sys.executable, "-c", lines], [])
     with full_disk(tmp_path / "disk") as disk:
         fill(disk)
         with pytest.raises(OSError) as e:
-            compare.execute(run, disk / "sgd", "[1/1 sgd]", timeout=0)
+            execution.execute(run, disk / "sgd", "[1/1 sgd]", timeout=0)
     assert (e.value.errno, e.value.filename) == (errno.ENOSPC, str(disk / "sgd" / "stderr.log"))
 
 
@@ -776,23 +780,23 @@ def test_a_run_the_timeout_stops_after_its_summary_is_kept_as_finished(tmp_path)
     summary last. A run stopped after writing them is kept, saying so; one stopped before
     is failed."""
     out = tmp_path / "cmp"
-    (run,) = compare.plan(cli.build_parser().parse_args([
+    (run,) = planning.plan(cli.build_parser().parse_args([
         "bench", "compare", "--algos", "sgd", "--simulate", "1", *SYNTHETIC, "--epochs", "1",
         "--out", str(out)]))
     done = subprocess.run(run.command, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     shutil.move(out / "sgd", tmp_path / "finished")  # its config.json names out/sgd
-    hangs = compare.Run("sgd", 1, [sys.executable, "-c", _WRITES_THEN_HANGS,
+    hangs = planning.Run("sgd", 1, [sys.executable, "-c", _WRITES_THEN_HANGS,
                                    str(tmp_path / "finished"), str(out / "sgd")], [],
                         words=run.words)
     # 8 s: ample for the child's start (no torch) and copy on a loaded machine (the test
     # waits it out).
-    result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=8)
+    result = execution.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=8)
     assert (result["status"], result["error"]) == ("ok", None)
     assert result["note"] == "the 8 s timeout stopped it after it wrote its outputs"
     shutil.rmtree(out / "sgd")  # stopped before it wrote its summary: failed
     hangs.command = [sys.executable, "-c", "import time; time.sleep(600)"]
-    result = compare.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=1)
+    result = execution.execute(hangs, out / "sgd", "[1/1 sgd]", timeout=1)
     assert (result["status"], result["error"]) == ("failed", "stopped after the 1 s timeout")
 
 
@@ -800,15 +804,15 @@ def test_last_error_prefers_hpctrain_line_over_mpirun_banner():
     lines = ["hpctrain: error (rank 1 of 2): RuntimeError: injected fault at step 2",
              "-" * 70, "MPI_ABORT was invoked on rank 1 in communicator MPI_COMM_WORLD",
              "with errorcode 1.", "-" * 70]
-    assert compare.last_error(lines, 1) == lines[0]
+    assert execution.last_error(lines, 1) == lines[0]
     glued = [lines[0] + "-" * 74, "MPI_ABORT was invoked on rank 1"]  # as mpirun may write it
-    assert compare.last_error(glued, 1) == lines[0]
-    assert compare.last_error(["Traceback (most recent call last):", '  File "x.py"',
+    assert execution.last_error(glued, 1) == lines[0]
+    assert execution.last_error(["Traceback (most recent call last):", '  File "x.py"',
                                "ValueError: bad shape"], 1) == "ValueError: bad shape"
     signal = ["mpirun noticed that process rank 0 with PID 12 on node vm exited on signal 9",
               "-" * 70]
-    assert compare.last_error(signal, 137) == signal[0]
-    assert compare.last_error([], 3) == "exit status 3"
+    assert execution.last_error(signal, 137) == signal[0]
+    assert execution.last_error([], 3) == "exit status 3"
 
 
 def test_time_to_target_and_targets():
@@ -989,7 +993,7 @@ def test_a_comparison_is_not_run_again_into_its_folder_without_resume(failed):
     job above)."""
     record = (failed.out / "compare.json").read_bytes()
     with pytest.raises(UsageError, match="pass --resume"):
-        compare.run(cli.build_parser().parse_args([*COMPARE, "--out", str(failed.out)]))
+        compare_command.run(cli.build_parser().parse_args([*COMPARE, "--out", str(failed.out)]))
     assert (failed.out / "compare.json").read_bytes() == record
 
 
@@ -1061,13 +1065,13 @@ def test_resume_takes_new_targets_and_reruns_a_failed_run_that_wrote_its_summary
     shutil.copytree(resumed.out, out)
     args = [*COMPARE, "--out", str(out), "--resume"]
     args[args.index("0.5,0.999999")] = "0.3"
-    compare.run(cli.build_parser().parse_args(args))
+    compare_command.run(cli.build_parser().parse_args(args))
     assert json.loads((out / "compare.json").read_text())["targets"] == [0.3]
     assert "time to 0.3 |" in (out / "report.md").read_text()
     record = json.loads((out / "compare.json").read_text())
     record["runs"]["sgd"].update(status="failed", error="ran on 2 ranks, not 1")
     (out / "compare.json").write_text(json.dumps(record))
-    compare.run(cli.build_parser().parse_args(args))
+    compare_command.run(cli.build_parser().parse_args(args))
     assert json.loads((out / "compare.json").read_text())["runs"]["sgd"]["status"] == "ok"
     assert (out / "sgd.failed-1" / "summary.json").is_file()  # the failed attempt, kept
     assert (out / "sgd" / "summary.json").is_file()
@@ -1088,7 +1092,7 @@ def test_resume_keeps_a_run_that_finished_as_the_comparison_stopped(resumed, tmp
     (out / reading.RECORD).write_text(json.dumps(record))
     summary = (out / "ssgd" / "summary.json").read_bytes()
     args = cli.build_parser().parse_args([*COMPARE, "--out", str(out), "--resume"])
-    compare.run(args)
+    compare_command.run(args)
     assert "[2/2 ssgd] finished earlier; kept" in capsys.readouterr().err
     assert not (out / "ssgd.failed-1").exists()
     assert (out / "ssgd" / "summary.json").read_bytes() == summary
@@ -1102,7 +1106,7 @@ def test_resume_keeps_a_run_that_finished_as_the_comparison_stopped(resumed, tmp
     (out / "sgd" / "config.json").write_text(json.dumps(config))
     record["runs"].pop("sgd")
     (out / reading.RECORD).write_text(json.dumps(record))
-    assert compare.finished_unrecorded(compare.plan(args)[0], out / "sgd") is None
+    assert compare_record.finished_unrecorded(planning.plan(args)[0], out / "sgd") is None
 
 
 @pytest.mark.timeout(300)
@@ -1144,7 +1148,7 @@ def test_files_that_are_not_a_runs_are_named_not_a_traceback(resumed, tmp_path):
         with pytest.raises(UsageError, match=f"{out / 'compare.json'} is not a comparison's "
                                              "record: it has no 'runs'"):
             args = cli.build_parser().parse_args(argv)
-            (rendering if argv[0] == "report" else compare).run(args)
+            (rendering if argv[0] == "report" else compare_command).run(args)
     assert (out / "compare.json").read_text() == '{"algos": ["sgd"], "workers": 2}'
 
 
@@ -1550,7 +1554,7 @@ def test_a_comparison_going_on_is_said_first(tmp_path):
         for resume in ([], ["--resume"]):
             with pytest.raises(UsageError, match=f"^--out {out} is in use by another "
                                                  "comparison going on now"):
-                compare.run(parse("--algos", "sgd", *SMALL, "--out", str(out), *resume))
+                compare_command.run(parse("--algos", "sgd", *SMALL, "--out", str(out), *resume))
     assert (out / reading.RECORD).read_text().startswith('{"algos": ["sgd"]')
 
 
@@ -1568,22 +1572,22 @@ def test_progress_is_not_redrawn_on_a_dumb_terminal(monkeypatch):
     main, side = os.openpty()
     with os.fdopen(main, "rb") as screen, open(side, "w") as term:
         monkeypatch.setenv("TERM", "dumb")
-        display = compare._Display("[1/1 sgd]", term)  # noqa: SLF001
+        display = execution._Display("[1/1 sgd]", term)  # noqa: SLF001
         display.progress("sgd:  50%|#####     | 5/10")
         display.line("hpctrain: note")
         shown = _read_until(screen.fileno(), b"note")
         assert b"\x1b" not in shown and b"[1/1 sgd] hpctrain: note" in shown, shown
         monkeypatch.setenv("TERM", "xterm")
-        assert compare._Display("[1/1 sgd]", term).tty  # noqa: SLF001
+        assert execution._Display("[1/1 sgd]", term).tty  # noqa: SLF001
 
 
 def test_a_runs_stderr_pipe_is_closed_when_it_ends(tmp_path):
     """Each run left its stderr pipe to the garbage collector: a ResourceWarning per run
     (an error line under PYTHONWARNINGS=error)."""
-    run = compare.Run("sgd", 1, [sys.executable, "-c", "import sys; sys.stderr.write('x')"], [])
+    run = planning.Run("sgd", 1, [sys.executable, "-c", "import sys; sys.stderr.write('x')"], [])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)
-        compare.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
+        execution.execute(run, tmp_path / "sgd", "[1/1 sgd]", timeout=0)
         gc.collect()
     assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
 
@@ -1597,10 +1601,10 @@ def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
     first = parse("--algos", "sgd,ma", "--simulate", "2", "--seeds", "1,2", "--targets",
                   "0.5,0.7", *SMALL, "--tau", "4", "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / reading.RECORD, compare._start_record(
-        first, compare.plan(first)))
+    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+        first, planning.plan(first)))
     with pytest.raises(UsageError) as e:
-        compare.run(parse("--resume", "--out", str(out)))
+        compare_command.run(parse("--resume", "--out", str(out)))
     message = str(e.value)
     assert message.startswith("--resume needs the comparison's --algos and options again")
     command = message.split(": ", 1)[1]
@@ -1608,9 +1612,9 @@ def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
                               "--targets 0.5,0.7 "), command
     assert command.endswith(f" --resume --out {shlex.quote(str(out))}"), command
     again = parse(*shlex.split(command)[3:])
-    assert compare._start_record(again, compare.plan(again))["algos"] == ["sgd", "ma"]
+    assert compare_record._start_record(again, planning.plan(again))["algos"] == ["sgd", "ma"]
     with pytest.raises(UsageError) as e:  # no comparison there: what --algos is
-        compare.run(parse("--out", str(tmp_path / "new")))
+        compare_command.run(parse("--out", str(tmp_path / "new")))
     assert str(e.value).startswith("--algos is required: the algorithms to compare (sgd, ")
 
 

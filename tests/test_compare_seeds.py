@@ -14,7 +14,8 @@ from conftest import SYNTHETIC, run_job
 from matplotlib.image import imread
 
 from hpctrain import cli
-from hpctrain.bench import compare
+from hpctrain.bench.compare import arguments, planning
+from hpctrain.bench.compare import record as compare_record
 from hpctrain.bench.report import (
     document,
     formatting,
@@ -25,7 +26,7 @@ from hpctrain.bench.report import (
     tables,
 )
 from hpctrain.errors import UsageError
-from hpctrain.metrics import seconds
+from hpctrain.metrics import seconds, write_json_atomic
 
 
 def parse(*argv: str):
@@ -33,16 +34,16 @@ def parse(*argv: str):
 
 
 def test_seeds_are_whole_numbers_each_once():
-    assert compare.parse_seeds("3,1, 2") == [3, 1, 2]
+    assert arguments.parse_seeds("3,1, 2") == [3, 1, 2]
     for bad in ("1,x", "1,,2", "1.5", "1,1", ""):
         with pytest.raises(Exception, match="whole numbers|twice"):
-            compare.parse_seeds(bad)
+            arguments.parse_seeds(bad)
     with pytest.raises(Exception, match=f"seed {10**99} must be in"):  # --seed's range, named
-        compare.parse_seeds(f"1,{10**99}")  # as given (was: "--seed 1e+99", never given)
+        arguments.parse_seeds(f"1,{10**99}")  # as given (was: "--seed 1e+99", never given)
 
 
 def test_plan_runs_every_algorithm_once_per_seed(tmp_path):
-    runs = compare.plan(parse("--algos", "sgd,ssgd", "--workers", "2", "--seeds", "7,5",
+    runs = planning.plan(parse("--algos", "sgd,ssgd", "--workers", "2", "--seeds", "7,5",
                               *SYNTHETIC, "--out", str(tmp_path)))
     assert [(r.algo, r.seed, r.np) for r in runs] == [("sgd", 7, 1), ("sgd", 5, 1),
                                                       ("ssgd", 7, 2), ("ssgd", 5, 2)]
@@ -52,7 +53,7 @@ def test_plan_runs_every_algorithm_once_per_seed(tmp_path):
         assert r.name == f"{r.algo}/seed-{r.seed}"
     assert runs[2].trainers == runs[3].trainers == 2
     with pytest.raises(UsageError, match="--seeds and --seed: give one"):
-        compare.plan(parse("--algos", "sgd", "--seeds", "1,2", "--seed", "3", "--out",
+        planning.plan(parse("--algos", "sgd", "--seeds", "1,2", "--seed", "3", "--out",
                            str(tmp_path)))
 
 
@@ -60,12 +61,12 @@ def test_resume_refuses_other_seeds(tmp_path):
     out = tmp_path / "cmp"
     first = parse("--algos", "sgd", "--simulate", "2", "--seeds", "1,2", "--out", str(out))
     out.mkdir()
-    compare.write_json_atomic(out / reading.RECORD,
-                              compare._start_record(first, compare.plan(first)))
+    write_json_atomic(out / reading.RECORD,
+                              compare_record._start_record(first, planning.plan(first)))
     for argv, was in ((["--seeds", "1,3"], "--seeds 1,2"), ([], "--seeds 1,2")):
         args = parse("--algos", "sgd", "--simulate", "2", *argv, "--resume", "--out", str(out))
         with pytest.raises(UsageError, match=f"was run with {was}; give the same"):
-            compare._start_record(args, compare.plan(args))
+            compare_record._start_record(args, planning.plan(args))
 
 
 # Hand-written runs (the report reads only files): three seeds of ssgd, one of them failed.
@@ -341,7 +342,7 @@ def test_report_and_compare_say_when_the_seeds_share_data_orders(tmp_path):
     for seeds, argv, said in (("1,2", ["--epochs", "3"], True), ("1,2", ["--epochs", "1"], False),
                               ("1,2", ["--epochs", "3", "--shuffle", "local"], False),
                               ("10,20", ["--epochs", "3"], False)):
-        note = compare.orders_note(compare.plan(parse(
+        note = planning.orders_note(planning.plan(parse(
             "--algos", "sgd,ssgd", "--simulate", "2", "--seeds", seeds, *SYNTHETIC, *argv,
             "--out", str(tmp_path / "cmp"))))
         assert (note is not None) == said

@@ -42,7 +42,7 @@ def one_line(call) -> str:
 
 def test_on_off_options_set_in_a_file_can_be_undone_on_the_command_line(tmp_path):
     """--compile, --tensorboard, --no-progress from --config had no way back."""
-    from hpctrain.bench import compare
+    from hpctrain.bench.compare import arguments as compare_arguments
 
     config = tmp_path / "run.toml"
     config.write_text('algo = "ssgd"\ncompile = true\ntensorboard = true\nprogress = false\n')
@@ -54,7 +54,7 @@ def test_on_off_options_set_in_a_file_can_be_undone_on_the_command_line(tmp_path
     args = cli.build_parser().parse_args(["bench", "compare", "--algos", "ssgd", "--out",
                                           str(tmp_path / "c"), "--no-compile", "--progress",
                                           "--tensorboard"])
-    assert sorted(w for _, words in compare.given_options(args) for w in words) == \
+    assert sorted(w for _, words in compare_arguments.given_options(args) for w in words) == \
         ["--no-compile", "--progress", "--tensorboard"]  # passed on as typed
 
 

@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, SYNTHETIC, refusal, run_commands, run_job
 
 from hpctrain import arguments, cli, options, registry
-from hpctrain.bench import compare
+from hpctrain.bench.compare import arguments as compare_arguments
 from hpctrain.bench.report import rendering
 from hpctrain.config import CheckpointConfig, DataConfig, RunConfig, from_dict, to_dict
 from hpctrain.errors import UsageError
@@ -49,7 +49,7 @@ def test_a_reference_loads_the_class_and_its_options_become_flags():
     assert cls.name == "signum-vote" and registry.display_name(SIGNUM) == "signum-vote"
     flags = {d.flag: d for d in arguments.algorithm_options()}
     assert flags["--vote"].owners == (SIGNUM,)
-    parser = compare._train_parser()
+    parser = compare_arguments._train_parser()
     config = arguments.build(parser.parse_args(["--algo", SIGNUM, "--vote", "mean"]))
     assert config.algorithm.vote == "mean" and config.optim.lr is None
     with pytest.raises(UsageError, match="--vote is an option of .*signum_vote.py:SignumVote, "
@@ -103,7 +103,7 @@ def test_an_options_flag_reads_its_declared_type_without_a_parse(tmp_path):
             Options = KOptions
         """)
     registry.get(f"{path}:K")
-    parser = compare._train_parser()
+    parser = compare_arguments._train_parser()
     config = arguments.build(parser.parse_args(["--algo", f"{path}:K", "--every-k", "1e3",
                                                 "--rate", "0.5", "--label", "7"]))
     assert (config.algorithm.every_k, config.algorithm.rate) == (1000, 0.5)
@@ -121,7 +121,7 @@ def test_a_config_files_options_stay_with_its_algorithm_spelt_otherwise(tmp_path
     typed = f"./{EXAMPLE.relative_to(ROOT)}:SignumVote"
     arguments.load_named_algorithms(["train", "--alg", typed])  # abbreviated, as argparse takes
     assert typed in registry._LOADED
-    config = arguments.build(compare._train_parser().parse_args(
+    config = arguments.build(compare_arguments._train_parser().parse_args(
         ["--config", str(path), "--algo", typed]))
     assert config.algorithm.vote == "mean"
 
@@ -223,7 +223,7 @@ def test_options_that_fail_to_build_do_not_blame_a_config_never_given(tmp_path):
             Options = Picky
         """)
     registry.get(f"{path}:Mine")
-    parser = compare._train_parser()
+    parser = compare_arguments._train_parser()
     with pytest.raises(UsageError, match=r"^the options given: .*k must be odd"):
         arguments.build(parser.parse_args(["--algo", f"{path}:Mine", *SMALL]))
 
@@ -439,7 +439,7 @@ def test_a_subclass_of_ec_refuses_the_linear_scaling_rule_as_ec_does(tmp_path):
 
 def test_an_optimizer_it_does_not_take_is_refused_for_what_it_is(tmp_path):
     path = own(tmp_path, "class Mine(Algorithm):\n    name = 'mine'\n    optimizers = ('sgd',)\n")
-    parser = compare._train_parser()
+    parser = compare_arguments._train_parser()
     from hpctrain import launch_checks
 
     with pytest.raises(UsageError) as refused, options.command_line():  # as cli.main
@@ -463,7 +463,7 @@ def test_an_ec_subclass_whose_loss_ec_never_calls_is_refused(tmp_path):
     from hpctrain import launch_checks
 
     with pytest.raises(UsageError) as refused, options.command_line():
-        launch_checks.check_launch(arguments.build(compare._train_parser().parse_args(
+        launch_checks.check_launch(arguments.build(compare_arguments._train_parser().parse_args(
             ["--algo", f"{path}:SmoothEC", *SMALL])), 2)
     assert str(refused.value) == (
         f"--algo {path}:SmoothEC: SmoothEC.loss() would never be called: ec's step loss comes "
@@ -489,7 +489,7 @@ def test_a_class_not_lock_step_checkpoints_by_progress(tmp_path):
     def launched(every: str):
         with options.command_line():  # the flags typed: the words a command line is told
             return launch_checks.check_launch(arguments.build(
-                compare._train_parser().parse_args(["--algo", f"{path}:Mine",
+                compare_arguments._train_parser().parse_args(["--algo", f"{path}:Mine",
                                                     "--checkpoint-every", every, *SYNTHETIC,
                                                     "--out", str(tmp_path / "out")])), 2)
 
@@ -667,14 +667,14 @@ def test_an_option_is_its_class_s_under_any_spelling_of_the_class(tmp_path, monk
     monkeypatch.chdir(tmp_path)
     for spelt in ("./mine_spelt.py:Mine", f"{path}:Mine"):
         registry.get(spelt)  # as the command line loads it before parsing
-        parser = compare._train_parser()
+        parser = compare_arguments._train_parser()
         config = arguments.build(parser.parse_args(["--algo", spelt, "--every", "2"]))
         assert config.algorithm.every == 2
     with pytest.raises(UsageError, match="--every is an option of ./mine_spelt.py:Mine, not of "
                                          "--algo ssgd"):
         arguments.build(parser.parse_args(["--algo", "ssgd", "--every", "2"]))
     d = next(d for d in arguments.algorithm_options() if d.flag == "--every")
-    every = compare.TrainOption(d.flag, d.dest, d.takes_value, d.owners)
+    every = compare_arguments.TrainOption(d.flag, d.dest, d.takes_value, d.owners)
     assert [every.given_to(a) for a in ("./mine_spelt.py:Mine", f"{path}:Mine", "ssgd")] == \
         [True, True, False]  # bench compare passed it to the first spelling alone
 

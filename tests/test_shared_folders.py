@@ -15,7 +15,7 @@ import pytest
 from conftest import SYNTHETIC, run_program
 
 from hpctrain import metrics, options, run_folders
-from hpctrain.bench import compare
+from hpctrain.bench.compare import execution, planning, record
 from hpctrain.bench.report import rendering
 from hpctrain.cli import build_parser
 from hpctrain.errors import UsageError
@@ -195,18 +195,18 @@ def test_bench_compare_never_appends_its_logs_through_a_link(tmp_path):
     target = planted_link(tmp_path, out / "sgd" / "stderr.log")
     args = build_parser().parse_args(["bench", "compare", "--algos", "sgd", *SYNTHETIC,
                                       "--epochs", "1", "--out", str(out)])
-    assert refused(lambda: compare._start_record(args, compare.plan(args))) == (
+    assert refused(lambda: record._start_record(args, planning.plan(args))) == (
         f"sgd's run: its log {out / 'sgd' / 'stderr.log'} {LINK}")
-    assert refused(lambda: compare.open_log(out / "sgd" / "stderr.log")) == (
+    assert refused(lambda: execution.open_log(out / "sgd" / "stderr.log")) == (
         f"bench compare: the log {out / 'sgd' / 'stderr.log'} {LINK}")
     assert not target.exists()
     target.write_text("theirs\n")
-    refused(lambda: compare.open_log(out / "sgd" / "stderr.log"))
+    refused(lambda: execution.open_log(out / "sgd" / "stderr.log"))
     assert target.read_text() == "theirs\n"
     os.mkfifo(out / "sgd" / "stdout.log")
-    assert refused(lambda: compare.open_log(out / "sgd" / "stdout.log")).endswith(
+    assert refused(lambda: execution.open_log(out / "sgd" / "stdout.log")).endswith(
         "is a FIFO, not a regular file; remove it, or choose another folder")
-    fd = compare.open_log(out / "sgd" / "new.log")  # a file of its own: appended to
+    fd = execution.open_log(out / "sgd" / "new.log")  # a file of its own: appended to
     os.write(fd, b"x")
     os.close(fd)
     assert (out / "sgd" / "new.log").read_bytes() == b"x"

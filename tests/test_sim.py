@@ -1220,13 +1220,13 @@ def test_heap_order_is_time_then_worker():
 
 def test_compare_simulate_plans_simulator_runs(tmp_path):
     from hpctrain import cli
-    from hpctrain.bench import compare
+    from hpctrain.bench.compare import planning
 
     def parse(*argv):
         return cli.build_parser().parse_args(["bench", "compare", *argv, "--out",
                                               str(tmp_path)])
 
-    sgd, ma = compare.plan(parse("--algos", "sgd,ma", "--simulate", "16", "--tau", "5",
+    sgd, ma = planning.plan(parse("--algos", "sgd,ma", "--simulate", "16", "--tau", "5",
                                  "--step-time", "gamma:0.01:2"))
     assert (sgd.np, ma.np) == (1, 16)
     assert ma.command[2:4] == ["hpctrain.cli", "simulate"]
@@ -1234,17 +1234,17 @@ def test_compare_simulate_plans_simulator_runs(tmp_path):
     assert ma.command[ma.command.index("--step-time") + 1] == "gamma:0.01:2"
     assert sgd.command[sgd.command.index("--workers") + 1] == "1"
     with pytest.raises(UsageError, match="--latency is an option of the simulator"):
-        compare.plan(parse("--algos", "ma", "--latency", "1e-5"))
+        planning.plan(parse("--algos", "ma", "--latency", "1e-5"))
     with pytest.raises(UsageError, match="want constant:S"):
-        compare.plan(parse("--algos", "ma", "--simulate", "4", "--step-time", "constant"))
+        planning.plan(parse("--algos", "ma", "--simulate", "4", "--step-time", "constant"))
     recorded = tmp_path / "real"
     recorded.mkdir()
     (recorded / steptimes.FILE).write_text(json.dumps(
         {"format": steptimes.FORMAT, "workers": [[0.1]], "rest": [[0.2]]}))
     replay = ("--simulate", "4", "--step-time", f"replay:{recorded}", "--comm-time", "replay")
-    assert len(compare.plan(parse("--algos", "sgd,asgd", *replay))) == 2  # sgd: nothing to replay
+    assert len(planning.plan(parse("--algos", "sgd,asgd", *replay))) == 2  # sgd: nothing to replay
     with pytest.raises(UsageError, match="not --algo ssgd"):  # up front, not as a failed row
-        compare.plan(parse("--algos", "asgd,ssgd", *replay))
+        planning.plan(parse("--algos", "asgd,ssgd", *replay))
 
 
 def test_a_slow_rank_0_says_its_curve_misses_marks(tmp_path, capsys):
