@@ -390,7 +390,7 @@ def test_a_runs_folder_that_is_no_folder_for_it_is_refused_before_any_runs(tmp_p
     (out / "ssgd" / reading.RECORD).unlink()
     (out / "ssgd" / "config.json").write_text(json.dumps({"algo": "ssgd"}))  # its own: goes on
     args = parse("--algos", "sgd,ssgd", "--simulate", "2", *SMALL, "--out", str(out))
-    assert compare_record._start_record(args, planning.plan(args))["algos"] == ["sgd", "ssgd"]
+    assert compare_record.start_record(args, planning.plan(args))["algos"] == ["sgd", "ssgd"]
 
 
 def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypatch):
@@ -413,7 +413,7 @@ def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypa
         "another --out")
     assert started == [] and not (out / reading.RECORD).exists()
     args = parse(*words, "--resume")
-    assert compare_record._start_record(args, planning.plan(args))["runs"] == {}
+    assert compare_record.start_record(args, planning.plan(args))["runs"] == {}
     (saved / "ckpt-8.pt").rename(saved / "ckpt-8.pt.corrupt")  # which the run would refuse
     for argv in ([], ["--resume"]):
         with pytest.raises(UsageError, match=r"^ssgd's run of seed 2: --out \S+ holds an "
@@ -432,7 +432,7 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     out = tmp_path / "cmp"
     first = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--out", str(out))
     out.mkdir()
-    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+    metrics.write_json_atomic(out / reading.RECORD, compare_record.start_record(
         first, planning.plan(first)))
     before = (out / reading.RECORD).read_bytes()
     for algos in ("sgd,ssgd", "sgd", "sgd,ma,ssgd"):
@@ -444,9 +444,9 @@ def test_resume_refuses_other_algorithms(tmp_path, monkeypatch):
     assert started == [] and (out / reading.RECORD).read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == [reading.RECORD]
     again = parse("--algos", "sgd,ma", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
-    assert compare_record._start_record(again, planning.plan(again))["algos"] == ["sgd", "ma"]
+    assert compare_record.start_record(again, planning.plan(again))["algos"] == ["sgd", "ma"]
     turned = parse("--algos", "ma,sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
-    assert compare_record._start_record(turned, planning.plan(turned))["algos"] == ["ma", "sgd"]
+    assert compare_record.start_record(turned, planning.plan(turned))["algos"] == ["ma", "sgd"]
 
 
 def test_resume_refusals_quote_the_options_to_give_again(tmp_path):
@@ -455,18 +455,18 @@ def test_resume_refusals_quote_the_options_to_give_again(tmp_path):
     out = tmp_path / "cmp"
     out.mkdir()
     args = parse("--algos", "sgd", "--simulate", "2", *SMALL, "--resume", "--out", str(out))
-    record = compare_record._start_record(args, planning.plan(args))
+    record = compare_record.start_record(args, planning.plan(args))
     given = record["train_args"]
     metrics.write_json_atomic(out / reading.RECORD, {
         **record, "train_args": [*given, "--model-args", '{"width": 4}']})
     with pytest.raises(UsageError) as e:
-        compare_record._start_record(args, planning.plan(args))
+        compare_record.start_record(args, planning.plan(args))
     assert str(e.value).endswith(f"options {shlex.join(given)} --model-args '{{\"width\": 4}}'; "
                                  "give the same")
     metrics.write_json_atomic(out / reading.RECORD, {
         **record, "sim_args": ["--step-time", "replay:/x/my run"]})
     with pytest.raises(UsageError) as e:
-        compare_record._start_record(args, planning.plan(args))
+        compare_record.start_record(args, planning.plan(args))
     assert str(e.value) == (f"--resume: {out} was run with --simulate 2 --step-time "
                             "'replay:/x/my run'; give the same")
 
@@ -552,18 +552,18 @@ def test_resume_refuses_other_simulator_options(tmp_path):
     out = tmp_path / "cmp"
     simulated = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--out", str(out))
     out.mkdir()
-    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+    metrics.write_json_atomic(out / reading.RECORD, compare_record.start_record(
         simulated, planning.plan(simulated)))
     for argv, given in ((["--simulate", "2", "--latency", "1"], "simulate"),
                         (["--workers", "2"], "real")):
         args = parse("--algos", "sgd", *argv, "--resume", "--out", str(out))
         with pytest.raises(UsageError) as e:
-            compare_record._start_record(args, planning.plan(args))
+            compare_record.start_record(args, planning.plan(args))
         assert str(e.value) == f"--resume: {out} was run with --simulate 2 --latency 1e-5; " \
             "give the same", given
     again = parse("--algos", "sgd", "--simulate", "2", "--latency", "1e-5", "--resume", "--out",
                   str(out))
-    assert compare_record._start_record(again, planning.plan(again))["sim_args"] == [
+    assert compare_record.start_record(again, planning.plan(again))["sim_args"] == [
         "--latency", "1e-5"]
 
 
@@ -578,13 +578,13 @@ def test_resume_refuses_replayed_step_times_that_changed(tmp_path):
              str(out))
     first = parse(*words)
     out.mkdir()
-    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+    metrics.write_json_atomic(out / reading.RECORD, compare_record.start_record(
         first, planning.plan(first)))
     before = provenance.sha256_of(times)
     times.write_text(json.dumps({"format": steptimes.FORMAT, "workers": [[0.3, 0.4]]}))
     again = parse(*words, "--resume")
     with pytest.raises(UsageError) as e:
-        compare_record._start_record(again, planning.plan(again))
+        compare_record.start_record(again, planning.plan(again))
     assert str(e.value) == (f"--resume: the step times {out}'s runs replayed have changed since "
                             f"(now sha256 {provenance.sha256_of(times)}, recorded {before}); "
                             "its runs would replay other times")
@@ -713,7 +713,7 @@ def test_the_warning_and_the_stop_reach_a_runs_ranks_under_each_mpirun(tmp_path,
     run = planning.Run("ssgd", 2, [*compare_launcher.launcher_command(template, 2), "bash",
                                   str(tmp_path / "rank.sh")], [])
     if stop == "warning":  # as compare.sbatch's SIGUSR1 comes to bench compare
-        warning = execution._Warning()
+        warning = execution.TimeLimitWarning()
         warner = threading.Thread(target=lambda: (ranks_ready(ranks, 2),
                                                   os.kill(os.getpid(), signal.SIGUSR1)))
         warner.start()
@@ -1601,7 +1601,7 @@ def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
     first = parse("--algos", "sgd,ma", "--simulate", "2", "--seeds", "1,2", "--targets",
                   "0.5,0.7", *SMALL, "--tau", "4", "--out", str(out))
     out.mkdir()
-    metrics.write_json_atomic(out / reading.RECORD, compare_record._start_record(
+    metrics.write_json_atomic(out / reading.RECORD, compare_record.start_record(
         first, planning.plan(first)))
     with pytest.raises(UsageError) as e:
         compare_command.run(parse("--resume", "--out", str(out)))
@@ -1612,7 +1612,7 @@ def test_a_resume_without_algos_names_the_command_that_continues(tmp_path):
                               "--targets 0.5,0.7 "), command
     assert command.endswith(f" --resume --out {shlex.quote(str(out))}"), command
     again = parse(*shlex.split(command)[3:])
-    assert compare_record._start_record(again, planning.plan(again))["algos"] == ["sgd", "ma"]
+    assert compare_record.start_record(again, planning.plan(again))["algos"] == ["sgd", "ma"]
     with pytest.raises(UsageError) as e:  # no comparison there: what --algos is
         compare_command.run(parse("--out", str(tmp_path / "new")))
     assert str(e.value).startswith("--algos is required: the algorithms to compare (sgd, ")

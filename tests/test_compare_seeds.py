@@ -62,11 +62,11 @@ def test_resume_refuses_other_seeds(tmp_path):
     first = parse("--algos", "sgd", "--simulate", "2", "--seeds", "1,2", "--out", str(out))
     out.mkdir()
     write_json_atomic(out / reading.RECORD,
-                              compare_record._start_record(first, planning.plan(first)))
+                              compare_record.start_record(first, planning.plan(first)))
     for argv, was in ((["--seeds", "1,3"], "--seeds 1,2"), ([], "--seeds 1,2")):
         args = parse("--algos", "sgd", "--simulate", "2", *argv, "--resume", "--out", str(out))
         with pytest.raises(UsageError, match=f"was run with {was}; give the same"):
-            compare_record._start_record(args, planning.plan(args))
+            compare_record.start_record(args, planning.plan(args))
 
 
 # Hand-written runs (the report reads only files): three seeds of ssgd, one of them failed.
@@ -171,7 +171,7 @@ def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_
         ([], acc, reading.NA),
     ]
     for values, fmt, want in cases:
-        assert formatting._mean_sd(values, fmt) == want, values
+        assert formatting.mean_sd(values, fmt) == want, values
 
 
 def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
@@ -192,7 +192,7 @@ def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
     accs = [s["final_test_acc"] for s in summaries.values()]
     row = cells(text, "ssgd")
     assert row[1:3] == ["2 of 3", "2"] and row[-1] == "seed 3 unfinished"
-    assert row[3] == formatting._mean_sd(accs, "{:.4f}".format) == "0.860 ± 0.028"
+    assert row[3] == formatting.mean_sd(accs, "{:.4f}".format) == "0.860 ± 0.028"
     assert cells(text, "ssgd seed 3")[-1] == "unfinished"
     assert "Each algorithm ran once per seed (1, 2, 3)" in text
     assert "*unfinished*: a run that started and has no summary" in text
@@ -298,9 +298,9 @@ def test_report_md_lists_what_each_run_printed_once_and_not_a_failure_s_error(tm
 
 
 def test_a_note_with_backticks_stays_one_code_span():
-    assert formatting._code("hpctrain: use `--eval online`") == \
+    assert formatting.as_code("hpctrain: use `--eval online`") == \
         "`` hpctrain: use `--eval online` ``"
-    assert formatting._code("plain") == "`plain`"
+    assert formatting.as_code("plain") == "`plain`"
 
 
 @pytest.mark.parametrize("seeds, epochs", [([1, 2], 3), ([1, 3], 3), ([1, 4], 3), ([5, 2], 2),
@@ -396,7 +396,7 @@ def test_a_comparison_over_seeds_end_to_end(tmp_path):
     assert any(not torch.equal(models[0][k], models[1][k]) for k in models[0])
     samples = [s["samples_per_s"] for s in summaries.values()]
     text = (out / "report.md").read_text()
-    assert cells(text, "ssgd")[8] == formatting._mean_sd(samples, "{:.0f}".format)
+    assert cells(text, "ssgd")[8] == formatting.mean_sd(samples, "{:.0f}".format)
     assert "| ssgd | 2 | 2 |" in done.stdout  # the printed table is the per-algorithm one
     for png in ("error_vs_time.png", "error_vs_epochs.png"):
         assert imread(out / png).shape[2] in (3, 4)

@@ -342,16 +342,16 @@ def test_the_plots_say_which_line_trained_which_model_and_data(tmp_path):
     runs(tmp_path, a={"algo": "sgd"}, c={"algo": "sgd", "model": "lenet"},
          d={"algo": "sgd", "model": "lenet", "dataset": "fashion-mnist"})
     _, rows = reading.load(tmp_path)
-    (ax,) = plotting.figure(rows, "t", plotting._title({}, rows)).axes
+    (ax,) = plotting.figure(rows, "t", plotting.figure_title({}, rows)).axes
     assert ax.get_title() == "each line's model and data set"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == [
         "sgd (a), M=1, mlp on synthetic", "sgd (c), M=1, lenet on synthetic",
         "sgd (d), M=1, lenet on fashion-mnist"]
     rows.pop()  # one data set: the title names it, each line its model
-    assert plotting._title({}, rows) == "each line's model on synthetic"
+    assert plotting.figure_title({}, rows) == "each line's model on synthetic"
     assert [c.label for c in plotting.curves(rows, "t")] == ["sgd (a), M=1, mlp",
                                                            "sgd (c), M=1, lenet"]
-    assert plotting._title({"train_args": ["--jitter", "0.2"]}, rows[:1]) == \
+    assert plotting.figure_title({"train_args": ["--jitter", "0.2"]}, rows[:1]) == \
         "mlp on synthetic, --jitter 0.2"
 
 
@@ -382,7 +382,8 @@ def test_a_title_of_a_users_paths_names_their_files_and_fits_the_figure():
     long = "/tmp/trial-researcher/" + "a-long-folder-name/" * 3
     summary = {**SUMMARY, "model": f"{long}mynet.py:build", "dataset": f"imagefolder:{long}imgs/"}
     rows = [reading.Row("ssgd", "ok", summary=summary, points=POINTS)]
-    title = plotting._title({"train_args": ["--jitter", "0.2", "--slowdown", "0:2,1:3,2:4"]}, rows)
+    title = plotting.figure_title(
+        {"train_args": ["--jitter", "0.2", "--slowdown", "0:2,1:3,2:4"]}, rows)
     assert title == "mynet.py:build on imagefolder:imgs, --slowdown 0:2,1:3,2:4, --jitter 0.2"
     fig = plotting.figure(rows, "t", title + ", and a few more words to take it past one line")
     (ax,) = fig.axes

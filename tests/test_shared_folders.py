@@ -195,7 +195,7 @@ def test_bench_compare_never_appends_its_logs_through_a_link(tmp_path):
     target = planted_link(tmp_path, out / "sgd" / "stderr.log")
     args = build_parser().parse_args(["bench", "compare", "--algos", "sgd", *SYNTHETIC,
                                       "--epochs", "1", "--out", str(out)])
-    assert refused(lambda: record._start_record(args, planning.plan(args))) == (
+    assert refused(lambda: record.start_record(args, planning.plan(args))) == (
         f"sgd's run: its log {out / 'sgd' / 'stderr.log'} {LINK}")
     assert refused(lambda: execution.open_log(out / "sgd" / "stderr.log")) == (
         f"bench compare: the log {out / 'sgd' / 'stderr.log'} {LINK}")

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from hpctrain import checkpoint, launch_env, run_folders
-from hpctrain.bench.compare.execution import _Warning, continued, execute
+from hpctrain.bench.compare.execution import TimeLimitWarning, continued, execute
 from hpctrain.bench.compare.planning import Run, orders_note, plan
-from hpctrain.bench.compare.record import _set_aside, _start_record
+from hpctrain.bench.compare.record import set_aside, start_record
 from hpctrain.bench.report import plotting, reading, remarks, rendering, tables
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
@@ -36,10 +36,10 @@ def run(args: argparse.Namespace) -> dict:
                          "srun or torchrun around it")
     runs = plan(args)
     out = Path(args.out)
-    # A comparison going on there: "in use", before _start_record called its record one to
+    # A comparison going on there: "in use", before start_record called its record one to
     # finish with --resume (which was then refused as in use).
     run_folders.refuse_held("--out", out, "comparison")
-    record = _start_record(args, runs)
+    record = start_record(args, runs)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # nothing written yet
@@ -66,7 +66,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
     write_json_atomic(out / reading.RECORD, record)  # --resume's new targets, though none runs
     if note := orders_note(runs):
         print(f"hpctrain bench compare: note: {note}", file=sys.stderr, flush=True)
-    warning = _Warning()
+    warning = TimeLimitWarning()
     terminate = signal.signal(signal.SIGTERM, _terminated)
     ran = False  # a run started: the report changes
     try:
@@ -78,7 +78,7 @@ def _compare(args: argparse.Namespace, runs: list[Run], out: Path, record: dict)
             if warning.received:
                 break
             if args.resume:
-                _set_aside(out / r.name, label)
+                set_aside(out / r.name, label)
             ran = True
             result = execute(continued(r, out / r.name) if args.resume else r, out / r.name,
                              label, args.timeout, warning)

@@ -3,7 +3,7 @@
 :func:`execute` starts a planned run (:func:`continued` from its checkpoints on ``--resume``)
 tied to this process (:func:`tied`: it ends with the comparison, even a killed one), relays
 its stderr to the run's ``stderr.log`` and the terminal (:class:`_Display`), passes SIGUSR1 on
-(:class:`_Warning`), stops it at ``--timeout``, and returns its entry of ``compare.json``
+(:class:`TimeLimitWarning`), stops it at ``--timeout``, and returns its entry of ``compare.json``
 (:func:`_verdict`: ok or failed, and why).
 """
 
@@ -78,7 +78,7 @@ class _Display:
         self.stream.flush()
 
 
-class _Warning:
+class TimeLimitWarning:
     """SIGUSR1 while comparing (a time limit's warning, :mod:`hpctrain.checkpoint.stop`):
     passed on to the run going on, which stops after a checkpoint if it has
     --checkpoint-every (else it runs on to its end); no run starts after it."""
@@ -139,7 +139,7 @@ def tied(command: list[str]) -> list[str]:
 
 
 def execute(run: Run, run_dir: Path, label: str, timeout: float,
-            warning: _Warning | None = None) -> dict:
+            warning: TimeLimitWarning | None = None) -> dict:
     """Run one job, showing its progress; return its record (status, error, returncode...).
     ``warning``: SIGUSR1 reaches the job while it runs."""
     run_dir.mkdir(parents=True, exist_ok=True)

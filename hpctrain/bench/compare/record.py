@@ -1,10 +1,10 @@
 """``compare.json`` and the runs' folders: what a comparison has done, and what a resume keeps.
 
-:func:`_start_record` writes nothing: it builds the record a comparison starts with, checks a
+:func:`start_record` writes nothing: it builds the record a comparison starts with, checks a
 ``--resume`` against the recorded one (same algorithms, options, simulator, seeds), keeps the
 runs that finished (:func:`finished_unrecorded`: also those that finished but were not yet
 recorded) and checks every run's folder (:func:`_check_run_folders`). :func:`launch_problem`
-says when a finished run did not train on the processes planned, and :func:`_set_aside`
+says when a finished run did not train on the processes planned, and :func:`set_aside`
 moves a failed attempt's folder out of the way before it runs again.
 """
 
@@ -45,7 +45,7 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
     nor, without ``--resume``, an unfinished run's: found when the run started, after the
     runs before it had run, a file there was a FileExistsError (exit 1), another run's files
     were written over, and checkpoints got ``train``'s advice, not compare's. Checked after
-    :func:`_start_record`'s own checks (finished runs; a resume's other algorithm of one
+    :func:`start_record`'s own checks (finished runs; a resume's other algorithm of one
     name); a failed run's folder that holds a summary is set aside on ``--resume``."""
     for r in runs:
         folder, whose = out / r.name, f"{r.label}'s run" + (
@@ -93,7 +93,7 @@ def launch_problem(run: Run, summary: dict) -> str | None:
             "jobs (inside Slurm try --launcher 'srun --mpi=pmix -n {np}' or 'mpirun -np {np}')")
 
 
-def _start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
+def start_record(args: argparse.Namespace, runs: list[Run]) -> dict:
     out = Path(args.out)
     train_args = [w for _, ws in given_options(args) for w in ws]
     path = out / reading.RECORD
@@ -192,7 +192,7 @@ def _own_algorithms(runs: list[Run]) -> dict:
                             for name, algo in own.items()}}
 
 
-def _set_aside(run_dir: Path, label: str) -> None:
+def set_aside(run_dir: Path, label: str) -> None:
     """Before a failed run starts again (``--resume``): a folder of it that holds a summary
     (a launch problem, a run not the one planned:
     :func:`finished_unrecorded` keeps the others) is moved to ``<name>.failed-N``, its logs

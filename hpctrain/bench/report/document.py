@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shlex
 
-from hpctrain.bench.report.formatting import _code, _plain
+from hpctrain.bench.report.formatting import as_code, plain_text
 from hpctrain.bench.report.plotting import BAND_NOTE, NO_PLOTS
 from hpctrain.bench.report.reading import FROM_PYTHON, NOT_RUN, UNFINISHED, Row
 from hpctrain.bench.report.remarks import (
@@ -72,7 +72,7 @@ def _intro_lines(record: dict, rows: list[Row]) -> list[str]:
         sgd = "" if "sgd" not in record["algos"] else \
             ", sgd on one process and one evaluating (its --eval-rank 1)" if evaluating else \
             ", sgd on one process"
-        out = [f"Training options: {_code(options)} (each run gets those its algorithm takes); "
+        out = [f"Training options: {as_code(options)} (each run gets those its algorithm takes); "
                f"{record['workers']} {per_run}{sgd}."]
     else:
         out = ["Runs found in this folder."]
@@ -130,8 +130,8 @@ def _commands_section(rows: list[Row], record: dict) -> list[str]:
         out += ["Each run's command line, as its config.json records it (without the "
                 "launcher that started its processes: mpirun, srun, torchrun; a script's "
                 "with `python` before it).", ""]
-    return out + [f"- {_plain(title)}: "
-                  f"{command if command == FROM_PYTHON else _code(command)}"
+    return out + [f"- {plain_text(title)}: "
+                  f"{command if command == FROM_PYTHON else as_code(command)}"
                   for title, command in commands]
 
 

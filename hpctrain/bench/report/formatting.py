@@ -1,5 +1,5 @@
-"""How report.md writes a value: Markdown-safe text (:func:`_plain`, :func:`_code`), counts
-of updates and bytes, and a mean ± sample standard deviation over seeds (:func:`_mean_sd`),
+"""How report.md writes a value: Markdown-safe text (:func:`plain_text`, :func:`as_code`), counts
+of updates and bytes, and a mean ± sample standard deviation over seeds (:func:`mean_sd`),
 written no finer than the values themselves are.
 
 Kept apart so that the tables, the notes and the plots' legends write a number one way.
@@ -14,7 +14,7 @@ import re
 from hpctrain.bench.report.reading import NA
 
 
-def _plain(text: str) -> str:
+def plain_text(text: str) -> str:
     """``text`` (a run's name: its folder's, which may be any) shown as itself in a Markdown
     table cell or list item: ``|`` split a cell in two, and ``*``, ``_``, a backtick or a
     bracket turned into emphasis, code or a link; a line break ended the table row."""
@@ -22,20 +22,20 @@ def _plain(text: str) -> str:
     return re.sub(r"([\\`*_\[\]<>|])", r"\\\1", text)
 
 
-def _code(text: str) -> str:
+def as_code(text: str) -> str:
     """``text`` as a Markdown code span, which may hold backticks."""
     fence = "`" * (max((len(m) for m in re.findall("`+", text)), default=0) + 1)
     pad = " " if "`" in text else ""
     return f"{fence}{pad}{text}{pad}{fence}"
 
 
-def _updates(n: float) -> str:
+def updates_text(n: float) -> str:
     """A staleness percentile (interpolated: 14.14, or a mean over seeds: 0.5) as 14.14 and
     0.5, a whole one as 14: rounding to whole updates showed 0.5 as 0."""
     return f"{n:.2f}".rstrip("0").rstrip(".")
 
 
-def _bytes(n: float) -> str:
+def bytes_text(n: float) -> str:
     """1023 B, 1.5 KiB, ..., GiB the largest unit."""
     if abs(n) < 1024:
         return f"{n:.0f} B"
@@ -48,7 +48,7 @@ def _bytes(n: float) -> str:
 
 def _spread(values: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for one value)."""
-    mean = _mean(values)
+    mean = mean_of(values)
     if len(values) < 2:
         return mean, 0.0
     # x * x, not x ** 2: a float's ** raises OverflowError where * gives inf
@@ -57,11 +57,11 @@ def _spread(values: list[float]) -> tuple[float, float]:
     return mean, 0.0 if sd <= 1e-12 * abs(mean) else sd
 
 
-def _mean(values: list[float]) -> float:
+def mean_of(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _mean_sd(values: list[float], fmt) -> str:
+def mean_sd(values: list[float], fmt) -> str:
     """``values``' mean ± sample standard deviation as a scientist writes it: the sd to two
     significant figures and the mean to the same decimal place (2.50 ± 0.71, 0.8930 ±
     0.0012, 26 ± 11, 150 ± 71), never rounded past the units (an sd of 100 or more is whole:

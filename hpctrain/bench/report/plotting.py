@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from hpctrain import registry
-from hpctrain.bench.report.formatting import _mean
+from hpctrain.bench.report.formatting import mean_of
 from hpctrain.bench.report.reading import (
     FINAL_MODELS,
     Row,
@@ -145,14 +145,14 @@ def curves(rows: list[Row], x: str) -> list[Curve]:
         lines = [_by_epoch(r.points, x) for r in drawn]
         grid = sorted({e for epochs, _, _ in lines for e in epochs})
         there = [[line for line in lines if line[0][0] <= e <= line[0][-1]] for e in grid]
-        xs = [e if x == "epoch" else _mean([_interpolate(epochs, at, e)
+        xs = [e if x == "epoch" else mean_of([_interpolate(epochs, at, e)
                                             for epochs, at, _ in those])
               for e, those in zip(grid, there, strict=True)]
         column = [[_interpolate(epochs, err, e) for epochs, _, err in those]
                   for e, those in zip(grid, there, strict=True)]
         algos = {r.algo or name for r in drawn}
         ends = [at[-1] for _, at, _ in lines]  # each run's time at its last snapshot
-        out.append(Curve(name, label, xs, [_mean(c) for c in column],
+        out.append(Curve(name, label, xs, [mean_of(c) for c in column],
                          ([min(c) for c in column], [max(c) for c in column]),
                          [len(c) for c in column], len(drawn),
                          algo=algos.pop() if len(algos) == 1 else None,
@@ -316,7 +316,7 @@ def plot(rows: list[Row], x: str, title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def _title(record: dict, rows: list[Row]) -> str:
+def figure_title(record: dict, rows: list[Row]) -> str:
     """Model and data set, where the runs share them (else the legend names each line's:
     :func:`_trained_on`), and the stragglers when the comparison had some."""
     finished = [r.summary for r in rows if r.summary] or [{}]

@@ -10,7 +10,7 @@ One function per remark, so a test can ask one; :mod:`.document` orders them.
 
 from __future__ import annotations
 
-from hpctrain.bench.report.formatting import _code, _plain
+from hpctrain.bench.report.formatting import as_code, plain_text
 from hpctrain.bench.report.reading import (
     LOG,
     REPORT,
@@ -102,7 +102,7 @@ def machine_load(rows: list[Row]) -> str | None:
     on = "" if not counts else f" on {counts[0]}" if len(counts) == 1 else \
         f" on {counts[0]}-{counts[-1]}"
     line = (f"Machine load (1-minute load average of rank 0's node at each run's start and "
-            f"end): at most {top:g} ({_plain(title)}, at its {when}){on}"
+            f"end): at most {top:g} ({plain_text(title)}, at its {when}){on}"
             f"{' CPUs' if on else ''}.")
     over: dict[str, tuple[float, int]] = {}
     for load_, c, name, _ in seen:
@@ -110,7 +110,7 @@ def machine_load(rows: list[Row]) -> str | None:
             over[name] = (load_, c)
     if over:
         line += (" **The load exceeded the CPUs in** " + ", ".join(
-            f"{_plain(name)} ({load_:g} on {c})" for name, (load_, c) in over.items())
+            f"{plain_text(name)} ({load_:g} on {c})" for name, (load_, c) in over.items())
             + ": those runs shared cores with other work, which slows and spreads their "
               "wall times.")
     if unrecorded:
@@ -128,9 +128,9 @@ def notes(rows: list[Row]) -> str | None:
     out = ["**The runs printed** (hpctrain's own lines on their stderr, in each run's "
            f"{LOG}; they may explain a figure of that run):", ""]
     for r in noted:
-        out += [f"- {_plain(r.title)}: {_code(line)}" for line in r.notes[:NOTES_SHOWN]]
+        out += [f"- {plain_text(r.title)}: {as_code(line)}" for line in r.notes[:NOTES_SHOWN]]
         if len(r.notes) > NOTES_SHOWN:
-            out.append(f"- {_plain(r.title)}: {len(r.notes) - NOTES_SHOWN} more in its {LOG}")
+            out.append(f"- {plain_text(r.title)}: {len(r.notes) - NOTES_SHOWN} more in its {LOG}")
     return "\n".join(out)
 
 
@@ -151,12 +151,12 @@ def final_models_note(rows: list[Row]) -> str | None:
         return None
     out = []
     if member:
-        out.append(f"**The final and best acc of {_plain(_who(member, finished))} are rank 0's "
+        out.append(f"**The final and best acc of {plain_text(_who(member, finished))} are rank 0's "
                    "member's** (ec's `--ec-final member`, the default), one of the run's "
                    "models, trained alike but not the same: one member's luck can be as large "
                    "as the differences compared (ma's score the members' parameter average).")
     if ensemble:
-        out.append(f"The final and best acc of {_plain(_who(ensemble, finished))} are the "
+        out.append(f"The final and best acc of {plain_text(_who(ensemble, finished))} are the "
                    "ensemble's (`--ec-final ensemble`: the members' averaged softmax).")
     out.append("Beside ec's final acc, *members' mean* is the mean of every member's test "
                "accuracy at the end (summary.json's `final_mean_member_acc`) and *ensemble* "
@@ -297,7 +297,7 @@ def differing_settings(rows: list[Row]) -> str | None:
     flags = _flags()
     head = ["runs", *(f"`{flags.get(k, k)}`" for k in differ)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join([_plain(_who(runs, finished)), *(
+    lines += ["| " + " | ".join([plain_text(_who(runs, finished)), *(
                   c.replace("|", "\\|").replace("\n", " ") for c in values)]) + " |"
               for values, runs in groups.items()]
     return ("**The runs' training settings differ** (their config.json, where a setting left "

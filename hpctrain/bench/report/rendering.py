@@ -21,7 +21,7 @@ from pathlib import Path
 
 from hpctrain import plugins
 from hpctrain.bench.report.document import markdown
-from hpctrain.bench.report.plotting import NO_PLOTS, PLOTS, _title, plot
+from hpctrain.bench.report.plotting import NO_PLOTS, PLOTS, figure_title, plot
 from hpctrain.bench.report.reading import RECORD, REPORT, Row, load
 from hpctrain.bench.report.remarks import notes_line
 from hpctrain.bench.report.tables import main_table
@@ -89,7 +89,7 @@ def render(folder: str | Path, targets: list[float] | None = None,
         pass
     else:
         for x, (name, _) in PLOTS.items():
-            files[target / name] = plot(rows, x, _title(record, rows))
+            files[target / name] = plot(rows, x, figure_title(record, rows))
     drawn = list(files)
     files[target / REPORT] = markdown(record, rows, targets, plots=bool(drawn))
     try:

@@ -9,7 +9,7 @@ Each cell is a run's (or its seeds') value as :mod:`.reading` checked it and
 
 from __future__ import annotations
 
-from hpctrain.bench.report.formatting import _bytes, _mean, _mean_sd, _plain, _updates
+from hpctrain.bench.report.formatting import bytes_text, mean_of, mean_sd, plain_text, updates_text
 from hpctrain.bench.report.reading import (
     FINAL_MODELS,
     NA,
@@ -52,7 +52,7 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
     dash = "—"
     if row.summary is None:
         reason = row.status if not row.error else f"{row.status}: {row.error}"
-        return [_plain(row.heading), dash, dash, dash, dash, *(dash for _ in targets), dash,
+        return [plain_text(row.heading), dash, dash, dash, dash, *(dash for _ in targets), dash,
                 dash, dash, dash, reason.replace("|", "\\|")]
     s = row.summary
 
@@ -65,12 +65,12 @@ def _cells(row: Row, targets: list[float], mark: bool = False) -> list[str]:
         reach.append("not reached" if p is None else f"{_seconds(p['t'])} s ({p['epoch']:.2f} ep)")
     stale = s.get("staleness")
     stale = NA if "staleness" in row.unusable else dash if not stale else (
-        f"{stale['mean']:.2f} / " + " / ".join(_updates(stale[k]) for k in STALENESS_KEYS[1:]))
-    moved = [f"{k} {_bytes(v)}" for k, v in _byte_counts(s, row.byte_fields)]
+        f"{stale['mean']:.2f} / " + " / ".join(updates_text(stale[k]) for k in STALENESS_KEYS[1:]))
+    moved = [f"{k} {bytes_text(v)}" for k, v in _byte_counts(s, row.byte_fields)]
     peaks = [p for p in s.get("peak_memory_per_worker") or () if p is not None]
-    peak = NA if "peak_memory_per_worker" in row.unusable else _bytes(max(peaks)) if peaks \
+    peak = NA if "peak_memory_per_worker" in row.unusable else bytes_text(max(peaks)) if peaks \
         else dash
-    title = _plain(row.heading) + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
+    title = plain_text(row.heading) + (f" {SIMULATED_MARK}" if mark and _simulated(row) else "")
     accuracy = "{:.4f}".format
     final, best = _final_cells([s], shown("final_test_acc", accuracy),
                                shown("best_test_acc", accuracy),
@@ -128,15 +128,15 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
 
     def over_seeds(key: str, fmt) -> str:  # and over how many, when some runs lack the value
         got = values(key)
-        return _mean_sd(got, fmt) + (f" in {len(got)} of {len(done)}"
+        return mean_sd(got, fmt) + (f" in {len(got)} of {len(done)}"
                                      if 0 < len(got) < len(done) else "")
 
     reach = []
     for target in targets:
         hit = [p for p in (time_to(r.points, target) for r in done) if p is not None]
         text = "not reached" if not hit else (
-            f"{_mean_sd([p['t'] for p in hit], _seconds)} s "
-            f"({_mean([p['epoch'] for p in hit]):.2f} ep)")
+            f"{mean_sd([p['t'] for p in hit], _seconds)} s "
+            f"({mean_of([p['epoch'] for p in hit]):.2f} ep)")
         reach.append(text + (f" in {len(hit)} of {len(done)}" if 0 < len(hit) < len(done)
                              else ""))
     stale = [r.finished["staleness"] for r in done if r.finished.get("staleness")]
@@ -155,8 +155,8 @@ def _seed_cells(name: str, runs: list[Row], targets: list[float]) -> list[str]:
     return [name, count, "/".join(map(str, workers)) or NA, final, best,
             over_seeds("wall_s", _seconds), *reach,
             over_seeds("samples_per_s", "{:.0f}".format),
-            _bytes(max(peaks)) if peaks else dash, _seed_staleness(stale) if stale else dash,
-            "; ".join(f"{k} {_bytes(_mean(v))}" for k, v in sorted(moved.items())) or dash,
+            bytes_text(max(peaks)) if peaks else dash, _seed_staleness(stale) if stale else dash,
+            "; ".join(f"{k} {bytes_text(mean_of(v))}" for k, v in sorted(moved.items())) or dash,
             status]
 
 
@@ -168,9 +168,9 @@ def _seed_staleness(runs: list[dict]) -> str:
     """The seed table's staleness cell of the runs' distributions: the mean of each run's
     mean, p50, p90 and p99, and the largest max. The max was averaged too: seeds with max 15
     and 57 showed 36, which no run had."""
-    means = [_mean([d[k] for d in runs]) for k in STALENESS_KEYS[:-1]]
-    return " / ".join([f"{means[0]:.2f}", *map(_updates, means[1:]),
-                       _updates(max(d["max"] for d in runs))])
+    means = [mean_of([d[k] for d in runs]) for k in STALENESS_KEYS[:-1]]
+    return " / ".join([f"{means[0]:.2f}", *map(updates_text, means[1:]),
+                       updates_text(max(d["max"] for d in runs))])
 
 
 def seed_table(rows: list[Row], targets: list[float]) -> str:
@@ -186,7 +186,7 @@ def seed_table(rows: list[Row], targets: list[float]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     mark = _mixed(rows)  # an algorithm whose finished runs were all simulated, among real ones
     lines += ["| " + " | ".join(_seed_cells(
-        _plain(group_name(runs)) + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs)
+        plain_text(group_name(runs)) + (f" {SIMULATED_MARK}" if mark and _all_simulated(runs)
                                     else ""),
         runs, targets)) + " |" for runs in by_algorithm(rows).values()]
     return "\n".join(lines)
