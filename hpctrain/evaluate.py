@@ -89,10 +89,15 @@ def footprint_warning(each: int, count: int, copies: int, available: int | None,
     if available is None or 2 * need <= available:
         return None
     workers = f" for each of {copies} workers" if copies > 1 else ""
-    return (f"hpctrain: warning: the run's snapshots will take about {need / 1e9:.1f} GB "
+    return (f"hpctrain: warning: the run's snapshots will take about {_amount(need)} "
             f"{where} ({count} of {each / 1e6:.1f} MB{workers}, kept to the end of the "
-            f"run), more than half of its {available / 1e9:.1f} GB available: raise "
+            f"run), more than half of its {_amount(available)} available: raise "
             f"--eval-every for fewer")
+
+
+def _amount(size: int) -> str:
+    """``size`` bytes in GB, or in MB below one GB (a small disk's "0.0 GB" said nothing)."""
+    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
 
 
 def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Dataset,
