@@ -418,7 +418,7 @@ def test_an_unfinished_runs_folder_is_refused_before_any_runs(tmp_path, monkeypa
     for argv in ([], ["--resume"]):
         with pytest.raises(UsageError, match=r"^ssgd's run of seed 2: --out \S+ holds an "
                            r"unfinished run's checkpoints, only unusable ones \(ckpt-8.pt."
-                           r"corrupt, ...\): remove them \(or \S+\) to run it again, or "
+                           r"corrupt\): remove them \(or \S+\) to run it again, or "
                            r"choose another --out$"):
             compare_command.run(parse(*words, *argv))
     assert started == []

@@ -1051,7 +1051,7 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
     with pytest.raises(UsageError) as refused:
         check(resume=str(folder))
     assert str(refused.value) == (f"--resume {folder}: {folder} holds only unusable "
-                                  "checkpoints (ckpt-000000005.pt.corrupt, ...): resume from a "
+                                  "checkpoints (ckpt-000000005.pt.corrupt): resume from a "
                                   "good copy")
     # ... and so does --resume RUN, the run's --out: resolve() took RUN itself, whose
     # checkpoints/ held only *.corrupt files, and the line was "no checkpoint found there".
@@ -1059,7 +1059,7 @@ def test_check_resume_auto_continues_only_a_run_with_checkpoints(tmp_path):
     with pytest.raises(UsageError) as refused:
         check(resume=str(out))
     assert str(refused.value) == (f"--resume {out}: {folder} holds only unusable "
-                                  "checkpoints (ckpt-000000005.pt.corrupt, ...): resume from a "
+                                  "checkpoints (ckpt-000000005.pt.corrupt): resume from a "
                                   "good copy")
 
 

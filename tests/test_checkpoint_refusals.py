@@ -27,7 +27,7 @@ EXPECTED = {
     ),
     'cli:auto_aside': (
         '--resume auto: ROOT/aside/checkpoints holds only unusable checkpoints '
-        '(ckpt-000000007.pt.corrupt, ...): resume from a good copy, or choose another folder '
+        '(ckpt-000000007.pt.corrupt): resume from a good copy, or choose another folder '
         'for a new run'
     ),
     'cli:out_unfinished': (
@@ -41,7 +41,7 @@ EXPECTED = {
     ),
     'cli:out_aside': (
         "--out ROOT/aside holds an unfinished run's checkpoints, only unusable ones "
-        '(ckpt-000000007.pt.corrupt, ...): resume from a good copy, or choose another folder '
+        '(ckpt-000000007.pt.corrupt): resume from a good copy, or choose another folder '
         'for a new run'
     ),
     'cli:out_is_ck': (
@@ -63,7 +63,7 @@ EXPECTED = {
     ),
     'cli:dir_aside': (
         "--checkpoint-dir ROOT/ckaside holds another run's checkpoints, only unusable ones "
-        '(ckpt-000000007.pt.corrupt, ...): resume from a good copy, or choose another folder'
+        '(ckpt-000000007.pt.corrupt): resume from a good copy, or choose another folder'
     ),
     'cli:dir_held_resume': (
         "--checkpoint-dir ROOT/ck holds another run's checkpoints; resume it with --resume or"
@@ -108,7 +108,7 @@ EXPECTED = {
     ),
     'cli:resume_aside': (
         '--resume ROOT/ckaside: ROOT/ckaside holds only unusable checkpoints '
-        '(ckpt-000000007.pt.corrupt, ...): resume from a good copy'
+        '(ckpt-000000007.pt.corrupt): resume from a good copy'
     ),
     'cli:resume_empty': (
         '--resume ROOT/empty: no checkpoint found there'
@@ -145,7 +145,7 @@ EXPECTED = {
     ),
     'python:auto_aside': (
         "CheckpointConfig.resume='auto': ROOT/aside/checkpoints holds only unusable "
-        'checkpoints (ckpt-000000007.pt.corrupt, ...): resume from a good copy, or choose '
+        'checkpoints (ckpt-000000007.pt.corrupt): resume from a good copy, or choose '
         'another folder for a new run'
     ),
     'python:out_unfinished': (
@@ -160,7 +160,7 @@ EXPECTED = {
     ),
     'python:out_aside': (
         "RunConfig.out='ROOT/aside' holds an unfinished run's checkpoints, only unusable ones"
-        ' (ckpt-000000007.pt.corrupt, ...): resume from a good copy, or choose another folder'
+        ' (ckpt-000000007.pt.corrupt): resume from a good copy, or choose another folder'
         ' for a new run'
     ),
     'python:out_is_ck': (
@@ -183,7 +183,7 @@ EXPECTED = {
     ),
     'python:dir_aside': (
         "CheckpointConfig.dir='ROOT/ckaside' holds another run's checkpoints, only unusable "
-        'ones (ckpt-000000007.pt.corrupt, ...): resume from a good copy, or choose another '
+        'ones (ckpt-000000007.pt.corrupt): resume from a good copy, or choose another '
         'folder'
     ),
     'python:dir_held_resume': (
@@ -232,7 +232,7 @@ EXPECTED = {
     ),
     'python:resume_aside': (
         "CheckpointConfig.resume='ROOT/ckaside': ROOT/ckaside holds only unusable checkpoints"
-        ' (ckpt-000000007.pt.corrupt, ...): resume from a good copy'
+        ' (ckpt-000000007.pt.corrupt): resume from a good copy'
     ),
     'python:resume_empty': (
         "CheckpointConfig.resume='ROOT/empty': no checkpoint found there"
@@ -391,3 +391,11 @@ def test_a_folder_of_no_usable_checkpoint_at_the_resume_names_the_field_from_pyt
     with pytest.raises(UsageError) as e:
         checkpoint.newest(tmp_path)
     assert str(e.value) == f"CheckpointConfig.resume={str(tmp_path)!r}{said}"
+
+
+def test_a_refusal_counts_the_checkpoints_set_aside():
+    """One checkpoint set aside read "(ckpt-000000007.pt.corrupt, ...)", as if there were
+    more; several are named by the first and a count."""
+    aside = [Path(f"ckpt-00000000{n}.pt.corrupt") for n in (5, 6, 7)]
+    assert checkpoint.named_aside(aside[:1]) == "ckpt-000000005.pt.corrupt"
+    assert checkpoint.named_aside(aside) == "ckpt-000000005.pt.corrupt and 2 more"

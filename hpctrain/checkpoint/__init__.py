@@ -45,8 +45,9 @@ import importlib
 # :mod:`~hpctrain.checkpoint.stop` before torch, to record SIGUSR1 from its first moment.
 _EXPORTS = {
     **dict.fromkeys(["Checkpointer"], "checkpointer"),
-    **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "corrupt", "listing", "load_newest", "newest",
-                     "number", "resolve", "run_folder", "save", "writes_to"], "folder"),
+    **dict.fromkeys(["KEEP", "SUBDIR", "Loaded", "corrupt", "listing", "load_newest",
+                     "named_aside", "newest", "number", "resolve", "run_folder", "save",
+                     "writes_to"], "folder"),
     **dict.fromkeys(["FORMAT", "CorruptCheckpoint", "NewerCheckpoint", "encode", "load",
                      "read_header"], "format"),
     **dict.fromkeys(["AUTO", "MAY_CHANGE", "Every", "Resolved", "changed_option", "check",

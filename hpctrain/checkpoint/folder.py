@@ -282,6 +282,13 @@ def corrupt(folder: str | Path) -> list[Path]:
     return sorted(folder.glob("ckpt-*.pt.corrupt")) if folder.is_dir() else []
 
 
+def named_aside(aside: list[Path]) -> str:
+    """Checkpoints set aside (:func:`corrupt`) as a refusal names them: the first, and how
+    many more (``ckpt-000000007.pt.corrupt and 2 more``; a lone one wrote ``, ...`` too)."""
+    more = f" and {len(aside) - 1} more" if len(aside) > 1 else ""
+    return f"{aside[0].name}{more}"
+
+
 def resolve(folder: str | Path) -> Path:
     """The checkpoint folder meant by ``--resume DIR``: DIR itself or ``DIR/checkpoints``.
 

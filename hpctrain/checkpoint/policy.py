@@ -21,6 +21,7 @@ from hpctrain.checkpoint.folder import (
     checkpoint_header,
     corrupt,
     listing,
+    named_aside,
     refuse_newer_snapshots,
     resolve,
     run_folder,
@@ -319,7 +320,7 @@ def _refuse_theirs(folder: Path, unreadable: Callable[[str], str], held: str,
 def _unusable(aside: list[Path]) -> str:
     """Checkpoints set aside as unusable (``*.corrupt``), in a refusal: the first's name,
     and the one way to go on from them."""
-    return f"({aside[0].name}, ...): resume from a good copy"
+    return f"({named_aside(aside)}): resume from a good copy"
 
 
 def recorded_out(checkpoint_dir: str | Path) -> str | None:

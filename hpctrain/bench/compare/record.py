@@ -76,8 +76,8 @@ def _check_run_folders(out: Path, runs: list[Run], resume: bool) -> None:
         if not usable and (aside := checkpoint.corrupt(saved)):  # the run would refuse them,
             # --resume or not
             raise UsageError(f"{whose}: --out {folder} holds an unfinished run's checkpoints, "
-                             f"only unusable ones ({aside[0].name}, ...): remove them (or "
-                             f"{folder}) to run it again, or choose another --out")
+                             f"only unusable ones ({checkpoint.named_aside(aside)}): remove "
+                             f"them (or {folder}) to run it again, or choose another --out")
 
 
 def launch_problem(run: Run, summary: dict) -> str | None:
