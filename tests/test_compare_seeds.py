@@ -160,7 +160,9 @@ def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_
         ([100.0, 200.0], count, "150 ± 71"),  # counts (samples/s)
         ([3.0, 1500.0], count, "752 ± 1059"),  # an sd of 100 or more is whole, not 1100
         ([-0.3, 0.308], acc, "0.004 ± 0.430"),  # not 0.00 ± 0.43: the mean's leading digit
-        ([-3.0, -1.5], count, "-2.2 ± 1.1"),  # negative values (no column has them yet)
+        ([-3.0, -1.5], count, "-2 ± 1"),  # negative values (no column has them yet)
+        ([3.4, 3.6], count, "4 ± <1"),  # not 3.50 ± 0.14: the values read 3 and 4
+        ([0.0, 1e-9], acc, "0.0000 ± <0.0001"),  # not 0.00000000050 ± 0.00000000071
         ([0.3, -0.1, -0.2], acc, "0.00 ± 0.26"),  # a mean of -9e-18: zero, unsigned
         ([0.6, 0.6], acc, "0.6000 ± 0.0000"),  # a zero sd: fmt's, as before
         ([150.0, 150.0, 150.0], count, "150 ± 0"),

@@ -89,7 +89,8 @@ def mean_sd(values: list[float], fmt) -> str:
     if mean != 0:  # the place of the mean's leading digit, as far as fmt shows one
         lead = -math.floor(math.log10(abs(mean)))
         place = max(place, min(lead, _places(fmt(mean))))
-        finest = max(finest, lead + 2)
+        if _drops_zeros(fmt):
+            finest = max(finest, lead + 2)
     place = min(place, finest)
     shown = f"{mean:.{place}f}"
     if float(shown) == 0:  # -0.00: a mean rounded to zero has no sign
@@ -98,6 +99,12 @@ def mean_sd(values: list[float], fmt) -> str:
     if float(spread) == 0:  # below the last place shown: less than one unit of it
         spread = f"<{10.0 ** -place:.{place}f}"
     return f"{shown} ± {spread}"
+
+
+def _drops_zeros(fmt) -> bool:
+    """Whether ``fmt`` writes a value to the places it needs (``.3g``: 0.125, 0.5) rather
+    than to a fixed number of them (``.4f``, ``.0f``), whose own places bound a spread's."""
+    return _decimals(fmt(0.125)) != _decimals(fmt(0.5))
 
 
 def _decimals(text: str) -> int:
