@@ -90,14 +90,18 @@ def footprint_warning(each: int, count: int, copies: int, available: int | None,
         return None
     workers = f" for each of {copies} workers" if copies > 1 else ""
     return (f"hpctrain: warning: the run's snapshots will take about {_amount(need)} "
-            f"{where} ({count} of {each / 1e6:.1f} MB{workers}, kept to the end of the "
+            f"{where} ({count} of {_amount(each)}{workers}, kept to the end of the "
             f"run), more than half of its {_amount(available)} available: raise "
             f"--eval-every for fewer")
 
 
 def _amount(size: int) -> str:
-    """``size`` bytes in GB, or in MB below one GB (a small disk's "0.0 GB" said nothing)."""
-    return f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+    """``size`` bytes in GB, MB below one GB, kB below one MB (a small disk's "0.0 GB", a
+    small model's snapshot of "0.0 MB", said nothing)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size / 1e3:.1f} kB"
 
 
 def evaluate_snapshots(model: nn.Module, snapshots: list[Snapshot], test_set: Dataset,

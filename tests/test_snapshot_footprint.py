@@ -28,15 +28,18 @@ def test_a_footprint_past_half_names_its_parts_and_the_fix():
                     "the run), more than half of its 100.0 GB available: raise --eval-every "
                     "for fewer")
     one = footprint_warning(GB, 3, 1, 4 * GB, "in runs/x/checkpoints")
-    assert "3 of 1000.0 MB, kept" in one and "in runs/x/checkpoints" in one
+    assert "3 of 1.0 GB, kept" in one and "in runs/x/checkpoints" in one
 
 
 def test_a_footprint_below_a_gigabyte_is_said_in_megabytes():
     """A small checkpoint disk (a 3.5 MB tmpfs) was said as "about 0.0 GB ... of its 0.0 GB
     available"."""
     said = footprint_warning(400_000, 14, 1, 3_500_000, "in run/checkpoints")
-    assert "about 5.6 MB in run/checkpoints (14 of 0.4 MB, kept" in said
+    assert "about 5.6 MB in run/checkpoints (14 of 400.0 kB, kept" in said
     assert "more than half of its 3.5 MB available" in said
+    # a small model's snapshot read "of 0.0 MB"
+    said = footprint_warning(40_000, 500, 1, 30_000_000, "in run/checkpoints")
+    assert "about 20.0 MB in run/checkpoints (500 of 40.0 kB, kept" in said
 
 
 @pytest.mark.parametrize("env, size", [
