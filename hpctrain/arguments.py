@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from hpctrain import checkpoint, comm, plugins, registry
+from hpctrain import checkpoint, comm, paths, plugins, registry
 from hpctrain import config as configs
 from hpctrain.checkpoint.policy import AUTO
 from hpctrain.config import OptimConfig, RunConfig
@@ -544,7 +544,7 @@ def build_given(args: argparse.Namespace) -> tuple[RunConfig, frozenset[str]]:
     values = given(args, shared_options() + algo_options)
     out_typed = "out" in values
     if args.config is not None and args.config.strip():  # --config=~/x: no shell expands it
-        args.config = plugins.home_expanded(args.config, "--config")
+        args.config = paths.home_expanded(args.config, "--config")
     if args.config is not None and args.config.strip() and Path(args.config).is_dir():
         raise UsageError(f"--config {args.config}: is a folder; give a TOML file or a run's "
                          f"config.json ({Path(args.config) / 'config.json'})")

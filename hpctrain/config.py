@@ -46,12 +46,15 @@ else:  # Python 3.10: the same parser, from PyPI (install_requires)
 from hpctrain import (
     data,
     devices,
+    model_checks,
     models,
     options,
+    paths,
     plugins,
     precision,
     profiling,
     registry,
+    user_json,
     userdata,
 )
 from hpctrain.algorithm import Algorithm, Options  # at run time: get_type_hints(RunConfig)
@@ -186,9 +189,9 @@ class ModelConfig:
     name: str = option(
         "lenet", "one of: " + ", ".join(models.MODELS) + "; or your own: MODULE:CALLABLE or "
         "./FILE.py:CALLABLE, called as CALLABLE(input_shape, num_classes, **model_args)",
-        flag="--model", parse=plugins.model_name)
+        flag="--model", parse=model_checks.model_name)
     args: dict | None = option(None, "keyword arguments for a model of your own, as a JSON "
-                               "object", flag="--model-args", parse=plugins.json_object,
+                               "object", flag="--model-args", parse=user_json.json_object,
                                metavar="JSON")
     init_from: str | None = option(
         None, "start from these weights: an earlier run's folder (its model.pt) or a file of "
@@ -209,7 +212,7 @@ class ModelConfig:
                                  self.init_from)
             raise UsageError(f"{what} is empty: give a run's folder or "
                              "a weights file")
-        plugins.model_name(self.name, UsageError)
+        model_checks.model_name(self.name, UsageError)
         if self.args is not None and not isinstance(self.args, dict):
             what = options.named(f'--model-args {self.args!r}', "ModelConfig", "args", self.args)
             raise UsageError(f"{what}: want a JSON object")
@@ -613,12 +616,12 @@ for _section in (RunConfig, *SECTIONS.values()):
 
 
 def _expanded(folder: str | None, flag: str, name: str) -> str | None:
-    """A folder option with ``~`` expanded where it is taken (:func:`plugins.home_expanded`,
+    """A folder option with ``~`` expanded where it is taken (:func:`paths.home_expanded`,
     as for every path option): the run's files, its summary and config.json then name the
     real folder, not a ``~`` made in the working folder. ``name``: its field (RunConfig's
     ``out``, else CheckpointConfig's), which a refusal names from Python."""
     owner = "RunConfig" if name == "out" else "CheckpointConfig"
-    return None if folder is None else plugins.home_expanded(folder, flag, (owner, name))
+    return None if folder is None else paths.home_expanded(folder, flag, (owner, name))
 
 
 def defaults(algo: str, optimizer: str, lr_milestones: tuple = ()) -> dict:
@@ -761,7 +764,7 @@ def read_file(path: str | os.PathLike[str]) -> dict:
     if not str(path).strip():  # "" would read the working folder, or nothing
         raise UsageError(f"--config {str(path)!r} is empty: give a TOML file or a run's "
                          "config.json")
-    path = Path(plugins.home_expanded(path, "--config"))
+    path = Path(paths.home_expanded(path, "--config"))
     if path.suffix in (".yaml", ".yml"):
         raise UsageError(f"--config {path}: YAML is not read; give a TOML file or a run's "
                          "config.json")
@@ -771,7 +774,7 @@ def read_file(path: str | os.PathLike[str]) -> dict:
         raise UsageError(f"--config {path}: {e.strerror}") from None
     try:
         if path.suffix == ".json":
-            values = json.loads(text, object_pairs_hook=plugins.unique_keys)
+            values = json.loads(text, object_pairs_hook=user_json.unique_keys)
         else:  # a byte-order mark, as some Windows editors write, is no setting
             values = tomllib.loads(text.decode("utf-8-sig"))
     except (ValueError, UnicodeDecodeError) as e:

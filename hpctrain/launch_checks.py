@@ -32,8 +32,11 @@ from hpctrain import (
     launch_env,
     live,
     microbatch,
+    model_checks,
     optimizers,
+    option_names,
     options,
+    paths,
     plugins,
     precision,
     profiling,
@@ -135,7 +138,7 @@ def check_workers(config: RunConfig, workers: int,
     per_worker = min(subset or n, n) // max(workers, 1)
     _say_what_the_sizes_cut(config, per_worker)
     _say_channels_last(dataset, sample.shape)
-    plugins.check_model(options.text(config.model.name), sample.shape, sample.num_classes,
+    model_checks.check_model(options.text(config.model.name), sample.shape, sample.num_classes,
                         config.model.args,
                         one_sample=microbatch.one_sample(per_worker, o.batch_size,
                                                          o.micro_batch_size),
@@ -149,7 +152,7 @@ def _say_channels_last(dataset: str, shape: tuple) -> None:
     as too small, which hid the cause)."""
     if userdata.channels_last(shape) and comm.env_rank() == 0:
         c, h, w = shape
-        given = plugins.said("--dataset", dataset, typed=f"--dataset {dataset}")
+        given = option_names.said("--dataset", dataset, typed=f"--dataset {dataset}")
         print(f"hpctrain: warning: {given}: samples of shape {c} x {h} x {w} look "
               f"channels-last (H x W x C); they are taken as C x H x W ({c} channels of "
               f"{h} x {w}): give them as N x C x H x W (x.transpose(0, 3, 1, 2))",
@@ -199,7 +202,7 @@ def _say_user_data(config: RunConfig) -> None:
                   f"samples of shape {' x '.join(map(str, about['shape']))}, "
                   f"{about['classes']} classes", flush=True)
             if about["untrained"]:
-                given = plugins.said("--dataset", name, typed=f"--dataset {name}")
+                given = option_names.said("--dataset", name, typed=f"--dataset {name}")
                 print(f"hpctrain: warning: {given}: test class(es) "
                       f"{', '.join(map(str, about['untrained']))} have no training sample; "
                       "their test samples count as errors", file=sys.stderr, flush=True)
@@ -217,7 +220,7 @@ def _as_launched(config: RunConfig) -> RunConfig:
                           data_dir=userdata.absolute_dir(data_dir))
     model_config = replace(config.model, name=plugins.absolute(options.text(config.model.name),
                                                                "--model"),
-                           init_from=init_from and str(Path(plugins.home_expanded(
+                           init_from=init_from and str(Path(paths.home_expanded(
                                init_from, "--init-from")).resolve()))
     config = replace(config, algo=plugins.absolute(options.text(config.algo), "--algo"),
                      data=data_config,
@@ -339,7 +342,7 @@ def initial_model(config: RunConfig, input_shape: tuple, num_classes: int) -> to
     """The model a run starts from (the caller seeds torch first): built, and given the
     weights of ``--init-from`` unless the run resumes from its own checkpoint."""
     name = options.text(config.model.name)
-    model = plugins.build_model(name, input_shape, num_classes, config.model.args)
+    model = model_checks.build_model(name, input_shape, num_classes, config.model.args)
     if config.model.init_from and config.checkpoint.resume is None:
         weights.load_into(model, options.text(config.model.init_from), name)
     return model

@@ -5,42 +5,30 @@ directory or ``PYTHONPATH``) or ``FILE.py:ATTRIBUTE`` (a path, loaded as a modul
 its folder put last on the path: it may import a module beside it, refused where Python
 takes that name from elsewhere).
 :func:`check_form` judges the text alone (at construction, no import); :func:`resolve` imports
-it; :func:`check_model` builds the model once before MPI starts and runs two zero samples
-through it (and back, as one training step), so a bad reference (no module, no attribute, not
-callable, not a Module, wrong output size or type, nothing trainable, an output detached from
-the parameters, a sparse gradient the run's optimizer cannot take) is one line, exit 2, on
-every rank alike, before any collective call.
-
-A model callable is called as ``build(input_shape, num_classes, **model_args)`` and returns a
-``torch.nn.Module`` mapping a batch ``N x *input_shape`` to logits ``N x num_classes``.
+it, so a bad reference (no module, no attribute, not callable, a file that raises as it
+loads) is one line, exit 2, on every rank alike, before any collective call;
+:func:`reference_to` names the object a Python caller gave instead of a reference. What the
+callable gives is judged where it is used: a model by :mod:`hpctrain.model_checks`, a data
+loader by :mod:`hpctrain.userdata`, an algorithm by :mod:`hpctrain.registry`.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
-import contextlib
-import errno
 import hashlib
 import importlib
 import importlib.util
-import json
 import os
 import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-from torch import nn
-from torch.nn import functional as F
-
-from hpctrain import comm, models, options
-from hpctrain.errors import UsageError, did_you_mean
-
-if TYPE_CHECKING:
-    from hpctrain.config import RunConfig
+from hpctrain import comm
+from hpctrain.errors import UsageError
+from hpctrain.option_names import said
+from hpctrain.paths import home_expanded
 
 # Used with fullmatch: re.match's "$" also matches before a final newline ("build\n").
 _ATTRIBUTE = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
@@ -59,25 +47,6 @@ def is_file_reference(text: str) -> bool:
     return where.endswith(".py") or "/" in where
 
 
-# The options that name code or a file -> the Python field that gives each, as a refusal
-# names it to a Python caller (:func:`said`); this library sits below hpctrain.config.
-FIELDS = {"--model": ("ModelConfig", "name"), "--dataset": ("DataConfig", "dataset"),
-          "--algo": ("RunConfig", "algo"), "--init-from": ("ModelConfig", "init_from"),
-          "--data-dir": ("DataConfig", "data_dir"),
-          "--step-time": ("SimConfig", "step_time")}  # replay:PATH: a path is a part of it
-
-
-def said(flag: str, *value: object, typed: str | None = None,
-         field: tuple[str, str] | None = None) -> str:
-    """Option ``flag`` in a refusal: on the command line as typed (``typed``, else the flag
-    alone: ``--model 'x:'``); from Python as the field that gives it (``field``, else
-    :data:`FIELDS`'), with ``=value`` where one is given (``ModelConfig.name='x:'``,
-    :func:`hpctrain.options.named`), who typed no flag. An option of neither: as typed."""
-    shown = flag if typed is None else typed
-    field = field or FIELDS.get(flag)
-    return shown if field is None else options.named(shown, *field, *value)
-
-
 def check_form(flag: str, text: str) -> None:
     """UsageError unless ``text`` reads as ``MODULE:ATTRIBUTE`` or ``FILE.py:ATTRIBUTE``."""
     where, _, attribute = text.rpartition(":")
@@ -87,119 +56,6 @@ def check_form(flag: str, text: str) -> None:
         raise UsageError(f"{given}: want MODULE:{what} or ./FILE.py:{what}")
     if not is_file_reference(text) and not _MODULE.fullmatch(where):
         raise UsageError(f"{given}: {where!r} is neither a module name nor a .py file")
-
-
-def model_name(text: str, error: type[Exception] = argparse.ArgumentTypeError) -> str:
-    """``--model``'s value: a built-in name or a reference (its form only); ``error`` else."""
-    if text in models.MODELS:
-        return text
-    if not is_reference(text):
-        flagged = error is not UsageError or options.on_command_line()
-        what = f"unknown --model {text!r}" if flagged else f"ModelConfig.name={text!r} is unknown"
-        raise error(f"{what}; choose from {', '.join(models.MODELS)}, or "
-                    f"MODULE:CALLABLE, ./FILE.py:CALLABLE{did_you_mean(text, models.MODELS)}")
-    try:
-        check_form("--model", text)
-    except UsageError as e:
-        raise error(str(e)) from None
-    return text
-
-
-def unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    """A JSON object whose keys are each given once (``json.loads``' ``object_pairs_hook``):
-    a file or option edited by hand would otherwise keep the last silently; TOML refuses a
-    second one too."""
-    out = {}
-    for key, value in pairs:
-        if key in out:
-            raise ValueError(f"key {key!r} given twice")
-        out[key] = value
-    return out
-
-
-def json_object(text: str) -> dict:
-    """``--model-args '{"width": 32}'``: a JSON object, each key given once."""
-    shown = text if len(text) <= 200 else f"{text[:60]}...({len(text)} characters)"
-    try:
-        value = json.loads(text, object_pairs_hook=unique_keys)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{shown!r} is not JSON ({str(e)[:200]})") from None
-    except RecursionError:
-        raise argparse.ArgumentTypeError(f"{shown!r}: nested too deeply") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"{shown!r}: want a JSON object, e.g. '{{\"width\": 32}}'")
-    return value
-
-
-def home_expanded(path: str | os.PathLike[str], flag: str | None = None,
-                  field: tuple[str, str] | None = None) -> str:
-    """``path`` with a leading ``~`` or ``~user`` expanded, as a shell expands it unquoted.
-
-    Every path option takes it alike: ``--out "~/o"`` (or a file's ``out = "~/o"``) made a
-    folder named ``~`` in the working folder where ``--model "~/m.py:Net"`` read the home
-    folder's file. A ``~user`` with no home is refused, naming it (``flag``: the option),
-    where Path.expanduser's RuntimeError was a traceback; from Python, the field that gives
-    it (:func:`said`): ``field``, whose whole value ``path`` is, with it
-    (``RunConfig.out='~x/o'``, a long one shortened), else :data:`FIELDS`' field of ``flag``
-    alone (``path`` may be a part of its value: ``--model``'s file)."""
-    text = os.fspath(path)
-    expanded = os.path.expanduser(text)
-    value = (_Shortened(text),) if field else ()
-    named = said(flag, *value, typed=f"{flag} {shortened(text)}", field=field) if flag \
-        else shortened(text)
-    if expanded.startswith("~"):  # os.path.expanduser leaves an unknown user's as typed
-        raise UsageError(f"{named}: no home folder for {text.split(os.sep, 1)[0]}")
-    if problem := too_long(expanded):
-        raise UsageError(f"{named}: {problem}")
-    return expanded
-
-
-def shortened(path: str, most: int = 200) -> str:
-    """``path`` as a one-line refusal shows it: whole up to ``most`` characters, else its
-    start and end (a path of 5000 bytes filled the terminal with one message)."""
-    if len(path) <= most:
-        return path
-    return f"{path[:most // 2]}...{path[-most // 4:]} ({len(os.fsencode(path))} bytes)"
-
-
-class _Shortened:
-    """A path as a Python value in a refusal (``RunConfig.out='~x/o'``): quoted whole up to
-    200 characters, else its start and end quoted, as :func:`shortened` shows it typed."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def __repr__(self) -> str:
-        path = self.path
-        if len(path) <= 200:
-            return repr(path)
-        return f"{path[:100]!r}...{path[-50:]!r} ({len(os.fsencode(path))} bytes)"
-
-
-def too_long(path: str) -> str | None:
-    """Why no file can have ``path`` (a name in it over the file system's NAME_MAX, or the
-    whole over PATH_MAX), or None. Each option that reads a path (``--resume``,
-    ``--init-from``, ``--step-time replay:``, the files of ``--model`` and ``--dataset``)
-    raised the system's OSError (ENAMETOOLONG) at its first look, exit 1, naming no option;
-    the system is asked, as it alone knows its limits."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        if e.errno != errno.ENAMETOOLONG:
-            return None
-    except ValueError:  # a NUL in it: what reads it says so
-        return None
-    else:
-        return None
-    length, limit = len(os.fsencode(path)), os.pathconf("/", "PC_PATH_MAX")
-    if length >= limit:
-        return f"the path is too long ({length} bytes; the system's limit is {limit - 1})"
-    parent = Path(path).parent
-    while not os.path.isdir(parent):  # the nearest folder that exists says its limit
-        parent = parent.parent
-    name_max = os.pathconf(parent, "PC_NAME_MAX")
-    longest = max(len(os.fsencode(part)) for part in Path(path).parts)
-    return f"a name in it is longer than {name_max} bytes ({longest} bytes)"
 
 
 def absolute(text: str, flag: str | None = None) -> str:
@@ -261,7 +117,6 @@ def _beside_script(module) -> bool:
         return False
     folder = Path(script).resolve().parent
     return Path(file).resolve().parent == folder  # the working folder too: config.json is
-    # repeated from others
 
 
 def resolve(flag: str, text: str) -> Callable:
@@ -466,198 +321,3 @@ def one_line(e: BaseException) -> str:
     where = comm.user_frame(e.__traceback__)
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ") + \
         (f" (at {where})" if where else "")
-
-
-def _model(name: str) -> str:
-    """``--model NAME`` in a refusal, from Python ``ModelConfig.name='NAME'`` (:func:`said`)."""
-    return said("--model", name, typed=f"--model {name}")
-
-
-def build_model(name: str, input_shape: tuple, num_classes: int,
-                model_args: dict | None = None) -> nn.Module:
-    """Built-in model ``name`` or the user's ``MODULE:CALLABLE`` for this data."""
-    if not is_reference(name):
-        if model_args:
-            raise UsageError(f"{said('--model-args', field=('ModelConfig', 'args'))} are for a "
-                             f"model of your own, not {_model(name)}")
-        if len(input_shape) != 3 and name != "mlp":  # mlp flattens any shape
-            raise UsageError(f"{_model(name)} needs samples of shape C x H x W, not "
-                             f"{' x '.join(map(str, input_shape))}; use a model of your own")
-        return models.build(name, tuple(input_shape), num_classes)
-    build = resolve("--model", name)
-    try:
-        model = build(tuple(input_shape), num_classes, **(model_args or {}))
-    except UsageError:
-        raise
-    except Exception as e:
-        extra = "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
-        raise UsageError(f"{_model(name)} raised {one_line(e)} when called with "
-                         f"input_shape={tuple(input_shape)}, num_classes={num_classes}"
-                         f"{extra}") from e
-    if not isinstance(model, nn.Module):
-        raise UsageError(f"{_model(name)} returned a {type(model).__name__}, not a "
-                         "torch.nn.Module")
-    return model
-
-
-def build_for_data(config: RunConfig) -> nn.Module:
-    """The run's model (``config``: a RunConfig) for its data set's sample shape and classes
-    (one test sample read): what an algorithm's check before MPI judges, such as its
-    parameters' dtypes."""
-    from hpctrain import data  # data imports this module
-
-    sample = data.load(options.text(config.data.dataset), "test",
-                       options.text_or_none(config.data.data_dir), 0, 1)
-    return build_model(options.text(config.model.name), sample.shape, sample.num_classes,
-                       config.model.args)
-
-
-def layout(model: nn.Module) -> str:
-    """The model's parameters and buffers in a few words, with a digest of their names,
-    shapes and dtypes: what every rank must build alike (a user's model file may differ
-    between nodes)."""
-    tensors = [(n, tuple(t.shape), str(t.dtype)) for n, t in model.state_dict().items()]
-    digest = hashlib.sha256(repr(tensors).encode()).hexdigest()[:12]
-    values = sum(t.numel() for t in model.state_dict().values())
-    return f"{len(tensors)} tensors of {values} values (layout {digest})"
-
-
-# layout() of the model each check_model built, by its arguments: run._agree compares it
-# across ranks without building the model a second time at start-up.
-_checked: dict[tuple, str] = {}
-
-
-def _key(name: str, input_shape: tuple, num_classes: int, model_args: dict | None) -> tuple:
-    return name, tuple(input_shape), num_classes, json.dumps(model_args or {}, sort_keys=True)
-
-
-def checked_layout(name: str, input_shape: tuple, num_classes: int,
-                   model_args: dict | None = None) -> str:
-    """:func:`layout` of the model these arguments build: as :func:`check_model` found it
-    (this run checked it before MPI started), else built now."""
-    key = _key(name, input_shape, num_classes, model_args)
-    if key not in _checked:
-        _checked[key] = layout(build_model(name, input_shape, num_classes, model_args))
-    return _checked[key]
-
-
-def check_model(name: str, input_shape: tuple, num_classes: int,
-                model_args: dict | None = None, one_sample: str | None = None,
-                no_sparse: str | None = None) -> None:
-    """Build the model once and try it on two zero samples: UsageError if it cannot be built,
-    gives logits of the wrong size or type, or could not train (no trainable parameter, no
-    gradient path from its output to them), which would otherwise fail only at the first
-    step, after MPI started. The model is thrown away; the run seeds torch before it builds
-    its own, so what this draws from torch's RNG changes nothing.
-
-    ``one_sample``: why the run forwards a single sample in training mode (a batch or a
-    micro-batch of one, :func:`hpctrain.microbatch.one_sample`); then any model, built-in
-    too, must take one there (batch norm raises), or the refusal gives that reason.
-
-    ``no_sparse``: why the run's optimizer cannot step on a sparse gradient
-    (:func:`hpctrain.optimizers.sparse_refusal`); then a model whose check step gives one
-    (an embedding with ``sparse=True``) is refused, naming the parameter, its module and
-    that reason."""
-    model = build_model(name, input_shape, num_classes, model_args)
-    if is_reference(name):  # a built-in model passes these by construction
-        _check_own_model(name, model, input_shape, num_classes, no_sparse)
-    if one_sample is not None:
-        _check_one_sample(name, model, input_shape, one_sample)
-    _checked[_key(name, input_shape, num_classes, model_args)] = layout(model)  # no lazy ones
-
-
-def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
-                     num_classes: int, no_sparse: str | None) -> None:
-    """:func:`check_model`'s checks of a user's model."""
-    lazy = next((n for n, p in model.named_parameters()
-                 if isinstance(p, nn.parameter.UninitializedParameter)), None)
-    if lazy is not None:  # sized by a first forward on each rank: none of the run's checks see it
-        raise UsageError(f"{_model(name)}: its parameter {lazy} is lazy (nn.Lazy* modules); "
-                         "give the layer its input size")
-    model.eval()
-    with torch.no_grad():
-        _logits(name, model, input_shape, num_classes)
-    params = list(model.parameters())
-    if not any(p.requires_grad for p in params):
-        what = "no parameter that requires grad (all frozen)" if params else "no parameters"
-        raise UsageError(f"{_model(name)}: it has {what}; there is nothing to train")
-    # One training step's forward and backward, as training takes them.
-    with _as_it_was(model):
-        model.train()
-        with torch.enable_grad():
-            out = _logits(name, model, input_shape, num_classes)
-            if out.requires_grad:
-                try:
-                    F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
-                except Exception as e:
-                    raise UsageError(f"{_model(name)}: the backward of its loss raised "
-                                     f"{one_line(e)}") from e
-        if all(p.grad is None for p in params):
-            raise UsageError(f"{_model(name)}: its output does not depend on its parameters "
-                             "(detached?); no gradient reaches them")
-        if no_sparse is not None:
-            _refuse_sparse_gradients(name, model, no_sparse)
-
-
-def _refuse_sparse_gradients(name: str, model: nn.Module, why: str) -> None:
-    """UsageError naming the first parameter whose gradient the check's backward made sparse,
-    and its module, because ``why``."""
-    sparse = next((n for n, p in model.named_parameters()
-                   if p.grad is not None and p.grad.is_sparse), None)
-    if sparse is None:
-        return
-    owner, _, _ = sparse.rpartition(".")
-    module = model.get_submodule(owner)
-    built = f"{owner or 'the model'} ({type(module).__name__}, sparse=True)" \
-        if getattr(module, "sparse", False) is True else f"its module {owner or 'itself'}"
-    raise UsageError(f"{_model(name)}: {sparse} gets sparse gradients, and {why}, or build "
-                     f"{built} with sparse=False")
-
-
-@contextlib.contextmanager
-def _as_it_was(model: nn.Module):
-    """A build that hands out one module every call gets it back as it was after a check's
-    forward in training mode: buffers (BatchNorm's statistics) restored, no gradients."""
-    buffers = [b.detach().clone() for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(model.buffers(), buffers, strict=False):
-                b.copy_(saved)
-        for p in model.parameters():
-            p.grad = None
-
-
-def _check_one_sample(name: str, model: nn.Module, input_shape: tuple, why: str) -> None:
-    """UsageError naming ``why`` when ``model``'s forward in training mode fails on one
-    sample (BatchNorm1d: "Expected more than 1 value per channel when training")."""
-    mode = model.training
-    try:
-        with _as_it_was(model), torch.no_grad():
-            model.train()
-            model(torch.zeros(1, *input_shape))
-    except Exception as e:
-        raise UsageError(f"{_model(name)} cannot train on one sample (its forward in "
-                         f"training mode raised {one_line(e)}), and {why}") from e
-    finally:
-        model.train(mode)
-
-
-def _logits(name: str, model: nn.Module, input_shape: tuple, num_classes: int) -> torch.Tensor:
-    """The model's output for two zero samples: UsageError unless floating-point logits of
-    shape ``(2, num_classes)``."""
-    mode = " in training mode" if model.training else ""
-    try:
-        out = model(torch.zeros(2, *input_shape))
-    except Exception as e:
-        raise UsageError(f"{_model(name)}: its forward{mode} on a batch of shape "
-                         f"{(2, *input_shape)} raised {one_line(e)}") from e
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise UsageError(f"{_model(name)}: output {got}{mode} for a batch of 2; want (2, "
-                         f"{num_classes}): one logit per class")
-    if not out.is_floating_point():
-        raise UsageError(f"{_model(name)}: output of dtype {out.dtype}; want floating-point "
-                         "logits")
-    return out

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import MISSING, fields, is_dataclass
 
-from hpctrain import options, plugins
+from hpctrain import option_names, options, plugins
 from hpctrain.algorithm import Algorithm, Options
 from hpctrain.async_.algorithm import ASGD, SSP, DCASGDAdaptive, DCASGDConstant
 from hpctrain.ec.algorithm import EnsembleCompression, ModelAveraging
@@ -77,7 +77,7 @@ def load(reference: str) -> type[Algorithm]:
     cls = plugins.resolve("--algo", reference)
     if _LOADED.get(reference) is cls:  # checked when it was first loaded
         return cls
-    what = plugins.said("--algo", reference, typed=f"--algo {reference}")  # from Python:
+    what = option_names.said("--algo", reference, typed=f"--algo {reference}")  # from Python:
     # RunConfig.algo='./mine.py:Mine', the field given
     if not (isinstance(cls, type) and issubclass(cls, Algorithm)):
         kind = "class" if isinstance(cls, type) else type(cls).__name__

@@ -56,6 +56,7 @@ from hpctrain import (
     faults,
     live,
     microbatch,
+    model_checks,
     models,
     optimizers,
     options,
@@ -250,7 +251,7 @@ def _agree(world, config: RunConfig) -> None:
             _DEVICE: devices.resolve(config.device)}
     if plugins.is_reference(config.model.name):  # a built-in one is the same everywhere
         sample = data.load(d.dataset, "test", d.data_dir, 0, 1)
-        mine["the model"] = plugins.checked_layout(config.model.name, sample.shape,
+        mine["the model"] = model_checks.checked_layout(config.model.name, sample.shape,
                                                    sample.num_classes, config.model.args)
     _refuse_different(world.allgather(mine))
 

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
-from hpctrain import plugins
+from hpctrain import paths
 from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, write_json_atomic
@@ -120,7 +120,7 @@ def file_of(path: str | Path) -> Path:
 def expanded(path: str | Path) -> str:
     """A replayed run's path with ``~`` expanded, as in every path option
     (``--step-time replay:~/runs/x``; from Python the field, ``SimConfig.step_time``)."""
-    return plugins.home_expanded(path, "--step-time")  # the path is a part of the value
+    return paths.home_expanded(path, "--step-time")  # the path is a part of the value
 
 
 def read(path: str | Path) -> Record:

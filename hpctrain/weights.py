@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from hpctrain import options, plugins
+from hpctrain import option_names, options, paths
 from hpctrain.checkpoint.format import load_weights_only
 from hpctrain.errors import UsageError
 
@@ -28,8 +28,8 @@ _WRAPPERS = ("module.", "_orig_mod.")  # DDP's and torch.compile's prefixes
 
 def _given(path: str) -> str:
     """``--init-from PATH`` in a refusal: as typed on the command line, from Python the field
-    given (``ModelConfig.init_from='PATH'``, :func:`hpctrain.plugins.said`)."""
-    return plugins.said(FLAG, path, typed=f"{FLAG} {path}")
+    given (``ModelConfig.init_from='PATH'``, :func:`hpctrain.option_names.said`)."""
+    return option_names.said(FLAG, path, typed=f"{FLAG} {path}")
 
 
 def _resume() -> str:
@@ -39,7 +39,7 @@ def _resume() -> str:
 
 def file_of(path: str) -> Path:
     """The weights file ``path`` names: the file, or a run folder's ``model.pt``."""
-    p = Path(plugins.home_expanded(path, FLAG))
+    p = Path(paths.home_expanded(path, FLAG))
     if p.is_dir():
         if not (p / MODEL_FILE).is_file():
             raise UsageError(f"{_given(path)}: the folder has no {MODEL_FILE} (a run writes it "
@@ -138,7 +138,7 @@ def load_into(model: nn.Module, path: str, model_name: str) -> None:
     state = aligned(model, read(path))
     problem = mismatch(model, state)
     if problem:
-        model_said = plugins.said("--model", model_name, typed=f"--model {model_name}")
+        model_said = option_names.said("--model", model_name, typed=f"--model {model_name}")
         raise UsageError(f"{_given(path)}: its weights do not fit {model_said}: "
                          f"{problem}")
     model.load_state_dict(state, strict=True)

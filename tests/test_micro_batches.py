@@ -250,7 +250,7 @@ def build(input_shape, num_classes):
                            optim=optim)
         simulate(config, SimConfig(workers=1, step_time="constant:0.01"))
         logged = [int(n) for n in sizes.read_text().split()]
-        assert logged[0] == 2  # the model's check before the run (plugins.check_model)
+        assert logged[0] == 2  # the model's check before the run (model_checks.check_model)
         return set(logged[1:])
 
     assert seen(10) == {8}

@@ -25,6 +25,7 @@ from hpctrain import (
     data,
     launch_checks,
     live,
+    model_checks,
     optimizers,
     options,
     plugins,
@@ -263,10 +264,10 @@ def nets(tmp_path, monkeypatch):
     path = tmp_path / "nets_mod.py"
     path.write_text(NETS)
     monkeypatch.syspath_prepend(str(tmp_path))
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
     yield path
     sys.modules.pop("nets_mod", None)
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
 
 
 @pytest.fixture
@@ -329,12 +330,12 @@ def test_a_model_that_could_not_train_is_refused_before_mpi(nets, name, args, me
     """Named as typed on the command line; from Python it said --model too, to a caller of
     ModelConfig(name=...), who typed no flag: the field now."""
     if message is None:
-        plugins.check_model(name, (1, 8, 8), 3, args)
+        model_checks.check_model(name, (1, 8, 8), 3, args)
         return
     with pytest.raises(UsageError, match=f"^ModelConfig.name='{name}': {message}"):
-        plugins.check_model(name, (1, 8, 8), 3, args)
+        model_checks.check_model(name, (1, 8, 8), 3, args)
     with pytest.raises(UsageError, match=f"^--model {name}: {message}"), options.command_line():
-        plugins.check_model(name, (1, 8, 8), 3, args)
+        model_checks.check_model(name, (1, 8, 8), 3, args)
 
 
 @pytest.mark.usefixtures("typed")  # the library as the command line calls it
@@ -346,7 +347,7 @@ def test_a_refusal_of_the_users_own_code_says_where_in_it_the_error_arose(nets):
         return NETS[:NETS.index(marker)].count("\n") + 1
 
     with pytest.raises(UsageError) as refused:
-        plugins.check_model("nets_mod:WrongShape", (1, 8, 8), 3)
+        model_checks.check_model("nets_mod:WrongShape", (1, 8, 8), 3)
     assert str(refused.value).endswith(f"(at {nets}:{line('# WrongShape')}, in forward)")
     assert isinstance(refused.value.__cause__, RuntimeError)
     with pytest.raises(UsageError) as refused:
@@ -437,21 +438,21 @@ def test_ssgds_allreduce_bytes_count_what_it_reduces():
 def test_the_layout_ranks_compare_is_the_checked_models(nets, monkeypatch):
     """run._agree compares the layout of the model check_model built before MPI: no second
     build at start-up; other arguments (here --model-args) build and describe their own."""
-    plugins.check_model("nets_mod:build", (1, 8, 8), 3)
-    checked = plugins.checked_layout("nets_mod:build", (1, 8, 8), 3)
-    assert checked == plugins.layout(plugins.build_model("nets_mod:build", (1, 8, 8), 3))
+    model_checks.check_model("nets_mod:build", (1, 8, 8), 3)
+    checked = model_checks.checked_layout("nets_mod:build", (1, 8, 8), 3)
+    assert checked == model_checks.layout(model_checks.build_model("nets_mod:build", (1, 8, 8), 3))
     assert checked.startswith("4 tensors of 467 values (layout ")
-    wider = plugins.checked_layout("nets_mod:build", (1, 8, 8), 3, {"width": 16})
+    wider = model_checks.checked_layout("nets_mod:build", (1, 8, 8), 3, {"width": 16})
     assert wider.startswith("4 tensors of 931 values")
-    monkeypatch.setattr(plugins, "build_model", lambda *a: pytest.fail("built again"))
-    assert plugins.checked_layout("nets_mod:build", (1, 8, 8), 3) == checked
+    monkeypatch.setattr(model_checks, "build_model", lambda *a: pytest.fail("built again"))
+    assert model_checks.checked_layout("nets_mod:build", (1, 8, 8), 3) == checked
 
 
 def test_checking_a_model_leaves_a_shared_one_as_it_was(nets):
     import nets_mod
 
     before = {k: v.clone() for k, v in nets_mod.SHARED.state_dict().items()}
-    plugins.check_model("nets_mod:shared", (1, 8, 8), 3)  # trained a step, in training mode
+    model_checks.check_model("nets_mod:shared", (1, 8, 8), 3)  # trained a step, in training mode
     after = nets_mod.SHARED.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # BatchNorm's statistics
     assert all(p.grad is None for p in nets_mod.SHARED.parameters())
@@ -749,7 +750,7 @@ def numbers(rows, n):
 def test_npz_rows_are_read_as_given(tmp_path, compressed):
     arrays = write_npz(tmp_path / "d.npz", compressed=compressed)
     name = f"npz:{tmp_path / 'd.npz'}"
-    src = userdata._source(name, None)
+    src = userdata.reading._source(name, None)
     assert isinstance(src._x["train"], np.memmap) != compressed  # np.savez: rows read alone
     assert data.size(name, "train") == 60 and data.size(name, "test") == 20
     part = data.load_indices(name, "train", [7, 3, 3])
@@ -969,8 +970,8 @@ def test_npz_samples_that_are_not_finite_are_refused_by_the_rank_that_reads_them
     # Checked in parts (isfinite's temporaries are its input's size): one past the first part
     x = torch.zeros(300_000, 16)
     x[290_001, 5] = float("inf")
-    assert userdata._first_not_finite(x) == 290_001
-    assert userdata._first_not_finite(x[:290_000]) is None
+    assert userdata.samples.first_not_finite(x) == 290_001
+    assert userdata.samples.first_not_finite(x[:290_000]) is None
 
 
 def test_the_data_fingerprint_reads_a_datasets_labels_not_its_random_items(tmp_path):
@@ -1006,7 +1007,7 @@ def test_a_loader_is_called_once_and_seeded(nets, monkeypatch):
     before = torch.rand(1), np.random.rand()
     torch.manual_seed(5)
     np.random.seed(5)
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
     again = data.load(config.data.dataset, "train").images
     assert torch.equal(first, again)
     assert (torch.rand(1), np.random.rand()) == before  # the caller's generators put back
@@ -1037,11 +1038,11 @@ def test_the_whole_arrays_are_let_go_once_a_rank_took_its_part(tmp_path, nets, k
     if kind == "compressed":
         write_npz(tmp_path / "d.npz", compressed=True)
         name = f"npz:{tmp_path / 'd.npz'}"
-        whole = userdata._source(name, None)._x
+        whole = userdata.reading._source(name, None)._x
     else:
         name = "nets_mod:items_test"  # the training set (x, y) tensors, the test set a Dataset
         whole = {s: part[0] if s == "train" else part
-                 for s, part in userdata._source(name, None)._sets.items()}
+                 for s, part in userdata.reading._source(name, None)._sets.items()}
     train, test = weakref.ref(whole["train"]), weakref.ref(whole["test"])
     del whole
     before = data.load(name, "train"), data.load(name, "test")
@@ -1153,14 +1154,14 @@ def test_iid_blocks_of_data_stored_class_by_class_hold_every_class(tmp_path, net
 def test_the_built_in_mlp_takes_samples_of_any_shape(nets):
     """It only flattens, yet refused feature vectors (N x 20); lenet and resnet20 need images."""
     config = launch(data=DataConfig(dataset="nets_mod:flat"), model=ModelConfig(name="mlp"))
-    assert plugins.build_model("mlp", (20,), 3)(torch.zeros(2, 20)).shape == (2, 3)
+    assert model_checks.build_model("mlp", (20,), 3)(torch.zeros(2, 20)).shape == (2, 3)
     assert config.model.name == "mlp"
     with pytest.raises(UsageError, match="^ModelConfig.name='lenet' needs samples of shape C x "
                                          "H x W, not 20"):
-        plugins.build_model("lenet", (20,), 3)  # from Python: the field; typed: the flag
+        model_checks.build_model("lenet", (20,), 3)  # from Python: the field; typed: the flag
     with pytest.raises(UsageError, match="^--model lenet needs samples of shape C x H x W, "
                                          "not 20"), options.command_line():
-        plugins.build_model("lenet", (20,), 3)
+        model_checks.build_model("lenet", (20,), 3)
 
 
 def test_each_run_of_a_script_reads_its_data_again(tmp_path, monkeypatch):
@@ -1266,13 +1267,13 @@ def test_an_image_folder_is_read_image_by_image(tmp_path):
     assert sorted(labels.tolist()) == [0] * 4 + [1] * 4 + [2] * 4
     assert labels[:3].tolist() != [0, 0, 0] or labels[3:6].tolist() != [0, 1, 1]  # mixed order
     part = data.load_indices(name, "train", [5])
-    src = userdata._source(name, None)
+    src = userdata.reading._source(name, None)
     path = src._files["train"][0][5]
     assert part.labels.item() == ["cat", "dog", "emu"].index(path.parent.name)
     assert torch.equal(part.images[0, 0], torch.from_numpy(np.array(Image.open(path))) / 255)
     Image.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "train" / "cat" / "9.png")
-    userdata._source.cache_clear()
-    first = userdata._source(name, None).first
+    userdata.reading._source.cache_clear()
+    first = userdata.reading._source(name, None).first
     with pytest.raises(UsageError, match=re.escape(f"the first image ({first}) 7x5; all must "
                                                    "have one size")):
         data.load(name, "train")
@@ -1295,13 +1296,13 @@ def test_an_image_folders_hidden_entries_and_empty_classes(tmp_path):
     assert userdata.describe(name)["classes"] == 2
     assert data.load(name, "train").images.shape == (2, 1, 5, 7)  # ._0.png not read
     (tmp_path / "train" / "emu").mkdir()
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
     with pytest.raises(UsageError, match=re.escape(
             f"--dataset {name}: class folder {tmp_path / 'train' / 'emu'} holds no images")):
         userdata.describe(name)
     (tmp_path / "train" / "emu").rmdir()
     (tmp_path / "test" / "emu").mkdir()  # an empty test class folder is no class of its own
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
     with pytest.raises(UsageError, match="emu is a class the training set does not have"):
         userdata.describe(name)
 
@@ -1317,14 +1318,14 @@ def test_sixteen_bit_grey_images_are_scaled_not_clipped(tmp_path):
             pixels = g.integers(0, 65536, (4, 5)).astype(np.uint16)
             Image.fromarray(pixels).save(tmp_path / split / cls / "0.png")
     name = f"imagefolder:{tmp_path}"
-    src = userdata._source(name, None)
+    src = userdata.reading._source(name, None)
     path = src._files["train"][0][0]
     pixels = np.asarray(Image.open(path)).astype(np.float64)
     assert pixels.max() > 255
     got = data.load(name, "train").images[0, 0].double()
     assert torch.allclose(got, torch.from_numpy(np.rint(pixels / 257) / 255))
     Image.fromarray(np.full((4, 5), 0.5, np.float32)).save(tmp_path / "train" / "a" / "0.tiff")
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
     with pytest.raises(UsageError, match=r"0\.tiff has F pixels beyond 16 bits"):
         data.load(name, "train")
 
@@ -1405,12 +1406,12 @@ def test_a_loaders_dict_with_a_key_it_does_not_take_is_refused(tmp_path, entries
         "def load():\n"
         "    x, y = torch.zeros(6, 1, 8, 8), torch.tensor([0, 1, 2] * 2)\n"
         f"    return {{{entries}}}\n")
-    userdata._source.cache_clear()
+    userdata.reading._source.cache_clear()
     try:
         assert message in refusal(["--algo", "ssgd", "--dataset", f"{tmp_path}/keyed.py:load",
                                    "--model", "mlp"], ranks=2)
     finally:
-        userdata._source.cache_clear()
+        userdata.reading._source.cache_clear()
 
 
 @pytest.mark.parametrize("compressed", [False, True])

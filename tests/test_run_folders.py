@@ -9,7 +9,7 @@ import pytest
 from conftest import SYNTHETIC, refusal
 
 import hpctrain
-from hpctrain import arguments, cli, options, plugins, run_folders, steptimes
+from hpctrain import arguments, cli, options, paths, run_folders, steptimes
 from hpctrain.bench.report import rendering
 from hpctrain.errors import UsageError
 
@@ -75,8 +75,8 @@ def test_a_replay_and_a_report_too_long_to_exist_are_refused_alike(tmp_path, who
 
 
 def test_a_short_path_is_shown_whole():
-    assert plugins.shortened("/runs/x") == "/runs/x"
-    assert plugins.too_long("/runs/x") is None  # missing, not too long: what reads it says
+    assert paths.shortened("/runs/x") == "/runs/x"
+    assert paths.too_long("/runs/x") is None  # missing, not too long: what reads it says
 
 
 @pytest.mark.parametrize("whole", [False, True], ids=["name", "path"])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import SYNTHETIC, refusal, run_commands
 
-from hpctrain import data, launch_checks, options, plugins, weights
+from hpctrain import data, launch_checks, model_checks, options, weights
 from hpctrain.checkpoint import format as checkpoint_format
 from hpctrain.config import CheckpointConfig, DataConfig, ModelConfig, OptimConfig, RunConfig
 from hpctrain.errors import UsageError
@@ -21,7 +21,7 @@ from hpctrain.sim import SimConfig, simulate
 
 def mlp() -> torch.nn.Module:
     sample = data.load("synthetic", "test", None, 0, 1)
-    return plugins.build_model("mlp", sample.shape, sample.num_classes)
+    return model_checks.build_model("mlp", sample.shape, sample.num_classes)
 
 
 def saved(tmp_path: Path, state, name: str = "w.pt") -> Path:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 
 from hpctrain import comm as hcomm
-from hpctrain import devices, kernels, options, plugins, watchdog
+from hpctrain import devices, kernels, model_checks, options, watchdog
 from hpctrain.algorithm import Algorithm, Comm, Options, Setup
 from hpctrain.async_ import shm
 from hpctrain.async_.optim import ASGD as ASGDOptimizer
@@ -89,7 +89,7 @@ def _model_size(config) -> int:
     """The number of values the store holds for the model and data set (one test sample
     read): the trainable parameters of a built-in model or the user's, which must be float32
     (the store's windows and the compensation kernel are; found after MPI started, else)."""
-    model = plugins.build_for_data(config)
+    model = model_checks.build_for_data(config)
     for name, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             run = functools.partial(options.setting, type(config))

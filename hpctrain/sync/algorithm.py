@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 import hpctrain.sync as hvd
-from hpctrain import microbatch, options, plugins
+from hpctrain import microbatch, model_checks, options
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.comm import allreduce_bytes
 from hpctrain.errors import UsageError, plural
@@ -218,7 +218,7 @@ def _refuse_bf16_for_horovod(config) -> None:
     """UsageError naming the model's first bfloat16 parameter or buffer: horovod.torch 0.28
     moves no bfloat16 tensor, so broadcasting the model raised after MPI started ("Tensor
     type torch.BFloat16Tensor is not supported", naming neither tensor nor backend)."""
-    name = next((n for n, t in plugins.build_for_data(config).state_dict().items()
+    name = next((n for n, t in model_checks.build_for_data(config).state_dict().items()
                  if t.dtype == torch.bfloat16), None)
     if name is not None:
         backend = functools.partial(options.setting, type(config.algorithm), "sync_backend")

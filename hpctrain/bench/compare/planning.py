@@ -20,7 +20,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from hpctrain import arguments, data, launch_checks, live, plugins, registry
+from hpctrain import arguments, data, launch_checks, live, paths, plugins, registry
 from hpctrain.bench.compare.arguments import (
     WORKERS,
     TrainOption,
@@ -149,7 +149,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
     rendering.parse_targets(args.targets)
     # --out=~/x (the shell expands no ~ after "="): as every train path option takes it,
     # not a folder named ~ in the working folder beside runs that train's --out put in home.
-    args.out = plugins.home_expanded(args.out, "--out")
+    args.out = paths.home_expanded(args.out, "--out")
     rendering.check_out_folder(args.out)  # else found as the first run starts, all planned
     given = given_options(args)
     _check_owned(given, algos, args.algos, _recorded_words(args))

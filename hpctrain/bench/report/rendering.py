@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from hpctrain import plugins
+from hpctrain import paths
 from hpctrain.bench.report.document import markdown
 from hpctrain.bench.report.plotting import NO_PLOTS, PLOTS, figure_title, plot
 from hpctrain.bench.report.reading import RECORD, REPORT, Row, load
@@ -202,10 +202,10 @@ def _check_writable(folder: str) -> None:
 def run(args: argparse.Namespace) -> list[Row]:
     """Re-render the report of ``args.dir`` (into ``args.out``, else there); print its table
     and where the files are. A ``~`` in DIR or ``--out`` (``--out=~/r``, which the shell
-    leaves) is expanded, as in every path option (:func:`plugins.home_expanded`)."""
-    folder = plugins.home_expanded(args.dir, "report")
+    leaves) is expanded, as in every path option (:func:`paths.home_expanded`)."""
+    folder = paths.home_expanded(args.dir, "report")
     out = report_folder(folder, None if args.out is None
-                        else plugins.home_expanded(args.out, "--out"))
+                        else paths.home_expanded(args.out, "--out"))
     with contextlib.ExitStack() as held:
         _hold_unless_in_use(held, Path(folder))
         rows, targets, drawn = render(folder, None if args.targets is None
