@@ -14,10 +14,10 @@ def main() -> None:
 
         horovodrun.main(sys.argv[2:])
         return
-    from hpctrain import comm  # mpi4py's package, not MPI: milliseconds
+    from hpctrain import job_end  # mpi4py's package, not MPI: milliseconds
     from hpctrain.checkpoint import stop
 
-    comm.install_abort_on_error()  # cli.main installs it again, for a script's calls
+    job_end.install_abort_on_error()  # cli.main installs it again, for a script's calls
     stop.install_for(sys.argv[1:])
     from hpctrain.cli import main as cli_main
 

@@ -37,6 +37,7 @@ from hpctrain import (
     compiled,
     devices,
     horovodrun,
+    job_end,
     kernels,
     launch_env,
     provenance,
@@ -378,7 +379,7 @@ def _console_safe() -> None:
 @command_line()  # refusals name the flags typed (--lr -1), the Python API's its fields
 def main(argv: list[str] | None = None) -> None:
     _console_safe()
-    comm.install_abort_on_error()
+    job_end.install_abort_on_error()
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["train"], ["simulate"]) or argv[:2] == ["bench", "compare"]:
         arguments.load_named_algorithms(argv)  # a user's algorithm: its options are flags

@@ -1,4 +1,5 @@
-"""The MPI world: initialisation at a chosen thread level, rank/size helpers, abort on error.
+"""The MPI world: initialisation at a chosen thread level, rank/size and launcher helpers,
+the MPI library's description.
 
 It also holds how many bytes a rank sends in an allreduce (:func:`allreduce_bytes`), the
 one count of traffic that every algorithm's byte fields use.
@@ -7,38 +8,33 @@ mpi4py initialises MPI when ``mpi4py.MPI`` is first imported, at the thread leve
 ``mpi4py.rc.thread_level``. Async runs need ``serialized`` (Open MPI 4's osc/pt2pt refuses
 MULTIPLE) while Horovod needs ``multiple``, so nothing in hpctrain imports ``mpi4py.MPI`` at
 module level: entry points call :func:`init` first, everything else calls :func:`mpi`.
+
+Its neighbours: :mod:`hpctrain.pickled` sends pickled messages past 2 GiB over a
+communicator of this world, and :mod:`hpctrain.job_end` ends the job on an error (the
+hook that :func:`init` installs for a script).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
-import json
 import os
-import pickle
-import signal
-import socket
 import sys
-import sysconfig
-import time
-import traceback
-from collections.abc import Callable
 from functools import lru_cache
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import mpi4py
 
 from hpctrain import launch_env, nbc_tuning
-from hpctrain.errors import UsageError, on_every_rank, raised_on_every_rank
-from hpctrain.switches import switch
+from hpctrain.errors import UsageError, on_every_rank
 
 if TYPE_CHECKING:  # not at run time: importing it starts MPI (see above)
-    import torch
     from mpi4py import MPI
 
+
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
+
 
 
 def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
@@ -50,6 +46,8 @@ def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
     UsageError, before MPI starts, for torchrun's worker under Open MPI's mpirun
     (:func:`hpctrain.launch_env.refuse_mpirun_around_torchrun`).
     """
+    from hpctrain.job_end import install_for_script  # here: job_end imports this module
+
     if thread_level not in THREAD_LEVELS:
         raise UsageError(f"unknown MPI thread level {thread_level!r}; choose from {THREAD_LEVELS}")
     started_here = "mpi4py.MPI" not in sys.modules
@@ -76,10 +74,12 @@ def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
     return MPI
 
 
+
 # What tells an MPI library that srun (launch_env.SLURM_STEP) or a PMI server (Hydra's
 # mpiexec) started it: a torchrun worker inherits these from the srun task or mpiexec process
 # that ran torchrun.
 _PMI_PREFIXES = ("PMI_", "PMIX_")
+
 
 
 @contextlib.contextmanager
@@ -112,6 +112,7 @@ def _outer_launch_hidden():
         os.environ.update({k: v for k, v in hidden.items() if k in launch_env.SLURM_STEP})
 
 
+
 def mpi() -> ModuleType:
     """``mpi4py.MPI``, initialising at the default level if no entry point did."""
     if "mpi4py.MPI" in sys.modules:
@@ -120,6 +121,7 @@ def mpi() -> ModuleType:
         _check_world_once(MPI)  # libnbc's algorithm only in init(), which every rank calls
         return MPI
     return init()
+
 
 
 def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> None:
@@ -140,6 +142,7 @@ def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> 
                      f"process would train alone; {fix}")
 
 
+
 def _first_use(MPI: ModuleType, started_here: bool) -> None:
     """At :func:`init`, the entry point every rank of a launch calls together: libnbc's
     allreduce algorithm (nbc_tuning; once), which all ranks must choose alike, so never from
@@ -149,7 +152,9 @@ def _first_use(MPI: ModuleType, started_here: bool) -> None:
     _check_world_once(MPI)
 
 
+
 _world_checked = False
+
 
 
 def _check_world_once(MPI: ModuleType) -> None:
@@ -165,10 +170,12 @@ def _check_world_once(MPI: ModuleType) -> None:
         check_world(launched.seat, MPI.COMM_WORLD.Get_size(), library)
 
 
+
 def thread_level() -> str:
     """The thread level MPI provides, one of :data:`THREAD_LEVELS` (initialising MPI)."""
     MPI = mpi()
     return THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
+
 
 
 def _thread_level_index(MPI: ModuleType, level: int) -> int:
@@ -176,13 +183,16 @@ def _thread_level_index(MPI: ModuleType, level: int) -> int:
     return order.index(level)
 
 
+
 def world() -> MPI.Intracomm:
     """``MPI.COMM_WORLD``."""
     return mpi().COMM_WORLD
 
 
+
 def rank() -> int:
     return world().Get_rank()
+
 
 
 def is_mpi4py(comm_) -> bool:
@@ -191,7 +201,9 @@ def is_mpi4py(comm_) -> bool:
     return type(comm_).__module__.startswith("mpi4py")
 
 
+
 COUNT_PIECE = 2**30  # elements (or bytes) one MPI call here counts at most: see count_pieces
+
 
 
 def count_pieces(n: int, piece: int | None = None) -> list[slice]:
@@ -202,117 +214,10 @@ def count_pieces(n: int, piece: int | None = None) -> list[slice]:
     return [slice(i, i + piece) for i in range(0, max(n, 1), piece)]
 
 
-def large_messages(comm_):
-    """``comm_`` for pickled messages past 2 GiB (a run's snapshots together, a checkpoint's
-    gathering): MPI-3 libraries such as Open MPI 4 refuse one (``MPI_ERR_ARG``), and
-    mpi4py's ``pkl5`` sends it in parts. Its ``bcast``, ``gather`` and ``scatter`` are
-    collectives every rank makes through it. What it sends travels as :class:`OutOfBand`:
-    tensors' memory as it is, not through torch's pickling. Another communicator
-    (torchrun's, the simulator's) is returned as it is."""
-    if not is_mpi4py(comm_):
-        return comm_
-    return _large_messages_class()(comm_)
-
-
-@lru_cache(maxsize=1)
-def _large_messages_class() -> type:
-    from mpi4py.util import pkl5  # imports mpi4py.MPI: made at first use, after init()
-
-    class LargeMessages(pkl5.Intracomm):
-        """pkl5's communicator, whose sends wrap what they send in :class:`OutOfBand`."""
-
-        def send(self, obj, dest, tag=0):
-            return super().send(OutOfBand(obj), dest, tag)
-
-        def isend(self, obj, dest, tag=0):
-            return super().isend(OutOfBand(obj), dest, tag)
-
-        def bcast(self, obj, root=0):
-            return super().bcast(OutOfBand(obj), root)
-
-        def gather(self, sendobj, root=0):
-            return super().gather(OutOfBand(sendobj), root)
-
-        def scatter(self, sendobj, root=0):
-            parts = None if sendobj is None else [OutOfBand(part) for part in sendobj]
-            return super().scatter(parts, root)
-
-        def allgather(self, sendobj):
-            return super().allgather(OutOfBand(sendobj))
-
-    return LargeMessages
-
-
-class OutOfBand:
-    """``obj`` to be pickled with its CPU tensors' memory as out-of-band buffers (pickle
-    protocol 5), which ``pkl5`` sends as they are and the receiver's tensors then use. Torch
-    pickles a tensor's memory in band, through ``torch.save``'s format: a 2 GB broadcast of
-    snapshots spent 18 of its 20 s there (unpickling). Unpickled, it is ``obj`` again."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj: Any) -> None:
-        self.obj = obj
-
-    def __reduce_ex__(self, protocol):
-        if protocol < 5:
-            return _same, (self.obj,)
-        buffers: list[pickle.PickleBuffer] = []
-        data = io.BytesIO()
-        _TensorPickler(data, protocol=5, buffer_callback=buffers.append).dump(self.obj)
-        return _unpickled, (data.getvalue(), *buffers)
-
-
-class _TensorPickler(pickle.Pickler):
-    """A plain CPU tensor's memory pickled as one buffer (:func:`tensor_reduction`); any
-    other object as it pickles itself."""
-
-    def reducer_override(self, obj):
-        return tensor_reduction(obj)
-
-
-def tensor_reduction(obj: Any) -> Any:
-    """A pickler's ``reducer_override`` for tensors: a plain CPU tensor's memory as one
-    ``PickleBuffer`` (out of band under protocol 5 with a ``buffer_callback``), shape and
-    dtype beside it, its elements contiguous and apart from any other tensor's; NotImplemented
-    for anything else (a parameter, a sparse tensor, one that needs its gradient: torch's
-    pickling keeps what they are). Shared with hpctrain.sync's object collectives."""
-    # torch as imported already: launchers (horovodrun) import this module without it,
-    # and where it is not imported there is no tensor to pickle
-    torch = sys.modules.get("torch")
-    if (torch is None or type(obj) is not torch.Tensor or obj.device.type != "cpu"
-            or obj.requires_grad or obj.layout != torch.strided or obj.is_quantized
-            or obj.is_nested):
-        return NotImplemented
-    flat = obj.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
-    memory = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
-    return _tensor, (memory, obj.dtype, tuple(obj.shape))
-
-
-def _tensor(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """The tensor of :class:`_TensorPickler`'s buffer. A received buffer (MPI's, or pickle's
-    for one pickled in band) is the tensor's memory; the sender's own (``pickle.loads`` on a
-    broadcast's root) is copied, so that what comes back never shares memory with what was
-    sent."""
-    import torch
-
-    if isinstance(buffer, pickle.PickleBuffer):
-        buffer = bytearray(buffer)
-    if not memoryview(buffer).nbytes:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
-
-
-def _unpickled(data: bytes, *buffers: Any) -> Any:
-    return pickle.loads(data, buffers=buffers)
-
-
-def _same(obj: Any) -> Any:
-    return obj
-
 
 def size() -> int:
     return world().Get_size()
+
 
 
 def allreduce_bytes(nbytes: int, ranks: int) -> int:
@@ -320,6 +225,7 @@ def allreduce_bytes(nbytes: int, ranks: int) -> int:
     (2(K-1)/K of the payload): the scale of every byte field, so that ssgd's gradients,
     ma/ec's aggregations and a plug-in's messages compare whatever algorithm MPI picks."""
     return 2 * (ranks - 1) * nbytes // ranks
+
 
 
 @lru_cache(maxsize=1)
@@ -330,14 +236,17 @@ def _node_comm():
     return world().Split_type(MPI.COMM_TYPE_SHARED, key=rank())
 
 
+
 def local_rank() -> int:
     """Rank among the processes on this node."""
     return _node_comm().Get_rank()
 
 
+
 def local_size() -> int:
     """Number of processes on this node."""
     return _node_comm().Get_size()
+
 
 
 def env_rank() -> int:
@@ -346,10 +255,12 @@ def env_rank() -> int:
     return seat.rank if seat else 0
 
 
+
 def env_size() -> int:
     """The job's size from the launcher's environment, without initialising MPI (1 if none)."""
     seat = launch_env.from_launcher()
     return seat.size if seat else 1
+
 
 
 def launcher() -> str:
@@ -358,6 +269,7 @@ def launcher() -> str:
     job), or ``single`` (:func:`hpctrain.launch_env.launch`, which refuses a launch of
     several processes that is neither)."""
     return launch_env.launch().kind
+
 
 
 def launch_size() -> int:
@@ -370,12 +282,14 @@ def launch_size() -> int:
     return env_size()
 
 
+
 def mpi_running() -> ModuleType | None:
     """``mpi4py.MPI`` where MPI's world already runs the job (a user's script started it, or
     an earlier run in the process did; not under torchrun), else None."""
     MPI = sys.modules.get("mpi4py.MPI")
     running = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     return MPI if running and launcher() != "torchrun" else None
+
 
 
 def shared_refusal(refusal: UsageError | None) -> None:
@@ -395,6 +309,7 @@ def shared_refusal(refusal: UsageError | None) -> None:
         raise refusal
 
 
+
 def first_difference(seen: list[dict]) -> tuple[str, int] | None:
     """The first key of ``seen[0]`` (each rank's values, from an allgather) that some rank
     holds another value for, and the first such rank; None when every rank agrees."""
@@ -405,9 +320,11 @@ def first_difference(seen: list[dict]) -> tuple[str, int] | None:
     return None
 
 
+
 def library_name(MPI: ModuleType) -> str:
     """The first line of the MPI library's version string (``Open MPI v4.1.4, ...``)."""
     return MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
+
 
 
 @lru_cache(maxsize=1)
@@ -431,6 +348,7 @@ def library_version() -> str | None:
     return text.value.decode(errors="replace")
 
 
+
 def library_info() -> dict:
     """MPI library name and version, standard version, thread level provided, Open MPI's
     non-blocking allreduce algorithm (its sums' order: part of a run's provenance)."""
@@ -443,248 +361,3 @@ def library_info() -> dict:
         "iallreduce_algorithm": nbc_tuning.in_effect(),
         "mpi4py": mpi4py.__version__,
     }
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for ``exc``: the message alone for a UsageError, else type and message, and
-    where in the user's own code it arose (a model's forward, a loader, a script's line)."""
-    if isinstance(exc, UsageError):
-        return str(exc)
-    where = user_frame(exc.__traceback__)
-    return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
-
-
-def user_frame(tb) -> str:
-    """The innermost frame of ``tb`` outside hpctrain, the standard library and installed
-    packages, as ``file:line, in function``; "" if there is none. The one line replaces
-    the traceback, so without it an error in a user's model said nothing of where."""
-    # "scripts": the installed command's wrapper (bin/hpctrain, bin/torchrun) is no user code.
-    library = {sysconfig.get_paths()[k]
-               for k in ("stdlib", "platstdlib", "purelib", "platlib", "scripts")}
-    library.add(os.path.dirname(os.path.abspath(__file__)))
-    where = ""
-    for frame, line in traceback.walk_tb(tb):
-        name = frame.f_code.co_filename
-        if name.startswith("<"):  # <frozen runpy> (python -m), <string>: no file of the user's
-            continue
-        path = os.path.abspath(name)
-        if not any(path.startswith(d + os.sep) for d in library):
-            shown = os.path.relpath(path) if path.startswith(os.getcwd() + os.sep) else path
-            where = f"{shown}:{line}, in {frame.f_code.co_name}"
-    return where
-
-
-_before_abort: list[Callable[[], None]] = []
-
-
-def before_abort(callback: Callable[[], None]) -> None:
-    """Have the abort hook call ``callback`` before it ends the process: work an error must
-    not cut off (rank 0's write of an elastic commit). Registered rather than imported, so
-    that this module does not depend on what uses it."""
-    if callback not in _before_abort:
-        _before_abort.append(callback)
-
-
-def _finish_before_abort() -> None:
-    """The work :func:`before_abort` registered, done before this process ends."""
-    for callback in _before_abort:
-        with contextlib.suppress(Exception):  # the hook must end the process regardless
-            callback()
-
-
-def _exit_on_sigterm(status: int) -> None:
-    """While this rank waits to be ended: the launcher's SIGTERM exits with ``status`` (not
-    143), once the work registered with :func:`before_abort` is done. A handler that exited
-    at once cut off rank 0's write of an elastic commit and the restart lost it."""
-    def _exit(*_: Any) -> None:
-        _finish_before_abort()
-        os._exit(status)
-
-    with contextlib.suppress(ValueError):  # not the main thread: no handler
-        signal.signal(signal.SIGTERM, _exit)
-
-
-def hpctrains_own(exc: BaseException) -> bool:
-    """Whether hpctrain raised ``exc`` for the user to read, its message the whole story: a
-    UsageError, an error every rank raised alike, or one of hpctrain's own classes
-    (CollectiveMismatchError, TooManyBadSteps, ...). Another is a bug in the user's code or
-    a library's, whose traceback says where."""
-    return isinstance(exc, UsageError) or raised_on_every_rank(exc) \
-        or type(exc).__module__.partition(".")[0] == "hpctrain"
-
-
-def _abort_hook(exc_type, exc, tb) -> None:
-    """hpctrain's commands' and runs' hook: every error in one line."""
-    _end_on_error(exc_type, exc, tb, script=False)
-
-
-def _script_abort_hook(exc_type, exc, tb) -> None:
-    """A script's hook (``hvd.init()``, ``hpctrain.comm.init()``): its own errors with
-    Python's traceback, which a Horovod script's user expects; hpctrain's in one line."""
-    _end_on_error(exc_type, exc, tb, script=True)
-
-
-def _end_on_error(exc_type, exc, tb, script: bool) -> None:
-    """Say ``exc`` and end the process, and with it the job. ``script``: an error not
-    hpctrain's own (:func:`hpctrains_own`) is said by Python's traceback, and in a process
-    that is the whole job the interpreter then exits as Python does (atexit, flushed files)."""
-    # The process's own stderr: torch.distributed's init_process_group wraps this hook with
-    # one that points sys.stderr at a buffer and prints it after the hook returns, which
-    # this one does not do unless it leaves the exit to Python.
-    err = sys.__stderr__ or sys.stderr
-    MPI = sys.modules.get("mpi4py.MPI")
-    if MPI is not None and (not MPI.Is_initialized() or MPI.Is_finalized()):
-        MPI = None  # imported, but not running
-    initialised = MPI is not None
-    r, n = _seat_for_error(MPI)
-    interrupted = isinstance(exc, KeyboardInterrupt)
-    full = script and not interrupted and not hpctrains_own(exc)
-    if _debugging() and not full:
-        traceback.print_exception(exc_type, exc, tb, file=err)
-    status = 2 if isinstance(exc, UsageError) else 1
-    if r != 0 and (not initialised or raised_on_every_rank(exc)):
-        # Before MPI starts every rank validates the same arguments, and an error raised on
-        # every rank alike is the same, so rank 0 speaks for all: its abort, or the launcher,
-        # ends this rank while it waits, unless rank 0 did not fail (a file missing on this
-        # node only), and then this rank must say it. Ended by the launcher's SIGTERM (srun
-        # --kill-on-bad-exit once rank 0 exited), it exits with rank 0's status, not 143.
-        _exit_on_sigterm(status)
-        time.sleep(10)  # generous: a loaded node may take seconds to end this rank
-    elif n > 1 and _under_torchrun() and peer_left(exc):
-        # torchrun names the first process to end as the root cause: this one failed because
-        # another did, so that one goes first, and torchrun ends this one meanwhile.
-        _exit_on_sigterm(status)
-        time.sleep(10)
-    elif _under_torchrun():
-        _record_for_torchrun(exc_type, exc, tb)
-    where = _where(r, n, initialised)
-    # Each in one write, its newline included: print's two (the text, then "\n") let
-    # mpirun put another rank's line between them, two errors on one line.
-    if interrupted:  # Ctrl-C: no error; the shell's status, 128 + 2
-        status = 130
-        said = f"hpctrain: interrupted{where}\n"
-    elif full:  # the ranks' tracebacks do not interleave line by line
-        label = f"hpctrain: error{where}:\n" if where else ""
-        said = label + "".join(traceback.format_exception(exc_type, exc, tb))
-    else:
-        said = f"hpctrain: error{where}: {describe_error(exc)}\n"
-    err.write(said)
-    err.flush()
-    if full and n == 1:
-        return  # nothing else to end: Python exits with status 1, as without the hook
-    _finish_before_abort()
-    if MPI is not None and MPI.COMM_WORLD.Get_size() > 1:
-        # Ends every rank, including those waiting in a collective for this one.
-        MPI.COMM_WORLD.Abort(status)
-    if r == 0 and n > 1 and not initialised and "SLURM_STEP_ID" in os.environ:
-        # srun --kill-on-bad-exit ends the others as this rank exits: a moment for them to
-        # reach their wait above, which exits with this status (else srun says 143).
-        time.sleep(1)
-    os._exit(status)
-
-
-# What a process-group transport says when a peer's process is gone (gloo's TCP pair, a
-# socket's errno text): this rank failed because another did.
-_PEER_LEFT = ("closed by peer", "reset by peer", "Broken pipe", "remote worker crashing")
-
-
-def peer_left(exc: BaseException) -> bool:
-    """Whether ``exc`` is a collective's failure because another rank's process ended."""
-    return isinstance(exc, RuntimeError | ConnectionError) and any(
-        text in str(exc) for text in _PEER_LEFT)
-
-
-def _under_torchrun() -> bool:
-    try:
-        return launcher() == "torchrun"
-    except UsageError:  # a launch refused: not a torchrun worker's error to record
-        return False
-
-
-def _record_for_torchrun(exc_type, exc, tb) -> None:
-    """The error in torchrun's error file (``$TORCHELASTIC_ERROR_FILE``, torch.distributed
-    elastic's ``record`` format), so that its report names this rank as the root cause and
-    shows the error, not the exit order's guess. Nothing where torchrun asks for none.
-    Its report shows ``py_callstack`` as the traceback: for bad input and hpctrain's other
-    own errors (:func:`hpctrains_own`) the one line, as the rank said it (Python's traceback
-    under ``HPCTRAIN_DEBUG``); for any other, Python's."""
-    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    if not path:
-        return
-    line = describe_error(exc)
-    shown = line if hpctrains_own(exc) and not _debugging() else \
-        "".join(traceback.format_exception(exc_type, exc, tb))
-    with contextlib.suppress(OSError):
-        with open(path, "w") as f:
-            json.dump({"message": {"message": line, "extraInfo": {
-                "py_callstack": shown, "timestamp": str(int(time.time()))}}}, f)
-
-
-def _debugging() -> bool:
-    """``HPCTRAIN_DEBUG`` on: the hook prints the traceback too (any word but an off one, as
-    the hook that reports errors must not raise one of its own)."""
-    try:
-        return bool(switch("HPCTRAIN_DEBUG", default=False))
-    except UsageError:
-        return True
-
-
-def _where(rank: int, size: int, mpi_running: bool) -> str:
-    """Whose error it is, for its line: nothing for one process, nor for rank 0 before MPI
-    starts (it speaks for all, every rank checking the same input); the rank, and before MPI
-    the host too (a file missing on that node), for the others."""
-    if size == 1 or (rank == 0 and not mpi_running):
-        return ""
-    host = "" if mpi_running else f", host {socket.gethostname()}"
-    return f" (rank {rank} of {size}{host})"
-
-
-def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
-    """This process's rank and the job's size for an error line: MPI's world's where it is
-    the job (``MPI`` given: MPI runs), else the launcher's (torchrun's workers are MPI
-    singletons; before MPI starts it is all there is); (0, 1) where even those are not
-    numbers."""
-    with contextlib.suppress(UsageError):  # a launch refused: its variables are read below
-        if MPI is not None and launcher() != "torchrun":
-            return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
-    with contextlib.suppress(UsageError):
-        return env_rank(), env_size()
-    return 0, 1
-
-
-# Whether hpctrain's command or run installed the one-line hook: torch.distributed's
-# init_process_group wraps whatever hook it finds, so sys.excepthook no longer says so.
-_one_line = False
-
-
-def install_abort_on_error(script: bool = False) -> None:
-    """Make an uncaught exception on one rank abort the whole MPI job, said in one line with
-    the rank (hpctrain's commands and runs: ``(at file:line)`` names the user's code). For a
-    user's own ``script``, an error that is not hpctrain's own shows Python's traceback."""
-    global _one_line
-    sys.excepthook = _script_abort_hook if script else _abort_hook
-    _one_line = not script
-
-
-def hook_state() -> tuple:
-    """The process's hook and whether it is a command's or run's, for :func:`restore_hook`."""
-    return sys.excepthook, _one_line
-
-
-def restore_hook(state: tuple) -> None:
-    """Put back what :func:`hook_state` returned (a run that ended gives the script its own)."""
-    global _one_line
-    sys.excepthook, _one_line = state
-
-
-def install_for_script() -> None:
-    """:func:`install_abort_on_error` for a user's script (``hvd.init()``, this module's
-    :func:`init`), unless the process has an abort hook already: hpctrain's command or run
-    that started MPI keeps its one line (under torchrun, wrapped by torch.distributed)."""
-    if not (_one_line or aborts_on_error()):
-        install_abort_on_error(script=True)
-
-
-def aborts_on_error() -> bool:
-    """Whether one of :func:`install_abort_on_error`'s hooks is the process's."""
-    return sys.excepthook in (_abort_hook, _script_abort_hook)

@@ -396,9 +396,9 @@ def _all_here(hosts: list[tuple[str, int]]) -> bool:
 
 def main(argv: list[str]) -> None:
     """``hpctrain horovodrun ARGS``: parse, check, become mpirun; errors are one line, exit 2."""
-    from hpctrain import comm  # light: mpi4py's package, not MPI
+    from hpctrain import job_end  # light: mpi4py's package, not MPI
 
-    comm.install_abort_on_error()
+    job_end.install_abort_on_error()
     parser = Parser(prog="hpctrain horovodrun", description=description())
     add_arguments(parser)
     run(parser.parse_args(argv))

@@ -12,7 +12,7 @@ holds no evaluation. ``--eval online`` scores each snapshot when it is taken: on
 between two steps (its time is then in the clock), or with ``--eval-rank R`` on rank R, which
 does not train: rank 0 sends it each snapshot (a non-blocking send) and picks the scores up
 between steps. Every message between the two goes through
-:func:`hpctrain.comm.large_messages`, so that a snapshot past 2 GiB (half a billion fp32
+:func:`hpctrain.pickled.large_messages`, so that a snapshot past 2 GiB (half a billion fp32
 values) reaches the evaluating rank under an MPI-3 library too. Either way a snapshot's
 score is the same as after training (the same state, the same test set and batches), so a
 deterministic run's curve and final accuracy do not change. Online scores make the curve of
@@ -35,10 +35,10 @@ from typing import Any, TypedDict
 from hpctrain import collapse, compiled, options, tensorboard, watchdog
 from hpctrain import config as configs
 from hpctrain.algorithm import Algorithm
-from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.evaluate import curve_point
 from hpctrain.metrics import Tally
+from hpctrain.pickled import large_messages
 
 _SNAPSHOT, _SCORE = 7301, 7302  # tags of the messages to and from the evaluating rank
 BAR_EVERY = 50  # rank 0's steps between progress-bar loss updates

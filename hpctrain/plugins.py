@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hpctrain import comm
+from hpctrain import job_end
 from hpctrain.errors import UsageError
 from hpctrain.option_names import said
 from hpctrain.paths import home_expanded
@@ -318,6 +318,6 @@ def one_line(e: BaseException) -> str:
     """``e`` from the user's own code (a model, a loader) in a refusal's one line: its type,
     its message's first line and where in that code it arose, ``(at m.py:8, in forward)``."""
     text = str(e).strip().splitlines()
-    where = comm.user_frame(e.__traceback__)
+    where = job_end.user_frame(e.__traceback__)
     return f"{type(e).__name__}: {text[0] if text else ''}".rstrip(": ") + \
         (f" (at {where})" if where else "")

@@ -54,12 +54,14 @@ from hpctrain import (
     data,
     devices,
     faults,
+    job_end,
     live,
     microbatch,
     model_checks,
     models,
     optimizers,
     options,
+    pickled,
     plugins,
     precision,
     profiling,
@@ -138,9 +140,9 @@ def _train_on_world(config: RunConfig, mpi_first: bool,
     # (or failed in a process of its own), the script's errors are its own again: the hook
     # ends the process at once, its files unflushed and its atexit functions not run. A
     # run that failed on several ranks leaves it: the next run that returns gives it back.
-    hook = _script_hook if _script_hook and comm.aborts_on_error() else comm.hook_state()
+    hook = _script_hook if _script_hook and job_end.aborts_on_error() else job_end.hook_state()
     _script_hook = None
-    comm.install_abort_on_error()
+    job_end.install_abort_on_error()
     try:
         if mpi_first:
             if comm.env_rank() == 0:
@@ -149,11 +151,11 @@ def _train_on_world(config: RunConfig, mpi_first: bool,
         summary = _checked_run(config, given)
     except BaseException:
         if comm.launch_size() == 1:
-            comm.restore_hook(hook)
+            job_end.restore_hook(hook)
         else:
             _script_hook = hook
         raise
-    comm.restore_hook(hook)
+    job_end.restore_hook(hook)
     return cast(Summary, summary)  # RunSummary.to_dict()'s, or a finished run's summary.json
 
 
@@ -373,7 +375,7 @@ def _rank0s(items: None, comm_) -> list: ...
 def _rank0s(items: list | None, comm_) -> list:
     """Rank 0's ``items`` (its snapshots, or their buffers) on every rank (collective; the
     others' are not used): together they may pass 2 GiB."""
-    return comm.large_messages(comm_).bcast(items, root=0)
+    return pickled.large_messages(comm_).bcast(items, root=0)
 
 
 def _epoch_data(train_data, epoch: int):

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import NamedTuple
 
 from hpctrain import paths
-from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError
 from hpctrain.metrics import read_json, write_json_atomic
 from hpctrain.options import HUGE
+from hpctrain.pickled import large_messages
 
 FILE = "step_times.json"
 FORMAT = "hpctrain-step-times/1"
@@ -87,7 +87,7 @@ class StepTimes:
 
     def write(self, out_dir: str | Path, comm, rank: int) -> None:
         """Collective over ``comm`` (None: one process); rank 0 writes ``step_times.json``.
-        The gather goes in parts past 2 GiB (:func:`hpctrain.comm.large_messages`): each
+        The gather goes in parts past 2 GiB (:func:`hpctrain.pickled.large_messages`): each
         worker's kept steps pickle to ~0.4 MB, past 2 GiB in all on ~6,000 workers, which
         an MPI-3 library refuses whole."""
         mine = (self.seconds, self.rest, self.lead_in, self.steps)

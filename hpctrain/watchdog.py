@@ -60,14 +60,14 @@ MIN_POLL_S = 0.01
 
 def end_job() -> NoReturn:
     """End this process with :data:`EXIT_STATUS` (the launcher then ends the others), once
-    the work registered with ``hpctrain.comm.before_abort`` is done, as the abort hook does:
+    the work registered with ``hpctrain.job_end.before_abort`` is done, as the abort hook does:
     rank 0's elastic commit still being written, each waited for at most its own bound
     (``elastic.FINISH_S``). The callbacks only join threads that need nothing from the one
-    stalled, so a watch thread may run them. Without ``hpctrain.comm`` imported none are
+    stalled, so a watch thread may run them. Without ``hpctrain.job_end`` imported none are
     registered."""
-    comm = sys.modules.get("hpctrain.comm")
-    if comm is not None:
-        comm._finish_before_abort()
+    job_end = sys.modules.get("hpctrain.job_end")
+    if job_end is not None:
+        job_end.finish_before_abort()
     os._exit(EXIT_STATUS)
 
 

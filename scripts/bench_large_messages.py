@@ -3,10 +3,10 @@
     mpirun -np 2 python scripts/bench_large_messages.py [MIB_PER_SNAPSHOT] [SNAPSHOTS]
 
 A run's snapshots travel pickled: rank 0's to every rank after an async run, a checkpoint's
-gathered and restored, one to ``--eval-rank`` at a time. ``comm.large_messages`` sends them
+gathered and restored, one to ``--eval-rank`` at a time. ``pickled.large_messages`` sends them
 through mpi4py's ``pkl5``; torch pickled each tensor's memory into the pickle (through
 ``torch.save``'s format) and unpickled it the same way. It now goes as an out-of-band buffer
-(``comm.OutOfBand``). For a broadcast and a gather of SNAPSHOTS snapshots of
+(``pickled.OutOfBand``). For a broadcast and a gather of SNAPSHOTS snapshots of
 MIB_PER_SNAPSHOT MiB each (default 8 x 128 MiB), prints the seconds of each way on the
 slowest rank, best of 3 runs interleaved, and their ratio: torch's pickling (before, through
 the plain ``pkl5`` communicator: the baseline, in the same run) and out of band (now).
@@ -18,7 +18,7 @@ import time
 import torch
 from mpi4py.util import pkl5
 
-from hpctrain import comm
+from hpctrain import comm, pickled
 from hpctrain.evaluate import Snapshots
 
 MIB = int(sys.argv[1]) if len(sys.argv) > 1 else 128
@@ -33,7 +33,7 @@ for i in range(COUNT):
     model.table.fill_(i)
     snapshots.take(model, updates=i)
 ways = {"torch's pickling (before)": pkl5.Intracomm(world), "out of band (now)":
-        comm.large_messages(world)}
+        pickled.large_messages(world)}
 calls = {"bcast": lambda c: c.bcast(snapshots if world.rank == 0 else None, root=0),
          "gather": lambda c: c.gather(snapshots if world.rank == 1 else Snapshots(), root=0)}
 

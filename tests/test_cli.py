@@ -248,7 +248,7 @@ def test_exception_on_one_rank_ends_job(crashed_ssgd, backend):
 def test_an_error_says_where_in_the_users_own_code_it_arose(tmp_path, monkeypatch):
     """The one line replaces the traceback: an error raised in a user's model said only its
     message. Frames of hpctrain, the standard library and installed packages are skipped."""
-    from hpctrain import comm
+    from hpctrain import job_end
 
     (tmp_path / "own_model.py").write_text(
         "import torch\n\ndef forward(x):\n    return torch.ones(2) @ x\n")
@@ -257,10 +257,10 @@ def test_an_error_says_where_in_the_users_own_code_it_arose(tmp_path, monkeypatc
 
     with pytest.raises(RuntimeError) as raised:  # raised inside torch, called from line 4
         own_model.forward(torch.ones(3))
-    assert comm.describe_error(raised.value).endswith(
+    assert job_end.describe_error(raised.value).endswith(
         f" (at {tmp_path / 'own_model.py'}:4, in forward)")
-    assert comm.describe_error(RuntimeError("no traceback")) == "RuntimeError: no traceback"
-    assert comm.describe_error(UsageError("--lr x")) == "--lr x"
+    assert job_end.describe_error(RuntimeError("no traceback")) == "RuntimeError: no traceback"
+    assert job_end.describe_error(UsageError("--lr x")) == "--lr x"
 
 
 @pytest.mark.parametrize("launched_by", ["<frozen runpy>", "scripts"])
@@ -270,7 +270,7 @@ def test_an_error_of_hpctrain_alone_names_no_launching_frame(launched_by):
     .venv/bin/hpctrain:6, in <module>)", as if the user's code had raised it."""
     import sysconfig
 
-    from hpctrain import comm
+    from hpctrain import job_end
 
     name = launched_by if launched_by.startswith("<") else \
         os.path.join(sysconfig.get_paths()["scripts"], "hpctrain")
@@ -283,15 +283,15 @@ def test_an_error_of_hpctrain_alone_names_no_launching_frame(launched_by):
     scope: dict = {}
     exec(launcher, scope)
     raised = scope["main"]()  # its traceback: the launching frame, then hpctrain's
-    assert comm.describe_error(raised) == \
+    assert job_end.describe_error(raised) == \
         "ArgumentTypeError: 'x' is neither seconds (600) nor epochs (2e)"
 
 
 def test_ctrl_c_is_an_interruption_not_an_error():
     """It said "hpctrain: error: KeyboardInterrupt: " (an empty message) and exit 1; a shell
     expects 130 (128 + SIGINT) of an interrupted command."""
-    proc = run_program([sys.executable, "-c", "from hpctrain import comm\n"
-                        "comm.install_abort_on_error()\nraise KeyboardInterrupt"], timeout=60)
+    proc = run_program([sys.executable, "-c", "from hpctrain import job_end\n"
+                        "job_end.install_abort_on_error()\nraise KeyboardInterrupt"], timeout=60)
     assert (proc.returncode, proc.stderr.strip()) == (130, "hpctrain: interrupted")
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 from conftest import run_program
 
-from hpctrain import comm, launch_env, nbc_tuning
+from hpctrain import comm, job_end, launch_env, nbc_tuning
 from hpctrain.errors import UsageError
 
 
@@ -137,8 +137,8 @@ def test_a_launch_of_several_whose_mpi_world_is_one_process_is_refused(seat, hin
 
 # The abort hook in a process of its own (it ends the process), torch not imported.
 FAILS = """
-from hpctrain import comm
-comm.install_abort_on_error()
+from hpctrain import comm, job_end
+job_end.install_abort_on_error()
 comm.init()
 raise RuntimeError("boom")
 """
@@ -168,12 +168,12 @@ def test_an_error_line_under_torchrun_names_torchruns_rank():
 
 PEER_LEFT_THEN_SIGTERM = """
 import os, signal, sys, threading, time
-from hpctrain import comm
+from hpctrain import comm, job_end
 def finish():  # rank 0's elastic commit, still being written
     time.sleep(1)
     open(sys.argv[1], "w").write("written")
-comm.before_abort(finish)
-comm.install_abort_on_error()
+job_end.before_abort(finish)
+job_end.install_abort_on_error()
 comm.init()
 threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()  # torchrun's agent
 raise RuntimeError("Connection closed by peer")
@@ -211,7 +211,7 @@ def test_envs_variables_left_under_mpirun_are_refused_before_mpi_starts():
 # Records each write to the process's stderr, one JSON line a call, and raises argv[2].
 _WRITES = """
 import json, sys
-from hpctrain import comm
+from hpctrain import job_end
 from hpctrain.errors import UsageError
 
 
@@ -228,7 +228,7 @@ class Writes:
 
 
 sys.__stderr__ = Writes(sys.argv[1])
-sys.excepthook = comm._abort_hook
+sys.excepthook = job_end._abort_hook
 raise {"usage": UsageError("--lr 'x' is not a number"), "ctrl-c": KeyboardInterrupt()}[sys.argv[2]]
 """
 
@@ -249,10 +249,10 @@ def test_an_error_before_mpi_on_a_rank_but_0_names_the_rank_and_host():
     """Rank 0 speaks for all before MPI starts; another rank fails alone (a file missing on
     its node: `mpirun -np 1 ... : -np 1 -x HPCTRAIN_INJECT=bogus ...` said neither)."""
     host = socket.gethostname()
-    assert comm._where(1, 2, mpi_running=False) == f" (rank 1 of 2, host {host})"
-    assert comm._where(0, 2, mpi_running=False) == ""
-    assert comm._where(0, 2, mpi_running=True) == " (rank 0 of 2)"
-    assert comm._where(0, 1, mpi_running=True) == ""
+    assert job_end._where(1, 2, mpi_running=False) == f" (rank 1 of 2, host {host})"
+    assert job_end._where(0, 2, mpi_running=False) == ""
+    assert job_end._where(0, 2, mpi_running=True) == " (rank 0 of 2)"
+    assert job_end._where(0, 1, mpi_running=True) == ""
 
 
 @pytest.mark.mpi(min_size=2)

@@ -1,4 +1,4 @@
-"""comm.large_messages' pickling: a CPU tensor's memory travels as an out-of-band buffer
+"""pickled.large_messages' pickling: a CPU tensor's memory travels as an out-of-band buffer
 (pickle protocol 5) instead of through torch's own pickling, and comes back as the same
 tensor. Unit tests pickle in one process; the MPI tests send through every wrapped call.
 
@@ -10,8 +10,8 @@ import pickle
 import pytest
 import torch
 
-from hpctrain import comm
-from hpctrain.comm import OutOfBand
+from hpctrain import comm, pickled
+from hpctrain.pickled import OutOfBand
 
 unit = pytest.mark.unit
 mpi = [pytest.mark.mpi(min_size=2), pytest.mark.timeout(60)]
@@ -102,7 +102,7 @@ def test_in_band_and_older_protocols_pickle_it_whole():
 def test_every_call_of_large_messages_carries_tensors():
     """bcast, gather, scatter, allgather, send and isend, each with tensors of each rank."""
     world = comm.init("multiple").COMM_WORLD
-    channel = comm.large_messages(world)
+    channel = pickled.large_messages(world)
     me, size = world.Get_rank(), world.Get_size()
 
     def mine(r: int) -> dict:

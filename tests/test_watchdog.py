@@ -615,6 +615,26 @@ def test_a_rank_0_frozen_writing_the_summary_ends_the_job():
         proc.stderr
 
 
+# A stall's exit, after the work registered with the abort hook's module.
+END_JOB = """
+import sys
+from hpctrain import job_end, watchdog
+job_end.before_abort(lambda: open(sys.argv[1], "w").write("written"))
+watchdog.end_job()
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_stall_exit_does_the_work_registered_before_abort(tmp_path):
+    """end_job finds that work through the module that holds it, by name, without importing
+    it: named after the module it left (comm), it would find none and cut off rank 0's write
+    of an elastic commit."""
+    done = tmp_path / "done"
+    ended = run_program([sys.executable, "-c", END_JOB, str(done)], timeout=50)
+    assert ended.returncode == watchdog.EXIT_STATUS, ended.stderr
+    assert done.read_text() == "written"
+
+
 # hpctrain.train() on rank 0 only, MPI started by the script; rank 1 goes on to its end.
 RANK_0_ONLY = """
 import sys

@@ -38,10 +38,10 @@ from hpctrain.checkpoint.format import encode_parts
 from hpctrain.checkpoint.policy import OFF, Every
 from hpctrain.checkpoint.resize import Resize
 from hpctrain.checkpoint.rng import rng_state, set_rng_state
-from hpctrain.comm import large_messages
 from hpctrain.errors import UsageError, plural
 from hpctrain.evaluate import Snapshot
 from hpctrain.metrics import write_atomic
+from hpctrain.pickled import large_messages
 from hpctrain.rank0_flag import Rank0Flag
 from hpctrain.tensorboard import WallClock
 

@@ -27,7 +27,6 @@ from hpctrain import comm, options
 from hpctrain.algorithm import Algorithm, Options, Setup
 from hpctrain.checkpoint import policy
 from hpctrain.checkpoint.resize import mean_tensors
-from hpctrain.comm import large_messages
 from hpctrain.ec.averaging import ModelAveraging as Averaging
 from hpctrain.ec.averaging import broadcast_model, frozen_names
 from hpctrain.ec.compression import DISTILL_FROM
@@ -36,6 +35,7 @@ from hpctrain.ec.evaluation import evaluate_members
 from hpctrain.errors import UsageError, plural
 from hpctrain.metrics import write_atomic
 from hpctrain.options import HUGE, Range, option
+from hpctrain.pickled import large_messages
 from hpctrain.shuffle import ReplicatedTrainData, steps_per_epoch
 
 DEFAULT_TAU = 20

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hpctrain import comm as mpicomm
+from hpctrain import job_end
 from hpctrain.errors import UsageError
 from hpctrain.sync import (
     collective_check,
@@ -109,7 +110,7 @@ def init(comm: Any = None, process_sets: list[ProcessSet] | str | None = None, *
     # Before the checks below: one rank's refusal (a timeline folder missing on its node)
     # must end the job, not leave that rank in MPI_Finalize and the others in a collective.
     # A script's own errors show their traceback; inside hpctrain's run (ssgd) its hook stays.
-    mpicomm.install_for_script()
+    job_end.install_for_script()
     under_torchrun = comm is None and mpicomm.launcher() == "torchrun"
     if backend is None:
         backend = "torch" if under_torchrun else "mpi"

@@ -34,7 +34,7 @@ from typing import Any, SupportsIndex
 import torch
 
 from hpctrain import comm as mpicomm
-from hpctrain import nbc_tuning
+from hpctrain import nbc_tuning, pickled
 from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError, plural
 from hpctrain.launch_env import as_integer
@@ -831,7 +831,7 @@ def _pickled(obj: Any, out_of_band: bool = True) -> tuple[str, Any]:
     """("ok", :class:`Pickled`) or ("error", why ``obj`` cannot be pickled). Pickled by
     cloudpickle where installed, as Horovod does, so that lambdas and the classes and functions
     of a user's script travel by value (any rank can load them: they load with pickle). Plain
-    CPU tensors' memory goes beside the pickle (``hpctrain.comm.tensor_reduction``): torch's
+    CPU tensors' memory goes beside the pickle (``hpctrain.pickled.tensor_reduction``): torch's
     own pickling of it was most of a large object's time. ``out_of_band`` False: inside it
     (one blob: an elastic commit)."""
     try:
@@ -861,7 +861,7 @@ def _pickler(base: type) -> type:
 
     class ObjectPickler(base):
         def reducer_override(self, obj: Any) -> Any:
-            reduced = mpicomm.tensor_reduction(obj)
+            reduced = pickled.tensor_reduction(obj)
             if reduced is NotImplemented and chained:
                 return super().reducer_override(obj)
             return reduced

@@ -417,9 +417,9 @@ class _Writer:
         if self._guarded:
             return
         self._guarded = True
-        from hpctrain import comm  # here: comm imports MPI
+        from hpctrain import job_end  # here: job_end imports comm, which imports MPI
 
-        comm.before_abort(self.finish)
+        job_end.before_abort(self.finish)
         if threading.current_thread() is threading.main_thread():
             previous = signal.getsignal(signal.SIGTERM)
             if previous not in (signal.SIG_IGN, None):

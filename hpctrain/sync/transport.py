@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 
 from hpctrain import comm as mpicomm
+from hpctrain import pickled
 from hpctrain.devices import mpi_buffer, mpi_takes_device_memory
 from hpctrain.errors import UsageError
 from hpctrain.sync import parts
@@ -261,10 +262,10 @@ class MPITransport:
 
     def bcast_object(self, obj: Any, root: int) -> Any:
         # In parts (pkl5): a pickle past 2 GiB is refused whole by MPI-3 libraries.
-        return mpicomm.large_messages(self.comm).bcast(obj, root=root)
+        return pickled.large_messages(self.comm).bcast(obj, root=root)
 
     def allgather_object(self, obj: Any) -> list:
-        return mpicomm.large_messages(self.comm).allgather(obj)
+        return pickled.large_messages(self.comm).allgather(obj)
 
     def dup(self) -> MPITransport:
         return MPITransport(self.comm)
