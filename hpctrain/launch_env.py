@@ -69,7 +69,7 @@ MPI_LAUNCHERS = ("Open MPI", "PMI", "MVAPICH")  # LAUNCHERS' names of MPI's own 
 TORCH_RENDEZVOUS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 # What a torch launch's path reads besides: the worker's GPU (devices.local_rank) and its
 # node's worker count (whether the job is on one node: the rendezvous store's per-attempt
-# prefix, torch_transport._torchrun_store). torchrun's restart count and agent store are
+# prefix, torch_group._torchrun_store). torchrun's restart count and agent store are
 # optional: without them the run is its launch's first attempt.
 TORCH_PLACEMENT = ("LOCAL_RANK", "LOCAL_WORLD_SIZE")
 

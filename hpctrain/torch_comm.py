@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from hpctrain.sync.torch_transport import TorchTransport, start_process_group
+from hpctrain.sync.torch_group import start_process_group
+from hpctrain.sync.torch_transport import TorchTransport
 
 
 class _Wait:

@@ -21,7 +21,7 @@ import hpctrain
 from hpctrain import arguments, cli, comm, launch_checks, options, registry
 from hpctrain.config import DataConfig, RunConfig
 from hpctrain.errors import UsageError
-from hpctrain.sync.torch_transport import rendezvous_host
+from hpctrain.sync.torch_group import rendezvous_host
 
 COMMON = [*SYNTHETIC, "--epochs", "1", "--seed", "5", "--momentum", "0.9"]
 
@@ -178,11 +178,11 @@ import time
 import torch
 import torch.distributed as dist
 import hpctrain.sync as hvd
-from hpctrain.sync import torch_transport
+from hpctrain.sync import torch_group
 
 hvd.init(backend="torch", stall_check_s=0.5)
 # The group's backend was chosen from both workers' views, posted on torchrun's store
-views = torch_transport.views_seen()
+views = torch_group.views_seen()
 assert [local for _, local, _, _ in views] == [0, 1] and views[0][0] == views[1][0], views
 dist.barrier()  # untimed: the ranks start the timed collectives together
 hvd.allreduce(torch.ones(1), name="before")

@@ -17,8 +17,8 @@ import pytest
 from conftest import ROOT, SYNTHETIC, run_job, run_program
 
 from hpctrain.errors import UsageError
-from hpctrain.sync import torch_transport
-from hpctrain.sync.torch_transport import (
+from hpctrain.sync import torch_group
+from hpctrain.sync.torch_group import (
     backend_for,
     gloo_interface_refusal,
     master_addr_refusal,
@@ -65,9 +65,9 @@ def test_a_master_addr_the_others_cannot_meet_rank_0_at_is_refused(value, nodes,
 
 
 def test_the_addresses_of_master_addr_are_found_by_binding_there():
-    assert torch_transport._bindings("127.0.0.1") == {"127.0.0.1": None}
-    assert torch_transport._bindings(NOT_HERE) == {NOT_HERE: UNBOUND}
-    assert isinstance(torch_transport._bindings("no.such.host.invalid"), str)
+    assert torch_group._bindings("127.0.0.1") == {"127.0.0.1": None}
+    assert torch_group._bindings(NOT_HERE) == {NOT_HERE: UNBOUND}
+    assert isinstance(torch_group._bindings("no.such.host.invalid"), str)
 
 
 def test_rank_0_checks_master_addr_and_the_loopback_refusal_stands(monkeypatch):
@@ -75,20 +75,20 @@ def test_rank_0_checks_master_addr_and_the_loopback_refusal_stands(monkeypatch):
     host name's loopback address is refused as before."""
     monkeypatch.setenv("MASTER_ADDR", NOT_HERE)
     with pytest.raises(UsageError, match=f"MASTER_ADDR='{NOT_HERE}' is no address of"):
-        torch_transport._rendezvous_host("node0", ["node0", "node0"])
+        torch_group._rendezvous_host("node0", ["node0", "node0"])
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    assert torch_transport._rendezvous_host("node0", ["node0", "node0"]) == "127.0.0.1"
+    assert torch_group._rendezvous_host("node0", ["node0", "node0"]) == "127.0.0.1"
     with pytest.raises(UsageError, match="is a local-only address of rank 0's host node0"):
-        torch_transport._rendezvous_host("node0", ["node0", "node1"])
+        torch_group._rendezvous_host("node0", ["node0", "node1"])
     monkeypatch.delenv("MASTER_ADDR")
-    monkeypatch.setattr(torch_transport, "_address_of", lambda host: "127.0.1.1")
-    monkeypatch.setattr(torch_transport, "_outward_address", lambda peer: None)
+    monkeypatch.setattr(torch_group, "_address_of", lambda host: "127.0.1.1")
+    monkeypatch.setattr(torch_group, "_outward_address", lambda peer: None)
     with pytest.raises(UsageError, match="rank 0's host node0 resolves to 127.0.1.1, which"):
-        torch_transport._rendezvous_host("node0", ["node0", "node1"])
+        torch_group._rendezvous_host("node0", ["node0", "node1"])
 
 
 def node(name: str, workers: int, gpus: int, nccl: bool = True) -> list:
-    """The views of a node's ``workers`` ranks (torch_transport.backend_for's), each seeing
+    """The views of a node's ``workers`` ranks (torch_group.backend_for's), each seeing
     all of its ``gpus`` GPUs."""
     seen = [f"{name}:GPU{i}" for i in range(gpus)]
     return [(name, local, seen, nccl) for local in range(workers)]
@@ -119,12 +119,12 @@ def test_rank_0_warns_where_nodes_share_the_agents_store_across_restarts():
     and lacks it hears so at its start, not after its first failure."""
     several = {"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3",
                "LOCAL_WORLD_SIZE": "4", "WORLD_SIZE": "8"}
-    warning = torch_transport.shared_store_warning(several)
+    warning = torch_group.shared_store_warning(several)
     assert warning is not None and "--max-restarts 3" in warning
     assert warning.endswith("start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1")
     for quiet in ({"LOCAL_WORLD_SIZE": "8"}, {"TORCHELASTIC_MAX_RESTARTS": "0"},
                   {"TORCHELASTIC_USE_AGENT_STORE": "False"}):  # one node, no restarts, unshared
-        assert torch_transport.shared_store_warning({**several, **quiet}) is None
+        assert torch_group.shared_store_warning({**several, **quiet}) is None
 
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def agent_store(monkeypatch):
 
     def worker(rank: int):
         monkeypatch.setenv("RANK", str(rank))
-        client, seat, size = torch_transport._torchrun_store()
+        client, seat, size = torch_group._torchrun_store()
         assert (seat, size) == (rank, 2)
         client.set_timeout(timedelta(seconds=1))
         return client
@@ -167,8 +167,8 @@ def test_a_restarted_worker_waits_for_this_attempts_views_and_names_a_missing_ra
     views = node("a", 2, 2)
     with pytest.raises(RuntimeError, match=r"^torch.distributed under torchrun: rank 0 "
                        r"waited 0:00:01 for rank 1 to post which GPUs it sees"):
-        torch_transport.exchange_views(worker(0), 0, 2, views[0])
-    assert torch_transport.exchange_views(worker(1), 1, 2, views[1]) == views
+        torch_group.exchange_views(worker(0), 0, 2, views[0])
+    assert torch_group.exchange_views(worker(1), 1, 2, views[1]) == views
 
 
 @pytest.mark.parametrize("given", ["::1", "[::1]"])
@@ -182,7 +182,7 @@ def test_an_ipv6_master_addr_is_bracketed_in_the_url(given):
 
 
 def _ipv6_loopback() -> bool:
-    bindings = torch_transport._bindings("::1")
+    bindings = torch_group._bindings("::1")
     return isinstance(bindings, dict) and bindings.get("::1", "") is None
 
 

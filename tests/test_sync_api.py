@@ -148,7 +148,7 @@ def test_a_users_group_without_a_cpu_backend_is_refused_in_one_line(tmp_path):
     CUDA alone, which a CPU machine can make) is refused before any collective."""
     import torch.distributed as dist
 
-    from hpctrain.sync.torch_transport import moves_cpu
+    from hpctrain.sync.torch_group import moves_cpu
 
     assert [moves_cpu(b) for b in ("nccl", "gloo", "cpu:gloo,cuda:nccl", "cuda:nccl",
                                    "mpi")] == [False, True, True, False, True]
@@ -957,7 +957,7 @@ def test_buckets_start_while_backward_runs(mpi_backend):
 def test_torch_backend_starts_and_stops_again_and_again():
     """Before torch 2.8 a gloo group's destructor joined its worker threads holding the GIL,
     so a worker dropping the last reference to a tensor of the last operation hung the
-    process (torch_transport._keep). With torch 2.1.2 these 20 cycles hung every time."""
+    process (torch_transport._lend). With torch 2.1.2 these 20 cycles hung every time."""
     torch.set_num_threads(1)
     for i in range(20):
         sync.init(backend="torch")

@@ -107,9 +107,9 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
         moving: Transport = MPITransport(MPI.COMM_WORLD if comm is None else comm)
         algorithm = nbc_tuning.in_effect()
     else:
-        from hpctrain.sync import torch_transport
+        from hpctrain.sync import torch_group, torch_transport
 
-        created = torch_transport.start_process_group(comm)
+        created = torch_group.start_process_group(comm)
         moving, algorithm = torch_transport.TorchTransport(owns_default=created), None
     check_s, timeout_s = stall.settings(stall_check_s, stall_timeout_s)
     # Rank 0's token: the stall check's keys on the group's store (below) for this start alone
@@ -124,7 +124,7 @@ def init(comm: Any = None, transport: str = "mpi", process_sets: list[ProcessSet
     ranks_comm = _mpi_comm_of(moving, comm)
     psets.setup(moving, process_sets, ranks_comm)
     # No MPI world (torch under torchrun): the stall check goes through the group's store.
-    store = torch_transport.stall_store(seen[0][3]) if ranks_comm is None else None
+    store = torch_group.stall_store(seen[0][3]) if ranks_comm is None else None
     stall.start(ranks_comm, check_s, timeout_s, store=store, rank=moving.rank(),
                 asked_for=stall.asked(stall_check_s, stall_timeout_s),
                 rounds=collective_check.enabled() or moving.size() == 1)
