@@ -22,7 +22,7 @@ import os
 import sys
 from functools import lru_cache
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import mpi4py
 
@@ -34,7 +34,6 @@ if TYPE_CHECKING:  # not at run time: importing it starts MPI (see above)
 
 
 THREAD_LEVELS = ("single", "funneled", "serialized", "multiple")
-
 
 
 def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
@@ -74,12 +73,10 @@ def init(thread_level: str = "multiple", every_rank: bool = True) -> ModuleType:
     return MPI
 
 
-
 # What tells an MPI library that srun (launch_env.SLURM_STEP) or a PMI server (Hydra's
 # mpiexec) started it: a torchrun worker inherits these from the srun task or mpiexec process
 # that ran torchrun.
 _PMI_PREFIXES = ("PMI_", "PMIX_")
-
 
 
 @contextlib.contextmanager
@@ -112,7 +109,6 @@ def _outer_launch_hidden():
         os.environ.update({k: v for k, v in hidden.items() if k in launch_env.SLURM_STEP})
 
 
-
 def mpi() -> ModuleType:
     """``mpi4py.MPI``, initialising at the default level if no entry point did."""
     if "mpi4py.MPI" in sys.modules:
@@ -121,7 +117,6 @@ def mpi() -> ModuleType:
         _check_world_once(MPI)  # libnbc's algorithm only in init(), which every rank calls
         return MPI
     return init()
-
 
 
 def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> None:
@@ -142,7 +137,6 @@ def check_world(seat: launch_env.Seat | None, world_size: int, library: str) -> 
                      f"process would train alone; {fix}")
 
 
-
 def _first_use(MPI: ModuleType, started_here: bool) -> None:
     """At :func:`init`, the entry point every rank of a launch calls together: libnbc's
     allreduce algorithm (nbc_tuning; once), which all ranks must choose alike, so never from
@@ -152,9 +146,7 @@ def _first_use(MPI: ModuleType, started_here: bool) -> None:
     _check_world_once(MPI)
 
 
-
 _world_checked = False
-
 
 
 def _check_world_once(MPI: ModuleType) -> None:
@@ -170,12 +162,10 @@ def _check_world_once(MPI: ModuleType) -> None:
         check_world(launched.seat, MPI.COMM_WORLD.Get_size(), library)
 
 
-
 def thread_level() -> str:
     """The thread level MPI provides, one of :data:`THREAD_LEVELS` (initialising MPI)."""
     MPI = mpi()
     return THREAD_LEVELS[_thread_level_index(MPI, MPI.Query_thread())]
-
 
 
 def _thread_level_index(MPI: ModuleType, level: int) -> int:
@@ -183,16 +173,13 @@ def _thread_level_index(MPI: ModuleType, level: int) -> int:
     return order.index(level)
 
 
-
 def world() -> MPI.Intracomm:
     """``MPI.COMM_WORLD``."""
     return mpi().COMM_WORLD
 
 
-
 def rank() -> int:
     return world().Get_rank()
-
 
 
 def is_mpi4py(comm_) -> bool:
@@ -201,9 +188,7 @@ def is_mpi4py(comm_) -> bool:
     return type(comm_).__module__.startswith("mpi4py")
 
 
-
 COUNT_PIECE = 2**30  # elements (or bytes) one MPI call here counts at most: see count_pieces
-
 
 
 def count_pieces(n: int, piece: int | None = None) -> list[slice]:
@@ -214,10 +199,8 @@ def count_pieces(n: int, piece: int | None = None) -> list[slice]:
     return [slice(i, i + piece) for i in range(0, max(n, 1), piece)]
 
 
-
 def size() -> int:
     return world().Get_size()
-
 
 
 def allreduce_bytes(nbytes: int, ranks: int) -> int:
@@ -225,7 +208,6 @@ def allreduce_bytes(nbytes: int, ranks: int) -> int:
     (2(K-1)/K of the payload): the scale of every byte field, so that ssgd's gradients,
     ma/ec's aggregations and a plug-in's messages compare whatever algorithm MPI picks."""
     return 2 * (ranks - 1) * nbytes // ranks
-
 
 
 @lru_cache(maxsize=1)
@@ -236,17 +218,14 @@ def _node_comm():
     return world().Split_type(MPI.COMM_TYPE_SHARED, key=rank())
 
 
-
 def local_rank() -> int:
     """Rank among the processes on this node."""
     return _node_comm().Get_rank()
 
 
-
 def local_size() -> int:
     """Number of processes on this node."""
     return _node_comm().Get_size()
-
 
 
 def env_rank() -> int:
@@ -255,12 +234,10 @@ def env_rank() -> int:
     return seat.rank if seat else 0
 
 
-
 def env_size() -> int:
     """The job's size from the launcher's environment, without initialising MPI (1 if none)."""
     seat = launch_env.from_launcher()
     return seat.size if seat else 1
-
 
 
 def launcher() -> str:
@@ -269,7 +246,6 @@ def launcher() -> str:
     job), or ``single`` (:func:`hpctrain.launch_env.launch`, which refuses a launch of
     several processes that is neither)."""
     return launch_env.launch().kind
-
 
 
 def launch_size() -> int:
@@ -282,14 +258,12 @@ def launch_size() -> int:
     return env_size()
 
 
-
 def mpi_running() -> ModuleType | None:
     """``mpi4py.MPI`` where MPI's world already runs the job (a user's script started it, or
     an earlier run in the process did; not under torchrun), else None."""
     MPI = sys.modules.get("mpi4py.MPI")
     running = MPI is not None and MPI.Is_initialized() and not MPI.Is_finalized()
     return MPI if running and launcher() != "torchrun" else None
-
 
 
 def shared_refusal(refusal: UsageError | None) -> None:
@@ -309,7 +283,6 @@ def shared_refusal(refusal: UsageError | None) -> None:
         raise refusal
 
 
-
 def first_difference(seen: list[dict]) -> tuple[str, int] | None:
     """The first key of ``seen[0]`` (each rank's values, from an allgather) that some rank
     holds another value for, and the first such rank; None when every rank agrees."""
@@ -320,11 +293,9 @@ def first_difference(seen: list[dict]) -> tuple[str, int] | None:
     return None
 
 
-
 def library_name(MPI: ModuleType) -> str:
     """The first line of the MPI library's version string (``Open MPI v4.1.4, ...``)."""
     return MPI.Get_library_version().strip("\x00 \n").splitlines()[0]
-
 
 
 @lru_cache(maxsize=1)
@@ -348,7 +319,6 @@ def library_version() -> str | None:
     return text.value.decode(errors="replace")
 
 
-
 def library_info() -> dict:
     """MPI library name and version, standard version, thread level provided, Open MPI's
     non-blocking allreduce algorithm (its sums' order: part of a run's provenance)."""
@@ -361,3 +331,12 @@ def library_info() -> dict:
         "iallreduce_algorithm": nbc_tuning.in_effect(),
         "mpi4py": mpi4py.__version__,
     }
+
+
+def _tensor(buffer: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+    """:func:`hpctrain.pickled.unpickled_tensor` under the name pickles made before
+    :mod:`hpctrain.pickled` split off from this module give it: an elastic commit on disk
+    (``$HPCTRAIN_ELASTIC_DIR/state-*.pt``) that a restarted job of a newer hpctrain reads."""
+    from hpctrain import pickled  # it imports this module
+
+    return pickled.unpickled_tensor(buffer, dtype, shape)

@@ -40,7 +40,6 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" (at {where})" if where else "")
 
 
-
 def user_frame(tb) -> str:
     """The innermost frame of ``tb`` outside hpctrain, the standard library and installed
     packages, as ``file:line, in function``; "" if there is none. The one line replaces
@@ -61,9 +60,7 @@ def user_frame(tb) -> str:
     return where
 
 
-
 _before_abort: list[Callable[[], None]] = []
-
 
 
 def before_abort(callback: Callable[[], None]) -> None:
@@ -74,13 +71,11 @@ def before_abort(callback: Callable[[], None]) -> None:
         _before_abort.append(callback)
 
 
-
 def finish_before_abort() -> None:
     """The work :func:`before_abort` registered, done before this process ends."""
     for callback in _before_abort:
         with contextlib.suppress(Exception):  # the hook must end the process regardless
             callback()
-
 
 
 def _exit_on_sigterm(status: int) -> None:
@@ -95,7 +90,6 @@ def _exit_on_sigterm(status: int) -> None:
         signal.signal(signal.SIGTERM, _exit)
 
 
-
 def hpctrains_own(exc: BaseException) -> bool:
     """Whether hpctrain raised ``exc`` for the user to read, its message the whole story: a
     UsageError, an error every rank raised alike, or one of hpctrain's own classes
@@ -105,18 +99,15 @@ def hpctrains_own(exc: BaseException) -> bool:
         or type(exc).__module__.partition(".")[0] == "hpctrain"
 
 
-
 def _abort_hook(exc_type, exc, tb) -> None:
     """hpctrain's commands' and runs' hook: every error in one line."""
     _end_on_error(exc_type, exc, tb, script=False)
-
 
 
 def _script_abort_hook(exc_type, exc, tb) -> None:
     """A script's hook (``hvd.init()``, ``hpctrain.comm.init()``): its own errors with
     Python's traceback, which a Horovod script's user expects; hpctrain's in one line."""
     _end_on_error(exc_type, exc, tb, script=True)
-
 
 
 def _end_on_error(exc_type, exc, tb, script: bool) -> None:
@@ -178,11 +169,9 @@ def _end_on_error(exc_type, exc, tb, script: bool) -> None:
     os._exit(status)
 
 
-
 # What a process-group transport says when a peer's process is gone (gloo's TCP pair, a
 # socket's errno text): this rank failed because another did.
 _PEER_LEFT = ("closed by peer", "reset by peer", "Broken pipe", "remote worker crashing")
-
 
 
 def peer_left(exc: BaseException) -> bool:
@@ -191,13 +180,11 @@ def peer_left(exc: BaseException) -> bool:
         text in str(exc) for text in _PEER_LEFT)
 
 
-
 def _under_torchrun() -> bool:
     try:
         return launcher() == "torchrun"
     except UsageError:  # a launch refused: not a torchrun worker's error to record
         return False
-
 
 
 def _record_for_torchrun(exc_type, exc, tb) -> None:
@@ -219,7 +206,6 @@ def _record_for_torchrun(exc_type, exc, tb) -> None:
                 "py_callstack": shown, "timestamp": str(int(time.time()))}}}, f)
 
 
-
 def _debugging() -> bool:
     """``HPCTRAIN_DEBUG`` on: the hook prints the traceback too (any word but an off one, as
     the hook that reports errors must not raise one of its own)."""
@@ -227,7 +213,6 @@ def _debugging() -> bool:
         return bool(switch("HPCTRAIN_DEBUG", default=False))
     except UsageError:
         return True
-
 
 
 def _where(rank: int, size: int, mpi_running: bool) -> str:
@@ -238,7 +223,6 @@ def _where(rank: int, size: int, mpi_running: bool) -> str:
         return ""
     host = "" if mpi_running else f", host {socket.gethostname()}"
     return f" (rank {rank} of {size}{host})"
-
 
 
 def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
@@ -254,11 +238,9 @@ def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
     return 0, 1
 
 
-
 # Whether hpctrain's command or run installed the one-line hook: torch.distributed's
 # init_process_group wraps whatever hook it finds, so sys.excepthook no longer says so.
 _one_line = False
-
 
 
 def install_abort_on_error(script: bool = False) -> None:
@@ -270,18 +252,15 @@ def install_abort_on_error(script: bool = False) -> None:
     _one_line = not script
 
 
-
 def hook_state() -> tuple:
     """The process's hook and whether it is a command's or run's, for :func:`restore_hook`."""
     return sys.excepthook, _one_line
-
 
 
 def restore_hook(state: tuple) -> None:
     """Put back what :func:`hook_state` returned (a run that ended gives the script its own)."""
     global _one_line
     sys.excepthook, _one_line = state
-
 
 
 def install_for_script() -> None:
@@ -291,7 +270,6 @@ def install_for_script() -> None:
     torch.distributed)."""
     if not (_one_line or aborts_on_error()):
         install_abort_on_error(script=True)
-
 
 
 def aborts_on_error() -> bool:

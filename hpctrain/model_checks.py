@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hpctrain import models, options
+from hpctrain import data, models, options
 from hpctrain.errors import UsageError, did_you_mean
 from hpctrain.option_names import said
 from hpctrain.plugins import check_form, is_reference, one_line, resolve
@@ -84,8 +84,6 @@ def build_for_data(config: RunConfig) -> nn.Module:
     """The run's model (``config``: a RunConfig) for its data set's sample shape and classes
     (one test sample read): what an algorithm's check before MPI judges, such as its
     parameters' dtypes."""
-    from hpctrain import data  # data imports this module
-
     sample = data.load(options.text(config.data.dataset), "test",
                        options.text_or_none(config.data.data_dir), 0, 1)
     return build_model(options.text(config.model.name), sample.shape, sample.num_classes,

@@ -37,7 +37,6 @@ def large_messages(comm_):
     return _large_messages_class()(comm_)
 
 
-
 @lru_cache(maxsize=1)
 def _large_messages_class() -> type:
     from mpi4py.util import pkl5  # imports mpi4py.MPI: made at first use, after init()
@@ -67,7 +66,6 @@ def _large_messages_class() -> type:
     return LargeMessages
 
 
-
 class OutOfBand:
     """``obj`` to be pickled with its CPU tensors' memory as out-of-band buffers (pickle
     protocol 5), which ``pkl5`` sends as they are and the receiver's tensors then use. Torch
@@ -88,14 +86,12 @@ class OutOfBand:
         return _unpickled, (data.getvalue(), *buffers)
 
 
-
 class _TensorPickler(pickle.Pickler):
     """A plain CPU tensor's memory pickled as one buffer (:func:`tensor_reduction`); any
     other object as it pickles itself."""
 
     def reducer_override(self, obj):
         return tensor_reduction(obj)
-
 
 
 def tensor_reduction(obj: Any) -> Any:
@@ -112,11 +108,10 @@ def tensor_reduction(obj: Any) -> Any:
         return NotImplemented
     flat = obj.detach().resolve_conj().resolve_neg().contiguous().reshape(-1)
     memory = pickle.PickleBuffer(flat.view(torch.uint8).numpy())
-    return _tensor, (memory, obj.dtype, tuple(obj.shape))
+    return unpickled_tensor, (memory, obj.dtype, tuple(obj.shape))
 
 
-
-def _tensor(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+def unpickled_tensor(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     """The tensor of :class:`_TensorPickler`'s buffer. A received buffer (MPI's, or pickle's
     for one pickled in band) is the tensor's memory; the sender's own (``pickle.loads`` on a
     broadcast's root) is copied, so that what comes back never shares memory with what was
@@ -130,10 +125,8 @@ def _tensor(buffer: Any, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Te
     return torch.frombuffer(buffer, dtype=torch.uint8).view(dtype).reshape(shape)
 
 
-
 def _unpickled(data: bytes, *buffers: Any) -> Any:
     return pickle.loads(data, buffers=buffers)
-
 
 
 def _same(obj: Any) -> Any:

@@ -193,7 +193,7 @@ def test_scale_factors_follow_horovod_average_split():
 
 
 def _object_tensors() -> dict:
-    """Tensors of every kind broadcast_object meets: those comm's tensor reducer sends beside
+    """Tensors of every kind broadcast_object meets: those pickled's tensor reducer sends beside
     the pickle and those it leaves to torch's pickling."""
     base = torch.arange(20.0)
     return {"matrix": torch.arange(10.0).reshape(2, 5),

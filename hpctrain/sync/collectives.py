@@ -855,7 +855,7 @@ def _pickled(obj: Any, out_of_band: bool = True) -> tuple[str, Any]:
 
 @functools.cache
 def _pickler(base: type) -> type:
-    """``base`` (cloudpickle's Pickler or pickle's) with comm's tensor reducer first: one
+    """``base`` (cloudpickle's Pickler or pickle's) with pickled's tensor reducer first: one
     pass, tensors out of band and the rest as ``base`` pickles it."""
     chained = base is not pickle.Pickler  # cloudpickle's own: functions and classes by value
 
