@@ -7,7 +7,8 @@ Python's traceback, then ``MPI_Abort``. Around it: work that must finish before 
 ends (:func:`before_abort`), the launcher's SIGTERM while a rank waits to be ended, and
 torchrun's error file, which names the rank that failed first.
 
-Apart from :mod:`hpctrain.comm` (the MPI world, whose launcher and rank helpers it reads)
+Apart from :mod:`hpctrain.comm` (the MPI world, whose launcher and rank helpers it reads
+when an error comes, through the module)
 since it is a concept of its own: what a failing job says, and how it ends.
 """
 
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
-from hpctrain.comm import env_rank, env_size, launcher
+from hpctrain import comm  # by reference: a patched comm.launcher reaches the hook too
 from hpctrain.errors import UsageError, raised_on_every_rank
 from hpctrain.switches import switch
 
@@ -182,7 +183,7 @@ def peer_left(exc: BaseException) -> bool:
 
 def _under_torchrun() -> bool:
     try:
-        return launcher() == "torchrun"
+        return comm.launcher() == "torchrun"
     except UsageError:  # a launch refused: not a torchrun worker's error to record
         return False
 
@@ -231,10 +232,10 @@ def _seat_for_error(MPI: ModuleType | None) -> tuple[int, int]:
     singletons; before MPI starts it is all there is); (0, 1) where even those are not
     numbers."""
     with contextlib.suppress(UsageError):  # a launch refused: its variables are read below
-        if MPI is not None and launcher() != "torchrun":
+        if MPI is not None and comm.launcher() != "torchrun":
             return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
     with contextlib.suppress(UsageError):
-        return env_rank(), env_size()
+        return comm.env_rank(), comm.env_size()
     return 0, 1
 
 

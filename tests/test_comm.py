@@ -255,6 +255,16 @@ def test_an_error_before_mpi_on_a_rank_but_0_names_the_rank_and_host():
     assert job_end._where(0, 1, mpi_running=True) == ""
 
 
+def test_the_abort_hook_reads_the_launcher_comm_says_now(monkeypatch):
+    """job_end asks comm for the launcher when an error comes, not a copy taken at import
+    (a patched comm.launcher, or one comm later reads otherwise, reached only comm)."""
+    monkeypatch.setattr(comm, "launcher", lambda: "torchrun")
+    monkeypatch.setattr(comm, "env_rank", lambda: 3)
+    monkeypatch.setattr(comm, "env_size", lambda: 4)
+    assert job_end._under_torchrun()
+    assert job_end._seat_for_error(MPI=None) == (3, 4)
+
+
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.timeout(60)
 def test_rank_0s_refusal_of_a_scripts_later_run_is_every_ranks(tmp_path_factory):
