@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
@@ -282,8 +283,9 @@ class HostStage:
     (:func:`mpi_takes_device_memory`; or ``direct=True``: a
     transport that moves it where it is, NCCL), :attr:`buffer` is the tensor itself and the
     copies are no-ops; otherwise (or with ``direct=False``) it is a host copy of the same
-    shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the device) and
-    :meth:`to_device` copies it back.
+    shape, pinned for a CUDA tensor: :meth:`to_host` fills it (waiting for the device), or
+    :meth:`start_to_host` starts filling it and says when it is full, and :meth:`to_device`
+    copies it back.
 
     A direct CUDA buffer is handed over without waiting for the device: NCCL's stream waits
     for the current stream when a collective is queued (ProcessGroupNCCL's stream sync), and
@@ -304,11 +306,52 @@ class HostStage:
             self.buffer.copy_(self.tensor)
         return self.buffer
 
-    def to_device(self) -> torch.Tensor:
-        """Copy what MPI wrote into the buffer back into the tensor."""
+    def start_to_host(self) -> Copying:
+        """Start filling :attr:`buffer` with the tensor's current values without waiting for
+        the device; what it returns says when the buffer holds them. A staged CUDA tensor's
+        copy is queued on the current stream (behind the kernels that wrote the tensor), and a
+        CUDA event recorded after it; anything else is done at once (:data:`DONE`)."""
+        if not (self.staged and self.tensor.is_cuda):
+            self.to_host()
+            return DONE
+        stream = torch.cuda.current_stream(self.tensor.device)
+        self.buffer.copy_(self.tensor, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record(stream)
+        return event
+
+    def to_device(self, non_blocking: bool = False) -> torch.Tensor:
+        """Copy what MPI wrote into the buffer back into the tensor; ``non_blocking``: queue
+        a CUDA tensor's copy on the current stream and return (from pinned memory), so that
+        only the work queued after it on that stream is sure to see it."""
         if self.staged:
-            self.tensor.copy_(self.buffer)
+            self.tensor.copy_(self.buffer, non_blocking=non_blocking)
         return self.tensor
+
+
+class Copying(Protocol):
+    """A copy under way (:meth:`HostStage.start_to_host`), as a ``torch.cuda.Event`` is."""
+
+    def query(self) -> bool:
+        """Whether it is done."""
+        ...
+
+    def synchronize(self) -> None:
+        """Wait until it is done."""
+        ...
+
+
+class _Done:
+    """A copy that was done when it was started (a CPU or direct stage's)."""
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
+DONE: Copying = _Done()
 
 
 def mpi_buffer(tensor: torch.Tensor):

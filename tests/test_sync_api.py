@@ -26,8 +26,15 @@ from torch.nn import functional as F
 
 import hpctrain.sync as sync
 from hpctrain import comm
+from hpctrain.devices import HostStage
 from hpctrain.errors import UsageError
-from hpctrain.sync.buckets import FUSION_ENV, default_bucket_bytes, plan_buckets, scale_factors
+from hpctrain.sync.buckets import (
+    FUSION_ENV,
+    BucketedAllreduce,
+    default_bucket_bytes,
+    plan_buckets,
+    scale_factors,
+)
 from hpctrain.sync.transport import MPITransport
 
 API = ("init shutdown is_initialized rank size local_rank local_size allreduce allreduce_ "
@@ -950,6 +957,62 @@ def test_buckets_start_while_backward_runs(mpi_backend):
     assert seen and seen[0] >= 4  # the last two layers' buckets went out during backward
     opt.synchronize()
     assert opt.buckets_started == 0
+
+
+class _CopyUnderWay:
+    """The readiness of a bucket's host copy, done when the test says so: what a CUDA event
+    recorded after the copy is until the GPU reaches it (no CUDA here; the copy itself is
+    the real, staged CPU HostStage's)."""
+
+    def __init__(self):
+        self.done = self.waited = False
+
+    def query(self) -> bool:
+        return self.done
+
+    def synchronize(self) -> None:
+        self.waited = self.done = True
+
+
+def test_staged_buckets_launch_in_order_once_their_copies_are_done(monkeypatch):
+    """A staged bucket launches once its host copy is done and every earlier bucket has
+    launched (MPI sees one order on every rank); a later bucket's copy may be done first.
+    synchronize waits for the copies still under way. One rank (COMM_SELF), every bucket
+    staged as a CUDA one is for Open MPI."""
+    copies: list[_CopyUnderWay] = []
+    start = HostStage.start_to_host
+
+    def start_under_way(stage):
+        start(stage)
+        copies.append(_CopyUnderWay())
+        return copies[-1]
+
+    monkeypatch.setattr(HostStage, "start_to_host", start_under_way)
+    monkeypatch.setattr(MPITransport, "takes", lambda self, tensor: False)
+    params = [torch.zeros(3, dtype=torch.float64, requires_grad=True) for _ in range(4)]
+    reducer = BucketedAllreduce(params, MPITransport(comm.mpi().COMM_SELF), sync.Compression.none,
+                                sync.Sum, 1.0, 1, bucket_bytes=1)  # buckets: p3, p2, p1, p0
+
+    def backward(i: int) -> None:  # parameter i's gradient, all i + 1, and its hook
+        (params[i] * (i + 1)).sum().backward()
+
+    assert all(b.stage.staged for b in reducer._buckets)
+    backward(2)  # bucket 1 packed, its copy under way
+    backward(3)  # bucket 0 too
+    assert len(copies) == 2 and reducer.started == 0
+    copies[0].done = True  # bucket 1's copy is done first
+    backward(1)
+    assert len(copies) == 3 and reducer.started == 0  # bucket 0 goes first
+    copies[1].done = True
+    backward(0)
+    assert reducer.started == 2  # buckets 0 and 1; bucket 2's copy is under way
+    assert not any(c.waited for c in copies)
+    reducer.synchronize()
+    assert [c.waited for c in copies] == [False, False, True, True] and reducer.started == 0
+    for i, p in enumerate(params):
+        assert torch.equal(p.grad, torch.full((3,), i + 1.0, dtype=torch.float64))
+    del reducer  # its finalizer frees the transport
+    gc.collect()
 
 
 @mpi

@@ -27,8 +27,18 @@ Under a torch profiler (``--profile``, or a script's own) each launch is a
 one, inside the ``AccumulateGrad`` whose hook made them.
 
 Buckets live where the parameters are. A transport that cannot move them there (an MPI
-that is not CUDA-aware) gets a pinned host copy of each: filled when the bucket launches,
-copied back before unpacking.
+that is not CUDA-aware, or Open MPI's non-blocking collectives) gets a pinned host copy of
+each. A CUDA bucket's copy starts, without waiting, when its last gradient is packed: queued
+on the current stream with a CUDA event after it (``HostStage.start_to_host``), as Horovod
+records an event at the hook. The bucket launches once that event has completed, as seen by
+a later hook's progress call or, at synchronize, waited for; so the autograd thread never
+waits for the GPU, and a later bucket's copy may be under way while an earlier one's is, but
+the launches keep bucket order. A CPU bucket's copy is done at once: it launches as soon as
+it and every earlier bucket are packed. After the reduction the copy back is queued from
+pinned memory without waiting: the optimizer step and the next backward's packing and copy
+into the same pinned buffer are queued after it on the same stream (torch's one-stream
+order; work moved to another stream must be ordered by the user, as for any tensor), and
+the host touches that buffer again only through MPI, after the next copy's event.
 """
 
 from __future__ import annotations
@@ -44,7 +54,7 @@ from typing import Any
 
 import torch
 
-from hpctrain.devices import HostStage
+from hpctrain.devices import Copying, HostStage
 from hpctrain.errors import UsageError
 from hpctrain.profiling import span
 from hpctrain.sync import timeline
@@ -226,6 +236,7 @@ class _Bucket:
     post: float
     stage: HostStage  # what the transport moves: the buffer, or its pinned host copy
     packed: int = 0
+    copied: Copying | None = None  # its host copy, started when its last gradient is packed
     request: Request | None = None
     token: Any = None  # its timeline phase, while the timeline runs
 
@@ -324,19 +335,27 @@ class BucketedAllreduce:
         slot.passes += 1
         if slot.passes >= self.passes:
             self._pack(i)
-            self._launch_ready()
+        self._launch_ready()
         self._progress()
 
     def _pack(self, i: int) -> None:
+        """Pack parameter ``i``'s gradient; the last of its bucket starts the host copy."""
         slot = self._slots[i]
         slot.packed = True
-        grad = slot.param.grad
         if slot.bucket is None:  # reduced sparse, at synchronize
             slot.sparse_now = True
             return
-        bucket, view = self._buckets[slot.bucket], slot.view
-        assert view is not None  # a bucket's slot has its slice
+        bucket = self._buckets[slot.bucket]
+        self._write(i, bucket)
         bucket.packed += 1
+        if bucket.packed == len(bucket.slots):
+            bucket.copied = bucket.stage.start_to_host()
+
+    def _write(self, i: int, bucket: _Bucket) -> None:
+        """Parameter ``i``'s gradient into its slice of ``bucket``."""
+        slot = self._slots[i]
+        grad, view = slot.param.grad, slot.view
+        assert view is not None  # a bucket's slot has its slice
         if grad is None:
             view.zero_()
         elif grad.is_sparse and not self.sparse_as_dense:
@@ -357,13 +376,19 @@ class BucketedAllreduce:
         if view.dtype == slot.param.dtype:
             slot.param.grad = view
 
-    def _launch_ready(self) -> None:
+    def _launch_ready(self, wait: bool = False) -> None:
+        """Launch, in bucket order, the buckets whose host copy is done; ``wait`` (at
+        synchronize, every bucket packed): wait for each copy instead of stopping there."""
         while self._next < len(self._buckets):
             bucket = self._buckets[self._next]
-            if bucket.packed < len(bucket.slots):
+            if bucket.copied is None:  # not every gradient packed yet
                 return
+            if not bucket.copied.query():
+                if not wait:
+                    return
+                bucket.copied.synchronize()
             with span("hpctrain.allreduce_bucket"):  # a profiler's label, else nothing
-                bucket.request = self._transport.iallreduce(None, bucket.stage.to_host(), Sum)
+                bucket.request = self._transport.iallreduce(None, bucket.stage.buffer, Sum)
             call = Call("allreduce", name=f"DistributedOptimizer.bucket{self._next}",
                         dtype=bucket.buffer.dtype, shape=tuple(bucket.buffer.shape))
             bucket.token = timeline.started(call, self._transport.name.upper())
@@ -400,14 +425,14 @@ class BucketedAllreduce:
         sparse = [i for i, slot in enumerate(self._slots) if slot.sparse_now]
         if self._channel is not None:  # every rank is at this step, or a rank has joined
             self._channel.agree(self._step_call(sparse))
-        self._launch_ready()
+        self._launch_ready(wait=True)
         reduced = SparseAllgather(self._transport, [
             contribution(self._params[i].grad, self._params[i], self._sparse_dims[i])
             for i in sparse], average=self._op is Average) if sparse else None
         wait_all(_requests(self._buckets))
         for bucket in self._buckets:
             timeline.finished(bucket.token)  # from posting it until seen done, as Horovod's
-            bucket.stage.to_device()
+            bucket.stage.to_device(non_blocking=True)  # see the module docstring
             self._unpack(bucket)
         if reduced is not None:
             for i, grad in zip(sparse, reduced.results(), strict=True):
@@ -465,6 +490,6 @@ class BucketedAllreduce:
         for slot in self._slots:
             slot.passes, slot.packed, slot.sparse_now, slot.densified = 0, False, False, None
         for bucket in self._buckets:
-            bucket.packed, bucket.request, bucket.token = 0, None, None
+            bucket.packed, bucket.copied, bucket.request, bucket.token = 0, None, None, None
         self._next = 0
         self.in_flight = False
