@@ -364,6 +364,43 @@ def test_distributed_optimizer_on_a_gpu_model_equals_the_cpu_one(hvd):
 
 @mpi
 @timeout
+def test_staged_gpu_buckets_copy_without_waiting_and_reduce_exactly(hvd):
+    """ssgd on the GPU with several buckets, staged through pinned host memory (the kit's
+    Open MPI, and gloo for ranks sharing a GPU): each bucket's copy to the host is started
+    in its hook without waiting for the GPU (half a second of queued GPU work is still
+    queued when backward returns, and the last bucket waits for synchronize), and three
+    steps of SGD with momentum equal one GPU's on every rank's batch at once, with nothing
+    reduced: a bucket launched before its copy was done would reduce stale values."""
+    r, n = hvd.rank(), hvd.size()
+    dev = gpu()
+    stream = torch.cuda.current_stream(dev)
+    model = small_model().to(dev, torch.float64)
+    reference = small_model().to(dev, torch.float64)
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=model.named_parameters(), bucket_bytes=256)
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
+    assert len(opt.bucket_sizes) == 4  # one per parameter
+    staged = all(b.stage.staged for b in opt._reducer._buckets)
+    for step in range(3):
+        data = [batches(100 * step + k, 1)[0] for k in range(n)]
+        x, y = (t.to(dev) for t in data[r])
+        x = x.double()
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        torch.cuda._sleep(10**9)  # GPU cycles: about half a second queued before backward
+        loss.backward()
+        if staged:
+            assert not stream.query() and opt.buckets_started < len(opt.bucket_sizes)
+        opt.step()
+        ref_opt.zero_grad()
+        F.cross_entropy(reference(torch.cat([x for x, _ in data]).to(dev).double()),
+                        torch.cat([y for _, y in data]).to(dev)).backward()
+        ref_opt.step()
+    torch.testing.assert_close(flat_of(model), flat_of(reference), rtol=1e-12, atol=1e-12)
+
+
+@mpi
+@timeout
 def test_sparse_gradients_of_a_gpu_embedding_equal_the_cpu_ones(hvd):
     """An embedding with sparse gradients on the GPU: reduced by allgather on the device (or
     staged), three steps of SGD equal the CPU run's."""
