@@ -5,6 +5,7 @@ import dataclasses
 import functools
 import gzip
 import json
+import math
 import struct
 import types
 
@@ -17,6 +18,7 @@ from hpctrain import data, options, shuffle
 from hpctrain.config import DataConfig
 from hpctrain.errors import UsageError
 from hpctrain.shuffle import order
+from hpctrain.shuffle.options import canonical_strategy
 from hpctrain.shuffle.train_data import make_sampler
 
 STRATEGIES = ["global", "local", "partial:0", "partial:0.3", "partial:1"]
@@ -87,6 +89,15 @@ def test_parse_strategy():
     assert shuffle.parse_strategy("local") == ("local", 0.0)
     assert shuffle.parse_strategy("partial:0.25") == ("partial", 0.25)
     assert shuffle.parse_strategy("partial:1") == ("partial", 1.0)
+
+
+def test_a_negative_zero_fraction_is_partial_zero():
+    """partial:-0 kept its sign: canonical_strategy wrote partial:-0, which a resume of a
+    partial:0 run compared as text and refused, one value with two spellings."""
+    for text in ("partial:-0", "partial:-0.0", "partial:-1e-400"):
+        name, q = shuffle.parse_strategy(text)
+        assert (name, math.copysign(1.0, q)) == ("partial", 1.0)
+        assert canonical_strategy(text) == canonical_strategy("partial:0") == "partial:0"
 
 
 def test_bad_strategy_from_a_job_fails_before_mpi(tmp_path):

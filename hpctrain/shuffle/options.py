@@ -28,6 +28,7 @@ def parse_strategy(text: str) -> tuple[str, float]:
             q = float(value)
         except ValueError:
             raise UsageError(f"{_named('shuffle', text)}: {value!r} is not a number") from None
+        q = q or 0.0  # -0 (partial:-0, a tiny negative) is 0: one spelling, partial:0
         if not 0.0 <= q <= 1.0:
             raise UsageError(f"{_named('shuffle', text)}: fraction {value} outside [0, 1]")
         return name, q
