@@ -176,6 +176,17 @@ def test_a_spread_gives_the_sd_two_significant_figures_and_the_mean_its_decimal_
         assert formatting.mean_sd(values, fmt) == want, values
 
 
+def test_a_byte_count_just_below_a_unit_is_written_in_the_next_unit():
+    """bytes_text chose the unit before rounding: 1048575 B read 1024.0 KiB, a peak just
+    under 1 GiB 1024.0 MiB, 1023.5 B (a mean over seeds) 1024 B."""
+    assert formatting.bytes_text(1048575) == "1.0 MiB"
+    assert formatting.bytes_text(2**30 - 1) == "1.0 GiB"
+    assert formatting.bytes_text(1023.5) == "1.0 KiB"
+    assert formatting.bytes_text(1023) == "1023 B"
+    assert formatting.bytes_text(1048524) == "1023.9 KiB"
+    assert formatting.bytes_text(2**40) == "1024.0 GiB"  # GiB the largest unit
+
+
 def test_without_its_record_a_comparison_over_seeds_is_still_reported(tmp_path):
     """A damaged compare.json is refused, saying that moved aside the folders are reported;
     they are then. Seed 3, which left no summary, was left out, the row reading 2 seeds, all

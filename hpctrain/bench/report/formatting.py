@@ -36,12 +36,13 @@ def updates_text(n: float) -> str:
 
 
 def bytes_text(n: float) -> str:
-    """1023 B, 1.5 KiB, ..., GiB the largest unit."""
-    if abs(n) < 1024:
+    """1023 B, 1.5 KiB, ..., GiB the largest unit. A unit is taken while the value rounds,
+    as written, below 1024 of it: 1048575 B is 1.0 MiB, not 1024.0 KiB."""
+    if abs(round(n, 0)) < 1024:
         return f"{n:.0f} B"
     for unit in ("KiB", "MiB"):
         n /= 1024
-        if abs(n) < 1024:
+        if abs(round(n, 1)) < 1024:
             return f"{n:.1f} {unit}"
     return f"{n / 1024:.1f} GiB"
 
