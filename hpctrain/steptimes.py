@@ -147,10 +147,25 @@ def read(path: str | Path) -> Record:
     return Record(workers, rest, lead_in)
 
 
+def _seconds(values) -> list[float]:
+    """A JSON list of numbers as floats; ValueError for anything else (a string, whose
+    characters float() read as numbers: "12" was two workers; a boolean; a whole number
+    past a float's range, whose OverflowError was a traceback)."""
+    if not isinstance(values, list) \
+            or not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in values):
+        raise ValueError("not a list of numbers")
+    try:
+        return [float(t) for t in values]
+    except OverflowError:  # an int of 309 digits or more
+        raise ValueError("a number past a float's range") from None
+
+
 def _times(path: Path, lists) -> list[list[float]]:
     try:
-        workers = [[float(t) for t in w] for w in lists]
-    except (TypeError, ValueError):  # not a list of lists of numbers
+        if not isinstance(lists, list):
+            raise ValueError("not a list")
+        workers = [_seconds(w) for w in lists]
+    except ValueError:  # not a list of lists of numbers
         workers = []
     # A step of at most HUGE seconds, as the simulator's constant:S: past it a replay's
     # virtual times overflow to inf (and summary.json gets Infinity).
@@ -162,8 +177,8 @@ def _times(path: Path, lists) -> list[list[float]]:
 
 def _lead_ins(path: Path, values, workers: int) -> list[float]:
     try:
-        lead_in = [float(t) for t in values]
-    except (TypeError, ValueError):  # not a list of numbers
+        lead_in = _seconds(values)
+    except ValueError:  # not a list of numbers
         lead_in = []
     if len(lead_in) != workers or any(not 0 <= t <= HUGE for t in lead_in):
         raise UsageError(f"{path}: need one lead_in for every worker, each a finite time >= 0 "

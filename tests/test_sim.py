@@ -969,6 +969,9 @@ def test_more_virtual_servers_than_parameters_name_the_servers(tmp_path):
         simulate(config("asgd", tmp_path / "a", algorithm=many), sim(2))
 
 
+BEYOND_FLOAT = "1" + "0" * 400  # a JSON whole number that no float holds
+
+
 @pytest.mark.parametrize("content, message", [
     ("{bad", "cannot read a step_times.json"),
     ("[1, 2]", "is not a step_times.json (hpctrain-step-times/1): it holds a JSON list"),
@@ -980,6 +983,17 @@ def test_more_virtual_servers_than_parameters_name_the_servers(tmp_path):
     ('{"format": "hpctrain-step-times/1", "workers": [[1e308, 0.1]]}', "each at most 1e+06 s"),
     ('{"format": "hpctrain-step-times/1", "workers": [[0.1]], "rest": [[1e308]]}',
      "each at most 1e+06 s"),
+    # A whole number past a float's range raised OverflowError (a traceback); a string's
+    # characters were read as numbers ("12": two workers of 1 s and 2 s), a boolean as 1.
+    ('{"format": "hpctrain-step-times/1", "workers": [[' + BEYOND_FLOAT + ']]}',
+     "at most 1e+06 s"),
+    ('{"format": "hpctrain-step-times/1", "workers": [[0.1]], "rest": [[' + BEYOND_FLOAT
+     + ']]}', "at most 1e+06 s"),
+    ('{"format": "hpctrain-step-times/1", "workers": [[0.1]], "rest": [[0.1]], "lead_in": ['
+     + BEYOND_FLOAT + ']}', "need one lead_in for every worker"),
+    ('{"format": "hpctrain-step-times/1", "workers": "12"}', "finite step time >= 0"),
+    ('{"format": "hpctrain-step-times/1", "workers": [["0.5"]]}', "finite step time >= 0"),
+    ('{"format": "hpctrain-step-times/1", "workers": [[true]]}', "finite step time >= 0"),
 ])
 def test_a_step_times_file_that_is_not_one_is_named(content, message, tmp_path):
     (tmp_path / steptimes.FILE).write_text(content)
