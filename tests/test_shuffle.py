@@ -354,6 +354,18 @@ def test_partial_sampler_replays_any_epoch():
         assert torch.equal(fresh.indices(), seq[e])
 
 
+def test_a_numpy_whole_number_of_samples_is_a_number_of_samples():
+    """The samplers took an int or a sized dataset: numpy's np.int64(100) (as
+    np.count_nonzero gives) raised TypeError (no len()), though its num_replicas and rank
+    were taken as numpy's; True (1 sample) reached torch.randperm and raised there."""
+    for cls in (shuffle.GlobalShuffleSampler, shuffle.LocalShuffleSampler,
+                functools.partial(shuffle.PartialShuffleSampler, 0.5)):
+        s = cls(np.int64(100), num_replicas=3, rank=2, seed=1, drop_last=True)
+        plain = cls(100, num_replicas=3, rank=2, seed=1, drop_last=True)
+        assert len(s) == 33 and list(s) == list(plain)
+    assert list(shuffle.GlobalShuffleSampler(True, num_replicas=1, rank=0)) == [0]
+
+
 def test_samplers_interface():
     s = shuffle.GlobalShuffleSampler(100, num_replicas=3, rank=2, seed=1, drop_last=True)
     assert len(s) == 33 and len(list(s)) == 33

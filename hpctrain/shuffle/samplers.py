@@ -25,6 +25,7 @@ and an error if those disagree, never a silent single replica.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterator, Sized
 
 import torch
@@ -46,7 +47,9 @@ class _Sampler(torch.utils.data.Sampler[int]):
             # Before DistributedSampler's signature the fourth argument was the seed.
             raise TypeError(f"shuffle must be True or False, not {shuffle!r} (the seed is "
                             "the fifth argument, or seed=, as in DistributedSampler)")
-        num_samples = dataset if isinstance(dataset, int) else len(dataset)
+        # Any whole number counts samples (numpy's: np.count_nonzero(mask) had no len()).
+        num_samples = int(dataset) if isinstance(dataset, (int, numbers.Integral)) \
+            else len(dataset)
         self.num_replicas, self.rank = launch_env.replicas(num_replicas, rank)
         if num_samples < self.num_replicas:
             raise UsageError(f"{plural(num_samples, 'sample')} cannot feed "
