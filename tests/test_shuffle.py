@@ -266,9 +266,12 @@ def test_the_random_streams_differ_by_rank_and_by_use():
 
 @pytest.mark.parametrize("q, n, ranks, expected", [
     (0.5, 5, 2, 3), (0.25, 10, 3, 3), (0.1, 15, 4, 2), (0.3, 10, 2, 3), (1.0, 7, 2, 7),
-    (0.5, 5, 1, 0)])
+    (0.5, 5, 1, 0),
+    # A tie of the decimal q: 0.009 x 1500 is 13.5, but 13.4999... in floats (it was 13).
+    (0.009, 1500, 2, 14), (0.018, 750, 4, 14), (0.036, 1625, 2, 59)])
 def test_moved_count_rounds_half_up(q, n, ranks, expected):
-    """2.5 samples is 3, not Python's round-half-even 2; one rank sends nothing."""
+    """2.5 samples is 3, not Python's round-half-even 2; one rank sends nothing; a tie of
+    the fraction as written (partial:0.009) rounds up too."""
     assert order.moved_count(q, n, ranks) == expected
 
 

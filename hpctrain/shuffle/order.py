@@ -9,6 +9,9 @@ and partial shuffling always the same one).
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 import torch
 
@@ -93,8 +96,12 @@ def local_permutation(seed: int, epoch: int, rank: int, n: int) -> torch.Tensor:
 
 def moved_count(q: float, n: int, ranks: int) -> int:
     """Samples each rank sends away per epoch under partial(q): ``q * n`` rounded half up
-    (not Python's ``round``, which rounds half to even), 0 alone."""
-    return 0 if ranks == 1 else int(np.floor(q * n + 0.5))
+    (not Python's ``round``, which rounds half to even), 0 alone. ``q`` counts as the decimal
+    it is written as (its repr, which ``--shuffle`` records): 0.009 is 0.00899999... as a
+    float, and 0.009 x 1500, 13.5, was 13 in floats, not 14."""
+    if ranks == 1:
+        return 0
+    return math.floor(Fraction(repr(float(q))) * n + Fraction(1, 2))
 
 
 def partial_routes(seed: int, epoch: int, ranks: int, m: int) -> torch.Tensor:
