@@ -168,8 +168,14 @@ def scheduled_lr(optim, base: float, per_epoch: int, index: int) -> float:
     epoch from rate ``base`` (:func:`base_lr`): the schedule at the epoch it starts at, times
     the warm-up factor at the epoch it ends at. The loop steps with it, and each curve point
     records that of the update before it (``lr`` in metrics.jsonl)."""
-    lr = learning_rate(base, index // per_epoch + index % per_epoch / per_epoch, optim.epochs,
-                       optim.lr_schedule, optim.lr_milestones, optim.lr_gamma)
+    # Milestones are compared with one correctly rounded division, which is a milestone's
+    # float where an update starts at it (1 + 9/25 was 1.3599999999999999, so
+    # --lr-milestones 1.36 decayed an update late); cosine keeps its operations (its rates,
+    # and so its runs, bit for bit as before).
+    epoch = index / per_epoch if optim.lr_milestones \
+        else index // per_epoch + index % per_epoch / per_epoch
+    lr = learning_rate(base, epoch, optim.epochs, optim.lr_schedule, optim.lr_milestones,
+                       optim.lr_gamma)
     if optim.warmup_epochs:
         lr *= warmup_factor((index + 1) / per_epoch, optim.warmup_epochs)
     return lr

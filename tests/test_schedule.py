@@ -9,6 +9,7 @@ from test_sim import config, sim
 from hpctrain import algorithm_options, registry
 from hpctrain.async_.algorithm import ASGD
 from hpctrain.config import OptimConfig, StragglerConfig
+from hpctrain.optimizers import scheduled_lr
 from hpctrain.schedule import learning_rate, set_lr
 from hpctrain.sim import simulate
 
@@ -23,6 +24,14 @@ def test_cosine_decays_to_zero_over_the_run_and_stays_there(epoch, expected):
                                              (3, 0.05), (10, 0.05)])
 def test_step_multiplies_by_gamma_at_each_milestone_reached(epoch, expected):
     assert learning_rate(0.2, epoch, 4, "step", (1, 3), 0.5) == pytest.approx(expected)
+
+
+def test_a_step_decays_at_the_update_that_starts_at_its_milestone():
+    """Update 34 of 25 an epoch starts at epoch 34/25 = 1.36, but the epoch was computed as
+    1 + 9/25 = 1.3599999999999999 < 1.36: --lr-milestones 1.36 decayed at update 35."""
+    optim = OptimConfig(epochs=3, lr_schedule="step", lr_milestones=(1.36, 2.72))
+    rates = [scheduled_lr(optim, 0.2, 25, i) for i in (33, 34, 67, 68)]
+    assert rates == [0.2, 0.2 * 0.1, 0.2 * 0.1, 0.2 * 0.1 ** 2]
 
 
 def test_constant_keeps_the_base_rate():
