@@ -89,7 +89,7 @@ def mean_sd(values: list[float], fmt) -> str:
     finest = _decimals(fmt(mean))  # the finest place a value is written to
     if mean != 0:  # the place of the mean's leading digit, as far as fmt shows one
         lead = -math.floor(math.log10(abs(mean)))
-        place = max(place, min(lead, _places(fmt(mean))))
+        place = max(place, min(lead, _decimals(fmt(mean), zero=False)))
         if _drops_zeros(fmt):
             finest = max(finest, lead + 2)
     place = min(place, finest)
@@ -108,22 +108,13 @@ def _drops_zeros(fmt) -> bool:
     return _decimals(fmt(0.125)) != _decimals(fmt(0.5))
 
 
-def _decimals(text: str) -> int:
-    """The decimal places ``text`` is written to, a zero's too (4 for -0.0000, 0 for 150);
+def _decimals(text: str, zero: bool = True) -> int:
+    """The decimal places a formatted number shows: 4 for 0.8930, 0 for 150, 5 for 5e-05; a
+    zero's too (4 for -0.0000) with ``zero``, else 0 for it (float noise of a mean of zero);
     0 for anything not a number."""
-    try:
-        exponent = decimal.Decimal(text).as_tuple().exponent
-    except decimal.InvalidOperation:
-        return 0
-    return max(-exponent, 0) if isinstance(exponent, int) else 0
-
-
-def _places(text: str) -> int:
-    """The decimal places a formatted number shows: 4 for 0.8930, 0 for 150, 5 for 5e-05;
-    0 for a zero (-0.0000: float noise of a mean of zero) and anything not a number."""
     try:
         number = decimal.Decimal(text)
     except decimal.InvalidOperation:
         return 0
     exponent = number.as_tuple().exponent
-    return max(-exponent, 0) if number and isinstance(exponent, int) else 0
+    return max(-exponent, 0) if (number or zero) and isinstance(exponent, int) else 0
