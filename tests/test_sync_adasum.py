@@ -167,6 +167,21 @@ def test_adasum_is_the_pairwise_tree_of_every_ranks_tensor(hvd, dtype, tol):
 
 @mpi
 @timeout
+def test_adasum_of_a_large_float32_tensor_sums_its_dot_products_in_float64(hvd):
+    """Horovod sums a float32 tensor's a·b, |a|² and |b|² in double. In float32 (torch.dot)
+    Horovod's ImageNet example's fc.weight (512k elements) took coefficients 3e-5 off: here
+    small elements after large ones, lost from float32 partial sums, put them 2e-4 off."""
+    r = hvd.rank()
+    t = torch.full((1 << 18,), 1e-3 * (1 + r)).view(-1, 1 << 16)  # a rank's share at 4 ranks
+    t[:, :512 * (1 + r % 2)] = 1.0  # large ones first: float32 partial sums lose the rest
+    t = t.flatten()
+    vectors = [v.double().numpy() for v in hvd.allgather_object(t)]
+    out = hvd.allreduce(t, op=hvd.Adasum)
+    torch.testing.assert_close(out, torch.from_numpy(_tree(vectors)).float(), rtol=2e-6, atol=0)
+
+
+@mpi
+@timeout
 def test_adasum_adds_orthogonal_gradients_and_keeps_parallel_ones(hvd):
     r, n = hvd.rank(), hvd.size()
     mine = torch.zeros(n, dtype=torch.float64)
@@ -285,17 +300,18 @@ def test_a_joined_rank_counts_as_a_zero_in_the_adasum_tree(hvd):
 @mpi
 @timeout
 def test_a_combined_update_that_is_not_finite_is_not_applied(hvd):
-    """Finite changes whose dot products overflow float32 (a diverging learning rate) combine
-    into NaN: every rank keeps the values the step started from and says so in
-    ``update_applied``; a sane step afterwards is applied again. (Horovod applies the NaN.)"""
+    """Changes that overflow float32 (a diverging learning rate; the dot products, summed in
+    float64 as Horovod's, do not) combine into NaN: every rank keeps the values the step
+    started from and says so in ``update_applied``; a sane step afterwards is applied again.
+    (Horovod applies the NaN.)"""
     if hvd.backend() == "horovod":
         pytest.skip("Horovod applies the combined update as it comes")
     model = _model().float()
-    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=1e25),
+    opt = hvd.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=3e38),
                                    named_parameters=model.named_parameters(), op=hvd.Adasum)
     before = [p.detach().clone() for p in model.parameters()]
     x, y = (t.float() for t in _batch(hvd.rank(), 0))
-    F.mse_loss(model(x), y).backward()
+    (F.mse_loss(model(x), y) * 1e6).backward()  # finite gradients, changes beyond float32
     assert all(bool(torch.isfinite(p.grad).all()) for p in model.parameters())
     opt.step()
     assert not opt.update_applied
