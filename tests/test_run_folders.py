@@ -3,13 +3,14 @@ option, before anything reads it."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 from conftest import SYNTHETIC, refusal
 
 import hpctrain
-from hpctrain import arguments, cli, options, paths, run_folders, steptimes
+from hpctrain import arguments, cli, launch_checks, options, paths, run_folders, steptimes
 from hpctrain.bench.report import rendering
 from hpctrain.errors import UsageError
 
@@ -72,6 +73,25 @@ def test_a_replay_and_a_report_too_long_to_exist_are_refused_alike(tmp_path, who
         rendering.run(cli.build_parser().parse_args(["report", str(tmp_path), "--out", path]))
     assert str(e.value) == shown("--out", path, why)
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("section, key, flag", [
+    ("model", "init_from", "--init-from"),
+    ("checkpoint", "dir", "--checkpoint-dir"),
+    ("checkpoint", "resume", "--resume"),
+])
+def test_a_path_holding_a_nul_is_refused_naming_its_option(tmp_path, section, key, flag):
+    """A settings file's "\\u0000" in a path (no command line can hold one) reached the os
+    calls: ValueError "embedded null byte", exit 1, naming no option; from Python too."""
+    settings = {"algo": "sgd", section: {key: "a\0b"}}
+    (tmp_path / "run.json").write_text(json.dumps(settings))
+    said = refusal(["--config", str(tmp_path / "run.json"), *SYNTHETIC])
+    assert said == f"{flag} 'a\\x00b': a path cannot hold a NUL character"
+    with pytest.raises(UsageError, match=r": a path cannot hold a NUL character$"):
+        cls = {"model": hpctrain.ModelConfig, "checkpoint": hpctrain.CheckpointConfig}[section]
+        config = hpctrain.RunConfig(algo="sgd", **{section: cls(**{key: "a\0b"})})
+        launch_checks.check_launch(config, 1, frozenset())
+    assert os.listdir(tmp_path) == ["run.json"]
 
 
 def test_a_short_path_is_shown_whole():
