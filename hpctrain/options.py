@@ -485,7 +485,8 @@ def _kind_problem(f: Field, value) -> str | None:
 def _plain(f: Field, value):
     """``value`` as a plain Python value of ``f``'s declared type where it is one in another
     guise: a float holding a whole number for an int (TOML's ``epochs = 1.0`` or ``1e3``, as
-    the command line's ``--epochs 1e3``), a NumPy number (a sweep over ``np.arange``), a
+    the command line's ``--epochs 1e3``), an int past 64 bits for a float (as the
+    command line's ``--clip-grad-norm 1e30`` is one), a NumPy number (a sweep over ``np.arange``), a
     path (``pathlib.Path``) for a string. Anything else is returned as given, for
     :func:`_kind_problem` to judge; a bool stays a bool, which is no number."""
     kind = _declared_type(f).removesuffix(" | None")
@@ -498,6 +499,14 @@ def _plain(f: Field, value):
         return int(value)
     if kind == "float" and isinstance(value, numbers.Real) and type(value) not in (int, float):
         return float(value)
+    if kind == "float" and type(value) is int and not -2 ** 63 <= value < 2 ** 63:
+        # a file's or Python's 10**30: torch takes 64-bit ints only, and compared it with a
+        # tensor (--clip-grad-norm's) in an OverflowError mid-run, exit 1; smaller ints stay
+        # as given, as a refusal shows them
+        try:
+            return float(value)
+        except OverflowError:  # past float's range: "too large", below
+            return value
     if kind == "str" and isinstance(value, os.PathLike) and isinstance(os.fspath(value), str):
         return os.fspath(value)
     return value

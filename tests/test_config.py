@@ -616,6 +616,22 @@ def test_numpy_numbers_and_paths_are_taken_as_plain_values(tmp_path):
             bad()
 
 
+def test_an_int_past_64_bits_for_a_float_field_is_the_float_it_stands_for():
+    """A JSON --config's (or Python's) ``clip_grad_norm`` of 10**30 stayed a Python int, which
+    the clipping compared with the gradient's norm tensor: torch's "int too big to convert",
+    exit 1 mid-run; the command line's --clip-grad-norm 1e30 was a float and trained. Ints
+    within 64 bits stay as given; one past float's range is refused."""
+    import torch
+
+    for config in (OptimConfig(clip_grad_norm=10 ** 30),
+                   configs.from_dict({"algo": "sgd", "optim": {"clip_grad_norm": 10 ** 30}}).optim):
+        assert type(config.clip_grad_norm) is float and config.clip_grad_norm == 1e30
+        assert not bool(torch.tensor(5.0) > config.clip_grad_norm)  # as guard's clipping
+    assert type(OptimConfig(clip_grad_norm=3).clip_grad_norm) is int  # refusals show 3
+    with pytest.raises(UsageError, match=r"^OptimConfig\.clip_grad_norm=.* is too large$"):
+        OptimConfig(clip_grad_norm=10 ** 400)
+
+
 def test_a_field_typed_with_what_a_caller_may_give_is_checked_as_the_string_it_holds():
     """The annotations name what a Python caller may give (``out: str | os.PathLike[str] |
     None``, ``algo: str | type[Algorithm]``, a model's function): the checks and the flags
