@@ -40,6 +40,7 @@ from hpctrain import (
     job_end,
     kernels,
     launch_env,
+    paths,
     provenance,
     run,
 )
@@ -332,6 +333,8 @@ def _check_json_path(path: str | None) -> None:
         return
     if not str(path).strip():  # "" was the working folder: "--json : is a folder"
         raise UsageError(f"--json {path!r} is empty: give a file")
+    if problem := paths.too_long(str(path)):  # was the stat's OSError (ENAMETOOLONG), exit 1
+        raise UsageError(f"--json {paths.shortened(str(path))}: {problem}")
     target, followed = Path(path), Path(path).is_symlink()
     if followed:  # as metrics.write_json_atomic writes it
         target = Path(os.path.realpath(target))

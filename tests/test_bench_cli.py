@@ -221,6 +221,8 @@ def launched_by_open_mpi(monkeypatch, ranks: int) -> None:
      "memory per rank; this machine has "),
     (["allreduce", "--params", "1e308"], "--params 1e+308 with --batch-size 16 needs at least "
      "2.00e+300 GB of memory per rank; this machine has "),
+    (["allreduce", "--params", str(10 ** 400)], "--params 1e+400 with --batch-size 16 needs "
+     "at least 2.00e+392 GB of memory per rank; this machine has "),  # was an OverflowError
     (["allreduce", "--batch-size", "1e308"], "--params 10000000 with --batch-size 1e+308 needs "
      "at least 2.53e+303 GB of memory per rank; this machine has "),
     # Zero bytes per bucket: every rank's error after MPI started.
@@ -246,6 +248,27 @@ def test_a_json_file_that_cannot_be_written_is_refused_before_measuring(tmp_path
     with pytest.raises(UsageError, match=f"^--json {path}: {message}"):
         cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
                   str(path)])
+
+
+def test_a_json_file_name_too_long_is_refused_naming_it(tmp_path):
+    """A name over NAME_MAX was the stat's OSError (ENAMETOOLONG): exit 1, no option named."""
+    path = str(tmp_path / ("j" * 300))
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with pytest.raises(UsageError) as e:
+        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json", path])
+    assert str(e.value) == (f"--json {path[:100]}...{path[-50:]} ({len(path)} bytes): a name "
+                            f"in it is longer than {limit} bytes (300 bytes)")
+
+
+def test_a_shuffle_data_dir_name_too_long_is_refused_naming_it(tmp_path):
+    """``bench shuffle --data-dir`` with a name over NAME_MAX was is_dir's OSError
+    (ENAMETOOLONG) while parsing: exit 1, no option named."""
+    path = str(tmp_path / ("d" * 300))
+    limit = os.pathconf(tmp_path, "PC_NAME_MAX")
+    with pytest.raises(UsageError) as e:
+        parse("shuffle", "--data-dir", path)
+    assert str(e.value) == (f"argument --data-dir: {path[:100]}...{path[-50:]} ({len(path)} "
+                            f"bytes): a name in it is longer than {limit} bytes (300 bytes)")
 
 
 def test_allreduce_without_a_launcher_is_one_rank_and_refused(monkeypatch):

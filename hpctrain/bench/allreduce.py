@@ -124,7 +124,10 @@ def validate(args: argparse.Namespace) -> None:
 
 
 def _width(params: int) -> int:
-    return max(1, round(math.sqrt(params / _LAYERS)))
+    try:
+        return max(1, round(math.sqrt(params / _LAYERS)))
+    except OverflowError:  # --params past float's range (1e400): validate's memory check
+        return math.isqrt(params // _LAYERS)  # refuses it, where the division was exit 1
 
 
 def mlp(params: int) -> nn.Sequential:

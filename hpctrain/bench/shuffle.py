@@ -32,7 +32,7 @@ import time
 import numpy as np
 import torch
 
-from hpctrain import bench, comm, data, options, userdata
+from hpctrain import bench, comm, data, options, paths, userdata
 from hpctrain.errors import UsageError
 from hpctrain.metrics import write_json_atomic
 from hpctrain.shuffle import TrainDataSpec, make_train_data, order
@@ -85,6 +85,8 @@ def _folder(text: str) -> str:
     """A folder that exists; not "" (which would be the working folder)."""
     if not text.strip():
         raise argparse.ArgumentTypeError(f"{text!r} is empty: give a folder")
+    if problem := paths.too_long(text):  # was is_dir's OSError (ENAMETOOLONG), exit 1
+        raise argparse.ArgumentTypeError(f"{paths.shortened(text)}: {problem}")
     return options.existing_dir(text)
 
 
