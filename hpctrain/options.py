@@ -485,8 +485,8 @@ def _kind_problem(f: Field, value) -> str | None:
 def _plain(f: Field, value):
     """``value`` as a plain Python value of ``f``'s declared type where it is one in another
     guise: a float holding a whole number for an int (TOML's ``epochs = 1.0`` or ``1e3``, as
-    the command line's ``--epochs 1e3``), an int past 64 bits for a float (as the
-    command line's ``--clip-grad-norm 1e30`` is one), a NumPy number (a sweep over ``np.arange``), a
+    the command line's ``--epochs 1e3``), an int past 64 bits for a float (as the command
+    line's ``--clip-grad-norm 1e30`` is one), a NumPy number (a sweep over ``np.arange``), a
     path (``pathlib.Path``) for a string. Anything else is returned as given, for
     :func:`_kind_problem` to judge; a bool stays a bool, which is no number."""
     kind = _declared_type(f).removesuffix(" | None")

@@ -28,17 +28,14 @@ def home_expanded(path: str | os.PathLike[str], flag: str | None = None,
     (``RunConfig.out='~x/o'``, a long one shortened), else :data:`FIELDS`' field of ``flag``
     alone (``path`` may be a part of its value: ``--model``'s file)."""
     text = os.fspath(path)
-    if "\0" in text:  # a settings file's "\u0000" or Python's: os calls raised ValueError,
-        # exit 1 with no option named (a command line cannot hold one); shown quoted, as the
-        # character itself is invisible
-        value = (_Shortened(text),) if field else ()
-        quoted = repr(_Shortened(text))
-        named = said(flag, *value, typed=f"{flag} {quoted}", field=field) if flag else quoted
+    value = (_Shortened(text),) if field else ()
+    # A NUL (a settings file's "\u0000", or Python's; no command line holds one) made the os
+    # calls' ValueError, exit 1 naming no option; the path is shown quoted, as NUL is unseen.
+    shown = repr(_Shortened(text)) if "\0" in text else shortened(text)
+    named = said(flag, *value, typed=f"{flag} {shown}", field=field) if flag else shown
+    if "\0" in text:
         raise UsageError(f"{named}: a path cannot hold a NUL character")
     expanded = os.path.expanduser(text)
-    value = (_Shortened(text),) if field else ()
-    named = said(flag, *value, typed=f"{flag} {shortened(text)}", field=field) if flag \
-        else shortened(text)
     if expanded.startswith("~"):  # os.path.expanduser leaves an unknown user's as typed
         raise UsageError(f"{named}: no home folder for {text.split(os.sep, 1)[0]}")
     if problem := too_long(expanded):

@@ -300,7 +300,7 @@ def what_is_there(path) -> str:
 def test_a_json_link_is_followed_and_kept(tmp_path):
     """The rename replaced the link with a file and left its target as it was."""
     target, link = tmp_path / "target.json", tmp_path / "link.json"
-    target.write_text("old\n")
+    target.write_text('{"benchmark": "old"}\n')  # an earlier record: replaced
     link.symlink_to(target)
     proc = run_job(["bench", "kernel", "--elements", "1000", "--threads", "1", "--repeats", "1",
                     "--json", str(link)], np=0, timeout=90)
@@ -338,6 +338,31 @@ def test_a_json_path_that_is_no_regular_file_is_refused_before_measuring(
     assert what_is_there(fifo) == "fifo" and what_is_there(path) == ("link" if through_a_link
                                                                      else "fifo")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"fifo", path.name})
+
+
+@pytest.mark.parametrize("through_a_link", [False, True])
+def test_a_json_path_holding_no_json_is_kept_and_refused_before_measuring(
+        tmp_path, monkeypatch, through_a_link):
+    """A file of the user's that is no JSON (a review's fuzzing gave --json /etc/passwd, and
+    bench kernel replaced it) is refused and kept; an empty one or an earlier record is
+    replaced."""
+    kept = tmp_path / "passwd"
+    kept.write_text("root:x:0:0:root:/root:/bin/bash\n")
+    path = kept
+    if through_a_link:
+        path = tmp_path / "link.json"
+        path.symlink_to(kept)
+    monkeypatch.setattr(cli.comm, "init", lambda *a: pytest.fail("MPI started"))
+    with pytest.raises(UsageError) as e:
+        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
+                  str(path)])
+    seen = f"its target {kept} holds" if through_a_link else "holds"
+    assert str(e.value) == (f"--json {path}: {seen} something other than JSON, which the "
+                            "results would replace: remove it, or name another file")
+    assert kept.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
+    for replaceable in ("", "  \n", '[1, {"a": 2}]\n'):
+        kept.write_text(replaceable)
+        cli._check_json_path(str(path))
 
 
 def test_a_json_link_loop_is_refused_before_measuring(tmp_path):
