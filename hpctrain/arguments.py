@@ -175,7 +175,15 @@ def load_named_algorithms(argv: list[str]) -> None:
             pass  # refused, with its reason, when the configuration is built
     for name in named:
         if isinstance(name, str) and plugins.is_reference(name):
-            registry.get(name)
+            try:
+                registry.get(name)
+            except UsageError as refused:
+                if not compare:
+                    raise
+                # The reference's own refusal names --algo (or from Python RunConfig.algo),
+                # which bench compare lacks: its reason follows the first ": ".
+                reason = str(refused).partition(": ")[2] or str(refused)
+                raise UsageError(f"--algos {known.algos!r}: {name}: {reason}") from None
 
 
 def _default_text(f) -> str:

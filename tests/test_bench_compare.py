@@ -46,7 +46,7 @@ from conftest import (
 )
 from matplotlib.image import imread
 
-from hpctrain import cli, metrics, provenance, registry, run_folders, steptimes
+from hpctrain import arguments, cli, metrics, provenance, registry, run_folders, steptimes
 from hpctrain.bench.compare import command as compare_command
 from hpctrain.bench.compare import execution, planning
 from hpctrain.bench.compare import launcher as compare_launcher
@@ -161,6 +161,15 @@ def test_bad_input_is_refused_before_anything_runs(tmp_path, argv, pattern):
     with pytest.raises(UsageError, match=re.escape(pattern)):
         planning.plan(parse(*argv, "--out", str(tmp_path / "cmp")))
     assert not (tmp_path / "cmp").exists()
+
+
+def test_a_user_algorithm_among_algos_that_cannot_be_had_names_algos():
+    """The reference's own refusal said `--algo: no module named ...`, a flag compare lacks."""
+    with pytest.raises(UsageError) as refused:
+        arguments.load_named_algorithms(["bench", "compare", "--algos", "sgd,no_such_mod_q:B"])
+    assert str(refused.value) == (
+        "--algos 'sgd,no_such_mod_q:B': no_such_mod_q:B: no module named 'no_such_mod_q' "
+        "(importing no_such_mod_q from the working directory or PYTHONPATH)")
 
 
 def test_a_run_that_would_refuse_its_options_stops_the_comparison_before_any_runs(
