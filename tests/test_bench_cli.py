@@ -6,8 +6,12 @@ starts); the jobs run the real benchmarks with tiny settings, as a user does.
 
 import datetime
 import importlib
+import importlib.util
 import json
 import os
+import shlex
+import sys
+import types
 import weakref
 
 import pytest
@@ -507,6 +511,24 @@ def test_the_machine_line_names_the_machines_cpus_and_rank_0s_where_they_differ(
         "machine: vm, 2 CPUs (AMD EPYC), rank 0 may run on 1, load 1.34 -> 1.34 (1 min); ")
     assert bench.header({**record, "rank_cpus": 2, "cpus": 2}).startswith(
         "machine: vm, 2 CPUs (AMD EPYC), load")
+
+
+def test_the_command_of_a_benchmark_started_with_python_m_can_be_typed_again(monkeypatch):
+    """BENCHMARKS gives ``python -m hpctrain.bench.allreduce ...``: there ``sys.argv[0]`` is
+    the module's file, and the JSON's ``command`` read ``.../hpctrain/bench/allreduce.py
+    --repeats 20``, which names neither the interpreter nor ``-m``."""
+    spec = importlib.util.find_spec("hpctrain.bench.allreduce")
+    main = types.ModuleType("__main__")
+    main.__spec__ = spec
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    monkeypatch.setattr(sys, "argv", [spec.origin, "--repeats", "20", "--json", "a b.json"])
+    assert bench.started()["command"] == (
+        f"{shlex.quote(sys.executable)} -m hpctrain.bench.allreduce --repeats 20 --json "
+        "'a b.json'")
+    # A console script (``hpctrain bench ...``) or a script run by path: argv as it is.
+    main.__spec__ = None
+    monkeypatch.setattr(sys, "argv", ["/venv/bin/hpctrain", "bench", "kernel"])
+    assert bench.started()["command"] == "/venv/bin/hpctrain bench kernel"
 
 
 def test_the_two_sided_server_updates_in_one_pass(monkeypatch):

@@ -28,8 +28,19 @@ def started() -> dict:
     does)."""
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"date": date, **provenance.host(), **provenance.machine(),
-            "command": shlex.join(sys.argv),
+            "command": command_line(),
             "load_average_start": provenance.load_average()}
+
+
+def command_line() -> str:
+    """This process's command line as one could type it again. Started with ``python -m``
+    (BENCHMARKS' ``python -m hpctrain.bench.allreduce ...``), ``sys.argv[0]`` is the module's
+    file, which names neither the interpreter nor ``-m``: the command is written with both."""
+    argv = list(sys.argv)
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and argv and argv[0] == getattr(spec, "origin", None):
+        argv = [sys.executable, "-m", spec.name.removesuffix(".__main__"), *argv[1:]]
+    return shlex.join(argv)
 
 
 def machine(start: dict) -> dict:
