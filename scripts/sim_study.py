@@ -541,12 +541,21 @@ def _plot(path: Path, xs: list, series: dict, xlabel: str, ylabel: str,
 
 
 if __name__ == "__main__":
-    study, folder = sys.argv[1], Path(sys.argv[2])  # then --report-only, optionally
-    folder.mkdir(parents=True, exist_ok=True)
-    {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
+    STUDIES = {"dcasgd": dcasgd, "shuffle": shuffle, "ecma": ecma, "ecma-lr": ecma_lr,
      "ecma-full": ecma_full, "ecma-batch16": ecma_batch16, "ecma-subset": ecma_subset,
      "ecma-steps": ecma_steps, "ecma-rounds": ecma_rounds,
      "ecma-share": ecma_share, "ecma-full-share": ecma_full_share,
      "ecma-batch32-share": ecma_batch32_share, "ecma-k8-share": ecma_k8_share,
      "fidelity": fidelity, "fidelity-async": fidelity_async,
-     "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}[study](folder)
+     "dcasgd-long": dcasgd_long, "shuffle-long": shuffle_long}
+    if len(sys.argv) < 3 or sys.argv[1] not in STUDIES:
+        print(f"usage: scripts/sim_study.py {{{','.join(STUDIES)}}} OUT [--report-only] "
+              "[--seeds 1,2] (the module docstring says what each study runs)", file=sys.stderr)
+        sys.exit(2)
+    study, folder = sys.argv[1], Path(sys.argv[2])
+    if REPORT_ONLY and not (folder / "runs.jsonl").exists():  # a KeyError on nothing, before
+        print(f"--report-only: {folder} holds no runs.jsonl: no run of a study to report",
+              file=sys.stderr)
+        sys.exit(2)
+    folder.mkdir(parents=True, exist_ok=True)
+    STUDIES[study](folder)

@@ -11,11 +11,13 @@ import math
 import random
 import re
 import shutil
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job
+from conftest import LOUD_MODEL, SYNTHETIC, run_commands, run_job, run_program
 
 from hpctrain import algorithm_options, checkpoint, kernels, options, run_folders, steptimes
 from hpctrain.async_ import ParameterStore
@@ -1474,3 +1476,17 @@ def test_a_simulation_records_the_datas_class_names_as_a_run_does(tmp_path):
                     optim=OptimConfig(epochs=1, batch_size=16)), sim(2))
     info = json.loads((tmp_path / "out" / "config.json").read_text())["run_info"]
     assert info["classes"] == ["cat", "dog"] and info["simulator"] == "hpctrain simulate"
+
+
+def test_sim_study_refuses_what_it_cannot_run_in_one_line(tmp_path):
+    """RESULTS' study script: no arguments was an IndexError, and --report-only on a folder
+    with no runs a KeyError deep in the table (a docs reproduction found it)."""
+    script = str(Path(__file__).parent.parent / "scripts" / "sim_study.py")
+    empty = tmp_path / "empty"
+    done = run_program([sys.executable, script, "dcasgd", str(empty), "--report-only"])
+    assert (done.returncode, done.stderr) == (2, f"--report-only: {empty} holds no "
+                                              "runs.jsonl: no run of a study to report\n")
+    assert not empty.exists()
+    done = run_program([sys.executable, script, "no-such-study", str(empty)])
+    assert done.returncode == 2 and done.stderr.startswith("usage: scripts/sim_study.py {")
+
