@@ -802,8 +802,6 @@ def test_npz_members_that_are_no_samples_are_named(tmp_path, compressed, member,
         blob = io.BytesIO()
         np.save(blob, arrays["x_test"])
         raw = member if member != "cut" else blob.getvalue()[:128 + 360]
-        if member == "cut" and compressed:
-            message = "x_test in .* is not a numpy array .*expected 720 bytes got 360"
         with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compressed else 0) as z:
             for key, value in arrays.items():
                 if key != "x_test":
@@ -813,6 +811,46 @@ def test_npz_members_that_are_no_samples_are_named(tmp_path, compressed, member,
             z.writestr("x_test.npy", raw)
     else:
         write_npz(path, compressed=compressed, x_test=member)
+    with pytest.raises(UsageError, match=message):
+        userdata.describe(f"npz:{path}")
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def _lying(shape):
+    """An array's .npy bytes with a header that promises ``shape`` (the data left as is)."""
+    def damage(raw: bytes, value: np.ndarray) -> bytes:
+        head = io.BytesIO()
+        np.lib.format.write_array_header_1_0(head, {"descr": np.lib.format.dtype_to_descr(
+            value.dtype), "fortran_order": False, "shape": shape})
+        return head.getvalue() + value.tobytes()
+    return damage
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+@pytest.mark.parametrize("key, damage, message", [
+    # numpy's header parser raised tokenize's TokenError: exit 1, naming neither file nor array
+    ("x_train", lambda raw, value: raw[:20] + b"(((" + raw[23:],
+     r"x_train in .* is not a numpy array \(TokenError"),
+    # numpy allocated the 2 TB the header promised: MemoryError, exit 1
+    ("x_train", _lying((60_000_000_000, 6, 6)),
+     r"x_train in .* is cut short: its header promises 2160000000000 bytes of data, 2160 are"),
+    ("y_train", _lying((60_000_000_000,)),
+     r"y_train in .* is cut short: its header promises 480000000000 bytes of data, 480 are"),
+    # numpy's refusal named the file, not the array
+    ("y_test", "pickled", r"y_test in .* holds Python objects"),
+])
+def test_npz_members_with_a_damaged_header_are_named(tmp_path, compressed, key, damage,
+                                                     message):
+    path = tmp_path / "d.npz"
+    arrays = write_npz(path)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compressed else 0) as z:
+        for name, value in arrays.items():
+            one = io.BytesIO()
+            pickled = name == key and damage == "pickled"
+            np.save(one, value.astype(object) if pickled else value, allow_pickle=pickled)
+            raw = one.getvalue()
+            z.writestr(name + ".npy", damage(raw, value) if name == key and not pickled
+                       else raw)
     with pytest.raises(UsageError, match=message):
         userdata.describe(f"npz:{path}")
 

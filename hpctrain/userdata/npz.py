@@ -9,6 +9,7 @@ its rows; compressed ones are read whole.
 from __future__ import annotations
 
 import struct
+import tokenize
 import zipfile
 import zlib
 from pathlib import Path
@@ -30,6 +31,11 @@ from hpctrain.userdata.samples import (
     sample_shape,
     type_name,
 )
+
+# What numpy and zipfile raise for a damaged archive or member: a bit flipped in an array's
+# header made numpy's header parser raise tokenize's TokenError, which was no UsageError.
+_DAMAGED = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, tokenize.TokenError,
+            struct.error)
 
 
 def _npz_typos(files: list[str], read: tuple[str, ...]) -> list[tuple[str, str]]:
@@ -59,11 +65,14 @@ class NpzSource:
             with z:
                 missing = [k for k in self.KEYS if k not in z.files]
                 typos = _npz_typos(z.files, self.READ)
+                for key in self.READ:
+                    if key in z.files:
+                        self._promised(key)
                 given = z["num_classes"] if "num_classes" in z.files else None
                 self._labels = {s: z[f"y_{s}"] for s in SPLITS} if not missing else {}
         except UsageError:
             raise
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        except _DAMAGED as e:
             if not zipfile.is_zipfile(path):  # numpy took it for a pickle: say what it is not
                 raise UsageError(f"{dataset_said(name)}: {path} is not an .npz archive (a zip of "
                                  f"{', '.join(self.KEYS)} saved with np.savez)") from None
@@ -118,7 +127,7 @@ class NpzSource:
             if "allow_pickle" in str(e):
                 raise UsageError(f"{where} holds Python objects") from None
             raise UsageError(f"{where} is not a numpy array ({e})") from None
-        except (OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # a damaged member
+        except _DAMAGED as e:  # a damaged member
             raise UsageError(f"{where} cannot be read: {type(e).__name__}: {e}") from None
         if compressed:
             return numbers_in(where, array)
@@ -131,6 +140,37 @@ class NpzSource:
             return np.empty(shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", shape=shape, offset=offset,
                          order="F" if fortran else "C")
+
+    def _promised(self, key: str) -> None:
+        """UsageError naming array ``key`` when its header cannot be read, is of Python
+        objects (pickled, never loaded) or promises more bytes than the member holds: numpy
+        allocates what the header promises before it reads (a compressed member's, and every
+        label array's), so a damaged header of 32000000000 samples raised MemoryError (exit
+        1), or held memory it had no data for."""
+        where = f"{dataset_said(self.name)}: {key} in {self.path}"
+        with zipfile.ZipFile(self.path) as zf:
+            try:
+                info = zf.getinfo(key + ".npy")
+            except KeyError:  # no .npy member: _member names it
+                return
+            try:
+                with zf.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                                   else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read_header(f)
+                    header = f.tell()
+            except (ValueError, tokenize.TokenError) as e:  # its header is no .npy header
+                raise UsageError(f"{where} is not a numpy array ({type(e).__name__}: {e})") \
+                    from None
+            except _DAMAGED as e:  # its compressed bytes (a small member is read whole)
+                raise UsageError(f"{where} cannot be read: {type(e).__name__}: {e}") from None
+        if dtype.hasobject:  # pickled; numpy's refusal named the file, not the array
+            raise UsageError(f"{where} holds Python objects")
+        size = int(np.prod(shape, dtype=object)) * dtype.itemsize
+        if header + size > info.file_size:
+            raise UsageError(f"{where} is cut short: its header promises {size} bytes of data, "
+                             f"{info.file_size - header} are stored")
 
     def _header(self, info: zipfile.ZipInfo):
         """An uncompressed member's array header: shape, Fortran order, dtype, and where in
