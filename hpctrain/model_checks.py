@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from hpctrain import data, models, options
 from hpctrain.errors import UsageError, did_you_mean
 from hpctrain.option_names import said
-from hpctrain.plugins import check_form, is_reference, one_line, resolve
+from hpctrain.plugins import USER_ERRORS, check_form, is_reference, one_line, resolve
 
 if TYPE_CHECKING:
     from hpctrain.config import RunConfig
@@ -69,7 +69,7 @@ def build_model(name: str, input_shape: tuple, num_classes: int,
         model = build(tuple(input_shape), num_classes, **(model_args or {}))
     except UsageError:
         raise
-    except Exception as e:
+    except USER_ERRORS as e:
         extra = "".join(f", {k}={v!r}" for k, v in (model_args or {}).items())
         raise UsageError(f"{_model(name)} raised {one_line(e)} when called with "
                          f"input_shape={tuple(input_shape)}, num_classes={num_classes}"
@@ -167,7 +167,7 @@ def _check_own_model(name: str, model: nn.Module, input_shape: tuple,
             if out.requires_grad:
                 try:
                     F.cross_entropy(out, torch.zeros(2, dtype=torch.long)).backward()
-                except Exception as e:
+                except USER_ERRORS as e:
                     raise UsageError(f"{_model(name)}: the backward of its loss raised "
                                      f"{one_line(e)}") from e
         if all(p.grad is None for p in params):
@@ -215,7 +215,7 @@ def _check_one_sample(name: str, model: nn.Module, input_shape: tuple, why: str)
         with _as_it_was(model), torch.no_grad():
             model.train()
             model(torch.zeros(1, *input_shape))
-    except Exception as e:
+    except USER_ERRORS as e:
         raise UsageError(f"{_model(name)} cannot train on one sample (its forward in "
                          f"training mode raised {one_line(e)}), and {why}") from e
     finally:
@@ -228,7 +228,7 @@ def _logits(name: str, model: nn.Module, input_shape: tuple, num_classes: int) -
     mode = " in training mode" if model.training else ""
     try:
         out = model(torch.zeros(2, *input_shape))
-    except Exception as e:
+    except USER_ERRORS as e:
         raise UsageError(f"{_model(name)}: its forward{mode} on a batch of shape "
                          f"{(2, *input_shape)} raised {one_line(e)}") from e
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):

@@ -37,6 +37,12 @@ _FILE_MODULE = "hpctrain_user_"  # name prefix of the modules loaded from files
 _APPENDED: set[str] = set()  # folders _importable_beside put on sys.path
 
 
+# What a user's code (a file's import, a model's build or forward, a loader) may raise that is
+# said as one refusal: sys.exit there too. Its SystemExit passed by, and the process exited
+# with the code's status and no line: sys.exit(4) read as --stop-on-collapse's 4, 3 as a stall.
+USER_ERRORS = (Exception, SystemExit)
+
+
 def is_reference(text: str) -> bool:
     """Whether ``text`` has the form of a reference (``X:Y``), not a built-in name."""
     return ":" in text
@@ -161,7 +167,7 @@ def _import(flag: str, text: str):
             _refuse_shadowed(flag, text, top)  # my_pkg.nets where my_pkg is another's
         raise UsageError(f"{said(flag)}: no module named {e.name!r} (importing {name} from the "
                          "working directory or PYTHONPATH)") from None
-    except Exception as e:
+    except USER_ERRORS as e:
         raise UsageError(f"{said(flag)}: importing {name} raised {one_line(e)}") from e
     return module
 
@@ -220,7 +226,7 @@ def _load_file(flag: str, path_text: str):
         # Compiled from what was read: the loader's cached bytecode, keyed by the file's
         # mtime in seconds and size, can be a same-sized version written a moment before.
         exec(compile(source, str(path), "exec"), module.__dict__)
-    except Exception as e:
+    except USER_ERRORS as e:
         del sys.modules[name]
         raise UsageError(f"{said(flag)}: loading {path_text} raised {one_line(e)}") from e
     clash = _neighbour_elsewhere(path, source)

@@ -231,6 +231,12 @@ def _launched(config: RunConfig, named: bool) -> dict:
                 result = _run(config, world)
         except checkpoint.Stopped as stopped:  # the evaluating rank (--eval-rank) is told
             result = stopped
+        except SystemExit as exited:  # sys.exit in the user's code: a forward, a Dataset item
+            # Python exits without the abort hook: this rank alone, with the code's status
+            # (3 read as a stall) and no line, and the others waited for it in a collective
+            # forever. An error instead, said by the hook, which ends the whole job.
+            raise RuntimeError(f"the code called sys.exit({exited.code!r}) during the run") \
+                .with_traceback(exited.__traceback__) from None
         result = live.from_rank0(world, result)  # a store's server learns of a stop here
     finally:
         watchdog.stop()

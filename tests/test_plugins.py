@@ -356,6 +356,65 @@ def test_a_refusal_of_the_users_own_code_says_where_in_it_the_error_arose(nets):
                                   f"not mounted (at {nets}:{line('# load_fails')}, in load_fails)")
 
 
+EXITS = """
+import sys
+import torch
+from torch import nn
+if "import" in sys.argv[-1:]:
+    sys.exit(4)
+
+def build(input_shape, num_classes):
+    sys.exit(4)
+
+class Forward(nn.Module):
+    def __init__(self, input_shape, num_classes):
+        super().__init__()
+        self.l = nn.Linear(64, num_classes)
+
+    def forward(self, x):
+        sys.exit(3)
+
+def load():
+    sys.exit("no data")
+
+class Item(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        sys.exit(4)
+
+def items():
+    return Item(), Item()
+"""
+
+
+@pytest.mark.parametrize("what, said", [
+    ("import", "--model: loading {path} raised SystemExit: 4 (at {path}:6, in <module>)"),
+    ("build", "--model {path}:build raised SystemExit: 4 (at {path}:9, in build) when called "
+              "with input_shape=(1, 8, 8), num_classes=3"),
+    ("Forward", "--model {path}:Forward: its forward on a batch of shape (2, 1, 8, 8) raised "
+                "SystemExit: 3 (at {path}:17, in forward)"),
+    ("load", "--dataset {path}:load raised SystemExit: no data (at {path}:20, in load)"),
+    ("items", "--dataset {path}:items train: item 0 raised SystemExit: 4 (at {path}:27, in "
+              "__getitem__)"),
+])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
+def test_sys_exit_in_the_users_own_code_is_a_refusal(tmp_path, monkeypatch, what, said):
+    """Its SystemExit passed the checks by: the process exited with the code's status and
+    no line, sys.exit(4) read as --stop-on-collapse's status, 3 as a stall's."""
+    path = tmp_path / "exits.py"
+    path.write_text(EXITS)
+    monkeypatch.setattr(sys, "argv", [*sys.argv, what])
+    with pytest.raises(UsageError) as refused:
+        if what in ("load", "items"):
+            userdata.describe(f"{path}:{what}")
+        else:
+            model_checks.check_model(f"{path}:{'build' if what == 'import' else what}",
+                                     (1, 8, 8), 3)
+    assert str(refused.value) == said.format(path=path)
+
+
 def test_async_models_are_checked_for_shards_and_float32(nets):
     """--shards is checked against the model trained, the user's too (it was looked up among
     the built-in ones: "unknown model")."""

@@ -96,13 +96,19 @@ class Net(torch.nn.Module):
 
 
 @pytest.mark.timeout(120)
-def test_the_command_line_says_a_users_model_error_in_one_line(tmp_path):
+@pytest.mark.parametrize("raised, said", [
+    ('ValueError("no forward here")', "ValueError: no forward here"),
+    # sys.exit: the process exited with status 3 (a stall's) and no line; on one rank of
+    # several the others waited for it in a collective forever
+    ("SystemExit(3)", "RuntimeError: the code called sys.exit(3) during the run"),
+], ids=["error", "sys.exit"])
+def test_the_command_line_says_a_users_model_error_in_one_line(tmp_path, raised, said):
     """`hpctrain train` keeps its one line naming where in the user's code (README)."""
-    (tmp_path / "net.py").write_text(FAILING_MODEL)
+    (tmp_path / "net.py").write_text(FAILING_MODEL.replace('ValueError("no forward here")',
+                                                           raised))
     proc = run_job(["train", "--algo", "sgd", *SYNTHETIC, "--model", f"{tmp_path / 'net.py'}:Net",
                     "--epochs", "1", "--out", str(tmp_path / "run")], np=0)
     assert proc.returncode == 1, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"hpctrain: error: ValueError: no forward here (at {tmp_path / 'net.py'}:18, "
-        "in forward)")
+        f"hpctrain: error: {said} (at {tmp_path / 'net.py'}:18, in forward)")
     assert "Traceback" not in proc.stderr

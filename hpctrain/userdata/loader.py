@@ -103,7 +103,7 @@ class CallableSource:
                 result = load(data_dir=self.data_dir) if takes_dir else load()
         except UsageError:
             raise
-        except Exception as e:
+        except plugins.USER_ERRORS as e:
             raise UsageError(f"{dataset_said(self.name)} raised {plugins.one_line(e)}") from e
         if isinstance(result, dict):
             # A key it does not take first: {"Train": ...} is a typo, not only a missing key
@@ -208,7 +208,7 @@ def _item(what: str, part, i: int):
         item = part[i]
     except UsageError:
         raise
-    except Exception as e:
+    except plugins.USER_ERRORS as e:
         raise UsageError(f"{what}: item {i} raised {plugins.one_line(e)}") from e
     if not isinstance(item, (tuple, list)) or len(item) != 2:
         raise UsageError(f"{what}: item {i} is {_described(item)}, not an (x, y) pair; give "
