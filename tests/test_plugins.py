@@ -415,6 +415,69 @@ def test_sys_exit_in_the_users_own_code_is_a_refusal(tmp_path, monkeypatch, what
     assert str(refused.value) == said.format(path=path)
 
 
+ODD_TENSORS = """
+import torch
+
+x = (torch.arange(16 * 64) % 16).reshape(16, 1, 8, 8) / 16  # exact in bfloat16 too
+y = torch.arange(16) % 2
+
+def autograd():  # x computed with autograd on
+    return (x.clone().requires_grad_() * 2, y), (x.clone(), y)
+
+def bfloat16():
+    return (x.bfloat16(), y), (x.bfloat16(), y)
+
+class Items(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return x[i].bfloat16(), int(y[i])
+
+def bfloat16_items():
+    return Items(), Items()
+
+def sparse():
+    return (x.to_sparse(), y), (x, y)
+
+def meta():
+    return (x, y), (x, torch.empty(16, dtype=torch.long, device="meta"))
+
+class Length(Items):
+    def __len__(self):
+        return -1
+
+def length():
+    return Length(), Items()
+"""
+
+
+@pytest.mark.parametrize("loader, message", [
+    ("autograd", None),  # "Can't call numpy() on Tensor that requires grad", exit 1
+    ("bfloat16", None),  # numpy has no bfloat16: "Got unsupported ScalarType", exit 1
+    ("bfloat16_items", None),
+    ("sparse", "train: x is a sparse_coo tensor; give a dense one (.to_dense())"),
+    ("meta", "test: y is on the meta device: it holds no values"),
+    ("length", "train: len() of the Dataset raised ValueError: __len__() should return >= 0"),
+])
+@pytest.mark.usefixtures("typed")  # the library as the command line calls it
+def test_a_loaders_tensors_are_read_as_plain_tensors_or_refused(tmp_path, loader, message):
+    """Each was torch's or numpy's error, exit 1, naming neither the loader nor the set."""
+    path = tmp_path / "odd.py"
+    path.write_text(ODD_TENSORS)
+    name = f"{path}:{loader}"
+    if message is not None:
+        with pytest.raises(UsageError, match=re.escape(f"--dataset {name} {message}")):
+            userdata.describe(name)
+        return
+    assert userdata.describe(name)["classes"] == 2
+    shard = data.load_indices(name, "train", [3, 5])
+    assert not shard.images.requires_grad and shard.images.dtype == torch.float32
+    assert torch.equal(shard.images, (torch.arange(16 * 64) % 16).reshape(16, 1, 8, 8)[
+        file_rows([3, 5], 16)] / 16 * (2 if loader == "autograd" else 1))
+    data.fingerprint(name)  # read every sample's bytes: numpy() of each
+
+
 def test_async_models_are_checked_for_shards_and_float32(nets):
     """--shards is checked against the model trained, the user's too (it was looked up among
     the built-in ones: "unknown model")."""

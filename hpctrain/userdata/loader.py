@@ -60,7 +60,11 @@ class CallableSource:
                                  "; want (x, y) as two tensors or numpy arrays, or a map-style "
                                  "Dataset of (x, y) items")
             elif hasattr(part, "__getitem__") and hasattr(part, "__len__"):
-                n = len(part)
+                try:  # a __len__ of -1 or 3.5: Python's ValueError or TypeError, exit 1
+                    n = len(part)
+                except plugins.USER_ERRORS as e:
+                    raise UsageError(f"{what}: len() of the Dataset raised "
+                                     f"{plugins.one_line(e)}") from e
                 if n == 0:
                     raise UsageError(f"{what}: the Dataset is empty")
                 x, y = _item(what, part, 0)
@@ -118,11 +122,31 @@ class CallableSource:
             if missing:
                 raise UsageError(f"{dataset_said(self.name)} returned a dict without "
                                  f"{missing[0]!r}")
-            return (result["train"], result["test"]), result.get("num_classes")
+            return self._plain((result["train"], result["test"])), result.get("num_classes")
         if isinstance(result, (tuple, list)) and len(result) == 2:
-            return tuple(result), None
+            return self._plain(tuple(result)), None
         raise UsageError(f"{dataset_said(self.name)} returned a {type(result).__name__}; want "
                          "(train, test) or {'train': ..., 'test': ...}")
+
+    def _plain(self, parts: tuple) -> tuple:
+        """The sets' (x, y) tensors as training reads them: detached (an x computed with
+        autograd on said "Can't call numpy() on Tensor that requires grad", exit 1); one
+        that holds no values to read (sparse, on the meta device) refused, naming it (it was
+        numpy's or torch's error, exit 1)."""
+        plain = []
+        for split, part in zip(SPLITS, parts, strict=True):
+            if _is_pair(part):
+                for name, t in zip("xy", part, strict=True):
+                    if isinstance(t, torch.Tensor) and t.layout != torch.strided:
+                        raise UsageError(f"{dataset_said(self.name, split)}: {name} is a "
+                                         f"{str(t.layout).removeprefix('torch.')} tensor; give "
+                                         "a dense one (.to_dense())")
+                    if isinstance(t, torch.Tensor) and t.is_meta:
+                        raise UsageError(f"{dataset_said(self.name, split)}: {name} is on the "
+                                         "meta device: it holds no values")
+                part = tuple(t.detach() if isinstance(t, torch.Tensor) else t for t in part)
+            plain.append(part)
+        return tuple(plain)
 
     def _part(self, split: str):
         """The loader's ``split``; after :meth:`release`, the loader is called again (its

@@ -53,6 +53,8 @@ def exact_in_float32(what: str, x, row_of=None) -> None:
     round (above 2**24 in magnitude): 16777217 trained as 16777216, without a word. One pass
     of max and min over ``x`` (a memory map's read from its file: :func:`_extremes`); rows are
     searched only when one is out of range."""
+    if isinstance(x, torch.Tensor) and (x.is_floating_point() or x.is_complex()):
+        return  # numpy has no bfloat16: .numpy() raised "unsupported ScalarType", exit 1
     v = x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else \
         np.asanyarray(x)  # a memory map kept one (_extremes)
     if v.dtype.kind not in "iu" or v.dtype.itemsize < 4 or not v.size:  # int16 fits
@@ -240,6 +242,8 @@ def numbers_in(where: str, array: np.ndarray) -> np.ndarray:
 
 
 def as_numpy(v) -> np.ndarray:
+    """``v`` as a numpy array; a bfloat16 tensor (numpy has no such type) as float32."""
     if isinstance(v, torch.Tensor):
-        return v.detach().cpu().numpy()
+        v = v.detach().cpu()
+        return (v.float() if v.dtype == torch.bfloat16 else v).numpy()
     return np.asarray(v)
