@@ -449,6 +449,9 @@ class Length(Items):
 
 def length():
     return Length(), Items()
+
+def label_list():
+    return (x, y.tolist()), (x, y)
 """
 
 
@@ -459,6 +462,9 @@ def length():
     ("sparse", "train: x is a sparse_coo tensor; give a dense one (.to_dense())"),
     ("meta", "test: y is on the meta device: it holds no values"),
     ("length", "train: len() of the Dataset raised ValueError: __len__() should return >= 0"),
+    # read as a Dataset of two items: "item 0 is a Tensor of shape (16, 1, 8, 8) (float32),
+    # not an (x, y) pair"
+    ("label_list", "train: y is a list; give x and y both as tensors or numpy arrays"),
 ])
 @pytest.mark.usefixtures("typed")  # the library as the command line calls it
 def test_a_loaders_tensors_are_read_as_plain_tensors_or_refused(tmp_path, loader, message):

@@ -135,6 +135,14 @@ class CallableSource:
         numpy's or torch's error, exit 1)."""
         plain = []
         for split, part in zip(SPLITS, parts, strict=True):
+            arrays = [isinstance(p, (torch.Tensor, np.ndarray)) for p in part] \
+                if isinstance(part, (tuple, list)) and len(part) == 2 else []
+            if any(arrays) and not all(arrays):  # read as a Dataset of two items: "item 0
+                # is a ndarray ..., not an (x, y) pair", which named neither x nor y
+                name = "xy"[arrays.index(False)]
+                raise UsageError(f"{dataset_said(self.name, split)}: {name} is a "
+                                 f"{type(part[arrays.index(False)]).__name__}; give x and y "
+                                 "both as tensors or numpy arrays")
             if _is_pair(part):
                 for name, t in zip("xy", part, strict=True):
                     if isinstance(t, torch.Tensor) and t.layout != torch.strided:
