@@ -126,11 +126,13 @@ def _swap(transport: Transport, send: torch.Tensor, out: torch.Tensor, peer: int
 def _dots(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """x·y, |x|² and |y|² summed in float64, as Horovod's Adasum sums them: float32's own
     (torch.dot) lost small elements after large ones, 2e-4 of |x|² on a 256k-element tensor
-    (tests/test_sync_adasum.py). In chunks of ``_CHUNK``, so a large tensor's float64 copy
-    is never made whole."""
+    (tests/test_sync_adasum.py). A CPU tensor converts in chunks of ``_CHUNK``, which stay
+    in cache; float64 needs no conversion, and a GPU's would make small kernels by the
+    thousand: those in one piece."""
     sums = torch.zeros(3, dtype=torch.float64, device=x.device)
-    for lo in range(0, x.numel(), _CHUNK):
-        a, b = x[lo:lo + _CHUNK].double(), y[lo:lo + _CHUNK].double()
+    chunk = _CHUNK if x.device.type == "cpu" and x.dtype != torch.float64 else max(x.numel(), 1)
+    for lo in range(0, x.numel(), chunk):
+        a, b = x[lo:lo + chunk].double(), y[lo:lo + chunk].double()
         sums += torch.stack([torch.dot(a, b), torch.dot(a, a), torch.dot(b, b)])
     return sums[0], sums[1], sums[2]
 
