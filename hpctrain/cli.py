@@ -321,21 +321,23 @@ def _cuda_aware_forced_by() -> str | None:
     return f"{devices._AWARE_ENV}={os.environ[devices._AWARE_ENV]}"
 
 
-def _json_record(path: Path) -> bool:
-    """Whether the file at ``path`` may be replaced by a benchmark's results: empty, or a
-    JSON document (an earlier run's record, kept to be measured again). Anything else is a
-    file of the user's that a mistyped ``--json`` (``--json /etc/passwd`` in a review's
-    fuzzing) replaced whole."""
+def _not_a_record(path: Path) -> str | None:
+    """Why the file at ``path`` may not be replaced by a benchmark's results, or None: it may
+    if it is empty or a JSON document (an earlier run's record, measured again). Anything
+    else is a file of the user's that a mistyped ``--json`` (``--json /etc/passwd`` in a
+    review's fuzzing) replaced whole."""
     try:
         if path.stat().st_size > _LARGEST_RECORD:
-            return False
+            return f"is over {_LARGEST_RECORD // 2**20} MiB, no benchmark's record"
         text = path.read_bytes()
-        if not text.strip():
-            return True
-        json.loads(text)
-    except (OSError, ValueError):  # unreadable, or no JSON (UnicodeDecodeError is one)
-        return False
-    return True
+    except OSError as error:
+        return f"cannot be read to see what it holds ({error.strerror})"
+    try:
+        if text.strip():
+            json.loads(text)
+    except ValueError:  # UnicodeDecodeError is one
+        return "holds something other than JSON"
+    return None
 
 
 def _check_json_path(path: str | None) -> None:
@@ -345,7 +347,7 @@ def _check_json_path(path: str | None) -> None:
     test is making a file in its folder (:func:`hpctrain.run_folders.check_folder` makes a
     folder). A symbolic link is followed (its target is written, in the target's folder);
     what is there already must be a regular file (the rename would replace a FIFO or a
-    device node) that is empty or holds JSON (:func:`_json_record`)."""
+    device node) that is empty or holds JSON (:func:`_not_a_record`)."""
     if path is None:
         return
     if not str(path).strip():  # "" was the working folder: "--json : is a folder"
@@ -366,10 +368,10 @@ def _check_json_path(path: str | None) -> None:
     if kind is not None and kind != stat.S_IFREG:  # the rename would put a file in its place
         raise UsageError(f"--json {path}: {f'its target {target} ' if followed else ''}is "
                          f"{_FILE_KINDS.get(kind, 'something else')}, not a regular file")
-    if kind == stat.S_IFREG and not _json_record(target):
-        raise UsageError(f"--json {path}: {f'its target {target} ' if followed else ''}holds "
-                         "something other than JSON, which the results would replace: "
-                         "remove it, or name another file")
+    if kind == stat.S_IFREG and (why := _not_a_record(target)):
+        raise UsageError(f"--json {path}: {f'its target {target} ' if followed else 'it '}"
+                         f"{why}, and the results would replace it: remove it, or name "
+                         "another file")
     if not target.parent.is_dir():
         raise UsageError(f"--json {path}: no folder {target.parent}")
     try:  # nothing is left behind

@@ -360,9 +360,9 @@ def test_a_json_path_holding_no_json_is_kept_and_refused_before_measuring(
     with pytest.raises(UsageError) as e:
         cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
                   str(path)])
-    seen = f"its target {kept} holds" if through_a_link else "holds"
-    assert str(e.value) == (f"--json {path}: {seen} something other than JSON, which the "
-                            "results would replace: remove it, or name another file")
+    seen = f"its target {kept}" if through_a_link else "it"
+    assert str(e.value) == (f"--json {path}: {seen} holds something other than JSON, and the "
+                            "results would replace it: remove it, or name another file")
     assert kept.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
     for replaceable in ("", "  \n", '[1, {"a": 2}]\n'):
         kept.write_text(replaceable)
