@@ -235,7 +235,8 @@ def _launched(config: RunConfig, named: bool) -> dict:
             # Python exits without the abort hook: this rank alone, with the code's status
             # (3 read as a stall) and no line, and the others waited for it in a collective
             # forever. An error instead, said by the hook, which ends the whole job.
-            raise RuntimeError(f"the code called sys.exit({exited.code!r}) during the run") \
+            raise RuntimeError(f"the code called sys.exit({exited.code!r}) during the run (one "
+                               "rank cannot leave a running job alone)") \
                 .with_traceback(exited.__traceback__) from None
         result = live.from_rank0(world, result)  # a store's server learns of a stop here
     finally:

@@ -100,7 +100,8 @@ class Net(torch.nn.Module):
     ('ValueError("no forward here")', "ValueError: no forward here"),
     # sys.exit: the process exited with status 3 (a stall's) and no line; on one rank of
     # several the others waited for it in a collective forever
-    ("SystemExit(3)", "RuntimeError: the code called sys.exit(3) during the run"),
+    ("SystemExit(3)", "RuntimeError: the code called sys.exit(3) during the run (one rank "
+     "cannot leave a running job alone)"),
 ], ids=["error", "sys.exit"])
 def test_the_command_line_says_a_users_model_error_in_one_line(tmp_path, raised, said):
     """`hpctrain train` keeps its one line naming where in the user's code (README)."""
