@@ -314,8 +314,9 @@ def test_the_command_line_names_a_bad_reference_before_mpi(tmp_path):
         (tmp_path / "run.toml").write_text(f'algo = "{missing}"\n')
         job = run_job(args, np=0)
         assert job.returncode == 2, job.stderr
+        named = f"--algos 'ssgd,{missing}': {missing}" if args[0] == "bench" else "--algo"
         assert job.stderr.strip().splitlines() == [
-            f"hpctrain: error: --algo: no file {tmp_path}/none.py"]
+            f"hpctrain: error: {named}: no file {tmp_path}/none.py"]
 
 
 def _model(folder: Path) -> dict:
