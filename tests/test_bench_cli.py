@@ -13,6 +13,7 @@ import shlex
 import sys
 import types
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -323,22 +324,29 @@ def test_a_json_link_is_followed_and_kept(tmp_path):
         "made.json"] and json.loads(dangling.read_text()) == {"a": 1}
 
 
+def _kernel_refuses_json(target: Path, through_a_link: bool, monkeypatch) -> tuple[Path, str]:
+    """``bench kernel --json`` given ``target`` (or a link to it beside it): the path given
+    and the refusal's line, said before MPI starts."""
+    path = target
+    if through_a_link:
+        path = target.parent / "link.json"
+        path.symlink_to(target)
+    monkeypatch.setattr(cli.comm, "init", lambda *a: pytest.fail("MPI started"))
+    with pytest.raises(UsageError) as e:
+        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
+                  str(path)])
+    return path, str(e.value)
+
+
 @pytest.mark.parametrize("through_a_link", [False, True])
 def test_a_json_path_that_is_no_regular_file_is_refused_before_measuring(
         tmp_path, monkeypatch, through_a_link):
     """A FIFO (as a device node, /dev/full as root) was replaced with a plain file."""
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    path = fifo
-    if through_a_link:
-        path = tmp_path / "link.json"
-        path.symlink_to(fifo)
-    monkeypatch.setattr(cli.comm, "init", lambda *a: pytest.fail("MPI started"))
-    with pytest.raises(UsageError) as e:
-        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
-                  str(path)])
+    path, refusal = _kernel_refuses_json(fifo, through_a_link, monkeypatch)
     seen = f"its target {fifo} is" if through_a_link else "is"
-    assert str(e.value) == f"--json {path}: {seen} a FIFO, not a regular file"
+    assert refusal == f"--json {path}: {seen} a FIFO, not a regular file"
     assert what_is_there(fifo) == "fifo" and what_is_there(path) == ("link" if through_a_link
                                                                      else "fifo")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"fifo", path.name})
@@ -352,17 +360,10 @@ def test_a_json_path_holding_no_json_is_kept_and_refused_before_measuring(
     replaced."""
     kept = tmp_path / "passwd"
     kept.write_text("root:x:0:0:root:/root:/bin/bash\n")
-    path = kept
-    if through_a_link:
-        path = tmp_path / "link.json"
-        path.symlink_to(kept)
-    monkeypatch.setattr(cli.comm, "init", lambda *a: pytest.fail("MPI started"))
-    with pytest.raises(UsageError) as e:
-        cli.main(["bench", "kernel", "--elements", "1000", "--repeats", "1", "--json",
-                  str(path)])
+    path, refusal = _kernel_refuses_json(kept, through_a_link, monkeypatch)
     seen = f"its target {kept}" if through_a_link else "it"
-    assert str(e.value) == (f"--json {path}: {seen} holds something other than JSON, and the "
-                            "results would replace it: remove it, or name another file")
+    assert refusal == (f"--json {path}: {seen} holds something other than JSON, and the "
+                       "results would replace it: remove it, or name another file")
     assert kept.read_text() == "root:x:0:0:root:/root:/bin/bash\n"
     for replaceable in ("", "  \n", '[1, {"a": 2}]\n'):
         kept.write_text(replaceable)
