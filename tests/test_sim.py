@@ -1086,11 +1086,20 @@ def real_ssgd(reduce_op: str, out) -> list[str]:
 def two_rank_runs(tmp_path_factory) -> dict:
     """The real 2-rank runs the simulator is held against, in one launch: asgd (recording
     its step times) and ssgd with Adasum."""
-    root = tmp_path_factory.mktemp("real2")
-    proc = run_commands([["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1",
-                          "--batch-size", "32", "--eval-every", "1", "--out", str(root / "asgd")],
-                         real_ssgd("adasum", root / "adasum")], np=2, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Launched again (up to three times) where the OS starved one rank: its step times do not
+    # say when it was descheduled mid-step (a CI run's asgd pushed 55:9 with staleness 1.2,
+    # which replaying its cycles gave as 0.61); the replay is held against a run both ranks
+    # ran.
+    for _ in range(3):
+        root = tmp_path_factory.mktemp("real2")
+        proc = run_commands([["train", "--algo", "asgd", *SYNTHETIC, "--epochs", "1",
+                              "--batch-size", "32", "--eval-every", "1", "--out",
+                              str(root / "asgd")],
+                             real_ssgd("adasum", root / "adasum")], np=2, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        pushes = json.loads((root / "asgd" / "summary.json").read_text())["pushes_per_worker"]
+        if max(pushes) <= 3 * min(pushes):
+            break
     return {"asgd": root / "asgd", "adasum": root / "adasum"}
 
 
